@@ -1,0 +1,178 @@
+//! The `KeyStore` trait: what every storage backend (filesystem, PostgreSQL, Redis) provides.
+//!
+//! The trait holds a few async primitives; the protocol (classify, verify, HMAC, reply) lives in
+//! [`crate::service`]. Every backend runs the same conformance suite
+//! (`kst_core::conformance`, feature `conformance`).
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::address::Address;
+use crate::error::Result;
+
+/// Version of the stored record layout. Backends write it with every record so that later
+/// releases (revocation state, more metadata) can read old records.
+pub const RECORD_FORMAT: u32 = 1;
+
+/// One published key of one address: the current key or an entry of its history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Layout version of this record, [`RECORD_FORMAT`] when written by this release.
+    #[serde(default = "default_format")]
+    pub format: u32,
+    /// The normalized address the key is published for.
+    pub address: Address,
+    /// 1 for the first publication of an address, then strictly increasing by one.
+    pub version: u64,
+    /// The key as binary OpenPGP packets (not armored).
+    #[serde(with = "b64")]
+    pub key: Vec<u8>,
+    /// Fingerprint of the primary key, uppercase hex.
+    pub fingerprint: String,
+    /// Seconds since the Unix epoch when this version was published.
+    pub published_at: u64,
+    /// Idempotency token of the publication request (hex); a redelivered message carries the
+    /// same one and must not create a new version.
+    pub publication_id: String,
+    /// The key carries a revocation of its primary key.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+fn default_format() -> u32 {
+    RECORD_FORMAT
+}
+
+/// A key to publish: everything of a [`KeyRecord`] except what the store assigns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewKey {
+    /// The normalized address.
+    pub address: Address,
+    /// Binary OpenPGP packets.
+    pub key: Vec<u8>,
+    /// Primary key fingerprint, uppercase hex.
+    pub fingerprint: String,
+    /// Idempotency token (see [`KeyRecord::publication_id`]).
+    pub publication_id: String,
+    /// Seconds since the Unix epoch.
+    pub published_at: u64,
+    /// The key carries a revocation of its primary key.
+    pub revoked: bool,
+}
+
+impl NewKey {
+    /// The record this key becomes at `version`.
+    pub fn into_record(self, version: u64) -> KeyRecord {
+        KeyRecord {
+            format: RECORD_FORMAT,
+            address: self.address,
+            version,
+            key: self.key,
+            fingerprint: self.fingerprint,
+            published_at: self.published_at,
+            publication_id: self.publication_id,
+            revoked: self.revoked,
+        }
+    }
+}
+
+/// What [`KeyStore::publish`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// A new version was written and is now current.
+    Published(KeyRecord),
+    /// Nothing was written: this publication was applied before (same `publication_id` in the
+    /// history) or the current key is byte-for-byte the same. Carries the record that holds it.
+    Unchanged(KeyRecord),
+}
+
+impl PublishOutcome {
+    /// The record that holds the published key, either way.
+    pub fn record(&self) -> &KeyRecord {
+        match self {
+            PublishOutcome::Published(r) | PublishOutcome::Unchanged(r) => r,
+        }
+    }
+}
+
+/// Durable storage of published keys, shared by every KST instance of a pool.
+///
+/// Contract (checked by the conformance suite):
+/// - `publish` is atomic: a concurrent reader sees the old current key or the new one, never a
+///   mix; concurrent publishers for one address get distinct, strictly increasing versions and
+///   every accepted publication lands in the history exactly once.
+/// - `publish` is idempotent per `publication_id` and per identical current key
+///   ([`PublishOutcome::Unchanged`]).
+/// - A change is durable when the call returns `Ok`.
+/// - A store that cannot be reached returns a temporary [`crate::Error`]; it reconnects by itself.
+#[async_trait]
+pub trait KeyStore: Send + Sync {
+    /// Short name for logs and metrics, e.g. `"fs"`.
+    fn name(&self) -> &'static str;
+
+    /// Publishes `key` as the new current key of its address (see the trait contract).
+    async fn publish(&self, key: NewKey) -> Result<PublishOutcome>;
+
+    /// The current key of `address`, if any.
+    async fn get(&self, address: &Address) -> Result<Option<KeyRecord>>;
+
+    /// Every version of `address`, oldest first; the last one is the current key. Empty when the
+    /// address has nothing published.
+    async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>>;
+
+    /// Removes the current key and the whole history of `address`. Returns whether anything was
+    /// there. A later publication starts again at version 1.
+    async fn delete(&self, address: &Address) -> Result<bool>;
+
+    /// Addresses that have a key, in ascending byte order, strictly after `after`, at most
+    /// `limit` of them (for export and audits).
+    async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>>;
+
+    /// Replaces everything stored for the address of `history` with exactly these records (all
+    /// of one address, versions strictly increasing, last one current). For import and restore.
+    async fn restore(&self, history: &[KeyRecord]) -> Result<()>;
+
+    /// Checks that the store is reachable and writable enough to serve (for `/readyz`).
+    async fn check(&self) -> Result<()>;
+}
+
+/// Checks the shape `restore` requires; backends call it first.
+pub fn validate_history(history: &[KeyRecord]) -> Result<()> {
+    use crate::error::Error;
+    let Some(first) = history.first() else {
+        return Err(Error::Invalid("restore needs at least one record".into()));
+    };
+    let mut prev = 0;
+    for r in history {
+        if r.address != first.address {
+            return Err(Error::Invalid(format!(
+                "restore mixes addresses {} and {}",
+                first.address, r.address
+            )));
+        }
+        if r.version <= prev {
+            return Err(Error::Invalid(format!(
+                "restore versions for {} are not strictly increasing ({} after {prev})",
+                r.address, r.version
+            )));
+        }
+        prev = r.version;
+    }
+    Ok(())
+}
+
+/// Serde helper: binary key material as standard base64 in JSON.
+mod b64 {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,1 @@
+//! Placeholder: the postgres KeyStore is being written.

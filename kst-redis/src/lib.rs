@@ -1,0 +1,1 @@
+//! Placeholder: the redis KeyStore is being written.
