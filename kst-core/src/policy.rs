@@ -1,0 +1,81 @@
+//! The operator's decisions that the protocol logic follows: served domains, trusted MTAs,
+//! where the authenticated identity comes from, address folding, size limits.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::address::{Address, AddressPolicy};
+
+/// Where kst learns who authenticated a publication.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthSource {
+    /// The topmost `Received:` header, written by one of [`Policy::trusted_mta_hosts`] with an
+    /// RFC 3848 authenticated protocol (ESMTPA, ESMTPSA, ...) and `(Authenticated sender: X)`.
+    #[default]
+    Received,
+    /// Only the SASL login that Postfix passes in the pipe command line
+    /// (`--sasl-username ${sasl_username}`). Headers are never consulted.
+    SaslArgv,
+}
+
+/// Everything the protocol logic needs to decide about a message.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Domains whose `keys@` kst serves and whose addresses it stores keys for (A-labels).
+    pub domains: Vec<String>,
+    /// Host names (the `by` part of a `Received:` header) of the provider's own MTAs.
+    pub trusted_mta_hosts: Vec<String>,
+    /// Where the authenticated identity comes from.
+    pub auth_source: AuthSource,
+    /// SASL logins that are not addresses, mapped to the address they own.
+    pub login_map: BTreeMap<String, Address>,
+    /// How addresses are folded.
+    pub address_policy: AddressPolicy,
+    /// Largest message kst reads (bytes); larger mail is refused permanently (not for kst).
+    pub max_message_bytes: usize,
+    /// Largest armored key block accepted (bytes).
+    pub max_key_bytes: usize,
+    /// The local part that receives requests: `keys`.
+    pub service_local_part: String,
+}
+
+impl Policy {
+    /// Default size cap for a whole message: 2 MiB.
+    pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+    /// Default size cap for an armored key block: 1 MiB (as Hagrid).
+    pub const DEFAULT_MAX_KEY_BYTES: usize = 1024 * 1024;
+
+    /// A policy serving `domains`, trusting `trusted_mta_hosts`, with every other setting at its
+    /// default. Domains and hosts are normalized (lowercase, A-label).
+    pub fn new(domains: &[&str], trusted_mta_hosts: &[&str]) -> Self {
+        let ap = AddressPolicy::default();
+        Policy {
+            domains: domains
+                .iter()
+                .map(|d| ap.normalize_domain(d).unwrap_or_else(|_| d.to_lowercase()))
+                .collect(),
+            trusted_mta_hosts: trusted_mta_hosts.iter().map(|h| h.to_lowercase()).collect(),
+            auth_source: AuthSource::default(),
+            login_map: BTreeMap::new(),
+            address_policy: ap,
+            max_message_bytes: Self::DEFAULT_MAX_MESSAGE_BYTES,
+            max_key_bytes: Self::DEFAULT_MAX_KEY_BYTES,
+            service_local_part: "keys".into(),
+        }
+    }
+
+    /// True when kst serves `domain` (an A-label, lowercase).
+    pub fn serves_domain(&self, domain: &str) -> bool {
+        self.domains.iter().any(|d| d == domain)
+    }
+
+    /// The service address `keys@domain` for a served domain.
+    pub fn service_address(&self, domain: &str) -> Option<Address> {
+        if !self.serves_domain(domain) {
+            return None;
+        }
+        Address::from_normalized(&format!("{}@{domain}", self.service_local_part)).ok()
+    }
+}
