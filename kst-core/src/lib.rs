@@ -3,13 +3,24 @@
 #![warn(missing_docs)]
 
 pub mod address;
+pub mod body;
 pub mod error;
+pub mod kauth;
+pub mod mac;
 pub mod mailer;
+pub mod openpgp;
 pub mod policy;
+pub mod protocol;
+pub mod received;
+pub mod reply;
+pub mod service;
 pub mod store;
 
 pub use address::{Address, AddressError, AddressPolicy};
 pub use error::{Error, Result};
+pub use kauth::AuthKey;
 pub use mailer::{Mailer, OutgoingMail};
 pub use policy::{AuthSource, Policy};
+pub use protocol::{Reason, Status};
+pub use service::{Decision, Envelope, HandleError, Handled, Kst, NotForKst};
 pub use store::{KeyRecord, KeyStore, NewKey, PublishOutcome};

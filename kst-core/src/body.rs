@@ -1,0 +1,212 @@
+//! Reading a request body: which of the two formats it is, and its parts.
+//!
+//! Accepted: exactly the paper's formats (Fig. 3: an armored public key block, then a line with
+//! K_auth; Fig. 5: a line with the queried address, then a line with K_auth), with what real
+//! clients put around them: CRLF or LF, blank lines, trailing spaces, quoted-printable or base64
+//! transfer encoding, text/plain inside multipart/alternative, and a signature after `-- `.
+
+use mail_parser::{Message, PartType};
+
+use crate::protocol::{PUBLIC_KEY_BEGIN, PUBLIC_KEY_END};
+
+/// Lines that open a secret key block (current and legacy spellings).
+const SECRET_KEY_BEGINS: [&str; 2] = [
+    "-----BEGIN PGP PRIVATE KEY BLOCK-----",
+    "-----BEGIN PGP SECRET KEY BLOCK-----",
+];
+
+/// Most non-blank lines a request body may have (a 1 MiB key block is about 17,000 lines).
+pub const MAX_BODY_LINES: usize = 20_000;
+
+/// What a request body holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestBody {
+    /// A key block (armored text, LF line endings) and the K_auth line, if there was one.
+    Publication {
+        /// The armored block from BEGIN to END line inclusive.
+        armored: String,
+        /// The line after the block, unparsed.
+        k_auth: Option<String>,
+    },
+    /// A secret key was sent.
+    SecretKey {
+        /// The line after the block, if it looks like K_auth (for an authenticated refusal).
+        k_auth: Option<String>,
+    },
+    /// A query.
+    Retrieval {
+        /// The first line: the queried address, unparsed.
+        query: String,
+        /// The second line, unparsed.
+        k_auth: String,
+    },
+    /// Neither format.
+    Unrecognized(&'static str),
+}
+
+/// The first text/plain body part of `message`, decoded. HTML-only mail yields `None`.
+pub fn plain_text(message: &Message<'_>) -> Option<String> {
+    message.text_body.iter().find_map(|id| {
+        match &message.parts.get(*id as usize)?.body {
+            PartType::Text(t) => Some(t.to_string()),
+            _ => None,
+        }
+    })
+}
+
+/// Classifies a decoded text body.
+pub fn classify(text: &str) -> RequestBody {
+    let mut lines: Vec<&str> = Vec::new();
+    for raw in text.split('\n') {
+        let line = raw.trim_end_matches(['\r', ' ', '\t']);
+        if line == "--" {
+            break; // signature separator "-- "
+        }
+        if !line.trim().is_empty() {
+            lines.push(line.trim_start_matches([' ', '\t']));
+            if lines.len() > MAX_BODY_LINES {
+                return RequestBody::Unrecognized("the body has too many lines");
+            }
+        }
+    }
+    if let Some(pos) = lines.iter().position(|l| SECRET_KEY_BEGINS.contains(l)) {
+        let k_auth = lines[pos..]
+            .iter()
+            .position(|l| l.starts_with("-----END PGP"))
+            .and_then(|end| lines.get(pos + end + 1))
+            .map(|l| l.to_string());
+        return RequestBody::SecretKey { k_auth };
+    }
+    if let Some(begin) = lines.iter().position(|l| *l == PUBLIC_KEY_BEGIN) {
+        if begin != 0 {
+            return RequestBody::Unrecognized("text before the key block");
+        }
+        let Some(end) = lines.iter().position(|l| *l == PUBLIC_KEY_END) else {
+            return RequestBody::Unrecognized("the key block has no END line");
+        };
+        // Armor needs the blank line after the armor headers; rebuild it: headers are the
+        // `Key: value` lines right after BEGIN.
+        let mut armored = String::with_capacity(text.len());
+        armored.push_str(PUBLIC_KEY_BEGIN);
+        armored.push('\n');
+        let inner = &lines[begin + 1..end];
+        let headers = inner
+            .iter()
+            .take_while(|l| is_armor_header(l))
+            .count();
+        for l in &inner[..headers] {
+            armored.push_str(l);
+            armored.push('\n');
+        }
+        armored.push('\n');
+        for l in &inner[headers..] {
+            armored.push_str(l);
+            armored.push('\n');
+        }
+        armored.push_str(PUBLIC_KEY_END);
+        armored.push('\n');
+        let rest = &lines[end + 1..];
+        return match rest {
+            [] => RequestBody::Publication {
+                armored,
+                k_auth: None,
+            },
+            [k] => RequestBody::Publication {
+                armored,
+                k_auth: Some(k.to_string()),
+            },
+            _ => RequestBody::Unrecognized("more than one line after the key block"),
+        };
+    }
+    match lines.as_slice() {
+        [query, k_auth] => RequestBody::Retrieval {
+            query: query.to_string(),
+            k_auth: k_auth.to_string(),
+        },
+        [] => RequestBody::Unrecognized("the body is empty"),
+        _ => RequestBody::Unrecognized("neither a key block nor an address and K_auth"),
+    }
+}
+
+/// An armor header line (`Comment: ...`, `Version: ...`); base64 lines never hold ": ".
+fn is_armor_header(line: &str) -> bool {
+    line.split_once(": ")
+        .is_some_and(|(k, _)| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K: &str = "40Pe0/MY6VCZ/8TczgZemiLKP2rvbCwxXGhC7S2v80E=";
+
+    #[test]
+    fn retrieval_with_crlf_blank_lines_and_signature() {
+        let body = format!("\r\n  alice@example.net \r\n\r\n{K}\r\n\r\n-- \r\nBob\r\nhttps://acme.net\r\n");
+        assert_eq!(
+            classify(&body),
+            RequestBody::Retrieval {
+                query: "alice@example.net".into(),
+                k_auth: K.into()
+            }
+        );
+    }
+
+    #[test]
+    fn publication_keeps_armor_headers_and_finds_k_auth() {
+        let body = format!(
+            "{PUBLIC_KEY_BEGIN}\nComment: test\n\nmQINBF\nAbCd\n=XyZ1\n{PUBLIC_KEY_END}\n{K}\n"
+        );
+        match classify(&body) {
+            RequestBody::Publication { armored, k_auth } => {
+                assert_eq!(k_auth.as_deref(), Some(K));
+                assert_eq!(
+                    armored,
+                    format!("{PUBLIC_KEY_BEGIN}\nComment: test\n\nmQINBF\nAbCd\n=XyZ1\n{PUBLIC_KEY_END}\n")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn publication_without_blank_line_after_begin_gets_one() {
+        let body = format!("{PUBLIC_KEY_BEGIN}\nmQINBF\n{PUBLIC_KEY_END}\n");
+        assert_eq!(
+            classify(&body),
+            RequestBody::Publication {
+                armored: format!("{PUBLIC_KEY_BEGIN}\n\nmQINBF\n{PUBLIC_KEY_END}\n"),
+                k_auth: None
+            }
+        );
+    }
+
+    #[test]
+    fn secret_key_is_recognized() {
+        let body = format!("-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQ\n-----END PGP PRIVATE KEY BLOCK-----\n{K}\n");
+        assert_eq!(
+            classify(&body),
+            RequestBody::SecretKey {
+                k_auth: Some(K.into())
+            }
+        );
+    }
+
+    #[test]
+    fn other_shapes_are_unrecognized() {
+        for body in [
+            "",
+            "\n\n",
+            "one line",
+            "a\nb\nc",
+            &format!("Hi!\n{PUBLIC_KEY_BEGIN}\nx\n{PUBLIC_KEY_END}\n{K}"),
+            &format!("{PUBLIC_KEY_BEGIN}\nx\n"),
+            &format!("{PUBLIC_KEY_BEGIN}\nx\n{PUBLIC_KEY_END}\n{K}\nmore"),
+        ] {
+            assert!(
+                matches!(classify(body), RequestBody::Unrecognized(_)),
+                "{body:?}"
+            );
+        }
+    }
+}

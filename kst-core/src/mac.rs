@@ -1,0 +1,120 @@
+//! The reply HMACs of protocol version 1 (see `docs/PROTOCOL.md`, "Authentication").
+//!
+//! - A reply that carries a key (`published`, `found`): HMAC-SHA256(K_auth, K_pub), where K_pub
+//!   is the binary OpenPGP packets of exactly the key the reply carries (the armor dearmored),
+//!   so that transport re-wrapping or line-ending changes cannot break verification.
+//! - A reply without a key (`not-found`, `refused`): HMAC-SHA256(K_auth, statement) over the
+//!   ASCII statement `KST/1 <status> <reason or -> <address or ->`, so that "no key" cannot be
+//!   forged to push a sender to plaintext.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+
+use crate::kauth::AuthKey;
+use crate::protocol::{PROTOCOL_VERSION, Reason, Status};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Length of an HMAC-SHA256 tag.
+pub const TAG_LEN: usize = 32;
+
+/// HMAC-SHA256(K_auth, data) as raw bytes.
+pub fn hmac(k_auth: &AuthKey, data: &[u8]) -> [u8; TAG_LEN] {
+    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(k_auth.expose())
+        .expect("HMAC accepts keys of any length");
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+/// The tag of a reply carrying `key_packets`, base64 as it appears in the reply.
+pub fn key_tag(k_auth: &AuthKey, key_packets: &[u8]) -> String {
+    STANDARD.encode(hmac(k_auth, key_packets))
+}
+
+/// The statement a key-less reply authenticates: `KST/1 <status> <reason|-> <address|->`.
+pub fn statement(status: Status, reason: Option<Reason>, address: Option<&str>) -> String {
+    format!(
+        "KST/{PROTOCOL_VERSION} {} {} {}",
+        status.as_str(),
+        reason.map_or("-", Reason::as_str),
+        address.unwrap_or("-")
+    )
+}
+
+/// The tag of a key-less reply, base64.
+pub fn statement_tag(
+    k_auth: &AuthKey,
+    status: Status,
+    reason: Option<Reason>,
+    address: Option<&str>,
+) -> String {
+    STANDARD.encode(hmac(
+        k_auth,
+        statement(status, reason, address).as_bytes(),
+    ))
+}
+
+/// Verifies a base64 tag in constant time. False for anything that is not a valid tag.
+pub fn verify(k_auth: &AuthKey, data: &[u8], tag_b64: &str) -> bool {
+    let Ok(tag) = STANDARD.decode(tag_b64.trim()) else {
+        return false;
+    };
+    if tag.len() != TAG_LEN {
+        return false;
+    }
+    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(k_auth.expose())
+        .expect("HMAC accepts keys of any length");
+    mac.update(data);
+    mac.verify_slice(&tag).is_ok()
+}
+
+/// True when `line` looks like a tag: 44 characters of base64 decoding to 32 bytes.
+pub fn is_tag_line(line: &str) -> bool {
+    let l = line.trim();
+    l.len() == 44 && STANDARD.decode(l).is_ok_and(|b| b.len() == TAG_LEN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Test vector 1 of docs/PROTOCOL.md, computed independently with Python's `hmac` module:
+    /// K_auth = 0x00..0x1f, K_pub = bytes 0x99 0x00 0x01 0x04 ("a minimal packet header").
+    #[test]
+    fn vector_key_tag() {
+        let k = AuthKey::from_bytes(std::array::from_fn(|i| i as u8));
+        assert_eq!(
+            key_tag(&k, &[0x99, 0x00, 0x01, 0x04]),
+            include_str!("../testdata/vector1.tag").trim()
+        );
+    }
+
+    /// Test vector 2: the not-found statement for bob@example.net with the same K_auth.
+    #[test]
+    fn vector_statement_tag() {
+        let k = AuthKey::from_bytes(std::array::from_fn(|i| i as u8));
+        assert_eq!(
+            statement(Status::NotFound, None, Some("bob@example.net")),
+            "KST/1 not-found - bob@example.net"
+        );
+        assert_eq!(
+            statement_tag(&k, Status::NotFound, None, Some("bob@example.net")),
+            include_str!("../testdata/vector2.tag").trim()
+        );
+    }
+
+    #[test]
+    fn verify_accepts_own_tag_and_rejects_tampering() {
+        let k = AuthKey::generate();
+        let tag = key_tag(&k, b"key");
+        assert!(verify(&k, b"key", &tag));
+        assert!(!verify(&k, b"kez", &tag));
+        assert!(!verify(&AuthKey::generate(), b"key", &tag));
+        assert!(!verify(&k, b"key", "not base64!"));
+        assert!(!verify(&k, b"key", &STANDARD.encode([0u8; 31])));
+        assert!(is_tag_line(&tag));
+        assert!(!is_tag_line("hello"));
+    }
+}

@@ -1,0 +1,183 @@
+//! Wire constants of KST protocol version 1: header names, statuses, refusal reasons.
+//!
+//! `docs/PROTOCOL.md` is the normative description; this module is its code form.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The protocol version this release speaks, carried in every reply as `KST-Protocol: 1`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Reply header: protocol version.
+pub const HEADER_PROTOCOL: &str = "KST-Protocol";
+/// Reply header: [`Status`].
+pub const HEADER_STATUS: &str = "KST-Status";
+/// Reply header: the address the reply is about (queried or published), normalized.
+pub const HEADER_ADDRESS: &str = "KST-Address";
+/// Reply header: fingerprint of the carried key (uppercase hex).
+pub const HEADER_FINGERPRINT: &str = "KST-Fingerprint";
+/// Reply header: [`Reason`] of a refusal.
+pub const HEADER_REASON: &str = "KST-Reason";
+
+/// Armor line that opens a public key block.
+pub const PUBLIC_KEY_BEGIN: &str = "-----BEGIN PGP PUBLIC KEY BLOCK-----";
+/// Armor line that closes a public key block.
+pub const PUBLIC_KEY_END: &str = "-----END PGP PUBLIC KEY BLOCK-----";
+
+/// What a reply says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Confirmation of a publication: the reply carries the key as published.
+    Published,
+    /// Key response: the reply carries the stored key.
+    Found,
+    /// Key response: no key is published for the queried address.
+    NotFound,
+    /// The request was refused; [`Reason`] says why.
+    Refused,
+}
+
+impl Status {
+    /// The wire token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Published => "published",
+            Status::Found => "found",
+            Status::NotFound => "not-found",
+            Status::Refused => "refused",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Ok(match s.trim() {
+            "published" => Status::Published,
+            "found" => Status::Found,
+            "not-found" => Status::NotFound,
+            "refused" => Status::Refused,
+            _ => return Err(()),
+        })
+    }
+}
+
+/// Why a request was refused. Each has a stable wire token and an explanation for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// A publication without an authenticated submission recorded by a trusted MTA.
+    NotAuthenticated,
+    /// The From header or envelope sender differs from the authenticated account.
+    SenderMismatch,
+    /// The authenticated login maps to no address of a served domain.
+    UnknownAccount,
+    /// The address (published or queried) is not in a domain this KST serves.
+    DomainNotServed,
+    /// The key block is not a readable OpenPGP public key (one certificate).
+    BadKey,
+    /// The key block is larger than the operator allows.
+    KeyTooLarge,
+    /// A secret (private) key was sent.
+    SecretKey,
+    /// K_auth is missing or not base64 of exactly 32 bytes.
+    BadAuthKey,
+    /// The queried address is not a single plain address.
+    BadAddress,
+    /// The body matches neither request format.
+    Malformed,
+}
+
+impl Reason {
+    /// Every reason, for docs and tests.
+    pub const ALL: [Reason; 10] = [
+        Reason::NotAuthenticated,
+        Reason::SenderMismatch,
+        Reason::UnknownAccount,
+        Reason::DomainNotServed,
+        Reason::BadKey,
+        Reason::KeyTooLarge,
+        Reason::SecretKey,
+        Reason::BadAuthKey,
+        Reason::BadAddress,
+        Reason::Malformed,
+    ];
+
+    /// The wire token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NotAuthenticated => "not-authenticated",
+            Reason::SenderMismatch => "sender-mismatch",
+            Reason::UnknownAccount => "unknown-account",
+            Reason::DomainNotServed => "domain-not-served",
+            Reason::BadKey => "bad-key",
+            Reason::KeyTooLarge => "key-too-large",
+            Reason::SecretKey => "secret-key",
+            Reason::BadAuthKey => "bad-auth-key",
+            Reason::BadAddress => "bad-address",
+            Reason::Malformed => "malformed",
+        }
+    }
+
+    /// What the requester should know and do.
+    pub fn explanation(self) -> &'static str {
+        match self {
+            Reason::NotAuthenticated => {
+                "A key can only be published through your provider's authenticated submission \
+                 server (port 587 with your login). This message was not submitted that way, so \
+                 nothing was published."
+            }
+            Reason::SenderMismatch => {
+                "The From address or envelope sender of this message is not the account you \
+                 logged in with. Keys are published only for the authenticated account; send \
+                 from that address."
+            }
+            Reason::UnknownAccount => {
+                "Your login is not mapped to an address that this key service serves. Ask your \
+                 provider's postmaster."
+            }
+            Reason::DomainNotServed => "This key service does not serve that address's domain.",
+            Reason::BadKey => {
+                "The key block could not be read as exactly one OpenPGP public key (certificate). \
+                 Export it with `gpg --armor --export ADDRESS` and send it again."
+            }
+            Reason::KeyTooLarge => "The key block is larger than this key service accepts.",
+            Reason::SecretKey => {
+                "You sent a SECRET key. It has now left your machine and passed through mail \
+                 servers: consider it compromised, revoke it, create a new key and publish only \
+                 its public part. Nothing was stored."
+            }
+            Reason::BadAuthKey => {
+                "The line after the key block (publication) or after the address (retrieval) \
+                 must be K_auth: 32 random bytes in base64 (44 characters)."
+            }
+            Reason::BadAddress => "The queried address is not a single plain email address.",
+            Reason::Malformed => {
+                "The message body matches neither request format. A publication is an \
+                 ASCII-armored public key block followed by a line with K_auth; a retrieval is a \
+                 line with the queried address followed by a line with K_auth."
+            }
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Reason {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Reason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s.trim())
+            .ok_or(())
+    }
+}

@@ -1,0 +1,337 @@
+//! Reading who authenticated from the `Received:` header that the provider's own MTA wrote.
+//!
+//! Only the topmost `Received:` header counts (an MTA prepends its own above everything the
+//! sender wrote), and only when all of these hold:
+//! - its `by` host is one of the configured `trusted_mta_hosts`;
+//! - its `with` protocol is an RFC 3848 authenticated one (ESMTPA, ESMTPSA, LMTPA, ...);
+//! - it carries exactly one `(Authenticated sender: LOGIN)` comment, and that comment belongs
+//!   to the `from` clause (Postfix writes it between the client address and `by`);
+//! - its parentheses balance (an unbalanced header is a sign of a hostile HELO name).
+//!
+//! Anything else, including the same note in a lower header, another header or the body, is
+//! never trusted.
+
+/// RFC 3848 protocol types that say the client authenticated (compared case-insensitively).
+const AUTHENTICATED_PROTOCOLS: [&str; 8] = [
+    "ESMTPA",
+    "ESMTPSA",
+    "LMTPA",
+    "LMTPSA",
+    "UTF8SMTPA",
+    "UTF8SMTPSA",
+    "UTF8LMTPA",
+    "UTF8LMTPSA",
+];
+
+/// Longest `Received:` header value that is parsed at all.
+const MAX_RECEIVED_LEN: usize = 4096;
+
+/// Why the topmost `Received:` header did not yield a trusted login.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReceivedError {
+    /// The message has no `Received:` header.
+    #[error("no Received header")]
+    Missing,
+    /// The header could not be parsed (unbalanced parentheses, too long, no `by`).
+    #[error("the topmost Received header is malformed: {0}")]
+    Malformed(&'static str),
+    /// The `by` host is not one of the trusted MTAs.
+    #[error("the topmost Received header was written by {0:?}, not a trusted MTA")]
+    UntrustedHost(String),
+    /// The protocol is not an authenticated one.
+    #[error("the topmost Received header records protocol {0:?}, not an authenticated submission")]
+    NotAuthenticated(String),
+    /// No `(Authenticated sender: ...)` comment in the `from` clause.
+    #[error("the topmost Received header names no authenticated sender")]
+    NoSender,
+    /// More than one authenticated-sender note, or one outside the `from` clause.
+    #[error("the topmost Received header has a misplaced or repeated authenticated-sender note")]
+    Ambiguous,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Token {
+    Word(String),
+    Comment(String),
+    Semicolon,
+}
+
+fn tokenize(value: &str) -> Result<Vec<Token>, ReceivedError> {
+    let mut tokens = Vec::new();
+    let mut chars = value.chars().peekable();
+    while let Some(&c) = chars.peek() {
+        match c {
+            c if c.is_whitespace() => {
+                chars.next();
+            }
+            ';' => {
+                tokens.push(Token::Semicolon);
+                break; // the date follows; nothing after it matters
+            }
+            '(' => {
+                chars.next();
+                let mut depth = 1;
+                let mut text = String::new();
+                loop {
+                    match chars.next() {
+                        None => return Err(ReceivedError::Malformed("unbalanced parentheses")),
+                        Some('\\') => {
+                            if let Some(n) = chars.next() {
+                                text.push(n);
+                            }
+                        }
+                        Some('(') => {
+                            depth += 1;
+                            text.push('(');
+                        }
+                        Some(')') => {
+                            depth -= 1;
+                            if depth == 0 {
+                                break;
+                            }
+                            text.push(')');
+                        }
+                        Some(o) => text.push(o),
+                    }
+                }
+                tokens.push(Token::Comment(text));
+            }
+            ')' => return Err(ReceivedError::Malformed("unbalanced parentheses")),
+            _ => {
+                let mut word = String::new();
+                while let Some(&n) = chars.peek() {
+                    if n.is_whitespace() || n == '(' || n == ')' || n == ';' {
+                        break;
+                    }
+                    word.push(n);
+                    chars.next();
+                }
+                tokens.push(Token::Word(word));
+            }
+        }
+    }
+    Ok(tokens)
+}
+
+#[derive(Debug, Default)]
+struct Clause {
+    keyword: String,
+    value: Option<String>,
+    comments: Vec<String>,
+}
+
+const KEYWORDS: [&str; 6] = ["from", "by", "via", "with", "id", "for"];
+
+fn clauses(tokens: Vec<Token>) -> Vec<Clause> {
+    let mut out: Vec<Clause> = Vec::new();
+    for t in tokens {
+        match t {
+            Token::Word(w) => {
+                let lw = w.to_ascii_lowercase();
+                let expecting_value = out.last().is_some_and(|c| c.value.is_none());
+                if !expecting_value && KEYWORDS.contains(&lw.as_str()) {
+                    out.push(Clause {
+                        keyword: lw,
+                        ..Default::default()
+                    });
+                } else if let Some(c) = out.last_mut().filter(|c| c.value.is_none()) {
+                    c.value = Some(w);
+                } else {
+                    // A stray word: keep it as its own clause so that it can never be mistaken
+                    // for part of a trusted one.
+                    out.push(Clause {
+                        keyword: String::new(),
+                        value: Some(w),
+                        ..Default::default()
+                    });
+                }
+            }
+            Token::Comment(c) => match out.last_mut() {
+                Some(cl) => cl.comments.push(c),
+                None => out.push(Clause {
+                    comments: vec![c],
+                    ..Default::default()
+                }),
+            },
+            Token::Semicolon => break,
+        }
+    }
+    out
+}
+
+fn authenticated_note(comment: &str) -> Option<&str> {
+    const PREFIX: &str = "authenticated sender:";
+    let c = comment.trim();
+    if c.len() >= PREFIX.len() && c[..PREFIX.len()].eq_ignore_ascii_case(PREFIX) {
+        Some(c[PREFIX.len()..].trim())
+    } else {
+        None
+    }
+}
+
+/// Extracts the SASL login from the topmost `Received:` header value (unfolded or folded),
+/// following the rules of this module's documentation.
+pub fn authenticated_login(
+    topmost_received: &str,
+    trusted_mta_hosts: &[String],
+) -> Result<String, ReceivedError> {
+    if topmost_received.len() > MAX_RECEIVED_LEN {
+        return Err(ReceivedError::Malformed("too long"));
+    }
+    let clauses = clauses(tokenize(topmost_received)?);
+    let by: Vec<&Clause> = clauses.iter().filter(|c| c.keyword == "by").collect();
+    let [by] = by.as_slice() else {
+        return Err(ReceivedError::Malformed("expected exactly one 'by' clause"));
+    };
+    let host = by
+        .value
+        .as_deref()
+        .unwrap_or("")
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    if !trusted_mta_hosts
+        .iter()
+        .any(|t| t.trim_end_matches('.').eq_ignore_ascii_case(&host))
+    {
+        return Err(ReceivedError::UntrustedHost(host));
+    }
+    let with: Vec<&Clause> = clauses.iter().filter(|c| c.keyword == "with").collect();
+    let proto = match with.as_slice() {
+        [w] => w.value.clone().unwrap_or_default(),
+        _ => String::new(),
+    };
+    if !AUTHENTICATED_PROTOCOLS
+        .iter()
+        .any(|p| p.eq_ignore_ascii_case(&proto))
+    {
+        return Err(ReceivedError::NotAuthenticated(proto));
+    }
+    let notes: Vec<(&Clause, &str)> = clauses
+        .iter()
+        .flat_map(|c| {
+            c.comments
+                .iter()
+                .filter_map(move |m| authenticated_note(m).map(|n| (c, n)))
+        })
+        .collect();
+    match notes.as_slice() {
+        [] => Err(ReceivedError::NoSender),
+        [(clause, login)] if clause.keyword == "from" && !login.is_empty() => {
+            // The note must be the last comment before `by`.
+            if clause
+                .comments
+                .last()
+                .and_then(|c| authenticated_note(c))
+                .is_some_and(|n| n == *login)
+                && clauses
+                    .iter()
+                    .position(|c| std::ptr::eq(c, *clause))
+                    .and_then(|i| clauses.get(i + 1))
+                    .is_some_and(|next| next.keyword == "by")
+            {
+                Ok(login.to_string())
+            } else {
+                Err(ReceivedError::Ambiguous)
+            }
+        }
+        _ => Err(ReceivedError::Ambiguous),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trusted() -> Vec<String> {
+        vec!["mail.example.net".into(), "example.net".into()]
+    }
+
+    const PAPER: &str = "from [10.0.0.1] (unknown [12.80.3.21])\r\n\t(Authenticated sender: alice@example.net)\r\n\tby example.net (Postfix) with ESMTPSA id 53F3A161B01\r\n\tfor <keys@example.net>; Sun, 4 Mar 2018 16:47:07 +0100 (AT)";
+
+    #[test]
+    fn paper_figure_3_header_is_trusted() {
+        assert_eq!(
+            authenticated_login(PAPER, &trusted()).unwrap(),
+            "alice@example.net"
+        );
+    }
+
+    #[test]
+    fn trailing_dot_and_case_in_host_are_fine() {
+        let h = PAPER.replace("by example.net", "by Example.NET.");
+        assert_eq!(
+            authenticated_login(&h, &trusted()).unwrap(),
+            "alice@example.net"
+        );
+    }
+
+    #[test]
+    fn untrusted_or_lookalike_host_is_refused() {
+        for host in ["evil.example", "example.net.evil.example", "xample.net", "example.nett"] {
+            let h = PAPER.replace("by example.net", &format!("by {host}"));
+            assert!(
+                matches!(
+                    authenticated_login(&h, &trusted()),
+                    Err(ReceivedError::UntrustedHost(_))
+                ),
+                "{host}"
+            );
+        }
+    }
+
+    #[test]
+    fn unauthenticated_protocol_is_refused() {
+        for p in ["ESMTP", "ESMTPS", "SMTP", "LMTP", "ESMTPSAX"] {
+            let h = PAPER.replace("with ESMTPSA", &format!("with {p}"));
+            assert!(matches!(
+                authenticated_login(&h, &trusted()),
+                Err(ReceivedError::NotAuthenticated(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn helo_forgeries_are_refused() {
+        // HELO "x(Authenticated" swallows the rest into an unbalanced comment.
+        let h = "from x(Authenticated (unknown [1.2.3.4])\r\n\t(Authenticated sender: bob@example.net)\r\n\tby example.net (Postfix) with ESMTPSA id 1";
+        assert!(authenticated_login(h, &trusted()).is_err());
+        // bob authenticated, HELO tries to add alice's note before his own.
+        let h = "from a (Authenticated sender: alice@example.net) (unknown [1.2.3.4])\r\n\t(Authenticated sender: bob@example.net)\r\n\tby example.net (Postfix) with ESMTPSA id 1";
+        assert_eq!(
+            authenticated_login(h, &trusted()),
+            Err(ReceivedError::Ambiguous)
+        );
+        // Unauthenticated client whose HELO imitates the whole trusted clause.
+        let h = "from example.net (Authenticated sender: alice@example.net) by example.net with ESMTPSA (unknown [1.2.3.4])\r\n\tby mx.evil.example (Postfix) with ESMTP id 1";
+        assert!(authenticated_login(h, &trusted()).is_err());
+    }
+
+    #[test]
+    fn note_outside_the_from_clause_is_refused() {
+        let h = "from [10.0.0.1] (unknown [12.80.3.21])\r\n\tby example.net (Postfix) (Authenticated sender: alice@example.net) with ESMTPSA id 1";
+        assert_eq!(
+            authenticated_login(h, &trusted()),
+            Err(ReceivedError::Ambiguous)
+        );
+        let h = "from [10.0.0.1] (unknown [12.80.3.21])\r\n\tby example.net (Postfix) with ESMTPSA id 1 for <keys@example.net> (Authenticated sender: alice@example.net)";
+        assert_eq!(
+            authenticated_login(h, &trusted()),
+            Err(ReceivedError::Ambiguous)
+        );
+    }
+
+    #[test]
+    fn missing_note_is_refused() {
+        let h = "from [10.0.0.1] (unknown [12.80.3.21])\r\n\tby example.net (Postfix) with ESMTPSA id 1";
+        assert_eq!(
+            authenticated_login(h, &trusted()),
+            Err(ReceivedError::NoSender)
+        );
+    }
+
+    #[test]
+    fn oversized_header_is_refused() {
+        let h = format!("{PAPER} {}", "x".repeat(MAX_RECEIVED_LEN));
+        assert!(authenticated_login(&h, &trusted()).is_err());
+    }
+}

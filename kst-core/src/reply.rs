@@ -1,0 +1,249 @@
+//! Building the KST's replies: confirmation, key response, not-found and refusal.
+//!
+//! Every reply goes from `keys@<domain>` to the requester, refers to the request
+//! (`In-Reply-To`, `References`), says `Auto-Submitted: auto-replied` (RFC 3834) and carries
+//! `KST-Protocol: 1` and a machine-readable `KST-Status`. The body is the paper's: the armored
+//! key (when there is one) and then the HMAC line; key-less replies carry an explanation for
+//! people and then the HMAC line. See `docs/PROTOCOL.md`.
+
+use mail_builder::MessageBuilder;
+use mail_builder::headers::address::Address as MbAddress;
+use mail_builder::headers::message_id::MessageId;
+use mail_builder::headers::raw::Raw;
+
+use crate::address::Address;
+use crate::kauth::AuthKey;
+use crate::mac;
+use crate::openpgp::armor_public_key;
+use crate::protocol::{
+    HEADER_ADDRESS, HEADER_FINGERPRINT, HEADER_PROTOCOL, HEADER_REASON, HEADER_STATUS,
+    PROTOCOL_VERSION, Reason, Status,
+};
+
+/// Display name on the From line of every reply.
+pub const SERVICE_NAME: &str = "Key Storage Service";
+
+/// Most `References` ids copied from a request.
+const MAX_REFERENCES: usize = 10;
+
+/// What a reply says.
+#[derive(Debug, Clone)]
+pub enum ReplyContent<'a> {
+    /// Confirmation: `packets` were published for `address`.
+    Published {
+        /// The account.
+        address: &'a Address,
+        /// The key as published (binary packets).
+        packets: &'a [u8],
+        /// Its fingerprint.
+        fingerprint: &'a str,
+    },
+    /// Key response.
+    Found {
+        /// The queried address.
+        address: &'a Address,
+        /// The stored key (binary packets).
+        packets: &'a [u8],
+        /// Its fingerprint.
+        fingerprint: &'a str,
+    },
+    /// No key for `address`.
+    NotFound {
+        /// The queried address.
+        address: &'a Address,
+    },
+    /// Refused.
+    Refused {
+        /// Why.
+        reason: Reason,
+        /// The address concerned, if one is known (authenticated account or queried address).
+        address: Option<&'a Address>,
+        /// Extra detail for people (not authenticated by the HMAC).
+        detail: Option<String>,
+    },
+}
+
+impl ReplyContent<'_> {
+    /// The status this content carries.
+    pub fn status(&self) -> Status {
+        match self {
+            ReplyContent::Published { .. } => Status::Published,
+            ReplyContent::Found { .. } => Status::Found,
+            ReplyContent::NotFound { .. } => Status::NotFound,
+            ReplyContent::Refused { .. } => Status::Refused,
+        }
+    }
+}
+
+/// Who a reply goes to and what it answers.
+#[derive(Debug, Clone)]
+pub struct ReplyTo<'a> {
+    /// `keys@<domain>` of the domain the request went to.
+    pub service: &'a Address,
+    /// The requester (its envelope sender).
+    pub requester: &'a Address,
+    /// The request's Message-ID (without brackets), if it had a usable one.
+    pub in_reply_to: Option<&'a str>,
+    /// The request's References ids (without brackets).
+    pub references: &'a [String],
+}
+
+/// A built reply.
+#[derive(Debug, Clone)]
+pub struct BuiltReply {
+    /// Its Message-ID, without brackets.
+    pub message_id: String,
+    /// The RFC 5322 message, CRLF line endings.
+    pub message: Vec<u8>,
+}
+
+/// True when `id` can be copied into a header unchanged: visible ASCII without brackets or
+/// whitespace, at most 250 characters.
+pub fn is_safe_message_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 250
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'<' && b != b'>')
+}
+
+/// A fresh Message-ID for a reply from `domain`.
+pub fn new_message_id(domain: &str) -> String {
+    let mut r = [0u8; 12];
+    rand::fill(&mut r);
+    format!("kst.{}@{domain}", hex::encode(r))
+}
+
+/// Builds a reply. `k_auth` is `None` only when the request carried no usable K_auth; such a
+/// reply has no HMAC line and the client treats it as unauthenticated.
+pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthKey>) -> BuiltReply {
+    let status = content.status();
+    let message_id = new_message_id(to.service.domain());
+    let (subject, body, address, fingerprint, reason) = match content {
+        ReplyContent::Published {
+            address,
+            packets,
+            fingerprint,
+        }
+        | ReplyContent::Found {
+            address,
+            packets,
+            fingerprint,
+        } => {
+            let mut body = armor_public_key(packets).replace('\n', "\r\n");
+            if let Some(k) = k_auth {
+                body.push_str(&mac::key_tag(k, packets));
+                body.push_str("\r\n");
+            }
+            let subject = if status == Status::Published {
+                format!("Key published for {address}")
+            } else {
+                format!("Key for {address}")
+            };
+            (subject, body, Some(*address), Some(*fingerprint), None)
+        }
+        ReplyContent::NotFound { address } => {
+            let body = with_tag(
+                &format!("No key is published for {address}.\r\n"),
+                k_auth.map(|k| mac::statement_tag(k, status, None, Some(address.as_str()))),
+            );
+            (format!("No key for {address}"), body, Some(*address), None, None)
+        }
+        ReplyContent::Refused {
+            reason,
+            address,
+            detail,
+        } => {
+            let mut text = format!("Your request was refused ({reason}).\r\n\r\n");
+            text.push_str(&wrap(reason.explanation()));
+            if let Some(d) = detail {
+                text.push_str("\r\n");
+                text.push_str(&wrap(&d.replace(['\r', '\n'], " ")));
+            }
+            let body = with_tag(
+                &text,
+                k_auth.map(|k| {
+                    mac::statement_tag(k, status, Some(*reason), address.map(Address::as_str))
+                }),
+            );
+            (
+                format!("Request refused: {reason}"),
+                body,
+                *address,
+                None,
+                Some(*reason),
+            )
+        }
+    };
+
+    let safe: Vec<&String> = to
+        .references
+        .iter()
+        .filter(|r| is_safe_message_id(r))
+        .collect();
+    let mut refs: Vec<String> = safe[safe.len().saturating_sub(MAX_REFERENCES)..]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut b = MessageBuilder::new()
+        .from(MbAddress::new_address(
+            Some(SERVICE_NAME),
+            to.service.as_str().to_string(),
+        ))
+        .to(MbAddress::new_address(None::<&str>, to.requester.as_str().to_string()))
+        .subject(subject)
+        .message_id(MessageId::new(message_id.clone()))
+        .header("Auto-Submitted", Raw::new("auto-replied"))
+        .header(HEADER_PROTOCOL, Raw::new(PROTOCOL_VERSION.to_string()))
+        .header(HEADER_STATUS, Raw::new(status.as_str()));
+    if let Some(a) = address {
+        b = b.header(HEADER_ADDRESS, Raw::new(a.as_str().to_string()));
+    }
+    if let Some(f) = fingerprint {
+        b = b.header(HEADER_FINGERPRINT, Raw::new(f.to_string()));
+    }
+    if let Some(r) = reason {
+        b = b.header(HEADER_REASON, Raw::new(r.as_str()));
+    }
+    if let Some(id) = to.in_reply_to.filter(|id| is_safe_message_id(id)) {
+        b = b.in_reply_to(MessageId::new(id.to_string()));
+        refs.push(id.to_string());
+    }
+    if !refs.is_empty() {
+        b = b.references(MessageId::new_list(refs.iter().map(String::as_str)));
+    }
+    let message = b
+        .text_body(body)
+        .write_to_vec()
+        .expect("writing a message into a Vec cannot fail");
+    BuiltReply {
+        message_id,
+        message,
+    }
+}
+
+fn with_tag(text: &str, tag: Option<String>) -> String {
+    match tag {
+        Some(t) => format!("{text}\r\n{t}\r\n"),
+        None => text.to_string(),
+    }
+}
+
+/// Wraps prose at 72 columns with CRLF.
+fn wrap(text: &str) -> String {
+    let mut out = String::new();
+    let mut col = 0;
+    for word in text.split_whitespace() {
+        if col > 0 && col + 1 + word.len() > 72 {
+            out.push_str("\r\n");
+            col = 0;
+        } else if col > 0 {
+            out.push(' ');
+            col += 1;
+        }
+        out.push_str(word);
+        col += word.len();
+    }
+    out.push_str("\r\n");
+    out
+}

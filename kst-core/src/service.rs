@@ -1,0 +1,568 @@
+//! The KST itself: decide about one incoming message, store, reply.
+//!
+//! [`Kst::handle`] is what both ingest modes (Postfix pipe, LMTP) call per recipient. Its result
+//! maps onto what the MTA must hear:
+//! - `Ok(Handled)`: kst decided (published, answered, refused with a reply, or left unanswered on
+//!   purpose); accept the message (exit 0, LMTP 250).
+//! - `Err(HandleError::Temporary)`: the store or mailer failed; nothing half-done is visible;
+//!   the MTA keeps the message and retries (exit 75, LMTP 4xx).
+//! - `Err(HandleError::NotForKst)`: unknown recipient or oversize mail (exit 65, LMTP 5xx).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use mail_parser::{HeaderName, Message, MessageParser};
+use sha2::{Digest, Sha256};
+
+use crate::address::Address;
+use crate::body::{self, RequestBody};
+use crate::error::Error;
+use crate::kauth::AuthKey;
+use crate::mailer::{Mailer, OutgoingMail};
+use crate::openpgp::{self, KeyError};
+use crate::policy::{AuthSource, Policy};
+use crate::protocol::{Reason, Status};
+use crate::received;
+use crate::reply::{self, ReplyContent, ReplyTo};
+use crate::store::{KeyStore, NewKey, PublishOutcome};
+
+/// The SMTP envelope of one delivery, as the provider's MTA states it.
+#[derive(Debug, Clone, Default)]
+pub struct Envelope {
+    /// MAIL FROM. `Some("")` is the null sender; `None` means the MTA did not say (pipe mode
+    /// without `--sender`), in which case `Return-Path:` and then `From:` stand in.
+    pub sender: Option<String>,
+    /// The recipient this delivery is for (`keys@<domain>`).
+    pub recipient: String,
+    /// The SASL login passed by the MTA (pipe mode `--sasl-username`); used only with
+    /// [`AuthSource::SaslArgv`].
+    pub sasl_username: Option<String>,
+}
+
+/// Why kst deliberately left a message unanswered (it is still accepted and logged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Silence {
+    /// Null envelope sender (a bounce or auto-reply).
+    NullSender,
+    /// `Auto-Submitted:` other than `no` (RFC 3834).
+    AutoSubmitted,
+    /// `Precedence: bulk/junk/list`.
+    BulkPrecedence,
+    /// From MAILER-DAEMON.
+    MailerDaemon,
+    /// From a `keys@` address this KST serves (a loop).
+    OwnAddress,
+    /// The envelope sender is not a single plain address; there is nobody to answer.
+    BadSender,
+    /// The message could not be parsed at all.
+    Unparseable,
+}
+
+impl Silence {
+    /// Stable token for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Silence::NullSender => "null-sender",
+            Silence::AutoSubmitted => "auto-submitted",
+            Silence::BulkPrecedence => "bulk-precedence",
+            Silence::MailerDaemon => "mailer-daemon",
+            Silence::OwnAddress => "own-address",
+            Silence::BadSender => "bad-sender",
+            Silence::Unparseable => "unparseable",
+        }
+    }
+}
+
+/// What kst decided about a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// A key is published for `address` and a confirmation was sent.
+    Published {
+        /// The account.
+        address: Address,
+        /// The version that holds the key.
+        version: u64,
+        /// Its fingerprint.
+        fingerprint: String,
+        /// False when the store already held this publication (redelivery or same key).
+        new_version: bool,
+    },
+    /// A retrieval was answered (`found` or `not-found`).
+    Answered {
+        /// The status sent.
+        status: Status,
+        /// The queried address.
+        address: Address,
+    },
+    /// The request was refused and the refusal sent.
+    Refused {
+        /// Why.
+        reason: Reason,
+    },
+    /// Deliberately unanswered.
+    Ignored(Silence),
+}
+
+impl Decision {
+    /// Stable outcome token for logs and metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Decision::Published { .. } => "published",
+            Decision::Answered { status, .. } => status.as_str(),
+            Decision::Refused { .. } => "refused",
+            Decision::Ignored(_) => "ignored",
+        }
+    }
+}
+
+/// Which request format a message had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    /// A key block.
+    Publication,
+    /// A query.
+    Retrieval,
+    /// Neither, or not looked at.
+    Other,
+}
+
+impl RequestKind {
+    /// Stable token for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Publication => "publication",
+            RequestKind::Retrieval => "retrieval",
+            RequestKind::Other => "other",
+        }
+    }
+}
+
+/// The result of handling one message for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handled {
+    /// The request's Message-ID, if it had one (for logs).
+    pub message_id: Option<String>,
+    /// Which format it had.
+    pub kind: RequestKind,
+    /// What kst decided.
+    pub decision: Decision,
+}
+
+/// Mail that is not for kst at all: refuse permanently (5xx, exit 65).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotForKst {
+    /// The recipient is not `keys@` of a served domain.
+    #[error("recipient is not a key service address of this KST")]
+    UnknownRecipient,
+    /// The message exceeds `max_message_bytes`.
+    #[error("message exceeds the size limit")]
+    TooLarge,
+}
+
+/// Why [`Kst::handle`] did not decide.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// Permanent: bounce.
+    #[error(transparent)]
+    NotForKst(#[from] NotForKst),
+    /// Temporary: the MTA must retry.
+    #[error(transparent)]
+    Temporary(#[from] Error),
+}
+
+/// The Key Storage Service: policy, store and mailer.
+#[derive(Clone)]
+pub struct Kst {
+    policy: Arc<Policy>,
+    store: Arc<dyn KeyStore>,
+    mailer: Arc<dyn Mailer>,
+    envelope_from: Option<Address>,
+}
+
+impl Kst {
+    /// A KST with `policy`, storing in `store` and replying through `mailer`. Replies go out
+    /// with the null envelope sender (RFC 3834) unless [`Kst::with_envelope_from`] says otherwise.
+    pub fn new(policy: Policy, store: Arc<dyn KeyStore>, mailer: Arc<dyn Mailer>) -> Self {
+        Kst {
+            policy: Arc::new(policy),
+            store,
+            mailer,
+            envelope_from: None,
+        }
+    }
+
+    /// Sets the envelope sender of replies (`None`: null sender `<>`).
+    pub fn with_envelope_from(mut self, from: Option<Address>) -> Self {
+        self.envelope_from = from;
+        self
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    /// The mailer.
+    pub fn mailer(&self) -> &Arc<dyn Mailer> {
+        &self.mailer
+    }
+
+    /// Checks whether `recipient` is a service address (`keys@` of a served domain) and returns
+    /// it normalized. LMTP uses this at RCPT time.
+    pub fn service_recipient(&self, recipient: &str) -> Result<Address, NotForKst> {
+        let rcpt = self
+            .policy
+            .address_policy
+            .normalize(recipient)
+            .map_err(|_| NotForKst::UnknownRecipient)?;
+        if rcpt
+            .local()
+            .eq_ignore_ascii_case(&self.policy.service_local_part)
+            && self.policy.serves_domain(rcpt.domain())
+        {
+            self.policy
+                .service_address(rcpt.domain())
+                .ok_or(NotForKst::UnknownRecipient)
+        } else {
+            Err(NotForKst::UnknownRecipient)
+        }
+    }
+
+    /// Decides about one message delivered to `envelope.recipient`. See the module docs for
+    /// what each result means to the MTA.
+    pub async fn handle(&self, envelope: &Envelope, raw: &[u8]) -> Result<Handled, HandleError> {
+        if raw.len() > self.policy.max_message_bytes {
+            return Err(NotForKst::TooLarge.into());
+        }
+        let service = self.service_recipient(&envelope.recipient)?;
+        let Some(message) = MessageParser::default().parse(raw) else {
+            return Ok(silent(None, RequestKind::Other, Silence::Unparseable));
+        };
+        let message_id = message.message_id().map(str::to_string);
+        let requester = match self.reply_address(envelope, &message) {
+            Ok(a) => a,
+            Err(why) => return Ok(silent(message_id, RequestKind::Other, why)),
+        };
+        let references: Vec<String> = message
+            .references()
+            .as_text_list()
+            .map(|l| l.iter().map(|s| s.to_string()).collect())
+            .unwrap_or_default();
+        let ctx = ReplyTo {
+            service: &service,
+            requester: &requester,
+            in_reply_to: message_id.as_deref(),
+            references: &references,
+        };
+        let text = body::plain_text(&message).unwrap_or_default();
+        let (kind, decision) = match body::classify(&text) {
+            RequestBody::Publication { armored, k_auth } => (
+                RequestKind::Publication,
+                self.publication(&ctx, envelope, &message, &armored, k_auth.as_deref())
+                    .await?,
+            ),
+            RequestBody::SecretKey { k_auth } => {
+                let k = k_auth.as_deref().and_then(|l| AuthKey::parse(l).ok());
+                (
+                    RequestKind::Publication,
+                    self.refuse(&ctx, Reason::SecretKey, None, None, k.as_ref())
+                        .await?,
+                )
+            }
+            RequestBody::Retrieval { query, k_auth } => (
+                RequestKind::Retrieval,
+                self.retrieval(&ctx, &query, &k_auth).await?,
+            ),
+            RequestBody::Unrecognized(why) => (
+                RequestKind::Other,
+                self.refuse(&ctx, Reason::Malformed, None, Some(why.to_string()), None)
+                    .await?,
+            ),
+        };
+        Ok(Handled {
+            message_id,
+            kind,
+            decision,
+        })
+    }
+
+    /// Where a reply goes (RFC 3834: the envelope sender), or why there must be none.
+    fn reply_address(&self, env: &Envelope, msg: &Message<'_>) -> Result<Address, Silence> {
+        if let Some(v) = msg.header_raw(HeaderName::Other("Auto-Submitted".into()))
+            && !v.trim().eq_ignore_ascii_case("no")
+        {
+            return Err(Silence::AutoSubmitted);
+        }
+        if let Some(v) = msg.header_raw(HeaderName::Other("Precedence".into()))
+            && ["bulk", "junk", "list"].contains(&v.trim().to_ascii_lowercase().as_str())
+        {
+            return Err(Silence::BulkPrecedence);
+        }
+        let raw_sender = match &env.sender {
+            Some(s) => s.clone(),
+            None => msg
+                .return_address()
+                .map(str::to_string)
+                .or_else(|| single_mailbox(msg))
+                .unwrap_or_default(),
+        };
+        if raw_sender.trim().trim_matches(['<', '>']).is_empty() {
+            return Err(Silence::NullSender);
+        }
+        let sender = self
+            .policy
+            .address_policy
+            .normalize(&raw_sender)
+            .map_err(|_| Silence::BadSender)?;
+        if sender.local().eq_ignore_ascii_case("mailer-daemon") {
+            return Err(Silence::MailerDaemon);
+        }
+        if sender
+            .local()
+            .eq_ignore_ascii_case(&self.policy.service_local_part)
+            && self.policy.serves_domain(sender.domain())
+        {
+            return Err(Silence::OwnAddress);
+        }
+        Ok(sender)
+    }
+
+    /// The account that authenticated the submission, or the refusal reason.
+    fn authenticated_account(
+        &self,
+        env: &Envelope,
+        msg: &Message<'_>,
+    ) -> Result<Address, (Reason, String)> {
+        let login = match self.policy.auth_source {
+            AuthSource::SaslArgv => env
+                .sasl_username
+                .as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .ok_or((
+                    Reason::NotAuthenticated,
+                    "the MTA passed no SASL login".to_string(),
+                ))?,
+            AuthSource::Received => {
+                let top = msg
+                    .headers_raw()
+                    .find(|(name, _)| name.eq_ignore_ascii_case("Received"))
+                    .map(|(_, v)| v)
+                    .ok_or((Reason::NotAuthenticated, "no Received header".to_string()))?;
+                received::authenticated_login(top, &self.policy.trusted_mta_hosts)
+                    .map_err(|e| (Reason::NotAuthenticated, e.to_string()))?
+            }
+        };
+        let account = match self.policy.login_map.get(&login) {
+            Some(a) => a.clone(),
+            None => self.policy.address_policy.normalize(&login).map_err(|_| {
+                (
+                    Reason::UnknownAccount,
+                    "the login is not an address and not in kst.login_map".to_string(),
+                )
+            })?,
+        };
+        if !self.policy.serves_domain(account.domain()) {
+            return Err((
+                Reason::DomainNotServed,
+                format!("{} is not a served domain", account.domain()),
+            ));
+        }
+        Ok(account)
+    }
+
+    async fn publication(
+        &self,
+        ctx: &ReplyTo<'_>,
+        env: &Envelope,
+        msg: &Message<'_>,
+        armored: &str,
+        k_auth_line: Option<&str>,
+    ) -> Result<Decision, Error> {
+        let k_auth = k_auth_line.and_then(|l| AuthKey::parse(l).ok());
+        let account = match self.authenticated_account(env, msg) {
+            Ok(a) => a,
+            Err((reason, detail)) => {
+                return self
+                    .refuse(ctx, reason, None, Some(detail), k_auth.as_ref())
+                    .await;
+            }
+        };
+        let from = single_mailbox(msg).and_then(|f| self.policy.address_policy.normalize(&f).ok());
+        if from.as_ref() != Some(&account) || ctx.requester != &account {
+            let detail = format!(
+                "authenticated as {account}; From: {}; envelope sender: {}",
+                from.as_ref().map_or("(none or several)", Address::as_str),
+                ctx.requester
+            );
+            return self
+                .refuse(
+                    ctx,
+                    Reason::SenderMismatch,
+                    Some(&account),
+                    Some(detail),
+                    k_auth.as_ref(),
+                )
+                .await;
+        }
+        let Some(k_auth) = k_auth else {
+            return self
+                .refuse(ctx, Reason::BadAuthKey, Some(&account), None, None)
+                .await;
+        };
+        let key = match openpgp::parse_armored(armored, self.policy.max_key_bytes) {
+            Ok(k) => k,
+            Err(e) => {
+                let reason = match e {
+                    KeyError::SecretKey => Reason::SecretKey,
+                    KeyError::TooLarge(_) => Reason::KeyTooLarge,
+                    _ => Reason::BadKey,
+                };
+                return self
+                    .refuse(ctx, reason, Some(&account), Some(e.to_string()), Some(&k_auth))
+                    .await;
+            }
+        };
+        let publication_id = publication_id(&account, &k_auth, &key.packets);
+        let outcome = self
+            .store
+            .publish(NewKey {
+                address: account.clone(),
+                key: key.packets,
+                fingerprint: key.fingerprint,
+                publication_id,
+                published_at: now(),
+                revoked: false,
+            })
+            .await?;
+        let new_version = matches!(outcome, PublishOutcome::Published(_));
+        let record = outcome.record();
+        let built = reply::build(
+            ctx,
+            &ReplyContent::Published {
+                address: &account,
+                packets: &record.key,
+                fingerprint: &record.fingerprint,
+            },
+            Some(&k_auth),
+        );
+        self.send(ctx, built).await?;
+        Ok(Decision::Published {
+            address: account,
+            version: record.version,
+            fingerprint: record.fingerprint.clone(),
+            new_version,
+        })
+    }
+
+    async fn retrieval(
+        &self,
+        ctx: &ReplyTo<'_>,
+        query: &str,
+        k_auth_line: &str,
+    ) -> Result<Decision, Error> {
+        let Ok(k_auth) = AuthKey::parse(k_auth_line) else {
+            return self.refuse(ctx, Reason::BadAuthKey, None, None, None).await;
+        };
+        let Ok(address) = self.policy.address_policy.normalize(query) else {
+            return self
+                .refuse(ctx, Reason::BadAddress, None, None, Some(&k_auth))
+                .await;
+        };
+        if !self.policy.serves_domain(address.domain()) {
+            return self
+                .refuse(ctx, Reason::DomainNotServed, Some(&address), None, Some(&k_auth))
+                .await;
+        }
+        let content_record = self.store.get(&address).await?;
+        let (content, status) = match &content_record {
+            Some(r) => (
+                ReplyContent::Found {
+                    address: &address,
+                    packets: &r.key,
+                    fingerprint: &r.fingerprint,
+                },
+                Status::Found,
+            ),
+            None => (ReplyContent::NotFound { address: &address }, Status::NotFound),
+        };
+        let built = reply::build(ctx, &content, Some(&k_auth));
+        self.send(ctx, built).await?;
+        Ok(Decision::Answered { status, address })
+    }
+
+    async fn refuse(
+        &self,
+        ctx: &ReplyTo<'_>,
+        reason: Reason,
+        address: Option<&Address>,
+        detail: Option<String>,
+        k_auth: Option<&AuthKey>,
+    ) -> Result<Decision, Error> {
+        let built = reply::build(
+            ctx,
+            &ReplyContent::Refused {
+                reason,
+                address,
+                detail,
+            },
+            k_auth,
+        );
+        self.send(ctx, built).await?;
+        Ok(Decision::Refused { reason })
+    }
+
+    async fn send(&self, ctx: &ReplyTo<'_>, built: reply::BuiltReply) -> Result<(), Error> {
+        self.mailer
+            .send(&OutgoingMail {
+                envelope_from: self.envelope_from.clone(),
+                recipient: ctx.requester.clone(),
+                message: built.message,
+                message_id: built.message_id,
+            })
+            .await
+    }
+}
+
+fn silent(message_id: Option<String>, kind: RequestKind, why: Silence) -> Handled {
+    Handled {
+        message_id,
+        kind,
+        decision: Decision::Ignored(why),
+    }
+}
+
+/// The address of a From header that holds exactly one mailbox.
+fn single_mailbox(msg: &Message<'_>) -> Option<String> {
+    let from = msg.from()?;
+    let mut it = from.iter();
+    let first = it.next()?;
+    if it.next().is_some() {
+        return None;
+    }
+    first.address().map(str::to_string)
+}
+
+/// The idempotency token of a publication: a redelivery of the same message (same K_auth, same
+/// key) yields the same token. K_auth itself is never stored; only this hash of it.
+pub fn publication_id(account: &Address, k_auth: &AuthKey, packets: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"kst-publication-v1\0");
+    h.update(account.as_str().as_bytes());
+    h.update([0]);
+    h.update(k_auth.expose());
+    h.update(packets);
+    hex::encode(h.finalize())
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,1 @@
+Nr4sKdACjaBdbjvztQnDJv+Rzdc5dtRvM93ilgjMio8=
