@@ -46,12 +46,13 @@ pub enum RequestBody {
 
 /// The first text/plain body part of `message`, decoded. HTML-only mail yields `None`.
 pub fn plain_text(message: &Message<'_>) -> Option<String> {
-    message.text_body.iter().find_map(|id| {
-        match &message.parts.get(*id as usize)?.body {
+    message
+        .text_body
+        .iter()
+        .find_map(|id| match &message.parts.get(*id as usize)?.body {
             PartType::Text(t) => Some(t.to_string()),
             _ => None,
-        }
-    })
+        })
 }
 
 /// Classifies a decoded text body.
@@ -90,10 +91,7 @@ pub fn classify(text: &str) -> RequestBody {
         armored.push_str(PUBLIC_KEY_BEGIN);
         armored.push('\n');
         let inner = &lines[begin + 1..end];
-        let headers = inner
-            .iter()
-            .take_while(|l| is_armor_header(l))
-            .count();
+        let headers = inner.iter().take_while(|l| is_armor_header(l)).count();
         for l in &inner[..headers] {
             armored.push_str(l);
             armored.push('\n');
@@ -130,8 +128,9 @@ pub fn classify(text: &str) -> RequestBody {
 
 /// An armor header line (`Comment: ...`, `Version: ...`); base64 lines never hold ": ".
 fn is_armor_header(line: &str) -> bool {
-    line.split_once(": ")
-        .is_some_and(|(k, _)| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+    line.split_once(": ").is_some_and(|(k, _)| {
+        !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    })
 }
 
 #[cfg(test)]
@@ -142,7 +141,9 @@ mod tests {
 
     #[test]
     fn retrieval_with_crlf_blank_lines_and_signature() {
-        let body = format!("\r\n  alice@example.net \r\n\r\n{K}\r\n\r\n-- \r\nBob\r\nhttps://acme.net\r\n");
+        let body = format!(
+            "\r\n  alice@example.net \r\n\r\n{K}\r\n\r\n-- \r\nBob\r\nhttps://acme.net\r\n"
+        );
         assert_eq!(
             classify(&body),
             RequestBody::Retrieval {
@@ -162,7 +163,9 @@ mod tests {
                 assert_eq!(k_auth.as_deref(), Some(K));
                 assert_eq!(
                     armored,
-                    format!("{PUBLIC_KEY_BEGIN}\nComment: test\n\nmQINBF\nAbCd\n=XyZ1\n{PUBLIC_KEY_END}\n")
+                    format!(
+                        "{PUBLIC_KEY_BEGIN}\nComment: test\n\nmQINBF\nAbCd\n=XyZ1\n{PUBLIC_KEY_END}\n"
+                    )
                 );
             }
             other => panic!("{other:?}"),
@@ -183,7 +186,9 @@ mod tests {
 
     #[test]
     fn secret_key_is_recognized() {
-        let body = format!("-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQ\n-----END PGP PRIVATE KEY BLOCK-----\n{K}\n");
+        let body = format!(
+            "-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQ\n-----END PGP PRIVATE KEY BLOCK-----\n{K}\n"
+        );
         assert_eq!(
             classify(&body),
             RequestBody::SecretKey {

@@ -51,7 +51,7 @@ impl AuthKey {
             return Err(AuthKeyError::WrongLength(s.len() * 3 / 4));
         }
         let padded;
-        let s = if s.len() % 4 != 0 {
+        let s = if !s.len().is_multiple_of(4) {
             padded = format!("{s}{}", "=".repeat(4 - s.len() % 4));
             padded.as_str()
         } else {
@@ -91,7 +91,10 @@ mod tests {
     fn parses_paper_example() {
         // Fig. 3 of the paper.
         let k = AuthKey::parse("40Pe0/MY6VCZ/8TczgZemiLKP2rvbCwxXGhC7S2v80E=").unwrap();
-        assert_eq!(k.to_base64(), "40Pe0/MY6VCZ/8TczgZemiLKP2rvbCwxXGhC7S2v80E=");
+        assert_eq!(
+            k.to_base64(),
+            "40Pe0/MY6VCZ/8TczgZemiLKP2rvbCwxXGhC7S2v80E="
+        );
         assert_eq!(
             AuthKey::parse(" 40Pe0/MY6VCZ/8TczgZemiLKP2rvbCwxXGhC7S2v80E \r").unwrap(),
             k

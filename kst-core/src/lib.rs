@@ -4,6 +4,7 @@
 
 pub mod address;
 pub mod body;
+pub mod client;
 pub mod error;
 pub mod kauth;
 pub mod mac;
@@ -24,3 +25,5 @@ pub use policy::{AuthSource, Policy};
 pub use protocol::{Reason, Status};
 pub use service::{Decision, Envelope, HandleError, Handled, Kst, NotForKst};
 pub use store::{KeyRecord, KeyStore, NewKey, PublishOutcome};
+#[cfg(test)]
+mod testing;

@@ -50,10 +50,7 @@ pub fn statement_tag(
     reason: Option<Reason>,
     address: Option<&str>,
 ) -> String {
-    STANDARD.encode(hmac(
-        k_auth,
-        statement(status, reason, address).as_bytes(),
-    ))
+    STANDARD.encode(hmac(k_auth, statement(status, reason, address).as_bytes()))
 }
 
 /// Verifies a base64 tag in constant time. False for anything that is not a valid tag.

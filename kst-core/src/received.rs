@@ -267,7 +267,12 @@ mod tests {
 
     #[test]
     fn untrusted_or_lookalike_host_is_refused() {
-        for host in ["evil.example", "example.net.evil.example", "xample.net", "example.nett"] {
+        for host in [
+            "evil.example",
+            "example.net.evil.example",
+            "xample.net",
+            "example.nett",
+        ] {
             let h = PAPER.replace("by example.net", &format!("by {host}"));
             assert!(
                 matches!(

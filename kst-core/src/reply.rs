@@ -147,7 +147,13 @@ pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthK
                 &format!("No key is published for {address}.\r\n"),
                 k_auth.map(|k| mac::statement_tag(k, status, None, Some(address.as_str()))),
             );
-            (format!("No key for {address}"), body, Some(*address), None, None)
+            (
+                format!("No key for {address}"),
+                body,
+                Some(*address),
+                None,
+                None,
+            )
         }
         ReplyContent::Refused {
             reason,
@@ -190,7 +196,10 @@ pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthK
             Some(SERVICE_NAME),
             to.service.as_str().to_string(),
         ))
-        .to(MbAddress::new_address(None::<&str>, to.requester.as_str().to_string()))
+        .to(MbAddress::new_address(
+            None::<&str>,
+            to.requester.as_str().to_string(),
+        ))
         .subject(subject)
         .message_id(MessageId::new(message_id.clone()))
         .header("Auto-Submitted", Raw::new("auto-replied"))

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use mail_parser::{HeaderName, Message, MessageParser};
+use mail_parser::{Message, MessageParser};
 use sha2::{Digest, Sha256};
 
 use crate::address::Address;
@@ -293,12 +293,12 @@ impl Kst {
 
     /// Where a reply goes (RFC 3834: the envelope sender), or why there must be none.
     fn reply_address(&self, env: &Envelope, msg: &Message<'_>) -> Result<Address, Silence> {
-        if let Some(v) = msg.header_raw(HeaderName::Other("Auto-Submitted".into()))
+        if let Some(v) = header_value(msg, "Auto-Submitted")
             && !v.trim().eq_ignore_ascii_case("no")
         {
             return Err(Silence::AutoSubmitted);
         }
-        if let Some(v) = msg.header_raw(HeaderName::Other("Precedence".into()))
+        if let Some(v) = header_value(msg, "Precedence")
             && ["bulk", "junk", "list"].contains(&v.trim().to_ascii_lowercase().as_str())
         {
             return Err(Silence::BulkPrecedence);
@@ -350,10 +350,7 @@ impl Kst {
                     "the MTA passed no SASL login".to_string(),
                 ))?,
             AuthSource::Received => {
-                let top = msg
-                    .headers_raw()
-                    .find(|(name, _)| name.eq_ignore_ascii_case("Received"))
-                    .map(|(_, v)| v)
+                let top = header_value(msg, "Received")
                     .ok_or((Reason::NotAuthenticated, "no Received header".to_string()))?;
                 received::authenticated_login(top, &self.policy.trusted_mta_hosts)
                     .map_err(|e| (Reason::NotAuthenticated, e.to_string()))?
@@ -425,7 +422,13 @@ impl Kst {
                     _ => Reason::BadKey,
                 };
                 return self
-                    .refuse(ctx, reason, Some(&account), Some(e.to_string()), Some(&k_auth))
+                    .refuse(
+                        ctx,
+                        reason,
+                        Some(&account),
+                        Some(e.to_string()),
+                        Some(&k_auth),
+                    )
                     .await;
             }
         };
@@ -477,7 +480,13 @@ impl Kst {
         };
         if !self.policy.serves_domain(address.domain()) {
             return self
-                .refuse(ctx, Reason::DomainNotServed, Some(&address), None, Some(&k_auth))
+                .refuse(
+                    ctx,
+                    Reason::DomainNotServed,
+                    Some(&address),
+                    None,
+                    Some(&k_auth),
+                )
                 .await;
         }
         let content_record = self.store.get(&address).await?;
@@ -490,7 +499,10 @@ impl Kst {
                 },
                 Status::Found,
             ),
-            None => (ReplyContent::NotFound { address: &address }, Status::NotFound),
+            None => (
+                ReplyContent::NotFound { address: &address },
+                Status::NotFound,
+            ),
         };
         let built = reply::build(ctx, &content, Some(&k_auth));
         self.send(ctx, built).await?;
@@ -538,6 +550,13 @@ fn silent(message_id: Option<String>, kind: RequestKind, why: Silence) -> Handle
     }
 }
 
+/// The raw value of the first header named `name` (case-insensitive).
+pub(crate) fn header_value<'m>(msg: &'m Message<'_>, name: &str) -> Option<&'m str> {
+    msg.headers_raw()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+}
+
 /// The address of a From header that holds exactly one mailbox.
 fn single_mailbox(msg: &Message<'_>) -> Option<String> {
     let from = msg.from()?;
@@ -566,3 +585,7 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;

@@ -1,0 +1,361 @@
+//! The mail client's side of the protocol: building requests and verifying replies.
+//!
+//! No network code: a mail client (or `kst client`) sends the bytes of [`Request::message`]
+//! however it sends mail, keeps the [`Pending`] (it holds K_auth) until the reply arrives, and
+//! hands the reply's bytes to [`verify_reply`]. Only a reply whose HMAC verifies is trusted.
+
+use mail_builder::MessageBuilder;
+use mail_builder::headers::address::Address as MbAddress;
+use mail_builder::headers::message_id::MessageId;
+use mail_parser::MessageParser;
+use serde::{Deserialize, Serialize};
+
+use crate::address::{Address, AddressPolicy};
+use crate::body;
+use crate::kauth::AuthKey;
+use crate::mac;
+use crate::openpgp::{self, KeyError};
+use crate::protocol::{
+    HEADER_ADDRESS, HEADER_PROTOCOL, HEADER_REASON, HEADER_STATUS, PROTOCOL_VERSION,
+    PUBLIC_KEY_BEGIN, PUBLIC_KEY_END, Reason, Status,
+};
+use crate::reply::new_message_id;
+
+/// Largest reply a client reads (bytes).
+pub const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
+
+/// What a pending request asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Asked {
+    /// Publish the key with `fingerprint` for `account`.
+    Publication {
+        /// The account that publishes.
+        account: Address,
+        /// Fingerprint of the submitted key (uppercase hex).
+        fingerprint: String,
+    },
+    /// Retrieve the key of `address`.
+    Retrieval {
+        /// The queried address.
+        address: Address,
+    },
+}
+
+/// A request sent and not yet answered: what a client must keep (e.g. in a state file) to
+/// verify the reply. Holds K_auth: keep it private.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    /// What was asked.
+    #[serde(flatten)]
+    pub asked: Asked,
+    /// The request's Message-ID (without brackets); the reply's In-Reply-To must match.
+    pub message_id: String,
+    /// The service address the request went to.
+    pub service: Address,
+    /// K_auth, standard base64.
+    pub k_auth: String,
+    /// Seconds since the Unix epoch when the request was built.
+    pub created_at: u64,
+}
+
+/// A request ready to send.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The RFC 5322 message (CRLF). Envelope: MAIL FROM the requester, RCPT TO `pending.service`.
+    pub message: Vec<u8>,
+    /// What to keep until the reply arrives.
+    pub pending: Pending,
+}
+
+/// Why a request could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The key to publish is not a usable public key.
+    #[error("the key to publish is not usable: {0}")]
+    Key(#[from] KeyError),
+    /// The key has no User ID for the account (the KST would refuse or strip it).
+    #[error("the key has no User ID with the address {0}")]
+    NoMatchingUserId(Address),
+}
+
+fn service_of(domain: &str) -> Address {
+    Address::from_normalized(&format!("keys@{domain}")).expect("domain of a normalized address")
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn message(from: &Address, to: &Address, subject: &str, body: String, id: &str) -> Vec<u8> {
+    MessageBuilder::new()
+        .from(MbAddress::new_address(
+            None::<&str>,
+            from.as_str().to_string(),
+        ))
+        .to(MbAddress::new_address(
+            None::<&str>,
+            to.as_str().to_string(),
+        ))
+        .subject(subject)
+        .message_id(MessageId::new(id.to_string()))
+        .text_body(body)
+        .write_to_vec()
+        .expect("writing into a Vec cannot fail")
+}
+
+/// Builds a publication (paper Fig. 3) of `armored_key` for `account`, to `keys@<its domain>`,
+/// with a fresh K_auth. The key must hold a User ID with the account's address.
+pub fn build_publication(account: &Address, armored_key: &str) -> Result<Request, BuildError> {
+    let key = openpgp::parse_armored(armored_key, usize::MAX)?;
+    let policy = AddressPolicy::default();
+    let has_uid = key.user_ids.iter().any(|u| {
+        uid_address(u)
+            .and_then(|a| policy.normalize(a).ok())
+            .is_some_and(|a| a.as_str().eq_ignore_ascii_case(account.as_str()))
+    });
+    if !has_uid {
+        return Err(BuildError::NoMatchingUserId(account.clone()));
+    }
+    let k_auth = AuthKey::generate();
+    let service = service_of(account.domain());
+    let id = new_message_id(account.domain());
+    let armored = openpgp::armor_public_key(&key.packets).replace('\n', "\r\n");
+    let body = format!("{armored}{}\r\n", k_auth.to_base64());
+    Ok(Request {
+        message: message(account, &service, "Key publication", body, &id),
+        pending: Pending {
+            asked: Asked::Publication {
+                account: account.clone(),
+                fingerprint: key.fingerprint,
+            },
+            message_id: id,
+            service,
+            k_auth: k_auth.to_base64(),
+            created_at: now(),
+        },
+    })
+}
+
+/// Builds a retrieval (paper Fig. 5) from `requester` for `address`, to `keys@<its domain>`.
+pub fn build_retrieval(requester: &Address, address: &Address) -> Request {
+    let k_auth = AuthKey::generate();
+    let service = service_of(address.domain());
+    let id = new_message_id(requester.domain());
+    let body = format!("{address}\r\n{}\r\n", k_auth.to_base64());
+    Request {
+        message: message(requester, &service, "Key request", body, &id),
+        pending: Pending {
+            asked: Asked::Retrieval {
+                address: address.clone(),
+            },
+            message_id: id,
+            service,
+            k_auth: k_auth.to_base64(),
+            created_at: now(),
+        },
+    }
+}
+
+/// The address inside a User ID such as `Alice <alice@example.net>` (or a bare address).
+pub fn uid_address(uid: &str) -> Option<&str> {
+    match (uid.rfind('<'), uid.rfind('>')) {
+        (Some(a), Some(b)) if a < b => Some(&uid[a + 1..b]),
+        _ if uid.contains('@') && !uid.contains(' ') => Some(uid),
+        _ => None,
+    }
+}
+
+/// A reply whose HMAC verified, or an unauthenticated refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verified {
+    /// The publication was confirmed; the key as published is attached.
+    Published {
+        /// Its fingerprint (equal to the one submitted).
+        fingerprint: String,
+        /// The key as published, armored.
+        armored: String,
+    },
+    /// The queried key.
+    Found {
+        /// The queried address.
+        address: Address,
+        /// Its fingerprint.
+        fingerprint: String,
+        /// The key, armored (re-armored from the verified packets).
+        armored: String,
+        /// User IDs of the key.
+        user_ids: Vec<String>,
+    },
+    /// The KST states, authenticated, that no key is published for `address`.
+    NotFound {
+        /// The queried address (as the KST normalized it).
+        address: Address,
+    },
+    /// The KST refused the request.
+    Refused {
+        /// Why (if the reply named a known reason).
+        reason: Option<Reason>,
+        /// The explanation text of the reply.
+        explanation: String,
+        /// True when the refusal's HMAC verified (the KST itself said it); false when the
+        /// request had no usable K_auth and the refusal cannot be authenticated.
+        authenticated: bool,
+    },
+}
+
+/// Why a reply is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    /// Not a reply to this request (wrong In-Reply-To or sender).
+    #[error("this message is not the reply to request {0}")]
+    NotThisRequest(String),
+    /// Not a KST reply at all (no `KST-Protocol` header): e.g. a bounce, which means the
+    /// domain runs no KST.
+    #[error("not a KST reply (no {HEADER_PROTOCOL} header): the domain may not run a KST")]
+    NotKst,
+    /// A protocol version this client does not speak.
+    #[error("unsupported KST protocol version {0:?}")]
+    Version(String),
+    /// Unreadable reply.
+    #[error("malformed reply: {0}")]
+    Malformed(String),
+    /// The HMAC is missing or wrong: the reply was forged or altered in transit. Never use it.
+    #[error("the reply's HMAC does not verify: forged or altered in transit (possible attack)")]
+    BadHmac,
+    /// The HMAC verified but the key is not the one published / asked for.
+    #[error("the reply's key does not match: {0}")]
+    KeyMismatch(String),
+}
+
+/// Verifies a reply to `pending`. See the module docs.
+pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyError> {
+    if raw.len() > MAX_REPLY_BYTES {
+        return Err(ReplyError::Malformed("reply too large".into()));
+    }
+    let msg = MessageParser::default()
+        .parse(raw)
+        .ok_or_else(|| ReplyError::Malformed("not a mail message".into()))?;
+    let in_reply_to = msg.in_reply_to().as_text().map(str::to_string);
+    if in_reply_to.as_deref() != Some(pending.message_id.as_str()) {
+        return Err(ReplyError::NotThisRequest(pending.message_id.clone()));
+    }
+    let header =
+        |name: &str| crate::service::header_value(&msg, name).map(|v| v.trim().to_string());
+    let version = header(HEADER_PROTOCOL).ok_or(ReplyError::NotKst)?;
+    if version != PROTOCOL_VERSION.to_string() {
+        return Err(ReplyError::Version(version));
+    }
+    let status: Status = header(HEADER_STATUS)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ReplyError::Malformed("missing or unknown KST-Status".into()))?;
+    let k_auth = AuthKey::parse(&pending.k_auth)
+        .map_err(|_| ReplyError::Malformed("the pending request's K_auth is invalid".into()))?;
+    let text = body::plain_text(&msg).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|l| l.trim_end_matches([' ', '\r']))
+        .collect();
+
+    match status {
+        Status::Published | Status::Found => {
+            let begin = lines.iter().position(|l| *l == PUBLIC_KEY_BEGIN);
+            let end = lines.iter().position(|l| *l == PUBLIC_KEY_END);
+            let (Some(b), Some(e)) = (begin, end) else {
+                return Err(ReplyError::BadHmac);
+            };
+            if e < b {
+                return Err(ReplyError::Malformed("key block out of order".into()));
+            }
+            let armored = lines[b..=e].join("\n");
+            let packets = openpgp::dearmor_public_key(&armored, MAX_REPLY_BYTES)
+                .map_err(|e| ReplyError::Malformed(e.to_string()))?;
+            let tag = lines[e + 1..].iter().find(|l| mac::is_tag_line(l));
+            if !tag.is_some_and(|t| mac::verify(&k_auth, &packets, t)) {
+                return Err(ReplyError::BadHmac);
+            }
+            let key = openpgp::parse_binary(&packets)
+                .map_err(|e| ReplyError::KeyMismatch(e.to_string()))?;
+            let armored = openpgp::armor_public_key(&packets);
+            match (&pending.asked, status) {
+                (Asked::Publication { fingerprint, .. }, Status::Published) => {
+                    if !fingerprint.eq_ignore_ascii_case(&key.fingerprint) {
+                        return Err(ReplyError::KeyMismatch(format!(
+                            "published {} but the confirmation carries {}",
+                            fingerprint, key.fingerprint
+                        )));
+                    }
+                    Ok(Verified::Published {
+                        fingerprint: key.fingerprint,
+                        armored,
+                    })
+                }
+                (Asked::Retrieval { address }, Status::Found) => Ok(Verified::Found {
+                    address: address.clone(),
+                    fingerprint: key.fingerprint,
+                    armored,
+                    user_ids: key.user_ids,
+                }),
+                _ => Err(ReplyError::Malformed(format!(
+                    "status {status} does not answer this request"
+                ))),
+            }
+        }
+        Status::NotFound | Status::Refused => {
+            let reason_token = header(HEADER_REASON);
+            let reason = reason_token.as_deref().and_then(|r| r.parse().ok());
+            let address = header(HEADER_ADDRESS);
+            let tag = lines.iter().find(|l| mac::is_tag_line(l));
+            let statement = mac::statement(
+                status,
+                if status == Status::Refused {
+                    reason
+                } else {
+                    None
+                },
+                address.as_deref(),
+            );
+            let authenticated = tag.is_some_and(|t| mac::verify(&k_auth, statement.as_bytes(), t));
+            let explanation: String = lines
+                .iter()
+                .filter(|l| !mac::is_tag_line(l))
+                .copied()
+                .collect::<Vec<_>>()
+                .join("\n")
+                .trim()
+                .to_string();
+            if status == Status::NotFound {
+                if !authenticated {
+                    return Err(ReplyError::BadHmac);
+                }
+                let Asked::Retrieval { address: asked } = &pending.asked else {
+                    return Err(ReplyError::Malformed(
+                        "not-found answers no publication".into(),
+                    ));
+                };
+                let said = address
+                    .and_then(|a| Address::from_normalized(&a).ok())
+                    .ok_or_else(|| ReplyError::Malformed("missing KST-Address".into()))?;
+                if !said.as_str().eq_ignore_ascii_case(asked.as_str()) {
+                    return Err(ReplyError::KeyMismatch(format!(
+                        "asked for {asked}, the KST answered about {said}"
+                    )));
+                }
+                return Ok(Verified::NotFound { address: said });
+            }
+            // A refusal with an HMAC line that does not verify is forged: only a request
+            // without usable K_auth gets an unauthenticated refusal, and this client always
+            // sends one.
+            if tag.is_some() && !authenticated {
+                return Err(ReplyError::BadHmac);
+            }
+            Ok(Verified::Refused {
+                reason,
+                explanation,
+                authenticated,
+            })
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! Unit tests of the decision logic with in-memory fakes (real gpg-made keys from testdata/).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::*;
+use crate::AddressPolicy;
+use crate::client::{self, Verified};
+use crate::testing::{MemoryMailer, MemoryStore};
+
+const ALICE: &str = include_str!("../testdata/alice.pub.asc");
+const BOB: &str = include_str!("../testdata/bob.pub.asc");
+const ALICE_SECRET: &str = include_str!("../testdata/alice.sec.asc");
+
+fn received(login: &str, by: &str, proto: &str) -> String {
+    format!(
+        "Received: from [10.0.0.1] (unknown [12.80.3.21])\r\n\t(Authenticated sender: {login})\r\n\tby {by} (Postfix) with {proto} id 53F3A161B01\r\n\tfor <keys@example.net>; Sun, 4 Mar 2018 16:47:07 +0100 (AT)\r\n"
+    )
+}
+
+struct Fixture {
+    kst: Kst,
+    store: Arc<MemoryStore>,
+    mailer: Arc<MemoryMailer>,
+}
+
+fn fixture() -> Fixture {
+    let store = Arc::new(MemoryStore::default());
+    let mailer = Arc::new(MemoryMailer::default());
+    let kst = Kst::new(
+        Policy::new(&["example.net"], &["mail.example.net"]),
+        store.clone(),
+        mailer.clone(),
+    );
+    Fixture { kst, store, mailer }
+}
+
+fn addr(s: &str) -> Address {
+    AddressPolicy::default().normalize(s).unwrap()
+}
+
+fn env(sender: &str) -> Envelope {
+    Envelope {
+        sender: Some(sender.into()),
+        recipient: "keys@example.net".into(),
+        sasl_username: None,
+    }
+}
+
+/// A client-built publication with `headers` prepended, as the MTA would.
+fn publication(account: &str, key: &str, headers: &str) -> (Vec<u8>, client::Pending) {
+    let req = client::build_publication(&addr(account), key).unwrap();
+    let mut raw = headers.as_bytes().to_vec();
+    raw.extend_from_slice(&req.message);
+    (raw, req.pending)
+}
+
+impl Fixture {
+    fn last_reply(&self) -> OutgoingMail {
+        self.mailer
+            .sent
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a reply was sent")
+    }
+    fn sent(&self) -> usize {
+        self.mailer.sent.lock().unwrap().len()
+    }
+}
+
+#[tokio::test]
+async fn publish_then_retrieve_round_trip() {
+    let f = fixture();
+    let (raw, pending) = publication(
+        "alice@example.net",
+        ALICE,
+        &received("alice@example.net", "mail.example.net", "ESMTPSA"),
+    );
+    let h = f.kst.handle(&env("alice@example.net"), &raw).await.unwrap();
+    assert!(matches!(
+        h.decision,
+        Decision::Published {
+            version: 1,
+            new_version: true,
+            ..
+        }
+    ));
+    assert_eq!(h.kind, RequestKind::Publication);
+    let reply = f.last_reply();
+    assert_eq!(reply.recipient.as_str(), "alice@example.net");
+    assert_eq!(reply.envelope_from, None);
+    match client::verify_reply(&pending, &reply.message).unwrap() {
+        Verified::Published { fingerprint, .. } => {
+            let Asked::Publication {
+                fingerprint: fp, ..
+            } = &pending.asked
+            else {
+                unreachable!()
+            };
+            assert_eq!(&fingerprint, fp);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let req = client::build_retrieval(&addr("carol@acme.net"), &addr("Alice@Example.net"));
+    let h = f
+        .kst
+        .handle(&env("carol@acme.net"), &req.message)
+        .await
+        .unwrap();
+    assert_eq!(
+        h.decision,
+        Decision::Answered {
+            status: Status::Found,
+            address: addr("alice@example.net")
+        }
+    );
+    let reply = f.last_reply();
+    assert_eq!(reply.recipient.as_str(), "carol@acme.net");
+    match client::verify_reply(&req.pending, &reply.message).unwrap() {
+        Verified::Found { user_ids, .. } => {
+            assert!(user_ids.iter().any(|u| u.contains("alice@example.net")))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+use crate::client::Asked;
+
+#[tokio::test]
+async fn redelivery_creates_no_second_version() {
+    let f = fixture();
+    let (raw, _) = publication(
+        "alice@example.net",
+        ALICE,
+        &received("alice@example.net", "mail.example.net", "ESMTPA"),
+    );
+    f.kst.handle(&env("alice@example.net"), &raw).await.unwrap();
+    let h = f.kst.handle(&env("alice@example.net"), &raw).await.unwrap();
+    assert!(matches!(
+        h.decision,
+        Decision::Published {
+            version: 1,
+            new_version: false,
+            ..
+        }
+    ));
+    assert_eq!(
+        f.store
+            .history(&addr("alice@example.net"))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(f.sent(), 2, "the confirmation is sent again");
+}
+
+#[tokio::test]
+async fn not_found_is_authenticated() {
+    let f = fixture();
+    let req = client::build_retrieval(&addr("carol@acme.net"), &addr("nobody@example.net"));
+    f.kst
+        .handle(&env("carol@acme.net"), &req.message)
+        .await
+        .unwrap();
+    assert_eq!(
+        client::verify_reply(&req.pending, &f.last_reply().message).unwrap(),
+        Verified::NotFound {
+            address: addr("nobody@example.net")
+        }
+    );
+    // Another request's K_auth cannot verify it: a forged "no key" is detected.
+    let other = client::build_retrieval(&addr("carol@acme.net"), &addr("nobody@example.net"));
+    let mut forged = other.pending.clone();
+    forged.message_id = req.pending.message_id.clone();
+    assert_eq!(
+        client::verify_reply(&forged, &f.last_reply().message),
+        Err(client::ReplyError::BadHmac)
+    );
+}
+
+async fn refused(f: &Fixture, env: &Envelope, raw: &[u8]) -> Reason {
+    let before = f.store.map.lock().unwrap().len();
+    let h = f.kst.handle(env, raw).await.unwrap();
+    assert_eq!(f.store.map.lock().unwrap().len(), before, "nothing stored");
+    match h.decision {
+        Decision::Refused { reason } => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn forgeries_never_publish() {
+    let f = fixture();
+    let e = env("alice@example.net");
+    let cases: Vec<(&str, String)> = vec![
+        ("no Received at all", String::new()),
+        (
+            "untrusted host",
+            received("alice@example.net", "mx.evil.example", "ESMTPSA"),
+        ),
+        (
+            "look-alike host",
+            received("alice@example.net", "mail.example.net.evil.example", "ESMTPSA"),
+        ),
+        (
+            "unauthenticated protocol",
+            received("alice@example.net", "mail.example.net", "ESMTPS"),
+        ),
+        (
+            "note only in a lower Received header",
+            format!(
+                "Received: from mx.evil.example (unknown [1.2.3.4])\r\n\tby mail.example.net (Postfix) with ESMTP id 1\r\n{}",
+                received("alice@example.net", "mail.example.net", "ESMTPSA")
+            ),
+        ),
+        (
+            "note in another header",
+            "Received: from x (unknown [1.2.3.4])\r\n\tby mail.example.net (Postfix) with ESMTP id 1\r\nX-Note: (Authenticated sender: alice@example.net)\r\n".to_string(),
+        ),
+        (
+            "HELO imitating the note",
+            "Received: from a (Authenticated sender: alice@example.net) (unknown [1.2.3.4])\r\n\tby mail.example.net (Postfix) with ESMTP id 1\r\n".to_string(),
+        ),
+    ];
+    for (what, headers) in cases {
+        let (raw, _) = publication("alice@example.net", ALICE, &headers);
+        assert_eq!(
+            refused(&f, &e, &raw).await,
+            Reason::NotAuthenticated,
+            "{what}"
+        );
+    }
+    // The note in the body.
+    let (mut raw, _) = publication("alice@example.net", ALICE, "");
+    raw.extend_from_slice(b"(Authenticated sender: alice@example.net)\r\n");
+    assert!(matches!(
+        f.kst.handle(&e, &raw).await.unwrap().decision,
+        Decision::Refused { .. }
+    ));
+    assert!(f.store.map.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn bob_cannot_publish_for_alice() {
+    let f = fixture();
+    // Authenticated as bob, From alice.
+    let (raw, _) = publication(
+        "alice@example.net",
+        ALICE,
+        &received("bob@example.net", "mail.example.net", "ESMTPSA"),
+    );
+    assert_eq!(
+        refused(&f, &env("alice@example.net"), &raw).await,
+        Reason::SenderMismatch
+    );
+    // Authenticated as alice, envelope sender bob.
+    let (raw, _) = publication(
+        "alice@example.net",
+        ALICE,
+        &received("alice@example.net", "mail.example.net", "ESMTPSA"),
+    );
+    assert_eq!(
+        refused(&f, &env("bob@example.net"), &raw).await,
+        Reason::SenderMismatch
+    );
+    assert_eq!(f.last_reply().recipient.as_str(), "bob@example.net");
+}
+
+#[tokio::test]
+async fn sasl_argv_mode_ignores_headers() {
+    let store = Arc::new(MemoryStore::default());
+    let mailer = Arc::new(MemoryMailer::default());
+    let mut policy = Policy::new(&["example.net"], &["mail.example.net"]);
+    policy.auth_source = AuthSource::SaslArgv;
+    let kst = Kst::new(policy, store.clone(), mailer.clone());
+    let (raw, _) = publication(
+        "alice@example.net",
+        ALICE,
+        &received("alice@example.net", "mail.example.net", "ESMTPSA"),
+    );
+    let h = kst.handle(&env("alice@example.net"), &raw).await.unwrap();
+    assert_eq!(
+        h.decision,
+        Decision::Refused {
+            reason: Reason::NotAuthenticated
+        }
+    );
+    let mut e = env("alice@example.net");
+    e.sasl_username = Some("alice@example.net".into());
+    let (raw, _) = publication("alice@example.net", ALICE, "");
+    assert!(matches!(
+        kst.handle(&e, &raw).await.unwrap().decision,
+        Decision::Published { .. }
+    ));
+}
+
+#[tokio::test]
+async fn login_map_maps_plain_logins() {
+    let store = Arc::new(MemoryStore::default());
+    let mailer = Arc::new(MemoryMailer::default());
+    let mut policy = Policy::new(&["example.net"], &["mail.example.net"]);
+    policy
+        .login_map
+        .insert("alice".into(), addr("alice@example.net"));
+    let kst = Kst::new(policy, store, mailer);
+    let (raw, _) = publication(
+        "alice@example.net",
+        ALICE,
+        &received("alice", "mail.example.net", "ESMTPSA"),
+    );
+    assert!(matches!(
+        kst.handle(&env("alice@example.net"), &raw)
+            .await
+            .unwrap()
+            .decision,
+        Decision::Published { .. }
+    ));
+    let (raw, _) = publication(
+        "bob@example.net",
+        BOB,
+        &received("bob", "mail.example.net", "ESMTPSA"),
+    );
+    assert_eq!(
+        kst.handle(&env("bob@example.net"), &raw)
+            .await
+            .unwrap()
+            .decision,
+        Decision::Refused {
+            reason: Reason::UnknownAccount
+        }
+    );
+}
+
+#[tokio::test]
+async fn secret_key_is_refused_with_advice() {
+    let f = fixture();
+    let k = AuthKey::generate();
+    let raw = format!(
+        "{}From: alice@example.net\r\nTo: keys@example.net\r\nMessage-ID: <s1@example.net>\r\n\r\n{ALICE_SECRET}{}\r\n",
+        received("alice@example.net", "mail.example.net", "ESMTPSA"),
+        k.to_base64()
+    );
+    assert_eq!(
+        refused(&f, &env("alice@example.net"), raw.as_bytes()).await,
+        Reason::SecretKey
+    );
+    let text = String::from_utf8(f.last_reply().message).unwrap();
+    assert!(text.contains("revoke"), "{text}");
+}
+
+#[tokio::test]
+async fn loops_and_bounces_get_no_reply() {
+    let f = fixture();
+    let req = client::build_retrieval(&addr("carol@acme.net"), &addr("alice@example.net"));
+    let cases: Vec<(Envelope, String, Silence)> = vec![
+        (env(""), String::new(), Silence::NullSender),
+        (
+            env("MAILER-DAEMON@acme.net"),
+            String::new(),
+            Silence::MailerDaemon,
+        ),
+        (env("keys@example.net"), String::new(), Silence::OwnAddress),
+        (
+            env("carol@acme.net"),
+            "Auto-Submitted: auto-replied\r\n".into(),
+            Silence::AutoSubmitted,
+        ),
+        (
+            env("carol@acme.net"),
+            "Precedence: bulk\r\n".into(),
+            Silence::BulkPrecedence,
+        ),
+        (
+            env("\"odd one\"@acme.net"),
+            String::new(),
+            Silence::BadSender,
+        ),
+    ];
+    for (e, headers, why) in cases {
+        let mut raw = headers.into_bytes();
+        raw.extend_from_slice(&req.message);
+        let h = f.kst.handle(&e, &raw).await.unwrap();
+        assert_eq!(h.decision, Decision::Ignored(why));
+    }
+    assert_eq!(f.sent(), 0);
+}
+
+#[tokio::test]
+async fn not_for_kst_is_permanent() {
+    let f = fixture();
+    let req = client::build_retrieval(&addr("carol@acme.net"), &addr("alice@example.net"));
+    for rcpt in [
+        "alice@example.net",
+        "keys@acme.net",
+        "keys@example.net.evil.example",
+        "bogus",
+    ] {
+        let mut e = env("carol@acme.net");
+        e.recipient = rcpt.into();
+        assert!(matches!(
+            f.kst.handle(&e, &req.message).await,
+            Err(HandleError::NotForKst(NotForKst::UnknownRecipient))
+        ));
+    }
+    let big = vec![b'a'; Policy::DEFAULT_MAX_MESSAGE_BYTES + 1];
+    assert!(matches!(
+        f.kst.handle(&env("carol@acme.net"), &big).await,
+        Err(HandleError::NotForKst(NotForKst::TooLarge))
+    ));
+}
+
+#[tokio::test]
+async fn store_or_mailer_down_is_temporary_and_nothing_half_done() {
+    let f = fixture();
+    let (raw, _) = publication(
+        "alice@example.net",
+        ALICE,
+        &received("alice@example.net", "mail.example.net", "ESMTPSA"),
+    );
+    f.store.down.store(true, Ordering::SeqCst);
+    let err = f
+        .kst
+        .handle(&env("alice@example.net"), &raw)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HandleError::Temporary(ref e) if e.is_temporary()));
+    assert_eq!(f.sent(), 0);
+    f.store.down.store(false, Ordering::SeqCst);
+    f.mailer.down.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        f.kst.handle(&env("alice@example.net"), &raw).await,
+        Err(HandleError::Temporary(_))
+    ));
+    // The retry after the mailer recovers publishes nothing new and confirms.
+    f.mailer.down.store(false, Ordering::SeqCst);
+    let h = f.kst.handle(&env("alice@example.net"), &raw).await.unwrap();
+    assert!(matches!(
+        h.decision,
+        Decision::Published {
+            version: 1,
+            new_version: false,
+            ..
+        }
+    ));
+    assert_eq!(f.sent(), 1);
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_with_reasons() {
+    let f = fixture();
+    let e = env("carol@acme.net");
+    let k = AuthKey::generate().to_base64();
+    let mk = |body: &str| {
+        format!(
+            "From: carol@acme.net\r\nTo: keys@example.net\r\nMessage-ID: <r@acme.net>\r\n\r\n{body}"
+        )
+        .into_bytes()
+    };
+    assert_eq!(
+        refused(&f, &e, &mk(&format!("bob@acme.net\r\n{k}\r\n"))).await,
+        Reason::DomainNotServed
+    );
+    assert_eq!(
+        refused(&f, &e, &mk(&format!("not an address\r\n{k}\r\n"))).await,
+        Reason::BadAddress
+    );
+    assert_eq!(
+        refused(&f, &e, &mk("alice@example.net\r\nshort\r\n")).await,
+        Reason::BadAuthKey
+    );
+    assert_eq!(refused(&f, &e, &mk("hello\r\n")).await, Reason::Malformed);
+    // A header injection attempt in the query never reaches a reply header.
+    let raw = mk(&format!(
+        "alice@example.net\rBcc: x@evil.example\r\n{k}\r\n"
+    ));
+    f.kst.handle(&e, &raw).await.unwrap();
+    let reply = String::from_utf8(f.last_reply().message).unwrap();
+    assert!(!reply.contains("\nBcc:"), "{reply}");
+}
+
+#[tokio::test]
+async fn html_only_and_multipart_alternative() {
+    let f = fixture();
+    let k = AuthKey::generate().to_base64();
+    let raw = format!(
+        "From: carol@acme.net\r\nTo: keys@example.net\r\nMessage-ID: <m@acme.net>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nalice@example.net\r\n{}\r\n--b\r\nContent-Type: text/html\r\n\r\n<p>alice@example.net</p>\r\n--b--\r\n",
+        k.replace('=', "=3D")
+    );
+    let h = f
+        .kst
+        .handle(&env("carol@acme.net"), raw.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        h.decision,
+        Decision::Answered {
+            status: Status::NotFound,
+            address: addr("alice@example.net")
+        }
+    );
+    let html = "From: carol@acme.net\r\nTo: keys@example.net\r\nContent-Type: text/html\r\n\r\n<p>alice@example.net</p>\r\n";
+    assert_eq!(
+        refused(&f, &env("carol@acme.net"), html.as_bytes()).await,
+        Reason::Malformed
+    );
+}

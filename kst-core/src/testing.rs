@@ -1,0 +1,121 @@
+//! In-memory `KeyStore` and `Mailer` for kst-core's own unit tests only.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+
+use crate::address::Address;
+use crate::error::{Error, Result};
+use crate::mailer::{Mailer, OutgoingMail};
+use crate::store::{KeyRecord, KeyStore, NewKey, PublishOutcome, validate_history};
+
+/// A store in a mutex; `down` makes every call fail temporarily.
+#[derive(Default)]
+pub struct MemoryStore {
+    pub map: Mutex<BTreeMap<Address, Vec<KeyRecord>>>,
+    pub down: AtomicBool,
+}
+
+impl MemoryStore {
+    fn up(&self) -> Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(Error::unavailable("store(memory)", "down for the test"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl KeyStore for MemoryStore {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+    async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
+        self.up()?;
+        let mut map = self.map.lock().unwrap();
+        let hist = map.entry(key.address.clone()).or_default();
+        if let Some(r) = hist.iter().find(|r| r.publication_id == key.publication_id) {
+            return Ok(PublishOutcome::Unchanged(r.clone()));
+        }
+        if let Some(cur) = hist.last().filter(|c| c.key == key.key) {
+            return Ok(PublishOutcome::Unchanged(cur.clone()));
+        }
+        let rec = key.into_record(hist.last().map_or(1, |c| c.version + 1));
+        hist.push(rec.clone());
+        Ok(PublishOutcome::Published(rec))
+    }
+    async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
+        self.up()?;
+        Ok(self
+            .map
+            .lock()
+            .unwrap()
+            .get(address)
+            .and_then(|h| h.last().cloned()))
+    }
+    async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
+        self.up()?;
+        Ok(self
+            .map
+            .lock()
+            .unwrap()
+            .get(address)
+            .cloned()
+            .unwrap_or_default())
+    }
+    async fn delete(&self, address: &Address) -> Result<bool> {
+        self.up()?;
+        Ok(self.map.lock().unwrap().remove(address).is_some())
+    }
+    async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
+        self.up()?;
+        Ok(self
+            .map
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|a| after.is_none_or(|x| *a > x))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+    async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
+        self.up()?;
+        validate_history(history)?;
+        self.map
+            .lock()
+            .unwrap()
+            .insert(history[0].address.clone(), history.to_vec());
+        Ok(())
+    }
+    async fn check(&self) -> Result<()> {
+        self.up()
+    }
+}
+
+/// Collects sent mail; `down` makes sending fail temporarily.
+#[derive(Default)]
+pub struct MemoryMailer {
+    pub sent: Mutex<Vec<OutgoingMail>>,
+    pub down: AtomicBool,
+}
+
+#[async_trait]
+impl Mailer for MemoryMailer {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+    async fn send(&self, mail: &OutgoingMail) -> Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(Error::unavailable("mailer(memory)", "down for the test"));
+        }
+        self.sent.lock().unwrap().push(mail.clone());
+        Ok(())
+    }
+    async fn check(&self) -> Result<()> {
+        Ok(())
+    }
+}
