@@ -1,1 +1,14 @@
-//! Placeholder: the postgres KeyStore is being written.
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod builder;
+mod error;
+mod row;
+mod store;
+
+pub use builder::{
+    DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_OPERATION_TIMEOUT,
+    PostgresStoreBuilder,
+};
+pub use store::{MIGRATIONS_TABLE, PostgresStore};

@@ -1,0 +1,441 @@
+//! [`PostgresStore`]: the [`KeyStore`] on PostgreSQL, one transaction per change.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kst_core::store::validate_history;
+use kst_core::{Address, Error, KeyRecord, KeyStore, NewKey, PublishOutcome, Result};
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{PgConnection, Row};
+
+use crate::builder::PostgresStoreBuilder;
+use crate::error::{COMPONENT, corrupt, db};
+use crate::row::{self, to_bigint, to_int};
+
+/// The embedded schema migrations (`kst-postgres/migrations`).
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Name of the table that records applied migrations (kept apart from other sqlx users of the
+/// same database).
+pub const MIGRATIONS_TABLE: &str = "kst_schema_migrations";
+
+/// How often `publish` retries finding or creating the address row when a concurrent `delete`
+/// keeps removing it under it.
+const LOCK_ATTEMPTS: usize = 8;
+
+/// A [`KeyStore`] on PostgreSQL, shared by every KST instance of a pool.
+///
+/// Cheap to clone (the connection pool is shared). See the crate documentation for the schema.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    operation_timeout: Duration,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("pool_size", &self.pool.size())
+            .field("operation_timeout", &self.operation_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` with the default settings and applies the schema migrations.
+    pub async fn connect(url: &str) -> Result<Self> {
+        PostgresStoreBuilder::new(url).connect().await
+    }
+
+    /// A builder for pool size, timeouts and the migration policy.
+    pub fn builder(url: impl Into<String>) -> PostgresStoreBuilder {
+        PostgresStoreBuilder::new(url)
+    }
+
+    pub(crate) fn from_pool(pool: PgPool, operation_timeout: Duration) -> Self {
+        PostgresStore {
+            pool,
+            operation_timeout,
+        }
+    }
+
+    /// Applies the embedded schema migrations that are not applied yet (for `kst migrate`).
+    ///
+    /// Safe to run from several instances at once (sqlx holds an advisory lock). Migrations that
+    /// a newer release already applied are tolerated, so older instances keep running during a
+    /// rolling upgrade.
+    pub async fn migrate(&self) -> Result<()> {
+        let mut migrator = sqlx::migrate::Migrator {
+            migrations: MIGRATOR.migrations.clone(),
+            ..sqlx::migrate::Migrator::DEFAULT
+        };
+        migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+        migrator.set_ignore_missing(true);
+        // Migrations can take longer than ordinary operations: bounded by the acquire timeout
+        // for the connection, not by the operation timeout.
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(crate::error::migrate)
+    }
+
+    /// The connection pool, for operational tooling.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Closes every connection; later operations fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub(crate) async fn check_reachable(&self) -> Result<()> {
+        self.timed("connect", async {
+            sqlx::query("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Runs `fut` within the operation timeout.
+    async fn timed<T>(&self, op: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.operation_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::unavailable(
+                COMPONENT,
+                format!("{op} timed out after {:?}", self.operation_timeout),
+            )),
+        }
+    }
+
+    async fn publish_inner(&self, key: NewKey) -> Result<PublishOutcome> {
+        let published_at = to_bigint("published_at", key.published_at)?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let address = key.address.as_str();
+        let current = lock_or_create(&mut tx, address).await?;
+        let version = match current {
+            None => 1,
+            Some(current) => {
+                let rows = sqlx::query(
+                    "SELECT address, version, key, fingerprint, published_at, publication_id, \
+                     revoked, format FROM kst_key_history \
+                     WHERE address = $1 AND (version = $2 OR publication_id = $3) ORDER BY version",
+                )
+                .bind(address)
+                .bind(current)
+                .bind(&key.publication_id)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+                let records = rows.iter().map(row::record).collect::<Result<Vec<_>>>()?;
+                let unchanged = match records
+                    .iter()
+                    .find(|r| r.publication_id == key.publication_id)
+                {
+                    Some(earlier) => Some(earlier.clone()),
+                    None => {
+                        let cur = records
+                            .iter()
+                            .find(|r| i64::try_from(r.version) == Ok(current))
+                            .ok_or_else(|| {
+                                corrupt(format!(
+                                    "{address}: current version {current} is missing from the history"
+                                ))
+                            })?;
+                        (cur.key == key.key).then(|| cur.clone())
+                    }
+                };
+                if let Some(record) = unchanged {
+                    tx.rollback().await.map_err(db)?;
+                    return Ok(PublishOutcome::Unchanged(record));
+                }
+                let next = current
+                    .checked_add(1)
+                    .ok_or_else(|| corrupt(format!("{address}: version counter overflow")))?;
+                sqlx::query("UPDATE kst_keys SET current_version = $2 WHERE address = $1")
+                    .bind(address)
+                    .bind(next)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                next
+            }
+        };
+        insert_history(
+            &mut tx,
+            address,
+            version,
+            &key.key,
+            &key.fingerprint,
+            published_at,
+            &key.publication_id,
+            key.revoked,
+            to_int("format", kst_core::store::RECORD_FORMAT)?,
+        )
+        .await?;
+        tx.commit().await.map_err(db)?;
+        let version = row::to_version(version).ok_or_else(|| corrupt("version out of range"))?;
+        Ok(PublishOutcome::Published(key.into_record(version)))
+    }
+
+    async fn get_inner(&self, address: &Address) -> Result<Option<KeyRecord>> {
+        let row: Option<PgRow> = sqlx::query(
+            "SELECT k.current_version, h.version IS NOT NULL AS found, h.address, h.version, \
+             h.key, h.fingerprint, h.published_at, h.publication_id, h.revoked, h.format \
+             FROM kst_keys k LEFT JOIN kst_key_history h \
+             ON h.address = k.address AND h.version = k.current_version \
+             WHERE k.address = $1",
+        )
+        .bind(address.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else { return Ok(None) };
+        let found: bool = row.try_get("found").map_err(db)?;
+        if !found {
+            let current: i64 = row.try_get("current_version").map_err(db)?;
+            return Err(corrupt(format!(
+                "{address}: current version {current} is missing from the history"
+            )));
+        }
+        let record = row::record(&row)?;
+        check_address(address, &record)?;
+        Ok(Some(record))
+    }
+
+    async fn history_inner(&self, address: &Address) -> Result<Vec<KeyRecord>> {
+        let rows = sqlx::query(
+            "SELECT address, version, key, fingerprint, published_at, publication_id, revoked, \
+             format FROM kst_key_history WHERE address = $1 ORDER BY version",
+        )
+        .bind(address.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let records = rows.iter().map(row::record).collect::<Result<Vec<_>>>()?;
+        for r in &records {
+            check_address(address, r)?;
+        }
+        Ok(records)
+    }
+
+    async fn list_inner(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT address FROM kst_keys \
+             WHERE $1::text IS NULL OR address > ($1::text COLLATE \"C\") \
+             ORDER BY address LIMIT $2",
+        )
+        .bind(after.map(Address::as_str))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|a| {
+                Address::from_normalized(a)
+                    .map_err(|e| corrupt(format!("stored address {a:?}: {e}")))
+            })
+            .collect()
+    }
+
+    async fn restore_inner(&self, history: &[KeyRecord]) -> Result<()> {
+        validate_history(history)?;
+        let rows = history
+            .iter()
+            .map(|r| {
+                Ok((
+                    r,
+                    to_bigint("version", r.version)?,
+                    to_bigint("published_at", r.published_at)?,
+                    to_int("format", r.format)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let Some(&(last, current, _, _)) = rows.last() else {
+            return Err(Error::Invalid("restore needs at least one record".into()));
+        };
+        let address = last.address.as_str();
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        // Locks (or creates) the address row first, so concurrent publishers wait for us.
+        sqlx::query(
+            "INSERT INTO kst_keys (address, current_version) VALUES ($1, $2) \
+             ON CONFLICT (address) DO UPDATE SET current_version = EXCLUDED.current_version",
+        )
+        .bind(address)
+        .bind(current)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query("DELETE FROM kst_key_history WHERE address = $1")
+            .bind(address)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        for (r, version, published_at, format) in rows {
+            insert_history(
+                &mut tx,
+                address,
+                version,
+                &r.key,
+                &r.fingerprint,
+                published_at,
+                &r.publication_id,
+                r.revoked,
+                format,
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(db)
+    }
+}
+
+/// Locks the `kst_keys` row of `address` for this transaction and returns its current version,
+/// or creates it (at version 1, already locked) and returns `None`.
+async fn lock_or_create(tx: &mut PgConnection, address: &str) -> Result<Option<i64>> {
+    for _ in 0..LOCK_ATTEMPTS {
+        let current: Option<i64> = sqlx::query_scalar(
+            "SELECT current_version FROM kst_keys WHERE address = $1 FOR UPDATE",
+        )
+        .bind(address)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        if current.is_some() {
+            return Ok(current);
+        }
+        // A concurrent first publication makes this wait for it, then do nothing: the next
+        // round finds (and locks) the row it committed.
+        let created = sqlx::query(
+            "INSERT INTO kst_keys (address, current_version) VALUES ($1, 1) \
+             ON CONFLICT (address) DO NOTHING",
+        )
+        .bind(address)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if created.rows_affected() == 1 {
+            return Ok(None);
+        }
+    }
+    Err(Error::unavailable(
+        COMPONENT,
+        format!("{address}: the address row kept changing under a publication; retry"),
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn insert_history(
+    tx: &mut PgConnection,
+    address: &str,
+    version: i64,
+    key: &[u8],
+    fingerprint: &str,
+    published_at: i64,
+    publication_id: &str,
+    revoked: bool,
+    format: i32,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO kst_key_history \
+         (address, version, key, fingerprint, published_at, publication_id, revoked, format) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(address)
+    .bind(version)
+    .bind(key)
+    .bind(fingerprint)
+    .bind(published_at)
+    .bind(publication_id)
+    .bind(revoked)
+    .bind(format)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// A row read for `address` must be of `address`.
+fn check_address(address: &Address, record: &KeyRecord) -> Result<()> {
+    if &record.address == address {
+        Ok(())
+    } else {
+        Err(corrupt(format!(
+            "row of {} returned for {address}",
+            record.address
+        )))
+    }
+}
+
+#[async_trait]
+impl KeyStore for PostgresStore {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
+        self.timed("publish", self.publish_inner(key)).await
+    }
+
+    async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
+        self.timed("get", self.get_inner(address)).await
+    }
+
+    async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
+        self.timed("history", self.history_inner(address)).await
+    }
+
+    async fn delete(&self, address: &Address) -> Result<bool> {
+        self.timed("delete", async {
+            let done = sqlx::query("DELETE FROM kst_keys WHERE address = $1")
+                .bind(address.as_str())
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+            Ok(done.rows_affected() > 0)
+        })
+        .await
+    }
+
+    async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
+        self.timed("list", self.list_inner(after, limit)).await
+    }
+
+    async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
+        self.timed("restore", self.restore_inner(history)).await
+    }
+
+    async fn check(&self) -> Result<()> {
+        self.timed("check", async {
+            let row = sqlx::query(
+                "SELECT pg_is_in_recovery() AS standby, \
+                 to_regclass('kst_key_history') IS NOT NULL AS schema",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+            let standby: bool = row.try_get("standby").map_err(db)?;
+            let schema: bool = row.try_get("schema").map_err(db)?;
+            if standby {
+                return Err(Error::unavailable(
+                    COMPONENT,
+                    "connected to a read-only standby, not the primary",
+                ));
+            }
+            if !schema {
+                return Err(Error::Config(format!(
+                    "{COMPONENT}: the schema is missing: run `kst migrate`"
+                )));
+            }
+            Ok(())
+        })
+        .await
+    }
+}

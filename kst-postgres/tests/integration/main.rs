@@ -1,0 +1,6 @@
+//! Integration tests of the PostgreSQL store against a real server (each test in its own
+//! database; see `support`).
+
+mod outage;
+mod store;
+mod support;
