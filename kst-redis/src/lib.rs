@@ -1,1 +1,16 @@
-//! Placeholder: the redis KeyStore is being written.
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod builder;
+mod error;
+mod keys;
+mod scripts;
+mod store;
+
+pub use builder::{
+    DEFAULT_CONNECTION_TIMEOUT, DEFAULT_OPERATION_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT,
+    RedisStoreBuilder,
+};
+pub use keys::DEFAULT_PREFIX;
+pub use store::{MAX_VERSION, RedisStore};

@@ -1,0 +1,6 @@
+//! Integration tests of the Redis store against a real server (each test under its own key
+//! prefix; see `support`).
+
+mod outage;
+mod store;
+mod support;

@@ -1,0 +1,117 @@
+//! Test helpers: a fresh key prefix per test, its keys deleted at the end, and test keys.
+
+use kst_core::{Address, AddressPolicy, KeyRecord, NewKey};
+use kst_redis::RedisStore;
+
+/// URL of the shared test server.
+pub fn url() -> String {
+    std::env::var("KST_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A random key prefix on the test server; every key under it is deleted when this value is
+/// dropped, also when the test panics.
+pub struct TestPrefix {
+    /// The server.
+    pub url: String,
+    /// The prefix, `kst-test-<random>:`.
+    pub prefix: String,
+}
+
+impl TestPrefix {
+    /// A fresh prefix. Panics (failing the test) when Redis is unreachable.
+    pub async fn new() -> TestPrefix {
+        let t = TestPrefix {
+            url: url(),
+            prefix: format!("kst-test-{:016x}:", rand::random::<u64>()),
+        };
+        let mut conn = t.raw().await;
+        let pong: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("Redis at {} does not answer: {e}", t.url));
+        assert_eq!(pong, "PONG");
+        t
+    }
+
+    /// A store under this prefix.
+    pub async fn store(&self) -> RedisStore {
+        RedisStore::connect(&self.url, &self.prefix)
+            .await
+            .expect("connect to the test Redis")
+    }
+
+    /// A plain connection, to look at or damage the stored data.
+    pub async fn raw(&self) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(self.url.as_str()).expect("KST_TEST_REDIS_URL");
+        match client.get_multiplexed_async_connection().await {
+            Ok(c) => c,
+            Err(e) => panic!(
+                "Redis is not reachable at KST_TEST_REDIS_URL (default redis://127.0.0.1:6379): \
+                 {e}. Start it with scripts/services.sh."
+            ),
+        }
+    }
+
+    /// Every key under the prefix.
+    pub async fn keys(&self) -> Vec<String> {
+        let mut conn = self.raw().await;
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        keys.sort();
+        keys
+    }
+}
+
+impl Drop for TestPrefix {
+    fn drop(&mut self) {
+        let cleanup = || -> redis::RedisResult<()> {
+            let client = redis::Client::open(self.url.as_str())?;
+            let mut conn = client.get_connection_with_timeout(std::time::Duration::from_secs(2))?;
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}*", self.prefix))
+                .query(&mut conn)?;
+            if !keys.is_empty() {
+                redis::cmd("DEL").arg(&keys).exec(&mut conn)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = cleanup() {
+            eprintln!("could not delete the keys under {}: {e}", self.prefix);
+        }
+    }
+}
+
+/// A normalized address (local part kept as written).
+pub fn addr(s: &str) -> Address {
+    AddressPolicy {
+        case_sensitive_local_part: true,
+        ..Default::default()
+    }
+    .normalize(s)
+    .expect("test address")
+}
+
+/// Test key number `n` for `address`: key bytes, fingerprint and publication id all derive from
+/// `n`, so a reader can check that a record is internally consistent.
+pub fn key(address: &Address, n: u64) -> NewKey {
+    NewKey {
+        address: address.clone(),
+        key: format!("key-{n}-of-{address}").into_bytes(),
+        fingerprint: format!("{n:040X}"),
+        publication_id: format!("{n:032x}"),
+        published_at: 1_700_000_000 + n,
+        revoked: false,
+    }
+}
+
+/// Whether `r` is exactly what [`key`] makes for its own `n`.
+pub fn consistent(r: &KeyRecord) -> bool {
+    let Ok(n) = u64::from_str_radix(&r.publication_id, 16) else {
+        return false;
+    };
+    let k = key(&r.address, n);
+    r.key == k.key && r.fingerprint == k.fingerprint && r.published_at == k.published_at
+}
