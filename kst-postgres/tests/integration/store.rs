@@ -197,7 +197,7 @@ async fn restore_refuses_bad_histories_without_touching_the_store() {
     assert_eq!(store.history(&a).await.unwrap(), before);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_publishers_serialize_per_address() {
     const STORES: u64 = 4;
     const KEYS: u64 = 8;
@@ -255,7 +255,7 @@ async fn concurrent_publishers_serialize_per_address() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_see_whole_records_while_publishers_write() {
     let db = TestDb::new().await;
     let writer = db.store().await;
@@ -348,4 +348,37 @@ async fn invalid_urls_are_configuration_errors() {
         let err = PostgresStore::connect(url).await.unwrap_err();
         assert!(matches!(err, Error::Config(_)), "{url}: {err:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publications_racing_deletes_and_restores_leave_a_clean_history() {
+    let db = TestDb::new().await;
+    let (publisher, deleter) = (db.store().await, db.store().await);
+    let a = addr("race@example.net");
+    let p = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            for n in 1..=30 {
+                publisher.publish(key(&a, n)).await.unwrap();
+            }
+        })
+    };
+    let mut rounds = 0u64;
+    while !p.is_finished() || rounds == 0 {
+        rounds += 1;
+        if rounds.is_multiple_of(2) {
+            deleter.delete(&a).await.unwrap();
+        } else {
+            let restored = [key(&a, 100 + rounds).into_record(1)];
+            deleter.restore(&restored).await.unwrap();
+        }
+    }
+    p.await.unwrap();
+    let history = deleter.history(&a).await.unwrap();
+    let versions: Vec<u64> = history.iter().map(|r| r.version).collect();
+    assert_eq!(versions, (1..=history.len() as u64).collect::<Vec<_>>());
+    assert!(history.iter().all(consistent));
+    assert_eq!(deleter.get(&a).await.unwrap().as_ref(), history.last());
+    let listed = deleter.list(None, 10).await.unwrap();
+    assert_eq!(listed.is_empty(), history.is_empty());
 }

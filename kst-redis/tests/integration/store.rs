@@ -223,7 +223,7 @@ async fn restore_refuses_bad_histories_without_touching_the_store() {
     assert!(store.get(&b).await.unwrap().is_none());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_publishers_serialize_per_address() {
     const STORES: u64 = 4;
     const KEYS: u64 = 8;
@@ -281,7 +281,7 @@ async fn concurrent_publishers_serialize_per_address() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_see_whole_records_while_publishers_write() {
     let t = TestPrefix::new().await;
     let writer = t.store().await;
@@ -397,4 +397,37 @@ async fn prefixes_keep_pools_apart() {
     assert_eq!(s2.get(&a).await.unwrap(), None);
     assert!(s2.list(None, 10).await.unwrap().is_empty());
     assert_eq!(s1.prefix(), t1.prefix);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publications_racing_deletes_and_restores_leave_a_clean_history() {
+    let t = TestPrefix::new().await;
+    let (publisher, deleter) = (t.store().await, t.store().await);
+    let a = addr("race@example.net");
+    let p = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            for n in 1..=30 {
+                publisher.publish(key(&a, n)).await.unwrap();
+            }
+        })
+    };
+    let mut rounds = 0u64;
+    while !p.is_finished() || rounds == 0 {
+        rounds += 1;
+        if rounds.is_multiple_of(2) {
+            deleter.delete(&a).await.unwrap();
+        } else {
+            let restored = [key(&a, 100 + rounds).into_record(1)];
+            deleter.restore(&restored).await.unwrap();
+        }
+    }
+    p.await.unwrap();
+    let history = deleter.history(&a).await.unwrap();
+    let versions: Vec<u64> = history.iter().map(|r| r.version).collect();
+    assert_eq!(versions, (1..=history.len() as u64).collect::<Vec<_>>());
+    assert!(history.iter().all(consistent));
+    assert_eq!(deleter.get(&a).await.unwrap().as_ref(), history.last());
+    let listed = deleter.list(None, 10).await.unwrap();
+    assert_eq!(listed.is_empty(), history.is_empty());
 }
