@@ -1,0 +1,602 @@
+//! The LMTP listener, mini-redis style: accept (TCP or Unix socket), check the peer, cap the
+//! connections, run one [`Session`] per connection with timeouts, shut down gracefully.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kst_core::service::{Decision, Envelope, HandleError, Handled, Kst};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::config::{AllowList, LmtpConfig};
+use super::session::{Reply, Session, SessionLimits, Step, Transaction, delivery_reply};
+
+/// Bytes read from a client at a time.
+const READ_BUFFER: usize = 16 * 1024;
+
+/// Where the LMTP server listens: a TCP socket or a Unix socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// A TCP listener.
+    Tcp(TcpListener),
+    /// A Unix socket listener and its path (removed when the server stops).
+    Unix {
+        /// The listener.
+        listener: UnixListener,
+        /// The socket file.
+        path: PathBuf,
+    },
+}
+
+/// An accepted connection.
+enum Accepted {
+    Tcp(TcpStream, SocketAddr),
+    Unix(UnixStream),
+}
+
+impl Listener {
+    /// Binds `listen` as `[lmtp] listen` spells it: `"host:port"`, `"unix:/path"` or `"/path"`.
+    ///
+    /// A stale Unix socket file (nobody listening on it) is replaced; a live one or a file
+    /// that is not a socket is an error. The socket is made `0660`: the MTA must run as the
+    /// same user or group as kst to connect.
+    pub async fn bind(listen: &str) -> io::Result<Listener> {
+        let listen = listen.trim();
+        let unix = listen
+            .strip_prefix("unix:")
+            .or_else(|| listen.starts_with('/').then_some(listen));
+        match unix {
+            Some(path) => {
+                let path = PathBuf::from(path);
+                let listener = bind_unix(&path).await?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+                Ok(Listener::Unix { listener, path })
+            }
+            None => Ok(Listener::Tcp(TcpListener::bind(listen).await?)),
+        }
+    }
+
+    /// The TCP address bound (useful with port 0), `None` for a Unix socket.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix { .. } => None,
+        }
+    }
+
+    /// The address for logs: `127.0.0.1:2424` or `unix:/run/kst/lmtp.sock`.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "tcp:?".into(), |a| a.to_string()),
+            Listener::Unix { path, .. } => format!("unix:{}", path.display()),
+        }
+    }
+
+    async fn accept(&self) -> io::Result<Accepted> {
+        match self {
+            Listener::Tcp(l) => l.accept().await.map(|(s, a)| Accepted::Tcp(s, a)),
+            Listener::Unix { listener, .. } => {
+                listener.accept().await.map(|(s, _)| Accepted::Unix(s))
+            }
+        }
+    }
+
+    /// Stops listening; removes the socket file of a Unix listener.
+    fn close(self) {
+        if let Listener::Unix { listener, path } = self {
+            drop(listener);
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove the LMTP socket file");
+            }
+        }
+    }
+}
+
+async fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket: remove it or choose another lmtp.listen",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(_) => {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "another process listens on {}: stop it or choose another lmtp.listen",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(path)
+}
+
+/// Tells connections that the server is shutting down. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ShutdownSignal(watch::Receiver<bool>);
+
+impl ShutdownSignal {
+    /// A signal and the sender that fires it (`sender.send(true)`).
+    pub fn new() -> (watch::Sender<bool>, ShutdownSignal) {
+        let (tx, rx) = watch::channel(false);
+        (tx, ShutdownSignal(rx))
+    }
+
+    /// A signal that never fires (for driving one connection in tests).
+    pub fn never() -> ShutdownSignal {
+        ShutdownSignal::new().1
+    }
+
+    /// True once shutdown began.
+    pub fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Waits until shutdown begins (forever if the sender is gone without firing).
+    pub async fn wait(&mut self) {
+        if self.0.wait_for(|&v| v).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// What every connection of a server shares.
+#[derive(Clone)]
+pub struct ConnectionContext {
+    /// The KST that decides about each message.
+    pub kst: Kst,
+    /// Session limits.
+    pub limits: SessionLimits,
+    /// Time allowed for each command.
+    pub command_timeout: Duration,
+    /// Time allowed for a whole message after `354`.
+    pub data_timeout: Duration,
+    /// The name in the greeting and the LHLO reply.
+    pub hostname: String,
+    /// Fires when the server shuts down.
+    pub shutdown: ShutdownSignal,
+}
+
+impl ConnectionContext {
+    /// The context `[lmtp]` describes.
+    pub fn new(kst: Kst, cfg: &LmtpConfig, shutdown: ShutdownSignal) -> Self {
+        ConnectionContext {
+            kst,
+            limits: SessionLimits::from_config(cfg),
+            command_timeout: cfg.command_timeout(),
+            data_timeout: cfg.data_timeout(),
+            hostname: hostname(),
+            shutdown,
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Runs the LMTP server on `listener` until `shutdown` completes, then stops accepting, lets
+/// transactions in flight finish (idle connections get `421` at once) for up to
+/// `shutdown_grace_secs`, closes what is left and returns.
+pub async fn run(
+    listener: Listener,
+    kst: Kst,
+    cfg: LmtpConfig,
+    shutdown: impl Future,
+) -> anyhow::Result<()> {
+    let allow = cfg.validate()?;
+    let (trigger, signal) = ShutdownSignal::new();
+    let ctx = ConnectionContext::new(kst, &cfg, signal);
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let mut tasks = JoinSet::new();
+    let mut backoff = Duration::from_millis(10);
+    tracing::info!(
+        listen = %listener.describe(),
+        max_connections = cfg.max_connections,
+        allow = ?cfg.allow,
+        "LMTP server listening"
+    );
+    if let Some(addr) = listener.local_addr()
+        && !addr.ip().is_loopback()
+    {
+        tracing::warn!(
+            listen = %addr,
+            "LMTP listens beyond loopback: every peer in [lmtp] allow can write trusted Received headers and so publish keys for any account"
+        );
+    }
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = joined
+                    && e.is_panic()
+                {
+                    tracing::error!(error = %e, "an LMTP connection task panicked");
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => {
+                    backoff = Duration::from_millis(10);
+                    admit(conn, &allow, &slots, &ctx, &mut tasks);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "LMTP accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            },
+        }
+    }
+    listener.close();
+    let _ = trigger.send(true);
+    if !tasks.is_empty() {
+        tracing::info!(
+            connections = tasks.len(),
+            grace_secs = cfg.shutdown_grace_secs,
+            "LMTP shutting down: letting transactions in flight finish"
+        );
+    }
+    let drained = tokio::time::timeout(cfg.shutdown_grace(), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = tasks.len(),
+            "LMTP grace period over: closing busy connections; their messages were not acknowledged and the MTA will retry them"
+        );
+        tasks.shutdown().await;
+    }
+    tracing::info!("LMTP server stopped");
+    Ok(())
+}
+
+/// Checks the peer and the connection cap, then starts the session.
+fn admit(
+    conn: Accepted,
+    allow: &AllowList,
+    slots: &Arc<Semaphore>,
+    ctx: &ConnectionContext,
+    tasks: &mut JoinSet<()>,
+) {
+    match conn {
+        Accepted::Tcp(stream, addr) => {
+            if !allow.allows(addr.ip()) {
+                crate::metrics::refused_peer();
+                tracing::error!(
+                    peer = %addr,
+                    "REFUSED LMTP connection from {addr}: not in [lmtp] allow. Whoever can talk LMTP to kst can forge trusted Received headers; add an address to [lmtp] allow only if it is your MTA"
+                );
+                let _ = stream.try_write(b"554 5.7.1 not allowed\r\n");
+                return;
+            }
+            let Some(permit) = slot(slots, &addr.to_string()) else {
+                let _ = stream.try_write(b"421 4.3.2 too busy, try again later\r\n");
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            spawn_session(tasks, stream, addr.to_string(), permit, ctx.clone());
+        }
+        Accepted::Unix(stream) => {
+            let Some(permit) = slot(slots, "unix") else {
+                let _ = stream.try_write(b"421 4.3.2 too busy, try again later\r\n");
+                return;
+            };
+            spawn_session(tasks, stream, "unix".into(), permit, ctx.clone());
+        }
+    }
+}
+
+fn slot(slots: &Arc<Semaphore>, peer: &str) -> Option<OwnedSemaphorePermit> {
+    let permit = Arc::clone(slots).try_acquire_owned().ok();
+    if permit.is_none() {
+        crate::metrics::busy();
+        tracing::warn!(
+            peer,
+            "LMTP connection refused: max_connections reached (421)"
+        );
+    }
+    permit
+}
+
+fn spawn_session<S>(
+    tasks: &mut JoinSet<()>,
+    stream: S,
+    peer: String,
+    permit: OwnedSemaphorePermit,
+    ctx: ConnectionContext,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tasks.spawn(async move {
+        let _permit = permit;
+        if let Err(e) = serve_connection(stream, &peer, &ctx).await {
+            tracing::debug!(peer, error = %e, "LMTP connection ended with an I/O error");
+        }
+    });
+}
+
+/// Runs one LMTP session on `stream` (a socket, or `tokio::io::duplex` in tests) until QUIT,
+/// EOF, a timeout, an error, or shutdown at a safe point (no transaction in flight).
+pub async fn serve_connection<S>(
+    mut stream: S,
+    peer: &str,
+    ctx: &ConnectionContext,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let _open = crate::metrics::connection_opened();
+    tracing::debug!(peer, "LMTP connection");
+    let mut shutdown = ctx.shutdown.clone();
+    let mut session = Session::new(ctx.limits, &ctx.hostname);
+    let mut buf = vec![0u8; READ_BUFFER];
+    let mut progress = session.progress();
+    let mut deadline = Instant::now() + ctx.command_timeout;
+    flush(&mut stream, &mut session, ctx.command_timeout).await?;
+    loop {
+        if session.is_closed() {
+            break;
+        }
+        if shutdown.is_set() && !session.in_transaction() {
+            session.close_with(Reply::new(421, [4, 3, 2], "shutting down, try again later"));
+            flush(&mut stream, &mut session, ctx.command_timeout).await?;
+            break;
+        }
+        let read = tokio::select! {
+            r = tokio::time::timeout_at(deadline, stream.read(&mut buf)) => r,
+            () = shutdown.wait(), if !session.in_transaction() => continue,
+        };
+        let n = match read {
+            Err(_) => {
+                crate::metrics::timeout();
+                tracing::warn!(
+                    peer,
+                    in_data = session.in_data(),
+                    "LMTP client too slow: closing (421 4.4.2)"
+                );
+                session.close_with(Reply::new(421, [4, 4, 2], "timeout, closing"));
+                let _ = flush(&mut stream, &mut session, ctx.command_timeout).await;
+                break;
+            }
+            Ok(Ok(0)) => {
+                if session.in_transaction() {
+                    tracing::warn!(
+                        peer,
+                        "LMTP client disconnected in the middle of a transaction: nothing delivered"
+                    );
+                }
+                return Ok(());
+            }
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(e),
+        };
+        let mut input = buf[..n].iter();
+        loop {
+            match session.ingest(&mut input, |r| ctx.kst.service_recipient(r).is_ok()) {
+                Step::NeedMore | Step::Close => break,
+                Step::Deliver(tx) => {
+                    flush(&mut stream, &mut session, ctx.command_timeout).await?;
+                    let replies = deliver(&ctx.kst, &tx, peer).await;
+                    session.finish(replies);
+                }
+            }
+        }
+        flush(&mut stream, &mut session, ctx.command_timeout).await?;
+        if session.progress() != progress {
+            progress = session.progress();
+            let allowed = if session.in_data() {
+                ctx.data_timeout
+            } else {
+                ctx.command_timeout
+            };
+            deadline = Instant::now() + allowed;
+        }
+    }
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+/// Writes the session's pending output; a client that does not read it in time is dropped.
+async fn flush<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    session: &mut Session,
+    timeout: Duration,
+) -> io::Result<()> {
+    let out = session.take_output();
+    if out.is_empty() {
+        return Ok(());
+    }
+    let write = async {
+        stream.write_all(&out).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(timeout, write).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the LMTP client does not read its replies",
+        )),
+    }
+}
+
+/// Runs `Kst::handle` for each recipient in RCPT order; one reply each.
+async fn deliver(kst: &Kst, tx: &Transaction, peer: &str) -> Vec<Reply> {
+    let queue_id = next_queue_id();
+    let mut replies = Vec::with_capacity(tx.recipients.len());
+    for rcpt in &tx.recipients {
+        let started = Instant::now();
+        let envelope = Envelope {
+            sender: Some(tx.sender.clone()),
+            recipient: rcpt.clone(),
+            sasl_username: None,
+        };
+        let result = kst.handle(&envelope, &tx.message).await;
+        record(&result, tx, rcpt, &queue_id, peer, started.elapsed());
+        replies.push(delivery_reply(&result, &queue_id));
+    }
+    replies
+}
+
+/// The log line and the metrics of one handled message.
+fn record(
+    result: &Result<Handled, HandleError>,
+    tx: &Transaction,
+    recipient: &str,
+    queue_id: &str,
+    peer: &str,
+    elapsed: Duration,
+) {
+    let duration_ms = elapsed.as_secs_f64() * 1000.0;
+    match result {
+        Ok(h) => {
+            let reason = match &h.decision {
+                Decision::Refused { reason } => reason.as_str(),
+                Decision::Ignored(why) => why.as_str(),
+                _ => "-",
+            };
+            let (kind, outcome) = (h.kind.as_str(), h.decision.outcome());
+            crate::metrics::message(kind, outcome, elapsed);
+            tracing::info!(
+                message_id = h.message_id.as_deref().unwrap_or("-"),
+                queue_id,
+                recipient,
+                kind,
+                outcome,
+                reason,
+                duration_ms,
+                peer,
+                "message handled"
+            );
+        }
+        Err(HandleError::NotForKst(why)) => {
+            crate::metrics::message("other", "rejected", elapsed);
+            tracing::warn!(
+                message_id = header_message_id(&tx.message).unwrap_or("-"),
+                queue_id,
+                recipient,
+                kind = "other",
+                outcome = "rejected",
+                reason = %why,
+                duration_ms,
+                peer,
+                "message rejected"
+            );
+        }
+        Err(HandleError::Temporary(e)) => {
+            match failing_component(e) {
+                Some(c) if c.starts_with("store") => crate::metrics::store_error(),
+                Some(c) if c.starts_with("mailer") => crate::metrics::mailer_error(),
+                _ => {}
+            }
+            crate::metrics::message("unknown", "deferred", elapsed);
+            tracing::warn!(
+                message_id = header_message_id(&tx.message).unwrap_or("-"),
+                queue_id,
+                recipient,
+                kind = "unknown",
+                outcome = "deferred",
+                reason = %e,
+                duration_ms,
+                peer,
+                "message deferred (451): the MTA will retry"
+            );
+        }
+    }
+}
+
+fn failing_component(e: &kst_core::Error) -> Option<&str> {
+    match e {
+        kst_core::Error::Unavailable { component, .. }
+        | kst_core::Error::Corrupt { component, .. } => Some(component),
+        _ => None,
+    }
+}
+
+/// The Message-ID header value of a raw message, for log lines of messages kst did not parse.
+fn header_message_id(raw: &[u8]) -> Option<&str> {
+    for line in raw.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            return None;
+        }
+        if line.len() > 11 && line[..11].eq_ignore_ascii_case(b"message-id:") {
+            return std::str::from_utf8(&line[11..])
+                .ok()
+                .map(|v| v.trim().trim_start_matches('<').trim_end_matches('>'))
+                .filter(|v| !v.is_empty());
+        }
+    }
+    None
+}
+
+/// A process-unique transaction id for replies and logs: `L<start time>.<sequence>` in hex.
+fn next_queue_id() -> String {
+    static START: OnceLock<u64> = OnceLock::new();
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let start = *START.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    });
+    format!("L{start:X}.{:X}", SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_id_of_the_header_block_only() {
+        let raw = b"From: a@b\r\nMessage-ID: <x@y>\r\n\r\nMessage-ID: <body@z>\r\n";
+        assert_eq!(header_message_id(raw), Some("x@y"));
+        assert_eq!(
+            header_message_id(b"From: a\r\n\r\nMessage-ID: <b@z>\r\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn queue_ids_are_unique() {
+        assert_ne!(next_queue_id(), next_queue_id());
+    }
+
+    #[tokio::test]
+    async fn never_signal_stays_unset() {
+        let mut s = ShutdownSignal::never();
+        assert!(!s.is_set());
+        let waited = tokio::time::timeout(Duration::from_millis(20), s.wait()).await;
+        assert!(waited.is_err(), "a never-signal does not fire");
+        let (tx, mut s) = ShutdownSignal::new();
+        tx.send(true).expect("receiver alive");
+        s.wait().await;
+        assert!(s.is_set());
+    }
+}

@@ -1,0 +1,139 @@
+//! Prometheus metrics of `kst serve` (all named `kst_*`), recorded with the `metrics` crate.
+//!
+//! [`init`] installs the process-wide recorder once and returns the handle whose
+//! [`render`](PrometheusHandle::render) `/metrics` serves. Before `init` every recording
+//! function is a no-op, so library code can always call them.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Messages handled, by `kind` (publication, retrieval, other, unknown) and `outcome`
+/// (published, found, not-found, refused, ignored, rejected, deferred).
+pub const MESSAGES_TOTAL: &str = "kst_messages_total";
+/// Time from the end of DATA to the decision for one recipient, in seconds.
+pub const MESSAGE_DURATION: &str = "kst_message_duration_seconds";
+/// Deliveries deferred because the store failed.
+pub const STORE_ERRORS_TOTAL: &str = "kst_store_errors_total";
+/// Deliveries deferred because the mailer failed.
+pub const MAILER_ERRORS_TOTAL: &str = "kst_mailer_errors_total";
+/// LMTP connections open now.
+pub const LMTP_CONNECTIONS: &str = "kst_lmtp_connections";
+/// LMTP connections accepted since start.
+pub const LMTP_CONNECTIONS_TOTAL: &str = "kst_lmtp_connections_total";
+/// Connections refused because the peer is not in `[lmtp] allow`.
+pub const LMTP_REFUSED_PEERS_TOTAL: &str = "kst_lmtp_refused_peers_total";
+/// Connections refused because `max_connections` were open.
+pub const LMTP_BUSY_TOTAL: &str = "kst_lmtp_busy_total";
+/// Sessions closed because the client was too slow.
+pub const LMTP_TIMEOUTS_TOTAL: &str = "kst_lmtp_timeouts_total";
+
+/// Histogram buckets of [`MESSAGE_DURATION`]: 0.5 ms to 10 s.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process) and returns its handle. If another
+/// recorder was installed first, the handle renders an empty page and a warning is logged.
+pub fn init() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(MESSAGE_DURATION.into()), DURATION_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if ::metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("another metrics recorder is installed: /metrics stays empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        MESSAGES_TOTAL,
+        "Messages handled, by request kind and outcome"
+    );
+    describe_histogram!(
+        MESSAGE_DURATION,
+        Unit::Seconds,
+        "Time to decide about one message for one recipient"
+    );
+    describe_counter!(
+        STORE_ERRORS_TOTAL,
+        "Deliveries deferred because the store failed"
+    );
+    describe_counter!(
+        MAILER_ERRORS_TOTAL,
+        "Deliveries deferred because the mailer failed"
+    );
+    describe_gauge!(LMTP_CONNECTIONS, "LMTP connections open now");
+    describe_counter!(LMTP_CONNECTIONS_TOTAL, "LMTP connections accepted");
+    describe_counter!(
+        LMTP_REFUSED_PEERS_TOTAL,
+        "LMTP connections refused: peer not in [lmtp] allow"
+    );
+    describe_counter!(
+        LMTP_BUSY_TOTAL,
+        "LMTP connections refused: max_connections reached"
+    );
+    describe_counter!(
+        LMTP_TIMEOUTS_TOTAL,
+        "LMTP sessions closed for a slow client"
+    );
+}
+
+/// Records one handled message (one recipient).
+pub fn message(kind: &'static str, outcome: &'static str, duration: Duration) {
+    ::metrics::counter!(MESSAGES_TOTAL, "kind" => kind, "outcome" => outcome).increment(1);
+    ::metrics::histogram!(MESSAGE_DURATION).record(duration.as_secs_f64());
+}
+
+/// Records a delivery deferred by a store failure.
+pub fn store_error() {
+    ::metrics::counter!(STORE_ERRORS_TOTAL).increment(1);
+}
+
+/// Records a delivery deferred by a mailer failure.
+pub fn mailer_error() {
+    ::metrics::counter!(MAILER_ERRORS_TOTAL).increment(1);
+}
+
+/// Records a refused peer.
+pub fn refused_peer() {
+    ::metrics::counter!(LMTP_REFUSED_PEERS_TOTAL).increment(1);
+}
+
+/// Records a connection turned away for lack of a slot.
+pub fn busy() {
+    ::metrics::counter!(LMTP_BUSY_TOTAL).increment(1);
+}
+
+/// Records a session closed for a timeout.
+pub fn timeout() {
+    ::metrics::counter!(LMTP_TIMEOUTS_TOTAL).increment(1);
+}
+
+/// Counts an LMTP connection as open until the guard is dropped.
+#[must_use = "the connection counts as open while the guard lives"]
+pub struct ConnectionGuard(());
+
+/// Records a new LMTP connection; drop the guard when it closes.
+pub fn connection_opened() -> ConnectionGuard {
+    ::metrics::counter!(LMTP_CONNECTIONS_TOTAL).increment(1);
+    ::metrics::gauge!(LMTP_CONNECTIONS).increment(1.0);
+    ConnectionGuard(())
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        ::metrics::gauge!(LMTP_CONNECTIONS).decrement(1.0);
+    }
+}

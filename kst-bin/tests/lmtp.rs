@@ -1,0 +1,910 @@
+//! `kst serve` over real sockets: LMTP conversations against a real `Kst` (gpg-made keys, spool
+//! mailer), timeouts, refused peers, failing stores, graceful shutdown, and the HTTP endpoint.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kst_bin::lmtp::server::{ConnectionContext, ShutdownSignal};
+use kst_bin::lmtp::{HttpConfig, Listener, LmtpConfig};
+use kst_bin::mailer::SpoolMailer;
+use kst_core::client::{self, Pending, Verified};
+use kst_core::{Address, AddressPolicy, KeyStore, Kst, Mailer, Policy};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A store for these tests until kst-fs lands: in memory, with a switch that makes every call
+/// fail the way an unreachable backend does.
+mod store {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+    use kst_core::store::validate_history;
+    use kst_core::{Address, Error, KeyRecord, KeyStore, NewKey, PublishOutcome, Result};
+
+    #[derive(Default)]
+    pub struct TestStore {
+        map: Mutex<BTreeMap<Address, Vec<KeyRecord>>>,
+        down: AtomicBool,
+    }
+
+    impl TestStore {
+        pub fn open(_dir: &Path) -> Self {
+            TestStore::default()
+        }
+        pub fn break_it(&self) {
+            self.down.store(true, Ordering::SeqCst);
+        }
+        pub fn repair(&self) {
+            self.down.store(false, Ordering::SeqCst);
+        }
+        fn up(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<Address, Vec<KeyRecord>>>> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(Error::unavailable("store(test)", "stopped by the test"));
+            }
+            self.map
+                .lock()
+                .map_err(|_| Error::unavailable("store(test)", "poisoned"))
+        }
+    }
+
+    #[async_trait]
+    impl KeyStore for TestStore {
+        fn name(&self) -> &'static str {
+            "test"
+        }
+        async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
+            let mut map = self.up()?;
+            let hist = map.entry(key.address.clone()).or_default();
+            if let Some(r) = hist.iter().find(|r| r.publication_id == key.publication_id) {
+                return Ok(PublishOutcome::Unchanged(r.clone()));
+            }
+            if let Some(cur) = hist.last().filter(|c| c.key == key.key) {
+                return Ok(PublishOutcome::Unchanged(cur.clone()));
+            }
+            let rec = key.into_record(hist.last().map_or(1, |c| c.version + 1));
+            hist.push(rec.clone());
+            Ok(PublishOutcome::Published(rec))
+        }
+        async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
+            Ok(self.up()?.get(address).and_then(|h| h.last().cloned()))
+        }
+        async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
+            Ok(self.up()?.get(address).cloned().unwrap_or_default())
+        }
+        async fn delete(&self, address: &Address) -> Result<bool> {
+            Ok(self.up()?.remove(address).is_some())
+        }
+        async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
+            Ok(self
+                .up()?
+                .keys()
+                .filter(|a| after.is_none_or(|x| *a > x))
+                .take(limit)
+                .cloned()
+                .collect())
+        }
+        async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
+            validate_history(history)?;
+            let mut map = self.up()?;
+            if let Some(first) = history.first() {
+                map.insert(first.address.clone(), history.to_vec());
+            }
+            Ok(())
+        }
+        async fn check(&self) -> Result<()> {
+            self.up().map(|_| ())
+        }
+    }
+}
+
+const ALICE: &str = include_str!("../../kst-core/testdata/alice.pub.asc");
+
+/// How long a test waits for any one reply before it fails (a hang guard, not a speed check).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn received(login: &str) -> String {
+    format!(
+        "Received: from [10.0.0.1] (unknown [12.80.3.21])\r\n\t(Authenticated sender: {login})\r\n\tby mail.example.net (Postfix) with ESMTPSA id 1\r\n\tfor <keys@example.net>; Sun, 4 Mar 2018 16:47:07 +0100\r\n"
+    )
+}
+
+fn addr(s: &str) -> Address {
+    AddressPolicy::default().normalize(s).expect("test address")
+}
+
+/// A publication of alice's key, as the provider's MTA hands it on.
+fn publication() -> (Vec<u8>, Pending) {
+    let req = client::build_publication(&addr("alice@example.net"), ALICE).expect("alice's key");
+    let mut raw = received("alice@example.net").into_bytes();
+    raw.extend_from_slice(&req.message);
+    (raw, req.pending)
+}
+
+/// A retrieval of alice's key by bob.
+fn retrieval() -> (Vec<u8>, Pending) {
+    let req = client::build_retrieval(&addr("bob@example.org"), &addr("alice@example.net"));
+    (req.message, req.pending)
+}
+
+/// The message as DATA content: dot-stuffed, ending with the terminating dot line.
+fn data(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len() + 16);
+    for line in raw.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b".") {
+            out.push(b'.');
+        }
+        out.extend_from_slice(line);
+    }
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// A running `kst serve` LMTP listener on 127.0.0.1:0 with a spool mailer in a temp dir.
+struct Server {
+    addr: SocketAddr,
+    spool: PathBuf,
+    store: Arc<store::TestStore>,
+    kst: Kst,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+fn lmtp_config() -> LmtpConfig {
+    LmtpConfig {
+        listen: "127.0.0.1:0".into(),
+        ..LmtpConfig::default()
+    }
+}
+
+fn kst_in(dir: &Path) -> (Kst, Arc<store::TestStore>, PathBuf) {
+    let store = Arc::new(store::TestStore::open(&dir.join("store")));
+    let spool = dir.join("spool");
+    let mailer: Arc<dyn Mailer> = Arc::new(SpoolMailer::new(&spool));
+    let kst = Kst::new(
+        Policy::new(&["example.net", "example.org"], &["mail.example.net"]),
+        Arc::clone(&store) as Arc<dyn KeyStore>,
+        mailer,
+    );
+    (kst, store, spool)
+}
+
+async fn start(cfg: LmtpConfig) -> Server {
+    kst_bin::metrics::init();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (kst, store, spool) = kst_in(dir.path());
+    let listener = Listener::bind(&cfg.listen).await.expect("bind");
+    let addr = listener.local_addr().expect("a TCP address");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(kst_bin::lmtp::run(listener, kst.clone(), cfg, async {
+        let _ = rx.await;
+    }));
+    Server {
+        addr,
+        spool,
+        store,
+        kst,
+        shutdown: Some(tx),
+        task: Some(task),
+        _dir: dir,
+    }
+}
+
+impl Server {
+    async fn connect(&self) -> Client<TcpStream> {
+        Client::new(TcpStream::connect(self.addr).await.expect("connect"))
+    }
+
+    /// The replies in the spool, oldest first.
+    fn spooled(&self) -> Vec<Vec<u8>> {
+        let Ok(entries) = std::fs::read_dir(&self.spool) else {
+            return Vec::new();
+        };
+        let mut files: Vec<PathBuf> = entries
+            .map(|e| e.expect("dir entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|p| std::fs::read(p).expect("spool file"))
+            .collect()
+    }
+
+    /// Triggers shutdown and waits for `run` to return (all connections finished).
+    async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("the server stops")
+                .expect("server task")
+                .expect("run returns Ok");
+        }
+    }
+}
+
+/// A minimal LMTP client.
+struct Client<S> {
+    io: BufReader<S>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    fn new(stream: S) -> Self {
+        Client {
+            io: BufReader::new(stream),
+        }
+    }
+
+    async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        self.io
+            .get_mut()
+            .write_all(bytes.as_ref())
+            .await
+            .expect("write");
+    }
+
+    /// One whole reply (continuation lines joined with '\n'); "" at EOF.
+    async fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(PATIENCE, self.io.read_line(&mut line))
+                .await
+                .expect("a reply in time")
+                .unwrap_or(0);
+            if n == 0 {
+                return all;
+            }
+            let line = line.trim_end();
+            if !all.is_empty() {
+                all.push('\n');
+            }
+            all.push_str(line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+
+    async fn expect(&mut self, prefix: &str) -> String {
+        let r = self.reply().await;
+        assert!(r.starts_with(prefix), "expected {prefix:?}, got {r:?}");
+        r
+    }
+
+    async fn greeting_and_lhlo(&mut self) {
+        self.expect("220 ").await;
+        self.send("LHLO mail.example.net\r\n").await;
+        let caps = self.expect("250-").await;
+        assert!(caps.contains("PIPELINING") && caps.contains("ENHANCEDSTATUSCODES"));
+    }
+
+    /// MAIL, RCPTs (each must be accepted), DATA, message; returns the per-recipient replies.
+    async fn transaction(&mut self, sender: &str, rcpts: &[&str], raw: &[u8]) -> Vec<String> {
+        self.send(format!("MAIL FROM:<{sender}>\r\n")).await;
+        self.expect("250 2.1.0").await;
+        for r in rcpts {
+            self.send(format!("RCPT TO:<{r}>\r\n")).await;
+            self.expect("250 2.1.5").await;
+        }
+        self.send("DATA\r\n").await;
+        self.expect("354 ").await;
+        self.send(data(raw)).await;
+        let mut replies = Vec::new();
+        for _ in rcpts {
+            replies.push(self.reply().await);
+        }
+        replies
+    }
+
+    async fn closed(&mut self) -> bool {
+        self.reply().await.is_empty()
+    }
+}
+
+fn verify(pending: &Pending, spooled: &[u8]) -> Verified {
+    client::verify_reply(pending, spooled).expect("the reply verifies")
+}
+
+#[tokio::test]
+async fn two_recipients_one_reply_each_then_retrieval() {
+    let mut server = start(lmtp_config()).await;
+    let mut c = server.connect().await;
+    c.greeting_and_lhlo().await;
+
+    let (raw, pending) = publication();
+    let replies = c
+        .transaction(
+            "alice@example.net",
+            &["keys@example.net", "keys@example.org"],
+            &raw,
+        )
+        .await;
+    assert_eq!(replies.len(), 2);
+    for r in &replies {
+        assert!(r.starts_with("250 2.0.0 <"), "{r}");
+        assert!(r.ends_with("decided: published"), "{r}");
+    }
+    let stored = server
+        .store
+        .get(&addr("alice@example.net"))
+        .await
+        .expect("store")
+        .expect("alice's key is stored");
+    assert_eq!(
+        stored.version, 1,
+        "the second recipient's delivery is idempotent"
+    );
+    let spooled = server.spooled();
+    assert_eq!(spooled.len(), 2, "one confirmation per recipient");
+    for s in &spooled {
+        assert!(matches!(verify(&pending, s), Verified::Published { .. }));
+    }
+
+    // Same connection, next message: bob retrieves alice's key.
+    let (raw, pending) = retrieval();
+    let replies = c
+        .transaction("bob@example.org", &["keys@example.net"], &raw)
+        .await;
+    assert!(replies[0].ends_with("decided: found"), "{replies:?}");
+    let spooled = server.spooled();
+    assert_eq!(spooled.len(), 3);
+    match verify(&pending, &spooled[2]) {
+        Verified::Found { fingerprint, .. } => assert_eq!(fingerprint, stored.fingerprint),
+        other => panic!("expected the key, got {other:?}"),
+    }
+    c.send("QUIT\r\n").await;
+    c.expect("221 2.0.0").await;
+    assert!(c.closed().await);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn pipelined_commands_in_one_write() {
+    let mut server = start(lmtp_config()).await;
+    let mut c = server.connect().await;
+    c.expect("220 ").await;
+    c.send(
+        "LHLO mail.example.net\r\nMAIL FROM:<bob@example.org>\r\nRCPT TO:<keys@example.net>\r\nRCPT TO:<bob@example.net>\r\nRCPT TO:<keys@example.org>\r\nDATA\r\n",
+    )
+    .await;
+    c.expect("250-").await;
+    c.expect("250 2.1.0").await;
+    c.expect("250 2.1.5").await;
+    c.expect("550 5.1.1 <bob@example.net>").await;
+    c.expect("250 2.1.5").await;
+    c.expect("354 ").await;
+    // The message, the next transaction and QUIT in one more write.
+    let (raw, _) = retrieval();
+    let mut rest = data(&raw);
+    rest.extend_from_slice(b"RSET\r\nNOOP\r\nQUIT\r\n");
+    c.send(rest).await;
+    // One reply per accepted recipient (two), none for the refused one.
+    assert!(c.expect("250 2.0.0").await.ends_with("decided: not-found"));
+    assert!(c.expect("250 2.0.0").await.ends_with("decided: not-found"));
+    c.expect("250 2.0.0 OK").await;
+    c.expect("250 2.0.0 OK").await;
+    c.expect("221 ").await;
+    assert!(c.closed().await);
+    assert_eq!(server.spooled().len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversize_mail_is_refused_per_recipient_and_not_handled() {
+    let mut server = start(LmtpConfig {
+        max_message_size: 4096,
+        ..lmtp_config()
+    })
+    .await;
+    let mut c = server.connect().await;
+    c.greeting_and_lhlo().await;
+    c.send("MAIL FROM:<bob@example.org> SIZE=5000\r\n").await;
+    c.expect("552 5.3.4").await;
+
+    let (raw, _) = retrieval();
+    let mut big = raw.clone();
+    big.extend_from_slice(format!("{}\r\n", "x".repeat(70)).repeat(100).as_bytes());
+    let replies = c
+        .transaction(
+            "bob@example.org",
+            &["keys@example.net", "keys@example.org"],
+            &big,
+        )
+        .await;
+    assert_eq!(replies.len(), 2);
+    for r in &replies {
+        assert!(r.starts_with("552 5.3.4"), "{r}");
+    }
+    assert!(server.spooled().is_empty(), "nothing was handled");
+    // The connection is still good for a message within the limit.
+    let replies = c
+        .transaction("bob@example.org", &["keys@example.net"], &raw)
+        .await;
+    assert!(replies[0].starts_with("250 2.0.0"), "{replies:?}");
+    assert_eq!(server.spooled().len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn helo_and_ehlo_are_refused() {
+    let mut server = start(lmtp_config()).await;
+    let mut c = server.connect().await;
+    c.expect("220 ").await;
+    c.send("HELO mail.example.net\r\n").await;
+    c.expect("500 5.5.1").await;
+    c.send("EHLO mail.example.net\r\n").await;
+    c.expect("500 5.5.1").await;
+    c.send("MAIL FROM:<bob@example.org>\r\n").await;
+    c.expect("503 5.5.1").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn silent_client_gets_a_timeout() {
+    let mut server = start(LmtpConfig {
+        command_timeout_secs: 1,
+        ..lmtp_config()
+    })
+    .await;
+    let mut c = server.connect().await;
+    c.greeting_and_lhlo().await;
+    // Send nothing more.
+    c.expect("421 4.4.2").await;
+    assert!(c.closed().await);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn slow_data_gets_a_timeout_and_nothing_is_handled() {
+    let mut server = start(LmtpConfig {
+        command_timeout_secs: 60,
+        data_timeout_secs: 1,
+        ..lmtp_config()
+    })
+    .await;
+    let mut c = server.connect().await;
+    c.greeting_and_lhlo().await;
+    let (raw, _) = publication();
+    c.send("MAIL FROM:<alice@example.net>\r\nRCPT TO:<keys@example.net>\r\nDATA\r\n")
+        .await;
+    c.expect("250").await;
+    c.expect("250").await;
+    c.expect("354").await;
+    c.send(&raw[..raw.len() / 2]).await;
+    c.expect("421 4.4.2").await;
+    assert!(c.closed().await);
+    server.stop().await;
+    assert!(server.spooled().is_empty());
+    assert!(
+        server
+            .store
+            .get(&addr("alice@example.net"))
+            .await
+            .expect("store")
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn abrupt_disconnect_mid_data_stores_nothing() {
+    let mut server = start(lmtp_config()).await;
+    let mut c = server.connect().await;
+    c.greeting_and_lhlo().await;
+    let (raw, _) = publication();
+    c.send("MAIL FROM:<alice@example.net>\r\nRCPT TO:<keys@example.net>\r\nDATA\r\n")
+        .await;
+    c.expect("250").await;
+    c.expect("250").await;
+    c.expect("354").await;
+    // All of the message but the final dot, then the connection drops.
+    let body = data(&raw);
+    c.send(&body[..body.len() - 3]).await;
+    drop(c);
+    // `stop` returns only once every connection task has ended.
+    server.stop().await;
+    assert!(server.spooled().is_empty(), "no reply was sent");
+    assert!(
+        server
+            .store
+            .get(&addr("alice@example.net"))
+            .await
+            .expect("store")
+            .is_none(),
+        "nothing was stored"
+    );
+}
+
+#[tokio::test]
+async fn failing_store_defers_with_451_then_recovers() {
+    let mut server = start(lmtp_config()).await;
+    let mut c = server.connect().await;
+    c.greeting_and_lhlo().await;
+    let (raw, pending) = publication();
+
+    server.store.break_it();
+    let replies = c
+        .transaction("alice@example.net", &["keys@example.net"], &raw)
+        .await;
+    assert!(replies[0].starts_with("451 4.3.0 "), "{replies:?}");
+    assert!(replies[0].ends_with("try again later"), "{replies:?}");
+    assert!(server.spooled().is_empty());
+
+    // The store comes back; the MTA retries the same message.
+    server.store.repair();
+    let replies = c
+        .transaction("alice@example.net", &["keys@example.net"], &raw)
+        .await;
+    assert!(replies[0].ends_with("decided: published"), "{replies:?}");
+    let spooled = server.spooled();
+    assert_eq!(spooled.len(), 1);
+    assert!(matches!(
+        verify(&pending, &spooled[0]),
+        Verified::Published { .. }
+    ));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn peer_outside_the_allow_list_is_refused() {
+    let mut server = start(LmtpConfig {
+        allow: vec!["10.0.0.0/8".into()],
+        ..lmtp_config()
+    })
+    .await;
+    let mut c = server.connect().await;
+    c.expect("554 5.7.1 not allowed").await;
+    assert!(c.closed().await);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_turned_away() {
+    let mut server = start(LmtpConfig {
+        max_connections: 1,
+        ..lmtp_config()
+    })
+    .await;
+    let mut first = server.connect().await;
+    first.greeting_and_lhlo().await;
+    let mut second = server.connect().await;
+    second.expect("421 4.3.2 too busy").await;
+    assert!(second.closed().await);
+    first.send("QUIT\r\n").await;
+    first.expect("221").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_the_transaction_in_flight_finish() {
+    let mut server = start(lmtp_config()).await;
+    let mut idle = server.connect().await;
+    idle.greeting_and_lhlo().await;
+    let mut busy = server.connect().await;
+    busy.greeting_and_lhlo().await;
+    let (raw, pending) = publication();
+    busy.send("MAIL FROM:<alice@example.net>\r\nRCPT TO:<keys@example.net>\r\nDATA\r\n")
+        .await;
+    busy.expect("250").await;
+    busy.expect("250").await;
+    busy.expect("354").await;
+    let body = data(&raw);
+    let (head, tail) = body.split_at(body.len() / 2);
+    busy.send(head).await;
+
+    let _ = server.shutdown.take().expect("running").send(());
+    // The idle connection is closed at once: shutdown has reached the connections.
+    idle.expect("421 4.3.2").await;
+    assert!(idle.closed().await);
+    // No new connections.
+    assert!(TcpStream::connect(server.addr).await.is_err());
+    // The busy one finishes its message, gets its 250, then is closed.
+    busy.send(tail).await;
+    assert!(
+        busy.expect("250 2.0.0")
+            .await
+            .ends_with("decided: published")
+    );
+    busy.expect("421 4.3.2").await;
+    assert!(busy.closed().await);
+    server.stop().await;
+    let spooled = server.spooled();
+    assert_eq!(spooled.len(), 1);
+    assert!(matches!(
+        verify(&pending, &spooled[0]),
+        Verified::Published { .. }
+    ));
+}
+
+#[tokio::test]
+async fn unix_socket_listener() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (kst, _store, spool) = kst_in(dir.path());
+    let path = dir.path().join("lmtp.sock");
+    let listen = format!("unix:{}", path.display());
+    let cfg = LmtpConfig {
+        listen: listen.clone(),
+        // Unix socket peers are allowed whatever the list says.
+        allow: vec!["10.0.0.0/8".into()],
+        ..LmtpConfig::default()
+    };
+    let listener = Listener::bind(&listen).await.expect("bind");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(kst_bin::lmtp::run(listener, kst, cfg, async {
+        let _ = rx.await;
+    }));
+    let mut c = Client::new(
+        tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("connect"),
+    );
+    c.greeting_and_lhlo().await;
+    let (raw, _) = retrieval();
+    let replies = c
+        .transaction("bob@example.org", &["keys@example.net"], &raw)
+        .await;
+    assert!(replies[0].ends_with("decided: not-found"), "{replies:?}");
+    c.send("QUIT\r\n").await;
+    c.expect("221").await;
+    // A second server cannot take over a live socket.
+    assert!(Listener::bind(&listen).await.is_err());
+    let _ = tx.send(());
+    task.await.expect("task").expect("run");
+    assert!(!path.exists(), "the socket file is removed at shutdown");
+    assert_eq!(std::fs::read_dir(&spool).expect("spool").count(), 1);
+}
+
+#[tokio::test]
+async fn a_connection_can_be_driven_over_an_in_memory_pipe() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (kst, _store, _spool) = kst_in(dir.path());
+    let ctx = ConnectionContext::new(kst, &LmtpConfig::default(), ShutdownSignal::never());
+    let (client_end, server_end) = tokio::io::duplex(4096);
+    let server =
+        tokio::spawn(
+            async move { kst_bin::lmtp::serve_connection(server_end, "pipe", &ctx).await },
+        );
+    let mut c = Client::new(client_end);
+    c.greeting_and_lhlo().await;
+    c.send("VRFY alice\r\nQUIT\r\n").await;
+    c.expect("252 2.5.0").await;
+    c.expect("221").await;
+    server.await.expect("task").expect("session");
+}
+
+/// A raw HTTP/1.1 GET; returns (status, body).
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut s = TcpStream::connect(addr).await.expect("connect http");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut resp = String::new();
+    tokio::time::timeout(PATIENCE, s.read_to_string(&mut resp))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn start_http(
+    kst: Kst,
+) -> (
+    SocketAddr,
+    oneshot::Sender<()>,
+    JoinHandle<std::io::Result<()>>,
+) {
+    let metrics = kst_bin::metrics::init();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind http");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(kst_bin::http::run(l, kst, metrics, async {
+        let _ = rx.await;
+    }));
+    (addr, tx, task)
+}
+
+#[tokio::test]
+async fn http_endpoint_health_readiness_metrics() {
+    let mut server = start(lmtp_config()).await;
+    // One message through LMTP so that the counters exist.
+    let mut c = server.connect().await;
+    c.greeting_and_lhlo().await;
+    let (raw, _) = retrieval();
+    c.transaction("bob@example.org", &["keys@example.net"], &raw)
+        .await;
+    let (http, stop_http, http_task) = start_http(server.kst.clone()).await;
+
+    assert_eq!(http_get(http, "/healthz").await.0, 200);
+    let (status, body) = http_get(http, "/readyz").await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    let (status, body) = http_get(http, "/metrics").await;
+    assert_eq!(status, 200);
+    for name in [
+        "kst_messages_total{kind=\"retrieval\",outcome=\"not-found\"}",
+        "kst_message_duration_seconds_bucket",
+        "kst_lmtp_connections ",
+        "kst_lmtp_connections_total",
+    ] {
+        assert!(body.contains(name), "{name} missing in:\n{body}");
+    }
+
+    // The store goes down: not ready, and says why.
+    server.store.break_it();
+    let (status, body) = http_get(http, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("store(test)"), "{body}");
+    server.store.repair();
+    assert_eq!(http_get(http, "/readyz").await.0, 200);
+    assert_eq!(http_get(http, "/nope").await.0, 404);
+
+    let _ = stop_http.send(());
+    http_task.await.expect("task").expect("http run");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_names_an_unwritable_spool() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store: Arc<dyn KeyStore> = Arc::new(store::TestStore::open(&dir.path().join("store")));
+    // A directory under a regular file cannot be created, even by root.
+    let mailer: Arc<dyn Mailer> = Arc::new(SpoolMailer::new("/dev/null/spool"));
+    let kst = Kst::new(
+        Policy::new(&["example.net"], &["mail.example.net"]),
+        store,
+        mailer,
+    );
+    let (http, stop, task) = start_http(kst).await;
+    let (status, body) = http_get(http, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("mailer(spool)"), "{body}");
+    assert_eq!(http_get(http, "/healthz").await.0, 200);
+    let _ = stop.send(());
+    task.await.expect("task").expect("http run");
+}
+
+#[test]
+fn config_sections_parse_with_defaults_and_refuse_unknown_keys() {
+    #[derive(serde::Deserialize)]
+    struct Sections {
+        #[serde(default)]
+        lmtp: LmtpConfig,
+        #[serde(default)]
+        http: HttpConfig,
+    }
+    let s: Sections =
+        toml::from_str("[lmtp]\nlisten = \"unix:/run/kst/lmtp.sock\"\nmax_connections = 8\n")
+            .expect("valid");
+    assert_eq!(s.lmtp.listen, "unix:/run/kst/lmtp.sock");
+    assert_eq!(s.lmtp.max_connections, 8);
+    assert_eq!(s.lmtp.allow, ["127.0.0.0/8", "::1/128"]);
+    assert_eq!(s.lmtp.max_message_size, 2 * 1024 * 1024);
+    assert_eq!(s.http.listen, "127.0.0.1:8080");
+    assert!(toml::from_str::<Sections>("[lmtp]\nlisten_on = \"x\"\n").is_err());
+    assert!(toml::from_str::<Sections>("[http]\nport = 1\n").is_err());
+}
+
+fn send_signal(name: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(std::process::id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+/// `serve` as `kst serve` runs it: SIGTERM lets the transaction in flight finish; with a second
+/// signal it returns at once (here with a grace period far longer than the test's patience).
+#[tokio::test]
+async fn serve_stops_gracefully_on_sigterm_and_at_once_on_a_second_signal() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (kst, store, spool) = kst_in(dir.path());
+    let path = dir.path().join("serve.sock");
+    let lmtp = LmtpConfig {
+        listen: path.display().to_string(),
+        shutdown_grace_secs: 3600,
+        ..LmtpConfig::default()
+    };
+    let http = HttpConfig { listen: "".into() };
+
+    // Round 1: one SIGTERM while a message is half sent.
+    let serve = tokio::spawn(kst_bin::lmtp::serve(
+        lmtp.clone(),
+        http.clone(),
+        kst.clone(),
+    ));
+    let mut c = loop {
+        match tokio::net::UnixStream::connect(&path).await {
+            Ok(s) => break Client::new(s),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    c.greeting_and_lhlo().await;
+    let (raw, pending) = publication();
+    c.send("MAIL FROM:<alice@example.net>\r\nRCPT TO:<keys@example.net>\r\nDATA\r\n")
+        .await;
+    c.expect("250").await;
+    c.expect("250").await;
+    c.expect("354").await;
+    let body = data(&raw);
+    let (head, tail) = body.split_at(body.len() / 2);
+    c.send(head).await;
+    send_signal("TERM");
+    // Shutdown has begun once the socket file is gone (the listener closes first).
+    while path.exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.send(tail).await;
+    assert!(c.expect("250 2.0.0").await.ends_with("decided: published"));
+    c.expect("421 4.3.2").await;
+    tokio::time::timeout(PATIENCE, serve)
+        .await
+        .expect("serve returns")
+        .expect("task")
+        .expect("serve Ok");
+    assert!(
+        store
+            .get(&addr("alice@example.net"))
+            .await
+            .expect("store")
+            .is_some()
+    );
+    let replies: Vec<PathBuf> = std::fs::read_dir(&spool)
+        .expect("spool")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(replies.len(), 1);
+    let reply = std::fs::read(&replies[0]).expect("reply");
+    assert!(matches!(
+        verify(&pending, &reply),
+        Verified::Published { .. }
+    ));
+
+    // Round 2: a transaction hangs half sent; two signals end `serve` without waiting for it.
+    let serve = tokio::spawn(kst_bin::lmtp::serve(lmtp, http, kst));
+    let mut c = loop {
+        match tokio::net::UnixStream::connect(&path).await {
+            Ok(s) => break Client::new(s),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    c.greeting_and_lhlo().await;
+    c.send("MAIL FROM:<alice@example.net>\r\n").await;
+    c.expect("250").await;
+    send_signal("INT");
+    while path.exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    send_signal("TERM");
+    tokio::time::timeout(PATIENCE, serve)
+        .await
+        .expect("serve returns on the second signal")
+        .expect("task")
+        .expect("serve Ok");
+}
