@@ -16,6 +16,7 @@ pub mod received;
 pub mod reply;
 pub mod service;
 pub mod store;
+pub mod validate;
 
 pub use address::{Address, AddressError, AddressPolicy};
 pub use error::{Error, Result};
