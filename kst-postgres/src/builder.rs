@@ -119,6 +119,7 @@ impl PostgresStoreBuilder {
 
     /// Builds the store without touching the server and without migrating: connections are
     /// opened by the first operation. For a daemon that must start while the database is down.
+    /// Call it within a Tokio runtime (the connection machinery spawns background tasks).
     pub fn connect_lazy(&self) -> Result<PostgresStore> {
         let (pool, options) = self.pool_options()?;
         Ok(PostgresStore::from_pool(

@@ -123,6 +123,7 @@ impl RedisStoreBuilder {
 
     /// Builds the store without touching the server: the connection is opened by the first
     /// operation. For a daemon that must start while Redis is down.
+    /// Call it within a Tokio runtime (the connection machinery spawns background tasks).
     pub fn connect_lazy(self) -> Result<RedisStore> {
         let (client, config) = self.parts()?;
         let manager = ConnectionManager::new_lazy_with_config(client, config).map_err(redis)?;
