@@ -32,6 +32,7 @@ mod store {
     pub struct TestStore {
         map: Mutex<BTreeMap<Address, Vec<KeyRecord>>>,
         down: AtomicBool,
+        hang: AtomicBool,
     }
 
     impl TestStore {
@@ -43,6 +44,16 @@ mod store {
         }
         pub fn repair(&self) {
             self.down.store(false, Ordering::SeqCst);
+            self.hang.store(false, Ordering::SeqCst);
+        }
+        /// Every read and write waits forever, like a backend that stopped answering.
+        pub fn hang(&self) {
+            self.hang.store(true, Ordering::SeqCst);
+        }
+        async fn hung(&self) {
+            if self.hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
         }
         fn up(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<Address, Vec<KeyRecord>>>> {
             if self.down.load(Ordering::SeqCst) {
@@ -60,6 +71,7 @@ mod store {
             "test"
         }
         async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
+            self.hung().await;
             let mut map = self.up()?;
             let hist = map.entry(key.address.clone()).or_default();
             if let Some(r) = hist.iter().find(|r| r.publication_id == key.publication_id) {
@@ -73,6 +85,7 @@ mod store {
             Ok(PublishOutcome::Published(rec))
         }
         async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
+            self.hung().await;
             Ok(self.up()?.get(address).and_then(|h| h.last().cloned()))
         }
         async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
@@ -179,7 +192,16 @@ fn kst_in(dir: &Path) -> (Kst, Arc<store::TestStore>, PathBuf) {
     (kst, store, spool)
 }
 
+/// Logs go to the test's captured output (shown when a test fails).
+fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("kst_bin=debug")
+        .try_init();
+}
+
 async fn start(cfg: LmtpConfig) -> Server {
+    logs();
     kst_bin::metrics::init();
     let dir = tempfile::tempdir().expect("temp dir");
     let (kst, store, spool) = kst_in(dir.path());
@@ -555,6 +577,32 @@ async fn failing_store_defers_with_451_then_recovers() {
         verify(&pending, &spooled[0]),
         Verified::Published { .. }
     ));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn hanging_store_defers_with_451_and_frees_the_connection() {
+    let mut server = start(LmtpConfig {
+        command_timeout_secs: 1,
+        ..lmtp_config()
+    })
+    .await;
+    let mut c = server.connect().await;
+    c.greeting_and_lhlo().await;
+    server.store.hang();
+    let (raw, _) = retrieval();
+    let replies = c
+        .transaction("bob@example.org", &["keys@example.net"], &raw)
+        .await;
+    assert!(
+        replies[0].starts_with("451 4.3.0 kst unavailable: no decision within 1s"),
+        "{replies:?}"
+    );
+    server.store.repair();
+    let replies = c
+        .transaction("bob@example.org", &["keys@example.net"], &raw)
+        .await;
+    assert!(replies[0].ends_with("decided: not-found"), "{replies:?}");
     server.stop().await;
 }
 

@@ -404,7 +404,7 @@ where
                 Step::NeedMore | Step::Close => break,
                 Step::Deliver(tx) => {
                     flush(&mut stream, &mut session, ctx.command_timeout).await?;
-                    let replies = deliver(&ctx.kst, &tx, peer).await;
+                    let replies = deliver(ctx, &tx, peer).await;
                     session.finish(replies);
                 }
             }
@@ -447,8 +447,10 @@ async fn flush<S: AsyncWrite + Unpin>(
     }
 }
 
-/// Runs `Kst::handle` for each recipient in RCPT order; one reply each.
-async fn deliver(kst: &Kst, tx: &Transaction, peer: &str) -> Vec<Reply> {
+/// Runs `Kst::handle` for each recipient in RCPT order; one reply each. A decision that takes
+/// longer than the command timeout (a hung store or relay) is abandoned with a `451`: the MTA
+/// retries, and a redelivery is idempotent.
+async fn deliver(ctx: &ConnectionContext, tx: &Transaction, peer: &str) -> Vec<Reply> {
     let queue_id = next_queue_id();
     let mut replies = Vec::with_capacity(tx.recipients.len());
     for rcpt in &tx.recipients {
@@ -458,7 +460,18 @@ async fn deliver(kst: &Kst, tx: &Transaction, peer: &str) -> Vec<Reply> {
             recipient: rcpt.clone(),
             sasl_username: None,
         };
-        let result = kst.handle(&envelope, &tx.message).await;
+        let result =
+            tokio::time::timeout(ctx.command_timeout, ctx.kst.handle(&envelope, &tx.message))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(HandleError::Temporary(kst_core::Error::unavailable(
+                        "kst",
+                        format!(
+                            "no decision within {}s (store or mailer hanging?)",
+                            ctx.command_timeout.as_secs()
+                        ),
+                    )))
+                });
         record(&result, tx, rcpt, &queue_id, peer, started.elapsed());
         replies.push(delivery_reply(&result, &queue_id));
     }
