@@ -441,3 +441,88 @@ fn delivery_replies() {
     );
     assert!(temp.text.ends_with(", try again later"));
 }
+
+/// xorshift64: deterministic noise without a dependency.
+struct Noise(u64);
+
+impl Noise {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[test]
+fn hostile_input_never_panics_and_every_reply_is_well_formed() {
+    const PIECES: &[&str] = &[
+        "LHLO h\r\n",
+        "MAIL FROM:<a@b.c>\r\n",
+        "MAIL FROM:<> SIZE=99999999999999999999\r\n",
+        "RCPT TO:<keys@a>\r\n",
+        "RCPT TO:<x@y>\r\n",
+        "DATA\r\n",
+        "BDAT 5\r\n",
+        ".\r\n",
+        "..\r\n",
+        "\r\n.\r\n",
+        "\n.\n",
+        "\r",
+        "\n",
+        "RSET\r\n",
+        "NOOP\r\n",
+        "QUIT\r\n",
+        "\u{0}\u{ff}",
+        "é",
+        "RCPT TO:<\r\n",
+        "MAIL FROM:<a@b.c> BODY=FOO\r\n",
+    ];
+    let mut noise = Noise(0x9E37_79B9_7F4A_7C15);
+    for _ in 0..300 {
+        let mut input = Vec::new();
+        for _ in 0..noise.below(60) {
+            if noise.below(10) == 0 {
+                let n = noise.below(5000);
+                input.extend((0..n).map(|_| noise.next() as u8));
+            } else {
+                input.extend_from_slice(PIECES[noise.below(PIECES.len())].as_bytes());
+            }
+        }
+        let mut s = Session::new(LIMITS, "h");
+        let mut out = s.take_output();
+        let mut rest: &[u8] = &input;
+        while !rest.is_empty() && !s.is_closed() {
+            let (chunk, tail) = rest.split_at(1 + noise.below(rest.len().min(700)));
+            rest = tail;
+            let mut it = chunk.iter();
+            loop {
+                match s.ingest(&mut it, accept) {
+                    Step::NeedMore | Step::Close => break,
+                    Step::Deliver(tx) => {
+                        assert!(tx.message.len() <= LIMITS.max_message_size);
+                        assert!(!tx.recipients.is_empty());
+                        s.finish(vec![]);
+                    }
+                }
+            }
+            out.extend(s.take_output());
+        }
+        let text = String::from_utf8(out).expect("replies are ASCII");
+        for line in text.split_terminator("\r\n") {
+            let code = line.get(..3).and_then(|c| c.parse::<u16>().ok());
+            assert!(
+                code.is_some_and(|c| (200..600).contains(&c)),
+                "bad reply line {line:?}"
+            );
+            assert!(
+                matches!(line.as_bytes().get(3), Some(b' ' | b'-')),
+                "{line:?}"
+            );
+            assert!(!line.contains(['\r', '\n']));
+        }
+    }
+}
