@@ -856,6 +856,12 @@ fn config_sections_parse_with_defaults_and_refuse_unknown_keys() {
     assert_eq!(s.http.listen, "127.0.0.1:8080");
     assert!(toml::from_str::<Sections>("[lmtp]\nlisten_on = \"x\"\n").is_err());
     assert!(toml::from_str::<Sections>("[http]\nport = 1\n").is_err());
+    // What `kst config show` would print reads back the same.
+    let shown = toml::to_string(&LmtpConfig::default()).expect("serializes");
+    assert_eq!(
+        toml::from_str::<LmtpConfig>(&shown).expect("reads back"),
+        LmtpConfig::default()
+    );
 }
 
 fn send_signal(name: &str) {

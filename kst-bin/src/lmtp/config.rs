@@ -3,14 +3,14 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `[lmtp]`: where the LMTP daemon listens, whom it talks to, and its limits.
 ///
 /// **The LMTP port is as trusted as the MTA**: whoever can connect to it can write a "trusted"
 /// `Received:` header and so publish keys for any account. Keep it on loopback or a Unix socket
 /// and keep `allow` as narrow as the MTA hosts.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LmtpConfig {
     /// `"host:port"` for TCP (default `"127.0.0.1:2424"`), or a Unix socket as `"unix:/path"` or
@@ -91,7 +91,7 @@ impl LmtpConfig {
 
 /// `[http]`: the operations endpoint (`/healthz`, `/readyz`, `/metrics`). No TLS: keep it on
 /// loopback or an internal network.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     /// `"host:port"` (default `"127.0.0.1:8080"`); an empty string turns the endpoint off.
