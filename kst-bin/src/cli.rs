@@ -1,0 +1,461 @@
+//! The `kst` command line: clap definitions, and the operator commands `keys` and `config check`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use kst_core::{Address, Error, KeyRecord, KeyStore};
+use serde::Serialize;
+
+use crate::config::{Config, LogConfig};
+use crate::{logging, mailer, stores};
+
+/// Exit codes of the operator commands (sysexits.h where one fits).
+pub mod exit {
+    /// Done.
+    pub const OK: u8 = 0;
+    /// Nothing stored for the address.
+    pub const NOT_FOUND: u8 = 1;
+    /// A bad argument, e.g. an address that is not one.
+    pub const USAGE: u8 = 64;
+    /// The store (or the mailer, for `config check --probe`) cannot be used now.
+    pub const UNAVAILABLE: u8 = 69;
+    /// A bug: an error kst did not expect.
+    pub const SOFTWARE: u8 = 70;
+    /// Try again later; `deliver` uses it so that Postfix keeps the message.
+    pub const TEMPFAIL: u8 = 75;
+    /// The configuration is wrong.
+    pub const CONFIG: u8 = 78;
+}
+
+const ABOUT: &str = "kst, the Key Storage Service: publishes and hands out OpenPGP keys by email";
+
+const LONG_ABOUT: &str = "\
+kst, the Key Storage Service: publishes and hands out OpenPGP keys by email.
+
+Mail clients send their public key to keys@<domain> over authenticated SMTP submission; anyone can
+ask keys@<domain> for the key of an address. Postfix hands each such message to `kst deliver`,
+which stores the key or looks it up and sends the reply. The other commands are for the operator.";
+
+const AFTER_HELP: &str = "\
+Configuration: a TOML file (--config FILE or KST_CONFIG), overridden by environment variables
+KST_<SECTION>__<KEY>, e.g. KST_MAILER__PORT=2525 or KST_KST__DOMAINS=example.net,example.org.
+Every key is documented in deploy/kst.toml. Check it with:  kst config check --config FILE
+
+Exit codes (keys, config): 0 done, 1 not found, 64 bad argument, 69 store unavailable,
+78 configuration error.";
+
+const DELIVER_LONG: &str = "\
+Handles one message on stdin, the way Postfix's pipe(8) transport runs it: classifies it as a
+key publication or a key retrieval, stores or looks up the key, and sends the reply through the
+configured mailer.
+
+Exit status: 0 once kst has decided (including refusals answered with a reply), 75 when the
+store, the mailer or the configuration is unusable (Postfix keeps the message and retries),
+65 for mail that is not for kst (unknown recipient, oversize).";
+
+const DELIVER_AFTER: &str = "\
+Postfix set-up (one recipient per delivery):
+
+  # /etc/postfix/master.cf
+  kst  unix  -  n  n  -  -  pipe
+    flags=Rq user=kst argv=/usr/local/bin/kst deliver --config /etc/kst/kst.toml
+    --sender ${sender} --recipient ${recipient} --sasl-username ${sasl_username}
+
+  # /etc/postfix/main.cf
+  smtpd_sasl_authenticated_header = yes
+  kst_destination_recipient_limit = 1
+  transport_maps = hash:/etc/postfix/transport    # keys@example.net  kst:
+
+Try it by hand:
+  kst deliver --config kst.toml --sender bob@acme.net --recipient keys@example.net < request.eml";
+
+/// The `kst` command line.
+#[derive(Debug, Parser)]
+#[command(name = "kst", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Configuration file (TOML). Without it the built-in defaults apply, plus the
+    /// KST_<SECTION>__<KEY> environment overrides.
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "KST_CONFIG",
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Handle one message from Postfix's pipe(8) on stdin (see `kst deliver --help`).
+    #[command(long_about = DELIVER_LONG, after_help = DELIVER_AFTER)]
+    Deliver(DeliverArgs),
+
+    /// Show, list the history of, or delete the key stored for an address.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+
+    /// Check the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// The envelope Postfix passes to `kst deliver`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Args)]
+pub struct DeliverArgs {
+    /// Envelope sender, where the reply goes (Postfix: ${sender}; empty for the null sender).
+    #[arg(long, value_name = "ADDRESS", allow_hyphen_values = true)]
+    pub sender: Option<String>,
+
+    /// Envelope recipient, keys@<a served domain> (Postfix: ${recipient}).
+    #[arg(long, value_name = "ADDRESS", allow_hyphen_values = true)]
+    pub recipient: Option<String>,
+
+    /// SASL login of the submitting client (Postfix: ${sasl_username}; empty when none). Used
+    /// only with `auth_source = "sasl-argv"`.
+    #[arg(long, value_name = "LOGIN", allow_hyphen_values = true)]
+    pub sasl_username: Option<String>,
+}
+
+/// `kst keys ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Print the current key of ADDRESS, ASCII-armored (exit 1 when there is none).
+    ///
+    /// Example: kst keys get alice@example.net --config /etc/kst/kst.toml | gpg --import
+    Get {
+        /// The address, folded like incoming requests (case, subaddress as configured).
+        address: String,
+        /// Print the record's metadata (version, fingerprint, dates) as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Delete the current key and the whole history of ADDRESS (exit 1 when there is none).
+    ///
+    /// A later publication starts again at version 1.
+    /// Example: kst keys delete alice@example.net --config /etc/kst/kst.toml
+    Delete {
+        /// The address.
+        address: String,
+    },
+
+    /// List every published version of ADDRESS, oldest first (exit 1 when there is none).
+    ///
+    /// Example: kst keys history alice@example.net --json
+    History {
+        /// The address.
+        address: String,
+        /// One JSON array of record metadata instead of text lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `kst config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration (file + environment + defaults) with secrets masked,
+    /// or say what is wrong (exit 78).
+    ///
+    /// Example: KST_MAILER__PORT=2525 kst config check --config /etc/kst/kst.toml
+    Check {
+        /// Also open the store and connect to the mailer (exit 69 when one is unavailable).
+        #[arg(long)]
+        probe: bool,
+    },
+}
+
+/// Runs a parsed command line. `deliver` goes to [`crate::deliver::run`]; a configuration
+/// error there exits 75 so that Postfix keeps the message.
+pub async fn run(cli: Cli) -> ExitCode {
+    let loaded = Config::load(cli.config.as_deref());
+    match cli.command {
+        Command::Deliver(args) => match loaded {
+            Ok(cfg) => {
+                logging::init(&cfg.log);
+                crate::deliver::run(cfg, args).await
+            }
+            Err(e) => {
+                logging::init(&LogConfig::default());
+                tracing::error!(
+                    error = %e,
+                    "configuration error: the message stays queued until the configuration is fixed"
+                );
+                ExitCode::from(exit::TEMPFAIL)
+            }
+        },
+        Command::Config(ConfigCommand::Check { probe }) => {
+            ExitCode::from(config_check(cli.config.as_deref(), loaded, probe).await)
+        }
+        Command::Keys(cmd) => {
+            let cfg = match loaded {
+                Ok(c) => c,
+                Err(e) => return ExitCode::from(config_failed(&e)),
+            };
+            logging::init(&cfg.log);
+            ExitCode::from(keys(&cfg, cmd).await)
+        }
+    }
+}
+
+fn config_failed(e: &crate::config::ConfigError) -> u8 {
+    eprintln!("kst: configuration error: {e}");
+    eprintln!(
+        "kst: fix the file or the KST_* environment variable; `kst config check` shows the result"
+    );
+    exit::CONFIG
+}
+
+/// The exit code and message for an error from a store or mailer.
+fn failed(e: &Error) -> u8 {
+    eprintln!("kst: {e}");
+    match e {
+        Error::Unavailable { .. } | Error::Corrupt { .. } => exit::UNAVAILABLE,
+        Error::Config(_) => exit::CONFIG,
+        Error::Invalid(_) => exit::USAGE,
+        _ => exit::SOFTWARE,
+    }
+}
+
+async fn config_check(
+    path: Option<&Path>,
+    loaded: Result<Config, crate::config::ConfigError>,
+    probe: bool,
+) -> u8 {
+    let cfg = match loaded {
+        Ok(c) => c,
+        Err(e) => return config_failed(&e),
+    };
+    let mailer = match mailer::build_mailer(&cfg.mailer) {
+        Ok(m) => m,
+        Err(e) => return config_failed(&e),
+    };
+    let source = path.map_or("built-in defaults".to_string(), |p| p.display().to_string());
+    println!("# effective kst configuration: {source}, KST_* environment overrides, defaults");
+    println!("# secrets are shown as {}", crate::config::MASK);
+    print!("{}", cfg.masked());
+    if !probe {
+        eprintln!("kst: configuration OK");
+        return exit::OK;
+    }
+    logging::init(&cfg.log);
+    let mut code = exit::OK;
+    match stores::open_store(&cfg.store).await {
+        Ok(store) => match store.check().await {
+            Ok(()) => eprintln!("kst: store ({}) OK", store.name()),
+            Err(e) => code = code.max(failed(&e)),
+        },
+        Err(e) => code = code.max(failed(&e)),
+    }
+    match mailer.check().await {
+        Ok(()) => eprintln!("kst: mailer ({}) OK", mailer.name()),
+        Err(e) => code = code.max(failed(&e)),
+    }
+    if code == exit::OK {
+        eprintln!("kst: configuration OK");
+    }
+    code
+}
+
+/// Record metadata printed by `--json`.
+#[derive(Debug, Serialize)]
+struct KeyMeta<'a> {
+    address: &'a Address,
+    version: u64,
+    fingerprint: &'a str,
+    published_at: u64,
+    published: String,
+    publication_id: &'a str,
+    revoked: bool,
+    format: u32,
+    key_bytes: usize,
+}
+
+impl<'a> KeyMeta<'a> {
+    fn of(r: &'a KeyRecord) -> Self {
+        KeyMeta {
+            address: &r.address,
+            version: r.version,
+            fingerprint: &r.fingerprint,
+            published_at: r.published_at,
+            published: format_utc(r.published_at),
+            publication_id: &r.publication_id,
+            revoked: r.revoked,
+            format: r.format,
+            key_bytes: r.key.len(),
+        }
+    }
+}
+
+async fn keys(cfg: &Config, cmd: KeysCommand) -> u8 {
+    let raw = match &cmd {
+        KeysCommand::Get { address, .. }
+        | KeysCommand::Delete { address }
+        | KeysCommand::History { address, .. } => address.clone(),
+    };
+    let address = match cfg.policy() {
+        Ok(p) => match p.address_policy.normalize(&raw) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("kst: {raw:?} is not an address: {e}");
+                return exit::USAGE;
+            }
+        },
+        Err(e) => return config_failed(&e),
+    };
+    let store: Arc<dyn KeyStore> = match stores::open_store(&cfg.store).await {
+        Ok(s) => s,
+        Err(e) => return failed(&e),
+    };
+    match cmd {
+        KeysCommand::Get { json, .. } => match store.get(&address).await {
+            Ok(Some(r)) => {
+                if json {
+                    print_json(&KeyMeta::of(&r));
+                } else {
+                    print!("{}", kst_core::openpgp::armor_public_key(&r.key));
+                }
+                exit::OK
+            }
+            Ok(None) => {
+                eprintln!("kst: no key is published for {address}");
+                exit::NOT_FOUND
+            }
+            Err(e) => failed(&e),
+        },
+        KeysCommand::History { json, .. } => match store.history(&address).await {
+            Ok(h) if h.is_empty() => {
+                eprintln!("kst: nothing was ever published for {address} (or it was deleted)");
+                exit::NOT_FOUND
+            }
+            Ok(h) => {
+                if json {
+                    print_json(&h.iter().map(KeyMeta::of).collect::<Vec<_>>());
+                } else {
+                    println!("{address}: {} version(s), oldest first", h.len());
+                    for r in &h {
+                        println!("{}", describe(r));
+                    }
+                }
+                exit::OK
+            }
+            Err(e) => failed(&e),
+        },
+        KeysCommand::Delete { .. } => {
+            // Read what is there first, to say what was removed.
+            let history = match store.history(&address).await {
+                Ok(h) => h,
+                Err(e) => return failed(&e),
+            };
+            match store.delete(&address).await {
+                Ok(true) => {
+                    println!("deleted {address}: {} version(s) removed", history.len());
+                    for r in &history {
+                        println!("{}", describe(r));
+                    }
+                    exit::OK
+                }
+                Ok(false) => {
+                    eprintln!("kst: nothing is stored for {address}; nothing deleted");
+                    exit::NOT_FOUND
+                }
+                Err(e) => failed(&e),
+            }
+        }
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("kst: cannot render JSON: {e}"),
+    }
+}
+
+/// One text line about a record.
+fn describe(r: &KeyRecord) -> String {
+    format!(
+        "  v{:<3} {}  {}{}",
+        r.version,
+        format_utc(r.published_at),
+        r.fingerprint,
+        if r.revoked { "  (revoked)" } else { "" }
+    )
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+pub fn format_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_utc(1_520_178_429), "2018-03-04T15:47:09Z");
+    }
+
+    #[test]
+    fn config_flag_works_after_the_subcommand_and_envelope_may_be_empty() {
+        let cli = Cli::try_parse_from([
+            "kst",
+            "deliver",
+            "--sender",
+            "",
+            "--recipient",
+            "keys@example.net",
+            "--sasl-username",
+            "",
+            "--config",
+            "/etc/kst/kst.toml",
+        ])
+        .unwrap();
+        assert_eq!(cli.config.as_deref(), Some(Path::new("/etc/kst/kst.toml")));
+        match cli.command {
+            Command::Deliver(a) => {
+                assert_eq!(a.sender.as_deref(), Some(""));
+                assert_eq!(a.sasl_username.as_deref(), Some(""));
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["kst", "deliver", "--sender", "-odd@acme.net"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Deliver(a) if a.sender.as_deref() == Some("-odd@acme.net"))
+        );
+    }
+}

@@ -1,0 +1,881 @@
+//! The operator's configuration: a TOML file, `KST_*` environment overrides, defaults.
+//!
+//! Sources, later ones winning: the defaults below, the TOML file (`--config`), then environment
+//! variables named `KST_<SECTION>__<KEY>` (`KST_MAILER__PORT=2525`, `KST_KST__DOMAINS=a.net,b.net`).
+//! Only variables with a `__` after the prefix are configuration; others such as `KST_CONFIG`
+//! are left alone. Unknown keys are errors, and every error names the key at fault.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use kst_core::{AddressPolicy, AuthSource, Policy};
+use serde::{Deserialize, Serialize};
+
+/// Environment variable prefix of configuration overrides.
+pub const ENV_PREFIX: &str = "KST";
+/// Separator between the section and the key in an environment override (`KST_MAILER__PORT`).
+pub const ENV_SEPARATOR: &str = "__";
+/// Keys whose environment value is a comma-separated list.
+pub const ENV_LIST_KEYS: [&str; 2] = ["kst.domains", "kst.trusted_mta_hosts"];
+/// How secrets are shown by [`Config::masked`].
+pub const MASK: &str = "********";
+
+/// The whole configuration of a kst instance. Build it with [`Config::load`].
+///
+/// `Config::default()` holds the embedded defaults; it serves no domain, so it does not pass
+/// [`Config::validate`] until `kst.domains` is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[kst]`: served domains, trust and address folding.
+    pub kst: KstConfig,
+    /// `[limits]`: size caps.
+    pub limits: LimitsConfig,
+    /// `[store]`: where keys are kept.
+    pub store: StoreConfig,
+    /// `[mailer]`: how replies leave.
+    pub mailer: MailerConfig,
+    /// `[log]`: log format and level.
+    pub log: LogConfig,
+}
+
+/// `[kst]`: the protocol policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KstConfig {
+    /// Domains whose `keys@` address kst serves. Required, at least one.
+    pub domains: Vec<String>,
+    /// Host names of the provider's MTAs (the `by` of their `Received:` headers).
+    pub trusted_mta_hosts: Vec<String>,
+    /// Where the authenticated login comes from: `received` or `sasl-argv`.
+    pub auth_source: AuthSource,
+    /// Treat `Alice@` and `alice@` as different mailboxes.
+    pub case_sensitive_local_part: bool,
+    /// Subaddress separator to fold (`"+"`), empty for none.
+    pub subaddress_separator: String,
+    /// SASL logins that are not addresses, mapped to the address they own.
+    pub login_map: BTreeMap<String, String>,
+}
+
+/// `[limits]`: size caps in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest message kst reads; larger mail is refused as not for kst.
+    pub max_message_bytes: usize,
+    /// Largest armored key block accepted.
+    pub max_key_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_bytes: Policy::DEFAULT_MAX_MESSAGE_BYTES,
+            max_key_bytes: Policy::DEFAULT_MAX_KEY_BYTES,
+        }
+    }
+}
+
+/// Which [`kst_core::KeyStore`] backend holds the keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// A directory on this host (`kst-fs`).
+    #[default]
+    Fs,
+    /// PostgreSQL (`kst-postgres`).
+    Postgres,
+    /// Redis (`kst-redis`).
+    Redis,
+}
+
+impl StoreBackend {
+    /// The name used in the configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreBackend::Fs => "fs",
+            StoreBackend::Postgres => "postgres",
+            StoreBackend::Redis => "redis",
+        }
+    }
+}
+
+/// `[store]`: the key store.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The backend.
+    pub backend: StoreBackend,
+    /// Directory of the `fs` backend.
+    pub path: PathBuf,
+    /// Connection URL of the `postgres` and `redis` backends. May hold a password.
+    pub url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: StoreBackend::Fs,
+            path: PathBuf::from("./data/keys"),
+            url: String::new(),
+        }
+    }
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("backend", &self.backend)
+            .field("path", &self.path)
+            .field("url", &mask_url(&self.url))
+            .finish()
+    }
+}
+
+/// How replies leave kst.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MailerKind {
+    /// One `.eml` file per reply in a directory, for another process to send.
+    #[default]
+    Spool,
+    /// Submit to an SMTP relay.
+    Smtp,
+}
+
+/// Transport security towards the SMTP relay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Cleartext; only for a relay on the same host or a trusted network.
+    None,
+    /// Plain connection upgraded with STARTTLS; fails if the relay does not offer it.
+    #[default]
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Implicit,
+}
+
+/// A secret string: shown as [`MASK`] by `Debug` and [`Config::masked`]. It serializes to the
+/// real value (so a configuration can be written back); print configurations with `masked`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself; call only where it is used, never to log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// True when no secret is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str(MASK)
+        }
+    }
+}
+
+/// `[mailer]`: the reply transport.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailerConfig {
+    /// `spool` or `smtp`.
+    pub kind: MailerKind,
+    /// Spool directory (`spool`).
+    pub path: PathBuf,
+    /// Relay host name or IP address (`smtp`).
+    pub host: String,
+    /// Relay port (`smtp`).
+    pub port: u16,
+    /// Transport security (`smtp`).
+    pub tls: SmtpTls,
+    /// SMTP AUTH login; empty for no authentication.
+    pub username: String,
+    /// SMTP AUTH password.
+    pub password: Secret,
+    /// Envelope sender of replies; empty for the null sender `<>` (RFC 3834).
+    pub envelope_from: String,
+    /// Longest one reply submission may take, connection to final reply (`smtp`).
+    pub timeout_secs: u64,
+}
+
+impl Default for MailerConfig {
+    fn default() -> Self {
+        MailerConfig {
+            kind: MailerKind::Spool,
+            path: PathBuf::from("./data/outbox"),
+            host: "127.0.0.1".into(),
+            port: 25,
+            tls: SmtpTls::Starttls,
+            username: String::new(),
+            password: Secret::default(),
+            envelope_from: String::new(),
+            timeout_secs: 30,
+        }
+    }
+}
+
+impl MailerConfig {
+    /// The envelope sender of replies: `None` for the null sender `<>`.
+    pub fn envelope_from(&self) -> Result<Option<kst_core::Address>, ConfigError> {
+        let s = self.envelope_from.trim();
+        if s.is_empty() || s == "<>" {
+            return Ok(None);
+        }
+        AddressPolicy::default()
+            .normalize(s)
+            .map(Some)
+            .map_err(|e| ConfigError::key("mailer.envelope_from", format!("{s:?}: {e}")))
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`: logging (always to stderr).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A level (`error`, `warn`, `info`, `debug`, `trace`, `off`) or a tracing filter such as
+    /// `info,kst_core=debug`. `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the key at fault when there is one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or is not valid TOML.
+    #[error("{path}: {message}")]
+    File {
+        /// The configuration file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// One key has a value that cannot be used (or should not be there at all).
+    #[error("{key}: {message}")]
+    Key {
+        /// The dotted key, e.g. `mailer.port`.
+        key: String,
+        /// What is wrong and, where it helps, what would be right.
+        message: String,
+    },
+    /// Anything else the configuration sources reported.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ConfigError {
+    /// An error about `key`.
+    pub fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Key {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ConfigError> for kst_core::Error {
+    fn from(e: ConfigError) -> Self {
+        kst_core::Error::Config(e.to_string())
+    }
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then the TOML file at `path` (if any), then the
+    /// `KST_<SECTION>__<KEY>` variables of this process's environment; then validates it.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        Self::load_with_env(path, env)
+    }
+
+    /// Like [`Config::load`] with the given variables instead of the process environment
+    /// (for tests and embedding). Variables without the `KST_` prefix and a `__` are ignored.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        use config::{Environment, File, FileFormat};
+
+        let mut builder = config::Config::builder();
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.to_path_buf(),
+                message: format!("cannot read the configuration file: {e}"),
+            })?;
+            // Parse once here for an error message that names the file and the line.
+            if let Err(e) = text.parse::<toml::Table>() {
+                return Err(ConfigError::File {
+                    path: path.to_path_buf(),
+                    message: format!("not valid TOML: {}", e.to_string().trim_end()),
+                });
+            }
+            builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
+        }
+
+        let (lists, scalars) = split_env(env);
+        let base = || {
+            Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator(ENV_SEPARATOR)
+        };
+        // Scalars stay strings (no `try_parsing`), so a password like `0123` is kept verbatim;
+        // numbers and booleans are converted when the key's type asks for them.
+        builder = builder.add_source(base().source(Some(scalars)));
+        let mut list_env = base()
+            .list_separator(",")
+            .try_parsing(true)
+            .source(Some(lists));
+        for key in ENV_LIST_KEYS {
+            list_env = list_env.with_list_parse_key(key);
+        }
+        builder = builder.add_source(list_env);
+
+        let merged = builder.build().map_err(convert_error)?;
+        let mut cfg: Config = merged.try_deserialize().map_err(convert_error)?;
+        cfg.tidy();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Trims list entries and drops empty ones (`KST_KST__TRUSTED_MTA_HOSTS=` is an empty list).
+    fn tidy(&mut self) {
+        for list in [&mut self.kst.domains, &mut self.kst.trusted_mta_hosts] {
+            *list = list
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+    }
+
+    /// Checks everything that can be checked without touching the store or the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.policy()?;
+        let l = &self.limits;
+        if l.max_message_bytes == 0 {
+            return Err(ConfigError::key(
+                "limits.max_message_bytes",
+                "must be greater than 0",
+            ));
+        }
+        if l.max_key_bytes == 0 {
+            return Err(ConfigError::key(
+                "limits.max_key_bytes",
+                "must be greater than 0",
+            ));
+        }
+        if l.max_key_bytes > l.max_message_bytes {
+            return Err(ConfigError::key(
+                "limits.max_key_bytes",
+                format!(
+                    "{} is larger than limits.max_message_bytes ({}); a key block must fit in a message",
+                    l.max_key_bytes, l.max_message_bytes
+                ),
+            ));
+        }
+        match self.store.backend {
+            StoreBackend::Fs if self.store.path.as_os_str().is_empty() => {
+                return Err(ConfigError::key(
+                    "store.path",
+                    "must name the key directory when store.backend = \"fs\"",
+                ));
+            }
+            StoreBackend::Postgres | StoreBackend::Redis if self.store.url.trim().is_empty() => {
+                return Err(ConfigError::key(
+                    "store.url",
+                    format!(
+                        "must be set when store.backend = \"{}\"",
+                        self.store.backend.as_str()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        let m = &self.mailer;
+        match m.kind {
+            MailerKind::Spool if m.path.as_os_str().is_empty() => {
+                return Err(ConfigError::key(
+                    "mailer.path",
+                    "must name the spool directory when mailer.kind = \"spool\"",
+                ));
+            }
+            MailerKind::Smtp => {
+                if m.host.trim().is_empty() {
+                    return Err(ConfigError::key(
+                        "mailer.host",
+                        "must name the SMTP relay when mailer.kind = \"smtp\"",
+                    ));
+                }
+                if m.port == 0 {
+                    return Err(ConfigError::key("mailer.port", "must be 1-65535, not 0"));
+                }
+                if m.username.is_empty() != m.password.is_empty() {
+                    return Err(ConfigError::key(
+                        "mailer.username",
+                        "mailer.username and mailer.password must be set together (or both empty for no SMTP AUTH)",
+                    ));
+                }
+            }
+            MailerKind::Spool => {}
+        }
+        if m.timeout_secs == 0 {
+            return Err(ConfigError::key(
+                "mailer.timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        m.envelope_from()?;
+        crate::logging::parse_level(&self.log.level)
+            .map_err(|e| ConfigError::key("log.level", e))?;
+        Ok(())
+    }
+
+    /// The normalized protocol [`Policy`]: domains as A-labels, login map values as addresses.
+    pub fn policy(&self) -> Result<Policy, ConfigError> {
+        let k = &self.kst;
+        let mut sep = k.subaddress_separator.chars();
+        let subaddress_separator = match (sep.next(), sep.next()) {
+            (None, _) => None,
+            (Some(c), None) if !c.is_alphanumeric() && !c.is_whitespace() && c != '@' => Some(c),
+            _ => {
+                return Err(ConfigError::key(
+                    "kst.subaddress_separator",
+                    format!(
+                        "{:?} is not one punctuation character; use e.g. \"+\" or \"-\", or \"\" for none",
+                        k.subaddress_separator
+                    ),
+                ));
+            }
+        };
+        let address_policy = AddressPolicy {
+            case_sensitive_local_part: k.case_sensitive_local_part,
+            subaddress_separator,
+        };
+
+        if k.domains.is_empty() {
+            return Err(ConfigError::key(
+                "kst.domains",
+                "must list at least one domain, e.g. domains = [\"example.net\"] (or KST_KST__DOMAINS=example.net)",
+            ));
+        }
+        let mut domains = Vec::with_capacity(k.domains.len());
+        for d in &k.domains {
+            let n = address_policy.normalize_domain(d).map_err(|e| {
+                ConfigError::key("kst.domains", format!("{d:?} is not usable: {e}"))
+            })?;
+            if !domains.contains(&n) {
+                domains.push(n);
+            }
+        }
+
+        let mut hosts = Vec::with_capacity(k.trusted_mta_hosts.len());
+        for h in &k.trusted_mta_hosts {
+            let n = h.trim().trim_end_matches('.').to_ascii_lowercase();
+            if !is_host_name(&n) {
+                return Err(ConfigError::key(
+                    "kst.trusted_mta_hosts",
+                    format!(
+                        "{h:?} is not a host name (as in the `by` clause of a Received: header)"
+                    ),
+                ));
+            }
+            if !hosts.contains(&n) {
+                hosts.push(n);
+            }
+        }
+
+        let mut login_map = BTreeMap::new();
+        for (login, address) in &k.login_map {
+            let key = format!("kst.login_map.{login}");
+            let login = login.trim();
+            if login.is_empty() {
+                return Err(ConfigError::key(key, "the login is empty"));
+            }
+            let a = address_policy.normalize(address).map_err(|e| {
+                ConfigError::key(&key, format!("{address:?} is not an address: {e}"))
+            })?;
+            if !domains.iter().any(|d| d == a.domain()) {
+                return Err(ConfigError::key(
+                    key,
+                    format!("{a} is not in a served domain (kst.domains)"),
+                ));
+            }
+            login_map.insert(login.to_string(), a);
+        }
+
+        let mut policy = Policy::new(&[], &[]);
+        policy.domains = domains;
+        policy.trusted_mta_hosts = hosts;
+        policy.auth_source = k.auth_source;
+        policy.login_map = login_map;
+        policy.address_policy = address_policy;
+        policy.max_message_bytes = self.limits.max_message_bytes;
+        policy.max_key_bytes = self.limits.max_key_bytes;
+        Ok(policy)
+    }
+
+    /// The effective configuration as TOML, with secrets (`mailer.password`, a password in
+    /// `store.url`) replaced by [`MASK`].
+    pub fn masked(&self) -> String {
+        let mut c = self.clone();
+        if !c.mailer.password.is_empty() {
+            c.mailer.password = Secret::new(MASK);
+        }
+        c.store.url = mask_url(&c.store.url);
+        toml::to_string(&c).unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
+    }
+}
+
+/// Splits `KST_*__*` variables into list keys and scalar keys; drops everything else.
+fn split_env(
+    env: impl IntoIterator<Item = (String, String)>,
+) -> (config::Map<String, String>, config::Map<String, String>) {
+    let prefix = format!("{ENV_PREFIX}_");
+    let mut lists = config::Map::new();
+    let mut scalars = config::Map::new();
+    for (k, v) in env {
+        let Some(rest) = k.strip_prefix(&prefix) else {
+            continue;
+        };
+        if !rest.contains(ENV_SEPARATOR) {
+            continue;
+        }
+        let dotted = rest.to_lowercase().replace(ENV_SEPARATOR, ".");
+        if ENV_LIST_KEYS.contains(&dotted.as_str()) {
+            lists.insert(k, v);
+        } else {
+            scalars.insert(k, v);
+        }
+    }
+    (lists, scalars)
+}
+
+/// LDH labels separated by dots, lowercase; a single label is allowed.
+fn is_host_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
+/// `scheme://user:secret@host/...?password=secret` with the secrets replaced by [`MASK`].
+pub fn mask_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let auth_start = scheme_end + 3;
+    let rest = &url[auth_start..];
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..auth_end];
+    let mut out = url[..auth_start].to_string();
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.find(':') {
+                Some(colon) if colon + 1 < userinfo.len() => {
+                    out.push_str(&userinfo[..=colon]);
+                    out.push_str(MASK);
+                }
+                _ => out.push_str(userinfo),
+            }
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
+    }
+    let tail = &rest[auth_end..];
+    match tail.find('?') {
+        Some(q) => {
+            out.push_str(&tail[..=q]);
+            let (query, frag) = match tail[q + 1..].find('#') {
+                Some(h) => tail[q + 1..].split_at(h),
+                None => (&tail[q + 1..], ""),
+            };
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, v))
+                        if !v.is_empty()
+                            && ["password", "pass", "passwd", "secret"]
+                                .contains(&k.to_ascii_lowercase().as_str()) =>
+                    {
+                        format!("{k}={MASK}")
+                    }
+                    _ => p.to_string(),
+                })
+                .collect();
+            out.push_str(&params.join("&"));
+            out.push_str(frag);
+        }
+        None => out.push_str(tail),
+    }
+    out
+}
+
+/// Turns the `config` crate's errors into ones that name the key first.
+fn convert_error(e: config::ConfigError) -> ConfigError {
+    use config::ConfigError as C;
+    match e {
+        C::Type {
+            unexpected,
+            expected,
+            key,
+            ..
+        } => {
+            let message = format!(
+                "invalid value {}, expected {}",
+                describe_unexpected(&unexpected.to_string()),
+                describe_expected(expected)
+            );
+            match key {
+                Some(key) => ConfigError::key(key, message),
+                None => ConfigError::Other(message),
+            }
+        }
+        C::At { error, key, .. } => {
+            let inner = match *error {
+                C::Message(m) => m,
+                other => other.to_string(),
+            };
+            keyed_message(key.as_deref(), &inner)
+        }
+        C::Message(m) => keyed_message(None, &m),
+        C::NotFound(key) => ConfigError::key(key, "is required"),
+        C::FileParse { uri, cause } => ConfigError::File {
+            path: PathBuf::from(uri.unwrap_or_else(|| "configuration".into())),
+            message: format!("not valid TOML: {cause}"),
+        },
+        other => ConfigError::Other(other.to_string()),
+    }
+}
+
+/// `string "x"` becomes `"x"`, ``64-bit integer `7` `` becomes `7`.
+fn describe_unexpected(s: &str) -> String {
+    if let Some(q) = s.strip_prefix("string ") {
+        return q.to_string();
+    }
+    match s.split_once('`') {
+        Some((_, rest)) => rest.trim_end_matches('`').to_string(),
+        None => s.to_string(),
+    }
+}
+
+/// `an unsigned 16 bit integer` becomes `an integer from 0 to 65535`.
+fn describe_expected(expected: &str) -> String {
+    let max = match expected {
+        "an unsigned 8 bit integer" => u64::from(u8::MAX),
+        "an unsigned 16 bit integer" => u64::from(u16::MAX),
+        "an unsigned 32 bit integer" => u64::from(u32::MAX),
+        _ => return expected.to_string(),
+    };
+    format!("an integer from 0 to {max}")
+}
+
+/// The values of the keys whose type is an enum, for error messages.
+const CHOICES: [(&str, &str); 5] = [
+    ("kst.auth_source", "\"received\" or \"sasl-argv\""),
+    ("store.backend", "\"fs\", \"postgres\" or \"redis\""),
+    ("mailer.kind", "\"spool\" or \"smtp\""),
+    ("mailer.tls", "\"none\", \"starttls\" or \"implicit\""),
+    ("log.format", "\"text\" or \"json\""),
+];
+
+/// `enum X does not have variant constructor y` (the `config` crate's words) at `key`
+/// becomes `invalid value "y", expected ...`.
+fn describe_bad_variant(key: Option<&str>, message: &str) -> Option<String> {
+    let (_, value) = message.split_once(" does not have variant constructor ")?;
+    let choices = CHOICES.iter().find(|(k, _)| Some(*k) == key).map_or(
+        "one of the documented values (see deploy/kst.toml)",
+        |(_, c)| c,
+    );
+    Some(format!("invalid value {value:?}, expected {choices}"))
+}
+
+/// A serde message at `key`, with unknown fields turned into the full key they name.
+fn keyed_message(key: Option<&str>, message: &str) -> ConfigError {
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some((field, expected)) = rest.split_once('`')
+    {
+        let full = match key {
+            Some(k) if !k.is_empty() => format!("{k}.{field}"),
+            _ => field.to_string(),
+        };
+        let known = expected
+            .trim_start_matches(',')
+            .trim()
+            .strip_prefix("expected ")
+            .map(|s| s.strip_prefix("one of ").unwrap_or(s))
+            .unwrap_or("");
+        let msg = if known.is_empty() {
+            "unknown key".to_string()
+        } else {
+            format!("unknown key (known keys here: {known})")
+        };
+        return ConfigError::key(full, msg);
+    }
+    if let Some(m) = describe_bad_variant(key, message) {
+        return match key {
+            Some(k) => ConfigError::key(k, m),
+            None => ConfigError::Other(m),
+        };
+    }
+    let message = message
+        .strip_prefix("unknown variant ")
+        .map(|rest| format!("invalid value {rest}"))
+        .unwrap_or_else(|| message.to_string());
+    match key {
+        Some(k) if !k.is_empty() => ConfigError::key(k, message),
+        _ => ConfigError::Other(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_url_hides_passwords_only() {
+        assert_eq!(
+            mask_url("postgres://kst:s3cret@db.example.net:5432/kst?sslmode=require"),
+            "postgres://kst:********@db.example.net:5432/kst?sslmode=require"
+        );
+        assert_eq!(
+            mask_url("redis://:hunter2@127.0.0.1:6379/0"),
+            "redis://:********@127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            mask_url("postgres://db/kst?user=kst&password=pw#x"),
+            "postgres://db/kst?user=kst&password=********#x"
+        );
+        assert_eq!(mask_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(mask_url("postgres://kst@db/kst"), "postgres://kst@db/kst");
+        assert_eq!(mask_url(""), "");
+    }
+
+    #[test]
+    fn secret_debug_is_masked() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?}"), MASK);
+        let cfg = StoreConfig {
+            url: "redis://:hunter2@h".into(),
+            ..StoreConfig::default()
+        };
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn choices_list_every_variant() {
+        fn name<T: Serialize>(v: T) -> String {
+            toml::Value::try_from(v)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+        let table = |k: &str| CHOICES.iter().find(|(key, _)| *key == k).unwrap().1;
+        let all = [
+            (
+                "kst.auth_source",
+                vec![name(AuthSource::Received), name(AuthSource::SaslArgv)],
+            ),
+            (
+                "store.backend",
+                vec![
+                    name(StoreBackend::Fs),
+                    name(StoreBackend::Postgres),
+                    name(StoreBackend::Redis),
+                ],
+            ),
+            (
+                "mailer.kind",
+                vec![name(MailerKind::Spool), name(MailerKind::Smtp)],
+            ),
+            (
+                "mailer.tls",
+                vec![
+                    name(SmtpTls::None),
+                    name(SmtpTls::Starttls),
+                    name(SmtpTls::Implicit),
+                ],
+            ),
+            (
+                "log.format",
+                vec![name(LogFormat::Text), name(LogFormat::Json)],
+            ),
+        ];
+        for (key, names) in all {
+            for n in names {
+                assert!(table(key).contains(&format!("\"{n}\"")), "{key}: {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn host_names() {
+        assert!(is_host_name("mail.example.net"));
+        assert!(is_host_name("mx1"));
+        for bad in [
+            "",
+            "mail..example.net",
+            "-mx.example.net",
+            "mail example",
+            "MX.example.net",
+        ] {
+            assert!(!is_host_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn env_without_double_underscore_is_not_configuration() {
+        let (lists, scalars) = split_env([
+            ("KST_CONFIG".to_string(), "/etc/kst.toml".to_string()),
+            ("KST_TEST_POSTGRES_URL".into(), "postgres://x".into()),
+            ("PATH".into(), "/bin".into()),
+            ("KST_MAILER__PORT".into(), "2525".into()),
+            ("KST_KST__DOMAINS".into(), "a.net,b.net".into()),
+        ]);
+        assert_eq!(scalars.keys().collect::<Vec<_>>(), ["KST_MAILER__PORT"]);
+        assert_eq!(lists.keys().collect::<Vec<_>>(), ["KST_KST__DOMAINS"]);
+    }
+}

@@ -1,0 +1,187 @@
+//! The spool mailer: one durable `.eml` file per reply in a directory.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use kst_core::{Error, Mailer, OutgoingMail, Result};
+
+const COMPONENT: &str = "mailer(spool)";
+
+/// Writes each reply as `<unix-nanos>-<random hex>.eml` into a directory, for another process
+/// (a cron job running `sendmail`, a mail relay's pickup) to send.
+///
+/// The envelope travels in two header lines put in front of the message:
+/// `Return-Path: <sender>` (`<>` for the null sender) and `X-Kst-Envelope-To: recipient`.
+/// A file appears under its final name only once it is complete and synced: readers should
+/// ignore names that do not end in `.eml` (temporary files start with `.tmp-`). File names sort
+/// in the order replies were written.
+#[derive(Debug, Clone)]
+pub struct SpoolMailer {
+    dir: PathBuf,
+}
+
+impl SpoolMailer {
+    /// A spool in `dir`; created (mode 0700) with the first reply or [`Mailer::check`].
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        SpoolMailer { dir: dir.into() }
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The bytes of the spool file for `mail`: envelope header lines, then the message.
+    pub fn render(mail: &OutgoingMail) -> Vec<u8> {
+        let from = mail
+            .envelope_from
+            .as_ref()
+            .map(|a| a.as_str())
+            .unwrap_or("");
+        let mut out = Vec::with_capacity(mail.message.len() + 96);
+        out.extend_from_slice(format!("Return-Path: <{from}>\r\n").as_bytes());
+        out.extend_from_slice(format!("X-Kst-Envelope-To: {}\r\n", mail.recipient).as_bytes());
+        out.extend_from_slice(&mail.message);
+        out
+    }
+}
+
+#[async_trait]
+impl Mailer for SpoolMailer {
+    fn name(&self) -> &'static str {
+        "spool"
+    }
+
+    async fn send(&self, mail: &OutgoingMail) -> Result<()> {
+        let dir = self.dir.clone();
+        let bytes = Self::render(mail);
+        let name = tokio::task::spawn_blocking(move || write_durably(&dir, &bytes))
+            .await
+            .map_err(|e| Error::unavailable(COMPONENT, format!("writer task failed: {e}")))?
+            .map_err(|e| {
+                Error::unavailable(
+                    COMPONENT,
+                    format!(
+                        "cannot write a reply into {}: {e}; check that the directory exists or can be created and is writable by this user",
+                        self.dir.display()
+                    ),
+                )
+            })?;
+        tracing::debug!(file = %name.display(), message_id = %mail.message_id, "reply spooled");
+        Ok(())
+    }
+
+    async fn check(&self) -> Result<()> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || probe(&dir))
+            .await
+            .map_err(|e| Error::unavailable(COMPONENT, format!("probe task failed: {e}")))?
+            .map_err(|e| {
+                Error::unavailable(
+                    COMPONENT,
+                    format!("{} is not writable: {e}", self.dir.display()),
+                )
+            })
+    }
+}
+
+/// Creates `dir` (0700) if missing, syncing its parent so the new entry survives a crash.
+fn ensure_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn random_hex() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Writes `bytes` to a temporary file in `dir`, syncs it, renames it to its final `.eml` name
+/// and syncs the directory. Returns the final path.
+fn write_durably(dir: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
+    ensure_dir(dir)?;
+    let tmp = dir.join(format!(".tmp-{}", random_hex()));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let target = dir.join(format!("{nanos:020}-{}.eml", random_hex()));
+        fs::rename(&tmp, &target)?;
+        sync_dir(dir)?;
+        Ok(target)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Creates the directory if needed, then creates and removes a probe file in it.
+fn probe(dir: &Path) -> io::Result<()> {
+    ensure_dir(dir)?;
+    let p = dir.join(format!(".tmp-check-{}", random_hex()));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&p)?;
+    fs::remove_file(&p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kst_core::AddressPolicy;
+
+    fn mail(from: Option<&str>) -> OutgoingMail {
+        let p = AddressPolicy::default();
+        OutgoingMail {
+            envelope_from: from.map(|f| p.normalize(f).unwrap()),
+            recipient: p.normalize("bob@acme.net").unwrap(),
+            message: b"Subject: hi\r\n\r\nbody\r\n".to_vec(),
+            message_id: "m1@example.net".into(),
+        }
+    }
+
+    #[test]
+    fn render_puts_the_envelope_first() {
+        let text = String::from_utf8(SpoolMailer::render(&mail(None))).unwrap();
+        assert_eq!(
+            text,
+            "Return-Path: <>\r\nX-Kst-Envelope-To: bob@acme.net\r\nSubject: hi\r\n\r\nbody\r\n"
+        );
+        let text = String::from_utf8(SpoolMailer::render(&mail(Some("keys@example.net")))).unwrap();
+        assert!(text.starts_with("Return-Path: <keys@example.net>\r\n"));
+    }
+
+    #[tokio::test]
+    async fn send_fails_temporarily_when_the_directory_cannot_exist() {
+        let m = SpoolMailer::new("/dev/null/outbox");
+        let e = m.send(&mail(None)).await.unwrap_err();
+        assert!(e.is_temporary());
+        assert!(e.to_string().contains("mailer(spool)"), "{e}");
+        assert!(m.check().await.unwrap_err().is_temporary());
+    }
+}

@@ -1,0 +1,349 @@
+//! Configuration loading: file, environment overrides, defaults, errors that name the key.
+
+use std::path::{Path, PathBuf};
+
+use kst_bin::config::{Config, ConfigError, LogFormat, MASK, MailerKind, SmtpTls, StoreBackend};
+use kst_core::AuthSource;
+
+fn sample() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kst.toml")
+}
+
+fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+    vars.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Writes `text` to a kst.toml in a fresh temporary directory.
+fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kst.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+fn key_of(e: &ConfigError) -> &str {
+    match e {
+        ConfigError::Key { key, .. } => key,
+        other => panic!("expected an error about a key, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_sample_deploy_file_loads_and_documents_the_defaults() {
+    let cfg = Config::load_with_env(Some(&sample()), env(&[])).unwrap();
+    assert_eq!(cfg.kst.domains, ["example.net"]);
+    assert_eq!(cfg.kst.trusted_mta_hosts, ["mail.example.net"]);
+    // Apart from the values a deployment must choose, the sample states the defaults.
+    let defaults = Config::default();
+    assert_eq!(cfg.kst.auth_source, defaults.kst.auth_source);
+    assert_eq!(cfg.limits, defaults.limits);
+    assert_eq!(cfg.store.backend, defaults.store.backend);
+    assert_eq!(cfg.store.url, defaults.store.url);
+    let mut mailer = cfg.mailer.clone();
+    mailer.path = defaults.mailer.path.clone();
+    assert_eq!(mailer, defaults.mailer);
+    assert_eq!(cfg.log, defaults.log);
+    let policy = cfg.policy().unwrap();
+    assert!(policy.serves_domain("example.net"));
+}
+
+#[test]
+fn every_key_has_a_default_except_domains() {
+    let cfg = Config::load_with_env(None, env(&[("KST_KST__DOMAINS", "example.net")])).unwrap();
+    assert_eq!(cfg.kst.domains, ["example.net"]);
+    assert!(cfg.kst.trusted_mta_hosts.is_empty());
+    assert_eq!(cfg.kst.auth_source, AuthSource::Received);
+    assert_eq!(cfg.limits.max_message_bytes, 2 * 1024 * 1024);
+    assert_eq!(cfg.limits.max_key_bytes, 1024 * 1024);
+    assert_eq!(cfg.store.backend, StoreBackend::Fs);
+    assert_eq!(cfg.store.path, Path::new("./data/keys"));
+    assert_eq!(cfg.mailer.kind, MailerKind::Spool);
+    assert_eq!(cfg.mailer.path, Path::new("./data/outbox"));
+    assert_eq!(cfg.mailer.port, 25);
+    assert_eq!(cfg.mailer.tls, SmtpTls::Starttls);
+    assert_eq!(cfg.mailer.timeout_secs, 30);
+    assert_eq!(cfg.mailer.envelope_from().unwrap(), None);
+    assert_eq!(cfg.log.format, LogFormat::Text);
+    assert_eq!(cfg.log.level, "info");
+}
+
+#[test]
+fn environment_overrides_the_file_including_lists_and_nested_keys() {
+    let (_dir, path) = file(
+        r#"
+[kst]
+domains = ["example.net"]
+trusted_mta_hosts = ["mail.example.net"]
+[mailer]
+kind = "spool"
+port = 25
+"#,
+    );
+    let cfg = Config::load_with_env(
+        Some(&path),
+        env(&[
+            ("KST_MAILER__PORT", "2525"),
+            ("KST_MAILER__KIND", "smtp"),
+            ("KST_MAILER__TLS", "none"),
+            ("KST_MAILER__USERNAME", "kst"),
+            ("KST_MAILER__PASSWORD", "0123"),
+            ("KST_STORE__BACKEND", "fs"),
+            ("KST_STORE__PATH", "/srv/kst/keys"),
+            ("KST_KST__DOMAINS", "example.org,Bücher.example"),
+            (
+                "KST_KST__TRUSTED_MTA_HOSTS",
+                "mx1.example.org, MX2.example.org",
+            ),
+            ("KST_KST__CASE_SENSITIVE_LOCAL_PART", "true"),
+            ("KST_KST__SUBADDRESS_SEPARATOR", "+"),
+            ("KST_KST__AUTH_SOURCE", "sasl-argv"),
+            ("KST_KST__LOGIN_MAP__ALICE", "alice@example.org"),
+            ("KST_LOG__FORMAT", "json"),
+            // Not configuration: no `__` after the prefix, or no prefix at all.
+            ("KST_CONFIG", "/elsewhere.toml"),
+            ("KST_TEST_POSTGRES_URL", "postgres://x"),
+            ("MAILER__PORT", "1"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(cfg.mailer.port, 2525);
+    assert_eq!(cfg.mailer.kind, MailerKind::Smtp);
+    assert_eq!(cfg.mailer.tls, SmtpTls::None);
+    // Kept verbatim, not turned into the number 123.
+    assert_eq!(cfg.mailer.password.expose(), "0123");
+    assert_eq!(cfg.store.path, Path::new("/srv/kst/keys"));
+    assert_eq!(cfg.kst.domains, ["example.org", "Bücher.example"]);
+    assert_eq!(
+        cfg.kst.trusted_mta_hosts,
+        ["mx1.example.org", "MX2.example.org"]
+    );
+    assert!(cfg.kst.case_sensitive_local_part);
+    assert_eq!(cfg.kst.auth_source, AuthSource::SaslArgv);
+    assert_eq!(cfg.log.format, LogFormat::Json);
+
+    let policy = cfg.policy().unwrap();
+    assert_eq!(policy.domains, ["example.org", "xn--bcher-kva.example"]);
+    assert_eq!(
+        policy.trusted_mta_hosts,
+        ["mx1.example.org", "mx2.example.org"]
+    );
+    assert_eq!(policy.address_policy.subaddress_separator, Some('+'));
+    assert_eq!(policy.auth_source, AuthSource::SaslArgv);
+    assert_eq!(policy.login_map["alice"].as_str(), "alice@example.org");
+    assert_eq!(
+        policy
+            .address_policy
+            .normalize("Alice+x@EXAMPLE.org")
+            .unwrap()
+            .as_str(),
+        "Alice@example.org"
+    );
+}
+
+#[test]
+fn an_empty_list_from_the_environment_clears_it() {
+    let (_dir, path) =
+        file("[kst]\ndomains = [\"example.net\"]\ntrusted_mta_hosts = [\"mail.example.net\"]\n");
+    let cfg =
+        Config::load_with_env(Some(&path), env(&[("KST_KST__TRUSTED_MTA_HOSTS", "")])).unwrap();
+    assert!(cfg.kst.trusted_mta_hosts.is_empty());
+}
+
+#[test]
+fn policy_normalizes_login_map_values() {
+    let (_dir, path) = file(
+        "[kst]\ndomains = [\"Example.NET\"]\n[kst.login_map]\nAlice = \"<ALICE@example.net>\"\n",
+    );
+    let policy = Config::load_with_env(Some(&path), env(&[]))
+        .unwrap()
+        .policy()
+        .unwrap();
+    assert_eq!(policy.domains, ["example.net"]);
+    // The login keeps its case (SASL logins are compared exactly); the address is folded.
+    assert_eq!(policy.login_map["Alice"].as_str(), "alice@example.net");
+}
+
+#[test]
+fn unknown_keys_are_errors_that_name_the_key() {
+    let (_dir, path) = file("[kst]\ndomains = [\"example.net\"]\n[mailer]\nprot = 2525\n");
+    let e = Config::load_with_env(Some(&path), env(&[])).unwrap_err();
+    assert_eq!(key_of(&e), "mailer.prot");
+    assert!(e.to_string().contains("unknown key"), "{e}");
+    assert!(e.to_string().contains("port"), "lists the known keys: {e}");
+
+    let (_dir, path) = file("[kst]\ndomains = [\"example.net\"]\n[mailers]\nport = 2525\n");
+    let e = Config::load_with_env(Some(&path), env(&[])).unwrap_err();
+    assert_eq!(key_of(&e), "mailers");
+
+    let e = Config::load_with_env(
+        None,
+        env(&[("KST_KST__DOMAINS", "example.net"), ("KST_STORE__URI", "x")]),
+    )
+    .unwrap_err();
+    assert_eq!(key_of(&e), "store.uri");
+}
+
+#[test]
+fn missing_domains_is_an_error_that_says_what_to_do() {
+    for e in [
+        Config::load_with_env(None, env(&[])).unwrap_err(),
+        Config::load_with_env(Some(&file("[kst]\ndomains = []\n").1), env(&[])).unwrap_err(),
+        Config::load_with_env(None, env(&[("KST_KST__DOMAINS", " , ")])).unwrap_err(),
+    ] {
+        assert_eq!(key_of(&e), "kst.domains");
+        assert!(e.to_string().contains("at least one domain"), "{e}");
+    }
+}
+
+/// Environment overrides, the key the error must name, a text the message must contain.
+type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+
+#[test]
+fn bad_values_name_the_key_and_the_problem() {
+    let base = ("KST_KST__DOMAINS", "example.net");
+    let cases: &[Case] = &[
+        (
+            &[("KST_MAILER__PORT", "x")],
+            "mailer.port",
+            "invalid value \"x\", expected an integer",
+        ),
+        (
+            &[("KST_MAILER__PORT", "70000")],
+            "mailer.port",
+            "invalid value 70000, expected an integer from 0 to 65535",
+        ),
+        (
+            &[("KST_MAILER__KIND", "carrier-pigeon")],
+            "mailer.kind",
+            "invalid value \"carrier-pigeon\", expected \"spool\" or \"smtp\"",
+        ),
+        (
+            &[("KST_MAILER__ENVELOPE_FROM", "not an address")],
+            "mailer.envelope_from",
+            "not an address",
+        ),
+        (
+            &[("KST_KST__SUBADDRESS_SEPARATOR", "++")],
+            "kst.subaddress_separator",
+            "\"++\"",
+        ),
+        (
+            &[("KST_KST__DOMAINS", "example.net,exa mple.net")],
+            "kst.domains",
+            "exa mple.net",
+        ),
+        (
+            &[("KST_KST__TRUSTED_MTA_HOSTS", "mail example")],
+            "kst.trusted_mta_hosts",
+            "mail example",
+        ),
+        (
+            &[("KST_KST__LOGIN_MAP__BOB", "bob@elsewhere.example")],
+            "kst.login_map.bob",
+            "served domain",
+        ),
+        (
+            &[("KST_LIMITS__MAX_KEY_BYTES", "4194304")],
+            "limits.max_key_bytes",
+            "max_message_bytes",
+        ),
+        (&[("KST_LOG__LEVEL", "verbose")], "log.level", "verbose"),
+        (
+            &[("KST_STORE__BACKEND", "postgres")],
+            "store.url",
+            "postgres",
+        ),
+        (
+            &[
+                ("KST_MAILER__KIND", "smtp"),
+                ("KST_MAILER__USERNAME", "kst"),
+            ],
+            "mailer.username",
+            "together",
+        ),
+        (
+            &[("KST_MAILER__TIMEOUT_SECS", "0")],
+            "mailer.timeout_secs",
+            "at least 1",
+        ),
+        (
+            &[("KST_MAILER__TLS", "yes-please")],
+            "mailer.tls",
+            "starttls",
+        ),
+        (
+            &[("KST_KST__AUTH_SOURCE", "sasl")],
+            "kst.auth_source",
+            "sasl-argv",
+        ),
+    ];
+    for (vars, key, needle) in cases {
+        let mut all = vec![base];
+        all.extend_from_slice(vars);
+        let e = Config::load_with_env(None, env(&all)).unwrap_err();
+        assert_eq!(key_of(&e), *key, "{vars:?}: {e}");
+        let text = e.to_string();
+        assert!(text.starts_with(&format!("{key}: ")), "{text}");
+        assert!(text.contains(needle), "{vars:?}: {text} lacks {needle:?}");
+    }
+}
+
+#[test]
+fn file_problems_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.toml");
+    let e = Config::load_with_env(Some(&missing), env(&[])).unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::File { path, .. } if path == &missing),
+        "{e:?}"
+    );
+
+    let (_dir, path) = file("[kst\ndomains = [\"example.net\"]\n");
+    let e = Config::load_with_env(Some(&path), env(&[])).unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::File { path: p, .. } if p == &path),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("TOML"), "{e}");
+}
+
+#[test]
+fn masked_output_hides_secrets_and_still_parses() {
+    let (_dir, path) = file(
+        r#"
+[kst]
+domains = ["example.net"]
+[store]
+backend = "redis"
+url = "redis://:store-secret@127.0.0.1:6379/0"
+[mailer]
+kind = "smtp"
+username = "kst"
+password = "mailer-secret"
+"#,
+    );
+    let cfg = Config::load_with_env(Some(&path), env(&[])).unwrap();
+    assert_eq!(cfg.mailer.password.expose(), "mailer-secret");
+    let masked = cfg.masked();
+    assert!(!masked.contains("mailer-secret"), "{masked}");
+    assert!(!masked.contains("store-secret"), "{masked}");
+    assert!(masked.contains(MASK));
+    assert!(
+        masked.contains("redis://:********@127.0.0.1:6379/0"),
+        "{masked}"
+    );
+    assert!(
+        !format!("{cfg:?}").contains("secret"),
+        "Debug leaks a secret"
+    );
+
+    // The masked text is a valid configuration with the same non-secret values.
+    let (_dir2, path2) = file(&masked);
+    let again = Config::load_with_env(Some(&path2), env(&[])).unwrap();
+    assert_eq!(again.mailer.username, "kst");
+    assert_eq!(again.mailer.password.expose(), MASK);
+    assert_eq!(again.kst, cfg.kst);
+    assert_eq!(again.limits, cfg.limits);
+}

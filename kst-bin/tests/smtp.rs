@@ -1,0 +1,254 @@
+//! The SMTP mailer against a real SMTP server, Postfix's `smtp-sink`, and against relays that
+//! refuse or never answer.
+
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use kst_bin::config::{MailerConfig, MailerKind, SmtpTls};
+use kst_bin::mailer::{SmtpMailer, build_mailer};
+use kst_core::{AddressPolicy, Error, Mailer, OutgoingMail};
+
+/// `smtp-sink` on a free loopback port, dumping each message into a temporary directory.
+struct Sink {
+    child: Child,
+    port: u16,
+    dump: tempfile::TempDir,
+}
+
+fn smtp_sink_binary() -> PathBuf {
+    for p in ["/usr/sbin/smtp-sink", "/usr/bin/smtp-sink"] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!(
+        "smtp-sink not found: install Postfix (DEBIAN_FRONTEND=noninteractive apt-get install -y postfix); scripts/test.sh does"
+    );
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A loopback port nothing listens on (bound, then released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Sink {
+    fn start() -> Sink {
+        let dump = tempfile::tempdir().unwrap();
+        let root = running_as_root();
+        if root {
+            // smtp-sink drops privileges to `nobody` and must still write the dumps.
+            std::fs::set_permissions(dump.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let port = free_port();
+        let mut cmd = Command::new(smtp_sink_binary());
+        if root {
+            cmd.args(["-u", "nobody"]);
+        }
+        let template = format!("{}/%Y%m%d%H%M%S.", dump.path().display());
+        let child = cmd
+            .args(["-d", &template, &format!("127.0.0.1:{port}"), "16"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start smtp-sink");
+        let mut sink = Sink { child, port, dump };
+        // Wait until it listens (bounded; a failure to start ends the test).
+        for _ in 0..400 {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return sink;
+            }
+            if let Some(status) = sink.child.try_wait().unwrap() {
+                panic!("smtp-sink exited early: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("smtp-sink does not listen on 127.0.0.1:{port}");
+    }
+
+    /// The dumped messages; waits (bounded) until `n` are there.
+    fn dumps(&self, n: usize) -> Vec<String> {
+        for _ in 0..400 {
+            let files: Vec<PathBuf> = std::fs::read_dir(self.dump.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            if files.len() >= n {
+                // smtp-sink closes a dump when the data ends; give a partial write a moment.
+                let texts: Vec<String> = files
+                    .iter()
+                    .map(|f| String::from_utf8_lossy(&std::fs::read(f).unwrap()).into_owned())
+                    .collect();
+                if texts.iter().all(|t| t.contains("\nbody line\n")) {
+                    return texts;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("smtp-sink did not dump {n} message(s)");
+    }
+
+    fn config(&self, tls: SmtpTls) -> MailerConfig {
+        MailerConfig {
+            kind: MailerKind::Smtp,
+            host: "127.0.0.1".into(),
+            port: self.port,
+            tls,
+            timeout_secs: 20,
+            ..MailerConfig::default()
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mail(from: Option<&str>, to: &str) -> OutgoingMail {
+    let p = AddressPolicy::default();
+    OutgoingMail {
+        envelope_from: from.map(|f| p.normalize(f).unwrap()),
+        recipient: p.normalize(to).unwrap(),
+        // A line starting with a dot must survive SMTP's dot-stuffing.
+        message: format!(
+            "From: keys@example.net\r\nTo: {to}\r\nSubject: kst reply\r\n\r\n.leading dot\r\nbody line\r\n"
+        )
+        .into_bytes(),
+        message_id: "reply-1@example.net".into(),
+    }
+}
+
+#[tokio::test]
+async fn a_reply_reaches_a_real_smtp_server_with_the_null_sender() {
+    let sink = Sink::start();
+    let mailer = build_mailer(&sink.config(SmtpTls::None)).unwrap();
+    assert_eq!(mailer.name(), "smtp");
+    mailer.send(&mail(None, "bob@acme.net")).await.unwrap();
+
+    let dumps = sink.dumps(1);
+    assert_eq!(dumps.len(), 1);
+    let d = &dumps[0];
+    assert!(d.contains("X-Mail-Args: <>\n"), "{d}");
+    assert!(d.contains("X-Rcpt-Args: <bob@acme.net>\n"), "{d}");
+    assert_eq!(
+        d.matches("X-Rcpt-Args:").count(),
+        1,
+        "exactly one recipient: {d}"
+    );
+    assert!(d.contains("Subject: kst reply\n"), "{d}");
+    assert!(d.contains("\n.leading dot\nbody line\n"), "{d}");
+}
+
+#[tokio::test]
+async fn an_explicit_envelope_sender_is_used() {
+    let sink = Sink::start();
+    let mailer = SmtpMailer::new(&sink.config(SmtpTls::None)).unwrap();
+    mailer
+        .send(&mail(Some("keys-bounces@example.net"), "carol@example.org"))
+        .await
+        .unwrap();
+    let d = &sink.dumps(1)[0];
+    assert!(
+        d.contains("X-Mail-Args: <keys-bounces@example.net>\n"),
+        "{d}"
+    );
+    assert!(d.contains("X-Rcpt-Args: <carol@example.org>\n"), "{d}");
+}
+
+#[tokio::test]
+async fn check_talks_to_the_relay_without_sending() {
+    let sink = Sink::start();
+    let mailer = SmtpMailer::new(&sink.config(SmtpTls::None)).unwrap();
+    mailer.check().await.unwrap();
+    // And a real send afterwards is the only message there.
+    mailer.send(&mail(None, "bob@acme.net")).await.unwrap();
+    assert_eq!(sink.dumps(1).len(), 1);
+}
+
+#[tokio::test]
+async fn starttls_is_required_when_configured() {
+    // smtp-sink offers no STARTTLS: no silent downgrade to cleartext.
+    let sink = Sink::start();
+    let mailer = SmtpMailer::new(&sink.config(SmtpTls::Starttls)).unwrap();
+    let e = mailer.send(&mail(None, "bob@acme.net")).await.unwrap_err();
+    assert!(e.is_temporary(), "{e}");
+    assert!(e.to_string().contains("STARTTLS"), "{e}");
+    let files = std::fs::read_dir(sink.dump.path()).unwrap().count();
+    assert_eq!(files, 0, "nothing may be sent in cleartext");
+}
+
+#[tokio::test]
+async fn an_unreachable_relay_is_a_temporary_error() {
+    let cfg = MailerConfig {
+        kind: MailerKind::Smtp,
+        host: "127.0.0.1".into(),
+        port: free_port(),
+        tls: SmtpTls::None,
+        ..MailerConfig::default()
+    };
+    let mailer = SmtpMailer::new(&cfg).unwrap();
+    for e in [
+        mailer.send(&mail(None, "bob@acme.net")).await.unwrap_err(),
+        mailer.check().await.unwrap_err(),
+    ] {
+        assert!(e.is_temporary(), "{e}");
+        match &e {
+            Error::Unavailable { component, message } => {
+                assert_eq!(component, "mailer(smtp)");
+                assert!(
+                    message.contains(&format!("127.0.0.1:{}", cfg.port)),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_relay_that_never_answers_is_given_up_on() {
+    // Accepts connections but never sends a greeting.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        conn
+    });
+    let cfg = MailerConfig {
+        kind: MailerKind::Smtp,
+        host: "127.0.0.1".into(),
+        port,
+        tls: SmtpTls::None,
+        timeout_secs: 1,
+        ..MailerConfig::default()
+    };
+    let e = SmtpMailer::new(&cfg)
+        .unwrap()
+        .send(&mail(None, "bob@acme.net"))
+        .await
+        .unwrap_err();
+    assert!(e.is_temporary(), "{e}");
+    assert!(e.to_string().contains("mailer.timeout_secs"), "{e}");
+    drop(held.join().unwrap());
+}
