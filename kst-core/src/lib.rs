@@ -5,6 +5,8 @@
 pub mod address;
 pub mod body;
 pub mod client;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod error;
 pub mod kauth;
 pub mod mac;
