@@ -1,1 +1,11 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+mod error;
+mod file;
+mod layout;
+mod lock;
+mod store;
+
+pub use store::FsStore;

@@ -1,0 +1,24 @@
+//! Maps I/O and JSON errors into [`kst_core::Error`]: I/O → temporary, unreadable data → corrupt.
+
+use std::fmt;
+use std::path::Path;
+
+use kst_core::Error;
+
+/// Component name used in every error of this crate.
+pub(crate) const COMPONENT: &str = "store(fs)";
+
+/// An I/O error while doing `op` on `path`: the store is unavailable (temporary).
+pub(crate) fn io(op: &str, path: &Path, err: std::io::Error) -> Error {
+    Error::unavailable(COMPONENT, format!("{op} {}: {err}", path.display()))
+}
+
+/// `path` holds data this release cannot read.
+pub(crate) fn corrupt(path: &Path, what: impl fmt::Display) -> Error {
+    Error::corrupt(COMPONENT, format!("{}: {what}", path.display()))
+}
+
+/// The store is unavailable for a reason that is not an I/O error.
+pub(crate) fn unavailable(what: impl fmt::Display) -> Error {
+    Error::unavailable(COMPONENT, what)
+}

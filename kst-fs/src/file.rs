@@ -1,0 +1,183 @@
+//! One address' history file: reading and checking it, replacing it atomically, removing it.
+//!
+//! The file is a JSON object `{"address": "...", "history": [KeyRecord, ...]}` with the records
+//! in [`KeyRecord`]'s serde form (oldest first). It is replaced as a whole: write a temporary
+//! file, fsync it, rename it over the old one, fsync the directory. Readers therefore see the old
+//! file or the new one, never a mix.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::Path;
+
+use kst_core::store::validate_history;
+use kst_core::{Address, KeyRecord, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{corrupt, io};
+use crate::layout::{AddressPaths, address_hash};
+
+/// The content of a history file.
+#[derive(Debug, Serialize, Deserialize)]
+struct HistoryFile {
+    /// The normalized address; its hash is the file name.
+    address: String,
+    /// Every version, oldest first; never empty.
+    history: Vec<KeyRecord>,
+}
+
+/// Only the address of a history file (for `list`).
+#[derive(Debug, Deserialize)]
+struct AddressOnly {
+    address: String,
+}
+
+/// Reads and checks the history of `address` (files `paths`); empty when it has no file.
+pub(crate) fn read_history(address: &Address, paths: &AddressPaths) -> Result<Vec<KeyRecord>> {
+    let path = &paths.history;
+    let Some(bytes) = read_if_exists(path)? else {
+        ensure_keys_dir(paths)?;
+        return Ok(Vec::new());
+    };
+    let file: HistoryFile = serde_json::from_slice(&bytes)
+        .map_err(|e| corrupt(path, format!("not a history file: {e}")))?;
+    if file.address != address.as_str() {
+        return Err(corrupt(
+            path,
+            format!(
+                "holds the history of {:?}, expected {address}",
+                file.address
+            ),
+        ));
+    }
+    if file.history.is_empty() {
+        return Err(corrupt(path, "holds an empty history"));
+    }
+    validate_history(&file.history).map_err(|e| corrupt(path, e))?;
+    if let Some(r) = file.history.iter().find(|r| &r.address != address) {
+        return Err(corrupt(path, format!("holds a record of {}", r.address)));
+    }
+    Ok(file.history)
+}
+
+/// The address a history file belongs to, checked against its name (`hash`). `None` when the
+/// file vanished (a concurrent delete).
+pub(crate) fn read_address(path: &Path, hash: &str) -> Result<Option<Address>> {
+    let Some(bytes) = read_if_exists(path)? else {
+        return Ok(None);
+    };
+    let file: AddressOnly = serde_json::from_slice(&bytes)
+        .map_err(|e| corrupt(path, format!("not a history file: {e}")))?;
+    let address = Address::from_normalized(&file.address).map_err(|e| {
+        corrupt(
+            path,
+            format!("holds {:?}, which is not an address: {e}", file.address),
+        )
+    })?;
+    if address_hash(&address) != hash {
+        return Err(corrupt(
+            path,
+            format!("holds {address}, whose history belongs in another file"),
+        ));
+    }
+    Ok(Some(address))
+}
+
+/// Replaces the history file of `paths` with `history` (non-empty, all of one address),
+/// atomically and durably. The caller holds the shard lock.
+pub(crate) fn write_history(paths: &AddressPaths, history: &[KeyRecord]) -> Result<()> {
+    let Some(first) = history.first() else {
+        return Err(kst_core::Error::Invalid("empty history".into()));
+    };
+    let mut bytes = serde_json::to_vec(&HistoryFile {
+        address: first.address.as_str().to_string(),
+        history: history.to_vec(),
+    })
+    .map_err(|e| corrupt(&paths.history, format!("cannot encode the history: {e}")))?;
+    bytes.push(b'\n');
+
+    ensure_shard_dir(&paths.shard_dir)?;
+    let temp = &paths.temp;
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(temp).map_err(|e| io("create", temp, e))?;
+    file.write_all(&bytes).map_err(|e| io("write", temp, e))?;
+    file.sync_all().map_err(|e| io("fsync", temp, e))?;
+    drop(file);
+    fs::rename(temp, &paths.history).map_err(|e| io("rename into place", temp, e))?;
+    sync_dir(&paths.shard_dir)
+}
+
+/// Removes the history file of `paths`; whether there was one. The caller holds the shard lock.
+pub(crate) fn remove_history(paths: &AddressPaths) -> Result<bool> {
+    match fs::remove_file(&paths.history) {
+        Ok(()) => {
+            sync_dir(&paths.shard_dir)?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            ensure_keys_dir(paths)?;
+            Ok(false)
+        }
+        Err(e) => Err(io("remove", &paths.history, e)),
+    }
+}
+
+/// Creates `dir` (mode 0700, and its parents) if it is missing.
+pub(crate) fn create_dir(dir: &Path) -> Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .map_err(|e| io("create directory", dir, e))
+}
+
+/// Makes changes to the entries of `dir` (renames, removals, new files) durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("fsync directory", dir, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Creates a shard directory on first use, durably.
+fn ensure_shard_dir(shard_dir: &Path) -> Result<()> {
+    if shard_dir.is_dir() {
+        return Ok(());
+    }
+    create_dir(shard_dir)?;
+    if let Some(keys) = shard_dir.parent() {
+        sync_dir(keys)?;
+    }
+    Ok(())
+}
+
+/// A missing history file means "no key" only while the store itself is there: a vanished
+/// `keys/` (an unmounted volume, a wrong path) is a temporary error, not an empty store.
+pub(crate) fn ensure_keys_dir(paths: &AddressPaths) -> Result<()> {
+    let keys = paths.shard_dir.parent().unwrap_or(&paths.shard_dir);
+    match fs::metadata(keys) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(crate::error::unavailable(format!(
+            "{} is not a directory",
+            keys.display()
+        ))),
+        Err(e) => Err(io("stat", keys, e)),
+    }
+}
+
+fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("read", path, e)),
+    }
+}

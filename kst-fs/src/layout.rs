@@ -1,0 +1,136 @@
+//! Where things live under the store's root: hashed file names, shard directories, lock files.
+//!
+//! ```text
+//! <root>/keys/<aa>/<sha256hex>.json   the whole history of one address
+//! <root>/keys/<aa>/<sha256hex>.tmp    a write in progress (renamed over the .json)
+//! <root>/locks/<aa>.lock              exclusive lock of writers to shard <aa>
+//! ```
+//!
+//! `<sha256hex>` is the lowercase hex SHA-256 of the normalized address and `<aa>` its first two
+//! digits, so no part of a path ever comes from request input.
+
+use std::path::{Path, PathBuf};
+
+use kst_core::Address;
+use sha2::{Digest, Sha256};
+
+/// Subdirectory holding the history files.
+pub(crate) const KEYS_DIR: &str = "keys";
+/// Subdirectory holding the shard lock files.
+pub(crate) const LOCKS_DIR: &str = "locks";
+/// Suffix of a history file.
+const HISTORY_SUFFIX: &str = ".json";
+/// Suffix of a history file being written.
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// Lowercase hex SHA-256 of the normalized address: the file name stem of its history.
+pub(crate) fn address_hash(address: &Address) -> String {
+    hex::encode(Sha256::digest(address.as_str().as_bytes()))
+}
+
+/// The stem of a history file name (`<64 hex>.json`), or `None` for anything else (temporary
+/// files, stray files).
+pub(crate) fn history_file_hash(file_name: &str) -> Option<&str> {
+    let stem = file_name.strip_suffix(HISTORY_SUFFIX)?;
+    is_hash(stem).then_some(stem)
+}
+
+/// Whether `s` is 64 lowercase hex digits.
+pub(crate) fn is_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Whether `s` names a shard directory (two lowercase hex digits).
+pub(crate) fn is_shard(s: &str) -> bool {
+    s.len() == 2 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The paths of one store.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    root: PathBuf,
+}
+
+/// The paths that belong to one address.
+#[derive(Debug, Clone)]
+pub(crate) struct AddressPaths {
+    /// `<root>/keys/<aa>`.
+    pub shard_dir: PathBuf,
+    /// `<root>/keys/<aa>/<hash>.json`.
+    pub history: PathBuf,
+    /// `<root>/keys/<aa>/<hash>.tmp`.
+    pub temp: PathBuf,
+    /// `<root>/locks/<aa>.lock`.
+    pub lock: PathBuf,
+}
+
+impl Layout {
+    pub(crate) fn new(root: PathBuf) -> Self {
+        Layout { root }
+    }
+
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub(crate) fn keys_dir(&self) -> PathBuf {
+        self.root.join(KEYS_DIR)
+    }
+
+    pub(crate) fn locks_dir(&self) -> PathBuf {
+        self.root.join(LOCKS_DIR)
+    }
+
+    /// The paths of `address`.
+    pub(crate) fn address(&self, address: &Address) -> AddressPaths {
+        let hash = address_hash(address);
+        let shard = &hash[..2];
+        let shard_dir = self.keys_dir().join(shard);
+        AddressPaths {
+            history: shard_dir.join(format!("{hash}{HISTORY_SUFFIX}")),
+            temp: shard_dir.join(format!("{hash}{TEMP_SUFFIX}")),
+            lock: self.locks_dir().join(format!("{shard}.lock")),
+            shard_dir,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_come_from_the_hash_only() {
+        let a = kst_core::AddressPolicy::default()
+            .normalize("/etc/passwd@example.net")
+            .unwrap();
+        let layout = Layout::new(PathBuf::from("/srv/kst"));
+        let p = layout.address(&a);
+        let hash = address_hash(&a);
+        assert!(is_hash(&hash));
+        assert_eq!(
+            p.history,
+            PathBuf::from(format!("/srv/kst/keys/{}/{}.json", &hash[..2], hash))
+        );
+        assert_eq!(
+            p.lock,
+            PathBuf::from(format!("/srv/kst/locks/{}.lock", &hash[..2]))
+        );
+        assert_eq!(history_file_hash(&format!("{hash}.json")), Some(&*hash));
+        assert_eq!(history_file_hash(&format!("{hash}.tmp")), None);
+        assert_eq!(history_file_hash("../x.json"), None);
+        assert!(is_shard("0f") && !is_shard("0F") && !is_shard(".."));
+    }
+
+    #[test]
+    fn hash_is_sha256_of_the_normalized_address() {
+        let a = kst_core::AddressPolicy::default()
+            .normalize("Alice@Example.NET")
+            .unwrap();
+        // printf 'alice@example.net' | sha256sum
+        assert_eq!(
+            address_hash(&a),
+            "85956a993804cda14f8e09d3903088da91ddba81e48dbb1234421b49e28e958a"
+        );
+    }
+}

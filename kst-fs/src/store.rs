@@ -1,0 +1,261 @@
+//! [`FsStore`]: the [`KeyStore`] on a directory, one history file per address.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use kst_core::store::validate_history;
+use kst_core::{Address, Error, KeyRecord, KeyStore, NewKey, PublishOutcome, Result};
+
+use crate::error::{COMPONENT, corrupt, io, unavailable};
+use crate::file::{
+    create_dir, read_address, read_history, remove_history, sync_dir, write_history,
+};
+use crate::layout::{Layout, history_file_hash, is_shard};
+use crate::lock::ShardLock;
+
+/// A [`KeyStore`] on a local directory (see the crate documentation for the layout).
+///
+/// Several instances, in one process or in several, may use one directory at once: writers of
+/// an address take the exclusive lock of its shard, readers need no lock. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct FsStore {
+    layout: Arc<Layout>,
+}
+
+impl FsStore {
+    /// Opens the store in `path`, creating the directory (mode 0700) and its `keys` and `locks`
+    /// subdirectories if they are missing.
+    ///
+    /// Fails with [`Error::Config`] when `path` exists but is not a directory, and with a
+    /// temporary [`Error::Unavailable`] when it cannot be created or read.
+    pub async fn open(path: impl AsRef<Path>) -> Result<FsStore> {
+        let root = path.as_ref().to_path_buf();
+        blocking(move || {
+            if root.exists() && !root.is_dir() {
+                return Err(Error::Config(format!(
+                    "{COMPONENT}: {} is not a directory",
+                    root.display()
+                )));
+            }
+            let layout = Layout::new(root);
+            let mut created = false;
+            for dir in [
+                layout.root().to_path_buf(),
+                layout.keys_dir(),
+                layout.locks_dir(),
+            ] {
+                if !dir.is_dir() {
+                    create_dir(&dir)?;
+                    created = true;
+                }
+            }
+            if created {
+                sync_dir(layout.root())?;
+                if let Some(parent) = layout.root().parent().filter(|p| p.is_dir()) {
+                    sync_dir(parent)?;
+                }
+            }
+            Ok(FsStore {
+                layout: Arc::new(layout),
+            })
+        })
+        .await
+    }
+
+    /// The directory this store lives in.
+    pub fn root(&self) -> &Path {
+        self.layout.root()
+    }
+
+    /// The file that holds (or would hold) the history of `address`:
+    /// `<root>/keys/<aa>/<sha256 of the address, hex>.json`.
+    pub fn history_path(&self, address: &Address) -> PathBuf {
+        self.layout.address(address).history
+    }
+
+    /// Runs `op` on the blocking thread pool with this store's layout.
+    async fn run<T, F>(&self, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Layout) -> Result<T> + Send + 'static,
+    {
+        let layout = self.layout.clone();
+        blocking(move || op(&layout)).await
+    }
+}
+
+/// Runs blocking file work off the async threads. A panic in it is resumed in the caller.
+async fn blocking<T, F>(f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(Error::unavailable(
+            COMPONENT,
+            format!("file operation cancelled: {e}"),
+        )),
+    }
+}
+
+fn publish(layout: &Layout, key: NewKey) -> Result<PublishOutcome> {
+    let paths = layout.address(&key.address);
+    let _lock = ShardLock::acquire(&paths.lock)?;
+    let mut history = read_history(&key.address, &paths)?;
+    if let Some(earlier) = history
+        .iter()
+        .find(|r| r.publication_id == key.publication_id)
+    {
+        return Ok(PublishOutcome::Unchanged(earlier.clone()));
+    }
+    if let Some(current) = history.last().filter(|c| c.key == key.key) {
+        return Ok(PublishOutcome::Unchanged(current.clone()));
+    }
+    let version = match history.last() {
+        None => 1,
+        Some(c) => c
+            .version
+            .checked_add(1)
+            .ok_or_else(|| corrupt(&paths.history, "version counter overflow"))?,
+    };
+    let record = key.into_record(version);
+    history.push(record.clone());
+    write_history(&paths, &history)?;
+    tracing::debug!(address = %record.address, version, "published");
+    Ok(PublishOutcome::Published(record))
+}
+
+fn delete(layout: &Layout, address: &Address) -> Result<bool> {
+    let paths = layout.address(address);
+    let _lock = ShardLock::acquire(&paths.lock)?;
+    remove_history(&paths)
+}
+
+fn restore(layout: &Layout, history: &[KeyRecord]) -> Result<()> {
+    validate_history(history)?;
+    let address = &history[0].address;
+    // The file name derives from the address: refuse one that bypassed normalization (e.g.
+    // deserialized from an import file).
+    Address::from_normalized(address.as_str())
+        .map_err(|e| Error::Invalid(format!("restore of {address:?}: {e}")))?;
+    let paths = layout.address(address);
+    let _lock = ShardLock::acquire(&paths.lock)?;
+    write_history(&paths, history)
+}
+
+/// Reads every history file: O(number of addresses), and each file is read whole.
+fn list(layout: &Layout, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let keys = layout.keys_dir();
+    let mut found = Vec::new();
+    for (shard, shard_dir) in read_dir_sorted(&keys)? {
+        if !is_shard(&shard) || !shard_dir.is_dir() {
+            continue;
+        }
+        for (name, path) in read_dir_sorted(&shard_dir)? {
+            let Some(hash) = history_file_hash(&name) else {
+                continue;
+            };
+            if let Some(address) = read_address(&path, hash)?
+                && after.is_none_or(|a| &address > a)
+            {
+                found.push(address);
+            }
+        }
+    }
+    found.sort_unstable();
+    found.truncate(limit);
+    Ok(found)
+}
+
+/// The entries of `dir` as (file name, path), sorted; names that are not UTF-8 are skipped (no
+/// file of the store has one).
+fn read_dir_sorted(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let entries = fs::read_dir(dir).map_err(|e| io("read directory", dir, e))?;
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io("read directory", dir, e))?;
+        if let Ok(name) = entry.file_name().into_string() {
+            out.push((name, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Unique names for probe files of this process.
+static PROBE: AtomicU64 = AtomicU64::new(0);
+
+fn check(layout: &Layout) -> Result<()> {
+    for dir in [
+        layout.root().to_path_buf(),
+        layout.keys_dir(),
+        layout.locks_dir(),
+    ] {
+        let meta = fs::metadata(&dir).map_err(|e| io("stat", &dir, e))?;
+        if !meta.is_dir() {
+            return Err(unavailable(format!("{} is not a directory", dir.display())));
+        }
+    }
+    // Writes go to the shard directories (like this probe, in keys/) and the lock files.
+    for dir in [layout.keys_dir(), layout.locks_dir()] {
+        let probe = dir.join(format!(
+            ".probe-{}-{}",
+            std::process::id(),
+            PROBE.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::write(&probe, b"kst\n").map_err(|e| io("write probe file", &probe, e))?;
+        fs::remove_file(&probe).map_err(|e| io("remove probe file", &probe, e))?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl KeyStore for FsStore {
+    fn name(&self) -> &'static str {
+        "fs"
+    }
+
+    async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
+        self.run(move |l| publish(l, key)).await
+    }
+
+    async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
+        let address = address.clone();
+        self.run(move |l| Ok(read_history(&address, &l.address(&address))?.pop()))
+            .await
+    }
+
+    async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
+        let address = address.clone();
+        self.run(move |l| read_history(&address, &l.address(&address)))
+            .await
+    }
+
+    async fn delete(&self, address: &Address) -> Result<bool> {
+        let address = address.clone();
+        self.run(move |l| delete(l, &address)).await
+    }
+
+    /// Reads every history file: O(n) in the number of addresses (meant for export and audits).
+    async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
+        let after = after.cloned();
+        self.run(move |l| list(l, after.as_ref(), limit)).await
+    }
+
+    async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
+        let history = history.to_vec();
+        self.run(move |l| restore(l, &history)).await
+    }
+
+    async fn check(&self) -> Result<()> {
+        self.run(check).await
+    }
+}
