@@ -20,10 +20,6 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// same database).
 pub const MIGRATIONS_TABLE: &str = "kst_schema_migrations";
 
-/// How often `publish` retries finding or creating the address row when a concurrent `delete`
-/// keeps removing it under it.
-const LOCK_ATTEMPTS: usize = 8;
-
 /// A [`KeyStore`] on PostgreSQL, shared by every KST instance of a pool.
 ///
 /// Cheap to clone (the connection pool is shared). See the crate documentation for the schema.
@@ -298,37 +294,26 @@ impl PostgresStore {
 }
 
 /// Locks the `kst_keys` row of `address` for this transaction and returns its current version,
-/// or creates it (at version 1, already locked) and returns `None`.
+/// or creates it (at version 1, locked until commit) and returns `None`.
+///
+/// One `INSERT ... ON CONFLICT DO UPDATE` does both: unlike a `SELECT ... FOR UPDATE` followed
+/// by an insert, it always ends with the row locked, however concurrent deletes and restores
+/// interleave. The no-op update is rolled back with the rest when nothing is published.
 async fn lock_or_create(tx: &mut PgConnection, address: &str) -> Result<Option<i64>> {
-    for _ in 0..LOCK_ATTEMPTS {
-        let current: Option<i64> = sqlx::query_scalar(
-            "SELECT current_version FROM kst_keys WHERE address = $1 FOR UPDATE",
-        )
-        .bind(address)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
-        if current.is_some() {
-            return Ok(current);
-        }
-        // A concurrent first publication makes this wait for it, then do nothing: the next
-        // round finds (and locks) the row it committed.
-        let created = sqlx::query(
-            "INSERT INTO kst_keys (address, current_version) VALUES ($1, 1) \
-             ON CONFLICT (address) DO NOTHING",
-        )
-        .bind(address)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        if created.rows_affected() == 1 {
-            return Ok(None);
-        }
+    let row = sqlx::query(
+        "INSERT INTO kst_keys (address, current_version) VALUES ($1, 1) \
+         ON CONFLICT (address) DO UPDATE SET current_version = kst_keys.current_version \
+         RETURNING current_version, (xmax = 0) AS created",
+    )
+    .bind(address)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db)?;
+    let created: bool = row.try_get("created").map_err(db)?;
+    if created {
+        return Ok(None);
     }
-    Err(Error::unavailable(
-        COMPONENT,
-        format!("{address}: the address row kept changing under a publication; retry"),
-    ))
+    Ok(Some(row.try_get("current_version").map_err(db)?))
 }
 
 #[allow(clippy::too_many_arguments)]

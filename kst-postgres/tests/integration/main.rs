@@ -1,6 +1,7 @@
 //! Integration tests of the PostgreSQL store against a real server (each test in its own
 //! database; see `support`).
 
+mod conformance;
 mod outage;
 mod store;
 mod support;

@@ -1,6 +1,7 @@
 //! Integration tests of the Redis store against a real server (each test under its own key
 //! prefix; see `support`).
 
+mod conformance;
 mod outage;
 mod store;
 mod support;

@@ -1,0 +1,25 @@
+//! The shared `KeyStore` conformance suite (`kst_core::conformance`) on Redis.
+
+use std::sync::Arc;
+
+use kst_core::KeyStore;
+use kst_core::conformance;
+
+use crate::support::TestPrefix;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_suite_on_an_empty_prefix() {
+    let t = TestPrefix::new().await;
+    conformance::run_all(Arc::new(t.store().await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_concurrent_publishers_on_separate_connections() {
+    let t = TestPrefix::new().await;
+    let mut stores: Vec<Arc<dyn KeyStore>> = Vec::new();
+    for _ in 0..4 {
+        stores.push(Arc::new(t.store().await));
+    }
+    conformance::concurrent_publishers(stores.clone()).await;
+    assert!(conformance::check_consistency(&*stores[0]).await > 0);
+}
