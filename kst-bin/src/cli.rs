@@ -19,10 +19,14 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 1;
     /// A bad argument, e.g. an address that is not one.
     pub const USAGE: u8 = 64;
+    /// The input file of `import` cannot be read.
+    pub const NOINPUT: u8 = 66;
     /// The store (or the mailer, for `config check --probe`) cannot be used now.
     pub const UNAVAILABLE: u8 = 69;
     /// A bug: an error kst did not expect.
     pub const SOFTWARE: u8 = 70;
+    /// The output file of `export` cannot be written.
+    pub const CANTCREAT: u8 = 73;
     /// Try again later; `deliver` uses it so that Postfix keeps the message.
     pub const TEMPFAIL: u8 = 75;
     /// The configuration is wrong.
@@ -45,6 +49,30 @@ Every key is documented in deploy/kst.toml. Check it with:  kst config check --c
 
 Exit codes (keys, config): 0 done, 1 not found, 64 bad argument, 69 store unavailable,
 78 configuration error.";
+
+const SERVE_LONG: &str = "\
+Runs the LMTP daemon that Postfix (or Exim) delivers keys@ mail to: one long-running process
+instead of one per message. Without --config it runs on the embedded default: keys@localhost,
+filesystem store in ./data/keys, replies spooled to ./data/outbox, LMTP on 127.0.0.1:2424 and
+/healthz /readyz /metrics on 127.0.0.1:8080.
+
+WARNING: the LMTP port is as trusted as the MTA. Whoever can connect to it can write a
+\"trusted\" Received: header and publish keys for any account. Keep [lmtp] listen on loopback
+or a Unix socket and [lmtp] allow as narrow as your MTA hosts.
+
+SIGTERM or SIGINT stops accepting, lets transactions in flight finish, then exits; a second
+signal exits at once (unacknowledged messages stay with the MTA).";
+
+const SERVE_AFTER: &str = "\
+Postfix set-up:
+
+  # /etc/postfix/main.cf
+  smtpd_sasl_authenticated_header = yes
+  transport_maps = hash:/etc/postfix/transport    # keys@example.net  lmtp:inet:127.0.0.1:2424
+
+Config keys: [lmtp] listen, allow, max_message_size, max_connections, command_timeout_secs,
+data_timeout_secs, max_recipients, shutdown_grace_secs; [http] listen (\"\" turns it off).
+See deploy/kst.toml and docs/OPERATIONS.md.";
 
 const DELIVER_LONG: &str = "\
 Handles one message on stdin, the way Postfix's pipe(8) transport runs it: classifies it as a
@@ -98,9 +126,38 @@ pub enum Command {
     #[command(long_about = DELIVER_LONG, after_help = DELIVER_AFTER)]
     Deliver(DeliverArgs),
 
+    /// Run the LMTP daemon the MTA delivers keys@ mail to (see `kst serve --help`).
+    #[command(long_about = SERVE_LONG, after_help = SERVE_AFTER)]
+    Serve,
+
     /// Show, list the history of, or delete the key stored for an address.
     #[command(subcommand)]
     Keys(KeysCommand),
+
+    /// Apply the store's schema migrations (PostgreSQL); other backends are only checked.
+    ///
+    /// `kst serve` and `kst deliver` migrate by themselves when they start; run this before a
+    /// rolling upgrade of a pool so that no instance waits on the schema lock.
+    Migrate,
+
+    /// Write every key with its whole history as JSON lines (one line per address).
+    ///
+    /// Example (move from the filesystem to PostgreSQL):
+    ///   kst export --config fs.toml > keys.jsonl
+    ///   kst import --config pg.toml keys.jsonl
+    Export {
+        /// Write to FILE instead of stdout.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+
+    /// Read JSON lines written by `kst export` and store each address's history as it is,
+    /// replacing what the store held for that address. Importing a file twice is harmless.
+    Import {
+        /// The export file; `-` for stdin.
+        #[arg(value_name = "FILE")]
+        input: PathBuf,
+    },
 
     /// Check the configuration.
     #[command(subcommand)]
@@ -192,6 +249,44 @@ pub async fn run(cli: Cli) -> ExitCode {
                 ExitCode::from(exit::TEMPFAIL)
             }
         },
+        Command::Serve => {
+            let loaded = if cli.config.is_none() {
+                Config::load_with_env(None, embedded_env())
+            } else {
+                loaded
+            };
+            match loaded {
+                Ok(cfg) => ExitCode::from(serve(cfg).await),
+                Err(e) => ExitCode::from(config_failed(&e)),
+            }
+        }
+        Command::Migrate => match loaded {
+            Ok(cfg) => {
+                logging::init(&cfg.log);
+                match stores::migrate(&cfg.store).await {
+                    Ok(msg) => {
+                        eprintln!("kst: {msg}");
+                        ExitCode::from(exit::OK)
+                    }
+                    Err(e) => ExitCode::from(failed(&e)),
+                }
+            }
+            Err(e) => ExitCode::from(config_failed(&e)),
+        },
+        Command::Export { output } => match loaded {
+            Ok(cfg) => {
+                logging::init(&cfg.log);
+                ExitCode::from(export(&cfg, output.as_deref()).await)
+            }
+            Err(e) => ExitCode::from(config_failed(&e)),
+        },
+        Command::Import { input } => match loaded {
+            Ok(cfg) => {
+                logging::init(&cfg.log);
+                ExitCode::from(import(&cfg, &input).await)
+            }
+            Err(e) => ExitCode::from(config_failed(&e)),
+        },
         Command::Config(ConfigCommand::Check { probe }) => {
             ExitCode::from(config_check(cli.config.as_deref(), loaded, probe).await)
         }
@@ -203,6 +298,144 @@ pub async fn run(cli: Cli) -> ExitCode {
             logging::init(&cfg.log);
             ExitCode::from(keys(&cfg, cmd).await)
         }
+    }
+}
+
+/// The process environment, plus the embedded quick-start domain (`localhost`, trusting the
+/// local MTA) unless `KST_KST__DOMAINS` names one: `kst serve` with no configuration file.
+fn embedded_env() -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    if !env.iter().any(|(k, _)| k == "KST_KST__DOMAINS") {
+        env.push(("KST_KST__DOMAINS".into(), "localhost".into()));
+        if !env.iter().any(|(k, _)| k == "KST_KST__TRUSTED_MTA_HOSTS") {
+            env.push(("KST_KST__TRUSTED_MTA_HOSTS".into(), "localhost".into()));
+        }
+    }
+    env
+}
+
+/// `kst serve`: builds the KST (a PostgreSQL or Redis store that is down does not stop the
+/// start; `/readyz` says so) and runs the LMTP daemon until a signal.
+async fn serve(cfg: Config) -> u8 {
+    if let Some(note) = logging::init(&cfg.log) {
+        tracing::warn!("{note}");
+    }
+    let kst = match crate::deliver::build_kst_with(&cfg, stores::Reach::Lazily).await {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return failed(&e);
+        }
+    };
+    tracing::info!(
+        domains = ?cfg.kst.domains,
+        store = kst.store().name(),
+        "kst serve starting"
+    );
+    match crate::lmtp::serve(cfg.lmtp.clone(), cfg.http.clone(), kst).await {
+        Ok(()) => {
+            tracing::info!("kst serve stopped");
+            exit::OK
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "kst serve failed");
+            eprintln!("kst: {e:#}");
+            exit::UNAVAILABLE
+        }
+    }
+}
+
+async fn export(cfg: &Config, output: Option<&Path>) -> u8 {
+    let store = match stores::open_store(&cfg.store, stores::Reach::Now).await {
+        Ok(s) => s,
+        Err(e) => return failed(&e),
+    };
+    let result = match output {
+        None => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            crate::transfer::export(store.as_ref(), &mut out).await
+        }
+        Some(path) => {
+            // Write beside the target and rename, so a failed export leaves no half file.
+            let tmp = path.with_extension("partial");
+            let file = match std::fs::File::create(&tmp) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("kst: cannot create {}: {e}", tmp.display());
+                    return exit::CANTCREAT;
+                }
+            };
+            let mut out = std::io::BufWriter::new(file);
+            let r = crate::transfer::export(store.as_ref(), &mut out).await;
+            drop(out);
+            match r {
+                Ok(c) => match std::fs::rename(&tmp, path) {
+                    Ok(()) => Ok(c),
+                    Err(e) => {
+                        eprintln!(
+                            "kst: cannot rename {} to {}: {e}",
+                            tmp.display(),
+                            path.display()
+                        );
+                        return exit::CANTCREAT;
+                    }
+                },
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    Err(e)
+                }
+            }
+        }
+    };
+    match result {
+        Ok(c) => {
+            eprintln!(
+                "kst: exported {} address(es), {} version(s) from the {} store",
+                c.addresses,
+                c.versions,
+                store.name()
+            );
+            exit::OK
+        }
+        Err(e) => failed(&e),
+    }
+}
+
+async fn import(cfg: &Config, input: &Path) -> u8 {
+    let store = match stores::open_store(&cfg.store, stores::Reach::Now).await {
+        Ok(s) => s,
+        Err(e) => return failed(&e),
+    };
+    let result = if input == Path::new("-") {
+        let stdin = std::io::stdin();
+        let mut lock = stdin.lock();
+        crate::transfer::import(store.as_ref(), &mut lock).await
+    } else {
+        match std::fs::File::open(input) {
+            Ok(f) => {
+                let mut r = std::io::BufReader::new(f);
+                crate::transfer::import(store.as_ref(), &mut r).await
+            }
+            Err(e) => {
+                eprintln!("kst: cannot read {}: {e}", input.display());
+                return exit::NOINPUT;
+            }
+        }
+    };
+    match result {
+        Ok(c) => {
+            eprintln!(
+                "kst: imported {} address(es), {} version(s) into the {} store",
+                c.addresses,
+                c.versions,
+                store.name()
+            );
+            exit::OK
+        }
+        Err(e) => failed(&e),
     }
 }
 
@@ -248,7 +481,7 @@ async fn config_check(
     }
     logging::init(&cfg.log);
     let mut code = exit::OK;
-    match stores::open_store(&cfg.store).await {
+    match stores::open_store(&cfg.store, stores::Reach::Now).await {
         Ok(store) => match store.check().await {
             Ok(()) => eprintln!("kst: store ({}) OK", store.name()),
             Err(e) => code = code.max(failed(&e)),
@@ -311,7 +544,7 @@ async fn keys(cfg: &Config, cmd: KeysCommand) -> u8 {
         },
         Err(e) => return config_failed(&e),
     };
-    let store: Arc<dyn KeyStore> = match stores::open_store(&cfg.store).await {
+    let store: Arc<dyn KeyStore> = match stores::open_store(&cfg.store, stores::Reach::Now).await {
         Ok(s) => s,
         Err(e) => return failed(&e),
     };

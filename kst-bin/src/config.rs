@@ -17,7 +17,7 @@ pub const ENV_PREFIX: &str = "KST";
 /// Separator between the section and the key in an environment override (`KST_MAILER__PORT`).
 pub const ENV_SEPARATOR: &str = "__";
 /// Keys whose environment value is a comma-separated list.
-pub const ENV_LIST_KEYS: [&str; 2] = ["kst.domains", "kst.trusted_mta_hosts"];
+pub const ENV_LIST_KEYS: [&str; 3] = ["kst.domains", "kst.trusted_mta_hosts", "lmtp.allow"];
 /// How secrets are shown by [`Config::masked`].
 pub const MASK: &str = "********";
 
@@ -38,6 +38,10 @@ pub struct Config {
     pub mailer: MailerConfig,
     /// `[log]`: log format and level.
     pub log: LogConfig,
+    /// `[lmtp]`: the LMTP daemon of `kst serve`.
+    pub lmtp: crate::lmtp::LmtpConfig,
+    /// `[http]`: the operations endpoint of `kst serve`.
+    pub http: crate::lmtp::HttpConfig,
 }
 
 /// `[kst]`: the protocol policy.
@@ -111,6 +115,10 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Connection URL of the `postgres` and `redis` backends. May hold a password.
     pub url: String,
+    /// Key prefix of the `redis` backend, so that several services can share one Redis.
+    pub prefix: String,
+    /// Most connections one kst process opens to PostgreSQL.
+    pub max_connections: u32,
 }
 
 impl Default for StoreConfig {
@@ -119,6 +127,8 @@ impl Default for StoreConfig {
             backend: StoreBackend::Fs,
             path: PathBuf::from("./data/keys"),
             url: String::new(),
+            prefix: "kst".to_string(),
+            max_connections: 8,
         }
     }
 }
@@ -129,6 +139,8 @@ impl fmt::Debug for StoreConfig {
             .field("backend", &self.backend)
             .field("path", &self.path)
             .field("url", &mask_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -375,7 +387,11 @@ impl Config {
 
     /// Trims list entries and drops empty ones (`KST_KST__TRUSTED_MTA_HOSTS=` is an empty list).
     fn tidy(&mut self) {
-        for list in [&mut self.kst.domains, &mut self.kst.trusted_mta_hosts] {
+        for list in [
+            &mut self.kst.domains,
+            &mut self.kst.trusted_mta_hosts,
+            &mut self.lmtp.allow,
+        ] {
             *list = list
                 .iter()
                 .map(|s| s.trim().to_string())
@@ -387,6 +403,9 @@ impl Config {
     /// Checks everything that can be checked without touching the store or the network.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.policy()?;
+        self.lmtp
+            .validate()
+            .map_err(|e| ConfigError::key(e.key, e.message))?;
         let l = &self.limits;
         if l.max_message_bytes == 0 {
             return Err(ConfigError::key(

@@ -17,8 +17,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use kst_core::service::{Envelope, HandleError, Kst};
 use kst_core::Decision;
+use kst_core::service::{Envelope, HandleError, Kst};
 use tokio::io::AsyncReadExt;
 
 use crate::cli::DeliverArgs;
@@ -41,14 +41,23 @@ pub async fn run(config: Config, args: DeliverArgs) -> ExitCode {
     }
 }
 
-/// Builds the KST a configuration describes (store opened, mailer built).
+/// Builds the KST a configuration describes (store opened, mailer built); a store that cannot
+/// be reached is a temporary error.
 pub async fn build_kst(config: &Config) -> Result<Kst, kst_core::Error> {
+    build_kst_with(config, crate::stores::Reach::Now).await
+}
+
+/// [`build_kst`], choosing what happens when a network store cannot be reached.
+pub async fn build_kst_with(
+    config: &Config,
+    reach: crate::stores::Reach,
+) -> Result<Kst, kst_core::Error> {
     let policy = config
         .policy()
         .map_err(|e| kst_core::Error::Config(e.to_string()))?;
-    let store = crate::stores::open_store(&config.store).await?;
-    let mailer =
-        crate::mailer::build_mailer(&config.mailer).map_err(|e| kst_core::Error::Config(e.to_string()))?;
+    let store = crate::stores::open_store(&config.store, reach).await?;
+    let mailer = crate::mailer::build_mailer(&config.mailer)
+        .map_err(|e| kst_core::Error::Config(e.to_string()))?;
     let envelope_from = match config.mailer.envelope_from.trim() {
         "" => None,
         s => Some(
@@ -119,4 +128,3 @@ pub fn describe(d: &Decision) -> (&'static str, String) {
         Decision::Ignored(why) => (why.as_str(), "-".into()),
     }
 }
-

@@ -11,3 +11,4 @@ pub mod logging;
 pub mod mailer;
 pub mod metrics;
 pub mod stores;
+pub mod transfer;

@@ -7,10 +7,13 @@ use kst_bin::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // The daemon uses every core; one-shot commands (one message, one key) need one thread.
+    let mut builder = if matches!(cli.command, cli::Command::Serve) {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kst: cannot start the async runtime: {e}");

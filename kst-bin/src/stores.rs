@@ -1,24 +1,68 @@
-//! Opens the key store `[store]` names.
+//! Opens the key store `[store]` names: `fs` (kst-fs), `postgres` (kst-postgres) or `redis`
+//! (kst-redis).
 
 use std::sync::Arc;
 
 use kst_core::{Error, KeyStore};
+use kst_postgres::PostgresStore;
+use kst_redis::RedisStore;
 
 use crate::config::{StoreBackend, StoreConfig};
 
-/// Opens the backend of `cfg`. A store that cannot be reached is a temporary
-/// [`Error::Unavailable`]; a backend this build does not include is [`Error::Config`].
-pub async fn open_store(cfg: &StoreConfig) -> Result<Arc<dyn KeyStore>, Error> {
+/// How to open a network store when its server cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Fail with [`Error::Unavailable`] (a one-shot command: `kst deliver` then exits 75).
+    Now,
+    /// Build the store anyway and connect on first use (a daemon that must start while its
+    /// database is down; `/readyz` reports the store until it is back).
+    Lazily,
+}
+
+/// Opens the backend of `cfg`, running PostgreSQL schema migrations when the server is reachable.
+/// A store that cannot be reached is a temporary [`Error::Unavailable`] (unless `reach` is
+/// [`Reach::Lazily`]); a bad URL is [`Error::Config`].
+pub async fn open_store(cfg: &StoreConfig, reach: Reach) -> Result<Arc<dyn KeyStore>, Error> {
     match cfg.backend {
-        // Interim: kst-fs has no `FsStore` yet. Once it lands this arm is
-        // `Ok(Arc::new(kst_fs::FsStore::open(&cfg.path)?))` (plus `.await` if `open` is async).
-        StoreBackend::Fs => Err(Error::Config(format!(
-            "store.backend = \"fs\" (path {}) is not available in this build yet: the kst-fs store is still being written",
-            cfg.path.display()
-        ))),
-        StoreBackend::Postgres | StoreBackend::Redis => Err(Error::Config(format!(
-            "store.backend = \"{}\" is not available in this build yet; use \"fs\"",
-            cfg.backend.as_str()
-        ))),
+        StoreBackend::Fs => Ok(Arc::new(kst_fs::FsStore::open(&cfg.path).await?)),
+        StoreBackend::Postgres => {
+            let builder =
+                PostgresStore::builder(cfg.url.clone()).max_connections(cfg.max_connections);
+            match builder.clone().connect().await {
+                Ok(store) => Ok(Arc::new(store)),
+                Err(e) if e.is_temporary() && reach == Reach::Lazily => {
+                    tracing::warn!(error = %e, "PostgreSQL is unreachable; starting anyway, the schema is migrated by `kst migrate` or the next start");
+                    Ok(Arc::new(builder.connect_lazy()?))
+                }
+                Err(e) => Err(e),
+            }
+        }
+        StoreBackend::Redis => {
+            let builder = RedisStore::builder(cfg.url.clone()).prefix(cfg.prefix.clone());
+            match reach {
+                Reach::Now => Ok(Arc::new(builder.connect().await?)),
+                Reach::Lazily => Ok(Arc::new(builder.connect_lazy()?)),
+            }
+        }
+    }
+}
+
+/// Applies the PostgreSQL schema migrations of `cfg` (`kst migrate`). Other backends have no
+/// schema; for them this only checks that the store opens.
+pub async fn migrate(cfg: &StoreConfig) -> Result<&'static str, Error> {
+    match cfg.backend {
+        StoreBackend::Postgres => {
+            let store = PostgresStore::builder(cfg.url.clone())
+                .run_migrations(false)
+                .connect()
+                .await?;
+            store.migrate().await?;
+            Ok("PostgreSQL schema is up to date")
+        }
+        _ => {
+            let store = open_store(cfg, Reach::Now).await?;
+            store.check().await?;
+            Ok("this backend has no schema to migrate; the store opens and answers")
+        }
     }
 }

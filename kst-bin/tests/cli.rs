@@ -155,9 +155,15 @@ fn keys_refuses_what_is_not_an_address() {
 }
 
 #[test]
-fn keys_with_a_backend_not_in_this_build() {
+fn keys_on_an_empty_store_and_an_unreachable_one() {
     let (_dir, path) = temp_config("");
     let p = path.to_str().unwrap();
+    for cmd in ["get", "history", "delete"] {
+        let o = kst(&["keys", cmd, "alice@example.net", "--config", p], &[]);
+        assert_eq!(code(&o), 1, "keys {cmd}: {}", err(&o));
+        assert!(out(&o).is_empty(), "keys {cmd}: {}", out(&o));
+    }
+    // Nothing listens on port 1: the store is unavailable (69), and the message says which.
     let o = kst(
         &["keys", "get", "alice@example.net", "--config", p],
         &[
@@ -165,7 +171,14 @@ fn keys_with_a_backend_not_in_this_build() {
             ("KST_STORE__URL", "redis://127.0.0.1:1"),
         ],
     );
-    // Not in this build yet: a configuration error, named.
-    assert_eq!(code(&o), 78, "{}", err(&o));
-    assert!(err(&o).contains("store.backend"), "{}", err(&o));
+    assert_eq!(code(&o), 69, "{}", err(&o));
+    assert!(err(&o).to_lowercase().contains("redis"), "{}", err(&o));
+    let o = kst(
+        &["keys", "get", "alice@example.net", "--config", p],
+        &[
+            ("KST_STORE__BACKEND", "postgres"),
+            ("KST_STORE__URL", "postgres://kst@127.0.0.1:1/kst"),
+        ],
+    );
+    assert_eq!(code(&o), 69, "{}", err(&o));
 }

@@ -19,12 +19,12 @@ use crate::body::{self, RequestBody};
 use crate::error::Error;
 use crate::kauth::AuthKey;
 use crate::mailer::{Mailer, OutgoingMail};
-use crate::openpgp::{self, KeyError};
 use crate::policy::{AuthSource, Policy};
 use crate::protocol::{Reason, Status};
 use crate::received;
 use crate::reply::{self, ReplyContent, ReplyTo};
 use crate::store::{KeyStore, NewKey, PublishOutcome};
+use crate::validate::{self, KeyPolicy};
 
 /// The SMTP envelope of one delivery, as the provider's MTA states it.
 #[derive(Debug, Clone, Default)]
@@ -413,18 +413,18 @@ impl Kst {
                 .refuse(ctx, Reason::BadAuthKey, Some(&account), None, None)
                 .await;
         };
-        let key = match openpgp::parse_armored(armored, self.policy.max_key_bytes) {
+        let key_policy = KeyPolicy {
+            max_key_bytes: self.policy.max_key_bytes,
+            address_policy: self.policy.address_policy.clone(),
+            ..KeyPolicy::default()
+        };
+        let key = match validate::validate(armored, &account, &key_policy, SystemTime::now()) {
             Ok(k) => k,
             Err(e) => {
-                let reason = match e {
-                    KeyError::SecretKey => Reason::SecretKey,
-                    KeyError::TooLarge(_) => Reason::KeyTooLarge,
-                    _ => Reason::BadKey,
-                };
                 return self
                     .refuse(
                         ctx,
-                        reason,
+                        e.reason(),
                         Some(&account),
                         Some(e.to_string()),
                         Some(&k_auth),
@@ -432,6 +432,9 @@ impl Kst {
                     .await;
             }
         };
+        if !key.stripped.is_empty() {
+            tracing::info!(account = %account, stripped = ?key.stripped, "key published without parts that do not belong to the account");
+        }
         let publication_id = publication_id(&account, &k_auth, &key.packets);
         let outcome = self
             .store
@@ -441,7 +444,7 @@ impl Kst {
                 fingerprint: key.fingerprint,
                 publication_id,
                 published_at: now(),
-                revoked: false,
+                revoked: key.revoked,
             })
             .await?;
         let new_version = matches!(outcome, PublishOutcome::Published(_));

@@ -1,1 +1,296 @@
+//! Shared helpers for kst's cross-crate tests: real gpg keys, the real `kst` binary, temporary
+//! KST set-ups on the filesystem store with the spool mailer.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use std::io::Write as _;
+
+/// A throwaway GnuPG home with keys made by the real `gpg`.
+pub struct Gpg {
+    home: tempfile::TempDir,
+}
+
+/// A key made by gpg.
+#[derive(Debug, Clone)]
+pub struct GpgKey {
+    /// The User ID's address.
+    pub address: String,
+    /// Primary key fingerprint, uppercase hex.
+    pub fingerprint: String,
+    /// `gpg --armor --export`.
+    pub public_armored: String,
+}
+
+impl Default for Gpg {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Gpg {
+    /// A fresh, empty GnuPG home.
+    pub fn new() -> Self {
+        let home = tempfile::Builder::new()
+            .prefix("kst-gpg-")
+            .tempdir()
+            .expect("temp dir");
+        Gpg { home }
+    }
+
+    /// The GNUPGHOME path.
+    pub fn home(&self) -> &Path {
+        self.home.path()
+    }
+
+    /// Runs gpg with this home; panics with gpg's stderr on failure.
+    pub fn run(&self, args: &[&str]) -> Vec<u8> {
+        let out = Command::new("gpg")
+            .env("GNUPGHOME", self.home.path())
+            .args(["--batch", "--yes", "--no-tty", "--quiet"])
+            .args(args)
+            .output()
+            .expect("gpg must be installed (Debian package gnupg)");
+        assert!(
+            out.status.success(),
+            "gpg {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// Makes a key for `name <address>` with `algo` (`ed25519`, `rsa3072`, ...) and an
+    /// encryption subkey, and returns its public part.
+    pub fn generate(&self, name: &str, address: &str, algo: &str) -> GpgKey {
+        let uid = format!("{name} <{address}>");
+        self.run(&[
+            "--passphrase",
+            "",
+            "--pinentry-mode",
+            "loopback",
+            "--quick-gen-key",
+            &uid,
+            algo,
+            "sign,cert",
+            "never",
+        ]);
+        let fingerprint = self.fingerprint(address);
+        let sub = if algo == "ed25519" { "cv25519" } else { algo };
+        self.run(&[
+            "--passphrase",
+            "",
+            "--pinentry-mode",
+            "loopback",
+            "--quick-add-key",
+            &fingerprint,
+            sub,
+            "encr",
+            "never",
+        ]);
+        GpgKey {
+            address: address.to_string(),
+            public_armored: self.export(&fingerprint),
+            fingerprint,
+        }
+    }
+
+    /// The fingerprint of the first key matching `who`.
+    pub fn fingerprint(&self, who: &str) -> String {
+        let out = self.run(&["--with-colons", "--list-keys", who]);
+        String::from_utf8_lossy(&out)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("fpr:")
+                    .map(|r| r.trim_matches(':').to_string())
+            })
+            .expect("gpg lists a fingerprint")
+    }
+
+    /// `gpg --armor --export WHO`.
+    pub fn export(&self, who: &str) -> String {
+        String::from_utf8(self.run(&["--armor", "--export", who])).expect("armor is ASCII")
+    }
+
+    /// `gpg --armor --export-secret-keys WHO`.
+    pub fn export_secret(&self, who: &str) -> String {
+        String::from_utf8(self.run(&[
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase",
+            "",
+            "--armor",
+            "--export-secret-keys",
+            who,
+        ]))
+        .expect("armor is ASCII")
+    }
+
+    /// Imports armored key text; returns gpg's status output.
+    pub fn import(&self, armored: &str) -> String {
+        let mut child = Command::new("gpg")
+            .env("GNUPGHOME", self.home.path())
+            .args(["--batch", "--status-fd", "1", "--import"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("gpg");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(armored.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// Path of the `kst` binary of this build, building it once if it is not there yet.
+pub fn kst_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // current_exe: target/<profile>/deps/<test>-<hash>
+        let exe = std::env::current_exe().expect("current exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf();
+        let bin = profile_dir.join("kst");
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "kst-bin", "--bin", "kst"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo build kst");
+        assert!(status.success(), "building the kst binary failed");
+        assert!(bin.exists(), "no kst binary at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A `Received:` header as Postfix writes it for an authenticated submission.
+pub fn received_authenticated(login: &str, by: &str) -> String {
+    format!(
+        "Received: from [10.0.0.1] (unknown [12.80.3.21])\r\n\t(Authenticated sender: {login})\r\n\tby {by} (Postfix) with ESMTPSA id 53F3A161B01\r\n\tfor <keys@example.net>; Sun, 4 Mar 2018 16:47:07 +0100 (CET)\r\n"
+    )
+}
+
+/// A `Received:` header for unauthenticated mail from the internet.
+pub fn received_plain(helo: &str, by: &str) -> String {
+    format!(
+        "Received: from {helo} (unknown [203.0.113.7])\r\n\tby {by} (Postfix) with ESMTPS id 61A40160923\r\n\tfor <keys@example.net>; Sun, 4 Mar 2018 16:34:15 +0100 (CET)\r\n"
+    )
+}
+
+/// A KST on a temporary directory: filesystem store, spool mailer, config file.
+pub struct TestKst {
+    /// The temporary directory holding config, keys and outbox.
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config: PathBuf,
+}
+
+impl TestKst {
+    /// Serves `example.net` (and `example.org`), trusting `mail.example.net`; `extra` is TOML
+    /// appended to the `[kst]` table.
+    pub fn new(extra_kst: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("kst-test-")
+            .tempdir()
+            .expect("temp dir");
+        let config = dir.path().join("kst.toml");
+        let text = format!(
+            r#"[kst]
+domains = ["example.net", "example.org"]
+trusted_mta_hosts = ["mail.example.net"]
+{extra_kst}
+
+[store]
+backend = "fs"
+path = "{keys}"
+
+[mailer]
+kind = "spool"
+path = "{outbox}"
+
+[log]
+format = "json"
+level = "info"
+"#,
+            keys = dir.path().join("keys").display(),
+            outbox = dir.path().join("outbox").display(),
+        );
+        std::fs::write(&config, text).expect("write config");
+        TestKst { dir, config }
+    }
+
+    /// The spool directory.
+    pub fn outbox(&self) -> PathBuf {
+        self.dir.path().join("outbox")
+    }
+
+    /// Runs `kst ARGS --config FILE` with `stdin`; returns the process output.
+    pub fn kst(&self, args: &[&str], stdin: &[u8]) -> Output {
+        self.kst_env(args, stdin, &[])
+    }
+
+    /// Like [`TestKst::kst`] with extra environment variables.
+    pub fn kst_env(&self, args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(kst_binary());
+        cmd.args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn kst");
+        let mut input = child.stdin.take().unwrap();
+        // The child may exit before reading everything (oversize mail): ignore EPIPE.
+        let _ = input.write_all(stdin);
+        drop(input);
+        child.wait_with_output().expect("kst runs")
+    }
+
+    /// `kst deliver` as Postfix's pipe runs it.
+    pub fn deliver(&self, sender: &str, recipient: &str, message: &[u8]) -> Output {
+        self.kst(
+            &["deliver", "--sender", sender, "--recipient", recipient],
+            message,
+        )
+    }
+
+    /// Replies in the spool, oldest first, as raw bytes.
+    pub fn replies(&self) -> Vec<Vec<u8>> {
+        let Ok(rd) = std::fs::read_dir(self.outbox()) else {
+            return Vec::new();
+        };
+        let mut files: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+            .collect();
+        files.sort();
+        files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+    }
+
+    /// The newest reply; panics when there is none.
+    pub fn last_reply(&self) -> Vec<u8> {
+        self.replies().pop().expect("a reply in the spool")
+    }
+}
+
+/// The exit code of a finished process (-1 when killed by a signal).
+pub fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+/// Stderr as text, for assertion messages.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

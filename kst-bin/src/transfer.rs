@@ -1,0 +1,130 @@
+//! `kst export` and `kst import`: every key with its history as JSON lines, so an operator can
+//! move between backends (fs → PostgreSQL or Redis and back) without losing anything.
+//!
+//! One line per address: `{"address":"alice@example.net","history":[KeyRecord, ...]}`, oldest
+//! version first, the key as base64 of its binary packets (the stored record as it is).
+
+use std::io::{BufRead, Write};
+
+use kst_core::{Address, Error, KeyRecord, KeyStore, store::validate_history};
+use serde::{Deserialize, Serialize};
+
+/// Addresses fetched from the store per `list` call.
+const PAGE: usize = 500;
+
+/// Longest line `import` reads (a history of large keys); longer lines are refused.
+pub const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
+
+/// One exported address.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportLine {
+    /// The normalized address.
+    pub address: Address,
+    /// Every version, oldest first; the last is current.
+    pub history: Vec<KeyRecord>,
+}
+
+/// What an export or import did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Addresses written.
+    pub addresses: u64,
+    /// Key versions written.
+    pub versions: u64,
+}
+
+/// Writes every address of `store` with its history to `out`, in address order.
+pub async fn export(store: &dyn KeyStore, out: &mut dyn Write) -> Result<Counts, Error> {
+    let mut counts = Counts::default();
+    let mut after: Option<Address> = None;
+    loop {
+        let page = store.list(after.as_ref(), PAGE).await?;
+        for address in &page {
+            let history = store.history(address).await?;
+            if history.is_empty() {
+                continue; // deleted between list and history
+            }
+            counts.addresses += 1;
+            counts.versions += history.len() as u64;
+            let line = ExportLine {
+                address: address.clone(),
+                history,
+            };
+            let mut text = serde_json::to_string(&line)
+                .map_err(|e| Error::Invalid(format!("cannot encode {address}: {e}")))?;
+            text.push('\n');
+            out.write_all(text.as_bytes())
+                .map_err(|e| Error::unavailable("export output", e))?;
+        }
+        match page.last() {
+            Some(last) if page.len() == PAGE => after = Some(last.clone()),
+            _ => break,
+        }
+    }
+    out.flush()
+        .map_err(|e| Error::unavailable("export output", e))?;
+    Ok(counts)
+}
+
+/// Reads export lines from `input` and restores each address into `store`, replacing what the
+/// store held for it. Stops at the first bad line with an error that names the line number;
+/// lines before it are imported (importing the same file again is harmless).
+pub async fn import(store: &dyn KeyStore, input: &mut dyn BufRead) -> Result<Counts, Error> {
+    let mut counts = Counts::default();
+    let mut line = Vec::new();
+    let mut number = 0u64;
+    loop {
+        line.clear();
+        let n = read_line(input, &mut line)?;
+        if n == 0 {
+            break;
+        }
+        number += 1;
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let parsed: ExportLine = serde_json::from_str(text)
+            .map_err(|e| Error::Invalid(format!("line {number}: not an export line: {e}")))?;
+        if parsed.history.iter().any(|r| r.address != parsed.address) {
+            return Err(Error::Invalid(format!(
+                "line {number}: a record of the history is not for {}",
+                parsed.address
+            )));
+        }
+        validate_history(&parsed.history)
+            .map_err(|e| Error::Invalid(format!("line {number}: {e}")))?;
+        store.restore(&parsed.history).await?;
+        counts.addresses += 1;
+        counts.versions += parsed.history.len() as u64;
+    }
+    Ok(counts)
+}
+
+/// Reads one line (up to and including `\n`), refusing lines over [`MAX_LINE_BYTES`].
+fn read_line(input: &mut dyn BufRead, line: &mut Vec<u8>) -> Result<usize, Error> {
+    loop {
+        let buf = input
+            .fill_buf()
+            .map_err(|e| Error::unavailable("import input", e))?;
+        if buf.is_empty() {
+            return Ok(line.len());
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        line.extend_from_slice(&buf[..take]);
+        input.consume(take);
+        if line.len() > MAX_LINE_BYTES {
+            return Err(Error::Invalid(format!(
+                "an import line is longer than {MAX_LINE_BYTES} bytes"
+            )));
+        }
+        if done {
+            return Ok(line.len());
+        }
+    }
+}

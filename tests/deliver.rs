@@ -1,0 +1,290 @@
+//! `kst deliver` end to end: the real binary, real gpg keys, the filesystem store and the spool
+//! mailer, driven the way Postfix's pipe(8) drives it.
+
+use kst_core::AddressPolicy;
+use kst_core::client::{self, Asked, Verified};
+use kst_tests::{Gpg, TestKst, code, received_authenticated, received_plain, stderr};
+
+fn addr(s: &str) -> kst_core::Address {
+    AddressPolicy::default().normalize(s).unwrap()
+}
+
+/// The paper's Fig. 3 message, rebuilt with a real key: Return-Path, the trusted Received
+/// header, To, From, Message-ID, Date, the key block and K_auth.
+fn fig3(key: &str, k_auth: &str) -> Vec<u8> {
+    format!(
+        "Return-Path: <alice@example.net>\r\n{}To: keys@example.net\r\nFrom: Alice <alice@example.net>\r\nMessage-ID: <0efca192bb11e87d9978@example.net>\r\nDate: Sun, 4 Mar 2018 16:47:09 +0100\r\n\r\n{}{}\r\n",
+        received_authenticated("alice@example.net", "mail.example.net"),
+        key.replace('\n', "\r\n"),
+        k_auth
+    )
+    .into_bytes()
+}
+
+/// The paper's Fig. 5 message with one address (see docs/PROTOCOL.md).
+fn fig5(query: &str, k_auth: &str) -> Vec<u8> {
+    format!(
+        "Return-Path: <bob@acme.net>\r\n{}Message-Id: <2018031160923@acme.net>\r\nDate: Sun, 4 Mar 2018 16:34:15 +0100\r\nFrom: bob@acme.net\r\nTo: keys@example.net\r\n\r\n{query}\r\n{k_auth}\r\n",
+        received_plain("mx.acme.net", "mail.example.net"),
+    )
+    .into_bytes()
+}
+
+fn pending(asked: Asked, id: &str, k: &kst_core::AuthKey) -> client::Pending {
+    client::Pending {
+        asked,
+        message_id: id.into(),
+        service: addr("keys@example.net"),
+        k_auth: k.to_base64(),
+        created_at: 0,
+    }
+}
+
+#[test]
+fn paper_figures_3_and_5_with_real_keys() {
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let kst = TestKst::new("");
+
+    let k_pub = kst_core::AuthKey::generate();
+    let out = kst.deliver(
+        "alice@example.net",
+        "keys@example.net",
+        &fig3(&alice.public_armored, &k_pub.to_base64()),
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let confirmation = kst.last_reply();
+    let p = pending(
+        Asked::Publication {
+            account: addr("alice@example.net"),
+            fingerprint: alice.fingerprint.clone(),
+        },
+        "0efca192bb11e87d9978@example.net",
+        &k_pub,
+    );
+    match client::verify_reply(&p, &confirmation).unwrap() {
+        Verified::Published { fingerprint, .. } => assert_eq!(fingerprint, alice.fingerprint),
+        other => panic!("{other:?}"),
+    }
+
+    let k_ret = kst_core::AuthKey::generate();
+    let out = kst.deliver(
+        "bob@acme.net",
+        "keys@example.net",
+        &fig5("alice@example.net", &k_ret.to_base64()),
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let response = kst.last_reply();
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.contains("X-Kst-Envelope-To: bob@acme.net") || text.contains("bob@acme.net"));
+    let p = pending(
+        Asked::Retrieval {
+            address: addr("alice@example.net"),
+        },
+        "2018031160923@acme.net",
+        &k_ret,
+    );
+    match client::verify_reply(&p, &response).unwrap() {
+        Verified::Found {
+            fingerprint,
+            armored,
+            ..
+        } => {
+            assert_eq!(fingerprint, alice.fingerprint);
+            // The key a third party receives imports into real gpg.
+            let other = Gpg::new();
+            let status = other.import(&armored);
+            assert!(status.contains("IMPORT_OK"), "{status}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn client_built_requests_round_trip_and_rsa_keys_work() {
+    let gpg = Gpg::new();
+    let carol = gpg.generate("Carol", "carol@example.org", "rsa3072");
+    let kst = TestKst::new("");
+    let req = client::build_publication(&addr("carol@example.org"), &carol.public_armored).unwrap();
+    let mut raw = received_authenticated("carol@example.org", "mail.example.net").into_bytes();
+    raw.extend_from_slice(&req.message);
+    let out = kst.deliver("carol@example.org", "keys@example.org", &raw);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(matches!(
+        client::verify_reply(&req.pending, &kst.last_reply()).unwrap(),
+        Verified::Published { .. }
+    ));
+    let q = client::build_retrieval(&addr("dave@acme.net"), &addr("CAROL@example.org"));
+    let out = kst.deliver("dave@acme.net", "keys@example.org", &q.message);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(matches!(
+        client::verify_reply(&q.pending, &kst.last_reply()).unwrap(),
+        Verified::Found { .. }
+    ));
+    // kst keys get prints the same key.
+    let out = kst.kst(&["keys", "get", "carol@example.org"], b"");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("BEGIN PGP PUBLIC KEY BLOCK"));
+    let other = Gpg::new();
+    assert!(other.import(&printed).contains("IMPORT_OK"));
+}
+
+#[test]
+fn forgeries_through_deliver_publish_nothing() {
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let kst = TestKst::new("");
+    let k = kst_core::AuthKey::generate().to_base64();
+    let body = format!("{}{k}\r\n", alice.public_armored.replace('\n', "\r\n"));
+    let msg = |headers: String| -> Vec<u8> {
+        format!("{headers}From: alice@example.net\r\nTo: keys@example.net\r\nMessage-ID: <f@x>\r\n\r\n{body}").into_bytes()
+    };
+    let forgeries = [
+        ("unauthenticated with a fake note", format!(
+            "Received: from mx.evil.example (unknown [203.0.113.9])\r\n\tby mail.example.net (Postfix) with ESMTP id 1\r\n{}",
+            received_authenticated("alice@example.net", "mail.example.net")
+        )),
+        ("HELO imitating the trusted host", received_plain("mail.example.net", "mail.example.net")),
+        ("look-alike by host", received_authenticated("alice@example.net", "mail.example.net.evil.example")),
+        ("note in the HELO", "Received: from x (Authenticated sender: alice@example.net) (unknown [203.0.113.9])\r\n\tby mail.example.net (Postfix) with ESMTP id 2\r\n".to_string()),
+    ];
+    for (what, headers) in forgeries {
+        let out = kst.deliver("alice@example.net", "keys@example.net", &msg(headers));
+        assert_eq!(code(&out), 0, "{what}: {}", stderr(&out));
+        let reply = String::from_utf8_lossy(&kst.last_reply()).into_owned();
+        assert!(reply.contains("KST-Status: refused"), "{what}: {reply}");
+        assert!(reply.contains("KST-Reason: not-authenticated"), "{what}");
+    }
+    // bob authenticated, publishing as alice.
+    let out = kst.deliver(
+        "alice@example.net",
+        "keys@example.net",
+        &msg(received_authenticated(
+            "bob@example.net",
+            "mail.example.net",
+        )),
+    );
+    assert_eq!(code(&out), 0);
+    assert!(String::from_utf8_lossy(&kst.last_reply()).contains("KST-Reason: sender-mismatch"));
+    let out = kst.kst(&["keys", "get", "alice@example.net"], b"");
+    assert_eq!(code(&out), 1, "nothing was published: {}", stderr(&out));
+}
+
+#[test]
+fn exit_codes_follow_sysexits() {
+    let kst = TestKst::new("");
+    let q = client::build_retrieval(&addr("dave@acme.net"), &addr("alice@example.net"));
+    // Not for kst: unknown recipient, oversize.
+    let out = kst.deliver("dave@acme.net", "alice@example.net", &q.message);
+    assert_eq!(code(&out), 65, "{}", stderr(&out));
+    let out = kst.deliver("dave@acme.net", "keys@acme.net", &q.message);
+    assert_eq!(code(&out), 65);
+    let big = vec![b'x'; 2 * 1024 * 1024 + 10];
+    let out = kst.deliver("dave@acme.net", "keys@example.net", &big);
+    assert_eq!(code(&out), 65);
+    // Loops: accepted, unanswered.
+    let out = kst.deliver("", "keys@example.net", &q.message);
+    assert_eq!(code(&out), 0);
+    assert!(kst.replies().is_empty());
+    // Mailer unavailable (spool path under a file), store unavailable, configuration error:
+    // all temporary (75), so that Postfix keeps the message; nothing is half-done.
+    for (key, value) in [
+        ("KST_MAILER__PATH", "/dev/null/outbox"),
+        ("KST_STORE__PATH", "/dev/null/keys"),
+        ("KST_MAILER__KIND", "carrier-pigeon"),
+    ] {
+        let out = kst.kst_env(
+            &[
+                "deliver",
+                "--sender",
+                "dave@acme.net",
+                "--recipient",
+                "keys@example.net",
+            ],
+            &q.message,
+            &[(key, value)],
+        );
+        assert_eq!(code(&out), 75, "{key}={value}: {}", stderr(&out));
+        assert!(kst.replies().is_empty(), "{key}={value}: no reply yet");
+    }
+    // And the retry once things are fine is answered.
+    let out = kst.deliver("dave@acme.net", "keys@example.net", &q.message);
+    assert_eq!(code(&out), 0);
+    assert_eq!(kst.replies().len(), 1);
+}
+
+#[test]
+fn sasl_argv_mode_uses_only_the_command_line() {
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let kst = TestKst::new(r#"auth_source = "sasl-argv""#);
+    let req = client::build_publication(&addr("alice@example.net"), &alice.public_armored).unwrap();
+    // A perfect trusted header is not enough in this mode.
+    let mut raw = received_authenticated("alice@example.net", "mail.example.net").into_bytes();
+    raw.extend_from_slice(&req.message);
+    let out = kst.deliver("alice@example.net", "keys@example.net", &raw);
+    assert_eq!(code(&out), 0);
+    assert!(String::from_utf8_lossy(&kst.last_reply()).contains("not-authenticated"));
+    let out = kst.kst(
+        &[
+            "deliver",
+            "--sender",
+            "alice@example.net",
+            "--recipient",
+            "keys@example.net",
+            "--sasl-username",
+            "alice@example.net",
+        ],
+        &req.message,
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(matches!(
+        client::verify_reply(&req.pending, &kst.last_reply()).unwrap(),
+        Verified::Published { .. }
+    ));
+}
+
+#[test]
+fn secret_key_is_never_stored() {
+    let gpg = Gpg::new();
+    gpg.generate("Alice", "alice@example.net", "ed25519");
+    let secret = gpg.export_secret("alice@example.net");
+    let kst = TestKst::new("");
+    let k = kst_core::AuthKey::generate().to_base64();
+    let raw = format!(
+        "{}From: alice@example.net\r\nTo: keys@example.net\r\nMessage-ID: <s@x>\r\n\r\n{}{k}\r\n",
+        received_authenticated("alice@example.net", "mail.example.net"),
+        secret.replace('\n', "\r\n")
+    );
+    let out = kst.deliver("alice@example.net", "keys@example.net", raw.as_bytes());
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let reply = String::from_utf8_lossy(&kst.last_reply()).into_owned();
+    assert!(reply.contains("KST-Reason: secret-key"), "{reply}");
+    assert_eq!(
+        code(&kst.kst(&["keys", "get", "alice@example.net"], b"")),
+        1
+    );
+    // Nothing of the secret key is on disk.
+    for entry in walk(kst.dir.path()) {
+        let data = std::fs::read(&entry).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&data).contains("PRIVATE KEY"),
+            "{}",
+            entry.display()
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
