@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine or this one: installs and starts what the tests
+# need (gpg, PostgreSQL, Redis, Postfix tools), then runs every test of the workspace.
+# Usage: scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '== %s\n' "$*"; }
+
+ensure_tools() {
+  local missing=()
+  command -v gpg >/dev/null || missing+=(gnupg)
+  command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || missing+=(postfix)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+ensure_tools
+scripts/services.sh
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo test (workspace)"
+export KST_TEST_POSTGRES_URL="${KST_TEST_POSTGRES_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
+export KST_TEST_REDIS_URL="${KST_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+cargo test --workspace --all-targets "$@"
+cargo test --workspace --doc "$@"
