@@ -52,7 +52,7 @@ Exit codes (keys, config): 0 done, 1 not found, 64 bad argument, 69 store unavai
 
 const SERVE_LONG: &str = "\
 Runs the LMTP daemon that Postfix (or Exim) delivers keys@ mail to: one long-running process
-instead of one per message. Without --config it runs on the embedded default: keys@localhost,
+instead of one per message. Without --config it runs on the embedded default: keys@example.test,
 filesystem store in ./data/keys, replies spooled to ./data/outbox, LMTP on 127.0.0.1:2424 and
 /healthz /readyz /metrics on 127.0.0.1:8080.
 
@@ -301,14 +301,14 @@ pub async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-/// The process environment, plus the embedded quick-start domain (`localhost`, trusting the
+/// The process environment, plus the embedded quick-start domain (`example.test`, RFC 2606, trusting the
 /// local MTA) unless `KST_KST__DOMAINS` names one: `kst serve` with no configuration file.
 fn embedded_env() -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .collect();
     if !env.iter().any(|(k, _)| k == "KST_KST__DOMAINS") {
-        env.push(("KST_KST__DOMAINS".into(), "localhost".into()));
+        env.push(("KST_KST__DOMAINS".into(), "example.test".into()));
         if !env.iter().any(|(k, _)| k == "KST_KST__TRUSTED_MTA_HOSTS") {
             env.push(("KST_KST__TRUSTED_MTA_HOSTS".into(), "localhost".into()));
         }
