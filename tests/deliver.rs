@@ -288,3 +288,54 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn rate_limits_hold_across_deliver_processes() {
+    // One `kst deliver` process per message: the fs store's counters are shared on disk.
+    let kst = TestKst::new("");
+    let env = [("KST_LIMITS__PER_SENDER", "2")];
+    let mut outcomes = Vec::new();
+    for i in 0..3 {
+        let q =
+            client::build_retrieval(&addr("dave@acme.net"), &addr(&format!("u{i}@example.net")));
+        let out = kst.kst_env(
+            &[
+                "deliver",
+                "--sender",
+                "dave@acme.net",
+                "--recipient",
+                "keys@example.net",
+            ],
+            &q.message,
+            &env,
+        );
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        outcomes.push(stderr(&out));
+    }
+    assert_eq!(
+        kst.replies().len(),
+        2,
+        "the third request is left unanswered"
+    );
+    assert!(outcomes[2].contains("rate-limited"), "{}", outcomes[2]);
+    assert!(
+        outcomes[2].contains("\"limit\":\"sender\""),
+        "{}",
+        outcomes[2]
+    );
+    // Another sender is not affected.
+    let q = client::build_retrieval(&addr("erin@acme.net"), &addr("u0@example.net"));
+    let out = kst.kst_env(
+        &[
+            "deliver",
+            "--sender",
+            "erin@acme.net",
+            "--recipient",
+            "keys@example.net",
+        ],
+        &q.message,
+        &env,
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(kst.replies().len(), 3);
+}

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use kst_core::{AddressPolicy, AuthSource, Policy};
+use kst_core::{AddressPolicy, AuthSource, Policy, RateLimits};
 use serde::{Deserialize, Serialize};
 
 /// Environment variable prefix of configuration overrides.
@@ -60,9 +60,14 @@ pub struct KstConfig {
     pub subaddress_separator: String,
     /// SASL logins that are not addresses, mapped to the address they own.
     pub login_map: BTreeMap<String, String>,
+    /// Answer only senders vouched for: an authenticated submission, or SPF/DKIM/DMARC pass for
+    /// the sender's domain in the topmost `Authentication-Results:` header with `authserv_id`.
+    pub require_authentication_results: bool,
+    /// The authserv-id the provider's MTA writes in `Authentication-Results:` (RFC 8601).
+    pub authserv_id: String,
 }
 
-/// `[limits]`: size caps in bytes.
+/// `[limits]`: size and shape caps, and request rates (0 turns a rate off).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -70,13 +75,38 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Largest armored key block accepted.
     pub max_key_bytes: usize,
+    /// Most top-level header fields a request may have.
+    pub max_headers: usize,
+    /// Most MIME parts a request may have.
+    pub max_mime_parts: usize,
+    /// Deepest multipart nesting a request may have.
+    pub max_mime_depth: usize,
+    /// Requests per window from one envelope sender.
+    pub per_sender: u32,
+    /// Requests per window from one sender domain (served domains are exempt).
+    pub per_sender_domain: u32,
+    /// Requests per window from one source IP (topmost trusted `Received:` header).
+    pub per_source_ip: u32,
+    /// Retrievals per window asking for one address.
+    pub per_queried_address: u32,
+    /// Length of the rate-limit window in seconds.
+    pub window_secs: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
+        let r = RateLimits::default();
         LimitsConfig {
             max_message_bytes: Policy::DEFAULT_MAX_MESSAGE_BYTES,
             max_key_bytes: Policy::DEFAULT_MAX_KEY_BYTES,
+            max_headers: Policy::DEFAULT_MAX_HEADERS,
+            max_mime_parts: Policy::DEFAULT_MAX_MIME_PARTS,
+            max_mime_depth: Policy::DEFAULT_MAX_MIME_DEPTH,
+            per_sender: r.per_sender,
+            per_sender_domain: r.per_sender_domain,
+            per_source_ip: r.per_source_ip,
+            per_queried_address: r.per_queried_address,
+            window_secs: r.window_secs,
         }
     }
 }
@@ -419,6 +449,27 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        for (key, v) in [
+            ("limits.max_headers", l.max_headers),
+            ("limits.max_mime_parts", l.max_mime_parts),
+            ("limits.max_mime_depth", l.max_mime_depth),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::key(key, "must be greater than 0"));
+            }
+        }
+        if l.window_secs == 0 {
+            return Err(ConfigError::key(
+                "limits.window_secs",
+                "must be at least 1 (turn a rate off with 0 on its own key, e.g. limits.per_source_ip = 0)",
+            ));
+        }
+        if self.kst.require_authentication_results && self.kst.authserv_id.trim().is_empty() {
+            return Err(ConfigError::key(
+                "kst.authserv_id",
+                "must name the authserv-id your MTA writes in Authentication-Results (e.g. \"mx.example.net\") when kst.require_authentication_results = true",
+            ));
+        }
         if l.max_key_bytes > l.max_message_bytes {
             return Err(ConfigError::key(
                 "limits.max_key_bytes",
@@ -566,6 +617,19 @@ impl Config {
         policy.address_policy = address_policy;
         policy.max_message_bytes = self.limits.max_message_bytes;
         policy.max_key_bytes = self.limits.max_key_bytes;
+        let l = &self.limits;
+        policy.max_headers = l.max_headers;
+        policy.max_mime_parts = l.max_mime_parts;
+        policy.max_mime_depth = l.max_mime_depth;
+        policy.rate_limits = RateLimits {
+            per_sender: l.per_sender,
+            per_sender_domain: l.per_sender_domain,
+            per_source_ip: l.per_source_ip,
+            per_queried_address: l.per_queried_address,
+            window_secs: l.window_secs,
+        };
+        policy.require_authentication_results = k.require_authentication_results;
+        policy.authserv_id = k.authserv_id.trim().to_string();
         Ok(policy)
     }
 

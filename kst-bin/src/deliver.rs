@@ -55,7 +55,7 @@ pub async fn build_kst_with(
     let policy = config
         .policy()
         .map_err(|e| kst_core::Error::Config(e.to_string()))?;
-    let store = crate::stores::open_store(&config.store, reach).await?;
+    let (store, limiter) = crate::stores::open_store_and_limiter(&config.store, reach).await?;
     let mailer = crate::mailer::build_mailer(&config.mailer)
         .map_err(|e| kst_core::Error::Config(e.to_string()))?;
     let envelope_from = match config.mailer.envelope_from.trim() {
@@ -67,7 +67,9 @@ pub async fn build_kst_with(
                 .map_err(|e| kst_core::Error::Config(format!("mailer.envelope_from: {e}")))?,
         ),
     };
-    Ok(Kst::new(policy, store, Arc::clone(&mailer)).with_envelope_from(envelope_from))
+    Ok(Kst::new(policy, store, Arc::clone(&mailer))
+        .with_rate_limiter(limiter)
+        .with_envelope_from(envelope_from))
 }
 
 async fn deliver(config: Config, args: DeliverArgs) -> Result<u8, kst_core::Error> {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use kst_core::{Error, KeyStore};
+use kst_core::{Error, KeyStore, RateLimiter};
 use kst_postgres::PostgresStore;
 use kst_redis::RedisStore;
 
@@ -23,26 +23,41 @@ pub enum Reach {
 /// A store that cannot be reached is a temporary [`Error::Unavailable`] (unless `reach` is
 /// [`Reach::Lazily`]); a bad URL is [`Error::Config`].
 pub async fn open_store(cfg: &StoreConfig, reach: Reach) -> Result<Arc<dyn KeyStore>, Error> {
+    Ok(open_store_and_limiter(cfg, reach).await?.0)
+}
+
+/// Opens the backend of `cfg` (as [`open_store`]) and the rate limiter that goes with it: the
+/// same backend, so that every instance of a pool (PostgreSQL, Redis) or every process on the
+/// host (`fs`: counters in `<path>/ratelimit/`) shares the counts.
+pub async fn open_store_and_limiter(
+    cfg: &StoreConfig,
+    reach: Reach,
+) -> Result<(Arc<dyn KeyStore>, Arc<dyn RateLimiter>), Error> {
     match cfg.backend {
-        StoreBackend::Fs => Ok(Arc::new(kst_fs::FsStore::open(&cfg.path).await?)),
+        StoreBackend::Fs => {
+            let store = Arc::new(kst_fs::FsStore::open(&cfg.path).await?);
+            Ok((store.clone(), store))
+        }
         StoreBackend::Postgres => {
             let builder =
                 PostgresStore::builder(cfg.url.clone()).max_connections(cfg.max_connections);
-            match builder.clone().connect().await {
-                Ok(store) => Ok(Arc::new(store)),
+            let store = match builder.clone().connect().await {
+                Ok(store) => Arc::new(store),
                 Err(e) if e.is_temporary() && reach == Reach::Lazily => {
                     tracing::warn!(error = %e, "PostgreSQL is unreachable; starting anyway, the schema is migrated by `kst migrate` or the next start");
-                    Ok(Arc::new(builder.connect_lazy()?))
+                    Arc::new(builder.connect_lazy()?)
                 }
-                Err(e) => Err(e),
-            }
+                Err(e) => return Err(e),
+            };
+            Ok((store.clone(), store))
         }
         StoreBackend::Redis => {
             let builder = RedisStore::builder(cfg.url.clone()).prefix(cfg.prefix.clone());
-            match reach {
-                Reach::Now => Ok(Arc::new(builder.connect().await?)),
-                Reach::Lazily => Ok(Arc::new(builder.connect_lazy()?)),
-            }
+            let store = Arc::new(match reach {
+                Reach::Now => builder.connect().await?,
+                Reach::Lazily => builder.connect_lazy()?,
+            });
+            Ok((store.clone(), store))
         }
     }
 }

@@ -347,3 +347,54 @@ password = "mailer-secret"
     assert_eq!(again.kst, cfg.kst);
     assert_eq!(again.limits, cfg.limits);
 }
+
+#[test]
+fn rate_limits_and_the_gate_come_from_file_and_environment() {
+    let cfg = Config::load_with_env(None, env(&[("KST_KST__DOMAINS", "example.net")])).unwrap();
+    let policy = cfg.policy().unwrap();
+    assert_eq!(policy.rate_limits, kst_core::RateLimits::default());
+    assert!(policy.rate_limits.per_sender > 0, "on by default");
+    assert!(
+        !policy.require_authentication_results,
+        "the gate is off by default"
+    );
+    let cfg = Config::load_with_env(
+        None,
+        env(&[
+            ("KST_KST__DOMAINS", "example.net"),
+            ("KST_LIMITS__PER_SENDER", "5"),
+            ("KST_LIMITS__PER_SOURCE_IP", "0"),
+            ("KST_LIMITS__WINDOW_SECS", "600"),
+            ("KST_LIMITS__MAX_MIME_PARTS", "10"),
+            ("KST_KST__REQUIRE_AUTHENTICATION_RESULTS", "true"),
+            ("KST_KST__AUTHSERV_ID", "mx.example.net"),
+        ]),
+    )
+    .unwrap();
+    let p = cfg.policy().unwrap();
+    assert_eq!(p.rate_limits.per_sender, 5);
+    assert_eq!(p.rate_limits.per_source_ip, 0);
+    assert_eq!(p.rate_limits.window_secs, 600);
+    assert_eq!(p.max_mime_parts, 10);
+    assert!(p.require_authentication_results);
+    assert_eq!(p.authserv_id, "mx.example.net");
+    // The gate without an authserv-id, and a zero window, name their keys.
+    let e = Config::load_with_env(
+        None,
+        env(&[
+            ("KST_KST__DOMAINS", "example.net"),
+            ("KST_KST__REQUIRE_AUTHENTICATION_RESULTS", "true"),
+        ]),
+    )
+    .unwrap_err();
+    assert_eq!(key_of(&e), "kst.authserv_id");
+    let e = Config::load_with_env(
+        None,
+        env(&[
+            ("KST_KST__DOMAINS", "example.net"),
+            ("KST_LIMITS__WINDOW_SECS", "0"),
+        ]),
+    )
+    .unwrap_err();
+    assert_eq!(key_of(&e), "limits.window_secs");
+}

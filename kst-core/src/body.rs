@@ -55,6 +55,27 @@ pub fn plain_text(message: &Message<'_>) -> Option<String> {
         })
 }
 
+/// How deeply `message` nests multipart containers (a single-part message: 1). Walks the part
+/// tree without recursion; a part id that points backwards or repeats ends the walk there.
+pub fn mime_depth(message: &Message<'_>) -> usize {
+    let mut deepest = 0;
+    let mut stack: Vec<(usize, usize)> = vec![(0, 1)];
+    let mut visited = vec![false; message.parts.len()];
+    while let Some((id, depth)) = stack.pop() {
+        let Some(part) = message.parts.get(id) else {
+            continue;
+        };
+        if std::mem::replace(&mut visited[id], true) {
+            continue;
+        }
+        deepest = deepest.max(depth);
+        if let Some(children) = part.sub_parts() {
+            stack.extend(children.iter().map(|c| (*c as usize, depth + 1)));
+        }
+    }
+    deepest
+}
+
 /// Classifies a decoded text body.
 pub fn classify(text: &str) -> RequestBody {
     let mut lines: Vec<&str> = Vec::new();

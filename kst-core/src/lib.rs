@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod address;
+pub mod authres;
 pub mod body;
 pub mod client;
 #[cfg(feature = "conformance")]
@@ -14,6 +15,7 @@ pub mod mailer;
 pub mod openpgp;
 pub mod policy;
 pub mod protocol;
+pub mod ratelimit;
 pub mod received;
 pub mod reply;
 pub mod service;
@@ -26,6 +28,7 @@ pub use kauth::AuthKey;
 pub use mailer::{Mailer, OutgoingMail};
 pub use policy::{AuthSource, Policy};
 pub use protocol::{Reason, Status};
+pub use ratelimit::{LimitKind, MemoryRateLimiter, RateLimiter, RateLimits};
 pub use service::{Decision, Envelope, HandleError, Handled, Kst, NotForKst};
 pub use store::{KeyRecord, KeyStore, NewKey, PublishOutcome};
 #[cfg(test)]

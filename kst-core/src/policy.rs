@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::address::{Address, AddressPolicy};
+use crate::ratelimit::RateLimits;
 
 /// Where kst learns who authenticated a publication.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +40,19 @@ pub struct Policy {
     pub max_key_bytes: usize,
     /// The local part that receives requests: `keys`.
     pub service_local_part: String,
+    /// Request rates per sender, sender domain, source IP and queried address.
+    pub rate_limits: RateLimits,
+    /// Answer a retrieval only when the provider's topmost `Authentication-Results:` header
+    /// (with [`Policy::authserv_id`]) shows SPF, DKIM or DMARC pass for the sender's domain.
+    pub require_authentication_results: bool,
+    /// The provider's authserv-id (RFC 8601), e.g. its MX host name.
+    pub authserv_id: String,
+    /// Most header fields the top-level message may have.
+    pub max_headers: usize,
+    /// Most MIME parts (multipart containers included) a message may have.
+    pub max_mime_parts: usize,
+    /// Deepest multipart nesting a message may have (a single-part message has depth 1).
+    pub max_mime_depth: usize,
 }
 
 impl Policy {
@@ -46,6 +60,13 @@ impl Policy {
     pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
     /// Default size cap for an armored key block: 1 MiB (as Hagrid).
     pub const DEFAULT_MAX_KEY_BYTES: usize = 1024 * 1024;
+    /// Default cap on top-level header fields: 500 (long relay chains with ARC and DKIM stay
+    /// well below 100).
+    pub const DEFAULT_MAX_HEADERS: usize = 500;
+    /// Default cap on MIME parts: 64 (a request needs 1 to 3).
+    pub const DEFAULT_MAX_MIME_PARTS: usize = 64;
+    /// Default cap on multipart nesting: 8.
+    pub const DEFAULT_MAX_MIME_DEPTH: usize = 8;
 
     /// A policy serving `domains`, trusting `trusted_mta_hosts`, with every other setting at its
     /// default. Domains and hosts are normalized (lowercase, A-label).
@@ -63,6 +84,12 @@ impl Policy {
             max_message_bytes: Self::DEFAULT_MAX_MESSAGE_BYTES,
             max_key_bytes: Self::DEFAULT_MAX_KEY_BYTES,
             service_local_part: "keys".into(),
+            rate_limits: RateLimits::default(),
+            require_authentication_results: false,
+            authserv_id: String::new(),
+            max_headers: Self::DEFAULT_MAX_HEADERS,
+            max_mime_parts: Self::DEFAULT_MAX_MIME_PARTS,
+            max_mime_depth: Self::DEFAULT_MAX_MIME_DEPTH,
         }
     }
 

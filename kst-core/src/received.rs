@@ -238,6 +238,61 @@ pub fn authenticated_login(
     }
 }
 
+/// What the per-IP rate limit counts when the topmost `Received:` header is the provider's but
+/// names no client IP kst can read (e.g. a HELO name that unbalances its parentheses).
+pub const UNREADABLE_SOURCE: &str = "unreadable";
+
+/// The client IP that the provider's MTA recorded in the topmost `Received:` header (Postfix
+/// and Sendmail style: `from HELO (RDNS [IP])`), for the per-IP rate limit.
+///
+/// `None` when the header is missing or written by a host that is not one of
+/// `trusted_mta_hosts`. When the header is trusted but holds no readable IP, or cannot be parsed
+/// at all, the result is [`UNREADABLE_SOURCE`], so that odd headers share one counter instead of
+/// escaping the limit. The IP is the last bracketed address among the comments of the `from`
+/// clause: the MTA writes its TCP information after the (client-chosen) HELO name, so anything
+/// the client put in its HELO comes earlier and is never used.
+pub fn source_ip(topmost_received: &str, trusted_mta_hosts: &[String]) -> Option<String> {
+    if topmost_received.len() > MAX_RECEIVED_LEN {
+        return Some(UNREADABLE_SOURCE.into());
+    }
+    let Ok(tokens) = tokenize(topmost_received) else {
+        return Some(UNREADABLE_SOURCE.into());
+    };
+    let clauses = clauses(tokens);
+    let by: Vec<&Clause> = clauses.iter().filter(|c| c.keyword == "by").collect();
+    let [by] = by.as_slice() else {
+        return Some(UNREADABLE_SOURCE.into());
+    };
+    let host = by
+        .value
+        .as_deref()
+        .unwrap_or("")
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    if !trusted_mta_hosts
+        .iter()
+        .any(|t| t.trim_end_matches('.').eq_ignore_ascii_case(&host))
+    {
+        return None;
+    }
+    let ip = clauses
+        .iter()
+        .find(|c| c.keyword == "from")
+        .and_then(|from| from.comments.iter().rev().find_map(|c| bracketed_ip(c)));
+    Some(ip.map_or_else(|| UNREADABLE_SOURCE.into(), |ip| ip.to_string()))
+}
+
+/// The IP of a comment that ends in `[IP]` or `[IPv6:IP]`.
+fn bracketed_ip(comment: &str) -> Option<std::net::IpAddr> {
+    let inner = comment.trim().strip_suffix(']')?;
+    let (_, literal) = inner.rsplit_once('[')?;
+    let literal = literal
+        .strip_prefix("IPv6:")
+        .or_else(|| literal.strip_prefix("ipv6:"))
+        .unwrap_or(literal);
+    literal.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,5 +393,24 @@ mod tests {
     fn oversized_header_is_refused() {
         let h = format!("{PAPER} {}", "x".repeat(MAX_RECEIVED_LEN));
         assert!(authenticated_login(&h, &trusted()).is_err());
+    }
+    #[test]
+    fn source_ip_is_the_mta_written_one() {
+        let t = trusted();
+        assert_eq!(source_ip(PAPER, &t).as_deref(), Some("12.80.3.21"));
+        let h = "from mail-x.acme.net (mail-x.acme.net [IPv6:2001:db8::7])\r\n\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\r\n\tby mail.example.net (Postfix) with ESMTPS id 1\r\n\tfor <keys@example.net>; Sun, 4 Mar 2018 16:47:07 +0100";
+        assert_eq!(source_ip(h, &t).as_deref(), Some("2001:db8::7"));
+        // A HELO that carries its own bracketed address comes before the MTA's comment.
+        let h = "from x(y[6.6.6.6]) (rdns [192.0.2.9])\r\n\tby mail.example.net (Postfix) with ESMTP id 1";
+        assert_eq!(source_ip(h, &t).as_deref(), Some("192.0.2.9"));
+        // The HELO literal itself is never used.
+        let h = "from [6.6.6.6] (unknown)\r\n\tby mail.example.net (Postfix) with ESMTP id 1";
+        assert_eq!(source_ip(h, &t).as_deref(), Some(UNREADABLE_SOURCE));
+        // Unbalanced HELO: one shared counter, not an escape.
+        let h = "from x( (rdns [192.0.2.9])\r\n\tby mail.example.net (Postfix) with ESMTP id 1";
+        assert_eq!(source_ip(h, &t).as_deref(), Some(UNREADABLE_SOURCE));
+        // Not the provider's header: no IP counter.
+        let h = PAPER.replace("by example.net", "by mx.evil.example");
+        assert_eq!(source_ip(&h, &t), None);
     }
 }

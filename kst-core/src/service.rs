@@ -15,12 +15,14 @@ use mail_parser::{Message, MessageParser};
 use sha2::{Digest, Sha256};
 
 use crate::address::Address;
+use crate::authres;
 use crate::body::{self, RequestBody};
 use crate::error::Error;
 use crate::kauth::AuthKey;
 use crate::mailer::{Mailer, OutgoingMail};
 use crate::policy::{AuthSource, Policy};
 use crate::protocol::{Reason, Status};
+use crate::ratelimit::{self, LimitKind, MemoryRateLimiter, RateLimiter};
 use crate::received;
 use crate::reply::{self, ReplyContent, ReplyTo};
 use crate::store::{KeyStore, NewKey, PublishOutcome};
@@ -50,12 +52,21 @@ pub enum Silence {
     BulkPrecedence,
     /// From MAILER-DAEMON.
     MailerDaemon,
+    /// Mailing-list mail (`List-Id:`, `List-Post:`) or from a list address (`owner-*`,
+    /// `*-request`).
+    MailingList,
     /// From a `keys@` address this KST serves (a loop).
     OwnAddress,
     /// The envelope sender is not a single plain address; there is nobody to answer.
     BadSender,
     /// The message could not be parsed at all.
     Unparseable,
+    /// A rate limit is exhausted (which one is logged).
+    RateLimited(LimitKind),
+    /// `require_authentication_results` is on and the sender is not vouched for: neither an
+    /// authenticated submission nor an SPF/DKIM/DMARC pass in the provider's
+    /// `Authentication-Results:` header.
+    SenderNotVouched,
 }
 
 impl Silence {
@@ -66,9 +77,12 @@ impl Silence {
             Silence::AutoSubmitted => "auto-submitted",
             Silence::BulkPrecedence => "bulk-precedence",
             Silence::MailerDaemon => "mailer-daemon",
+            Silence::MailingList => "mailing-list",
             Silence::OwnAddress => "own-address",
             Silence::BadSender => "bad-sender",
             Silence::Unparseable => "unparseable",
+            Silence::RateLimited(_) => "rate-limited",
+            Silence::SenderNotVouched => "sender-not-vouched",
         }
     }
 }
@@ -176,19 +190,34 @@ pub struct Kst {
     policy: Arc<Policy>,
     store: Arc<dyn KeyStore>,
     mailer: Arc<dyn Mailer>,
+    limiter: Arc<dyn RateLimiter>,
     envelope_from: Option<Address>,
 }
 
 impl Kst {
     /// A KST with `policy`, storing in `store` and replying through `mailer`. Replies go out
     /// with the null envelope sender (RFC 3834) unless [`Kst::with_envelope_from`] says otherwise.
+    /// Rate limits are counted in this process ([`MemoryRateLimiter`]) unless
+    /// [`Kst::with_rate_limiter`] names a shared limiter.
     pub fn new(policy: Policy, store: Arc<dyn KeyStore>, mailer: Arc<dyn Mailer>) -> Self {
         Kst {
             policy: Arc::new(policy),
             store,
             mailer,
+            limiter: Arc::new(MemoryRateLimiter::new()),
             envelope_from: None,
         }
+    }
+
+    /// Counts rate limits in `limiter` (shared by a pool: Redis or PostgreSQL).
+    pub fn with_rate_limiter(mut self, limiter: Arc<dyn RateLimiter>) -> Self {
+        self.limiter = limiter;
+        self
+    }
+
+    /// The rate limiter.
+    pub fn rate_limiter(&self) -> &Arc<dyn RateLimiter> {
+        &self.limiter
     }
 
     /// Sets the envelope sender of replies (`None`: null sender `<>`).
@@ -259,30 +288,69 @@ impl Kst {
             in_reply_to: message_id.as_deref(),
             references: &references,
         };
-        let text = body::plain_text(&message).unwrap_or_default();
-        let (kind, decision) = match body::classify(&text) {
-            RequestBody::Publication { armored, k_auth } => (
-                RequestKind::Publication,
+        let body = match self.shape_problem(&message) {
+            Some(problem) => Err(problem),
+            None => Ok(body::classify(
+                &body::plain_text(&message).unwrap_or_default(),
+            )),
+        };
+        let kind = match &body {
+            Ok(RequestBody::Publication { .. } | RequestBody::SecretKey { .. }) => {
+                RequestKind::Publication
+            }
+            Ok(RequestBody::Retrieval { .. }) => RequestKind::Retrieval,
+            _ => RequestKind::Other,
+        };
+        if let Some(limit) = self.over_limit(&message, &requester, &body).await? {
+            tracing::info!(
+                message_id = message_id.as_deref().unwrap_or("-"),
+                sender = %requester,
+                limit = limit.as_str(),
+                "rate limit exhausted; the request is left unanswered"
+            );
+            return Ok(silent(message_id, kind, Silence::RateLimited(limit)));
+        }
+        if self.policy.require_authentication_results
+            && let Err(why) = self.vouched(envelope, &message, &requester)
+        {
+            tracing::info!(
+                message_id = message_id.as_deref().unwrap_or("-"),
+                sender = %requester,
+                why = %why,
+                "sender not vouched for; the request is left unanswered"
+            );
+            return Ok(silent(message_id, kind, Silence::SenderNotVouched));
+        }
+        let body = match body {
+            Ok(b) => b,
+            Err(problem) => {
+                let decision = self
+                    .refuse(&ctx, Reason::Malformed, None, Some(problem), None)
+                    .await?;
+                return Ok(Handled {
+                    message_id,
+                    kind,
+                    decision,
+                });
+            }
+        };
+        let decision = match body {
+            RequestBody::Publication { armored, k_auth } => {
                 self.publication(&ctx, envelope, &message, &armored, k_auth.as_deref())
-                    .await?,
-            ),
+                    .await?
+            }
             RequestBody::SecretKey { k_auth } => {
                 let k = k_auth.as_deref().and_then(|l| AuthKey::parse(l).ok());
-                (
-                    RequestKind::Publication,
-                    self.refuse(&ctx, Reason::SecretKey, None, None, k.as_ref())
-                        .await?,
-                )
+                self.refuse(&ctx, Reason::SecretKey, None, None, k.as_ref())
+                    .await?
             }
-            RequestBody::Retrieval { query, k_auth } => (
-                RequestKind::Retrieval,
-                self.retrieval(&ctx, &query, &k_auth).await?,
-            ),
-            RequestBody::Unrecognized(why) => (
-                RequestKind::Other,
+            RequestBody::Retrieval { query, k_auth } => {
+                self.retrieval(&ctx, &query, &k_auth).await?
+            }
+            RequestBody::Unrecognized(why) => {
                 self.refuse(&ctx, Reason::Malformed, None, Some(why.to_string()), None)
-                    .await?,
-            ),
+                    .await?
+            }
         };
         Ok(Handled {
             message_id,
@@ -291,17 +359,102 @@ impl Kst {
         })
     }
 
-    /// Where a reply goes (RFC 3834: the envelope sender), or why there must be none.
-    fn reply_address(&self, env: &Envelope, msg: &Message<'_>) -> Result<Address, Silence> {
-        if let Some(v) = header_value(msg, "Auto-Submitted")
-            && !v.trim().eq_ignore_ascii_case("no")
+    /// Why the message's shape is outside the caps (header count, MIME parts, nesting), if it is.
+    fn shape_problem(&self, msg: &Message<'_>) -> Option<String> {
+        let p = &self.policy;
+        let headers = msg.parts.first().map_or(0, |root| root.headers.len());
+        if headers > p.max_headers {
+            return Some(format!(
+                "the message has {headers} header fields; at most {} are read",
+                p.max_headers
+            ));
+        }
+        if msg.parts.len() > p.max_mime_parts {
+            return Some(format!(
+                "the message has {} MIME parts; at most {} are read",
+                msg.parts.len(),
+                p.max_mime_parts
+            ));
+        }
+        let depth = body::mime_depth(msg);
+        if depth > p.max_mime_depth {
+            return Some(format!(
+                "the message nests MIME parts {depth} deep; at most {} levels are read",
+                p.max_mime_depth
+            ));
+        }
+        None
+    }
+
+    /// Counts this request against the rate limits; the limit that is exhausted, if any.
+    async fn over_limit(
+        &self,
+        msg: &Message<'_>,
+        requester: &Address,
+        body: &Result<RequestBody, String>,
+    ) -> Result<Option<LimitKind>, Error> {
+        let limits = &self.policy.rate_limits;
+        let source_ip = header_value(msg, "Received")
+            .and_then(|r| received::source_ip(r, &self.policy.trusted_mta_hosts));
+        let queried = match body {
+            Ok(RequestBody::Retrieval { query, .. }) => {
+                self.policy.address_policy.normalize(query).ok()
+            }
+            _ => None,
+        };
+        let mut hits: Vec<(LimitKind, &str)> = vec![(LimitKind::Sender, requester.as_str())];
+        if !self.policy.serves_domain(requester.domain()) {
+            hits.push((LimitKind::SenderDomain, requester.domain()));
+        }
+        if let Some(ip) = &source_ip {
+            hits.push((LimitKind::SourceIp, ip));
+        }
+        if let Some(q) = &queried {
+            hits.push((LimitKind::QueriedAddress, q.as_str()));
+        }
+        ratelimit::check(self.limiter.as_ref(), limits, &hits).await
+    }
+
+    /// The gate of `require_authentication_results`: the sender submitted with authentication,
+    /// or the provider's topmost `Authentication-Results:` header shows a pass for its domain.
+    fn vouched(
+        &self,
+        env: &Envelope,
+        msg: &Message<'_>,
+        requester: &Address,
+    ) -> Result<(), authres::GateError> {
+        if self
+            .authenticated_account(env, msg)
+            .is_ok_and(|a| &a == requester)
         {
+            return Ok(());
+        }
+        authres::check(
+            header_value(msg, "Authentication-Results"),
+            &self.policy.authserv_id,
+            requester.domain(),
+        )
+    }
+
+    /// Where a reply goes (RFC 3834: the envelope sender), or why there must be none.
+    ///
+    /// RFC 3834 section 2: no reply to a null sender, to any `Auto-Submitted:` other than `no`
+    /// (every such header is read; comments and parameters after the keyword are ignored), to
+    /// `Precedence: bulk/junk/list` or mailing-list mail (`List-Id:`, `List-Post:`), nor to
+    /// list and system addresses (`MAILER-DAEMON`, `owner-*`, `*-request`); and never to a
+    /// `keys@` this KST serves (a loop between two KSTs or with itself).
+    fn reply_address(&self, env: &Envelope, msg: &Message<'_>) -> Result<Address, Silence> {
+        if headers_named(msg, "Auto-Submitted").any(|v| !auto_submitted_is_no(v)) {
             return Err(Silence::AutoSubmitted);
         }
-        if let Some(v) = header_value(msg, "Precedence")
-            && ["bulk", "junk", "list"].contains(&v.trim().to_ascii_lowercase().as_str())
-        {
+        if headers_named(msg, "Precedence").any(|v| {
+            let v = v.trim().to_ascii_lowercase();
+            ["bulk", "junk", "list"].contains(&v.as_str())
+        }) {
             return Err(Silence::BulkPrecedence);
+        }
+        if header_value(msg, "List-Id").is_some() || header_value(msg, "List-Post").is_some() {
+            return Err(Silence::MailingList);
         }
         let raw_sender = match &env.sender {
             Some(s) => s.clone(),
@@ -319,8 +472,12 @@ impl Kst {
             .address_policy
             .normalize(&raw_sender)
             .map_err(|_| Silence::BadSender)?;
-        if sender.local().eq_ignore_ascii_case("mailer-daemon") {
+        let local = sender.local().to_ascii_lowercase();
+        if local == "mailer-daemon" {
             return Err(Silence::MailerDaemon);
+        }
+        if local.starts_with("owner-") || local.ends_with("-request") {
+            return Err(Silence::MailingList);
         }
         if sender
             .local()
@@ -558,6 +715,20 @@ pub(crate) fn header_value<'m>(msg: &'m Message<'_>, name: &str) -> Option<&'m s
     msg.headers_raw()
         .find(|(n, _)| n.eq_ignore_ascii_case(name))
         .map(|(_, v)| v)
+}
+
+/// The raw values of every header named `name` (case-insensitive), top to bottom.
+fn headers_named<'m>(msg: &'m Message<'_>, name: &'m str) -> impl Iterator<Item = &'m str> {
+    msg.headers_raw()
+        .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+}
+
+/// True when an `Auto-Submitted:` value is the keyword `no` (RFC 3834 section 5: the keyword,
+/// then optional comments and `; parameters`).
+fn auto_submitted_is_no(value: &str) -> bool {
+    let keyword = value.split([';', '(']).next().unwrap_or("").trim();
+    keyword.eq_ignore_ascii_case("no")
 }
 
 /// The address of a From header that holds exactly one mailbox.

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use super::*;
 use crate::AddressPolicy;
 use crate::client::{self, Verified};
+use crate::ratelimit::{LimitKind, RateLimiter};
 use crate::testing::{MemoryMailer, MemoryStore};
 
 const ALICE: &str = include_str!("../testdata/alice.pub.asc");
@@ -506,5 +507,427 @@ async fn html_only_and_multipart_alternative() {
     assert_eq!(
         refused(&f, &env("carol@acme.net"), html.as_bytes()).await,
         Reason::Malformed
+    );
+}
+
+// ---- abuse resistance: RFC 3834, rate limits, the Authentication-Results gate, shape caps ----
+
+fn fixture_with(policy: Policy) -> Fixture {
+    let store = Arc::new(MemoryStore::default());
+    let mailer = Arc::new(MemoryMailer::default());
+    let kst = Kst::new(policy, store.clone(), mailer.clone());
+    Fixture { kst, store, mailer }
+}
+
+fn base_policy() -> Policy {
+    Policy::new(&["example.net"], &["mail.example.net", "mx.example.net"])
+}
+
+/// A retrieval by `sender` for `queried`, arriving through the provider's MX from `ip`, with
+/// `extra` headers written by the sender (below the MX's Received header).
+fn inbound_retrieval(sender: &str, queried: &str, ip: &str, extra: &str) -> Vec<u8> {
+    let req = client::build_retrieval(&addr(sender), &addr(queried));
+    let mut raw = format!(
+        "Received: from out.acme.net (out.acme.net [{ip}])\r\n\tby mx.example.net (Postfix) with ESMTPS id 1\r\n\tfor <keys@example.net>; Sun, 4 Mar 2018 16:47:07 +0100\r\n{extra}"
+    )
+    .into_bytes();
+    raw.extend_from_slice(&req.message);
+    raw
+}
+
+#[tokio::test]
+async fn rfc3834_list_and_system_mail_gets_no_reply() {
+    let f = fixture();
+    let req = client::build_retrieval(&addr("carol@acme.net"), &addr("alice@example.net"));
+    let cases: Vec<(&str, &str, Silence)> = vec![
+        (
+            "carol@acme.net",
+            "Auto-Submitted: auto-generated; owner-email=\"x@y\"\r\n",
+            Silence::AutoSubmitted,
+        ),
+        (
+            "carol@acme.net",
+            "Auto-Submitted: No\r\nAuto-Submitted: auto-replied\r\n",
+            Silence::AutoSubmitted,
+        ),
+        (
+            "carol@acme.net",
+            "Precedence: junk\r\n",
+            Silence::BulkPrecedence,
+        ),
+        (
+            "carol@acme.net",
+            "Precedence: List\r\n",
+            Silence::BulkPrecedence,
+        ),
+        (
+            "carol@acme.net",
+            "List-Id: <talk.acme.net>\r\n",
+            Silence::MailingList,
+        ),
+        (
+            "carol@acme.net",
+            "List-Post: <mailto:talk@acme.net>\r\n",
+            Silence::MailingList,
+        ),
+        ("owner-talk@acme.net", "", Silence::MailingList),
+        ("talk-request@acme.net", "", Silence::MailingList),
+        ("Mailer-Daemon@acme.net", "", Silence::MailerDaemon),
+        ("keys@example.net", "", Silence::OwnAddress),
+        ("<>", "", Silence::NullSender),
+    ];
+    for (sender, headers, why) in cases {
+        let mut raw = headers.as_bytes().to_vec();
+        raw.extend_from_slice(&req.message);
+        let h = f.kst.handle(&env(sender), &raw).await.unwrap();
+        assert_eq!(h.decision, Decision::Ignored(why), "{sender} {headers:?}");
+    }
+    assert_eq!(f.sent(), 0);
+    // `Auto-Submitted: no`, with a comment or parameters, is a person's mail: answered.
+    for v in ["no", "NO (sent by hand)", "no; x=y"] {
+        let mut raw = format!("Auto-Submitted: {v}\r\n").into_bytes();
+        raw.extend_from_slice(&req.message);
+        let h = f.kst.handle(&env("carol@acme.net"), &raw).await.unwrap();
+        assert!(matches!(h.decision, Decision::Answered { .. }), "{v}");
+    }
+    // Replies themselves are marked so that other responders stay silent.
+    let reply = String::from_utf8(f.last_reply().message).unwrap();
+    assert!(reply.contains("Auto-Submitted: auto-replied"), "{reply}");
+    assert_eq!(f.last_reply().envelope_from, None, "null envelope sender");
+}
+
+#[tokio::test]
+async fn each_rate_limit_silences_only_what_it_counts() {
+    let mut p = base_policy();
+    p.rate_limits = crate::RateLimits {
+        per_sender: 3,
+        per_sender_domain: 5,
+        per_source_ip: 7,
+        per_queried_address: 9,
+        window_secs: 3600,
+    };
+    let f = fixture_with(p);
+    let e = |s: &str| env(s);
+    let handle = |sender: &str, queried: &str, ip: &str| {
+        let raw = inbound_retrieval(sender, queried, ip, "");
+        let kst = f.kst.clone();
+        let env = e(sender);
+        async move { kst.handle(&env, &raw).await.unwrap().decision }
+    };
+    let limited = |k| Decision::Ignored(Silence::RateLimited(k));
+    // Per sender: 3 answered, the 4th silenced.
+    for i in 0..3 {
+        let d = handle("bob@acme.net", &format!("u{i}@example.net"), "192.0.2.1").await;
+        assert!(matches!(d, Decision::Answered { .. }), "{d:?}");
+    }
+    assert_eq!(
+        handle("bob@acme.net", "u9@example.net", "192.0.2.1").await,
+        limited(LimitKind::Sender)
+    );
+    // Per domain: acme.net has 5 (3 counted so far, the silenced one stopped at the sender).
+    assert!(matches!(
+        handle("c1@acme.net", "x@example.net", "192.0.2.2").await,
+        Decision::Answered { .. }
+    ));
+    assert!(matches!(
+        handle("c2@acme.net", "x@example.net", "192.0.2.2").await,
+        Decision::Answered { .. }
+    ));
+    assert_eq!(
+        handle("c3@acme.net", "x@example.net", "192.0.2.2").await,
+        limited(LimitKind::SenderDomain)
+    );
+    // Per IP: 192.0.2.1 has 3 (bob), 192.0.2.2 has 2 + the domain-stopped one not counted.
+    for i in 0..4 {
+        let d = handle(
+            &format!("s{i}@other{i}.example"),
+            "y@example.net",
+            "192.0.2.1",
+        )
+        .await;
+        assert!(matches!(d, Decision::Answered { .. }), "{i}: {d:?}");
+    }
+    assert_eq!(
+        handle("s9@other9.example", "y@example.net", "192.0.2.1").await,
+        limited(LimitKind::SourceIp)
+    );
+    // Per queried address: y@example.net was asked 4 times; 5 more pass, then silence.
+    for i in 0..5 {
+        let d = handle(
+            &format!("q{i}@q{i}.example"),
+            "Y@example.net",
+            &format!("198.51.100.{i}"),
+        )
+        .await;
+        assert!(matches!(d, Decision::Answered { .. }), "{i}: {d:?}");
+    }
+    assert_eq!(
+        handle("q9@q9.example", "y@example.net", "198.51.100.9").await,
+        limited(LimitKind::QueriedAddress)
+    );
+    // Silenced requests sent nothing: 3 + 2 + 4 + 5 replies.
+    assert_eq!(f.sent(), 14);
+}
+
+#[tokio::test]
+async fn served_domain_senders_are_not_limited_per_domain_and_forged_received_does_not_move_the_ip()
+{
+    let mut p = base_policy();
+    p.rate_limits = crate::RateLimits {
+        per_sender: 100,
+        per_sender_domain: 1,
+        per_source_ip: 2,
+        per_queried_address: 0,
+        window_secs: 3600,
+    };
+    let f = fixture_with(p);
+    for i in 0..2 {
+        let s = format!("user{i}@example.net");
+        let raw = inbound_retrieval(&s, "alice@example.net", &format!("203.0.113.{i}"), "");
+        let h = f.kst.handle(&env(&s), &raw).await.unwrap();
+        assert!(matches!(h.decision, Decision::Answered { .. }), "{i}");
+    }
+    // A sender that writes its own Received headers still counts against the MX-recorded IP.
+    for i in 0..3 {
+        let s = format!("m{i}@m{i}.example");
+        let forged = format!(
+            "Received: from x (x [10.9.9.{i}])\r\n\tby mx.example.net (Postfix) with ESMTP id {i}\r\n"
+        );
+        let raw = inbound_retrieval(&s, "alice@example.net", "192.0.2.77", &forged);
+        let d = f.kst.handle(&env(&s), &raw).await.unwrap().decision;
+        if i < 2 {
+            assert!(matches!(d, Decision::Answered { .. }), "{i}: {d:?}");
+        } else {
+            assert_eq!(
+                d,
+                Decision::Ignored(Silence::RateLimited(LimitKind::SourceIp))
+            );
+        }
+    }
+}
+
+/// A limiter whose backend is down.
+struct DownLimiter;
+
+#[async_trait::async_trait]
+impl RateLimiter for DownLimiter {
+    fn name(&self) -> &'static str {
+        "down"
+    }
+    async fn hit(&self, _: &str, _: u32, _: std::time::Duration) -> crate::Result<bool> {
+        Err(Error::unavailable("ratelimit(test)", "down for the test"))
+    }
+}
+
+#[tokio::test]
+async fn limiter_outage_is_temporary_and_sends_nothing() {
+    let f = fixture();
+    let kst = f.kst.clone().with_rate_limiter(Arc::new(DownLimiter));
+    let raw = inbound_retrieval("bob@acme.net", "alice@example.net", "192.0.2.1", "");
+    let err = kst.handle(&env("bob@acme.net"), &raw).await.unwrap_err();
+    assert!(
+        matches!(err, HandleError::Temporary(ref e) if e.is_temporary()),
+        "{err}"
+    );
+    assert_eq!(f.sent(), 0);
+    // With every limit off the limiter is never asked.
+    let mut p = base_policy();
+    p.rate_limits = crate::RateLimits::OFF;
+    let g = fixture_with(p);
+    let kst = g.kst.clone().with_rate_limiter(Arc::new(DownLimiter));
+    let h = kst.handle(&env("bob@acme.net"), &raw).await.unwrap();
+    assert!(matches!(h.decision, Decision::Answered { .. }));
+}
+
+fn gated_policy() -> Policy {
+    let mut p = base_policy();
+    p.require_authentication_results = true;
+    p.authserv_id = "mx.example.net".into();
+    p
+}
+
+#[tokio::test]
+async fn authentication_results_gate_resists_forgeries() {
+    let f = fixture_with(gated_policy());
+    let pass = "Authentication-Results: mx.example.net; spf=pass smtp.mailfrom=bob@acme.net; dkim=pass header.d=acme.net\r\n";
+    let decide = |top: String, sender: &'static str| {
+        let kst = f.kst.clone();
+        async move {
+            // `top` sits above the MX's Received header: what the provider's MTA prepends.
+            let mut raw = top.into_bytes();
+            raw.extend_from_slice(&inbound_retrieval(
+                sender,
+                "alice@example.net",
+                "192.0.2.1",
+                "",
+            ));
+            kst.handle(&env(sender), &raw).await.unwrap().decision
+        }
+    };
+    let silenced = Decision::Ignored(Silence::SenderNotVouched);
+    assert!(matches!(
+        decide(pass.into(), "bob@acme.net").await,
+        Decision::Answered { .. }
+    ));
+    // No header at all.
+    assert_eq!(decide(String::new(), "bob@acme.net").await, silenced);
+    // The pass is for another domain than the envelope sender's (a forged envelope sender).
+    assert_eq!(decide(pass.into(), "victim@victim.example").await, silenced);
+    // Wrong authserv-id on top.
+    assert_eq!(
+        decide(
+            pass.replace("mx.example.net", "mx.acme.net"),
+            "bob@acme.net"
+        )
+        .await,
+        silenced
+    );
+    // A forged header with the right authserv-id lower in the message, under the provider's own
+    // (failing) one: only the topmost counts.
+    let f2 = fixture_with(gated_policy());
+    let mut raw = "Authentication-Results: mx.example.net; spf=fail smtp.mailfrom=bob@acme.net\r\n"
+        .as_bytes()
+        .to_vec();
+    raw.extend_from_slice(&inbound_retrieval(
+        "bob@acme.net",
+        "alice@example.net",
+        "192.0.2.1",
+        pass,
+    ));
+    assert_eq!(
+        f2.kst
+            .handle(&env("bob@acme.net"), &raw)
+            .await
+            .unwrap()
+            .decision,
+        silenced
+    );
+    // A sender-written header with a foreign authserv-id (the provider wrote none).
+    let forged_foreign =
+        "Authentication-Results: mx.acme.net; spf=pass smtp.mailfrom=bob@acme.net\r\n";
+    let raw = inbound_retrieval(
+        "bob@acme.net",
+        "alice@example.net",
+        "192.0.2.1",
+        forged_foreign,
+    );
+    assert_eq!(
+        f2.kst
+            .handle(&env("bob@acme.net"), &raw)
+            .await
+            .unwrap()
+            .decision,
+        silenced
+    );
+    // A pass hidden in a comment of a failing result.
+    assert_eq!(
+        decide(
+            "Authentication-Results: mx.example.net; spf=fail (spf=pass smtp.mailfrom=bob@acme.net) smtp.mailfrom=bob@acme.net\r\n".into(),
+            "bob@acme.net"
+        )
+        .await,
+        silenced
+    );
+    assert_eq!(f.sent() + f2.sent(), 1);
+}
+
+#[tokio::test]
+async fn gate_lets_authenticated_submissions_through() {
+    let f = fixture_with(gated_policy());
+    let (raw, _) = publication(
+        "alice@example.net",
+        ALICE,
+        &received("alice@example.net", "mail.example.net", "ESMTPSA"),
+    );
+    let h = f.kst.handle(&env("alice@example.net"), &raw).await.unwrap();
+    assert!(
+        matches!(h.decision, Decision::Published { .. }),
+        "{:?}",
+        h.decision
+    );
+    // The same message without the authenticated Received header is silenced, not refused:
+    // its envelope sender is unverified.
+    let (raw, _) = publication("alice@example.net", ALICE, "");
+    let h = f.kst.handle(&env("alice@example.net"), &raw).await.unwrap();
+    assert_eq!(h.decision, Decision::Ignored(Silence::SenderNotVouched));
+}
+
+#[tokio::test]
+async fn shape_caps_refuse_before_reading_the_body() {
+    let f = fixture();
+    let req = client::build_retrieval(&addr("carol@acme.net"), &addr("alice@example.net"));
+    let many_headers: String = (0..Policy::DEFAULT_MAX_HEADERS)
+        .map(|i| format!("X-Filler-{i}: x\r\n"))
+        .collect();
+    let mut raw = many_headers.into_bytes();
+    raw.extend_from_slice(&req.message);
+    assert_eq!(
+        refused(&f, &env("carol@acme.net"), &raw).await,
+        Reason::Malformed
+    );
+    assert!(
+        String::from_utf8(f.last_reply().message)
+            .unwrap()
+            .contains("header fields")
+    );
+
+    let k = AuthKey::generate().to_base64();
+    let head = "From: carol@acme.net\r\nTo: keys@example.net\r\nMIME-Version: 1.0\r\n";
+    // 70 sibling parts.
+    let mut parts = format!("{head}Content-Type: multipart/mixed; boundary=b\r\n\r\n");
+    for _ in 0..70 {
+        parts.push_str(&format!(
+            "--b\r\nContent-Type: text/plain\r\n\r\nalice@example.net\r\n{k}\r\n"
+        ));
+    }
+    parts.push_str("--b--\r\n");
+    assert_eq!(
+        refused(&f, &env("carol@acme.net"), parts.as_bytes()).await,
+        Reason::Malformed
+    );
+    assert!(
+        String::from_utf8(f.last_reply().message)
+            .unwrap()
+            .contains("MIME parts")
+    );
+    // 12 levels of nesting.
+    let mut nested = format!("{head}Content-Type: multipart/mixed; boundary=b0\r\n\r\n");
+    for d in 1..12 {
+        nested.push_str(&format!(
+            "--b{}\r\nContent-Type: multipart/mixed; boundary=b{d}\r\n\r\n",
+            d - 1
+        ));
+    }
+    nested.push_str(&format!(
+        "--b11\r\nContent-Type: text/plain\r\n\r\nalice@example.net\r\n{k}\r\n"
+    ));
+    for d in (0..12).rev() {
+        nested.push_str(&format!("--b{d}--\r\n"));
+    }
+    assert_eq!(
+        refused(&f, &env("carol@acme.net"), nested.as_bytes()).await,
+        Reason::Malformed
+    );
+    assert!(
+        String::from_utf8(f.last_reply().message)
+            .unwrap()
+            .contains("deep")
+    );
+    // Within the caps the same shapes are read: 3 levels, a few parts.
+    let mut ok = format!(
+        "{head}Content-Type: multipart/mixed; boundary=b0\r\n\r\n--b0\r\nContent-Type: multipart/alternative; boundary=b1\r\n\r\n"
+    );
+    ok.push_str(&format!(
+        "--b1\r\nContent-Type: text/plain\r\n\r\nalice@example.net\r\n{k}\r\n--b1--\r\n--b0--\r\n"
+    ));
+    let h = f
+        .kst
+        .handle(&env("carol@acme.net"), ok.as_bytes())
+        .await
+        .unwrap();
+    assert!(
+        matches!(h.decision, Decision::Answered { .. }),
+        "{:?}",
+        h.decision
     );
 }

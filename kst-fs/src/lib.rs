@@ -6,6 +6,7 @@ mod error;
 mod file;
 mod layout;
 mod lock;
+mod ratelimit;
 mod store;
 
 pub use store::FsStore;

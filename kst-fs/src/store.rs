@@ -88,7 +88,7 @@ impl FsStore {
 }
 
 /// Runs blocking file work off the async threads. A panic in it is resumed in the caller.
-async fn blocking<T, F>(f: F) -> Result<T>
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T> + Send + 'static,

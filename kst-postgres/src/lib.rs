@@ -4,6 +4,7 @@
 
 mod builder;
 mod error;
+mod ratelimit;
 mod row;
 mod store;
 

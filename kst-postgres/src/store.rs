@@ -97,6 +97,15 @@ impl PostgresStore {
         .await
     }
 
+    /// Runs `fut` within the operation timeout (for the rate limiter).
+    pub(crate) async fn timed_op<T>(
+        &self,
+        op: &str,
+        fut: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        self.timed(op, fut).await
+    }
+
     /// Runs `fut` within the operation timeout.
     async fn timed<T>(&self, op: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
         match tokio::time::timeout(self.operation_timeout, fut).await {

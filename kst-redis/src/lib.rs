@@ -5,6 +5,7 @@
 mod builder;
 mod error;
 mod keys;
+mod ratelimit;
 mod scripts;
 mod store;
 

@@ -101,6 +101,15 @@ impl RedisStore {
         .map_err(redis)
     }
 
+    /// Runs a writing script within the operation timeout (for the rate limiter).
+    pub(crate) async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        op: &str,
+        script: &redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        self.timed(op, self.invoke(script, true)).await
+    }
+
     fn keys(&self, address: &Address) -> AddressKeys {
         AddressKeys::new(&self.prefix, address)
     }

@@ -3,5 +3,6 @@
 
 mod conformance;
 mod outage;
+mod ratelimit;
 mod store;
 mod support;

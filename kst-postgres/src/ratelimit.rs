@@ -1,0 +1,67 @@
+//! [`RateLimiter`] on PostgreSQL: one row per limiter key in `kst_rate_limits`, counted with a
+//! single upsert so that every instance of a pool shares the count.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kst_core::{RateLimiter, Result};
+use sqlx::Row;
+
+use crate::error::db;
+use crate::store::PostgresStore;
+
+/// One hit: insert the counter at 1, or add 1 within the window, or start a new window.
+const HIT: &str = "INSERT INTO kst_rate_limits AS r (key, count, window_end) \
+     VALUES ($1, 1, now() + make_interval(secs => $2)) \
+     ON CONFLICT (key) DO UPDATE SET \
+       count = CASE WHEN r.window_end <= now() THEN 1 ELSE r.count + 1 END, \
+       window_end = CASE WHEN r.window_end <= now() THEN EXCLUDED.window_end ELSE r.window_end END \
+     RETURNING count";
+
+/// Deletes a bounded batch of counters whose window has ended.
+const SWEEP: &str = "DELETE FROM kst_rate_limits WHERE key IN \
+     (SELECT key FROM kst_rate_limits WHERE window_end < now() LIMIT 1000 \
+      FOR UPDATE SKIP LOCKED)";
+
+/// One hit in this many also sweeps ended windows (on average).
+const SWEEP_ONE_IN: u32 = 256;
+
+impl PostgresStore {
+    /// Deletes up to 1,000 counters whose window has ended; returns how many. Instances call it
+    /// on their own now and then; operators may call it from a timer.
+    pub async fn sweep_rate_limits(&self) -> Result<u64> {
+        self.timed_op("sweep rate limits", async {
+            let done = sqlx::query(SWEEP).execute(self.pool()).await.map_err(db)?;
+            Ok(done.rows_affected())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl RateLimiter for PostgresStore {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn hit(&self, key: &str, limit: u32, window: Duration) -> Result<bool> {
+        let secs = window.as_secs_f64().max(0.001);
+        let count: i64 = self
+            .timed_op("rate limit", async {
+                let row = sqlx::query(HIT)
+                    .bind(key)
+                    .bind(secs)
+                    .fetch_one(self.pool())
+                    .await
+                    .map_err(db)?;
+                row.try_get::<i64, _>(0).map_err(db)
+            })
+            .await?;
+        if rand::random_ratio(1, SWEEP_ONE_IN)
+            && let Err(e) = self.sweep_rate_limits().await
+        {
+            tracing::warn!(error = %e, "could not sweep ended rate-limit windows");
+        }
+        Ok(count <= i64::from(limit))
+    }
+}

@@ -1,0 +1,104 @@
+//! The PostgreSQL rate limiter: counters shared by separate pools, windows, sweeping, outage.
+
+use std::time::Duration;
+
+use kst_core::RateLimiter;
+use kst_postgres::PostgresStore;
+use sqlx::Row;
+
+use crate::support::TestDb;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[tokio::test]
+async fn two_instances_share_one_count() {
+    let db = TestDb::new().await;
+    let (a, b) = (db.store().await, db.store().await);
+    let mut allowed = 0;
+    for i in 0..10 {
+        let l: &PostgresStore = if i % 2 == 0 { &a } else { &b };
+        if l.hit("sender:bob@acme.net", 4, HOUR).await.unwrap() {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 4, "4 of 10 hits across two instances");
+    assert!(b.hit("sender:carol@acme.net", 4, HOUR).await.unwrap());
+}
+
+#[tokio::test]
+async fn concurrent_hits_never_exceed_the_limit() {
+    let db = TestDb::new().await;
+    let stores = [db.store().await, db.store().await];
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = stores[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            s.hit("source-ip:192.0.2.1", 15, HOUR).await.unwrap()
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        if t.await.unwrap() {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 15);
+}
+
+#[tokio::test]
+async fn an_ended_window_starts_again_and_is_swept() {
+    let db = TestDb::new().await;
+    let s = db.store().await;
+    assert!(
+        s.hit("queried-address:a@example.net", 1, HOUR)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.hit("queried-address:a@example.net", 1, HOUR)
+            .await
+            .unwrap()
+    );
+    // End the window (as time passing would).
+    sqlx::query("UPDATE kst_rate_limits SET window_end = now() - interval '1 second'")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    assert!(
+        s.hit("queried-address:a@example.net", 1, HOUR)
+            .await
+            .unwrap()
+    );
+    let row = sqlx::query("SELECT count, window_end > now() FROM kst_rate_limits")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(row.get::<i64, _>(0), 1);
+    assert!(row.get::<bool, _>(1), "a fresh window was opened");
+    // Sweeping removes only ended windows.
+    s.hit("sender:x@acme.net", 5, HOUR).await.unwrap();
+    sqlx::query("UPDATE kst_rate_limits SET window_end = now() - interval '1 second' WHERE key = 'sender:x@acme.net'")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(s.sweep_rate_limits().await.unwrap(), 1);
+    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM kst_rate_limits")
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, vec!["queried-address:a@example.net".to_string()]);
+}
+
+#[tokio::test]
+async fn unreachable_postgres_is_a_temporary_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let s = PostgresStore::builder(format!("postgres://postgres@127.0.0.1:{port}/kst"))
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy()
+        .unwrap();
+    let err = s.hit("sender:bob@acme.net", 5, HOUR).await.unwrap_err();
+    assert!(err.is_temporary(), "{err}");
+}
