@@ -147,10 +147,19 @@ impl Gpg {
     }
 }
 
-/// Path of the `kst` binary of this build, building it once if it is not there yet.
+/// Path of the `kst` binary of this build.
+///
+/// `cargo test --workspace` builds it before any test runs (kst-bin's own tests need it), so it
+/// is used as it is: a nested `cargo build -p kst-bin` would resolve features for that package
+/// alone and rebuild half the dependency graph in the shared target directory. Only when the
+/// binary is missing or older than a source file of the workspace (e.g. `cargo test -p
+/// kst-tests` after an edit) is it built here. `KST_TEST_BINARY` names another binary.
 pub fn kst_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("KST_TEST_BINARY") {
+            return PathBuf::from(bin);
+        }
         // current_exe: target/<profile>/deps/<test>-<hash>
         let exe = std::env::current_exe().expect("current exe");
         let profile_dir = exe
@@ -159,16 +168,55 @@ pub fn kst_binary() -> PathBuf {
             .expect("target/<profile>")
             .to_path_buf();
         let bin = profile_dir.join("kst");
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "kst-bin", "--bin", "kst"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cargo build kst");
-        assert!(status.success(), "building the kst binary failed");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .to_path_buf();
+        if !is_fresh(&bin, &workspace) {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--quiet", "-p", "kst-bin", "--bin", "kst"])
+                .current_dir(&workspace)
+                .status()
+                .expect("cargo build kst");
+            assert!(status.success(), "building the kst binary failed");
+        }
         assert!(bin.exists(), "no kst binary at {}", bin.display());
         bin
     })
     .clone()
+}
+
+/// The binary exists and no `.rs`, `.toml` or `.sql` file of the workspace crates is newer.
+fn is_fresh(bin: &Path, workspace: &Path) -> bool {
+    fn newest(dir: &Path, newest_seen: &mut std::time::SystemTime) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                newest(&p, newest_seen);
+            } else if matches!(
+                p.extension().and_then(|x| x.to_str()),
+                Some("rs" | "toml" | "sql")
+            ) {
+                if let Ok(m) = meta.modified() {
+                    *newest_seen = (*newest_seen).max(m);
+                }
+            }
+        }
+    }
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return false;
+    };
+    let mut seen = std::time::SystemTime::UNIX_EPOCH;
+    for krate in ["kst-core", "kst-fs", "kst-postgres", "kst-redis", "kst-bin"] {
+        newest(&workspace.join(krate).join("src"), &mut seen);
+        newest(&workspace.join(krate).join("migrations"), &mut seen);
+        newest(&workspace.join(krate).join("Cargo.toml"), &mut seen);
+    }
+    seen <= built
 }
 
 /// A `Received:` header as Postfix writes it for an authenticated submission.
