@@ -13,7 +13,8 @@
 # Usage: scripts/bench.sh            (as root on Debian, from anywhere in the repository)
 # Environment: BENCH_C (connections, 8), BENCH_PUB (publications, 2000), BENCH_RET (retrievals,
 # 20000), BENCH_PIPE_C (processes, 2), BENCH_PIPE_PUB (200), BENCH_PIPE_RET (1000),
-# BENCH_SINK_MSGS (smtp-source messages, 100000), BENCH_PG_URL (postgres://postgres@127.0.0.1:5432).
+# BENCH_SINK_MSGS (smtp-source messages, 100000), BENCH_PG_URL (postgres://postgres:postgres@127.0.0.1:5432),
+# BENCH_KST (use this kst binary instead of building one in release mode).
 set -euo pipefail
 
 C="${BENCH_C:-8}"
@@ -49,9 +50,13 @@ wait_port() {
 }
 
 # ---- 1. build and prerequisites ----
-log "building kst (release)"
-cargo build --release --quiet -p kst-bin --bin kst
-KST="$ROOT/target/release/kst"
+if [ -n "${BENCH_KST:-}" ]; then
+  KST="$BENCH_KST"     # a kst binary built already (for checking this script)
+else
+  log "building kst (release)"
+  cargo build --release --quiet -p kst-bin --bin kst
+  KST="$ROOT/target/release/kst"
+fi
 if ! command -v smtp-sink >/dev/null && [ ! -x /usr/sbin/smtp-sink ]; then
   log "installing postfix (smtp-sink, smtp-source)"
   [ "$(id -u)" -eq 0 ] || die "postfix is missing; run as root to install it"
@@ -98,7 +103,7 @@ serve_run() { # label, then KEY=VALUE environment overrides
   log "$label: kst serve pid $kpid on 127.0.0.1:$lmtp"
   local out="$dir/bench.jsonl"
   "$KST" bench lmtp --connect "127.0.0.1:$lmtp" --metrics "127.0.0.1:$http" \
-    -c "$C" --publications "$PUB" --retrievals "$RET" --json >"$out" || log "$label: some messages got no decision"
+    --concurrency "$C" --publications "$PUB" --retrievals "$RET" --json >"$out" || log "$label: some messages got no decision"
   local rss
   rss="$(awk '/VmHWM/ {print $2}' "/proc/$kpid/status")"
   kill -TERM "$kpid"
@@ -141,7 +146,7 @@ path = "$PIPE_DIR/outbox"
 level = "warn"
 EOF
 log "pipe mode: one kst deliver per message, $PIPE_C at a time"
-"$KST" --config "$PIPE_DIR/kst.toml" bench pipe -c "$PIPE_C" --publications "$PIPE_PUB" \
+"$KST" --config "$PIPE_DIR/kst.toml" bench pipe --concurrency "$PIPE_C" --publications "$PIPE_PUB" \
   --retrievals "$PIPE_RET" --json >"$PIPE_DIR/bench.jsonl" || log "pipe: some messages got no decision"
 while read -r line; do
   row "$(python3 -c "import json,sys; r=json.loads(sys.argv[1]); r['label']='pipe mode (kst deliver per message), fs store, spool mailer'; print(json.dumps(r))" "$line")"

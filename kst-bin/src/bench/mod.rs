@@ -28,11 +28,11 @@ use report::{Report, Sample};
 pub enum BenchCommand {
     /// Load a running `kst serve` over C reused LMTP connections.
     ///
-    /// Example: kst bench lmtp --connect 127.0.0.1:2424 -c 8 --publications 2000 --retrievals 20000
+    /// Example: kst bench lmtp --connect 127.0.0.1:2424 --concurrency 8 --publications 2000 --retrievals 20000
     Lmtp(LmtpArgs),
     /// Run one `kst deliver --config FILE` process per message (Postfix pipe mode), C at a time.
     ///
-    /// Example: kst --config kst.toml bench pipe -c 4 --publications 200 --retrievals 1000
+    /// Example: kst --config kst.toml bench pipe --concurrency 4 --publications 200 --retrievals 1000
     Pipe(LoadArgs),
 }
 
@@ -40,7 +40,7 @@ pub enum BenchCommand {
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
     /// Concurrent connections (LMTP) or processes (pipe).
-    #[arg(long, short = 'c', default_value_t = 8)]
+    #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
     /// Publications, each for its own address `user<N>@DOMAIN` with its own new key.
     #[arg(long, default_value_t = 1000)]
