@@ -162,6 +162,11 @@ pub enum Command {
     /// Check the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+
+    /// Load-test a running `kst serve` (LMTP) or pipe mode with real keys; prints msg/s and
+    /// p50/p95/p99 latency. See docs/BENCHMARKS.md and scripts/bench.sh.
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 /// The envelope Postfix passes to `kst deliver`.
@@ -287,6 +292,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             }
             Err(e) => ExitCode::from(config_failed(&e)),
         },
+        Command::Bench(cmd) => ExitCode::from(crate::bench::run(cmd, cli.config.as_deref()).await),
         Command::Config(ConfigCommand::Check { probe }) => {
             ExitCode::from(config_check(cli.config.as_deref(), loaded, probe).await)
         }

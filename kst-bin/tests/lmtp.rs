@@ -1,5 +1,6 @@
-//! `kst serve` over real sockets: LMTP conversations against a real `Kst` (gpg-made keys, spool
-//! mailer), timeouts, refused peers, failing stores, graceful shutdown, and the HTTP endpoint.
+//! `kst serve` over real sockets: LMTP conversations against a real `Kst` (gpg-made keys,
+//! filesystem store, spool mailer), timeouts, refused peers, a Redis store whose server is killed
+//! or frozen, graceful shutdown, and the HTTP endpoint.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,103 +17,108 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// A store for these tests until kst-fs lands: in memory, with a switch that makes every call
-/// fail the way an unreachable backend does.
-mod store {
-    use std::collections::BTreeMap;
-    use std::path::Path;
-    use std::sync::Mutex;
-    use std::sync::atomic::{AtomicBool, Ordering};
+/// A throwaway `redis-server` of the test's own on a free port (the shared one on 6379 is never
+/// touched): killed, frozen and restarted under a live `kst` to play a store outage.
+mod redis_server {
+    use std::sync::Arc;
+    use std::time::Duration;
 
-    use async_trait::async_trait;
-    use kst_core::store::validate_history;
-    use kst_core::{Address, Error, KeyRecord, KeyStore, NewKey, PublishOutcome, Result};
+    use kst_core::KeyStore;
+    use kst_redis::RedisStore;
+    use tokio::process::{Child, Command};
 
-    #[derive(Default)]
-    pub struct TestStore {
-        map: Mutex<BTreeMap<Address, Vec<KeyRecord>>>,
-        down: AtomicBool,
-        hang: AtomicBool,
+    pub struct RedisServer {
+        dir: tempfile::TempDir,
+        port: u16,
+        child: Option<Child>,
     }
 
-    impl TestStore {
-        pub fn open(_dir: &Path) -> Self {
-            TestStore::default()
+    impl RedisServer {
+        pub async fn start_new() -> RedisServer {
+            let dir = tempfile::Builder::new()
+                .prefix("kst-lmtp-redis-")
+                .tempdir()
+                .expect("temp dir");
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let mut s = RedisServer {
+                dir,
+                port,
+                child: None,
+            };
+            s.start().await;
+            s
         }
-        pub fn break_it(&self) {
-            self.down.store(true, Ordering::SeqCst);
+
+        /// A store on this server (prefix `kst:`); it reconnects by itself after an outage.
+        pub fn store(&self) -> Arc<dyn KeyStore> {
+            Arc::new(
+                RedisStore::builder(format!("redis://127.0.0.1:{}", self.port))
+                    .connection_timeout(Duration::from_secs(1))
+                    .response_timeout(Duration::from_secs(3))
+                    .connect_lazy()
+                    .expect("redis store"),
+            )
         }
-        pub fn repair(&self) {
-            self.down.store(false, Ordering::SeqCst);
-            self.hang.store(false, Ordering::SeqCst);
-        }
-        /// Every read and write waits forever, like a backend that stopped answering.
-        pub fn hang(&self) {
-            self.hang.store(true, Ordering::SeqCst);
-        }
-        async fn hung(&self) {
-            if self.hang.load(Ordering::SeqCst) {
-                std::future::pending::<()>().await;
+
+        /// Starts (or restarts on the same port and data directory) the server.
+        pub async fn start(&mut self) {
+            let dir = self.dir.path().to_str().expect("UTF-8 temp path");
+            let child = Command::new("redis-server")
+                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                ])
+                .args(["--dir", dir, "--logfile", "redis.log"])
+                .kill_on_drop(true)
+                .spawn()
+                .expect("redis-server (run scripts/services.sh to install it)");
+            self.child = Some(child);
+            for _ in 0..100 {
+                if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            panic!("the throwaway redis-server did not come up");
         }
-        fn up(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<Address, Vec<KeyRecord>>>> {
-            if self.down.load(Ordering::SeqCst) {
-                return Err(Error::unavailable("store(test)", "stopped by the test"));
-            }
-            self.map
-                .lock()
-                .map_err(|_| Error::unavailable("store(test)", "poisoned"))
+
+        /// SIGKILL: the store is gone.
+        pub async fn kill(&mut self) {
+            let mut child = self.child.take().expect("running");
+            child.kill().await.expect("kill redis-server");
+        }
+
+        /// `kill -STOP` (the store stops answering) or `kill -CONT`.
+        pub fn signal(&self, sig: &str) {
+            let pid = self.child.as_ref().and_then(|c| c.id()).expect("running");
+            let ok = std::process::Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status()
+                .expect("kill")
+                .success();
+            assert!(ok, "kill {sig} {pid}");
         }
     }
 
-    #[async_trait]
-    impl KeyStore for TestStore {
-        fn name(&self) -> &'static str {
-            "test"
-        }
-        async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
-            self.hung().await;
-            let mut map = self.up()?;
-            let hist = map.entry(key.address.clone()).or_default();
-            if let Some(r) = hist.iter().find(|r| r.publication_id == key.publication_id) {
-                return Ok(PublishOutcome::Unchanged(r.clone()));
+    impl Drop for RedisServer {
+        fn drop(&mut self) {
+            // A frozen server must be thawed to die cleanly; kill_on_drop sends SIGKILL.
+            if let Some(pid) = self.child.as_ref().and_then(|c| c.id()) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-CONT", &pid.to_string()])
+                    .status();
             }
-            if let Some(cur) = hist.last().filter(|c| c.key == key.key) {
-                return Ok(PublishOutcome::Unchanged(cur.clone()));
-            }
-            let rec = key.into_record(hist.last().map_or(1, |c| c.version + 1));
-            hist.push(rec.clone());
-            Ok(PublishOutcome::Published(rec))
-        }
-        async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
-            self.hung().await;
-            Ok(self.up()?.get(address).and_then(|h| h.last().cloned()))
-        }
-        async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
-            Ok(self.up()?.get(address).cloned().unwrap_or_default())
-        }
-        async fn delete(&self, address: &Address) -> Result<bool> {
-            Ok(self.up()?.remove(address).is_some())
-        }
-        async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
-            Ok(self
-                .up()?
-                .keys()
-                .filter(|a| after.is_none_or(|x| *a > x))
-                .take(limit)
-                .cloned()
-                .collect())
-        }
-        async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
-            validate_history(history)?;
-            let mut map = self.up()?;
-            if let Some(first) = history.first() {
-                map.insert(first.address.clone(), history.to_vec());
-            }
-            Ok(())
-        }
-        async fn check(&self) -> Result<()> {
-            self.up().map(|_| ())
         }
     }
 }
@@ -166,7 +172,7 @@ fn data(raw: &[u8]) -> Vec<u8> {
 struct Server {
     addr: SocketAddr,
     spool: PathBuf,
-    store: Arc<store::TestStore>,
+    store: Arc<dyn KeyStore>,
     kst: Kst,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -180,13 +186,23 @@ fn lmtp_config() -> LmtpConfig {
     }
 }
 
-fn kst_in(dir: &Path) -> (Kst, Arc<store::TestStore>, PathBuf) {
-    let store = Arc::new(store::TestStore::open(&dir.join("store")));
+/// A KST on the filesystem store in `dir/store`, spooling replies to `dir/spool`.
+async fn kst_in(dir: &Path) -> (Kst, Arc<dyn KeyStore>, PathBuf) {
+    let store: Arc<dyn KeyStore> = Arc::new(
+        kst_fs::FsStore::open(dir.join("store"))
+            .await
+            .expect("filesystem store"),
+    );
+    kst_with(dir, store)
+}
+
+/// A KST on `store`, spooling replies to `dir/spool`.
+fn kst_with(dir: &Path, store: Arc<dyn KeyStore>) -> (Kst, Arc<dyn KeyStore>, PathBuf) {
     let spool = dir.join("spool");
     let mailer: Arc<dyn Mailer> = Arc::new(SpoolMailer::new(&spool));
     let kst = Kst::new(
         Policy::new(&["example.net", "example.org"], &["mail.example.net"]),
-        Arc::clone(&store) as Arc<dyn KeyStore>,
+        Arc::clone(&store),
         mailer,
     );
     (kst, store, spool)
@@ -201,10 +217,18 @@ fn logs() {
 }
 
 async fn start(cfg: LmtpConfig) -> Server {
+    start_on(cfg, None).await
+}
+
+/// Like [`start`], on `store` instead of a filesystem store.
+async fn start_on(cfg: LmtpConfig, store: Option<Arc<dyn KeyStore>>) -> Server {
     logs();
     kst_bin::metrics::init();
     let dir = tempfile::tempdir().expect("temp dir");
-    let (kst, store, spool) = kst_in(dir.path());
+    let (kst, store, spool) = match store {
+        Some(store) => kst_with(dir.path(), store),
+        None => kst_in(dir.path()).await,
+    };
     let listener = Listener::bind(&cfg.listen).await.expect("bind");
     let addr = listener.local_addr().expect("a TCP address");
     let (tx, rx) = oneshot::channel::<()>();
@@ -550,47 +574,83 @@ async fn abrupt_disconnect_mid_data_stores_nothing() {
     );
 }
 
+/// The store's server is killed mid-run: 451 (the MTA keeps the message), then, once it is
+/// back, the MTA's retry of the same message is published.
 #[tokio::test]
-async fn failing_store_defers_with_451_then_recovers() {
-    let mut server = start(lmtp_config()).await;
+async fn store_stopped_mid_run_defers_with_451_then_recovers() {
+    let mut redis = redis_server::RedisServer::start_new().await;
+    let mut server = start_on(lmtp_config(), Some(redis.store())).await;
     let mut c = server.connect().await;
     c.greeting_and_lhlo().await;
-    let (raw, pending) = publication();
+    // Up: a retrieval goes through the store.
+    let (raw, _) = retrieval();
+    let replies = c
+        .transaction("bob@example.org", &["keys@example.net"], &raw)
+        .await;
+    assert!(replies[0].ends_with("decided: not-found"), "{replies:?}");
 
-    server.store.break_it();
+    let (raw, pending) = publication();
+    redis.kill().await;
     let replies = c
         .transaction("alice@example.net", &["keys@example.net"], &raw)
         .await;
     assert!(replies[0].starts_with("451 4.3.0 "), "{replies:?}");
     assert!(replies[0].ends_with("try again later"), "{replies:?}");
-    assert!(server.spooled().is_empty());
+    assert_eq!(
+        server.spooled().len(),
+        1,
+        "no reply for the deferred message"
+    );
 
-    // The store comes back; the MTA retries the same message.
-    server.store.repair();
-    let replies = c
-        .transaction("alice@example.net", &["keys@example.net"], &raw)
-        .await;
+    // The store comes back; the MTA retries the same message (on the same connection).
+    redis.start().await;
+    let mut replies = Vec::new();
+    for _ in 0..50 {
+        replies = c
+            .transaction("alice@example.net", &["keys@example.net"], &raw)
+            .await;
+        if !replies[0].starts_with("451") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(replies[0].ends_with("decided: published"), "{replies:?}");
     let spooled = server.spooled();
-    assert_eq!(spooled.len(), 1);
-    assert!(matches!(
-        verify(&pending, &spooled[0]),
-        Verified::Published { .. }
-    ));
+    assert_eq!(spooled.len(), 2);
+    assert!(spooled.iter().any(|s| matches!(
+        client::verify_reply(&pending, s),
+        Ok(Verified::Published { .. })
+    )));
+    assert_eq!(
+        server
+            .store
+            .get(&addr("alice@example.net"))
+            .await
+            .expect("store is back")
+            .expect("published")
+            .version,
+        1
+    );
     server.stop().await;
 }
 
+/// The store's server is frozen (SIGSTOP): the decision is abandoned after the command timeout
+/// with a 451 and the connection stays usable; once thawed, messages go through again.
 #[tokio::test]
 async fn hanging_store_defers_with_451_and_frees_the_connection() {
-    let mut server = start(LmtpConfig {
-        command_timeout_secs: 1,
-        ..lmtp_config()
-    })
+    let redis = redis_server::RedisServer::start_new().await;
+    let mut server = start_on(
+        LmtpConfig {
+            command_timeout_secs: 1,
+            ..lmtp_config()
+        },
+        Some(redis.store()),
+    )
     .await;
     let mut c = server.connect().await;
     c.greeting_and_lhlo().await;
-    server.store.hang();
     let (raw, _) = retrieval();
+    redis.signal("-STOP");
     let replies = c
         .transaction("bob@example.org", &["keys@example.net"], &raw)
         .await;
@@ -598,10 +658,17 @@ async fn hanging_store_defers_with_451_and_frees_the_connection() {
         replies[0].starts_with("451 4.3.0 kst unavailable: no decision within 1s"),
         "{replies:?}"
     );
-    server.store.repair();
-    let replies = c
-        .transaction("bob@example.org", &["keys@example.net"], &raw)
-        .await;
+    redis.signal("-CONT");
+    let mut replies = Vec::new();
+    for _ in 0..50 {
+        replies = c
+            .transaction("bob@example.org", &["keys@example.net"], &raw)
+            .await;
+        if !replies[0].starts_with("451") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(replies[0].ends_with("decided: not-found"), "{replies:?}");
     server.stop().await;
 }
@@ -680,7 +747,7 @@ async fn shutdown_lets_the_transaction_in_flight_finish() {
 #[tokio::test]
 async fn unix_socket_listener() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (kst, _store, spool) = kst_in(dir.path());
+    let (kst, _store, spool) = kst_in(dir.path()).await;
     let path = dir.path().join("lmtp.sock");
     let listen = format!("unix:{}", path.display());
     let cfg = LmtpConfig {
@@ -718,7 +785,7 @@ async fn unix_socket_listener() {
 #[tokio::test]
 async fn a_connection_can_be_driven_over_an_in_memory_pipe() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (kst, _store, _spool) = kst_in(dir.path());
+    let (kst, _store, _spool) = kst_in(dir.path()).await;
     let ctx = ConnectionContext::new(kst, &LmtpConfig::default(), ShutdownSignal::never());
     let (client_end, server_end) = tokio::io::duplex(4096);
     let server =
@@ -780,7 +847,8 @@ async fn start_http(
 
 #[tokio::test]
 async fn http_endpoint_health_readiness_metrics() {
-    let mut server = start(lmtp_config()).await;
+    let mut redis = redis_server::RedisServer::start_new().await;
+    let mut server = start_on(lmtp_config(), Some(redis.store())).await;
     // One message through LMTP so that the counters exist.
     let mut c = server.connect().await;
     c.greeting_and_lhlo().await;
@@ -803,13 +871,22 @@ async fn http_endpoint_health_readiness_metrics() {
         assert!(body.contains(name), "{name} missing in:\n{body}");
     }
 
-    // The store goes down: not ready, and says why.
-    server.store.break_it();
+    // The store goes down: not ready, and says why; alive all the same.
+    redis.kill().await;
     let (status, body) = http_get(http, "/readyz").await;
     assert_eq!(status, 503);
-    assert!(body.contains("store(test)"), "{body}");
-    server.store.repair();
-    assert_eq!(http_get(http, "/readyz").await.0, 200);
+    assert!(body.contains("store(redis)"), "{body}");
+    assert_eq!(http_get(http, "/healthz").await.0, 200);
+    redis.start().await;
+    let mut status = 0;
+    for _ in 0..50 {
+        status = http_get(http, "/readyz").await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "ready again once the store is back");
     assert_eq!(http_get(http, "/nope").await.0, 404);
 
     let _ = stop_http.send(());
@@ -820,7 +897,11 @@ async fn http_endpoint_health_readiness_metrics() {
 #[tokio::test]
 async fn readyz_names_an_unwritable_spool() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store: Arc<dyn KeyStore> = Arc::new(store::TestStore::open(&dir.path().join("store")));
+    let store: Arc<dyn KeyStore> = Arc::new(
+        kst_fs::FsStore::open(dir.path().join("store"))
+            .await
+            .expect("filesystem store"),
+    );
     // A directory under a regular file cannot be created, even by root.
     let mailer: Arc<dyn Mailer> = Arc::new(SpoolMailer::new("/dev/null/spool"));
     let kst = Kst::new(
@@ -878,7 +959,7 @@ fn send_signal(name: &str) {
 #[tokio::test]
 async fn serve_stops_gracefully_on_sigterm_and_at_once_on_a_second_signal() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (kst, store, spool) = kst_in(dir.path());
+    let (kst, store, spool) = kst_in(dir.path()).await;
     let path = dir.path().join("serve.sock");
     let lmtp = LmtpConfig {
         listen: path.display().to_string(),

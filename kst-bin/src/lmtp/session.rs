@@ -369,8 +369,17 @@ impl Session {
                 ehlo.capabilities =
                     EXT_PIPELINING | EXT_8BIT_MIME | EXT_ENHANCED_STATUS_CODES | EXT_SIZE;
                 ehlo.size = self.limits.max_message_size;
-                // Writing into a Vec cannot fail.
-                let _ = ehlo.write(&mut self.out);
+                // smtp-proto's first line is a joke ("you had me at EHLO"); write our own
+                // and keep its capability lines. Writing into a Vec cannot fail.
+                let mut lines = Vec::new();
+                let _ = ehlo.write(&mut lines);
+                let caps = lines
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(&[][..], |end| &lines[end + 1..]);
+                self.out
+                    .extend_from_slice(format!("250-{} kst LMTP\r\n", self.hostname).as_bytes());
+                self.out.extend_from_slice(caps);
             }
             Request::Helo { .. } | Request::Ehlo { .. } => {
                 self.error(500, [5, 5, 1], "this is LMTP: say LHLO (RFC 2033)")

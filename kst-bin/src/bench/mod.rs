@@ -1,0 +1,201 @@
+//! `kst bench`: a load generator for a running `kst serve` (LMTP) or for pipe mode (one
+//! `kst deliver` per message), with real keys and varied addresses. It prints messages per
+//! second and latency percentiles for the publications and then for the retrievals.
+//!
+//! The load is built before any timing starts: one new Ed25519 key per published address
+//! (rPGP), the trusted `Received:` header the provider's MTA would write, and retrievals spread
+//! over the published addresses (one in ten for an address with no key).
+
+pub mod lmtp;
+pub mod messages;
+pub mod pipe;
+pub mod report;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use messages::{LoadSpec, Message};
+use report::{Report, Sample};
+
+/// `kst bench ...`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Load a running `kst serve` over C reused LMTP connections.
+    ///
+    /// Example: kst bench lmtp --connect 127.0.0.1:2424 --concurrency 8 --publications 2000 --retrievals 20000
+    Lmtp(LmtpArgs),
+    /// Run one `kst deliver --config FILE` process per message (Postfix pipe mode), C at a time.
+    ///
+    /// Example: kst --config kst.toml bench pipe --concurrency 4 --publications 200 --retrievals 1000
+    Pipe(LoadArgs),
+}
+
+/// What to send, common to both modes.
+#[derive(Debug, Clone, Args)]
+pub struct LoadArgs {
+    /// Concurrent connections (LMTP) or processes (pipe).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Publications, each for its own address `user<N>@DOMAIN` with its own new key.
+    #[arg(long, default_value_t = 1000)]
+    pub publications: usize,
+    /// Retrievals of the published addresses (one in ten asks for an address with no key).
+    #[arg(long, default_value_t = 10000)]
+    pub retrievals: usize,
+    /// A domain the server serves (`kst.domains`).
+    #[arg(long, default_value = "example.test")]
+    pub domain: String,
+    /// The `by` host of the trusted Received header (one of `kst.trusted_mta_hosts`).
+    #[arg(long, default_value = "localhost")]
+    pub mta: String,
+    /// Print one JSON object per phase on stdout (the text summary goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bars.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// `kst bench lmtp`.
+#[derive(Debug, Clone, Args)]
+pub struct LmtpArgs {
+    /// The LMTP address of `kst serve`.
+    #[arg(long, default_value = "127.0.0.1:2424")]
+    pub connect: String,
+    /// Also read the server's own latency histogram from its `/metrics` (e.g.
+    /// 127.0.0.1:8080) before and after each phase.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
+    /// The load.
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+/// Runs `kst bench`; the exit code is 0 when every message got a decision, 1 when some did not
+/// (the summary says which outcomes), 2 when the load could not be run at all.
+pub async fn run(cmd: BenchCommand, config: Option<&Path>) -> u8 {
+    match run_inner(cmd, config).await {
+        Ok(true) => 0,
+        Ok(false) => {
+            eprintln!("kst bench: some messages got no decision (see the outcomes above)");
+            1
+        }
+        Err(e) => {
+            eprintln!("kst bench: {e:#}");
+            2
+        }
+    }
+}
+
+async fn run_inner(cmd: BenchCommand, config: Option<&Path>) -> anyhow::Result<bool> {
+    let load = match &cmd {
+        BenchCommand::Lmtp(a) => &a.load,
+        BenchCommand::Pipe(a) => a,
+    };
+    if load.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    let spec = LoadSpec {
+        domain: load.domain.clone(),
+        mta: load.mta.clone(),
+        publications: load.publications,
+        retrievals: load.retrievals,
+    };
+    let bar = bar(load.quiet, load.publications, "making keys");
+    let (publications, retrievals) = {
+        let bar = bar.clone();
+        tokio::task::spawn_blocking(move || messages::build(&spec, || bar.inc(1)))
+            .await
+            .context("the key generation task failed")??
+    };
+    bar.finish_and_clear();
+    let mut all_decided = true;
+    for (phase, msgs) in [("publication", publications), ("retrieval", retrievals)] {
+        if msgs.is_empty() {
+            continue;
+        }
+        let report = match &cmd {
+            BenchCommand::Lmtp(a) => lmtp_phase(a, phase, msgs).await?,
+            BenchCommand::Pipe(a) => pipe_phase(a, config, phase, msgs).await?,
+        };
+        eprint!("{}", report.text());
+        if load.json {
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        all_decided &= report.decided == report.messages;
+    }
+    Ok(all_decided)
+}
+
+fn bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+async fn lmtp_phase(a: &LmtpArgs, phase: &str, msgs: Vec<Message>) -> anyhow::Result<Report> {
+    let prepared: Arc<Vec<lmtp::Prepared>> =
+        Arc::new(msgs.iter().map(lmtp::Prepared::new).collect());
+    drop(msgs);
+    let before = match &a.metrics {
+        Some(m) => Some(report::duration_buckets(&scrape(m).await?)),
+        None => None,
+    };
+    let bar = bar(a.load.quiet, prepared.len(), phase);
+    let (samples, elapsed) =
+        lmtp::run(&a.connect, a.load.concurrency, prepared, bar.clone()).await?;
+    bar.finish_and_clear();
+    let mut report = Report::new(phase, "lmtp", a.load.concurrency, samples, elapsed);
+    if let (Some(m), Some(before)) = (&a.metrics, before) {
+        let after = report::duration_buckets(&scrape(m).await?);
+        report.server_p99_ms = report::quantile_between(&before, &after, 0.99);
+    }
+    Ok(report)
+}
+
+async fn pipe_phase(
+    a: &LoadArgs,
+    config: Option<&Path>,
+    phase: &str,
+    msgs: Vec<Message>,
+) -> anyhow::Result<Report> {
+    let kst = std::env::current_exe().context("cannot find the kst executable")?;
+    let bar = bar(a.quiet, msgs.len(), phase);
+    let (samples, elapsed): (Vec<Sample>, Duration) =
+        pipe::run(&kst, config, a.concurrency, Arc::new(msgs), bar.clone()).await?;
+    bar.finish_and_clear();
+    Ok(Report::new(phase, "pipe", a.concurrency, samples, elapsed))
+}
+
+/// GET /metrics from `addr` (`host:port`, optionally with `http://` and a path).
+async fn scrape(addr: &str) -> anyhow::Result<String> {
+    let rest = addr.strip_prefix("http://").unwrap_or(addr);
+    let (host, path) = match rest.split_once('/') {
+        Some((h, p)) => (h, format!("/{p}")),
+        None => (rest, "/metrics".to_string()),
+    };
+    let mut s = tokio::net::TcpStream::connect(host)
+        .await
+        .with_context(|| format!("cannot connect to {host} for /metrics (--metrics)"))?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut page = String::new();
+    s.read_to_string(&mut page).await?;
+    Ok(page)
+}

@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# The LMTP load benchmark, in one run (see docs/BENCHMARKS.md, "## LMTP"):
+#   1. builds kst in release mode; installs Postfix (smtp-sink, smtp-source) if missing and
+#      starts PostgreSQL and Redis (scripts/services.sh);
+#   2. measures the transport ceiling: smtp-sink -u nobody -L (accepts and discards LMTP)
+#      driven by smtp-source -L -d -s 8 (8 reused sessions), then one connection per message;
+#   3. runs `kst serve` on the filesystem, PostgreSQL and Redis stores with the spool mailer,
+#      and on the filesystem store with the SMTP mailer against smtp-sink, loading each with
+#      `kst bench lmtp` (C reused connections, real keys, varied addresses);
+#   4. runs pipe mode (`kst bench pipe`: one `kst deliver` process per message);
+#   5. prints a markdown table (and the machine) on stdout; progress and details on stderr.
+#
+# Usage: scripts/bench.sh            (as root on Debian, from anywhere in the repository)
+# Environment: BENCH_C (connections, 8), BENCH_PUB (publications, 2000), BENCH_RET (retrievals,
+# 20000), BENCH_PIPE_C (processes, 2), BENCH_PIPE_PUB (200), BENCH_PIPE_RET (1000),
+# BENCH_SINK_MSGS (smtp-source messages, 100000), BENCH_PG_URL (postgres://postgres:postgres@127.0.0.1:5432),
+# BENCH_KST (use this kst binary instead of building one in release mode).
+set -euo pipefail
+
+C="${BENCH_C:-8}"
+PUB="${BENCH_PUB:-2000}"
+RET="${BENCH_RET:-20000}"
+PIPE_C="${BENCH_PIPE_C:-2}"
+PIPE_PUB="${BENCH_PIPE_PUB:-200}"
+PIPE_RET="${BENCH_PIPE_RET:-1000}"
+SINK_MSGS="${BENCH_SINK_MSGS:-100000}"
+PG_BASE="${BENCH_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432}"
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+log() { printf '== bench: %s\n' "$*" >&2; }
+die() { printf '== bench: ERROR: %s\n' "$*" >&2; exit 1; }
+
+WORK="$(mktemp -d /tmp/kst-bench.XXXXXX)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  die "nothing listens on 127.0.0.1:$1"
+}
+
+# ---- 1. build and prerequisites ----
+if [ -n "${BENCH_KST:-}" ]; then
+  KST="$BENCH_KST"     # a kst binary built already (for checking this script)
+else
+  log "building kst (release)"
+  cargo build --release --quiet -p kst-bin --bin kst
+  KST="$ROOT/target/release/kst"
+fi
+if ! command -v smtp-sink >/dev/null && [ ! -x /usr/sbin/smtp-sink ]; then
+  log "installing postfix (smtp-sink, smtp-source)"
+  [ "$(id -u)" -eq 0 ] || die "postfix is missing; run as root to install it"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postfix >&2
+fi
+export PATH="$PATH:/usr/sbin"
+scripts/services.sh postgres redis >&2
+
+RESULTS="$WORK/results.jsonl"
+: >"$RESULTS"
+row() { printf '%s\n' "$1" >>"$RESULTS"; }
+
+# ---- 2. the ceiling: smtp-sink ----
+SINK_PORT="$(free_port)"
+smtp-sink -u nobody -L "127.0.0.1:$SINK_PORT" 1024 &
+PIDS+=("$!")
+wait_port "$SINK_PORT"
+sink_run() { # label, smtp-source flags...
+  local label="$1"; shift
+  local t0 t1
+  t0=$(date +%s.%N)
+  smtp-source -L "$@" -f bench@example.org -t keys@example.test "127.0.0.1:$SINK_PORT"
+  t1=$(date +%s.%N)
+  row "$(python3 -c "import json,sys; n=int(sys.argv[2]); s=float(sys.argv[4])-float(sys.argv[3]); print(json.dumps({'label':sys.argv[1],'phase':'smtp-sink','messages':n,'decided':n,'seconds':s,'rate':n/s}))" "$label" "$SINK_MSGS" "$t0" "$t1")"
+}
+log "smtp-sink ceiling: $SINK_MSGS messages over 8 reused LMTP sessions"
+sink_run "smtp-sink, 8 reused sessions (smtp-source -L -d -s 8)" -d -s 8 -m "$SINK_MSGS"
+log "smtp-sink ceiling: one connection per message"
+sink_run "smtp-sink, new connection per message (smtp-source -L -s 8)" -s 8 -m "$((SINK_MSGS / 4))"
+SINK_MSGS_SAVED="$SINK_MSGS"
+
+# ---- 3. kst serve on each backend ----
+serve_run() { # label, then KEY=VALUE environment overrides
+  local label="$1"; shift
+  local dir="$WORK/serve-$RANDOM"
+  mkdir -p "$dir"
+  local lmtp http
+  lmtp="$(free_port)"; http="$(free_port)"
+  env -C "$dir" -u KST_CONFIG KST_LMTP__LISTEN="127.0.0.1:$lmtp" KST_HTTP__LISTEN="127.0.0.1:$http" \
+    KST_LOG__LEVEL=warn "$@" "$KST" serve 2>"$dir/serve.log" &
+  local pid=$! kpid=$!
+  PIDS+=("$pid")
+  wait_port "$lmtp"
+  log "$label: kst serve pid $kpid on 127.0.0.1:$lmtp"
+  local out="$dir/bench.jsonl"
+  "$KST" bench lmtp --connect "127.0.0.1:$lmtp" --metrics "127.0.0.1:$http" \
+    --concurrency "$C" --publications "$PUB" --retrievals "$RET" --json >"$out" || log "$label: some messages got no decision"
+  local rss
+  rss="$(awk '/VmHWM/ {print $2}' "/proc/$kpid/status")"
+  kill -TERM "$kpid"
+  wait "$pid" || log "$label: kst serve exited with $?"
+  while read -r line; do
+    row "$(python3 -c "import json,sys; r=json.loads(sys.argv[1]); r['label']=sys.argv[2]; r['rss_kib']=int(sys.argv[3]); print(json.dumps(r))" "$line" "$label" "$rss")"
+  done <"$out"
+}
+
+serve_run "kst serve, fs store, spool mailer" KST_STORE__BACKEND=fs
+serve_run "kst serve, Redis store, spool mailer" KST_STORE__BACKEND=redis \
+  KST_STORE__URL=redis://127.0.0.1:6379 KST_STORE__PREFIX="kstbench$$x$RANDOM"
+DB="kst_bench_$$"
+psql "$PG_BASE/postgres" -qc "CREATE DATABASE $DB" >&2
+serve_run "kst serve, PostgreSQL store, spool mailer" KST_STORE__BACKEND=postgres \
+  KST_STORE__URL="$PG_BASE/$DB" KST_STORE__MAX_CONNECTIONS=8
+psql "$PG_BASE/postgres" -qc "DROP DATABASE $DB" >&2 || true
+# The SMTP mailer hands each reply to a second smtp-sink, in SMTP mode.
+SMTP_PORT="$(free_port)"
+smtp-sink -u nobody "127.0.0.1:$SMTP_PORT" 1024 &
+PIDS+=("$!")
+wait_port "$SMTP_PORT"
+serve_run "kst serve, fs store, SMTP mailer to smtp-sink" KST_STORE__BACKEND=fs \
+  KST_MAILER__KIND=smtp KST_MAILER__HOST=127.0.0.1 KST_MAILER__PORT="$SMTP_PORT" KST_MAILER__TLS=none
+
+# ---- 4. pipe mode ----
+PIPE_DIR="$WORK/pipe"
+mkdir -p "$PIPE_DIR"
+cat >"$PIPE_DIR/kst.toml" <<EOF
+[kst]
+domains = ["example.test"]
+trusted_mta_hosts = ["localhost"]
+[store]
+backend = "fs"
+path = "$PIPE_DIR/keys"
+[mailer]
+kind = "spool"
+path = "$PIPE_DIR/outbox"
+[log]
+level = "warn"
+EOF
+log "pipe mode: one kst deliver per message, $PIPE_C at a time"
+"$KST" --config "$PIPE_DIR/kst.toml" bench pipe --concurrency "$PIPE_C" --publications "$PIPE_PUB" \
+  --retrievals "$PIPE_RET" --json >"$PIPE_DIR/bench.jsonl" || log "pipe: some messages got no decision"
+while read -r line; do
+  row "$(python3 -c "import json,sys; r=json.loads(sys.argv[1]); r['label']='pipe mode (kst deliver per message), fs store, spool mailer'; print(json.dumps(r))" "$line")"
+done <"$PIPE_DIR/bench.jsonl"
+
+# ---- 5. the table ----
+python3 - "$RESULTS" "$SINK_MSGS_SAVED" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+sink = next((r["rate"] for r in rows if r["phase"] == "smtp-sink"), None)
+print("| setup | load | messages | msg/s | % of smtp-sink | p50 ms | p95 ms | p99 ms | p99 in kst ms | peak RSS MiB | outcomes |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+for r in rows:
+    phase = r["phase"]
+    load = phase if phase == "smtp-sink" else f"{phase}s, c={r.get('concurrency')}"
+    pct = f"{100 * r['rate'] / sink:.0f}%" if sink and phase != "smtp-sink" else ""
+    f = lambda k, d=2: (f"{r[k]:.{d}f}" if isinstance(r.get(k), (int, float)) else "")
+    rss = f"{r['rss_kib'] / 1024:.0f}" if "rss_kib" in r else ""
+    kst99 = f"≤ {r['server_p99_ms']:g}" if r.get("server_p99_ms") is not None else ""
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(r.get("outcomes", {}).items()))
+    print(f"| {r['label']} | {load} | {r['messages']} | {r['rate']:.0f} | {pct} | {f('p50_ms')} | {f('p95_ms')} | {f('p99_ms')} | {kst99} | {rss} | {outcomes} |")
+PY
+echo
+echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -sr), $(df -T "$WORK" | awk 'NR==2 {print $2}') under /tmp; rustc $(rustc --version | cut -d' ' -f2)."
+echo "Command: scripts/bench.sh (BENCH_C=$C BENCH_PUB=$PUB BENCH_RET=$RET BENCH_PIPE_C=$PIPE_C BENCH_PIPE_PUB=$PIPE_PUB BENCH_PIPE_RET=$PIPE_RET BENCH_SINK_MSGS=$SINK_MSGS)"

@@ -1,0 +1,374 @@
+//! `kst serve` through the real binary: no configuration file (the embedded default in a
+//! temporary working directory), LMTP on a free port, the HTTP endpoint, a publication and a
+//! retrieval with a gpg-made key, and SIGTERM while a message is half sent.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kst_core::AddressPolicy;
+use kst_core::client::{self, Verified};
+use kst_tests::{Gpg, kst_binary, received_authenticated};
+
+/// How long the test waits for anything (a hang guard, not a speed check).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn addr(s: &str) -> kst_core::Address {
+    AddressPolicy::default().normalize(s).expect("test address")
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+/// `kst serve` with no `--config`, in its own working directory.
+struct Serve {
+    cwd: tempfile::TempDir,
+    lmtp: SocketAddr,
+    http: SocketAddr,
+    child: Child,
+}
+
+impl Serve {
+    fn start() -> Serve {
+        let cwd = tempfile::Builder::new()
+            .prefix("kst-serve-")
+            .tempdir()
+            .expect("temp dir");
+        let (lmtp, http) = (free_port(), free_port());
+        let log = std::fs::File::create(cwd.path().join("serve.log")).expect("log file");
+        let mut cmd = Command::new(kst_binary());
+        // Only this test's settings: no KST_* from the environment of the test run.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("KST_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
+            .arg("serve")
+            .current_dir(cwd.path())
+            .env_remove("RUST_LOG")
+            .env("KST_LMTP__LISTEN", lmtp.to_string())
+            .env("KST_HTTP__LISTEN", http.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kst serve");
+        let serve = Serve {
+            cwd,
+            lmtp,
+            http,
+            child,
+        };
+        let deadline = Instant::now() + PATIENCE;
+        while TcpStream::connect(lmtp).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "kst serve did not listen on {lmtp}:\n{}",
+                serve.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        serve
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.cwd.path().join("serve.log")).unwrap_or_default()
+    }
+
+    fn outbox(&self) -> PathBuf {
+        self.cwd.path().join("data/outbox")
+    }
+
+    /// Replies in the spool, oldest first.
+    fn replies(&self) -> Vec<Vec<u8>> {
+        let Ok(rd) = std::fs::read_dir(self.outbox()) else {
+            return Vec::new();
+        };
+        let mut files: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+            .collect();
+        files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        files
+            .iter()
+            .map(|p| std::fs::read(p).expect("reply"))
+            .collect()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// Waits for the process to exit; its exit code.
+    fn wait(&mut self) -> i32 {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kst serve did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A blocking LMTP client.
+struct Lmtp {
+    io: BufReader<TcpStream>,
+}
+
+impl Lmtp {
+    fn connect(at: SocketAddr) -> Lmtp {
+        let s = TcpStream::connect(at).expect("connect LMTP");
+        s.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        Lmtp {
+            io: BufReader::new(s),
+        }
+    }
+
+    fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        self.io
+            .get_mut()
+            .write_all(bytes.as_ref())
+            .expect("write LMTP");
+    }
+
+    /// One whole reply, continuation lines joined with '\n'; "" at EOF.
+    fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if self.io.read_line(&mut line).unwrap_or(0) == 0 {
+                return all;
+            }
+            let line = line.trim_end();
+            if !all.is_empty() {
+                all.push('\n');
+            }
+            all.push_str(line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+
+    fn expect(&mut self, prefix: &str) -> String {
+        let r = self.reply();
+        assert!(r.starts_with(prefix), "expected {prefix:?}, got {r:?}");
+        r
+    }
+
+    /// Greeting and LHLO; returns the LHLO reply.
+    fn hello(&mut self) -> String {
+        self.expect("220 ");
+        self.send("LHLO localhost\r\n");
+        self.expect("250-")
+    }
+
+    /// MAIL, RCPT, DATA up to the 354.
+    fn begin(&mut self, sender: &str) {
+        self.send(format!(
+            "MAIL FROM:<{sender}>\r\nRCPT TO:<keys@example.test>\r\nDATA\r\n"
+        ));
+        self.expect("250 2.1.0");
+        self.expect("250 2.1.5");
+        self.expect("354 ");
+    }
+
+    fn transaction(&mut self, sender: &str, raw: &[u8]) -> String {
+        self.begin(sender);
+        self.send(data(raw));
+        self.reply()
+    }
+}
+
+/// Dot-stuffed DATA content with its terminating line.
+fn data(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len() + 16);
+    for line in raw.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b".") {
+            out.push(b'.');
+        }
+        out.extend_from_slice(line);
+    }
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// A raw HTTP/1.1 GET: (status, body).
+fn http_get(at: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(at).expect("connect HTTP");
+    s.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write HTTP");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read HTTP");
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A publication as the local MTA (`localhost`, trusted by the embedded default for `example.test`) hands it on
+/// after alice authenticated.
+fn publication(key: &str) -> (Vec<u8>, client::Pending) {
+    let req = client::build_publication(&addr("alice@example.test"), key).expect("alice's key");
+    let mut raw = received_authenticated("alice@example.test", "localhost").into_bytes();
+    raw.extend_from_slice(&req.message);
+    (raw, req.pending)
+}
+
+fn files_under(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |rd| {
+        rd.filter_map(Result::ok)
+            .map(|e| {
+                if e.path().is_dir() {
+                    files_under(&e.path())
+                } else {
+                    1
+                }
+            })
+            .sum()
+    })
+}
+
+#[test]
+fn serve_without_config_publishes_retrieves_and_stops_gracefully_on_sigterm() {
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.test", "ed25519");
+    let mut serve = Serve::start();
+
+    // The HTTP endpoint.
+    assert_eq!(http_get(serve.http, "/healthz").0, 200, "{}", serve.log());
+    let (status, body) = http_get(serve.http, "/readyz");
+    assert_eq!((status, body.as_str()), (200, "ready\n"), "{}", serve.log());
+
+    // LHLO: our own greeting line, the capabilities.
+    let mut c = Lmtp::connect(serve.lmtp);
+    let lhlo = c.hello();
+    let first = lhlo.lines().next().expect("a line");
+    assert!(first.ends_with(" kst LMTP"), "{lhlo}");
+    for cap in ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SIZE "] {
+        assert!(lhlo.contains(cap), "{cap} missing: {lhlo}");
+    }
+
+    // A publication, then a retrieval by someone else, over the same connection.
+    let (raw, pending) = publication(&alice.public_armored);
+    let reply = c.transaction("alice@example.test", &raw);
+    assert!(
+        reply.starts_with("250 2.0.0") && reply.ends_with("decided: published"),
+        "{reply}\n{}",
+        serve.log()
+    );
+    let req = client::build_retrieval(&addr("bob@example.org"), &addr("alice@example.test"));
+    let reply = c.transaction("bob@example.org", &req.message);
+    assert!(reply.ends_with("decided: found"), "{reply}");
+    let replies = serve.replies();
+    assert_eq!(replies.len(), 2, "one reply each in ./data/outbox");
+    match client::verify_reply(&pending, &replies[0]).expect("the confirmation verifies") {
+        Verified::Published { fingerprint, .. } => assert_eq!(fingerprint, alice.fingerprint),
+        other => panic!("expected a confirmation, got {other:?}"),
+    }
+    match client::verify_reply(&req.pending, &replies[1]).expect("the response verifies") {
+        Verified::Found { fingerprint, .. } => assert_eq!(fingerprint, alice.fingerprint),
+        other => panic!("expected alice's key, got {other:?}"),
+    }
+    assert!(
+        files_under(&serve.cwd.path().join("data/keys")) > 0,
+        "the key is in the embedded filesystem store ./data/keys"
+    );
+
+    // Metrics count what happened.
+    let (status, metrics) = http_get(serve.http, "/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "kst_messages_total{kind=\"publication\",outcome=\"published\"} 1",
+        "kst_messages_total{kind=\"retrieval\",outcome=\"found\"} 1",
+        "kst_message_duration_seconds_bucket",
+        "kst_lmtp_connections 1",
+    ] {
+        assert!(metrics.contains(name), "{name} missing in:\n{metrics}");
+    }
+
+    // SIGTERM while a retrieval is half sent: the message is finished and answered, then the
+    // process exits 0.
+    let req = client::build_retrieval(&addr("carol@example.org"), &addr("alice@example.test"));
+    c.begin("carol@example.org");
+    let body = data(&req.message);
+    let (head, tail) = body.split_at(body.len() / 2);
+    c.send(head);
+    serve.signal("-TERM");
+    // Shutdown has begun once the listener is closed.
+    let deadline = Instant::now() + PATIENCE;
+    while TcpStream::connect(serve.lmtp).is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.send(tail);
+    let reply = c.reply();
+    assert!(
+        reply.ends_with("decided: found"),
+        "{reply}\n{}",
+        serve.log()
+    );
+    c.expect("421 4.3.2");
+    assert_eq!(serve.wait(), 0, "{}", serve.log());
+    let replies = serve.replies();
+    assert_eq!(replies.len(), 3, "nothing lost");
+    assert!(matches!(
+        client::verify_reply(&req.pending, &replies[2]),
+        Ok(Verified::Found { .. })
+    ));
+}
+
+#[test]
+fn serve_refuses_an_lmtp_port_in_use_and_names_it() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr");
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(kst_binary())
+        .arg("serve")
+        .current_dir(cwd.path())
+        .env_remove("KST_CONFIG")
+        .env("KST_LMTP__LISTEN", port.to_string())
+        .env("KST_HTTP__LISTEN", "")
+        .output()
+        .expect("run kst serve");
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lmtp.listen"), "{err}");
+}
