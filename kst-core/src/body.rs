@@ -7,7 +7,7 @@
 
 use mail_parser::{Message, PartType};
 
-use crate::protocol::{PUBLIC_KEY_BEGIN, PUBLIC_KEY_END};
+use crate::protocol::{DELETE_COMMAND, PUBLIC_KEY_BEGIN, PUBLIC_KEY_END};
 
 /// Lines that open a secret key block (current and legacy spellings).
 const SECRET_KEY_BEGINS: [&str; 2] = [
@@ -37,6 +37,11 @@ pub enum RequestBody {
     Retrieval {
         /// The first line: the queried address, unparsed.
         query: String,
+        /// The second line, unparsed.
+        k_auth: String,
+    },
+    /// A deletion: `DELETE`, then K_auth.
+    Deletion {
         /// The second line, unparsed.
         k_auth: String,
     },
@@ -138,6 +143,11 @@ pub fn classify(text: &str) -> RequestBody {
         };
     }
     match lines.as_slice() {
+        [command, k_auth] if command.eq_ignore_ascii_case(DELETE_COMMAND) => {
+            RequestBody::Deletion {
+                k_auth: k_auth.to_string(),
+            }
+        }
         [query, k_auth] => RequestBody::Retrieval {
             query: query.to_string(),
             k_auth: k_auth.to_string(),
@@ -203,6 +213,21 @@ mod tests {
                 k_auth: None
             }
         );
+    }
+
+    #[test]
+    fn deletion_is_recognized() {
+        for cmd in ["DELETE", "delete", "  Delete  "] {
+            assert_eq!(
+                classify(&format!("{cmd}\r\n\r\n{K}\r\n-- \r\nAlice\r\n")),
+                RequestBody::Deletion { k_auth: K.into() },
+                "{cmd}"
+            );
+        }
+        assert!(matches!(
+            classify(&format!("DELETE\n{K}\nmore\n")),
+            RequestBody::Unrecognized(_)
+        ));
     }
 
     #[test]
