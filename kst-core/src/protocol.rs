@@ -167,7 +167,8 @@ impl Reason {
             Reason::Malformed => {
                 "The message body matches neither request format. A publication is an \
                  ASCII-armored public key block followed by a line with K_auth; a retrieval is a \
-                 line with the queried address followed by a line with K_auth."
+                 line with the queried address followed by a line with K_auth; a deletion is a \
+                 line DELETE followed by a line with K_auth."
             }
         }
     }
