@@ -123,9 +123,9 @@ async fn deliver(config: Config, args: DeliverArgs) -> Result<u8, kst_core::Erro
 /// Reason token and address of a decision, for the log line ("-" when none).
 pub fn describe(d: &Decision) -> (&'static str, String) {
     match d {
-        Decision::Published { address, .. } | Decision::Answered { address, .. } => {
-            ("-", address.to_string())
-        }
+        Decision::Published { address, .. }
+        | Decision::Answered { address, .. }
+        | Decision::Deleted { address, .. } => ("-", address.to_string()),
         Decision::Refused { reason } => (reason.as_str(), "-".into()),
         Decision::Ignored(why) => (why.as_str(), "-".into()),
     }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Messages handled, by `kind` (publication, retrieval, other, unknown) and `outcome`
-/// (published, found, not-found, refused, ignored, rejected, deferred).
+/// Messages handled, by `kind` (publication, retrieval, deletion, other, unknown) and `outcome`
+/// (published, found, not-found, deleted, refused, ignored, rejected, deferred).
 pub const MESSAGES_TOTAL: &str = "kst_messages_total";
 /// Time from the end of DATA to the decision for one recipient, in seconds.
 pub const MESSAGE_DURATION: &str = "kst_message_duration_seconds";

@@ -7,7 +7,7 @@
 
 use mail_parser::{Message, PartType};
 
-use crate::protocol::{PUBLIC_KEY_BEGIN, PUBLIC_KEY_END};
+use crate::protocol::{DELETE_COMMAND, PUBLIC_KEY_BEGIN, PUBLIC_KEY_END};
 
 /// Lines that open a secret key block (current and legacy spellings).
 const SECRET_KEY_BEGINS: [&str; 2] = [
@@ -37,6 +37,11 @@ pub enum RequestBody {
     Retrieval {
         /// The first line: the queried address, unparsed.
         query: String,
+        /// The second line, unparsed.
+        k_auth: String,
+    },
+    /// A deletion: `DELETE`, then K_auth.
+    Deletion {
         /// The second line, unparsed.
         k_auth: String,
     },
@@ -138,6 +143,11 @@ pub fn classify(text: &str) -> RequestBody {
         };
     }
     match lines.as_slice() {
+        [command, k_auth] if command.eq_ignore_ascii_case(DELETE_COMMAND) => {
+            RequestBody::Deletion {
+                k_auth: k_auth.to_string(),
+            }
+        }
         [query, k_auth] => RequestBody::Retrieval {
             query: query.to_string(),
             k_auth: k_auth.to_string(),
@@ -206,6 +216,21 @@ mod tests {
     }
 
     #[test]
+    fn deletion_is_recognized() {
+        for cmd in ["DELETE", "delete", "  Delete  "] {
+            assert_eq!(
+                classify(&format!("{cmd}\r\n\r\n{K}\r\n-- \r\nAlice\r\n")),
+                RequestBody::Deletion { k_auth: K.into() },
+                "{cmd}"
+            );
+        }
+        assert!(matches!(
+            classify(&format!("DELETE\n{K}\nmore\n")),
+            RequestBody::Unrecognized(_)
+        ));
+    }
+
+    #[test]
     fn secret_key_is_recognized() {
         let body = format!(
             "-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQ\n-----END PGP PRIVATE KEY BLOCK-----\n{K}\n"
@@ -233,6 +258,81 @@ mod tests {
                 matches!(classify(body), RequestBody::Unrecognized(_)),
                 "{body:?}"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use mail_parser::MessageParser;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Pieces that real and hostile request bodies are made of.
+    fn piece() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(PUBLIC_KEY_BEGIN.to_string()),
+            Just(PUBLIC_KEY_END.to_string()),
+            Just(SECRET_KEY_BEGINS[0].to_string()),
+            Just("-----END PGP PRIVATE KEY BLOCK-----".to_string()),
+            Just("DELETE".to_string()),
+            Just("-- ".to_string()),
+            Just("Comment: x".to_string()),
+            Just("alice@example.net".to_string()),
+            Just("40Pe0/MY6VCZ/8TczgZemiLKP2rvbCwxXGhC7S2v80E=".to_string()),
+            Just("Content-Type: multipart/mixed; boundary=b".to_string()),
+            Just("--b".to_string()),
+            Just("\r".to_string()),
+            "[ -~]{0,40}",
+            any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Classification never panics, and what it extracts comes from the input: a
+        /// retrieval's or deletion's K_auth line and query are lines of the body; a publication's
+        /// armored block starts and ends with the armor lines.
+        #[test]
+        fn classify_is_total_and_faithful(pieces in proptest::collection::vec(piece(), 0..24)) {
+            let text = pieces.join("\n");
+            match classify(&text) {
+                RequestBody::Retrieval { query, k_auth } => {
+                    prop_assert!(text.contains(query.as_str()) && text.contains(k_auth.as_str()));
+                }
+                RequestBody::Deletion { k_auth } => prop_assert!(text.contains(k_auth.as_str())),
+                RequestBody::Publication { armored, .. } => {
+                    let begin = format!("{PUBLIC_KEY_BEGIN}\n");
+                    let end = format!("{PUBLIC_KEY_END}\n");
+                    prop_assert!(armored.starts_with(&begin));
+                    prop_assert!(armored.ends_with(&end));
+                }
+                RequestBody::SecretKey { .. } | RequestBody::Unrecognized(_) => {}
+            }
+        }
+
+        /// Whole messages: parsing, the text part, the MIME depth and classification never panic,
+        /// and the depth is at least 1 for any parsed message.
+        #[test]
+        fn message_body_pipeline_is_total(pieces in proptest::collection::vec(piece(), 0..32)) {
+            let raw = pieces.join("\r\n");
+            if let Some(msg) = MessageParser::default().parse(raw.as_bytes()) {
+                prop_assert!(mime_depth(&msg) >= 1 || msg.parts.is_empty());
+                if let Some(text) = plain_text(&msg) {
+                    let _ = classify(&text);
+                }
+            }
+        }
+
+        /// The trust parsers never panic on arbitrary header values.
+        #[test]
+        fn header_parsers_are_total(value in "[ -~\t\r\n]{0,300}") {
+            let trusted = vec!["mail.example.net".to_string()];
+            let _ = crate::received::authenticated_login(&value, &trusted);
+            let _ = crate::received::source_ip(&value, &trusted);
+            let _ = crate::authres::check(Some(&value), "mail.example.net", "acme.net");
         }
     }
 }

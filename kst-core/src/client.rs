@@ -40,6 +40,11 @@ pub enum Asked {
         /// The queried address.
         address: Address,
     },
+    /// Delete the key (and history) of `account`.
+    Deletion {
+        /// The account that deletes its key.
+        account: Address,
+    },
 }
 
 /// A request sent and not yet answered: what a client must keep (e.g. in a state file) to
@@ -168,6 +173,31 @@ pub fn uid_address(uid: &str) -> Option<&str> {
     }
 }
 
+/// Builds a deletion of `account`'s key: `DELETE` and a fresh K_auth, to `keys@<its domain>`.
+/// Send it through the provider's authenticated submission, like a publication.
+pub fn build_deletion(account: &Address) -> Request {
+    let k_auth = AuthKey::generate();
+    let service = service_of(account.domain());
+    let id = new_message_id(account.domain());
+    let body = format!(
+        "{}\r\n{}\r\n",
+        crate::protocol::DELETE_COMMAND,
+        k_auth.to_base64()
+    );
+    Request {
+        message: message(account, &service, "Key deletion", body, &id),
+        pending: Pending {
+            asked: Asked::Deletion {
+                account: account.clone(),
+            },
+            message_id: id,
+            service,
+            k_auth: k_auth.to_base64(),
+            created_at: now(),
+        },
+    }
+}
+
 /// A reply whose HMAC verified, or an unauthenticated refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verified {
@@ -192,6 +222,11 @@ pub enum Verified {
     /// The KST states, authenticated, that no key is published for `address`.
     NotFound {
         /// The queried address (as the KST normalized it).
+        address: Address,
+    },
+    /// The KST states, authenticated, that the account's key and history are deleted.
+    Deleted {
+        /// The account (as the KST normalized it).
         address: Address,
     },
     /// The KST refused the request.
@@ -303,7 +338,7 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
                 ))),
             }
         }
-        Status::NotFound | Status::Refused => {
+        Status::NotFound | Status::Refused | Status::Deleted => {
             let reason_token = header(HEADER_REASON);
             let reason = reason_token.as_deref().and_then(|r| r.parse().ok());
             let address = header(HEADER_ADDRESS);
@@ -344,6 +379,25 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
                     )));
                 }
                 return Ok(Verified::NotFound { address: said });
+            }
+            if status == Status::Deleted {
+                if !authenticated {
+                    return Err(ReplyError::BadHmac);
+                }
+                let Asked::Deletion { account } = &pending.asked else {
+                    return Err(ReplyError::Malformed(
+                        "deleted answers no deletion of this client".into(),
+                    ));
+                };
+                let said = address
+                    .and_then(|a| Address::from_normalized(&a).ok())
+                    .ok_or_else(|| ReplyError::Malformed("missing KST-Address".into()))?;
+                if !said.as_str().eq_ignore_ascii_case(account.as_str()) {
+                    return Err(ReplyError::KeyMismatch(format!(
+                        "asked to delete {account}, the KST answered about {said}"
+                    )));
+                }
+                return Ok(Verified::Deleted { address: said });
             }
             // A refusal with an HMAC line that does not verify is forged: only a request
             // without usable K_auth gets an unauthenticated refusal, and this client always

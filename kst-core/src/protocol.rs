@@ -19,6 +19,9 @@ pub const HEADER_FINGERPRINT: &str = "KST-Fingerprint";
 /// Reply header: [`Reason`] of a refusal.
 pub const HEADER_REASON: &str = "KST-Reason";
 
+/// First line of a deletion request body (then K_auth); compared case-insensitively.
+pub const DELETE_COMMAND: &str = "DELETE";
+
 /// Armor line that opens a public key block.
 pub const PUBLIC_KEY_BEGIN: &str = "-----BEGIN PGP PUBLIC KEY BLOCK-----";
 /// Armor line that closes a public key block.
@@ -35,6 +38,8 @@ pub enum Status {
     NotFound,
     /// The request was refused; [`Reason`] says why.
     Refused,
+    /// Confirmation of a deletion: no key is published for the account any more.
+    Deleted,
 }
 
 impl Status {
@@ -45,6 +50,7 @@ impl Status {
             Status::Found => "found",
             Status::NotFound => "not-found",
             Status::Refused => "refused",
+            Status::Deleted => "deleted",
         }
     }
 }
@@ -63,6 +69,7 @@ impl FromStr for Status {
             "found" => Status::Found,
             "not-found" => Status::NotFound,
             "refused" => Status::Refused,
+            "deleted" => Status::Deleted,
             _ => return Err(()),
         })
     }
@@ -160,7 +167,8 @@ impl Reason {
             Reason::Malformed => {
                 "The message body matches neither request format. A publication is an \
                  ASCII-armored public key block followed by a line with K_auth; a retrieval is a \
-                 line with the queried address followed by a line with K_auth."
+                 line with the queried address followed by a line with K_auth; a deletion is a \
+                 line DELETE followed by a line with K_auth."
             }
         }
     }

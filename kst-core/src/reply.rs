@@ -52,6 +52,11 @@ pub enum ReplyContent<'a> {
         /// The queried address.
         address: &'a Address,
     },
+    /// The key of `address` (and its history) was deleted; nothing is published for it now.
+    Deleted {
+        /// The account.
+        address: &'a Address,
+    },
     /// Refused.
     Refused {
         /// Why.
@@ -71,6 +76,7 @@ impl ReplyContent<'_> {
             ReplyContent::Found { .. } => Status::Found,
             ReplyContent::NotFound { .. } => Status::NotFound,
             ReplyContent::Refused { .. } => Status::Refused,
+            ReplyContent::Deleted { .. } => Status::Deleted,
         }
     }
 }
@@ -149,6 +155,21 @@ pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthK
             );
             (
                 format!("No key for {address}"),
+                body,
+                Some(*address),
+                None,
+                None,
+            )
+        }
+        ReplyContent::Deleted { address } => {
+            let body = with_tag(
+                &format!(
+                    "No key is published for {address} any more: the key and its history were \r\ndeleted.\r\n"
+                ),
+                k_auth.map(|k| mac::statement_tag(k, status, None, Some(address.as_str()))),
+            );
+            (
+                format!("Key deleted for {address}"),
                 body,
                 Some(*address),
                 None,

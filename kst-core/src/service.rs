@@ -113,6 +113,13 @@ pub enum Decision {
         /// Why.
         reason: Reason,
     },
+    /// The account's key and history were deleted (or there was none) and this was confirmed.
+    Deleted {
+        /// The account.
+        address: Address,
+        /// False when nothing was published (a redelivered or repeated deletion).
+        existed: bool,
+    },
     /// Deliberately unanswered.
     Ignored(Silence),
 }
@@ -124,6 +131,7 @@ impl Decision {
             Decision::Published { .. } => "published",
             Decision::Answered { status, .. } => status.as_str(),
             Decision::Refused { .. } => "refused",
+            Decision::Deleted { .. } => "deleted",
             Decision::Ignored(_) => "ignored",
         }
     }
@@ -136,6 +144,8 @@ pub enum RequestKind {
     Publication,
     /// A query.
     Retrieval,
+    /// A deletion (`DELETE` and K_auth).
+    Deletion,
     /// Neither, or not looked at.
     Other,
 }
@@ -146,6 +156,7 @@ impl RequestKind {
         match self {
             RequestKind::Publication => "publication",
             RequestKind::Retrieval => "retrieval",
+            RequestKind::Deletion => "deletion",
             RequestKind::Other => "other",
         }
     }
@@ -299,6 +310,7 @@ impl Kst {
                 RequestKind::Publication
             }
             Ok(RequestBody::Retrieval { .. }) => RequestKind::Retrieval,
+            Ok(RequestBody::Deletion { .. }) => RequestKind::Deletion,
             _ => RequestKind::Other,
         };
         if let Some(limit) = self.over_limit(&message, &requester, &body).await? {
@@ -346,6 +358,9 @@ impl Kst {
             }
             RequestBody::Retrieval { query, k_auth } => {
                 self.retrieval(&ctx, &query, &k_auth).await?
+            }
+            RequestBody::Deletion { k_auth } => {
+                self.deletion(&ctx, envelope, &message, &k_auth).await?
             }
             RequestBody::Unrecognized(why) => {
                 self.refuse(&ctx, Reason::Malformed, None, Some(why.to_string()), None)
@@ -540,31 +555,14 @@ impl Kst {
         k_auth_line: Option<&str>,
     ) -> Result<Decision, Error> {
         let k_auth = k_auth_line.and_then(|l| AuthKey::parse(l).ok());
-        let account = match self.authenticated_account(env, msg) {
+        let account = match self.bound_account(ctx, env, msg) {
             Ok(a) => a,
-            Err((reason, detail)) => {
+            Err((reason, account, detail)) => {
                 return self
-                    .refuse(ctx, reason, None, Some(detail), k_auth.as_ref())
+                    .refuse(ctx, reason, account.as_ref(), Some(detail), k_auth.as_ref())
                     .await;
             }
         };
-        let from = single_mailbox(msg).and_then(|f| self.policy.address_policy.normalize(&f).ok());
-        if from.as_ref() != Some(&account) || ctx.requester != &account {
-            let detail = format!(
-                "authenticated as {account}; From: {}; envelope sender: {}",
-                from.as_ref().map_or("(none or several)", Address::as_str),
-                ctx.requester
-            );
-            return self
-                .refuse(
-                    ctx,
-                    Reason::SenderMismatch,
-                    Some(&account),
-                    Some(detail),
-                    k_auth.as_ref(),
-                )
-                .await;
-        }
         let Some(k_auth) = k_auth else {
             return self
                 .refuse(ctx, Reason::BadAuthKey, Some(&account), None, None)
@@ -621,6 +619,66 @@ impl Kst {
             version: record.version,
             fingerprint: record.fingerprint.clone(),
             new_version,
+        })
+    }
+
+    /// The authenticated account when the From header and the envelope sender are that account
+    /// too (publications and deletions); otherwise the refusal reason, the account if known, and
+    /// a detail for people.
+    fn bound_account(
+        &self,
+        ctx: &ReplyTo<'_>,
+        env: &Envelope,
+        msg: &Message<'_>,
+    ) -> Result<Address, (Reason, Option<Address>, String)> {
+        let account = self
+            .authenticated_account(env, msg)
+            .map_err(|(reason, detail)| (reason, None, detail))?;
+        let from = single_mailbox(msg).and_then(|f| self.policy.address_policy.normalize(&f).ok());
+        if from.as_ref() != Some(&account) || ctx.requester != &account {
+            let detail = format!(
+                "authenticated as {account}; From: {}; envelope sender: {}",
+                from.as_ref().map_or("(none or several)", Address::as_str),
+                ctx.requester
+            );
+            return Err((Reason::SenderMismatch, Some(account), detail));
+        }
+        Ok(account)
+    }
+
+    /// A deletion: authenticated and bound like a publication; removes the key and its history.
+    async fn deletion(
+        &self,
+        ctx: &ReplyTo<'_>,
+        env: &Envelope,
+        msg: &Message<'_>,
+        k_auth_line: &str,
+    ) -> Result<Decision, Error> {
+        let k_auth = AuthKey::parse(k_auth_line).ok();
+        let account = match self.bound_account(ctx, env, msg) {
+            Ok(a) => a,
+            Err((reason, account, detail)) => {
+                return self
+                    .refuse(ctx, reason, account.as_ref(), Some(detail), k_auth.as_ref())
+                    .await;
+            }
+        };
+        let Some(k_auth) = k_auth else {
+            return self
+                .refuse(ctx, Reason::BadAuthKey, Some(&account), None, None)
+                .await;
+        };
+        let existed = self.store.delete(&account).await?;
+        tracing::info!(account = %account, existed, "key and history deleted on the owner's request");
+        let built = reply::build(
+            ctx,
+            &ReplyContent::Deleted { address: &account },
+            Some(&k_auth),
+        );
+        self.send(ctx, built).await?;
+        Ok(Decision::Deleted {
+            address: account,
+            existed,
         })
     }
 

@@ -931,3 +931,235 @@ async fn shape_caps_refuse_before_reading_the_body() {
         h.decision
     );
 }
+
+// ---- key lifecycle: update, revocation, replacement, deletion ----
+
+const LIFE_V1: &str = include_str!("../testdata/keys/lifecycle-v1.pub.asc");
+const LIFE_V2: &str = include_str!("../testdata/keys/lifecycle-v2.pub.asc");
+const LIFE_REVOKED: &str = include_str!("../testdata/keys/lifecycle-revoked.pub.asc");
+
+async fn publish_ok(f: &Fixture, key: &str) -> Decision {
+    let (raw, pending) = publication(
+        "alice@example.net",
+        key,
+        &received("alice@example.net", "mail.example.net", "ESMTPSA"),
+    );
+    let h = f.kst.handle(&env("alice@example.net"), &raw).await.unwrap();
+    assert!(
+        matches!(
+            client::verify_reply(&pending, &f.last_reply().message),
+            Ok(Verified::Published { .. })
+        ),
+        "{:?}",
+        h.decision
+    );
+    h.decision
+}
+
+async fn retrieve(f: &Fixture) -> Verified {
+    let req = client::build_retrieval(&addr("carol@acme.net"), &addr("alice@example.net"));
+    f.kst
+        .handle(&env("carol@acme.net"), &req.message)
+        .await
+        .unwrap();
+    client::verify_reply(&req.pending, &f.last_reply().message).unwrap()
+}
+
+/// The packets kst publishes for `armored` (validated and stripped as the service does).
+fn as_published(armored: &str) -> Vec<u8> {
+    crate::validate::validate(
+        armored,
+        &addr("alice@example.net"),
+        &crate::validate::KeyPolicy::default(),
+        SystemTime::now(),
+    )
+    .unwrap()
+    .packets
+}
+
+#[tokio::test]
+async fn updates_replace_revocations_are_served_and_history_is_kept() {
+    let f = fixture();
+    let fpr = "05C0049DC1EA001AAE1F780E200E64A5B843DF65";
+    assert!(matches!(
+        publish_ok(&f, LIFE_V1).await,
+        Decision::Published { version: 1, .. }
+    ));
+    // A newer version of the same key (a new subkey) replaces it.
+    assert!(matches!(
+        publish_ok(&f, LIFE_V2).await,
+        Decision::Published { version: 2, .. }
+    ));
+    let Verified::Found {
+        fingerprint,
+        armored,
+        ..
+    } = retrieve(&f).await
+    else {
+        panic!("found expected")
+    };
+    assert_eq!(fingerprint, fpr);
+    assert_eq!(
+        crate::openpgp::dearmor_public_key(&armored, usize::MAX).unwrap(),
+        as_published(LIFE_V2),
+        "the update (with its new subkey) is served"
+    );
+    assert_ne!(as_published(LIFE_V1), as_published(LIFE_V2));
+    // The revocation is stored, marked, and served so that clients learn of it.
+    assert!(matches!(
+        publish_ok(&f, LIFE_REVOKED).await,
+        Decision::Published { version: 3, .. }
+    ));
+    let history = f.store.history(&addr("alice@example.net")).await.unwrap();
+    assert_eq!(history.len(), 3);
+    assert!(history[2].revoked && !history[1].revoked);
+    let Verified::Found { armored, .. } = retrieve(&f).await else {
+        panic!("found expected")
+    };
+    let served = crate::validate::validate(
+        &armored,
+        &addr("alice@example.net"),
+        &crate::validate::KeyPolicy::default(),
+        SystemTime::now(),
+    )
+    .unwrap();
+    assert!(served.revoked, "the served key carries its revocation");
+    // A different key replaces the revoked one; the old ones stay in the history.
+    assert!(matches!(
+        publish_ok(&f, ALICE).await,
+        Decision::Published { version: 4, .. }
+    ));
+    let history = f.store.history(&addr("alice@example.net")).await.unwrap();
+    assert_eq!(history.len(), 4);
+    assert_ne!(history[3].fingerprint, fpr);
+}
+
+fn deletion(account: &str, headers: &str) -> (Vec<u8>, client::Pending) {
+    let req = client::build_deletion(&addr(account));
+    let mut raw = headers.as_bytes().to_vec();
+    raw.extend_from_slice(&req.message);
+    (raw, req.pending)
+}
+
+#[tokio::test]
+async fn the_owner_deletes_the_key_and_history() {
+    let f = fixture();
+    publish_ok(&f, LIFE_V1).await;
+    publish_ok(&f, LIFE_V2).await;
+    let (raw, pending) = deletion(
+        "alice@example.net",
+        &received("alice@example.net", "mail.example.net", "ESMTPSA"),
+    );
+    let h = f.kst.handle(&env("alice@example.net"), &raw).await.unwrap();
+    assert_eq!(h.kind, RequestKind::Deletion);
+    assert_eq!(
+        h.decision,
+        Decision::Deleted {
+            address: addr("alice@example.net"),
+            existed: true
+        }
+    );
+    assert_eq!(
+        client::verify_reply(&pending, &f.last_reply().message).unwrap(),
+        Verified::Deleted {
+            address: addr("alice@example.net")
+        }
+    );
+    assert!(
+        f.store
+            .history(&addr("alice@example.net"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(retrieve(&f).await, Verified::NotFound { .. }));
+    // The same deletion delivered again is confirmed again and changes nothing.
+    let h = f.kst.handle(&env("alice@example.net"), &raw).await.unwrap();
+    assert!(matches!(
+        h.decision,
+        Decision::Deleted { existed: false, .. }
+    ));
+    // A confirmation cannot be replayed to another request: its HMAC is bound to K_auth.
+    let (_, other) = deletion("alice@example.net", "");
+    let mut forged = other.clone();
+    forged.message_id = pending.message_id.clone();
+    assert_eq!(
+        client::verify_reply(&forged, &f.last_reply().message),
+        Err(client::ReplyError::BadHmac)
+    );
+}
+
+#[tokio::test]
+async fn deletions_are_authenticated_like_publications() {
+    let f = fixture();
+    publish_ok(&f, LIFE_V1).await;
+    let auth = |login: &str| received(login, "mail.example.net", "ESMTPSA");
+    let cases: Vec<(&str, &str, String, Reason)> = vec![
+        // Not submitted with authentication (from outside, or through an untrusted host).
+        (
+            "alice@example.net",
+            "alice@example.net",
+            String::new(),
+            Reason::NotAuthenticated,
+        ),
+        (
+            "alice@example.net",
+            "alice@example.net",
+            received("alice@example.net", "mx.evil.example", "ESMTPSA"),
+            Reason::NotAuthenticated,
+        ),
+        (
+            "alice@example.net",
+            "alice@example.net",
+            received("alice@example.net", "mail.example.net", "ESMTPS"),
+            Reason::NotAuthenticated,
+        ),
+        // Bob authenticated, but asks for alice's account: From / envelope differ.
+        (
+            "alice@example.net",
+            "alice@example.net",
+            auth("bob@example.net"),
+            Reason::SenderMismatch,
+        ),
+        (
+            "alice@example.net",
+            "bob@example.net",
+            auth("bob@example.net"),
+            Reason::SenderMismatch,
+        ),
+    ];
+    for (from, sender, headers, reason) in cases {
+        let (raw, _) = deletion(from, &headers);
+        assert_eq!(refused(&f, &env(sender), &raw).await, reason, "{headers}");
+    }
+    // Bob deleting "his" key deletes only bob's (nothing), never alice's.
+    let (raw, _) = deletion("bob@example.net", &auth("bob@example.net"));
+    let h = f.kst.handle(&env("bob@example.net"), &raw).await.unwrap();
+    assert!(matches!(
+        h.decision,
+        Decision::Deleted { existed: false, .. }
+    ));
+    assert_eq!(
+        f.store
+            .history(&addr("alice@example.net"))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // A deletion without a usable K_auth is refused and deletes nothing.
+    let body = "From: alice@example.net\r\nTo: keys@example.net\r\n\r\nDELETE\r\nnot-a-key\r\n";
+    let raw = format!("{}{body}", auth("alice@example.net"));
+    assert_eq!(
+        refused(&f, &env("alice@example.net"), raw.as_bytes()).await,
+        Reason::BadAuthKey
+    );
+    assert_eq!(
+        f.store
+            .history(&addr("alice@example.net"))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}

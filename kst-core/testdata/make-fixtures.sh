@@ -31,6 +31,9 @@
 #                           expired 2020-01-02, cv25519 (2025) live, ed25519 signing (2025) revoked
 #   foreign.pub.asc         mallory <alice@example.org> only
 #   two-certs.pub.asc       alice.pub.asc and foreign.pub.asc in one armored block
+#   lifecycle-v1.pub.asc    ed25519 key for alice@example.net with a cv25519 subkey (2025-01-01)
+#   lifecycle-v2.pub.asc    the same key plus a second cv25519 subkey (2025-06-01): an update
+#   lifecycle-revoked.pub.asc  the same key (v2) with a key revocation made 2025-07-01
 set -euo pipefail
 
 FLOOD_SIGNERS=${FLOOD_SIGNERS:-20}
@@ -155,6 +158,21 @@ g --armor --export "$MALLORY" >"$out/foreign.pub.asc"
 
 # --- two certificates in one block -------------------------------------------------------------
 g --armor --export-options export-minimal --export "$ALICE" "$MALLORY" >"$out/two-certs.pub.asc"
+
+# --- lifecycle: one key in three versions (update with a new subkey, then revoked) ----------
+LIFE=$(gen --faked-system-time "$BASE!" -- 'alice <alice@example.net>' ed25519 sign,cert never)
+gt --quick-add-key "$LIFE" cv25519 encr never
+g --armor --export "$LIFE" >"$out/lifecycle-v1.pub.asc"
+g --faked-system-time '20250601T000000!' --quick-add-key "$LIFE" cv25519 encr never
+g --armor --export "$LIFE" >"$out/lifecycle-v2.pub.asc"
+printf 'y\n0\n\ny\n' |
+    gpg --no-tty --quiet --pinentry-mode loopback --passphrase '' \
+        --faked-system-time '20250701T000000!' --command-fd 0 --armor \
+        --output "$GNUPGHOME/life-rev.asc" --gen-revoke "$LIFE" \
+        2> >(grep -v 'faked system time' >&2)
+g --import "$GNUPGHOME/life-rev.asc"
+g --armor --export "$LIFE" >"$out/lifecycle-revoked.pub.asc"
+g --yes --delete-secret-and-public-key "$LIFE"
 
 ls -l "$out"
 du -sh "$out"
