@@ -717,8 +717,8 @@ pub async fn restore_replaces_history(store: &dyn KeyStore) {
     assert_stored(W, store, &fresh, &hist).await;
 }
 
-/// An invalid history (empty, mixed addresses, versions not strictly increasing, version 0)
-/// gives a permanent [`Error::Invalid`] and changes nothing.
+/// An invalid history (empty, mixed addresses, versions not strictly increasing, version 0, a
+/// publication id twice) gives a permanent [`Error::Invalid`] and changes nothing.
 pub async fn restore_rejects_invalid(store: &dyn KeyStore) {
     const W: &str = "restore_rejects_invalid";
     let a = address(&format!("restore-invalid@{DOMAIN}"));
@@ -741,6 +741,10 @@ pub async fn restore_rejects_invalid(store: &dyn KeyStore) {
             vec![rec(&a, 10, 3), rec(&a, 11, 1), rec(&a, 12, 4)],
         ),
         ("version 0", vec![rec(&a, 10, 0), rec(&a, 11, 1)]),
+        (
+            "one publication twice",
+            vec![rec(&a, 10, 1), rec(&a, 11, 2), rec(&a, 10, 3)],
+        ),
     ];
     for (why, records) in cases {
         match store.restore(&records).await {

@@ -15,7 +15,9 @@ use crate::error::Result;
 pub const RECORD_FORMAT: u32 = 1;
 
 /// One published key of one address: the current key or an entry of its history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// `Debug` prints the key's length, not its bytes, so that logs stay readable.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRecord {
     /// Layout version of this record, [`RECORD_FORMAT`] when written by this release.
     #[serde(default = "default_format")]
@@ -37,6 +39,21 @@ pub struct KeyRecord {
     /// The key carries a revocation of its primary key.
     #[serde(default)]
     pub revoked: bool,
+}
+
+impl std::fmt::Debug for KeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRecord")
+            .field("format", &self.format)
+            .field("address", &self.address)
+            .field("version", &self.version)
+            .field("key", &format_args!("<{} bytes>", self.key.len()))
+            .field("fingerprint", &self.fingerprint)
+            .field("published_at", &self.published_at)
+            .field("publication_id", &self.publication_id)
+            .field("revoked", &self.revoked)
+            .finish()
+    }
 }
 
 fn default_format() -> u32 {
@@ -136,14 +153,24 @@ pub trait KeyStore: Send + Sync {
     async fn check(&self) -> Result<()>;
 }
 
-/// Checks the shape `restore` requires; backends call it first.
+/// Checks the shape `restore` requires; backends call it first: at least one record, all of one
+/// address, versions strictly increasing from at least 1, and no publication twice (a
+/// `publication_id` names one accepted publication, so it appears at most once in a history).
 pub fn validate_history(history: &[KeyRecord]) -> Result<()> {
     use crate::error::Error;
     let Some(first) = history.first() else {
         return Err(Error::Invalid("restore needs at least one record".into()));
     };
     let mut prev = 0;
+    let mut ids = std::collections::HashSet::with_capacity(history.len());
     for r in history {
+        if !ids.insert(r.publication_id.as_str()) {
+            return Err(Error::Invalid(format!(
+                "restore holds publication {} of {} twice (version {}); a publication is \
+                 stored once",
+                r.publication_id, r.address, r.version
+            )));
+        }
         if r.address != first.address {
             return Err(Error::Invalid(format!(
                 "restore mixes addresses {} and {}",
@@ -159,6 +186,58 @@ pub fn validate_history(history: &[KeyRecord]) -> Result<()> {
         prev = r.version;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AddressPolicy;
+
+    fn record(version: u64, id: &str) -> KeyRecord {
+        NewKey {
+            address: AddressPolicy::default()
+                .normalize("alice@example.net")
+                .unwrap(),
+            key: vec![0x99; 300],
+            fingerprint: "ABCDEF0123456789ABCDEF0123456789ABCDEF01".into(),
+            publication_id: id.into(),
+            published_at: 1_700_000_000 + version,
+            revoked: false,
+        }
+        .into_record(version)
+    }
+
+    #[test]
+    fn histories_with_a_publication_twice_are_refused() {
+        assert!(validate_history(&[record(1, "aa"), record(2, "bb")]).is_ok());
+        let e = validate_history(&[record(1, "aa"), record(2, "bb"), record(3, "aa")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("publication aa") && e.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn histories_must_be_of_one_address_with_rising_versions() {
+        assert!(validate_history(&[]).is_err());
+        assert!(validate_history(&[record(0, "aa")]).is_err());
+        assert!(validate_history(&[record(2, "aa"), record(2, "bb")]).is_err());
+        let mut other = record(2, "bb");
+        other.address = AddressPolicy::default()
+            .normalize("bob@example.net")
+            .unwrap();
+        assert!(validate_history(&[record(1, "aa"), other]).is_err());
+    }
+
+    #[test]
+    fn debug_shows_the_key_length_not_the_key() {
+        let text = format!("{:?}", record(1, "aa"));
+        assert!(text.contains("<300 bytes>"), "{text}");
+        assert!(
+            text.contains("ABCDEF0123456789ABCDEF0123456789ABCDEF01"),
+            "{text}"
+        );
+        assert!(!text.contains("153, 153"), "{text}");
+    }
 }
 
 /// Serde helper: binary key material as standard base64 in JSON.

@@ -7,6 +7,9 @@ use std::sync::OnceLock;
 
 use std::io::Write as _;
 
+mod services;
+pub use services::{TestDb, TestPrefix, postgres_admin_url, redis_url};
+
 /// A throwaway GnuPG home with keys made by the real `gpg`.
 pub struct Gpg {
     home: tempfile::TempDir,
@@ -173,11 +176,31 @@ pub fn kst_binary() -> PathBuf {
             .expect("workspace root")
             .to_path_buf();
         if !is_fresh(&bin, &workspace) {
-            let status = Command::new(env!("CARGO"))
+            let mut cargo = Command::new(env!("CARGO"));
+            cargo
                 .args(["build", "--quiet", "-p", "kst-bin", "--bin", "kst"])
-                .current_dir(&workspace)
-                .status()
-                .expect("cargo build kst");
+                .current_dir(&workspace);
+            // Cargo sets these for the test process. Build scripts (ring's) track some of them,
+            // so passing them on would make this build and the next `cargo test` rebuild half
+            // of the dependency tree each time.
+            for (key, _) in std::env::vars_os() {
+                let Some(key) = key.to_str() else { continue };
+                if key.starts_with("CARGO_PKG_")
+                    || key.starts_with("CARGO_BIN_EXE_")
+                    || [
+                        "CARGO_MANIFEST_DIR",
+                        "CARGO_MANIFEST_PATH",
+                        "CARGO_CRATE_NAME",
+                        "CARGO_PRIMARY_PACKAGE",
+                        "CARGO_TARGET_TMPDIR",
+                        "CARGO_RUSTC_CURRENT_DIR",
+                    ]
+                    .contains(&key)
+                {
+                    cargo.env_remove(key);
+                }
+            }
+            let status = cargo.status().expect("cargo build kst");
             assert!(status.success(), "building the kst binary failed");
         }
         assert!(bin.exists(), "no kst binary at {}", bin.display());
@@ -233,7 +256,23 @@ pub fn received_plain(helo: &str, by: &str) -> String {
     )
 }
 
-/// A KST on a temporary directory: filesystem store, spool mailer, config file.
+/// The key store of a [`TestKst`].
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// The filesystem store in the test's temporary directory.
+    Fs,
+    /// PostgreSQL at this URL (see [`TestDb`]).
+    Postgres(String),
+    /// Redis at `url` under `prefix` (see [`TestPrefix`]).
+    Redis {
+        /// Server URL.
+        url: String,
+        /// Key prefix.
+        prefix: String,
+    },
+}
+
+/// A KST on a temporary directory: a key store, spool mailer, config file.
 pub struct TestKst {
     /// The temporary directory holding config, keys and outbox.
     pub dir: tempfile::TempDir,
@@ -245,11 +284,26 @@ impl TestKst {
     /// Serves `example.net` (and `example.org`), trusting `mail.example.net`; `extra` is TOML
     /// appended to the `[kst]` table.
     pub fn new(extra_kst: &str) -> Self {
+        Self::with_store(extra_kst, &Store::Fs)
+    }
+
+    /// Like [`TestKst::new`] on the key store `store` (`Store::Fs` is `<dir>/keys`).
+    pub fn with_store(extra_kst: &str, store: &Store) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("kst-test-")
             .tempdir()
             .expect("temp dir");
         let config = dir.path().join("kst.toml");
+        let store = match store {
+            Store::Fs => format!(
+                "backend = \"fs\"\npath = \"{}\"",
+                dir.path().join("keys").display()
+            ),
+            Store::Postgres(url) => format!("backend = \"postgres\"\nurl = \"{url}\""),
+            Store::Redis { url, prefix } => {
+                format!("backend = \"redis\"\nurl = \"{url}\"\nprefix = \"{prefix}\"")
+            }
+        };
         let text = format!(
             r#"[kst]
 domains = ["example.net", "example.org"]
@@ -257,8 +311,7 @@ trusted_mta_hosts = ["mail.example.net"]
 {extra_kst}
 
 [store]
-backend = "fs"
-path = "{keys}"
+{store}
 
 [mailer]
 kind = "spool"
@@ -268,7 +321,6 @@ path = "{outbox}"
 format = "json"
 level = "info"
 "#,
-            keys = dir.path().join("keys").display(),
             outbox = dir.path().join("outbox").display(),
         );
         std::fs::write(&config, text).expect("write config");

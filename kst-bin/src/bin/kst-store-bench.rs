@@ -1,0 +1,401 @@
+//! `kst-store-bench`: publish and get throughput of a key store (fs, PostgreSQL, Redis) at a
+//! given number of concurrent clients, with a given number of keys already stored.
+//!
+//! ```text
+//! cargo build --release -p kst-bin
+//! target/release/kst-store-bench --backend redis --url redis://127.0.0.1:6379 \
+//!     --stored 1000,1000000 --clients 1,16 --seconds 5
+//! ```
+//!
+//! For each stored size it fills the store with that many addresses (one key each), then, for
+//! each client count, runs `get` of random stored addresses and `publish` of new keys for random
+//! stored addresses for `--seconds` each, and prints one Markdown table row per run: ops/s, p50
+//! and p99 latency. It works in a fresh namespace (a new fs directory under `--path`, a new
+//! database on the PostgreSQL server of `--url`, a new key prefix on Redis) and removes it at the
+//! end unless `--keep`.
+//!
+//! Filling: fs and Redis through the store's own `publish`, 64 calls in flight (fs writes one
+//! fsync'ed history file per address; Redis runs its publish script); PostgreSQL in bulk with
+//! `INSERT ... SELECT ... FROM generate_series` into the store's tables, batches of 100 000 rows
+//! (the same rows `publish` writes; the benchmark then publishes through the store as usual).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use kst_core::{Address, AddressPolicy, KeyStore, NewKey};
+
+/// Command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kst-store-bench",
+    about = "Publish/get throughput of a kst key store"
+)]
+struct Args {
+    /// The backend.
+    #[arg(long, value_enum)]
+    backend: Backend,
+    /// Server URL (postgres: any database on the server, a fresh one is created beside it).
+    #[arg(long, default_value = "")]
+    url: String,
+    /// fs: directory under which a fresh store directory is made.
+    #[arg(long, default_value = "/tmp")]
+    path: std::path::PathBuf,
+    /// Stored key counts to measure at, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,1000000")]
+    stored: Vec<u64>,
+    /// Concurrent client counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    clients: Vec<usize>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Bytes per key (a gpg ed25519 key with one User ID and an encryption subkey is ~600).
+    #[arg(long, default_value_t = 700)]
+    key_bytes: usize,
+    /// Keep the namespace (fs directory, database, prefix) at the end.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    Fs,
+    Postgres,
+    Redis,
+}
+
+/// A store in a namespace of its own, and how to remove that namespace.
+struct Bench {
+    store: Arc<dyn KeyStore>,
+    backend: Backend,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    Fs(std::path::PathBuf),
+    Postgres { admin: String, db: String },
+    Redis { url: String, prefix: String },
+}
+
+fn address(i: u64) -> Address {
+    AddressPolicy::default()
+        .normalize(&format!("user{i:08}@example.net"))
+        .expect("bench address")
+}
+
+fn new_key(i: u64, serial: u64, len: usize) -> NewKey {
+    let mut key = format!("bench key {i} {serial} ").into_bytes();
+    key.resize(len, 0x5a);
+    NewKey {
+        address: address(i),
+        key,
+        fingerprint: format!("{serial:040X}"),
+        publication_id: format!("{i:016x}{serial:016x}"),
+        published_at: 1_700_000_000 + serial,
+        revoked: false,
+    }
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    format!("{base}/{db}{query}")
+}
+
+async fn admin_sql(admin: &str, sql: String) -> Result<()> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(admin)
+        .await
+        .with_context(|| format!("connect to {admin}"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut conn)
+        .await?;
+    Ok(())
+}
+
+impl Bench {
+    async fn open(args: &Args) -> Result<Bench> {
+        let tag = format!("{:016x}", rand::random::<u64>());
+        Ok(match args.backend {
+            Backend::Fs => {
+                let dir = args.path.join(format!("kst-store-bench-{tag}"));
+                let store = kst_fs::FsStore::open(&dir).await?;
+                Bench {
+                    store: Arc::new(store),
+                    backend: args.backend,
+                    cleanup: Cleanup::Fs(dir),
+                }
+            }
+            Backend::Postgres => {
+                let db = format!("kst_bench_{tag}");
+                admin_sql(&args.url, format!("CREATE DATABASE {db}")).await?;
+                let store = kst_postgres::PostgresStore::builder(with_database(&args.url, &db))
+                    .max_connections(32)
+                    .connect()
+                    .await?;
+                Bench {
+                    store: Arc::new(store),
+                    backend: args.backend,
+                    cleanup: Cleanup::Postgres {
+                        admin: args.url.clone(),
+                        db,
+                    },
+                }
+            }
+            Backend::Redis => {
+                let prefix = format!("kst-bench-{tag}:");
+                let store = kst_redis::RedisStore::builder(args.url.clone())
+                    .prefix(prefix.clone())
+                    .connect()
+                    .await?;
+                Bench {
+                    store: Arc::new(store),
+                    backend: args.backend,
+                    cleanup: Cleanup::Redis {
+                        url: args.url.clone(),
+                        prefix,
+                    },
+                }
+            }
+        })
+    }
+
+    /// Adds addresses `from..to` with one key each.
+    async fn fill(&self, from: u64, to: u64, key_bytes: usize) -> Result<()> {
+        if from >= to {
+            return Ok(());
+        }
+        if let (Backend::Postgres, Cleanup::Postgres { admin, db }) = (self.backend, &self.cleanup)
+        {
+            return fill_postgres(&with_database(admin, db), from, to, key_bytes).await;
+        }
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(from));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..64 {
+            let store = Arc::clone(&self.store);
+            let next = Arc::clone(&next);
+            tasks.spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= to {
+                        return Ok::<_, kst_core::Error>(());
+                    }
+                    store.publish(new_key(i, 0, key_bytes)).await?;
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r??;
+        }
+        Ok(())
+    }
+
+    async fn cleanup(&self) -> Result<()> {
+        match &self.cleanup {
+            Cleanup::Fs(dir) => {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await??;
+            }
+            Cleanup::Postgres { admin, db } => {
+                admin_sql(admin, format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await?;
+            }
+            Cleanup::Redis { url, prefix } => {
+                let client = redis::Client::open(url.as_str())?;
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(format!("{prefix}*"))
+                        .arg("COUNT")
+                        .arg(10_000)
+                        .query_async(&mut conn)
+                        .await?;
+                    if !keys.is_empty() {
+                        redis::cmd("UNLINK")
+                            .arg(&keys)
+                            .exec_async(&mut conn)
+                            .await?;
+                    }
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bulk fill of the kst-postgres schema (see `kst-postgres/migrations`): the rows `publish`
+/// writes for a first version, made by the server from `generate_series`.
+async fn fill_postgres(url: &str, from: u64, to: u64, key_bytes: usize) -> Result<()> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    let mut start = from;
+    while start < to {
+        let end = (start + 100_000).min(to);
+        let sql = format!(
+            "BEGIN;
+             INSERT INTO kst_keys (address, current_version)
+               SELECT 'user' || lpad(i::text, 8, '0') || '@example.net', 1
+               FROM generate_series({start}, {last}) AS i;
+             INSERT INTO kst_key_history
+               (address, version, key, fingerprint, published_at, publication_id, revoked, format)
+               SELECT 'user' || lpad(i::text, 8, '0') || '@example.net', 1,
+                      convert_to(rpad('bench key ' || i || ' 0 ', {key_bytes}, 'Z'), 'UTF8'),
+                      lpad('0', 40, '0'), 1700000000,
+                      lpad(to_hex(i), 16, '0') || lpad('0', 16, '0'), false, {format}
+               FROM generate_series({start}, {last}) AS i;
+             COMMIT;",
+            last = end - 1,
+            format = kst_core::store::RECORD_FORMAT,
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await?;
+        start = end;
+    }
+    sqlx::raw_sql("ANALYZE kst_keys; ANALYZE kst_key_history;")
+        .execute(&mut conn)
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Get,
+    Publish,
+}
+
+/// Runs `op` from `clients` tasks for `seconds`; returns (ops/s, p50, p99).
+async fn measure(
+    store: &Arc<dyn KeyStore>,
+    op: Op,
+    clients: usize,
+    stored: u64,
+    seconds: f64,
+    key_bytes: usize,
+    serial_base: u64,
+) -> Result<(f64, Duration, Duration)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let store = Arc::clone(store);
+        let stop = Arc::clone(&stop);
+        tasks.spawn(async move {
+            let mut lat = Vec::with_capacity(100_000);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let i = rand::random_range(0..stored);
+                let t = Instant::now();
+                match op {
+                    Op::Get => {
+                        if store.get(&address(i)).await?.is_none() {
+                            return Err(anyhow::anyhow!("stored address {i} has no key"));
+                        }
+                    }
+                    Op::Publish => {
+                        let serial = serial_base + (c as u64) * 100_000_000 + n;
+                        store.publish(new_key(i, serial, key_bytes)).await?;
+                    }
+                }
+                lat.push(t.elapsed());
+                n += 1;
+            }
+            Ok::<_, anyhow::Error>(lat)
+        });
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        all.extend(r??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    if all.is_empty() {
+        bail!("no operation finished");
+    }
+    all.sort();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+    Ok((all.len() as f64 / elapsed, pct(0.50), pct(0.99)))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.backend != Backend::Fs && args.url.is_empty() {
+        bail!("--url is required for {:?}", args.backend);
+    }
+    let mut sizes = args.stored.clone();
+    sizes.sort_unstable();
+    let bench = Bench::open(&args).await?;
+    let result = run(&args, &bench, &sizes).await;
+    if !args.keep {
+        let t = Instant::now();
+        bench.cleanup().await?;
+        eprintln!("cleaned up in {:.1} s", t.elapsed().as_secs_f64());
+    }
+    result
+}
+
+async fn run(args: &Args, bench: &Bench, sizes: &[u64]) -> Result<()> {
+    println!("| backend | stored | clients | op | ops/s | p50 ms | p99 ms |");
+    println!("|---|---:|---:|---|---:|---:|---:|");
+    let mut filled = 0;
+    let mut serial_base = 1;
+    for &stored in sizes {
+        let t = Instant::now();
+        bench.fill(filled, stored, args.key_bytes).await?;
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "filled {} keys in {secs:.1} s ({:.0}/s)",
+            stored - filled,
+            (stored - filled) as f64 / secs.max(1e-9)
+        );
+        filled = stored;
+        for &clients in &args.clients {
+            for op in [Op::Get, Op::Publish] {
+                let (rate, p50, p99) = measure(
+                    &bench.store,
+                    op,
+                    clients,
+                    stored,
+                    args.seconds,
+                    args.key_bytes,
+                    serial_base,
+                )
+                .await?;
+                serial_base += 10_000_000_000;
+                println!(
+                    "| {} | {stored} | {clients} | {} | {rate:.0} | {} | {} |",
+                    bench.store.name(),
+                    match op {
+                        Op::Get => "get",
+                        Op::Publish => "publish",
+                    },
+                    ms(p50),
+                    ms(p99)
+                );
+            }
+        }
+    }
+    Ok(())
+}

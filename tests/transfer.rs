@@ -1,0 +1,255 @@
+//! `kst export` / `kst import` through the real binary: keys published with `kst deliver` on the
+//! filesystem store travel fs → PostgreSQL → Redis → fs, and every export on the way is the same
+//! bytes; `kst keys get/history` print the same on every backend.
+
+use kst_core::AddressPolicy;
+use kst_core::client::{self, Verified};
+use kst_tests::{Gpg, Store, TestDb, TestKst, TestPrefix, code, received_authenticated, stderr};
+
+fn addr(s: &str) -> kst_core::Address {
+    AddressPolicy::default().normalize(s).unwrap()
+}
+
+/// Publishes `armored` for `account` through `kst deliver` and checks the confirmation.
+fn publish(kst: &TestKst, account: &str, armored: &str) {
+    let req = client::build_publication(&addr(account), armored).unwrap();
+    let mut raw = received_authenticated(account, "mail.example.net").into_bytes();
+    raw.extend_from_slice(&req.message);
+    let domain = account.split('@').nth(1).unwrap();
+    let out = kst.deliver(account, &format!("keys@{domain}"), &raw);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    match client::verify_reply(&req.pending, &kst.last_reply()).unwrap() {
+        Verified::Published { .. } => {}
+        other => panic!("publication of {account} not confirmed: {other:?}"),
+    }
+}
+
+/// `kst export` to a file in the KST's directory; returns the bytes.
+fn export(kst: &TestKst) -> Vec<u8> {
+    let file = kst.dir.path().join("export.jsonl");
+    let out = kst.kst(&["export", "--output", file.to_str().unwrap()], b"");
+    assert_eq!(code(&out), 0, "export: {}", stderr(&out));
+    std::fs::read(&file).unwrap()
+}
+
+/// `kst import -` with `data` on stdin.
+fn import(kst: &TestKst, data: &[u8]) -> std::process::Output {
+    kst.kst(&["import", "-"], data)
+}
+
+/// What the operator sees of `addresses`: `keys get`, `keys get --json`, `keys history` and
+/// `keys history --json`, each with its exit code.
+fn views(kst: &TestKst, addresses: &[&str]) -> Vec<(i32, String)> {
+    let mut all = Vec::new();
+    for a in addresses {
+        for args in [
+            &["keys", "get", a][..],
+            &["keys", "get", a, "--json"],
+            &["keys", "history", a],
+            &["keys", "history", a, "--json"],
+        ] {
+            let out = kst.kst(args, b"");
+            all.push((
+                code(&out),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            ));
+        }
+    }
+    all
+}
+
+const ADDRESSES: [&str; 4] = [
+    "alice@example.net",
+    "bob@example.net",
+    "carol@example.org",
+    "nobody@example.net",
+];
+
+#[test]
+fn export_import_round_trip_fs_postgres_redis_fs() {
+    let gpg = Gpg::new();
+    let alice1 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let alice2 = gpg.generate("Alice New", "alice@example.net", "ed25519");
+    let bob = gpg.generate("Bob", "bob@example.net", "ed25519");
+    let carol = gpg.generate("Carol", "carol@example.org", "ed25519");
+
+    let fs = TestKst::new("");
+    publish(&fs, "alice@example.net", &alice1.public_armored);
+    publish(&fs, "alice@example.net", &alice2.public_armored);
+    publish(&fs, "alice@example.net", &alice1.public_armored); // back to the first: v3
+    publish(&fs, "bob@example.net", &bob.public_armored);
+    publish(&fs, "carol@example.org", &carol.public_armored);
+    publish(&fs, "carol@example.org", &carol.public_armored); // same key again: no version
+    let first = export(&fs);
+    let lines: Vec<serde_json::Value> = first
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    let shape: Vec<(String, usize)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["address"].as_str().unwrap().to_string(),
+                l["history"].as_array().unwrap().len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("alice@example.net".to_string(), 3),
+            ("bob@example.net".to_string(), 1),
+            ("carol@example.org".to_string(), 1)
+        ]
+    );
+    let expected = views(&fs, &ADDRESSES);
+    assert_eq!(expected[0].0, 0);
+    assert!(expected[0].1.contains("BEGIN PGP PUBLIC KEY BLOCK"));
+    assert!(expected[3].1.contains(&alice2.fingerprint));
+    assert_eq!(expected.last().unwrap().0, 1, "nobody has no history");
+
+    // fs → PostgreSQL.
+    let db = TestDb::new();
+    let pg = TestKst::with_store("", &Store::Postgres(db.url.clone()));
+    let out = import(&pg, &first);
+    assert_eq!(code(&out), 0, "import into PostgreSQL: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("3 address(es), 5 version(s)"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(export(&pg), first, "PostgreSQL export differs");
+    assert_eq!(
+        views(&pg, &ADDRESSES),
+        expected,
+        "PostgreSQL shows other keys"
+    );
+    // Importing the same file again changes nothing.
+    let out = import(&pg, &first);
+    assert_eq!(code(&out), 0, "second import: {}", stderr(&out));
+    assert_eq!(export(&pg), first, "a second import changed PostgreSQL");
+
+    // PostgreSQL → Redis.
+    let prefix = TestPrefix::new();
+    let redis = TestKst::with_store(
+        "",
+        &Store::Redis {
+            url: prefix.url.clone(),
+            prefix: prefix.prefix.clone(),
+        },
+    );
+    let out = import(&redis, &export(&pg));
+    assert_eq!(code(&out), 0, "import into Redis: {}", stderr(&out));
+    assert_eq!(export(&redis), first, "Redis export differs");
+    assert_eq!(
+        views(&redis, &ADDRESSES),
+        expected,
+        "Redis shows other keys"
+    );
+    let out = import(&redis, &first);
+    assert_eq!(code(&out), 0, "second import: {}", stderr(&out));
+    assert_eq!(export(&redis), first, "a second import changed Redis");
+
+    // Redis → a fresh filesystem store.
+    let fs2 = TestKst::new("");
+    let out = import(&fs2, &export(&redis));
+    assert_eq!(code(&out), 0, "import into fs: {}", stderr(&out));
+    assert_eq!(
+        export(&fs2),
+        first,
+        "fs export after the round trip differs"
+    );
+    assert_eq!(views(&fs2, &ADDRESSES), expected);
+
+    // A publication after the import continues the imported history on every backend.
+    for kst in [&fs2, &pg, &redis] {
+        publish(kst, "alice@example.net", &alice2.public_armored);
+        let out = kst.kst(&["keys", "history", "alice@example.net", "--json"], b"");
+        let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let versions: Vec<u64> = h
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["version"].as_u64().unwrap())
+            .collect();
+        assert_eq!(versions, [1, 2, 3, 4]);
+    }
+
+    for kst in [&fs2, &pg, &redis] {
+        keys_exit_codes(kst);
+    }
+    drop(redis);
+    drop(prefix);
+    drop(pg);
+    drop(db);
+}
+
+/// `kst keys get/history/delete` exit codes on a populated store.
+fn keys_exit_codes(kst: &TestKst) {
+    let run = |args: &[&str]| code(&kst.kst(args, b""));
+    assert_eq!(run(&["keys", "get", "bob@example.net"]), 0);
+    assert_eq!(
+        run(&["keys", "get", "BOB@Example.NET"]),
+        0,
+        "folded like requests"
+    );
+    assert_eq!(run(&["keys", "history", "bob@example.net"]), 0);
+    assert_eq!(run(&["keys", "get", "nobody@example.net"]), 1);
+    assert_eq!(run(&["keys", "history", "nobody@example.net"]), 1);
+    assert_eq!(run(&["keys", "delete", "nobody@example.net"]), 1);
+    assert_eq!(run(&["keys", "get", "not an address"]), 64);
+    assert_eq!(run(&["keys", "delete", "bob@example.net"]), 0);
+    assert_eq!(run(&["keys", "get", "bob@example.net"]), 1);
+    assert_eq!(run(&["keys", "history", "bob@example.net"]), 1);
+    assert_eq!(run(&["keys", "delete", "bob@example.net"]), 1);
+    // Others are untouched.
+    assert_eq!(run(&["keys", "get", "alice@example.net"]), 0);
+    assert_eq!(run(&["keys", "get", "carol@example.org"]), 0);
+}
+
+#[test]
+fn bad_import_lines_are_named_and_fail() {
+    let key = include_str!("../kst-core/testdata/alice.pub.asc");
+    let fs = TestKst::new("");
+    publish(&fs, "alice@example.net", key);
+    let good = String::from_utf8(export(&fs)).unwrap();
+    let good = good.trim_end();
+    let mut other_address: serde_json::Value = serde_json::from_str(good).unwrap();
+    other_address["history"][0]["address"] = "mallory@example.net".into();
+    let mut version_zero: serde_json::Value = serde_json::from_str(good).unwrap();
+    version_zero["history"][0]["version"] = 0.into();
+    let mut twice: serde_json::Value = serde_json::from_str(good).unwrap();
+    let record = twice["history"][0].clone();
+    let mut again = record.clone();
+    again["version"] = 2.into();
+    twice["history"] = serde_json::json!([record, again]);
+    let cases = [
+        ("not JSON", "{\"address\": \"alice@exa".to_string()),
+        ("unknown field", good.replacen('{', "{\"extra\":1,", 1)),
+        ("record of another address", other_address.to_string()),
+        ("version 0", version_zero.to_string()),
+        (
+            "empty history",
+            "{\"address\":\"bob@example.net\",\"history\":[]}".into(),
+        ),
+        ("one publication twice", twice.to_string()),
+    ];
+    for (what, bad) in cases {
+        let target = TestKst::new("");
+        // Line 1 is good, line 2 empty (skipped), line 3 bad, line 4 never read.
+        let input = format!("{good}\n\n{bad}\n{good}\n");
+        let out = import(&target, input.as_bytes());
+        assert_eq!(code(&out), 64, "{what}: {}", stderr(&out));
+        assert!(stderr(&out).contains("line 3"), "{what}: {}", stderr(&out));
+        // What came before the bad line is imported.
+        assert_eq!(
+            code(&target.kst(&["keys", "get", "alice@example.net"], b"")),
+            0,
+            "{what}"
+        );
+    }
+    // A missing file is EX_NOINPUT.
+    let out = fs.kst(&["import", "/nonexistent/keys.jsonl"], b"");
+    assert_eq!(code(&out), 66, "{}", stderr(&out));
+}
