@@ -64,6 +64,7 @@ pub async fn run(args: ClientArgs) -> u8 {
 pub struct Settings {
     account: Option<Address>,
     submission: Option<Endpoint>,
+    sendmail: Option<String>,
     imap: Option<Endpoint>,
     maildir: Option<PathBuf>,
     user: Option<String>,
@@ -136,6 +137,7 @@ impl Settings {
         Ok(Settings {
             account,
             submission,
+            sendmail: opts.sendmail.clone().or(file.sendmail),
             imap,
             maildir: opts.maildir.clone().or(file.maildir),
             user: opts.user.clone().or(file.user),
@@ -278,7 +280,9 @@ async fn send_and_wait(
     };
     let service = request.pending.service.clone();
     let is_direct = direct.is_some_and(|d| d.direct);
-    let route = if is_direct {
+    let route = if !is_direct && s.sendmail.is_some() {
+        None
+    } else if is_direct {
         let d = direct.expect("direct");
         let servers = match &d.mx {
             Some(mx) => match Endpoint::parse(mx, Service::Mx) {
@@ -303,13 +307,13 @@ async fn send_and_wait(
                 Err(e) => return Outcome::error(exit::TEMPFAIL, e.to_string()),
             },
         };
-        Route {
+        Some(Route {
             servers,
             credentials: None,
             connector: &connector,
             insecure_plaintext: s.insecure_plaintext,
             step_timeout: STEP_TIMEOUT,
-        }
+        })
     } else {
         let server = match &s.submission {
             Some(e) => e.clone(),
@@ -328,13 +332,13 @@ async fn send_and_wait(
             Ok(c) => c,
             Err(o) => return o,
         };
-        Route {
+        Some(Route {
             servers: vec![server],
             credentials: Some(credentials),
             connector: &connector,
             insecure_plaintext: s.insecure_plaintext,
             step_timeout: STEP_TIMEOUT,
-        }
+        })
     };
 
     // Open the mailbox first: a wrong password or server is reported before anything is sent,
@@ -351,7 +355,14 @@ async fn send_and_wait(
     let entry = Entry {
         pending: request.pending.clone(),
         account: account.to_string(),
-        route: if is_direct { "direct" } else { "submission" }.into(),
+        route: if is_direct {
+            "direct"
+        } else if route.is_none() {
+            "sendmail"
+        } else {
+            "submission"
+        }
+        .into(),
         import,
     };
     if let Err(e) = s.state.add(entry.clone()) {
@@ -359,14 +370,21 @@ async fn send_and_wait(
     }
     let bar = output::spinner(s.json);
     bar.set_message(format!("sending to {service}"));
-    let sent = submit::send(
-        &dns,
-        &route,
-        account.as_str(),
-        service.as_str(),
-        &request.message,
-    )
-    .await;
+    let sent = match (&route, &s.sendmail) {
+        (Some(route), _) => submit::send(
+            &dns,
+            route,
+            account.as_str(),
+            service.as_str(),
+            &request.message,
+        )
+        .await
+        .map(|_| ()),
+        (None, Some(cmd)) => {
+            submit::sendmail(cmd, account.as_str(), service.as_str(), &request.message).await
+        }
+        (None, None) => Err(SendError::Temporary("no way to send".into())),
+    };
     if let Err(e) = sent {
         bar.finish_and_clear();
         let _ = s.state.remove(&entry.pending.message_id);

@@ -3,6 +3,7 @@
 //! ```toml
 //! account = "alice@example.net"
 //! submission = "mail.example.net:587"        # HOST:PORT = STARTTLS; smtps://HOST:PORT = implicit TLS
+//! # sendmail = "/usr/sbin/sendmail"        # hand requests to a local MTA instead
 //! imap = "imaps://mail.example.net:993"      # HOST:PORT = STARTTLS; imaps://HOST:PORT = implicit TLS
 //! # maildir = "/home/alice/Maildir"          # read replies from a Maildir instead of IMAP
 //! user = "alice@example.net"                 # login; default: the account
@@ -15,7 +16,6 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -33,6 +33,8 @@ pub struct ClientFile {
     pub account: Option<String>,
     /// Submission server (`HOST:PORT` or `smtps://HOST:PORT`).
     pub submission: Option<String>,
+    /// Sendmail-compatible command to hand requests to instead of SMTP submission.
+    pub sendmail: Option<String>,
     /// IMAP server (`HOST:PORT` or `imaps://HOST:PORT`).
     pub imap: Option<String>,
     /// Maildir to read replies from instead of IMAP.
@@ -289,11 +291,6 @@ pub fn password(env_var: &str, command: Option<&str>) -> Result<Option<String>, 
         });
     }
     Ok(Some(line.to_string()))
-}
-
-/// A wait limit in seconds.
-pub fn timeout(secs: u64) -> Duration {
-    Duration::from_secs(secs)
 }
 
 #[cfg(test)]

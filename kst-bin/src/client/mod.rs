@@ -94,6 +94,10 @@ pub struct ClientOpts {
     /// Submission server: HOST:PORT (STARTTLS) or smtps://HOST:PORT (implicit TLS).
     #[arg(long, global = true, value_name = "HOST:PORT")]
     pub submission: Option<String>,
+    /// Hand requests to this sendmail-compatible command instead of SMTP submission
+    /// (run as `CMD -oi -f ACCOUNT -- keys@DOMAIN`, message on stdin).
+    #[arg(long, global = true, value_name = "CMD", conflicts_with = "submission")]
+    pub sendmail: Option<String>,
     /// IMAP server: HOST:PORT (STARTTLS) or imaps://HOST:PORT (implicit TLS).
     #[arg(long, global = true, value_name = "HOST:PORT")]
     pub imap: Option<String>,

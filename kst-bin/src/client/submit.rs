@@ -206,3 +206,43 @@ fn helo_name() -> String {
         })
         .unwrap_or_else(|| "localhost".to_string())
 }
+
+/// Hands `message` to a sendmail-compatible command, as many mail clients do:
+/// `CMD -oi -f FROM -- RCPT` with the message on stdin. Exit 0 is success; 65 (data error),
+/// 67 (no such user) and 68 (no such host) are refusals; anything else is temporary.
+pub async fn sendmail(cmd: &str, from: &str, rcpt: &str, message: &[u8]) -> Result<(), SendError> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{cmd} \"$@\""))
+        .arg("sh")
+        .args(["-oi", "-f", from, "--", rcpt])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            SendError::Temporary(format!("cannot run the sendmail command {cmd:?}: {e}"))
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A command that exits without reading everything is judged by its exit status.
+        let _ = stdin.write_all(message).await;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| SendError::Temporary(format!("the sendmail command {cmd:?} failed: {e}")))?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    let said = said.lines().last().unwrap_or("").trim();
+    match out.status.code() {
+        Some(0) => Ok(()),
+        Some(code @ (65 | 67 | 68)) => Err(SendError::Rejected {
+            step: "RCPT TO",
+            message: format!("the sendmail command refused {rcpt} (exit {code}): {said}"),
+        }),
+        code => Err(SendError::Temporary(format!(
+            "the sendmail command {cmd:?} failed ({}): {said}",
+            code.map_or("killed by a signal".to_string(), |c| format!("exit {c}"))
+        ))),
+    }
+}
