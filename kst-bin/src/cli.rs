@@ -167,6 +167,10 @@ pub enum Command {
     /// p50/p95/p99 latency. See docs/BENCHMARKS.md and scripts/bench.sh.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+
+    /// The mail client's side: publish your key, retrieve others' keys (see `kst client --help`).
+    #[command(after_help = crate::client::CLIENT_AFTER_HELP)]
+    Client(crate::client::ClientArgs),
 }
 
 /// The envelope Postfix passes to `kst deliver`.
@@ -238,6 +242,10 @@ pub enum ConfigCommand {
 /// Runs a parsed command line. `deliver` goes to [`crate::deliver::run`]; a configuration
 /// error there exits 75 so that Postfix keeps the message.
 pub async fn run(cli: Cli) -> ExitCode {
+    // The client reads its own settings (client.toml), not the server's.
+    if let Command::Client(args) = cli.command {
+        return ExitCode::from(crate::client::run(args).await);
+    }
     let loaded = Config::load(cli.config.as_deref());
     match cli.command {
         Command::Deliver(args) => match loaded {
@@ -296,6 +304,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Config(ConfigCommand::Check { probe }) => {
             ExitCode::from(config_check(cli.config.as_deref(), loaded, probe).await)
         }
+        Command::Client(_) => ExitCode::from(exit::SOFTWARE), // handled above
         Command::Keys(cmd) => {
             let cfg = match loaded {
                 Ok(c) => c,

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod deliver;
 pub mod http;

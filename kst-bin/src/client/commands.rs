@@ -1,0 +1,810 @@
+//! The client commands: `publish`, `retrieve`, `pending`, `check`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kst_core::client::{Asked, BuildError, Pending, ReplyError, Request, Verified};
+use kst_core::{Address, AddressPolicy};
+use tokio_rustls::TlsConnector;
+
+use super::config::{
+    self, ClientConfigError, ClientFile, DEFAULT_TIMEOUT_SECS, Endpoint, PASSWORD_ENV, Security,
+    Service,
+};
+use super::discovery::Dns;
+use super::fetch::{FetchError, ImapSettings, Mailbox};
+use super::matching::Matched;
+use super::output::{self, Outcome};
+use super::state::{Entry, State};
+use super::submit::{self, Route, SendError};
+use super::{ClientArgs, ClientCommand, ClientOpts, exit};
+
+/// Limit for each network step (connect, one SMTP or IMAP command).
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs a client command; returns the exit code.
+pub async fn run(args: ClientArgs) -> u8 {
+    let json = args.opts.json;
+    let list = matches!(
+        args.command,
+        ClientCommand::Pending | ClientCommand::Check { .. }
+    );
+    let outcomes = match Settings::resolve(&args.opts) {
+        Err(o) => vec![o],
+        Ok(s) => match args.command {
+            ClientCommand::Publish {
+                key,
+                gpg_key,
+                no_wait,
+            } => vec![publish(&s, key.as_deref(), gpg_key.as_deref(), no_wait).await],
+            ClientCommand::Retrieve {
+                address,
+                import,
+                direct,
+                mx,
+                mx_port,
+                no_wait,
+            } => {
+                let how = Direct {
+                    direct,
+                    mx,
+                    mx_port,
+                };
+                vec![retrieve(&s, &address, import, &how, no_wait).await]
+            }
+            ClientCommand::Pending => return pending(&s),
+            ClientCommand::Check { wait, import } => check(&s, wait, import).await,
+        },
+    };
+    output::finish(&outcomes, json, list)
+}
+
+/// The client settings after config file and flags.
+pub struct Settings {
+    account: Option<Address>,
+    submission: Option<Endpoint>,
+    sendmail: Option<String>,
+    imap: Option<Endpoint>,
+    maildir: Option<PathBuf>,
+    user: Option<String>,
+    password_env: String,
+    password_command: Option<String>,
+    ca_file: Option<PathBuf>,
+    resolver: Option<std::net::SocketAddr>,
+    timeout: Option<u64>,
+    state: State,
+    insecure_plaintext: bool,
+    json: bool,
+}
+
+fn config_error(e: impl std::fmt::Display) -> Outcome {
+    Outcome::error(exit::CONFIG, e.to_string())
+}
+
+impl Settings {
+    /// Merges `client.toml` (named, or the default path if it exists) with the flags.
+    pub fn resolve(opts: &ClientOpts) -> Result<Settings, Outcome> {
+        let file = match &opts.client_config {
+            Some(p) => ClientFile::load(p, true),
+            None => match config::default_config_path() {
+                Some(p) => ClientFile::load(&p, false),
+                None => Ok(ClientFile::default()),
+            },
+        }
+        .map_err(config_error)?;
+        let value = |what: &str, e: String| {
+            config_error(ClientConfigError::Value {
+                what: what.into(),
+                message: e,
+            })
+        };
+        let policy = AddressPolicy::default();
+        let account = match opts.account.as_ref().or(file.account.as_ref()) {
+            Some(a) => Some(policy.normalize(a).map_err(|e| {
+                Outcome::error(
+                    exit::USAGE,
+                    format!("the account {a:?} is not an address: {e}"),
+                )
+            })?),
+            None => None,
+        };
+        let submission = match opts.submission.as_ref().or(file.submission.as_ref()) {
+            Some(s) => Some(
+                Endpoint::parse(s, Service::Submission).map_err(|e| value("--submission", e))?,
+            ),
+            None => None,
+        };
+        let imap = match opts.imap.as_ref().or(file.imap.as_ref()) {
+            Some(s) => Some(Endpoint::parse(s, Service::Imap).map_err(|e| value("--imap", e))?),
+            None => None,
+        };
+        let resolver = match opts.resolver.as_ref().or(file.resolver.as_ref()) {
+            Some(r) => Some(config::parse_resolver(r).map_err(|e| value("--resolver", e))?),
+            None => None,
+        };
+        let state_path = opts
+            .state_file
+            .clone()
+            .or(file.state_file.clone())
+            .or_else(config::default_state_path)
+            .ok_or_else(|| {
+                value(
+                    "state file",
+                    "no HOME to keep pending requests in; give --state-file FILE".into(),
+                )
+            })?;
+        Ok(Settings {
+            account,
+            submission,
+            sendmail: opts.sendmail.clone().or(file.sendmail),
+            imap,
+            maildir: opts.maildir.clone().or(file.maildir),
+            user: opts.user.clone().or(file.user),
+            password_env: file
+                .password_env
+                .unwrap_or_else(|| PASSWORD_ENV.to_string()),
+            password_command: opts.password_command.clone().or(file.password_command),
+            ca_file: opts.ca_file.clone().or(file.ca_file),
+            resolver,
+            timeout: opts.timeout.or(file.timeout_secs),
+            state: State::new(state_path),
+            insecure_plaintext: opts.insecure_plaintext || file.insecure_plaintext == Some(true),
+            json: opts.json,
+        })
+    }
+
+    fn account(&self) -> Result<&Address, Outcome> {
+        self.account.as_ref().ok_or_else(|| {
+            config_error(
+                "no account: give --account ADDRESS (or KST_ACCOUNT, or `account` in client.toml)",
+            )
+        })
+    }
+
+    fn login(&self, account: &Address) -> Result<(String, String), Outcome> {
+        let user = self
+            .user
+            .clone()
+            .unwrap_or_else(|| account.as_str().to_string());
+        match config::password(&self.password_env, self.password_command.as_deref()) {
+            Ok(Some(p)) => Ok((user, p)),
+            Ok(None) => Err(config_error(format!(
+                "no password for {user}: set {} or give --password-command CMD",
+                self.password_env
+            ))),
+            Err(e) => Err(config_error(e)),
+        }
+    }
+
+    fn connector(&self) -> Result<TlsConnector, Outcome> {
+        super::tls::connector(self.ca_file.as_deref()).map_err(config_error)
+    }
+
+    fn dns(&self) -> Result<Dns, Outcome> {
+        Dns::new(self.resolver).map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))
+    }
+
+    fn wait_limit(&self, default: u64) -> Duration {
+        Duration::from_secs(self.timeout.unwrap_or(default))
+    }
+}
+
+/// How a retrieval travels.
+struct Direct {
+    direct: bool,
+    mx: Option<String>,
+    mx_port: u16,
+}
+
+async fn publish(
+    s: &Settings,
+    key: Option<&Path>,
+    gpg_key: Option<&str>,
+    no_wait: bool,
+) -> Outcome {
+    let account = match s.account() {
+        Ok(a) => a.clone(),
+        Err(o) => return o,
+    };
+    let armored = match (key, gpg_key) {
+        (Some(path), _) => match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                return Outcome::error(
+                    exit::NOINPUT,
+                    format!("cannot read the key file {}: {e}", path.display()),
+                );
+            }
+        },
+        (None, Some(who)) => match gpg_export(who) {
+            Ok(t) => t,
+            Err(e) => return Outcome::error(exit::NOINPUT, e),
+        },
+        (None, None) => {
+            return Outcome::error(exit::USAGE, "give --key FILE or --gpg-key FINGERPRINT");
+        }
+    };
+    let request = match kst_core::client::build_publication(&account, &armored) {
+        Ok(r) => r,
+        Err(e @ BuildError::NoMatchingUserId(_)) => {
+            return Outcome::error(
+                exit::USAGE,
+                format!(
+                    "{e}: the KST publishes a key only for an address it carries; add the User ID with gpg --quick-add-uid"
+                ),
+            );
+        }
+        Err(e) => return Outcome::error(exit::USAGE, e.to_string()),
+    };
+    send_and_wait(s, &account, request, None, false, no_wait).await
+}
+
+async fn retrieve(
+    s: &Settings,
+    address: &str,
+    import: bool,
+    how: &Direct,
+    no_wait: bool,
+) -> Outcome {
+    let account = match s.account() {
+        Ok(a) => a.clone(),
+        Err(o) => return o,
+    };
+    let address = match AddressPolicy::default().normalize(address) {
+        Ok(a) => a,
+        Err(e) => {
+            return Outcome::error(exit::USAGE, format!("{address:?} is not an address: {e}"));
+        }
+    };
+    let request = kst_core::client::build_retrieval(&account, &address);
+    send_and_wait(s, &account, request, Some(how), import, no_wait).await
+}
+
+/// Records the request, sends it, and (unless `no_wait`) waits for the reply.
+async fn send_and_wait(
+    s: &Settings,
+    account: &Address,
+    request: Request,
+    direct: Option<&Direct>,
+    import: bool,
+    no_wait: bool,
+) -> Outcome {
+    let dns = match s.dns() {
+        Ok(d) => d,
+        Err(o) => return o,
+    };
+    let connector = match s.connector() {
+        Ok(c) => c,
+        Err(o) => return o,
+    };
+    let service = request.pending.service.clone();
+    let is_direct = direct.is_some_and(|d| d.direct);
+    let route = if !is_direct && s.sendmail.is_some() {
+        None
+    } else if is_direct {
+        let d = direct.expect("direct");
+        let servers = match &d.mx {
+            Some(mx) => match Endpoint::parse(mx, Service::Mx) {
+                Ok(e) => vec![e],
+                Err(e) => return Outcome::error(exit::USAGE, format!("--mx: {e}")),
+            },
+            None => match dns.mx(service.domain()).await {
+                Ok(hosts) if hosts.is_empty() => {
+                    return Outcome::NoKst {
+                        service: service.to_string(),
+                        detail: format!("{} accepts no mail (null MX)", service.domain()),
+                    };
+                }
+                Ok(hosts) => hosts
+                    .into_iter()
+                    .map(|host| Endpoint {
+                        host,
+                        port: d.mx_port,
+                        security: Security::StartTls,
+                    })
+                    .collect(),
+                Err(e) => return Outcome::error(exit::TEMPFAIL, e.to_string()),
+            },
+        };
+        Some(Route {
+            servers,
+            credentials: None,
+            connector: &connector,
+            insecure_plaintext: s.insecure_plaintext,
+            step_timeout: STEP_TIMEOUT,
+        })
+    } else {
+        let server = match &s.submission {
+            Some(e) => e.clone(),
+            None => match dns.submission(account.domain()).await {
+                Ok(Some(e)) => e,
+                Ok(None) => {
+                    return config_error(format!(
+                        "no submission server: give --submission HOST:PORT (no _submissions._tcp / _submission._tcp SRV record for {})",
+                        account.domain()
+                    ));
+                }
+                Err(e) => return Outcome::error(exit::TEMPFAIL, e.to_string()),
+            },
+        };
+        let credentials = match s.login(account) {
+            Ok(c) => c,
+            Err(o) => return o,
+        };
+        Some(Route {
+            servers: vec![server],
+            credentials: Some(credentials),
+            connector: &connector,
+            insecure_plaintext: s.insecure_plaintext,
+            step_timeout: STEP_TIMEOUT,
+        })
+    };
+
+    // Open the mailbox first: a wrong password or server is reported before anything is sent,
+    // and a fast reply cannot be missed.
+    let mut mailbox = if no_wait {
+        None
+    } else {
+        match open_mailbox(s, &dns, &connector, account).await {
+            Ok(m) => Some(m),
+            Err(o) => return o,
+        }
+    };
+
+    let entry = Entry {
+        pending: request.pending.clone(),
+        account: account.to_string(),
+        route: if is_direct {
+            "direct"
+        } else if route.is_none() {
+            "sendmail"
+        } else {
+            "submission"
+        }
+        .into(),
+        import,
+    };
+    if let Err(e) = s.state.add(entry.clone()) {
+        return Outcome::error(exit::CONFIG, e.to_string());
+    }
+    let bar = output::spinner(s.json);
+    bar.set_message(format!("sending to {service}"));
+    let sent = match (&route, &s.sendmail) {
+        (Some(route), _) => submit::send(
+            &dns,
+            route,
+            account.as_str(),
+            service.as_str(),
+            &request.message,
+        )
+        .await
+        .map(|_| ()),
+        (None, Some(cmd)) => {
+            submit::sendmail(cmd, account.as_str(), service.as_str(), &request.message).await
+        }
+        (None, None) => Err(SendError::Temporary("no way to send".into())),
+    };
+    if let Err(e) = sent {
+        bar.finish_and_clear();
+        let _ = s.state.remove(&entry.pending.message_id);
+        return match e {
+            SendError::Rejected { step, message }
+                if step == "RCPT TO" && (is_direct || service.domain() == account.domain()) =>
+            {
+                Outcome::NoKst {
+                    service: service.to_string(),
+                    detail: message,
+                }
+            }
+            SendError::Rejected { message, .. } => Outcome::error(exit::UNAVAILABLE, message),
+            SendError::Auth(m) => Outcome::error(exit::NOPERM, m),
+            SendError::Tls(m) => Outcome::error(exit::UNAVAILABLE, m),
+            SendError::Temporary(m) => Outcome::error(exit::TEMPFAIL, m),
+        };
+    }
+    let Some(mailbox) = mailbox.as_mut() else {
+        bar.finish_and_clear();
+        return pending_outcome(&entry);
+    };
+    let limit = s.wait_limit(DEFAULT_TIMEOUT_SECS);
+    let mut results = wait_for(s, mailbox, vec![entry], limit, &bar).await;
+    bar.finish_and_clear();
+    results
+        .pop()
+        .unwrap_or_else(|| Outcome::error(exit::SOFTWARE, "no result"))
+}
+
+async fn open_mailbox(
+    s: &Settings,
+    dns: &Dns,
+    connector: &TlsConnector,
+    account: &Address,
+) -> Result<Mailbox, Outcome> {
+    if let Some(dir) = &s.maildir {
+        return Mailbox::maildir(dir).map_err(fetch_outcome);
+    }
+    let endpoint = match &s.imap {
+        Some(e) => e.clone(),
+        None => match dns.imap(account.domain()).await {
+            Ok(Some(e)) => e,
+            Ok(None) => {
+                return Err(config_error(format!(
+                    "no mailbox to read replies from: give --imap HOST:PORT or --maildir PATH (no _imaps._tcp / _imap._tcp SRV record for {})",
+                    account.domain()
+                )));
+            }
+            Err(e) => return Err(Outcome::error(exit::TEMPFAIL, e.to_string())),
+        },
+    };
+    let (user, password) = s.login(account)?;
+    Mailbox::imap(
+        dns,
+        &ImapSettings {
+            endpoint,
+            user,
+            password,
+            connector,
+            insecure_plaintext: s.insecure_plaintext,
+            step_timeout: STEP_TIMEOUT,
+        },
+    )
+    .await
+    .map_err(fetch_outcome)
+}
+
+fn fetch_outcome(e: FetchError) -> Outcome {
+    match e {
+        FetchError::Unavailable(m) => Outcome::error(exit::TEMPFAIL, m),
+        FetchError::Auth(m) => Outcome::error(exit::NOPERM, m),
+        FetchError::Tls(m) => Outcome::error(exit::UNAVAILABLE, m),
+    }
+}
+
+fn pending_outcome(e: &Entry) -> Outcome {
+    let (kind, address) = describe(&e.pending);
+    Outcome::Pending {
+        service: e.pending.service.to_string(),
+        message_id: e.pending.message_id.clone(),
+        kind: kind.into(),
+        address,
+    }
+}
+
+fn describe(p: &Pending) -> (&'static str, String) {
+    match &p.asked {
+        Asked::Publication { account, .. } => ("publication", account.to_string()),
+        Asked::Retrieval { address } => ("retrieval", address.to_string()),
+    }
+}
+
+/// Waits up to `limit` for the replies to `entries`; returns one outcome per entry, in order.
+/// A reply that fails verification is reported as an attack but the wait goes on: the genuine
+/// reply may still come.
+async fn wait_for(
+    s: &Settings,
+    mailbox: &mut Mailbox,
+    entries: Vec<Entry>,
+    limit: Duration,
+    bar: &indicatif::ProgressBar,
+) -> Vec<Outcome> {
+    let deadline = Instant::now() + limit;
+    let mut results: Vec<Option<Outcome>> = vec![None; entries.len()];
+    let mut attacks: Vec<Option<Outcome>> = vec![None; entries.len()];
+    let services: Vec<String> = entries
+        .iter()
+        .map(|e| e.pending.service.to_string())
+        .collect();
+    bar.set_message(format!(
+        "waiting for the reply from {} ({})",
+        services.join(", "),
+        mailbox.describe()
+    ));
+    loop {
+        let open: Vec<Pending> = entries
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_none())
+            .map(|(e, _)| e.pending.clone())
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        match mailbox.scan(&open).await {
+            Ok(found) => {
+                for m in found {
+                    let Some(i) = entries
+                        .iter()
+                        .position(|e| e.pending.message_id == m.message_id())
+                    else {
+                        continue;
+                    };
+                    if results[i].is_some() {
+                        continue;
+                    }
+                    match interpret(&entries[i], m) {
+                        o @ Outcome::Attack { .. } => {
+                            if !s.json {
+                                bar.suspend(|| o.print_text());
+                            }
+                            attacks[i] = Some(o);
+                        }
+                        o => {
+                            let o = finish_entry(&entries[i], o);
+                            let _ = s.state.remove(&entries[i].pending.message_id);
+                            results[i] = Some(o);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                // The requests stay pending; `check` can finish them.
+                let o = fetch_outcome(e);
+                return results
+                    .into_iter()
+                    .map(|r| r.unwrap_or_else(|| o.clone()))
+                    .collect();
+            }
+        }
+        let now = Instant::now();
+        if results.iter().all(Option::is_some) || now >= deadline {
+            break;
+        }
+        if let Err(e) = mailbox.wait(deadline - now).await {
+            let o = fetch_outcome(e);
+            return results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| o.clone()))
+                .collect();
+        }
+    }
+    results
+        .into_iter()
+        .zip(attacks)
+        .zip(&entries)
+        .map(|((r, a), e)| r.or(a).unwrap_or_else(|| pending_outcome(e)))
+        .collect()
+}
+
+/// Turns a matched message into the request's outcome.
+fn interpret(e: &Entry, m: Matched) -> Outcome {
+    let service = e.pending.service.to_string();
+    match m {
+        Matched::Bounce { detail, .. } => Outcome::NoKst { service, detail },
+        Matched::Reply { result, message_id } => match result {
+            Ok(Verified::Published {
+                fingerprint,
+                armored,
+            }) => Outcome::Published {
+                account: e.account.clone(),
+                fingerprint,
+                service,
+                message_id,
+                key: armored,
+            },
+            Ok(Verified::Found {
+                address,
+                fingerprint,
+                armored,
+                user_ids,
+            }) => Outcome::Found {
+                address: address.to_string(),
+                fingerprint,
+                user_ids,
+                service,
+                message_id,
+                key: armored,
+                imported: false,
+            },
+            Ok(Verified::NotFound { address }) => Outcome::NotFound {
+                address: address.to_string(),
+                service,
+            },
+            Ok(Verified::Refused {
+                reason,
+                explanation,
+                authenticated,
+            }) => Outcome::Refused {
+                service,
+                reason: reason.map(|r| r.to_string()),
+                explanation,
+                authenticated,
+            },
+            Err(ReplyError::NotKst) => Outcome::NoKst {
+                service,
+                detail: "the answer is not a KST reply".into(),
+            },
+            Err(ReplyError::Version(v)) => Outcome::error(
+                exit::UNAVAILABLE,
+                format!(
+                    "{service} speaks KST protocol version {v}, which this client does not; update kst"
+                ),
+            ),
+            Err(err @ ReplyError::NotThisRequest(_)) => {
+                Outcome::error(exit::SOFTWARE, err.to_string())
+            }
+            Err(err) => Outcome::Attack {
+                service,
+                message_id,
+                error: err.to_string(),
+            },
+        },
+    }
+}
+
+/// Imports a found key when the request asked for it.
+fn finish_entry(e: &Entry, o: Outcome) -> Outcome {
+    match o {
+        Outcome::Found {
+            address,
+            fingerprint,
+            user_ids,
+            service,
+            message_id,
+            key,
+            ..
+        } if e.import => match gpg_import(&key) {
+            Ok(()) => Outcome::Found {
+                address,
+                fingerprint,
+                user_ids,
+                service,
+                message_id,
+                key,
+                imported: true,
+            },
+            Err(err) => Outcome::error(
+                exit::UNAVAILABLE,
+                format!("the key {fingerprint} for {address} verified, but {err}"),
+            ),
+        },
+        o => o,
+    }
+}
+
+fn pending(s: &Settings) -> u8 {
+    let entries = match s.state.list() {
+        Ok(e) => e,
+        Err(e) => {
+            return output::finish(&[Outcome::error(exit::CONFIG, e.to_string())], s.json, true);
+        }
+    };
+    if s.json {
+        let now = now_secs();
+        let list: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| {
+                let (kind, address) = describe(&e.pending);
+                serde_json::json!({
+                    "message_id": e.pending.message_id,
+                    "kind": kind,
+                    "address": address,
+                    "account": e.account,
+                    "service": e.pending.service.to_string(),
+                    "route": e.route,
+                    "import": e.import,
+                    "created_at": e.pending.created_at,
+                    "age_secs": now.saturating_sub(e.pending.created_at),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&list).unwrap_or_else(|_| "[]".into())
+        );
+    } else if entries.is_empty() {
+        eprintln!("kst: no pending requests ({})", s.state.path().display());
+    } else {
+        let now = now_secs();
+        for e in &entries {
+            let (kind, address) = describe(&e.pending);
+            println!(
+                "{:<11} {:<32} via {:<10} for {:<28} {:>6}s  <{}>",
+                kind,
+                address,
+                e.route,
+                e.account,
+                now.saturating_sub(e.pending.created_at),
+                e.pending.message_id
+            );
+        }
+    }
+    exit::OK
+}
+
+async fn check(s: &Settings, wait: bool, import: bool) -> Vec<Outcome> {
+    let account = match s.account() {
+        Ok(a) => a.clone(),
+        Err(o) => return vec![o],
+    };
+    let entries: Vec<Entry> = match s.state.list() {
+        Ok(all) => all
+            .into_iter()
+            .filter(|e| e.account == account.as_str())
+            .map(|mut e| {
+                e.import |= import;
+                e
+            })
+            .collect(),
+        Err(e) => return vec![Outcome::error(exit::CONFIG, e.to_string())],
+    };
+    if entries.is_empty() {
+        if !s.json {
+            eprintln!("kst: no pending requests for {account}");
+        }
+        return Vec::new();
+    }
+    let dns = match s.dns() {
+        Ok(d) => d,
+        Err(o) => return vec![o],
+    };
+    let connector = match s.connector() {
+        Ok(c) => c,
+        Err(o) => return vec![o],
+    };
+    let mut mailbox = match open_mailbox(s, &dns, &connector, &account).await {
+        Ok(m) => m,
+        Err(o) => return vec![o],
+    };
+    let limit = if wait {
+        s.wait_limit(DEFAULT_TIMEOUT_SECS)
+    } else {
+        s.wait_limit(0)
+    };
+    let bar = output::spinner(s.json || !wait);
+    let results = wait_for(s, &mut mailbox, entries, limit, &bar).await;
+    bar.finish_and_clear();
+    mailbox.close().await;
+    results
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `gpg --armor --export WHO`.
+fn gpg_export(who: &str) -> Result<String, String> {
+    let out = Command::new("gpg")
+        .args(["--batch", "--armor", "--export", "--", who])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run gpg: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() || !text.contains("BEGIN PGP PUBLIC KEY BLOCK") {
+        return Err(format!(
+            "gpg has no public key {who:?} to export ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(text)
+}
+
+/// `gpg --import` of `armored`.
+fn gpg_import(armored: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new("gpg")
+        .args(["--batch", "--quiet", "--import"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run gpg: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(armored.as_bytes())
+            .map_err(|e| format!("cannot feed gpg: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("gpg failed: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "gpg --import failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}

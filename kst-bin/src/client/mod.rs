@@ -1,0 +1,188 @@
+//! `kst client`: the mail client's side of KST, as a command. It publishes the user's key and
+//! retrieves other people's keys over real mail: SMTP submission (or the recipient's MX with
+//! `--direct`) out, IMAP or a Maildir in. The protocol logic (building requests, verifying
+//! replies) is `kst_core::client`; this module is the network and the command line.
+
+pub mod commands;
+pub mod config;
+pub mod discovery;
+pub mod fetch;
+pub mod matching;
+pub mod output;
+pub mod state;
+pub mod submit;
+pub mod tls;
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+pub use commands::run;
+
+/// Exit codes of `kst client` (documented in `kst client --help`).
+pub mod exit {
+    /// Done: published and confirmed, or the key was retrieved and verified.
+    pub const OK: u8 = 0;
+    /// The KST says (authenticated) that no key is published for the address.
+    pub const NOT_FOUND: u8 = 1;
+    /// The KST refused the request (the reason is printed).
+    pub const REFUSED: u8 = 3;
+    /// The provider runs no KST: the request bounced.
+    pub const NO_KST: u8 = 4;
+    /// A reply failed verification (forged or altered): possible attack. Nothing was used.
+    pub const ATTACK: u8 = 5;
+    /// A bad argument (an address that is not one, a key without the account's User ID).
+    pub const USAGE: u8 = 64;
+    /// The key file cannot be read or gpg has no such key.
+    pub const NOINPUT: u8 = 66;
+    /// A server is unusable (TLS failure, refused relay, unsupported protocol version), or gpg
+    /// failed to import.
+    pub const UNAVAILABLE: u8 = 69;
+    /// A bug.
+    pub const SOFTWARE: u8 = 70;
+    /// Try again later: a server is unreachable, or no reply came within --timeout (the
+    /// request stays pending; `kst client check` finishes it).
+    pub const TEMPFAIL: u8 = 75;
+    /// The login or password was refused.
+    pub const NOPERM: u8 = 77;
+    /// The client configuration is wrong or incomplete.
+    pub const CONFIG: u8 = 78;
+}
+
+/// Help text after `kst client --help`.
+pub const CLIENT_AFTER_HELP: &str = "\
+Settings come from ~/.config/kst/client.toml (or --client-config FILE), overridden by flags.
+Servers: --submission HOST:PORT means STARTTLS, smtps://HOST:PORT implicit TLS; --imap likewise
+with imaps://. Without them the client looks up RFC 6186 SRV records of the account's domain
+(_submissions._tcp, _submission._tcp, _imaps._tcp, _imap._tcp). The password comes from
+$KST_PASSWORD or --password-command CMD (first line of its output). See docs/CLIENT.md.
+
+Examples:
+  KST_PASSWORD=... kst client --account alice@example.net publish --key alice.asc
+  kst client --account alice@example.net retrieve bob@acme.net --import
+  kst client --account alice@example.net retrieve bob@acme.net --direct
+  kst client pending
+  kst client --account alice@example.net check --wait
+
+Exit codes: 0 done (published / key verified), 1 no key published for the address,
+3 refused by the KST, 4 the provider runs no KST (bounce), 5 a reply failed verification
+(possible attack; nothing used), 64 bad argument, 66 key not readable, 69 server unusable
+(TLS, refused relay), 75 try again later (unreachable, or no reply in time: the request stays
+pending), 77 login refused, 78 configuration error. --json prints one JSON object (an array
+for pending and check) with \"outcome\" and \"exit\".";
+
+/// `kst client ...`.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Settings shared by the client commands.
+    #[command(flatten)]
+    pub opts: ClientOpts,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ClientCommand,
+}
+
+/// Options of every client command (they may also follow the subcommand).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientOpts {
+    /// Client configuration file [default: ~/.config/kst/client.toml].
+    #[arg(long, global = true, env = "KST_CLIENT_CONFIG", value_name = "FILE")]
+    pub client_config: Option<PathBuf>,
+    /// Your own address (replies come to its mailbox).
+    #[arg(long, global = true, env = "KST_ACCOUNT", value_name = "ADDRESS")]
+    pub account: Option<String>,
+    /// Submission server: HOST:PORT (STARTTLS) or smtps://HOST:PORT (implicit TLS).
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    pub submission: Option<String>,
+    /// Hand requests to this sendmail-compatible command instead of SMTP submission
+    /// (run as `CMD -oi -f ACCOUNT -- keys@DOMAIN`, message on stdin).
+    #[arg(long, global = true, value_name = "CMD", conflicts_with = "submission")]
+    pub sendmail: Option<String>,
+    /// IMAP server: HOST:PORT (STARTTLS) or imaps://HOST:PORT (implicit TLS).
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    pub imap: Option<String>,
+    /// Read replies from this Maildir instead of IMAP.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub maildir: Option<PathBuf>,
+    /// Login for submission and IMAP [default: the account].
+    #[arg(long, global = true, value_name = "LOGIN")]
+    pub user: Option<String>,
+    /// Command printing the password (first line), e.g. "pass show mail/alice". KST_PASSWORD wins.
+    #[arg(long, global = true, value_name = "CMD")]
+    pub password_command: Option<String>,
+    /// Also trust the CA certificates in this PEM file.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+    /// DNS server for SRV and MX look-ups (and host names), e.g. 127.0.0.1:5353.
+    #[arg(long, global = true, value_name = "IP:PORT")]
+    pub resolver: Option<String>,
+    /// Seconds to wait for the reply [default: 120; `check`: 0 = look once].
+    #[arg(long, global = true, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+    /// Pending-request file [default: ~/.local/state/kst/pending.json].
+    #[arg(long, global = true, env = "KST_CLIENT_STATE", value_name = "FILE")]
+    pub state_file: Option<PathBuf>,
+    /// Allow servers that offer no TLS (local tests only: passwords and K_auth travel in clear).
+    #[arg(long, global = true)]
+    pub insecure_plaintext: bool,
+    /// Print the result as JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// The client commands.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Publish your public key at your provider's KST and wait for the confirmation.
+    ///
+    /// The key goes to keys@<your domain> over authenticated submission with a fresh K_auth; the
+    /// confirmation's HMAC and fingerprint are checked before "published" is said.
+    Publish {
+        /// The armored public key to publish.
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "gpg_key",
+            required_unless_present = "gpg_key"
+        )]
+        key: Option<PathBuf>,
+        /// Export this key (fingerprint or User ID) from your gpg keyring instead.
+        #[arg(long, value_name = "FINGERPRINT")]
+        gpg_key: Option<String>,
+        /// Send, record the request as pending, and exit (`kst client check` reads the reply).
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Ask the KST of ADDRESS's domain for its key; print it (or import it) once verified.
+    Retrieve {
+        /// The address whose key you want.
+        address: String,
+        /// Import the verified key into your gpg keyring instead of printing it.
+        #[arg(long)]
+        import: bool,
+        /// Send straight to the domain's MX (port 25, STARTTLS) instead of through your own
+        /// submission server.
+        #[arg(long)]
+        direct: bool,
+        /// With --direct: this server instead of the MX look-up (HOST:PORT, port 25 by default).
+        #[arg(long, value_name = "HOST:PORT", requires = "direct")]
+        mx: Option<String>,
+        /// With --direct: the port to use on the MX hosts found in DNS.
+        #[arg(long, value_name = "PORT", default_value_t = 25, requires = "direct")]
+        mx_port: u16,
+        /// Send, record the request as pending, and exit (`kst client check` reads the reply).
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List the requests sent and not yet answered (all accounts).
+    Pending,
+    /// Read the replies to pending requests from the mailbox and finish them.
+    Check {
+        /// Keep waiting (up to --timeout, default 120 s) until every request is answered.
+        #[arg(long)]
+        wait: bool,
+        /// Import keys retrieved now into gpg (as `retrieve --import` would have).
+        #[arg(long)]
+        import: bool,
+    },
+}

@@ -1,0 +1,283 @@
+//! What a client command reports: one [`Outcome`] per request, printed for people (stdout:
+//! the key or the result line; stderr: explanations) or as JSON with `--json`.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use super::exit;
+
+/// The result of one request (or a failure before one could be sent).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The KST confirmed the publication; HMAC and fingerprint verified.
+    Published {
+        /// The account.
+        account: String,
+        /// The published key's fingerprint.
+        fingerprint: String,
+        /// The KST that confirmed.
+        service: String,
+        /// The request's Message-ID.
+        message_id: String,
+        /// The key as published (armored).
+        key: String,
+    },
+    /// The key was retrieved and verified.
+    Found {
+        /// The queried address.
+        address: String,
+        /// Its fingerprint.
+        fingerprint: String,
+        /// Its User IDs.
+        user_ids: Vec<String>,
+        /// The KST that answered.
+        service: String,
+        /// The request's Message-ID.
+        message_id: String,
+        /// The key (armored).
+        key: String,
+        /// True when it was imported into gpg.
+        imported: bool,
+    },
+    /// The KST says, authenticated, that no key is published for the address.
+    NotFound {
+        /// The queried address.
+        address: String,
+        /// The KST that answered.
+        service: String,
+    },
+    /// The KST refused the request.
+    Refused {
+        /// The KST.
+        service: String,
+        /// The reason token (`sender-mismatch`, ...), if known.
+        reason: Option<String>,
+        /// The KST's explanation.
+        explanation: String,
+        /// True when the refusal's HMAC verified.
+        authenticated: bool,
+    },
+    /// The provider runs no KST: the request bounced (or was answered by something else).
+    NoKst {
+        /// The address that does not take requests.
+        service: String,
+        /// What the bounce or server said.
+        detail: String,
+    },
+    /// A reply failed verification: possibly forged. It was not used.
+    Attack {
+        /// The KST the request went to.
+        service: String,
+        /// The request's Message-ID.
+        message_id: String,
+        /// What failed.
+        error: String,
+    },
+    /// Sent, not answered yet: the request stays in the pending file.
+    Pending {
+        /// The KST.
+        service: String,
+        /// The request's Message-ID.
+        message_id: String,
+        /// What is asked (`publication` or `retrieval`).
+        kind: String,
+        /// The published or queried address.
+        address: String,
+    },
+    /// Something failed before or while sending or reading.
+    Error {
+        /// What went wrong and what to do.
+        error: String,
+        /// The exit code it maps to.
+        exit: u8,
+    },
+}
+
+impl Outcome {
+    /// The exit code for this outcome.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Outcome::Published { .. } | Outcome::Found { .. } => exit::OK,
+            Outcome::NotFound { .. } => exit::NOT_FOUND,
+            Outcome::Refused { .. } => exit::REFUSED,
+            Outcome::NoKst { .. } => exit::NO_KST,
+            Outcome::Attack { .. } => exit::ATTACK,
+            Outcome::Pending { .. } => exit::TEMPFAIL,
+            Outcome::Error { exit, .. } => *exit,
+        }
+    }
+
+    /// An error outcome.
+    pub fn error(exit: u8, error: impl Into<String>) -> Outcome {
+        Outcome::Error {
+            error: error.into(),
+            exit,
+        }
+    }
+
+    /// Prints for people: results on stdout, explanations on stderr.
+    pub fn print_text(&self) {
+        match self {
+            Outcome::Published {
+                account,
+                fingerprint,
+                service,
+                ..
+            } => println!(
+                "published {fingerprint} for {account} (confirmed by {service}, HMAC verified)"
+            ),
+            Outcome::Found {
+                address,
+                fingerprint,
+                user_ids,
+                key,
+                imported,
+                service,
+                ..
+            } => {
+                eprintln!(
+                    "kst: verified key {fingerprint} for {address} from {service} ({})",
+                    user_ids.join(", ")
+                );
+                if *imported {
+                    println!("imported {fingerprint} for {address} into gpg");
+                } else {
+                    print!("{key}");
+                    if !key.ends_with('\n') {
+                        println!();
+                    }
+                }
+            }
+            Outcome::NotFound { address, service } => {
+                eprintln!(
+                    "kst: {service} says no key is published for {address} (authenticated answer)"
+                )
+            }
+            Outcome::Refused {
+                service,
+                reason,
+                explanation,
+                authenticated,
+            } => eprintln!(
+                "kst: {service} refused the request ({}){}: {explanation}",
+                reason.as_deref().unwrap_or("no reason given"),
+                if *authenticated {
+                    ""
+                } else {
+                    ", unauthenticated"
+                }
+            ),
+            Outcome::NoKst { service, detail } => eprintln!(
+                "kst: no KST at this provider: the request to {service} bounced{}",
+                if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({detail})")
+                }
+            ),
+            Outcome::Attack { service, error, .. } => eprintln!(
+                "kst: WARNING: possible attack: a reply claiming to come from {service} failed verification: {error}. It was NOT used."
+            ),
+            Outcome::Pending {
+                service,
+                message_id,
+                kind,
+                address,
+            } => eprintln!(
+                "kst: no reply yet from {service} to the {kind} for {address} (request {message_id}); it stays pending: run `kst client check` later"
+            ),
+            Outcome::Error { error, .. } => eprintln!("kst: {error}"),
+        }
+    }
+}
+
+/// Prints `outcomes` (one object, or an array when `list`) and returns the exit code: the
+/// highest of them (0 when there are none).
+pub fn finish(outcomes: &[Outcome], json: bool, list: bool) -> u8 {
+    if json {
+        let value = if list || outcomes.len() != 1 {
+            serde_json::to_value(
+                outcomes
+                    .iter()
+                    .map(with_exit)
+                    .collect::<Vec<serde_json::Value>>(),
+            )
+        } else {
+            Ok(with_exit(&outcomes[0]))
+        };
+        match value.and_then(|v| serde_json::to_string_pretty(&v)) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("kst: cannot render JSON: {e}"),
+        }
+    } else {
+        for o in outcomes {
+            o.print_text();
+        }
+    }
+    outcomes
+        .iter()
+        .map(Outcome::exit_code)
+        .max()
+        .unwrap_or(exit::OK)
+}
+
+fn with_exit(o: &Outcome) -> serde_json::Value {
+    let mut v = serde_json::to_value(o).unwrap_or(serde_json::Value::Null);
+    if let serde_json::Value::Object(m) = &mut v {
+        m.insert("exit".into(), o.exit_code().into());
+    }
+    v
+}
+
+/// A spinner on stderr while waiting (hidden when stderr is not a terminal or with `--json`).
+pub fn spinner(json: bool) -> ProgressBar {
+    if json || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+        pb.set_style(style);
+    }
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_carries_outcome_and_exit() {
+        let o = Outcome::NoKst {
+            service: "keys@example.org".into(),
+            detail: "550 5.1.1".into(),
+        };
+        let v = with_exit(&o);
+        assert_eq!(v["outcome"], "no-kst");
+        assert_eq!(v["exit"], 4);
+        assert_eq!(v["service"], "keys@example.org");
+        let e = Outcome::error(exit::TEMPFAIL, "down");
+        assert_eq!(with_exit(&e)["exit"], 75);
+        assert_eq!(with_exit(&e)["outcome"], "error");
+    }
+
+    #[test]
+    fn the_worst_outcome_decides_the_exit_code() {
+        let found = Outcome::NotFound {
+            address: "a@b.c".into(),
+            service: "keys@b.c".into(),
+        };
+        let attack = Outcome::Attack {
+            service: "keys@b.c".into(),
+            message_id: "x@b.c".into(),
+            error: "bad".into(),
+        };
+        assert_eq!(finish(&[], true, true), exit::OK);
+        assert_eq!(finish(&[found.clone(), attack], true, true), exit::ATTACK);
+        assert_eq!(finish(&[found], true, false), exit::NOT_FOUND);
+    }
+}

@@ -1,0 +1,223 @@
+//! The pending-requests file: every request is written here (with its K_auth) before it is sent
+//! and removed once its reply has been read, so that a crash or a timeout between sending and
+//! reading loses nothing: `kst client pending` lists them, `kst client check` finishes them.
+//!
+//! JSON, mode 0600 (it holds K_auth), replaced atomically (temporary file + rename) under an
+//! exclusive lock on `<file>.lock`, so parallel `kst client` runs do not lose each other's
+//! entries.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use fs4::fs_std::FileExt;
+use kst_core::client::Pending;
+use serde::{Deserialize, Serialize};
+
+/// One pending request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The request as `kst-core` needs it to verify the reply (holds K_auth).
+    pub pending: Pending,
+    /// The account whose mailbox receives the reply.
+    pub account: String,
+    /// `submission` or `direct`.
+    pub route: String,
+    /// Import the retrieved key into gpg when the reply arrives.
+    #[serde(default)]
+    pub import: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    requests: Vec<Entry>,
+}
+
+/// The state file.
+#[derive(Debug, Clone)]
+pub struct State {
+    path: PathBuf,
+}
+
+/// A state-file failure, naming the file.
+#[derive(Debug, thiserror::Error)]
+#[error("pending-request file {path}: {message}")]
+pub struct StateError {
+    /// The file.
+    pub path: PathBuf,
+    /// What went wrong and what to do.
+    pub message: String,
+}
+
+impl State {
+    /// The state kept in `path` (created on first use).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        State { path: path.into() }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, message: impl Into<String>) -> StateError {
+        StateError {
+            path: self.path.clone(),
+            message: message.into(),
+        }
+    }
+
+    /// Every pending request, oldest first.
+    pub fn list(&self) -> Result<Vec<Entry>, StateError> {
+        let _lock = self.lock()?;
+        Ok(self.read()?.requests)
+    }
+
+    /// Adds a request (before it is sent).
+    pub fn add(&self, entry: Entry) -> Result<(), StateError> {
+        let _lock = self.lock()?;
+        let mut file = self.read()?;
+        file.requests
+            .retain(|e| e.pending.message_id != entry.pending.message_id);
+        file.requests.push(entry);
+        self.write(&file)
+    }
+
+    /// Removes the request with `message_id` (answered, or never sent). True when it was there.
+    pub fn remove(&self, message_id: &str) -> Result<bool, StateError> {
+        let _lock = self.lock()?;
+        let mut file = self.read()?;
+        let before = file.requests.len();
+        file.requests.retain(|e| e.pending.message_id != message_id);
+        if file.requests.len() == before {
+            return Ok(false);
+        }
+        self.write(&file)?;
+        Ok(true)
+    }
+
+    fn lock(&self) -> Result<File, StateError> {
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_private_dir(dir)
+                .map_err(|e| self.err(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let lock_path = self.path.with_extension("lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| self.err(format!("cannot open {}: {e}", lock_path.display())))?;
+        f.lock_exclusive()
+            .map_err(|e| self.err(format!("cannot lock {}: {e}", lock_path.display())))?;
+        Ok(f)
+    }
+
+    fn read(&self) -> Result<StateFile, StateError> {
+        match fs::read(&self.path) {
+            Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Ok(StateFile::default()),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                self.err(format!(
+                    "unreadable ({e}); move it away to start afresh (its requests are then lost)"
+                ))
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(StateFile::default()),
+            Err(e) => Err(self.err(format!("cannot read: {e}"))),
+        }
+    }
+
+    fn write(&self, file: &StateFile) -> Result<(), StateError> {
+        let mut body = serde_json::to_vec_pretty(&StateFile {
+            version: 1,
+            requests: file.requests.clone(),
+        })
+        .map_err(|e| self.err(format!("cannot encode: {e}")))?;
+        body.push(b'\n');
+        let tmp = self.path.with_extension("tmp");
+        let result = (|| -> io::Result<()> {
+            let mut opts = OpenOptions::new();
+            opts.create(true).truncate(true).write(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            let mut f = opts.open(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &self.path)
+        })();
+        result.map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            self.err(format!("cannot write: {e}"))
+        })
+    }
+}
+
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kst_core::Address;
+    use kst_core::client::build_retrieval;
+
+    fn entry(to: &str) -> Entry {
+        let req = build_retrieval(
+            &Address::from_normalized("carol@acme.net").unwrap(),
+            &Address::from_normalized(to).unwrap(),
+        );
+        Entry {
+            pending: req.pending,
+            account: "carol@acme.net".into(),
+            route: "submission".into(),
+            import: false,
+        }
+    }
+
+    #[test]
+    fn add_list_remove_survive_a_new_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/pending.json");
+        let a = entry("alice@example.net");
+        let b = entry("bob@example.net");
+        State::new(&path).add(a.clone()).unwrap();
+        State::new(&path).add(b.clone()).unwrap();
+        assert_eq!(
+            State::new(&path).list().unwrap(),
+            vec![a.clone(), b.clone()]
+        );
+        assert!(State::new(&path).remove(&a.pending.message_id).unwrap());
+        assert!(!State::new(&path).remove(&a.pending.message_id).unwrap());
+        assert_eq!(State::new(&path).list().unwrap(), vec![b]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "the file holds K_auth: {mode:o}");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_empty_and_a_corrupt_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pending.json");
+        assert!(State::new(&path).list().unwrap().is_empty());
+        fs::write(&path, b"{not json").unwrap();
+        let err = State::new(&path).list().unwrap_err().to_string();
+        assert!(
+            err.contains("pending.json") && err.contains("move it away"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,494 @@
+//! `kst client` through the real binary, with real gpg keys:
+//!
+//! - `maildir_*`: against `kst deliver` without a mail system. The client hands its requests
+//!   to a sendmail-style script that runs `kst deliver` as Postfix's pipe(8) would (the login
+//!   passed as `--sasl-username`); kst spools its replies straight into a Maildir's `new/`,
+//!   which the client reads.
+//! - `mail_system_*`: against the loopback mail system of `scripts/mailsystem.sh` (Postfix
+//!   submission with STARTTLS and SASL, Dovecot IMAP, dnsmasq), on a private state directory
+//!   and ports so that a shared instance is left alone. Needs root.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use kst_tests::{Gpg, code, kst_binary, stderr};
+use serde_json::Value;
+
+/// A KST behind a sendmail-style script, replying into a Maildir.
+struct Local {
+    dir: tempfile::TempDir,
+}
+
+impl Local {
+    fn new() -> Local {
+        let dir = tempfile::Builder::new()
+            .prefix("kst-client-")
+            .tempdir()
+            .unwrap();
+        let p = dir.path();
+        for sub in ["tmp", "new", "cur"] {
+            std::fs::create_dir_all(p.join("Maildir").join(sub)).unwrap();
+        }
+        std::fs::write(
+            p.join("kst.toml"),
+            format!(
+                r#"[kst]
+domains = ["example.net"]
+auth_source = "sasl-argv"
+
+[store]
+backend = "fs"
+path = "{keys}"
+
+[mailer]
+kind = "spool"
+path = "{new}"
+"#,
+                keys = p.join("keys").display(),
+                new = p.join("Maildir/new").display()
+            ),
+        )
+        .unwrap();
+        // sendmail -oi -f FROM -- RCPT, as the provider's MTA: it knows who logged in
+        // (KST_TEST_LOGIN, else the sender) and pipes the message to kst.
+        let script = p.join("sendmail");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nexec '{kst}' deliver --config '{cfg}' --sender \"$3\" --recipient \"$5\" --sasl-username \"${{KST_TEST_LOGIN:-$3}}\"\n",
+                kst = kst_binary().display(),
+                cfg = p.join("kst.toml").display()
+            ),
+        )
+        .unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        Local { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `kst client --account ACCOUNT ... ARGS --json`.
+    fn client(&self, account: &str, args: &[&str], env: &[(&str, &str)]) -> (Output, Value) {
+        let mut cmd = Command::new(kst_binary());
+        cmd.args(["client", "--account", account, "--json", "--timeout", "20"])
+            .arg("--sendmail")
+            .arg(self.path("sendmail"))
+            .arg("--maildir")
+            .arg(self.path("Maildir"))
+            .arg("--state-file")
+            .arg(self.path("state/pending.json"))
+            .arg("--client-config")
+            .arg(self.path("no-client.toml"))
+            .args(args)
+            .env_remove("KST_PASSWORD")
+            .env_remove("KST_CLIENT_CONFIG")
+            .env("GNUPGHOME", self.path("no-gnupg"));
+        std::fs::write(self.path("no-client.toml"), "").unwrap();
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run_json(cmd)
+    }
+
+    fn stored_fingerprint(&self, address: &str) -> Option<String> {
+        let out = Command::new(kst_binary())
+            .args(["keys", "get", address, "--json", "--config"])
+            .arg(self.path("kst.toml"))
+            .output()
+            .unwrap();
+        if code(&out) != 0 {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["fingerprint"].as_str().map(str::to_string)
+    }
+}
+
+fn run_json(mut cmd: Command) -> (Output, Value) {
+    let out = cmd.stdin(Stdio::null()).output().expect("kst runs");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(&out)
+        )
+    });
+    (out, v)
+}
+
+/// Imports `armored` into a fresh keyring and returns the fingerprint gpg sees.
+fn gpg_fingerprint_of(armored: &str, address: &str) -> String {
+    let gpg = Gpg::new();
+    let status = gpg.import(armored);
+    assert!(status.contains("IMPORT_OK"), "gpg import: {status}");
+    gpg.fingerprint(address)
+}
+
+#[test]
+fn maildir_publish_then_retrieve_through_kst_deliver() {
+    let local = Local::new();
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    std::fs::write(local.path("alice.asc"), &alice.public_armored).unwrap();
+
+    // Publication: confirmed, HMAC verified, and the key is in the store.
+    let key = local.path("alice.asc");
+    let (out, v) = local.client(
+        "alice@example.net",
+        &["publish", "--key", key.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["outcome"], "published");
+    assert_eq!(v["fingerprint"], alice.fingerprint.as_str());
+    assert_eq!(
+        local.stored_fingerprint("alice@example.net").as_deref(),
+        Some(alice.fingerprint.as_str())
+    );
+
+    // Retrieval by someone else: the key verifies and gpg reads the same fingerprint.
+    let (out, v) = local.client("bob@example.net", &["retrieve", "alice@example.net"], &[]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["outcome"], "found");
+    assert_eq!(v["fingerprint"], alice.fingerprint.as_str());
+    assert_eq!(
+        gpg_fingerprint_of(v["key"].as_str().unwrap(), "alice@example.net"),
+        alice.fingerprint
+    );
+
+    // An address without a key: an authenticated "not found", exit 1.
+    let (out, v) = local.client("bob@example.net", &["retrieve", "nobody@example.net"], &[]);
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (1, Some("not-found")),
+        "{v}"
+    );
+
+    // Every reply was consumed: nothing is left pending, and the replies are marked seen.
+    let (out, v) = local.client("bob@example.net", &["pending"], &[]);
+    assert_eq!(code(&out), 0);
+    assert_eq!(v, Value::Array(vec![]));
+    assert_eq!(
+        std::fs::read_dir(local.path("Maildir/new"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_dir(local.path("Maildir/cur"))
+            .unwrap()
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn maildir_pending_requests_are_finished_by_check_and_forgeries_are_reported() {
+    let local = Local::new();
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    std::fs::write(local.path("alice.asc"), &alice.public_armored).unwrap();
+    let key = local.path("alice.asc");
+    let (out, v) = local.client(
+        "alice@example.net",
+        &["publish", "--key", key.to_str().unwrap(), "--no-wait"],
+        &[],
+    );
+    // Sent, not read: exit 75 and the request is in the state file.
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (75, Some("pending")),
+        "{v}"
+    );
+    let (_, list) = local.client("alice@example.net", &["pending"], &[]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["kind"], "publication");
+    assert_eq!(list[0]["message_id"], v["message_id"]);
+    // `check` reads the confirmation and finishes the request.
+    let (out, v) = local.client("alice@example.net", &["check"], &[]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v[0]["outcome"], "published");
+    assert_eq!(v[0]["fingerprint"], alice.fingerprint.as_str());
+    let (_, list) = local.client("alice@example.net", &["pending"], &[]);
+    assert_eq!(list, Value::Array(vec![]));
+
+    // A key response altered in transit (one letter of the HMAC line changed) is an attack:
+    // exit 5, the key is not printed, and the request stays pending.
+    let (out, _) = local.client(
+        "bob@example.net",
+        &["retrieve", "alice@example.net", "--no-wait"],
+        &[],
+    );
+    assert_eq!(code(&out), 75);
+    let reply = std::fs::read_dir(local.path("Maildir/new"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "eml"))
+        .expect("the key response");
+    let text = std::fs::read_to_string(&reply).unwrap();
+    let tag = text
+        .lines()
+        .skip_while(|l| !l.starts_with("-----END PGP PUBLIC KEY BLOCK"))
+        .nth(1)
+        .expect("HMAC line")
+        .to_string();
+    assert_eq!(tag.len(), 44, "{tag}");
+    let forged = format!(
+        "{}{}",
+        if tag.starts_with('A') { "B" } else { "A" },
+        &tag[1..]
+    );
+    std::fs::write(&reply, text.replace(&tag, &forged)).unwrap();
+    let (out, v) = local.client("bob@example.net", &["check", "--timeout", "1"], &[]);
+    assert_eq!(code(&out), 5, "{v}");
+    assert_eq!(v[0]["outcome"], "attack");
+    assert!(v[0].get("key").is_none(), "{v}");
+    let (_, list) = local.client("bob@example.net", &["pending"], &[]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+}
+
+#[test]
+fn maildir_refusals_carry_the_reason() {
+    let local = Local::new();
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    std::fs::write(local.path("alice.asc"), &alice.public_armored).unwrap();
+    let key = local.path("alice.asc");
+    // The MTA says bob logged in, the envelope says alice: kst refuses (sender-mismatch).
+    let (out, v) = local.client(
+        "alice@example.net",
+        &["publish", "--key", key.to_str().unwrap()],
+        &[("KST_TEST_LOGIN", "bob@example.net")],
+    );
+    assert_eq!(code(&out), 3, "{v}\n{}", stderr(&out));
+    assert_eq!(v["outcome"], "refused");
+    assert_eq!(v["reason"], "sender-mismatch");
+    assert_eq!(v["authenticated"], true);
+    assert!(local.stored_fingerprint("alice@example.net").is_none());
+
+    // A key without the account's User ID is not even sent.
+    let (out, v) = local.client(
+        "carol@example.net",
+        &["publish", "--key", key.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code(&out), 64, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("User ID"), "{v}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The loopback mail system.
+
+const MS_DIR: &str = "/tmp/kst-mail-clienttest";
+const MS_PORTS: [(&str, &str); 7] = [
+    ("KST_MAIL_SMTP_PORT", "4625"),
+    ("KST_MAIL_SUBMISSION_PORT", "4687"),
+    ("KST_MAIL_SUBMISSIONS_PORT", "4665"),
+    ("KST_MAIL_IMAP_PORT", "4243"),
+    ("KST_MAIL_IMAPS_PORT", "4693"),
+    ("KST_MAIL_DNS_PORT", "5356"),
+    ("KST_MAIL_LMTP_PORT", "4624"),
+];
+
+/// A private instance of scripts/mailsystem.sh; `down` when dropped.
+struct MailSystem {
+    env: Vec<(String, String)>,
+}
+
+impl MailSystem {
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/mailsystem.sh")
+    }
+
+    fn command(arg: &str) -> Command {
+        let mut cmd = Command::new("bash");
+        cmd.arg(Self::script()).arg(arg).env("KST_MAIL_DIR", MS_DIR);
+        for (k, v) in MS_PORTS {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    fn up(kst_config: &Path) -> MailSystem {
+        let out = Self::command("up")
+            .env("KST_BIN", kst_binary())
+            .env("KST_CONFIG", kst_config)
+            .env("KST_MAIL_MODE", "pipe")
+            .output()
+            .expect("bash");
+        assert!(
+            out.status.success(),
+            "scripts/mailsystem.sh up failed:\n{}",
+            stderr(&out)
+        );
+        let env = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+            .collect();
+        MailSystem { env }
+    }
+
+    fn var(&self, name: &str) -> String {
+        self.env
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("mailsystem.sh printed no {name}"))
+    }
+
+    /// `kst client` for `account` (password `<local part>-pw`) with the test CA and DNS.
+    fn client(&self, account: &str, state: &Path, args: &[&str]) -> (Output, Value) {
+        let local = account.split('@').next().unwrap();
+        let mut cmd = Command::new(kst_binary());
+        cmd.args(["client", "--account", account, "--json", "--timeout", "30"])
+            .args(["--ca-file", &self.var("KST_MAIL_CA")])
+            .args(["--resolver", &self.var("KST_MAIL_RESOLVER")])
+            .arg("--state-file")
+            .arg(state)
+            .args(["--client-config", "/dev/null"])
+            .args(args)
+            .env("KST_PASSWORD", format!("{local}-pw"))
+            .env_remove("KST_CLIENT_CONFIG");
+        run_json(cmd)
+    }
+}
+
+impl Drop for MailSystem {
+    fn drop(&mut self) {
+        let _ = Self::command("down").output();
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+#[test]
+fn mail_system_publish_and_retrieve_relayed_and_direct() {
+    if !is_root() {
+        eprintln!("SKIPPED: the loopback mail system needs root (scripts/mailsystem.sh)");
+        return;
+    }
+    let work = tempfile::Builder::new()
+        .prefix("kst-client-ms-")
+        .tempdir()
+        .unwrap();
+    // The KST serves example.net only: mail to keys@acme.net bounces (no KST there).
+    let config = work.path().join("kst.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[kst]
+domains = ["example.net"]
+trusted_mta_hosts = ["mail.example.net"]
+
+[store]
+backend = "fs"
+path = "{MS_DIR}/kst/keys"
+
+[mailer]
+kind = "smtp"
+host = "127.0.0.1"
+port = {smtp}
+tls = "none"
+"#,
+            smtp = MS_PORTS[0].1
+        ),
+    )
+    .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let ms = MailSystem::up(&config);
+    let state = work.path().join("pending.json");
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let key = work.path().join("alice.asc");
+    std::fs::write(&key, &alice.public_armored).unwrap();
+
+    // Alice publishes; submission and IMAP servers found through SRV records.
+    let (out, v) = ms.client(
+        "alice@example.net",
+        &state,
+        &["publish", "--key", key.to_str().unwrap()],
+    );
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["outcome"], "published");
+    assert_eq!(v["fingerprint"], alice.fingerprint.as_str());
+    let stored = Command::new(kst_binary())
+        .args(["keys", "get", "alice@example.net", "--json", "--config"])
+        .arg(ms.var("KST_MAIL_KST_CONFIG"))
+        .output()
+        .unwrap();
+    assert_eq!(code(&stored), 0, "{}", stderr(&stored));
+    let stored: Value = serde_json::from_slice(&stored.stdout).unwrap();
+    assert_eq!(stored["fingerprint"], alice.fingerprint.as_str());
+
+    // Carol retrieves it three ways; each time the key verifies and gpg agrees.
+    let submission = format!("127.0.0.1:{}", ms.var("KST_MAIL_SUBMISSION_PORT"));
+    let imaps = format!("imaps://127.0.0.1:{}", ms.var("KST_MAIL_IMAPS_PORT"));
+    let mx = format!("127.0.0.1:{}", ms.var("KST_MAIL_SMTP_PORT"));
+    let smtp_port = ms.var("KST_MAIL_SMTP_PORT");
+    for (route, args) in [
+        (
+            "relayed, explicit servers",
+            vec!["--submission", &submission, "--imap", &imaps],
+        ),
+        (
+            "direct, MX looked up",
+            vec!["--direct", "--mx-port", &smtp_port],
+        ),
+        ("direct, --mx", vec!["--direct", "--mx", &mx]),
+    ] {
+        let mut all = vec!["retrieve", "alice@example.net"];
+        all.extend(args);
+        let (out, v) = ms.client("carol@acme.net", &state, &all);
+        assert_eq!(code(&out), 0, "{route}: {v}\n{}", stderr(&out));
+        assert_eq!(v["outcome"], "found", "{route}");
+        assert_eq!(v["fingerprint"], alice.fingerprint.as_str(), "{route}");
+        assert_eq!(
+            gpg_fingerprint_of(v["key"].as_str().unwrap(), "alice@example.net"),
+            alice.fingerprint,
+            "{route}"
+        );
+    }
+
+    // acme.net runs no KST here: the request bounces, and the bounce says so.
+    let (out, v) = ms.client("alice@example.net", &state, &["retrieve", "carol@acme.net"]);
+    assert_eq!(code(&out), 4, "{v}\n{}", stderr(&out));
+    assert_eq!(v["outcome"], "no-kst");
+    assert_eq!(v["service"], "keys@acme.net");
+
+    // A wrong password is refused before anything is sent.
+    let mut cmd = Command::new(kst_binary());
+    cmd.args(["client", "--account", "carol@acme.net", "--json"])
+        .args(["--ca-file", &ms.var("KST_MAIL_CA")])
+        .args(["--resolver", &ms.var("KST_MAIL_RESOLVER")])
+        .arg("--state-file")
+        .arg(&state)
+        .args([
+            "--client-config",
+            "/dev/null",
+            "retrieve",
+            "alice@example.net",
+        ])
+        .env("KST_PASSWORD", "wrong");
+    let (out, v) = run_json(cmd);
+    assert_eq!(code(&out), 77, "{v}");
+
+    let (_, list) = ms.client("carol@acme.net", &state, &["pending"]);
+    assert_eq!(list, Value::Array(vec![]));
+}
