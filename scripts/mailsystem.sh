@@ -169,7 +169,7 @@ operator_paths() {
   sed -e "s#/etc/postfix/#$STATE/postfix/#g" \
     -e "s#/usr/local/bin/kst#$STATE/bin/kst#g" \
     -e "s#/etc/kst/kst.toml#$STATE/kst/kst.toml#g" \
-    -e "s#127\.0\.0\.1:2424, inet:127\.0\.0\.1:2425, inet:127\.0\.0\.1:2426#127.0.0.1:${POOL_PORTS[0]}, inet:127.0.0.1:${POOL_PORTS[1]}, inet:127.0.0.1:${POOL_PORTS[2]}#g" \
+    -e "s#\[127\.0\.0\.1\]:2424, \[127\.0\.0\.1\]:2425, \[127\.0\.0\.1\]:2426#[127.0.0.1]:${POOL_PORTS[0]}, [127.0.0.1]:${POOL_PORTS[1]}, [127.0.0.1]:${POOL_PORTS[2]}#g" \
     -e "s#127\.0\.0\.1:2424#127.0.0.1:$LMTP_PORT#g" "$@"
 }
 
@@ -362,7 +362,7 @@ write_files() {
   case "$MODE" in
     pipe) want="kstpipe:" ;;
     lmtp) want="kstlmtp:inet:127.0.0.1:$LMTP_PORT" ;;
-    pool) want="kstlmtp:inet:127.0.0.1:${POOL_PORTS[0]}, inet:127.0.0.1:${POOL_PORTS[1]}, inet:127.0.0.1:${POOL_PORTS[2]}" ;;
+    pool) want="kstlmtp:[127.0.0.1]:${POOL_PORTS[0]}, [127.0.0.1]:${POOL_PORTS[1]}, [127.0.0.1]:${POOL_PORTS[2]}" ;;
   esac
   [ "$(grep -E '^keys@' "$PF_CONF/transport" | sed -E 's/^keys@[^[:space:]]+[[:space:]]+//' | grep -cxF -- "$want")" -eq 2 ] \
     && [ "$(grep -cE '^keys@' "$PF_CONF/transport")" -eq 2 ] \

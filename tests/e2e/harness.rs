@@ -146,7 +146,7 @@ impl MailSystem {
                 .clone()
         };
         let port = |k: &str| get(k).parse::<u16>().expect("a port number");
-        MailSystem {
+        let ms = MailSystem {
             dir: PathBuf::from(get("KST_MAIL_DIR")),
             smtp_port: port("KST_MAIL_SMTP_PORT"),
             submission_port: port("KST_MAIL_SUBMISSION_PORT"),
@@ -159,7 +159,17 @@ impl MailSystem {
             kst_config: PathBuf::from(get("KST_MAIL_KST_CONFIG")),
             postfix_config: PathBuf::from(get("KST_MAIL_POSTFIX_CONFIG")),
             tls: tls_connector(Path::new(&get("KST_MAIL_CA"))),
-        }
+        };
+        // Mail an earlier (failed) run left queued would reach this test's kst.
+        let st = Command::new("postsuper")
+            .arg("-c")
+            .arg(&ms.postfix_config)
+            .args(["-d", "ALL"])
+            .stderr(Stdio::null())
+            .status()
+            .expect("run postsuper");
+        assert!(st.success(), "postsuper -d ALL failed");
+        ms
     }
 
     /// A kst config for this mail system: both domains, trusting Postfix's `mail.example.net`,
