@@ -636,12 +636,8 @@ impl Drop for Store {
 /// A `kst serve` child process; killed on drop.
 pub struct Serve {
     child: Option<Child>,
-    /// Its config file.
-    pub config: PathBuf,
     /// Its stderr (JSON log lines).
     pub log: PathBuf,
-    /// Its LMTP port.
-    pub port: u16,
 }
 
 impl Serve {
@@ -661,9 +657,7 @@ impl Serve {
             .expect("spawn kst serve");
         let mut s = Serve {
             child: Some(child),
-            config: config.to_path_buf(),
             log,
-            port,
         };
         let deadline = Instant::now() + PATIENCE;
         loop {
@@ -776,8 +770,8 @@ pub fn addr(s: &str) -> Address {
         .expect("a test address")
 }
 
-/// Sends a message straight to an LMTP port from `local_ip`; returns the server's refusal or
-/// success as text.
+/// Sends a message straight to an LMTP port from `local_ip` (bound as the client address); an
+/// error carries the server's refusal.
 pub async fn lmtp_direct(
     tls: TlsConnector,
     local_ip: Ipv4Addr,
