@@ -9,7 +9,7 @@
 # the Debian packages where missing, starts the daemons directly (no systemd). See
 # docs/MAILSYSTEM.md.
 #
-# Usage: scripts/mailsystem.sh up [--mode pipe|lmtp]   start (or reconfigure) and print the env
+# Usage: scripts/mailsystem.sh up [--mode pipe|lmtp|pool] start (or reconfigure), print the env
 #        scripts/mailsystem.sh down                     stop everything, remove the state directory
 #        scripts/mailsystem.sh status                   what runs, on which ports (exit 3: not all)
 #        scripts/mailsystem.sh env                      print the env of a running system
@@ -21,7 +21,8 @@
 #
 # Environment:
 #   KST_MAIL_DIR              state directory (/tmp/kst-mail)
-#   KST_MAIL_MODE             pipe | lmtp: how Postfix hands keys@ to kst (pipe; --mode wins)
+#   KST_MAIL_MODE             pipe | lmtp | pool: how Postfix hands keys@ to kst (pipe; --mode
+#                             wins). pool: LMTP to a list of `kst serve` instances, tried in order
 #   KST_BIN                   kst executable for the pipe transport (<repo>/target/debug/kst)
 #   KST_CONFIG                kst config to install as $KST_MAIL_DIR/kst/kst.toml (default: a
 #                             generated one, kept once written so tests may rewrite it)
@@ -32,6 +33,8 @@
 #   KST_MAIL_IMAPS_PORT       IMAPS (2993)
 #   KST_MAIL_DNS_PORT         dnsmasq, UDP and TCP (5353)
 #   KST_MAIL_LMTP_PORT        where Postfix finds `kst serve` in lmtp mode (2424)
+#   KST_MAIL_LMTP_POOL_PORTS  the `kst serve` instances of pool mode, three ports separated by
+#                             spaces (KST_MAIL_LMTP_PORT and the next two)
 #   KST_MAIL_TIMEOUT          seconds to wait for each service (30)
 set -euo pipefail
 
@@ -50,6 +53,7 @@ IMAP_PORT="${KST_MAIL_IMAP_PORT:-2143}"
 IMAPS_PORT="${KST_MAIL_IMAPS_PORT:-2993}"
 DNS_PORT="${KST_MAIL_DNS_PORT:-5353}"
 LMTP_PORT="${KST_MAIL_LMTP_PORT:-2424}"
+read -r -a POOL_PORTS <<<"${KST_MAIL_LMTP_POOL_PORTS:-$LMTP_PORT $((LMTP_PORT + 1)) $((LMTP_PORT + 2))}"
 TIMEOUT="${KST_MAIL_TIMEOUT:-30}"
 
 # Mailbox users; the password of each is its local part + "-pw" (alice-pw).
@@ -74,9 +78,10 @@ check_settings() {
   case "$STATE" in / | /tmp | /var | /usr | /etc | /root | /home | /work) die "KST_MAIL_DIR=$STATE is too dangerous to remove on down" ;; esac
   # Unix socket paths ($STATE/dovecot/run/auth-postfix) must stay under 108 bytes.
   [ "${#STATE}" -le 70 ] || die "KST_MAIL_DIR is too long for Unix socket paths (at most 70 characters): $STATE"
-  case "$MODE" in pipe | lmtp) ;; *) die "mode must be pipe or lmtp, not '$MODE'" ;; esac
+  case "$MODE" in pipe | lmtp | pool) ;; *) die "mode must be pipe, lmtp or pool, not '$MODE'" ;; esac
+  [ "${#POOL_PORTS[@]}" -eq 3 ] || die "KST_MAIL_LMTP_POOL_PORTS must name three ports, not '${POOL_PORTS[*]}'"
   local p
-  for p in "$SMTP_PORT" "$SUBMISSION_PORT" "$SUBMISSIONS_PORT" "$IMAP_PORT" "$IMAPS_PORT" "$DNS_PORT" "$LMTP_PORT"; do
+  for p in "$SMTP_PORT" "$SUBMISSION_PORT" "$SUBMISSIONS_PORT" "$IMAP_PORT" "$IMAPS_PORT" "$DNS_PORT" "$LMTP_PORT" "${POOL_PORTS[@]}"; do
     if ! [[ "$p" =~ ^[0-9]+$ ]] || [ "$p" -lt 1 ] || [ "$p" -gt 65535 ]; then die "bad port number '$p'"; fi
   done
 }
@@ -164,6 +169,7 @@ operator_paths() {
   sed -e "s#/etc/postfix/#$STATE/postfix/#g" \
     -e "s#/usr/local/bin/kst#$STATE/bin/kst#g" \
     -e "s#/etc/kst/kst.toml#$STATE/kst/kst.toml#g" \
+    -e "s#\[127\.0\.0\.1\]:2424, \[127\.0\.0\.1\]:2425, \[127\.0\.0\.1\]:2426#[127.0.0.1]:${POOL_PORTS[0]}, [127.0.0.1]:${POOL_PORTS[1]}, [127.0.0.1]:${POOL_PORTS[2]}#g" \
     -e "s#127\.0\.0\.1:2424#127.0.0.1:$LMTP_PORT#g" "$@"
 }
 
@@ -193,14 +199,22 @@ put_map() {
   fi
 }
 
+# The deploy/postfix/transport lines of the mode: kstpipe:, kstlmtp: with one next hop (lmtp), or
+# kstlmtp: with a list of next hops (pool, the lines with a comma).
 transport_table() {
-  if [ "$MODE" = pipe ]; then
-    operator_paths "$DEPLOY/postfix/transport"
-  else
-    operator_paths "$DEPLOY/postfix/transport" \
-      | sed -E -e 's/^(keys@[^[:space:]]+[[:space:]]+kstpipe:)/#\1/' \
-        -e 's/^#(keys@[^[:space:]]+[[:space:]]+kstlmtp:)/\1/'
-  fi
+  case "$MODE" in
+    pipe) operator_paths "$DEPLOY/postfix/transport" ;;
+    lmtp)
+      operator_paths "$DEPLOY/postfix/transport" \
+        | sed -E -e 's/^(keys@[^[:space:]]+[[:space:]]+kstpipe:)/#\1/' \
+          -e '/,/!s/^#(keys@[^[:space:]]+[[:space:]]+kstlmtp:)/\1/'
+      ;;
+    pool)
+      operator_paths "$DEPLOY/postfix/transport" \
+        | sed -E -e 's/^(keys@[^[:space:]]+[[:space:]]+kstpipe:)/#\1/' \
+          -e '/,/s/^#(keys@[^[:space:]]+[[:space:]]+kstlmtp:)/\1/'
+      ;;
+  esac
 }
 
 make_tls() {
@@ -345,8 +359,13 @@ write_files() {
   done
   put_map transport < <(transport_table)
   local want
-  [ "$MODE" = pipe ] && want="kstpipe:" || want="kstlmtp:inet:127.0.0.1:$LMTP_PORT"
-  [ "$(grep -cE "^keys@[^[:space:]]+[[:space:]]+$want\$" "$PF_CONF/transport")" -eq 2 ] \
+  case "$MODE" in
+    pipe) want="kstpipe:" ;;
+    lmtp) want="kstlmtp:inet:127.0.0.1:$LMTP_PORT" ;;
+    pool) want="kstlmtp:[127.0.0.1]:${POOL_PORTS[0]}, [127.0.0.1]:${POOL_PORTS[1]}, [127.0.0.1]:${POOL_PORTS[2]}" ;;
+  esac
+  [ "$(grep -E '^keys@' "$PF_CONF/transport" | sed -E 's/^keys@[^[:space:]]+[[:space:]]+//' | grep -cxF -- "$want")" -eq 2 ] \
+    && [ "$(grep -cE '^keys@' "$PF_CONF/transport")" -eq 2 ] \
     || die "deploy/postfix/transport did not give two keys@ lines for $want; see $PF_CONF/transport"
   if [ "$(cat "$STATE/mode" 2>/dev/null || true)" != "$MODE" ]; then
     echo "$MODE" >"$STATE/mode"
@@ -520,6 +539,7 @@ export KST_MAIL_IMAPS_PORT=$IMAPS_PORT
 export KST_MAIL_DNS_PORT=$DNS_PORT
 export KST_MAIL_RESOLVER=127.0.0.1:$DNS_PORT
 export KST_MAIL_LMTP_PORT=$LMTP_PORT
+export KST_MAIL_LMTP_POOL_PORTS="${POOL_PORTS[*]}"
 export KST_MAIL_MODE=$MODE
 export KST_MAIL_CA=$STATE/tls/ca.pem
 export KST_MAIL_KST_CONFIG=$STATE/kst/kst.toml
@@ -621,7 +641,7 @@ main() {
   [ $# -gt 0 ] && shift
   while [ $# -gt 0 ]; do
     case "$1" in
-      --mode) [ $# -ge 2 ] || die "--mode needs pipe or lmtp"; MODE="$2"; shift 2 ;;
+      --mode) [ $# -ge 2 ] || die "--mode needs pipe, lmtp or pool"; MODE="$2"; shift 2 ;;
       --mode=*) MODE="${1#--mode=}"; shift ;;
       *) die "unknown argument '$1'" ;;
     esac
@@ -631,7 +651,7 @@ main() {
     down) cmd_down ;;
     status) cmd_status ;;
     env) cmd_env ;;
-    *) echo "usage: $0 {up [--mode pipe|lmtp]|down|status|env}" >&2; exit 64 ;;
+    *) echo "usage: $0 {up [--mode pipe|lmtp|pool]|down|status|env}" >&2; exit 64 ;;
   esac
 }
 

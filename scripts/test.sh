@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine or this one: installs and starts what the tests
-# need (gpg, PostgreSQL, Redis, Postfix tools), then runs every test of the workspace.
+# need (gpg, PostgreSQL, Redis, Postfix tools, systemd-analyze), then runs every test of the
+# workspace. tests/e2e.rs brings up the real mail system itself (scripts/mailsystem.sh up, as root).
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,8 @@ ensure_tools() {
   local missing=()
   command -v gpg >/dev/null || missing+=(gnupg)
   command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || missing+=(postfix)
+  # tests/deploy.rs: systemd-analyze verify (works without systemd as PID 1).
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

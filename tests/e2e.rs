@@ -1,0 +1,499 @@
+//! kst end to end through a real mail system: Postfix (submission with STARTTLS + SASL, a
+//! port-25 stand-in, pipe(8) or LMTP to kst), Dovecot (the users' mailboxes, read over IMAP)
+//! and the real `kst` binary, on each store (fs, PostgreSQL, Redis). Needs root: it starts the
+//! mail system with `scripts/mailsystem.sh up` (see docs/MAILSYSTEM.md) when it does not run.
+//!
+//! Requests are built with `kst_core::client` and submitted with mail-send; replies are fetched
+//! over IMAP (async-imap, STARTTLS, the test CA) and verified with
+//! `kst_core::client::verify_reply`.
+
+#[path = "e2e/harness.rs"]
+mod harness;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use harness::{
+    MailSystem, Mode, Serve, Store, StoreKind, addr, exclusive, lmtp_direct, stored_fingerprint,
+    stored_history,
+};
+use kst_core::client::{self, ReplyError, Request, Verified};
+use kst_core::protocol::Reason;
+use kst_tests::{Gpg, GpgKey};
+
+/// A mail system in `mode` with a fresh store and, in LMTP mode, a `kst serve`.
+struct Setup {
+    ms: MailSystem,
+    store: Store,
+    serve: Option<Serve>,
+}
+
+impl Setup {
+    async fn new(mode: Mode, kind: StoreKind) -> Setup {
+        let ms = MailSystem::up(mode);
+        let store = Store::new(kind, &ms);
+        ms.install_config(&ms.kst_toml(&store.toml, ms.lmtp_port));
+        let serve = match mode {
+            Mode::Lmtp => Some(Serve::start(&ms.kst_config, ms.lmtp_port).await),
+            _ => None,
+        };
+        Setup { ms, store, serve }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.ms.kst_config.clone()
+    }
+}
+
+fn publication(account: &str, key: &GpgKey) -> Request {
+    client::build_publication(&addr(account), &key.public_armored)
+        .expect("a gpg key with the account's User ID")
+}
+
+fn retrieval(requester: &str, address: &str) -> Request {
+    client::build_retrieval(&addr(requester), &addr(address))
+}
+
+fn expect_published(r: Result<Verified, ReplyError>, key: &GpgKey) {
+    match r {
+        Ok(Verified::Published { fingerprint, .. }) => assert_eq!(fingerprint, key.fingerprint),
+        other => panic!(
+            "expected a verified confirmation of {}: {other:?}",
+            key.fingerprint
+        ),
+    }
+}
+
+fn expect_found(r: Result<Verified, ReplyError>, key: &GpgKey) {
+    match r {
+        Ok(Verified::Found {
+            fingerprint,
+            armored,
+            user_ids,
+            ..
+        }) => {
+            assert_eq!(fingerprint, key.fingerprint);
+            assert!(
+                user_ids.iter().any(|u| u.contains(&key.address)),
+                "{user_ids:?}"
+            );
+            // The key as retrieved is usable by a real OpenPGP implementation.
+            let status = Gpg::new().import(&armored);
+            assert!(status.contains("IMPORT_OK"), "gpg --import: {status}");
+        }
+        other => panic!("expected the verified key {}: {other:?}", key.fingerprint),
+    }
+}
+
+fn expect_refused(r: Result<Verified, ReplyError>, want: Reason) {
+    match r {
+        Ok(Verified::Refused {
+            reason,
+            authenticated,
+            explanation,
+        }) => {
+            assert_eq!(reason, Some(want), "{explanation}");
+            assert!(authenticated, "the refusal carries a verified HMAC");
+        }
+        other => panic!("expected a refusal ({}): {other:?}", want.as_str()),
+    }
+}
+
+/// alice publishes through submission and gets a verified confirmation; carol@acme.net
+/// retrieves her key relayed (acme.net's submission) and direct (example.net's port 25).
+async fn publish_and_retrieve(mode: Mode, kind: StoreKind) {
+    let _only = exclusive().await;
+    let s = Setup::new(mode, kind).await;
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+
+    let req = publication("alice@example.net", &alice);
+    s.ms.submit_request("alice@example.net", &req).await;
+    expect_published(s.ms.reply("alice@example.net", &req.pending).await, &alice);
+    assert_eq!(
+        stored_fingerprint(&s.config(), "alice@example.net"),
+        Some(alice.fingerprint.clone()),
+        "the {:?} store holds the key",
+        s.store.kind
+    );
+
+    let relayed = retrieval("carol@acme.net", "alice@example.net");
+    s.ms.submit_request("carol@acme.net", &relayed).await;
+    expect_found(s.ms.reply("carol@acme.net", &relayed.pending).await, &alice);
+
+    let direct = retrieval("carol@acme.net", "alice@example.net");
+    s.ms.send_direct(
+        "mx.acme.net",
+        "carol@acme.net",
+        "keys@example.net",
+        &direct.message,
+    )
+    .await
+    .expect("port 25 accepts mail for keys@example.net");
+    expect_found(s.ms.reply("carol@acme.net", &direct.pending).await, &alice);
+}
+
+#[tokio::test]
+async fn pipe_fs_publish_and_retrieve() {
+    publish_and_retrieve(Mode::Pipe, StoreKind::Fs).await;
+}
+
+#[tokio::test]
+async fn pipe_postgres_publish_and_retrieve() {
+    publish_and_retrieve(Mode::Pipe, StoreKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn pipe_redis_publish_and_retrieve() {
+    publish_and_retrieve(Mode::Pipe, StoreKind::Redis).await;
+}
+
+#[tokio::test]
+async fn lmtp_fs_publish_and_retrieve() {
+    publish_and_retrieve(Mode::Lmtp, StoreKind::Fs).await;
+}
+
+#[tokio::test]
+async fn lmtp_postgres_publish_and_retrieve() {
+    publish_and_retrieve(Mode::Lmtp, StoreKind::Postgres).await;
+}
+
+#[tokio::test]
+async fn lmtp_redis_publish_and_retrieve() {
+    publish_and_retrieve(Mode::Lmtp, StoreKind::Redis).await;
+}
+
+/// A forged "Postfix wrote this for an authenticated alice" header.
+fn forged_received() -> &'static str {
+    "Received: from [10.0.0.1] (unknown [10.0.0.1])\r\n\t(Authenticated sender: alice@example.net)\r\n\tby mail.example.net (Postfix) with ESMTPSA id 3F2A1160923\r\n\tfor <keys@example.net>; Mon, 30 Nov 2026 06:00:00 +0000 (UTC)\r\n"
+}
+
+/// `message` with `header` put on top.
+fn with_header(header: &str, message: &[u8]) -> Vec<u8> {
+    let mut m = header.as_bytes().to_vec();
+    m.extend_from_slice(message);
+    m
+}
+
+/// `message` with its From: header naming `from` instead.
+fn with_from(message: &[u8], from: &str) -> Vec<u8> {
+    let text = String::from_utf8(message.to_vec()).expect("built messages are ASCII");
+    let (head, body) = text.split_once("\r\n\r\n").expect("header and body");
+    let head: Vec<String> = head
+        .split("\r\n")
+        .map(|l| {
+            if l.to_ascii_lowercase().starts_with("from:") {
+                format!("From: <{from}>")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    format!("{}\r\n\r\n{body}", head.join("\r\n")).into_bytes()
+}
+
+/// Every forgery through the real Postfix is refused and alice's key stays hers.
+async fn forgeries(mode: Mode) {
+    let _only = exclusive().await;
+    let s = Setup::new(mode, StoreKind::Fs).await;
+    let alice = Gpg::new().generate("Alice", "alice@example.net", "ed25519");
+    // Mallory's own key, with alice's address as its only User ID.
+    let mallory = Gpg::new().generate("Alice (not really)", "alice@example.net", "ed25519");
+
+    let genuine = publication("alice@example.net", &alice);
+    s.ms.submit_request("alice@example.net", &genuine).await;
+    expect_published(
+        s.ms.reply("alice@example.net", &genuine.pending).await,
+        &alice,
+    );
+
+    // 1. Unauthenticated, on port 25, with a Received: header claiming alice authenticated.
+    //    Postfix puts its own Received: on top; kst trusts only that one (with ESMTP, no AUTH).
+    let fake = publication("alice@example.net", &mallory);
+    s.ms.send_direct(
+        "mx.evil.example",
+        "alice@example.net",
+        "keys@example.net",
+        &with_header(forged_received(), &fake.message),
+    )
+    .await
+    .expect("port 25 accepts it: kst must refuse it");
+    expect_refused(
+        s.ms.reply("alice@example.net", &fake.pending).await,
+        Reason::NotAuthenticated,
+    );
+
+    // 2a. bob authenticated with alice's envelope sender: Postfix refuses it
+    //     (reject_sender_login_mismatch), kst never sees it.
+    let as_alice = publication("alice@example.net", &mallory);
+    let err =
+        s.ms.submit(
+            "bob@example.net",
+            "alice@example.net",
+            "keys@example.net",
+            &as_alice.message,
+        )
+        .await
+        .expect_err("Postfix refuses MAIL FROM alice for login bob");
+    assert!(
+        err.to_string().contains("553"),
+        "Postfix's reject_sender_login_mismatch answers 553: {err}"
+    );
+    // 2b. bob authenticated, his own envelope sender, From: alice: Postfix passes it (the
+    //     header is not its business), kst refuses it (sender-mismatch) and tells bob.
+    s.ms.submit(
+        "bob@example.net",
+        "bob@example.net",
+        "keys@example.net",
+        &as_alice.message,
+    )
+    .await
+    .expect("Postfix passes bob's own envelope sender");
+    expect_refused(
+        s.ms.reply("bob@example.net", &as_alice.pending).await,
+        Reason::SenderMismatch,
+    );
+
+    // 3. bob authenticated, From: bob, a key whose only User ID is alice's: bad-key.
+    let bobs = publication("alice@example.net", &mallory);
+    s.ms.submit(
+        "bob@example.net",
+        "bob@example.net",
+        "keys@example.net",
+        &with_from(&bobs.message, "bob@example.net"),
+    )
+    .await
+    .expect("submission by bob");
+    expect_refused(
+        s.ms.reply("bob@example.net", &bobs.pending).await,
+        Reason::BadKey,
+    );
+
+    // 4. A HELO that imitates the trusted host, on port 25.
+    let helo = publication("alice@example.net", &mallory);
+    s.ms.send_direct(
+        "mail.example.net",
+        "alice@example.net",
+        "keys@example.net",
+        &helo.message,
+    )
+    .await
+    .expect("port 25 accepts any HELO");
+    expect_refused(
+        s.ms.reply("alice@example.net", &helo.pending).await,
+        Reason::NotAuthenticated,
+    );
+
+    // 5. (LMTP) Straight to kst's LMTP port from outside [lmtp] allow (127.0.0.1/32), with the
+    //    header Postfix would have written: refused at the greeting.
+    if mode == Mode::Lmtp {
+        let direct = publication("alice@example.net", &mallory);
+        let err = lmtp_direct(
+            s.ms.tls(),
+            Ipv4Addr::new(127, 0, 0, 2),
+            s.ms.lmtp_port,
+            "alice@example.net",
+            "keys@example.net",
+            &with_header(forged_received(), &direct.message),
+        )
+        .await
+        .expect_err("kst refuses LMTP peers outside [lmtp] allow");
+        assert!(err.to_string().contains("554"), "554 5.7.1: {err}");
+        let log = s.serve.as_ref().expect("kst serve").log_text();
+        assert!(
+            log.contains("REFUSED LMTP connection from 127.0.0.2"),
+            "kst logs the refused peer:\n{log}"
+        );
+    }
+
+    assert_eq!(
+        stored_history(&s.config(), "alice@example.net"),
+        vec![alice.fingerprint.clone()],
+        "only alice's own publication was stored"
+    );
+}
+
+#[tokio::test]
+async fn pipe_forgeries_are_refused() {
+    forgeries(Mode::Pipe).await;
+}
+
+#[tokio::test]
+async fn lmtp_forgeries_are_refused() {
+    forgeries(Mode::Lmtp).await;
+}
+
+/// Sends alice's publication while kst is unavailable and waits until Postfix defers it;
+/// returns the queue id, the key and the request. `store_config` reaches the store.
+async fn publish_while_down(
+    s: &Setup,
+    why: &str,
+    store_config: &std::path::Path,
+) -> (String, GpgKey, Request) {
+    let alice = Gpg::new().generate("Alice", "alice@example.net", "ed25519");
+    let before = s.ms.queue_ids();
+    let req = publication("alice@example.net", &alice);
+    s.ms.submit_request("alice@example.net", &req).await;
+    let (id, reason) =
+        s.ms.deferred("alice@example.net", "keys@example.net", &before)
+            .await;
+    eprintln!("{why}: Postfix deferred {id}: {reason}");
+    assert!(
+        s.ms.imap_replies("alice@example.net", &req.pending.message_id)
+            .await
+            .is_empty(),
+        "no reply while kst is unavailable"
+    );
+    assert_eq!(stored_fingerprint(store_config, "alice@example.net"), None);
+    (id, alice, req)
+}
+
+/// Once kst is back: `postqueue -f`, and the publication is confirmed, stored, and gone from
+/// the queue.
+async fn delivered_after_flush(s: &Setup, id: &str, alice: &GpgKey, req: &Request) {
+    s.ms.flush();
+    expect_published(s.ms.reply("alice@example.net", &req.pending).await, alice);
+    assert_eq!(
+        stored_fingerprint(&s.config(), "alice@example.net"),
+        Some(alice.fingerprint.clone())
+    );
+    let deadline = std::time::Instant::now() + harness::PATIENCE;
+    while s.ms.queued(id) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} is still queued after its delivery: {:?}",
+            s.ms.queue()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// LMTP: `kst serve` is down (killed); Postfix defers; kst starts again; flush; nothing lost.
+#[tokio::test]
+async fn lmtp_kst_down_mail_waits_in_postfix() {
+    let _only = exclusive().await;
+    let mut s = Setup::new(Mode::Lmtp, StoreKind::Postgres).await;
+    s.serve.as_mut().expect("kst serve").kill();
+    let (id, alice, req) = publish_while_down(&s, "kst serve stopped", &s.config()).await;
+    s.serve = Some(Serve::start(&s.ms.kst_config, s.ms.lmtp_port).await);
+    delivered_after_flush(&s, &id, &alice, &req).await;
+}
+
+/// pipe: the store is unreachable, `kst deliver` exits 75; Postfix defers; the store is back
+/// (config restored); flush; nothing lost.
+#[tokio::test]
+async fn pipe_store_down_mail_waits_in_postfix() {
+    let _only = exclusive().await;
+    let s = Setup::new(Mode::Pipe, StoreKind::Redis).await;
+    let good = s.ms.kst_toml(&s.store.toml, s.ms.lmtp_port);
+    let good_file = s.ms.config_file("store-up", &good);
+    // Nothing listens on port 1: the store is unavailable.
+    s.ms.install_config(&s.ms.kst_toml(
+        "backend = \"redis\"\nurl = \"redis://127.0.0.1:1\"",
+        s.ms.lmtp_port,
+    ));
+    let (id, alice, req) = publish_while_down(&s, "store unreachable", &good_file).await;
+    s.ms.install_config(&good);
+    delivered_after_flush(&s, &id, &alice, &req).await;
+}
+
+/// The pool: three `kst serve` instances (one PostgreSQL) behind Postfix's list of LMTP next
+/// hops. The first takes the load until it is killed (SIGKILL) with mail in flight; the rest of
+/// the load goes to the next one. Every publication ends in a stored key and a verified
+/// confirmation, every retrieval in a verified key.
+#[tokio::test]
+async fn pool_of_three_survives_killing_one_mid_load() {
+    let _only = exclusive().await;
+    let ms = MailSystem::up(Mode::Pool);
+    let store = Store::new(StoreKind::Postgres, &ms);
+    assert_eq!(ms.pool_ports.len(), 3);
+    let mut pool = Vec::new();
+    for (i, port) in ms.pool_ports.iter().enumerate() {
+        let toml = ms.kst_toml(&store.toml, *port);
+        if i == 0 {
+            ms.install_config(&toml); // for `kst keys`
+        }
+        let config = ms.config_file(&format!("pool-{i}"), &toml);
+        pool.push(Serve::start(&config, *port).await);
+    }
+
+    // Two keys per user before the kill, two after.
+    let users = ["alice@example.net", "bob@example.net", "carol@acme.net"];
+    let gpg: Vec<Gpg> = users.iter().map(|_| Gpg::new()).collect();
+    let mut keys: Vec<Vec<GpgKey>> = vec![Vec::new(); users.len()];
+    let mut sent: Vec<(usize, GpgKey, Request)> = Vec::new();
+    for round in 0..4 {
+        for (u, user) in users.iter().enumerate() {
+            let k = gpg[u].generate(&format!("{user} #{round}"), user, "ed25519");
+            keys[u].push(k);
+        }
+    }
+
+    for round in 0..2 {
+        for (u, user) in users.iter().enumerate() {
+            let req = publication(user, &keys[u][round]);
+            ms.submit_request(user, &req).await;
+            sent.push((u, keys[u][round].clone(), req));
+        }
+    }
+    // Kill the first instance as soon as it has handled a message, with the rest in flight.
+    let deadline = std::time::Instant::now() + harness::PATIENCE;
+    while pool[0].handled() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first instance handled nothing:\n{}",
+            pool[0].log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    pool[0].kill();
+    let handled_by_first = pool[0].handled();
+
+    for round in 2..4 {
+        for (u, user) in users.iter().enumerate() {
+            let req = publication(user, &keys[u][round]);
+            ms.submit_request(user, &req).await;
+            sent.push((u, keys[u][round].clone(), req));
+        }
+    }
+    let mut retrievals = Vec::new();
+    for (u, user) in users.iter().enumerate() {
+        let req = retrieval("carol@acme.net", user);
+        ms.submit_request("carol@acme.net", &req).await;
+        retrievals.push((u, req));
+    }
+
+    for (u, key, req) in &sent {
+        expect_published(ms.reply(users[*u], &req.pending).await, key);
+    }
+    for (u, req) in &retrievals {
+        match ms.reply("carol@acme.net", &req.pending).await {
+            Ok(Verified::Found { fingerprint, .. }) => assert!(
+                keys[*u].iter().any(|k| k.fingerprint == fingerprint),
+                "{fingerprint} is one of {}'s keys",
+                users[*u]
+            ),
+            other => panic!("expected {}'s key: {other:?}", users[*u]),
+        }
+    }
+    for (u, user) in users.iter().enumerate() {
+        let history = stored_history(&ms.kst_config, user);
+        for k in &keys[u] {
+            assert!(
+                history.contains(&k.fingerprint),
+                "{user}'s history {history:?} lacks {}",
+                k.fingerprint
+            );
+        }
+    }
+    let counts: Vec<usize> = pool.iter().map(Serve::handled).collect();
+    eprintln!(
+        "pool: messages handled per instance {counts:?} (the first was killed after {handled_by_first}); {} publications, {} retrievals",
+        sent.len(),
+        retrievals.len()
+    );
+    assert!(
+        counts[1] + counts[2] > 0,
+        "the surviving instances took the load after the kill"
+    );
+}
