@@ -209,7 +209,7 @@ fn deploy_configs_pass_config_check() {
         cmd.args(["config", "check", "--config"])
             .arg(config)
             .env_remove("RUST_LOG");
-        for (k, v) in std::env::vars() {
+        for (k, _) in std::env::vars() {
             if k.starts_with("KST_") {
                 cmd.env_remove(k);
             }

@@ -120,6 +120,8 @@ pub struct Cli {
 }
 
 /// The subcommands.
+// Parsed once per process: the size of the client's argument struct does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Handle one message from Postfix's pipe(8) on stdin (see `kst deliver --help`).

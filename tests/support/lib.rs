@@ -223,10 +223,9 @@ fn is_fresh(bin: &Path, workspace: &Path) -> bool {
             } else if matches!(
                 p.extension().and_then(|x| x.to_str()),
                 Some("rs" | "toml" | "sql")
-            ) {
-                if let Ok(m) = meta.modified() {
-                    *newest_seen = (*newest_seen).max(m);
-                }
+            ) && let Ok(m) = meta.modified()
+            {
+                *newest_seen = (*newest_seen).max(m);
             }
         }
     }

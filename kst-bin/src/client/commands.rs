@@ -475,6 +475,7 @@ fn describe(p: &Pending) -> (&'static str, String) {
     match &p.asked {
         Asked::Publication { account, .. } => ("publication", account.to_string()),
         Asked::Retrieval { address } => ("retrieval", address.to_string()),
+        Asked::Deletion { account } => ("deletion", account.to_string()),
     }
 }
 
@@ -595,6 +596,10 @@ fn interpret(e: &Entry, m: Matched) -> Outcome {
                 message_id,
                 key: armored,
                 imported: false,
+            },
+            Ok(Verified::Deleted { address }) => Outcome::Deleted {
+                address: address.to_string(),
+                service,
             },
             Ok(Verified::NotFound { address }) => Outcome::NotFound {
                 address: address.to_string(),

@@ -3,6 +3,8 @@
 //! `--direct`) out, IMAP or a Maildir in. The protocol logic (building requests, verifying
 //! replies) is `kst_core::client`; this module is the network and the command line.
 
+// An `Outcome` is what the command reports, once; boxing it would buy nothing.
+#[allow(clippy::result_large_err)]
 pub mod commands;
 pub mod config;
 pub mod discovery;

@@ -50,6 +50,14 @@ pub enum Outcome {
         /// The KST that answered.
         service: String,
     },
+    /// The KST confirmed, authenticated, that the account's key and history were deleted
+    /// (a deletion request; the CLI does not send one yet, but a pending one may be answered).
+    Deleted {
+        /// The account.
+        address: String,
+        /// The KST that answered.
+        service: String,
+    },
     /// The KST refused the request.
     Refused {
         /// The KST.
@@ -101,7 +109,7 @@ impl Outcome {
     /// The exit code for this outcome.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Outcome::Published { .. } | Outcome::Found { .. } => exit::OK,
+            Outcome::Published { .. } | Outcome::Found { .. } | Outcome::Deleted { .. } => exit::OK,
             Outcome::NotFound { .. } => exit::NOT_FOUND,
             Outcome::Refused { .. } => exit::REFUSED,
             Outcome::NoKst { .. } => exit::NO_KST,
@@ -151,6 +159,9 @@ impl Outcome {
                         println!();
                     }
                 }
+            }
+            Outcome::Deleted { address, service } => {
+                eprintln!("kst: {service} deleted the key of {address} (authenticated answer)")
             }
             Outcome::NotFound { address, service } => {
                 eprintln!(
