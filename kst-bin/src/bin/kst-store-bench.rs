@@ -14,10 +14,14 @@
 //! database on the PostgreSQL server of `--url`, a new key prefix on Redis) and removes it at the
 //! end unless `--keep`.
 //!
-//! Filling: fs and Redis through the store's own `publish`, 64 calls in flight (fs writes one
-//! fsync'ed history file per address; Redis runs its publish script); PostgreSQL in bulk with
-//! `INSERT ... SELECT ... FROM generate_series` into the store's tables, batches of 100 000 rows
-//! (the same rows `publish` writes; the benchmark then publishes through the store as usual).
+//! Filling (the measured operations always go through the store's own API):
+//! - fs: the store's own `publish`, 64 calls in flight (one fsync'ed history file per address);
+//! - PostgreSQL: `INSERT ... SELECT ... FROM generate_series` into the store's two tables,
+//!   100 000 rows per transaction, then `ANALYZE` (the rows `publish` writes for a version 1);
+//! - Redis: the five writes of the publish script per address (`SET cur`, `SET ver`,
+//!   `HSET hist`, `HSET pub`, `ZADD index`), pipelined 1 000 addresses at a time.
+//!
+//! A `get` that finds no key for a stored address fails the run, so a bad fill is noticed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -179,6 +183,9 @@ impl Bench {
         {
             return fill_postgres(&with_database(admin, db), from, to, key_bytes).await;
         }
+        if let Cleanup::Redis { url, prefix } = &self.cleanup {
+            return fill_redis(url, prefix, from, to, key_bytes).await;
+        }
         let next = Arc::new(std::sync::atomic::AtomicU64::new(from));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..64 {
@@ -271,6 +278,51 @@ async fn fill_postgres(url: &str, from: u64, to: u64, key_bytes: usize) -> Resul
     sqlx::raw_sql("ANALYZE kst_keys; ANALYZE kst_key_history;")
         .execute(&mut conn)
         .await?;
+    Ok(())
+}
+
+/// Bulk fill of the kst-redis key layout (see `kst-redis/README.md`): for each address the five
+/// writes its publish script makes for a first version, pipelined 1 000 addresses at a time, 4
+/// pipelines in flight.
+async fn fill_redis(url: &str, prefix: &str, from: u64, to: u64, key_bytes: usize) -> Result<()> {
+    let client = redis::Client::open(url)?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(Duration::from_secs(120)));
+    let conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(from));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let mut conn = conn.clone();
+        let next = Arc::clone(&next);
+        let prefix = prefix.to_string();
+        tasks.spawn(async move {
+            loop {
+                let start = next.fetch_add(1000, Ordering::Relaxed);
+                if start >= to {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let mut pipe = redis::pipe();
+                for i in start..(start + 1000).min(to) {
+                    let record = new_key(i, 0, key_bytes).into_record(1);
+                    let json = serde_json::to_string(&record)?;
+                    let a = record.address.as_str();
+                    pipe.set(format!("{prefix}{{{a}}}:cur"), &json).ignore();
+                    pipe.set(format!("{prefix}{{{a}}}:ver"), "1").ignore();
+                    pipe.hset(format!("{prefix}{{{a}}}:hist"), "1", &json)
+                        .ignore();
+                    pipe.hset(format!("{prefix}{{{a}}}:pub"), &record.publication_id, "1")
+                        .ignore();
+                    pipe.zadd(format!("{prefix}index"), a, 0).ignore();
+                }
+                pipe.exec_async(&mut conn).await?;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
     Ok(())
 }
 
