@@ -286,8 +286,8 @@ async fn fill_postgres(url: &str, from: u64, to: u64, key_bytes: usize) -> Resul
 /// pipelines in flight.
 async fn fill_redis(url: &str, prefix: &str, from: u64, to: u64, key_bytes: usize) -> Result<()> {
     let client = redis::Client::open(url)?;
-    let config = redis::AsyncConnectionConfig::new()
-        .set_response_timeout(Some(Duration::from_secs(120)));
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(120)));
     let conn = client
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
