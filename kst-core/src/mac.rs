@@ -102,6 +102,20 @@ mod tests {
         );
     }
 
+    /// Test vector 3: the deleted statement for alice@example.net with the same K_auth.
+    #[test]
+    fn vector_deleted_statement_tag() {
+        let k = AuthKey::from_bytes(std::array::from_fn(|i| i as u8));
+        assert_eq!(
+            statement(Status::Deleted, None, Some("alice@example.net")),
+            "KST/1 deleted - alice@example.net"
+        );
+        assert_eq!(
+            statement_tag(&k, Status::Deleted, None, Some("alice@example.net")),
+            include_str!("../testdata/vector3.tag").trim()
+        );
+    }
+
     #[test]
     fn verify_accepts_own_tag_and_rejects_tampering() {
         let k = AuthKey::generate();
