@@ -74,18 +74,18 @@ SINK_PORT="$(free_port)"
 smtp-sink -u nobody -L "127.0.0.1:$SINK_PORT" 1024 &
 PIDS+=("$!")
 wait_port "$SINK_PORT"
-sink_run() { # label, smtp-source flags...
-  local label="$1"; shift
+sink_run() { # label, message count, smtp-source flags...
+  local label="$1" count="$2"; shift 2
   local t0 t1
   t0=$(date +%s.%N)
   smtp-source -L "$@" -f bench@example.org -t keys@example.test "127.0.0.1:$SINK_PORT"
   t1=$(date +%s.%N)
-  row "$(python3 -c "import json,sys; n=int(sys.argv[2]); s=float(sys.argv[4])-float(sys.argv[3]); print(json.dumps({'label':sys.argv[1],'phase':'smtp-sink','messages':n,'decided':n,'seconds':s,'rate':n/s}))" "$label" "$SINK_MSGS" "$t0" "$t1")"
+  row "$(python3 -c "import json,sys; n=int(sys.argv[2]); s=float(sys.argv[4])-float(sys.argv[3]); print(json.dumps({'label':sys.argv[1],'phase':'smtp-sink','messages':n,'decided':n,'seconds':s,'rate':n/s}))" "$label" "$count" "$t0" "$t1")"
 }
 log "smtp-sink ceiling: $SINK_MSGS messages over 8 reused LMTP sessions"
-sink_run "smtp-sink, 8 reused sessions (smtp-source -L -d -s 8)" -d -s 8 -m "$SINK_MSGS"
+sink_run "smtp-sink, 8 reused sessions (smtp-source -L -d -s 8)" "$SINK_MSGS" -d -s 8 -m "$SINK_MSGS"
 log "smtp-sink ceiling: one connection per message"
-sink_run "smtp-sink, new connection per message (smtp-source -L -s 8)" -s 8 -m "$((SINK_MSGS / 4))"
+sink_run "smtp-sink, new connection per message (smtp-source -L -s 8)" "$((SINK_MSGS / 4))" -s 8 -m "$((SINK_MSGS / 4))"
 SINK_MSGS_SAVED="$SINK_MSGS"
 
 # ---- 3. kst serve on each backend ----
