@@ -5,9 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use kst_core::store::{KeyRecord, NewKey, PublishOutcome};
-use kst_core::{
-    Address, Decision, Envelope, KeyStore, Kst, Mailer, OutgoingMail, Policy, Result,
-};
+use kst_core::{Address, Decision, Envelope, KeyStore, Kst, Mailer, OutgoingMail, Policy, Result};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Default)]
