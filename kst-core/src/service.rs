@@ -554,19 +554,9 @@ impl Kst {
         armored: &str,
         k_auth_line: Option<&str>,
     ) -> Result<Decision, Error> {
-        let k_auth = k_auth_line.and_then(|l| AuthKey::parse(l).ok());
-        let account = match self.bound_account(ctx, env, msg) {
-            Ok(a) => a,
-            Err((reason, account, detail)) => {
-                return self
-                    .refuse(ctx, reason, account.as_ref(), Some(detail), k_auth.as_ref())
-                    .await;
-            }
-        };
-        let Some(k_auth) = k_auth else {
-            return self
-                .refuse(ctx, Reason::BadAuthKey, Some(&account), None, None)
-                .await;
+        let (account, k_auth) = match self.owner_request(ctx, env, msg, k_auth_line).await? {
+            Ok(owner) => owner,
+            Err(refused) => return Ok(refused),
         };
         let key_policy = KeyPolicy {
             max_key_bytes: self.policy.max_key_bytes,
@@ -622,6 +612,35 @@ impl Kst {
         })
     }
 
+    /// The account and K_auth of a request only the key's owner may make (publication,
+    /// deletion): authenticated, bound to From and envelope sender, with a valid K_auth.
+    /// Otherwise the refusal already sent, as the inner `Err`.
+    async fn owner_request(
+        &self,
+        ctx: &ReplyTo<'_>,
+        env: &Envelope,
+        msg: &Message<'_>,
+        k_auth_line: Option<&str>,
+    ) -> Result<Result<(Address, AuthKey), Decision>, Error> {
+        let k_auth = k_auth_line.and_then(|l| AuthKey::parse(l).ok());
+        let account = match self.bound_account(ctx, env, msg) {
+            Ok(a) => a,
+            Err((reason, account, detail)) => {
+                return self
+                    .refuse(ctx, reason, account.as_ref(), Some(detail), k_auth.as_ref())
+                    .await
+                    .map(Err);
+            }
+        };
+        match k_auth {
+            Some(k_auth) => Ok(Ok((account, k_auth))),
+            None => self
+                .refuse(ctx, Reason::BadAuthKey, Some(&account), None, None)
+                .await
+                .map(Err),
+        }
+    }
+
     /// The authenticated account when the From header and the envelope sender are that account
     /// too (publications and deletions); otherwise the refusal reason, the account if known, and
     /// a detail for people.
@@ -654,19 +673,9 @@ impl Kst {
         msg: &Message<'_>,
         k_auth_line: &str,
     ) -> Result<Decision, Error> {
-        let k_auth = AuthKey::parse(k_auth_line).ok();
-        let account = match self.bound_account(ctx, env, msg) {
-            Ok(a) => a,
-            Err((reason, account, detail)) => {
-                return self
-                    .refuse(ctx, reason, account.as_ref(), Some(detail), k_auth.as_ref())
-                    .await;
-            }
-        };
-        let Some(k_auth) = k_auth else {
-            return self
-                .refuse(ctx, Reason::BadAuthKey, Some(&account), None, None)
-                .await;
+        let (account, k_auth) = match self.owner_request(ctx, env, msg, Some(k_auth_line)).await? {
+            Ok(owner) => owner,
+            Err(refused) => return Ok(refused),
         };
         let existed = self.store.delete(&account).await?;
         tracing::info!(account = %account, existed, "key and history deleted on the owner's request");

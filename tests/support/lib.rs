@@ -236,7 +236,11 @@ fn is_fresh(bin: &Path, workspace: &Path) -> bool {
     for krate in ["kst-core", "kst-fs", "kst-postgres", "kst-redis", "kst-bin"] {
         newest(&workspace.join(krate).join("src"), &mut seen);
         newest(&workspace.join(krate).join("migrations"), &mut seen);
-        newest(&workspace.join(krate).join("Cargo.toml"), &mut seen);
+        if let Ok(m) =
+            std::fs::metadata(workspace.join(krate).join("Cargo.toml")).and_then(|m| m.modified())
+        {
+            seen = seen.max(m);
+        }
     }
     seen <= built
 }
