@@ -1266,3 +1266,20 @@ async fn unknown_reason_token_is_reported_not_rejected() {
         Err(client::ReplyError::BadHmac)
     );
 }
+
+/// Fuzz findings (kst-core/testdata/fuzz/, minimized by `cargo fuzz tmin`) go through the
+/// whole decision again: each must be decided without a panic.
+#[tokio::test]
+async fn fuzz_findings_are_decided_without_panic() {
+    // handle target: a Received comment with a multi-byte character across byte 21.
+    let raw = include_bytes!("../testdata/fuzz/handle-received-char-boundary.eml");
+    let f = fixture();
+    let h = f.kst.handle(&env("alice@example.net"), raw).await.unwrap();
+    assert_eq!(
+        h.decision,
+        Decision::Refused {
+            reason: Reason::NotAuthenticated
+        }
+    );
+    assert!(f.store.map.lock().unwrap().is_empty());
+}
