@@ -21,6 +21,11 @@ fi
 mkdir -p corpus/key_validate corpus/classify corpus/handle corpus/headers
 cp -n ../kst-core/testdata/keys/*.pub.asc corpus/key_validate/ 2>/dev/null || true
 cp -n ../kst-core/testdata/*.pub.asc corpus/key_validate/ 2>/dev/null || true
+# Hand-written requests (publication with a trusted Received header, retrieval, deletion,
+# multipart, auto-reply) and trust headers: without them a short run never gets past parsing.
+cp -n seeds/handle/* corpus/handle/
+cp -n seeds/handle/* corpus/classify/
+cp -n seeds/headers/* corpus/headers/
 for t in "${targets[@]}"; do
     echo "== fuzzing $t for ${seconds}s"
     # kst is #![forbid(unsafe_code)]: panics, hangs and OOM are what we look for, so no ASan.

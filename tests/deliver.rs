@@ -1,8 +1,8 @@
 //! `kst deliver` end to end: the real binary, real gpg keys, the filesystem store and the spool
 //! mailer, driven the way Postfix's pipe(8) drives it.
 
-use kst_core::AddressPolicy;
 use kst_core::client::{self, Asked, Verified};
+use kst_core::{AddressPolicy, Reason};
 use kst_tests::{Gpg, TestKst, code, received_authenticated, received_plain, stderr};
 
 fn addr(s: &str) -> kst_core::Address {
@@ -167,6 +167,80 @@ fn forgeries_through_deliver_publish_nothing() {
     );
     assert_eq!(code(&out), 0);
     assert!(String::from_utf8_lossy(&kst.last_reply()).contains("KST-Reason: sender-mismatch"));
+    let out = kst.kst(&["keys", "get", "alice@example.net"], b"");
+    assert_eq!(code(&out), 1, "nothing was published: {}", stderr(&out));
+}
+
+/// Key problems come back with a reason token a client can act on, authenticated: a gpg key
+/// that expired gets `key-expired`, a gpg key without the account's address gets
+/// `no-matching-user-id`.
+#[test]
+fn key_problems_get_specific_reasons() {
+    let gpg = Gpg::new();
+    // Made on 2020-01-01, expiring after one day.
+    gpg.run(&[
+        "--faked-system-time",
+        "20200101T000000!",
+        "--passphrase",
+        "",
+        "--pinentry-mode",
+        "loopback",
+        "--quick-gen-key",
+        "Alice <alice@example.net>",
+        "ed25519",
+        "sign,cert",
+        "1d",
+    ]);
+    let expired = gpg.export("alice@example.net");
+    let bob = gpg.generate("Bob", "bob@example.net", "ed25519");
+    let kst = TestKst::new("");
+    let id = "0efca192bb11e87d9978@example.net";
+    for (key, fingerprint, token, want) in [
+        (
+            &expired,
+            gpg.fingerprint("alice@example.net"),
+            "key-expired",
+            Reason::KeyExpired,
+        ),
+        (
+            &bob.public_armored,
+            bob.fingerprint.clone(),
+            "no-matching-user-id",
+            Reason::NoMatchingUserId,
+        ),
+    ] {
+        let k = kst_core::AuthKey::generate();
+        let out = kst.deliver(
+            "alice@example.net",
+            "keys@example.net",
+            &fig3(key, &k.to_base64()),
+        );
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let reply = kst.last_reply();
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.contains(&format!("KST-Reason: {token}")), "{text}");
+        let p = pending(
+            Asked::Publication {
+                account: addr("alice@example.net"),
+                fingerprint,
+            },
+            id,
+            &k,
+        );
+        match client::verify_reply(&p, &reply).unwrap() {
+            Verified::Refused {
+                reason,
+                token: sent,
+                authenticated,
+                ..
+            } => {
+                assert_eq!(reason, Some(want));
+                assert_eq!(sent.as_deref(), Some(token));
+                assert!(authenticated, "the refusal's HMAC verifies");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
     let out = kst.kst(&["keys", "get", "alice@example.net"], b"");
     assert_eq!(code(&out), 1, "nothing was published: {}", stderr(&out));
 }

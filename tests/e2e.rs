@@ -81,6 +81,7 @@ fn expect_refused(r: Result<Verified, ReplyError>, want: Reason) {
             reason,
             authenticated,
             explanation,
+            ..
         }) => {
             assert_eq!(reason, Some(want), "{explanation}");
             assert!(authenticated, "the refusal carries a verified HMAC");
@@ -315,7 +316,7 @@ async fn forgeries(mode: Mode) {
         Reason::SenderMismatch,
     );
 
-    // 3. bob authenticated, From: bob, a key whose only User ID is alice's: bad-key.
+    // 3. bob authenticated, From: bob, a key whose only User ID is alice's: no-matching-user-id.
     let bobs = publication("alice@example.net", &mallory);
     s.ms.submit(
         "bob@example.net",
@@ -327,7 +328,7 @@ async fn forgeries(mode: Mode) {
     .expect("submission by bob");
     expect_refused(
         s.ms.reply("bob@example.net", &bobs.pending).await,
-        Reason::BadKey,
+        Reason::NoMatchingUserId,
     );
 
     // 4. A HELO that imitates the trusted host, on port 25.

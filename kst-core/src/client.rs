@@ -231,8 +231,11 @@ pub enum Verified {
     },
     /// The KST refused the request.
     Refused {
-        /// Why (if the reply named a known reason).
+        /// Why (if the reply named a reason this release knows).
         reason: Option<Reason>,
+        /// The `KST-Reason` token as sent, also one this release does not know (a newer
+        /// KST's); `None` when the reply named none or something that is not a token.
+        token: Option<String>,
         /// The explanation text of the reply.
         explanation: String,
         /// True when the refusal's HMAC verified (the KST itself said it); false when the
@@ -339,14 +342,18 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
             }
         }
         Status::NotFound | Status::Refused | Status::Deleted => {
-            let reason_token = header(HEADER_REASON);
-            let reason = reason_token.as_deref().and_then(|r| r.parse().ok());
+            // A reason token this release does not know (a newer KST's) is kept as it was
+            // sent: the HMAC covers the token, known or not.
+            let token = header(HEADER_REASON)
+                .map(|t| t.trim().to_string())
+                .filter(|t| mac::is_reason_token(t));
+            let reason = token.as_deref().and_then(|r| r.parse().ok());
             let address = header(HEADER_ADDRESS);
             let tag = lines.iter().find(|l| mac::is_tag_line(l));
-            let statement = mac::statement(
+            let statement = mac::statement_with_token(
                 status,
                 if status == Status::Refused {
-                    reason
+                    token.as_deref()
                 } else {
                     None
                 },
@@ -407,6 +414,7 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
             }
             Ok(Verified::Refused {
                 reason,
+                token,
                 explanation,
                 authenticated,
             })

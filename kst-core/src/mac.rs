@@ -35,12 +35,27 @@ pub fn key_tag(k_auth: &AuthKey, key_packets: &[u8]) -> String {
 
 /// The statement a key-less reply authenticates: `KST/1 <status> <reason|-> <address|->`.
 pub fn statement(status: Status, reason: Option<Reason>, address: Option<&str>) -> String {
+    statement_with_token(status, reason.map(Reason::as_str), address)
+}
+
+/// [`statement`] with the reason as its wire token, which may be one this release does not
+/// know (a newer KST's): the client authenticates the token it received, whatever it is.
+pub fn statement_with_token(status: Status, reason: Option<&str>, address: Option<&str>) -> String {
     format!(
         "KST/{PROTOCOL_VERSION} {} {} {}",
         status.as_str(),
-        reason.map_or("-", Reason::as_str),
+        reason.unwrap_or("-"),
         address.unwrap_or("-")
     )
+}
+
+/// True when `token` has the shape of a reason token: 1 to 64 characters of `a-z`, `0-9` and
+/// `-`. Known or not, such a token goes into the statement as it is.
+pub fn is_reason_token(token: &str) -> bool {
+    (1..=64).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// The tag of a key-less reply, base64.

@@ -86,10 +86,26 @@ pub enum Reason {
     UnknownAccount,
     /// The address (published or queried) is not in a domain this KST serves.
     DomainNotServed,
-    /// The key block is not a readable OpenPGP public key (one certificate).
+    /// The key block is not a readable OpenPGP public key: armor or packets unreadable, an
+    /// OpenPGP message instead of a key, or no public key in it.
     BadKey,
-    /// The key block is larger than the operator allows.
+    /// The key block holds several public keys (certificates).
+    SeveralKeys,
+    /// The key block is larger, or holds more packets or self-signatures, than the operator
+    /// allows.
     KeyTooLarge,
+    /// The key (primary key or a live subkey) or its User ID's self-signature uses an algorithm,
+    /// key size or hash that is no longer safe.
+    WeakAlgorithm,
+    /// No User ID of the key holds the authenticated account's address.
+    NoMatchingUserId,
+    /// The User ID with the account's address has been revoked by the key holder.
+    UserIdRevoked,
+    /// The User ID with the account's address carries no valid self-signature (or nothing on
+    /// the key verifies).
+    BadSelfSignature,
+    /// The key has expired.
+    KeyExpired,
     /// A secret (private) key was sent.
     SecretKey,
     /// K_auth is missing or not base64 of exactly 32 bytes.
@@ -102,13 +118,19 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for docs and tests.
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 16] = [
         Reason::NotAuthenticated,
         Reason::SenderMismatch,
         Reason::UnknownAccount,
         Reason::DomainNotServed,
         Reason::BadKey,
+        Reason::SeveralKeys,
         Reason::KeyTooLarge,
+        Reason::WeakAlgorithm,
+        Reason::NoMatchingUserId,
+        Reason::UserIdRevoked,
+        Reason::BadSelfSignature,
+        Reason::KeyExpired,
         Reason::SecretKey,
         Reason::BadAuthKey,
         Reason::BadAddress,
@@ -123,7 +145,13 @@ impl Reason {
             Reason::UnknownAccount => "unknown-account",
             Reason::DomainNotServed => "domain-not-served",
             Reason::BadKey => "bad-key",
+            Reason::SeveralKeys => "several-keys",
             Reason::KeyTooLarge => "key-too-large",
+            Reason::WeakAlgorithm => "weak-algorithm",
+            Reason::NoMatchingUserId => "no-matching-user-id",
+            Reason::UserIdRevoked => "user-id-revoked",
+            Reason::BadSelfSignature => "bad-self-signature",
+            Reason::KeyExpired => "key-expired",
             Reason::SecretKey => "secret-key",
             Reason::BadAuthKey => "bad-auth-key",
             Reason::BadAddress => "bad-address",
@@ -150,10 +178,40 @@ impl Reason {
             }
             Reason::DomainNotServed => "This key service does not serve that address's domain.",
             Reason::BadKey => {
-                "The key block could not be read as exactly one OpenPGP public key (certificate). \
+                "The key block could not be read as an OpenPGP public key (certificate). \
                  Export it with `gpg --armor --export ADDRESS` and send it again."
             }
-            Reason::KeyTooLarge => "The key block is larger than this key service accepts.",
+            Reason::SeveralKeys => {
+                "The key block holds several public keys. Send exactly one: \
+                 `gpg --armor --export FINGERPRINT`."
+            }
+            Reason::KeyTooLarge => {
+                "The key block is larger, or carries more packets or self-signatures, than this \
+                 key service accepts. Export it without third-party signatures \
+                 (`gpg --export-options export-minimal --armor --export ADDRESS`) and send it again."
+            }
+            Reason::WeakAlgorithm => {
+                "The key, one of its live subkeys, or the self-signature of its User ID uses an \
+                 algorithm, key size or hash that is no longer safe. Create a new key (or renew \
+                 the self-signature with SHA-256) and publish that."
+            }
+            Reason::NoMatchingUserId => {
+                "No User ID of the key holds the address you are logged in as. Add it \
+                 (`gpg --quick-add-uid FINGERPRINT ADDRESS`) and send the key again."
+            }
+            Reason::UserIdRevoked => {
+                "The User ID with your address has been revoked on this key. To stop publishing \
+                 a key, send a deletion request instead."
+            }
+            Reason::BadSelfSignature => {
+                "The User ID with your address is not validly signed by the key itself (or no \
+                 self-signature on the key verifies). Export the key from the computer that \
+                 holds its secret key and send it again."
+            }
+            Reason::KeyExpired => {
+                "The key has expired. Extend it (`gpg --quick-set-expire FINGERPRINT 2y '*'`) \
+                 and send it again."
+            }
             Reason::SecretKey => {
                 "You sent a SECRET key. It has now left your machine and passed through mail \
                  servers: consider it compromised, revoke it, create a new key and publish only \
@@ -187,5 +245,48 @@ impl FromStr for Reason {
             .into_iter()
             .find(|r| r.as_str() == s.trim())
             .ok_or(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_tokens_are_distinct_and_round_trip() {
+        let mut seen = std::collections::HashSet::new();
+        for r in Reason::ALL {
+            assert!(seen.insert(r.as_str()), "duplicate token {r}");
+            assert_eq!(r.as_str().parse::<Reason>(), Ok(r));
+            assert!(
+                r.as_str()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'-'),
+                "{r}"
+            );
+            assert!(!r.explanation().is_empty());
+        }
+        assert_eq!("key-revoked".parse::<Reason>(), Err(()));
+    }
+
+    /// docs/PROTOCOL.md lists every reason token, and no other.
+    #[test]
+    fn protocol_md_lists_every_reason() {
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md"))
+                .expect("docs/PROTOCOL.md");
+        let section = doc
+            .split("## Refusal reasons")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("a Refusal reasons section");
+        let listed: Vec<&str> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .filter(|t| *t != "KST-Reason")
+            .collect();
+        let all: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(listed, all);
     }
 }

@@ -162,10 +162,11 @@ fn clauses(tokens: Vec<Token>) -> Vec<Clause> {
 fn authenticated_note(comment: &str) -> Option<&str> {
     const PREFIX: &str = "authenticated sender:";
     let c = comment.trim();
-    if c.len() >= PREFIX.len() && c[..PREFIX.len()].eq_ignore_ascii_case(PREFIX) {
-        Some(c[PREFIX.len()..].trim())
-    } else {
-        None
+    // `get`, not indexing: the comment is arbitrary UTF-8, and byte 21 may fall inside a
+    // character (found by the `handle` fuzz target).
+    match c.get(..PREFIX.len()) {
+        Some(head) if head.eq_ignore_ascii_case(PREFIX) => Some(c[PREFIX.len()..].trim()),
+        _ => None,
     }
 }
 
@@ -302,6 +303,23 @@ mod tests {
     }
 
     const PAPER: &str = "from [10.0.0.1] (unknown [12.80.3.21])\r\n\t(Authenticated sender: alice@example.net)\r\n\tby example.net (Postfix) with ESMTPSA id 53F3A161B01\r\n\tfor <keys@example.net>; Sun, 4 Mar 2018 16:47:07 +0100 (AT)";
+
+    /// Found by the `handle` fuzz target: a comment whose byte 21 (the length of
+    /// "authenticated sender:") falls inside a multi-byte character panicked on a slice.
+    #[test]
+    fn comment_with_multibyte_character_at_the_prefix_length() {
+        // The fuzzer's comment: "uknnown [12.0" then U+FFFD three times (bytes 13..22).
+        let value = "](uknnown [12.0\u{FFFD}\u{FFFD}\u{FFFD}@t)\n\tby mail.example.net with ESMTPA";
+        assert_eq!(&value.as_bytes()[15..18], b"\xEF\xBF\xBD");
+        assert!(authenticated_login(value, &trusted()).is_err());
+        // 20 ASCII bytes then a 2-byte character across byte 21, and the real note after it.
+        let value = "from x (aaaaaaaaaaaaaaaaaaaa\u{e9}) (Authenticated sender: alice@example.net)\r\n\tby mail.example.net (Postfix) with ESMTPSA id 1";
+        assert_eq!(
+            authenticated_login(value, &trusted()).unwrap(),
+            "alice@example.net"
+        );
+        assert_eq!(authenticated_note("aaaaaaaaaaaaaaaaaaaa\u{e9}"), None);
+    }
 
     #[test]
     fn paper_figure_3_header_is_trusted() {

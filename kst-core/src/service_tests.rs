@@ -1163,3 +1163,123 @@ async fn deletions_are_authenticated_like_publications() {
         1
     );
 }
+
+const EXPIRED: &str = include_str!("../testdata/keys/expired.pub.asc");
+const TWO_CERTS: &str = include_str!("../testdata/keys/two-certs.pub.asc");
+
+/// Key problems are refused with their own reason token, and the client reads it from an
+/// authenticated reply.
+#[tokio::test]
+async fn key_problems_have_specific_reasons() {
+    let f = fixture();
+    let e = env("alice@example.net");
+    let auth = received("alice@example.net", "mail.example.net", "ESMTPSA");
+    let (raw, pending) = publication("alice@example.net", EXPIRED, &auth);
+    assert_eq!(refused(&f, &e, &raw).await, Reason::KeyExpired);
+    let reply = f.last_reply().message;
+    assert!(String::from_utf8_lossy(&reply).contains("KST-Reason: key-expired"));
+    match client::verify_reply(&pending, &reply).unwrap() {
+        Verified::Refused {
+            reason,
+            token,
+            authenticated,
+            ..
+        } => {
+            assert_eq!(reason, Some(Reason::KeyExpired));
+            assert_eq!(token.as_deref(), Some("key-expired"));
+            assert!(authenticated);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Hand-made bodies (the client refuses to build these): two keys; a key without alice.
+    let k = AuthKey::generate();
+    let body = |key: &str| {
+        format!(
+            "{auth}From: alice@example.net\r\nTo: keys@example.net\r\nMessage-ID: <k1@example.net>\r\n\r\n{}{}\r\n",
+            key.replace('\n', "\r\n"),
+            k.to_base64()
+        )
+    };
+    assert_eq!(
+        refused(&f, &e, body(TWO_CERTS).as_bytes()).await,
+        Reason::SeveralKeys
+    );
+    assert_eq!(
+        refused(&f, &e, body(BOB).as_bytes()).await,
+        Reason::NoMatchingUserId
+    );
+    assert!(
+        String::from_utf8_lossy(&f.last_reply().message)
+            .contains("KST-Reason: no-matching-user-id")
+    );
+}
+
+/// A reason token this client does not know (a newer KST's) is still authenticated and
+/// reported as sent, not taken for a forgery.
+#[tokio::test]
+async fn unknown_reason_token_is_reported_not_rejected() {
+    let f = fixture();
+    let auth = received("alice@example.net", "mail.example.net", "ESMTPSA");
+    let (raw, pending) = publication("alice@example.net", EXPIRED, &auth);
+    refused(&f, &env("alice@example.net"), &raw).await;
+    let reply = String::from_utf8(f.last_reply().message).unwrap();
+    let k = AuthKey::parse(&pending.k_auth).unwrap();
+    let old_tag = crate::mac::statement_tag(
+        &k,
+        Status::Refused,
+        Some(Reason::KeyExpired),
+        Some("alice@example.net"),
+    );
+    assert!(reply.contains(&old_tag), "{reply}");
+    let future = "key-from-the-future";
+    let new_tag = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        crate::mac::hmac(
+            &k,
+            crate::mac::statement_with_token(
+                Status::Refused,
+                Some(future),
+                Some("alice@example.net"),
+            )
+            .as_bytes(),
+        ),
+    );
+    let renamed = reply.replace("KST-Reason: key-expired", &format!("KST-Reason: {future}"));
+    assert_eq!(
+        client::verify_reply(&pending, renamed.replace(&old_tag, &new_tag).as_bytes()).unwrap(),
+        Verified::Refused {
+            reason: None,
+            token: Some(future.into()),
+            explanation: client::verify_reply(&pending, reply.as_bytes())
+                .map(|v| match v {
+                    Verified::Refused { explanation, .. } => explanation,
+                    other => panic!("{other:?}"),
+                })
+                .unwrap(),
+            authenticated: true,
+        }
+    );
+    // The token is authenticated: renaming it without the tag is a forgery.
+    assert_eq!(
+        client::verify_reply(&pending, renamed.as_bytes()),
+        Err(client::ReplyError::BadHmac)
+    );
+}
+
+/// Fuzz findings (kst-core/testdata/fuzz/, minimized by `cargo fuzz tmin`) go through the
+/// whole decision again: each must be decided without a panic.
+#[tokio::test]
+async fn fuzz_findings_are_decided_without_panic() {
+    // handle target: a Received comment with a multi-byte character across byte 21.
+    let raw = include_bytes!("../testdata/fuzz/handle-received-char-boundary.eml");
+    let f = fixture();
+    let h = f.kst.handle(&env("alice@example.net"), raw).await.unwrap();
+    assert_eq!(
+        h.decision,
+        Decision::Refused {
+            reason: Reason::NotAuthenticated
+        }
+    );
+    assert!(f.store.map.lock().unwrap().is_empty());
+}

@@ -330,18 +330,25 @@ fn no_matching_message(account: &Address, found: &[Address]) -> String {
 }
 
 impl KeyRejection {
-    /// The protocol reason carried by the refusal reply.
-    ///
-    /// Finer reasons worth adding to [`Reason`] later: `KeyExpired`, `WeakKey` (primary,
-    /// subkey or hash), `UserIdMismatch` (no matching User ID; also how a revocation-only
-    /// upload will be recognised) and `KeyRevokedUserId`.
+    /// The protocol reason carried by the refusal reply: a token a client can act on (see
+    /// `docs/PROTOCOL.md`); the message itself says more.
     pub fn reason(&self) -> Reason {
         match self {
             KeyRejection::SecretKey => Reason::SecretKey,
-            KeyRejection::TooLarge { .. } | KeyRejection::TooManyPackets { .. } => {
-                Reason::KeyTooLarge
+            KeyRejection::TooLarge { .. }
+            | KeyRejection::TooManyPackets { .. }
+            | KeyRejection::TooManySelfSignatures { .. } => Reason::KeyTooLarge,
+            KeyRejection::Malformed(_) | KeyRejection::NoCertificate => Reason::BadKey,
+            KeyRejection::SeveralCertificates(_) => Reason::SeveralKeys,
+            KeyRejection::WeakPrimaryKey { .. }
+            | KeyRejection::WeakSubkey { .. }
+            | KeyRejection::WeakSelfSignatureHash { .. } => Reason::WeakAlgorithm,
+            KeyRejection::NoMatchingUserId { .. } => Reason::NoMatchingUserId,
+            KeyRejection::UserIdRevoked { .. } => Reason::UserIdRevoked,
+            KeyRejection::UserIdNotSelfSigned { .. } | KeyRejection::NoValidSelfSignature => {
+                Reason::BadSelfSignature
             }
-            _ => Reason::BadKey,
+            KeyRejection::Expired { .. } => Reason::KeyExpired,
         }
     }
 }
@@ -1704,7 +1711,7 @@ mod tests {
             }
         );
         assert!(e.to_string().contains("alice@example.org"));
-        assert_eq!(e.reason(), Reason::BadKey);
+        assert_eq!(e.reason(), Reason::NoMatchingUserId);
         // Alice's key published by bob: bob's address is not on it.
         let e = validate(
             ALICE,
@@ -1743,7 +1750,7 @@ mod tests {
         );
         let e = check(&armor_public_key(&serialize(&ps))).unwrap_err();
         assert_eq!(e, KeyRejection::NoValidSelfSignature);
-        assert_eq!(e.reason(), Reason::BadKey);
+        assert_eq!(e.reason(), Reason::BadSelfSignature);
     }
 
     #[test]
@@ -1751,7 +1758,7 @@ mod tests {
         let e = check(EXPIRED).unwrap_err();
         assert_eq!(e, KeyRejection::Expired { at: 1_577_923_200 });
         assert!(e.to_string().contains("2020-01-02 00:00 UTC"), "{e}");
-        assert_eq!(e.reason(), Reason::BadKey);
+        assert_eq!(e.reason(), Reason::KeyExpired);
         // Before it expired (2020-01-01 12:00) it was fine, subkey included.
         let v = validate(EXPIRED, &alice(), &KeyPolicy::default(), at(1_577_880_000)).unwrap();
         assert_eq!(v.expires_at, Some(1_577_923_200));
@@ -1872,7 +1879,7 @@ mod tests {
             panic!("{e:?}")
         };
         assert_eq!(algorithm, "RSA with 1024 bits (at least 2048 are required)");
-        assert_eq!(e.reason(), Reason::BadKey);
+        assert_eq!(e.reason(), Reason::WeakAlgorithm);
         let lenient = KeyPolicy {
             min_rsa_bits: 1024,
             ..KeyPolicy::default()
@@ -1896,7 +1903,7 @@ mod tests {
                 hash: "SHA1".into()
             }
         );
-        assert_eq!(e.reason(), Reason::BadKey);
+        assert_eq!(e.reason(), Reason::WeakAlgorithm);
         let lenient = KeyPolicy {
             allow_sha1_bindings: true,
             ..KeyPolicy::default()
@@ -2008,8 +2015,60 @@ mod tests {
             KeyRejection::TooManyPackets { limit: 1 }.reason(),
             Reason::KeyTooLarge
         );
+        assert_eq!(
+            KeyRejection::TooManySelfSignatures { limit: 1 }.reason(),
+            Reason::KeyTooLarge
+        );
         assert_eq!(KeyRejection::NoCertificate.reason(), Reason::BadKey);
-        assert_eq!(KeyRejection::Expired { at: 0 }.reason(), Reason::BadKey);
+        assert_eq!(KeyRejection::Malformed("x".into()).reason(), Reason::BadKey);
+        assert_eq!(
+            KeyRejection::SeveralCertificates(2).reason(),
+            Reason::SeveralKeys
+        );
+        assert_eq!(KeyRejection::Expired { at: 0 }.reason(), Reason::KeyExpired);
+        let weak = "DSA".to_string();
+        assert_eq!(
+            KeyRejection::WeakPrimaryKey {
+                algorithm: weak.clone()
+            }
+            .reason(),
+            Reason::WeakAlgorithm
+        );
+        assert_eq!(
+            KeyRejection::WeakSubkey {
+                fingerprint: "AB".into(),
+                algorithm: weak
+            }
+            .reason(),
+            Reason::WeakAlgorithm
+        );
+        assert_eq!(
+            KeyRejection::WeakSelfSignatureHash {
+                hash: "SHA1".into()
+            }
+            .reason(),
+            Reason::WeakAlgorithm
+        );
+        assert_eq!(
+            KeyRejection::NoMatchingUserId {
+                account: alice(),
+                found: vec![]
+            }
+            .reason(),
+            Reason::NoMatchingUserId
+        );
+        assert_eq!(
+            KeyRejection::UserIdRevoked { account: alice() }.reason(),
+            Reason::UserIdRevoked
+        );
+        assert_eq!(
+            KeyRejection::UserIdNotSelfSigned { account: alice() }.reason(),
+            Reason::BadSelfSignature
+        );
+        assert_eq!(
+            KeyRejection::NoValidSelfSignature.reason(),
+            Reason::BadSelfSignature
+        );
     }
 
     #[test]

@@ -606,12 +606,13 @@ fn interpret(e: &Entry, m: Matched) -> Outcome {
                 service,
             },
             Ok(Verified::Refused {
-                reason,
+                token,
                 explanation,
                 authenticated,
+                ..
             }) => Outcome::Refused {
                 service,
-                reason: reason.map(|r| r.to_string()),
+                reason: token,
                 explanation,
                 authenticated,
             },

@@ -62,7 +62,8 @@ pub enum Outcome {
     Refused {
         /// The KST.
         service: String,
-        /// The reason token (`sender-mismatch`, ...), if known.
+        /// The `KST-Reason` token as sent (`sender-mismatch`, `key-expired`, ...), also one this
+        /// client does not know.
         reason: Option<String>,
         /// The KST's explanation.
         explanation: String,
