@@ -9,9 +9,11 @@
 //!   and ports so that a shared instance is left alone. Needs root.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
-use kst_tests::{Gpg, code, kst_binary, stderr};
+use kst_tests::{
+    Gpg, code, gpg_fingerprint_of, is_root, kst_binary, mail_system_client, run_json, stderr,
+};
 use serde_json::Value;
 
 /// A KST behind a sendmail-style script, replying into a Maildir.
@@ -108,26 +110,6 @@ path = "{new}"
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         v["fingerprint"].as_str().map(str::to_string)
     }
-}
-
-fn run_json(mut cmd: Command) -> (Output, Value) {
-    let out = cmd.stdin(Stdio::null()).output().expect("kst runs");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not JSON ({e}): {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            stderr(&out)
-        )
-    });
-    (out, v)
-}
-
-/// Imports `armored` into a fresh keyring and returns the fingerprint gpg sees.
-fn gpg_fingerprint_of(armored: &str, address: &str) -> String {
-    let gpg = Gpg::new();
-    let status = gpg.import(armored);
-    assert!(status.contains("IMPORT_OK"), "gpg import: {status}");
-    gpg.fingerprint(address)
 }
 
 #[test]
@@ -346,18 +328,19 @@ impl MailSystem {
 
     /// `kst client` for `account` (password `<local part>-pw`) with the test CA and DNS.
     fn client(&self, account: &str, state: &Path, args: &[&str]) -> (Output, Value) {
-        let local = account.split('@').next().unwrap();
-        let mut cmd = Command::new(kst_binary());
-        cmd.args(["client", "--account", account, "--json", "--timeout", "30"])
-            .args(["--ca-file", &self.var("KST_MAIL_CA")])
-            .args(["--resolver", &self.var("KST_MAIL_RESOLVER")])
-            .arg("--state-file")
-            .arg(state)
-            .args(["--client-config", "/dev/null"])
-            .args(args)
-            .env("KST_PASSWORD", format!("{local}-pw"))
-            .env_remove("KST_CLIENT_CONFIG");
+        let mut cmd = self.client_command(account, state);
+        cmd.args(["--timeout", "30"]).args(args);
         run_json(cmd)
+    }
+
+    /// The same command without `--timeout` or a subcommand, for the caller to finish.
+    fn client_command(&self, account: &str, state: &Path) -> Command {
+        mail_system_client(
+            account,
+            Path::new(&self.var("KST_MAIL_CA")),
+            &self.var("KST_MAIL_RESOLVER"),
+            state,
+        )
     }
 }
 
@@ -365,13 +348,6 @@ impl Drop for MailSystem {
     fn drop(&mut self) {
         let _ = Self::command("down").output();
     }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 #[test]
@@ -473,18 +449,8 @@ tls = "none"
     assert_eq!(v["service"], "keys@acme.net");
 
     // A wrong password is refused before anything is sent.
-    let mut cmd = Command::new(kst_binary());
-    cmd.args(["client", "--account", "carol@acme.net", "--json"])
-        .args(["--ca-file", &ms.var("KST_MAIL_CA")])
-        .args(["--resolver", &ms.var("KST_MAIL_RESOLVER")])
-        .arg("--state-file")
-        .arg(&state)
-        .args([
-            "--client-config",
-            "/dev/null",
-            "retrieve",
-            "alice@example.net",
-        ])
+    let mut cmd = ms.client_command("carol@acme.net", &state);
+    cmd.args(["retrieve", "alice@example.net"])
         .env("KST_PASSWORD", "wrong");
     let (out, v) = run_json(cmd);
     assert_eq!(code(&out), 77, "{v}");

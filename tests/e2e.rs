@@ -3,15 +3,25 @@
 //! and the real `kst` binary, on each store (fs, PostgreSQL, Redis). Needs root: it starts the
 //! mail system with `scripts/mailsystem.sh up` (see docs/MAILSYSTEM.md) when it does not run.
 //!
-//! Requests are built with `kst_core::client` and submitted with mail-send; replies are fetched
-//! over IMAP (async-imap, STARTTLS, the test CA) and verified with
-//! `kst_core::client::verify_reply`.
+//! The honest users of the matrix ({pipe, LMTP} x {fs, PostgreSQL, Redis}) are the real `kst
+//! client --json`: alice publishes through example.net's submission (STARTTLS + SASL) and the
+//! client reads and verifies the confirmation over IMAP (STARTTLS); carol@acme.net retrieves
+//! alice's key relayed through acme.net's submission (implicit TLS, reply over IMAPS) and direct
+//! to example.net's MX (looked up through the mail system's dnsmasq, STARTTLS, no AUTH; IMAP
+//! found by SRV). The tests assert on the JSON the client prints, on gpg reading the retrieved
+//! key, and on the store.
+//!
+//! The forgery, fault and pool tests craft their messages: requests built with
+//! `kst_core::client`, altered where the attack needs it, and sent with mail-send through
+//! submission or to the port-25 stand-in; their replies are fetched over IMAP (async-imap,
+//! STARTTLS, the test CA) and verified with `kst_core::client::verify_reply`.
 
 #[path = "e2e/harness.rs"]
 mod harness;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
+use std::process::Output;
 
 use harness::{
     MailSystem, Mode, Serve, Store, StoreKind, addr, exclusive, lmtp_direct, stored_fingerprint,
@@ -19,7 +29,8 @@ use harness::{
 };
 use kst_core::client::{self, ReplyError, Request, Verified};
 use kst_core::protocol::Reason;
-use kst_tests::{Gpg, GpgKey};
+use kst_tests::{Gpg, GpgKey, code, gpg_fingerprint_of, stderr};
+use serde_json::Value;
 
 /// A mail system in `mode` with a fresh store and, in LMTP mode, a `kst serve`.
 struct Setup {
@@ -64,27 +75,6 @@ fn expect_published(r: Result<Verified, ReplyError>, key: &GpgKey) {
     }
 }
 
-fn expect_found(r: Result<Verified, ReplyError>, key: &GpgKey) {
-    match r {
-        Ok(Verified::Found {
-            fingerprint,
-            armored,
-            user_ids,
-            ..
-        }) => {
-            assert_eq!(fingerprint, key.fingerprint);
-            assert!(
-                user_ids.iter().any(|u| u.contains(&key.address)),
-                "{user_ids:?}"
-            );
-            // The key as retrieved is usable by a real OpenPGP implementation.
-            let status = Gpg::new().import(&armored);
-            assert!(status.contains("IMPORT_OK"), "gpg --import: {status}");
-        }
-        other => panic!("expected the verified key {}: {other:?}", key.fingerprint),
-    }
-}
-
 fn expect_refused(r: Result<Verified, ReplyError>, want: Reason) {
     match r {
         Ok(Verified::Refused {
@@ -99,17 +89,64 @@ fn expect_refused(r: Result<Verified, ReplyError>, want: Reason) {
     }
 }
 
-/// alice publishes through submission and gets a verified confirmation; carol@acme.net
-/// retrieves her key relayed (acme.net's submission) and direct (example.net's port 25).
+/// Asserts that `kst client` exited 0 having verified alice's key (`key`) in a reply, and that
+/// gpg reads the key it printed as the same key.
+fn expect_found(route: &str, out: &Output, v: &Value, key: &GpgKey) {
+    assert_eq!(code(out), 0, "{route}: {v}\n{}", stderr(out));
+    assert_eq!(v["outcome"], "found", "{route}: {v}");
+    assert_eq!(v["fingerprint"], key.fingerprint.as_str(), "{route}");
+    let user_ids = v["user_ids"].as_array().expect("user_ids");
+    assert!(
+        user_ids
+            .iter()
+            .any(|u| u.as_str().is_some_and(|u| u.contains(&key.address))),
+        "{route}: {user_ids:?}"
+    );
+    // The key as retrieved is usable by a real OpenPGP implementation.
+    let armored = v["key"].as_str().expect("the armored key");
+    assert_eq!(
+        gpg_fingerprint_of(armored, &key.address),
+        key.fingerprint,
+        "{route}"
+    );
+}
+
+/// alice publishes with `kst client` through submission and the client verifies the
+/// confirmation it reads over IMAP; carol@acme.net retrieves her key relayed (acme.net's
+/// submission) and direct (example.net's MX, port 25), and gets a verified key each time.
 async fn publish_and_retrieve(mode: Mode, kind: StoreKind) {
     let _only = exclusive().await;
     let s = Setup::new(mode, kind).await;
+    let work = tempfile::Builder::new()
+        .prefix("kst-e2e-client-")
+        .tempdir()
+        .expect("temp dir");
     let gpg = Gpg::new();
     let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let key_file = work.path().join("alice.asc");
+    std::fs::write(&key_file, &alice.public_armored).expect("write alice.asc");
+    let state = work.path().join("pending.json");
 
-    let req = publication("alice@example.net", &alice);
-    s.ms.submit_request("alice@example.net", &req).await;
-    expect_published(s.ms.reply("alice@example.net", &req.pending).await, &alice);
+    // Submission with STARTTLS, the confirmation read over IMAP with STARTTLS.
+    let submission = format!("mail.example.net:{}", s.ms.submission_port);
+    let imap = format!("mail.example.net:{}", s.ms.imap_port);
+    let (out, v) = s.ms.client(
+        "alice@example.net",
+        &state,
+        &[
+            "--submission",
+            &submission,
+            "--imap",
+            &imap,
+            "publish",
+            "--key",
+            key_file.to_str().expect("a UTF-8 path"),
+        ],
+    );
+    assert_eq!(code(&out), 0, "publish: {v}\n{}", stderr(&out));
+    assert_eq!(v["outcome"], "published", "{v}");
+    assert_eq!(v["fingerprint"], alice.fingerprint.as_str());
+    assert_eq!(v["service"], "keys@example.net");
     assert_eq!(
         stored_fingerprint(&s.config(), "alice@example.net"),
         Some(alice.fingerprint.clone()),
@@ -117,20 +154,44 @@ async fn publish_and_retrieve(mode: Mode, kind: StoreKind) {
         s.store.kind
     );
 
-    let relayed = retrieval("carol@acme.net", "alice@example.net");
-    s.ms.submit_request("carol@acme.net", &relayed).await;
-    expect_found(s.ms.reply("carol@acme.net", &relayed.pending).await, &alice);
-
-    let direct = retrieval("carol@acme.net", "alice@example.net");
-    s.ms.send_direct(
-        "mx.acme.net",
+    // Relayed: carol submits through acme.net's submission (implicit TLS); the key response
+    // comes back to her mailbox, read over IMAPS.
+    let submissions = format!("smtps://mail.acme.net:{}", s.ms.submissions_port);
+    let imaps = format!("imaps://mail.acme.net:{}", s.ms.imaps_port);
+    let (out, v) = s.ms.client(
         "carol@acme.net",
-        "keys@example.net",
-        &direct.message,
-    )
-    .await
-    .expect("port 25 accepts mail for keys@example.net");
-    expect_found(s.ms.reply("carol@acme.net", &direct.pending).await, &alice);
+        &state,
+        &[
+            "--submission",
+            &submissions,
+            "--imap",
+            &imaps,
+            "retrieve",
+            "alice@example.net",
+        ],
+    );
+    expect_found("relayed", &out, &v, &alice);
+
+    // Direct: example.net's MX looked up through dnsmasq; DNS cannot say that its "port 25" is
+    // the stand-in's port, so --mx-port does. carol's IMAP server is found by SRV.
+    let smtp_port = s.ms.smtp_port.to_string();
+    let (out, v) = s.ms.client(
+        "carol@acme.net",
+        &state,
+        &[
+            "retrieve",
+            "alice@example.net",
+            "--direct",
+            "--mx-port",
+            &smtp_port,
+        ],
+    );
+    expect_found("direct", &out, &v, &alice);
+
+    // Every reply was read: nothing is left pending.
+    let (out, v) = s.ms.client("carol@acme.net", &state, &["pending"]);
+    assert_eq!(code(&out), 0, "pending: {v}\n{}", stderr(&out));
+    assert_eq!(v, Value::Array(vec![]), "nothing pending");
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! Harness of the end-to-end tests: the real mail system of `scripts/mailsystem.sh` (Postfix,
-//! Dovecot, dnsmasq on 127.0.0.1), kst configs for the three stores, `kst serve` instances, a
-//! submission client (mail-send) and an IMAP client (async-imap) that reads the replies the way a
-//! mail client does.
+//! Dovecot, dnsmasq on 127.0.0.1), kst configs for the three stores, `kst serve` instances, the
+//! real `kst client` for the requests of honest users, and for the messages the tests craft
+//! (forgeries, requests sent while kst is down, the pool's load) a submission client (mail-send)
+//! and an IMAP client (async-imap) that reads and verifies the replies.
 //!
 //! The mail system has one kst config and one ingest mode at a time, so the tests that use it
 //! take [`exclusive`] first. It runs in its own state directory and on its own ports
@@ -13,7 +14,7 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use kst_core::Address;
 use kst_core::client::{Pending, ReplyError, Request, Verified};
 use mail_send::SmtpClientBuilder;
 use mail_send::smtp::message::Message;
+use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls;
@@ -86,8 +88,16 @@ pub struct MailSystem {
     pub smtp_port: u16,
     /// Submission (STARTTLS + AUTH).
     pub submission_port: u16,
+    /// Submissions (implicit TLS + AUTH).
+    pub submissions_port: u16,
     /// IMAP (STARTTLS).
     pub imap_port: u16,
+    /// IMAPS (implicit TLS).
+    pub imaps_port: u16,
+    /// The test CA (PEM), the only root the clients trust.
+    pub ca: PathBuf,
+    /// dnsmasq (`IP:PORT`): MX, SRV and host records of example.net and acme.net.
+    pub resolver: String,
     /// Where Postfix dials `kst serve` in lmtp mode.
     pub lmtp_port: u16,
     /// The three instances of pool mode.
@@ -114,7 +124,7 @@ impl MailSystem {
     /// the pipe transport running this build's `kst`.
     pub fn up(mode: Mode) -> MailSystem {
         assert!(
-            is_root(),
+            kst_tests::is_root(),
             "the end-to-end tests start Postfix, Dovecot and dnsmasq: run them as root (scripts/test.sh does)"
         );
         let mut cmd = Command::new(repo_root().join("scripts/mailsystem.sh"));
@@ -150,7 +160,11 @@ impl MailSystem {
             dir: PathBuf::from(get("KST_MAIL_DIR")),
             smtp_port: port("KST_MAIL_SMTP_PORT"),
             submission_port: port("KST_MAIL_SUBMISSION_PORT"),
+            submissions_port: port("KST_MAIL_SUBMISSIONS_PORT"),
             imap_port: port("KST_MAIL_IMAP_PORT"),
+            imaps_port: port("KST_MAIL_IMAPS_PORT"),
+            ca: PathBuf::from(get("KST_MAIL_CA")),
+            resolver: get("KST_MAIL_RESOLVER"),
             lmtp_port: port("KST_MAIL_LMTP_PORT"),
             pool_ports: get("KST_MAIL_LMTP_POOL_PORTS")
                 .split_whitespace()
@@ -218,6 +232,17 @@ level = "info"
         let path = self.dir.join("kst").join(format!("{name}.toml"));
         write_for_kst(&path, toml, 0o640);
         path
+    }
+
+    /// Runs the real `kst client --json` as `account` (password local part + `-pw`) with the
+    /// test CA, DNS through dnsmasq, pending requests in `state` and `--timeout` [`PATIENCE`],
+    /// then `args`; returns its output and the JSON it printed. It submits, fetches the reply
+    /// over IMAP and verifies it itself.
+    pub fn client(&self, account: &str, state: &Path, args: &[&str]) -> (Output, Value) {
+        let mut cmd = kst_tests::mail_system_client(account, &self.ca, &self.resolver, state);
+        cmd.args(["--timeout", &PATIENCE.as_secs().to_string()])
+            .args(args);
+        kst_tests::run_json(cmd)
     }
 
     /// Submits `message` through submission (STARTTLS, AUTH as `login`, password local part +
@@ -463,14 +488,6 @@ fn tls_connector(ca: &Path) -> TlsConnector {
         .with_root_certificates(roots)
         .with_no_client_auth();
     TlsConnector::from(Arc::new(config))
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 /// uid and gid of the system user `kst` (made by mailsystem.sh).

@@ -397,3 +397,53 @@ pub fn code(out: &Output) -> i32 {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Runs `cmd` with stdin closed and parses its stdout as JSON (a `kst ... --json` command);
+/// panics with stdout and stderr when it is not JSON.
+pub fn run_json(mut cmd: Command) -> (Output, serde_json::Value) {
+    let out = cmd.stdin(Stdio::null()).output().expect("kst runs");
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(&out)
+        )
+    });
+    (out, v)
+}
+
+/// Imports `armored` into a fresh keyring and returns the fingerprint gpg sees for `address`.
+pub fn gpg_fingerprint_of(armored: &str, address: &str) -> String {
+    let gpg = Gpg::new();
+    let status = gpg.import(armored);
+    assert!(status.contains("IMPORT_OK"), "gpg import: {status}");
+    gpg.fingerprint(address)
+}
+
+/// True when the tests run as root (the loopback mail system needs it).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// `kst client --account ACCOUNT --json` for a mailbox of the loopback mail system of
+/// `scripts/mailsystem.sh`: its test CA (`ca`, `KST_MAIL_CA`) trusted, every DNS query to its
+/// dnsmasq (`resolver`, `KST_MAIL_RESOLVER`), pending requests in `state`, no client.toml, and
+/// the password (local part + `-pw`) in `KST_PASSWORD`. The caller appends the rest.
+pub fn mail_system_client(account: &str, ca: &Path, resolver: &str, state: &Path) -> Command {
+    let local = account.split('@').next().unwrap_or(account);
+    let mut cmd = Command::new(kst_binary());
+    cmd.args(["client", "--account", account, "--json"])
+        .arg("--ca-file")
+        .arg(ca)
+        .args(["--resolver", resolver])
+        .arg("--state-file")
+        .arg(state)
+        .args(["--client-config", "/dev/null"])
+        .env("KST_PASSWORD", format!("{local}-pw"))
+        .env_remove("KST_CLIENT_CONFIG")
+        .env_remove("RUST_LOG");
+    cmd
+}
