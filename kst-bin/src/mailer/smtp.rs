@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use kst_core::{Error, Mailer, OutgoingMail, Result};
 use mail_send::smtp::message::Parameters;
 use mail_send::{Credentials, SmtpClient, SmtpClientBuilder};
+use smtp_proto::EXT_PIPELINING;
 use tokio::io::{AsyncRead, AsyncWrite, BufStream};
 use tokio::time::Instant;
 
@@ -23,7 +24,11 @@ trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// A connected, greeted (and, as configured, TLS-wrapped and authenticated) session.
-type Session = SmtpClient<Box<dyn Io>>;
+struct Session {
+    client: SmtpClient<Box<dyn Io>>,
+    /// The relay offered PIPELINING (RFC 2920): MAIL, RCPT and DATA go in one write.
+    pipelining: bool,
+}
 
 /// A session waiting in the pool for the next reply.
 struct Idle {
@@ -37,7 +42,9 @@ struct Idle {
 /// Sessions are reused: after a reply, the session goes back to a pool of at most
 /// `[mailer] pool_size` idle sessions (0: one session per reply, closed with QUIT) and is
 /// dropped once idle for `[mailer] pool_idle_secs`. TCP_NODELAY is set and writes are buffered,
-/// so a reply leaves in one flush without waiting for delayed ACKs.
+/// so a reply leaves in one flush without waiting for delayed ACKs. When the relay offers
+/// PIPELINING (Postfix does), `MAIL FROM`, `RCPT TO` and `DATA` go out together: two round
+/// trips per reply instead of four.
 ///
 /// A pooled session the relay has closed in the meantime shows up as a failed `MAIL FROM`;
 /// nothing of the reply has been sent at that point, so the reply goes out on a fresh session
@@ -80,6 +87,8 @@ impl SmtpMailer {
         let mut builder = SmtpClientBuilder::new(host.clone(), cfg.port)
             .map_err(|e| ConfigError::key("mailer.tls", format!("cannot set up TLS: {e}")))?
             .implicit_tls(cfg.tls == SmtpTls::Implicit)
+            // EHLO (after TLS) and AUTH are done in `connect`, which needs the capabilities.
+            .say_ehlo(false)
             .timeout(timeout);
         if !cfg.username.is_empty() {
             builder = builder.credentials(Credentials::new(
@@ -132,9 +141,10 @@ impl SmtpMailer {
         }
     }
 
-    /// Opens a session: connects (TCP_NODELAY), greets, and does TLS and AUTH as configured.
+    /// Opens a session: connects (TCP_NODELAY), greets, and does TLS, EHLO and AUTH as
+    /// configured.
     async fn connect(&self, deadline: Instant) -> Result<Session> {
-        Ok(match self.tls {
+        let mut client = match self.tls {
             SmtpTls::None => {
                 let c = self
                     .step(deadline, "connecting to", self.builder.connect_plain())
@@ -155,6 +165,25 @@ impl SmtpMailer {
                     timeout: c.timeout,
                 }
             }
+        };
+        let capabilities = self
+            .step(
+                deadline,
+                "greeting (EHLO)",
+                client.capabilities(&self.builder.local_host, false),
+            )
+            .await?;
+        if let Some(credentials) = &self.builder.credentials {
+            self.step(
+                deadline,
+                "authenticating (AUTH) to",
+                client.authenticate(credentials, &capabilities),
+            )
+            .await?;
+        }
+        Ok(Session {
+            client,
+            pipelining: capabilities.has_capability(EXT_PIPELINING),
         })
     }
 
@@ -181,10 +210,11 @@ impl SmtpMailer {
             }
             _ => session,
         };
-        quit(session, self.timeout).await;
+        quit(session.client, self.timeout).await;
     }
 
-    /// Sends `mail` on `session`: MAIL FROM, RCPT TO, DATA.
+    /// Sends `mail` on `session`: MAIL FROM, RCPT TO, DATA (pipelined when offered), then
+    /// the message.
     async fn transact(
         &self,
         session: &mut Session,
@@ -192,18 +222,76 @@ impl SmtpMailer {
         mail: &OutgoingMail,
     ) -> std::result::Result<String, Stage> {
         let from = mail.envelope_from.as_ref().map_or("", |a| a.as_str());
+        let to = mail.recipient.as_str();
+        let client = &mut session.client;
+        if session.pipelining {
+            let commands = [
+                format!("MAIL FROM:<{from}>\r\n"),
+                format!("RCPT TO:<{to}>\r\n"),
+                "DATA\r\n".to_string(),
+            ];
+            let replies = self
+                .step(
+                    deadline,
+                    "starting a reply (MAIL FROM, RCPT TO, DATA) on",
+                    client.cmds(commands),
+                )
+                .await
+                .map_err(Stage::BeforeData)?;
+            // RFC 2920: MAIL's reply says whether the session still works; a refused MAIL
+            // or RCPT makes DATA fail too, and nothing of the reply was sent.
+            let answers = ["MAIL FROM", "RCPT TO", "DATA"];
+            for (i, (reply, command)) in replies.iter().zip(answers).enumerate() {
+                let ok = if i == 2 {
+                    reply.code() == 354
+                } else {
+                    reply.is_positive_completion()
+                };
+                if !ok {
+                    let e = self.fail(
+                        &format!("{command} refused by"),
+                        format!("{} {}", reply.code(), reply.message()),
+                    );
+                    return Err(if i == 0 {
+                        Stage::BeforeData(e)
+                    } else {
+                        Stage::Later(e)
+                    });
+                }
+            }
+            if replies.len() != 3 {
+                return Err(Stage::Later(self.fail(
+                    "starting a reply on",
+                    "the relay answered the pipelined commands incompletely",
+                )));
+            }
+            let reply = self
+                .step(deadline, "submitting the reply to", async {
+                    client.write_message(mail.message.as_slice()).await?;
+                    client.read().await
+                })
+                .await
+                .map_err(Stage::Later)?;
+            if !reply.is_positive_completion() {
+                return Err(Stage::Later(self.fail(
+                    "submitting the reply to",
+                    format!("{} {}", reply.code(), reply.message()),
+                )));
+            }
+            return Ok(reply.message);
+        }
         let none = Parameters::default();
         self.step(
             deadline,
             "starting a reply (MAIL FROM) on",
-            session.mail_from(from, &none),
+            client.mail_from(from, &none),
         )
         .await
         .map_err(Stage::BeforeData)?;
         self.step(
             deadline,
             "naming the recipient (RCPT TO) to",
-            session.rcpt_to(mail.recipient.as_str(), &none),
+            client.rcpt_to(to, &none),
         )
         .await
         .map_err(Stage::Later)?;
@@ -211,7 +299,7 @@ impl SmtpMailer {
             .step(
                 deadline,
                 "submitting the reply to",
-                session.data(mail.message.as_slice()),
+                client.data(mail.message.as_slice()),
             )
             .await
             .map_err(Stage::Later)?;
@@ -284,7 +372,7 @@ impl Mailer for SmtpMailer {
     /// Connects, greets (EHLO, STARTTLS and AUTH as configured) and says QUIT without sending.
     async fn check(&self) -> Result<()> {
         let session = self.connect(Instant::now() + self.timeout).await?;
-        quit(session, self.timeout).await;
+        quit(session.client, self.timeout).await;
         Ok(())
     }
 }
@@ -331,8 +419,9 @@ mod tests {
         messages: AtomicUsize,
     }
 
-    /// Serves SMTP on 127.0.0.1 until the test ends; returns its port and counters.
-    async fn relay(after: After) -> (u16, Arc<Counts>) {
+    /// Serves SMTP on 127.0.0.1 until the test ends, offering PIPELINING or not; returns its
+    /// port and counters. It answers commands in order, so pipelined ones work as well.
+    async fn relay_with(after: After, pipelining: bool) -> (u16, Arc<Counts>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let counts = Arc::new(Counts::default());
@@ -360,6 +449,9 @@ mod tests {
                             }
                         } else {
                             match line.get(..4).unwrap_or("").to_ascii_uppercase().as_str() {
+                                "EHLO" if pipelining => {
+                                    b"250-relay.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+                                }
                                 "EHLO" => b"250-relay.test\r\n250 8BITMIME\r\n",
                                 "DATA" => {
                                     in_data = true;
@@ -384,6 +476,11 @@ mod tests {
             }
         });
         (port, counts)
+    }
+
+    /// A relay that offers PIPELINING, as Postfix does.
+    async fn relay(after: After) -> (u16, Arc<Counts>) {
+        relay_with(after, true).await
     }
 
     fn mailer(port: u16, pool_size: usize) -> SmtpMailer {
@@ -438,6 +535,22 @@ mod tests {
         assert!(m.idle_sessions() <= 2, "{}", m.idle_sessions());
         let opened = counts.connections.load(Ordering::SeqCst);
         assert!((1..=6).contains(&opened), "{opened}");
+    }
+
+    #[tokio::test]
+    async fn a_relay_without_pipelining_gets_one_command_at_a_time() {
+        for after in [After::Stay, After::Hangup] {
+            let (port, counts) = relay_with(after, false).await;
+            let m = mailer(port, 4);
+            for n in 0..3 {
+                m.send(&mail(n)).await.unwrap();
+            }
+            assert_eq!(counts.messages.load(Ordering::SeqCst), 3);
+        }
+        let (port, counts) = relay_with(After::Refuse, false).await;
+        let e = mailer(port, 4).send(&mail(0)).await.unwrap_err();
+        assert!(e.is_temporary(), "{e}");
+        assert_eq!(counts.messages.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]
