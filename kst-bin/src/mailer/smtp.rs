@@ -378,6 +378,7 @@ impl Mailer for SmtpMailer {
 }
 
 fn log_sent(mailer: &SmtpMailer, mail: &OutgoingMail, reply: &str, reused: bool) {
+    crate::metrics::mailer_reply(reused);
     tracing::debug!(
         relay = %mailer.relay,
         message_id = %mail.message_id,
