@@ -4,8 +4,8 @@
 #      starts PostgreSQL and Redis (scripts/services.sh);
 #   2. measures the transport ceiling: smtp-sink -u nobody -L (accepts and discards LMTP)
 #      driven by smtp-source -L -d -s 8 (8 reused sessions), then one connection per message;
-#   3. runs `kst serve` on the filesystem, PostgreSQL and Redis stores with the spool mailer,
-#      and on the filesystem store with the SMTP mailer against smtp-sink, loading each with
+#   3. runs `kst serve` on the filesystem, Redis and PostgreSQL stores, each with the SMTP
+#      mailer against a second smtp-sink and with the spool mailer, loading each with
 #      `kst bench lmtp` (C reused connections, real keys, varied addresses);
 #   4. runs pipe mode (`kst bench pipe`: one `kst deliver` process per message);
 #   5. prints a markdown table (and the machine) on stdout; progress and details on stderr.
@@ -96,16 +96,18 @@ serve_run() { # label, then KEY=VALUE environment overrides
   local label="$1"; shift
   local dir="$WORK/serve-$RANDOM"
   mkdir -p "$dir"
-  local lmtp http
+  local lmtp http listen
   lmtp="$(free_port)"; http="$(free_port)"
-  env -C "$dir" -u KST_CONFIG KST_LMTP__LISTEN="127.0.0.1:$lmtp" KST_HTTP__LISTEN="127.0.0.1:$http" \
+  listen="127.0.0.1:$lmtp"
+  case " $* " in *" UNIX_SOCKET=1 "*) listen="unix:$dir/lmtp.sock" ;; esac
+  env -C "$dir" -u KST_CONFIG KST_LMTP__LISTEN="$listen" KST_HTTP__LISTEN="127.0.0.1:$http" \
     KST_LOG__LEVEL=warn $NO_RATE_LIMITS "$@" "$KST" serve 2>"$dir/serve.log" &
   local pid=$! kpid=$!
   PIDS+=("$pid")
-  wait_port "$lmtp"
-  log "$label: kst serve pid $kpid on 127.0.0.1:$lmtp"
+  wait_port "$http"
+  log "$label: kst serve pid $kpid on $listen"
   local out="$dir/bench.jsonl"
-  "$KST" bench lmtp --connect "127.0.0.1:$lmtp" --metrics "127.0.0.1:$http" \
+  "$KST" bench lmtp --connect "$listen" --metrics "127.0.0.1:$http" \
     --concurrency "$C" --publications "$PUB" --retrievals "$RET" --json >"$out" || log "$label: some messages got no decision"
   local rss
   rss="$(awk '/VmHWM/ {print $2}' "/proc/$kpid/status")"
@@ -116,21 +118,33 @@ serve_run() { # label, then KEY=VALUE environment overrides
   done <"$out"
 }
 
-serve_run "kst serve, fs store, spool mailer" KST_STORE__BACKEND=fs
-serve_run "kst serve, Redis store, spool mailer" KST_STORE__BACKEND=redis \
-  KST_STORE__URL=redis://127.0.0.1:6379 KST_STORE__PREFIX="kstbench$$x$RANDOM"
-DB="kst_bench_$$"
-psql "$PG_BASE/postgres" -qc "CREATE DATABASE $DB" >&2
-serve_run "kst serve, PostgreSQL store, spool mailer" KST_STORE__BACKEND=postgres \
-  KST_STORE__URL="$PG_BASE/$DB" KST_STORE__MAX_CONNECTIONS=8
-psql "$PG_BASE/postgres" -qc "DROP DATABASE $DB" >&2 || true
-# The SMTP mailer hands each reply to a second smtp-sink, in SMTP mode.
+# The SMTP mailer hands each reply to a second smtp-sink, in SMTP mode (what a provider runs:
+# replies go to its own Postfix); the spool mailer writes a durable file per reply.
 SMTP_PORT="$(free_port)"
 smtp-sink -u nobody "127.0.0.1:$SMTP_PORT" 1024 &
 PIDS+=("$!")
 wait_port "$SMTP_PORT"
-serve_run "kst serve, fs store, SMTP mailer to smtp-sink" KST_STORE__BACKEND=fs \
-  KST_MAILER__KIND=smtp KST_MAILER__HOST=127.0.0.1 KST_MAILER__PORT="$SMTP_PORT" KST_MAILER__TLS=none
+SMTP_MAILER="KST_MAILER__KIND=smtp KST_MAILER__HOST=127.0.0.1 KST_MAILER__PORT=$SMTP_PORT KST_MAILER__TLS=none"
+DB="kst_bench_$$"
+psql "$PG_BASE/postgres" -qc "CREATE DATABASE $DB" >&2
+for mailer in smtp spool; do
+  if [ "$mailer" = smtp ]; then M=$SMTP_MAILER; name="SMTP mailer to smtp-sink"; else M=""; name="spool mailer"; fi
+  # shellcheck disable=SC2086 # $M holds KEY=VALUE words
+  serve_run "kst serve, fs store, $name" KST_STORE__BACKEND=fs $M
+  # shellcheck disable=SC2086
+  serve_run "kst serve, Redis store, $name" KST_STORE__BACKEND=redis \
+    KST_STORE__URL=redis://127.0.0.1:6379 KST_STORE__PREFIX="kstbench$$x$RANDOM" $M
+  # shellcheck disable=SC2086
+  serve_run "kst serve, PostgreSQL store, $name" KST_STORE__BACKEND=postgres \
+    KST_STORE__URL="$PG_BASE/$DB" KST_STORE__MAX_CONNECTIONS=8 $M
+  psql "$PG_BASE/postgres" -qc "DROP DATABASE $DB" >&2 || true
+  psql "$PG_BASE/postgres" -qc "CREATE DATABASE $DB" >&2
+done
+psql "$PG_BASE/postgres" -qc "DROP DATABASE $DB" >&2 || true
+# Postfix often reaches kst over a Unix socket (lmtp:unix:...): the same fs/SMTP run on one.
+# shellcheck disable=SC2086
+serve_run "kst serve, fs store, SMTP mailer, LMTP over a Unix socket" KST_STORE__BACKEND=fs \
+  $SMTP_MAILER UNIX_SOCKET=1
 
 # ---- 4. pipe mode ----
 PIPE_DIR="$WORK/pipe"

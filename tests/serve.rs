@@ -35,11 +35,18 @@ struct Serve {
 
 impl Serve {
     fn start() -> Serve {
+        Serve::start_with(None, &[])
+    }
+
+    /// `kst serve` listening for LMTP on `listen` (a free loopback port when `None`), with
+    /// `env` added to its environment.
+    fn start_with(listen: Option<&dyn Fn(&Path) -> String>, env: &[(&str, &str)]) -> Serve {
         let cwd = tempfile::Builder::new()
             .prefix("kst-serve-")
             .tempdir()
             .expect("temp dir");
         let (lmtp, http) = (free_port(), free_port());
+        let listen = listen.map_or_else(|| lmtp.to_string(), |f| f(cwd.path()));
         let log = std::fs::File::create(cwd.path().join("serve.log")).expect("log file");
         let mut cmd = Command::new(kst_binary());
         // Only this test's settings: no KST_* from the environment of the test run.
@@ -48,11 +55,12 @@ impl Serve {
                 cmd.env_remove(k);
             }
         }
+        cmd.envs(env.iter().copied());
         let child = cmd
             .arg("serve")
             .current_dir(cwd.path())
             .env_remove("RUST_LOG")
-            .env("KST_LMTP__LISTEN", lmtp.to_string())
+            .env("KST_LMTP__LISTEN", &listen)
             .env("KST_HTTP__LISTEN", http.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -66,10 +74,11 @@ impl Serve {
             child,
         };
         let deadline = Instant::now() + PATIENCE;
-        while TcpStream::connect(lmtp).is_err() {
+        // The HTTP endpoint binds after the LMTP listener: once it answers, both are up.
+        while TcpStream::connect(http).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "kst serve did not listen on {lmtp}:\n{}",
+                "kst serve did not listen on {listen} and {http}:\n{}",
                 serve.log()
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -371,4 +380,63 @@ fn serve_refuses_an_lmtp_port_in_use_and_names_it() {
     assert_eq!(out.status.code(), Some(69));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("lmtp.listen"), "{err}");
+}
+
+/// The load tool through the real path: `kst bench lmtp` over a Unix socket against a real
+/// `kst serve`, every message decided and every reply spooled.
+#[test]
+fn bench_lmtp_loads_serve_over_a_unix_socket() {
+    let sock = |dir: &Path| format!("unix:{}", dir.join("lmtp.sock").display());
+    let mut serve = Serve::start_with(
+        Some(&sock),
+        &[
+            ("KST_LIMITS__PER_SENDER", "0"),
+            ("KST_LIMITS__PER_SENDER_DOMAIN", "0"),
+            ("KST_LIMITS__PER_SOURCE_IP", "0"),
+            ("KST_LIMITS__PER_QUERIED_ADDRESS", "0"),
+        ],
+    );
+    let out = Command::new(kst_binary())
+        .args(["bench", "lmtp", "--connect"])
+        .arg(sock(serve.cwd.path()))
+        .args(["--metrics", &serve.http.to_string()])
+        .args([
+            "--concurrency",
+            "2",
+            "--publications",
+            "4",
+            "--retrievals",
+            "20",
+        ])
+        .args(["--json", "--quiet"])
+        .env_remove("KST_CONFIG")
+        .output()
+        .expect("run kst bench lmtp");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        serve.log()
+    );
+    let reports: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON report per phase"))
+        .collect();
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    let (publications, retrievals) = (&reports[0], &reports[1]);
+    assert_eq!(publications["phase"], "publication");
+    assert_eq!(publications["decided"], 4);
+    assert_eq!(publications["outcomes"]["published"], 4);
+    assert_eq!(retrievals["phase"], "retrieval");
+    assert_eq!(retrievals["decided"], 20);
+    let found = retrievals["outcomes"]["found"].as_u64().unwrap_or(0);
+    let not_found = retrievals["outcomes"]["not-found"].as_u64().unwrap_or(0);
+    assert_eq!(found + not_found, 20, "{retrievals}");
+    assert!(found > 0, "{retrievals}");
+    assert!(retrievals["server_p99_ms"].is_number(), "{retrievals}");
+    // Every decided message left a reply in the spool.
+    assert_eq!(serve.replies().len(), 24);
+    serve.signal("-TERM");
+    assert_eq!(serve.wait(), 0, "{}", serve.log());
 }

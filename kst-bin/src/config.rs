@@ -254,6 +254,12 @@ pub struct MailerConfig {
     pub envelope_from: String,
     /// Longest one reply submission may take, connection to final reply (`smtp`).
     pub timeout_secs: u64,
+    /// Most idle relay sessions kept open for the next replies (`smtp`); 0 opens and closes a
+    /// session per reply.
+    pub pool_size: usize,
+    /// Seconds an idle relay session may wait in the pool before it is dropped (`smtp`). Keep
+    /// it below the relay's own idle timeout (Postfix `smtpd_timeout`, 300 s by default).
+    pub pool_idle_secs: u64,
 }
 
 impl Default for MailerConfig {
@@ -268,6 +274,8 @@ impl Default for MailerConfig {
             password: Secret::default(),
             envelope_from: String::new(),
             timeout_secs: 30,
+            pool_size: 8,
+            pool_idle_secs: 30,
         }
     }
 }

@@ -18,6 +18,8 @@ pub const MESSAGE_DURATION: &str = "kst_message_duration_seconds";
 pub const STORE_ERRORS_TOTAL: &str = "kst_store_errors_total";
 /// Deliveries deferred because the mailer failed.
 pub const MAILER_ERRORS_TOTAL: &str = "kst_mailer_errors_total";
+/// Replies handed to the SMTP relay, by `session` (`reused` from the pool, `new`).
+pub const MAILER_REPLIES_TOTAL: &str = "kst_mailer_replies_total";
 /// LMTP connections open now.
 pub const LMTP_CONNECTIONS: &str = "kst_lmtp_connections";
 /// LMTP connections accepted since start.
@@ -74,6 +76,10 @@ fn describe() {
         MAILER_ERRORS_TOTAL,
         "Deliveries deferred because the mailer failed"
     );
+    describe_counter!(
+        MAILER_REPLIES_TOTAL,
+        "Replies handed to the SMTP relay, on a reused or a new session"
+    );
     describe_gauge!(LMTP_CONNECTIONS, "LMTP connections open now");
     describe_counter!(LMTP_CONNECTIONS_TOTAL, "LMTP connections accepted");
     describe_counter!(
@@ -104,6 +110,12 @@ pub fn store_error() {
 /// Records a delivery deferred by a mailer failure.
 pub fn mailer_error() {
     ::metrics::counter!(MAILER_ERRORS_TOTAL).increment(1);
+}
+
+/// Records a reply the SMTP relay accepted, on a pooled session or a new one.
+pub fn mailer_reply(reused: bool) {
+    let session = if reused { "reused" } else { "new" };
+    ::metrics::counter!(MAILER_REPLIES_TOTAL, "session" => session).increment(1);
 }
 
 /// Records a refused peer.

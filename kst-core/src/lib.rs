@@ -9,6 +9,7 @@ pub mod client;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod error;
+pub mod group_commit;
 pub mod kauth;
 pub mod mac;
 pub mod mailer;
@@ -24,6 +25,7 @@ pub mod validate;
 
 pub use address::{Address, AddressError, AddressPolicy};
 pub use error::{Error, Result};
+pub use group_commit::GroupCommit;
 pub use kauth::AuthKey;
 pub use mailer::{Mailer, OutgoingMail};
 pub use policy::{AuthSource, Policy};

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use indicatif::ProgressBar;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, UnixStream};
 
 use super::messages::Message;
 use super::report::{Outcome, Sample};
@@ -51,18 +51,33 @@ pub fn dot_stuff(raw: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A TCP or Unix socket.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+
 /// One open LMTP connection.
 struct Connection {
-    io: BufReader<TcpStream>,
+    io: BufReader<Box<dyn Socket>>,
     line: String,
+}
+
+/// Connects to `addr`: `host:port`, or a Unix socket as `unix:/path` (as `[lmtp] listen`).
+async fn dial(addr: &str) -> std::io::Result<Box<dyn Socket>> {
+    Ok(match addr.strip_prefix("unix:") {
+        Some(path) => Box::new(UnixStream::connect(path).await?),
+        None => {
+            let stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            Box::new(stream)
+        }
+    })
 }
 
 impl Connection {
     async fn open(addr: &str) -> anyhow::Result<Connection> {
-        let stream = TcpStream::connect(addr).await.with_context(|| {
+        let stream = dial(addr).await.with_context(|| {
             format!("cannot connect to LMTP at {addr} (is `kst serve` running?)")
         })?;
-        stream.set_nodelay(true)?;
         let mut c = Connection {
             io: BufReader::new(stream),
             line: String::new(),

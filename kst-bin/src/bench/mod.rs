@@ -65,7 +65,7 @@ pub struct LoadArgs {
 /// `kst bench lmtp`.
 #[derive(Debug, Clone, Args)]
 pub struct LmtpArgs {
-    /// The LMTP address of `kst serve`.
+    /// The LMTP address of `kst serve`: host:port, or unix:/path for a Unix socket.
     #[arg(long, default_value = "127.0.0.1:2424")]
     pub connect: String,
     /// Also read the server's own latency histogram from its `/metrics` (e.g.

@@ -1,34 +1,65 @@
-//! The SMTP mailer: submits each reply to a relay with mail-send.
+//! The SMTP mailer: submits each reply to a relay with mail-send, over a small pool of
+//! sessions that stay open between replies.
 
 use std::fmt::Display;
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use kst_core::{Error, Mailer, OutgoingMail, Result};
-use mail_send::smtp::message::Message;
+use mail_send::smtp::message::Parameters;
 use mail_send::{Credentials, SmtpClient, SmtpClientBuilder};
-use tokio::io::{AsyncRead, AsyncWrite};
+use smtp_proto::EXT_PIPELINING;
+use tokio::io::{AsyncRead, AsyncWrite, BufStream};
 use tokio::time::Instant;
 
 use crate::config::{ConfigError, MailerConfig, SmtpTls};
 
 const COMPONENT: &str = "mailer(smtp)";
 
+/// The byte stream of a session, plain or TLS, buffered so that a reply leaves in as few
+/// segments as its size allows.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A connected, greeted (and, as configured, TLS-wrapped and authenticated) session.
+struct Session {
+    client: SmtpClient<Box<dyn Io>>,
+    /// The relay offered PIPELINING (RFC 2920): MAIL, RCPT and DATA go in one write.
+    pipelining: bool,
+}
+
+/// A session waiting in the pool for the next reply.
+struct Idle {
+    session: Session,
+    since: Instant,
+}
+
 /// Hands each reply to an SMTP relay with the envelope of the [`OutgoingMail`] (the null
 /// sender `<>` when it has none), returning `Ok` only after the relay's `250` to the data.
 ///
-/// One connection per reply: simple and robust for the rate of key requests; a pooled client
-/// that keeps a session open is a later optimization. Every failure (connection, TLS, AUTH, a
-/// 4xx or 5xx reply, `[mailer] timeout_secs` running out) is a temporary
-/// `Error::Unavailable`, so the request stays with the MTA and is retried. A lost connection
-/// after the data was sent but before the relay's answer can, on that retry, send a reply
-/// twice: replies are at-least-once.
+/// Sessions are reused: after a reply, the session goes back to a pool of at most
+/// `[mailer] pool_size` idle sessions (0: one session per reply, closed with QUIT) and is
+/// dropped once idle for `[mailer] pool_idle_secs`. TCP_NODELAY is set and writes are buffered,
+/// so a reply leaves in one flush without waiting for delayed ACKs. When the relay offers
+/// PIPELINING (Postfix does), `MAIL FROM`, `RCPT TO` and `DATA` go out together: two round
+/// trips per reply instead of four.
+///
+/// A pooled session the relay has closed in the meantime shows up as a failed `MAIL FROM`;
+/// nothing of the reply has been sent at that point, so the reply goes out on a fresh session
+/// instead. Every other failure (connection, TLS, AUTH, a 4xx or 5xx reply, `[mailer]
+/// timeout_secs` running out) is a temporary `Error::Unavailable`, so the request stays with
+/// the MTA and is retried. A lost connection after the data was sent but before the relay's
+/// answer can, on that retry, send a reply twice: replies are at-least-once.
 pub struct SmtpMailer {
     builder: SmtpClientBuilder<String>,
     tls: SmtpTls,
     timeout: Duration,
     relay: String,
+    pool: Mutex<Vec<Idle>>,
+    pool_size: usize,
+    pool_idle: Duration,
 }
 
 impl std::fmt::Debug for SmtpMailer {
@@ -38,13 +69,15 @@ impl std::fmt::Debug for SmtpMailer {
             .field("tls", &self.tls)
             .field("timeout", &self.timeout)
             .field("auth", &self.builder.credentials.is_some())
+            .field("pool_size", &self.pool_size)
+            .field("pool_idle", &self.pool_idle)
             .finish()
     }
 }
 
 impl SmtpMailer {
     /// A mailer for the relay in `cfg` (`host`, `port`, `tls`, `username`/`password`,
-    /// `timeout_secs`). Nothing is contacted yet.
+    /// `timeout_secs`, `pool_size`, `pool_idle_secs`). Nothing is contacted yet.
     pub fn new(cfg: &MailerConfig) -> Result<Self, ConfigError> {
         let host = cfg.host.trim().to_string();
         if host.is_empty() {
@@ -54,6 +87,8 @@ impl SmtpMailer {
         let mut builder = SmtpClientBuilder::new(host.clone(), cfg.port)
             .map_err(|e| ConfigError::key("mailer.tls", format!("cannot set up TLS: {e}")))?
             .implicit_tls(cfg.tls == SmtpTls::Implicit)
+            // EHLO (after TLS) and AUTH are done in `connect`, which needs the capabilities.
+            .say_ehlo(false)
             .timeout(timeout);
         if !cfg.username.is_empty() {
             builder = builder.credentials(Credentials::new(
@@ -66,12 +101,20 @@ impl SmtpMailer {
             tls: cfg.tls,
             timeout,
             relay: format!("{host}:{}", cfg.port),
+            pool: Mutex::new(Vec::new()),
+            pool_size: cfg.pool_size,
+            pool_idle: Duration::from_secs(cfg.pool_idle_secs.max(1)),
         })
     }
 
     /// `host:port` of the relay.
     pub fn relay(&self) -> &str {
         &self.relay
+    }
+
+    /// How many sessions wait in the pool now.
+    pub fn idle_sessions(&self) -> usize {
+        self.pool.lock().map_or(0, |p| p.len())
     }
 
     fn fail(&self, what: &str, e: impl Display) -> Error {
@@ -98,55 +141,176 @@ impl SmtpMailer {
         }
     }
 
-    /// Sends `mail` on a connected session, then says QUIT (its outcome no longer matters).
-    async fn transact<S: AsyncRead + AsyncWrite + Unpin>(
-        &self,
-        mut client: SmtpClient<S>,
-        deadline: Instant,
-        mail: &OutgoingMail,
-    ) -> Result<String> {
-        let from = mail.envelope_from.as_ref().map_or("", |a| a.as_str());
-        let message = Message::empty()
-            .from(from)
-            .to(mail.recipient.as_str())
-            .body(mail.message.as_slice());
-        let reply = self
-            .step(deadline, "submitting the reply to", client.send(message))
-            .await?;
-        quit(client, self.timeout).await;
-        Ok(reply.message)
-    }
-
-    /// Connects (TLS and AUTH as configured), sends `mail` if given, and says QUIT.
-    async fn session(&self, mail: Option<&OutgoingMail>) -> Result<String> {
-        let deadline = Instant::now() + self.timeout;
-        match self.tls {
+    /// Opens a session: connects (TCP_NODELAY), greets, and does TLS, EHLO and AUTH as
+    /// configured.
+    async fn connect(&self, deadline: Instant) -> Result<Session> {
+        let mut client = match self.tls {
             SmtpTls::None => {
                 let c = self
                     .step(deadline, "connecting to", self.builder.connect_plain())
                     .await?;
-                match mail {
-                    Some(m) => self.transact(c, deadline, m).await,
-                    None => {
-                        quit(c, self.timeout).await;
-                        Ok(String::new())
-                    }
+                let _ = c.stream.set_nodelay(true);
+                SmtpClient {
+                    stream: Box::new(BufStream::new(c.stream)) as Box<dyn Io>,
+                    timeout: c.timeout,
                 }
             }
             SmtpTls::Starttls | SmtpTls::Implicit => {
                 let c = self
                     .step(deadline, "connecting to", self.builder.connect())
                     .await?;
-                match mail {
-                    Some(m) => self.transact(c, deadline, m).await,
-                    None => {
-                        quit(c, self.timeout).await;
-                        Ok(String::new())
-                    }
+                let _ = c.stream.get_ref().0.set_nodelay(true);
+                SmtpClient {
+                    stream: Box::new(BufStream::new(c.stream)) as Box<dyn Io>,
+                    timeout: c.timeout,
                 }
             }
+        };
+        let capabilities = self
+            .step(
+                deadline,
+                "greeting (EHLO)",
+                client.capabilities(&self.builder.local_host, false),
+            )
+            .await?;
+        if let Some(credentials) = &self.builder.credentials {
+            self.step(
+                deadline,
+                "authenticating (AUTH) to",
+                client.authenticate(credentials, &capabilities),
+            )
+            .await?;
         }
+        Ok(Session {
+            client,
+            pipelining: capabilities.has_capability(EXT_PIPELINING),
+        })
     }
+
+    /// The freshest pooled session that has not been idle too long; older ones are dropped.
+    fn take_idle(&self) -> Option<Session> {
+        let mut pool = self.pool.lock().ok()?;
+        while let Some(idle) = pool.pop() {
+            if idle.since.elapsed() < self.pool_idle {
+                return Some(idle.session);
+            }
+        }
+        None
+    }
+
+    /// Puts `session` back into the pool, or closes it (QUIT) when the pool is full.
+    async fn release(&self, session: Session) {
+        let session = match self.pool.lock() {
+            Ok(mut pool) if pool.len() < self.pool_size => {
+                pool.push(Idle {
+                    session,
+                    since: Instant::now(),
+                });
+                return;
+            }
+            _ => session,
+        };
+        quit(session.client, self.timeout).await;
+    }
+
+    /// Sends `mail` on `session`: MAIL FROM, RCPT TO, DATA (pipelined when offered), then
+    /// the message.
+    async fn transact(
+        &self,
+        session: &mut Session,
+        deadline: Instant,
+        mail: &OutgoingMail,
+    ) -> std::result::Result<String, Stage> {
+        let from = mail.envelope_from.as_ref().map_or("", |a| a.as_str());
+        let to = mail.recipient.as_str();
+        let client = &mut session.client;
+        if session.pipelining {
+            let commands = [
+                format!("MAIL FROM:<{from}>\r\n"),
+                format!("RCPT TO:<{to}>\r\n"),
+                "DATA\r\n".to_string(),
+            ];
+            let replies = self
+                .step(
+                    deadline,
+                    "starting a reply (MAIL FROM, RCPT TO, DATA) on",
+                    client.cmds(commands),
+                )
+                .await
+                .map_err(Stage::BeforeData)?;
+            // RFC 2920: MAIL's reply says whether the session still works; a refused MAIL
+            // or RCPT makes DATA fail too, and nothing of the reply was sent.
+            let answers = ["MAIL FROM", "RCPT TO", "DATA"];
+            for (i, (reply, command)) in replies.iter().zip(answers).enumerate() {
+                let ok = if i == 2 {
+                    reply.code() == 354
+                } else {
+                    reply.is_positive_completion()
+                };
+                if !ok {
+                    let e = self.fail(
+                        &format!("{command} refused by"),
+                        format!("{} {}", reply.code(), reply.message()),
+                    );
+                    return Err(if i == 0 {
+                        Stage::BeforeData(e)
+                    } else {
+                        Stage::Later(e)
+                    });
+                }
+            }
+            if replies.len() != 3 {
+                return Err(Stage::Later(self.fail(
+                    "starting a reply on",
+                    "the relay answered the pipelined commands incompletely",
+                )));
+            }
+            let reply = self
+                .step(deadline, "submitting the reply to", async {
+                    client.write_message(mail.message.as_slice()).await?;
+                    client.read().await
+                })
+                .await
+                .map_err(Stage::Later)?;
+            if !reply.is_positive_completion() {
+                return Err(Stage::Later(self.fail(
+                    "submitting the reply to",
+                    format!("{} {}", reply.code(), reply.message()),
+                )));
+            }
+            return Ok(reply.message);
+        }
+        let none = Parameters::default();
+        self.step(
+            deadline,
+            "starting a reply (MAIL FROM) on",
+            client.mail_from(from, &none),
+        )
+        .await
+        .map_err(Stage::BeforeData)?;
+        self.step(
+            deadline,
+            "naming the recipient (RCPT TO) to",
+            client.rcpt_to(to, &none),
+        )
+        .await
+        .map_err(Stage::Later)?;
+        let reply = self
+            .step(
+                deadline,
+                "submitting the reply to",
+                client.data(mail.message.as_slice()),
+            )
+            .await
+            .map_err(Stage::Later)?;
+        Ok(reply.message)
+    }
+}
+
+/// Where a transaction failed: before anything of the reply was sent, or later.
+enum Stage {
+    BeforeData(Error),
+    Later(Error),
 }
 
 /// Says QUIT, waiting at most `timeout`; the outcome is ignored.
@@ -178,18 +342,262 @@ impl Mailer for SmtpMailer {
     }
 
     async fn send(&self, mail: &OutgoingMail) -> Result<()> {
-        let reply = self.session(Some(mail)).await?;
-        tracing::debug!(
-            relay = %self.relay,
-            message_id = %mail.message_id,
-            relay_reply = %reply,
-            "reply submitted"
-        );
-        Ok(())
+        let deadline = Instant::now() + self.timeout;
+        // A pooled session first; one the relay closed meanwhile fails at MAIL FROM, before
+        // anything of the reply was sent, and the reply goes out on a fresh session.
+        while let Some(mut session) = self.take_idle() {
+            match self.transact(&mut session, deadline, mail).await {
+                Ok(reply) => {
+                    self.release(session).await;
+                    log_sent(self, mail, &reply, true);
+                    return Ok(());
+                }
+                Err(Stage::BeforeData(e)) => {
+                    tracing::debug!(relay = %self.relay, error = %e, "pooled session unusable; trying another");
+                }
+                Err(Stage::Later(e)) => return Err(e),
+            }
+        }
+        let mut session = self.connect(deadline).await?;
+        match self.transact(&mut session, deadline, mail).await {
+            Ok(reply) => {
+                self.release(session).await;
+                log_sent(self, mail, &reply, false);
+                Ok(())
+            }
+            Err(Stage::BeforeData(e) | Stage::Later(e)) => Err(e),
+        }
     }
 
     /// Connects, greets (EHLO, STARTTLS and AUTH as configured) and says QUIT without sending.
     async fn check(&self) -> Result<()> {
-        self.session(None).await.map(|_| ())
+        let session = self.connect(Instant::now() + self.timeout).await?;
+        quit(session.client, self.timeout).await;
+        Ok(())
+    }
+}
+
+fn log_sent(mailer: &SmtpMailer, mail: &OutgoingMail, reply: &str, reused: bool) {
+    crate::metrics::mailer_reply(reused);
+    tracing::debug!(
+        relay = %mailer.relay,
+        message_id = %mail.message_id,
+        relay_reply = %reply,
+        reused,
+        "reply submitted"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pool against a scripted SMTP peer on loopback that counts connections and
+    //! messages (the real relay, Postfix, is covered by the end-to-end tests).
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use kst_core::AddressPolicy;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::config::MailerKind;
+
+    /// How the peer behaves after each accepted message.
+    #[derive(Clone, Copy)]
+    enum After {
+        /// Waits for the next command, as a relay does.
+        Stay,
+        /// Closes the connection without a word, as a relay whose idle timeout ran out.
+        Hangup,
+        /// Answers the end of data with 451 (a temporary failure).
+        Refuse,
+    }
+
+    #[derive(Default)]
+    struct Counts {
+        connections: AtomicUsize,
+        messages: AtomicUsize,
+    }
+
+    /// Serves SMTP on 127.0.0.1 until the test ends, offering PIPELINING or not; returns its
+    /// port and counters. It answers commands in order, so pipelined ones work as well.
+    async fn relay_with(after: After, pipelining: bool) -> (u16, Arc<Counts>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let counts = Arc::new(Counts::default());
+        let c = counts.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                c.connections.fetch_add(1, Ordering::SeqCst);
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = sock.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    w.write_all(b"220 relay.test ESMTP\r\n").await.unwrap();
+                    let mut in_data = false;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let answer: &[u8] = if in_data {
+                            if line != "." {
+                                continue;
+                            }
+                            in_data = false;
+                            if let After::Refuse = after {
+                                b"451 4.3.0 try later\r\n"
+                            } else {
+                                c.messages.fetch_add(1, Ordering::SeqCst);
+                                b"250 2.0.0 queued\r\n"
+                            }
+                        } else {
+                            match line.get(..4).unwrap_or("").to_ascii_uppercase().as_str() {
+                                "EHLO" if pipelining => {
+                                    b"250-relay.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+                                }
+                                "EHLO" => b"250-relay.test\r\n250 8BITMIME\r\n",
+                                "DATA" => {
+                                    in_data = true;
+                                    b"354 go ahead\r\n"
+                                }
+                                "QUIT" => {
+                                    let _ = w.write_all(b"221 bye\r\n").await;
+                                    return;
+                                }
+                                _ => b"250 2.0.0 ok\r\n",
+                            }
+                        };
+                        if w.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        if answer.starts_with(b"250 2.0.0 queued") && matches!(after, After::Hangup)
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, counts)
+    }
+
+    /// A relay that offers PIPELINING, as Postfix does.
+    async fn relay(after: After) -> (u16, Arc<Counts>) {
+        relay_with(after, true).await
+    }
+
+    fn mailer(port: u16, pool_size: usize) -> SmtpMailer {
+        SmtpMailer::new(&MailerConfig {
+            kind: MailerKind::Smtp,
+            host: "127.0.0.1".into(),
+            port,
+            tls: SmtpTls::None,
+            timeout_secs: 5,
+            pool_size,
+            ..MailerConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn mail(n: usize) -> OutgoingMail {
+        let p = AddressPolicy::default();
+        OutgoingMail {
+            envelope_from: None,
+            recipient: p.normalize("bob@acme.net").unwrap(),
+            message: format!("Subject: reply {n}\r\n\r\n.leading dot\r\nbody\r\n").into_bytes(),
+            message_id: format!("m{n}@example.net"),
+        }
+    }
+
+    #[tokio::test]
+    async fn replies_reuse_one_session() {
+        let (port, counts) = relay(After::Stay).await;
+        let m = mailer(port, 4);
+        for n in 0..5 {
+            m.send(&mail(n)).await.unwrap();
+        }
+        assert_eq!(counts.messages.load(Ordering::SeqCst), 5);
+        assert_eq!(counts.connections.load(Ordering::SeqCst), 1);
+        assert_eq!(m.idle_sessions(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_replies_open_sessions_and_keep_at_most_pool_size() {
+        let (port, counts) = relay(After::Stay).await;
+        let m = Arc::new(mailer(port, 2));
+        let sends: Vec<_> = (0..6)
+            .map(|n| {
+                let m = m.clone();
+                tokio::spawn(async move { m.send(&mail(n)).await })
+            })
+            .collect();
+        for s in sends {
+            s.await.unwrap().unwrap();
+        }
+        assert_eq!(counts.messages.load(Ordering::SeqCst), 6);
+        assert!(m.idle_sessions() <= 2, "{}", m.idle_sessions());
+        let opened = counts.connections.load(Ordering::SeqCst);
+        assert!((1..=6).contains(&opened), "{opened}");
+    }
+
+    #[tokio::test]
+    async fn a_relay_without_pipelining_gets_one_command_at_a_time() {
+        for after in [After::Stay, After::Hangup] {
+            let (port, counts) = relay_with(after, false).await;
+            let m = mailer(port, 4);
+            for n in 0..3 {
+                m.send(&mail(n)).await.unwrap();
+            }
+            assert_eq!(counts.messages.load(Ordering::SeqCst), 3);
+        }
+        let (port, counts) = relay_with(After::Refuse, false).await;
+        let e = mailer(port, 4).send(&mail(0)).await.unwrap_err();
+        assert!(e.is_temporary(), "{e}");
+        assert_eq!(counts.messages.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn pool_size_zero_opens_a_session_per_reply() {
+        let (port, counts) = relay(After::Stay).await;
+        let m = mailer(port, 0);
+        for n in 0..3 {
+            m.send(&mail(n)).await.unwrap();
+        }
+        assert_eq!(counts.messages.load(Ordering::SeqCst), 3);
+        assert_eq!(counts.connections.load(Ordering::SeqCst), 3);
+        assert_eq!(m.idle_sessions(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_session_the_relay_closed_is_replaced_without_losing_or_doubling_a_reply() {
+        let (port, counts) = relay(After::Hangup).await;
+        let m = mailer(port, 4);
+        for n in 0..3 {
+            m.send(&mail(n)).await.unwrap();
+        }
+        // Each reply after the first found its pooled session closed at MAIL FROM and went
+        // out on a fresh one: three messages, three connections, none sent twice.
+        assert_eq!(counts.messages.load(Ordering::SeqCst), 3);
+        assert_eq!(counts.connections.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_refused_reply_is_a_temporary_error_and_its_session_is_not_pooled() {
+        let (port, counts) = relay(After::Refuse).await;
+        let m = mailer(port, 4);
+        let e = m.send(&mail(0)).await.unwrap_err();
+        assert!(e.is_temporary(), "{e}");
+        assert!(e.to_string().contains("submitting the reply"), "{e}");
+        assert_eq!(m.idle_sessions(), 0);
+        assert_eq!(counts.messages.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_relay_is_a_temporary_error() {
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let e = mailer(port, 4).send(&mail(0)).await.unwrap_err();
+        assert!(e.is_temporary(), "{e}");
+        assert!(e.to_string().contains("is the relay running"), "{e}");
     }
 }

@@ -4,10 +4,11 @@ use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use kst_core::{Error, Mailer, OutgoingMail, Result};
+use kst_core::{Error, GroupCommit, Mailer, OutgoingMail, Result};
 
 const COMPONENT: &str = "mailer(spool)";
 
@@ -19,15 +20,23 @@ const COMPONENT: &str = "mailer(spool)";
 /// A file appears under its final name only once it is complete and synced: readers should
 /// ignore names that do not end in `.eml` (temporary files start with `.tmp-`). File names sort
 /// in the order replies were written.
+///
+/// `send` returns once the file and its directory entry are on disk. Replies written at the
+/// same time share the directory `fsync` (a [`GroupCommit`]): each file is synced on its own,
+/// the directory once per round of concurrent writers.
 #[derive(Debug, Clone)]
 pub struct SpoolMailer {
     dir: PathBuf,
+    dir_sync: Arc<GroupCommit>,
 }
 
 impl SpoolMailer {
     /// A spool in `dir`; created (mode 0700) with the first reply or [`Mailer::check`].
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        SpoolMailer { dir: dir.into() }
+        SpoolMailer {
+            dir: dir.into(),
+            dir_sync: Arc::new(GroupCommit::new()),
+        }
     }
 
     /// The spool directory.
@@ -58,8 +67,9 @@ impl Mailer for SpoolMailer {
 
     async fn send(&self, mail: &OutgoingMail) -> Result<()> {
         let dir = self.dir.clone();
+        let dir_sync = self.dir_sync.clone();
         let bytes = Self::render(mail);
-        let name = tokio::task::spawn_blocking(move || write_durably(&dir, &bytes))
+        let name = tokio::task::spawn_blocking(move || write_durably(&dir, &dir_sync, &bytes))
             .await
             .map_err(|e| Error::unavailable(COMPONENT, format!("writer task failed: {e}")))?
             .map_err(|e| {
@@ -110,8 +120,9 @@ fn random_hex() -> String {
 }
 
 /// Writes `bytes` to a temporary file in `dir`, syncs it, renames it to its final `.eml` name
-/// and syncs the directory. Returns the final path.
-fn write_durably(dir: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
+/// and syncs the directory (shared with concurrent writers through `dir_sync`). Returns the
+/// final path.
+fn write_durably(dir: &Path, dir_sync: &GroupCommit, bytes: &[u8]) -> io::Result<PathBuf> {
     ensure_dir(dir)?;
     let tmp = dir.join(format!(".tmp-{}", random_hex()));
     let result = (|| {
@@ -121,7 +132,7 @@ fn write_durably(dir: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
             .mode(0o600)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        f.sync_data()?;
         drop(f);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -129,7 +140,7 @@ fn write_durably(dir: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
             .unwrap_or(0);
         let target = dir.join(format!("{nanos:020}-{}.eml", random_hex()));
         fs::rename(&tmp, &target)?;
-        sync_dir(dir)?;
+        dir_sync.commit(|| sync_dir(dir))?;
         Ok(target)
     })();
     if result.is_err() {
@@ -174,6 +185,44 @@ mod tests {
         );
         let text = String::from_utf8(SpoolMailer::render(&mail(Some("keys@example.net")))).unwrap();
         assert!(text.starts_with("Return-Path: <keys@example.net>\r\n"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_replies_each_land_complete_and_share_directory_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = SpoolMailer::new(dir.path().join("outbox"));
+        let sends: Vec<_> = (0..32)
+            .map(|n| {
+                let spool = spool.clone();
+                tokio::spawn(async move {
+                    let mut m = mail(None);
+                    m.message = format!("Subject: reply {n}\r\n\r\nbody {n}\r\n").into_bytes();
+                    spool.send(&m).await
+                })
+            })
+            .collect();
+        for s in sends {
+            s.await.unwrap().unwrap();
+        }
+        let mut bodies: Vec<String> = fs::read_dir(spool.dir())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .inspect(|p| assert!(p.extension().is_some_and(|x| x == "eml"), "{p:?}"))
+            .map(|p| fs::read_to_string(p).unwrap())
+            .collect();
+        bodies.sort();
+        let mut want: Vec<String> = (0..32)
+            .map(|n| {
+                format!(
+                    "Return-Path: <>\r\nX-Kst-Envelope-To: bob@acme.net\r\nSubject: reply {n}\r\n\r\nbody {n}\r\n"
+                )
+            })
+            .collect();
+        want.sort();
+        assert_eq!(bodies, want);
+        // Every send waited for a directory sync, but they shared them.
+        let flushes = spool.dir_sync.flushes();
+        assert!((1..=32).contains(&flushes), "{flushes}");
     }
 
     #[tokio::test]
