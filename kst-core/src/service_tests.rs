@@ -1166,6 +1166,7 @@ async fn deletions_are_authenticated_like_publications() {
 
 const EXPIRED: &str = include_str!("../testdata/keys/expired.pub.asc");
 const TWO_CERTS: &str = include_str!("../testdata/keys/two-certs.pub.asc");
+const UID_REVOKED: &str = include_str!("../testdata/keys/uid-revoked.pub.asc");
 
 /// Key problems are refused with their own reason token, and the client reads it from an
 /// authenticated reply.
@@ -1212,6 +1213,14 @@ async fn key_problems_have_specific_reasons() {
     assert!(
         String::from_utf8_lossy(&f.last_reply().message)
             .contains("KST-Reason: no-matching-user-id")
+    );
+    // gpg --quick-revoke-uid on alice's User ID.
+    assert_eq!(
+        refused(&f, &e, body(UID_REVOKED).as_bytes()).await,
+        Reason::UserIdRevoked
+    );
+    assert!(
+        String::from_utf8_lossy(&f.last_reply().message).contains("KST-Reason: user-id-revoked")
     );
 }
 

@@ -1225,6 +1225,7 @@ mod tests {
     const SUBKEYS: &str = include_str!("../testdata/keys/subkeys.pub.asc");
     const FOREIGN: &str = include_str!("../testdata/keys/foreign.pub.asc");
     const TWO_CERTS: &str = include_str!("../testdata/keys/two-certs.pub.asc");
+    const UID_REVOKED: &str = include_str!("../testdata/keys/uid-revoked.pub.asc");
 
     /// Fingerprint of the committed alice.pub.asc, as `gpg --show-keys` prints it (running
     /// make-fixtures.sh again makes new keys: update this then).
@@ -1751,6 +1752,30 @@ mod tests {
         let e = check(&armor_public_key(&serialize(&ps))).unwrap_err();
         assert_eq!(e, KeyRejection::NoValidSelfSignature);
         assert_eq!(e.reason(), Reason::BadSelfSignature);
+    }
+
+    /// gpg --quick-revoke-uid: alice's User ID revoked (2025-06-01), another one still valid.
+    #[test]
+    fn revoked_user_id_of_the_account() {
+        let e = check(UID_REVOKED).unwrap_err();
+        assert_eq!(e, KeyRejection::UserIdRevoked { account: alice() });
+        assert_eq!(e.reason(), Reason::UserIdRevoked);
+        // The User ID that is still valid can be published by its owner.
+        let elsewhere = crate::AddressPolicy::default()
+            .normalize("alice@elsewhere.example")
+            .unwrap();
+        let v = validate(UID_REVOKED, &elsewhere, &KeyPolicy::default(), now()).unwrap();
+        assert_eq!(v.user_id, "Alice Elsewhere <alice@elsewhere.example>");
+        // Before the revocation (2025-05-01) alice's User ID was fine.
+        assert!(
+            validate(
+                UID_REVOKED,
+                &alice(),
+                &KeyPolicy::default(),
+                at(1_746_057_600)
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -34,6 +34,8 @@
 #   lifecycle-v1.pub.asc    ed25519 key for alice@example.net with a cv25519 subkey (2025-01-01)
 #   lifecycle-v2.pub.asc    the same key plus a second cv25519 subkey (2025-06-01): an update
 #   lifecycle-revoked.pub.asc  the same key (v2) with a key revocation made 2025-07-01
+#   uid-revoked.pub.asc     ed25519 key: alice <alice@example.net> (revoked 2025-06-01) and
+#                           Alice Elsewhere <alice@elsewhere.example> (valid)
 set -euo pipefail
 
 FLOOD_SIGNERS=${FLOOD_SIGNERS:-20}
@@ -173,6 +175,14 @@ printf 'y\n0\n\ny\n' |
 g --import "$GNUPGHOME/life-rev.asc"
 g --armor --export "$LIFE" >"$out/lifecycle-revoked.pub.asc"
 g --yes --delete-secret-and-public-key "$LIFE"
+
+# --- uid-revoked: alice's User ID revoked, another one still valid --------------------------
+UIDREV=$(gen --faked-system-time "$BASE!" -- 'alice <alice@example.net>' ed25519 sign,cert never)
+gt --quick-add-key "$UIDREV" cv25519 encr never
+gt --quick-add-uid "$UIDREV" 'Alice Elsewhere <alice@elsewhere.example>'
+g --faked-system-time '20250601T000000!' --quick-revoke-uid "$UIDREV" 'alice <alice@example.net>'
+g --armor --export "$UIDREV" >"$out/uid-revoked.pub.asc"
+g --yes --delete-secret-and-public-key "$UIDREV"
 
 ls -l "$out"
 du -sh "$out"
