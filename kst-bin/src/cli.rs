@@ -19,6 +19,8 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 1;
     /// A bad argument, e.g. an address that is not one.
     pub const USAGE: u8 = 64;
+    /// Bad input data: `outbox send` set files aside that are not spool files.
+    pub const DATAERR: u8 = 65;
     /// The input file of `import` cannot be read.
     pub const NOINPUT: u8 = 66;
     /// The store (or the mailer, for `config check --probe`) cannot be used now.
@@ -53,8 +55,8 @@ Exit codes (keys, config): 0 done, 1 not found, 64 bad argument, 69 store unavai
 const SERVE_LONG: &str = "\
 Runs the LMTP daemon that Postfix (or Exim) delivers keys@ mail to: one long-running process
 instead of one per message. Without --config it runs on the embedded default: keys@example.test,
-filesystem store in ./data/keys, replies spooled to ./data/outbox, LMTP on 127.0.0.1:2424 and
-/healthz /readyz /metrics on 127.0.0.1:8080.
+filesystem store in ./data/keys, replies spooled to ./data/outbox (`kst outbox send` sends them
+to the [mailer] relay), LMTP on 127.0.0.1:2424 and /healthz /readyz /metrics on 127.0.0.1:8080.
 
 WARNING: the LMTP port is as trusted as the MTA. Whoever can connect to it can write a
 \"trusted\" Received: header and publish keys for any account. Keep [lmtp] listen on loopback
@@ -165,6 +167,10 @@ pub enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
 
+    /// Send the replies the spool mailer wrote (see `kst outbox send --help`).
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+
     /// Load-test a running `kst serve` (LMTP) or pipe mode with real keys; prints msg/s and
     /// p50/p95/p99 latency. See docs/BENCHMARKS.md and scripts/bench.sh.
     #[command(subcommand)]
@@ -190,6 +196,26 @@ pub struct DeliverArgs {
     /// only with `auth_source = "sasl-argv"`.
     #[arg(long, value_name = "LOGIN", allow_hyphen_values = true)]
     pub sasl_username: Option<String>,
+}
+
+/// `kst outbox ...`.
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Hand every reply in the spool (`[mailer] path`) to the SMTP relay of `[mailer]` (`host`,
+    /// `port`, `tls`, `username`, `password`), oldest first, removing each file after the
+    /// relay's 250.
+    ///
+    /// For `[mailer] kind = "spool"`: kst makes each reply durable in the spool before it answers
+    /// its MTA, and this command sends them, e.g. every minute from a timer:
+    ///   kst --config /etc/kst/kst.toml outbox send
+    /// A file that is not a spool file is renamed to <name>.bad and skipped. Only one run sends
+    /// at a time. Exit codes: 0 everything sent (or nothing to send), 65 some files set aside as
+    /// .bad, 75 the relay failed (the rest stays for the next run), 78 configuration.
+    Send {
+        /// The spool directory, instead of `[mailer] path`.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `kst keys ...`.
@@ -303,6 +329,14 @@ pub async fn run(cli: Cli) -> ExitCode {
             Err(e) => ExitCode::from(config_failed(&e)),
         },
         Command::Bench(cmd) => ExitCode::from(crate::bench::run(cmd, cli.config.as_deref()).await),
+        Command::Outbox(OutboxCommand::Send { dir }) => match loaded {
+            Ok(cfg) => {
+                logging::init(&cfg.log);
+                let dir = dir.unwrap_or_else(|| cfg.mailer.path.clone());
+                ExitCode::from(outbox_send(&cfg, &dir).await)
+            }
+            Err(e) => ExitCode::from(config_failed(&e)),
+        },
         Command::Config(ConfigCommand::Check { probe }) => {
             ExitCode::from(config_check(cli.config.as_deref(), loaded, probe).await)
         }
@@ -462,6 +496,40 @@ fn config_failed(e: &crate::config::ConfigError) -> u8 {
         "kst: fix the file or the KST_* environment variable; `kst config check` shows the result"
     );
     exit::CONFIG
+}
+
+/// `kst outbox send`: runs it and says what it did.
+async fn outbox_send(cfg: &Config, dir: &Path) -> u8 {
+    match crate::outbox::send(&cfg.mailer, dir).await {
+        Ok(r) if r.busy => {
+            eprintln!(
+                "kst: another `kst outbox send` is sending {}; nothing done",
+                dir.display()
+            );
+            exit::OK
+        }
+        Ok(r) => {
+            eprintln!(
+                "kst: {} sent, {} set aside as .bad, {} left in {}",
+                r.sent,
+                r.set_aside,
+                r.left,
+                dir.display()
+            );
+            if let Some(e) = &r.error {
+                eprintln!("kst: stopped: {e}; the rest is sent by the next run");
+                exit::TEMPFAIL
+            } else if r.set_aside > 0 {
+                exit::DATAERR
+            } else {
+                exit::OK
+            }
+        }
+        Err(e) => {
+            eprintln!("kst: {e:#}");
+            exit::TEMPFAIL
+        }
+    }
 }
 
 /// The exit code and message for an error from a store or mailer.

@@ -12,5 +12,6 @@ pub mod lmtp;
 pub mod logging;
 pub mod mailer;
 pub mod metrics;
+pub mod outbox;
 pub mod stores;
 pub mod transfer;

@@ -252,3 +252,117 @@ async fn a_relay_that_never_answers_is_given_up_on() {
     assert!(e.to_string().contains("mailer.timeout_secs"), "{e}");
     drop(held.join().unwrap());
 }
+
+/// A config whose spool is `dir` and whose relay is 127.0.0.1:`port`, cleartext.
+fn outbox_config(dir: &Path, port: u16) -> PathBuf {
+    let path = dir.join("kst.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[kst]\ndomains = [\"example.net\"]\ntrusted_mta_hosts = [\"localhost\"]\n\
+             [store]\npath = \"{keys}\"\n\
+             [mailer]\nkind = \"spool\"\npath = \"{outbox}\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\n",
+            keys = dir.join("keys").display(),
+            outbox = dir.join("outbox").display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn outbox_send(config: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kst"))
+        .args(["--config", config.to_str().unwrap(), "outbox", "send"])
+        .env_remove("KST_CONFIG")
+        .output()
+        .expect("run kst outbox send")
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    v.sort();
+    v
+}
+
+/// `kst outbox send` hands what the spool mailer wrote to a real relay (smtp-sink), with each
+/// reply's envelope, removes what the relay accepted and sets aside what is not a spool file.
+#[tokio::test]
+async fn outbox_send_delivers_the_spool_to_the_relay() {
+    let sink = Sink::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = outbox_config(tmp.path(), sink.port);
+    let outbox = tmp.path().join("outbox");
+    let spool = kst_bin::mailer::SpoolMailer::new(&outbox);
+    spool.send(&mail(None, "bob@acme.net")).await.unwrap();
+    spool
+        .send(&mail(Some("keys-bounces@example.net"), "carol@example.org"))
+        .await
+        .unwrap();
+    std::fs::write(
+        outbox.join("00000000000000000000-0000000000000000.eml"),
+        b"junk\r\n",
+    )
+    .unwrap();
+
+    let out = outbox_send(&config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(err.contains("2 sent, 1 set aside as .bad, 0 left"), "{err}");
+    assert_eq!(
+        files_in(&outbox),
+        ["00000000000000000000-0000000000000000.eml.bad"]
+    );
+    let dumps = sink.dumps(2);
+    assert_eq!(dumps.len(), 2);
+    let bob = dumps
+        .iter()
+        .find(|d| d.contains("X-Rcpt-Args: <bob@acme.net>\n"));
+    let carol = dumps
+        .iter()
+        .find(|d| d.contains("X-Rcpt-Args: <carol@example.org>\n"));
+    assert!(
+        bob.is_some_and(|d| d.contains("X-Mail-Args: <>\n")),
+        "{dumps:?}"
+    );
+    assert!(
+        carol.is_some_and(|d| d.contains("X-Mail-Args: <keys-bounces@example.net>\n")),
+        "{dumps:?}"
+    );
+    // The envelope lines of the spool file are not part of the message sent.
+    assert!(
+        dumps.iter().all(|d| !d.contains("X-Kst-Envelope-To")),
+        "{dumps:?}"
+    );
+
+    // Nothing left to send: a second run sends nothing and succeeds.
+    let again = outbox_send(&config);
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(sink.dumps(2).len(), 2);
+}
+
+/// With the relay down nothing is lost: exit 75, every file stays for the next run.
+#[tokio::test]
+async fn outbox_send_keeps_the_spool_when_the_relay_is_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = outbox_config(tmp.path(), free_port());
+    let outbox = tmp.path().join("outbox");
+    let spool = kst_bin::mailer::SpoolMailer::new(&outbox);
+    spool.send(&mail(None, "bob@acme.net")).await.unwrap();
+    spool.send(&mail(None, "carol@example.org")).await.unwrap();
+    let before = files_in(&outbox);
+    let out = outbox_send(&config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains("0 sent, 0 set aside as .bad, 2 left"), "{err}");
+    assert!(err.contains("is the relay running"), "{err}");
+    assert_eq!(files_in(&outbox), before);
+}

@@ -1,0 +1,271 @@
+//! `kst outbox send`: hands the replies the spool mailer wrote to an SMTP relay.
+//!
+//! The spool (`[mailer] kind = "spool"`) makes each reply durable as one `.eml` file before kst
+//! answers `250`; something must then send the files. This command does, with the relay settings
+//! of `[mailer]` (`host`, `port`, `tls`, `username`, `password`, `timeout_secs`: the same keys
+//! `kind = "smtp"` uses) over the pooled SMTP mailer:
+//!
+//! - files are sent oldest first (their names sort by the time they were written);
+//! - a file is removed only after the relay's `250` to its data, and the directory is synced at
+//!   the end, so a crash can at worst send a reply twice, never lose one;
+//! - a file that is not a spool file (no envelope lines, a bad address) is renamed to
+//!   `<name>.bad`, logged and skipped: readers ignore names that do not end in `.eml`;
+//! - the first relay failure stops the run: the rest stays for the next run;
+//! - one sender at a time: a second run while one holds `<dir>/.send.lock` does nothing.
+//!
+//! Run it from a timer (every minute) or after `kst serve` in a loop; see docs/OPERATIONS.md.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use fs4::fs_std::FileExt;
+use kst_core::{Address, AddressPolicy, Mailer, OutgoingMail};
+
+use crate::config::MailerConfig;
+use crate::mailer::SmtpMailer;
+
+/// What one run did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Replies the relay accepted (their files are gone).
+    pub sent: usize,
+    /// Files that are not spool files, renamed to `<name>.bad`.
+    pub set_aside: usize,
+    /// Replies still in the spool because the relay failed.
+    pub left: usize,
+    /// The relay failure that stopped the run.
+    pub error: Option<String>,
+    /// Another `kst outbox send` held the lock: nothing was done.
+    pub busy: bool,
+}
+
+/// A spool file split into its envelope and its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolFile<'a> {
+    /// `Return-Path:`: `None` for the null sender `<>`.
+    pub envelope_from: Option<Address>,
+    /// `X-Kst-Envelope-To:`.
+    pub recipient: Address,
+    /// The message after the two envelope lines.
+    pub message: &'a [u8],
+}
+
+/// Splits `raw` (as written by [`crate::mailer::SpoolMailer::render`]) into envelope and
+/// message; says what is wrong otherwise.
+pub fn parse(raw: &[u8]) -> Result<SpoolFile<'_>, String> {
+    let policy = AddressPolicy::default();
+    let (first, rest) = line(raw).ok_or("no Return-Path line")?;
+    let (second, message) = line(rest).ok_or("no X-Kst-Envelope-To line")?;
+    let from = first
+        .strip_prefix("Return-Path:")
+        .ok_or("the first line is not Return-Path:")?
+        .trim();
+    let from = from
+        .strip_prefix('<')
+        .and_then(|f| f.strip_suffix('>'))
+        .ok_or("Return-Path is not <address> or <>")?;
+    let envelope_from = match from {
+        "" => None,
+        f => Some(
+            policy
+                .normalize(f)
+                .map_err(|e| format!("Return-Path {f:?}: {e}"))?,
+        ),
+    };
+    let to = second
+        .strip_prefix("X-Kst-Envelope-To:")
+        .ok_or("the second line is not X-Kst-Envelope-To:")?
+        .trim();
+    let recipient = policy
+        .normalize(to)
+        .map_err(|e| format!("X-Kst-Envelope-To {to:?}: {e}"))?;
+    if message.is_empty() {
+        return Err("no message after the envelope lines".into());
+    }
+    Ok(SpoolFile {
+        envelope_from,
+        recipient,
+        message,
+    })
+}
+
+/// The first CRLF-terminated line of `raw` (as UTF-8) and what follows it.
+fn line(raw: &[u8]) -> Option<(&str, &[u8])> {
+    let end = raw.windows(2).position(|w| w == b"\r\n")?;
+    let text = std::str::from_utf8(&raw[..end]).ok()?;
+    Some((text, &raw[end + 2..]))
+}
+
+/// The `.eml` files of `dir`, oldest first; an empty list when the directory does not exist.
+pub fn pending(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let is_eml = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".eml") && !n.starts_with('.'));
+        if is_eml {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Sends every spool file of `dir` to the relay of `cfg`. Errors only for a spool directory
+/// that cannot be read or locked, or relay settings that cannot be used.
+pub async fn send(cfg: &MailerConfig, dir: &Path) -> anyhow::Result<Report> {
+    use anyhow::Context as _;
+    let mailer = SmtpMailer::new(cfg).context("the relay settings of [mailer]")?;
+    let mut report = Report::default();
+    if !dir.is_dir() {
+        return Ok(report);
+    }
+    let lock_path = dir.join(".send.lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    if !FileExt::try_lock_exclusive(&lock).unwrap_or(false) {
+        report.busy = true;
+        return Ok(report);
+    }
+    let files = pending(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    let total = files.len();
+    for (i, path) in files.iter().enumerate() {
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let raw = match fs::read(path) {
+            Ok(raw) => raw,
+            // Gone meanwhile (someone else moved it): nothing to send.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let mail = match parse(&raw) {
+            Ok(f) => OutgoingMail {
+                envelope_from: f.envelope_from,
+                recipient: f.recipient,
+                message: f.message.to_vec(),
+                message_id: name.clone(),
+            },
+            Err(why) => {
+                let bad = path.with_file_name(format!("{name}.bad"));
+                fs::rename(path, &bad)
+                    .with_context(|| format!("cannot set aside {}", path.display()))?;
+                tracing::error!(file = %name, problem = %why, "not a spool file: renamed to .bad, not sent");
+                report.set_aside += 1;
+                continue;
+            }
+        };
+        match mailer.send(&mail).await {
+            Ok(()) => {
+                fs::remove_file(path)
+                    .with_context(|| format!("sent, but cannot remove {}", path.display()))?;
+                tracing::info!(file = %name, recipient = %mail.recipient, "reply sent");
+                report.sent += 1;
+            }
+            Err(e) => {
+                report.left = total - i;
+                report.error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    // Make the removals durable; a crash before this can only send a reply again.
+    if report.sent > 0 || report.set_aside > 0 {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync {}", dir.display()))?;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mailer::SpoolMailer;
+
+    #[test]
+    fn parses_what_the_spool_writes() {
+        let p = AddressPolicy::default();
+        for from in [None, Some("keys-bounces@example.net")] {
+            let mail = OutgoingMail {
+                envelope_from: from.map(|f| p.normalize(f).unwrap()),
+                recipient: p.normalize("bob@acme.net").unwrap(),
+                message: b"Subject: hi\r\n\r\nbody\r\n".to_vec(),
+                message_id: "m@example.net".into(),
+            };
+            let raw = SpoolMailer::render(&mail);
+            let f = parse(&raw).unwrap();
+            assert_eq!(f.envelope_from, mail.envelope_from);
+            assert_eq!(f.recipient, mail.recipient);
+            assert_eq!(f.message, mail.message.as_slice());
+        }
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_spool_file() {
+        for (raw, why) in [
+            (&b""[..], "no Return-Path"),
+            (b"Subject: hi\r\n\r\nbody\r\n", "not Return-Path"),
+            (
+                b"Return-Path: bob@acme.net\r\nX-Kst-Envelope-To: bob@acme.net\r\nS: x\r\n",
+                "<address>",
+            ),
+            (
+                b"Return-Path: <>\r\nTo: bob@acme.net\r\nS: x\r\n",
+                "not X-Kst-Envelope-To",
+            ),
+            (
+                b"Return-Path: <>\r\nX-Kst-Envelope-To: a@b@c\r\nS: x\r\n",
+                "X-Kst-Envelope-To",
+            ),
+            (
+                b"Return-Path: <>\r\nX-Kst-Envelope-To: bob@acme.net\r\n",
+                "no message",
+            ),
+            (
+                b"Return-Path: <\xff>\r\nX-Kst-Envelope-To: bob@acme.net\r\nS: x\r\n",
+                "no Return-Path",
+            ),
+        ] {
+            let e = parse(raw).unwrap_err();
+            assert!(e.contains(why), "{raw:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn pending_lists_eml_files_oldest_first_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in [
+            "00000000000000000002-b.eml",
+            "00000000000000000001-a.eml",
+            ".tmp-x",
+            "x.eml.bad",
+            ".send.lock",
+        ] {
+            fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        let names: Vec<String> = pending(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            ["00000000000000000001-a.eml", "00000000000000000002-b.eml"]
+        );
+        assert!(pending(&dir.path().join("missing")).unwrap().is_empty());
+    }
+}
