@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clap::Parser as _;
-use kst_bin::cli::{Cli, Command as KstCommand, ConfigCommand};
+use kst_bin::cli::{Cli, Command as KstCommand, ConfigCommand, OutboxCommand};
 use kst_tests::{code, kst_binary, stderr};
 
 fn root() -> PathBuf {
@@ -48,20 +48,24 @@ fn docker_array(dockerfile: &str, instruction: &str) -> Vec<String> {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("{instruction} is not a JSON array: {e}"))
 }
 
-#[test]
-fn systemd_unit_verifies_and_is_hardened() {
-    let unit = read("deploy/systemd/kst.service");
+/// Runs `systemd-analyze verify` on `files` (units of deploy/systemd, pointed at this build's
+/// binary, since verify checks that executables exist); fails on any warning about them.
+fn verify_units(files: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
-    // verify checks that the executables exist: point the unit at this build's binary.
-    let path = dir.path().join("kst.service");
-    std::fs::write(
-        &path,
-        unit.replace("/usr/local/bin/kst", &kst_binary().display().to_string()),
-    )
-    .expect("write unit");
+    let mut paths = Vec::new();
+    for f in files {
+        let unit = read(&format!("deploy/systemd/{f}"));
+        let path = dir.path().join(f);
+        std::fs::write(
+            &path,
+            unit.replace("/usr/local/bin/kst", &kst_binary().display().to_string()),
+        )
+        .expect("write unit");
+        paths.push(path);
+    }
     let out = Command::new("systemd-analyze")
         .arg("verify")
-        .arg(&path)
+        .args(&paths)
         .output()
         .expect("systemd-analyze must be installed (Debian package systemd; scripts/test.sh installs it)");
     let text = format!(
@@ -70,36 +74,55 @@ fn systemd_unit_verifies_and_is_hardened() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "systemd-analyze verify: {text}");
-    // Unknown keys and bad values are only warnings: there must be none about the unit.
-    assert!(
-        !text.contains("kst.service"),
-        "systemd-analyze verify warns:\n{text}"
-    );
+    // Unknown keys and bad values are only warnings: there must be none about the units.
+    for f in files {
+        assert!(!text.contains(f), "systemd-analyze verify warns:\n{text}");
+    }
+    dir
+}
 
+/// The exposure level `systemd-analyze security --offline` gives the service unit at `path`.
+fn exposure(path: &Path, name: &str) -> f64 {
     let out = Command::new("systemd-analyze")
         .args(["security", "--offline=yes", "--no-pager"])
-        .arg(&path)
+        .arg(path)
         .output()
         .expect("systemd-analyze security");
     let text = String::from_utf8_lossy(&out.stdout);
+    let marker = format!("Overall exposure level for {name}:");
     let level: f64 = text
         .lines()
-        .find_map(|l| l.split("Overall exposure level for kst.service:").nth(1))
+        .find_map(|l| l.split(marker.as_str()).nth(1))
         .and_then(|r| r.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
-    eprintln!("systemd-analyze security: exposure {level} (0 = locked down, 10 = exposed)");
-    assert!(level < 2.0, "the unit lost its hardening:\n{text}");
+    eprintln!("systemd-analyze security {name}: exposure {level} (0 = locked down, 10 = exposed)");
+    level
+}
 
-    for key in [
-        "ProtectSystem=strict",
-        "NoNewPrivileges=yes",
-        "PrivateTmp=yes",
-        "StateDirectory=kst",
-        "User=kst",
-    ] {
-        assert!(unit.lines().any(|l| l == key), "the unit must set {key}");
+#[test]
+fn systemd_unit_verifies_and_is_hardened() {
+    let units = ["kst.service", "kst-outbox.service", "kst-outbox.timer"];
+    let dir = verify_units(&units);
+    for name in ["kst.service", "kst-outbox.service"] {
+        let level = exposure(&dir.path().join(name), name);
+        assert!(level < 2.0, "{name} lost its hardening: exposure {level}");
+        let unit = read(&format!("deploy/systemd/{name}"));
+        for key in [
+            "ProtectSystem=strict",
+            "NoNewPrivileges=yes",
+            "PrivateTmp=yes",
+            "StateDirectory=kst",
+            "User=kst",
+        ] {
+            assert!(unit.lines().any(|l| l == key), "{name} must set {key}");
+        }
     }
+    let timer = read("deploy/systemd/kst-outbox.timer");
+    assert!(
+        !unit_values(&timer, "OnUnitActiveSec").is_empty(),
+        "{timer}"
+    );
 }
 
 #[test]
@@ -127,6 +150,28 @@ fn systemd_unit_commands_parse_and_its_paths_agree() {
         "{} is outside {state}",
         cfg.store.path.display()
     );
+    // So does the spool kst serve writes and kst-outbox.service reads.
+    assert!(
+        cfg.mailer.path.starts_with(&state),
+        "{} is outside {state}",
+        cfg.mailer.path.display()
+    );
+    let outbox = read("deploy/systemd/kst-outbox.service");
+    assert_eq!(
+        unit_values(&outbox, "StateDirectory"),
+        [state.trim_start_matches("/var/lib/")]
+    );
+    let start = unit_values(&outbox, "ExecStart");
+    assert_eq!(start.len(), 1);
+    let cli = parse(&words(&start[0]));
+    assert!(
+        matches!(
+            cli.command,
+            KstCommand::Outbox(OutboxCommand::Send { dir: None })
+        ),
+        "{start:?}"
+    );
+    assert_eq!(cli.config.as_deref(), Some(Path::new("/etc/kst/kst.toml")));
 }
 
 #[test]
