@@ -182,6 +182,7 @@ pub async fn send(cfg: &MailerConfig, dir: &Path) -> anyhow::Result<Report> {
             }
         }
     }
+    mailer.close().await;
     // Make the removals durable; a crash before this can only send a reply again.
     if report.sent > 0 || report.set_aside > 0 {
         File::open(dir)

@@ -32,4 +32,8 @@ pub trait Mailer: Send + Sync {
 
     /// Checks that the mailer can accept mail now (for `/readyz`).
     async fn check(&self) -> Result<()>;
+
+    /// Ends what the mailer keeps open between replies (a relay session says QUIT), at
+    /// shutdown. Replies sent before stay sent; a later `send` opens anew. Nothing by default.
+    async fn close(&self) {}
 }

@@ -54,14 +54,19 @@ pub async fn serve(lmtp: LmtpConfig, http: HttpConfig, kst: Kst) -> anyhow::Resu
             }
         }
     });
-    let result = tokio::select! {
-        r = run(listener, kst, lmtp, at_least(signals.clone(), 1)) => r,
+    let mailer = kst.mailer().clone();
+    let (result, graceful) = tokio::select! {
+        r = run(listener, kst, lmtp, at_least(signals.clone(), 1)) => (r, true),
         () = at_least(signals, 2) => {
             tracing::warn!("second signal: exiting at once; unacknowledged messages will be retried by the MTA");
-            Ok(())
+            (Ok(()), false)
         }
     };
     upkeep.abort();
+    if graceful {
+        // Pooled relay sessions end with QUIT rather than a dropped connection.
+        mailer.close().await;
+    }
     if let Some(task) = http_task {
         match tokio::time::timeout(Duration::from_secs(2), task).await {
             Ok(Ok(Ok(()))) => {}

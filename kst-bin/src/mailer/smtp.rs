@@ -375,6 +375,22 @@ impl Mailer for SmtpMailer {
         quit(session.client, self.timeout).await;
         Ok(())
     }
+
+    /// Says QUIT on every pooled session (at most `timeout_secs` each), so the relay sees a
+    /// clean end instead of a lost connection.
+    async fn close(&self) {
+        let idle: Vec<Idle> = match self.pool.lock() {
+            Ok(mut pool) => pool.drain(..).collect(),
+            Err(_) => return,
+        };
+        let n = idle.len();
+        for i in idle {
+            quit(i.session.client, self.timeout).await;
+        }
+        if n > 0 {
+            tracing::debug!(relay = %self.relay, sessions = n, "closed the pooled relay sessions");
+        }
+    }
 }
 
 fn log_sent(mailer: &SmtpMailer, mail: &OutgoingMail, reply: &str, reused: bool) {
@@ -418,6 +434,7 @@ mod tests {
     struct Counts {
         connections: AtomicUsize,
         messages: AtomicUsize,
+        quits: AtomicUsize,
     }
 
     /// Serves SMTP on 127.0.0.1 until the test ends, offering PIPELINING or not; returns its
@@ -459,6 +476,7 @@ mod tests {
                                     b"354 go ahead\r\n"
                                 }
                                 "QUIT" => {
+                                    c.quits.fetch_add(1, Ordering::SeqCst);
                                     let _ = w.write_all(b"221 bye\r\n").await;
                                     return;
                                 }
@@ -552,6 +570,21 @@ mod tests {
         let e = mailer(port, 4).send(&mail(0)).await.unwrap_err();
         assert!(e.is_temporary(), "{e}");
         assert_eq!(counts.messages.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn close_says_quit_on_pooled_sessions() {
+        let (port, counts) = relay(After::Stay).await;
+        let m = mailer(port, 4);
+        m.send(&mail(0)).await.unwrap();
+        assert_eq!(m.idle_sessions(), 1);
+        m.close().await;
+        assert_eq!(m.idle_sessions(), 0);
+        assert_eq!(counts.quits.load(Ordering::SeqCst), 1);
+        // A reply after close opens a new session.
+        m.send(&mail(1)).await.unwrap();
+        assert_eq!(counts.connections.load(Ordering::SeqCst), 2);
+        assert_eq!(counts.messages.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
