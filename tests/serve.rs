@@ -2,6 +2,7 @@
 //! temporary working directory), LMTP on a free port, the HTTP endpoint, a publication and a
 //! retrieval with a gpg-made key, and SIGTERM while a message is half sent.
 
+use kst_bin::bench::lmtp::dot_stuff as data;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -211,22 +212,6 @@ impl Lmtp {
         self.send(data(raw));
         self.reply()
     }
-}
-
-/// Dot-stuffed DATA content with its terminating line.
-fn data(raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len() + 16);
-    for line in raw.split_inclusive(|&b| b == b'\n') {
-        if line.starts_with(b".") {
-            out.push(b'.');
-        }
-        out.extend_from_slice(line);
-    }
-    if !out.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-    out
 }
 
 /// A raw HTTP/1.1 GET: (status, body).

@@ -2,6 +2,7 @@
 //! filesystem store, spool mailer), timeouts, refused peers, a Redis store whose server is killed
 //! or frozen, graceful shutdown, and the HTTP endpoint.
 
+use kst_bin::bench::lmtp::dot_stuff as data;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -150,22 +151,6 @@ fn publication() -> (Vec<u8>, Pending) {
 fn retrieval() -> (Vec<u8>, Pending) {
     let req = client::build_retrieval(&addr("bob@example.org"), &addr("alice@example.net"));
     (req.message, req.pending)
-}
-
-/// The message as DATA content: dot-stuffed, ending with the terminating dot line.
-fn data(raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len() + 16);
-    for line in raw.split_inclusive(|&b| b == b'\n') {
-        if line.starts_with(b".") {
-            out.push(b'.');
-        }
-        out.extend_from_slice(line);
-    }
-    if !out.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-    out
 }
 
 /// A running `kst serve` LMTP listener on 127.0.0.1:0 with a spool mailer in a temp dir.

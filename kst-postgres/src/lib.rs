@@ -7,9 +7,11 @@ mod error;
 mod ratelimit;
 mod row;
 mod store;
+mod url;
 
 pub use builder::{
     DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_OPERATION_TIMEOUT,
     PostgresStoreBuilder,
 };
 pub use store::{MIGRATIONS_TABLE, PostgresStore};
+pub use url::with_database;

@@ -28,20 +28,6 @@ fn block_on<T: Send + 'static>(fut: impl std::future::Future<Output = T> + Send 
     .expect("helper thread")
 }
 
-/// `url` with its database name replaced by `db`.
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    format!("{base}/{db}{query}")
-}
-
 async fn admin_sql(admin: String, sql: String) -> Result<(), sqlx::Error> {
     use sqlx::Connection as _;
     let mut conn = sqlx::PgConnection::connect(&admin).await?;
@@ -143,6 +129,7 @@ impl Default for TestPrefix {
     }
 }
 
+use kst_postgres::with_database;
 use redis::Commands as _;
 
 impl Drop for TestPrefix {

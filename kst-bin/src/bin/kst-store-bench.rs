@@ -23,6 +23,7 @@
 //!
 //! A `get` that finds no key for a stored address fails the run, so a bad fill is noticed.
 
+use kst_postgres::with_database;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -101,19 +102,6 @@ fn new_key(i: u64, serial: u64, len: usize) -> NewKey {
         published_at: 1_700_000_000 + serial,
         revoked: false,
     }
-}
-
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    format!("{base}/{db}{query}")
 }
 
 async fn admin_sql(admin: &str, sql: String) -> Result<()> {

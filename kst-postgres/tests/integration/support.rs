@@ -2,25 +2,12 @@
 
 use kst_core::{Address, AddressPolicy, NewKey};
 use kst_postgres::PostgresStore;
+use kst_postgres::with_database;
 
 /// Admin URL of the shared test server.
 pub fn admin_url() -> String {
     std::env::var("KST_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// `url` with its database name replaced by `db`.
-pub fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    format!("{base}/{db}{query}")
 }
 
 /// A database of its own on the test server, dropped (with its connections) when this value is
