@@ -515,6 +515,15 @@ serves() {
   [ "$(dig +short +norec +time=1 +tries=1 -p "$1" @127.0.0.1 SOA "$2" 2>/dev/null | awk '{print $3}')" = "$3" ]
 }
 
+# serves_all PORT: the instance on PORT serves every zone with the current serial.
+serves_all() {
+  local serial z
+  serial="$(cat "$STATE/zones/serial")"
+  for z in "${SIGNED_ZONES[@]}" "${UNSIGNED_ZONES[@]}"; do
+    serves "$1" "$(fqdn "$z")" "$serial" || return 1
+  done
+}
+
 wait_for() {
   local what="$1"
   shift
@@ -538,6 +547,7 @@ stop_pid() {
 }
 
 STARTED=0
+RELOADED=0
 start_instance() {
   local inst="$1" dir="$STATE/named-$1" port conf_changed=0
   port="$(inst_port "$inst")"
@@ -545,19 +555,25 @@ start_instance() {
   chmod 0755 "$dir"
   if named_conf "$inst" | put "$dir/named.conf" 0644; then conf_changed=1; fi
   named-checkconf "$dir/named.conf" || die "named.conf of the $inst instance is wrong: $dir/named.conf"
-  if named_running "$inst"; then
+  # named rewrites its pid file on a reload: read it once.
+  local pid running=0
+  pid="$(named_pid "$inst")"
+  if pid_alive "$pid"; then
+    running=1
     if [ "$conf_changed" -eq 1 ]; then
       # Listening ports may have changed: a reload would not move them reliably.
       log "named $inst: restarting (configuration changed)"
-      stop_pid "named $inst" "$(named_pid "$inst")"
-    elif [ "$ZONES_CHANGED" -eq 1 ]; then
+      stop_pid "named $inst" "$pid"
+      running=0
+    elif [ "$ZONES_CHANGED" -eq 1 ] || ! serves_all "$port"; then
       log "named $inst: reloading the zones"
-      kill -HUP "$(named_pid "$inst")"
+      kill -HUP "$pid"
+      RELOADED=1
     else
       log "named $inst: running (127.0.0.1:$port)"
     fi
   fi
-  if ! named_running "$inst"; then
+  if [ "$running" -eq 0 ]; then
     local p
     for p in "$port" $([ "$inst" = main ] && echo "$TLS_PORT"); do
       if tcp_listening "$p" || udp_listening "$p"; then
@@ -620,7 +636,7 @@ cmd_up() {
   sign_zones
   local inst
   for inst in "${INSTANCES[@]}"; do start_instance "$inst"; done
-  if [ "$STARTED$ZONES_CHANGED" = 00 ]; then
+  if [ "$STARTED$ZONES_CHANGED$RELOADED" = 000 ]; then
     log "up: everything was running, nothing changed"
   else
     log "up: running (serial $(cat "$STATE/zones/serial"))"
