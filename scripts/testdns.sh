@@ -218,6 +218,7 @@ soa() {
   local z ns
   z="$(fqdn "$1")"
   case "$1" in .) ns="ns.test." ;; *) ns="ns.$z" ;; esac
+  # shellcheck disable=SC2016 # $TTL is a zone-file directive
   printf '$TTL 3600\n%s IN SOA %s hostmaster.%s @SERIAL@ 3600 600 86400 300\n' "$z" "$ns" "${z#.}"
 }
 
@@ -381,8 +382,8 @@ sign_zones() {
       for child in "${SIGNED_ZONES[@]}"; do
         [ "$child" != "$z" ] || continue
         case "$child" in
-          *.*) [ "${child#*.}" = "$z" ] || continue ;;
           .) continue ;;
+          *.*) [ "${child#*.}" = "$z" ] || continue ;;
           *) [ "$z" = . ] || continue ;;
         esac
         cat "$tmp/dsset-$child."
