@@ -7,7 +7,7 @@
 #
 # Usage (as root): scripts/testdns-selftest.sh
 # Environment: KST_DNS_DIR (/tmp/kst-dns-selftest) and the KST_DNS_*PORT variables of
-# testdns.sh (defaults here: 5310 dns, 5311 DoT, 5312 forged, 5313 stripped, so that a running
+# testdns.sh (defaults here: 5310 dns, 5311 DoT, 5312 forged, 5313 stripped, 5314 nods, so that a running
 # test DNS on the usual ports is left alone); KST_DNS_SELFTEST_KEEP=1 leaves it running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,7 @@ export KST_DNS_PORT="${KST_DNS_PORT:-5310}"
 export KST_DNS_TLS_PORT="${KST_DNS_TLS_PORT:-5311}"
 export KST_DNS_FORGED_PORT="${KST_DNS_FORGED_PORT:-5312}"
 export KST_DNS_STRIPPED_PORT="${KST_DNS_STRIPPED_PORT:-5313}"
+export KST_DNS_NODS_PORT="${KST_DNS_NODS_PORT:-5314}"
 unset KST_DNS_EXTRA_DIR KST_DNS_TLSA_CERT
 # The TLSA records name this selftest's own certificate, not a running test mail system's.
 export KST_MAIL_DIR=/nonexistent
@@ -101,11 +102,11 @@ tlsa_is() {
   grep -q '^; fully validated' <<<"$out" \
     && grep -E 'IN[[:space:]]+TLSA' <<<"$out" | tr -d ' ' | tr 'A-F' 'a-f' | grep -qF "311$4"
 }
-named_pids() { for i in main forged stripped; do cat "$STATE/named-$i/named.pid" 2>/dev/null || echo -; done | tr '\n' ' '; }
+named_pids() { for i in main forged stripped nods; do cat "$STATE/named-$i/named.pid" 2>/dev/null || echo -; done | tr '\n' ' '; }
 port_closed() { [ -z "$(ss -Hltun "sport = :$1" 2>/dev/null)" ]; }
 
 # --- up ---------------------------------------------------------------------------------------
-say "up (state $STATE; ports $KST_DNS_PORT, DoT $KST_DNS_TLS_PORT, forged $KST_DNS_FORGED_PORT, stripped $KST_DNS_STRIPPED_PORT)"
+say "up (state $STATE; ports $KST_DNS_PORT, DoT $KST_DNS_TLS_PORT, forged $KST_DNS_FORGED_PORT, stripped $KST_DNS_STRIPPED_PORT, nods $KST_DNS_NODS_PORT)"
 "$TD" down >/dev/null 2>&1 || true
 T0=$SECONDS
 if ! "$TD" up >"$WORK/env" 2>"$WORK/up.log"; then
@@ -118,7 +119,7 @@ ok "testdns.sh up ($((SECONDS - T0)) s)"
 # shellcheck disable=SC1091
 . "$WORK/env"
 check "env: the same lines from 'env'" cmp -s "$WORK/env" <("$TD" env)
-check "status: all three instances run (exit 0)" "$TD" status
+check "status: all four instances run (exit 0)" "$TD" status
 P="$KST_DNS_PORT"
 DS="$KST_DNS_DELV_ANCHOR"
 KEY="$KST_DNS_DELV_ANCHOR_KEY"
@@ -171,6 +172,12 @@ check "stripped instance (example.net served unsigned under a DS): example.net M
 check "  ... it serves the MX without RRSIG (dig +dnssec)" no_rrsig "$S" example.net MX
 check "stripped instance: _25._tcp.mail.example.net TLSA refused" bogus "$S" "$DS" _25._tcp.mail.example.net TLSA
 check "stripped instance: acme.net MX (untouched) fully validated" secure "$S" "$DS" acme.net MX "mail.acme.net."
+N="$KST_DNS_NODS_PORT"
+check "nods instance (example.net unsigned, its DS removed from net.): example.net MX refused" bogus "$N" "$DS" example.net MX
+check "  ... net. there answers 'no DS' for example.net (dig: NOERROR, no DS record)" \
+  bash -c "out=\$(dig +norec -p $N @127.0.0.1 example.net DS); echo \"\$out\"; grep -q 'status: NOERROR' <<<\"\$out\" && ! grep -qE 'IN[[:space:]]+DS[[:space:]]+[0-9]' <<<\"\$out\""
+check "  ... and delv refuses that 'no DS' (the signed NSEC3 record lists DS)" bogus "$N" "$DS" example.net DS
+check "nods instance: insecure.net MX (a real 'no DS') still an unsigned answer" insecure "$N" "$DS" insecure.net MX
 # Another root key: nothing validates, not even the insecure zones (no proof of no DS).
 mkdir -p "$WORK/otherkey"
 dnssec-keygen -q -K "$WORK/otherkey" -a ECDSAP256SHA256 -f KSK -n ZONE . >/dev/null
@@ -234,7 +241,7 @@ check "up starts it again" bash -c "'$TD' up >/dev/null 2>&1 && '$TD' status >/d
 check "  ... and it serves the forged copy again" bogus "$F" "$DS" example.net MX
 "$TD" down >/dev/null 2>&1
 check "down: all ports closed, state directory removed" \
-  bash -c "for p in $P $T $F $S; do [ -z \"\$(ss -Hltun \"sport = :\$p\")\" ] || exit 1; done; [ ! -e '$STATE' ]"
+  bash -c "for p in $P $T $F $S $N; do [ -z \"\$(ss -Hltun \"sport = :\$p\")\" ] || exit 1; done; [ ! -e '$STATE' ]"
 check "status after down: exit 3" bash -c "! '$TD' status >/dev/null"
 check "down again: nothing to do" "$TD" down
 

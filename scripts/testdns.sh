@@ -13,12 +13,14 @@
 #   insecure.net.  unsigned, the same records
 #   test.          unsigned; dns.test (the DoT server's name), mail.attacker.test
 #
-# Three named instances read the same zone files:
+# Four named instances read the same zone files:
 #   main      plain DNS (UDP+TCP) and DNS over TLS (certificate from a test CA made here)
 #   forged    the same zones, but every record of example.net's that a client uses (MX, A,
 #             SRV, TXT, TLSA) was changed after signing: each keeps its now-wrong RRSIG
 #   stripped  the same zones, but example.net is served unsigned (no DNSKEY, RRSIG, NSEC)
 #             although net. still holds its DS: the downgrade attack
+#   nods      as stripped, and net. answers that example.net has no DS (the DS and its RRSIG
+#             removed; net.'s signed NSEC3 records still say that there is one)
 # Tests pick the instance by resolver address; the names and the trust anchor are the same.
 #
 # Runs as root on Debian 12, installs bind9, bind9-utils, bind9-dnsutils and knot-dnsutils
@@ -40,6 +42,7 @@
 #   KST_DNS_TLS_PORT       main instance, DNS over TLS (5301)
 #   KST_DNS_FORGED_PORT    forged instance, UDP and TCP (5302)
 #   KST_DNS_STRIPPED_PORT  stripped instance, UDP and TCP (5303)
+#   KST_DNS_NODS_PORT      nods instance, UDP and TCP (5304)
 #   KST_DNS_TLSA_CERT      certificate whose key the TLSA records of mail.example.net and
 #                          mail.acme.net name (default: the test mail system's
 #                          $KST_MAIL_DIR/tls/server.pem when it exists, else $KST_DNS_DIR/tls/mx.pem,
@@ -62,6 +65,7 @@ PORT="${KST_DNS_PORT:-5300}"
 TLS_PORT="${KST_DNS_TLS_PORT:-5301}"
 FORGED_PORT="${KST_DNS_FORGED_PORT:-5302}"
 STRIPPED_PORT="${KST_DNS_STRIPPED_PORT:-5303}"
+NODS_PORT="${KST_DNS_NODS_PORT:-5304}"
 EXTRA_DIR="${KST_DNS_EXTRA_DIR:-$STATE/extra}"
 SUBMISSION_PORT="${KST_MAIL_SUBMISSION_PORT:-2587}"
 SUBMISSIONS_PORT="${KST_MAIL_SUBMISSIONS_PORT:-2465}"
@@ -78,7 +82,7 @@ ATTACKER_ADDR="127.0.0.66"
 # Signed zones, children before parents (each parent takes its children's DS).
 SIGNED_ZONES=(example.net acme.net net .)
 UNSIGNED_ZONES=(insecure.net test)
-INSTANCES=(main forged stripped)
+INSTANCES=(main forged stripped nods)
 MARKER="$STATE/.kst-testdns"
 
 log() { printf '== testdns: %s\n' "$*" >&2; }
@@ -93,11 +97,11 @@ check_settings() {
   [[ "$STATE" =~ ^/[A-Za-z0-9._/-]+$ ]] || die "KST_DNS_DIR may hold only letters, digits and ._-/: $STATE"
   case "$STATE" in / | /tmp | /var | /usr | /etc | /root | /home | /work) die "KST_DNS_DIR=$STATE is too dangerous to remove on down" ;; esac
   local p
-  for p in "$PORT" "$TLS_PORT" "$FORGED_PORT" "$STRIPPED_PORT" "$SUBMISSION_PORT" "$SUBMISSIONS_PORT" "$IMAP_PORT" "$IMAPS_PORT"; do
+  for p in "$PORT" "$TLS_PORT" "$FORGED_PORT" "$STRIPPED_PORT" "$NODS_PORT" "$SUBMISSION_PORT" "$SUBMISSIONS_PORT" "$IMAP_PORT" "$IMAPS_PORT"; do
     if ! [[ "$p" =~ ^[0-9]+$ ]] || [ "$p" -lt 1 ] || [ "$p" -gt 65535 ]; then die "bad port number '$p'"; fi
   done
-  [ "$(printf '%s\n' "$PORT" "$TLS_PORT" "$FORGED_PORT" "$STRIPPED_PORT" | sort -u | wc -l)" -eq 4 ] \
-    || die "KST_DNS_PORT, KST_DNS_TLS_PORT, KST_DNS_FORGED_PORT and KST_DNS_STRIPPED_PORT must differ"
+  [ "$(printf '%s\n' "$PORT" "$TLS_PORT" "$FORGED_PORT" "$STRIPPED_PORT" "$NODS_PORT" | sort -u | wc -l)" -eq 5 ] \
+    || die "KST_DNS_PORT, KST_DNS_TLS_PORT, KST_DNS_FORGED_PORT, KST_DNS_STRIPPED_PORT and KST_DNS_NODS_PORT must differ"
 }
 
 # One `up`/`down` at a time; the lock is on this script file. Daemons start with fd 9 closed.
@@ -359,7 +363,7 @@ sign_zones() {
     cat "$kdir"/*.key
   } | sha256sum | cut -d' ' -f1)"
   if [ "$(cat "$zdir/inputs.sha256" 2>/dev/null || true)" = "$inputs" ] \
-    && [ -s "$zdir/root.signed" ] && [ -s "$zdir/example.net.forged" ]; then
+    && [ -s "$zdir/root.signed" ] && [ -s "$zdir/example.net.forged" ] && [ -s "$zdir/net.nods" ]; then
     return 0
   fi
   serial=$(($(cat "$zdir/serial" 2>/dev/null || echo 0) + 1))
@@ -421,12 +425,14 @@ sign_zones() {
   forge <"$tmp/example.net.signed" >"$tmp/example.net.forged"
   grep -vE '^[^;[:space:]]+[[:space:]]+[0-9]+[[:space:]]+IN[[:space:]]+(DNSKEY|RRSIG|NSEC|NSEC3|NSEC3PARAM)[[:space:]]' \
     "$tmp/example.net.signed" | grep -v '^;' >"$tmp/example.net.unsigned"
+  awk '!($1 == "example.net." && ($4 == "DS" || ($4 == "RRSIG" && $5 == "DS")))' \
+    "$tmp/net.signed" >"$tmp/net.nods"
   # Install: everything at once, then the new serial is what `up` waits for.
   mkdir -p "$STATE/anchors"
   chmod 0755 "$STATE/anchors"
   mv -f "$tmp"/anchors/* "$STATE/anchors/"
   chmod 0644 "$STATE"/anchors/*
-  for f in "$tmp"/*.zone "$tmp"/*.signed "$tmp"/example.net.forged "$tmp"/example.net.unsigned "$tmp"/dsset-*; do
+  for f in "$tmp"/*.zone "$tmp"/*.signed "$tmp"/example.net.forged "$tmp"/example.net.unsigned "$tmp"/net.nods "$tmp"/dsset-*; do
     chmod 0644 "$f"
     mv -f "$f" "$zdir/"
   done
@@ -441,18 +447,17 @@ zone_file() {
   local inst="$1" z="$2" name
   name="$(file_name "$z")"
   case "$z" in insecure.net | test) echo "$STATE/zones/$name.zone"; return ;; esac
-  if [ "$z" = example.net ]; then
-    case "$inst" in
-      forged) echo "$STATE/zones/example.net.forged"; return ;;
-      stripped) echo "$STATE/zones/example.net.unsigned"; return ;;
-    esac
-  fi
+  case "$inst/$z" in
+    forged/example.net) echo "$STATE/zones/example.net.forged"; return ;;
+    stripped/example.net | nods/example.net) echo "$STATE/zones/example.net.unsigned"; return ;;
+    nods/net) echo "$STATE/zones/net.nods"; return ;;
+  esac
   echo "$STATE/zones/$name.signed"
 }
 
 named_conf() {
   local inst="$1" dir="$STATE/named-$1" port z
-  case "$inst" in main) port="$PORT" ;; forged) port="$FORGED_PORT" ;; stripped) port="$STRIPPED_PORT" ;; esac
+  port="$(inst_port "$inst")"
   if [ "$inst" = main ]; then
     cat <<EOF
 tls dot {
@@ -505,7 +510,7 @@ pid_alive() {
 pidfile_pid() { if [ -s "$1" ]; then tr -dc '0-9' <"$1"; fi; }
 named_pid() { pidfile_pid "$STATE/named-$1/named.pid"; }
 named_running() { pid_alive "$(named_pid "$1")"; }
-inst_port() { case "$1" in main) echo "$PORT" ;; forged) echo "$FORGED_PORT" ;; stripped) echo "$STRIPPED_PORT" ;; esac; }
+inst_port() { case "$1" in main) echo "$PORT" ;; forged) echo "$FORGED_PORT" ;; stripped) echo "$STRIPPED_PORT" ;; nods) echo "$NODS_PORT" ;; esac; }
 
 tcp_listening() { [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]; }
 udp_listening() { [ -n "$(ss -Hlun "sport = :$1" 2>/dev/null)" ]; }
@@ -608,11 +613,13 @@ export KST_DNS_PORT=$PORT
 export KST_DNS_TLS_PORT=$TLS_PORT
 export KST_DNS_FORGED_PORT=$FORGED_PORT
 export KST_DNS_STRIPPED_PORT=$STRIPPED_PORT
+export KST_DNS_NODS_PORT=$NODS_PORT
 export KST_DNS_RESOLVER=127.0.0.1:$PORT
 export KST_DNS_TLS_RESOLVER=tls://127.0.0.1:$TLS_PORT#$DOT_NAME
 export KST_DNS_TLS_NAME=$DOT_NAME
 export KST_DNS_FORGED_RESOLVER=127.0.0.1:$FORGED_PORT
 export KST_DNS_STRIPPED_RESOLVER=127.0.0.1:$STRIPPED_PORT
+export KST_DNS_NODS_RESOLVER=127.0.0.1:$NODS_PORT
 export KST_DNS_CA=$STATE/tls/ca.pem
 export KST_DNS_ANCHOR=$STATE/anchors/root.key
 export KST_DNS_ANCHOR_DS=$STATE/anchors/root.ds
