@@ -166,6 +166,9 @@ check "forged instance: mail.example.net A refused" bogus "$F" "$DS" mail.exampl
 check "forged instance: _25._tcp.mail.example.net TLSA refused" bogus "$F" "$DS" _25._tcp.mail.example.net TLSA
 check "forged instance: _submission._tcp.example.net SRV refused" bogus "$F" "$DS" _submission._tcp.example.net SRV
 check "forged instance: example.net TXT (SPF) refused" bogus "$F" "$DS" example.net TXT
+check "forged instance: _submissions._tcp.example.net SRV removed (forged NODATA) refused" bogus "$F" "$DS" _submissions._tcp.example.net SRV
+check "  ... it answers NOERROR without an SRV record there (dig)" \
+  bash -c "out=\$(dig +norec -p $F @127.0.0.1 _submissions._tcp.example.net SRV); echo \"\$out\"; grep -q 'status: NOERROR' <<<\"\$out\" && ! grep -qE 'IN[[:space:]]+SRV[[:space:]]+[0-9]' <<<\"\$out\""
 check "forged instance: acme.net MX (untouched) fully validated" secure "$F" "$DS" acme.net MX "mail.acme.net."
 S="$KST_DNS_STRIPPED_PORT"
 check "stripped instance (example.net served unsigned under a DS): example.net MX refused" bogus "$S" "$DS" example.net MX

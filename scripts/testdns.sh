@@ -16,7 +16,8 @@
 # Four named instances read the same zone files:
 #   main      plain DNS (UDP+TCP) and DNS over TLS (certificate from a test CA made here)
 #   forged    the same zones, but every record of example.net's that a client uses (MX, A,
-#             SRV, TXT, TLSA) was changed after signing: each keeps its now-wrong RRSIG
+#             SRV, TXT, TLSA) was changed after signing: each keeps its now-wrong RRSIG; and
+#             _submissions._tcp.example.net SRV is missing (a forged NODATA)
 #   stripped  the same zones, but example.net is served unsigned (no DNSKEY, RRSIG, NSEC)
 #             although net. still holds its DS: the downgrade attack
 #   nods      as stripped, and net. answers that example.net has no DS (the DS and its RRSIG
@@ -321,11 +322,14 @@ make_keys() {
 
 # The forged copy of a signed zone (full format, one record a line): every MX, A (except the
 # name server's), SRV, TXT and TLSA rdata is replaced; the RRSIGs stay, so they no longer match.
+# The _submissions._tcp SRV record (implicit TLS) is removed: a forged "no such record" that
+# would send a client to STARTTLS on _submission._tcp (the NSEC record still lists SRV there).
 forge() {
   local bad_hash
   bad_hash="$(printf forged | sha256sum | cut -d' ' -f1)"
   awk -v host="$ATTACKER_HOST" -v addr="$ATTACKER_ADDR" -v hash="$bad_hash" '
     /^;/ { print; next }
+    $1 ~ /^_submissions\._tcp\./ && ($4 == "SRV" || ($4 == "RRSIG" && $5 == "SRV")) { next }
     $4 == "A" && $1 !~ /^ns\./ { $5 = addr }
     $4 == "MX" { $6 = host }
     $4 == "SRV" { if ($7 == 0) $7 = 25; $8 = host }
@@ -361,6 +365,7 @@ sign_zones() {
   inputs="$({
     for z in "${SIGNED_ZONES[@]}" "${UNSIGNED_ZONES[@]}"; do zone_source "$z" "$hash"; done
     cat "$kdir"/*.key
+    cat "$SELF" # how the variants are made
   } | sha256sum | cut -d' ' -f1)"
   if [ "$(cat "$zdir/inputs.sha256" 2>/dev/null || true)" = "$inputs" ] \
     && [ -s "$zdir/root.signed" ] && [ -s "$zdir/example.net.forged" ] && [ -s "$zdir/net.nods" ]; then
