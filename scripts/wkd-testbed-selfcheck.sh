@@ -18,6 +18,7 @@ TB="$PWD/scripts/wkd-testbed.sh"
 ADDR="${KST_WKD_SELFCHECK_ADDR:-127.1.0.250}"
 HKP_PORT="${KST_WKD_SELFCHECK_HKP_PORT:-31371}"
 SC="${KST_WKD_SELFCHECK_DIR:-$(mktemp -d /tmp/kst-wkd-selfcheck.XXXXXX)}"
+mkdir -p "$SC"
 WKS=/usr/lib/gnupg/gpg-wks-client
 PY=/usr/bin/python3
 
@@ -175,7 +176,15 @@ if out="$(inbed "$N" gpg --batch --no-tty --auto-key-locate clear,nodefault,wkd 
   fail "unknown address: gpg fails" "$out"
 else ok "unknown address: gpg fails (exit $?)"; fi
 expect "unknown address: gpg says No data" "No data" "$out"
-expect "unknown address: 404 on the advanced URL, no direct fallback" "/example.net/hu/$(wkdhash nobody)?l=nobody HTTP/1.0 -> 404" "$(requests)"
+# After a miss, dirmngr also checks whether the domain has a policy file (it may do so after
+# gpg has exited) and remembers the answer (its domaininfo cache) while it runs.
+sleep 1
+reqs="$(requests)"
+expect "unknown address: 404 on the advanced URL, no direct fallback" "/example.net/hu/$(wkdhash nobody)?l=nobody HTTP/1.0 -> 404" "$reqs"
+expect "unknown address: dirmngr then fetches the policy" \
+  "web GET /.well-known/openpgpkey/example.net/policy HTTP/1.0 -> 200" "$reqs"
+if grep -q 'openpgpkey/hu/' <<<"$reqs"; then fail "unknown address: no direct-method request" "$reqs"
+else ok "unknown address: no direct-method request"; fi
 
 say "gpg-wks-client --supported / --check"
 expect "--supported alice@example.net" "supports WKS" "$(inbed "$U" "$WKS" -v --supported alice@example.net 2>&1)"
@@ -183,7 +192,14 @@ expect "--supported asks for the policy file" "/.well-known/openpgpkey/example.n
 if out="$(inbed "$U" "$WKS" -v --supported bob@acme.net 2>&1)"; then
   fail "--supported bob@acme.net fails without a policy file" "$out"
 else ok "--supported bob@acme.net fails without a policy file"; fi
-requests >/dev/null
+mv "$W/example.net/submission-address" "$SC/submission-address.away"
+if out="$(inbed "$U" "$WKS" -v --supported alice@example.net 2>&1)"; then
+  fail "--supported fails when only the submission-address file is missing" "$out"
+else expect "--supported fails when only the submission-address file is missing" "does NOT support WKS" "$out"; fi
+reqs="$(requests)"
+expect "--supported asks the policy" "example.net/policy HTTP/1.0 -> 200" "$reqs"
+expect "--supported asks the submission-address" "example.net/submission-address HTTP/1.0 -> 404" "$reqs"
+mv "$SC/submission-address.away" "$W/example.net/submission-address"
 out="$(inbed "$N" "$WKS" -v --check alice@example.net 2>&1)"
 expect "--check alice@example.net finds the key" "fingerprint: $ALICE" "$out"
 expect "--check asks the advanced URL" "/example.net/hu/$HA?l=alice HTTP/1.0 -> 200" "$(requests)"
