@@ -7,6 +7,7 @@ these paths; it is not a stand-in for kst in kst's tests. Serves files from ROOT
   ROOT/<domain>/policy, submission-address
   ROOT/hkp/<lowercase search>        armored key for op=get (search as the client sent it)
   ROOT/hkp-index/<lowercase search>  machine-readable index for op=index
+KST_SELFCHECK_CTYPE, when set, is the Content-Type of every 200 answer.
 Logs every request (method, request line, Host, all headers) as one JSON line to LOG.
 Usage: server.py ROOT LOG TLS_ADDR TLS_PORT CERT KEY HKP_PORT
 """
@@ -45,6 +46,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         real = os.path.realpath(path)
         if not real.startswith(os.path.realpath(ROOT) + os.sep) or not os.path.isfile(real):
             return self.send(404, b"not found\n", what=what + " 404")
+        # KST_SELFCHECK_CTYPE overrides every 200's Content-Type (what do clients check?).
+        ctype = os.environ.get("KST_SELFCHECK_CTYPE", ctype)
         with open(real, "rb") as f:
             self.send(200, f.read(), ctype, what)
 

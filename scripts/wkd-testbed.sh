@@ -35,7 +35,8 @@
 #   $KST_WKD_DIR/etc/hosts.direct            without the openpgpkey.* names (direct method only)
 #   $KST_WKD_DIR/etc/resolv.conf             nameserver 127.0.0.1 (no DNS: hosts file only)
 #   $KST_WKD_DIR/env                         shell assignments of the above, for scripts
-# and installs what is missing: gnupg, dirmngr, gpg-wks-client, curl, openssl, ca-certificates,
+# and installs what is missing (calls are serialized with a lock, so parallel tests may all call
+# `up`): gnupg, dirmngr, gpg-wks-client, curl, openssl, ca-certificates,
 # util-linux (unshare), and Sequoia's sq when Debian has it (optional).
 #
 # Usage (as root):
@@ -175,8 +176,11 @@ ENV
 
 up() {
   [ "$(id -u)" = 0 ] || die "up must run as root (trust store, mount namespaces)"
-  ensure_tools
   mkdir -p "$STATE"
+  # Parallel callers (tests) wait for each other: one makes, the others find it made.
+  exec 9>"$STATE/.lock"
+  flock 9
+  ensure_tools
   cert_ok || make_certs
   trust_ok || install_trust
   write_etc
