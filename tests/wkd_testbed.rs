@@ -30,14 +30,29 @@ fn the_view_points_the_names_at_the_tests_address_and_the_machine_is_untouched()
     let Some(bed) = bed() else { return };
     let addr = WkdTestbed::free_addr();
     let view = bed.view(addr, WkdMethod::Advanced);
-    for name in ["example.net", "openpgpkey.example.net", "acme.net", "openpgpkey.acme.net"] {
+    for name in [
+        "example.net",
+        "openpgpkey.example.net",
+        "acme.net",
+        "openpgpkey.acme.net",
+    ] {
         let got = getent(&view, name);
-        assert!(got.starts_with(&format!("{addr} ")), "{name} in the view: {got:?}");
+        assert!(
+            got.starts_with(&format!("{addr} ")),
+            "{name} in the view: {got:?}"
+        );
     }
     let direct = bed.view(addr, WkdMethod::DirectOnly);
     assert!(getent(&direct, "example.net").starts_with(&format!("{addr} ")));
-    assert_eq!(getent(&direct, "openpgpkey.example.net"), "", "direct-only view");
-    let outside = Command::new("getent").args(["hosts", "openpgpkey.example.net"]).output().unwrap();
+    assert_eq!(
+        getent(&direct, "openpgpkey.example.net"),
+        "",
+        "direct-only view"
+    );
+    let outside = Command::new("getent")
+        .args(["hosts", "openpgpkey.example.net"])
+        .output()
+        .unwrap();
     assert!(
         !String::from_utf8_lossy(&outside.stdout).contains(&addr.to_string()),
         "the machine's own resolver must not know the test names"
@@ -98,7 +113,14 @@ fn curl_reaches_a_tls_server_on_port_443_by_name_with_the_system_trust_store() {
             let out = view.run(
                 home.path(),
                 "curl",
-                &["-sS", "-o", "/dev/null", "-w", "%{http_code}", &format!("https://{name}/")],
+                &[
+                    "-sS",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    &format!("https://{name}/"),
+                ],
             );
             let code = String::from_utf8_lossy(&out.stdout).into_owned();
             if code == "200" {

@@ -46,7 +46,9 @@ impl WkdTestbed {
         static BED: OnceLock<Result<WkdTestbed, String>> = OnceLock::new();
         BED.get_or_init(|| {
             if !crate::is_root() {
-                return Err("the WKD test bed needs root (trust store, mount namespaces, port 443)".into());
+                return Err(
+                    "the WKD test bed needs root (trust store, mount namespaces, port 443)".into(),
+                );
             }
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/wkd-testbed.sh");
             let out = Command::new(&script)
@@ -134,7 +136,11 @@ impl WkdTestbed {
             cmd.arg("direct");
         }
         let out = cmd.output().expect("run wkd-testbed.sh hosts");
-        assert!(out.status.success(), "wkd-testbed.sh hosts: {}", crate::stderr(&out));
+        assert!(
+            out.status.success(),
+            "wkd-testbed.sh hosts: {}",
+            crate::stderr(&out)
+        );
         std::fs::write(&hosts, &out.stdout).expect("write hosts file");
         WkdView {
             script: self.script.clone(),
@@ -245,9 +251,18 @@ impl WkdHome {
             .stderr(Stdio::piped())
             .spawn()
             .expect("gpg must be installed (Debian package gnupg)");
-        child.stdin.take().unwrap().write_all(armored).expect("feed gpg");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(armored)
+            .expect("feed gpg");
         let out = child.wait_with_output().expect("gpg runs");
-        assert!(out.status.success(), "gpg --import: {}", crate::stderr(&out));
+        assert!(
+            out.status.success(),
+            "gpg --import: {}",
+            crate::stderr(&out)
+        );
     }
 
     /// Fingerprints of the public keys in this home, uppercase hex, primary keys only.
