@@ -38,19 +38,23 @@ SERVER_PID=""
 HOMES=()
 cleanup() {
   local h
-  for h in "${HOMES[@]}"; do "$TB" run -- env GNUPGHOME="$h" gpgconf --kill all >/dev/null 2>&1 || true; done
+  for h in "${HOMES[@]}"; do
+    GNUPGHOME="$h" gpgconf --kill all >/dev/null 2>&1 || true
+    rm -rf "$h"
+  done
   [ -z "$SERVER_PID" ] || kill "$SERVER_PID" 2>/dev/null || true
   [ "${KST_WKD_SELFCHECK_KEEP:-}" = 1 ] || rm -rf "$SC"
 }
 trap cleanup EXIT
 
-# newhome: a fresh GNUPGHOME (short path: the agent's sockets live in it).
+# newhome VAR: a fresh GNUPGHOME in VAR (short path: the agent's sockets live in it); its
+# daemons are ended and it is removed at exit. Not in $(...): HOMES must grow in this shell.
 newhome() {
   local h
   h="$(mktemp -d /tmp/kst-gh.XXXXXX)"
   chmod 0700 "$h"
   HOMES+=("$h")
-  printf '%s' "$h"
+  printf -v "$1" '%s' "$h"
 }
 # inbed [--direct] HOME CMD...: CMD in the test bed's resolver view with GNUPGHOME=HOME.
 inbed() {
@@ -91,7 +95,7 @@ if "$TB" run --hosts "$SC/hosts.direct" -- getent hosts openpgpkey.example.net >
 else ok "the direct-only view does not resolve openpgpkey.example.net"; fi
 
 say "keys made by gpg"
-PUB="$(newhome)"
+newhome PUB
 g() { GNUPGHOME="$PUB" gpg --batch --yes --no-tty --quiet --passphrase '' --pinentry-mode loopback "$@" 2>/dev/null; }
 fpr() { GNUPGHOME="$PUB" gpg --with-colons --list-keys "$1" 2>/dev/null | awk -F: '/^fpr/{print $10; exit}'; }
 for who in "Alice <alice@example.net>" "Key Submission <keys@example.net>" "Bob <bob@acme.net>"; do
@@ -142,7 +146,7 @@ for _ in $(seq 1 50); do grep -q ready "$SC/server.out" 2>/dev/null && break; sl
 expect "server ready" ready "$(cat "$SC/server.out")"
 
 say "curl through the system trust store"
-U="$(newhome)"
+newhome U
 expect "curl: policy over https by name, CA from the trust store" "200 text/plain" \
   "$(inbed "$U" curl -sS -o /dev/null -w '%{http_code} %{content_type}' \
     https://openpgpkey.example.net/.well-known/openpgpkey/example.net/policy 2>&1)"
@@ -163,7 +167,7 @@ expect "advanced: one request to openpgpkey.example.net" \
   "$(requests)"
 
 say "gpg --locate-keys by WKD, direct method (openpgpkey.example.net does not resolve)"
-D="$(newhome)"
+newhome D
 out="$(inbed --direct "$D" gpg --batch --no-tty --auto-key-locate clear,nodefault,wkd --locate-keys alice@example.net 2>&1)"
 expect "direct: imported alice's key" "$ALICE" "$out"
 expect "direct: one request to example.net" \
@@ -171,7 +175,7 @@ expect "direct: one request to example.net" \
   "$(requests)"
 
 say "gpg --locate-keys for an unknown address"
-N="$(newhome)"
+newhome N
 if out="$(inbed "$N" gpg --batch --no-tty --auto-key-locate clear,nodefault,wkd --locate-keys nobody@example.net 2>&1)"; then
   fail "unknown address: gpg fails" "$out"
 else ok "unknown address: gpg fails (exit $?)"; fi
@@ -205,7 +209,7 @@ expect "--check alice@example.net finds the key" "fingerprint: $ALICE" "$out"
 expect "--check asks the advanced URL" "/example.net/hu/$HA?l=alice HTTP/1.0 -> 200" "$(requests)"
 
 say "gpg-wks-client --create"
-A="$(newhome)"
+newhome A
 GNUPGHOME="$PUB" gpg --batch --pinentry-mode loopback --passphrase '' --export-secret-keys "$ALICE" 2>/dev/null |
   GNUPGHOME="$A" gpg --batch --import 2>/dev/null
 out="$(inbed "$A" "$WKS" -v -o "$SC/create.eml" --create "$ALICE" alice@example.net 2>&1)"
@@ -235,13 +239,13 @@ else expect "--send (Debian): fails, no sendmail path compiled in" "error runnin
 requests >/dev/null
 
 say "HKP: gpg --recv-keys / --search-keys"
-K="$(newhome)"
+newhome K
 out="$(inbed "$K" gpg --batch --no-tty --keyserver "hkp://127.0.0.1:$HKP_PORT" --recv-keys "$ALICE" 2>&1)"
 expect "--recv-keys FPR imports" "imported: 1" "$out"
 expect "--recv-keys FPR asks op=get&options=mr&search=0xFPR, Host localhost:PORT" \
   "hkp GET /pks/lookup?op=get&options=mr&search=0x$ALICE HTTP/1.0 -> 200 [Host: localhost:$HKP_PORT; Pragma: no-cache; Cache-Control: no-cache]" \
   "$(requests)"
-K2="$(newhome)"
+newhome K2
 out="$(inbed "$K2" gpg --batch --no-tty --keyserver "hkp://127.0.0.1:$HKP_PORT" --recv-keys "$ALICE_KEYID" 2>&1)"
 expect "--recv-keys KEYID imports" "imported: 1" "$out"
 expect "--recv-keys KEYID asks search=0xKEYID" "search=0x$ALICE_KEYID HTTP/1.0 -> 200" "$(requests)"
