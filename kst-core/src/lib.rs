@@ -22,6 +22,7 @@ pub mod reply;
 pub mod service;
 pub mod store;
 pub mod validate;
+pub mod wks;
 
 pub use address::{Address, AddressError, AddressPolicy};
 pub use error::{Error, Result};
