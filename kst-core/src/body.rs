@@ -45,6 +45,10 @@ pub enum RequestBody {
         /// The second line, unparsed.
         k_auth: String,
     },
+    /// A Web Key Service key submission (`gpg-wks-client`), recognized by its MIME structure
+    /// ([`crate::wks::recognize`]): the submission, or why it is not a usable one. Authenticated
+    /// and checked like a [`RequestBody::Publication`], without K_auth.
+    WksSubmission(Result<crate::wks::Submission, crate::wks::WksError>),
     /// Neither format.
     Unrecognized(&'static str),
 }
@@ -309,7 +313,9 @@ mod properties {
                     prop_assert!(armored.starts_with(&begin));
                     prop_assert!(armored.ends_with(&end));
                 }
-                RequestBody::SecretKey { .. } | RequestBody::Unrecognized(_) => {}
+                RequestBody::SecretKey { .. }
+                | RequestBody::WksSubmission(_)
+                | RequestBody::Unrecognized(_) => {}
             }
         }
 

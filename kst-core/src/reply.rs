@@ -136,7 +136,17 @@ pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthK
             packets,
             fingerprint,
         } => {
-            let mut body = armor_public_key(packets).replace('\n', "\r\n");
+            let mut body = String::new();
+            if status == Status::Published && k_auth.is_none() {
+                // A WKS submission (no K_auth): tell the person, then the key as published.
+                body.push_str(&wrap(&format!(
+                    "Your key {fingerprint} is now published for {address}. OpenPGP clients \
+                     find it through the Web Key Directory (gpg --locate-keys {address}); no \
+                     confirmation is needed. This is the key as published:"
+                )));
+                body.push_str("\r\n");
+            }
+            body.push_str(&armor_public_key(packets).replace('\n', "\r\n"));
             if let Some(k) = k_auth {
                 body.push_str(&mac::key_tag(k, packets));
                 body.push_str("\r\n");

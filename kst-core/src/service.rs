@@ -27,6 +27,7 @@ use crate::received;
 use crate::reply::{self, ReplyContent, ReplyTo};
 use crate::store::{KeyStore, NewKey, PublishOutcome};
 use crate::validate::{self, KeyPolicy};
+use crate::wks::{self, SubmissionKeys};
 
 /// The SMTP envelope of one delivery, as the provider's MTA states it.
 #[derive(Debug, Clone, Default)]
@@ -203,6 +204,7 @@ pub struct Kst {
     mailer: Arc<dyn Mailer>,
     limiter: Arc<dyn RateLimiter>,
     envelope_from: Option<Address>,
+    submission_keys: Arc<SubmissionKeys>,
 }
 
 impl Kst {
@@ -217,7 +219,20 @@ impl Kst {
             mailer,
             limiter: Arc::new(MemoryRateLimiter::new()),
             envelope_from: None,
+            submission_keys: Arc::new(SubmissionKeys::new()),
         }
+    }
+
+    /// Decrypts WKS submissions with these per-domain submission keys (without them, only
+    /// unencrypted `application/pgp-keys` submissions can be read).
+    pub fn with_submission_keys(mut self, keys: Arc<SubmissionKeys>) -> Self {
+        self.submission_keys = keys;
+        self
+    }
+
+    /// The WKS submission keys.
+    pub fn submission_keys(&self) -> &Arc<SubmissionKeys> {
+        &self.submission_keys
     }
 
     /// Counts rate limits in `limiter` (shared by a pool: Redis or PostgreSQL).
@@ -301,14 +316,17 @@ impl Kst {
         };
         let body = match self.shape_problem(&message) {
             Some(problem) => Err(problem),
-            None => Ok(body::classify(
-                &body::plain_text(&message).unwrap_or_default(),
-            )),
+            None => Ok(match wks::recognize(&message) {
+                Some(submission) => RequestBody::WksSubmission(submission),
+                None => body::classify(&body::plain_text(&message).unwrap_or_default()),
+            }),
         };
         let kind = match &body {
-            Ok(RequestBody::Publication { .. } | RequestBody::SecretKey { .. }) => {
-                RequestKind::Publication
-            }
+            Ok(
+                RequestBody::Publication { .. }
+                | RequestBody::SecretKey { .. }
+                | RequestBody::WksSubmission(_),
+            ) => RequestKind::Publication,
             Ok(RequestBody::Retrieval { .. }) => RequestKind::Retrieval,
             Ok(RequestBody::Deletion { .. }) => RequestKind::Deletion,
             _ => RequestKind::Other,
@@ -361,6 +379,10 @@ impl Kst {
             }
             RequestBody::Deletion { k_auth } => {
                 self.deletion(&ctx, envelope, &message, &k_auth).await?
+            }
+            RequestBody::WksSubmission(submission) => {
+                self.wks_publication(&ctx, envelope, &message, raw, submission)
+                    .await?
             }
             RequestBody::Unrecognized(why) => {
                 self.refuse(&ctx, Reason::Malformed, None, Some(why.to_string()), None)
@@ -558,29 +580,39 @@ impl Kst {
             Ok(owner) => owner,
             Err(refused) => return Ok(refused),
         };
+        let id = |packets: &[u8]| publication_id(&account, &k_auth, packets);
+        self.publish_valid(ctx, &account, armored, Some(&k_auth), id)
+            .await
+    }
+
+    /// Publishes `armored` for the authenticated `account` if it passes the key policy, and
+    /// confirms (with the HMAC when there is a K_auth); otherwise refuses. `id` makes the
+    /// publication's idempotency token from the packets that will be stored.
+    async fn publish_valid(
+        &self,
+        ctx: &ReplyTo<'_>,
+        account: &Address,
+        armored: &str,
+        k_auth: Option<&AuthKey>,
+        id: impl FnOnce(&[u8]) -> String,
+    ) -> Result<Decision, Error> {
         let key_policy = KeyPolicy {
             max_key_bytes: self.policy.max_key_bytes,
             address_policy: self.policy.address_policy.clone(),
             ..KeyPolicy::default()
         };
-        let key = match validate::validate(armored, &account, &key_policy, SystemTime::now()) {
+        let key = match validate::validate(armored, account, &key_policy, SystemTime::now()) {
             Ok(k) => k,
             Err(e) => {
                 return self
-                    .refuse(
-                        ctx,
-                        e.reason(),
-                        Some(&account),
-                        Some(e.to_string()),
-                        Some(&k_auth),
-                    )
+                    .refuse(ctx, e.reason(), Some(account), Some(e.to_string()), k_auth)
                     .await;
             }
         };
         if !key.stripped.is_empty() {
             tracing::info!(account = %account, stripped = ?key.stripped, "key published without parts that do not belong to the account");
         }
-        let publication_id = publication_id(&account, &k_auth, &key.packets);
+        let publication_id = id(&key.packets);
         let outcome = self
             .store
             .publish(NewKey {
@@ -597,15 +629,15 @@ impl Kst {
         let built = reply::build(
             ctx,
             &ReplyContent::Published {
-                address: &account,
+                address: account,
                 packets: &record.key,
                 fingerprint: &record.fingerprint,
             },
-            Some(&k_auth),
+            k_auth,
         );
         self.send(ctx, built).await?;
         Ok(Decision::Published {
-            address: account,
+            address: account.clone(),
             version: record.version,
             fingerprint: record.fingerprint.clone(),
             new_version,
@@ -827,6 +859,9 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+#[path = "service_wks.rs"]
+mod wks_submission;
+
 #[cfg(test)]
 #[path = "service_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -13,19 +13,19 @@ const ALICE: &str = include_str!("../testdata/alice.pub.asc");
 const BOB: &str = include_str!("../testdata/bob.pub.asc");
 const ALICE_SECRET: &str = include_str!("../testdata/alice.sec.asc");
 
-fn received(login: &str, by: &str, proto: &str) -> String {
+pub(crate) fn received(login: &str, by: &str, proto: &str) -> String {
     format!(
         "Received: from [10.0.0.1] (unknown [12.80.3.21])\r\n\t(Authenticated sender: {login})\r\n\tby {by} (Postfix) with {proto} id 53F3A161B01\r\n\tfor <keys@example.net>; Sun, 4 Mar 2018 16:47:07 +0100 (AT)\r\n"
     )
 }
 
-struct Fixture {
-    kst: Kst,
-    store: Arc<MemoryStore>,
-    mailer: Arc<MemoryMailer>,
+pub(crate) struct Fixture {
+    pub(crate) kst: Kst,
+    pub(crate) store: Arc<MemoryStore>,
+    pub(crate) mailer: Arc<MemoryMailer>,
 }
 
-fn fixture() -> Fixture {
+pub(crate) fn fixture() -> Fixture {
     let store = Arc::new(MemoryStore::default());
     let mailer = Arc::new(MemoryMailer::default());
     let kst = Kst::new(
@@ -36,11 +36,11 @@ fn fixture() -> Fixture {
     Fixture { kst, store, mailer }
 }
 
-fn addr(s: &str) -> Address {
+pub(crate) fn addr(s: &str) -> Address {
     AddressPolicy::default().normalize(s).unwrap()
 }
 
-fn env(sender: &str) -> Envelope {
+pub(crate) fn env(sender: &str) -> Envelope {
     Envelope {
         sender: Some(sender.into()),
         recipient: "keys@example.net".into(),
@@ -57,7 +57,7 @@ fn publication(account: &str, key: &str, headers: &str) -> (Vec<u8>, client::Pen
 }
 
 impl Fixture {
-    fn last_reply(&self) -> OutgoingMail {
+    pub(crate) fn last_reply(&self) -> OutgoingMail {
         self.mailer
             .sent
             .lock()
@@ -66,7 +66,7 @@ impl Fixture {
             .cloned()
             .expect("a reply was sent")
     }
-    fn sent(&self) -> usize {
+    pub(crate) fn sent(&self) -> usize {
         self.mailer.sent.lock().unwrap().len()
     }
 }
@@ -512,7 +512,7 @@ async fn html_only_and_multipart_alternative() {
 
 // ---- abuse resistance: RFC 3834, rate limits, the Authentication-Results gate, shape caps ----
 
-fn fixture_with(policy: Policy) -> Fixture {
+pub(crate) fn fixture_with(policy: Policy) -> Fixture {
     let store = Arc::new(MemoryStore::default());
     let mailer = Arc::new(MemoryMailer::default());
     let kst = Kst::new(policy, store.clone(), mailer.clone());
@@ -956,7 +956,7 @@ async fn publish_ok(f: &Fixture, key: &str) -> Decision {
     h.decision
 }
 
-async fn retrieve(f: &Fixture) -> Verified {
+pub(crate) async fn retrieve(f: &Fixture) -> Verified {
     let req = client::build_retrieval(&addr("carol@acme.net"), &addr("alice@example.net"));
     f.kst
         .handle(&env("carol@acme.net"), &req.message)
