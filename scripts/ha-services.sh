@@ -704,7 +704,9 @@ cluster_kill_primary() {
   log "killed primary $n: 127.0.0.1:$port (pid $pid, SIGKILL; owned slot $slot onwards)"
   [ "$wait" -eq 1 ] || return 0
   wait_for "a replica taking over slot $slot" cluster_failed_over "$port" "$slot"
-  log "slot $slot now served by 127.0.0.1:$(cluster_owner_of_slot "${CL_PORTS[1]}" "$slot")," \
+  local live="${CL_PORTS[0]}"
+  [ "$live" != "$port" ] || live="${CL_PORTS[1]}"
+  log "slot $slot now served by 127.0.0.1:$(cluster_owner_of_slot "$live" "$slot")," \
     "cluster_state ok on all live nodes, $(secs_since "$t0")s after the kill"
 }
 
