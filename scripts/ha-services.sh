@@ -57,7 +57,6 @@
 #   KST_HA_TIMEOUT                  seconds to wait for each step (60)
 set -euo pipefail
 
-SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
 
 BASE="${KST_HA_DIR:-/tmp/kst-ha}"
 BASE="${BASE%/}"
