@@ -42,7 +42,8 @@
 #
 # The env lines (export KST_HA_...=...) go to stdout; progress goes to stderr, so
 #   eval "$(scripts/ha-services.sh sentinel up)"
-# works. Measured on the 2-core CI machine: docs/HA-NOTES.md.
+# works. Self-test (own directory and ports): scripts/ha-services-selftest.sh. Timings measured on
+# the 2-core CI machine, and what the clients do in a failover: docs/HA-NOTES.md.
 #
 # Environment:
 #   KST_HA_DIR                      state directory (/tmp/kst-ha): pg/, sentinel/, cluster/
@@ -56,7 +57,6 @@
 #   KST_HA_CLUSTER_NODE_TIMEOUT_MS  cluster-node-timeout (1000; default 15000)
 #   KST_HA_TIMEOUT                  seconds to wait for each step (60)
 set -euo pipefail
-
 
 BASE="${KST_HA_DIR:-/tmp/kst-ha}"
 BASE="${BASE%/}"
