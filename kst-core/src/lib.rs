@@ -8,6 +8,7 @@ pub mod body;
 pub mod client;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod durable;
 pub mod error;
 pub mod group_commit;
 pub mod kauth;
