@@ -26,6 +26,10 @@
 //!     kst_core::conformance::run_all(store).await;
 //! }
 //! ```
+//!
+//! The [`RateLimiter`](crate::RateLimiter) has a suite of its own: [`limiter`].
+
+pub mod limiter;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -22,6 +22,8 @@ pub mod received;
 pub mod reply;
 pub mod service;
 pub mod store;
+#[cfg(feature = "timeout")]
+pub mod timeout;
 pub mod validate;
 
 pub use address::{Address, AddressError, AddressPolicy};
@@ -34,5 +36,5 @@ pub use protocol::{Reason, Status};
 pub use ratelimit::{LimitKind, MemoryRateLimiter, RateLimiter, RateLimits};
 pub use service::{Decision, Envelope, HandleError, Handled, Kst, NotForKst};
 pub use store::{KeyRecord, KeyStore, NewKey, PublishOutcome};
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::address::Address;
 use crate::error::Result;
+#[cfg(feature = "timeout")]
+pub use crate::timeout::TimeoutStore;
 
 /// Version of the stored record layout. Backends write it with every record so that later
 /// releases (revocation state, more metadata) can read old records.
