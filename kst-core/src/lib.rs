@@ -10,6 +10,7 @@ pub mod client;
 pub mod conformance;
 pub mod durable;
 pub mod error;
+pub mod fingerprint;
 pub mod group_commit;
 pub mod kauth;
 pub mod mac;
@@ -28,6 +29,7 @@ pub mod validate;
 
 pub use address::{Address, AddressError, AddressPolicy};
 pub use error::{Error, Result};
+pub use fingerprint::{Fingerprint, KeyId};
 pub use group_commit::GroupCommit;
 pub use kauth::AuthKey;
 pub use mailer::{Mailer, OutgoingMail};

@@ -42,6 +42,7 @@ pub use policy::{
 pub use rejection::KeyRejection;
 
 use crate::address::Address;
+use crate::fingerprint::Fingerprint;
 use algorithm::key_weakness;
 use assemble::{Kept, assemble};
 use packets::Collected;
@@ -54,8 +55,8 @@ pub struct ValidKey {
     /// The published certificate as binary OpenPGP packets (armor with
     /// [`armor_public_key`](crate::openpgp::armor_public_key)).
     pub packets: Vec<u8>,
-    /// Primary key fingerprint, uppercase hex.
-    pub fingerprint: String,
+    /// Primary key fingerprint.
+    pub fingerprint: Fingerprint,
     /// The kept User ID, as in the key (UTF-8, but otherwise whatever the key holder wrote:
     /// escape it before putting it in a header).
     pub user_id: String,
@@ -123,6 +124,12 @@ fn evaluate(
     if !revoked && let Some(algorithm) = key_weakness(&c.primary, policy) {
         return Err(KeyRejection::WeakPrimaryKey { algorithm });
     }
+    // Only v4 and v6 fingerprints are kept; a revoked key of an older format ends here.
+    let fingerprint = Fingerprint::parse(&format!("{:X}", c.fingerprint)).map_err(|_| {
+        KeyRejection::WeakPrimaryKey {
+            algorithm: format!("a version {} key format", u8::from(c.primary.version())),
+        }
+    })?;
 
     let found = Candidates {
         uids: &c.uids,
@@ -165,7 +172,7 @@ fn evaluate(
 
     Ok(ValidKey {
         packets,
-        fingerprint: format!("{:X}", c.fingerprint),
+        fingerprint,
         user_id,
         revoked,
         expires_at,

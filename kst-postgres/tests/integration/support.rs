@@ -106,7 +106,7 @@ pub fn key(address: &Address, n: u64) -> NewKey {
     NewKey {
         address: address.clone(),
         key: format!("key-{n}-of-{address}").into_bytes(),
-        fingerprint: format!("{n:040X}"),
+        fingerprint: format!("{n:040X}").parse().expect("40 hex digits"),
         publication_id: format!("{n:032x}"),
         published_at: 1_700_000_000 + n,
         revoked: false,
