@@ -602,7 +602,7 @@ impl<'a> KeyMeta<'a> {
         KeyMeta {
             address: &r.address,
             version: r.version,
-            fingerprint: &r.fingerprint,
+            fingerprint: r.fingerprint.as_str(),
             published_at: r.published_at,
             published: format_utc(r.published_at),
             publication_id: &r.publication_id,

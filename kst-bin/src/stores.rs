@@ -71,7 +71,7 @@ pub async fn migrate(cfg: &StoreConfig) -> Result<&'static str, Error> {
                 .run_migrations(false)
                 .connect()
                 .await?;
-            store.migrate().await?;
+            store.inner().migrate().await?;
             Ok("PostgreSQL schema is up to date")
         }
         _ => {

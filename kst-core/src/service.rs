@@ -599,7 +599,7 @@ impl Kst {
             &ReplyContent::Published {
                 address: &account,
                 packets: &record.key,
-                fingerprint: &record.fingerprint,
+                fingerprint: record.fingerprint.as_str(),
             },
             Some(&k_auth),
         );
@@ -607,7 +607,7 @@ impl Kst {
         Ok(Decision::Published {
             address: account,
             version: record.version,
-            fingerprint: record.fingerprint.clone(),
+            fingerprint: record.fingerprint.to_string(),
             new_version,
         })
     }
@@ -722,7 +722,7 @@ impl Kst {
                 ReplyContent::Found {
                     address: &address,
                     packets: &r.key,
-                    fingerprint: &r.fingerprint,
+                    fingerprint: r.fingerprint.as_str(),
                 },
                 Status::Found,
             ),
