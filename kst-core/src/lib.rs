@@ -21,10 +21,11 @@ pub mod received;
 pub mod reply;
 pub mod service;
 pub mod store;
+pub mod time;
 pub mod validate;
 
 pub use address::{Address, AddressError, AddressPolicy};
-pub use error::{Error, Result};
+pub use error::{Component, ComponentKind, Error, Result};
 pub use group_commit::GroupCommit;
 pub use kauth::AuthKey;
 pub use mailer::{Mailer, OutgoingMail};

@@ -7,69 +7,92 @@
 //!   --sender ${sender} --recipient ${recipient} --sasl-username ${sasl_username}
 //! ```
 //!
-//! Exit codes (sysexits, as pipe(8) reads them):
+//! Exit codes (sysexits, as pipe(8) reads them; see [`crate::exit`]):
 //! - 0: kst decided (published, answered, refused with a reply, or left unanswered on purpose);
 //! - 75 (EX_TEMPFAIL): store or mailer unavailable, or the configuration is wrong: Postfix keeps
 //!   the message and retries, nothing was half-done;
 //! - 65 (EX_DATAERR): the mail is not for kst (unknown recipient, over the size limit): bounced.
 
-use std::process::ExitCode;
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Instant;
 
-use kst_core::Decision;
-use kst_core::service::{Envelope, HandleError, Kst};
+use clap::Args;
+use kst_core::service::{Envelope, HandleError};
 use tokio::io::AsyncReadExt;
 
-use crate::cli::DeliverArgs;
-use crate::config::Config;
+use crate::exit;
+use crate::server::ingest::{self, Origin};
+use crate::shared::config::Config;
+use crate::shared::logging::{self, LogConfig};
+use crate::shared::wiring::build_kst;
 
-/// sysexits EX_TEMPFAIL: the MTA retries later.
-pub const EX_TEMPFAIL: u8 = 75;
-/// sysexits EX_DATAERR: the MTA bounces.
-pub const EX_DATAERR: u8 = 65;
+/// `kst deliver --help`: what it does.
+pub const DELIVER_LONG: &str = "\
+Handles one message on stdin, the way Postfix's pipe(8) transport runs it: classifies it as a
+key publication or a key retrieval, stores or looks up the key, and sends the reply through the
+configured mailer.
 
-/// Runs one delivery and returns the exit code Postfix must see.
-pub async fn run(config: Config, args: DeliverArgs) -> ExitCode {
-    match deliver(config, args).await {
-        Ok(code) => ExitCode::from(code),
+Exit status: 0 once kst has decided (including refusals answered with a reply), 75 when the
+store, the mailer or the configuration is unusable (Postfix keeps the message and retries),
+65 for mail that is not for kst (unknown recipient, oversize).";
+
+/// `kst deliver --help`: the Postfix set-up.
+pub const DELIVER_AFTER: &str = "\
+Postfix set-up (one recipient per delivery):
+
+  # /etc/postfix/master.cf
+  kst  unix  -  n  n  -  -  pipe
+    flags=Rq user=kst argv=/usr/local/bin/kst deliver --config /etc/kst/kst.toml
+    --sender ${sender} --recipient ${recipient} --sasl-username ${sasl_username}
+
+  # /etc/postfix/main.cf
+  smtpd_sasl_authenticated_header = yes
+  kst_destination_recipient_limit = 1
+  transport_maps = hash:/etc/postfix/transport    # keys@example.net  kst:
+
+Try it by hand:
+  kst deliver --config kst.toml --sender bob@acme.net --recipient keys@example.net < request.eml";
+
+/// The envelope Postfix passes to `kst deliver`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Args)]
+pub struct DeliverArgs {
+    /// Envelope sender, where the reply goes (Postfix: ${sender}; empty for the null sender).
+    #[arg(long, value_name = "ADDRESS", allow_hyphen_values = true)]
+    pub sender: Option<String>,
+
+    /// Envelope recipient, keys@<a served domain> (Postfix: ${recipient}).
+    #[arg(long, value_name = "ADDRESS", allow_hyphen_values = true)]
+    pub recipient: Option<String>,
+
+    /// SASL login of the submitting client (Postfix: ${sasl_username}; empty when none). Used
+    /// only with `auth_source = "sasl-argv"`.
+    #[arg(long, value_name = "LOGIN", allow_hyphen_values = true)]
+    pub sasl_username: Option<String>,
+}
+
+/// Runs `kst deliver` with the configuration at `config` and returns the exit code Postfix must
+/// see. A configuration error exits 75 so that Postfix keeps the message.
+pub async fn run(config: Option<&Path>, args: DeliverArgs) -> u8 {
+    let cfg = match Config::load(config) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            logging::init(&LogConfig::default());
+            tracing::error!(
+                error = %e,
+                "configuration error: the message stays queued until the configuration is fixed"
+            );
+            return exit::TEMPFAIL;
+        }
+    };
+    logging::init(&cfg.log);
+    match deliver(cfg, args).await {
+        Ok(code) => code,
         Err(e) => {
             tracing::error!(error = %e, "delivery deferred: {e}");
             eprintln!("kst: temporary failure: {e}");
-            ExitCode::from(EX_TEMPFAIL)
+            exit::TEMPFAIL
         }
     }
-}
-
-/// Builds the KST a configuration describes (store opened, mailer built); a store that cannot
-/// be reached is a temporary error.
-pub async fn build_kst(config: &Config) -> Result<Kst, kst_core::Error> {
-    build_kst_with(config, crate::stores::Reach::Now).await
-}
-
-/// [`build_kst`], choosing what happens when a network store cannot be reached.
-pub async fn build_kst_with(
-    config: &Config,
-    reach: crate::stores::Reach,
-) -> Result<Kst, kst_core::Error> {
-    let policy = config
-        .policy()
-        .map_err(|e| kst_core::Error::Config(e.to_string()))?;
-    let (store, limiter) = crate::stores::open_store_and_limiter(&config.store, reach).await?;
-    let mailer = crate::mailer::build_mailer(&config.mailer)
-        .map_err(|e| kst_core::Error::Config(e.to_string()))?;
-    let envelope_from = match config.mailer.envelope_from.trim() {
-        "" => None,
-        s => Some(
-            policy
-                .address_policy
-                .normalize(s)
-                .map_err(|e| kst_core::Error::Config(format!("mailer.envelope_from: {e}")))?,
-        ),
-    };
-    Ok(Kst::new(policy, store, Arc::clone(&mailer))
-        .with_rate_limiter(limiter)
-        .with_envelope_from(envelope_from))
 }
 
 async fn deliver(config: Config, args: DeliverArgs) -> Result<u8, kst_core::Error> {
@@ -81,7 +104,7 @@ async fn deliver(config: Config, args: DeliverArgs) -> Result<u8, kst_core::Erro
         .take(max as u64 + 1)
         .read_to_end(&mut raw)
         .await
-        .map_err(|e| kst_core::Error::unavailable("stdin", e))?;
+        .map_err(|e| kst_core::Error::unavailable(kst_core::Component::other("stdin"), e))?;
     let recipient = match args.recipient {
         Some(r) => r,
         None => kst
@@ -96,37 +119,24 @@ async fn deliver(config: Config, args: DeliverArgs) -> Result<u8, kst_core::Erro
         recipient: recipient.clone(),
         sasl_username: args.sasl_username,
     };
-    match kst.handle(&envelope, &raw).await {
-        Ok(h) => {
-            let (reason, address) = describe(&h.decision);
-            tracing::info!(
-                message_id = h.message_id.as_deref().unwrap_or("-"),
-                recipient = %recipient,
-                kind = h.kind.as_str(),
-                outcome = h.decision.outcome(),
-                reason,
-                address,
-                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-                "message handled"
-            );
-            Ok(0)
-        }
+    let result = kst.handle(&envelope, &raw).await;
+    let origin = Origin {
+        recipient: &recipient,
+        raw: &raw,
+        queue_id: None,
+        peer: None,
+    };
+    ingest::record(&result, &origin, started.elapsed());
+    match result {
+        Ok(_) => Ok(exit::OK),
         Err(HandleError::NotForKst(why)) => {
-            tracing::warn!(recipient = %recipient, outcome = "rejected", "{why}");
             eprintln!("kst: {why}");
-            Ok(EX_DATAERR)
+            Ok(exit::DATAERR)
         }
-        Err(HandleError::Temporary(e)) => Err(e),
-    }
-}
-
-/// Reason token and address of a decision, for the log line ("-" when none).
-pub fn describe(d: &Decision) -> (&'static str, String) {
-    match d {
-        Decision::Published { address, .. }
-        | Decision::Answered { address, .. }
-        | Decision::Deleted { address, .. } => ("-", address.to_string()),
-        Decision::Refused { reason } => (reason.as_str(), "-".into()),
-        Decision::Ignored(why) => (why.as_str(), "-".into()),
+        Err(HandleError::Temporary(e)) => {
+            // Logged by `ingest::record`.
+            eprintln!("kst: temporary failure: {e}");
+            Ok(exit::TEMPFAIL)
+        }
     }
 }
