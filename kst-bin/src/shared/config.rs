@@ -326,6 +326,14 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// The key at fault, for [`ConfigError::Key`].
+    pub fn key_name(&self) -> Option<&str> {
+        match self {
+            ConfigError::Key { key, .. } => Some(key),
+            ConfigError::File { .. } | ConfigError::Other(_) => None,
+        }
+    }
+
     /// An error about `key`.
     pub fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError::Key {

@@ -7,7 +7,7 @@
 
 use std::slice::Iter;
 
-use kst_core::service::{Decision, HandleError, Handled, NotForKst};
+use kst_core::service::{HandleError, Handled, NotForKst};
 use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver, RequestReceiver};
 use smtp_proto::{
     EXT_8BIT_MIME, EXT_ENHANCED_STATUS_CODES, EXT_PIPELINING, EXT_SIZE, EhloResponse, Error,

@@ -225,8 +225,8 @@ mod tests {
             "",
         ] {
             let err = AllowList::parse(&[bad.to_string()]).expect_err(bad);
-            assert_eq!(err.key, "lmtp.allow");
-            assert!(err.message.contains(&format!("{bad:?}")), "{err}");
+            assert_eq!(err.key_name(), Some("lmtp.allow"));
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }
     }
 
@@ -237,8 +237,8 @@ mod tests {
             ..LmtpConfig::default()
         };
         assert_eq!(
-            cfg.validate().expect_err("zero").key,
-            "lmtp.max_connections"
+            cfg.validate().expect_err("zero").key_name(),
+            Some("lmtp.max_connections")
         );
     }
 }
