@@ -130,7 +130,16 @@ impl From<String> for Component {
 
 impl PartialEq<str> for Component {
     fn eq(&self, other: &str) -> bool {
-        self.to_string() == other
+        match self.kind {
+            ComponentKind::Other => self.name == other,
+            kind => {
+                other
+                    .strip_prefix(kind.as_str())
+                    .and_then(|r| r.strip_prefix('('))
+                    .and_then(|r| r.strip_suffix(')'))
+                    == Some(&*self.name)
+            }
+        }
     }
 }
 
