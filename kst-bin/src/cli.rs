@@ -131,6 +131,8 @@ impl Command {
 
 /// Runs a parsed command line in the room of its command and returns the exit code.
 pub async fn run(cli: Cli) -> ExitCode {
+    // The client reads its own settings (client.toml), not the server's.
+    #[cfg(any(feature = "server", feature = "bench"))]
     let config = cli.config.as_deref();
     let code = match cli.command {
         #[cfg(feature = "server")]
@@ -153,7 +155,6 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Config(cmd) => operator::config_check::run(config, cmd).await,
         #[cfg(feature = "bench")]
         Command::Bench(cmd) => crate::bench::run(cmd, config).await,
-        // The client reads its own settings (client.toml), not the server's.
         #[cfg(feature = "client")]
         Command::Client(args) => crate::client::run(args).await,
     };
