@@ -116,9 +116,9 @@ impl fmt::Display for Component {
     }
 }
 
-impl From<&'static str> for Component {
-    fn from(label: &'static str) -> Self {
-        Component::parse(Cow::Borrowed(label))
+impl From<&str> for Component {
+    fn from(label: &str) -> Self {
+        Component::parse(Cow::Owned(label.to_string()))
     }
 }
 
