@@ -25,10 +25,11 @@ pub mod service;
 pub mod store;
 #[cfg(feature = "timeout")]
 pub mod timeout;
+pub mod time;
 pub mod validate;
 
 pub use address::{Address, AddressError, AddressPolicy};
-pub use error::{Error, Result};
+pub use error::{Component, ComponentKind, Error, Result};
 pub use fingerprint::{Fingerprint, KeyId};
 pub use group_commit::GroupCommit;
 pub use kauth::AuthKey;
