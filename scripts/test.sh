@@ -28,6 +28,9 @@ scripts/services.sh
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
+log "cargo check: the server alone (no client or load-tool dependencies)"
+cargo check -p kst-bin --no-default-features --features server
+
 log "cargo test (workspace)"
 export KST_TEST_POSTGRES_URL="${KST_TEST_POSTGRES_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
 export KST_TEST_REDIS_URL="${KST_TEST_REDIS_URL:-redis://127.0.0.1:6379}"

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clap::Parser as _;
-use kst_bin::cli::{Cli, Command as KstCommand, ConfigCommand, OutboxCommand};
+use kst_bin::cli::{Cli, Command as KstCommand};
+use kst_bin::operator::config_check::ConfigCommand;
+use kst_bin::server::outbox::OutboxCommand;
 use kst_tests::{code, kst_binary, stderr};
 
 fn root() -> PathBuf {
@@ -142,7 +144,7 @@ fn systemd_unit_commands_parse_and_its_paths_agree() {
     }
     // The fs store of deploy/kst.toml lives in the unit's state directory, the only place
     // ProtectSystem=strict lets kst write.
-    let cfg = kst_bin::config::Config::load(Some(&root().join("deploy/kst.toml")))
+    let cfg = kst_bin::shared::config::Config::load(Some(&root().join("deploy/kst.toml")))
         .expect("deploy/kst.toml loads");
     let state = format!("/var/lib/{}", unit_values(&unit, "StateDirectory")[0]);
     assert!(
@@ -282,8 +284,9 @@ fn deploy_configs_pass_config_check() {
 
 #[test]
 fn container_postfix_reaches_the_pool_and_the_pool_admits_it() {
-    let cfg = kst_bin::config::Config::load(Some(&root().join("deploy/container/kst.toml")))
-        .expect("deploy/container/kst.toml loads");
+    let cfg =
+        kst_bin::shared::config::Config::load(Some(&root().join("deploy/container/kst.toml")))
+            .expect("deploy/container/kst.toml loads");
     let port = cfg
         .lmtp
         .listen
@@ -324,7 +327,7 @@ fn container_postfix_reaches_the_pool_and_the_pool_admits_it() {
         .nth(2)
         .and_then(|r| r.split('/').next())
         .expect("the Postfix image sets lmtp_bind_address");
-    let allow = kst_bin::lmtp::config::AllowList::parse(&cfg.lmtp.allow).expect("allow");
+    let allow = kst_bin::shared::config::AllowList::parse(&cfg.lmtp.allow).expect("allow");
     assert!(
         allow.allows(bind.parse().expect("an IP")),
         "{bind} not in {:?}",

@@ -15,7 +15,7 @@ fn engine(dir: &std::path::Path) -> Kst {
     let store = rt
         .block_on(kst_fs::FsStore::open(dir.join("keys")))
         .expect("fs store");
-    let mailer = kst_bin::mailer::SpoolMailer::new(dir.join("outbox"));
+    let mailer = kst_bin::server::mailer::SpoolMailer::new(dir.join("outbox"));
     Kst::new(
         Policy::new(&["example.net"], &["mail.example.net"]),
         Arc::new(store),

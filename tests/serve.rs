@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use kst_core::AddressPolicy;
 use kst_core::client::{self, Verified};
-use kst_tests::{Gpg, kst_binary, received_authenticated};
+use kst_tests::{Gpg, TestKst, code, kst_binary, received_authenticated, stderr};
 
 /// How long the test waits for anything (a hang guard, not a speed check).
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -424,4 +424,49 @@ fn bench_lmtp_loads_serve_over_a_unix_socket() {
     assert_eq!(serve.replies().len(), 24);
     serve.signal("-TERM");
     assert_eq!(serve.wait(), 0, "{}", serve.log());
+}
+
+/// `[mailer] envelope_from = "<>"` (the null sender) passes `kst config check`, and both ingest
+/// paths read it the same way: `kst deliver` and `kst serve` answer a retrieval, with replies from
+/// `<>`. (It used to pass the check and then defer every message as a configuration error.)
+#[test]
+fn null_envelope_from_works_in_config_check_deliver_and_serve() {
+    const NULL_SENDER: (&str, &str) = ("KST_MAILER__ENVELOPE_FROM", "<>");
+    let kst = TestKst::new("");
+    let check = kst.kst_env(&["config", "check"], b"", &[NULL_SENDER]);
+    assert_eq!(code(&check), 0, "{}", stderr(&check));
+
+    let req = client::build_retrieval(&addr("bob@example.org"), &addr("alice@example.net"));
+    let out = kst.kst_env(
+        &[
+            "deliver",
+            "--sender",
+            "bob@example.org",
+            "--recipient",
+            "keys@example.net",
+        ],
+        &req.message,
+        &[NULL_SENDER],
+    );
+    assert_eq!(code(&out), 0, "kst deliver: {}", stderr(&out));
+    let reply = kst.last_reply();
+    assert!(
+        reply.starts_with(b"Return-Path: <>\r\n"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+
+    let serve = Serve::start_with(None, &[NULL_SENDER]);
+    let mut c = Lmtp::connect(serve.lmtp);
+    c.hello();
+    let req = client::build_retrieval(&addr("bob@example.org"), &addr("alice@example.test"));
+    let answer = c.transaction("bob@example.org", &req.message);
+    assert!(answer.starts_with("250 2.0.0"), "{answer}\n{}", serve.log());
+    let replies = serve.replies();
+    assert_eq!(replies.len(), 1, "{}", serve.log());
+    assert!(
+        replies[0].starts_with(b"Return-Path: <>\r\n"),
+        "{}",
+        String::from_utf8_lossy(&replies[0])
+    );
 }

@@ -4,11 +4,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kst_bin::cli::{self, Cli};
+use kst_bin::exit;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon uses every core; one-shot commands (one message, one key) need one thread.
-    let mut builder = if matches!(cli.command, cli::Command::Serve) {
+    let mut builder = if cli.command.is_daemon() {
         tokio::runtime::Builder::new_multi_thread()
     } else {
         tokio::runtime::Builder::new_current_thread()
@@ -17,7 +18,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kst: cannot start the async runtime: {e}");
-            return ExitCode::from(cli::exit::TEMPFAIL);
+            return ExitCode::from(exit::TEMPFAIL);
         }
     };
     runtime.block_on(cli::run(cli))

@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use kst_bin::config::{Config, ConfigError, LogFormat, MASK, MailerKind, SmtpTls, StoreBackend};
+use kst_bin::shared::config::{
+    Config, ConfigError, LogFormat, MASK, MailerKind, SmtpTls, StoreBackend,
+};
 use kst_core::AuthSource;
 
 fn sample() -> PathBuf {
@@ -397,4 +399,23 @@ fn rate_limits_and_the_gate_come_from_file_and_environment() {
     )
     .unwrap_err();
     assert_eq!(key_of(&e), "limits.window_secs");
+}
+
+#[test]
+fn lmtp_max_message_size_is_a_deprecated_alias_of_limits_max_message_bytes() {
+    let base = "[kst]\ndomains = [\"example.net\"]\n[limits]\nmax_key_bytes = 4096\n";
+    let (_d, path) = file(&format!("{base}[lmtp]\nmax_message_size = 100000\n"));
+    let cfg = Config::load_with_env(Some(&path), env(&[])).unwrap();
+    assert_eq!(cfg.limits.max_message_bytes, 100_000);
+    assert_eq!(cfg.policy().unwrap().max_message_bytes, 100_000);
+    assert_eq!(cfg.lmtp.max_message_size, None, "moved, not kept twice");
+    assert!(!cfg.masked().contains("max_message_size"));
+
+    // Both set to different values: which one wins would be a guess.
+    let (_d, path) = file(&format!(
+        "{base}max_message_bytes = 50000\n[lmtp]\nmax_message_size = 100000\n"
+    ));
+    let e = Config::load_with_env(Some(&path), env(&[])).unwrap_err();
+    assert_eq!(key_of(&e), "lmtp.max_message_size");
+    assert!(e.to_string().contains("limits.max_message_bytes"), "{e}");
 }

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kst_bin::lmtp::server::{ConnectionContext, ShutdownSignal};
-use kst_bin::lmtp::{HttpConfig, Listener, LmtpConfig};
-use kst_bin::mailer::SpoolMailer;
+use kst_bin::server::lmtp::Listener;
+use kst_bin::server::lmtp::server::{ConnectionContext, ShutdownSignal};
+use kst_bin::server::mailer::SpoolMailer;
+use kst_bin::shared::config::{HttpConfig, LmtpConfig};
 use kst_core::client::{self, Pending, Verified};
 use kst_core::{Address, AddressPolicy, KeyStore, Kst, Mailer, Policy};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -205,21 +206,48 @@ async fn start(cfg: LmtpConfig) -> Server {
     start_on(cfg, None).await
 }
 
+/// Like [`start`], with `limits.max_message_bytes` set to `max` (it bounds LMTP mail too).
+async fn start_limited(cfg: LmtpConfig, max: usize) -> Server {
+    logs();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (kst, store, spool) = kst_in(dir.path()).await;
+    let mut policy = kst.policy().clone();
+    policy.max_message_bytes = max;
+    let kst = Kst::new(policy, Arc::clone(&store), kst.mailer().clone());
+    serve_kst(cfg, dir, kst, store, spool).await
+}
+
 /// Like [`start`], on `store` instead of a filesystem store.
 async fn start_on(cfg: LmtpConfig, store: Option<Arc<dyn KeyStore>>) -> Server {
     logs();
-    kst_bin::metrics::init();
+    kst_bin::shared::metrics::init();
     let dir = tempfile::tempdir().expect("temp dir");
     let (kst, store, spool) = match store {
         Some(store) => kst_with(dir.path(), store),
         None => kst_in(dir.path()).await,
     };
+    serve_kst(cfg, dir, kst, store, spool).await
+}
+
+/// Runs the LMTP server for `kst` on `cfg.listen`.
+async fn serve_kst(
+    cfg: LmtpConfig,
+    dir: tempfile::TempDir,
+    kst: Kst,
+    store: Arc<dyn KeyStore>,
+    spool: PathBuf,
+) -> Server {
     let listener = Listener::bind(&cfg.listen).await.expect("bind");
     let addr = listener.local_addr().expect("a TCP address");
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(kst_bin::lmtp::run(listener, kst.clone(), cfg, async {
-        let _ = rx.await;
-    }));
+    let task = tokio::spawn(kst_bin::server::lmtp::run(
+        listener,
+        kst.clone(),
+        cfg,
+        async {
+            let _ = rx.await;
+        },
+    ));
     Server {
         addr,
         spool,
@@ -436,11 +464,7 @@ async fn pipelined_commands_in_one_write() {
 
 #[tokio::test]
 async fn oversize_mail_is_refused_per_recipient_and_not_handled() {
-    let mut server = start(LmtpConfig {
-        max_message_size: 4096,
-        ..lmtp_config()
-    })
-    .await;
+    let mut server = start_limited(lmtp_config(), 4096).await;
     let mut c = server.connect().await;
     c.greeting_and_lhlo().await;
     c.send("MAIL FROM:<bob@example.org> SIZE=5000\r\n").await;
@@ -743,7 +767,7 @@ async fn unix_socket_listener() {
     };
     let listener = Listener::bind(&listen).await.expect("bind");
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(kst_bin::lmtp::run(listener, kst, cfg, async {
+    let task = tokio::spawn(kst_bin::server::lmtp::run(listener, kst, cfg, async {
         let _ = rx.await;
     }));
     let mut c = Client::new(
@@ -773,10 +797,9 @@ async fn a_connection_can_be_driven_over_an_in_memory_pipe() {
     let (kst, _store, _spool) = kst_in(dir.path()).await;
     let ctx = ConnectionContext::new(kst, &LmtpConfig::default(), ShutdownSignal::never());
     let (client_end, server_end) = tokio::io::duplex(4096);
-    let server =
-        tokio::spawn(
-            async move { kst_bin::lmtp::serve_connection(server_end, "pipe", &ctx).await },
-        );
+    let server = tokio::spawn(async move {
+        kst_bin::server::lmtp::serve_connection(server_end, "pipe", &ctx).await
+    });
     let mut c = Client::new(client_end);
     c.greeting_and_lhlo().await;
     c.send("VRFY alice\r\nQUIT\r\n").await;
@@ -818,13 +841,13 @@ async fn start_http(
     oneshot::Sender<()>,
     JoinHandle<std::io::Result<()>>,
 ) {
-    let metrics = kst_bin::metrics::init();
+    let metrics = kst_bin::shared::metrics::init();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind http");
     let addr = l.local_addr().expect("addr");
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(kst_bin::http::run(l, kst, metrics, async {
+    let task = tokio::spawn(kst_bin::server::http::run(l, kst, metrics, async {
         let _ = rx.await;
     }));
     (addr, tx, task)
@@ -918,7 +941,10 @@ fn config_sections_parse_with_defaults_and_refuse_unknown_keys() {
     assert_eq!(s.lmtp.listen, "unix:/run/kst/lmtp.sock");
     assert_eq!(s.lmtp.max_connections, 8);
     assert_eq!(s.lmtp.allow, ["127.0.0.0/8", "::1/128"]);
-    assert_eq!(s.lmtp.max_message_size, 2 * 1024 * 1024);
+    assert_eq!(
+        s.lmtp.max_message_size, None,
+        "deprecated: limits.max_message_bytes"
+    );
     assert_eq!(s.http.listen, "127.0.0.1:8080");
     assert!(toml::from_str::<Sections>("[lmtp]\nlisten_on = \"x\"\n").is_err());
     assert!(toml::from_str::<Sections>("[http]\nport = 1\n").is_err());
@@ -954,7 +980,7 @@ async fn serve_stops_gracefully_on_sigterm_and_at_once_on_a_second_signal() {
     let http = HttpConfig { listen: "".into() };
 
     // Round 1: one SIGTERM while a message is half sent.
-    let serve = tokio::spawn(kst_bin::lmtp::serve(
+    let serve = tokio::spawn(kst_bin::server::serve::daemon(
         lmtp.clone(),
         http.clone(),
         kst.clone(),
@@ -1007,7 +1033,7 @@ async fn serve_stops_gracefully_on_sigterm_and_at_once_on_a_second_signal() {
     ));
 
     // Round 2: a transaction hangs half sent; two signals end `serve` without waiting for it.
-    let serve = tokio::spawn(kst_bin::lmtp::serve(lmtp, http, kst));
+    let serve = tokio::spawn(kst_bin::server::serve::daemon(lmtp, http, kst));
     let mut c = loop {
         match tokio::net::UnixStream::connect(&path).await {
             Ok(s) => break Client::new(s),

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use kst_bin::config::{MailerConfig, MailerKind, SmtpTls};
-use kst_bin::mailer::{SmtpMailer, build_mailer};
+use kst_bin::server::mailer::SmtpMailer;
+use kst_bin::shared::config::{MailerConfig, MailerKind, SmtpTls};
+use kst_bin::shared::wiring::build_mailer;
 use kst_core::{AddressPolicy, Error, Mailer, OutgoingMail};
 
 /// `smtp-sink` on a free loopback port, dumping each message into a temporary directory.
@@ -296,7 +297,7 @@ async fn outbox_send_delivers_the_spool_to_the_relay() {
     let tmp = tempfile::tempdir().unwrap();
     let config = outbox_config(tmp.path(), sink.port);
     let outbox = tmp.path().join("outbox");
-    let spool = kst_bin::mailer::SpoolMailer::new(&outbox);
+    let spool = kst_bin::server::mailer::SpoolMailer::new(&outbox);
     spool.send(&mail(None, "bob@acme.net")).await.unwrap();
     spool
         .send(&mail(Some("keys-bounces@example.net"), "carol@example.org"))
@@ -355,7 +356,7 @@ async fn outbox_send_keeps_the_spool_when_the_relay_is_down() {
     let tmp = tempfile::tempdir().unwrap();
     let config = outbox_config(tmp.path(), free_port());
     let outbox = tmp.path().join("outbox");
-    let spool = kst_bin::mailer::SpoolMailer::new(&outbox);
+    let spool = kst_bin::server::mailer::SpoolMailer::new(&outbox);
     spool.send(&mail(None, "bob@acme.net")).await.unwrap();
     spool.send(&mail(None, "carol@example.org")).await.unwrap();
     let before = files_in(&outbox);

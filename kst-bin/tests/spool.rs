@@ -3,7 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use kst_bin::mailer::SpoolMailer;
+use kst_bin::server::mailer::SpoolMailer;
 use kst_core::{AddressPolicy, Mailer, OutgoingMail};
 
 fn mail(from: Option<&str>, to: &str, subject: &str) -> OutgoingMail {

@@ -88,12 +88,6 @@ fn service_of(domain: &str) -> Address {
     Address::from_normalized(&format!("keys@{domain}")).expect("domain of a normalized address")
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 fn message(from: &Address, to: &Address, subject: &str, body: String, id: &str) -> Vec<u8> {
     MessageBuilder::new()
         .from(MbAddress::new_address(
@@ -139,7 +133,7 @@ pub fn build_publication(account: &Address, armored_key: &str) -> Result<Request
             message_id: id,
             service,
             k_auth: k_auth.to_base64(),
-            created_at: now(),
+            created_at: crate::time::unix_now(),
         },
     })
 }
@@ -159,7 +153,7 @@ pub fn build_retrieval(requester: &Address, address: &Address) -> Request {
             message_id: id,
             service,
             k_auth: k_auth.to_base64(),
-            created_at: now(),
+            created_at: crate::time::unix_now(),
         },
     }
 }
@@ -193,7 +187,7 @@ pub fn build_deletion(account: &Address) -> Request {
             message_id: id,
             service,
             k_auth: k_auth.to_base64(),
-            created_at: now(),
+            created_at: crate::time::unix_now(),
         },
     }
 }

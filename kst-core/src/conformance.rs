@@ -26,6 +26,10 @@
 //!     kst_core::conformance::run_all(store).await;
 //! }
 //! ```
+//!
+//! The [`RateLimiter`](crate::RateLimiter) has a suite of its own: [`limiter`].
+
+pub mod limiter;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -35,6 +39,7 @@ use tokio::sync::Barrier;
 
 use crate::address::{Address, AddressPolicy};
 use crate::error::Error;
+use crate::fingerprint::Fingerprint;
 use crate::store::{KeyRecord, KeyStore, NewKey, PublishOutcome, RECORD_FORMAT};
 
 /// Length of the keys [`test_key`] makes (small; [`atomic_publish`] uses [`BIG_KEY_LEN`]).
@@ -85,8 +90,8 @@ pub fn publication_id(series: u32, n: u64) -> String {
 }
 
 /// Fingerprint of key `n` of `series`: 40 uppercase hex digits (fake, not a real fingerprint).
-pub fn fingerprint(series: u32, n: u64) -> String {
-    format!("{series:08X}{n:032X}")
+pub fn fingerprint(series: u32, n: u64) -> Fingerprint {
+    Fingerprint::parse(&format!("{series:08X}{n:032X}")).expect("40 hex digits")
 }
 
 /// Key bytes of key `n` of `series`, `len` bytes long (at least a short header): a header naming

@@ -8,7 +8,9 @@ pub mod body;
 pub mod client;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod durable;
 pub mod error;
+pub mod fingerprint;
 pub mod group_commit;
 pub mod kauth;
 pub mod mac;
@@ -21,11 +23,15 @@ pub mod received;
 pub mod reply;
 pub mod service;
 pub mod store;
+#[cfg(feature = "timeout")]
+pub mod timeout;
+pub mod time;
 pub mod validate;
 pub mod wks;
 
 pub use address::{Address, AddressError, AddressPolicy};
-pub use error::{Error, Result};
+pub use error::{Component, ComponentKind, Error, Result};
+pub use fingerprint::{Fingerprint, KeyId};
 pub use group_commit::GroupCommit;
 pub use kauth::AuthKey;
 pub use mailer::{Mailer, OutgoingMail};
@@ -34,5 +40,5 @@ pub use protocol::{Reason, Status};
 pub use ratelimit::{LimitKind, MemoryRateLimiter, RateLimiter, RateLimits};
 pub use service::{Decision, Envelope, HandleError, Handled, Kst, NotForKst};
 pub use store::{KeyRecord, KeyStore, NewKey, PublishOutcome};
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

@@ -9,7 +9,7 @@
 //! - `Err(HandleError::NotForKst)`: unknown recipient or oversize mail (exit 65, LMTP 5xx).
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use mail_parser::{Message, MessageParser};
 use sha2::{Digest, Sha256};
@@ -126,6 +126,28 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// Stable reason token of a refusal or a silence (`"rate-limited"`, `"auto-submitted"`),
+    /// `None` for a decision that needs no reason. LMTP replies and log lines show it.
+    pub fn reason(&self) -> Option<&'static str> {
+        match self {
+            Decision::Refused { reason } => Some(reason.as_str()),
+            Decision::Ignored(why) => Some(why.as_str()),
+            Decision::Published { .. } | Decision::Answered { .. } | Decision::Deleted { .. } => {
+                None
+            }
+        }
+    }
+
+    /// The account the decision is about (published, answered, deleted), for log lines.
+    pub fn address(&self) -> Option<&Address> {
+        match self {
+            Decision::Published { address, .. }
+            | Decision::Answered { address, .. }
+            | Decision::Deleted { address, .. } => Some(address),
+            Decision::Refused { .. } | Decision::Ignored(_) => None,
+        }
+    }
+
     /// Stable outcome token for logs and metrics.
     pub fn outcome(&self) -> &'static str {
         match self {
@@ -620,7 +642,7 @@ impl Kst {
                 key: key.packets,
                 fingerprint: key.fingerprint,
                 publication_id,
-                published_at: now(),
+                published_at: crate::time::unix_now(),
                 revoked: key.revoked,
             })
             .await?;
@@ -631,7 +653,7 @@ impl Kst {
             &ReplyContent::Published {
                 address: account,
                 packets: &record.key,
-                fingerprint: &record.fingerprint,
+                fingerprint: record.fingerprint.as_str(),
             },
             k_auth,
         );
@@ -639,7 +661,7 @@ impl Kst {
         Ok(Decision::Published {
             address: account.clone(),
             version: record.version,
-            fingerprint: record.fingerprint.clone(),
+            fingerprint: record.fingerprint.to_string(),
             new_version,
         })
     }
@@ -754,7 +776,7 @@ impl Kst {
                 ReplyContent::Found {
                     address: &address,
                     packets: &r.key,
-                    fingerprint: &r.fingerprint,
+                    fingerprint: r.fingerprint.as_str(),
                 },
                 Status::Found,
             ),
@@ -851,12 +873,6 @@ pub fn publication_id(account: &Address, k_auth: &AuthKey, packets: &[u8]) -> St
     h.update(k_auth.expose());
     h.update(packets);
     hex::encode(h.finalize())
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[path = "service_wks.rs"]

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::address::Address;
 use crate::error::Result;
+use crate::fingerprint::Fingerprint;
+#[cfg(feature = "timeout")]
+pub use crate::timeout::TimeoutStore;
 
 /// Version of the stored record layout. Backends write it with every record so that later
 /// releases (revocation state, more metadata) can read old records.
@@ -29,8 +32,8 @@ pub struct KeyRecord {
     /// The key as binary OpenPGP packets (not armored).
     #[serde(with = "b64")]
     pub key: Vec<u8>,
-    /// Fingerprint of the primary key, uppercase hex.
-    pub fingerprint: String,
+    /// Fingerprint of the primary key.
+    pub fingerprint: Fingerprint,
     /// Seconds since the Unix epoch when this version was published.
     pub published_at: u64,
     /// Idempotency token of the publication request (hex); a redelivered message carries the
@@ -67,8 +70,8 @@ pub struct NewKey {
     pub address: Address,
     /// Binary OpenPGP packets.
     pub key: Vec<u8>,
-    /// Primary key fingerprint, uppercase hex.
-    pub fingerprint: String,
+    /// Primary key fingerprint.
+    pub fingerprint: Fingerprint,
     /// Idempotency token (see [`KeyRecord::publication_id`]).
     pub publication_id: String,
     /// Seconds since the Unix epoch.
@@ -199,7 +202,7 @@ mod tests {
                 .normalize("alice@example.net")
                 .unwrap(),
             key: vec![0x99; 300],
-            fingerprint: "ABCDEF0123456789ABCDEF0123456789ABCDEF01".into(),
+            fingerprint: "ABCDEF0123456789ABCDEF0123456789ABCDEF01".parse().unwrap(),
             publication_id: id.into(),
             published_at: 1_700_000_000 + version,
             revoked: false,

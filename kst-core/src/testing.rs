@@ -1,4 +1,8 @@
-//! In-memory `KeyStore` and `Mailer` for kst-core's own unit tests only.
+//! In-memory [`KeyStore`] and [`Mailer`] for tests and fuzzing (feature `testing`).
+//!
+//! One copy for every user: kst-core's unit tests, the fuzz targets, and tests in other crates
+//! that need a store or mailer without a server. Not for production: the store keeps nothing
+//! across restarts. Production builds do not enable the feature.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -12,9 +16,11 @@ use crate::mailer::{Mailer, OutgoingMail};
 use crate::store::{KeyRecord, KeyStore, NewKey, PublishOutcome, validate_history};
 
 /// A store in a mutex; `down` makes every call fail temporarily.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct MemoryStore {
+    /// Every address' history, oldest first.
     pub map: Mutex<BTreeMap<Address, Vec<KeyRecord>>>,
+    /// While true, every call fails with a temporary error (an outage).
     pub down: AtomicBool,
 }
 
@@ -97,9 +103,11 @@ impl KeyStore for MemoryStore {
 }
 
 /// Collects sent mail; `down` makes sending fail temporarily.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct MemoryMailer {
+    /// Every mail sent, in order.
     pub sent: Mutex<Vec<OutgoingMail>>,
+    /// While true, sending fails with a temporary error (an outage).
     pub down: AtomicBool,
 }
 

@@ -13,6 +13,11 @@ pub(crate) fn io(op: &str, path: &Path, err: std::io::Error) -> Error {
     Error::unavailable(COMPONENT, format!("{op} {}: {err}", path.display()))
 }
 
+/// A durable write (or directory sync) failed: the store is unavailable (temporary).
+pub(crate) fn durable_error(err: kst_core::durable::DurableError) -> Error {
+    Error::unavailable(COMPONENT, err)
+}
+
 /// `path` holds data this release cannot read.
 pub(crate) fn corrupt(path: &Path, what: impl fmt::Display) -> Error {
     Error::corrupt(COMPONENT, format!("{}: {what}", path.display()))

@@ -2,18 +2,19 @@
 //!
 //! The file is a JSON object `{"address": "...", "history": [KeyRecord, ...]}` with the records
 //! in [`KeyRecord`]'s serde form (oldest first). It is replaced as a whole: write a temporary
-//! file, fsync it, rename it over the old one, fsync the directory. Readers therefore see the old
-//! file or the new one, never a mix.
+//! file, fsync it, rename it over the old one, fsync the directory ([`kst_core::durable`]).
+//! Readers therefore see the old file or the new one, never a mix.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::fs;
+use std::io::ErrorKind;
 use std::path::Path;
 
+use kst_core::durable::{self, AtomicFile};
 use kst_core::store::validate_history;
 use kst_core::{Address, KeyRecord, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{corrupt, io};
+use crate::error::{corrupt, durable_error, io};
 use crate::layout::{AddressPaths, address_hash};
 
 /// The content of a history file.
@@ -95,18 +96,11 @@ pub(crate) fn write_history(paths: &AddressPaths, history: &[KeyRecord]) -> Resu
     .map_err(|e| corrupt(&paths.history, format!("cannot encode the history: {e}")))?;
     bytes.push(b'\n');
 
-    ensure_shard_dir(&paths.shard_dir)?;
-    let temp = &paths.temp;
-    let mut options = OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(temp).map_err(|e| io("create", temp, e))?;
-    file.write_all(&bytes).map_err(|e| io("write", temp, e))?;
-    file.sync_all().map_err(|e| io("fsync", temp, e))?;
-    drop(file);
-    fs::rename(temp, &paths.history).map_err(|e| io("rename into place", temp, e))?;
-    sync_dir(&paths.shard_dir)
+    durable::create_dir(&paths.shard_dir).map_err(durable_error)?;
+    let mut file =
+        AtomicFile::create_with_temp(&paths.history, &paths.temp).map_err(durable_error)?;
+    file.write_bytes(&bytes).map_err(durable_error)?;
+    file.commit().map_err(durable_error)
 }
 
 /// Removes the history file of `paths`; whether there was one. The caller holds the shard lock.
@@ -124,40 +118,14 @@ pub(crate) fn remove_history(paths: &AddressPaths) -> Result<bool> {
     }
 }
 
-/// Creates `dir` (mode 0700, and its parents) if it is missing.
+/// Creates `dir` (mode 0700, and its parents) if it is missing, syncing its parent.
 pub(crate) fn create_dir(dir: &Path) -> Result<()> {
-    let mut builder = fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder
-        .create(dir)
-        .map_err(|e| io("create directory", dir, e))
+    durable::create_dir(dir).map_err(durable_error)
 }
 
 /// Makes changes to the entries of `dir` (renames, removals, new files) durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    #[cfg(unix)]
-    {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("fsync directory", dir, e))?;
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
-}
-
-/// Creates a shard directory on first use, durably.
-fn ensure_shard_dir(shard_dir: &Path) -> Result<()> {
-    if shard_dir.is_dir() {
-        return Ok(());
-    }
-    create_dir(shard_dir)?;
-    if let Some(keys) = shard_dir.parent() {
-        sync_dir(keys)?;
-    }
-    Ok(())
+fn sync_dir(dir: &Path) -> Result<()> {
+    durable::sync_dir(dir).map_err(durable_error)
 }
 
 /// A missing history file means "no key" only while the store itself is there: a vanished

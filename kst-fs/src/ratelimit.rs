@@ -93,38 +93,8 @@ mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
 
-    #[tokio::test]
-    async fn two_stores_on_one_directory_share_the_count() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = FsStore::open(dir.path()).await.unwrap();
-        let b = FsStore::open(dir.path()).await.unwrap();
-        let mut allowed = 0;
-        for i in 0..10 {
-            let l = if i % 2 == 0 { &a } else { &b };
-            if l.hit("sender:bob@acme.net", 4, HOUR).await.unwrap() {
-                allowed += 1;
-            }
-        }
-        assert_eq!(allowed, 4);
-        assert!(a.hit("sender:carol@acme.net", 4, HOUR).await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn concurrent_hits_never_exceed_the_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut tasks = Vec::new();
-        for _ in 0..40 {
-            let s = FsStore::open(dir.path()).await.unwrap();
-            tasks.push(tokio::spawn(async move {
-                s.hit("source-ip:192.0.2.1", 15, HOUR).await.unwrap()
-            }));
-        }
-        let mut allowed = 0;
-        for t in tasks {
-            allowed += usize::from(t.await.unwrap());
-        }
-        assert_eq!(allowed, 15);
-    }
+    // Counting, sharing between instances and concurrency: the limiter conformance suite
+    // (tests/integration/conformance.rs).
 
     #[tokio::test]
     async fn damaged_shards_count_as_empty_and_ended_windows_are_dropped() {

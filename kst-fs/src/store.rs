@@ -10,9 +10,7 @@ use kst_core::store::validate_history;
 use kst_core::{Address, Error, KeyRecord, KeyStore, NewKey, PublishOutcome, Result};
 
 use crate::error::{COMPONENT, corrupt, io, unavailable};
-use crate::file::{
-    create_dir, read_address, read_history, remove_history, sync_dir, write_history,
-};
+use crate::file::{create_dir, read_address, read_history, remove_history, write_history};
 use crate::layout::{Layout, history_file_hash, is_shard};
 use crate::lock::ShardLock;
 
@@ -41,22 +39,13 @@ impl FsStore {
                 )));
             }
             let layout = Layout::new(root);
-            let mut created = false;
+            // Each directory created is synced into its parent.
             for dir in [
                 layout.root().to_path_buf(),
                 layout.keys_dir(),
                 layout.locks_dir(),
             ] {
-                if !dir.is_dir() {
-                    create_dir(&dir)?;
-                    created = true;
-                }
-            }
-            if created {
-                sync_dir(layout.root())?;
-                if let Some(parent) = layout.root().parent().filter(|p| p.is_dir()) {
-                    sync_dir(parent)?;
-                }
+                create_dir(&dir)?;
             }
             Ok(FsStore {
                 layout: Arc::new(layout),

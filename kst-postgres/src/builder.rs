@@ -3,6 +3,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use kst_core::store::TimeoutStore;
 use kst_core::{Error, Result};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
@@ -16,7 +17,8 @@ pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Default bound on one whole store operation (acquire, queries, commit).
 pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Configures and opens a [`PostgresStore`].
+/// Configures and opens a [`PostgresStore`], wrapped in a [`TimeoutStore`] that bounds each
+/// operation by the [operation timeout](Self::operation_timeout).
 ///
 /// ```no_run
 /// # async fn demo() -> kst_core::Result<()> {
@@ -108,11 +110,13 @@ impl PostgresStoreBuilder {
 
     /// Connects (failing with a temporary error when the server cannot be reached) and, unless
     /// turned off, applies the schema migrations.
-    pub async fn connect(self) -> Result<PostgresStore> {
+    pub async fn connect(self) -> Result<TimeoutStore<PostgresStore>> {
         let store = self.connect_lazy()?;
-        store.check_reachable().await?;
+        store
+            .run("connect", store.inner().check_reachable())
+            .await?;
         if self.run_migrations {
-            store.migrate().await?;
+            store.inner().migrate().await?;
         }
         Ok(store)
     }
@@ -120,10 +124,10 @@ impl PostgresStoreBuilder {
     /// Builds the store without touching the server and without migrating: connections are
     /// opened by the first operation. For a daemon that must start while the database is down.
     /// Call it within a Tokio runtime (the connection machinery spawns background tasks).
-    pub fn connect_lazy(&self) -> Result<PostgresStore> {
+    pub fn connect_lazy(&self) -> Result<TimeoutStore<PostgresStore>> {
         let (pool, options) = self.pool_options()?;
-        Ok(PostgresStore::from_pool(
-            pool.connect_lazy_with(options),
+        Ok(TimeoutStore::new(
+            PostgresStore::from_pool(pool.connect_lazy_with(options)),
             self.operation_timeout,
         ))
     }

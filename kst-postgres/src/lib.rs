@@ -4,6 +4,7 @@
 
 mod builder;
 mod error;
+mod hosts;
 mod ratelimit;
 mod row;
 mod store;
@@ -13,5 +14,6 @@ pub use builder::{
     DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_OPERATION_TIMEOUT,
     PostgresStoreBuilder,
 };
+pub use hosts::{HostUrls, TargetSessionAttrs, split_hosts};
 pub use store::{MIGRATIONS_TABLE, PostgresStore};
 pub use url::with_database;

@@ -28,13 +28,11 @@ const SWEEP_ONE_IN: u32 = 256;
 
 impl PostgresStore {
     /// Deletes up to 1,000 counters whose window has ended; returns how many. Instances call it
-    /// on their own now and then; operators may call it from a timer.
+    /// on their own now and then (within the timeout of the hit that does); operators may call
+    /// it from a timer, bounded by `TimeoutStore::run`.
     pub async fn sweep_rate_limits(&self) -> Result<u64> {
-        self.timed_op("sweep rate limits", async {
-            let done = sqlx::query(SWEEP).execute(self.pool()).await.map_err(db)?;
-            Ok(done.rows_affected())
-        })
-        .await
+        let done = sqlx::query(SWEEP).execute(self.pool()).await.map_err(db)?;
+        Ok(done.rows_affected())
     }
 }
 
@@ -46,17 +44,13 @@ impl RateLimiter for PostgresStore {
 
     async fn hit(&self, key: &str, limit: u32, window: Duration) -> Result<bool> {
         let secs = window.as_secs_f64().max(0.001);
-        let count: i64 = self
-            .timed_op("rate limit", async {
-                let row = sqlx::query(HIT)
-                    .bind(key)
-                    .bind(secs)
-                    .fetch_one(self.pool())
-                    .await
-                    .map_err(db)?;
-                row.try_get::<i64, _>(0).map_err(db)
-            })
-            .await?;
+        let row = sqlx::query(HIT)
+            .bind(key)
+            .bind(secs)
+            .fetch_one(self.pool())
+            .await
+            .map_err(db)?;
+        let count: i64 = row.try_get(0).map_err(db)?;
         if rand::random_ratio(1, SWEEP_ONE_IN)
             && let Err(e) = self.sweep_rate_limits().await
         {

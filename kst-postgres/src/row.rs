@@ -1,6 +1,6 @@
 //! Converts between [`KeyRecord`] fields and SQL columns, refusing values that do not fit.
 
-use kst_core::{Address, Error, KeyRecord, Result};
+use kst_core::{Address, Error, Fingerprint, KeyRecord, Result};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
@@ -15,6 +15,7 @@ pub(crate) fn record(row: &PgRow) -> Result<KeyRecord> {
     let version: i64 = row.try_get("version").map_err(db)?;
     let published_at: i64 = row.try_get("published_at").map_err(db)?;
     let format: i32 = row.try_get("format").map_err(db)?;
+    let fingerprint: String = row.try_get("fingerprint").map_err(db)?;
     Ok(KeyRecord {
         version: to_version(version)
             .ok_or_else(|| corrupt(format!("{address}: stored version {version}")))?,
@@ -23,7 +24,8 @@ pub(crate) fn record(row: &PgRow) -> Result<KeyRecord> {
         format: u32::try_from(format)
             .map_err(|_| corrupt(format!("{address}: stored format {format}")))?,
         key: row.try_get("key").map_err(db)?,
-        fingerprint: row.try_get("fingerprint").map_err(db)?,
+        fingerprint: Fingerprint::parse(&fingerprint)
+            .map_err(|e| corrupt(format!("{address}: stored fingerprint: {e}")))?,
         publication_id: row.try_get("publication_id").map_err(db)?,
         revoked: row.try_get("revoked").map_err(db)?,
         address,

@@ -1,10 +1,7 @@
 //! [`PostgresStore`]: the [`KeyStore`] on PostgreSQL, one transaction per change.
 
-use std::future::Future;
-use std::time::Duration;
-
 use async_trait::async_trait;
-use kst_core::store::validate_history;
+use kst_core::store::{TimeoutStore, validate_history};
 use kst_core::{Address, Error, KeyRecord, KeyStore, NewKey, PublishOutcome, Result};
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{PgConnection, Row};
@@ -22,25 +19,25 @@ pub const MIGRATIONS_TABLE: &str = "kst_schema_migrations";
 
 /// A [`KeyStore`] on PostgreSQL, shared by every KST instance of a pool.
 ///
-/// Cheap to clone (the connection pool is shared). See the crate documentation for the schema.
+/// The builder hands it out wrapped in a [`TimeoutStore`] (the operation timeout); its own
+/// methods are not bounded by it. Cheap to clone (the connection pool is shared). See the crate documentation for the schema.
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
-    operation_timeout: Duration,
 }
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresStore")
             .field("pool_size", &self.pool.size())
-            .field("operation_timeout", &self.operation_timeout)
             .finish_non_exhaustive()
     }
 }
 
 impl PostgresStore {
-    /// Connects to `url` with the default settings and applies the schema migrations.
-    pub async fn connect(url: &str) -> Result<Self> {
+    /// Connects to `url` with the default settings and applies the schema migrations; every
+    /// operation of the store returned is bounded by the default operation timeout.
+    pub async fn connect(url: &str) -> Result<TimeoutStore<Self>> {
         PostgresStoreBuilder::new(url).connect().await
     }
 
@@ -49,11 +46,8 @@ impl PostgresStore {
         PostgresStoreBuilder::new(url)
     }
 
-    pub(crate) fn from_pool(pool: PgPool, operation_timeout: Duration) -> Self {
-        PostgresStore {
-            pool,
-            operation_timeout,
-        }
+    pub(crate) fn from_pool(pool: PgPool) -> Self {
+        PostgresStore { pool }
     }
 
     /// Applies the embedded schema migrations that are not applied yet (for `kst migrate`).
@@ -86,35 +80,13 @@ impl PostgresStore {
         self.pool.close().await;
     }
 
+    /// Runs `SELECT 1` (the builder, within the operation timeout, on connecting).
     pub(crate) async fn check_reachable(&self) -> Result<()> {
-        self.timed("connect", async {
-            sqlx::query("SELECT 1")
-                .execute(&self.pool)
-                .await
-                .map_err(db)?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Runs `fut` within the operation timeout (for the rate limiter).
-    pub(crate) async fn timed_op<T>(
-        &self,
-        op: &str,
-        fut: impl Future<Output = Result<T>>,
-    ) -> Result<T> {
-        self.timed(op, fut).await
-    }
-
-    /// Runs `fut` within the operation timeout.
-    async fn timed<T>(&self, op: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
-        match tokio::time::timeout(self.operation_timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::unavailable(
-                COMPONENT,
-                format!("{op} timed out after {:?}", self.operation_timeout),
-            )),
-        }
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
     }
 
     async fn publish_inner(&self, key: NewKey) -> Result<PublishOutcome> {
@@ -175,7 +147,7 @@ impl PostgresStore {
             address,
             version,
             &key.key,
-            &key.fingerprint,
+            key.fingerprint.as_str(),
             published_at,
             &key.publication_id,
             key.revoked,
@@ -290,7 +262,7 @@ impl PostgresStore {
                 address,
                 version,
                 &r.key,
-                &r.fingerprint,
+                r.fingerprint.as_str(),
                 published_at,
                 &r.publication_id,
                 r.revoked,
@@ -375,61 +347,55 @@ impl KeyStore for PostgresStore {
     }
 
     async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
-        self.timed("publish", self.publish_inner(key)).await
+        self.publish_inner(key).await
     }
 
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
-        self.timed("get", self.get_inner(address)).await
+        self.get_inner(address).await
     }
 
     async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
-        self.timed("history", self.history_inner(address)).await
+        self.history_inner(address).await
     }
 
     async fn delete(&self, address: &Address) -> Result<bool> {
-        self.timed("delete", async {
-            let done = sqlx::query("DELETE FROM kst_keys WHERE address = $1")
-                .bind(address.as_str())
-                .execute(&self.pool)
-                .await
-                .map_err(db)?;
-            Ok(done.rows_affected() > 0)
-        })
-        .await
+        let done = sqlx::query("DELETE FROM kst_keys WHERE address = $1")
+            .bind(address.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
-        self.timed("list", self.list_inner(after, limit)).await
+        self.list_inner(after, limit).await
     }
 
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
-        self.timed("restore", self.restore_inner(history)).await
+        self.restore_inner(history).await
     }
 
     async fn check(&self) -> Result<()> {
-        self.timed("check", async {
-            let row = sqlx::query(
-                "SELECT pg_is_in_recovery() AS standby, \
-                 to_regclass('kst_key_history') IS NOT NULL AS schema",
-            )
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db)?;
-            let standby: bool = row.try_get("standby").map_err(db)?;
-            let schema: bool = row.try_get("schema").map_err(db)?;
-            if standby {
-                return Err(Error::unavailable(
-                    COMPONENT,
-                    "connected to a read-only standby, not the primary",
-                ));
-            }
-            if !schema {
-                return Err(Error::Config(format!(
-                    "{COMPONENT}: the schema is missing: run `kst migrate`"
-                )));
-            }
-            Ok(())
-        })
+        let row = sqlx::query(
+            "SELECT pg_is_in_recovery() AS standby, \
+             to_regclass('kst_key_history') IS NOT NULL AS schema",
+        )
+        .fetch_one(&self.pool)
         .await
+        .map_err(db)?;
+        let standby: bool = row.try_get("standby").map_err(db)?;
+        let schema: bool = row.try_get("schema").map_err(db)?;
+        if standby {
+            return Err(Error::unavailable(
+                COMPONENT,
+                "connected to a read-only standby, not the primary",
+            ));
+        }
+        if !schema {
+            return Err(Error::Config(format!(
+                "{COMPONENT}: the schema is missing: run `kst migrate`"
+            )));
+        }
+        Ok(())
     }
 }

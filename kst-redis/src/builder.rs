@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use kst_core::store::TimeoutStore;
+use kst_core::timeout::within;
 use kst_core::{Error, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
@@ -16,7 +18,8 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Default bound on one whole store operation (reconnecting included).
 pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Configures and opens a [`RedisStore`].
+/// Configures and opens a [`RedisStore`], wrapped in a [`TimeoutStore`] that bounds each
+/// operation by the [operation timeout](Self::operation_timeout).
 ///
 /// ```no_run
 /// # async fn demo() -> kst_core::Result<()> {
@@ -102,21 +105,16 @@ impl RedisStoreBuilder {
     }
 
     /// Connects (failing with a temporary error when the server cannot be reached).
-    pub async fn connect(self) -> Result<RedisStore> {
+    pub async fn connect(self) -> Result<TimeoutStore<RedisStore>> {
         let (client, config) = self.parts()?;
-        let connect = ConnectionManager::new_with_config(client, config);
-        let manager = match tokio::time::timeout(self.operation_timeout, connect).await {
-            Ok(r) => r.map_err(redis)?,
-            Err(_) => {
-                return Err(Error::unavailable(
-                    COMPONENT,
-                    format!("connect timed out after {:?}", self.operation_timeout),
-                ));
-            }
+        let connect = async {
+            ConnectionManager::new_with_config(client, config)
+                .await
+                .map_err(redis)
         };
-        Ok(RedisStore::new(
-            manager,
-            self.prefix,
+        let manager = within(COMPONENT, "connect", self.operation_timeout, connect).await?;
+        Ok(TimeoutStore::new(
+            RedisStore::new(manager, self.prefix),
             self.operation_timeout,
         ))
     }
@@ -124,12 +122,11 @@ impl RedisStoreBuilder {
     /// Builds the store without touching the server: the connection is opened by the first
     /// operation. For a daemon that must start while Redis is down.
     /// Call it within a Tokio runtime (the connection machinery spawns background tasks).
-    pub fn connect_lazy(self) -> Result<RedisStore> {
+    pub fn connect_lazy(self) -> Result<TimeoutStore<RedisStore>> {
         let (client, config) = self.parts()?;
         let manager = ConnectionManager::new_lazy_with_config(client, config).map_err(redis)?;
-        Ok(RedisStore::new(
-            manager,
-            self.prefix,
+        Ok(TimeoutStore::new(
+            RedisStore::new(manager, self.prefix),
             self.operation_timeout,
         ))
     }

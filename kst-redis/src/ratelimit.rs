@@ -39,7 +39,7 @@ impl RateLimiter for RedisStore {
         let millis = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut invocation = HIT.prepare_invoke();
         invocation.key(counter_key(self.prefix(), key)).arg(millis);
-        let count: u64 = self.run_script("rate limit", &invocation).await?;
+        let count: u64 = self.run_script(&invocation).await?;
         Ok(count <= u64::from(limit))
     }
 }

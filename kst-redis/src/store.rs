@@ -1,10 +1,7 @@
 //! [`RedisStore`]: the [`KeyStore`] on Redis, each change one Lua script.
 
-use std::future::Future;
-use std::time::Duration;
-
 use async_trait::async_trait;
-use kst_core::store::validate_history;
+use kst_core::store::{TimeoutStore, validate_history};
 use kst_core::{Address, Error, KeyRecord, KeyStore, NewKey, PublishOutcome, Result};
 use redis::aio::ConnectionManager;
 
@@ -18,28 +15,28 @@ pub const MAX_VERSION: u64 = (1 << 53) - 2;
 
 /// A [`KeyStore`] on Redis, shared by every KST instance of a pool.
 ///
-/// Cheap to clone (one multiplexed connection, re-established by itself). See the crate
+/// The builder hands it out wrapped in a [`TimeoutStore`] (the operation timeout); its own
+/// methods are not bounded by it. Cheap to clone (one multiplexed connection, re-established by itself). See the crate
 /// documentation for the key layout.
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
     prefix: String,
-    operation_timeout: Duration,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
-            .field("operation_timeout", &self.operation_timeout)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisStore {
     /// Connects to `url` with keys under `prefix` (e.g. [`crate::DEFAULT_PREFIX`]) and the
-    /// default timeouts.
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
+    /// default timeouts; every operation of the store returned is bounded by the operation
+    /// timeout.
+    pub async fn connect(url: &str, prefix: &str) -> Result<TimeoutStore<Self>> {
         RedisStoreBuilder::new(url).prefix(prefix).connect().await
     }
 
@@ -48,32 +45,13 @@ impl RedisStore {
         RedisStoreBuilder::new(url)
     }
 
-    pub(crate) fn new(
-        conn: ConnectionManager,
-        prefix: String,
-        operation_timeout: Duration,
-    ) -> Self {
-        RedisStore {
-            conn,
-            prefix,
-            operation_timeout,
-        }
+    pub(crate) fn new(conn: ConnectionManager, prefix: String) -> Self {
+        RedisStore { conn, prefix }
     }
 
     /// The key prefix of this store.
     pub fn prefix(&self) -> &str {
         &self.prefix
-    }
-
-    /// Runs `fut` within the operation timeout.
-    async fn timed<T>(&self, op: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
-        match tokio::time::timeout(self.operation_timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::unavailable(
-                COMPONENT,
-                format!("{op} timed out after {:?}", self.operation_timeout),
-            )),
-        }
     }
 
     /// Sends `cmd`, once more if the first try failed on a connection the manager had already
@@ -101,13 +79,12 @@ impl RedisStore {
         .map_err(redis)
     }
 
-    /// Runs a writing script within the operation timeout (for the rate limiter).
+    /// Runs a writing script (for the rate limiter).
     pub(crate) async fn run_script<T: redis::FromRedisValue>(
         &self,
-        op: &str,
         script: &redis::ScriptInvocation<'_>,
     ) -> Result<T> {
-        self.timed(op, self.invoke(script, true)).await
+        self.invoke(script, true).await
     }
 
     fn keys(&self, address: &Address) -> AddressKeys {
@@ -326,30 +303,30 @@ impl KeyStore for RedisStore {
     }
 
     async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
-        self.timed("publish", self.publish_inner(key)).await
+        self.publish_inner(key).await
     }
 
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
-        self.timed("get", self.get_inner(address)).await
+        self.get_inner(address).await
     }
 
     async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
-        self.timed("history", self.history_inner(address)).await
+        self.history_inner(address).await
     }
 
     async fn delete(&self, address: &Address) -> Result<bool> {
-        self.timed("delete", self.delete_inner(address)).await
+        self.delete_inner(address).await
     }
 
     async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
-        self.timed("list", self.list_inner(after, limit)).await
+        self.list_inner(after, limit).await
     }
 
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
-        self.timed("restore", self.restore_inner(history)).await
+        self.restore_inner(history).await
     }
 
     async fn check(&self) -> Result<()> {
-        self.timed("check", self.check_inner()).await
+        self.check_inner().await
     }
 }

@@ -97,7 +97,7 @@ fn new_key(i: u64, serial: u64, len: usize) -> NewKey {
     NewKey {
         address: address(i),
         key,
-        fingerprint: format!("{serial:040X}"),
+        fingerprint: format!("{serial:040X}").parse().expect("40 hex digits"),
         publication_id: format!("{i:016x}{serial:016x}"),
         published_at: 1_700_000_000 + serial,
         revoked: false,

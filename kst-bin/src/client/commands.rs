@@ -279,11 +279,11 @@ async fn send_and_wait(
         Err(o) => return o,
     };
     let service = request.pending.service.clone();
-    let is_direct = direct.is_some_and(|d| d.direct);
-    let route = if !is_direct && s.sendmail.is_some() {
+    // `Some` only when the user asked to send straight to the service's MX.
+    let direct = direct.filter(|d| d.direct);
+    let route = if direct.is_none() && s.sendmail.is_some() {
         None
-    } else if is_direct {
-        let d = direct.expect("direct");
+    } else if let Some(d) = direct {
         let servers = match &d.mx {
             Some(mx) => match Endpoint::parse(mx, Service::Mx) {
                 Ok(e) => vec![e],
@@ -355,7 +355,7 @@ async fn send_and_wait(
     let entry = Entry {
         pending: request.pending.clone(),
         account: account.to_string(),
-        route: if is_direct {
+        route: if direct.is_some() {
             "direct"
         } else if route.is_none() {
             "sendmail"
@@ -390,7 +390,8 @@ async fn send_and_wait(
         let _ = s.state.remove(&entry.pending.message_id);
         return match e {
             SendError::Rejected { step, message }
-                if step == "RCPT TO" && (is_direct || service.domain() == account.domain()) =>
+                if step == "RCPT TO"
+                    && (direct.is_some() || service.domain() == account.domain()) =>
             {
                 Outcome::NoKst {
                     service: service.to_string(),
@@ -462,7 +463,7 @@ fn fetch_outcome(e: FetchError) -> Outcome {
 }
 
 fn pending_outcome(e: &Entry) -> Outcome {
-    let (kind, address) = describe(&e.pending);
+    let (kind, address) = asked_kind_and_address(&e.pending);
     Outcome::Pending {
         service: e.pending.service.to_string(),
         message_id: e.pending.message_id.clone(),
@@ -471,7 +472,8 @@ fn pending_outcome(e: &Entry) -> Outcome {
     }
 }
 
-fn describe(p: &Pending) -> (&'static str, String) {
+/// What a pending request asked (`publication`, ...) and about which address.
+fn asked_kind_and_address(p: &Pending) -> (&'static str, String) {
     match &p.asked {
         Asked::Publication { account, .. } => ("publication", account.to_string()),
         Asked::Retrieval { address } => ("retrieval", address.to_string()),
@@ -499,7 +501,7 @@ async fn wait_for(
     bar.set_message(format!(
         "waiting for the reply from {} ({})",
         services.join(", "),
-        mailbox.describe()
+        mailbox.how_read()
     ));
     loop {
         let open: Vec<Pending> = entries
@@ -676,11 +678,11 @@ fn pending(s: &Settings) -> u8 {
         }
     };
     if s.json {
-        let now = now_secs();
+        let now = kst_core::time::unix_now();
         let list: Vec<serde_json::Value> = entries
             .iter()
             .map(|e| {
-                let (kind, address) = describe(&e.pending);
+                let (kind, address) = asked_kind_and_address(&e.pending);
                 serde_json::json!({
                     "message_id": e.pending.message_id,
                     "kind": kind,
@@ -701,9 +703,9 @@ fn pending(s: &Settings) -> u8 {
     } else if entries.is_empty() {
         eprintln!("kst: no pending requests ({})", s.state.path().display());
     } else {
-        let now = now_secs();
+        let now = kst_core::time::unix_now();
         for e in &entries {
-            let (kind, address) = describe(&e.pending);
+            let (kind, address) = asked_kind_and_address(&e.pending);
             println!(
                 "{:<11} {:<32} via {:<10} for {:<28} {:>6}s  <{}>",
                 kind,
@@ -762,12 +764,6 @@ async fn check(s: &Settings, wait: bool, import: bool) -> Vec<Outcome> {
     bar.finish_and_clear();
     mailbox.close().await;
     results
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// `gpg --armor --export WHO`.

@@ -109,7 +109,7 @@ impl Mailbox {
     }
 
     /// How the mailbox is read, for messages: `IMAP IDLE on HOST:PORT`, `Maildir PATH`.
-    pub fn describe(&self) -> String {
+    pub fn how_read(&self) -> String {
         match self {
             Mailbox::Imap(b) => format!(
                 "IMAP {} on {}",
@@ -423,7 +423,7 @@ fn imap_date(secs: u64) -> String {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let iso = crate::cli::format_utc(secs);
+    let iso = kst_core::time::format_utc(secs);
     let year = &iso[0..4];
     let month: usize = iso[5..7].parse().unwrap_or(1);
     let day = &iso[8..10];

@@ -21,34 +21,20 @@ use clap::{Args, Subcommand};
 
 pub use commands::run;
 
-/// Exit codes of `kst client` (documented in `kst client --help`).
+/// Exit codes of `kst client` (documented in `kst client --help`): the sysexits of every
+/// command ([`crate::exit`]: 0 done, 1 no key published, 64 bad argument, 66 no key file,
+/// 69 a server unusable, 70 bug, 75 try again later, 78 client configuration), and the client's
+/// own.
 pub mod exit {
-    /// Done: published and confirmed, or the key was retrieved and verified.
-    pub const OK: u8 = 0;
-    /// The KST says (authenticated) that no key is published for the address.
-    pub const NOT_FOUND: u8 = 1;
+    pub use crate::exit::{CONFIG, NOINPUT, NOT_FOUND, OK, SOFTWARE, TEMPFAIL, UNAVAILABLE, USAGE};
     /// The KST refused the request (the reason is printed).
     pub const REFUSED: u8 = 3;
     /// The provider runs no KST: the request bounced.
     pub const NO_KST: u8 = 4;
     /// A reply failed verification (forged or altered): possible attack. Nothing was used.
     pub const ATTACK: u8 = 5;
-    /// A bad argument (an address that is not one, a key without the account's User ID).
-    pub const USAGE: u8 = 64;
-    /// The key file cannot be read or gpg has no such key.
-    pub const NOINPUT: u8 = 66;
-    /// A server is unusable (TLS failure, refused relay, unsupported protocol version), or gpg
-    /// failed to import.
-    pub const UNAVAILABLE: u8 = 69;
-    /// A bug.
-    pub const SOFTWARE: u8 = 70;
-    /// Try again later: a server is unreachable, or no reply came within --timeout (the
-    /// request stays pending; `kst client check` finishes it).
-    pub const TEMPFAIL: u8 = 75;
     /// The login or password was refused.
     pub const NOPERM: u8 = 77;
-    /// The client configuration is wrong or incomplete.
-    pub const CONFIG: u8 = 78;
 }
 
 /// Help text after `kst client --help`.

@@ -1,9 +1,10 @@
-//! The `KeyStore` conformance suite on `FsStore`.
+//! The `KeyStore` and `RateLimiter` conformance suites on `FsStore`.
 
 use std::sync::Arc;
 
-use kst_core::KeyStore;
+use kst_core::conformance::limiter;
 use kst_core::conformance::{check_consistency, concurrent_publishers, run_all};
+use kst_core::{KeyStore, RateLimiter};
 use kst_fs::FsStore;
 
 use crate::support::{root, temp_store};
@@ -38,4 +39,14 @@ async fn concurrent_publishers_on_separate_instances() {
     // Again on the same directory: the suite starts by deleting its addresses.
     concurrent_publishers(stores.clone()).await;
     assert!(check_consistency(&*stores[3]).await > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn limiter_conformance_on_separate_instances() {
+    let (dir, first) = temp_store().await;
+    let mut limiters: Vec<Arc<dyn RateLimiter>> = vec![Arc::new(first)];
+    for _ in 0..2 {
+        limiters.push(Arc::new(FsStore::open(root(&dir)).await.expect("open")));
+    }
+    limiter::run_all(limiters).await;
 }

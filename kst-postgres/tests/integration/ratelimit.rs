@@ -1,8 +1,10 @@
-//! The PostgreSQL rate limiter: counters shared by separate pools, windows, sweeping, outage.
+//! The PostgreSQL rate limiter: the shared limiter suite on separate pools, sweeping, outage.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kst_core::RateLimiter;
+use kst_core::conformance;
 use kst_postgres::PostgresStore;
 use sqlx::Row;
 
@@ -10,45 +12,21 @@ use crate::support::TestDb;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
-#[tokio::test]
-async fn two_instances_share_one_count() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn limiter_conformance_on_separate_pools() {
     let db = TestDb::new().await;
-    let (a, b) = (db.store().await, db.store().await);
-    let mut allowed = 0;
-    for i in 0..10 {
-        let l: &PostgresStore = if i % 2 == 0 { &a } else { &b };
-        if l.hit("sender:bob@acme.net", 4, HOUR).await.unwrap() {
-            allowed += 1;
-        }
+    let mut limiters: Vec<Arc<dyn RateLimiter>> = Vec::new();
+    for _ in 0..2 {
+        limiters.push(Arc::new(db.store().await));
     }
-    assert_eq!(allowed, 4, "4 of 10 hits across two instances");
-    assert!(b.hit("sender:carol@acme.net", 4, HOUR).await.unwrap());
-}
-
-#[tokio::test]
-async fn concurrent_hits_never_exceed_the_limit() {
-    let db = TestDb::new().await;
-    let stores = [db.store().await, db.store().await];
-    let mut tasks = Vec::new();
-    for i in 0..40 {
-        let s = stores[i % 2].clone();
-        tasks.push(tokio::spawn(async move {
-            s.hit("source-ip:192.0.2.1", 15, HOUR).await.unwrap()
-        }));
-    }
-    let mut allowed = 0;
-    for t in tasks {
-        if t.await.unwrap() {
-            allowed += 1;
-        }
-    }
-    assert_eq!(allowed, 15);
+    conformance::limiter::run_all(limiters).await;
 }
 
 #[tokio::test]
 async fn an_ended_window_starts_again_and_is_swept() {
     let db = TestDb::new().await;
-    let s = db.store().await;
+    let store = db.store().await;
+    let s = store.inner();
     assert!(
         s.hit("queried-address:a@example.net", 1, HOUR)
             .await

@@ -291,7 +291,7 @@ async fn unreadable_rows_are_corrupt_errors() {
     let b = addr("kim@example.net");
     store.publish(key(&a, 1)).await.unwrap();
     store.publish(key(&b, 1)).await.unwrap();
-    let pool = store.pool();
+    let pool = store.inner().pool();
     sqlx::query("UPDATE kst_key_history SET published_at = -5 WHERE address = $1")
         .bind(a.as_str())
         .execute(pool)
@@ -329,8 +329,8 @@ async fn migrations_are_idempotent_and_check_wants_the_schema() {
     let a = addr("lee@example.net");
     assert!(matches!(bare.get(&a).await.unwrap_err(), Error::Config(_)));
 
-    bare.migrate().await.unwrap();
-    bare.migrate().await.unwrap();
+    bare.inner().migrate().await.unwrap();
+    bare.inner().migrate().await.unwrap();
     bare.check().await.unwrap();
     // Another instance connecting (and migrating) concurrently is fine too.
     let (x, y) = tokio::join!(db.store(), db.store());

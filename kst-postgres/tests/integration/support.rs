@@ -1,5 +1,6 @@
 //! Test helpers: a fresh database per test, dropped again at the end, and test keys.
 
+use kst_core::store::TimeoutStore;
 use kst_core::{Address, AddressPolicy, NewKey};
 use kst_postgres::PostgresStore;
 use kst_postgres::with_database;
@@ -41,7 +42,7 @@ impl TestDb {
     }
 
     /// A store on this database (migrated), with short timeouts.
-    pub async fn store(&self) -> PostgresStore {
+    pub async fn store(&self) -> TimeoutStore<PostgresStore> {
         PostgresStore::builder(&self.url)
             .max_connections(4)
             .acquire_timeout(std::time::Duration::from_secs(3))
@@ -105,7 +106,7 @@ pub fn key(address: &Address, n: u64) -> NewKey {
     NewKey {
         address: address.clone(),
         key: format!("key-{n}-of-{address}").into_bytes(),
-        fingerprint: format!("{n:040X}"),
+        fingerprint: format!("{n:040X}").parse().expect("40 hex digits"),
         publication_id: format!("{n:032x}"),
         published_at: 1_700_000_000 + n,
         revoked: false,

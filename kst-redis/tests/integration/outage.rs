@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use kst_core::store::TimeoutStore;
 use kst_core::{Error, KeyStore, PublishOutcome};
 use kst_redis::RedisStore;
 use tokio::process::{Child, Command};
@@ -117,7 +118,7 @@ fn assert_unavailable<T: std::fmt::Debug>(what: &str, r: kst_core::Result<T>) {
     }
 }
 
-async fn all_operations_fail_temporarily(store: &RedisStore, when: &str) {
+async fn all_operations_fail_temporarily(store: &TimeoutStore<RedisStore>, when: &str) {
     let a = addr("outage@example.net");
     let b = addr("other@example.net");
     let restored = [key(&a, 9).into_record(1)];
@@ -144,7 +145,7 @@ async fn all_operations_fail_temporarily(store: &RedisStore, when: &str) {
     assert_unavailable(&format!("check {when}"), check);
 }
 
-async fn wait_until_back(store: &RedisStore) {
+async fn wait_until_back(store: &TimeoutStore<RedisStore>) {
     for _ in 0..50 {
         if store.check().await.is_ok() {
             return;

@@ -1,48 +1,24 @@
-//! The Redis rate limiter: counters shared by separate connections, expiry, outage.
+//! The Redis rate limiter: the shared limiter suite on separate connections, expiry, outage.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kst_core::RateLimiter;
-use kst_core::ratelimit::{LimitKind, RateLimits, check};
+use kst_core::conformance;
 use kst_redis::RedisStore;
 
 use crate::support::TestPrefix;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
-#[tokio::test]
-async fn two_instances_share_one_count() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn limiter_conformance_on_separate_connections() {
     let t = TestPrefix::new().await;
-    let (a, b) = (t.store().await, t.store().await);
-    let mut allowed = 0;
-    for i in 0..10 {
-        let l: &RedisStore = if i % 2 == 0 { &a } else { &b };
-        if l.hit("sender:bob@acme.net", 4, HOUR).await.unwrap() {
-            allowed += 1;
-        }
+    let mut limiters: Vec<Arc<dyn RateLimiter>> = Vec::new();
+    for _ in 0..3 {
+        limiters.push(Arc::new(t.store().await));
     }
-    assert_eq!(allowed, 4, "4 of 10 hits across two instances");
-    assert!(a.hit("sender:carol@acme.net", 4, HOUR).await.unwrap());
-}
-
-#[tokio::test]
-async fn concurrent_hits_from_many_tasks_never_exceed_the_limit() {
-    let t = TestPrefix::new().await;
-    let stores = [t.store().await, t.store().await, t.store().await];
-    let mut tasks = Vec::new();
-    for i in 0..60 {
-        let s = stores[i % 3].clone();
-        tasks.push(tokio::spawn(async move {
-            s.hit("source-ip:192.0.2.1", 25, HOUR).await.unwrap()
-        }));
-    }
-    let mut allowed = 0;
-    for t in tasks {
-        if t.await.unwrap() {
-            allowed += 1;
-        }
-    }
-    assert_eq!(allowed, 25);
+    conformance::limiter::run_all(limiters).await;
 }
 
 #[tokio::test]
@@ -83,35 +59,6 @@ async fn counters_expire_with_their_window_and_heal_a_missing_expiry() {
         .await
         .unwrap();
     assert_eq!(count, 2);
-}
-
-#[tokio::test]
-async fn the_check_helper_stops_at_the_exhausted_counter() {
-    let t = TestPrefix::new().await;
-    let s = t.store().await;
-    let limits = RateLimits {
-        per_sender: 1,
-        ..RateLimits::default()
-    };
-    let hits = [
-        (LimitKind::Sender, "bob@acme.net"),
-        (LimitKind::SenderDomain, "acme.net"),
-    ];
-    assert_eq!(check(&s, &limits, &hits).await.unwrap(), None);
-    assert_eq!(
-        check(&s, &limits, &hits).await.unwrap(),
-        Some(LimitKind::Sender)
-    );
-    let mut raw = t.raw().await;
-    let domain: u64 = redis::cmd("GET")
-        .arg(format!("{}rl:sender-domain:acme.net", t.prefix))
-        .query_async(&mut raw)
-        .await
-        .unwrap();
-    assert_eq!(
-        domain, 1,
-        "the domain is not counted past the exhausted sender"
-    );
 }
 
 #[tokio::test]

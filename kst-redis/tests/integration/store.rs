@@ -396,7 +396,7 @@ async fn prefixes_keep_pools_apart() {
     s1.publish(key(&a, 1)).await.unwrap();
     assert_eq!(s2.get(&a).await.unwrap(), None);
     assert!(s2.list(None, 10).await.unwrap().is_empty());
-    assert_eq!(s1.prefix(), t1.prefix);
+    assert_eq!(s1.inner().prefix(), t1.prefix);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! Test helpers: a fresh key prefix per test, its keys deleted at the end, and test keys.
 
+use kst_core::store::TimeoutStore;
 use kst_core::{Address, AddressPolicy, KeyRecord, NewKey};
 use kst_redis::RedisStore;
 
@@ -34,7 +35,7 @@ impl TestPrefix {
     }
 
     /// A store under this prefix.
-    pub async fn store(&self) -> RedisStore {
+    pub async fn store(&self) -> TimeoutStore<RedisStore> {
         RedisStore::connect(&self.url, &self.prefix)
             .await
             .expect("connect to the test Redis")
@@ -100,7 +101,7 @@ pub fn key(address: &Address, n: u64) -> NewKey {
     NewKey {
         address: address.clone(),
         key: format!("key-{n}-of-{address}").into_bytes(),
-        fingerprint: format!("{n:040X}"),
+        fingerprint: format!("{n:040X}").parse().expect("40 hex digits"),
         publication_id: format!("{n:032x}"),
         published_at: 1_700_000_000 + n,
         revoked: false,

@@ -51,13 +51,14 @@ pub fn init() -> PrometheusHandle {
             if ::metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("another metrics recorder is installed: /metrics stays empty");
             }
-            describe();
+            register_descriptions();
             handle
         })
         .clone()
 }
 
-fn describe() {
+/// Registers the help text of every metric with the exporter.
+fn register_descriptions() {
     use ::metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         MESSAGES_TOTAL,

@@ -12,6 +12,13 @@ use std::path::{Path, PathBuf};
 use kst_core::{AddressPolicy, AuthSource, Policy, RateLimits};
 use serde::{Deserialize, Serialize};
 
+mod http;
+mod lmtp;
+
+pub use self::http::HttpConfig;
+pub use self::lmtp::{AllowList, Cidr, LmtpConfig};
+pub use crate::shared::logging::{LogConfig, LogFormat};
+
 /// Environment variable prefix of configuration overrides.
 pub const ENV_PREFIX: &str = "KST";
 /// Separator between the section and the key in an environment override (`KST_MAILER__PORT`).
@@ -39,9 +46,9 @@ pub struct Config {
     /// `[log]`: log format and level.
     pub log: LogConfig,
     /// `[lmtp]`: the LMTP daemon of `kst serve`.
-    pub lmtp: crate::lmtp::LmtpConfig,
+    pub lmtp: LmtpConfig,
     /// `[http]`: the operations endpoint of `kst serve`.
-    pub http: crate::lmtp::HttpConfig,
+    pub http: HttpConfig,
 }
 
 /// `[kst]`: the protocol policy.
@@ -294,37 +301,6 @@ impl MailerConfig {
     }
 }
 
-/// Log line format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// `[log]`: logging (always to stderr).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// `text` or `json`.
-    pub format: LogFormat,
-    /// A level (`error`, `warn`, `info`, `debug`, `trace`, `off`) or a tracing filter such as
-    /// `info,kst_core=debug`. `RUST_LOG` overrides it.
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-            level: "info".into(),
-        }
-    }
-}
-
 /// A configuration that cannot be used, with the key at fault when there is one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -350,6 +326,14 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// The key at fault, for [`ConfigError::Key`].
+    pub fn key_name(&self) -> Option<&str> {
+        match self {
+            ConfigError::Key { key, .. } => Some(key),
+            ConfigError::File { .. } | ConfigError::Other(_) => None,
+        }
+    }
+
     /// An error about `key`.
     pub fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError::Key {
@@ -419,8 +403,32 @@ impl Config {
         let merged = builder.build().map_err(convert_error)?;
         let mut cfg: Config = merged.try_deserialize().map_err(convert_error)?;
         cfg.tidy();
+        cfg.apply_deprecated_keys()?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Moves deprecated keys to their new place, with a warning on stderr (logging is not set
+    /// up yet when the configuration loads).
+    fn apply_deprecated_keys(&mut self) -> Result<(), ConfigError> {
+        if let Some(size) = self.lmtp.max_message_size.take() {
+            let limit = self.limits.max_message_bytes;
+            if limit != Policy::DEFAULT_MAX_MESSAGE_BYTES && limit != size {
+                return Err(ConfigError::key(
+                    "lmtp.max_message_size",
+                    format!(
+                        "({size}) is a deprecated alias of limits.max_message_bytes, which is also \
+                         set ({limit}); remove lmtp.max_message_size"
+                    ),
+                ));
+            }
+            eprintln!(
+                "kst: warning: lmtp.max_message_size is deprecated; use limits.max_message_bytes \
+                 (now {size}), which bounds mail from both `kst deliver` and LMTP"
+            );
+            self.limits.max_message_bytes = size;
+        }
+        Ok(())
     }
 
     /// Trims list entries and drops empty ones (`KST_KST__TRUSTED_MTA_HOSTS=` is an empty list).
@@ -441,9 +449,7 @@ impl Config {
     /// Checks everything that can be checked without touching the store or the network.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.policy()?;
-        self.lmtp
-            .validate()
-            .map_err(|e| ConfigError::key(e.key, e.message))?;
+        self.lmtp.validate()?;
         let l = &self.limits;
         if l.max_message_bytes == 0 {
             return Err(ConfigError::key(
@@ -539,7 +545,7 @@ impl Config {
             ));
         }
         m.envelope_from()?;
-        crate::logging::parse_level(&self.log.level)
+        crate::shared::logging::parse_level(&self.log.level)
             .map_err(|e| ConfigError::key("log.level", e))?;
         Ok(())
     }
@@ -756,8 +762,8 @@ fn convert_error(e: config::ConfigError) -> ConfigError {
         } => {
             let message = format!(
                 "invalid value {}, expected {}",
-                describe_unexpected(&unexpected.to_string()),
-                describe_expected(expected)
+                plain_value(&unexpected.to_string()),
+                friendly_expected(expected)
             );
             match key {
                 Some(key) => ConfigError::key(key, message),
@@ -782,7 +788,7 @@ fn convert_error(e: config::ConfigError) -> ConfigError {
 }
 
 /// `string "x"` becomes `"x"`, ``64-bit integer `7` `` becomes `7`.
-fn describe_unexpected(s: &str) -> String {
+fn plain_value(s: &str) -> String {
     if let Some(q) = s.strip_prefix("string ") {
         return q.to_string();
     }
@@ -793,7 +799,7 @@ fn describe_unexpected(s: &str) -> String {
 }
 
 /// `an unsigned 16 bit integer` becomes `an integer from 0 to 65535`.
-fn describe_expected(expected: &str) -> String {
+fn friendly_expected(expected: &str) -> String {
     let max = match expected {
         "an unsigned 8 bit integer" => u64::from(u8::MAX),
         "an unsigned 16 bit integer" => u64::from(u16::MAX),
@@ -814,7 +820,7 @@ const CHOICES: [(&str, &str); 5] = [
 
 /// `enum X does not have variant constructor y` (the `config` crate's words) at `key`
 /// becomes `invalid value "y", expected ...`.
-fn describe_bad_variant(key: Option<&str>, message: &str) -> Option<String> {
+fn bad_variant_message(key: Option<&str>, message: &str) -> Option<String> {
     let (_, value) = message.split_once(" does not have variant constructor ")?;
     let choices = CHOICES.iter().find(|(k, _)| Some(*k) == key).map_or(
         "one of the documented values (see deploy/kst.toml)",
@@ -845,7 +851,7 @@ fn keyed_message(key: Option<&str>, message: &str) -> ConfigError {
         };
         return ConfigError::key(full, msg);
     }
-    if let Some(m) = describe_bad_variant(key, message) {
+    if let Some(m) = bad_variant_message(key, message) {
         return match key {
             Some(k) => ConfigError::key(k, m),
             None => ConfigError::Other(m),

@@ -22,8 +22,81 @@ use std::path::{Path, PathBuf};
 use fs4::fs_std::FileExt;
 use kst_core::{Address, AddressPolicy, Mailer, OutgoingMail};
 
-use crate::config::MailerConfig;
-use crate::mailer::SmtpMailer;
+use clap::Subcommand;
+
+use crate::exit;
+use crate::server::mailer::SmtpMailer;
+use crate::shared::config::{Config, MailerConfig};
+use crate::shared::{logging, report};
+
+/// `kst outbox ...`.
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Hand every reply in the spool (`[mailer] path`) to the SMTP relay of `[mailer]` (`host`,
+    /// `port`, `tls`, `username`, `password`), oldest first, removing each file after the
+    /// relay's 250.
+    ///
+    /// For `[mailer] kind = "spool"`: kst makes each reply durable in the spool before it answers
+    /// its MTA, and this command sends them, e.g. every minute from a timer:
+    ///   kst --config /etc/kst/kst.toml outbox send
+    /// A file that is not a spool file is renamed to <name>.bad and skipped. Only one run sends
+    /// at a time. Exit codes: 0 everything sent (or nothing to send), 65 some files set aside as
+    /// .bad, 75 the relay failed (the rest stays for the next run), 78 configuration.
+    Send {
+        /// The spool directory, instead of `[mailer] path`.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Runs `kst outbox ...` with the configuration at `config`; returns its exit code.
+pub async fn run_command(config: Option<&Path>, cmd: OutboxCommand) -> u8 {
+    let cfg = match Config::load(config) {
+        Ok(cfg) => cfg,
+        Err(e) => return report::config_error(&e),
+    };
+    logging::init(&cfg.log);
+    match cmd {
+        OutboxCommand::Send { dir } => {
+            let dir = dir.unwrap_or_else(|| cfg.mailer.path.clone());
+            send_and_report(&cfg.mailer, &dir).await
+        }
+    }
+}
+
+/// `kst outbox send`: runs it and says what it did.
+async fn send_and_report(cfg: &MailerConfig, dir: &Path) -> u8 {
+    match send(cfg, dir).await {
+        Ok(r) if r.busy => {
+            eprintln!(
+                "kst: another `kst outbox send` is sending {}; nothing done",
+                dir.display()
+            );
+            exit::OK
+        }
+        Ok(r) => {
+            eprintln!(
+                "kst: {} sent, {} set aside as .bad, {} left in {}",
+                r.sent,
+                r.set_aside,
+                r.left,
+                dir.display()
+            );
+            if let Some(e) = &r.error {
+                eprintln!("kst: stopped: {e}; the rest is sent by the next run");
+                exit::TEMPFAIL
+            } else if r.set_aside > 0 {
+                exit::DATAERR
+            } else {
+                exit::OK
+            }
+        }
+        Err(e) => {
+            eprintln!("kst: {e:#}");
+            exit::TEMPFAIL
+        }
+    }
+}
 
 /// What one run did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -51,7 +124,7 @@ pub struct SpoolFile<'a> {
     pub message: &'a [u8],
 }
 
-/// Splits `raw` (as written by [`crate::mailer::SpoolMailer::render`]) into envelope and
+/// Splits `raw` (as written by [`crate::server::mailer::SpoolMailer::render`]) into envelope and
 /// message; says what is wrong otherwise.
 pub fn parse(raw: &[u8]) -> Result<SpoolFile<'_>, String> {
     let policy = AddressPolicy::default();
@@ -195,7 +268,7 @@ pub async fn send(cfg: &MailerConfig, dir: &Path) -> anyhow::Result<Report> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mailer::SpoolMailer;
+    use crate::server::mailer::SpoolMailer;
 
     #[test]
     fn parses_what_the_spool_writes() {

@@ -13,7 +13,7 @@ use kst_core::{Error, GroupCommit, Mailer, OutgoingMail, Result};
 const COMPONENT: &str = "mailer(spool)";
 
 /// Writes each reply as `<unix-nanos>-<random hex>.eml` into a directory, for another process
-/// to send: `kst outbox send` ([`crate::outbox`]) from a timer, or a relay's pickup.
+/// to send: `kst outbox send` ([`crate::server::outbox`]) from a timer, or a relay's pickup.
 ///
 /// The envelope travels in two header lines put in front of the message:
 /// `Return-Path: <sender>` (`<>` for the null sender) and `X-Kst-Envelope-To: recipient`.

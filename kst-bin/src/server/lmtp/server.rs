@@ -8,17 +8,19 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use kst_core::service::{Decision, Envelope, HandleError, Handled, Kst};
+use kst_core::service::{Envelope, HandleError, Kst};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::config::{AllowList, LmtpConfig};
 use super::session::{Reply, Session, SessionLimits, Step, Transaction, delivery_reply};
+use crate::server::ingest::{self, Origin};
+use crate::shared::config::{AllowList, LmtpConfig};
+use crate::shared::metrics;
 
 /// Bytes read from a client at a time.
 const READ_BUFFER: usize = 16 * 1024;
@@ -74,7 +76,7 @@ impl Listener {
     }
 
     /// The address for logs: `127.0.0.1:2424` or `unix:/run/kst/lmtp.sock`.
-    pub fn describe(&self) -> String {
+    pub fn log_address(&self) -> String {
         match self {
             Listener::Tcp(l) => l
                 .local_addr()
@@ -179,11 +181,12 @@ pub struct ConnectionContext {
 }
 
 impl ConnectionContext {
-    /// The context `[lmtp]` describes.
+    /// The context `[lmtp]` describes; the size limit is the KST's (`limits.max_message_bytes`).
     pub fn new(kst: Kst, cfg: &LmtpConfig, shutdown: ShutdownSignal) -> Self {
+        let limits = SessionLimits::from_config(cfg, kst.policy().max_message_bytes);
         ConnectionContext {
             kst,
-            limits: SessionLimits::from_config(cfg),
+            limits,
             command_timeout: cfg.command_timeout(),
             data_timeout: cfg.data_timeout(),
             hostname: hostname(),
@@ -216,7 +219,7 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     let mut backoff = Duration::from_millis(10);
     tracing::info!(
-        listen = %listener.describe(),
+        listen = %listener.log_address(),
         max_connections = cfg.max_connections,
         allow = ?cfg.allow,
         "LMTP server listening"
@@ -289,7 +292,7 @@ fn admit(
     match conn {
         Accepted::Tcp(stream, addr) => {
             if !allow.allows(addr.ip()) {
-                crate::metrics::refused_peer();
+                metrics::refused_peer();
                 tracing::error!(
                     peer = %addr,
                     "REFUSED LMTP connection from {addr}: not in [lmtp] allow. Whoever can talk LMTP to kst can forge trusted Received headers; add an address to [lmtp] allow only if it is your MTA"
@@ -317,7 +320,7 @@ fn admit(
 fn slot(slots: &Arc<Semaphore>, peer: &str) -> Option<OwnedSemaphorePermit> {
     let permit = Arc::clone(slots).try_acquire_owned().ok();
     if permit.is_none() {
-        crate::metrics::busy();
+        metrics::busy();
         tracing::warn!(
             peer,
             "LMTP connection refused: max_connections reached (421)"
@@ -353,7 +356,7 @@ pub async fn serve_connection<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _open = crate::metrics::connection_opened();
+    let _open = metrics::connection_opened();
     tracing::debug!(peer, "LMTP connection");
     let mut shutdown = ctx.shutdown.clone();
     let mut session = Session::new(ctx.limits, &ctx.hostname);
@@ -376,7 +379,7 @@ where
         };
         let n = match read {
             Err(_) => {
-                crate::metrics::timeout();
+                metrics::timeout();
                 tracing::warn!(
                     peer,
                     in_data = session.in_data(),
@@ -465,136 +468,36 @@ async fn deliver(ctx: &ConnectionContext, tx: &Transaction, peer: &str) -> Vec<R
                 .await
                 .unwrap_or_else(|_| {
                     Err(HandleError::Temporary(kst_core::Error::unavailable(
-                        "kst",
+                        kst_core::Component::other("kst"),
                         format!(
                             "no decision within {}s (store or mailer hanging?)",
                             ctx.command_timeout.as_secs()
                         ),
                     )))
                 });
-        record(&result, tx, rcpt, &queue_id, peer, started.elapsed());
+        let origin = Origin {
+            recipient: rcpt,
+            raw: &tx.message,
+            queue_id: Some(&queue_id),
+            peer: Some(peer),
+        };
+        ingest::record(&result, &origin, started.elapsed());
         replies.push(delivery_reply(&result, &queue_id));
     }
     replies
-}
-
-/// The log line and the metrics of one handled message.
-fn record(
-    result: &Result<Handled, HandleError>,
-    tx: &Transaction,
-    recipient: &str,
-    queue_id: &str,
-    peer: &str,
-    elapsed: Duration,
-) {
-    let duration_ms = elapsed.as_secs_f64() * 1000.0;
-    match result {
-        Ok(h) => {
-            let reason = match &h.decision {
-                Decision::Refused { reason } => reason.as_str(),
-                Decision::Ignored(why) => why.as_str(),
-                _ => "-",
-            };
-            let (kind, outcome) = (h.kind.as_str(), h.decision.outcome());
-            crate::metrics::message(kind, outcome, elapsed);
-            tracing::info!(
-                message_id = h.message_id.as_deref().unwrap_or("-"),
-                queue_id,
-                recipient,
-                kind,
-                outcome,
-                reason,
-                duration_ms,
-                peer,
-                "message handled"
-            );
-        }
-        Err(HandleError::NotForKst(why)) => {
-            crate::metrics::message("other", "rejected", elapsed);
-            tracing::warn!(
-                message_id = header_message_id(&tx.message).unwrap_or("-"),
-                queue_id,
-                recipient,
-                kind = "other",
-                outcome = "rejected",
-                reason = %why,
-                duration_ms,
-                peer,
-                "message rejected"
-            );
-        }
-        Err(HandleError::Temporary(e)) => {
-            match failing_component(e) {
-                Some(c) if c.starts_with("store") => crate::metrics::store_error(),
-                Some(c) if c.starts_with("mailer") => crate::metrics::mailer_error(),
-                _ => {}
-            }
-            crate::metrics::message("unknown", "deferred", elapsed);
-            tracing::warn!(
-                message_id = header_message_id(&tx.message).unwrap_or("-"),
-                queue_id,
-                recipient,
-                kind = "unknown",
-                outcome = "deferred",
-                reason = %e,
-                duration_ms,
-                peer,
-                "message deferred (451): the MTA will retry"
-            );
-        }
-    }
-}
-
-fn failing_component(e: &kst_core::Error) -> Option<&str> {
-    match e {
-        kst_core::Error::Unavailable { component, .. }
-        | kst_core::Error::Corrupt { component, .. } => Some(component),
-        _ => None,
-    }
-}
-
-/// The Message-ID header value of a raw message, for log lines of messages kst did not parse.
-fn header_message_id(raw: &[u8]) -> Option<&str> {
-    for line in raw.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            return None;
-        }
-        if line.len() > 11 && line[..11].eq_ignore_ascii_case(b"message-id:") {
-            return std::str::from_utf8(&line[11..])
-                .ok()
-                .map(|v| v.trim().trim_start_matches('<').trim_end_matches('>'))
-                .filter(|v| !v.is_empty());
-        }
-    }
-    None
 }
 
 /// A process-unique transaction id for replies and logs: `L<start time>.<sequence>` in hex.
 fn next_queue_id() -> String {
     static START: OnceLock<u64> = OnceLock::new();
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let start = *START.get_or_init(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    });
+    let start = *START.get_or_init(kst_core::time::unix_now);
     format!("L{start:X}.{:X}", SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn message_id_of_the_header_block_only() {
-        let raw = b"From: a@b\r\nMessage-ID: <x@y>\r\n\r\nMessage-ID: <body@z>\r\n";
-        assert_eq!(header_message_id(raw), Some("x@y"));
-        assert_eq!(
-            header_message_id(b"From: a\r\n\r\nMessage-ID: <b@z>\r\n"),
-            None
-        );
-    }
 
     #[test]
     fn queue_ids_are_unique() {

@@ -14,7 +14,7 @@ use smtp_proto::EXT_PIPELINING;
 use tokio::io::{AsyncRead, AsyncWrite, BufStream};
 use tokio::time::Instant;
 
-use crate::config::{ConfigError, MailerConfig, SmtpTls};
+use crate::shared::config::{ConfigError, MailerConfig, SmtpTls};
 
 const COMPONENT: &str = "mailer(smtp)";
 
@@ -394,7 +394,7 @@ impl Mailer for SmtpMailer {
 }
 
 fn log_sent(mailer: &SmtpMailer, mail: &OutgoingMail, reply: &str, reused: bool) {
-    crate::metrics::mailer_reply(reused);
+    crate::shared::metrics::mailer_reply(reused);
     tracing::debug!(
         relay = %mailer.relay,
         message_id = %mail.message_id,
@@ -417,7 +417,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::config::MailerKind;
+    use crate::shared::config::MailerKind;
 
     /// How the peer behaves after each accepted message.
     #[derive(Clone, Copy)]

@@ -1,9 +1,11 @@
-//! The `[lmtp]` and `[http]` configuration sections of `kst serve`, with their defaults.
+//! The `[lmtp]` configuration section of `kst serve`, with its defaults and the allow-list.
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
 
 /// `[lmtp]`: where the LMTP daemon listens, whom it talks to, and its limits.
 ///
@@ -20,8 +22,10 @@ pub struct LmtpConfig {
     /// `"::1/128"`). Default: loopback only. Unix socket peers are always allowed (file
     /// permissions guard the socket). Anyone else gets `554 5.7.1` and is logged.
     pub allow: Vec<String>,
-    /// Largest message accepted, in bytes (default 2 MiB). Larger mail is refused with `552`.
-    pub max_message_size: usize,
+    /// Deprecated alias of `limits.max_message_bytes`, which now bounds LMTP mail too; when
+    /// set, [`super::Config::load`] copies it there and warns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_message_size: Option<usize>,
     /// Connections served at once (default 256); one more gets `421 4.3.2` and is closed.
     pub max_connections: usize,
     /// Seconds a client has to send each command (default 300, as RFC 5321 suggests).
@@ -39,7 +43,7 @@ impl Default for LmtpConfig {
         LmtpConfig {
             listen: "127.0.0.1:2424".into(),
             allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
-            max_message_size: 2 * 1024 * 1024,
+            max_message_size: None,
             max_connections: 256,
             command_timeout_secs: 300,
             data_timeout_secs: 600,
@@ -54,20 +58,19 @@ impl LmtpConfig {
     /// reported at start, not at the first connection.
     pub fn validate(&self) -> Result<AllowList, ConfigError> {
         if self.listen.trim().is_empty() {
-            return Err(ConfigError::new(
+            return Err(ConfigError::key(
                 "lmtp.listen",
                 "is empty; set \"127.0.0.1:2424\" or \"unix:/run/kst/lmtp.sock\"",
             ));
         }
         for (key, value) in [
-            ("lmtp.max_message_size", self.max_message_size as u64),
             ("lmtp.max_connections", self.max_connections as u64),
             ("lmtp.command_timeout_secs", self.command_timeout_secs),
             ("lmtp.data_timeout_secs", self.data_timeout_secs),
             ("lmtp.max_recipients", self.max_recipients as u64),
         ] {
             if value == 0 {
-                return Err(ConfigError::new(key, "must be at least 1"));
+                return Err(ConfigError::key(key, "must be at least 1"));
             }
         }
         AllowList::parse(&self.allow)
@@ -86,42 +89,6 @@ impl LmtpConfig {
     /// [`LmtpConfig::shutdown_grace_secs`] as a duration.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
-    }
-}
-
-/// `[http]`: the operations endpoint (`/healthz`, `/readyz`, `/metrics`). No TLS: keep it on
-/// loopback or an internal network.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct HttpConfig {
-    /// `"host:port"` (default `"127.0.0.1:8080"`); an empty string turns the endpoint off.
-    pub listen: String,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            listen: "127.0.0.1:8080".into(),
-        }
-    }
-}
-
-/// A configuration value that cannot be used; says which key and what to write instead.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{key} {message}")]
-pub struct ConfigError {
-    /// The key, e.g. `lmtp.allow`.
-    pub key: &'static str,
-    /// What is wrong and how to fix it.
-    pub message: String,
-}
-
-impl ConfigError {
-    fn new(key: &'static str, message: impl Into<String>) -> Self {
-        ConfigError {
-            key,
-            message: message.into(),
-        }
     }
 }
 
@@ -190,7 +157,7 @@ impl AllowList {
             .iter()
             .map(|e| {
                 Cidr::parse(e).ok_or_else(|| {
-                    ConfigError::new(
+                    ConfigError::key(
                         "lmtp.allow",
                         format!(
                             "entry {e:?} is not an IP address or CIDR; write e.g. \"127.0.0.1\", \"10.0.0.0/8\" or \"::1/128\""
@@ -258,8 +225,8 @@ mod tests {
             "",
         ] {
             let err = AllowList::parse(&[bad.to_string()]).expect_err(bad);
-            assert_eq!(err.key, "lmtp.allow");
-            assert!(err.message.contains(&format!("{bad:?}")), "{err}");
+            assert_eq!(err.key_name(), Some("lmtp.allow"));
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }
     }
 
@@ -270,8 +237,8 @@ mod tests {
             ..LmtpConfig::default()
         };
         assert_eq!(
-            cfg.validate().expect_err("zero").key,
-            "lmtp.max_connections"
+            cfg.validate().expect_err("zero").key_name(),
+            Some("lmtp.max_connections")
         );
     }
 }

@@ -5,9 +5,125 @@
 //! version first, the key as base64 of its binary packets (the stored record as it is).
 
 use std::io::{BufRead, Write};
+use std::path::Path;
 
 use kst_core::{Address, Error, KeyRecord, KeyStore, store::validate_history};
 use serde::{Deserialize, Serialize};
+
+use crate::exit;
+use crate::shared::config::Config;
+use crate::shared::report;
+use crate::shared::stores::{self, Reach};
+
+/// `kst export`: writes every key of the configured store to `output` (stdout when `None`).
+pub async fn export_command(config: Option<&Path>, output: Option<&Path>) -> u8 {
+    let cfg = match super::load(config) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    export_to(&cfg, output).await
+}
+
+/// `kst import`: stores every history of `input` (`-` for stdin) in the configured store.
+pub async fn import_command(config: Option<&Path>, input: &Path) -> u8 {
+    let cfg = match super::load(config) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    import_from(&cfg, input).await
+}
+
+async fn export_to(cfg: &Config, output: Option<&Path>) -> u8 {
+    let store = match stores::open_store(&cfg.store, Reach::Now).await {
+        Ok(s) => s,
+        Err(e) => return report::error(&e),
+    };
+    let result = match output {
+        None => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            export(store.as_ref(), &mut out).await
+        }
+        Some(path) => {
+            // Write beside the target and rename, so a failed export leaves no half file.
+            let tmp = path.with_extension("partial");
+            let file = match std::fs::File::create(&tmp) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("kst: cannot create {}: {e}", tmp.display());
+                    return exit::CANTCREAT;
+                }
+            };
+            let mut out = std::io::BufWriter::new(file);
+            let r = export(store.as_ref(), &mut out).await;
+            drop(out);
+            match r {
+                Ok(c) => match std::fs::rename(&tmp, path) {
+                    Ok(()) => Ok(c),
+                    Err(e) => {
+                        eprintln!(
+                            "kst: cannot rename {} to {}: {e}",
+                            tmp.display(),
+                            path.display()
+                        );
+                        return exit::CANTCREAT;
+                    }
+                },
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    Err(e)
+                }
+            }
+        }
+    };
+    match result {
+        Ok(c) => {
+            eprintln!(
+                "kst: exported {} address(es), {} version(s) from the {} store",
+                c.addresses,
+                c.versions,
+                store.name()
+            );
+            exit::OK
+        }
+        Err(e) => report::error(&e),
+    }
+}
+
+async fn import_from(cfg: &Config, input: &Path) -> u8 {
+    let store = match stores::open_store(&cfg.store, Reach::Now).await {
+        Ok(s) => s,
+        Err(e) => return report::error(&e),
+    };
+    let result = if input == Path::new("-") {
+        let stdin = std::io::stdin();
+        let mut lock = stdin.lock();
+        import(store.as_ref(), &mut lock).await
+    } else {
+        match std::fs::File::open(input) {
+            Ok(f) => {
+                let mut r = std::io::BufReader::new(f);
+                import(store.as_ref(), &mut r).await
+            }
+            Err(e) => {
+                eprintln!("kst: cannot read {}: {e}", input.display());
+                return exit::NOINPUT;
+            }
+        }
+    };
+    match result {
+        Ok(c) => {
+            eprintln!(
+                "kst: imported {} address(es), {} version(s) into the {} store",
+                c.addresses,
+                c.versions,
+                store.name()
+            );
+            exit::OK
+        }
+        Err(e) => report::error(&e),
+    }
+}
 
 /// Addresses fetched from the store per `list` call.
 const PAGE: usize = 500;
@@ -55,7 +171,7 @@ pub async fn export(store: &dyn KeyStore, out: &mut dyn Write) -> Result<Counts,
                 .map_err(|e| Error::Invalid(format!("cannot encode {address}: {e}")))?;
             text.push('\n');
             out.write_all(text.as_bytes())
-                .map_err(|e| Error::unavailable("export output", e))?;
+                .map_err(|e| Error::unavailable(kst_core::Component::other("export output"), e))?;
         }
         match page.last() {
             Some(last) if page.len() == PAGE => after = Some(last.clone()),
@@ -63,7 +179,7 @@ pub async fn export(store: &dyn KeyStore, out: &mut dyn Write) -> Result<Counts,
         }
     }
     out.flush()
-        .map_err(|e| Error::unavailable("export output", e))?;
+        .map_err(|e| Error::unavailable(kst_core::Component::other("export output"), e))?;
     Ok(counts)
 }
 
@@ -108,7 +224,7 @@ fn read_line(input: &mut dyn BufRead, line: &mut Vec<u8>) -> Result<usize, Error
     loop {
         let buf = input
             .fill_buf()
-            .map_err(|e| Error::unavailable("import input", e))?;
+            .map_err(|e| Error::unavailable(kst_core::Component::other("import input"), e))?;
         if buf.is_empty() {
             return Ok(line.len());
         }

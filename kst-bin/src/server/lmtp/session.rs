@@ -7,14 +7,14 @@
 
 use std::slice::Iter;
 
-use kst_core::service::{Decision, HandleError, Handled, NotForKst};
+use kst_core::service::{HandleError, Handled, NotForKst};
 use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver, RequestReceiver};
 use smtp_proto::{
     EXT_8BIT_MIME, EXT_ENHANCED_STATUS_CODES, EXT_PIPELINING, EXT_SIZE, EhloResponse, Error,
     Request, Response,
 };
 
-use super::config::LmtpConfig;
+use crate::shared::config::LmtpConfig;
 
 /// Bad commands tolerated between two delivered messages before the session is closed.
 pub const MAX_ERRORS: u32 = 20;
@@ -38,10 +38,10 @@ pub struct SessionLimits {
 }
 
 impl SessionLimits {
-    /// The limits `[lmtp]` sets.
-    pub fn from_config(cfg: &LmtpConfig) -> Self {
+    /// The limits `[lmtp]` sets, with `max_message_bytes` from `[limits]` (the policy's).
+    pub fn from_config(cfg: &LmtpConfig, max_message_bytes: usize) -> Self {
         SessionLimits {
-            max_message_size: cfg.max_message_size,
+            max_message_size: max_message_bytes,
             max_recipients: cfg.max_recipients,
             max_errors: MAX_ERRORS,
             max_commands: MAX_COMMANDS_BETWEEN_MESSAGES,
@@ -51,7 +51,10 @@ impl SessionLimits {
 
 impl Default for SessionLimits {
     fn default() -> Self {
-        Self::from_config(&LmtpConfig::default())
+        Self::from_config(
+            &LmtpConfig::default(),
+            kst_core::Policy::DEFAULT_MAX_MESSAGE_BYTES,
+        )
     }
 }
 
@@ -500,11 +503,10 @@ pub fn delivery_reply(result: &Result<Handled, HandleError>, queue_id: &str) -> 
                 .message_id
                 .as_deref()
                 .map_or_else(|| queue_id.to_string(), |m| format!("<{m}>"));
-            let detail = match &h.decision {
-                Decision::Refused { reason } => format!(" ({})", reason.as_str()),
-                Decision::Ignored(why) => format!(" ({})", why.as_str()),
-                _ => String::new(),
-            };
+            let detail = h
+                .decision
+                .reason()
+                .map_or_else(String::new, |r| format!(" ({r})"));
             Reply::new(
                 250,
                 [2, 0, 0],

@@ -7,7 +7,7 @@ use kst_core::{Error, KeyStore, RateLimiter};
 use kst_postgres::PostgresStore;
 use kst_redis::RedisStore;
 
-use crate::config::{StoreBackend, StoreConfig};
+use crate::shared::config::{StoreBackend, StoreConfig};
 
 /// How to open a network store when its server cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +71,7 @@ pub async fn migrate(cfg: &StoreConfig) -> Result<&'static str, Error> {
                 .run_migrations(false)
                 .connect()
                 .await?;
-            store.migrate().await?;
+            store.inner().migrate().await?;
             Ok("PostgreSQL schema is up to date")
         }
         _ => {

@@ -1,0 +1,72 @@
+//! `kst config check`: prints the effective configuration, secrets masked; `--probe` also
+//! opens the store and the mailer.
+
+use std::path::Path;
+
+use clap::Subcommand;
+
+use crate::exit;
+use crate::shared::config::{self, Config};
+use crate::shared::stores::{self, Reach};
+use crate::shared::{logging, report, wiring};
+
+/// `kst config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration (file + environment + defaults) with secrets masked,
+    /// or say what is wrong (exit 78).
+    ///
+    /// Example: KST_MAILER__PORT=2525 kst config check --config /etc/kst/kst.toml
+    Check {
+        /// Also open the store and connect to the mailer (exit 69 when one is unavailable).
+        #[arg(long)]
+        probe: bool,
+    },
+}
+
+/// Runs `kst config ...` with the configuration at `path`; returns its exit code.
+pub async fn run(path: Option<&Path>, cmd: ConfigCommand) -> u8 {
+    match cmd {
+        ConfigCommand::Check { probe } => check(path, Config::load(path), probe).await,
+    }
+}
+
+async fn check(
+    path: Option<&Path>,
+    loaded: Result<Config, config::ConfigError>,
+    probe: bool,
+) -> u8 {
+    let cfg = match loaded {
+        Ok(c) => c,
+        Err(e) => return report::config_error(&e),
+    };
+    let mailer = match wiring::build_mailer(&cfg.mailer) {
+        Ok(m) => m,
+        Err(e) => return report::config_error(&e),
+    };
+    let source = path.map_or("built-in defaults".to_string(), |p| p.display().to_string());
+    println!("# effective kst configuration: {source}, KST_* environment overrides, defaults");
+    println!("# secrets are shown as {}", config::MASK);
+    print!("{}", cfg.masked());
+    if !probe {
+        eprintln!("kst: configuration OK");
+        return exit::OK;
+    }
+    logging::init(&cfg.log);
+    let mut code = exit::OK;
+    match stores::open_store(&cfg.store, Reach::Now).await {
+        Ok(store) => match store.check().await {
+            Ok(()) => eprintln!("kst: store ({}) OK", store.name()),
+            Err(e) => code = code.max(report::error(&e)),
+        },
+        Err(e) => code = code.max(report::error(&e)),
+    }
+    match mailer.check().await {
+        Ok(()) => eprintln!("kst: mailer ({}) OK", mailer.name()),
+        Err(e) => code = code.max(report::error(&e)),
+    }
+    if code == exit::OK {
+        eprintln!("kst: configuration OK");
+    }
+    code
+}

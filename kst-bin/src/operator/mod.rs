@@ -1,0 +1,34 @@
+//! The operator's room: `kst keys`, `kst export`/`import`, `kst migrate`, `kst config check`.
+
+pub mod config_check;
+pub mod keys;
+pub mod transfer;
+
+use std::path::Path;
+
+use crate::exit;
+use crate::shared::config::Config;
+use crate::shared::{logging, report, stores};
+
+/// Loads the configuration at `path` and starts logging, or reports why it cannot (the exit
+/// code).
+pub fn load(path: Option<&Path>) -> Result<Config, u8> {
+    let cfg = Config::load(path).map_err(|e| report::config_error(&e))?;
+    logging::init(&cfg.log);
+    Ok(cfg)
+}
+
+/// `kst migrate`: applies the store's schema migrations.
+pub async fn migrate(config: Option<&Path>) -> u8 {
+    let cfg = match load(config) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    match stores::migrate(&cfg.store).await {
+        Ok(msg) => {
+            eprintln!("kst: {msg}");
+            exit::OK
+        }
+        Err(e) => report::error(&e),
+    }
+}

@@ -1,0 +1,142 @@
+//! `kst deliver`: one message on stdin, as Postfix's pipe(8) transport runs it.
+//!
+//! ```text
+//! # master.cf
+//! kst  unix  -  n  n  -  -  pipe
+//!   flags=Rq user=kst argv=/usr/local/bin/kst deliver --config /etc/kst/kst.toml
+//!   --sender ${sender} --recipient ${recipient} --sasl-username ${sasl_username}
+//! ```
+//!
+//! Exit codes (sysexits, as pipe(8) reads them; see [`crate::exit`]):
+//! - 0: kst decided (published, answered, refused with a reply, or left unanswered on purpose);
+//! - 75 (EX_TEMPFAIL): store or mailer unavailable, or the configuration is wrong: Postfix keeps
+//!   the message and retries, nothing was half-done;
+//! - 65 (EX_DATAERR): the mail is not for kst (unknown recipient, over the size limit): bounced.
+
+use std::path::Path;
+use std::time::Instant;
+
+use clap::Args;
+use kst_core::service::{Envelope, HandleError};
+use tokio::io::AsyncReadExt;
+
+use crate::exit;
+use crate::server::ingest::{self, Origin};
+use crate::shared::config::Config;
+use crate::shared::logging::{self, LogConfig};
+use crate::shared::wiring::build_kst;
+
+/// `kst deliver --help`: what it does.
+pub const DELIVER_LONG: &str = "\
+Handles one message on stdin, the way Postfix's pipe(8) transport runs it: classifies it as a
+key publication or a key retrieval, stores or looks up the key, and sends the reply through the
+configured mailer.
+
+Exit status: 0 once kst has decided (including refusals answered with a reply), 75 when the
+store, the mailer or the configuration is unusable (Postfix keeps the message and retries),
+65 for mail that is not for kst (unknown recipient, oversize).";
+
+/// `kst deliver --help`: the Postfix set-up.
+pub const DELIVER_AFTER: &str = "\
+Postfix set-up (one recipient per delivery):
+
+  # /etc/postfix/master.cf
+  kst  unix  -  n  n  -  -  pipe
+    flags=Rq user=kst argv=/usr/local/bin/kst deliver --config /etc/kst/kst.toml
+    --sender ${sender} --recipient ${recipient} --sasl-username ${sasl_username}
+
+  # /etc/postfix/main.cf
+  smtpd_sasl_authenticated_header = yes
+  kst_destination_recipient_limit = 1
+  transport_maps = hash:/etc/postfix/transport    # keys@example.net  kst:
+
+Try it by hand:
+  kst deliver --config kst.toml --sender bob@acme.net --recipient keys@example.net < request.eml";
+
+/// The envelope Postfix passes to `kst deliver`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Args)]
+pub struct DeliverArgs {
+    /// Envelope sender, where the reply goes (Postfix: ${sender}; empty for the null sender).
+    #[arg(long, value_name = "ADDRESS", allow_hyphen_values = true)]
+    pub sender: Option<String>,
+
+    /// Envelope recipient, keys@<a served domain> (Postfix: ${recipient}).
+    #[arg(long, value_name = "ADDRESS", allow_hyphen_values = true)]
+    pub recipient: Option<String>,
+
+    /// SASL login of the submitting client (Postfix: ${sasl_username}; empty when none). Used
+    /// only with `auth_source = "sasl-argv"`.
+    #[arg(long, value_name = "LOGIN", allow_hyphen_values = true)]
+    pub sasl_username: Option<String>,
+}
+
+/// Runs `kst deliver` with the configuration at `config` and returns the exit code Postfix must
+/// see. A configuration error exits 75 so that Postfix keeps the message.
+pub async fn run(config: Option<&Path>, args: DeliverArgs) -> u8 {
+    let cfg = match Config::load(config) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            logging::init(&LogConfig::default());
+            tracing::error!(
+                error = %e,
+                "configuration error: the message stays queued until the configuration is fixed"
+            );
+            return exit::TEMPFAIL;
+        }
+    };
+    logging::init(&cfg.log);
+    match deliver(cfg, args).await {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = %e, "delivery deferred: {e}");
+            eprintln!("kst: temporary failure: {e}");
+            exit::TEMPFAIL
+        }
+    }
+}
+
+async fn deliver(config: Config, args: DeliverArgs) -> Result<u8, kst_core::Error> {
+    let started = Instant::now();
+    let kst = build_kst(&config).await?;
+    let max = kst.policy().max_message_bytes;
+    let mut raw = Vec::with_capacity(64 * 1024);
+    tokio::io::stdin()
+        .take(max as u64 + 1)
+        .read_to_end(&mut raw)
+        .await
+        .map_err(|e| kst_core::Error::unavailable(kst_core::Component::other("stdin"), e))?;
+    let recipient = match args.recipient {
+        Some(r) => r,
+        None => kst
+            .policy()
+            .domains
+            .first()
+            .map(|d| format!("{}@{d}", kst.policy().service_local_part))
+            .ok_or_else(|| kst_core::Error::Config("kst.domains is empty".into()))?,
+    };
+    let envelope = Envelope {
+        sender: args.sender,
+        recipient: recipient.clone(),
+        sasl_username: args.sasl_username,
+    };
+    let result = kst.handle(&envelope, &raw).await;
+    let origin = Origin {
+        recipient: &recipient,
+        raw: &raw,
+        queue_id: None,
+        peer: None,
+    };
+    ingest::record(&result, &origin, started.elapsed());
+    match result {
+        Ok(_) => Ok(exit::OK),
+        Err(HandleError::NotForKst(why)) => {
+            eprintln!("kst: {why}");
+            Ok(exit::DATAERR)
+        }
+        Err(HandleError::Temporary(e)) => {
+            // Logged by `ingest::record`.
+            eprintln!("kst: temporary failure: {e}");
+            Ok(exit::TEMPFAIL)
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! The server room: `kst serve` (LMTP daemon and HTTP ops endpoint), `kst deliver` (Postfix
+//! pipe), the reply mailers and `kst outbox send`.
+
+pub mod deliver;
+pub mod http;
+pub mod ingest;
+pub mod lmtp;
+pub mod mailer;
+pub mod outbox;
+pub mod serve;

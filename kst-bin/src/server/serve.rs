@@ -1,0 +1,195 @@
+//! `kst serve`: the LMTP daemon that the MTA delivers `keys@` mail to, with its HTTP endpoint,
+//! until SIGTERM or SIGINT.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kst_core::service::Kst;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::exit;
+use crate::server::lmtp::{Listener, run};
+use crate::shared::config::{Config, HttpConfig, LmtpConfig};
+use crate::shared::stores::Reach;
+use crate::shared::{logging, metrics, report, wiring};
+
+/// `kst serve --help`: what it does, and the warning about the LMTP port.
+pub const SERVE_LONG: &str = "\
+Runs the LMTP daemon that Postfix (or Exim) delivers keys@ mail to: one long-running process
+instead of one per message. Without --config it runs on the embedded default: keys@example.test,
+filesystem store in ./data/keys, replies spooled to ./data/outbox (`kst outbox send` sends them
+to the [mailer] relay), LMTP on 127.0.0.1:2424 and /healthz /readyz /metrics on 127.0.0.1:8080.
+
+WARNING: the LMTP port is as trusted as the MTA. Whoever can connect to it can write a
+\"trusted\" Received: header and publish keys for any account. Keep [lmtp] listen on loopback
+or a Unix socket and [lmtp] allow as narrow as your MTA hosts.
+
+SIGTERM or SIGINT stops accepting, lets transactions in flight finish, then exits; a second
+signal exits at once (unacknowledged messages stay with the MTA).";
+
+/// `kst serve --help`: the Postfix set-up and the config keys.
+pub const SERVE_AFTER: &str = "\
+Postfix set-up:
+
+  # /etc/postfix/main.cf
+  smtpd_sasl_authenticated_header = yes
+  transport_maps = hash:/etc/postfix/transport    # keys@example.net  lmtp:inet:127.0.0.1:2424
+
+Config keys: [lmtp] listen, allow, max_connections, command_timeout_secs,
+data_timeout_secs, max_recipients, shutdown_grace_secs; [limits] max_message_bytes; [http]
+listen (\"\" turns it off).
+See deploy/kst.toml and docs/OPERATIONS.md.";
+
+/// Runs `kst serve` with the configuration at `config` (without one: the embedded quick-start
+/// configuration) and returns its exit code.
+pub async fn run_command(config: Option<&Path>) -> u8 {
+    let loaded = match config {
+        Some(path) => Config::load(Some(path)),
+        None => Config::load_with_env(None, embedded_env()),
+    };
+    match loaded {
+        Ok(cfg) => start(cfg).await,
+        Err(e) => report::config_error(&e),
+    }
+}
+
+/// The process environment, plus the embedded quick-start domain (`example.test`, RFC 2606, trusting the
+/// local MTA) unless `KST_KST__DOMAINS` names one: `kst serve` with no configuration file.
+fn embedded_env() -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    if !env.iter().any(|(k, _)| k == "KST_KST__DOMAINS") {
+        env.push(("KST_KST__DOMAINS".into(), "example.test".into()));
+        if !env.iter().any(|(k, _)| k == "KST_KST__TRUSTED_MTA_HOSTS") {
+            env.push(("KST_KST__TRUSTED_MTA_HOSTS".into(), "localhost".into()));
+        }
+    }
+    env
+}
+
+/// `kst serve`: builds the KST (a PostgreSQL or Redis store that is down does not stop the
+/// start; `/readyz` says so) and runs the LMTP daemon until a signal.
+async fn start(cfg: Config) -> u8 {
+    if let Some(note) = logging::init(&cfg.log) {
+        tracing::warn!("{note}");
+    }
+    let kst = match wiring::build_kst_with(&cfg, Reach::Lazily).await {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return report::error(&e);
+        }
+    };
+    tracing::info!(
+        domains = ?cfg.kst.domains,
+        store = kst.store().name(),
+        "kst serve starting"
+    );
+    match daemon(cfg.lmtp.clone(), cfg.http.clone(), kst).await {
+        Ok(()) => {
+            tracing::info!("kst serve stopped");
+            exit::OK
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "kst serve failed");
+            eprintln!("kst: {e:#}");
+            exit::UNAVAILABLE
+        }
+    }
+}
+
+/// Runs `kst serve`: binds the LMTP listener (`[lmtp] listen`) and the HTTP endpoint (`[http]
+/// listen`, off when empty), serves until SIGTERM or SIGINT, then lets transactions in flight
+/// finish for up to `[lmtp] shutdown_grace_secs`. A second signal returns at once.
+pub async fn daemon(lmtp: LmtpConfig, http: HttpConfig, kst: Kst) -> anyhow::Result<()> {
+    lmtp.validate().context("invalid [lmtp] section")?;
+    let signals = signal_count().context("cannot install the SIGTERM/SIGINT handlers")?;
+    let metrics = metrics::init();
+    let listener = Listener::bind(&lmtp.listen)
+        .await
+        .with_context(|| format!("cannot listen for LMTP on {:?} (lmtp.listen)", lmtp.listen))?;
+    let http_task = match http.listen.trim() {
+        "" => None,
+        addr => {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for HTTP on {addr:?} (http.listen)"))?;
+            tracing::info!(listen = %addr, "HTTP endpoint listening (/healthz /readyz /metrics)");
+            Some(tokio::spawn(crate::server::http::run(
+                l,
+                kst.clone(),
+                metrics.clone(),
+                at_least(signals.clone(), 1),
+            )))
+        }
+    };
+    let upkeep = tokio::spawn({
+        let metrics = metrics.clone();
+        async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                metrics.run_upkeep();
+            }
+        }
+    });
+    let mailer = kst.mailer().clone();
+    let (result, graceful) = tokio::select! {
+        r = run(listener, kst, lmtp, at_least(signals.clone(), 1)) => (r, true),
+        () = at_least(signals, 2) => {
+            tracing::warn!("second signal: exiting at once; unacknowledged messages will be retried by the MTA");
+            (Ok(()), false)
+        }
+    };
+    upkeep.abort();
+    if graceful {
+        // Pooled relay sessions end with QUIT rather than a dropped connection.
+        mailer.close().await;
+    }
+    if let Some(task) = http_task {
+        match tokio::time::timeout(Duration::from_secs(2), task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "HTTP endpoint failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "HTTP endpoint task failed"),
+            Err(_) => tracing::warn!("HTTP endpoint did not stop within 2s"),
+        }
+    }
+    result
+}
+
+/// Counts SIGTERM and SIGINT deliveries.
+fn signal_count() -> std::io::Result<watch::Receiver<u32>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (tx, rx) = watch::channel(0u32);
+    tokio::spawn(async move {
+        let mut n = 0u32;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            n += 1;
+            if n == 1 {
+                tracing::info!(
+                    "shutdown signal: finishing transactions in flight (signal again to exit at once)"
+                );
+            }
+            if tx.send(n).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Completes once `n` signals have arrived (never if the counter is gone).
+async fn at_least(mut signals: watch::Receiver<u32>, n: u32) {
+    if signals.wait_for(|&count| count >= n).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}

@@ -1,0 +1,42 @@
+//! The one place that turns a configuration into working parts: the mailer, and the KST with
+//! its store, rate limiter, mailer and envelope sender.
+
+use std::sync::Arc;
+
+use kst_core::Mailer;
+use kst_core::service::Kst;
+
+use crate::server::mailer::{SmtpMailer, SpoolMailer};
+use crate::shared::config::{Config, ConfigError, MailerConfig, MailerKind};
+use crate::shared::stores::{self, Reach};
+
+/// Builds the mailer `[mailer]` describes. Nothing is contacted or created yet: the spool
+/// directory appears with the first reply, the relay is dialled per reply (see
+/// [`Mailer::check`] for a probe).
+pub fn build_mailer(cfg: &MailerConfig) -> Result<Arc<dyn Mailer>, ConfigError> {
+    // Validate the shared key even for the spool, so a typo never waits for the first reply.
+    cfg.envelope_from()?;
+    Ok(match cfg.kind {
+        MailerKind::Spool => Arc::new(SpoolMailer::new(&cfg.path)),
+        MailerKind::Smtp => Arc::new(SmtpMailer::new(cfg)?),
+    })
+}
+
+/// Builds the KST a configuration describes (store opened, mailer built); a store that cannot
+/// be reached is a temporary error (`kst deliver`).
+pub async fn build_kst(config: &Config) -> Result<Kst, kst_core::Error> {
+    build_kst_with(config, Reach::Now).await
+}
+
+/// [`build_kst`], choosing what happens when a network store cannot be reached (`kst serve`
+/// starts anyway: [`Reach::Lazily`]).
+pub async fn build_kst_with(config: &Config, reach: Reach) -> Result<Kst, kst_core::Error> {
+    let policy = config.policy()?;
+    let (store, limiter) = stores::open_store_and_limiter(&config.store, reach).await?;
+    let mailer = build_mailer(&config.mailer)?;
+    // The one reading of `[mailer] envelope_from`, the same `kst config check` validates.
+    let envelope_from = config.mailer.envelope_from()?;
+    Ok(Kst::new(policy, store, mailer)
+        .with_rate_limiter(limiter)
+        .with_envelope_from(envelope_from))
+}

@@ -1,0 +1,164 @@
+//! Step 6: the User ID that holds the account's address, its self-certifications and
+//! revocations, and which one is kept.
+
+use pgp::crypto::hash::HashAlgorithm;
+use pgp::packet::{PublicKey, SignatureType, UserId};
+use pgp::types::{KeyDetails, Tag};
+
+use super::KeyRejection;
+use super::packets::Component;
+use super::signature::{Check, Checker};
+use super::stripped::Dropped;
+use crate::address::{Address, AddressPolicy};
+
+/// The address a User ID holds: inside the last `<...>` when it ends with `>`, else the whole.
+pub(super) fn uid_address(uid: &[u8], policy: &AddressPolicy) -> Option<Address> {
+    let text = std::str::from_utf8(uid).ok()?.trim();
+    let candidate = if text.ends_with('>') {
+        &text[text.rfind('<')?..]
+    } else {
+        text
+    };
+    policy.normalize(candidate).ok()
+}
+
+/// The verdict on one User ID.
+pub(super) struct UidVerdict {
+    /// Indexes of its valid self-signatures (certifications and revocations).
+    pub(super) keep: Vec<usize>,
+    /// Newest valid certification: (created, primary flag, key expiration seconds).
+    pub(super) newest: Option<(u32, bool, u32)>,
+    /// Newest valid certification revocation.
+    revoked_at: Option<u32>,
+    weak: Option<HashAlgorithm>,
+}
+
+fn judge_uid(
+    checker: &mut Checker<'_>,
+    primary: &PublicKey,
+    uid: &Component<UserId>,
+    dropped: &mut Dropped,
+) -> UidVerdict {
+    let key_created = primary.created_at().as_secs();
+    let mut v = UidVerdict {
+        keep: Vec::new(),
+        newest: None,
+        revoked_at: None,
+        weak: None,
+    };
+    for (i, sig) in uid.sigs.iter().enumerate() {
+        let revocation = match sig.typ() {
+            Some(
+                SignatureType::CertGeneric
+                | SignatureType::CertPersona
+                | SignatureType::CertCasual
+                | SignatureType::CertPositive,
+            ) => false,
+            Some(SignatureType::CertRevocation) => true,
+            _ => {
+                dropped.misplaced_sigs += 1;
+                continue;
+            }
+        };
+        let check = checker.check(sig, key_created, revocation, |s| {
+            s.verify_certification(primary, Tag::UserId, &uid.packet)
+        });
+        let created = sig.created().map_or(0, |t| t.as_secs());
+        match check {
+            Check::Valid => {
+                v.keep.push(i);
+                if revocation {
+                    v.revoked_at = v.revoked_at.max(Some(created));
+                } else {
+                    let exp = sig.key_expiration_time().map_or(0, |d| d.as_secs());
+                    let candidate = (created, sig.is_primary(), exp);
+                    if v.newest.is_none_or(|(c, _, _)| created >= c) {
+                        v.newest = Some(candidate);
+                    }
+                }
+            }
+            Check::WeakHash(h) => {
+                v.weak = Some(h);
+                dropped.bad_self_sigs += 1;
+            }
+            Check::Invalid => dropped.bad_self_sigs += 1,
+        }
+    }
+    v
+}
+
+/// The User IDs found on the certificate, as [`choose`] needs them.
+pub(super) struct Candidates<'a> {
+    /// User IDs whose address is the account.
+    pub(super) uids: &'a [Component<UserId>],
+    /// The other User IDs (consulted only to word the refusal).
+    pub(super) other_uids: &'a [Component<UserId>],
+    /// Normalized addresses of the other User IDs (a few).
+    pub(super) other_addresses: &'a [Address],
+}
+
+/// Picks the matching User ID to publish: among those with a valid self-certification not
+/// revoked since (unless the key itself is `revoked`), the one flagged primary, else the newest.
+/// Returns its index in `found.uids` and its verdict. `has_direct` says whether a valid
+/// direct-key signature or key revocation was kept (to word the refusal).
+pub(super) fn choose(
+    checker: &mut Checker<'_>,
+    primary: &PublicKey,
+    found: Candidates<'_>,
+    account: &Address,
+    revoked: bool,
+    has_direct: bool,
+    dropped: &mut Dropped,
+) -> Result<(usize, UidVerdict), KeyRejection> {
+    if found.uids.is_empty() {
+        return Err(KeyRejection::NoMatchingUserId {
+            account: account.clone(),
+            found: found.other_addresses.to_vec(),
+        });
+    }
+    let mut verdicts: Vec<UidVerdict> = found
+        .uids
+        .iter()
+        .map(|u| judge_uid(checker, primary, u, dropped))
+        .collect();
+    let usable = |v: &UidVerdict| match v.newest {
+        Some((created, _, _)) => revoked || v.revoked_at.is_none_or(|r| r < created),
+        None => false,
+    };
+    let chosen = verdicts
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| usable(v))
+        .max_by_key(|(i, v)| {
+            let (created, primary_flag, _) = v.newest.unwrap_or_default();
+            (primary_flag, created, std::cmp::Reverse(*i))
+        })
+        .map(|(i, _)| i);
+    let Some(chosen) = chosen else {
+        if verdicts.iter().any(|v| v.newest.is_some()) {
+            return Err(KeyRejection::UserIdRevoked {
+                account: account.clone(),
+            });
+        }
+        if let Some(h) = verdicts.iter().find_map(|v| v.weak) {
+            return Err(KeyRejection::WeakSelfSignatureHash {
+                hash: h.to_string(),
+            });
+        }
+        // Does anything else on the key verify? (Only reached on this error path.)
+        let mut scratch = Dropped::default();
+        let other_valid = found.other_uids.iter().any(|u| {
+            judge_uid(checker, primary, u, &mut scratch)
+                .newest
+                .is_some()
+        });
+        if !has_direct && !other_valid {
+            return Err(KeyRejection::NoValidSelfSignature);
+        }
+        return Err(KeyRejection::UserIdNotSelfSigned {
+            account: account.clone(),
+        });
+    };
+    dropped.other_uids += found.uids.len() - 1;
+    Ok((chosen, verdicts.swap_remove(chosen)))
+}
