@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[cfg(feature = "server")]
-use crate::operator::{self, config_check::ConfigCommand, keys::KeysCommand};
+use crate::operator::{self, config_check::ConfigCommand, keys::KeysCommand, wks::WksCommand};
 #[cfg(feature = "server")]
 use crate::server::{deliver, deliver::DeliverArgs, outbox::OutboxCommand, serve};
 
@@ -101,6 +101,11 @@ pub enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
 
+    /// The Web Key Service: make a domain's submission key (`kst wks keygen DOMAIN`).
+    #[cfg(feature = "server")]
+    #[command(subcommand)]
+    Wks(WksCommand),
+
     /// Send the replies the spool mailer wrote (see `kst outbox send --help`).
     #[cfg(feature = "server")]
     #[command(subcommand)]
@@ -153,6 +158,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Import { input } => operator::transfer::import_command(config, &input).await,
         #[cfg(feature = "server")]
         Command::Config(cmd) => operator::config_check::run(config, cmd).await,
+        #[cfg(feature = "server")]
+        Command::Wks(cmd) => operator::wks::run(config, cmd).await,
         #[cfg(feature = "bench")]
         Command::Bench(cmd) => crate::bench::run(cmd, config).await,
         #[cfg(feature = "client")]

@@ -22,6 +22,8 @@ pub mod cli;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod exit;
+#[cfg(any(feature = "server", feature = "bench"))]
+pub mod keygen;
 #[cfg(feature = "server")]
 pub mod operator;
 #[cfg(feature = "server")]

@@ -17,16 +17,21 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{BufReader, Read};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::SystemTime;
 
 use mail_parser::{Message, MessageParser, MimeHeaders, PartType};
 use pgp::armor::DearmorOptions;
 use pgp::composed::{Deserializable, Message as PgpMessage, SignedPublicKey, SignedSecretKey};
 use pgp::errors::Error as PgpError;
 use pgp::types::{KeyDetails, Password};
+use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use crate::address::Address;
 use crate::openpgp::armor_public_key;
 use crate::protocol::{PUBLIC_KEY_BEGIN, Reason};
+use crate::store::NewKey;
+use crate::validate::{KeyPolicy, validate};
 
 /// The header every WKS message carries (`Wks-Draft-Version: 3` from GnuPG 2.2).
 pub const HEADER_WKS_DRAFT_VERSION: &str = "Wks-Draft-Version";
@@ -125,10 +130,11 @@ impl SubmissionKey {
         Ok(SubmissionKey { key, fingerprint })
     }
 
-    /// Reads file contents holding an armored secret key; the bytes are zeroized after reading
-    /// when the caller passes them as [`Zeroizing`].
-    pub fn from_armored_bytes(bytes: &Zeroizing<Vec<u8>>) -> Result<Self, SubmissionKeyError> {
-        let text = std::str::from_utf8(bytes)
+    /// Reads the contents of a key file holding an armored secret key; the bytes are zeroized
+    /// when this returns, whatever the outcome.
+    pub fn from_file_contents(bytes: Vec<u8>) -> Result<Self, SubmissionKeyError> {
+        let bytes = Zeroizing::new(bytes);
+        let text = std::str::from_utf8(&bytes)
             .map_err(|_| SubmissionKeyError::Unreadable("the file is not text".into()))?;
         Self::from_armored(text)
     }
@@ -144,6 +150,28 @@ impl SubmissionKey {
         use pgp::ser::Serialize;
         let public: SignedPublicKey = self.key.to_public_key();
         public.to_bytes().map_err(|e| e.to_string())
+    }
+
+    /// The public part as a publication for `service` (`keys@<domain>`), checked by the same
+    /// key policy as users' keys (so its User ID must hold that address). Publishing it puts it
+    /// in the WKD, where `gpg-wks-client --create` looks for it. The same key gives the same
+    /// publication id, so publishing it again adds no version.
+    pub fn publication(&self, service: &Address, policy: &KeyPolicy) -> Result<NewKey, String> {
+        let packets = self.public_packets()?;
+        let armored = armor_public_key(&packets);
+        let valid = validate(&armored, service, policy, SystemTime::now())
+            .map_err(|e| format!("the submission key does not pass the key policy: {e}"))?;
+        let mut h = Sha256::new();
+        h.update(b"kst-wks-submission-key-v1\0");
+        h.update(&valid.packets);
+        Ok(NewKey {
+            address: service.clone(),
+            key: valid.packets,
+            fingerprint: valid.fingerprint,
+            publication_id: hex::encode(h.finalize()),
+            published_at: crate::time::unix_now(),
+            revoked: valid.revoked,
+        })
     }
 }
 

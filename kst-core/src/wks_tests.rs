@@ -286,6 +286,25 @@ fn submission_keys_are_checked_and_never_printed() {
 }
 
 #[test]
+fn the_submission_key_publishes_for_its_service_address_only() {
+    let key = submission_key();
+    let policy = KeyPolicy::default();
+    let service = AddressPolicy::default()
+        .normalize("keys@example.net")
+        .unwrap();
+    let a = key.publication(&service, &policy).unwrap();
+    let b = key.publication(&service, &policy).unwrap();
+    assert_eq!(a.fingerprint.as_str(), SUBMISSION_FPR);
+    assert_eq!(a.address, service);
+    assert_eq!(a.publication_id, b.publication_id, "idempotent");
+    let other = AddressPolicy::default()
+        .normalize("keys@example.org")
+        .unwrap();
+    let e = key.publication(&other, &policy).unwrap_err();
+    assert!(e.contains("key policy"), "{e}");
+}
+
+#[test]
 fn public_packets_are_the_submission_certificate() {
     let packets = submission_key().public_packets().unwrap();
     let public = crate::openpgp::parse_binary(&packets).unwrap();

@@ -3,10 +3,7 @@
 
 use kst_core::client;
 use kst_core::{Address, AddressPolicy};
-use pgp::composed::{
-    EncryptionCaps, KeyType, SecretKeyParamsBuilder, SignedPublicKey, SubkeyParamsBuilder,
-};
-use pgp::crypto::ecc_curve::ECCCurve;
+use pgp::composed::SignedPublicKey;
 
 /// One message as the MTA hands it on: envelope and raw content.
 #[derive(Debug, Clone)]
@@ -55,29 +52,11 @@ fn address(s: &str) -> Result<Address, LoadError> {
 /// An Ed25519 key with a Curve25519 encryption subkey and the User ID `Bench <address>`,
 /// ASCII-armored: the shape `gpg --quick-gen-key ADDRESS` makes.
 pub fn make_key(address: &str) -> Result<String, LoadError> {
-    let err = |e: &dyn std::fmt::Display| LoadError::Keygen(e.to_string());
-    let mut encrypt = SubkeyParamsBuilder::default();
-    encrypt
-        .key_type(KeyType::ECDH(ECCCurve::Curve25519Legacy))
-        .can_sign(false)
-        .can_encrypt(EncryptionCaps::All)
-        .can_authenticate(false);
-    let mut params = SecretKeyParamsBuilder::default();
-    params
-        .key_type(KeyType::Ed25519Legacy)
-        .can_certify(true)
-        .can_sign(true)
-        .can_encrypt(EncryptionCaps::None)
-        .primary_user_id(format!("Bench <{address}>"))
-        .subkeys(vec![encrypt.build().map_err(|e| err(&e))?]);
-    let secret = params
-        .build()
-        .map_err(|e| err(&e))?
-        .generate(rand08::thread_rng())
-        .map_err(|e| err(&e))?;
+    let secret =
+        crate::keygen::ed25519_cv25519(&format!("Bench <{address}>")).map_err(LoadError::Keygen)?;
     SignedPublicKey::from(secret)
         .to_armored_string(Default::default())
-        .map_err(|e| err(&e))
+        .map_err(|e| LoadError::Keygen(e.to_string()))
 }
 
 /// The account of publication `i`.

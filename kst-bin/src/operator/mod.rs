@@ -1,8 +1,10 @@
-//! The operator's room: `kst keys`, `kst export`/`import`, `kst migrate`, `kst config check`.
+//! The operator's room: `kst keys`, `kst export`/`import`, `kst migrate`, `kst config check`,
+//! `kst wks keygen`.
 
 pub mod config_check;
 pub mod keys;
 pub mod transfer;
+pub mod wks;
 
 use std::path::Path;
 

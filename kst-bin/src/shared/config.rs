@@ -14,9 +14,11 @@ use serde::{Deserialize, Serialize};
 
 mod http;
 mod lmtp;
+mod wks;
 
 pub use self::http::HttpConfig;
 pub use self::lmtp::{AllowList, Cidr, LmtpConfig};
+pub use self::wks::{WksConfig, WksKeyConfig, check_key_file_mode, read_key_file};
 pub use crate::shared::logging::{LogConfig, LogFormat};
 
 /// Environment variable prefix of configuration overrides.
@@ -49,6 +51,8 @@ pub struct Config {
     pub lmtp: LmtpConfig,
     /// `[http]`: the operations endpoint of `kst serve`.
     pub http: HttpConfig,
+    /// `[wks]`: the Web Key Service submission keys.
+    pub wks: WksConfig,
 }
 
 /// `[kst]`: the protocol policy.
@@ -448,7 +452,8 @@ impl Config {
 
     /// Checks everything that can be checked without touching the store or the network.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.policy()?;
+        let policy = self.policy()?;
+        self.wks.validate(&policy)?;
         self.lmtp.validate()?;
         let l = &self.limits;
         if l.max_message_bytes == 0 {

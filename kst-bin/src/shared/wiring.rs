@@ -36,7 +36,11 @@ pub async fn build_kst_with(config: &Config, reach: Reach) -> Result<Kst, kst_co
     let mailer = build_mailer(&config.mailer)?;
     // The one reading of `[mailer] envelope_from`, the same `kst config check` validates.
     let envelope_from = config.mailer.envelope_from()?;
+    // Read at start (per message in pipe mode): a key file that became unreadable or too open
+    // is a configuration error, never a silent refusal of every encrypted submission.
+    let submission_keys = config.wks.load_keys(&policy)?;
     Ok(Kst::new(policy, store, mailer)
         .with_rate_limiter(limiter)
-        .with_envelope_from(envelope_from))
+        .with_envelope_from(envelope_from)
+        .with_submission_keys(Arc::new(submission_keys)))
 }
