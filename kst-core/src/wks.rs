@@ -197,6 +197,11 @@ impl SubmissionKeys {
         self.by_domain.get(&domain.to_ascii_lowercase())
     }
 
+    /// Each domain with its key, in domain order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &SubmissionKey)> {
+        self.by_domain.iter().map(|(d, k)| (d.as_str(), k))
+    }
+
     /// True when no domain has a key.
     pub fn is_empty(&self) -> bool {
         self.by_domain.is_empty()

@@ -44,10 +44,21 @@ async fn check(
         Ok(m) => m,
         Err(e) => return report::config_error(&e),
     };
+    // The WKS submission key files: mode and contents (only fingerprints are printed).
+    let submission_keys = match cfg.policy().and_then(|p| cfg.wks.load_keys(&p)) {
+        Ok(k) => k,
+        Err(e) => return report::config_error(&e),
+    };
     let source = path.map_or("built-in defaults".to_string(), |p| p.display().to_string());
     println!("# effective kst configuration: {source}, KST_* environment overrides, defaults");
     println!("# secrets are shown as {}", config::MASK);
     print!("{}", cfg.masked());
+    for (domain, key) in submission_keys.iter() {
+        eprintln!(
+            "kst: WKS submission key of keys@{domain}: {}",
+            key.fingerprint()
+        );
+    }
     if !probe {
         eprintln!("kst: configuration OK");
         return exit::OK;
