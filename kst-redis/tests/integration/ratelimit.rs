@@ -95,7 +95,7 @@ async fn the_check_helper_stops_at_the_exhausted_counter() {
     };
     let hits = [
         (LimitKind::Sender, "bob@acme.net"),
-        (LimitKind::SenderDomain, "acme.net"),
+        (LimitKind::SenderQuery, "bob@acme.net alice@example.net"),
     ];
     assert_eq!(check(&s, &limits, &hits).await.unwrap(), None);
     assert_eq!(
@@ -103,15 +103,15 @@ async fn the_check_helper_stops_at_the_exhausted_counter() {
         Some(LimitKind::Sender)
     );
     let mut raw = t.raw().await;
-    let domain: u64 = redis::cmd("GET")
-        .arg(format!("{}rl:sender-domain:acme.net", t.prefix))
+    let pair: u64 = redis::cmd("GET")
+        .arg(format!(
+            "{}rl:mail:sender-query:bob@acme.net alice@example.net",
+            t.prefix
+        ))
         .query_async(&mut raw)
         .await
         .unwrap();
-    assert_eq!(
-        domain, 1,
-        "the domain is not counted past the exhausted sender"
-    );
+    assert_eq!(pair, 1, "the pair is not counted past the exhausted sender");
 }
 
 #[tokio::test]
