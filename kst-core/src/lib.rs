@@ -23,9 +23,9 @@ pub mod received;
 pub mod reply;
 pub mod service;
 pub mod store;
+pub mod time;
 #[cfg(feature = "timeout")]
 pub mod timeout;
-pub mod time;
 pub mod validate;
 
 pub use address::{Address, AddressError, AddressPolicy};
