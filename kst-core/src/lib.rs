@@ -5,6 +5,7 @@
 pub mod address;
 pub mod authres;
 pub mod body;
+pub mod certificate;
 pub mod client;
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -22,6 +23,7 @@ pub mod reply;
 pub mod service;
 pub mod store;
 pub mod validate;
+pub mod wkd;
 
 pub use address::{Address, AddressError, AddressPolicy};
 pub use error::{Error, Result};
