@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod outbox;
 pub mod stores;
 pub mod transfer;
+pub mod web;
