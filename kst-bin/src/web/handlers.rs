@@ -316,7 +316,7 @@ async fn wkd(
     let Ok(req) = WkdRequest::parse(&path, host, &state.address_policy) else {
         return not_found().await;
     };
-    if !state.domains.iter().any(|d| *d == req.domain) {
+    if !state.domains.contains(&req.domain) {
         return not_found().await;
     }
     match req.resource {
