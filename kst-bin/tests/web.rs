@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use kst_bin::web::{KeyLookup, WebConfig, WebLimits, WebService, serve};
-use kst_core::certificate::Certificate;
+use kst_core::certificate::{Certificate, KeyHandle};
 use kst_core::validate::{KeyPolicy, validate};
 use kst_core::wkd::WkdHash;
 use kst_core::{Address, AddressPolicy, KeyRecord, KeyStore, MemoryRateLimiter, NewKey};
@@ -74,24 +74,26 @@ impl KeyLookup for ScanLookup {
             .find(|r| r.address.domain() == domain && WkdHash::of_address(&r.address) == *hash))
     }
     async fn by_fingerprint(&self, fpr: &str) -> kst_core::Result<Vec<KeyRecord>> {
-        Ok(self
-            .all()
-            .await?
-            .into_iter()
-            .filter(|r| {
-                let h = Certificate::from_binary(&r.key).unwrap().handles();
-                h.primary.fingerprint == fpr || h.subkeys.iter().any(|s| s.fingerprint == fpr)
-            })
-            .collect())
+        self.matching(|h| h.fingerprint == fpr).await
     }
     async fn by_key_id(&self, id: &str) -> kst_core::Result<Vec<KeyRecord>> {
+        self.matching(|h| h.key_id == id).await
+    }
+}
+
+impl ScanLookup {
+    /// Records whose primary key or a subkey satisfies `wanted`.
+    async fn matching(
+        &self,
+        wanted: impl Fn(&KeyHandle) -> bool,
+    ) -> kst_core::Result<Vec<KeyRecord>> {
         Ok(self
             .all()
             .await?
             .into_iter()
             .filter(|r| {
                 let h = Certificate::from_binary(&r.key).unwrap().handles();
-                h.primary.key_id == id || h.subkeys.iter().any(|s| s.key_id == id)
+                wanted(&h.primary) || h.subkeys.iter().any(&wanted)
             })
             .collect())
     }
