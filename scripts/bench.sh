@@ -91,7 +91,7 @@ SINK_MSGS_SAVED="$SINK_MSGS"
 # ---- 3. kst serve on each backend ----
 # The load comes from a few requesters on one host at thousands of messages per second: the
 # default rate limits (docs/SECURITY.md) would silence nearly all of it. Measure kst without them.
-NO_RATE_LIMITS="KST_LIMITS__PER_SENDER=0 KST_LIMITS__PER_SENDER_DOMAIN=0 KST_LIMITS__PER_SOURCE_IP=0 KST_LIMITS__PER_QUERIED_ADDRESS=0"
+NO_RATE_LIMITS="KST_LIMITS__PER_SENDER=0 KST_LIMITS__PER_ACCOUNT=0 KST_LIMITS__PER_SOURCE_IP=0 KST_LIMITS__PER_SENDER_QUERY=0"
 serve_run() { # label, then KEY=VALUE environment overrides
   local label="$1"; shift
   local dir="$WORK/serve-$RANDOM"
@@ -158,9 +158,9 @@ backend = "fs"
 path = "$PIPE_DIR/keys"
 [limits]
 per_sender = 0
-per_sender_domain = 0
+per_account = 0
 per_source_ip = 0
-per_queried_address = 0
+per_sender_query = 0
 [mailer]
 kind = "spool"
 path = "$PIPE_DIR/outbox"

@@ -376,9 +376,9 @@ fn bench_lmtp_loads_serve_over_a_unix_socket() {
         Some(&sock),
         &[
             ("KST_LIMITS__PER_SENDER", "0"),
-            ("KST_LIMITS__PER_SENDER_DOMAIN", "0"),
+            ("KST_LIMITS__PER_ACCOUNT", "0"),
             ("KST_LIMITS__PER_SOURCE_IP", "0"),
-            ("KST_LIMITS__PER_QUERIED_ADDRESS", "0"),
+            ("KST_LIMITS__PER_SENDER_QUERY", "0"),
         ],
     );
     let out = Command::new(kst_binary())

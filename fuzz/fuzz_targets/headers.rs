@@ -11,5 +11,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = kst_core::received::authenticated_login(text, &trusted);
     let _ = kst_core::received::source_ip(text, &trusted);
     let _ = kst_core::authres::parse(text);
-    let _ = kst_core::authres::check(Some(text), "mx.example.net", "acme.net");
+    let _ = kst_core::authres::vouch(Some(text), "mx.example.net", "bob@acme.net", Some("bob@acme.net"));
 });

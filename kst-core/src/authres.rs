@@ -2,17 +2,23 @@
 //! header (RFC 8601).
 //!
 //! A retrieval reply goes to the envelope sender, whom nobody authenticated. With the gate on
-//! (`kst.require_authentication_results`), kst answers a retrieval only when the provider's MTA
-//! has vouched for the sender's domain: SPF `pass` for the envelope sender's domain
-//! (`smtp.mailfrom`), DKIM `pass` for a signing domain equal to it (`header.d` or `header.i`), or
-//! DMARC `pass` for a `header.from` equal to it.
+//! (`kst.require_authentication_results`), kst answers only a sender whose **mailbox** the
+//! provider's MTA vouches for ([`Vouch::Mailbox`]): a DKIM `pass` whose signing domain
+//! (`header.d`, and `header.i` when given) aligns with the envelope sender's domain (equal, or
+//! a parent domain of it), on a message whose one `From:` mailbox, which every DKIM signature
+//! covers, is the envelope sender itself. An SPF `pass` (`smtp.mailfrom`), a DMARC `pass`
+//! (`header.from`) or a DKIM pass for a message from another mailbox vouches for the
+//! **domain** only ([`Vouch::Domain`]): every user of a freemail domain passes SPF for any
+//! address of that domain, and a message one user signed can be replayed with another user's
+//! address as envelope sender. A domain-level pass is not enough for the gate.
 //!
 //! Only the **topmost** `Authentication-Results:` header is read, and only when its authserv-id
 //! is the configured one (compared case-insensitively). Anything a sender wrote sits below the
 //! headers the provider's MTA prepends, so a forged header, with the right authserv-id or
 //! not, is never read. The provider's MTA should also remove incoming headers that carry its
 //! authserv-id (RFC 8601 section 5); the rule here does not depend on it. Run a single
-//! producer of the header (rspamd, or OpenDMARC with SPF), because kst reads one header.
+//! producer of the header (rspamd, or OpenDKIM + OpenDMARC writing the final verdict), because
+//! kst reads one header.
 
 /// Longest `Authentication-Results:` value kst parses.
 const MAX_LEN: usize = 8192;
@@ -47,7 +53,17 @@ pub struct AuthResults {
     pub results: Vec<MethodResult>,
 }
 
-/// Why the gate did not let a retrieval through.
+/// What the provider's header vouches for about an envelope sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vouch {
+    /// The mailbox itself: an aligned DKIM pass on a message whose one `From:` mailbox is the
+    /// envelope sender.
+    Mailbox,
+    /// Only the sender's domain: SPF, DMARC, or a DKIM pass for another mailbox of it.
+    Domain,
+}
+
+/// Why the gate did not let a request through.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GateError {
     /// There is no `Authentication-Results:` header.
@@ -62,6 +78,12 @@ pub enum GateError {
     /// No SPF, DKIM or DMARC pass for the sender's domain.
     #[error("no SPF, DKIM or DMARC pass for {0}")]
     NoPass(String),
+    /// A pass vouches for the sender's domain, but no aligned DKIM pass for a message from the
+    /// sender's own mailbox vouches for the mailbox.
+    #[error(
+        "only the domain of {0} is vouched for (SPF, DMARC, or DKIM for another From), not the mailbox"
+    )]
+    DomainOnly(String),
 }
 
 /// Removes RFC 5322 comments (nesting, quoted-pairs) outside quoted strings; `None` when they
@@ -214,22 +236,66 @@ fn domain_of(v: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// Checks the gate: the topmost `Authentication-Results:` value (`None`: no such header) must
-/// carry `authserv_id` and a pass for `sender_domain` (lowercase A-label).
-pub fn check(
+/// True when `domain` is `signer` or a subdomain of it (DMARC relaxed alignment).
+fn aligned(domain: &str, signer: &str) -> bool {
+    !signer.is_empty()
+        && (domain == signer
+            || domain
+                .strip_suffix(signer)
+                .is_some_and(|rest| rest.ends_with('.')))
+}
+
+/// True when a DKIM result vouches for the mailbox `sender` (`local@domain`, compared without
+/// ASCII case) of a message whose one `From:` mailbox is `from`.
+fn dkim_vouches_mailbox(r: &MethodResult, sender: &str, from: Option<&str>) -> bool {
+    let Some(from) = from else {
+        return false;
+    };
+    let sender_domain = domain_of(sender);
+    let Some(d) = r.property("header.d").map(domain_of) else {
+        return false;
+    };
+    let i_ok = r.property("header.i").is_none_or(|i| {
+        let local_ok = match i.trim().rsplit_once('@') {
+            Some((l, _)) if !l.is_empty() => sender
+                .rsplit_once('@')
+                .is_some_and(|(sl, _)| sl.eq_ignore_ascii_case(l)),
+            _ => true,
+        };
+        local_ok && aligned(&sender_domain, &domain_of(i))
+    });
+    let from_prop_ok = r
+        .property("header.from")
+        .is_none_or(|f| aligned(&sender_domain, &domain_of(f)));
+    from.trim()
+        .trim_matches(['<', '>'])
+        .eq_ignore_ascii_case(sender)
+        && aligned(&sender_domain, &d)
+        && i_ok
+        && from_prop_ok
+}
+
+/// What the topmost `Authentication-Results:` value (`None`: no such header) vouches for about
+/// the envelope sender `sender` (`local@domain`, domain a lowercase A-label), given the
+/// message's one `From:` mailbox `from` (`None` when there are none or several). Only a header
+/// with `authserv_id` counts.
+pub fn vouch(
     topmost: Option<&str>,
     authserv_id: &str,
-    sender_domain: &str,
-) -> Result<(), GateError> {
+    sender: &str,
+    from: Option<&str>,
+) -> Result<Vouch, GateError> {
     let value = topmost.ok_or(GateError::Missing)?;
     let ar = parse(value).ok_or(GateError::Malformed)?;
     if !ar.authserv_id.eq_ignore_ascii_case(authserv_id.trim()) {
         return Err(GateError::Untrusted(ar.authserv_id));
     }
-    let ok = ar.results.iter().any(|r| {
-        if r.result != "pass" {
-            return false;
-        }
+    let sender_domain = domain_of(sender);
+    let passes = || ar.results.iter().filter(|r| r.result == "pass");
+    if passes().any(|r| r.method == "dkim" && dkim_vouches_mailbox(r, sender, from)) {
+        return Ok(Vouch::Mailbox);
+    }
+    let domain_pass = passes().any(|r| {
         let props: &[&str] = match r.method.as_str() {
             "spf" => &["smtp.mailfrom"],
             "dkim" => &["header.d", "header.i"],
@@ -241,10 +307,24 @@ pub fn check(
             .filter_map(|p| r.property(p))
             .any(|v| domain_of(v) == sender_domain)
     });
-    if ok {
-        Ok(())
+    if domain_pass {
+        Ok(Vouch::Domain)
     } else {
-        Err(GateError::NoPass(sender_domain.to_string()))
+        Err(GateError::NoPass(sender_domain))
+    }
+}
+
+/// The gate: `Ok` only when the topmost `Authentication-Results:` value vouches for the mailbox
+/// `sender` ([`Vouch::Mailbox`]); see [`vouch`] for the arguments.
+pub fn check(
+    topmost: Option<&str>,
+    authserv_id: &str,
+    sender: &str,
+    from: Option<&str>,
+) -> Result<(), GateError> {
+    match vouch(topmost, authserv_id, sender, from)? {
+        Vouch::Mailbox => Ok(()),
+        Vouch::Domain => Err(GateError::DomainOnly(sender.to_string())),
     }
 }
 
@@ -283,42 +363,108 @@ mod tests {
         assert!(parse("x; spf").is_none());
     }
 
+    const ID: &str = "mx.example.net";
+    const BOB: &str = "bob@acme.net";
+
     #[test]
-    fn passes_for_the_senders_domain_only() {
-        assert_eq!(check(Some(RSPAMD), "MX.example.net", "acme.net"), Ok(()));
+    fn aligned_dkim_for_the_senders_own_from_vouches_for_the_mailbox() {
         assert_eq!(
-            check(Some(RSPAMD), "mx.example.net", "victim.example"),
+            vouch(Some(RSPAMD), "MX.example.net", BOB, Some(BOB)),
+            Ok(Vouch::Mailbox)
+        );
+        assert_eq!(check(Some(RSPAMD), ID, BOB, Some("<Bob@acme.net>")), Ok(()));
+        // Relaxed alignment: a parent signing domain; header.i of the same mailbox.
+        let sub = "mx.example.net; dkim=pass header.d=acme.net header.i=bob@mail.acme.net";
+        assert_eq!(
+            check(
+                Some(sub),
+                ID,
+                "bob@mail.acme.net",
+                Some("bob@mail.acme.net")
+            ),
+            Ok(())
+        );
+        // header.i naming another user, or a look-alike signing domain: not the mailbox.
+        let other_i = "mx.example.net; dkim=pass header.d=acme.net header.i=carol@acme.net";
+        assert_eq!(
+            check(Some(other_i), ID, BOB, Some(BOB)),
+            Err(GateError::DomainOnly(BOB.into()))
+        );
+        let lookalike = "mx.example.net; dkim=pass header.d=evilacme.net";
+        assert_eq!(
+            check(Some(lookalike), ID, BOB, Some(BOB)),
+            Err(GateError::NoPass("acme.net".into()))
+        );
+        let child = "mx.example.net; dkim=pass header.d=sub.acme.net";
+        assert!(
+            check(Some(child), ID, BOB, Some(BOB)).is_err(),
+            "a child domain does not vouch for its parent"
+        );
+        // No single From mailbox: no mailbox vouch.
+        assert_eq!(
+            check(Some(RSPAMD), ID, BOB, None),
+            Err(GateError::DomainOnly(BOB.into()))
+        );
+    }
+
+    #[test]
+    fn replayed_freemail_message_vouches_for_the_domain_only() {
+        // Mallory's own message, DKIM-signed by the freemail provider (signed From
+        // mallory@freemail.example, so DMARC passes), replayed with the victim as envelope
+        // sender from a host outside the provider's SPF record.
+        let replay = "mx.example.net; dkim=pass header.d=freemail.example header.s=s1 header.b=abc; spf=fail smtp.mailfrom=victim@freemail.example; dmarc=pass header.from=freemail.example";
+        let victim = "victim@freemail.example";
+        assert_eq!(
+            vouch(Some(replay), ID, victim, Some("mallory@freemail.example")),
+            Ok(Vouch::Domain)
+        );
+        assert_eq!(
+            check(Some(replay), ID, victim, Some("mallory@freemail.example")),
+            Err(GateError::DomainOnly(victim.into()))
+        );
+        // SPF passes for any user of the provider: domain only.
+        let spf_only = "mx.example.net; spf=pass smtp.mailfrom=victim@freemail.example; dkim=none";
+        assert_eq!(
+            vouch(Some(spf_only), ID, victim, Some(victim)),
+            Ok(Vouch::Domain)
+        );
+        assert!(check(Some(spf_only), ID, victim, Some(victim)).is_err());
+    }
+
+    #[test]
+    fn passes_for_other_domains_or_failures_vouch_for_nothing() {
+        assert_eq!(
+            check(
+                Some(RSPAMD),
+                ID,
+                "victim@victim.example",
+                Some("victim@victim.example")
+            ),
             Err(GateError::NoPass("victim.example".into()))
         );
-        let spf_only = "mx.example.net; spf=pass smtp.mailfrom=acme.net; dkim=none";
-        assert_eq!(check(Some(spf_only), "mx.example.net", "acme.net"), Ok(()));
         let dkim_other =
             "mx.example.net; dkim=pass header.d=evil.example; spf=softfail smtp.mailfrom=acme.net";
-        assert!(check(Some(dkim_other), "mx.example.net", "acme.net").is_err());
-        let fails =
-            "mx.example.net; spf=fail smtp.mailfrom=acme.net; dmarc=fail header.from=acme.net";
-        assert!(check(Some(fails), "mx.example.net", "acme.net").is_err());
+        assert!(vouch(Some(dkim_other), ID, BOB, Some(BOB)).is_err());
+        let fails = "mx.example.net; spf=fail smtp.mailfrom=acme.net; dmarc=fail header.from=acme.net; dkim=fail header.d=acme.net";
+        assert!(vouch(Some(fails), ID, BOB, Some(BOB)).is_err());
     }
 
     #[test]
     fn foreign_or_missing_headers_do_not_count() {
-        assert_eq!(
-            check(None, "mx.example.net", "acme.net"),
-            Err(GateError::Missing)
-        );
+        assert_eq!(check(None, ID, BOB, Some(BOB)), Err(GateError::Missing));
         let foreign = RSPAMD.replacen("mx.example.net", "mx.acme.net", 1);
         assert_eq!(
-            check(Some(&foreign), "mx.example.net", "acme.net"),
+            check(Some(&foreign), ID, BOB, Some(BOB)),
             Err(GateError::Untrusted("mx.acme.net".into()))
         );
         // The authserv-id hidden in a comment or as a suffix does not count.
         let hidden = "(mx.example.net) evil.example; spf=pass smtp.mailfrom=acme.net";
-        assert!(check(Some(hidden), "mx.example.net", "acme.net").is_err());
+        assert!(check(Some(hidden), ID, BOB, Some(BOB)).is_err());
         let suffix = "mx.example.net.evil.example; spf=pass smtp.mailfrom=acme.net";
-        assert!(check(Some(suffix), "mx.example.net", "acme.net").is_err());
+        assert!(check(Some(suffix), ID, BOB, Some(BOB)).is_err());
         // A pass hidden in a comment does not count.
         let commented =
             "mx.example.net; spf=fail (spf=pass smtp.mailfrom=acme.net) smtp.mailfrom=acme.net";
-        assert!(check(Some(commented), "mx.example.net", "acme.net").is_err());
+        assert!(vouch(Some(commented), ID, BOB, Some(BOB)).is_err());
     }
 }

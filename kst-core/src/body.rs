@@ -338,7 +338,7 @@ mod properties {
             let trusted = vec!["mail.example.net".to_string()];
             let _ = crate::received::authenticated_login(&value, &trusted);
             let _ = crate::received::source_ip(&value, &trusted);
-            let _ = crate::authres::check(Some(&value), "mail.example.net", "acme.net");
+            let _ = crate::authres::vouch(Some(&value), "mail.example.net", "bob@acme.net", Some("bob@acme.net"));
         }
     }
 }

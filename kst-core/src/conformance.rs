@@ -77,11 +77,15 @@ const S_OTHER: u32 = 10;
 // Test data
 // ---------------------------------------------------------------------------------------------
 
-/// `input` normalized by the default [`AddressPolicy`]; panics when it is not an address.
+/// `input` normalized by the default [`AddressPolicy`] with non-ASCII local parts allowed;
+/// panics when it is not an address.
 pub fn address(input: &str) -> Address {
-    AddressPolicy::default()
-        .normalize(input)
-        .unwrap_or_else(|e| panic!("conformance: {input:?} is not a valid address: {e}"))
+    AddressPolicy {
+        unicode_local_parts: true,
+        ..AddressPolicy::default()
+    }
+    .normalize(input)
+    .unwrap_or_else(|e| panic!("conformance: {input:?} is not a valid address: {e}"))
 }
 
 /// Publication id of key `n` of `series`: 32 hex digits.

@@ -5,6 +5,7 @@
 pub mod address;
 pub mod authres;
 pub mod body;
+pub mod certificate;
 pub mod client;
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -27,6 +28,7 @@ pub mod time;
 #[cfg(feature = "timeout")]
 pub mod timeout;
 pub mod validate;
+pub mod wkd;
 pub mod wks;
 
 pub use address::{Address, AddressError, AddressPolicy};

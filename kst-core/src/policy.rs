@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::address::{Address, AddressPolicy};
+use crate::address::{Address, AddressError, AddressPolicy};
 use crate::ratelimit::RateLimits;
 
 /// Where kst learns who authenticated a publication.
@@ -40,7 +40,8 @@ pub struct Policy {
     pub max_key_bytes: usize,
     /// The local part that receives requests: `keys`.
     pub service_local_part: String,
-    /// Request rates per sender, sender domain, source IP and queried address.
+    /// Request rates per authenticated account, reply recipient, (reply recipient, queried
+    /// address) and source.
     pub rate_limits: RateLimits,
     /// Answer a retrieval only when the provider's topmost `Authentication-Results:` header
     /// (with [`Policy::authserv_id`]) shows SPF, DKIM or DMARC pass for the sender's domain.
@@ -96,6 +97,19 @@ impl Policy {
     /// True when kst serves `domain` (an A-label, lowercase).
     pub fn serves_domain(&self, domain: &str) -> bool {
         self.domains.iter().any(|d| d == domain)
+    }
+
+    /// An address as kst compares it: the account form ([`AddressPolicy::normalize`]: case,
+    /// subaddress and Unicode rules) when its domain is served, as written otherwise
+    /// ([`AddressPolicy::as_received`]): other providers' local parts are theirs to interpret,
+    /// so `john-smith@partner.example` never becomes `john@partner.example`.
+    pub fn normalize_address(&self, input: &str) -> Result<Address, AddressError> {
+        let received = self.address_policy.as_received(input)?;
+        if self.serves_domain(received.domain()) {
+            self.address_policy.normalize(input)
+        } else {
+            Ok(received)
+        }
     }
 
     /// The service address `keys@domain` for a served domain.

@@ -1,24 +1,38 @@
-//! Rate limits against backscatter and address enumeration.
+//! Rate limits against backscatter, enumeration and load, counted only on what the counted
+//! party cannot use against someone else.
 //!
-//! Every request that would get a reply first takes one unit from each counter that applies to
-//! it (see [`RateLimits`]): its envelope sender, the sender's domain, the source IP of the
-//! topmost trusted `Received:` header and, for a retrieval, the queried address. A request over
-//! any limit is accepted and left unanswered (see [`crate::service::Silence::RateLimited`]).
+//! Two kinds of request are counted apart ([`crate::service`] decides which is which, after
+//! authentication and after the optional sender gate):
+//! - A request of an **authenticated account** (an authenticated submission whose envelope
+//!   sender is that account: publications, revocations, deletions, and its own retrievals)
+//!   takes one unit from that account's counter only. No outsider can authenticate as the
+//!   account, so no outsider's traffic can use that budget up.
+//! - Every other request that would get a reply takes one unit from its source (the client IP
+//!   of the topmost trusted `Received:` header, IPv6 per /64), from the pair (reply recipient,
+//!   queried address) for a retrieval, and from its reply recipient (folded so that case,
+//!   `+tag` and dot variants of one mailbox share a counter). The recipient cap is what bounds
+//!   backscatter to a forged victim. Nothing is keyed on the queried address alone or on a
+//!   sender domain: strangers could exhaust those for everyone.
 //!
-//! Counters live behind the [`RateLimiter`] trait so that every instance of a pool shares them:
-//! [`MemoryRateLimiter`] here (one process), and the Redis and PostgreSQL stores implement the
-//! trait too. Counting uses fixed windows: the first hit of a key opens a window of the given
-//! length, the window's count grows with each hit, and the key starts again at 1 once the
+//! A request over any limit is accepted and left unanswered (see
+//! [`crate::service::Silence::RateLimited`]). Counters live behind the [`RateLimiter`] trait so
+//! that every instance of a pool shares them: [`MemoryRateLimiter`] here (one process), and the
+//! Redis, PostgreSQL and filesystem stores implement the trait too. Every key this module makes
+//! starts with [`KEY_PREFIX`], so other users of the same limiter (e.g. HTTP counters) cannot
+//! collide with it. Counting uses fixed windows: the first hit of a key opens a window of the
+//! given length, the window's count grows with each hit, and the key starts again at 1 once the
 //! window has passed. A limiter that cannot be reached is a temporary error: the MTA keeps the
 //! message and retries, so an outage never loses mail.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::address::Address;
 use crate::error::{Error, Result};
 
 /// Shared hit counters with fixed windows.
@@ -37,46 +51,50 @@ pub trait RateLimiter: Send + Sync {
 /// Which counter a limit applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LimitKind {
-    /// The envelope sender (the reply's recipient).
+    /// The authenticated account (its own requests only).
+    Account,
+    /// The reply recipient (the envelope sender) of an unauthenticated request.
     Sender,
-    /// The envelope sender's domain.
-    SenderDomain,
-    /// The client IP in the topmost trusted `Received:` header.
+    /// The pair (reply recipient, queried address) of an unauthenticated retrieval.
+    SenderQuery,
+    /// The client IP (IPv6: its /64) in the topmost trusted `Received:` header.
     SourceIp,
-    /// The address a retrieval asks for.
-    QueriedAddress,
 }
 
 impl LimitKind {
     /// Stable token for logs, metrics and limiter keys.
     pub fn as_str(self) -> &'static str {
         match self {
+            LimitKind::Account => "account",
             LimitKind::Sender => "sender",
-            LimitKind::SenderDomain => "sender-domain",
+            LimitKind::SenderQuery => "sender-query",
             LimitKind::SourceIp => "source-ip",
-            LimitKind::QueriedAddress => "queried-address",
         }
     }
 }
 
 /// How many requests each counter allows per window. 0 turns a counter off.
 ///
-/// The defaults (per hour: 60 per sender, 2,000 per sender domain, 1,000 per source IP, 120
-/// per queried address) are far above what a person's mail client needs (one retrieval per new
-/// correspondent, one publication per key change) and bound what one mailbox, one domain or one
-/// host can make kst send, and how fast anyone can walk the provider's address space.
+/// The defaults (per hour: 60 per authenticated account, 60 per reply recipient, 5 per reply
+/// recipient and queried address, 1,000 per source) are far above what a person's mail client
+/// needs (one retrieval per new correspondent, one publication per key change) and bound what
+/// kst sends to one mailbox, how often it sends one key to one mailbox, and what one host can
+/// make it send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimits {
-    /// Requests per window from one envelope sender.
+    /// Requests per window of one authenticated account (publications, revocations, deletions,
+    /// and its own retrievals sent through an authenticated submission).
+    pub per_account: u32,
+    /// Unauthenticated requests per window answered to one reply recipient (the envelope
+    /// sender): the cap on backscatter to a forged victim.
     pub per_sender: u32,
-    /// Requests per window from one sender domain. Served domains are exempt (their users are
-    /// counted per sender and per IP).
-    pub per_sender_domain: u32,
-    /// Requests per window from one source IP (topmost trusted `Received:` header).
+    /// Unauthenticated retrievals per window answered to one reply recipient about one queried
+    /// address: the cap on sending one (large) key to one mailbox.
+    pub per_sender_query: u32,
+    /// Unauthenticated requests per window from one source: the client IP of the topmost
+    /// trusted `Received:` header, an IPv6 address counted per /64.
     pub per_source_ip: u32,
-    /// Retrievals per window asking for one address.
-    pub per_queried_address: u32,
     /// Window length in seconds.
     pub window_secs: u64,
 }
@@ -84,10 +102,10 @@ pub struct RateLimits {
 impl Default for RateLimits {
     fn default() -> Self {
         RateLimits {
+            per_account: 60,
             per_sender: 60,
-            per_sender_domain: 2_000,
+            per_sender_query: 5,
             per_source_ip: 1_000,
-            per_queried_address: 120,
             window_secs: 3_600,
         }
     }
@@ -96,20 +114,20 @@ impl Default for RateLimits {
 impl RateLimits {
     /// Every counter off.
     pub const OFF: RateLimits = RateLimits {
+        per_account: 0,
         per_sender: 0,
-        per_sender_domain: 0,
+        per_sender_query: 0,
         per_source_ip: 0,
-        per_queried_address: 0,
         window_secs: 3_600,
     };
 
     /// The limit of `kind` (0: off).
     pub fn limit(&self, kind: LimitKind) -> u32 {
         match kind {
+            LimitKind::Account => self.per_account,
             LimitKind::Sender => self.per_sender,
-            LimitKind::SenderDomain => self.per_sender_domain,
+            LimitKind::SenderQuery => self.per_sender_query,
             LimitKind::SourceIp => self.per_source_ip,
-            LimitKind::QueriedAddress => self.per_queried_address,
         }
     }
 
@@ -119,9 +137,52 @@ impl RateLimits {
     }
 }
 
-/// The limiter key of `value` under `kind`, e.g. `sender:bob@acme.net`.
+/// The prefix of every key this module counts under (`mail:`), distinct from other users of a
+/// shared limiter.
+pub const KEY_PREFIX: &str = "mail:";
+
+/// The limiter key of `value` under `kind`, e.g. `mail:sender:bob@acme.net`.
 pub fn limiter_key(kind: LimitKind, value: &str) -> String {
-    format!("{}:{value}", kind.as_str())
+    format!("{KEY_PREFIX}{}:{value}", kind.as_str())
+}
+
+/// The counter value of a reply recipient: the address with its local part ASCII-lowercased,
+/// cut at the first `+` and without dots, so that `Victim+1@`, `v.ictim@` and `VICTIM@` (which
+/// many providers deliver to one mailbox) share one backscatter budget. Distinct mailboxes that
+/// fold together only share a stricter limit.
+pub fn recipient_counter(recipient: &Address) -> String {
+    let local = recipient.local();
+    let base = local.split('+').next().unwrap_or(local);
+    let folded: String = base
+        .chars()
+        .filter(|c| *c != '.')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let folded = if folded.is_empty() { local } else { &folded };
+    format!("{folded}@{}", recipient.domain())
+}
+
+/// The counter value of a (reply recipient, queried address) pair.
+pub fn recipient_query_counter(recipient: &Address, queried: &Address) -> String {
+    format!("{} {queried}", recipient_counter(recipient))
+}
+
+/// The counter value of a source IP: an IPv4 address as written, an IPv6 address as its /64
+/// (one customer's allocation; counting single IPv6 addresses would give one host 2^64
+/// budgets); an IPv4-mapped IPv6 address as the IPv4 address. Anything else (e.g.
+/// [`crate::received::UNREADABLE_SOURCE`]) is kept as it is.
+pub fn source_counter(ip: &str) -> String {
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => v4.to_string(),
+        Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+        Err(_) => ip.to_string(),
+    }
 }
 
 /// Counts `hits` against `limits` in `limiter`, in order, stopping at the first counter that is
@@ -226,16 +287,16 @@ mod tests {
     async fn check_stops_at_the_first_exhausted_counter_and_skips_off_ones() {
         let l = MemoryRateLimiter::new();
         let limits = RateLimits {
+            per_account: 0,
             per_sender: 2,
-            per_sender_domain: 0,
+            per_sender_query: 1,
             per_source_ip: 5,
-            per_queried_address: 1,
             window_secs: 60,
         };
         let hits = [
-            (LimitKind::Sender, "bob@acme.net"),
-            (LimitKind::SenderDomain, "acme.net"),
             (LimitKind::SourceIp, "192.0.2.1"),
+            (LimitKind::Account, "alice@example.net"),
+            (LimitKind::Sender, "bob@acme.net"),
         ];
         assert_eq!(check(&l, &limits, &hits).await.unwrap(), None);
         assert_eq!(check(&l, &limits, &hits).await.unwrap(), None);
@@ -243,21 +304,50 @@ mod tests {
             check(&l, &limits, &hits).await.unwrap(),
             Some(LimitKind::Sender)
         );
-        // The domain counter is off: never counted.
-        assert!(
-            l.windows
-                .lock()
-                .unwrap()
-                .keys()
-                .all(|k| !k.starts_with("sender-domain:"))
-        );
-        // The IP was counted only while the sender was within its limit.
-        assert_eq!(l.windows.lock().unwrap()["source-ip:192.0.2.1"].1, 2);
-        let q = [(LimitKind::QueriedAddress, "alice@example.net")];
+        let keys: Vec<String> = l.windows.lock().unwrap().keys().cloned().collect();
+        // The account counter is off: never counted. Every key carries the module's prefix.
+        assert!(keys.iter().all(|k| !k.contains("account:")), "{keys:?}");
+        assert!(keys.iter().all(|k| k.starts_with(KEY_PREFIX)), "{keys:?}");
+        assert_eq!(l.windows.lock().unwrap()["mail:source-ip:192.0.2.1"].1, 3);
+        let q = [(LimitKind::SenderQuery, "bob@acme.net alice@example.net")];
         assert_eq!(check(&l, &limits, &q).await.unwrap(), None);
         assert_eq!(
             check(&l, &limits, &q).await.unwrap(),
-            Some(LimitKind::QueriedAddress)
+            Some(LimitKind::SenderQuery)
+        );
+    }
+
+    #[test]
+    fn ipv6_sources_count_per_64_and_mapped_ipv4_as_ipv4() {
+        assert_eq!(source_counter("192.0.2.7"), "192.0.2.7");
+        assert_eq!(
+            source_counter("2001:db8:1:2:aaaa::1"),
+            source_counter("2001:db8:1:2:ffff:ffff:ffff:ffff")
+        );
+        assert_eq!(source_counter("2001:db8:1:2::9"), "2001:db8:1:2::/64");
+        assert_ne!(
+            source_counter("2001:db8:1:2::1"),
+            source_counter("2001:db8:1:3::1")
+        );
+        assert_eq!(source_counter("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(source_counter("unreadable"), "unreadable");
+    }
+
+    #[test]
+    fn recipient_variants_of_one_mailbox_share_a_counter() {
+        let p = crate::AddressPolicy::default();
+        let base = recipient_counter(&p.as_received("victim@freemail.example").unwrap());
+        for v in [
+            "Victim@freemail.example",
+            "victim+1@freemail.example",
+            "v.i.c.t.i.m@freemail.example",
+            "VICTIM+x.y@FreeMail.example",
+        ] {
+            assert_eq!(recipient_counter(&p.as_received(v).unwrap()), base, "{v}");
+        }
+        assert_ne!(
+            recipient_counter(&p.as_received("other@freemail.example").unwrap()),
+            base
         );
     }
 

@@ -353,17 +353,12 @@ impl Kst {
             Ok(RequestBody::Deletion { .. }) => RequestKind::Deletion,
             _ => RequestKind::Other,
         };
-        if let Some(limit) = self.over_limit(&message, &requester, &body).await? {
-            tracing::info!(
-                message_id = message_id.as_deref().unwrap_or("-"),
-                sender = %requester,
-                limit = limit.as_str(),
-                "rate limit exhausted; the request is left unanswered"
-            );
-            return Ok(silent(message_id, kind, Silence::RateLimited(limit)));
-        }
+        // The gate first, so that requests it silences use up no counter; then the limits,
+        // on the authenticated account alone when there is one.
+        let owner = self.owner(envelope, &message, &requester);
         if self.policy.require_authentication_results
-            && let Err(why) = self.vouched(envelope, &message, &requester)
+            && owner.is_none()
+            && let Err(why) = self.vouched(&message, &requester)
         {
             tracing::info!(
                 message_id = message_id.as_deref().unwrap_or("-"),
@@ -372,6 +367,18 @@ impl Kst {
                 "sender not vouched for; the request is left unanswered"
             );
             return Ok(silent(message_id, kind, Silence::SenderNotVouched));
+        }
+        if let Some(limit) = self
+            .over_limit(&message, &requester, owner.as_ref(), &body)
+            .await?
+        {
+            tracing::info!(
+                message_id = message_id.as_deref().unwrap_or("-"),
+                sender = %requester,
+                limit = limit.as_str(),
+                "rate limit exhausted; the request is left unanswered"
+            );
+            return Ok(silent(message_id, kind, Silence::RateLimited(limit)));
         }
         let body = match body {
             Ok(b) => b,
@@ -446,52 +453,66 @@ impl Kst {
     }
 
     /// Counts this request against the rate limits; the limit that is exhausted, if any.
+    ///
+    /// An authenticated account's own request counts on that account only. Anything else
+    /// counts on its source (IPv6 per /64), on (reply recipient, queried address) for a
+    /// retrieval, and on its reply recipient, in that order, so that once a source is used up
+    /// its further requests use up no victim's budget (see `ratelimit`).
     async fn over_limit(
         &self,
         msg: &Message<'_>,
         requester: &Address,
+        owner: Option<&Address>,
         body: &Result<RequestBody, String>,
     ) -> Result<Option<LimitKind>, Error> {
         let limits = &self.policy.rate_limits;
-        let source_ip = header_value(msg, "Received")
-            .and_then(|r| received::source_ip(r, &self.policy.trusted_mta_hosts));
-        let queried = match body {
-            Ok(RequestBody::Retrieval { query, .. }) => {
-                self.policy.address_policy.normalize(query).ok()
-            }
+        if let Some(account) = owner {
+            let hits = [(LimitKind::Account, account.as_str())];
+            return ratelimit::check(self.limiter.as_ref(), limits, &hits).await;
+        }
+        let source = header_value(msg, "Received")
+            .and_then(|r| received::source_ip(r, &self.policy.trusted_mta_hosts))
+            .map(|ip| ratelimit::source_counter(&ip));
+        let pair = match body {
+            Ok(RequestBody::Retrieval { query, .. }) => self
+                .policy
+                .normalize_address(query)
+                .ok()
+                .map(|q| ratelimit::recipient_query_counter(requester, &q)),
             _ => None,
         };
-        let mut hits: Vec<(LimitKind, &str)> = vec![(LimitKind::Sender, requester.as_str())];
-        if !self.policy.serves_domain(requester.domain()) {
-            hits.push((LimitKind::SenderDomain, requester.domain()));
-        }
-        if let Some(ip) = &source_ip {
+        let recipient = ratelimit::recipient_counter(requester);
+        let mut hits: Vec<(LimitKind, &str)> = Vec::with_capacity(3);
+        if let Some(ip) = &source {
             hits.push((LimitKind::SourceIp, ip));
         }
-        if let Some(q) = &queried {
-            hits.push((LimitKind::QueriedAddress, q.as_str()));
+        if let Some(p) = &pair {
+            hits.push((LimitKind::SenderQuery, p));
         }
+        hits.push((LimitKind::Sender, &recipient));
         ratelimit::check(self.limiter.as_ref(), limits, &hits).await
     }
 
-    /// The gate of `require_authentication_results`: the sender submitted with authentication,
-    /// or the provider's topmost `Authentication-Results:` header shows a pass for its domain.
-    fn vouched(
-        &self,
-        env: &Envelope,
-        msg: &Message<'_>,
-        requester: &Address,
-    ) -> Result<(), authres::GateError> {
-        if self
-            .authenticated_account(env, msg)
-            .is_ok_and(|a| &a == requester)
-        {
-            return Ok(());
-        }
+    /// The authenticated account, when the envelope sender (the reply recipient) is that very
+    /// account: the only requests counted on an account and let through the gate unasked.
+    fn owner(&self, env: &Envelope, msg: &Message<'_>, requester: &Address) -> Option<Address> {
+        let account = self.authenticated_account(env, msg).ok()?;
+        let sender = self.policy.normalize_address(requester.as_str()).ok()?;
+        (sender == account).then_some(account)
+    }
+
+    /// The gate of `require_authentication_results` for a sender that did not submit with
+    /// authentication: the provider's topmost `Authentication-Results:` header must vouch for
+    /// the sender's mailbox (an aligned DKIM pass on a message whose one `From:` is the sender).
+    fn vouched(&self, msg: &Message<'_>, requester: &Address) -> Result<(), authres::GateError> {
+        let from = (headers_named(msg, "From").count() == 1)
+            .then(|| single_mailbox(msg))
+            .flatten();
         authres::check(
             header_value(msg, "Authentication-Results"),
             &self.policy.authserv_id,
-            requester.domain(),
+            requester.as_str(),
+            from.as_deref(),
         )
     }
 
@@ -515,21 +536,23 @@ impl Kst {
         if header_value(msg, "List-Id").is_some() || header_value(msg, "List-Post").is_some() {
             return Err(Silence::MailingList);
         }
+        // Without an envelope from the MTA, the topmost `Return-Path:` (what pipe(8) writes
+        // with flag R) stands in, `<>` included: a null sender never gets a reply.
         let raw_sender = match &env.sender {
             Some(s) => s.clone(),
-            None => msg
-                .return_address()
-                .map(str::to_string)
-                .or_else(|| single_mailbox(msg))
-                .unwrap_or_default(),
+            None => match header_value(msg, "Return-Path") {
+                Some(rp) => rp.trim().to_string(),
+                None => single_mailbox(msg).unwrap_or_default(),
+            },
         };
-        if raw_sender.trim().trim_matches(['<', '>']).is_empty() {
+        if raw_sender.trim().trim_matches(['<', '>']).trim().is_empty() {
             return Err(Silence::NullSender);
         }
+        // Replies go to the envelope sender as received; only the checks below fold it.
         let sender = self
             .policy
             .address_policy
-            .normalize(&raw_sender)
+            .as_received(&raw_sender)
             .map_err(|_| Silence::BadSender)?;
         let local = sender.local().to_ascii_lowercase();
         if local == "mailer-daemon" {
@@ -538,10 +561,12 @@ impl Kst {
         if local.starts_with("owner-") || local.ends_with("-request") {
             return Err(Silence::MailingList);
         }
-        if sender
-            .local()
-            .eq_ignore_ascii_case(&self.policy.service_local_part)
-            && self.policy.serves_domain(sender.domain())
+        let folded = self.policy.normalize_address(sender.as_str());
+        if self.policy.serves_domain(sender.domain())
+            && folded.is_ok_and(|f| {
+                f.local()
+                    .eq_ignore_ascii_case(&self.policy.service_local_part)
+            })
         {
             return Err(Silence::OwnAddress);
         }
@@ -574,10 +599,10 @@ impl Kst {
         };
         let account = match self.policy.login_map.get(&login) {
             Some(a) => a.clone(),
-            None => self.policy.address_policy.normalize(&login).map_err(|_| {
+            None => self.policy.address_policy.normalize(&login).map_err(|e| {
                 (
                     Reason::UnknownAccount,
-                    "the login is not an address and not in kst.login_map".to_string(),
+                    format!("the login is not a usable address ({e}) and not in kst.login_map"),
                 )
             })?,
         };
@@ -707,8 +732,9 @@ impl Kst {
         let account = self
             .authenticated_account(env, msg)
             .map_err(|(reason, detail)| (reason, None, detail))?;
-        let from = single_mailbox(msg).and_then(|f| self.policy.address_policy.normalize(&f).ok());
-        if from.as_ref() != Some(&account) || ctx.requester != &account {
+        let from = single_mailbox(msg).and_then(|f| self.policy.normalize_address(&f).ok());
+        let sender = self.policy.normalize_address(ctx.requester.as_str()).ok();
+        if from.as_ref() != Some(&account) || sender.as_ref() != Some(&account) {
             let detail = format!(
                 "authenticated as {account}; From: {}; envelope sender: {}",
                 from.as_ref().map_or("(none or several)", Address::as_str),
@@ -754,7 +780,7 @@ impl Kst {
         let Ok(k_auth) = AuthKey::parse(k_auth_line) else {
             return self.refuse(ctx, Reason::BadAuthKey, None, None, None).await;
         };
-        let Ok(address) = self.policy.address_policy.normalize(query) else {
+        let Ok(address) = self.policy.normalize_address(query) else {
             return self
                 .refuse(ctx, Reason::BadAddress, None, None, Some(&k_auth))
                 .await;

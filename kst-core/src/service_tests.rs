@@ -600,93 +600,110 @@ async fn rfc3834_list_and_system_mail_gets_no_reply() {
 async fn each_rate_limit_silences_only_what_it_counts() {
     let mut p = base_policy();
     p.rate_limits = crate::RateLimits {
-        per_sender: 3,
-        per_sender_domain: 5,
-        per_source_ip: 7,
-        per_queried_address: 9,
+        per_account: 2,
+        per_sender: 4,
+        per_sender_query: 2,
+        per_source_ip: 6,
         window_secs: 3600,
     };
     let f = fixture_with(p);
-    let e = |s: &str| env(s);
     let handle = |sender: &str, queried: &str, ip: &str| {
         let raw = inbound_retrieval(sender, queried, ip, "");
         let kst = f.kst.clone();
-        let env = e(sender);
+        let env = env(sender);
         async move { kst.handle(&env, &raw).await.unwrap().decision }
     };
+    let answered = |d: &Decision| matches!(d, Decision::Answered { .. });
     let limited = |k| Decision::Ignored(Silence::RateLimited(k));
-    // Per sender: 3 answered, the 4th silenced.
-    for i in 0..3 {
-        let d = handle("bob@acme.net", &format!("u{i}@example.net"), "192.0.2.1").await;
-        assert!(matches!(d, Decision::Answered { .. }), "{d:?}");
+    // Per (recipient, queried address): bob gets alice's key twice, then silence.
+    for ip in ["192.0.2.1", "192.0.2.2"] {
+        assert!(answered(
+            &handle("bob@acme.net", "alice@example.net", ip).await
+        ));
     }
     assert_eq!(
-        handle("bob@acme.net", "u9@example.net", "192.0.2.1").await,
-        limited(LimitKind::Sender)
+        handle("bob@acme.net", "alice@example.net", "192.0.2.3").await,
+        limited(LimitKind::SenderQuery)
     );
-    // Per domain: acme.net has 5 (3 counted so far, the silenced one stopped at the sender).
-    assert!(matches!(
-        handle("c1@acme.net", "x@example.net", "192.0.2.2").await,
-        Decision::Answered { .. }
+    // Per recipient: 4 in all (the pair-stopped one was not counted on bob); case, `+tag` and
+    // dot variants of bob's mailbox share his budget.
+    assert!(answered(
+        &handle("Bob+1@acme.net", "u1@example.net", "192.0.2.4").await
     ));
-    assert!(matches!(
-        handle("c2@acme.net", "x@example.net", "192.0.2.2").await,
-        Decision::Answered { .. }
+    assert!(answered(
+        &handle("b.o.b@acme.net", "u2@example.net", "192.0.2.5").await
     ));
     assert_eq!(
-        handle("c3@acme.net", "x@example.net", "192.0.2.2").await,
-        limited(LimitKind::SenderDomain)
+        handle("BOB+2@acme.net", "u3@example.net", "192.0.2.6").await,
+        limited(LimitKind::Sender)
     );
-    // Per IP: 192.0.2.1 has 3 (bob), 192.0.2.2 has 2 + the domain-stopped one not counted.
-    for i in 0..4 {
+    // Per source: 6 from one IPv6 /64, whatever the senders; another /64 is not affected.
+    for i in 0..6 {
         let d = handle(
             &format!("s{i}@other{i}.example"),
             "y@example.net",
-            "192.0.2.1",
+            &format!("IPv6:2001:db8:1:2::{i}"),
         )
         .await;
-        assert!(matches!(d, Decision::Answered { .. }), "{i}: {d:?}");
+        assert!(answered(&d), "{i}: {d:?}");
     }
     assert_eq!(
-        handle("s9@other9.example", "y@example.net", "192.0.2.1").await,
+        handle(
+            "s9@other9.example",
+            "y@example.net",
+            "IPv6:2001:db8:1:2:ffff::9"
+        )
+        .await,
         limited(LimitKind::SourceIp)
     );
-    // Per queried address: y@example.net was asked 4 times; 5 more pass, then silence.
-    for i in 0..5 {
+    assert!(answered(
+        &handle("s9@other9.example", "y@example.net", "IPv6:2001:db8:1:3::9").await
+    ));
+    // Many strangers asking for one address do not silence it for anyone.
+    for i in 0..10 {
         let d = handle(
             &format!("q{i}@q{i}.example"),
-            "Y@example.net",
+            "y@example.net",
             &format!("198.51.100.{i}"),
         )
         .await;
-        assert!(matches!(d, Decision::Answered { .. }), "{i}: {d:?}");
+        assert!(answered(&d), "{i}: {d:?}");
+    }
+    // Per account: alice's own authenticated requests, 2 per window.
+    let (raw, _) = publication(
+        "alice@example.net",
+        ALICE,
+        &received("alice@example.net", "mail.example.net", "ESMTPSA"),
+    );
+    for _ in 0..2 {
+        let d = f
+            .kst
+            .handle(&env("alice@example.net"), &raw)
+            .await
+            .unwrap()
+            .decision;
+        assert!(matches!(d, Decision::Published { .. }), "{d:?}");
     }
     assert_eq!(
-        handle("q9@q9.example", "y@example.net", "198.51.100.9").await,
-        limited(LimitKind::QueriedAddress)
+        f.kst
+            .handle(&env("alice@example.net"), &raw)
+            .await
+            .unwrap()
+            .decision,
+        limited(LimitKind::Account)
     );
-    // Silenced requests sent nothing: 3 + 2 + 4 + 5 replies.
-    assert_eq!(f.sent(), 14);
+    // Silenced requests sent nothing: 2 + 2 + 6 + 1 + 10 answers and 2 confirmations.
+    assert_eq!(f.sent(), 23);
 }
 
 #[tokio::test]
-async fn served_domain_senders_are_not_limited_per_domain_and_forged_received_does_not_move_the_ip()
-{
+async fn forged_received_headers_do_not_move_the_source() {
     let mut p = base_policy();
     p.rate_limits = crate::RateLimits {
-        per_sender: 100,
-        per_sender_domain: 1,
         per_source_ip: 2,
-        per_queried_address: 0,
-        window_secs: 3600,
+        ..crate::RateLimits::default()
     };
     let f = fixture_with(p);
-    for i in 0..2 {
-        let s = format!("user{i}@example.net");
-        let raw = inbound_retrieval(&s, "alice@example.net", &format!("203.0.113.{i}"), "");
-        let h = f.kst.handle(&env(&s), &raw).await.unwrap();
-        assert!(matches!(h.decision, Decision::Answered { .. }), "{i}");
-    }
     // A sender that writes its own Received headers still counts against the MX-recorded IP.
     for i in 0..3 {
         let s = format!("m{i}@m{i}.example");
@@ -704,6 +721,338 @@ async fn served_domain_senders_are_not_limited_per_domain_and_forged_received_do
             );
         }
     }
+}
+
+/// A forged publication, revocation or deletion for alice (From: alice, no authenticated
+/// Received header), from bot number `i`.
+fn forged_owner_request(i: usize) -> Vec<u8> {
+    let alice = addr("alice@example.net");
+    let body = match i % 3 {
+        0 => client::build_publication(&alice, ALICE).unwrap().message,
+        1 => {
+            client::build_publication(&alice, LIFE_REVOKED)
+                .unwrap()
+                .message
+        }
+        _ => client::build_deletion(&alice).message,
+    };
+    let mut raw = format!(
+        "Received: from bot{i} (bot{i} [203.0.{}.{}])\r\n\tby mx.example.net (Postfix) with ESMTP id {i}\r\n",
+        i / 200,
+        i % 200
+    )
+    .into_bytes();
+    raw.extend_from_slice(&body);
+    raw
+}
+
+#[tokio::test]
+async fn floods_from_forged_senders_leave_the_victims_own_requests_through() {
+    // Default limits: what an operator gets.
+    let f = fixture_with(base_policy());
+    let alice = "alice@example.net";
+    let own = received(alice, "mail.example.net", "ESMTPSA");
+    // 1. Hundreds of forged retrievals, publications, revocations and deletions with alice (and
+    //    variants of her address) as envelope sender, from as many hosts.
+    let mut answered_to_alice = 0;
+    for i in 0..300 {
+        let sender = match i % 3 {
+            0 => alice.to_string(),
+            1 => format!("Alice+{i}@example.net"),
+            _ => "ALICE@example.net".to_string(),
+        };
+        let raw = if i % 2 == 0 {
+            inbound_retrieval(
+                &sender,
+                &format!("u{i}@example.net"),
+                &format!("10.1.{}.{}", i / 200, i % 200),
+                "",
+            )
+        } else {
+            forged_owner_request(i)
+        };
+        let d = f.kst.handle(&env(&sender), &raw).await.unwrap().decision;
+        match d {
+            Decision::Answered { .. } | Decision::Refused { .. } => answered_to_alice += 1,
+            Decision::Ignored(Silence::RateLimited(LimitKind::Sender)) => {}
+            other => panic!("{i}: {other:?}"),
+        }
+    }
+    // The backscatter cap held: at most per_sender replies reached alice's mailbox.
+    assert_eq!(answered_to_alice, crate::RateLimits::default().per_sender);
+    // 2. Strangers of one big domain asking for alice's key 300 times.
+    for i in 0..300 {
+        let s = format!("s{i}@freemail.example");
+        let raw = inbound_retrieval(&s, alice, &format!("10.2.{}.{}", i / 200, i % 200), "");
+        let d = f.kst.handle(&env(&s), &raw).await.unwrap().decision;
+        assert!(matches!(d, Decision::Answered { .. }), "{i}: {d:?}");
+    }
+    assert!(
+        f.store.map.lock().unwrap().is_empty(),
+        "nothing forged was stored"
+    );
+    // 3. Alice's own authenticated publication, revocation and deletion go through.
+    let (raw, _) = publication(alice, LIFE_V1, &own);
+    let d = f.kst.handle(&env(alice), &raw).await.unwrap().decision;
+    assert!(matches!(d, Decision::Published { .. }), "{d:?}");
+    let (raw, _) = publication(alice, LIFE_REVOKED, &own);
+    let d = f.kst.handle(&env(alice), &raw).await.unwrap().decision;
+    assert!(matches!(d, Decision::Published { .. }), "{d:?}");
+    assert!(
+        f.kst
+            .store()
+            .get(&addr(alice))
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked
+    );
+    let mut raw = own.clone().into_bytes();
+    raw.extend_from_slice(&client::build_deletion(&addr(alice)).message);
+    let d = f.kst.handle(&env(alice), &raw).await.unwrap().decision;
+    assert!(
+        matches!(d, Decision::Deleted { existed: true, .. }),
+        "{d:?}"
+    );
+    let (raw, _) = publication(alice, ALICE, &own);
+    let d = f.kst.handle(&env(alice), &raw).await.unwrap().decision;
+    assert!(matches!(d, Decision::Published { .. }), "{d:?}");
+    // 4. Her own retrieval through her authenticated submission is answered, and so is a
+    //    correspondent's retrieval of her key.
+    let req = client::build_retrieval(&addr(alice), &addr("bob@example.net"));
+    let mut raw = own.clone().into_bytes();
+    raw.extend_from_slice(&req.message);
+    let d = f.kst.handle(&env(alice), &raw).await.unwrap().decision;
+    assert!(matches!(d, Decision::Answered { .. }), "{d:?}");
+    let raw = inbound_retrieval("carol@acme.net", alice, "192.0.2.50", "");
+    let d = f
+        .kst
+        .handle(&env("carol@acme.net"), &raw)
+        .await
+        .unwrap()
+        .decision;
+    assert_eq!(
+        d,
+        Decision::Answered {
+            status: Status::Found,
+            address: addr(alice)
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_forged_flood_delays_a_foreign_victims_retrievals_by_at_most_one_window() {
+    let mut p = base_policy();
+    p.rate_limits = crate::RateLimits {
+        per_sender: 5,
+        window_secs: 2,
+        ..crate::RateLimits::default()
+    };
+    let f = fixture_with(p);
+    let victim = "victim@freemail.example";
+    for i in 0..40 {
+        let raw = inbound_retrieval(
+            victim,
+            &format!("u{i}@example.net"),
+            &format!("10.3.0.{i}"),
+            "",
+        );
+        f.kst.handle(&env(victim), &raw).await.unwrap();
+    }
+    // The victim's own request looks exactly like the forged ones: silenced in this window...
+    let own = inbound_retrieval(victim, "alice@example.net", "192.0.2.99", "");
+    assert_eq!(
+        f.kst.handle(&env(victim), &own).await.unwrap().decision,
+        Decision::Ignored(Silence::RateLimited(LimitKind::Sender))
+    );
+    // ...and answered once the window has passed.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let own = inbound_retrieval(victim, "alice@example.net", "192.0.2.99", "");
+    assert!(matches!(
+        f.kst.handle(&env(victim), &own).await.unwrap().decision,
+        Decision::Answered { .. }
+    ));
+}
+
+#[tokio::test]
+async fn replies_go_to_the_envelope_sender_as_received() {
+    let mut p = base_policy();
+    p.address_policy.subaddress_separator = Some('-');
+    let f = fixture_with(p);
+    for sender in ["john-smith@partner.example", "John.Smith@Partner.Example"] {
+        let raw = inbound_retrieval(sender, "alice@example.net", "192.0.2.1", "");
+        let d = f.kst.handle(&env(sender), &raw).await.unwrap().decision;
+        assert!(matches!(d, Decision::Answered { .. }), "{d:?}");
+        let expected = sender.replace("Partner.Example", "partner.example");
+        assert_eq!(f.last_reply().recipient.as_str(), expected);
+    }
+    // A served domain's subaddress still belongs to its account, and the confirmation goes to
+    // the subaddress the user wrote from.
+    let (raw, _) = publication(
+        "alice@example.net",
+        ALICE,
+        &received("alice@example.net", "mail.example.net", "ESMTPSA"),
+    );
+    let d = f
+        .kst
+        .handle(&env("alice-keys@example.net"), &raw)
+        .await
+        .unwrap()
+        .decision;
+    assert!(
+        matches!(&d, Decision::Published { address, .. } if address.as_str() == "alice@example.net"),
+        "{d:?}"
+    );
+    assert_eq!(f.last_reply().recipient.as_str(), "alice-keys@example.net");
+}
+
+#[tokio::test]
+async fn a_kelvin_sign_login_is_refused_not_folded_into_karl() {
+    let karl_k = "\u{212A}arl@example.net";
+    for unicode in [false, true] {
+        let mut p = base_policy();
+        p.address_policy.unicode_local_parts = unicode;
+        let f = fixture_with(p);
+        // The provider authenticated a login written with U+212A, which Unicode lowercases to
+        // "karl"; the key's User ID is irrelevant: the login itself is refused.
+        let raw = format!(
+            "{}From: {karl_k}\r\nTo: keys@example.net\r\nSubject: Key publication\r\n\r\n{ALICE}\r\n{}\r\n",
+            received(karl_k, "mail.example.net", "ESMTPSA"),
+            AuthKey::generate().to_base64()
+        )
+        .into_bytes();
+        let d = f.kst.handle(&env(karl_k), &raw).await.unwrap().decision;
+        assert_eq!(
+            d,
+            Decision::Refused {
+                reason: Reason::UnknownAccount
+            },
+            "unicode_local_parts = {unicode}"
+        );
+        assert!(f.store.map.lock().unwrap().is_empty());
+        // A retrieval for the look-alike address is refused as a bad address, not answered
+        // with karl's key.
+        let mut q = format!("From: carol@acme.net\r\nTo: keys@example.net\r\n\r\n{karl_k}\r\n")
+            .into_bytes();
+        q.extend_from_slice(AuthKey::generate().to_base64().as_bytes());
+        q.extend_from_slice(b"\r\n");
+        assert_eq!(
+            f.kst
+                .handle(&env("carol@acme.net"), &q)
+                .await
+                .unwrap()
+                .decision,
+            Decision::Refused {
+                reason: Reason::BadAddress
+            }
+        );
+    }
+}
+
+#[tokio::test]
+async fn gate_answers_only_a_mailbox_vouched_for_by_aligned_dkim() {
+    let f = fixture_with(gated_policy());
+    let decide = |ar: &str, sender: &str| {
+        let mut raw = format!("Authentication-Results: {ar}\r\n").into_bytes();
+        raw.extend_from_slice(&inbound_retrieval(
+            sender,
+            "alice@example.net",
+            "192.0.2.1",
+            "",
+        ));
+        let kst = f.kst.clone();
+        let env = env(sender);
+        async move { kst.handle(&env, &raw).await.unwrap().decision }
+    };
+    // A replayed freemail message: Mallory's own DKIM-signed request (DMARC passes on her From),
+    // sent again with the victim as envelope sender; SPF fails.
+    let victim = "victim@freemail.example";
+    let mut raw = format!(
+        "Authentication-Results: mx.example.net; dkim=pass header.d=freemail.example; spf=fail smtp.mailfrom={victim}; dmarc=pass header.from=freemail.example\r\n"
+    )
+    .into_bytes();
+    raw.extend_from_slice(&inbound_retrieval(
+        "mallory@freemail.example",
+        "alice@example.net",
+        "192.0.2.1",
+        "",
+    ));
+    assert_eq!(
+        f.kst.handle(&env(victim), &raw).await.unwrap().decision,
+        Decision::Ignored(Silence::SenderNotVouched)
+    );
+    // SPF or DMARC pass alone vouches for the domain only.
+    assert_eq!(
+        decide(
+            &format!("mx.example.net; spf=pass smtp.mailfrom={victim}"),
+            victim
+        )
+        .await,
+        Decision::Ignored(Silence::SenderNotVouched)
+    );
+    assert_eq!(
+        decide(
+            "mx.example.net; dmarc=pass header.from=freemail.example",
+            victim
+        )
+        .await,
+        Decision::Ignored(Silence::SenderNotVouched)
+    );
+    // DKIM aligned with the victim's own From: her mailbox is vouched for.
+    assert!(matches!(
+        decide(
+            "mx.example.net; dkim=pass header.d=freemail.example",
+            victim
+        )
+        .await,
+        Decision::Answered { .. }
+    ));
+    // Two From headers: whichever was signed is unknown, so no mailbox is vouched for.
+    let mut raw = "Authentication-Results: mx.example.net; dkim=pass header.d=freemail.example\r\nFrom: mallory@freemail.example\r\n".as_bytes().to_vec();
+    raw.extend_from_slice(&inbound_retrieval(
+        victim,
+        "alice@example.net",
+        "192.0.2.1",
+        "",
+    ));
+    assert_eq!(
+        f.kst.handle(&env(victim), &raw).await.unwrap().decision,
+        Decision::Ignored(Silence::SenderNotVouched)
+    );
+    assert_eq!(f.sent(), 1);
+}
+
+#[tokio::test]
+async fn requests_the_gate_silences_use_up_no_counter() {
+    let mut p = gated_policy();
+    p.rate_limits.per_sender = 2;
+    let f = fixture_with(p);
+    let victim = "victim@freemail.example";
+    for i in 0..20 {
+        let raw = inbound_retrieval(
+            victim,
+            &format!("u{i}@example.net"),
+            &format!("10.4.0.{i}"),
+            "",
+        );
+        assert_eq!(
+            f.kst.handle(&env(victim), &raw).await.unwrap().decision,
+            Decision::Ignored(Silence::SenderNotVouched)
+        );
+    }
+    let mut raw = "Authentication-Results: mx.example.net; dkim=pass header.d=freemail.example\r\n"
+        .as_bytes()
+        .to_vec();
+    raw.extend_from_slice(&inbound_retrieval(
+        victim,
+        "alice@example.net",
+        "192.0.2.9",
+        "",
+    ));
+    assert!(matches!(
+        f.kst.handle(&env(victim), &raw).await.unwrap().decision,
+        Decision::Answered { .. }
+    ));
 }
 
 /// A limiter whose backend is down.
@@ -1291,4 +1640,41 @@ async fn fuzz_findings_are_decided_without_panic() {
         }
     );
     assert!(f.store.map.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn without_an_envelope_the_topmost_return_path_decides_and_null_is_never_answered() {
+    let f = fixture();
+    let no_envelope = Envelope {
+        sender: None,
+        recipient: "keys@example.net".into(),
+        sasl_username: None,
+    };
+    let req = client::build_retrieval(&addr("carol@acme.net"), &addr("alice@example.net"));
+    let with = |rp: &str| {
+        let mut raw = rp.as_bytes().to_vec();
+        raw.extend_from_slice(&req.message);
+        raw
+    };
+    // pipe(8) flag R writes `Return-Path: <>` for a bounce: silence, not the From: address.
+    for rp in ["Return-Path: <>\r\n", "Return-Path:  < >\r\n"] {
+        let h = f.kst.handle(&no_envelope, &with(rp)).await.unwrap();
+        assert_eq!(h.decision, Decision::Ignored(Silence::NullSender), "{rp:?}");
+    }
+    assert_eq!(f.sent(), 0);
+    // A sender-written Return-Path lower in the message does not count.
+    let raw = with("Return-Path: <>\r\nReturn-Path: <mallory@evil.example>\r\n");
+    let h = f.kst.handle(&no_envelope, &raw).await.unwrap();
+    assert_eq!(h.decision, Decision::Ignored(Silence::NullSender));
+    let h = f
+        .kst
+        .handle(&no_envelope, &with("Return-Path: <Bob@acme.net>\r\n"))
+        .await
+        .unwrap();
+    assert!(matches!(h.decision, Decision::Answered { .. }));
+    assert_eq!(f.last_reply().recipient.as_str(), "Bob@acme.net");
+    // No Return-Path at all: From stands in.
+    let h = f.kst.handle(&no_envelope, &req.message).await.unwrap();
+    assert!(matches!(h.decision, Decision::Answered { .. }));
+    assert_eq!(f.last_reply().recipient.as_str(), "carol@acme.net");
 }

@@ -1,5 +1,5 @@
 //! The server room: `kst serve` (LMTP daemon and HTTP ops endpoint), `kst deliver` (Postfix
-//! pipe), the reply mailers and `kst outbox send`.
+//! pipe), the reply mailers, `kst outbox send` and the public `[web]` listener (WKD, VKS, HKP).
 
 pub mod deliver;
 pub mod http;
@@ -8,3 +8,4 @@ pub mod lmtp;
 pub mod mailer;
 pub mod outbox;
 pub mod serve;
+pub mod web;

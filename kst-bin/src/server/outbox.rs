@@ -142,7 +142,7 @@ pub fn parse(raw: &[u8]) -> Result<SpoolFile<'_>, String> {
         "" => None,
         f => Some(
             policy
-                .normalize(f)
+                .as_received(f)
                 .map_err(|e| format!("Return-Path {f:?}: {e}"))?,
         ),
     };
@@ -151,7 +151,7 @@ pub fn parse(raw: &[u8]) -> Result<SpoolFile<'_>, String> {
         .ok_or("the second line is not X-Kst-Envelope-To:")?
         .trim();
     let recipient = policy
-        .normalize(to)
+        .as_received(to)
         .map_err(|e| format!("X-Kst-Envelope-To {to:?}: {e}"))?;
     if message.is_empty() {
         return Err("no message after the envelope lines".into());

@@ -67,8 +67,11 @@ pub struct KstConfig {
     pub auth_source: AuthSource,
     /// Treat `Alice@` and `alice@` as different mailboxes.
     pub case_sensitive_local_part: bool,
-    /// Subaddress separator to fold (`"+"`), empty for none.
+    /// Subaddress separator to fold in the served domains' addresses (`"+"`), empty for none.
     pub subaddress_separator: String,
+    /// Accept logins and served addresses with non-ASCII local parts (never folded; characters
+    /// that Unicode folding would merge with others are refused).
+    pub unicode_local_parts: bool,
     /// SASL logins that are not addresses, mapped to the address they own.
     pub login_map: BTreeMap<String, String>,
     /// Answer only senders vouched for: an authenticated submission, or SPF/DKIM/DMARC pass for
@@ -92,14 +95,16 @@ pub struct LimitsConfig {
     pub max_mime_parts: usize,
     /// Deepest multipart nesting a request may have.
     pub max_mime_depth: usize,
-    /// Requests per window from one envelope sender.
+    /// Requests per window of one authenticated account (publications, revocations,
+    /// deletions, its own retrievals).
+    pub per_account: u32,
+    /// Unauthenticated requests per window answered to one reply recipient.
     pub per_sender: u32,
-    /// Requests per window from one sender domain (served domains are exempt).
-    pub per_sender_domain: u32,
-    /// Requests per window from one source IP (topmost trusted `Received:` header).
+    /// Unauthenticated retrievals per window answered to one reply recipient for one address.
+    pub per_sender_query: u32,
+    /// Unauthenticated requests per window from one source IP (IPv6: per /64) of the topmost
+    /// trusted `Received:` header.
     pub per_source_ip: u32,
-    /// Retrievals per window asking for one address.
-    pub per_queried_address: u32,
     /// Length of the rate-limit window in seconds.
     pub window_secs: u64,
 }
@@ -113,10 +118,10 @@ impl Default for LimitsConfig {
             max_headers: Policy::DEFAULT_MAX_HEADERS,
             max_mime_parts: Policy::DEFAULT_MAX_MIME_PARTS,
             max_mime_depth: Policy::DEFAULT_MAX_MIME_DEPTH,
+            per_account: r.per_account,
             per_sender: r.per_sender,
-            per_sender_domain: r.per_sender_domain,
+            per_sender_query: r.per_sender_query,
             per_source_ip: r.per_source_ip,
-            per_queried_address: r.per_queried_address,
             window_secs: r.window_secs,
         }
     }
@@ -575,6 +580,7 @@ impl Config {
         let address_policy = AddressPolicy {
             case_sensitive_local_part: k.case_sensitive_local_part,
             subaddress_separator,
+            unicode_local_parts: k.unicode_local_parts,
         };
 
         if k.domains.is_empty() {
@@ -641,10 +647,10 @@ impl Config {
         policy.max_mime_parts = l.max_mime_parts;
         policy.max_mime_depth = l.max_mime_depth;
         policy.rate_limits = RateLimits {
+            per_account: l.per_account,
             per_sender: l.per_sender,
-            per_sender_domain: l.per_sender_domain,
+            per_sender_query: l.per_sender_query,
             per_source_ip: l.per_source_ip,
-            per_queried_address: l.per_queried_address,
             window_secs: l.window_secs,
         };
         policy.require_authentication_results = k.require_authentication_results;

@@ -24,7 +24,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::ratelimit::{LimitKind, RateLimiter, RateLimits, check};
+use crate::ratelimit::{LimitKind, RateLimiter, RateLimits, check, limiter_key};
 
 /// The window of every property but [`window_ends_and_starts_again`].
 pub const HOUR: Duration = Duration::from_secs(3600);
@@ -129,12 +129,15 @@ pub async fn check_stops_at_the_exhausted_counter(limiter: &dyn RateLimiter) {
     let what = "check_stops_at_the_exhausted_counter";
     let limits = RateLimits {
         per_sender: 1,
-        per_sender_domain: 2,
+        per_sender_query: 2,
         ..RateLimits::default()
     };
     let hits = [
         (LimitKind::Sender, "conformance-check@acme.net"),
-        (LimitKind::SenderDomain, "conformance-check.acme.net"),
+        (
+            LimitKind::SenderQuery,
+            "conformance-check@acme.net alice@example.net",
+        ),
     ];
     let first = check(limiter, &limits, &hits).await;
     assert_eq!(
@@ -148,15 +151,19 @@ pub async fn check_stops_at_the_exhausted_counter(limiter: &dyn RateLimiter) {
         Some(Some(LimitKind::Sender)),
         "{what}: the second is over the sender limit"
     );
-    // The domain was counted once: one more hit fits its limit of 2, the next does not.
-    let domain = "sender-domain:conformance-check.acme.net";
+    // The pair was counted once: one more hit fits its limit of 2, the next does not.
+    let domain = limiter_key(
+        LimitKind::SenderQuery,
+        "conformance-check@acme.net alice@example.net",
+    );
+    let domain = domain.as_str();
     assert!(
         hit(what, limiter, domain, 2, limits.window()).await,
-        "{what}: the domain was counted past the exhausted sender"
+        "{what}: the pair was counted past the exhausted sender"
     );
     assert!(
         !hit(what, limiter, domain, 2, limits.window()).await,
-        "{what}: the domain was not counted at all"
+        "{what}: the pair was not counted at all"
     );
 }
 

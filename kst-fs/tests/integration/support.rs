@@ -22,7 +22,12 @@ pub fn root(dir: &TempDir) -> PathBuf {
 
 /// A normalized address.
 pub fn addr(s: &str) -> Address {
-    AddressPolicy::default().normalize(s).expect("test address")
+    AddressPolicy {
+        unicode_local_parts: true,
+        ..AddressPolicy::default()
+    }
+    .normalize(s)
+    .expect("test address")
 }
 
 /// Panics unless `r` failed with `Error::Corrupt`.

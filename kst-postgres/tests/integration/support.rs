@@ -94,6 +94,7 @@ impl Drop for TestDb {
 pub fn addr(s: &str) -> Address {
     AddressPolicy {
         case_sensitive_local_part: true,
+        unicode_local_parts: true,
         ..Default::default()
     }
     .normalize(s)

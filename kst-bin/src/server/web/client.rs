@@ -1,0 +1,241 @@
+//! Who the client is: the TCP peer, or the address a trusted proxy names; counted per IPv4
+//! address or IPv6 /64, and shown in logs only as a keyed hash.
+
+use sha2::Digest as _;
+use std::net::{IpAddr, Ipv6Addr};
+
+use axum::http::HeaderMap;
+
+use super::config::TrustedProxies;
+
+/// The client's address as rate limits count it: an IPv4 address, or an IPv6 /64 network
+/// written `2001:db8:1:2::/64` (one host usually holds a whole /64).
+pub fn client_key(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let net = u128::from(v6) & !((1u128 << 64) - 1);
+            format!("{}/64", Ipv6Addr::from(net))
+        }
+    }
+}
+
+/// The client's IP: the TCP peer, unless the peer is a trusted proxy; then the rightmost
+/// address in `Forwarded` (RFC 7239 `for=`) or else `X-Forwarded-For` that is not itself a
+/// trusted proxy. Unreadable or missing headers leave the peer as the client (a proxy that
+/// forwards nothing is its own client).
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, proxies: &TrustedProxies) -> IpAddr {
+    let peer = peer.to_canonical();
+    if !proxies.contains(peer) {
+        return peer;
+    }
+    let chain = forwarded_chain(headers).or_else(|| x_forwarded_for_chain(headers));
+    let Some(chain) = chain else {
+        return peer;
+    };
+    // Walk from the nearest hop back; the first hop that is not a trusted proxy is the client.
+    let mut client = peer;
+    for ip in chain.into_iter().rev() {
+        let Some(ip) = ip else {
+            // An obfuscated or unreadable hop: trust stops here.
+            return client;
+        };
+        client = ip.to_canonical();
+        if !proxies.contains(client) {
+            return client;
+        }
+    }
+    client
+}
+
+/// Most hops read from a forwarding header (a longer list is cut from the left, the part the
+/// client itself could have written).
+const MAX_HOPS: usize = 32;
+
+/// The `for=` values of every `Forwarded` header, in order; `None` per hop that is not an IP.
+fn forwarded_chain(headers: &HeaderMap) -> Option<Vec<Option<IpAddr>>> {
+    let mut out = Vec::new();
+    let mut any = false;
+    for value in headers.get_all("forwarded") {
+        let text = value.to_str().ok()?;
+        any = true;
+        for element in text.split(',') {
+            let ip = element.split(';').find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                k.trim()
+                    .eq_ignore_ascii_case("for")
+                    .then(|| parse_node(v.trim()))
+            });
+            out.push(ip.flatten());
+        }
+    }
+    (any && !out.is_empty()).then(|| tail(out))
+}
+
+/// The addresses of every `X-Forwarded-For` header, in order.
+fn x_forwarded_for_chain(headers: &HeaderMap) -> Option<Vec<Option<IpAddr>>> {
+    let mut out = Vec::new();
+    for value in headers.get_all("x-forwarded-for") {
+        let text = value.to_str().ok()?;
+        out.extend(text.split(',').map(|s| parse_node(s.trim())));
+    }
+    (!out.is_empty()).then(|| tail(out))
+}
+
+fn tail(mut v: Vec<Option<IpAddr>>) -> Vec<Option<IpAddr>> {
+    if v.len() > MAX_HOPS {
+        v.drain(..v.len() - MAX_HOPS);
+    }
+    v
+}
+
+/// An RFC 7239 node (`192.0.2.1`, `"[2001:db8::1]:4711"`, `192.0.2.1:80`) or a bare address.
+fn parse_node(s: &str) -> Option<IpAddr> {
+    let s = s.trim_matches('"');
+    if let Some(rest) = s.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok();
+    }
+    if let Ok(ip) = s.parse() {
+        return Some(ip);
+    }
+    let (host, port) = s.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    host.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+/// A keyed hash of a client key for logs: the same client gives the same 12 hex digits within
+/// one process run, and the address cannot be recovered by hashing the IPv4 space (the key is
+/// random per process and never leaves it).
+#[derive(Clone)]
+pub struct LogPseudonym {
+    key: [u8; 32],
+}
+
+impl LogPseudonym {
+    /// A pseudonymizer with a fresh random key.
+    pub fn random() -> Self {
+        LogPseudonym {
+            key: rand::random(),
+        }
+    }
+
+    /// The pseudonym of `client`.
+    pub fn of(&self, client: &str) -> String {
+        let mut data = Vec::with_capacity(32 + client.len());
+        data.extend_from_slice(&self.key);
+        data.extend_from_slice(client.as_bytes());
+        let digest = sha2::Sha256::digest(&data);
+        hex::encode(&digest[..6])
+    }
+}
+
+impl std::fmt::Debug for LogPseudonym {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LogPseudonym(<key>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::web::config::WebConfig;
+    use axum::http::HeaderValue;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn proxies(list: &[&str]) -> TrustedProxies {
+        WebConfig {
+            trusted_proxies: list.iter().map(|s| s.to_string()).collect(),
+            ..WebConfig::default()
+        }
+        .validate()
+        .unwrap()
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
+        assert_eq!(client_key(ip("2001:db8:1:2:3:4:5:6")), "2001:db8:1:2::/64");
+        assert_eq!(client_key(ip("2001:db8:1:2:ffff::1")), "2001:db8:1:2::/64");
+        assert_ne!(
+            client_key(ip("2001:db8:1:3::1")),
+            client_key(ip("2001:db8:1:2::1"))
+        );
+        assert_eq!(client_key(ip("::ffff:192.0.2.7")), "192.0.2.7");
+        assert_eq!(client_key(ip("192.0.2.7")), "192.0.2.7");
+    }
+
+    #[test]
+    fn headers_count_only_from_trusted_proxies() {
+        let h = headers(&[("x-forwarded-for", "198.51.100.9")]);
+        let none = proxies(&[]);
+        assert_eq!(
+            client_ip(ip("192.0.2.1"), &h, &none),
+            ip("192.0.2.1"),
+            "untrusted peer"
+        );
+        let p = proxies(&["127.0.0.1", "10.0.0.0/8"]);
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), ip("198.51.100.9"));
+        assert_eq!(
+            client_ip(ip("127.0.0.1"), &HeaderMap::new(), &p),
+            ip("127.0.0.1")
+        );
+    }
+
+    #[test]
+    fn the_rightmost_untrusted_hop_is_the_client() {
+        let p = proxies(&["127.0.0.1", "10.0.0.0/8"]);
+        // The client wrote a fake first hop; the proxies appended the real ones.
+        let h = headers(&[("x-forwarded-for", "203.0.113.66, 198.51.100.9, 10.1.1.1")]);
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), ip("198.51.100.9"));
+        let h = headers(&[
+            ("x-forwarded-for", "203.0.113.66"),
+            ("x-forwarded-for", "198.51.100.9"),
+        ]);
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &p), ip("198.51.100.9"));
+        // All hops trusted: the leftmost is the client.
+        let h = headers(&[("x-forwarded-for", "10.2.2.2, 10.1.1.1")]);
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), ip("10.2.2.2"));
+    }
+
+    #[test]
+    fn forwarded_header_wins_and_is_parsed_per_rfc_7239() {
+        let p = proxies(&["127.0.0.1"]);
+        let h = headers(&[
+            (
+                "forwarded",
+                "for=203.0.113.66;proto=https, For=\"[2001:db8::7]:4711\"",
+            ),
+            ("x-forwarded-for", "198.51.100.9"),
+        ]);
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), ip("2001:db8::7"));
+        let h = headers(&[("forwarded", "for=192.0.2.60:8080;by=10.0.0.1")]);
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), ip("192.0.2.60"));
+        // An obfuscated hop stops the walk at the proxy before it.
+        let h = headers(&[("forwarded", "for=_hidden, for=127.0.0.1")]);
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), ip("127.0.0.1"));
+        // Garbage is no client.
+        let h = headers(&[("x-forwarded-for", "not an address")]);
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), ip("127.0.0.1"));
+    }
+
+    #[test]
+    fn pseudonyms_are_stable_per_key_and_hide_the_address() {
+        let a = LogPseudonym::random();
+        let b = LogPseudonym::random();
+        assert_eq!(a.of("192.0.2.1"), a.of("192.0.2.1"));
+        assert_ne!(a.of("192.0.2.1"), a.of("192.0.2.2"));
+        assert_ne!(a.of("192.0.2.1"), b.of("192.0.2.1"));
+        assert!(!a.of("192.0.2.1").contains("192"));
+        assert_eq!(a.of("x").len(), 12);
+    }
+}

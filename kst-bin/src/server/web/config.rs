@@ -1,0 +1,258 @@
+//! The `[web]` section: the public HTTP(S) listener for WKD, VKS and HKP, with its limits.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::shared::config::Cidr;
+
+/// `[web]`: the public listener. Separate from `[http]` (operations, loopback only).
+///
+/// Plain HTTP behind a reverse proxy (list the proxy in `trusted_proxies`), or TLS with
+/// `tls_cert` and `tls_key` (PEM files, re-read when they change).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    /// `"host:port"`; empty (the default) turns the listener off. E.g. `"0.0.0.0:443"` with TLS,
+    /// `"127.0.0.1:8081"` behind a proxy.
+    pub listen: String,
+    /// PEM certificate chain for TLS; set with `tls_key`, or leave both empty for plain HTTP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for TLS. Keep it mode 0600.
+    pub tls_key: Option<PathBuf>,
+    /// Seconds between checks of the certificate files for a change (default 60). A changed pair
+    /// is loaded without a restart; a broken one is logged and the old one kept.
+    pub tls_reload_secs: u64,
+    /// Peers whose `Forwarded`/`X-Forwarded-For` headers name the client: IP addresses or
+    /// CIDRs (default none: the TCP peer is the client).
+    pub trusted_proxies: Vec<String>,
+    /// Connections served at once (default 1024); more are closed at once.
+    pub max_connections: usize,
+    /// Seconds a connection may stay without any byte read or written (default 15).
+    pub idle_timeout_secs: u64,
+    /// Seconds a client has to finish the TLS handshake (default 10).
+    pub handshake_timeout_secs: u64,
+    /// `Cache-Control: max-age` of served keys and policy files, in seconds (default 300).
+    /// Misses are never cached, so a key is found as soon as it is published.
+    pub cache_max_age_secs: u64,
+    /// Request limits (see [`WebLimits`]).
+    pub limits: WebLimits,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            listen: String::new(),
+            tls_cert: None,
+            tls_key: None,
+            tls_reload_secs: 60,
+            trusted_proxies: Vec::new(),
+            max_connections: 1024,
+            idle_timeout_secs: 15,
+            handshake_timeout_secs: 10,
+            cache_max_age_secs: 300,
+            limits: WebLimits::default(),
+        }
+    }
+}
+
+/// `[web.limits]`: per-client and global counters, shared through the store's rate limiter.
+/// A client is an IPv4 address or an IPv6 /64. 0 turns a counter off.
+///
+/// Exact matching still tells whether an address has a key (200 or 404): misses are counted
+/// per client and against a global budget, so walking a dictionary of addresses is slow for
+/// one client and bounded for all of them together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebLimits {
+    /// Requests per window from one client (default 1,000 per 10 minutes).
+    pub per_client: u32,
+    /// Look-ups that found nothing (404) per window from one client (default 100); after that
+    /// the client's look-ups get 429 until the window ends.
+    pub per_client_misses: u32,
+    /// Misses per window from all clients together (default 10,000); after that every key
+    /// look-up gets 429 until the window ends. Policy files are still served.
+    pub global_misses: u32,
+    /// Window length in seconds (default 600).
+    pub window_secs: u64,
+}
+
+impl Default for WebLimits {
+    fn default() -> Self {
+        WebLimits {
+            per_client: 1_000,
+            per_client_misses: 100,
+            global_misses: 10_000,
+            window_secs: 600,
+        }
+    }
+}
+
+impl WebLimits {
+    /// Every counter off (benchmarks of the look-up path itself).
+    pub const OFF: WebLimits = WebLimits {
+        per_client: 0,
+        per_client_misses: 0,
+        global_misses: 0,
+        window_secs: 600,
+    };
+
+    /// The window (at least one second).
+    pub fn window(&self) -> Duration {
+        Duration::from_secs(self.window_secs.max(1))
+    }
+}
+
+/// A `[web]` value that cannot be used: which key, and what to write instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key} {message}")]
+pub struct WebConfigError {
+    /// The key, e.g. `web.trusted_proxies`.
+    pub key: &'static str,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+fn err(key: &'static str, message: impl Into<String>) -> WebConfigError {
+    WebConfigError {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The parsed `trusted_proxies` list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<Cidr>);
+
+impl TrustedProxies {
+    /// True when `ip` is a trusted proxy.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        self.0.iter().any(|c| c.contains(ip))
+    }
+}
+
+impl WebConfig {
+    /// True when `listen` is set.
+    pub fn enabled(&self) -> bool {
+        !self.listen.trim().is_empty()
+    }
+
+    /// Checks every value; returns the parsed proxy list. Call it at start so that a typo is
+    /// reported then, not at the first request.
+    pub fn validate(&self) -> Result<TrustedProxies, WebConfigError> {
+        if self.enabled() && self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(err(
+                "web.listen",
+                format!(
+                    "{:?} is not \"ip:port\"; write e.g. \"0.0.0.0:443\" or \"127.0.0.1:8081\"",
+                    self.listen
+                ),
+            ));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(err(
+                    "web.tls_cert",
+                    "and web.tls_key go together: set both for TLS, or neither for plain HTTP",
+                ));
+            }
+            _ => {}
+        }
+        for (key, value) in [
+            ("web.max_connections", self.max_connections as u64),
+            ("web.idle_timeout_secs", self.idle_timeout_secs),
+            ("web.handshake_timeout_secs", self.handshake_timeout_secs),
+            ("web.tls_reload_secs", self.tls_reload_secs),
+        ] {
+            if value == 0 {
+                return Err(err(key, "must be at least 1"));
+            }
+        }
+        self.trusted_proxies
+            .iter()
+            .map(|e| {
+                Cidr::parse(e).ok_or_else(|| {
+                    err(
+                        "web.trusted_proxies",
+                        format!(
+                            "entry {e:?} is not an IP address or CIDR; write e.g. \"127.0.0.1\" or \"10.0.0.0/8\""
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map(TrustedProxies)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_off_and_valid() {
+        let c = WebConfig::default();
+        assert!(!c.enabled());
+        assert_eq!(c.validate().unwrap(), TrustedProxies::default());
+    }
+
+    #[test]
+    fn parses_from_toml() {
+        let c: WebConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.1:8443"
+            tls_cert = "/etc/kst/web.crt"
+            tls_key = "/etc/kst/web.key"
+            trusted_proxies = ["10.0.0.0/8", "::1"]
+            [limits]
+            per_client = 5
+            "#,
+        )
+        .unwrap();
+        let proxies = c.validate().unwrap();
+        assert!(proxies.contains("10.1.2.3".parse().unwrap()));
+        assert!(proxies.contains("::1".parse().unwrap()));
+        assert!(!proxies.contains("192.0.2.1".parse().unwrap()));
+        assert_eq!(c.limits.per_client, 5);
+        assert_eq!(c.limits.per_client_misses, 100);
+    }
+
+    #[test]
+    fn mistakes_name_the_key() {
+        let bad = |c: WebConfig| c.validate().unwrap_err().key;
+        let on = WebConfig {
+            listen: "127.0.0.1:443".into(),
+            ..WebConfig::default()
+        };
+        assert_eq!(
+            bad(WebConfig {
+                listen: "example.net:443".into(),
+                ..on.clone()
+            }),
+            "web.listen"
+        );
+        assert_eq!(
+            bad(WebConfig {
+                tls_cert: Some("/x".into()),
+                ..on.clone()
+            }),
+            "web.tls_cert"
+        );
+        assert_eq!(
+            bad(WebConfig {
+                trusted_proxies: vec!["10.0.0.0/33".into()],
+                ..on.clone()
+            }),
+            "web.trusted_proxies"
+        );
+        assert_eq!(
+            bad(WebConfig {
+                max_connections: 0,
+                ..on
+            }),
+            "web.max_connections"
+        );
+        assert!(toml::from_str::<WebConfig>("listn = \"x\"").is_err());
+    }
+}

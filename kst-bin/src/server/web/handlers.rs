@@ -1,0 +1,656 @@
+//! The routes of the public listener: WKD (both methods), VKS and HKP, and the layer that
+//! limits, measures and logs every request.
+
+use sha2::Digest as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use kst_core::AddressPolicy;
+use kst_core::certificate::{Certificate, hkp_index, merge_all};
+use kst_core::wkd::{PolicyFlags, Resource, WkdHash, WkdRequest, submission_address_text};
+use kst_core::{Address, KeyRecord};
+
+use super::client::{LogPseudonym, client_ip, client_key};
+use super::config::TrustedProxies;
+use super::limits::Limiter;
+use super::lookup::{KeyLookup, MAX_MATCHES};
+use super::metrics;
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct WebState {
+    /// The store's look-ups.
+    pub lookup: Arc<dyn KeyLookup>,
+    /// Served domains, normalized (IDNA A-labels).
+    pub domains: Arc<Vec<String>>,
+    /// How addresses are folded (the same policy the mail side uses).
+    pub address_policy: AddressPolicy,
+    /// The WKD policy flags.
+    pub policy_flags: PolicyFlags,
+    /// The submission address per domain (`keys@<domain>` unless configured otherwise).
+    pub submission_local_part: String,
+    /// Proxies whose forwarding headers name the client.
+    pub trusted_proxies: TrustedProxies,
+    /// Request and miss limits.
+    pub limiter: Limiter,
+    /// Pseudonyms of client addresses for logs.
+    pub pseudonym: LogPseudonym,
+    /// `Cache-Control: max-age` of positive answers, seconds.
+    pub cache_max_age_secs: u64,
+}
+
+/// The peer of a connection (the listener's connect info).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Which endpoint a request hit, for limits, metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// WKD `hu/<hash>`, advanced method.
+    WkdAdvanced,
+    /// WKD `hu/<hash>`, direct method.
+    WkdDirect,
+    /// WKD `policy` or `submission-address`.
+    WkdPolicy,
+    /// VKS `by-email`.
+    VksEmail,
+    /// VKS `by-fingerprint`.
+    VksFingerprint,
+    /// VKS `by-keyid`.
+    VksKeyId,
+    /// HKP `op=get`.
+    HkpGet,
+    /// HKP `op=index`.
+    HkpIndex,
+    /// Anything else.
+    Other,
+}
+
+impl Endpoint {
+    /// Stable label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::WkdAdvanced => "wkd-advanced",
+            Endpoint::WkdDirect => "wkd-direct",
+            Endpoint::WkdPolicy => "wkd-policy",
+            Endpoint::VksEmail => "vks-by-email",
+            Endpoint::VksFingerprint => "vks-by-fingerprint",
+            Endpoint::VksKeyId => "vks-by-keyid",
+            Endpoint::HkpGet => "hkp-get",
+            Endpoint::HkpIndex => "hkp-index",
+            Endpoint::Other => "other",
+        }
+    }
+
+    /// True for endpoints that look a key up (and so count misses).
+    pub fn is_lookup(self) -> bool {
+        !matches!(self, Endpoint::WkdPolicy | Endpoint::Other)
+    }
+
+    /// Classifies a request from its path and query, before any handler runs.
+    fn classify(path: &str, query: Option<&str>) -> Endpoint {
+        if let Some(rest) = path.strip_prefix(kst_core::wkd::WELL_KNOWN) {
+            let n = rest.split('/').filter(|s| !s.is_empty()).count();
+            return if rest.ends_with("/policy") || rest.ends_with("/submission-address") {
+                Endpoint::WkdPolicy
+            } else if rest.contains("/hu/") && n == 3 {
+                Endpoint::WkdAdvanced
+            } else if rest.contains("/hu/") {
+                Endpoint::WkdDirect
+            } else {
+                Endpoint::Other
+            };
+        }
+        if let Some(rest) = path.strip_prefix("/vks/v1/") {
+            return match rest.split('/').next() {
+                Some("by-email") => Endpoint::VksEmail,
+                Some("by-fingerprint") => Endpoint::VksFingerprint,
+                Some("by-keyid") => Endpoint::VksKeyId,
+                _ => Endpoint::Other,
+            };
+        }
+        if path == "/pks/lookup" {
+            let op = query
+                .unwrap_or("")
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("op="))
+                .unwrap_or("");
+            return match op {
+                "get" => Endpoint::HkpGet,
+                "index" | "vindex" => Endpoint::HkpIndex,
+                _ => Endpoint::Other,
+            };
+        }
+        Endpoint::Other
+    }
+}
+
+/// The router: WKD under `/.well-known/openpgpkey/`, VKS under `/vks/v1/`, HKP at
+/// `/pks/lookup`; GET and HEAD only; everything else 404 (no listings). Every response carries
+/// `Access-Control-Allow-Origin: *`.
+pub fn router(state: WebState) -> Router {
+    Router::new()
+        .route("/.well-known/openpgpkey/{*rest}", get(wkd))
+        .route("/vks/v1/by-email/{address}", get(vks_by_email))
+        .route("/vks/v1/by-fingerprint/{fpr}", get(vks_by_fingerprint))
+        .route("/vks/v1/by-keyid/{keyid}", get(vks_by_keyid))
+        .route("/pks/lookup", get(hkp_lookup))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Limits, measures and logs every request; counts misses.
+async fn guard(
+    State(state): State<WebState>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let endpoint = Endpoint::classify(request.uri().path(), request.uri().query());
+    let ip = client_ip(peer.ip(), request.headers(), &state.trusted_proxies);
+    let client = client_key(ip);
+    let method = request.method().clone();
+    let mut response = match state.limiter.admit(&client, endpoint.is_lookup()).await {
+        Ok(Some(refusal)) => {
+            metrics::refused(refusal);
+            too_many(state.limiter.retry_after())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "web: the rate limiter cannot be reached");
+            unavailable()
+        }
+        Ok(None) => {
+            let response = next.run(request).await;
+            if response.status() == StatusCode::NOT_FOUND
+                && endpoint.is_lookup()
+                && let Err(e) = state.limiter.miss(&client).await
+            {
+                tracing::warn!(error = %e, "web: a miss could not be counted");
+            }
+            response
+        }
+    };
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    let elapsed = started.elapsed();
+    let status = response.status();
+    metrics::request(endpoint.as_str(), status.as_u16(), elapsed);
+    tracing::info!(
+        target: "kst::web",
+        method = %method,
+        endpoint = endpoint.as_str(),
+        status = status.as_u16(),
+        micros = elapsed.as_micros() as u64,
+        client = %state.pseudonym.of(&client),
+        "request"
+    );
+    response
+}
+
+fn too_many(retry_after: u64) -> Response {
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [
+            (header::RETRY_AFTER, retry_after.to_string()),
+            (header::CACHE_CONTROL, "no-store".into()),
+        ],
+        "Too many requests; try again later.\n",
+    )
+        .into_response()
+}
+
+fn unavailable() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [
+            (header::RETRY_AFTER, "30".to_string()),
+            (header::CACHE_CONTROL, "no-store".into()),
+        ],
+        "The key store is not available; try again later.\n",
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CACHE_CONTROL, "no-store")],
+        "Not found.\n",
+    )
+        .into_response()
+}
+
+fn bad_request(why: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        [(header::CACHE_CONTROL, "no-store")],
+        format!("{why}\n"),
+    )
+        .into_response()
+}
+
+/// A positive answer with ETag and Cache-Control; `304` when `If-None-Match` matches.
+fn found(
+    state: &WebState,
+    headers: &HeaderMap,
+    content_type: &'static str,
+    body: Vec<u8>,
+) -> Response {
+    let digest = sha2::Sha256::digest(&body);
+    let etag = format!("\"{}\"", hex::encode(&digest[..16]));
+    let cache = format!("public, max-age={}", state.cache_max_age_secs);
+    let matches = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            let t = t.trim();
+            t == "*" || t.trim_start_matches("W/") == etag
+        });
+    if matches {
+        return (
+            StatusCode::NOT_MODIFIED,
+            [(header::ETAG, etag), (header::CACHE_CONTROL, cache)],
+        )
+            .into_response();
+    }
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, content_type.to_string()),
+            (header::ETAG, etag),
+            (header::CACHE_CONTROL, cache),
+        ],
+        Body::from(body),
+    )
+        .into_response()
+}
+
+fn store_failed(state: &WebState, e: &kst_core::Error) -> Response {
+    tracing::warn!(store = state.lookup.name(), error = %e, "web: store look-up failed");
+    unavailable()
+}
+
+/// Parses a stored record, logging (not serving) one that cannot be read.
+fn certificate(record: &KeyRecord) -> Option<Certificate> {
+    match Certificate::from_binary(&record.key) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(
+                fingerprint = %record.fingerprint,
+                version = record.version,
+                error = %e,
+                "web: a stored key cannot be parsed; not served"
+            );
+            None
+        }
+    }
+}
+
+async fn wkd(
+    State(state): State<WebState>,
+    headers: HeaderMap,
+    Path(rest): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let path = format!("{}/{rest}", kst_core::wkd::WELL_KNOWN);
+    let Ok(req) = WkdRequest::parse(&path, host, &state.address_policy) else {
+        return not_found().await;
+    };
+    if !state.domains.contains(&req.domain) {
+        return not_found().await;
+    }
+    match req.resource {
+        Resource::Policy => found(
+            &state,
+            &headers,
+            "text/plain; charset=utf-8",
+            state.policy_flags.to_text(&req.domain).into_bytes(),
+        ),
+        Resource::SubmissionAddress => {
+            match state
+                .address_policy
+                .normalize(&format!("{}@{}", state.submission_local_part, req.domain))
+            {
+                Ok(a) => found(
+                    &state,
+                    &headers,
+                    "text/plain; charset=utf-8",
+                    submission_address_text(&a).into_bytes(),
+                ),
+                Err(_) => not_found().await,
+            }
+        }
+        Resource::Key(hash) => {
+            let hint = query.as_deref().and_then(|q| query_param(q, "l"));
+            let record = match wkd_record(&state, &req.domain, &hash, hint.as_deref()).await {
+                Ok(r) => r,
+                Err(e) => return store_failed(&state, &e),
+            };
+            let Some(record) = record else {
+                return not_found().await;
+            };
+            let served = certificate(&record)
+                .and_then(|c| c.only_address(&record.address, &state.address_policy));
+            match served {
+                Some(c) => found(&state, &headers, "application/octet-stream", c.to_binary()),
+                None => not_found().await,
+            }
+        }
+    }
+}
+
+/// The record a WKD hash names: by the `l=` hint when it hashes to `hash` after normalization,
+/// else by the store's hash look-up. A record whose address does not hash to `hash` is never
+/// returned.
+async fn wkd_record(
+    state: &WebState,
+    domain: &str,
+    hash: &WkdHash,
+    hint: Option<&str>,
+) -> kst_core::Result<Option<KeyRecord>> {
+    if let Some(local) = hint
+        && local.len() <= kst_core::address::MAX_LOCAL_LEN * 4
+        && let Ok(address) = state.address_policy.normalize(&format!("{local}@{domain}"))
+        && address.domain() == domain
+        && WkdHash::of_address(&address) == *hash
+        && let Some(record) = state.lookup.by_address(&address).await?
+    {
+        return Ok(Some(record));
+    }
+    let record = state.lookup.by_wkd_hash(domain, hash).await?;
+    Ok(record.filter(|r| r.address.domain() == domain && WkdHash::of_address(&r.address) == *hash))
+}
+
+/// A normalized address of a served domain, or `None`.
+fn served_address(state: &WebState, text: &str) -> Option<Address> {
+    let a = state.address_policy.normalize(text).ok()?;
+    state.domains.iter().any(|d| d == a.domain()).then_some(a)
+}
+
+async fn vks_by_email(
+    State(state): State<WebState>,
+    headers: HeaderMap,
+    Path(address): Path<String>,
+) -> Response {
+    let Some(address) = served_address(&state, &address) else {
+        return not_found().await;
+    };
+    match state.lookup.by_address(&address).await {
+        Ok(Some(record)) => match certificate(&record) {
+            Some(c) => armored(&state, &headers, &[c]),
+            None => not_found().await,
+        },
+        Ok(None) => not_found().await,
+        Err(e) => store_failed(&state, &e),
+    }
+}
+
+fn armored(state: &WebState, headers: &HeaderMap, certs: &[Certificate]) -> Response {
+    let mut binary = Vec::new();
+    for c in certs {
+        binary.extend_from_slice(&c.to_binary());
+    }
+    found(
+        state,
+        headers,
+        "application/pgp-keys",
+        kst_core::openpgp::armor_public_key(&binary).into_bytes(),
+    )
+}
+
+/// What a key search names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Search {
+    Fingerprint(String),
+    KeyId(String),
+    Address(Address),
+}
+
+/// Parses a fingerprint (40 or 64 hex digits) or key ID (16), with or without `0x`, any case.
+/// Short (8-digit) key IDs are refused: they collide by design.
+fn parse_key_handle(s: &str) -> Option<Search> {
+    let hex = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let upper = hex.to_ascii_uppercase();
+    match hex.len() {
+        40 | 64 => Some(Search::Fingerprint(upper)),
+        16 => Some(Search::KeyId(upper)),
+        _ => None,
+    }
+}
+
+/// The certificates a fingerprint or key ID search finds, merged per primary key. A
+/// fingerprint that is some certificate's primary fingerprint finds only that certificate.
+async fn find_by_handle(state: &WebState, search: &Search) -> kst_core::Result<Vec<Certificate>> {
+    let records = match search {
+        Search::Fingerprint(f) => state.lookup.by_fingerprint(f).await?,
+        Search::KeyId(k) => state.lookup.by_key_id(k).await?,
+        Search::Address(a) => state.lookup.by_address(a).await?.into_iter().collect(),
+    };
+    let mut certs: Vec<Certificate> = records
+        .iter()
+        .take(MAX_MATCHES)
+        .filter_map(certificate)
+        .collect();
+    if let Search::Fingerprint(f) = search
+        && certs.iter().any(|c| c.fingerprint() == *f)
+    {
+        certs.retain(|c| c.fingerprint() == *f);
+    }
+    Ok(merge_all(certs))
+}
+
+async fn vks_handle(state: WebState, headers: HeaderMap, text: &str, want_fpr: bool) -> Response {
+    let search = match parse_key_handle(text) {
+        Some(s @ Search::Fingerprint(_)) if want_fpr => s,
+        Some(s @ Search::KeyId(_)) if !want_fpr => s,
+        _ if want_fpr => return bad_request("Not a fingerprint: expected 40 or 64 hex digits."),
+        _ => return bad_request("Not a key ID: expected 16 hex digits."),
+    };
+    match find_by_handle(&state, &search).await {
+        Ok(certs) if certs.is_empty() => not_found().await,
+        Ok(certs) => armored(&state, &headers, &certs),
+        Err(e) => store_failed(&state, &e),
+    }
+}
+
+async fn vks_by_fingerprint(
+    State(state): State<WebState>,
+    headers: HeaderMap,
+    Path(fpr): Path<String>,
+) -> Response {
+    vks_handle(state, headers, &fpr, true).await
+}
+
+async fn vks_by_keyid(
+    State(state): State<WebState>,
+    headers: HeaderMap,
+    Path(keyid): Path<String>,
+) -> Response {
+    vks_handle(state, headers, &keyid, false).await
+}
+
+/// The first value of `name` in a query string, percent-decoded (`+` is a space). `None` when
+/// absent or not UTF-8 after decoding.
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k)? == name)
+            .then(|| percent_decode(v))
+            .flatten()
+    })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+async fn hkp_lookup(
+    State(state): State<WebState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let query = query.unwrap_or_default();
+    let op = query_param(&query, "op").unwrap_or_default();
+    let op = op.as_str();
+    if !matches!(op, "get" | "index" | "vindex") {
+        return (
+            StatusCode::NOT_IMPLEMENTED,
+            [(header::CACHE_CONTROL, "no-store")],
+            "Only op=get and op=index are served.\n",
+        )
+            .into_response();
+    }
+    let search = query_param(&query, "search");
+    let Some(text) = search.as_deref().map(str::trim).filter(|s| !s.is_empty()) else {
+        return bad_request("search= is missing.");
+    };
+    let search = match parse_key_handle(text) {
+        Some(s) => s,
+        None => match served_address(&state, text).or_else(|| {
+            // "Alice <alice@example.net>": the address inside the brackets.
+            kst_core::certificate::user_id_address(text.as_bytes(), &state.address_policy)
+                .filter(|a| state.domains.iter().any(|d| d == a.domain()))
+        }) {
+            Some(a) => Search::Address(a),
+            None => return not_found().await,
+        },
+    };
+    let certs = match find_by_handle(&state, &search).await {
+        Ok(c) => c,
+        Err(e) => return store_failed(&state, &e),
+    };
+    if certs.is_empty() {
+        return not_found().await;
+    }
+    if op == "get" {
+        armored(&state, &headers, &certs)
+    } else {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        found(
+            &state,
+            &headers,
+            "text/plain; charset=utf-8",
+            hkp_index(&certs, now).into_bytes(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_classified_before_routing() {
+        let c = |p: &str, q: Option<&str>| Endpoint::classify(p, q);
+        assert_eq!(
+            c("/.well-known/openpgpkey/example.net/hu/abc", None),
+            Endpoint::WkdAdvanced
+        );
+        assert_eq!(
+            c("/.well-known/openpgpkey/hu/abc", None),
+            Endpoint::WkdDirect
+        );
+        assert_eq!(
+            c("/.well-known/openpgpkey/policy", None),
+            Endpoint::WkdPolicy
+        );
+        assert_eq!(
+            c(
+                "/.well-known/openpgpkey/example.net/submission-address",
+                None
+            ),
+            Endpoint::WkdPolicy
+        );
+        assert_eq!(c("/.well-known/openpgpkey/", None), Endpoint::Other);
+        assert_eq!(c("/vks/v1/by-email/a@b", None), Endpoint::VksEmail);
+        assert_eq!(
+            c("/vks/v1/by-fingerprint/AB", None),
+            Endpoint::VksFingerprint
+        );
+        assert_eq!(c("/vks/v1/by-keyid/AB", None), Endpoint::VksKeyId);
+        assert_eq!(c("/pks/lookup", Some("search=x&op=get")), Endpoint::HkpGet);
+        assert_eq!(
+            c("/pks/lookup", Some("op=index&options=mr")),
+            Endpoint::HkpIndex
+        );
+        assert_eq!(c("/pks/lookup", Some("op=stats")), Endpoint::Other);
+        assert_eq!(c("/", None), Endpoint::Other);
+    }
+
+    #[test]
+    fn key_handles() {
+        let f = "637895003B05333E2D3782F2EE62CCF91EB2D657";
+        assert_eq!(parse_key_handle(f), Some(Search::Fingerprint(f.into())));
+        assert_eq!(
+            parse_key_handle(&format!("0x{}", f.to_lowercase())),
+            Some(Search::Fingerprint(f.into()))
+        );
+        assert_eq!(
+            parse_key_handle("0xEE62CCF91EB2D657"),
+            Some(Search::KeyId("EE62CCF91EB2D657".into()))
+        );
+        assert_eq!(
+            parse_key_handle("0x1EB2D657"),
+            None,
+            "short key IDs are refused"
+        );
+        assert_eq!(parse_key_handle("alice@example.net"), None);
+        assert_eq!(parse_key_handle(""), None);
+    }
+
+    #[test]
+    fn query_parameters() {
+        let q = "op=index&options=mr&search=Alice+%3Calice%40example.net%3E&l=x";
+        assert_eq!(query_param(q, "op").as_deref(), Some("index"));
+        assert_eq!(
+            query_param(q, "search").as_deref(),
+            Some("Alice <alice@example.net>")
+        );
+        assert_eq!(query_param(q, "exact"), None);
+        assert_eq!(query_param("search=%4", "search"), None, "truncated escape");
+        assert_eq!(query_param("search=%ff", "search"), None, "not UTF-8");
+        assert_eq!(query_param("flag&l=a", "flag").as_deref(), Some(""));
+    }
+}

@@ -1,0 +1,253 @@
+//! Rate limits of the web listener: requests and misses per client, misses of everyone.
+//!
+//! Counters go through [`kst_core::RateLimiter`] (the store's, so a pool shares them) under
+//! keys that start with `web-`, which no mail-side key does (those start with a
+//! [`kst_core::LimitKind`] token). The limiter only counts hits, so a client whose misses ran
+//! out is remembered here until its window ends; every instance learns it on that client's
+//! next miss.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kst_core::RateLimiter;
+
+use super::config::WebLimits;
+
+/// Key prefix of the per-client request counter.
+pub const CLIENT_PREFIX: &str = "web-client:";
+/// Key prefix of the per-client miss counter.
+pub const MISS_PREFIX: &str = "web-miss:";
+/// Key of the global miss counter.
+pub const GLOBAL_MISS_KEY: &str = "web-miss-global";
+
+/// Most clients remembered as blocked; beyond it expired entries are swept, then the oldest
+/// half is forgotten (they are still counted by the shared limiter).
+const MAX_BLOCKED: usize = 100_000;
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The client sent too many requests.
+    Requests,
+    /// The client's look-ups found nothing too often.
+    Misses,
+    /// All clients together found nothing too often.
+    GlobalMisses,
+}
+
+impl Refusal {
+    /// Stable token for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Requests => "client-requests",
+            Refusal::Misses => "client-misses",
+            Refusal::GlobalMisses => "global-misses",
+        }
+    }
+}
+
+/// The limits, the shared counters and what this process knows to be blocked.
+#[derive(Clone)]
+pub struct Limiter {
+    limits: WebLimits,
+    counters: Arc<dyn RateLimiter>,
+    blocked: Arc<Mutex<Blocked>>,
+}
+
+#[derive(Default)]
+struct Blocked {
+    clients: HashMap<String, Instant>,
+    global_until: Option<Instant>,
+}
+
+impl Limiter {
+    /// Limits counted in `counters`.
+    pub fn new(limits: WebLimits, counters: Arc<dyn RateLimiter>) -> Self {
+        Limiter {
+            limits,
+            counters,
+            blocked: Arc::default(),
+        }
+    }
+
+    /// The configured limits.
+    pub fn limits(&self) -> &WebLimits {
+        &self.limits
+    }
+
+    /// Seconds a refused client should wait (the window: the counters cannot say how much of
+    /// it is left, so this is the upper bound).
+    pub fn retry_after(&self) -> u64 {
+        self.limits.window().as_secs()
+    }
+
+    /// Counts one request of `client`; `lookup` says whether it asks for a key (policy files
+    /// are not subject to the miss budgets). `Err` when the counters cannot be reached.
+    pub async fn admit(&self, client: &str, lookup: bool) -> kst_core::Result<Option<Refusal>> {
+        if lookup {
+            let now = Instant::now();
+            let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+            if b.global_until.is_some_and(|t| t > now) {
+                return Ok(Some(Refusal::GlobalMisses));
+            }
+            match b.clients.get(client) {
+                Some(t) if *t > now => return Ok(Some(Refusal::Misses)),
+                Some(_) => {
+                    b.clients.remove(client);
+                }
+                None => {}
+            }
+        }
+        if self.limits.per_client > 0
+            && !self
+                .counters
+                .hit(
+                    &format!("{CLIENT_PREFIX}{client}"),
+                    self.limits.per_client,
+                    self.limits.window(),
+                )
+                .await?
+        {
+            return Ok(Some(Refusal::Requests));
+        }
+        Ok(None)
+    }
+
+    /// Counts a look-up of `client` that found nothing. Later look-ups are refused once the
+    /// client's or everyone's budget is spent.
+    pub async fn miss(&self, client: &str) -> kst_core::Result<()> {
+        let window = self.limits.window();
+        if self.limits.per_client_misses > 0
+            && !self
+                .counters
+                .hit(
+                    &format!("{MISS_PREFIX}{client}"),
+                    self.limits.per_client_misses,
+                    window,
+                )
+                .await?
+        {
+            let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            if b.clients.len() >= MAX_BLOCKED {
+                b.clients.retain(|_, t| *t > now);
+                if b.clients.len() >= MAX_BLOCKED {
+                    b.clients.clear();
+                }
+            }
+            b.clients.insert(client.to_string(), now + window);
+        }
+        if self.limits.global_misses > 0
+            && !self
+                .counters
+                .hit(GLOBAL_MISS_KEY, self.limits.global_misses, window)
+                .await?
+        {
+            let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+            b.global_until = Some(Instant::now() + window);
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("limits", &self.limits)
+            .field("counters", &self.counters.name())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kst_core::{LimitKind, MemoryRateLimiter};
+
+    fn limiter(limits: WebLimits) -> Limiter {
+        Limiter::new(limits, Arc::new(MemoryRateLimiter::new()))
+    }
+
+    #[test]
+    fn web_keys_never_collide_with_mail_keys() {
+        for kind in [
+            LimitKind::Account,
+            LimitKind::Sender,
+            LimitKind::SenderQuery,
+            LimitKind::SourceIp,
+        ] {
+            let mail = kst_core::ratelimit::limiter_key(kind, "");
+            for web in [CLIENT_PREFIX, MISS_PREFIX, GLOBAL_MISS_KEY] {
+                assert!(
+                    !web.starts_with(&mail) && !mail.starts_with(web),
+                    "{web} vs {mail}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_per_client() {
+        let l = limiter(WebLimits {
+            per_client: 2,
+            ..WebLimits::OFF
+        });
+        assert_eq!(l.admit("a", true).await.unwrap(), None);
+        assert_eq!(l.admit("a", false).await.unwrap(), None);
+        assert_eq!(l.admit("a", true).await.unwrap(), Some(Refusal::Requests));
+        assert_eq!(l.admit("b", true).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn misses_block_lookups_of_that_client_only() {
+        let l = limiter(WebLimits {
+            per_client_misses: 2,
+            ..WebLimits::OFF
+        });
+        for _ in 0..2 {
+            assert_eq!(l.admit("a", true).await.unwrap(), None);
+            l.miss("a").await.unwrap();
+        }
+        assert_eq!(
+            l.admit("a", true).await.unwrap(),
+            None,
+            "two misses are allowed"
+        );
+        l.miss("a").await.unwrap();
+        assert_eq!(l.admit("a", true).await.unwrap(), Some(Refusal::Misses));
+        assert_eq!(
+            l.admit("a", false).await.unwrap(),
+            None,
+            "policy files still served"
+        );
+        assert_eq!(l.admit("b", true).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn global_miss_budget_blocks_every_lookup() {
+        let l = limiter(WebLimits {
+            global_misses: 3,
+            ..WebLimits::OFF
+        });
+        for c in ["a", "b", "c", "d"] {
+            l.miss(c).await.unwrap();
+        }
+        assert_eq!(
+            l.admit("e", true).await.unwrap(),
+            Some(Refusal::GlobalMisses)
+        );
+        assert_eq!(l.admit("e", false).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn off_counts_nothing() {
+        let counters = Arc::new(MemoryRateLimiter::new());
+        let l = Limiter::new(WebLimits::OFF, counters.clone());
+        for _ in 0..100 {
+            assert_eq!(l.admit("a", true).await.unwrap(), None);
+            l.miss("a").await.unwrap();
+        }
+        assert!(counters.is_empty());
+    }
+}

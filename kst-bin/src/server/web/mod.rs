@@ -1,0 +1,96 @@
+//! The public listener `[web]`: WKD (both methods), VKS and HKP from the key store, over plain
+//! HTTP (behind a proxy) or TLS with certificates reloaded without a restart.
+//!
+//! [`serve`] takes the store as a [`KeyLookup`], the shared [`kst_core::RateLimiter`] and a
+//! [`WebConfig`]; `kst serve` wires them in.
+
+pub mod client;
+pub mod config;
+pub mod handlers;
+pub mod limits;
+pub mod listener;
+pub mod lookup;
+pub mod metrics;
+pub mod tls;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kst_core::wkd::PolicyFlags;
+use kst_core::{AddressPolicy, RateLimiter};
+use tokio::net::TcpListener;
+
+pub use config::{WebConfig, WebLimits};
+pub use handlers::{PeerAddr, WebState, router};
+pub use lookup::KeyLookup;
+
+/// The local part of each domain's WKS submission address (`keys@<domain>`).
+pub const SUBMISSION_LOCAL_PART: &str = "keys";
+
+/// Everything [`serve`] needs besides the socket.
+pub struct WebService {
+    /// The store's look-ups.
+    pub lookup: Arc<dyn KeyLookup>,
+    /// Shared counters for the limits (the store's limiter in a pool).
+    pub counters: Arc<dyn RateLimiter>,
+    /// Served domains, normalized.
+    pub domains: Vec<String>,
+    /// The address folding of `[kst]`.
+    pub address_policy: AddressPolicy,
+    /// The `[web]` section.
+    pub config: WebConfig,
+}
+
+impl WebService {
+    /// The handlers' state (validates `[web]`).
+    pub fn state(&self) -> Result<WebState, config::WebConfigError> {
+        let trusted_proxies = self.config.validate()?;
+        Ok(WebState {
+            lookup: Arc::clone(&self.lookup),
+            domains: Arc::new(self.domains.clone()),
+            address_policy: self.address_policy.clone(),
+            policy_flags: PolicyFlags::default(),
+            submission_local_part: SUBMISSION_LOCAL_PART.into(),
+            trusted_proxies,
+            limiter: limits::Limiter::new(self.config.limits, Arc::clone(&self.counters)),
+            pseudonym: client::LogPseudonym::random(),
+            cache_max_age_secs: self.config.cache_max_age_secs,
+        })
+    }
+}
+
+/// Serves `service` on `listener` until `shutdown` completes: TLS when `[web]` names a
+/// certificate (checked for changes every `tls_reload_secs`), plain HTTP otherwise.
+pub async fn serve(
+    listener: TcpListener,
+    service: WebService,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = service.state()?;
+    let c = &service.config;
+    let (tls, watcher) = match (&c.tls_cert, &c.tls_key) {
+        (Some(cert), Some(key)) => {
+            let reloading = tls::ReloadingCert::open(cert, key)?;
+            let watcher = reloading.watch(Duration::from_secs(c.tls_reload_secs.max(1)));
+            (Some(reloading.server_config()?), Some(watcher))
+        }
+        _ => (None, None),
+    };
+    let limits = listener::AcceptLimits {
+        max_connections: c.max_connections,
+        idle_timeout: Duration::from_secs(c.idle_timeout_secs.max(1)),
+        handshake_timeout: Duration::from_secs(c.handshake_timeout_secs.max(1)),
+    };
+    let web_listener = listener::WebListener::new(listener, tls, limits)?;
+    let result = axum::serve(
+        web_listener,
+        router(state).into_make_service_with_connect_info::<PeerAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
+    if let Some(w) = watcher {
+        w.abort();
+    }
+    Ok(result?)
+}

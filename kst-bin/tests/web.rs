@@ -1,0 +1,936 @@
+//! The `[web]` listener over a real TCP socket: WKD (both methods, at the URLs gpg-wks-client
+//! prints), VKS and HKP, limits, forwarding headers, metrics and TLS with certificate reload.
+//! Keys are the gpg-made test keys, validated and published into a real filesystem store; the
+//! fingerprint and key ID look-ups scan that store (phase 2 gives the stores an index).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use kst_bin::server::web::{KeyLookup, WebConfig, WebLimits, WebService, serve};
+use kst_core::certificate::{Certificate, KeyHandle};
+use kst_core::validate::{KeyPolicy, validate};
+use kst_core::wkd::WkdHash;
+use kst_core::{Address, AddressPolicy, KeyRecord, KeyStore, MemoryRateLimiter, NewKey};
+use kst_fs::FsStore;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const DOMAINS: [&str; 3] = ["example.net", "personal.example", "elsewhere.example"];
+
+fn testkey(name: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/../kst-core/testdata/keys/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+fn addr(s: &str) -> Address {
+    AddressPolicy::default().normalize(s).unwrap()
+}
+
+/// Look-ups on a real store: by address through the store, the rest by scanning every address
+/// (test-only; the stores get indexes in phase 2).
+struct ScanLookup(Arc<FsStore>);
+
+impl ScanLookup {
+    async fn all(&self) -> kst_core::Result<Vec<KeyRecord>> {
+        let mut out = Vec::new();
+        let mut after: Option<Address> = None;
+        loop {
+            let page = self.0.list(after.as_ref(), 100).await?;
+            let Some(last) = page.last().cloned() else {
+                return Ok(out);
+            };
+            for a in &page {
+                out.extend(self.0.get(a).await?);
+            }
+            after = Some(last);
+        }
+    }
+}
+
+#[async_trait]
+impl KeyLookup for ScanLookup {
+    fn name(&self) -> &'static str {
+        "fs-scan"
+    }
+    async fn by_address(&self, address: &Address) -> kst_core::Result<Option<KeyRecord>> {
+        self.0.get(address).await
+    }
+    async fn by_wkd_hash(
+        &self,
+        domain: &str,
+        hash: &WkdHash,
+    ) -> kst_core::Result<Option<KeyRecord>> {
+        Ok(self
+            .all()
+            .await?
+            .into_iter()
+            .find(|r| r.address.domain() == domain && WkdHash::of_address(&r.address) == *hash))
+    }
+    async fn by_fingerprint(&self, fpr: &str) -> kst_core::Result<Vec<KeyRecord>> {
+        self.matching(|h| h.fingerprint == fpr).await
+    }
+    async fn by_key_id(&self, id: &str) -> kst_core::Result<Vec<KeyRecord>> {
+        self.matching(|h| h.key_id == id).await
+    }
+}
+
+impl ScanLookup {
+    /// Records whose primary key or a subkey satisfies `wanted`.
+    async fn matching(
+        &self,
+        wanted: impl Fn(&KeyHandle) -> bool,
+    ) -> kst_core::Result<Vec<KeyRecord>> {
+        Ok(self
+            .all()
+            .await?
+            .into_iter()
+            .filter(|r| {
+                let h = Certificate::from_binary(&r.key).unwrap().handles();
+                wanted(&h.primary) || h.subkeys.iter().any(&wanted)
+            })
+            .collect())
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Publishes `armored` for `address` the way a mail publication does (validated, stripped).
+async fn publish(store: &FsStore, armored: &str, address: &str) -> String {
+    let a = addr(address);
+    let v = validate(armored, &a, &KeyPolicy::default(), SystemTime::now()).unwrap();
+    store
+        .publish(NewKey {
+            address: a,
+            key: v.packets,
+            fingerprint: v.fingerprint.clone(),
+            publication_id: hex::encode(rand::random::<[u8; 16]>()),
+            published_at: now(),
+            revoked: v.revoked,
+        })
+        .await
+        .unwrap();
+    v.fingerprint.to_string()
+}
+
+struct Server {
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+    store: Arc<FsStore>,
+}
+
+async fn start(config: WebConfig) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FsStore::open(dir.path().join("store")).await.unwrap());
+    publish(&store, &testkey("alice.pub.asc"), "alice@example.net").await;
+    // The same key for a second address, stored with all three User IDs (as an import could
+    // hold it): WKD must serve only this address's User ID.
+    let full = kst_core::openpgp::parse_armored(&testkey("alice.pub.asc"), 1 << 20).unwrap();
+    store
+        .restore(&[NewKey {
+            address: addr("alice@personal.example"),
+            key: full.packets,
+            fingerprint: kst_core::Fingerprint::parse(&full.fingerprint).unwrap(),
+            publication_id: "01".into(),
+            published_at: now(),
+            revoked: false,
+        }
+        .into_record(1)])
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = WebService {
+        lookup: Arc::new(ScanLookup(Arc::clone(&store))),
+        counters: Arc::new(MemoryRateLimiter::new()),
+        domains: DOMAINS.iter().map(|d| d.to_string()).collect(),
+        address_policy: AddressPolicy::default(),
+        config: WebConfig {
+            listen: addr.to_string(),
+            ..config
+        },
+    };
+    tokio::spawn(async move {
+        serve(listener, service, std::future::pending())
+            .await
+            .unwrap();
+    });
+    Server {
+        addr,
+        _dir: dir,
+        store,
+    }
+}
+
+fn open() -> WebConfig {
+    WebConfig {
+        limits: WebLimits::OFF,
+        ..WebConfig::default()
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One HTTP/1.1 request on `stream`, `Connection: close`, read to the end.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    method: &str,
+    host: &str,
+    target: &str,
+    extra: &[(&str, &str)],
+) -> Reply {
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in extra {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw).await;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete response head");
+    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .map(|l| {
+            let (k, v) = l.split_once(':').unwrap();
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+async fn get(s: &Server, host: &str, target: &str) -> Reply {
+    request(s, "GET", host, target, &[]).await
+}
+
+async fn request(
+    s: &Server,
+    method: &str,
+    host: &str,
+    target: &str,
+    extra: &[(&str, &str)],
+) -> Reply {
+    let tcp = TcpStream::connect(s.addr).await.unwrap();
+    exchange(tcp, method, host, target, extra).await
+}
+
+/// The URL gpg asks for (advanced method), split into host and path+query.
+fn gpg_wkd_url(address: &str) -> (String, String) {
+    let out = Command::new("/usr/lib/gnupg/gpg-wks-client")
+        .args(["--print-wkd-url", address])
+        .output()
+        .expect("gpg-wks-client is part of the test environment");
+    let url = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let rest = url.strip_prefix("https://").expect(&url);
+    let (host, path) = rest.split_once('/').unwrap();
+    (host.to_string(), format!("/{path}"))
+}
+
+/// `gpg --with-colons` listing of the key material in `bytes` (binary or armored).
+fn gpg_list(bytes: &[u8]) -> Vec<Vec<String>> {
+    let home = tempfile::tempdir().unwrap();
+    let file = home.path().join("key");
+    std::fs::write(&file, bytes).unwrap();
+    let out = Command::new("gpg")
+        .arg("--homedir")
+        .arg(home.path())
+        .args([
+            "--batch",
+            "--with-colons",
+            "--import-options",
+            "show-only",
+            "--import",
+        ])
+        .arg(&file)
+        .output()
+        .expect("gpg is part of the test environment");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(':').map(str::to_string).collect())
+        .collect()
+}
+
+fn fields<'a>(listing: &'a [Vec<String>], kind: &str, index: usize) -> Vec<&'a str> {
+    listing
+        .iter()
+        .filter(|r| r[0] == kind)
+        .map(|r| r[index].as_str())
+        .collect()
+}
+
+const ALICE_FPR: &str = "637895003B05333E2D3782F2EE62CCF91EB2D657";
+const ALICE_SUB_FPR: &str = "436DE0697AB947804B2EB9219BFD1A0722FF4E8F";
+
+#[tokio::test]
+async fn wkd_both_methods_serve_the_binary_key_gpg_asks_for() {
+    let s = start(open()).await;
+    let (host, target) = gpg_wkd_url("alice@example.net");
+    assert_eq!(host, "openpgpkey.example.net");
+    assert!(target.ends_with("?l=alice"), "{target}");
+    let adv = get(&s, &host, &target).await;
+    assert_eq!(adv.status, 200, "{}", adv.text());
+    assert_eq!(adv.header("content-type"), Some("application/octet-stream"));
+    assert_eq!(adv.header("access-control-allow-origin"), Some("*"));
+    assert!(adv.header("cache-control").unwrap().contains("max-age="));
+    assert!(!adv.body.starts_with(b"-----"), "binary, not armored");
+    let listing = gpg_list(&adv.body);
+    assert_eq!(fields(&listing, "fpr", 9)[0], ALICE_FPR);
+    assert_eq!(fields(&listing, "uid", 9), ["alice <alice@example.net>"]);
+
+    // The direct method: same hash, on the domain itself, with and without l=.
+    let hash = target
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap();
+    let direct = get(
+        &s,
+        "example.net",
+        &format!("/.well-known/openpgpkey/hu/{hash}?l=alice"),
+    )
+    .await;
+    assert_eq!(direct.status, 200);
+    assert_eq!(direct.body, adv.body);
+    let no_l = get(
+        &s,
+        "example.net",
+        &format!("/.well-known/openpgpkey/hu/{hash}"),
+    )
+    .await;
+    assert_eq!(no_l.status, 200, "the hash alone finds the key");
+    assert_eq!(no_l.body, adv.body);
+    // A lying l= does not change what the hash names.
+    let lying = get(
+        &s,
+        "example.net",
+        &format!("/.well-known/openpgpkey/hu/{hash}?l=bob"),
+    )
+    .await;
+    assert_eq!(lying.body, adv.body);
+}
+
+#[tokio::test]
+async fn wkd_serves_only_the_user_id_of_the_address_asked_for() {
+    let s = start(open()).await;
+    let (host, target) = gpg_wkd_url("alice@personal.example");
+    let r = get(&s, &host, &target).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let listing = gpg_list(&r.body);
+    assert_eq!(
+        fields(&listing, "uid", 9),
+        ["Alice Private <alice@personal.example>"]
+    );
+    assert_eq!(
+        fields(&listing, "fpr", 9),
+        [ALICE_FPR, ALICE_SUB_FPR],
+        "subkey kept"
+    );
+    // VKS by-email serves the stored certificate as it is.
+    let v = get(
+        &s,
+        "keys.example",
+        "/vks/v1/by-email/alice@personal.example",
+    )
+    .await;
+    assert_eq!(v.status, 200);
+    assert_eq!(fields(&gpg_list(&v.body), "uid", 9).len(), 3);
+}
+
+#[tokio::test]
+async fn head_etag_and_misses() {
+    let s = start(open()).await;
+    let (host, target) = gpg_wkd_url("alice@example.net");
+    let g = get(&s, &host, &target).await;
+    let etag = g.header("etag").unwrap().to_string();
+    let h = request(&s, "HEAD", &host, &target, &[]).await;
+    assert_eq!(h.status, 200);
+    assert!(h.body.is_empty());
+    assert_eq!(h.header("etag"), Some(etag.as_str()));
+    assert_eq!(
+        h.header("content-length"),
+        Some(g.body.len().to_string().as_str())
+    );
+    let cached = request(&s, "GET", &host, &target, &[("If-None-Match", &etag)]).await;
+    assert_eq!(cached.status, 304);
+    assert!(cached.body.is_empty());
+
+    let (host, target) = gpg_wkd_url("nobody@example.net");
+    let miss = get(&s, &host, &target).await;
+    assert_eq!(miss.status, 404);
+    assert_eq!(
+        miss.header("cache-control"),
+        Some("no-store"),
+        "a miss is not cached"
+    );
+    assert_eq!(miss.header("access-control-allow-origin"), Some("*"));
+    for (host, path) in [
+        ("example.net", "/.well-known/openpgpkey/hu/"),
+        ("example.net", "/.well-known/openpgpkey/"),
+        (
+            "openpgpkey.example.net",
+            "/.well-known/openpgpkey/example.net/hu/",
+        ),
+        (
+            "openpgpkey.example.net",
+            "/.well-known/openpgpkey/example.net/",
+        ),
+        ("example.net", "/.well-known/openpgpkey/hu/not-a-hash"),
+        ("other.org", &target.replace("example.net", "other.org")),
+        // The advanced path on the wrong host.
+        ("example.net", target.as_str()),
+        ("example.net", "/"),
+        ("example.net", "/pks/add"),
+    ] {
+        let r = get(&s, host, path).await;
+        assert_eq!(r.status, 404, "{host} {path}");
+    }
+    let post = request(
+        &s,
+        "POST",
+        "example.net",
+        "/pks/lookup?op=get&search=x",
+        &[("Content-Length", "0")],
+    )
+    .await;
+    assert_eq!(post.status, 405, "no upload, no other methods");
+}
+
+#[tokio::test]
+async fn policy_and_submission_address_on_both_forms() {
+    let s = start(open()).await;
+    for (host, prefix) in [
+        ("example.net", "/.well-known/openpgpkey".to_string()),
+        (
+            "openpgpkey.example.net",
+            "/.well-known/openpgpkey/example.net".to_string(),
+        ),
+    ] {
+        let p = get(&s, host, &format!("{prefix}/policy")).await;
+        assert_eq!(p.status, 200, "{host}");
+        let text = p.text();
+        assert!(text.lines().any(|l| l == "auth-submit"), "{text}");
+        assert!(text.lines().any(|l| l == "protocol-version: 5"), "{text}");
+        let a = get(&s, host, &format!("{prefix}/submission-address")).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.text(), "keys@example.net\n");
+    }
+    assert_eq!(
+        get(&s, "unserved.org", "/.well-known/openpgpkey/policy")
+            .await
+            .status,
+        404
+    );
+}
+
+#[tokio::test]
+async fn vks_by_email_fingerprint_and_key_id() {
+    let s = start(open()).await;
+    for target in [
+        "/vks/v1/by-email/alice@example.net".to_string(),
+        "/vks/v1/by-email/Alice%40Example.NET".to_string(),
+        format!("/vks/v1/by-fingerprint/{ALICE_FPR}"),
+        format!("/vks/v1/by-fingerprint/{ALICE_SUB_FPR}"),
+        format!("/vks/v1/by-keyid/{}", &ALICE_FPR[24..]),
+        format!("/vks/v1/by-keyid/{}", &ALICE_SUB_FPR[24..]),
+    ] {
+        let r = get(&s, "keys.example", &target).await;
+        assert_eq!(r.status, 200, "{target}: {}", r.text());
+        assert_eq!(r.header("content-type"), Some("application/pgp-keys"));
+        assert!(r.text().starts_with("-----BEGIN PGP PUBLIC KEY BLOCK-----"));
+        let listing = gpg_list(&r.body);
+        assert_eq!(fields(&listing, "pub", 4), [&ALICE_FPR[24..]], "{target}");
+    }
+    // The key is published for two addresses: a fingerprint look-up serves one certificate with
+    // the User IDs of both (merged), which gpg reads as one key.
+    let merged = get(
+        &s,
+        "keys.example",
+        &format!("/vks/v1/by-fingerprint/{ALICE_FPR}"),
+    )
+    .await;
+    let mut uids = fields(&gpg_list(&merged.body), "uid", 9)
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    uids.sort();
+    assert!(
+        uids.contains(&"alice <alice@example.net>".to_string()),
+        "{uids:?}"
+    );
+    assert!(
+        uids.contains(&"Alice Private <alice@personal.example>".to_string()),
+        "{uids:?}"
+    );
+    for (target, status) in [
+        ("/vks/v1/by-fingerprint/1234", 400),
+        ("/vks/v1/by-keyid/1EB2D657", 400),
+        ("/vks/v1/by-email/nobody@example.net", 404),
+        ("/vks/v1/by-email/alice@unserved.org", 404),
+        (
+            "/vks/v1/by-fingerprint/0000000000000000000000000000000000000000",
+            404,
+        ),
+    ] {
+        assert_eq!(
+            get(&s, "keys.example", target).await.status,
+            status,
+            "{target}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn hkp_get_and_machine_readable_index_exact_only() {
+    let s = start(open()).await;
+    let r = get(
+        &s,
+        "keys.example",
+        &format!("/pks/lookup?op=get&options=mr&search=0x{ALICE_FPR}"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(fields(&gpg_list(&r.body), "fpr", 9)[0], ALICE_FPR);
+    let idx = get(
+        &s,
+        "keys.example",
+        "/pks/lookup?op=index&options=mr&search=alice%40example.net",
+    )
+    .await;
+    assert_eq!(idx.status, 200);
+    let text = idx.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "info:1:1", "{text}");
+    assert!(
+        lines[1].starts_with(&format!("pub:{ALICE_FPR}:22:255:1735689600::")),
+        "{text}"
+    );
+    assert_eq!(
+        lines[2], "uid:alice <alice@example.net>:1735689600::",
+        "{text}"
+    );
+    for target in [
+        "/pks/lookup?op=index&options=mr&search=alice",
+        "/pks/lookup?op=index&options=mr&search=example.net",
+        "/pks/lookup?op=get&search=alice%25",
+        "/pks/lookup?op=get&search=nobody%40example.net",
+    ] {
+        assert_eq!(
+            get(&s, "keys.example", target).await.status,
+            404,
+            "{target}"
+        );
+    }
+    assert_eq!(
+        get(&s, "keys.example", "/pks/lookup?op=stats").await.status,
+        501
+    );
+    assert_eq!(
+        get(&s, "keys.example", "/pks/lookup?op=get").await.status,
+        400
+    );
+}
+
+#[tokio::test]
+async fn requests_over_the_client_limit_get_429_with_retry_after() {
+    let s = start(WebConfig {
+        limits: WebLimits {
+            per_client: 3,
+            ..WebLimits::OFF
+        },
+        ..WebConfig::default()
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            get(&s, "example.net", "/.well-known/openpgpkey/policy")
+                .await
+                .status,
+            200
+        );
+    }
+    let r = get(&s, "example.net", "/.well-known/openpgpkey/policy").await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after"), Some("600"));
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+}
+
+#[tokio::test]
+async fn misses_close_the_oracle_for_that_client() {
+    let s = start(WebConfig {
+        limits: WebLimits {
+            per_client_misses: 2,
+            ..WebLimits::OFF
+        },
+        ..WebConfig::default()
+    })
+    .await;
+    for name in ["a", "b", "c"] {
+        let r = get(
+            &s,
+            "keys.example",
+            &format!("/vks/v1/by-email/{name}@example.net"),
+        )
+        .await;
+        assert_eq!(r.status, 404);
+    }
+    // Now even a key that exists is not confirmed, so the dictionary walk stops...
+    let r = get(&s, "keys.example", "/vks/v1/by-email/alice@example.net").await;
+    assert_eq!(r.status, 429);
+    // ...while the policy file is still served.
+    assert_eq!(
+        get(&s, "example.net", "/.well-known/openpgpkey/policy")
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn forwarded_addresses_count_only_from_trusted_proxies() {
+    let limited = WebLimits {
+        per_client: 1,
+        ..WebLimits::OFF
+    };
+    // Trusted: each forwarded client has its own counter.
+    let s = start(WebConfig {
+        trusted_proxies: vec!["127.0.0.1".into()],
+        limits: limited,
+        ..WebConfig::default()
+    })
+    .await;
+    for i in 1..=3 {
+        let xff = format!("198.51.100.{i}");
+        let r = request(
+            &s,
+            "GET",
+            "example.net",
+            "/.well-known/openpgpkey/policy",
+            &[("X-Forwarded-For", &xff)],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{xff}");
+    }
+    let again = request(
+        &s,
+        "GET",
+        "example.net",
+        "/.well-known/openpgpkey/policy",
+        &[("X-Forwarded-For", "198.51.100.1")],
+    )
+    .await;
+    assert_eq!(again.status, 429);
+    // IPv6 clients are counted per /64.
+    let v6 = |a: &'static str| [("Forwarded", a)];
+    let first = request(
+        &s,
+        "GET",
+        "example.net",
+        "/.well-known/openpgpkey/policy",
+        &v6("for=\"[2001:db8:1:2::1]\""),
+    )
+    .await;
+    assert_eq!(first.status, 200);
+    let same64 = request(
+        &s,
+        "GET",
+        "example.net",
+        "/.well-known/openpgpkey/policy",
+        &v6("for=\"[2001:db8:1:2::99]\""),
+    )
+    .await;
+    assert_eq!(same64.status, 429);
+
+    // Untrusted: the header is ignored, everyone is 127.0.0.1.
+    let s = start(WebConfig {
+        limits: limited,
+        ..WebConfig::default()
+    })
+    .await;
+    let one = request(
+        &s,
+        "GET",
+        "example.net",
+        "/.well-known/openpgpkey/policy",
+        &[("X-Forwarded-For", "198.51.100.1")],
+    )
+    .await;
+    assert_eq!(one.status, 200);
+    let two = request(
+        &s,
+        "GET",
+        "example.net",
+        "/.well-known/openpgpkey/policy",
+        &[("X-Forwarded-For", "198.51.100.2")],
+    )
+    .await;
+    assert_eq!(two.status, 429);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_per_endpoint_and_status() {
+    let handle = kst_bin::shared::metrics::init();
+    let s = start(open()).await;
+    let (host, target) = gpg_wkd_url("alice@example.net");
+    assert_eq!(get(&s, &host, &target).await.status, 200);
+    assert_eq!(
+        get(&s, "keys.example", "/vks/v1/by-email/nobody@example.net")
+            .await
+            .status,
+        404
+    );
+    let text = handle.render();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("kst_web_requests_total{")
+                && l.contains("endpoint=\"wkd-advanced\"")
+                && l.contains("status=\"200\"")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("kst_web_requests_total{")
+                && l.contains("endpoint=\"vks-by-email\"")
+                && l.contains("status=\"404\"")),
+        "{text}"
+    );
+    assert!(text.contains("kst_web_request_duration_seconds"), "{text}");
+}
+
+#[tokio::test]
+async fn a_revoked_key_is_served_so_clients_learn_the_revocation() {
+    let s = start(open()).await;
+    let fpr = publish(&s.store, &testkey("revoked.pub.asc"), "alice@example.net").await;
+    let (host, target) = gpg_wkd_url("alice@example.net");
+    let r = get(&s, &host, &target).await;
+    assert_eq!(r.status, 200);
+    let listing = gpg_list(&r.body);
+    assert_eq!(fields(&listing, "fpr", 9)[0], fpr);
+    assert_eq!(
+        fields(&listing, "pub", 1),
+        ["r"],
+        "gpg sees the key as revoked"
+    );
+    let idx = get(
+        &s,
+        "keys.example",
+        "/pks/lookup?op=index&options=mr&search=alice@example.net",
+    )
+    .await;
+    let text = idx.text();
+    let pub_line = text.lines().nth(1).unwrap();
+    assert_eq!(pub_line.split(':').nth(6), Some("r"), "{text}");
+}
+
+// ---- TLS ----
+
+fn openssl(args: &[&str], dir: &Path) {
+    let st = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is part of the test environment");
+    assert!(
+        st.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
+
+/// A private CA and a leaf for example.net signed by it; returns the leaf's DER.
+fn make_ca(dir: &Path) {
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=kst test CA",
+        ],
+        dir,
+    );
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:example.net,DNS:openpgpkey.example.net\n",
+    )
+    .unwrap();
+}
+
+fn make_leaf(dir: &Path, name: &str) -> Vec<u8> {
+    let key = format!("{name}.key");
+    let csr = format!("{name}.csr");
+    let pem = format!("{name}.pem");
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            "/CN=example.net",
+        ],
+        dir,
+    );
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "1",
+            "-extfile",
+            "leaf.ext",
+        ],
+        dir,
+    );
+    let out = Command::new("openssl")
+        .args(["x509", "-in", &pem, "-outform", "DER"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    out.stdout
+}
+
+async fn tls_get(addr: SocketAddr, ca: &Path, host: &str, target: &str) -> (Reply, Vec<u8>) {
+    let connector = kst_bin::client::tls::connector(Some(ca)).unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let cert = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    (exchange(tls, "GET", host, target, &[]).await, cert)
+}
+
+#[tokio::test]
+async fn tls_serves_wkd_and_reloads_a_renewed_certificate_without_restart() {
+    let certs = tempfile::tempdir().unwrap();
+    make_ca(certs.path());
+    let first = make_leaf(certs.path(), "one");
+    let live_cert: PathBuf = certs.path().join("live.pem");
+    let live_key: PathBuf = certs.path().join("live.key");
+    std::fs::copy(certs.path().join("one.pem"), &live_cert).unwrap();
+    std::fs::copy(certs.path().join("one.key"), &live_key).unwrap();
+    let s = start(WebConfig {
+        tls_cert: Some(live_cert.clone()),
+        tls_key: Some(live_key.clone()),
+        tls_reload_secs: 1,
+        ..open()
+    })
+    .await;
+    let ca = certs.path().join("ca.pem");
+    let (host, target) = gpg_wkd_url("alice@example.net");
+    let (r, served) = tls_get(s.addr, &ca, &host, &target).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(served, first);
+
+    // Renewal: new files in place (mtime later), no restart.
+    let second = make_leaf(certs.path(), "two");
+    assert_ne!(first, second);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::copy(certs.path().join("two.key"), &live_key).unwrap();
+    std::fs::copy(certs.path().join("two.pem"), &live_cert).unwrap();
+    let mut now_served = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        now_served = tls_get(s.addr, &ca, "example.net", "/.well-known/openpgpkey/policy")
+            .await
+            .1;
+        if now_served == second {
+            break;
+        }
+    }
+    assert_eq!(now_served, second, "the renewed certificate is served");
+
+    // A broken file is not loaded: the good one stays.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(&live_cert, "not a certificate").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (r, still) = tls_get(s.addr, &ca, "example.net", "/.well-known/openpgpkey/policy").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(still, second);
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let s = start(WebConfig {
+        idle_timeout_secs: 1,
+        ..open()
+    })
+    .await;
+    let mut tcp = TcpStream::connect(s.addr).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(
+        r.is_ok(),
+        "the server closed the half-sent request within the idle timeout"
+    );
+}
