@@ -5,6 +5,10 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use kst_bin::server::web::{KeyLookup, WebConfig, WebLimits, WebService, serve};
+use kst_core::wkd::WkdHash;
+use kst_core::{KeyRecord, KeyStore};
+use kst_tests::wkd::{WkdHome, WkdMethod, WkdTestbed};
 use kst_tests::{Gpg, TestKst, code, received_authenticated, received_plain, stderr};
 
 const REQUEST: &str = include_str!("fixtures/wks/create-request.eml");
@@ -243,4 +247,132 @@ fn garbage_submissions_are_decided_and_a_bad_key_file_defers() {
     for line in SUBMISSION_SECRET.lines().filter(|l| l.len() > 20) {
         assert!(!all.contains(line), "key material in the output: {all}");
     }
+}
+
+/// The store as the web listener reads it: by address only (gpg sends `l=`, so WKD needs no
+/// hash index; VKS and HKP are not used here).
+struct ByAddress(kst_fs::FsStore);
+
+#[async_trait::async_trait]
+impl KeyLookup for ByAddress {
+    fn name(&self) -> &'static str {
+        "fs-by-address"
+    }
+    async fn by_address(&self, a: &kst_core::Address) -> kst_core::Result<Option<KeyRecord>> {
+        self.0.get(a).await
+    }
+    async fn by_wkd_hash(&self, _: &str, _: &WkdHash) -> kst_core::Result<Option<KeyRecord>> {
+        Ok(None)
+    }
+    async fn by_fingerprint(&self, _: &str) -> kst_core::Result<Vec<KeyRecord>> {
+        Ok(Vec::new())
+    }
+    async fn by_key_id(&self, _: &str) -> kst_core::Result<Vec<KeyRecord>> {
+        Ok(Vec::new())
+    }
+}
+
+/// kst's `[web]` listener on `addr:443` with the WKD test bed's TLS files, over the test KST's
+/// store, in a thread of its own. (`kst serve` does not start `[web]` yet; this is the same
+/// `kst_bin::server::web::serve`.) It stops with the test process.
+fn start_web(kst: &TestKst, bed: &WkdTestbed, addr: std::net::Ipv4Addr) {
+    let keys = kst.dir.path().join("keys");
+    let (cert, key) = (bed.cert().to_path_buf(), bed.key().to_path_buf());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let store = kst_fs::FsStore::open(&keys).await.unwrap();
+            let listener = tokio::net::TcpListener::bind((addr, 443)).await.unwrap();
+            let service = WebService {
+                lookup: std::sync::Arc::new(ByAddress(store)),
+                counters: std::sync::Arc::new(kst_core::MemoryRateLimiter::new()),
+                domains: vec!["example.net".into(), "example.org".into()],
+                address_policy: kst_core::AddressPolicy::default(),
+                config: WebConfig {
+                    listen: format!("{addr}:443"),
+                    tls_cert: Some(cert),
+                    tls_key: Some(key),
+                    limits: WebLimits::OFF,
+                    ..WebConfig::default()
+                },
+            };
+            ready_tx.send(()).unwrap();
+            serve(listener, service, std::future::pending())
+                .await
+                .unwrap();
+        });
+    });
+    ready_rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the web listener starts");
+}
+
+/// The whole GnuPG path: `kst wks keygen` publishes the submission key, kst's own WKD serves it,
+/// Debian's `gpg-wks-client --create` finds it there and writes the request, authenticated
+/// `kst deliver` publishes the key, and gpg finds it by WKD afterwards. Needs root (the WKD test
+/// bed: trust store, port 443, mount namespaces); says so and returns otherwise.
+#[test]
+fn gpg_wks_client_publishes_through_kst_own_wkd() {
+    let bed = match WkdTestbed::up() {
+        Ok(bed) => bed,
+        Err(why) => {
+            eprintln!("SKIPPED gpg_wks_client_publishes_through_kst_own_wkd: {why}");
+            return;
+        }
+    };
+    let (kst, _key_file) = wks_kst("");
+    let out = kst.kst(&["wks", "keygen", "example.net"], b"");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let addr = WkdTestbed::free_addr();
+    start_web(&kst, bed, addr);
+    let view = bed.view(addr, WkdMethod::Advanced);
+
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let home = WkdHome::new();
+    home.import(gpg.export_secret("alice@example.net").as_bytes());
+    let supported = view.wks_client(home.path(), &["--supported", "alice@example.net"]);
+    assert!(
+        supported.status.success(),
+        "--supported: {}",
+        stderr(&supported)
+    );
+    let request = kst.dir.path().join("request.eml");
+    let created = view.wks_client(
+        home.path(),
+        &[
+            "-o",
+            request.to_str().unwrap(),
+            "--create",
+            &alice.fingerprint,
+            "alice@example.net",
+        ],
+    );
+    assert!(created.status.success(), "--create: {}", stderr(&created));
+    let mail = std::fs::read_to_string(&request).unwrap();
+    assert!(mail.contains("Wks-Draft-Version"), "{mail}");
+    assert!(mail.contains("multipart/encrypted"), "{mail}");
+
+    let mut raw = received_authenticated("alice@example.net", "mail.example.net");
+    raw.push_str(&mail);
+    let out = kst.deliver("alice@example.net", "keys@example.net", raw.as_bytes());
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        published_fingerprint(&kst, "alice@example.net"),
+        Some(alice.fingerprint.clone())
+    );
+    assert!(words(&kst.last_reply()).contains("is now published for alice@example.net"));
+
+    // Afterwards gpg's WKD look-up and gpg-wks-client --check find it.
+    let fresh = WkdHome::new();
+    let located = view.gpg_locate_wkd(fresh.path(), "alice@example.net");
+    assert!(located.status.success(), "{}", stderr(&located));
+    assert!(fresh.fingerprints().contains(&alice.fingerprint));
+    let check = view.wks_client(fresh.path(), &["--check", "alice@example.net"]);
+    assert!(check.status.success(), "--check: {}", stderr(&check));
 }
