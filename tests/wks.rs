@@ -376,3 +376,38 @@ fn gpg_wks_client_publishes_through_kst_own_wkd() {
     let check = view.wks_client(fresh.path(), &["--check", "alice@example.net"]);
     assert!(check.status.success(), "--check: {}", stderr(&check));
 }
+
+/// `kst serve` publishes a configured submission key that gpg made (not `kst wks keygen`), so the
+/// WKD serves it from the first start on.
+#[test]
+fn serve_publishes_a_configured_submission_key() {
+    let (kst, key_file) = wks_kst("");
+    install_fixture_key(&key_file);
+    assert_eq!(published_fingerprint(&kst, "keys@example.net"), None);
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let lmtp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (http_addr, lmtp_addr) = (http.local_addr().unwrap(), lmtp.local_addr().unwrap());
+    drop((http, lmtp));
+    let mut child = std::process::Command::new(kst_tests::kst_binary())
+        .args(["serve", "--config"])
+        .arg(&kst.config)
+        .env("KST_HTTP__LISTEN", http_addr.to_string())
+        .env("KST_LMTP__LISTEN", lmtp_addr.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn kst serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut published = None;
+    while std::time::Instant::now() < deadline && published.is_none() {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        published = published_fingerprint(&kst, "keys@example.net");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        published.as_deref(),
+        Some("4357D7BD290B536F57376DC8546C22E8C02CD0A6")
+    );
+}

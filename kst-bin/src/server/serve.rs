@@ -89,6 +89,7 @@ async fn start(cfg: Config) -> u8 {
         store = kst.store().name(),
         "kst serve starting"
     );
+    wiring::publish_submission_keys(&kst).await;
     match daemon(cfg.lmtp.clone(), cfg.http.clone(), kst).await {
         Ok(()) => {
             tracing::info!("kst serve stopped");

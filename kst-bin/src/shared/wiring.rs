@@ -44,3 +44,40 @@ pub async fn build_kst_with(config: &Config, reach: Reach) -> Result<Kst, kst_co
         .with_envelope_from(envelope_from)
         .with_submission_keys(Arc::new(submission_keys)))
 }
+
+/// Makes sure the store holds the public part of every configured WKS submission key for its
+/// `keys@<domain>` (the WKD serves it from there, and `gpg-wks-client` encrypts to it), also
+/// when the operator made the key with gpg instead of `kst wks keygen`. Publishing the key that
+/// is already current changes nothing. A store that is down only delays it to the next start:
+/// logged, never fatal.
+pub async fn publish_submission_keys(kst: &Kst) {
+    let policy = kst.policy();
+    let key_policy = kst_core::validate::KeyPolicy {
+        max_key_bytes: policy.max_key_bytes,
+        address_policy: policy.address_policy.clone(),
+        ..kst_core::validate::KeyPolicy::default()
+    };
+    for (domain, key) in kst.submission_keys().iter() {
+        let Some(service) = policy.service_address(domain) else {
+            continue;
+        };
+        let outcome = match key.publication(&service, &key_policy) {
+            Ok(p) => kst.store().publish(p).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(o) => tracing::info!(
+                address = %service,
+                fingerprint = key.fingerprint(),
+                new = matches!(o, kst_core::PublishOutcome::Published(_)),
+                "WKS submission key published"
+            ),
+            Err(e) => tracing::warn!(
+                address = %service,
+                fingerprint = key.fingerprint(),
+                error = %e,
+                "WKS submission key not published; gpg-wks-client cannot find it by WKD until it is"
+            ),
+        }
+    }
+}
