@@ -1,6 +1,7 @@
 //! WKS publication through the real path: `kst wks keygen`, then `kst deliver` with submissions
-//! that GnuPG made (the committed `gpg-wks-client --create` mail, and a PGP/MIME submission that
-//! real gpg encrypts at test time to the key kst generated), the filesystem store, the spool.
+//! that GnuPG made (Debian's `gpg-wks-client --create` against kst's own WKD when root, the
+//! committed `--create` mail, a PGP/MIME submission that gpg encrypts at test time to the key kst
+//! generated), the filesystem store, the spool; and `kst serve` publishing a configured key.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
