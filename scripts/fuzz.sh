@@ -18,7 +18,7 @@ if [ ${#targets[@]} -eq 0 ]; then
     mapfile -t targets < <(cargo fuzz list)
 fi
 # Seed corpora from the real fixtures so that the fuzzer starts from valid input.
-mkdir -p corpus/key_validate corpus/classify corpus/handle corpus/headers
+mkdir -p corpus/key_validate corpus/classify corpus/handle corpus/headers corpus/wks
 cp -n ../kst-core/testdata/keys/*.pub.asc corpus/key_validate/ 2>/dev/null || true
 cp -n ../kst-core/testdata/*.pub.asc corpus/key_validate/ 2>/dev/null || true
 # Hand-written requests (publication with a trusted Received header, retrieval, deletion,
@@ -26,6 +26,8 @@ cp -n ../kst-core/testdata/*.pub.asc corpus/key_validate/ 2>/dev/null || true
 cp -n seeds/handle/* corpus/handle/
 cp -n seeds/handle/* corpus/classify/
 cp -n seeds/headers/* corpus/headers/
+# The real gpg-wks-client --create mail (decryptable with the fixture submission key).
+cp -n seeds/wks/* corpus/wks/
 for t in "${targets[@]}"; do
     echo "== fuzzing $t for ${seconds}s"
     # kst is #![forbid(unsafe_code)]: panics, hangs and OOM are what we look for, so no ASan.
