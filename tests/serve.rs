@@ -591,7 +591,7 @@ fn forged_floods_do_not_lock_the_victim_out(store_env: &[(&str, &str)]) {
         Ok(Verified::Published { .. })
     ));
     // Her own retrieval through authenticated submission is answered.
-    let q = client::build_retrieval(&addr("alice@example.test"), &addr("bob@example.org"));
+    let q = client::build_retrieval(&addr("alice@example.test"), &addr("bob@example.test"));
     let mut raw = received_authenticated("alice@example.test", "localhost").into_bytes();
     raw.extend_from_slice(&q.message);
     let reply = c.transaction("alice@example.test", &raw);
