@@ -207,7 +207,7 @@ transport_table() {
     lmtp)
       operator_paths "$DEPLOY/postfix/transport" \
         | sed -E -e 's/^(keys@[^[:space:]]+[[:space:]]+kstpipe:)/#\1/' \
-          -e '/,/!s/^#(keys@[^[:space:]]+[[:space:]]+kstlmtp:)/\1/'
+          -e '/,/!s/^#(keys@[^[:space:]]+[[:space:]]+kstlmtp:inet:)/\1/'
       ;;
     pool)
       operator_paths "$DEPLOY/postfix/transport" \
@@ -358,6 +358,10 @@ write_files() {
     put_map "$m" <"$DEPLOY/postfix/testbed/$m"
   done
   put_map transport < <(transport_table)
+  # A regexp table: no postmap.
+  if put "$PF_CONF/kst_recipient_access" 0644 root:root <"$DEPLOY/postfix/kst_recipient_access"; then
+    CHANGED_POSTFIX=1
+  fi
   local want
   case "$MODE" in
     pipe) want="kstpipe:" ;;

@@ -249,13 +249,10 @@ fn key_problems_get_specific_reasons() {
 fn exit_codes_follow_sysexits() {
     let kst = TestKst::new("");
     let q = client::build_retrieval(&addr("dave@acme.net"), &addr("alice@example.net"));
-    // Not for kst: unknown recipient, oversize.
+    // Not for kst: a recipient that is not kst's.
     let out = kst.deliver("dave@acme.net", "alice@example.net", &q.message);
     assert_eq!(code(&out), 65, "{}", stderr(&out));
     let out = kst.deliver("dave@acme.net", "keys@acme.net", &q.message);
-    assert_eq!(code(&out), 65);
-    let big = vec![b'x'; 2 * 1024 * 1024 + 10];
-    let out = kst.deliver("dave@acme.net", "keys@example.net", &big);
     assert_eq!(code(&out), 65);
     // Loops: accepted, unanswered.
     let out = kst.deliver("", "keys@example.net", &q.message);
@@ -412,4 +409,175 @@ fn rate_limits_hold_across_deliver_processes() {
     );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(kst.replies().len(), 3);
+}
+
+/// Issue 13 item 2: oversize mail and `keys+extension@` of a served domain are decided (dropped,
+/// logged, exit 0), never bounced (exit 65 made Postfix mail the attacker's text to whatever
+/// sender was forged). The oversize message is read to its end: pipe(8) sees no broken pipe.
+#[test]
+fn oversize_and_extension_mail_is_dropped_never_bounced() {
+    let kst = TestKst::new("");
+    let q = client::build_retrieval(&addr("victim@acme.net"), &addr("alice@example.net"));
+    for rcpt in ["keys+anything@example.net", "keys+x@example.org"] {
+        let out = kst.deliver("victim@acme.net", rcpt, &q.message);
+        assert_eq!(code(&out), 0, "{rcpt}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("address-extension"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // 20 MiB, ten times the limit: read to its end and dropped.
+    let mut big = q.message.clone();
+    big.resize(20 * 1024 * 1024, b'x');
+    let mut cmd = std::process::Command::new(kst_tests::kst_binary());
+    cmd.args(["deliver", "--sender", "victim@acme.net"])
+        .args(["--recipient", "keys@example.net", "--config"])
+        .arg(&kst.config)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn kst");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        stdin.write_all(&big)
+    });
+    let out = child.wait_with_output().expect("kst runs");
+    writer
+        .join()
+        .expect("writer")
+        .expect("kst reads the whole oversize message (no broken pipe)");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("too-large"), "{}", stderr(&out));
+    assert!(
+        kst.replies().is_empty(),
+        "nothing answered, nothing bounced"
+    );
+}
+
+/// Issue 13 item 9: without `--sender`, a retrieval whose topmost `Return-Path:` is `<>` (what
+/// pipe(8) flag R writes for a bounce) gets no reply; it does not fall back to `From:`.
+#[test]
+fn null_return_path_without_sender_is_never_answered() {
+    let kst = TestKst::new("");
+    let q = client::build_retrieval(&addr("bob@acme.net"), &addr("alice@example.net"));
+    for rp in ["Return-Path: <>\r\n", "Return-Path:  < >\r\n"] {
+        let mut raw = rp.as_bytes().to_vec();
+        raw.extend_from_slice(&q.message);
+        let out = kst.kst(&["deliver", "--recipient", "keys@example.net"], &raw);
+        assert_eq!(code(&out), 0, "{rp}: {}", stderr(&out));
+        assert!(stderr(&out).contains("null-sender"), "{}", stderr(&out));
+    }
+    assert!(kst.replies().is_empty(), "a null sender never gets a reply");
+    // The same request with a real Return-Path is answered there.
+    let mut raw = b"Return-Path: <bob@acme.net>\r\n".to_vec();
+    raw.extend_from_slice(&q.message);
+    let out = kst.kst(&["deliver", "--recipient", "keys@example.net"], &raw);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(kst.replies().len(), 1);
+}
+
+/// A retrieval from the internet, through the MX `mail.example.net` from `ip`.
+fn forged_retrieval(sender: &str, query: &str, ip: &str) -> Vec<u8> {
+    kst_tests::retrieval_from(sender, query, ip, "mail.example.net")
+}
+
+/// Issue 13 item 1 through `kst deliver` and the fs store's counters shared on disk by every
+/// process: floods from many forged senders (envelope sender alice, from many hosts; retrievals
+/// of alice's key from many throwaway senders of one domain) use up nothing alice needs. Her
+/// authenticated publication and her own retrieval are answered, and so is a stranger's
+/// retrieval of her key.
+#[test]
+fn forged_floods_do_not_lock_the_victim_out_of_deliver() {
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let kst = TestKst::new("");
+    let env = [
+        ("KST_LIMITS__PER_SENDER", "3"),
+        ("KST_LIMITS__PER_SENDER_QUERY", "2"),
+        ("KST_LIMITS__PER_ACCOUNT", "3"),
+    ];
+    let deliver = |sender: &str, raw: &[u8]| {
+        let out = kst.kst_env(
+            &[
+                "deliver",
+                "--sender",
+                sender,
+                "--recipient",
+                "keys@example.net",
+            ],
+            raw,
+            &env,
+        );
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        stderr(&out)
+    };
+    // 8 forged requests as alice, each from another host: 3 answered (the backscatter cap),
+    // then the sender counter is spent.
+    let mut limited = 0;
+    for i in 0..8 {
+        let log = deliver(
+            "alice@example.net",
+            &forged_retrieval(
+                "alice@example.net",
+                &format!("u{i}@example.org"),
+                &format!("198.51.100.{i}"),
+            ),
+        );
+        limited += usize::from(log.contains("\"limit\":\"sender\""));
+    }
+    assert_eq!(
+        limited, 5,
+        "the per-recipient cap bounds backscatter to alice"
+    );
+    assert_eq!(kst.replies().len(), 3);
+    // 8 retrievals of alice's key from 8 throwaway senders of one domain: all answered (the
+    // queried address is no counter strangers can use up; nor is a sender domain).
+    for i in 0..8 {
+        let sender = format!("throwaway{i}@freemail.example");
+        let log = deliver(
+            &sender,
+            &forged_retrieval(&sender, "alice@example.net", "192.0.2.9"),
+        );
+        assert!(!log.contains("rate-limited"), "{log}");
+    }
+    assert_eq!(kst.replies().len(), 11);
+    // alice's own authenticated publication is published.
+    let k = kst_core::AuthKey::generate();
+    let log = deliver(
+        "alice@example.net",
+        &fig3(&alice.public_armored, &k.to_base64()),
+    );
+    assert!(log.contains("\"outcome\":\"published\""), "{log}");
+    let p = pending(
+        Asked::Publication {
+            account: addr("alice@example.net"),
+            fingerprint: alice.fingerprint.clone(),
+        },
+        "0efca192bb11e87d9978@example.net",
+        &k,
+    );
+    assert!(matches!(
+        client::verify_reply(&p, &kst.last_reply()).unwrap(),
+        Verified::Published { .. }
+    ));
+    // Her own retrieval, through the provider's authenticated submission, is answered.
+    let q = client::build_retrieval(&addr("alice@example.net"), &addr("bob@example.org"));
+    let mut raw = received_authenticated("alice@example.net", "mail.example.net").into_bytes();
+    raw.extend_from_slice(&q.message);
+    let log = deliver("alice@example.net", &raw);
+    assert!(log.contains("not-found"), "{log}");
+    assert!(matches!(
+        client::verify_reply(&q.pending, &kst.last_reply()).unwrap(),
+        Verified::NotFound { .. }
+    ));
+    // And a new correspondent still gets her key.
+    let q = client::build_retrieval(&addr("carol@acme.net"), &addr("alice@example.net"));
+    deliver("carol@acme.net", &q.message);
+    assert!(matches!(
+        client::verify_reply(&q.pending, &kst.last_reply()).unwrap(),
+        Verified::Found { .. }
+    ));
 }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use kst_core::AddressPolicy;
 use kst_core::client::{self, Verified};
-use kst_tests::{Gpg, TestKst, code, kst_binary, received_authenticated, stderr};
+use kst_tests::{
+    Gpg, TestDb, TestKst, TestPrefix, code, kst_binary, received_authenticated, stderr,
+};
 
 /// How long the test waits for anything (a hang guard, not a speed check).
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -39,8 +41,9 @@ impl Serve {
         Serve::start_with(None, &[])
     }
 
-    /// `kst serve` listening for LMTP on `listen` (a free loopback port when `None`), with
-    /// `env` added to its environment.
+    /// `kst serve` listening for LMTP on `listen` (a free loopback port when `None`; the
+    /// default, a Unix socket under `./data`, when it returns ""), with `env` added to its
+    /// environment.
     fn start_with(listen: Option<&dyn Fn(&Path) -> String>, env: &[(&str, &str)]) -> Serve {
         let cwd = tempfile::Builder::new()
             .prefix("kst-serve-")
@@ -57,11 +60,13 @@ impl Serve {
             }
         }
         cmd.envs(env.iter().copied());
+        if !listen.is_empty() {
+            cmd.env("KST_LMTP__LISTEN", &listen);
+        }
         let child = cmd
             .arg("serve")
             .current_dir(cwd.path())
             .env_remove("RUST_LOG")
-            .env("KST_LMTP__LISTEN", &listen)
             .env("KST_HTTP__LISTEN", http.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -144,9 +149,13 @@ impl Drop for Serve {
     }
 }
 
+/// A byte stream an LMTP client can talk over (TCP or a Unix socket).
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
 /// A blocking LMTP client.
 struct Lmtp {
-    io: BufReader<TcpStream>,
+    io: BufReader<Box<dyn Stream>>,
 }
 
 impl Lmtp {
@@ -154,7 +163,15 @@ impl Lmtp {
         let s = TcpStream::connect(at).expect("connect LMTP");
         s.set_read_timeout(Some(PATIENCE)).expect("timeout");
         Lmtp {
-            io: BufReader::new(s),
+            io: BufReader::new(Box::new(s)),
+        }
+    }
+
+    fn connect_unix(path: &Path) -> Lmtp {
+        let s = std::os::unix::net::UnixStream::connect(path).expect("connect LMTP socket");
+        s.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        Lmtp {
+            io: BufReader::new(Box::new(s)),
         }
     }
 
@@ -276,9 +293,17 @@ fn serve_without_config_publishes_retrieves_and_stops_gracefully_on_sigterm() {
     let lhlo = c.hello();
     let first = lhlo.lines().next().expect("a line");
     assert!(first.ends_with(" kst LMTP"), "{lhlo}");
-    for cap in ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SIZE "] {
+    for cap in ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"] {
         assert!(lhlo.contains(cap), "{cap} missing: {lhlo}");
     }
+    // No SIZE (issue 13): Postfix would bounce larger mail itself, to a forged sender.
+    assert!(!lhlo.contains("SIZE"), "{lhlo}");
+    // TCP is an explicit choice here, and kst warns that it has no LMTP AUTH.
+    assert!(
+        serve.log().contains("does not implement LMTP AUTH"),
+        "{}",
+        serve.log()
+    );
 
     // A publication, then a retrieval by someone else, over the same connection.
     let (raw, pending) = publication(&alice.public_armored);
@@ -469,4 +494,135 @@ fn null_envelope_from_works_in_config_check_deliver_and_serve() {
         "{}",
         String::from_utf8_lossy(&replies[0])
     );
+}
+
+/// Issue 13 item 8: with no `[lmtp] listen` (the README's first command), `kst serve` listens on
+/// the Unix socket `./data/lmtp.sock`, mode 0660, in the group `[lmtp] socket_group`; no TCP
+/// port, no TCP warning; a retrieval over the socket is answered.
+#[test]
+fn serve_listens_on_a_unix_socket_under_data_by_default() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let probe = tempfile::tempdir().expect("temp dir");
+    let gid = std::fs::metadata(probe.path()).expect("metadata").gid();
+    let gid = gid.to_string();
+    let serve = Serve::start_with(
+        Some(&|_: &Path| String::new()),
+        &[("KST_LMTP__SOCKET_GROUP", gid.as_str())],
+    );
+    let sock = serve.cwd.path().join("data/lmtp.sock");
+    let meta = std::fs::symlink_metadata(&sock).expect("the socket exists");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid().to_string(), gid);
+    assert!(TcpStream::connect(serve.lmtp).is_err(), "no TCP listener");
+    let log = serve.log();
+    assert!(log.contains("unix:./data/lmtp.sock"), "{log}");
+    assert!(!log.contains("does not implement LMTP AUTH"), "{log}");
+    let mut c = Lmtp::connect_unix(&sock);
+    c.hello();
+    let req = client::build_retrieval(&addr("bob@example.org"), &addr("alice@example.test"));
+    let reply = c.transaction("bob@example.org", &req.message);
+    assert!(
+        reply.ends_with("decided: not-found"),
+        "{reply}\n{}",
+        serve.log()
+    );
+    assert_eq!(serve.replies().len(), 1);
+}
+
+/// A retrieval from the internet (the local MX, `localhost`, received it from `ip`).
+fn internet_retrieval(sender: &str, query: &str, ip: &str) -> Vec<u8> {
+    kst_tests::retrieval_from(sender, query, ip, "localhost")
+}
+
+/// Issue 13 item 1 through `kst serve` on the shared counters of `store_env`'s backend: floods
+/// from many forged senders use up nothing the victim needs.
+fn forged_floods_do_not_lock_the_victim_out(store_env: &[(&str, &str)]) {
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.test", "ed25519");
+    let mut env = vec![
+        ("KST_LIMITS__PER_SENDER", "3"),
+        ("KST_LIMITS__PER_SENDER_QUERY", "2"),
+        ("KST_LIMITS__PER_ACCOUNT", "3"),
+    ];
+    env.extend_from_slice(store_env);
+    let serve = Serve::start_with(None, &env);
+    let mut c = Lmtp::connect(serve.lmtp);
+    c.hello();
+    let (raw, _) = publication(&alice.public_armored);
+    let reply = c.transaction("alice@example.test", &raw);
+    assert!(
+        reply.ends_with("decided: published"),
+        "{reply}\n{}",
+        serve.log()
+    );
+    // 10 forged retrievals as alice from 10 hosts: 3 answered (the backscatter cap), the
+    // rest silenced on the sender counter.
+    let mut limited = 0;
+    for i in 0..10 {
+        let raw = internet_retrieval(
+            "alice@example.test",
+            &format!("u{i}@example.org"),
+            &format!("198.51.100.{i}"),
+        );
+        let reply = c.transaction("alice@example.test", &raw);
+        assert!(reply.starts_with("250 2.0.0"), "{reply}");
+        limited += usize::from(reply.ends_with("(rate-limited)"));
+    }
+    assert_eq!(limited, 7, "{}", serve.log());
+    // 10 retrievals of alice's key from throwaway senders of one domain: all answered.
+    for i in 0..10 {
+        let sender = format!("throwaway{i}@freemail.example");
+        let raw = internet_retrieval(&sender, "alice@example.test", "192.0.2.9");
+        let reply = c.transaction(&sender, &raw);
+        assert!(reply.ends_with("decided: found"), "{reply}");
+    }
+    // alice publishes again, authenticated: counted on her account only.
+    let (raw, pending) = publication(&alice.public_armored);
+    let reply = c.transaction("alice@example.test", &raw);
+    assert!(
+        reply.ends_with("decided: published"),
+        "{reply}\n{}",
+        serve.log()
+    );
+    let replies = serve.replies();
+    assert!(matches!(
+        client::verify_reply(&pending, replies.last().expect("a reply")),
+        Ok(Verified::Published { .. })
+    ));
+    // Her own retrieval through authenticated submission is answered.
+    let q = client::build_retrieval(&addr("alice@example.test"), &addr("bob@example.test"));
+    let mut raw = received_authenticated("alice@example.test", "localhost").into_bytes();
+    raw.extend_from_slice(&q.message);
+    let reply = c.transaction("alice@example.test", &raw);
+    assert!(
+        reply.ends_with("decided: not-found"),
+        "{reply}\n{}",
+        serve.log()
+    );
+    // A new correspondent still gets her key.
+    let q = client::build_retrieval(&addr("carol@acme.example"), &addr("alice@example.test"));
+    let reply = c.transaction("carol@acme.example", &q.message);
+    assert!(reply.ends_with("decided: found"), "{reply}");
+    // 1 + 3 + 10 + 1 + 1 + 1 replies.
+    assert_eq!(serve.replies().len(), 17, "{}", serve.log());
+}
+
+#[test]
+fn forged_floods_do_not_lock_the_victim_out_on_postgres() {
+    let db = TestDb::new();
+    forged_floods_do_not_lock_the_victim_out(&[
+        ("KST_STORE__BACKEND", "postgres"),
+        ("KST_STORE__URL", db.url.as_str()),
+    ]);
+}
+
+#[test]
+fn forged_floods_do_not_lock_the_victim_out_on_redis() {
+    let p = TestPrefix::new();
+    forged_floods_do_not_lock_the_victim_out(&[
+        ("KST_STORE__BACKEND", "redis"),
+        ("KST_STORE__URL", p.url.as_str()),
+        ("KST_STORE__PREFIX", p.prefix.as_str()),
+    ]);
 }

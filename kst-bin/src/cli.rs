@@ -82,7 +82,8 @@ pub enum Command {
     ///   kst import --config pg.toml keys.jsonl
     #[cfg(feature = "server")]
     Export {
-        /// Write to FILE instead of stdout.
+        /// Write to FILE instead of stdout: through a temporary file in its directory, synced
+        /// and renamed into place, so a failed export leaves no half file.
         #[arg(long, short = 'o', value_name = "FILE")]
         output: Option<PathBuf>,
     },

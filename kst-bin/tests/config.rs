@@ -419,3 +419,37 @@ fn lmtp_max_message_size_is_a_deprecated_alias_of_limits_max_message_bytes() {
     assert_eq!(key_of(&e), "lmtp.max_message_size");
     assert!(e.to_string().contains("limits.max_message_bytes"), "{e}");
 }
+
+/// Issue 13: the counters strangers could use up for others are gone; an old configuration that
+/// still names them gets an error that says what to do (delete, or rename), from the file and
+/// from the environment alike.
+#[test]
+fn removed_rate_limit_keys_say_what_replaces_them() {
+    let base = "[kst]\ndomains = [\"example.net\"]\n[limits]\n";
+    for (line, key, advice) in [
+        (
+            "per_queried_address = 120",
+            "limits.per_queried_address",
+            "Rename it to limits.per_sender_query",
+        ),
+        (
+            "per_sender_domain = 500",
+            "limits.per_sender_domain",
+            "Delete the line",
+        ),
+    ] {
+        let (_d, path) = file(&format!("{base}{line}\n"));
+        let e = Config::load_with_env(Some(&path), env(&[])).unwrap_err();
+        assert_eq!(key_of(&e), key);
+        assert!(e.to_string().contains(advice), "{e}");
+    }
+    let e = Config::load_with_env(
+        None,
+        env(&[
+            ("KST_KST__DOMAINS", "example.net"),
+            ("KST_LIMITS__PER_QUERIED_ADDRESS", "120"),
+        ]),
+    )
+    .unwrap_err();
+    assert_eq!(key_of(&e), "limits.per_queried_address");
+}

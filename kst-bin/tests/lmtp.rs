@@ -462,29 +462,52 @@ async fn pipelined_commands_in_one_write() {
     server.stop().await;
 }
 
+/// Issue 13 item 2: no `SIZE` in LHLO; oversize mail (even with a declared `SIZE=`) and mail for
+/// `keys+extension@` are read, dropped and acknowledged with a 250 per recipient, never a 5xx
+/// that the MTA would bounce to a possibly forged sender.
 #[tokio::test]
-async fn oversize_mail_is_refused_per_recipient_and_not_handled() {
+async fn oversize_and_extension_mail_is_dropped_with_250_never_bounced() {
     let mut server = start_limited(lmtp_config(), 4096).await;
     let mut c = server.connect().await;
-    c.greeting_and_lhlo().await;
-    c.send("MAIL FROM:<bob@example.org> SIZE=5000\r\n").await;
-    c.expect("552 5.3.4").await;
+    c.expect("220 ").await;
+    c.send("LHLO mail.example.net\r\n").await;
+    let lhlo = c.expect("250-").await;
+    assert!(!lhlo.contains("SIZE"), "no SIZE announced: {lhlo}");
+    c.send("MAIL FROM:<bob@example.org> SIZE=5000\r\nRSET\r\n")
+        .await;
+    c.expect("250 2.1.0").await;
+    c.expect("250 2.0.0").await;
 
     let (raw, _) = retrieval();
+    // 400 KB against a 4 KB limit: read to its end, never kept.
     let mut big = raw.clone();
-    big.extend_from_slice(format!("{}\r\n", "x".repeat(70)).repeat(100).as_bytes());
+    big.extend_from_slice(format!("{}\r\n", "x".repeat(70)).repeat(5700).as_bytes());
     let replies = c
         .transaction(
-            "bob@example.org",
+            "victim@acme.example",
             &["keys@example.net", "keys@example.org"],
             &big,
         )
         .await;
     assert_eq!(replies.len(), 2);
     for r in &replies {
-        assert!(r.starts_with("552 5.3.4"), "{r}");
+        assert!(r.ends_with("decided: ignored (too-large)"), "{r}");
     }
-    assert!(server.spooled().is_empty(), "nothing was handled");
+    // keys+anything@ of a served domain: accepted at RCPT, dropped.
+    let replies = c
+        .transaction(
+            "victim@acme.example",
+            &["keys+anything@example.net", "Keys-x@example.org"],
+            &raw,
+        )
+        .await;
+    for r in &replies {
+        assert!(r.ends_with("decided: ignored (address-extension)"), "{r}");
+    }
+    assert!(
+        server.spooled().is_empty(),
+        "nothing answered, nothing bounced"
+    );
     // The connection is still good for a message within the limit.
     let replies = c
         .transaction("bob@example.org", &["keys@example.net"], &raw)

@@ -72,6 +72,7 @@ const S_INVALID: u32 = 7;
 const S_ATOMIC: u32 = 8;
 const S_RACE: u32 = 9;
 const S_OTHER: u32 = 10;
+const S_RACE_DELETE: u32 = 11;
 
 // ---------------------------------------------------------------------------------------------
 // Test data
@@ -370,8 +371,9 @@ async fn assert_stored(what: &str, store: &dyn KeyStore, a: &Address, expected: 
 /// Runs every property in sequence on `store`, which must be empty at the start, then
 /// [`check_consistency`].
 ///
-/// [`concurrent_publishers`] runs here with two handles of the one store; backends run it again
-/// with separate instances.
+/// [`concurrent_publishers`] and [`publish_races_delete_and_restore`] run here with two handles
+/// of the one store; backends run them (and [`atomic_publish_across`]) again with separate
+/// instances.
 pub async fn run_all(store: Arc<dyn KeyStore>) {
     let s: &dyn KeyStore = &*store;
     let present = list("run_all", s, None, 1).await;
@@ -390,6 +392,7 @@ pub async fn run_all(store: Arc<dyn KeyStore>) {
     restore_rejects_invalid(s).await;
     atomic_publish(store.clone()).await;
     concurrent_publishers(vec![store.clone(), store.clone()]).await;
+    publish_races_delete_and_restore(store.clone(), store.clone()).await;
     check_succeeds(s).await;
     let n = check_consistency(s).await;
     assert!(
@@ -438,7 +441,8 @@ pub async fn unknown_address(store: &dyn KeyStore) {
 }
 
 /// Versions start at 1 and go up by one; `publish` returns exactly the stored record; `get`
-/// returns the newest; `history` is oldest first with the current key last; fields (including
+/// returns the newest; `history` is oldest first with the current key last, in numeric order
+/// past version 9 (a store that sorts versions as text puts 10 before 2); fields (including
 /// `revoked`, `published_at` and a non-ASCII address) come back verbatim; other addresses are
 /// untouched.
 pub async fn publish_get_history(store: &dyn KeyStore) {
@@ -448,15 +452,15 @@ pub async fn publish_get_history(store: &dyn KeyStore) {
     assert_eq!(a.as_str(), format!("versions@{DOMAIN}"));
 
     let mut expected = Vec::new();
-    for n in 1..=4 {
+    for n in 1..=11 {
         let r = publish_new(W, store, test_key(&a, S_BASICS, n), n).await;
         expected.push(r);
         assert_stored(W, store, &a, &expected).await;
     }
-    let mut revoked = test_key(&a, S_BASICS, 5);
+    let mut revoked = test_key(&a, S_BASICS, 12);
     revoked.revoked = true;
     revoked.published_at = u64::from(u32::MAX) + 7;
-    let r = publish_new(W, store, revoked, 5).await;
+    let r = publish_new(W, store, revoked, 12).await;
     assert!(r.revoked, "{W}: revoked must be kept");
     expected.push(r);
     assert_stored(W, store, &a, &expected).await;
@@ -670,7 +674,7 @@ pub async fn list_addresses(store: &dyn KeyStore) {
 }
 
 /// `restore` replaces the whole history of an address verbatim (gaps in the versions, revoked
-/// flags and timestamps included), also for an address that had nothing; publishing afterwards
+/// flags, timestamps and record formats included), also for an address that had nothing; publishing afterwards
 /// continues after the last restored version and honours the restored publication ids only.
 pub async fn restore_replaces_history(store: &dyn KeyStore) {
     const W: &str = "restore_replaces_history";
@@ -682,6 +686,7 @@ pub async fn restore_replaces_history(store: &dyn KeyStore) {
         .into_iter()
         .map(|(n, v)| test_key(&a, S_RESTORED, n).into_record(v))
         .collect();
+    records[0].format = RECORD_FORMAT + 6;
     records[1].revoked = true;
     records[2].published_at = 1_800_000_000;
     restore(W, store, &records).await;
@@ -779,15 +784,26 @@ pub async fn restore_rejects_invalid(store: &dyn KeyStore) {
 /// see whole records (key, fingerprint, version and publication id of one publication), complete
 /// histories, and never go back to an older version.
 pub async fn atomic_publish(store: Arc<dyn KeyStore>) {
+    atomic_publish_across(vec![store]).await;
+}
+
+/// [`atomic_publish`] with the writer on `stores[0]` and the readers spread over the others
+/// (separate instances on one namespace; all on `stores[0]` when it is the only one). It
+/// deletes its address first, so it can run more than once on one store.
+pub async fn atomic_publish_across(stores: Vec<Arc<dyn KeyStore>>) {
     const W: &str = "atomic_publish";
     const READERS: usize = 3;
+    assert!(!stores.is_empty(), "{W} needs at least one store");
+    let store = stores[0].clone();
     let a = address(&format!("atomic@{DOMAIN}"));
+    delete(W, &*store, &a).await;
     let done = Arc::new(AtomicBool::new(false));
     let start = Arc::new(Barrier::new(READERS + 1));
 
     let mut readers = Vec::new();
     for reader in 0..READERS {
-        let (store, a, done, start) = (store.clone(), a.clone(), done.clone(), start.clone());
+        let store = stores[(reader + 1) % stores.len()].clone();
+        let (a, done, start) = (a.clone(), done.clone(), start.clone());
         readers.push(tokio::spawn(async move {
             let what = format!("{W} (reader {reader})");
             let mut seen = 0u64;
@@ -994,6 +1010,69 @@ pub async fn concurrent_publishers(stores: Vec<Arc<dyn KeyStore>>) {
             assert_stored(W, &**store, a, &expected).await;
         }
     }
+}
+
+/// Publications racing deletes and restores: one task publishes [`RACE_PUBLICATIONS`] keys to
+/// one address through `publisher` while `deleter` alternately deletes the address and restores
+/// a one-version history. Every call succeeds, and afterwards the history has versions `1..=n`
+/// without a gap, only whole records, the current key is its last entry, and `list` shows the
+/// address exactly when it has a history. It deletes its address first, so it can run more than
+/// once on one store.
+pub async fn publish_races_delete_and_restore(
+    publisher: Arc<dyn KeyStore>,
+    deleter: Arc<dyn KeyStore>,
+) {
+    const W: &str = "publish_races_delete_and_restore";
+    let a = address(&format!("race-delete@{DOMAIN}"));
+    delete(W, &*deleter, &a).await;
+    let p = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            for n in 1..=RACE_PUBLICATIONS {
+                publish(W, &*publisher, test_key(&a, S_RACE_DELETE, n)).await;
+            }
+        })
+    };
+    let mut rounds = 0u64;
+    while !p.is_finished() || rounds == 0 {
+        rounds += 1;
+        if rounds.is_multiple_of(2) {
+            delete(W, &*deleter, &a).await;
+        } else {
+            let n = RACE_PUBLICATIONS + rounds;
+            restore(
+                W,
+                &*deleter,
+                &[test_key(&a, S_RACE_DELETE, n).into_record(1)],
+            )
+            .await;
+        }
+        tokio::task::yield_now().await;
+    }
+    p.await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    let h = history(W, &*deleter, &a).await;
+    let versions: Vec<u64> = h.iter().map(|r| r.version).collect();
+    let want: Vec<u64> = (1..=h.len() as u64).collect();
+    assert_eq!(
+        versions, want,
+        "{W}: the history of {a} must have versions 1..=n after the race"
+    );
+    for r in &h {
+        assert_eq!(&r.address, &a, "{W}: record of another address");
+        assert_test_record(W, r);
+    }
+    same_record(
+        W,
+        &format!("the current key of {a} must be the last entry of its history"),
+        get(W, &*deleter, &a).await.as_ref(),
+        h.last(),
+    );
+    assert_eq!(
+        list_all(W, &*deleter, 100).await.contains(&a),
+        !h.is_empty(),
+        "{W}: list must show {a} exactly when it has a history"
+    );
 }
 
 /// Walks every listed address and checks the store's invariants: the listing is strictly

@@ -6,7 +6,9 @@
 //!   purpose); accept the message (exit 0, LMTP 250).
 //! - `Err(HandleError::Temporary)`: the store or mailer failed; nothing half-done is visible;
 //!   the MTA keeps the message and retries (exit 75, LMTP 4xx).
-//! - `Err(HandleError::NotForKst)`: unknown recipient or oversize mail (exit 65, LMTP 5xx).
+//! - `Err(HandleError::NotForKst)`: a recipient that is not kst's at all (exit 65, LMTP 5xx).
+//!   Oversize mail and mail for `keys+extension@` of a served domain are accepted and dropped
+//!   (`Ok`, silent), never bounced: a bounce would carry an outsider's text to a forged sender.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -68,6 +70,11 @@ pub enum Silence {
     /// authenticated submission nor an SPF/DKIM/DMARC pass in the provider's
     /// `Authentication-Results:` header.
     SenderNotVouched,
+    /// The message exceeds `max_message_bytes`: dropped unread, never bounced.
+    TooLarge,
+    /// Sent to `keys<delimiter>extension@` of a served domain (the MTA's recipient delimiter
+    /// routed it here): dropped, never bounced.
+    AddressExtension,
 }
 
 impl Silence {
@@ -84,6 +91,8 @@ impl Silence {
             Silence::Unparseable => "unparseable",
             Silence::RateLimited(_) => "rate-limited",
             Silence::SenderNotVouched => "sender-not-vouched",
+            Silence::TooLarge => "too-large",
+            Silence::AddressExtension => "address-extension",
         }
     }
 }
@@ -199,13 +208,14 @@ pub struct Handled {
 /// Mail that is not for kst at all: refuse permanently (5xx, exit 65).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum NotForKst {
-    /// The recipient is not `keys@` of a served domain.
+    /// The recipient is neither `keys@` of a served domain nor one of its extensions.
     #[error("recipient is not a key service address of this KST")]
     UnknownRecipient,
-    /// The message exceeds `max_message_bytes`.
-    #[error("message exceeds the size limit")]
-    TooLarge,
 }
+
+/// Characters an MTA may use as its recipient delimiter (Postfix `recipient_delimiter`):
+/// `keys` followed by one of them, at a served domain, is an extension of the service address.
+pub const RECIPIENT_DELIMITERS: &[char] = &['+', '-', '_', '.', '='];
 
 /// Why [`Kst::handle`] did not decide.
 #[derive(Debug, thiserror::Error)]
@@ -310,13 +320,53 @@ impl Kst {
         }
     }
 
+    /// True when `recipient` is `keys<delimiter>anything@` of a served domain (a delimiter of
+    /// [`RECIPIENT_DELIMITERS`] or the configured subaddress separator): mail the MTA routed to
+    /// kst through its recipient delimiter. kst accepts and drops it.
+    pub fn is_service_extension(&self, recipient: &str) -> bool {
+        let Some((local, domain)) = recipient.trim().rsplit_once('@') else {
+            return false;
+        };
+        let service = self.policy.service_local_part.as_str();
+        let Some(rest) = local
+            .get(..service.len())
+            .filter(|head| head.eq_ignore_ascii_case(service))
+            .map(|_| &local[service.len()..])
+        else {
+            return false;
+        };
+        let delimiter = rest.chars().next();
+        let is_delimiter = delimiter.is_some_and(|c| {
+            RECIPIENT_DELIMITERS.contains(&c)
+                || self.policy.address_policy.subaddress_separator == Some(c)
+        });
+        is_delimiter
+            && self
+                .policy
+                .address_policy
+                .normalize(&format!("{service}@{domain}"))
+                .is_ok_and(|a| self.policy.serves_domain(a.domain()))
+    }
+
+    /// True when kst takes mail for `recipient`: a service address or one of its extensions
+    /// (LMTP accepts these at RCPT time; everything else is refused there).
+    pub fn accepts_recipient(&self, recipient: &str) -> bool {
+        self.service_recipient(recipient).is_ok() || self.is_service_extension(recipient)
+    }
+
     /// Decides about one message delivered to `envelope.recipient`. See the module docs for
     /// what each result means to the MTA.
     pub async fn handle(&self, envelope: &Envelope, raw: &[u8]) -> Result<Handled, HandleError> {
+        let service = match self.service_recipient(&envelope.recipient) {
+            Ok(service) => service,
+            Err(_) if self.is_service_extension(&envelope.recipient) => {
+                return Ok(silent(None, RequestKind::Other, Silence::AddressExtension));
+            }
+            Err(e) => return Err(e.into()),
+        };
         if raw.len() > self.policy.max_message_bytes {
-            return Err(NotForKst::TooLarge.into());
+            return Ok(silent(None, RequestKind::Other, Silence::TooLarge));
         }
-        let service = self.service_recipient(&envelope.recipient)?;
         let Some(message) = MessageParser::default().parse(raw) else {
             return Ok(silent(None, RequestKind::Other, Silence::Unparseable));
         };

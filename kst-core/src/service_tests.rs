@@ -407,11 +407,39 @@ async fn not_for_kst_is_permanent() {
             Err(HandleError::NotForKst(NotForKst::UnknownRecipient))
         ));
     }
+    // Oversize mail and a served domain's keys+extension@ are decided (dropped), never
+    // bounced: a bounce would carry the sender's text to a forged envelope sender.
     let big = vec![b'a'; Policy::DEFAULT_MAX_MESSAGE_BYTES + 1];
-    assert!(matches!(
-        f.kst.handle(&env("carol@acme.net"), &big).await,
-        Err(HandleError::NotForKst(NotForKst::TooLarge))
-    ));
+    let h = f
+        .kst
+        .handle(&env("carol@acme.net"), &big)
+        .await
+        .expect("decided");
+    assert_eq!(h.decision, Decision::Ignored(Silence::TooLarge));
+    for rcpt in [
+        "keys+anything@example.net",
+        "KEYS+x@Example.NET",
+        "keys-foo@example.net",
+    ] {
+        let mut e = env("carol@acme.net");
+        e.recipient = rcpt.into();
+        assert!(f.kst.accepts_recipient(rcpt), "{rcpt}");
+        let h = f.kst.handle(&e, &req.message).await.expect(rcpt);
+        assert_eq!(
+            h.decision,
+            Decision::Ignored(Silence::AddressExtension),
+            "{rcpt}"
+        );
+    }
+    assert_eq!(f.sent(), 0, "nothing answered");
+    for rcpt in [
+        "keysx@example.net",
+        "keys+x@example.net.evil.example",
+        "keys+x@acme.net",
+        "alice+keys@example.net",
+    ] {
+        assert!(!f.kst.accepts_recipient(rcpt), "{rcpt}");
+    }
 }
 
 #[tokio::test]

@@ -15,14 +15,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::address::Address;
-use crate::error::{Error, Result};
+use crate::error::{Component, Error, Result};
 use crate::ratelimit::RateLimiter;
 use crate::store::{KeyRecord, KeyStore, NewKey, PublishOutcome};
 
 /// Runs `fut` for at most `timeout`; past it, a temporary error of `component` that says which
 /// operation (`op`) timed out.
 pub async fn within<T>(
-    component: &str,
+    component: impl Into<Component>,
     op: &str,
     timeout: Duration,
     fut: impl Future<Output = Result<T>>,
@@ -42,13 +42,13 @@ pub async fn within<T>(
 pub struct TimeoutStore<S> {
     inner: S,
     timeout: Duration,
-    component: String,
+    component: Component,
 }
 
 impl<S: KeyStore> TimeoutStore<S> {
     /// Wraps `inner`; errors name it as `store(<name>)`.
     pub fn new(inner: S, timeout: Duration) -> Self {
-        let component = format!("store({})", inner.name());
+        let component = Component::from(format!("store({})", inner.name()));
         TimeoutStore {
             inner,
             timeout,
@@ -77,7 +77,7 @@ impl<S> TimeoutStore<S> {
     /// Runs `fut` (an operation named `op` in the error) within the timeout: for the wrapped
     /// store's own operations beyond the traits.
     pub async fn run<T>(&self, op: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
-        within(&self.component, op, self.timeout, fut).await
+        within(self.component.clone(), op, self.timeout, fut).await
     }
 }
 

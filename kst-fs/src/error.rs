@@ -3,10 +3,10 @@
 use std::fmt;
 use std::path::Path;
 
-use kst_core::Error;
+use kst_core::{Component, Error};
 
 /// Component name used in every error of this crate.
-pub(crate) const COMPONENT: &str = "store(fs)";
+pub(crate) const COMPONENT: Component = Component::store("fs");
 
 /// An I/O error while doing `op` on `path`: the store is unavailable (temporary).
 pub(crate) fn io(op: &str, path: &Path, err: std::io::Error) -> Error {

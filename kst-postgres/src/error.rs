@@ -1,9 +1,9 @@
 //! Maps sqlx errors into [`kst_core::Error`]: unreachable server → temporary, bad rows → corrupt.
 
-use kst_core::Error;
+use kst_core::{Component, Error};
 
 /// Component name used in every error of this crate.
-pub(crate) const COMPONENT: &str = "store(postgres)";
+pub(crate) const COMPONENT: Component = Component::store("postgres");
 
 /// SQLSTATE of "relation does not exist": the schema was never migrated.
 const UNDEFINED_TABLE: &str = "42P01";

@@ -1,10 +1,10 @@
 //! Maps redis errors into [`kst_core::Error`]: unreachable server → temporary, bad data → corrupt.
 
-use kst_core::Error;
+use kst_core::{Component, Error};
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 
 /// Component name used in every error of this crate.
-pub(crate) const COMPONENT: &str = "store(redis)";
+pub(crate) const COMPONENT: Component = Component::store("redis");
 
 /// Maps a redis error. A key of the wrong type means someone else wrote under our prefix
 /// (corrupt); a bad client configuration or missing permission is a configuration error;

@@ -260,6 +260,23 @@ pub fn received_plain(helo: &str, by: &str) -> String {
     )
 }
 
+/// A retrieval of `query` by `sender` from the internet, as the MX `by` received it from the
+/// client at `ip` (the source kst counts).
+pub fn retrieval_from(sender: &str, query: &str, ip: &str, by: &str) -> Vec<u8> {
+    let policy = kst_core::AddressPolicy::default();
+    let (sender, query) = (
+        policy.normalize(sender).expect("sender"),
+        policy.normalize(query).expect("query"),
+    );
+    let q = kst_core::client::build_retrieval(&sender, &query);
+    let mut raw = format!(
+        "Received: from mx.forger.example (unknown [{ip}])\r\n\tby {by} (Postfix) with ESMTPS id F1\r\n\tfor <keys@example.net>; Sun, 4 Mar 2018 16:34:15 +0100 (CET)\r\n"
+    )
+    .into_bytes();
+    raw.extend_from_slice(&q.message);
+    raw
+}
+
 /// The key store of a [`TestKst`].
 #[derive(Debug, Clone)]
 pub enum Store {

@@ -28,7 +28,7 @@ use report::{Report, Sample};
 pub enum BenchCommand {
     /// Load a running `kst serve` over C reused LMTP connections.
     ///
-    /// Example: kst bench lmtp --connect 127.0.0.1:2424 --concurrency 8 --publications 2000 --retrievals 20000
+    /// Example: kst bench lmtp --connect unix:./data/lmtp.sock --concurrency 8 --publications 2000 --retrievals 20000
     Lmtp(LmtpArgs),
     /// Run one `kst deliver --config FILE` process per message (Postfix pipe mode), C at a time.
     ///
@@ -65,8 +65,9 @@ pub struct LoadArgs {
 /// `kst bench lmtp`.
 #[derive(Debug, Clone, Args)]
 pub struct LmtpArgs {
-    /// The LMTP address of `kst serve`: host:port, or unix:/path for a Unix socket.
-    #[arg(long, default_value = "127.0.0.1:2424")]
+    /// The LMTP address of `kst serve`: unix:/path for a Unix socket (default: the one `kst
+    /// serve` makes without a configuration, run from the same directory), or host:port.
+    #[arg(long, default_value = "unix:./data/lmtp.sock")]
     pub connect: String,
     /// Also read the server's own latency histogram from its `/metrics` (e.g.
     /// 127.0.0.1:8080) before and after each phase.

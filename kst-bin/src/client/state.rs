@@ -2,16 +2,17 @@
 //! and removed once its reply has been read, so that a crash or a timeout between sending and
 //! reading loses nothing: `kst client pending` lists them, `kst client check` finishes them.
 //!
-//! JSON, mode 0600 (it holds K_auth), replaced atomically (temporary file + rename) under an
+//! JSON, mode 0600 (it holds K_auth), replaced atomically and durably ([`kst_core::durable`]) under an
 //! exclusive lock on `<file>.lock`, so parallel `kst client` runs do not lose each other's
 //! entries.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use fs4::fs_std::FileExt;
 use kst_core::client::Pending;
+use kst_core::durable::{self, AtomicFile};
 use serde::{Deserialize, Serialize};
 
 /// One pending request.
@@ -99,8 +100,7 @@ impl State {
 
     fn lock(&self) -> Result<File, StateError> {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            create_private_dir(dir)
-                .map_err(|e| self.err(format!("cannot create {}: {e}", dir.display())))?;
+            durable::create_dir(dir).map_err(|e| self.err(e.to_string()))?;
         }
         let lock_path = self.path.with_extension("lock");
         let f = OpenOptions::new()
@@ -134,36 +134,14 @@ impl State {
         })
         .map_err(|e| self.err(format!("cannot encode: {e}")))?;
         body.push(b'\n');
-        let tmp = self.path.with_extension("tmp");
-        let result = (|| -> io::Result<()> {
-            let mut opts = OpenOptions::new();
-            opts.create(true).truncate(true).write(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                opts.mode(0o600);
-            }
-            let mut f = opts.open(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &self.path)
-        })();
-        result.map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            self.err(format!("cannot write: {e}"))
-        })
+        // A fixed temporary name, under the lock: one a crash left behind is overwritten.
+        let result = AtomicFile::create_with_temp(&self.path, self.path.with_extension("tmp"))
+            .and_then(|mut f| {
+                f.write_bytes(&body)?;
+                f.commit()
+            });
+        result.map_err(|e| self.err(format!("cannot write: {e}")))
     }
-}
-
-fn create_private_dir(dir: &Path) -> io::Result<()> {
-    let mut b = fs::DirBuilder::new();
-    b.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        b.mode(0o700);
-    }
-    b.create(dir)
 }
 
 #[cfg(test)]

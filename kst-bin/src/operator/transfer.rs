@@ -7,6 +7,7 @@
 use std::io::{BufRead, Write};
 use std::path::Path;
 
+use kst_core::durable::{AtomicFile, DurableError};
 use kst_core::{Address, Error, KeyRecord, KeyStore, store::validate_history};
 use serde::{Deserialize, Serialize};
 
@@ -44,37 +45,13 @@ async fn export_to(cfg: &Config, output: Option<&Path>) -> u8 {
             let mut out = std::io::BufWriter::new(stdout.lock());
             export(store.as_ref(), &mut out).await
         }
-        Some(path) => {
-            // Write beside the target and rename, so a failed export leaves no half file.
-            let tmp = path.with_extension("partial");
-            let file = match std::fs::File::create(&tmp) {
-                Ok(f) => f,
-                Err(e) => {
-                    eprintln!("kst: cannot create {}: {e}", tmp.display());
-                    return exit::CANTCREAT;
-                }
-            };
-            let mut out = std::io::BufWriter::new(file);
-            let r = export(store.as_ref(), &mut out).await;
-            drop(out);
-            match r {
-                Ok(c) => match std::fs::rename(&tmp, path) {
-                    Ok(()) => Ok(c),
-                    Err(e) => {
-                        eprintln!(
-                            "kst: cannot rename {} to {}: {e}",
-                            tmp.display(),
-                            path.display()
-                        );
-                        return exit::CANTCREAT;
-                    }
-                },
-                Err(e) => {
-                    let _ = std::fs::remove_file(&tmp);
-                    Err(e)
-                }
+        Some(path) => match export_to_file(store.as_ref(), path).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("kst: cannot write the export: {e}");
+                return exit::CANTCREAT;
             }
-        }
+        },
     };
     match result {
         Ok(c) => {
@@ -88,6 +65,29 @@ async fn export_to(cfg: &Config, output: Option<&Path>) -> u8 {
         }
         Err(e) => report::error(&e),
     }
+}
+
+/// Exports into `path` durably (see [`kst_core::durable`]): a failed export leaves no half
+/// file and the old file, if any, in place; a finished one survives a crash. The outer error is
+/// the file's (exit 73), the inner the store's.
+async fn export_to_file(
+    store: &dyn KeyStore,
+    path: &Path,
+) -> Result<Result<Counts, Error>, DurableError> {
+    let mut out = std::io::BufWriter::new(AtomicFile::create(path)?);
+    let counts = match export(store, &mut out).await {
+        Ok(c) => c,
+        // Dropped uncommitted: the temporary file is removed.
+        Err(e) => return Ok(Err(e)),
+    };
+    // `export` flushed the buffer, so taking the file out does not write.
+    let file = out.into_inner().map_err(|e| DurableError {
+        step: "write",
+        path: path.to_path_buf(),
+        source: e.into_error(),
+    })?;
+    file.commit()?;
+    Ok(Ok(counts))
 }
 
 async fn import_from(cfg: &Config, input: &Path) -> u8 {

@@ -11,7 +11,9 @@
 //! - 0: kst decided (published, answered, refused with a reply, or left unanswered on purpose);
 //! - 75 (EX_TEMPFAIL): store or mailer unavailable, or the configuration is wrong: Postfix keeps
 //!   the message and retries, nothing was half-done;
-//! - 65 (EX_DATAERR): the mail is not for kst (unknown recipient, over the size limit): bounced.
+//! - 65 (EX_DATAERR): the recipient is not kst's at all: bounced. Oversize mail and mail for
+//!   `keys+extension@` of a served domain are dropped with exit 0 instead (a bounce would carry
+//!   the sender's text to a possibly forged sender); stdin is read to its end, in bounded memory.
 
 use std::path::Path;
 use std::time::Instant;
@@ -34,7 +36,8 @@ configured mailer.
 
 Exit status: 0 once kst has decided (including refusals answered with a reply), 75 when the
 store, the mailer or the configuration is unusable (Postfix keeps the message and retries),
-65 for mail that is not for kst (unknown recipient, oversize).";
+65 for a recipient that is not kst's. Oversize mail and mail for keys+extension@ are dropped
+(logged, exit 0), never bounced.";
 
 /// `kst deliver --help`: the Postfix set-up.
 pub const DELIVER_AFTER: &str = "\
@@ -99,12 +102,21 @@ async fn deliver(config: Config, args: DeliverArgs) -> Result<u8, kst_core::Erro
     let started = Instant::now();
     let kst = build_kst(&config).await?;
     let max = kst.policy().max_message_bytes;
+    let stdin_error = |e| kst_core::Error::unavailable(kst_core::Component::other("stdin"), e);
     let mut raw = Vec::with_capacity(64 * 1024);
-    tokio::io::stdin()
+    let mut stdin = tokio::io::stdin();
+    (&mut stdin)
         .take(max as u64 + 1)
         .read_to_end(&mut raw)
         .await
-        .map_err(|e| kst_core::Error::unavailable(kst_core::Component::other("stdin"), e))?;
+        .map_err(stdin_error)?;
+    if raw.len() > max {
+        // Oversize: read the rest without keeping it (pipe(8) would see a broken pipe), so
+        // that kst decides (drops it, exit 0) instead of making Postfix bounce it.
+        tokio::io::copy(&mut stdin, &mut tokio::io::sink())
+            .await
+            .map_err(stdin_error)?;
+    }
     let recipient = match args.recipient {
         Some(r) => r,
         None => kst

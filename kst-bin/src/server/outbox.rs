@@ -15,11 +15,12 @@
 //!
 //! Run it from a timer (every minute) or after `kst serve` in a loop; see docs/OPERATIONS.md.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
 use fs4::fs_std::FileExt;
+use kst_core::durable;
 use kst_core::{Address, AddressPolicy, Mailer, OutgoingMail};
 
 use clap::Subcommand;
@@ -258,9 +259,7 @@ pub async fn send(cfg: &MailerConfig, dir: &Path) -> anyhow::Result<Report> {
     mailer.close().await;
     // Make the removals durable; a crash before this can only send a reply again.
     if report.sent > 0 || report.set_aside > 0 {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("cannot sync {}", dir.display()))?;
+        durable::sync_dir(dir)?;
     }
     Ok(report)
 }

@@ -21,11 +21,14 @@ pub const SERVE_LONG: &str = "\
 Runs the LMTP daemon that Postfix (or Exim) delivers keys@ mail to: one long-running process
 instead of one per message. Without --config it runs on the embedded default: keys@example.test,
 filesystem store in ./data/keys, replies spooled to ./data/outbox (`kst outbox send` sends them
-to the [mailer] relay), LMTP on 127.0.0.1:2424 and /healthz /readyz /metrics on 127.0.0.1:8080.
+to the [mailer] relay), LMTP on the Unix socket ./data/lmtp.sock (mode 0660) and /healthz
+/readyz /metrics on 127.0.0.1:8080.
 
-WARNING: the LMTP port is as trusted as the MTA. Whoever can connect to it can write a
-\"trusted\" Received: header and publish keys for any account. Keep [lmtp] listen on loopback
-or a Unix socket and [lmtp] allow as narrow as your MTA hosts.
+WARNING: the LMTP socket is as trusted as the MTA. Whoever can connect to it can write a
+\"trusted\" Received: header and publish keys for any account. Keep [lmtp] listen on a Unix
+socket with [lmtp] socket_group set to the MTA's group. TCP (listen = \"127.0.0.1:2424\") is an
+explicit choice that kst warns about: it does not implement LMTP AUTH, so keep [lmtp] allow as
+narrow as your MTA hosts.
 
 SIGTERM or SIGINT stops accepting, lets transactions in flight finish, then exits; a second
 signal exits at once (unacknowledged messages stay with the MTA).";
@@ -36,9 +39,9 @@ Postfix set-up:
 
   # /etc/postfix/main.cf
   smtpd_sasl_authenticated_header = yes
-  transport_maps = hash:/etc/postfix/transport    # keys@example.net  lmtp:inet:127.0.0.1:2424
+  transport_maps = hash:/etc/postfix/transport    # keys@example.net  lmtp:unix:/run/kst/lmtp.sock
 
-Config keys: [lmtp] listen, allow, max_connections, command_timeout_secs,
+Config keys: [lmtp] listen, socket_group, allow, max_connections, command_timeout_secs,
 data_timeout_secs, max_recipients, shutdown_grace_secs; [limits] max_message_bytes; [http]
 listen (\"\" turns it off).
 See deploy/kst.toml and docs/OPERATIONS.md.";
@@ -110,7 +113,7 @@ pub async fn daemon(lmtp: LmtpConfig, http: HttpConfig, kst: Kst) -> anyhow::Res
     lmtp.validate().context("invalid [lmtp] section")?;
     let signals = signal_count().context("cannot install the SIGTERM/SIGINT handlers")?;
     let metrics = metrics::init();
-    let listener = Listener::bind(&lmtp.listen)
+    let listener = Listener::bind_config(&lmtp)
         .await
         .with_context(|| format!("cannot listen for LMTP on {:?} (lmtp.listen)", lmtp.listen))?;
     let http_task = match http.listen.trim() {

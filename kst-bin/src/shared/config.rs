@@ -107,6 +107,13 @@ pub struct LimitsConfig {
     pub per_source_ip: u32,
     /// Length of the rate-limit window in seconds.
     pub window_secs: u64,
+    /// Removed (issue 13): strangers could use it up for a whole domain. Read only to say so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_sender_domain: Option<String>,
+    /// Removed (issue 13): strangers could use it up for everyone asking about one address.
+    /// Read only to say what replaces it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_queried_address: Option<String>,
 }
 
 impl Default for LimitsConfig {
@@ -123,6 +130,8 @@ impl Default for LimitsConfig {
             per_sender_query: r.per_sender_query,
             per_source_ip: r.per_source_ip,
             window_secs: r.window_secs,
+            per_sender_domain: None,
+            per_queried_address: None,
         }
     }
 }
@@ -420,6 +429,23 @@ impl Config {
     /// Moves deprecated keys to their new place, with a warning on stderr (logging is not set
     /// up yet when the configuration loads).
     fn apply_deprecated_keys(&mut self) -> Result<(), ConfigError> {
+        if self.limits.per_sender_domain.is_some() {
+            return Err(ConfigError::key(
+                "limits.per_sender_domain",
+                "was removed: forged senders of one domain could use it up and silence the whole \
+                 domain. Delete the line; unanswered requests are now capped per reply recipient \
+                 (limits.per_sender), per reply recipient and queried address \
+                 (limits.per_sender_query) and per source (limits.per_source_ip)",
+            ));
+        }
+        if self.limits.per_queried_address.is_some() {
+            return Err(ConfigError::key(
+                "limits.per_queried_address",
+                "was removed: strangers could use it up and silence the answers about one \
+                 address for everyone. Rename it to limits.per_sender_query (retrievals per reply \
+                 recipient and queried address, default 5)",
+            ));
+        }
         if let Some(size) = self.lmtp.max_message_size.take() {
             let limit = self.limits.max_message_bytes;
             if limit != Policy::DEFAULT_MAX_MESSAGE_BYTES && limit != size {

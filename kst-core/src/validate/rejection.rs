@@ -2,6 +2,7 @@
 
 use crate::address::Address;
 use crate::protocol::Reason;
+use crate::time::civil;
 
 /// Why a key was refused. Each message says what the user can do about it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -122,7 +123,7 @@ pub enum KeyRejection {
     #[error(
         "the key expired on {}; extend it (gpg --quick-set-expire FINGERPRINT 2y '*') and send \
          it again",
-        format_utc(*at)
+        format_utc_minutes(*at)
     )]
     Expired {
         /// When it expired, seconds since the Unix epoch.
@@ -168,23 +169,11 @@ impl KeyRejection {
     }
 }
 
-/// `secs` as `YYYY-MM-DD HH:MM UTC` (proleptic Gregorian calendar).
-pub(super) fn format_utc(secs: u64) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days, for days since 1970-01-01 (non-negative here).
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
+/// `secs` as `YYYY-MM-DD HH:MM UTC` (proleptic Gregorian calendar), for people to read.
+pub(super) fn format_utc_minutes(secs: u64) -> String {
+    let c = civil(secs);
     format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
-        rem / 3600,
-        rem / 60 % 60
+        "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+        c.year, c.month, c.day, c.hour, c.minute
     )
 }

@@ -15,7 +15,7 @@ use pgp::ser::Serialize;
 use pgp::types::{KeyDetails, PacketHeaderVersion, Password, Tag, Timestamp};
 use proptest::prelude::*;
 
-use super::rejection::format_utc;
+use super::rejection::format_utc_minutes;
 use super::user_id::uid_address;
 use super::*;
 use crate::address::{Address, AddressPolicy};
@@ -908,10 +908,13 @@ fn reasons() {
 
 #[test]
 fn utc_dates() {
-    assert_eq!(format_utc(0), "1970-01-01 00:00 UTC");
-    assert_eq!(format_utc(951_782_400), "2000-02-29 00:00 UTC");
-    assert_eq!(format_utc(1_577_923_200 + 3_660), "2020-01-02 01:01 UTC");
-    assert_eq!(format_utc(4_102_444_799), "2099-12-31 23:59 UTC");
+    assert_eq!(format_utc_minutes(0), "1970-01-01 00:00 UTC");
+    assert_eq!(format_utc_minutes(951_782_400), "2000-02-29 00:00 UTC");
+    assert_eq!(
+        format_utc_minutes(1_577_923_200 + 3_660),
+        "2020-01-02 01:01 UTC"
+    );
+    assert_eq!(format_utc_minutes(4_102_444_799), "2099-12-31 23:59 UTC");
 }
 
 proptest! {

@@ -14,12 +14,14 @@ async fn conformance_suite_on_an_empty_database() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn conformance_concurrent_publishers_on_separate_pools() {
+async fn conformance_concurrency_on_separate_pools() {
     let db = TestDb::new().await;
     let mut stores: Vec<Arc<dyn KeyStore>> = Vec::new();
     for _ in 0..4 {
         stores.push(Arc::new(db.store().await));
     }
     conformance::concurrent_publishers(stores.clone()).await;
+    conformance::atomic_publish_across(stores.clone()).await;
+    conformance::publish_races_delete_and_restore(stores[0].clone(), stores[1].clone()).await;
     assert!(conformance::check_consistency(&*stores[0]).await > 0);
 }

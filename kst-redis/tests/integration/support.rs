@@ -1,7 +1,8 @@
 //! Test helpers: a fresh key prefix per test, its keys deleted at the end, and test keys.
 
+use kst_core::conformance;
 use kst_core::store::TimeoutStore;
-use kst_core::{Address, AddressPolicy, KeyRecord, NewKey};
+use kst_core::{Address, AddressPolicy, NewKey};
 use kst_redis::RedisStore;
 
 /// URL of the shared test server.
@@ -96,24 +97,8 @@ pub fn addr(s: &str) -> Address {
     .expect("test address")
 }
 
-/// Test key number `n` for `address`: key bytes, fingerprint and publication id all derive from
-/// `n`, so a reader can check that a record is internally consistent.
+/// Test key `n` for `address`: series 0 of [`conformance::test_key`], whose fields all derive
+/// from `n` ([`conformance::assert_test_record`] checks that they still belong together).
 pub fn key(address: &Address, n: u64) -> NewKey {
-    NewKey {
-        address: address.clone(),
-        key: format!("key-{n}-of-{address}").into_bytes(),
-        fingerprint: format!("{n:040X}").parse().expect("40 hex digits"),
-        publication_id: format!("{n:032x}"),
-        published_at: 1_700_000_000 + n,
-        revoked: false,
-    }
-}
-
-/// Whether `r` is exactly what [`key`] makes for its own `n`.
-pub fn consistent(r: &KeyRecord) -> bool {
-    let Ok(n) = u64::from_str_radix(&r.publication_id, 16) else {
-        return false;
-    };
-    let k = key(&r.address, n);
-    r.key == k.key && r.fingerprint == k.fingerprint && r.published_at == k.published_at
+    conformance::test_key(address, 0, n)
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use kst_core::service::{Envelope, HandleError, Kst};
+use kst_core::service::{Decision, Envelope, HandleError, Handled, Kst, RequestKind, Silence};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -49,8 +49,9 @@ impl Listener {
     /// Binds `listen` as `[lmtp] listen` spells it: `"host:port"`, `"unix:/path"` or `"/path"`.
     ///
     /// A stale Unix socket file (nobody listening on it) is replaced; a live one or a file
-    /// that is not a socket is an error. The socket is made `0660`: the MTA must run as the
-    /// same user or group as kst to connect.
+    /// that is not a socket is an error; a missing parent directory is created. The socket is
+    /// made `0660`: the MTA must run as the same user or group as kst to connect (see
+    /// [`Listener::bind_config`] for the group).
     pub async fn bind(listen: &str) -> io::Result<Listener> {
         let listen = listen.trim();
         let unix = listen
@@ -65,6 +66,26 @@ impl Listener {
             }
             None => Ok(Listener::Tcp(TcpListener::bind(listen).await?)),
         }
+    }
+
+    /// Binds `[lmtp] listen` and gives a Unix socket the group `[lmtp] socket_group`.
+    pub async fn bind_config(cfg: &LmtpConfig) -> io::Result<Listener> {
+        let gid = cfg
+            .socket_gid()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let listener = Listener::bind(&cfg.listen).await?;
+        if let (Listener::Unix { path, .. }, Some(gid)) = (&listener, gid) {
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot give {} the group {gid} (lmtp.socket_group): {e}; kst must run as root or be a member of that group",
+                        path.display()
+                    ),
+                )
+            })?;
+        }
+        Ok(listener)
     }
 
     /// The TCP address bound (useful with port 0), `None` for a Unix socket.
@@ -106,6 +127,9 @@ impl Listener {
 }
 
 async fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
             return Err(io::Error::new(
@@ -224,13 +248,8 @@ pub async fn run(
         allow = ?cfg.allow,
         "LMTP server listening"
     );
-    if let Some(addr) = listener.local_addr()
-        && !addr.ip().is_loopback()
-    {
-        tracing::warn!(
-            listen = %addr,
-            "LMTP listens beyond loopback: every peer in [lmtp] allow can write trusted Received headers and so publish keys for any account"
-        );
+    if let Some(addr) = listener.local_addr() {
+        warn_tcp(addr);
     }
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -279,6 +298,22 @@ pub async fn run(
     }
     tracing::info!("LMTP server stopped");
     Ok(())
+}
+
+/// The start-up warning of a TCP listener: kst does not implement LMTP AUTH, so the allow-list
+/// (and, on loopback, every local user) is all that stands between the port and publishing for
+/// any account.
+fn warn_tcp(addr: SocketAddr) {
+    tracing::warn!(
+        listen = %addr,
+        "LMTP listens on TCP and kst does not implement LMTP AUTH: any process that can connect from an address in [lmtp] allow (on loopback: every local user) can write trusted Received headers and publish keys for any account. Prefer a Unix socket (listen = \"unix:/run/kst/lmtp.sock\", socket_group = \"postfix\", Postfix: lmtp:unix:/run/kst/lmtp.sock); on TCP keep [lmtp] allow to the MTA's own address and firewall the port for everyone else"
+    );
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            listen = %addr,
+            "LMTP listens beyond loopback: every peer in [lmtp] allow can write trusted Received headers and so publish keys for any account"
+        );
+    }
 }
 
 /// Checks the peer and the connection cap, then starts the session.
@@ -403,13 +438,14 @@ where
         };
         let mut input = buf[..n].iter();
         loop {
-            match session.ingest(&mut input, |r| ctx.kst.service_recipient(r).is_ok()) {
+            match session.ingest(&mut input, |r| ctx.kst.accepts_recipient(r)) {
                 Step::NeedMore | Step::Close => break,
                 Step::Deliver(tx) => {
                     flush(&mut stream, &mut session, ctx.command_timeout).await?;
                     let replies = deliver(ctx, &tx, peer).await;
                     session.finish(replies);
                 }
+                Step::Oversize(tx) => session.finish(drop_oversize(ctx, &tx, peer)),
             }
         }
         flush(&mut stream, &mut session, ctx.command_timeout).await?;
@@ -485,6 +521,36 @@ async fn deliver(ctx: &ConnectionContext, tx: &Transaction, peer: &str) -> Vec<R
         replies.push(delivery_reply(&result, &queue_id));
     }
     replies
+}
+
+/// Records a discarded oversize message as dropped (`too-large`) for each recipient and
+/// acknowledges each with a `250`: a 5xx would make the MTA bounce it to a forged sender.
+fn drop_oversize(ctx: &ConnectionContext, tx: &Transaction, peer: &str) -> Vec<Reply> {
+    let queue_id = next_queue_id();
+    let result = Ok(Handled {
+        message_id: None,
+        kind: RequestKind::Other,
+        decision: Decision::Ignored(Silence::TooLarge),
+    });
+    tracing::warn!(
+        queue_id,
+        peer,
+        limit = ctx.limits.max_message_size,
+        "message over limits.max_message_bytes: read to its end, discarded, acknowledged (250)"
+    );
+    tx.recipients
+        .iter()
+        .map(|rcpt| {
+            let origin = Origin {
+                recipient: rcpt,
+                raw: &tx.message,
+                queue_id: Some(&queue_id),
+                peer: Some(peer),
+            };
+            ingest::record(&result, &origin, Duration::ZERO);
+            delivery_reply(&result, &queue_id)
+        })
+        .collect()
 }
 
 /// A process-unique transaction id for replies and logs: `L<start time>.<sequence>` in hex.

@@ -10,8 +10,8 @@ use std::slice::Iter;
 use kst_core::service::{HandleError, Handled, NotForKst};
 use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver, RequestReceiver};
 use smtp_proto::{
-    EXT_8BIT_MIME, EXT_ENHANCED_STATUS_CODES, EXT_PIPELINING, EXT_SIZE, EhloResponse, Error,
-    Request, Response,
+    EXT_8BIT_MIME, EXT_ENHANCED_STATUS_CODES, EXT_PIPELINING, EhloResponse, Error, Request,
+    Response,
 };
 
 use crate::shared::config::LmtpConfig;
@@ -27,7 +27,9 @@ const MAX_REPLY_TEXT: usize = 400;
 /// The limits one session enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionLimits {
-    /// Largest message accepted (bytes); also announced as `SIZE`.
+    /// Largest message kept (bytes). Not announced (no `SIZE` in LHLO): a larger message is
+    /// read to its end, discarded and acknowledged with a `250`, so that the MTA never bounces
+    /// it to a possibly forged sender.
     pub max_message_size: usize,
     /// Recipients per transaction.
     pub max_recipients: usize,
@@ -124,6 +126,10 @@ pub enum Step {
     /// A message is complete: deliver it for each recipient, then call [`Session::finish`]
     /// and call `ingest` again with the rest of the input.
     Deliver(Transaction),
+    /// A message grew past `max_message_size` and was discarded (its `message` is empty):
+    /// record it as dropped for each recipient, then call [`Session::finish`] with a `250`
+    /// each (never a 5xx: the MTA would bounce the sender's text to a forged sender).
+    Oversize(Transaction),
     /// Write the output and close the connection.
     Close,
 }
@@ -243,10 +249,9 @@ impl Session {
                         let discard = DummyDataReceiver::new_data(receiver);
                         self.data = Vec::new();
                         if done {
-                            self.oversize();
-                        } else {
-                            self.phase = Phase::DataDiscard(discard);
+                            return self.oversize();
                         }
+                        self.phase = Phase::DataDiscard(discard);
                     } else if done {
                         self.progress += 1;
                         let Some(mail) = self.mail.take() else {
@@ -264,7 +269,7 @@ impl Session {
                 }
                 Phase::DataDiscard(receiver) => {
                     if receiver.ingest(input) {
-                        self.oversize();
+                        return self.oversize();
                     }
                 }
                 Phase::Command => match self.receiver.ingest(input) {
@@ -304,18 +309,22 @@ impl Session {
         self.phase = Phase::Command;
     }
 
-    fn oversize(&mut self) {
+    /// The end of a discarded oversize message: its transaction, without the message, for
+    /// the server to record and acknowledge.
+    fn oversize(&mut self) -> Step {
         self.progress += 1;
-        let n = self.mail.take().map_or(0, |m| m.recipients.len());
-        let text = format!(
-            "message exceeds the size limit of {} bytes",
-            self.limits.max_message_size
-        );
-        for _ in 0..n {
-            self.reply(552, [5, 3, 4], &text);
-        }
         self.data = Vec::new();
-        self.phase = Phase::Command;
+        let Some(mail) = self.mail.take() else {
+            // Unreachable: Data is entered only with a transaction.
+            self.phase = Phase::Command;
+            return Step::NeedMore;
+        };
+        self.phase = Phase::Delivering(mail.recipients.len());
+        Step::Oversize(Transaction {
+            sender: mail.sender,
+            recipients: mail.recipients,
+            message: Vec::new(),
+        })
     }
 
     fn reply(&mut self, code: u16, esc: [u8; 3], text: impl AsRef<str>) {
@@ -369,9 +378,9 @@ impl Session {
                 self.lhlo = true;
                 self.mail = None;
                 let mut ehlo = EhloResponse::new(self.hostname.as_str());
-                ehlo.capabilities =
-                    EXT_PIPELINING | EXT_8BIT_MIME | EXT_ENHANCED_STATUS_CODES | EXT_SIZE;
-                ehlo.size = self.limits.max_message_size;
+                // No SIZE: Postfix's LMTP client would bounce larger mail itself, with the
+                // sender's text, to a possibly forged sender. kst reads and drops it instead.
+                ehlo.capabilities = EXT_PIPELINING | EXT_8BIT_MIME | EXT_ENHANCED_STATUS_CODES;
                 // smtp-proto's first line is a joke ("you had me at EHLO"); write our own
                 // and keep its capability lines. Writing into a Vec cannot fail.
                 let mut lines = Vec::new();
@@ -392,16 +401,9 @@ impl Session {
                     self.error(503, [5, 5, 1], "say LHLO first");
                 } else if self.mail.is_some() {
                     self.error(503, [5, 5, 1], "nested MAIL command: RSET first");
-                } else if from.size > self.limits.max_message_size {
-                    self.reply(
-                        552,
-                        [5, 3, 4],
-                        format!(
-                            "message size {} exceeds the limit of {} bytes",
-                            from.size, self.limits.max_message_size
-                        ),
-                    );
                 } else {
+                    // A declared SIZE= over the limit is not refused either: the message is
+                    // read, dropped and acknowledged like any other oversize message.
                     self.mail = Some(MailTx {
                         sender: from.address,
                         recipients: Vec::new(),
@@ -493,8 +495,9 @@ fn clean_hostname(hostname: &str) -> String {
     if h.is_empty() { "localhost".into() } else { h }
 }
 
-/// The LMTP reply for one recipient's `Kst::handle` result: `250` once kst decided, `5xx`
-/// for mail that is not for kst, `451` when the store or mailer failed (the MTA retries).
+/// The LMTP reply for one recipient's `Kst::handle` result: `250` once kst decided (oversize
+/// mail included: dropped), `5xx` for a recipient that is not kst's, `451` when the store or
+/// mailer failed (the MTA retries).
 /// `queue_id` names the transaction when the message has no Message-ID.
 pub fn delivery_reply(result: &Result<Handled, HandleError>, queue_id: &str) -> Reply {
     match result {
@@ -513,11 +516,6 @@ pub fn delivery_reply(result: &Result<Handled, HandleError>, queue_id: &str) -> 
                 format!("{id} decided: {}{detail}", h.decision.outcome()),
             )
         }
-        Err(HandleError::NotForKst(NotForKst::TooLarge)) => Reply::new(
-            552,
-            [5, 3, 4],
-            "message exceeds kst's size limit ([kst] max_message_bytes)",
-        ),
         Err(HandleError::NotForKst(NotForKst::UnknownRecipient)) => {
             Reply::new(550, [5, 1, 1], "not a key service address here")
         }

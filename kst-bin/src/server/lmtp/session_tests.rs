@@ -39,6 +39,15 @@ fn drive(session: &mut Session, chunks: &[&[u8]]) -> (String, Vec<Transaction>) 
                     delivered.push(tx);
                     session.finish(replies);
                 }
+                Step::Oversize(tx) => {
+                    assert!(tx.message.is_empty(), "an oversize message is not kept");
+                    let replies = tx
+                        .recipients
+                        .iter()
+                        .map(|r| Reply::new(250, [2, 0, 0], format!("dropped for {r}")))
+                        .collect();
+                    session.finish(replies);
+                }
             }
         }
         out.extend(session.take_output());
@@ -76,12 +85,14 @@ fn greeting_and_lhlo_capabilities() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "220 kst.example.net LMTP kst ready");
     assert_eq!(lines[1], "250-kst.example.net kst LMTP", "{out}");
-    for cap in ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SIZE 1000"] {
+    for cap in ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"] {
         assert!(
             lines.iter().any(|l| l[4..] == *cap),
             "{cap} missing in {out}"
         );
     }
+    // No SIZE: the MTA would bounce larger mail itself, to a possibly forged sender.
+    assert!(!out.contains("SIZE"), "{out}");
     assert!(lines.last().expect("lines").starts_with("250 "), "{out}");
 }
 
@@ -178,19 +189,14 @@ fn sequence_errors() {
 }
 
 #[test]
-fn declared_size_over_the_limit_is_refused() {
-    let (out, _) = run("LHLO h\r\nMAIL FROM:<a@b.c> SIZE=1001\r\nMAIL FROM:<a@b.c> SIZE=1000\r\n");
-    assert_eq!(
-        codes(&out),
-        [
-            "552 5.3.4 message size 1001 exceeds the limit of 1000 bytes",
-            "250 2.1.0 sender OK",
-        ]
-    );
+fn declared_size_over_the_limit_is_not_refused() {
+    // A 5xx at MAIL would make the MTA bounce to a possibly forged sender: accept, read, drop.
+    let (out, _) = run("LHLO h\r\nMAIL FROM:<a@b.c> SIZE=1001\r\n");
+    assert_eq!(codes(&out), ["250 2.1.0 sender OK"]);
 }
 
 #[test]
-fn oversize_message_is_refused_per_recipient_and_discarded() {
+fn oversize_message_is_discarded_and_acknowledged_per_recipient() {
     let big = "y".repeat(600);
     let input = format!(
         "LHLO h\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<keys@a>\r\nRCPT TO:<keys@b>\r\nDATA\r\n{big}\r\n{big}\r\n.\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<keys@a>\r\nDATA\r\nsmall\r\n.\r\n"
@@ -204,11 +210,12 @@ fn oversize_message_is_refused_per_recipient_and_discarded() {
         assert_eq!(
             c[4..6],
             [
-                "552 5.3.4 message exceeds the size limit of 1000 bytes",
-                "552 5.3.4 message exceeds the size limit of 1000 bytes",
+                "250 2.0.0 dropped for keys@a",
+                "250 2.0.0 dropped for keys@b"
             ],
             "{out}"
         );
+        assert!(!out.contains("552"), "{out}");
     }
 }
 
@@ -418,8 +425,8 @@ fn delivery_replies() {
         "250 2.0.0 Q decided: ignored (null-sender)"
     );
     assert_eq!(
-        delivery_reply(&Err(NotForKst::TooLarge.into()), "Q").code,
-        552
+        delivery_reply(&handled(None, Decision::Ignored(Silence::TooLarge)), "Q").line(),
+        "250 2.0.0 Q decided: ignored (too-large)"
     );
     assert_eq!(
         delivery_reply(&Err(NotForKst::UnknownRecipient.into()), "Q").line(),
@@ -502,7 +509,7 @@ fn hostile_input_never_panics_and_every_reply_is_well_formed() {
             loop {
                 match s.ingest(&mut it, accept) {
                     Step::NeedMore | Step::Close => break,
-                    Step::Deliver(tx) => {
+                    Step::Deliver(tx) | Step::Oversize(tx) => {
                         assert!(tx.message.len() <= LIMITS.max_message_size);
                         assert!(!tx.recipients.is_empty());
                         s.finish(vec![]);

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kst_core::{Error, Mailer, OutgoingMail, Result};
+use kst_core::{Component, Error, Mailer, OutgoingMail, Result};
 use mail_send::smtp::message::Parameters;
 use mail_send::{Credentials, SmtpClient, SmtpClientBuilder};
 use smtp_proto::EXT_PIPELINING;
@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::shared::config::{ConfigError, MailerConfig, SmtpTls};
 
-const COMPONENT: &str = "mailer(smtp)";
+const COMPONENT: Component = Component::mailer("smtp");
 
 /// The byte stream of a session, plain or TLS, buffered so that a reply leaves in as few
 /// segments as its size allows.

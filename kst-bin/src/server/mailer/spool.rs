@@ -1,16 +1,14 @@
 //! The spool mailer: one durable `.eml` file per reply in a directory.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use kst_core::{Error, GroupCommit, Mailer, OutgoingMail, Result};
+use kst_core::durable::{self, AtomicFile, DurableError};
+use kst_core::{Component, Error, GroupCommit, Mailer, OutgoingMail, Result};
 
-const COMPONENT: &str = "mailer(spool)";
+const COMPONENT: Component = Component::mailer("spool");
 
 /// Writes each reply as `<unix-nanos>-<random hex>.eml` into a directory, for another process
 /// to send: `kst outbox send` ([`crate::server::outbox`]) from a timer, or a relay's pickup.
@@ -18,7 +16,8 @@ const COMPONENT: &str = "mailer(spool)";
 /// The envelope travels in two header lines put in front of the message:
 /// `Return-Path: <sender>` (`<>` for the null sender) and `X-Kst-Envelope-To: recipient`.
 /// A file appears under its final name only once it is complete and synced: readers should
-/// ignore names that do not end in `.eml` (temporary files start with `.tmp-`). File names sort
+/// ignore names that do not end in `.eml` (temporary files start with
+/// [`durable::TEMP_PREFIX`]). File names sort
 /// in the order replies were written.
 ///
 /// `send` returns once the file and its directory entry are on disk. Replies written at the
@@ -99,70 +98,38 @@ impl Mailer for SpoolMailer {
     }
 }
 
-/// Creates `dir` (0700) if missing, syncing its parent so the new entry survives a crash.
-fn ensure_dir(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        sync_dir(parent)?;
-    }
+/// Writes `bytes` durably as a new `.eml` file in `dir` (created if missing): through a
+/// temporary file, with the directory fsync shared with concurrent writers through `dir_sync`.
+/// Returns the final path.
+fn write_durably(
+    dir: &Path,
+    dir_sync: &GroupCommit,
+    bytes: &[u8],
+) -> Result<PathBuf, DurableError> {
+    durable::create_dir(dir)?;
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let target = dir.join(format!("{nanos:020}-{:016x}.eml", rand::random::<u64>()));
+    let mut file = AtomicFile::create(&target)?;
+    file.write_bytes(bytes)?;
+    file.commit_shared(dir_sync)?;
+    Ok(target)
+}
+
+/// Creates the directory if needed, then creates a temporary file in it and removes it.
+fn probe(dir: &Path) -> Result<(), DurableError> {
+    durable::create_dir(dir)?;
+    // Dropped uncommitted: the temporary file is removed again.
+    drop(AtomicFile::create(dir.join("probe"))?);
     Ok(())
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-fn random_hex() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}
-
-/// Writes `bytes` to a temporary file in `dir`, syncs it, renames it to its final `.eml` name
-/// and syncs the directory (shared with concurrent writers through `dir_sync`). Returns the
-/// final path.
-fn write_durably(dir: &Path, dir_sync: &GroupCommit, bytes: &[u8]) -> io::Result<PathBuf> {
-    ensure_dir(dir)?;
-    let tmp = dir.join(format!(".tmp-{}", random_hex()));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_data()?;
-        drop(f);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let target = dir.join(format!("{nanos:020}-{}.eml", random_hex()));
-        fs::rename(&tmp, &target)?;
-        dir_sync.commit(|| sync_dir(dir))?;
-        Ok(target)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Creates the directory if needed, then creates and removes a probe file in it.
-fn probe(dir: &Path) -> io::Result<()> {
-    ensure_dir(dir)?;
-    let p = dir.join(format!(".tmp-check-{}", random_hex()));
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&p)?;
-    fs::remove_file(&p)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
     use kst_core::AddressPolicy;
 

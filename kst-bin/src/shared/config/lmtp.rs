@@ -10,14 +10,20 @@ use super::ConfigError;
 /// `[lmtp]`: where the LMTP daemon listens, whom it talks to, and its limits.
 ///
 /// **The LMTP port is as trusted as the MTA**: whoever can connect to it can write a "trusted"
-/// `Received:` header and so publish keys for any account. Keep it on loopback or a Unix socket
-/// and keep `allow` as narrow as the MTA hosts.
+/// `Received:` header and so publish keys for any account. The default is therefore a Unix
+/// socket (`./data/lmtp.sock`, mode 0660, group [`LmtpConfig::socket_group`]); TCP is an
+/// explicit choice, and kst warns at start on TCP (it does not implement LMTP AUTH).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LmtpConfig {
-    /// `"host:port"` for TCP (default `"127.0.0.1:2424"`), or a Unix socket as `"unix:/path"` or
-    /// an absolute path starting with `/`.
+    /// A Unix socket as `"unix:/path"` (default `"unix:./data/lmtp.sock"`, relative to the
+    /// working directory) or an absolute path starting with `/`; or `"host:port"` for TCP.
     pub listen: String,
+    /// Group of the Unix socket (a name from `/etc/group` or a numeric gid), so that the MTA's
+    /// LMTP client (Postfix: `lmtp:unix:/path`, running as `postfix`) can connect to the 0660
+    /// socket. Unset: kst's own group. Only with a Unix socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
     /// Peers that may talk LMTP: IP addresses or CIDRs (`"10.1.2.3"`, `"10.0.0.0/8"`,
     /// `"::1/128"`). Default: loopback only. Unix socket peers are always allowed (file
     /// permissions guard the socket). Anyone else gets `554 5.7.1` and is logged.
@@ -41,7 +47,8 @@ pub struct LmtpConfig {
 impl Default for LmtpConfig {
     fn default() -> Self {
         LmtpConfig {
-            listen: "127.0.0.1:2424".into(),
+            listen: DEFAULT_LISTEN.into(),
+            socket_group: None,
             allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
             max_message_size: None,
             max_connections: 256,
@@ -60,7 +67,20 @@ impl LmtpConfig {
         if self.listen.trim().is_empty() {
             return Err(ConfigError::key(
                 "lmtp.listen",
-                "is empty; set \"127.0.0.1:2424\" or \"unix:/run/kst/lmtp.sock\"",
+                "is empty; set \"unix:/run/kst/lmtp.sock\" (or, explicitly, \"127.0.0.1:2424\")",
+            ));
+        }
+        // The group itself is looked up when the socket is made (`kst serve` start), so that
+        // `kst config check` works on a host without the MTA's group.
+        if let Some(group) = &self.socket_group
+            && self.unix_socket().is_none()
+        {
+            return Err(ConfigError::key(
+                "lmtp.socket_group",
+                format!(
+                    "is set ({group:?}) but lmtp.listen ({:?}) is TCP; it applies to a Unix socket only: remove it or listen on \"unix:/path\"",
+                    self.listen
+                ),
             ));
         }
         for (key, value) in [
@@ -74,6 +94,22 @@ impl LmtpConfig {
             }
         }
         AllowList::parse(&self.allow)
+    }
+
+    /// The Unix socket path of [`LmtpConfig::listen`], `None` for TCP.
+    pub fn unix_socket(&self) -> Option<&str> {
+        let listen = self.listen.trim();
+        listen
+            .strip_prefix("unix:")
+            .or_else(|| listen.starts_with('/').then_some(listen))
+    }
+
+    /// The gid of [`LmtpConfig::socket_group`], `None` when unset.
+    pub fn socket_gid(&self) -> Result<Option<u32>, ConfigError> {
+        self.socket_group
+            .as_deref()
+            .map(|g| resolve_group(g).map_err(|why| ConfigError::key("lmtp.socket_group", why)))
+            .transpose()
     }
 
     /// [`LmtpConfig::command_timeout_secs`] as a duration.
@@ -90,6 +126,33 @@ impl LmtpConfig {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
+}
+
+/// Where `kst serve` listens for LMTP unless `[lmtp] listen` says otherwise: a Unix socket next
+/// to the embedded default's store (`./data/keys`).
+pub const DEFAULT_LISTEN: &str = "unix:./data/lmtp.sock";
+
+/// A group name (looked up in `/etc/group`) or a numeric gid.
+fn resolve_group(group: &str) -> Result<u32, String> {
+    let group = group.trim();
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let table = std::fs::read_to_string("/etc/group").map_err(|e| {
+        format!("cannot read /etc/group to look up {group:?} ({e}); give a numeric gid")
+    })?;
+    table
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let gid = fields.nth(1)?.parse::<u32>().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| {
+            format!("no group {group:?} in /etc/group; create it, or give a numeric gid (e.g. the gid of postfix)")
+        })
 }
 
 /// One allowed network: an address and a prefix length.
@@ -228,6 +291,30 @@ mod tests {
             assert_eq!(err.key_name(), Some("lmtp.allow"));
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }
+    }
+
+    #[test]
+    fn default_is_a_unix_socket_and_socket_group_needs_one() {
+        let cfg = LmtpConfig::default();
+        assert_eq!(cfg.unix_socket(), Some("./data/lmtp.sock"));
+        let root = LmtpConfig {
+            socket_group: Some("0".into()),
+            ..LmtpConfig::default()
+        };
+        assert_eq!(root.socket_gid().expect("numeric gid"), Some(0));
+        let tcp = LmtpConfig {
+            listen: "127.0.0.1:2424".into(),
+            ..root
+        };
+        assert!(tcp.unix_socket().is_none());
+        let err = tcp.validate().expect_err("socket_group on TCP");
+        assert_eq!(err.key_name(), Some("lmtp.socket_group"));
+        let missing = LmtpConfig {
+            socket_group: Some("no-such-group-kst".into()),
+            ..LmtpConfig::default()
+        };
+        let err = missing.socket_gid().expect_err("unknown group");
+        assert!(err.to_string().contains("numeric gid"), "{err}");
     }
 
     #[test]
