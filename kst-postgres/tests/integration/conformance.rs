@@ -20,6 +20,8 @@ async fn conformance_concurrent_publishers_on_separate_pools() {
     for _ in 0..4 {
         stores.push(Arc::new(db.store().await));
     }
+    // Revoked and unrevoked publications of one key racing on two pools.
+    conformance::revocation::revocation_race(stores[2..].to_vec()).await;
     conformance::concurrent_publishers(stores.clone()).await;
     assert!(conformance::check_consistency(&*stores[0]).await > 0);
 }
