@@ -581,3 +581,105 @@ fn forged_floods_do_not_lock_the_victim_out_of_deliver() {
         Verified::Found { .. }
     ));
 }
+
+const AMPLIFIED: &str = include_str!("../kst-core/testdata/keys/amplified.pub.asc");
+const AMPLIFIED_TOO_LARGE: &str =
+    include_str!("../kst-core/testdata/keys/amplified-too-large.pub.asc");
+
+/// Publishes `key` as alice (Fig. 3 through `kst deliver`) and verifies the reply.
+fn publish_as_alice(kst: &TestKst, key: &str, fingerprint: &str) -> Verified {
+    let k = kst_core::AuthKey::generate();
+    let out = kst.deliver(
+        "alice@example.net",
+        "keys@example.net",
+        &fig3(key, &k.to_base64()),
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let p = pending(
+        Asked::Publication {
+            account: addr("alice@example.net"),
+            fingerprint: fingerprint.into(),
+        },
+        "0efca192bb11e87d9978@example.net",
+        &k,
+    );
+    client::verify_reply(&p, &kst.last_reply()).unwrap()
+}
+
+/// Issue 13, item 4: a key flooded with self-signatures carrying large hashed notations is
+/// published reduced to its newest self-signatures, a key still over the budget after that is
+/// refused with `key-too-large`, and what one small unauthenticated retrieval makes kst send is
+/// bounded by the budget. Measures the reply-to-request size ratio (docs/SECURITY.md).
+#[test]
+fn amplification_is_bounded_by_the_published_key_budget() {
+    let budget = kst_core::validate::DEFAULT_MAX_PUBLISHED_BYTES;
+    let kst = TestKst::new("");
+    let fingerprint = "076B6B1C4E3D8B6CA4FB5B2D8C7C9568AC2194E2";
+
+    // Still too large after the reduction: refused, with an authenticated key-too-large.
+    match publish_as_alice(&kst, AMPLIFIED_TOO_LARGE, fingerprint) {
+        Verified::Refused {
+            reason,
+            authenticated,
+            ..
+        } => {
+            assert_eq!(reason, Some(Reason::KeyTooLarge));
+            assert!(authenticated);
+        }
+        other => panic!("{other:?}"),
+    }
+    let out = kst.kst(&["keys", "get", "alice@example.net"], b"");
+    assert_eq!(code(&out), 1, "nothing was published: {}", stderr(&out));
+
+    // 65 self-certifications with 9 KB notations (902 KB armored): published reduced.
+    assert!(matches!(
+        publish_as_alice(&kst, AMPLIFIED, fingerprint),
+        Verified::Published { .. }
+    ));
+
+    // An unauthenticated retrieval of it, as a client builds it, and as small as an attacker
+    // can write one (no Message-ID, no Date): the reply carries the reduced key, armored.
+    // Bound: armor is 4/3 of the binary plus a line break per 64 characters, plus the reply's
+    // headers and text (well under 4 KiB).
+    let reply_bound = budget * 4 / 3 * 66 / 64 + 4096;
+    let built = client::build_retrieval(&addr("mallory@acme.net"), &addr("alice@example.net"));
+    let small_k = kst_core::AuthKey::generate();
+    let small = format!(
+        "From: m@acme.net\r\nTo: keys@example.net\r\n\r\nalice@example.net\r\n{}\r\n",
+        small_k.to_base64()
+    )
+    .into_bytes();
+    for (what, sender, request) in [
+        ("client-built", "mallory@acme.net", &built.message),
+        ("minimal", "m@acme.net", &small),
+    ] {
+        let before = kst.replies().len();
+        let out = kst.deliver(sender, "keys@example.net", request);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert_eq!(
+            kst.replies().len(),
+            before + 1,
+            "{what} request was answered"
+        );
+        let reply = kst.last_reply();
+        if what == "client-built" {
+            match client::verify_reply(&built.pending, &reply).unwrap() {
+                Verified::Found {
+                    fingerprint: got, ..
+                } => assert_eq!(got, fingerprint),
+                other => panic!("{other:?}"),
+            }
+        }
+        let ratio = reply.len() as f64 / request.len() as f64;
+        eprintln!(
+            "amplification ({what} retrieval): request {} bytes, reply {} bytes, ratio {ratio:.1} \
+             (bound {reply_bound} bytes of reply for a {budget}-byte budget)",
+            request.len(),
+            reply.len()
+        );
+        assert!(reply.len() <= reply_bound, "{what}: {}", reply.len());
+        assert!(ratio <= reply_bound as f64 / request.len() as f64);
+        // Without the reduction the same request would have carried the 902 KB key.
+        assert!(reply.len() * 8 < AMPLIFIED.len(), "{what}: {}", reply.len());
+    }
+}

@@ -30,6 +30,7 @@
 //! The [`RateLimiter`](crate::RateLimiter) has a suite of its own: [`limiter`].
 
 pub mod limiter;
+pub mod revocation;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -393,6 +394,8 @@ pub async fn run_all(store: Arc<dyn KeyStore>) {
     atomic_publish(store.clone()).await;
     concurrent_publishers(vec![store.clone(), store.clone()]).await;
     publish_races_delete_and_restore(store.clone(), store.clone()).await;
+    revocation::revocation_survives_republication_and_deletion(s).await;
+    revocation::revocation_race(vec![store.clone(), store.clone()]).await;
     check_succeeds(s).await;
     let n = check_consistency(s).await;
     assert!(

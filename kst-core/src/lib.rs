@@ -22,6 +22,7 @@ pub mod protocol;
 pub mod ratelimit;
 pub mod received;
 pub mod reply;
+pub mod revocation;
 pub mod service;
 pub mod store;
 pub mod time;

@@ -38,6 +38,9 @@ pub struct Policy {
     pub max_message_bytes: usize,
     /// Largest armored key block accepted (bytes).
     pub max_key_bytes: usize,
+    /// Largest certificate published, in bytes of binary packets after the reduction to the
+    /// newest self-signatures (see [`KeyPolicy::max_published_bytes`](crate::validate::KeyPolicy::max_published_bytes)).
+    pub max_published_key_bytes: usize,
     /// The local part that receives requests: `keys`.
     pub service_local_part: String,
     /// Request rates per authenticated account, reply recipient, (reply recipient, queried
@@ -84,6 +87,7 @@ impl Policy {
             address_policy: ap,
             max_message_bytes: Self::DEFAULT_MAX_MESSAGE_BYTES,
             max_key_bytes: Self::DEFAULT_MAX_KEY_BYTES,
+            max_published_key_bytes: crate::validate::DEFAULT_MAX_PUBLISHED_BYTES,
             service_local_part: "keys".into(),
             rate_limits: RateLimits::default(),
             require_authentication_results: false,

@@ -695,6 +695,7 @@ impl Kst {
     ) -> Result<Decision, Error> {
         let key_policy = KeyPolicy {
             max_key_bytes: self.policy.max_key_bytes,
+            max_published_bytes: self.policy.max_published_key_bytes,
             address_policy: self.policy.address_policy.clone(),
             ..KeyPolicy::default()
         };

@@ -124,6 +124,13 @@ impl PublishOutcome {
 /// - `publish` is idempotent per `publication_id` and per identical current key
 ///   ([`PublishOutcome::Unchanged`]).
 /// - A change is durable when the call returns `Ok`.
+/// - Revocations are never rolled back: the store keeps, per primary-key fingerprint, every key
+///   revocation it was given (a *tombstone*: the fingerprint and the revocation signatures
+///   only), across later publications and [`KeyStore::delete`]. Inside the same atomic step
+///   as the write, `publish` calls [`crate::revocation::apply_tombstone`] with the stored
+///   tombstone of the key's fingerprint, stores the key it returns (the stored revocations
+///   merged in, `revoked` set) and writes back the tombstone it returns. Concurrent publishers
+///   of one fingerprint (any address, any instance of a pool) are serialized on the tombstone.
 /// - A store that cannot be reached returns a temporary [`crate::Error`]; it reconnects by itself.
 #[async_trait]
 pub trait KeyStore: Send + Sync {
@@ -141,7 +148,8 @@ pub trait KeyStore: Send + Sync {
     async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>>;
 
     /// Removes the current key and the whole history of `address`. Returns whether anything was
-    /// there. A later publication starts again at version 1.
+    /// there. A later publication starts again at version 1. Tombstones stay (see the trait
+    /// contract): a revoked key published again after a deletion is stored revoked.
     async fn delete(&self, address: &Address) -> Result<bool>;
 
     /// Addresses that have a key, in ascending byte order, strictly after `after`, at most

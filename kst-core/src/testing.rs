@@ -22,6 +22,8 @@ pub struct MemoryStore {
     pub map: Mutex<BTreeMap<Address, Vec<KeyRecord>>>,
     /// While true, every call fails with a temporary error (an outage).
     pub down: AtomicBool,
+    /// Tombstones: key revocations per primary-key fingerprint (never removed).
+    pub tombstones: Mutex<BTreeMap<String, Vec<u8>>>,
 }
 
 impl MemoryStore {
@@ -41,6 +43,16 @@ impl KeyStore for MemoryStore {
     }
     async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
         self.up()?;
+        // Both locks held for the whole step, tombstones first: atomic like a real backend.
+        let mut tombstones = self.tombstones.lock().unwrap();
+        let fingerprint = key.fingerprint.as_str().to_string();
+        let (key, grown) = crate::revocation::apply_tombstone(
+            key,
+            tombstones.get(&fingerprint).map(Vec::as_slice),
+        )?;
+        if let Some(bytes) = grown {
+            tombstones.insert(fingerprint, bytes);
+        }
         let mut map = self.map.lock().unwrap();
         let hist = map.entry(key.address.clone()).or_default();
         if let Some(r) = hist.iter().find(|r| r.publication_id == key.publication_id) {

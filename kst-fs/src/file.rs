@@ -15,7 +15,7 @@ use kst_core::{Address, KeyRecord, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{corrupt, durable_error, io};
-use crate::layout::{AddressPaths, address_hash};
+use crate::layout::{AddressPaths, TombstonePaths, address_hash};
 
 /// The content of a history file.
 #[derive(Debug, Serialize, Deserialize)]
@@ -100,6 +100,21 @@ pub(crate) fn write_history(paths: &AddressPaths, history: &[KeyRecord]) -> Resu
     let mut file =
         AtomicFile::create_with_temp(&paths.history, &paths.temp).map_err(durable_error)?;
     file.write_bytes(&bytes).map_err(durable_error)?;
+    file.commit().map_err(durable_error)
+}
+
+/// The stored tombstone of `paths` (revocation signatures), if there is one. The caller holds
+/// the tombstone lock.
+pub(crate) fn read_tombstone(paths: &TombstonePaths) -> Result<Option<Vec<u8>>> {
+    read_if_exists(&paths.file)
+}
+
+/// Replaces the tombstone of `paths` with `bytes`, atomically and durably. The caller holds the
+/// tombstone lock.
+pub(crate) fn write_tombstone(paths: &TombstonePaths, bytes: &[u8]) -> Result<()> {
+    durable::create_dir(&paths.dir).map_err(durable_error)?;
+    let mut file = AtomicFile::create_with_temp(&paths.file, &paths.temp).map_err(durable_error)?;
+    file.write_bytes(bytes).map_err(durable_error)?;
     file.commit().map_err(durable_error)
 }
 

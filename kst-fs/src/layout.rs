@@ -18,6 +18,8 @@ use sha2::{Digest, Sha256};
 pub(crate) const KEYS_DIR: &str = "keys";
 /// Subdirectory holding the shard lock files.
 pub(crate) const LOCKS_DIR: &str = "locks";
+/// Directory of the tombstones (revocations kept per primary-key fingerprint).
+pub(crate) const TOMBSTONES_DIR: &str = "tombstones";
 /// Suffix of a history file.
 const HISTORY_SUFFIX: &str = ".json";
 /// Suffix of a history file being written.
@@ -64,6 +66,19 @@ pub(crate) struct AddressPaths {
     pub lock: PathBuf,
 }
 
+/// Where the tombstone of one primary-key fingerprint lives.
+#[derive(Debug, Clone)]
+pub(crate) struct TombstonePaths {
+    /// `<root>/tombstones`.
+    pub dir: PathBuf,
+    /// `<root>/tombstones/<FINGERPRINT>`: the key revocation signatures, binary packets.
+    pub file: PathBuf,
+    /// `<root>/tombstones/<FINGERPRINT>.tmp`.
+    pub temp: PathBuf,
+    /// `<root>/locks/tombstone-<first two hex digits>.lock`, taken before any shard lock.
+    pub lock: PathBuf,
+}
+
 impl Layout {
     pub(crate) fn new(root: PathBuf) -> Self {
         Layout { root }
@@ -79,6 +94,20 @@ impl Layout {
 
     pub(crate) fn locks_dir(&self) -> PathBuf {
         self.root.join(LOCKS_DIR)
+    }
+
+    /// The paths of the tombstone of `fingerprint` (40 or 64 hex digits, so a safe file name).
+    pub(crate) fn tombstone(&self, fingerprint: &kst_core::Fingerprint) -> TombstonePaths {
+        let fpr = fingerprint.as_str();
+        let dir = self.root.join(TOMBSTONES_DIR);
+        TombstonePaths {
+            file: dir.join(fpr),
+            temp: dir.join(format!("{fpr}{TEMP_SUFFIX}")),
+            lock: self
+                .locks_dir()
+                .join(format!("tombstone-{}.lock", &fpr[..2])),
+            dir,
+        }
     }
 
     /// The paths of `address`.

@@ -10,7 +10,10 @@ use kst_core::store::validate_history;
 use kst_core::{Address, Error, KeyRecord, KeyStore, NewKey, PublishOutcome, Result};
 
 use crate::error::{COMPONENT, corrupt, io, unavailable};
-use crate::file::{create_dir, read_address, read_history, remove_history, write_history};
+use crate::file::{
+    create_dir, read_address, read_history, read_tombstone, remove_history, write_history,
+    write_tombstone,
+};
 use crate::layout::{Layout, history_file_hash, is_shard};
 use crate::lock::ShardLock;
 
@@ -93,6 +96,17 @@ where
 }
 
 fn publish(layout: &Layout, key: NewKey) -> Result<PublishOutcome> {
+    // The tombstone lock first (it serializes publishers of one fingerprint, whatever the
+    // address), then the address' shard lock; nothing takes them in the other order.
+    let tomb = layout.tombstone(&key.fingerprint);
+    let _tomb_lock = ShardLock::acquire(&tomb.lock)?;
+    let (key, tombstone) =
+        kst_core::revocation::apply_tombstone(key, read_tombstone(&tomb)?.as_deref())?;
+    if let Some(bytes) = tombstone {
+        // Written before the key: a tombstone only ever grows, so a crash in between leaves
+        // it ahead of the history, never behind.
+        write_tombstone(&tomb, &bytes)?;
+    }
     let paths = layout.address(&key.address);
     let _lock = ShardLock::acquire(&paths.lock)?;
     let mut history = read_history(&key.address, &paths)?;

@@ -92,6 +92,7 @@ impl PostgresStore {
     async fn publish_inner(&self, key: NewKey) -> Result<PublishOutcome> {
         let published_at = to_bigint("published_at", key.published_at)?;
         let mut tx = self.pool.begin().await.map_err(db)?;
+        let key = apply_tombstone(&mut tx, key).await?;
         let address = key.address.as_str();
         let current = lock_or_create(&mut tx, address).await?;
         let version = match current {
@@ -398,4 +399,39 @@ impl KeyStore for PostgresStore {
         }
         Ok(())
     }
+}
+
+/// Inside the publish transaction: serializes on `key.fingerprint` (a transaction-level
+/// advisory lock, taken before the address row lock; nothing takes them in the other order),
+/// merges its stored tombstone into `key` and writes the grown tombstone back (see
+/// [`kst_core::revocation::apply_tombstone`]).
+async fn apply_tombstone(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    key: NewKey,
+) -> Result<NewKey> {
+    let fingerprint = key.fingerprint.as_str().to_string();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('kst-tombstone:' || $1, 0))")
+        .bind(&fingerprint)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+    let stored: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT revocations FROM kst_tombstones WHERE fingerprint = $1")
+            .bind(&fingerprint)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db)?;
+    let (key, tombstone) = kst_core::revocation::apply_tombstone(key, stored.as_deref())?;
+    if let Some(bytes) = tombstone {
+        sqlx::query(
+            "INSERT INTO kst_tombstones (fingerprint, revocations) VALUES ($1, $2) \
+             ON CONFLICT (fingerprint) DO UPDATE SET revocations = EXCLUDED.revocations",
+        )
+        .bind(&fingerprint)
+        .bind(bytes)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+    }
+    Ok(key)
 }

@@ -36,6 +36,12 @@ pub(crate) fn index_key(prefix: &str) -> String {
     format!("{prefix}index")
 }
 
+/// String: the tombstone of a primary-key fingerprint (its key revocation signatures, binary),
+/// kept across deletions.
+pub(crate) fn tombstone_key(prefix: &str, fingerprint: &kst_core::Fingerprint) -> String {
+    format!("{prefix}tombstone:{}", fingerprint.as_str())
+}
+
 /// Checks a configured prefix: braces would break the hash tags.
 pub(crate) fn check_prefix(prefix: &str) -> Result<()> {
     if prefix.contains(['{', '}']) {

@@ -6,13 +6,21 @@ use redis::Script;
 
 /// Publishes one key.
 ///
-/// KEYS: cur, ver, hist, pub, index. ARGV: address, publication id, key (base64 as in the record
-/// JSON), record JSON without its `version` field. Returns `{status, payload}`: `published` or
-/// `unchanged` with the record JSON, or `corrupt` with a description.
+/// KEYS: cur, ver, hist, pub, index, tombstone of the key's fingerprint. ARGV: address,
+/// publication id, key (base64 as in the record JSON), record JSON without its `version` field,
+/// `1` or `0` (whether the caller read a tombstone), the tombstone it read, the tombstone to
+/// write (empty: none). Returns `{status, payload}`: `published` or `unchanged` with the record
+/// JSON, `retry` when the tombstone changed since the caller read it (the caller merges again),
+/// or `corrupt` with a description.
 pub(crate) static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local address, pubid, key, body = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local tomb = redis.call('GET', KEYS[6])
+if (tomb and (ARGV[5] ~= '1' or tomb ~= ARGV[6])) or (not tomb and ARGV[5] == '1') then
+  return {'retry', ''}
+end
+if ARGV[7] ~= '' then redis.call('SET', KEYS[6], ARGV[7]) end
 local earlier = redis.call('HGET', KEYS[4], pubid)
 if earlier then
   local rec = redis.call('HGET', KEYS[3], earlier)

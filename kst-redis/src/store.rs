@@ -7,8 +7,11 @@ use redis::aio::ConnectionManager;
 
 use crate::builder::RedisStoreBuilder;
 use crate::error::{COMPONENT, corrupt, redis};
-use crate::keys::{AddressKeys, index_key};
+use crate::keys::{AddressKeys, index_key, tombstone_key};
 use crate::scripts;
+
+/// How often a publication is tried again when its tombstone changed under it.
+const TOMBSTONE_RETRIES: usize = 16;
 
 /// Largest version this store keeps: Lua numbers are doubles, exact up to 2^53.
 pub const MAX_VERSION: u64 = (1 << 53) - 2;
@@ -94,34 +97,57 @@ impl RedisStore {
     async fn publish_inner(&self, key: NewKey) -> Result<PublishOutcome> {
         let address = key.address.clone();
         let k = self.keys(&address);
-        let publication_id = key.publication_id.clone();
-        let (key_b64, body) = body_without_version(key.into_record(0))?;
-        let mut invocation = scripts::PUBLISH.prepare_invoke();
-        invocation
-            .key(&k.cur)
-            .key(&k.ver)
-            .key(&k.hist)
-            .key(&k.pubs)
-            .key(index_key(&self.prefix))
-            .arg(address.as_str())
-            .arg(&publication_id)
-            .arg(&key_b64)
-            .arg(&body);
-        let reply: Vec<Vec<u8>> = self.invoke(&invocation, true).await?;
-        let [status, payload] = <[Vec<u8>; 2]>::try_from(reply)
-            .map_err(|r| corrupt(format!("publish script answered {} values", r.len())))?;
-        match status.as_slice() {
-            b"published" => Ok(PublishOutcome::Published(parse(&address, &payload)?)),
-            b"unchanged" => Ok(PublishOutcome::Unchanged(parse(&address, &payload)?)),
-            b"corrupt" => Err(corrupt(format!(
-                "{address}: {}",
-                String::from_utf8_lossy(&payload)
-            ))),
-            other => Err(corrupt(format!(
-                "publish script answered {:?}",
-                String::from_utf8_lossy(other)
-            ))),
+        let tombstone_key = tombstone_key(&self.prefix, &key.fingerprint);
+        // Optimistic: read the tombstone, merge, and let the script write only if the tombstone
+        // is still what was read (else merge again with the new one).
+        for _ in 0..TOMBSTONE_RETRIES {
+            let stored: Option<Vec<u8>> = self
+                .query(redis::cmd("GET").arg(&tombstone_key), false)
+                .await?;
+            let (merged, tombstone) =
+                kst_core::revocation::apply_tombstone(key.clone(), stored.as_deref())?;
+            let publication_id = merged.publication_id.clone();
+            let (key_b64, body) = body_without_version(merged.into_record(0))?;
+            let mut invocation = scripts::PUBLISH.prepare_invoke();
+            invocation
+                .key(&k.cur)
+                .key(&k.ver)
+                .key(&k.hist)
+                .key(&k.pubs)
+                .key(index_key(&self.prefix))
+                .key(&tombstone_key)
+                .arg(address.as_str())
+                .arg(&publication_id)
+                .arg(&key_b64)
+                .arg(&body)
+                .arg(if stored.is_some() { "1" } else { "0" })
+                .arg(stored.unwrap_or_default())
+                .arg(tombstone.unwrap_or_default());
+            let reply: Vec<Vec<u8>> = self.invoke(&invocation, true).await?;
+            let [status, payload] = <[Vec<u8>; 2]>::try_from(reply)
+                .map_err(|r| corrupt(format!("publish script answered {} values", r.len())))?;
+            return match status.as_slice() {
+                b"retry" => continue,
+                b"published" => Ok(PublishOutcome::Published(parse(&address, &payload)?)),
+                b"unchanged" => Ok(PublishOutcome::Unchanged(parse(&address, &payload)?)),
+                b"corrupt" => Err(corrupt(format!(
+                    "{address}: {}",
+                    String::from_utf8_lossy(&payload)
+                ))),
+                other => Err(corrupt(format!(
+                    "publish script answered {:?}",
+                    String::from_utf8_lossy(other)
+                ))),
+            };
         }
+        Err(Error::unavailable(
+            COMPONENT,
+            format!(
+                "the tombstone of {} kept changing during {TOMBSTONE_RETRIES} attempts to \
+                 publish for {address}; try again",
+                key.fingerprint
+            ),
+        ))
     }
 
     async fn get_inner(&self, address: &Address) -> Result<Option<KeyRecord>> {

@@ -89,6 +89,10 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Largest armored key block accepted.
     pub max_key_bytes: usize,
+    /// Largest certificate published (binary bytes, after keeping only the newest
+    /// self-signatures); a larger one is refused with `key-too-large`. Bounds the reply a
+    /// small retrieval can cause.
+    pub max_published_key_bytes: usize,
     /// Most top-level header fields a request may have.
     pub max_headers: usize,
     /// Most MIME parts a request may have.
@@ -122,6 +126,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_message_bytes: Policy::DEFAULT_MAX_MESSAGE_BYTES,
             max_key_bytes: Policy::DEFAULT_MAX_KEY_BYTES,
+            max_published_key_bytes: kst_core::validate::DEFAULT_MAX_PUBLISHED_BYTES,
             max_headers: Policy::DEFAULT_MAX_HEADERS,
             max_mime_parts: Policy::DEFAULT_MAX_MIME_PARTS,
             max_mime_depth: Policy::DEFAULT_MAX_MIME_DEPTH,
@@ -499,6 +504,12 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        if l.max_published_key_bytes == 0 {
+            return Err(ConfigError::key(
+                "limits.max_published_key_bytes",
+                "must be greater than 0",
+            ));
+        }
         for (key, v) in [
             ("limits.max_headers", l.max_headers),
             ("limits.max_mime_parts", l.max_mime_parts),
@@ -668,6 +679,7 @@ impl Config {
         policy.address_policy = address_policy;
         policy.max_message_bytes = self.limits.max_message_bytes;
         policy.max_key_bytes = self.limits.max_key_bytes;
+        policy.max_published_key_bytes = self.limits.max_published_key_bytes;
         let l = &self.limits;
         policy.max_headers = l.max_headers;
         policy.max_mime_parts = l.max_mime_parts;

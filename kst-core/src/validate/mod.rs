@@ -37,7 +37,7 @@ use pgp::types::KeyDetails;
 
 pub use policy::{
     DEFAULT_CLOCK_SKEW_SECS, DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_PACKETS,
-    DEFAULT_MAX_SELF_SIGNATURES, DEFAULT_MIN_RSA_BITS, KeyPolicy,
+    DEFAULT_MAX_PUBLISHED_BYTES, DEFAULT_MAX_SELF_SIGNATURES, DEFAULT_MIN_RSA_BITS, KeyPolicy,
 };
 pub use rejection::KeyRejection;
 
@@ -169,6 +169,12 @@ fn evaluate(
         subkeys,
     };
     let packets = assemble(&mut c, kept)?;
+    if packets.len() > policy.max_published_bytes {
+        return Err(KeyRejection::PublishedTooLarge {
+            size: packets.len(),
+            limit: policy.max_published_bytes,
+        });
+    }
 
     Ok(ValidKey {
         packets,

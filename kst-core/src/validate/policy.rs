@@ -4,6 +4,8 @@ use crate::address::AddressPolicy;
 
 /// Default [`KeyPolicy::max_key_bytes`]: 1 MiB of armored text (keys.openpgp.org's cap).
 pub const DEFAULT_MAX_KEY_BYTES: usize = 1 << 20;
+/// Default [`KeyPolicy::max_published_bytes`]: 64 KiB of binary packets after the reduction.
+pub const DEFAULT_MAX_PUBLISHED_BYTES: usize = 64 << 10;
 /// Default [`KeyPolicy::max_packets`].
 pub const DEFAULT_MAX_PACKETS: usize = 20_000;
 /// Default [`KeyPolicy::max_self_signatures`].
@@ -18,6 +20,12 @@ pub const DEFAULT_CLOCK_SKEW_SECS: u64 = 900;
 pub struct KeyPolicy {
     /// Longest armored key block accepted, in bytes. Default [`DEFAULT_MAX_KEY_BYTES`].
     pub max_key_bytes: usize,
+    /// Largest certificate kst publishes, in bytes of binary OpenPGP packets, measured after
+    /// the reduction (only the newest self-signature per User ID, per subkey and on the
+    /// primary key, plus revocations). A retrieval reply carries the certificate armored, so
+    /// this budget bounds how much one small request can make kst send. Default
+    /// [`DEFAULT_MAX_PUBLISHED_BYTES`].
+    pub max_published_bytes: usize,
     /// Most OpenPGP packets read from one key block. Default [`DEFAULT_MAX_PACKETS`].
     pub max_packets: usize,
     /// Most signatures that claim the primary key as issuer (or claim none) on the primary
@@ -42,6 +50,7 @@ impl Default for KeyPolicy {
     fn default() -> Self {
         KeyPolicy {
             max_key_bytes: DEFAULT_MAX_KEY_BYTES,
+            max_published_bytes: DEFAULT_MAX_PUBLISHED_BYTES,
             max_packets: DEFAULT_MAX_PACKETS,
             max_self_signatures: DEFAULT_MAX_SELF_SIGNATURES,
             min_rsa_bits: DEFAULT_MIN_RSA_BITS,

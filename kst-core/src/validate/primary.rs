@@ -10,7 +10,8 @@ use super::stripped::Dropped;
 pub(super) struct DirectVerdict {
     /// A valid key revocation is present.
     pub(super) revoked: bool,
-    /// Indexes of the valid signatures (revocations and direct-key signatures).
+    /// Indexes of the kept signatures: every valid revocation and the newest valid direct-key
+    /// signature (older ones are superseded and dropped).
     pub(super) keep: Vec<usize>,
     /// (created, key expiration seconds) of the newest valid direct-key signature.
     pub(super) newest_binding: Option<(u32, u32)>,
@@ -27,6 +28,7 @@ pub(super) fn judge_direct(
     let mut revoked = false;
     let mut keep = Vec::new();
     let mut newest_binding: Option<(u32, u32)> = None;
+    let mut newest_index = None;
     for (i, sig) in direct.iter().enumerate() {
         let revocation = match sig.typ() {
             Some(SignatureType::KeyRevocation) => true,
@@ -38,18 +40,25 @@ pub(super) fn judge_direct(
         };
         match checker.check(sig, key_created, revocation, |s| s.verify_key(primary)) {
             Check::Valid => {
-                keep.push(i);
                 let created = sig.created().map_or(0, |t| t.as_secs());
                 if revocation {
+                    keep.push(i);
                     revoked = true;
                 } else if newest_binding.is_none_or(|(c, _)| created >= c) {
                     let exp = sig.key_expiration_time().map_or(0, |d| d.as_secs());
                     newest_binding = Some((created, exp));
+                    if newest_index.replace(i).is_some() {
+                        dropped.superseded += 1;
+                    }
+                } else {
+                    dropped.superseded += 1;
                 }
             }
             Check::WeakHash(_) | Check::Invalid => dropped.bad_self_sigs += 1,
         }
     }
+    keep.extend(newest_index);
+    keep.sort_unstable();
     DirectVerdict {
         revoked,
         keep,

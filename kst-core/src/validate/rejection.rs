@@ -17,6 +17,18 @@ pub enum KeyRejection {
         /// The cap, in bytes.
         limit: usize,
     },
+    /// The certificate, reduced to what kst publishes, is still larger than the budget.
+    #[error(
+        "the key is {size} bytes even after kst kept only its newest self-signatures, more \
+         than the {limit} bytes it publishes; remove large notations and unneeded User IDs and \
+         subkeys (gpg --edit-key FINGERPRINT minimize save) and send it again"
+    )]
+    PublishedTooLarge {
+        /// Size of the reduced certificate, in bytes.
+        size: usize,
+        /// The budget ([`KeyPolicy::max_published_bytes`](super::KeyPolicy::max_published_bytes)).
+        limit: usize,
+    },
     /// More packets than the cap.
     #[error(
         "the key block holds more than {limit} OpenPGP packets; export it without third-party \
@@ -152,6 +164,7 @@ impl KeyRejection {
         match self {
             KeyRejection::SecretKey => Reason::SecretKey,
             KeyRejection::TooLarge { .. }
+            | KeyRejection::PublishedTooLarge { .. }
             | KeyRejection::TooManyPackets { .. }
             | KeyRejection::TooManySelfSignatures { .. } => Reason::KeyTooLarge,
             KeyRejection::Malformed(_) | KeyRejection::NoCertificate => Reason::BadKey,

@@ -8,6 +8,7 @@ pub(super) struct Dropped {
     pub(super) third_party: usize,
     pub(super) bad_self_sigs: usize,
     pub(super) misplaced_sigs: usize,
+    pub(super) superseded: usize,
     pub(super) unreadable: usize,
     pub(super) other_packets: usize,
     pub(super) subkeys: Vec<String>,
@@ -44,6 +45,11 @@ pub(super) fn describe(d: &Dropped) -> Vec<String> {
         d.bad_self_sigs,
         "self-signature that does not verify or uses a weak hash",
         "self-signatures that do not verify or use a weak hash",
+    );
+    add(
+        d.superseded,
+        "older self-signature superseded by a newer one",
+        "older self-signatures superseded by newer ones",
     );
     add(
         d.misplaced_sigs,

@@ -33,6 +33,7 @@ pub(super) fn judge_subkeys(
         let sub_created = sub.packet.created_at().as_secs();
         let mut keep = Vec::new();
         let mut newest: Option<(u32, u32)> = None;
+        let mut newest_index = None;
         let mut sub_revoked = false;
         let mut weak = None;
         for (i, sig) in sub.sigs.iter().enumerate() {
@@ -49,13 +50,18 @@ pub(super) fn judge_subkeys(
             });
             match check {
                 Check::Valid => {
-                    keep.push(i);
                     let created = sig.created().map_or(0, |t| t.as_secs());
                     if revocation {
+                        keep.push(i);
                         sub_revoked = true;
                     } else if newest.is_none_or(|(c, _)| created >= c) {
                         let exp = sig.key_expiration_time().map_or(0, |d| d.as_secs());
                         newest = Some((created, exp));
+                        if newest_index.replace(i).is_some() {
+                            dropped.superseded += 1;
+                        }
+                    } else {
+                        dropped.superseded += 1;
                     }
                 }
                 Check::WeakHash(h) => {
@@ -65,6 +71,8 @@ pub(super) fn judge_subkeys(
                 Check::Invalid => dropped.bad_self_sigs += 1,
             }
         }
+        keep.extend(newest_index);
+        keep.sort_unstable();
         let Some((_, exp)) = newest else {
             dropped.subkeys.push(match weak {
                 Some(h) => format!("subkey {sub_fpr} (its binding signature uses {h})"),

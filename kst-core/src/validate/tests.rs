@@ -36,6 +36,8 @@ const SUBKEYS: &str = include_str!("../../testdata/keys/subkeys.pub.asc");
 const FOREIGN: &str = include_str!("../../testdata/keys/foreign.pub.asc");
 const TWO_CERTS: &str = include_str!("../../testdata/keys/two-certs.pub.asc");
 const UID_REVOKED: &str = include_str!("../../testdata/keys/uid-revoked.pub.asc");
+const AMPLIFIED: &str = include_str!("../../testdata/keys/amplified.pub.asc");
+const AMPLIFIED_TOO_LARGE: &str = include_str!("../../testdata/keys/amplified-too-large.pub.asc");
 
 /// Fingerprint of the committed alice.pub.asc, as `gpg --show-keys` prints it (running
 /// make-fixtures.sh again makes new keys: update this then).
@@ -97,6 +99,17 @@ fn sig_types(bytes: &[u8]) -> Vec<SignatureType> {
         .collect()
 }
 
+/// Creation times of the signatures of type `typ`, in order.
+fn signature_times(bytes: &[u8], typ: SignatureType) -> Vec<u32> {
+    packets(bytes)
+        .iter()
+        .filter_map(|p| match p {
+            Packet::Signature(s) if s.typ() == Some(typ) => s.created().map(|t| t.as_secs()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn user_ids(bytes: &[u8]) -> Vec<String> {
     packets(bytes)
         .iter()
@@ -126,6 +139,21 @@ fn alice_config(typ: SignatureType, created: u32, hash: HashAlgorithm) -> Signat
         .unwrap(),
     ];
     cfg
+}
+
+/// A positive certification of `alice <alice@example.net>` by alice's key, made at `created`.
+fn alice_certification(created: u32) -> pgp::packet::Signature {
+    let sec = secret_alice();
+    let uid = UserId::from_str(PacketHeaderVersion::Old, "alice <alice@example.net>").unwrap();
+    alice_config(SignatureType::CertPositive, created, HashAlgorithm::Sha256)
+        .sign_certification(
+            &sec.primary_key,
+            &sec.primary_key.public_key(),
+            &Password::empty(),
+            Tag::UserId,
+            &uid,
+        )
+        .unwrap()
 }
 
 fn has(v: &ValidKey, needle: &str) -> bool {
@@ -685,7 +713,9 @@ fn future_and_expired_self_signatures_are_dropped() {
     let mut ps = packets(&clean);
     ps.insert(3, Packet::Signature(soon));
     let v = ok(&armor_public_key(&serialize(&ps)));
-    assert_eq!(sig_types(&v.packets).len(), 3);
+    // ... and, being the newest, supersedes the older certification.
+    let certs = signature_times(&v.packets, SignatureType::CertPositive);
+    assert_eq!(certs, [1_780_272_000 + 60]);
 }
 
 #[test]
@@ -766,6 +796,114 @@ fn old_sha1_self_signature_next_to_a_new_one_is_dropped() {
         "{:?}",
         v.stripped
     );
+}
+
+#[test]
+fn superseded_self_signatures_of_uid_and_subkey_are_dropped() {
+    // alice.pub.asc renewed on 2026-01-01: a newer certification of her User ID and a newer
+    // binding of her subkey. Only the newest of each is kept.
+    let sec = secret_alice();
+    let public = sec.primary_key.public_key();
+    let renewed = 1_767_225_600;
+    let cert = alice_certification(renewed);
+    let clean = ok(ALICE).packets;
+    let mut ps = packets(&clean);
+    let subkey = ps
+        .iter()
+        .find_map(|p| match p {
+            Packet::PublicSubkey(k) => Some(k.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let binding = alice_config(SignatureType::SubkeyBinding, renewed, HashAlgorithm::Sha256)
+        .sign_subkey_binding(&sec.primary_key, &public, &Password::empty(), &subkey)
+        .unwrap();
+    assert_eq!(
+        sig_types(&clean),
+        [SignatureType::CertPositive, SignatureType::SubkeyBinding]
+    );
+    ps.push(Packet::Signature(binding));
+    ps.insert(3, Packet::Signature(cert));
+    let v = ok(&armor_public_key(&serialize(&ps)));
+    let kept: Vec<(SignatureType, u32)> = packets(&v.packets)
+        .iter()
+        .filter_map(|p| match p {
+            Packet::Signature(s) => Some((s.typ()?, s.created()?.as_secs())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            (SignatureType::CertPositive, renewed),
+            (SignatureType::SubkeyBinding, renewed)
+        ]
+    );
+    assert!(
+        has(&v, "2 older self-signatures superseded by newer ones"),
+        "{:?}",
+        v.stripped
+    );
+    assert_eq!(
+        check(&armor_public_key(&v.packets)).unwrap().packets,
+        v.packets
+    );
+}
+
+#[test]
+fn amplified_key_is_reduced_to_its_newest_self_signatures() {
+    // 65 self-certifications of alice's User ID, each with a 9 KB hashed notation (which
+    // cannot be cut out of a signature), and 5 subkeys whose bindings carry one each.
+    assert!(AMPLIFIED.len() > 850_000, "{}", AMPLIFIED.len());
+    let v = ok(AMPLIFIED);
+    assert!(
+        has(&v, "64 older self-signatures superseded by newer ones"),
+        "{:?}",
+        v.stripped
+    );
+    let certs = signature_times(&v.packets, SignatureType::CertPositive);
+    // the newest: made 2025-01-02 00:00 UTC + 65 hours
+    assert_eq!(certs, [1_735_776_000 + 65 * 3600]);
+    assert_eq!(
+        sig_types(&v.packets)
+            .iter()
+            .filter(|t| **t == SignatureType::SubkeyBinding)
+            .count(),
+        5
+    );
+    // The largest key of the fixtures that fits the default budget: just under 64 KiB.
+    assert!(
+        v.packets.len() > 50_000 && v.packets.len() <= DEFAULT_MAX_PUBLISHED_BYTES,
+        "{}",
+        v.packets.len()
+    );
+    assert_eq!(
+        check(&armor_public_key(&v.packets)).unwrap().packets,
+        v.packets
+    );
+}
+
+#[test]
+fn key_over_the_budget_after_the_reduction_is_refused() {
+    let e = check(AMPLIFIED_TOO_LARGE).unwrap_err();
+    let KeyRejection::PublishedTooLarge { size, limit } = e else {
+        panic!("{e:?}");
+    };
+    assert_eq!(limit, DEFAULT_MAX_PUBLISHED_BYTES);
+    assert!(size > limit && size < 80_000, "{size}");
+    assert_eq!(e.reason(), Reason::KeyTooLarge);
+    assert!(e.to_string().contains("newest self-signatures"), "{e}");
+
+    // The budget is the operator's: the reduced amplified key fits 64 KiB but not 32 KiB.
+    let tight = KeyPolicy {
+        max_published_bytes: 32 << 10,
+        ..KeyPolicy::default()
+    };
+    assert!(matches!(
+        validate(AMPLIFIED, &alice(), &tight, now()),
+        Err(KeyRejection::PublishedTooLarge { limit: 32768, .. })
+    ));
+    assert!(ok(ALICE).packets.len() < 2_000);
 }
 
 #[test]

@@ -24,7 +24,8 @@ pub(super) fn uid_address(uid: &[u8], policy: &AddressPolicy) -> Option<Address>
 
 /// The verdict on one User ID.
 pub(super) struct UidVerdict {
-    /// Indexes of its valid self-signatures (certifications and revocations).
+    /// Indexes of its kept self-signatures: every valid revocation and the newest valid
+    /// certification (older ones are superseded and dropped).
     pub(super) keep: Vec<usize>,
     /// Newest valid certification: (created, primary flag, key expiration seconds).
     pub(super) newest: Option<(u32, bool, u32)>,
@@ -40,6 +41,7 @@ fn judge_uid(
     dropped: &mut Dropped,
 ) -> UidVerdict {
     let key_created = primary.created_at().as_secs();
+    let mut newest_index = None;
     let mut v = UidVerdict {
         keep: Vec::new(),
         newest: None,
@@ -66,14 +68,19 @@ fn judge_uid(
         let created = sig.created().map_or(0, |t| t.as_secs());
         match check {
             Check::Valid => {
-                v.keep.push(i);
                 if revocation {
+                    v.keep.push(i);
                     v.revoked_at = v.revoked_at.max(Some(created));
                 } else {
                     let exp = sig.key_expiration_time().map_or(0, |d| d.as_secs());
                     let candidate = (created, sig.is_primary(), exp);
                     if v.newest.is_none_or(|(c, _, _)| created >= c) {
                         v.newest = Some(candidate);
+                        if newest_index.replace(i).is_some() {
+                            dropped.superseded += 1;
+                        }
+                    } else {
+                        dropped.superseded += 1;
                     }
                 }
             }
@@ -84,6 +91,8 @@ fn judge_uid(
             Check::Invalid => dropped.bad_self_sigs += 1,
         }
     }
+    v.keep.extend(newest_index);
+    v.keep.sort_unstable();
     v
 }
 

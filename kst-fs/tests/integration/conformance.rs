@@ -35,6 +35,8 @@ async fn concurrent_publishers_on_separate_instances() {
     for _ in 0..3 {
         stores.push(Arc::new(FsStore::open(root(&dir)).await.expect("open")));
     }
+    // Revoked and unrevoked publications of one key racing on two instances.
+    kst_core::conformance::revocation::revocation_race(stores[2..].to_vec()).await;
     concurrent_publishers(stores.clone()).await;
     // Again on the same directory: the suite starts by deleting its addresses.
     concurrent_publishers(stores.clone()).await;

@@ -30,6 +30,13 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// An uppercase hex fingerprint (v4: 40 digits, v6: 64): a tombstone's file name.
+fn is_fingerprint(s: &str) -> bool {
+    (s.len() == 40 || s.len() == 64)
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+}
+
 fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len
         && s.bytes()
@@ -71,7 +78,12 @@ async fn hostile_addresses_map_to_hashed_names_inside_the_root() {
     for p in walk(&root(&dir)) {
         let parts: Vec<&str> = p.iter().map(|c| c.to_str().unwrap()).collect();
         let ok = match parts.as_slice() {
-            ["keys"] | ["locks"] => true,
+            ["keys"] | ["locks"] | ["tombstones"] => true,
+            ["tombstones", fpr] => is_fingerprint(fpr),
+            ["locks", file] if file.starts_with("tombstone-") => file
+                .strip_prefix("tombstone-")
+                .and_then(|f| f.strip_suffix(".lock"))
+                .is_some_and(|s| s.len() == 2 && is_fingerprint(&format!("{s:0<40}"))),
             ["keys", shard] => is_hex(shard, 2),
             ["keys", shard, file] => file
                 .strip_suffix(".json")

@@ -20,6 +20,8 @@ async fn conformance_concurrency_on_separate_connections() {
     for _ in 0..4 {
         stores.push(Arc::new(t.store().await));
     }
+    // Revoked and unrevoked publications of one key racing on two connections.
+    conformance::revocation::revocation_race(stores[2..].to_vec()).await;
     conformance::concurrent_publishers(stores.clone()).await;
     conformance::atomic_publish_across(stores.clone()).await;
     conformance::publish_races_delete_and_restore(stores[0].clone(), stores[1].clone()).await;

@@ -1,0 +1,154 @@
+//! Revocations are never rolled back: the tombstone part of the [`KeyStore`] contract, with the
+//! real keys `kst-core/testdata/keys/lifecycle-*.pub.asc` (one primary key in three versions).
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use tokio::sync::Barrier;
+
+use super::{DOMAIN, address, delete, get, publish};
+use crate::address::Address;
+use crate::store::{KeyStore, NewKey};
+use crate::validate::{KeyPolicy, validate};
+
+const V1: &str = include_str!("../../testdata/keys/lifecycle-v1.pub.asc");
+const V2: &str = include_str!("../../testdata/keys/lifecycle-v2.pub.asc");
+const REVOKED: &str = include_str!("../../testdata/keys/lifecycle-revoked.pub.asc");
+
+/// Which lifecycle fixture.
+#[derive(Clone, Copy, Debug)]
+enum Version {
+    V1,
+    V2,
+    Revoked,
+}
+
+/// The fixture as the service hands it to a store: validated, for `address`, publication `n`.
+fn lifecycle_key(version: Version, address: &Address, n: u64) -> NewKey {
+    let armored = match version {
+        Version::V1 => V1,
+        Version::V2 => V2,
+        Version::Revoked => REVOKED,
+    };
+    let account = crate::AddressPolicy::default()
+        .normalize("alice@example.net")
+        .expect("address");
+    // 2026-06-01: after the fixtures were made.
+    let now = UNIX_EPOCH + Duration::from_secs(1_780_272_000);
+    let v = validate(armored, &account, &KeyPolicy::default(), now)
+        .unwrap_or_else(|e| panic!("conformance: lifecycle fixture {version:?} refused: {e}"));
+    NewKey {
+        address: address.clone(),
+        key: v.packets,
+        fingerprint: v.fingerprint,
+        publication_id: format!("7e7e{:028x}", n * 4 + version as u64),
+        published_at: 1_780_000_000 + n,
+        revoked: v.revoked,
+    }
+}
+
+/// The current key of `a` is stored revoked and still validates as revoked.
+async fn assert_served_revoked(what: &str, store: &dyn KeyStore, a: &Address, ctx: &str) {
+    let Some(current) = get(what, store, a).await else {
+        panic!("{what}: {a} has no key {ctx}");
+    };
+    assert!(
+        current.revoked,
+        "{what}: {a} is served unrevoked {ctx} (the revocation was rolled back)"
+    );
+    let account = crate::AddressPolicy::default()
+        .normalize("alice@example.net")
+        .expect("address");
+    let now = UNIX_EPOCH + Duration::from_secs(1_780_272_000);
+    let v = validate(
+        &crate::openpgp::armor_public_key(&current.key),
+        &account,
+        &KeyPolicy::default(),
+        now,
+    )
+    .unwrap_or_else(|e| panic!("{what}: the key served for {a} {ctx} is refused: {e}"));
+    assert!(
+        v.revoked,
+        "{what}: the key served for {a} {ctx} carries no revocation signature"
+    );
+}
+
+/// A revoked key published again without its revocation (v1, then v2: an old device, a
+/// deferred redelivery), under the same address and under another one, is served revoked, with
+/// the later publication's content (v2's second subkey); a deletion followed by a republication
+/// is served revoked too (the tombstone outlives the deletion).
+pub async fn revocation_survives_republication_and_deletion(store: &dyn KeyStore) {
+    const W: &str = "revocation_survives_republication_and_deletion";
+    let a = address(&format!("tombstone@{DOMAIN}"));
+    let b = address(&format!("tombstone-other@{DOMAIN}"));
+    // Before any revocation, an unrevoked key is stored as it is.
+    let v1 = lifecycle_key(Version::V1, &a, 1);
+    let stored = publish(W, store, v1.clone()).await;
+    assert_eq!(
+        stored.record().key,
+        v1.key,
+        "{W}: an unrevoked key was changed"
+    );
+    assert!(!stored.record().revoked);
+
+    publish(W, store, lifecycle_key(Version::Revoked, &a, 2)).await;
+    assert_served_revoked(W, store, &a, "after the revocation").await;
+    publish(W, store, lifecycle_key(Version::V1, &a, 3)).await;
+    assert_served_revoked(W, store, &a, "after v1 was published again").await;
+    let v2 = lifecycle_key(Version::V2, &a, 4);
+    publish(W, store, v2.clone()).await;
+    assert_served_revoked(W, store, &a, "after v2 was published again").await;
+    let current = get(W, store, &a).await.expect("a key");
+    assert!(
+        current.key.len() > v2.key.len(),
+        "{W}: v2 republished should be served with its content plus the revocation"
+    );
+    assert!(
+        current
+            .key
+            .windows(v2.key.len().min(40))
+            .any(|w| v2.key.ends_with(w)),
+        "{W}: the served key is not v2's content"
+    );
+
+    // The same primary key under another address: the tombstone is per fingerprint.
+    publish(W, store, lifecycle_key(Version::V1, &b, 5)).await;
+    assert_served_revoked(W, store, &b, "under another address").await;
+
+    // Deletion keeps the tombstone.
+    assert!(delete(W, store, &a).await, "{W}: delete found nothing");
+    assert!(get(W, store, &a).await.is_none());
+    publish(W, store, lifecycle_key(Version::V1, &a, 6)).await;
+    assert_served_revoked(W, store, &a, "after a deletion and a republication").await;
+
+    // Leave no real keys behind for the suite's consistency check (tombstones stay).
+    delete(W, store, &a).await;
+    delete(W, store, &b).await;
+}
+
+/// Two store instances (a pool) race a revoked publication against an unrevoked one of the
+/// same key, many times, each round on a fresh address: whichever lands last, the key is served
+/// revoked. Needs the read-check-write of the tombstone to be atomic with the write.
+pub async fn revocation_race(stores: Vec<Arc<dyn KeyStore>>) {
+    const W: &str = "revocation_race";
+    assert!(stores.len() >= 2, "{W} needs two store instances");
+    for round in 0..20u64 {
+        let a = address(&format!("race-{round}@{DOMAIN}"));
+        let barrier = Arc::new(Barrier::new(2));
+        let mut tasks = Vec::new();
+        for (i, version) in [(0usize, Version::Revoked), (1, Version::V2)] {
+            let store = stores[i % stores.len()].clone();
+            let barrier = barrier.clone();
+            let key = lifecycle_key(version, &a, 100 + round * 2 + i as u64);
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                publish(W, &*store, key).await;
+            }));
+        }
+        for t in tasks {
+            t.await.expect("publisher task");
+        }
+        assert_served_revoked(W, &*stores[0], &a, &format!("after race round {round}")).await;
+        delete(W, &*stores[1], &a).await;
+    }
+}
