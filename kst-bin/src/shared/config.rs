@@ -14,9 +14,11 @@ use serde::{Deserialize, Serialize};
 
 mod http;
 mod lmtp;
+pub mod web;
 
 pub use self::http::HttpConfig;
 pub use self::lmtp::{AllowList, Cidr, LmtpConfig};
+pub use self::web::{WebConfig, WebLimits};
 pub use crate::shared::logging::{LogConfig, LogFormat};
 
 /// Environment variable prefix of configuration overrides.
@@ -24,7 +26,12 @@ pub const ENV_PREFIX: &str = "KST";
 /// Separator between the section and the key in an environment override (`KST_MAILER__PORT`).
 pub const ENV_SEPARATOR: &str = "__";
 /// Keys whose environment value is a comma-separated list.
-pub const ENV_LIST_KEYS: [&str; 3] = ["kst.domains", "kst.trusted_mta_hosts", "lmtp.allow"];
+pub const ENV_LIST_KEYS: [&str; 4] = [
+    "kst.domains",
+    "kst.trusted_mta_hosts",
+    "lmtp.allow",
+    "web.trusted_proxies",
+];
 /// How secrets are shown by [`Config::masked`].
 pub const MASK: &str = "********";
 
@@ -49,6 +56,8 @@ pub struct Config {
     pub lmtp: LmtpConfig,
     /// `[http]`: the operations endpoint of `kst serve`.
     pub http: HttpConfig,
+    /// `[web]`: the public WKD/VKS/HKP listener of `kst serve` (off unless `listen` is set).
+    pub web: WebConfig,
 }
 
 /// `[kst]`: the protocol policy.
@@ -442,6 +451,7 @@ impl Config {
             &mut self.kst.domains,
             &mut self.kst.trusted_mta_hosts,
             &mut self.lmtp.allow,
+            &mut self.web.trusted_proxies,
         ] {
             *list = list
                 .iter()
@@ -455,6 +465,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.policy()?;
         self.lmtp.validate()?;
+        self.web
+            .validate()
+            .map_err(|e| ConfigError::key(e.key, e.message))?;
         let l = &self.limits;
         if l.max_message_bytes == 0 {
             return Err(ConfigError::key(
