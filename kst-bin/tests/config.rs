@@ -47,6 +47,10 @@ fn the_sample_deploy_file_loads_and_documents_the_defaults() {
     mailer.path = defaults.mailer.path.clone();
     assert_eq!(mailer, defaults.mailer);
     assert_eq!(cfg.log, defaults.log);
+    assert_eq!(
+        cfg.web, defaults.web,
+        "deploy/kst.toml states the [web] defaults"
+    );
     let policy = cfg.policy().unwrap();
     assert!(policy.serves_domain("example.net"));
 }
@@ -452,4 +456,66 @@ fn removed_rate_limit_keys_say_what_replaces_them() {
     )
     .unwrap_err();
     assert_eq!(key_of(&e), "limits.per_queried_address");
+}
+
+#[test]
+fn web_is_off_by_default_and_set_from_file_and_environment() {
+    let base = env(&[("KST_KST__DOMAINS", "example.net")]);
+    let cfg = Config::load_with_env(None, base.clone()).unwrap();
+    assert!(!cfg.web.enabled(), "[web] is off unless listen is set");
+
+    let (_dir, path) = file(
+        "[kst]\ndomains = [\"example.net\"]\n[web]\nlisten = \"127.0.0.1:8443\"\n[web.limits]\nper_client = 7\n",
+    );
+    let cfg = Config::load_with_env(
+        Some(&path),
+        env(&[
+            ("KST_WEB__LISTEN", "127.0.0.2:443"),
+            ("KST_WEB__TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8"),
+            ("KST_WEB__LIMITS__GLOBAL_MISSES", "5"),
+            ("KST_WEB__TLS_CERT", "/etc/kst/web.crt"),
+            ("KST_WEB__TLS_KEY", "/etc/kst/web.key"),
+        ]),
+    )
+    .unwrap();
+    assert!(cfg.web.enabled());
+    assert_eq!(cfg.web.listen, "127.0.0.2:443");
+    assert_eq!(cfg.web.trusted_proxies, ["127.0.0.1", "10.0.0.0/8"]);
+    assert_eq!(cfg.web.limits.per_client, 7);
+    assert_eq!(cfg.web.limits.global_misses, 5);
+    assert_eq!(
+        cfg.web.tls_key.as_deref(),
+        Some(Path::new("/etc/kst/web.key"))
+    );
+    // `kst config check` prints it.
+    let shown = cfg.masked();
+    assert!(
+        shown.contains("[web]") && shown.contains("listen = \"127.0.0.2:443\""),
+        "{shown}"
+    );
+    assert!(shown.contains("[web.limits]"), "{shown}");
+
+    for (vars, key) in [
+        (vec![("KST_WEB__LISTEN", "example.net:443")], "web.listen"),
+        (
+            vec![
+                ("KST_WEB__LISTEN", "127.0.0.1:443"),
+                ("KST_WEB__TLS_CERT", "/x"),
+            ],
+            "web.tls_cert",
+        ),
+        (
+            vec![("KST_WEB__TRUSTED_PROXIES", "10.0.0.0/33")],
+            "web.trusted_proxies",
+        ),
+        (vec![("KST_WEB__LISTN", "127.0.0.1:443")], "web.listn"),
+    ] {
+        let mut all = base.clone();
+        all.extend(env(&vars));
+        let e = Config::load_with_env(None, all).unwrap_err();
+        assert!(
+            key_of(&e).starts_with(key) || e.to_string().contains(key),
+            "{vars:?}: {e}"
+        );
+    }
 }

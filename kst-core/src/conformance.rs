@@ -27,9 +27,11 @@
 //! }
 //! ```
 //!
+//! The look-ups by fingerprint, key ID and WKD hash are in [`lookup`] (part of [`run_all`]).
 //! The [`RateLimiter`](crate::RateLimiter) has a suite of its own: [`limiter`].
 
 pub mod limiter;
+pub mod lookup;
 pub mod revocation;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -391,6 +393,7 @@ pub async fn run_all(store: Arc<dyn KeyStore>) {
     list_addresses(s).await;
     restore_replaces_history(s).await;
     restore_rejects_invalid(s).await;
+    lookup::run_all(s).await;
     atomic_publish(store.clone()).await;
     concurrent_publishers(vec![store.clone(), store.clone()]).await;
     publish_races_delete_and_restore(store.clone(), store.clone()).await;
@@ -1080,8 +1083,8 @@ pub async fn publish_races_delete_and_restore(
 
 /// Walks every listed address and checks the store's invariants: the listing is strictly
 /// ascending; every listed address has a non-empty history of its own records with strictly
-/// increasing versions, and its current key is the last entry. Returns how many addresses it
-/// checked. Panics on the first violation.
+/// increasing versions, and its current key is the last entry, found by its fingerprint and
+/// its WKD hash. Returns how many addresses it checked. Panics on the first violation.
 pub async fn check_consistency(store: &dyn KeyStore) -> usize {
     const W: &str = "check_consistency";
     let all = list_all(W, store, 100).await;
@@ -1108,6 +1111,7 @@ pub async fn check_consistency(store: &dyn KeyStore) -> usize {
             get(W, store, a).await.as_ref(),
             h.last(),
         );
+        lookup::check_index(store, &h[h.len() - 1]).await;
     }
     all.len()
 }
@@ -1123,7 +1127,10 @@ mod tests {
 
     use super::*;
     use crate::error::Result;
+    use crate::fingerprint::KeyId;
+    use crate::key_index::IndexEntries;
     use crate::testing::MemoryStore;
+    use crate::wkd::WkdHash;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn memory_store_conforms() {
@@ -1170,6 +1177,45 @@ mod tests {
         TornPublish,
         /// `list` ignores `after`.
         ListIgnoresAfter,
+        /// The look-ups also find keys of the history, not only current ones.
+        IndexKeepsOldKeys,
+        /// The look-ups know the primary fingerprint only, not the subkeys.
+        IndexIgnoresSubkeys,
+        /// The look-ups return every match, whatever the limit.
+        IndexIgnoresLimit,
+    }
+
+    impl Broken {
+        /// Records matching `hit`, with this store's flaw.
+        fn find(
+            &self,
+            limit: usize,
+            hit: impl Fn(&KeyRecord, &IndexEntries) -> bool,
+        ) -> Vec<KeyRecord> {
+            let map = self.inner.map.lock().unwrap();
+            let mut out = Vec::new();
+            for h in map.values() {
+                let candidates = match self.flaw {
+                    Flaw::IndexKeepsOldKeys => &h[..],
+                    _ => &h[h.len().saturating_sub(1)..],
+                };
+                for r in candidates {
+                    let mut e = IndexEntries::of(r);
+                    if self.flaw == Flaw::IndexIgnoresSubkeys {
+                        e.fingerprints.truncate(1);
+                        e.key_ids.truncate(1);
+                    }
+                    if hit(r, &e) {
+                        out.push(r.clone());
+                        break;
+                    }
+                }
+            }
+            if self.flaw != Flaw::IndexIgnoresLimit {
+                out.truncate(limit);
+            }
+            out
+        }
     }
 
     struct Broken {
@@ -1292,6 +1338,23 @@ mod tests {
             }
             self.inner.restore(history).await
         }
+        async fn find_by_fingerprint(
+            &self,
+            f: &Fingerprint,
+            limit: usize,
+        ) -> Result<Vec<KeyRecord>> {
+            Ok(self.find(limit, |_, e| e.has_fingerprint(f)))
+        }
+        async fn find_by_key_id(&self, id: &KeyId, limit: usize) -> Result<Vec<KeyRecord>> {
+            Ok(self.find(limit, |_, e| e.has_key_id(id)))
+        }
+        async fn find_by_wkd_hash(
+            &self,
+            domain: &str,
+            hash: &WkdHash,
+        ) -> Result<Option<KeyRecord>> {
+            Ok(self.find(1, |_, e| e.has_wkd_hash(domain, hash)).pop())
+        }
         async fn check(&self) -> Result<()> {
             self.inner.check().await
         }
@@ -1313,6 +1376,9 @@ mod tests {
             Flaw::NumberingSurvivesDelete,
             Flaw::TornPublish,
             Flaw::ListIgnoresAfter,
+            Flaw::IndexKeepsOldKeys,
+            Flaw::IndexIgnoresSubkeys,
+            Flaw::IndexIgnoresLimit,
         ] {
             let s = Broken::store(flaw);
             assert!(
@@ -1337,5 +1403,25 @@ mod tests {
         assert!(fails(async move { delete_restarts_numbering(&*s).await }).await);
         let s = Broken::store(Flaw::TornPublish);
         assert!(fails(atomic_publish(s)).await);
+        let s = Broken::store(Flaw::IndexKeepsOldKeys);
+        assert!(
+            fails(async move { lookup::replaced_key_is_not_found_by_its_old_entries(&*s).await })
+                .await
+        );
+        let s = Broken::store(Flaw::IndexKeepsOldKeys);
+        assert!(
+            fails(async move { lookup::restore_indexes_the_current_key_only(&*s).await }).await
+        );
+        let s = Broken::store(Flaw::IndexIgnoresSubkeys);
+        assert!(
+            fails(async move { lookup::primary_subkeys_key_ids_and_wkd_hash(&*s).await }).await
+        );
+        let s = Broken::store(Flaw::IndexIgnoresLimit);
+        assert!(
+            fails(
+                async move { lookup::shared_key_finds_every_address_within_the_limit(&*s).await }
+            )
+            .await
+        );
     }
 }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod group_commit;
 pub mod kauth;
+pub mod key_index;
 pub mod mac;
 pub mod mailer;
 pub mod openpgp;

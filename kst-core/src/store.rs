@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::address::Address;
 use crate::error::Result;
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::{Fingerprint, KeyId};
 #[cfg(feature = "timeout")]
 pub use crate::timeout::TimeoutStore;
+use crate::wkd::WkdHash;
 
 /// Version of the stored record layout. Backends write it with every record so that later
 /// releases (revocation state, more metadata) can read old records.
@@ -132,6 +133,10 @@ impl PublishOutcome {
 ///   merged in, `revoked` set) and writes back the tombstone it returns. Concurrent publishers
 ///   of one fingerprint (any address, any instance of a pool) are serialized on the tombstone.
 /// - A store that cannot be reached returns a temporary [`crate::Error`]; it reconnects by itself.
+/// - The look-ups by fingerprint, key ID and WKD hash see current keys only (revoked ones
+///   included), with the entries of [`crate::key_index::IndexEntries::of`], kept in the same
+///   write as the record: a key replaced by another or deleted is no longer found by its old
+///   entries. Their cost does not grow with the number of stored keys.
 #[async_trait]
 pub trait KeyStore: Send + Sync {
     /// Short name for logs and metrics, e.g. `"fs"`.
@@ -159,6 +164,19 @@ pub trait KeyStore: Send + Sync {
     /// Replaces everything stored for the address of `history` with exactly these records (all
     /// of one address, versions strictly increasing, last one current). For import and restore.
     async fn restore(&self, history: &[KeyRecord]) -> Result<()>;
+
+    /// Current keys whose primary key or one of whose subkeys has this fingerprint (at most `limit`).
+    async fn find_by_fingerprint(
+        &self,
+        fingerprint: &Fingerprint,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>>;
+
+    /// Current keys whose primary key or one of whose subkeys has this 64-bit key ID (at most `limit`).
+    async fn find_by_key_id(&self, key_id: &KeyId, limit: usize) -> Result<Vec<KeyRecord>>;
+
+    /// The current key of the address in `domain` whose local part hashes to `hash` (WKD).
+    async fn find_by_wkd_hash(&self, domain: &str, hash: &WkdHash) -> Result<Option<KeyRecord>>;
 
     /// Checks that the store is reachable and writable enough to serve (for `/readyz`).
     async fn check(&self) -> Result<()>;

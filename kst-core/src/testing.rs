@@ -12,8 +12,11 @@ use async_trait::async_trait;
 
 use crate::address::Address;
 use crate::error::{Error, Result};
+use crate::fingerprint::{Fingerprint, KeyId};
+use crate::key_index::IndexEntries;
 use crate::mailer::{Mailer, OutgoingMail};
 use crate::store::{KeyRecord, KeyStore, NewKey, PublishOutcome, validate_history};
+use crate::wkd::WkdHash;
 
 /// A store in a mutex; `down` makes every call fail temporarily.
 #[derive(Debug, Default)]
@@ -33,6 +36,22 @@ impl MemoryStore {
         } else {
             Ok(())
         }
+    }
+
+    /// Current keys whose index entries satisfy `hit`, in address order, at most `limit`
+    /// (a scan: this store is for tests only).
+    fn find(&self, limit: usize, hit: impl Fn(&IndexEntries) -> bool) -> Result<Vec<KeyRecord>> {
+        self.up()?;
+        Ok(self
+            .map
+            .lock()
+            .unwrap()
+            .values()
+            .filter_map(|h| h.last())
+            .filter(|r| hit(&IndexEntries::of(r)))
+            .take(limit)
+            .cloned()
+            .collect())
     }
 }
 
@@ -108,6 +127,19 @@ impl KeyStore for MemoryStore {
             .unwrap()
             .insert(history[0].address.clone(), history.to_vec());
         Ok(())
+    }
+    async fn find_by_fingerprint(
+        &self,
+        fingerprint: &Fingerprint,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>> {
+        self.find(limit, |e| e.has_fingerprint(fingerprint))
+    }
+    async fn find_by_key_id(&self, key_id: &KeyId, limit: usize) -> Result<Vec<KeyRecord>> {
+        self.find(limit, |e| e.has_key_id(key_id))
+    }
+    async fn find_by_wkd_hash(&self, domain: &str, hash: &WkdHash) -> Result<Option<KeyRecord>> {
+        Ok(self.find(1, |e| e.has_wkd_hash(domain, hash))?.pop())
     }
     async fn check(&self) -> Result<()> {
         self.up()

@@ -16,8 +16,10 @@ use async_trait::async_trait;
 
 use crate::address::Address;
 use crate::error::{Component, Error, Result};
+use crate::fingerprint::{Fingerprint, KeyId};
 use crate::ratelimit::RateLimiter;
 use crate::store::{KeyRecord, KeyStore, NewKey, PublishOutcome};
+use crate::wkd::WkdHash;
 
 /// Runs `fut` for at most `timeout`; past it, a temporary error of `component` that says which
 /// operation (`op`) timed out.
@@ -111,6 +113,31 @@ impl<S: KeyStore> KeyStore for TimeoutStore<S> {
         self.run("restore", self.inner.restore(history)).await
     }
 
+    async fn find_by_fingerprint(
+        &self,
+        fingerprint: &Fingerprint,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>> {
+        self.run(
+            "find by fingerprint",
+            self.inner.find_by_fingerprint(fingerprint, limit),
+        )
+        .await
+    }
+
+    async fn find_by_key_id(&self, key_id: &KeyId, limit: usize) -> Result<Vec<KeyRecord>> {
+        self.run("find by key ID", self.inner.find_by_key_id(key_id, limit))
+            .await
+    }
+
+    async fn find_by_wkd_hash(&self, domain: &str, hash: &WkdHash) -> Result<Option<KeyRecord>> {
+        self.run(
+            "find by WKD hash",
+            self.inner.find_by_wkd_hash(domain, hash),
+        )
+        .await
+    }
+
     async fn check(&self) -> Result<()> {
         self.run("check", self.inner.check()).await
     }
@@ -161,6 +188,15 @@ mod tests {
         async fn restore(&self, _: &[KeyRecord]) -> Result<()> {
             std::future::pending().await
         }
+        async fn find_by_fingerprint(&self, _: &Fingerprint, _: usize) -> Result<Vec<KeyRecord>> {
+            std::future::pending().await
+        }
+        async fn find_by_key_id(&self, _: &KeyId, _: usize) -> Result<Vec<KeyRecord>> {
+            std::future::pending().await
+        }
+        async fn find_by_wkd_hash(&self, _: &str, _: &WkdHash) -> Result<Option<KeyRecord>> {
+            std::future::pending().await
+        }
         async fn check(&self) -> Result<()> {
             std::future::pending().await
         }
@@ -199,6 +235,11 @@ mod tests {
         expect_timeout("list", s.list(None, 10).await);
         expect_timeout("restore", s.restore(&[record]).await);
         expect_timeout("check", s.check().await);
+        let f = conformance::fingerprint(1, 1);
+        expect_timeout("find by fingerprint", s.find_by_fingerprint(&f, 1).await);
+        expect_timeout("find by key ID", s.find_by_key_id(&f.key_id(), 1).await);
+        let h = WkdHash::of_address(&a);
+        expect_timeout("find by WKD hash", s.find_by_wkd_hash(a.domain(), &h).await);
         expect_timeout("rate limit", s.hit("k", 1, Duration::from_secs(1)).await);
         expect_timeout(
             "sweep",

@@ -1,8 +1,12 @@
 //! [`PostgresStore`]: the [`KeyStore`] on PostgreSQL, one transaction per change.
 
 use async_trait::async_trait;
+use kst_core::key_index::scan;
 use kst_core::store::{TimeoutStore, validate_history};
-use kst_core::{Address, Error, KeyRecord, KeyStore, NewKey, PublishOutcome, Result};
+use kst_core::wkd::WkdHash;
+use kst_core::{
+    Address, Error, Fingerprint, KeyId, KeyRecord, KeyStore, NewKey, PublishOutcome, Result,
+};
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{PgConnection, Row};
 
@@ -374,6 +378,25 @@ impl KeyStore for PostgresStore {
 
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
         self.restore_inner(history).await
+    }
+
+    /// Interim: a scan of every address until the index lands.
+    async fn find_by_fingerprint(
+        &self,
+        fingerprint: &Fingerprint,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>> {
+        scan(self, limit, |e| e.has_fingerprint(fingerprint)).await
+    }
+
+    /// Interim: a scan of every address until the index lands.
+    async fn find_by_key_id(&self, key_id: &KeyId, limit: usize) -> Result<Vec<KeyRecord>> {
+        scan(self, limit, |e| e.has_key_id(key_id)).await
+    }
+
+    /// Interim: a scan of every address until the index lands.
+    async fn find_by_wkd_hash(&self, domain: &str, hash: &WkdHash) -> Result<Option<KeyRecord>> {
+        Ok(scan(self, 1, |e| e.has_wkd_hash(domain, hash)).await?.pop())
     }
 
     async fn check(&self) -> Result<()> {

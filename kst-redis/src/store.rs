@@ -1,8 +1,12 @@
 //! [`RedisStore`]: the [`KeyStore`] on Redis, each change one Lua script.
 
 use async_trait::async_trait;
+use kst_core::key_index::scan;
 use kst_core::store::{TimeoutStore, validate_history};
-use kst_core::{Address, Error, KeyRecord, KeyStore, NewKey, PublishOutcome, Result};
+use kst_core::wkd::WkdHash;
+use kst_core::{
+    Address, Error, Fingerprint, KeyId, KeyRecord, KeyStore, NewKey, PublishOutcome, Result,
+};
 use redis::aio::ConnectionManager;
 
 use crate::builder::RedisStoreBuilder;
@@ -350,6 +354,25 @@ impl KeyStore for RedisStore {
 
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
         self.restore_inner(history).await
+    }
+
+    /// Interim: a scan of every address until the index lands.
+    async fn find_by_fingerprint(
+        &self,
+        fingerprint: &Fingerprint,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>> {
+        scan(self, limit, |e| e.has_fingerprint(fingerprint)).await
+    }
+
+    /// Interim: a scan of every address until the index lands.
+    async fn find_by_key_id(&self, key_id: &KeyId, limit: usize) -> Result<Vec<KeyRecord>> {
+        scan(self, limit, |e| e.has_key_id(key_id)).await
+    }
+
+    /// Interim: a scan of every address until the index lands.
+    async fn find_by_wkd_hash(&self, domain: &str, hash: &WkdHash) -> Result<Option<KeyRecord>> {
+        Ok(scan(self, 1, |e| e.has_wkd_hash(domain, hash)).await?.pop())
     }
 
     async fn check(&self) -> Result<()> {

@@ -2,6 +2,7 @@
 //! until SIGTERM or SIGINT.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -12,7 +13,8 @@ use tokio::sync::watch;
 
 use crate::exit;
 use crate::server::lmtp::{Listener, run};
-use crate::shared::config::{Config, HttpConfig, LmtpConfig};
+use crate::server::web::{self, StoreLookup, WebService};
+use crate::shared::config::{Config, HttpConfig, LmtpConfig, WebConfig};
 use crate::shared::stores::Reach;
 use crate::shared::{logging, metrics, report, wiring};
 
@@ -43,7 +45,8 @@ Postfix set-up:
 
 Config keys: [lmtp] listen, socket_group, allow, max_connections, command_timeout_secs,
 data_timeout_secs, max_recipients, shutdown_grace_secs; [limits] max_message_bytes; [http]
-listen (\"\" turns it off).
+listen (\"\" turns it off); [web] listen (the public WKD/VKS/HKP listener, off unless set),
+tls_cert, tls_key, trusted_proxies and [web.limits].
 See deploy/kst.toml and docs/OPERATIONS.md.";
 
 /// Runs `kst serve` with the configuration at `config` (without one: the embedded quick-start
@@ -93,7 +96,7 @@ async fn start(cfg: Config) -> u8 {
         "kst serve starting"
     );
     wiring::publish_submission_keys(&kst).await;
-    match daemon(cfg.lmtp.clone(), cfg.http.clone(), kst).await {
+    match daemon_with_web(cfg.lmtp.clone(), cfg.http.clone(), cfg.web.clone(), kst).await {
         Ok(()) => {
             tracing::info!("kst serve stopped");
             exit::OK
@@ -106,16 +109,55 @@ async fn start(cfg: Config) -> u8 {
     }
 }
 
-/// Runs `kst serve`: binds the LMTP listener (`[lmtp] listen`) and the HTTP endpoint (`[http]
-/// listen`, off when empty), serves until SIGTERM or SIGINT, then lets transactions in flight
-/// finish for up to `[lmtp] shutdown_grace_secs`. A second signal returns at once.
+/// Runs `kst serve` without the public listener (see [`daemon_with_web`]).
 pub async fn daemon(lmtp: LmtpConfig, http: HttpConfig, kst: Kst) -> anyhow::Result<()> {
+    daemon_with_web(lmtp, http, WebConfig::default(), kst).await
+}
+
+/// Runs `kst serve`: binds the LMTP listener (`[lmtp] listen`), the HTTP endpoint (`[http]
+/// listen`, off when empty) and the public listener (`[web] listen`, off when empty), serves
+/// until SIGTERM or SIGINT, then lets transactions in flight finish for up to `[lmtp]
+/// shutdown_grace_secs`. A second signal returns at once.
+pub async fn daemon_with_web(
+    lmtp: LmtpConfig,
+    http: HttpConfig,
+    web_cfg: WebConfig,
+    kst: Kst,
+) -> anyhow::Result<()> {
     lmtp.validate().context("invalid [lmtp] section")?;
+    web_cfg
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid [web] section: {e}"))?;
     let signals = signal_count().context("cannot install the SIGTERM/SIGINT handlers")?;
     let metrics = metrics::init();
     let listener = Listener::bind_config(&lmtp)
         .await
         .with_context(|| format!("cannot listen for LMTP on {:?} (lmtp.listen)", lmtp.listen))?;
+    let web_task = if web_cfg.enabled() {
+        let addr = web_cfg.listen.trim().to_string();
+        let l = TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen for WKD/VKS/HKP on {addr:?} (web.listen)"))?;
+        let service = WebService {
+            lookup: Arc::new(StoreLookup::new(Arc::clone(kst.store()))),
+            counters: Arc::clone(kst.rate_limiter()),
+            domains: kst.policy().domains.clone(),
+            address_policy: kst.policy().address_policy.clone(),
+            config: web_cfg,
+        };
+        tracing::info!(
+            listen = %addr,
+            tls = service.config.tls_cert.is_some(),
+            "public listener (WKD, VKS, HKP) listening"
+        );
+        Some(tokio::spawn(web::serve(
+            l,
+            service,
+            at_least(signals.clone(), 1),
+        )))
+    } else {
+        None
+    };
     let http_task = match http.listen.trim() {
         "" => None,
         addr => {
@@ -153,6 +195,14 @@ pub async fn daemon(lmtp: LmtpConfig, http: HttpConfig, kst: Kst) -> anyhow::Res
     if graceful {
         // Pooled relay sessions end with QUIT rather than a dropped connection.
         mailer.close().await;
+    }
+    if let Some(task) = web_task {
+        match tokio::time::timeout(Duration::from_secs(2), task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = format!("{e:#}"), "public listener failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "public listener task failed"),
+            Err(_) => tracing::warn!("public listener did not stop within 2s"),
+        }
     }
     if let Some(task) = http_task {
         match tokio::time::timeout(Duration::from_secs(2), task).await {

@@ -14,10 +14,12 @@ use serde::{Deserialize, Serialize};
 
 mod http;
 mod lmtp;
+pub mod web;
 mod wks;
 
 pub use self::http::HttpConfig;
 pub use self::lmtp::{AllowList, Cidr, LmtpConfig};
+pub use self::web::{WebConfig, WebLimits};
 pub use self::wks::{WksConfig, WksKeyConfig, check_key_file_mode, read_key_file};
 pub use crate::shared::logging::{LogConfig, LogFormat};
 
@@ -26,7 +28,12 @@ pub const ENV_PREFIX: &str = "KST";
 /// Separator between the section and the key in an environment override (`KST_MAILER__PORT`).
 pub const ENV_SEPARATOR: &str = "__";
 /// Keys whose environment value is a comma-separated list.
-pub const ENV_LIST_KEYS: [&str; 3] = ["kst.domains", "kst.trusted_mta_hosts", "lmtp.allow"];
+pub const ENV_LIST_KEYS: [&str; 4] = [
+    "kst.domains",
+    "kst.trusted_mta_hosts",
+    "lmtp.allow",
+    "web.trusted_proxies",
+];
 /// How secrets are shown by [`Config::masked`].
 pub const MASK: &str = "********";
 
@@ -53,6 +60,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// `[wks]`: the Web Key Service submission keys.
     pub wks: WksConfig,
+    /// `[web]`: the public WKD/VKS/HKP listener of `kst serve` (off unless `listen` is set).
+    pub web: WebConfig,
 }
 
 /// `[kst]`: the protocol policy.
@@ -477,6 +486,7 @@ impl Config {
             &mut self.kst.domains,
             &mut self.kst.trusted_mta_hosts,
             &mut self.lmtp.allow,
+            &mut self.web.trusted_proxies,
         ] {
             *list = list
                 .iter()
@@ -491,6 +501,9 @@ impl Config {
         let policy = self.policy()?;
         self.wks.validate(&policy)?;
         self.lmtp.validate()?;
+        self.web
+            .validate()
+            .map_err(|e| ConfigError::key(e.key, e.message))?;
         let l = &self.limits;
         if l.max_message_bytes == 0 {
             return Err(ConfigError::key(

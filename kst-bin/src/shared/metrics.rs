@@ -43,8 +43,15 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn init() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
+            use crate::server::web::metrics as web;
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(MESSAGE_DURATION.into()), DURATION_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(web::REQUEST_DURATION.into()),
+                        web::DURATION_BUCKETS,
+                    )
+                })
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
@@ -64,6 +71,34 @@ fn register_descriptions() {
         MESSAGES_TOTAL,
         "Messages handled, by request kind and outcome"
     );
+    {
+        use crate::server::web::metrics as web;
+        describe_counter!(
+            web::REQUESTS_TOTAL,
+            "Public listener requests answered, by endpoint and status"
+        );
+        describe_histogram!(
+            web::REQUEST_DURATION,
+            Unit::Seconds,
+            "Public listener time from request to response, by endpoint"
+        );
+        describe_counter!(
+            web::REFUSED_TOTAL,
+            "Public listener requests refused with 429, by limit"
+        );
+        describe_counter!(
+            web::BUSY_TOTAL,
+            "Public listener connections closed because max_connections were open"
+        );
+        describe_counter!(
+            web::TLS_FAILURES_TOTAL,
+            "Public listener TLS handshakes that failed or timed out"
+        );
+        describe_counter!(
+            web::TLS_RELOADS_TOTAL,
+            "Public listener certificate reloads, by outcome"
+        );
+    }
     describe_histogram!(
         MESSAGE_DURATION,
         Unit::Seconds,

@@ -1,8 +1,10 @@
 //! The store seam of the web listener: the look-ups WKD, VKS and HKP need.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use kst_core::wkd::WkdHash;
-use kst_core::{Address, KeyRecord, Result};
+use kst_core::{Address, Fingerprint, KeyId, KeyRecord, KeyStore, Result};
 
 /// Most certificates one look-up by fingerprint or key ID serves (a key ID can be shared by
 /// crafted keys; a subkey can be bound to several primary keys).
@@ -32,4 +34,45 @@ pub trait KeyLookup: Send + Sync + 'static {
     /// The current keys whose primary key or one of whose subkeys has the 64-bit `key_id`
     /// (16 uppercase hex digits), at most [`MAX_MATCHES`].
     async fn by_key_id(&self, key_id: &str) -> Result<Vec<KeyRecord>>;
+}
+
+/// [`KeyLookup`] over any [`KeyStore`]: the store's own indexes (by address, WKD hash,
+/// fingerprint and key ID), so the cost of a look-up does not grow with the number of keys.
+pub struct StoreLookup(Arc<dyn KeyStore>);
+
+impl StoreLookup {
+    /// Look-ups on `store` (the same store, and the same pool, that mail publishes to).
+    pub fn new(store: Arc<dyn KeyStore>) -> Self {
+        StoreLookup(store)
+    }
+}
+
+#[async_trait]
+impl KeyLookup for StoreLookup {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    async fn by_address(&self, address: &Address) -> Result<Option<KeyRecord>> {
+        self.0.get(address).await
+    }
+
+    async fn by_wkd_hash(&self, domain: &str, hash: &WkdHash) -> Result<Option<KeyRecord>> {
+        self.0.find_by_wkd_hash(domain, hash).await
+    }
+
+    async fn by_fingerprint(&self, fingerprint: &str) -> Result<Vec<KeyRecord>> {
+        // The handlers pass validated hex; anything else cannot match a key.
+        match Fingerprint::parse(fingerprint) {
+            Ok(f) => self.0.find_by_fingerprint(&f, MAX_MATCHES).await,
+            Err(_) => Ok(Vec::new()),
+        }
+    }
+
+    async fn by_key_id(&self, key_id: &str) -> Result<Vec<KeyRecord>> {
+        match KeyId::parse(key_id) {
+            Ok(k) => self.0.find_by_key_id(&k, MAX_MATCHES).await,
+            Err(_) => Ok(Vec::new()),
+        }
+    }
 }

@@ -5,7 +5,6 @@
 //! [`WebConfig`]; `kst serve` wires them in.
 
 pub mod client;
-pub mod config;
 pub mod handlers;
 pub mod limits;
 pub mod listener;
@@ -21,9 +20,13 @@ use kst_core::wkd::PolicyFlags;
 use kst_core::{AddressPolicy, RateLimiter};
 use tokio::net::TcpListener;
 
+/// The `[web]` section, kept with the rest of the configuration.
+pub mod config {
+    pub use crate::shared::config::web::{TrustedProxies, WebConfig, WebConfigError, WebLimits};
+}
 pub use config::{WebConfig, WebLimits};
 pub use handlers::{PeerAddr, WebState, router};
-pub use lookup::KeyLookup;
+pub use lookup::{KeyLookup, StoreLookup};
 
 /// The local part of each domain's WKS submission address (`keys@<domain>`).
 pub const SUBMISSION_LOCAL_PART: &str = "keys";

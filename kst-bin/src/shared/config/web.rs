@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::shared::config::Cidr;
+use super::Cidr;
 
 /// `[web]`: the public listener. Separate from `[http]` (operations, loopback only).
 ///

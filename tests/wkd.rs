@@ -1,0 +1,459 @@
+//! The public listener `[web]` of the real `kst serve`, asked by clients nobody here wrote:
+//! Debian's gpg/dirmngr (WKD both methods, HKP), gpg-wks-client, curl and Sequoia's sq find the
+//! key alice published by authenticated mail (`kst deliver`, as Postfix's pipe runs it) while
+//! `kst serve` runs on the same store. The names resolve through the WKD test bed
+//! (`kst_tests::wkd`, docs/WKD-TESTBED.md), which needs root; without root these tests say
+//! SKIPPED loudly. The limits test needs only curl.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kst_core::AddressPolicy;
+use kst_core::client;
+use kst_core::wkd::WkdHash;
+use kst_tests::wkd::{WkdHome, WkdMethod, WkdTestbed, WkdView};
+use kst_tests::{Gpg, GpgKey, TestKst, code, kst_binary, received_authenticated, stderr};
+
+/// How long a test waits for anything (a hang guard, not a speed check).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn bed() -> Option<&'static WkdTestbed> {
+    match WkdTestbed::up() {
+        Ok(bed) => Some(bed),
+        Err(e) if !kst_tests::is_root() => {
+            eprintln!("SKIPPED (the WKD interop tests need root): {e}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+/// `kst serve --config` of a [`TestKst`], with `[web]` set by environment overrides.
+struct Serve {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Serve {
+    /// Starts `kst serve` with `[web] listen = web` (TLS with `tls` = (cert, key)) and `env`,
+    /// and waits until the public listener accepts connections.
+    fn start(
+        kst: &TestKst,
+        web: SocketAddr,
+        tls: Option<(&Path, &Path)>,
+        env: &[(&str, &str)],
+    ) -> Serve {
+        let log = kst.dir.path().join(format!("serve-{}.log", web.port()));
+        let mut cmd = Command::new(kst_binary());
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("KST_") {
+                cmd.env_remove(k);
+            }
+        }
+        if let Some((cert, key)) = tls {
+            cmd.env("KST_WEB__TLS_CERT", cert)
+                .env("KST_WEB__TLS_KEY", key);
+        }
+        cmd.envs(env.iter().copied())
+            .arg("serve")
+            .arg("--config")
+            .arg(&kst.config)
+            .env_remove("RUST_LOG")
+            .env("KST_LMTP__LISTEN", free_port().to_string())
+            .env("KST_HTTP__LISTEN", free_port().to_string())
+            .env("KST_WEB__LISTEN", web.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        let serve = Serve {
+            child: cmd.spawn().expect("spawn kst serve"),
+            log,
+        };
+        let deadline = Instant::now() + PATIENCE;
+        while TcpStream::connect(web).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "kst serve did not listen on {web}:\n{}",
+                serve.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        serve
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit code (the graceful shutdown must end the public listener too).
+    fn stop(mut self) -> i32 {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -TERM");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kst serve did not exit after SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Publishes `key` for its address the real way: an authenticated mail through `kst deliver`
+/// with the provider MTA's trusted Received header; asserts kst's confirmation says published.
+fn publish_by_mail(kst: &TestKst, key: &GpgKey) {
+    let account = AddressPolicy::default().normalize(&key.address).unwrap();
+    let req = client::build_publication(&account, &key.public_armored).unwrap();
+    let mut raw = received_authenticated(&key.address, "mail.example.net").into_bytes();
+    raw.extend_from_slice(&req.message);
+    let out = kst.deliver(&key.address, "keys@example.net", &raw);
+    assert_eq!(code(&out), 0, "kst deliver: {}", stderr(&out));
+    assert!(
+        matches!(
+            client::verify_reply(&req.pending, &kst.last_reply()).unwrap(),
+            client::Verified::Published { .. }
+        ),
+        "kst's confirmation must say published"
+    );
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// curl ARGS inside `view` (names resolve to the test's address; system trust store).
+fn curl(view: &WkdView, args: &[&str]) -> Output {
+    let home = WkdHome::new();
+    view.run(home.path(), "curl", args)
+}
+
+/// Status line and headers of `curl -sS -D - -o /dev/null ARGS`, lowercased.
+fn head_of(view: &WkdView, args: &[&str]) -> String {
+    let mut all = vec!["-sS", "-D", "-", "-o", "/dev/null"];
+    all.extend_from_slice(args);
+    let out = curl(view, &all);
+    assert!(out.status.success(), "curl {args:?}: {}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).to_lowercase()
+}
+
+fn status_of(head: &str) -> &str {
+    head.split_whitespace().nth(1).unwrap_or("")
+}
+
+#[test]
+fn gpg_finds_the_key_alice_published_by_mail_by_both_wkd_methods_and_wks_client_agrees() {
+    let Some(bed) = bed() else { return };
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let kst = TestKst::new("");
+    let addr = WkdTestbed::free_addr();
+    let serve = Serve::start(
+        &kst,
+        SocketAddr::from((addr, 443)),
+        Some((bed.cert(), bed.key())),
+        &[],
+    );
+    let advanced = bed.view(addr, WkdMethod::Advanced);
+
+    // Before the publication: WKD answers, but has no key for alice.
+    let home = WkdHome::new();
+    let out = advanced.gpg_locate_wkd(home.path(), "alice@example.net");
+    assert_ne!(code(&out), 0, "nothing published yet: {}", text(&out));
+    assert!(home.fingerprints().is_empty());
+
+    publish_by_mail(&kst, &alice);
+
+    // At once afterwards, by the advanced method (openpgpkey.example.net) ...
+    let home = WkdHome::new();
+    let out = advanced.gpg_locate_wkd(home.path(), "alice@example.net");
+    assert_eq!(
+        code(&out),
+        0,
+        "advanced method: {}\n{}",
+        text(&out),
+        serve.log()
+    );
+    assert_eq!(home.fingerprints(), vec![alice.fingerprint.to_string()]);
+
+    // ... and by the direct method when openpgpkey.example.net does not resolve.
+    let direct = bed.view(addr, WkdMethod::DirectOnly);
+    let home = WkdHome::new();
+    let out = direct.gpg_locate_wkd(home.path(), "alice@example.net");
+    assert_eq!(
+        code(&out),
+        0,
+        "direct method: {}\n{}",
+        text(&out),
+        serve.log()
+    );
+    assert_eq!(home.fingerprints(), vec![alice.fingerprint.to_string()]);
+
+    // gpg-wks-client: the domain supports WKS (policy and submission-address served) ...
+    let home = WkdHome::new();
+    let out = advanced.wks_client(home.path(), &["--supported", "alice@example.net"]);
+    assert_eq!(code(&out), 0, "--supported: {}", text(&out));
+    // ... finds alice's key ...
+    let out = advanced.wks_client(home.path(), &["-v", "--check", "alice@example.net"]);
+    assert_eq!(code(&out), 0, "--check: {}", text(&out));
+    assert!(
+        text(&out).contains(&alice.fingerprint.to_string()),
+        "--check names the fingerprint: {}",
+        text(&out)
+    );
+    // ... reports a miss for bob ...
+    let out = advanced.wks_client(home.path(), &["--check", "bob@example.net"]);
+    assert_ne!(code(&out), 0, "--check bob: {}", text(&out));
+    // ... and hashes as kst does.
+    let out = advanced.wks_client(home.path(), &["--print-wkd-hash", "Alice@example.net"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let ours = WkdHash::of_address(
+        &AddressPolicy::default()
+            .normalize("alice@example.net")
+            .unwrap(),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{ours} alice@example.net")
+    );
+
+    assert_eq!(serve.stop(), 0, "kst serve exits 0 on SIGTERM");
+}
+
+#[test]
+fn keyserver_clients_curl_and_sq_get_the_key_by_address_fingerprint_and_key_id() {
+    let Some(bed) = bed() else { return };
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let fpr = alice.fingerprint.to_string();
+    let key_id = fpr[fpr.len() - 16..].to_string();
+    let kst = TestKst::new("");
+    publish_by_mail(&kst, &alice);
+    let addr = WkdTestbed::free_addr();
+    let tls = Serve::start(
+        &kst,
+        SocketAddr::from((addr, 443)),
+        Some((bed.cert(), bed.key())),
+        &[],
+    );
+    let plain_at = free_port();
+    let plain = Serve::start(&kst, plain_at, None, &[]);
+    let view = bed.view(addr, WkdMethod::Advanced);
+
+    // HKP, plain HTTP on any port: gpg --recv-keys by fingerprint and by key ID.
+    let keyserver = format!("hkp://{plain_at}");
+    for wanted in [&fpr, &key_id] {
+        let home = WkdHome::new();
+        let out = view.run(
+            home.path(),
+            "gpg",
+            &["--batch", "--keyserver", &keyserver, "--recv-keys", wanted],
+        );
+        assert_eq!(
+            code(&out),
+            0,
+            "--recv-keys {wanted}: {}\n{}",
+            text(&out),
+            plain.log()
+        );
+        assert_eq!(home.fingerprints(), vec![fpr.clone()]);
+    }
+    // --search-keys lists the exact match (then stops for input in batch mode).
+    let home = WkdHome::new();
+    let out = view.run(
+        home.path(),
+        "gpg",
+        &[
+            "--batch",
+            "--keyserver",
+            &keyserver,
+            "--search-keys",
+            "alice@example.net",
+        ],
+    );
+    let listing = text(&out);
+    assert!(
+        listing.contains("Alice <alice@example.net>") && listing.contains(&key_id),
+        "--search-keys: {listing}"
+    );
+    // A substring finds nothing: exact matches only.
+    let out = view.run(
+        home.path(),
+        "gpg",
+        &[
+            "--batch",
+            "--keyserver",
+            &keyserver,
+            "--search-keys",
+            "alice",
+        ],
+    );
+    assert!(
+        !text(&out).contains("Alice <alice@example.net>"),
+        "{}",
+        text(&out)
+    );
+
+    // VKS over TLS with curl (system trust store): armored, with CORS.
+    let base = "https://openpgpkey.example.net";
+    for path in [
+        "/vks/v1/by-email/alice%40example.net".to_string(),
+        "/vks/v1/by-email/alice@example.net".to_string(),
+        format!("/vks/v1/by-fingerprint/{fpr}"),
+        format!("/vks/v1/by-keyid/{key_id}"),
+    ] {
+        let url = format!("{base}{path}");
+        let out = curl(&view, &["-sS", "-f", &url]);
+        assert!(out.status.success(), "curl {url}: {}", stderr(&out));
+        let home = WkdHome::new();
+        home.import(&out.stdout);
+        assert_eq!(home.fingerprints(), vec![fpr.clone()], "{url}");
+        let head = head_of(&view, &[&url]);
+        assert!(
+            head.contains("access-control-allow-origin: *"),
+            "{url}: {head}"
+        );
+    }
+    // WKD: the binary key, CORS, HEAD without a body, 404 for an unknown hash, policy files.
+    let hash = WkdHash::of_local_part("alice");
+    let wkd = format!("{base}/.well-known/openpgpkey/example.net/hu/{hash}");
+    let head = head_of(&view, &[&wkd]);
+    assert_eq!(status_of(&head), "200", "{head}");
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+    assert!(
+        head.contains("content-type: application/octet-stream"),
+        "{head}"
+    );
+    let out = curl(&view, &["-sS", "-I", &wkd]);
+    let head_only = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert_eq!(status_of(&head_only), "200", "HEAD: {head_only}");
+    assert!(!head_only.contains("-----begin pgp"), "HEAD has no body");
+    let unknown = format!(
+        "{base}/.well-known/openpgpkey/example.net/hu/{}",
+        WkdHash::of_local_part("nobody")
+    );
+    assert_eq!(status_of(&head_of(&view, &[&unknown])), "404");
+    assert_eq!(
+        status_of(&head_of(
+            &view,
+            &[&format!("{base}/.well-known/openpgpkey/example.net/hu/")]
+        )),
+        "404",
+        "no listing"
+    );
+    let out = curl(
+        &view,
+        &[
+            "-sS",
+            "-f",
+            &format!("{base}/.well-known/openpgpkey/example.net/policy"),
+        ],
+    );
+    assert!(out.status.success(), "policy: {}", stderr(&out));
+    let policy = String::from_utf8_lossy(&out.stdout);
+    // kst accepts named User IDs, so no `mailbox-only` (kst_core::wkd::PolicyFlags).
+    for flag in ["auth-submit", "protocol-version:"] {
+        assert!(policy.contains(flag), "policy lacks {flag}: {policy}");
+    }
+    let out = curl(
+        &view,
+        &[
+            "-sS",
+            "-f",
+            &format!("{base}/.well-known/openpgpkey/example.net/submission-address"),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "keys@example.net"
+    );
+
+    // Sequoia's sq (Debian 12: 0.27): WKD, and its keyserver client over hkps://.
+    if Command::new("sq").arg("--version").output().is_ok() {
+        let home = WkdHome::new();
+        for args in [
+            vec!["wkd", "get", "alice@example.net"],
+            vec!["keyserver", "--server", "hkps://example.net", "get", &fpr],
+        ] {
+            let out = view.run(home.path(), "sq", &args);
+            assert!(out.status.success(), "sq {args:?}: {}", text(&out));
+            let got = WkdHome::new();
+            got.import(&out.stdout);
+            assert_eq!(got.fingerprints(), vec![fpr.clone()], "sq {args:?}");
+        }
+    } else {
+        eprintln!("NOTE: sq is not installed; the Sequoia checks did not run");
+    }
+
+    assert_eq!(tls.stop(), 0);
+    assert_eq!(plain.stop(), 0);
+}
+
+/// curl without the test bed: `(status, headers)` of `GET url`.
+fn curl_plain(url: &str) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-D", "-", "-o", "/dev/null", url])
+        .output()
+        .expect("curl must be installed");
+    assert!(out.status.success(), "curl {url}: {}", stderr(&out));
+    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    (status_of(&head).to_string(), head)
+}
+
+#[test]
+fn misses_beyond_the_per_client_budget_get_429_with_retry_after() {
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let kst = TestKst::new("");
+    publish_by_mail(&kst, &alice);
+    let at = free_port();
+    let serve = Serve::start(
+        &kst,
+        at,
+        None,
+        &[
+            ("KST_WEB__LIMITS__PER_CLIENT_MISSES", "2"),
+            ("KST_WEB__LIMITS__WINDOW_SECS", "60"),
+        ],
+    );
+    let url = |who: &str| format!("http://{at}/vks/v1/by-email/{who}%40example.net");
+    assert_eq!(curl_plain(&url("alice")).0, "200");
+    // The limiter counts a miss after answering it: the miss that spends the budget is still
+    // answered, the next look-up is not.
+    for n in 1..=3 {
+        assert_eq!(curl_plain(&url(&format!("nobody{n}"))).0, "404");
+    }
+    let (status, head) = curl_plain(&url("nobody4"));
+    assert_eq!(status, "429", "{head}\n{}", serve.log());
+    assert!(head.contains("retry-after:"), "{head}");
+    // The client is now refused for key look-ups altogether until the window ends.
+    assert_eq!(curl_plain(&url("alice")).0, "429");
+    assert_eq!(serve.stop(), 0);
+}
