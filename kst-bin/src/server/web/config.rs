@@ -254,6 +254,15 @@ mod tests {
         assert!(!proxies.contains("192.0.2.1".parse().unwrap()));
         assert_eq!(c.limits.per_client, 5);
         assert_eq!(c.limits.per_client_misses, 100);
+        assert_eq!(proxies.header(), ProxyHeader::XForwardedFor);
+        for (text, header) in [
+            ("x-forwarded-for", ProxyHeader::XForwardedFor),
+            ("forwarded", ProxyHeader::Forwarded),
+        ] {
+            let c: WebConfig = toml::from_str(&format!("trusted_proxy_header = {text:?}")).unwrap();
+            assert_eq!(c.validate().unwrap().header(), header);
+        }
+        assert!(toml::from_str::<WebConfig>(r#"trusted_proxy_header = "x-real-ip""#).is_err());
     }
 
     #[test]
