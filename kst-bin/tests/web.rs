@@ -666,13 +666,13 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
     .await;
     assert_eq!(again.status, 429);
     // IPv6 clients are counted per /64.
-    let v6 = |a: &'static str| [("Forwarded", a)];
+    let v6 = |a: &'static str| [("X-Forwarded-For", a)];
     let first = request(
         &s,
         "GET",
         "example.net",
         "/.well-known/openpgpkey/policy",
-        &v6("for=\"[2001:db8:1:2::1]\""),
+        &v6("2001:db8:1:2::1"),
     )
     .await;
     assert_eq!(first.status, 200);
@@ -681,7 +681,7 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
         "GET",
         "example.net",
         "/.well-known/openpgpkey/policy",
-        &v6("for=\"[2001:db8:1:2::99]\""),
+        &v6("[2001:db8:1:2::99]:4711"),
     )
     .await;
     assert_eq!(same64.status, 429);

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use axum::http::HeaderMap;
 
-use super::config::TrustedProxies;
+use super::config::{ProxyHeader, TrustedProxies};
 
 /// The client's address as rate limits count it: an IPv4 address, or an IPv6 /64 network
 /// written `2001:db8:1:2::/64` (one host usually holds a whole /64).
@@ -20,45 +20,50 @@ pub fn client_key(ip: IpAddr) -> String {
     }
 }
 
+/// The client key of a request whose forwarding chain could not be read: every such client
+/// shares this one budget (no digit or colon, so no address key equals it).
+pub const UNKNOWN_CLIENT: &str = "unknown";
+
 /// The client's IP: the TCP peer, unless the peer is a trusted proxy; then the rightmost
-/// address in `Forwarded` (RFC 7239 `for=`) or else `X-Forwarded-For` that is not itself a
-/// trusted proxy. Unreadable or missing headers leave the peer as the client (a proxy that
-/// forwards nothing is its own client).
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, proxies: &TrustedProxies) -> IpAddr {
+/// address in the configured forwarding header (and only that one) that is not itself a
+/// trusted proxy. A missing header leaves the peer as the client (a proxy that forwards
+/// nothing is its own client); `None` when the walk reaches a hop that cannot be read (not
+/// ASCII, obfuscated, garbage): the client is unknown, and the other header, which the client
+/// may have written, is never consulted.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, proxies: &TrustedProxies) -> Option<IpAddr> {
     let peer = peer.to_canonical();
     if !proxies.contains(peer) {
-        return peer;
+        return Some(peer);
     }
-    let chain = forwarded_chain(headers).or_else(|| x_forwarded_for_chain(headers));
-    let Some(chain) = chain else {
-        return peer;
+    let chain = match proxies.header() {
+        ProxyHeader::Forwarded => forwarded_chain(headers),
+        ProxyHeader::XForwardedFor => x_forwarded_for_chain(headers),
     };
     // Walk from the nearest hop back; the first hop that is not a trusted proxy is the client.
     let mut client = peer;
     for ip in chain.into_iter().rev() {
-        let Some(ip) = ip else {
-            // An obfuscated or unreadable hop: trust stops here.
-            return client;
-        };
-        client = ip.to_canonical();
+        // An obfuscated or unreadable hop: trust stops here, the client is unknown.
+        client = ip?.to_canonical();
         if !proxies.contains(client) {
-            return client;
+            return Some(client);
         }
     }
-    client
+    Some(client)
 }
 
 /// Most hops read from a forwarding header (a longer list is cut from the left, the part the
 /// client itself could have written).
 const MAX_HOPS: usize = 32;
 
-/// The `for=` values of every `Forwarded` header, in order; `None` per hop that is not an IP.
-fn forwarded_chain(headers: &HeaderMap) -> Option<Vec<Option<IpAddr>>> {
+/// The `for=` values of every `Forwarded` header, in order; `None` per hop that is not an IP,
+/// and one `None` for a whole line that is not visible ASCII.
+fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
     let mut out = Vec::new();
-    let mut any = false;
     for value in headers.get_all("forwarded") {
-        let text = value.to_str().ok()?;
-        any = true;
+        let Ok(text) = value.to_str() else {
+            out.push(None);
+            continue;
+        };
         for element in text.split(',') {
             let ip = element.split(';').find_map(|pair| {
                 let (k, v) = pair.trim().split_once('=')?;
@@ -69,17 +74,19 @@ fn forwarded_chain(headers: &HeaderMap) -> Option<Vec<Option<IpAddr>>> {
             out.push(ip.flatten());
         }
     }
-    (any && !out.is_empty()).then(|| tail(out))
+    tail(out)
 }
 
-/// The addresses of every `X-Forwarded-For` header, in order.
-fn x_forwarded_for_chain(headers: &HeaderMap) -> Option<Vec<Option<IpAddr>>> {
+/// The addresses of every `X-Forwarded-For` header, in order; `None` per unreadable hop or line.
+fn x_forwarded_for_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
     let mut out = Vec::new();
     for value in headers.get_all("x-forwarded-for") {
-        let text = value.to_str().ok()?;
-        out.extend(text.split(',').map(|s| parse_node(s.trim())));
+        match value.to_str() {
+            Ok(text) => out.extend(text.split(',').map(|s| parse_node(s.trim()))),
+            Err(_) => out.push(None),
+        }
     }
-    (!out.is_empty()).then(|| tail(out))
+    tail(out)
 }
 
 fn tail(mut v: Vec<Option<IpAddr>>) -> Vec<Option<IpAddr>> {
@@ -146,8 +153,13 @@ mod tests {
     }
 
     fn proxies(list: &[&str]) -> TrustedProxies {
+        proxies_with(list, ProxyHeader::XForwardedFor)
+    }
+
+    fn proxies_with(list: &[&str], header: ProxyHeader) -> TrustedProxies {
         WebConfig {
             trusted_proxies: list.iter().map(|s| s.to_string()).collect(),
+            trusted_proxy_header: header,
             ..WebConfig::default()
         }
         .validate()
@@ -180,14 +192,14 @@ mod tests {
         let none = proxies(&[]);
         assert_eq!(
             client_ip(ip("192.0.2.1"), &h, &none),
-            ip("192.0.2.1"),
+            Some(ip("192.0.2.1")),
             "untrusted peer"
         );
         let p = proxies(&["127.0.0.1", "10.0.0.0/8"]);
-        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), ip("198.51.100.9"));
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), Some(ip("198.51.100.9")));
         assert_eq!(
             client_ip(ip("127.0.0.1"), &HeaderMap::new(), &p),
-            ip("127.0.0.1")
+            Some(ip("127.0.0.1"))
         );
     }
 
@@ -196,20 +208,20 @@ mod tests {
         let p = proxies(&["127.0.0.1", "10.0.0.0/8"]);
         // The client wrote a fake first hop; the proxies appended the real ones.
         let h = headers(&[("x-forwarded-for", "203.0.113.66, 198.51.100.9, 10.1.1.1")]);
-        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), ip("198.51.100.9"));
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), Some(ip("198.51.100.9")));
         let h = headers(&[
             ("x-forwarded-for", "203.0.113.66"),
             ("x-forwarded-for", "198.51.100.9"),
         ]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &h, &p), ip("198.51.100.9"));
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &p), Some(ip("198.51.100.9")));
         // All hops trusted: the leftmost is the client.
         let h = headers(&[("x-forwarded-for", "10.2.2.2, 10.1.1.1")]);
-        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), ip("10.2.2.2"));
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), Some(ip("10.2.2.2")));
     }
 
     #[test]
-    fn forwarded_header_wins_and_is_parsed_per_rfc_7239() {
-        let p = proxies(&["127.0.0.1"]);
+    fn only_the_configured_header_is_read_per_rfc_7239() {
+        let p = proxies_with(&["127.0.0.1"], ProxyHeader::Forwarded);
         let h = headers(&[
             (
                 "forwarded",
@@ -217,15 +229,34 @@ mod tests {
             ),
             ("x-forwarded-for", "198.51.100.9"),
         ]);
-        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), ip("2001:db8::7"));
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), Some(ip("2001:db8::7")));
+        // The same request behind an X-Forwarded-For proxy: the client's Forwarded is ignored.
+        let x = proxies(&["127.0.0.1"]);
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &x), Some(ip("198.51.100.9")));
         let h = headers(&[("forwarded", "for=192.0.2.60:8080;by=10.0.0.1")]);
-        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), ip("192.0.2.60"));
-        // An obfuscated hop stops the walk at the proxy before it.
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), Some(ip("192.0.2.60")));
+        // No fallback: a Forwarded proxy that sent no Forwarded line is its own client.
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &x), Some(ip("127.0.0.1")));
+        // An obfuscated hop stops the walk: the client is unknown.
         let h = headers(&[("forwarded", "for=_hidden, for=127.0.0.1")]);
-        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), ip("127.0.0.1"));
-        // Garbage is no client.
-        let h = headers(&[("x-forwarded-for", "not an address")]);
-        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), ip("127.0.0.1"));
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), None);
+        // Garbage is no client, and the other header is not consulted.
+        let h = headers(&[
+            ("x-forwarded-for", "not an address"),
+            ("forwarded", "for=198.51.100.9"),
+        ]);
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &x), None);
+        // A non-ASCII line is one unreadable hop; a readable untrusted hop after it decides.
+        let mut h = HeaderMap::new();
+        h.append(
+            "forwarded",
+            HeaderValue::from_bytes(b"for=\"x\xff\"").unwrap(),
+        );
+        h.append("forwarded", HeaderValue::from_static("for=198.51.100.1"));
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), Some(ip("198.51.100.1")));
+        h.append("forwarded", HeaderValue::from_static("for=127.0.0.1"));
+        h.append("forwarded", HeaderValue::from_bytes(b"for=\xff").unwrap());
+        assert_eq!(client_ip(ip("127.0.0.1"), &h, &p), None);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use kst_core::certificate::{Certificate, hkp_index, merge_all};
 use kst_core::wkd::{PolicyFlags, Resource, WkdHash, WkdRequest, submission_address_text};
 use kst_core::{Address, KeyRecord};
 
-use super::client::{LogPseudonym, client_ip, client_key};
+use super::client::{LogPseudonym, UNKNOWN_CLIENT, client_ip, client_key};
 use super::config::TrustedProxies;
 use super::limits::Limiter;
 use super::lookup::{KeyLookup, MAX_MATCHES};
@@ -157,8 +157,8 @@ async fn guard(
 ) -> Response {
     let started = Instant::now();
     let endpoint = Endpoint::classify(request.uri().path(), request.uri().query());
-    let ip = client_ip(peer.ip(), request.headers(), &state.trusted_proxies);
-    let client = client_key(ip);
+    let client = client_ip(peer.ip(), request.headers(), &state.trusted_proxies)
+        .map_or_else(|| UNKNOWN_CLIENT.to_string(), client_key);
     let method = request.method().clone();
     let mut response = match state.limiter.admit(&client, endpoint.is_lookup()).await {
         Ok(Some(refusal)) => {

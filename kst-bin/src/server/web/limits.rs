@@ -4,7 +4,9 @@
 //! keys that start with `web-`, which no mail-side key does (those start with a
 //! [`kst_core::LimitKind`] token). The limiter only counts hits, so a client whose misses ran
 //! out is remembered here until its window ends; every instance learns it on that client's
-//! next miss.
+//! next miss. When everyone's misses are spent, only clients that missed themselves in the
+//! window (as this process saw) are refused: strangers' misses never stop a client that only
+//! asks for keys that exist.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,7 +34,7 @@ pub enum Refusal {
     Requests,
     /// The client's look-ups found nothing too often.
     Misses,
-    /// All clients together found nothing too often.
+    /// All clients together found nothing too often, and this client missed too.
     GlobalMisses,
 }
 
@@ -58,7 +60,20 @@ pub struct Limiter {
 #[derive(Default)]
 struct Blocked {
     clients: HashMap<String, Instant>,
+    /// Clients with a miss in the window: until when.
+    missed: HashMap<String, Instant>,
     global_until: Option<Instant>,
+}
+
+/// Remembers `client` until `until` in `map`, bounded by [`MAX_BLOCKED`].
+fn remember(map: &mut HashMap<String, Instant>, client: &str, now: Instant, until: Instant) {
+    if map.len() >= MAX_BLOCKED && !map.contains_key(client) {
+        map.retain(|_, t| *t > now);
+        if map.len() >= MAX_BLOCKED {
+            map.clear();
+        }
+    }
+    map.insert(client.to_string(), until);
 }
 
 impl Limiter {
@@ -88,7 +103,9 @@ impl Limiter {
         if lookup {
             let now = Instant::now();
             let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
-            if b.global_until.is_some_and(|t| t > now) {
+            if b.global_until.is_some_and(|t| t > now)
+                && b.missed.get(client).is_some_and(|t| *t > now)
+            {
                 return Ok(Some(Refusal::GlobalMisses));
             }
             match b.clients.get(client) {
@@ -115,9 +132,14 @@ impl Limiter {
     }
 
     /// Counts a look-up of `client` that found nothing. Later look-ups are refused once the
-    /// client's or everyone's budget is spent.
+    /// client's budget is spent, or everyone's and the client has missed in the window.
     pub async fn miss(&self, client: &str) -> kst_core::Result<()> {
         let window = self.limits.window();
+        if self.limits.global_misses > 0 {
+            let now = Instant::now();
+            let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+            remember(&mut b.missed, client, now, now + window);
+        }
         if self.limits.per_client_misses > 0
             && !self
                 .counters
@@ -130,13 +152,7 @@ impl Limiter {
         {
             let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
-            if b.clients.len() >= MAX_BLOCKED {
-                b.clients.retain(|_, t| *t > now);
-                if b.clients.len() >= MAX_BLOCKED {
-                    b.clients.clear();
-                }
-            }
-            b.clients.insert(client.to_string(), now + window);
+            remember(&mut b.clients, client, now, now + window);
         }
         if self.limits.global_misses > 0
             && !self
@@ -225,7 +241,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn global_miss_budget_blocks_every_lookup() {
+    async fn global_miss_budget_blocks_only_clients_that_missed() {
         let l = limiter(WebLimits {
             global_misses: 3,
             ..WebLimits::OFF
@@ -233,11 +249,21 @@ mod tests {
         for c in ["a", "b", "c", "d"] {
             l.miss(c).await.unwrap();
         }
+        for c in ["a", "d"] {
+            assert_eq!(
+                l.admit(c, true).await.unwrap(),
+                Some(Refusal::GlobalMisses),
+                "{c} missed"
+            );
+            assert_eq!(l.admit(c, false).await.unwrap(), None, "policy files");
+        }
+        assert_eq!(l.admit("e", true).await.unwrap(), None, "e never missed");
+        l.miss("e").await.unwrap();
         assert_eq!(
             l.admit("e", true).await.unwrap(),
-            Some(Refusal::GlobalMisses)
+            Some(Refusal::GlobalMisses),
+            "e's first miss after the budget was its last"
         );
-        assert_eq!(l.admit("e", false).await.unwrap(), None);
     }
 
     #[tokio::test]

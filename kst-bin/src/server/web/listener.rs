@@ -1,11 +1,13 @@
-//! The accept side of the public listener: a connection cap, TLS handshakes off the accept
-//! path, and an idle timeout on every connection.
+//! The accept side of the public listener: a connection cap in all and per client, TLS
+//! handshakes off the accept path, an idle timeout and a request-head deadline on every
+//! connection.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::server::TlsStream;
 
+use super::config::TrustedProxies;
 use super::handlers::PeerAddr;
 
 /// Limits of the accept side.
@@ -30,6 +33,49 @@ pub struct AcceptLimits {
     pub idle_timeout: Duration,
     /// Time a client has to finish the TLS handshake.
     pub handshake_timeout: Duration,
+    /// Connections one client key (IPv4 address or IPv6 /64 of the TCP peer, unless a trusted
+    /// proxy) may hold at once.
+    pub max_per_client: usize,
+    /// Time from accepting a connection, or from the first byte of a later request, until the
+    /// blank line that ends the request head; trickling bytes do not extend it.
+    pub head_timeout: Duration,
+}
+
+/// Open connections per client key; a [`ClientSlot`] gives its one back when dropped.
+type PerClient = Arc<Mutex<HashMap<String, usize>>>;
+
+/// One connection's share of its client's cap.
+struct ClientSlot {
+    key: String,
+    counts: PerClient,
+}
+
+impl ClientSlot {
+    /// Takes a slot of `key` if it has fewer than `max` open.
+    fn take(counts: &PerClient, key: String, max: usize) -> Option<ClientSlot> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            key,
+            counts: Arc::clone(counts),
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// A listener for [`axum::serve`]: plain TCP or TLS, connections capped and timed out.
@@ -41,15 +87,18 @@ pub struct WebListener {
 
 impl WebListener {
     /// Starts accepting on `listener`; with `tls`, each connection's handshake runs in its own
-    /// task so that a slow client delays nobody else.
+    /// task so that a slow client delays nobody else. `proxies` are exempt from the per-client
+    /// cap (their connections carry many clients).
     pub fn new(
         listener: TcpListener,
         tls: Option<Arc<ServerConfig>>,
         limits: AcceptLimits,
+        proxies: TrustedProxies,
     ) -> io::Result<Self> {
         let local = listener.local_addr()?;
         let (tx, incoming) = mpsc::channel(64);
         let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+        let per_client = PerClient::default();
         let tls = tls.map(TlsAcceptor::from);
         let acceptor = tokio::spawn(async move {
             loop {
@@ -63,6 +112,19 @@ impl WebListener {
                         }
                     },
                     () = tx.closed() => return,
+                };
+                let client_slot = if proxies.contains(peer.ip().to_canonical()) {
+                    None
+                } else {
+                    let key = super::client::client_key(peer.ip());
+                    let Some(slot) =
+                        ClientSlot::take(&per_client, key, limits.max_per_client.max(1))
+                    else {
+                        super::metrics::busy();
+                        drop(tcp);
+                        continue;
+                    };
+                    Some(slot)
                 };
                 let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                     super::metrics::busy();
@@ -99,7 +161,13 @@ impl WebListener {
                         stream,
                         idle: limits.idle_timeout,
                         deadline: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+                        head_timeout: limits.head_timeout,
+                        head: Head::Reading {
+                            deadline: Box::pin(tokio::time::sleep(limits.head_timeout)),
+                            matched: 0,
+                        },
                         _permit: permit,
+                        _client_slot: client_slot,
                     };
                     let _ = tx.send((conn, peer)).await;
                 });
@@ -153,16 +221,75 @@ enum Stream {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-/// One accepted connection: holds its slot, and fails with `TimedOut` when no byte moved for
-/// the idle timeout.
+/// Where a connection is in its request/response cycle, as far as the head deadline cares.
+enum Head {
+    /// A request head is being read; it must end (`\r\n\r\n`) before `deadline`. `matched`
+    /// counts the bytes of that blank line seen so far.
+    Reading {
+        deadline: Pin<Box<Sleep>>,
+        matched: u8,
+    },
+    /// The head arrived; the request is being answered.
+    Served,
+    /// A response was written; the next byte read starts a new head.
+    Answered,
+}
+
+/// One accepted connection: holds its slots, and fails with `TimedOut` when no byte moved for
+/// the idle timeout, or when a request head does not end within the head timeout.
 pub struct Conn {
     stream: Stream,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
+    head_timeout: Duration,
+    head: Head,
     _permit: OwnedSemaphorePermit,
+    _client_slot: Option<ClientSlot>,
 }
 
 impl Conn {
+    /// Fails once the request head being read is late.
+    fn check_head(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if let Head::Reading { deadline, .. } = &mut self.head
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Some(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head too slow",
+            ));
+        }
+        None
+    }
+
+    /// Follows the request head through `bytes` just read.
+    fn scan_head(&mut self, bytes: &[u8]) {
+        if matches!(self.head, Head::Answered) && !bytes.is_empty() {
+            self.head = Head::Reading {
+                deadline: Box::pin(tokio::time::sleep(self.head_timeout)),
+                matched: 0,
+            };
+        }
+        let Head::Reading { matched, .. } = &mut self.head else {
+            return;
+        };
+        for &b in bytes {
+            *matched = match (b, *matched % 2) {
+                (b'\r', 0) | (b'\n', 1) => *matched + 1,
+                (b'\r', _) => 1,
+                _ => 0,
+            };
+            if *matched == 4 {
+                self.head = Head::Served;
+                return;
+            }
+        }
+    }
+
+    /// Notes that a response is going out (so the head was read, however it ended).
+    fn answered(&mut self) {
+        self.head = Head::Answered;
+    }
+
     fn progress(&mut self) {
         let next = tokio::time::Instant::now() + self.idle;
         self.deadline.as_mut().reset(next);
@@ -195,10 +322,14 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let me = self.get_mut();
+        if let Some(e) = me.check_head(cx) {
+            return Poll::Ready(Err(e));
+        }
         let before = buf.filled().len();
         let r = delegate!(me, s => Pin::new(s).poll_read(cx, buf));
         match r {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                me.scan_head(&buf.filled()[before..]);
                 me.progress();
                 Poll::Ready(Ok(()))
             }
@@ -223,6 +354,7 @@ impl AsyncWrite for Conn {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
                     me.progress();
+                    me.answered();
                 }
                 Poll::Ready(Ok(n))
             }
@@ -255,6 +387,7 @@ impl AsyncWrite for Conn {
             && n > 0
         {
             me.progress();
+            me.answered();
         }
         r
     }

@@ -22,9 +22,11 @@ use tokio::net::TcpListener;
 
 /// The `[web]` section, kept with the rest of the configuration.
 pub mod config {
-    pub use crate::shared::config::web::{TrustedProxies, WebConfig, WebConfigError, WebLimits};
+    pub use crate::shared::config::web::{
+        ProxyHeader, TrustedProxies, WebConfig, WebConfigError, WebLimits,
+    };
 }
-pub use config::{WebConfig, WebLimits};
+pub use config::{ProxyHeader, WebConfig, WebLimits};
 pub use handlers::{PeerAddr, WebState, router};
 pub use lookup::{KeyLookup, StoreLookup};
 
@@ -84,8 +86,11 @@ pub async fn serve(
         max_connections: c.max_connections,
         idle_timeout: Duration::from_secs(c.idle_timeout_secs.max(1)),
         handshake_timeout: Duration::from_secs(c.handshake_timeout_secs.max(1)),
+        max_per_client: c.max_connections_per_client,
+        // An honest client sends its request head at once; one idle timeout is ample.
+        head_timeout: Duration::from_secs(c.idle_timeout_secs.max(1)),
     };
-    let web_listener = listener::WebListener::new(listener, tls, limits)?;
+    let web_listener = listener::WebListener::new(listener, tls, limits, c.validate()?)?;
     let result = axum::serve(
         web_listener,
         router(state).into_make_service_with_connect_info::<PeerAddr>(),

@@ -24,12 +24,20 @@ pub struct WebConfig {
     /// Seconds between checks of the certificate files for a change (default 60). A changed pair
     /// is loaded without a restart; a broken one is logged and the old one kept.
     pub tls_reload_secs: u64,
-    /// Peers whose `Forwarded`/`X-Forwarded-For` headers name the client: IP addresses or
-    /// CIDRs (default none: the TCP peer is the client).
+    /// Peers whose forwarding header names the client: IP addresses or CIDRs (default none:
+    /// the TCP peer is the client).
     pub trusted_proxies: Vec<String>,
+    /// The one header the trusted proxies write: `"x-forwarded-for"` (the default) or
+    /// `"forwarded"` (RFC 7239). Only that header is read, never the other, which a proxy
+    /// passes through from the client.
+    pub trusted_proxy_header: ProxyHeader,
+    /// Connections one client (IPv4 address or IPv6 /64, as the TCP peer; trusted proxies are
+    /// exempt) may hold at once (default 64); more from it are closed at once.
+    pub max_connections_per_client: usize,
     /// Connections served at once (default 1024); more are closed at once.
     pub max_connections: usize,
-    /// Seconds a connection may stay without any byte read or written (default 15).
+    /// Seconds a connection may stay without any byte read or written (default 15); also the
+    /// time a whole request head has to arrive, however it trickles in.
     pub idle_timeout_secs: u64,
     /// Seconds a client has to finish the TLS handshake (default 10).
     pub handshake_timeout_secs: u64,
@@ -48,6 +56,8 @@ impl Default for WebConfig {
             tls_key: None,
             tls_reload_secs: 60,
             trusted_proxies: Vec::new(),
+            trusted_proxy_header: ProxyHeader::XForwardedFor,
+            max_connections_per_client: 64,
             max_connections: 1024,
             idle_timeout_secs: 15,
             handshake_timeout_secs: 10,
@@ -55,6 +65,17 @@ impl Default for WebConfig {
             limits: WebLimits::default(),
         }
     }
+}
+
+/// The forwarding header the trusted proxies write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProxyHeader {
+    /// `X-Forwarded-For` (nginx `$proxy_add_x_forwarded_for`, HAProxy `option forwardfor`).
+    #[default]
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239), for proxies that append `for=` to it.
+    Forwarded,
 }
 
 /// `[web.limits]`: per-client and global counters, shared through the store's rate limiter.
@@ -71,8 +92,10 @@ pub struct WebLimits {
     /// Look-ups that found nothing (404) per window from one client (default 100); after that
     /// the client's look-ups get 429 until the window ends.
     pub per_client_misses: u32,
-    /// Misses per window from all clients together (default 10,000); after that every key
-    /// look-up gets 429 until the window ends. Policy files are still served.
+    /// Misses per window from all clients together (default 10,000); after that the key
+    /// look-ups of every client that missed in the window get 429 until the window ends
+    /// (one more miss each for clients that had none). Clients without misses, and policy
+    /// files, are still served.
     pub global_misses: u32,
     /// Window length in seconds (default 600).
     pub window_secs: u64,
@@ -121,14 +144,22 @@ fn err(key: &'static str, message: impl Into<String>) -> WebConfigError {
     }
 }
 
-/// The parsed `trusted_proxies` list.
+/// The parsed `trusted_proxies` list and the header they write.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TrustedProxies(Vec<Cidr>);
+pub struct TrustedProxies {
+    cidrs: Vec<Cidr>,
+    header: ProxyHeader,
+}
 
 impl TrustedProxies {
     /// True when `ip` is a trusted proxy.
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
-        self.0.iter().any(|c| c.contains(ip))
+        self.cidrs.iter().any(|c| c.contains(ip))
+    }
+
+    /// The one header that names the client.
+    pub fn header(&self) -> ProxyHeader {
+        self.header
     }
 }
 
@@ -161,6 +192,10 @@ impl WebConfig {
         }
         for (key, value) in [
             ("web.max_connections", self.max_connections as u64),
+            (
+                "web.max_connections_per_client",
+                self.max_connections_per_client as u64,
+            ),
             ("web.idle_timeout_secs", self.idle_timeout_secs),
             ("web.handshake_timeout_secs", self.handshake_timeout_secs),
             ("web.tls_reload_secs", self.tls_reload_secs),
@@ -182,7 +217,10 @@ impl WebConfig {
                 })
             })
             .collect::<Result<_, _>>()
-            .map(TrustedProxies)
+            .map(|cidrs| TrustedProxies {
+                cidrs,
+                header: self.trusted_proxy_header,
+            })
     }
 }
 
@@ -216,6 +254,15 @@ mod tests {
         assert!(!proxies.contains("192.0.2.1".parse().unwrap()));
         assert_eq!(c.limits.per_client, 5);
         assert_eq!(c.limits.per_client_misses, 100);
+        assert_eq!(proxies.header(), ProxyHeader::XForwardedFor);
+        for (text, header) in [
+            ("x-forwarded-for", ProxyHeader::XForwardedFor),
+            ("forwarded", ProxyHeader::Forwarded),
+        ] {
+            let c: WebConfig = toml::from_str(&format!("trusted_proxy_header = {text:?}")).unwrap();
+            assert_eq!(c.validate().unwrap().header(), header);
+        }
+        assert!(toml::from_str::<WebConfig>(r#"trusted_proxy_header = "x-real-ip""#).is_err());
     }
 
     #[test]
