@@ -236,9 +236,10 @@ fn domain_of(v: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// True when `domain` is `signer` or a subdomain of it (DMARC relaxed alignment).
+/// True when `domain` is `signer` or a subdomain of it (DMARC relaxed alignment), and `signer`
+/// has at least two labels: a signature of a top-level domain (`d=com`) vouches for nobody.
 fn aligned(domain: &str, signer: &str) -> bool {
-    !signer.is_empty()
+    signer.split('.').filter(|l| !l.is_empty()).count() >= 2
         && (domain == signer
             || domain
                 .strip_suffix(signer)

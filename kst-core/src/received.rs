@@ -244,43 +244,70 @@ pub fn authenticated_login(
 pub const UNREADABLE_SOURCE: &str = "unreadable";
 
 /// The client IP that the provider's MTA recorded in the topmost `Received:` header (Postfix
-/// and Sendmail style: `from HELO (RDNS [IP])`), for the per-IP rate limit.
+/// and Sendmail style: `from HELO (RDNS [IP]) by HOST ...`), for the per-IP rate limit.
 ///
-/// `None` when the header is missing or written by a host that is not one of
-/// `trusted_mta_hosts`. When the header is trusted but holds no readable IP, or cannot be parsed
-/// at all, the result is [`UNREADABLE_SOURCE`], so that odd headers share one counter instead of
-/// escaping the limit. The IP is the last bracketed address among the comments of the `from`
-/// clause: the MTA writes its TCP information after the (client-chosen) HELO name, so anything
-/// the client put in its HELO comes earlier and is never used.
+/// `None` when the header is missing or names no trusted host in its `by` clause. When the
+/// header is trusted but holds no readable IP, or cannot be parsed at all, the result is
+/// [`UNREADABLE_SOURCE`], so that odd headers share one counter instead of escaping the limit.
+///
+/// The MTA's own clause is found as the words `by HOST` (adjacent, `HOST` one of
+/// `trusted_mta_hosts`) and must occur exactly once; the IP is the last bracketed one among the
+/// comments right before it, which the MTA writes after the client-chosen HELO. A HELO such as `x(y)by` therefore cannot
+/// take the `by` clause over, and a header with two candidate clauses (a HELO or recipient
+/// that imitates one) counts as unreadable.
 pub fn source_ip(topmost_received: &str, trusted_mta_hosts: &[String]) -> Option<String> {
+    let trusted = |host: &str| {
+        let host = host.trim_end_matches('.');
+        trusted_mta_hosts
+            .iter()
+            .any(|t| t.trim_end_matches('.').eq_ignore_ascii_case(host))
+    };
+    let by_trusted = |pair: &[Token]| matches!(pair, [Token::Word(b), Token::Word(h)] if b.eq_ignore_ascii_case("by") && trusted(h));
+    let unreadable = || Some(UNREADABLE_SOURCE.to_string());
     if topmost_received.len() > MAX_RECEIVED_LEN {
-        return Some(UNREADABLE_SOURCE.into());
+        return unreadable();
     }
     let Ok(tokens) = tokenize(topmost_received) else {
-        return Some(UNREADABLE_SOURCE.into());
+        // Unbalanced (a hostile HELO): whoever wrote it, never an escape.
+        return unreadable();
     };
-    let clauses = clauses(tokens);
-    let by: Vec<&Clause> = clauses.iter().filter(|c| c.keyword == "by").collect();
-    let [by] = by.as_slice() else {
-        return Some(UNREADABLE_SOURCE.into());
-    };
-    let host = by
-        .value
-        .as_deref()
-        .unwrap_or("")
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
-    if !trusted_mta_hosts
-        .iter()
-        .any(|t| t.trim_end_matches('.').eq_ignore_ascii_case(&host))
-    {
-        return None;
+    let found: Vec<usize> = tokens
+        .windows(2)
+        .enumerate()
+        .filter(|(_, pair)| by_trusted(pair))
+        .map(|(i, _)| i)
+        .collect();
+    match found.as_slice() {
+        [] => {
+            // No `by HOST` pair with a trusted host: `None` only for a header that plainly is
+            // somebody else's (one `by` clause, naming an untrusted host); anything odder shares
+            // the unreadable counter.
+            let clauses = clauses(tokens);
+            match clauses
+                .iter()
+                .filter(|c| c.keyword == "by")
+                .collect::<Vec<_>>()
+                .as_slice()
+            {
+                [by] if !by.value.as_deref().is_some_and(trusted) => None,
+                _ => unreadable(),
+            }
+        }
+        [i] => {
+            // The comments right before `by`, last first (the authenticated-sender note may
+            // follow the `(rdns [ip])` comment).
+            let ip = tokens[..*i]
+                .iter()
+                .rev()
+                .map_while(|t| match t {
+                    Token::Comment(c) => Some(c),
+                    _ => None,
+                })
+                .find_map(|c| bracketed_ip(c));
+            Some(ip.map_or_else(|| UNREADABLE_SOURCE.into(), |ip| ip.to_string()))
+        }
+        _ => unreadable(),
     }
-    let ip = clauses
-        .iter()
-        .find(|c| c.keyword == "from")
-        .and_then(|from| from.comments.iter().rev().find_map(|c| bracketed_ip(c)));
-    Some(ip.map_or_else(|| UNREADABLE_SOURCE.into(), |ip| ip.to_string()))
 }
 
 /// The IP of a comment that ends in `[IP]` or `[IPv6:IP]`.

@@ -559,7 +559,7 @@ impl Kst {
             .then(|| single_mailbox(msg))
             .flatten();
         authres::check(
-            header_value(msg, "Authentication-Results"),
+            provider_authentication_results(msg),
             &self.policy.authserv_id,
             requester.as_str(),
             from.as_deref(),
@@ -913,6 +913,23 @@ pub(crate) fn header_value<'m>(msg: &'m Message<'_>, name: &str) -> Option<&'m s
     msg.headers_raw()
         .find(|(n, _)| n.eq_ignore_ascii_case(name))
         .map(|(_, v)| v)
+}
+
+/// The topmost `Authentication-Results:` header, read only when it sits above the topmost
+/// `Received:` header: the provider's milter writes its own there, while one below the
+/// provider's `Received:` came with the message (the sender's own, when the provider added
+/// none) and is never read. `None` when there is no `Received:` at all.
+fn provider_authentication_results<'m>(msg: &'m Message<'_>) -> Option<&'m str> {
+    let mut found = None;
+    for (name, value) in msg.headers_raw() {
+        if name.eq_ignore_ascii_case("Received") {
+            return found;
+        }
+        if found.is_none() && name.eq_ignore_ascii_case("Authentication-Results") {
+            found = Some(value);
+        }
+    }
+    None
 }
 
 /// The raw values of every header named `name` (case-insensitive), top to bottom.
