@@ -66,7 +66,6 @@ fn one_source_cannot_spray_many_forged_victims() {
 /// `by` clause of the client's, swallow Postfix's `by mail.example.net`, and find no trusted
 /// header, so the request counts on no source at all: one host reaches every forged victim.
 #[test]
-#[ignore = "fixed in kst-core (received::source_ip); not yet run through kst deliver: run and un-ignore"]
 fn a_helo_with_a_comment_and_by_cannot_escape_the_source_counter() {
     let kst = TestKst::new("");
     for i in 0..3 {
@@ -196,7 +195,6 @@ fn a_forged_authentication_results_below_the_providers_is_not_read() {
 /// milter writes its header above its own `Received:`; one below the topmost trusted
 /// `Received:` was written by someone else and should never count.
 #[test]
-#[ignore = "fixed in kst-core (service::provider_authentication_results); not yet run through kst deliver: run and un-ignore"]
 fn a_senders_authentication_results_below_the_trusted_received_is_not_read() {
     let kst = TestKst::new(GATE);
     let own_only = format!(
