@@ -178,8 +178,25 @@ pub trait KeyStore: Send + Sync {
     /// The current key of the address in `domain` whose local part hashes to `hash` (WKD).
     async fn find_by_wkd_hash(&self, domain: &str, hash: &WkdHash) -> Result<Option<KeyRecord>>;
 
+    /// Rebuilds the look-up index (fingerprints, key IDs, WKD hashes) of every current key from
+    /// the stored records: for stores written before the index existed, or after a repair by
+    /// hand. `kst migrate` runs it; it is safe to run while the store serves. Returns how many
+    /// current keys were indexed. A store whose look-ups need no index of its own keeps this
+    /// default, which has nothing to do and returns 0.
+    async fn rebuild_index(&self) -> Result<u64> {
+        Ok(0)
+    }
+
     /// Checks that the store is reachable and writable enough to serve (for `/readyz`).
     async fn check(&self) -> Result<()>;
+
+    /// What an operator needs to know about the store's topology right now, as name/value
+    /// pairs for `/readyz` and `/metrics`: for example the primary in use, whether a
+    /// synchronous standby is attached, the durability settings read from the server. A
+    /// single-host store without such facts keeps this default, an empty list.
+    async fn topology(&self) -> Result<Vec<(String, String)>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Checks the shape `restore` requires; backends call it first: at least one record, all of one

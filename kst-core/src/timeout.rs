@@ -138,8 +138,17 @@ impl<S: KeyStore> KeyStore for TimeoutStore<S> {
         .await
     }
 
+    /// Not bounded by the per-operation timeout: a rebuild reads every stored key.
+    async fn rebuild_index(&self) -> Result<u64> {
+        self.inner.rebuild_index().await
+    }
+
     async fn check(&self) -> Result<()> {
         self.run("check", self.inner.check()).await
+    }
+
+    async fn topology(&self) -> Result<Vec<(String, String)>> {
+        self.run("topology", self.inner.topology()).await
     }
 }
 
