@@ -16,7 +16,7 @@ ensure_tools() {
   command -v systemd-analyze >/dev/null || missing+=(systemd)
   # kst-bin/tests/dkim.rs: dkimpy's dkimverify checks kst's signatures (python3-nacl: ed25519).
   command -v dkimverify >/dev/null || missing+=(python3-dkim)
-  python3 -c 'import nacl' 2>/dev/null || missing+=(python3-nacl)
+  /usr/bin/python3 -c 'import nacl' 2>/dev/null || missing+=(python3-nacl)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
