@@ -1183,6 +1183,10 @@ mod tests {
         IndexIgnoresSubkeys,
         /// The look-ups return every match, whatever the limit.
         IndexIgnoresLimit,
+        /// `rebuild_index` counts every version of the history, not the current keys.
+        RebuildCountsHistory,
+        /// After `rebuild_index` the look-ups know primary fingerprints only.
+        RebuildForgetsSubkeys,
     }
 
     impl Broken {
@@ -1201,7 +1205,10 @@ mod tests {
                 };
                 for r in candidates {
                     let mut e = IndexEntries::of(r);
-                    if self.flaw == Flaw::IndexIgnoresSubkeys {
+                    if self.flaw == Flaw::IndexIgnoresSubkeys
+                        || (self.flaw == Flaw::RebuildForgetsSubkeys
+                            && self.rebuilt.load(Ordering::SeqCst))
+                    {
                         e.fingerprints.truncate(1);
                         e.key_ids.truncate(1);
                     }
@@ -1222,6 +1229,7 @@ mod tests {
         inner: MemoryStore,
         flaw: Flaw,
         deleted_versions: std::sync::Mutex<BTreeMap<Address, u64>>,
+        rebuilt: AtomicBool,
     }
 
     impl Broken {
@@ -1230,6 +1238,7 @@ mod tests {
                 inner: MemoryStore::default(),
                 flaw,
                 deleted_versions: Default::default(),
+                rebuilt: AtomicBool::new(false),
             })
         }
     }
@@ -1355,6 +1364,15 @@ mod tests {
         ) -> Result<Option<KeyRecord>> {
             Ok(self.find(1, |_, e| e.has_wkd_hash(domain, hash)).pop())
         }
+        async fn rebuild_index(&self) -> Result<u64> {
+            self.rebuilt.store(true, Ordering::SeqCst);
+            let map = self.inner.map.lock().unwrap();
+            let n = match self.flaw {
+                Flaw::RebuildCountsHistory => map.values().map(Vec::len).sum(),
+                _ => map.len(),
+            };
+            Ok(n as u64)
+        }
         async fn check(&self) -> Result<()> {
             self.inner.check().await
         }
@@ -1379,6 +1397,8 @@ mod tests {
             Flaw::IndexKeepsOldKeys,
             Flaw::IndexIgnoresSubkeys,
             Flaw::IndexIgnoresLimit,
+            Flaw::RebuildCountsHistory,
+            Flaw::RebuildForgetsSubkeys,
         ] {
             let s = Broken::store(flaw);
             assert!(
@@ -1416,6 +1436,13 @@ mod tests {
         assert!(
             fails(async move { lookup::primary_subkeys_key_ids_and_wkd_hash(&*s).await }).await
         );
+        for flaw in [Flaw::RebuildCountsHistory, Flaw::RebuildForgetsSubkeys] {
+            let s = Broken::store(flaw);
+            assert!(
+                fails(async move { lookup::rebuild_index_is_idempotent(&*s).await }).await,
+                "rebuild_index_is_idempotent passed a store with {flaw:?}"
+            );
+        }
         let s = Broken::store(Flaw::IndexIgnoresLimit);
         assert!(
             fails(
