@@ -524,14 +524,18 @@ impl Kst {
             .and_then(|r| received::source_ip(r, &self.policy.trusted_mta_hosts))
             .map(|ip| ratelimit::source_counter(&ip));
         let pair = match body {
-            Ok(RequestBody::Retrieval { query, .. }) => self
-                .policy
-                .normalize_address(query)
-                .ok()
-                .map(|q| ratelimit::recipient_query_counter(requester, &q)),
+            Ok(RequestBody::Retrieval { query, .. }) => {
+                self.policy.normalize_address(query).ok().map(|q| {
+                    ratelimit::recipient_query_counter(
+                        requester,
+                        &q,
+                        &self.policy.recipient_folding,
+                    )
+                })
+            }
             _ => None,
         };
-        let recipient = ratelimit::recipient_counter(requester);
+        let recipient = ratelimit::recipient_counter(requester, &self.policy.recipient_folding);
         let mut hits: Vec<(LimitKind, &str)> = Vec::with_capacity(3);
         if let Some(ip) = &source {
             hits.push((LimitKind::SourceIp, ip));
