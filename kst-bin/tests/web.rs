@@ -454,8 +454,12 @@ async fn policy_and_submission_address_on_both_forms() {
         let p = get(&s, host, &format!("{prefix}/policy")).await;
         assert_eq!(p.status, 200, "{host}");
         let text = p.text();
-        assert!(text.lines().any(|l| l == "auth-submit"), "{text}");
-        assert!(text.lines().any(|l| l == "protocol-version: 5"), "{text}");
+        let flags: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            flags,
+            ["mailbox-only", "auth-submit", "protocol-version: 5"],
+            "{host}: {text}"
+        );
         let a = get(&s, host, &format!("{prefix}/submission-address")).await;
         assert_eq!(a.status, 200);
         assert_eq!(a.text(), "keys@example.net\n");
