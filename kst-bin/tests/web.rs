@@ -118,6 +118,7 @@ async fn publish(store: &FsStore, armored: &str, address: &str) -> String {
             publication_id: hex::encode(rand::random::<[u8; 16]>()),
             published_at: now(),
             revoked: v.revoked,
+            expected: kst_core::Expected::Any,
         })
         .await
         .unwrap();
@@ -145,6 +146,7 @@ async fn start(config: WebConfig) -> Server {
             publication_id: "01".into(),
             published_at: now(),
             revoked: false,
+            expected: kst_core::Expected::Any,
         }
         .into_record(1)])
         .await

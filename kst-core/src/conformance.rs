@@ -27,9 +27,13 @@
 //! }
 //! ```
 //!
-//! The look-ups by fingerprint, key ID and WKD hash are in [`lookup`] (part of [`run_all`]).
+//! The look-ups by fingerprint, key ID and WKD hash are in [`lookup`] (part of [`run_all`]); the
+//! compare-and-set of `publish` and the service's read-merge-write on it are in [`cas`] (part of
+//! [`run_all`]; backends run [`cas::compare_and_set_race`] and [`cas::merged_publications`]
+//! again with separate instances).
 //! The [`RateLimiter`](crate::RateLimiter) has a suite of its own: [`limiter`].
 
+pub mod cas;
 pub mod limiter;
 pub mod lookup;
 pub mod revocation;
@@ -136,6 +140,7 @@ pub fn test_key_sized(address: &Address, series: u32, n: u64, len: usize) -> New
         publication_id: publication_id(series, n),
         published_at: 1_700_000_000 + n,
         revoked: false,
+        expected: crate::store::Expected::Any,
     }
 }
 
@@ -399,6 +404,9 @@ pub async fn run_all(store: Arc<dyn KeyStore>) {
     publish_races_delete_and_restore(store.clone(), store.clone()).await;
     revocation::revocation_survives_republication_and_deletion(s).await;
     revocation::revocation_race(vec![store.clone(), store.clone()]).await;
+    cas::compare_and_set(s).await;
+    cas::compare_and_set_race(vec![store.clone(), store.clone()]).await;
+    cas::merged_publications(vec![store.clone(), store.clone()]).await;
     check_succeeds(s).await;
     let n = check_consistency(s).await;
     assert!(

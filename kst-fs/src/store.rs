@@ -149,6 +149,10 @@ fn publish(layout: &Layout, key: NewKey) -> Result<PublishOutcome> {
     if let Some(current) = history.last().filter(|c| c.key == key.key) {
         return Ok(PublishOutcome::Unchanged(current.clone()));
     }
+    let current = history.last().map(|c| c.version);
+    if !key.expected.admits(current) {
+        return Err(key.expected.conflict(&key.address, current));
+    }
     let version = match history.last() {
         None => 1,
         Some(c) => c

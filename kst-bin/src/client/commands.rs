@@ -1,4 +1,5 @@
-//! The client commands: `publish`, `retrieve`, `pending`, `check`.
+//! The client commands: `publish`, `retrieve`, `pending`, `check` (the owner's `delete`,
+//! `status` and `refresh` are in their own modules and use [`send_and_wait`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -53,6 +54,23 @@ pub async fn run(args: ClientArgs) -> u8 {
                 };
                 vec![retrieve(&s, &address, import, &how, no_wait).await]
             }
+            ClientCommand::Delete { no_wait } => vec![super::delete::delete(&s, no_wait).await],
+            ClientCommand::Status { key, gpg_key } => {
+                return super::status::status(&s, key.as_deref(), gpg_key.as_deref()).await;
+            }
+            ClientCommand::Refresh {
+                max_age_days,
+                expiry_days,
+                batch,
+                dry_run,
+            } => {
+                let due = super::refresh::Due {
+                    max_age_days,
+                    expiry_days,
+                    batch,
+                };
+                return super::refresh::refresh(&s, &due, dry_run).await;
+            }
             ClientCommand::Pending => return pending(&s),
             ClientCommand::Check { wait, import } => check(&s, wait, import).await,
         },
@@ -62,7 +80,7 @@ pub async fn run(args: ClientArgs) -> u8 {
 
 /// The client settings after config file and flags.
 pub struct Settings {
-    account: Option<Address>,
+    pub(super) account: Option<Address>,
     submission: Option<Endpoint>,
     sendmail: Option<String>,
     imap: Option<Endpoint>,
@@ -73,9 +91,9 @@ pub struct Settings {
     ca_file: Option<PathBuf>,
     resolver: Option<std::net::SocketAddr>,
     timeout: Option<u64>,
-    state: State,
+    pub(super) state: State,
     insecure_plaintext: bool,
-    json: bool,
+    pub(super) json: bool,
 }
 
 fn config_error(e: impl std::fmt::Display) -> Outcome {
@@ -154,7 +172,7 @@ impl Settings {
         })
     }
 
-    fn account(&self) -> Result<&Address, Outcome> {
+    pub(super) fn account(&self) -> Result<&Address, Outcome> {
         self.account.as_ref().ok_or_else(|| {
             config_error(
                 "no account: give --account ADDRESS (or KST_ACCOUNT, or `account` in client.toml)",
@@ -191,7 +209,7 @@ impl Settings {
 }
 
 /// How a retrieval travels.
-struct Direct {
+pub(super) struct Direct {
     direct: bool,
     mx: Option<String>,
     mx_port: u16,
@@ -225,6 +243,9 @@ async fn publish(
             return Outcome::error(exit::USAGE, "give --key FILE or --gpg-key FINGERPRINT");
         }
     };
+    if let Some(warning) = super::status::expiry_warning(&armored, kst_core::time::unix_now()) {
+        eprintln!("kst: warning: {warning}");
+    }
     let request = match kst_core::client::build_publication(&account, &armored) {
         Ok(r) => r,
         Err(e @ BuildError::NoMatchingUserId(_)) => {
@@ -262,7 +283,7 @@ async fn retrieve(
 }
 
 /// Records the request, sends it, and (unless `no_wait`) waits for the reply.
-async fn send_and_wait(
+pub(super) async fn send_and_wait(
     s: &Settings,
     account: &Address,
     request: Request,
@@ -534,6 +555,7 @@ async fn wait_for(
                         }
                         o => {
                             let o = finish_entry(&entries[i], o);
+                            super::refresh::note_import(s, &o);
                             let _ = s.state.remove(&entries[i].pending.message_id);
                             results[i] = Some(o);
                         }
@@ -767,7 +789,7 @@ async fn check(s: &Settings, wait: bool, import: bool) -> Vec<Outcome> {
 }
 
 /// `gpg --armor --export WHO`.
-fn gpg_export(who: &str) -> Result<String, String> {
+pub(super) fn gpg_export(who: &str) -> Result<String, String> {
     let out = Command::new("gpg")
         .args(["--batch", "--armor", "--export", "--", who])
         .stdin(Stdio::null())

@@ -53,6 +53,7 @@ pub fn real_key(address: &Address, name: &str, n: u64, revoked: bool) -> NewKey 
         fingerprint,
         published_at: 1_700_000_000 + n,
         revoked,
+        expected: crate::store::Expected::Any,
     }
 }
 
