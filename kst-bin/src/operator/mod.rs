@@ -1,7 +1,8 @@
 //! The operator's room: `kst keys`, `kst export`/`import`, `kst migrate`, `kst config check`,
-//! `kst wks keygen`.
+//! `kst wks keygen`, `kst dkim keygen`.
 
 pub mod config_check;
+pub mod dkim;
 pub mod keys;
 pub mod transfer;
 pub mod wks;
