@@ -259,7 +259,10 @@ fn every_reply_is_signed_and_dkimpy_verifies_it() {
     // Altered after signing: the body, a signed header, an added From. Both signatures fail.
     let text = String::from_utf8(reply.clone()).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let altered_body = format!("{head}\r\n\r\n{}", body.replacen("No key is", "A key is", 1));
+    let altered_body = format!(
+        "{head}\r\n\r\n{}",
+        body.replacen("No key is", "A key is", 1)
+    );
     assert_ne!(altered_body, text, "the body says 'No key is'");
     let altered_subject = text.replacen("Subject: ", "Subject: Re: ", 1);
     let added_from = format!("From: keys@example.net\r\n{text}");

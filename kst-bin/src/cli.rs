@@ -70,10 +70,14 @@ pub enum Command {
     #[command(subcommand)]
     Keys(KeysCommand),
 
-    /// Apply the store's schema migrations (PostgreSQL); other backends are only checked.
+    /// Apply the store's schema migrations (PostgreSQL) and rebuild its look-up index.
     ///
-    /// `kst serve` and `kst deliver` migrate by themselves when they start; run this before a
-    /// rolling upgrade of a pool so that no instance waits on the schema lock.
+    /// The index (fingerprints, key IDs and WKD hashes of the current keys, for the [web]
+    /// look-ups) is rebuilt from the stored keys on every backend; the number of keys indexed
+    /// is printed. Safe while kst serves. `kst serve` and `kst deliver` apply the schema by
+    /// themselves when they start; run this before a rolling upgrade of a pool so that no
+    /// instance waits on the schema lock, and once after upgrading a store written before the
+    /// index existed.
     #[cfg(feature = "server")]
     Migrate,
 

@@ -525,6 +525,47 @@ fn web_is_off_by_default_and_set_from_file_and_environment() {
 }
 
 #[test]
+fn recipient_folding_is_configured_by_file_and_environment() {
+    let (_dir, path) = file(
+        "[kst]\ndomains = [\"example.net\"]\n[limits.recipient_folding]\n\
+         dot_insensitive_domains = [\"gmail.com\"]\n\
+         [limits.recipient_folding.separators]\n\"freemail.example\" = \"-\"\n",
+    );
+    let cfg = Config::load_with_env(Some(&path), env(&[])).unwrap();
+    let f = &cfg.policy().unwrap().recipient_folding;
+    assert_eq!(f.dot_insensitive_domains, ["gmail.com"]);
+    assert_eq!(
+        f.separators.get("freemail.example").map(String::as_str),
+        Some("-")
+    );
+    assert!(
+        !f.separators.contains_key("yahoo.com"),
+        "a file's table replaces the default"
+    );
+
+    let cfg = Config::load_with_env(
+        Some(&path),
+        env(&[(
+            "KST_LIMITS__RECIPIENT_FOLDING__DOT_INSENSITIVE_DOMAINS",
+            "gmail.com, example.org",
+        )]),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.limits.recipient_folding.dot_insensitive_domains,
+        ["gmail.com", "example.org"]
+    );
+
+    let (_dir, bad) = file(
+        "[kst]\ndomains = [\"example.net\"]\n[limits.recipient_folding.separators]\n\
+         \"freemail.example\" = \"ab\"\n",
+    );
+    let e = Config::load_with_env(Some(&bad), env(&[])).unwrap_err();
+    assert_eq!(key_of(&e), "limits.recipient_folding.separators");
+    assert!(e.to_string().contains("punctuation"), "{e}");
+}
+
+#[test]
 fn dkim_keys_come_from_the_file_or_the_environment() {
     let (_dir, path) = file(
         "[kst]\ndomains = [\"example.net\", \"acme.net\"]\n[dkim]\nselector = \"kst-2027\"\n\

@@ -1,4 +1,5 @@
-//! The client commands: `publish`, `retrieve`, `pending`, `check`.
+//! The client commands: `publish`, `retrieve`, `pending`, `check` (the owner's `delete`,
+//! `status` and `refresh` are in their own modules and use [`send_and_wait`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -53,6 +54,23 @@ pub async fn run(args: ClientArgs) -> u8 {
                 };
                 vec![retrieve(&s, &address, import, &how, no_wait).await]
             }
+            ClientCommand::Delete { no_wait } => vec![super::delete::delete(&s, no_wait).await],
+            ClientCommand::Status { key, gpg_key } => {
+                return super::status::status(&s, key.as_deref(), gpg_key.as_deref()).await;
+            }
+            ClientCommand::Refresh {
+                max_age_days,
+                expiry_days,
+                batch,
+                dry_run,
+            } => {
+                let due = super::refresh::Due {
+                    max_age_days,
+                    expiry_days,
+                    batch,
+                };
+                return super::refresh::refresh(&s, &due, dry_run).await;
+            }
             ClientCommand::Pending => return pending(&s),
             ClientCommand::Check { wait, import } => check(&s, wait, import).await,
         },
@@ -62,7 +80,7 @@ pub async fn run(args: ClientArgs) -> u8 {
 
 /// The client settings after config file and flags.
 pub struct Settings {
-    account: Option<Address>,
+    pub(super) account: Option<Address>,
     submission: Option<Endpoint>,
     sendmail: Option<String>,
     imap: Option<Endpoint>,
@@ -73,9 +91,9 @@ pub struct Settings {
     ca_file: Option<PathBuf>,
     resolver: Option<std::net::SocketAddr>,
     timeout: Option<u64>,
-    state: State,
+    pub(super) state: State,
     insecure_plaintext: bool,
-    json: bool,
+    pub(super) json: bool,
     require_dkim: bool,
     dkim_selector: String,
 }
@@ -173,7 +191,7 @@ impl Settings {
         })
     }
 
-    fn account(&self) -> Result<&Address, Outcome> {
+    pub(super) fn account(&self) -> Result<&Address, Outcome> {
         self.account.as_ref().ok_or_else(|| {
             config_error(
                 "no account: give --account ADDRESS (or KST_ACCOUNT, or `account` in client.toml)",
@@ -210,7 +228,7 @@ impl Settings {
 }
 
 /// How a retrieval travels.
-struct Direct {
+pub(super) struct Direct {
     direct: bool,
     mx: Option<String>,
     mx_port: u16,
@@ -244,6 +262,9 @@ async fn publish(
             return Outcome::error(exit::USAGE, "give --key FILE or --gpg-key FINGERPRINT");
         }
     };
+    if let Some(warning) = super::status::expiry_warning(&armored, kst_core::time::unix_now()) {
+        eprintln!("kst: warning: {warning}");
+    }
     let request = match kst_core::client::build_publication(&account, &armored) {
         Ok(r) => r,
         Err(e @ BuildError::NoMatchingUserId(_)) => {
@@ -281,7 +302,7 @@ async fn retrieve(
 }
 
 /// Records the request, sends it, and (unless `no_wait`) waits for the reply.
-async fn send_and_wait(
+pub(super) async fn send_and_wait(
     s: &Settings,
     account: &Address,
     request: Request,
@@ -566,6 +587,7 @@ async fn wait_for(
                         }
                         o => {
                             let o = finish_entry(&entries[i], o);
+                            super::refresh::note_import(s, &o);
                             let _ = s.state.remove(&entries[i].pending.message_id);
                             results[i] = Some(o);
                         }
@@ -857,7 +879,7 @@ async fn check(s: &Settings, wait: bool, import: bool) -> Vec<Outcome> {
 }
 
 /// `gpg --armor --export WHO`.
-fn gpg_export(who: &str) -> Result<String, String> {
+pub(super) fn gpg_export(who: &str) -> Result<String, String> {
     let out = Command::new("gpg")
         .args(["--batch", "--armor", "--export", "--", who])
         .stdin(Stdio::null())

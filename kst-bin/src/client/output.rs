@@ -61,7 +61,7 @@ pub enum Outcome {
         dkim: Option<DkimReport>,
     },
     /// The KST confirmed, authenticated, that the account's key and history were deleted
-    /// (a deletion request; the CLI does not send one yet, but a pending one may be answered).
+    /// (`kst client delete`).
     Deleted {
         /// The account.
         address: String,

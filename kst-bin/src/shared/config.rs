@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use kst_core::ratelimit::RecipientFolding;
 use kst_core::{AddressPolicy, AuthSource, Policy, RateLimits};
 use serde::{Deserialize, Serialize};
 
@@ -30,11 +31,12 @@ pub const ENV_PREFIX: &str = "KST";
 /// Separator between the section and the key in an environment override (`KST_MAILER__PORT`).
 pub const ENV_SEPARATOR: &str = "__";
 /// Keys whose environment value is a comma-separated list.
-pub const ENV_LIST_KEYS: [&str; 4] = [
+pub const ENV_LIST_KEYS: [&str; 5] = [
     "kst.domains",
     "kst.trusted_mta_hosts",
     "lmtp.allow",
     "web.trusted_proxies",
+    "limits.recipient_folding.dot_insensitive_domains",
 ];
 /// How secrets are shown by [`Config::masked`].
 pub const MASK: &str = "********";
@@ -131,6 +133,10 @@ pub struct LimitsConfig {
     /// Read only to say what replaces it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_queried_address: Option<String>,
+    /// Which variants of another provider's address count as one reply recipient
+    /// (`[limits.recipient_folding]`: `dot_insensitive_domains`, `separators`).
+    /// A table: kept last so that the TOML rendering puts it after the plain values.
+    pub recipient_folding: RecipientFolding,
 }
 
 impl Default for LimitsConfig {
@@ -148,6 +154,7 @@ impl Default for LimitsConfig {
             per_sender_query: r.per_sender_query,
             per_source_ip: r.per_source_ip,
             window_secs: r.window_secs,
+            recipient_folding: RecipientFolding::default(),
             per_sender_domain: None,
             per_queried_address: None,
         }
@@ -491,6 +498,7 @@ impl Config {
             &mut self.kst.trusted_mta_hosts,
             &mut self.lmtp.allow,
             &mut self.web.trusted_proxies,
+            &mut self.limits.recipient_folding.dot_insensitive_domains,
         ] {
             *list = list
                 .iter()
@@ -510,6 +518,17 @@ impl Config {
             .validate()
             .map_err(|e| ConfigError::key(e.key, e.message))?;
         let l = &self.limits;
+        for (domain, seps) in &l.recipient_folding.separators {
+            if seps.is_empty() || !seps.chars().all(|c| c.is_ascii_punctuation() && c != '@') {
+                return Err(ConfigError::key(
+                    "limits.recipient_folding.separators",
+                    format!(
+                        "the separators of {domain:?} must be one or more ASCII punctuation \
+                         characters other than '@' (e.g. \"-\"), not {seps:?}"
+                    ),
+                ));
+            }
+        }
         if l.max_message_bytes == 0 {
             return Err(ConfigError::key(
                 "limits.max_message_bytes",
@@ -709,6 +728,7 @@ impl Config {
             per_source_ip: l.per_source_ip,
             window_secs: l.window_secs,
         };
+        policy.recipient_folding = l.recipient_folding.clone();
         policy.require_authentication_results = k.require_authentication_results;
         policy.authserv_id = k.authserv_id.trim().to_string();
         Ok(policy)
