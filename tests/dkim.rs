@@ -384,12 +384,24 @@ async fn client_check_through_the_test_dns() {
     assert_eq!(r.result, DkimStatus::Pass, "{r:?}");
     assert_eq!(r.proven_by(), "K_auth and DKIM");
     assert_eq!(r.algorithm.as_deref(), Some("ed25519-sha256"));
+    eprintln!("the key look-up through --resolver {main}: {r:?}");
     // Whether the look-up was DNSSEC-secure is what the resolver says: a validating one
     // (issue 19) reports secure; one that does not validate says so.
     assert!(
         matches!(r.dnssec, Some(KeyDnssec::Secure | KeyDnssec::Unvalidated)),
         "{r:?}"
     );
+
+    // The RSA signature alone verifies too (rsa-sha256, SubjectPublicKeyInfo in p=).
+    let text = String::from_utf8(reply.clone()).unwrap();
+    let ed_start = text.find("DKIM-Signature: v=1; a=ed25519-sha256").unwrap();
+    let rsa_start = text.find("DKIM-Signature: v=1; a=rsa-sha256").unwrap();
+    assert!(ed_start < rsa_start);
+    let rsa_only = format!("{}{}", &text[..ed_start], &text[rsa_start..]);
+    let r = verify(dns.resolver(), rsa_only.as_bytes(), "example.net", "kst").await;
+    assert_eq!(r.result, DkimStatus::Pass, "{r:?}");
+    assert_eq!(r.algorithm.as_deref(), Some("rsa-sha256"));
+    assert_eq!(r.selector.as_deref(), Some("kst-rsa"));
 
     // Altered after signing: fail (mail-auth: body hash mismatch), so "K_auth only".
     let altered = String::from_utf8(reply.clone())
