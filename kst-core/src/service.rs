@@ -284,6 +284,11 @@ impl Kst {
         self
     }
 
+    /// The envelope sender of replies (`None`: the null sender `<>`).
+    pub fn envelope_from(&self) -> Option<&Address> {
+        self.envelope_from.as_ref()
+    }
+
     /// The policy in force.
     pub fn policy(&self) -> &Policy {
         &self.policy
