@@ -111,6 +111,11 @@ pub enum Command {
     #[command(subcommand)]
     Wks(WksCommand),
 
+    /// Mail the owners of keys that expire soon (see `kst reminders send --help`).
+    #[cfg(feature = "server")]
+    #[command(subcommand)]
+    Reminders(crate::operator::reminders::RemindersCommand),
+
     /// Send the replies the spool mailer wrote (see `kst outbox send --help`).
     #[cfg(feature = "server")]
     #[command(subcommand)]
@@ -165,6 +170,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Config(cmd) => operator::config_check::run(config, cmd).await,
         #[cfg(feature = "server")]
         Command::Wks(cmd) => operator::wks::run(config, cmd).await,
+        #[cfg(feature = "server")]
+        Command::Reminders(cmd) => operator::reminders::run(config, cmd).await,
         #[cfg(feature = "bench")]
         Command::Bench(cmd) => crate::bench::run(cmd, config).await,
         #[cfg(feature = "client")]

@@ -38,6 +38,8 @@ pub struct ReminderSettings {
     pub enabled: bool,
     /// Days before the expiry at which a reminder is due (each at most once per key and expiry).
     pub days_before: Vec<u64>,
+    /// Seconds between two runs of a daemon (`kst serve`).
+    pub interval_secs: u64,
 }
 
 impl Default for ReminderSettings {
@@ -45,6 +47,7 @@ impl Default for ReminderSettings {
         ReminderSettings {
             enabled: true,
             days_before: DEFAULT_DAYS_BEFORE.to_vec(),
+            interval_secs: 3600,
         }
     }
 }

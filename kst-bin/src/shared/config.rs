@@ -15,11 +15,13 @@ use serde::{Deserialize, Serialize};
 
 mod http;
 mod lmtp;
+mod reminders;
 pub mod web;
 mod wks;
 
 pub use self::http::HttpConfig;
 pub use self::lmtp::{AllowList, Cidr, LmtpConfig};
+pub use self::reminders::RemindersConfig;
 pub use self::web::{WebConfig, WebLimits};
 pub use self::wks::{WksConfig, WksKeyConfig, check_key_file_mode, read_key_file};
 pub use crate::shared::logging::{LogConfig, LogFormat};
@@ -64,6 +66,8 @@ pub struct Config {
     pub wks: WksConfig,
     /// `[web]`: the public WKD/VKS/HKP listener of `kst serve` (off unless `listen` is set).
     pub web: WebConfig,
+    /// `[reminders]`: expiry reminders to key owners.
+    pub reminders: RemindersConfig,
 }
 
 /// `[kst]`: the protocol policy.
@@ -509,6 +513,7 @@ impl Config {
         let policy = self.policy()?;
         self.wks.validate(&policy)?;
         self.lmtp.validate()?;
+        self.reminders.validate()?;
         self.web
             .validate()
             .map_err(|e| ConfigError::key(e.key, e.message))?;
