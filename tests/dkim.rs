@@ -323,7 +323,8 @@ fn unusable_keys_stop_kst_before_anything_is_sent() {
 
 /// The client's own DKIM check (mail-auth through the client's resolver) against the signed
 /// test DNS: `scripts/testdns.sh up` with kst's records as extra records. Needs root (BIND);
-/// run it as `flock /work/team/dns.lock cargo test -p kst-tests --test dkim -- --ignored`.
+/// run it as `flock -o /work/team/dns.lock cargo test -p kst-tests --test dkim -- --ignored`
+/// (`-o`: the named instances it may start must not inherit the lock).
 #[tokio::test]
 #[ignore = "starts the test DNS (scripts/testdns.sh, root); run with --ignored"]
 async fn client_check_through_the_test_dns() {
