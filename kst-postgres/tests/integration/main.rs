@@ -2,6 +2,8 @@
 //! database; see `support`).
 
 mod conformance;
+mod hosts;
+mod index;
 mod outage;
 mod ratelimit;
 mod store;
