@@ -212,6 +212,19 @@ fn in_reply_to(raw: &[u8]) -> Option<String> {
     msg.in_reply_to().as_text().map(str::to_string)
 }
 
+/// `scripts/ha-services.sh pg down` when dropped: also when the drill fails half-way, so no
+/// PostgreSQL of the drill keeps running.
+struct Topology;
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/ha-services.sh"))
+            .args(["pg", "down"])
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
 /// Holds the drill's lock file for the whole run.
 fn lock() -> std::fs::File {
     let path = std::env::var("KST_HA_LOCK").unwrap_or_else(|_| "/tmp/kst-ha-pg-drill.lock".into());
@@ -229,6 +242,7 @@ fn postgres_failover_drill_loses_no_confirmed_publication() {
     );
     let _lock = lock();
     let env = parse_env(&ha(&["up"]));
+    let _topology = Topology;
     let get = |k: &str| {
         env.get(k)
             .cloned()
@@ -448,7 +462,4 @@ fn postgres_failover_drill_loses_no_confirmed_publication() {
         retried > 0,
         "the failover caused no retry at all: was it under load?"
     );
-
-    drop(pool);
-    ha(&["down"]);
 }

@@ -4,6 +4,7 @@
 mod conformance;
 mod hosts;
 mod index;
+mod lookup_cost;
 mod outage;
 mod ratelimit;
 mod store;
