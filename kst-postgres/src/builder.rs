@@ -169,7 +169,8 @@ impl PostgresStoreBuilder {
                 }
                 hosts.push(Host {
                     label,
-                    pool: self.pool_options().connect_lazy_with(options),
+                    pool: self.pool_options().connect_lazy_with(options.clone()),
+                    options,
                 });
             }
         }
@@ -197,7 +198,12 @@ impl PostgresStoreBuilder {
         let hosts = self.hosts(&urls, true)?;
         let readers = self.hosts(&self.read_urls.iter().collect::<Vec<_>>(), false)?;
         Ok(TimeoutStore::new(
-            PostgresStore::from_cluster(Cluster::new(hosts, readers, self.write_timeout)),
+            PostgresStore::from_cluster(Cluster::new(
+                hosts,
+                readers,
+                self.write_timeout,
+                self.acquire_timeout,
+            )),
             self.operation_timeout,
         ))
     }

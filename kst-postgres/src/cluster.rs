@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use kst_core::{Error, Result};
-use sqlx::postgres::PgPool;
-use sqlx::{PgConnection, Row};
+use sqlx::postgres::{PgConnectOptions, PgPool};
+use sqlx::{Connection as _, PgConnection, Row};
 
 use crate::error::{COMPONENT, db};
 
@@ -49,6 +49,8 @@ pub(crate) struct Host {
     pub label: String,
     /// Connections to this host only.
     pub pool: PgPool,
+    /// How to open one more (probes open their own when no pooled one is idle).
+    pub options: PgConnectOptions,
 }
 
 /// What a probe read from one host.
@@ -110,6 +112,7 @@ pub(crate) struct Cluster {
     choice: Mutex<Choice>,
     probing: tokio::sync::Mutex<()>,
     write_timeout: Duration,
+    probe_timeout: Duration,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -122,8 +125,14 @@ impl std::fmt::Debug for Cluster {
 }
 
 impl Cluster {
-    /// The hosts of one store (at least one) and its read replicas (maybe none).
-    pub fn new(hosts: Vec<Host>, readers: Vec<Host>, write_timeout: Duration) -> Cluster {
+    /// The hosts of one store (at least one) and its read replicas (maybe none); a probe of
+    /// one host gives up after `probe_timeout`.
+    pub fn new(
+        hosts: Vec<Host>,
+        readers: Vec<Host>,
+        write_timeout: Duration,
+        probe_timeout: Duration,
+    ) -> Cluster {
         assert!(!hosts.is_empty(), "a store has at least one host");
         Cluster {
             hosts,
@@ -132,6 +141,7 @@ impl Cluster {
             choice: Mutex::new(Choice::default()),
             probing: tokio::sync::Mutex::new(()),
             write_timeout,
+            probe_timeout,
         }
     }
 
@@ -240,12 +250,12 @@ impl Cluster {
         }
     }
 
-    /// Probes every host at once; each within its pool's acquire timeout.
+    /// Probes every host at once, each within the probe timeout.
     async fn probe_all(&self) -> Vec<std::result::Result<Facts, String>> {
         let mut set = tokio::task::JoinSet::new();
         for (i, h) in self.hosts.iter().enumerate() {
-            let pool = h.pool.clone();
-            set.spawn(async move { (i, probe(&pool).await) });
+            let (h, limit) = (h.clone(), self.probe_timeout);
+            set.spawn(async move { (i, probe(&h, limit).await) });
         }
         let mut out: Vec<std::result::Result<Facts, String>> =
             vec![Err("not probed".to_string()); self.hosts.len()];
@@ -355,8 +365,32 @@ impl Cluster {
     }
 }
 
-async fn probe(pool: &PgPool) -> Result<Facts> {
-    let row = sqlx::query(PROBE).fetch_one(pool).await.map_err(db)?;
+/// Probes `host` on an idle pooled connection, or else on a connection of its own (not through
+/// the pool, which would retry a refused connection until its acquire timeout: a stopped host
+/// must count as gone at once).
+async fn probe(host: &Host, limit: Duration) -> Result<Facts> {
+    let run = async {
+        if let Some(mut c) = host.pool.try_acquire() {
+            return probe_on(&mut c).await;
+        }
+        let mut c = PgConnection::connect_with(&host.options)
+            .await
+            .map_err(db)?;
+        let facts = probe_on(&mut c).await;
+        let _ = c.close().await;
+        facts
+    };
+    match tokio::time::timeout(limit, run).await {
+        Ok(facts) => facts,
+        Err(_) => Err(Error::unavailable(
+            COMPONENT,
+            format!("no answer within {limit:?}"),
+        )),
+    }
+}
+
+async fn probe_on(conn: &mut PgConnection) -> Result<Facts> {
+    let row = sqlx::query(PROBE).fetch_one(&mut *conn).await.map_err(db)?;
     let ro: String = row.try_get("ro").map_err(db)?;
     Ok(Facts {
         in_recovery: row.try_get("rec").map_err(db)?,
