@@ -184,6 +184,11 @@ async fn publish_on(conn: &mut PgConnection, key: NewKey) -> Result<PublishOutco
                 next
             }
         };
+        let found = current.and_then(|v| u64::try_from(v).ok());
+        if !key.expected.admits(found) {
+            tx.rollback().await.map_err(db)?;
+            return Err(key.expected.conflict(&key.address, found));
+        }
         insert_history(
             &mut tx,
             address,
