@@ -233,6 +233,85 @@ fn lock() -> std::fs::File {
     f
 }
 
+/// While both hosts accept writes: a publication through a store on the old primary alone waits
+/// in SyncRep (its standby was promoted); `pg_cancel_backend` ends the wait and PostgreSQL
+/// reports the commit as a success (the row stays on the old primary only). kst-postgres must
+/// not confirm it: a temporary error, the row on the old primary, not on the new one.
+async fn cancelled_sync_wait_is_never_confirmed(old_primary: &str, new_primary: &str) {
+    use kst_core::{Address, AddressPolicy, Expected, KeyStore, NewKey};
+    let store = kst_postgres::PostgresStore::builder(old_primary)
+        .run_migrations(false)
+        .write_timeout(Duration::from_secs(60))
+        .operation_timeout(Duration::from_secs(90))
+        .connect()
+        .await
+        .expect("a store on the old primary alone");
+    let template = store
+        .get(
+            &AddressPolicy::default()
+                .normalize("user000000@example.test")
+                .unwrap(),
+        )
+        .await
+        .expect("read the old primary")
+        .expect("the first publication of the load is on the old primary");
+    let address: Address = AddressPolicy::default()
+        .normalize("cancelled-sync-wait@example.test")
+        .unwrap();
+    let key = NewKey {
+        address: address.clone(),
+        key: template.key,
+        fingerprint: template.fingerprint,
+        publication_id: "drill-cancelled-sync-wait".into(),
+        published_at: 1_700_000_000,
+        revoked: false,
+        expected: Expected::Any,
+    };
+    let publish = tokio::spawn(async move { store.publish(key).await });
+    let mut admin = sqlx::PgConnection::connect(old_primary)
+        .await
+        .expect("admin connection to the old primary");
+    let deadline = Instant::now() + PATIENCE;
+    let mut cancelled_any = false;
+    loop {
+        let cancelled: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \
+             WHERE wait_event = 'SyncRep' AND datname = current_database()",
+        )
+        .fetch_all(&mut admin)
+        .await
+        .expect("cancel SyncRep waits");
+        cancelled_any |= cancelled.iter().any(|c| *c);
+        if cancelled_any && publish.is_finished() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no publication waited for the promoted standby"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let outcome = publish.await.expect("publish task");
+    let err = outcome.expect_err("a commit whose synchronous wait was cancelled was confirmed");
+    assert!(err.is_temporary(), "{err:?}");
+    assert!(err.to_string().contains("no synchronous standby"), "{err}");
+    let count = |url: String| async move {
+        let mut c = sqlx::PgConnection::connect(&url).await.expect("connect");
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM kst_keys WHERE address = $1")
+            .bind("cancelled-sync-wait@example.test")
+            .fetch_one(&mut c)
+            .await
+            .expect("count")
+    };
+    assert_eq!(
+        count(old_primary.to_string()).await,
+        1,
+        "PostgreSQL committed it locally after the cancel"
+    );
+    assert_eq!(count(new_primary.to_string()).await, 0);
+    println!("postgres drill: a commit whose synchronous wait was cancelled was refused: {err}");
+}
+
 #[test]
 fn postgres_failover_drill_loses_no_confirmed_publication() {
     assert!(
@@ -325,6 +404,10 @@ fn postgres_failover_drill_loses_no_confirmed_publication() {
         },
     );
     let overlap = promoted.elapsed();
+    rt.block_on(cancelled_sync_wait_is_never_confirmed(
+        &on_db(&primary_url, DB),
+        &on_db(&standby_url, DB),
+    ));
     let stopped = Instant::now();
     ha(&["stop-old-primary"]);
     wait_all(&pool, "every instance following the new primary b", |s| {
