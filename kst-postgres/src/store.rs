@@ -461,6 +461,29 @@ impl KeyStore for PostgresStore {
         self.get_inner(address).await
     }
 
+    async fn claim_reminder(&self, claim: &kst_core::reminder::ReminderClaim) -> Result<bool> {
+        let now = to_bigint("claimed_at", kst_core::time::unix_now())?;
+        let (address, id) = (claim.address.as_str().to_string(), claim.id());
+        // Confirmed through the synchronous standby like a publication: a claim lost in a
+        // failover would let a second reminder go out.
+        self.write(true, |conn| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "INSERT INTO kst_reminder_claims (address, claim, claimed_at) \
+                     VALUES ($1, $2, $3) ON CONFLICT (address, claim) DO NOTHING",
+                )
+                .bind(address)
+                .bind(id)
+                .bind(now)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+                Ok(done.rows_affected() == 1)
+            })
+        })
+        .await
+    }
+
     async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
         self.history_inner(address).await
     }
