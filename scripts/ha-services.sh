@@ -242,8 +242,20 @@ pg_start() {
   port_free "$port"
   log "starting node $node on 127.0.0.1:$port"
   rm -f "$dir/postmaster.pid" # stale: its process is gone
-  as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$STATE/$node.log" -w -t "$TIMEOUT" start </dev/null >/dev/null 9<&- \
+  # The server must not inherit any descriptor above 2: a caller's `flock FILE ha-services.sh`
+  # passes its lock on fd 3, and a postmaster keeping it would hold that lock while it runs.
+  eval "as_pg \"\$PG_BIN/pg_ctl\" -D \"\$dir\" -l \"\$STATE/\$node.log\" -w -t \"\$TIMEOUT\" start \
+    </dev/null >/dev/null $(pg_inherited_fds)" \
     || { tail -20 "$STATE/$node.log" >&2; die "node $node did not start"; }
+}
+
+# "N<&-" for every descriptor above 2 this shell has open (for pg_start).
+pg_inherited_fds() {
+  local fd
+  for fd in /proc/$$/fd/*; do
+    fd="${fd##*/}"
+    if [[ "$fd" =~ ^[0-9]+$ ]] && [ "$fd" -gt 2 ]; then printf ' %s<&-' "$fd"; fi
+  done
 }
 
 pg_stop() {

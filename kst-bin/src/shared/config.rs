@@ -203,6 +203,17 @@ pub struct StoreConfig {
     pub prefix: String,
     /// Most connections one kst process opens to PostgreSQL.
     pub max_connections: u32,
+
+    // --- PostgreSQL replication (issue 16) ---
+    /// `postgres`: further hosts of the same database, one URL each, besides `url` (which may
+    /// itself list hosts, libpq-style). kst writes to the one that accepts writes.
+    pub urls: Vec<String>,
+    /// `postgres`: read replicas for the look-ups by fingerprint, key ID and WKD hash (where a
+    /// slightly stale answer is safe); every other read and every write goes to the primary.
+    pub read_urls: Vec<String>,
+    /// `postgres`: bound on one write on the primary, including the wait for a synchronous
+    /// standby, in milliseconds (a write cut off is not confirmed and its connection closed).
+    pub write_timeout_ms: u64,
 }
 
 impl Default for StoreConfig {
@@ -213,6 +224,9 @@ impl Default for StoreConfig {
             url: String::new(),
             prefix: "kst".to_string(),
             max_connections: 8,
+            urls: Vec::new(),
+            read_urls: Vec::new(),
+            write_timeout_ms: 5000,
         }
     }
 }
@@ -225,6 +239,19 @@ impl fmt::Debug for StoreConfig {
             .field("url", &mask_url(&self.url))
             .field("prefix", &self.prefix)
             .field("max_connections", &self.max_connections)
+            .field(
+                "urls",
+                &self.urls.iter().map(|u| mask_url(u)).collect::<Vec<_>>(),
+            )
+            .field(
+                "read_urls",
+                &self
+                    .read_urls
+                    .iter()
+                    .map(|u| mask_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("write_timeout_ms", &self.write_timeout_ms)
             .finish()
     }
 }
@@ -747,6 +774,9 @@ impl Config {
             c.mailer.password = Secret::new(MASK);
         }
         c.store.url = mask_url(&c.store.url);
+        // PostgreSQL replication (issue 16): every host URL may hold a password.
+        c.store.urls = c.store.urls.iter().map(|u| mask_url(u)).collect();
+        c.store.read_urls = c.store.read_urls.iter().map(|u| mask_url(u)).collect();
         toml::to_string(&c).unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
     }
 }

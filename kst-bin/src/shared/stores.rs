@@ -39,8 +39,7 @@ pub async fn open_store_and_limiter(
             Ok((store.clone(), store))
         }
         StoreBackend::Postgres => {
-            let builder =
-                PostgresStore::builder(cfg.url.clone()).max_connections(cfg.max_connections);
+            let builder = postgres_builder(cfg);
             let store = match builder.clone().connect().await {
                 Ok(store) => Arc::new(store),
                 Err(e) if e.is_temporary() && reach == Reach::Lazily => {
@@ -62,6 +61,18 @@ pub async fn open_store_and_limiter(
     }
 }
 
+/// The PostgreSQL store of `cfg`: its hosts (`url`, which may list several, and `urls`), read
+/// replicas (`read_urls`), pool size and write timeout.
+fn postgres_builder(cfg: &StoreConfig) -> kst_postgres::PostgresStoreBuilder {
+    PostgresStore::builder(cfg.url.clone())
+        .more_urls(cfg.urls.clone())
+        .read_urls(cfg.read_urls.clone())
+        .write_timeout(std::time::Duration::from_millis(
+            cfg.write_timeout_ms.max(1),
+        ))
+        .max_connections(cfg.max_connections)
+}
+
 /// What `kst migrate` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Migrated {
@@ -81,7 +92,7 @@ pub struct Migrated {
 pub async fn migrate(cfg: &StoreConfig) -> Result<Migrated, Error> {
     let (store, schema): (Arc<dyn KeyStore>, _) = match cfg.backend {
         StoreBackend::Postgres => {
-            let store = PostgresStore::builder(cfg.url.clone())
+            let store = postgres_builder(cfg)
                 .run_migrations(false)
                 .connect()
                 .await?;
