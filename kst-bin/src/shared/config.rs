@@ -195,6 +195,21 @@ pub struct StoreConfig {
     pub prefix: String,
     /// Most connections one kst process opens to PostgreSQL.
     pub max_connections: u32,
+    // --- Redis deployments and durability (kst-redis) ---
+    /// `redis`: sentinels (`redis://host:port` each) that name the primary; kst follows the
+    /// one they elect. `url`, if set, then gives only the data nodes' password and database.
+    pub sentinels: Vec<String>,
+    /// `redis`: the master name the sentinels monitor (with `sentinels`).
+    pub sentinel_master: String,
+    /// `redis`: nodes of a Redis Cluster (`redis://host:port` each, some of them), instead of
+    /// `url`.
+    pub cluster_nodes: Vec<String>,
+    /// `redis`: refuse to serve when `CONFIG GET appendonly/appendfsync` cannot be read
+    /// (default true). A server that answers and is not durable is refused either way.
+    pub require_durable: bool,
+    /// `redis`: replicas that must acknowledge a change (`WAIT`) before kst confirms it.
+    pub min_replicas: u32,
+    // --- end of the Redis block ---
 }
 
 impl Default for StoreConfig {
@@ -205,6 +220,11 @@ impl Default for StoreConfig {
             url: String::new(),
             prefix: "kst".to_string(),
             max_connections: 8,
+            sentinels: Vec::new(),
+            sentinel_master: String::new(),
+            cluster_nodes: Vec::new(),
+            require_durable: true,
+            min_replicas: 0,
         }
     }
 }
@@ -217,6 +237,11 @@ impl fmt::Debug for StoreConfig {
             .field("url", &mask_url(&self.url))
             .field("prefix", &self.prefix)
             .field("max_connections", &self.max_connections)
+            .field("sentinels", &self.sentinels)
+            .field("sentinel_master", &self.sentinel_master)
+            .field("cluster_nodes", &self.cluster_nodes)
+            .field("require_durable", &self.require_durable)
+            .field("min_replicas", &self.min_replicas)
             .finish()
     }
 }
@@ -579,6 +604,25 @@ impl Config {
                     "must name the key directory when store.backend = \"fs\"",
                 ));
             }
+            StoreBackend::Redis
+                if !self.store.sentinels.is_empty() && !self.store.cluster_nodes.is_empty() =>
+            {
+                return Err(ConfigError::key(
+                    "store.cluster_nodes",
+                    "cannot be set together with store.sentinels: a Redis Cluster fails over by itself",
+                ));
+            }
+            StoreBackend::Redis
+                if !self.store.sentinels.is_empty()
+                    && self.store.sentinel_master.trim().is_empty() =>
+            {
+                return Err(ConfigError::key(
+                    "store.sentinel_master",
+                    "must name the master the sentinels monitor when store.sentinels is set",
+                ));
+            }
+            StoreBackend::Redis
+                if !self.store.sentinels.is_empty() || !self.store.cluster_nodes.is_empty() => {}
             StoreBackend::Postgres | StoreBackend::Redis if self.store.url.trim().is_empty() => {
                 return Err(ConfigError::key(
                     "store.url",
