@@ -7,7 +7,9 @@
 //! from three `kst bench lmtp` (one per instance), and the drill's own stream of publications
 //! (each its own address and key, sent round-robin to the pool, a temporary failure sent again
 //! to the next instance). The primary is killed (SIGKILL) once a quarter of the stream is
-//! decided. Asserted: every publication of the stream ends decided; every confirmation's HMAC
+//! decided, and brought back as a replica by `ha-services.sh up` right after the failover (until
+//! then the promoted node has no replica, so `min_replicas = 1` makes its publications 4xx,
+//! which the stream sends again). Asserted: every publication of the stream ends decided; every confirmation's HMAC
 //! verifies with the request's K_auth and names the key sent; every confirmed key is on the
 //! new primary; every instance is ready again by itself. Printed: sent, decided, retried, lost,
 //! seconds from the kill to the end of the last temporary failure, and the bench's summary.
@@ -419,6 +421,9 @@ fn drill(topology: &Topology, kill: &[&str]) {
     let killed = Instant::now();
     ha(topology.name, kill);
     let failover = killed.elapsed();
+    // The promoted replica has no replica of its own: with min_replicas = 1 its shard answers
+    // 4xx until the killed node is back (as a replica), which the operator's `up` does.
+    ha(topology.name, &["up"]);
     for w in workers {
         w.join().expect("stream worker");
     }

@@ -17,7 +17,10 @@ use crate::keys::{DEFAULT_PREFIX, check_prefix};
 use crate::store::RedisStore;
 
 /// Default bound on the `WAIT` for `min_replicas`.
-pub const DEFAULT_REPLICA_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_REPLICA_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Connections (lanes) for changes that end in a `WAIT`, with `min_replicas`.
+const WAIT_LANES: usize = 4;
 
 /// How the store reaches Redis.
 #[derive(Clone, Debug, Default)]
@@ -130,7 +133,7 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Bound on that `WAIT` (default 1 s); fewer acknowledgements in time make the change a
+    /// Bound on that `WAIT` (default 500 ms); fewer acknowledgements in time make the change a
     /// temporary failure (it is applied on the primary; retrying it is safe).
     pub fn replica_timeout(mut self, d: Duration) -> Self {
         self.replica_timeout = d;
@@ -242,6 +245,14 @@ impl RedisStoreBuilder {
             guard: Arc::new(Guard::new(self.require_durable)),
             min_replicas: self.min_replicas,
             replica_timeout: self.replica_timeout,
+            lanes: Arc::new(if self.min_replicas > 0 {
+                (0..WAIT_LANES)
+                    .map(|_| self.conn())
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            }),
+            next_lane: Arc::default(),
         })
     }
 

@@ -39,6 +39,11 @@ pub struct RedisStore {
     pub(crate) min_replicas: u32,
     /// Bound on that `WAIT`.
     pub(crate) replica_timeout: Duration,
+    /// Connections for changes that end in a `WAIT` (empty without `min_replicas`): a `WAIT`
+    /// blocks its connection until the replicas answer, so it never runs on the connection
+    /// that reads and the rate limiter share.
+    pub(crate) lanes: Arc<Vec<Conn>>,
+    pub(crate) next_lane: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -167,6 +172,22 @@ impl RedisStore {
             out[i] = Some(r?);
         }
         Ok(out.into_iter().map(|v| v.unwrap_or(Value::Nil)).collect())
+    }
+
+    /// This store on a connection of its own for one change that ends in a `WAIT` (itself
+    /// without `min_replicas`): the change's writes and the `WAIT` go on the same connection.
+    fn lane(&self) -> RedisStore {
+        if self.lanes.is_empty() {
+            return self.clone();
+        }
+        let i = self
+            .next_lane
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % self.lanes.len();
+        RedisStore {
+            conn: self.lanes[i].clone(),
+            ..self.clone()
+        }
     }
 
     pub(crate) fn keys(&self, address: &Address) -> AddressKeys {
@@ -505,7 +526,7 @@ impl KeyStore for RedisStore {
     }
 
     async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
-        self.publish_inner(key).await
+        self.lane().publish_inner(key).await
     }
 
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
@@ -517,7 +538,7 @@ impl KeyStore for RedisStore {
     }
 
     async fn delete(&self, address: &Address) -> Result<bool> {
-        self.delete_inner(address).await
+        self.lane().delete_inner(address).await
     }
 
     async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
@@ -525,7 +546,7 @@ impl KeyStore for RedisStore {
     }
 
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
-        self.restore_inner(history).await
+        self.lane().restore_inner(history).await
     }
 
     async fn find_by_fingerprint(
