@@ -715,17 +715,37 @@ impl Kst {
             tracing::info!(account = %account, stripped = ?key.stripped, "key published without parts that do not belong to the account");
         }
         let publication_id = id(&key.packets);
-        let outcome = self
-            .store
-            .publish(NewKey {
+        let merged = crate::publication::publish_merged(
+            self.store.as_ref(),
+            NewKey {
                 address: account.clone(),
                 key: key.packets,
                 fingerprint: key.fingerprint,
                 publication_id,
                 published_at: crate::time::unix_now(),
                 revoked: key.revoked,
-            })
-            .await?;
+                expected: crate::store::Expected::Any,
+            },
+            self.policy.max_published_key_bytes,
+            crate::time::unix_now(),
+        )
+        .await?;
+        let outcome = match merged {
+            Ok(o) => o,
+            Err(e) => {
+                let (size, limit) = match e {
+                    crate::merge::MergeError::TooLarge { size, limit } => (size, limit),
+                    _ => (0, self.policy.max_published_key_bytes),
+                };
+                let e = validate::KeyRejection::PublishedTooLarge { size, limit };
+                let detail = format!(
+                    "{e} (merged with the key already published; revoke or remove old subkeys)"
+                );
+                return self
+                    .refuse(ctx, e.reason(), Some(account), Some(detail), k_auth)
+                    .await;
+            }
+        };
         let new_version = matches!(outcome, PublishOutcome::Published(_));
         let record = outcome.record();
         let built = reply::build(

@@ -80,6 +80,10 @@ impl KeyStore for MemoryStore {
         if let Some(cur) = hist.last().filter(|c| c.key == key.key) {
             return Ok(PublishOutcome::Unchanged(cur.clone()));
         }
+        let current = hist.last().map(|c| c.version);
+        if !key.expected.admits(current) {
+            return Err(key.expected.conflict(&key.address, current));
+        }
         let rec = key.into_record(hist.last().map_or(1, |c| c.version + 1));
         hist.push(rec.clone());
         Ok(PublishOutcome::Published(rec))

@@ -4,6 +4,7 @@
 
 mod error;
 mod file;
+mod index;
 mod layout;
 mod lock;
 mod ratelimit;

@@ -147,6 +147,11 @@ impl PostgresStore {
                 next
             }
         };
+        let found = current.and_then(|v| u64::try_from(v).ok());
+        if !key.expected.admits(found) {
+            tx.rollback().await.map_err(db)?;
+            return Err(key.expected.conflict(&key.address, found));
+        }
         insert_history(
             &mut tx,
             address,

@@ -186,9 +186,12 @@ impl RedisStoreBuilder {
             Deployment::Single => {
                 let client = redis::Client::open(self.url.as_str())
                     .map_err(|e| config_error("invalid Redis URL", &e))?;
+                // host:port or the socket path; never the password.
+                let addr = client.get_connection_info().addr().to_string();
                 Conn::Single(
                     ConnectionManager::new_lazy_with_config(client, self.manager_config())
                         .map_err(redis)?,
+                    addr,
                 )
             }
             Deployment::Sentinel { sentinels, master } => {

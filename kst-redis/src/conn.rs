@@ -19,8 +19,8 @@ const RESOLVE_INTERVAL: Duration = Duration::from_millis(250);
 /// The connection of a [`crate::RedisStore`]; cheap to clone.
 #[derive(Clone)]
 pub(crate) enum Conn {
-    /// One server (or an address that follows the primary by itself).
-    Single(ConnectionManager),
+    /// One server (or an address that follows the primary by itself), and its address.
+    Single(ConnectionManager, String),
     /// The primary Sentinel names.
     Sentinel(Arc<SentinelFollower>),
     /// A Redis Cluster, connected on first use.
@@ -162,7 +162,7 @@ impl Conn {
     /// A handle for the next command(s).
     pub(crate) async fn handle(&self) -> RedisResult<Handle> {
         Ok(match self {
-            Conn::Single(m) => Handle::Manager(m.clone()),
+            Conn::Single(m, _) => Handle::Manager(m.clone()),
             Conn::Sentinel(f) => Handle::Manager(f.manager().await?),
             Conn::Cluster(c) => Handle::Cluster(c.get().await?),
         })
@@ -187,7 +187,7 @@ impl Conn {
     /// Address of the primary in use, when there is one (`host:port`).
     pub(crate) fn primary_address(&self) -> Option<String> {
         match self {
-            Conn::Single(_) => None,
+            Conn::Single(_, addr) => Some(addr.clone()),
             Conn::Sentinel(f) => f.address(),
             Conn::Cluster(_) => None,
         }

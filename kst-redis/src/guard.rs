@@ -220,7 +220,7 @@ impl RedisStore {
     /// connected replicas (on a cluster: the fewest of any shard), `min_replicas`.
     pub(crate) async fn topology_inner(&self) -> Result<Vec<(String, String)>> {
         let mode = match &self.conn {
-            Conn::Single(_) => "single",
+            Conn::Single(..) => "single",
             Conn::Sentinel(_) => "sentinel",
             Conn::Cluster(_) => "cluster",
         };

@@ -15,11 +15,14 @@ use redis::Script;
 /// JSON), record JSON without its `version` field, `1` when the caller publishes again a key
 /// whose tombstone grew after its first attempt (*supersede*: a publication id already seen
 /// does not short-circuit while its version is still the current one, so the merged key
-/// replaces the one written without the revocation), else `0`.
+/// replaces the one written without the revocation), else `0`; the current version the
+/// publication expects (empty: any; `0`: none; not checked again when superseding its own
+/// version, which passed the check when it was written).
 ///
 /// Returns `{status, payload, previous}`: `published` or `unchanged` with the record JSON and
-/// the JSON of the current record it replaced (empty: none or not replaced), or `corrupt` with
-/// a description.
+/// the JSON of the current record it replaced (empty: none or not replaced), `conflict` with
+/// the current version (`0`: none) when it is not the expected one, or `corrupt` with a
+/// description.
 pub(crate) static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -45,6 +48,9 @@ if cur then
   end
 end
 if earlier and tonumber(earlier) ~= version then return published_earlier(earlier) end
+if ARGV[5] ~= '' and not earlier and ARGV[5] ~= string.format('%d', version) then
+  return {'conflict', string.format('%d', version), ''}
+end
 local v = string.format('%d', version + 1)
 local rec = '{"version":' .. v .. ',' .. string.sub(body, 2)
 redis.call('SET', KEYS[1], rec)

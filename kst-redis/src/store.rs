@@ -269,13 +269,24 @@ impl RedisStore {
                 .arg(&publication_id)
                 .arg(&key_b64)
                 .arg(&body)
-                .arg(if supersede { "1" } else { "0" });
+                .arg(if supersede { "1" } else { "0" })
+                .arg(match key.expected {
+                    kst_core::Expected::Any => String::new(),
+                    kst_core::Expected::Nothing => "0".to_string(),
+                    // Versions start at 1: version 0 is never current ("-" matches nothing).
+                    kst_core::Expected::Version(v) if v > 0 => v.to_string(),
+                    kst_core::Expected::Version(_) => "-".to_string(),
+                });
             let reply: Vec<Vec<u8>> = self.invoke(&invocation, true).await?;
             let [status, payload, previous] = <[Vec<u8>; 3]>::try_from(reply)
                 .map_err(|r| corrupt(format!("publish script answered {} values", r.len())))?;
             let outcome = match status.as_slice() {
                 b"published" => PublishOutcome::Published(parse(&address, &payload)?),
                 b"unchanged" => PublishOutcome::Unchanged(parse(&address, &payload)?),
+                b"conflict" => {
+                    let current = String::from_utf8_lossy(&payload).parse::<u64>().ok();
+                    return Err(key.expected.conflict(&address, current.filter(|&v| v > 0)));
+                }
                 b"corrupt" => {
                     return Err(corrupt(format!(
                         "{address}: {}",

@@ -13,11 +13,13 @@ use kst_core::ratelimit::RecipientFolding;
 use kst_core::{AddressPolicy, AuthSource, Policy, RateLimits};
 use serde::{Deserialize, Serialize};
 
+pub mod dkim;
 mod http;
 mod lmtp;
 pub mod web;
 mod wks;
 
+pub use self::dkim::{DkimAlgorithm, DkimConfig};
 pub use self::http::HttpConfig;
 pub use self::lmtp::{AllowList, Cidr, LmtpConfig};
 pub use self::web::{WebConfig, WebLimits};
@@ -64,6 +66,8 @@ pub struct Config {
     pub wks: WksConfig,
     /// `[web]`: the public WKD/VKS/HKP listener of `kst serve` (off unless `listen` is set).
     pub web: WebConfig,
+    /// `[dkim]`: DKIM signing of replies (off unless a key file is set).
+    pub dkim: DkimConfig,
 }
 
 /// `[kst]`: the protocol policy.
@@ -533,6 +537,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let policy = self.policy()?;
         self.wks.validate(&policy)?;
+        self.dkim.validate()?;
         self.lmtp.validate()?;
         self.web
             .validate()
@@ -1072,6 +1077,29 @@ mod tests {
                 assert!(table(key).contains(&format!("\"{n}\"")), "{key}: {n}");
             }
         }
+    }
+
+    #[test]
+    fn redis_deployments_are_url_sentinels_or_cluster_nodes() {
+        let mut c = Config::default();
+        c.kst.domains = vec!["example.net".into()];
+        c.store.backend = StoreBackend::Redis;
+        let err = |c: &Config| {
+            c.validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(err(&c).contains("store.url"), "{}", err(&c));
+        c.store.cluster_nodes = vec!["redis://127.0.0.1:7000".into()];
+        assert_eq!(err(&c), "");
+        c.store.sentinels = vec!["redis://127.0.0.1:26379".into()];
+        assert!(err(&c).contains("store.cluster_nodes"), "{}", err(&c));
+        c.store.cluster_nodes.clear();
+        assert!(err(&c).contains("store.sentinel_master"), "{}", err(&c));
+        c.store.sentinel_master = "kst".into();
+        assert_eq!(err(&c), "");
+        assert!(c.store.require_durable && c.store.min_replicas == 0);
     }
 
     #[test]

@@ -37,6 +37,9 @@ async fn concurrent_publishers_on_separate_instances() {
     }
     // Revoked and unrevoked publications of one key racing on two instances.
     kst_core::conformance::revocation::revocation_race(stores[2..].to_vec()).await;
+    // Compare-and-set writers and the service's read-merge-write across instances.
+    kst_core::conformance::cas::compare_and_set_race(stores.clone()).await;
+    kst_core::conformance::cas::merged_publications(stores.clone()).await;
     concurrent_publishers(stores.clone()).await;
     // Again on the same directory: the suite starts by deleting its addresses.
     concurrent_publishers(stores.clone()).await;

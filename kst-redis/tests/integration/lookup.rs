@@ -200,6 +200,7 @@ fn lifecycle(address: &kst_core::Address, armored: &str, n: u64, revoked: bool) 
         fingerprint,
         published_at: 1_700_000_000 + n,
         revoked,
+        expected: kst_core::Expected::Any,
     }
 }
 
