@@ -117,6 +117,10 @@ pub enum Command {
     #[cfg(feature = "server")]
     #[command(subcommand)]
     Dkim(DkimCommand),
+    /// Mail the owners of keys that expire soon (see `kst reminders send --help`).
+    #[cfg(feature = "server")]
+    #[command(subcommand)]
+    Reminders(crate::operator::reminders::RemindersCommand),
 
     /// Send the replies the spool mailer wrote (see `kst outbox send --help`).
     #[cfg(feature = "server")]
@@ -174,6 +178,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Wks(cmd) => operator::wks::run(config, cmd).await,
         #[cfg(feature = "server")]
         Command::Dkim(cmd) => operator::dkim::run(config, cmd).await,
+        Command::Reminders(cmd) => operator::reminders::run(config, cmd).await,
         #[cfg(feature = "bench")]
         Command::Bench(cmd) => crate::bench::run(cmd, config).await,
         #[cfg(feature = "client")]

@@ -111,6 +111,12 @@ pub(crate) fn address_of_current(prefix: &str, key: &str) -> Option<Address> {
     Address::from_normalized(&decode(tag)?).ok()
 }
 
+/// String: the expiry reminder claim `id` of `address` (`KeyStore::claim_reminder`), in the
+/// address' hash slot, set with NX and kept across deletions.
+pub(crate) fn reminder_key(prefix: &str, address: &Address, id: &str) -> String {
+    format!("{prefix}{{{}}}:reminder:{id}", encode(address.as_str()))
+}
+
 /// Checks a configured prefix: braces would break the hash tags.
 pub(crate) fn check_prefix(prefix: &str) -> Result<()> {
     if prefix.contains(['{', '}']) {

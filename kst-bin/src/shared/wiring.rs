@@ -57,7 +57,8 @@ pub async fn build_kst_with(config: &Config, reach: Reach) -> Result<Kst, kst_co
     Ok(Kst::new(policy, store, mailer)
         .with_rate_limiter(limiter)
         .with_envelope_from(envelope_from)
-        .with_submission_keys(Arc::new(submission_keys)))
+        .with_submission_keys(Arc::new(submission_keys))
+        .with_reminders(config.reminders.settings()))
 }
 
 /// Makes sure the store holds the public part of every configured WKS submission key for its
