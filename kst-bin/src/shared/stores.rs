@@ -51,11 +51,7 @@ pub async fn open_store_and_limiter(
             Ok((store.clone(), store))
         }
         StoreBackend::Redis => {
-            let builder = RedisStore::builder(cfg.url.clone()).prefix(cfg.prefix.clone());
-            let store = Arc::new(match reach {
-                Reach::Now => builder.connect().await?,
-                Reach::Lazily => builder.connect_lazy()?,
-            });
+            let store = Arc::new(open_redis(cfg, reach).await?);
             Ok((store.clone(), store))
         }
     }
@@ -71,6 +67,39 @@ fn postgres_builder(cfg: &StoreConfig) -> kst_postgres::PostgresStoreBuilder {
             cfg.write_timeout_ms.max(1),
         ))
         .max_connections(cfg.max_connections)
+}
+
+/// Opens the `redis` backend: one server, Sentinel or a Cluster, with the durability guard
+/// and `min_replicas` of `[store]`. Lazily (`kst serve`): a server that answers and is not
+/// durable still stops the start; one that cannot be reached is checked again by every
+/// publication and `/readyz`.
+async fn open_redis(
+    cfg: &StoreConfig,
+    reach: Reach,
+) -> Result<kst_core::store::TimeoutStore<RedisStore>, Error> {
+    let mut builder = RedisStore::builder(cfg.url.clone())
+        .prefix(cfg.prefix.clone())
+        .require_durable(cfg.require_durable)
+        .min_replicas(cfg.min_replicas);
+    if !cfg.sentinels.is_empty() {
+        builder = builder.sentinel(cfg.sentinels.clone(), cfg.sentinel_master.clone());
+    } else if !cfg.cluster_nodes.is_empty() {
+        builder = builder.cluster(cfg.cluster_nodes.clone());
+    }
+    match reach {
+        Reach::Now => builder.connect().await,
+        Reach::Lazily => {
+            let store = builder.connect_lazy()?;
+            match store.check().await {
+                Err(e @ (Error::Config(_) | Error::Invalid(_))) => Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Redis is unreachable; starting anyway, the durability guard runs with the first publication and /readyz");
+                    Ok(store)
+                }
+                Ok(()) => Ok(store),
+            }
+        }
+    }
 }
 
 /// What `kst migrate` did.
