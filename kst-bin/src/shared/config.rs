@@ -13,12 +13,14 @@ use kst_core::ratelimit::RecipientFolding;
 use kst_core::{AddressPolicy, AuthSource, Policy, RateLimits};
 use serde::{Deserialize, Serialize};
 
+pub mod dkim;
 mod http;
 mod lmtp;
 mod reminders;
 pub mod web;
 mod wks;
 
+pub use self::dkim::{DkimAlgorithm, DkimConfig};
 pub use self::http::HttpConfig;
 pub use self::lmtp::{AllowList, Cidr, LmtpConfig};
 pub use self::reminders::RemindersConfig;
@@ -66,6 +68,8 @@ pub struct Config {
     pub wks: WksConfig,
     /// `[web]`: the public WKD/VKS/HKP listener of `kst serve` (off unless `listen` is set).
     pub web: WebConfig,
+    /// `[dkim]`: DKIM signing of replies (off unless a key file is set).
+    pub dkim: DkimConfig,
     /// `[reminders]`: expiry reminders to key owners.
     pub reminders: RemindersConfig,
 }
@@ -512,6 +516,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let policy = self.policy()?;
         self.wks.validate(&policy)?;
+        self.dkim.validate()?;
         self.lmtp.validate()?;
         self.reminders.validate()?;
         self.web
