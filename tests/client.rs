@@ -455,6 +455,44 @@ tls = "none"
     let (out, v) = run_json(cmd);
     assert_eq!(code(&out), 77, "{v}");
 
+    // The owner's commands over the real mail path: status (a retrieval of her own address
+    // through submission and IMAP found by SRV) matches, delete is answered and verified, and
+    // status then says nothing is published (exit 1).
+    let (out, v) = ms.client(
+        "alice@example.net",
+        &state,
+        &["status", "--key", key.to_str().unwrap()],
+    );
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (0, Some("match")),
+        "{v}\n{}",
+        stderr(&out)
+    );
+    let (out, v) = ms.client("alice@example.net", &state, &["delete"]);
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (0, Some("deleted")),
+        "{v}\n{}",
+        stderr(&out)
+    );
+    let gone = Command::new(kst_binary())
+        .args(["keys", "get", "alice@example.net", "--config"])
+        .arg(ms.var("KST_MAIL_KST_CONFIG"))
+        .output()
+        .unwrap();
+    assert_eq!(code(&gone), 1, "{}", stderr(&gone));
+    let (out, v) = ms.client(
+        "alice@example.net",
+        &state,
+        &["status", "--key", key.to_str().unwrap()],
+    );
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (1, Some("not-found")),
+        "{v}"
+    );
+
     let (_, list) = ms.client("carol@acme.net", &state, &["pending"]);
     assert_eq!(list, Value::Array(vec![]));
 }
