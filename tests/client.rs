@@ -458,3 +458,162 @@ tls = "none"
     let (_, list) = ms.client("carol@acme.net", &state, &["pending"]);
     assert_eq!(list, Value::Array(vec![]));
 }
+
+/// Subkey lines (`sub`) of the keys `gpg` in `home` holds for `who`.
+fn gpg_subkeys(home: &Path, who: &str) -> usize {
+    let out = Command::new("gpg")
+        .env("GNUPGHOME", home)
+        .args(["--batch", "--with-colons", "--list-keys", who])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("sub:"))
+        .count()
+}
+
+/// The owner's commands through `kst deliver`: `status` compares what the KST serves with the
+/// owner's key (exit 6 on a difference, for cron), a republication merges, `refresh`
+/// re-retrieves a key imported through kst and imports its update, `delete` removes the key
+/// with a verified answer, and `publish` warns about a key that expires soon.
+#[test]
+fn maildir_owner_status_refresh_delete_and_expiry_warning() {
+    let local = Local::new();
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let key = local.path("alice.asc");
+    std::fs::write(&key, &alice.public_armored).unwrap();
+    let key = key.to_str().unwrap();
+    let (out, v) = local.client("alice@example.net", &["publish", "--key", key], &[]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+
+    let (out, v) = local.client("alice@example.net", &["status", "--key", key], &[]);
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (0, Some("match")),
+        "{v}"
+    );
+    assert_eq!(v["served"]["fingerprint"], alice.fingerprint.as_str());
+    assert_eq!(v["served"], v["local"]);
+
+    // A new subkey on the owner's device: the KST lags behind, status says so (exit 6).
+    gpg.run(&[
+        "--passphrase",
+        "",
+        "--pinentry-mode",
+        "loopback",
+        "--quick-add-key",
+        &alice.fingerprint,
+        "cv25519",
+        "encr",
+        "never",
+    ]);
+    let key2 = local.path("alice2.asc");
+    std::fs::write(&key2, gpg.export(&alice.fingerprint)).unwrap();
+    let key2 = key2.to_str().unwrap();
+    let (out, v) = local.client("alice@example.net", &["status", "--key", key2], &[]);
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (6, Some("mismatch")),
+        "{v}"
+    );
+    assert!(
+        v["differences"][0]
+            .as_str()
+            .unwrap()
+            .contains("lacks your subkeys"),
+        "{v}"
+    );
+
+    // Bob imports alice's key through kst: it is noted for refresh, and not due yet.
+    let bob_gpg = Gpg::new();
+    let bob_home = bob_gpg.home().to_str().unwrap().to_string();
+    let bob_env = [("GNUPGHOME", bob_home.as_str())];
+    let (out, v) = local.client(
+        "bob@example.net",
+        &["retrieve", "alice@example.net", "--import"],
+        &bob_env,
+    );
+    assert_eq!(
+        (code(&out), v["imported"].as_bool()),
+        (0, Some(true)),
+        "{v}"
+    );
+    assert_eq!(gpg_subkeys(bob_gpg.home(), &alice.fingerprint), 1);
+    let (out, v) = local.client("bob@example.net", &["refresh"], &bob_env);
+    assert_eq!((code(&out), v), (0, Value::Array(vec![])));
+
+    // Alice publishes the new subkey (an old copy published later would not drop it).
+    let (out, v) = local.client("alice@example.net", &["publish", "--key", key2], &[]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let (out, v) = local.client("alice@example.net", &["publish", "--key", key], &[]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let (out, v) = local.client("alice@example.net", &["status", "--key", key2], &[]);
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (0, Some("match")),
+        "{v}"
+    );
+
+    // Bob's refresh (every key is due with --max-age-days 0) brings the subkey to his keyring.
+    let (out, v) = local.client(
+        "bob@example.net",
+        &["refresh", "--max-age-days", "0", "--dry-run"],
+        &bob_env,
+    );
+    assert_eq!(code(&out), 0, "{v}");
+    assert_eq!(v[0]["address"], "alice@example.net", "{v}");
+    let (out, v) = local.client(
+        "bob@example.net",
+        &["refresh", "--max-age-days", "0"],
+        &bob_env,
+    );
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v[0]["outcome"], "found", "{v}");
+    assert_eq!(v[0]["imported"], true, "{v}");
+    assert_eq!(gpg_subkeys(bob_gpg.home(), &alice.fingerprint), 2);
+
+    // Deletion: a verified answer, nothing stored, and status then exits 1.
+    let (out, v) = local.client("alice@example.net", &["delete"], &[]);
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (0, Some("deleted")),
+        "{v}"
+    );
+    assert_eq!(v["address"], "alice@example.net");
+    assert_eq!(local.stored_fingerprint("alice@example.net"), None);
+    let (out, v) = local.client("alice@example.net", &["status", "--key", key2], &[]);
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (1, Some("not-found")),
+        "{v}"
+    );
+
+    // A key that expires in 10 days: published, with a warning that says how to extend it.
+    gpg.run(&[
+        "--passphrase",
+        "",
+        "--pinentry-mode",
+        "loopback",
+        "--quick-gen-key",
+        "Carol <carol@example.net>",
+        "ed25519",
+        "sign,cert",
+        "10d",
+    ]);
+    let carol = local.path("carol.asc");
+    std::fs::write(&carol, gpg.export("carol@example.net")).unwrap();
+    let (out, v) = local.client(
+        "carol@example.net",
+        &["publish", "--key", carol.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("warning") && err.contains("expires in 10 days"),
+        "{err}"
+    );
+    assert!(err.contains("--quick-set-expire"), "{err}");
+}

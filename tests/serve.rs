@@ -6,26 +6,18 @@ use kst_bin::bench::lmtp::dot_stuff as data;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kst_core::AddressPolicy;
 use kst_core::client::{self, Verified};
+use kst_tests::serve::{PATIENCE, ServeProcess, free_port};
 use kst_tests::{
     Gpg, TestDb, TestKst, TestPrefix, code, kst_binary, received_authenticated, stderr,
 };
 
-/// How long the test waits for anything (a hang guard, not a speed check).
-const PATIENCE: Duration = Duration::from_secs(30);
-
 fn addr(s: &str) -> kst_core::Address {
     AddressPolicy::default().normalize(s).expect("test address")
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
 }
 
 /// `kst serve` with no `--config`, in its own working directory.
@@ -33,7 +25,7 @@ struct Serve {
     cwd: tempfile::TempDir,
     lmtp: SocketAddr,
     http: SocketAddr,
-    child: Child,
+    process: ServeProcess,
 }
 
 impl Serve {
@@ -51,49 +43,25 @@ impl Serve {
             .expect("temp dir");
         let (lmtp, http) = (free_port(), free_port());
         let listen = listen.map_or_else(|| lmtp.to_string(), |f| f(cwd.path()));
-        let log = std::fs::File::create(cwd.path().join("serve.log")).expect("log file");
-        let mut cmd = Command::new(kst_binary());
-        // Only this test's settings: no KST_* from the environment of the test run.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("KST_") {
-                cmd.env_remove(k);
+        // The HTTP endpoint binds after the LMTP listener: once it answers, both are up.
+        let process = ServeProcess::start(cwd.path().join("serve.log"), http, |cmd| {
+            cmd.envs(env.iter().copied());
+            if !listen.is_empty() {
+                cmd.env("KST_LMTP__LISTEN", &listen);
             }
-        }
-        cmd.envs(env.iter().copied());
-        if !listen.is_empty() {
-            cmd.env("KST_LMTP__LISTEN", &listen);
-        }
-        let child = cmd
-            .arg("serve")
-            .current_dir(cwd.path())
-            .env_remove("RUST_LOG")
-            .env("KST_HTTP__LISTEN", http.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn kst serve");
-        let serve = Serve {
+            cmd.current_dir(cwd.path())
+                .env("KST_HTTP__LISTEN", http.to_string());
+        });
+        Serve {
             cwd,
             lmtp,
             http,
-            child,
-        };
-        let deadline = Instant::now() + PATIENCE;
-        // The HTTP endpoint binds after the LMTP listener: once it answers, both are up.
-        while TcpStream::connect(http).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "kst serve did not listen on {listen} and {http}:\n{}",
-                serve.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            process,
         }
-        serve
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.cwd.path().join("serve.log")).unwrap_or_default()
+        self.process.log()
     }
 
     fn outbox(&self) -> PathBuf {
@@ -117,35 +85,12 @@ impl Serve {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill {sig}");
+        self.process.signal(sig);
     }
 
     /// Waits for the process to exit; its exit code.
     fn wait(&mut self) -> i32 {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "kst serve did not exit:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.wait()
     }
 }
 

@@ -5,19 +5,16 @@
 //! (`kst_tests::wkd`, docs/WKD-TESTBED.md), which needs root; without root these tests say
 //! SKIPPED loudly. The limits test needs only curl.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use kst_core::AddressPolicy;
 use kst_core::client;
 use kst_core::wkd::WkdHash;
+use kst_tests::serve::{ServeProcess, free_port};
 use kst_tests::wkd::{WkdHome, WkdMethod, WkdTestbed, WkdView};
-use kst_tests::{Gpg, GpgKey, TestKst, code, kst_binary, received_authenticated, stderr};
-
-/// How long a test waits for anything (a hang guard, not a speed check).
-const PATIENCE: Duration = Duration::from_secs(30);
+use kst_tests::{Gpg, GpgKey, TestKst, code, received_authenticated, stderr};
 
 fn bed() -> Option<&'static WkdTestbed> {
     match WkdTestbed::up() {
@@ -30,97 +27,27 @@ fn bed() -> Option<&'static WkdTestbed> {
     }
 }
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-}
-
-/// `kst serve --config` of a [`TestKst`], with `[web]` set by environment overrides.
-struct Serve {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Serve {
-    /// Starts `kst serve` with `[web] listen = web` (TLS with `tls` = (cert, key)) and `env`,
-    /// and waits until the public listener accepts connections.
-    fn start(
-        kst: &TestKst,
-        web: SocketAddr,
-        tls: Option<(&Path, &Path)>,
-        env: &[(&str, &str)],
-    ) -> Serve {
-        let log = kst.dir.path().join(format!("serve-{}.log", web.port()));
-        let mut cmd = Command::new(kst_binary());
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("KST_") {
-                cmd.env_remove(k);
-            }
-        }
+/// Starts `kst serve --config` of a [`TestKst`] with `[web] listen = web` (TLS with `tls` =
+/// (cert, key)) and `env`, and waits until the public listener accepts connections.
+fn start_serve(
+    kst: &TestKst,
+    web: SocketAddr,
+    tls: Option<(&Path, &Path)>,
+    env: &[(&str, &str)],
+) -> ServeProcess {
+    let log = kst.dir.path().join(format!("serve-{}.log", web.port()));
+    ServeProcess::start(log, web, |cmd| {
         if let Some((cert, key)) = tls {
             cmd.env("KST_WEB__TLS_CERT", cert)
                 .env("KST_WEB__TLS_KEY", key);
         }
         cmd.envs(env.iter().copied())
-            .arg("serve")
             .arg("--config")
             .arg(&kst.config)
-            .env_remove("RUST_LOG")
             .env("KST_LMTP__LISTEN", free_port().to_string())
             .env("KST_HTTP__LISTEN", free_port().to_string())
-            .env("KST_WEB__LISTEN", web.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"));
-        let serve = Serve {
-            child: cmd.spawn().expect("spawn kst serve"),
-            log,
-        };
-        let deadline = Instant::now() + PATIENCE;
-        while TcpStream::connect(web).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "kst serve did not listen on {web}:\n{}",
-                serve.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        serve
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then the exit code (the graceful shutdown must end the public listener too).
-    fn stop(mut self) -> i32 {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill -TERM");
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "kst serve did not exit after SIGTERM:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            .env("KST_WEB__LISTEN", web.to_string());
+    })
 }
 
 /// Publishes `key` for its address the real way: an authenticated mail through `kst deliver`
@@ -175,7 +102,7 @@ fn gpg_finds_the_key_alice_published_by_mail_by_both_wkd_methods_and_wks_client_
     let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
     let kst = TestKst::new("");
     let addr = WkdTestbed::free_addr();
-    let serve = Serve::start(
+    let serve = start_serve(
         &kst,
         SocketAddr::from((addr, 443)),
         Some((bed.cert(), bed.key())),
@@ -257,14 +184,14 @@ fn keyserver_clients_curl_and_sq_get_the_key_by_address_fingerprint_and_key_id()
     let kst = TestKst::new("");
     publish_by_mail(&kst, &alice);
     let addr = WkdTestbed::free_addr();
-    let tls = Serve::start(
+    let tls = start_serve(
         &kst,
         SocketAddr::from((addr, 443)),
         Some((bed.cert(), bed.key())),
         &[],
     );
     let plain_at = free_port();
-    let plain = Serve::start(&kst, plain_at, None, &[]);
+    let plain = start_serve(&kst, plain_at, None, &[]);
     let view = bed.view(addr, WkdMethod::Advanced);
 
     // HKP, plain HTTP on any port: gpg --recv-keys by fingerprint and by key ID.
@@ -378,10 +305,13 @@ fn keyserver_clients_curl_and_sq_get_the_key_by_address_fingerprint_and_key_id()
     );
     assert!(out.status.success(), "policy: {}", stderr(&out));
     let policy = String::from_utf8_lossy(&out.stdout);
-    // kst accepts named User IDs, so no `mailbox-only` (kst_core::wkd::PolicyFlags).
-    for flag in ["auth-submit", "protocol-version:"] {
-        assert!(policy.contains(flag), "policy lacks {flag}: {policy}");
-    }
+    // kst_core::wkd::PolicyFlags: one flag per line after the comment.
+    let flags: Vec<&str> = policy.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(
+        flags,
+        ["mailbox-only", "auth-submit", "protocol-version: 5"],
+        "{policy}"
+    );
     let out = curl(
         &view,
         &[
@@ -434,7 +364,7 @@ fn misses_beyond_the_per_client_budget_get_429_with_retry_after() {
     let kst = TestKst::new("");
     publish_by_mail(&kst, &alice);
     let at = free_port();
-    let serve = Serve::start(
+    let serve = start_serve(
         &kst,
         at,
         None,
@@ -455,5 +385,63 @@ fn misses_beyond_the_per_client_budget_get_429_with_retry_after() {
     assert!(head.contains("retry-after:"), "{head}");
     // The client is now refused for key look-ups altogether until the window ends.
     assert_eq!(curl_plain(&url("alice")).0, "429");
+    assert_eq!(serve.stop(), 0);
+}
+
+/// `kst migrate` on an fs store written before the look-up index (its `index/` removed):
+/// `kst serve` still answers look-ups by fingerprint (reading every address), `kst migrate`
+/// prints how many keys it indexed, again the same, and the running `kst serve` answers from
+/// the index at once (gpg-made keys published by mail, curl for VKS). Needs only curl.
+#[test]
+fn migrate_indexes_an_fs_store_written_before_the_index() {
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let bob = gpg.generate("Bob", "bob@example.org", "ed25519");
+    let kst = TestKst::new("");
+    publish_by_mail(&kst, &alice);
+    publish_by_mail(&kst, &bob);
+    let store = kst.dir.path().join("keys");
+    std::fs::remove_dir_all(store.join("index")).expect("the fs store has an index");
+
+    let at = free_port();
+    let serve = start_serve(&kst, at, None, &[]);
+    let by_fpr = |fpr: &str| format!("http://{at}/vks/v1/by-fingerprint/{fpr}");
+    let by_id = |fpr: &str| format!("http://{at}/vks/v1/by-keyid/{}", &fpr[fpr.len() - 16..]);
+    assert_eq!(curl_plain(&by_fpr(&alice.fingerprint)).0, "200");
+    assert!(
+        serve.log().contains("no look-up index yet"),
+        "kst serve warns about the missing index:\n{}",
+        serve.log()
+    );
+
+    for _ in 0..2 {
+        let out = kst.kst(&["migrate"], b"");
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "look-up index of the fs store rebuilt: 2 keys indexed\n",
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert!(store.join("index/ready").is_file());
+    for key in [&alice, &bob] {
+        assert_eq!(
+            curl_plain(&by_fpr(&key.fingerprint)).0,
+            "200",
+            "{}",
+            key.address
+        );
+        assert_eq!(
+            curl_plain(&by_id(&key.fingerprint)).0,
+            "200",
+            "{}",
+            key.address
+        );
+    }
+    assert_eq!(
+        curl_plain(&by_fpr("0123456789ABCDEF0123456789ABCDEF01234567")).0,
+        "404"
+    );
     assert_eq!(serve.stop(), 0);
 }

@@ -1,14 +1,13 @@
 //! WKS publication through the real path: `kst wks keygen`, then `kst deliver` with submissions
 //! that GnuPG made (Debian's `gpg-wks-client --create` against kst's own WKD when root, the
 //! committed `--create` mail, a PGP/MIME submission that gpg encrypts at test time to the key kst
-//! generated), the filesystem store, the spool; and `kst serve` publishing a configured key.
+//! generated), the filesystem store, the spool; and `kst serve` publishing a configured key and
+//! serving it (and the published keys) on its `[web]` listener.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use kst_bin::server::web::{KeyLookup, WebConfig, WebLimits, WebService, serve};
-use kst_core::wkd::WkdHash;
-use kst_core::{KeyRecord, KeyStore};
+use kst_tests::serve::{ServeProcess, free_port};
 use kst_tests::wkd::{WkdHome, WkdMethod, WkdTestbed};
 use kst_tests::{Gpg, TestKst, code, received_authenticated, received_plain, stderr};
 
@@ -250,67 +249,20 @@ fn garbage_submissions_are_decided_and_a_bad_key_file_defers() {
     }
 }
 
-/// The store as the web listener reads it: by address only (gpg sends `l=`, so WKD needs no
-/// hash index; VKS and HKP are not used here).
-struct ByAddress(kst_fs::FsStore);
-
-#[async_trait::async_trait]
-impl KeyLookup for ByAddress {
-    fn name(&self) -> &'static str {
-        "fs-by-address"
-    }
-    async fn by_address(&self, a: &kst_core::Address) -> kst_core::Result<Option<KeyRecord>> {
-        self.0.get(a).await
-    }
-    async fn by_wkd_hash(&self, _: &str, _: &WkdHash) -> kst_core::Result<Option<KeyRecord>> {
-        Ok(None)
-    }
-    async fn by_fingerprint(&self, _: &str) -> kst_core::Result<Vec<KeyRecord>> {
-        Ok(Vec::new())
-    }
-    async fn by_key_id(&self, _: &str) -> kst_core::Result<Vec<KeyRecord>> {
-        Ok(Vec::new())
-    }
-}
-
-/// kst's `[web]` listener on `addr:443` with the WKD test bed's TLS files, over the test KST's
-/// store, in a thread of its own. (`kst serve` does not start `[web]` yet; this is the same
-/// `kst_bin::server::web::serve`.) It stops with the test process.
-fn start_web(kst: &TestKst, bed: &WkdTestbed, addr: std::net::Ipv4Addr) {
-    let keys = kst.dir.path().join("keys");
-    let (cert, key) = (bed.cert().to_path_buf(), bed.key().to_path_buf());
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let store = kst_fs::FsStore::open(&keys).await.unwrap();
-            let listener = tokio::net::TcpListener::bind((addr, 443)).await.unwrap();
-            let service = WebService {
-                lookup: std::sync::Arc::new(ByAddress(store)),
-                counters: std::sync::Arc::new(kst_core::MemoryRateLimiter::new()),
-                domains: vec!["example.net".into(), "example.org".into()],
-                address_policy: kst_core::AddressPolicy::default(),
-                config: WebConfig {
-                    listen: format!("{addr}:443"),
-                    tls_cert: Some(cert),
-                    tls_key: Some(key),
-                    limits: WebLimits::OFF,
-                    ..WebConfig::default()
-                },
-            };
-            ready_tx.send(()).unwrap();
-            serve(listener, service, std::future::pending())
-                .await
-                .unwrap();
-        });
-    });
-    ready_rx
-        .recv_timeout(std::time::Duration::from_secs(30))
-        .expect("the web listener starts");
+/// The real `kst serve` of `kst`'s config with its `[web]` listener on `addr:443` (TLS with the
+/// WKD test bed's certificate); returns once the listener accepts connections. Killed when the
+/// returned process is dropped.
+fn start_web(kst: &TestKst, bed: &WkdTestbed, addr: std::net::Ipv4Addr) -> ServeProcess {
+    let web = std::net::SocketAddr::from((addr, 443));
+    ServeProcess::start(kst.dir.path().join("serve.log"), web, |cmd| {
+        cmd.arg("--config")
+            .arg(&kst.config)
+            .env("KST_LMTP__LISTEN", free_port().to_string())
+            .env("KST_HTTP__LISTEN", free_port().to_string())
+            .env("KST_WEB__LISTEN", web.to_string())
+            .env("KST_WEB__TLS_CERT", bed.cert())
+            .env("KST_WEB__TLS_KEY", bed.key());
+    })
 }
 
 /// The whole GnuPG path: `kst wks keygen` publishes the submission key, kst's own WKD serves it,
@@ -330,7 +282,7 @@ fn gpg_wks_client_publishes_through_kst_own_wkd() {
     let out = kst.kst(&["wks", "keygen", "example.net"], b"");
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let addr = WkdTestbed::free_addr();
-    start_web(&kst, bed, addr);
+    let serve = start_web(&kst, bed, addr);
     let view = bed.view(addr, WkdMethod::Advanced);
 
     let gpg = Gpg::new();
@@ -376,6 +328,7 @@ fn gpg_wks_client_publishes_through_kst_own_wkd() {
     assert!(fresh.fingerprints().contains(&alice.fingerprint));
     let check = view.wks_client(fresh.path(), &["--check", "alice@example.net"]);
     assert!(check.status.success(), "--check: {}", stderr(&check));
+    assert_eq!(serve.stop(), 0, "kst serve exits 0 on SIGTERM");
 }
 
 /// `kst serve` publishes a configured submission key that gpg made (not `kst wks keygen`), so the
@@ -385,28 +338,16 @@ fn serve_publishes_a_configured_submission_key() {
     let (kst, key_file) = wks_kst("");
     install_fixture_key(&key_file);
     assert_eq!(published_fingerprint(&kst, "keys@example.net"), None);
-    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let lmtp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let (http_addr, lmtp_addr) = (http.local_addr().unwrap(), lmtp.local_addr().unwrap());
-    drop((http, lmtp));
-    let mut child = std::process::Command::new(kst_tests::kst_binary())
-        .args(["serve", "--config"])
-        .arg(&kst.config)
-        .env("KST_HTTP__LISTEN", http_addr.to_string())
-        .env("KST_LMTP__LISTEN", lmtp_addr.to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn kst serve");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let mut published = None;
-    while std::time::Instant::now() < deadline && published.is_none() {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        published = published_fingerprint(&kst, "keys@example.net");
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    let http = free_port();
+    let serve = ServeProcess::start(kst.dir.path().join("serve.log"), http, |cmd| {
+        cmd.arg("--config")
+            .arg(&kst.config)
+            .env("KST_HTTP__LISTEN", http.to_string())
+            .env("KST_LMTP__LISTEN", free_port().to_string());
+    });
+    // The [http] listener opens after the store is set up, the key published included.
+    let published = published_fingerprint(&kst, "keys@example.net");
+    assert_eq!(serve.stop(), 0);
     assert_eq!(
         published.as_deref(),
         Some("4357D7BD290B536F57376DC8546C22E8C02CD0A6")

@@ -51,6 +51,10 @@ fn the_sample_deploy_file_loads_and_documents_the_defaults() {
         cfg.web, defaults.web,
         "deploy/kst.toml states the [web] defaults"
     );
+    assert_eq!(
+        cfg.dkim, defaults.dkim,
+        "deploy/kst.toml states the [dkim] defaults"
+    );
     let policy = cfg.policy().unwrap();
     assert!(policy.serves_domain("example.net"));
 }
@@ -518,4 +522,80 @@ fn web_is_off_by_default_and_set_from_file_and_environment() {
             "{vars:?}: {e}"
         );
     }
+}
+
+#[test]
+fn recipient_folding_is_configured_by_file_and_environment() {
+    let (_dir, path) = file(
+        "[kst]\ndomains = [\"example.net\"]\n[limits.recipient_folding]\n\
+         dot_insensitive_domains = [\"gmail.com\"]\n\
+         [limits.recipient_folding.separators]\n\"freemail.example\" = \"-\"\n",
+    );
+    let cfg = Config::load_with_env(Some(&path), env(&[])).unwrap();
+    let f = &cfg.policy().unwrap().recipient_folding;
+    assert_eq!(f.dot_insensitive_domains, ["gmail.com"]);
+    assert_eq!(
+        f.separators.get("freemail.example").map(String::as_str),
+        Some("-")
+    );
+    assert!(
+        !f.separators.contains_key("yahoo.com"),
+        "a file's table replaces the default"
+    );
+
+    let cfg = Config::load_with_env(
+        Some(&path),
+        env(&[(
+            "KST_LIMITS__RECIPIENT_FOLDING__DOT_INSENSITIVE_DOMAINS",
+            "gmail.com, example.org",
+        )]),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.limits.recipient_folding.dot_insensitive_domains,
+        ["gmail.com", "example.org"]
+    );
+
+    let (_dir, bad) = file(
+        "[kst]\ndomains = [\"example.net\"]\n[limits.recipient_folding.separators]\n\
+         \"freemail.example\" = \"ab\"\n",
+    );
+    let e = Config::load_with_env(Some(&bad), env(&[])).unwrap_err();
+    assert_eq!(key_of(&e), "limits.recipient_folding.separators");
+    assert!(e.to_string().contains("punctuation"), "{e}");
+}
+
+#[test]
+fn dkim_keys_come_from_the_file_or_the_environment() {
+    let (_dir, path) = file(
+        "[kst]\ndomains = [\"example.net\", \"acme.net\"]\n[dkim]\nselector = \"kst-2027\"\n\
+         ed25519_key = \"/etc/kst/dkim/{domain}.ed25519.pem\"\n",
+    );
+    let cfg = Config::load_with_env(Some(&path), env(&[])).unwrap();
+    assert_eq!(cfg.dkim.selector, "kst-2027");
+    assert!(cfg.dkim.enabled());
+    let ed = kst_bin::shared::config::DkimAlgorithm::Ed25519;
+    let rsa = kst_bin::shared::config::DkimAlgorithm::Rsa;
+    assert_eq!(
+        cfg.dkim.key_file(ed, "acme.net"),
+        Some(PathBuf::from("/etc/kst/dkim/acme.net.ed25519.pem"))
+    );
+    assert_eq!(cfg.dkim.key_file(rsa, "acme.net"), None);
+    let cfg = Config::load_with_env(
+        Some(&path),
+        env(&[
+            ("KST_DKIM__SELECTOR", "kst"),
+            ("KST_DKIM__RSA_KEY", "/k/{domain}.rsa.pem"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(cfg.dkim.selector, "kst");
+    assert_eq!(
+        cfg.dkim.key_file(rsa, "example.net"),
+        Some(PathBuf::from("/k/example.net.rsa.pem"))
+    );
+    let e = Config::load_with_env(Some(&path), env(&[("KST_DKIM__SELECTOR", "k st")])).unwrap_err();
+    assert_eq!(key_of(&e), "dkim.selector");
+    let e = Config::load_with_env(Some(&path), env(&[("KST_DKIM__KEY", "/x")])).unwrap_err();
+    assert!(e.to_string().contains("key"), "{e}");
 }

@@ -118,6 +118,7 @@ async fn publish(store: &FsStore, armored: &str, address: &str) -> String {
             publication_id: hex::encode(rand::random::<[u8; 16]>()),
             published_at: now(),
             revoked: v.revoked,
+            expected: kst_core::Expected::Any,
         })
         .await
         .unwrap();
@@ -145,6 +146,7 @@ async fn start(config: WebConfig) -> Server {
             publication_id: "01".into(),
             published_at: now(),
             revoked: false,
+            expected: kst_core::Expected::Any,
         }
         .into_record(1)])
         .await
@@ -454,8 +456,12 @@ async fn policy_and_submission_address_on_both_forms() {
         let p = get(&s, host, &format!("{prefix}/policy")).await;
         assert_eq!(p.status, 200, "{host}");
         let text = p.text();
-        assert!(text.lines().any(|l| l == "auth-submit"), "{text}");
-        assert!(text.lines().any(|l| l == "protocol-version: 5"), "{text}");
+        let flags: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            flags,
+            ["mailbox-only", "auth-submit", "protocol-version: 5"],
+            "{host}: {text}"
+        );
         let a = get(&s, host, &format!("{prefix}/submission-address")).await;
         assert_eq!(a.status, 200);
         assert_eq!(a.text(), "keys@example.net\n");

@@ -73,6 +73,7 @@ async fn start(config: WebConfig) -> Server {
             publication_id: "redteam".into(),
             published_at: 1,
             revoked: v.revoked,
+            expected: kst_core::Expected::Any,
         })
         .await
         .unwrap();

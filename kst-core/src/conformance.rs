@@ -27,11 +27,16 @@
 //! }
 //! ```
 //!
-//! The look-ups by fingerprint, key ID and WKD hash are in [`lookup`] (part of [`run_all`]).
+//! The look-ups by fingerprint, key ID and WKD hash are in [`lookup`] (part of [`run_all`]); the
+//! compare-and-set of `publish` and the service's read-merge-write on it are in [`cas`] (part of
+//! [`run_all`]; backends run [`cas::compare_and_set_race`] and [`cas::merged_publications`]
+//! again with separate instances).
 //! The [`RateLimiter`](crate::RateLimiter) has a suite of its own: [`limiter`].
 
+pub mod cas;
 pub mod limiter;
 pub mod lookup;
+pub mod reminders;
 pub mod revocation;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -136,6 +141,7 @@ pub fn test_key_sized(address: &Address, series: u32, n: u64, len: usize) -> New
         publication_id: publication_id(series, n),
         published_at: 1_700_000_000 + n,
         revoked: false,
+        expected: crate::store::Expected::Any,
     }
 }
 
@@ -399,6 +405,11 @@ pub async fn run_all(store: Arc<dyn KeyStore>) {
     publish_races_delete_and_restore(store.clone(), store.clone()).await;
     revocation::revocation_survives_republication_and_deletion(s).await;
     revocation::revocation_race(vec![store.clone(), store.clone()]).await;
+    cas::compare_and_set(s).await;
+    cas::compare_and_set_race(vec![store.clone(), store.clone()]).await;
+    cas::merged_publications(vec![store.clone(), store.clone()]).await;
+    reminders::reminder_claims(vec![store.clone(), store.clone()]).await;
+    reminders::reminders_across_a_pool(vec![store.clone(), store.clone(), store.clone()]).await;
     check_succeeds(s).await;
     let n = check_consistency(s).await;
     assert!(
@@ -1183,6 +1194,10 @@ mod tests {
         IndexIgnoresSubkeys,
         /// The look-ups return every match, whatever the limit.
         IndexIgnoresLimit,
+        /// `rebuild_index` counts every version of the history, not the current keys.
+        RebuildCountsHistory,
+        /// After `rebuild_index` the look-ups know primary fingerprints only.
+        RebuildForgetsSubkeys,
     }
 
     impl Broken {
@@ -1201,7 +1216,10 @@ mod tests {
                 };
                 for r in candidates {
                     let mut e = IndexEntries::of(r);
-                    if self.flaw == Flaw::IndexIgnoresSubkeys {
+                    if self.flaw == Flaw::IndexIgnoresSubkeys
+                        || (self.flaw == Flaw::RebuildForgetsSubkeys
+                            && self.rebuilt.load(Ordering::SeqCst))
+                    {
                         e.fingerprints.truncate(1);
                         e.key_ids.truncate(1);
                     }
@@ -1222,6 +1240,7 @@ mod tests {
         inner: MemoryStore,
         flaw: Flaw,
         deleted_versions: std::sync::Mutex<BTreeMap<Address, u64>>,
+        rebuilt: AtomicBool,
     }
 
     impl Broken {
@@ -1230,6 +1249,7 @@ mod tests {
                 inner: MemoryStore::default(),
                 flaw,
                 deleted_versions: Default::default(),
+                rebuilt: AtomicBool::new(false),
             })
         }
     }
@@ -1355,6 +1375,15 @@ mod tests {
         ) -> Result<Option<KeyRecord>> {
             Ok(self.find(1, |_, e| e.has_wkd_hash(domain, hash)).pop())
         }
+        async fn rebuild_index(&self) -> Result<u64> {
+            self.rebuilt.store(true, Ordering::SeqCst);
+            let map = self.inner.map.lock().unwrap();
+            let n = match self.flaw {
+                Flaw::RebuildCountsHistory => map.values().map(Vec::len).sum(),
+                _ => map.len(),
+            };
+            Ok(n as u64)
+        }
         async fn check(&self) -> Result<()> {
             self.inner.check().await
         }
@@ -1379,6 +1408,8 @@ mod tests {
             Flaw::IndexKeepsOldKeys,
             Flaw::IndexIgnoresSubkeys,
             Flaw::IndexIgnoresLimit,
+            Flaw::RebuildCountsHistory,
+            Flaw::RebuildForgetsSubkeys,
         ] {
             let s = Broken::store(flaw);
             assert!(
@@ -1416,6 +1447,13 @@ mod tests {
         assert!(
             fails(async move { lookup::primary_subkeys_key_ids_and_wkd_hash(&*s).await }).await
         );
+        for flaw in [Flaw::RebuildCountsHistory, Flaw::RebuildForgetsSubkeys] {
+            let s = Broken::store(flaw);
+            assert!(
+                fails(async move { lookup::rebuild_index_is_idempotent(&*s).await }).await,
+                "rebuild_index_is_idempotent passed a store with {flaw:?}"
+            );
+        }
         let s = Broken::store(Flaw::IndexIgnoresLimit);
         assert!(
             fails(

@@ -176,6 +176,10 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+    /// A compare-and-set publication found another current version than it expected (another
+    /// publisher was first). Temporary: read the current key again and retry.
+    #[error("concurrent change: {0}")]
+    Conflict(String),
     /// The caller passed something invalid (an API misuse, not a mail user's mistake). Permanent.
     #[error("invalid input: {0}")]
     Invalid(String),
@@ -204,7 +208,7 @@ impl Error {
             Error::Unavailable { component, .. } | Error::Corrupt { component, .. } => {
                 Some(component)
             }
-            Error::Config(_) | Error::Invalid(_) => None,
+            Error::Config(_) | Error::Conflict(_) | Error::Invalid(_) => None,
         }
     }
 

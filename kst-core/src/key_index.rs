@@ -119,6 +119,7 @@ mod tests {
             publication_id: "00".into(),
             published_at: 0,
             revoked: false,
+            expected: crate::store::Expected::Any,
         }
         .into_record(1)
     }

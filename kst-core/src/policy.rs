@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::address::{Address, AddressError, AddressPolicy};
-use crate::ratelimit::RateLimits;
+use crate::ratelimit::{RateLimits, RecipientFolding};
 
 /// Where kst learns who authenticated a publication.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +46,8 @@ pub struct Policy {
     /// Request rates per authenticated account, reply recipient, (reply recipient, queried
     /// address) and source.
     pub rate_limits: RateLimits,
+    /// Which variants of another provider's address count as one reply recipient.
+    pub recipient_folding: RecipientFolding,
     /// Answer a retrieval only when the provider's topmost `Authentication-Results:` header
     /// (with [`Policy::authserv_id`]) shows SPF, DKIM or DMARC pass for the sender's domain.
     pub require_authentication_results: bool,
@@ -90,6 +92,7 @@ impl Policy {
             max_published_key_bytes: crate::validate::DEFAULT_MAX_PUBLISHED_BYTES,
             service_local_part: "keys".into(),
             rate_limits: RateLimits::default(),
+            recipient_folding: RecipientFolding::default(),
             require_authentication_results: false,
             authserv_id: String::new(),
             max_headers: Self::DEFAULT_MAX_HEADERS,

@@ -9,9 +9,10 @@
 //!   account, so no outsider's traffic can use that budget up.
 //! - Every other request that would get a reply takes one unit from its source (the client IP
 //!   of the topmost trusted `Received:` header, IPv6 per /64), from the pair (reply recipient,
-//!   queried address) for a retrieval, and from its reply recipient (folded so that case,
-//!   `+tag` and dot variants of one mailbox share a counter). The recipient cap is what bounds
-//!   backscatter to a forged victim. Nothing is keyed on the queried address alone or on a
+//!   queried address) for a retrieval, and from its reply recipient (folded so that case and
+//!   `+tag` variants of one mailbox, and dot and separator variants where the recipient's
+//!   domain delivers them to one mailbox, share a counter: [`RecipientFolding`]). The
+//!   recipient cap is what bounds backscatter to a forged victim. Nothing is keyed on the queried address alone or on a
 //!   sender domain: strangers could exhaust those for everyone.
 //!
 //! A request over any limit is accepted and left unanswered (see
@@ -146,25 +147,90 @@ pub fn limiter_key(kind: LimitKind, value: &str) -> String {
     format!("{KEY_PREFIX}{}:{value}", kind.as_str())
 }
 
+/// How reply recipients of other providers are folded into one counter: which local-part
+/// variants those providers deliver to one mailbox, so that a forger cannot multiply the
+/// backscatter budget of one victim by writing their address in many ways.
+///
+/// `+` is cut everywhere (RFC 5233 subaddressing, which most providers deliver to the base
+/// mailbox) and case is ignored everywhere. Dots are ignored, and further separators cut, only
+/// for the domains listed: elsewhere `john.smith@` and `johnsmith@` may be two people, and
+/// folding them would let one drain the other's budget. Folding too much only makes a limit
+/// stricter for the mailboxes folded together; folding too little gives a forger one more
+/// budget per variant for a domain that is not listed (docs/SECURITY.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecipientFolding {
+    /// Domains whose mailboxes ignore dots in the local part (lowercase A-labels).
+    pub dot_insensitive_domains: Vec<String>,
+    /// Subaddress separators per domain besides `+`: the local part is cut at the first of
+    /// them (e.g. `"yahoo.com" = "-"`).
+    pub separators: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for RecipientFolding {
+    /// Gmail ignores dots; Yahoo delivers `base-keyword@` (its disposable addresses) to `base@`.
+    fn default() -> Self {
+        RecipientFolding {
+            dot_insensitive_domains: vec!["gmail.com".into(), "googlemail.com".into()],
+            separators: [("yahoo.com".to_string(), "-".to_string())]
+                .into_iter()
+                .collect(),
+        }
+    }
+}
+
+impl RecipientFolding {
+    /// No folding beyond case and `+`.
+    pub fn minimal() -> RecipientFolding {
+        RecipientFolding {
+            dot_insensitive_domains: Vec::new(),
+            separators: Default::default(),
+        }
+    }
+
+    fn ignores_dots(&self, domain: &str) -> bool {
+        self.dot_insensitive_domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    fn separators_of(&self, domain: &str) -> &str {
+        self.separators
+            .iter()
+            .find(|(d, _)| d.eq_ignore_ascii_case(domain))
+            .map_or("", |(_, s)| s.as_str())
+    }
+}
+
 /// The counter value of a reply recipient: the address with its local part ASCII-lowercased,
-/// cut at the first `+` and without dots, so that `Victim+1@`, `v.ictim@` and `VICTIM@` (which
-/// many providers deliver to one mailbox) share one backscatter budget. Distinct mailboxes that
-/// fold together only share a stricter limit.
-pub fn recipient_counter(recipient: &Address) -> String {
+/// cut at the first `+` (and at the domain's own separators), and without dots where the
+/// domain ignores them (see [`RecipientFolding`]), so that `Victim+1@` and `VICTIM@`, which
+/// providers deliver to one mailbox, share one backscatter budget.
+pub fn recipient_counter(recipient: &Address, folding: &RecipientFolding) -> String {
     let local = recipient.local();
-    let base = local.split('+').next().unwrap_or(local);
+    let domain = recipient.domain();
+    let extra = folding.separators_of(domain);
+    let base = local
+        .split(|c: char| c == '+' || extra.contains(c))
+        .next()
+        .unwrap_or(local);
+    let dots = folding.ignores_dots(domain);
     let folded: String = base
         .chars()
-        .filter(|c| *c != '.')
+        .filter(|c| !(dots && *c == '.'))
         .map(|c| c.to_ascii_lowercase())
         .collect();
     let folded = if folded.is_empty() { local } else { &folded };
-    format!("{folded}@{}", recipient.domain())
+    format!("{folded}@{domain}")
 }
 
 /// The counter value of a (reply recipient, queried address) pair.
-pub fn recipient_query_counter(recipient: &Address, queried: &Address) -> String {
-    format!("{} {queried}", recipient_counter(recipient))
+pub fn recipient_query_counter(
+    recipient: &Address,
+    queried: &Address,
+    folding: &RecipientFolding,
+) -> String {
+    format!("{} {queried}", recipient_counter(recipient, folding))
 }
 
 /// The counter value of a source IP: an IPv4 address as written, an IPv6 address as its /64
@@ -336,19 +402,45 @@ mod tests {
     #[test]
     fn recipient_variants_of_one_mailbox_share_a_counter() {
         let p = crate::AddressPolicy::default();
-        let base = recipient_counter(&p.as_received("victim@freemail.example").unwrap());
+        let f = RecipientFolding::default();
+        let c = |a: &str| recipient_counter(&p.as_received(a).unwrap(), &f);
+        let base = c("victim@freemail.example");
         for v in [
             "Victim@freemail.example",
             "victim+1@freemail.example",
-            "v.i.c.t.i.m@freemail.example",
             "VICTIM+x.y@FreeMail.example",
         ] {
-            assert_eq!(recipient_counter(&p.as_received(v).unwrap()), base, "{v}");
+            assert_eq!(c(v), base, "{v}");
         }
-        assert_ne!(
-            recipient_counter(&p.as_received("other@freemail.example").unwrap()),
-            base
+        assert_ne!(c("other@freemail.example"), base);
+        // Dots are folded only where the domain ignores them.
+        assert_ne!(c("v.ictim@freemail.example"), base);
+        assert_eq!(c("j.o.h.n+x@gmail.com"), c("john@gmail.com"));
+        // Further separators only where the domain has them.
+        assert_eq!(c("victim-shop@yahoo.com"), c("victim@yahoo.com"));
+        assert_ne!(c("anne-marie@freemail.example"), c("anne@freemail.example"));
+        // A local part that is all separator keeps its own counter.
+        assert_eq!(c("+@freemail.example"), "+@freemail.example");
+    }
+
+    #[test]
+    fn folding_rules_come_from_configuration() {
+        let p = crate::AddressPolicy::default();
+        let f = RecipientFolding {
+            dot_insensitive_domains: vec!["FreeMail.example".into()],
+            separators: [("freemail.example".to_string(), "-_".to_string())]
+                .into_iter()
+                .collect(),
+        };
+        let c = |a: &str, f: &RecipientFolding| recipient_counter(&p.as_received(a).unwrap(), f);
+        assert_eq!(
+            c("v.i.c_tim-1@freemail.example", &f),
+            "vic@freemail.example"
         );
+        assert_eq!(c("john.smith@gmail.com", &f), "john.smith@gmail.com");
+        let m = RecipientFolding::minimal();
+        assert_eq!(c("john.smith@gmail.com", &m), "john.smith@gmail.com");
+        assert_eq!(c("V-1+x@yahoo.com", &m), "v-1@yahoo.com");
     }
 
     #[tokio::test]

@@ -61,7 +61,7 @@ fn tokenize(value: &str) -> Result<Vec<Token>, ReceivedError> {
     let mut chars = value.chars().peekable();
     while let Some(&c) = chars.peek() {
         match c {
-            c if c.is_whitespace() => {
+            c if c.is_ascii_whitespace() => {
                 chars.next();
             }
             ';' => {
@@ -100,7 +100,7 @@ fn tokenize(value: &str) -> Result<Vec<Token>, ReceivedError> {
             _ => {
                 let mut word = String::new();
                 while let Some(&n) = chars.peek() {
-                    if n.is_whitespace() || n == '(' || n == ')' || n == ';' {
+                    if n.is_ascii_whitespace() || n == '(' || n == ')' || n == ';' {
                         break;
                     }
                     word.push(n);

@@ -202,6 +202,7 @@ mod tests {
             publication_id: "aa".into(),
             published_at: 1,
             revoked,
+            expected: crate::store::Expected::Any,
         }
     }
 

@@ -237,6 +237,7 @@ pub struct Kst {
     limiter: Arc<dyn RateLimiter>,
     envelope_from: Option<Address>,
     submission_keys: Arc<SubmissionKeys>,
+    reminders: Arc<crate::reminder::ReminderSettings>,
 }
 
 impl Kst {
@@ -252,7 +253,20 @@ impl Kst {
             limiter: Arc::new(MemoryRateLimiter::new()),
             envelope_from: None,
             submission_keys: Arc::new(SubmissionKeys::new()),
+            reminders: Arc::new(crate::reminder::ReminderSettings::default()),
         }
+    }
+
+    /// Sends expiry reminders with these settings ([`crate::reminder`]; the default: on, 14
+    /// and 3 days before, hourly in a daemon).
+    pub fn with_reminders(mut self, settings: crate::reminder::ReminderSettings) -> Self {
+        self.reminders = Arc::new(settings);
+        self
+    }
+
+    /// The expiry reminder settings.
+    pub fn reminders(&self) -> &crate::reminder::ReminderSettings {
+        &self.reminders
     }
 
     /// Decrypts WKS submissions with these per-domain submission keys (without them, only
@@ -282,6 +296,11 @@ impl Kst {
     pub fn with_envelope_from(mut self, from: Option<Address>) -> Self {
         self.envelope_from = from;
         self
+    }
+
+    /// The envelope sender of replies (`None`: the null sender `<>`).
+    pub fn envelope_from(&self) -> Option<&Address> {
+        self.envelope_from.as_ref()
     }
 
     /// The policy in force.
@@ -549,14 +568,18 @@ impl Kst {
             .and_then(|r| received::source_ip(r, &self.policy.trusted_mta_hosts))
             .map(|ip| ratelimit::source_counter(&ip));
         let pair = match body {
-            Ok(RequestBody::Retrieval { query, .. }) => self
-                .policy
-                .normalize_address(query)
-                .ok()
-                .map(|q| ratelimit::recipient_query_counter(requester, &q)),
+            Ok(RequestBody::Retrieval { query, .. }) => {
+                self.policy.normalize_address(query).ok().map(|q| {
+                    ratelimit::recipient_query_counter(
+                        requester,
+                        &q,
+                        &self.policy.recipient_folding,
+                    )
+                })
+            }
             _ => None,
         };
-        let recipient = ratelimit::recipient_counter(requester);
+        let recipient = ratelimit::recipient_counter(requester, &self.policy.recipient_folding);
         let mut hits: Vec<(LimitKind, &str)> = Vec::with_capacity(3);
         if let Some(ip) = &source {
             hits.push((LimitKind::SourceIp, ip));
@@ -736,17 +759,37 @@ impl Kst {
             tracing::info!(account = %account, stripped = ?key.stripped, "key published without parts that do not belong to the account");
         }
         let publication_id = id(&key.packets);
-        let outcome = self
-            .store
-            .publish(NewKey {
+        let merged = crate::publication::publish_merged(
+            self.store.as_ref(),
+            NewKey {
                 address: account.clone(),
                 key: key.packets,
                 fingerprint: key.fingerprint,
                 publication_id,
                 published_at: crate::time::unix_now(),
                 revoked: key.revoked,
-            })
-            .await?;
+                expected: crate::store::Expected::Any,
+            },
+            self.policy.max_published_key_bytes,
+            crate::time::unix_now(),
+        )
+        .await?;
+        let outcome = match merged {
+            Ok(o) => o,
+            Err(e) => {
+                let (size, limit) = match e {
+                    crate::merge::MergeError::TooLarge { size, limit } => (size, limit),
+                    _ => (0, self.policy.max_published_key_bytes),
+                };
+                let e = validate::KeyRejection::PublishedTooLarge { size, limit };
+                let detail = format!(
+                    "{e} (merged with the key already published; revoke or remove old subkeys)"
+                );
+                return self
+                    .refuse(ctx, e.reason(), Some(account), Some(detail), k_auth)
+                    .await;
+            }
+        };
         let new_version = matches!(outcome, PublishOutcome::Published(_));
         let record = outcome.record();
         let built = reply::build(

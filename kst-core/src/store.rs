@@ -79,6 +79,48 @@ pub struct NewKey {
     pub published_at: u64,
     /// The key carries a revocation of its primary key.
     pub revoked: bool,
+    /// Which current version of the address this publication requires (compare-and-set);
+    /// [`Expected::Any`] publishes unconditionally.
+    pub expected: Expected,
+}
+
+/// The current version a publication requires of its address: the compare-and-set that makes
+/// a read-merge-write safe against concurrent publishers (see [`KeyStore`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Expected {
+    /// Whatever is current (imports, tools, tests).
+    #[default]
+    Any,
+    /// The address has no current key.
+    Nothing,
+    /// The current key of the address is this version.
+    Version(u64),
+}
+
+impl Expected {
+    /// Whether a store whose current version is `current` (`None`: no current key) may publish.
+    pub fn admits(self, current: Option<u64>) -> bool {
+        match self {
+            Expected::Any => true,
+            Expected::Nothing => current.is_none(),
+            Expected::Version(v) => current == Some(v),
+        }
+    }
+
+    /// The [`Error::Conflict`](crate::Error::Conflict) a store returns when this expectation
+    /// does not hold for `address`, whose current version is `current`.
+    pub fn conflict(self, address: &Address, current: Option<u64>) -> crate::Error {
+        let show = |v: Option<u64>| v.map_or_else(|| "none".to_string(), |v| v.to_string());
+        let expected = match self {
+            Expected::Any => "any".to_string(),
+            Expected::Nothing => show(None),
+            Expected::Version(v) => show(Some(v)),
+        };
+        crate::Error::Conflict(format!(
+            "the current key of {address} is version {}, the publication expected {expected}",
+            show(current)
+        ))
+    }
 }
 
 impl NewKey {
@@ -124,6 +166,10 @@ impl PublishOutcome {
 ///   every accepted publication lands in the history exactly once.
 /// - `publish` is idempotent per `publication_id` and per identical current key
 ///   ([`PublishOutcome::Unchanged`]).
+/// - `publish` is a compare-and-set on the version: after those two idempotency checks, and in
+///   the same atomic step as the write, a key whose [`NewKey::expected`] does not admit the
+///   current version (none when the address has no key) is not written and the call returns
+///   [`crate::Error::Conflict`] (temporary: read again, merge again, publish again).
 /// - A change is durable when the call returns `Ok`.
 /// - Revocations are never rolled back: the store keeps, per primary-key fingerprint, every key
 ///   revocation it was given (a *tombstone*: the fingerprint and the revocation signatures
@@ -185,6 +231,20 @@ pub trait KeyStore: Send + Sync {
     /// default, which has nothing to do and returns 0.
     async fn rebuild_index(&self) -> Result<u64> {
         Ok(0)
+    }
+
+    /// Records that the expiry reminder `claim` is being sent, atomically across every
+    /// instance sharing the store: `Ok(true)` for the one call that recorded it first,
+    /// `Ok(false)` for every later one (any instance). Claims are kept across deletions and
+    /// republications (an extension has another expiry, hence another claim). Each backend
+    /// implements it on its own (a create-if-absent of a claim record); this default, for
+    /// stores that do not record claims, refuses, so no reminder is ever sent twice.
+    async fn claim_reminder(&self, claim: &crate::reminder::ReminderClaim) -> Result<bool> {
+        Err(crate::error::Error::Invalid(format!(
+            "the {} store does not record expiry reminders (claim {}); turn reminders off",
+            self.name(),
+            claim.id()
+        )))
     }
 
     /// Checks that the store is reachable and writable enough to serve (for `/readyz`).
@@ -249,6 +309,7 @@ mod tests {
             publication_id: id.into(),
             published_at: 1_700_000_000 + version,
             revoked: false,
+            expected: Expected::Any,
         }
         .into_record(version)
     }
@@ -272,6 +333,17 @@ mod tests {
             .normalize("bob@example.net")
             .unwrap();
         assert!(validate_history(&[record(1, "aa"), other]).is_err());
+    }
+
+    #[test]
+    fn expectations_admit_only_their_version() {
+        assert!(Expected::Any.admits(None) && Expected::Any.admits(Some(3)));
+        assert!(Expected::Nothing.admits(None) && !Expected::Nothing.admits(Some(1)));
+        assert!(Expected::Version(2).admits(Some(2)));
+        assert!(!Expected::Version(2).admits(Some(3)) && !Expected::Version(2).admits(None));
+        let e = Expected::Version(2).conflict(&record(1, "aa").address, Some(3));
+        assert!(e.is_temporary());
+        assert!(e.to_string().contains("version 3") && e.to_string().contains("expected 2"));
     }
 
     #[test]

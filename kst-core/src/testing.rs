@@ -27,6 +27,8 @@ pub struct MemoryStore {
     pub down: AtomicBool,
     /// Tombstones: key revocations per primary-key fingerprint (never removed).
     pub tombstones: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Expiry reminders claimed: (address, claim id).
+    pub reminders: Mutex<std::collections::BTreeSet<(Address, String)>>,
 }
 
 impl MemoryStore {
@@ -80,9 +82,21 @@ impl KeyStore for MemoryStore {
         if let Some(cur) = hist.last().filter(|c| c.key == key.key) {
             return Ok(PublishOutcome::Unchanged(cur.clone()));
         }
+        let current = hist.last().map(|c| c.version);
+        if !key.expected.admits(current) {
+            return Err(key.expected.conflict(&key.address, current));
+        }
         let rec = key.into_record(hist.last().map_or(1, |c| c.version + 1));
         hist.push(rec.clone());
         Ok(PublishOutcome::Published(rec))
+    }
+    async fn claim_reminder(&self, claim: &crate::reminder::ReminderClaim) -> Result<bool> {
+        self.up()?;
+        Ok(self
+            .reminders
+            .lock()
+            .unwrap()
+            .insert((claim.address.clone(), claim.id())))
     }
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
         self.up()?;

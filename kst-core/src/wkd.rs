@@ -237,8 +237,12 @@ pub fn served_domain<'a>(
 /// The policy flags kst publishes for a domain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PolicyFlags {
-    /// `mailbox-only`: published User IDs are just the address (kst keeps only the matching
-    /// User ID, but it may have a name; the flag tells `gpg-wks-client` to add a bare one).
+    /// `mailbox-only`: the provider takes keys whose User ID is only the mailbox. kst stores
+    /// exactly one User ID per key, the one whose address is the account's (the key policy
+    /// strips every other), and WKD serves that one only. The flag makes `gpg-wks-client` add a
+    /// bare-address User ID to the key and submit only that one; a key published by another
+    /// path (`kst client`, a paper-style mail) keeps the name its User ID may carry, because
+    /// kst neither rejects nor rewrites it (docs/PROTOCOL.md, "WKD").
     pub mailbox_only: bool,
     /// `auth-submit`: the submission is authenticated by the provider, no confirmation round.
     pub auth_submit: bool,
@@ -247,11 +251,12 @@ pub struct PolicyFlags {
 }
 
 impl Default for PolicyFlags {
-    /// kst's policy: `auth-submit` (publication rides on the provider's authentication) and the
-    /// current protocol version; `mailbox-only` off, because kst accepts named User IDs.
+    /// kst's policy: `mailbox-only` (WKS submissions carry the bare address as their one User
+    /// ID), `auth-submit` (publication rides on the provider's authentication) and the current
+    /// protocol version.
     fn default() -> Self {
         PolicyFlags {
-            mailbox_only: false,
+            mailbox_only: true,
             auth_submit: true,
             protocol_version: PROTOCOL_VERSION,
         }
@@ -479,14 +484,18 @@ mod tests {
 
     #[test]
     fn policy_and_submission_texts() {
-        let text = PolicyFlags::default().to_text("example.net");
-        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
-        assert_eq!(lines, ["auth-submit", "protocol-version: 5"]);
-        let strict = PolicyFlags {
-            mailbox_only: true,
+        assert_eq!(
+            PolicyFlags::default().to_text("example.net"),
+            "# Policy flags for domain example.net\nmailbox-only\nauth-submit\n\
+             protocol-version: 5\n"
+        );
+        let named = PolicyFlags {
+            mailbox_only: false,
             ..PolicyFlags::default()
         };
-        assert!(strict.to_text("example.net").contains("\nmailbox-only\n"));
+        let text = named.to_text("example.net");
+        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(lines, ["auth-submit", "protocol-version: 5"]);
         let a = policy().normalize("keys@example.net").unwrap();
         assert_eq!(submission_address_text(&a), "keys@example.net\n");
     }

@@ -171,6 +171,7 @@ impl SubmissionKey {
             publication_id: hex::encode(h.finalize()),
             published_at: crate::time::unix_now(),
             revoked: valid.revoked,
+            expected: crate::store::Expected::Any,
         })
     }
 }

@@ -83,6 +83,34 @@ pub(crate) fn read_address(path: &Path, hash: &str) -> Result<Option<Address>> {
     Ok(Some(address))
 }
 
+/// The current key in the history file at `path`, which is named `hash` (for look-ups through
+/// the index, which know an address by its hash). `None` when the file is missing (the address
+/// was deleted).
+pub(crate) fn read_current_at(path: &Path, hash: &str) -> Result<Option<KeyRecord>> {
+    let Some(bytes) = read_if_exists(path)? else {
+        return Ok(None);
+    };
+    let mut file: HistoryFile = serde_json::from_slice(&bytes)
+        .map_err(|e| corrupt(path, format!("not a history file: {e}")))?;
+    let address = Address::from_normalized(&file.address).map_err(|e| {
+        corrupt(
+            path,
+            format!("holds {:?}, which is not an address: {e}", file.address),
+        )
+    })?;
+    if address_hash(&address) != hash {
+        return Err(corrupt(
+            path,
+            format!("holds {address}, whose history belongs in another file"),
+        ));
+    }
+    match file.history.pop() {
+        Some(r) if r.address == address => Ok(Some(r)),
+        Some(r) => Err(corrupt(path, format!("holds a record of {}", r.address))),
+        None => Err(corrupt(path, "holds an empty history")),
+    }
+}
+
 /// Replaces the history file of `paths` with `history` (non-empty, all of one address),
 /// atomically and durably. The caller holds the shard lock.
 pub(crate) fn write_history(paths: &AddressPaths, history: &[KeyRecord]) -> Result<()> {

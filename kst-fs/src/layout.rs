@@ -4,6 +4,7 @@
 //! <root>/keys/<aa>/<sha256hex>.json   the whole history of one address
 //! <root>/keys/<aa>/<sha256hex>.tmp    a write in progress (renamed over the .json)
 //! <root>/locks/<aa>.lock              exclusive lock of writers to shard <aa>
+//! <root>/index/...                    the look-up index (see `crate::index`)
 //! ```
 //!
 //! `<sha256hex>` is the lowercase hex SHA-256 of the normalized address and `<aa>` its first two
@@ -108,6 +109,18 @@ impl Layout {
                 .join(format!("tombstone-{}.lock", &fpr[..2])),
             dir,
         }
+    }
+
+    /// The history file of the address whose hash is `hash` (64 lowercase hex digits).
+    pub(crate) fn history_by_hash(&self, hash: &str) -> PathBuf {
+        self.keys_dir()
+            .join(&hash[..2])
+            .join(format!("{hash}{HISTORY_SUFFIX}"))
+    }
+
+    /// The shard lock of the address whose hash is `hash` (64 lowercase hex digits).
+    pub(crate) fn lock_by_hash(&self, hash: &str) -> PathBuf {
+        self.locks_dir().join(format!("{}.lock", &hash[..2]))
     }
 
     /// The paths of `address`.

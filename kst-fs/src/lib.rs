@@ -4,9 +4,11 @@
 
 mod error;
 mod file;
+mod index;
 mod layout;
 mod lock;
 mod ratelimit;
+mod reminders;
 mod store;
 
 pub use store::FsStore;

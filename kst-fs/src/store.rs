@@ -3,7 +3,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use kst_core::key_index::scan;
@@ -18,6 +18,7 @@ use crate::file::{
     create_dir, read_address, read_history, read_tombstone, remove_history, write_history,
     write_tombstone,
 };
+use crate::index;
 use crate::layout::{Layout, history_file_hash, is_shard};
 use crate::lock::ShardLock;
 
@@ -28,6 +29,9 @@ use crate::lock::ShardLock;
 #[derive(Debug, Clone)]
 pub struct FsStore {
     layout: Arc<Layout>,
+    /// Whether the look-up index covers every history file (see [`crate::index`]); until it
+    /// does (a store written before the index, not yet migrated), look-ups read every address.
+    indexed: Arc<AtomicBool>,
 }
 
 impl FsStore {
@@ -54,8 +58,17 @@ impl FsStore {
             ] {
                 create_dir(&dir)?;
             }
+            let indexed = index::init(&layout)?;
+            if !indexed {
+                tracing::warn!(
+                    root = %layout.root().display(),
+                    "the fs store has no look-up index yet: look-ups by fingerprint, key ID \
+                     and WKD hash read every address until `kst migrate` builds it"
+                );
+            }
             Ok(FsStore {
                 layout: Arc::new(layout),
+                indexed: Arc::new(AtomicBool::new(indexed)),
             })
         })
         .await
@@ -70,6 +83,19 @@ impl FsStore {
     /// `<root>/keys/<aa>/<sha256 of the address, hex>.json`.
     pub fn history_path(&self, address: &Address) -> PathBuf {
         self.layout.address(address).history
+    }
+
+    /// Whether look-ups can use the index (rechecked while it is not: `kst migrate` may have
+    /// built it in another process meanwhile).
+    fn use_index(&self) -> bool {
+        if self.indexed.load(Ordering::Relaxed) {
+            return true;
+        }
+        let ready = index::is_ready(&self.layout);
+        if ready {
+            self.indexed.store(true, Ordering::Relaxed);
+        }
+        ready
     }
 
     /// Runs `op` on the blocking thread pool with this store's layout.
@@ -123,6 +149,10 @@ fn publish(layout: &Layout, key: NewKey) -> Result<PublishOutcome> {
     if let Some(current) = history.last().filter(|c| c.key == key.key) {
         return Ok(PublishOutcome::Unchanged(current.clone()));
     }
+    let current = history.last().map(|c| c.version);
+    if !key.expected.admits(current) {
+        return Err(key.expected.conflict(&key.address, current));
+    }
     let version = match history.last() {
         None => 1,
         Some(c) => c
@@ -131,8 +161,11 @@ fn publish(layout: &Layout, key: NewKey) -> Result<PublishOutcome> {
             .ok_or_else(|| corrupt(&paths.history, "version counter overflow"))?,
     };
     let record = key.into_record(version);
+    index::add(layout, &record)?;
+    let replaced = history.last().cloned();
     history.push(record.clone());
     write_history(&paths, &history)?;
+    index::remove_replaced(layout, replaced.as_ref(), Some(&record));
     tracing::debug!(address = %record.address, version, "published");
     Ok(PublishOutcome::Published(record))
 }
@@ -140,7 +173,11 @@ fn publish(layout: &Layout, key: NewKey) -> Result<PublishOutcome> {
 fn delete(layout: &Layout, address: &Address) -> Result<bool> {
     let paths = layout.address(address);
     let _lock = ShardLock::acquire(&paths.lock)?;
-    remove_history(&paths)
+    // A corrupt file is removed all the same; its entries, if any, are skipped as stale.
+    let current = read_history(address, &paths).ok().and_then(|mut h| h.pop());
+    let removed = remove_history(&paths)?;
+    index::remove_replaced(layout, current.as_ref(), None);
+    Ok(removed)
 }
 
 fn restore(layout: &Layout, history: &[KeyRecord]) -> Result<()> {
@@ -152,7 +189,12 @@ fn restore(layout: &Layout, history: &[KeyRecord]) -> Result<()> {
         .map_err(|e| Error::Invalid(format!("restore of {address:?}: {e}")))?;
     let paths = layout.address(address);
     let _lock = ShardLock::acquire(&paths.lock)?;
-    write_history(&paths, history)
+    let replaced = read_history(address, &paths).ok().and_then(|mut h| h.pop());
+    let current = &history[history.len() - 1];
+    index::add(layout, current)?;
+    write_history(&paths, history)?;
+    index::remove_replaced(layout, replaced.as_ref(), Some(current));
+    Ok(())
 }
 
 /// Reads every history file: O(number of addresses), and each file is read whole.
@@ -234,6 +276,11 @@ impl KeyStore for FsStore {
         self.run(move |l| publish(l, key)).await
     }
 
+    async fn claim_reminder(&self, claim: &kst_core::reminder::ReminderClaim) -> Result<bool> {
+        let claim = claim.clone();
+        self.run(move |l| crate::reminders::claim(l, &claim)).await
+    }
+
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
         let address = address.clone();
         self.run(move |l| Ok(read_history(&address, &l.address(&address))?.pop()))
@@ -262,23 +309,46 @@ impl KeyStore for FsStore {
         self.run(move |l| restore(l, &history)).await
     }
 
-    /// Interim: a scan of every address until the index lands.
+    /// Through the index: one index file and the history file of each hit.
     async fn find_by_fingerprint(
         &self,
         fingerprint: &Fingerprint,
         limit: usize,
     ) -> Result<Vec<KeyRecord>> {
-        scan(self, limit, |e| e.has_fingerprint(fingerprint)).await
+        if !self.use_index() {
+            return scan(self, limit, |e| e.has_fingerprint(fingerprint)).await;
+        }
+        let f = fingerprint.clone();
+        self.run(move |l| index::find_by_key_id(l, &f.key_id(), Some(&f), limit))
+            .await
     }
 
-    /// Interim: a scan of every address until the index lands.
+    /// Through the index: one index file and the history file of each hit.
     async fn find_by_key_id(&self, key_id: &KeyId, limit: usize) -> Result<Vec<KeyRecord>> {
-        scan(self, limit, |e| e.has_key_id(key_id)).await
+        if !self.use_index() {
+            return scan(self, limit, |e| e.has_key_id(key_id)).await;
+        }
+        let id = key_id.clone();
+        self.run(move |l| index::find_by_key_id(l, &id, None, limit))
+            .await
     }
 
-    /// Interim: a scan of every address until the index lands.
+    /// Through the index: one index file and the history file of the hit.
     async fn find_by_wkd_hash(&self, domain: &str, hash: &WkdHash) -> Result<Option<KeyRecord>> {
-        Ok(scan(self, 1, |e| e.has_wkd_hash(domain, hash)).await?.pop())
+        if !self.use_index() {
+            return Ok(scan(self, 1, |e| e.has_wkd_hash(domain, hash)).await?.pop());
+        }
+        let (domain, hash) = (domain.to_string(), hash.clone());
+        self.run(move |l| index::find_by_wkd_hash(l, &domain, &hash))
+            .await
+    }
+
+    /// Indexes every history file and drops stale index lines (see [`crate::index`]); safe
+    /// while the store serves. Returns the number of current keys.
+    async fn rebuild_index(&self) -> Result<u64> {
+        let n = self.run(index::rebuild).await?;
+        self.indexed.store(true, Ordering::Relaxed);
+        Ok(n)
     }
 
     async fn check(&self) -> Result<()> {

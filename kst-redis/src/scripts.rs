@@ -9,9 +9,11 @@ use redis::Script;
 /// KEYS: cur, ver, hist, pub, index, tombstone of the key's fingerprint. ARGV: address,
 /// publication id, key (base64 as in the record JSON), record JSON without its `version` field,
 /// `1` or `0` (whether the caller read a tombstone), the tombstone it read, the tombstone to
-/// write (empty: none). Returns `{status, payload}`: `published` or `unchanged` with the record
-/// JSON, `retry` when the tombstone changed since the caller read it (the caller merges again),
-/// or `corrupt` with a description.
+/// write (empty: none), the current version the publication expects (empty: any; `0`: none).
+/// Returns `{status, payload}`: `published` or `unchanged` with the record JSON, `retry` when
+/// the tombstone changed since the caller read it (the caller merges again), `conflict` with
+/// the current version (`0`: none) when it is not the expected one, or `corrupt` with a
+/// description.
 pub(crate) static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -39,6 +41,9 @@ if cur then
   if version == nil or version < 1 or version >= 9007199254740991 then
     return {'corrupt', 'the version counter is missing or invalid'}
   end
+end
+if ARGV[8] ~= '' and ARGV[8] ~= string.format('%d', version) then
+  return {'conflict', string.format('%d', version)}
 end
 local v = string.format('%d', version + 1)
 local rec = '{"version":' .. v .. ',' .. string.sub(body, 2)

@@ -126,7 +126,14 @@ impl RedisStore {
                 .arg(&body)
                 .arg(if stored.is_some() { "1" } else { "0" })
                 .arg(stored.unwrap_or_default())
-                .arg(tombstone.unwrap_or_default());
+                .arg(tombstone.unwrap_or_default())
+                .arg(match key.expected {
+                    kst_core::Expected::Any => String::new(),
+                    kst_core::Expected::Nothing => "0".to_string(),
+                    // Versions start at 1: version 0 is never current ("-" matches nothing).
+                    kst_core::Expected::Version(v) if v > 0 => v.to_string(),
+                    kst_core::Expected::Version(_) => "-".to_string(),
+                });
             let reply: Vec<Vec<u8>> = self.invoke(&invocation, true).await?;
             let [status, payload] = <[Vec<u8>; 2]>::try_from(reply)
                 .map_err(|r| corrupt(format!("publish script answered {} values", r.len())))?;
@@ -134,6 +141,10 @@ impl RedisStore {
                 b"retry" => continue,
                 b"published" => Ok(PublishOutcome::Published(parse(&address, &payload)?)),
                 b"unchanged" => Ok(PublishOutcome::Unchanged(parse(&address, &payload)?)),
+                b"conflict" => {
+                    let current = String::from_utf8_lossy(&payload).parse::<u64>().ok();
+                    Err(key.expected.conflict(&address, current.filter(|&v| v > 0)))
+                }
                 b"corrupt" => Err(corrupt(format!(
                     "{address}: {}",
                     String::from_utf8_lossy(&payload)
@@ -338,6 +349,20 @@ impl KeyStore for RedisStore {
 
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
         self.get_inner(address).await
+    }
+
+    async fn claim_reminder(&self, claim: &kst_core::reminder::ReminderClaim) -> Result<bool> {
+        let key = crate::keys::reminder_key(&self.prefix, &claim.address, &claim.id());
+        let set: Option<String> = self
+            .query(
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(kst_core::time::unix_now())
+                    .arg("NX"),
+                true,
+            )
+            .await?;
+        Ok(set.is_some())
     }
 
     async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {

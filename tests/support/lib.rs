@@ -9,6 +9,7 @@ use std::io::Write as _;
 
 mod services;
 pub use services::{TestDb, TestPrefix, postgres_admin_url, redis_url};
+pub mod serve;
 pub mod wkd;
 
 /// A throwaway GnuPG home with keys made by the real `gpg`.

@@ -101,6 +101,7 @@ fn new_key(i: u64, serial: u64, len: usize) -> NewKey {
         publication_id: format!("{i:016x}{serial:016x}"),
         published_at: 1_700_000_000 + serial,
         revoked: false,
+        expected: kst_core::Expected::Any,
     }
 }
 

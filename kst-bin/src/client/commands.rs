@@ -1,4 +1,5 @@
-//! The client commands: `publish`, `retrieve`, `pending`, `check`.
+//! The client commands: `publish`, `retrieve`, `pending`, `check` (the owner's `delete`,
+//! `status` and `refresh` are in their own modules and use [`send_and_wait`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -42,7 +43,7 @@ pub async fn run(args: ClientArgs) -> u8 {
                 key,
                 gpg_key,
                 no_wait,
-            } => vec![publish(&s, key.as_deref(), gpg_key.as_deref(), no_wait).await],
+            } => vec![publish(s, key.as_deref(), gpg_key.as_deref(), no_wait).await],
             ClientCommand::Retrieve {
                 address,
                 import,
@@ -60,6 +61,23 @@ pub async fn run(args: ClientArgs) -> u8 {
                 };
                 vec![retrieve(s, &address, import, &how, no_wait).await]
             }
+            ClientCommand::Delete { no_wait } => vec![super::delete::delete(s, no_wait).await],
+            ClientCommand::Status { key, gpg_key } => {
+                return super::status::status(s, key.as_deref(), gpg_key.as_deref()).await;
+            }
+            ClientCommand::Refresh {
+                max_age_days,
+                expiry_days,
+                batch,
+                dry_run,
+            } => {
+                let due = super::refresh::Due {
+                    max_age_days,
+                    expiry_days,
+                    batch,
+                };
+                return super::refresh::refresh(s, &due, dry_run).await;
+            }
             ClientCommand::Pending => return pending(s),
             ClientCommand::Check { wait, import } => check(s, wait, import).await,
         },
@@ -73,7 +91,7 @@ pub async fn run(args: ClientArgs) -> u8 {
 
 /// The client settings after config file and flags.
 pub struct Settings {
-    account: Option<Address>,
+    pub(super) account: Option<Address>,
     submission: Option<Endpoint>,
     sendmail: Option<String>,
     imap: Option<Endpoint>,
@@ -93,9 +111,11 @@ pub struct Settings {
     /// How the request's hop to a foreign MX was secured (reported as `transport`).
     transport: Mutex<Option<serde_json::Value>>,
     timeout: Option<u64>,
-    state: State,
+    pub(super) state: State,
     insecure_plaintext: bool,
-    json: bool,
+    pub(super) json: bool,
+    require_dkim: bool,
+    dkim_selector: String,
 }
 
 fn config_error(e: impl std::fmt::Display) -> Outcome {
@@ -143,6 +163,21 @@ impl Settings {
             Some(r) => Some(config::parse_resolver(r).map_err(|e| value("--resolver", e))?),
             None => None,
         };
+        let dkim_selector = opts
+            .dkim_selector
+            .clone()
+            .or(file.dkim_selector.clone())
+            .unwrap_or_else(|| super::dkim::DEFAULT_SELECTOR.to_string());
+        if dkim_selector.is_empty()
+            || !dkim_selector
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(value(
+                "--dkim-selector",
+                format!("{dkim_selector:?} is not a selector (letters, digits, hyphens)"),
+            ));
+        }
         let state_path = opts
             .state_file
             .clone()
@@ -178,10 +213,12 @@ impl Settings {
             state: State::new(state_path),
             insecure_plaintext: opts.insecure_plaintext || file.insecure_plaintext == Some(true),
             json: opts.json,
+            require_dkim: opts.require_dkim || file.require_dkim == Some(true),
+            dkim_selector,
         })
     }
 
-    fn account(&self) -> Result<&Address, Outcome> {
+    pub(super) fn account(&self) -> Result<&Address, Outcome> {
         self.account.as_ref().ok_or_else(|| {
             config_error(
                 "no account: give --account ADDRESS (or KST_ACCOUNT, or `account` in client.toml)",
@@ -249,7 +286,7 @@ impl Settings {
 }
 
 /// How a retrieval travels.
-struct Direct {
+pub(super) struct Direct {
     direct: bool,
     mx: Option<String>,
     mx_port: u16,
@@ -297,6 +334,9 @@ async fn publish(
             return Outcome::error(exit::USAGE, "give --key FILE or --gpg-key FINGERPRINT");
         }
     };
+    if let Some(warning) = super::status::expiry_warning(&armored, kst_core::time::unix_now()) {
+        eprintln!("kst: warning: {warning}");
+    }
     let request = match kst_core::client::build_publication(&account, &armored) {
         Ok(r) => r,
         Err(e @ BuildError::NoMatchingUserId(_)) => {
@@ -334,7 +374,7 @@ async fn retrieve(
 }
 
 /// Records the request, sends it, and (unless `no_wait`) waits for the reply.
-async fn send_and_wait(
+pub(super) async fn send_and_wait(
     s: &Settings,
     account: &Address,
     request: Request,
@@ -657,6 +697,8 @@ async fn wait_for(
     bar: &indicatif::ProgressBar,
 ) -> Vec<Outcome> {
     let deadline = Instant::now() + limit;
+    // The resolver for DKIM key look-ups (the same one as for SRV and MX).
+    let dns = s.dns();
     let mut results: Vec<Option<Outcome>> = vec![None; entries.len()];
     let mut attacks: Vec<Option<Outcome>> = vec![None; entries.len()];
     let services: Vec<String> = entries
@@ -690,7 +732,18 @@ async fn wait_for(
                     if results[i].is_some() {
                         continue;
                     }
-                    match interpret(&entries[i], m) {
+                    let dkim = match &m {
+                        Matched::Reply {
+                            result: Ok(_), raw, ..
+                        } => Some(check_dkim(s, &dns, &entries[i], raw).await),
+                        _ => None,
+                    };
+                    let o = interpret(&entries[i], m);
+                    let o = match dkim {
+                        Some(report) => apply_dkim(s, &entries[i], o, report),
+                        None => o,
+                    };
+                    match o {
                         o @ Outcome::Attack { .. } => {
                             if !s.json {
                                 bar.suspend(|| o.print_text());
@@ -699,6 +752,7 @@ async fn wait_for(
                         }
                         o => {
                             let o = finish_entry(&entries[i], o);
+                            super::refresh::note_import(s, &o);
                             let _ = s.state.remove(&entries[i].pending.message_id);
                             results[i] = Some(o);
                         }
@@ -739,7 +793,9 @@ fn interpret(e: &Entry, m: Matched) -> Outcome {
     let service = e.pending.service.to_string();
     match m {
         Matched::Bounce { detail, .. } => Outcome::NoKst { service, detail },
-        Matched::Reply { result, message_id } => match result {
+        Matched::Reply {
+            result, message_id, ..
+        } => match result {
             Ok(Verified::Published {
                 fingerprint,
                 armored,
@@ -749,6 +805,7 @@ fn interpret(e: &Entry, m: Matched) -> Outcome {
                 service,
                 message_id,
                 key: armored,
+                dkim: None,
             },
             Ok(Verified::Found {
                 address,
@@ -763,14 +820,17 @@ fn interpret(e: &Entry, m: Matched) -> Outcome {
                 message_id,
                 key: armored,
                 imported: false,
+                dkim: None,
             },
             Ok(Verified::Deleted { address }) => Outcome::Deleted {
                 address: address.to_string(),
                 service,
+                dkim: None,
             },
             Ok(Verified::NotFound { address }) => Outcome::NotFound {
                 address: address.to_string(),
                 service,
+                dkim: None,
             },
             Ok(Verified::Refused {
                 token,
@@ -782,6 +842,7 @@ fn interpret(e: &Entry, m: Matched) -> Outcome {
                 reason: token,
                 explanation,
                 authenticated,
+                dkim: None,
             },
             Err(ReplyError::NotKst) => Outcome::NoKst {
                 service,
@@ -811,6 +872,55 @@ fn interpret(e: &Entry, m: Matched) -> Outcome {
     }
 }
 
+/// Checks the DKIM signature of a reply whose HMAC verified, against the domain the request
+/// went to and kst's selector, through the client's resolver.
+async fn check_dkim(
+    s: &Settings,
+    dns: &Result<Dns, Outcome>,
+    e: &Entry,
+    raw: &[u8],
+) -> super::dkim::DkimReport {
+    let domain = e.pending.service.domain();
+    match dns {
+        Ok(d) => super::dkim::verify(d.resolver(), raw, domain, &s.dkim_selector).await,
+        Err(o) => super::dkim::DkimReport {
+            result: super::dkim::DkimStatus::TempError,
+            domain: domain.to_string(),
+            selector: None,
+            algorithm: None,
+            dnssec: None,
+            detail: format!("no resolver for the key look-up: {o:?}"),
+        },
+    }
+}
+
+/// Attaches the DKIM report to the outcome; with `--require-dkim` a reply without an aligned,
+/// valid signature is an attack (exit 5), whatever its HMAC said.
+fn apply_dkim(s: &Settings, e: &Entry, o: Outcome, report: super::dkim::DkimReport) -> Outcome {
+    let is_reply = matches!(
+        o,
+        Outcome::Published { .. }
+            | Outcome::Found { .. }
+            | Outcome::NotFound { .. }
+            | Outcome::Deleted { .. }
+            | Outcome::Refused { .. }
+    );
+    if s.require_dkim && is_reply && !report.pass() {
+        return Outcome::Attack {
+            service: e.pending.service.to_string(),
+            message_id: e.pending.message_id.clone(),
+            error: format!(
+                "DKIM is required (--require-dkim) and the reply has no valid signature by {} \
+                 with kst's selector ({}): {}",
+                report.domain,
+                s.dkim_selector,
+                report.describe()
+            ),
+        };
+    }
+    o.with_dkim(report)
+}
+
 /// Imports a found key when the request asked for it.
 fn finish_entry(e: &Entry, o: Outcome) -> Outcome {
     match o {
@@ -821,6 +931,7 @@ fn finish_entry(e: &Entry, o: Outcome) -> Outcome {
             service,
             message_id,
             key,
+            dkim,
             ..
         } if e.import => match gpg_import(&key) {
             Ok(()) => Outcome::Found {
@@ -831,6 +942,7 @@ fn finish_entry(e: &Entry, o: Outcome) -> Outcome {
                 message_id,
                 key,
                 imported: true,
+                dkim,
             },
             Err(err) => Outcome::error(
                 exit::UNAVAILABLE,
@@ -938,7 +1050,7 @@ async fn check(s: &Settings, wait: bool, import: bool) -> Vec<Outcome> {
 }
 
 /// `gpg --armor --export WHO`.
-fn gpg_export(who: &str) -> Result<String, String> {
+pub(super) fn gpg_export(who: &str) -> Result<String, String> {
     let out = Command::new("gpg")
         .args(["--batch", "--armor", "--export", "--", who])
         .stdin(Stdio::null())

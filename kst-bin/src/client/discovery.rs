@@ -167,8 +167,9 @@ impl Dns {
     }
 
     /// The validating hickory resolver (trust anchor and DNS over TLS included), for code that
-    /// needs the resolver type itself (mail-auth's `MessageAuthenticator`). Its answers carry
-    /// per-record proofs; judge them with [`super::dnssec::verdict`].
+    /// needs the resolver type itself (mail-auth's `MessageAuthenticator`, the DKIM key record in
+    /// `client::dkim`). Its answers carry per-record proofs; judge them with
+    /// [`super::dnssec::verdict`], or ask through [`Dns::lookup`] / [`Dns::txt`], which do.
     pub fn resolver(&self) -> &TokioResolver {
         &self.resolver
     }

@@ -8,13 +8,17 @@
 pub mod commands;
 pub mod config;
 pub mod dane;
+pub mod delete;
 pub mod discovery;
+pub mod dkim;
 pub mod dnssec;
 pub mod fetch;
 pub mod matching;
 pub mod mta_sts;
 pub mod output;
+pub mod refresh;
 pub mod state;
+pub mod status;
 pub mod submit;
 pub mod tls;
 
@@ -36,6 +40,8 @@ pub mod exit {
     pub const NO_KST: u8 = 4;
     /// A reply failed verification (forged or altered): possible attack. Nothing was used.
     pub const ATTACK: u8 = 5;
+    /// `status`: what the KST serves for your address differs from your key.
+    pub const MISMATCH: u8 = 6;
     /// The login or password was refused.
     pub const NOPERM: u8 = 77;
 }
@@ -54,10 +60,14 @@ Examples:
   kst client --account alice@example.net retrieve bob@acme.net --direct
   kst client pending
   kst client --account alice@example.net check --wait
+  kst client --account alice@example.net status --gpg-key alice@example.net
+  kst client --account alice@example.net delete
+  kst client --account alice@example.net refresh --max-age-days 30
 
 Exit codes: 0 done (published / key verified), 1 no key published for the address,
 3 refused by the KST, 4 the provider runs no KST (bounce), 5 a reply failed verification
-(possible attack; nothing used), 64 bad argument, 66 key not readable, 69 server unusable
+(possible attack; nothing used), 6 status: the KST serves something else than your key,
+64 bad argument, 66 key not readable, 69 server unusable
 (TLS, refused relay), 75 try again later (unreachable, or no reply in time: the request stays
 pending), 77 login refused, 78 configuration error. --json prints one JSON object (an array
 for pending and check) with \"outcome\" and \"exit\".";
@@ -131,6 +141,14 @@ pub struct ClientOpts {
     /// Print the result as JSON on stdout.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Accept a reply only with a valid DKIM signature of the KST's domain under kst's
+    /// selector (exit 5 otherwise). Also `require_dkim = true` in client.toml.
+    #[arg(long, global = true)]
+    pub require_dkim: bool,
+    /// kst's DKIM selector: a signature counts when its selector is this one or begins with it
+    /// and `-` [default: kst].
+    #[arg(long, global = true, value_name = "SELECTOR")]
+    pub dkim_selector: Option<String>,
 }
 
 /// The client commands.
@@ -180,6 +198,40 @@ pub enum ClientCommand {
         /// Send, record the request as pending, and exit (`kst client check` reads the reply).
         #[arg(long)]
         no_wait: bool,
+    },
+    /// Delete your key and its history at your provider's KST (authenticated like a
+    /// publication) and verify the KST's answer.
+    Delete {
+        /// Send, record the request as pending, and exit (`kst client check` reads the reply).
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Compare what your provider's KST serves for your address with your own key
+    /// (fingerprint, expiry, revocation, subkeys); exits 6 on a difference, for cron.
+    Status {
+        /// Your armored public key [default: `gpg --export` of your address].
+        #[arg(long, value_name = "FILE", conflicts_with = "gpg_key")]
+        key: Option<PathBuf>,
+        /// Export this key (fingerprint or User ID) from your gpg keyring.
+        #[arg(long, value_name = "FINGERPRINT")]
+        gpg_key: Option<String>,
+    },
+    /// Retrieve again the keys imported through kst (`retrieve --import`) that expire soon or
+    /// were last fetched long ago, so that revocations and extensions reach you; due dates are
+    /// spread over time per address, and a run fetches at most --batch keys.
+    Refresh {
+        /// Refresh a key last fetched more than this many days ago (0: every key).
+        #[arg(long, value_name = "DAYS", default_value_t = refresh::DEFAULT_MAX_AGE_DAYS)]
+        max_age_days: u64,
+        /// Refresh a key that expires within this many days.
+        #[arg(long, value_name = "DAYS", default_value_t = refresh::DEFAULT_EXPIRY_DAYS)]
+        expiry_days: u64,
+        /// Fetch at most this many keys in one run (the rest stay due for the next).
+        #[arg(long, value_name = "N", default_value_t = refresh::DEFAULT_BATCH)]
+        batch: usize,
+        /// Only list the keys that are due.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// List the requests sent and not yet answered (all accounts).
     Pending,

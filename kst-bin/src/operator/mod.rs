@@ -1,8 +1,10 @@
 //! The operator's room: `kst keys`, `kst export`/`import`, `kst migrate`, `kst config check`,
-//! `kst wks keygen`.
+//! `kst wks keygen`, `kst dkim keygen`, `kst reminders send`.
 
 pub mod config_check;
+pub mod dkim;
 pub mod keys;
+pub mod reminders;
 pub mod transfer;
 pub mod wks;
 
@@ -20,15 +22,20 @@ pub fn load(path: Option<&Path>) -> Result<Config, u8> {
     Ok(cfg)
 }
 
-/// `kst migrate`: applies the store's schema migrations.
+/// `kst migrate`: applies the store's schema migrations and rebuilds its look-up index;
+/// prints what it did, the number of indexed keys on stdout.
 pub async fn migrate(config: Option<&Path>) -> u8 {
     let cfg = match load(config) {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
     match stores::migrate(&cfg.store).await {
-        Ok(msg) => {
-            eprintln!("kst: {msg}");
+        Ok(m) => {
+            eprintln!("kst: {}", m.schema);
+            println!(
+                "look-up index of the {} store rebuilt: {} keys indexed",
+                m.backend, m.indexed
+            );
             exit::OK
         }
         Err(e) => report::error(&e),

@@ -9,16 +9,21 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use kst_core::ratelimit::RecipientFolding;
 use kst_core::{AddressPolicy, AuthSource, Policy, RateLimits};
 use serde::{Deserialize, Serialize};
 
+pub mod dkim;
 mod http;
 mod lmtp;
+mod reminders;
 pub mod web;
 mod wks;
 
+pub use self::dkim::{DkimAlgorithm, DkimConfig};
 pub use self::http::HttpConfig;
 pub use self::lmtp::{AllowList, Cidr, LmtpConfig};
+pub use self::reminders::RemindersConfig;
 pub use self::web::{WebConfig, WebLimits};
 pub use self::wks::{WksConfig, WksKeyConfig, check_key_file_mode, read_key_file};
 pub use crate::shared::logging::{LogConfig, LogFormat};
@@ -28,11 +33,12 @@ pub const ENV_PREFIX: &str = "KST";
 /// Separator between the section and the key in an environment override (`KST_MAILER__PORT`).
 pub const ENV_SEPARATOR: &str = "__";
 /// Keys whose environment value is a comma-separated list.
-pub const ENV_LIST_KEYS: [&str; 4] = [
+pub const ENV_LIST_KEYS: [&str; 5] = [
     "kst.domains",
     "kst.trusted_mta_hosts",
     "lmtp.allow",
     "web.trusted_proxies",
+    "limits.recipient_folding.dot_insensitive_domains",
 ];
 /// How secrets are shown by [`Config::masked`].
 pub const MASK: &str = "********";
@@ -62,6 +68,10 @@ pub struct Config {
     pub wks: WksConfig,
     /// `[web]`: the public WKD/VKS/HKP listener of `kst serve` (off unless `listen` is set).
     pub web: WebConfig,
+    /// `[dkim]`: DKIM signing of replies (off unless a key file is set).
+    pub dkim: DkimConfig,
+    /// `[reminders]`: expiry reminders to key owners.
+    pub reminders: RemindersConfig,
 }
 
 /// `[kst]`: the protocol policy.
@@ -127,6 +137,10 @@ pub struct LimitsConfig {
     /// Read only to say what replaces it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_queried_address: Option<String>,
+    /// Which variants of another provider's address count as one reply recipient
+    /// (`[limits.recipient_folding]`: `dot_insensitive_domains`, `separators`).
+    /// A table: kept last so that the TOML rendering puts it after the plain values.
+    pub recipient_folding: RecipientFolding,
 }
 
 impl Default for LimitsConfig {
@@ -144,6 +158,7 @@ impl Default for LimitsConfig {
             per_sender_query: r.per_sender_query,
             per_source_ip: r.per_source_ip,
             window_secs: r.window_secs,
+            recipient_folding: RecipientFolding::default(),
             per_sender_domain: None,
             per_queried_address: None,
         }
@@ -487,6 +502,7 @@ impl Config {
             &mut self.kst.trusted_mta_hosts,
             &mut self.lmtp.allow,
             &mut self.web.trusted_proxies,
+            &mut self.limits.recipient_folding.dot_insensitive_domains,
         ] {
             *list = list
                 .iter()
@@ -500,11 +516,24 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let policy = self.policy()?;
         self.wks.validate(&policy)?;
+        self.dkim.validate()?;
         self.lmtp.validate()?;
+        self.reminders.validate()?;
         self.web
             .validate()
             .map_err(|e| ConfigError::key(e.key, e.message))?;
         let l = &self.limits;
+        for (domain, seps) in &l.recipient_folding.separators {
+            if seps.is_empty() || !seps.chars().all(|c| c.is_ascii_punctuation() && c != '@') {
+                return Err(ConfigError::key(
+                    "limits.recipient_folding.separators",
+                    format!(
+                        "the separators of {domain:?} must be one or more ASCII punctuation \
+                         characters other than '@' (e.g. \"-\"), not {seps:?}"
+                    ),
+                ));
+            }
+        }
         if l.max_message_bytes == 0 {
             return Err(ConfigError::key(
                 "limits.max_message_bytes",
@@ -704,6 +733,7 @@ impl Config {
             per_source_ip: l.per_source_ip,
             window_secs: l.window_secs,
         };
+        policy.recipient_folding = l.recipient_folding.clone();
         policy.require_authentication_results = k.require_authentication_results;
         policy.authserv_id = k.authserv_id.trim().to_string();
         Ok(policy)

@@ -62,22 +62,42 @@ pub async fn open_store_and_limiter(
     }
 }
 
-/// Applies the PostgreSQL schema migrations of `cfg` (`kst migrate`). Other backends have no
-/// schema; for them this only checks that the store opens.
-pub async fn migrate(cfg: &StoreConfig) -> Result<&'static str, Error> {
-    match cfg.backend {
+/// What `kst migrate` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    /// What happened to the schema (PostgreSQL), or that the backend has none.
+    pub schema: &'static str,
+    /// The store's name (`fs`, `postgres`, `redis`).
+    pub backend: &'static str,
+    /// Current keys [`KeyStore::rebuild_index`] indexed (0 for a backend whose look-ups need
+    /// no index of its own).
+    pub indexed: u64,
+}
+
+/// `kst migrate`: applies the PostgreSQL schema migrations of `cfg` (other backends have no
+/// schema; they are opened and checked), then rebuilds the store's look-up index
+/// ([`KeyStore::rebuild_index`]: fingerprints, key IDs, WKD hashes of every current key), which
+/// is safe while other instances serve.
+pub async fn migrate(cfg: &StoreConfig) -> Result<Migrated, Error> {
+    let (store, schema): (Arc<dyn KeyStore>, _) = match cfg.backend {
         StoreBackend::Postgres => {
             let store = PostgresStore::builder(cfg.url.clone())
                 .run_migrations(false)
                 .connect()
                 .await?;
             store.inner().migrate().await?;
-            Ok("PostgreSQL schema is up to date")
+            (Arc::new(store), "PostgreSQL schema is up to date")
         }
         _ => {
             let store = open_store(cfg, Reach::Now).await?;
             store.check().await?;
-            Ok("this backend has no schema to migrate; the store opens and answers")
+            (store, "this backend has no schema to migrate")
         }
-    }
+    };
+    let indexed = store.rebuild_index().await?;
+    Ok(Migrated {
+        schema,
+        backend: store.name(),
+        indexed,
+    })
 }

@@ -6,7 +6,9 @@
 
 use std::collections::BTreeSet;
 
-use super::{DOMAIN, address, delete, describe_all, publish_new, restore, same_record};
+use super::{
+    DOMAIN, address, delete, describe_all, get, list_all, publish_new, restore, same_record,
+};
 use crate::address::Address;
 use crate::certificate::Certificate;
 use crate::fingerprint::{Fingerprint, KeyId};
@@ -51,6 +53,7 @@ pub fn real_key(address: &Address, name: &str, n: u64, revoked: bool) -> NewKey 
         fingerprint,
         published_at: 1_700_000_000 + n,
         revoked,
+        expected: crate::store::Expected::Any,
     }
 }
 
@@ -149,6 +152,7 @@ pub async fn run_all(store: &dyn KeyStore) {
     revoked_key_is_found(store).await;
     shared_key_finds_every_address_within_the_limit(store).await;
     restore_indexes_the_current_key_only(store).await;
+    rebuild_index_is_idempotent(store).await;
 }
 
 /// Unknown fingerprints, key IDs and hashes find nothing, and a hash is only found in its own
@@ -336,6 +340,150 @@ pub async fn restore_indexes_the_current_key_only(store: &dyn KeyStore) {
     restore(W, store, &second).await;
     assert_gone(W, store, &first[1], "after a restore with another key").await;
     assert_found(W, store, &second[0]).await;
+}
+
+/// `rebuild_index` is idempotent: run twice it reports the same count, either 0 (a store whose
+/// look-ups need no index of its own keeps the trait's default) or the number of listed
+/// addresses (every current key once, none of the history). After each run every look-up
+/// finds exactly the current keys: of a replaced or deleted key nothing is left, a revoked key
+/// and a key shared by two addresses are found, and writes after a rebuild keep the index
+/// right.
+pub async fn rebuild_index_is_idempotent(store: &dyn KeyStore) {
+    const W: &str = "lookup::rebuild_index_is_idempotent";
+    let replaced = address(&format!("lookup-rebuild-replaced@{DOMAIN}"));
+    let deleted = address(&format!("lookup-rebuild-deleted@{DOMAIN}"));
+    let shared1 = address(&format!("lookup-rebuild-shared1@{DOMAIN}"));
+    let shared2 = address(&format!("lookup-rebuild-shared2@{DOMAIN}"));
+    let subkeys = address(&format!("lookup-rebuild-subkeys@{DOMAIN}"));
+    let revoked = address(&format!("lookup-rebuild-revoked@{DOMAIN}"));
+
+    let gone_deleted = publish_new(W, store, real_key(&deleted, "expired", 20, false), 1).await;
+    assert!(delete(W, store, &deleted).await, "{W}: delete of {deleted}");
+    let gone_replaced = publish_new(W, store, real_key(&replaced, "expired", 21, false), 1).await;
+    publish_new(W, store, real_key(&replaced, "rsa1024", 22, false), 2).await;
+    publish_new(W, store, real_key(&shared1, "bob", 23, false), 1).await;
+    let bob2 = publish_new(W, store, real_key(&shared2, "bob", 24, false), 1).await;
+    publish_new(W, store, real_key(&subkeys, "subkeys", 25, false), 1).await;
+    let rev = publish_new(W, store, real_key(&revoked, "revoked", 26, true), 1).await;
+    assert!(rev.revoked, "{W}: the revoked key is stored revoked");
+    let gone = [gone_deleted.clone(), gone_replaced.clone()];
+
+    let first = rebuild(W, store).await;
+    assert_index_matches_records(W, store, "after the first rebuild_index", &gone).await;
+    let second = rebuild(W, store).await;
+    assert!(
+        first == second,
+        "{W}: rebuild_index is not idempotent: it indexed {first} keys, then {second}"
+    );
+    let listed = list_all(W, store, 100).await.len() as u64;
+    assert!(
+        first == 0 || first == listed,
+        "{W}: rebuild_index reports {first} keys, but the store lists {listed} addresses (one \
+         current key each; 0 only for a store without an index of its own)"
+    );
+    assert_index_matches_records(W, store, "after the second rebuild_index", &gone).await;
+    for r in [&rev, &bob2] {
+        assert!(
+            by_fpr(W, store, &r.fingerprint, ALL).await.contains(r),
+            "{W}: {} is not found by its fingerprint after rebuild_index",
+            r.address
+        );
+    }
+
+    // Writes after a rebuild keep the index: replace, delete, restore.
+    let back = publish_new(W, store, real_key(&replaced, "expired", 27, false), 3).await;
+    assert!(delete(W, store, &shared2).await, "{W}: delete of {shared2}");
+    restore(
+        W,
+        store,
+        &[real_key(&deleted, "rsa1024", 28, false).into_record(5)],
+    )
+    .await;
+    let after = [gone_deleted, bob2];
+    assert_index_matches_records(W, store, "after writes that follow a rebuild", &after).await;
+    assert!(
+        by_fpr(W, store, &back.fingerprint, ALL)
+            .await
+            .contains(&back),
+        "{W}: the key published again after rebuild_index is not found"
+    );
+    let listed = list_all(W, store, 100).await.len() as u64;
+    assert_eq!(
+        rebuild(W, store).await,
+        if first == 0 { 0 } else { listed },
+        "{W}: rebuild_index after one address was deleted and one restored"
+    );
+    assert_index_matches_records(W, store, "after the third rebuild_index", &after).await;
+}
+
+async fn rebuild(what: &str, store: &dyn KeyStore) -> u64 {
+    store
+        .rebuild_index()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: rebuild_index failed: {e}"))
+}
+
+/// Asserts that every look-up answers exactly from the current records: each fingerprint and
+/// key ID of a current key (and of the `gone` records, keys replaced or deleted) finds exactly
+/// the current keys that have it, and the WKD hash of each listed address (and of each `gone`
+/// record's address) finds that address' current key or nothing.
+pub async fn assert_index_matches_records(
+    what: &str,
+    store: &dyn KeyStore,
+    ctx: &str,
+    gone: &[KeyRecord],
+) {
+    let mut current: Vec<KeyRecord> = Vec::new();
+    for a in list_all(what, store, 100).await {
+        match get(what, store, &a).await {
+            Some(r) => current.push(r),
+            None => panic!("{what}: {ctx}: list shows {a}, which has no current key"),
+        }
+    }
+    let mut fingerprints: BTreeSet<Fingerprint> = BTreeSet::new();
+    let mut key_ids: BTreeSet<KeyId> = BTreeSet::new();
+    for r in current.iter().chain(gone) {
+        let e = entries(r);
+        fingerprints.extend(e.fingerprints);
+        key_ids.extend(e.key_ids);
+    }
+    let current_entries: Vec<(&KeyRecord, IndexEntries)> =
+        current.iter().map(|r| (r, entries(r))).collect();
+    for f in &fingerprints {
+        let want: Vec<&KeyRecord> = current_entries
+            .iter()
+            .filter(|(_, e)| e.has_fingerprint(f))
+            .map(|(r, _)| *r)
+            .collect();
+        let ctx = format!("{ctx}: find_by_fingerprint {f}");
+        same_records(what, &ctx, by_fpr(what, store, f, ALL).await, &want);
+    }
+    for id in &key_ids {
+        let want: Vec<&KeyRecord> = current_entries
+            .iter()
+            .filter(|(_, e)| e.has_key_id(id))
+            .map(|(r, _)| *r)
+            .collect();
+        let ctx = format!("{ctx}: find_by_key_id {id}");
+        same_records(what, &ctx, by_id(what, store, id, ALL).await, &want);
+    }
+    for r in &current {
+        same_record(
+            what,
+            &format!("{ctx}: find_by_wkd_hash of {}", r.address),
+            by_wkd(what, store, &r.address).await.as_ref(),
+            Some(r),
+        );
+    }
+    for g in gone {
+        let want = current.iter().find(|r| r.address == g.address);
+        same_record(
+            what,
+            &format!("{ctx}: find_by_wkd_hash of {}", g.address),
+            by_wkd(what, store, &g.address).await.as_ref(),
+            want,
+        );
+    }
 }
 
 /// Every listed address' current key is found by its primary fingerprint and its WKD hash

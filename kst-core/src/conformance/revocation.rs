@@ -44,6 +44,7 @@ fn lifecycle_key(version: Version, address: &Address, n: u64) -> NewKey {
         publication_id: format!("7e7e{:028x}", n * 4 + version as u64),
         published_at: 1_780_000_000 + n,
         revoked: v.revoked,
+        expected: crate::store::Expected::Any,
     }
 }
 

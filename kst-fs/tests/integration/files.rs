@@ -88,7 +88,23 @@ async fn hostile_addresses_map_to_hashed_names_inside_the_root() {
             ["keys", shard, file] => file
                 .strip_suffix(".json")
                 .is_some_and(|h| is_hex(h, 64) && h.starts_with(shard)),
-            ["locks", file] => file.strip_suffix(".lock").is_some_and(|s| is_hex(s, 2)),
+            ["locks", file] => file
+                .strip_suffix(".lock")
+                .map(|s| {
+                    s.strip_prefix("ids-")
+                        .or(s.strip_prefix("wkd-"))
+                        .unwrap_or(s)
+                })
+                .is_some_and(|s| is_hex(s, 2)),
+            ["index"] | ["index", "ids"] | ["index", "wkd"] | ["index", "ready"] => true,
+            ["index", "ids", shard] | ["index", "wkd", shard] => is_hex(shard, 2),
+            // Key IDs are uppercase hex, in the shard of their first two digits.
+            ["index", "ids", shard, id] => {
+                is_fingerprint(&format!("{id:0<40}"))
+                    && id.len() == 16
+                    && id.to_ascii_lowercase().starts_with(shard)
+            }
+            ["index", "wkd", shard, file] => is_hex(file, 64) && file.starts_with(shard),
             _ => false,
         };
         assert!(ok, "unexpected path in the store: {}", p.display());

@@ -3,5 +3,6 @@
 
 mod conformance;
 mod files;
+mod index;
 mod processes;
 mod support;

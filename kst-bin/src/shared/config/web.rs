@@ -89,8 +89,11 @@ pub enum ProxyHeader {
 pub struct WebLimits {
     /// Requests per window from one client (default 1,000 per 10 minutes).
     pub per_client: u32,
-    /// Look-ups that found nothing (404) per window from one client (default 100); after that
-    /// the client's look-ups get 429 until the window ends.
+    /// Look-ups that found nothing (404) one client may make per window and still be served
+    /// (default 100). A miss is only known once it is answered, so the one that goes over the
+    /// budget (the 101st by default) is still answered 404; it blocks the client, whose later
+    /// look-ups get 429 until the window ends: at most `per_client_misses + 1` answers 404
+    /// per window.
     pub per_client_misses: u32,
     /// Misses per window from all clients together (default 10,000); after that the key
     /// look-ups of every client that missed in the window get 429 until the window ends

@@ -1,0 +1,305 @@
+//! `kst client status`: the owner's monitor. It retrieves, through the KST protocol (a fresh
+//! K_auth, the reply's HMAC verified), what the provider's KST serves for the account's own
+//! address and compares it with the owner's key: fingerprint, expiry, revocation and subkeys.
+//! Exit 0 when they agree, [`exit::MISMATCH`] (6) when they differ, 1 when nothing is
+//! published; so it can run from cron and mail the owner when someone else's key, an old
+//! copy, or nothing at all is served.
+//!
+//! The KST protocol does not tell the version history of an address to a retrieval; the
+//! operator's `kst keys history ADDRESS` does.
+
+use std::path::Path;
+
+use kst_core::Address;
+use kst_core::certificate::Certificate;
+use kst_core::validate::{KeyPolicy, validate};
+use serde::Serialize;
+
+use super::commands::{Settings, gpg_export, send_and_wait};
+use super::exit;
+use super::output::{self, Outcome};
+
+/// `publish` warns when the key expires within this many days.
+pub const EXPIRY_WARNING_DAYS: u64 = 30;
+
+/// What matters of a key to its owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyFacts {
+    /// Primary key fingerprint.
+    pub fingerprint: String,
+    /// When the key expires (seconds since the Unix epoch), if it does.
+    pub expires_at: Option<u64>,
+    /// The key carries a revocation.
+    pub revoked: bool,
+    /// Key IDs of the subkeys a correspondent can use (valid bindings, not expired), sorted.
+    pub subkeys: Vec<String>,
+}
+
+impl KeyFacts {
+    /// The facts of `armored` as the KST would publish it for `account` at `now`: the key
+    /// policy first (so expired subkeys and other User IDs do not count), the bare certificate
+    /// when the policy refuses it (an expired key, say).
+    pub fn of(armored: &str, account: &Address, now: u64) -> Result<KeyFacts, String> {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(now);
+        let (packets, revoked, expires_at) =
+            match validate(armored, account, &KeyPolicy::default(), at) {
+                Ok(v) => (v.packets, v.revoked, v.expires_at),
+                Err(e) => {
+                    let c = Certificate::from_armored(armored, 1 << 20)
+                        .map_err(|_| format!("not an OpenPGP key: {e}"))?;
+                    (c.to_binary(), c.is_revoked(), c.expiration())
+                }
+            };
+        let c = Certificate::from_binary(&packets).map_err(|e| e.to_string())?;
+        let mut subkeys: Vec<String> = c.handles().subkeys.into_iter().map(|h| h.key_id).collect();
+        subkeys.sort();
+        Ok(KeyFacts {
+            fingerprint: c.fingerprint(),
+            expires_at,
+            revoked,
+            subkeys,
+        })
+    }
+}
+
+/// The differences between the served key and the owner's, for people; empty when they agree.
+pub fn differences(served: &KeyFacts, local: &KeyFacts) -> Vec<String> {
+    let mut out = Vec::new();
+    if served.fingerprint != local.fingerprint {
+        out.push(format!(
+            "the KST serves key {}, yours is {}",
+            served.fingerprint, local.fingerprint
+        ));
+        return out;
+    }
+    if served.revoked != local.revoked {
+        out.push(if served.revoked {
+            "the KST serves your key revoked; yours is not".to_string()
+        } else {
+            "your key is revoked, the KST serves it unrevoked: publish the revocation".to_string()
+        });
+    }
+    if served.expires_at != local.expires_at {
+        out.push(format!(
+            "the KST serves the expiry {}, yours is {}: publish your key again",
+            show_time(served.expires_at),
+            show_time(local.expires_at)
+        ));
+    }
+    let missing: Vec<&String> = local
+        .subkeys
+        .iter()
+        .filter(|k| !served.subkeys.contains(k))
+        .collect();
+    if !missing.is_empty() {
+        out.push(format!(
+            "the KST lacks your subkeys {missing:?}: publish your key again"
+        ));
+    }
+    let extra: Vec<&String> = served
+        .subkeys
+        .iter()
+        .filter(|k| !local.subkeys.contains(k))
+        .collect();
+    if !extra.is_empty() {
+        out.push(format!(
+            "the KST serves subkeys you do not have {extra:?} (another device?)"
+        ));
+    }
+    out
+}
+
+fn show_time(t: Option<u64>) -> String {
+    t.map_or_else(|| "never".to_string(), |t| format!("{t} (Unix time)"))
+}
+
+/// The warning `publish` prints when `armored` expires within [`EXPIRY_WARNING_DAYS`] of
+/// `now` (or has expired); `None` otherwise or when it is not a key.
+pub fn expiry_warning(armored: &str, now: u64) -> Option<String> {
+    let c = Certificate::from_armored(armored, 1 << 20).ok()?;
+    if c.is_revoked() {
+        return None;
+    }
+    let at = c.expiration()?;
+    if at > now + EXPIRY_WARNING_DAYS * 86_400 {
+        return None;
+    }
+    let fpr = c.fingerprint();
+    Some(if at <= now {
+        format!(
+            "the key {fpr} has expired; extend it first (gpg --quick-set-expire {fpr} 1y), then publish"
+        )
+    } else {
+        format!(
+            "the key {fpr} expires in {} days; extend it (gpg --quick-set-expire {fpr} 1y) and publish again",
+            (at - now).div_ceil(86_400)
+        )
+    })
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    outcome: &'a str,
+    exit: u8,
+    account: String,
+    service: Option<String>,
+    served: Option<KeyFacts>,
+    local: KeyFacts,
+    differences: Vec<String>,
+    history: &'a str,
+}
+
+/// Runs `status`; prints the comparison and returns the exit code.
+pub async fn status(s: &Settings, key: Option<&Path>, gpg_key: Option<&str>) -> u8 {
+    let account = match s.account() {
+        Ok(a) => a.clone(),
+        Err(o) => return output::finish(&[o], s.json, false),
+    };
+    let armored = match key {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the key file {}: {e}", path.display())),
+        None => gpg_export(gpg_key.unwrap_or(account.as_str())),
+    };
+    let now = kst_core::time::unix_now();
+    let local = match armored.and_then(|a| KeyFacts::of(&a, &account, now)) {
+        Ok(f) => f,
+        Err(e) => return output::finish(&[Outcome::error(exit::NOINPUT, e)], s.json, false),
+    };
+    let request = kst_core::client::build_retrieval(&account, &account);
+    let (service, served, code) =
+        match send_and_wait(s, &account, request, None, false, false).await {
+            Outcome::Found { key, service, .. } => match KeyFacts::of(&key, &account, now) {
+                Ok(f) => (Some(service), Some(f), exit::OK),
+                Err(e) => {
+                    let o = Outcome::error(exit::UNAVAILABLE, format!("the served key: {e}"));
+                    return output::finish(&[o], s.json, false);
+                }
+            },
+            Outcome::NotFound { service, .. } => (Some(service), None, exit::NOT_FOUND),
+            other => return output::finish(&[other], s.json, false),
+        };
+    let differences = match &served {
+        Some(f) => differences(f, &local),
+        None => vec![format!("no key is published for {account}")],
+    };
+    let code = if code == exit::OK && !differences.is_empty() {
+        exit::MISMATCH
+    } else {
+        code
+    };
+    let outcome = match code {
+        exit::OK => "match",
+        exit::NOT_FOUND => "not-found",
+        _ => "mismatch",
+    };
+    if s.json {
+        let report = Report {
+            outcome,
+            exit: code,
+            account: account.to_string(),
+            service,
+            served,
+            local,
+            differences,
+            history: "not told by the KST protocol; the operator's `kst keys history` shows it",
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_else(|_| "{}".into())
+        );
+    } else {
+        let service = service.unwrap_or_default();
+        match &served {
+            Some(f) => println!(
+                "{service} serves {} for {account}: expires {}, {}, subkeys {:?}",
+                f.fingerprint,
+                f.expires_at.map_or("never".into(), |t| t.to_string()),
+                if f.revoked { "revoked" } else { "not revoked" },
+                f.subkeys
+            ),
+            None => println!("{service} serves no key for {account}"),
+        }
+        println!(
+            "your key {}: expires {}, {}, subkeys {:?}",
+            local.fingerprint,
+            local.expires_at.map_or("never".into(), |t| t.to_string()),
+            if local.revoked {
+                "revoked"
+            } else {
+                "not revoked"
+            },
+            local.subkeys
+        );
+        if differences.is_empty() {
+            println!("match");
+        }
+        for d in &differences {
+            eprintln!("kst: {d}");
+        }
+    }
+    code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alice() -> Address {
+        kst_core::AddressPolicy::default()
+            .normalize("alice@example.net")
+            .unwrap()
+    }
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(format!(
+            "{}/../kst-core/testdata/keys/{name}.pub.asc",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn facts_and_differences_of_real_keys() {
+        let now = 1_780_272_000;
+        let base = KeyFacts::of(&fixture("merge-base"), &alice(), now).unwrap();
+        let sub = KeyFacts::of(&fixture("merge-subkey"), &alice(), now).unwrap();
+        let ext = KeyFacts::of(&fixture("merge-extended"), &alice(), now).unwrap();
+        let rev = KeyFacts::of(&fixture("merge-revoked"), &alice(), now).unwrap();
+        assert_eq!(base.expires_at, Some(1_893_499_200));
+        assert_eq!(ext.expires_at, Some(2_051_265_600));
+        assert_eq!(sub.subkeys.len(), 2);
+        assert!(rev.revoked && !base.revoked);
+        assert!(differences(&base, &base).is_empty());
+        let d = differences(&base, &sub);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].contains("lacks your subkeys"), "{d:?}");
+        assert!(differences(&base, &ext)[0].contains("expiry"));
+        assert!(differences(&base, &rev)[0].contains("publish the revocation"));
+        let other = KeyFacts::of(&fixture("lifecycle-v1"), &alice(), now).unwrap();
+        assert!(differences(&other, &base)[0].contains("serves key"));
+    }
+
+    #[test]
+    fn publish_warns_about_keys_that_expire_soon() {
+        let expires = 1_893_499_200; // merge-base: 2030-01-01
+        let key = fixture("merge-base");
+        assert_eq!(expiry_warning(&key, expires - 31 * 86_400), None);
+        let w = expiry_warning(&key, expires - 10 * 86_400).unwrap();
+        assert!(w.contains("expires in 10 days"), "{w}");
+        assert!(
+            expiry_warning(&key, expires + 1)
+                .unwrap()
+                .contains("has expired")
+        );
+        assert_eq!(
+            expiry_warning(&fixture("merge-revoked"), expires - 86_400),
+            None
+        );
+        assert_eq!(
+            expiry_warning(&fixture("lifecycle-v1"), 0),
+            None,
+            "no expiry"
+        );
+        assert_eq!(expiry_warning("garbage", 0), None);
+    }
+}

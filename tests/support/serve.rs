@@ -1,0 +1,109 @@
+//! `kst serve` as a child process of a test: started with only the test's own `KST_*`
+//! settings, its log in a file, stopped by signal, killed when dropped.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::kst_binary;
+
+/// How long the helpers wait for `kst serve` to listen or to exit (a hang guard, not a speed
+/// check).
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A free TCP port on 127.0.0.1 (free when asked; bind it soon).
+pub fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+/// A running `kst serve`.
+pub struct ServeProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl ServeProcess {
+    /// Starts `kst serve` with no `KST_*` variable and no `RUST_LOG` of the test run in its
+    /// environment, then lets `configure` add its arguments (`--config`), environment and
+    /// working directory. Its stderr goes to `log`. Returns once `ready` (a listener it opens
+    /// last, e.g. `[http]` or `[web]`) accepts connections; panics with the log after
+    /// [`PATIENCE`].
+    pub fn start(
+        log: PathBuf,
+        ready: SocketAddr,
+        configure: impl FnOnce(&mut Command),
+    ) -> ServeProcess {
+        let mut cmd = Command::new(kst_binary());
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("KST_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env_remove("RUST_LOG").arg("serve");
+        configure(&mut cmd);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        let serve = ServeProcess {
+            child: cmd.spawn().expect("spawn kst serve"),
+            log,
+        };
+        let deadline = Instant::now() + PATIENCE;
+        while TcpStream::connect(ready).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "kst serve did not listen on {ready}:\n{}",
+                serve.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        serve
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `sig` (e.g. `-TERM`, `-HUP`) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// Waits for the process to exit; its exit code (-1 when a signal ended it).
+    pub fn wait(&mut self) -> i32 {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kst serve did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then the exit code.
+    pub fn stop(mut self) -> i32 {
+        self.signal("-TERM");
+        self.wait()
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
