@@ -328,8 +328,8 @@ fn unusable_keys_stop_kst_before_anything_is_sent() {
 #[ignore = "starts the test DNS (scripts/testdns.sh, root); run with --ignored"]
 async fn client_check_through_the_test_dns() {
     use kst_bin::client::discovery::{Dns, DnsSettings};
-    use kst_bin::client::dnssec::ResolverSpec;
     use kst_bin::client::dkim::{DkimStatus, KeyDnssec, verify};
+    use kst_bin::client::dnssec::ResolverSpec;
 
     let (s, records) = signed_kst();
     let (_, reply) = retrieval_reply(&s, "nobody@example.net");

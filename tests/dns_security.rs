@@ -603,6 +603,34 @@ fn forged_stripped_and_no_ds_answers_are_attacks_and_nothing_is_sent() {
         assert_eq!(code(&out), ATTACK, "{host}: {}", show(&out, &v));
     }
     assert!(mx.log().is_empty(), "{:?}", mx.log());
+    // Relayed: the forged NODATA for _submissions._tcp.example.net (which would push the client
+    // from implicit TLS to STARTTLS) is refused as bogus before any connection or password.
+    let mut cmd = Command::new(kst_binary());
+    cmd.args(["client", "--account", "alice@example.net", "--json"])
+        .args(["--client-config", "/dev/null"])
+        .args(["--resolver", dns.var("KST_DNS_FORGED_RESOLVER")])
+        .args(["--dns-anchor", dns.var("KST_DNS_ANCHOR")])
+        .arg("--state-file")
+        .arg(run.dir.path().join("relayed.json"))
+        .args([
+            "--maildir",
+            "/nonexistent",
+            "retrieve",
+            "dave@acme.net",
+            "--no-wait",
+        ])
+        .env_remove("KST_PASSWORD")
+        .env_remove("KST_CLIENT_CONFIG");
+    let (out, v) = run_json(cmd);
+    assert_eq!(code(&out), ATTACK, "relayed: {}", show(&out, &v));
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("_submissions._tcp.example.net"),
+        "{}",
+        show(&out, &v)
+    );
     // The refusal is about example.net: acme.net still validates through the forging server.
     let (out, v) = run.retrieve(
         &dns,

@@ -121,12 +121,15 @@ impl fmt::Display for HopResult {
     }
 }
 
+/// Where a hop's certificate verifier leaves its result.
+pub type HopSlot = Arc<Mutex<Option<HopResult>>>;
+
 /// A rustls connector for one hop, and where its verifier leaves the result.
 pub struct HopConnector {
     /// The connector to run the handshake with.
     pub connector: TlsConnector,
     /// Set by a successful certificate check.
-    pub result: Arc<Mutex<Option<HopResult>>>,
+    pub result: HopSlot,
 }
 
 /// Builds the connector that enforces `auth`; `roots` are the PKIX roots (web roots plus
@@ -254,10 +257,7 @@ impl ServerCertVerifier for HopVerifier {
             HopAuth::MtaSts { id } => self
                 .pkix
                 .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-                .map(|v| {
-                    self.set(HopResult::MtaSts);
-                    v
-                })
+                .inspect(|_| self.set(HopResult::MtaSts))
                 .map_err(|e| {
                     dane_failure(format!(
                         "MTA-STS (policy {id}, mode enforce): the certificate of {} is not valid: {e} (possible attack; nothing was sent)",

@@ -16,7 +16,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::RootCertStore;
 
 use super::config::{Endpoint, Security};
-use super::dane::{self, HopAuth, HopResult};
+use super::dane::{self, HopAuth, HopResult, HopSlot};
 use super::discovery::{Dns, DnsError};
 use super::tls::Conn;
 
@@ -134,7 +134,7 @@ pub async fn send(
 fn hop_connector(
     route: &Route<'_>,
     hop: Option<&HopAuth>,
-) -> Result<(TlsConnector, Option<Arc<Mutex<Option<HopResult>>>>), SendError> {
+) -> Result<(TlsConnector, Option<HopSlot>), SendError> {
     match (hop, &route.direct) {
         (Some(auth), Some(d)) => {
             let c = dane::connector(auth, d.roots.clone()).map_err(SendError::Tls)?;
