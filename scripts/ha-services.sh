@@ -242,8 +242,20 @@ pg_start() {
   port_free "$port"
   log "starting node $node on 127.0.0.1:$port"
   rm -f "$dir/postmaster.pid" # stale: its process is gone
-  as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$STATE/$node.log" -w -t "$TIMEOUT" start </dev/null >/dev/null 9<&- \
+  # The server must not inherit any descriptor above 2: a caller's `flock FILE ha-services.sh`
+  # passes its lock on fd 3, and a postmaster keeping it would hold that lock while it runs.
+  eval "as_pg \"\$PG_BIN/pg_ctl\" -D \"\$dir\" -l \"\$STATE/\$node.log\" -w -t \"\$TIMEOUT\" start \
+    </dev/null >/dev/null $(pg_inherited_fds)" \
     || { tail -20 "$STATE/$node.log" >&2; die "node $node did not start"; }
+}
+
+# "N<&-" for every descriptor above 2 this shell has open (for pg_start).
+pg_inherited_fds() {
+  local fd
+  for fd in /proc/$$/fd/*; do
+    fd="${fd##*/}"
+    if [[ "$fd" =~ ^[0-9]+$ ]] && [ "$fd" -gt 2 ]; then printf ' %s<&-' "$fd"; fi
+  done
 }
 
 pg_stop() {
@@ -385,6 +397,15 @@ redis_answers() { [ "$(rcli "$1" ping 2>/dev/null)" = PONG ]; }
 # info_field PORT SECTION FIELD
 info_field() { rcli "$1" info "$2" 2>/dev/null | tr -d '\r' | sed -n "s/^$3://p"; }
 
+# Closes every file descriptor above 2 of the current (sub)shell.
+close_inherited_fds() {
+  local fd
+  for fd in /proc/$BASHPID/fd/*; do
+    fd="${fd##*/}"
+    if [ "$fd" -gt 2 ] 2>/dev/null; then eval "exec ${fd}<&-" 2>/dev/null || true; fi
+  done
+}
+
 # redis_start DIR PORT CONF [ARG...]: starts redis-server (or redis-sentinel) from
 # $STATE/DIR/CONF, with further settings ARG... (--replicaof HOST PORT) on its command line.
 redis_start() {
@@ -394,7 +415,10 @@ redis_start() {
   port_free "$port"
   rm -f "$STATE/$dir/redis.pid"
   log "starting $dir on 127.0.0.1:$port"
-  (cd "$STATE/$dir" && "$bin" "$STATE/$dir/$conf" "$@" </dev/null >>"$STATE/daemons.log" 2>&1 9<&-) \
+  # The daemon must not inherit a lock a caller holds (`flock FILE scripts/ha-services.sh ...`
+  # passes its lock as fd 3, and a daemon keeping it would hold the lock forever): every fd
+  # above 2 is closed first.
+  (cd "$STATE/$dir" && close_inherited_fds && exec "$bin" "$STATE/$dir/$conf" "$@" </dev/null >>"$STATE/daemons.log" 2>&1) \
     || { tail -20 "$STATE/$dir.log" >&2; die "$bin $dir failed to start"; }
   wait_for "$dir on 127.0.0.1:$port" redis_answers "$port"
 }

@@ -109,6 +109,19 @@ redis_answers() {
   [ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" = "PONG" ]
 }
 
+# kst-redis serves only from a server with appendonly yes and appendfsync always (its
+# durability guard); a server started otherwise (Debian's default: everysec) is switched.
+redis_make_durable() {
+  local a f
+  a="$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" --raw config get appendonly 2>/dev/null | sed -n 2p)"
+  f="$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" --raw config get appendfsync 2>/dev/null | sed -n 2p)"
+  if [ "$a" != yes ] || [ "$f" != always ]; then
+    log "redis: switching to appendonly yes, appendfsync always (was ${a:-?}, ${f:-?})"
+    redis-cli -h 127.0.0.1 -p "$REDIS_PORT" config set appendonly yes >/dev/null
+    redis-cli -h 127.0.0.1 -p "$REDIS_PORT" config set appendfsync always >/dev/null
+  fi
+}
+
 ensure_redis() {
   if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
     apt_install redis-server
@@ -118,13 +131,15 @@ ensure_redis() {
 
   if redis_answers; then
     log "redis: running on 127.0.0.1:${REDIS_PORT}"
+    redis_make_durable
     return
   fi
   need_root "starting Redis"
   mkdir -p /var/lib/redis /var/log/redis
   log "redis: starting redis-server on port ${REDIS_PORT}"
+  # Durable (kst-redis refuses anything else): every write on disk before the reply.
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" \
-    --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
+    --save "" --appendonly yes --appendfsync always --dir /var/lib/redis --logfile /var/log/redis/ci.log
   wait_for "redis on 127.0.0.1:${REDIS_PORT}" redis_answers
   log "redis: answering on 127.0.0.1:${REDIS_PORT}"
 }

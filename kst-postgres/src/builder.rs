@@ -7,7 +7,9 @@ use kst_core::store::TimeoutStore;
 use kst_core::{Error, Result};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+use crate::cluster::{Cluster, Host};
 use crate::error::COMPONENT;
+use crate::hosts::{TargetSessionAttrs, split_hosts};
 use crate::store::PostgresStore;
 
 /// Default number of pooled connections per store.
@@ -16,6 +18,8 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 8;
 pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Default bound on one whole store operation (acquire, queries, commit).
 pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on one write on the primary, including the wait for a synchronous standby.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Configures and opens a [`PostgresStore`], wrapped in a [`TimeoutStore`] that bounds each
 /// operation by the [operation timeout](Self::operation_timeout).
@@ -33,6 +37,9 @@ pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct PostgresStoreBuilder {
     url: String,
+    more_urls: Vec<String>,
+    read_urls: Vec<String>,
+    write_timeout: Duration,
     max_connections: u32,
     acquire_timeout: Duration,
     operation_timeout: Duration,
@@ -43,6 +50,9 @@ impl std::fmt::Debug for PostgresStoreBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URL may carry a password: never print it.
         f.debug_struct("PostgresStoreBuilder")
+            .field("hosts", &self.more_urls.len().saturating_add(1))
+            .field("read_urls", &self.read_urls.len())
+            .field("write_timeout", &self.write_timeout)
             .field("max_connections", &self.max_connections)
             .field("acquire_timeout", &self.acquire_timeout)
             .field("operation_timeout", &self.operation_timeout)
@@ -54,9 +64,17 @@ impl std::fmt::Debug for PostgresStoreBuilder {
 impl PostgresStoreBuilder {
     /// A builder for the database at `url` (`postgres://user:password@host:port/dbname`, with
     /// `?sslmode=...` etc. as libpq understands them) with the defaults above, migrations on.
+    ///
+    /// `url` may list several hosts of one replicated database, libpq-style
+    /// (`postgres://u:p@a:5432,b:5432/kst?target_session_attrs=read-write`): the store writes
+    /// to the one host that accepts writes and follows a failover by itself (see the crate
+    /// documentation, "Replication").
     pub fn new(url: impl Into<String>) -> Self {
         PostgresStoreBuilder {
             url: url.into(),
+            more_urls: Vec::new(),
+            read_urls: Vec::new(),
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
@@ -85,27 +103,78 @@ impl PostgresStoreBuilder {
         self
     }
 
+    /// Further hosts of the same database, one URL each (may themselves list hosts): the
+    /// configuration-file form of a host list.
+    pub fn more_urls(mut self, urls: Vec<String>) -> Self {
+        self.more_urls = urls;
+        self
+    }
+
+    /// Read replicas (streaming standbys) for the look-ups by fingerprint, key ID and WKD hash,
+    /// whose answer may be a little stale; every other read goes to the primary.
+    pub fn read_urls(mut self, urls: Vec<String>) -> Self {
+        self.read_urls = urls;
+        self
+    }
+
+    /// Upper bound on one write on the primary, including the wait for a synchronous standby
+    /// (default 5 s; keep it below the operation timeout). A write cut off by it is not
+    /// confirmed and its connection is closed, not reused.
+    pub fn write_timeout(mut self, d: Duration) -> Self {
+        self.write_timeout = d;
+        self
+    }
+
     /// Whether [`connect`](Self::connect) applies the embedded migrations (default true).
     pub fn run_migrations(mut self, yes: bool) -> Self {
         self.run_migrations = yes;
         self
     }
 
-    fn pool_options(&self) -> Result<(PgPoolOptions, PgConnectOptions)> {
-        if !(self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")) {
-            return Err(Error::Config(format!(
-                "{COMPONENT}: the database URL must start with postgres:// or postgresql://"
-            )));
-        }
-        let options = PgConnectOptions::from_str(&self.url)
-            .map_err(|e| Error::Config(format!("{COMPONENT}: invalid database URL: {e}")))?
-            .application_name("kst");
-        let pool = PgPoolOptions::new()
+    fn pool_options(&self) -> PgPoolOptions {
+        PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)
             .idle_timeout(Duration::from_secs(300))
-            .test_before_acquire(true);
-        Ok((pool, options))
+            .test_before_acquire(true)
+    }
+
+    /// One lazily connecting pool per host of `urls`.
+    fn hosts(&self, urls: &[&String], writes: bool) -> Result<Vec<Host>> {
+        let mut hosts: Vec<Host> = Vec::new();
+        for url in urls {
+            let split = split_hosts(url)?;
+            if writes
+                && !matches!(
+                    split.target,
+                    TargetSessionAttrs::Any
+                        | TargetSessionAttrs::ReadWrite
+                        | TargetSessionAttrs::Primary
+                )
+            {
+                return Err(Error::Config(format!(
+                    "{COMPONENT}: store URL: kst writes, so target_session_attrs must be \
+                     read-write, primary or absent (read replicas go to [store] read_urls)"
+                )));
+            }
+            for one in split.urls {
+                let options = PgConnectOptions::from_str(&one)
+                    .map_err(|e| Error::Config(format!("{COMPONENT}: invalid database URL: {e}")))?
+                    .application_name("kst");
+                let label = format!("{}:{}", options.get_host(), options.get_port());
+                if hosts.iter().any(|h| h.label == label) {
+                    return Err(Error::Config(format!(
+                        "{COMPONENT}: host {label} is listed twice"
+                    )));
+                }
+                hosts.push(Host {
+                    label,
+                    pool: self.pool_options().connect_lazy_with(options.clone()),
+                    options,
+                });
+            }
+        }
+        Ok(hosts)
     }
 
     /// Connects (failing with a temporary error when the server cannot be reached) and, unless
@@ -125,9 +194,16 @@ impl PostgresStoreBuilder {
     /// opened by the first operation. For a daemon that must start while the database is down.
     /// Call it within a Tokio runtime (the connection machinery spawns background tasks).
     pub fn connect_lazy(&self) -> Result<TimeoutStore<PostgresStore>> {
-        let (pool, options) = self.pool_options()?;
+        let urls: Vec<&String> = std::iter::once(&self.url).chain(&self.more_urls).collect();
+        let hosts = self.hosts(&urls, true)?;
+        let readers = self.hosts(&self.read_urls.iter().collect::<Vec<_>>(), false)?;
         Ok(TimeoutStore::new(
-            PostgresStore::from_pool(pool.connect_lazy_with(options)),
+            PostgresStore::from_cluster(Cluster::new(
+                hosts,
+                readers,
+                self.write_timeout,
+                self.acquire_timeout,
+            )),
             self.operation_timeout,
         ))
     }

@@ -3,8 +3,10 @@
 #![warn(missing_docs)]
 
 mod builder;
+mod cluster;
 mod error;
 mod hosts;
+mod index;
 mod ratelimit;
 mod row;
 mod store;
@@ -12,7 +14,7 @@ mod url;
 
 pub use builder::{
     DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_OPERATION_TIMEOUT,
-    PostgresStoreBuilder,
+    DEFAULT_WRITE_TIMEOUT, PostgresStoreBuilder,
 };
 pub use hosts::{HostUrls, TargetSessionAttrs, split_hosts};
 pub use store::{MIGRATIONS_TABLE, PostgresStore};

@@ -31,8 +31,13 @@ impl PostgresStore {
     /// on their own now and then (within the timeout of the hit that does); operators may call
     /// it from a timer, bounded by `TimeoutStore::run`.
     pub async fn sweep_rate_limits(&self) -> Result<u64> {
-        let done = sqlx::query(SWEEP).execute(self.pool()).await.map_err(db)?;
-        Ok(done.rows_affected())
+        self.write(false, |conn| {
+            Box::pin(async move {
+                let done = sqlx::query(SWEEP).execute(&mut *conn).await.map_err(db)?;
+                Ok(done.rows_affected())
+            })
+        })
+        .await
     }
 }
 
@@ -44,13 +49,21 @@ impl RateLimiter for PostgresStore {
 
     async fn hit(&self, key: &str, limit: u32, window: Duration) -> Result<bool> {
         let secs = window.as_secs_f64().max(0.001);
-        let row = sqlx::query(HIT)
-            .bind(key)
-            .bind(secs)
-            .fetch_one(self.pool())
-            .await
-            .map_err(db)?;
-        let count: i64 = row.try_get(0).map_err(db)?;
+        let key = key.to_string();
+        // Not confirmed through a standby: a counter lost in a failover costs nothing.
+        let count: i64 = self
+            .write(false, |conn| {
+                Box::pin(async move {
+                    let row = sqlx::query(HIT)
+                        .bind(key)
+                        .bind(secs)
+                        .fetch_one(&mut *conn)
+                        .await
+                        .map_err(db)?;
+                    row.try_get(0).map_err(db)
+                })
+            })
+            .await?;
         if rand::random_ratio(1, SWEEP_ONE_IN)
             && let Err(e) = self.sweep_rate_limits().await
         {

@@ -1,7 +1,10 @@
 //! [`PostgresStore`]: the [`KeyStore`] on PostgreSQL, one transaction per change.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use async_trait::async_trait;
-use kst_core::key_index::scan;
+use kst_core::key_index::{IndexEntries, scan};
 use kst_core::store::{TimeoutStore, validate_history};
 use kst_core::wkd::WkdHash;
 use kst_core::{
@@ -11,7 +14,9 @@ use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{PgConnection, Row};
 
 use crate::builder::PostgresStoreBuilder;
+use crate::cluster::{Cluster, ConnFuture};
 use crate::error::{COMPONENT, corrupt, db};
+use crate::index::{self, Kind};
 use crate::row::{self, to_bigint, to_int};
 
 /// The embedded schema migrations (`kst-postgres/migrations`).
@@ -27,13 +32,15 @@ pub const MIGRATIONS_TABLE: &str = "kst_schema_migrations";
 /// methods are not bounded by it. Cheap to clone (the connection pool is shared). See the crate documentation for the schema.
 #[derive(Clone)]
 pub struct PostgresStore {
-    pool: PgPool,
+    cluster: Arc<Cluster>,
+    /// Set once `kst_key_index_state.built` was seen true (it never turns false again).
+    index_built: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresStore")
-            .field("pool_size", &self.pool.size())
+            .field("cluster", &self.cluster)
             .finish_non_exhaustive()
     }
 }
@@ -50,8 +57,11 @@ impl PostgresStore {
         PostgresStoreBuilder::new(url)
     }
 
-    pub(crate) fn from_pool(pool: PgPool) -> Self {
-        PostgresStore { pool }
+    pub(crate) fn from_cluster(cluster: Cluster) -> Self {
+        PostgresStore {
+            cluster: Arc::new(cluster),
+            index_built: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// Applies the embedded schema migrations that are not applied yet (for `kst migrate`).
@@ -67,35 +77,62 @@ impl PostgresStore {
         migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
         migrator.set_ignore_missing(true);
         // Migrations can take longer than ordinary operations: bounded by the acquire timeout
-        // for the connection, not by the operation timeout.
-        migrator
-            .run(&self.pool)
-            .await
-            .map_err(crate::error::migrate)
+        // for the connection, not by the operation timeout. On the host that accepts writes.
+        let pool = self.cluster.writer().await?.host.pool;
+        migrator.run(&pool).await.map_err(crate::error::migrate)
     }
 
-    /// The connection pool, for operational tooling.
+    /// The connection pool of the first listed host (with one host: the store's only pool),
+    /// for operational tooling and tests.
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        self.cluster.first_pool()
+    }
+
+    /// The pool of the host that accepts writes now (probing the hosts if needed).
+    pub async fn primary_pool(&self) -> Result<PgPool> {
+        Ok(self.cluster.writer().await?.host.pool)
     }
 
     /// Closes every connection; later operations fail.
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.cluster.close().await;
     }
 
-    /// Runs `SELECT 1` (the builder, within the operation timeout, on connecting).
+    /// Finds the host that accepts writes (the builder, within the operation timeout, on
+    /// connecting).
     pub(crate) async fn check_reachable(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(())
+        self.cluster.writer().await.map(|_| ())
+    }
+
+    /// Runs a write on the primary (see [`Cluster::write`]).
+    pub(crate) async fn write<T, F>(&self, confirm: bool, f: F) -> Result<T>
+    where
+        F: for<'c> FnOnce(&'c mut PgConnection) -> ConnFuture<'c, T>,
+    {
+        self.cluster.write(confirm, f).await
+    }
+
+    /// The primary's pool for a read that must see every confirmed write.
+    async fn fresh(&self) -> Result<PgPool> {
+        self.primary_pool().await
     }
 
     async fn publish_inner(&self, key: NewKey) -> Result<PublishOutcome> {
+        self.write(true, |conn| Box::pin(publish_on(conn, key)))
+            .await
+    }
+
+    async fn get_inner(&self, address: &Address) -> Result<Option<KeyRecord>> {
+        let pool = self.fresh().await?;
+        get_on(&pool, address).await
+    }
+}
+
+/// One publication, in one transaction on `conn`.
+async fn publish_on(conn: &mut PgConnection, key: NewKey) -> Result<PublishOutcome> {
+    {
         let published_at = to_bigint("published_at", key.published_at)?;
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(db)?;
         let key = apply_tombstone(&mut tx, key).await?;
         let address = key.address.as_str();
         let current = lock_or_create(&mut tx, address).await?;
@@ -164,12 +201,17 @@ impl PostgresStore {
             to_int("format", kst_core::store::RECORD_FORMAT)?,
         )
         .await?;
-        tx.commit().await.map_err(db)?;
         let version = row::to_version(version).ok_or_else(|| corrupt("version out of range"))?;
-        Ok(PublishOutcome::Published(key.into_record(version)))
+        let record = key.into_record(version);
+        index::write(&mut tx, &[&record]).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(PublishOutcome::Published(record))
     }
+}
 
-    async fn get_inner(&self, address: &Address) -> Result<Option<KeyRecord>> {
+/// The current record of `address` on `pool`.
+async fn get_on(pool: &PgPool, address: &Address) -> Result<Option<KeyRecord>> {
+    {
         let row: Option<PgRow> = sqlx::query(
             "SELECT k.current_version, h.version IS NOT NULL AS found, h.address, h.version, \
              h.key, h.fingerprint, h.published_at, h.publication_id, h.revoked, h.format \
@@ -178,7 +220,7 @@ impl PostgresStore {
              WHERE k.address = $1",
         )
         .bind(address.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(pool)
         .await
         .map_err(db)?;
         let Some(row) = row else { return Ok(None) };
@@ -193,14 +235,16 @@ impl PostgresStore {
         check_address(address, &record)?;
         Ok(Some(record))
     }
+}
 
+impl PostgresStore {
     async fn history_inner(&self, address: &Address) -> Result<Vec<KeyRecord>> {
         let rows = sqlx::query(
             "SELECT address, version, key, fingerprint, published_at, publication_id, revoked, \
              format FROM kst_key_history WHERE address = $1 ORDER BY version",
         )
         .bind(address.as_str())
-        .fetch_all(&self.pool)
+        .fetch_all(&self.fresh().await?)
         .await
         .map_err(db)?;
         let records = rows.iter().map(row::record).collect::<Result<Vec<_>>>()?;
@@ -222,7 +266,7 @@ impl PostgresStore {
         )
         .bind(after.map(Address::as_str))
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.fresh().await?)
         .await
         .map_err(db)?;
         rows.iter()
@@ -246,11 +290,27 @@ impl PostgresStore {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        let Some(&(last, current, _, _)) = rows.last() else {
+        if rows.is_empty() {
+            return Err(Error::Invalid("restore needs at least one record".into()));
+        }
+        let rows: Vec<(KeyRecord, i64, i64, i32)> = rows
+            .into_iter()
+            .map(|(r, v, p, f)| (r.clone(), v, p, f))
+            .collect();
+        self.write(true, |conn| Box::pin(restore_on(conn, rows)))
+            .await
+    }
+}
+
+/// Replaces the history of one address (validated, converted rows, at least one) on `conn`.
+async fn restore_on(conn: &mut PgConnection, rows: Vec<(KeyRecord, i64, i64, i32)>) -> Result<()> {
+    {
+        let Some((last, current, _, _)) = rows.last() else {
             return Err(Error::Invalid("restore needs at least one record".into()));
         };
+        let current = *current;
         let address = last.address.as_str();
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(db)?;
         // Locks (or creates) the address row first, so concurrent publishers wait for us.
         sqlx::query(
             "INSERT INTO kst_keys (address, current_version) VALUES ($1, $2) \
@@ -266,21 +326,58 @@ impl PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        for (r, version, published_at, format) in rows {
+        for (r, version, published_at, format) in &rows {
             insert_history(
                 &mut tx,
                 address,
-                version,
+                *version,
                 &r.key,
                 r.fingerprint.as_str(),
-                published_at,
+                *published_at,
                 &r.publication_id,
                 r.revoked,
-                format,
+                *format,
             )
             .await?;
         }
+        index::write(&mut tx, &[last]).await?;
         tx.commit().await.map_err(db)
+    }
+}
+
+impl PostgresStore {
+    /// Look-up through the index once it is built; before that (a store written before the
+    /// index migration, until `kst migrate` rebuilt it) through a scan, slow but correct.
+    async fn find_inner(
+        &self,
+        kind: Kind,
+        value: &str,
+        limit: usize,
+        hit: impl Fn(&IndexEntries) -> bool + Send + Sync,
+    ) -> Result<Vec<KeyRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        if !self.index_built.load(Ordering::Relaxed) {
+            if index::is_built(&self.fresh().await?).await? {
+                self.index_built.store(true, Ordering::Relaxed);
+            } else {
+                tracing::warn!(
+                    "the look-up index is not built yet: scanning every key (run `kst migrate`)"
+                );
+                return scan(self, limit, hit).await;
+            }
+        }
+        // Replicas first (a stale answer is safe for these look-ups), the primary last.
+        let mut last_error = None;
+        for pool in self.cluster.readers().await? {
+            match index::find(&pool, kind, value, limit, &hit).await {
+                Ok(found) => return Ok(found),
+                Err(e) if e.is_temporary() => last_error = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| Error::unavailable(COMPONENT, "no host to read from")))
     }
 }
 
@@ -366,17 +463,25 @@ impl KeyStore for PostgresStore {
 
     async fn claim_reminder(&self, claim: &kst_core::reminder::ReminderClaim) -> Result<bool> {
         let now = to_bigint("claimed_at", kst_core::time::unix_now())?;
-        let done = sqlx::query(
-            "INSERT INTO kst_reminder_claims (address, claim, claimed_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (address, claim) DO NOTHING",
-        )
-        .bind(claim.address.as_str())
-        .bind(claim.id())
-        .bind(now)
-        .execute(&self.pool)
+        let (address, id) = (claim.address.as_str().to_string(), claim.id());
+        // Confirmed through the synchronous standby like a publication: a claim lost in a
+        // failover would let a second reminder go out.
+        self.write(true, |conn| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "INSERT INTO kst_reminder_claims (address, claim, claimed_at) \
+                     VALUES ($1, $2, $3) ON CONFLICT (address, claim) DO NOTHING",
+                )
+                .bind(address)
+                .bind(id)
+                .bind(now)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+                Ok(done.rows_affected() == 1)
+            })
+        })
         .await
-        .map_err(db)?;
-        Ok(done.rows_affected() == 1)
     }
 
     async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
@@ -384,12 +489,18 @@ impl KeyStore for PostgresStore {
     }
 
     async fn delete(&self, address: &Address) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM kst_keys WHERE address = $1")
-            .bind(address.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(done.rows_affected() > 0)
+        let address = address.as_str().to_string();
+        self.write(true, |conn| {
+            Box::pin(async move {
+                let done = sqlx::query("DELETE FROM kst_keys WHERE address = $1")
+                    .bind(address)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db)?;
+                Ok(done.rows_affected() > 0)
+            })
+        })
+        .await
     }
 
     async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
@@ -400,23 +511,42 @@ impl KeyStore for PostgresStore {
         self.restore_inner(history).await
     }
 
-    /// Interim: a scan of every address until the index lands.
     async fn find_by_fingerprint(
         &self,
         fingerprint: &Fingerprint,
         limit: usize,
     ) -> Result<Vec<KeyRecord>> {
-        scan(self, limit, |e| e.has_fingerprint(fingerprint)).await
+        self.find_inner(Kind::Fingerprint, fingerprint.as_str(), limit, |e| {
+            e.has_fingerprint(fingerprint)
+        })
+        .await
     }
 
-    /// Interim: a scan of every address until the index lands.
     async fn find_by_key_id(&self, key_id: &KeyId, limit: usize) -> Result<Vec<KeyRecord>> {
-        scan(self, limit, |e| e.has_key_id(key_id)).await
+        self.find_inner(Kind::KeyId, key_id.as_str(), limit, |e| {
+            e.has_key_id(key_id)
+        })
+        .await
     }
 
-    /// Interim: a scan of every address until the index lands.
     async fn find_by_wkd_hash(&self, domain: &str, hash: &WkdHash) -> Result<Option<KeyRecord>> {
-        Ok(scan(self, 1, |e| e.has_wkd_hash(domain, hash)).await?.pop())
+        let value = index::wkd_value(domain, hash);
+        Ok(self
+            .find_inner(Kind::Wkd, &value, 1, |e| e.has_wkd_hash(domain, hash))
+            .await?
+            .pop())
+    }
+
+    /// Rebuilds `kst_key_index` from the current records, 500 addresses per transaction, and
+    /// marks it built (see the index migration). Safe while the pool serves.
+    async fn rebuild_index(&self) -> Result<u64> {
+        let n = index::rebuild(&self.fresh().await?).await?;
+        self.index_built.store(true, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    async fn topology(&self) -> Result<Vec<(String, String)>> {
+        Ok(self.cluster.topology().await)
     }
 
     async fn check(&self) -> Result<()> {
@@ -424,7 +554,7 @@ impl KeyStore for PostgresStore {
             "SELECT pg_is_in_recovery() AS standby, \
              to_regclass('kst_key_history') IS NOT NULL AS schema",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&self.fresh().await?)
         .await
         .map_err(db)?;
         let standby: bool = row.try_get("standby").map_err(db)?;

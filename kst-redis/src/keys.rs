@@ -31,15 +31,84 @@ impl AddressKeys {
     }
 }
 
-/// The sorted set of all addresses that have a key (score 0, ordered by bytes).
-pub(crate) fn index_key(prefix: &str) -> String {
+/// How many sorted sets list the addresses ([`addresses_key`]): spread over the shards of a
+/// cluster, few enough that `list` reads them all for one page.
+pub(crate) const ADDRESS_BUCKETS: u16 = 16;
+
+/// The sorted set (score 0, ordered by bytes) that lists `address` among the addresses of its
+/// bucket: `P` `addrs:` and the bucket in hex. Its own hash slot, not the address'.
+pub(crate) fn addresses_key(prefix: &str, address: &Address) -> String {
+    let bucket = crate::conn::slot(address.as_str().as_bytes()) % ADDRESS_BUCKETS;
+    bucket_key(prefix, bucket)
+}
+
+/// The listing set of bucket `bucket`.
+pub(crate) fn bucket_key(prefix: &str, bucket: u16) -> String {
+    format!("{prefix}addrs:{bucket:x}")
+}
+
+/// The single address index of the layout before the look-up index (read by
+/// `rebuild_index` only, then deleted).
+pub(crate) fn legacy_index_key(prefix: &str) -> String {
     format!("{prefix}index")
+}
+
+/// Set of the addresses whose current key has a (sub)key with this fingerprint.
+pub(crate) fn fingerprint_key(prefix: &str, fingerprint: &kst_core::Fingerprint) -> String {
+    format!("{prefix}fp:{}", fingerprint.as_str())
+}
+
+/// Set of the addresses whose current key has a (sub)key with this 64-bit key ID.
+pub(crate) fn key_id_key(prefix: &str, key_id: &kst_core::KeyId) -> String {
+    format!("{prefix}kid:{}", key_id.as_str())
+}
+
+/// Set of the addresses of `domain` whose local part has this WKD hash.
+pub(crate) fn wkd_key(prefix: &str, domain: &str, hash: &kst_core::wkd::WkdHash) -> String {
+    format!("{prefix}wkd:{}:{}", encode(domain), hash.as_str())
+}
+
+/// Every look-up index key (sets of addresses) of a key with `entries`.
+pub(crate) fn index_keys(prefix: &str, entries: &kst_core::key_index::IndexEntries) -> Vec<String> {
+    let mut keys = Vec::with_capacity(entries.fingerprints.len() * 2 + 1);
+    keys.extend(
+        entries
+            .fingerprints
+            .iter()
+            .map(|f| fingerprint_key(prefix, f)),
+    );
+    keys.extend(entries.key_ids.iter().map(|k| key_id_key(prefix, k)));
+    keys.push(wkd_key(prefix, &entries.domain, &entries.wkd_hash));
+    keys
 }
 
 /// String: the tombstone of a primary-key fingerprint (its key revocation signatures, binary),
 /// kept across deletions.
 pub(crate) fn tombstone_key(prefix: &str, fingerprint: &kst_core::Fingerprint) -> String {
     format!("{prefix}tombstone:{}", fingerprint.as_str())
+}
+
+/// `SCAN MATCH` pattern of every current-record key under `prefix` (glob characters of the
+/// prefix escaped).
+pub(crate) fn current_pattern(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + 8);
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push_str("{*}:cur");
+    out
+}
+
+/// The address of a current-record key (`P{A}:cur`), when it is one.
+pub(crate) fn address_of_current(prefix: &str, key: &str) -> Option<Address> {
+    let tag = key
+        .strip_prefix(prefix)?
+        .strip_prefix('{')?
+        .strip_suffix("}:cur")?;
+    Address::from_normalized(&decode(tag)?).ok()
 }
 
 /// String: the expiry reminder claim `id` of `address` (`KeyStore::claim_reminder`), in the
@@ -57,6 +126,25 @@ pub(crate) fn check_prefix(prefix: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Reverses [`encode`].
+fn decode(tag: &str) -> Option<String> {
+    let mut out = String::with_capacity(tag.len());
+    let mut rest = tag;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let c = match rest.get(i + 1..i + 3)? {
+            "7B" => '{',
+            "7D" => '}',
+            "25" => '%',
+            _ => return None,
+        };
+        out.push(c);
+        rest = &rest[i + 3..];
+    }
+    out.push_str(rest);
+    Some(out)
 }
 
 /// Percent-encodes the characters that would change where a hash tag ends.
@@ -97,7 +185,14 @@ mod tests {
             AddressKeys::new("p:", &plain).hist,
             "p:{alice@example.net}:hist"
         );
-        assert_eq!(index_key("p:"), "p:index");
+        assert_eq!(
+            address_of_current("kst:", &k.cur).unwrap().as_str(),
+            "}a{b%c@example.net"
+        );
+        assert_eq!(address_of_current("kst:", &k.hist), None);
+        assert_eq!(current_pattern("a*b:"), "a\\*b:{*}:cur");
+        let bucket = addresses_key("p:", &plain);
+        assert!(bucket.starts_with("p:addrs:") && bucket.len() <= "p:addrs:f".len());
     }
 
     #[test]

@@ -3,15 +3,18 @@
 #![warn(missing_docs)]
 
 mod builder;
+mod conn;
 mod error;
+mod guard;
+mod index;
 mod keys;
 mod ratelimit;
 mod scripts;
 mod store;
 
 pub use builder::{
-    DEFAULT_CONNECTION_TIMEOUT, DEFAULT_OPERATION_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT,
-    RedisStoreBuilder,
+    DEFAULT_CONNECTION_TIMEOUT, DEFAULT_OPERATION_TIMEOUT, DEFAULT_REPLICA_TIMEOUT,
+    DEFAULT_RESPONSE_TIMEOUT, RedisStoreBuilder,
 };
 pub use keys::DEFAULT_PREFIX;
 pub use store::{MAX_VERSION, RedisStore};

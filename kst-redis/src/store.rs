@@ -1,17 +1,21 @@
-//! [`RedisStore`]: the [`KeyStore`] on Redis, each change one Lua script.
+//! [`RedisStore`]: the [`KeyStore`] on Redis, each change of an address one Lua script.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use kst_core::key_index::scan;
 use kst_core::store::{TimeoutStore, validate_history};
 use kst_core::wkd::WkdHash;
 use kst_core::{
     Address, Error, Fingerprint, KeyId, KeyRecord, KeyStore, NewKey, PublishOutcome, Result,
 };
-use redis::aio::ConnectionManager;
+use redis::Value;
 
 use crate::builder::RedisStoreBuilder;
+use crate::conn::Conn;
 use crate::error::{COMPONENT, corrupt, redis};
-use crate::keys::{AddressKeys, index_key, tombstone_key};
+use crate::guard::Guard;
+use crate::keys::{AddressKeys, fingerprint_key, key_id_key, tombstone_key, wkd_key};
 use crate::scripts;
 
 /// How often a publication is tried again when its tombstone changed under it.
@@ -20,21 +24,33 @@ const TOMBSTONE_RETRIES: usize = 16;
 /// Largest version this store keeps: Lua numbers are doubles, exact up to 2^53.
 pub const MAX_VERSION: u64 = (1 << 53) - 2;
 
-/// A [`KeyStore`] on Redis, shared by every KST instance of a pool.
+/// A [`KeyStore`] on Redis (one server, a primary that Sentinel names, or a Redis Cluster),
+/// shared by every KST instance of a pool.
 ///
 /// The builder hands it out wrapped in a [`TimeoutStore`] (the operation timeout); its own
-/// methods are not bounded by it. Cheap to clone (one multiplexed connection, re-established by itself). See the crate
-/// documentation for the key layout.
+/// methods are not bounded by it. Cheap to clone (multiplexed connections, re-established by
+/// themselves). See the crate documentation for the key layout and the write order.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
-    prefix: String,
+    pub(crate) conn: Conn,
+    pub(crate) prefix: String,
+    pub(crate) guard: Arc<Guard>,
+    /// Replicas that must acknowledge a publication before it is confirmed (`WAIT`).
+    pub(crate) min_replicas: u32,
+    /// Bound on that `WAIT`.
+    pub(crate) replica_timeout: Duration,
+    /// Connections for changes that end in a `WAIT` (empty without `min_replicas`): a `WAIT`
+    /// blocks its connection until the replicas answer, so it never runs on the connection
+    /// that reads and the rate limiter share.
+    pub(crate) lanes: Arc<Vec<Conn>>,
+    pub(crate) next_lane: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
+            .field("min_replicas", &self.min_replicas)
             .finish_non_exhaustive()
     }
 }
@@ -42,18 +58,14 @@ impl std::fmt::Debug for RedisStore {
 impl RedisStore {
     /// Connects to `url` with keys under `prefix` (e.g. [`crate::DEFAULT_PREFIX`]) and the
     /// default timeouts; every operation of the store returned is bounded by the operation
-    /// timeout.
+    /// timeout. The server must be durable (see [`RedisStoreBuilder::require_durable`]).
     pub async fn connect(url: &str, prefix: &str) -> Result<TimeoutStore<Self>> {
         RedisStoreBuilder::new(url).prefix(prefix).connect().await
     }
 
-    /// A builder for prefix and timeouts.
+    /// A builder for prefix, timeouts, Sentinel, Cluster and the durability settings.
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
         RedisStoreBuilder::new(url)
-    }
-
-    pub(crate) fn new(conn: ConnectionManager, prefix: String) -> Self {
-        RedisStore { conn, prefix }
     }
 
     /// The key prefix of this store.
@@ -63,27 +75,43 @@ impl RedisStore {
 
     /// Sends `cmd`, once more if the first try failed on a connection the manager had already
     /// lost (see [`worth_retrying`]).
-    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd, writes: bool) -> Result<T> {
-        let mut conn = self.conn.clone();
-        match cmd.query_async(&mut conn).await {
-            Err(e) if worth_retrying(&e, writes) => cmd.query_async(&mut conn).await,
+    pub(crate) async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        writes: bool,
+    ) -> Result<T> {
+        let once = async || {
+            let mut h = self.conn.handle().await?;
+            cmd.query_async(&mut h).await
+        };
+        let result = match once().await {
+            Err(e) if worth_retrying(&e, writes) => {
+                self.conn.on_error(&e).await;
+                once().await
+            }
             r => r,
-        }
-        .map_err(redis)
+        };
+        self.mapped(result).await
     }
 
     /// Runs a script, with the same retry as [`Self::query`].
-    async fn invoke<T: redis::FromRedisValue>(
+    pub(crate) async fn invoke<T: redis::FromRedisValue>(
         &self,
         script: &redis::ScriptInvocation<'_>,
         writes: bool,
     ) -> Result<T> {
-        let mut conn = self.conn.clone();
-        match script.invoke_async(&mut conn).await {
-            Err(e) if worth_retrying(&e, writes) => script.invoke_async(&mut conn).await,
+        let once = async || {
+            let mut h = self.conn.handle().await?;
+            script.invoke_async(&mut h).await
+        };
+        let result = match once().await {
+            Err(e) if worth_retrying(&e, writes) => {
+                self.conn.on_error(&e).await;
+                once().await
+            }
             r => r,
-        }
-        .map_err(redis)
+        };
+        self.mapped(result).await
     }
 
     /// Runs a writing script (for the rate limiter).
@@ -94,22 +122,142 @@ impl RedisStore {
         self.invoke(script, true).await
     }
 
-    fn keys(&self, address: &Address) -> AddressKeys {
+    /// Maps a redis result, letting the connection react to the error (Sentinel: ask again).
+    async fn mapped<T>(&self, result: redis::RedisResult<T>) -> Result<T> {
+        match result {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.conn.on_error(&e).await;
+                Err(redis(e))
+            }
+        }
+    }
+
+    /// Sends independent commands, each of which touches one key: pipelined on one server,
+    /// concurrently on a cluster (where they may live on different shards). Answers in order.
+    pub(crate) async fn query_many(
+        &self,
+        cmds: Vec<redis::Cmd>,
+        writes: bool,
+    ) -> Result<Vec<Value>> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.conn.is_cluster() {
+            let mut pipe = redis::pipe();
+            for c in &cmds {
+                pipe.add_command(c.clone());
+            }
+            let once = async || {
+                let mut h = self.conn.handle().await?;
+                pipe.query_async::<Vec<Value>>(&mut h).await
+            };
+            let result = match once().await {
+                Err(e) if worth_retrying(&e, writes) => {
+                    self.conn.on_error(&e).await;
+                    once().await
+                }
+                r => r,
+            };
+            return self.mapped(result).await;
+        }
+        let mut set = tokio::task::JoinSet::new();
+        for (i, cmd) in cmds.into_iter().enumerate() {
+            let store = self.clone();
+            set.spawn(async move { (i, store.query::<Value>(&cmd, writes).await) });
+        }
+        let mut out: Vec<Option<Value>> = vec![None; set.len()];
+        while let Some(joined) = set.join_next().await {
+            let (i, r) = joined.map_err(|e| Error::unavailable(COMPONENT, e))?;
+            out[i] = Some(r?);
+        }
+        Ok(out.into_iter().map(|v| v.unwrap_or(Value::Nil)).collect())
+    }
+
+    /// This store on a connection of its own for one change that ends in a `WAIT` (itself
+    /// without `min_replicas`): the change's writes and the `WAIT` go on the same connection.
+    fn lane(&self) -> RedisStore {
+        if self.lanes.is_empty() {
+            return self.clone();
+        }
+        let i = self
+            .next_lane
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % self.lanes.len();
+        RedisStore {
+            conn: self.lanes[i].clone(),
+            ..self.clone()
+        }
+    }
+
+    pub(crate) fn keys(&self, address: &Address) -> AddressKeys {
         AddressKeys::new(&self.prefix, address)
     }
 
-    async fn publish_inner(&self, key: NewKey) -> Result<PublishOutcome> {
+    /// Waits for [`Self::min_replicas`] replicas of the primary that holds `key` to acknowledge
+    /// every write sent before on the same connection; a temporary error when fewer do.
+    async fn wait_for_replicas(&self, key: &str, what: &str) -> Result<()> {
+        if self.min_replicas == 0 {
+            return Ok(());
+        }
+        let millis = u64::try_from(self.replica_timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(self.min_replicas).arg(millis);
+        let result = self.conn.on_slot_of(key, &cmd).await;
+        let acked: i64 = match self.mapped(result).await? {
+            Value::Int(n) => n,
+            other => {
+                return Err(corrupt(format!("WAIT answered {other:?}")));
+            }
+        };
+        if acked < i64::from(self.min_replicas) {
+            return Err(Error::unavailable(
+                COMPONENT,
+                format!(
+                    "{what} reached {acked} of the {} replicas [store] min_replicas asks for \
+                     within {millis} ms; not confirmed (it is applied on the primary, and \
+                     retrying is safe)",
+                    self.min_replicas
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn publish_inner(&self, mut key: NewKey) -> Result<PublishOutcome> {
+        self.guard.ensure(self).await?;
         let address = key.address.clone();
         let k = self.keys(&address);
         let tombstone_key = tombstone_key(&self.prefix, &key.fingerprint);
-        // Optimistic: read the tombstone, merge, and let the script write only if the tombstone
-        // is still what was read (else merge again with the new one).
+        let original = key.clone();
+        let mut supersede = false;
         for _ in 0..TOMBSTONE_RETRIES {
+            // 1. The tombstone: read, merge, and write back (compare-and-set) when it grew.
             let stored: Option<Vec<u8>> = self
                 .query(redis::cmd("GET").arg(&tombstone_key), false)
                 .await?;
-            let (merged, tombstone) =
+            let (merged, grown) =
                 kst_core::revocation::apply_tombstone(key.clone(), stored.as_deref())?;
+            if let Some(grown) = &grown {
+                let mut invocation = scripts::TOMBSTONE.prepare_invoke();
+                invocation
+                    .key(&tombstone_key)
+                    .arg(if stored.is_some() { "1" } else { "0" })
+                    .arg(stored.clone().unwrap_or_default())
+                    .arg(grown);
+                let written: i64 = self.invoke(&invocation, true).await?;
+                if written == 0 {
+                    continue;
+                }
+            }
+            let merged_with = grown.or(stored);
+            // 2. The index entries of the new key, before the record (a confirmed key is
+            //    always findable).
+            let record = merged.clone().into_record(1);
+            self.add_index(&record).await?;
+            // 3. The record: one script on the address' hash slot.
             let publication_id = merged.publication_id.clone();
             let (key_b64, body) = body_without_version(merged.into_record(0))?;
             let mut invocation = scripts::PUBLISH.prepare_invoke();
@@ -118,15 +266,10 @@ impl RedisStore {
                 .key(&k.ver)
                 .key(&k.hist)
                 .key(&k.pubs)
-                .key(index_key(&self.prefix))
-                .key(&tombstone_key)
-                .arg(address.as_str())
                 .arg(&publication_id)
                 .arg(&key_b64)
                 .arg(&body)
-                .arg(if stored.is_some() { "1" } else { "0" })
-                .arg(stored.unwrap_or_default())
-                .arg(tombstone.unwrap_or_default())
+                .arg(if supersede { "1" } else { "0" })
                 .arg(match key.expected {
                     kst_core::Expected::Any => String::new(),
                     kst_core::Expected::Nothing => "0".to_string(),
@@ -135,41 +278,105 @@ impl RedisStore {
                     kst_core::Expected::Version(_) => "-".to_string(),
                 });
             let reply: Vec<Vec<u8>> = self.invoke(&invocation, true).await?;
-            let [status, payload] = <[Vec<u8>; 2]>::try_from(reply)
+            let [status, payload, previous] = <[Vec<u8>; 3]>::try_from(reply)
                 .map_err(|r| corrupt(format!("publish script answered {} values", r.len())))?;
-            return match status.as_slice() {
-                b"retry" => continue,
-                b"published" => Ok(PublishOutcome::Published(parse(&address, &payload)?)),
-                b"unchanged" => Ok(PublishOutcome::Unchanged(parse(&address, &payload)?)),
+            let outcome = match status.as_slice() {
+                b"published" => PublishOutcome::Published(parse(&address, &payload)?),
+                b"unchanged" => PublishOutcome::Unchanged(parse(&address, &payload)?),
                 b"conflict" => {
                     let current = String::from_utf8_lossy(&payload).parse::<u64>().ok();
-                    Err(key.expected.conflict(&address, current.filter(|&v| v > 0)))
+                    return Err(key.expected.conflict(&address, current.filter(|&v| v > 0)));
                 }
-                b"corrupt" => Err(corrupt(format!(
-                    "{address}: {}",
-                    String::from_utf8_lossy(&payload)
-                ))),
-                other => Err(corrupt(format!(
-                    "publish script answered {:?}",
-                    String::from_utf8_lossy(other)
-                ))),
+                b"corrupt" => {
+                    return Err(corrupt(format!(
+                        "{address}: {}",
+                        String::from_utf8_lossy(&payload)
+                    )));
+                }
+                other => {
+                    return Err(corrupt(format!(
+                        "publish script answered {:?}",
+                        String::from_utf8_lossy(other)
+                    )));
+                }
             };
+            // 4. Entries of the key it replaced that the new one lacks; then the index of
+            //    whatever is current now (see "Write order").
+            if !previous.is_empty() {
+                let previous = parse(&address, &previous)?;
+                self.remove_stale_index(&previous, Some(&record)).await?;
+            }
+            self.recheck_index(&address).await?;
+            // 5. A revocation that landed between 1 and 3 (another publisher of the same
+            //    fingerprint): publish again with it merged in. Readers merge it already.
+            let now: Option<Vec<u8>> = self
+                .query(redis::cmd("GET").arg(&tombstone_key), false)
+                .await?;
+            if now.as_deref().filter(|t| !t.is_empty())
+                != merged_with.as_deref().filter(|t| !t.is_empty())
+            {
+                key = original.clone();
+                supersede = true;
+                continue;
+            }
+            // 6. Replicas, before the caller confirms.
+            self.wait_for_replicas(&k.cur, "the publication").await?;
+            if merged_with.is_some() && self.conn.is_cluster() {
+                self.wait_for_replicas(&tombstone_key, "the tombstone")
+                    .await?;
+            }
+            return Ok(outcome);
         }
         Err(Error::unavailable(
             COMPONENT,
             format!(
                 "the tombstone of {} kept changing during {TOMBSTONE_RETRIES} attempts to \
                  publish for {address}; try again",
-                key.fingerprint
+                original.fingerprint
             ),
         ))
     }
 
-    async fn get_inner(&self, address: &Address) -> Result<Option<KeyRecord>> {
+    /// The stored current record, as it is (no tombstone applied).
+    pub(crate) async fn get_stored(&self, address: &Address) -> Result<Option<KeyRecord>> {
         let json: Option<Vec<u8>> = self
             .query(redis::cmd("GET").arg(&self.keys(address).cur), false)
             .await?;
         json.map(|j| parse(address, &j)).transpose()
+    }
+
+    /// The current record as served: with the tombstone of its fingerprint merged in, so that
+    /// a key revoked by a concurrent publication is never served without the revocation.
+    async fn get_inner(&self, address: &Address) -> Result<Option<KeyRecord>> {
+        let Some(record) = self.get_stored(address).await? else {
+            return Ok(None);
+        };
+        self.served(record).await.map(Some)
+    }
+
+    /// `record` with the stored tombstone of its fingerprint applied.
+    async fn served(&self, mut record: KeyRecord) -> Result<KeyRecord> {
+        let tomb: Option<Vec<u8>> = self
+            .query(
+                redis::cmd("GET").arg(tombstone_key(&self.prefix, &record.fingerprint)),
+                false,
+            )
+            .await?;
+        let Some(tomb) = tomb.filter(|t| !t.is_empty()) else {
+            return Ok(record);
+        };
+        let merged =
+            kst_core::revocation::merge_primary_revocations(&record.key, &tomb).map_err(|e| {
+                corrupt(format!(
+                    "{}: the tombstone of {} does not merge: {e}",
+                    record.address, record.fingerprint
+                ))
+            })?;
+        if merged != record.key || !record.revoked {
+            record.key = merged;
+            record.revoked = true;
+        }
+        Ok(record)
     }
 
     async fn history_inner(&self, address: &Address) -> Result<Vec<KeyRecord>> {
@@ -194,38 +401,6 @@ impl RedisStore {
         Ok(records)
     }
 
-    async fn list_inner(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let min = match after {
-            Some(a) => format!("({a}"),
-            None => "-".to_string(),
-        };
-        let mut cmd = redis::cmd("ZRANGEBYLEX");
-        cmd.arg(index_key(&self.prefix))
-            .arg(min)
-            .arg("+")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(isize::try_from(limit).unwrap_or(isize::MAX));
-        let members: Vec<Vec<u8>> = self.query(&cmd, false).await?;
-        members
-            .iter()
-            .map(|m| {
-                std::str::from_utf8(m)
-                    .ok()
-                    .and_then(|s| Address::from_normalized(s).ok())
-                    .ok_or_else(|| {
-                        corrupt(format!(
-                            "index member {:?} is not an address",
-                            String::from_utf8_lossy(m)
-                        ))
-                    })
-            })
-            .collect()
-    }
-
     async fn restore_inner(&self, history: &[KeyRecord]) -> Result<()> {
         validate_history(history)?;
         let Some(last) = history.last() else {
@@ -239,14 +414,9 @@ impl RedisStore {
         }
         let address = &last.address;
         let k = self.keys(address);
+        self.add_index(last).await?;
         let mut invocation = scripts::RESTORE.prepare_invoke();
-        invocation
-            .key(&k.cur)
-            .key(&k.ver)
-            .key(&k.hist)
-            .key(&k.pubs)
-            .key(index_key(&self.prefix))
-            .arg(address.as_str());
+        invocation.key(&k.cur).key(&k.ver).key(&k.hist).key(&k.pubs);
         for r in history {
             let json = serde_json::to_string(r)
                 .map_err(|e| Error::Invalid(format!("record of {address}: {e}")))?;
@@ -255,43 +425,66 @@ impl RedisStore {
                 .arg(&r.publication_id)
                 .arg(json);
         }
-        let _: i64 = self.invoke(&invocation, true).await?;
-        Ok(())
+        let previous: Vec<u8> = self.invoke(&invocation, true).await?;
+        if !previous.is_empty() {
+            let previous = parse(address, &previous)?;
+            self.remove_stale_index(&previous, Some(last)).await?;
+        }
+        self.recheck_index(address).await?;
+        self.wait_for_replicas(&k.cur, "the restore").await
     }
 
     async fn delete_inner(&self, address: &Address) -> Result<bool> {
         let k = self.keys(address);
         let mut invocation = scripts::DELETE.prepare_invoke();
-        invocation
-            .key(&k.cur)
-            .key(&k.ver)
-            .key(&k.hist)
-            .key(&k.pubs)
-            .key(index_key(&self.prefix))
-            .arg(address.as_str());
-        let removed: i64 = self.invoke(&invocation, true).await?;
+        invocation.key(&k.cur).key(&k.ver).key(&k.hist).key(&k.pubs);
+        let (removed, previous): (i64, Vec<u8>) = self.invoke(&invocation, true).await?;
+        if !previous.is_empty() {
+            let previous = parse(address, &previous)?;
+            self.remove_stale_index(&previous, None).await?;
+        }
+        self.recheck_index(address).await?;
+        self.wait_for_replicas(&k.cur, "the deletion").await?;
         Ok(removed > 0)
     }
 
-    async fn check_inner(&self) -> Result<()> {
-        let role: redis::Value = self.query(&redis::cmd("ROLE"), false).await?;
-        let first = match &role {
-            redis::Value::Array(items) => items.first(),
-            _ => None,
-        };
-        let is_master = match first {
-            Some(redis::Value::BulkString(b)) => b.as_slice() == b"master",
-            Some(redis::Value::SimpleString(s)) => s == "master",
-            _ => false,
-        };
-        if is_master {
-            Ok(())
-        } else {
-            Err(Error::unavailable(
-                COMPONENT,
-                "connected to a replica, not the primary",
-            ))
+    /// Current keys named by the index set `set` that `hit` confirms (against the record
+    /// itself: a stale entry is never served), in address order, at most `limit`.
+    async fn find_in(
+        &self,
+        set: String,
+        limit: usize,
+        hit: impl Fn(&kst_core::key_index::IndexEntries) -> bool,
+    ) -> Result<Vec<KeyRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
         }
+        let members: Vec<Vec<u8>> = self.query(redis::cmd("SMEMBERS").arg(&set), false).await?;
+        let mut addresses = members
+            .iter()
+            .filter_map(|m| {
+                let a = std::str::from_utf8(m)
+                    .ok()
+                    .and_then(|s| Address::from_normalized(s).ok());
+                if a.is_none() {
+                    tracing::warn!(set = %set, member = %String::from_utf8_lossy(m), "index member is not an address; ignored");
+                }
+                a
+            })
+            .collect::<Vec<_>>();
+        addresses.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        let mut out = Vec::new();
+        for a in addresses {
+            if let Some(r) = self.get_stored(&a).await?
+                && hit(&kst_core::key_index::IndexEntries::of(&r))
+            {
+                out.push(self.served(r).await?);
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -322,7 +515,7 @@ fn body_without_version(record: KeyRecord) -> Result<(String, String)> {
 }
 
 /// Parses a stored record of `address`.
-fn parse(address: &Address, json: &[u8]) -> Result<KeyRecord> {
+pub(crate) fn parse(address: &Address, json: &[u8]) -> Result<KeyRecord> {
     let r: KeyRecord = serde_json::from_slice(json)
         .map_err(|e| corrupt(format!("{address}: unreadable record: {e}")))?;
     if &r.address != address {
@@ -344,7 +537,7 @@ impl KeyStore for RedisStore {
     }
 
     async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
-        self.publish_inner(key).await
+        self.lane().publish_inner(key).await
     }
 
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
@@ -370,7 +563,7 @@ impl KeyStore for RedisStore {
     }
 
     async fn delete(&self, address: &Address) -> Result<bool> {
-        self.delete_inner(address).await
+        self.lane().delete_inner(address).await
     }
 
     async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
@@ -378,29 +571,41 @@ impl KeyStore for RedisStore {
     }
 
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
-        self.restore_inner(history).await
+        self.lane().restore_inner(history).await
     }
 
-    /// Interim: a scan of every address until the index lands.
     async fn find_by_fingerprint(
         &self,
         fingerprint: &Fingerprint,
         limit: usize,
     ) -> Result<Vec<KeyRecord>> {
-        scan(self, limit, |e| e.has_fingerprint(fingerprint)).await
+        let set = fingerprint_key(&self.prefix, fingerprint);
+        self.find_in(set, limit, |e| e.has_fingerprint(fingerprint))
+            .await
     }
 
-    /// Interim: a scan of every address until the index lands.
     async fn find_by_key_id(&self, key_id: &KeyId, limit: usize) -> Result<Vec<KeyRecord>> {
-        scan(self, limit, |e| e.has_key_id(key_id)).await
+        let set = key_id_key(&self.prefix, key_id);
+        self.find_in(set, limit, |e| e.has_key_id(key_id)).await
     }
 
-    /// Interim: a scan of every address until the index lands.
     async fn find_by_wkd_hash(&self, domain: &str, hash: &WkdHash) -> Result<Option<KeyRecord>> {
-        Ok(scan(self, 1, |e| e.has_wkd_hash(domain, hash)).await?.pop())
+        let set = wkd_key(&self.prefix, domain, hash);
+        Ok(self
+            .find_in(set, 1, |e| e.has_wkd_hash(domain, hash))
+            .await?
+            .pop())
+    }
+
+    async fn rebuild_index(&self) -> Result<u64> {
+        self.rebuild_index_inner().await
     }
 
     async fn check(&self) -> Result<()> {
         self.check_inner().await
+    }
+
+    async fn topology(&self) -> Result<Vec<(String, String)>> {
+        self.topology_inner().await
     }
 }

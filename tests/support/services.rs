@@ -104,7 +104,22 @@ impl TestPrefix {
                 t.url
             );
         }
+        t.make_durable();
         t
+    }
+
+    /// Makes the shared server durable (`appendonly yes`, `appendfsync always`), which
+    /// kst-redis requires; scripts/services.sh starts it so, this covers one started otherwise.
+    fn make_durable(&self) {
+        let mut conn = self.connection().expect("Redis connection");
+        for (name, value) in [("appendonly", "yes"), ("appendfsync", "always")] {
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(name)
+                .arg(value)
+                .exec(&mut conn)
+                .unwrap_or_else(|e| panic!("CONFIG SET {name} {value} on the test Redis: {e}"));
+        }
     }
 
     fn connection(&self) -> redis::RedisResult<redis::Connection> {

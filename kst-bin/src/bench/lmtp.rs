@@ -122,48 +122,79 @@ impl Connection {
     }
 }
 
-/// Opens `concurrency` connections to `addr`, sends every message once, and returns one sample
-/// per message and the wall-clock time from the first message to the last reply (connecting is
+/// Pause before a message that failed temporarily is sent again.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Opens `concurrency` connections, spread in turn over `addrs` (the instances of a pool),
+/// sends every message once (or, with `retry`, again after a `4xx` or a broken connection,
+/// until `retry` has passed since its first try, as an MTA would), and returns one sample per
+/// message and the wall-clock time from the first message to the last reply (connecting is
 /// not timed).
 pub async fn run(
-    addr: &str,
+    addrs: &[String],
     concurrency: usize,
     messages: Arc<Vec<Prepared>>,
     progress: ProgressBar,
+    retry: Option<Duration>,
 ) -> anyhow::Result<(Vec<Sample>, Duration)> {
+    if addrs.is_empty() {
+        bail!("no LMTP address to connect to");
+    }
     let mut connections = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
-        connections.push(Connection::open(addr).await?);
+    for k in 0..concurrency {
+        let addr = addrs[k % addrs.len()].clone();
+        connections.push((Connection::open(&addr).await?, addr));
     }
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for mut c in connections {
+    for (c, addr) in connections {
         let (next, messages, progress) = (next.clone(), messages.clone(), progress.clone());
         tasks.spawn(async move {
             let mut samples = Vec::new();
+            let mut conn = Some(c);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(m) = messages.get(i) else { break };
                 let t = Instant::now();
-                let outcome = match c.send(m).await {
-                    Ok(reply) => Outcome::of_reply(&reply),
-                    Err(e) => {
-                        samples.push(Sample {
-                            latency: t.elapsed(),
-                            outcome: Outcome::Failed(format!("connection: {e}")),
-                        });
-                        progress.inc(1);
-                        break;
+                let mut tries = 0;
+                let outcome = loop {
+                    tries += 1;
+                    if conn.is_none() {
+                        conn = Connection::open(&addr).await.ok();
+                    }
+                    let sent = match conn.as_mut() {
+                        Some(c) => c.send(m).await,
+                        None => Err(anyhow::anyhow!("cannot connect again to {addr}")),
+                    };
+                    let outcome = match sent {
+                        Ok(reply) => Outcome::of_reply(&reply),
+                        Err(e) => {
+                            conn = None;
+                            Outcome::Failed(format!("connection: {e}"))
+                        }
+                    };
+                    let temporary = matches!(outcome, Outcome::Deferred(_)) || conn.is_none();
+                    match retry {
+                        Some(limit) if temporary && t.elapsed() < limit => {
+                            tokio::time::sleep(RETRY_PAUSE).await;
+                        }
+                        _ => break outcome,
                     }
                 };
                 samples.push(Sample {
                     latency: t.elapsed(),
                     outcome,
+                    tries,
                 });
                 progress.inc(1);
+                if conn.is_none() {
+                    break;
+                }
             }
-            let _ = c.io.get_mut().write_all(b"QUIT\r\n").await;
+            if let Some(mut c) = conn {
+                let _ = c.io.get_mut().write_all(b"QUIT\r\n").await;
+            }
             samples
         });
     }
@@ -185,6 +216,7 @@ mod tests {
             sender: "s@x.test".into(),
             recipient: "keys@x.test".into(),
             raw: b"hi\r\n".to_vec(),
+            pending: None,
         });
         assert_eq!(
             m.commands,

@@ -14,6 +14,8 @@ pub struct Message {
     pub recipient: String,
     /// The message with its trusted `Received:` header where one belongs.
     pub raw: Vec<u8>,
+    /// What verifies the reply (K_auth, Message-ID), for `--pending-out`.
+    pub pending: Option<client::Pending>,
 }
 
 /// What to generate.
@@ -91,6 +93,7 @@ pub fn build(
             sender: login,
             recipient: service.clone(),
             raw,
+            pending: Some(req.pending),
         });
         progress();
     }
@@ -107,6 +110,7 @@ pub fn build(
             sender: requester,
             recipient: service.clone(),
             raw: req.message,
+            pending: Some(req.pending),
         });
     }
     Ok((publications, retrievals))

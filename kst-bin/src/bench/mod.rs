@@ -66,9 +66,20 @@ pub struct LoadArgs {
 #[derive(Debug, Clone, Args)]
 pub struct LmtpArgs {
     /// The LMTP address of `kst serve`: unix:/path for a Unix socket (default: the one `kst
-    /// serve` makes without a configuration, run from the same directory), or host:port.
+    /// serve` makes without a configuration, run from the same directory), or host:port. A
+    /// comma-separated list spreads the connections over the instances of a pool.
     #[arg(long, default_value = "unix:./data/lmtp.sock")]
     pub connect: String,
+    /// Send a message again after a temporary failure (`4xx`, or a broken connection: then
+    /// reconnect) every 100 ms, until this many seconds have passed since its first try, as
+    /// an MTA would; 0 never retries. For failover drills.
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub retry_temporary: u64,
+    /// Write, for every message, what verifies its reply (`kst_core::client::Pending`: the
+    /// request's Message-ID and K_auth) to FILE, one JSON object per line with its phase and
+    /// index. For drills that check every reply's HMAC; holds the test requests' secrets.
+    #[arg(long, value_name = "FILE")]
+    pub pending_out: Option<std::path::PathBuf>,
     /// Also read the server's own latency histogram from its `/metrics` (e.g.
     /// 127.0.0.1:8080) before and after each phase.
     #[arg(long, value_name = "HOST:PORT")]
@@ -116,6 +127,13 @@ async fn run_inner(cmd: BenchCommand, config: Option<&Path>) -> anyhow::Result<b
             .context("the key generation task failed")??
     };
     bar.finish_and_clear();
+    if let BenchCommand::Lmtp(LmtpArgs {
+        pending_out: Some(path),
+        ..
+    }) = &cmd
+    {
+        write_pending(path, &publications, &retrievals)?;
+    }
     let mut all_decided = true;
     for (phase, msgs) in [("publication", publications), ("retrieval", retrievals)] {
         if msgs.is_empty() {
@@ -132,6 +150,24 @@ async fn run_inner(cmd: BenchCommand, config: Option<&Path>) -> anyhow::Result<b
         all_decided &= report.decided == report.messages;
     }
     Ok(all_decided)
+}
+
+/// `--pending-out`: one JSON line per message, `{"phase", "index", "pending"}`.
+fn write_pending(
+    path: &Path,
+    publications: &[Message],
+    retrievals: &[Message],
+) -> anyhow::Result<()> {
+    let mut out = String::new();
+    for (phase, msgs) in [("publication", publications), ("retrieval", retrievals)] {
+        for (index, m) in msgs.iter().enumerate() {
+            let line = serde_json::json!({ "phase": phase, "index": index, "pending": m.pending });
+            out.push_str(&line.to_string());
+            out.push('\n');
+        }
+    }
+    std::fs::write(path, out)
+        .with_context(|| format!("cannot write --pending-out {}", path.display()))
 }
 
 fn bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
@@ -157,8 +193,15 @@ async fn lmtp_phase(a: &LmtpArgs, phase: &str, msgs: Vec<Message>) -> anyhow::Re
         None => None,
     };
     let bar = bar(a.load.quiet, prepared.len(), phase);
+    let addrs: Vec<String> = a
+        .connect
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let retry = (a.retry_temporary > 0).then(|| Duration::from_secs(a.retry_temporary));
     let (samples, elapsed) =
-        lmtp::run(&a.connect, a.load.concurrency, prepared, bar.clone()).await?;
+        lmtp::run(&addrs, a.load.concurrency, prepared, bar.clone(), retry).await?;
     bar.finish_and_clear();
     let mut report = Report::new(phase, "lmtp", a.load.concurrency, samples, elapsed);
     if let (Some(m), Some(before)) = (&a.metrics, before) {

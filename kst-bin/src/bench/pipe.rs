@@ -39,6 +39,7 @@ pub async fn run(
                 samples.push(Sample {
                     latency: t.elapsed(),
                     outcome,
+                    tries: 1,
                 });
                 progress.inc(1);
             }

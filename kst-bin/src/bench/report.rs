@@ -47,6 +47,8 @@ pub struct Sample {
     pub latency: Duration,
     /// What it got.
     pub outcome: Outcome,
+    /// Times it was sent (more than 1 when a temporary failure was retried).
+    pub tries: u32,
 }
 
 /// The summary of a phase.
@@ -74,8 +76,10 @@ pub struct Report {
     pub p99_ms: f64,
     /// Largest latency.
     pub max_ms: f64,
-    /// Messages per outcome.
+    /// Messages per outcome (the final one, after retries).
     pub outcomes: BTreeMap<String, usize>,
+    /// Messages sent more than once because a try failed temporarily (`--retry-temporary`).
+    pub retried: usize,
     /// The server's own 99th percentile (end of DATA to decision, from `/metrics`), when
     /// `--metrics` was given: the upper bound of the histogram bucket that holds it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -107,6 +111,7 @@ impl Report {
             .iter()
             .filter(|s| matches!(s.outcome, Outcome::Decided(_)))
             .count();
+        let retried = samples.iter().filter(|s| s.tries > 1).count();
         let seconds = elapsed.as_secs_f64();
         Report {
             phase: phase.into(),
@@ -125,6 +130,7 @@ impl Report {
             p99_ms: pct(0.99),
             max_ms: pct(1.0),
             outcomes,
+            retried,
             server_p99_ms: None,
         }
     }
@@ -160,6 +166,12 @@ impl Report {
             .map(|(k, v)| format!("{k}: {v}"))
             .collect();
         s.push_str(&format!("{:<12} outcomes: {}\n", "", outcomes.join(", ")));
+        if self.retried > 0 {
+            s.push_str(&format!(
+                "{:<12} retried after a temporary failure: {}\n",
+                "", self.retried
+            ));
+        }
         s
     }
 }
@@ -236,6 +248,7 @@ mod tests {
                 } else {
                     Outcome::of_reply("250 2.0.0 <x> L1.2 decided: found")
                 },
+                tries: if ms <= 3 { 2 } else { 1 },
             })
             .collect();
         let r = Report::new("retrieval", "lmtp", 4, samples, Duration::from_secs(2));
@@ -247,6 +260,8 @@ mod tests {
         );
         assert_eq!(r.outcomes["found"], 99);
         assert_eq!(r.outcomes["deferred 451 4.3.0"], 1);
+        assert_eq!(r.retried, 3);
+        assert!(r.text().contains("retried after a temporary failure: 3"));
         assert!(r.text().contains("49 msg/s") || r.text().contains("50 msg/s"));
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use kst_core::service::Kst;
@@ -22,7 +22,9 @@ struct AppState {
 }
 
 /// The routes: `/healthz` (200 while the process runs), `/readyz` (200 when the store and the
-/// mailer answer their checks, else 503 and why), `/metrics` (Prometheus text format).
+/// mailer answer their checks, else 503 and why; as JSON with the store's topology when asked
+/// with `?format=json` or `Accept: application/json`), `/metrics` (Prometheus text format, with
+/// the store's topology as `kst_store_info`).
 pub fn router(kst: Kst, metrics: PrometheusHandle) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -47,7 +49,70 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
+async fn readyz(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> (StatusCode, [(header::HeaderName, &'static str); 1], String) {
+    let json = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "format=json"))
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("application/json"));
+    let problems = readiness_problems(&state).await;
+    let status = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        tracing::warn!(problems = %problems.join("; "), "not ready");
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    if json {
+        let store = state.kst.store();
+        let topology: serde_json::Map<String, serde_json::Value> = store_topology(&state)
+            .await
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect();
+        let body = serde_json::json!({
+            "ready": problems.is_empty(),
+            "problems": problems,
+            "store": { "name": store.name(), "topology": topology },
+        });
+        return (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            format!("{body}\n"),
+        );
+    }
+    let body = if problems.is_empty() {
+        "ready\n".to_string()
+    } else {
+        format!("not ready: {}\n", problems.join("; "))
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+}
+
+/// The store's [`topology`](kst_core::KeyStore::topology) facts, or one `error` entry when it
+/// cannot say within [`CHECK_TIMEOUT`].
+async fn store_topology(state: &AppState) -> Vec<(String, String)> {
+    match tokio::time::timeout(CHECK_TIMEOUT, state.kst.store().topology()).await {
+        Ok(Ok(facts)) => facts,
+        Ok(Err(e)) => vec![("error".into(), e.to_string())],
+        Err(_) => vec![(
+            "error".into(),
+            format!("no answer within {}s", CHECK_TIMEOUT.as_secs()),
+        )],
+    }
+}
+
+/// What keeps this instance from being ready (empty when it is).
+async fn readiness_problems(state: &AppState) -> Vec<String> {
     let mut problems = Vec::new();
     let store = state.kst.store();
     match tokio::time::timeout(CHECK_TIMEOUT, store.check()).await {
@@ -69,23 +134,71 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
             CHECK_TIMEOUT.as_secs()
         )),
     }
-    if problems.is_empty() {
-        (StatusCode::OK, "ready\n".into())
-    } else {
-        tracing::warn!(problems = %problems.join("; "), "not ready");
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", problems.join("; ")),
-        )
-    }
+    problems
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let mut body = state.metrics.render();
+    body.push_str(&store_info(
+        state.kst.store().name(),
+        &store_topology(&state).await,
+    ));
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        body,
     )
+}
+
+/// The store's topology facts as one Prometheus info gauge per fact:
+/// `kst_store_info{store="postgres",name="primary",value="db1:5432"} 1`. Rendered on each
+/// scrape (not kept in the registry), so a fact that changed leaves no stale series behind.
+fn store_info(store: &str, facts: &[(String, String)]) -> String {
+    if facts.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "# HELP kst_store_info Facts about the store's topology (primary in use, replication \
+         settings), one series per fact, value 1\n# TYPE kst_store_info gauge\n",
+    );
+    for (name, value) in facts {
+        out.push_str(&format!(
+            "kst_store_info{{store=\"{}\",name=\"{}\",value=\"{}\"}} 1\n",
+            label_value(store),
+            label_value(name),
+            label_value(value)
+        ));
+    }
+    out
+}
+
+/// Escapes a Prometheus label value (backslash, double quote, newline).
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_info_lines_escape_their_labels() {
+        assert_eq!(store_info("fs", &[]), "");
+        let text = store_info(
+            "postgres",
+            &[
+                ("primary".into(), "db1:5432".into()),
+                ("problem".into(), "a \"b\"\\c\nd".into()),
+            ],
+        );
+        assert!(text.starts_with("# HELP kst_store_info "), "{text}");
+        assert!(text.contains(
+            "kst_store_info{store=\"postgres\",name=\"primary\",value=\"db1:5432\"} 1\n"
+        ));
+        assert!(text.contains(r#"value="a \"b\"\\c\nd"} 1"#), "{text}");
+    }
 }

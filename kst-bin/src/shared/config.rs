@@ -203,6 +203,32 @@ pub struct StoreConfig {
     pub prefix: String,
     /// Most connections one kst process opens to PostgreSQL.
     pub max_connections: u32,
+
+    // --- PostgreSQL replication (issue 16) ---
+    /// `postgres`: further hosts of the same database, one URL each, besides `url` (which may
+    /// itself list hosts, libpq-style). kst writes to the one that accepts writes.
+    pub urls: Vec<String>,
+    /// `postgres`: read replicas for the look-ups by fingerprint, key ID and WKD hash (where a
+    /// slightly stale answer is safe); every other read and every write goes to the primary.
+    pub read_urls: Vec<String>,
+    /// `postgres`: bound on one write on the primary, including the wait for a synchronous
+    /// standby, in milliseconds (a write cut off is not confirmed and its connection closed).
+    pub write_timeout_ms: u64,
+    // --- Redis deployments and durability (kst-redis) ---
+    /// `redis`: sentinels (`redis://host:port` each) that name the primary; kst follows the
+    /// one they elect. `url`, if set, then gives only the data nodes' password and database.
+    pub sentinels: Vec<String>,
+    /// `redis`: the master name the sentinels monitor (with `sentinels`).
+    pub sentinel_master: String,
+    /// `redis`: nodes of a Redis Cluster (`redis://host:port` each, some of them), instead of
+    /// `url`.
+    pub cluster_nodes: Vec<String>,
+    /// `redis`: refuse to serve when `CONFIG GET appendonly/appendfsync` cannot be read
+    /// (default true). A server that answers and is not durable is refused either way.
+    pub require_durable: bool,
+    /// `redis`: replicas that must acknowledge a change (`WAIT`) before kst confirms it.
+    pub min_replicas: u32,
+    // --- end of the Redis block ---
 }
 
 impl Default for StoreConfig {
@@ -213,6 +239,14 @@ impl Default for StoreConfig {
             url: String::new(),
             prefix: "kst".to_string(),
             max_connections: 8,
+            urls: Vec::new(),
+            read_urls: Vec::new(),
+            write_timeout_ms: 5000,
+            sentinels: Vec::new(),
+            sentinel_master: String::new(),
+            cluster_nodes: Vec::new(),
+            require_durable: true,
+            min_replicas: 0,
         }
     }
 }
@@ -225,6 +259,24 @@ impl fmt::Debug for StoreConfig {
             .field("url", &mask_url(&self.url))
             .field("prefix", &self.prefix)
             .field("max_connections", &self.max_connections)
+            .field(
+                "urls",
+                &self.urls.iter().map(|u| mask_url(u)).collect::<Vec<_>>(),
+            )
+            .field(
+                "read_urls",
+                &self
+                    .read_urls
+                    .iter()
+                    .map(|u| mask_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("write_timeout_ms", &self.write_timeout_ms)
+            .field("sentinels", &self.sentinels)
+            .field("sentinel_master", &self.sentinel_master)
+            .field("cluster_nodes", &self.cluster_nodes)
+            .field("require_durable", &self.require_durable)
+            .field("min_replicas", &self.min_replicas)
             .finish()
     }
 }
@@ -589,6 +641,25 @@ impl Config {
                     "must name the key directory when store.backend = \"fs\"",
                 ));
             }
+            StoreBackend::Redis
+                if !self.store.sentinels.is_empty() && !self.store.cluster_nodes.is_empty() =>
+            {
+                return Err(ConfigError::key(
+                    "store.cluster_nodes",
+                    "cannot be set together with store.sentinels: a Redis Cluster fails over by itself",
+                ));
+            }
+            StoreBackend::Redis
+                if !self.store.sentinels.is_empty()
+                    && self.store.sentinel_master.trim().is_empty() =>
+            {
+                return Err(ConfigError::key(
+                    "store.sentinel_master",
+                    "must name the master the sentinels monitor when store.sentinels is set",
+                ));
+            }
+            StoreBackend::Redis
+                if !self.store.sentinels.is_empty() || !self.store.cluster_nodes.is_empty() => {}
             StoreBackend::Postgres | StoreBackend::Redis if self.store.url.trim().is_empty() => {
                 return Err(ConfigError::key(
                     "store.url",
@@ -747,6 +818,9 @@ impl Config {
             c.mailer.password = Secret::new(MASK);
         }
         c.store.url = mask_url(&c.store.url);
+        // PostgreSQL replication (issue 16): every host URL may hold a password.
+        c.store.urls = c.store.urls.iter().map(|u| mask_url(u)).collect();
+        c.store.read_urls = c.store.read_urls.iter().map(|u| mask_url(u)).collect();
         toml::to_string(&c).unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
     }
 }
@@ -1038,6 +1112,29 @@ mod tests {
                 assert!(table(key).contains(&format!("\"{n}\"")), "{key}: {n}");
             }
         }
+    }
+
+    #[test]
+    fn redis_deployments_are_url_sentinels_or_cluster_nodes() {
+        let mut c = Config::default();
+        c.kst.domains = vec!["example.net".into()];
+        c.store.backend = StoreBackend::Redis;
+        let err = |c: &Config| {
+            c.validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(err(&c).contains("store.url"), "{}", err(&c));
+        c.store.cluster_nodes = vec!["redis://127.0.0.1:7000".into()];
+        assert_eq!(err(&c), "");
+        c.store.sentinels = vec!["redis://127.0.0.1:26379".into()];
+        assert!(err(&c).contains("store.cluster_nodes"), "{}", err(&c));
+        c.store.cluster_nodes.clear();
+        assert!(err(&c).contains("store.sentinel_master"), "{}", err(&c));
+        c.store.sentinel_master = "kst".into();
+        assert_eq!(err(&c), "");
+        assert!(c.store.require_durable && c.store.min_replicas == 0);
     }
 
     #[test]

@@ -39,8 +39,7 @@ pub async fn open_store_and_limiter(
             Ok((store.clone(), store))
         }
         StoreBackend::Postgres => {
-            let builder =
-                PostgresStore::builder(cfg.url.clone()).max_connections(cfg.max_connections);
+            let builder = postgres_builder(cfg);
             let store = match builder.clone().connect().await {
                 Ok(store) => Arc::new(store),
                 Err(e) if e.is_temporary() && reach == Reach::Lazily => {
@@ -52,12 +51,53 @@ pub async fn open_store_and_limiter(
             Ok((store.clone(), store))
         }
         StoreBackend::Redis => {
-            let builder = RedisStore::builder(cfg.url.clone()).prefix(cfg.prefix.clone());
-            let store = Arc::new(match reach {
-                Reach::Now => builder.connect().await?,
-                Reach::Lazily => builder.connect_lazy()?,
-            });
+            let store = Arc::new(open_redis(cfg, reach).await?);
             Ok((store.clone(), store))
+        }
+    }
+}
+
+/// The PostgreSQL store of `cfg`: its hosts (`url`, which may list several, and `urls`), read
+/// replicas (`read_urls`), pool size and write timeout.
+fn postgres_builder(cfg: &StoreConfig) -> kst_postgres::PostgresStoreBuilder {
+    PostgresStore::builder(cfg.url.clone())
+        .more_urls(cfg.urls.clone())
+        .read_urls(cfg.read_urls.clone())
+        .write_timeout(std::time::Duration::from_millis(
+            cfg.write_timeout_ms.max(1),
+        ))
+        .max_connections(cfg.max_connections)
+}
+
+/// Opens the `redis` backend: one server, Sentinel or a Cluster, with the durability guard
+/// and `min_replicas` of `[store]`. Lazily (`kst serve`): a server that answers and is not
+/// durable still stops the start; one that cannot be reached is checked again by every
+/// publication and `/readyz`.
+async fn open_redis(
+    cfg: &StoreConfig,
+    reach: Reach,
+) -> Result<kst_core::store::TimeoutStore<RedisStore>, Error> {
+    let mut builder = RedisStore::builder(cfg.url.clone())
+        .prefix(cfg.prefix.clone())
+        .require_durable(cfg.require_durable)
+        .min_replicas(cfg.min_replicas);
+    if !cfg.sentinels.is_empty() {
+        builder = builder.sentinel(cfg.sentinels.clone(), cfg.sentinel_master.clone());
+    } else if !cfg.cluster_nodes.is_empty() {
+        builder = builder.cluster(cfg.cluster_nodes.clone());
+    }
+    match reach {
+        Reach::Now => builder.connect().await,
+        Reach::Lazily => {
+            let store = builder.connect_lazy()?;
+            match store.check().await {
+                Err(e @ (Error::Config(_) | Error::Invalid(_))) => Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Redis is unreachable; starting anyway, the durability guard runs with the first publication and /readyz");
+                    Ok(store)
+                }
+                Ok(()) => Ok(store),
+            }
         }
     }
 }
@@ -81,7 +121,7 @@ pub struct Migrated {
 pub async fn migrate(cfg: &StoreConfig) -> Result<Migrated, Error> {
     let (store, schema): (Arc<dyn KeyStore>, _) = match cfg.backend {
         StoreBackend::Postgres => {
-            let store = PostgresStore::builder(cfg.url.clone())
+            let store = postgres_builder(cfg)
                 .run_migrations(false)
                 .connect()
                 .await?;

@@ -2,6 +2,9 @@
 //! database; see `support`).
 
 mod conformance;
+mod hosts;
+mod index;
+mod lookup_cost;
 mod outage;
 mod ratelimit;
 mod store;

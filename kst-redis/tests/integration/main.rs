@@ -2,6 +2,8 @@
 //! prefix; see `support`).
 
 mod conformance;
+mod durability;
+mod lookup;
 mod outage;
 mod ratelimit;
 mod store;

@@ -12,14 +12,21 @@ use crate::support::{addr, key};
 
 /// A `redis-server` on a free port of 127.0.0.1 with an fsync-always append-only file in a
 /// temporary directory, so a restart keeps everything that was acknowledged.
-struct Server {
+pub(crate) struct Server {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    /// Arguments that replace the durable defaults (`--appendonly yes --appendfsync always`).
+    settings: Vec<String>,
 }
 
 impl Server {
     async fn start_new() -> Server {
+        Self::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await
+    }
+
+    /// A throwaway server with these persistence (or other) settings.
+    pub(crate) async fn start_with(settings: &[&str]) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("kst-redis-outage-")
             .tempdir()
@@ -32,12 +39,13 @@ impl Server {
             dir,
             port,
             child: None,
+            settings: settings.iter().map(|s| s.to_string()).collect(),
         };
         s.start().await;
         s
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
@@ -45,14 +53,8 @@ impl Server {
         let dir = self.dir.path().to_str().expect("UTF-8 temp path");
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
+            .args(["--save", ""])
+            .args(&self.settings)
             .args(["--dir", dir, "--logfile", "redis.log"])
             .kill_on_drop(true)
             .spawn()
@@ -75,7 +77,7 @@ impl Server {
     }
 
     /// SIGKILL: no shutdown, no final save.
-    async fn kill(&mut self) {
+    pub(crate) async fn kill(&mut self) {
         let mut child = self.child.take().expect("running");
         child.kill().await.expect("kill redis-server");
     }

@@ -12,18 +12,30 @@ async fn the_key_layout_is_the_documented_one() {
     let t = TestPrefix::new().await;
     let store = t.store().await;
     let a = addr("alice@example.net");
-    store.publish(key(&a, 1)).await.unwrap();
+    let k = key(&a, 1);
+    store.publish(k.clone()).await.unwrap();
     let p = &t.prefix;
-    let expected: Vec<String> = [
-        format!("{p}index"),
+    let keys = t.keys().await;
+    let buckets: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.starts_with(&format!("{p}addrs:")))
+        .collect();
+    assert_eq!(buckets.len(), 1, "{keys:?}");
+    let mut expected: Vec<String> = vec![
+        buckets[0].clone(),
+        format!("{p}fp:{}", k.fingerprint.as_str()),
+        format!("{p}kid:{}", k.fingerprint.key_id().as_str()),
+        format!(
+            "{p}wkd:example.net:{}",
+            kst_core::wkd::WkdHash::of_address(&a).as_str()
+        ),
         format!("{p}{{alice@example.net}}:cur"),
         format!("{p}{{alice@example.net}}:hist"),
         format!("{p}{{alice@example.net}}:pub"),
         format!("{p}{{alice@example.net}}:ver"),
-    ]
-    .into_iter()
-    .collect();
-    assert_eq!(t.keys().await, expected);
+    ];
+    expected.sort();
+    assert_eq!(keys, expected);
     assert!(store.delete(&a).await.unwrap());
     assert!(t.keys().await.is_empty(), "delete left keys behind");
 }
@@ -111,13 +123,15 @@ async fn unreadable_data_gives_corrupt_errors() {
         .exec_async(&mut raw)
         .await
         .unwrap();
-    redis::cmd("ZADD")
-        .arg(format!("{p}index"))
-        .arg(0)
-        .arg("Not An Address")
-        .exec_async(&mut raw)
-        .await
-        .unwrap();
+    for bucket in 0..16 {
+        redis::cmd("ZADD")
+            .arg(format!("{p}addrs:{bucket:x}"))
+            .arg(0)
+            .arg("Not An Address")
+            .exec_async(&mut raw)
+            .await
+            .unwrap();
+    }
 
     let corrupt = |e: Error| assert!(matches!(e, Error::Corrupt { .. }), "{e:?}");
     corrupt(store.get(&a).await.unwrap_err());

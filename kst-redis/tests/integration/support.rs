@@ -32,6 +32,7 @@ impl TestPrefix {
             .await
             .unwrap_or_else(|e| panic!("Redis at {} does not answer: {e}", t.url));
         assert_eq!(pong, "PONG");
+        make_durable(&mut conn).await;
         t
     }
 
@@ -83,6 +84,20 @@ impl Drop for TestPrefix {
         if let Err(e) = cleanup() {
             eprintln!("could not delete the keys under {}: {e}", self.prefix);
         }
+    }
+}
+
+/// Makes the shared test server durable (`appendonly yes`, `appendfsync always`), as the
+/// store requires; scripts/services.sh starts it so, this covers a server started otherwise.
+pub async fn make_durable(conn: &mut redis::aio::MultiplexedConnection) {
+    for (name, value) in [("appendonly", "yes"), ("appendfsync", "always")] {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .exec_async(conn)
+            .await
+            .unwrap_or_else(|e| panic!("CONFIG SET {name} {value} on the test Redis: {e}"));
     }
 }
 
