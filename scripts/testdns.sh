@@ -517,6 +517,14 @@ named_pid() { pidfile_pid "$STATE/named-$1/named.pid"; }
 named_running() { pid_alive "$(named_pid "$1")"; }
 inst_port() { case "$1" in main) echo "$PORT" ;; forged) echo "$FORGED_PORT" ;; stripped) echo "$STRIPPED_PORT" ;; nods) echo "$NODS_PORT" ;; esac; }
 
+# Closes every descriptor above 2 of the current (sub)shell.
+close_inherited_fds() {
+  local fd
+  for fd in $(ls /proc/$BASHPID/fd 2>/dev/null); do
+    if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+  done
+}
+
 tcp_listening() { [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]; }
 udp_listening() { [ -n "$(ss -Hlun "sport = :$1" 2>/dev/null)" ]; }
 port_owner() { ss -Hltnp "sport = :$1" 2>/dev/null | sed -n 's/.*users:((\("[^"]*"\).*/\1/p' | head -1; }
@@ -594,7 +602,9 @@ start_instance() {
     rm -f "$dir/named.pid"
     STARTED=1
     log "named $inst: starting (127.0.0.1:$port$([ "$inst" = main ] && echo ", DoT :$TLS_PORT"))"
-    if ! /usr/sbin/named -c "$dir/named.conf" -n 1 </dev/null >>"$dir/start.log" 2>&1 9<&-; then
+    # named is a daemon: it must not inherit any descriptor above 2, least of all the lock of a
+    # caller's `flock /work/team/dns.lock CMD` (it would hold that lock for its whole life).
+    if ! (close_inherited_fds; exec /usr/sbin/named -c "$dir/named.conf" -n 1) </dev/null >>"$dir/start.log" 2>&1; then
       tail -20 "$dir/start.log" "$dir/named.log" >&2 2>/dev/null || true
       die "named $inst did not start"
     fi

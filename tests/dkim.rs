@@ -328,8 +328,9 @@ fn unusable_keys_stop_kst_before_anything_is_sent() {
 #[tokio::test]
 #[ignore = "starts the test DNS (scripts/testdns.sh, root); run with --ignored"]
 async fn client_check_through_the_test_dns() {
-    use kst_bin::client::discovery::Dns;
+    use kst_bin::client::discovery::{Dns, DnsSettings};
     use kst_bin::client::dkim::{DkimStatus, KeyDnssec, verify};
+    use kst_bin::client::dnssec::ResolverSpec;
 
     let (s, records) = signed_kst();
     let (_, reply) = retrieval_reply(&s, "nobody@example.net");
@@ -379,8 +380,19 @@ async fn client_check_through_the_test_dns() {
     let main: std::net::SocketAddr = ([127, 0, 0, 1], port("KST_DNS_PORT", 5300)).into();
     let forged: std::net::SocketAddr = ([127, 0, 0, 1], port("KST_DNS_FORGED_PORT", 5302)).into();
 
-    // The client's resolver as `--resolver 127.0.0.1:5300` builds it.
-    let dns = Dns::new(Some(main)).unwrap();
+    // The client's resolver as `--resolver 127.0.0.1:5300 --dns-anchor <test root>` builds it
+    // (validating; the test root's DNSKEY is the trust anchor).
+    let anchor = PathBuf::from(std::env::var("KST_DNS_DIR").unwrap_or("/tmp/kst-dns".into()))
+        .join("anchors/root.key");
+    let resolver = |server| {
+        Dns::new(&DnsSettings {
+            server: Some(ResolverSpec::Plain(server)),
+            anchor: Some(anchor.clone()),
+            ..DnsSettings::default()
+        })
+        .unwrap()
+    };
+    let dns = resolver(main);
     let r = verify(dns.resolver(), &reply, "example.net", "kst").await;
     assert_eq!(r.result, DkimStatus::Pass, "{r:?}");
     assert_eq!(r.proven_by(), "K_auth and DKIM");
@@ -421,7 +433,7 @@ async fn client_check_through_the_test_dns() {
 
     // The forged instance serves another key for example.net: the signature does not verify
     // (a validating resolver refuses the answer as bogus; either way not a pass).
-    let dns = Dns::new(Some(forged)).unwrap();
+    let dns = resolver(forged);
     let r = verify(dns.resolver(), &reply, "example.net", "kst").await;
     assert_ne!(r.result, DkimStatus::Pass, "{r:?}");
 }

@@ -7,6 +7,7 @@
 use mail_builder::MessageBuilder;
 use mail_builder::headers::address::Address as MbAddress;
 use mail_builder::headers::message_id::MessageId;
+use mail_builder::headers::raw::Raw;
 use mail_parser::MessageParser;
 use serde::{Deserialize, Serialize};
 
@@ -16,8 +17,8 @@ use crate::kauth::AuthKey;
 use crate::mac;
 use crate::openpgp::{self, KeyError};
 use crate::protocol::{
-    HEADER_ADDRESS, HEADER_PROTOCOL, HEADER_REASON, HEADER_STATUS, PROTOCOL_VERSION,
-    PUBLIC_KEY_BEGIN, PUBLIC_KEY_END, Reason, Status,
+    HEADER_ADDRESS, HEADER_MAC, HEADER_PROTOCOL, HEADER_REASON, HEADER_STATUS, MAC_HMAC_SHA256,
+    PUBLIC_KEY_BEGIN, PUBLIC_KEY_END, Reason, Status, VERSIONS,
 };
 use crate::reply::new_message_id;
 
@@ -84,6 +85,10 @@ pub enum BuildError {
     NoMatchingUserId(Address),
 }
 
+/// The `KST-Protocol` of every request: the versions this client speaks, newest first. A KST
+/// answers in the newest it speaks too (version 1 when it predates negotiation).
+pub const REQUEST_VERSIONS: &str = "2, 1";
+
 fn service_of(domain: &str) -> Address {
     Address::from_normalized(&format!("keys@{domain}")).expect("domain of a normalized address")
 }
@@ -100,6 +105,8 @@ fn message(from: &Address, to: &Address, subject: &str, body: String, id: &str) 
         ))
         .subject(subject)
         .message_id(MessageId::new(id.to_string()))
+        .header(HEADER_PROTOCOL, Raw::new(REQUEST_VERSIONS))
+        .header(HEADER_MAC, Raw::new(MAC_HMAC_SHA256))
         .text_body(body)
         .write_to_vec()
         .expect("writing into a Vec cannot fail")
@@ -251,6 +258,9 @@ pub enum ReplyError {
     /// A protocol version this client does not speak.
     #[error("unsupported KST protocol version {0:?}")]
     Version(String),
+    /// A version-2 reply whose `KST-MAC` names an algorithm this client does not speak.
+    #[error("the reply uses the MAC algorithm {0:?}, which this client does not speak")]
+    Mac(String),
     /// Unreadable reply.
     #[error("malformed reply: {0}")]
     Malformed(String),
@@ -276,9 +286,17 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
     }
     let header =
         |name: &str| crate::service::header_value(&msg, name).map(|v| v.trim().to_string());
-    let version = header(HEADER_PROTOCOL).ok_or(ReplyError::NotKst)?;
-    if version != PROTOCOL_VERSION.to_string() {
-        return Err(ReplyError::Version(version));
+    let version_text = header(HEADER_PROTOCOL).ok_or(ReplyError::NotKst)?;
+    let version = version_text
+        .parse::<u32>()
+        .ok()
+        .filter(|v| VERSIONS.contains(v))
+        .ok_or(ReplyError::Version(version_text))?;
+    if version >= 2 {
+        let mac = header(HEADER_MAC).unwrap_or_default();
+        if !mac.eq_ignore_ascii_case(MAC_HMAC_SHA256) {
+            return Err(ReplyError::Mac(mac));
+        }
     }
     let status: Status = header(HEADER_STATUS)
         .and_then(|s| s.parse().ok())
@@ -305,7 +323,7 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
             let packets = openpgp::dearmor_public_key(&armored, MAX_REPLY_BYTES)
                 .map_err(|e| ReplyError::Malformed(e.to_string()))?;
             let tag = lines[e + 1..].iter().find(|l| mac::is_tag_line(l));
-            if !tag.is_some_and(|t| mac::verify(&k_auth, &packets, t)) {
+            if !tag.is_some_and(|t| mac::verify(&k_auth, &mac::key_data(version, &packets), t)) {
                 return Err(ReplyError::BadHmac);
             }
             let key = openpgp::parse_binary(&packets)
@@ -344,7 +362,8 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
             let reason = token.as_deref().and_then(|r| r.parse().ok());
             let address = header(HEADER_ADDRESS);
             let tag = lines.iter().find(|l| mac::is_tag_line(l));
-            let statement = mac::statement_with_token(
+            let statement = mac::statement_for(
+                version,
                 status,
                 if status == Status::Refused {
                     token.as_deref()

@@ -6,6 +6,11 @@
 //! - A reply without a key (`not-found`, `refused`): HMAC-SHA256(K_auth, statement) over the
 //!   ASCII statement `KST/1 <status> <reason or -> <address or ->`, so that "no key" cannot be
 //!   forged to push a sender to plaintext.
+//!
+//! Version 2 names its algorithm and binds it into every HMAC: the key tag covers
+//! `KST/2 hmac-sha256 ` followed by K_pub, and the statement reads
+//! `KST/2 hmac-sha256 <status> <reason or -> <address or ->`. A tag of one version never
+//! verifies as the other's.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -13,7 +18,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
 use crate::kauth::AuthKey;
-use crate::protocol::{PROTOCOL_VERSION, Reason, Status};
+use crate::protocol::{MAC_HMAC_SHA256, PROTOCOL_VERSION, Reason, Status};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -31,6 +36,54 @@ pub fn hmac(k_auth: &AuthKey, data: &[u8]) -> [u8; TAG_LEN] {
 /// The tag of a reply carrying `key_packets`, base64 as it appears in the reply.
 pub fn key_tag(k_auth: &AuthKey, key_packets: &[u8]) -> String {
     STANDARD.encode(hmac(k_auth, key_packets))
+}
+
+/// What the key tag of protocol `version` covers: K_pub (version 1), or
+/// `KST/2 hmac-sha256 ` followed by K_pub (version 2).
+pub fn key_data(version: u32, key_packets: &[u8]) -> Vec<u8> {
+    if version >= 2 {
+        let mut data = format!("KST/{version} {MAC_HMAC_SHA256} ").into_bytes();
+        data.extend_from_slice(key_packets);
+        data
+    } else {
+        key_packets.to_vec()
+    }
+}
+
+/// [`key_tag`] for protocol `version`.
+pub fn key_tag_for(version: u32, k_auth: &AuthKey, key_packets: &[u8]) -> String {
+    STANDARD.encode(hmac(k_auth, &key_data(version, key_packets)))
+}
+
+/// [`statement_with_token`] for protocol `version` (version 2 names the MAC algorithm).
+pub fn statement_for(
+    version: u32,
+    status: Status,
+    reason: Option<&str>,
+    address: Option<&str>,
+) -> String {
+    if version >= 2 {
+        format!(
+            "KST/{version} {MAC_HMAC_SHA256} {} {} {}",
+            status.as_str(),
+            reason.unwrap_or("-"),
+            address.unwrap_or("-")
+        )
+    } else {
+        statement_with_token(status, reason, address)
+    }
+}
+
+/// [`statement_tag`] for protocol `version`.
+pub fn statement_tag_for(
+    version: u32,
+    k_auth: &AuthKey,
+    status: Status,
+    reason: Option<Reason>,
+    address: Option<&str>,
+) -> String {
+    let text = statement_for(version, status, reason.map(Reason::as_str), address);
+    STANDARD.encode(hmac(k_auth, text.as_bytes()))
 }
 
 /// The statement a key-less reply authenticates: `KST/1 <status> <reason|-> <address|->`.
@@ -91,6 +144,36 @@ pub fn is_tag_line(line: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn version_2_tags_name_the_algorithm_and_differ_from_version_1() {
+        let k = AuthKey::from_bytes(std::array::from_fn(|i| i as u8));
+        let packets = [0x99, 0x00, 0x01, 0x04];
+        assert_eq!(key_tag_for(1, &k, &packets), key_tag(&k, &packets));
+        assert_ne!(key_tag_for(2, &k, &packets), key_tag(&k, &packets));
+        assert!(verify(
+            &k,
+            &key_data(2, &packets),
+            &key_tag_for(2, &k, &packets)
+        ));
+        assert_eq!(
+            statement_for(2, Status::NotFound, None, Some("bob@example.net")),
+            "KST/2 hmac-sha256 not-found - bob@example.net"
+        );
+        // Test vectors 4 and 5 of docs/PROTOCOL.md (Python's `hmac` module).
+        assert_eq!(
+            key_tag_for(2, &k, &packets),
+            "zqIjGTUme2Q9STf/Js74i4LrpWPRhHDs3fBYQN3cyBs="
+        );
+        assert_eq!(
+            statement_tag_for(2, &k, Status::NotFound, None, Some("bob@example.net")),
+            "g1xtbDwjzOaB/GJZR4W+415bLQ6a84jU8WEy/krYlq0="
+        );
+        assert_eq!(
+            statement_for(1, Status::NotFound, None, Some("bob@example.net")),
+            statement(Status::NotFound, None, Some("bob@example.net"))
+        );
+    }
 
     /// Test vector 1 of docs/PROTOCOL.md, computed independently with Python's `hmac` module:
     /// K_auth = 0x00..0x1f, K_pub = bytes 0x99 0x00 0x01 0x04 ("a minimal packet header").

@@ -1,15 +1,26 @@
-//! Wire constants of KST protocol version 1: header names, statuses, refusal reasons.
+//! Wire constants of the KST protocol (versions 1 and 2): header names, statuses, refusal
+//! reasons, and the version negotiation (paper VI.B, algorithm agility).
 //!
 //! `docs/PROTOCOL.md` is the normative description; this module is its code form.
 
 use std::fmt;
 use std::str::FromStr;
 
-/// The protocol version this release speaks, carried in every reply as `KST-Protocol: 1`.
+/// Protocol version 1: what a request without `KST-Protocol` (an older client) is answered in.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// The newest protocol version this release speaks.
+pub const LATEST_VERSION: u32 = 2;
+/// Every protocol version this release speaks, oldest first.
+pub const VERSIONS: [u32; 2] = [1, 2];
+/// The one MAC algorithm of versions 1 and 2: HMAC-SHA256 keyed with K_auth.
+pub const MAC_HMAC_SHA256: &str = "hmac-sha256";
 
-/// Reply header: protocol version.
+/// Request and reply header: the protocol version. A request lists the versions its client
+/// speaks (`KST-Protocol: 2, 1`); a reply names the one it is written in.
 pub const HEADER_PROTOCOL: &str = "KST-Protocol";
+/// Request and reply header (version 2): the MAC algorithm. A request lists those its client
+/// accepts (`KST-MAC: hmac-sha256`); a reply names the one its HMAC line uses.
+pub const HEADER_MAC: &str = "KST-MAC";
 /// Reply header: [`Status`].
 pub const HEADER_STATUS: &str = "KST-Status";
 /// Reply header: the address the reply is about (queried or published), normalized.
@@ -114,11 +125,14 @@ pub enum Reason {
     BadAddress,
     /// The body matches neither request format.
     Malformed,
+    /// The request's `KST-Protocol` or `KST-MAC` names no version or MAC algorithm this KST
+    /// speaks.
+    UnsupportedVersion,
 }
 
 impl Reason {
     /// Every reason, for docs and tests.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::NotAuthenticated,
         Reason::SenderMismatch,
         Reason::UnknownAccount,
@@ -135,6 +149,7 @@ impl Reason {
         Reason::BadAuthKey,
         Reason::BadAddress,
         Reason::Malformed,
+        Reason::UnsupportedVersion,
     ];
 
     /// The wire token.
@@ -156,6 +171,7 @@ impl Reason {
             Reason::BadAuthKey => "bad-auth-key",
             Reason::BadAddress => "bad-address",
             Reason::Malformed => "malformed",
+            Reason::UnsupportedVersion => "unsupported-version",
         }
     }
 
@@ -228,8 +244,57 @@ impl Reason {
                  line with the queried address followed by a line with K_auth; a deletion is a \
                  line DELETE followed by a line with K_auth."
             }
+            Reason::UnsupportedVersion => {
+                "Your client asked for a KST protocol version or MAC algorithm that this key \
+                 service does not speak (it speaks versions 1 and 2 with hmac-sha256). Update \
+                 the client, or ask without KST-Protocol for version 1."
+            }
         }
     }
+}
+
+/// Why no version could be agreed on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VersionMismatch {
+    /// `KST-Protocol` names no version this release speaks (or is not a list of numbers).
+    #[error("the request asks for KST protocol version(s) {0:?}; this KST speaks 1 and 2")]
+    Version(String),
+    /// `KST-MAC` names no MAC algorithm this release speaks.
+    #[error("the request accepts the MAC algorithm(s) {0:?}; this KST signs with hmac-sha256")]
+    Mac(String),
+}
+
+/// The version to answer a request in, from its `KST-Protocol` and `KST-MAC` headers: the
+/// newest version both sides speak. No `KST-Protocol` header is version 1 (clients older than
+/// version negotiation); version 2 needs `hmac-sha256` among the `KST-MAC` algorithms (a
+/// missing `KST-MAC` means hmac-sha256).
+pub fn negotiate(protocol: Option<&str>, mac: Option<&str>) -> Result<u32, VersionMismatch> {
+    let Some(protocol) = protocol else {
+        return Ok(PROTOCOL_VERSION);
+    };
+    let asked = protocol.trim();
+    let versions: Option<Vec<u32>> = asked
+        .split(',')
+        .take(16)
+        .map(|v| v.trim().parse::<u32>().ok())
+        .collect();
+    let version = versions
+        .and_then(|vs| vs.into_iter().filter(|v| VERSIONS.contains(v)).max())
+        .ok_or_else(|| VersionMismatch::Version(clip(asked)))?;
+    if version >= 2
+        && let Some(mac) = mac
+        && !mac
+            .split(',')
+            .take(16)
+            .any(|m| m.trim().eq_ignore_ascii_case(MAC_HMAC_SHA256))
+    {
+        return Err(VersionMismatch::Mac(clip(mac.trim())));
+    }
+    Ok(version)
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(64).collect()
 }
 
 impl fmt::Display for Reason {
@@ -247,6 +312,10 @@ impl FromStr for Reason {
             .ok_or(())
     }
 }
+
+#[cfg(test)]
+#[path = "protocol_version_tests.rs"]
+mod version_tests;
 
 #[cfg(test)]
 mod tests {
@@ -267,6 +336,28 @@ mod tests {
             assert!(!r.explanation().is_empty());
         }
         assert_eq!("key-revoked".parse::<Reason>(), Err(()));
+    }
+
+    #[test]
+    fn the_newest_shared_version_is_chosen() {
+        assert_eq!(negotiate(None, None), Ok(1));
+        assert_eq!(negotiate(Some("1"), None), Ok(1));
+        assert_eq!(negotiate(Some("2, 1"), Some("hmac-sha256")), Ok(2));
+        assert_eq!(negotiate(Some("2"), None), Ok(2));
+        assert_eq!(negotiate(Some(" 3,2 "), Some("x-new, HMAC-SHA256")), Ok(2));
+        assert_eq!(negotiate(Some("1, 3"), Some("x-new")), Ok(1));
+        assert!(matches!(
+            negotiate(Some("3"), None),
+            Err(VersionMismatch::Version(v)) if v == "3"
+        ));
+        assert!(matches!(
+            negotiate(Some("two"), None),
+            Err(VersionMismatch::Version(_))
+        ));
+        assert!(matches!(
+            negotiate(Some("2"), Some("hmac-sha3-256")),
+            Err(VersionMismatch::Mac(_))
+        ));
     }
 
     /// docs/PROTOCOL.md lists every reason token, and no other.

@@ -2,7 +2,8 @@
 //!
 //! Every reply goes from `keys@<domain>` to the requester, refers to the request
 //! (`In-Reply-To`, `References`), says `Auto-Submitted: auto-replied` (RFC 3834) and carries
-//! `KST-Protocol: 1` and a machine-readable `KST-Status`. The body is the paper's: the armored
+//! `KST-Protocol` (the negotiated version; version 2 also `KST-MAC: hmac-sha256`) and a
+//! machine-readable `KST-Status`. The body is the paper's: the armored
 //! key (when there is one) and then the HMAC line; key-less replies carry an explanation for
 //! people and then the HMAC line. See `docs/PROTOCOL.md`.
 
@@ -16,8 +17,8 @@ use crate::kauth::AuthKey;
 use crate::mac;
 use crate::openpgp::armor_public_key;
 use crate::protocol::{
-    HEADER_ADDRESS, HEADER_FINGERPRINT, HEADER_PROTOCOL, HEADER_REASON, HEADER_STATUS,
-    PROTOCOL_VERSION, Reason, Status,
+    HEADER_ADDRESS, HEADER_FINGERPRINT, HEADER_MAC, HEADER_PROTOCOL, HEADER_REASON, HEADER_STATUS,
+    MAC_HMAC_SHA256, Reason, Status,
 };
 
 /// Display name on the From line of every reply.
@@ -92,6 +93,8 @@ pub struct ReplyTo<'a> {
     pub in_reply_to: Option<&'a str>,
     /// The request's References ids (without brackets).
     pub references: &'a [String],
+    /// The protocol version the reply is written in ([`crate::protocol::negotiate`]).
+    pub version: u32,
 }
 
 /// A built reply.
@@ -148,7 +151,7 @@ pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthK
             }
             body.push_str(&armor_public_key(packets).replace('\n', "\r\n"));
             if let Some(k) = k_auth {
-                body.push_str(&mac::key_tag(k, packets));
+                body.push_str(&mac::key_tag_for(to.version, k, packets));
                 body.push_str("\r\n");
             }
             let subject = if status == Status::Published {
@@ -161,7 +164,9 @@ pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthK
         ReplyContent::NotFound { address } => {
             let body = with_tag(
                 &format!("No key is published for {address}.\r\n"),
-                k_auth.map(|k| mac::statement_tag(k, status, None, Some(address.as_str()))),
+                k_auth.map(|k| {
+                    mac::statement_tag_for(to.version, k, status, None, Some(address.as_str()))
+                }),
             );
             (
                 format!("No key for {address}"),
@@ -176,7 +181,9 @@ pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthK
                 &format!(
                     "No key is published for {address} any more: the key and its history were \r\ndeleted.\r\n"
                 ),
-                k_auth.map(|k| mac::statement_tag(k, status, None, Some(address.as_str()))),
+                k_auth.map(|k| {
+                    mac::statement_tag_for(to.version, k, status, None, Some(address.as_str()))
+                }),
             );
             (
                 format!("Key deleted for {address}"),
@@ -200,7 +207,13 @@ pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthK
             let body = with_tag(
                 &text,
                 k_auth.map(|k| {
-                    mac::statement_tag(k, status, Some(*reason), address.map(Address::as_str))
+                    mac::statement_tag_for(
+                        to.version,
+                        k,
+                        status,
+                        Some(*reason),
+                        address.map(Address::as_str),
+                    )
                 }),
             );
             (
@@ -234,8 +247,11 @@ pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthK
         .subject(subject)
         .message_id(MessageId::new(message_id.clone()))
         .header("Auto-Submitted", Raw::new("auto-replied"))
-        .header(HEADER_PROTOCOL, Raw::new(PROTOCOL_VERSION.to_string()))
+        .header(HEADER_PROTOCOL, Raw::new(to.version.to_string()))
         .header(HEADER_STATUS, Raw::new(status.as_str()));
+    if to.version >= 2 {
+        b = b.header(HEADER_MAC, Raw::new(MAC_HMAC_SHA256));
+    }
     if let Some(a) = address {
         b = b.header(HEADER_ADDRESS, Raw::new(a.as_str().to_string()));
     }

@@ -404,6 +404,7 @@ impl Kst {
             requester: &requester,
             in_reply_to: message_id.as_deref(),
             references: &references,
+            version: crate::protocol::PROTOCOL_VERSION,
         };
         let body = match self.shape_problem(&message) {
             Some(problem) => Err(problem),
@@ -449,6 +450,30 @@ impl Kst {
             );
             return Ok(silent(message_id, kind, Silence::RateLimited(limit)));
         }
+        // Algorithm agility (paper VI.B): answer in the newest version both sides speak; a
+        // request naming none this KST speaks is refused (in version 1, which every client reads).
+        let ctx = match crate::protocol::negotiate(
+            header_value(&message, crate::protocol::HEADER_PROTOCOL),
+            header_value(&message, crate::protocol::HEADER_MAC),
+        ) {
+            Ok(version) => ReplyTo { version, ..ctx },
+            Err(mismatch) => {
+                let decision = self
+                    .refuse(
+                        &ctx,
+                        Reason::UnsupportedVersion,
+                        None,
+                        Some(mismatch.to_string()),
+                        None,
+                    )
+                    .await?;
+                return Ok(Handled {
+                    message_id,
+                    kind,
+                    decision,
+                });
+            }
+        };
         let body = match body {
             Ok(b) => b,
             Err(problem) => {

@@ -449,15 +449,17 @@ pub fn is_root() -> bool {
 
 /// `kst client --account ACCOUNT --json` for a mailbox of the loopback mail system of
 /// `scripts/mailsystem.sh`: its test CA (`ca`, `KST_MAIL_CA`) trusted, every DNS query to its
-/// dnsmasq (`resolver`, `KST_MAIL_RESOLVER`), pending requests in `state`, no client.toml, and
-/// the password (local part + `-pw`) in `KST_PASSWORD`. The caller appends the rest.
+/// dnsmasq (`resolver`, `KST_MAIL_RESOLVER`) without DNSSEC validation (dnsmasq serves
+/// unsigned zones; the signed test DNS is scripts/testdns.sh), pending requests in `state`, no
+/// client.toml, and the password (local part + `-pw`) in `KST_PASSWORD`. The caller appends
+/// the rest.
 pub fn mail_system_client(account: &str, ca: &Path, resolver: &str, state: &Path) -> Command {
     let local = account.split('@').next().unwrap_or(account);
     let mut cmd = Command::new(kst_binary());
     cmd.args(["client", "--account", account, "--json"])
         .arg("--ca-file")
         .arg(ca)
-        .args(["--resolver", resolver])
+        .args(["--resolver", resolver, "--no-dnssec"])
         .arg("--state-file")
         .arg(state)
         .args(["--client-config", "/dev/null"])

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kst_core::client::{Asked, BuildError, Pending, ReplyError, Request, Verified};
@@ -13,12 +14,15 @@ use super::config::{
     self, ClientConfigError, ClientFile, DEFAULT_TIMEOUT_SECS, Endpoint, PASSWORD_ENV, Security,
     Service,
 };
-use super::discovery::Dns;
+use super::dane::{self, HopAuth};
+use super::discovery::{Dns, DnsError, DnsSettings};
+use super::dnssec::{DnsSecurity, ResolverSpec};
 use super::fetch::{FetchError, ImapSettings, Mailbox};
 use super::matching::Matched;
+use super::mta_sts::{self, Mode, PolicySource};
 use super::output::{self, Outcome};
 use super::state::{Entry, State};
-use super::submit::{self, Route, SendError};
+use super::submit::{self, DirectHops, Route, SendError};
 use super::{ClientArgs, ClientCommand, ClientOpts, exit};
 
 /// Limit for each network step (connect, one SMTP or IMAP command).
@@ -31,32 +35,35 @@ pub async fn run(args: ClientArgs) -> u8 {
         args.command,
         ClientCommand::Pending | ClientCommand::Check { .. }
     );
-    let outcomes = match Settings::resolve(&args.opts) {
-        Err(o) => vec![o],
+    let settings = Settings::resolve(&args.opts);
+    let outcomes = match &settings {
+        Err(o) => vec![o.clone()],
         Ok(s) => match args.command {
             ClientCommand::Publish {
                 key,
                 gpg_key,
                 no_wait,
-            } => vec![publish(&s, key.as_deref(), gpg_key.as_deref(), no_wait).await],
+            } => vec![publish(s, key.as_deref(), gpg_key.as_deref(), no_wait).await],
             ClientCommand::Retrieve {
                 address,
                 import,
                 direct,
                 mx,
                 mx_port,
+                allow_plaintext,
                 no_wait,
             } => {
                 let how = Direct {
                     direct,
                     mx,
                     mx_port,
+                    allow_plaintext,
                 };
-                vec![retrieve(&s, &address, import, &how, no_wait).await]
+                vec![retrieve(s, &address, import, &how, no_wait).await]
             }
-            ClientCommand::Delete { no_wait } => vec![super::delete::delete(&s, no_wait).await],
+            ClientCommand::Delete { no_wait } => vec![super::delete::delete(s, no_wait).await],
             ClientCommand::Status { key, gpg_key } => {
-                return super::status::status(&s, key.as_deref(), gpg_key.as_deref()).await;
+                return super::status::status(s, key.as_deref(), gpg_key.as_deref()).await;
             }
             ClientCommand::Refresh {
                 max_age_days,
@@ -69,13 +76,17 @@ pub async fn run(args: ClientArgs) -> u8 {
                     expiry_days,
                     batch,
                 };
-                return super::refresh::refresh(&s, &due, dry_run).await;
+                return super::refresh::refresh(s, &due, dry_run).await;
             }
-            ClientCommand::Pending => return pending(&s),
-            ClientCommand::Check { wait, import } => check(&s, wait, import).await,
+            ClientCommand::Pending => return pending(s),
+            ClientCommand::Check { wait, import } => check(s, wait, import).await,
         },
     };
-    output::finish(&outcomes, json, list)
+    let facts = match &settings {
+        Ok(s) => s.facts(),
+        Err(_) => Vec::new(),
+    };
+    output::finish_with(&outcomes, json, list, &facts)
 }
 
 /// The client settings after config file and flags.
@@ -89,7 +100,16 @@ pub struct Settings {
     password_env: String,
     password_command: Option<String>,
     ca_file: Option<PathBuf>,
-    resolver: Option<std::net::SocketAddr>,
+    resolver: Option<ResolverSpec>,
+    dns_anchor: Option<PathBuf>,
+    require_dnssec: bool,
+    no_dnssec: bool,
+    allow_plaintext: bool,
+    mta_sts_cache: Option<PathBuf>,
+    /// The weakest DNSSEC verdict of the look-ups made (reported as `dnssec`).
+    dns_seen: Arc<Mutex<Option<DnsSecurity>>>,
+    /// How the request's hop to a foreign MX was secured (reported as `transport`).
+    transport: Mutex<Option<serde_json::Value>>,
     timeout: Option<u64>,
     pub(super) state: State,
     insecure_plaintext: bool,
@@ -182,6 +202,13 @@ impl Settings {
             password_command: opts.password_command.clone().or(file.password_command),
             ca_file: opts.ca_file.clone().or(file.ca_file),
             resolver,
+            dns_anchor: opts.dns_anchor.clone().or(file.dns_anchor),
+            require_dnssec: opts.require_dnssec || file.require_dnssec == Some(true),
+            no_dnssec: opts.no_dnssec || file.no_dnssec == Some(true),
+            allow_plaintext: file.allow_plaintext == Some(true),
+            mta_sts_cache: file.mta_sts_cache.or_else(config::default_mta_sts_cache),
+            dns_seen: Arc::new(Mutex::new(None)),
+            transport: Mutex::new(None),
             timeout: opts.timeout.or(file.timeout_secs),
             state: State::new(state_path),
             insecure_plaintext: opts.insecure_plaintext || file.insecure_plaintext == Some(true),
@@ -219,7 +246,38 @@ impl Settings {
     }
 
     fn dns(&self) -> Result<Dns, Outcome> {
-        Dns::new(self.resolver).map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))
+        if self.require_dnssec && self.no_dnssec {
+            return Err(config_error(
+                "require_dnssec and no_dnssec contradict each other: drop one",
+            ));
+        }
+        Dns::new(&DnsSettings {
+            server: self.resolver.clone(),
+            anchor: self.dns_anchor.clone(),
+            no_validation: self.no_dnssec,
+            require_secure: self.require_dnssec,
+            ca_file: self.ca_file.clone(),
+        })
+        .map(|d| d.reporting_to(self.dns_seen.clone()))
+        .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))
+    }
+
+    /// What the command learned besides its outcomes: the DNSSEC verdict of its look-ups and
+    /// how the direct hop was secured.
+    fn facts(&self) -> Vec<(String, serde_json::Value)> {
+        let mut facts = Vec::new();
+        if let Some(sec) = *self.dns_seen.lock().unwrap_or_else(|e| e.into_inner()) {
+            facts.push(("dnssec".to_string(), sec.as_str().into()));
+        }
+        if let Some(t) = self
+            .transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            facts.push(("transport".to_string(), t));
+        }
+        facts
     }
 
     fn wait_limit(&self, default: u64) -> Duration {
@@ -232,6 +290,20 @@ pub(super) struct Direct {
     direct: bool,
     mx: Option<String>,
     mx_port: u16,
+    allow_plaintext: bool,
+}
+
+/// The outcome of a DNS failure: a bogus answer is an attack (nothing was sent), an insecure
+/// one refused by `--require-dnssec` makes the server unusable, anything else is temporary.
+fn dns_outcome(e: DnsError) -> Outcome {
+    match e {
+        DnsError::Bogus(m) => Outcome::error(
+            exit::ATTACK,
+            format!("possible attack: {m}; nothing was sent"),
+        ),
+        e @ DnsError::NotSecure(_) => Outcome::error(exit::UNAVAILABLE, e.to_string()),
+        e @ DnsError::Failed(_) => Outcome::error(exit::TEMPFAIL, e.to_string()),
+    }
 }
 
 async fn publish(
@@ -324,35 +396,55 @@ pub(super) async fn send_and_wait(
     let route = if direct.is_none() && s.sendmail.is_some() {
         None
     } else if let Some(d) = direct {
-        let servers = match &d.mx {
+        // An MX named with --mx is the user's word (as good as a secure MX record).
+        let (servers, mx_security) = match &d.mx {
             Some(mx) => match Endpoint::parse(mx, Service::Mx) {
-                Ok(e) => vec![e],
+                Ok(e) => (vec![e], DnsSecurity::Secure),
                 Err(e) => return Outcome::error(exit::USAGE, format!("--mx: {e}")),
             },
             None => match dns.mx(service.domain()).await {
-                Ok(hosts) if hosts.is_empty() => {
+                Ok(found) if found.value.is_empty() => {
                     return Outcome::NoKst {
                         service: service.to_string(),
                         detail: format!("{} accepts no mail (null MX)", service.domain()),
                     };
                 }
-                Ok(hosts) => hosts
-                    .into_iter()
-                    .map(|host| Endpoint {
-                        host,
-                        port: d.mx_port,
-                        security: Security::StartTls,
-                    })
-                    .collect(),
-                Err(e) => return Outcome::error(exit::TEMPFAIL, e.to_string()),
+                Ok(found) => (
+                    found
+                        .value
+                        .into_iter()
+                        .map(|host| Endpoint {
+                            host,
+                            port: d.mx_port,
+                            security: Security::StartTls,
+                        })
+                        .collect(),
+                    found.security,
+                ),
+                Err(e) => return dns_outcome(e),
             },
         };
+        let roots = match super::tls::roots(s.ca_file.as_deref()) {
+            Ok(r) => Arc::new(r),
+            Err(e) => return config_error(e),
+        };
+        let (servers, auth) =
+            match hop_rules(s, &dns, &connector, service.domain(), servers, mx_security).await {
+                Ok(r) => r,
+                Err(o) => return o,
+            };
         Some(Route {
             servers,
             credentials: None,
             connector: &connector,
             insecure_plaintext: s.insecure_plaintext,
             step_timeout: STEP_TIMEOUT,
+            direct: Some(DirectHops {
+                auth,
+                roots,
+                allow_plaintext: d.allow_plaintext || s.allow_plaintext || s.insecure_plaintext,
+                report: &s.transport,
+            }),
         })
     } else {
         let server = match &s.submission {
@@ -365,7 +457,7 @@ pub(super) async fn send_and_wait(
                         account.domain()
                     ));
                 }
-                Err(e) => return Outcome::error(exit::TEMPFAIL, e.to_string()),
+                Err(e) => return dns_outcome(e),
             },
         };
         let credentials = match s.login(account) {
@@ -378,6 +470,7 @@ pub(super) async fn send_and_wait(
             connector: &connector,
             insecure_plaintext: s.insecure_plaintext,
             step_timeout: STEP_TIMEOUT,
+            direct: None,
         })
     };
 
@@ -440,7 +533,8 @@ pub(super) async fn send_and_wait(
             }
             SendError::Rejected { message, .. } => Outcome::error(exit::UNAVAILABLE, message),
             SendError::Auth(m) => Outcome::error(exit::NOPERM, m),
-            SendError::Tls(m) => Outcome::error(exit::UNAVAILABLE, m),
+            SendError::Tls(m) | SendError::Unusable(m) => Outcome::error(exit::UNAVAILABLE, m),
+            SendError::Attack(m) => Outcome::error(exit::ATTACK, m),
             SendError::Temporary(m) => Outcome::error(exit::TEMPFAIL, m),
         };
     }
@@ -454,6 +548,77 @@ pub(super) async fn send_and_wait(
     results
         .pop()
         .unwrap_or_else(|| Outcome::error(exit::SOFTWARE, "no result"))
+}
+
+/// How each MX hop of a direct retrieval must be authenticated (RFC 7672 DANE first, then
+/// RFC 8461 MTA-STS), and the MX hosts that may be used at all: under an MTA-STS `enforce`
+/// policy only those its `mx` patterns name. Also notes the policy in the `transport` report.
+async fn hop_rules(
+    s: &Settings,
+    dns: &Dns,
+    connector: &TlsConnector,
+    domain: &str,
+    servers: Vec<Endpoint>,
+    mx_security: DnsSecurity,
+) -> Result<(Vec<Endpoint>, Vec<HopAuth>), Outcome> {
+    let sts = PolicySource {
+        dns,
+        connector,
+        cache: s.mta_sts_cache.clone(),
+        port: mta_sts::policy_port(),
+    }
+    .policy(domain)
+    .await
+    .map_err(dns_outcome)?;
+    let enforce = sts
+        .policy
+        .as_ref()
+        .filter(|p| p.mode == Mode::Enforce)
+        .cloned();
+    let mut kept = Vec::new();
+    let mut auth = Vec::new();
+    let mut refused = Vec::new();
+    for server in servers {
+        // TLSA records count only under a secure MX RRset (RFC 7672 §2.2.2) and when they are
+        // secure themselves; an IP literal has none.
+        let mut dane_records = Vec::new();
+        if mx_security == DnsSecurity::Secure && server.host.parse::<std::net::IpAddr>().is_err() {
+            let tlsa = dns.tlsa(&server.host, 25).await.map_err(dns_outcome)?;
+            if tlsa.security == DnsSecurity::Secure {
+                dane_records = dane::usable(&tlsa.value);
+            }
+        }
+        if !dane_records.is_empty() {
+            kept.push(server);
+            auth.push(HopAuth::Dane(dane_records));
+        } else if let Some(p) = &enforce {
+            if p.allows(&server.host) {
+                kept.push(server);
+                auth.push(HopAuth::MtaSts { id: p.id.clone() });
+            } else {
+                refused.push(server.host);
+            }
+        } else {
+            kept.push(server);
+            auth.push(HopAuth::Opportunistic);
+        }
+    }
+    *s.transport.lock().unwrap_or_else(|e| e.into_inner()) = Some(serde_json::json!({
+        "mta_sts": sts.note,
+    }));
+    if kept.is_empty() {
+        let p = enforce.as_ref();
+        return Err(Outcome::error(
+            exit::ATTACK,
+            format!(
+                "possible attack: {domain}'s MTA-STS policy {} (mode enforce) allows the MX hosts {}, but DNS named {}; nothing was sent",
+                p.map_or("", |p| p.id.as_str()),
+                p.map_or(String::new(), |p| p.mx.join(", ")),
+                refused.join(", ")
+            ),
+        ));
+    }
+    Ok((kept, auth))
 }
 
 async fn open_mailbox(
@@ -475,7 +640,7 @@ async fn open_mailbox(
                     account.domain()
                 )));
             }
-            Err(e) => return Err(Outcome::error(exit::TEMPFAIL, e.to_string())),
+            Err(e) => return Err(dns_outcome(e)),
         },
     };
     let (user, password) = s.login(account)?;
@@ -687,6 +852,12 @@ fn interpret(e: &Entry, m: Matched) -> Outcome {
                 exit::UNAVAILABLE,
                 format!(
                     "{service} speaks KST protocol version {v}, which this client does not; update kst"
+                ),
+            ),
+            Err(ReplyError::Mac(m)) => Outcome::error(
+                exit::UNAVAILABLE,
+                format!(
+                    "{service} answers with the MAC algorithm {m:?}, which this client does not speak; update kst"
                 ),
             ),
             Err(err @ ReplyError::NotThisRequest(_)) => {

@@ -9,7 +9,11 @@
 //! user = "alice@example.net"                 # login; default: the account
 //! password_command = "pass show mail/alice"  # or the KST_PASSWORD environment variable
 //! ca_file = "/etc/ssl/private-ca.pem"        # trust a private CA as well
-//! resolver = "127.0.0.1:53"                  # DNS server for SRV/MX look-ups
+//! resolver = "127.0.0.1:53"                  # DNS server; or "tls://IP:853#NAME" (DNS over TLS)
+//! # dns_anchor = "/etc/kst/root.key"         # DNSSEC trust anchor (DNSKEY); default: IANA root
+//! # require_dnssec = true                    # refuse answers from unsigned zones
+//! # allow_plaintext = true                   # --direct: allow an MX without STARTTLS
+//! # mta_sts_cache = "/home/alice/.cache/kst/mta-sts"
 //! timeout_secs = 120
 //! state_file = "/home/alice/.local/state/kst/pending.json"
 //! require_dkim = true                        # replies must carry kst's DKIM signature
@@ -49,8 +53,18 @@ pub struct ClientFile {
     pub password_command: Option<String>,
     /// PEM file with extra CA certificates to trust.
     pub ca_file: Option<PathBuf>,
-    /// DNS server `HOST:PORT` for SRV and MX look-ups.
+    /// DNS server `IP:PORT`, or `tls://IP:853#NAME` for DNS over TLS.
     pub resolver: Option<String>,
+    /// DNSSEC trust anchor file (root DNSKEY records); default: the IANA root's keys.
+    pub dns_anchor: Option<PathBuf>,
+    /// Refuse DNS answers from unsigned zones.
+    pub require_dnssec: Option<bool>,
+    /// Do not validate DNS answers (a test resolver serving unsigned zones only).
+    pub no_dnssec: Option<bool>,
+    /// `--direct`: allow an MX that offers no STARTTLS.
+    pub allow_plaintext: Option<bool>,
+    /// Where MTA-STS policies are cached (default `~/.cache/kst/mta-sts`).
+    pub mta_sts_cache: Option<PathBuf>,
     /// Seconds to wait for a reply.
     pub timeout_secs: Option<u64>,
     /// Where pending requests are kept.
@@ -248,18 +262,15 @@ impl Endpoint {
     }
 }
 
-/// A DNS server given as `HOST:PORT` (an IP address; port 53 when left out).
-pub fn parse_resolver(input: &str) -> Result<std::net::SocketAddr, String> {
-    let input = input.trim();
-    if let Ok(a) = input.parse::<std::net::SocketAddr>() {
-        return Ok(a);
-    }
-    if let Ok(ip) = input.parse::<std::net::IpAddr>() {
-        return Ok(std::net::SocketAddr::new(ip, 53));
-    }
-    Err(format!(
-        "--resolver wants IP:PORT (e.g. 127.0.0.1:5353 or [::1]:53), not {input:?}"
-    ))
+/// A DNS server given as `IP:PORT` (port 53 when left out) or `tls://IP:PORT#NAME` (DNS over
+/// TLS, port 853 when left out).
+pub fn parse_resolver(input: &str) -> Result<super::dnssec::ResolverSpec, String> {
+    super::dnssec::ResolverSpec::parse(input)
+}
+
+/// `~/.cache/kst/mta-sts` (or `$XDG_CACHE_HOME/kst/mta-sts`): cached MTA-STS policies.
+pub fn default_mta_sts_cache() -> Option<PathBuf> {
+    xdg_dir("XDG_CACHE_HOME", ".cache").map(|d| d.join("kst").join("mta-sts"))
 }
 
 /// The password: from the environment variable, else from the command's first line.
@@ -395,10 +406,13 @@ insecure_plaintext = false
     #[test]
     fn resolver_addresses() {
         assert_eq!(
-            parse_resolver("127.0.0.1:5353").unwrap().to_string(),
+            parse_resolver("127.0.0.1:5353").unwrap().addr().to_string(),
             "127.0.0.1:5353"
         );
-        assert_eq!(parse_resolver("::1").unwrap().to_string(), "[::1]:53");
+        assert_eq!(
+            parse_resolver("::1").unwrap().addr().to_string(),
+            "[::1]:53"
+        );
         assert!(parse_resolver("dns.example:53").is_err());
     }
 

@@ -7,11 +7,14 @@
 #[allow(clippy::result_large_err)]
 pub mod commands;
 pub mod config;
+pub mod dane;
 pub mod delete;
 pub mod discovery;
 pub mod dkim;
+pub mod dnssec;
 pub mod fetch;
 pub mod matching;
+pub mod mta_sts;
 pub mod output;
 pub mod refresh;
 pub mod state;
@@ -111,9 +114,21 @@ pub struct ClientOpts {
     /// Also trust the CA certificates in this PEM file.
     #[arg(long, global = true, value_name = "PATH")]
     pub ca_file: Option<PathBuf>,
-    /// DNS server for SRV and MX look-ups (and host names), e.g. 127.0.0.1:5353.
+    /// DNS server for every look-up: IP:PORT, or tls://IP:853#NAME for DNS over TLS (the
+    /// certificate must be valid for NAME; a private CA with --ca-file). Default: resolv.conf.
     #[arg(long, global = true, value_name = "IP:PORT")]
     pub resolver: Option<String>,
+    /// DNSSEC trust anchor: a file of root DNSKEY records [default: the IANA root's keys].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub dns_anchor: Option<PathBuf>,
+    /// Refuse DNS answers from unsigned zones (DNSSEC "insecure"); bogus answers are always
+    /// refused, as an attack.
+    #[arg(long, global = true, conflicts_with = "no_dnssec")]
+    pub require_dnssec: bool,
+    /// Do not validate DNS answers (a local test resolver serving unsigned zones only: forged
+    /// answers then go unnoticed).
+    #[arg(long, global = true)]
+    pub no_dnssec: bool,
     /// Seconds to wait for the reply [default: 120; `check`: 0 = look once].
     #[arg(long, global = true, value_name = "SECONDS")]
     pub timeout: Option<u64>,
@@ -176,6 +191,10 @@ pub enum ClientCommand {
         /// With --direct: the port to use on the MX hosts found in DNS.
         #[arg(long, value_name = "PORT", default_value_t = 25, requires = "direct")]
         mx_port: u16,
+        /// With --direct: send even when the MX offers no STARTTLS (K_auth then travels in
+        /// clear). A failed DANE or MTA-STS check still stops the request.
+        #[arg(long, requires = "direct")]
+        allow_plaintext: bool,
         /// Send, record the request as pending, and exit (`kst client check` reads the reply).
         #[arg(long)]
         no_wait: bool,

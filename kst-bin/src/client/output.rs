@@ -298,22 +298,45 @@ impl Outcome {
 /// Prints `outcomes` (one object, or an array when `list`) and returns the exit code: the
 /// highest of them (0 when there are none).
 pub fn finish(outcomes: &[Outcome], json: bool, list: bool) -> u8 {
+    finish_with(outcomes, json, list, &[])
+}
+
+/// [`finish`], with facts of the whole command added to each JSON object (`dnssec`,
+/// `transport`) and printed on stderr for people.
+pub fn finish_with(
+    outcomes: &[Outcome],
+    json: bool,
+    list: bool,
+    facts: &[(String, serde_json::Value)],
+) -> u8 {
+    let with_facts = |o: &Outcome| {
+        let mut v = with_exit(o);
+        if let serde_json::Value::Object(m) = &mut v {
+            for (k, f) in facts {
+                m.entry(k.clone()).or_insert_with(|| f.clone());
+            }
+        }
+        v
+    };
     if json {
         let value = if list || outcomes.len() != 1 {
             serde_json::to_value(
                 outcomes
                     .iter()
-                    .map(with_exit)
+                    .map(with_facts)
                     .collect::<Vec<serde_json::Value>>(),
             )
         } else {
-            Ok(with_exit(&outcomes[0]))
+            Ok(with_facts(&outcomes[0]))
         };
         match value.and_then(|v| serde_json::to_string_pretty(&v)) {
             Ok(s) => println!("{s}"),
             Err(e) => eprintln!("kst: cannot render JSON: {e}"),
         }
     } else {
+        for (k, f) in facts {
+            print_fact(k, f);
+        }
         for o in outcomes {
             o.print_text();
         }
@@ -323,6 +346,30 @@ pub fn finish(outcomes: &[Outcome], json: bool, list: bool) -> u8 {
         .map(Outcome::exit_code)
         .max()
         .unwrap_or(exit::OK)
+}
+
+fn print_fact(key: &str, value: &serde_json::Value) {
+    match (key, value) {
+        ("dnssec", serde_json::Value::String(v)) => eprintln!(
+            "kst: DNS look-ups: {}",
+            match v.as_str() {
+                "secure" => "DNSSEC-secure",
+                "insecure" => "INSECURE (a zone without DNSSEC; --require-dnssec refuses it)",
+                _ => "NOT VALIDATED (--no-dnssec)",
+            }
+        ),
+        ("transport", serde_json::Value::Object(m)) => {
+            if let Some(serde_json::Value::String(note)) = m.get("mta_sts") {
+                eprintln!("kst: MTA-STS: {note}");
+            }
+            if let (Some(mx), Some(serde_json::Value::String(detail))) =
+                (m.get("mx").and_then(|v| v.as_str()), m.get("detail"))
+            {
+                eprintln!("kst: hop to {mx}: {detail}");
+            }
+        }
+        _ => {}
+    }
 }
 
 fn with_exit(o: &Outcome) -> serde_json::Value {

@@ -1,18 +1,36 @@
 //! Sending a request over SMTP (mail-send): to the account's submission server with SASL AUTH
 //! (publication, relayed retrieval), or straight to the queried domain's MX without AUTH
-//! (`--direct`). TLS (implicit or STARTTLS) is required unless `--insecure-plaintext`.
+//! (`--direct`). TLS (implicit or STARTTLS) is required unless `--insecure-plaintext` (or, on
+//! the direct route, `--allow-plaintext`). On the direct route each MX hop is authenticated as
+//! [`super::dane`] says (DANE, MTA-STS, or reported as unauthenticated) during the handshake,
+//! before anything of the request is sent.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mail_send::smtp::AssertReply;
 use mail_send::smtp::message::Parameters;
 use mail_send::{Credentials, SmtpClient};
 use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::RootCertStore;
 
 use super::config::{Endpoint, Security};
-use super::discovery::Dns;
+use super::dane::{self, HopAuth, HopResult, HopSlot};
+use super::discovery::{Dns, DnsError};
 use super::tls::Conn;
+
+/// The direct route's per-hop rules.
+pub struct DirectHops<'a> {
+    /// How each server (same order as [`Route::servers`]) must be authenticated.
+    pub auth: Vec<HopAuth>,
+    /// PKIX roots (web roots plus `--ca-file`) for MTA-STS and the report.
+    pub roots: Arc<RootCertStore>,
+    /// Send in clear to an MX without STARTTLS, when no DANE or MTA-STS policy demands TLS.
+    pub allow_plaintext: bool,
+    /// Where the hop that took the request is described (`transport` in `--json`).
+    pub report: &'a Mutex<Option<serde_json::Value>>,
+}
 
 /// Where and how to send.
 pub struct Route<'a> {
@@ -26,6 +44,8 @@ pub struct Route<'a> {
     pub insecure_plaintext: bool,
     /// Limit for each network step.
     pub step_timeout: Duration,
+    /// The direct route's hop rules; `None` for submission.
+    pub direct: Option<DirectHops<'a>>,
 }
 
 /// Why a request could not be sent.
@@ -49,6 +69,12 @@ pub enum SendError {
     /// TLS could not be set up or is not offered.
     #[error("{0}")]
     Tls(String),
+    /// A DNSSEC, DANE or MTA-STS check failed: possible attack. Nothing of the request was sent.
+    #[error("{0}")]
+    Attack(String),
+    /// The server may not be used (an insecure DNS answer under `--require-dnssec`).
+    #[error("{0}")]
+    Unusable(String),
 }
 
 /// Sends `message` from `from` to `rcpt` along `route`, trying each server until one accepts.
@@ -61,23 +87,39 @@ pub async fn send(
     message: &[u8],
 ) -> Result<Endpoint, SendError> {
     let mut last = SendError::Temporary("no server to send to".into());
-    for server in &route.servers {
+    for (i, server) in route.servers.iter().enumerate() {
         let addrs = match dns.addresses(&server.host, server.port).await {
             Ok(a) if !a.is_empty() => a,
             Ok(_) => {
                 last = SendError::Temporary(format!("{} has no address", server.host));
                 continue;
             }
+            Err(DnsError::Bogus(m)) => {
+                return Err(SendError::Attack(format!(
+                    "possible attack: {m}; nothing was sent"
+                )));
+            }
+            Err(e @ DnsError::NotSecure(_)) => return Err(SendError::Unusable(e.to_string())),
             Err(e) => {
                 last = SendError::Temporary(e.to_string());
                 continue;
             }
         };
+        let hop = route
+            .direct
+            .as_ref()
+            .map(|d| d.auth.get(i).cloned().unwrap_or(HopAuth::Opportunistic));
         for addr in addrs {
-            match send_to(addr, server, route, from, rcpt, message).await {
+            match send_to(addr, server, route, hop.as_ref(), from, rcpt, message).await {
                 Ok(()) => return Ok(server.clone()),
                 // A refusal, a bad login or a TLS failure is an answer: do not ask the next.
-                Err(e @ (SendError::Rejected { .. } | SendError::Auth(_) | SendError::Tls(_))) => {
+                Err(
+                    e @ (SendError::Rejected { .. }
+                    | SendError::Auth(_)
+                    | SendError::Tls(_)
+                    | SendError::Attack(_)
+                    | SendError::Unusable(_)),
+                ) => {
                     return Err(e);
                 }
                 Err(e) => last = e,
@@ -87,10 +129,59 @@ pub async fn send(
     Err(last)
 }
 
+/// The TLS connector for a connection: the route's own, or on the direct route one that
+/// enforces the hop's DANE or MTA-STS rule.
+fn hop_connector(
+    route: &Route<'_>,
+    hop: Option<&HopAuth>,
+) -> Result<(TlsConnector, Option<HopSlot>), SendError> {
+    match (hop, &route.direct) {
+        (Some(auth), Some(d)) => {
+            let c = dane::connector(auth, d.roots.clone()).map_err(SendError::Tls)?;
+            Ok((c.connector, Some(c.result)))
+        }
+        _ => Ok((route.connector.clone(), None)),
+    }
+}
+
+/// A TLS failure: on a hop with DANE or MTA-STS, a failed check is a possible attack.
+fn tls_failure(hop: Option<&HopAuth>, e: std::io::Error) -> SendError {
+    match hop {
+        Some(h) if h.demands_tls() => SendError::Attack(e.to_string()),
+        _ => SendError::Tls(e.to_string()),
+    }
+}
+
+/// Writes what secured the hop into the direct route's report.
+fn report_hop(route: &Route<'_>, server: &Endpoint, result: Option<&HopResult>) {
+    let Some(d) = &route.direct else { return };
+    let value = match result {
+        Some(r) => serde_json::json!({
+            "mx": server.host,
+            "tls": true,
+            "authentication": r.as_str(),
+            "pkix": matches!(r, HopResult::MtaSts | HopResult::Unauthenticated { pkix: true }),
+            "detail": r.to_string(),
+        }),
+        None => serde_json::json!({
+            "mx": server.host,
+            "tls": false,
+            "authentication": "none",
+            "detail": "PLAINTEXT: the MX offers no STARTTLS and --allow-plaintext let the request (and K_auth) travel in clear",
+        }),
+    };
+    let mut report = d.report.lock().unwrap_or_else(|e| e.into_inner());
+    match (report.as_mut(), value) {
+        (Some(serde_json::Value::Object(old)), serde_json::Value::Object(new)) => old.extend(new),
+        (_, value) => *report = Some(value),
+    }
+}
+
 async fn send_to(
     addr: SocketAddr,
     server: &Endpoint,
     route: &Route<'_>,
+    hop: Option<&HopAuth>,
     from: &str,
     rcpt: &str,
     message: &[u8],
@@ -100,11 +191,12 @@ async fn send_to(
     let conn = Conn::connect(addr, t)
         .await
         .map_err(|e| SendError::Temporary(format!("cannot connect to {at}: {e}")))?;
+    let (connector, hop_result) = hop_connector(route, hop)?;
     let conn = match server.security {
         Security::Implicit => conn
-            .into_tls(route.connector, &server.host)
+            .into_tls(&connector, &server.host)
             .await
-            .map_err(|e| SendError::Tls(e.to_string()))?,
+            .map_err(|e| tls_failure(hop, e))?,
         Security::StartTls => conn,
     };
     let mut client = SmtpClient {
@@ -130,19 +222,45 @@ async fn send_to(
                 .map_err(|e| smtp_error("STARTTLS", &at, e))?;
             let SmtpClient { stream, timeout } = client;
             let stream = stream
-                .into_tls(route.connector, &server.host)
+                .into_tls(&connector, &server.host)
                 .await
-                .map_err(|e| SendError::Tls(e.to_string()))?;
+                .map_err(|e| tls_failure(hop, e))?;
             client = SmtpClient { stream, timeout };
             ehlo = client
                 .ehlo(&helo)
                 .await
                 .map_err(|e| smtp_error("EHLO", &at, e))?;
+        } else if let Some(h) = hop.filter(|h| h.demands_tls()) {
+            return Err(SendError::Attack(format!(
+                "{at} offers no STARTTLS, but {} demands TLS on this hop (possible downgrade attack; nothing was sent)",
+                match h {
+                    HopAuth::Dane(_) => "DANE (secure TLSA records)",
+                    _ => "the domain's MTA-STS policy (enforce)",
+                }
+            )));
+        } else if route.direct.as_ref().is_some_and(|d| d.allow_plaintext) {
+            // --allow-plaintext on the direct route: reported below as a plaintext hop.
         } else if !route.insecure_plaintext {
             return Err(SendError::Tls(format!(
-                "{at} offers no STARTTLS; kst sends requests only over TLS (--insecure-plaintext allows cleartext for a local test)"
+                "{at} offers no STARTTLS; kst sends requests only over TLS ({})",
+                if route.direct.is_some() {
+                    "--allow-plaintext sends in clear to an MX without it"
+                } else {
+                    "--insecure-plaintext allows cleartext for a local test"
+                }
             )));
         }
+    }
+    if let Some(result) = &hop_result {
+        let r = result.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if client.stream.is_tls() && r.is_none() {
+            return Err(SendError::Tls(format!(
+                "{at}: the TLS handshake ended without a certificate check (bug; nothing was sent)"
+            )));
+        }
+        report_hop(route, server, r.as_ref());
+    } else if route.direct.is_some() && !client.stream.is_tls() {
+        report_hop(route, server, None);
     }
     if let Some((user, password)) = &route.credentials {
         let creds = Credentials::new(user.as_str(), password.as_str());

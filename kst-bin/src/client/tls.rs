@@ -20,6 +20,23 @@ use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 /// Builds a connector that trusts the Mozilla roots and, when given, the CA certificates in
 /// `ca_file` (PEM).
 pub fn connector(ca_file: Option<&Path>) -> Result<TlsConnector, String> {
+    Ok(TlsConnector::from(Arc::new(client_config(ca_file)?)))
+}
+
+/// The rustls client configuration behind [`connector`] (also used for DNS over TLS).
+pub fn client_config(ca_file: Option<&Path>) -> Result<ClientConfig, String> {
+    let roots = roots(ca_file)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS set-up: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
+}
+
+/// The trusted roots: the Mozilla roots and, when given, the CA certificates in `ca_file`.
+pub fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
@@ -42,13 +59,7 @@ pub fn connector(ca_file: Option<&Path>) -> Result<TlsConnector, String> {
             })?;
         }
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS set-up: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(roots)
 }
 
 /// A connection, cleartext or TLS.
