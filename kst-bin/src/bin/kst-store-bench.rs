@@ -264,7 +264,7 @@ impl Bench {
                         new_key(i, 0, key_bytes)
                     };
                     store.publish(key).await?;
-                    if i % 100_000 == 0 && i > 0 {
+                    if i.is_multiple_of(100_000) && i > 0 {
                         eprintln!("filled up to address {i}");
                     }
                 }
@@ -415,24 +415,17 @@ impl Op {
     }
 }
 
-/// Addresses an operation picks from at random: `from..to`.
-#[derive(Debug, Clone, Copy)]
-struct Range {
-    from: u64,
-    to: u64,
-}
-
-/// Runs `op` from `clients` tasks for `seconds`; returns (ops/s, p50, p99).
+/// Runs `op` from `clients` tasks for `args.seconds`; returns (ops/s, p50, p99).
 async fn measure(
     store: &Arc<dyn KeyStore>,
     op: Op,
     clients: usize,
-    range: Range,
+    stored: u64,
     sample: &Arc<Vec<(u64, kst_core::Fingerprint)>>,
-    seconds: f64,
-    key_bytes: usize,
+    args: &Args,
     serial_base: u64,
 ) -> Result<(f64, Duration, Duration)> {
+    let (seconds, key_bytes) = (args.seconds, args.key_bytes);
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..clients {
@@ -448,7 +441,7 @@ async fn measure(
                         let (i, f) = &sample[rand::random_range(0..sample.len())];
                         (*i, Some(f))
                     }
-                    Op::Get | Op::Publish => (rand::random_range(range.from..range.to), None),
+                    Op::Get | Op::Publish => (rand::random_range(0..stored), None),
                 };
                 let t = Instant::now();
                 match op {
@@ -625,10 +618,6 @@ async fn run(args: &Args, bench: &Bench, sizes: &[u64]) -> Result<()> {
         let lookups = Arc::new(sample(&bench.store, stored, 10_000).await?);
         // Look-ups by fingerprint and WKD hash ask for a sample of 10,000 stored addresses,
         // read before the publish runs below replace keys (new fingerprints).
-        let all = Range {
-            from: 0,
-            to: stored,
-        };
         filled = filled.max(stored);
         let mut runs = Vec::new();
         for op in [Op::Get, Op::ByFingerprint, Op::ByWkdHash, Op::Publish] {
@@ -641,10 +630,9 @@ async fn run(args: &Args, bench: &Bench, sizes: &[u64]) -> Result<()> {
                 &bench.store,
                 op,
                 clients,
-                all,
+                stored,
                 &lookups,
-                args.seconds,
-                args.key_bytes,
+                args,
                 serial_base,
             )
             .await?;
