@@ -14,6 +14,9 @@ ensure_tools() {
   command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || missing+=(postfix)
   # tests/deploy.rs: systemd-analyze verify (works without systemd as PID 1).
   command -v systemd-analyze >/dev/null || missing+=(systemd)
+  # kst-bin/tests/dkim.rs: dkimpy's dkimverify checks kst's signatures (python3-nacl: ed25519).
+  command -v dkimverify >/dev/null || missing+=(python3-dkim)
+  /usr/bin/python3 -c 'import nacl' 2>/dev/null || missing+=(python3-nacl)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

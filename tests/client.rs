@@ -617,3 +617,41 @@ fn maildir_owner_status_refresh_delete_and_expiry_warning() {
     );
     assert!(err.contains("--quick-set-expire"), "{err}");
 }
+
+/// A KST that does not sign (no `[dkim]`): the reply is proven by K_auth only, and with
+/// `--require-dkim` the client treats it as an attack (exit 5): it is not used and the request
+/// stays pending. Signed replies passing are tests/dkim.rs and tests/e2e.rs.
+#[test]
+fn maildir_require_dkim_refuses_an_unsigned_reply() {
+    let local = Local::new();
+    let (out, v) = local.client("bob@example.net", &["retrieve", "nobody@example.net"], &[]);
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (1, Some("not-found")),
+        "{v}"
+    );
+    assert_eq!(v["proven_by"], "K_auth only", "{v}");
+    assert_eq!(v["dkim"]["result"], "none", "{v}");
+    assert_eq!(v["dkim"]["domain"], "example.net", "{v}");
+    assert!(
+        stderr(&out).is_empty() || !stderr(&out).contains("K_auth and DKIM"),
+        "{}",
+        stderr(&out)
+    );
+
+    let (out, v) = local.client(
+        "bob@example.net",
+        &["--require-dkim", "retrieve", "nobody@example.net"],
+        &[],
+    );
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+    assert_eq!(v["outcome"], "attack", "{v}");
+    let error = v["error"].as_str().unwrap();
+    assert!(
+        error.contains("--require-dkim") && error.contains("DKIM none"),
+        "{error}"
+    );
+    assert!(v.get("key").is_none());
+    let (_, list) = local.client("bob@example.net", &["pending"], &[]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+}

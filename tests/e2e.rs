@@ -103,6 +103,12 @@ fn expect_found(route: &str, out: &Output, v: &Value, key: &GpgKey) {
             .any(|u| u.as_str().is_some_and(|u| u.contains(&key.address))),
         "{route}: {user_ids:?}"
     );
+    // The reply was DKIM-signed by kst and verified by the client through dnsmasq (the test
+    // key's record): proven by K_auth and DKIM, also under --require-dkim.
+    assert_eq!(v["proven_by"], "K_auth and DKIM", "{route}: {v}");
+    assert_eq!(v["dkim"]["result"], "pass", "{route}: {v}");
+    assert_eq!(v["dkim"]["domain"], "example.net", "{route}: {v}");
+    assert_eq!(v["dkim"]["selector"], "kst-ed25519", "{route}: {v}");
     // The key as retrieved is usable by a real OpenPGP implementation.
     let armored = v["key"].as_str().expect("the armored key");
     assert_eq!(
@@ -146,6 +152,7 @@ async fn publish_and_retrieve(mode: Mode, kind: StoreKind) {
     );
     assert_eq!(code(&out), 0, "publish: {v}\n{}", stderr(&out));
     assert_eq!(v["outcome"], "published", "{v}");
+    assert_eq!(v["proven_by"], "K_auth and DKIM", "{v}");
     assert_eq!(v["fingerprint"], alice.fingerprint.as_str());
     assert_eq!(v["service"], "keys@example.net");
     assert_eq!(
@@ -167,6 +174,7 @@ async fn publish_and_retrieve(mode: Mode, kind: StoreKind) {
             &submissions,
             "--imap",
             &imaps,
+            "--require-dkim",
             "retrieve",
             "alice@example.net",
         ],

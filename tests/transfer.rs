@@ -69,7 +69,11 @@ const ADDRESSES: [&str; 4] = [
 fn export_import_round_trip_fs_postgres_redis_fs() {
     let gpg = Gpg::new();
     let alice1 = gpg.generate("Alice", "alice@example.net", "ed25519");
-    let alice2 = gpg.generate("Alice New", "alice@example.net", "ed25519");
+    // Another primary key for the same address: its own keyring (`generate` picks the first
+    // key of the address, so in the same keyring it would add a subkey to alice1, and the KST
+    // merges a publication of the same primary key instead of adding a version).
+    let gpg2 = Gpg::new();
+    let alice2 = gpg2.generate("Alice New", "alice@example.net", "ed25519");
     let bob = gpg.generate("Bob", "bob@example.net", "ed25519");
     let carol = gpg.generate("Carol", "carol@example.org", "ed25519");
 

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[cfg(feature = "server")]
-use crate::operator::{self, config_check::ConfigCommand, keys::KeysCommand, wks::WksCommand};
+use crate::operator::{
+    self, config_check::ConfigCommand, dkim::DkimCommand, keys::KeysCommand, wks::WksCommand,
+};
 #[cfg(feature = "server")]
 use crate::server::{deliver, deliver::DeliverArgs, outbox::OutboxCommand, serve};
 
@@ -111,6 +113,15 @@ pub enum Command {
     #[command(subcommand)]
     Wks(WksCommand),
 
+    /// DKIM keys for signing replies: `kst dkim keygen DOMAIN`, `kst dkim records`.
+    #[cfg(feature = "server")]
+    #[command(subcommand)]
+    Dkim(DkimCommand),
+    /// Mail the owners of keys that expire soon (see `kst reminders send --help`).
+    #[cfg(feature = "server")]
+    #[command(subcommand)]
+    Reminders(crate::operator::reminders::RemindersCommand),
+
     /// Send the replies the spool mailer wrote (see `kst outbox send --help`).
     #[cfg(feature = "server")]
     #[command(subcommand)]
@@ -165,6 +176,9 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Config(cmd) => operator::config_check::run(config, cmd).await,
         #[cfg(feature = "server")]
         Command::Wks(cmd) => operator::wks::run(config, cmd).await,
+        #[cfg(feature = "server")]
+        Command::Dkim(cmd) => operator::dkim::run(config, cmd).await,
+        Command::Reminders(cmd) => operator::reminders::run(config, cmd).await,
         #[cfg(feature = "bench")]
         Command::Bench(cmd) => crate::bench::run(cmd, config).await,
         #[cfg(feature = "client")]

@@ -51,6 +51,10 @@ fn the_sample_deploy_file_loads_and_documents_the_defaults() {
         cfg.web, defaults.web,
         "deploy/kst.toml states the [web] defaults"
     );
+    assert_eq!(
+        cfg.dkim, defaults.dkim,
+        "deploy/kst.toml states the [dkim] defaults"
+    );
     let policy = cfg.policy().unwrap();
     assert!(policy.serves_domain("example.net"));
 }
@@ -559,4 +563,39 @@ fn recipient_folding_is_configured_by_file_and_environment() {
     let e = Config::load_with_env(Some(&bad), env(&[])).unwrap_err();
     assert_eq!(key_of(&e), "limits.recipient_folding.separators");
     assert!(e.to_string().contains("punctuation"), "{e}");
+}
+
+#[test]
+fn dkim_keys_come_from_the_file_or_the_environment() {
+    let (_dir, path) = file(
+        "[kst]\ndomains = [\"example.net\", \"acme.net\"]\n[dkim]\nselector = \"kst-2027\"\n\
+         ed25519_key = \"/etc/kst/dkim/{domain}.ed25519.pem\"\n",
+    );
+    let cfg = Config::load_with_env(Some(&path), env(&[])).unwrap();
+    assert_eq!(cfg.dkim.selector, "kst-2027");
+    assert!(cfg.dkim.enabled());
+    let ed = kst_bin::shared::config::DkimAlgorithm::Ed25519;
+    let rsa = kst_bin::shared::config::DkimAlgorithm::Rsa;
+    assert_eq!(
+        cfg.dkim.key_file(ed, "acme.net"),
+        Some(PathBuf::from("/etc/kst/dkim/acme.net.ed25519.pem"))
+    );
+    assert_eq!(cfg.dkim.key_file(rsa, "acme.net"), None);
+    let cfg = Config::load_with_env(
+        Some(&path),
+        env(&[
+            ("KST_DKIM__SELECTOR", "kst"),
+            ("KST_DKIM__RSA_KEY", "/k/{domain}.rsa.pem"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(cfg.dkim.selector, "kst");
+    assert_eq!(
+        cfg.dkim.key_file(rsa, "example.net"),
+        Some(PathBuf::from("/k/example.net.rsa.pem"))
+    );
+    let e = Config::load_with_env(Some(&path), env(&[("KST_DKIM__SELECTOR", "k st")])).unwrap_err();
+    assert_eq!(key_of(&e), "dkim.selector");
+    let e = Config::load_with_env(Some(&path), env(&[("KST_DKIM__KEY", "/x")])).unwrap_err();
+    assert!(e.to_string().contains("key"), "{e}");
 }

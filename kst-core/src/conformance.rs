@@ -36,6 +36,7 @@
 pub mod cas;
 pub mod limiter;
 pub mod lookup;
+pub mod reminders;
 pub mod revocation;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -407,6 +408,8 @@ pub async fn run_all(store: Arc<dyn KeyStore>) {
     cas::compare_and_set(s).await;
     cas::compare_and_set_race(vec![store.clone(), store.clone()]).await;
     cas::merged_publications(vec![store.clone(), store.clone()]).await;
+    reminders::reminder_claims(vec![store.clone(), store.clone()]).await;
+    reminders::reminders_across_a_pool(vec![store.clone(), store.clone(), store.clone()]).await;
     check_succeeds(s).await;
     let n = check_consistency(s).await;
     assert!(

@@ -24,6 +24,7 @@ pub mod protocol;
 pub mod publication;
 pub mod ratelimit;
 pub mod received;
+pub mod reminder;
 pub mod reply;
 pub mod revocation;
 pub mod service;

@@ -237,6 +237,7 @@ pub struct Kst {
     limiter: Arc<dyn RateLimiter>,
     envelope_from: Option<Address>,
     submission_keys: Arc<SubmissionKeys>,
+    reminders: Arc<crate::reminder::ReminderSettings>,
 }
 
 impl Kst {
@@ -252,7 +253,20 @@ impl Kst {
             limiter: Arc::new(MemoryRateLimiter::new()),
             envelope_from: None,
             submission_keys: Arc::new(SubmissionKeys::new()),
+            reminders: Arc::new(crate::reminder::ReminderSettings::default()),
         }
+    }
+
+    /// Sends expiry reminders with these settings ([`crate::reminder`]; the default: on, 14
+    /// and 3 days before, hourly in a daemon).
+    pub fn with_reminders(mut self, settings: crate::reminder::ReminderSettings) -> Self {
+        self.reminders = Arc::new(settings);
+        self
+    }
+
+    /// The expiry reminder settings.
+    pub fn reminders(&self) -> &crate::reminder::ReminderSettings {
+        &self.reminders
     }
 
     /// Decrypts WKS submissions with these per-domain submission keys (without them, only
@@ -282,6 +296,11 @@ impl Kst {
     pub fn with_envelope_from(mut self, from: Option<Address>) -> Self {
         self.envelope_from = from;
         self
+    }
+
+    /// The envelope sender of replies (`None`: the null sender `<>`).
+    pub fn envelope_from(&self) -> Option<&Address> {
+        self.envelope_from.as_ref()
     }
 
     /// The policy in force.

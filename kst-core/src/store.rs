@@ -233,6 +233,20 @@ pub trait KeyStore: Send + Sync {
         Ok(0)
     }
 
+    /// Records that the expiry reminder `claim` is being sent, atomically across every
+    /// instance sharing the store: `Ok(true)` for the one call that recorded it first,
+    /// `Ok(false)` for every later one (any instance). Claims are kept across deletions and
+    /// republications (an extension has another expiry, hence another claim). Each backend
+    /// implements it on its own (a create-if-absent of a claim record); this default, for
+    /// stores that do not record claims, refuses, so no reminder is ever sent twice.
+    async fn claim_reminder(&self, claim: &crate::reminder::ReminderClaim) -> Result<bool> {
+        Err(crate::error::Error::Invalid(format!(
+            "the {} store does not record expiry reminders (claim {}); turn reminders off",
+            self.name(),
+            claim.id()
+        )))
+    }
+
     /// Checks that the store is reachable and writable enough to serve (for `/readyz`).
     async fn check(&self) -> Result<()>;
 

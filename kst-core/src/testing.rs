@@ -27,6 +27,8 @@ pub struct MemoryStore {
     pub down: AtomicBool,
     /// Tombstones: key revocations per primary-key fingerprint (never removed).
     pub tombstones: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Expiry reminders claimed: (address, claim id).
+    pub reminders: Mutex<std::collections::BTreeSet<(Address, String)>>,
 }
 
 impl MemoryStore {
@@ -87,6 +89,14 @@ impl KeyStore for MemoryStore {
         let rec = key.into_record(hist.last().map_or(1, |c| c.version + 1));
         hist.push(rec.clone());
         Ok(PublishOutcome::Published(rec))
+    }
+    async fn claim_reminder(&self, claim: &crate::reminder::ReminderClaim) -> Result<bool> {
+        self.up()?;
+        Ok(self
+            .reminders
+            .lock()
+            .unwrap()
+            .insert((claim.address.clone(), claim.id())))
     }
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
         self.up()?;

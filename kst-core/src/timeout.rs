@@ -97,6 +97,11 @@ impl<S: KeyStore> KeyStore for TimeoutStore<S> {
         self.run("get", self.inner.get(address)).await
     }
 
+    async fn claim_reminder(&self, claim: &crate::reminder::ReminderClaim) -> Result<bool> {
+        self.run("claim reminder", self.inner.claim_reminder(claim))
+            .await
+    }
+
     async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
         self.run("history", self.inner.history(address)).await
     }

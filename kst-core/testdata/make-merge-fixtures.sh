@@ -14,6 +14,8 @@
 #   merge-subrevoked.pub.asc  base with subkey A revoked (2025-07-01)
 #   merge-signing.pub.asc     base + ed25519 signing subkey C (2025-04-01) expiring 2026-01-01
 #   merge-revoked.pub.asc     base with a key revocation (2025-08-01)
+#   reminder.pub.asc          another ed25519 key for alice@example.net (2025-01-01, expires
+#                             2030-01-01) with a cv25519 subkey: the expiry reminder tests
 set -euo pipefail
 
 out="$(cd "$(dirname "$0")" && pwd)/keys"
@@ -67,6 +69,13 @@ printf 'y\n0\n\ny\n' |
         --output "$H/rev.asc" --gen-revoke "$FPR" 2> >(grep -v 'faked system time' >&2)
 g "$H" 20250801T000000 --import "$H/rev.asc"
 g "$H" 20250801T000000 --armor --export "$FPR" >"$out/merge-revoked.pub.asc"
+
+R="$ROOT/reminder"
+mkdir -m 700 "$R"
+RFPR=$(g "$R" 20250101T000000 --status-fd 1 --quick-gen-key 'alice <alice@example.net>' \
+    ed25519 sign,cert 2030-01-01 | awk '/KEY_CREATED/ {print $4}')
+g "$R" 20250101T000000 --quick-add-key "$RFPR" cv25519 encr never
+g "$R" 20250101T000000 --armor --export "$RFPR" >"$out/reminder.pub.asc"
 
 echo "primary $FPR subkey A $SUBA"
 ls -l "$out"/merge-*

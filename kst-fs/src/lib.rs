@@ -8,6 +8,7 @@ mod index;
 mod layout;
 mod lock;
 mod ratelimit;
+mod reminders;
 mod store;
 
 pub use store::FsStore;

@@ -276,6 +276,11 @@ impl KeyStore for FsStore {
         self.run(move |l| publish(l, key)).await
     }
 
+    async fn claim_reminder(&self, claim: &kst_core::reminder::ReminderClaim) -> Result<bool> {
+        let claim = claim.clone();
+        self.run(move |l| crate::reminders::claim(l, &claim)).await
+    }
+
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
         let address = address.clone();
         self.run(move |l| Ok(read_history(&address, &l.address(&address))?.pop()))

@@ -364,6 +364,21 @@ impl KeyStore for PostgresStore {
         self.get_inner(address).await
     }
 
+    async fn claim_reminder(&self, claim: &kst_core::reminder::ReminderClaim) -> Result<bool> {
+        let now = to_bigint("claimed_at", kst_core::time::unix_now())?;
+        let done = sqlx::query(
+            "INSERT INTO kst_reminder_claims (address, claim, claimed_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (address, claim) DO NOTHING",
+        )
+        .bind(claim.address.as_str())
+        .bind(claim.id())
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
         self.history_inner(address).await
     }

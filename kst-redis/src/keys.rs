@@ -42,6 +42,12 @@ pub(crate) fn tombstone_key(prefix: &str, fingerprint: &kst_core::Fingerprint) -
     format!("{prefix}tombstone:{}", fingerprint.as_str())
 }
 
+/// String: the expiry reminder claim `id` of `address` (`KeyStore::claim_reminder`), in the
+/// address' hash slot, set with NX and kept across deletions.
+pub(crate) fn reminder_key(prefix: &str, address: &Address, id: &str) -> String {
+    format!("{prefix}{{{}}}:reminder:{id}", encode(address.as_str()))
+}
+
 /// Checks a configured prefix: braces would break the hash tags.
 pub(crate) fn check_prefix(prefix: &str) -> Result<()> {
     if prefix.contains(['{', '}']) {

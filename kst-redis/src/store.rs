@@ -351,6 +351,20 @@ impl KeyStore for RedisStore {
         self.get_inner(address).await
     }
 
+    async fn claim_reminder(&self, claim: &kst_core::reminder::ReminderClaim) -> Result<bool> {
+        let key = crate::keys::reminder_key(&self.prefix, &claim.address, &claim.id());
+        let set: Option<String> = self
+            .query(
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(kst_core::time::unix_now())
+                    .arg("NX"),
+                true,
+            )
+            .await?;
+        Ok(set.is_some())
+    }
+
     async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
         self.history_inner(address).await
     }

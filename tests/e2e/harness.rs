@@ -183,11 +183,34 @@ impl MailSystem {
             .status()
             .expect("run postsuper");
         assert!(st.success(), "postsuper -d ALL failed");
+        ms.install_dkim_key();
         ms
     }
 
+    /// Where kst's DKIM signing key lives: the test key of tests/fixtures/dkim, whose public
+    /// half the mail system's dnsmasq publishes as `kst-ed25519._domainkey` of both domains.
+    pub fn dkim_key(&self) -> PathBuf {
+        self.dir.join("kst").join("dkim.ed25519.pem")
+    }
+
+    /// Installs the DKIM test key for user kst, mode 0600 (kst refuses a wider one).
+    fn install_dkim_key(&self) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let key = std::fs::read(repo_root().join("tests/fixtures/dkim/test.ed25519.pem"))
+            .expect("the DKIM test key");
+        let path = self.dkim_key();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, key).expect("write the DKIM key");
+        let (uid, gid) = kst_ids();
+        std::os::unix::fs::chown(&tmp, Some(uid), Some(gid)).expect("chown the DKIM key");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod the DKIM key");
+        std::fs::rename(&tmp, &path).expect("install the DKIM key");
+    }
+
     /// A kst config for this mail system: both domains, trusting Postfix's `mail.example.net`,
-    /// replies through the port-25 stand-in, `store` as the `[store]` table, LMTP on
+    /// replies DKIM-signed with the test key ([`MailSystem::dkim_key`]) and sent through the
+    /// port-25 stand-in, `store` as the `[store]` table, LMTP on
     /// `lmtp_port` admitting 127.0.0.1 only, JSON logs.
     pub fn kst_toml(&self, store: &str, lmtp_port: u16) -> String {
         format!(
@@ -214,11 +237,16 @@ shutdown_grace_secs = 5
 [http]
 listen = ""
 
+[dkim]
+selector = "kst"
+ed25519_key = "{dkim_key}"
+
 [log]
 format = "json"
 level = "info"
 "#,
             smtp = self.smtp_port,
+            dkim_key = self.dkim_key().display(),
         )
     }
 

@@ -94,6 +94,8 @@ pub struct Settings {
     pub(super) state: State,
     insecure_plaintext: bool,
     pub(super) json: bool,
+    require_dkim: bool,
+    dkim_selector: String,
 }
 
 fn config_error(e: impl std::fmt::Display) -> Outcome {
@@ -141,6 +143,21 @@ impl Settings {
             Some(r) => Some(config::parse_resolver(r).map_err(|e| value("--resolver", e))?),
             None => None,
         };
+        let dkim_selector = opts
+            .dkim_selector
+            .clone()
+            .or(file.dkim_selector.clone())
+            .unwrap_or_else(|| super::dkim::DEFAULT_SELECTOR.to_string());
+        if dkim_selector.is_empty()
+            || !dkim_selector
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(value(
+                "--dkim-selector",
+                format!("{dkim_selector:?} is not a selector (letters, digits, hyphens)"),
+            ));
+        }
         let state_path = opts
             .state_file
             .clone()
@@ -169,6 +186,8 @@ impl Settings {
             state: State::new(state_path),
             insecure_plaintext: opts.insecure_plaintext || file.insecure_plaintext == Some(true),
             json: opts.json,
+            require_dkim: opts.require_dkim || file.require_dkim == Some(true),
+            dkim_selector,
         })
     }
 
@@ -513,6 +532,8 @@ async fn wait_for(
     bar: &indicatif::ProgressBar,
 ) -> Vec<Outcome> {
     let deadline = Instant::now() + limit;
+    // The resolver for DKIM key look-ups (the same one as for SRV and MX).
+    let dns = s.dns();
     let mut results: Vec<Option<Outcome>> = vec![None; entries.len()];
     let mut attacks: Vec<Option<Outcome>> = vec![None; entries.len()];
     let services: Vec<String> = entries
@@ -546,7 +567,18 @@ async fn wait_for(
                     if results[i].is_some() {
                         continue;
                     }
-                    match interpret(&entries[i], m) {
+                    let dkim = match &m {
+                        Matched::Reply {
+                            result: Ok(_), raw, ..
+                        } => Some(check_dkim(s, &dns, &entries[i], raw).await),
+                        _ => None,
+                    };
+                    let o = interpret(&entries[i], m);
+                    let o = match dkim {
+                        Some(report) => apply_dkim(s, &entries[i], o, report),
+                        None => o,
+                    };
+                    match o {
                         o @ Outcome::Attack { .. } => {
                             if !s.json {
                                 bar.suspend(|| o.print_text());
@@ -596,7 +628,9 @@ fn interpret(e: &Entry, m: Matched) -> Outcome {
     let service = e.pending.service.to_string();
     match m {
         Matched::Bounce { detail, .. } => Outcome::NoKst { service, detail },
-        Matched::Reply { result, message_id } => match result {
+        Matched::Reply {
+            result, message_id, ..
+        } => match result {
             Ok(Verified::Published {
                 fingerprint,
                 armored,
@@ -606,6 +640,7 @@ fn interpret(e: &Entry, m: Matched) -> Outcome {
                 service,
                 message_id,
                 key: armored,
+                dkim: None,
             },
             Ok(Verified::Found {
                 address,
@@ -620,14 +655,17 @@ fn interpret(e: &Entry, m: Matched) -> Outcome {
                 message_id,
                 key: armored,
                 imported: false,
+                dkim: None,
             },
             Ok(Verified::Deleted { address }) => Outcome::Deleted {
                 address: address.to_string(),
                 service,
+                dkim: None,
             },
             Ok(Verified::NotFound { address }) => Outcome::NotFound {
                 address: address.to_string(),
                 service,
+                dkim: None,
             },
             Ok(Verified::Refused {
                 token,
@@ -639,6 +677,7 @@ fn interpret(e: &Entry, m: Matched) -> Outcome {
                 reason: token,
                 explanation,
                 authenticated,
+                dkim: None,
             },
             Err(ReplyError::NotKst) => Outcome::NoKst {
                 service,
@@ -662,6 +701,55 @@ fn interpret(e: &Entry, m: Matched) -> Outcome {
     }
 }
 
+/// Checks the DKIM signature of a reply whose HMAC verified, against the domain the request
+/// went to and kst's selector, through the client's resolver.
+async fn check_dkim(
+    s: &Settings,
+    dns: &Result<Dns, Outcome>,
+    e: &Entry,
+    raw: &[u8],
+) -> super::dkim::DkimReport {
+    let domain = e.pending.service.domain();
+    match dns {
+        Ok(d) => super::dkim::verify(d.resolver(), raw, domain, &s.dkim_selector).await,
+        Err(o) => super::dkim::DkimReport {
+            result: super::dkim::DkimStatus::TempError,
+            domain: domain.to_string(),
+            selector: None,
+            algorithm: None,
+            dnssec: None,
+            detail: format!("no resolver for the key look-up: {o:?}"),
+        },
+    }
+}
+
+/// Attaches the DKIM report to the outcome; with `--require-dkim` a reply without an aligned,
+/// valid signature is an attack (exit 5), whatever its HMAC said.
+fn apply_dkim(s: &Settings, e: &Entry, o: Outcome, report: super::dkim::DkimReport) -> Outcome {
+    let is_reply = matches!(
+        o,
+        Outcome::Published { .. }
+            | Outcome::Found { .. }
+            | Outcome::NotFound { .. }
+            | Outcome::Deleted { .. }
+            | Outcome::Refused { .. }
+    );
+    if s.require_dkim && is_reply && !report.pass() {
+        return Outcome::Attack {
+            service: e.pending.service.to_string(),
+            message_id: e.pending.message_id.clone(),
+            error: format!(
+                "DKIM is required (--require-dkim) and the reply has no valid signature by {} \
+                 with kst's selector ({}): {}",
+                report.domain,
+                s.dkim_selector,
+                report.describe()
+            ),
+        };
+    }
+    o.with_dkim(report)
+}
+
 /// Imports a found key when the request asked for it.
 fn finish_entry(e: &Entry, o: Outcome) -> Outcome {
     match o {
@@ -672,6 +760,7 @@ fn finish_entry(e: &Entry, o: Outcome) -> Outcome {
             service,
             message_id,
             key,
+            dkim,
             ..
         } if e.import => match gpg_import(&key) {
             Ok(()) => Outcome::Found {
@@ -682,6 +771,7 @@ fn finish_entry(e: &Entry, o: Outcome) -> Outcome {
                 message_id,
                 key,
                 imported: true,
+                dkim,
             },
             Err(err) => Outcome::error(
                 exit::UNAVAILABLE,

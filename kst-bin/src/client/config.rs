@@ -12,6 +12,8 @@
 //! resolver = "127.0.0.1:53"                  # DNS server for SRV/MX look-ups
 //! timeout_secs = 120
 //! state_file = "/home/alice/.local/state/kst/pending.json"
+//! require_dkim = true                        # replies must carry kst's DKIM signature
+//! # dkim_selector = "kst"                    # kst's selector (and kst-*), the default
 //! ```
 
 use std::fmt;
@@ -55,6 +57,10 @@ pub struct ClientFile {
     pub state_file: Option<PathBuf>,
     /// Allow cleartext connections (local tests only).
     pub insecure_plaintext: Option<bool>,
+    /// Refuse replies without a valid, aligned DKIM signature (`--require-dkim`).
+    pub require_dkim: Option<bool>,
+    /// kst's DKIM selector (`--dkim-selector`, default `kst`).
+    pub dkim_selector: Option<String>,
 }
 
 /// Why the client configuration is unusable.

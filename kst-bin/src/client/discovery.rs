@@ -58,6 +58,12 @@ impl Dns {
         })
     }
 
+    /// The resolver itself, for look-ups made elsewhere (the DKIM key record in
+    /// `client::dkim`): the same servers and, once it validates, the same DNSSEC checks.
+    pub fn resolver(&self) -> &TokioResolver {
+        &self.resolver
+    }
+
     /// The best SRV target of `name` (lowest priority, then highest weight) as `(host, port)`;
     /// `None` when there is no record or the record says "not offered" (target `.`).
     pub async fn srv(&self, name: &str) -> Result<Option<(String, u16)>, DnsError> {

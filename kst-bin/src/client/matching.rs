@@ -14,6 +14,8 @@ pub enum Matched {
         message_id: String,
         /// Verified, or why not.
         result: Result<Verified, ReplyError>,
+        /// The reply as read (at most the mailbox's size limit), for the DKIM check.
+        raw: Vec<u8>,
     },
     /// The request bounced: the provider runs no KST (or `keys@` does not take mail).
     Bounce {
@@ -50,6 +52,7 @@ pub fn classify<'a>(pending: impl IntoIterator<Item = &'a Pending>, raw: &[u8]) 
         return Some(Matched::Reply {
             message_id: p.message_id.clone(),
             result,
+            raw: raw.to_vec(),
         });
     }
     if !dsn {
@@ -218,7 +221,9 @@ Subject: Key request\r\n\
         let p = pending("bob@example.org");
         // Right In-Reply-To, KST headers, no valid HMAC: verified and refused as an attack.
         match classify([&p], &reply(&p.message_id, true)).unwrap() {
-            Matched::Reply { message_id, result } => {
+            Matched::Reply {
+                message_id, result, ..
+            } => {
                 assert_eq!(message_id, p.message_id);
                 assert_eq!(result.unwrap_err(), ReplyError::BadHmac);
             }

@@ -9,6 +9,7 @@ pub mod commands;
 pub mod config;
 pub mod delete;
 pub mod discovery;
+pub mod dkim;
 pub mod fetch;
 pub mod matching;
 pub mod output;
@@ -125,6 +126,14 @@ pub struct ClientOpts {
     /// Print the result as JSON on stdout.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Accept a reply only with a valid DKIM signature of the KST's domain under kst's
+    /// selector (exit 5 otherwise). Also `require_dkim = true` in client.toml.
+    #[arg(long, global = true)]
+    pub require_dkim: bool,
+    /// kst's DKIM selector: a signature counts when its selector is this one or begins with it
+    /// and `-` [default: kst].
+    #[arg(long, global = true, value_name = "SELECTOR")]
+    pub dkim_selector: Option<String>,
 }
 
 /// The client commands.

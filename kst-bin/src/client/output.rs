@@ -7,6 +7,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use super::dkim::DkimReport;
 use super::exit;
 
 /// The result of one request (or a failure before one could be sent).
@@ -25,6 +26,9 @@ pub enum Outcome {
         message_id: String,
         /// The key as published (armored).
         key: String,
+        /// What DKIM says about the reply (absent when not checked).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dkim: Option<DkimReport>,
     },
     /// The key was retrieved and verified.
     Found {
@@ -42,6 +46,9 @@ pub enum Outcome {
         key: String,
         /// True when it was imported into gpg.
         imported: bool,
+        /// What DKIM says about the reply (absent when not checked).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dkim: Option<DkimReport>,
     },
     /// The KST says, authenticated, that no key is published for the address.
     NotFound {
@@ -49,6 +56,9 @@ pub enum Outcome {
         address: String,
         /// The KST that answered.
         service: String,
+        /// What DKIM says about the reply (absent when not checked).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dkim: Option<DkimReport>,
     },
     /// The KST confirmed, authenticated, that the account's key and history were deleted
     /// (`kst client delete`).
@@ -57,6 +67,9 @@ pub enum Outcome {
         address: String,
         /// The KST that answered.
         service: String,
+        /// What DKIM says about the reply (absent when not checked).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dkim: Option<DkimReport>,
     },
     /// The KST refused the request.
     Refused {
@@ -69,6 +82,9 @@ pub enum Outcome {
         explanation: String,
         /// True when the refusal's HMAC verified.
         authenticated: bool,
+        /// What DKIM says about the reply (absent when not checked).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dkim: Option<DkimReport>,
     },
     /// The provider runs no KST: the request bounced (or was answered by something else).
     NoKst {
@@ -135,9 +151,11 @@ impl Outcome {
                 account,
                 fingerprint,
                 service,
+                dkim,
                 ..
             } => println!(
-                "published {fingerprint} for {account} (confirmed by {service}, HMAC verified)"
+                "published {fingerprint} for {account} (confirmed by {service}, HMAC verified{})",
+                proof_text(dkim)
             ),
             Outcome::Found {
                 address,
@@ -146,11 +164,13 @@ impl Outcome {
                 key,
                 imported,
                 service,
+                dkim,
                 ..
             } => {
                 eprintln!(
-                    "kst: verified key {fingerprint} for {address} from {service} ({})",
-                    user_ids.join(", ")
+                    "kst: verified key {fingerprint} for {address} from {service} ({}){}",
+                    user_ids.join(", "),
+                    proof_text(dkim)
                 );
                 if *imported {
                     println!("imported {fingerprint} for {address} into gpg");
@@ -161,26 +181,40 @@ impl Outcome {
                     }
                 }
             }
-            Outcome::Deleted { address, service } => {
-                eprintln!("kst: {service} deleted the key of {address} (authenticated answer)")
-            }
-            Outcome::NotFound { address, service } => {
-                eprintln!(
-                    "kst: {service} says no key is published for {address} (authenticated answer)"
-                )
-            }
+            Outcome::Deleted {
+                address,
+                service,
+                dkim,
+            } => eprintln!(
+                "kst: {service} deleted the key of {address} (authenticated answer{})",
+                proof_text(dkim)
+            ),
+            Outcome::NotFound {
+                address,
+                service,
+                dkim,
+            } => eprintln!(
+                "kst: {service} says no key is published for {address} (authenticated answer{})",
+                proof_text(dkim)
+            ),
             Outcome::Refused {
                 service,
                 reason,
                 explanation,
                 authenticated,
+                dkim,
             } => eprintln!(
-                "kst: {service} refused the request ({}){}: {explanation}",
+                "kst: {service} refused the request ({}){}{}: {explanation}",
                 reason.as_deref().unwrap_or("no reason given"),
                 if *authenticated {
                     ""
                 } else {
                     ", unauthenticated"
+                },
+                if *authenticated {
+                    proof_text(dkim)
+                } else {
+                    String::new()
                 }
             ),
             Outcome::NoKst { service, detail } => eprintln!(
@@ -203,6 +237,60 @@ impl Outcome {
                 "kst: no reply yet from {service} to the {kind} for {address} (request {message_id}); it stays pending: run `kst client check` later"
             ),
             Outcome::Error { error, .. } => eprintln!("kst: {error}"),
+        }
+    }
+}
+
+/// `; proven by K_auth and DKIM (DKIM pass (...))` for a reply whose HMAC verified; empty
+/// when DKIM was not checked.
+fn proof_text(dkim: &Option<DkimReport>) -> String {
+    match dkim {
+        Some(d) => format!("; proven by {} ({})", d.proven_by(), d.describe()),
+        None => String::new(),
+    }
+}
+
+impl Outcome {
+    /// The DKIM report of a KST reply, if it was checked.
+    pub fn dkim(&self) -> Option<&DkimReport> {
+        match self {
+            Outcome::Published { dkim, .. }
+            | Outcome::Found { dkim, .. }
+            | Outcome::NotFound { dkim, .. }
+            | Outcome::Deleted { dkim, .. }
+            | Outcome::Refused { dkim, .. } => dkim.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Attaches the DKIM report to a KST reply's outcome (other outcomes stay as they are).
+    pub fn with_dkim(mut self, report: DkimReport) -> Outcome {
+        match &mut self {
+            Outcome::Published { dkim, .. }
+            | Outcome::Found { dkim, .. }
+            | Outcome::NotFound { dkim, .. }
+            | Outcome::Deleted { dkim, .. }
+            | Outcome::Refused { dkim, .. } => *dkim = Some(report),
+            _ => {}
+        }
+        self
+    }
+
+    /// What proved the reply, for outcomes whose HMAC verified and whose DKIM was checked:
+    /// "K_auth and DKIM" or "K_auth only".
+    pub fn proven_by(&self) -> Option<&'static str> {
+        let hmac = match self {
+            Outcome::Published { .. }
+            | Outcome::Found { .. }
+            | Outcome::NotFound { .. }
+            | Outcome::Deleted { .. } => true,
+            Outcome::Refused { authenticated, .. } => *authenticated,
+            _ => false,
+        };
+        if hmac {
+            self.dkim().map(DkimReport::proven_by)
+        } else {
+            None
         }
     }
 }
@@ -241,6 +329,9 @@ fn with_exit(o: &Outcome) -> serde_json::Value {
     let mut v = serde_json::to_value(o).unwrap_or(serde_json::Value::Null);
     if let serde_json::Value::Object(m) = &mut v {
         m.insert("exit".into(), o.exit_code().into());
+        if let Some(p) = o.proven_by() {
+            m.insert("proven_by".into(), p.into());
+        }
     }
     v
 }
@@ -282,6 +373,7 @@ mod tests {
         let found = Outcome::NotFound {
             address: "a@b.c".into(),
             service: "keys@b.c".into(),
+            dkim: None,
         };
         let attack = Outcome::Attack {
             service: "keys@b.c".into(),

@@ -40,6 +40,11 @@ async fn check(
         Ok(c) => c,
         Err(e) => return report::config_error(&e),
     };
+    // The DKIM key files: mode and contents (the records to publish are printed).
+    let dkim = match wiring::load_dkim_keys(&cfg) {
+        Ok(k) => k,
+        Err(e) => return report::config_error(&e),
+    };
     let mailer = match wiring::build_mailer(&cfg.mailer) {
         Ok(m) => m,
         Err(e) => return report::config_error(&e),
@@ -58,6 +63,27 @@ async fn check(
             "kst: WKS submission key of keys@{domain}: {}",
             key.fingerprint()
         );
+    }
+    match &dkim {
+        Some(keys) => {
+            for r in keys.records() {
+                eprintln!(
+                    "kst: DKIM {} key of {}: publish {}",
+                    r.algorithm.key_type(),
+                    r.domain,
+                    r.zone_line()
+                );
+            }
+            if keys.selector() != "kst" && !keys.selector().starts_with("kst-") {
+                eprintln!(
+                    "kst: warning: dkim.selector {:?} neither is \"kst\" nor begins with \"kst-\": \
+                     clients take a signature as kst's only with such a selector unless their \
+                     dkim_selector says otherwise",
+                    keys.selector()
+                );
+            }
+        }
+        None => eprintln!("kst: replies are not DKIM-signed ([dkim] names no key file)"),
     }
     if !probe {
         eprintln!("kst: configuration OK");

@@ -1,8 +1,10 @@
 //! The operator's room: `kst keys`, `kst export`/`import`, `kst migrate`, `kst config check`,
-//! `kst wks keygen`.
+//! `kst wks keygen`, `kst dkim keygen`, `kst reminders send`.
 
 pub mod config_check;
+pub mod dkim;
 pub mod keys;
+pub mod reminders;
 pub mod transfer;
 pub mod wks;
 

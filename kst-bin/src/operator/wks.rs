@@ -155,7 +155,7 @@ async fn keygen_command(cfg: &Config, domain: &str, output: Option<PathBuf>, for
 /// Writes `bytes` to `path` with mode 0600, atomically: a new file beside it, synced, then
 /// renamed over `path`. The mode is set when the file is created, so the secret is never
 /// readable by others, not even for a moment.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     let name = path

@@ -183,6 +183,10 @@ pub async fn daemon_with_web(
             }
         }
     });
+    let reminders = kst
+        .reminders()
+        .enabled
+        .then(|| tokio::spawn(reminder_loop(kst.clone())));
     let mailer = kst.mailer().clone();
     let (result, graceful) = tokio::select! {
         r = run(listener, kst, lmtp, at_least(signals.clone(), 1)) => (r, true),
@@ -192,6 +196,9 @@ pub async fn daemon_with_web(
         }
     };
     upkeep.abort();
+    if let Some(task) = reminders {
+        task.abort();
+    }
     if graceful {
         // Pooled relay sessions end with QUIT rather than a dropped connection.
         mailer.close().await;
@@ -213,6 +220,28 @@ pub async fn daemon_with_web(
         }
     }
     result
+}
+
+/// Sends the expiry reminders every `[reminders] interval_secs`, the first run at start. A
+/// failed run (store or mailer down) is logged and the next one tries again; each reminder
+/// goes out at most once across a pool (claimed in the store first).
+async fn reminder_loop(kst: Kst) {
+    let settings = kst.reminders().clone();
+    let mut every = tokio::time::interval(Duration::from_secs(settings.interval_secs.max(1)));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match kst_core::reminder::send_due(&kst, &settings, kst_core::time::unix_now()).await {
+            Ok(run) if !run.sent.is_empty() || run.rate_limited > 0 => tracing::info!(
+                sent = run.sent.len(),
+                already_claimed = run.already_claimed,
+                rate_limited = run.rate_limited,
+                "expiry reminders"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "expiry reminders failed; retried next run"),
+        }
+    }
 }
 
 /// Counts SIGTERM and SIGINT deliveries.

@@ -13,13 +13,17 @@ use kst_core::ratelimit::RecipientFolding;
 use kst_core::{AddressPolicy, AuthSource, Policy, RateLimits};
 use serde::{Deserialize, Serialize};
 
+pub mod dkim;
 mod http;
 mod lmtp;
+mod reminders;
 pub mod web;
 mod wks;
 
+pub use self::dkim::{DkimAlgorithm, DkimConfig};
 pub use self::http::HttpConfig;
 pub use self::lmtp::{AllowList, Cidr, LmtpConfig};
+pub use self::reminders::RemindersConfig;
 pub use self::web::{WebConfig, WebLimits};
 pub use self::wks::{WksConfig, WksKeyConfig, check_key_file_mode, read_key_file};
 pub use crate::shared::logging::{LogConfig, LogFormat};
@@ -64,6 +68,10 @@ pub struct Config {
     pub wks: WksConfig,
     /// `[web]`: the public WKD/VKS/HKP listener of `kst serve` (off unless `listen` is set).
     pub web: WebConfig,
+    /// `[dkim]`: DKIM signing of replies (off unless a key file is set).
+    pub dkim: DkimConfig,
+    /// `[reminders]`: expiry reminders to key owners.
+    pub reminders: RemindersConfig,
 }
 
 /// `[kst]`: the protocol policy.
@@ -508,7 +516,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let policy = self.policy()?;
         self.wks.validate(&policy)?;
+        self.dkim.validate()?;
         self.lmtp.validate()?;
+        self.reminders.validate()?;
         self.web
             .validate()
             .map_err(|e| ConfigError::key(e.key, e.message))?;

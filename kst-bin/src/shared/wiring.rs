@@ -6,7 +6,7 @@ use std::sync::Arc;
 use kst_core::Mailer;
 use kst_core::service::Kst;
 
-use crate::server::mailer::{SmtpMailer, SpoolMailer};
+use crate::server::mailer::{DkimKeys, DkimMailer, SmtpMailer, SpoolMailer};
 use crate::shared::config::{Config, ConfigError, MailerConfig, MailerKind};
 use crate::shared::stores::{self, Reach};
 
@@ -22,6 +22,21 @@ pub fn build_mailer(cfg: &MailerConfig) -> Result<Arc<dyn Mailer>, ConfigError> 
     })
 }
 
+/// Builds the mailer replies leave through: `[mailer]`'s, behind the DKIM signer when `[dkim]`
+/// names keys (read here: a missing or too open key file is a configuration error).
+pub fn build_reply_mailer(config: &Config) -> Result<Arc<dyn Mailer>, ConfigError> {
+    let mailer = build_mailer(&config.mailer)?;
+    Ok(match load_dkim_keys(config)? {
+        Some(keys) => Arc::new(DkimMailer::new(mailer, Arc::new(keys))),
+        None => mailer,
+    })
+}
+
+/// The DKIM keys `[dkim]` names, read and checked; `None` when replies are not signed.
+pub fn load_dkim_keys(config: &Config) -> Result<Option<DkimKeys>, ConfigError> {
+    DkimKeys::load(&config.dkim, &config.policy()?).map_err(ConfigError::Other)
+}
+
 /// Builds the KST a configuration describes (store opened, mailer built); a store that cannot
 /// be reached is a temporary error (`kst deliver`).
 pub async fn build_kst(config: &Config) -> Result<Kst, kst_core::Error> {
@@ -33,7 +48,7 @@ pub async fn build_kst(config: &Config) -> Result<Kst, kst_core::Error> {
 pub async fn build_kst_with(config: &Config, reach: Reach) -> Result<Kst, kst_core::Error> {
     let policy = config.policy()?;
     let (store, limiter) = stores::open_store_and_limiter(&config.store, reach).await?;
-    let mailer = build_mailer(&config.mailer)?;
+    let mailer = build_reply_mailer(config)?;
     // The one reading of `[mailer] envelope_from`, the same `kst config check` validates.
     let envelope_from = config.mailer.envelope_from()?;
     // Read at start (per message in pipe mode): a key file that became unreadable or too open
@@ -42,7 +57,8 @@ pub async fn build_kst_with(config: &Config, reach: Reach) -> Result<Kst, kst_co
     Ok(Kst::new(policy, store, mailer)
         .with_rate_limiter(limiter)
         .with_envelope_from(envelope_from)
-        .with_submission_keys(Arc::new(submission_keys)))
+        .with_submission_keys(Arc::new(submission_keys))
+        .with_reminders(config.reminders.settings()))
 }
 
 /// Makes sure the store holds the public part of every configured WKS submission key for its

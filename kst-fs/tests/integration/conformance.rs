@@ -40,6 +40,9 @@ async fn concurrent_publishers_on_separate_instances() {
     // Compare-and-set writers and the service's read-merge-write across instances.
     kst_core::conformance::cas::compare_and_set_race(stores.clone()).await;
     kst_core::conformance::cas::merged_publications(stores.clone()).await;
+    // Expiry reminder claims, and reminders sent by a pool of three with a test clock.
+    kst_core::conformance::reminders::reminder_claims(stores.clone()).await;
+    kst_core::conformance::reminders::reminders_across_a_pool(stores[..3].to_vec()).await;
     concurrent_publishers(stores.clone()).await;
     // Again on the same directory: the suite starts by deleting its addresses.
     concurrent_publishers(stores.clone()).await;

@@ -25,6 +25,9 @@ async fn conformance_concurrency_on_separate_pools() {
     // Compare-and-set writers and the service's read-merge-write across instances.
     conformance::cas::compare_and_set_race(stores.clone()).await;
     conformance::cas::merged_publications(stores.clone()).await;
+    // Expiry reminder claims, and reminders sent by a pool of three with a test clock.
+    conformance::reminders::reminder_claims(stores.clone()).await;
+    conformance::reminders::reminders_across_a_pool(stores[..3].to_vec()).await;
     conformance::concurrent_publishers(stores.clone()).await;
     conformance::atomic_publish_across(stores.clone()).await;
     conformance::publish_races_delete_and_restore(stores[0].clone(), stores[1].clone()).await;
