@@ -3,7 +3,11 @@
 #   1. for each backend (fs, Redis, PostgreSQL) and each stored size N, starts `kst serve` with
 #      [web] on plain HTTP on loopback and fills the store through the real mail path
 #      (`kst bench lmtp --publications N`: real keys, user000000@example.test ...);
-#   2. loads WKD (direct method, Host: example.test, ?l=) and VKS (/vks/v1/by-email/) with wrk
+#      or, for the fs sizes named in BENCH_WEB_FS_DIRS, uses a store filled beforehand by
+#      kst-store-bench --real-keys --fill-only --paths-out (10^6 keys through LMTP take too long);
+#   2. loads WKD (direct method, Host: example.test: `wkd` with ?l=, found by address;
+#      `wkdhash` without, found through the store's WKD-hash index), VKS by-email (`vks`) and,
+#      for a prefilled store, VKS by-fingerprint (`fpr`, the fingerprint index) with wrk
 #      (Debian's), asking stored addresses at random, for BENCH_WEB_SECONDS each:
 #      - limits off (every [web.limits] counter 0): the look-up path itself;
 #      - limits at their defaults, the load spread over 64 client addresses 127.0.9.1-64: kst
@@ -15,6 +19,8 @@
 # Usage: scripts/bench-web.sh       (as root on Debian: installs wrk if missing)
 # Environment: BENCH_WEB_SIZES ("1000"; e.g. "1000 1000000"), BENCH_WEB_SECONDS (10),
 # BENCH_WEB_CONNECTIONS (64), BENCH_WEB_BACKENDS ("fs redis postgres"),
+# BENCH_WEB_FS_DIRS ("" ; e.g. "1000000=/var/tmp/web1m": size=store directory whose paths/
+# subdirectory holds the request paths kst-store-bench wrote),
 # BENCH_PG_URL (postgres://postgres:postgres@127.0.0.1:5432), BENCH_KST (a kst binary to use
 # instead of building one in release mode).
 set -euo pipefail
@@ -95,10 +101,14 @@ def zb32(b):
     return "".join(alphabet[int(bits[i:i + 5].ljust(5, "0"), 2)] for i in range(0, len(bits), 5))
 ids = range(n) if n <= 200000 else random.sample(range(n), 200000)
 with open(f"{work}/wkd.paths", "w") as w, open(f"{work}/vks.paths", "w") as v:
+    h = open(f"{work}/wkdhash.paths", "w")
     for i in ids:
         local = f"user{i:06d}"
-        w.write(f"/.well-known/openpgpkey/hu/{zb32(hashlib.sha1(local.encode()).digest())}?l={local}\n")
+        hu = zb32(hashlib.sha1(local.encode()).digest())
+        w.write(f"/.well-known/openpgpkey/hu/{hu}?l={local}\n")
+        h.write(f"/.well-known/openpgpkey/hu/{hu}\n")
         v.write(f"/vks/v1/by-email/{local}@example.test\n")
+    h.close()
 EOF
 }
 
@@ -115,6 +125,14 @@ for backend in $BACKENDS; do
     dir="$WORK/$backend-$n"; mkdir -p "$dir"
     lmtp="$(free_port)"; http="$(free_port)"; web="$(free_port)"
     store=(KST_STORE__BACKEND="$backend")
+    prefilled=""
+    if [ "$backend" = fs ]; then
+      for m in ${BENCH_WEB_FS_DIRS:-}; do [ "${m%%=*}" = "$n" ] && prefilled="${m#*=}"; done
+    fi
+    if [ -n "$prefilled" ]; then
+      [ -f "$prefilled/paths/wkd.paths" ] || die "$prefilled/paths/wkd.paths is missing (kst-store-bench --paths-out)"
+      store+=(KST_STORE__PATH="$prefilled")
+    fi
     case "$backend" in
       redis) store+=(KST_STORE__URL=redis://127.0.0.1:6379 KST_STORE__PREFIX="kstwebbench$$x$RANDOM") ;;
       postgres)
@@ -136,15 +154,20 @@ for backend in $BACKENDS; do
         "$KST" serve 2>>"$dir/serve.log" &
       pid=$!; PIDS+=("$pid")
       wait_port "$web"
-      if [ "$limits" = off ]; then
+      endpoints="wkd wkdhash vks"
+      if [ -n "$prefilled" ]; then
+        rm -f "$WORK/fpr.paths"
+        cp "$prefilled"/paths/*.paths "$WORK/"
+        endpoints="wkd wkdhash vks fpr"
+      elif [ "$limits" = off ]; then
         log "$backend: filling $n addresses through LMTP"
         "$KST" bench lmtp --connect "127.0.0.1:$lmtp" --concurrency 8 --publications "$n" \
           --retrievals 0 --quiet >/dev/null || die "$backend: the fill failed (see $dir/serve.log)"
         paths "$n"
       fi
-      for endpoint in wkd vks; do
+      for endpoint in $endpoints; do
         before200="$(status_count "$http" 200)"; before404="$(status_count "$http" 404)"; before429="$(status_count "$http" 429)"
-        host=""; [ "$endpoint" = wkd ] && host="example.test"
+        host=""; case "$endpoint" in wkd*) host="example.test" ;; esac
         log "$backend, $n keys, $endpoint, limits $limits: wrk -c$CONNS -d${SECONDS_EACH}s"
         out="$(PATHS="$WORK/$endpoint.paths" HOST_HEADER="$host" XFF="$xff" \
           wrk -t2 -c"$CONNS" -d"${SECONDS_EACH}s" -s "$WORK/lookup.lua" "http://127.0.0.1:$web" | grep '^WRK')"

@@ -334,6 +334,7 @@ fn four_deliver_streams_on_one_postgres_database_then_one_redis_prefix() {
     let out = pg.kst(&["migrate"], b"");
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     run_pool(&pg, &keys);
+    assert_migrate_indexes_every_address(&pg, "postgres");
     drop(pg);
     drop(db);
 
@@ -346,6 +347,34 @@ fn four_deliver_streams_on_one_postgres_database_then_one_redis_prefix() {
         },
     );
     run_pool(&redis, &keys);
+    assert_migrate_indexes_every_address(&redis, "redis");
     drop(redis);
     drop(prefix);
+}
+
+/// `kst migrate` through the real binary: exit 0, and on stdout the number of keys its
+/// `rebuild_index` indexed, twice the same: every exported address (one current key each), or
+/// 0 for a backend whose look-ups keep the trait's default (no index of its own).
+fn assert_migrate_indexes_every_address(kst: &TestKst, backend: &str) {
+    let export = kst.kst(&["export"], b"");
+    assert_eq!(code(&export), 0, "{}", stderr(&export));
+    let addresses = String::from_utf8_lossy(&export.stdout).lines().count();
+    assert!(addresses > 0, "the pool published keys");
+    let mut counts = Vec::new();
+    for _ in 0..2 {
+        let out = kst.kst(&["migrate"], b"");
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let n: usize = text
+            .strip_prefix(&format!("look-up index of the {backend} store rebuilt: "))
+            .and_then(|t| t.strip_suffix(" keys indexed\n"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("kst migrate printed {text:?}"));
+        assert!(
+            n == 0 || n == addresses,
+            "kst migrate indexed {n} keys of {addresses} addresses"
+        );
+        counts.push(n);
+    }
+    assert_eq!(counts[0], counts[1], "kst migrate is idempotent");
 }

@@ -1,5 +1,5 @@
-//! `kst-store-bench`: publish and get throughput of a key store (fs, PostgreSQL, Redis) at a
-//! given number of concurrent clients, with a given number of keys already stored.
+//! `kst-store-bench`: publish, get and look-up throughput of a key store (fs, PostgreSQL, Redis)
+//! at a given number of concurrent clients, with a given number of keys already stored.
 //!
 //! ```text
 //! cargo build --release -p kst-bin
@@ -7,21 +7,31 @@
 //!     --stored 1000,1000000 --clients 1,16 --seconds 5
 //! ```
 //!
-//! For each stored size it fills the store with that many addresses (one key each), then, for
-//! each client count, runs `get` of random stored addresses and `publish` of new keys for random
-//! stored addresses for `--seconds` each, and prints one Markdown table row per run: ops/s, p50
-//! and p99 latency. It works in a fresh namespace (a new fs directory under `--path`, a new
+//! For each stored size it fills the store with that many addresses (one key each, each with a
+//! fingerprint of its own), optionally times `rebuild_index` (`--rebuild-index`), then, for each
+//! client count, runs for `--seconds` each: `get` of random stored addresses,
+//! `find_by_fingerprint` (`by-fpr`) and `find_by_wkd_hash` (`by-wkd`) of a sample of 10,000
+//! stored addresses (their fingerprints read before timing; not yet
+//! republished), then `publish` of new keys for random stored addresses; it prints one Markdown
+//! table row per run: ops/s, p50 and p99 latency. It works in a fresh namespace (a new fs directory under `--path`, a new
 //! database on the PostgreSQL server of `--url`, a new key prefix on Redis) and removes it at the
 //! end unless `--keep`.
 //!
 //! Filling (the measured operations always go through the store's own API):
-//! - fs: the store's own `publish`, 64 calls in flight (one fsync'ed history file per address);
+//! - fs: the store's own `publish`, 64 calls in flight (per address an fsync'ed history file
+//!   and its look-up index files); for 10^6 keys, fill once with `--dir D --fill-only` (under
+//!   `eatmydata`, which turns fsync off: the fill is not what is measured; then `sync`), and
+//!   measure with `--dir D --filled N`;
 //! - PostgreSQL: `INSERT ... SELECT ... FROM generate_series` into the store's two tables,
 //!   100 000 rows per transaction, then `ANALYZE` (the rows `publish` writes for a version 1);
 //! - Redis: the five writes of the publish script per address (`SET cur`, `SET ver`,
 //!   `HSET hist`, `HSET pub`, `ZADD index`), pipelined 1 000 addresses at a time.
 //!
-//! A `get` that finds no key for a stored address fails the run, so a bad fill is noticed.
+//! A bulk fill (PostgreSQL, Redis) bypasses `publish`, so `rebuild_index` runs after it (timed);
+//! on fs only with `--rebuild-index`.
+//!
+//! A `get` or look-up that finds no key (or another key) for a stored address fails the run, so
+//! a bad fill or index is noticed.
 
 use kst_postgres::with_database;
 use std::sync::Arc;
@@ -63,7 +73,33 @@ struct Args {
     /// Keep the namespace (fs directory, database, prefix) at the end.
     #[arg(long)]
     keep: bool,
+    /// fs: use this store directory (created if missing, always kept) instead of a fresh one
+    /// under `--path`.
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+    /// Addresses 0..N are already in the store (`--dir` of an earlier `--fill-only` run).
+    #[arg(long, default_value_t = 0)]
+    filled: u64,
+    /// Fill up to the largest `--stored` size (and write `--paths-out`), measure nothing.
+    #[arg(long)]
+    fill_only: bool,
+    /// Fill with real certificates made in-process (Ed25519 with a Curve25519 subkey, User ID
+    /// `Bench <user000000@example.test>`, as `kst bench` publishes them) instead of
+    /// `--key-bytes` of filler; addresses `user<6 digits>@example.test`. fs only.
+    #[arg(long)]
+    real_keys: bool,
+    /// Write request paths of up to 200,000 stored addresses for `scripts/bench-web.sh` here:
+    /// `wkd.paths` (direct method with `l=`), `wkdhash.paths` (without), `vks.paths`
+    /// (by-email) and `fpr.paths` (VKS by-fingerprint).
+    #[arg(long)]
+    paths_out: Option<std::path::PathBuf>,
+    /// Time `rebuild_index` after each fill (on fs it reads every history file twice).
+    #[arg(long)]
+    rebuild_index: bool,
 }
+
+/// Whether addresses and keys are `--real-keys` ones.
+static REAL_KEYS: AtomicBool = AtomicBool::new(false);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Backend {
@@ -86,9 +122,41 @@ enum Cleanup {
 }
 
 fn address(i: u64) -> Address {
+    let a = if REAL_KEYS.load(Ordering::Relaxed) {
+        format!("user{i:06}@example.test")
+    } else {
+        format!("user{i:08}@example.net")
+    };
     AddressPolicy::default()
-        .normalize(&format!("user{i:08}@example.net"))
+        .normalize(&a)
         .expect("bench address")
+}
+
+/// A real certificate for address `i` (see `--real-keys`), made by kst bench's key generator.
+fn real_key(i: u64) -> Result<NewKey> {
+    let a = address(i);
+    let armored = kst_bin::bench::messages::make_key(a.as_str())?;
+    let key = kst_core::openpgp::dearmor_public_key(&armored, 1 << 20)?;
+    let fingerprint = kst_core::Fingerprint::parse(
+        &kst_core::certificate::Certificate::from_binary(&key)?.fingerprint(),
+    )?;
+    Ok(NewKey {
+        address: a,
+        key,
+        fingerprint,
+        publication_id: format!("{i:016x}{:016x}", 0),
+        published_at: 1_700_000_000,
+        revoked: false,
+        expected: kst_core::Expected::Any,
+    })
+}
+
+/// The fingerprint of key `serial` of address `i`: the address in the key ID (the last 16
+/// digits), so every filled key (serial 0) has a key ID of its own.
+fn fingerprint(i: u64, serial: u64) -> kst_core::Fingerprint {
+    format!("{serial:024X}{i:016X}")
+        .parse()
+        .expect("40 hex digits")
 }
 
 fn new_key(i: u64, serial: u64, len: usize) -> NewKey {
@@ -97,7 +165,7 @@ fn new_key(i: u64, serial: u64, len: usize) -> NewKey {
     NewKey {
         address: address(i),
         key,
-        fingerprint: format!("{serial:040X}").parse().expect("40 hex digits"),
+        fingerprint: fingerprint(i, serial),
         publication_id: format!("{i:016x}{serial:016x}"),
         published_at: 1_700_000_000 + serial,
         revoked: false,
@@ -121,7 +189,10 @@ impl Bench {
         let tag = format!("{:016x}", rand::random::<u64>());
         Ok(match args.backend {
             Backend::Fs => {
-                let dir = args.path.join(format!("kst-store-bench-{tag}"));
+                let dir = match &args.dir {
+                    Some(d) => d.clone(),
+                    None => args.path.join(format!("kst-store-bench-{tag}")),
+                };
                 let store = kst_fs::FsStore::open(&dir).await?;
                 Bench {
                     store: Arc::new(store),
@@ -177,6 +248,7 @@ impl Bench {
         }
         let next = Arc::new(std::sync::atomic::AtomicU64::new(from));
         let mut tasks = tokio::task::JoinSet::new();
+        let real = REAL_KEYS.load(Ordering::Relaxed);
         for _ in 0..64 {
             let store = Arc::clone(&self.store);
             let next = Arc::clone(&next);
@@ -184,9 +256,17 @@ impl Bench {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= to {
-                        return Ok::<_, kst_core::Error>(());
+                        return Ok::<_, anyhow::Error>(());
                     }
-                    store.publish(new_key(i, 0, key_bytes)).await?;
+                    let key = if real {
+                        tokio::task::spawn_blocking(move || real_key(i)).await??
+                    } else {
+                        new_key(i, 0, key_bytes)
+                    };
+                    store.publish(key).await?;
+                    if i.is_multiple_of(100_000) && i > 0 {
+                        eprintln!("filled up to address {i}");
+                    }
                 }
             });
         }
@@ -196,8 +276,9 @@ impl Bench {
         Ok(())
     }
 
-    async fn cleanup(&self) -> Result<()> {
+    async fn cleanup(&self, args: &Args) -> Result<()> {
         match &self.cleanup {
+            Cleanup::Fs(_) if args.dir.is_some() => {}
             Cleanup::Fs(dir) => {
                 let dir = dir.clone();
                 tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await??;
@@ -252,7 +333,7 @@ async fn fill_postgres(url: &str, from: u64, to: u64, key_bytes: usize) -> Resul
                (address, version, key, fingerprint, published_at, publication_id, revoked, format)
                SELECT 'user' || lpad(i::text, 8, '0') || '@example.net', 1,
                       convert_to(rpad('bench key ' || i || ' 0 ', {key_bytes}, 'Z'), 'UTF8'),
-                      lpad('0', 40, '0'), 1700000000,
+                      lpad('0', 24, '0') || lpad(upper(to_hex(i)), 16, '0'), 1700000000,
                       lpad(to_hex(i), 16, '0') || lpad('0', 16, '0'), false, {format}
                FROM generate_series({start}, {last}) AS i;
              COMMIT;",
@@ -318,34 +399,70 @@ async fn fill_redis(url: &str, prefix: &str, from: u64, to: u64, key_bytes: usiz
 #[derive(Debug, Clone, Copy)]
 enum Op {
     Get,
+    ByFingerprint,
+    ByWkdHash,
     Publish,
 }
 
-/// Runs `op` from `clients` tasks for `seconds`; returns (ops/s, p50, p99).
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Get => "get",
+            Op::ByFingerprint => "by-fpr",
+            Op::ByWkdHash => "by-wkd",
+            Op::Publish => "publish",
+        }
+    }
+}
+
+/// Runs `op` from `clients` tasks for `args.seconds`; returns (ops/s, p50, p99).
 async fn measure(
     store: &Arc<dyn KeyStore>,
     op: Op,
     clients: usize,
     stored: u64,
-    seconds: f64,
-    key_bytes: usize,
+    sample: &Arc<Vec<(u64, kst_core::Fingerprint)>>,
+    args: &Args,
     serial_base: u64,
 ) -> Result<(f64, Duration, Duration)> {
+    let (seconds, key_bytes) = (args.seconds, args.key_bytes);
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..clients {
         let store = Arc::clone(store);
         let stop = Arc::clone(&stop);
+        let sample = Arc::clone(sample);
         tasks.spawn(async move {
             let mut lat = Vec::with_capacity(100_000);
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let i = rand::random_range(0..stored);
+                let (i, fpr) = match op {
+                    Op::ByFingerprint | Op::ByWkdHash => {
+                        let (i, f) = &sample[rand::random_range(0..sample.len())];
+                        (*i, Some(f))
+                    }
+                    Op::Get | Op::Publish => (rand::random_range(0..stored), None),
+                };
                 let t = Instant::now();
                 match op {
                     Op::Get => {
                         if store.get(&address(i)).await?.is_none() {
                             return Err(anyhow::anyhow!("stored address {i} has no key"));
+                        }
+                    }
+                    Op::ByFingerprint => {
+                        let f = fpr.expect("sampled");
+                        let found = store.find_by_fingerprint(f, 10).await?;
+                        if found.len() != 1 || found[0].address != address(i) {
+                            bail!("find_by_fingerprint of address {i}'s key found {found:?}");
+                        }
+                    }
+                    Op::ByWkdHash => {
+                        let a = address(i);
+                        let hash = kst_core::wkd::WkdHash::of_address(&a);
+                        match store.find_by_wkd_hash(a.domain(), &hash).await? {
+                            Some(r) if r.address == a => {}
+                            other => bail!("find_by_wkd_hash of {a} found {other:?}"),
                         }
                     }
                     Op::Publish => {
@@ -385,57 +502,148 @@ async fn main() -> Result<()> {
     if args.backend != Backend::Fs && args.url.is_empty() {
         bail!("--url is required for {:?}", args.backend);
     }
+    if args.backend != Backend::Fs && (args.real_keys || args.dir.is_some()) {
+        bail!("--real-keys and --dir are for the fs backend");
+    }
+    REAL_KEYS.store(args.real_keys, Ordering::Relaxed);
     let mut sizes = args.stored.clone();
     sizes.sort_unstable();
     let bench = Bench::open(&args).await?;
     let result = run(&args, &bench, &sizes).await;
     if !args.keep {
         let t = Instant::now();
-        bench.cleanup().await?;
+        bench.cleanup(&args).await?;
         eprintln!("cleaned up in {:.1} s", t.elapsed().as_secs_f64());
     }
     result
 }
 
+/// Up to `n` random addresses of `0..stored` with the fingerprint of their current key (read
+/// before any timing).
+async fn sample(
+    store: &Arc<dyn KeyStore>,
+    stored: u64,
+    n: usize,
+) -> Result<Vec<(u64, kst_core::Fingerprint)>> {
+    let picks: Vec<u64> = if stored as usize <= n {
+        (0..stored).collect()
+    } else {
+        (0..n).map(|_| rand::random_range(0..stored)).collect()
+    };
+    let mut out = Vec::with_capacity(picks.len());
+    for chunk in picks.chunks(64) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for &i in chunk {
+            let store = Arc::clone(store);
+            tasks.spawn(async move { (i, store.get(&address(i)).await) });
+        }
+        while let Some(r) = tasks.join_next().await {
+            let (i, got) = r?;
+            match got? {
+                Some(rec) => out.push((i, rec.fingerprint)),
+                None => bail!("stored address {i} has no key"),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes the request paths of `sample` for scripts/bench-web.sh (see `--paths-out`).
+fn write_paths(dir: &std::path::Path, sample: &[(u64, kst_core::Fingerprint)]) -> Result<()> {
+    use std::io::Write as _;
+    std::fs::create_dir_all(dir)?;
+    let open = |name: &str| -> Result<std::io::BufWriter<std::fs::File>> {
+        Ok(std::io::BufWriter::new(std::fs::File::create(
+            dir.join(name),
+        )?))
+    };
+    let (mut wkd, mut hash, mut vks, mut fpr) = (
+        open("wkd.paths")?,
+        open("wkdhash.paths")?,
+        open("vks.paths")?,
+        open("fpr.paths")?,
+    );
+    for (i, f) in sample {
+        let a = address(*i);
+        let h = kst_core::wkd::WkdHash::of_address(&a);
+        writeln!(wkd, "/.well-known/openpgpkey/hu/{h}?l={}", a.local())?;
+        writeln!(hash, "/.well-known/openpgpkey/hu/{h}")?;
+        writeln!(vks, "/vks/v1/by-email/{}%40{}", a.local(), a.domain())?;
+        writeln!(fpr, "/vks/v1/by-fingerprint/{f}")?;
+    }
+    for mut w in [wkd, hash, vks, fpr] {
+        w.flush()?;
+    }
+    Ok(())
+}
+
 async fn run(args: &Args, bench: &Bench, sizes: &[u64]) -> Result<()> {
     println!("| backend | stored | clients | op | ops/s | p50 ms | p99 ms |");
     println!("|---|---:|---:|---|---:|---:|---:|");
-    let mut filled = 0;
+    let mut filled = args.filled;
     let mut serial_base = 1;
     for &stored in sizes {
-        let t = Instant::now();
-        bench.fill(filled, stored, args.key_bytes).await?;
-        let secs = t.elapsed().as_secs_f64();
-        eprintln!(
-            "filled {} keys in {secs:.1} s ({:.0}/s)",
-            stored - filled,
-            (stored - filled) as f64 / secs.max(1e-9)
-        );
-        filled = stored;
-        for &clients in &args.clients {
-            for op in [Op::Get, Op::Publish] {
-                let (rate, p50, p99) = measure(
-                    &bench.store,
-                    op,
-                    clients,
-                    stored,
-                    args.seconds,
-                    args.key_bytes,
-                    serial_base,
-                )
-                .await?;
-                serial_base += 10_000_000_000;
-                println!(
-                    "| {} | {stored} | {clients} | {} | {rate:.0} | {} | {} |",
-                    bench.store.name(),
-                    match op {
-                        Op::Get => "get",
-                        Op::Publish => "publish",
-                    },
-                    ms(p50),
-                    ms(p99)
-                );
+        let grew = stored > filled;
+        if grew {
+            let t = Instant::now();
+            bench.fill(filled, stored, args.key_bytes).await?;
+            let secs = t.elapsed().as_secs_f64();
+            eprintln!(
+                "filled {} keys in {secs:.1} s ({:.0}/s)",
+                stored - filled,
+                (stored - filled) as f64 / secs.max(1e-9)
+            );
+        }
+        if args.rebuild_index || (grew && bench.backend != Backend::Fs) {
+            let t = Instant::now();
+            let indexed = bench.store.rebuild_index().await?;
+            eprintln!(
+                "rebuild_index: {indexed} keys indexed in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+        }
+        if let Some(dir) = &args.paths_out {
+            let t = Instant::now();
+            write_paths(dir, &sample(&bench.store, stored, 200_000).await?)?;
+            eprintln!(
+                "request paths written to {} in {:.1} s",
+                dir.display(),
+                t.elapsed().as_secs_f64()
+            );
+        }
+        if args.fill_only {
+            filled = filled.max(stored);
+            continue;
+        }
+        let lookups = Arc::new(sample(&bench.store, stored, 10_000).await?);
+        // Look-ups by fingerprint and WKD hash ask for a sample of 10,000 stored addresses,
+        // read before the publish runs below replace keys (new fingerprints).
+        filled = filled.max(stored);
+        let mut runs = Vec::new();
+        for op in [Op::Get, Op::ByFingerprint, Op::ByWkdHash, Op::Publish] {
+            for &clients in &args.clients {
+                runs.push((op, clients));
             }
+        }
+        for (op, clients) in runs {
+            let (rate, p50, p99) = measure(
+                &bench.store,
+                op,
+                clients,
+                stored,
+                &lookups,
+                args,
+                serial_base,
+            )
+            .await?;
+            serial_base += 10_000_000_000;
+            println!(
+                "| {} | {stored} | {clients} | {} | {rate:.0} | {} | {} |",
+                bench.store.name(),
+                op.name(),
+                ms(p50),
+                ms(p99)
+            );
         }
     }
     Ok(())
