@@ -1,9 +1,11 @@
 //! The operator's room: `kst keys`, `kst export`/`import`, `kst migrate`, `kst config check`,
-//! `kst wks keygen`, `kst dkim keygen`.
+//! `kst wks keygen`, `kst dkim keygen`, `kst log keygen` (feature `transparency`).
 
 pub mod config_check;
 pub mod dkim;
 pub mod keys;
+#[cfg(feature = "transparency")]
+pub mod log;
 pub mod transfer;
 pub mod wks;
 
