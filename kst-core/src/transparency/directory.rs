@@ -39,10 +39,10 @@ pub enum LookupAnswer {
         root_hash: [u8; 32],
         /// akd's lookup proof: VRF proofs, membership of the version and its marker, and
         /// non-membership of the version's stale position.
-        proof: LookupProof,
+        proof: Box<LookupProof>,
     },
     /// The address was never published in this directory.
-    Absent(AbsenceProof),
+    Absent(Box<AbsenceProof>),
 }
 
 /// Proof that an address has no version at an epoch: the VRF proof of its first position
@@ -111,11 +111,11 @@ impl<S: Database + 'static> KeyDirectory<S> {
                 Ok(LookupAnswer::Present {
                     epoch,
                     root_hash,
-                    proof,
+                    proof: Box::new(proof),
                 })
             }
             Err(StorageError::NotFound(_)) => {
-                Ok(LookupAnswer::Absent(self.absence(address).await?))
+                Ok(LookupAnswer::Absent(Box::new(self.absence(address).await?)))
             }
             Err(e) => Err(TransparencyError::Directory(e.to_string())),
         }

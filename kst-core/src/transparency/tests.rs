@@ -50,7 +50,7 @@ async fn head(dir: &KeyDirectory<AsyncInMemoryDatabase>, signer: &HeadSigner) ->
 
 async fn lookup_proof(dir: &KeyDirectory<AsyncInMemoryDatabase>, a: &Address) -> akd::LookupProof {
     match dir.lookup(a).await.unwrap() {
-        LookupAnswer::Present { proof, .. } => proof,
+        LookupAnswer::Present { proof, .. } => *proof,
         LookupAnswer::Absent(_) => panic!("{a} should be present"),
     }
 }
@@ -400,7 +400,7 @@ async fn proofs_survive_the_wire_format() {
         panic!("carol was never published");
     };
     let abytes = wire::encode_absence(&absent).unwrap();
-    assert_eq!(wire::decode_absence(&abytes).unwrap(), absent);
+    assert_eq!(wire::decode_absence(&abytes).unwrap(), *absent);
     verify_absence(&h.head, &carol, &wire::decode_absence(&abytes).unwrap())
         .await
         .unwrap();
