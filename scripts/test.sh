@@ -39,3 +39,4 @@ export KST_TEST_POSTGRES_URL="${KST_TEST_POSTGRES_URL:-postgres://postgres:postg
 export KST_TEST_REDIS_URL="${KST_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 cargo test --workspace --all-targets "$@"
 cargo test --workspace --doc "$@"
+

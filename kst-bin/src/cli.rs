@@ -122,6 +122,12 @@ pub enum Command {
     #[command(subcommand)]
     Reminders(crate::operator::reminders::RemindersCommand),
 
+    /// Key transparency: `kst log keygen DOMAIN --output FILE` (feature `transparency`; see
+    /// docs/TRANSPARENCY.md).
+    #[cfg(all(feature = "server", feature = "transparency"))]
+    #[command(subcommand)]
+    Log(crate::operator::log::LogCommand),
+
     /// Send the replies the spool mailer wrote (see `kst outbox send --help`).
     #[cfg(feature = "server")]
     #[command(subcommand)]
@@ -179,6 +185,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         #[cfg(feature = "server")]
         Command::Dkim(cmd) => operator::dkim::run(config, cmd).await,
         Command::Reminders(cmd) => operator::reminders::run(config, cmd).await,
+        #[cfg(all(feature = "server", feature = "transparency"))]
+        Command::Log(cmd) => operator::log::run(config, cmd).await,
         #[cfg(feature = "bench")]
         Command::Bench(cmd) => crate::bench::run(cmd, config).await,
         #[cfg(feature = "client")]

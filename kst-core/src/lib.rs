@@ -32,6 +32,8 @@ pub mod store;
 pub mod time;
 #[cfg(feature = "timeout")]
 pub mod timeout;
+#[cfg(feature = "transparency")]
+pub mod transparency;
 pub mod validate;
 pub mod wkd;
 pub mod wks;

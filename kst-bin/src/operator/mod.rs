@@ -1,10 +1,13 @@
 //! The operator's room: `kst keys`, `kst export`/`import`, `kst migrate`, `kst config check`,
-//! `kst wks keygen`, `kst dkim keygen`, `kst reminders send`.
+//! `kst wks keygen`, `kst dkim keygen`, `kst reminders send`, `kst log keygen` (feature
+//! `transparency`).
 
 pub mod config_check;
 pub mod dkim;
 pub mod keys;
 pub mod reminders;
+#[cfg(feature = "transparency")]
+pub mod log;
 pub mod transfer;
 pub mod wks;
 

@@ -1,0 +1,94 @@
+//! `kst log keygen`: makes a served domain's key-transparency keys (the head signing key and
+//! the directory's VRF key, docs/TRANSPARENCY.md) and writes them to one file, mode 0600.
+//! Only in builds with the `transparency` feature; nothing reads the file yet.
+
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+use kst_core::transparency::LogKeys;
+
+use super::wks::write_private;
+use crate::exit;
+use crate::shared::config::Config;
+use crate::shared::report;
+
+/// `kst log ...`.
+#[derive(Debug, Subcommand)]
+pub enum LogCommand {
+    /// Make DOMAIN's transparency keys (Ed25519 head key, ECVRF key), write them to FILE
+    /// (mode 0600) and print the public keys and the DNS TXT record that publishes them.
+    ///
+    /// An existing file is kept unless --force: a directory's VRF key cannot change for its
+    /// life (a new one starts a new directory).
+    /// Example: kst log keygen example.net --output /etc/kst/log-example.net.key
+    Keygen {
+        /// The served domain.
+        domain: String,
+        /// Write the secret keys to FILE.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: PathBuf,
+        /// Replace an existing key file.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Runs `kst log ...` with the configuration at `config`; returns its exit code.
+pub async fn run(config: Option<&Path>, cmd: LogCommand) -> u8 {
+    let cfg = match super::load(config) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    match cmd {
+        LogCommand::Keygen {
+            domain,
+            output,
+            force,
+        } => keygen(&cfg, &domain, &output, force),
+    }
+}
+
+fn keygen(cfg: &Config, domain: &str, output: &Path, force: bool) -> u8 {
+    let policy = match cfg.policy() {
+        Ok(p) => p,
+        Err(e) => return report::config_error(&e),
+    };
+    let Some(domain) = policy
+        .address_policy
+        .normalize_domain(domain)
+        .ok()
+        .filter(|d| policy.serves_domain(d))
+    else {
+        eprintln!("kst: {domain:?} is not a domain in kst.domains");
+        return exit::USAGE;
+    };
+    if !force && output.exists() {
+        eprintln!(
+            "kst: {} exists; keeping it (--force replaces it, and starts a new directory)",
+            output.display()
+        );
+        return exit::CANTCREAT;
+    }
+    let keys = LogKeys::generate(&domain);
+    let vrf = match keys.vrf.public_key() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("kst: {e}");
+            return exit::SOFTWARE;
+        }
+    };
+    if let Err(e) = write_private(output, keys.to_file().as_bytes()) {
+        eprintln!("kst: cannot write {}: {e}", output.display());
+        return exit::CANTCREAT;
+    }
+    let head = hex::encode(keys.head.public_key());
+    let vrf = hex::encode(vrf);
+    eprintln!(
+        "kst: wrote the transparency keys of {domain} to {}",
+        output.display()
+    );
+    println!("head-key {head}");
+    println!("vrf-key {vrf}");
+    println!("_kst-log.{domain}. IN TXT \"v=kstlog1; head={head}; vrf={vrf}\"");
+    exit::OK
+}

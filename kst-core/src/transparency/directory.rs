@@ -1,0 +1,177 @@
+//! The server side: one domain's key directory, an adapter around Meta's `akd::Directory`.
+//!
+//! Storage is any [`akd::storage::Database`] (three record kinds: the tree's root record
+//! `Azks`, tree nodes, and value states); kst's backends implement it in a later step
+//! (docs/TRANSPARENCY.md, "What each backend stores"). akd's publication is single-writer: it
+//! reads the root record, computes the next epoch and writes every changed record in one
+//! batch. Exactly one instance of a pool may call [`KeyDirectory::publish`] at a time (the
+//! sequencer lease, docs/TRANSPARENCY.md); lookups and audits may run anywhere.
+
+use akd::append_only_zks::{Azks, AzksParallelismConfig, DEFAULT_AZKS_KEY};
+use akd::directory::Directory;
+use akd::ecvrf::VRFKeyStorage;
+use akd::errors::StorageError;
+use akd::storage::types::{DbRecord, ValueStateRetrievalFlag};
+use akd::storage::{Database, StorageManager};
+use akd::{AppendOnlyProof, EpochHash, LookupProof, NonMembershipProof, VersionFreshness};
+
+use super::entry::DirectoryEntry;
+use super::label::directory_label;
+use super::vrf::VrfSecret;
+use super::{Config, Result, TransparencyError};
+use crate::Address;
+
+/// One domain's verifiable key directory over the storage `S`.
+pub struct KeyDirectory<S: Database + 'static> {
+    directory: Directory<Config, S, VrfSecret>,
+    storage: StorageManager<S>,
+    vrf: VrfSecret,
+}
+
+/// What the directory says about an address, with the proof, at one epoch.
+#[derive(Debug, Clone)]
+pub enum LookupAnswer {
+    /// The address's latest version, proven fresh (no later version exists at `epoch`).
+    Present {
+        /// The epoch the proof is against.
+        epoch: u64,
+        /// The root hash at that epoch.
+        root_hash: [u8; 32],
+        /// akd's lookup proof: VRF proofs, membership of the version and its marker, and
+        /// non-membership of the version's stale position.
+        proof: Box<LookupProof>,
+    },
+    /// The address was never published in this directory.
+    Absent(Box<AbsenceProof>),
+}
+
+/// Proof that an address has no version at an epoch: the VRF proof of its first position
+/// and that position's non-membership in the tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbsenceProof {
+    /// The epoch the proof is against.
+    pub epoch: u64,
+    /// The root hash at that epoch.
+    pub root_hash: [u8; 32],
+    /// VRF proof (80 bytes) that the position below belongs to the address (version 1).
+    pub vrf_proof: Vec<u8>,
+    /// The position's non-membership proof.
+    pub proof: NonMembershipProof,
+}
+
+impl<S: Database + 'static> KeyDirectory<S> {
+    /// Opens the directory kept in `db`, creating its empty tree on first use.
+    pub async fn open(db: S, vrf: VrfSecret) -> Result<Self> {
+        let storage = StorageManager::new_no_cache(db);
+        let directory = Directory::new(
+            storage.clone(),
+            vrf.clone(),
+            AzksParallelismConfig::disabled(),
+        )
+        .await?;
+        Ok(KeyDirectory {
+            directory,
+            storage,
+            vrf,
+        })
+    }
+
+    /// The VRF public key clients verify labels with.
+    pub fn vrf_public_key(&self) -> Result<[u8; 32]> {
+        self.vrf.public_key()
+    }
+
+    /// Records one batch of changes as the next epoch; returns the epoch and its root hash.
+    /// An address may appear once per batch. Only the pool's sequencer may call this.
+    pub async fn publish(&self, changes: &[(Address, DirectoryEntry)]) -> Result<(u64, [u8; 32])> {
+        let updates = changes
+            .iter()
+            .map(|(address, entry)| (directory_label(address), entry.to_value()))
+            .collect();
+        let EpochHash(epoch, root) = self.directory.publish(updates).await?;
+        Ok((epoch, root))
+    }
+
+    /// The latest epoch and its root hash.
+    pub async fn current(&self) -> Result<(u64, [u8; 32])> {
+        let EpochHash(epoch, root) = self.directory.get_epoch_hash().await?;
+        Ok((epoch, root))
+    }
+
+    /// Proves what the directory holds for `address` at the latest epoch.
+    pub async fn lookup(&self, address: &Address) -> Result<LookupAnswer> {
+        let label = directory_label(address);
+        match self
+            .storage
+            .get_user_state(&label, ValueStateRetrievalFlag::MaxEpoch)
+            .await
+        {
+            Ok(_) => {
+                let (proof, EpochHash(epoch, root_hash)) = self.directory.lookup(label).await?;
+                Ok(LookupAnswer::Present {
+                    epoch,
+                    root_hash,
+                    proof: Box::new(proof),
+                })
+            }
+            Err(StorageError::NotFound(_)) => {
+                Ok(LookupAnswer::Absent(Box::new(self.absence(address).await?)))
+            }
+            Err(e) => Err(TransparencyError::Directory(e.to_string())),
+        }
+    }
+
+    /// Proves that `address` has no version at the latest epoch; an error if it has one
+    /// ([`KeyDirectory::lookup`] chooses). A version published between the check and the proof
+    /// makes the proof fail to verify, never verify falsely.
+    pub async fn absence(&self, address: &Address) -> Result<AbsenceProof> {
+        let label = directory_label(address);
+        // akd builds a (failing) non-membership proof even for a present position: refuse.
+        match self
+            .storage
+            .get_user_state(&label, ValueStateRetrievalFlag::MaxEpoch)
+            .await
+        {
+            Ok(_) => {
+                return Err(TransparencyError::Directory(format!(
+                    "{address} has a version in the directory: it gets a lookup proof"
+                )));
+            }
+            Err(StorageError::NotFound(_)) => {}
+            Err(e) => return Err(TransparencyError::Directory(e.to_string())),
+        }
+        let azks = match self.storage.get::<Azks>(&DEFAULT_AZKS_KEY).await {
+            Ok(DbRecord::Azks(azks)) => azks,
+            Ok(_) => {
+                return Err(TransparencyError::Directory(
+                    "the directory's root record has the wrong kind".into(),
+                ));
+            }
+            Err(e) => return Err(TransparencyError::Directory(e.to_string())),
+        };
+        let position = self
+            .vrf
+            .get_node_label::<Config>(&label, VersionFreshness::Fresh, 1)
+            .await
+            .map_err(|e| TransparencyError::Directory(e.to_string()))?;
+        let vrf_proof = self
+            .vrf
+            .get_label_proof::<Config>(&label, VersionFreshness::Fresh, 1)
+            .await
+            .map_err(|e| TransparencyError::Directory(e.to_string()))?;
+        let proof = azks
+            .get_non_membership_proof::<Config, _>(&self.storage, position)
+            .await?;
+        Ok(AbsenceProof {
+            epoch: azks.get_latest_epoch(),
+            root_hash: azks.get_root_hash::<Config, _>(&self.storage).await?,
+            vrf_proof: vrf_proof.to_bytes().to_vec(),
+            proof,
+        })
+    }
+
+    /// The append-only proof from epoch `from` to epoch `to` (one step per epoch between).
+    pub async fn audit(&self, from: u64, to: u64) -> Result<AppendOnlyProof> {
+        Ok(self.directory.audit(from, to).await?)
+    }
+}

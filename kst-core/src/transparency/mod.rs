@@ -1,0 +1,67 @@
+//! Key transparency (issue 18): every key kst serves is committed in a verifiable key directory
+//! whose signed head owners, requesters and auditors check. See docs/TRANSPARENCY.md.
+//!
+//! The pure part, no storage or network code:
+//! - [`label`]: the directory label of an address (the VRF input) and the hash domain.
+//! - [`entry`]: the value committed for an address (state, kst version, fingerprint, key hash,
+//!   time); akd hides it in a commitment `H(value ‖ nonce)`.
+//! - [`vrf`]: the directory's RFC 9381 VRF key (ECVRF-EDWARDS25519-SHA512-TAI, akd's own).
+//! - [`head`]: signed heads per domain (Ed25519) and witness cosignatures.
+//! - [`directory`]: the server side, an adapter around Meta's `akd::Directory` over any
+//!   [`akd::storage::Database`] (each backend implements that trait in a later step).
+//! - [`verify`]: what a client or auditor checks: lookup (latest version), absence, and
+//!   append-only proofs between heads.
+//! - [`wire`]: the proofs' wire format (akd's protobuf messages) with size bounds.
+//! - [`keys`]: the domain's log key file (head signing key and VRF key) that `kst log keygen`
+//!   writes.
+
+pub mod directory;
+pub mod entry;
+pub mod head;
+pub mod keys;
+pub mod label;
+pub mod verify;
+pub mod vrf;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub use directory::{AbsenceProof, KeyDirectory, LookupAnswer};
+pub use entry::{DirectoryEntry, EntryState};
+pub use head::{Cosignature, Head, HeadSigner, SignedHead};
+pub use keys::LogKeys;
+pub use label::{KstDomainLabel, directory_label};
+pub use vrf::VrfSecret;
+
+/// The akd configuration kst uses: BLAKE3 with kst's domain label, akd's "experimental" tree
+/// hashing (the one akd's main branch deploys).
+pub type Config = akd::ExperimentalConfiguration<KstDomainLabel>;
+
+/// What went wrong in the transparency layer.
+#[derive(Debug, thiserror::Error)]
+pub enum TransparencyError {
+    /// The directory (akd) failed: a storage fault or an inconsistent state. Retry later; if it
+    /// persists, the directory's store needs an operator.
+    #[error("key directory: {0}")]
+    Directory(String),
+    /// A proof did not verify: the answer is not the directory's latest committed state. Treat
+    /// it as an attack (the client exits 5).
+    #[error("transparency proof rejected: {0}")]
+    Verification(String),
+    /// A signature over a head did not verify, or a key is malformed.
+    #[error("head signature rejected: {0}")]
+    Signature(String),
+    /// Bytes that should hold a proof, entry, head or key file could not be decoded.
+    #[error("malformed transparency data: {0}")]
+    Malformed(String),
+}
+
+/// Result of the transparency layer.
+pub type Result<T> = std::result::Result<T, TransparencyError>;
+
+impl From<akd::errors::AkdError> for TransparencyError {
+    fn from(e: akd::errors::AkdError) -> Self {
+        TransparencyError::Directory(e.to_string())
+    }
+}

@@ -1,0 +1,134 @@
+//! What a client or an auditor checks. Every function takes the head the caller has already
+//! accepted (signature and cosignatures checked, [`super::head`]) and fails with
+//! [`TransparencyError::Verification`] on anything but the directory's committed state.
+
+use akd::ecvrf::{Proof, VRFKeyStorage, VRFPublicKey, VrfError};
+use akd::{AkdLabel, AppendOnlyProof, Configuration, LookupProof, VersionFreshness};
+
+use super::directory::AbsenceProof;
+use super::entry::DirectoryEntry;
+use super::head::Head;
+use super::label::directory_label;
+use super::{Config, Result, TransparencyError};
+use crate::Address;
+
+/// Verifies that `proof` shows `address`'s latest version at `head` and returns what that
+/// version commits to. A superseded version (an older key, a key from before its revocation)
+/// fails: its stale position is in the tree.
+pub fn verify_lookup(head: &Head, address: &Address, proof: LookupProof) -> Result<DirectoryEntry> {
+    let result = akd::client::lookup_verify::<Config>(
+        &head.vrf_public_key,
+        head.root_hash,
+        head.epoch,
+        directory_label(address),
+        proof,
+    )
+    .map_err(|e| rejected(head, address, &e.to_string()))?;
+    let entry = DirectoryEntry::from_value(&result.value)?;
+    if entry.version == 0 {
+        return Err(rejected(head, address, "the entry has version 0"));
+    }
+    Ok(entry)
+}
+
+/// Verifies that `address` has no version at `head`.
+pub async fn verify_absence(head: &Head, address: &Address, proof: &AbsenceProof) -> Result<()> {
+    if proof.epoch != head.epoch || proof.root_hash != head.root_hash {
+        return Err(rejected(
+            head,
+            address,
+            &format!("the absence proof is against epoch {}", proof.epoch),
+        ));
+    }
+    let label = directory_label(address);
+    let key = VRFPublicKey::try_from(&head.vrf_public_key[..])
+        .map_err(|e| rejected(head, address, &e.to_string()))?;
+    let vrf_proof = Proof::try_from(&proof.vrf_proof[..])
+        .map_err(|e| rejected(head, address, &e.to_string()))?;
+    key.verify(&vrf_proof, &first_position_input(&label))
+        .map_err(|e| rejected(head, address, &e.to_string()))?;
+    let position = PublicVrf.get_node_label_from_vrf_proof(vrf_proof).await;
+    if position != proof.proof.label {
+        return Err(rejected(
+            head,
+            address,
+            "the non-membership proof is for another position than the address's",
+        ));
+    }
+    // akd exposes its non-membership verifier only behind `public_tests`; it is the same
+    // function its lookup verification calls for the freshness proof.
+    akd::verify::verify_nonmembership_for_tests_only::<Config>(head.root_hash, &proof.proof)
+        .map_err(|e| rejected(head, address, &e.to_string()))
+}
+
+/// Verifies that the directory went from `old` to `new` only by appending: `intermediate`
+/// holds the root hashes of the epochs strictly between the two (the server sends them with
+/// the proof). Two different heads for the same epoch are a fork.
+pub async fn verify_append_only(
+    old: &Head,
+    new: &Head,
+    intermediate: &[[u8; 32]],
+    proof: AppendOnlyProof,
+) -> Result<()> {
+    let fail = |what: String| {
+        TransparencyError::Verification(format!(
+            "{}: epoch {} -> {}: {what}",
+            new.domain, old.epoch, new.epoch
+        ))
+    };
+    if old.domain != new.domain || old.vrf_public_key != new.vrf_public_key {
+        return Err(fail("the heads belong to different directories".into()));
+    }
+    if new.epoch == old.epoch {
+        return if new.root_hash == old.root_hash {
+            Ok(())
+        } else {
+            Err(fail("two different roots for one epoch (a fork)".into()))
+        };
+    }
+    if new.epoch < old.epoch {
+        return Err(fail("the new head is older than the remembered one".into()));
+    }
+    let steps = new.epoch - old.epoch;
+    let expected: Vec<u64> = (old.epoch..new.epoch).collect();
+    if proof.epochs != expected || u64::try_from(intermediate.len()) != Ok(steps - 1) {
+        return Err(fail(format!(
+            "the proof covers epochs {:?} with {} intermediate roots",
+            proof.epochs,
+            intermediate.len()
+        )));
+    }
+    let mut roots = Vec::with_capacity(intermediate.len() + 2);
+    roots.push(old.root_hash);
+    roots.extend_from_slice(intermediate);
+    roots.push(new.root_hash);
+    akd::auditor::audit_verify::<Config>(roots, proof)
+        .await
+        .map_err(|e| fail(e.to_string()))
+}
+
+/// The VRF input of an address's first position (version 1, fresh).
+fn first_position_input(label: &AkdLabel) -> Vec<u8> {
+    Config::get_hash_from_label_input(label, VersionFreshness::Fresh, 1)
+}
+
+fn rejected(head: &Head, address: &Address, what: &str) -> TransparencyError {
+    TransparencyError::Verification(format!(
+        "{address} at {} epoch {}: {what}",
+        head.domain, head.epoch
+    ))
+}
+
+/// A verifier's stand-in for akd's key storage: it holds no secret, and is used only for
+/// akd's derivation of a tree position from a VRF proof.
+#[derive(Clone)]
+struct PublicVrf;
+
+#[async_trait::async_trait]
+impl VRFKeyStorage for PublicVrf {
+    async fn retrieve(&self) -> std::result::Result<Vec<u8>, VrfError> {
+        Err(VrfError::SigningKey(
+            "a verifier holds no VRF secret".into(),
+        ))
+    }
+}
