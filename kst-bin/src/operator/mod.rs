@@ -5,9 +5,9 @@
 pub mod config_check;
 pub mod dkim;
 pub mod keys;
-pub mod reminders;
 #[cfg(feature = "transparency")]
 pub mod log;
+pub mod reminders;
 pub mod transfer;
 pub mod wks;
 
