@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -82,12 +82,6 @@ fn host_of(url: &str) -> String {
     auth.rsplit_once('@').map_or(auth, |(_, h)| h).to_string()
 }
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-}
-
 fn http_get(at: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(at).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
@@ -117,7 +111,7 @@ impl Serve {
             .prefix("kst-drill-pg-")
             .tempdir()
             .expect("temp dir");
-        let (lmtp, http) = (free_port(), free_port());
+        let (lmtp, http) = (kst_tests::serve::free_port(), kst_tests::serve::free_port());
         let log = std::fs::File::create(cwd.path().join("serve.log")).expect("log file");
         let mut cmd = Command::new(kst_binary());
         for (k, _) in std::env::vars_os() {

@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -84,12 +84,6 @@ fn urls(list: &str) -> Vec<String> {
         .collect()
 }
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-}
-
 fn addr(s: &str) -> Address {
     AddressPolicy::default().normalize(s).expect("address")
 }
@@ -152,7 +146,7 @@ impl Instance {
             .prefix("kst-drill-")
             .tempdir()
             .expect("temp dir");
-        let (lmtp, http) = (free_port(), free_port());
+        let (lmtp, http) = (kst_tests::serve::free_port(), kst_tests::serve::free_port());
         let config = dir.path().join("kst.toml");
         std::fs::write(
             &config,
