@@ -52,3 +52,84 @@ bench_kst() {
     KST="$PWD/target/release/kst"
   fi
 }
+
+# --- test services (mailsystem.sh, testdns.sh, ha-services.sh) --------------------------------
+# These use STATE (the state directory), TIMEOUT (seconds) and SELF (the script's own path).
+
+# check_state_dir VARIABLE VALUE: a state directory that `down` may remove.
+check_state_dir() {
+  case "$2" in
+    /*) ;;
+    *) die "$1 must be an absolute path: $2" ;;
+  esac
+  [[ "$2" =~ ^/[A-Za-z0-9._/-]+$ ]] || die "$1 may hold only letters, digits and ._-/: $2"
+  case "$2" in / | /tmp | /var | /usr | /etc | /root | /home | /work) die "$1=$2 is too dangerous to remove on down" ;; esac
+}
+
+# One `up`/`down` at a time (tests may start several); the lock is on the script file, so
+# nothing is left behind. Daemons are started with fd 9 closed so that they do not keep it.
+take_lock() {
+  exec 9<"$SELF"
+  flock -w 300 9 || die "another $(basename "$SELF") did not finish within 300s"
+}
+
+# apt_install PACKAGE...: installs Debian packages (apt-get update once per run).
+APT_UPDATED=0
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  if [ "$APT_UPDATED" -eq 0 ]; then
+    log "apt-get update"
+    apt-get update -qq >&2
+    APT_UPDATED=1
+  fi
+  log "apt-get install $*"
+  apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+# A zombie is not alive (daemons whose parent is gone may linger as zombies where PID 1 does not
+# reap them, and kill -0 succeeds on those).
+pid_alive() {
+  local st
+  [ -n "$1" ] && [ -r "/proc/$1/stat" ] || return 1
+  st="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
+  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
+pidfile_pid() { if [ -s "$1" ]; then head -1 "$1" | tr -dc '0-9'; fi; }
+
+tcp_listening() { [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]; }
+udp_listening() { [ -n "$(ss -Hlun "sport = :$1" 2>/dev/null)" ]; }
+port_owner() { ss -Hltnp "sport = :$1" 2>/dev/null | sed -n 's/.*users:((\("[^"]*"\).*/\1/p' | head -1; }
+
+# Closes every file descriptor above 2 of the current (sub)shell.
+close_inherited_fds() {
+  local fd
+  for fd in /proc/$BASHPID/fd/*; do
+    fd="${fd##*/}"
+    if [ "$fd" -gt 2 ] 2>/dev/null; then eval "exec ${fd}<&-" 2>/dev/null || true; fi
+  done
+}
+
+# wait_for WHAT COMMAND...: runs COMMAND (output discarded) every 0.2 s until it succeeds, at
+# most TIMEOUT seconds; the error names the logs, $STATE/$WAIT_LOGS (*.log).
+wait_for() {
+  local what="$1"
+  shift
+  local deadline=$((SECONDS + TIMEOUT))
+  until "$@" >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] || die "$what: not within ${TIMEOUT}s (logs in $STATE/${WAIT_LOGS:-*.log})"
+    sleep 0.2
+  done
+}
+
+# stop_pid NAME PID: SIGTERM, then wait (bounded), then SIGKILL.
+stop_pid() {
+  local name="$1" pid="$2" i
+  pid_alive "$pid" || return 0
+  kill "$pid" 2>/dev/null || true
+  for ((i = 0; i < TIMEOUT * 10; i++)); do
+    pid_alive "$pid" || return 0
+    sleep 0.1
+  done
+  log "$name (pid $pid) did not stop: SIGKILL"
+  kill -9 "$pid" 2>/dev/null || true
+}
