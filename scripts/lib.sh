@@ -133,3 +133,43 @@ stop_pid() {
   log "$name (pid $pid) did not stop: SIGKILL"
   kill -9 "$pid" 2>/dev/null || true
 }
+
+# --- self-tests -------------------------------------------------------------------------------
+# The counts of passed and failed checks, and the names of the failed ones.
+PASSED=0
+FAILED=0
+FAILURES=()
+say() { printf '\n== selftest: %s\n' "$*"; }
+ok() { PASSED=$((PASSED + 1)); printf '  ok    %s\n' "$1"; }
+# fail NAME [DETAILS]: a failed check, with the last 40 lines of DETAILS.
+fail() {
+  FAILED=$((FAILED + 1))
+  FAILURES+=("$1")
+  printf '  FAIL  %s\n' "$1"
+  [ -z "${2:-}" ] || printf '%s\n' "$2" | sed 's/^/        | /' | tail -40
+}
+# check NAME COMMAND...: passes when the command succeeds.
+check() {
+  local name="$1" out
+  shift
+  if out="$("$@" 2>&1)"; then ok "$name"; else fail "$name" "$out"; fi
+}
+# wait_until SECONDS COMMAND...: polls every 0.2 s.
+wait_until() {
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@" >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.2
+  done
+}
+# The failed checks and the counts ("selftest: N passed, N failed"); fails when a check did.
+summary() {
+  echo
+  if [ "$FAILED" -gt 0 ]; then
+    echo "failed:"
+    printf '  %s\n' "${FAILURES[@]}"
+  fi
+  echo "selftest: $PASSED passed, $FAILED failed"
+  [ "$FAILED" -eq 0 ]
+}
