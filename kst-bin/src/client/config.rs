@@ -246,6 +246,21 @@ impl Endpoint {
         {
             return Err(format!("no usable host name in {input:?}"));
         }
+        // A name goes to the resolver and into the TLS check as its A-label; anything that is
+        // no host name (bidi controls, spaces, empty labels) is refused here, not sent to DNS.
+        let host = if host.parse::<std::net::IpAddr>().is_ok()
+            || host.eq_ignore_ascii_case("localhost")
+        {
+            host.to_string()
+        } else {
+            kst_core::AddressPolicy::default()
+                .normalize_domain(host.trim_end_matches('.'))
+                .map_err(|_| {
+                    format!(
+                        "{host:?} in {input:?} is not a host name (letters, digits, hyphens and dots; an IDN is taken as its A-label)"
+                    )
+                })?
+        };
         let port = match port {
             None => default_port,
             Some(p) => p
@@ -255,7 +270,7 @@ impl Endpoint {
                 .ok_or_else(|| format!("bad port {p:?} in {input:?}"))?,
         };
         Ok(Endpoint {
-            host: host.to_string(),
+            host,
             port,
             security,
         })
@@ -337,6 +352,15 @@ mod tests {
         assert_eq!(e.to_string(), "[::1]:143 (STARTTLS)");
         let e = Endpoint::parse("mx.acme.net", Service::Mx).unwrap();
         assert_eq!((e.port, e.security), (25, Security::StartTls));
+        // Host names as their A-label; bidi controls and empty labels are no host names.
+        let e = Endpoint::parse("M\u{e4}il.Example.net.:2525", Service::Mx).unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("xn--mil-qla.example.net", 2525));
+        assert!(Endpoint::parse("mail.example.net\u{202e}:25", Service::Mx).is_err());
+        assert!(Endpoint::parse("mail..example.net:25", Service::Mx).is_err());
+        assert_eq!(
+            Endpoint::parse("localhost:25", Service::Mx).unwrap().host,
+            "localhost"
+        );
         let e = Endpoint::parse("mail.example.net", Service::Imap).unwrap();
         assert_eq!(e.port, 143);
     }
