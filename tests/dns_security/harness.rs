@@ -645,12 +645,10 @@ impl Drop for PolicyServer {
     }
 }
 
+/// A port on 127.0.0.1 no other test of this process was given (so a closed "no policy
+/// server here" port never becomes another test's policy server).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    kst_tests::serve::free_port().port()
 }
 
 // ---------------------------------------------------------------------------------------------
