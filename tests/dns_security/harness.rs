@@ -107,6 +107,7 @@ pub fn spki_sha256(pem: &str) -> String {
 /// - `selector.example.net`: TLSA `3 0 1` whose data is the TLSA certificate's SPKI hash
 ///   (right key, wrong selector);
 /// - `ins-mx.example.net`: a secure MX naming `mail.insecure.net` (its TLSA is insecure);
+/// - `notlsa.example.net`: an address, no MX, no TLSA, no MTA-STS;
 /// - `sts-bogus.example.net`: an `_mta-sts` TXT record, and `mta-sts.sts-bogus.example.net` a
 ///   CNAME to `tampered.example.net`, whose A record is bogus;
 /// - `sec-mx.insecure.net`: an insecure MX naming `mail.example.net` (whose TLSA is secure).
@@ -123,6 +124,7 @@ fn extra_records(dns: &TestDns) -> Vec<(&'static str, String)> {
          selector.example.net. 300 IN A 127.0.0.1\n\
          _25._tcp.selector.example.net. 300 IN TLSA 3 0 1 {tlsa_spki}\n\
          ins-mx.example.net. 300 IN MX 10 mail.insecure.net.\n\
+         notlsa.example.net. 300 IN A 127.0.0.1\n\
          sts-bogus.example.net. 300 IN A 127.0.0.1\n\
          _mta-sts.sts-bogus.example.net. 300 IN TXT \"v=STSv1; id=1;\"\n\
          mta-sts.sts-bogus.example.net. 300 IN CNAME tampered.example.net.\n"

@@ -833,3 +833,148 @@ fn request_version_headers_tampered_on_the_way_are_decided_without_panic() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A denial without its NSEC proof
+
+/// Where a DNS name ends in `msg` from `pos` (labels up to the root, or a compression pointer).
+fn skip_name(msg: &[u8], mut pos: usize) -> usize {
+    loop {
+        let len = msg[pos] as usize;
+        if len == 0 {
+            return pos + 1;
+        }
+        if len & 0xC0 == 0xC0 {
+            return pos + 2;
+        }
+        pos += 1 + len;
+    }
+}
+
+/// A resource record's (type, end) at `pos`.
+fn record_at(msg: &[u8], pos: usize) -> (u16, usize) {
+    let p = skip_name(msg, pos);
+    let rtype = u16::from_be_bytes([msg[p], msg[p + 1]]);
+    let rdlen = u16::from_be_bytes([msg[p + 8], msg[p + 9]]) as usize;
+    (rtype, p + 10 + rdlen)
+}
+
+const TLSA: u16 = 52;
+const SOA: u16 = 6;
+const RRSIG: u16 = 46;
+
+/// Turns BIND's signed "no SOA at NAME" answer into a "no TLSA at NAME" answer; with `strip`
+/// it keeps only the zone's signed SOA, the NSEC records that prove the denial cut out. An
+/// on-path attacker can do exactly this with a genuine denial captured for any type at that
+/// name. Without `strip` the answer is a genuine denial when NAME has no TLSA record either.
+fn strip_denial(mut msg: Vec<u8>, strip: bool) -> Vec<u8> {
+    let q = skip_name(&msg, 12);
+    msg[q..q + 2].copy_from_slice(&TLSA.to_be_bytes());
+    let count = |m: &[u8], i: usize| u16::from_be_bytes([m[i], m[i + 1]]) as usize;
+    let mut pos = q + 4;
+    for _ in 0..count(&msg, 6) {
+        pos = record_at(&msg, pos).1;
+    }
+    let auth_start = pos;
+    let mut kept = Vec::new();
+    let mut n = 0u16;
+    for _ in 0..count(&msg, 8) {
+        let (rtype, end) = record_at(&msg, pos);
+        let p = skip_name(&msg, pos);
+        let rd = p + 10;
+        let covers_soa = rtype == RRSIG && u16::from_be_bytes([msg[rd], msg[rd + 1]]) == SOA;
+        if !strip || rtype == SOA || covers_soa {
+            kept.extend_from_slice(&msg[pos..end]);
+            n += 1;
+        }
+        pos = end;
+    }
+    let mut out = msg[..auth_start].to_vec();
+    out.extend_from_slice(&kept);
+    out.extend_from_slice(&msg[pos..]);
+    out[8..10].copy_from_slice(&n.to_be_bytes());
+    out
+}
+
+/// A UDP DNS "resolver" on 127.0.0.1 that passes every query to `upstream`, except TLSA
+/// queries, which it answers with a denial ([`strip_denial`], stripped of its NSEC proof when
+/// `strip`).
+fn nsec_stripper(upstream: std::net::SocketAddr, strip: bool) -> u16 {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = sock.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let mut query = buf[..n].to_vec();
+            let q = skip_name(&query, 12);
+            let tlsa = u16::from_be_bytes([query[q], query[q + 1]]) == TLSA;
+            if tlsa {
+                query[q..q + 2].copy_from_slice(&SOA.to_be_bytes());
+            }
+            let up = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            up.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+                .unwrap();
+            up.send_to(&query, upstream).unwrap();
+            let mut answer = [0u8; 4096];
+            let Ok(m) = up.recv(&mut answer) else {
+                continue;
+            };
+            let answer = answer[..m].to_vec();
+            let answer = if tlsa {
+                strip_denial(answer, strip)
+            } else {
+                answer
+            };
+            let _ = sock.send_to(&answer, from);
+        }
+    });
+    port
+}
+
+#[test]
+fn a_tlsa_denial_stripped_of_its_nsec_proof_does_not_switch_dane_off() {
+    let Some(dns) = testdns() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // The attacker's certificate: valid for mail.example.net under the test CA, but not the
+    // key the TLSA record names. Were the forged "no TLSA" believed, the hop would be
+    // opportunistic and this MX would get the request.
+    let (cert, key) = issue(
+        dns,
+        dir.path(),
+        "mitm",
+        &["mail.example.net"],
+        Issuer::TestCa,
+    );
+    let mx = Mx::start(Some((&cert, &key)));
+    let upstream = format!("127.0.0.1:{}", dns.var("KST_DNS_PORT"));
+    let run = Run::new();
+    // The proxy is faithful when it keeps the proof: notlsa.example.net has no TLSA record,
+    // its genuine denial validates, and the hop is opportunistic.
+    let faithful = nsec_stripper(upstream.parse().unwrap(), false);
+    let (out, v) = run.retrieve(
+        dns,
+        &format!("127.0.0.1:{faithful}"),
+        "alice@notlsa.example.net",
+        &["--mx-port", &mx.port.to_string()],
+    );
+    outcome_is(
+        &out,
+        &v,
+        TEMPFAIL,
+        Some("unauthenticated"),
+        "genuine denial",
+    );
+    assert_eq!(v["dnssec"], "secure", "{}", show(&out, &v));
+    mx.assert_request_received("genuine denial");
+    let mx = Mx::start(Some((&cert, &key)));
+    let port = nsec_stripper(upstream.parse().unwrap(), true);
+    let (out, v) = run.retrieve(
+        dns,
+        &format!("127.0.0.1:{port}"),
+        "alice@example.net",
+        &["--mx-port", &mx.port.to_string()],
+    );
+    outcome_is(&out, &v, ATTACK, None, "TLSA denial without NSEC");
+    assert!(error_of(&v).contains("DNSSEC"), "{}", show(&out, &v));
+    mx.assert_nothing_sent("TLSA denial without NSEC");
+}
