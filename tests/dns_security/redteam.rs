@@ -966,7 +966,17 @@ fn a_tlsa_denial_stripped_of_its_nsec_proof_does_not_switch_dane_off() {
     );
     assert_eq!(v["dnssec"], "secure", "{}", show(&out, &v));
     mx.assert_request_received("genuine denial");
+    // A genuine, signed "no SOA here" for mail.example.net's TLSA name replayed as "no TLSA":
+    // its NSEC record lists TLSA, so the denial is bogus.
     let mx = Mx::start(Some((&cert, &key)));
+    let (out, v) = run.retrieve(
+        dns,
+        &format!("127.0.0.1:{faithful}"),
+        "alice@example.net",
+        &["--mx-port", &mx.port.to_string()],
+    );
+    outcome_is(&out, &v, ATTACK, None, "denial replayed from another type");
+    mx.assert_nothing_sent("denial replayed from another type");
     let port = nsec_stripper(upstream.parse().unwrap(), true);
     let (out, v) = run.retrieve(
         dns,
