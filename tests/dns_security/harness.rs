@@ -108,6 +108,8 @@ pub fn spki_sha256(pem: &str) -> String {
 ///   (right key, wrong selector);
 /// - `ins-mx.example.net`: a secure MX naming `mail.insecure.net` (its TLSA is insecure);
 /// - `notlsa.example.net`: an address, no MX, no TLSA, no MTA-STS;
+/// - `idn-mx.example.net`: MX `xn--mil-qla.example.net` (mäil), TLSA `3 1 1` of the TLSA
+///   certificate;
 /// - `sts-bogus.example.net`: an `_mta-sts` TXT record, and `mta-sts.sts-bogus.example.net` a
 ///   CNAME to `tampered.example.net`, whose A record is bogus;
 /// - `sec-mx.insecure.net`: an insecure MX naming `mail.example.net` (whose TLSA is secure).
@@ -125,6 +127,9 @@ fn extra_records(dns: &TestDns) -> Vec<(&'static str, String)> {
          _25._tcp.selector.example.net. 300 IN TLSA 3 0 1 {tlsa_spki}\n\
          ins-mx.example.net. 300 IN MX 10 mail.insecure.net.\n\
          notlsa.example.net. 300 IN A 127.0.0.1\n\
+         idn-mx.example.net. 300 IN MX 10 xn--mil-qla.example.net.\n\
+         xn--mil-qla.example.net. 300 IN A 127.0.0.1\n\
+         _25._tcp.xn--mil-qla.example.net. 300 IN TLSA 3 1 1 {tlsa_spki}\n\
          sts-bogus.example.net. 300 IN A 127.0.0.1\n\
          _mta-sts.sts-bogus.example.net. 300 IN TXT \"v=STSv1; id=1;\"\n\
          mta-sts.sts-bogus.example.net. 300 IN CNAME tampered.example.net.\n"

@@ -559,6 +559,16 @@ fn odd_unicode_in_addresses_and_mx_names_is_refused_or_resolved_as_its_a_label()
         );
         assert_eq!(v["transport"]["authentication"], "dane-ee");
     }
+    // An MX host that is an IDN (xn--mil-qla.example.net, "mäil") is used as its A-label for
+    // TLSA, the address and TLS, and authenticated by its TLSA record like any other.
+    let (out, v) = run.to(dns, "alice@idn-mx.example.net", &mx, &[]);
+    outcome_is(&out, &v, TEMPFAIL, Some("dane-ee"), "IDN MX");
+    assert_eq!(
+        v["transport"]["mx"],
+        "xn--mil-qla.example.net",
+        "{}",
+        show(&out, &v)
+    );
     // An MX given with a bidi control in its name: refused, not sent anywhere.
     let (out, v) = run.retrieve(
         dns,
@@ -569,7 +579,7 @@ fn odd_unicode_in_addresses_and_mx_names_is_refused_or_resolved_as_its_a_label()
     outcome_is(&out, &v, USAGE, None, "");
     assert_eq!(
         mx.log().iter().filter(|l| *l == "MESSAGE").count(),
-        2,
+        3,
         "{:?}",
         mx.log()
     );
