@@ -248,10 +248,12 @@ impl Endpoint {
         }
         // A name goes to the resolver and into the TLS check as its A-label; anything that is
         // no host name (bidi controls, spaces, empty labels) is refused here, not sent to DNS.
-        let host = if host.parse::<std::net::IpAddr>().is_ok()
-            || host.eq_ignore_ascii_case("localhost")
-        {
-            host.to_string()
+        // A single-label name (`localhost`, a host from /etc/hosts) is kept when it is plain
+        // letters, digits and hyphens.
+        let single_label =
+            !host.contains('.') && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let host = if host.parse::<std::net::IpAddr>().is_ok() || single_label {
+            host.to_ascii_lowercase()
         } else {
             kst_core::AddressPolicy::default()
                 .normalize_domain(host.trim_end_matches('.'))
@@ -361,6 +363,11 @@ mod tests {
             Endpoint::parse("localhost:25", Service::Mx).unwrap().host,
             "localhost"
         );
+        assert_eq!(
+            Endpoint::parse("[::1]:25", Service::Mx).unwrap().host,
+            "::1"
+        );
+        assert!(Endpoint::parse("m\u{202e}ail:25", Service::Mx).is_err());
         let e = Endpoint::parse("mail.example.net", Service::Imap).unwrap();
         assert_eq!(e.port, 143);
     }
