@@ -30,6 +30,8 @@
 #   KST_PROV_MODE         pipe | lmtp: how example.net's Postfix hands keys@ to kst (pipe)
 #   KST_PROV_LMTP_PORT    where example.net's Postfix dials `kst serve` in lmtp mode (7424)
 #   KST_PROV_RELAY_PORT   example.net's port for kst's replies (10025)
+#   KST_PROV_KST_CONFIG   the kst config pipe mode runs `kst deliver` with (default
+#                         $KST_PROV_DIR/kst/kst.toml, written once; keep it readable by user kst)
 #   KST_MAIL_DIR ...      the test mail system (Dovecot, TLS, the kst binary link), as for
 #                         scripts/mailsystem.sh
 #   KST_DNS_DIR ...       the test DNS, as for scripts/testdns.sh
@@ -46,6 +48,7 @@ MODE="${KST_PROV_MODE:-pipe}"
 LMTP_PORT="${KST_PROV_LMTP_PORT:-7424}"
 RELAY_PORT="${KST_PROV_RELAY_PORT:-10025}"
 TIMEOUT="${KST_PROV_TIMEOUT:-30}"
+KST_CONFIG_FILE="${KST_PROV_KST_CONFIG:-$STATE/kst/kst.toml}"
 MAIL="${KST_MAIL_DIR:-/tmp/kst-mail}"
 MAIL="${MAIL%/}"
 # Fixed by the test DNS (scripts/testdns.sh, mta_addr): the MX of each domain and its address.
@@ -219,7 +222,7 @@ write_postfix() {
     sed -e "s#@SMTP_PORT@#$SMTP_PORT#g" -e "s#@SUBMISSION_PORT@#$SUBMISSION_PORT#g" \
       -e "s#@SUBMISSIONS_PORT@#$SUBMISSIONS_PORT#g" -e "s#^127\.0\.0\.1:#$a:#" \
       "$DEPLOY/postfix/testbed/master.cf.in"
-    sed -e "s#/usr/local/bin/kst#$MAIL/bin/kst#g" -e "s#/etc/kst/kst.toml#$STATE/kst/kst.toml#g" \
+    sed -e "s#/usr/local/bin/kst#$MAIL/bin/kst#g" -e "s#/etc/kst/kst.toml#$KST_CONFIG_FILE#g" \
       "$DEPLOY/postfix/master.cf.snippet"
   } >"$tmp/master.cf"
   local smtp="$a:$SMTP_PORT/inet"
@@ -297,7 +300,7 @@ write_files() {
     chmod 0755 "$STATE/$p" "$STATE/$p/postfix" "$STATE/$p/spool" "$STATE/$p/opendkim"
     write_postfix "$p"
   done
-  if [ ! -f "$STATE/kst/kst.toml" ]; then
+  if [ "$KST_CONFIG_FILE" = "$STATE/kst/kst.toml" ] && [ ! -f "$KST_CONFIG_FILE" ]; then
     cat <<EOF | put "$STATE/kst/kst.toml" 0640 root:kst || true
 # kst for example.net behind its Postfix (written once by scripts/providers.sh; tests replace it).
 [kst]
@@ -426,7 +429,7 @@ export KST_PROV_SUBMISSION_PORT=$SUBMISSION_PORT
 export KST_PROV_SUBMISSIONS_PORT=$SUBMISSIONS_PORT
 export KST_PROV_RELAY_PORT=$RELAY_PORT
 export KST_PROV_LMTP_PORT=$LMTP_PORT
-export KST_PROV_KST_CONFIG=$STATE/kst/kst.toml
+export KST_PROV_KST_CONFIG=$KST_CONFIG_FILE
 export KST_PROV_EXAMPLE_POSTFIX=$STATE/example/postfix
 export KST_PROV_ACME_POSTFIX=$STATE/acme/postfix
 export KST_PROV_EXAMPLE_LOG=$STATE/example/postfix.log
