@@ -61,13 +61,14 @@ MARKER="$STATE/.kst-providers"
 domain_of() { echo "$1.net"; }
 addr_of() { case "$1" in example) echo 127.0.0.1 ;; acme) echo 127.0.0.2 ;; esac; }
 
-log() { printf '== providers: %s\n' "$*" >&2; }
-die() { printf '== providers: ERROR: %s\n' "$*" >&2; exit 1; }
+LOG_NAME=providers
+WAIT_LOGS='*/postfix.log'
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$SELF")/lib.sh"
 
 check_settings() {
   [ "$(id -u)" -eq 0 ] || die "run as root (Postfix and OpenDKIM are started as root and drop privileges)"
-  [[ "$STATE" =~ ^/[A-Za-z0-9._/-]+$ ]] || die "KST_PROV_DIR must be an absolute path of letters, digits and ._-/: $STATE"
-  case "$STATE" in / | /tmp | /var | /usr | /etc | /root | /home | /work) die "KST_PROV_DIR=$STATE is too dangerous to remove on down" ;; esac
+  check_state_dir KST_PROV_DIR "$STATE"
   [ "${#STATE}" -le 70 ] || die "KST_PROV_DIR is too long for Unix socket paths (at most 70 characters): $STATE"
   case "$MODE" in pipe | lmtp) ;; *) die "mode must be pipe or lmtp, not '$MODE'" ;; esac
   local p
@@ -76,24 +77,15 @@ check_settings() {
   done
 }
 
-take_lock() {
-  exec 9<"$SELF"
-  flock -w 300 9 || die "another providers.sh did not finish within 300s"
-}
-
 ensure_packages() {
   local missing=()
   [ -x /usr/sbin/opendkim ] || missing+=(opendkim)
   [ -x /usr/bin/policyd-spf ] || missing+=(postfix-policyd-spf-python)
   command -v unshare >/dev/null || missing+=(util-linux)
   [ ${#missing[@]} -gt 0 ] || return 0
-  export DEBIAN_FRONTEND=noninteractive
   # policyd-spf depends on postfix: no system instance (as scripts/mailsystem.sh).
   [ -x /usr/sbin/postfix ] || echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  log "apt-get update"
-  apt-get update -qq >&2
-  log "apt-get install ${missing[*]}"
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  apt_install "${missing[@]}"
 }
 
 # The test DNS (always `up`: idempotent) and the mail system (only when something is down, in
@@ -107,13 +99,27 @@ ensure_dns_and_mail() {
       "$ROOT/scripts/mailsystem.sh" up 9<&- >/dev/null || die "scripts/mailsystem.sh up failed"
   fi
   [ -S "$MAIL/dovecot/run/lmtp" ] || die "no Dovecot LMTP socket at $MAIL/dovecot/run/lmtp"
-  # The TLSA records name the certificate both instances present (the mail system's).
-  out="$(KST_MAIL_DIR="$MAIL" KST_DNS_TLSA_CERT="$MAIL/tls/server.pem" "$ROOT/scripts/testdns.sh" up 9<&-)" \
+  # `up` with the test DNS's own defaults (the variables that choose its TLSA certificate and
+  # SRV ports left out): other tests (tests/dns_security.rs) call it that way too, and a
+  # different choice here would make every `up` re-sign the zones under their feet. Both
+  # instances then present the certificate the TLSA records name, so DANE matches.
+  out="$(env -u KST_MAIL_DIR -u KST_DNS_TLSA_CERT -u KST_MAIL_SUBMISSION_PORT -u KST_MAIL_SUBMISSIONS_PORT \
+    -u KST_MAIL_IMAP_PORT -u KST_MAIL_IMAPS_PORT "$ROOT/scripts/testdns.sh" up 9<&-)" \
     || die "scripts/testdns.sh up failed"
   DNS_ENV="$out"
-  STUB="$(sed -n 's/^export KST_DNS_STUB_ADDR=//p' <<<"$out")"
-  ANCHOR="$(sed -n 's/^export KST_DNS_ANCHOR=//p' <<<"$out")"
+  dns_var() { sed -n "s/^export $1=//p" <<<"$out"; }
+  STUB="$(dns_var KST_DNS_STUB_ADDR)"
+  ANCHOR="$(dns_var KST_DNS_ANCHOR)"
   [ -n "$STUB" ] || die "the test DNS has no port-53 listener (KST_DNS_STUB_ADDR is empty; use the default KST_DNS_DIR)"
+  TLS_CERT="$(dns_var KST_DNS_TLSA_CERT)"
+  if [ "$TLS_CERT" = "$(dns_var KST_DNS_MX_CERT)" ]; then TLS_KEY="$(dns_var KST_DNS_MX_KEY)"; else TLS_KEY="${TLS_CERT%.pem}.key"; fi
+  [ -r "$TLS_CERT" ] && [ -r "$TLS_KEY" ] || die "no key for the TLSA certificate $TLS_CERT ($TLS_KEY)"
+  # The CAs a client of the two providers trusts: the mail system's (Dovecot) and the one that
+  # signed the TLSA certificate (the test DNS's, or another mail system's).
+  mkdir -p "$STATE/tls"
+  chmod 0755 "$STATE" "$STATE/tls"
+  cat "$MAIL/tls/ca.pem" "$(dns_var KST_DNS_CA)" "$(dirname "$TLS_CERT")/ca.pem" 2>/dev/null \
+    | put "$STATE/tls/ca.pem" 0644 root:root || true
 }
 
 # put DST MODE OWNER: installs stdin as DST when it differs; returns 0 if it changed.
@@ -225,8 +231,10 @@ write_postfix() {
     sed -e "s#/usr/local/bin/kst#$MAIL/bin/kst#g" -e "s#/etc/kst/kst.toml#$KST_CONFIG_FILE#g" \
       "$DEPLOY/postfix/master.cf.snippet"
   } >"$tmp/master.cf"
-  local smtp="$a:$SMTP_PORT/inet"
-  postconf -c "$tmp" -e \
+  local smtp="$a:$SMTP_PORT/inet" setting
+  # One setting per postconf call: it appends the new ones in the order of its calls (several
+  # in one call come in hash order, and the file would differ on every `up`).
+  for setting in \
     "queue_directory = $dir/spool" \
     "data_directory = $dir/data" \
     "maillog_file = $dir/postfix.log" \
@@ -242,14 +250,18 @@ write_postfix() {
     "smtp_host_lookup = dns" \
     "smtp_bind_address = $a" \
     "smtp_tls_security_level = may" \
-    "smtp_tls_CAfile = $MAIL/tls/ca.pem" \
+    "smtp_tls_CAfile = $STATE/tls/ca.pem" \
+    "smtpd_tls_cert_file = $TLS_CERT" \
+    "smtpd_tls_key_file = $TLS_KEY" \
     "smtp_tls_loglevel = 1" \
     "smtpd_peername_lookup = no" \
     "smtpd_recipient_restrictions = check_recipient_access regexp:$MAIL/postfix/kst_recipient_access, reject_unauth_destination, check_policy_service unix:private/policyd-spf" \
     "policyd-spf_time_limit = 3600" \
     "milter_default_action = tempfail" \
     "header_checks = regexp:$dir/header_checks" \
-    "milter_header_checks = regexp:$dir/header_checks"
+    "milter_header_checks = regexp:$dir/header_checks"; do
+    postconf -c "$tmp" -e "$setting"
+  done
   # Port 25 only: DKIM verification. Submission stays as the base has it (no SPF, no milter).
   postconf -c "$tmp" -P "$smtp/smtpd_milters=unix:$dir/opendkim/sock"
   # Submission relays for its authenticated users (the base refuses every other domain).
@@ -323,38 +335,14 @@ EOF
 
 # --- daemons ----------------------------------------------------------------------------------
 
-pid_alive() {
-  local st
-  [ -n "$1" ] && [ -r "/proc/$1/stat" ] || return 1
-  st="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
-  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
-}
-pidfile_pid() { if [ -s "$1" ]; then tr -dc '0-9' <"$1"; fi; }
 postfix_pid() { pidfile_pid "$STATE/$1/spool/pid/master.pid"; }
 postfix_running() { pid_alive "$(postfix_pid "$1")"; }
 opendkim_pid() { pidfile_pid "$STATE/$1/opendkim/opendkim.pid"; }
 opendkim_running() { pid_alive "$(opendkim_pid "$1")"; }
 listening() { [ -n "$(ss -Hltn "src $1 and sport = :$2" 2>/dev/null)" ]; }
 
-wait_for() {
-  local what="$1"
-  shift
-  local deadline=$((SECONDS + TIMEOUT))
-  until "$@"; do
-    [ "$SECONDS" -lt "$deadline" ] || die "$what did not answer within ${TIMEOUT}s (logs in $STATE/*/postfix.log)"
-    sleep 0.3
-  done
-}
-
-# Closes every descriptor above 2: daemons must not keep a caller's lock (flock -o is still
-# the rule).
-close_inherited_fds() {
-  local fd
-  for fd in $(ls /proc/$BASHPID/fd 2>/dev/null); do
-    if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
-  done
-}
-
+# daemon COMMAND...: runs a daemon's start command with every descriptor above 2 closed (a
+# caller's lock must not live on in it; flock -o is still the rule), output to daemons.log.
 daemon() {
   if ! (close_inherited_fds; exec "$@") </dev/null >>"$STATE/daemons.log" 2>&1; then
     tail -20 "$STATE/daemons.log" >&2
@@ -367,8 +355,7 @@ start_opendkim() {
   if opendkim_running "$p"; then
     [ -z "${CHANGED[$p-dkim]:-}" ] && { log "opendkim $p: running"; return 0; }
     log "opendkim $p: restarting (configuration changed)"
-    kill "$(opendkim_pid "$p")" 2>/dev/null || true
-    wait_for "opendkim $p to stop" bash -c "! kill -0 $(opendkim_pid "$p") 2>/dev/null"
+    stop_pid "opendkim $p" "$(opendkim_pid "$p")"
   fi
   rm -f "$STATE/$p/opendkim/sock" "$STATE/$p/opendkim/opendkim.pid"
   log "opendkim $p: starting (verify, socket $STATE/$p/opendkim/sock)"
@@ -405,17 +392,6 @@ start_postfix() {
   if [ "$p" = example ]; then wait_for "postfix example on 127.0.0.1:$RELAY_PORT" listening 127.0.0.1 "$RELAY_PORT"; fi
 }
 
-stop_pid() {
-  local pid="$1" i
-  pid_alive "$pid" || return 0
-  kill "$pid" 2>/dev/null || true
-  for ((i = 0; i < TIMEOUT * 10; i++)); do
-    pid_alive "$pid" || return 0
-    sleep 0.1
-  done
-  kill -9 "$pid" 2>/dev/null || true
-}
-
 # --- commands ---------------------------------------------------------------------------------
 
 print_env() {
@@ -435,6 +411,8 @@ export KST_PROV_ACME_POSTFIX=$STATE/acme/postfix
 export KST_PROV_EXAMPLE_LOG=$STATE/example/postfix.log
 export KST_PROV_ACME_LOG=$STATE/acme/postfix.log
 export KST_PROV_MAIL_DIR=$MAIL
+export KST_PROV_CA=$STATE/tls/ca.pem
+export KST_PROV_CERT=$TLS_CERT
 EOF
   printf '%s\n' "$DNS_ENV" | grep -E '^export KST_DNS_(DIR|RESOLVER|ANCHOR|STUB_ADDR)='
 }
@@ -467,11 +445,11 @@ cmd_down() {
       log "postfix $p: stopping"
       pid="$(postfix_pid "$p")"
       postfix -c "$STATE/$p/postfix" stop >/dev/null 2>&1 || true
-      stop_pid "$pid"
+      stop_pid "postfix $p" "$pid"
     fi
     if opendkim_running "$p"; then
       log "opendkim $p: stopping"
-      stop_pid "$(opendkim_pid "$p")"
+      stop_pid "opendkim $p" "$(opendkim_pid "$p")"
     fi
   done
   if [ -e "$STATE/.added-lo-addr" ]; then

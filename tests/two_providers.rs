@@ -14,7 +14,7 @@
 //! there with SPF (the HELO name: replies have the null sender) and DKIM checked.
 //!
 //! Needs root (Postfix, OpenDKIM, BIND, a second address on lo). Uses the e2e mail system's
-//! Dovecot and certificates (`/tmp/kst-mail-e2e`) and the shared test DNS.
+//! Dovecot (`/tmp/kst-mail-e2e`) and the shared test DNS.
 
 #[path = "e2e/harness.rs"]
 #[allow(dead_code)]
@@ -326,7 +326,8 @@ fn assert_proven(route: &str, out: &Output, v: &Value) {
 }
 
 /// One run of the real `kst client --json` as `account`, DNS through the signed test DNS
-/// (validating, the test root's anchor), the mail system's CA, its IMAP server.
+/// (validating, the test root's anchor), the CAs of the mail system (its IMAP server) and of
+/// the certificate the providers present (the one the TLSA records name), that IMAP server.
 struct Client<'a> {
     ms: &'a MailSystem,
     p: &'a Providers,
@@ -341,8 +342,7 @@ impl Client<'_> {
         let mut cmd = Command::new(kst_binary());
         cmd.args(["client", "--account", account, "--json"])
             .args(["--client-config", "/dev/null"])
-            .arg("--ca-file")
-            .arg(&self.ms.ca)
+            .args(["--ca-file", self.p.var("KST_PROV_CA")])
             .args(["--resolver", self.p.var("KST_DNS_RESOLVER")])
             .args(["--dns-anchor", self.p.var("KST_DNS_ANCHOR")])
             .arg("--state-file")
