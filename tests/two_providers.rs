@@ -11,7 +11,8 @@
 //! `--require-dkim`, the DKIM key DNSSEC-secure) and on the two Postfix logs: the request
 //! leaving acme.net for `mail.example.net[127.0.0.1]:25` and arriving there from 127.0.0.2 with
 //! SPF checked, the reply leaving example.net for `mail.acme.net[127.0.0.2]:25` and arriving
-//! there with SPF (the HELO name: replies have the null sender) and DKIM checked.
+//! there with SPF (the HELO name: replies have the null sender) and DKIM checked; and that a
+//! HELO name whose SPF record does not cover the client is refused.
 //!
 //! Needs root (Postfix, OpenDKIM, BIND, a second address on lo). Uses the e2e mail system's
 //! Dovecot (`/tmp/kst-mail-e2e`) and the shared test DNS.
@@ -314,6 +315,40 @@ fn assert_reply_crossed(marks: &Marks, maildir: &Path) {
     );
 }
 
+/// SPF is enforced, not only written down: a null-sender message to acme.net's MX saying
+/// `HELO mail.acme.net` (whose SPF record allows 127.0.0.2 only) from 127.0.0.1 is refused at
+/// RCPT. Returns the refusal.
+fn assert_spf_enforced() -> String {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let mut w = std::net::TcpStream::connect(("127.0.0.2", 25)).expect("acme.net's MX");
+    w.set_read_timeout(Some(PATIENCE)).expect("a read timeout");
+    let mut r = BufReader::new(w.try_clone().expect("the socket"));
+    let mut reply = || {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            r.read_line(&mut line).expect("an SMTP reply");
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return line.trim_end().to_string();
+            }
+        }
+    };
+    assert!(reply().starts_with("220 mail.acme.net"));
+    let mut say = |cmd: &str| w.write_all(format!("{cmd}\r\n").as_bytes()).expect("write");
+    say("HELO mail.acme.net");
+    assert!(reply().starts_with("250"));
+    say("MAIL FROM:<>");
+    assert!(reply().starts_with("250"));
+    say("RCPT TO:<carol@acme.net>");
+    let refusal = reply();
+    say("QUIT");
+    assert!(
+        refusal.starts_with("550") && refusal.contains("SPF fail"),
+        "{refusal}"
+    );
+    refusal
+}
+
 /// The client verified the reply: HMAC (K_auth) and kst's DKIM signature, the key looked up
 /// DNSSEC-secure in the signed test DNS.
 fn assert_proven(route: &str, out: &Output, v: &Value) {
@@ -488,6 +523,10 @@ async fn two_providers(mode: Mode) {
         ],
     );
     assert_reply_crossed(&marks, &carol_maildir);
+    show(
+        "acme.net refuses a HELO name whose SPF does not cover the client",
+        &assert_spf_enforced(),
+    );
     eprintln!("{mode:?}: the whole scenario took {:?}", started.elapsed());
 }
 
