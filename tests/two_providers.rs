@@ -12,7 +12,8 @@
 //! leaving acme.net for `mail.example.net[127.0.0.1]:25` and arriving there from 127.0.0.2 with
 //! SPF checked, the reply leaving example.net for `mail.acme.net[127.0.0.2]:25` and arriving
 //! there with SPF (the HELO name: replies have the null sender) and DKIM checked; and that a
-//! HELO name whose SPF record does not cover the client is refused.
+//! HELO name whose SPF record does not cover the client is refused, and a reply altered after
+//! signing gets `dkim=fail` there.
 //!
 //! Needs root (Postfix, OpenDKIM, BIND, a second address on lo). Uses the e2e mail system's
 //! Dovecot (`/tmp/kst-mail-e2e`) and the shared test DNS.
@@ -237,8 +238,8 @@ fn header<'a>(headers: &'a str, name: &str) -> &'a str {
 /// kst's reply to carol crossed from example.net's Postfix to acme.net's over SMTP, and
 /// acme.net checked SPF (the HELO name `mail.example.net`: the reply has the null sender) and
 /// kst's DKIM signature (`dkim=pass` for example.net, selector kst-2p-ed25519) before carol's
-/// mailbox (`maildir`) got it.
-fn assert_reply_crossed(marks: &Marks, maildir: &Path) {
+/// mailbox (`maildir`) got it. Returns acme.net's queue id of the reply.
+fn assert_reply_crossed(marks: &Marks, maildir: &Path) -> String {
     let sent = marks.wait_line(
         Side::Example,
         &[
@@ -313,40 +314,112 @@ fn assert_reply_crossed(marks: &Marks, maildir: &Path) {
         spf.starts_with("Pass (sender SPF authorized) identity=helo;"),
         "{spf}"
     );
+    id
+}
+
+/// A plain SMTP client for the checks of the receiving side (no TLS, no AUTH).
+struct Smtp {
+    r: std::io::BufReader<std::net::TcpStream>,
+    w: std::net::TcpStream,
+}
+
+impl Smtp {
+    /// Connects to `host:port` and returns the greeting too.
+    fn connect(host: &str, port: u16) -> (Smtp, String) {
+        let w = std::net::TcpStream::connect((host, port)).expect("an SMTP server");
+        w.set_read_timeout(Some(PATIENCE)).expect("a read timeout");
+        let r = std::io::BufReader::new(w.try_clone().expect("the socket"));
+        let mut smtp = Smtp { r, w };
+        let greeting = smtp.reply();
+        (smtp, greeting)
+    }
+
+    /// The last line of the next reply.
+    fn reply(&mut self) -> String {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            self.r.read_line(&mut line).expect("an SMTP reply");
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return line.trim_end().to_string();
+            }
+        }
+    }
+
+    /// Sends one command and returns the reply.
+    fn cmd(&mut self, cmd: &str) -> String {
+        use std::io::Write as _;
+        self.w
+            .write_all(format!("{cmd}\r\n").as_bytes())
+            .expect("write to the SMTP server");
+        self.reply()
+    }
+
+    /// DATA with `message` (CRLF line ends, dots stuffed); returns the final reply.
+    fn data(&mut self, message: &str) -> String {
+        use std::io::Write as _;
+        assert!(self.cmd("DATA").starts_with("354"));
+        let mut text = String::new();
+        for line in message.replace("\r\n", "\n").lines() {
+            if line.starts_with('.') {
+                text.push('.');
+            }
+            text.push_str(line);
+            text.push_str("\r\n");
+        }
+        text.push_str(".\r\n");
+        self.w.write_all(text.as_bytes()).expect("write DATA");
+        self.reply()
+    }
 }
 
 /// SPF is enforced, not only written down: a null-sender message to acme.net's MX saying
 /// `HELO mail.acme.net` (whose SPF record allows 127.0.0.2 only) from 127.0.0.1 is refused at
 /// RCPT. Returns the refusal.
 fn assert_spf_enforced() -> String {
-    use std::io::{BufRead as _, BufReader, Write as _};
-    let mut w = std::net::TcpStream::connect(("127.0.0.2", 25)).expect("acme.net's MX");
-    w.set_read_timeout(Some(PATIENCE)).expect("a read timeout");
-    let mut r = BufReader::new(w.try_clone().expect("the socket"));
-    let mut reply = || {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            r.read_line(&mut line).expect("an SMTP reply");
-            if line.len() < 4 || line.as_bytes()[3] != b'-' {
-                return line.trim_end().to_string();
-            }
-        }
-    };
-    assert!(reply().starts_with("220 mail.acme.net"));
-    let mut say = |cmd: &str| w.write_all(format!("{cmd}\r\n").as_bytes()).expect("write");
-    say("HELO mail.acme.net");
-    assert!(reply().starts_with("250"));
-    say("MAIL FROM:<>");
-    assert!(reply().starts_with("250"));
-    say("RCPT TO:<carol@acme.net>");
-    let refusal = reply();
-    say("QUIT");
+    let (mut smtp, greeting) = Smtp::connect("127.0.0.2", 25);
+    assert!(greeting.starts_with("220 mail.acme.net"), "{greeting}");
+    assert!(smtp.cmd("HELO mail.acme.net").starts_with("250"));
+    assert!(smtp.cmd("MAIL FROM:<>").starts_with("250"));
+    let refusal = smtp.cmd("RCPT TO:<carol@acme.net>");
+    smtp.cmd("QUIT");
     assert!(
         refusal.starts_with("550") && refusal.contains("SPF fail"),
         "{refusal}"
     );
     refusal
+}
+
+/// DKIM is verified, not assumed: kst's reply as carol got it (from its DKIM-Signature on),
+/// one body line changed, sent again through example.net's relay port to carol; acme.net's
+/// OpenDKIM says `dkim=fail` for it. Returns that log line.
+fn assert_altered_reply_fails(p: &Providers, maildir: &Path, id: &str, relay_port: u16) -> String {
+    let raw = std::fs::read_dir(maildir.join("new"))
+        .into_iter()
+        .chain(std::fs::read_dir(maildir.join("cur")))
+        .flatten()
+        .flatten()
+        .map(|e| String::from_utf8_lossy(&std::fs::read(e.path()).unwrap_or_default()).into_owned())
+        .find(|t| t.contains(&format!(" id {id}")))
+        .expect("the delivered reply");
+    let signed = &raw[raw.find("DKIM-Signature:").expect("a signature")..];
+    let altered = signed.replacen("\n\n", "\n\nAltered on the way.\n", 1);
+    let marks = p.mark();
+    let (mut smtp, _) = Smtp::connect("127.0.0.1", relay_port);
+    assert!(smtp.cmd("HELO mail.example.net").starts_with("250"));
+    assert!(smtp.cmd("MAIL FROM:<>").starts_with("250"));
+    assert!(smtp.cmd("RCPT TO:<carol@acme.net>").starts_with("250"));
+    let queued = smtp.data(&altered);
+    smtp.cmd("QUIT");
+    assert!(queued.starts_with("250"), "{queued}");
+    marks.wait_line(
+        Side::Acme,
+        &[
+            "milter-header-info: header Authentication-Results: mail.acme.net;",
+            "dkim=fail",
+        ],
+    )
 }
 
 /// The client verified the reply: HMAC (K_auth) and kst's DKIM signature, the key looked up
@@ -484,7 +557,7 @@ async fn two_providers(mode: Mode) {
     assert_eq!(v["fingerprint"], alice.fingerprint.as_str(), "{v}");
     eprintln!("{mode:?}: relayed retrieval took {:?}", t.elapsed());
     assert_request_crossed(&marks, &kst_relay);
-    assert_reply_crossed(&marks, &carol_maildir);
+    let reply_id = assert_reply_crossed(&marks, &carol_maildir);
 
     // Direct: carol's client looks up example.net's MX (DNSSEC, DANE) and delivers itself;
     // the reply still crosses from example.net to acme.net.
@@ -526,6 +599,10 @@ async fn two_providers(mode: Mode) {
     show(
         "acme.net refuses a HELO name whose SPF does not cover the client",
         &assert_spf_enforced(),
+    );
+    show(
+        "acme.net's OpenDKIM fails kst's reply altered after signing",
+        &assert_altered_reply_fails(&p, &carol_maildir, &reply_id, relay_port),
     );
     eprintln!("{mode:?}: the whole scenario took {:?}", started.elapsed());
 }
