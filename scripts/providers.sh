@@ -122,21 +122,6 @@ ensure_dns_and_mail() {
     | put "$STATE/tls/ca.pem" 0644 root:root || true
 }
 
-# put DST MODE OWNER: installs stdin as DST when it differs; returns 0 if it changed.
-put() {
-  local dst="$1" mode="$2" owner="$3" tmp
-  tmp="$(mktemp "$dst.XXXXXX")"
-  cat >"$tmp"
-  chmod "$mode" "$tmp"
-  chown "$owner" "$tmp"
-  if [ -f "$dst" ] && cmp -s "$tmp" "$dst"; then
-    rm -f "$tmp"
-    return 1
-  fi
-  mv -f "$tmp" "$dst"
-  return 0
-}
-
 # acme.net's address must be one lo has: Postfix refuses an inet_interfaces address that no
 # interface holds ("no local interface found"), and it is how each instance knows which
 # addresses are its own (mail to the other one's address must not "loop back to myself").

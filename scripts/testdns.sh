@@ -127,20 +127,6 @@ ensure_packages() {
   apt_install "${missing[@]}"
 }
 
-# put DST MODE: installs stdin as DST when it differs; returns 0 if it changed.
-put() {
-  local dst="$1" mode="$2" tmp
-  tmp="$(mktemp "$dst.XXXXXX")"
-  cat >"$tmp"
-  chmod "$mode" "$tmp"
-  if [ -f "$dst" ] && cmp -s "$tmp" "$dst"; then
-    rm -f "$tmp"
-    return 1
-  fi
-  mv -f "$tmp" "$dst"
-  return 0
-}
-
 # --- certificates -----------------------------------------------------------------------------
 
 # new_cert NAME CN SAN: a key and a certificate signed by the test CA, in $STATE/tls.
