@@ -480,11 +480,10 @@ async fn another_primary_with_the_same_user_id_replaces_and_never_unrevokes() {
 /// from before the subkey revocation: the merge has nothing to merge with (the current key is
 /// the other one), the tombstone keeps only primary-key revocations, so the compromised
 /// subkey is served unrevoked again. The same holds after a deletion (which removes the
-/// history). The owner's `kst client status` reports it (tests/client.rs
-/// `maildir_status_reports_a_rolled_back_subkey_revocation`).
+/// history). Fixed: the tombstone keeps subkey revocations too ([`crate::revocation`]), so the
+/// old copy is served with the subkey revoked; the conformance suite checks it on every
+/// backend (`subkey_revocation_survives_replacement_and_deletion`).
 #[tokio::test]
-#[ignore = "BUG (open): subkey revocations are not in the tombstone; replacing or deleting \
-            the key and publishing an old copy un-revokes a revoked subkey"]
 async fn a_revoked_subkey_is_not_unrevoked_by_replacing_then_republishing_an_old_copy() {
     let (t0, k1, f1, k2, f2, store, limit) = two_keys_of_alice();
     let old_copy = k1.export(&f1);

@@ -6,8 +6,10 @@
 //! the key to store gets every stored revocation merged in, and the backend writes back the
 //! tombstone it returns. So a revoked key published again without its revocation (an old
 //! device, a redelivery deferred across an outage, a stolen password) is served revoked, and
-//! so is one published again after a deletion. [`merge_primary_revocations`] is the merge on
-//! OpenPGP packets, for the key lifecycle (issue 15) to build a full merge on.
+//! so is one published again after a deletion. Subkey revocations (0x28) are kept the same way,
+//! each with its subkey packet: an old copy of the key from before a subkey was revoked is
+//! served with that subkey revoked, also after the key was replaced by another one or deleted.
+//! [`merge_primary_revocations`] is the merge of primary-key revocations on OpenPGP packets.
 //!
 //! Only signatures from a certificate that passed [`crate::validate`] reach a tombstone, so
 //! they were verified with that primary key when published.
@@ -134,41 +136,194 @@ pub fn merge_primary_revocations(cert: &[u8], revocations: &[u8]) -> Result<Vec<
     Ok(out)
 }
 
+/// What a tombstone holds: the primary key's revocations and, per subkey, the subkey packet
+/// and its revocations. Stored as packets: the primary key's revocation signatures first, then
+/// each subkey packet followed by its revocation signatures (a tombstone written before subkey
+/// revocations were kept holds signatures only, and reads the same way).
+#[derive(Clone, Default, PartialEq)]
+struct Tombstone {
+    /// Key revocation signatures (0x20) of the primary key, serialized.
+    primary: Vec<Vec<u8>>,
+    /// Each revoked subkey (its packet, serialized) with its revocation signatures (0x28).
+    subkeys: Vec<(Vec<u8>, Vec<Vec<u8>>)>,
+}
+
+impl Tombstone {
+    /// Reads a stored tombstone.
+    fn parse(bytes: &[u8]) -> Result<Self> {
+        let mut t = Tombstone::default();
+        for p in parse(bytes, "a tombstone")? {
+            match &p {
+                Packet::Signature(_) => {
+                    let sig = serialized(&p)?;
+                    match t.subkeys.last_mut() {
+                        Some((_, revs)) => revs.push(sig),
+                        None => t.primary.push(sig),
+                    }
+                }
+                Packet::PublicSubkey(_) => t.subkeys.push((serialized(&p)?, Vec::new())),
+                other => {
+                    return Err(Error::Invalid(format!(
+                        "a tombstone holds a {:?} packet, not a signature or a subkey",
+                        other.tag()
+                    )));
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    /// The revocations `cert` (binary packets) carries: its primary key's when `revoked`, and
+    /// every subkey revocation.
+    fn of_cert(cert: &[u8], revoked: bool) -> Result<Self> {
+        let mut t = Tombstone {
+            primary: if revoked {
+                signatures(&primary_revocations(cert)?)?
+            } else {
+                Vec::new()
+            },
+            subkeys: Vec::new(),
+        };
+        let mut current: Option<(Vec<u8>, Vec<Vec<u8>>)> = None;
+        for p in parse(cert, "a key")? {
+            match &p {
+                Packet::Signature(s) => {
+                    if let Some((_, revs)) = current.as_mut()
+                        && s.typ() == Some(SignatureType::SubkeyRevocation)
+                    {
+                        revs.push(serialized(&p)?);
+                    }
+                }
+                other => {
+                    if let Some(done) = current.take().filter(|(_, revs)| !revs.is_empty()) {
+                        t.subkeys.push(done);
+                    }
+                    if let Packet::PublicSubkey(_) = other {
+                        current = Some((serialized(&p)?, Vec::new()));
+                    }
+                }
+            }
+        }
+        if let Some(done) = current.filter(|(_, revs)| !revs.is_empty()) {
+            t.subkeys.push(done);
+        }
+        Ok(t)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.primary.is_empty() && self.subkeys.is_empty()
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out: Vec<u8> = self.primary.concat();
+        for (subkey, revs) in &self.subkeys {
+            out.extend(subkey);
+            out.extend(revs.concat());
+        }
+        out
+    }
+
+    /// Adds what `other` holds and `self` does not; whether anything was added.
+    fn absorb(&mut self, other: &Tombstone) -> bool {
+        let mut grew = false;
+        for sig in &other.primary {
+            if !self.primary.contains(sig) {
+                self.primary.push(sig.clone());
+                grew = true;
+            }
+        }
+        for (subkey, revs) in &other.subkeys {
+            let i = match self.subkeys.iter().position(|(s, _)| s == subkey) {
+                Some(i) => i,
+                None => {
+                    self.subkeys.push((subkey.clone(), Vec::new()));
+                    self.subkeys.len() - 1
+                }
+            };
+            for sig in revs {
+                if !self.subkeys[i].1.contains(sig) {
+                    self.subkeys[i].1.push(sig.clone());
+                    grew = true;
+                }
+            }
+        }
+        grew
+    }
+
+    /// `cert` with every revocation of the tombstone it does not hold: the primary key's
+    /// after its own signatures, a subkey's after that subkey's signatures (a revoked subkey
+    /// the certificate does not carry is not added: there is nothing to serve revoked).
+    fn apply_to(&self, cert: &[u8]) -> Result<Vec<u8>> {
+        let cert = if self.primary.is_empty() {
+            cert.to_vec()
+        } else {
+            merge_primary_revocations(cert, &self.primary.concat())?
+        };
+        if self.subkeys.is_empty() {
+            return Ok(cert);
+        }
+        let mut out = Vec::with_capacity(cert.len());
+        // The stored revocations of the subkey being copied, and the signatures it has.
+        let mut pending: Option<&Vec<Vec<u8>>> = None;
+        let mut have: Vec<Vec<u8>> = Vec::new();
+        let flush = |out: &mut Vec<u8>, pending: Option<&Vec<Vec<u8>>>, have: &[Vec<u8>]| {
+            for sig in pending.into_iter().flatten() {
+                if !have.contains(sig) {
+                    out.extend(sig);
+                }
+            }
+        };
+        for p in parse(&cert, "a stored key")? {
+            let bytes = serialized(&p)?;
+            if let Packet::Signature(_) = p {
+                if pending.is_some() {
+                    have.push(bytes.clone());
+                }
+            } else {
+                flush(&mut out, pending.take(), &have);
+                have.clear();
+                if let Packet::PublicSubkey(_) = p {
+                    pending = self
+                        .subkeys
+                        .iter()
+                        .find(|(s, _)| *s == bytes)
+                        .map(|(_, revs)| revs);
+                }
+            }
+            out.extend(bytes);
+        }
+        flush(&mut out, pending, &have);
+        Ok(out)
+    }
+}
+
 /// What a backend stores, inside its atomic publish step, for `key` given the tombstone
-/// (`stored`) of `key.fingerprint`: the key with every stored revocation merged in (and
-/// `revoked` set when there is one), and the tombstone to write back when it changed (the union
-/// of the stored revocations and those `key` carries). A key that is not revoked and has no
-/// tombstone is returned as it is, without being parsed.
+/// (`stored`) of `key.fingerprint`: the key with every stored revocation merged in (the
+/// primary key's, which set `revoked`, and each subkey's), and the tombstone to write back
+/// when it changed (the union of the stored revocations and those `key` carries). Bytes that
+/// are not a certificate (the conformance suite's synthetic keys) carry no revocation.
 pub fn apply_tombstone(
     mut key: NewKey,
     stored: Option<&[u8]>,
 ) -> Result<(NewKey, Option<Vec<u8>>)> {
     let stored = stored.filter(|t| !t.is_empty());
-    let carried = if key.revoked {
-        primary_revocations(&key.key).unwrap_or_default()
-    } else {
-        Vec::new()
-    };
+    let carried = Tombstone::of_cert(&key.key, key.revoked).unwrap_or_default();
     let Some(stored) = stored else {
-        return Ok((key, (!carried.is_empty()).then_some(carried)));
+        return Ok((key, (!carried.is_empty()).then(|| carried.to_bytes())));
     };
-    key.key = merge_primary_revocations(&key.key, stored)?;
-    key.revoked = true;
-    let tombstone = merge_revocation_runs(stored, &carried)?;
-    let changed = tombstone != stored;
-    Ok((key, changed.then_some(tombstone)))
+    let mut tombstone = Tombstone::parse(stored)?;
+    key.key = tombstone.apply_to(&key.key)?;
+    key.revoked |= !tombstone.primary.is_empty();
+    let grew = tombstone.absorb(&carried);
+    Ok((key, grew.then(|| tombstone.to_bytes())))
 }
 
-/// `stored` followed by each signature of `more` that it does not hold.
-fn merge_revocation_runs(stored: &[u8], more: &[u8]) -> Result<Vec<u8>> {
-    let have = signatures(stored)?;
-    let mut out = stored.to_vec();
-    for sig in signatures(more)? {
-        if !have.contains(&sig) {
-            out.extend(sig);
-        }
-    }
-    Ok(out)
+/// `cert` (binary packets, a stored key) as it is served given the stored tombstone of its
+/// fingerprint: with every stored revocation merged in, and whether the tombstone revokes
+/// the primary key. For a backend that applies the tombstone again when reading.
+pub fn serve_with_tombstone(cert: &[u8], tombstone: &[u8]) -> Result<(Vec<u8>, bool)> {
+    let tombstone = Tombstone::parse(tombstone)?;
+    Ok((tombstone.apply_to(cert)?, !tombstone.primary.is_empty()))
 }
 
 #[cfg(test)]

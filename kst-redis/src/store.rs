@@ -365,17 +365,15 @@ impl RedisStore {
         let Some(tomb) = tomb.filter(|t| !t.is_empty()) else {
             return Ok(record);
         };
-        let merged =
-            kst_core::revocation::merge_primary_revocations(&record.key, &tomb).map_err(|e| {
+        let (merged, revoked) = kst_core::revocation::serve_with_tombstone(&record.key, &tomb)
+            .map_err(|e| {
                 corrupt(format!(
                     "{}: the tombstone of {} does not merge: {e}",
                     record.address, record.fingerprint
                 ))
             })?;
-        if merged != record.key || !record.revoked {
-            record.key = merged;
-            record.revoked = true;
-        }
+        record.key = merged;
+        record.revoked |= revoked;
         Ok(record)
     }
 

@@ -153,3 +153,45 @@ pub async fn revocation_race(stores: Vec<Arc<dyn KeyStore>>) {
         delete(W, &*stores[1], &a).await;
     }
 }
+
+/// Whether subkey A of the merge fixtures is revoked in the key served for `a`.
+async fn subkey_a_revoked(what: &str, store: &dyn KeyStore, a: &Address) -> bool {
+    let current = get(what, store, a)
+        .await
+        .unwrap_or_else(|| panic!("{what}: {a} has no key"));
+    let cert = crate::certificate::Certificate::from_binary(&current.key)
+        .unwrap_or_else(|e| panic!("{what}: the key served for {a} does not parse: {e}"));
+    cert.revoked_subkeys()
+        .iter()
+        .any(|id| id == super::cas::SUBKEY_A)
+}
+
+/// A subkey revocation is never rolled back either: the owner revoked subkey A; someone with
+/// the account's password (not the key) replaces the key by another one and then publishes an
+/// old copy from before the revocation, or deletes the key and publishes the old copy. Each
+/// time the old copy is served with subkey A revoked (the tombstone keeps subkey revocations).
+pub async fn subkey_revocation_survives_replacement_and_deletion(store: &dyn KeyStore) {
+    use super::cas::{Variant, merge_key};
+    let what = "subkey revocation";
+    let a = address(&format!("subkey-tombstone@{DOMAIN}"));
+    publish(what, store, merge_key(Variant::Base, &a, 9101)).await;
+    assert!(!subkey_a_revoked(what, store, &a).await);
+    publish(what, store, merge_key(Variant::SubkeyRevoked, &a, 9102)).await;
+    assert!(
+        subkey_a_revoked(what, store, &a).await,
+        "{what}: the revoked subkey is served unrevoked after its revocation"
+    );
+    publish(what, store, lifecycle_key(Version::V1, &a, 9103)).await;
+    publish(what, store, merge_key(Variant::Base, &a, 9104)).await;
+    assert!(
+        subkey_a_revoked(what, store, &a).await,
+        "{what}: replacing the key and republishing an old copy un-revoked subkey A"
+    );
+    delete(what, store, &a).await;
+    publish(what, store, merge_key(Variant::Base, &a, 9105)).await;
+    assert!(
+        subkey_a_revoked(what, store, &a).await,
+        "{what}: deleting the key and republishing an old copy un-revoked subkey A"
+    );
+    delete(what, store, &a).await;
+}
