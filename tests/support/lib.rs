@@ -397,21 +397,24 @@ level = "info"
         message: &[u8],
         spool: &Path,
     ) -> (Output, Vec<Vec<u8>>) {
-        let out = self.kst_env(
-            &[
-                "deliver",
-                "--sender",
-                sender,
-                "--recipient",
-                "keys@example.net",
-            ],
-            message,
-            &[(
-                "KST_MAILER__PATH",
-                spool.to_str().expect("UTF-8 spool path"),
-            )],
+        let spool_env = (
+            "KST_MAILER__PATH",
+            spool.to_str().expect("UTF-8 spool path"),
         );
+        let out = self.deliver_env(sender, message, &[spool_env]);
         (out, spool_replies(spool))
+    }
+
+    /// `kst deliver` from `sender` to `keys@example.net` with extra environment variables.
+    pub fn deliver_env(&self, sender: &str, message: &[u8], env: &[(&str, &str)]) -> Output {
+        let args = [
+            "deliver",
+            "--sender",
+            sender,
+            "--recipient",
+            "keys@example.net",
+        ];
+        self.kst_env(&args, message, env)
     }
 
     /// `kst migrate` (the schema, before a pool starts, so that no instance waits on its
