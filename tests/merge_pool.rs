@@ -16,7 +16,9 @@ use std::process::Command;
 
 use kst_core::client::{self, Verified};
 use kst_core::{Address, AddressPolicy};
-use kst_tests::{TestKst, code, on_every_backend, received_authenticated, stderr};
+use kst_tests::{
+    Store, TestDb, TestKst, TestPrefix, code, on_every_backend, received_authenticated, stderr,
+};
 
 /// Pool instances (parallel `kst deliver` streams).
 const INSTANCES: usize = 3;
