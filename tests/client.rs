@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use kst_tests::{
-    Gpg, code, gpg_fingerprint_of, is_root, kst_binary, mail_system_client, run_json, stderr,
+    Gpg, GpgKey, code, gpg_fingerprint_of, is_root, kst_binary, mail_system_client, run_json,
+    stderr,
 };
 use serde_json::Value;
 
@@ -75,6 +76,16 @@ path = "{new}"
         self.dir.path().join(name)
     }
 
+    /// A GnuPG home with a new ed25519 key for alice@example.net, exported (armored) to
+    /// `alice.asc` here; returns the home, the key and that file.
+    fn alice_key(&self) -> (Gpg, GpgKey, PathBuf) {
+        let gpg = Gpg::new();
+        let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+        let key = self.path("alice.asc");
+        std::fs::write(&key, &alice.public_armored).unwrap();
+        (gpg, alice, key)
+    }
+
     /// `kst client --account ACCOUNT ... ARGS --json`.
     fn client(&self, account: &str, args: &[&str], env: &[(&str, &str)]) -> (Output, Value) {
         let mut cmd = Command::new(kst_binary());
@@ -115,12 +126,9 @@ path = "{new}"
 #[test]
 fn maildir_publish_then_retrieve_through_kst_deliver() {
     let local = Local::new();
-    let gpg = Gpg::new();
-    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
-    std::fs::write(local.path("alice.asc"), &alice.public_armored).unwrap();
+    let (_gpg, alice, key) = local.alice_key();
 
     // Publication: confirmed, HMAC verified, and the key is in the store.
-    let key = local.path("alice.asc");
     let (out, v) = local.client(
         "alice@example.net",
         &["publish", "--key", key.to_str().unwrap()],
@@ -173,10 +181,7 @@ fn maildir_publish_then_retrieve_through_kst_deliver() {
 #[test]
 fn maildir_pending_requests_are_finished_by_check_and_forgeries_are_reported() {
     let local = Local::new();
-    let gpg = Gpg::new();
-    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
-    std::fs::write(local.path("alice.asc"), &alice.public_armored).unwrap();
-    let key = local.path("alice.asc");
+    let (_gpg, alice, key) = local.alice_key();
     let (out, v) = local.client(
         "alice@example.net",
         &["publish", "--key", key.to_str().unwrap(), "--no-wait"],
@@ -238,10 +243,7 @@ fn maildir_pending_requests_are_finished_by_check_and_forgeries_are_reported() {
 #[test]
 fn maildir_refusals_carry_the_reason() {
     let local = Local::new();
-    let gpg = Gpg::new();
-    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
-    std::fs::write(local.path("alice.asc"), &alice.public_armored).unwrap();
-    let key = local.path("alice.asc");
+    let (_gpg, _, key) = local.alice_key();
     // The MTA says bob logged in, the envelope says alice: kst refuses (sender-mismatch).
     let (out, v) = local.client(
         "alice@example.net",
@@ -517,10 +519,7 @@ fn gpg_subkeys(home: &Path, who: &str) -> usize {
 #[test]
 fn maildir_owner_status_refresh_delete_and_expiry_warning() {
     let local = Local::new();
-    let gpg = Gpg::new();
-    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
-    let key = local.path("alice.asc");
-    std::fs::write(&key, &alice.public_armored).unwrap();
+    let (gpg, alice, key) = local.alice_key();
     let key = key.to_str().unwrap();
     let (out, v) = local.client("alice@example.net", &["publish", "--key", key], &[]);
     assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));

@@ -265,17 +265,7 @@ fn exit_codes_follow_sysexits() {
         ("KST_STORE__PATH", "/dev/null/keys"),
         ("KST_MAILER__KIND", "carrier-pigeon"),
     ] {
-        let out = kst.kst_env(
-            &[
-                "deliver",
-                "--sender",
-                "dave@acme.net",
-                "--recipient",
-                "keys@example.net",
-            ],
-            &q.message,
-            &[(key, value)],
-        );
+        let out = kst.deliver_env("dave@acme.net", &q.message, &[(key, value)]);
         assert_eq!(code(&out), 75, "{key}={value}: {}", stderr(&out));
         assert!(kst.replies().is_empty(), "{key}={value}: no reply yet");
     }
@@ -369,17 +359,7 @@ fn rate_limits_hold_across_deliver_processes() {
     for i in 0..3 {
         let q =
             client::build_retrieval(&addr("dave@acme.net"), &addr(&format!("u{i}@example.net")));
-        let out = kst.kst_env(
-            &[
-                "deliver",
-                "--sender",
-                "dave@acme.net",
-                "--recipient",
-                "keys@example.net",
-            ],
-            &q.message,
-            &env,
-        );
+        let out = kst.deliver_env("dave@acme.net", &q.message, &env);
         assert_eq!(code(&out), 0, "{}", stderr(&out));
         outcomes.push(stderr(&out));
     }
@@ -396,17 +376,7 @@ fn rate_limits_hold_across_deliver_processes() {
     );
     // Another sender is not affected.
     let q = client::build_retrieval(&addr("erin@acme.net"), &addr("u0@example.net"));
-    let out = kst.kst_env(
-        &[
-            "deliver",
-            "--sender",
-            "erin@acme.net",
-            "--recipient",
-            "keys@example.net",
-        ],
-        &q.message,
-        &env,
-    );
+    let out = kst.deliver_env("erin@acme.net", &q.message, &env);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(kst.replies().len(), 3);
 }
@@ -500,17 +470,7 @@ fn forged_floods_do_not_lock_the_victim_out_of_deliver() {
         ("KST_LIMITS__PER_ACCOUNT", "3"),
     ];
     let deliver = |sender: &str, raw: &[u8]| {
-        let out = kst.kst_env(
-            &[
-                "deliver",
-                "--sender",
-                sender,
-                "--recipient",
-                "keys@example.net",
-            ],
-            raw,
-            &env,
-        );
+        let out = kst.deliver_env(sender, raw, &env);
         assert_eq!(code(&out), 0, "{}", stderr(&out));
         stderr(&out)
     };

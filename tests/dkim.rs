@@ -149,16 +149,7 @@ fn dkimpy_python() -> String {
 /// Sends a retrieval to the KST and returns the pending request and the spooled reply.
 fn retrieval_reply(s: &SignedKst, query: &str) -> (client::Pending, Vec<u8>) {
     let q = client::build_retrieval(&addr("dave@acme.net"), &addr(query));
-    let out = s.run(
-        &[
-            "deliver",
-            "--sender",
-            "dave@acme.net",
-            "--recipient",
-            "keys@example.net",
-        ],
-        &q.message,
-    );
+    let out = s.kst.deliver_env("dave@acme.net", &q.message, &s.env());
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     (q.pending, s.kst.last_reply())
 }
@@ -298,16 +289,7 @@ fn unusable_keys_stop_kst_before_anything_is_sent() {
     );
     // kst deliver: a configuration error is temporary (75) and nothing is spooled unsigned.
     let q = client::build_retrieval(&addr("dave@acme.net"), &addr("nobody@example.net"));
-    let out = s.run(
-        &[
-            "deliver",
-            "--sender",
-            "dave@acme.net",
-            "--recipient",
-            "keys@example.net",
-        ],
-        &q.message,
-    );
+    let out = s.kst.deliver_env("dave@acme.net", &q.message, &s.env());
     assert_eq!(code(&out), 75, "{}", stderr(&out));
     assert!(s.kst.replies().is_empty());
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();

@@ -17,11 +17,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kst_core::client::{self, Pending, Verified};
-use kst_tests::{is_root, kst_binary};
+use kst_tests::serve::{ServeProcess, free_port};
+use kst_tests::{is_root, kst_binary, spool_replies};
 use sqlx::Connection as _;
 
 /// How long the drill waits for any one thing (a hang guard, not a speed check).
@@ -97,12 +98,13 @@ fn http_get(at: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-/// One `kst serve` of the pool, in its own working directory (spool under `data/outbox`).
+/// One `kst serve` of the pool, in its own working directory (spool under `data/outbox`;
+/// stopped before that directory is removed).
 struct Serve {
+    serve: ServeProcess,
     cwd: tempfile::TempDir,
     lmtp: SocketAddr,
     http: SocketAddr,
-    child: Child,
 }
 
 impl Serve {
@@ -111,19 +113,9 @@ impl Serve {
             .prefix("kst-drill-pg-")
             .tempdir()
             .expect("temp dir");
-        let (lmtp, http) = (kst_tests::serve::free_port(), kst_tests::serve::free_port());
-        let log = std::fs::File::create(cwd.path().join("serve.log")).expect("log file");
-        let mut cmd = Command::new(kst_binary());
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("KST_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
-            .arg("serve")
-            .current_dir(cwd.path())
-            .env_remove("RUST_LOG")
-            .envs([
+        let (lmtp, http) = (free_port(), free_port());
+        let serve = ServeProcess::start(cwd.path().join("serve.log"), http, |cmd| {
+            cmd.current_dir(cwd.path()).envs([
                 ("KST_LMTP__LISTEN", lmtp.to_string()),
                 ("KST_HTTP__LISTEN", http.to_string()),
                 ("KST_STORE__BACKEND", "postgres".into()),
@@ -133,22 +125,18 @@ impl Serve {
                 ("KST_LIMITS__PER_ACCOUNT", "0".into()),
                 ("KST_LIMITS__PER_SOURCE_IP", "0".into()),
                 ("KST_LIMITS__PER_SENDER_QUERY", "0".into()),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn kst serve");
+            ]);
+        });
         Serve {
+            serve,
             cwd,
             lmtp,
             http,
-            child,
         }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.cwd.path().join("serve.log")).unwrap_or_default()
+        self.serve.log()
     }
 
     /// `/readyz?format=json`: (status, parsed body).
@@ -159,20 +147,7 @@ impl Serve {
 
     /// Every reply in the spool.
     fn replies(&self) -> Vec<Vec<u8>> {
-        let Ok(rd) = std::fs::read_dir(self.cwd.path().join("data/outbox")) else {
-            return Vec::new();
-        };
-        rd.filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "eml"))
-            .map(|p| std::fs::read(p).expect("reply"))
-            .collect()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        spool_replies(&self.cwd.path().join("data/outbox"))
     }
 }
 

@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 use kst_bin::bench::lmtp::dot_stuff as data;
 use kst_core::client::{self, Pending, Verified};
 use kst_core::{Address, AddressPolicy, KeyStore};
-use kst_tests::{kst_binary, received_authenticated};
+use kst_tests::serve::{ServeProcess, free_port};
+use kst_tests::{kst_binary, received_authenticated, spool_replies};
 
 /// `kst serve` instances in the pool.
 const INSTANCES: usize = 3;
@@ -88,6 +89,9 @@ fn addr(s: &str) -> Address {
     AddressPolicy::default().normalize(s).expect("address")
 }
 
+/// The drills' store: Redis behind the timeout wrapper, as `kst serve` runs it.
+type TopologyStore = kst_core::store::TimeoutStore<kst_redis::RedisStore>;
+
 /// How the pool reaches the topology: the `[store]` lines and a store for the checks.
 struct Topology {
     name: &'static str,
@@ -123,21 +127,41 @@ impl Topology {
         }
     }
 
-    fn store(&self, prefix: &str) -> kst_core::store::TimeoutStore<kst_redis::RedisStore> {
+    fn store(&self, prefix: &str) -> TopologyStore {
         self.builder
             .clone()
             .prefix(prefix)
             .connect_lazy()
             .expect("store")
     }
+
+    /// The start of both tests: on a multi-threaded runtime, a store on a fresh prefix that
+    /// answers `check()` (every primary durable and answering) and passes the store conformance
+    /// suite (`kst_core::conformance::run_all`). Returns the runtime, the prefix and the store.
+    fn conformance_suite(&self) -> (tokio::runtime::Runtime, String, Arc<TopologyStore>) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        let prefix = format!("kst-conf-{:08x}:", rand::random::<u32>());
+        let store = Arc::new(self.store(&prefix));
+        rt.block_on(async {
+            store.check().await.unwrap_or_else(|e| {
+                panic!("the {} store is durable and answers: {e:?}", self.name)
+            });
+            kst_core::conformance::run_all(store.clone()).await;
+        });
+        (rt, prefix, store)
+    }
 }
 
-/// One `kst serve` of the pool.
+/// One `kst serve` of the pool (stopped before its directory is removed).
 struct Instance {
+    serve: ServeProcess,
     dir: tempfile::TempDir,
     lmtp: SocketAddr,
     http: SocketAddr,
-    child: Child,
 }
 
 impl Instance {
@@ -146,7 +170,7 @@ impl Instance {
             .prefix("kst-drill-")
             .tempdir()
             .expect("temp dir");
-        let (lmtp, http) = (kst_tests::serve::free_port(), kst_tests::serve::free_port());
+        let (lmtp, http) = (free_port(), free_port());
         let config = dir.path().join("kst.toml");
         std::fs::write(
             &config,
@@ -159,38 +183,25 @@ impl Instance {
             ),
         )
         .expect("config");
-        let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
-        let mut cmd = Command::new(kst_binary());
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("KST_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
-            .arg("--config")
-            .arg(&config)
-            .arg("serve")
-            .current_dir(dir.path())
-            .env_remove("RUST_LOG")
-            .env("KST_LMTP__LISTEN", lmtp.to_string())
-            .env("KST_HTTP__LISTEN", http.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn kst serve");
+        let serve = ServeProcess::start(dir.path().join("serve.log"), http, |cmd| {
+            cmd.arg("--config")
+                .arg(&config)
+                .current_dir(dir.path())
+                .env("KST_LMTP__LISTEN", lmtp.to_string())
+                .env("KST_HTTP__LISTEN", http.to_string());
+        });
         let i = Instance {
+            serve,
             dir,
             lmtp,
             http,
-            child,
         };
         i.wait_ready();
         i
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+        self.serve.log()
     }
 
     fn ready(&self) -> bool {
@@ -210,20 +221,7 @@ impl Instance {
     }
 
     fn replies(&self) -> Vec<Vec<u8>> {
-        let Ok(rd) = std::fs::read_dir(self.dir.path().join("outbox")) else {
-            return Vec::new();
-        };
-        rd.filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "eml"))
-            .filter_map(|p| std::fs::read(p).ok())
-            .collect()
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        spool_replies(&self.dir.path().join("outbox"))
     }
 }
 
@@ -245,6 +243,7 @@ fn http_status(at: SocketAddr, path: &str) -> Option<u16> {
 fn transaction(at: SocketAddr, sender: &str, raw: &[u8]) -> Option<String> {
     let s = TcpStream::connect_timeout(&at, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    let mut w = s.try_clone().ok()?;
     let mut io = BufReader::new(s);
     let mut reply = || -> Option<String> {
         let mut all = String::new();
@@ -264,22 +263,7 @@ fn transaction(at: SocketAddr, sender: &str, raw: &[u8]) -> Option<String> {
     if !greeting.starts_with("220") {
         return Some(greeting);
     }
-    let mut w = io.get_ref().try_clone().ok()?;
     w.write_all(b"LHLO drill\r\n").ok()?;
-    let mut reply = || -> Option<String> {
-        let mut all = String::new();
-        loop {
-            let mut line = String::new();
-            if io.read_line(&mut line).ok()? == 0 {
-                return None;
-            }
-            all.push_str(line.trim_end());
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return Some(all);
-            }
-            all.push('\n');
-        }
-    };
     reply()?;
     w.write_all(format!("MAIL FROM:<{sender}>\r\n").as_bytes())
         .ok()?;
@@ -509,20 +493,7 @@ async fn delete_prefix(store: &dyn KeyStore, confirmed: &[&Publication]) {
 fn sentinel_failover_under_load_loses_no_confirmed_publication() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let topology = Topology::sentinel();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let prefix = format!("kst-conf-{:08x}:", rand::random::<u32>());
-        let store = Arc::new(topology.store(&prefix));
-        store
-            .check()
-            .await
-            .expect("the sentinel primary is durable and answers");
-        kst_core::conformance::run_all(store).await;
-    });
+    let _suite = topology.conformance_suite();
     drill(&topology, &["kill-primary"]);
 }
 
@@ -530,19 +501,8 @@ fn sentinel_failover_under_load_loses_no_confirmed_publication() {
 fn cluster_passes_the_conformance_suites_and_a_primary_failover_under_load() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let topology = Topology::cluster();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (rt, prefix, store) = topology.conformance_suite();
     rt.block_on(async {
-        let prefix = format!("kst-conf-{:08x}:", rand::random::<u32>());
-        let store = Arc::new(topology.store(&prefix));
-        store
-            .check()
-            .await
-            .expect("every cluster primary is durable and answers");
-        kst_core::conformance::run_all(store.clone()).await;
         let stores: Vec<Arc<dyn KeyStore>> = (0..4)
             .map(|_| Arc::new(topology.store(&prefix)) as Arc<dyn KeyStore>)
             .collect();

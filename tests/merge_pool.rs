@@ -11,13 +11,14 @@
 //! with compare-and-set on the version). Then a revocation, an older copy and a deletion with a
 //! republication: the key stays revoked.
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 
 use kst_core::client::{self, Verified};
 use kst_core::{Address, AddressPolicy};
-use kst_tests::{Store, TestDb, TestKst, TestPrefix, code, kst_binary, received_authenticated};
+use kst_tests::{
+    Store, TestDb, TestKst, TestPrefix, code, on_every_backend, received_authenticated, stderr,
+};
 
 /// Pool instances (parallel `kst deliver` streams).
 const INSTANCES: usize = 3;
@@ -64,33 +65,8 @@ fn publication(name: &str) -> Job {
 /// Runs one `kst deliver` with its own spool directory; returns the exit code, stderr and the
 /// replies.
 fn deliver(kst: &TestKst, raw: &[u8], sender: &str, spool: &Path) -> (i32, String, Vec<Vec<u8>>) {
-    let mut child = Command::new(kst_binary())
-        .args(["deliver", "--sender", sender])
-        .args(["--recipient", "keys@example.net", "--config"])
-        .arg(&kst.config)
-        .env_remove("RUST_LOG")
-        .env("KST_MAILER__PATH", spool)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kst");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(raw)
-        .expect("write the message");
-    let out = child.wait_with_output().expect("kst runs");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(spool)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    files.retain(|p| p.extension().is_some_and(|e| e == "eml"));
-    (
-        code(&out),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        files.iter().map(|p| std::fs::read(p).unwrap()).collect(),
-    )
+    let (out, replies) = kst.deliver_spooled(sender, raw, spool);
+    (code(&out), stderr(&out), replies)
 }
 
 /// Publishes `job` through a fresh `kst deliver` and returns the confirmed (armored) key.
@@ -243,29 +219,7 @@ fn run(kst: &TestKst) {
 
 #[test]
 fn versions_of_one_key_through_a_pool_of_three_merge_on_every_backend() {
-    let fs = TestKst::with_store("", &Store::Fs);
-    run(&fs);
-    drop(fs);
-
-    let db = TestDb::new();
-    let pg = TestKst::with_store("", &Store::Postgres(db.url.clone()));
-    let out = pg.kst(&["migrate"], b"");
-    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
-    run(&pg);
-    drop(pg);
-    drop(db);
-
-    let prefix = TestPrefix::new();
-    let redis = TestKst::with_store(
-        "",
-        &Store::Redis {
-            url: prefix.url.clone(),
-            prefix: prefix.prefix.clone(),
-        },
-    );
-    run(&redis);
-    drop(redis);
-    drop(prefix);
+    on_every_backend(run);
 }
 
 /// Red team (issue 15): the owner's revocation races older copies through a pool of three

@@ -9,16 +9,11 @@
 //! history holding every accepted publication exactly once, redeliveries adding nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-
-use std::io::Write as _;
+use std::path::Path;
 
 use kst_core::client::{self, Verified};
 use kst_core::{Address, AddressPolicy, AuthKey};
-use kst_tests::{
-    Gpg, Store, TestDb, TestKst, TestPrefix, code, kst_binary, received_authenticated, stderr,
-};
+use kst_tests::{Gpg, TestDb, TestKst, TestPrefix, code, received_authenticated, stderr};
 
 /// Parallel `kst deliver` streams (pool instances).
 const STREAMS: usize = 4;
@@ -151,33 +146,12 @@ fn plan(keys: &Keys) -> Vec<Vec<Job>> {
 
 /// Runs one `kst deliver` with its own spool directory, as Postfix's pipe(8) would.
 fn deliver(kst: &TestKst, job: &Job, spool: &Path) -> Done {
-    let mut child = Command::new(kst_binary())
-        .args(["deliver", "--sender", &job.sender])
-        .args(["--recipient", "keys@example.net", "--config"])
-        .arg(&kst.config)
-        .env_remove("RUST_LOG")
-        .env("KST_MAILER__PATH", spool)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn kst");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&job.raw)
-        .expect("write the message");
-    let out = child.wait_with_output().expect("kst runs");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(spool)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    files.retain(|p| p.extension().is_some_and(|e| e == "eml"));
+    let (out, replies) = kst.deliver_spooled(&job.sender, &job.raw, spool);
     Done {
         job: job.clone(),
         exit: code(&out),
         stderr: stderr(&out),
-        replies: files.iter().map(|p| std::fs::read(p).unwrap()).collect(),
+        replies,
     }
 }
 
@@ -329,23 +303,16 @@ fn four_deliver_streams_on_one_postgres_database_then_one_redis_prefix() {
     let keys = make_keys();
 
     let db = TestDb::new();
-    let pg = TestKst::with_store("", &Store::Postgres(db.url.clone()));
+    let pg = TestKst::with_store("", &db.store());
     // As before a rolling upgrade: the schema first, so that no instance waits on its lock.
-    let out = pg.kst(&["migrate"], b"");
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    pg.migrate();
     run_pool(&pg, &keys);
     assert_migrate_indexes_every_address(&pg, "postgres");
     drop(pg);
     drop(db);
 
     let prefix = TestPrefix::new();
-    let redis = TestKst::with_store(
-        "",
-        &Store::Redis {
-            url: prefix.url.clone(),
-            prefix: prefix.prefix.clone(),
-        },
-    );
+    let redis = TestKst::with_store("", &prefix.store());
     run_pool(&redis, &keys);
     assert_migrate_indexes_every_address(&redis, "redis");
     drop(redis);
@@ -362,8 +329,7 @@ fn assert_migrate_indexes_every_address(kst: &TestKst, backend: &str) {
     assert!(addresses > 0, "the pool published keys");
     let mut counts = Vec::new();
     for _ in 0..2 {
-        let out = kst.kst(&["migrate"], b"");
-        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let out = kst.migrate();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let n: usize = text
             .strip_prefix(&format!("look-up index of the {backend} store rebuilt: "))

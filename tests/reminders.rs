@@ -10,9 +10,7 @@ use std::process::Command;
 
 use kst_core::AddressPolicy;
 use kst_core::client::{self, Verified};
-use kst_tests::{
-    Store, TestDb, TestKst, TestPrefix, code, kst_binary, received_authenticated, stderr,
-};
+use kst_tests::{TestKst, code, kst_binary, on_every_backend, received_authenticated, stderr};
 
 const DAY: u64 = 86_400;
 const EXPIRES: u64 = 1_893_499_200;
@@ -109,27 +107,7 @@ fn run(kst: &TestKst) {
 
 #[test]
 fn reminders_go_out_once_across_a_pool_on_every_backend() {
-    let fs = TestKst::with_store("", &Store::Fs);
-    run(&fs);
-    drop(fs);
-
-    let db = TestDb::new();
-    let pg = TestKst::with_store("", &Store::Postgres(db.url.clone()));
-    let out = pg.kst(&["migrate"], b"");
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    run(&pg);
-    drop(pg);
-    drop(db);
-
-    let prefix = TestPrefix::new();
-    let redis = TestKst::with_store(
-        "",
-        &Store::Redis {
-            url: prefix.url.clone(),
-            prefix: prefix.prefix.clone(),
-        },
-    );
-    run(&redis);
+    on_every_backend(run);
 }
 
 /// Red team (issue 15): a key whose User ID carries CR/LF and a `Bcc:` header (gpg and the

@@ -407,17 +407,7 @@ fn null_envelope_from_works_in_config_check_deliver_and_serve() {
     assert_eq!(code(&check), 0, "{}", stderr(&check));
 
     let req = client::build_retrieval(&addr("bob@example.org"), &addr("alice@example.net"));
-    let out = kst.kst_env(
-        &[
-            "deliver",
-            "--sender",
-            "bob@example.org",
-            "--recipient",
-            "keys@example.net",
-        ],
-        &req.message,
-        &[NULL_SENDER],
-    );
+    let out = kst.deliver_env("bob@example.org", &req.message, &[NULL_SENDER]);
     assert_eq!(code(&out), 0, "kst deliver: {}", stderr(&out));
     let reply = kst.last_reply();
     assert!(

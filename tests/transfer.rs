@@ -4,7 +4,7 @@
 
 use kst_core::AddressPolicy;
 use kst_core::client::{self, Verified};
-use kst_tests::{Gpg, Store, TestDb, TestKst, TestPrefix, code, received_authenticated, stderr};
+use kst_tests::{Gpg, TestDb, TestKst, TestPrefix, code, received_authenticated, stderr};
 
 fn addr(s: &str) -> kst_core::Address {
     AddressPolicy::default().normalize(s).unwrap()
@@ -115,7 +115,7 @@ fn export_import_round_trip_fs_postgres_redis_fs() {
 
     // fs → PostgreSQL.
     let db = TestDb::new();
-    let pg = TestKst::with_store("", &Store::Postgres(db.url.clone()));
+    let pg = TestKst::with_store("", &db.store());
     let out = import(&pg, &first);
     assert_eq!(code(&out), 0, "import into PostgreSQL: {}", stderr(&out));
     assert!(
@@ -136,13 +136,7 @@ fn export_import_round_trip_fs_postgres_redis_fs() {
 
     // PostgreSQL → Redis.
     let prefix = TestPrefix::new();
-    let redis = TestKst::with_store(
-        "",
-        &Store::Redis {
-            url: prefix.url.clone(),
-            prefix: prefix.prefix.clone(),
-        },
-    );
+    let redis = TestKst::with_store("", &prefix.store());
     let out = import(&redis, &export(&pg));
     assert_eq!(code(&out), 0, "import into Redis: {}", stderr(&out));
     assert_eq!(export(&redis), first, "Redis export differs");

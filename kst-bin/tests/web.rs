@@ -6,135 +6,20 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use async_trait::async_trait;
-use kst_bin::server::web::{KeyLookup, WebConfig, WebLimits, WebService, serve};
-use kst_core::certificate::{Certificate, KeyHandle};
-use kst_core::validate::{KeyPolicy, validate};
-use kst_core::wkd::WkdHash;
-use kst_core::{Address, AddressPolicy, KeyRecord, KeyStore, MemoryRateLimiter, NewKey};
-use kst_fs::FsStore;
+use kst_bin::server::web::{WebConfig, WebLimits};
+use kst_core::{KeyStore, NewKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+
+mod web_fixture;
+use web_fixture::{Server, addr, alice_store, now, open, publish, serve_store, testkey};
 
 const DOMAINS: [&str; 3] = ["example.net", "personal.example", "elsewhere.example"];
 
-fn testkey(name: &str) -> String {
-    std::fs::read_to_string(format!(
-        "{}/../kst-core/testdata/keys/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
-}
-
-fn addr(s: &str) -> Address {
-    AddressPolicy::default().normalize(s).unwrap()
-}
-
-/// Look-ups on a real store: by address through the store, the rest by scanning every address
-/// (test-only; the stores get indexes in phase 2).
-struct ScanLookup(Arc<FsStore>);
-
-impl ScanLookup {
-    async fn all(&self) -> kst_core::Result<Vec<KeyRecord>> {
-        let mut out = Vec::new();
-        let mut after: Option<Address> = None;
-        loop {
-            let page = self.0.list(after.as_ref(), 100).await?;
-            let Some(last) = page.last().cloned() else {
-                return Ok(out);
-            };
-            for a in &page {
-                out.extend(self.0.get(a).await?);
-            }
-            after = Some(last);
-        }
-    }
-}
-
-#[async_trait]
-impl KeyLookup for ScanLookup {
-    fn name(&self) -> &'static str {
-        "fs-scan"
-    }
-    async fn by_address(&self, address: &Address) -> kst_core::Result<Option<KeyRecord>> {
-        self.0.get(address).await
-    }
-    async fn by_wkd_hash(
-        &self,
-        domain: &str,
-        hash: &WkdHash,
-    ) -> kst_core::Result<Option<KeyRecord>> {
-        Ok(self
-            .all()
-            .await?
-            .into_iter()
-            .find(|r| r.address.domain() == domain && WkdHash::of_address(&r.address) == *hash))
-    }
-    async fn by_fingerprint(&self, fpr: &str) -> kst_core::Result<Vec<KeyRecord>> {
-        self.matching(|h| h.fingerprint == fpr).await
-    }
-    async fn by_key_id(&self, id: &str) -> kst_core::Result<Vec<KeyRecord>> {
-        self.matching(|h| h.key_id == id).await
-    }
-}
-
-impl ScanLookup {
-    /// Records whose primary key or a subkey satisfies `wanted`.
-    async fn matching(
-        &self,
-        wanted: impl Fn(&KeyHandle) -> bool,
-    ) -> kst_core::Result<Vec<KeyRecord>> {
-        Ok(self
-            .all()
-            .await?
-            .into_iter()
-            .filter(|r| {
-                let h = Certificate::from_binary(&r.key).unwrap().handles();
-                wanted(&h.primary) || h.subkeys.iter().any(&wanted)
-            })
-            .collect())
-    }
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// Publishes `armored` for `address` the way a mail publication does (validated, stripped).
-async fn publish(store: &FsStore, armored: &str, address: &str) -> String {
-    let a = addr(address);
-    let v = validate(armored, &a, &KeyPolicy::default(), SystemTime::now()).unwrap();
-    store
-        .publish(NewKey {
-            address: a,
-            key: v.packets,
-            fingerprint: v.fingerprint.clone(),
-            publication_id: hex::encode(rand::random::<[u8; 16]>()),
-            published_at: now(),
-            revoked: v.revoked,
-            expected: kst_core::Expected::Any,
-        })
-        .await
-        .unwrap();
-    v.fingerprint.to_string()
-}
-
-struct Server {
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-    store: Arc<FsStore>,
-}
-
 async fn start(config: WebConfig) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(FsStore::open(dir.path().join("store")).await.unwrap());
-    publish(&store, &testkey("alice.pub.asc"), "alice@example.net").await;
+    let (dir, store) = alice_store().await;
     // The same key for a second address, stored with all three User IDs (as an import could
     // hold it): WKD must serve only this address's User ID.
     let full = kst_core::openpgp::parse_armored(&testkey("alice.pub.asc"), 1 << 20).unwrap();
@@ -151,35 +36,7 @@ async fn start(config: WebConfig) -> Server {
         .into_record(1)])
         .await
         .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let service = WebService {
-        lookup: Arc::new(ScanLookup(Arc::clone(&store))),
-        counters: Arc::new(MemoryRateLimiter::new()),
-        domains: DOMAINS.iter().map(|d| d.to_string()).collect(),
-        address_policy: AddressPolicy::default(),
-        config: WebConfig {
-            listen: addr.to_string(),
-            ..config
-        },
-    };
-    tokio::spawn(async move {
-        serve(listener, service, std::future::pending())
-            .await
-            .unwrap();
-    });
-    Server {
-        addr,
-        _dir: dir,
-        store,
-    }
-}
-
-fn open() -> WebConfig {
-    WebConfig {
-        limits: WebLimits::OFF,
-        ..WebConfig::default()
-    }
+    serve_store((dir, store), &DOMAINS, config).await
 }
 
 #[derive(Debug)]

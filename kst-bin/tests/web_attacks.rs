@@ -3,105 +3,19 @@
 //! requests, slow clients. A passing test documents a defence that holds; an
 //! `#[ignore = "BUG: ..."]` test reproduces a weakness still open.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use async_trait::async_trait;
-use kst_bin::server::web::{KeyLookup, ProxyHeader, WebConfig, WebLimits, WebService, serve};
-use kst_core::validate::{KeyPolicy, validate};
+use kst_bin::server::web::{ProxyHeader, WebConfig, WebLimits};
+use kst_core::AddressPolicy;
 use kst_core::wkd::WkdHash;
-use kst_core::{Address, AddressPolicy, KeyRecord, KeyStore, MemoryRateLimiter, NewKey};
-use kst_fs::FsStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-/// Look-ups by address and WKD hash on the real store (the attacks here need no others).
-struct AddressLookup(Arc<FsStore>);
-
-#[async_trait]
-impl KeyLookup for AddressLookup {
-    fn name(&self) -> &'static str {
-        "fs-address"
-    }
-    async fn by_address(&self, address: &Address) -> kst_core::Result<Option<KeyRecord>> {
-        self.0.get(address).await
-    }
-    async fn by_wkd_hash(
-        &self,
-        domain: &str,
-        hash: &WkdHash,
-    ) -> kst_core::Result<Option<KeyRecord>> {
-        let alice = AddressPolicy::default()
-            .normalize("alice@example.net")
-            .unwrap();
-        if alice.domain() == domain && WkdHash::of_address(&alice) == *hash {
-            return self.0.get(&alice).await;
-        }
-        Ok(None)
-    }
-    async fn by_fingerprint(&self, _: &str) -> kst_core::Result<Vec<KeyRecord>> {
-        Ok(Vec::new())
-    }
-    async fn by_key_id(&self, _: &str) -> kst_core::Result<Vec<KeyRecord>> {
-        Ok(Vec::new())
-    }
-}
-
-struct Server {
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
+mod web_fixture;
+use web_fixture::{Server, alice_store, open, serve_store};
 
 async fn start(config: WebConfig) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(FsStore::open(dir.path().join("store")).await.unwrap());
-    let armored = std::fs::read_to_string(format!(
-        "{}/../kst-core/testdata/keys/alice.pub.asc",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
-    let alice = AddressPolicy::default()
-        .normalize("alice@example.net")
-        .unwrap();
-    let v = validate(&armored, &alice, &KeyPolicy::default(), SystemTime::now()).unwrap();
-    store
-        .publish(NewKey {
-            address: alice,
-            key: v.packets,
-            fingerprint: v.fingerprint,
-            publication_id: "redteam".into(),
-            published_at: 1,
-            revoked: v.revoked,
-            expected: kst_core::Expected::Any,
-        })
-        .await
-        .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let service = WebService {
-        lookup: Arc::new(AddressLookup(store)),
-        counters: Arc::new(MemoryRateLimiter::new()),
-        domains: vec!["example.net".into()],
-        address_policy: AddressPolicy::default(),
-        config: WebConfig {
-            listen: addr.to_string(),
-            ..config
-        },
-    };
-    tokio::spawn(async move {
-        serve(listener, service, std::future::pending())
-            .await
-            .unwrap();
-    });
-    Server { addr, _dir: dir }
-}
-
-fn open() -> WebConfig {
-    WebConfig {
-        limits: WebLimits::OFF,
-        ..WebConfig::default()
-    }
+    serve_store(alice_store().await, &["example.net"], config).await
 }
 
 /// Sends raw request bytes and returns the status (0: the connection closed without one) and

@@ -388,23 +388,82 @@ level = "info"
         )
     }
 
+    /// `kst deliver` from `sender` to `keys@example.net` with the replies spooled to `spool`
+    /// instead of the outbox (each run its own spool, as for a pool's parallel pipe(8) runs);
+    /// returns the process output and the replies in `spool`.
+    pub fn deliver_spooled(
+        &self,
+        sender: &str,
+        message: &[u8],
+        spool: &Path,
+    ) -> (Output, Vec<Vec<u8>>) {
+        let spool_env = (
+            "KST_MAILER__PATH",
+            spool.to_str().expect("UTF-8 spool path"),
+        );
+        let out = self.deliver_env(sender, message, &[spool_env]);
+        (out, spool_replies(spool))
+    }
+
+    /// `kst deliver` from `sender` to `keys@example.net` with extra environment variables.
+    pub fn deliver_env(&self, sender: &str, message: &[u8], env: &[(&str, &str)]) -> Output {
+        let args = [
+            "deliver",
+            "--sender",
+            sender,
+            "--recipient",
+            "keys@example.net",
+        ];
+        self.kst_env(&args, message, env)
+    }
+
+    /// `kst migrate` (the schema, before a pool starts, so that no instance waits on its
+    /// lock; and the look-up index); asserts exit 0 and returns the output.
+    pub fn migrate(&self) -> Output {
+        let out = self.kst(&["migrate"], b"");
+        assert_eq!(code(&out), 0, "kst migrate: {}", stderr(&out));
+        out
+    }
+
     /// Replies in the spool, oldest first, as raw bytes.
     pub fn replies(&self) -> Vec<Vec<u8>> {
-        let Ok(rd) = std::fs::read_dir(self.outbox()) else {
-            return Vec::new();
-        };
-        let mut files: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "eml"))
-            .collect();
-        files.sort();
-        files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+        spool_replies(&self.outbox())
     }
 
     /// The newest reply; panics when there is none.
     pub fn last_reply(&self) -> Vec<u8> {
         self.replies().pop().expect("a reply in the spool")
     }
+}
+
+/// The replies (`*.eml`) in a spool directory, oldest first, as raw bytes; none when it does
+/// not exist.
+pub fn spool_replies(spool: &Path) -> Vec<Vec<u8>> {
+    let Ok(rd) = std::fs::read_dir(spool) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+        .collect();
+    files.sort();
+    files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+/// Runs `check` on a [`TestKst`] of each backend in turn, each removed before the next: the
+/// filesystem store, PostgreSQL (a fresh database, migrated) and Redis (a fresh prefix).
+pub fn on_every_backend(mut check: impl FnMut(&TestKst)) {
+    check(&TestKst::with_store("", &Store::Fs));
+
+    let db = TestDb::new();
+    let pg = TestKst::with_store("", &db.store());
+    pg.migrate();
+    check(&pg);
+    drop(pg);
+    drop(db);
+
+    let prefix = TestPrefix::new();
+    check(&TestKst::with_store("", &prefix.store()));
 }
 
 /// The exit code of a finished process (-1 when killed by a signal).

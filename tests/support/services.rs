@@ -64,6 +64,11 @@ impl TestDb {
             name,
         }
     }
+
+    /// The database as a [`TestKst`](crate::TestKst)'s key store.
+    pub fn store(&self) -> crate::Store {
+        crate::Store::Postgres(self.url.clone())
+    }
 }
 
 impl Default for TestDb {
@@ -125,6 +130,14 @@ impl TestPrefix {
     fn connection(&self) -> redis::RedisResult<redis::Connection> {
         redis::Client::open(self.url.as_str())?
             .get_connection_with_timeout(std::time::Duration::from_secs(5))
+    }
+
+    /// The prefix as a [`TestKst`](crate::TestKst)'s key store.
+    pub fn store(&self) -> crate::Store {
+        crate::Store::Redis {
+            url: self.url.clone(),
+            prefix: self.prefix.clone(),
+        }
     }
 
     /// Every key under the prefix (SCAN, so the shared server is not blocked).

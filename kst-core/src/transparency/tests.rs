@@ -34,6 +34,31 @@ async fn directory(vrf: &VrfSecret) -> KeyDirectory<AsyncInMemoryDatabase> {
         .unwrap()
 }
 
+/// A fresh VRF key, head signer and empty directory on that VRF key.
+async fn fresh() -> (VrfSecret, HeadSigner, KeyDirectory<AsyncInMemoryDatabase>) {
+    let (vrf, signer) = (VrfSecret::generate(), HeadSigner::generate());
+    let dir = directory(&vrf).await;
+    (vrf, signer, dir)
+}
+
+/// Version 1, published, of `key` for `address`.
+fn first(address: &str, key: &[u8]) -> (Address, DirectoryEntry) {
+    (addr(address), entry(1, EntryState::Published, key))
+}
+
+/// alice@example.net (key "a") and bob@example.net (key "b"), each in version 1.
+fn alice_and_bob() -> [(Address, DirectoryEntry); 2] {
+    [
+        first("alice@example.net", b"a"),
+        first("bob@example.net", b"b"),
+    ]
+}
+
+/// Publishes `batch` as one epoch.
+async fn publish(dir: &KeyDirectory<AsyncInMemoryDatabase>, batch: &[(Address, DirectoryEntry)]) {
+    dir.publish(batch).await.unwrap();
+}
+
 /// The signed head of the directory's current epoch.
 async fn head(dir: &KeyDirectory<AsyncInMemoryDatabase>, signer: &HeadSigner) -> SignedHead {
     let (epoch, root_hash) = dir.current().await.unwrap();
@@ -57,16 +82,17 @@ async fn lookup_proof(dir: &KeyDirectory<AsyncInMemoryDatabase>, a: &Address) ->
 
 #[tokio::test]
 async fn lookup_proof_of_the_latest_version_verifies() {
-    let (vrf, signer) = (VrfSecret::generate(), HeadSigner::generate());
-    let dir = directory(&vrf).await;
+    let (_, signer, dir) = fresh().await;
     let alice = entry(1, EntryState::Published, b"alice key 1");
     let bob = entry(1, EntryState::Published, b"bob key 1");
-    dir.publish(&[
-        (addr("alice@example.net"), alice.clone()),
-        (addr("bob@example.net"), bob.clone()),
-    ])
-    .await
-    .unwrap();
+    publish(
+        &dir,
+        &[
+            (addr("alice@example.net"), alice.clone()),
+            (addr("bob@example.net"), bob.clone()),
+        ],
+    )
+    .await;
     let h = head(&dir, &signer).await;
     h.verify(&signer.public_key()).unwrap();
 
@@ -90,20 +116,8 @@ async fn lookup_proof_of_the_latest_version_verifies() {
 
 #[tokio::test]
 async fn a_proof_for_one_address_does_not_verify_for_another() {
-    let (vrf, signer) = (VrfSecret::generate(), HeadSigner::generate());
-    let dir = directory(&vrf).await;
-    dir.publish(&[
-        (
-            addr("alice@example.net"),
-            entry(1, EntryState::Published, b"a"),
-        ),
-        (
-            addr("bob@example.net"),
-            entry(1, EntryState::Published, b"b"),
-        ),
-    ])
-    .await
-    .unwrap();
+    let (_, signer, dir) = fresh().await;
+    publish(&dir, &alice_and_bob()).await;
     let h = head(&dir, &signer).await;
     let proof = lookup_proof(&dir, &addr("alice@example.net")).await;
     let err = verify_lookup(&h.head, &addr("bob@example.net"), proof).unwrap_err();
@@ -112,14 +126,8 @@ async fn a_proof_for_one_address_does_not_verify_for_another() {
 
 #[tokio::test]
 async fn a_substituted_value_fails_the_commitment() {
-    let (vrf, signer) = (VrfSecret::generate(), HeadSigner::generate());
-    let dir = directory(&vrf).await;
-    dir.publish(&[(
-        addr("alice@example.net"),
-        entry(1, EntryState::Published, b"real"),
-    )])
-    .await
-    .unwrap();
+    let (_, signer, dir) = fresh().await;
+    publish(&dir, &[first("alice@example.net", b"real")]).await;
     let h = head(&dir, &signer).await;
     let mut proof = lookup_proof(&dir, &addr("alice@example.net")).await;
     proof.value = entry(1, EntryState::Published, b"forged").to_value();
@@ -128,19 +136,22 @@ async fn a_substituted_value_fails_the_commitment() {
 
 #[tokio::test]
 async fn a_superseded_version_fails_against_the_newer_head() {
-    let (vrf, signer) = (VrfSecret::generate(), HeadSigner::generate());
-    let dir = directory(&vrf).await;
+    let (_, signer, dir) = fresh().await;
     let alice = addr("alice@example.net");
-    dir.publish(&[(alice.clone(), entry(1, EntryState::Published, b"old key"))])
-        .await
-        .unwrap();
+    publish(
+        &dir,
+        &[(alice.clone(), entry(1, EntryState::Published, b"old key"))],
+    )
+    .await;
     let head1 = head(&dir, &signer).await;
     let old_proof = lookup_proof(&dir, &alice).await;
     verify_lookup(&head1.head, &alice, old_proof.clone()).unwrap();
 
-    dir.publish(&[(alice.clone(), entry(2, EntryState::Published, b"new key"))])
-        .await
-        .unwrap();
+    publish(
+        &dir,
+        &[(alice.clone(), entry(2, EntryState::Published, b"new key"))],
+    )
+    .await;
     let head2 = head(&dir, &signer).await;
     assert_eq!(head2.head.epoch, 2);
     // Served against the newer head, the old version's proof fails (its stale position is in
@@ -155,32 +166,25 @@ async fn a_superseded_version_fails_against_the_newer_head() {
 
 #[tokio::test]
 async fn a_pre_revocation_key_fails_once_the_revocation_is_committed() {
-    let (vrf, signer) = (VrfSecret::generate(), HeadSigner::generate());
-    let dir = directory(&vrf).await;
+    let (_, signer, dir) = fresh().await;
     let alice = addr("alice@example.net");
-    dir.publish(&[(alice.clone(), entry(1, EntryState::Published, b"key"))])
-        .await
-        .unwrap();
+    publish(
+        &dir,
+        &[(alice.clone(), entry(1, EntryState::Published, b"key"))],
+    )
+    .await;
     let before = lookup_proof(&dir, &alice).await;
     // Unrelated epochs in between do not make the old proof fresh again.
-    dir.publish(&[(
-        addr("bob@example.net"),
-        entry(1, EntryState::Published, b"b"),
-    )])
-    .await
-    .unwrap();
-    dir.publish(&[(
-        alice.clone(),
-        entry(2, EntryState::Revoked, b"key+revocation"),
-    )])
-    .await
-    .unwrap();
-    dir.publish(&[(
-        addr("carol@example.net"),
-        entry(1, EntryState::Published, b"c"),
-    )])
-    .await
-    .unwrap();
+    publish(&dir, &[first("bob@example.net", b"b")]).await;
+    publish(
+        &dir,
+        &[(
+            alice.clone(),
+            entry(2, EntryState::Revoked, b"key+revocation"),
+        )],
+    )
+    .await;
+    publish(&dir, &[first("carol@example.net", b"c")]).await;
     let h = head(&dir, &signer).await;
     assert!(verify_lookup(&h.head, &alice, before).is_err());
     let now = verify_lookup(&h.head, &alice, lookup_proof(&dir, &alice).await).unwrap();
@@ -190,15 +194,18 @@ async fn a_pre_revocation_key_fails_once_the_revocation_is_committed() {
 
 #[tokio::test]
 async fn a_deletion_is_the_latest_version() {
-    let (vrf, signer) = (VrfSecret::generate(), HeadSigner::generate());
-    let dir = directory(&vrf).await;
+    let (_, signer, dir) = fresh().await;
     let alice = addr("alice@example.net");
-    dir.publish(&[(alice.clone(), entry(1, EntryState::Published, b"key"))])
-        .await
-        .unwrap();
-    dir.publish(&[(alice.clone(), DirectoryEntry::deleted(2, 1_700_000_100))])
-        .await
-        .unwrap();
+    publish(
+        &dir,
+        &[(alice.clone(), entry(1, EntryState::Published, b"key"))],
+    )
+    .await;
+    publish(
+        &dir,
+        &[(alice.clone(), DirectoryEntry::deleted(2, 1_700_000_100))],
+    )
+    .await;
     let h = head(&dir, &signer).await;
     let now = verify_lookup(&h.head, &alice, lookup_proof(&dir, &alice).await).unwrap();
     assert_eq!(now, DirectoryEntry::deleted(2, 1_700_000_100));
@@ -207,20 +214,8 @@ async fn a_deletion_is_the_latest_version() {
 
 #[tokio::test]
 async fn absence_proofs_verify_for_unknown_addresses_only() {
-    let (vrf, signer) = (VrfSecret::generate(), HeadSigner::generate());
-    let dir = directory(&vrf).await;
-    dir.publish(&[
-        (
-            addr("alice@example.net"),
-            entry(1, EntryState::Published, b"a"),
-        ),
-        (
-            addr("bob@example.net"),
-            entry(1, EntryState::Published, b"b"),
-        ),
-    ])
-    .await
-    .unwrap();
+    let (_, signer, dir) = fresh().await;
+    publish(&dir, &alice_and_bob()).await;
     let h = head(&dir, &signer).await;
     let carol = addr("carol@example.net");
     let LookupAnswer::Absent(absent) = dir.lookup(&carol).await.unwrap() else {
@@ -242,9 +237,11 @@ async fn absence_proofs_verify_for_unknown_addresses_only() {
     // A present address gets no absence proof.
     assert!(dir.absence(&addr("alice@example.net")).await.is_err());
     // Once carol is published, the old absence proof fails against the new head.
-    dir.publish(&[(carol.clone(), entry(1, EntryState::Published, b"c"))])
-        .await
-        .unwrap();
+    publish(
+        &dir,
+        &[(carol.clone(), entry(1, EntryState::Published, b"c"))],
+    )
+    .await;
     let h2 = head(&dir, &signer).await;
     let mut stale = absent.clone();
     stale.epoch = h2.head.epoch;
@@ -255,14 +252,8 @@ async fn absence_proofs_verify_for_unknown_addresses_only() {
 
 #[tokio::test]
 async fn head_signatures_verify_and_tampering_fails() {
-    let (vrf, signer) = (VrfSecret::generate(), HeadSigner::generate());
-    let dir = directory(&vrf).await;
-    dir.publish(&[(
-        addr("alice@example.net"),
-        entry(1, EntryState::Published, b"a"),
-    )])
-    .await
-    .unwrap();
+    let (_, signer, dir) = fresh().await;
+    publish(&dir, &[first("alice@example.net", b"a")]).await;
     let h = head(&dir, &signer).await;
     let key = signer.public_key();
     h.verify(&key).unwrap();
@@ -303,25 +294,22 @@ async fn append_only_proofs_verify_and_a_rewritten_history_fails() {
     let forked = directory(&vrf).await;
     let alice = addr("alice@example.net");
     for dir in [&honest, &forked] {
-        dir.publish(&[(alice.clone(), entry(1, EntryState::Published, b"alice"))])
-            .await
-            .unwrap();
+        publish(
+            dir,
+            &[(alice.clone(), entry(1, EntryState::Published, b"alice"))],
+        )
+        .await;
     }
     let h1 = head(&honest, &signer).await;
     assert_eq!(h1, head(&forked, &signer).await);
 
-    honest
-        .publish(&[(
-            addr("bob@example.net"),
-            entry(1, EntryState::Published, b"bob"),
-        )])
-        .await
-        .unwrap();
+    publish(&honest, &[first("bob@example.net", b"bob")]).await;
     let h2 = head(&honest, &signer).await;
-    honest
-        .publish(&[(alice.clone(), entry(2, EntryState::Published, b"alice 2"))])
-        .await
-        .unwrap();
+    publish(
+        &honest,
+        &[(alice.clone(), entry(2, EntryState::Published, b"alice 2"))],
+    )
+    .await;
     let h3 = head(&honest, &signer).await;
 
     // Step by step and over two epochs at once.
@@ -336,10 +324,11 @@ async fn append_only_proofs_verify_and_a_rewritten_history_fails() {
 
     // The forked history replaces alice's key at epoch 2 instead (what a provider would do to
     // serve mallory's key to one requester).
-    forked
-        .publish(&[(alice.clone(), entry(2, EntryState::Published, b"mallory"))])
-        .await
-        .unwrap();
+    publish(
+        &forked,
+        &[(alice.clone(), entry(2, EntryState::Published, b"mallory"))],
+    )
+    .await;
     let f2 = head(&forked, &signer).await;
     assert_ne!(f2.head.root_hash, h2.head.root_hash);
     // Two heads for one epoch: a fork.
@@ -375,8 +364,7 @@ async fn append_only_proofs_verify_and_a_rewritten_history_fails() {
 
 #[tokio::test]
 async fn proofs_survive_the_wire_format() {
-    let (vrf, signer) = (VrfSecret::generate(), HeadSigner::generate());
-    let dir = directory(&vrf).await;
+    let (vrf, signer, dir) = fresh().await;
     let alice = addr("alice@example.net");
     let mut batch = Vec::new();
     for i in 0..200u64 {
@@ -386,9 +374,11 @@ async fn proofs_survive_the_wire_format() {
         ));
     }
     dir.publish(&batch).await.unwrap();
-    dir.publish(&[(alice.clone(), entry(1, EntryState::Published, b"alice"))])
-        .await
-        .unwrap();
+    publish(
+        &dir,
+        &[(alice.clone(), entry(1, EntryState::Published, b"alice"))],
+    )
+    .await;
     let h = head(&dir, &signer).await;
 
     let bytes = wire::encode_lookup(&lookup_proof(&dir, &alice).await).unwrap();
