@@ -162,6 +162,81 @@ fn an_empty_list_from_the_environment_clears_it() {
 }
 
 #[test]
+fn url_lists_from_the_environment_are_separated_by_whitespace_and_keep_commas() {
+    let (_dir, path) = file(
+        r#"
+[kst]
+domains = ["example.net"]
+[store]
+backend = "postgres"
+url = "postgres://kst@db0:5432/kst"
+urls = ["postgres://kst@from-file:5432/kst"]
+"#,
+    );
+    let cfg = Config::load_with_env(
+        Some(&path),
+        env(&[
+            // A libpq multi-host URL (commas inside) and a second URL, separated by whitespace.
+            (
+                "KST_STORE__URLS",
+                "postgres://kst:pa,ss@db1:5432,db2:5432/kst?target_session_attrs=read-write\n\t postgres://kst@db3:5432/kst ",
+            ),
+            ("KST_STORE__READ_URLS", "postgres://kst@replica1/kst postgres://kst@replica2/kst"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(cfg.store.backend, StoreBackend::Postgres);
+    assert_eq!(
+        cfg.store.urls,
+        [
+            "postgres://kst:pa,ss@db1:5432,db2:5432/kst?target_session_attrs=read-write",
+            "postgres://kst@db3:5432/kst"
+        ]
+    );
+    assert_eq!(
+        cfg.store.read_urls,
+        ["postgres://kst@replica1/kst", "postgres://kst@replica2/kst"]
+    );
+
+    // An empty value clears the file's list; Redis node lists follow the same rule.
+    let cfg = Config::load_with_env(
+        Some(&path),
+        env(&[
+            ("KST_STORE__URLS", ""),
+            ("KST_STORE__BACKEND", "redis"),
+            ("KST_STORE__URL", ""),
+            (
+                "KST_STORE__CLUSTER_NODES",
+                "redis://127.0.0.1:17001 redis://127.0.0.1:17002",
+            ),
+        ]),
+    )
+    .unwrap();
+    assert!(cfg.store.urls.is_empty());
+    assert_eq!(
+        cfg.store.cluster_nodes,
+        ["redis://127.0.0.1:17001", "redis://127.0.0.1:17002"]
+    );
+    let cfg = Config::load_with_env(
+        None,
+        env(&[
+            ("KST_KST__DOMAINS", "example.net"),
+            ("KST_STORE__BACKEND", "redis"),
+            (
+                "KST_STORE__SENTINELS",
+                "redis://10.0.0.5:26379 redis://10.0.0.6:26379",
+            ),
+            ("KST_STORE__SENTINEL_MASTER", "kst"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.store.sentinels,
+        ["redis://10.0.0.5:26379", "redis://10.0.0.6:26379"]
+    );
+}
+
+#[test]
 fn policy_normalizes_login_map_values() {
     let (_dir, path) = file(
         "[kst]\ndomains = [\"Example.NET\"]\n[kst.login_map]\nAlice = \"<ALICE@example.net>\"\n",

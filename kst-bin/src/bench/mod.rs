@@ -84,6 +84,12 @@ pub struct LmtpArgs {
     /// 127.0.0.1:8080) before and after each phase.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<String>,
+    /// Run this shell command (`sh -c`) right before and right after each phase's timed part,
+    /// with `KST_BENCH_PHASE` (publication, retrieval) and `KST_BENCH_EDGE` (start, end) in its
+    /// environment: for sampling the store's counters and the processes' CPU time at the edges
+    /// of each phase (`scripts/bench.sh pool`). A failing command stops the run.
+    #[arg(long, value_name = "CMD")]
+    pub phase_hook: Option<String>,
     /// The load.
     #[command(flatten)]
     pub load: LoadArgs,
@@ -200,8 +206,10 @@ async fn lmtp_phase(a: &LmtpArgs, phase: &str, msgs: Vec<Message>) -> anyhow::Re
         .filter(|s| !s.is_empty())
         .collect();
     let retry = (a.retry_temporary > 0).then(|| Duration::from_secs(a.retry_temporary));
+    phase_hook(a.phase_hook.as_deref(), phase, "start").await?;
     let (samples, elapsed) =
         lmtp::run(&addrs, a.load.concurrency, prepared, bar.clone(), retry).await?;
+    phase_hook(a.phase_hook.as_deref(), phase, "end").await?;
     bar.finish_and_clear();
     let mut report = Report::new(phase, "lmtp", a.load.concurrency, samples, elapsed);
     if let (Some(m), Some(before)) = (&a.metrics, before) {
@@ -209,6 +217,23 @@ async fn lmtp_phase(a: &LmtpArgs, phase: &str, msgs: Vec<Message>) -> anyhow::Re
         report.server_p99_ms = report::quantile_between(&before, &after, 0.99);
     }
     Ok(report)
+}
+
+/// Runs `--phase-hook` (if given) for `edge` (start, end) of `phase`.
+async fn phase_hook(cmd: Option<&str>, phase: &str, edge: &str) -> anyhow::Result<()> {
+    let Some(cmd) = cmd else { return Ok(()) };
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("KST_BENCH_PHASE", phase)
+        .env("KST_BENCH_EDGE", edge)
+        .status()
+        .await
+        .with_context(|| format!("cannot run --phase-hook {cmd:?}"))?;
+    if !status.success() {
+        bail!("--phase-hook {cmd:?} failed at the {edge} of the {phase}s: {status}");
+    }
+    Ok(())
 }
 
 async fn pipe_phase(

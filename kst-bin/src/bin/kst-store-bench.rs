@@ -15,7 +15,7 @@
 //! republished), then `publish` of new keys for random stored addresses; it prints one Markdown
 //! table row per run: ops/s, p50 and p99 latency. It works in a fresh namespace (a new fs directory under `--path`, a new
 //! database on the PostgreSQL server of `--url`, a new key prefix on Redis) and removes it at the
-//! end unless `--keep`.
+//! end unless `--keep` (or `--dir`/`--prefix`, which name a store to reuse).
 //!
 //! Filling (the measured operations always go through the store's own API):
 //! - fs: the store's own `publish`, 64 calls in flight (per address an fsync'ed history file
@@ -25,10 +25,11 @@
 //! - PostgreSQL: `INSERT ... SELECT ... FROM generate_series` into the store's two tables,
 //!   100 000 rows per transaction, then `ANALYZE` (the rows `publish` writes for a version 1);
 //! - Redis: the five writes of the publish script per address (`SET cur`, `SET ver`,
-//!   `HSET hist`, `HSET pub`, `ZADD index`), pipelined 1 000 addresses at a time.
+//!   `HSET hist`, `HSET pub`, `ZADD index`) and the `SADD`s of its look-up index entries,
+//!   pipelined 1 000 addresses at a time.
 //!
-//! A bulk fill (PostgreSQL, Redis) bypasses `publish`, so `rebuild_index` runs after it (timed);
-//! on fs only with `--rebuild-index`.
+//! The PostgreSQL bulk fill bypasses `publish` and its index, so `rebuild_index` runs after it
+//! (timed); on fs and Redis only with `--rebuild-index`.
 //!
 //! A `get` or look-up that finds no key (or another key) for a stored address fails the run, so
 //! a bad fill or index is noticed.
@@ -77,7 +78,12 @@ struct Args {
     /// under `--path`.
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
-    /// Addresses 0..N are already in the store (`--dir` of an earlier `--fill-only` run).
+    /// redis: use this key prefix (always kept) instead of a fresh one, e.g. one filled by an
+    /// earlier `--fill-only --prefix P` run (then give `--filled N`).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Addresses 0..N are already in the store (`--dir` or `--prefix` of an earlier
+    /// `--fill-only` run).
     #[arg(long, default_value_t = 0)]
     filled: u64,
     /// Fill up to the largest `--stored` size (and write `--paths-out`), measure nothing.
@@ -85,7 +91,9 @@ struct Args {
     fill_only: bool,
     /// Fill with real certificates made in-process (Ed25519 with a Curve25519 subkey, User ID
     /// `Bench <user000000@example.test>`, as `kst bench` publishes them) instead of
-    /// `--key-bytes` of filler; addresses `user<6 digits>@example.test`. fs only.
+    /// `--key-bytes` of filler; addresses `user<6 digits>@example.test`. Fills fs only; on
+    /// redis it names the addresses of a store filled that way elsewhere (`--prefix P
+    /// --filled N`).
     #[arg(long)]
     real_keys: bool,
     /// Write request paths of up to 200,000 stored addresses for `scripts/bench-web.sh` here:
@@ -93,6 +101,14 @@ struct Args {
     /// (by-email) and `fpr.paths` (VKS by-fingerprint).
     #[arg(long)]
     paths_out: Option<std::path::PathBuf>,
+    /// The operations to measure, comma-separated (get, by-fpr, by-wkd, publish); leave
+    /// `publish` out to use a store read-only (e.g. one another run filled).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "get,by-fpr,by-wkd,publish"
+    )]
+    ops: Vec<String>,
     /// Time `rebuild_index` after each fill (on fs it reads every history file twice).
     #[arg(long)]
     rebuild_index: bool,
@@ -217,7 +233,10 @@ impl Bench {
                 }
             }
             Backend::Redis => {
-                let prefix = format!("kst-bench-{tag}:");
+                let prefix = match &args.prefix {
+                    Some(p) => p.clone(),
+                    None => format!("kst-bench-{tag}:"),
+                };
                 let store = kst_redis::RedisStore::builder(args.url.clone())
                     .prefix(prefix.clone())
                     .connect()
@@ -279,6 +298,7 @@ impl Bench {
     async fn cleanup(&self, args: &Args) -> Result<()> {
         match &self.cleanup {
             Cleanup::Fs(_) if args.dir.is_some() => {}
+            Cleanup::Redis { .. } if args.prefix.is_some() => {}
             Cleanup::Fs(dir) => {
                 let dir = dir.clone();
                 tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await??;
@@ -352,8 +372,10 @@ async fn fill_postgres(url: &str, from: u64, to: u64, key_bytes: usize) -> Resul
 }
 
 /// Bulk fill of the kst-redis key layout (see `kst-redis/README.md`): for each address the five
-/// writes its publish script makes for a first version, pipelined 1 000 addresses at a time, 4
-/// pipelines in flight.
+/// writes its publish script makes for a first version and the look-up index sets (`fp`, `kid`,
+/// `wkd`) its `publish` adds, pipelined 1 000 addresses at a time, 4 pipelines in flight. The
+/// address listing is the earlier layout's single `Pindex` set (this bench never lists; `kst
+/// migrate` would convert it).
 async fn fill_redis(url: &str, prefix: &str, from: u64, to: u64, key_bytes: usize) -> Result<()> {
     let client = redis::Client::open(url)?;
     let config =
@@ -385,6 +407,16 @@ async fn fill_redis(url: &str, prefix: &str, from: u64, to: u64, key_bytes: usiz
                     pipe.hset(format!("{prefix}{{{a}}}:pub"), &record.publication_id, "1")
                         .ignore();
                     pipe.zadd(format!("{prefix}index"), a, 0).ignore();
+                    // The look-up index sets `publish` writes (kst-redis/README.md, "Key layout").
+                    let entries = kst_core::key_index::IndexEntries::of(&record);
+                    for f in &entries.fingerprints {
+                        pipe.sadd(format!("{prefix}fp:{}", f.as_str()), a).ignore();
+                    }
+                    for k in &entries.key_ids {
+                        pipe.sadd(format!("{prefix}kid:{}", k.as_str()), a).ignore();
+                    }
+                    let wkd = format!("{prefix}wkd:{}:{}", entries.domain, entries.wkd_hash);
+                    pipe.sadd(wkd, a).ignore();
                 }
                 pipe.exec_async(&mut conn).await?;
             }
@@ -405,6 +437,12 @@ enum Op {
 }
 
 impl Op {
+    const ALL: [Op; 4] = [Op::Get, Op::ByFingerprint, Op::ByWkdHash, Op::Publish];
+
+    fn parse(name: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.name() == name.trim())
+    }
+
     fn name(self) -> &'static str {
         match self {
             Op::Get => "get",
@@ -502,8 +540,24 @@ async fn main() -> Result<()> {
     if args.backend != Backend::Fs && args.url.is_empty() {
         bail!("--url is required for {:?}", args.backend);
     }
-    if args.backend != Backend::Fs && (args.real_keys || args.dir.is_some()) {
-        bail!("--real-keys and --dir are for the fs backend");
+    if args.backend != Backend::Fs && args.dir.is_some() {
+        bail!("--dir is for the fs backend");
+    }
+    let nothing_to_fill = !args.fill_only && args.stored.iter().all(|&n| n <= args.filled);
+    if args.real_keys && args.backend != Backend::Fs && !(args.prefix.is_some() && nothing_to_fill)
+    {
+        bail!(
+            "--real-keys fills only the fs backend; on redis it names the addresses of a \
+             store filled so elsewhere (--prefix P --filled N, nothing left to fill)"
+        );
+    }
+    for name in &args.ops {
+        if Op::parse(name).is_none() {
+            bail!("--ops: unknown operation {name:?} (get, by-fpr, by-wkd, publish)");
+        }
+    }
+    if args.backend != Backend::Redis && args.prefix.is_some() {
+        bail!("--prefix is for the redis backend");
     }
     REAL_KEYS.store(args.real_keys, Ordering::Relaxed);
     let mut sizes = args.stored.clone();
@@ -594,7 +648,7 @@ async fn run(args: &Args, bench: &Bench, sizes: &[u64]) -> Result<()> {
                 (stored - filled) as f64 / secs.max(1e-9)
             );
         }
-        if args.rebuild_index || (grew && bench.backend != Backend::Fs) {
+        if args.rebuild_index || (grew && bench.backend == Backend::Postgres) {
             let t = Instant::now();
             let indexed = bench.store.rebuild_index().await?;
             eprintln!(
@@ -620,7 +674,14 @@ async fn run(args: &Args, bench: &Bench, sizes: &[u64]) -> Result<()> {
         // read before the publish runs below replace keys (new fingerprints).
         filled = filled.max(stored);
         let mut runs = Vec::new();
-        for op in [Op::Get, Op::ByFingerprint, Op::ByWkdHash, Op::Publish] {
+        for op in Op::ALL {
+            if !args
+                .ops
+                .iter()
+                .any(|o| Op::parse(o).is_some_and(|p| p.name() == op.name()))
+            {
+                continue;
+            }
             for &clients in &args.clients {
                 runs.push((op, clients));
             }

@@ -40,6 +40,16 @@ pub const ENV_LIST_KEYS: [&str; 5] = [
     "web.trusted_proxies",
     "limits.recipient_folding.dot_insensitive_domains",
 ];
+/// Keys whose environment value is a list of URLs separated by whitespace (spaces, tabs or
+/// newlines), not commas: a URL may hold commas (libpq's multi-host
+/// `postgres://db1:5432,db2:5432/kst`, a password), never unencoded whitespace.
+/// `KST_STORE__URLS="postgres://kst@db1,db2/kst postgres://kst@db3/kst"` is two entries.
+pub const ENV_URL_LIST_KEYS: [&str; 4] = [
+    "store.urls",
+    "store.read_urls",
+    "store.sentinels",
+    "store.cluster_nodes",
+];
 /// How secrets are shown by [`Config::masked`].
 pub const MASK: &str = "********";
 
@@ -481,7 +491,11 @@ impl Config {
             builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
         }
 
-        let (lists, scalars) = split_env(env);
+        let EnvSplit {
+            lists,
+            url_lists,
+            scalars,
+        } = split_env(env);
         let base = || {
             Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("_")
@@ -498,6 +512,9 @@ impl Config {
             list_env = list_env.with_list_parse_key(key);
         }
         builder = builder.add_source(list_env);
+        for (key, urls) in url_lists {
+            builder = builder.set_override(key, urls).map_err(convert_error)?;
+        }
 
         let merged = builder.build().map_err(convert_error)?;
         let mut cfg: Config = merged.try_deserialize().map_err(convert_error)?;
@@ -825,13 +842,21 @@ impl Config {
     }
 }
 
-/// Splits `KST_*__*` variables into list keys and scalar keys; drops everything else.
-fn split_env(
-    env: impl IntoIterator<Item = (String, String)>,
-) -> (config::Map<String, String>, config::Map<String, String>) {
+/// The `KST_*__*` configuration variables of an environment, by how their values are read.
+#[derive(Debug, Default)]
+struct EnvSplit {
+    /// Comma-separated lists ([`ENV_LIST_KEYS`]), by variable name.
+    lists: config::Map<String, String>,
+    /// Whitespace-separated URL lists ([`ENV_URL_LIST_KEYS`]), split already, by dotted key.
+    url_lists: BTreeMap<String, Vec<String>>,
+    /// Everything else, by variable name.
+    scalars: config::Map<String, String>,
+}
+
+/// Splits `KST_*__*` variables into comma lists, URL lists and scalars; drops everything else.
+fn split_env(env: impl IntoIterator<Item = (String, String)>) -> EnvSplit {
     let prefix = format!("{ENV_PREFIX}_");
-    let mut lists = config::Map::new();
-    let mut scalars = config::Map::new();
+    let mut out = EnvSplit::default();
     for (k, v) in env {
         let Some(rest) = k.strip_prefix(&prefix) else {
             continue;
@@ -841,12 +866,15 @@ fn split_env(
         }
         let dotted = rest.to_lowercase().replace(ENV_SEPARATOR, ".");
         if ENV_LIST_KEYS.contains(&dotted.as_str()) {
-            lists.insert(k, v);
+            out.lists.insert(k, v);
+        } else if ENV_URL_LIST_KEYS.contains(&dotted.as_str()) {
+            let urls = v.split_whitespace().map(str::to_string).collect();
+            out.url_lists.insert(dotted, urls);
         } else {
-            scalars.insert(k, v);
+            out.scalars.insert(k, v);
         }
     }
-    (lists, scalars)
+    out
 }
 
 /// LDH labels separated by dots, lowercase; a single label is allowed.
@@ -1154,14 +1182,25 @@ mod tests {
 
     #[test]
     fn env_without_double_underscore_is_not_configuration() {
-        let (lists, scalars) = split_env([
+        let split = split_env([
             ("KST_CONFIG".to_string(), "/etc/kst.toml".to_string()),
             ("KST_TEST_POSTGRES_URL".into(), "postgres://x".into()),
             ("PATH".into(), "/bin".into()),
             ("KST_MAILER__PORT".into(), "2525".into()),
             ("KST_KST__DOMAINS".into(), "a.net,b.net".into()),
+            (
+                "KST_STORE__URLS".into(),
+                " postgres://a,b/k\tpostgres://c/k ".into(),
+            ),
         ]);
-        assert_eq!(scalars.keys().collect::<Vec<_>>(), ["KST_MAILER__PORT"]);
-        assert_eq!(lists.keys().collect::<Vec<_>>(), ["KST_KST__DOMAINS"]);
+        assert_eq!(
+            split.scalars.keys().collect::<Vec<_>>(),
+            ["KST_MAILER__PORT"]
+        );
+        assert_eq!(split.lists.keys().collect::<Vec<_>>(), ["KST_KST__DOMAINS"]);
+        assert_eq!(
+            split.url_lists["store.urls"],
+            ["postgres://a,b/k", "postgres://c/k"]
+        );
     }
 }
