@@ -482,3 +482,43 @@ fn log_key_files_round_trip_and_say_what_is_wrong() {
     assert!(err.to_string().contains("head-key"), "{err}");
     assert!(LogKeys::parse(&"#".repeat(5000)).is_err());
 }
+
+#[tokio::test]
+async fn every_record_of_a_directory_survives_the_record_encoding() {
+    use akd::storage::StorageUtil;
+    let db = AsyncInMemoryDatabase::new();
+    let dir = KeyDirectory::open(db.clone(), VrfSecret::generate())
+        .await
+        .unwrap();
+    for n in 1..=3u64 {
+        let batch: Vec<_> = (0..5)
+            .map(|i| {
+                (
+                    addr(&format!("u{i}@{DOMAIN}")),
+                    entry(n, EntryState::Published, &[i, n as u8]),
+                )
+            })
+            .collect();
+        dir.publish(&batch).await.unwrap();
+    }
+    let records = db.batch_get_all_direct().await.unwrap();
+    let kinds =
+        |k: fn(&akd::storage::types::DbRecord) -> bool| records.iter().filter(|r| k(r)).count();
+    use akd::storage::types::DbRecord as R;
+    assert!(kinds(|r| matches!(r, R::Azks(_))) == 1);
+    assert!(kinds(|r| matches!(r, R::TreeNode(n) if n.previous_node.is_some())) > 0);
+    assert_eq!(kinds(|r| matches!(r, R::ValueState(_))), 15);
+    for record in &records {
+        let bytes = super::records::encode(record);
+        assert_eq!(&super::records::decode(&bytes).unwrap(), record);
+        assert!(
+            super::records::decode(&bytes[..bytes.len() - 1]).is_err(),
+            "truncated"
+        );
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(super::records::decode(&longer).is_err(), "trailing byte");
+    }
+    assert!(super::records::decode(b"KSR1\x09").is_err(), "unknown kind");
+    assert!(super::records::decode(b"nope").is_err(), "unknown layout");
+}
