@@ -14,7 +14,7 @@
 //!   insider or a tool that bypasses the directory): the reply's HMAC verifies, the check
 //!   does not, exit 5.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Arc;
 
@@ -22,7 +22,10 @@ use kst_core::transparency::DirectoryStore;
 use kst_fs::FsDirectoryStore;
 use kst_postgres::PgDirectoryStore;
 use kst_tests::serve::{ServeProcess, free_port};
-use kst_tests::{Gpg, TestDb, code, kst_binary_with_transparency, run_json, stderr};
+use kst_tests::{
+    Gpg, TestDb, code, kst_binary_with_transparency, make_maildir, run_json, stderr,
+    write_sendmail_script,
+};
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -62,9 +65,7 @@ impl Provider {
             .tempdir()
             .unwrap();
         let p = dir.path();
-        for sub in ["tmp", "new", "cur"] {
-            std::fs::create_dir_all(p.join("Maildir").join(sub)).unwrap();
-        }
+        make_maildir(&p.join("Maildir"));
         let http = free_port();
         let db = postgres.then(TestDb::new);
         let store = match &db {
@@ -118,14 +119,7 @@ listen = "{http}"
             .expect("kst log keygen prints the head key")
             .to_string();
         for (script, config) in [("sendmail", "kst.toml"), ("sendmail-no-log", "no-log.toml")] {
-            write_script(
-                &p.join(script),
-                &format!(
-                    "#!/bin/sh\nexec '{kst}' deliver --config '{cfg}' --sender \"$3\" --recipient \"$5\" --sasl-username \"${{KST_TEST_LOGIN:-$3}}\"\n",
-                    kst = bin.display(),
-                    cfg = p.join(config).display()
-                ),
-            );
+            write_sendmail_script(&p.join(script), &bin, &p.join(config));
         }
         let config = p.join("kst.toml");
         let serve = ServeProcess::start_binary(&bin, p.join("serve.log"), http, |cmd| {
@@ -220,12 +214,6 @@ listen = "{http}"
             .to_string();
         (status, body)
     }
-}
-
-fn write_script(path: &Path, text: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 #[test]

@@ -193,7 +193,7 @@ fn build_kst(workspace: &Path, extra: &[&str]) {
     cargo
         .args(["build", "--quiet", "-p", "kst-bin", "--bin", "kst"])
         .args(extra)
-        .current_dir(&workspace);
+        .current_dir(workspace);
     // Cargo sets these for the test process. Build scripts (ring's) track some of them,
     // so passing them on would make this build and the next `cargo test` rebuild half
     // of the dependency tree each time.
@@ -239,6 +239,31 @@ pub fn kst_binary_with_transparency() -> PathBuf {
         .join("kst");
     assert!(bin.exists(), "no kst binary at {}", bin.display());
     bin
+}
+
+/// Creates the Maildir `dir` (its `tmp`, `new` and `cur`).
+pub fn make_maildir(dir: &Path) {
+    for sub in ["tmp", "new", "cur"] {
+        std::fs::create_dir_all(dir.join(sub)).expect("create the Maildir");
+    }
+}
+
+/// Writes `path`, mode 0755: a sendmail-style script (`sendmail -oi -f FROM -- RCPT`) that
+/// pipes the message to `kst deliver --config CONFIG` as the provider's MTA would; the login is
+/// `KST_TEST_LOGIN`, else the sender.
+pub fn write_sendmail_script(path: &Path, kst: &Path, config: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(
+        path,
+        format!(
+            "#!/bin/sh\nexec '{kst}' deliver --config '{cfg}' --sender \"$3\" --recipient \"$5\" --sasl-username \"${{KST_TEST_LOGIN:-$3}}\"\n",
+            kst = kst.display(),
+            cfg = config.display()
+        ),
+    )
+    .expect("write the sendmail script");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the sendmail script");
 }
 
 /// The binary exists and no `.rs`, `.toml` or `.sql` file of the workspace crates is newer.

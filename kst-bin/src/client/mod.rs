@@ -13,6 +13,7 @@ pub mod discovery;
 pub mod dkim;
 pub mod dnssec;
 pub mod fetch;
+pub mod http_get;
 pub mod matching;
 pub mod mta_sts;
 pub mod output;

@@ -11,9 +11,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use kst_core::openpgp::dearmor_public_key;
 use kst_core::transparency::answer::{LogAnswer, MAX_ANSWER, Served, hex32};
 
@@ -169,30 +166,12 @@ async fn get(base: &str, path: &str, ca_file: Option<&Path>) -> Result<String, S
             .await
             .map_err(|e| e.to_string())?;
     }
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
-        .await
-        .map_err(|e| format!("HTTP with {authority}: {e}"))?;
-    let driver = tokio::spawn(connection);
-    let request = hyper::Request::get(path)
-        .header(hyper::header::HOST, authority)
-        .header(hyper::header::USER_AGENT, "kst-client")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("HTTP request: {e}"))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("HTTP with {authority}: {e}"))?;
-    let status = response.status();
-    let body = Limited::new(response.into_body(), MAX_ANSWER)
-        .collect()
-        .await
-        .map_err(|e| format!("reading {base}{path}: {e}"))?
-        .to_bytes();
-    driver.abort();
-    let text = String::from_utf8(body.to_vec()).map_err(|_| format!("{base}{path}: not UTF-8"))?;
-    if status != hyper::StatusCode::OK {
+    let fetched = super::http_get::get(conn, authority, path, MAX_ANSWER).await?;
+    let text = String::from_utf8(fetched.body).map_err(|_| format!("{base}{path}: not UTF-8"))?;
+    if fetched.status != hyper::StatusCode::OK {
         return Err(format!(
-            "{base}{path} answered {status}: {}",
+            "{base}{path} answered {}: {}",
+            fetched.status,
             text.lines().next().unwrap_or("")
         ));
     }

@@ -28,8 +28,9 @@ use crate::Address;
 use crate::store::KeyRecord;
 
 /// How often a batch refused by the fence is rebuilt on the newer epoch before the change is
-/// reported as a temporary failure.
-const MAX_ATTEMPTS: usize = 8;
+/// reported as a temporary failure. Between attempts the writer waits a random while (up to
+/// 10 ms times the attempt), so a slower writer is not starved by a faster one.
+const MAX_ATTEMPTS: u64 = 32;
 
 /// One domain's log.
 pub struct DomainLog {
@@ -92,6 +93,12 @@ enum Request {
 struct Worker {
     keys: LogKeys,
     directory: KeyDirectory<StoredDirectory<dyn DirectoryStore>>,
+}
+
+/// Waits a random while before attempt `attempt + 1` of a write.
+async fn back_off(attempt: u64) {
+    let millis = rand::random::<u64>() % (10 * attempt);
+    tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
 }
 
 fn gone() -> TransparencyError {
@@ -269,41 +276,54 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (built_on, _) = self.directory.current().await?;
-            let latest = self.directory.latest(address).await?;
-            let wanted = match (current, &latest) {
-                (Some(record), _) => DirectoryEntry::for_record(record),
-                (None, Some(entry)) if entry.state != EntryState::Deleted => {
-                    DirectoryEntry::deleted(entry.version + 1, now)
+            let built_on = self.directory.current().await.ok().map(|(e, _)| e);
+            match self.sync_once(address, current, now).await {
+                Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
+                    tracing::info!(domain = %self.keys.domain, attempt, error = %e, "directory epoch moved under this writer; rebuilding the batch");
+                    back_off(attempt).await;
                 }
-                (None, _) => return Ok(Synced::AlreadyRecorded),
-            };
-            if latest.as_ref() == Some(&wanted) {
-                return Ok(Synced::AlreadyRecorded);
-            }
-            match self
-                .directory
-                .publish(&[(address.clone(), wanted.clone())])
-                .await
-            {
-                Ok((epoch, root_hash)) => {
-                    return Ok(Synced::Recorded {
-                        epoch,
-                        root_hash,
-                        entry: wanted,
-                    });
-                }
-                Err(TransparencyError::Conflict(m)) if attempt < MAX_ATTEMPTS => {
-                    tracing::info!(domain = %self.keys.domain, attempt, "directory epoch moved under this writer ({m}); rebuilding the batch");
-                }
-                // Another process committed while this batch was being built: akd keeps two
-                // generations of each node, so a read at the old epoch can fail. Same cure.
-                Err(e) if attempt < MAX_ATTEMPTS && self.epoch_moved(built_on).await => {
-                    tracing::info!(domain = %self.keys.domain, attempt, error = %e, "directory epoch moved while building the batch; rebuilding it");
-                }
-                Err(e) => return Err(e),
+                result => return result,
             }
         }
+    }
+
+    /// Whether a failed write or read is worth doing again: the fence refused it, or another
+    /// process committed while it ran (akd keeps two generations of a node, so reads at an
+    /// epoch two commits old fail).
+    async fn retryable(&self, e: &TransparencyError, built_on: Option<u64>) -> bool {
+        matches!(e, TransparencyError::Conflict(_))
+            || match built_on {
+                Some(epoch) => self.epoch_moved(epoch).await,
+                None => true,
+            }
+    }
+
+    async fn sync_once(
+        &self,
+        address: &Address,
+        current: Option<&KeyRecord>,
+        now: u64,
+    ) -> Result<Synced> {
+        let latest = self.directory.latest(address).await?;
+        let wanted = match (current, &latest) {
+            (Some(record), _) => DirectoryEntry::for_record(record),
+            (None, Some(entry)) if entry.state != EntryState::Deleted => {
+                DirectoryEntry::deleted(entry.version + 1, now)
+            }
+            (None, _) => return Ok(Synced::AlreadyRecorded),
+        };
+        if latest.as_ref() == Some(&wanted) {
+            return Ok(Synced::AlreadyRecorded);
+        }
+        let (epoch, root_hash) = self
+            .directory
+            .publish(&[(address.clone(), wanted.clone())])
+            .await?;
+        Ok(Synced::Recorded {
+            epoch,
+            root_hash,
+            entry: wanted,
+        })
     }
 
     /// Whether the stored epoch is no longer `epoch`.
@@ -317,10 +337,11 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (built_on, _) = self.directory.current().await?;
+            let built_on = self.directory.current().await.ok().map(|(e, _)| e);
             match self.answer_once(address, now).await {
-                Err(e) if attempt < MAX_ATTEMPTS && self.epoch_moved(built_on).await => {
+                Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
                     tracing::debug!(error = %e, "directory epoch moved during a lookup; again");
+                    back_off(attempt).await;
                 }
                 result => return result,
             }
