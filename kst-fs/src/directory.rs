@@ -10,8 +10,8 @@
 //!
 //! A commit takes the domain's lock, checks the fence against `root`, then writes the nodes
 //! and value states (each file written, synced and renamed into place, then each directory
-//! synced once) and the root last (durable replace). Readers take no lock: every file is
-//! replaced atomically, and the root is the commit point (see
+//! synced once) and the root last (durable replace). Each read takes the lock shared, so it
+//! never sees a commit half-way; the root is the commit point (see
 //! `kst_core::transparency::storage` for why a crash half-way is harmless).
 
 use std::collections::BTreeSet;
@@ -139,6 +139,24 @@ struct DomainLock {
 }
 
 impl DomainLock {
+    /// The shared lock readers take: no read sees a commit half-way (a tree node written for
+    /// the next epoch next to one not yet written).
+    fn shared(dir: &Path) -> Result<Option<DomainLock>, DirectoryStoreError> {
+        let path = dir.join("lock");
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(unavailable("open", &path, e)),
+        };
+        loop {
+            match FileExt::lock_shared(&file) {
+                Ok(()) => return Ok(Some(DomainLock { _file: file })),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(unavailable("lock", &path, e)),
+            }
+        }
+    }
+
     fn acquire(dir: &Path) -> Result<DomainLock, DirectoryStoreError> {
         std::fs::create_dir_all(dir).map_err(|e| unavailable("create", dir, e))?;
         let path = dir.join("lock");
@@ -223,7 +241,11 @@ impl DirectoryStore for FsDirectoryStore {
 
     async fn root(&self, domain: &str) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
         let dir = self.domain_dir(domain)?;
-        blocking(move || read_root(&dir)).await
+        blocking(move || {
+            let _shared = DomainLock::shared(&dir)?;
+            read_root(&dir)
+        })
+        .await
     }
 
     async fn nodes(
@@ -234,6 +256,7 @@ impl DirectoryStore for FsDirectoryStore {
         let dir = self.domain_dir(domain)?;
         let keys = keys.to_vec();
         blocking(move || {
+            let _shared = DomainLock::shared(&dir)?;
             let mut out = Vec::with_capacity(keys.len());
             for key in &keys {
                 if let Some(blob) = read(&node_path(&dir, key))? {
@@ -250,8 +273,10 @@ impl DirectoryStore for FsDirectoryStore {
         domain: &str,
         label: &[u8],
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
-        let dir = values_dir(&self.domain_dir(domain)?, label);
+        let domain_dir = self.domain_dir(domain)?;
+        let dir = values_dir(&domain_dir, label);
         blocking(move || {
+            let _shared = DomainLock::shared(&domain_dir)?;
             let entries = match std::fs::read_dir(&dir) {
                 Ok(e) => e,
                 Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
