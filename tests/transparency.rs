@@ -2,6 +2,7 @@
 //!
 //! - `fs_directory_store_conformance`: kst-fs's `FsDirectoryStore` against the directory
 //!   storage contract (`kst_core::conformance::directory`), two instances on one store.
+//! - `record_encoding_round_trips`: every record of a directory through the blob encoding.
 //! - `postgres_directory_store_conformance`: kst-postgres's `PgDirectoryStore`, the same
 //!   suite, two pools on a fresh database.
 //! - `retrieval_is_checked_against_the_directory` (fs store) and `..._on_postgres`: the real path through the real binaries.
@@ -34,6 +35,11 @@ async fn fs_directory_store_conformance() {
     let a: Arc<dyn DirectoryStore> = Arc::new(FsDirectoryStore::new(dir.path()));
     let b: Arc<dyn DirectoryStore> = Arc::new(FsDirectoryStore::new(dir.path()));
     kst_core::conformance::directory::run_all(a, b).await;
+}
+
+#[tokio::test]
+async fn record_encoding_round_trips() {
+    kst_core::conformance::directory::record_encoding_round_trips().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

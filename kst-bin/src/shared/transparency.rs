@@ -47,7 +47,7 @@ pub async fn open_logs(config: &Config) -> Result<Vec<Arc<DomainLog>>, Error> {
         check_key_file_mode(&path).map_err(bad)?;
         let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
         let keys = LogKeys::parse(&text).map_err(|e| bad(e.to_string()))?;
-        if &keys.domain != domain {
+        if keys.domain != *domain {
             return Err(bad(format!(
                 "the file is for {}, not {domain}",
                 keys.domain

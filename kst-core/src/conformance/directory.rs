@@ -369,3 +369,62 @@ pub async fn two_writers_one_history(a: Arc<dyn DirectoryStore>, b: Arc<dyn Dire
         }
     }
 }
+
+/// The record encoding (`transparency::records`, what every backend stores) gives back every
+/// record of a directory after three epochs (root record, tree nodes with and without a
+/// previous value, value states), and refuses truncated or longer bytes. Independent of any
+/// backend: akd's in-memory database holds the directory.
+pub async fn record_encoding_round_trips() {
+    use akd::storage::StorageUtil;
+    use akd::storage::memory::AsyncInMemoryDatabase;
+    use akd::storage::types::DbRecord;
+
+    use crate::transparency::{DirectoryEntry, KeyDirectory, VrfSecret, records};
+
+    let db = AsyncInMemoryDatabase::new();
+    let dir = KeyDirectory::open(db.clone(), VrfSecret::generate())
+        .await
+        .unwrap();
+    for n in 1..=3u64 {
+        let batch: Vec<_> = (0..5u64)
+            .map(|i| {
+                let a = address(&format!("u{i}@records.example"));
+                let entry = DirectoryEntry::for_record(&record(&a, 3, i * 10 + n, n));
+                (a, entry)
+            })
+            .collect();
+        dir.publish(&batch).await.unwrap();
+    }
+    let all = db.batch_get_all_direct().await.unwrap();
+    let count = |k: fn(&DbRecord) -> bool| all.iter().filter(|r| k(r)).count();
+    assert_eq!(
+        count(|r| matches!(r, DbRecord::Azks(_))),
+        1,
+        "records: one root"
+    );
+    assert!(
+        count(|r| matches!(r, DbRecord::TreeNode(n) if n.previous_node.is_some())) > 0,
+        "records: nodes with a previous value"
+    );
+    assert_eq!(
+        count(|r| matches!(r, DbRecord::ValueState(_))),
+        15,
+        "records: value states"
+    );
+    for r in &all {
+        let bytes = records::encode(r);
+        assert_eq!(&records::decode(&bytes).unwrap(), r, "records: round trip");
+        assert!(
+            records::decode(&bytes[..bytes.len() - 1]).is_err(),
+            "records: truncated"
+        );
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(records::decode(&longer).is_err(), "records: trailing byte");
+    }
+    assert!(
+        records::decode(b"KSR1\x09").is_err(),
+        "records: unknown kind"
+    );
+    assert!(records::decode(b"nope").is_err(), "records: unknown layout");
+}
