@@ -33,36 +33,17 @@ PG_BASE="${BENCH_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432}"
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-log() { printf '== bench-web: %s\n' "$*" >&2; }
-die() { printf '== bench-web: ERROR: %s\n' "$*" >&2; exit 1; }
+LOG_NAME=bench-web
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 
-WORK="$(mktemp -d /tmp/kst-bench-web.XXXXXX)"
-PIDS=()
+temp_work kst-bench-web
 DBS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+cleanup_more() {
   for db in "${DBS[@]}"; do psql "$PG_BASE/postgres" -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 400); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  die "nothing listens on 127.0.0.1:$1"
 }
 
-if [ -n "${BENCH_KST:-}" ]; then
-  KST="$(realpath "$BENCH_KST")"
-else
-  log "building kst (release)"
-  cargo build --release --quiet -p kst-bin --bin kst
-  KST="$ROOT/target/release/kst"
-fi
+bench_kst
 if ! command -v wrk >/dev/null; then
   [ "$(id -u)" -eq 0 ] || die "wrk is missing; run as root to install it (apt-get install wrk)"
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk >&2
