@@ -8,3 +8,11 @@ cd "$(dirname "$0")/.."
 printf '== %s\n' "cargo test: kst-core --features transparency, kst log keygen"
 cargo test -p kst-core --features transparency --lib transparency "$@"
 cargo test -p kst-bin --no-default-features --features server,transparency --test log_keygen "$@"
+printf '== %s\n' "cargo test: the directory stores (fs, PostgreSQL), publish/retrieve/verify through the binaries"
+# The kst binary and the test in one build (one feature resolution), then the test runs that
+# binary. Needs gpg and PostgreSQL (KST_TEST_POSTGRES_URL, as scripts/test.sh).
+cargo build -p kst-tests -p kst-bin --features kst-tests/transparency --bin kst --test transparency
+target_dir="${CARGO_TARGET_DIR:-target}"
+case "$target_dir" in /*) ;; *) target_dir="$PWD/$target_dir" ;; esac
+KST_TEST_BINARY="$target_dir/debug/kst" \
+    cargo test -p kst-tests -p kst-bin --features kst-tests/transparency --test transparency "$@"

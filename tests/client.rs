@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use kst_tests::{
-    Gpg, GpgKey, code, gpg_fingerprint_of, is_root, kst_binary, mail_system_client, run_json,
-    stderr,
+    Gpg, GpgKey, code, gpg_fingerprint_of, is_root, kst_binary, mail_system_client, make_maildir,
+    run_json, stderr, write_sendmail_script,
 };
 use serde_json::Value;
 
@@ -29,9 +29,7 @@ impl Local {
             .tempdir()
             .unwrap();
         let p = dir.path();
-        for sub in ["tmp", "new", "cur"] {
-            std::fs::create_dir_all(p.join("Maildir").join(sub)).unwrap();
-        }
+        make_maildir(&p.join("Maildir"));
         std::fs::write(
             p.join("kst.toml"),
             format!(
@@ -54,21 +52,7 @@ path = "{new}"
         .unwrap();
         // sendmail -oi -f FROM -- RCPT, as the provider's MTA: it knows who logged in
         // (KST_TEST_LOGIN, else the sender) and pipes the message to kst.
-        let script = p.join("sendmail");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\nexec '{kst}' deliver --config '{cfg}' --sender \"$3\" --recipient \"$5\" --sasl-username \"${{KST_TEST_LOGIN:-$3}}\"\n",
-                kst = kst_binary().display(),
-                cfg = p.join("kst.toml").display()
-            ),
-        )
-        .unwrap();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
+        write_sendmail_script(&p.join("sendmail"), &kst_binary(), &p.join("kst.toml"));
         Local { dir }
     }
 

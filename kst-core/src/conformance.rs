@@ -34,6 +34,8 @@
 //! The [`RateLimiter`](crate::RateLimiter) has a suite of its own: [`limiter`].
 
 pub mod cas;
+#[cfg(feature = "transparency")]
+pub mod directory;
 pub mod limiter;
 pub mod lookup;
 pub mod reminders;

@@ -2,6 +2,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "transparency")]
+mod directory;
 mod error;
 mod file;
 mod index;
@@ -11,4 +13,6 @@ mod ratelimit;
 mod reminders;
 mod store;
 
+#[cfg(feature = "transparency")]
+pub use directory::FsDirectoryStore;
 pub use store::FsStore;

@@ -4,6 +4,8 @@
 
 mod builder;
 mod cluster;
+#[cfg(feature = "transparency")]
+mod directory;
 mod error;
 mod hosts;
 mod index;
@@ -16,6 +18,8 @@ pub use builder::{
     DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_OPERATION_TIMEOUT,
     DEFAULT_WRITE_TIMEOUT, PostgresStoreBuilder,
 };
+#[cfg(feature = "transparency")]
+pub use directory::PgDirectoryStore;
 pub use hosts::{HostUrls, TargetSessionAttrs, split_hosts};
 pub use store::{MIGRATIONS_TABLE, PostgresStore};
 pub use url::with_database;

@@ -178,37 +178,92 @@ pub fn kst_binary() -> PathBuf {
             .expect("workspace root")
             .to_path_buf();
         if !is_fresh(&bin, &workspace) {
-            let mut cargo = Command::new(env!("CARGO"));
-            cargo
-                .args(["build", "--quiet", "-p", "kst-bin", "--bin", "kst"])
-                .current_dir(&workspace);
-            // Cargo sets these for the test process. Build scripts (ring's) track some of them,
-            // so passing them on would make this build and the next `cargo test` rebuild half
-            // of the dependency tree each time.
-            for (key, _) in std::env::vars_os() {
-                let Some(key) = key.to_str() else { continue };
-                if key.starts_with("CARGO_PKG_")
-                    || key.starts_with("CARGO_BIN_EXE_")
-                    || [
-                        "CARGO_MANIFEST_DIR",
-                        "CARGO_MANIFEST_PATH",
-                        "CARGO_CRATE_NAME",
-                        "CARGO_PRIMARY_PACKAGE",
-                        "CARGO_TARGET_TMPDIR",
-                        "CARGO_RUSTC_CURRENT_DIR",
-                    ]
-                    .contains(&key)
-                {
-                    cargo.env_remove(key);
-                }
-            }
-            let status = cargo.status().expect("cargo build kst");
-            assert!(status.success(), "building the kst binary failed");
+            build_kst(&workspace, &[]);
         }
         assert!(bin.exists(), "no kst binary at {}", bin.display());
         bin
     })
     .clone()
+}
+
+/// `cargo build -p kst-bin --bin kst` with `extra` arguments (e.g. `--features X`), in
+/// `workspace`, without the variables Cargo set for the test process.
+fn build_kst(workspace: &Path, extra: &[&str]) {
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .args(["build", "--quiet", "-p", "kst-bin", "--bin", "kst"])
+        .args(extra)
+        .current_dir(workspace);
+    // Cargo sets these for the test process. Build scripts (ring's) track some of them,
+    // so passing them on would make this build and the next `cargo test` rebuild half
+    // of the dependency tree each time.
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_EXE_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .contains(&key)
+        {
+            cargo.env_remove(key);
+        }
+    }
+    let status = cargo.status().expect("cargo build kst");
+    assert!(status.success(), "building the kst binary failed");
+}
+
+/// The `kst` binary built with the `transparency` feature (tests/transparency.rs):
+/// `KST_TEST_BINARY` when set (it must have the feature), else `cargo build -p kst-bin
+/// --features transparency --bin kst` (Cargo does nothing when it is up to date) into the
+/// same place as [`kst_binary`]'s.
+pub fn kst_binary_with_transparency() -> PathBuf {
+    if let Some(bin) = std::env::var_os("KST_TEST_BINARY") {
+        return PathBuf::from(bin);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    build_kst(&workspace, &["--features", "transparency"]);
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .join("kst");
+    assert!(bin.exists(), "no kst binary at {}", bin.display());
+    bin
+}
+
+/// Creates the Maildir `dir` (its `tmp`, `new` and `cur`).
+pub fn make_maildir(dir: &Path) {
+    for sub in ["tmp", "new", "cur"] {
+        std::fs::create_dir_all(dir.join(sub)).expect("create the Maildir");
+    }
+}
+
+/// Writes `path`, mode 0755: a sendmail-style script (`sendmail -oi -f FROM -- RCPT`) that
+/// pipes the message to `kst deliver --config CONFIG` as the provider's MTA would; the login is
+/// `KST_TEST_LOGIN`, else the sender.
+pub fn write_sendmail_script(path: &Path, kst: &Path, config: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(
+        path,
+        format!(
+            "#!/bin/sh\nexec '{kst}' deliver --config '{cfg}' --sender \"$3\" --recipient \"$5\" --sasl-username \"${{KST_TEST_LOGIN:-$3}}\"\n",
+            kst = kst.display(),
+            cfg = config.display()
+        ),
+    )
+    .expect("write the sendmail script");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the sendmail script");
 }
 
 /// The binary exists and no `.rs`, `.toml` or `.sql` file of the workspace crates is newer.

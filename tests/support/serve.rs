@@ -46,7 +46,18 @@ impl ServeProcess {
         ready: SocketAddr,
         configure: impl FnOnce(&mut Command),
     ) -> ServeProcess {
-        let mut cmd = Command::new(kst_binary());
+        Self::start_binary(&kst_binary(), log, ready, configure)
+    }
+
+    /// [`ServeProcess::start`] with the binary `bin` (e.g.
+    /// [`crate::kst_binary_with_transparency`]).
+    pub fn start_binary(
+        bin: &std::path::Path,
+        log: PathBuf,
+        ready: SocketAddr,
+        configure: impl FnOnce(&mut Command),
+    ) -> ServeProcess {
+        let mut cmd = Command::new(bin);
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("KST_") {
                 cmd.env_remove(k);

@@ -52,6 +52,8 @@ pub async fn run(args: ClientArgs) -> u8 {
                 mx_port,
                 allow_plaintext,
                 no_wait,
+                #[cfg(feature = "transparency")]
+                log,
             } => {
                 let how = Direct {
                     direct,
@@ -59,7 +61,15 @@ pub async fn run(args: ClientArgs) -> u8 {
                     mx_port,
                     allow_plaintext,
                 };
-                vec![retrieve(s, &address, import, &how, no_wait).await]
+                #[cfg(feature = "transparency")]
+                let outcome = if log.check_transparency {
+                    checked_retrieve(s, &address, import, &how, no_wait, &log).await
+                } else {
+                    retrieve(s, &address, import, &how, no_wait).await
+                };
+                #[cfg(not(feature = "transparency"))]
+                let outcome = retrieve(s, &address, import, &how, no_wait).await;
+                vec![outcome]
             }
             ClientCommand::Delete { no_wait } => vec![super::delete::delete(s, no_wait).await],
             ClientCommand::Status { key, gpg_key } => {
@@ -371,6 +381,32 @@ async fn retrieve(
     };
     let request = kst_core::client::build_retrieval(&account, &address);
     send_and_wait(s, &account, request, Some(how), import, no_wait).await
+}
+
+/// [`retrieve`], then the key directory's check of the reply
+/// ([`super::transparency::check`]); the key is imported only once both verified.
+#[cfg(feature = "transparency")]
+async fn checked_retrieve(
+    s: &Settings,
+    address: &str,
+    import: bool,
+    how: &Direct,
+    no_wait: bool,
+    log: &super::transparency::LogCheckArgs,
+) -> Outcome {
+    if no_wait {
+        return Outcome::error(
+            exit::USAGE,
+            "--check-transparency waits for the reply: drop --no-wait",
+        );
+    }
+    let outcome = retrieve(s, address, false, how, false).await;
+    let outcome = super::transparency::check(log, s.ca_file.as_deref(), outcome).await;
+    if import {
+        import_found(outcome)
+    } else {
+        outcome
+    }
 }
 
 /// Records the request, sends it, and (unless `no_wait`) waits for the reply.
@@ -937,6 +973,11 @@ fn apply_dkim(s: &Settings, e: &Entry, o: Outcome, report: super::dkim::DkimRepo
 
 /// Imports a found key when the request asked for it.
 fn finish_entry(e: &Entry, o: Outcome) -> Outcome {
+    if e.import { import_found(o) } else { o }
+}
+
+/// Imports the key of a `Found` outcome into gpg.
+fn import_found(o: Outcome) -> Outcome {
     match o {
         Outcome::Found {
             address,
@@ -947,7 +988,7 @@ fn finish_entry(e: &Entry, o: Outcome) -> Outcome {
             key,
             dkim,
             ..
-        } if e.import => match gpg_import(&key) {
+        } => match gpg_import(&key) {
             Ok(()) => Outcome::Found {
                 address,
                 fingerprint,

@@ -13,6 +13,7 @@ pub mod discovery;
 pub mod dkim;
 pub mod dnssec;
 pub mod fetch;
+pub mod http_get;
 pub mod matching;
 pub mod mta_sts;
 pub mod output;
@@ -21,6 +22,8 @@ pub mod state;
 pub mod status;
 pub mod submit;
 pub mod tls;
+#[cfg(feature = "transparency")]
+pub mod transparency;
 
 use std::path::PathBuf;
 
@@ -198,6 +201,10 @@ pub enum ClientCommand {
         /// Send, record the request as pending, and exit (`kst client check` reads the reply).
         #[arg(long)]
         no_wait: bool,
+        /// The key directory check (feature `transparency`).
+        #[cfg(feature = "transparency")]
+        #[command(flatten)]
+        log: transparency::LogCheckArgs,
     },
     /// Delete your key and its history at your provider's KST (authenticated like a
     /// publication) and verify the KST's answer.

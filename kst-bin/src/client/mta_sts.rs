@@ -10,9 +10,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio_rustls::TlsConnector;
 
@@ -295,43 +292,23 @@ impl PolicySource<'_> {
             .into_tls(self.connector, host)
             .await
             .map_err(|e| e.to_string())?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
-            .await
-            .map_err(|e| format!("HTTP with {host}: {e}"))?;
-        let driver = tokio::spawn(connection);
-        let request = hyper::Request::get("/.well-known/mta-sts.txt")
-            .header(hyper::header::HOST, host)
-            .header(hyper::header::USER_AGENT, "kst-client")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| format!("HTTP request: {e}"))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("HTTP with {host}: {e}"))?;
-        let status = response.status();
-        if status != hyper::StatusCode::OK {
-            driver.abort();
+        let fetched =
+            super::http_get::get(conn, host, "/.well-known/mta-sts.txt", MAX_POLICY_BYTES).await?;
+        if fetched.status != hyper::StatusCode::OK {
             return Err(format!(
-                "https://{host}/.well-known/mta-sts.txt answered {status} (redirects are not followed)"
+                "https://{host}/.well-known/mta-sts.txt answered {} (redirects are not followed)",
+                fetched.status
             )
             .into());
         }
-        let plain = response
-            .headers()
-            .get(hyper::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
+        let plain = fetched
+            .content_type
+            .as_deref()
             .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with("text/plain"));
         if !plain {
-            driver.abort();
             return Err(format!("the policy from {host} is not text/plain").into());
         }
-        let body = Limited::new(response.into_body(), MAX_POLICY_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the policy from {host}: {e}"))?
-            .to_bytes();
-        driver.abort();
-        String::from_utf8(body.to_vec())
+        String::from_utf8(fetched.body)
             .map_err(|_| format!("the policy from {host} is not UTF-8").into())
     }
 

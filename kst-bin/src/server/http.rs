@@ -40,7 +40,19 @@ pub async fn run(
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(kst, metrics))
+    run_with(listener, kst, metrics, Router::new(), shutdown).await
+}
+
+/// [`run`], with `extra` routes (the key directory's when `[web]` is off, feature
+/// `transparency`).
+pub async fn run_with(
+    listener: TcpListener,
+    kst: Kst,
+    metrics: PrometheusHandle,
+    extra: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(kst, metrics).merge(extra))
         .with_graceful_shutdown(shutdown)
         .await
 }

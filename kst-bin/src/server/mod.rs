@@ -5,6 +5,8 @@ pub mod deliver;
 pub mod http;
 pub mod ingest;
 pub mod lmtp;
+#[cfg(feature = "transparency")]
+pub mod log_http;
 pub mod mailer;
 pub mod outbox;
 pub mod serve;

@@ -96,7 +96,26 @@ async fn start(cfg: Config) -> u8 {
         "kst serve starting"
     );
     wiring::publish_submission_keys(&kst).await;
-    match daemon_with_web(cfg.lmtp.clone(), cfg.http.clone(), cfg.web.clone(), kst).await {
+    #[cfg(feature = "transparency")]
+    let extra = match crate::shared::transparency::open_logs(&cfg).await {
+        Ok(logs) if logs.is_empty() => axum::Router::new(),
+        Ok(logs) => crate::server::log_http::router(logs, kst.policy().address_policy.clone()),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return report::error(&e);
+        }
+    };
+    #[cfg(not(feature = "transparency"))]
+    let extra = axum::Router::new();
+    match daemon_full(
+        cfg.lmtp.clone(),
+        cfg.http.clone(),
+        cfg.web.clone(),
+        kst,
+        extra,
+    )
+    .await
+    {
         Ok(()) => {
             tracing::info!("kst serve stopped");
             exit::OK
@@ -124,6 +143,18 @@ pub async fn daemon_with_web(
     web_cfg: WebConfig,
     kst: Kst,
 ) -> anyhow::Result<()> {
+    daemon_full(lmtp, http, web_cfg, kst, axum::Router::new()).await
+}
+
+/// [`daemon_with_web`], with `extra` routes on `[web]`, or on `[http]` when `[web]` is off
+/// (the key directory's, feature `transparency`).
+pub async fn daemon_full(
+    lmtp: LmtpConfig,
+    http: HttpConfig,
+    web_cfg: WebConfig,
+    kst: Kst,
+    mut extra: axum::Router,
+) -> anyhow::Result<()> {
     lmtp.validate().context("invalid [lmtp] section")?;
     web_cfg
         .validate()
@@ -150,9 +181,10 @@ pub async fn daemon_with_web(
             tls = service.config.tls_cert.is_some(),
             "public listener (WKD, VKS, HKP) listening"
         );
-        Some(tokio::spawn(web::serve(
+        Some(tokio::spawn(web::serve_with(
             l,
             service,
+            std::mem::take(&mut extra),
             at_least(signals.clone(), 1),
         )))
     } else {
@@ -165,10 +197,11 @@ pub async fn daemon_with_web(
                 .await
                 .with_context(|| format!("cannot listen for HTTP on {addr:?} (http.listen)"))?;
             tracing::info!(listen = %addr, "HTTP endpoint listening (/healthz /readyz /metrics)");
-            Some(tokio::spawn(crate::server::http::run(
+            Some(tokio::spawn(crate::server::http::run_with(
                 l,
                 kst.clone(),
                 metrics.clone(),
+                extra,
                 at_least(signals.clone(), 1),
             )))
         }

@@ -17,6 +17,7 @@ pub mod dkim;
 mod http;
 mod lmtp;
 mod reminders;
+mod transparency;
 pub mod web;
 mod wks;
 
@@ -24,6 +25,7 @@ pub use self::dkim::{DkimAlgorithm, DkimConfig};
 pub use self::http::HttpConfig;
 pub use self::lmtp::{AllowList, Cidr, LmtpConfig};
 pub use self::reminders::RemindersConfig;
+pub use self::transparency::TransparencyConfig;
 pub use self::web::{WebConfig, WebLimits};
 pub use self::wks::{WksConfig, WksKeyConfig, check_key_file_mode, read_key_file};
 pub use crate::shared::logging::{LogConfig, LogFormat};
@@ -82,6 +84,8 @@ pub struct Config {
     pub dkim: DkimConfig,
     /// `[reminders]`: expiry reminders to key owners.
     pub reminders: RemindersConfig,
+    /// `[transparency]`: the key directory (off unless a key file is set).
+    pub transparency: TransparencyConfig,
 }
 
 /// `[kst]`: the protocol policy.
@@ -588,6 +592,7 @@ impl Config {
         self.dkim.validate()?;
         self.lmtp.validate()?;
         self.reminders.validate()?;
+        self.transparency.validate(self.store.backend)?;
         self.web
             .validate()
             .map_err(|e| ConfigError::key(e.key, e.message))?;

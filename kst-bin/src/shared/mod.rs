@@ -6,4 +6,6 @@ pub mod logging;
 pub mod metrics;
 pub mod report;
 pub mod stores;
+#[cfg(feature = "transparency")]
+pub mod transparency;
 pub mod wiring;

@@ -48,6 +48,9 @@ pub async fn build_kst(config: &Config) -> Result<Kst, kst_core::Error> {
 pub async fn build_kst_with(config: &Config, reach: Reach) -> Result<Kst, kst_core::Error> {
     let policy = config.policy()?;
     let (store, limiter) = stores::open_store_and_limiter(&config.store, reach).await?;
+    // Key transparency: every publication and deletion is also recorded in the directory.
+    #[cfg(feature = "transparency")]
+    let store = crate::shared::transparency::wrap_store(config, store).await?;
     let mailer = build_reply_mailer(config)?;
     // The one reading of `[mailer] envelope_from`, the same `kst config check` validates.
     let envelope_from = config.mailer.envelope_from()?;

@@ -98,6 +98,20 @@ impl<S: Database + 'static> KeyDirectory<S> {
         Ok((epoch, root))
     }
 
+    /// The latest entry the directory holds for `address` (no proof: for the writer, which
+    /// compares it with the store), `None` when it never held one.
+    pub async fn latest(&self, address: &Address) -> Result<Option<DirectoryEntry>> {
+        match self
+            .storage
+            .get_user_state(&directory_label(address), ValueStateRetrievalFlag::MaxEpoch)
+            .await
+        {
+            Ok(state) => Ok(Some(DirectoryEntry::from_value(&state.value)?)),
+            Err(StorageError::NotFound(_)) => Ok(None),
+            Err(e) => Err(TransparencyError::Directory(e.to_string())),
+        }
+    }
+
     /// Proves what the directory holds for `address` at the latest epoch.
     pub async fn lookup(&self, address: &Address) -> Result<LookupAnswer> {
         let label = directory_label(address);

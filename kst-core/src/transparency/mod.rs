@@ -14,12 +14,24 @@
 //! - [`wire`]: the proofs' wire format (akd's protobuf messages) with size bounds.
 //! - [`keys`]: the domain's log key file (head signing key and VRF key) that `kst log keygen`
 //!   writes.
+//! - [`records`] and [`storage`]: the storage contract a backend implements
+//!   ([`DirectoryStore`]: blobs per domain, fenced batches) and akd's database over it.
+//! - [`log`]: one domain's log on the server: the directory, its head key, one writer per
+//!   domain and process; [`store`]: the [`crate::KeyStore`] wrapper that records every
+//!   publication and deletion in it.
+//! - [`answer`]: what the HTTP endpoint serves for an address (signed head + proof) and what
+//!   a client checks of it.
 
+pub mod answer;
 pub mod directory;
 pub mod entry;
 pub mod head;
 pub mod keys;
 pub mod label;
+pub mod log;
+pub mod records;
+pub mod storage;
+pub mod store;
 pub mod verify;
 pub mod vrf;
 pub mod wire;
@@ -32,6 +44,9 @@ pub use entry::{DirectoryEntry, EntryState};
 pub use head::{Cosignature, Head, HeadSigner, SignedHead};
 pub use keys::LogKeys;
 pub use label::{KstDomainLabel, directory_label};
+pub use log::DomainLog;
+pub use storage::{DirectoryStore, DirectoryStoreError, RecordBatch, StoredDirectory};
+pub use store::TransparentStore;
 pub use vrf::VrfSecret;
 
 /// The akd configuration kst uses: BLAKE3 with kst's domain label, akd's "experimental" tree
@@ -49,6 +64,10 @@ pub enum TransparencyError {
     /// it as an attack (the client exits 5).
     #[error("transparency proof rejected: {0}")]
     Verification(String),
+    /// Another writer committed the epoch this one was built on (a pool without its lease,
+    /// or two processes on one host): reload and retry.
+    #[error("key directory: {0}")]
+    Conflict(String),
     /// A signature over a head did not verify, or a key is malformed.
     #[error("head signature rejected: {0}")]
     Signature(String),
@@ -62,6 +81,14 @@ pub type Result<T> = std::result::Result<T, TransparencyError>;
 
 impl From<akd::errors::AkdError> for TransparencyError {
     fn from(e: akd::errors::AkdError) -> Self {
-        TransparencyError::Directory(e.to_string())
+        use akd::errors::{AkdError, StorageError};
+        match e {
+            AkdError::Storage(StorageError::Transaction(m))
+                if m.starts_with(storage::CONFLICT_MARKER) =>
+            {
+                TransparencyError::Conflict(m)
+            }
+            e => TransparencyError::Directory(e.to_string()),
+        }
     }
 }

@@ -72,6 +72,17 @@ pub async fn serve(
     service: WebService,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with(listener, service, axum::Router::new(), shutdown).await
+}
+
+/// [`serve`], with `extra` routes next to WKD, VKS and HKP (the key directory's, feature
+/// `transparency`; the `[web.limits]` guard covers only the key look-ups).
+pub async fn serve_with(
+    listener: TcpListener,
+    service: WebService,
+    extra: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let state = service.state()?;
     let c = &service.config;
     let (tls, watcher) = match (&c.tls_cert, &c.tls_key) {
@@ -93,7 +104,9 @@ pub async fn serve(
     let web_listener = listener::WebListener::new(listener, tls, limits, c.validate()?)?;
     let result = axum::serve(
         web_listener,
-        router(state).into_make_service_with_connect_info::<PeerAddr>(),
+        router(state)
+            .merge(extra)
+            .into_make_service_with_connect_info::<PeerAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await;

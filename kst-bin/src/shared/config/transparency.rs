@@ -1,0 +1,68 @@
+//! The `[transparency]` configuration section: the key directory (issue 18,
+//! docs/TRANSPARENCY.md).
+//!
+//! ```toml
+//! [transparency]
+//! key_file = "/etc/kst/log-{domain}.key"   # KST_TRANSPARENCY__KEY_FILE; `kst log keygen` writes it
+//! ```
+//!
+//! Empty `key_file` (the default): no directory. Set, every served domain must have its key
+//! file (mode 0600), the store must be `fs` or `postgres` (Redis does not store the directory
+//! yet), and kst must be built with the `transparency` feature; each is a configuration error
+//! otherwise. Every publication and deletion is then recorded in the domain's directory, and
+//! `kst serve` answers `/.well-known/kst/log/<domain>/...` on `[web]` (or `[http]` when
+//! `[web]` is off).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::dkim::DOMAIN_PLACEHOLDER;
+use super::{ConfigError, StoreBackend};
+
+/// `[transparency]`: the key directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransparencyConfig {
+    /// The log key file of each served domain (`kst log keygen`); `{domain}` stands for the
+    /// domain. Empty: no key directory.
+    pub key_file: PathBuf,
+}
+
+impl TransparencyConfig {
+    /// Whether the directory is on.
+    pub fn enabled(&self) -> bool {
+        !self.key_file.as_os_str().is_empty()
+    }
+
+    /// The key file of `domain`.
+    pub fn key_file_for(&self, domain: &str) -> PathBuf {
+        PathBuf::from(
+            self.key_file
+                .to_string_lossy()
+                .replace(DOMAIN_PLACEHOLDER, domain),
+        )
+    }
+
+    /// Checks what can be checked without reading the key files.
+    pub fn validate(&self, backend: StoreBackend) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        if !cfg!(feature = "transparency") {
+            return Err(ConfigError::key(
+                "transparency.key_file",
+                "this kst was built without the `transparency` feature (cargo build --features \
+                 transparency); leave key_file empty",
+            ));
+        }
+        if backend == StoreBackend::Redis {
+            return Err(ConfigError::key(
+                "transparency.key_file",
+                "the key directory is stored by the fs and postgres backends so far; Redis is \
+                 next (docs/TRANSPARENCY.md)",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,74 @@
+//! Opens the key directory `[transparency]` names (feature `transparency`): one
+//! [`DomainLog`] per served domain, kept in the fs or PostgreSQL store, and the [`TransparentStore`] that
+//! records every publication and deletion in it (docs/TRANSPARENCY.md).
+
+use std::sync::Arc;
+
+use kst_core::transparency::{DirectoryStore, DomainLog, LogKeys, TransparentStore};
+use kst_core::{Component, Error, KeyStore};
+
+use crate::shared::config::{Config, StoreBackend, check_key_file_mode};
+
+const COMPONENT: Component = Component::other("key directory");
+
+/// The logs of every served domain; empty when `[transparency]` is off. A missing, too open
+/// or malformed key file is a configuration error; a directory that cannot be read is
+/// temporary.
+pub async fn open_logs(config: &Config) -> Result<Vec<Arc<DomainLog>>, Error> {
+    let t = &config.transparency;
+    if !t.enabled() {
+        return Ok(Vec::new());
+    }
+    let store: Arc<dyn DirectoryStore> = match config.store.backend {
+        StoreBackend::Fs => Arc::new(kst_fs::FsDirectoryStore::new(&config.store.path)),
+        // The directory's own small pool on the host of `url` (the primary).
+        StoreBackend::Postgres => Arc::new(
+            kst_postgres::PgDirectoryStore::connect(&config.store.url, 4)
+                .await
+                .map_err(|e| Error::unavailable(COMPONENT, e))?,
+        ),
+        StoreBackend::Redis => {
+            return Err(Error::Config(
+                "[transparency] needs [store] backend = \"fs\" or \"postgres\" so far".into(),
+            ));
+        }
+    };
+    let policy = config.policy()?;
+    let mut logs = Vec::with_capacity(policy.domains.len());
+    for domain in &policy.domains {
+        let path = t.key_file_for(domain);
+        let bad = |what: String| {
+            Error::Config(format!(
+                "transparency.key_file {}: {what} (kst log keygen {domain} --output {} makes it)",
+                path.display(),
+                path.display()
+            ))
+        };
+        check_key_file_mode(&path).map_err(bad)?;
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let keys = LogKeys::parse(&text).map_err(|e| bad(e.to_string()))?;
+        if keys.domain != *domain {
+            return Err(bad(format!(
+                "the file is for {}, not {domain}",
+                keys.domain
+            )));
+        }
+        let log = DomainLog::open(Arc::clone(&store), keys)
+            .await
+            .map_err(|e| Error::unavailable(COMPONENT, e))?;
+        logs.push(Arc::new(log));
+    }
+    Ok(logs)
+}
+
+/// `store`, recording its changes in the logs of `[transparency]` when it is on.
+pub async fn wrap_store(
+    config: &Config,
+    store: Arc<dyn KeyStore>,
+) -> Result<Arc<dyn KeyStore>, Error> {
+    let logs = open_logs(config).await?;
+    if logs.is_empty() {
+        return Ok(store);
+    }
+    Ok(Arc::new(TransparentStore::new(store, logs)))
+}

@@ -1,0 +1,430 @@
+//! The [`DirectoryStore`] conformance suite (features `conformance` + `transparency`): the
+//! storage contract of the key directory (docs/TRANSPARENCY.md) as executable checks.
+//!
+//! A backend runs [`run_all`] with two store instances on one fresh, empty namespace (two
+//! processes of a pool, or two connections): the blob-level contract (round trip, fence,
+//! insert-if-absent root, nodes-only batches), then akd's directory over it (lookups, absence,
+//! deletion, append-only proofs), then two writers publishing at once into one history. Each
+//! property is a `pub async fn` of its own. Every function panics naming the property.
+//!
+//! ```ignore
+//! #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+//! async fn directory_conformance() {
+//!     let dir = tempfile::tempdir().unwrap();
+//!     let a: Arc<dyn DirectoryStore> = Arc::new(FsDirectoryStore::new(dir.path()));
+//!     let b: Arc<dyn DirectoryStore> = Arc::new(FsDirectoryStore::new(dir.path()));
+//!     kst_core::conformance::directory::run_all(a, b).await;
+//! }
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::Address;
+use crate::conformance::{address, test_key};
+use crate::store::KeyRecord;
+use crate::transparency::answer::Served;
+use crate::transparency::log::{DomainLog, Synced};
+use crate::transparency::storage::{RootWrite, ValueStateBlob};
+use crate::transparency::{
+    DirectoryStore, DirectoryStoreError, EntryState, Head, LogKeys, RecordBatch,
+};
+
+/// Runs every property; `a` and `b` are two instances on one fresh, empty namespace.
+pub async fn run_all(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
+    blobs_round_trip(&a, &b).await;
+    fence_and_first_root(&a).await;
+    directory_proves_the_store(Arc::clone(&a)).await;
+    two_writers_one_history(a, b).await;
+}
+
+fn batch(nodes: &[(&[u8], &[u8])], root: Option<RootWrite>) -> RecordBatch {
+    RecordBatch {
+        nodes: nodes
+            .iter()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect(),
+        value_states: Vec::new(),
+        root,
+    }
+}
+
+fn root(expected_epoch: Option<u64>, epoch: u64, blob: &[u8]) -> Option<RootWrite> {
+    Some(RootWrite {
+        expected_epoch,
+        epoch,
+        blob: blob.to_vec(),
+    })
+}
+
+/// Blobs written through one instance read back through the other; missing nodes are left
+/// out; value states are listed per label with their epochs; domains are separate.
+pub async fn blobs_round_trip(a: &Arc<dyn DirectoryStore>, b: &Arc<dyn DirectoryStore>) {
+    const D: &str = "round-trip.example";
+    assert_eq!(b.root(D).await.unwrap(), None, "round trip: fresh root");
+    let node1 = [2u8, 0, 0, 1, 0, 7, 7];
+    let node2 = [2u8, 0, 0, 1, 0, 8, 8];
+    let mut first = batch(&[(&node1, b"n1"), (&node2, b"n2")], root(None, 0, b"r0"));
+    first.value_states = vec![
+        ValueStateBlob {
+            label: b"label-a".to_vec(),
+            epoch: 0,
+            blob: b"a0".to_vec(),
+        },
+        ValueStateBlob {
+            label: b"label-b".to_vec(),
+            epoch: 0,
+            blob: b"b0".to_vec(),
+        },
+    ];
+    a.commit(D, first).await.unwrap();
+    let mut second = batch(&[(&node1, b"n1'")], root(Some(0), 1, b"r1"));
+    second.value_states = vec![ValueStateBlob {
+        label: b"label-a".to_vec(),
+        epoch: 1,
+        blob: b"a1".to_vec(),
+    }];
+    a.commit(D, second).await.unwrap();
+
+    assert_eq!(
+        b.root(D).await.unwrap(),
+        Some((1, b"r1".to_vec())),
+        "round trip: root"
+    );
+    let mut nodes = b
+        .nodes(D, &[node1.to_vec(), vec![2, 0, 0, 0, 9, 9], node2.to_vec()])
+        .await
+        .unwrap();
+    nodes.sort();
+    assert_eq!(
+        nodes,
+        vec![b"n1'".to_vec(), b"n2".to_vec()],
+        "round trip: nodes"
+    );
+    let mut states = b.value_states(D, b"label-a").await.unwrap();
+    states.sort();
+    assert_eq!(
+        states,
+        vec![(0, b"a0".to_vec()), (1, b"a1".to_vec())],
+        "round trip: value states of one label"
+    );
+    assert!(
+        b.value_states(D, b"label-c").await.unwrap().is_empty(),
+        "round trip: unknown label"
+    );
+    assert_eq!(
+        b.root("other.example").await.unwrap(),
+        None,
+        "round trip: another domain is separate"
+    );
+}
+
+/// The root is insert-if-absent at epoch 0; a batch built on a stale epoch writes nothing and
+/// fails with `Conflict`; a batch of nodes alone is dropped once a root exists.
+pub async fn fence_and_first_root(store: &Arc<dyn DirectoryStore>) {
+    const D: &str = "fence.example";
+    store
+        .commit(D, batch(&[(b"\x02first", b"empty tree")], None))
+        .await
+        .unwrap();
+    store
+        .commit(D, batch(&[], root(None, 0, b"first")))
+        .await
+        .unwrap();
+    store
+        .commit(D, batch(&[], root(None, 0, b"second")))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.root(D).await.unwrap(),
+        Some((0, b"first".to_vec())),
+        "fence: a second empty root must not replace the first"
+    );
+    store
+        .commit(D, batch(&[(b"\x02first", b"late starter")], None))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.nodes(D, &[b"\x02first".to_vec()]).await.unwrap(),
+        vec![b"empty tree".to_vec()],
+        "fence: nodes alone must be dropped once a root exists"
+    );
+    store
+        .commit(
+            D,
+            batch(&[(b"\x02n", b"epoch 1")], root(Some(0), 1, b"one")),
+        )
+        .await
+        .unwrap();
+    let stale = store
+        .commit(D, batch(&[(b"\x02n", b"stale")], root(Some(0), 1, b"fork")))
+        .await;
+    assert!(
+        matches!(stale, Err(DirectoryStoreError::Conflict(_))),
+        "fence: a batch built on epoch 0 after epoch 1 must conflict, got {stale:?}"
+    );
+    assert_eq!(
+        store.nodes(D, &[b"\x02n".to_vec()]).await.unwrap(),
+        vec![b"epoch 1".to_vec()],
+        "fence: a refused batch must write nothing"
+    );
+    assert_eq!(
+        store.root(D).await.unwrap(),
+        Some((1, b"one".to_vec())),
+        "fence: root after the refused batch"
+    );
+}
+
+fn record(address: &Address, series: u32, n: u64, version: u64) -> KeyRecord {
+    test_key(address, series, n).into_record(version)
+}
+
+/// A directory over the store records publications, replacements and deletions; every
+/// answer verifies against the signed head and agrees with what the store serves; the
+/// append-only proof from the first epoch verifies.
+pub async fn directory_proves_the_store(store: Arc<dyn DirectoryStore>) {
+    const D: &str = "proofs.example";
+    let keys = LogKeys::generate(D);
+    let head_key = keys.head.public_key();
+    let log = DomainLog::open(store, keys).await.unwrap();
+    let alice = address("alice@proofs.example");
+    let bob = address("bob@proofs.example");
+    let carol = address("carol@proofs.example");
+    let mut roots = BTreeMap::new();
+    let mut remember = |s: Synced| match s {
+        Synced::Recorded {
+            epoch, root_hash, ..
+        } => {
+            roots.insert(epoch, root_hash);
+        }
+        Synced::AlreadyRecorded => panic!("proofs: a change was not recorded"),
+    };
+    let alice1 = record(&alice, 1, 1, 1);
+    let alice2 = record(&alice, 1, 2, 2);
+    let bob1 = record(&bob, 1, 3, 1);
+    remember(log.sync(&alice, Some(&alice1), 10).await.unwrap());
+    remember(log.sync(&bob, Some(&bob1), 11).await.unwrap());
+    remember(log.sync(&alice, Some(&alice2), 12).await.unwrap());
+    remember(log.sync(&bob, None, 13).await.unwrap());
+    assert_eq!(
+        log.sync(&alice, Some(&alice2), 14).await.unwrap(),
+        Synced::AlreadyRecorded,
+        "proofs: syncing the same record again must write nothing"
+    );
+    assert_eq!(
+        log.sync(&carol, None, 14).await.unwrap(),
+        Synced::AlreadyRecorded,
+        "proofs: an address never published has no deletion to record"
+    );
+
+    let answer = log.answer(&alice, 20).await.unwrap();
+    let entry = answer
+        .verify(&head_key, &alice, Served::Key(&alice2.key))
+        .await
+        .unwrap_or_else(|e| panic!("proofs: alice's current key: {e}"))
+        .expect("proofs: alice has an entry");
+    assert_eq!(entry.version, 2, "proofs: alice's version");
+    assert!(
+        answer
+            .verify(&head_key, &alice, Served::Key(&alice1.key))
+            .await
+            .is_err(),
+        "proofs: alice's superseded key must be refused"
+    );
+    assert!(
+        answer
+            .verify(&head_key, &alice, Served::Nothing)
+            .await
+            .is_err(),
+        "proofs: \"no key\" for alice must be refused"
+    );
+    let other_key = LogKeys::generate(D).head.public_key();
+    assert!(
+        answer
+            .verify(&other_key, &alice, Served::Key(&alice2.key))
+            .await
+            .is_err(),
+        "proofs: a head signed by another key must be refused"
+    );
+    let parsed = crate::transparency::answer::LogAnswer::parse(&answer.to_text().unwrap())
+        .expect("proofs: the answer's text parses");
+    assert_eq!(parsed, answer, "proofs: the answer survives its text");
+
+    let answer = log.answer(&bob, 21).await.unwrap();
+    let entry = answer
+        .verify(&head_key, &bob, Served::Nothing)
+        .await
+        .unwrap_or_else(|e| panic!("proofs: bob's deletion: {e}"))
+        .expect("proofs: bob has an entry");
+    assert_eq!(entry.state, EntryState::Deleted, "proofs: bob is deleted");
+    assert!(
+        answer
+            .verify(&head_key, &bob, Served::Key(&bob1.key))
+            .await
+            .is_err(),
+        "proofs: bob's deleted key must be refused"
+    );
+
+    let answer = log.answer(&carol, 22).await.unwrap();
+    assert_eq!(
+        answer
+            .verify(&head_key, &carol, Served::Nothing)
+            .await
+            .unwrap_or_else(|e| panic!("proofs: carol's absence: {e}")),
+        None,
+        "proofs: carol was never published"
+    );
+    assert!(
+        answer
+            .verify(&head_key, &carol, Served::Key(&alice2.key))
+            .await
+            .is_err(),
+        "proofs: a key for carol must be refused"
+    );
+    audit_all(&log, &roots).await;
+}
+
+/// Verifies the append-only proof from the first to the last epoch of `roots`.
+async fn audit_all(log: &DomainLog, roots: &BTreeMap<u64, [u8; 32]>) {
+    let (&first, _) = roots.first_key_value().expect("audit: epochs");
+    let (&last, _) = roots.last_key_value().expect("audit: epochs");
+    let expected: Vec<u64> = (first..=last).collect();
+    let got: Vec<u64> = roots.keys().copied().collect();
+    assert_eq!(
+        got, expected,
+        "audit: every epoch was committed by exactly one writer"
+    );
+    let head = |epoch: u64| Head {
+        domain: log.domain().to_string(),
+        epoch,
+        root_hash: roots[&epoch],
+        vrf_public_key: log.vrf_public_key().unwrap(),
+        signed_at: 0,
+    };
+    let intermediate: Vec<[u8; 32]> = (first + 1..last).map(|e| roots[&e]).collect();
+    let proof = log.audit(first, last).await.unwrap();
+    crate::transparency::verify::verify_append_only(
+        &head(first),
+        &head(last),
+        &intermediate,
+        proof,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("audit: epochs {first} to {last}: {e}"));
+}
+
+/// Two writers (two store instances, one log key) record different addresses at once: every
+/// change lands in its own epoch, the epochs form one history whose append-only proof
+/// verifies, and every address's answer verifies through either instance.
+pub async fn two_writers_one_history(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
+    const D: &str = "pool.example";
+    const PER_WRITER: u64 = 12;
+    let keys_a = LogKeys::generate(D);
+    let keys_b = LogKeys::parse(&keys_a.to_file()).unwrap();
+    let head_key = keys_a.head.public_key();
+    let log_a = Arc::new(DomainLog::open(a, keys_a).await.unwrap());
+    let log_b = Arc::new(DomainLog::open(b, keys_b).await.unwrap());
+    // Both writers run at once (the fs store's calls are blocking tasks on other threads).
+    let writer = |log: Arc<DomainLog>, who: &'static str| async move {
+        let mut roots = Vec::new();
+        for n in 0..PER_WRITER {
+            let addr = address(&format!("{who}{n}@pool.example"));
+            let rec = record(&addr, 2, n, 1);
+            match log.sync(&addr, Some(&rec), 30 + n).await {
+                Ok(Synced::Recorded {
+                    epoch, root_hash, ..
+                }) => roots.push((epoch, root_hash)),
+                other => panic!("pool: {addr}: {other:?}"),
+            }
+        }
+        roots
+    };
+    let (ra, rb) = tokio::join!(
+        writer(Arc::clone(&log_a), "a"),
+        writer(Arc::clone(&log_b), "b")
+    );
+    let mut roots = BTreeMap::new();
+    for (epoch, root) in ra.into_iter().chain(rb) {
+        assert!(
+            roots.insert(epoch, root).is_none(),
+            "pool: two writers both committed epoch {epoch}"
+        );
+    }
+    assert_eq!(
+        roots.len() as u64,
+        2 * PER_WRITER,
+        "pool: one epoch per change"
+    );
+    audit_all(&log_a, &roots).await;
+    for (who, log) in [("a", &log_b), ("b", &log_a)] {
+        for n in 0..PER_WRITER {
+            let addr = address(&format!("{who}{n}@pool.example"));
+            let rec = record(&addr, 2, n, 1);
+            log.answer(&addr, 40)
+                .await
+                .unwrap()
+                .verify(&head_key, &addr, Served::Key(&rec.key))
+                .await
+                .unwrap_or_else(|e| panic!("pool: {addr} through the other instance: {e}"));
+        }
+    }
+}
+
+/// The record encoding (`transparency::records`, what every backend stores) gives back every
+/// record of a directory after three epochs (root record, tree nodes with and without a
+/// previous value, value states), and refuses truncated or longer bytes. Independent of any
+/// backend: akd's in-memory database holds the directory.
+pub async fn record_encoding_round_trips() {
+    use akd::storage::StorageUtil;
+    use akd::storage::memory::AsyncInMemoryDatabase;
+    use akd::storage::types::DbRecord;
+
+    use crate::transparency::{DirectoryEntry, KeyDirectory, VrfSecret, records};
+
+    let db = AsyncInMemoryDatabase::new();
+    let dir = KeyDirectory::open(db.clone(), VrfSecret::generate())
+        .await
+        .unwrap();
+    for n in 1..=3u64 {
+        let batch: Vec<_> = (0..5u64)
+            .map(|i| {
+                let a = address(&format!("u{i}@records.example"));
+                let entry = DirectoryEntry::for_record(&record(&a, 3, i * 10 + n, n));
+                (a, entry)
+            })
+            .collect();
+        dir.publish(&batch).await.unwrap();
+    }
+    let all = db.batch_get_all_direct().await.unwrap();
+    let count = |k: fn(&DbRecord) -> bool| all.iter().filter(|r| k(r)).count();
+    assert_eq!(
+        count(|r| matches!(r, DbRecord::Azks(_))),
+        1,
+        "records: one root"
+    );
+    assert!(
+        count(|r| matches!(r, DbRecord::TreeNode(n) if n.previous_node.is_some())) > 0,
+        "records: nodes with a previous value"
+    );
+    assert_eq!(
+        count(|r| matches!(r, DbRecord::ValueState(_))),
+        15,
+        "records: value states"
+    );
+    for r in &all {
+        let bytes = records::encode(r);
+        assert_eq!(&records::decode(&bytes).unwrap(), r, "records: round trip");
+        assert!(
+            records::decode(&bytes[..bytes.len() - 1]).is_err(),
+            "records: truncated"
+        );
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(records::decode(&longer).is_err(), "records: trailing byte");
+    }
+    assert!(
+        records::decode(b"KSR1\x09").is_err(),
+        "records: unknown kind"
+    );
+    assert!(records::decode(b"nope").is_err(), "records: unknown layout");
+}

@@ -1,0 +1,247 @@
+//! What the log's HTTP endpoint serves for an address, and what a client checks of it.
+//!
+//! `GET /.well-known/kst/log/<domain>/lookup/<address>` answers a short text (UTF-8, LF):
+//!
+//! ```text
+//! kst-log-answer-v1
+//! domain example.net
+//! epoch 7
+//! root <64 hex>
+//! vrf <64 hex>
+//! signed-at 1764790000
+//! signature <128 hex>
+//! present <base64 of the lookup proof>      (or: absent <base64 of the absence proof>)
+//! ```
+//!
+//! Lines 2 to 6 are the head exactly as signed ([`Head::message`] without its context
+//! line), the signature is the domain's head key's over that message, and the last line is
+//! [`super::wire`]'s encoding of the lookup or absence proof against that head. `/head`
+//! serves the same without the last line, under `kst-log-head-v1`.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+
+use super::directory::AbsenceProof;
+use super::entry::{DirectoryEntry, EntryState};
+use super::head::{Head, SignedHead};
+use super::verify::{verify_absence, verify_lookup};
+use super::{Result, TransparencyError, wire};
+use crate::Address;
+
+/// First line of a lookup answer.
+pub const ANSWER_CONTEXT: &str = "kst-log-answer-v1";
+/// First line of a head.
+pub const HEAD_CONTEXT: &str = "kst-log-head-v1";
+/// Largest answer text accepted (a lookup proof at 10⁶ entries is a few KiB).
+pub const MAX_ANSWER: usize = 2 * wire::MAX_LOOKUP_PROOF;
+
+/// The proof in an answer, in [`super::wire`]'s encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnswerProof {
+    /// The address's latest version (a lookup proof).
+    Present(Vec<u8>),
+    /// The address was never in the directory (an absence proof).
+    Absent(Vec<u8>),
+}
+
+/// A signed head and the proof for one address against it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogAnswer {
+    /// The head of the epoch the proof is against.
+    pub head: SignedHead,
+    /// The proof.
+    pub proof: AnswerProof,
+}
+
+/// What the KST served for the address the answer is about.
+#[derive(Debug, Clone, Copy)]
+pub enum Served<'a> {
+    /// This key (binary OpenPGP packets).
+    Key(&'a [u8]),
+    /// An authenticated "no key".
+    Nothing,
+}
+
+/// The text of a signed head (what `/head` serves).
+pub fn head_text(head: &SignedHead) -> Result<String> {
+    Ok(format!("{HEAD_CONTEXT}\n{}", head_lines(head)?))
+}
+
+/// Parses the text of [`head_text`].
+pub fn parse_head(text: &str) -> Result<SignedHead> {
+    let mut lines = text.lines();
+    if lines.next() != Some(HEAD_CONTEXT) {
+        return Err(malformed("not a kst log head"));
+    }
+    let head = read_head(&mut lines)?;
+    if lines.next().is_some() {
+        return Err(malformed("trailing lines"));
+    }
+    Ok(head)
+}
+
+impl LogAnswer {
+    /// The answer's text.
+    pub fn to_text(&self) -> Result<String> {
+        let (kind, bytes) = match &self.proof {
+            AnswerProof::Present(b) => ("present", b),
+            AnswerProof::Absent(b) => ("absent", b),
+        };
+        Ok(format!(
+            "{ANSWER_CONTEXT}\n{}{kind} {}\n",
+            head_lines(&self.head)?,
+            B64.encode(bytes)
+        ))
+    }
+
+    /// Parses an answer's text; strict, bounded.
+    pub fn parse(text: &str) -> Result<LogAnswer> {
+        if text.len() > MAX_ANSWER {
+            return Err(malformed(&format!("larger than {MAX_ANSWER} bytes")));
+        }
+        let mut lines = text.lines();
+        if lines.next() != Some(ANSWER_CONTEXT) {
+            return Err(malformed("not a kst log answer"));
+        }
+        let head = read_head(&mut lines)?;
+        let (kind, b64) = lines
+            .next()
+            .and_then(|l| l.split_once(' '))
+            .ok_or_else(|| malformed("no proof line"))?;
+        let bytes = B64
+            .decode(b64)
+            .map_err(|_| malformed("the proof is not base64"))?;
+        let proof = match kind {
+            "present" => AnswerProof::Present(bytes),
+            "absent" => AnswerProof::Absent(bytes),
+            _ => return Err(malformed("unknown proof kind")),
+        };
+        if lines.next().is_some() {
+            return Err(malformed("trailing lines"));
+        }
+        Ok(LogAnswer { head, proof })
+    }
+
+    /// Everything a client checks: the head is signed by `head_key` and names `address`'s
+    /// domain, the proof verifies against it, and the directory's latest entry for `address`
+    /// agrees with what the KST served (the same key, or a deletion or absence for "no key").
+    /// Returns the directory's entry (`None` for an address it never held). Any failure is
+    /// [`TransparencyError::Verification`] or [`TransparencyError::Signature`]: an attack.
+    pub async fn verify(
+        &self,
+        head_key: &[u8; 32],
+        address: &Address,
+        served: Served<'_>,
+    ) -> Result<Option<DirectoryEntry>> {
+        self.head.verify(head_key)?;
+        let head = &self.head.head;
+        if head.domain != address.domain() {
+            return Err(TransparencyError::Verification(format!(
+                "the log answer is about {}, not {}'s domain",
+                head.domain, address
+            )));
+        }
+        let fail = |what: String| {
+            TransparencyError::Verification(format!(
+                "{address} at {} epoch {}: {what}",
+                head.domain, head.epoch
+            ))
+        };
+        match &self.proof {
+            AnswerProof::Present(bytes) => {
+                let entry = verify_lookup(head, address, wire::decode_lookup(bytes)?)?;
+                match (served, entry.state) {
+                    (Served::Key(key), EntryState::Published | EntryState::Revoked)
+                        if entry.commits_to_key(key) => {}
+                    (Served::Key(_), EntryState::Deleted) => {
+                        return Err(fail(
+                            "a key was served, but the directory records its deletion".into(),
+                        ));
+                    }
+                    (Served::Key(_), _) => {
+                        return Err(fail(format!(
+                            "the served key is not the one the directory commits to (version \
+                             {}, fingerprint {})",
+                            entry.version,
+                            entry.key.as_ref().map_or("none", |(fp, _)| fp.as_str())
+                        )));
+                    }
+                    (Served::Nothing, EntryState::Deleted) => {}
+                    (Served::Nothing, _) => {
+                        return Err(fail(
+                            "\"no key\" was served, but the directory holds a key".into(),
+                        ));
+                    }
+                }
+                Ok(Some(entry))
+            }
+            AnswerProof::Absent(bytes) => {
+                let proof: AbsenceProof = wire::decode_absence(bytes)?;
+                verify_absence(head, address, &proof).await?;
+                match served {
+                    Served::Nothing => Ok(None),
+                    Served::Key(_) => Err(fail(
+                        "a key was served, but the directory never held one for the address".into(),
+                    )),
+                }
+            }
+        }
+    }
+}
+
+/// Lines 2.. of the signed head text: the head's fields and the signature.
+fn head_lines(head: &SignedHead) -> Result<String> {
+    let message = String::from_utf8(head.head.message()?)
+        .map_err(|_| malformed("the head message is not text"))?;
+    let fields = message
+        .split_once('\n')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| malformed("empty head message"))?;
+    Ok(format!(
+        "{fields}signature {}\n",
+        hex::encode(head.signature)
+    ))
+}
+
+fn read_head<'a>(lines: &mut impl Iterator<Item = &'a str>) -> Result<SignedHead> {
+    let mut field = |name: &str| -> Result<&'a str> {
+        lines
+            .next()
+            .and_then(|l| l.strip_prefix(name))
+            .and_then(|l| l.strip_prefix(' '))
+            .ok_or_else(|| malformed(&format!("want the `{name}` line")))
+    };
+    let domain = field("domain")?.to_string();
+    let epoch = number(field("epoch")?)?;
+    let root_hash = hex32(field("root")?)?;
+    let vrf_public_key = hex32(field("vrf")?)?;
+    let signed_at = number(field("signed-at")?)?;
+    let mut signature = [0u8; 64];
+    hex::decode_to_slice(field("signature")?, &mut signature)
+        .map_err(|_| malformed("the signature is not 128 hex digits"))?;
+    Ok(SignedHead {
+        head: Head {
+            domain,
+            epoch,
+            root_hash,
+            vrf_public_key,
+            signed_at,
+        },
+        signature,
+    })
+}
+
+fn number(s: &str) -> Result<u64> {
+    s.parse().map_err(|_| malformed("want a number"))
+}
+
+/// 32 bytes from 64 hex digits.
+pub fn hex32(s: &str) -> Result<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s.trim(), &mut out).map_err(|_| malformed("want 64 hex digits"))?;
+    Ok(out)
+}
+
+fn malformed(why: &str) -> TransparencyError {
+    TransparencyError::Malformed(format!("log answer: {why}"))
+}

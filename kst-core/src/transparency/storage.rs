@@ -1,0 +1,336 @@
+//! The storage contract of the directory: what a kst backend implements so that akd's
+//! [`Database`] runs on it, and the adapter ([`StoredDirectory`]) between the two.
+//!
+//! A backend stores, per served domain, opaque blobs ([`super::records`]) in three kinds: the
+//! root record (one, with its epoch), tree nodes (by key) and value states (by label and
+//! epoch). It implements [`DirectoryStore`]: four calls, no akd type in sight, so PostgreSQL and
+//! Redis implement the same four against tables or keys. The conformance suite
+//! (`kst_core::conformance::directory`, features `conformance` + `transparency`) checks a
+//! backend.
+//!
+//! Write order and fencing (docs/TRANSPARENCY.md, "What each backend stores"):
+//! - [`DirectoryStore::commit`] writes one batch. akd builds epoch N+1 from what it read at
+//!   epoch N; the batch's root carries the epoch it was built on
+//!   ([`RootWrite::expected_epoch`]) and the backend writes **nothing** unless its stored root
+//!   is still at that epoch ([`DirectoryStoreError::Conflict`]), checked atomically with the
+//!   whole batch (a transaction, a Lua script, a file lock). Two writers (a pool) therefore
+//!   never interleave epochs: the loser reloads and retries.
+//! - Inside a batch the root record is written last. A backend without transactions (kst-fs)
+//!   writes nodes and value states first: a node keeps its previous value, so readers at the
+//!   stored epoch still read that epoch, and [`StoredDirectory`] hides value states newer than
+//!   the stored root. A crash half-way leaves the directory at the old epoch; the retried
+//!   batch overwrites the leftovers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use akd::errors::StorageError;
+use akd::storage::types::{DbRecord, KeyData, StorageType, ValueState, ValueStateRetrievalFlag};
+use akd::storage::{Database, DbSetState, Storable};
+use akd::{AkdLabel, AkdValue};
+use async_trait::async_trait;
+
+use super::records;
+
+/// What a backend fails with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DirectoryStoreError {
+    /// The batch was built on another epoch than the stored one: another writer committed
+    /// first. Nothing was written; reload and retry.
+    #[error("directory write conflict: {0}")]
+    Conflict(String),
+    /// The store could not be reached or failed part-way. Temporary.
+    #[error("directory store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data could not be read back. An operator must look.
+    #[error("directory store holds corrupt data: {0}")]
+    Corrupt(String),
+}
+
+/// The prefix of the akd storage error a fenced write fails with (how the conflict crosses
+/// akd, which only carries strings).
+pub const CONFLICT_MARKER: &str = "kst-directory-conflict: ";
+
+/// The root record a batch writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootWrite {
+    /// `None`: write only if the domain has no root record yet (the empty directory every
+    /// instance creates on first use: the first one's stays, the others' writes are dropped
+    /// without an error). `Some(e)`: write the batch only if the stored root is at epoch `e`.
+    pub expected_epoch: Option<u64>,
+    /// The epoch of the root written.
+    pub epoch: u64,
+    /// The encoded root record.
+    pub blob: Vec<u8>,
+}
+
+/// One value state: the version of a label published at an epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueStateBlob {
+    /// The akd label (kst's [`super::directory_label`] of an address).
+    pub label: Vec<u8>,
+    /// The epoch it was published in.
+    pub epoch: u64,
+    /// The encoded record.
+    pub blob: Vec<u8>,
+}
+
+/// One batch of writes; see the module docs for the order and the fence.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordBatch {
+    /// Tree nodes: (key, encoded record); a node's key is [`records::node_key`].
+    pub nodes: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Value states.
+    pub value_states: Vec<ValueStateBlob>,
+    /// The root record, written last and fenced; `None` for a batch of nodes alone (akd's
+    /// empty tree on first use).
+    pub root: Option<RootWrite>,
+}
+
+/// Where a backend keeps the directories of its domains, as blobs.
+#[async_trait]
+pub trait DirectoryStore: Send + Sync {
+    /// Short name for logs (`fs`, `postgres`, ...).
+    fn name(&self) -> &'static str;
+
+    /// The stored root record of `domain` and its epoch; `None` before the first.
+    async fn root(&self, domain: &str) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError>;
+
+    /// The stored tree nodes with these keys; missing ones are left out, order is free.
+    async fn nodes(
+        &self,
+        domain: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Vec<u8>>, DirectoryStoreError>;
+
+    /// Every stored value state of `label` as (epoch, blob), also ones newer than the root
+    /// (a crashed batch's leftovers; the adapter hides them).
+    async fn value_states(
+        &self,
+        domain: &str,
+        label: &[u8],
+    ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError>;
+
+    /// Writes `batch` (see the module docs): all of it or, on
+    /// [`DirectoryStoreError::Conflict`], nothing.
+    async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError>;
+}
+
+/// akd's [`Database`] over one domain of a [`DirectoryStore`].
+pub struct StoredDirectory<T: ?Sized> {
+    store: Arc<T>,
+    domain: String,
+}
+
+impl<T: ?Sized> Clone for StoredDirectory<T> {
+    fn clone(&self) -> Self {
+        StoredDirectory {
+            store: Arc::clone(&self.store),
+            domain: self.domain.clone(),
+        }
+    }
+}
+
+impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
+    /// The directory of `domain` in `store`.
+    pub fn new(store: Arc<T>, domain: &str) -> Self {
+        StoredDirectory {
+            store,
+            domain: domain.to_string(),
+        }
+    }
+
+    /// The stored root's epoch (`None` before the first root).
+    async fn committed_epoch(&self) -> Result<Option<u64>, StorageError> {
+        Ok(self
+            .store
+            .root(&self.domain)
+            .await
+            .map_err(storage_error)?
+            .map(|(e, _)| e))
+    }
+
+    /// The committed value states of `label`, oldest first.
+    async fn states(&self, label: &AkdLabel) -> Result<Vec<ValueState>, StorageError> {
+        let Some(committed) = self.committed_epoch().await? else {
+            return Ok(Vec::new());
+        };
+        let mut states = Vec::new();
+        for (epoch, blob) in self
+            .store
+            .value_states(&self.domain, &label.0)
+            .await
+            .map_err(storage_error)?
+        {
+            if epoch > committed {
+                continue;
+            }
+            match records::decode(&blob) {
+                Ok(DbRecord::ValueState(state)) if state.epoch == epoch => states.push(state),
+                Ok(_) => return Err(corrupt("a value state slot holds another record")),
+                Err(e) => return Err(corrupt(&e.to_string())),
+            }
+        }
+        states.sort_by_key(|s| s.epoch);
+        Ok(states)
+    }
+}
+
+fn storage_error(e: DirectoryStoreError) -> StorageError {
+    match e {
+        DirectoryStoreError::Conflict(m) => {
+            StorageError::Transaction(format!("{CONFLICT_MARKER}{m}"))
+        }
+        DirectoryStoreError::Unavailable(m) => StorageError::Connection(m),
+        DirectoryStoreError::Corrupt(m) => StorageError::Other(m),
+    }
+}
+
+fn corrupt(what: &str) -> StorageError {
+    StorageError::Other(format!("corrupt directory record: {what}"))
+}
+
+fn decode(blob: &[u8]) -> Result<DbRecord, StorageError> {
+    records::decode(blob).map_err(|e| corrupt(&e.to_string()))
+}
+
+/// The state `flag` picks out of `states` (oldest first).
+fn pick(states: &[ValueState], flag: ValueStateRetrievalFlag) -> Option<&ValueState> {
+    match flag {
+        ValueStateRetrievalFlag::MaxEpoch => states.last(),
+        ValueStateRetrievalFlag::MinEpoch => states.first(),
+        ValueStateRetrievalFlag::SpecificVersion(v) => states.iter().find(|s| s.version == v),
+        ValueStateRetrievalFlag::SpecificEpoch(e) => states.iter().find(|s| s.epoch == e),
+        ValueStateRetrievalFlag::LeqEpoch(e) => states.iter().rev().find(|s| s.epoch <= e),
+    }
+}
+
+#[async_trait]
+impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
+    async fn set(&self, record: DbRecord) -> Result<(), StorageError> {
+        self.batch_set(vec![record], DbSetState::General).await
+    }
+
+    async fn batch_set(
+        &self,
+        records: Vec<DbRecord>,
+        _state: DbSetState,
+    ) -> Result<(), StorageError> {
+        let mut batch = RecordBatch::default();
+        for record in &records {
+            let blob = records::encode(record);
+            match record {
+                DbRecord::Azks(azks) => {
+                    let epoch = azks.get_latest_epoch();
+                    batch.root = Some(RootWrite {
+                        // akd publishes one epoch at a time: N+1 is built on N.
+                        expected_epoch: epoch.checked_sub(1),
+                        epoch,
+                        blob,
+                    });
+                }
+                DbRecord::TreeNode(node) => {
+                    batch.nodes.push((records::node_key(&node.label), blob))
+                }
+                DbRecord::ValueState(state) => batch.value_states.push(ValueStateBlob {
+                    label: state.username.0.clone(),
+                    epoch: state.epoch,
+                    blob,
+                }),
+            }
+        }
+        self.store
+            .commit(&self.domain, batch)
+            .await
+            .map_err(storage_error)
+    }
+
+    async fn get<St: Storable>(&self, id: &St::StorageKey) -> Result<DbRecord, StorageError> {
+        let key = St::get_full_binary_key_id(id);
+        let not_found = || StorageError::NotFound(format!("{:?} {id:?}", St::data_type()));
+        match St::data_type() {
+            StorageType::Azks => {
+                match self.store.root(&self.domain).await.map_err(storage_error)? {
+                    Some((_, blob)) => decode(&blob),
+                    None => Err(not_found()),
+                }
+            }
+            StorageType::TreeNode => {
+                let found = self
+                    .store
+                    .nodes(&self.domain, std::slice::from_ref(&key))
+                    .await
+                    .map_err(storage_error)?;
+                match found.first() {
+                    Some(blob) => decode(blob),
+                    None => Err(not_found()),
+                }
+            }
+            StorageType::ValueState => {
+                let vs = ValueState::key_from_full_binary(&key).map_err(|e| corrupt(&e))?;
+                let states = self.states(&AkdLabel(vs.0)).await?;
+                pick(&states, ValueStateRetrievalFlag::SpecificEpoch(vs.1))
+                    .map(|s| DbRecord::ValueState(s.clone()))
+                    .ok_or_else(not_found)
+            }
+        }
+    }
+
+    async fn batch_get<St: Storable>(
+        &self,
+        ids: &[St::StorageKey],
+    ) -> Result<Vec<DbRecord>, StorageError> {
+        if St::data_type() == StorageType::TreeNode {
+            let keys: Vec<Vec<u8>> = ids.iter().map(St::get_full_binary_key_id).collect();
+            let blobs = self
+                .store
+                .nodes(&self.domain, &keys)
+                .await
+                .map_err(storage_error)?;
+            return blobs.iter().map(|b| decode(b)).collect();
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.get::<St>(id).await {
+                Ok(r) => out.push(r),
+                Err(StorageError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get_user_data(&self, username: &AkdLabel) -> Result<KeyData, StorageError> {
+        let states = self.states(username).await?;
+        if states.is_empty() {
+            return Err(StorageError::NotFound(format!("ValueState {username:?}")));
+        }
+        Ok(KeyData { states })
+    }
+
+    async fn get_user_state(
+        &self,
+        username: &AkdLabel,
+        flag: ValueStateRetrievalFlag,
+    ) -> Result<ValueState, StorageError> {
+        let states = self.states(username).await?;
+        pick(&states, flag)
+            .cloned()
+            .ok_or_else(|| StorageError::NotFound(format!("ValueState {username:?}")))
+    }
+
+    async fn get_user_state_versions(
+        &self,
+        usernames: &[AkdLabel],
+        flag: ValueStateRetrievalFlag,
+    ) -> Result<HashMap<AkdLabel, (u64, AkdValue)>, StorageError> {
+        let mut map = HashMap::new();
+        for username in usernames {
+            let states = self.states(username).await?;
+            if let Some(s) = pick(&states, flag) {
+                map.insert(username.clone(), (s.version, s.value.clone()));
+            }
+        }
+        Ok(map)
+    }
+}

@@ -1,0 +1,306 @@
+//! The key directory's records on the filesystem (feature `transparency`): kst-fs's
+//! [`DirectoryStore`], under `<store>/kt/<domain>/`.
+//!
+//! ```text
+//! kt/<domain>/root                      epoch (8 bytes, big-endian) ‖ the root record
+//! kt/<domain>/nodes/<xx>/<node key hex> one tree node (xx: the label's first byte)
+//! kt/<domain>/values/<sha256(label)>/<epoch, 20 digits>   one value state
+//! kt/<domain>/lock                      flock(2) of the writer committing a batch
+//! ```
+//!
+//! A commit takes the domain's lock, checks the fence against `root`, then writes the nodes
+//! and value states (each file written, synced and renamed into place, then each directory
+//! synced once) and the root last (durable replace). Each read takes the lock shared, so it
+//! never sees a commit half-way; the root is the commit point (see
+//! `kst_core::transparency::storage` for why a crash half-way is harmless).
+
+use std::collections::BTreeSet;
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use fs4::fs_std::FileExt;
+use kst_core::durable::{sync_dir, write_atomic};
+use kst_core::transparency::{DirectoryStore, DirectoryStoreError, RecordBatch};
+use sha2::{Digest, Sha256};
+
+/// Directory of the key directories, under the store's root.
+pub(crate) const KT_DIR: &str = "kt";
+/// Largest file read back (a record is at most a few hundred bytes).
+const MAX_FILE: u64 = 64 * 1024;
+
+/// The key directories of an fs store.
+#[derive(Debug, Clone)]
+pub struct FsDirectoryStore {
+    root: PathBuf,
+}
+
+impl FsDirectoryStore {
+    /// The directories kept in the fs store at `store_root` (the `[store] path`); nothing is
+    /// created until the first write.
+    pub fn new(store_root: impl AsRef<Path>) -> Self {
+        FsDirectoryStore {
+            root: store_root.as_ref().join(KT_DIR),
+        }
+    }
+
+    fn domain_dir(&self, domain: &str) -> Result<PathBuf, DirectoryStoreError> {
+        let ok = !domain.is_empty()
+            && domain.len() <= 253
+            && !domain.starts_with('.')
+            && domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+        if !ok {
+            return Err(DirectoryStoreError::Unavailable(format!(
+                "{domain:?} is not a normalized domain name"
+            )));
+        }
+        Ok(self.root.join(domain))
+    }
+}
+
+fn node_path(dir: &Path, key: &[u8]) -> PathBuf {
+    // The key is kind (1) ‖ bit length (4) ‖ label (32): shard on the label's first byte.
+    let shard = key
+        .get(5)
+        .map_or_else(|| "00".to_string(), |b| format!("{b:02x}"));
+    dir.join("nodes").join(shard).join(hex::encode(key))
+}
+
+fn values_dir(dir: &Path, label: &[u8]) -> PathBuf {
+    dir.join("values").join(hex::encode(Sha256::digest(label)))
+}
+
+fn unavailable(op: &str, path: &Path, e: impl std::fmt::Display) -> DirectoryStoreError {
+    DirectoryStoreError::Unavailable(format!("{op} {}: {e}", path.display()))
+}
+
+/// Reads `path`; `None` when it does not exist.
+fn read(path: &Path) -> Result<Option<Vec<u8>>, DirectoryStoreError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > MAX_FILE => {
+            return Err(DirectoryStoreError::Corrupt(format!(
+                "{} is larger than {MAX_FILE} bytes",
+                path.display()
+            )));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(unavailable("stat", path, e)),
+    }
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(unavailable("read", path, e)),
+    }
+}
+
+fn read_root(dir: &Path) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
+    let path = dir.join("root");
+    let Some(bytes) = read(&path)? else {
+        return Ok(None);
+    };
+    let (epoch, blob) = bytes
+        .split_first_chunk::<8>()
+        .ok_or_else(|| DirectoryStoreError::Corrupt(format!("{} is truncated", path.display())))?;
+    Ok(Some((u64::from_be_bytes(*epoch), blob.to_vec())))
+}
+
+/// Writes `bytes` to `path` through a temporary file, synced and renamed; the caller syncs
+/// the directory.
+fn write_unsynced_dir(path: &Path, bytes: &[u8]) -> Result<(), DirectoryStoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| unavailable("create", dir, e))?;
+    let temp = dir.join(format!(".tmp-{:016x}", rand_suffix()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&temp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&temp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&temp);
+        return Err(unavailable("write", path, e));
+    }
+    Ok(())
+}
+
+/// A suffix for temporary names: unique enough within one writer holding the domain's lock.
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    (u64::from(std::process::id()) << 32) | NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Holds the exclusive lock of one domain's directory while it lives.
+struct DomainLock {
+    _file: std::fs::File,
+}
+
+impl DomainLock {
+    /// The shared lock readers take: no read sees a commit half-way (a tree node written for
+    /// the next epoch next to one not yet written).
+    fn shared(dir: &Path) -> Result<Option<DomainLock>, DirectoryStoreError> {
+        let path = dir.join("lock");
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(unavailable("open", &path, e)),
+        };
+        loop {
+            match FileExt::lock_shared(&file) {
+                Ok(()) => return Ok(Some(DomainLock { _file: file })),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(unavailable("lock", &path, e)),
+            }
+        }
+    }
+
+    fn acquire(dir: &Path) -> Result<DomainLock, DirectoryStoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| unavailable("create", dir, e))?;
+        let path = dir.join("lock");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| unavailable("open", &path, e))?;
+        loop {
+            match FileExt::lock_exclusive(&file) {
+                Ok(()) => return Ok(DomainLock { _file: file }),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(unavailable("lock", &path, e)),
+            }
+        }
+    }
+}
+
+fn commit(dir: &Path, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
+    let _lock = DomainLock::acquire(dir)?;
+    let stored = read_root(dir)?.map(|(e, _)| e);
+    match (&batch.root, stored) {
+        // akd's empty tree (nodes alone, then an epoch-0 root) is written by whoever finds no
+        // root; once one exists, a late starter's copy is dropped (it equals what is stored
+        // or would overwrite newer nodes).
+        (None, Some(_)) => return Ok(()),
+        (Some(r), Some(_)) if r.expected_epoch.is_none() => return Ok(()),
+        (Some(r), stored) if r.expected_epoch.is_some() && r.expected_epoch != stored => {
+            return Err(DirectoryStoreError::Conflict(format!(
+                "the batch for epoch {} was built on epoch {:?}, the stored root is at {stored:?}",
+                r.epoch, r.expected_epoch
+            )));
+        }
+        _ => {}
+    }
+    let mut dirs = BTreeSet::new();
+    for (key, blob) in &batch.nodes {
+        let path = node_path(dir, key);
+        write_unsynced_dir(&path, blob)?;
+        dirs.insert(path.parent().map(Path::to_path_buf).unwrap_or_default());
+    }
+    for vs in &batch.value_states {
+        let path = values_dir(dir, &vs.label).join(format!("{:020}", vs.epoch));
+        write_unsynced_dir(&path, &vs.blob)?;
+        dirs.insert(path.parent().map(Path::to_path_buf).unwrap_or_default());
+    }
+    for d in &dirs {
+        sync_dir(d).map_err(|e| unavailable("sync", d, e))?;
+        // New shard directories must survive too: sync their parents once.
+        if let Some(parent) = d.parent() {
+            sync_dir(parent).map_err(|e| unavailable("sync", parent, e))?;
+        }
+    }
+    if let Some(root) = &batch.root {
+        let mut bytes = root.epoch.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&root.blob);
+        let path = dir.join("root");
+        write_atomic(&path, &bytes).map_err(|e| unavailable("write", &path, e))?;
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DirectoryStoreError> + Send + 'static,
+) -> Result<T, DirectoryStoreError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(DirectoryStoreError::Unavailable(format!(
+            "file operation cancelled: {e}"
+        ))),
+    }
+}
+
+#[async_trait]
+impl DirectoryStore for FsDirectoryStore {
+    fn name(&self) -> &'static str {
+        "fs"
+    }
+
+    async fn root(&self, domain: &str) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
+        let dir = self.domain_dir(domain)?;
+        blocking(move || {
+            let _shared = DomainLock::shared(&dir)?;
+            read_root(&dir)
+        })
+        .await
+    }
+
+    async fn nodes(
+        &self,
+        domain: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Vec<u8>>, DirectoryStoreError> {
+        let dir = self.domain_dir(domain)?;
+        let keys = keys.to_vec();
+        blocking(move || {
+            let _shared = DomainLock::shared(&dir)?;
+            let mut out = Vec::with_capacity(keys.len());
+            for key in &keys {
+                if let Some(blob) = read(&node_path(&dir, key))? {
+                    out.push(blob);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn value_states(
+        &self,
+        domain: &str,
+        label: &[u8],
+    ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
+        let domain_dir = self.domain_dir(domain)?;
+        let dir = values_dir(&domain_dir, label);
+        blocking(move || {
+            let _shared = DomainLock::shared(&domain_dir)?;
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(unavailable("list", &dir, e)),
+            };
+            let mut out = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(|e| unavailable("list", &dir, e))?;
+                let name = entry.file_name();
+                // Temporary files of a writer start with a dot.
+                let Some(epoch) = name.to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                    continue;
+                };
+                if let Some(blob) = read(&entry.path())? {
+                    out.push((epoch, blob));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
+        let dir = self.domain_dir(domain)?;
+        blocking(move || commit(&dir, batch)).await
+    }
+}
