@@ -862,9 +862,15 @@ fn redteam_odd_queries_and_senders_add_no_header_to_a_signed_reply() {
         sent += 1;
     }
     let out = s.deliver("dave@acme.net\r\nBcc: evil@attacker.test", &q.message);
-    eprintln!("sender with CR/LF: exit {}: {}", code(&out), stderr(&out));
+    // A sender with CR/LF is no address: ignored, nothing answered.
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("bad-sender"), "{}", stderr(&out));
     let replies = s.kst.replies();
-    assert!(replies.len() >= sent, "{} replies", replies.len());
+    assert_eq!(
+        replies.len(),
+        sent,
+        "one reply per odd query, none to the odd sender"
+    );
     for reply in &replies {
         let shown = String::from_utf8_lossy(reply).into_owned();
         assert_eq!(dkimpy(reply, &records), [true, true], "{shown}");
