@@ -34,6 +34,11 @@ impl SignedKst {
         self.kst.kst_env(args, stdin, &self.env())
     }
 
+    /// `kst deliver` of `message` from `sender` to keys@example.net.
+    fn deliver(&self, sender: &str, message: &[u8]) -> std::process::Output {
+        self.kst.deliver_env(sender, message, &self.env())
+    }
+
     fn key_dir(&self) -> PathBuf {
         self.kst.dir.path().join("keys-dkim")
     }
@@ -115,20 +120,13 @@ def check(i):
         return False
 print(json.dumps([check(i) for i in range(n)]))
 "#;
-    let out = Command::new(dkimpy_python())
-        .arg("-c")
-        .arg(script)
-        .arg(&msg)
-        .arg(&recs)
-        .stdin(Stdio::null())
-        .output()
-        .expect("python3 with dkimpy (python3-dkim, python3-nacl; scripts/test.sh installs them)");
-    assert!(
-        out.status.success(),
-        "dkimpy failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let mut cmd = Command::new(dkimpy_python());
+    cmd.arg("-c").arg(script).arg(&msg).arg(&recs);
+    let out = stdout_of(
+        cmd,
+        "python3 with dkimpy (python3-dkim, python3-nacl; scripts/test.sh installs them)",
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_slice(&out).unwrap()
 }
 
 /// The Python that Debian's `dkimverify` runs (its `#!` line): python3-dkim is installed for
@@ -149,7 +147,7 @@ fn dkimpy_python() -> String {
 /// Sends a retrieval to the KST and returns the pending request and the spooled reply.
 fn retrieval_reply(s: &SignedKst, query: &str) -> (client::Pending, Vec<u8>) {
     let q = client::build_retrieval(&addr("dave@acme.net"), &addr(query));
-    let out = s.kst.deliver_env("dave@acme.net", &q.message, &s.env());
+    let out = s.deliver("dave@acme.net", &q.message);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     (q.pending, s.kst.last_reply())
 }
@@ -289,7 +287,7 @@ fn unusable_keys_stop_kst_before_anything_is_sent() {
     );
     // kst deliver: a configuration error is temporary (75) and nothing is spooled unsigned.
     let q = client::build_retrieval(&addr("dave@acme.net"), &addr("nobody@example.net"));
-    let out = s.kst.deliver_env("dave@acme.net", &q.message, &s.env());
+    let out = s.deliver("dave@acme.net", &q.message);
     assert_eq!(code(&out), 75, "{}", stderr(&out));
     assert!(s.kst.replies().is_empty());
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -316,56 +314,11 @@ async fn client_check_through_the_test_dns() {
 
     let (s, records) = signed_kst();
     let (_, reply) = retrieval_reply(&s, "nobody@example.net");
-    let extra = s.kst.dir.path().join("dns-extra");
-    std::fs::create_dir(&extra).unwrap();
-    let mut zones: std::collections::BTreeMap<&str, String> = Default::default();
-    for (name, value) in &records {
-        let zone = if name.ends_with("example.net") {
-            "example.net"
-        } else {
-            "example.org"
-        };
-        if zone != "example.net" {
-            continue; // the test DNS serves example.net and acme.net
-        }
-        let strings: Vec<String> = value
-            .as_bytes()
-            .chunks(255)
-            .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
-            .collect();
-        zones
-            .entry(zone)
-            .or_default()
-            .push_str(&format!("{name}. 3600 IN TXT ( {} )\n", strings.join(" ")));
-    }
-    for (zone, lines) in &zones {
-        std::fs::write(extra.join(zone), lines).unwrap();
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/testdns.sh");
-    let out = Command::new(&script)
-        .arg("up")
-        .env("KST_DNS_EXTRA_DIR", &extra)
-        .stdin(Stdio::null())
-        .output()
-        .expect("scripts/testdns.sh");
-    assert!(
-        out.status.success(),
-        "testdns up: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let port = |var: &str, default: u16| {
-        std::env::var(var)
-            .ok()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(default)
-    };
-    let main: std::net::SocketAddr = ([127, 0, 0, 1], port("KST_DNS_PORT", 5300)).into();
-    let forged: std::net::SocketAddr = ([127, 0, 0, 1], port("KST_DNS_FORGED_PORT", 5302)).into();
+    let zones = example_net_zone(&records);
+    let (main, forged, anchor) = test_dns_up(s.kst.dir.path(), &zones);
 
     // The client's resolver as `--resolver 127.0.0.1:5300 --dns-anchor <test root>` builds it
     // (validating; the test root's DNSKEY is the trust anchor).
-    let anchor = PathBuf::from(std::env::var("KST_DNS_DIR").unwrap_or("/tmp/kst-dns".into()))
-        .join("anchors/root.key");
     let resolver = |server| {
         Dns::new(&DnsSettings {
             server: Some(ResolverSpec::Plain(server)),
@@ -418,4 +371,531 @@ async fn client_check_through_the_test_dns() {
     let dns = resolver(forged);
     let r = verify(dns.resolver(), &reply, "example.net", "kst").await;
     assert_ne!(r.result, DkimStatus::Pass, "{r:?}");
+}
+
+// --- red team (issue 17, rt17) ----------------------------------------------------------------
+
+/// `bytes` with every `DKIM-Signature:` field (and its folded lines) removed: the reply as kst
+/// built it before signing.
+fn unsigned(bytes: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(bytes);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in head.split("\r\n") {
+        if line.starts_with([' ', '\t']) {
+            if !skipping {
+                out.push_str(line);
+                out.push_str("\r\n");
+            }
+            continue;
+        }
+        skipping = line.to_ascii_lowercase().starts_with("dkim-signature:");
+        if !skipping {
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    }
+    format!("{out}\r\n{body}").into_bytes()
+}
+
+/// `message` with the header field `extra` added after signing: above the others, and below.
+fn header_added(message: &[u8], extra: &str) -> [String; 2] {
+    let text = String::from_utf8_lossy(message);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    [
+        format!("{extra}\r\n{text}"),
+        format!("{head}\r\n{extra}\r\n\r\n{body}"),
+    ]
+}
+
+/// Publishes `gpg`'s key for `account` through `kst deliver` (an authenticated submission).
+fn publish(s: &SignedKst, gpg: &kst_tests::Gpg, key: &kst_tests::GpgKey, account: &str) {
+    let req = client::build_publication(&addr(account), &gpg.export(&key.fingerprint)).unwrap();
+    let mut raw = kst_tests::received_authenticated(account, "mail.example.net").into_bytes();
+    raw.extend_from_slice(&req.message);
+    let out = s.deliver(account, &raw);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let v = client::verify_reply(&req.pending, &s.kst.last_reply());
+    assert!(matches!(v, Ok(Verified::Published { .. })), "{v:?}");
+}
+
+/// Mallory's copy of Carol's retrieval of bob@example.net (her Message-ID and K_auth, read on
+/// the way) with the query replaced by `query`, delivered to kst from Mallory's address.
+/// Returns Carol's pending request and kst's reply to the copy, which kst signed (dkimpy
+/// verifies) and which answers Carol's Message-ID.
+fn forged_copy(
+    s: &SignedKst,
+    records: &[(String, String)],
+    query: &str,
+) -> (client::Pending, Vec<u8>) {
+    let carol = client::build_retrieval(&addr("carol@acme.net"), &addr("bob@example.net"));
+    let text = String::from_utf8(carol.message.clone()).unwrap();
+    let forged = text.replace("bob@example.net", query);
+    assert_ne!(forged, text, "the request names the queried address");
+    let out = s.deliver("mallory@example.net", forged.as_bytes());
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let reply = s.kst.last_reply();
+    assert_eq!(dkimpy(&reply, records), [true, true], "kst signed it");
+    assert!(
+        header_value(&reply, "In-Reply-To")[0].contains(&carol.pending.message_id),
+        "it answers Carol's Message-ID"
+    );
+    (carol.pending, reply)
+}
+
+/// Attack: the key tag covers the key, not the address it answers for, and a request's K_auth
+/// and Message-ID are in clear on every hop. Mallory, on the path of Carol's retrieval of
+/// bob@example.net, sends kst a retrieval of his own address under Carol's Message-ID and
+/// K_auth. kst answers it, signs it with DKIM (d=example.net, kst's selectors: dkimpy verifies),
+/// and the answer carries a valid HMAC under Carol's K_auth and `In-Reply-To` her request.
+/// Forwarded into Carol's mailbox, it passed as bob's key, "proven by K_auth and DKIM". Now the
+/// client checks the signed `KST-Address`: the key of another address is refused.
+#[test]
+fn redteam_a_signed_answer_about_another_address_is_refused() {
+    let (s, records) = signed_kst();
+    let gpg = kst_tests::Gpg::new();
+    let mallory = gpg.generate("Mallory", "mallory@example.net", "ed25519");
+    publish(&s, &gpg, &mallory, "mallory@example.net");
+
+    let (carol, reply) = forged_copy(&s, &records, "mallory@example.net");
+    assert_eq!(header_value(&reply, "KST-Address"), ["mallory@example.net"]);
+    match client::verify_reply(&carol, &reply) {
+        Err(client::ReplyError::KeyMismatch(m)) => {
+            assert!(m.contains("mallory@example.net"), "{m}")
+        }
+        other => panic!("mallory's key accepted as bob's: {other:?}"),
+    }
+
+    // The genuine answer about mallory still verifies for whoever asked for mallory.
+    let (pending, reply) = retrieval_reply(&s, "mallory@example.net");
+    match client::verify_reply(&pending, &reply) {
+        Ok(Verified::Found { fingerprint, .. }) => assert_eq!(fingerprint, mallory.fingerprint),
+        other => panic!("{other:?}"),
+    }
+    // And headers added after signing (a second KST-Address, In-Reply-To or Subject, above or
+    // below the signed one) break both signatures: each name is oversigned.
+    for extra in [
+        "KST-Address: bob@example.net",
+        "In-Reply-To: <someone-else@acme.net>",
+        "Subject: Your key",
+        "KST-Status: not-found",
+    ] {
+        for m in header_added(&reply, extra) {
+            assert_eq!(dkimpy(m.as_bytes(), &records), [false, false], "{extra}");
+        }
+    }
+}
+
+/// Signs `message` with dkimpy's signing core under `tags` (d, s, and optionally i, l, t, x,
+/// h as a list), rsa-sha256, relaxed/relaxed, with the PKCS#1 PEM key `key`; returns the
+/// signed message. The tags are written as given, so signatures kst never makes (l=, an i=
+/// outside d=, an expired x=, a short h=) can be made with kst's own keys.
+fn dkimpy_sign(message: &[u8], key: &Path, tags: serde_json::Value) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let msg = dir.path().join("msg.eml");
+    std::fs::write(&msg, message).unwrap();
+    let mut args = tags;
+    args["msg"] = msg.display().to_string().into();
+    args["key"] = key.display().to_string().into();
+    let a = dir.path().join("args.json");
+    std::fs::write(&a, serde_json::to_vec(&args).unwrap()).unwrap();
+    let script = r#"
+import base64, json, sys, time, dkim
+from dkim.crypto import parse_pem_private_key
+from dkim.canonicalization import CanonicalizationPolicy
+a = json.load(open(sys.argv[1]))
+msg = open(a['msg'], 'rb').read()
+d = dkim.DKIM(msg)
+pk = parse_pem_private_key(open(a['key'], 'rb').read())
+canon = CanonicalizationPolicy.from_c_value(b'relaxed/relaxed')
+inc = tuple(h.lower().encode() for h in a.get('h', ['from', 'to', 'subject', 'date',
+    'message-id', 'in-reply-to', 'references', 'kst-protocol', 'kst-mac', 'kst-status',
+    'kst-address', 'from', 'in-reply-to']))
+d.signature_algorithm = b'rsa-sha256'
+d.hasher = dkim.HASH_ALGORITHMS[b'rsa-sha256']
+body = canon.canonicalize_body(d.body)
+h = d.hasher()
+h.update(body)
+f = [(b'v', b'1'), (b'a', b'rsa-sha256'), (b'c', b'relaxed/relaxed'),
+     (b'd', a['d'].encode()), (b's', a['s'].encode())]
+if a.get('i'):
+    f.append((b'i', a['i'].encode()))
+if a.get('l'):
+    f.append((b'l', str(len(body)).encode()))
+f.append((b't', str(a.get('t', int(time.time()))).encode()))
+if a.get('x'):
+    f.append((b'x', str(a['x']).encode()))
+f += [(b'h', b':'.join(inc)), (b'bh', base64.b64encode(h.digest())), (b'b', b'0' * 60)]
+sys.stdout.buffer.write(b'DKIM-Signature: ' + d.gen_header(f, inc, canon, b'DKIM-Signature', pk) + msg)
+"#;
+    let mut cmd = Command::new(dkimpy_python());
+    cmd.arg("-c").arg(script).arg(&a);
+    stdout_of(cmd, "dkimpy signing")
+}
+
+/// `openssl ARGS`, which must succeed; its stdout.
+fn openssl(args: &[&str]) -> Vec<u8> {
+    let mut cmd = Command::new("openssl");
+    cmd.args(args);
+    stdout_of(cmd, &format!("openssl {args:?}"))
+}
+
+/// Runs `cmd` with stdin closed; its stdout, or a panic naming `what` with its stderr.
+fn stdout_of(mut cmd: Command, what: &str) -> Vec<u8> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Starts (or re-signs) the shared test DNS with `extra` (zone name -> zone-file lines);
+/// returns the main and forged instances' addresses and the trust anchor file.
+fn test_dns_up(
+    dir: &Path,
+    extra: &std::collections::BTreeMap<&str, String>,
+) -> (std::net::SocketAddr, std::net::SocketAddr, PathBuf) {
+    let extra_dir = dir.join("dns-extra");
+    std::fs::create_dir_all(&extra_dir).unwrap();
+    for (zone, lines) in extra {
+        std::fs::write(extra_dir.join(zone), lines).unwrap();
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/testdns.sh");
+    let mut cmd = Command::new(&script);
+    cmd.arg("up").env("KST_DNS_EXTRA_DIR", &extra_dir);
+    stdout_of(cmd, "scripts/testdns.sh up");
+    let port = |var: &str, default: u16| {
+        std::env::var(var)
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(default)
+    };
+    let main = ([127, 0, 0, 1], port("KST_DNS_PORT", 5300)).into();
+    let forged = ([127, 0, 0, 1], port("KST_DNS_FORGED_PORT", 5302)).into();
+    let anchor = PathBuf::from(std::env::var("KST_DNS_DIR").unwrap_or("/tmp/kst-dns".into()))
+        .join("anchors/root.key");
+    (main, forged, anchor)
+}
+
+/// The extra records of the test DNS for kst's keys of example.net (the test DNS serves
+/// example.net and acme.net: example.org's records are left out).
+fn example_net_zone(
+    records: &[(String, String)],
+) -> std::collections::BTreeMap<&'static str, String> {
+    let mut zones = std::collections::BTreeMap::new();
+    for (name, value) in records.iter().filter(|(n, _)| n.ends_with("example.net")) {
+        zones
+            .entry("example.net")
+            .or_insert_with(String::new)
+            .push_str(&txt_line(name, value));
+    }
+    zones
+}
+
+/// A TXT record line with `value` cut into strings of at most 255 characters.
+fn txt_line(name: &str, value: &str) -> String {
+    let strings: Vec<String> = value
+        .as_bytes()
+        .chunks(255)
+        .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
+        .collect();
+    format!("{name}. 3600 IN TXT ( {} )\n", strings.join(" "))
+}
+
+/// Signatures the client must not count, checked by the client's own verifier (mail-auth
+/// through the validating resolver) against key records in the signed test DNS: a body-length
+/// (`l=`) signature with text appended, a 1024-bit RSA key, a revoked key (`p=` empty), an
+/// expired `x=`, an `i=` outside `d=`, a signature that does not cover `In-Reply-To`, `d=` a
+/// child, parent-like, look-alike or IDN domain, a valid signature of another domain beside a
+/// broken aligned one, headers added after signing, and a key from a zone without DNSSEC under
+/// `--require-dnssec`. Run as `flock -o /work/team/dns.lock cargo test -p kst-tests --test dkim
+/// -- --ignored` (root: BIND).
+#[tokio::test]
+#[ignore = "starts the test DNS (scripts/testdns.sh, root); run with --ignored"]
+async fn redteam_signatures_the_client_must_not_count() {
+    use kst_bin::client::discovery::{Dns, DnsSettings};
+    use kst_bin::client::dkim::{DkimStatus, KeyDnssec, verify};
+    use kst_bin::client::dnssec::ResolverSpec;
+
+    let (s, records) = signed_kst();
+    let (_, reply) = retrieval_reply(&s, "nobody@example.net");
+    let base = unsigned(&reply);
+    let dir = s.kst.dir.path().to_path_buf();
+    // kst's RSA key as PKCS#1 (what dkimpy reads), a 1024-bit key, and their p= values.
+    let rsa = dir.join("kst-rsa.pkcs1.pem");
+    let rsa_src = s.key_dir().join("example.net.rsa.pem");
+    openssl(&[
+        "rsa",
+        "-in",
+        rsa_src.to_str().unwrap(),
+        "-traditional",
+        "-out",
+        rsa.to_str().unwrap(),
+    ]);
+    let weak = dir.join("weak.pem");
+    openssl(&[
+        "genrsa",
+        "-traditional",
+        "-out",
+        weak.to_str().unwrap(),
+        "1024",
+    ]);
+    let spki = openssl(&[
+        "rsa",
+        "-in",
+        weak.to_str().unwrap(),
+        "-pubout",
+        "-outform",
+        "DER",
+    ]);
+    use base64::Engine;
+    let weak_p = base64::engine::general_purpose::STANDARD.encode(spki);
+    let rsa_value = &records
+        .iter()
+        .find(|(n, _)| n == "kst-rsa._domainkey.example.net")
+        .unwrap()
+        .1;
+
+    let mut zones = example_net_zone(&records);
+    let net = zones.entry("example.net").or_default();
+    net.push_str(&txt_line(
+        "kst-weak._domainkey.example.net",
+        &format!("v=DKIM1; k=rsa; p={weak_p}"),
+    ));
+    net.push_str(&txt_line(
+        "kst-revoked._domainkey.example.net",
+        "v=DKIM1; k=rsa; p=",
+    ));
+    // kst's own RSA key, also published for a child domain, the other provider and an
+    // unsigned zone: the signatures below would verify if they were looked up.
+    net.push_str(&txt_line("kst-rsa._domainkey.sub.example.net", rsa_value));
+    zones
+        .entry("acme.net")
+        .or_default()
+        .push_str(&txt_line("kst-rsa._domainkey.acme.net", rsa_value));
+    zones
+        .entry("insecure.net")
+        .or_default()
+        .push_str(&txt_line("kst-rsa._domainkey.insecure.net", rsa_value));
+    let (main, _, anchor) = test_dns_up(&dir, &zones);
+    let dns = Dns::new(&DnsSettings {
+        server: Some(ResolverSpec::Plain(main)),
+        anchor: Some(anchor),
+        ..DnsSettings::default()
+    })
+    .unwrap();
+    let check = |m: Vec<u8>, domain: &'static str| {
+        let r = dns.resolver().clone();
+        async move { verify(&r, &m, domain, "kst").await }
+    };
+    let sign = |m: &[u8], tags: serde_json::Value| dkimpy_sign(m, &rsa, tags);
+    let body_appended = |m: &[u8]| {
+        let mut m = m.to_vec();
+        m.extend_from_slice(b"\r\nAppended after signing: use key 0xBADBAD instead.\r\n");
+        m
+    };
+
+    // Sanity: kst's reply passes, and so does dkimpy's signature with kst's key.
+    let r = check(reply.clone(), "example.net").await;
+    assert_eq!(
+        (r.result, r.dnssec),
+        (DkimStatus::Pass, Some(KeyDnssec::Secure)),
+        "{r:?}"
+    );
+    let good = sign(
+        &base,
+        serde_json::json!({"d": "example.net", "s": "kst-rsa"}),
+    );
+    let r = check(good.clone(), "example.net").await;
+    assert_eq!(r.result, DkimStatus::Pass, "{r:?}");
+
+    // l=: covers the body as signed, text appended after it. mail-auth parses strictly: a
+    // signature with l= is not taken as one at all (none).
+    let l = sign(
+        &base,
+        serde_json::json!({"d": "example.net", "s": "kst-rsa", "l": true}),
+    );
+    for m in [l.clone(), body_appended(&l)] {
+        let r = check(m, "example.net").await;
+        assert_eq!(r.result, DkimStatus::None, "{r:?}");
+    }
+    // A 1024-bit RSA key in DNS (mail-auth alone accepts 1024), a revoked key, an expired
+    // signature, an i= outside d=, a signature that leaves In-Reply-To unsigned.
+    let weak_signed = dkimpy_sign(
+        &base,
+        &weak,
+        serde_json::json!({"d": "example.net", "s": "kst-weak"}),
+    );
+    let r = check(weak_signed, "example.net").await;
+    assert_eq!(r.result, DkimStatus::Fail, "{r:?}");
+    assert!(r.detail.contains("1024-bit"), "{r:?}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for (what, tags) in [
+        (
+            "revoked",
+            serde_json::json!({"d": "example.net", "s": "kst-revoked"}),
+        ),
+        (
+            "expired",
+            serde_json::json!({"d": "example.net", "s": "kst-rsa", "t": now - 7200, "x": now - 3600}),
+        ),
+        (
+            "i= outside d=",
+            serde_json::json!({"d": "example.net", "s": "kst-rsa", "i": "@example.net.evil"}),
+        ),
+        (
+            "In-Reply-To unsigned",
+            serde_json::json!({"d": "example.net", "s": "kst-rsa",
+                "h": ["from", "kst-protocol", "kst-status", "kst-address"]}),
+        ),
+    ] {
+        let r = check(sign(&base, tags), "example.net").await;
+        assert_eq!(r.result, DkimStatus::Fail, "{what}: {r:?}");
+    }
+    // d= not the KST's domain (each key published, so each would verify): never aligned,
+    // never looked up. d= in upper case is the same domain (DNS names ignore case): it aligns.
+    for d in [
+        "sub.example.net",
+        "example.net.evil",
+        "acme.net",
+        "xn--exmple-cua.net",
+        "net",
+    ] {
+        let r = check(
+            sign(&base, serde_json::json!({"d": d, "s": "kst-rsa"})),
+            "example.net",
+        )
+        .await;
+        assert_eq!(r.result, DkimStatus::None, "d={d}: {r:?}");
+        assert_eq!(r.dnssec, None, "d={d} was looked up: {r:?}");
+    }
+    let r = check(
+        sign(
+            &base,
+            serde_json::json!({"d": "EXAMPLE.NET", "s": "KST-RSA"}),
+        ),
+        "example.net",
+    )
+    .await;
+    assert_eq!(r.result, DkimStatus::Pass, "{r:?}");
+    // Two signatures: a valid one of acme.net over the altered reply, beside kst's broken one.
+    let altered = String::from_utf8(reply.clone())
+        .unwrap()
+        .replacen("No key is", "A key is", 1);
+    let both = sign(
+        altered.as_bytes(),
+        serde_json::json!({"d": "acme.net", "s": "kst-rsa"}),
+    );
+    let r = check(both, "example.net").await;
+    assert_eq!(r.result, DkimStatus::Fail, "{r:?}");
+    // Headers added after signing (kst oversigns every name it signs).
+    let text = String::from_utf8(reply.clone()).unwrap();
+    for extra in [
+        "KST-Address: bob@example.net",
+        "In-Reply-To: <x@acme.net>",
+        "From: keys@example.net",
+    ] {
+        for m in header_added(&reply, extra) {
+            let r = check(m.into_bytes(), "example.net").await;
+            assert_eq!(r.result, DkimStatus::Fail, "{extra}: {r:?}");
+        }
+    }
+    // Replayed for another request: its In-Reply-To rewritten.
+    let irt = header_value(&reply, "In-Reply-To").remove(0);
+    let replayed = text.replacen(&irt, "<another-request@acme.net>", 1);
+    assert_ne!(replayed, text);
+    let r = check(replayed.into_bytes(), "example.net").await;
+    assert_eq!(r.result, DkimStatus::Fail, "{r:?}");
+    // A key from a zone without DNSSEC: a pass, reported insecure; --require-dnssec refuses it.
+    let m = sign(
+        &base,
+        serde_json::json!({"d": "insecure.net", "s": "kst-rsa"}),
+    );
+    let mut r = check(m, "insecure.net").await;
+    assert_eq!(
+        (r.result, r.dnssec),
+        (DkimStatus::Pass, Some(KeyDnssec::Insecure)),
+        "{r:?}"
+    );
+    r.require_secure_key();
+    assert_eq!(r.result, DkimStatus::Fail, "{r:?}");
+    assert!(r.detail.contains("--require-dnssec"), "{r:?}");
+    assert_eq!(r.proven_by(), "K_auth only");
+}
+
+/// Header injection through what a request carries into a signed reply: a queried address with
+/// a Unicode line separator and a header after it, a dotted capital I, a Cyrillic look-alike
+/// domain, and an envelope sender with CR/LF and a header. Whatever kst answers, every reply
+/// verifies in dkimpy (nothing was added beside the signature) and carries exactly one of each
+/// protocol header and no header the request smuggled in.
+#[test]
+fn redteam_odd_queries_and_senders_add_no_header_to_a_signed_reply() {
+    let (s, records) = signed_kst();
+    let q = client::build_retrieval(&addr("dave@acme.net"), &addr("bob@example.net"));
+    let text = String::from_utf8(q.message.clone()).unwrap();
+    let mut sent = 0;
+    for query in [
+        "bob@example.net\u{2028}KST-Status: found",
+        "bob@example.net\rKST-Status: found",
+        "b\u{0130}b@example.net",
+        "bob@ex\u{0430}mple.net",
+    ] {
+        let m = text.replace("bob@example.net", query);
+        let out = s.deliver("dave@acme.net", m.as_bytes());
+        assert_eq!(code(&out), 0, "{query:?}: {}", stderr(&out));
+        sent += 1;
+    }
+    let out = s.deliver("dave@acme.net\r\nBcc: evil@attacker.test", &q.message);
+    // A sender with CR/LF is no address: ignored, nothing answered.
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("bad-sender"), "{}", stderr(&out));
+    let replies = s.kst.replies();
+    assert_eq!(
+        replies.len(),
+        sent,
+        "one reply per odd query, none to the odd sender"
+    );
+    for reply in &replies {
+        let shown = String::from_utf8_lossy(reply).into_owned();
+        assert_eq!(dkimpy(reply, &records), [true, true], "{shown}");
+        assert_eq!(header_value(reply, "KST-Status").len(), 1, "{shown}");
+        assert!(header_value(reply, "KST-Address").len() <= 1, "{shown}");
+        assert!(header_value(reply, "Bcc").is_empty(), "{shown}");
+        assert_ne!(header_value(reply, "KST-Status"), ["found"], "{shown}");
+    }
+}
+
+/// Open (protocol): the same trick as above with a query kst refuses without naming an address.
+/// Mallory sends Carol's retrieval with its query replaced by something that is not an address,
+/// under her Message-ID and K_auth; kst answers `refused bad-address` with an HMAC under her
+/// K_auth over `KST/2 hmac-sha256 refused bad-address -`, and signs it. Nothing in the tag or
+/// the signed headers names Carol's request, so her client takes it as kst's authenticated
+/// refusal of her retrieval of bob. Fixing it needs the request bound into every tag (a new
+/// protocol version).
+#[test]
+#[ignore = "BUG (open, protocol): a refusal without KST-Address made for a forged copy of a request \
+            verifies for the real one; the tag binds nothing of the request (docs/SECURITY.md, issue 17 red team)"]
+fn redteam_a_signed_refusal_made_for_a_forged_copy_does_not_answer_the_request() {
+    let (s, records) = signed_kst();
+    let (carol, reply) = forged_copy(&s, &records, "not an address");
+    let v = client::verify_reply(&carol, &reply);
+    assert!(
+        !matches!(
+            v,
+            Ok(Verified::Refused {
+                authenticated: true,
+                ..
+            })
+        ),
+        "a refusal made for Mallory's copy answers Carol's request: {v:?}"
+    );
 }

@@ -342,12 +342,28 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
                         armored,
                     })
                 }
-                (Asked::Retrieval { address }, Status::Found) => Ok(Verified::Found {
-                    address: address.clone(),
-                    fingerprint: key.fingerprint,
-                    armored,
-                    user_ids: key.user_ids,
-                }),
+                (Asked::Retrieval { address }, Status::Found) => {
+                    // The key tag covers the key only, not the address it answers for. Anyone
+                    // holding this request's K_auth and Message-ID (every hop of the request
+                    // sees both) can have the KST itself sign a `found` for another address,
+                    // their own, under them: the HMAC and kst's DKIM signature then both verify.
+                    // `KST-Address` (covered by the DKIM signature) says which address the KST
+                    // answered about; it must be the one asked.
+                    let said = header(HEADER_ADDRESS)
+                        .and_then(|a| Address::from_normalized(&a).ok())
+                        .ok_or_else(|| ReplyError::Malformed("missing KST-Address".into()))?;
+                    if !said.as_str().eq_ignore_ascii_case(address.as_str()) {
+                        return Err(ReplyError::KeyMismatch(format!(
+                            "asked for {address}, the KST answered with the key of {said}"
+                        )));
+                    }
+                    Ok(Verified::Found {
+                        address: address.clone(),
+                        fingerprint: key.fingerprint,
+                        armored,
+                        user_ids: key.user_ids,
+                    })
+                }
                 _ => Err(ReplyError::Malformed(format!(
                     "status {status} does not answer this request"
                 ))),

@@ -932,7 +932,13 @@ async fn check_dkim(
 ) -> super::dkim::DkimReport {
     let domain = e.pending.service.domain();
     match dns {
-        Ok(d) => super::dkim::verify(d.resolver(), raw, domain, &s.dkim_selector).await,
+        Ok(d) => {
+            let mut report = super::dkim::verify(d.resolver(), raw, domain, &s.dkim_selector).await;
+            if s.require_dnssec {
+                report.require_secure_key();
+            }
+            report
+        }
         Err(o) => super::dkim::DkimReport {
             result: super::dkim::DkimStatus::TempError,
             domain: domain.to_string(),

@@ -110,6 +110,20 @@ impl DkimReport {
         s
     }
 
+    /// Under `--require-dnssec`: a pass whose key record was not DNSSEC-secure (a zone without
+    /// DNSSEC, e.g. `_domainkey` delegated or CNAMEd to an unsigned zone) becomes a fail. The
+    /// option refuses every unsigned answer the client relies on, the DKIM key included.
+    pub fn require_secure_key(&mut self) {
+        if self.pass() && self.dnssec != Some(KeyDnssec::Secure) {
+            let how = self.dnssec.map_or("not validated", KeyDnssec::word);
+            self.result = DkimStatus::Fail;
+            self.detail = format!(
+                "the key record of s={} is DNSSEC-{how}, and --require-dnssec refuses it",
+                self.selector.as_deref().unwrap_or("?")
+            );
+        }
+    }
+
     fn result_word(&self) -> &'static str {
         match self.result {
             DkimStatus::Pass => "pass",
@@ -201,22 +215,26 @@ pub async fn verify(
     let outputs = MessageAuthenticator(resolver.clone())
         .verify_dkim(Parameters::new(&msg).with_txt_cache(&cache))
         .await;
-    // The best aligned result: pass, then fail, then temperror.
-    let rank = |r: &DkimResult| match r {
-        DkimResult::Pass => 0,
-        DkimResult::Fail(_) | DkimResult::Neutral(_) | DkimResult::PermError(_) => 1,
-        DkimResult::TempError(_) => 2,
-        DkimResult::None => 3,
+    // Every aligned signature judged (mail-auth's verdict, then kst's own rules); the best
+    // counts: pass, then fail, then temperror.
+    let rank = |r: DkimStatus| match r {
+        DkimStatus::Pass => 0,
+        DkimStatus::Fail => 1,
+        DkimStatus::TempError => 2,
+        DkimStatus::None => 3,
     };
     let best = outputs
         .iter()
-        .filter(|o| o.signature().is_some_and(aligned))
-        .min_by_key(|o| rank(o.result()));
-    let Some(best) = best else {
+        .filter_map(|o| {
+            let sig = o.signature().filter(|s| aligned(s))?;
+            let (status, detail) = judge(sig, o.result(), &cache);
+            Some((sig, status, detail))
+        })
+        .min_by_key(|(_, status, _)| rank(*status));
+    let Some((sig, result, detail)) = best else {
         report.detail = "no aligned signature could be checked".into();
         return report;
     };
-    let sig = best.signature().expect("filtered on a signature");
     let name = key_name(&sig.s, &sig.d);
     report.selector = Some(sig.s.clone());
     report.algorithm = Some(
@@ -228,14 +246,6 @@ pub async fn verify(
         .to_string(),
     );
     report.dnssec = proofs.get(&name).copied().flatten();
-    let (result, detail) = match best.result() {
-        DkimResult::Pass => (DkimStatus::Pass, String::new()),
-        DkimResult::TempError(e) => (DkimStatus::TempError, e.to_string()),
-        DkimResult::Fail(e) | DkimResult::Neutral(e) | DkimResult::PermError(e) => {
-            (DkimStatus::Fail, e.to_string())
-        }
-        DkimResult::None => (DkimStatus::None, String::new()),
-    };
     report.result = result;
     report.detail = detail;
     if report.dnssec == Some(KeyDnssec::Bogus) {
@@ -244,6 +254,63 @@ pub async fn verify(
             format!("the key record {name} failed DNSSEC validation (forged or stripped answer)");
     }
     report
+}
+
+/// The header fields every kst signature covers and the client reads (kst signs more).
+const MUST_COVER: [&str; 4] = ["From", "In-Reply-To", "KST-Protocol", "KST-Status"];
+
+/// Smallest RSA key whose signature counts: kst makes and loads none smaller.
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// mail-auth's verdict on an aligned signature, tightened by what kst's signatures always are:
+/// sha256, covering the fields above, and a key of at least [`MIN_RSA_BITS`] when RSA. (A
+/// signature with `l=`, over a prefix of the body, never gets here: mail-auth's strict parsing
+/// does not take it as a signature.)
+fn judge(
+    sig: &mail_auth::dkim::Signature,
+    result: &DkimResult,
+    keys: &TxtCache,
+) -> (DkimStatus, String) {
+    let verdict = match result {
+        DkimResult::Pass => (DkimStatus::Pass, String::new()),
+        DkimResult::TempError(e) => (DkimStatus::TempError, e.to_string()),
+        DkimResult::Fail(e) | DkimResult::Neutral(e) | DkimResult::PermError(e) => {
+            (DkimStatus::Fail, e.to_string())
+        }
+        DkimResult::None => (DkimStatus::None, String::new()),
+    };
+    if verdict.0 != DkimStatus::Pass {
+        return verdict;
+    }
+    if sig.a == mail_auth::common::crypto::Algorithm::RsaSha1 {
+        return (
+            DkimStatus::Fail,
+            "rsa-sha1 signatures do not count (RFC 8301); kst signs with sha256".into(),
+        );
+    }
+    if let Some(missing) = MUST_COVER
+        .iter()
+        .find(|n| !sig.h.iter().any(|h| h.eq_ignore_ascii_case(n)))
+    {
+        return (
+            DkimStatus::Fail,
+            format!("the signature does not cover {missing}; kst's always do"),
+        );
+    }
+    let name = key_name(&sig.s, &sig.d);
+    if let Some(Txt::DomainKey(key)) = keys.get(name.as_str()) {
+        let bits = key.p.public_key_bits();
+        if sig.a != mail_auth::common::crypto::Algorithm::Ed25519Sha256 && bits < MIN_RSA_BITS {
+            return (
+                DkimStatus::Fail,
+                format!(
+                    "the key at {name} is a {bits}-bit RSA key; a signature counts only with at \
+                     least {MIN_RSA_BITS} bits"
+                ),
+            );
+        }
+    }
+    verdict
 }
 
 /// `<selector>._domainkey.<domain>.` in lower case: mail-auth's cache key.
@@ -392,5 +459,29 @@ mod tests {
         assert_eq!(v["dnssec"], "secure");
         r.result = DkimStatus::None;
         assert_eq!(r.proven_by(), "K_auth only");
+    }
+
+    #[test]
+    fn require_dnssec_refuses_a_key_that_was_not_secure() {
+        let mut r = DkimReport {
+            result: DkimStatus::Pass,
+            domain: "example.net".into(),
+            selector: Some("kst-rsa".into()),
+            algorithm: Some("rsa-sha256".into()),
+            dnssec: Some(KeyDnssec::Secure),
+            detail: String::new(),
+        };
+        r.require_secure_key();
+        assert!(r.pass(), "{r:?}");
+        r.dnssec = Some(KeyDnssec::Insecure);
+        r.require_secure_key();
+        assert_eq!(r.result, DkimStatus::Fail);
+        assert_eq!(r.proven_by(), "K_auth only");
+        assert!(
+            r.describe()
+                .contains("DNSSEC-insecure, and --require-dnssec"),
+            "{}",
+            r.describe()
+        );
     }
 }
