@@ -18,17 +18,20 @@
 //! end unless `--keep`.
 //!
 //! Filling (the measured operations always go through the store's own API):
-//! - fs: the store's own `publish`, 64 calls in flight (per address an fsync'ed history file
-//!   and its look-up index files); for 10^6 keys, fill once with `--dir D --fill-only` (under
-//!   `eatmydata`, which turns fsync off: the fill is not what is measured; then `sync`), and
-//!   measure with `--dir D --filled N`;
-//! - PostgreSQL: `INSERT ... SELECT ... FROM generate_series` into the store's two tables,
-//!   100 000 rows per transaction, then `ANALYZE` (the rows `publish` writes for a version 1);
-//! - Redis: the five writes of the publish script per address (`SET cur`, `SET ver`,
-//!   `HSET hist`, `HSET pub`, `ZADD index`), pipelined 1 000 addresses at a time.
+//! - fs, and every backend with `--real-keys`: the store's own `publish`, 64 calls in flight
+//!   (on fs per address an fsync'ed history file and its look-up index files); for 10^6 keys,
+//!   fill once into a kept namespace (`--dir D`, `--namespace NAME`) with `--fill-only` (fs
+//!   under `eatmydata`, which turns fsync off: the fill is not what is measured; then `sync`),
+//!   and measure with `--filled N`;
+//! - PostgreSQL without `--real-keys`: `INSERT ... SELECT ... FROM generate_series` into the
+//!   store's two tables, 100 000 rows per transaction, then `ANALYZE` (the rows `publish`
+//!   writes for a version 1);
+//! - Redis without `--real-keys`: the five writes of the publish script per address (`SET
+//!   cur`, `SET ver`, `HSET hist`, `HSET pub`, `ZADD index`), pipelined 1 000 addresses at a
+//!   time.
 //!
 //! A bulk fill (PostgreSQL, Redis) bypasses `publish`, so `rebuild_index` runs after it (timed);
-//! on fs only with `--rebuild-index`.
+//! after a fill through `publish` only with `--rebuild-index`.
 //!
 //! A `get` or look-up that finds no key (or another key) for a stored address fails the run, so
 //! a bad fill or index is noticed.
@@ -85,9 +88,14 @@ struct Args {
     fill_only: bool,
     /// Fill with real certificates made in-process (Ed25519 with a Curve25519 subkey, User ID
     /// `Bench <user000000@example.test>`, as `kst bench` publishes them) instead of
-    /// `--key-bytes` of filler; addresses `user<6 digits>@example.test`. fs only.
+    /// `--key-bytes` of filler; addresses `user<6 digits>@example.test`. Filled through the
+    /// store's own `publish` on every backend.
     #[arg(long)]
     real_keys: bool,
+    /// PostgreSQL: use this database (created if missing, always kept) instead of a fresh
+    /// one; Redis: use this key prefix (always kept). The `--dir` of the other backends.
+    #[arg(long)]
+    namespace: Option<String>,
     /// Write request paths of up to 200,000 stored addresses for `scripts/bench-web.sh` here:
     /// `wkd.paths` (direct method with `l=`), `wkdhash.paths` (without), `vks.paths`
     /// (by-email) and `fpr.paths` (VKS by-fingerprint).
@@ -173,6 +181,19 @@ fn new_key(i: u64, serial: u64, len: usize) -> NewKey {
     }
 }
 
+/// Whether database `db` exists on the server of `admin`.
+async fn database_exists(admin: &str, db: &str) -> Result<bool> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(admin)
+        .await
+        .with_context(|| format!("connect to {admin}"))?;
+    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(db)
+        .fetch_optional(&mut conn)
+        .await?;
+    Ok(found.is_some())
+}
+
 async fn admin_sql(admin: &str, sql: String) -> Result<()> {
     use sqlx::Connection as _;
     let mut conn = sqlx::PgConnection::connect(admin)
@@ -201,8 +222,13 @@ impl Bench {
                 }
             }
             Backend::Postgres => {
-                let db = format!("kst_bench_{tag}");
-                admin_sql(&args.url, format!("CREATE DATABASE {db}")).await?;
+                let db = match &args.namespace {
+                    Some(db) => db.clone(),
+                    None => format!("kst_bench_{tag}"),
+                };
+                if !database_exists(&args.url, &db).await? {
+                    admin_sql(&args.url, format!("CREATE DATABASE {db}")).await?;
+                }
                 let store = kst_postgres::PostgresStore::builder(with_database(&args.url, &db))
                     .max_connections(32)
                     .connect()
@@ -217,7 +243,10 @@ impl Bench {
                 }
             }
             Backend::Redis => {
-                let prefix = format!("kst-bench-{tag}:");
+                let prefix = match &args.namespace {
+                    Some(p) => p.clone(),
+                    None => format!("kst-bench-{tag}:"),
+                };
                 let store = kst_redis::RedisStore::builder(args.url.clone())
                     .prefix(prefix.clone())
                     .connect()
@@ -239,6 +268,10 @@ impl Bench {
         if from >= to {
             return Ok(());
         }
+        let real = REAL_KEYS.load(Ordering::Relaxed);
+        if real {
+            return self.fill_by_publish(from, to, key_bytes).await;
+        }
         if let (Backend::Postgres, Cleanup::Postgres { admin, db }) = (self.backend, &self.cleanup)
         {
             return fill_postgres(&with_database(admin, db), from, to, key_bytes).await;
@@ -246,6 +279,12 @@ impl Bench {
         if let Cleanup::Redis { url, prefix } = &self.cleanup {
             return fill_redis(url, prefix, from, to, key_bytes).await;
         }
+        self.fill_by_publish(from, to, key_bytes).await
+    }
+
+    /// Publishes one key for each of addresses `from..to` through the store's own `publish`,
+    /// 64 calls in flight: `--real-keys` certificates, or `--key-bytes` of filler (fs).
+    async fn fill_by_publish(&self, from: u64, to: u64, key_bytes: usize) -> Result<()> {
         let next = Arc::new(std::sync::atomic::AtomicU64::new(from));
         let mut tasks = tokio::task::JoinSet::new();
         let real = REAL_KEYS.load(Ordering::Relaxed);
@@ -279,6 +318,7 @@ impl Bench {
     async fn cleanup(&self, args: &Args) -> Result<()> {
         match &self.cleanup {
             Cleanup::Fs(_) if args.dir.is_some() => {}
+            Cleanup::Postgres { .. } | Cleanup::Redis { .. } if args.namespace.is_some() => {}
             Cleanup::Fs(dir) => {
                 let dir = dir.clone();
                 tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await??;
@@ -502,8 +542,11 @@ async fn main() -> Result<()> {
     if args.backend != Backend::Fs && args.url.is_empty() {
         bail!("--url is required for {:?}", args.backend);
     }
-    if args.backend != Backend::Fs && (args.real_keys || args.dir.is_some()) {
-        bail!("--real-keys and --dir are for the fs backend");
+    if args.backend != Backend::Fs && args.dir.is_some() {
+        bail!("--dir is for the fs backend (--namespace for the others)");
+    }
+    if args.backend == Backend::Fs && args.namespace.is_some() {
+        bail!("--namespace is for PostgreSQL and Redis (--dir for fs)");
     }
     REAL_KEYS.store(args.real_keys, Ordering::Relaxed);
     let mut sizes = args.stored.clone();
@@ -594,7 +637,8 @@ async fn run(args: &Args, bench: &Bench, sizes: &[u64]) -> Result<()> {
                 (stored - filled) as f64 / secs.max(1e-9)
             );
         }
-        if args.rebuild_index || (grew && bench.backend != Backend::Fs) {
+        let bulk = bench.backend != Backend::Fs && !args.real_keys;
+        if args.rebuild_index || (grew && bulk) {
             let t = Instant::now();
             let indexed = bench.store.rebuild_index().await?;
             eprintln!(
