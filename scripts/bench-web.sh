@@ -54,33 +54,18 @@ PG_BASE="${BENCH_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432}"
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-log() { printf '== bench-web: %s\n' "$*" >&2; }
-die() { printf '== bench-web: ERROR: %s\n' "$*" >&2; exit 1; }
+LOG_NAME=bench-web
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 
 case "$MODE" in all | fill | measure | clean) ;; *) die "unknown mode $MODE (all, fill, measure, clean)" ;; esac
 [ "$CLIENTS" -ge 64 ] && [ "$CLIENTS" -le 65536 ] || die "BENCH_WEB_CLIENTS must be 64..65536"
 
-WORK="$(mktemp -d /tmp/kst-bench-web.XXXXXX)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 400); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  die "nothing listens on 127.0.0.1:$1"
-}
+temp_work kst-bench-web
 apt_need() { # command package
   command -v "$1" >/dev/null && return 0
   [ "$(id -u)" -eq 0 ] || die "$1 is missing; run as root to install it (apt-get install $2)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$2" >&2
+  apt_install "$2"
 }
 
 # --- the stores -----------------------------------------------------------------------------
@@ -187,7 +172,7 @@ fi
 # --- binaries and tools ---------------------------------------------------------------------
 
 if [ -n "${BENCH_KST:-}" ]; then
-  KST="$(realpath "$BENCH_KST")"
+  bench_kst
   STORE_BENCH="$(realpath "${BENCH_STORE_BENCH:-$(dirname "$KST")/kst-store-bench}")"
 else
   log "building kst and kst-store-bench (release)"

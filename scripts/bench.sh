@@ -30,35 +30,14 @@ PG_BASE="${BENCH_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432}"
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-log() { printf '== bench: %s\n' "$*" >&2; }
-die() { printf '== bench: ERROR: %s\n' "$*" >&2; exit 1; }
+LOG_NAME=bench
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 
-WORK="$(mktemp -d /tmp/kst-bench.XXXXXX)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  die "nothing listens on 127.0.0.1:$1"
-}
+temp_work kst-bench
 
 # ---- 1. build and prerequisites ----
-if [ -n "${BENCH_KST:-}" ]; then
-  KST="$BENCH_KST"     # a kst binary built already (for checking this script)
-else
-  log "building kst (release)"
-  cargo build --release --quiet -p kst-bin --bin kst
-  KST="$ROOT/target/release/kst"
-fi
+bench_kst
 if ! command -v smtp-sink >/dev/null && [ ! -x /usr/sbin/smtp-sink ]; then
   log "installing postfix (smtp-sink, smtp-source)"
   [ "$(id -u)" -eq 0 ] || die "postfix is missing; run as root to install it"

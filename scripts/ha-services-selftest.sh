@@ -25,24 +25,10 @@ read -r -a CLP <<<"$KST_HA_CLUSTER_PORTS"
 PG_A="postgres://postgres:postgres@127.0.0.1:${PGP[0]}/postgres"
 PG_B="postgres://postgres:postgres@127.0.0.1:${PGP[1]}/postgres"
 
-say() { printf '\n== selftest: %s\n' "$*"; }
-PASSED=0
-FAILED=0
-FAILURES=()
+# say, ok, fail, check, wait_until, summary (and PASSED, FAILED, FAILURES)
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 TIMINGS=()
-ok() { PASSED=$((PASSED + 1)); printf '  ok    %s\n' "$1"; }
-fail() {
-  FAILED=$((FAILED + 1))
-  FAILURES+=("$1")
-  printf '  FAIL  %s\n' "$1"
-  [ -z "${2:-}" ] || printf '%s\n' "$2" | sed 's/^/        | /' | tail -40
-}
-# check NAME COMMAND...: passes when the command succeeds.
-check() {
-  local name="$1" out
-  shift
-  if out="$("$@" 2>&1)"; then ok "$name"; else fail "$name" "$out"; fi
-}
 # timed NAME COMMAND...: a check that also records how long the command took.
 timed() {
   local name="$1" t0 t1
@@ -51,15 +37,6 @@ timed() {
   check "$name" "$@"
   t1="$(date +%s%N)"
   TIMINGS+=("$(printf '%6.1f s  %s' "$(echo "($t1 - $t0) / 1000000000" | bc -l)" "$name")")
-}
-# wait_until SECONDS COMMAND...: polls every 0.2 s.
-wait_until() {
-  local deadline=$((SECONDS + $1))
-  shift
-  until "$@" >/dev/null 2>&1; do
-    [ "$SECONDS" -lt "$deadline" ] || return 1
-    sleep 0.2
-  done
 }
 # same A B: passes when the two strings are equal (shows both otherwise).
 same() { [ "$1" = "$2" ] || { echo "got '$1', want '$2'"; return 1; }; }
@@ -219,9 +196,4 @@ done
 echo
 echo "timings:"
 printf '  %s\n' "${TIMINGS[@]}"
-if [ "$FAILED" -gt 0 ]; then
-  echo "failed:"
-  printf '  %s\n' "${FAILURES[@]}"
-fi
-echo "selftest: $PASSED passed, $FAILED failed"
-[ "$FAILED" -eq 0 ]
+summary

@@ -73,8 +73,9 @@ TIMEOUT="${KST_HA_TIMEOUT:-60}"
 TOPO=""
 STATE=""
 
-log() { printf '== ha-services %s: %s\n' "${TOPO:-}" "$*" >&2; }
-die() { printf '== ha-services %s: ERROR: %s\n' "${TOPO:-}" "$*" >&2; exit 1; }
+LOG_NAME=ha-services # and the topology, once known
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 check_settings() {
   [ "$(id -u)" -eq 0 ] || die "run as root (installs packages, runs PostgreSQL as user postgres)"
@@ -105,56 +106,12 @@ take_lock() {
   flock -w 300 9 || die "another ha-services.sh $TOPO did not finish within 300s"
 }
 
-APT_UPDATED=0
-apt_install() {
-  export DEBIAN_FRONTEND=noninteractive
-  if [ "$APT_UPDATED" -eq 0 ]; then
-    log "apt-get update"
-    apt-get update -qq >&2
-    APT_UPDATED=1
-  fi
-  log "apt-get install $*"
-  apt-get install -y -qq --no-install-recommends "$@" >&2
-}
-
 # --- process helpers --------------------------------------------------------------------------
 
-pid_alive() {
-  local st
-  [ -n "$1" ] && [ -r "/proc/$1/stat" ] || return 1
-  st="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
-  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
-}
-pidfile_pid() { if [ -s "$1" ]; then head -1 "$1" | tr -dc '0-9'; fi; }
-tcp_listening() { [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]; }
-port_owner() { ss -Hltnp "sport = :$1" 2>/dev/null | sed -n 's/.*users:((\("[^"]*"\).*/\1/p' | head -1; }
 port_free() {
   if tcp_listening "$1"; then
     die "port $1 is already taken by $(port_owner "$1" || echo something) (choose others with KST_HA_*_PORTS)"
   fi
-}
-
-wait_for() {
-  local what="$1"
-  shift
-  local deadline=$((SECONDS + TIMEOUT))
-  until "$@" >/dev/null 2>&1; do
-    [ "$SECONDS" -lt "$deadline" ] || die "$what: not within ${TIMEOUT}s (logs in $STATE/*.log)"
-    sleep 0.2
-  done
-}
-
-# stop_pid NAME PID: SIGTERM, then wait (bounded), then SIGKILL.
-stop_pid() {
-  local name="$1" pid="$2" i
-  pid_alive "$pid" || return 0
-  kill "$pid" 2>/dev/null || true
-  for ((i = 0; i < TIMEOUT * 10; i++)); do
-    pid_alive "$pid" || return 0
-    sleep 0.1
-  done
-  log "$name (pid $pid) did not stop: SIGKILL"
-  kill -9 "$pid" 2>/dev/null || true
 }
 
 # Monotonic milliseconds, for the settle times the failover helpers print.
@@ -396,15 +353,6 @@ redis_running() { pid_alive "$(redis_pid "$1")"; }
 redis_answers() { [ "$(rcli "$1" ping 2>/dev/null)" = PONG ]; }
 # info_field PORT SECTION FIELD
 info_field() { rcli "$1" info "$2" 2>/dev/null | tr -d '\r' | sed -n "s/^$3://p"; }
-
-# Closes every file descriptor above 2 of the current (sub)shell.
-close_inherited_fds() {
-  local fd
-  for fd in /proc/$BASHPID/fd/*; do
-    fd="${fd##*/}"
-    if [ "$fd" -gt 2 ] 2>/dev/null; then eval "exec ${fd}<&-" 2>/dev/null || true; fi
-  done
-}
 
 # redis_start DIR PORT CONF [ARG...]: starts redis-server (or redis-sentinel) from
 # $STATE/DIR/CONF, with further settings ARG... (--replicaof HOST PORT) on its command line.
@@ -747,6 +695,7 @@ EOF
 main() {
   [ $# -ge 2 ] || usage
   TOPO="$1"
+  LOG_NAME="ha-services $TOPO"
   local cmd="$2"
   shift 2
   case "$TOPO" in pg | sentinel | cluster) ;; *) usage ;; esac

@@ -28,32 +28,9 @@ PF="$STATE/postfix"
 CA="$STATE/tls/ca.pem"
 PY=/usr/bin/python3
 
-say() { printf '\n== selftest: %s\n' "$*"; }
-PASSED=0
-FAILED=0
-FAILURES=()
-ok() { PASSED=$((PASSED + 1)); printf '  ok    %s\n' "$1"; }
-fail() {
-  FAILED=$((FAILED + 1))
-  FAILURES+=("$1")
-  printf '  FAIL  %s\n' "$1"
-  [ -z "${2:-}" ] || printf '%s\n' "$2" | sed 's/^/        | /' | tail -40
-}
-# check NAME COMMAND...: passes when the command succeeds.
-check() {
-  local name="$1" out
-  shift
-  if out="$("$@" 2>&1)"; then ok "$name"; else fail "$name" "$out"; fi
-}
-# wait_until SECONDS COMMAND...: polls every 0.5 s.
-wait_until() {
-  local deadline=$((SECONDS + $1))
-  shift
-  until "$@" >/dev/null 2>&1; do
-    [ "$SECONDS" -lt "$deadline" ] || return 1
-    sleep 0.5
-  done
-}
+# say, ok, fail, check, wait_until (and PASSED, FAILED, FAILURES)
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 # --- tools ------------------------------------------------------------------------------------
 missing=()

@@ -65,17 +65,13 @@ DNSMASQ_CONF="$STATE/dnsmasq/dnsmasq.conf"
 DNSMASQ_PID="$STATE/dnsmasq/dnsmasq.pid"
 MARKER="$STATE/.kst-mailsystem"
 
-log() { printf '== mailsystem: %s\n' "$*" >&2; }
-die() { printf '== mailsystem: ERROR: %s\n' "$*" >&2; exit 1; }
+LOG_NAME=mailsystem
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$SELF")/lib.sh"
 
 check_settings() {
   [ "$(id -u)" -eq 0 ] || die "run as root (Postfix, Dovecot and dnsmasq are started as root and drop privileges)"
-  case "$STATE" in
-    /*) ;;
-    *) die "KST_MAIL_DIR must be an absolute path: $STATE" ;;
-  esac
-  [[ "$STATE" =~ ^/[A-Za-z0-9._/-]+$ ]] || die "KST_MAIL_DIR may hold only letters, digits and ._-/: $STATE"
-  case "$STATE" in / | /tmp | /var | /usr | /etc | /root | /home | /work) die "KST_MAIL_DIR=$STATE is too dangerous to remove on down" ;; esac
+  check_state_dir KST_MAIL_DIR "$STATE"
   # Unix socket paths ($STATE/dovecot/run/auth-postfix) must stay under 108 bytes.
   [ "${#STATE}" -le 70 ] || die "KST_MAIL_DIR is too long for Unix socket paths (at most 70 characters): $STATE"
   case "$MODE" in pipe | lmtp | pool) ;; *) die "mode must be pipe, lmtp or pool, not '$MODE'" ;; esac
@@ -84,13 +80,6 @@ check_settings() {
   for p in "$SMTP_PORT" "$SUBMISSION_PORT" "$SUBMISSIONS_PORT" "$IMAP_PORT" "$IMAPS_PORT" "$DNS_PORT" "$LMTP_PORT" "${POOL_PORTS[@]}"; do
     if ! [[ "$p" =~ ^[0-9]+$ ]] || [ "$p" -lt 1 ] || [ "$p" -gt 65535 ]; then die "bad port number '$p'"; fi
   done
-}
-
-# One `up`/`down` at a time (tests may start several); the lock is on this script file, so
-# nothing is left behind. Daemons are started with fd 9 closed so that they do not keep it.
-take_lock() {
-  exec 9<"$SELF"
-  flock -w 300 9 || die "another mailsystem.sh did not finish within 300s"
 }
 
 # --- packages ---------------------------------------------------------------------------------
@@ -113,10 +102,7 @@ ensure_packages() {
     # configure and start one on port 25.)
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
   fi
-  log "apt-get update"
-  apt-get update -qq >&2
-  log "apt-get install ${missing[*]}"
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  apt_install "${missing[@]}"
   INSTALLED_NOW=1
 }
 
@@ -395,25 +381,11 @@ write_files() {
 
 # --- daemons ----------------------------------------------------------------------------------
 
-# A zombie is not alive (daemons whose parent is gone may linger as zombies where PID 1 does not
-# reap them, and kill -0 succeeds on those).
-pid_alive() {
-  local st
-  [ -n "$1" ] && [ -r "/proc/$1/stat" ] || return 1
-  st="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
-  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
-}
-pidfile_pid() { if [ -s "$1" ]; then tr -dc '0-9' <"$1"; fi; }
-
 postfix_pid() { pidfile_pid "$STATE/postfix-spool/pid/master.pid"; }
 postfix_running() { [ -f "$PF_CONF/main.cf" ] && pid_alive "$(postfix_pid)"; }
 dovecot_pid() { pidfile_pid "$STATE/dovecot/run/master.pid"; }
 dovecot_running() { pid_alive "$(dovecot_pid)"; }
 dnsmasq_running() { pid_alive "$(pidfile_pid "$DNSMASQ_PID")"; }
-
-port_owner() { ss -Hltnp "sport = :$1" 2>/dev/null | sed -n 's/.*users:((\("[^"]*"\).*/\1/p' | head -1; }
-tcp_listening() { [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]; }
-udp_listening() { [ -n "$(ss -Hlun "sport = :$1" 2>/dev/null)" ]; }
 
 ports_free() {
   local p
@@ -434,16 +406,6 @@ greets() {
     case "$3" in SMTP) printf "QUIT\r\n" >&3 ;; IMAP) printf "a LOGOUT\r\n" >&3 ;; esac
     cat <&3 >/dev/null
     [[ "$line" == "$2"* ]]' _ "$port" "$want" "$3" >/dev/null 2>&1
-}
-
-wait_for() {
-  local what="$1"
-  shift
-  local deadline=$((SECONDS + TIMEOUT))
-  until "$@"; do
-    [ "$SECONDS" -lt "$deadline" ] || die "$what did not answer within ${TIMEOUT}s (logs in $STATE/*.log)"
-    sleep 0.3
-  done
 }
 
 # daemon COMMAND...: starts or signals a daemon. Its stdin, stdout and stderr are not ours (a
@@ -514,19 +476,6 @@ start_postfix() {
   wait_for "postfix smtpd on 127.0.0.1:$SMTP_PORT" greets "$SMTP_PORT" "220 mail.example.net" SMTP
   wait_for "postfix submission on 127.0.0.1:$SUBMISSION_PORT" greets "$SUBMISSION_PORT" "220 mail.example.net" SMTP
   wait_for "postfix submissions on 127.0.0.1:$SUBMISSIONS_PORT" tcp_listening "$SUBMISSIONS_PORT"
-}
-
-# stop_pid NAME PID: SIGTERM, then wait (bounded), then SIGKILL.
-stop_pid() {
-  local name="$1" pid="$2" i
-  pid_alive "$pid" || return 0
-  kill "$pid" 2>/dev/null || true
-  for ((i = 0; i < TIMEOUT * 10; i++)); do
-    pid_alive "$pid" || return 0
-    sleep 0.1
-  done
-  log "$name (pid $pid) did not stop: SIGKILL"
-  kill -9 "$pid" 2>/dev/null || true
 }
 
 # --- commands ---------------------------------------------------------------------------------

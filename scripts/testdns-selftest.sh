@@ -24,23 +24,9 @@ unset KST_DNS_EXTRA_DIR KST_DNS_TLSA_CERT
 export KST_MAIL_DIR=/nonexistent
 STATE="$KST_DNS_DIR"
 
-say() { printf '\n== selftest: %s\n' "$*"; }
-PASSED=0
-FAILED=0
-FAILURES=()
-ok() { PASSED=$((PASSED + 1)); printf '  ok    %s\n' "$1"; }
-fail() {
-  FAILED=$((FAILED + 1))
-  FAILURES+=("$1")
-  printf '  FAIL  %s\n' "$1"
-  [ -z "${2:-}" ] || printf '%s\n' "$2" | sed 's/^/        | /' | tail -30
-}
-# check NAME COMMAND...: passes when the command succeeds.
-check() {
-  local name="$1" out
-  shift
-  if out="$("$@" 2>&1)"; then ok "$name"; else fail "$name" "$out"; fi
-}
+# say, ok, fail, check (and PASSED, FAILED, FAILURES)
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 WORK="$(mktemp -d /tmp/kst-dns-selftest-work.XXXXXX)"
 cleanup() {

@@ -86,29 +86,20 @@ UNSIGNED_ZONES=(insecure.net test)
 INSTANCES=(main forged stripped nods)
 MARKER="$STATE/.kst-testdns"
 
-log() { printf '== testdns: %s\n' "$*" >&2; }
-die() { printf '== testdns: ERROR: %s\n' "$*" >&2; exit 1; }
+LOG_NAME=testdns
+WAIT_LOGS='named-*/named.log'
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$SELF")/lib.sh"
 
 check_settings() {
   [ "$(id -u)" -eq 0 ] || die "run as root (installs packages with apt-get, starts named)"
-  case "$STATE" in
-    /*) ;;
-    *) die "KST_DNS_DIR must be an absolute path: $STATE" ;;
-  esac
-  [[ "$STATE" =~ ^/[A-Za-z0-9._/-]+$ ]] || die "KST_DNS_DIR may hold only letters, digits and ._-/: $STATE"
-  case "$STATE" in / | /tmp | /var | /usr | /etc | /root | /home | /work) die "KST_DNS_DIR=$STATE is too dangerous to remove on down" ;; esac
+  check_state_dir KST_DNS_DIR "$STATE"
   local p
   for p in "$PORT" "$TLS_PORT" "$FORGED_PORT" "$STRIPPED_PORT" "$NODS_PORT" "$SUBMISSION_PORT" "$SUBMISSIONS_PORT" "$IMAP_PORT" "$IMAPS_PORT"; do
     if ! [[ "$p" =~ ^[0-9]+$ ]] || [ "$p" -lt 1 ] || [ "$p" -gt 65535 ]; then die "bad port number '$p'"; fi
   done
   [ "$(printf '%s\n' "$PORT" "$TLS_PORT" "$FORGED_PORT" "$STRIPPED_PORT" "$NODS_PORT" | sort -u | wc -l)" -eq 5 ] \
     || die "KST_DNS_PORT, KST_DNS_TLS_PORT, KST_DNS_FORGED_PORT, KST_DNS_STRIPPED_PORT and KST_DNS_NODS_PORT must differ"
-}
-
-# One `up`/`down` at a time; the lock is on this script file. Daemons start with fd 9 closed.
-take_lock() {
-  exec 9<"$SELF"
-  flock -w 300 9 || die "another testdns.sh did not finish within 300s"
 }
 
 ensure_packages() {
@@ -121,11 +112,7 @@ ensure_packages() {
   command -v ss >/dev/null || missing+=(iproute2)
   command -v flock >/dev/null || missing+=(util-linux)
   [ ${#missing[@]} -gt 0 ] || return 0
-  export DEBIAN_FRONTEND=noninteractive
-  log "apt-get update"
-  apt-get update -qq >&2
-  log "apt-get install ${missing[*]}"
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  apt_install "${missing[@]}"
 }
 
 # put DST MODE: installs stdin as DST when it differs; returns 0 if it changed.
@@ -506,28 +493,9 @@ EOF
 
 # --- daemons ----------------------------------------------------------------------------------
 
-pid_alive() {
-  local st
-  [ -n "$1" ] && [ -r "/proc/$1/stat" ] || return 1
-  st="$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
-  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
-}
-pidfile_pid() { if [ -s "$1" ]; then tr -dc '0-9' <"$1"; fi; }
 named_pid() { pidfile_pid "$STATE/named-$1/named.pid"; }
 named_running() { pid_alive "$(named_pid "$1")"; }
 inst_port() { case "$1" in main) echo "$PORT" ;; forged) echo "$FORGED_PORT" ;; stripped) echo "$STRIPPED_PORT" ;; nods) echo "$NODS_PORT" ;; esac; }
-
-# Closes every descriptor above 2 of the current (sub)shell.
-close_inherited_fds() {
-  local fd
-  for fd in $(ls /proc/$BASHPID/fd 2>/dev/null); do
-    if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
-  done
-}
-
-tcp_listening() { [ -n "$(ss -Hltn "sport = :$1" 2>/dev/null)" ]; }
-udp_listening() { [ -n "$(ss -Hlun "sport = :$1" 2>/dev/null)" ]; }
-port_owner() { ss -Hltnp "sport = :$1" 2>/dev/null | sed -n 's/.*users:((\("[^"]*"\).*/\1/p' | head -1; }
 
 # serves PORT ZONE SERIAL: the instance on PORT answers ZONE's SOA with SERIAL (over UDP).
 serves() {
@@ -541,28 +509,6 @@ serves_all() {
   for z in "${SIGNED_ZONES[@]}" "${UNSIGNED_ZONES[@]}"; do
     serves "$1" "$(fqdn "$z")" "$serial" || return 1
   done
-}
-
-wait_for() {
-  local what="$1"
-  shift
-  local deadline=$((SECONDS + TIMEOUT))
-  until "$@"; do
-    [ "$SECONDS" -lt "$deadline" ] || die "$what did not answer within ${TIMEOUT}s (logs in $STATE/named-*/named.log)"
-    sleep 0.2
-  done
-}
-
-stop_pid() {
-  local name="$1" pid="$2" i
-  pid_alive "$pid" || return 0
-  kill "$pid" 2>/dev/null || true
-  for ((i = 0; i < TIMEOUT * 10; i++)); do
-    pid_alive "$pid" || return 0
-    sleep 0.1
-  done
-  log "$name (pid $pid) did not stop: SIGKILL"
-  kill -9 "$pid" 2>/dev/null || true
 }
 
 STARTED=0

@@ -22,14 +22,9 @@ mkdir -p "$SC"
 WKS=/usr/lib/gnupg/gpg-wks-client
 PY=/usr/bin/python3
 
-PASSED=0
-FAILED=0
-ok() { PASSED=$((PASSED + 1)); printf '  ok    %s\n' "$1"; }
-fail() {
-  FAILED=$((FAILED + 1))
-  printf '  FAIL  %s\n' "$1"
-  [ -z "${2:-}" ] || printf '%s\n' "$2" | sed 's/^/        | /' | tail -30
-}
+# ok, fail (and PASSED, FAILED)
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 # expect NAME WANT GOT: passes when GOT contains WANT.
 expect() { if [[ "$3" == *"$2"* ]]; then ok "$1"; else fail "$1" "wanted: $2"$'\n'"got: $3"; fi; }
 say() { printf '\n== selfcheck: %s\n' "$*"; }
