@@ -14,7 +14,10 @@
 #                    BENCH_WEB_REDIS_PORT, data in $STORES/redis/ (run under eatmydata while
 #                    filling, restarted without it, appendonly yes + appendfsync always, to
 #                    measure: what kst's durability guard asks for)
-#      and the paths in $STORES/<backend>-N.paths/. The backends fill concurrently.
+#      and the paths in $STORES/<backend>-N.paths/. The backends fill concurrently. A marker
+#      $STORES/<backend>-N.filled that holds a number (a fill stopped early, its paths written
+#      with kst-store-bench --filled K --stored K --fill-only --paths-out) says how many keys
+#      the store holds; the table shows that number.
 #   2. measure: for each backend and size, starts the release `kst serve` with [web] on plain
 #      HTTP on loopback and loads it with wrk (Debian's; 2 threads, BENCH_WEB_CONNECTIONS
 #      connections, random stored keys) for BENCH_WEB_SECONDS per endpoint:
@@ -242,6 +245,7 @@ echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"
 for backend in $BACKENDS; do
   for n in $SIZES; do
     dir="$WORK/$backend-$n"; mkdir -p "$dir"
+    held="$(tr -dc 0-9 <"$STORES/$backend-$n.filled")"
     read -r -a store <<<"$(store_env "$backend" "$n")"
     for limits in $LIMITS; do
       lmtp="$(free_port)"; http="$(free_port)"; web="$(free_port)"
@@ -275,7 +279,7 @@ for backend in $BACKENDS; do
 b,n,e,l,ok,ref,tot,dur,p50,p99,rss,load=sys.argv[1:]
 ok,ref,tot,dur=int(ok),int(ref),int(tot),int(dur)
 print(f"| {b} | {n} | {e} | {l} | {ok/(dur/1e6):,.0f} | {100*ref/max(tot,1):.1f}% | {int(p50)/1000:.2f} | {int(p99)/1000:.2f} | {int(rss)/1024:.0f} | {load} |")' \
-          "$backend" "$n" "$endpoint" "$limits" "$ok" "$refused" "$total" "$dur_us" "$p50" "$p99" "$rss" "$load"
+          "$backend" "${held:-$n}" "$endpoint" "$limits" "$ok" "$refused" "$total" "$dur_us" "$p50" "$p99" "$rss" "$load"
       done
       kill -TERM "$pid"; wait "$pid" || true
     done
