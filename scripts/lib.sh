@@ -86,6 +86,25 @@ apt_install() {
   apt-get install -y -qq --no-install-recommends "$@" >&2
 }
 
+# put DST MODE [OWNER]: installs stdin as DST (mode MODE, owner OWNER when given) when it
+# differs from what DST holds; returns 0 if it changed, 1 if not (mode and owner are set
+# either way).
+put() {
+  local dst="$1" mode="$2" owner="${3:-}" tmp
+  tmp="$(mktemp "$dst.XXXXXX")"
+  cat >"$tmp"
+  chmod "$mode" "$tmp"
+  [ -z "$owner" ] || chown "$owner" "$tmp"
+  if [ -f "$dst" ] && cmp -s "$tmp" "$dst"; then
+    rm -f "$tmp"
+    chmod "$mode" "$dst"
+    [ -z "$owner" ] || chown "$owner" "$dst"
+    return 1
+  fi
+  mv -f "$tmp" "$dst"
+  return 0
+}
+
 # A zombie is not alive (daemons whose parent is gone may linger as zombies where PID 1 does not
 # reap them, and kill -0 succeeds on those).
 pid_alive() {

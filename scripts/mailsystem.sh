@@ -159,23 +159,6 @@ operator_paths() {
     -e "s#127\.0\.0\.1:2424#127.0.0.1:$LMTP_PORT#g" "$@"
 }
 
-# put DST MODE OWNER: installs stdin as DST when it differs; returns 0 if it changed.
-put() {
-  local dst="$1" mode="$2" owner="$3" tmp
-  tmp="$(mktemp "$dst.XXXXXX")"
-  cat >"$tmp"
-  chmod "$mode" "$tmp"
-  chown "$owner" "$tmp"
-  if [ -f "$dst" ] && cmp -s "$tmp" "$dst"; then
-    rm -f "$tmp"
-    chmod "$mode" "$dst"
-    chown "$owner" "$dst"
-    return 1
-  fi
-  mv -f "$tmp" "$dst"
-  return 0
-}
-
 # Installs a Postfix lookup table and its .db.
 put_map() {
   local name="$1"

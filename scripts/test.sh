@@ -17,9 +17,14 @@ ensure_tools() {
   # kst-bin/tests/dkim.rs: dkimpy's dkimverify checks kst's signatures (python3-nacl: ed25519).
   command -v dkimverify >/dev/null || missing+=(python3-dkim)
   /usr/bin/python3 -c 'import nacl' 2>/dev/null || missing+=(python3-nacl)
+  # tests/two_providers.rs (scripts/providers.sh): SPF and DKIM checks of the receiving side.
+  [ -x /usr/bin/policyd-spf ] || missing+=(postfix-policyd-spf-python)
+  [ -x /usr/sbin/opendkim ] || missing+=(opendkim)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # The tests run their own Postfix instances: none for the system (as scripts/mailsystem.sh).
+    [ -x /usr/sbin/postfix ] || echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi

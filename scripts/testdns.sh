@@ -55,6 +55,13 @@
 #   KST_MAIL_SUBMISSION_PORT, KST_MAIL_SUBMISSIONS_PORT, KST_MAIL_IMAP_PORT, KST_MAIL_IMAPS_PORT
 #                          ports written into the SRV records (2587, 2465, 2143, 2993, as in
 #                          scripts/mailsystem.sh)
+#   KST_DNS_STUB_ADDR      an address of lo where the main instance also answers on port 53, for
+#                          stub resolvers that cannot be given a port (the Postfix instances of
+#                          scripts/providers.sh, through the resolv.conf of their own mount
+#                          namespace; the machine's resolv.conf does not name it): 127.0.0.1
+#                          for the default state directory, none for any other (a private
+#                          instance must not take the shared one's port 53); empty: none.
+#                          BIND listens only on addresses an interface has.
 #   KST_DNS_TIMEOUT        seconds to wait for each instance (30)
 set -euo pipefail
 
@@ -73,12 +80,15 @@ SUBMISSIONS_PORT="${KST_MAIL_SUBMISSIONS_PORT:-2465}"
 IMAP_PORT="${KST_MAIL_IMAP_PORT:-2143}"
 IMAPS_PORT="${KST_MAIL_IMAPS_PORT:-2993}"
 TIMEOUT="${KST_DNS_TIMEOUT:-30}"
+if [ "$STATE" = /tmp/kst-dns ]; then STUB_ADDR="${KST_DNS_STUB_ADDR-127.0.0.1}"; else STUB_ADDR="${KST_DNS_STUB_ADDR-}"; fi
 
 # The DoT server's certificate name (clients use tls://127.0.0.1:PORT#dns.test).
 DOT_NAME="dns.test"
 # Where the forged records point.
 ATTACKER_HOST="mail.attacker.test."
 ATTACKER_ADDR="127.0.0.66"
+# The public half of tests/fixtures/dkim/test.ed25519.pem (published for selector kst-2p).
+DKIM_TEST_KEY="8eVvA+faaEtHeYr3ORL0fPJprj8p/c1JnbMeVha0FE4="
 
 # Signed zones, children before parents (each parent takes its children's DS).
 SIGNED_ZONES=(example.net acme.net net .)
@@ -98,6 +108,8 @@ check_settings() {
   for p in "$PORT" "$TLS_PORT" "$FORGED_PORT" "$STRIPPED_PORT" "$NODS_PORT" "$SUBMISSION_PORT" "$SUBMISSIONS_PORT" "$IMAP_PORT" "$IMAPS_PORT"; do
     if ! [[ "$p" =~ ^[0-9]+$ ]] || [ "$p" -lt 1 ] || [ "$p" -gt 65535 ]; then die "bad port number '$p'"; fi
   done
+  [ -z "$STUB_ADDR" ] || [[ "$STUB_ADDR" =~ ^127\.[0-9]+\.[0-9]+\.[0-9]+$ ]] \
+    || die "KST_DNS_STUB_ADDR must be a 127.x.y.z address (or empty), not '$STUB_ADDR'"
   [ "$(printf '%s\n' "$PORT" "$TLS_PORT" "$FORGED_PORT" "$STRIPPED_PORT" "$NODS_PORT" | sort -u | wc -l)" -eq 5 ] \
     || die "KST_DNS_PORT, KST_DNS_TLS_PORT, KST_DNS_FORGED_PORT, KST_DNS_STRIPPED_PORT and KST_DNS_NODS_PORT must differ"
 }
@@ -113,20 +125,6 @@ ensure_packages() {
   command -v flock >/dev/null || missing+=(util-linux)
   [ ${#missing[@]} -gt 0 ] || return 0
   apt_install "${missing[@]}"
-}
-
-# put DST MODE: installs stdin as DST when it differs; returns 0 if it changed.
-put() {
-  local dst="$1" mode="$2" tmp
-  tmp="$(mktemp "$dst.XXXXXX")"
-  cat >"$tmp"
-  chmod "$mode" "$tmp"
-  if [ -f "$dst" ] && cmp -s "$tmp" "$dst"; then
-    rm -f "$tmp"
-    return 1
-  fi
-  mv -f "$tmp" "$dst"
-  return 0
 }
 
 # --- certificates -----------------------------------------------------------------------------
@@ -214,17 +212,26 @@ soa() {
   printf '$TTL 3600\n%s IN SOA %s hostmaster.%s @SERIAL@ 3600 600 86400 300\n' "$z" "$ns" "${z#.}"
 }
 
+# The address of a provider's MTA (mail.<domain>): the two providers of scripts/providers.sh
+# each have their own (example.net 127.0.0.1, acme.net 127.0.0.2).
+mta_addr() { if [ "$1" = acme.net ]; then echo 127.0.0.2; else echo 127.0.0.1; fi; }
+
 # The records of a mail domain (example.net, acme.net, insecure.net).
 mail_zone() {
-  local d="$1." hash="$2"
+  local d="$1." hash="$2" addr all
+  addr="$(mta_addr "$1")"
+  # acme.net's users may also send directly from their own machines (kst client --direct), so
+  # its domain SPF ends in ~all (softfail, not rejected); the MTA's HELO name is -all.
+  all="-all"
+  [ "$1" = acme.net ] && all="~all"
   soa "$1"
   cat <<EOF
 $d NS ns.$d
 ns.$d A 127.0.0.1
 $d MX 10 mail.$d
-mail.$d A 127.0.0.1
-$d TXT "v=spf1 ip4:127.0.0.1 -all"
-mail.$d TXT "v=spf1 ip4:127.0.0.1 -all"
+mail.$d A $addr
+$d TXT "v=spf1 ip4:$addr $all"
+mail.$d TXT "v=spf1 ip4:$addr -all"
 _submission._tcp.$d SRV 0 1 $SUBMISSION_PORT mail.$d
 _submissions._tcp.$d SRV 0 1 $SUBMISSIONS_PORT mail.$d
 _imap._tcp.$d SRV 0 1 $IMAP_PORT mail.$d
@@ -237,6 +244,12 @@ EOF
   if [ "$1" = example.net ]; then
     echo "tampered.$d A 127.0.0.1"
     echo "stripped.$d A 127.0.0.1"
+  fi
+  # kst's reply-signing key for the two-provider tests (selector kst-2p, so that it never
+  # collides with keys a test adds as extra records): the public half of
+  # tests/fixtures/dkim/test.ed25519.pem, a test key.
+  if [ "$1" != insecure.net ]; then
+    echo "kst-2p-ed25519._domainkey.$d TXT \"v=DKIM1; k=ed25519; p=$DKIM_TEST_KEY\""
   fi
 }
 
@@ -468,6 +481,7 @@ options {
   listen-on port $port { 127.0.0.1; };
 EOF
   [ "$inst" = main ] && echo "  listen-on port $TLS_PORT tls dot { 127.0.0.1; };"
+  [ "$inst" = main ] && [ -n "$STUB_ADDR" ] && echo "  listen-on port 53 { $STUB_ADDR; };"
   cat <<EOF
   listen-on-v6 { none; };
   recursion no;
@@ -496,6 +510,9 @@ EOF
 named_pid() { pidfile_pid "$STATE/named-$1/named.pid"; }
 named_running() { pid_alive "$(named_pid "$1")"; }
 inst_port() { case "$1" in main) echo "$PORT" ;; forged) echo "$FORGED_PORT" ;; stripped) echo "$STRIPPED_PORT" ;; nods) echo "$NODS_PORT" ;; esac; }
+
+# udp_listening_at ADDR PORT: something listens on ADDR:PORT/udp (the port-53 listener).
+udp_listening_at() { [ -n "$(ss -Hlun "src $1 and sport = :$2" 2>/dev/null)" ]; }
 
 # serves PORT ZONE SERIAL: the instance on PORT answers ZONE's SOA with SERIAL (over UDP).
 serves() {
@@ -545,6 +562,9 @@ start_instance() {
         die "port $p is already taken by $(port_owner "$p" || echo something) (choose another with KST_DNS_*PORT)"
       fi
     done
+    if [ "$inst" = main ] && [ -n "$STUB_ADDR" ] && udp_listening_at "$STUB_ADDR" 53; then
+      die "$STUB_ADDR:53 is already taken (choose another with KST_DNS_STUB_ADDR, or none with KST_DNS_STUB_ADDR=)"
+    fi
     rm -f "$dir/named.pid"
     STARTED=1
     log "named $inst: starting (127.0.0.1:$port$([ "$inst" = main ] && echo ", DoT :$TLS_PORT"))"
@@ -562,7 +582,15 @@ start_instance() {
   done
   if [ "$inst" = main ]; then
     wait_for "named main DoT on 127.0.0.1:$TLS_PORT" tcp_listening "$TLS_PORT"
+    if [ -n "$STUB_ADDR" ]; then
+      wait_for "named main on $STUB_ADDR:53" stub_serves "$serial"
+    fi
   fi
+}
+
+# stub_serves SERIAL: the port-53 listener answers example.net's SOA with SERIAL.
+stub_serves() {
+  [ "$(dig +short +norec +time=1 +tries=1 -p 53 @"$STUB_ADDR" SOA example.net. 2>/dev/null | awk '{print $3}')" = "$1" ]
 }
 
 # --- commands ---------------------------------------------------------------------------------
@@ -590,6 +618,7 @@ export KST_DNS_TLSA_CERT=$(cat "$STATE/tlsa-cert")
 export KST_DNS_MX_CERT=$STATE/tls/mx.pem
 export KST_DNS_MX_KEY=$STATE/tls/mx.key
 export KST_DNS_EXTRA_DIR=$EXTRA_DIR
+export KST_DNS_STUB_ADDR=$STUB_ADDR
 EOF
 }
 
@@ -646,6 +675,9 @@ cmd_status() {
       ok=3
     fi
   done
+  if [ -n "$STUB_ADDR" ]; then
+    printf 'port-53 listener %s:53 (main instance): %s\n' "$STUB_ADDR" "$(udp_listening_at "$STUB_ADDR" 53 && echo listening || echo closed)"
+  fi
   [ -f "$STATE/zones/serial" ] && echo "zone serial: $(cat "$STATE/zones/serial")"
   [ -f "$STATE/tlsa-cert" ] && echo "TLSA names the key of: $(cat "$STATE/tlsa-cert")"
   return "$ok"

@@ -693,3 +693,297 @@ fn maildir_require_dkim_refuses_an_unsigned_reply() {
     let (_, list) = local.client("bob@example.net", &["pending"], &[]);
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
 }
+
+// --- issue 15 red team: forged and replayed answers to the owner's commands ---------------
+
+/// Every reply file in the Maildir (new/ and cur/), removed; returns their contents.
+fn take_replies(local: &Local) -> Vec<String> {
+    let mut out = Vec::new();
+    for sub in ["new", "cur"] {
+        for e in std::fs::read_dir(local.path("Maildir").join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            out.push(std::fs::read_to_string(&p).unwrap());
+            std::fs::remove_file(&p).unwrap();
+        }
+    }
+    out
+}
+
+/// The pending request of `kind` in the state file: (Message-ID, K_auth).
+fn pending_of(local: &Local, kind: &str) -> (String, String) {
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(local.path("state/pending.json")).unwrap()).unwrap();
+    let text = v.to_string();
+    let entry = v["requests"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{text}"))
+        .iter()
+        .map(|e| {
+            if e.get("pending").is_some() {
+                &e["pending"]
+            } else {
+                e
+            }
+        })
+        .find(|p| p["kind"] == kind)
+        .unwrap_or_else(|| panic!("no pending {kind}: {text}"));
+    (
+        entry["message_id"].as_str().unwrap().to_string(),
+        entry["k_auth"].as_str().unwrap().to_string(),
+    )
+}
+
+/// An answer to `kst client delete` is believed only when it answers this very request, about
+/// this very account, with this request's K_auth: the genuine confirmation of an earlier
+/// deletion replayed, the same confirmation re-addressed to the new request (HMAC of another
+/// K_auth), and a confirmation with a valid HMAC that speaks of another account are all
+/// refused (the request stays pending; exit 5 for the forgeries). The genuine answer, put
+/// back, is then accepted.
+#[test]
+fn maildir_forged_and_replayed_deletion_answers_are_not_believed() {
+    let local = Local::new();
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let key = local.path("alice.asc");
+    std::fs::write(&key, &alice.public_armored).unwrap();
+    let key = key.to_str().unwrap();
+    let publish = |local: &Local| {
+        let (out, v) = local.client("alice@example.net", &["publish", "--key", key], &[]);
+        assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    };
+    publish(&local);
+    take_replies(&local);
+
+    // A first deletion, answered: its genuine confirmation is what an attacker replays.
+    let (out, v) = local.client("alice@example.net", &["delete", "--no-wait"], &[]);
+    assert_eq!(code(&out), 75, "{v}");
+    let (old_id, _) = pending_of(&local, "deletion");
+    let old = take_replies(&local)
+        .pop()
+        .expect("the deletion confirmation");
+    assert!(old.contains("KST-Status: deleted"), "{old}");
+    assert!(old.contains(&old_id));
+    std::fs::write(local.path("Maildir/new/1.old.eml"), &old).unwrap();
+    let (out, v) = local.client("alice@example.net", &["check"], &[]);
+    assert_eq!(
+        (code(&out), v[0]["outcome"].as_str()),
+        (0, Some("deleted")),
+        "{v}"
+    );
+    take_replies(&local);
+
+    // The key again, and a second deletion whose real answer the attacker suppresses.
+    publish(&local);
+    take_replies(&local);
+    let (out, v) = local.client("alice@example.net", &["delete", "--no-wait"], &[]);
+    assert_eq!(code(&out), 75, "{v}");
+    let (new_id, k_auth) = pending_of(&local, "deletion");
+    let genuine = take_replies(&local).pop().expect("the second confirmation");
+    let check = |local: &Local, what: &str, reply: &str| {
+        std::fs::write(local.path("Maildir/new/2.forged.eml"), reply).unwrap();
+        let (out, v) = local.client("alice@example.net", &["check", "--timeout", "1"], &[]);
+        take_replies(local);
+        assert_ne!(code(&out), 0, "{what}: {v}");
+        assert_ne!(v[0]["outcome"], "deleted", "{what}: {v}");
+        let (id, _) = pending_of(local, "deletion");
+        assert_eq!(id, new_id, "{what}: the request is no longer pending");
+        (code(&out), v)
+    };
+
+    // 1. The old confirmation, replayed as it is: not an answer to this request.
+    check(&local, "replayed", &old);
+    // 2. The old confirmation re-addressed to the new request: its HMAC is of the old K_auth.
+    let (c, v) = check(&local, "re-addressed", &old.replace(&old_id, &new_id));
+    assert_eq!((c, v[0]["outcome"].as_str()), (5, Some("attack")), "{v}");
+    // 3. A valid HMAC (someone who read K_auth on the way) about another account.
+    let version: u32 = genuine
+        .lines()
+        .find_map(|l| l.strip_prefix("KST-Protocol:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let k = kst_core::AuthKey::parse(&k_auth).unwrap();
+    let tag = kst_core::mac::statement_tag_for(
+        version,
+        &k,
+        kst_core::Status::Deleted,
+        None,
+        Some("bob@example.net"),
+    );
+    let real_tag = kst_core::mac::statement_tag_for(
+        version,
+        &k,
+        kst_core::Status::Deleted,
+        None,
+        Some("alice@example.net"),
+    );
+    // The body may be quoted-printable (a tag's trailing `=` is then `=3D`).
+    let qp = |t: &str| t.replace('=', "=3D");
+    assert!(
+        genuine.contains(&real_tag) || genuine.contains(&qp(&real_tag)),
+        "{genuine}"
+    );
+    let other = genuine
+        .replace(
+            "KST-Address: alice@example.net",
+            "KST-Address: bob@example.net",
+        )
+        .replace(&qp(&real_tag), &qp(&tag))
+        .replace(&real_tag, &tag);
+    assert_ne!(other, genuine);
+    let (c, v) = check(&local, "another account", &other);
+    assert_eq!((c, v[0]["outcome"].as_str()), (5, Some("attack")), "{v}");
+
+    // The genuine answer is accepted.
+    std::fs::write(local.path("Maildir/new/3.genuine.eml"), &genuine).unwrap();
+    let (out, v) = local.client("alice@example.net", &["check"], &[]);
+    assert_eq!(
+        (code(&out), v[0]["outcome"].as_str()),
+        (0, Some("deleted")),
+        "{v}"
+    );
+}
+
+/// `refresh` from a frequent cron job against keys that expire or have expired: five keys of
+/// strangers imported through kst that expired long ago (never extended) used to be due on
+/// every run and, sorted first, took every run's batch, so a correspondent's key fetched long
+/// ago was never refreshed again (its revocation never reached the user); and a key that
+/// expires soon was fetched again on every run. Now an expired key is due by its age only and
+/// a key that expires soon at most once a day.
+#[test]
+fn maildir_expired_keys_cannot_starve_refresh_and_soon_expiring_keys_are_not_refetched_every_run() {
+    let local = Local::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let day = 86_400;
+    let entry = |address: &str, expires_at: Option<u64>, fetched_at: u64| {
+        serde_json::json!({
+            "address": address,
+            "fingerprint": "0123456789ABCDEF0123456789ABCDEF01234567",
+            "expires_at": expires_at,
+            "fetched_at": fetched_at,
+        })
+    };
+    let mut keys: Vec<Value> = (0..5)
+        .map(|i| {
+            entry(
+                &format!("gone{i}@example.org"),
+                Some(now - 300 * day),
+                now - 2 * day,
+            )
+        })
+        .collect();
+    keys.push(entry("friend@example.org", None, now - 100 * day));
+    keys.push(entry("soon@example.org", Some(now + 5 * day), now - 60));
+    std::fs::create_dir_all(local.path("state")).unwrap();
+    std::fs::write(
+        local.path("state/imported.json"),
+        serde_json::json!({"version": 1, "keys": keys}).to_string(),
+    )
+    .unwrap();
+    let (out, v) = local.client("bob@example.net", &["refresh", "--dry-run"], &[]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let due: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(due, ["friend@example.org"], "{v}");
+}
+
+/// The rollback of a subkey revocation that the store does not prevent (subkey revocations
+/// are not in the tombstone; see docs/SECURITY.md): someone with alice's password, not her
+/// key, publishes another key and then an old copy of hers from before she revoked a
+/// compromised subkey. The KST then serves the subkey unrevoked; `kst client status`, the
+/// owner's cron monitor, reports it (exit 6), and publishing her key again repairs it.
+#[test]
+fn maildir_status_reports_a_rolled_back_subkey_revocation() {
+    let local = Local::new();
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let old = local.path("old.asc");
+    std::fs::write(&old, &alice.public_armored).unwrap();
+    let publish = |path: &Path| {
+        let (out, v) = local.client(
+            "alice@example.net",
+            &["publish", "--key", path.to_str().unwrap()],
+            &[],
+        );
+        assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    };
+    publish(&old);
+    // Alice revokes her encryption subkey and publishes.
+    let mut child = Command::new("gpg")
+        .env("GNUPGHOME", gpg.home())
+        .args([
+            "--batch",
+            "--yes",
+            "--no-tty",
+            "--quiet",
+            "--pinentry-mode",
+            "loopback",
+        ])
+        .args([
+            "--passphrase",
+            "",
+            "--command-fd",
+            "0",
+            "--edit-key",
+            &alice.fingerprint,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"key 1\nrevkey\ny\n0\n\ny\nsave\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let current = local.path("current.asc");
+    std::fs::write(&current, gpg.export(&alice.fingerprint)).unwrap();
+    publish(&current);
+    let status = || {
+        local.client(
+            "alice@example.net",
+            &["status", "--key", current.to_str().unwrap()],
+            &[],
+        )
+    };
+    let (out, v) = status();
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (0, Some("match")),
+        "{v}"
+    );
+
+    // The password holder: another key, then the old copy.
+    let mallory = Gpg::new();
+    let other = mallory.generate("Alice", "alice@example.net", "ed25519");
+    let other_path = local.path("other.asc");
+    std::fs::write(&other_path, &other.public_armored).unwrap();
+    publish(&other_path);
+    publish(&old);
+    let (out, v) = status();
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (6, Some("mismatch")),
+        "{v}"
+    );
+    assert!(v["differences"].to_string().contains("unrevoked"), "{v}");
+    publish(&current);
+    let (out, v) = status();
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (0, Some("match")),
+        "{v}"
+    );
+}

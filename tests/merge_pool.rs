@@ -267,3 +267,78 @@ fn versions_of_one_key_through_a_pool_of_three_merge_on_every_backend() {
     drop(redis);
     drop(prefix);
 }
+
+/// Red team (issue 15): the owner's revocation races older copies through a pool of three
+/// under a size budget that the merge of everything exceeds (the budget is the largest of the
+/// four publications alone). Every message is answered (published, or refused for its size;
+/// never a temporary failure left to the MTA), and the key ends revoked on every backend.
+#[test]
+fn a_revocation_racing_old_copies_under_a_tight_budget_ends_revoked_on_every_backend() {
+    let names = [
+        "merge-revoked",
+        "merge-base",
+        "merge-subkey",
+        "merge-extended",
+    ];
+    let limit = names
+        .iter()
+        .map(|n| {
+            kst_core::validate::validate(
+                &fixture(n),
+                &addr(ACCOUNT),
+                &kst_core::validate::KeyPolicy::default(),
+                std::time::SystemTime::now(),
+            )
+            .unwrap()
+            .packets
+            .len()
+        })
+        .max()
+        .unwrap();
+    let extra = format!("[limits]\nmax_published_key_bytes = {limit}\n");
+    let race = |kst: &TestKst| {
+        let spools = kst.dir.path().join("race");
+        std::thread::scope(|scope| {
+            for s in 0..INSTANCES {
+                let spools = &spools;
+                scope.spawn(move || {
+                    for i in 0..names.len() {
+                        let job = publication(names[(i + s) % names.len()]);
+                        let spool = spools.join(format!("{s}-{i}"));
+                        let (exit, stderr, replies) = deliver(kst, &job.raw, ACCOUNT, &spool);
+                        assert_eq!(exit, 0, "{stderr}");
+                        let answer = client::verify_reply(&job.pending, &replies[0]);
+                        assert!(
+                            matches!(
+                                answer,
+                                Ok(Verified::Published { .. } | Verified::Refused { .. })
+                            ),
+                            "{answer:?}"
+                        );
+                    }
+                });
+            }
+        });
+        let key = served(kst, &spools.join("final"));
+        assert!(key.revoked, "the revocation was lost");
+        assert!(key.packets.len() <= limit);
+    };
+    let fs = TestKst::with_store(&extra, &Store::Fs);
+    race(&fs);
+    drop(fs);
+    let db = TestDb::new();
+    let pg = TestKst::with_store(&extra, &Store::Postgres(db.url.clone()));
+    assert_eq!(code(&pg.kst(&["migrate"], b"")), 0);
+    race(&pg);
+    drop(pg);
+    drop(db);
+    let prefix = TestPrefix::new();
+    let redis = TestKst::with_store(
+        &extra,
+        &Store::Redis {
+            url: prefix.url.clone(),
+            prefix: prefix.prefix.clone(),
+        },
+    );
+    race(&redis);
+}

@@ -210,3 +210,106 @@ fn a_senders_authentication_results_below_the_trusted_received_is_not_read() {
     let log = deliver(&kst, Some("victim@freemail.example"), &msg, &[]);
     assert!(kst.replies().is_empty(), "answered: {log}");
 }
+
+// --- issue 15: the merge and the size budget through the real `kst deliver` ---------------
+
+/// A copy of the GnuPG home of `from` (a second device holding the same key).
+fn fork_gpg(from: &kst_tests::Gpg) -> kst_tests::Gpg {
+    let to = kst_tests::Gpg::new();
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.home().display()))
+        .arg(to.home())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let _ = std::fs::remove_file(to.home().join("S.gpg-agent"));
+    to
+}
+
+/// Publishes `armored` for alice through `kst deliver` (an authenticated submission) with
+/// `env`; returns the verified reply.
+fn publish_as_alice(kst: &TestKst, armored: &str, env: &[(&str, &str)]) -> client::Verified {
+    let req = client::build_publication(&addr("alice@example.net"), armored).unwrap();
+    let mut raw =
+        kst_tests::received_authenticated("alice@example.net", "mail.example.net").into_bytes();
+    raw.extend_from_slice(&req.message);
+    let args = [
+        "deliver",
+        "--sender",
+        "alice@example.net",
+        "--recipient",
+        "keys@example.net",
+    ];
+    let out = kst.kst_env(&args, &raw, env);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    client::verify_reply(&req.pending, &kst.last_reply()).expect("a verified reply")
+}
+
+/// The owner's revocation must never be refused for the size of the merge. Device 2 published
+/// a new signing subkey; device 1 never saw it and publishes the key's revocation. Each key
+/// fits `limits.max_published_key_bytes` alone, their merge does not, and nothing is expired
+/// or superseded: kst answered `key-too-large` and kept serving the key unrevoked. Now the
+/// revocation is stored (within the budget) and served.
+#[test]
+fn a_revocation_is_published_even_when_the_merge_would_exceed_the_budget() {
+    let kst = TestKst::new("");
+    let device1 = kst_tests::Gpg::new();
+    let alice = device1.generate("Alice", "alice@example.net", "ed25519");
+    let device2 = fork_gpg(&device1);
+    device2.run(&[
+        "--passphrase",
+        "",
+        "--pinentry-mode",
+        "loopback",
+        "--quick-add-key",
+        &alice.fingerprint,
+        "ed25519",
+        "sign",
+        "never",
+    ]);
+    let with_signing = device2.export(&alice.fingerprint);
+    let rev = std::fs::read_to_string(
+        device1
+            .home()
+            .join("openpgp-revocs.d")
+            .join(format!("{}.rev", alice.fingerprint)),
+    )
+    .unwrap()
+    .replacen(":-----BEGIN", "-----BEGIN", 1);
+    device1.import(&rev);
+    let revocation = device1.export(&alice.fingerprint);
+    let size = |armored: &str| {
+        kst_core::validate::validate(
+            armored,
+            &addr("alice@example.net"),
+            &kst_core::validate::KeyPolicy::default(),
+            std::time::SystemTime::now(),
+        )
+        .unwrap()
+        .packets
+        .len()
+    };
+    let limit = size(&with_signing).max(size(&revocation)).to_string();
+    let env = [("KST_LIMITS__MAX_PUBLISHED_KEY_BYTES", limit.as_str())];
+
+    let first = publish_as_alice(&kst, &with_signing, &env);
+    assert!(
+        matches!(first, client::Verified::Published { .. }),
+        "{first:?}"
+    );
+    let second = publish_as_alice(&kst, &revocation, &env);
+    let client::Verified::Published { armored, .. } = second else {
+        panic!("the revocation was refused: {second:?}");
+    };
+    let served = kst_core::certificate::Certificate::from_armored(&armored, 1 << 20).unwrap();
+    assert!(
+        served.is_revoked(),
+        "the confirmation carries no revocation"
+    );
+    let out = kst.kst(&["keys", "get", "alice@example.net", "--json"], b"");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["revoked"], true, "{v}");
+}

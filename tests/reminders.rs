@@ -131,3 +131,55 @@ fn reminders_go_out_once_across_a_pool_on_every_backend() {
     );
     run(&redis);
 }
+
+/// Red team (issue 15): a key whose User ID carries CR/LF and a `Bcc:` header (gpg and the
+/// key policy accept it), published through `kst deliver` and about to expire, then three
+/// `kst reminders send` at once: one reminder, to the owner's address only, without the
+/// User ID's text and without any header of its making.
+#[test]
+fn a_user_id_with_a_header_in_it_does_not_reach_the_reminder() {
+    let kst = TestKst::new("");
+    let gpg = kst_tests::Gpg::new();
+    gpg.run(&[
+        "--passphrase",
+        "",
+        "--pinentry-mode",
+        "loopback",
+        "--quick-gen-key",
+        "Alice\r\nBcc: victim@evil.example\r\n <alice@example.net>",
+        "ed25519",
+        "sign,cert",
+        "10d",
+    ]);
+    let armored = gpg.export(ACCOUNT);
+    let account = AddressPolicy::default().normalize(ACCOUNT).unwrap();
+    let req = client::build_publication(&account, &armored).unwrap();
+    let mut raw = received_authenticated(ACCOUNT, "mail.example.net").into_bytes();
+    raw.extend_from_slice(&req.message);
+    let out = kst.deliver(ACCOUNT, "keys@example.net", &raw);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(matches!(
+        client::verify_reply(&req.pending, &kst.last_reply()),
+        Ok(Verified::Published { .. })
+    ));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(pool_run(&kst, now, &[]), 1);
+    let mail = reminders(&kst);
+    assert_eq!(mail.len(), 1);
+    let head = mail[0]
+        .split("\r\n\r\n")
+        .next()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(
+        !head.contains("bcc") && !mail[0].contains("victim"),
+        "{}",
+        mail[0]
+    );
+    let to: Vec<&str> = head.lines().filter(|l| l.starts_with("to:")).collect();
+    assert_eq!(to.len(), 1, "{head}");
+    assert!(to[0].contains("alice@example.net"), "{head}");
+}

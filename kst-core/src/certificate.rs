@@ -105,6 +105,20 @@ impl Certificate {
         }
     }
 
+    /// Key IDs of the subkeys that carry a subkey revocation, in certificate order.
+    pub fn revoked_subkeys(&self) -> Vec<String> {
+        self.key
+            .public_subkeys
+            .iter()
+            .filter(|s| {
+                s.signatures
+                    .iter()
+                    .any(|sig| matches!(sig.typ(), Some(SignatureType::SubkeyRevocation)))
+            })
+            .map(|s| handle(&s.key).key_id)
+            .collect()
+    }
+
     /// The User IDs as text (undecodable ones shown lossily).
     pub fn user_ids(&self) -> Vec<String> {
         self.key

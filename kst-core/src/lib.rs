@@ -49,5 +49,7 @@ pub use protocol::{Reason, Status};
 pub use ratelimit::{LimitKind, MemoryRateLimiter, RateLimiter, RateLimits};
 pub use service::{Decision, Envelope, HandleError, Handled, Kst, NotForKst};
 pub use store::{Expected, KeyRecord, KeyStore, NewKey, PublishOutcome};
+#[cfg(test)]
+mod redteam15_tests;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

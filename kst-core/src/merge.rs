@@ -285,9 +285,10 @@ fn primary_fingerprint(packet: &[u8]) -> Option<String> {
 
 /// `cert` (canonical, as [`merge`] returns it) within `limit` bytes: when it is larger, the
 /// subkeys that may go are dropped one by one, oldest first, until it fits. A subkey may go
-/// when it is expired at `now` (seconds since the Unix epoch) or superseded (a newer subkey
-/// with the same key flags that is neither revoked nor expired exists); a revoked subkey never
-/// goes, so no revocation is ever dropped. [`MergeError::TooLarge`] when it still does not fit.
+/// when it is expired at `now` (seconds since the Unix epoch), superseded (a newer subkey
+/// with the same key flags that is neither revoked nor expired exists), or unrevoked on a
+/// revoked primary key (nobody may use it any more); a revoked subkey never goes, so no
+/// revocation is ever dropped. [`MergeError::TooLarge`] when it still does not fit.
 pub fn fit_budget(cert: &[u8], limit: usize, now: u64) -> Result<Vec<u8>, MergeError> {
     if cert.len() <= limit {
         return Ok(cert.to_vec());
@@ -301,6 +302,7 @@ pub fn fit_budget(cert: &[u8], limit: usize, now: u64) -> Result<Vec<u8>, MergeE
         let (exp, _) = s.sigs.binding.clone().unwrap_or_default();
         exp != 0 && u64::from(s.created) + u64::from(exp) <= now
     };
+    let primary_revoked = !parts.direct.revocations.is_empty();
     // Candidates, oldest first (the map's order).
     let candidates: Vec<(u32, Vec<u8>)> = parts
         .subkeys
@@ -308,7 +310,8 @@ pub fn fit_budget(cert: &[u8], limit: usize, now: u64) -> Result<Vec<u8>, MergeE
         .filter(|(_, s)| s.sigs.revocations.is_empty())
         .filter(|(key, s)| {
             let flags = s.sigs.binding.as_ref().map(|(_, f)| f.clone());
-            expired(s)
+            primary_revoked
+                || expired(s)
                 || parts.subkeys.iter().any(|(other, o)| {
                     other > key
                         && live(o)

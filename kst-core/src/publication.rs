@@ -48,6 +48,10 @@ pub async fn publish_merged(
         };
         let packets = match merge::fit_budget(&packets, limit, now) {
             Ok(p) => p,
+            // A revocation is never refused for its size: the revoked publication passed the
+            // key policy's budget alone, and a revoked key needs nothing of the stored one
+            // (the store's tombstone adds the stored key revocations).
+            Err(MergeError::TooLarge { .. }) if key.revoked => canonical_or_as_is(&key.key),
             Err(e @ MergeError::TooLarge { .. }) => return Ok(Err(e)),
             Err(_) => packets,
         };

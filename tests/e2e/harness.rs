@@ -10,7 +10,6 @@
 //! overrides them) and is left running for the next run; `scripts/mailsystem.sh down` with the
 //! same variables removes it.
 
-use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -144,12 +143,7 @@ impl MailSystem {
             mode.as_str(),
             String::from_utf8_lossy(&out.stderr)
         );
-        let env: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.strip_prefix("export "))
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
-            .collect();
+        let env = kst_tests::export_lines(&out.stdout);
         let get = |k: &str| {
             env.get(k)
                 .unwrap_or_else(|| panic!("mailsystem.sh printed no {k}"))
@@ -213,10 +207,29 @@ impl MailSystem {
     /// port-25 stand-in, `store` as the `[store]` table, LMTP on
     /// `lmtp_port` admitting 127.0.0.1 only, JSON logs.
     pub fn kst_toml(&self, store: &str, lmtp_port: u16) -> String {
+        self.kst_toml_for(
+            &["example.net", "acme.net"],
+            store,
+            self.smtp_port,
+            lmtp_port,
+            "kst",
+        )
+    }
+
+    /// [`MailSystem::kst_toml`] serving `domains`, sending replies to 127.0.0.1:`mailer_port`
+    /// and signing them under the DKIM selector prefix `selector`.
+    pub fn kst_toml_for(
+        &self,
+        domains: &[&str],
+        store: &str,
+        mailer_port: u16,
+        lmtp_port: u16,
+        selector: &str,
+    ) -> String {
         format!(
             r#"# written by the kst e2e tests
 [kst]
-domains = ["example.net", "acme.net"]
+domains = {domains:?}
 trusted_mta_hosts = ["mail.example.net"]
 
 [store]
@@ -225,7 +238,7 @@ trusted_mta_hosts = ["mail.example.net"]
 [mailer]
 kind = "smtp"
 host = "127.0.0.1"
-port = {smtp}
+port = {mailer_port}
 tls = "none"
 timeout_secs = 30
 
@@ -238,14 +251,13 @@ shutdown_grace_secs = 5
 listen = ""
 
 [dkim]
-selector = "kst"
+selector = "{selector}"
 ed25519_key = "{dkim_key}"
 
 [log]
 format = "json"
 level = "info"
 "#,
-            smtp = self.smtp_port,
             dkim_key = self.dkim_key().display(),
         )
     }

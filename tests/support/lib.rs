@@ -431,6 +431,17 @@ pub fn run_json(mut cmd: Command) -> (Output, serde_json::Value) {
     (out, v)
 }
 
+/// The `export KEY=VALUE` lines a set-up script prints (`scripts/mailsystem.sh up`,
+/// `scripts/providers.sh up`), as a map; double quotes around a value are dropped.
+pub fn export_lines(stdout: &[u8]) -> std::collections::HashMap<String, String> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .collect()
+}
+
 /// Imports `armored` into a fresh keyring and returns the fingerprint gpg sees for `address`.
 pub fn gpg_fingerprint_of(armored: &str, address: &str) -> String {
     let gpg = Gpg::new();

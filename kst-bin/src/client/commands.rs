@@ -581,10 +581,14 @@ async fn hop_rules(
     for server in servers {
         // TLSA records count only under a secure MX RRset (RFC 7672 §2.2.2) and when they are
         // secure themselves; an IP literal has none.
+        // A secure TLSA RRset of unusable records only still makes TLS mandatory (RFC 7672
+        // §2.2).
         let mut dane_records = Vec::new();
+        let mut tlsa_secure = false;
         if mx_security == DnsSecurity::Secure && server.host.parse::<std::net::IpAddr>().is_err() {
             let tlsa = dns.tlsa(&server.host, 25).await.map_err(dns_outcome)?;
             if tlsa.security == DnsSecurity::Secure {
+                tlsa_secure = !tlsa.value.is_empty();
                 dane_records = dane::usable(&tlsa.value);
             }
         }
@@ -600,7 +604,11 @@ async fn hop_rules(
             }
         } else {
             kept.push(server);
-            auth.push(HopAuth::Opportunistic);
+            auth.push(if tlsa_secure {
+                HopAuth::EncryptOnly
+            } else {
+                HopAuth::Opportunistic
+            });
         }
     }
     *s.transport.lock().unwrap_or_else(|e| e.into_inner()) = Some(serde_json::json!({
@@ -848,18 +856,24 @@ fn interpret(e: &Entry, m: Matched) -> Outcome {
                 service,
                 detail: "the answer is not a KST reply".into(),
             },
-            Err(ReplyError::Version(v)) => Outcome::error(
-                exit::UNAVAILABLE,
-                format!(
-                    "{service} speaks KST protocol version {v}, which this client does not; update kst"
+            // The request offered versions 2 and 1 with hmac-sha256, and a KST answers in one
+            // of those (an older one in 1, a newer one in 2; `unsupported-version` refusals are
+            // version 1). Any other label was put there on the way: a forged or relabelled
+            // reply, never used, and the request keeps waiting for the genuine one.
+            Err(ReplyError::Version(v)) => Outcome::Attack {
+                service,
+                message_id,
+                error: format!(
+                    "the reply says KST protocol version {v:?}, which the request did not offer: forged or altered in transit (possible attack)"
                 ),
-            ),
-            Err(ReplyError::Mac(m)) => Outcome::error(
-                exit::UNAVAILABLE,
-                format!(
-                    "{service} answers with the MAC algorithm {m:?}, which this client does not speak; update kst"
+            },
+            Err(ReplyError::Mac(m)) => Outcome::Attack {
+                service,
+                message_id,
+                error: format!(
+                    "the reply says MAC algorithm {m:?}, which the request did not offer: forged or altered in transit (possible attack)"
                 ),
-            ),
+            },
             Err(err @ ReplyError::NotThisRequest(_)) => {
                 Outcome::error(exit::SOFTWARE, err.to_string())
             }

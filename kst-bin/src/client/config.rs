@@ -246,6 +246,23 @@ impl Endpoint {
         {
             return Err(format!("no usable host name in {input:?}"));
         }
+        // A name goes to the resolver and into the TLS check as its A-label; anything that is
+        // no host name (bidi controls, spaces, empty labels) is refused here, not sent to DNS.
+        // A single-label name (`localhost`, a host from /etc/hosts) is kept when it is plain
+        // letters, digits and hyphens.
+        let single_label =
+            !host.contains('.') && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let host = if host.parse::<std::net::IpAddr>().is_ok() || single_label {
+            host.to_ascii_lowercase()
+        } else {
+            kst_core::AddressPolicy::default()
+                .normalize_domain(host.trim_end_matches('.'))
+                .map_err(|_| {
+                    format!(
+                        "{host:?} in {input:?} is not a host name (letters, digits, hyphens and dots; an IDN is taken as its A-label)"
+                    )
+                })?
+        };
         let port = match port {
             None => default_port,
             Some(p) => p
@@ -255,7 +272,7 @@ impl Endpoint {
                 .ok_or_else(|| format!("bad port {p:?} in {input:?}"))?,
         };
         Ok(Endpoint {
-            host: host.to_string(),
+            host,
             port,
             security,
         })
@@ -337,6 +354,20 @@ mod tests {
         assert_eq!(e.to_string(), "[::1]:143 (STARTTLS)");
         let e = Endpoint::parse("mx.acme.net", Service::Mx).unwrap();
         assert_eq!((e.port, e.security), (25, Security::StartTls));
+        // Host names as their A-label; bidi controls and empty labels are no host names.
+        let e = Endpoint::parse("M\u{e4}il.Example.net.:2525", Service::Mx).unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("xn--mil-qla.example.net", 2525));
+        assert!(Endpoint::parse("mail.example.net\u{202e}:25", Service::Mx).is_err());
+        assert!(Endpoint::parse("mail..example.net:25", Service::Mx).is_err());
+        assert_eq!(
+            Endpoint::parse("localhost:25", Service::Mx).unwrap().host,
+            "localhost"
+        );
+        assert_eq!(
+            Endpoint::parse("[::1]:25", Service::Mx).unwrap().host,
+            "::1"
+        );
+        assert!(Endpoint::parse("m\u{202e}ail:25", Service::Mx).is_err());
         let e = Endpoint::parse("mail.example.net", Service::Imap).unwrap();
         assert_eq!(e.port, 143);
     }

@@ -12,7 +12,7 @@
 //! must match: DANE-EE matches the server's own certificate (name and dates are not checked,
 //! §3.1.1); DANE-TA a certificate of the chain the server sent, which then must be a valid
 //! issuer of the server's certificate for the MX name (§3.1.2). When every record is unusable
-//! the hop is opportunistic.
+//! TLS is still mandatory, but not authenticated ([`HopAuth::EncryptOnly`]).
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -43,6 +43,10 @@ pub enum HopAuth {
         /// The policy's id (for the report).
         id: String,
     },
+    /// A secure TLSA RRset whose records are all unusable (PKIX-TA/PKIX-EE, unknown selector
+    /// or matching type): TLS is mandatory but not authenticated (RFC 7672 §2.2, Postfix's
+    /// `encrypt` level). Checked like [`HopAuth::Opportunistic`], but never in cleartext.
+    EncryptOnly,
     /// Neither: TLS without authentication (the certificate is still checked against PKIX,
     /// for the report, but a failure does not stop the hop).
     Opportunistic,
@@ -110,7 +114,7 @@ impl fmt::Display for HopResult {
             HopResult::MtaSts => f.write_str("TLS, authenticated by MTA-STS (PKIX, enforce)"),
             HopResult::Unauthenticated { pkix } => write!(
                 f,
-                "encrypted but not authenticated (the domain publishes neither DANE nor MTA-STS{})",
+                "encrypted but not authenticated (no usable DANE record, no MTA-STS policy in enforce mode{})",
                 if *pkix {
                     "; the certificate is PKIX-valid for the MX name"
                 } else {
@@ -264,7 +268,7 @@ impl ServerCertVerifier for HopVerifier {
                         server_name.to_str()
                     ))
                 }),
-            HopAuth::Opportunistic => {
+            HopAuth::EncryptOnly | HopAuth::Opportunistic => {
                 let pkix = self
                     .pkix
                     .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)

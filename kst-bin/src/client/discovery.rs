@@ -278,7 +278,8 @@ impl Dns {
         let mut best: Option<(u16, u16, String, u16)> = None;
         for record in &records {
             if let RData::SRV(srv) = &record.data {
-                let target = srv.target.to_utf8();
+                // The A-label: what the resolver, the TLS name check and MTA-STS patterns use.
+                let target = srv.target.to_ascii();
                 let target = target.trim_end_matches('.').to_string();
                 let candidate = (srv.priority, u16::MAX - srv.weight, target, srv.port);
                 if best
@@ -317,7 +318,10 @@ impl Dns {
             .filter_map(|r| match &r.data {
                 RData::MX(m) => Some((
                     m.preference,
-                    m.exchange.to_utf8().trim_end_matches('.').to_string(),
+                    m.exchange
+                        .to_ascii()
+                        .trim_end_matches('.')
+                        .to_ascii_lowercase(),
                 )),
                 _ => None,
             })

@@ -114,13 +114,19 @@ impl ResolverSpec {
                     "DNS over TLS needs the name the server's certificate carries: tls://IP:853#NAME, not {input:?}"
                 )
             })?;
+            // The certificate's name: an IP address, or a host name as its A-label (bidi
+            // controls, spaces and the like are refused here rather than failing every look-up).
             let name = name.trim().trim_end_matches('.');
-            if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c == '/') {
-                return Err(format!("no usable TLS server name in {input:?}"));
-            }
+            let name = if name.parse::<IpAddr>().is_ok() {
+                name.to_string()
+            } else {
+                kst_core::AddressPolicy::default()
+                    .normalize_domain(name)
+                    .map_err(|_| format!("no usable TLS server name in {input:?}"))?
+            };
             return Ok(ResolverSpec::Tls {
                 addr: socket_addr(addr, 853).map_err(|e| format!("{e} in {input:?}"))?,
-                name: name.to_string(),
+                name,
             });
         }
         if input.contains("://") {
@@ -220,6 +226,15 @@ mod tests {
             }
         );
         assert!(ResolverSpec::parse("tls://127.0.0.1:853").is_err());
+        assert!(ResolverSpec::parse("tls://127.0.0.1:853#dns.test\u{202e}").is_err());
+        assert!(ResolverSpec::parse("tls://127.0.0.1:853#").is_err());
+        assert_eq!(
+            ResolverSpec::parse("tls://127.0.0.1#1.1.1.1").unwrap(),
+            ResolverSpec::Tls {
+                addr: "127.0.0.1:853".parse().unwrap(),
+                name: "1.1.1.1".into()
+            }
+        );
         assert!(ResolverSpec::parse("https://1.1.1.1/dns-query").is_err());
         assert!(ResolverSpec::parse("dns.example:53").is_err());
     }

@@ -121,6 +121,22 @@ impl Policy {
     fn fresh(&self, now: u64) -> bool {
         now < self.fetched_at.saturating_add(self.max_age)
     }
+
+    /// True when a policy read back from the cache is one [`Policy::parse`] could have made at
+    /// or before `now` (a day of clock skew allowed): a cache file that was tampered with or
+    /// damaged (a `max_age` beyond the limit, a fetch time in the future, an `enforce` policy
+    /// without MX patterns, an id no TXT record can carry) is not used.
+    fn plausible(&self, now: u64) -> bool {
+        self.max_age <= MAX_AGE_LIMIT
+            && self.fetched_at <= now.saturating_add(86_400)
+            && (self.mode == Mode::None || !self.mx.is_empty())
+            && valid_id(&self.id)
+    }
+}
+
+/// An MTA-STS policy id (RFC 8461 §3.1): 1 to 32 letters and digits.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 32 && id.chars().all(|c| c.is_ascii_alphanumeric())
 }
 
 /// The `id` of the domain's `_mta-sts` TXT record: `None` without exactly one `v=STSv1`
@@ -136,12 +152,33 @@ pub fn parse_txt(records: &[String]) -> Option<String> {
     record.split(';').find_map(|field| {
         let (k, v) = field.trim().split_once('=')?;
         let v = v.trim();
-        (k.trim() == "id"
-            && !v.is_empty()
-            && v.len() <= 32
-            && v.chars().all(|c| c.is_ascii_alphanumeric()))
-        .then(|| v.to_string())
+        (k.trim() == "id" && valid_id(v)).then(|| v.to_string())
     })
+}
+
+/// Why a policy could not be fetched.
+#[derive(Debug)]
+enum FetchFailure {
+    /// The policy host's address failed DNSSEC validation: an attack.
+    Bogus(DnsError),
+    /// Anything else (unreachable, not PKIX-valid, not a policy): as if there were none, unless
+    /// a policy is cached (RFC 8461 §3.3).
+    Other(String),
+}
+
+impl From<String> for FetchFailure {
+    fn from(e: String) -> FetchFailure {
+        FetchFailure::Other(e)
+    }
+}
+
+impl std::fmt::Display for FetchFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchFailure::Bogus(e) => e.fmt(f),
+            FetchFailure::Other(e) => f.write_str(e),
+        }
+    }
 }
 
 /// Where MTA-STS policies are fetched from and kept.
@@ -170,7 +207,9 @@ impl PolicySource<'_> {
     /// failures fall back to the cache, else to "no policy".
     pub async fn policy(&self, domain: &str) -> Result<Found, DnsError> {
         let now = kst_core::time::unix_now();
-        let cached = self.read_cache(domain).filter(|p| p.fresh(now));
+        let cached = self
+            .read_cache(domain)
+            .filter(|p| p.plausible(now) && p.fresh(now));
         let id = match self.dns.txt(&format!("_mta-sts.{domain}")).await {
             Ok(found) => parse_txt(&found.value),
             Err(e @ DnsError::Bogus(_)) => return Err(e),
@@ -206,6 +245,9 @@ impl PolicySource<'_> {
             });
         }
         match self.fetch(domain, &id, now).await {
+            // A forged answer for the policy host is an attack like any bogus answer, not a
+            // policy that could not be fetched (which would switch MTA-STS off on first contact).
+            Err(FetchFailure::Bogus(e)) => Err(e),
             Ok(p) => {
                 self.write_cache(domain, &p);
                 Ok(Found {
@@ -226,20 +268,23 @@ impl PolicySource<'_> {
         }
     }
 
-    async fn fetch(&self, domain: &str, id: &str, now: u64) -> Result<Policy, String> {
+    async fn fetch(&self, domain: &str, id: &str, now: u64) -> Result<Policy, FetchFailure> {
         let host = format!("mta-sts.{domain}");
         let text = tokio::time::timeout(FETCH_TIMEOUT, self.get(&host))
             .await
             .map_err(|_| format!("https://{host} did not answer in time"))??;
-        Policy::parse(&text, id, now)
+        Ok(Policy::parse(&text, id, now)?)
     }
 
-    async fn get(&self, host: &str) -> Result<String, String> {
+    async fn get(&self, host: &str) -> Result<String, FetchFailure> {
         let addrs = self
             .dns
             .addresses(host, self.port)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                DnsError::Bogus(_) => FetchFailure::Bogus(e),
+                e => FetchFailure::Other(e.to_string()),
+            })?;
         let addr = addrs
             .first()
             .copied()
@@ -268,7 +313,8 @@ impl PolicySource<'_> {
             driver.abort();
             return Err(format!(
                 "https://{host}/.well-known/mta-sts.txt answered {status} (redirects are not followed)"
-            ));
+            )
+            .into());
         }
         let plain = response
             .headers()
@@ -277,7 +323,7 @@ impl PolicySource<'_> {
             .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with("text/plain"));
         if !plain {
             driver.abort();
-            return Err(format!("the policy from {host} is not text/plain"));
+            return Err(format!("the policy from {host} is not text/plain").into());
         }
         let body = Limited::new(response.into_body(), MAX_POLICY_BYTES)
             .collect()
@@ -285,7 +331,8 @@ impl PolicySource<'_> {
             .map_err(|e| format!("reading the policy from {host}: {e}"))?
             .to_bytes();
         driver.abort();
-        String::from_utf8(body.to_vec()).map_err(|_| format!("the policy from {host} is not UTF-8"))
+        String::from_utf8(body.to_vec())
+            .map_err(|_| format!("the policy from {host} is not UTF-8").into())
     }
 
     fn cache_file(&self, domain: &str) -> Option<PathBuf> {
@@ -366,6 +413,37 @@ mod tests {
         let long =
             Policy::parse("version: STSv1\nmode: none\nmax_age: 99999999999\n", "x", 0).unwrap();
         assert_eq!(long.max_age, MAX_AGE_LIMIT);
+    }
+
+    #[test]
+    fn a_cached_policy_must_be_one_a_fetch_could_have_made() {
+        let good = Policy::parse(
+            "version: STSv1\nmode: enforce\nmx: mail.example.net\nmax_age: 86400\n",
+            "abc1",
+            1000,
+        )
+        .unwrap();
+        assert!(good.plausible(1000));
+        let future = Policy {
+            fetched_at: 1000 + 2 * 86_400,
+            ..good.clone()
+        };
+        assert!(!future.plausible(1000));
+        let endless = Policy {
+            max_age: u64::MAX,
+            ..good.clone()
+        };
+        assert!(!endless.plausible(1000));
+        let no_mx = Policy {
+            mx: vec![],
+            ..good.clone()
+        };
+        assert!(!no_mx.plausible(1000));
+        let bad_id = Policy {
+            id: "../x".into(),
+            ..good
+        };
+        assert!(!bad_id.plausible(1000));
     }
 
     #[test]

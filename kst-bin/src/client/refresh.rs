@@ -71,12 +71,16 @@ fn spread(address: &str, max_age: u64) -> u64 {
     h % (max_age / 4 + 1)
 }
 
-/// Why `key` is due at `now`, or `None`.
+/// Why `key` is due at `now`, or `None`. A key that expires within `expiry_days` is due at
+/// most once a day (not on every run of a frequent cron job); a key that has expired is due
+/// by its age only, like any other: otherwise a few expired keys, sorted first, would take
+/// every run's batch for good and no other key would ever be refreshed (no revocation would
+/// reach the user).
 pub fn due_reason(key: &Imported, due: &Due, now: u64) -> Option<&'static str> {
-    if key
+    let expires_soon = key
         .expires_at
-        .is_some_and(|at| at <= now.saturating_add(due.expiry_days * DAY))
-    {
+        .is_some_and(|at| at > now && at <= now.saturating_add(due.expiry_days * DAY));
+    if expires_soon && now >= key.fetched_at.saturating_add(DAY) {
         return Some("expires soon");
     }
     let max_age = due.max_age_days * DAY;
@@ -260,8 +264,18 @@ mod tests {
         let now = 1_800_000_000;
         assert_eq!(due_reason(&key("a@x.net", None, now), &due, now), None);
         assert_eq!(
-            due_reason(&key("a@x.net", Some(now + 13 * DAY), now), &due, now),
+            due_reason(&key("a@x.net", Some(now + 13 * DAY), now - DAY), &due, now),
             Some("expires soon")
+        );
+        assert_eq!(
+            due_reason(&key("a@x.net", Some(now + 13 * DAY), now - 60), &due, now),
+            None,
+            "fetched within the day"
+        );
+        assert_eq!(
+            due_reason(&key("a@x.net", Some(now - DAY), now - DAY), &due, now),
+            None,
+            "expired: by age only"
         );
         assert_eq!(
             due_reason(&key("a@x.net", Some(now + 15 * DAY), now), &due, now),
@@ -286,8 +300,8 @@ mod tests {
         // The batch: most urgent first.
         let keys = vec![
             key("old@x.net", None, old),
-            key("soon@x.net", Some(now + DAY), now),
-            key("sooner@x.net", Some(now + 60), now),
+            key("soon@x.net", Some(now + DAY), now - DAY),
+            key("sooner@x.net", Some(now + 60), now - DAY),
             key("fresh@x.net", None, now),
         ];
         let picked: Vec<String> = select(&keys, &due, now)

@@ -33,6 +33,8 @@ pub struct KeyFacts {
     pub revoked: bool,
     /// Key IDs of the subkeys a correspondent can use (valid bindings, not expired), sorted.
     pub subkeys: Vec<String>,
+    /// Key IDs of the subkeys that carry a revocation, sorted.
+    pub revoked_subkeys: Vec<String>,
 }
 
 impl KeyFacts {
@@ -53,11 +55,14 @@ impl KeyFacts {
         let c = Certificate::from_binary(&packets).map_err(|e| e.to_string())?;
         let mut subkeys: Vec<String> = c.handles().subkeys.into_iter().map(|h| h.key_id).collect();
         subkeys.sort();
+        let mut revoked_subkeys = c.revoked_subkeys();
+        revoked_subkeys.sort();
         Ok(KeyFacts {
             fingerprint: c.fingerprint(),
             expires_at,
             revoked,
             subkeys,
+            revoked_subkeys,
         })
     }
 }
@@ -84,6 +89,16 @@ pub fn differences(served: &KeyFacts, local: &KeyFacts) -> Vec<String> {
             "the KST serves the expiry {}, yours is {}: publish your key again",
             show_time(served.expires_at),
             show_time(local.expires_at)
+        ));
+    }
+    let unrevoked: Vec<&String> = local
+        .revoked_subkeys
+        .iter()
+        .filter(|k| served.subkeys.contains(k) && !served.revoked_subkeys.contains(k))
+        .collect();
+    if !unrevoked.is_empty() {
+        out.push(format!(
+            "the KST serves your revoked subkeys {unrevoked:?} unrevoked: publish your key again"
         ));
     }
     let missing: Vec<&String> = local
@@ -275,6 +290,16 @@ mod tests {
         assert!(d[0].contains("lacks your subkeys"), "{d:?}");
         assert!(differences(&base, &ext)[0].contains("expiry"));
         assert!(differences(&base, &rev)[0].contains("publish the revocation"));
+        // An old copy served after the owner revoked a subkey (a rollback): a mismatch.
+        let subrev = KeyFacts::of(&fixture("merge-subrevoked"), &alice(), now).unwrap();
+        assert_eq!(subrev.revoked_subkeys.len(), 1);
+        let d = differences(&base, &subrev);
+        assert!(d.iter().any(|d| d.contains("unrevoked")), "{d:?}");
+        assert!(
+            differences(&subrev, &base).is_empty(),
+            "{:?}",
+            differences(&subrev, &base)
+        );
         let other = KeyFacts::of(&fixture("lifecycle-v1"), &alice(), now).unwrap();
         assert!(differences(&other, &base)[0].contains("serves key"));
     }

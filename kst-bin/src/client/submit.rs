@@ -235,6 +235,8 @@ async fn send_to(
                 "{at} offers no STARTTLS, but {} demands TLS on this hop (possible downgrade attack; nothing was sent)",
                 match h {
                     HopAuth::Dane(_) => "DANE (secure TLSA records)",
+                    HopAuth::EncryptOnly =>
+                        "DANE (secure TLSA records, none usable: TLS without authentication)",
                     _ => "the domain's MTA-STS policy (enforce)",
                 }
             )));
