@@ -11,13 +11,13 @@
 #   5. prints a markdown table (and the machine) on stdout; progress and details on stderr.
 #
 # Usage: scripts/bench.sh            (as root on Debian, from anywhere in the repository)
-#        scripts/bench.sh web        the public listener's look-ups instead (scripts/bench-web.sh)
+#        scripts/bench.sh web [MODE] the public listener's look-ups instead (scripts/bench-web.sh)
 # Environment: BENCH_C (connections, 8), BENCH_PUB (publications, 2000), BENCH_RET (retrievals,
 # 20000), BENCH_PIPE_C (processes, 2), BENCH_PIPE_PUB (200), BENCH_PIPE_RET (1000),
 # BENCH_SINK_MSGS (smtp-source messages, 100000), BENCH_PG_URL (postgres://postgres:postgres@127.0.0.1:5432),
 # BENCH_KST (use this kst binary instead of building one in release mode).
 set -euo pipefail
-if [ "${1:-}" = web ]; then exec "$(dirname "$0")/bench-web.sh"; fi
+if [ "${1:-}" = web ]; then exec "$(dirname "$0")/bench-web.sh" "${@:2}"; fi
 
 C="${BENCH_C:-8}"
 PUB="${BENCH_PUB:-2000}"
