@@ -1,34 +1,58 @@
 #!/usr/bin/env bash
-# Look-ups per second of the public listener [web] (see docs/BENCHMARKS.md, "## Web look-ups"):
-#   1. for each backend (fs, Redis, PostgreSQL) and each stored size N, starts `kst serve` with
-#      [web] on plain HTTP on loopback and fills the store through the real mail path
-#      (`kst bench lmtp --publications N`: real keys, user000000@example.test ...);
-#      or, for the fs sizes named in BENCH_WEB_FS_DIRS, uses a store filled beforehand by
-#      kst-store-bench --real-keys --fill-only --paths-out (10^6 keys through LMTP take too long);
-#   2. loads WKD (direct method, Host: example.test: `wkd` with ?l=, found by address;
-#      `wkdhash` without, found through the store's WKD-hash index), VKS by-email (`vks`) and,
-#      for a prefilled store, VKS by-fingerprint (`fpr`, the fingerprint index) with wrk
-#      (Debian's), asking stored addresses at random, for BENCH_WEB_SECONDS each:
-#      - limits off (every [web.limits] counter 0): the look-up path itself;
-#      - limits at their defaults, the load spread over 64 client addresses 127.0.9.1-64: kst
-#        trusts 127.0.0.1 as a proxy and wrk names the client in X-Forwarded-For (wrk cannot bind
-#        source addresses), so the limiter counts 64 clients through its real path;
-#   3. reads the status counts from kst's own /metrics (only 200 and 404 count as look-ups; the
-#      share of 429 is reported), kst's peak RSS, and prints a markdown table on stdout.
+# Look-ups per second of the public listener [web] (see docs/BENCHMARKS.md, "## Web look-ups"),
+# on every backend (fs, PostgreSQL, Redis) at every stored size, in one command:
 #
-# Usage: scripts/bench-web.sh       (as root on Debian: installs wrk if missing)
-# Environment: BENCH_WEB_SIZES ("1000"; e.g. "1000 1000000"), BENCH_WEB_SECONDS (10),
-# BENCH_WEB_CONNECTIONS (64), BENCH_WEB_BACKENDS ("fs redis postgres"),
-# BENCH_WEB_FS_DIRS ("" ; e.g. "1000000=/var/tmp/web1m": size=store directory whose paths/
-# subdirectory holds the request paths kst-store-bench wrote),
-# BENCH_PG_URL (postgres://postgres:postgres@127.0.0.1:5432), BENCH_KST (a kst binary to use
-# instead of building one in release mode).
+#   BENCH_WEB_SIZES="1000 1000000" scripts/bench-web.sh
+#
+#   1. fill: for each backend and size N without a filled store yet, kst-store-bench --real-keys
+#      --fill-only publishes N real certificates (user000000@example.test ..., made as `kst
+#      bench` makes them) through the store's own `publish`, and writes request paths of up to
+#      200,000 stored keys. The stores are kept under BENCH_WEB_STORES for later runs:
+#        fs:         $STORES/fs-N/                  (filled under eatmydata, then sync)
+#        PostgreSQL: database kst_web_N on BENCH_PG_URL (synchronous_commit off while filling)
+#        Redis:      prefix kstweb-N: on this script's own redis-server on 127.0.0.1:
+#                    BENCH_WEB_REDIS_PORT, data in $STORES/redis/ (run under eatmydata while
+#                    filling, restarted without it, appendonly yes + appendfsync always, to
+#                    measure: what kst's durability guard asks for)
+#      and the paths in $STORES/<backend>-N.paths/. The backends fill concurrently. A marker
+#      $STORES/<backend>-N.filled that holds a number (a fill stopped early, its paths written
+#      with kst-store-bench --filled K --stored K --fill-only --paths-out) says how many keys
+#      the store holds; the table shows that number.
+#   2. measure: for each backend and size, starts the release `kst serve` with [web] on plain
+#      HTTP on loopback and loads it with wrk (Debian's; 2 threads, BENCH_WEB_CONNECTIONS
+#      connections, random stored keys) for BENCH_WEB_SECONDS per endpoint:
+#      `wkd` (WKD direct method with ?l=, Host: example.test: found by address), `vks` (VKS
+#      by-email), `wkdhash` (WKD without l=: the WKD-hash index), `fpr` (VKS by-fingerprint:
+#      the fingerprint index); once with every [web.limits] counter off (the look-up path
+#      itself) and once with the limits at their defaults and the load spread over
+#      BENCH_WEB_CLIENTS client addresses 127.9.x.y (kst trusts 127.0.0.1 as a proxy and wrk
+#      names the client in X-Forwarded-For: wrk cannot bind source addresses);
+#   3. reads the status counts from kst's own /metrics (only 200 and 404 count as look-ups; the
+#      share of 429 is reported), kst's peak RSS and the machine's 1-minute load average at
+#      the end of each row, and prints a markdown table on stdout.
+#
+# Usage: scripts/bench-web.sh [all | fill | measure | clean]     (as root on Debian: installs
+# wrk and eatmydata if missing). `fill` only fills (e.g. before a quiet slot), `measure` only
+# measures (every store must be filled), `clean` removes the stores of BENCH_WEB_SIZES
+# (10^6 fs keys are 4 million inodes: about half an hour).
+# Environment: BENCH_WEB_SIZES ("1000"), BENCH_WEB_BACKENDS ("fs redis postgres"),
+# BENCH_WEB_ENDPOINTS ("wkd vks wkdhash fpr"), BENCH_WEB_LIMITS ("off defaults"),
+# BENCH_WEB_SECONDS (10), BENCH_WEB_CONNECTIONS (64), BENCH_WEB_CLIENTS (1024, at least 64),
+# BENCH_WEB_STORES (/var/tmp/kst-bench-web), BENCH_WEB_REDIS_PORT (6390),
+# BENCH_PG_URL (postgres://postgres:postgres@127.0.0.1:5432), BENCH_KST and BENCH_STORE_BENCH
+# (binaries to use instead of building them in release mode).
 set -euo pipefail
 
+MODE="${1:-all}"
 SIZES="${BENCH_WEB_SIZES:-1000}"
+BACKENDS="${BENCH_WEB_BACKENDS:-fs redis postgres}"
+ENDPOINTS="${BENCH_WEB_ENDPOINTS:-wkd vks wkdhash fpr}"
+LIMITS="${BENCH_WEB_LIMITS:-off defaults}"
 SECONDS_EACH="${BENCH_WEB_SECONDS:-10}"
 CONNS="${BENCH_WEB_CONNECTIONS:-64}"
-BACKENDS="${BENCH_WEB_BACKENDS:-fs redis postgres}"
+CLIENTS="${BENCH_WEB_CLIENTS:-1024}"
+STORES="${BENCH_WEB_STORES:-/var/tmp/kst-bench-web}"
+REDIS_PORT="${BENCH_WEB_REDIS_PORT:-6390}"
 PG_BASE="${BENCH_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432}"
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -37,18 +61,154 @@ LOG_NAME=bench-web
 # shellcheck source=scripts/lib.sh
 . "$ROOT/scripts/lib.sh"
 
+case "$MODE" in all | fill | measure | clean) ;; *) die "unknown mode $MODE (all, fill, measure, clean)" ;; esac
+[ "$CLIENTS" -ge 64 ] && [ "$CLIENTS" -le 65536 ] || die "BENCH_WEB_CLIENTS must be 64..65536"
+
 temp_work kst-bench-web
-DBS=()
-cleanup_more() {
-  for db in "${DBS[@]}"; do psql "$PG_BASE/postgres" -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true; done
+apt_need() { # command package
+  command -v "$1" >/dev/null && return 0
+  [ "$(id -u)" -eq 0 ] || die "$1 is missing; run as root to install it (apt-get install $2)"
+  apt_install "$2"
 }
 
-bench_kst
-if ! command -v wrk >/dev/null; then
-  [ "$(id -u)" -eq 0 ] || die "wrk is missing; run as root to install it (apt-get install wrk)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends wrk >&2
+# --- the stores -----------------------------------------------------------------------------
+
+pg_db() { echo "kst_web_$1"; }
+redis_prefix() { echo "kstweb-$1:"; }
+rcli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
+redis_pid() { rcli info server 2>/dev/null | awk -F: '/^process_id:/ { print $2 }' | tr -d '\r'; }
+
+# This script's own redis-server for the stores, in mode "fill" (under eatmydata: fsync does
+# nothing) or "measure" (real fsync). Restarts it when it runs in the other mode; an AOF of
+# 10^6 keys takes a while to load, so waits until it answers PING with PONG.
+redis_up() { # fill|measure
+  local pid want_eat=0 has_eat=0
+  [ "$1" = fill ] && command -v eatmydata >/dev/null && want_eat=1
+  pid="$(redis_pid)"
+  if [ -n "$pid" ]; then
+    [ "$(rcli config get dir | sed -n 2p)" = "$STORES/redis" ] ||
+      die "127.0.0.1:$REDIS_PORT runs a Redis that is not this script's (set BENCH_WEB_REDIS_PORT)"
+    grep -q eatmydata "/proc/$pid/maps" 2>/dev/null && has_eat=1
+    [ "$has_eat" = "$want_eat" ] && return 0
+    log "redis: restarting for $1"
+    rcli shutdown >/dev/null 2>&1 || true
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+    sync
+  fi
+  mkdir -p "$STORES/redis"
+  local pre=()
+  [ "$want_eat" = 1 ] && pre=(eatmydata)
+  (cd "$STORES/redis" && setsid "${pre[@]}" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" \
+    --dir "$STORES/redis" --save "" --appendonly yes --appendfsync always \
+    --logfile "$STORES/redis/redis.log" --daemonize yes)
+  for _ in $(seq 1 1200); do
+    [ "$(rcli ping 2>/dev/null)" = PONG ] && return 0
+    sleep 0.5
+  done
+  die "redis on 127.0.0.1:$REDIS_PORT did not come up (see $STORES/redis/redis.log)"
+}
+
+# The KST_STORE__* settings of the store of backend $1, size $2.
+store_env() {
+  case "$1" in
+    fs) echo "KST_STORE__BACKEND=fs KST_STORE__PATH=$STORES/fs-$2" ;;
+    postgres) echo "KST_STORE__BACKEND=postgres KST_STORE__URL=$PG_BASE/$(pg_db "$2") KST_STORE__MAX_CONNECTIONS=8" ;;
+    redis) echo "KST_STORE__BACKEND=redis KST_STORE__URL=redis://127.0.0.1:$REDIS_PORT KST_STORE__PREFIX=$(redis_prefix "$2")" ;;
+  esac
+}
+
+# Fills the store of backend $1 with $2 keys unless it is filled (marker $STORES/$1-$2.filled).
+fill_store() { # backend size
+  local b="$1" n="$2" marker="$STORES/$1-$2.filled" t0=$SECONDS
+  [ -f "$marker" ] && { log "$b, $n keys: filled already"; return 0; }
+  local args=(--real-keys --fill-only --stored "$n" --paths-out "$STORES/$b-$n.paths")
+  log "$b: filling $n keys (log: $STORES/$b-$n.fill.log)"
+  case "$b" in
+    fs)
+      local pre=()
+      command -v eatmydata >/dev/null && pre=(eatmydata)
+      nice "${pre[@]}" "$STORE_BENCH" --backend fs --dir "$STORES/fs-$n" "${args[@]}" \
+        >"$STORES/$b-$n.fill.log" 2>&1 || die "fs fill failed (see $STORES/$b-$n.fill.log)"
+      sync ;;
+    postgres)
+      local db; db="$(pg_db "$n")"
+      psql "$PG_BASE/postgres" -Atqc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1 ||
+        psql "$PG_BASE/postgres" -qc "CREATE DATABASE $db" >&2
+      psql "$PG_BASE/postgres" -qc "ALTER DATABASE $db SET synchronous_commit = off" >&2
+      nice "$STORE_BENCH" --backend postgres --url "$PG_BASE/postgres" --namespace "$db" "${args[@]}" \
+        >"$STORES/$b-$n.fill.log" 2>&1 || die "postgres fill failed (see $STORES/$b-$n.fill.log)"
+      psql "$PG_BASE/postgres" -qc "ALTER DATABASE $db RESET synchronous_commit" >&2
+      psql "$PG_BASE/$db" -qc "VACUUM ANALYZE" >&2 ;;
+    redis)
+      nice "$STORE_BENCH" --backend redis --url "redis://127.0.0.1:$REDIS_PORT" \
+        --namespace "$(redis_prefix "$n")" "${args[@]}" \
+        >"$STORES/$b-$n.fill.log" 2>&1 || die "redis fill failed (see $STORES/$b-$n.fill.log)" ;;
+  esac
+  touch "$marker"
+  log "$b: $n keys filled in $((SECONDS - t0)) s"
+}
+
+remove_store() { # backend size
+  local b="$1" n="$2"
+  log "$b: removing the store of $n keys"
+  case "$b" in
+    fs) nice ionice -c3 rm -rf "$STORES/fs-$n" ;;
+    postgres) psql "$PG_BASE/postgres" -qc "DROP DATABASE IF EXISTS $(pg_db "$n") WITH (FORCE)" >&2 ;;
+    redis)
+      if [ -n "$(redis_pid)" ]; then
+        rcli --scan --pattern "$(redis_prefix "$n")*" | xargs -r -n 1000 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" unlink >/dev/null
+        rcli bgrewriteaof >/dev/null
+      fi ;;
+  esac
+  rm -rf "$STORES/$b-$n.filled" "$STORES/$b-$n.paths" "$STORES/$b-$n.fill.log"
+}
+
+if [ "$MODE" = clean ]; then
+  for b in $BACKENDS; do for n in $SIZES; do remove_store "$b" "$n"; done; done
+  if [ -n "$(redis_pid)" ] && [ "$(rcli dbsize)" = 0 ]; then
+    rcli shutdown nosave >/dev/null 2>&1 || true
+    rm -rf "$STORES/redis"
+  fi
+  exit 0
 fi
-case " $BACKENDS " in *" redis "*|*" postgres "*) scripts/services.sh postgres redis >&2 ;; esac
+
+# --- binaries and tools ---------------------------------------------------------------------
+
+if [ -n "${BENCH_KST:-}" ]; then
+  bench_kst
+  STORE_BENCH="$(realpath "${BENCH_STORE_BENCH:-$(dirname "$KST")/kst-store-bench}")"
+else
+  log "building kst and kst-store-bench (release)"
+  cargo build --release --quiet -p kst-bin --bin kst --bin kst-store-bench
+  KST="$ROOT/target/release/kst"
+  STORE_BENCH="$ROOT/target/release/kst-store-bench"
+fi
+[ -x "$STORE_BENCH" ] || die "$STORE_BENCH is missing (BENCH_STORE_BENCH)"
+apt_need wrk wrk
+apt_need eatmydata eatmydata
+case " $BACKENDS " in *" redis "*) apt_need redis-server redis-server ;; esac
+case " $BACKENDS " in *" postgres "*) scripts/services.sh postgres >&2 ;; esac
+mkdir -p "$STORES"
+
+if [ "$MODE" != measure ]; then
+  case " $BACKENDS " in *" redis "*) redis_up fill ;; esac
+  FILLS=()
+  for b in $BACKENDS; do
+    (for n in $SIZES; do fill_store "$b" "$n"; done) &
+    FILLS+=("$!")
+  done
+  failed=0
+  for p in "${FILLS[@]}"; do wait "$p" || failed=1; done
+  [ "$failed" = 0 ] || die "a fill failed"
+fi
+[ "$MODE" = fill ] && exit 0
+
+for b in $BACKENDS; do for n in $SIZES; do
+  [ -f "$STORES/$b-$n.filled" ] || die "the $b store of $n keys is not filled (run: scripts/bench-web.sh fill)"
+done; done
+case " $BACKENDS " in *" redis "*) redis_up measure ;; esac
+
+# --- measuring ------------------------------------------------------------------------------
 
 # wrk's script: random paths from $PATHS; with XFF=n, one of n client addresses per request.
 cat >"$WORK/lookup.lua" <<'EOF'
@@ -62,7 +222,10 @@ request = function()
   n = n + 1
   local h = {}
   if host and host ~= "" then h["Host"] = host end
-  if xff > 0 then h["X-Forwarded-For"] = "127.0.9." .. (n % xff + 1) end
+  if xff > 0 then
+    local c = n % xff
+    h["X-Forwarded-For"] = "127.9." .. math.floor(c / 256) .. "." .. (c % 256)
+  end
   return wrk.format("GET", paths[math.random(#paths)], h)
 end
 done = function(summary, latency, requests)
@@ -71,62 +234,26 @@ done = function(summary, latency, requests)
 end
 EOF
 
-# The request paths of N stored addresses (at most 200,000 sampled), for WKD and VKS.
-paths() { # N
-  python3 - "$1" "$WORK" <<'EOF'
-import hashlib, random, sys
-n, work = int(sys.argv[1]), sys.argv[2]
-alphabet = "ybndrfg8ejkmcpqxot1uwisza345h769"
-def zb32(b):
-    bits = "".join(f"{x:08b}" for x in b)
-    return "".join(alphabet[int(bits[i:i + 5].ljust(5, "0"), 2)] for i in range(0, len(bits), 5))
-ids = range(n) if n <= 200000 else random.sample(range(n), 200000)
-with open(f"{work}/wkd.paths", "w") as w, open(f"{work}/vks.paths", "w") as v:
-    h = open(f"{work}/wkdhash.paths", "w")
-    for i in ids:
-        local = f"user{i:06d}"
-        hu = zb32(hashlib.sha1(local.encode()).digest())
-        w.write(f"/.well-known/openpgpkey/hu/{hu}?l={local}\n")
-        h.write(f"/.well-known/openpgpkey/hu/{hu}\n")
-        v.write(f"/vks/v1/by-email/{local}@example.test\n")
-    h.close()
-EOF
-}
-
 # Sum of kst_web_requests_total{status=S} on the metrics page.
 status_count() { # metrics-port status
   curl -s "http://127.0.0.1:$1/metrics" |
     awk -v s="status=\"$2\"" '/^kst_web_requests_total/ && index($0, s) { t += $NF } END { printf "%d", t }'
 }
 
-echo "| backend | stored | endpoint | limits | look-ups/s | 429 share | p50 ms | p99 ms | RSS MiB |"
-echo "|---|---:|---|---|---:|---:|---:|---:|---:|"
+echo "| backend | stored | endpoint | limits | look-ups/s | 429 share | p50 ms | p99 ms | RSS MiB | load |"
+echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"
 for backend in $BACKENDS; do
   for n in $SIZES; do
     dir="$WORK/$backend-$n"; mkdir -p "$dir"
-    lmtp="$(free_port)"; http="$(free_port)"; web="$(free_port)"
-    store=(KST_STORE__BACKEND="$backend")
-    prefilled=""
-    if [ "$backend" = fs ]; then
-      for m in ${BENCH_WEB_FS_DIRS:-}; do [ "${m%%=*}" = "$n" ] && prefilled="${m#*=}"; done
-    fi
-    if [ -n "$prefilled" ]; then
-      [ -f "$prefilled/paths/wkd.paths" ] || die "$prefilled/paths/wkd.paths is missing (kst-store-bench --paths-out)"
-      store+=(KST_STORE__PATH="$prefilled")
-    fi
-    case "$backend" in
-      redis) store+=(KST_STORE__URL=redis://127.0.0.1:6379 KST_STORE__PREFIX="kstwebbench$$x$RANDOM") ;;
-      postgres)
-        db="kst_web_bench_$$_$RANDOM"; DBS+=("$db")
-        psql "$PG_BASE/postgres" -qc "CREATE DATABASE $db" >&2
-        store+=(KST_STORE__URL="$PG_BASE/$db" KST_STORE__MAX_CONNECTIONS=8) ;;
-    esac
-    for limits in off defaults; do
+    held="$(tr -dc 0-9 <"$STORES/$backend-$n.filled")"
+    read -r -a store <<<"$(store_env "$backend" "$n")"
+    for limits in $LIMITS; do
+      lmtp="$(free_port)"; http="$(free_port)"; web="$(free_port)"
       if [ "$limits" = off ]; then
         lim=(KST_WEB__LIMITS__PER_CLIENT=0 KST_WEB__LIMITS__PER_CLIENT_MISSES=0 KST_WEB__LIMITS__GLOBAL_MISSES=0)
         xff=0
       else
-        lim=(KST_WEB__TRUSTED_PROXIES=127.0.0.1); xff=64
+        lim=(KST_WEB__TRUSTED_PROXIES=127.0.0.1); xff="$CLIENTS"
       fi
       env -C "$dir" -u KST_CONFIG "${store[@]}" "${lim[@]}" \
         KST_LMTP__LISTEN="127.0.0.1:$lmtp" KST_HTTP__LISTEN="127.0.0.1:$http" \
@@ -135,36 +262,28 @@ for backend in $BACKENDS; do
         "$KST" serve 2>>"$dir/serve.log" &
       pid=$!; PIDS+=("$pid")
       wait_port "$web"
-      endpoints="wkd wkdhash vks"
-      if [ -n "$prefilled" ]; then
-        rm -f "$WORK/fpr.paths"
-        cp "$prefilled"/paths/*.paths "$WORK/"
-        endpoints="wkd wkdhash vks fpr"
-      elif [ "$limits" = off ]; then
-        log "$backend: filling $n addresses through LMTP"
-        "$KST" bench lmtp --connect "127.0.0.1:$lmtp" --concurrency 8 --publications "$n" \
-          --retrievals 0 --quiet >/dev/null || die "$backend: the fill failed (see $dir/serve.log)"
-        paths "$n"
-      fi
-      for endpoint in $endpoints; do
+      for endpoint in $ENDPOINTS; do
+        paths="$STORES/$backend-$n.paths/$endpoint.paths"
+        [ -s "$paths" ] || die "$paths is missing"
         before200="$(status_count "$http" 200)"; before404="$(status_count "$http" 404)"; before429="$(status_count "$http" 429)"
         host=""; case "$endpoint" in wkd*) host="example.test" ;; esac
         log "$backend, $n keys, $endpoint, limits $limits: wrk -c$CONNS -d${SECONDS_EACH}s"
-        out="$(PATHS="$WORK/$endpoint.paths" HOST_HEADER="$host" XFF="$xff" \
+        out="$(PATHS="$paths" HOST_HEADER="$host" XFF="$xff" \
           wrk -t2 -c"$CONNS" -d"${SECONDS_EACH}s" -s "$WORK/lookup.lua" "http://127.0.0.1:$web" | grep '^WRK')"
         read -r _ total dur_us p50 p99 _non2xx <<<"$out"
         ok=$(( $(status_count "$http" 200) - before200 + $(status_count "$http" 404) - before404 ))
         refused=$(( $(status_count "$http" 429) - before429 ))
         rss="$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")"
+        load="$(cut -d' ' -f1 /proc/loadavg)"
         python3 -c 'import sys
-b,n,e,l,ok,ref,tot,dur,p50,p99,rss=sys.argv[1:]
+b,n,e,l,ok,ref,tot,dur,p50,p99,rss,load=sys.argv[1:]
 ok,ref,tot,dur=int(ok),int(ref),int(tot),int(dur)
-print(f"| {b} | {n} | {e} | {l} | {ok/(dur/1e6):,.0f} | {100*ref/max(tot,1):.1f}% | {int(p50)/1000:.2f} | {int(p99)/1000:.2f} | {int(rss)/1024:.0f} |")' \
-          "$backend" "$n" "$endpoint" "$limits" "$ok" "$refused" "$total" "$dur_us" "$p50" "$p99" "$rss"
+print(f"| {b} | {n} | {e} | {l} | {ok/(dur/1e6):,.0f} | {100*ref/max(tot,1):.1f}% | {int(p50)/1000:.2f} | {int(p99)/1000:.2f} | {int(rss)/1024:.0f} | {load} |")' \
+          "$backend" "${held:-$n}" "$endpoint" "$limits" "$ok" "$refused" "$total" "$dur_us" "$p50" "$p99" "$rss" "$load"
       done
       kill -TERM "$pid"; wait "$pid" || true
     done
   done
 done
 echo
-echo "Machine: $(nproc) CPUs, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -r); wrk -t2 -c$CONNS, ${SECONDS_EACH}s per row; $(date -u +%Y-%m-%d)."
+echo "Machine: $(nproc) CPUs, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -r); wrk -t2 -c$CONNS, ${SECONDS_EACH}s per row, $CLIENTS clients with limits at defaults; $(date -u '+%Y-%m-%d %H:%M UTC'); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."

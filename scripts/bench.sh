@@ -11,7 +11,7 @@
 #   5. prints a markdown table (and the machine) on stdout; progress and details on stderr.
 #
 # Usage: scripts/bench.sh            (as root on Debian, from anywhere in the repository)
-#        scripts/bench.sh web        the public listener's look-ups instead (scripts/bench-web.sh)
+#        scripts/bench.sh web [MODE] the public listener's look-ups instead (scripts/bench-web.sh)
 #        scripts/bench.sh pool       pool scaling instead: 1, 2, 3 `kst serve` on one PostgreSQL
 #                                    and on one Redis Cluster, with CPU per message and store
 #                                    operations per message (below)
@@ -42,9 +42,9 @@
 set -euo pipefail
 MODE="${1:-lmtp}"
 case "$MODE" in
-  web) exec "$(dirname "$0")/bench-web.sh" ;;
+  web) exec "$(dirname "$0")/bench-web.sh" "${@:2}" ;;
   lmtp | pool | sizing) ;;
-  *) echo "usage: $0 [web|pool|sizing]" >&2; exit 64 ;;
+  *) echo "usage: $0 [web [MODE]|pool|sizing]" >&2; exit 64 ;;
 esac
 
 C="${BENCH_C:-8}"

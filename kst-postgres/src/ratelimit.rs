@@ -1,5 +1,12 @@
 //! [`RateLimiter`] on PostgreSQL: one row per limiter key in `kst_rate_limits`, counted with a
 //! single upsert so that every instance of a pool shares the count.
+//!
+//! A hit commits without waiting for its WAL to reach the disk (`SET LOCAL synchronous_commit
+//! = off`, for that transaction only): counters are soft state, like the fs limiter's, which
+//! are never fsynced. A crash of the server can forget the hits of its last moments (at most
+//! three times `wal_writer_delay`, 200 ms by default); it never makes a count wrong otherwise.
+//! Waiting for a WAL flush per hit made every web request pay a disk write (with the limits at
+//! their defaults the web listener answered 5 times fewer look-ups, docs/BENCHMARKS.md).
 
 use std::time::Duration;
 
@@ -54,13 +61,20 @@ impl RateLimiter for PostgresStore {
         let count: i64 = self
             .write(false, |conn| {
                 Box::pin(async move {
+                    let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(db)?;
+                    sqlx::query("SET LOCAL synchronous_commit = off")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
                     let row = sqlx::query(HIT)
                         .bind(key)
                         .bind(secs)
-                        .fetch_one(&mut *conn)
+                        .fetch_one(&mut *tx)
                         .await
                         .map_err(db)?;
-                    row.try_get(0).map_err(db)
+                    let count = row.try_get(0).map_err(db)?;
+                    tx.commit().await.map_err(db)?;
+                    Ok(count)
                 })
             })
             .await?;

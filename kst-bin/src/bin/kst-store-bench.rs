@@ -15,21 +15,23 @@
 //! republished), then `publish` of new keys for random stored addresses; it prints one Markdown
 //! table row per run: ops/s, p50 and p99 latency. It works in a fresh namespace (a new fs directory under `--path`, a new
 //! database on the PostgreSQL server of `--url`, a new key prefix on Redis) and removes it at the
-//! end unless `--keep` (or `--dir`/`--prefix`, which name a store to reuse).
+//! end unless `--keep` (or `--dir`/`--namespace`, which name a store to reuse).
 //!
 //! Filling (the measured operations always go through the store's own API):
-//! - fs: the store's own `publish`, 64 calls in flight (per address an fsync'ed history file
-//!   and its look-up index files); for 10^6 keys, fill once with `--dir D --fill-only` (under
-//!   `eatmydata`, which turns fsync off: the fill is not what is measured; then `sync`), and
-//!   measure with `--dir D --filled N`;
-//! - PostgreSQL: `INSERT ... SELECT ... FROM generate_series` into the store's two tables,
-//!   100 000 rows per transaction, then `ANALYZE` (the rows `publish` writes for a version 1);
-//! - Redis: the five writes of the publish script per address (`SET cur`, `SET ver`,
-//!   `HSET hist`, `HSET pub`, `ZADD index`) and the `SADD`s of its look-up index entries,
-//!   pipelined 1 000 addresses at a time.
+//! - fs, and every backend with `--real-keys`: the store's own `publish`, 64 calls in flight
+//!   (on fs per address an fsync'ed history file and its look-up index files); for 10^6 keys,
+//!   fill once into a kept namespace (`--dir D`, `--namespace NAME`) with `--fill-only` (fs
+//!   under `eatmydata`, which turns fsync off: the fill is not what is measured; then `sync`),
+//!   and measure with `--filled N`;
+//! - PostgreSQL without `--real-keys`: `INSERT ... SELECT ... FROM generate_series` into the
+//!   store's two tables, 100 000 rows per transaction, then `ANALYZE` (the rows `publish`
+//!   writes for a version 1);
+//! - Redis without `--real-keys`: the five writes of the publish script per address (`SET
+//!   cur`, `SET ver`, `HSET hist`, `HSET pub`, `ZADD index`) and the `SADD`s of its look-up
+//!   index entries, pipelined 1 000 addresses at a time.
 //!
 //! The PostgreSQL bulk fill bypasses `publish` and its index, so `rebuild_index` runs after it
-//! (timed); on fs and Redis only with `--rebuild-index`.
+//! (timed); otherwise only with `--rebuild-index`.
 //!
 //! A `get` or look-up that finds no key (or another key) for a stored address fails the run, so
 //! a bad fill or index is noticed.
@@ -78,11 +80,7 @@ struct Args {
     /// under `--path`.
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
-    /// redis: use this key prefix (always kept) instead of a fresh one, e.g. one filled by an
-    /// earlier `--fill-only --prefix P` run (then give `--filled N`).
-    #[arg(long)]
-    prefix: Option<String>,
-    /// Addresses 0..N are already in the store (`--dir` or `--prefix` of an earlier
+    /// Addresses 0..N are already in the store (`--dir` or `--namespace` of an earlier
     /// `--fill-only` run).
     #[arg(long, default_value_t = 0)]
     filled: u64,
@@ -91,11 +89,14 @@ struct Args {
     fill_only: bool,
     /// Fill with real certificates made in-process (Ed25519 with a Curve25519 subkey, User ID
     /// `Bench <user000000@example.test>`, as `kst bench` publishes them) instead of
-    /// `--key-bytes` of filler; addresses `user<6 digits>@example.test`. Fills fs only; on
-    /// redis it names the addresses of a store filled that way elsewhere (`--prefix P
-    /// --filled N`).
+    /// `--key-bytes` of filler; addresses `user<6 digits>@example.test`. Filled through the
+    /// store's own `publish` on every backend.
     #[arg(long)]
     real_keys: bool,
+    /// PostgreSQL: use this database (created if missing, always kept) instead of a fresh
+    /// one; Redis: use this key prefix (always kept). The `--dir` of the other backends.
+    #[arg(long)]
+    namespace: Option<String>,
     /// Write request paths of up to 200,000 stored addresses for `scripts/bench-web.sh` here:
     /// `wkd.paths` (direct method with `l=`), `wkdhash.paths` (without), `vks.paths`
     /// (by-email) and `fpr.paths` (VKS by-fingerprint).
@@ -189,6 +190,19 @@ fn new_key(i: u64, serial: u64, len: usize) -> NewKey {
     }
 }
 
+/// Whether database `db` exists on the server of `admin`.
+async fn database_exists(admin: &str, db: &str) -> Result<bool> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(admin)
+        .await
+        .with_context(|| format!("connect to {admin}"))?;
+    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(db)
+        .fetch_optional(&mut conn)
+        .await?;
+    Ok(found.is_some())
+}
+
 async fn admin_sql(admin: &str, sql: String) -> Result<()> {
     use sqlx::Connection as _;
     let mut conn = sqlx::PgConnection::connect(admin)
@@ -217,8 +231,13 @@ impl Bench {
                 }
             }
             Backend::Postgres => {
-                let db = format!("kst_bench_{tag}");
-                admin_sql(&args.url, format!("CREATE DATABASE {db}")).await?;
+                let db = match &args.namespace {
+                    Some(db) => db.clone(),
+                    None => format!("kst_bench_{tag}"),
+                };
+                if !database_exists(&args.url, &db).await? {
+                    admin_sql(&args.url, format!("CREATE DATABASE {db}")).await?;
+                }
                 let store = kst_postgres::PostgresStore::builder(with_database(&args.url, &db))
                     .max_connections(32)
                     .connect()
@@ -233,7 +252,7 @@ impl Bench {
                 }
             }
             Backend::Redis => {
-                let prefix = match &args.prefix {
+                let prefix = match &args.namespace {
                     Some(p) => p.clone(),
                     None => format!("kst-bench-{tag}:"),
                 };
@@ -258,6 +277,10 @@ impl Bench {
         if from >= to {
             return Ok(());
         }
+        let real = REAL_KEYS.load(Ordering::Relaxed);
+        if real {
+            return self.fill_by_publish(from, to, key_bytes).await;
+        }
         if let (Backend::Postgres, Cleanup::Postgres { admin, db }) = (self.backend, &self.cleanup)
         {
             return fill_postgres(&with_database(admin, db), from, to, key_bytes).await;
@@ -265,6 +288,12 @@ impl Bench {
         if let Cleanup::Redis { url, prefix } = &self.cleanup {
             return fill_redis(url, prefix, from, to, key_bytes).await;
         }
+        self.fill_by_publish(from, to, key_bytes).await
+    }
+
+    /// Publishes one key for each of addresses `from..to` through the store's own `publish`,
+    /// 64 calls in flight: `--real-keys` certificates, or `--key-bytes` of filler (fs).
+    async fn fill_by_publish(&self, from: u64, to: u64, key_bytes: usize) -> Result<()> {
         let next = Arc::new(std::sync::atomic::AtomicU64::new(from));
         let mut tasks = tokio::task::JoinSet::new();
         let real = REAL_KEYS.load(Ordering::Relaxed);
@@ -298,7 +327,7 @@ impl Bench {
     async fn cleanup(&self, args: &Args) -> Result<()> {
         match &self.cleanup {
             Cleanup::Fs(_) if args.dir.is_some() => {}
-            Cleanup::Redis { .. } if args.prefix.is_some() => {}
+            Cleanup::Postgres { .. } | Cleanup::Redis { .. } if args.namespace.is_some() => {}
             Cleanup::Fs(dir) => {
                 let dir = dir.clone();
                 tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await??;
@@ -541,23 +570,15 @@ async fn main() -> Result<()> {
         bail!("--url is required for {:?}", args.backend);
     }
     if args.backend != Backend::Fs && args.dir.is_some() {
-        bail!("--dir is for the fs backend");
+        bail!("--dir is for the fs backend (--namespace for the others)");
     }
-    let nothing_to_fill = !args.fill_only && args.stored.iter().all(|&n| n <= args.filled);
-    if args.real_keys && args.backend != Backend::Fs && !(args.prefix.is_some() && nothing_to_fill)
-    {
-        bail!(
-            "--real-keys fills only the fs backend; on redis it names the addresses of a \
-             store filled so elsewhere (--prefix P --filled N, nothing left to fill)"
-        );
+    if args.backend == Backend::Fs && args.namespace.is_some() {
+        bail!("--namespace is for PostgreSQL and Redis (--dir for fs)");
     }
     for name in &args.ops {
         if Op::parse(name).is_none() {
             bail!("--ops: unknown operation {name:?} (get, by-fpr, by-wkd, publish)");
         }
-    }
-    if args.backend != Backend::Redis && args.prefix.is_some() {
-        bail!("--prefix is for the redis backend");
     }
     REAL_KEYS.store(args.real_keys, Ordering::Relaxed);
     let mut sizes = args.stored.clone();
@@ -648,7 +669,8 @@ async fn run(args: &Args, bench: &Bench, sizes: &[u64]) -> Result<()> {
                 (stored - filled) as f64 / secs.max(1e-9)
             );
         }
-        if args.rebuild_index || (grew && bench.backend == Backend::Postgres) {
+        let bulk = bench.backend == Backend::Postgres && !args.real_keys;
+        if args.rebuild_index || (grew && bulk) {
             let t = Instant::now();
             let indexed = bench.store.rebuild_index().await?;
             eprintln!(
