@@ -878,11 +878,12 @@ fn maildir_expired_keys_cannot_starve_refresh_and_soon_expiring_keys_are_not_ref
     assert_eq!(due, ["friend@example.org"], "{v}");
 }
 
-/// The rollback of a subkey revocation that the store does not prevent (subkey revocations
-/// are not in the tombstone; see docs/SECURITY.md): someone with alice's password, not her
-/// key, publishes another key and then an old copy of hers from before she revoked a
-/// compromised subkey. The KST then serves the subkey unrevoked; `kst client status`, the
-/// owner's cron monitor, reports it (exit 6), and publishing her key again repairs it.
+/// A subkey revocation the KST does not serve is reported, and cannot be rolled back: alice
+/// revokes a compromised subkey locally; until she publishes it, `kst client status` (the
+/// owner's cron monitor) reports the served subkey as unrevoked (exit 6). Once published,
+/// someone with her password, not her key, publishes another key and then an old copy of hers
+/// from before the revocation: the store's tombstone keeps subkey revocations, so the old copy
+/// is served with the subkey revoked and status still matches.
 #[test]
 fn maildir_status_reports_a_rolled_back_subkey_revocation() {
     let local = Local::new();
@@ -933,7 +934,6 @@ fn maildir_status_reports_a_rolled_back_subkey_revocation() {
     assert!(child.wait().unwrap().success());
     let current = local.path("current.asc");
     std::fs::write(&current, gpg.export(&alice.fingerprint)).unwrap();
-    publish(&current);
     let status = || {
         local.client(
             "alice@example.net",
@@ -941,20 +941,7 @@ fn maildir_status_reports_a_rolled_back_subkey_revocation() {
             &[],
         )
     };
-    let (out, v) = status();
-    assert_eq!(
-        (code(&out), v["outcome"].as_str()),
-        (0, Some("match")),
-        "{v}"
-    );
-
-    // The password holder: another key, then the old copy.
-    let mallory = Gpg::new();
-    let other = mallory.generate("Alice", "alice@example.net", "ed25519");
-    let other_path = local.path("other.asc");
-    std::fs::write(&other_path, &other.public_armored).unwrap();
-    publish(&other_path);
-    publish(&old);
+    // Not published yet: the KST serves the subkey unrevoked, and status says so.
     let (out, v) = status();
     assert_eq!(
         (code(&out), v["outcome"].as_str()),
@@ -967,6 +954,27 @@ fn maildir_status_reports_a_rolled_back_subkey_revocation() {
     assert_eq!(
         (code(&out), v["outcome"].as_str()),
         (0, Some("match")),
+        "{v}"
+    );
+
+    // The password holder: another key, then the old copy. The tombstone keeps the subkey
+    // revocation, so the old copy is served with the subkey revoked.
+    let mallory = Gpg::new();
+    let other = mallory.generate("Alice", "alice@example.net", "ed25519");
+    let other_path = local.path("other.asc");
+    std::fs::write(&other_path, &other.public_armored).unwrap();
+    publish(&other_path);
+    publish(&old);
+    let (out, v) = status();
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (0, Some("match")),
+        "{v}"
+    );
+    assert!(
+        !v["served"]["revoked_subkeys"]
+            .as_array()
+            .is_none_or(|a| a.is_empty()),
         "{v}"
     );
 }
