@@ -302,12 +302,11 @@ fn unusable_keys_stop_kst_before_anything_is_sent() {
 }
 
 /// The client's own DKIM check (mail-auth through the client's resolver) against the signed
-/// test DNS: `scripts/testdns.sh up` with kst's records as extra records. Needs root (BIND);
-/// run it as `flock -o /work/team/dns.lock cargo test -p kst-tests --test dkim -- --ignored`
-/// (`-o`: the named instances it may start must not inherit the lock).
+/// test DNS: `scripts/testdns.sh up` with kst's records as extra records. Needs root (BIND),
+/// as the whole suite does; one test of this file re-signs the test DNS at a time.
 #[tokio::test]
-#[ignore = "starts the test DNS (scripts/testdns.sh, root); run with --ignored"]
 async fn client_check_through_the_test_dns() {
+    let _one_at_a_time = TEST_DNS.lock().await;
     use kst_bin::client::discovery::{Dns, DnsSettings};
     use kst_bin::client::dkim::{DkimStatus, KeyDnssec, verify};
     use kst_bin::client::dnssec::ResolverSpec;
@@ -555,6 +554,9 @@ fn stdout_of(mut cmd: Command, what: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// The tests that re-sign the shared test DNS with their own records run one at a time.
+static TEST_DNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Starts (or re-signs) the shared test DNS with `extra` (zone name -> zone-file lines);
 /// returns the main and forged instances' addresses and the trust anchor file.
 fn test_dns_up(
@@ -614,11 +616,10 @@ fn txt_line(name: &str, value: &str) -> String {
 /// expired `x=`, an `i=` outside `d=`, a signature that does not cover `In-Reply-To`, `d=` a
 /// child, parent-like, look-alike or IDN domain, a valid signature of another domain beside a
 /// broken aligned one, headers added after signing, and a key from a zone without DNSSEC under
-/// `--require-dnssec`. Run as `flock -o /work/team/dns.lock cargo test -p kst-tests --test dkim
-/// -- --ignored` (root: BIND).
+/// `--require-dnssec`. Needs root (BIND), as the whole suite does.
 #[tokio::test]
-#[ignore = "starts the test DNS (scripts/testdns.sh, root); run with --ignored"]
 async fn redteam_signatures_the_client_must_not_count() {
+    let _one_at_a_time = TEST_DNS.lock().await;
     use kst_bin::client::discovery::{Dns, DnsSettings};
     use kst_bin::client::dkim::{DkimStatus, KeyDnssec, verify};
     use kst_bin::client::dnssec::ResolverSpec;
