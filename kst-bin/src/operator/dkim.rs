@@ -105,18 +105,9 @@ fn keygen(
     selector: Option<String>,
     force: bool,
 ) -> u8 {
-    let policy = match cfg.policy() {
-        Ok(p) => p,
-        Err(e) => return report::config_error(&e),
-    };
-    let Some(domain) = policy
-        .address_policy
-        .normalize_domain(domain)
-        .ok()
-        .filter(|d| policy.serves_domain(d))
-    else {
-        eprintln!("kst: {domain:?} is not a domain in kst.domains");
-        return exit::USAGE;
+    let domain = match super::served_domain(cfg, domain) {
+        Ok(d) => d,
+        Err(code) => return code,
     };
     let mut dkim = cfg.dkim.clone();
     if let Some(s) = selector {

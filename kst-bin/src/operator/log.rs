@@ -10,7 +10,6 @@ use kst_core::transparency::LogKeys;
 use super::wks::write_private;
 use crate::exit;
 use crate::shared::config::Config;
-use crate::shared::report;
 
 /// `kst log ...`.
 #[derive(Debug, Subcommand)]
@@ -49,18 +48,9 @@ pub async fn run(config: Option<&Path>, cmd: LogCommand) -> u8 {
 }
 
 fn keygen(cfg: &Config, domain: &str, output: &Path, force: bool) -> u8 {
-    let policy = match cfg.policy() {
-        Ok(p) => p,
-        Err(e) => return report::config_error(&e),
-    };
-    let Some(domain) = policy
-        .address_policy
-        .normalize_domain(domain)
-        .ok()
-        .filter(|d| policy.serves_domain(d))
-    else {
-        eprintln!("kst: {domain:?} is not a domain in kst.domains");
-        return exit::USAGE;
+    let domain = match super::served_domain(cfg, domain) {
+        Ok(d) => d,
+        Err(code) => return code,
     };
     if !force && output.exists() {
         eprintln!(

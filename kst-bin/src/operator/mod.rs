@@ -25,6 +25,21 @@ pub fn load(path: Option<&Path>) -> Result<Config, u8> {
     Ok(cfg)
 }
 
+/// `domain` (as an operator typed it) normalized, when it is one of `[kst] domains`; else the
+/// exit code, after saying why (for the commands that make a key per served domain).
+pub fn served_domain(cfg: &Config, domain: &str) -> Result<String, u8> {
+    let policy = cfg.policy().map_err(|e| report::config_error(&e))?;
+    policy
+        .address_policy
+        .normalize_domain(domain)
+        .ok()
+        .filter(|d| policy.serves_domain(d))
+        .ok_or_else(|| {
+            eprintln!("kst: {domain:?} is not a domain in kst.domains");
+            exit::USAGE
+        })
+}
+
 /// `kst migrate`: applies the store's schema migrations and rebuilds its look-up index;
 /// prints what it did, the number of indexed keys on stdout.
 pub async fn migrate(config: Option<&Path>) -> u8 {
