@@ -1,4 +1,4 @@
-//! Key transparency (issue 18, feature `transparency`; `scripts/test-transparency.sh`):
+//! Key transparency (issue 18, feature `transparency`, on by default):
 //!
 //! - `fs_directory_store_conformance`: kst-fs's `FsDirectoryStore` against the directory
 //!   storage contract (`kst_core::conformance::directory`), two instances on one store.
@@ -24,7 +24,7 @@ use kst_fs::FsDirectoryStore;
 use kst_postgres::PgDirectoryStore;
 use kst_tests::serve::{ServeProcess, free_port};
 use kst_tests::{
-    Gpg, TestDb, code, kst_binary_with_transparency, make_maildir, run_json, stderr,
+    Gpg, TestDb, code, kst_binary, make_maildir, run_json, stderr,
     write_sendmail_script,
 };
 use serde_json::Value;
@@ -65,7 +65,7 @@ struct Provider {
 impl Provider {
     /// The provider on the fs store, or on a fresh PostgreSQL database with `postgres`.
     fn start(postgres: bool) -> Provider {
-        let bin = kst_binary_with_transparency();
+        let bin = kst_binary();
         let dir = tempfile::Builder::new()
             .prefix("kst-transparency-")
             .tempdir()

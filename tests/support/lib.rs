@@ -218,29 +218,6 @@ fn build_kst(workspace: &Path, extra: &[&str]) {
     assert!(status.success(), "building the kst binary failed");
 }
 
-/// The `kst` binary built with the `transparency` feature (tests/transparency.rs):
-/// `KST_TEST_BINARY` when set (it must have the feature), else `cargo build -p kst-bin
-/// --features transparency --bin kst` (Cargo does nothing when it is up to date) into the
-/// same place as [`kst_binary`]'s.
-pub fn kst_binary_with_transparency() -> PathBuf {
-    if let Some(bin) = std::env::var_os("KST_TEST_BINARY") {
-        return PathBuf::from(bin);
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf();
-    build_kst(&workspace, &["--features", "transparency"]);
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .join("kst");
-    assert!(bin.exists(), "no kst binary at {}", bin.display());
-    bin
-}
-
 /// Creates the Maildir `dir` (its `tmp`, `new` and `cur`).
 pub fn make_maildir(dir: &Path) {
     for sub in ["tmp", "new", "cur"] {

@@ -50,7 +50,7 @@ impl ServeProcess {
     }
 
     /// [`ServeProcess::start`] with the binary `bin` (e.g.
-    /// [`crate::kst_binary_with_transparency`]).
+    /// another build of kst).
     pub fn start_binary(
         bin: &std::path::Path,
         log: PathBuf,
