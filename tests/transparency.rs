@@ -656,6 +656,24 @@ fn a_witness_cosigns_the_heads_and_a_client_requires_it() {
     .unwrap();
     let (status, _) = provider.http_post("/.well-known/kst/log/example.net/cosignature", &text);
     assert_eq!(status, 403, "a witness not listed");
+    // The listed witness cosigning a head the log did not store for that epoch (another
+    // signing time): 409, nothing stored.
+    let key_text = std::fs::read_to_string(witness.dir.path().join("witness.key")).unwrap();
+    let seed = kst_core::transparency::answer::hex32(
+        key_text
+            .lines()
+            .find_map(|l| l.strip_prefix("witness-key: "))
+            .unwrap(),
+    )
+    .unwrap();
+    let listed = kst_core::transparency::HeadSigner::from_bytes(&seed);
+    let text = kst_core::transparency::witness::head_with_cosignatures_text(
+        &forged,
+        &[listed.cosign(&forged, 1).unwrap()],
+    )
+    .unwrap();
+    let (status, _) = provider.http_post("/.well-known/kst/log/example.net/cosignature", &text);
+    assert_eq!(status, 409, "a head the log did not store");
     let (status, _) = provider.http_post("/.well-known/kst/log/example.net/cosignature", "junk");
     assert_eq!(status, 400);
     let (status, _) = provider.http_post(

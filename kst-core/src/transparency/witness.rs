@@ -368,8 +368,13 @@ impl Witnessed {
         }
         let first = self.audit.heads[0].head.epoch;
         let mut confirmed = Vec::new();
+        let mut confirmed_keys: Vec<&[u8; 32]> = Vec::new();
         let mut problems = Vec::new();
         for (name, key) in &policy.witnesses {
+            // A witness listed twice counts once towards the threshold.
+            if confirmed_keys.contains(&key) {
+                continue;
+            }
             let Some((epoch, c)) = self.cosignatures.iter().find(|(_, c)| &c.witness == key) else {
                 problems.push(format!("{name} has no cosignature in the answer"));
                 continue;
@@ -395,6 +400,7 @@ impl Witnessed {
                 continue;
             }
             confirmed.push(name.clone());
+            confirmed_keys.push(key);
         }
         if confirmed.len() < policy.threshold.max(1) {
             return Err(TransparencyError::Verification(format!(
