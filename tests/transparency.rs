@@ -606,8 +606,23 @@ fn a_witness_cosigns_the_heads_and_a_client_requires_it() {
         stderr(&out)
     );
 
+    // Figures for docs/TRANSPARENCY.md (printed, not asserted).
+    let (_, v1) = provider.http_get("/.well-known/kst/log/example.net/lookup/carol@example.net");
+    let (_, v2) =
+        provider.http_get("/.well-known/kst/log/example.net/lookup/carol@example.net?witnessed=1");
+    eprintln!(
+        "figure: lookup answer {} bytes; with the witnesses' part over epochs 1 to 3: {} bytes",
+        v1.len(),
+        v2.len()
+    );
+
     // The witness's second round checks the proof from 1 to 3 and cosigns epoch 3.
+    let started = std::time::Instant::now();
     let out = witness.run(&bin, &provider.log_url, &provider.head_key);
+    eprintln!(
+        "figure: a witness round over epochs 1 to 3 (process start to exit): {:?}",
+        started.elapsed()
+    );
     assert_eq!(code(&out), 0, "witness, second round: {}", stderr(&out));
     let (_, body) = provider.http_get("/.well-known/kst/log/example.net/head");
     let (head, cosignatures) =
@@ -691,6 +706,11 @@ fn a_witness_cosigns_the_heads_and_a_client_requires_it() {
     assert_eq!(status, 200, "{body}");
     let answer = kst_core::transparency::witness::AuditAnswer::parse(&body).unwrap();
     assert_eq!(answer.heads.len(), 4);
+    eprintln!(
+        "figure: audit answer over epochs 0 to 3: {} bytes ({} of them the proof, base64)",
+        body.len(),
+        body.lines().last().map_or(0, str::len)
+    );
 }
 
 /// A second directory with the same keys (a provider showing one party another history:
