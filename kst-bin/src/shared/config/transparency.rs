@@ -61,13 +61,23 @@ impl TransparencyConfig {
                 format!("at most {MAX_WITNESSES} witnesses"),
             ));
         }
-        self.witnesses
+        #[cfg(feature = "transparency")]
+        return self
+            .witnesses
             .iter()
             .map(|w| {
                 kst_core::transparency::witness::parse_witness(w)
                     .map_err(|e| ConfigError::key("transparency.witnesses", e.to_string()))
             })
-            .collect()
+            .collect();
+        #[cfg(not(feature = "transparency"))]
+        match self.witnesses.is_empty() {
+            true => Ok(Vec::new()),
+            false => Err(ConfigError::key(
+                "transparency.witnesses",
+                "this kst was built without the `transparency` feature; leave witnesses empty",
+            )),
+        }
     }
 
     /// Checks what can be checked without reading the key files.
@@ -91,5 +101,32 @@ impl TransparencyConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn witnesses_are_name_and_key_and_bounded() {
+        let key = "ab".repeat(32);
+        let config = |witnesses: Vec<String>| TransparencyConfig {
+            key_file: PathBuf::new(),
+            witnesses,
+        };
+        let ok = config(vec![format!("w.example.org:{key}")]);
+        if cfg!(feature = "transparency") {
+            assert_eq!(
+                ok.witness_keys().unwrap(),
+                vec![("w.example.org".to_string(), [0xab; 32])]
+            );
+        }
+        for bad in ["", "w", "w:zz", &format!("a b:{key}"), &format!(":{key}")] {
+            let c = config(vec![bad.to_string()]);
+            assert!(c.validate(StoreBackend::Fs).is_err(), "{bad:?}");
+        }
+        let many = config(vec![format!("w:{key}"); MAX_WITNESSES + 1]);
+        assert!(many.validate(StoreBackend::Fs).is_err());
     }
 }
