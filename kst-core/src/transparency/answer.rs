@@ -11,12 +11,17 @@
 //! signed-at 1764790000
 //! signature <128 hex>
 //! present <base64 of the lookup proof>      (or: absent <base64 of the absence proof>)
+//! append-only 5 <base64 of the append-only proof from epoch 5>   (only with ?since=5)
 //! ```
 //!
 //! Lines 2 to 6 are the head exactly as signed ([`Head::message`] without its context
 //! line), the signature is the domain's head key's over that message, and the last line is
 //! [`super::wire`]'s encoding of the lookup or absence proof against that head. `/head`
 //! serves the same without the last line, under `kst-log-head-v1`.
+//!
+//! `lookup/<address>?since=<epoch>` (a client that remembers the head of `epoch`) adds the
+//! append-only proof from that epoch to the answer's epoch ([`AppendOnlyFrom`]; none when
+//! `since` is the answer's epoch or newer: the client then compares the heads itself).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -24,7 +29,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use super::directory::AbsenceProof;
 use super::entry::{DirectoryEntry, EntryState};
 use super::head::{Head, SignedHead};
-use super::verify::{verify_absence, verify_lookup};
+use super::verify::{verify_absence, verify_append_only_from, verify_lookup};
 use super::{Result, TransparencyError, wire};
 use crate::Address;
 
@@ -32,8 +37,14 @@ use crate::Address;
 pub const ANSWER_CONTEXT: &str = "kst-log-answer-v1";
 /// First line of a head.
 pub const HEAD_CONTEXT: &str = "kst-log-head-v1";
-/// Largest answer text accepted (a lookup proof at 10⁶ entries is a few KiB).
+/// Largest answer text accepted without an append-only proof (a lookup proof at 10⁶ entries
+/// is a few KiB).
 pub const MAX_ANSWER: usize = 2 * wire::MAX_LOOKUP_PROOF;
+/// Largest answer text accepted with an append-only proof (`?since=`).
+pub const MAX_ANSWER_WITH_AUDIT: usize = MAX_ANSWER + wire::MAX_AUDIT_PROOF * 4 / 3 + 64;
+/// The most epochs one `?since=` proof spans; a client further behind is told to re-pin
+/// (the server would otherwise build arbitrarily long proofs for anyone who asks).
+pub const MAX_SINCE_EPOCHS: u64 = 4096;
 
 /// The proof in an answer, in [`super::wire`]'s encoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +55,15 @@ pub enum AnswerProof {
     Absent(Vec<u8>),
 }
 
+/// The append-only proof from an older epoch to an answer's head (`?since=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendOnlyFrom {
+    /// The older epoch (the one the client remembers).
+    pub from: u64,
+    /// akd's append-only proof from `from` to the answer's epoch, in [`wire`]'s encoding.
+    pub proof: Vec<u8>,
+}
+
 /// A signed head and the proof for one address against it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogAnswer {
@@ -51,6 +71,8 @@ pub struct LogAnswer {
     pub head: SignedHead,
     /// The proof.
     pub proof: AnswerProof,
+    /// With `?since=`: the append-only proof from that epoch to `head`.
+    pub append_only: Option<AppendOnlyFrom>,
 }
 
 /// What the KST served for the address the answer is about.
@@ -87,8 +109,12 @@ impl LogAnswer {
             AnswerProof::Present(b) => ("present", b),
             AnswerProof::Absent(b) => ("absent", b),
         };
+        let append_only = match &self.append_only {
+            Some(a) => format!("append-only {} {}\n", a.from, B64.encode(&a.proof)),
+            None => String::new(),
+        };
         Ok(format!(
-            "{ANSWER_CONTEXT}\n{}{kind} {}\n",
+            "{ANSWER_CONTEXT}\n{}{kind} {}\n{append_only}",
             head_lines(&self.head)?,
             B64.encode(bytes)
         ))
@@ -96,8 +122,10 @@ impl LogAnswer {
 
     /// Parses an answer's text; strict, bounded.
     pub fn parse(text: &str) -> Result<LogAnswer> {
-        if text.len() > MAX_ANSWER {
-            return Err(malformed(&format!("larger than {MAX_ANSWER} bytes")));
+        if text.len() > MAX_ANSWER_WITH_AUDIT {
+            return Err(malformed(&format!(
+                "larger than {MAX_ANSWER_WITH_AUDIT} bytes"
+            )));
         }
         let mut lines = text.lines();
         if lines.next() != Some(ANSWER_CONTEXT) {
@@ -116,10 +144,33 @@ impl LogAnswer {
             "absent" => AnswerProof::Absent(bytes),
             _ => return Err(malformed("unknown proof kind")),
         };
+        if matches!(&proof, AnswerProof::Present(b) | AnswerProof::Absent(b) if b.len() > wire::MAX_LOOKUP_PROOF)
+        {
+            return Err(malformed("the proof is too large"));
+        }
+        let append_only = match lines.next() {
+            None => None,
+            Some(line) => {
+                let (from, b64) = line
+                    .strip_prefix("append-only ")
+                    .and_then(|l| l.split_once(' '))
+                    .ok_or_else(|| malformed("want the `append-only` line or the end"))?;
+                Some(AppendOnlyFrom {
+                    from: number(from)?,
+                    proof: B64
+                        .decode(b64)
+                        .map_err(|_| malformed("the append-only proof is not base64"))?,
+                })
+            }
+        };
         if lines.next().is_some() {
             return Err(malformed("trailing lines"));
         }
-        Ok(LogAnswer { head, proof })
+        Ok(LogAnswer {
+            head,
+            proof,
+            append_only,
+        })
     }
 
     /// Everything a client checks: the head is signed by `head_key` and names `address`'s
@@ -189,8 +240,57 @@ impl LogAnswer {
     }
 }
 
+impl LogAnswer {
+    /// Checks that this answer's head extends `remembered` (a head the client accepted before,
+    /// of the same domain and directory) only by appending: the same root for the same epoch,
+    /// never an older epoch, and for a newer one the answer's append-only proof from exactly
+    /// `remembered`'s epoch. Any failure is [`TransparencyError::Verification`]: a fork or a
+    /// rollback. The caller has verified the answer's head signature.
+    pub async fn verify_extends(&self, remembered: &Head) -> Result<()> {
+        let new = &self.head.head;
+        if new.epoch <= remembered.epoch {
+            return verify_append_only_from(
+                remembered,
+                new,
+                akd::AppendOnlyProof {
+                    proofs: Vec::new(),
+                    epochs: Vec::new(),
+                },
+            )
+            .await;
+        }
+        if remembered.epoch == 0 {
+            // The empty tree: every later state of the same directory extends it.
+            return if remembered.domain == new.domain
+                && remembered.vrf_public_key == new.vrf_public_key
+            {
+                Ok(())
+            } else {
+                Err(TransparencyError::Verification(format!(
+                    "{}: the heads belong to different directories",
+                    new.domain
+                )))
+            };
+        }
+        let Some(a) = &self.append_only else {
+            return Err(TransparencyError::Verification(format!(
+                "{}: the answer at epoch {} carries no append-only proof from the remembered \
+                 epoch {}",
+                new.domain, new.epoch, remembered.epoch
+            )));
+        };
+        if a.from != remembered.epoch {
+            return Err(TransparencyError::Verification(format!(
+                "{}: the append-only proof starts at epoch {}, not at the remembered epoch {}",
+                new.domain, a.from, remembered.epoch
+            )));
+        }
+        verify_append_only_from(remembered, new, wire::decode_audit(&a.proof)?).await
+    }
+}
+
 /// Lines 2.. of the signed head text: the head's fields and the signature.
-fn head_lines(head: &SignedHead) -> Result<String> {
+pub(crate) fn head_lines(head: &SignedHead) -> Result<String> {
     let message = String::from_utf8(head.head.message()?)
         .map_err(|_| malformed("the head message is not text"))?;
     let fields = message
@@ -203,7 +303,7 @@ fn head_lines(head: &SignedHead) -> Result<String> {
     ))
 }
 
-fn read_head<'a>(lines: &mut impl Iterator<Item = &'a str>) -> Result<SignedHead> {
+pub(crate) fn read_head<'a>(lines: &mut impl Iterator<Item = &'a str>) -> Result<SignedHead> {
     let mut field = |name: &str| -> Result<&'a str> {
         lines
             .next()
