@@ -24,6 +24,8 @@ pub mod state;
 pub mod status;
 pub mod submit;
 pub mod tls;
+// As in `commands`: an `Outcome` is what the command reports, once.
+#[allow(clippy::result_large_err)]
 #[cfg(feature = "transparency")]
 pub mod transparency;
 
