@@ -414,3 +414,93 @@ pub async fn check_held(
         epoch: previous.map_or(head.epoch, |p| p.max(head.epoch)),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_domain_name_cannot_leave_the_memory_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = LogMemory::in_dir(dir.path());
+        for bad in ["../etc", ".hidden", "a/b", "", "example.net\0", "x y"] {
+            let err = memory.hold(bad).unwrap_err().to_string();
+            assert!(err.contains("not a domain name"), "{bad:?}: {err}");
+        }
+        let held = memory.hold("example.net").unwrap();
+        assert_eq!(held.memory.domain, "example.net");
+        assert!(held.memory.head.is_none());
+    }
+
+    #[test]
+    fn the_memory_survives_a_new_instance_and_a_corrupt_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_file = dir.path().join("pending.json");
+        let memory = LogMemory::beside(&state_file);
+        let mut held = memory.hold("example.net").unwrap();
+        held.memory.head_key = Some("11".repeat(32));
+        memory.save(&held).unwrap();
+        drop(held);
+        let again = LogMemory::beside(&state_file).hold("example.net").unwrap();
+        assert_eq!(again.memory.head_key, Some("11".repeat(32)));
+        drop(again);
+
+        let evidence = memory
+            .attack(
+                &memory.hold("example.net").unwrap(),
+                "a fork".into(),
+                "seen text",
+            )
+            .to_string();
+        assert!(
+            evidence.contains("a fork") && evidence.contains("evidence"),
+            "{evidence}"
+        );
+        let kept: Vec<_> = fs::read_dir(memory.dir().join("evidence"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(kept.len(), 1);
+        let text = fs::read_to_string(kept[0].path()).unwrap();
+        assert!(
+            text.contains("seen text") && text.contains("11111111"),
+            "{text}"
+        );
+
+        fs::write(memory.dir().join("example.net.json"), b"{not json").unwrap();
+        let err = memory.hold("example.net").unwrap_err().to_string();
+        assert!(err.contains("move it away"), "{err}");
+        // A file of another domain renamed into place is refused too.
+        fs::write(
+            memory.dir().join("example.net.json"),
+            br#"{"domain":"example.org","head_key":null,"vrf_key":null,"head":null}"#,
+        )
+        .unwrap();
+        let err = memory.hold("example.net").unwrap_err().to_string();
+        assert!(err.contains("example.org"), "{err}");
+    }
+
+    #[test]
+    fn own_fingerprints_are_kept_per_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = LogMemory::in_dir(dir.path());
+        memory
+            .note_own_fingerprint("alice@example.net", "AA11")
+            .unwrap();
+        memory
+            .note_own_fingerprint("alice@example.net", "aa11")
+            .unwrap();
+        memory
+            .note_own_fingerprint("alice@example.net", "BB22")
+            .unwrap();
+        memory
+            .note_own_fingerprint("../bob@example.net", "CC33")
+            .unwrap();
+        assert_eq!(
+            memory.own_fingerprints("alice@example.net"),
+            vec!["AA11", "BB22"]
+        );
+        assert!(memory.own_fingerprints("carol@example.net").is_empty());
+        assert_eq!(memory.own_fingerprints("../bob@example.net"), vec!["CC33"]);
+    }
+}

@@ -550,3 +550,30 @@ async fn get(base: &str, path: &str, ca_file: Option<&Path>, max: usize) -> Resu
     }
     Ok(text)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dns_record_keygen_prints_parses_and_others_do_not() {
+        let (h, v) = ("ab".repeat(32), "cd".repeat(32));
+        let good = format!("v=kstlog1; head={h}; vrf={v}");
+        assert_eq!(
+            parse_log_record(&good),
+            Some((hex32(&h).unwrap(), hex32(&v).unwrap()))
+        );
+        assert!(parse_log_record(&format!("v=kstlog1;head={h};vrf={v};future=1")).is_some());
+        for bad in [
+            format!("v=kstlog2; head={h}; vrf={v}"),
+            format!("v=kstlog1; head={h}"),
+            format!("v=kstlog1; head={h}; head={h}; vrf={v}"),
+            format!("v=kstlog1; head={}; vrf={v}", &h[..62]),
+            format!("head={h}; vrf={v}"),
+            format!("v=kstlog1; head={h}; vrf"),
+            String::new(),
+        ] {
+            assert_eq!(parse_log_record(&bad), None, "{bad}");
+        }
+    }
+}
