@@ -234,8 +234,8 @@ pub enum ClientCommand {
     },
     /// Pin DOMAIN's key directory keys (head key and VRF key): from --log-key/--vrf-key, or
     /// from its `_kst-log.DOMAIN` TXT record now. Needed after the domain really changed
-    /// them (the check then exits 5 until you pin again); forgets the remembered head when
-    /// the keys change.
+    /// them (the check then exits 5 until you pin again). Forgets the remembered head (a
+    /// fresh start: after a rollback you accept, or a head too far back for one proof).
     #[cfg(feature = "transparency")]
     LogPin {
         /// The served domain.

@@ -151,6 +151,11 @@ async fn fetch(
 ) -> Result<String, Outcome> {
     match tokio::time::timeout(FETCH_TIMEOUT, get(base, path, ca_file, max)).await {
         Ok(Ok(t)) => Ok(t),
+        // 422: the remembered head is too far back for one proof; retrying will not help.
+        Ok(Err(e)) if e.contains(" answered 422 ") => Err(Outcome::error(
+            exit::UNAVAILABLE,
+            format!("key directory: {e}; kst client log-pin DOMAIN forgets the remembered head"),
+        )),
         Ok(Err(e)) => Err(Outcome::error(
             exit::TEMPFAIL,
             format!("key directory: {e}"),
@@ -318,8 +323,8 @@ async fn head_key(
 }
 
 /// `kst client log-pin DOMAIN`: pins the domain's directory keys from `--log-key` /
-/// `--vrf-key`, or from DNS now, replacing the pin (and forgetting the remembered head when
-/// the keys change). Prints what is pinned; returns the exit code.
+/// `--vrf-key`, or from DNS now, replacing the pin and forgetting the remembered head (a
+/// fresh start). Prints what is pinned; returns the exit code.
 pub async fn log_pin(
     s: &Settings,
     domain: &str,
@@ -345,7 +350,7 @@ pub async fn log_pin(
                     report["source"].as_str().unwrap_or_default(),
                 );
                 if report["forgot_head"] == true {
-                    eprintln!("kst: the keys changed: the remembered head was forgotten");
+                    eprintln!("kst: the remembered head was forgotten");
                 }
             }
             exit::OK
@@ -407,6 +412,8 @@ async fn pin_command(
     };
     let forgot = held.memory.head.is_some();
     let changed = pin(&mut held, head, vrf, from);
+    // A fresh start: also after a rollback the user accepts, or a head too far back.
+    held.memory.head = None;
     memory
         .save(&held)
         .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
@@ -418,7 +425,7 @@ async fn pin_command(
         "vrf_key": held.memory.vrf_key,
         "source": held.memory.pinned_from,
         "changed": changed,
-        "forgot_head": changed && forgot,
+        "forgot_head": forgot,
     }))
 }
 
