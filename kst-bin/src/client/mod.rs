@@ -21,6 +21,7 @@ pub mod refresh;
 pub mod state;
 pub mod status;
 pub mod submit;
+pub mod terminal;
 pub mod tls;
 #[cfg(feature = "transparency")]
 pub mod transparency;

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::commands::{Settings, gpg_export, send_and_wait};
 use super::exit;
-use super::output::{self, Outcome};
+use super::output::{self, Outcome, err, out};
 
 /// `publish` warns when the key expires within this many days.
 pub const EXPIRY_WARNING_DAYS: u64 = 30;
@@ -218,23 +218,20 @@ pub async fn status(s: &Settings, key: Option<&Path>, gpg_key: Option<&str>) -> 
             differences,
             history: "not told by the KST protocol; the operator's `kst keys history` shows it",
         };
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_else(|_| "{}".into())
-        );
+        super::terminal::print_json(&report, "{}");
     } else {
         let service = service.unwrap_or_default();
         match &served {
-            Some(f) => println!(
+            Some(f) => out(format!(
                 "{service} serves {} for {account}: expires {}, {}, subkeys {:?}",
                 f.fingerprint,
                 f.expires_at.map_or("never".into(), |t| t.to_string()),
                 if f.revoked { "revoked" } else { "not revoked" },
                 f.subkeys
-            ),
-            None => println!("{service} serves no key for {account}"),
+            )),
+            None => out(format!("{service} serves no key for {account}")),
         }
-        println!(
+        out(format!(
             "your key {}: expires {}, {}, subkeys {:?}",
             local.fingerprint,
             local.expires_at.map_or("never".into(), |t| t.to_string()),
@@ -244,12 +241,12 @@ pub async fn status(s: &Settings, key: Option<&Path>, gpg_key: Option<&str>) -> 
                 "not revoked"
             },
             local.subkeys
-        );
+        ));
         if differences.is_empty() {
             println!("match");
         }
         for d in &differences {
-            eprintln!("kst: {d}");
+            err(format!("kst: {d}"));
         }
     }
     code
