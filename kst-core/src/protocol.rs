@@ -113,7 +113,7 @@ pub enum Reason {
     /// The User ID with the account's address has been revoked by the key holder.
     UserIdRevoked,
     /// The User ID with the account's address carries no valid self-signature (or nothing on
-    /// the key verifies).
+    /// the key verifies, or its self-signature is dated in the future).
     BadSelfSignature,
     /// The key has expired.
     KeyExpired,
@@ -221,7 +221,8 @@ impl Reason {
             }
             Reason::BadSelfSignature => {
                 "The User ID with your address is not validly signed by the key itself (or no \
-                 self-signature on the key verifies). Export the key from the computer that \
+                 self-signature on the key verifies, or it is dated in the future: check the \
+                 clock of the computer that made it). Export the key from the computer that \
                  holds its secret key and send it again."
             }
             Reason::KeyExpired => {

@@ -373,7 +373,7 @@ async fn publish(
         }
     };
     if let Some(warning) = super::status::expiry_warning(&armored, kst_core::time::unix_now()) {
-        eprintln!("kst: warning: {warning}");
+        output::err(format!("kst: warning: {warning}"));
     }
     let request = match kst_core::client::build_publication(&account, &armored) {
         Ok(r) => r,
@@ -566,7 +566,7 @@ pub(super) async fn send_and_wait(
         return Outcome::error(exit::CONFIG, e.to_string());
     }
     let bar = output::spinner(s.json);
-    bar.set_message(format!("sending to {service}"));
+    bar.set_message(super::terminal::line(&format!("sending to {service}")).into_owned());
     let sent = match (&route, &s.sendmail) {
         (Some(route), _) => submit::send(
             &dns,
@@ -777,11 +777,14 @@ async fn wait_for(
         .iter()
         .map(|e| e.pending.service.to_string())
         .collect();
-    bar.set_message(format!(
-        "waiting for the reply from {} ({})",
-        services.join(", "),
-        mailbox.how_read()
-    ));
+    bar.set_message(
+        super::terminal::line(&format!(
+            "waiting for the reply from {} ({})",
+            services.join(", "),
+            mailbox.how_read()
+        ))
+        .into_owned(),
+    );
     loop {
         let open: Vec<Pending> = entries
             .iter()
@@ -1087,17 +1090,14 @@ fn pending(s: &Settings) -> u8 {
                 })
             })
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&list).unwrap_or_else(|_| "[]".into())
-        );
+        super::terminal::print_json(&list, "[]");
     } else if entries.is_empty() {
         eprintln!("kst: no pending requests ({})", s.state.path().display());
     } else {
         let now = kst_core::time::unix_now();
         for e in &entries {
             let (kind, address) = asked_kind_and_address(&e.pending);
-            println!(
+            output::out(format!(
                 "{:<11} {:<32} via {:<10} for {:<28} {:>6}s  <{}>",
                 kind,
                 address,
@@ -1105,7 +1105,7 @@ fn pending(s: &Settings) -> u8 {
                 e.account,
                 now.saturating_sub(e.pending.created_at),
                 e.pending.message_id
-            );
+            ));
         }
     }
     exit::OK

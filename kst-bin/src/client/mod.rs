@@ -23,6 +23,7 @@ pub mod refresh;
 pub mod state;
 pub mod status;
 pub mod submit;
+pub mod terminal;
 pub mod tls;
 // As in `commands`: an `Outcome` is what the command reports, once.
 #[allow(clippy::result_large_err)]

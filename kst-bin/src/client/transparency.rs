@@ -416,12 +416,10 @@ pub async fn log_pin(
     match outcome {
         Ok(report) => {
             if s.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_else(|_| "{}".into())
-                );
+                super::terminal::print_json(&report, "{}");
             } else {
-                println!(
+                // The keys may come from DNS: terminal-safe like every key-derived text.
+                super::output::out(format!(
                     "pinned the key directory keys of {}: head {}, vrf {} (from {})",
                     report["domain"].as_str().unwrap_or_default(),
                     report["head_key"].as_str().unwrap_or_default(),
@@ -429,7 +427,7 @@ pub async fn log_pin(
                         .as_str()
                         .unwrap_or("taken from the first verified head"),
                     report["source"].as_str().unwrap_or_default(),
-                );
+                ));
                 if report["forgot_head"] == true {
                     eprintln!("kst: the remembered head was forgotten");
                 }
