@@ -653,7 +653,7 @@ async fn main() -> Result<()> {
             bail!("--ops: unknown operation {name:?} (get, by-fpr, by-wkd, publish)");
         }
     }
-    if !args.mirror.is_empty() && !(args.real_keys && args.fill_only) {
+    if !args.mirror.is_empty() && (!args.real_keys || !args.fill_only) {
         bail!("--mirror is for filling: use it with --real-keys --fill-only");
     }
     REAL_KEYS.store(args.real_keys, Ordering::Relaxed);
