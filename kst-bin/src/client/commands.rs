@@ -73,7 +73,11 @@ pub async fn run(args: ClientArgs) -> u8 {
                     allow_plaintext,
                 };
                 #[cfg(feature = "transparency")]
-                let outcome = match head_key_of(&log.reply) {
+                let outcome = match log
+                    .reply
+                    .head_key_checking(log.check_transparency)
+                    .map_err(|e| Outcome::error(exit::USAGE, e))
+                {
                     Err(o) => o,
                     Ok(_) if log.check_transparency => {
                         checked_retrieve(s, &address, import, &how, no_wait, &log).await
@@ -441,9 +445,9 @@ async fn checked_retrieve(
         );
     }
     // With --transparency too, the reply's own proof is checked first (in `wait_for`).
-    let head_key = match head_key_of(&log.reply) {
+    let head_key = match log.reply.head_key_checking(true) {
         Ok(h) => h,
-        Err(o) => return o,
+        Err(e) => return Outcome::error(exit::USAGE, e),
     };
     let outcome = retrieve(s, address, false, how, false, head_key.as_deref()).await;
     let outcome = super::transparency::check(log, s.ca_file.as_deref(), outcome).await;

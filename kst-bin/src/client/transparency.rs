@@ -64,7 +64,17 @@ impl ReplyProofArgs {
     /// The head key to offer version 3 with (`--transparency`), checked to be 64 hex digits;
     /// `Ok(None)` without `--transparency`; `Err` says what is wrong with the flags.
     pub fn head_key(&self) -> Result<Option<String>, String> {
+        self.head_key_checking(false)
+    }
+
+    /// [`ReplyProofArgs::head_key`]; `http_check` when `--check-transparency` also uses
+    /// `--log-key` (otherwise `--log-key` without `--transparency` is a usage error, not a
+    /// silently skipped check).
+    pub fn head_key_checking(&self, http_check: bool) -> Result<Option<String>, String> {
         if !self.transparency {
+            if self.log_key.is_some() && !http_check {
+                return Err("--log-key goes with --transparency (the proof inside the reply) or, for retrieve, --check-transparency".into());
+            }
             return Ok(None);
         }
         let Some(key) = &self.log_key else {
