@@ -344,19 +344,26 @@ impl Provider {
         std::fs::write(self.path("no-client.toml"), "").unwrap();
         let mut cmd = Command::new(&self.bin);
         let timeout = timeout.to_string();
-        cmd.args(["client", "--account", account, "--json", "--timeout", &timeout])
-            .arg("--sendmail")
-            .arg(self.path(sendmail))
-            .arg("--maildir")
-            .arg(self.path("Maildir"))
-            .arg("--state-file")
-            .arg(self.path(&format!("state-{state}/pending.json")))
-            .arg("--client-config")
-            .arg(self.path("no-client.toml"))
-            .args(args)
-            .env_remove("KST_PASSWORD")
-            .env_remove("KST_CLIENT_CONFIG")
-            .env("GNUPGHOME", self.path("no-gnupg"));
+        cmd.args([
+            "client",
+            "--account",
+            account,
+            "--json",
+            "--timeout",
+            &timeout,
+        ])
+        .arg("--sendmail")
+        .arg(self.path(sendmail))
+        .arg("--maildir")
+        .arg(self.path("Maildir"))
+        .arg("--state-file")
+        .arg(self.path(&format!("state-{state}/pending.json")))
+        .arg("--client-config")
+        .arg(self.path("no-client.toml"))
+        .args(args)
+        .env_remove("KST_PASSWORD")
+        .env_remove("KST_CLIENT_CONFIG")
+        .env("GNUPGHOME", self.path("no-gnupg"));
         run_json(cmd)
     }
 
@@ -1412,7 +1419,8 @@ fn replies_carry_the_proof_in_version_3() {
         write_tampering_script(&provider, &script, how);
         let args = v3(&["retrieve", "alice@example.net"]);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (out, v) = provider.client_waiting("bob@example.net", 3, &script, "bob@example.net", &refs);
+        let (out, v) =
+            provider.client_waiting("bob@example.net", 3, &script, "bob@example.net", &refs);
         assert_eq!(
             (code(&out), v["outcome"].as_str()),
             (5, Some("attack")),
