@@ -37,6 +37,7 @@ fn pending(asked: Asked, id: &str, k: &kst_core::AuthKey) -> client::Pending {
         service: addr("keys@example.net"),
         k_auth: k.to_base64(),
         created_at: 0,
+        head_key: None,
     }
 }
 

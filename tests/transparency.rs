@@ -14,6 +14,12 @@
 //!   (a second `kst deliver` configuration without `[transparency]`, standing in for an
 //!   insider or a tool that bypasses the directory): the reply's HMAC verifies, the check
 //!   does not, exit 5.
+//! - `replies_carry_the_proof_in_version_3`: protocol version 3 through the real binaries with
+//!   no `kst serve` at all (no HTTP endpoint to reach): `kst client publish/retrieve/delete
+//!   --transparency --log-key HEX` offers version 3, `kst deliver` puts the directory's answer
+//!   inside the HMAC-covered reply, and the client checks it. A reply whose answer an attacker
+//!   on the reply's path stripped, or swapped for one captured from an earlier reply, is exit
+//!   5; so is the insider's key behind the directory's back, and a wrong head key.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -84,7 +90,7 @@ struct Provider {
     /// The `_kst-log` TXT record `kst log keygen` printed.
     txt_record: String,
     log_url: String,
-    _serve: ServeProcess,
+    _serve: Option<ServeProcess>,
     // Dropped after `kst serve` stopped.
     _db: Option<TestDb>,
 }
@@ -102,6 +108,17 @@ impl Provider {
         postgres: bool,
         transparency: &str,
         log_keys: Option<&std::path::Path>,
+    ) -> Provider {
+        Provider::start_serving(postgres, transparency, log_keys, true)
+    }
+
+    /// [`Provider::start_with`], with `kst serve` (the directory's HTTP endpoint) only if
+    /// `serve`.
+    fn start_serving(
+        postgres: bool,
+        transparency: &str,
+        log_keys: Option<&std::path::Path>,
+        serve: bool,
     ) -> Provider {
         let bin = kst_binary();
         let dir = tempfile::Builder::new()
@@ -171,8 +188,10 @@ impl Provider {
             write_sendmail_script(&p.join(script), &bin, &p.join(config));
         }
         let config = p.join("kst.toml");
-        let serve = ServeProcess::start_binary(&bin, p.join("serve.log"), http, |cmd| {
-            cmd.arg("--config").arg(&config);
+        let serve = serve.then(|| {
+            ServeProcess::start_binary(&bin, p.join("serve.log"), http, |cmd| {
+                cmd.arg("--config").arg(&config);
+            })
         });
         Provider {
             bin,
@@ -309,21 +328,42 @@ impl Provider {
         account: &str,
         args: &[&str],
     ) -> (Output, Value) {
+        self.client_waiting(state, 30, sendmail, account, args)
+    }
+
+    /// [`Provider::client_in`] waiting at most `timeout` seconds for the reply (a client that
+    /// saw only a forged reply waits for the genuine one until then).
+    fn client_waiting(
+        &self,
+        state: &str,
+        timeout: u32,
+        sendmail: &str,
+        account: &str,
+        args: &[&str],
+    ) -> (Output, Value) {
         std::fs::write(self.path("no-client.toml"), "").unwrap();
         let mut cmd = Command::new(&self.bin);
-        cmd.args(["client", "--account", account, "--json", "--timeout", "30"])
-            .arg("--sendmail")
-            .arg(self.path(sendmail))
-            .arg("--maildir")
-            .arg(self.path("Maildir"))
-            .arg("--state-file")
-            .arg(self.path(&format!("state-{state}/pending.json")))
-            .arg("--client-config")
-            .arg(self.path("no-client.toml"))
-            .args(args)
-            .env_remove("KST_PASSWORD")
-            .env_remove("KST_CLIENT_CONFIG")
-            .env("GNUPGHOME", self.path("no-gnupg"));
+        let timeout = timeout.to_string();
+        cmd.args([
+            "client",
+            "--account",
+            account,
+            "--json",
+            "--timeout",
+            &timeout,
+        ])
+        .arg("--sendmail")
+        .arg(self.path(sendmail))
+        .arg("--maildir")
+        .arg(self.path("Maildir"))
+        .arg("--state-file")
+        .arg(self.path(&format!("state-{state}/pending.json")))
+        .arg("--client-config")
+        .arg(self.path("no-client.toml"))
+        .args(args)
+        .env_remove("KST_PASSWORD")
+        .env_remove("KST_CLIENT_CONFIG")
+        .env("GNUPGHOME", self.path("no-gnupg"));
         run_json(cmd)
     }
 
@@ -1249,4 +1289,195 @@ fn the_head_key_is_found_in_dns_and_pinned() {
         provider.memory("carol@example.net")["head_key"],
         Value::Null
     );
+}
+
+/// Writes `name`: a sendmail-style script that delivers through `kst deliver` like `sendmail`,
+/// then lets the attacker on the reply's path rewrite the reply just spooled: `strip` removes
+/// the key directory's answer, `swap` puts the answer block saved in `captured.block` there.
+fn write_tampering_script(provider: &Provider, name: &str, how: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tamper = provider.path("tamper.py");
+    std::fs::write(
+        &tamper,
+        r#"import re, sys
+path, how, captured = sys.argv[1], sys.argv[2], sys.argv[3]
+text = open(path, 'rb').read().decode()
+block = re.compile(r'-----BEGIN KST LOG ANSWER-----\r?\n.*?-----END KST LOG ANSWER-----\r?\n', re.S)
+assert block.search(text), 'no answer block in ' + path
+if how == 'strip':
+    text = block.sub('', text)
+else:
+    text = block.sub(lambda m: open(captured, newline='').read(), text)
+open(path, 'wb').write(text.encode())
+"#,
+    )
+    .unwrap();
+    let script = provider.path(name);
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n'{kst}' deliver --config '{cfg}' --sender \"$3\" --recipient \"$5\" --sasl-username \"${{KST_TEST_LOGIN:-$3}}\" || exit $?\nnewest=$(ls -t '{new}' | head -n 1)\nexec python3 '{tamper}' '{new}'/\"$newest\" {how} '{captured}'\n",
+            kst = provider.bin.display(),
+            cfg = provider.path("kst.toml").display(),
+            new = provider.path("Maildir/new").display(),
+            tamper = tamper.display(),
+            captured = provider.path("captured.block").display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The newest reply in the provider's Maildir (`new/`, or `cur/` once the client read it).
+fn newest_reply(provider: &Provider) -> String {
+    let newest = ["Maildir/new", "Maildir/cur"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(provider.path(d)).unwrap().flatten())
+        .max_by_key(|e| e.metadata().unwrap().modified().unwrap())
+        .expect("a reply");
+    std::fs::read_to_string(newest.path()).unwrap()
+}
+
+/// The client's exit code and outcome are `code` and `outcome`.
+fn expect(out: &Output, v: &Value, code: i32, outcome: &str) {
+    assert_eq!(
+        (kst_tests::code(out), v["outcome"].as_str()),
+        (code, Some(outcome)),
+        "{v}\n{}",
+        stderr(out)
+    );
+}
+
+#[test]
+fn replies_carry_the_proof_in_version_3() {
+    // No `kst serve`: nothing answers HTTP; every proof travels inside the replies.
+    let provider = Provider::start_serving(false, "", None, false);
+    let key = provider.head_key.clone();
+    let v3 = |args: &[&str]| -> Vec<String> {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend(["--transparency".into(), "--log-key".into(), key.clone()]);
+        all
+    };
+    let run = |sendmail: &str, account: &str, args: &[&str]| {
+        let args = v3(args);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        provider.client(sendmail, account, &refs)
+    };
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let file = provider.path("alice.asc");
+    std::fs::write(&file, &alice.public_armored).unwrap();
+    let file = file.to_str().unwrap();
+
+    // Alice publishes in version 3: the confirmation proves her key is the directory's entry.
+    let (out, v) = run("sendmail", "alice@example.net", &["publish", "--key", file]);
+    expect(&out, &v, 0, "published");
+    let reply = newest_reply(&provider);
+    assert!(reply.contains("KST-Protocol: 3\r\n"), "{reply}");
+    assert!(reply.contains("-----BEGIN KST LOG ANSWER-----"), "{reply}");
+
+    // Bob retrieves it, and an address without a key, in version 3.
+    let (out, v) = run(
+        "sendmail",
+        "bob@example.net",
+        &["retrieve", "alice@example.net"],
+    );
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["fingerprint"], alice.fingerprint.as_str());
+    let (out, v) = run(
+        "sendmail",
+        "bob@example.net",
+        &["retrieve", "nobody@example.net"],
+    );
+    expect(&out, &v, 1, "not-found");
+    // Captured by the attacker: the answer block of that "not found".
+    let reply = newest_reply(&provider);
+    let begin = reply.find("-----BEGIN KST LOG ANSWER-----").unwrap();
+    let end = reply.find("-----END KST LOG ANSWER-----").unwrap()
+        + "-----END KST LOG ANSWER-----\r\n".len();
+    std::fs::write(provider.path("captured.block"), &reply[begin..end]).unwrap();
+
+    // A head key that is not the domain's: exit 5.
+    let wrong = "11".repeat(32);
+    let (out, v) = provider.client(
+        "sendmail",
+        "bob@example.net",
+        &[
+            "retrieve",
+            "alice@example.net",
+            "--transparency",
+            "--log-key",
+            &wrong,
+        ],
+    );
+    expect(&out, &v, 5, "attack");
+
+    // The attacker on the reply's path strips the answer, or swaps in the captured one: the
+    // client refuses both (it waits for a genuine reply until its timeout, then exit 5).
+    for how in ["strip", "swap"] {
+        let script = format!("sendmail-{how}");
+        write_tampering_script(&provider, &script, how);
+        let args = v3(&["retrieve", "alice@example.net"]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (out, v) =
+            provider.client_waiting("bob@example.net", 3, &script, "bob@example.net", &refs);
+        assert_eq!(
+            (code(&out), v["outcome"].as_str()),
+            (5, Some("attack")),
+            "{how}: {v}\n{}",
+            stderr(&out)
+        );
+        let error = v["error"].as_str().unwrap_or_default().to_string();
+        let tampered = newest_reply(&provider);
+        assert!(tampered.contains("KST-Protocol: 3\r\n"), "{tampered}");
+        match how {
+            "strip" => {
+                assert!(!tampered.contains("BEGIN KST LOG ANSWER"), "{tampered}");
+                assert!(error.contains("no usable key directory answer"), "{error}");
+            }
+            _ => {
+                assert!(tampered.contains(&reply[begin..end]), "{tampered}");
+                assert!(error.contains("HMAC"), "{error}");
+            }
+        }
+    }
+
+    // The insider's twin in the store behind the directory's back: the version 3 reply
+    // carries the directory's answer, which commits to alice's key, not the twin: exit 5.
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail-no-log", "alice@example.net", &twin.public_armored);
+    let (out, v) = run(
+        "sendmail",
+        "bob@example.net",
+        &["retrieve", "alice@example.net"],
+    );
+    expect(&out, &v, 5, "attack");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("not the one the directory commits to"),
+        "{error}"
+    );
+
+    // Alice republishes and then deletes in version 3; "not found" is proven by the deletion.
+    let (out, v) = run("sendmail", "alice@example.net", &["publish", "--key", file]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let (out, v) = run("sendmail", "alice@example.net", &["delete"]);
+    expect(&out, &v, 0, "deleted");
+    let (out, v) = run(
+        "sendmail",
+        "bob@example.net",
+        &["retrieve", "alice@example.net"],
+    );
+    expect(&out, &v, 1, "not-found");
+    // Without --transparency the same KST still answers version 2 clients, without proofs.
+    let (out, v) = provider.client(
+        "sendmail",
+        "bob@example.net",
+        &["retrieve", "nobody@example.net"],
+    );
+    assert_eq!(code(&out), 1, "{v}\n{}", stderr(&out));
+    let reply = newest_reply(&provider);
+    assert!(reply.contains("KST-Protocol: 2\r\n"), "{reply}");
+    assert!(!reply.contains("BEGIN KST LOG ANSWER"), "{reply}");
 }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use kst_core::reply::LogAnswers;
 use kst_core::transparency::{DirectoryStore, DomainLog, LogKeys, TransparentStore};
 use kst_core::{Component, Error, KeyStore};
 
@@ -61,14 +62,16 @@ pub async fn open_logs(config: &Config) -> Result<Vec<Arc<DomainLog>>, Error> {
     Ok(logs)
 }
 
-/// `store`, recording its changes in the logs of `[transparency]` when it is on.
+/// `store`, recording its changes in the logs of `[transparency]` when it is on, and the
+/// same logs' answers for protocol version 3 replies (`None` when it is off).
 pub async fn wrap_store(
     config: &Config,
     store: Arc<dyn KeyStore>,
-) -> Result<Arc<dyn KeyStore>, Error> {
+) -> Result<(Arc<dyn KeyStore>, Option<Arc<dyn LogAnswers>>), Error> {
     let logs = open_logs(config).await?;
     if logs.is_empty() {
-        return Ok(store);
+        return Ok((store, None));
     }
-    Ok(Arc::new(TransparentStore::new(store, logs)))
+    let wrapped = Arc::new(TransparentStore::new(store, logs));
+    Ok((wrapped.clone(), Some(wrapped)))
 }
