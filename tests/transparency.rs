@@ -5,7 +5,10 @@
 //! - `record_encoding_round_trips`: every record of a directory through the blob encoding.
 //! - `postgres_directory_store_conformance`: kst-postgres's `PgDirectoryStore`, the same
 //!   suite, two pools on a fresh database.
-//! - `retrieval_is_checked_against_the_directory` (fs store) and `..._on_postgres`: the real path through the real binaries.
+//! - `redis_directory_store_conformance`: kst-redis's `RedisDirectoryStore`, the same suite,
+//!   two connections on a fresh key prefix.
+//! - `retrieval_is_checked_against_the_directory` (fs store), `..._on_postgres` and
+//!   `..._on_redis` (one scenario over the backend): the real path through the real binaries.
 //!   Publications go through `kst deliver` (the client hands them to a sendmail-style script,
 //!   as Postfix's pipe(8) would), which records them in the store's directory; `kst serve`
 //!   serves the directory on `[http]`; `kst client retrieve --check-transparency` fetches the
@@ -14,6 +17,9 @@
 //!   (a second `kst deliver` configuration without `[transparency]`, standing in for an
 //!   insider or a tool that bypasses the directory): the reply's HMAC verifies, the check
 //!   does not, exit 5.
+//! - `serve_starts_while_postgres_is_down_and_the_directory_opens_later`: `kst serve` with
+//!   two PostgreSQL hosts that are both down at start; the directory answers 503 and a
+//!   publication fails, then one host comes back (a TCP proxy) and the scenario above passes.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -22,9 +28,10 @@ use std::sync::Arc;
 use kst_core::transparency::DirectoryStore;
 use kst_fs::FsDirectoryStore;
 use kst_postgres::PgDirectoryStore;
+use kst_redis::RedisStore;
 use kst_tests::serve::{ServeProcess, free_port};
 use kst_tests::{
-    Gpg, TestDb, code, kst_binary, make_maildir, run_json, stderr,
+    Gpg, TestDb, TestPrefix, code, kst_binary, make_maildir, run_json, stderr,
     write_sendmail_script,
 };
 use serde_json::Value;
@@ -42,12 +49,73 @@ async fn record_encoding_round_trips() {
     kst_core::conformance::directory::record_encoding_round_trips().await;
 }
 
+/// Two stores (two connections) on one fresh key prefix of the shared Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_directory_store_conformance() {
+    let prefix = TestPrefix::new();
+    let mut stores: Vec<Arc<dyn DirectoryStore>> = Vec::new();
+    for _ in 0..2 {
+        let store = RedisStore::connect(&prefix.url, &prefix.prefix)
+            .await
+            .expect("Redis store");
+        stores.push(Arc::new(store.inner().directory()));
+    }
+    let (a, b) = (stores[0].clone(), stores[1].clone());
+    kst_core::conformance::directory::run_all(a, b).await;
+    let keys = prefix.keys().unwrap();
+    assert!(
+        keys.iter()
+            .all(|k| k.starts_with(&format!("{}{{kt:", prefix.prefix))),
+        "every directory key is under the prefix and one hash tag per domain: {keys:?}"
+    );
+    assert!(
+        keys.iter().any(|k| k.ends_with(":root")),
+        "the suite wrote roots: {keys:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_directory_store_conformance() {
     let db = TestDb::new();
     let a: Arc<dyn DirectoryStore> = Arc::new(PgDirectoryStore::connect(&db.url, 4).await.unwrap());
     let b: Arc<dyn DirectoryStore> = Arc::new(PgDirectoryStore::connect(&db.url, 4).await.unwrap());
     kst_core::conformance::directory::run_all(a, b).await;
+}
+
+/// The key store (and the directory in it) of a [`Provider`], with what must outlive `kst
+/// serve`.
+enum Backend {
+    /// `<dir>/keys`.
+    Fs,
+    /// A fresh database.
+    Postgres(TestDb),
+    /// A fresh key prefix on the shared Redis.
+    Redis(TestPrefix),
+    /// A fresh database reached through these `[store]` lines (other hosts, a proxy).
+    PostgresAt {
+        /// Kept until `kst serve` stopped.
+        _db: TestDb,
+        /// `url = ...` and `urls = [...]`.
+        lines: String,
+    },
+}
+
+impl Backend {
+    /// The `[store]` section's lines for the provider in `dir`.
+    fn store_lines(&self, dir: &std::path::Path) -> String {
+        match self {
+            Backend::Fs => format!(
+                "backend = \"fs\"\npath = \"{}\"",
+                dir.join("keys").display()
+            ),
+            Backend::Postgres(db) => format!("backend = \"postgres\"\nurl = \"{}\"", db.url),
+            Backend::Redis(p) => format!(
+                "backend = \"redis\"\nurl = \"{}\"\nprefix = \"{}\"",
+                p.url, p.prefix
+            ),
+            Backend::PostgresAt { lines, .. } => format!("backend = \"postgres\"\n{lines}"),
+        }
+    }
 }
 
 /// A KST for example.net with its directory on, behind sendmail-style scripts, replying into
@@ -57,14 +125,14 @@ struct Provider {
     bin: PathBuf,
     head_key: String,
     log_url: String,
-    _serve: ServeProcess,
+    serve: ServeProcess,
     // Dropped after `kst serve` stopped.
-    _db: Option<TestDb>,
+    _backend: Backend,
 }
 
 impl Provider {
-    /// The provider on the fs store, or on a fresh PostgreSQL database with `postgres`.
-    fn start(postgres: bool) -> Provider {
+    /// The provider on `backend`.
+    fn start(backend: Backend) -> Provider {
         let bin = kst_binary();
         let dir = tempfile::Builder::new()
             .prefix("kst-transparency-")
@@ -73,11 +141,7 @@ impl Provider {
         let p = dir.path();
         make_maildir(&p.join("Maildir"));
         let http = free_port();
-        let db = postgres.then(TestDb::new);
-        let store = match &db {
-            Some(db) => format!("backend = \"postgres\"\nurl = \"{}\"", db.url),
-            None => format!("backend = \"fs\"\npath = \"{}\"", p.join("keys").display()),
-        };
+        let store = backend.store_lines(p);
         let base = format!(
             r#"[kst]
 domains = ["example.net"]
@@ -135,8 +199,8 @@ listen = "{http}"
             bin,
             head_key,
             log_url: format!("http://{http}"),
-            _serve: serve,
-            _db: db,
+            serve,
+            _backend: backend,
             dir,
         }
     }
@@ -224,12 +288,110 @@ listen = "{http}"
 
 #[test]
 fn retrieval_is_checked_against_the_directory() {
-    checked_retrievals(&Provider::start(false));
+    checked_retrievals(&Provider::start(Backend::Fs));
 }
 
 #[test]
 fn retrieval_is_checked_against_the_directory_on_postgres() {
-    checked_retrievals(&Provider::start(true));
+    checked_retrievals(&Provider::start(Backend::Postgres(TestDb::new())));
+}
+
+#[test]
+fn retrieval_is_checked_against_the_directory_on_redis() {
+    checked_retrievals(&Provider::start(Backend::Redis(TestPrefix::new())));
+}
+
+/// `url` with its `host:port` replaced by `authority`.
+fn with_authority(url: &str, authority: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let (userinfo, after) = match rest.split_once('@') {
+        Some((u, a)) => (format!("{u}@"), a),
+        None => (String::new(), rest),
+    };
+    let path = after.find(['/', '?']).map_or("", |i| &after[i..]);
+    format!("{scheme}://{userinfo}{authority}{path}")
+}
+
+/// A TCP proxy to PostgreSQL on `listen`, started when PostgreSQL is to "come back".
+fn start_proxy(listen: std::net::SocketAddr, to: String) {
+    let listener = std::net::TcpListener::bind(listen).expect("the proxy's port is still free");
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = std::net::TcpStream::connect(&to) else {
+                continue;
+            };
+            for (mut from, mut into) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+}
+
+/// `kst serve` starts while PostgreSQL is down (two hosts: one that never answers, one whose
+/// port is closed), serves the directory's endpoint with 503 meanwhile, and a publication is
+/// a temporary failure; once the second host answers, everything works, written to that
+/// host (the one that accepts writes) and the directory opened by the first request.
+#[test]
+fn serve_starts_while_postgres_is_down_and_the_directory_opens_later() {
+    let db = TestDb::new();
+    let real_authority = {
+        let rest = db.url.split_once("://").unwrap().1;
+        let after = rest.rsplit_once('@').map_or(rest, |(_, a)| a);
+        after[..after.find(['/', '?']).unwrap_or(after.len())].to_string()
+    };
+    let proxy = free_port();
+    let dead = free_port();
+    let lines = format!(
+        "url = \"{}\"\nurls = [\"{}\"]",
+        with_authority(&db.url, &dead.to_string()),
+        with_authority(&db.url, &proxy.to_string())
+    );
+    let provider = Provider::start(Backend::PostgresAt { _db: db, lines });
+
+    let (status, body) = provider.http_get("/.well-known/kst/log/example.net/head");
+    assert_eq!(status, 503, "the directory cannot be read yet: {body}");
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let file = provider.path("early.asc");
+    std::fs::write(&file, &alice.public_armored).unwrap();
+    let (out, v) = provider.client(
+        "sendmail",
+        "alice@example.net",
+        &["publish", "--key", file.to_str().unwrap()],
+    );
+    assert_ne!(
+        v["outcome"].as_str(),
+        Some("published"),
+        "nothing can be published while the database is down: {v}"
+    );
+    assert_ne!(code(&out), 0, "{v}\n{}", stderr(&out));
+
+    start_proxy(proxy, real_authority);
+    checked_retrievals(&provider);
+    let log = provider.serve.log();
+    assert!(
+        log.contains("cannot be read now"),
+        "kst serve said the directory was not readable at start:\n{log}"
+    );
+}
+
+#[test]
+fn with_authority_replaces_host_and_port_only() {
+    assert_eq!(
+        with_authority("postgres://u:p@127.0.0.1:5432/db?x=1", "h:1"),
+        "postgres://u:p@h:1/db?x=1"
+    );
+    assert_eq!(
+        with_authority("postgres://a:1/db", "b:2"),
+        "postgres://b:2/db"
+    );
 }
 
 /// The scenario of the module docs against `provider`.

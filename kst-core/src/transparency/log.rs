@@ -89,10 +89,13 @@ enum Request {
     },
 }
 
-/// The directory and the head key, owned by the directory's thread.
+/// The directory and the head key, owned by the directory's thread. The directory is opened
+/// by the first request that finds it closed (a store that is down at start: every request
+/// fails as a temporary error until it is back).
 struct Worker {
     keys: LogKeys,
-    directory: KeyDirectory<StoredDirectory<dyn DirectoryStore>>,
+    store: Arc<dyn DirectoryStore>,
+    directory: Option<KeyDirectory<StoredDirectory<dyn DirectoryStore>>>,
 }
 
 /// Waits a random while before attempt `attempt + 1` of a write.
@@ -107,12 +110,15 @@ fn gone() -> TransparencyError {
 
 impl DomainLog {
     /// Opens the log of `keys.domain` kept in `store` (creating the empty directory on first
-    /// use) on a thread of its own, which ends when the log is dropped.
+    /// use) on a thread of its own, which ends when the log is dropped. A store that cannot be
+    /// read now does not fail this (a daemon starts while its database is down): it is logged,
+    /// and each request opens the directory until that succeeds, failing meanwhile.
     pub async fn open(store: Arc<dyn DirectoryStore>, keys: LogKeys) -> Result<Self> {
         let domain = keys.domain.clone();
         let head_key = keys.head.public_key();
+        let vrf_key = keys.vrf.public_key()?;
         let (requests, mut inbox) = mpsc::unbounded_channel::<Request>();
-        let (opened, open_result) = oneshot::channel::<Result<[u8; 32]>>();
+        let (opened, open_result) = oneshot::channel::<Result<()>>();
         std::thread::Builder::new()
             .name(format!("kst-log-{domain}"))
             .spawn(move || {
@@ -129,14 +135,15 @@ impl DomainLog {
                     }
                 };
                 runtime.block_on(async move {
-                    let worker = match Worker::open(store, keys).await {
-                        Ok(w) => w,
-                        Err(e) => {
-                            let _ = opened.send(Err(e));
-                            return;
-                        }
+                    let mut worker = Worker {
+                        keys,
+                        store,
+                        directory: None,
                     };
-                    if opened.send(worker.directory.vrf_public_key()).is_err() {
+                    if let Err(e) = worker.open().await {
+                        tracing::warn!(domain = %worker.keys.domain, error = %e, "the key directory cannot be read now; opening it again with the next request");
+                    }
+                    if opened.send(Ok(())).is_err() {
                         return;
                     }
                     while let Some(request) = inbox.recv().await {
@@ -149,7 +156,7 @@ impl DomainLog {
                     "cannot start the key directory's thread: {e}"
                 ))
             })?;
-        let vrf_key = open_result.await.map_err(|_| gone())??;
+        open_result.await.map_err(|_| gone())??;
         Ok(DomainLog {
             domain,
             head_key,
@@ -229,15 +236,43 @@ impl DomainLog {
     }
 }
 
+impl Request {
+    /// Answers with `e`.
+    fn fail(self, e: TransparencyError) {
+        // A caller that gave up is not an error.
+        match self {
+            Request::Sync { reply, .. } => drop(reply.send(Err(e))),
+            Request::Head { reply, .. } => drop(reply.send(Err(e))),
+            Request::Answer { reply, .. } => drop(reply.send(Err(e))),
+            Request::Audit { reply, .. } => drop(reply.send(Err(e))),
+        }
+    }
+}
+
 impl Worker {
-    async fn open(store: Arc<dyn DirectoryStore>, keys: LogKeys) -> Result<Self> {
-        let db = StoredDirectory::new(store, &keys.domain);
-        let directory = KeyDirectory::open(db, keys.vrf.clone()).await?;
-        Ok(Worker { keys, directory })
+    /// Opens the directory (creating the empty one on first use) unless it is open.
+    async fn open(&mut self) -> Result<()> {
+        if self.directory.is_none() {
+            let db = StoredDirectory::new(Arc::clone(&self.store), &self.keys.domain);
+            self.directory = Some(KeyDirectory::open(db, self.keys.vrf.clone()).await?);
+        }
+        Ok(())
     }
 
-    /// Answers one request; a caller that gave up is not an error.
-    async fn handle(&self, request: Request) {
+    /// The open directory.
+    fn dir(&self) -> Result<&KeyDirectory<StoredDirectory<dyn DirectoryStore>>> {
+        self.directory
+            .as_ref()
+            .ok_or_else(|| TransparencyError::Directory("the directory is not open yet".into()))
+    }
+
+    /// Answers one request (opening the directory first if needed); a caller that gave up is
+    /// not an error.
+    async fn handle(&mut self, request: Request) {
+        if let Err(e) = self.open().await {
+            request.fail(e);
+            return;
+        }
         match request {
             Request::Sync {
                 address,
@@ -248,7 +283,7 @@ impl Worker {
                 let _ = reply.send(self.sync(&address, current.as_ref(), now).await);
             }
             Request::Head { now, reply } => {
-                let result = match self.directory.current().await {
+                let result = match self.current().await {
                     Ok((epoch, root)) => self.sign(epoch, root, now),
                     Err(e) => Err(e),
                 };
@@ -262,7 +297,11 @@ impl Worker {
                 let _ = reply.send(self.answer(&address, now).await);
             }
             Request::Audit { from, to, reply } => {
-                let _ = reply.send(self.directory.audit(from, to).await);
+                let result = match self.dir() {
+                    Ok(d) => d.audit(from, to).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
             }
         }
     }
@@ -276,7 +315,7 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let built_on = self.directory.current().await.ok().map(|(e, _)| e);
+            let built_on = self.current().await.ok().map(|(e, _)| e);
             match self.sync_once(address, current, now).await {
                 Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
                     tracing::info!(domain = %self.keys.domain, attempt, error = %e, "directory epoch moved under this writer; rebuilding the batch");
@@ -304,7 +343,7 @@ impl Worker {
         current: Option<&KeyRecord>,
         now: u64,
     ) -> Result<Synced> {
-        let latest = self.directory.latest(address).await?;
+        let latest = self.dir()?.latest(address).await?;
         let wanted = match (current, &latest) {
             (Some(record), _) => DirectoryEntry::for_record(record),
             (None, Some(entry)) if entry.state != EntryState::Deleted => {
@@ -316,7 +355,7 @@ impl Worker {
             return Ok(Synced::AlreadyRecorded);
         }
         let (epoch, root_hash) = self
-            .directory
+            .dir()?
             .publish(&[(address.clone(), wanted.clone())])
             .await?;
         Ok(Synced::Recorded {
@@ -326,9 +365,14 @@ impl Worker {
         })
     }
 
+    /// The latest epoch and its root hash.
+    async fn current(&self) -> Result<(u64, [u8; 32])> {
+        self.dir()?.current().await
+    }
+
     /// Whether the stored epoch is no longer `epoch`.
     async fn epoch_moved(&self, epoch: u64) -> bool {
-        matches!(self.directory.current().await, Ok((e, _)) if e != epoch)
+        matches!(self.current().await, Ok((e, _)) if e != epoch)
     }
 
     /// [`Worker::answer_once`], again when another process committed meanwhile (a proof
@@ -337,7 +381,7 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let built_on = self.directory.current().await.ok().map(|(e, _)| e);
+            let built_on = self.current().await.ok().map(|(e, _)| e);
             match self.answer_once(address, now).await {
                 Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
                     tracing::debug!(error = %e, "directory epoch moved during a lookup; again");
@@ -349,7 +393,7 @@ impl Worker {
     }
 
     async fn answer_once(&self, address: &Address, now: u64) -> Result<LogAnswer> {
-        let (head, proof) = match self.directory.lookup(address).await? {
+        let (head, proof) = match self.dir()?.lookup(address).await? {
             LookupAnswer::Present {
                 epoch,
                 root_hash,
@@ -371,7 +415,7 @@ impl Worker {
             domain: self.keys.domain.clone(),
             epoch,
             root_hash,
-            vrf_public_key: self.directory.vrf_public_key()?,
+            vrf_public_key: self.keys.vrf.public_key()?,
             signed_at: now,
         })
     }
