@@ -6,7 +6,8 @@
 //! - `postgres_directory_store_conformance`: kst-postgres's `PgDirectoryStore`, the same
 //!   suite, two pools on a fresh database.
 //! - `redis_directory_store_conformance`: kst-redis's `RedisDirectoryStore`, the same suite,
-//!   two connections on a fresh key prefix.
+//!   two connections on a fresh key prefix; `redis_directory_refuses_planted_records`:
+//!   oversized and malformed records planted in Redis are refused, not loaded.
 //! - `retrieval_is_checked_against_the_directory` (fs store), `..._on_postgres` and
 //!   `..._on_redis` (one scenario over the backend): the real path through the real binaries.
 //!   Publications go through `kst deliver` (the client hands them to a sendmail-style script,
@@ -72,6 +73,114 @@ async fn redis_directory_store_conformance() {
         keys.iter().any(|k| k.ends_with(":root")),
         "the suite wrote roots: {keys:?}"
     );
+}
+
+/// Someone with write access to Redis plants records the directory must not trust or load: a
+/// record larger than the bound (root, node, value state), a non-numeric epoch, a key of the
+/// wrong type, a label with too many versions, a domain that would end the hash tag early.
+/// Each read fails as corrupt (or the call is refused) instead of loading it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_directory_refuses_planted_records() {
+    use kst_core::transparency::DirectoryStoreError as E;
+    let prefix = TestPrefix::new();
+    let store = RedisStore::connect(&prefix.url, &prefix.prefix)
+        .await
+        .expect("Redis store");
+    let dir = store.inner().directory();
+    let mut conn = redis::Client::open(prefix.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = |domain: &str, rest: &str| format!("{}{{kt:{domain}}}:{rest}", prefix.prefix);
+    let big = vec![7u8; kst_redis::MAX_BLOB + 1];
+    let set = |k: String, f: Vec<u8>, v: Vec<u8>| {
+        let mut c = redis::cmd("HSET");
+        c.arg(k).arg(f).arg(v);
+        c
+    };
+    let run = async |conn: &mut redis::aio::MultiplexedConnection, c: redis::Cmd| {
+        c.query_async::<()>(conn).await.unwrap();
+    };
+
+    // An oversized root record.
+    run(
+        &mut conn,
+        set(key("a.example", "root"), b"epoch".to_vec(), b"1".to_vec()),
+    )
+    .await;
+    run(
+        &mut conn,
+        set(key("a.example", "root"), b"record".to_vec(), big.clone()),
+    )
+    .await;
+    assert!(matches!(dir.root("a.example").await, Err(E::Corrupt(_))));
+    // A root whose epoch is not a number.
+    run(
+        &mut conn,
+        set(key("b.example", "root"), b"epoch".to_vec(), b"x1".to_vec()),
+    )
+    .await;
+    run(
+        &mut conn,
+        set(key("b.example", "root"), b"record".to_vec(), b"r".to_vec()),
+    )
+    .await;
+    assert!(matches!(dir.root("b.example").await, Err(E::Corrupt(_))));
+    // An oversized tree node next to a normal one.
+    run(
+        &mut conn,
+        set(key("c.example", "nodes"), b"n1".to_vec(), b"ok".to_vec()),
+    )
+    .await;
+    run(
+        &mut conn,
+        set(key("c.example", "nodes"), b"n2".to_vec(), big.clone()),
+    )
+    .await;
+    assert_eq!(
+        dir.nodes("c.example", &[b"n1".to_vec()]).await.unwrap(),
+        vec![b"ok".to_vec()]
+    );
+    assert!(matches!(
+        dir.nodes("c.example", &[b"n1".to_vec(), b"n2".to_vec()])
+            .await,
+        Err(E::Corrupt(_))
+    ));
+    // An oversized value state, and one under a non-numeric epoch.
+    let values = format!("{}{{kt:d.example}}:v:{}", prefix.prefix, "6c");
+    run(&mut conn, set(values.clone(), b"1".to_vec(), big.clone())).await;
+    assert!(matches!(
+        dir.value_states("d.example", b"l").await,
+        Err(E::Corrupt(_))
+    ));
+    let values = format!("{}{{kt:e.example}}:v:{}", prefix.prefix, "6c");
+    run(&mut conn, set(values, b"one".to_vec(), b"v".to_vec())).await;
+    assert!(matches!(
+        dir.value_states("e.example", b"l").await,
+        Err(E::Corrupt(_))
+    ));
+    // More versions of one label than the bound.
+    let values = format!("{}{{kt:f.example}}:v:{}", prefix.prefix, "6c");
+    let mut c = redis::cmd("HSET");
+    c.arg(&values);
+    for e in 0..=kst_redis::MAX_VALUE_STATES {
+        c.arg(e).arg("v");
+    }
+    run(&mut conn, c).await;
+    assert!(matches!(
+        dir.value_states("f.example", b"l").await,
+        Err(E::Corrupt(_))
+    ));
+    // A string where the root hash should be.
+    let mut c = redis::cmd("SET");
+    c.arg(key("g.example", "root")).arg("not a hash");
+    run(&mut conn, c).await;
+    assert!(dir.root("g.example").await.is_err());
+    // A domain that would end the hash tag early, or is not normalized.
+    for bad in ["a}b.example", "A.example", ""] {
+        assert!(dir.root(bad).await.is_err(), "{bad:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
