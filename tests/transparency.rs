@@ -4,7 +4,7 @@
 //!   storage contract (`kst_core::conformance::directory`), two instances on one store.
 //! - `record_encoding_round_trips`: every record of a directory through the blob encoding.
 //! - `postgres_directory_store_conformance`: kst-postgres's `PgDirectoryStore`, the same
-//!   suite, two pools on a fresh database.
+//!   suite, two pools on a fresh database; `postgres_directory_refuses_oversized_records`.
 //! - `redis_directory_store_conformance`: kst-redis's `RedisDirectoryStore`, the same suite,
 //!   two connections on a fresh key prefix; `redis_directory_refuses_planted_records`:
 //!   oversized and malformed records planted in Redis are refused, not loaded.
@@ -180,6 +180,42 @@ async fn redis_directory_refuses_planted_records() {
     // A domain that would end the hash tag early, or is not normalized.
     for bad in ["a}b.example", "A.example", ""] {
         assert!(dir.root(bad).await.is_err(), "{bad:?}");
+    }
+}
+
+/// The same on PostgreSQL: a record over the bound planted in each table is refused (the
+/// query reads NULL instead of its bytes), and `kst migrate`'s migrations created the tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_directory_refuses_oversized_records() {
+    use kst_core::transparency::DirectoryStoreError as E;
+    let db = TestDb::new();
+    let store = kst_postgres::PostgresStore::connect(&db.url)
+        .await
+        .expect("store, migrated");
+    let dir = store.inner().directory();
+    let pool = store.inner().pool().clone();
+    let big = vec![7u8; 64 * 1024 + 1];
+    for (sql, domain) in [
+        (
+            "INSERT INTO kt_roots (domain, epoch, record) VALUES ('a.example', 1, $1)",
+            "a.example",
+        ),
+        (
+            "INSERT INTO kt_nodes (domain, key, record) VALUES ('b.example', 'n', $1)",
+            "b.example",
+        ),
+        (
+            "INSERT INTO kt_values (domain, label, epoch, record) VALUES ('c.example', 'l', 1, $1)",
+            "c.example",
+        ),
+    ] {
+        sqlx::query(sql).bind(&big).execute(&pool).await.unwrap();
+        let refused = match domain {
+            "a.example" => dir.root(domain).await.err(),
+            "b.example" => dir.nodes(domain, &[b"n".to_vec()]).await.err(),
+            _ => dir.value_states(domain, b"l").await.err(),
+        };
+        assert!(matches!(refused, Some(E::Corrupt(_))), "{sql}: {refused:?}");
     }
 }
 
