@@ -278,6 +278,17 @@ struct Provider {
 impl Provider {
     /// The provider on `backend`.
     fn start(backend: Backend) -> Provider {
+        Provider::start_with(backend, "", None)
+    }
+
+    /// [`Provider::start`] with `transparency` appended to its `[transparency]` section and,
+    /// with `log_keys`, that log key file instead of fresh keys (a second directory with the
+    /// same keys: a fork).
+    fn start_with(
+        backend: Backend,
+        transparency: &str,
+        log_keys: Option<&std::path::Path>,
+    ) -> Provider {
         let bin = kst_binary();
         let dir = tempfile::Builder::new()
             .prefix("kst-transparency-")
@@ -313,26 +324,44 @@ listen = "{http}"
         std::fs::write(
             p.join("kst.toml"),
             format!(
-                "{base}\n[transparency]\nkey_file = \"{}\"\n",
+                "{base}\n[transparency]\nkey_file = \"{}\"\n{transparency}\n",
                 p.join("log-{domain}.key").display()
             ),
         )
         .unwrap();
-        let out = Command::new(&bin)
-            .env_clear()
-            .arg("--config")
-            .arg(p.join("kst.toml"))
-            .args(["log", "keygen", "example.net", "--output"])
-            .arg(p.join("log-example.net.key"))
-            .output()
-            .unwrap();
-        assert_eq!(code(&out), 0, "kst log keygen: {}", stderr(&out));
-        let printed = String::from_utf8(out.stdout).unwrap();
-        let head_key = printed
-            .lines()
-            .find_map(|l| l.strip_prefix("head-key "))
-            .expect("kst log keygen prints the head key")
-            .to_string();
+        let head_key = match log_keys {
+            Some(file) => {
+                use std::os::unix::fs::PermissionsExt;
+                let to = p.join("log-example.net.key");
+                std::fs::copy(file, &to).unwrap();
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+                let keys =
+                    kst_core::transparency::LogKeys::parse(&std::fs::read_to_string(&to).unwrap())
+                        .unwrap();
+                keys.head
+                    .public_key()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            }
+            None => {
+                let out = Command::new(&bin)
+                    .env_clear()
+                    .arg("--config")
+                    .arg(p.join("kst.toml"))
+                    .args(["log", "keygen", "example.net", "--output"])
+                    .arg(p.join("log-example.net.key"))
+                    .output()
+                    .unwrap();
+                assert_eq!(code(&out), 0, "kst log keygen: {}", stderr(&out));
+                let printed = String::from_utf8(out.stdout).unwrap();
+                printed
+                    .lines()
+                    .find_map(|l| l.strip_prefix("head-key "))
+                    .expect("kst log keygen prints the head key")
+                    .to_string()
+            }
+        };
         for (script, config) in [("sendmail", "kst.toml"), ("sendmail-no-log", "no-log.toml")] {
             write_sendmail_script(&p.join(script), &bin, &p.join(config));
         }
@@ -408,16 +437,24 @@ listen = "{http}"
     }
 
     fn http_get(&self, path: &str) -> (u16, String) {
+        self.http("GET", path, "")
+    }
+
+    /// `METHOD path` with `body` to the log's listener; the status and the body.
+    fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
         use std::io::{Read, Write};
         let addr = self.log_url.trim_start_matches("http://");
         let mut s = std::net::TcpStream::connect(addr).unwrap();
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
         )
         .unwrap();
         let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
+        // A server that refuses a large body may close before reading it all.
+        let _ = s.read_to_string(&mut text);
         let status = text
             .split_whitespace()
             .nth(1)
@@ -643,4 +680,454 @@ fn checked_retrievals(provider: &Provider) {
         head.head.epoch, 3,
         "alice's publication, her republication and her deletion: {body}"
     );
+}
+
+/// `kst log ...` with no kst configuration (a witness or an auditor is a third party).
+fn kst_log(bin: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(bin)
+        .env_clear()
+        .arg("log")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A witness: its key file, public key and state directory.
+struct Witness {
+    dir: tempfile::TempDir,
+    public: String,
+}
+
+impl Witness {
+    fn new(bin: &std::path::Path) -> Witness {
+        let dir = tempfile::Builder::new()
+            .prefix("kst-witness-")
+            .tempdir()
+            .unwrap();
+        let key = dir.path().join("witness.key");
+        let out = kst_log(
+            bin,
+            &[
+                "witness",
+                "keygen",
+                "--name",
+                "w1",
+                "--output",
+                key.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code(&out), 0, "kst log witness keygen: {}", stderr(&out));
+        let printed = String::from_utf8(out.stdout).unwrap();
+        let public = printed
+            .lines()
+            .find_map(|l| l.strip_prefix("witness-key "))
+            .expect("keygen prints the witness key")
+            .to_string();
+        assert!(
+            printed.contains(&format!("witnesses = [\"w1:{public}\"]")),
+            "keygen prints the configuration entry: {printed}"
+        );
+        Witness { dir, public }
+    }
+
+    fn entry(&self) -> String {
+        format!("w1:{}", self.public)
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// One round of `kst log witness run --submit` against `url` with `head_key`.
+    fn run(&self, bin: &std::path::Path, url: &str, head_key: &str) -> Output {
+        kst_log(
+            bin,
+            &[
+                "witness",
+                "run",
+                "--log-url",
+                url,
+                "--domain",
+                "example.net",
+                "--log-key",
+                head_key,
+                "--key",
+                self.dir.path().join("witness.key").to_str().unwrap(),
+                "--state",
+                self.state().to_str().unwrap(),
+                "--once",
+                "--submit",
+            ],
+        )
+    }
+
+    /// The fork evidence files in the state directory.
+    fn evidence(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.state())
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with("fork-"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// `kst log audit URL --once` with its state in `state`.
+fn audit(bin: &std::path::Path, url: &str, head_key: &str, state: &std::path::Path) -> Output {
+    kst_log(
+        bin,
+        &[
+            "audit",
+            url,
+            "--domain",
+            "example.net",
+            "--log-key",
+            head_key,
+            "--state",
+            state.to_str().unwrap(),
+            "--once",
+        ],
+    )
+}
+
+impl Provider {
+    /// Bob's checked retrieval of `address` requiring the witnesses `witness` (flags added).
+    fn witnessed_retrieve(&self, address: &str, extra: &[&str]) -> (Output, Value) {
+        let mut args = vec![
+            "retrieve",
+            address,
+            "--check-transparency",
+            "--log-url",
+            self.log_url.as_str(),
+            "--log-key",
+            self.head_key.as_str(),
+        ];
+        args.extend_from_slice(extra);
+        self.client("sendmail", "bob@example.net", &args)
+    }
+
+    fn http_post(&self, path: &str, body: &str) -> (u16, String) {
+        self.http("POST", path, body)
+    }
+}
+
+fn outcome(out: &Output, v: &Value) -> (i32, Option<String>) {
+    (code(out), v["outcome"].as_str().map(str::to_string))
+}
+
+/// A witness cosigns the KST's heads over several epochs (checking the append-only proof
+/// each time), the KST serves its cosignatures, a client requiring the witness accepts the
+/// cosigned answers (also for an epoch newer than the cosigned one, through the append-only
+/// proof in the answer) and exits 5 without the cosignature, with an unknown witness, or with
+/// a cosignature older than it allows; an auditor follows the heads from epoch 0.
+#[test]
+fn a_witness_cosigns_the_heads_and_a_client_requires_it() {
+    let bin = kst_binary();
+    let witness = Witness::new(&bin);
+    let provider = Provider::start_with(
+        Backend::Fs,
+        &format!("witnesses = [\"{}\"]", witness.entry()),
+        None,
+    );
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+    let require = ["--witness", &witness.entry()];
+
+    // Nothing cosigned yet: the client requiring the witness refuses.
+    let (out, v) = provider.witnessed_retrieve("alice@example.net", &require);
+    assert_eq!(
+        outcome(&out, &v),
+        (5, Some("attack".into())),
+        "{v}\n{}",
+        stderr(&out)
+    );
+    assert!(
+        v["error"].as_str().unwrap_or_default().contains("witness"),
+        "{v}"
+    );
+
+    // The witness's first round takes the head on trust and cosigns it.
+    let out = witness.run(&bin, &provider.log_url, &provider.head_key);
+    assert_eq!(code(&out), 0, "witness: {}", stderr(&out));
+    assert!(witness.state().join("example.net.head").exists());
+    let (status, body) = provider.http_get("/.well-known/kst/log/example.net/head");
+    assert_eq!(status, 200, "{body}");
+    let (head, cosignatures) =
+        kst_core::transparency::witness::parse_head_with_cosignatures(&body).unwrap();
+    assert_eq!(head.head.epoch, 1, "{body}");
+    assert_eq!(
+        cosignatures.len(),
+        1,
+        "the head carries the cosignature: {body}"
+    );
+    cosignatures[0].verify(&head).unwrap();
+
+    let (out, v) = provider.witnessed_retrieve("alice@example.net", &require);
+    assert_eq!(code(&out), 0, "cosigned: {v}\n{}", stderr(&out));
+    assert_eq!(v["fingerprint"], alice.fingerprint.as_str());
+
+    // Another witness the client requires did not cosign: refused; with a threshold of one
+    // of the two, accepted.
+    let other = format!("w2:{}", "22".repeat(32));
+    let (out, v) = provider.witnessed_retrieve(
+        "alice@example.net",
+        &["--witness", &witness.entry(), "--witness", &other],
+    );
+    assert_eq!(outcome(&out, &v), (5, Some("attack".into())), "{v}");
+    let (out, v) = provider.witnessed_retrieve(
+        "alice@example.net",
+        &[
+            "--witness",
+            &witness.entry(),
+            "--witness",
+            &other,
+            "--witness-threshold",
+            "1",
+        ],
+    );
+    assert_eq!(code(&out), 0, "one of two: {v}\n{}", stderr(&out));
+
+    // Two more epochs: the answer's head (epoch 3) is newer than the cosigned one (1); the
+    // answer carries the append-only proof from 1 to 3 and the client accepts it.
+    let carol = gpg.generate("Carol", "carol@example.net", "ed25519");
+    provider.publish("sendmail", "carol@example.net", &carol.public_armored);
+    let dave = gpg.generate("Dave", "dave@example.net", "ed25519");
+    provider.publish("sendmail", "dave@example.net", &dave.public_armored);
+    let (out, v) = provider.witnessed_retrieve("carol@example.net", &require);
+    assert_eq!(
+        code(&out),
+        0,
+        "epoch 3 through the proof from 1: {v}\n{}",
+        stderr(&out)
+    );
+    // An address never published: the absence proof, witnessed the same way.
+    let (out, v) = provider.witnessed_retrieve("nobody@example.net", &require);
+    assert_eq!(
+        outcome(&out, &v),
+        (1, Some("not-found".into())),
+        "{v}\n{}",
+        stderr(&out)
+    );
+
+    // Figures for docs/TRANSPARENCY.md (printed, not asserted).
+    let (_, v1) = provider.http_get("/.well-known/kst/log/example.net/lookup/carol@example.net");
+    let (_, v2) =
+        provider.http_get("/.well-known/kst/log/example.net/lookup/carol@example.net?witnessed=1");
+    eprintln!(
+        "figure: lookup answer {} bytes; with the witnesses' part over epochs 1 to 3: {} bytes",
+        v1.len(),
+        v2.len()
+    );
+
+    // The witness's second round checks the proof from 1 to 3 and cosigns epoch 3.
+    let started = std::time::Instant::now();
+    let out = witness.run(&bin, &provider.log_url, &provider.head_key);
+    eprintln!(
+        "figure: a witness round over epochs 1 to 3 (process start to exit): {:?}",
+        started.elapsed()
+    );
+    assert_eq!(code(&out), 0, "witness, second round: {}", stderr(&out));
+    let (_, body) = provider.http_get("/.well-known/kst/log/example.net/head");
+    let (head, cosignatures) =
+        kst_core::transparency::witness::parse_head_with_cosignatures(&body).unwrap();
+    assert_eq!((head.head.epoch, cosignatures.len()), (3, 1), "{body}");
+    // Older heads keep theirs.
+    let (status, body) = provider.http_get("/.well-known/kst/log/example.net/head/1");
+    assert_eq!(status, 200);
+    assert!(body.contains("\ncosignature "), "{body}");
+    let (status, _) = provider.http_get("/.well-known/kst/log/example.net/head/9");
+    assert_eq!(status, 404);
+
+    // A cosignature older than the client allows is refused.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (out, v) = provider.witnessed_retrieve(
+        "alice@example.net",
+        &["--witness", &witness.entry(), "--witness-max-age", "0"],
+    );
+    assert_eq!(outcome(&out, &v), (5, Some("attack".into())), "{v}");
+
+    // An auditor follows the heads from epoch 0, then from what it remembers.
+    let audit_state = witness.dir.path().join("audit");
+    let out = audit(&bin, &provider.log_url, &provider.head_key, &audit_state);
+    assert_eq!(code(&out), 0, "audit: {}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("epoch 3"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = audit(&bin, &provider.log_url, &provider.head_key, &audit_state);
+    assert_eq!(code(&out), 0, "audit again: {}", stderr(&out));
+
+    // The endpoint's refusals: a witness the log does not list (403), a cosignature of a
+    // head the log did not store (409), a malformed body and a range too long (400).
+    let stranger = Witness::new(&bin);
+    let out = stranger.run(&bin, &provider.log_url, &provider.head_key);
+    assert_eq!(code(&out), 75, "unlisted witness: {}", stderr(&out));
+    assert!(stderr(&out).contains("403"), "{}", stderr(&out));
+    let signer = kst_core::transparency::HeadSigner::generate();
+    let mut forged = head.clone();
+    forged.head.signed_at += 1;
+    let text = kst_core::transparency::witness::head_with_cosignatures_text(
+        &forged,
+        &[signer.cosign(&forged, 1).unwrap()],
+    )
+    .unwrap();
+    let (status, _) = provider.http_post("/.well-known/kst/log/example.net/cosignature", &text);
+    assert_eq!(status, 403, "a witness not listed");
+    // The listed witness cosigning a head the log did not store for that epoch (another
+    // signing time): 409, nothing stored.
+    let key_text = std::fs::read_to_string(witness.dir.path().join("witness.key")).unwrap();
+    let seed = kst_core::transparency::answer::hex32(
+        key_text
+            .lines()
+            .find_map(|l| l.strip_prefix("witness-key: "))
+            .unwrap(),
+    )
+    .unwrap();
+    let listed = kst_core::transparency::HeadSigner::from_bytes(&seed);
+    let text = kst_core::transparency::witness::head_with_cosignatures_text(
+        &forged,
+        &[listed.cosign(&forged, 1).unwrap()],
+    )
+    .unwrap();
+    let (status, _) = provider.http_post("/.well-known/kst/log/example.net/cosignature", &text);
+    assert_eq!(status, 409, "a head the log did not store");
+    let (status, _) = provider.http_post("/.well-known/kst/log/example.net/cosignature", "junk");
+    assert_eq!(status, 400);
+    let (status, _) = provider.http_post(
+        "/.well-known/kst/log/example.net/cosignature",
+        &"x".repeat(64 * 1024),
+    );
+    assert_eq!(status, 413, "a body over the bound");
+    let (status, _) = provider.http_get("/.well-known/kst/log/example.net/audit?from=0&to=5000");
+    assert_eq!(status, 400);
+    let (status, _) = provider.http_get("/.well-known/kst/log/example.net/audit?from=3&to=1");
+    assert_eq!(status, 400);
+    let (status, _) = provider.http_get("/.well-known/kst/log/example.net/audit?from=0");
+    assert_eq!(status, 400);
+    let (status, body) = provider.http_get("/.well-known/kst/log/example.net/audit?from=0&to=3");
+    assert_eq!(status, 200, "{body}");
+    let answer = kst_core::transparency::witness::AuditAnswer::parse(&body).unwrap();
+    assert_eq!(answer.heads.len(), 4);
+    eprintln!(
+        "figure: audit answer over epochs 0 to 3: {} bytes ({} of them the proof, base64)",
+        body.len(),
+        body.lines().last().map_or(0, str::len)
+    );
+}
+
+/// A second directory with the same keys (a provider showing one party another history:
+/// here alice's key differs at epoch 1) is a fork: the witness that cosigned the first
+/// refuses to cosign the second (exit 5, both heads kept as evidence), and so does an
+/// auditor that followed the first; a client requiring the witness refuses the second
+/// directory's answers.
+#[test]
+fn a_forked_directory_is_refused_by_the_witness_and_the_auditor() {
+    let bin = kst_binary();
+    let witness = Witness::new(&bin);
+    let config = format!("witnesses = [\"{}\"]", witness.entry());
+    let honest = Provider::start_with(Backend::Fs, &config, None);
+    let fork = Provider::start_with(
+        Backend::Fs,
+        &config,
+        Some(&honest.path("log-example.net.key")),
+    );
+    assert_eq!(honest.head_key, fork.head_key);
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    honest.publish("sendmail", "alice@example.net", &alice.public_armored);
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    fork.publish("sendmail", "alice@example.net", &twin.public_armored);
+
+    let out = witness.run(&bin, &honest.log_url, &honest.head_key);
+    assert_eq!(code(&out), 0, "witness on the honest log: {}", stderr(&out));
+    let audit_state = witness.dir.path().join("audit");
+    let out = audit(&bin, &honest.log_url, &honest.head_key, &audit_state);
+    assert_eq!(code(&out), 0, "audit of the honest log: {}", stderr(&out));
+
+    // Same epoch, another root.
+    let out = witness.run(&bin, &fork.log_url, &fork.head_key);
+    assert_eq!(code(&out), 5, "witness on the fork: {}", stderr(&out));
+    assert!(stderr(&out).contains("fork"), "{}", stderr(&out));
+    let evidence = witness.evidence();
+    assert_eq!(evidence.len(), 1, "{evidence:?}");
+    let text = std::fs::read_to_string(&evidence[0]).unwrap();
+    assert_eq!(
+        text.matches("kst-log-head-v1").count(),
+        2,
+        "both heads: {text}"
+    );
+    let out = audit(&bin, &fork.log_url, &fork.head_key, &audit_state);
+    assert_eq!(code(&out), 5, "audit of the fork: {}", stderr(&out));
+
+    // The fork moves on: its audit answer from epoch 1 does not start at the honest root.
+    let bob = gpg.generate("Bob", "bob@example.net", "ed25519");
+    fork.publish("sendmail", "bob@example.net", &bob.public_armored);
+    let out = witness.run(&bin, &fork.log_url, &fork.head_key);
+    assert_eq!(
+        code(&out),
+        5,
+        "witness on the fork at epoch 2: {}",
+        stderr(&out)
+    );
+    let out = audit(&bin, &fork.log_url, &fork.head_key, &audit_state);
+    assert_eq!(
+        code(&out),
+        5,
+        "audit of the fork at epoch 2: {}",
+        stderr(&out)
+    );
+
+    // The witness's state still holds the honest head: the honest log is still cosigned.
+    let out = witness.run(&bin, &honest.log_url, &honest.head_key);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+
+    // A client requiring the witness: the honest answer passes, the fork's (never cosigned)
+    // does not.
+    let require = ["--witness", &witness.entry()];
+    let (out, v) = honest.witnessed_retrieve("alice@example.net", &require);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let (out, v) = fork.witnessed_retrieve("alice@example.net", &require);
+    assert_eq!(outcome(&out, &v), (5, Some("attack".into())), "{v}");
+}
+
+/// On `[web]` the log's routes are under `[web.limits]`: the per-client counter WKD and VKS
+/// use answers 429 past its budget.
+#[test]
+fn log_routes_are_rate_limited_on_web() {
+    let web = free_port();
+    let provider = Provider::start_with(
+        Backend::Fs,
+        &format!("\n[web]\nlisten = \"{web}\"\n\n[web.limits]\nper_client = 3\n"),
+        None,
+    );
+    let url = format!("http://{web}");
+    let web_provider = Provider {
+        log_url: url,
+        ..provider
+    };
+    // `kst serve` answered on [http]; wait for [web] too (a connection is no request).
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(web).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let statuses: Vec<u16> = [
+        "/.well-known/kst/log/example.net/head",
+        "/.well-known/kst/log/example.net/keys",
+        "/.well-known/kst/log/example.net/lookup/alice@example.net",
+        "/.well-known/kst/log/example.net/head",
+        "/.well-known/kst/log/example.net/audit?from=0&to=0",
+    ]
+    .iter()
+    .map(|path| web_provider.http_get(path).0)
+    .collect();
+    assert_eq!(statuses, vec![200, 200, 200, 429, 429], "{statuses:?}");
 }

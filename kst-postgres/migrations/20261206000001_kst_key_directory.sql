@@ -20,3 +20,18 @@ CREATE TABLE IF NOT EXISTS kt_values (
     record BYTEA NOT NULL,
     PRIMARY KEY (domain, label, epoch)
 );
+CREATE TABLE IF NOT EXISTS kt_heads (
+    domain TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    head BYTEA NOT NULL,
+    PRIMARY KEY (domain, epoch)
+);
+CREATE TABLE IF NOT EXISTS kt_cosignatures (
+    domain TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    witness BYTEA NOT NULL,
+    cosignature BYTEA NOT NULL,
+    PRIMARY KEY (domain, epoch, witness)
+);
+CREATE INDEX IF NOT EXISTS kt_cosignatures_by_witness
+    ON kt_cosignatures (domain, witness, epoch);

@@ -8,6 +8,9 @@
 //! P{kt:<domain>}:root                 hash: epoch (decimal) and record (the root record)
 //! P{kt:<domain>}:nodes                hash: node key (binary) -> tree node record
 //! P{kt:<domain>}:v:<hex of the label> hash: epoch (decimal) -> value state record
+//! P{kt:<domain>}:heads                hash: epoch (decimal) -> signed head (HSETNX: first stays)
+//! P{kt:<domain>}:cosig:<epoch>        hash: witness key (32 bytes) -> cosignature
+//! P{kt:<domain>}:witnesses            hash: witness key -> the newest epoch it cosigned
 //! ```
 //!
 //! A commit is ONE script ([`COMMIT`]): first the fence (the stored root's epoch must be the
@@ -130,6 +133,82 @@ return out
     )
 });
 
+/// Stores a head unless one is stored for its epoch. KEYS: heads. ARGV: epoch, head, largest
+/// record. Returns `{'ok', the stored head}` or `{'corrupt', what}`.
+pub(crate) static INSERT_HEAD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('HSTRLEN', KEYS[1], ARGV[1]) > tonumber(ARGV[3]) then
+  return {'corrupt', 'the head of epoch ' .. ARGV[1] .. ' is larger than ' .. ARGV[3] .. ' bytes'}
+end
+return {'ok', redis.call('HGET', KEYS[1], ARGV[1])}
+"#,
+    )
+});
+
+/// Reads fields of one hash. KEYS: the hash. ARGV: largest record, then the fields. Returns
+/// `{'ok', field, value, ...}` for the fields present, or `{'corrupt', what}`.
+pub(crate) static READ_FIELDS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local max = tonumber(ARGV[1])
+local out = {'ok'}
+for i = 2, #ARGV do
+  if redis.call('HSTRLEN', KEYS[1], ARGV[i]) > max then
+    return {'corrupt', 'a record is larger than ' .. ARGV[1] .. ' bytes'}
+  end
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if v then
+    out[#out + 1] = ARGV[i]
+    out[#out + 1] = v
+  end
+end
+return out
+"#,
+    )
+});
+
+/// Stores a cosignature and moves the witness's newest epoch forward. KEYS: the epoch's
+/// cosignatures, the witnesses' newest epochs. ARGV: witness key, cosignature, epoch.
+pub(crate) static PUT_COSIGNATURE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local newest = redis.call('HGET', KEYS[2], ARGV[1])
+if not newest or tonumber(newest) == nil or tonumber(newest) <= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+end
+return {'ok'}
+"#,
+    )
+});
+
+/// Reads every field of one hash. KEYS: the hash. ARGV: largest record, most fields. Returns
+/// `{'ok', field, value, ...}` or `{'corrupt', what}`.
+pub(crate) static READ_ALL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[2]) then
+  return {'corrupt', 'more than ' .. ARGV[2] .. ' entries in one hash'}
+end
+local max = tonumber(ARGV[1])
+local out = {'ok'}
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if redis.call('HSTRLEN', KEYS[1], f) > max then
+    return {'corrupt', 'a record is larger than ' .. ARGV[1] .. ' bytes'}
+  end
+  out[#out + 1] = f
+  out[#out + 1] = redis.call('HGET', KEYS[1], f)
+end
+return out
+"#,
+    )
+});
+
+/// Most cosignatures of one epoch read back.
+const MAX_COSIGNATURES: usize = 1024;
+
 /// The key directories kept in Redis, on the connection (one server, Sentinel or Cluster),
 /// key prefix and durability settings of a [`RedisStore`] ([`RedisStore::directory`]).
 ///
@@ -168,6 +247,12 @@ struct DomainKeys {
     nodes: String,
     /// Prefix of the value-state hashes; the label's hex follows.
     values: String,
+    /// Hash: epoch → signed head.
+    heads: String,
+    /// Prefix of the cosignature hashes (witness key → cosignature); the epoch follows.
+    cosig: String,
+    /// Hash: witness key → the newest epoch it cosigned.
+    witnesses: String,
 }
 
 impl DomainKeys {
@@ -178,11 +263,18 @@ impl DomainKeys {
             root: format!("{prefix}{{kt:{domain}}}:root"),
             nodes: format!("{prefix}{{kt:{domain}}}:nodes"),
             values: format!("{prefix}{{kt:{domain}}}:v:"),
+            heads: format!("{prefix}{{kt:{domain}}}:heads"),
+            cosig: format!("{prefix}{{kt:{domain}}}:cosig:"),
+            witnesses: format!("{prefix}{{kt:{domain}}}:witnesses"),
         })
     }
 
     fn values_of(&self, label: &[u8]) -> String {
         format!("{}{}", self.values, hex::encode(label))
+    }
+
+    fn cosignatures_of(&self, epoch: u64) -> String {
+        format!("{}{epoch}", self.cosig)
     }
 }
 
@@ -208,6 +300,29 @@ fn answer(v: Value) -> Result<(String, Vec<Value>), DirectoryStoreError> {
         return Err(corrupt(what));
     }
     Ok((status, items))
+}
+
+/// A hash field and its value, as a read script returns them.
+type Field = (Vec<u8>, Vec<u8>);
+
+/// The (field, value) pairs of a `{'ok', field, value, ...}` answer.
+fn pairs(v: Value) -> Result<Vec<Field>, DirectoryStoreError> {
+    let (status, items) = answer(v)?;
+    if status != "ok" || items.len() % 2 != 0 {
+        return Err(corrupt(format!("a read answered {status}")));
+    }
+    let mut out = Vec::with_capacity(items.len() / 2);
+    let mut items = items.into_iter();
+    while let (Some(f), Some(v)) = (items.next(), items.next()) {
+        out.push((bytes(f)?, bytes(v)?));
+    }
+    Ok(out)
+}
+
+fn witness_key(bytes: &[u8]) -> Result<[u8; 32], DirectoryStoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| corrupt(format!("a witness key of {} bytes is stored", bytes.len())))
 }
 
 fn bytes(v: Value) -> Result<Vec<u8>, DirectoryStoreError> {
@@ -330,6 +445,173 @@ impl DirectoryStore for RedisDirectoryStore {
         let keys = DomainKeys::new(&self.store.prefix, domain)?;
         self.run(|store| commit(store, keys, batch)).await
     }
+
+    async fn insert_head(
+        &self,
+        domain: &str,
+        epoch: u64,
+        head: &[u8],
+    ) -> Result<Vec<u8>, DirectoryStoreError> {
+        let keys = DomainKeys::new(&self.store.prefix, domain)?;
+        let head = head.to_vec();
+        self.run(move |store| insert_head(store, keys, epoch, head))
+            .await
+    }
+
+    async fn heads(
+        &self,
+        domain: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
+        let keys = DomainKeys::new(&self.store.prefix, domain)?;
+        if to < from {
+            return Ok(Vec::new());
+        }
+        self.run(move |store| async move {
+            let mut out = Vec::new();
+            let mut start = from;
+            loop {
+                let end = start.saturating_add(NODES_PER_CALL as u64 - 1).min(to);
+                let mut call = READ_FIELDS.prepare_invoke();
+                call.key(&keys.heads).arg(MAX_BLOB);
+                for e in start..=end {
+                    call.arg(e);
+                }
+                let v: Value = store
+                    .invoke(&call, false)
+                    .await
+                    .map_err(DirectoryStoreError::from)?;
+                for (e, head) in pairs(v)? {
+                    out.push((epoch(Value::BulkString(e))?, head));
+                }
+                if end >= to {
+                    break;
+                }
+                start = end + 1;
+            }
+            out.sort_by_key(|(e, _)| *e);
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_cosignature(
+        &self,
+        domain: &str,
+        epoch: u64,
+        witness: &[u8; 32],
+        cosignature: &[u8],
+    ) -> Result<(), DirectoryStoreError> {
+        let keys = DomainKeys::new(&self.store.prefix, domain)?;
+        let (witness, cosignature) = (witness.to_vec(), cosignature.to_vec());
+        self.run(move |store| put_cosignature(store, keys, epoch, witness, cosignature))
+            .await
+    }
+
+    async fn cosignatures(
+        &self,
+        domain: &str,
+        epoch: u64,
+    ) -> Result<Vec<([u8; 32], Vec<u8>)>, DirectoryStoreError> {
+        let keys = DomainKeys::new(&self.store.prefix, domain)?;
+        self.run(move |store| async move {
+            let mut call = READ_ALL.prepare_invoke();
+            call.key(keys.cosignatures_of(epoch))
+                .arg(MAX_BLOB)
+                .arg(MAX_COSIGNATURES);
+            let v: Value = store
+                .invoke(&call, false)
+                .await
+                .map_err(DirectoryStoreError::from)?;
+            pairs(v)?
+                .into_iter()
+                .map(|(w, c)| Ok((witness_key(&w)?, c)))
+                .collect()
+        })
+        .await
+    }
+
+    async fn latest_cosignature(
+        &self,
+        domain: &str,
+        witness: &[u8; 32],
+    ) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
+        let keys = DomainKeys::new(&self.store.prefix, domain)?;
+        let witness = witness.to_vec();
+        self.run(move |store| async move {
+            let mut call = READ_FIELDS.prepare_invoke();
+            call.key(&keys.witnesses)
+                .arg(MAX_BLOB)
+                .arg(witness.as_slice());
+            let v: Value = store
+                .invoke(&call, false)
+                .await
+                .map_err(DirectoryStoreError::from)?;
+            let Some((_, newest)) = pairs(v)?.into_iter().next() else {
+                return Ok(None);
+            };
+            let newest = epoch(Value::BulkString(newest))?;
+            let mut call = READ_FIELDS.prepare_invoke();
+            call.key(keys.cosignatures_of(newest))
+                .arg(MAX_BLOB)
+                .arg(witness.as_slice());
+            let v: Value = store
+                .invoke(&call, false)
+                .await
+                .map_err(DirectoryStoreError::from)?;
+            match pairs(v)?.into_iter().next() {
+                Some((_, c)) => Ok(Some((newest, c))),
+                None => Err(corrupt(format!(
+                    "the witness's newest epoch {newest} has no cosignature of it"
+                ))),
+            }
+        })
+        .await
+    }
+}
+
+/// [`DirectoryStore::insert_head`]: the durability guard, one script (`HSETNX`, then the
+/// stored head), the replicas' acknowledgement.
+async fn insert_head(
+    store: RedisStore,
+    keys: DomainKeys,
+    epoch: u64,
+    head: Vec<u8>,
+) -> Result<Vec<u8>, DirectoryStoreError> {
+    store.guard.ensure(&store).await?;
+    let store = store.lane();
+    let mut call = INSERT_HEAD.prepare_invoke();
+    call.key(&keys.heads).arg(epoch).arg(head).arg(MAX_BLOB);
+    let v: Value = store.invoke(&call, true).await?;
+    let (status, mut items) = answer(v)?;
+    if status != "ok" || items.len() != 1 {
+        return Err(corrupt(format!("the head insert answered {status}")));
+    }
+    let stored = bytes(items.pop().unwrap_or(Value::Nil))?;
+    store
+        .wait_for_replicas(&keys.heads, &format!("the head of epoch {epoch}"))
+        .await?;
+    Ok(stored)
+}
+
+/// [`DirectoryStore::put_cosignature`]: the durability guard and one script.
+async fn put_cosignature(
+    store: RedisStore,
+    keys: DomainKeys,
+    epoch: u64,
+    witness: Vec<u8>,
+    cosignature: Vec<u8>,
+) -> Result<(), DirectoryStoreError> {
+    store.guard.ensure(&store).await?;
+    let mut call = PUT_COSIGNATURE.prepare_invoke();
+    call.key(keys.cosignatures_of(epoch))
+        .key(&keys.witnesses)
+        .arg(witness)
+        .arg(cosignature)
+        .arg(epoch);
+    let v: Value = store.invoke(&call, true).await?;
+    answer(v).map(|_| ())
 }
 
 /// [`DirectoryStore::commit`]: the durability guard, the one script, then the replicas'

@@ -17,6 +17,10 @@
 //! line), the signature is the domain's head key's over that message, and the last line is
 //! [`super::wire`]'s encoding of the lookup or absence proof against that head. `/head`
 //! serves the same without the last line, under `kst-log-head-v1`.
+//!
+//! `kst-log-answer-v2` (`lookup/<address>?witnessed=1`) is v1 followed by the witnesses'
+//! part ([`super::witness::Witnessed`]): their newest cosignatures and the append-only proof
+//! from the cosigned heads to the answer's.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -25,11 +29,16 @@ use super::directory::AbsenceProof;
 use super::entry::{DirectoryEntry, EntryState};
 use super::head::{Head, SignedHead};
 use super::verify::{verify_absence, verify_lookup};
+use super::witness::Witnessed;
 use super::{Result, TransparencyError, wire};
 use crate::Address;
 
 /// First line of a lookup answer.
 pub const ANSWER_CONTEXT: &str = "kst-log-answer-v1";
+/// First line of a lookup answer with the witnesses' part.
+pub const WITNESSED_ANSWER_CONTEXT: &str = "kst-log-answer-v2";
+/// Largest answer text accepted with the witnesses' part.
+pub const MAX_WITNESSED_ANSWER: usize = MAX_ANSWER + super::witness::MAX_AUDIT_TEXT;
 /// First line of a head.
 pub const HEAD_CONTEXT: &str = "kst-log-head-v1";
 /// Largest answer text accepted (a lookup proof at 10⁶ entries is a few KiB).
@@ -51,6 +60,8 @@ pub struct LogAnswer {
     pub head: SignedHead,
     /// The proof.
     pub proof: AnswerProof,
+    /// The witnesses' part (v2 answers).
+    pub witnessed: Option<Witnessed>,
 }
 
 /// What the KST served for the address the answer is about.
@@ -87,8 +98,12 @@ impl LogAnswer {
             AnswerProof::Present(b) => ("present", b),
             AnswerProof::Absent(b) => ("absent", b),
         };
+        let (context, witnessed) = match &self.witnessed {
+            Some(w) => (WITNESSED_ANSWER_CONTEXT, w.to_lines()?),
+            None => (ANSWER_CONTEXT, String::new()),
+        };
         Ok(format!(
-            "{ANSWER_CONTEXT}\n{}{kind} {}\n",
+            "{context}\n{}{kind} {}\n{witnessed}",
             head_lines(&self.head)?,
             B64.encode(bytes)
         ))
@@ -96,12 +111,14 @@ impl LogAnswer {
 
     /// Parses an answer's text; strict, bounded.
     pub fn parse(text: &str) -> Result<LogAnswer> {
-        if text.len() > MAX_ANSWER {
-            return Err(malformed(&format!("larger than {MAX_ANSWER} bytes")));
-        }
         let mut lines = text.lines();
-        if lines.next() != Some(ANSWER_CONTEXT) {
-            return Err(malformed("not a kst log answer"));
+        let (limit, v2) = match lines.next() {
+            Some(ANSWER_CONTEXT) => (MAX_ANSWER, false),
+            Some(WITNESSED_ANSWER_CONTEXT) => (MAX_WITNESSED_ANSWER, true),
+            _ => return Err(malformed("not a kst log answer")),
+        };
+        if text.len() > limit {
+            return Err(malformed(&format!("larger than {limit} bytes")));
         }
         let head = read_head(&mut lines)?;
         let (kind, b64) = lines
@@ -116,10 +133,18 @@ impl LogAnswer {
             "absent" => AnswerProof::Absent(bytes),
             _ => return Err(malformed("unknown proof kind")),
         };
-        if lines.next().is_some() {
+        let witnessed = if v2 {
+            Some(Witnessed::parse_lines(&head, lines)?)
+        } else if lines.next().is_some() {
             return Err(malformed("trailing lines"));
-        }
-        Ok(LogAnswer { head, proof })
+        } else {
+            None
+        };
+        Ok(LogAnswer {
+            head,
+            proof,
+            witnessed,
+        })
     }
 
     /// Everything a client checks: the head is signed by `head_key` and names `address`'s

@@ -8,6 +8,13 @@
 //! deliver` next to `kst serve`) the backend's fence ([`super::storage`]) keeps the history
 //! one: a batch built on a stale epoch is refused and retried here on the new epoch.
 //!
+//! Heads (docs/TRANSPARENCY.md, "Signed heads, witnesses"): each epoch's head is signed once
+//! and stored ([`DirectoryStore::insert_head`]): by the writer right after its commit, and
+//! before it builds the next epoch on the current one (so no epoch is superseded without its
+//! head, unless a writer dies between its commit and its head while another one commits);
+//! a missing head of the latest epoch is signed on first read. Every head served (`/head`,
+//! lookups) is the stored one, so witnesses' cosignatures of it match what clients see.
+//!
 //! The directory runs on a thread of its own (a current-thread Tokio runtime) and is asked
 //! through a channel: rustc cannot prove akd's futures `Send` ("implementation of `Send` is
 //! not general enough", rust-lang/rust#102211), and every caller here needs `Send` futures
@@ -17,12 +24,13 @@ use std::sync::Arc;
 
 use tokio::sync::{Mutex, MutexGuard, mpsc, oneshot};
 
-use super::answer::{AnswerProof, LogAnswer};
+use super::answer::{AnswerProof, LogAnswer, head_text, parse_head};
 use super::directory::{KeyDirectory, LookupAnswer};
 use super::entry::{DirectoryEntry, EntryState};
-use super::head::{Head, SignedHead};
+use super::head::{Cosignature, Head, SignedHead};
 use super::keys::LogKeys;
-use super::storage::{DirectoryStore, StoredDirectory};
+use super::storage::{DirectoryStore, DirectoryStoreError, StoredDirectory};
+use super::witness::{AuditAnswer, MAX_AUDIT_EPOCHS, Witnessed};
 use super::{Result, TransparencyError, wire};
 use crate::Address;
 use crate::store::KeyRecord;
@@ -39,6 +47,7 @@ pub struct DomainLog {
     vrf_key: [u8; 32],
     requests: mpsc::UnboundedSender<Request>,
     writer: Mutex<()>,
+    store: Arc<dyn DirectoryStore>,
 }
 
 impl std::fmt::Debug for DomainLog {
@@ -77,6 +86,11 @@ enum Request {
         now: u64,
         reply: oneshot::Sender<Result<SignedHead>>,
     },
+    HeadAt {
+        epoch: u64,
+        now: u64,
+        reply: oneshot::Sender<Result<Option<SignedHead>>>,
+    },
     Answer {
         address: Address,
         now: u64,
@@ -104,6 +118,46 @@ async fn back_off(attempt: u64) {
     tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
 }
 
+/// Parses a stored head and checks it is the head of `domain`'s log (its VRF key, signed by
+/// `head_key`) of `epoch`, with `root_hash` when the directory knows it. Anything else means
+/// the store holds another directory's heads or was altered: [`TransparencyError::Directory`].
+fn check_stored_head(
+    domain: &str,
+    vrf_key: &[u8; 32],
+    head_key: &[u8; 32],
+    epoch: u64,
+    root_hash: Option<[u8; 32]>,
+    blob: &[u8],
+) -> Result<SignedHead> {
+    let inconsistent = |what: &str| {
+        TransparencyError::Directory(format!(
+            "the head stored for {domain} epoch {epoch} {what}; the store holds another \
+             directory's heads or was altered: an operator must look"
+        ))
+    };
+    let head = std::str::from_utf8(blob)
+        .map_err(|_| inconsistent("is not text"))
+        .and_then(|t| parse_head(t).map_err(|e| inconsistent(&e.to_string())))?;
+    if head.head.epoch != epoch || head.head.domain != domain {
+        return Err(inconsistent("names another epoch or domain"));
+    }
+    if root_hash.is_some_and(|r| r != head.head.root_hash) {
+        return Err(inconsistent(&format!(
+            "names root {}, not the directory's",
+            hex::encode(head.head.root_hash)
+        )));
+    }
+    if &head.head.vrf_public_key != vrf_key || head.verify(head_key).is_err() {
+        return Err(inconsistent("is not signed by this log's keys"));
+    }
+    Ok(head)
+}
+
+/// A failure of the store's head and cosignature calls.
+fn store_error(e: DirectoryStoreError) -> TransparencyError {
+    TransparencyError::Directory(e.to_string())
+}
+
 fn gone() -> TransparencyError {
     TransparencyError::Directory("the key directory's thread stopped".into())
 }
@@ -118,6 +172,7 @@ impl DomainLog {
         let head_key = keys.head.public_key();
         let vrf_key = keys.vrf.public_key()?;
         let (requests, mut inbox) = mpsc::unbounded_channel::<Request>();
+        let worker_store = Arc::clone(&store);
         let (opened, open_result) = oneshot::channel::<Result<()>>();
         std::thread::Builder::new()
             .name(format!("kst-log-{domain}"))
@@ -137,7 +192,7 @@ impl DomainLog {
                 runtime.block_on(async move {
                     let mut worker = Worker {
                         keys,
-                        store,
+                        store: worker_store,
                         directory: None,
                     };
                     if let Err(e) = worker.open().await {
@@ -163,6 +218,7 @@ impl DomainLog {
             vrf_key,
             requests,
             writer: Mutex::new(()),
+            store,
         })
     }
 
@@ -213,9 +269,197 @@ impl DomainLog {
         .await
     }
 
-    /// The signed head of the latest epoch.
+    /// The signed head of the latest epoch (the stored one; signed at `now` and stored if
+    /// there is none yet).
     pub async fn head(&self, now: u64) -> Result<SignedHead> {
         self.ask(|reply| Request::Head { now, reply }).await
+    }
+
+    /// The stored signed head of `epoch`; for the latest epoch signed at `now` and stored if
+    /// there is none yet. `None`: no such epoch, or an older one whose head was never stored.
+    pub async fn head_at(&self, epoch: u64, now: u64) -> Result<Option<SignedHead>> {
+        self.ask(|reply| Request::HeadAt { epoch, now, reply })
+            .await
+    }
+
+    /// The stored heads of the epochs `from..=to` (the caller bounds the range), oldest first;
+    /// epochs without a stored head are left out.
+    pub async fn stored_heads(&self, from: u64, to: u64) -> Result<Vec<SignedHead>> {
+        let stored = self
+            .store
+            .heads(&self.domain, from, to)
+            .await
+            .map_err(store_error)?;
+        stored
+            .into_iter()
+            .map(|(epoch, blob)| self.stored_head(epoch, &blob))
+            .collect()
+    }
+
+    /// Parses a stored head and checks it is this log's head of `epoch`.
+    fn stored_head(&self, epoch: u64, blob: &[u8]) -> Result<SignedHead> {
+        check_stored_head(
+            &self.domain,
+            &self.vrf_key,
+            &self.head_key,
+            epoch,
+            None,
+            blob,
+        )
+    }
+
+    /// The witnesses' cosignatures of the head of `epoch` (stored ones that no longer verify
+    /// against the stored head are left out and logged).
+    pub async fn cosignatures(&self, head: &SignedHead) -> Result<Vec<Cosignature>> {
+        let stored = self
+            .store
+            .cosignatures(&self.domain, head.head.epoch)
+            .await
+            .map_err(store_error)?;
+        let mut out = Vec::with_capacity(stored.len());
+        for (witness, blob) in stored {
+            match self.stored_cosignature(head, &witness, &blob) {
+                Ok(c) => out.push(c),
+                Err(e) => {
+                    tracing::warn!(domain = %self.domain, epoch = head.head.epoch, error = %e, "a stored cosignature does not verify; left out")
+                }
+            }
+        }
+        out.sort_by_key(|c| c.witness);
+        Ok(out)
+    }
+
+    fn stored_cosignature(
+        &self,
+        head: &SignedHead,
+        witness: &[u8; 32],
+        blob: &[u8],
+    ) -> Result<Cosignature> {
+        let c = std::str::from_utf8(blob)
+            .map_err(|_| TransparencyError::Malformed("a stored cosignature is not text".into()))
+            .and_then(Cosignature::parse_line)?;
+        if &c.witness != witness {
+            return Err(TransparencyError::Malformed(
+                "a stored cosignature names another witness".into(),
+            ));
+        }
+        c.verify(head)?;
+        Ok(c)
+    }
+
+    /// Stores a witness's cosignature of the head of `epoch` after checking it against the
+    /// stored head of that epoch (the caller checks that it trusts the witness). No stored
+    /// head for `epoch`, or a cosignature that does not verify:
+    /// [`TransparencyError::Verification`] / [`TransparencyError::Signature`].
+    pub async fn add_cosignature(&self, epoch: u64, cosignature: &Cosignature) -> Result<()> {
+        let Some(head) = self.stored_heads(epoch, epoch).await?.pop() else {
+            return Err(TransparencyError::Verification(format!(
+                "{} has no stored head of epoch {epoch} to cosign",
+                self.domain
+            )));
+        };
+        cosignature.verify(&head)?;
+        self.store
+            .put_cosignature(
+                &self.domain,
+                epoch,
+                &cosignature.witness,
+                cosignature.to_line().as_bytes(),
+            )
+            .await
+            .map_err(store_error)
+    }
+
+    /// The newest head `witness` cosigned, with its cosignature.
+    pub async fn latest_cosigned(
+        &self,
+        witness: &[u8; 32],
+    ) -> Result<Option<(SignedHead, Cosignature)>> {
+        let Some((epoch, blob)) = self
+            .store
+            .latest_cosignature(&self.domain, witness)
+            .await
+            .map_err(store_error)?
+        else {
+            return Ok(None);
+        };
+        let Some(head) = self.stored_heads(epoch, epoch).await?.pop() else {
+            return Err(TransparencyError::Directory(format!(
+                "{} epoch {epoch} has a cosignature but no stored head",
+                self.domain
+            )));
+        };
+        let c = self.stored_cosignature(&head, witness, &blob)?;
+        Ok(Some((head, c)))
+    }
+
+    /// The witnesses' part of an answer whose head is `head` ([`Witnessed`]): the newest
+    /// cosignature of each of `witnesses` (keys) at or before `head`'s epoch and at most
+    /// [`MAX_AUDIT_EPOCHS`] epochs older, and the heads and the append-only proof from the
+    /// oldest of them to `head`. `None` when none of them cosigned such a head.
+    pub async fn witnessed(
+        &self,
+        head: &SignedHead,
+        witnesses: &[[u8; 32]],
+    ) -> Result<Option<Witnessed>> {
+        let to = head.head.epoch;
+        let oldest = to.saturating_sub(MAX_AUDIT_EPOCHS - 1);
+        let mut cosignatures = Vec::new();
+        for witness in witnesses {
+            if let Some((h, c)) = self.latest_cosigned(witness).await?
+                && (oldest..=to).contains(&h.head.epoch)
+            {
+                cosignatures.push((h.head.epoch, c));
+            }
+        }
+        let Some(from) = cosignatures.iter().map(|(e, _)| *e).min() else {
+            return Ok(None);
+        };
+        let audit = self.audit_answer(from, to).await?;
+        if audit.heads.last() != Some(head) {
+            return Err(TransparencyError::Directory(format!(
+                "{}: the stored head of epoch {to} is not the answer's",
+                self.domain
+            )));
+        }
+        Ok(Some(Witnessed {
+            cosignatures,
+            audit,
+        }))
+    }
+
+    /// What an auditor or witness checks between epochs `from` and `to` (`from <= to`; the
+    /// caller bounds the range): the stored head of every epoch in it and akd's append-only
+    /// proof. An epoch without a stored head fails ([`TransparencyError::Directory`]).
+    pub async fn audit_answer(&self, from: u64, to: u64) -> Result<AuditAnswer> {
+        let heads = self.stored_heads(from, to).await?;
+        if let Some(missing) = (from..=to)
+            .zip(
+                heads
+                    .iter()
+                    .map(|h| h.head.epoch)
+                    .chain(std::iter::repeat(u64::MAX)),
+            )
+            .find(|(want, got)| want != got)
+            .map(|(want, _)| want)
+        {
+            return Err(TransparencyError::Directory(format!(
+                "{} has no stored head of epoch {missing}; the audit from {from} to {to} cannot \
+                 be served",
+                self.domain
+            )));
+        }
+        let proof = if from < to {
+            Some(wire::encode_audit(&self.audit(from, to).await?)?)
+        } else {
+            None
+        };
+        Ok(AuditAnswer {
+            domain: self.domain.clone(),
+            vrf_public_key: self.vrf_key,
+            heads,
+            proof,
+        })
     }
 
     /// What the directory says about `address` at the latest epoch, with the signed head of
@@ -243,6 +487,7 @@ impl Request {
         match self {
             Request::Sync { reply, .. } => drop(reply.send(Err(e))),
             Request::Head { reply, .. } => drop(reply.send(Err(e))),
+            Request::HeadAt { reply, .. } => drop(reply.send(Err(e))),
             Request::Answer { reply, .. } => drop(reply.send(Err(e))),
             Request::Audit { reply, .. } => drop(reply.send(Err(e))),
         }
@@ -284,10 +529,13 @@ impl Worker {
             }
             Request::Head { now, reply } => {
                 let result = match self.current().await {
-                    Ok((epoch, root)) => self.sign(epoch, root, now),
+                    Ok((epoch, root)) => self.ensure_head(epoch, root, now).await,
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(result);
+            }
+            Request::HeadAt { epoch, now, reply } => {
+                let _ = reply.send(self.head_at(epoch, now).await);
             }
             Request::Answer {
                 address,
@@ -351,6 +599,9 @@ impl Worker {
             }
             (None, _) => return Ok(Synced::AlreadyRecorded),
         };
+        // The epoch this one is built on keeps its head (signed now if its writer did not).
+        let (built_on, built_on_root) = self.current().await?;
+        self.ensure_head(built_on, built_on_root, now).await?;
         if latest.as_ref() == Some(&wanted) {
             return Ok(Synced::AlreadyRecorded);
         }
@@ -358,6 +609,7 @@ impl Worker {
             .dir()?
             .publish(&[(address.clone(), wanted.clone())])
             .await?;
+        self.ensure_head(epoch, root_hash, now).await?;
         Ok(Synced::Recorded {
             epoch,
             root_hash,
@@ -399,15 +651,79 @@ impl Worker {
                 root_hash,
                 proof,
             } => (
-                self.sign(epoch, root_hash, now)?,
+                self.ensure_head(epoch, root_hash, now).await?,
                 AnswerProof::Present(wire::encode_lookup(&proof)?),
             ),
             LookupAnswer::Absent(proof) => (
-                self.sign(proof.epoch, proof.root_hash, now)?,
+                self.ensure_head(proof.epoch, proof.root_hash, now).await?,
                 AnswerProof::Absent(wire::encode_absence(&proof)?),
             ),
         };
-        Ok(LogAnswer { head, proof })
+        Ok(LogAnswer {
+            head,
+            proof,
+            witnessed: None,
+        })
+    }
+
+    /// The stored head of `epoch` if it is the latest; else a head stored for it, if any.
+    async fn head_at(&self, epoch: u64, now: u64) -> Result<Option<SignedHead>> {
+        let (latest, root) = self.current().await?;
+        if epoch == latest {
+            return self.ensure_head(epoch, root, now).await.map(Some);
+        }
+        if epoch > latest {
+            return Ok(None);
+        }
+        let stored = self
+            .store
+            .heads(&self.keys.domain, epoch, epoch)
+            .await
+            .map_err(store_error)?;
+        match stored.into_iter().next() {
+            Some((_, blob)) => self.check_stored(epoch, None, &blob).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The stored head of `epoch`, whose root the directory says is `root_hash`; signed at
+    /// `now` and stored first if there is none (of two writers signing at once the first's
+    /// stays). A stored head with another root, domain, VRF key or signer means the store
+    /// holds another directory's heads: [`TransparencyError::Directory`], for an operator.
+    async fn ensure_head(&self, epoch: u64, root_hash: [u8; 32], now: u64) -> Result<SignedHead> {
+        let domain = &self.keys.domain;
+        let stored = self
+            .store
+            .heads(domain, epoch, epoch)
+            .await
+            .map_err(store_error)?;
+        let blob = match stored.into_iter().next() {
+            Some((_, blob)) => blob,
+            None => {
+                let text = head_text(&self.sign(epoch, root_hash, now)?)?;
+                self.store
+                    .insert_head(domain, epoch, text.as_bytes())
+                    .await
+                    .map_err(store_error)?
+            }
+        };
+        self.check_stored(epoch, Some(root_hash), &blob)
+    }
+
+    fn check_stored(
+        &self,
+        epoch: u64,
+        root_hash: Option<[u8; 32]>,
+        blob: &[u8],
+    ) -> Result<SignedHead> {
+        check_stored_head(
+            &self.keys.domain,
+            &self.keys.vrf.public_key()?,
+            &self.keys.head.public_key(),
+            epoch,
+            root_hash,
+            blob,
+        )
     }
 
     fn sign(&self, epoch: u64, root_hash: [u8; 32], now: u64) -> Result<SignedHead> {

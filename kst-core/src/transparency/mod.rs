@@ -21,6 +21,8 @@
 //!   publication and deletion in it.
 //! - [`answer`]: what the HTTP endpoint serves for an address (signed head + proof) and what
 //!   a client checks of it.
+//! - [`witness`]: heads with their cosignatures, audit answers (every head of a range and the
+//!   append-only proof), what witnesses, auditors and clients check of them.
 
 pub mod answer;
 pub mod directory;
@@ -35,6 +37,7 @@ pub mod store;
 pub mod verify;
 pub mod vrf;
 pub mod wire;
+pub mod witness;
 
 #[cfg(test)]
 mod tests;

@@ -472,3 +472,299 @@ fn log_key_files_round_trip_and_say_what_is_wrong() {
     assert!(err.to_string().contains("head-key"), "{err}");
     assert!(LogKeys::parse(&"#".repeat(5000)).is_err());
 }
+
+/// Epochs 1 to 3 of a fresh directory: the directory, its signer and the three heads.
+async fn three_epochs() -> (
+    KeyDirectory<AsyncInMemoryDatabase>,
+    HeadSigner,
+    [SignedHead; 3],
+) {
+    let (_, signer, dir) = fresh().await;
+    publish(&dir, &alice_and_bob()).await;
+    let h1 = head(&dir, &signer).await;
+    publish(&dir, &[first("carol@example.net", b"c")]).await;
+    let h2 = head(&dir, &signer).await;
+    publish(&dir, &[first("dave@example.net", b"d")]).await;
+    let h3 = head(&dir, &signer).await;
+    (dir, signer, [h1, h2, h3])
+}
+
+#[tokio::test]
+async fn audit_answers_verify_and_forgeries_fail() {
+    use super::witness::AuditAnswer;
+
+    let (dir, signer, [h1, h2, h3]) = three_epochs().await;
+    let key = signer.public_key();
+    let good = AuditAnswer {
+        domain: DOMAIN.into(),
+        vrf_public_key: h1.head.vrf_public_key,
+        heads: vec![h1.clone(), h2.clone(), h3.clone()],
+        proof: Some(wire::encode_audit(&dir.audit(1, 3).await.unwrap()).unwrap()),
+    };
+    assert_eq!(good.verify(&key).await.unwrap(), &h3);
+    assert_eq!(AuditAnswer::parse(&good.to_text().unwrap()).unwrap(), good);
+    let one = AuditAnswer {
+        heads: vec![h2.clone()],
+        proof: None,
+        ..good.clone()
+    };
+    assert_eq!(one.verify(&key).await.unwrap(), &h2, "a range of one epoch");
+
+    let other_key = HeadSigner::generate().public_key();
+    assert!(
+        good.verify(&other_key).await.is_err(),
+        "heads signed by another key"
+    );
+    let mut gap = good.clone();
+    gap.heads.remove(1);
+    assert!(gap.verify(&key).await.is_err(), "an epoch left out");
+    // The log lies about the middle root (and signs the lie): the proof does not pass it.
+    let mut lie = good.clone();
+    lie.heads[1] = signer
+        .sign(Head {
+            root_hash: [9; 32],
+            ..h2.head.clone()
+        })
+        .unwrap();
+    assert!(lie.verify(&key).await.is_err(), "a rewritten middle root");
+    let mut short = good.clone();
+    short.proof = Some(wire::encode_audit(&dir.audit(1, 2).await.unwrap()).unwrap());
+    assert!(
+        short.verify(&key).await.is_err(),
+        "the proof of another range"
+    );
+    let mut none = good.clone();
+    none.proof = None;
+    assert!(
+        none.verify(&key).await.is_err(),
+        "three heads without a proof"
+    );
+    let mut junk = good.clone();
+    junk.proof = Some(b"not a proof".to_vec());
+    assert!(
+        junk.verify(&key).await.is_err(),
+        "a proof that does not decode"
+    );
+    let empty = AuditAnswer {
+        heads: Vec::new(),
+        proof: None,
+        ..good.clone()
+    };
+    assert!(empty.verify(&key).await.is_err(), "no head at all");
+
+    // Hostile texts are refused, never a panic.
+    let text = good.to_text().unwrap();
+    for bad in [
+        String::new(),
+        "kst-log-audit-v1\n".into(),
+        text.replace("head 2 ", "head x "),
+        text.replace("\nproof ", "\nproof !"),
+        format!("{text}trailing\n"),
+        text[..text.len() / 2].to_string(),
+        text.replacen("head 1 ", "head 1 \u{e9}", 1),
+        "x".repeat(super::witness::MAX_AUDIT_TEXT + 1),
+    ] {
+        assert!(AuditAnswer::parse(&bad).is_err(), "{bad:.80}");
+    }
+}
+
+#[tokio::test]
+async fn witnessed_parts_need_the_required_fresh_cosignatures() {
+    use super::witness::{AuditAnswer, WitnessPolicy, Witnessed};
+
+    let (dir, signer, [h1, h2, h3]) = three_epochs().await;
+    let key = signer.public_key();
+    let (w1, w2, stranger) = (
+        HeadSigner::generate(),
+        HeadSigner::generate(),
+        HeadSigner::generate(),
+    );
+    let audit = AuditAnswer {
+        domain: DOMAIN.into(),
+        vrf_public_key: h1.head.vrf_public_key,
+        heads: vec![h1.clone(), h2.clone(), h3.clone()],
+        proof: Some(wire::encode_audit(&dir.audit(1, 3).await.unwrap()).unwrap()),
+    };
+    let witnessed = Witnessed {
+        cosignatures: vec![
+            (1, w1.cosign(&h1, 100).unwrap()),
+            (2, w2.cosign(&h2, 100).unwrap()),
+        ],
+        audit,
+    };
+    let policy = |keys: &[&HeadSigner], threshold: usize, not_before: u64| WitnessPolicy {
+        witnesses: keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (format!("w{i}"), k.public_key()))
+            .collect(),
+        threshold,
+        not_before,
+    };
+    assert_eq!(
+        witnessed
+            .verify(&h3, &key, &policy(&[&w1, &w2], 2, 50))
+            .await
+            .unwrap(),
+        vec!["w0".to_string(), "w1".to_string()]
+    );
+    let lines = witnessed.to_lines().unwrap();
+    assert_eq!(
+        Witnessed::parse_lines(&h3, lines.lines()).unwrap(),
+        witnessed,
+        "the lines round trip"
+    );
+
+    let refused = [
+        (
+            policy(&[&w1, &stranger], 2, 50),
+            &h3,
+            "a required witness did not cosign",
+        ),
+        (
+            policy(&[&w1], 1, 150),
+            &h3,
+            "the cosignature is older than allowed",
+        ),
+        (
+            policy(&[&w1], 1, 50),
+            &h2,
+            "the heads do not lead to the answer's head",
+        ),
+        (
+            policy(&[&w1, &w1], 2, 50),
+            &h3,
+            "one witness listed twice counts once",
+        ),
+    ];
+    for (p, head, what) in refused {
+        assert!(witnessed.verify(head, &key, &p).await.is_err(), "{what}");
+    }
+    assert!(
+        witnessed
+            .verify(&h3, &key, &policy(&[&w1, &stranger], 1, 50))
+            .await
+            .is_ok(),
+        "one of two"
+    );
+
+    // A cosignature of epoch 1 claimed for epoch 2, one of a head outside the answer's heads,
+    // and one of a head the log did not sign that way, count for nothing.
+    for cosignatures in [
+        vec![(2, w1.cosign(&h1, 100).unwrap())],
+        vec![(7, w1.cosign(&h1, 100).unwrap())],
+        vec![(
+            1,
+            w1.cosign(
+                &signer
+                    .sign(Head {
+                        signed_at: 5,
+                        ..h1.head.clone()
+                    })
+                    .unwrap(),
+                100,
+            )
+            .unwrap(),
+        )],
+    ] {
+        let forged = Witnessed {
+            cosignatures,
+            ..witnessed.clone()
+        };
+        assert!(
+            forged
+                .verify(&h3, &key, &policy(&[&w1], 1, 50))
+                .await
+                .is_err(),
+            "{forged:?}"
+        );
+    }
+}
+
+#[test]
+fn cosignature_lines_and_head_texts_refuse_hostile_input() {
+    use super::head::Cosignature;
+    use super::witness::{
+        head_with_cosignatures_text, parse_head_with_cosignatures, parse_witness,
+    };
+
+    let signer = HeadSigner::generate();
+    let head = signer
+        .sign(Head {
+            domain: DOMAIN.into(),
+            epoch: 4,
+            root_hash: [1; 32],
+            vrf_public_key: [2; 32],
+            signed_at: 3,
+        })
+        .unwrap();
+    let c = HeadSigner::generate().cosign(&head, 9).unwrap();
+    assert_eq!(Cosignature::parse_line(&c.to_line()).unwrap(), c);
+    let text = head_with_cosignatures_text(&head, &[c.clone(), c.clone()]).unwrap();
+    assert_eq!(
+        parse_head_with_cosignatures(&text).unwrap(),
+        (head.clone(), vec![c.clone(), c.clone()])
+    );
+    let line = c.to_line();
+    for bad in [
+        "",
+        "cosignature",
+        &line[..line.len() - 1],
+        &format!("{line} extra"),
+        &line.replace("cosignature ", "cosignature  "),
+        &line.replacen(' ', " \u{e9}", 2),
+    ] {
+        assert!(Cosignature::parse_line(bad).is_err(), "{bad:?}");
+    }
+    let many = head_with_cosignatures_text(&head, &vec![c.clone(); 40]).unwrap();
+    for bad in [
+        String::new(),
+        text.replace("kst-log-head-v1", "kst-log-head-v9"),
+        text[..40].to_string(),
+        format!("{text}junk\n"),
+        many,
+        text.replacen("epoch 4", "epoch \u{e9}", 1),
+    ] {
+        assert!(parse_head_with_cosignatures(&bad).is_err(), "{bad:.80}");
+    }
+    assert!(parse_witness(&format!("w:{}", "ab".repeat(32))).is_ok());
+    for bad in [
+        "",
+        "w",
+        ":00",
+        "w:zz",
+        "a b:00",
+        &format!("{}:{}", "n".repeat(65), "ab".repeat(32)),
+    ] {
+        assert!(parse_witness(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn heads_that_go_back_or_fork_do_not_follow() {
+    use super::witness::check_follows;
+
+    let (_, _, [h1, h2, h3]) = three_epochs().await;
+    check_follows(&h1.head, &h3.head).unwrap();
+    check_follows(&h2.head, &h2.head).unwrap();
+    assert!(
+        check_follows(&h3.head, &h1.head).is_err(),
+        "an epoch going back"
+    );
+    let fork = Head {
+        root_hash: [3; 32],
+        ..h2.head.clone()
+    };
+    assert!(
+        check_follows(&h2.head, &fork).is_err(),
+        "two roots for one epoch"
+    );
+    let other = Head {
+        vrf_public_key: [4; 32],
+        ..h3.head.clone()
+    };
+    assert!(
+        check_follows(&h1.head, &other).is_err(),
+        "another directory"
+    );
+}
