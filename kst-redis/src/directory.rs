@@ -20,7 +20,7 @@
 //! fail a command half-way (out of memory), the root is still the old one and the adapter
 //! hides value states newer than it (`kst_core::transparency::storage`).
 //!
-//! Reads are scripts too ([`READ_ROOT`], [`READ_NODES`], [`READ_VALUES`]), which check sizes
+//! Reads are scripts too ([`READ_ROOT`], [`READ_FIELDS`], [`READ_ALL`]), which check sizes
 //! on the server: a blob larger than [`MAX_BLOB`] or a label with more than
 //! [`MAX_VALUE_STATES`] value states is reported as corrupt instead of being sent.
 
@@ -38,8 +38,9 @@ use crate::store::RedisStore;
 pub const MAX_BLOB: usize = 64 * 1024;
 /// Most value states (versions) of one address read back.
 pub const MAX_VALUE_STATES: usize = 65_536;
-/// Most node keys asked for in one script call (bigger requests are split).
-const NODES_PER_CALL: usize = 2048;
+/// Most hash fields (node keys, epochs) asked for in one script call (bigger requests are
+/// split).
+const FIELDS_PER_CALL: usize = 2048;
 
 /// Writes one batch. KEYS: root, nodes, then one value-state hash per distinct label. ARGV:
 /// mode (`nodes`: nodes alone, written only while there is no root; `first`: the epoch-0
@@ -91,48 +92,6 @@ return {'ok', root[1], root[2]}
     )
 });
 
-/// Reads tree nodes. KEYS: nodes. ARGV: largest record, then the node keys. Returns `{'ok',
-/// record...}` (missing nodes left out) or `{'corrupt', what}`.
-pub(crate) static READ_NODES: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local max = tonumber(ARGV[1])
-local out = {'ok'}
-for i = 2, #ARGV do
-  if redis.call('HSTRLEN', KEYS[1], ARGV[i]) > max then
-    return {'corrupt', 'a tree node record is larger than ' .. ARGV[1] .. ' bytes'}
-  end
-  local r = redis.call('HGET', KEYS[1], ARGV[i])
-  if r then out[#out + 1] = r end
-end
-return out
-"#,
-    )
-});
-
-/// Reads every value state of one label. KEYS: its hash. ARGV: largest record, most states.
-/// Returns `{'ok', epoch, record, ...}` or `{'corrupt', what}`.
-pub(crate) static READ_VALUES: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[2]) then
-  return {'corrupt', 'more than ' .. ARGV[2] .. ' value states for one label'}
-end
-local max = tonumber(ARGV[1])
-local fields = redis.call('HKEYS', KEYS[1])
-local out = {'ok'}
-for _, f in ipairs(fields) do
-  if redis.call('HSTRLEN', KEYS[1], f) > max then
-    return {'corrupt', 'a value state record is larger than ' .. ARGV[1] .. ' bytes'}
-  end
-  out[#out + 1] = f
-  out[#out + 1] = redis.call('HGET', KEYS[1], f)
-end
-return out
-"#,
-    )
-});
-
 /// Stores a head unless one is stored for its epoch. KEYS: heads. ARGV: epoch, head, largest
 /// record. Returns `{'ok', the stored head}` or `{'corrupt', what}`.
 pub(crate) static INSERT_HEAD: LazyLock<Script> = LazyLock::new(|| {
@@ -147,8 +106,9 @@ return {'ok', redis.call('HGET', KEYS[1], ARGV[1])}
     )
 });
 
-/// Reads fields of one hash. KEYS: the hash. ARGV: largest record, then the fields. Returns
-/// `{'ok', field, value, ...}` for the fields present, or `{'corrupt', what}`.
+/// Reads fields of one hash (tree nodes, heads, a witness's newest epoch). KEYS: the hash.
+/// ARGV: largest record, then the fields. Returns `{'ok', field, value, ...}` for the fields
+/// present, or `{'corrupt', what}`.
 pub(crate) static READ_FIELDS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -184,8 +144,9 @@ return {'ok'}
     )
 });
 
-/// Reads every field of one hash. KEYS: the hash. ARGV: largest record, most fields. Returns
-/// `{'ok', field, value, ...}` or `{'corrupt', what}`.
+/// Reads every field of one hash (a label's value states, an epoch's cosignatures). KEYS:
+/// the hash. ARGV: largest record, most fields. Returns `{'ok', field, value, ...}` or
+/// `{'corrupt', what}`.
 pub(crate) static READ_ALL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -330,11 +291,14 @@ fn bytes(v: Value) -> Result<Vec<u8>, DirectoryStoreError> {
 }
 
 fn epoch(v: Value) -> Result<u64, DirectoryStoreError> {
-    let text = bytes(v)?;
-    std::str::from_utf8(&text)
+    parse_epoch(&bytes(v)?)
+}
+
+fn parse_epoch(text: &[u8]) -> Result<u64, DirectoryStoreError> {
+    std::str::from_utf8(text)
         .ok()
         .and_then(|t| t.parse().ok())
-        .ok_or_else(|| corrupt(format!("stored epoch {:?} is not a number", text)))
+        .ok_or_else(|| corrupt(format!("stored epoch {text:?} is not a number")))
 }
 
 impl RedisDirectoryStore {
@@ -387,8 +351,8 @@ impl DirectoryStore for RedisDirectoryStore {
         let wanted = keys.to_vec();
         self.run(|store| async move {
             let mut out = Vec::with_capacity(wanted.len());
-            for chunk in wanted.chunks(NODES_PER_CALL) {
-                let mut call = READ_NODES.prepare_invoke();
+            for chunk in wanted.chunks(FIELDS_PER_CALL) {
+                let mut call = READ_FIELDS.prepare_invoke();
                 call.key(&domain_keys.nodes).arg(MAX_BLOB);
                 for k in chunk {
                     call.arg(k.as_slice());
@@ -397,17 +361,7 @@ impl DirectoryStore for RedisDirectoryStore {
                     .invoke(&call, false)
                     .await
                     .map_err(DirectoryStoreError::from)?;
-                let (status, items) = answer(v)?;
-                if status != "ok" || items.len() > chunk.len() {
-                    return Err(corrupt(format!(
-                        "the node read answered {status} with {} records for {} keys",
-                        items.len(),
-                        chunk.len()
-                    )));
-                }
-                for item in items {
-                    out.push(bytes(item)?);
-                }
+                out.extend(pairs(v)?.into_iter().map(|(_, record)| record));
             }
             Ok(out)
         })
@@ -421,22 +375,16 @@ impl DirectoryStore for RedisDirectoryStore {
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
         let key = DomainKeys::new(&self.store.prefix, domain)?.values_of(label);
         self.run(|store| async move {
-            let mut call = READ_VALUES.prepare_invoke();
+            let mut call = READ_ALL.prepare_invoke();
             call.key(&key).arg(MAX_BLOB).arg(MAX_VALUE_STATES);
             let v: Value = store
                 .invoke(&call, false)
                 .await
                 .map_err(DirectoryStoreError::from)?;
-            let (status, items) = answer(v)?;
-            if status != "ok" || items.len() % 2 != 0 {
-                return Err(corrupt(format!("the value state read answered {status}")));
-            }
-            let mut out = Vec::with_capacity(items.len() / 2);
-            let mut items = items.into_iter();
-            while let (Some(e), Some(record)) = (items.next(), items.next()) {
-                out.push((epoch(e)?, bytes(record)?));
-            }
-            Ok(out)
+            pairs(v)?
+                .into_iter()
+                .map(|(e, record)| Ok((parse_epoch(&e)?, record)))
+                .collect()
         })
         .await
     }
@@ -472,7 +420,7 @@ impl DirectoryStore for RedisDirectoryStore {
             let mut out = Vec::new();
             let mut start = from;
             loop {
-                let end = start.saturating_add(NODES_PER_CALL as u64 - 1).min(to);
+                let end = start.saturating_add(FIELDS_PER_CALL as u64 - 1).min(to);
                 let mut call = READ_FIELDS.prepare_invoke();
                 call.key(&keys.heads).arg(MAX_BLOB);
                 for e in start..=end {
@@ -483,7 +431,7 @@ impl DirectoryStore for RedisDirectoryStore {
                     .await
                     .map_err(DirectoryStoreError::from)?;
                 for (e, head) in pairs(v)? {
-                    out.push((epoch(Value::BulkString(e))?, head));
+                    out.push((parse_epoch(&e)?, head));
                 }
                 if end >= to {
                     break;
@@ -551,7 +499,7 @@ impl DirectoryStore for RedisDirectoryStore {
             let Some((_, newest)) = pairs(v)?.into_iter().next() else {
                 return Ok(None);
             };
-            let newest = epoch(Value::BulkString(newest))?;
+            let newest = parse_epoch(&newest)?;
             let mut call = READ_FIELDS.prepare_invoke();
             call.key(keys.cosignatures_of(newest))
                 .arg(MAX_BLOB)
