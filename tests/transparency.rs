@@ -263,12 +263,40 @@ impl Backend {
     }
 }
 
+/// The configuration of a KST for example.net on `store`, spooling replies into `p`'s
+/// Maildir, serving `[http]` on `http` (no `[transparency]`).
+fn base_config(p: &std::path::Path, store: &str, http: std::net::SocketAddr, sock: &str) -> String {
+    format!(
+        r#"[kst]
+domains = ["example.net"]
+auth_source = "sasl-argv"
+
+[store]
+{store}
+
+[mailer]
+kind = "spool"
+path = "{new}"
+
+[lmtp]
+listen = "unix:{sock}"
+
+[http]
+listen = "{http}"
+"#,
+        new = p.join("Maildir/new").display(),
+        sock = p.join(sock).display(),
+    )
+}
+
 /// A KST for example.net with its directory on, behind sendmail-style scripts, replying into
 /// a Maildir, and `kst serve` answering the directory's HTTP endpoint.
 struct Provider {
     dir: tempfile::TempDir,
     bin: PathBuf,
     head_key: String,
+    /// The `_kst-log` TXT record `kst log keygen` printed.
+    txt_record: String,
     log_url: String,
     serve: ServeProcess,
     // Dropped after `kst serve` stopped.
@@ -298,27 +326,7 @@ impl Provider {
         make_maildir(&p.join("Maildir"));
         let http = free_port();
         let store = backend.store_lines(p);
-        let base = format!(
-            r#"[kst]
-domains = ["example.net"]
-auth_source = "sasl-argv"
-
-[store]
-{store}
-
-[mailer]
-kind = "spool"
-path = "{new}"
-
-[lmtp]
-listen = "unix:{sock}"
-
-[http]
-listen = "{http}"
-"#,
-            new = p.join("Maildir/new").display(),
-            sock = p.join("lmtp.sock").display(),
-        );
+        let base = base_config(p, &store, http, "lmtp.sock");
         // The insider's configuration: the same store, no directory.
         std::fs::write(p.join("no-log.toml"), &base).unwrap();
         std::fs::write(
@@ -329,7 +337,7 @@ listen = "{http}"
             ),
         )
         .unwrap();
-        let head_key = match log_keys {
+        let (head_key, txt_record) = match log_keys {
             Some(file) => {
                 use std::os::unix::fs::PermissionsExt;
                 let to = p.join("log-example.net.key");
@@ -338,11 +346,12 @@ listen = "{http}"
                 let keys =
                     kst_core::transparency::LogKeys::parse(&std::fs::read_to_string(&to).unwrap())
                         .unwrap();
-                keys.head
-                    .public_key()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect()
+                let hex = |k: [u8; 32]| k.iter().map(|b| format!("{b:02x}")).collect::<String>();
+                let head = hex(keys.head.public_key());
+                let vrf = hex(keys.vrf.public_key().unwrap());
+                let txt =
+                    format!("_kst-log.example.net. IN TXT \"v=kstlog1; head={head}; vrf={vrf}\"");
+                (head, txt)
             }
             None => {
                 let out = Command::new(&bin)
@@ -355,11 +364,17 @@ listen = "{http}"
                     .unwrap();
                 assert_eq!(code(&out), 0, "kst log keygen: {}", stderr(&out));
                 let printed = String::from_utf8(out.stdout).unwrap();
-                printed
+                let head_key = printed
                     .lines()
                     .find_map(|l| l.strip_prefix("head-key "))
                     .expect("kst log keygen prints the head key")
-                    .to_string()
+                    .to_string();
+                let txt_record = printed
+                    .lines()
+                    .find(|l| l.starts_with("_kst-log.example.net. IN TXT \"v=kstlog1; head="))
+                    .expect("kst log keygen prints the DNS record")
+                    .to_string();
+                (head_key, txt_record)
             }
         };
         for (script, config) in [("sendmail", "kst.toml"), ("sendmail-no-log", "no-log.toml")] {
@@ -372,6 +387,7 @@ listen = "{http}"
         Provider {
             bin,
             head_key,
+            txt_record,
             log_url: format!("http://{http}"),
             serve,
             _backend: backend,
@@ -383,8 +399,126 @@ listen = "{http}"
         self.dir.path().join(name)
     }
 
+    /// Another KST with the same directory keys on the fs store at `store` (a restored
+    /// backup, or a second directory: a fork), replying into the same Maildir, with its own
+    /// sendmail script `sendmail-NAME` and `kst serve`; returns the serve process and its URL.
+    fn twin_kst(&self, name: &str, store: &std::path::Path) -> (ServeProcess, String) {
+        let p = self.dir.path();
+        let http = free_port();
+        let config = p.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "{}\n[transparency]\nkey_file = \"{}\"\n",
+                base_config(
+                    p,
+                    &format!("backend = \"fs\"\npath = \"{}\"", store.display()),
+                    http,
+                    &format!("lmtp-{name}.sock")
+                ),
+                p.join("log-{domain}.key").display()
+            ),
+        )
+        .unwrap();
+        write_sendmail_script(&p.join(format!("sendmail-{name}")), &self.bin, &config);
+        let serve = ServeProcess::start_binary(
+            &self.bin,
+            p.join(format!("serve-{name}.log")),
+            http,
+            |cmd| {
+                cmd.arg("--config").arg(&config);
+            },
+        );
+        (serve, format!("http://{http}"))
+    }
+
+    /// `retrieve ADDRESS --check-transparency` as `account` with `extra` flags (the log URL,
+    /// the head key, a resolver), the request handed to `sendmail`.
+    fn checked_as(
+        &self,
+        sendmail: &str,
+        account: &str,
+        address: &str,
+        extra: &[&str],
+    ) -> (Output, Value) {
+        let mut args = vec!["retrieve", address, "--check-transparency"];
+        args.extend_from_slice(extra);
+        self.client(sendmail, account, &args)
+    }
+
+    /// A key for each of `names` (`NAME@example.net`) published through `sendmail`.
+    fn publish_new(&self, gpg: &Gpg, sendmail: &str, names: &[&str]) {
+        for who in names {
+            let address = format!("{who}@example.net");
+            let k = gpg.generate(who, &address, "ed25519");
+            self.publish(sendmail, &address, &k.public_armored);
+        }
+    }
+
+    /// `account`'s checked retrieval of alice's key through `sendmail`, against the directory
+    /// at `url`, is refused as an attack (exit 5) saying `why`.
+    fn refused_as_attack(&self, sendmail: &str, account: &str, url: &str, why: &str) {
+        let (out, v) = self.checked_as(
+            sendmail,
+            account,
+            "alice@example.net",
+            &["--log-url", url, "--log-key", &self.head_key],
+        );
+        assert_eq!(
+            (code(&out), v["outcome"].as_str()),
+            (5, Some("attack")),
+            "{v}\n{}",
+            stderr(&out)
+        );
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{error}");
+    }
+
+    /// What `account`'s client remembers about example.net's directory.
+    fn memory(&self, account: &str) -> Value {
+        let path = self.path(&format!("state-{account}/transparency/example.net.json"));
+        serde_json::from_slice(&std::fs::read(&path).unwrap_or_default()).unwrap_or(Value::Null)
+    }
+
+    /// The remembered epoch of `account`'s client.
+    fn remembered_epoch(&self, account: &str) -> Option<u64> {
+        self.memory(account)["head"].as_str().map(|h| {
+            kst_core::transparency::answer::parse_head(h)
+                .unwrap()
+                .head
+                .epoch
+        })
+    }
+
+    /// The evidence files `account`'s client kept.
+    fn evidence(&self, account: &str) -> Vec<PathBuf> {
+        std::fs::read_dir(self.path(&format!("state-{account}/transparency/evidence")))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The provider on the fs store with alice's key published; the keyring that made it.
+    fn with_alice() -> (Provider, Gpg, kst_tests::GpgKey) {
+        let provider = Provider::start(Backend::Fs);
+        let gpg = Gpg::new();
+        let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+        provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+        (provider, gpg, alice)
+    }
+
     /// `kst client --account ACCOUNT --json ... ARGS`, requests handed to `sendmail`.
     fn client(&self, sendmail: &str, account: &str, args: &[&str]) -> (Output, Value) {
+        self.client_in(account, sendmail, account, args)
+    }
+
+    /// [`Provider::client`] with the client state `state-STATE` (another machine's client).
+    fn client_in(
+        &self,
+        state: &str,
+        sendmail: &str,
+        account: &str,
+        args: &[&str],
+    ) -> (Output, Value) {
         std::fs::write(self.path("no-client.toml"), "").unwrap();
         let mut cmd = Command::new(&self.bin);
         cmd.args(["client", "--account", account, "--json", "--timeout", "30"])
@@ -393,7 +527,7 @@ listen = "{http}"
             .arg("--maildir")
             .arg(self.path("Maildir"))
             .arg("--state-file")
-            .arg(self.path(&format!("state-{account}/pending.json")))
+            .arg(self.path(&format!("state-{state}/pending.json")))
             .arg("--client-config")
             .arg(self.path("no-client.toml"))
             .args(args)
@@ -1130,4 +1264,301 @@ fn log_routes_are_rate_limited_on_web() {
     .map(|path| web_provider.http_get(path).0)
     .collect();
     assert_eq!(statuses, vec![200, 200, 200, 429, 429], "{statuses:?}");
+}
+
+/// The client's memory of heads (issue 18): bob's client remembers the newest head it
+/// verified and asks `?since=` on the next look-up; two retrievals across new epochs pass
+/// (one of them three epochs on). A KST restored from a backup (an older epoch) and a second
+/// directory with the same keys (a fork: another history from epoch 2 on, serving a twin key
+/// for alice with a valid proof of its own) are both caught, exit 5, the evidence kept and
+/// the remembered head left as it was.
+#[test]
+fn the_client_remembers_heads_and_catches_a_rollback_and_a_fork() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    let key = provider.head_key.clone();
+    let honest = [
+        "--log-url",
+        provider.log_url.as_str(),
+        "--log-key",
+        key.as_str(),
+    ];
+
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &honest);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(provider.remembered_epoch(bob), Some(1));
+    assert_eq!(provider.memory(bob)["head_key"], key.as_str());
+    assert_eq!(provider.memory(bob)["pinned_from"], "--log-key");
+
+    // A backup of the store and its directory at epoch 1.
+    let backup = provider.path("keys-backup");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(provider.path("keys"))
+        .arg(&backup)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // A second directory with the same keys: alice's key at epoch 1 (the same root as the
+    // honest one), then a twin key for alice at epoch 2, and more epochs.
+    let fork_store = provider.path("keys-fork");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(provider.path("keys"))
+        .arg(&fork_store)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (_fork, fork_url) = provider.twin_kst("fork", &fork_store);
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail-fork", "alice@example.net", &twin.public_armored);
+
+    // New epochs on the honest side: one, then three at once.
+    let carol = gpg.generate("Carol", "carol@example.net", "ed25519");
+    provider.publish("sendmail", "carol@example.net", &carol.public_armored);
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &honest);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(provider.remembered_epoch(bob), Some(2));
+    provider.publish_new(&gpg, "sendmail", &["dave", "erin", "frank"]);
+    let (out, v) = provider.checked_as("sendmail", bob, "carol@example.net", &honest);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(provider.remembered_epoch(bob), Some(5));
+    assert!(provider.evidence(bob).is_empty());
+
+    // The KST restored from the backup answers at epoch 1: a rollback.
+    let (_restored, restored_url) = provider.twin_kst("restored", &backup);
+    provider.refused_as_attack("sendmail", bob, &restored_url, "older than the remembered");
+    assert_eq!(provider.remembered_epoch(bob), Some(5), "not rolled back");
+    assert_eq!(provider.evidence(bob).len(), 1);
+
+    // The fork: its KST serves the twin with a valid HMAC and its directory proves the twin
+    // against its own head of the same key; bob's remembered head says otherwise.
+    provider.publish_new(
+        &twin_gpg,
+        "sendmail-fork",
+        &["gina", "hank", "ivan", "jack"],
+    );
+    provider.refused_as_attack("sendmail-fork", bob, &fork_url, "fork or rollback");
+    assert_eq!(provider.remembered_epoch(bob), Some(5));
+    assert_eq!(provider.evidence(bob).len(), 2);
+    let evidence = std::fs::read_to_string(&provider.evidence(bob)[0]).unwrap();
+    assert!(evidence.contains("kst-log-answer-v1"), "{evidence}");
+
+    // A client that never saw the honest directory accepts the fork: the memory is what
+    // catches it (and witnesses, later, for first contact).
+    let (out, v) = provider.checked_as(
+        "sendmail-fork",
+        "carol@example.net",
+        "alice@example.net",
+        &["--log-url", &fork_url, "--log-key", &key],
+    );
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["fingerprint"], twin.fingerprint.as_str());
+
+    // The honest directory still passes for bob, and a bad since= is refused by the server.
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &honest);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let (status, _) =
+        provider.http_get("/.well-known/kst/log/example.net/lookup/alice@example.net?since=x");
+    assert_eq!(status, 400);
+    let (status, body) =
+        provider.http_get("/.well-known/kst/log/example.net/lookup/alice@example.net?since=99");
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("append-only"), "{body}");
+}
+
+/// The owner's monitor (issue 18): alice's `status --check-transparency` lists every version
+/// the directory recorded for her address. An insider (a second `kst deliver` configuration
+/// with the same `[transparency]` key, publishing for alice without alice's client) puts a
+/// key in the store and the directory, then puts alice's key back: what is served now is
+/// alice's key again, but `status` reports the insider's version, exit 6.
+#[test]
+fn the_owner_sees_a_key_an_insider_published() {
+    let provider = Provider::start(false);
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let alice_key = provider.path("alice.asc");
+    std::fs::write(&alice_key, &alice.public_armored).unwrap();
+    provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+    let (_insider, _) = provider.twin_kst("insider", &provider.path("keys"));
+    let status = |provider: &Provider| {
+        provider.client(
+            "sendmail",
+            "alice@example.net",
+            &[
+                "status",
+                "--key",
+                alice_key.to_str().unwrap(),
+                "--check-transparency",
+                "--log-url",
+                &provider.log_url,
+                "--log-key",
+                &provider.head_key,
+            ],
+        )
+    };
+    let (out, v) = status(&provider);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["outcome"], "match", "{v}");
+    let versions = v["directory"].as_array().cloned().unwrap_or_default();
+    assert_eq!(versions.len(), 1, "{v}");
+    assert_eq!(versions[0]["fingerprint"], alice.fingerprint.as_str());
+    assert_eq!(versions[0]["yours"], true);
+
+    // The insider publishes a twin for alice, then alice's own key again, from another
+    // machine (another client state: alice's client never sees these requests).
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    for armored in [&twin.public_armored, &alice.public_armored] {
+        let file = provider.path("insider.asc");
+        std::fs::write(&file, armored).unwrap();
+        let (out, v) = provider.client_in(
+            "insider",
+            "sendmail-insider",
+            "alice@example.net",
+            &["publish", "--key", file.to_str().unwrap()],
+        );
+        assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    }
+    let (out, v) = status(&provider);
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (6, Some("mismatch")),
+        "{v}\n{}",
+        stderr(&out)
+    );
+    assert_eq!(v["served"]["fingerprint"], alice.fingerprint.as_str());
+    let versions = v["directory"].as_array().cloned().unwrap_or_default();
+    let seen: Vec<(String, bool)> = versions
+        .iter()
+        .map(|x| {
+            (
+                x["fingerprint"].as_str().unwrap_or_default().to_string(),
+                x["yours"].as_bool().unwrap_or(true),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (alice.fingerprint.clone(), true),
+            (twin.fingerprint.clone(), false),
+            (alice.fingerprint.clone(), true),
+        ],
+        "{v}"
+    );
+    let differences = v["differences"].to_string();
+    assert!(
+        differences.contains(&twin.fingerprint) && differences.contains("not a key you published"),
+        "{differences}"
+    );
+}
+
+/// Head-key discovery through the signed test DNS (scripts/testdns.sh, docs/TESTDNS.md; run
+/// under `flock -o /work/team/dns.lock`, needs root for BIND): the `_kst-log.example.net` TXT
+/// record exactly as `kst log keygen` printed it, DNSSEC-validated (`--require-dnssec`), is
+/// pinned on first use; a different key in DNS afterwards is exit 5 until the user pins again
+/// with `kst client log-pin`; a forged (bogus) record is exit 5.
+#[test]
+fn the_head_key_is_found_in_dns_and_pinned() {
+    let (provider, _gpg, _alice) = Provider::with_alice();
+    let port = |var: &str, default: u16| {
+        std::env::var(var)
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(default)
+    };
+    let main = format!("127.0.0.1:{}", port("KST_DNS_PORT", 5300));
+    let forged = format!("127.0.0.1:{}", port("KST_DNS_FORGED_PORT", 5302));
+    let anchor = PathBuf::from(std::env::var("KST_DNS_DIR").unwrap_or("/tmp/kst-dns".into()))
+        .join("anchors/root.key");
+    let extra = provider.path("dns-extra");
+    std::fs::create_dir_all(&extra).unwrap();
+    let dns_up = |record: &str| {
+        std::fs::write(extra.join("example.net"), format!("{record}\n")).unwrap();
+        let out =
+            Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/testdns.sh"))
+                .arg("up")
+                .env("KST_DNS_EXTRA_DIR", &extra)
+                .output()
+                .unwrap();
+        assert_eq!(code(&out), 0, "scripts/testdns.sh up: {}", stderr(&out));
+    };
+    let bob = "bob@example.net";
+    let anchor_arg = anchor.to_str().unwrap().to_string();
+    let via = |resolver: &str| -> Vec<String> {
+        [
+            "--log-url",
+            provider.log_url.as_str(),
+            "--resolver",
+            resolver,
+            "--dns-anchor",
+            anchor_arg.as_str(),
+            "--require-dnssec",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let retrieve = |account: &str, resolver: &str| {
+        let args = via(resolver);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        provider.checked_as("sendmail", account, "alice@example.net", &args)
+    };
+    let log_pin = |extra: &[&str]| {
+        let args = via(&main);
+        let mut all = vec!["log-pin", "example.net"];
+        all.extend(args[2..].iter().map(String::as_str));
+        all.extend_from_slice(extra);
+        provider.client("sendmail", bob, &all)
+    };
+
+    dns_up(&provider.txt_record);
+    let (out, v) = retrieve(bob, &main);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let memory = provider.memory(bob);
+    assert_eq!(memory["head_key"], provider.head_key.as_str(), "{memory}");
+    assert_eq!(memory["pinned_from"], "dns (dnssec secure)", "{memory}");
+    assert!(
+        provider
+            .txt_record
+            .contains(memory["vrf_key"].as_str().unwrap_or("none")),
+        "{memory}"
+    );
+    assert_eq!(provider.remembered_epoch(bob), Some(1));
+
+    // The domain's record now names another head key: refused until pinned again.
+    let other = provider
+        .txt_record
+        .replace(&provider.head_key, &"22".repeat(32));
+    dns_up(&other);
+    let (out, v) = retrieve(bob, &main);
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(error.contains("kst client log-pin example.net"), "{error}");
+    assert_eq!(provider.memory(bob)["head_key"], provider.head_key.as_str());
+
+    // The user pins what DNS says now: heads are not signed by that key, exit 5.
+    let (out, v) = log_pin(&[]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["head_key"], "22".repeat(32).as_str(), "{v}");
+    assert_eq!(v["forgot_head"], true, "{v}");
+    let (out, v) = retrieve(bob, &main);
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+
+    // The record is right again and pinned again: the check passes.
+    dns_up(&provider.txt_record);
+    let (out, v) = log_pin(&[]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let (out, v) = retrieve(bob, &main);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+
+    // A forged record (its signature no longer matches): an attack, nothing pinned.
+    let (out, v) = retrieve("carol@example.net", &forged);
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+    assert_eq!(
+        provider.memory("carol@example.net")["head_key"],
+        Value::Null
+    );
 }

@@ -17,6 +17,11 @@
 //!   witnesses` hands in its cosignature (the head text with one cosignature line, at most
 //!   [`MAX_HEAD_TEXT`] bytes): 204 when stored; 403 for a witness not listed; 409 when the
 //!   head is not the one stored for its epoch; 400 when it does not verify.
+//! - with `?since=<epoch>`, a lookup also carries the append-only proof from that epoch (at
+//!   most `MAX_SINCE_EPOCHS` epochs back, else 422); `since` and `witnessed` combine;
+//! - `GET /.well-known/kst/log/<domain>/history/<address>`: the signed head and akd's history
+//!   proof of the address's newest versions (`kst_core::transparency::history`); 404 for an
+//!   address the directory never held.
 //!
 //! Unknown domain or an address of another domain: 404; not an address: 400; the directory
 //! unreadable: 503 (retry). Answers are not cached (`Cache-Control: no-store`): each names
@@ -70,6 +75,10 @@ pub fn router(
         .route(
             "/.well-known/kst/log/{domain}/cosignature",
             post(cosignature).layer(DefaultBodyLimit::max(MAX_HEAD_TEXT)),
+        )
+        .route(
+            "/.well-known/kst/log/{domain}/history/{address}",
+            get(history),
         )
         .with_state(LogState {
             logs: Arc::new(logs),
@@ -276,23 +285,71 @@ async fn cosignature(
     }
 }
 
+// A `Response` is what the handler returns, once; boxing it would buy nothing.
+#[allow(clippy::result_large_err)]
+/// The domain's log and the normalized address of a `.../<domain>/<route>/<address>` path,
+/// or the answer to give instead.
+fn log_and_address(
+    s: &LogState,
+    domain: &str,
+    address: &str,
+) -> Result<(Arc<DomainLog>, kst_core::Address), Response> {
+    let Some(log) = s.logs.get(domain) else {
+        return Err(not_found("no key directory for this domain"));
+    };
+    let Ok(address) = s.address_policy.normalize(address) else {
+        return Err(text(StatusCode::BAD_REQUEST, "not an address\n".into()));
+    };
+    if address.domain() != domain {
+        return Err(not_found("the address is not in this domain"));
+    }
+    Ok((log.clone(), address))
+}
+
+#[allow(clippy::result_large_err)]
+/// `since=<epoch>` of a query string (`None` without it); `Err` for anything else.
+fn since(query: Option<&str>) -> Result<Option<u64>, Response> {
+    let bad = || {
+        text(
+            StatusCode::BAD_REQUEST,
+            "the query may hold since=<epoch> (a number) and witnessed=1, nothing else\n".into(),
+        )
+    };
+    let mut since = None;
+    for kv in query.unwrap_or("").split('&').filter(|kv| !kv.is_empty()) {
+        match kv.split_once('=') {
+            Some(("since", v)) if since.is_none() => match v.parse::<u64>() {
+                Ok(epoch) => since = Some(epoch),
+                Err(_) => return Err(bad()),
+            },
+            Some(("witnessed", "1")) => {}
+            _ => return Err(bad()),
+        }
+    }
+    Ok(since)
+}
+
 async fn lookup(
     State(s): State<LogState>,
     Path((domain, address)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let Some(log) = s.logs.get(&domain) else {
-        return not_found("no key directory for this domain");
+    let (log, address) = match log_and_address(&s, &domain, &address) {
+        Ok(found) => found,
+        Err(r) => return r,
     };
-    let Ok(address) = s.address_policy.normalize(&address) else {
-        return text(StatusCode::BAD_REQUEST, "not an address\n".into());
+    let since = match since(query.as_deref()) {
+        Ok(s) => s,
+        Err(r) => return r,
     };
-    if address.domain() != domain {
-        return not_found("the address is not in this domain");
-    }
-    let witnessed = query_number(query.as_deref(), "witnessed") == Some(1);
-    let mut answer = match log.answer(&address, unix_now()).await {
+    let witnessed = query
+        .as_deref()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "witnessed=1"));
+    let mut answer = match log.answer_since(&address, since, unix_now()).await {
         Ok(a) => a,
+        Err(TransparencyError::Range(m)) => {
+            return text(StatusCode::UNPROCESSABLE_ENTITY, format!("{m}\n"));
+        }
         Err(e) => return failed(&domain, &e),
     };
     if witnessed {
@@ -304,6 +361,27 @@ async fn lookup(
     }
     match answer.to_text() {
         Ok(body) => text(StatusCode::OK, body),
+        Err(TransparencyError::Range(m)) => {
+            text(StatusCode::UNPROCESSABLE_ENTITY, format!("{m}\n"))
+        }
+        Err(e) => failed(&domain, &e),
+    }
+}
+
+async fn history(
+    State(s): State<LogState>,
+    Path((domain, address)): Path<(String, String)>,
+) -> Response {
+    let (log, address) = match log_and_address(&s, &domain, &address) {
+        Ok(found) => found,
+        Err(r) => return r,
+    };
+    match log.history(&address, unix_now()).await {
+        Ok(Some(h)) => match h.to_text() {
+            Ok(body) => text(StatusCode::OK, body),
+            Err(e) => failed(&domain, &e),
+        },
+        Ok(None) => not_found("the directory holds no version of this address"),
         Err(e) => failed(&domain, &e),
     }
 }

@@ -24,10 +24,13 @@ use std::sync::Arc;
 
 use tokio::sync::{Mutex, MutexGuard, mpsc, oneshot};
 
-use super::answer::{AnswerProof, LogAnswer, head_text, parse_head};
+use super::answer::{
+    AnswerProof, AppendOnlyFrom, LogAnswer, MAX_SINCE_EPOCHS, head_text, parse_head,
+};
 use super::directory::{KeyDirectory, LookupAnswer};
 use super::entry::{DirectoryEntry, EntryState};
 use super::head::{Cosignature, Head, SignedHead};
+use super::history::HistoryAnswer;
 use super::keys::LogKeys;
 use super::storage::{DirectoryStore, DirectoryStoreError, StoredDirectory};
 use super::witness::{AuditAnswer, MAX_AUDIT_EPOCHS, Witnessed};
@@ -93,8 +96,14 @@ enum Request {
     },
     Answer {
         address: Address,
+        since: Option<u64>,
         now: u64,
         reply: oneshot::Sender<Result<LogAnswer>>,
+    },
+    History {
+        address: Address,
+        now: u64,
+        reply: oneshot::Sender<Result<Option<HistoryAnswer>>>,
     },
     Audit {
         from: u64,
@@ -465,7 +474,33 @@ impl DomainLog {
     /// What the directory says about `address` at the latest epoch, with the signed head of
     /// that epoch: what the HTTP endpoint serves.
     pub async fn answer(&self, address: &Address, now: u64) -> Result<LogAnswer> {
+        self.answer_since(address, None, now).await
+    }
+
+    /// [`DomainLog::answer`] for a client that remembers the head of epoch `since`: the answer
+    /// also carries the append-only proof from `since` to its epoch when that is newer (at
+    /// most [`MAX_SINCE_EPOCHS`] epochs: further is [`TransparencyError::Range`], the
+    /// client's to fix by re-pinning).
+    pub async fn answer_since(
+        &self,
+        address: &Address,
+        since: Option<u64>,
+        now: u64,
+    ) -> Result<LogAnswer> {
         self.ask(|reply| Request::Answer {
+            address: address.clone(),
+            since,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    /// Every version of `address` the directory recorded (the newest
+    /// [`super::history::MAX_VERSIONS`]) with akd's history proof, against the signed head of
+    /// the latest epoch; `None` for an address it never held.
+    pub async fn history(&self, address: &Address, now: u64) -> Result<Option<HistoryAnswer>> {
+        self.ask(|reply| Request::History {
             address: address.clone(),
             now,
             reply,
@@ -489,6 +524,7 @@ impl Request {
             Request::Head { reply, .. } => drop(reply.send(Err(e))),
             Request::HeadAt { reply, .. } => drop(reply.send(Err(e))),
             Request::Answer { reply, .. } => drop(reply.send(Err(e))),
+            Request::History { reply, .. } => drop(reply.send(Err(e))),
             Request::Audit { reply, .. } => drop(reply.send(Err(e))),
         }
     }
@@ -539,10 +575,18 @@ impl Worker {
             }
             Request::Answer {
                 address,
+                since,
                 now,
                 reply,
             } => {
-                let _ = reply.send(self.answer(&address, now).await);
+                let _ = reply.send(self.answer(&address, since, now).await);
+            }
+            Request::History {
+                address,
+                now,
+                reply,
+            } => {
+                let _ = reply.send(self.history(&address, now).await);
             }
             Request::Audit { from, to, reply } => {
                 let result = match self.dir() {
@@ -629,12 +673,12 @@ impl Worker {
 
     /// [`Worker::answer_once`], again when another process committed meanwhile (a proof
     /// built across a commit can fail to read the old epoch's nodes).
-    async fn answer(&self, address: &Address, now: u64) -> Result<LogAnswer> {
+    async fn answer(&self, address: &Address, since: Option<u64>, now: u64) -> Result<LogAnswer> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let built_on = self.current().await.ok().map(|(e, _)| e);
-            match self.answer_once(address, now).await {
+            match self.answer_once(address, since, now).await {
                 Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
                     tracing::debug!(error = %e, "directory epoch moved during a lookup; again");
                     back_off(attempt).await;
@@ -644,7 +688,37 @@ impl Worker {
         }
     }
 
-    async fn answer_once(&self, address: &Address, now: u64) -> Result<LogAnswer> {
+    /// [`Worker::history`] with [`Worker::answer`]'s retries.
+    async fn history(&self, address: &Address, now: u64) -> Result<Option<HistoryAnswer>> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let built_on = self.current().await.ok().map(|(e, _)| e);
+            let result = match self.dir()?.history(address).await {
+                Ok(Some((proof, epoch, root))) => wire::encode_history(&proof).and_then(|p| {
+                    Ok(Some(HistoryAnswer {
+                        head: self.sign(epoch, root, now)?,
+                        proof: p,
+                    }))
+                }),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
+                    back_off(attempt).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn answer_once(
+        &self,
+        address: &Address,
+        since: Option<u64>,
+        now: u64,
+    ) -> Result<LogAnswer> {
         let (head, proof) = match self.dir()?.lookup(address).await? {
             LookupAnswer::Present {
                 epoch,
@@ -659,10 +733,28 @@ impl Worker {
                 AnswerProof::Absent(wire::encode_absence(&proof)?),
             ),
         };
+        let append_only = match since {
+            Some(from) if from > 0 && from < head.head.epoch => {
+                if head.head.epoch - from > MAX_SINCE_EPOCHS {
+                    return Err(TransparencyError::Range(format!(
+                        "since={from}: more than {MAX_SINCE_EPOCHS} epochs before the latest \
+                         ({}); forget the remembered head and pin the domain's key again",
+                        head.head.epoch
+                    )));
+                }
+                let proof = self.dir()?.audit(from, head.head.epoch).await?;
+                Some(AppendOnlyFrom {
+                    from,
+                    proof: wire::encode_audit(&proof)?,
+                })
+            }
+            _ => None,
+        };
         Ok(LogAnswer {
             head,
             proof,
             witnessed: None,
+            append_only,
         })
     }
 

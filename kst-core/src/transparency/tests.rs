@@ -768,3 +768,192 @@ async fn heads_that_go_back_or_fork_do_not_follow() {
         "another directory"
     );
 }
+
+/// The answer of `dir` for `a` against `h`, with the append-only proof from epoch `since`.
+async fn answer_since(
+    dir: &KeyDirectory<AsyncInMemoryDatabase>,
+    h: &SignedHead,
+    a: &Address,
+    since: Option<u64>,
+) -> super::answer::LogAnswer {
+    use super::answer::{AnswerProof, AppendOnlyFrom, LogAnswer};
+    let append_only = match since {
+        Some(from) if from < h.head.epoch => Some(AppendOnlyFrom {
+            from,
+            proof: wire::encode_audit(&dir.audit(from, h.head.epoch).await.unwrap()).unwrap(),
+        }),
+        _ => None,
+    };
+    let answer = LogAnswer {
+        head: h.clone(),
+        proof: AnswerProof::Present(wire::encode_lookup(&lookup_proof(dir, a).await).unwrap()),
+        witnessed: None,
+        append_only,
+    };
+    // Through the text and back, as a client receives it.
+    LogAnswer::parse(&answer.to_text().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_remembered_head_catches_forks_and_rollbacks_without_intermediate_roots() {
+    let (vrf, signer) = (VrfSecret::generate(), HeadSigner::generate());
+    let honest = directory(&vrf).await;
+    let forked = directory(&vrf).await;
+    let alice = addr("alice@example.net");
+    for dir in [&honest, &forked] {
+        publish(dir, &[first("alice@example.net", b"alice")]).await;
+    }
+    let h1 = head(&honest, &signer).await;
+    for i in 0..3u64 {
+        publish(
+            &honest,
+            &[first(&format!("user{i}@example.net"), &i.to_be_bytes())],
+        )
+        .await;
+    }
+    let h4 = head(&honest, &signer).await;
+    assert_eq!(h4.head.epoch, 4);
+
+    // Three epochs at once: the client holds only the heads of epochs 1 and 4; the
+    // intermediate roots come out of the proof.
+    let a = answer_since(&honest, &h4, &alice, Some(1)).await;
+    let started = std::time::Instant::now();
+    a.verify_extends(&h1.head).await.unwrap();
+    eprintln!(
+        "append-only proof over 3 epochs (1 insertion each, 5 entries): {} bytes, answer text {} \
+         bytes, verified (roots derived from the proof) in {:?}",
+        a.append_only.as_ref().map_or(0, |x| x.proof.len()),
+        a.to_text().unwrap().len(),
+        started.elapsed()
+    );
+    let roots = super::verify::append_only_roots(&honest.audit(1, 4).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(roots.len(), 3);
+    assert_eq!(roots[2], h4.head.root_hash);
+    // The same head again, and the remembered one itself: nothing to prove.
+    answer_since(&honest, &h4, &alice, None)
+        .await
+        .verify_extends(&h4.head)
+        .await
+        .unwrap();
+    // A newer head without the proof, or with one from another epoch: refused.
+    let e = answer_since(&honest, &h4, &alice, None)
+        .await
+        .verify_extends(&h1.head)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no append-only proof"), "{e}");
+    let h2_like = Head {
+        epoch: 2,
+        ..h1.head.clone()
+    };
+    assert!(a.verify_extends(&h2_like).await.is_err());
+    // A rollback: the remembered head is newer than the answer's.
+    let old = answer_since(&honest, &h1, &alice, None).await;
+    let e = old.verify_extends(&h4.head).await.unwrap_err();
+    assert!(e.to_string().contains("older"), "{e}");
+
+    // The fork: the same keys, another history from epoch 2 on (mallory's key for alice).
+    publish(
+        &forked,
+        &[(alice.clone(), entry(2, EntryState::Published, b"mallory"))],
+    )
+    .await;
+    let f2 = head(&forked, &signer).await;
+    let fa = answer_since(&forked, &f2, &alice, Some(1)).await;
+    // From epoch 1 the fork is append-only (it is another continuation) ...
+    fa.verify_extends(&h1.head).await.unwrap();
+    // ... but a client that saw the honest epoch 2 or later catches it.
+    let honest2 = Head {
+        epoch: 2,
+        root_hash: roots[0],
+        ..h4.head.clone()
+    };
+    let e = fa.verify_extends(&honest2).await.unwrap_err();
+    assert!(e.to_string().contains("fork"), "{e}");
+    for i in 0..3u64 {
+        publish(
+            &forked,
+            &[first(&format!("other{i}@example.net"), &i.to_be_bytes())],
+        )
+        .await;
+    }
+    let f5 = head(&forked, &signer).await;
+    let fa = answer_since(&forked, &f5, &alice, Some(4)).await;
+    assert!(fa.verify_extends(&h4.head).await.is_err());
+    // A forged proof: the honest proof spliced onto the forked head.
+    let mut spliced = answer_since(&honest, &h4, &alice, Some(1)).await;
+    spliced.head = f5.clone();
+    assert!(spliced.verify_extends(&h1.head).await.is_err());
+    // Garbage in the append-only line is an error, not a panic.
+    let text = a.to_text().unwrap();
+    let broken = text.replace("append-only 1 ", "append-only x ");
+    assert!(super::answer::LogAnswer::parse(&broken).is_err());
+    let truncated = format!("{}\n", &text[..text.len() - 40]);
+    if let Ok(t) = super::answer::LogAnswer::parse(&truncated) {
+        assert!(t.verify_extends(&h1.head).await.is_err());
+    }
+}
+
+#[tokio::test]
+async fn the_history_proof_lists_every_version_and_refuses_another_head() {
+    use super::history::HistoryAnswer;
+    let (_, signer, dir) = fresh().await;
+    let alice = addr("alice@example.net");
+    publish(&dir, &[first("alice@example.net", b"alice")]).await;
+    publish(&dir, &[first("bob@example.net", b"bob")]).await;
+    publish(
+        &dir,
+        &[(alice.clone(), entry(2, EntryState::Published, b"insider"))],
+    )
+    .await;
+    publish(
+        &dir,
+        &[(alice.clone(), entry(3, EntryState::Published, b"alice"))],
+    )
+    .await;
+    let h = head(&dir, &signer).await;
+    let (proof, epoch, root) = dir.history(&alice).await.unwrap().unwrap();
+    assert_eq!((epoch, root), (h.head.epoch, h.head.root_hash));
+    let answer = HistoryAnswer {
+        head: h.clone(),
+        proof: wire::encode_history(&proof).unwrap(),
+    };
+    let answer = HistoryAnswer::parse(&answer.to_text().unwrap()).unwrap();
+    let versions = answer.verify(&signer.public_key(), &alice).unwrap();
+    let seen: Vec<(u64, u64, bool)> = versions
+        .iter()
+        .map(|v| {
+            let e = v.entry.as_ref().unwrap();
+            (v.epoch, v.akd_version, e.commits_to_key(b"insider"))
+        })
+        .collect();
+    assert_eq!(seen, vec![(4, 3, false), (3, 2, true), (1, 1, false)]);
+    assert!(
+        dir.history(&addr("carol@example.net"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Another address's proof, another head key, a head with another root: refused.
+    assert!(
+        answer
+            .verify(&signer.public_key(), &addr("bob@example.net"))
+            .is_err()
+    );
+    assert!(
+        answer
+            .verify(&HeadSigner::generate().public_key(), &alice)
+            .is_err()
+    );
+    let mut stale = answer.clone();
+    stale.head = signer
+        .sign(Head {
+            root_hash: [7; 32],
+            ..h.head.clone()
+        })
+        .unwrap();
+    assert!(stale.verify(&signer.public_key(), &alice).is_err());
+    assert!(HistoryAnswer::parse("kst-log-history-v1\n").is_err());
+}
