@@ -1376,7 +1376,7 @@ fn the_client_remembers_heads_and_catches_a_rollback_and_a_fork() {
 /// alice's key again, but `status` reports the insider's version, exit 6.
 #[test]
 fn the_owner_sees_a_key_an_insider_published() {
-    let provider = Provider::start(false);
+    let provider = Provider::start(Backend::Fs);
     let gpg = Gpg::new();
     let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
     let alice_key = provider.path("alice.asc");
