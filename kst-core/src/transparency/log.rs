@@ -112,11 +112,13 @@ enum Request {
     },
 }
 
-/// The directory and the head key, owned by the directory's thread.
+/// The directory and the head key, owned by the directory's thread. The directory is opened
+/// by the first request that finds it closed (a store that is down at start: every request
+/// fails as a temporary error until it is back).
 struct Worker {
     keys: LogKeys,
-    directory: KeyDirectory<StoredDirectory<dyn DirectoryStore>>,
     store: Arc<dyn DirectoryStore>,
+    directory: Option<KeyDirectory<StoredDirectory<dyn DirectoryStore>>>,
 }
 
 /// Waits a random while before attempt `attempt + 1` of a write.
@@ -171,13 +173,16 @@ fn gone() -> TransparencyError {
 
 impl DomainLog {
     /// Opens the log of `keys.domain` kept in `store` (creating the empty directory on first
-    /// use) on a thread of its own, which ends when the log is dropped.
+    /// use) on a thread of its own, which ends when the log is dropped. A store that cannot be
+    /// read now does not fail this (a daemon starts while its database is down): it is logged,
+    /// and each request opens the directory until that succeeds, failing meanwhile.
     pub async fn open(store: Arc<dyn DirectoryStore>, keys: LogKeys) -> Result<Self> {
         let domain = keys.domain.clone();
         let head_key = keys.head.public_key();
+        let vrf_key = keys.vrf.public_key()?;
         let (requests, mut inbox) = mpsc::unbounded_channel::<Request>();
         let worker_store = Arc::clone(&store);
-        let (opened, open_result) = oneshot::channel::<Result<[u8; 32]>>();
+        let (opened, open_result) = oneshot::channel::<Result<()>>();
         std::thread::Builder::new()
             .name(format!("kst-log-{domain}"))
             .spawn(move || {
@@ -194,14 +199,15 @@ impl DomainLog {
                     }
                 };
                 runtime.block_on(async move {
-                    let worker = match Worker::open(worker_store, keys).await {
-                        Ok(w) => w,
-                        Err(e) => {
-                            let _ = opened.send(Err(e));
-                            return;
-                        }
+                    let mut worker = Worker {
+                        keys,
+                        store: worker_store,
+                        directory: None,
                     };
-                    if opened.send(worker.directory.vrf_public_key()).is_err() {
+                    if let Err(e) = worker.open().await {
+                        tracing::warn!(domain = %worker.keys.domain, error = %e, "the key directory cannot be read now; opening it again with the next request");
+                    }
+                    if opened.send(Ok(())).is_err() {
                         return;
                     }
                     while let Some(request) = inbox.recv().await {
@@ -214,7 +220,7 @@ impl DomainLog {
                     "cannot start the key directory's thread: {e}"
                 ))
             })?;
-        let vrf_key = open_result.await.map_err(|_| gone())??;
+        open_result.await.map_err(|_| gone())??;
         Ok(DomainLog {
             domain,
             head_key,
@@ -509,19 +515,45 @@ impl DomainLog {
     }
 }
 
+impl Request {
+    /// Answers with `e`.
+    fn fail(self, e: TransparencyError) {
+        // A caller that gave up is not an error.
+        match self {
+            Request::Sync { reply, .. } => drop(reply.send(Err(e))),
+            Request::Head { reply, .. } => drop(reply.send(Err(e))),
+            Request::HeadAt { reply, .. } => drop(reply.send(Err(e))),
+            Request::Answer { reply, .. } => drop(reply.send(Err(e))),
+            Request::History { reply, .. } => drop(reply.send(Err(e))),
+            Request::Audit { reply, .. } => drop(reply.send(Err(e))),
+        }
+    }
+}
+
 impl Worker {
-    async fn open(store: Arc<dyn DirectoryStore>, keys: LogKeys) -> Result<Self> {
-        let db = StoredDirectory::new(Arc::clone(&store), &keys.domain);
-        let directory = KeyDirectory::open(db, keys.vrf.clone()).await?;
-        Ok(Worker {
-            keys,
-            directory,
-            store,
-        })
+    /// Opens the directory (creating the empty one on first use) unless it is open.
+    async fn open(&mut self) -> Result<()> {
+        if self.directory.is_none() {
+            let db = StoredDirectory::new(Arc::clone(&self.store), &self.keys.domain);
+            self.directory = Some(KeyDirectory::open(db, self.keys.vrf.clone()).await?);
+        }
+        Ok(())
     }
 
-    /// Answers one request; a caller that gave up is not an error.
-    async fn handle(&self, request: Request) {
+    /// The open directory.
+    fn dir(&self) -> Result<&KeyDirectory<StoredDirectory<dyn DirectoryStore>>> {
+        self.directory
+            .as_ref()
+            .ok_or_else(|| TransparencyError::Directory("the directory is not open yet".into()))
+    }
+
+    /// Answers one request (opening the directory first if needed); a caller that gave up is
+    /// not an error.
+    async fn handle(&mut self, request: Request) {
+        if let Err(e) = self.open().await {
+            request.fail(e);
+            return;
+        }
         match request {
             Request::Sync {
                 address,
@@ -532,7 +564,7 @@ impl Worker {
                 let _ = reply.send(self.sync(&address, current.as_ref(), now).await);
             }
             Request::Head { now, reply } => {
-                let result = match self.directory.current().await {
+                let result = match self.current().await {
                     Ok((epoch, root)) => self.ensure_head(epoch, root, now).await,
                     Err(e) => Err(e),
                 };
@@ -557,7 +589,11 @@ impl Worker {
                 let _ = reply.send(self.history(&address, now).await);
             }
             Request::Audit { from, to, reply } => {
-                let _ = reply.send(self.directory.audit(from, to).await);
+                let result = match self.dir() {
+                    Ok(d) => d.audit(from, to).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
             }
         }
     }
@@ -571,7 +607,7 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let built_on = self.directory.current().await.ok().map(|(e, _)| e);
+            let built_on = self.current().await.ok().map(|(e, _)| e);
             match self.sync_once(address, current, now).await {
                 Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
                     tracing::info!(domain = %self.keys.domain, attempt, error = %e, "directory epoch moved under this writer; rebuilding the batch");
@@ -599,7 +635,7 @@ impl Worker {
         current: Option<&KeyRecord>,
         now: u64,
     ) -> Result<Synced> {
-        let latest = self.directory.latest(address).await?;
+        let latest = self.dir()?.latest(address).await?;
         let wanted = match (current, &latest) {
             (Some(record), _) => DirectoryEntry::for_record(record),
             (None, Some(entry)) if entry.state != EntryState::Deleted => {
@@ -608,13 +644,13 @@ impl Worker {
             (None, _) => return Ok(Synced::AlreadyRecorded),
         };
         // The epoch this one is built on keeps its head (signed now if its writer did not).
-        let (built_on, built_on_root) = self.directory.current().await?;
+        let (built_on, built_on_root) = self.current().await?;
         self.ensure_head(built_on, built_on_root, now).await?;
         if latest.as_ref() == Some(&wanted) {
             return Ok(Synced::AlreadyRecorded);
         }
         let (epoch, root_hash) = self
-            .directory
+            .dir()?
             .publish(&[(address.clone(), wanted.clone())])
             .await?;
         self.ensure_head(epoch, root_hash, now).await?;
@@ -625,9 +661,14 @@ impl Worker {
         })
     }
 
+    /// The latest epoch and its root hash.
+    async fn current(&self) -> Result<(u64, [u8; 32])> {
+        self.dir()?.current().await
+    }
+
     /// Whether the stored epoch is no longer `epoch`.
     async fn epoch_moved(&self, epoch: u64) -> bool {
-        matches!(self.directory.current().await, Ok((e, _)) if e != epoch)
+        matches!(self.current().await, Ok((e, _)) if e != epoch)
     }
 
     /// [`Worker::answer_once`], again when another process committed meanwhile (a proof
@@ -636,7 +677,7 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let built_on = self.directory.current().await.ok().map(|(e, _)| e);
+            let built_on = self.current().await.ok().map(|(e, _)| e);
             match self.answer_once(address, since, now).await {
                 Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
                     tracing::debug!(error = %e, "directory epoch moved during a lookup; again");
@@ -652,8 +693,8 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let built_on = self.directory.current().await.ok().map(|(e, _)| e);
-            let result = match self.directory.history(address).await {
+            let built_on = self.current().await.ok().map(|(e, _)| e);
+            let result = match self.dir()?.history(address).await {
                 Ok(Some((proof, epoch, root))) => wire::encode_history(&proof).and_then(|p| {
                     Ok(Some(HistoryAnswer {
                         head: self.sign(epoch, root, now)?,
@@ -678,7 +719,7 @@ impl Worker {
         since: Option<u64>,
         now: u64,
     ) -> Result<LogAnswer> {
-        let (head, proof) = match self.directory.lookup(address).await? {
+        let (head, proof) = match self.dir()?.lookup(address).await? {
             LookupAnswer::Present {
                 epoch,
                 root_hash,
@@ -701,7 +742,7 @@ impl Worker {
                         head.head.epoch
                     )));
                 }
-                let proof = self.directory.audit(from, head.head.epoch).await?;
+                let proof = self.dir()?.audit(from, head.head.epoch).await?;
                 Some(AppendOnlyFrom {
                     from,
                     proof: wire::encode_audit(&proof)?,
@@ -719,7 +760,7 @@ impl Worker {
 
     /// The stored head of `epoch` if it is the latest; else a head stored for it, if any.
     async fn head_at(&self, epoch: u64, now: u64) -> Result<Option<SignedHead>> {
-        let (latest, root) = self.directory.current().await?;
+        let (latest, root) = self.current().await?;
         if epoch == latest {
             return self.ensure_head(epoch, root, now).await.map(Some);
         }
@@ -769,7 +810,7 @@ impl Worker {
     ) -> Result<SignedHead> {
         check_stored_head(
             &self.keys.domain,
-            &self.directory.vrf_public_key()?,
+            &self.keys.vrf.public_key()?,
             &self.keys.head.public_key(),
             epoch,
             root_hash,
@@ -782,7 +823,7 @@ impl Worker {
             domain: self.keys.domain.clone(),
             epoch,
             root_hash,
-            vrf_public_key: self.directory.vrf_public_key()?,
+            vrf_public_key: self.keys.vrf.public_key()?,
             signed_at: now,
         })
     }

@@ -10,18 +10,18 @@
 //! ```
 //!
 //! Empty `key_file` (the default): no directory. Set, every served domain must have its key
-//! file (mode 0600), the store must be `fs` or `postgres` (Redis does not store the directory
-//! yet), and kst must be built with the `transparency` feature; each is a configuration error
-//! otherwise. Every publication and deletion is then recorded in the domain's directory, and
-//! `kst serve` answers `/.well-known/kst/log/<domain>/...` on `[web]` (or `[http]` when
+//! file (mode 0600) and kst must be built with the `transparency` feature (the default); each
+//! is a configuration error otherwise. The directory is kept in the store `[store]` names
+//! (fs, postgres or redis). Every publication and deletion is then recorded in the domain's
+//! directory, and `kst serve` answers `/.well-known/kst/log/<domain>/...` on `[web]` (or `[http]` when
 //! `[web]` is off).
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::ConfigError;
 use super::dkim::DOMAIN_PLACEHOLDER;
-use super::{ConfigError, StoreBackend};
 
 /// `[transparency]`: the key directory.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,7 +81,7 @@ impl TransparencyConfig {
     }
 
     /// Checks what can be checked without reading the key files.
-    pub fn validate(&self, backend: StoreBackend) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         self.witness_keys()?;
         if !self.enabled() {
             return Ok(());
@@ -91,13 +91,6 @@ impl TransparencyConfig {
                 "transparency.key_file",
                 "this kst was built without the `transparency` feature (cargo build --features \
                  transparency); leave key_file empty",
-            ));
-        }
-        if backend == StoreBackend::Redis {
-            return Err(ConfigError::key(
-                "transparency.key_file",
-                "the key directory is stored by the fs and postgres backends so far; Redis is \
-                 next (docs/TRANSPARENCY.md)",
             ));
         }
         Ok(())
