@@ -117,9 +117,9 @@ mod tests {
         }
         for bad in ["", "w", "w:zz", &format!("a b:{key}"), &format!(":{key}")] {
             let c = config(vec![bad.to_string()]);
-            assert!(c.validate(StoreBackend::Fs).is_err(), "{bad:?}");
+            assert!(c.validate().is_err(), "{bad:?}");
         }
         let many = config(vec![format!("w:{key}"); MAX_WITNESSES + 1]);
-        assert!(many.validate(StoreBackend::Fs).is_err());
+        assert!(many.validate().is_err());
     }
 }
