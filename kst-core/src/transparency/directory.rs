@@ -112,6 +112,24 @@ impl<S: Database + 'static> KeyDirectory<S> {
         }
     }
 
+    /// Every entry the directory holds for `address`, oldest first, each with the epoch that
+    /// recorded it (no proof: for the operator's checks and tests); empty when it never held
+    /// one.
+    pub async fn history(&self, address: &Address) -> Result<Vec<(u64, DirectoryEntry)>> {
+        match self.storage.get_user_data(&directory_label(address)).await {
+            Ok(data) => {
+                let mut states = data.states;
+                states.sort_by_key(|s| s.epoch);
+                states
+                    .iter()
+                    .map(|s| Ok((s.epoch, DirectoryEntry::from_value(&s.value)?)))
+                    .collect()
+            }
+            Err(StorageError::NotFound(_)) => Ok(Vec::new()),
+            Err(e) => Err(TransparencyError::Directory(e.to_string())),
+        }
+    }
+
     /// Proves what the directory holds for `address` at the latest epoch.
     pub async fn lookup(&self, address: &Address) -> Result<LookupAnswer> {
         let label = directory_label(address);
