@@ -33,7 +33,7 @@ cleanup_more() {
 }
 
 # The embedded default configuration serves example.test and trusts the MTA localhost.
-"$KST" log keygen example.test --output "$WORK/log-example.test.key" >/dev/null
+KST_KST__DOMAINS=example.test "$KST" log keygen example.test --output "$WORK/log-example.test.key" >/dev/null
 NO_RATE_LIMITS="KST_LIMITS__PER_SENDER=0 KST_LIMITS__PER_ACCOUNT=0 KST_LIMITS__PER_SOURCE_IP=0 KST_LIMITS__PER_SENDER_QUERY=0"
 
 run() { # store directory(off|on) round
@@ -65,7 +65,7 @@ run() { # store directory(off|on) round
   wait "$pid" || true
   python3 -c "import json,sys; r=json.loads(open(sys.argv[1]).readline()); r.update(store=sys.argv[2], kt=sys.argv[3], load=sys.argv[4]); print(json.dumps(r))" \
     "$out" "$store" "$kt" "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RESULTS"
-  log "$store, directory $kt, round $round: $(tail -1 "$RESULTS" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"{r[\"rate\"]:.0f} msg/s, load {r[\"load\"]}")')"
+  log "$store, directory $kt, round $round: $(tail -1 "$RESULTS" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f msg/s, load %s" % (r["rate"], r["load"]))')"
 }
 
 for store in $STORES; do
