@@ -76,6 +76,31 @@ impl<S: Database + 'static> KeyDirectory<S> {
         })
     }
 
+    /// [`KeyDirectory::open`] with akd's node cache: akd then reads the tree level by level
+    /// in batches (one read per level instead of one per node) and keeps what it read. The
+    /// cache is never trusted across requests: the caller calls [`KeyDirectory::forget`]
+    /// before each one, so another process's commits are seen (a batch built on stale nodes
+    /// is refused by the fence anyway).
+    pub async fn open_cached(db: S, vrf: VrfSecret) -> Result<Self> {
+        let storage = StorageManager::new(db, None, None, None);
+        let directory = Directory::new(
+            storage.clone(),
+            vrf.clone(),
+            AzksParallelismConfig::disabled(),
+        )
+        .await?;
+        Ok(KeyDirectory {
+            directory,
+            storage,
+            vrf,
+        })
+    }
+
+    /// Drops what the node cache holds ([`KeyDirectory::open_cached`]).
+    pub async fn forget(&self) {
+        self.storage.flush_cache().await;
+    }
+
     /// The VRF public key clients verify labels with.
     pub fn vrf_public_key(&self) -> Result<[u8; 32]> {
         self.vrf.public_key()

@@ -437,7 +437,7 @@ impl Worker {
         caller: tokio::runtime::Handle,
     ) -> Result<Self> {
         let db = StoredDirectory::new(store, &keys.domain);
-        let directory = KeyDirectory::open(db.clone(), keys.vrf.clone()).await?;
+        let directory = KeyDirectory::open_cached(db.clone(), keys.vrf.clone()).await?;
         Ok(Worker {
             keys,
             db,
@@ -448,6 +448,8 @@ impl Worker {
 
     /// Answers one request; a caller that gave up is not an error.
     async fn handle(&self, request: Request) {
+        // Another process may have committed since the last request.
+        self.directory.forget().await;
         match request {
             Request::Sync(s) => self.sync_batch(vec![s]).await,
             Request::History { address, reply } => {
@@ -493,6 +495,8 @@ impl Worker {
         }
         let mut failures = 0;
         while !pending.is_empty() {
+            // Every attempt reads afresh (another process may have committed).
+            self.directory.forget().await;
             let built_on = self.directory.current().await.ok().map(|(e, _)| e);
             self.db.pin(built_on);
             let round = self.round(&mut pending).await;
@@ -641,6 +645,7 @@ impl Worker {
 
     /// Whether the stored epoch is no longer `epoch`.
     async fn epoch_moved(&self, epoch: u64) -> bool {
+        self.directory.forget().await;
         matches!(self.directory.current().await, Ok((e, _)) if e != epoch)
     }
 
@@ -650,6 +655,7 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            self.directory.forget().await;
             let built_on = self.directory.current().await.ok().map(|(e, _)| e);
             match self.answer_once(address, now).await {
                 Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
