@@ -26,7 +26,7 @@ use kst_core::KeyStore;
 use kst_core::transparency::DirectoryStore;
 use kst_fs::{FsDirectoryStore, FsStore};
 use kst_postgres::{PgDirectoryStore, PostgresStore};
-use kst_tests::serve::{ServeProcess, free_port, http_get};
+use kst_tests::serve::{ServeProcess, free_port};
 use kst_tests::{
     Gpg, TestDb, code, kst_binary, make_maildir, run_json, stderr, write_sendmail_script,
 };
@@ -85,36 +85,11 @@ async fn one_address_is_recorded_in_store_order_on_postgres() {
     kst_core::conformance::directory::one_address_in_store_order(stores, dirs).await;
 }
 
-/// A KST for example.net with its directory on, behind sendmail-style scripts, replying into
-/// a Maildir, and `kst serve` answering the directory's HTTP endpoint.
-struct Provider {
-    dir: tempfile::TempDir,
-    bin: PathBuf,
-    head_key: String,
-    log_url: String,
-    _serve: ServeProcess,
-    // Dropped after `kst serve` stopped.
-    _db: Option<TestDb>,
-}
-
-impl Provider {
-    /// The provider on the fs store, or on a fresh PostgreSQL database with `postgres`.
-    fn start(postgres: bool) -> Provider {
-        let bin = kst_binary();
-        let dir = tempfile::Builder::new()
-            .prefix("kst-transparency-")
-            .tempdir()
-            .unwrap();
-        let p = dir.path();
-        make_maildir(&p.join("Maildir"));
-        let http = free_port();
-        let db = postgres.then(TestDb::new);
-        let store = match &db {
-            Some(db) => format!("backend = \"postgres\"\nurl = \"{}\"", db.url),
-            None => format!("backend = \"fs\"\npath = \"{}\"", p.join("keys").display()),
-        };
-        let base = format!(
-            r#"[kst]
+/// The configuration of a KST for example.net on `store`, spooling replies into `p`'s
+/// Maildir, serving `[http]` on `http` (no `[transparency]`).
+fn base_config(p: &std::path::Path, store: &str, http: std::net::SocketAddr, sock: &str) -> String {
+    format!(
+        r#"[kst]
 domains = ["example.net"]
 auth_source = "sasl-argv"
 
@@ -131,34 +106,103 @@ listen = "unix:{sock}"
 [http]
 listen = "{http}"
 "#,
-            new = p.join("Maildir/new").display(),
-            sock = p.join("lmtp.sock").display(),
-        );
+        new = p.join("Maildir/new").display(),
+        sock = p.join(sock).display(),
+    )
+}
+
+/// A KST for example.net with its directory on, behind sendmail-style scripts, replying into
+/// a Maildir, and `kst serve` answering the directory's HTTP endpoint.
+struct Provider {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    head_key: String,
+    /// The `_kst-log` TXT record `kst log keygen` printed.
+    txt_record: String,
+    log_url: String,
+    _serve: ServeProcess,
+    // Dropped after `kst serve` stopped.
+    _db: Option<TestDb>,
+}
+
+impl Provider {
+    /// The provider on the fs store, or on a fresh PostgreSQL database with `postgres`.
+    fn start(postgres: bool) -> Provider {
+        Provider::start_with(postgres, "", None)
+    }
+
+    /// [`Provider::start`] with `transparency` appended to its `[transparency]` section and,
+    /// with `log_keys`, that log key file instead of fresh keys (a second directory with the
+    /// same keys: a fork).
+    fn start_with(
+        postgres: bool,
+        transparency: &str,
+        log_keys: Option<&std::path::Path>,
+    ) -> Provider {
+        let bin = kst_binary();
+        let dir = tempfile::Builder::new()
+            .prefix("kst-transparency-")
+            .tempdir()
+            .unwrap();
+        let p = dir.path();
+        make_maildir(&p.join("Maildir"));
+        let http = free_port();
+        let db = postgres.then(TestDb::new);
+        let store = match &db {
+            Some(db) => format!("backend = \"postgres\"\nurl = \"{}\"", db.url),
+            None => format!("backend = \"fs\"\npath = \"{}\"", p.join("keys").display()),
+        };
+        let base = base_config(p, &store, http, "lmtp.sock");
         // The insider's configuration: the same store, no directory.
         std::fs::write(p.join("no-log.toml"), &base).unwrap();
         std::fs::write(
             p.join("kst.toml"),
             format!(
-                "{base}\n[transparency]\nkey_file = \"{}\"\n",
+                "{base}\n[transparency]\nkey_file = \"{}\"\n{transparency}\n",
                 p.join("log-{domain}.key").display()
             ),
         )
         .unwrap();
-        let out = Command::new(&bin)
-            .env_clear()
-            .arg("--config")
-            .arg(p.join("kst.toml"))
-            .args(["log", "keygen", "example.net", "--output"])
-            .arg(p.join("log-example.net.key"))
-            .output()
-            .unwrap();
-        assert_eq!(code(&out), 0, "kst log keygen: {}", stderr(&out));
-        let printed = String::from_utf8(out.stdout).unwrap();
-        let head_key = printed
-            .lines()
-            .find_map(|l| l.strip_prefix("head-key "))
-            .expect("kst log keygen prints the head key")
-            .to_string();
+        let (head_key, txt_record) = match log_keys {
+            Some(file) => {
+                use std::os::unix::fs::PermissionsExt;
+                let to = p.join("log-example.net.key");
+                std::fs::copy(file, &to).unwrap();
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+                let keys =
+                    kst_core::transparency::LogKeys::parse(&std::fs::read_to_string(&to).unwrap())
+                        .unwrap();
+                let hex = |k: [u8; 32]| k.iter().map(|b| format!("{b:02x}")).collect::<String>();
+                let head = hex(keys.head.public_key());
+                let vrf = hex(keys.vrf.public_key().unwrap());
+                let txt =
+                    format!("_kst-log.example.net. IN TXT \"v=kstlog1; head={head}; vrf={vrf}\"");
+                (head, txt)
+            }
+            None => {
+                let out = Command::new(&bin)
+                    .env_clear()
+                    .arg("--config")
+                    .arg(p.join("kst.toml"))
+                    .args(["log", "keygen", "example.net", "--output"])
+                    .arg(p.join("log-example.net.key"))
+                    .output()
+                    .unwrap();
+                assert_eq!(code(&out), 0, "kst log keygen: {}", stderr(&out));
+                let printed = String::from_utf8(out.stdout).unwrap();
+                let head_key = printed
+                    .lines()
+                    .find_map(|l| l.strip_prefix("head-key "))
+                    .expect("kst log keygen prints the head key")
+                    .to_string();
+                let txt_record = printed
+                    .lines()
+                    .find(|l| l.starts_with("_kst-log.example.net. IN TXT \"v=kstlog1; head="))
+                    .expect("kst log keygen prints the DNS record")
+                    .to_string();
+                (head_key, txt_record)
+            }
+        };
         for (script, config) in [("sendmail", "kst.toml"), ("sendmail-no-log", "no-log.toml")] {
             write_sendmail_script(&p.join(script), &bin, &p.join(config));
         }
@@ -169,6 +213,7 @@ listen = "{http}"
         Provider {
             bin,
             head_key,
+            txt_record,
             log_url: format!("http://{http}"),
             _serve: serve,
             _db: db,
@@ -180,8 +225,126 @@ listen = "{http}"
         self.dir.path().join(name)
     }
 
+    /// Another KST with the same directory keys on the fs store at `store` (a restored
+    /// backup, or a second directory: a fork), replying into the same Maildir, with its own
+    /// sendmail script `sendmail-NAME` and `kst serve`; returns the serve process and its URL.
+    fn twin_kst(&self, name: &str, store: &std::path::Path) -> (ServeProcess, String) {
+        let p = self.dir.path();
+        let http = free_port();
+        let config = p.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "{}\n[transparency]\nkey_file = \"{}\"\n",
+                base_config(
+                    p,
+                    &format!("backend = \"fs\"\npath = \"{}\"", store.display()),
+                    http,
+                    &format!("lmtp-{name}.sock")
+                ),
+                p.join("log-{domain}.key").display()
+            ),
+        )
+        .unwrap();
+        write_sendmail_script(&p.join(format!("sendmail-{name}")), &self.bin, &config);
+        let serve = ServeProcess::start_binary(
+            &self.bin,
+            p.join(format!("serve-{name}.log")),
+            http,
+            |cmd| {
+                cmd.arg("--config").arg(&config);
+            },
+        );
+        (serve, format!("http://{http}"))
+    }
+
+    /// `retrieve ADDRESS --check-transparency` as `account` with `extra` flags (the log URL,
+    /// the head key, a resolver), the request handed to `sendmail`.
+    fn checked_as(
+        &self,
+        sendmail: &str,
+        account: &str,
+        address: &str,
+        extra: &[&str],
+    ) -> (Output, Value) {
+        let mut args = vec!["retrieve", address, "--check-transparency"];
+        args.extend_from_slice(extra);
+        self.client(sendmail, account, &args)
+    }
+
+    /// A key for each of `names` (`NAME@example.net`) published through `sendmail`.
+    fn publish_new(&self, gpg: &Gpg, sendmail: &str, names: &[&str]) {
+        for who in names {
+            let address = format!("{who}@example.net");
+            let k = gpg.generate(who, &address, "ed25519");
+            self.publish(sendmail, &address, &k.public_armored);
+        }
+    }
+
+    /// `account`'s checked retrieval of alice's key through `sendmail`, against the directory
+    /// at `url`, is refused as an attack (exit 5) saying `why`.
+    fn refused_as_attack(&self, sendmail: &str, account: &str, url: &str, why: &str) {
+        let (out, v) = self.checked_as(
+            sendmail,
+            account,
+            "alice@example.net",
+            &["--log-url", url, "--log-key", &self.head_key],
+        );
+        assert_eq!(
+            (code(&out), v["outcome"].as_str()),
+            (5, Some("attack")),
+            "{v}\n{}",
+            stderr(&out)
+        );
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{error}");
+    }
+
+    /// What `account`'s client remembers about example.net's directory.
+    fn memory(&self, account: &str) -> Value {
+        let path = self.path(&format!("state-{account}/transparency/example.net.json"));
+        serde_json::from_slice(&std::fs::read(&path).unwrap_or_default()).unwrap_or(Value::Null)
+    }
+
+    /// The remembered epoch of `account`'s client.
+    fn remembered_epoch(&self, account: &str) -> Option<u64> {
+        self.memory(account)["head"].as_str().map(|h| {
+            kst_core::transparency::answer::parse_head(h)
+                .unwrap()
+                .head
+                .epoch
+        })
+    }
+
+    /// The evidence files `account`'s client kept.
+    fn evidence(&self, account: &str) -> Vec<PathBuf> {
+        std::fs::read_dir(self.path(&format!("state-{account}/transparency/evidence")))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The provider on the fs store with alice's key published; the keyring that made it.
+    fn with_alice() -> (Provider, Gpg, kst_tests::GpgKey) {
+        let provider = Provider::start(false);
+        let gpg = Gpg::new();
+        let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+        provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+        (provider, gpg, alice)
+    }
+
     /// `kst client --account ACCOUNT --json ... ARGS`, requests handed to `sendmail`.
     fn client(&self, sendmail: &str, account: &str, args: &[&str]) -> (Output, Value) {
+        self.client_in(account, sendmail, account, args)
+    }
+
+    /// [`Provider::client`] with the client state `state-STATE` (another machine's client).
+    fn client_in(
+        &self,
+        state: &str,
+        sendmail: &str,
+        account: &str,
+        args: &[&str],
+    ) -> (Output, Value) {
         std::fs::write(self.path("no-client.toml"), "").unwrap();
         let mut cmd = Command::new(&self.bin);
         cmd.args(["client", "--account", account, "--json", "--timeout", "30"])
@@ -190,7 +353,7 @@ listen = "{http}"
             .arg("--maildir")
             .arg(self.path("Maildir"))
             .arg("--state-file")
-            .arg(self.path(&format!("state-{account}/pending.json")))
+            .arg(self.path(&format!("state-{state}/pending.json")))
             .arg("--client-config")
             .arg(self.path("no-client.toml"))
             .args(args)
@@ -234,8 +397,34 @@ listen = "{http}"
     }
 
     fn http_get(&self, path: &str) -> (u16, String) {
-        let at = self.log_url.trim_start_matches("http://").parse().unwrap();
-        http_get(at, path)
+        self.http("GET", path, "")
+    }
+
+    /// `METHOD path` with `body` to the log's listener; the status and the body.
+    fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let addr = self.log_url.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut text = String::new();
+        // A server that refuses a large body may close before reading it all.
+        let _ = s.read_to_string(&mut text);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        (status, body)
     }
 }
 
@@ -355,5 +544,748 @@ fn checked_retrievals(provider: &Provider) {
     assert_eq!(
         head.head.epoch, 4,
         "alice's publication, the twin, her republication and her deletion: {body}"
+    );
+}
+
+/// `kst log ...` with no kst configuration (a witness or an auditor is a third party).
+fn kst_log(bin: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(bin)
+        .env_clear()
+        .arg("log")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A witness: its key file, public key and state directory.
+struct Witness {
+    dir: tempfile::TempDir,
+    public: String,
+}
+
+impl Witness {
+    fn new(bin: &std::path::Path) -> Witness {
+        let dir = tempfile::Builder::new()
+            .prefix("kst-witness-")
+            .tempdir()
+            .unwrap();
+        let key = dir.path().join("witness.key");
+        let out = kst_log(
+            bin,
+            &[
+                "witness",
+                "keygen",
+                "--name",
+                "w1",
+                "--output",
+                key.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code(&out), 0, "kst log witness keygen: {}", stderr(&out));
+        let printed = String::from_utf8(out.stdout).unwrap();
+        let public = printed
+            .lines()
+            .find_map(|l| l.strip_prefix("witness-key "))
+            .expect("keygen prints the witness key")
+            .to_string();
+        assert!(
+            printed.contains(&format!("witnesses = [\"w1:{public}\"]")),
+            "keygen prints the configuration entry: {printed}"
+        );
+        Witness { dir, public }
+    }
+
+    fn entry(&self) -> String {
+        format!("w1:{}", self.public)
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// One round of `kst log witness run --submit` against `url` with `head_key`.
+    fn run(&self, bin: &std::path::Path, url: &str, head_key: &str) -> Output {
+        kst_log(
+            bin,
+            &[
+                "witness",
+                "run",
+                "--log-url",
+                url,
+                "--domain",
+                "example.net",
+                "--log-key",
+                head_key,
+                "--key",
+                self.dir.path().join("witness.key").to_str().unwrap(),
+                "--state",
+                self.state().to_str().unwrap(),
+                "--once",
+                "--submit",
+            ],
+        )
+    }
+
+    /// The fork evidence files in the state directory.
+    fn evidence(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.state())
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with("fork-"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// `kst log audit URL --once` with its state in `state`.
+fn audit(bin: &std::path::Path, url: &str, head_key: &str, state: &std::path::Path) -> Output {
+    kst_log(
+        bin,
+        &[
+            "audit",
+            url,
+            "--domain",
+            "example.net",
+            "--log-key",
+            head_key,
+            "--state",
+            state.to_str().unwrap(),
+            "--once",
+        ],
+    )
+}
+
+impl Provider {
+    /// Bob's checked retrieval of `address` requiring the witnesses `witness` (flags added).
+    fn witnessed_retrieve(&self, address: &str, extra: &[&str]) -> (Output, Value) {
+        let mut args = vec![
+            "retrieve",
+            address,
+            "--check-transparency",
+            "--log-url",
+            self.log_url.as_str(),
+            "--log-key",
+            self.head_key.as_str(),
+        ];
+        args.extend_from_slice(extra);
+        self.client("sendmail", "bob@example.net", &args)
+    }
+
+    fn http_post(&self, path: &str, body: &str) -> (u16, String) {
+        self.http("POST", path, body)
+    }
+}
+
+fn outcome(out: &Output, v: &Value) -> (i32, Option<String>) {
+    (code(out), v["outcome"].as_str().map(str::to_string))
+}
+
+/// A witness cosigns the KST's heads over several epochs (checking the append-only proof
+/// each time), the KST serves its cosignatures, a client requiring the witness accepts the
+/// cosigned answers (also for an epoch newer than the cosigned one, through the append-only
+/// proof in the answer) and exits 5 without the cosignature, with an unknown witness, or with
+/// a cosignature older than it allows; an auditor follows the heads from epoch 0.
+#[test]
+fn a_witness_cosigns_the_heads_and_a_client_requires_it() {
+    let bin = kst_binary();
+    let witness = Witness::new(&bin);
+    let provider = Provider::start_with(
+        false,
+        &format!("witnesses = [\"{}\"]", witness.entry()),
+        None,
+    );
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+    let require = ["--witness", &witness.entry()];
+
+    // Nothing cosigned yet: the client requiring the witness refuses.
+    let (out, v) = provider.witnessed_retrieve("alice@example.net", &require);
+    assert_eq!(
+        outcome(&out, &v),
+        (5, Some("attack".into())),
+        "{v}\n{}",
+        stderr(&out)
+    );
+    assert!(
+        v["error"].as_str().unwrap_or_default().contains("witness"),
+        "{v}"
+    );
+
+    // The witness's first round takes the head on trust and cosigns it.
+    let out = witness.run(&bin, &provider.log_url, &provider.head_key);
+    assert_eq!(code(&out), 0, "witness: {}", stderr(&out));
+    assert!(witness.state().join("example.net.head").exists());
+    let (status, body) = provider.http_get("/.well-known/kst/log/example.net/head");
+    assert_eq!(status, 200, "{body}");
+    let (head, cosignatures) =
+        kst_core::transparency::witness::parse_head_with_cosignatures(&body).unwrap();
+    assert_eq!(head.head.epoch, 1, "{body}");
+    assert_eq!(
+        cosignatures.len(),
+        1,
+        "the head carries the cosignature: {body}"
+    );
+    cosignatures[0].verify(&head).unwrap();
+
+    let (out, v) = provider.witnessed_retrieve("alice@example.net", &require);
+    assert_eq!(code(&out), 0, "cosigned: {v}\n{}", stderr(&out));
+    assert_eq!(v["fingerprint"], alice.fingerprint.as_str());
+
+    // Another witness the client requires did not cosign: refused; with a threshold of one
+    // of the two, accepted.
+    let other = format!("w2:{}", "22".repeat(32));
+    let (out, v) = provider.witnessed_retrieve(
+        "alice@example.net",
+        &["--witness", &witness.entry(), "--witness", &other],
+    );
+    assert_eq!(outcome(&out, &v), (5, Some("attack".into())), "{v}");
+    let (out, v) = provider.witnessed_retrieve(
+        "alice@example.net",
+        &[
+            "--witness",
+            &witness.entry(),
+            "--witness",
+            &other,
+            "--witness-threshold",
+            "1",
+        ],
+    );
+    assert_eq!(code(&out), 0, "one of two: {v}\n{}", stderr(&out));
+
+    // Two more epochs: the answer's head (epoch 3) is newer than the cosigned one (1); the
+    // answer carries the append-only proof from 1 to 3 and the client accepts it.
+    let carol = gpg.generate("Carol", "carol@example.net", "ed25519");
+    provider.publish("sendmail", "carol@example.net", &carol.public_armored);
+    let dave = gpg.generate("Dave", "dave@example.net", "ed25519");
+    provider.publish("sendmail", "dave@example.net", &dave.public_armored);
+    let (out, v) = provider.witnessed_retrieve("carol@example.net", &require);
+    assert_eq!(
+        code(&out),
+        0,
+        "epoch 3 through the proof from 1: {v}\n{}",
+        stderr(&out)
+    );
+    // An address never published: the absence proof, witnessed the same way.
+    let (out, v) = provider.witnessed_retrieve("nobody@example.net", &require);
+    assert_eq!(
+        outcome(&out, &v),
+        (1, Some("not-found".into())),
+        "{v}\n{}",
+        stderr(&out)
+    );
+
+    // Figures for docs/TRANSPARENCY.md (printed, not asserted).
+    let (_, v1) = provider.http_get("/.well-known/kst/log/example.net/lookup/carol@example.net");
+    let (_, v2) =
+        provider.http_get("/.well-known/kst/log/example.net/lookup/carol@example.net?witnessed=1");
+    eprintln!(
+        "figure: lookup answer {} bytes; with the witnesses' part over epochs 1 to 3: {} bytes",
+        v1.len(),
+        v2.len()
+    );
+
+    // The witness's second round checks the proof from 1 to 3 and cosigns epoch 3.
+    let started = std::time::Instant::now();
+    let out = witness.run(&bin, &provider.log_url, &provider.head_key);
+    eprintln!(
+        "figure: a witness round over epochs 1 to 3 (process start to exit): {:?}",
+        started.elapsed()
+    );
+    assert_eq!(code(&out), 0, "witness, second round: {}", stderr(&out));
+    let (_, body) = provider.http_get("/.well-known/kst/log/example.net/head");
+    let (head, cosignatures) =
+        kst_core::transparency::witness::parse_head_with_cosignatures(&body).unwrap();
+    assert_eq!((head.head.epoch, cosignatures.len()), (3, 1), "{body}");
+    // Older heads keep theirs.
+    let (status, body) = provider.http_get("/.well-known/kst/log/example.net/head/1");
+    assert_eq!(status, 200);
+    assert!(body.contains("\ncosignature "), "{body}");
+    let (status, _) = provider.http_get("/.well-known/kst/log/example.net/head/9");
+    assert_eq!(status, 404);
+
+    // A cosignature older than the client allows is refused.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (out, v) = provider.witnessed_retrieve(
+        "alice@example.net",
+        &["--witness", &witness.entry(), "--witness-max-age", "0"],
+    );
+    assert_eq!(outcome(&out, &v), (5, Some("attack".into())), "{v}");
+
+    // An auditor follows the heads from epoch 0, then from what it remembers.
+    let audit_state = witness.dir.path().join("audit");
+    let out = audit(&bin, &provider.log_url, &provider.head_key, &audit_state);
+    assert_eq!(code(&out), 0, "audit: {}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("epoch 3"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = audit(&bin, &provider.log_url, &provider.head_key, &audit_state);
+    assert_eq!(code(&out), 0, "audit again: {}", stderr(&out));
+
+    // The endpoint's refusals: a witness the log does not list (403), a cosignature of a
+    // head the log did not store (409), a malformed body and a range too long (400).
+    let stranger = Witness::new(&bin);
+    let out = stranger.run(&bin, &provider.log_url, &provider.head_key);
+    assert_eq!(code(&out), 75, "unlisted witness: {}", stderr(&out));
+    assert!(stderr(&out).contains("403"), "{}", stderr(&out));
+    let signer = kst_core::transparency::HeadSigner::generate();
+    let mut forged = head.clone();
+    forged.head.signed_at += 1;
+    let text = kst_core::transparency::witness::head_with_cosignatures_text(
+        &forged,
+        &[signer.cosign(&forged, 1).unwrap()],
+    )
+    .unwrap();
+    let (status, _) = provider.http_post("/.well-known/kst/log/example.net/cosignature", &text);
+    assert_eq!(status, 403, "a witness not listed");
+    // The listed witness cosigning a head the log did not store for that epoch (another
+    // signing time): 409, nothing stored.
+    let key_text = std::fs::read_to_string(witness.dir.path().join("witness.key")).unwrap();
+    let seed = kst_core::transparency::answer::hex32(
+        key_text
+            .lines()
+            .find_map(|l| l.strip_prefix("witness-key: "))
+            .unwrap(),
+    )
+    .unwrap();
+    let listed = kst_core::transparency::HeadSigner::from_bytes(&seed);
+    let text = kst_core::transparency::witness::head_with_cosignatures_text(
+        &forged,
+        &[listed.cosign(&forged, 1).unwrap()],
+    )
+    .unwrap();
+    let (status, _) = provider.http_post("/.well-known/kst/log/example.net/cosignature", &text);
+    assert_eq!(status, 409, "a head the log did not store");
+    let (status, _) = provider.http_post("/.well-known/kst/log/example.net/cosignature", "junk");
+    assert_eq!(status, 400);
+    let (status, _) = provider.http_post(
+        "/.well-known/kst/log/example.net/cosignature",
+        &"x".repeat(64 * 1024),
+    );
+    assert_eq!(status, 413, "a body over the bound");
+    let (status, _) = provider.http_get("/.well-known/kst/log/example.net/audit?from=0&to=5000");
+    assert_eq!(status, 400);
+    let (status, _) = provider.http_get("/.well-known/kst/log/example.net/audit?from=3&to=1");
+    assert_eq!(status, 400);
+    let (status, _) = provider.http_get("/.well-known/kst/log/example.net/audit?from=0");
+    assert_eq!(status, 400);
+    let (status, body) = provider.http_get("/.well-known/kst/log/example.net/audit?from=0&to=3");
+    assert_eq!(status, 200, "{body}");
+    let answer = kst_core::transparency::witness::AuditAnswer::parse(&body).unwrap();
+    assert_eq!(answer.heads.len(), 4);
+    eprintln!(
+        "figure: audit answer over epochs 0 to 3: {} bytes ({} of them the proof, base64)",
+        body.len(),
+        body.lines().last().map_or(0, str::len)
+    );
+}
+
+/// A second directory with the same keys (a provider showing one party another history:
+/// here alice's key differs at epoch 1) is a fork: the witness that cosigned the first
+/// refuses to cosign the second (exit 5, both heads kept as evidence), and so does an
+/// auditor that followed the first; a client requiring the witness refuses the second
+/// directory's answers.
+#[test]
+fn a_forked_directory_is_refused_by_the_witness_and_the_auditor() {
+    let bin = kst_binary();
+    let witness = Witness::new(&bin);
+    let config = format!("witnesses = [\"{}\"]", witness.entry());
+    let honest = Provider::start_with(false, &config, None);
+    let fork = Provider::start_with(false, &config, Some(&honest.path("log-example.net.key")));
+    assert_eq!(honest.head_key, fork.head_key);
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    honest.publish("sendmail", "alice@example.net", &alice.public_armored);
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    fork.publish("sendmail", "alice@example.net", &twin.public_armored);
+
+    let out = witness.run(&bin, &honest.log_url, &honest.head_key);
+    assert_eq!(code(&out), 0, "witness on the honest log: {}", stderr(&out));
+    let audit_state = witness.dir.path().join("audit");
+    let out = audit(&bin, &honest.log_url, &honest.head_key, &audit_state);
+    assert_eq!(code(&out), 0, "audit of the honest log: {}", stderr(&out));
+
+    // Same epoch, another root.
+    let out = witness.run(&bin, &fork.log_url, &fork.head_key);
+    assert_eq!(code(&out), 5, "witness on the fork: {}", stderr(&out));
+    assert!(stderr(&out).contains("fork"), "{}", stderr(&out));
+    let evidence = witness.evidence();
+    assert_eq!(evidence.len(), 1, "{evidence:?}");
+    let text = std::fs::read_to_string(&evidence[0]).unwrap();
+    assert_eq!(
+        text.matches("kst-log-head-v1").count(),
+        2,
+        "both heads: {text}"
+    );
+    let out = audit(&bin, &fork.log_url, &fork.head_key, &audit_state);
+    assert_eq!(code(&out), 5, "audit of the fork: {}", stderr(&out));
+
+    // The fork moves on: its audit answer from epoch 1 does not start at the honest root.
+    let bob = gpg.generate("Bob", "bob@example.net", "ed25519");
+    fork.publish("sendmail", "bob@example.net", &bob.public_armored);
+    let out = witness.run(&bin, &fork.log_url, &fork.head_key);
+    assert_eq!(
+        code(&out),
+        5,
+        "witness on the fork at epoch 2: {}",
+        stderr(&out)
+    );
+    let out = audit(&bin, &fork.log_url, &fork.head_key, &audit_state);
+    assert_eq!(
+        code(&out),
+        5,
+        "audit of the fork at epoch 2: {}",
+        stderr(&out)
+    );
+
+    // The witness's state still holds the honest head: the honest log is still cosigned.
+    let out = witness.run(&bin, &honest.log_url, &honest.head_key);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+
+    // A client requiring the witness: the honest answer passes, the fork's (never cosigned)
+    // does not.
+    let require = ["--witness", &witness.entry()];
+    let (out, v) = honest.witnessed_retrieve("alice@example.net", &require);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let (out, v) = fork.witnessed_retrieve("alice@example.net", &require);
+    assert_eq!(outcome(&out, &v), (5, Some("attack".into())), "{v}");
+}
+
+/// On `[web]` the log's routes are under `[web.limits]`: the per-client counter WKD and VKS
+/// use answers 429 past its budget.
+#[test]
+fn log_routes_are_rate_limited_on_web() {
+    let web = free_port();
+    let provider = Provider::start_with(
+        false,
+        &format!("\n[web]\nlisten = \"{web}\"\n\n[web.limits]\nper_client = 3\n"),
+        None,
+    );
+    let url = format!("http://{web}");
+    let web_provider = Provider {
+        log_url: url,
+        ..provider
+    };
+    // `kst serve` answered on [http]; wait for [web] too (a connection is no request).
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(web).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let statuses: Vec<u16> = [
+        "/.well-known/kst/log/example.net/head",
+        "/.well-known/kst/log/example.net/keys",
+        "/.well-known/kst/log/example.net/lookup/alice@example.net",
+        "/.well-known/kst/log/example.net/head",
+        "/.well-known/kst/log/example.net/audit?from=0&to=0",
+    ]
+    .iter()
+    .map(|path| web_provider.http_get(path).0)
+    .collect();
+    assert_eq!(statuses, vec![200, 200, 200, 429, 429], "{statuses:?}");
+}
+
+/// The client's memory of heads (issue 18): bob's client remembers the newest head it
+/// verified and asks `?since=` on the next look-up; two retrievals across new epochs pass
+/// (one of them three epochs on). A KST restored from a backup (an older epoch) and a second
+/// directory with the same keys (a fork: another history from epoch 2 on, serving a twin key
+/// for alice with a valid proof of its own) are both caught, exit 5, the evidence kept and
+/// the remembered head left as it was.
+#[test]
+fn the_client_remembers_heads_and_catches_a_rollback_and_a_fork() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    let key = provider.head_key.clone();
+    let honest = [
+        "--log-url",
+        provider.log_url.as_str(),
+        "--log-key",
+        key.as_str(),
+    ];
+
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &honest);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(provider.remembered_epoch(bob), Some(1));
+    assert_eq!(provider.memory(bob)["head_key"], key.as_str());
+    assert_eq!(provider.memory(bob)["pinned_from"], "--log-key");
+
+    // A backup of the store and its directory at epoch 1.
+    let backup = provider.path("keys-backup");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(provider.path("keys"))
+        .arg(&backup)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // A second directory with the same keys: alice's key at epoch 1 (the same root as the
+    // honest one), then a twin key for alice at epoch 2, and more epochs.
+    let fork_store = provider.path("keys-fork");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(provider.path("keys"))
+        .arg(&fork_store)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (_fork, fork_url) = provider.twin_kst("fork", &fork_store);
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail-fork", "alice@example.net", &twin.public_armored);
+
+    // New epochs on the honest side: one, then three at once.
+    let carol = gpg.generate("Carol", "carol@example.net", "ed25519");
+    provider.publish("sendmail", "carol@example.net", &carol.public_armored);
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &honest);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(provider.remembered_epoch(bob), Some(2));
+    provider.publish_new(&gpg, "sendmail", &["dave", "erin", "frank"]);
+    let (out, v) = provider.checked_as("sendmail", bob, "carol@example.net", &honest);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(provider.remembered_epoch(bob), Some(5));
+    assert!(provider.evidence(bob).is_empty());
+
+    // The KST restored from the backup answers at epoch 1: a rollback.
+    let (_restored, restored_url) = provider.twin_kst("restored", &backup);
+    provider.refused_as_attack("sendmail", bob, &restored_url, "older than the remembered");
+    assert_eq!(provider.remembered_epoch(bob), Some(5), "not rolled back");
+    assert_eq!(provider.evidence(bob).len(), 1);
+
+    // The fork: its KST serves the twin with a valid HMAC and its directory proves the twin
+    // against its own head of the same key; bob's remembered head says otherwise.
+    provider.publish_new(
+        &twin_gpg,
+        "sendmail-fork",
+        &["gina", "hank", "ivan", "jack"],
+    );
+    provider.refused_as_attack("sendmail-fork", bob, &fork_url, "fork or rollback");
+    assert_eq!(provider.remembered_epoch(bob), Some(5));
+    assert_eq!(provider.evidence(bob).len(), 2);
+    let evidence = std::fs::read_to_string(&provider.evidence(bob)[0]).unwrap();
+    assert!(evidence.contains("kst-log-answer-v1"), "{evidence}");
+
+    // A client that never saw the honest directory accepts the fork: the memory is what
+    // catches it (and witnesses, later, for first contact).
+    let (out, v) = provider.checked_as(
+        "sendmail-fork",
+        "carol@example.net",
+        "alice@example.net",
+        &["--log-url", &fork_url, "--log-key", &key],
+    );
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["fingerprint"], twin.fingerprint.as_str());
+
+    // The honest directory still passes for bob, and a bad since= is refused by the server.
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &honest);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let (status, _) =
+        provider.http_get("/.well-known/kst/log/example.net/lookup/alice@example.net?since=x");
+    assert_eq!(status, 400);
+    let (status, body) =
+        provider.http_get("/.well-known/kst/log/example.net/lookup/alice@example.net?since=99");
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("append-only"), "{body}");
+}
+
+/// The owner's monitor (issue 18): alice's `status --check-transparency` lists every version
+/// the directory recorded for her address. An insider (a second `kst deliver` configuration
+/// with the same `[transparency]` key, publishing for alice without alice's client) puts a
+/// key in the store and the directory, then puts alice's key back: what is served now is
+/// alice's key again, but `status` reports the insider's version, exit 6.
+#[test]
+fn the_owner_sees_a_key_an_insider_published() {
+    let provider = Provider::start(false);
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let alice_key = provider.path("alice.asc");
+    std::fs::write(&alice_key, &alice.public_armored).unwrap();
+    provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+    let (_insider, _) = provider.twin_kst("insider", &provider.path("keys"));
+    let status = |provider: &Provider| {
+        provider.client(
+            "sendmail",
+            "alice@example.net",
+            &[
+                "status",
+                "--key",
+                alice_key.to_str().unwrap(),
+                "--check-transparency",
+                "--log-url",
+                &provider.log_url,
+                "--log-key",
+                &provider.head_key,
+            ],
+        )
+    };
+    let (out, v) = status(&provider);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["outcome"], "match", "{v}");
+    let versions = v["directory"].as_array().cloned().unwrap_or_default();
+    assert_eq!(versions.len(), 1, "{v}");
+    assert_eq!(versions[0]["fingerprint"], alice.fingerprint.as_str());
+    assert_eq!(versions[0]["yours"], true);
+
+    // The insider publishes a twin for alice, then alice's own key again, from another
+    // machine (another client state: alice's client never sees these requests).
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    for armored in [&twin.public_armored, &alice.public_armored] {
+        let file = provider.path("insider.asc");
+        std::fs::write(&file, armored).unwrap();
+        let (out, v) = provider.client_in(
+            "insider",
+            "sendmail-insider",
+            "alice@example.net",
+            &["publish", "--key", file.to_str().unwrap()],
+        );
+        assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    }
+    let (out, v) = status(&provider);
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (6, Some("mismatch")),
+        "{v}\n{}",
+        stderr(&out)
+    );
+    assert_eq!(v["served"]["fingerprint"], alice.fingerprint.as_str());
+    let versions = v["directory"].as_array().cloned().unwrap_or_default();
+    let seen: Vec<(String, bool)> = versions
+        .iter()
+        .map(|x| {
+            (
+                x["fingerprint"].as_str().unwrap_or_default().to_string(),
+                x["yours"].as_bool().unwrap_or(true),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (alice.fingerprint.clone(), true),
+            (twin.fingerprint.clone(), false),
+            (alice.fingerprint.clone(), true),
+        ],
+        "{v}"
+    );
+    let differences = v["differences"].to_string();
+    assert!(
+        differences.contains(&twin.fingerprint) && differences.contains("not a key you published"),
+        "{differences}"
+    );
+}
+
+/// Head-key discovery through the signed test DNS (scripts/testdns.sh, docs/TESTDNS.md; run
+/// under `flock -o /work/team/dns.lock`, needs root for BIND): the `_kst-log.example.net` TXT
+/// record exactly as `kst log keygen` printed it, DNSSEC-validated (`--require-dnssec`), is
+/// pinned on first use; a different key in DNS afterwards is exit 5 until the user pins again
+/// with `kst client log-pin`; a forged (bogus) record is exit 5.
+#[test]
+fn the_head_key_is_found_in_dns_and_pinned() {
+    let (provider, _gpg, _alice) = Provider::with_alice();
+    let port = |var: &str, default: u16| {
+        std::env::var(var)
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(default)
+    };
+    let main = format!("127.0.0.1:{}", port("KST_DNS_PORT", 5300));
+    let forged = format!("127.0.0.1:{}", port("KST_DNS_FORGED_PORT", 5302));
+    let anchor = PathBuf::from(std::env::var("KST_DNS_DIR").unwrap_or("/tmp/kst-dns".into()))
+        .join("anchors/root.key");
+    let extra = provider.path("dns-extra");
+    std::fs::create_dir_all(&extra).unwrap();
+    let dns_up = |record: &str| {
+        std::fs::write(extra.join("example.net"), format!("{record}\n")).unwrap();
+        let out =
+            Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/testdns.sh"))
+                .arg("up")
+                .env("KST_DNS_EXTRA_DIR", &extra)
+                .output()
+                .unwrap();
+        assert_eq!(code(&out), 0, "scripts/testdns.sh up: {}", stderr(&out));
+    };
+    let bob = "bob@example.net";
+    let anchor_arg = anchor.to_str().unwrap().to_string();
+    let via = |resolver: &str| -> Vec<String> {
+        [
+            "--log-url",
+            provider.log_url.as_str(),
+            "--resolver",
+            resolver,
+            "--dns-anchor",
+            anchor_arg.as_str(),
+            "--require-dnssec",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let retrieve = |account: &str, resolver: &str| {
+        let args = via(resolver);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        provider.checked_as("sendmail", account, "alice@example.net", &args)
+    };
+    let log_pin = |extra: &[&str]| {
+        let args = via(&main);
+        let mut all = vec!["log-pin", "example.net"];
+        all.extend(args[2..].iter().map(String::as_str));
+        all.extend_from_slice(extra);
+        provider.client("sendmail", bob, &all)
+    };
+
+    dns_up(&provider.txt_record);
+    let (out, v) = retrieve(bob, &main);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let memory = provider.memory(bob);
+    assert_eq!(memory["head_key"], provider.head_key.as_str(), "{memory}");
+    assert_eq!(memory["pinned_from"], "dns (dnssec secure)", "{memory}");
+    assert!(
+        provider
+            .txt_record
+            .contains(memory["vrf_key"].as_str().unwrap_or("none")),
+        "{memory}"
+    );
+    assert_eq!(provider.remembered_epoch(bob), Some(1));
+
+    // The domain's record now names another head key: refused until pinned again.
+    let other = provider
+        .txt_record
+        .replace(&provider.head_key, &"22".repeat(32));
+    dns_up(&other);
+    let (out, v) = retrieve(bob, &main);
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(error.contains("kst client log-pin example.net"), "{error}");
+    assert_eq!(provider.memory(bob)["head_key"], provider.head_key.as_str());
+
+    // The user pins what DNS says now: heads are not signed by that key, exit 5.
+    let (out, v) = log_pin(&[]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["head_key"], "22".repeat(32).as_str(), "{v}");
+    assert_eq!(v["forgot_head"], true, "{v}");
+    let (out, v) = retrieve(bob, &main);
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+
+    // The record is right again and pinned again: the check passes.
+    dns_up(&provider.txt_record);
+    let (out, v) = log_pin(&[]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let (out, v) = retrieve(bob, &main);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+
+    // A forged record (its signature no longer matches): an attack, nothing pinned.
+    let (out, v) = retrieve("carol@example.net", &forged);
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+    assert_eq!(
+        provider.memory("carol@example.net")["head_key"],
+        Value::Null
     );
 }

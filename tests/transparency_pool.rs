@@ -307,7 +307,7 @@ fn run(pool: Pool) {
         let mut recorded_in = Vec::new();
         for i in 0..SHARED + OWN {
             let address = user(i);
-            let history = log.history(&address).await.unwrap();
+            let history = log.entries(&address).await.unwrap();
             recorded_in.extend(history.iter().map(|(e, _)| *e));
             let entries: Vec<&DirectoryEntry> = history.iter().map(|(_, e)| e).collect();
             let stored = store.history(&address).await.unwrap();

@@ -6,7 +6,15 @@
 //! kt/<domain>/nodes/<xx>/<node key hex> one tree node (xx: the label's first byte)
 //! kt/<domain>/values/<sha256(label)>/<epoch, 20 digits>   one value state
 //! kt/<domain>/lock                      flock(2) of the writer committing a batch
+//! kt/<domain>/heads/<epoch, 20 digits>  the signed head of an epoch (created once, by link)
+//! kt/<domain>/cosignatures/<epoch, 20 digits>/<witness hex>   a witness's cosignature
+//! kt/<domain>/witnesses/<witness hex>   epoch (8 bytes) ‖ the witness's newest cosignature
 //! ```
+//!
+//! A head is written to a temporary file, synced, and hard-linked to its name: the link fails
+//! when a head is there already, so the first writer's head stays (insert-if-absent without a
+//! lock). A cosignature is written (durable replace) under the domain's lock, then the
+//! witness's newest one if its epoch is not older than the stored one.
 //!
 //! A commit takes the domain's lock, checks the fence against `root`, then writes the nodes
 //! and value states (each file written to a temporary name and renamed into place), makes
@@ -100,14 +108,7 @@ fn read(path: &Path) -> Result<Option<Vec<u8>>, DirectoryStoreError> {
 }
 
 fn read_root(dir: &Path) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
-    let path = dir.join("root");
-    let Some(bytes) = read(&path)? else {
-        return Ok(None);
-    };
-    let (epoch, blob) = bytes
-        .split_first_chunk::<8>()
-        .ok_or_else(|| DirectoryStoreError::Corrupt(format!("{} is truncated", path.display())))?;
-    Ok(Some((u64::from_be_bytes(*epoch), blob.to_vec())))
+    read_epoch_blob(&dir.join("root"))
 }
 
 /// Whether one `syncfs(2)` makes a batch durable (else each file and directory is synced).
@@ -246,6 +247,107 @@ fn sync_file_system(_: &Path) -> Result<(), DirectoryStoreError> {
     Ok(())
 }
 
+fn heads_dir(dir: &Path) -> PathBuf {
+    dir.join("heads")
+}
+
+fn epoch_name(epoch: u64) -> String {
+    format!("{epoch:020}")
+}
+
+/// [`DirectoryStore::insert_head`]: link a synced temporary file to the head's name.
+fn insert_head(dir: &Path, epoch: u64, head: &[u8]) -> Result<Vec<u8>, DirectoryStoreError> {
+    let heads = heads_dir(dir);
+    let path = heads.join(epoch_name(epoch));
+    if let Some(stored) = read(&path)? {
+        return Ok(stored);
+    }
+    std::fs::create_dir_all(&heads).map_err(|e| unavailable("create", &heads, e))?;
+    let temp = heads.join(format!(".tmp-{:016x}", rand_suffix()));
+    let written = (|| {
+        let mut f = std::fs::File::create(&temp)?;
+        f.write_all(head)?;
+        f.sync_all()?;
+        std::fs::hard_link(&temp, &path)
+    })();
+    let _ = std::fs::remove_file(&temp);
+    match written {
+        Ok(()) => {
+            sync_dir(&heads).map_err(|e| unavailable("sync", &heads, e))?;
+            sync_dir(dir).map_err(|e| unavailable("sync", dir, e))?;
+            Ok(head.to_vec())
+        }
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => read(&path)?.ok_or_else(|| {
+            DirectoryStoreError::Corrupt(format!("{} vanished after it was linked", path.display()))
+        }),
+        Err(e) => Err(unavailable("write", &path, e)),
+    }
+}
+
+/// Reads `epoch (8 bytes) ‖ blob`.
+fn read_epoch_blob(path: &Path) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
+    let Some(bytes) = read(path)? else {
+        return Ok(None);
+    };
+    let (epoch, blob) = bytes
+        .split_first_chunk::<8>()
+        .ok_or_else(|| DirectoryStoreError::Corrupt(format!("{} is truncated", path.display())))?;
+    Ok(Some((u64::from_be_bytes(*epoch), blob.to_vec())))
+}
+
+/// [`DirectoryStore::put_cosignature`], under the domain's lock.
+fn put_cosignature(
+    dir: &Path,
+    epoch: u64,
+    witness: &[u8; 32],
+    cosignature: &[u8],
+) -> Result<(), DirectoryStoreError> {
+    let _lock = DomainLock::acquire(dir)?;
+    let name = hex::encode(witness);
+    let path = dir.join("cosignatures").join(epoch_name(epoch)).join(&name);
+    write_unsynced_dir(&path, cosignature)?;
+    for d in [path.parent(), path.parent().and_then(Path::parent)]
+        .into_iter()
+        .flatten()
+    {
+        sync_dir(d).map_err(|e| unavailable("sync", d, e))?;
+    }
+    let newest = dir.join("witnesses").join(&name);
+    if matches!(read_epoch_blob(&newest)?, Some((e, _)) if e > epoch) {
+        return Ok(());
+    }
+    let mut bytes = epoch.to_be_bytes().to_vec();
+    bytes.extend_from_slice(cosignature);
+    if let Some(d) = newest.parent() {
+        std::fs::create_dir_all(d).map_err(|e| unavailable("create", d, e))?;
+    }
+    write_atomic(&newest, &bytes).map_err(|e| unavailable("write", &newest, e))
+}
+
+/// The files in `dir` whose names `key` accepts, as (key, contents); none when `dir` does not
+/// exist. A writer's temporary files (`.tmp-...`) are no key's.
+fn list_files<K>(
+    dir: &Path,
+    key: impl Fn(&str) -> Option<K>,
+) -> Result<Vec<(K, Vec<u8>)>, DirectoryStoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(unavailable("list", dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| unavailable("list", dir, e))?;
+        let Some(k) = entry.file_name().to_str().and_then(&key) else {
+            continue;
+        };
+        if let Some(blob) = read(&entry.path())? {
+            out.push((k, blob));
+        }
+    }
+    Ok(out)
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, DirectoryStoreError> + Send + 'static,
 ) -> Result<T, DirectoryStoreError> {
@@ -302,20 +404,38 @@ impl DirectoryStore for FsDirectoryStore {
         let dir = values_dir(&domain_dir, label);
         blocking(move || {
             let _shared = DomainLock::shared(&domain_dir)?;
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-                Err(e) => return Err(unavailable("list", &dir, e)),
-            };
+            list_files(&dir, |name| name.parse::<u64>().ok())
+        })
+        .await
+    }
+
+    async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
+        let dir = self.domain_dir(domain)?;
+        blocking(move || commit(&dir, batch)).await
+    }
+
+    async fn insert_head(
+        &self,
+        domain: &str,
+        epoch: u64,
+        head: &[u8],
+    ) -> Result<Vec<u8>, DirectoryStoreError> {
+        let dir = self.domain_dir(domain)?;
+        let head = head.to_vec();
+        blocking(move || insert_head(&dir, epoch, &head)).await
+    }
+
+    async fn heads(
+        &self,
+        domain: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
+        let dir = heads_dir(&self.domain_dir(domain)?);
+        blocking(move || {
             let mut out = Vec::new();
-            for entry in entries {
-                let entry = entry.map_err(|e| unavailable("list", &dir, e))?;
-                let name = entry.file_name();
-                // Temporary files of a writer start with a dot.
-                let Some(epoch) = name.to_str().and_then(|n| n.parse::<u64>().ok()) else {
-                    continue;
-                };
-                if let Some(blob) = read(&entry.path())? {
+            for epoch in from..=to {
+                if let Some(blob) = read(&dir.join(epoch_name(epoch)))? {
                     out.push((epoch, blob));
                 }
             }
@@ -324,8 +444,47 @@ impl DirectoryStore for FsDirectoryStore {
         .await
     }
 
-    async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
+    async fn put_cosignature(
+        &self,
+        domain: &str,
+        epoch: u64,
+        witness: &[u8; 32],
+        cosignature: &[u8],
+    ) -> Result<(), DirectoryStoreError> {
         let dir = self.domain_dir(domain)?;
-        blocking(move || commit(&dir, batch)).await
+        let (witness, cosignature) = (*witness, cosignature.to_vec());
+        blocking(move || put_cosignature(&dir, epoch, &witness, &cosignature)).await
+    }
+
+    async fn cosignatures(
+        &self,
+        domain: &str,
+        epoch: u64,
+    ) -> Result<Vec<([u8; 32], Vec<u8>)>, DirectoryStoreError> {
+        let dir = self
+            .domain_dir(domain)?
+            .join("cosignatures")
+            .join(epoch_name(epoch));
+        blocking(move || {
+            list_files(&dir, |name| {
+                let mut witness = [0u8; 32];
+                hex::decode_to_slice(name, &mut witness)
+                    .ok()
+                    .map(|()| witness)
+            })
+        })
+        .await
+    }
+
+    async fn latest_cosignature(
+        &self,
+        domain: &str,
+        witness: &[u8; 32],
+    ) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
+        let path = self
+            .domain_dir(domain)?
+            .join("witnesses")
+            .join(hex::encode(witness));
+        blocking(move || read_epoch_blob(&path)).await
     }
 }

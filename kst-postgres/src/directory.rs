@@ -8,7 +8,13 @@
 //! kt_roots (domain PK, epoch, record)                 the root record of each domain
 //! kt_nodes (domain, key, record, PK (domain, key))    tree nodes
 //! kt_values(domain, label, epoch, record, PK (domain, label, epoch))   value states
+//! kt_heads (domain, epoch, head, PK (domain, epoch))  the signed head of each epoch
+//! kt_cosignatures (domain, epoch, witness, cosignature, PK (domain, epoch, witness))
 //! ```
+//!
+//! A head is `INSERT ... ON CONFLICT DO NOTHING` (the first writer's stays), then read back;
+//! a cosignature is an upsert; a witness's newest cosignature is found through the index on
+//! (domain, witness, epoch).
 //!
 //! A commit is one transaction whose first statement is the fence: `UPDATE kt_roots ...
 //! WHERE domain = $1 AND epoch = $expected` (0 rows: another writer committed first, the
@@ -44,6 +50,21 @@ CREATE TABLE IF NOT EXISTS kt_values (
     record BYTEA NOT NULL,
     PRIMARY KEY (domain, label, epoch)
 );
+CREATE TABLE IF NOT EXISTS kt_heads (
+    domain TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    head BYTEA NOT NULL,
+    PRIMARY KEY (domain, epoch)
+);
+CREATE TABLE IF NOT EXISTS kt_cosignatures (
+    domain TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    witness BYTEA NOT NULL,
+    cosignature BYTEA NOT NULL,
+    PRIMARY KEY (domain, epoch, witness)
+);
+CREATE INDEX IF NOT EXISTS kt_cosignatures_by_witness
+    ON kt_cosignatures (domain, witness, epoch);
 ";
 
 /// The key directories kept in one PostgreSQL database.
@@ -166,6 +187,146 @@ impl DirectoryStore for PgDirectoryStore {
         let domain = domain.to_string();
         self.run(|pool| commit(pool, domain, batch)).await
     }
+
+    async fn insert_head(
+        &self,
+        domain: &str,
+        epoch: u64,
+        head: &[u8],
+    ) -> Result<Vec<u8>, DirectoryStoreError> {
+        let (domain, epoch, head) = (domain.to_string(), epoch_i64(epoch)?, head.to_vec());
+        self.run(move |pool| async move {
+            sqlx::query(
+                "INSERT INTO kt_heads (domain, epoch, head) VALUES ($1, $2, $3) \
+                 ON CONFLICT (domain, epoch) DO NOTHING",
+            )
+            .bind(&domain)
+            .bind(epoch)
+            .bind(&head)
+            .execute(&pool)
+            .await
+            .map_err(unavailable)?;
+            // A statement of its own: it sees a head another writer committed meanwhile.
+            sqlx::query_scalar("SELECT head FROM kt_heads WHERE domain = $1 AND epoch = $2")
+                .bind(&domain)
+                .bind(epoch)
+                .fetch_optional(&pool)
+                .await
+                .map_err(unavailable)?
+                .ok_or_else(|| {
+                    DirectoryStoreError::Corrupt(format!(
+                        "the head of {domain} epoch {epoch} vanished after it was inserted"
+                    ))
+                })
+        })
+        .await
+    }
+
+    async fn heads(
+        &self,
+        domain: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
+        let domain = domain.to_string();
+        let (from, to) = (epoch_i64(from)?, epoch_i64(to.min(i64::MAX as u64))?);
+        self.run(move |pool| async move {
+            let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+                "SELECT epoch, head FROM kt_heads \
+                 WHERE domain = $1 AND epoch BETWEEN $2 AND $3 ORDER BY epoch",
+            )
+            .bind(domain)
+            .bind(from)
+            .bind(to)
+            .fetch_all(&pool)
+            .await
+            .map_err(unavailable)?;
+            rows.into_iter()
+                .map(|(e, h)| Ok((epoch_u64(e)?, h)))
+                .collect()
+        })
+        .await
+    }
+
+    async fn put_cosignature(
+        &self,
+        domain: &str,
+        epoch: u64,
+        witness: &[u8; 32],
+        cosignature: &[u8],
+    ) -> Result<(), DirectoryStoreError> {
+        let (domain, epoch) = (domain.to_string(), epoch_i64(epoch)?);
+        let (witness, cosignature) = (witness.to_vec(), cosignature.to_vec());
+        self.run(move |pool| async move {
+            sqlx::query(
+                "INSERT INTO kt_cosignatures (domain, epoch, witness, cosignature) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (domain, epoch, witness) \
+                 DO UPDATE SET cosignature = EXCLUDED.cosignature",
+            )
+            .bind(domain)
+            .bind(epoch)
+            .bind(witness)
+            .bind(cosignature)
+            .execute(&pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn cosignatures(
+        &self,
+        domain: &str,
+        epoch: u64,
+    ) -> Result<Vec<([u8; 32], Vec<u8>)>, DirectoryStoreError> {
+        let (domain, epoch) = (domain.to_string(), epoch_i64(epoch)?);
+        self.run(move |pool| async move {
+            let rows: Vec<(Vec<u8>, Vec<u8>)> = sqlx::query_as(
+                "SELECT witness, cosignature FROM kt_cosignatures \
+                 WHERE domain = $1 AND epoch = $2",
+            )
+            .bind(domain)
+            .bind(epoch)
+            .fetch_all(&pool)
+            .await
+            .map_err(unavailable)?;
+            rows.into_iter()
+                .map(|(w, c)| Ok((witness_key(&w)?, c)))
+                .collect()
+        })
+        .await
+    }
+
+    async fn latest_cosignature(
+        &self,
+        domain: &str,
+        witness: &[u8; 32],
+    ) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
+        let (domain, witness) = (domain.to_string(), witness.to_vec());
+        self.run(move |pool| async move {
+            let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
+                "SELECT epoch, cosignature FROM kt_cosignatures \
+                 WHERE domain = $1 AND witness = $2 ORDER BY epoch DESC LIMIT 1",
+            )
+            .bind(domain)
+            .bind(witness)
+            .fetch_optional(&pool)
+            .await
+            .map_err(unavailable)?;
+            row.map(|(e, c)| Ok((epoch_u64(e)?, c))).transpose()
+        })
+        .await
+    }
+}
+
+fn witness_key(bytes: &[u8]) -> Result<[u8; 32], DirectoryStoreError> {
+    bytes.try_into().map_err(|_| {
+        DirectoryStoreError::Corrupt(format!(
+            "kt_cosignatures holds a witness key of {} bytes",
+            bytes.len()
+        ))
+    })
 }
 
 /// [`DirectoryStore::commit`]: one transaction, the fence first (module docs).

@@ -72,8 +72,31 @@ pub async fn run(args: ClientArgs) -> u8 {
                 vec![outcome]
             }
             ClientCommand::Delete { no_wait } => vec![super::delete::delete(s, no_wait).await],
-            ClientCommand::Status { key, gpg_key } => {
-                return super::status::status(s, key.as_deref(), gpg_key.as_deref()).await;
+            ClientCommand::Status {
+                key,
+                gpg_key,
+                #[cfg(feature = "transparency")]
+                log,
+            } => {
+                #[cfg(feature = "transparency")]
+                let log = log.check_transparency.then_some(&log);
+                #[cfg(not(feature = "transparency"))]
+                let log = None;
+                return super::status::status(s, key.as_deref(), gpg_key.as_deref(), log).await;
+            }
+            #[cfg(feature = "transparency")]
+            ClientCommand::LogPin {
+                domain,
+                log_key,
+                vrf_key,
+            } => {
+                return super::transparency::log_pin(
+                    s,
+                    &domain,
+                    log_key.as_deref(),
+                    vrf_key.as_deref(),
+                )
+                .await;
             }
             ClientCommand::Refresh {
                 max_age_days,
@@ -251,11 +274,16 @@ impl Settings {
         }
     }
 
+    /// The extra CA certificates (`--ca-file`).
+    pub(super) fn ca_file(&self) -> Option<&Path> {
+        self.ca_file.as_deref()
+    }
+
     fn connector(&self) -> Result<TlsConnector, Outcome> {
         super::tls::connector(self.ca_file.as_deref()).map_err(config_error)
     }
 
-    fn dns(&self) -> Result<Dns, Outcome> {
+    pub(super) fn dns(&self) -> Result<Dns, Outcome> {
         if self.require_dnssec && self.no_dnssec {
             return Err(config_error(
                 "require_dnssec and no_dnssec contradict each other: drop one",
@@ -305,7 +333,7 @@ pub(super) struct Direct {
 
 /// The outcome of a DNS failure: a bogus answer is an attack (nothing was sent), an insecure
 /// one refused by `--require-dnssec` makes the server unusable, anything else is temporary.
-fn dns_outcome(e: DnsError) -> Outcome {
+pub(super) fn dns_outcome(e: DnsError) -> Outcome {
     match e {
         DnsError::Bogus(m) => Outcome::error(
             exit::ATTACK,
@@ -401,7 +429,7 @@ async fn checked_retrieve(
         );
     }
     let outcome = retrieve(s, address, false, how, false).await;
-    let outcome = super::transparency::check(log, s.ca_file.as_deref(), outcome).await;
+    let outcome = super::transparency::check(s, log, outcome).await;
     if import {
         import_found(outcome)
     } else {
@@ -797,6 +825,8 @@ async fn wait_for(
                         o => {
                             let o = finish_entry(&entries[i], o);
                             super::refresh::note_import(s, &o);
+                            #[cfg(feature = "transparency")]
+                            note_own_publication(s, &o);
                             let _ = s.state.remove(&entries[i].pending.message_id);
                             results[i] = Some(o);
                         }
@@ -830,6 +860,23 @@ async fn wait_for(
         .zip(&entries)
         .map(|((r, a), e)| r.or(a).unwrap_or_else(|| pending_outcome(e)))
         .collect()
+}
+
+/// Remembers a confirmed publication's fingerprint as the account's own (the owner's monitor
+/// in `status` reports versions of the address that are not); a failure is only reported.
+#[cfg(feature = "transparency")]
+fn note_own_publication(s: &Settings, o: &Outcome) {
+    if let Outcome::Published {
+        account,
+        fingerprint,
+        ..
+    } = o
+    {
+        let memory = super::log_memory::LogMemory::beside(s.state.path());
+        if let Err(e) = memory.note_own_fingerprint(account, fingerprint) {
+            eprintln!("kst: warning: {e}");
+        }
+    }
 }
 
 /// Turns a matched message into the request's outcome.

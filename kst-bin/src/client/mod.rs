@@ -14,6 +14,8 @@ pub mod dkim;
 pub mod dnssec;
 pub mod fetch;
 pub mod http_get;
+#[cfg(feature = "transparency")]
+pub mod log_memory;
 pub mod matching;
 pub mod mta_sts;
 pub mod output;
@@ -22,6 +24,8 @@ pub mod state;
 pub mod status;
 pub mod submit;
 pub mod tls;
+// As in `commands`: an `Outcome` is what the command reports, once.
+#[allow(clippy::result_large_err)]
 #[cfg(feature = "transparency")]
 pub mod transparency;
 
@@ -222,6 +226,26 @@ pub enum ClientCommand {
         /// Export this key (fingerprint or User ID) from your gpg keyring.
         #[arg(long, value_name = "FINGERPRINT")]
         gpg_key: Option<String>,
+        /// With --check-transparency: also ask the key directory for every version of your
+        /// address (its history proof) and report the ones you did not publish (exit 6).
+        #[cfg(feature = "transparency")]
+        #[command(flatten)]
+        log: transparency::LogCheckArgs,
+    },
+    /// Pin DOMAIN's key directory keys (head key and VRF key): from --log-key/--vrf-key, or
+    /// from its `_kst-log.DOMAIN` TXT record now. Needed after the domain really changed
+    /// them (the check then exits 5 until you pin again). Forgets the remembered head (a
+    /// fresh start: after a rollback you accept, or a head too far back for one proof).
+    #[cfg(feature = "transparency")]
+    LogPin {
+        /// The served domain.
+        domain: String,
+        /// The head key, 64 hex digits (`kst log keygen` prints it).
+        #[arg(long, value_name = "HEX")]
+        log_key: Option<String>,
+        /// The VRF key, 64 hex digits [default: taken from the first verified head].
+        #[arg(long, value_name = "HEX", requires = "log_key")]
+        vrf_key: Option<String>,
     },
     /// Retrieve again the keys imported through kst (`retrieve --import`) that expire soon or
     /// were last fetched long ago, so that revocations and extensions reach you; due dates are

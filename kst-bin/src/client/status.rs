@@ -5,8 +5,13 @@
 //! published; so it can run from cron and mail the owner when someone else's key, an old
 //! copy, or nothing at all is served.
 //!
-//! The KST protocol does not tell the version history of an address to a retrieval; the
-//! operator's `kst keys history ADDRESS` does.
+//! The KST protocol does not tell the version history of an address to a retrieval. With
+//! `--check-transparency` (feature `transparency`) the key directory does: the served key is
+//! checked against the directory (as `retrieve --check-transparency` does), and every version
+//! the directory recorded for the address is listed (akd's history proof, verified against
+//! the domain's head key); a version whose key the owner did not publish (not the key given,
+//! nor one this client published for the account) is reported and exits 6, even when the
+//! key served now is the owner's again (an insider who served another key for a while).
 
 use std::path::Path;
 
@@ -152,6 +157,29 @@ pub fn expiry_warning(armored: &str, now: u64) -> Option<String> {
     })
 }
 
+/// The flags of the directory check (`--check-transparency`, `--log-url`, `--log-key`).
+#[cfg(feature = "transparency")]
+pub type LogArgs = super::transparency::LogCheckArgs;
+/// Without the `transparency` feature there is no directory check.
+#[cfg(not(feature = "transparency"))]
+pub type LogArgs = ();
+
+/// One version of the address in the key directory, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DirectoryVersion {
+    /// The epoch it was recorded in.
+    pub epoch: u64,
+    /// The directory's version number of the address.
+    pub version: u64,
+    /// `published`, `revoked`, `deleted`, or `withdrawn` (a value dropped by a deletion).
+    pub state: String,
+    /// The key's fingerprint (none for a deletion or a withdrawn value).
+    pub fingerprint: Option<String>,
+    /// False when the key is not one the owner published (not the key given, nor one this
+    /// client published for the account).
+    pub yours: bool,
+}
+
 #[derive(Serialize)]
 struct Report<'a> {
     outcome: &'a str,
@@ -162,10 +190,17 @@ struct Report<'a> {
     local: KeyFacts,
     differences: Vec<String>,
     history: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    directory: Option<Vec<DirectoryVersion>>,
 }
 
 /// Runs `status`; prints the comparison and returns the exit code.
-pub async fn status(s: &Settings, key: Option<&Path>, gpg_key: Option<&str>) -> u8 {
+pub async fn status(
+    s: &Settings,
+    key: Option<&Path>,
+    gpg_key: Option<&str>,
+    log: Option<&LogArgs>,
+) -> u8 {
     let account = match s.account() {
         Ok(a) => a.clone(),
         Err(o) => return output::finish(&[o], s.json, false),
@@ -181,21 +216,49 @@ pub async fn status(s: &Settings, key: Option<&Path>, gpg_key: Option<&str>) -> 
         Err(e) => return output::finish(&[Outcome::error(exit::NOINPUT, e)], s.json, false),
     };
     let request = kst_core::client::build_retrieval(&account, &account);
-    let (service, served, code) =
-        match send_and_wait(s, &account, request, None, false, false).await {
-            Outcome::Found { key, service, .. } => match KeyFacts::of(&key, &account, now) {
-                Ok(f) => (Some(service), Some(f), exit::OK),
-                Err(e) => {
-                    let o = Outcome::error(exit::UNAVAILABLE, format!("the served key: {e}"));
-                    return output::finish(&[o], s.json, false);
-                }
-            },
-            Outcome::NotFound { service, .. } => (Some(service), None, exit::NOT_FOUND),
-            other => return output::finish(&[other], s.json, false),
-        };
-    let differences = match &served {
+    let retrieved = send_and_wait(s, &account, request, None, false, false).await;
+    #[cfg(feature = "transparency")]
+    let retrieved = match log {
+        Some(args) => super::transparency::check(s, args, retrieved).await,
+        None => retrieved,
+    };
+    let (service, served, code) = match retrieved {
+        Outcome::Found { key, service, .. } => match KeyFacts::of(&key, &account, now) {
+            Ok(f) => (Some(service), Some(f), exit::OK),
+            Err(e) => {
+                let o = Outcome::error(exit::UNAVAILABLE, format!("the served key: {e}"));
+                return output::finish(&[o], s.json, false);
+            }
+        },
+        Outcome::NotFound { service, .. } => (Some(service), None, exit::NOT_FOUND),
+        other => return output::finish(&[other], s.json, false),
+    };
+    let mut differences = match &served {
         Some(f) => differences(f, &local),
         None => vec![format!("no key is published for {account}")],
+    };
+    let directory = match log {
+        #[cfg(feature = "transparency")]
+        Some(args) => match directory_versions(s, args, &account, &local).await {
+            Ok(v) => Some(v),
+            Err(o) => return output::finish(&[o], s.json, false),
+        },
+        _ => None,
+    };
+    let unknown: Vec<&DirectoryVersion> = directory.iter().flatten().filter(|v| !v.yours).collect();
+    for v in &unknown {
+        differences.push(format!(
+            "the key directory records key {} for {account} at epoch {} (version {}): not a \
+             key you published",
+            v.fingerprint.as_deref().unwrap_or("?"),
+            v.epoch,
+            v.version
+        ));
+    }
+    let code = if code == exit::NOT_FOUND && !unknown.is_empty() {
+        exit::MISMATCH
+    } else {
+        code
     };
     let code = if code == exit::OK && !differences.is_empty() {
         exit::MISMATCH
@@ -216,7 +279,12 @@ pub async fn status(s: &Settings, key: Option<&Path>, gpg_key: Option<&str>) -> 
             served,
             local,
             differences,
-            history: "not told by the KST protocol; the operator's `kst keys history` shows it",
+            history: if directory.is_some() {
+                "the key directory's history proof, verified (`directory`)"
+            } else {
+                "not told by the KST protocol; --check-transparency asks the key directory"
+            },
+            directory,
         };
         println!(
             "{}",
@@ -245,6 +313,16 @@ pub async fn status(s: &Settings, key: Option<&Path>, gpg_key: Option<&str>) -> 
             },
             local.subkeys
         );
+        for v in directory.iter().flatten() {
+            println!(
+                "directory: epoch {} version {} {} {}{}",
+                v.epoch,
+                v.version,
+                v.state,
+                v.fingerprint.as_deref().unwrap_or("-"),
+                if v.yours { "" } else { "  NOT YOURS" }
+            );
+        }
         if differences.is_empty() {
             println!("match");
         }
@@ -253,6 +331,49 @@ pub async fn status(s: &Settings, key: Option<&Path>, gpg_key: Option<&str>) -> 
         }
     }
     code
+}
+
+/// The directory's versions of `account`, each marked whether its key is the owner's.
+#[cfg(feature = "transparency")]
+async fn directory_versions(
+    s: &Settings,
+    args: &LogArgs,
+    account: &Address,
+    local: &KeyFacts,
+) -> Result<Vec<DirectoryVersion>, Outcome> {
+    use kst_core::transparency::EntryState;
+    let Some((_, versions)) = super::transparency::history(s, args, account).await? else {
+        return Ok(Vec::new());
+    };
+    let memory = super::log_memory::LogMemory::beside(s.state.path());
+    let mut own = memory.own_fingerprints(account.as_str());
+    own.push(local.fingerprint.clone());
+    Ok(versions
+        .into_iter()
+        .map(|v| {
+            let (state, fingerprint) = match &v.entry {
+                None => ("withdrawn", None),
+                Some(e) => (
+                    match e.state {
+                        EntryState::Published => "published",
+                        EntryState::Revoked => "revoked",
+                        EntryState::Deleted => "deleted",
+                    },
+                    e.key.as_ref().map(|(fp, _)| fp.to_string()),
+                ),
+            };
+            let yours = fingerprint
+                .as_deref()
+                .is_none_or(|f| own.iter().any(|o| o.eq_ignore_ascii_case(f)));
+            DirectoryVersion {
+                epoch: v.epoch,
+                version: v.akd_version,
+                state: state.to_string(),
+                fingerprint,
+                yours,
+            }
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -1,20 +1,40 @@
 //! `kst client retrieve --check-transparency` (feature `transparency`): once the reply's HMAC
 //! verified, ask the domain's key directory (`/.well-known/kst/log/<domain>/lookup/<address>`)
 //! for its signed head and proof, and check them against the domain's head key and the key
-//! (or "no key") the KST served (`kst_core::transparency::answer`). A failure is a possible
-//! attack (exit 5) and the key is not imported; a log that cannot be reached is temporary
-//! (exit 75).
+//! (or "no key") the KST served (`kst_core::transparency::answer`), then against the newest
+//! head the client remembers for the domain ([`super::log_memory`]): the server adds the
+//! append-only proof from that head (`?since=<epoch>`). A failure is a possible attack (exit
+//! 5) and the key is not imported; a log that cannot be reached is temporary (exit 75).
 //!
-//! Not yet (docs/TRANSPARENCY.md, "Next steps"): the head key found in DNS, witnesses'
-//! cosignatures, and the newest head remembered per domain with the append-only proof to it.
+//! The head key: `--log-key` (which pins it), else the `_kst-log.<domain>` TXT record
+//! (`v=kstlog1; head=<hex>; vrf=<hex>`, what `kst log keygen` prints), looked up through the
+//! client's validating resolver (`--require-dnssec` applies) and pinned on first use. A key in
+//! DNS that differs from the pinned one is exit 5 until the user pins again
+//! (`kst client log-pin DOMAIN`).
+//!
+//! With `--witness NAME:HEX` (repeatable) the client asks for the witnesses' part of the
+//! answer (`?witnessed=1`, `kst-log-answer-v2`) and requires that `--witness-threshold` of
+//! them (default: all) cosigned a head the answer's head extends, no longer than
+//! `--witness-max-age` seconds ago; otherwise exit 5.
 
 use std::path::Path;
 use std::time::Duration;
 
+use kst_core::Address;
 use kst_core::openpgp::dearmor_public_key;
-use kst_core::transparency::answer::{LogAnswer, MAX_ANSWER, Served, hex32};
+use kst_core::time::unix_now;
+use kst_core::transparency::answer::{
+    LogAnswer, MAX_ANSWER, MAX_ANSWER_WITH_AUDIT, MAX_WITNESSED_ANSWER, Served, hex32,
+};
+use kst_core::transparency::history::{HistoryAnswer, HistoryVersion, MAX_HISTORY_ANSWER};
+use kst_core::transparency::witness::{WitnessPolicy, parse_witness};
 
+use super::commands::{Settings, dns_outcome};
+use super::discovery::DnsError;
+use super::dnssec::DnsSecurity;
 use super::exit;
+pub use super::log_memory::check_and_remember;
+use super::log_memory::{Held, LogMemory, MemoryError, check_held, source};
 use super::output::Outcome;
 use super::tls::Conn;
 
@@ -35,15 +55,59 @@ pub struct LogCheckArgs {
     /// [default: https://<domain>]
     #[arg(long, value_name = "URL", requires = "check_transparency")]
     pub log_url: Option<String>,
-    /// The domain's head key, 64 hex digits (`kst log keygen` prints it; the domain publishes
-    /// it). Required with --check-transparency.
+    /// The domain's head key, 64 hex digits (`kst log keygen` prints it), pinned from now
+    /// on [default: the pinned key, else the `_kst-log.<domain>` TXT record].
     #[arg(long, value_name = "HEX", requires = "check_transparency")]
     pub log_key: Option<String>,
+    /// Require this witness's cosignature, NAME:HEX (HEX: its Ed25519 key, 64 hex digits);
+    /// repeatable. The answer must carry a cosigned head that the answer's head extends.
+    #[arg(
+        long = "witness",
+        value_name = "NAME:HEX",
+        requires = "check_transparency"
+    )]
+    pub witnesses: Vec<String>,
+    /// How many of the --witness witnesses must have cosigned. [default: all]
+    #[arg(long, value_name = "N", requires = "check_transparency")]
+    pub witness_threshold: Option<usize>,
+    /// The oldest cosignature accepted, in seconds: a log whose witnesses stopped cosigning
+    /// longer ago is refused (exit 5).
+    #[arg(long, value_name = "SECS", default_value_t = 86_400)]
+    pub witness_max_age: u64,
+}
+
+impl LogCheckArgs {
+    /// The witnesses required, or what is wrong with the flags.
+    fn witness_policy(&self) -> Result<Option<WitnessPolicy>, String> {
+        if self.witnesses.is_empty() {
+            return match self.witness_threshold {
+                Some(_) => Err("--witness-threshold needs --witness".into()),
+                None => Ok(None),
+            };
+        }
+        let witnesses = self
+            .witnesses
+            .iter()
+            .map(|w| parse_witness(w).map_err(|e| format!("--witness: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let threshold = self.witness_threshold.unwrap_or(witnesses.len());
+        if threshold == 0 || threshold > witnesses.len() {
+            return Err(format!(
+                "--witness-threshold: want 1 to {} (the number of --witness)",
+                witnesses.len()
+            ));
+        }
+        Ok(Some(WitnessPolicy {
+            witnesses,
+            threshold,
+            not_before: unix_now().saturating_sub(self.witness_max_age),
+        }))
+    }
 }
 
 /// Checks a retrieval's outcome against the key directory; `Found` and `NotFound` are
 /// checked, every other outcome is returned as it is.
-pub async fn check(args: &LogCheckArgs, ca_file: Option<&Path>, outcome: Outcome) -> Outcome {
+pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome) -> Outcome {
     let (address, service, message_id, served) = match &outcome {
         Outcome::Found {
             address,
@@ -65,37 +129,44 @@ pub async fn check(args: &LogCheckArgs, ca_file: Option<&Path>, outcome: Outcome
         message_id: message_id.clone(),
         error,
     };
-    let Some(key_hex) = &args.log_key else {
-        return Outcome::error(
-            exit::USAGE,
-            "--check-transparency needs --log-key (the domain's head key, 64 hex digits)",
-        );
-    };
-    let head_key = match hex32(key_hex) {
-        Ok(k) => k,
-        Err(_) => return Outcome::error(exit::USAGE, "--log-key: want 64 hex digits"),
+    let policy = match args.witness_policy() {
+        Ok(p) => p,
+        Err(e) => return Outcome::error(exit::USAGE, e),
     };
     let Ok(address) = kst_core::AddressPolicy::default().normalize(address) else {
         return Outcome::error(exit::SOFTWARE, format!("{address:?} is not an address"));
     };
-    let base = args
-        .log_url
-        .clone()
-        .unwrap_or_else(|| format!("https://{}", address.domain()));
+    let memory = LogMemory::beside(s.state.path());
+    let mut held = match memory.hold(address.domain()) {
+        Ok(h) => h,
+        Err(e) => return memory_outcome(e, &attack),
+    };
+    let head_key = match head_key(s, args, &memory, &mut held).await {
+        Ok(k) => k,
+        Err(o) => return o,
+    };
+    let base = log_base(args, &address);
+    let since = held.memory.remembered_epoch().filter(|e| *e > 0);
     let path = format!(
         "/.well-known/kst/log/{}/lookup/{}",
         address.domain(),
-        path_segment(address.as_str())
+        path_segment(address.as_str()),
     );
-    let text = match tokio::time::timeout(FETCH_TIMEOUT, get(&base, &path, ca_file)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => return Outcome::error(exit::TEMPFAIL, format!("key directory: {e}")),
-        Err(_) => {
-            return Outcome::error(
-                exit::TEMPFAIL,
-                format!("key directory: {base} did not answer in time"),
-            );
-        }
+    let mut query: Vec<String> = since.map(|e| format!("since={e}")).into_iter().collect();
+    let limit = if policy.is_some() {
+        query.push("witnessed=1".into());
+        MAX_WITNESSED_ANSWER + (MAX_ANSWER_WITH_AUDIT - MAX_ANSWER)
+    } else {
+        MAX_ANSWER_WITH_AUDIT
+    };
+    let path = if query.is_empty() {
+        path
+    } else {
+        format!("{path}?{}", query.join("&"))
+    };
+    let text = match fetch_answer(&base, &path, s.ca_file(), limit).await {
+        Ok(t) => t,
+        Err(o) => return o,
     };
     let answer = match LogAnswer::parse(&text) {
         Ok(a) => a,
@@ -105,13 +176,403 @@ pub async fn check(args: &LogCheckArgs, ca_file: Option<&Path>, outcome: Outcome
         Some(bytes) => Served::Key(bytes),
         None => Served::Nothing,
     };
-    match answer.verify(&head_key, &address, served).await {
+    if let Err(e) = answer.verify(&head_key, &address, served).await {
+        let e = memory.attack(
+            &held,
+            format!(
+                "the key directory does not confirm the reply (epoch {}): {e}",
+                answer.head.head.epoch
+            ),
+            &text,
+        );
+        return memory_outcome(e, &attack);
+    }
+    if let Err(e) = check_held(&memory, &mut held, &answer, Some(&text)).await {
+        return memory_outcome(e, &attack);
+    }
+    let Some(policy) = policy else {
+        return outcome;
+    };
+    let Some(witnessed) = &answer.witnessed else {
+        return attack(format!(
+            "the key directory's answer (epoch {}) carries no witness cosignatures",
+            answer.head.head.epoch
+        ));
+    };
+    match witnessed.verify(&answer.head, &head_key, &policy).await {
         Ok(_) => outcome,
         Err(e) => attack(format!(
-            "the key directory does not confirm the reply (epoch {}): {e}",
+            "the key directory's head (epoch {}) is not witnessed as required: {e}",
             answer.head.head.epoch
         )),
     }
+}
+
+/// The outcome of a memory failure: an attack, or a local problem (exit 78).
+fn memory_outcome(e: MemoryError, attack: &dyn Fn(String) -> Outcome) -> Outcome {
+    match e {
+        e @ MemoryError::Attack { .. } => attack(e.to_string()),
+        e @ MemoryError::Io { .. } => Outcome::error(exit::CONFIG, e.to_string()),
+    }
+}
+
+/// Where the domain's directory is served.
+fn log_base(args: &LogCheckArgs, address: &Address) -> String {
+    args.log_url
+        .clone()
+        .unwrap_or_else(|| format!("https://{}", address.domain()))
+}
+
+/// [`get`] within [`FETCH_TIMEOUT`]; a failure is temporary (exit 75).
+async fn fetch_answer(
+    base: &str,
+    path: &str,
+    ca_file: Option<&Path>,
+    max: usize,
+) -> Result<String, Outcome> {
+    match tokio::time::timeout(FETCH_TIMEOUT, get(base, path, ca_file, max)).await {
+        Ok(Ok(t)) => Ok(t),
+        // 422: the remembered head is too far back for one proof; retrying will not help.
+        Ok(Err(e)) if e.contains(" answered 422 ") => Err(Outcome::error(
+            exit::UNAVAILABLE,
+            format!("key directory: {e}; kst client log-pin DOMAIN forgets the remembered head"),
+        )),
+        Ok(Err(e)) => Err(Outcome::error(
+            exit::TEMPFAIL,
+            format!("key directory: {e}"),
+        )),
+        Err(_) => Err(Outcome::error(
+            exit::TEMPFAIL,
+            format!("key directory: {base} did not answer in time"),
+        )),
+    }
+}
+
+/// The keys a `_kst-log.<domain>` TXT record publishes: `v=kstlog1; head=<hex>; vrf=<hex>`.
+pub fn parse_log_record(txt: &str) -> Option<([u8; 32], [u8; 32])> {
+    let mut fields = txt.split(';').map(str::trim).filter(|f| !f.is_empty());
+    if fields.next() != Some("v=kstlog1") {
+        return None;
+    }
+    let (mut head, mut vrf) = (None, None);
+    for f in fields {
+        let (k, v) = f.split_once('=')?;
+        let slot = match k.trim() {
+            "head" => &mut head,
+            "vrf" => &mut vrf,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return None;
+        }
+        *slot = Some(hex32(v.trim()).ok()?);
+    }
+    Some((head?, vrf?))
+}
+
+/// The domain's published keys from DNS: `Ok(None)` when it publishes none.
+async fn dns_keys(
+    s: &Settings,
+    domain: &str,
+) -> Result<Option<([u8; 32], [u8; 32], DnsSecurity)>, Outcome> {
+    let dns = s.dns()?;
+    let name = format!("_kst-log.{domain}");
+    let found = match dns.txt(&name).await {
+        Ok(f) => f,
+        Err(e @ DnsError::Bogus(_)) => {
+            return Err(Outcome::error(
+                exit::ATTACK,
+                format!("possible attack: the head key record {name}: {e}"),
+            ));
+        }
+        Err(e) => return Err(dns_outcome(e)),
+    };
+    let keys: Vec<_> = found
+        .value
+        .iter()
+        .filter(|t| t.trim_start().starts_with("v=kstlog1"))
+        .collect();
+    match keys.as_slice() {
+        [] => Ok(None),
+        [one] => match parse_log_record(one) {
+            Some((head, vrf)) => Ok(Some((head, vrf, found.security))),
+            None => Err(Outcome::error(
+                exit::UNAVAILABLE,
+                format!(
+                    "{name}: unreadable record {one:?} (want v=kstlog1; head=<64 hex>; vrf=<64 hex>)"
+                ),
+            )),
+        },
+        _ => Err(Outcome::error(
+            exit::UNAVAILABLE,
+            format!("{name}: more than one v=kstlog1 record; the domain must publish one"),
+        )),
+    }
+}
+
+/// Pins `head` (and `vrf`) as `held`'s keys from `source`; a different head key than the
+/// pinned one forgets the remembered head (the user chose to trust the new key).
+fn pin(held: &mut Held, head: [u8; 32], vrf: Option<[u8; 32]>, from: &str) -> bool {
+    let head_hex = hex::encode(head);
+    let vrf_hex = vrf.map(hex::encode);
+    let changed = held.memory.head_key.as_deref() != Some(head_hex.as_str())
+        || (vrf_hex.is_some() && held.memory.vrf_key != vrf_hex);
+    if !changed {
+        return false;
+    }
+    if held.memory.head_key.is_some() {
+        held.memory.head = None;
+    }
+    held.memory.head_key = Some(head_hex);
+    held.memory.vrf_key = vrf_hex;
+    held.memory.pinned_from = from.to_string();
+    held.memory.pinned_at = kst_core::time::unix_now();
+    true
+}
+
+/// The head key to check `held`'s domain with: `--log-key` (pinned), else DNS against the
+/// pin (pinned on first use; a change is an attack), else the pin alone when DNS has no
+/// record or cannot answer now.
+async fn head_key(
+    s: &Settings,
+    args: &LogCheckArgs,
+    memory: &LogMemory,
+    held: &mut Held,
+) -> Result<[u8; 32], Outcome> {
+    if let Some(key_hex) = &args.log_key {
+        let key = hex32(key_hex)
+            .map_err(|_| Outcome::error(exit::USAGE, "--log-key: want 64 hex digits"))?;
+        if pin(held, key, None, source::FLAG) {
+            memory
+                .save(held)
+                .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
+        }
+        return Ok(key);
+    }
+    let pinned = held.memory.head_key.as_deref().and_then(|k| hex32(k).ok());
+    let domain = held.domain.clone();
+    match (dns_keys(s, &domain).await, pinned) {
+        (Ok(Some((head, vrf, security))), None) => {
+            let from = if security == DnsSecurity::Secure {
+                source::DNS_SECURE
+            } else {
+                source::DNS_INSECURE
+            };
+            pin(held, head, Some(vrf), from);
+            memory
+                .save(held)
+                .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
+            Ok(head)
+        }
+        (Ok(Some((head, vrf, _))), Some(pinned)) => {
+            let vrf_changed = held
+                .memory
+                .vrf_key
+                .as_deref()
+                .is_some_and(|v| !v.eq_ignore_ascii_case(&hex::encode(vrf)));
+            if head != pinned || vrf_changed {
+                let message = format!(
+                    "possible attack: the key directory keys of {domain} in DNS (head {}, vrf {})                      are not the pinned ones (head {}, vrf {}, pinned from {}); if {domain}                      really changed them, pin them again: kst client log-pin {domain}",
+                    hex::encode(head),
+                    hex::encode(vrf),
+                    hex::encode(pinned),
+                    held.memory.vrf_key.as_deref().unwrap_or("unknown"),
+                    held.memory.pinned_from
+                );
+                let e = memory.attack(held, message, "the _kst-log TXT record above");
+                return Err(Outcome::error(exit::ATTACK, e.to_string()));
+            }
+            if held.memory.vrf_key.is_none() {
+                held.memory.vrf_key = Some(hex::encode(vrf));
+                memory
+                    .save(held)
+                    .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
+            }
+            Ok(head)
+        }
+        (Ok(None), Some(pinned)) => Ok(pinned),
+        (Err(o), Some(pinned)) if o.exit_code() == exit::TEMPFAIL => Ok(pinned),
+        (Ok(None), None) => Err(Outcome::error(
+            exit::UNAVAILABLE,
+            format!(
+                "{domain} publishes no key directory key (no v=kstlog1 TXT record at \
+                 _kst-log.{domain}); give --log-key HEX"
+            ),
+        )),
+        (Err(o), _) => Err(o),
+    }
+}
+
+/// `kst client log-pin DOMAIN`: pins the domain's directory keys from `--log-key` /
+/// `--vrf-key`, or from DNS now, replacing the pin and forgetting the remembered head (a
+/// fresh start). Prints what is pinned; returns the exit code.
+pub async fn log_pin(
+    s: &Settings,
+    domain: &str,
+    log_key: Option<&str>,
+    vrf_key: Option<&str>,
+) -> u8 {
+    let outcome = pin_command(s, domain, log_key, vrf_key).await;
+    match outcome {
+        Ok(report) => {
+            if s.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_else(|_| "{}".into())
+                );
+            } else {
+                println!(
+                    "pinned the key directory keys of {}: head {}, vrf {} (from {})",
+                    report["domain"].as_str().unwrap_or_default(),
+                    report["head_key"].as_str().unwrap_or_default(),
+                    report["vrf_key"]
+                        .as_str()
+                        .unwrap_or("taken from the first verified head"),
+                    report["source"].as_str().unwrap_or_default(),
+                );
+                if report["forgot_head"] == true {
+                    eprintln!("kst: the remembered head was forgotten");
+                }
+            }
+            exit::OK
+        }
+        Err(o) => super::output::finish(&[o], s.json, false),
+    }
+}
+
+async fn pin_command(
+    s: &Settings,
+    domain: &str,
+    log_key: Option<&str>,
+    vrf_key: Option<&str>,
+) -> Result<serde_json::Value, Outcome> {
+    let domain = match kst_core::AddressPolicy::default().normalize_domain(domain) {
+        Ok(d) => d,
+        Err(_) => {
+            return Err(Outcome::error(
+                exit::USAGE,
+                format!("{domain:?} is not a domain"),
+            ));
+        }
+    };
+    let memory = LogMemory::beside(s.state.path());
+    let mut held = match memory.hold(&domain) {
+        Ok(h) => h,
+        Err(e) => return Err(Outcome::error(exit::CONFIG, e.to_string())),
+    };
+    let parse = |what: &str, v: Option<&str>| -> Result<Option<[u8; 32]>, Outcome> {
+        v.map(|v| {
+            hex32(v).map_err(|_| Outcome::error(exit::USAGE, format!("{what}: want 64 hex digits")))
+        })
+        .transpose()
+    };
+    let (head, vrf, from) = match (parse("--log-key", log_key), parse("--vrf-key", vrf_key)) {
+        (Ok(Some(h)), Ok(v)) => (h, v, source::FLAG),
+        (Ok(None), Ok(None)) => match dns_keys(s, &domain).await {
+            Ok(Some((h, v, sec))) => (
+                h,
+                Some(v),
+                if sec == DnsSecurity::Secure {
+                    source::DNS_SECURE
+                } else {
+                    source::DNS_INSECURE
+                },
+            ),
+            Ok(None) => {
+                return Err(Outcome::error(
+                    exit::UNAVAILABLE,
+                    format!("no v=kstlog1 TXT record at _kst-log.{domain}: give --log-key HEX"),
+                ));
+            }
+            Err(o) => return Err(o),
+        },
+        (Ok(None), Ok(Some(_))) => {
+            return Err(Outcome::error(exit::USAGE, "--vrf-key needs --log-key"));
+        }
+        (Err(o), _) | (_, Err(o)) => return Err(o),
+    };
+    let forgot = held.memory.head.is_some();
+    let changed = pin(&mut held, head, vrf, from);
+    // A fresh start: also after a rollback the user accepts, or a head too far back.
+    held.memory.head = None;
+    memory
+        .save(&held)
+        .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
+    Ok(serde_json::json!({
+        "outcome": "pinned",
+        "exit": exit::OK,
+        "domain": domain,
+        "head_key": hex::encode(head),
+        "vrf_key": held.memory.vrf_key,
+        "source": held.memory.pinned_from,
+        "changed": changed,
+        "forgot_head": forgot,
+    }))
+}
+
+/// What the directory recorded for `address` (the owner's monitor, `kst client status`):
+/// the versions, newest first, verified against the domain's head key, and the head's epoch.
+/// `Ok(None)`: the directory never held the address.
+pub async fn history(
+    s: &Settings,
+    args: &LogCheckArgs,
+    address: &Address,
+) -> Result<Option<(u64, Vec<HistoryVersion>)>, Outcome> {
+    let memory = LogMemory::beside(s.state.path());
+    let mut held = memory
+        .hold(address.domain())
+        .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
+    let head_key = head_key(s, args, &memory, &mut held).await?;
+    let base = log_base(args, address);
+    let path = format!(
+        "/.well-known/kst/log/{}/history/{}",
+        address.domain(),
+        path_segment(address.as_str())
+    );
+    let text = match tokio::time::timeout(
+        FETCH_TIMEOUT,
+        get(&base, &path, s.ca_file(), MAX_HISTORY_ANSWER),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) if e.contains(" answered 404 ") => return Ok(None),
+        Ok(Err(e)) => {
+            return Err(Outcome::error(
+                exit::TEMPFAIL,
+                format!("key directory: {e}"),
+            ));
+        }
+        Err(_) => {
+            return Err(Outcome::error(
+                exit::TEMPFAIL,
+                format!("key directory: {base} did not answer in time"),
+            ));
+        }
+    };
+    let attack = |message: String| {
+        let e = memory.attack(&held, message, &text);
+        Outcome::error(exit::ATTACK, format!("possible attack: {e}"))
+    };
+    let answer = HistoryAnswer::parse(&text).map_err(|e| attack(format!("{base}: {e}")))?;
+    let versions = answer
+        .verify(&head_key, address)
+        .map_err(|e| attack(e.to_string()))?;
+    // The history's head against the remembered one: never older, the same root at the same
+    // epoch (a newer one is checked by the next look-up's append-only proof).
+    if let Some(old) = held.memory.remembered_head() {
+        let new = &answer.head.head;
+        if new.epoch < old.head.epoch
+            || (new.epoch == old.head.epoch && new.root_hash != old.head.root_hash)
+        {
+            return Err(attack(format!(
+                "the history's head (epoch {}) is older than, or forks from, the remembered head \
+                 (epoch {})",
+                new.epoch, old.head.epoch
+            )));
+        }
+    }
+    Ok(Some((answer.head.head.epoch, versions)))
 }
 
 /// `s` with everything but unreserved characters, `@` and `+` percent-encoded.
@@ -127,9 +588,33 @@ fn path_segment(s: &str) -> String {
     out
 }
 
-/// `GET base + path`: `http://` or `https://` (PKIX, the client's roots and --ca-file), no
-/// redirects, 200 with a body of at most [`MAX_ANSWER`] bytes.
-async fn get(base: &str, path: &str, ca_file: Option<&Path>) -> Result<String, String> {
+/// `GET base + path` ([`fetch`]), 200 with a body of at most `limit` bytes.
+async fn get(
+    base: &str,
+    path: &str,
+    ca_file: Option<&Path>,
+    limit: usize,
+) -> Result<String, String> {
+    let (status, text) = fetch(base, hyper::Method::GET, path, None, ca_file, limit).await?;
+    if status != hyper::StatusCode::OK {
+        return Err(format!(
+            "{base}{path} answered {status}: {}",
+            text.lines().next().unwrap_or("")
+        ));
+    }
+    Ok(text)
+}
+
+/// `method base + path` with `body`: `http://` or `https://` (PKIX, the client's roots and
+/// `ca_file`), no redirects; the status and the text body of at most `limit` bytes.
+pub async fn fetch(
+    base: &str,
+    method: hyper::Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    ca_file: Option<&Path>,
+    limit: usize,
+) -> Result<(hyper::StatusCode, String), String> {
     let (tls, rest) = if let Some(r) = base.strip_prefix("https://") {
         (true, r)
     } else if let Some(r) = base.strip_prefix("http://") {
@@ -166,14 +651,39 @@ async fn get(base: &str, path: &str, ca_file: Option<&Path>) -> Result<String, S
             .await
             .map_err(|e| e.to_string())?;
     }
-    let fetched = super::http_get::get(conn, authority, path, MAX_ANSWER).await?;
+    let fetched = tokio::time::timeout(
+        FETCH_TIMEOUT,
+        super::http_get::request(conn, authority, method, path, body, limit),
+    )
+    .await
+    .map_err(|_| format!("{base} did not answer in time"))??;
     let text = String::from_utf8(fetched.body).map_err(|_| format!("{base}{path}: not UTF-8"))?;
-    if fetched.status != hyper::StatusCode::OK {
-        return Err(format!(
-            "{base}{path} answered {}: {}",
-            fetched.status,
-            text.lines().next().unwrap_or("")
-        ));
+    Ok((fetched.status, text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dns_record_keygen_prints_parses_and_others_do_not() {
+        let (h, v) = ("ab".repeat(32), "cd".repeat(32));
+        let good = format!("v=kstlog1; head={h}; vrf={v}");
+        assert_eq!(
+            parse_log_record(&good),
+            Some((hex32(&h).unwrap(), hex32(&v).unwrap()))
+        );
+        assert!(parse_log_record(&format!("v=kstlog1;head={h};vrf={v};future=1")).is_some());
+        for bad in [
+            format!("v=kstlog2; head={h}; vrf={v}"),
+            format!("v=kstlog1; head={h}"),
+            format!("v=kstlog1; head={h}; head={h}; vrf={v}"),
+            format!("v=kstlog1; head={}; vrf={v}", &h[..62]),
+            format!("head={h}; vrf={v}"),
+            format!("v=kstlog1; head={h}; vrf"),
+            String::new(),
+        ] {
+            assert_eq!(parse_log_record(&bad), None, "{bad}");
+        }
     }
-    Ok(text)
 }

@@ -1,6 +1,8 @@
 //! `kst log keygen`: makes a served domain's key-transparency keys (the head signing key and
 //! the directory's VRF key, docs/TRANSPARENCY.md) and writes them to one file, mode 0600.
-//! Only in builds with the `transparency` feature; nothing reads the file yet.
+//! `kst log witness` and `kst log audit` (also the `client` feature): a third party follows a
+//! domain's directory ([`super::witness`]); they read no kst configuration.
+//! Only in builds with the `transparency` feature.
 
 use std::path::{Path, PathBuf};
 
@@ -30,10 +32,32 @@ pub enum LogCommand {
         #[arg(long)]
         force: bool,
     },
+    /// A witness of other domains' directories: `keygen`, `run` (see each --help).
+    #[cfg(feature = "client")]
+    #[command(subcommand)]
+    Witness(super::witness::WitnessCommand),
+    /// Follow a domain's directory from the head kept in --state (or from epoch 0) and check
+    /// every head's signature and every append-only proof; exit 5 on a fork, evidence in
+    /// --state. Example: kst log audit https://example.net --domain example.net --log-key HEX --state ./audit --once
+    #[cfg(feature = "client")]
+    Audit {
+        /// Where the domain's key directory is served (`scheme://host[:port]`).
+        url: String,
+        /// The domain, its head key, the state directory and the schedule.
+        #[command(flatten)]
+        follow: super::witness::FollowArgs,
+    },
 }
 
 /// Runs `kst log ...` with the configuration at `config`; returns its exit code.
 pub async fn run(config: Option<&Path>, cmd: LogCommand) -> u8 {
+    // A witness or an auditor is a third party: no kst configuration.
+    #[cfg(feature = "client")]
+    let cmd = match cmd {
+        LogCommand::Witness(w) => return super::witness::run_witness(w).await,
+        LogCommand::Audit { url, follow } => return super::witness::run_audit(url, follow).await,
+        cmd => cmd,
+    };
     let cfg = match super::load(config) {
         Ok(cfg) => cfg,
         Err(code) => return code,
@@ -44,6 +68,8 @@ pub async fn run(config: Option<&Path>, cmd: LogCommand) -> u8 {
             output,
             force,
         } => keygen(&cfg, &domain, &output, force),
+        #[cfg(feature = "client")]
+        LogCommand::Witness(_) | LogCommand::Audit { .. } => exit::SOFTWARE,
     }
 }
 

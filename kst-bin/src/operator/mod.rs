@@ -9,6 +9,8 @@ pub mod keys;
 pub mod log;
 pub mod reminders;
 pub mod transfer;
+#[cfg(all(feature = "transparency", feature = "client"))]
+pub mod witness;
 pub mod wks;
 
 use std::path::Path;

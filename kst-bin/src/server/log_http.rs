@@ -2,36 +2,63 @@
 //! `[http]` when `[web]` is off):
 //!
 //! - `GET /.well-known/kst/log/<domain>/keys`: the head key and the VRF key (hex lines);
-//! - `GET /.well-known/kst/log/<domain>/head`: the signed head of the latest epoch;
+//! - `GET /.well-known/kst/log/<domain>/head`: the stored signed head of the latest epoch
+//!   and the witnesses' cosignatures of it (`kst_core::transparency::witness`);
+//! - `GET /.well-known/kst/log/<domain>/head/<epoch>`: the same for an older epoch (404 when
+//!   none is stored);
 //! - `GET /.well-known/kst/log/<domain>/lookup/<address>`: the signed head and the lookup
 //!   (or absence) proof for the address against it
-//!   (`kst_core::transparency::answer`).
+//!   (`kst_core::transparency::answer`); with `?witnessed=1` also the witnesses' newest
+//!   cosignatures and the append-only proof from their heads (`kst-log-answer-v2`);
+//! - `GET /.well-known/kst/log/<domain>/audit?from=A&to=B`: the signed head of every epoch
+//!   from A to B and the append-only proof between them (at most
+//!   [`MAX_AUDIT_EPOCHS`] epochs, else 400);
+//! - `POST /.well-known/kst/log/<domain>/cosignature`: a witness of `[transparency]
+//!   witnesses` hands in its cosignature (the head text with one cosignature line, at most
+//!   [`MAX_HEAD_TEXT`] bytes): 204 when stored; 403 for a witness not listed; 409 when the
+//!   head is not the one stored for its epoch; 400 when it does not verify.
+//! - with `?since=<epoch>`, a lookup also carries the append-only proof from that epoch (at
+//!   most `MAX_SINCE_EPOCHS` epochs back, else 422); `since` and `witnessed` combine;
+//! - `GET /.well-known/kst/log/<domain>/history/<address>`: the signed head and akd's history
+//!   proof of the address's newest versions (`kst_core::transparency::history`); 404 for an
+//!   address the directory never held.
 //!
 //! Unknown domain or an address of another domain: 404; not an address: 400; the directory
 //! unreadable: 503 (retry). Answers are not cached (`Cache-Control: no-store`): each names
-//! the latest epoch.
+//! the latest epoch. On `[web]` every route is under `[web.limits]` (the same per-client
+//! counters as WKD and VKS).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use kst_core::AddressPolicy;
 use kst_core::time::unix_now;
-use kst_core::transparency::DomainLog;
-use kst_core::transparency::answer::head_text;
+use kst_core::transparency::witness::{
+    MAX_AUDIT_EPOCHS, MAX_HEAD_TEXT, head_with_cosignatures_text, parse_head_with_cosignatures,
+};
+use kst_core::transparency::{DomainLog, SignedHead, TransparencyError};
 
 #[derive(Clone)]
 struct LogState {
     logs: Arc<HashMap<String, Arc<DomainLog>>>,
     address_policy: AddressPolicy,
+    /// `[transparency] witnesses`: name and key.
+    witnesses: Arc<Vec<(String, [u8; 32])>>,
 }
 
-/// The routes of the logs in `logs`.
-pub fn router(logs: Vec<Arc<DomainLog>>, address_policy: AddressPolicy) -> Router {
+/// The routes of the logs in `logs`; `witnesses` (name, key) are the witnesses whose
+/// cosignatures `POST .../cosignature` accepts.
+pub fn router(
+    logs: Vec<Arc<DomainLog>>,
+    address_policy: AddressPolicy,
+    witnesses: Vec<(String, [u8; 32])>,
+) -> Router {
     let logs = logs
         .into_iter()
         .map(|l| (l.domain().to_string(), l))
@@ -39,13 +66,24 @@ pub fn router(logs: Vec<Arc<DomainLog>>, address_policy: AddressPolicy) -> Route
     Router::new()
         .route("/.well-known/kst/log/{domain}/keys", get(keys))
         .route("/.well-known/kst/log/{domain}/head", get(head))
+        .route("/.well-known/kst/log/{domain}/head/{epoch}", get(head_at))
         .route(
             "/.well-known/kst/log/{domain}/lookup/{address}",
             get(lookup),
         )
+        .route("/.well-known/kst/log/{domain}/audit", get(audit))
+        .route(
+            "/.well-known/kst/log/{domain}/cosignature",
+            post(cosignature).layer(DefaultBodyLimit::max(MAX_HEAD_TEXT)),
+        )
+        .route(
+            "/.well-known/kst/log/{domain}/history/{address}",
+            get(history),
+        )
         .with_state(LogState {
             logs: Arc::new(logs),
             address_policy,
+            witnesses: Arc::new(witnesses),
         })
 }
 
@@ -93,35 +131,257 @@ async fn keys(State(s): State<LogState>, Path(domain): Path<String>) -> Response
     }
 }
 
+/// A stored head with its cosignatures, as text.
+async fn with_cosignatures(
+    log: &DomainLog,
+    head: &SignedHead,
+) -> Result<String, TransparencyError> {
+    let cosignatures = log.cosignatures(head).await?;
+    head_with_cosignatures_text(head, &cosignatures)
+}
+
 async fn head(State(s): State<LogState>, Path(domain): Path<String>) -> Response {
     let Some(log) = s.logs.get(&domain) else {
         return not_found("no key directory for this domain");
     };
-    match log.head(unix_now()).await.and_then(|h| head_text(&h)) {
+    let result = match log.head(unix_now()).await {
+        Ok(h) => with_cosignatures(log, &h).await,
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(body) => text(StatusCode::OK, body),
         Err(e) => failed(&domain, &e),
     }
 }
 
-async fn lookup(
+async fn head_at(
     State(s): State<LogState>,
-    Path((domain, address)): Path<(String, String)>,
+    Path((domain, epoch)): Path<(String, String)>,
 ) -> Response {
     let Some(log) = s.logs.get(&domain) else {
         return not_found("no key directory for this domain");
     };
-    let Ok(address) = s.address_policy.normalize(&address) else {
-        return text(StatusCode::BAD_REQUEST, "not an address\n".into());
+    let Ok(epoch) = epoch.parse::<u64>() else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "the epoch must be a number\n".into(),
+        );
+    };
+    let result = match log.head_at(epoch, unix_now()).await {
+        Ok(Some(h)) => with_cosignatures(log, &h).await.map(Some),
+        Ok(None) => Ok(None),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(Some(body)) => text(StatusCode::OK, body),
+        Ok(None) => not_found("no head is stored for this epoch"),
+        Err(e) => failed(&domain, &e),
+    }
+}
+
+/// The number of the query parameter `name` (the last one, if repeated).
+fn query_number(query: Option<&str>, name: &str) -> Option<u64> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .rfind(|(k, _)| *k == name)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+async fn audit(
+    State(s): State<LogState>,
+    Path(domain): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let Some(log) = s.logs.get(&domain) else {
+        return not_found("no key directory for this domain");
+    };
+    let query = query.as_deref();
+    let (Some(from), Some(to)) = (query_number(query, "from"), query_number(query, "to")) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "want ?from=A&to=B, two epochs\n".into(),
+        );
+    };
+    if from > to || to - from >= MAX_AUDIT_EPOCHS {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "from must not be after to, and one answer spans at most {MAX_AUDIT_EPOCHS} \
+                 epochs: ask for shorter ranges\n"
+            ),
+        );
+    }
+    let latest = match log.head(unix_now()).await {
+        Ok(h) => h.head.epoch,
+        Err(e) => return failed(&domain, &e),
+    };
+    if to > latest {
+        return not_found(&format!("the latest epoch is {latest}"));
+    }
+    match log.audit_answer(from, to).await.and_then(|a| a.to_text()) {
+        Ok(body) => text(StatusCode::OK, body),
+        Err(e) => failed(&domain, &e),
+    }
+}
+
+async fn cosignature(
+    State(s): State<LogState>,
+    Path(domain): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(log) = s.logs.get(&domain) else {
+        return not_found("no key directory for this domain");
+    };
+    let parsed = std::str::from_utf8(&body)
+        .map_err(|_| TransparencyError::Malformed("not UTF-8".into()))
+        .and_then(parse_head_with_cosignatures);
+    let (head, cosignature) = match parsed {
+        Ok((head, mut c)) if c.len() == 1 => (head, c.remove(0)),
+        Ok(_) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "want the head text with exactly one cosignature line\n".into(),
+            );
+        }
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let Some((name, _)) = s.witnesses.iter().find(|(_, k)| *k == cosignature.witness) else {
+        return text(
+            StatusCode::FORBIDDEN,
+            "this witness is not in the log's [transparency] witnesses\n".into(),
+        );
+    };
+    if head.head.domain != domain {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "the head is of another domain\n".into(),
+        );
+    }
+    let stored = match log.head_at(head.head.epoch, unix_now()).await {
+        Ok(h) => h,
+        Err(e) => return failed(&domain, &e),
+    };
+    if stored.as_ref() != Some(&head) {
+        tracing::warn!(domain, witness = %name, epoch = head.head.epoch, "a witness cosigned a head this log did not store for that epoch");
+        return text(
+            StatusCode::CONFLICT,
+            "the head is not the one this log stored for its epoch\n".into(),
+        );
+    }
+    match log.add_cosignature(head.head.epoch, &cosignature).await {
+        Ok(()) => {
+            tracing::info!(domain, witness = %name, epoch = head.head.epoch, "cosignature stored");
+            (
+                StatusCode::NO_CONTENT,
+                [(header::CACHE_CONTROL, "no-store")],
+            )
+                .into_response()
+        }
+        Err(e @ (TransparencyError::Signature(_) | TransparencyError::Verification(_))) => {
+            text(StatusCode::BAD_REQUEST, format!("{e}\n"))
+        }
+        Err(e) => failed(&domain, &e),
+    }
+}
+
+// A `Response` is what the handler returns, once; boxing it would buy nothing.
+#[allow(clippy::result_large_err)]
+/// The domain's log and the normalized address of a `.../<domain>/<route>/<address>` path,
+/// or the answer to give instead.
+fn log_and_address(
+    s: &LogState,
+    domain: &str,
+    address: &str,
+) -> Result<(Arc<DomainLog>, kst_core::Address), Response> {
+    let Some(log) = s.logs.get(domain) else {
+        return Err(not_found("no key directory for this domain"));
+    };
+    let Ok(address) = s.address_policy.normalize(address) else {
+        return Err(text(StatusCode::BAD_REQUEST, "not an address\n".into()));
     };
     if address.domain() != domain {
-        return not_found("the address is not in this domain");
+        return Err(not_found("the address is not in this domain"));
     }
-    match log
-        .answer(&address, unix_now())
-        .await
-        .and_then(|a| a.to_text())
-    {
+    Ok((log.clone(), address))
+}
+
+#[allow(clippy::result_large_err)]
+/// `since=<epoch>` of a query string (`None` without it); `Err` for anything else.
+fn since(query: Option<&str>) -> Result<Option<u64>, Response> {
+    let bad = || {
+        text(
+            StatusCode::BAD_REQUEST,
+            "the query may hold since=<epoch> (a number) and witnessed=1, nothing else\n".into(),
+        )
+    };
+    let mut since = None;
+    for kv in query.unwrap_or("").split('&').filter(|kv| !kv.is_empty()) {
+        match kv.split_once('=') {
+            Some(("since", v)) if since.is_none() => match v.parse::<u64>() {
+                Ok(epoch) => since = Some(epoch),
+                Err(_) => return Err(bad()),
+            },
+            Some(("witnessed", "1")) => {}
+            _ => return Err(bad()),
+        }
+    }
+    Ok(since)
+}
+
+async fn lookup(
+    State(s): State<LogState>,
+    Path((domain, address)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let (log, address) = match log_and_address(&s, &domain, &address) {
+        Ok(found) => found,
+        Err(r) => return r,
+    };
+    let since = match since(query.as_deref()) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let witnessed = query
+        .as_deref()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "witnessed=1"));
+    let mut answer = match log.answer_since(&address, since, unix_now()).await {
+        Ok(a) => a,
+        Err(TransparencyError::Range(m)) => {
+            return text(StatusCode::UNPROCESSABLE_ENTITY, format!("{m}\n"));
+        }
+        Err(e) => return failed(&domain, &e),
+    };
+    if witnessed {
+        let keys: Vec<[u8; 32]> = s.witnesses.iter().map(|(_, k)| *k).collect();
+        match log.witnessed(&answer.head, &keys).await {
+            Ok(w) => answer.witnessed = w,
+            Err(e) => return failed(&domain, &e),
+        }
+    }
+    match answer.to_text() {
         Ok(body) => text(StatusCode::OK, body),
+        Err(TransparencyError::Range(m)) => {
+            text(StatusCode::UNPROCESSABLE_ENTITY, format!("{m}\n"))
+        }
+        Err(e) => failed(&domain, &e),
+    }
+}
+
+async fn history(
+    State(s): State<LogState>,
+    Path((domain, address)): Path<(String, String)>,
+) -> Response {
+    let (log, address) = match log_and_address(&s, &domain, &address) {
+        Ok(found) => found,
+        Err(r) => return r,
+    };
+    match log.history(&address, unix_now()).await {
+        Ok(Some(h)) => match h.to_text() {
+            Ok(body) => text(StatusCode::OK, body),
+            Err(e) => failed(&domain, &e),
+        },
+        Ok(None) => not_found("the directory holds no version of this address"),
         Err(e) => failed(&domain, &e),
     }
 }

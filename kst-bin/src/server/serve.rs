@@ -99,7 +99,18 @@ async fn start(cfg: Config) -> u8 {
     #[cfg(feature = "transparency")]
     let extra = match crate::shared::transparency::open_logs(&cfg).await {
         Ok(logs) if logs.is_empty() => axum::Router::new(),
-        Ok(logs) => crate::server::log_http::router(logs, kst.policy().address_policy.clone()),
+        Ok(logs) => match cfg.transparency.witness_keys() {
+            Ok(witnesses) => crate::server::log_http::router(
+                logs,
+                kst.policy().address_policy.clone(),
+                witnesses,
+            ),
+            Err(e) => {
+                let e = kst_core::Error::Config(e.to_string());
+                tracing::error!(error = %e, "cannot start");
+                return report::error(&e);
+            }
+        },
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
             return report::error(&e);

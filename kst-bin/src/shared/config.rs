@@ -35,12 +35,13 @@ pub const ENV_PREFIX: &str = "KST";
 /// Separator between the section and the key in an environment override (`KST_MAILER__PORT`).
 pub const ENV_SEPARATOR: &str = "__";
 /// Keys whose environment value is a comma-separated list.
-pub const ENV_LIST_KEYS: [&str; 5] = [
+pub const ENV_LIST_KEYS: [&str; 6] = [
     "kst.domains",
     "kst.trusted_mta_hosts",
     "lmtp.allow",
     "web.trusted_proxies",
     "limits.recipient_folding.dot_insensitive_domains",
+    "transparency.witnesses",
 ];
 /// Keys whose environment value is a list of URLs separated by whitespace (spaces, tabs or
 /// newlines), not commas: a URL may hold commas (libpq's multi-host

@@ -35,7 +35,9 @@ use crate::transparency::{
 pub async fn run_all(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
     blobs_round_trip(&a, &b).await;
     fence_and_first_root(&a).await;
+    heads_and_cosignatures(&a, &b).await;
     directory_proves_the_store(Arc::clone(&a)).await;
+    log_stores_heads_and_cosignatures(Arc::clone(&a), Arc::clone(&b)).await;
     two_writers_one_history(a, b).await;
 }
 
@@ -173,6 +175,233 @@ pub async fn fence_and_first_root(store: &Arc<dyn DirectoryStore>) {
         store.root(D).await.unwrap(),
         Some((1, b"one".to_vec())),
         "fence: root after the refused batch"
+    );
+}
+
+/// Heads are insert-if-absent per epoch (the first of two writers' heads stays, through
+/// either instance) and listed by epoch range; cosignatures are per (epoch, witness), a
+/// witness's second one for an epoch replaces its first, and a witness's newest is found;
+/// domains are separate.
+pub async fn heads_and_cosignatures(a: &Arc<dyn DirectoryStore>, b: &Arc<dyn DirectoryStore>) {
+    const D: &str = "heads.example";
+    assert_eq!(
+        a.heads(D, 0, 10).await.unwrap(),
+        Vec::new(),
+        "heads: none before the first"
+    );
+    assert_eq!(
+        a.insert_head(D, 1, b"head 1").await.unwrap(),
+        b"head 1".to_vec(),
+        "heads: the first head of an epoch is stored"
+    );
+    assert_eq!(
+        b.insert_head(D, 1, b"other head 1").await.unwrap(),
+        b"head 1".to_vec(),
+        "heads: a second head for one epoch must not replace the first"
+    );
+    b.insert_head(D, 3, b"head 3").await.unwrap();
+    b.insert_head(D, 12, b"head 12").await.unwrap();
+    assert_eq!(
+        a.heads(D, 0, 10).await.unwrap(),
+        vec![(1, b"head 1".to_vec()), (3, b"head 3".to_vec())],
+        "heads: a range lists the stored heads in it, oldest first"
+    );
+    assert_eq!(
+        a.heads(D, 12, 12).await.unwrap(),
+        vec![(12, b"head 12".to_vec())],
+        "heads: one epoch"
+    );
+    assert_eq!(
+        a.heads("other.example", 0, 20).await.unwrap(),
+        Vec::new(),
+        "heads: another domain is separate"
+    );
+
+    let (w1, w2, w3) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+    assert_eq!(
+        a.latest_cosignature(D, &w1).await.unwrap(),
+        None,
+        "cosignatures: none before the first"
+    );
+    a.put_cosignature(D, 1, &w1, b"w1 at 1").await.unwrap();
+    b.put_cosignature(D, 1, &w2, b"w2 at 1").await.unwrap();
+    a.put_cosignature(D, 3, &w1, b"w1 at 3").await.unwrap();
+    // A late cosignature of an older epoch must not hide the witness's newest.
+    b.put_cosignature(D, 2, &w1, b"w1 at 2").await.unwrap();
+    let mut at1 = b.cosignatures(D, 1).await.unwrap();
+    at1.sort();
+    assert_eq!(
+        at1,
+        vec![(w1, b"w1 at 1".to_vec()), (w2, b"w2 at 1".to_vec())],
+        "cosignatures: per epoch and witness"
+    );
+    assert_eq!(
+        b.latest_cosignature(D, &w1).await.unwrap(),
+        Some((3, b"w1 at 3".to_vec())),
+        "cosignatures: a witness's newest"
+    );
+    assert_eq!(
+        a.latest_cosignature(D, &w2).await.unwrap(),
+        Some((1, b"w2 at 1".to_vec())),
+        "cosignatures: another witness's newest"
+    );
+    assert_eq!(
+        a.latest_cosignature(D, &w3).await.unwrap(),
+        None,
+        "cosignatures: a witness that never cosigned"
+    );
+    b.put_cosignature(D, 3, &w1, b"w1 at 3, again")
+        .await
+        .unwrap();
+    assert_eq!(
+        a.cosignatures(D, 3).await.unwrap(),
+        vec![(w1, b"w1 at 3, again".to_vec())],
+        "cosignatures: a witness's second cosignature of an epoch replaces its first"
+    );
+    assert_eq!(
+        a.latest_cosignature(D, &w1).await.unwrap(),
+        Some((3, b"w1 at 3, again".to_vec())),
+        "cosignatures: the newest follows the replacement"
+    );
+    assert!(
+        a.cosignatures(D, 4).await.unwrap().is_empty(),
+        "cosignatures: an epoch nobody cosigned"
+    );
+    assert!(
+        a.cosignatures("other.example", 1).await.unwrap().is_empty(),
+        "cosignatures: another domain is separate"
+    );
+}
+
+/// A log stores one signed head per epoch as it commits (the same head through either
+/// instance, whatever the time of the later read); the audit answer over them verifies; a
+/// witness's cosignature is stored only when it verifies against the stored head, and is
+/// found as that witness's newest; an altered stored head is refused.
+pub async fn log_stores_heads_and_cosignatures(
+    a: Arc<dyn DirectoryStore>,
+    b: Arc<dyn DirectoryStore>,
+) {
+    use crate::transparency::HeadSigner;
+
+    const D: &str = "witnessed.example";
+    let keys_a = LogKeys::generate(D);
+    let keys_b = LogKeys::parse(&keys_a.to_file()).unwrap();
+    let head_key = keys_a.head.public_key();
+    let log_a = DomainLog::open(Arc::clone(&a), keys_a).await.unwrap();
+    let log_b = DomainLog::open(b, keys_b).await.unwrap();
+    let mut roots = BTreeMap::new();
+    for n in 0..3u64 {
+        let addr = address(&format!("w{n}@witnessed.example"));
+        match log_a
+            .sync(&addr, Some(&record(&addr, 4, n, 1)), 100 + n)
+            .await
+        {
+            Ok(Synced::Recorded {
+                epoch, root_hash, ..
+            }) => {
+                roots.insert(epoch, root_hash);
+            }
+            other => panic!("heads: {addr}: {other:?}"),
+        }
+    }
+    let heads = log_b.stored_heads(0, 10).await.unwrap();
+    assert_eq!(
+        heads.iter().map(|h| h.head.epoch).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3],
+        "heads: one stored head per epoch, the empty directory's included"
+    );
+    for h in &heads[1..] {
+        assert_eq!(
+            Some(&h.head.root_hash),
+            roots.get(&h.head.epoch),
+            "heads: the stored head names the epoch's root"
+        );
+        h.verify(&head_key).expect("heads: signed by the log's key");
+    }
+    let latest = log_b.head(999).await.unwrap();
+    assert_eq!(
+        &latest, &heads[3],
+        "heads: the latest head is the stored one, not signed again per request"
+    );
+    assert_eq!(
+        log_a.head_at(2, 999).await.unwrap().as_ref(),
+        Some(&heads[2]),
+        "heads: an older epoch's stored head"
+    );
+    assert_eq!(
+        log_a.head_at(4, 999).await.unwrap(),
+        None,
+        "heads: an epoch that does not exist yet"
+    );
+    let audit = log_b.audit_answer(0, 3).await.unwrap();
+    audit
+        .verify(&head_key)
+        .await
+        .unwrap_or_else(|e| panic!("heads: the audit answer from 0 to 3: {e}"));
+    let parsed = crate::transparency::witness::AuditAnswer::parse(&audit.to_text().unwrap())
+        .expect("heads: the audit answer's text parses");
+    assert_eq!(parsed, audit, "heads: the audit answer survives its text");
+
+    let witness = HeadSigner::generate();
+    let other = HeadSigner::generate();
+    let good = witness.cosign(&heads[3], 1000).unwrap();
+    log_a.add_cosignature(3, &good).await.unwrap();
+    assert!(
+        log_a
+            .add_cosignature(2, &witness.cosign(&heads[3], 1000).unwrap())
+            .await
+            .is_err(),
+        "cosignatures: a cosignature of epoch 3 must not be stored for epoch 2"
+    );
+    let mut forged = heads[3].clone();
+    forged.head.root_hash = [7; 32];
+    assert!(
+        log_a
+            .add_cosignature(3, &other.cosign(&forged, 1000).unwrap())
+            .await
+            .is_err(),
+        "cosignatures: a cosignature of another head for epoch 3 must be refused"
+    );
+    assert!(
+        log_a
+            .add_cosignature(9, &other.cosign(&heads[3], 1000).unwrap())
+            .await
+            .is_err(),
+        "cosignatures: an epoch without a stored head cannot be cosigned"
+    );
+    assert_eq!(
+        log_b.cosignatures(&heads[3]).await.unwrap(),
+        vec![good.clone()],
+        "cosignatures: the stored cosignature, through the other instance"
+    );
+    assert_eq!(
+        log_b.latest_cosigned(&witness.public_key()).await.unwrap(),
+        Some((heads[3].clone(), good)),
+        "cosignatures: the witness's newest"
+    );
+    assert_eq!(
+        log_b.latest_cosigned(&other.public_key()).await.unwrap(),
+        None,
+        "cosignatures: a witness whose cosignatures were refused has none"
+    );
+
+    // A head stored behind the log's back (another key) is refused, not served.
+    let intruder = LogKeys::generate(D);
+    let mut fake = heads[3].head.clone();
+    fake.epoch = 4;
+    let fake = intruder.head.sign(fake).unwrap();
+    a.insert_head(
+        D,
+        4,
+        crate::transparency::answer::head_text(&fake)
+            .unwrap()
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        log_b.stored_heads(4, 4).await.is_err(),
+        "heads: a stored head signed by another key must be refused"
     );
 }
 
@@ -451,7 +680,7 @@ pub async fn one_address_in_store_order(
 
     let stored = store_a.history(&alice).await.unwrap();
     assert_eq!(stored.len() as u64, total, "order: the store's history");
-    let history = log_a.history(&alice).await.unwrap();
+    let history = log_a.entries(&alice).await.unwrap();
     assert_eq!(
         history.len() as u64,
         total,
@@ -489,14 +718,14 @@ pub async fn one_address_in_store_order(
     );
     // Both handles read the same history.
     assert_eq!(
-        log_b.history(&alice).await.unwrap(),
+        log_b.entries(&alice).await.unwrap(),
         history,
         "order: log b"
     );
 
     // A deletion: the deleted version + 1.
     assert!(a.delete(&alice).await.unwrap(), "order: the deletion");
-    let (_, deleted) = log_b.history(&alice).await.unwrap().pop().unwrap();
+    let (_, deleted) = log_b.entries(&alice).await.unwrap().pop().unwrap();
     assert_eq!(
         (deleted.state, deleted.version),
         (EntryState::Deleted, current.version + 1),
@@ -505,7 +734,7 @@ pub async fn one_address_in_store_order(
     // A publication after it: version 1 again, recorded after the deletion.
     let again = b.publish(test_key(&alice, 50, 1)).await.unwrap();
     assert_eq!(again.record().version, 1, "order: the store starts again");
-    let (_, entry) = log_a.history(&alice).await.unwrap().pop().unwrap();
+    let (_, entry) = log_a.entries(&alice).await.unwrap().pop().unwrap();
     assert_eq!(
         entry,
         DirectoryEntry::for_record(again.record()),
@@ -517,7 +746,7 @@ pub async fn one_address_in_store_order(
     let restored = test_key(&alice, 51, 1).into_record(1);
     a.restore(std::slice::from_ref(&restored)).await.unwrap();
     let tail: Vec<DirectoryEntry> = log_b
-        .history(&alice)
+        .entries(&alice)
         .await
         .unwrap()
         .into_iter()
@@ -543,13 +772,13 @@ pub async fn one_address_in_store_order(
         .record()
         .clone();
     assert!(
-        log_a.history(&bob).await.unwrap().is_empty(),
+        log_a.entries(&bob).await.unwrap().is_empty(),
         "order: not yet"
     );
     let first = b.record_all(16).await.unwrap();
     assert_eq!((first.checked, first.recorded), (2, 1), "order: record_all");
     assert_eq!(
-        log_a.history(&bob).await.unwrap().pop().map(|(_, e)| e),
+        log_a.entries(&bob).await.unwrap().pop().map(|(_, e)| e),
         Some(DirectoryEntry::for_record(&behind)),
         "order: record_all recorded bob"
     );

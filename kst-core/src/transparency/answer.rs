@@ -11,12 +11,22 @@
 //! signed-at 1764790000
 //! signature <128 hex>
 //! present <base64 of the lookup proof>      (or: absent <base64 of the absence proof>)
+//! append-only 5 <base64 of the append-only proof from epoch 5>   (only with ?since=5)
 //! ```
 //!
 //! Lines 2 to 6 are the head exactly as signed ([`Head::message`] without its context
 //! line), the signature is the domain's head key's over that message, and the last line is
 //! [`super::wire`]'s encoding of the lookup or absence proof against that head. `/head`
 //! serves the same without the last line, under `kst-log-head-v1`.
+//!
+//! `kst-log-answer-v2` (`lookup/<address>?witnessed=1`) is v1 followed by the witnesses'
+//! part ([`super::witness::Witnessed`]): their newest cosignatures and the append-only proof
+//! from the cosigned heads to the answer's.
+//!
+//! `lookup/<address>?since=<epoch>` (a client that remembers the head of `epoch`) adds the
+//! append-only proof from that epoch to the answer's epoch ([`AppendOnlyFrom`]; none when
+//! `since` is the answer's epoch or newer: the client then compares the heads itself), as the
+//! line after the proof line (before the witnesses' part of a v2 answer).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -24,16 +34,27 @@ use base64::engine::general_purpose::STANDARD as B64;
 use super::directory::AbsenceProof;
 use super::entry::{DirectoryEntry, EntryState};
 use super::head::{Head, SignedHead};
-use super::verify::{verify_absence, verify_lookup};
+use super::verify::{verify_absence, verify_append_only_from, verify_lookup};
+use super::witness::Witnessed;
 use super::{Result, TransparencyError, wire};
 use crate::Address;
 
 /// First line of a lookup answer.
 pub const ANSWER_CONTEXT: &str = "kst-log-answer-v1";
+/// First line of a lookup answer with the witnesses' part.
+pub const WITNESSED_ANSWER_CONTEXT: &str = "kst-log-answer-v2";
+/// Largest answer text accepted with the witnesses' part.
+pub const MAX_WITNESSED_ANSWER: usize = MAX_ANSWER + super::witness::MAX_AUDIT_TEXT;
 /// First line of a head.
 pub const HEAD_CONTEXT: &str = "kst-log-head-v1";
-/// Largest answer text accepted (a lookup proof at 10⁶ entries is a few KiB).
+/// Largest answer text accepted without an append-only proof (a lookup proof at 10⁶ entries
+/// is a few KiB).
 pub const MAX_ANSWER: usize = 2 * wire::MAX_LOOKUP_PROOF;
+/// Largest answer text accepted with an append-only proof (`?since=`).
+pub const MAX_ANSWER_WITH_AUDIT: usize = MAX_ANSWER + wire::MAX_AUDIT_PROOF * 4 / 3 + 64;
+/// The most epochs one `?since=` proof spans; a client further behind is told to re-pin
+/// (the server would otherwise build arbitrarily long proofs for anyone who asks).
+pub const MAX_SINCE_EPOCHS: u64 = 4096;
 
 /// The proof in an answer, in [`super::wire`]'s encoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +65,15 @@ pub enum AnswerProof {
     Absent(Vec<u8>),
 }
 
+/// The append-only proof from an older epoch to an answer's head (`?since=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendOnlyFrom {
+    /// The older epoch (the one the client remembers).
+    pub from: u64,
+    /// akd's append-only proof from `from` to the answer's epoch, in [`wire`]'s encoding.
+    pub proof: Vec<u8>,
+}
+
 /// A signed head and the proof for one address against it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogAnswer {
@@ -51,6 +81,10 @@ pub struct LogAnswer {
     pub head: SignedHead,
     /// The proof.
     pub proof: AnswerProof,
+    /// The witnesses' part (v2 answers).
+    pub witnessed: Option<Witnessed>,
+    /// With `?since=`: the append-only proof from that epoch to `head`.
+    pub append_only: Option<AppendOnlyFrom>,
 }
 
 /// What the KST served for the address the answer is about.
@@ -87,8 +121,16 @@ impl LogAnswer {
             AnswerProof::Present(b) => ("present", b),
             AnswerProof::Absent(b) => ("absent", b),
         };
+        let (context, witnessed) = match &self.witnessed {
+            Some(w) => (WITNESSED_ANSWER_CONTEXT, w.to_lines()?),
+            None => (ANSWER_CONTEXT, String::new()),
+        };
+        let append_only = match &self.append_only {
+            Some(a) => format!("append-only {} {}\n", a.from, B64.encode(&a.proof)),
+            None => String::new(),
+        };
         Ok(format!(
-            "{ANSWER_CONTEXT}\n{}{kind} {}\n",
+            "{context}\n{}{kind} {}\n{append_only}{witnessed}",
             head_lines(&self.head)?,
             B64.encode(bytes)
         ))
@@ -96,12 +138,17 @@ impl LogAnswer {
 
     /// Parses an answer's text; strict, bounded.
     pub fn parse(text: &str) -> Result<LogAnswer> {
-        if text.len() > MAX_ANSWER {
-            return Err(malformed(&format!("larger than {MAX_ANSWER} bytes")));
-        }
         let mut lines = text.lines();
-        if lines.next() != Some(ANSWER_CONTEXT) {
-            return Err(malformed("not a kst log answer"));
+        let (limit, v2) = match lines.next() {
+            Some(ANSWER_CONTEXT) => (MAX_ANSWER_WITH_AUDIT, false),
+            Some(WITNESSED_ANSWER_CONTEXT) => (
+                MAX_WITNESSED_ANSWER + (MAX_ANSWER_WITH_AUDIT - MAX_ANSWER),
+                true,
+            ),
+            _ => return Err(malformed("not a kst log answer")),
+        };
+        if text.len() > limit {
+            return Err(malformed(&format!("larger than {limit} bytes")));
         }
         let head = read_head(&mut lines)?;
         let (kind, b64) = lines
@@ -116,10 +163,40 @@ impl LogAnswer {
             "absent" => AnswerProof::Absent(bytes),
             _ => return Err(malformed("unknown proof kind")),
         };
-        if lines.next().is_some() {
-            return Err(malformed("trailing lines"));
+        if matches!(&proof, AnswerProof::Present(b) | AnswerProof::Absent(b) if b.len() > wire::MAX_LOOKUP_PROOF)
+        {
+            return Err(malformed("the proof is too large"));
         }
-        Ok(LogAnswer { head, proof })
+        let mut lines = lines.peekable();
+        let append_only = match lines.peek().and_then(|l| l.strip_prefix("append-only ")) {
+            None => None,
+            Some(rest) => {
+                let (from, b64) = rest
+                    .split_once(' ')
+                    .ok_or_else(|| malformed("a bad `append-only` line"))?;
+                let a = AppendOnlyFrom {
+                    from: number(from)?,
+                    proof: B64
+                        .decode(b64)
+                        .map_err(|_| malformed("the append-only proof is not base64"))?,
+                };
+                lines.next();
+                Some(a)
+            }
+        };
+        let witnessed = if v2 {
+            Some(Witnessed::parse_lines(&head, lines)?)
+        } else if lines.next().is_some() {
+            return Err(malformed("want the `append-only` line or the end"));
+        } else {
+            None
+        };
+        Ok(LogAnswer {
+            head,
+            proof,
+            witnessed,
+            append_only,
+        })
     }
 
     /// Everything a client checks: the head is signed by `head_key` and names `address`'s
@@ -189,8 +266,57 @@ impl LogAnswer {
     }
 }
 
+impl LogAnswer {
+    /// Checks that this answer's head extends `remembered` (a head the client accepted before,
+    /// of the same domain and directory) only by appending: the same root for the same epoch,
+    /// never an older epoch, and for a newer one the answer's append-only proof from exactly
+    /// `remembered`'s epoch. Any failure is [`TransparencyError::Verification`]: a fork or a
+    /// rollback. The caller has verified the answer's head signature.
+    pub async fn verify_extends(&self, remembered: &Head) -> Result<()> {
+        let new = &self.head.head;
+        if new.epoch <= remembered.epoch {
+            return verify_append_only_from(
+                remembered,
+                new,
+                akd::AppendOnlyProof {
+                    proofs: Vec::new(),
+                    epochs: Vec::new(),
+                },
+            )
+            .await;
+        }
+        if remembered.epoch == 0 {
+            // The empty tree: every later state of the same directory extends it.
+            return if remembered.domain == new.domain
+                && remembered.vrf_public_key == new.vrf_public_key
+            {
+                Ok(())
+            } else {
+                Err(TransparencyError::Verification(format!(
+                    "{}: the heads belong to different directories",
+                    new.domain
+                )))
+            };
+        }
+        let Some(a) = &self.append_only else {
+            return Err(TransparencyError::Verification(format!(
+                "{}: the answer at epoch {} carries no append-only proof from the remembered \
+                 epoch {}",
+                new.domain, new.epoch, remembered.epoch
+            )));
+        };
+        if a.from != remembered.epoch {
+            return Err(TransparencyError::Verification(format!(
+                "{}: the append-only proof starts at epoch {}, not at the remembered epoch {}",
+                new.domain, a.from, remembered.epoch
+            )));
+        }
+        verify_append_only_from(remembered, new, wire::decode_audit(&a.proof)?).await
+    }
+}
+
 /// Lines 2.. of the signed head text: the head's fields and the signature.
-fn head_lines(head: &SignedHead) -> Result<String> {
+pub(crate) fn head_lines(head: &SignedHead) -> Result<String> {
     let message = String::from_utf8(head.head.message()?)
         .map_err(|_| malformed("the head message is not text"))?;
     let fields = message
@@ -203,7 +329,7 @@ fn head_lines(head: &SignedHead) -> Result<String> {
     ))
 }
 
-fn read_head<'a>(lines: &mut impl Iterator<Item = &'a str>) -> Result<SignedHead> {
+pub(crate) fn read_head<'a>(lines: &mut impl Iterator<Item = &'a str>) -> Result<SignedHead> {
     let mut field = |name: &str| -> Result<&'a str> {
         lines
             .next()

@@ -227,6 +227,30 @@ impl<S: Database + 'static> KeyDirectory<S> {
         })
     }
 
+    /// akd's history proof of `address` at the latest epoch (its newest
+    /// [`super::history::MAX_VERSIONS`] versions), with that epoch and its root hash; `None`
+    /// for an address the directory never held.
+    pub async fn history(
+        &self,
+        address: &Address,
+    ) -> Result<Option<(akd::HistoryProof, u64, [u8; 32])>> {
+        let label = directory_label(address);
+        match self
+            .storage
+            .get_user_state(&label, ValueStateRetrievalFlag::MaxEpoch)
+            .await
+        {
+            Ok(_) => {}
+            Err(StorageError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(TransparencyError::Directory(e.to_string())),
+        }
+        let (proof, EpochHash(epoch, root)) = self
+            .directory
+            .key_history(&label, super::history::history_params())
+            .await?;
+        Ok(Some((proof, epoch, root)))
+    }
+
     /// The append-only proof from epoch `from` to epoch `to` (one step per epoch between).
     pub async fn audit(&self, from: u64, to: u64) -> Result<AppendOnlyProof> {
         Ok(self.directory.audit(from, to).await?)

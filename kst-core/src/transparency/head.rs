@@ -104,6 +104,39 @@ pub struct Cosignature {
 }
 
 impl Cosignature {
+    /// The cosignature as one line (no newline): `cosignature <witness key, 64 hex>
+    /// <checked-at> <signature, 128 hex>`.
+    pub fn to_line(&self) -> String {
+        format!(
+            "cosignature {} {} {}",
+            hex::encode(self.witness),
+            self.checked_at,
+            hex::encode(self.signature)
+        )
+    }
+
+    /// Parses [`Cosignature::to_line`]; strict. Nothing is verified.
+    pub fn parse_line(line: &str) -> Result<Self> {
+        let bad = || {
+            TransparencyError::Malformed(format!(
+                "want `cosignature <64 hex> <checked-at> <128 hex>`, got {:?}",
+                line.chars().take(40).collect::<String>()
+            ))
+        };
+        let fields: Vec<&str> = line.split(' ').collect();
+        let ["cosignature", witness, checked_at, signature] = fields[..] else {
+            return Err(bad());
+        };
+        let mut out = Cosignature {
+            witness: [0; 32],
+            checked_at: checked_at.parse().map_err(|_| bad())?,
+            signature: [0; 64],
+        };
+        hex::decode_to_slice(witness, &mut out.witness).map_err(|_| bad())?;
+        hex::decode_to_slice(signature, &mut out.signature).map_err(|_| bad())?;
+        Ok(out)
+    }
+
     /// Checks this cosignature over `head` (the witness key is the one in the cosignature; the
     /// caller decides whether it trusts that witness).
     pub fn verify(&self, head: &SignedHead) -> Result<()> {

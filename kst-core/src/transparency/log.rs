@@ -15,6 +15,13 @@
 //! entry, the store's current state read after they all happened). Each caller is answered once
 //! the epoch holding its address is committed.
 //!
+//! Heads (docs/TRANSPARENCY.md, "Signed heads, witnesses"): each epoch's head is signed once
+//! and stored ([`DirectoryStore::insert_head`]): by the writer right after its commit, and
+//! before it builds the next epoch on the current one (so no epoch is superseded without its
+//! head, unless a writer dies between its commit and its head while another one commits);
+//! a missing head of the latest epoch is signed on first read. Every head served (`/head`,
+//! lookups) is the stored one, so witnesses' cosignatures of it match what clients see.
+//!
 //! The directory runs on a thread of its own (a current-thread Tokio runtime) and is asked
 //! through a channel: rustc cannot prove akd's futures `Send` ("implementation of `Send` is
 //! not general enough", rust-lang/rust#102211), and every caller here needs `Send` futures
@@ -27,12 +34,16 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
-use super::answer::{AnswerProof, LogAnswer};
+use super::answer::{
+    AnswerProof, AppendOnlyFrom, LogAnswer, MAX_SINCE_EPOCHS, head_text, parse_head,
+};
 use super::directory::{KeyDirectory, LookupAnswer};
 use super::entry::{DirectoryEntry, EntryState};
-use super::head::{Head, SignedHead};
+use super::head::{Cosignature, Head, SignedHead};
+use super::history::HistoryAnswer;
 use super::keys::LogKeys;
-use super::storage::{DirectoryStore, StoredDirectory};
+use super::storage::{DirectoryStore, DirectoryStoreError, StoredDirectory};
+use super::witness::{AuditAnswer, MAX_AUDIT_EPOCHS, Witnessed};
 use super::{Result, TransparencyError, wire};
 use crate::Address;
 use crate::store::{KeyRecord, KeyStore};
@@ -90,6 +101,7 @@ pub struct DomainLog {
     head_key: [u8; 32],
     vrf_key: [u8; 32],
     requests: mpsc::UnboundedSender<Request>,
+    store: Arc<dyn DirectoryStore>,
 }
 
 impl std::fmt::Debug for DomainLog {
@@ -129,7 +141,7 @@ struct SyncRequest {
 /// A request to the directory's thread, with where its answer goes.
 enum Request {
     Sync(SyncRequest),
-    History {
+    Entries {
         address: Address,
         reply: oneshot::Sender<Result<Vec<(u64, DirectoryEntry)>>>,
     },
@@ -137,10 +149,21 @@ enum Request {
         now: u64,
         reply: oneshot::Sender<Result<SignedHead>>,
     },
+    HeadAt {
+        epoch: u64,
+        now: u64,
+        reply: oneshot::Sender<Result<Option<SignedHead>>>,
+    },
     Answer {
         address: Address,
+        since: Option<u64>,
         now: u64,
         reply: oneshot::Sender<Result<LogAnswer>>,
+    },
+    History {
+        address: Address,
+        now: u64,
+        reply: oneshot::Sender<Result<Option<HistoryAnswer>>>,
     },
     Audit {
         from: u64,
@@ -157,6 +180,7 @@ struct Worker {
     directory: KeyDirectory<StoredDirectory<dyn DirectoryStore>>,
     /// The runtime that opened the log: key store reads run there.
     caller: tokio::runtime::Handle,
+    store: Arc<dyn DirectoryStore>,
 }
 
 /// The requests of one epoch for one address.
@@ -203,7 +227,7 @@ fn next_step(
         DirectoryEntry::deleted((latest.version + 1).max(deleted_version.unwrap_or(0)), now)
     };
     match (current, latest) {
-        // A first publication, or one after a deletion (the store counts from 1 again).
+        // The next version of a published address.
         (Some(record), Some(l)) if l.state != EntryState::Deleted => {
             let wanted = DirectoryEntry::for_record(record);
             if wanted == *l {
@@ -235,6 +259,46 @@ async fn back_off(attempt: u64) {
     tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
 }
 
+/// Parses a stored head and checks it is the head of `domain`'s log (its VRF key, signed by
+/// `head_key`) of `epoch`, with `root_hash` when the directory knows it. Anything else means
+/// the store holds another directory's heads or was altered: [`TransparencyError::Directory`].
+fn check_stored_head(
+    domain: &str,
+    vrf_key: &[u8; 32],
+    head_key: &[u8; 32],
+    epoch: u64,
+    root_hash: Option<[u8; 32]>,
+    blob: &[u8],
+) -> Result<SignedHead> {
+    let inconsistent = |what: &str| {
+        TransparencyError::Directory(format!(
+            "the head stored for {domain} epoch {epoch} {what}; the store holds another \
+             directory's heads or was altered: an operator must look"
+        ))
+    };
+    let head = std::str::from_utf8(blob)
+        .map_err(|_| inconsistent("is not text"))
+        .and_then(|t| parse_head(t).map_err(|e| inconsistent(&e.to_string())))?;
+    if head.head.epoch != epoch || head.head.domain != domain {
+        return Err(inconsistent("names another epoch or domain"));
+    }
+    if root_hash.is_some_and(|r| r != head.head.root_hash) {
+        return Err(inconsistent(&format!(
+            "names root {}, not the directory's",
+            hex::encode(head.head.root_hash)
+        )));
+    }
+    if &head.head.vrf_public_key != vrf_key || head.verify(head_key).is_err() {
+        return Err(inconsistent("is not signed by this log's keys"));
+    }
+    Ok(head)
+}
+
+/// A failure of the store's head and cosignature calls.
+fn store_error(e: DirectoryStoreError) -> TransparencyError {
+    TransparencyError::Directory(e.to_string())
+}
+
 fn gone() -> TransparencyError {
     TransparencyError::Directory("the key directory's thread stopped".into())
 }
@@ -246,6 +310,7 @@ impl DomainLog {
         let domain = keys.domain.clone();
         let head_key = keys.head.public_key();
         let (requests, mut inbox) = mpsc::unbounded_channel::<Request>();
+        let worker_store = Arc::clone(&store);
         let (opened, open_result) = oneshot::channel::<Result<[u8; 32]>>();
         let caller = tokio::runtime::Handle::current();
         std::thread::Builder::new()
@@ -264,7 +329,7 @@ impl DomainLog {
                     }
                 };
                 runtime.block_on(async move {
-                    let worker = match Worker::open(store, keys, caller).await {
+                    let worker = match Worker::open(worker_store, keys, caller).await {
                         Ok(w) => w,
                         Err(e) => {
                             let _ = opened.send(Err(e));
@@ -309,6 +374,7 @@ impl DomainLog {
             head_key,
             vrf_key,
             requests,
+            store,
         })
     }
 
@@ -399,23 +465,237 @@ impl DomainLog {
 
     /// Every entry the directory holds for `address`, oldest first, with the epoch that
     /// recorded it (no proofs: for operators and tests).
-    pub async fn history(&self, address: &Address) -> Result<Vec<(u64, DirectoryEntry)>> {
-        self.ask(|reply| Request::History {
+    pub async fn entries(&self, address: &Address) -> Result<Vec<(u64, DirectoryEntry)>> {
+        self.ask(|reply| Request::Entries {
             address: address.clone(),
             reply,
         })
         .await
     }
 
-    /// The signed head of the latest epoch.
+    /// The signed head of the latest epoch (the stored one; signed at `now` and stored if
+    /// there is none yet).
     pub async fn head(&self, now: u64) -> Result<SignedHead> {
         self.ask(|reply| Request::Head { now, reply }).await
+    }
+
+    /// The stored signed head of `epoch`; for the latest epoch signed at `now` and stored if
+    /// there is none yet. `None`: no such epoch, or an older one whose head was never stored.
+    pub async fn head_at(&self, epoch: u64, now: u64) -> Result<Option<SignedHead>> {
+        self.ask(|reply| Request::HeadAt { epoch, now, reply })
+            .await
+    }
+
+    /// The stored heads of the epochs `from..=to` (the caller bounds the range), oldest first;
+    /// epochs without a stored head are left out.
+    pub async fn stored_heads(&self, from: u64, to: u64) -> Result<Vec<SignedHead>> {
+        let stored = self
+            .store
+            .heads(&self.domain, from, to)
+            .await
+            .map_err(store_error)?;
+        stored
+            .into_iter()
+            .map(|(epoch, blob)| self.stored_head(epoch, &blob))
+            .collect()
+    }
+
+    /// Parses a stored head and checks it is this log's head of `epoch`.
+    fn stored_head(&self, epoch: u64, blob: &[u8]) -> Result<SignedHead> {
+        check_stored_head(
+            &self.domain,
+            &self.vrf_key,
+            &self.head_key,
+            epoch,
+            None,
+            blob,
+        )
+    }
+
+    /// The witnesses' cosignatures of the head of `epoch` (stored ones that no longer verify
+    /// against the stored head are left out and logged).
+    pub async fn cosignatures(&self, head: &SignedHead) -> Result<Vec<Cosignature>> {
+        let stored = self
+            .store
+            .cosignatures(&self.domain, head.head.epoch)
+            .await
+            .map_err(store_error)?;
+        let mut out = Vec::with_capacity(stored.len());
+        for (witness, blob) in stored {
+            match self.stored_cosignature(head, &witness, &blob) {
+                Ok(c) => out.push(c),
+                Err(e) => {
+                    tracing::warn!(domain = %self.domain, epoch = head.head.epoch, error = %e, "a stored cosignature does not verify; left out")
+                }
+            }
+        }
+        out.sort_by_key(|c| c.witness);
+        Ok(out)
+    }
+
+    fn stored_cosignature(
+        &self,
+        head: &SignedHead,
+        witness: &[u8; 32],
+        blob: &[u8],
+    ) -> Result<Cosignature> {
+        let c = std::str::from_utf8(blob)
+            .map_err(|_| TransparencyError::Malformed("a stored cosignature is not text".into()))
+            .and_then(Cosignature::parse_line)?;
+        if &c.witness != witness {
+            return Err(TransparencyError::Malformed(
+                "a stored cosignature names another witness".into(),
+            ));
+        }
+        c.verify(head)?;
+        Ok(c)
+    }
+
+    /// Stores a witness's cosignature of the head of `epoch` after checking it against the
+    /// stored head of that epoch (the caller checks that it trusts the witness). No stored
+    /// head for `epoch`, or a cosignature that does not verify:
+    /// [`TransparencyError::Verification`] / [`TransparencyError::Signature`].
+    pub async fn add_cosignature(&self, epoch: u64, cosignature: &Cosignature) -> Result<()> {
+        let Some(head) = self.stored_heads(epoch, epoch).await?.pop() else {
+            return Err(TransparencyError::Verification(format!(
+                "{} has no stored head of epoch {epoch} to cosign",
+                self.domain
+            )));
+        };
+        cosignature.verify(&head)?;
+        self.store
+            .put_cosignature(
+                &self.domain,
+                epoch,
+                &cosignature.witness,
+                cosignature.to_line().as_bytes(),
+            )
+            .await
+            .map_err(store_error)
+    }
+
+    /// The newest head `witness` cosigned, with its cosignature.
+    pub async fn latest_cosigned(
+        &self,
+        witness: &[u8; 32],
+    ) -> Result<Option<(SignedHead, Cosignature)>> {
+        let Some((epoch, blob)) = self
+            .store
+            .latest_cosignature(&self.domain, witness)
+            .await
+            .map_err(store_error)?
+        else {
+            return Ok(None);
+        };
+        let Some(head) = self.stored_heads(epoch, epoch).await?.pop() else {
+            return Err(TransparencyError::Directory(format!(
+                "{} epoch {epoch} has a cosignature but no stored head",
+                self.domain
+            )));
+        };
+        let c = self.stored_cosignature(&head, witness, &blob)?;
+        Ok(Some((head, c)))
+    }
+
+    /// The witnesses' part of an answer whose head is `head` ([`Witnessed`]): the newest
+    /// cosignature of each of `witnesses` (keys) at or before `head`'s epoch and at most
+    /// [`MAX_AUDIT_EPOCHS`] epochs older, and the heads and the append-only proof from the
+    /// oldest of them to `head`. `None` when none of them cosigned such a head.
+    pub async fn witnessed(
+        &self,
+        head: &SignedHead,
+        witnesses: &[[u8; 32]],
+    ) -> Result<Option<Witnessed>> {
+        let to = head.head.epoch;
+        let oldest = to.saturating_sub(MAX_AUDIT_EPOCHS - 1);
+        let mut cosignatures = Vec::new();
+        for witness in witnesses {
+            if let Some((h, c)) = self.latest_cosigned(witness).await?
+                && (oldest..=to).contains(&h.head.epoch)
+            {
+                cosignatures.push((h.head.epoch, c));
+            }
+        }
+        let Some(from) = cosignatures.iter().map(|(e, _)| *e).min() else {
+            return Ok(None);
+        };
+        let audit = self.audit_answer(from, to).await?;
+        if audit.heads.last() != Some(head) {
+            return Err(TransparencyError::Directory(format!(
+                "{}: the stored head of epoch {to} is not the answer's",
+                self.domain
+            )));
+        }
+        Ok(Some(Witnessed {
+            cosignatures,
+            audit,
+        }))
+    }
+
+    /// What an auditor or witness checks between epochs `from` and `to` (`from <= to`; the
+    /// caller bounds the range): the stored head of every epoch in it and akd's append-only
+    /// proof. An epoch without a stored head fails ([`TransparencyError::Directory`]).
+    pub async fn audit_answer(&self, from: u64, to: u64) -> Result<AuditAnswer> {
+        let heads = self.stored_heads(from, to).await?;
+        if let Some(missing) = (from..=to)
+            .zip(
+                heads
+                    .iter()
+                    .map(|h| h.head.epoch)
+                    .chain(std::iter::repeat(u64::MAX)),
+            )
+            .find(|(want, got)| want != got)
+            .map(|(want, _)| want)
+        {
+            return Err(TransparencyError::Directory(format!(
+                "{} has no stored head of epoch {missing}; the audit from {from} to {to} cannot \
+                 be served",
+                self.domain
+            )));
+        }
+        let proof = if from < to {
+            Some(wire::encode_audit(&self.audit(from, to).await?)?)
+        } else {
+            None
+        };
+        Ok(AuditAnswer {
+            domain: self.domain.clone(),
+            vrf_public_key: self.vrf_key,
+            heads,
+            proof,
+        })
     }
 
     /// What the directory says about `address` at the latest epoch, with the signed head of
     /// that epoch: what the HTTP endpoint serves.
     pub async fn answer(&self, address: &Address, now: u64) -> Result<LogAnswer> {
+        self.answer_since(address, None, now).await
+    }
+
+    /// [`DomainLog::answer`] for a client that remembers the head of epoch `since`: the answer
+    /// also carries the append-only proof from `since` to its epoch when that is newer (at
+    /// most [`MAX_SINCE_EPOCHS`] epochs: further is [`TransparencyError::Range`], the
+    /// client's to fix by re-pinning).
+    pub async fn answer_since(
+        &self,
+        address: &Address,
+        since: Option<u64>,
+        now: u64,
+    ) -> Result<LogAnswer> {
         self.ask(|reply| Request::Answer {
+            address: address.clone(),
+            since,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    /// Every version of `address` the directory recorded (the newest
+    /// [`super::history::MAX_VERSIONS`]) with akd's history proof, against the signed head of
+    /// the latest epoch; `None` for an address it never held.
+    pub async fn history(&self, address: &Address, now: u64) -> Result<Option<HistoryAnswer>> {
+        self.ask(|reply| Request::History {
             address: address.clone(),
             now,
             reply,
@@ -436,13 +716,14 @@ impl Worker {
         keys: LogKeys,
         caller: tokio::runtime::Handle,
     ) -> Result<Self> {
-        let db = StoredDirectory::new(store, &keys.domain);
+        let db = StoredDirectory::new(Arc::clone(&store), &keys.domain);
         let directory = KeyDirectory::open_cached(db.clone(), keys.vrf.clone()).await?;
         Ok(Worker {
             keys,
             db,
             directory,
             caller,
+            store,
         })
     }
 
@@ -452,22 +733,33 @@ impl Worker {
         self.directory.forget().await;
         match request {
             Request::Sync(s) => self.sync_batch(vec![s]).await,
-            Request::History { address, reply } => {
+            Request::Entries { address, reply } => {
                 let _ = reply.send(self.directory.history(&address).await);
             }
             Request::Head { now, reply } => {
                 let result = match self.directory.current().await {
-                    Ok((epoch, root)) => self.sign(epoch, root, now),
+                    Ok((epoch, root)) => self.ensure_head(epoch, root, now).await,
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(result);
             }
+            Request::HeadAt { epoch, now, reply } => {
+                let _ = reply.send(self.head_at(epoch, now).await);
+            }
             Request::Answer {
+                address,
+                since,
+                now,
+                reply,
+            } => {
+                let _ = reply.send(self.answer(&address, since, now).await);
+            }
+            Request::History {
                 address,
                 now,
                 reply,
             } => {
-                let _ = reply.send(self.answer(&address, now).await);
+                let _ = reply.send(self.history(&address, now).await);
             }
             Request::Audit { from, to, reply } => {
                 let _ = reply.send(self.directory.audit(from, to).await);
@@ -497,9 +789,10 @@ impl Worker {
         while !pending.is_empty() {
             // Every attempt reads afresh (another process may have committed).
             self.directory.forget().await;
-            let built_on = self.directory.current().await.ok().map(|(e, _)| e);
+            let current = self.directory.current().await.ok();
+            let built_on = current.map(|(e, _)| e);
             self.db.pin(built_on);
-            let round = self.round(&mut pending).await;
+            let round = self.round(&mut pending, current).await;
             self.db.pin(None);
             match round {
                 Ok(done) => {
@@ -531,7 +824,11 @@ impl Worker {
     /// One attempt: reads every pending address's latest entry and the store's current
     /// record (in that order, after the caller pinned the epoch), publishes what differs as
     /// one epoch. Returns the addresses that are done.
-    async fn round(&self, pending: &mut BTreeMap<Address, Pending>) -> Result<Vec<Address>> {
+    async fn round(
+        &self,
+        pending: &mut BTreeMap<Address, Pending>,
+        built_on: Option<(u64, [u8; 32])>,
+    ) -> Result<Vec<Address>> {
         // Every store read starts now, after the epoch was read and pinned.
         let reads: Vec<_> = pending
             .iter()
@@ -589,6 +886,13 @@ impl Worker {
         if changes.is_empty() {
             return Ok(done);
         }
+        let now = pending.values().map(|p| p.now).max().unwrap_or(0);
+        // The epoch this one is built on keeps its head (signed now if its writer did not).
+        let (epoch, root) = match built_on {
+            Some(c) => c,
+            None => self.directory.current().await?,
+        };
+        self.ensure_head(epoch, root, now).await?;
         let before = self.db.commits();
         let (epoch, root_hash) = self.directory.publish(&changes).await?;
         if self.db.commits() == before {
@@ -597,8 +901,8 @@ impl Worker {
                 "another writer recorded the same entries first".into(),
             ));
         }
-        // One line per epoch, with its root: what an operator (or a test) audits the history
-        // against until heads are stored.
+        // One line per epoch, with its root (next to the stored head: the test of a pool
+        // audits the history against these lines).
         tracing::info!(
             domain = %self.keys.domain,
             epoch,
@@ -615,6 +919,9 @@ impl Worker {
                 };
             }
         }
+        // The new epoch's head. Should this fail, the batch is tried again (it finds its
+        // entries recorded) and the head is signed by whoever next needs it.
+        self.ensure_head(epoch, root_hash, now).await?;
         Ok(done)
     }
 
@@ -651,13 +958,13 @@ impl Worker {
 
     /// [`Worker::answer_once`], again when another process committed meanwhile (a proof
     /// built across a commit can fail to read the old epoch's nodes).
-    async fn answer(&self, address: &Address, now: u64) -> Result<LogAnswer> {
+    async fn answer(&self, address: &Address, since: Option<u64>, now: u64) -> Result<LogAnswer> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             self.directory.forget().await;
             let built_on = self.directory.current().await.ok().map(|(e, _)| e);
-            match self.answer_once(address, now).await {
+            match self.answer_once(address, since, now).await {
                 Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
                     tracing::debug!(error = %e, "directory epoch moved during a lookup; again");
                     back_off(attempt).await;
@@ -667,22 +974,134 @@ impl Worker {
         }
     }
 
-    async fn answer_once(&self, address: &Address, now: u64) -> Result<LogAnswer> {
+    /// [`Worker::history`] with [`Worker::answer`]'s retries.
+    async fn history(&self, address: &Address, now: u64) -> Result<Option<HistoryAnswer>> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let built_on = self.directory.current().await.ok().map(|(e, _)| e);
+            let result = match self.directory.history(address).await {
+                Ok(Some((proof, epoch, root))) => wire::encode_history(&proof).and_then(|p| {
+                    Ok(Some(HistoryAnswer {
+                        head: self.sign(epoch, root, now)?,
+                        proof: p,
+                    }))
+                }),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
+                    back_off(attempt).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn answer_once(
+        &self,
+        address: &Address,
+        since: Option<u64>,
+        now: u64,
+    ) -> Result<LogAnswer> {
         let (head, proof) = match self.directory.lookup(address).await? {
             LookupAnswer::Present {
                 epoch,
                 root_hash,
                 proof,
             } => (
-                self.sign(epoch, root_hash, now)?,
+                self.ensure_head(epoch, root_hash, now).await?,
                 AnswerProof::Present(wire::encode_lookup(&proof)?),
             ),
             LookupAnswer::Absent(proof) => (
-                self.sign(proof.epoch, proof.root_hash, now)?,
+                self.ensure_head(proof.epoch, proof.root_hash, now).await?,
                 AnswerProof::Absent(wire::encode_absence(&proof)?),
             ),
         };
-        Ok(LogAnswer { head, proof })
+        let append_only = match since {
+            Some(from) if from > 0 && from < head.head.epoch => {
+                if head.head.epoch - from > MAX_SINCE_EPOCHS {
+                    return Err(TransparencyError::Range(format!(
+                        "since={from}: more than {MAX_SINCE_EPOCHS} epochs before the latest \
+                         ({}); forget the remembered head and pin the domain's key again",
+                        head.head.epoch
+                    )));
+                }
+                let proof = self.directory.audit(from, head.head.epoch).await?;
+                Some(AppendOnlyFrom {
+                    from,
+                    proof: wire::encode_audit(&proof)?,
+                })
+            }
+            _ => None,
+        };
+        Ok(LogAnswer {
+            head,
+            proof,
+            witnessed: None,
+            append_only,
+        })
+    }
+
+    /// The stored head of `epoch` if it is the latest; else a head stored for it, if any.
+    async fn head_at(&self, epoch: u64, now: u64) -> Result<Option<SignedHead>> {
+        let (latest, root) = self.directory.current().await?;
+        if epoch == latest {
+            return self.ensure_head(epoch, root, now).await.map(Some);
+        }
+        if epoch > latest {
+            return Ok(None);
+        }
+        let stored = self
+            .store
+            .heads(&self.keys.domain, epoch, epoch)
+            .await
+            .map_err(store_error)?;
+        match stored.into_iter().next() {
+            Some((_, blob)) => self.check_stored(epoch, None, &blob).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The stored head of `epoch`, whose root the directory says is `root_hash`; signed at
+    /// `now` and stored first if there is none (of two writers signing at once the first's
+    /// stays). A stored head with another root, domain, VRF key or signer means the store
+    /// holds another directory's heads: [`TransparencyError::Directory`], for an operator.
+    async fn ensure_head(&self, epoch: u64, root_hash: [u8; 32], now: u64) -> Result<SignedHead> {
+        let domain = &self.keys.domain;
+        let stored = self
+            .store
+            .heads(domain, epoch, epoch)
+            .await
+            .map_err(store_error)?;
+        let blob = match stored.into_iter().next() {
+            Some((_, blob)) => blob,
+            None => {
+                let text = head_text(&self.sign(epoch, root_hash, now)?)?;
+                self.store
+                    .insert_head(domain, epoch, text.as_bytes())
+                    .await
+                    .map_err(store_error)?
+            }
+        };
+        self.check_stored(epoch, Some(root_hash), &blob)
+    }
+
+    fn check_stored(
+        &self,
+        epoch: u64,
+        root_hash: Option<[u8; 32]>,
+        blob: &[u8],
+    ) -> Result<SignedHead> {
+        check_stored_head(
+            &self.keys.domain,
+            &self.directory.vrf_public_key()?,
+            &self.keys.head.public_key(),
+            epoch,
+            root_hash,
+            blob,
+        )
     }
 
     fn sign(&self, epoch: u64, root_hash: [u8; 32], now: u64) -> Result<SignedHead> {

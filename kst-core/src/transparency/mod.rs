@@ -21,11 +21,17 @@
 //!   publication and deletion in it.
 //! - [`answer`]: what the HTTP endpoint serves for an address (signed head + proof) and what
 //!   a client checks of it.
+//! - [`witness`]: heads with their cosignatures, audit answers (every head of a range and the
+//!   append-only proof), what witnesses, auditors and clients check of them.
+//! - [`answer`]: what the HTTP endpoint serves for an address (signed head + proof, and the
+//!   append-only proof from the client's remembered epoch) and what a client checks of it;
+//!   [`history`]: the owner's view, every version of an address with akd's history proof.
 
 pub mod answer;
 pub mod directory;
 pub mod entry;
 pub mod head;
+pub mod history;
 pub mod keys;
 pub mod label;
 pub mod log;
@@ -35,6 +41,7 @@ pub mod store;
 pub mod verify;
 pub mod vrf;
 pub mod wire;
+pub mod witness;
 
 #[cfg(test)]
 mod tests;
@@ -71,6 +78,10 @@ pub enum TransparencyError {
     /// A signature over a head did not verify, or a key is malformed.
     #[error("head signature rejected: {0}")]
     Signature(String),
+    /// A request asked for more epochs than one answer carries (`?since=` too far back): the
+    /// client forgets its remembered head and pins again, or asks in shorter steps.
+    #[error("key directory: {0}")]
+    Range(String),
     /// Bytes that should hold a proof, entry, head or key file could not be decoded.
     #[error("malformed transparency data: {0}")]
     Malformed(String),

@@ -3,8 +3,10 @@
 //!
 //! A backend stores, per served domain, opaque blobs ([`super::records`]) in three kinds: the
 //! root record (one, with its epoch), tree nodes (by key) and value states (by label and
-//! epoch). It implements [`DirectoryStore`]: four calls, no akd type in sight, so PostgreSQL and
-//! Redis implement the same four against tables or keys. The conformance suite
+//! epoch). It implements [`DirectoryStore`]: four calls for the tree, no akd type in sight,
+//! so PostgreSQL and Redis implement the same four against tables or keys; and five for the
+//! signed heads (one per epoch, insert-if-absent) and the witnesses' cosignatures (one per
+//! epoch and witness), opaque blobs too. The conformance suite
 //! (`kst_core::conformance::directory`, features `conformance` + `transparency`) checks a
 //! backend.
 //!
@@ -115,6 +117,50 @@ pub trait DirectoryStore: Send + Sync {
     /// Writes `batch` (see the module docs): all of it or, on
     /// [`DirectoryStoreError::Conflict`], nothing.
     async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError>;
+
+    /// Stores `head` (an opaque blob: the signed head's text) for `epoch` unless a head is
+    /// stored for that epoch already, atomically (insert-if-absent: a head is signed once per
+    /// epoch, and of two writers signing one epoch the first one's stays). Returns the head
+    /// stored for `epoch` afterwards: `head`, or the one that was there.
+    async fn insert_head(
+        &self,
+        domain: &str,
+        epoch: u64,
+        head: &[u8],
+    ) -> Result<Vec<u8>, DirectoryStoreError>;
+
+    /// The stored heads of the epochs `from..=to`, as (epoch, blob), oldest first; epochs
+    /// without a stored head are left out. The caller bounds the range.
+    async fn heads(
+        &self,
+        domain: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError>;
+
+    /// Stores `witness`'s cosignature (an opaque blob) of the head of `epoch`, replacing one
+    /// the same witness gave for that epoch before. The caller has verified it.
+    async fn put_cosignature(
+        &self,
+        domain: &str,
+        epoch: u64,
+        witness: &[u8; 32],
+        cosignature: &[u8],
+    ) -> Result<(), DirectoryStoreError>;
+
+    /// The cosignatures of the head of `epoch`, as (witness key, blob); order is free.
+    async fn cosignatures(
+        &self,
+        domain: &str,
+        epoch: u64,
+    ) -> Result<Vec<([u8; 32], Vec<u8>)>, DirectoryStoreError>;
+
+    /// The newest epoch `witness` cosigned, with that cosignature; `None` before its first.
+    async fn latest_cosignature(
+        &self,
+        domain: &str,
+        witness: &[u8; 32],
+    ) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError>;
 }
 
 /// akd's [`Database`] over one domain of a [`DirectoryStore`].

@@ -472,3 +472,488 @@ fn log_key_files_round_trip_and_say_what_is_wrong() {
     assert!(err.to_string().contains("head-key"), "{err}");
     assert!(LogKeys::parse(&"#".repeat(5000)).is_err());
 }
+
+/// Epochs 1 to 3 of a fresh directory: the directory, its signer and the three heads.
+async fn three_epochs() -> (
+    KeyDirectory<AsyncInMemoryDatabase>,
+    HeadSigner,
+    [SignedHead; 3],
+) {
+    let (_, signer, dir) = fresh().await;
+    publish(&dir, &alice_and_bob()).await;
+    let h1 = head(&dir, &signer).await;
+    publish(&dir, &[first("carol@example.net", b"c")]).await;
+    let h2 = head(&dir, &signer).await;
+    publish(&dir, &[first("dave@example.net", b"d")]).await;
+    let h3 = head(&dir, &signer).await;
+    (dir, signer, [h1, h2, h3])
+}
+
+#[tokio::test]
+async fn audit_answers_verify_and_forgeries_fail() {
+    use super::witness::AuditAnswer;
+
+    let (dir, signer, [h1, h2, h3]) = three_epochs().await;
+    let key = signer.public_key();
+    let good = AuditAnswer {
+        domain: DOMAIN.into(),
+        vrf_public_key: h1.head.vrf_public_key,
+        heads: vec![h1.clone(), h2.clone(), h3.clone()],
+        proof: Some(wire::encode_audit(&dir.audit(1, 3).await.unwrap()).unwrap()),
+    };
+    assert_eq!(good.verify(&key).await.unwrap(), &h3);
+    assert_eq!(AuditAnswer::parse(&good.to_text().unwrap()).unwrap(), good);
+    let one = AuditAnswer {
+        heads: vec![h2.clone()],
+        proof: None,
+        ..good.clone()
+    };
+    assert_eq!(one.verify(&key).await.unwrap(), &h2, "a range of one epoch");
+
+    let other_key = HeadSigner::generate().public_key();
+    assert!(
+        good.verify(&other_key).await.is_err(),
+        "heads signed by another key"
+    );
+    let mut gap = good.clone();
+    gap.heads.remove(1);
+    assert!(gap.verify(&key).await.is_err(), "an epoch left out");
+    // The log lies about the middle root (and signs the lie): the proof does not pass it.
+    let mut lie = good.clone();
+    lie.heads[1] = signer
+        .sign(Head {
+            root_hash: [9; 32],
+            ..h2.head.clone()
+        })
+        .unwrap();
+    assert!(lie.verify(&key).await.is_err(), "a rewritten middle root");
+    let mut short = good.clone();
+    short.proof = Some(wire::encode_audit(&dir.audit(1, 2).await.unwrap()).unwrap());
+    assert!(
+        short.verify(&key).await.is_err(),
+        "the proof of another range"
+    );
+    let mut none = good.clone();
+    none.proof = None;
+    assert!(
+        none.verify(&key).await.is_err(),
+        "three heads without a proof"
+    );
+    let mut junk = good.clone();
+    junk.proof = Some(b"not a proof".to_vec());
+    assert!(
+        junk.verify(&key).await.is_err(),
+        "a proof that does not decode"
+    );
+    let empty = AuditAnswer {
+        heads: Vec::new(),
+        proof: None,
+        ..good.clone()
+    };
+    assert!(empty.verify(&key).await.is_err(), "no head at all");
+
+    // Hostile texts are refused, never a panic.
+    let text = good.to_text().unwrap();
+    for bad in [
+        String::new(),
+        "kst-log-audit-v1\n".into(),
+        text.replace("head 2 ", "head x "),
+        text.replace("\nproof ", "\nproof !"),
+        format!("{text}trailing\n"),
+        text[..text.len() / 2].to_string(),
+        text.replacen("head 1 ", "head 1 \u{e9}", 1),
+        "x".repeat(super::witness::MAX_AUDIT_TEXT + 1),
+    ] {
+        assert!(AuditAnswer::parse(&bad).is_err(), "{bad:.80}");
+    }
+}
+
+#[tokio::test]
+async fn witnessed_parts_need_the_required_fresh_cosignatures() {
+    use super::witness::{AuditAnswer, WitnessPolicy, Witnessed};
+
+    let (dir, signer, [h1, h2, h3]) = three_epochs().await;
+    let key = signer.public_key();
+    let (w1, w2, stranger) = (
+        HeadSigner::generate(),
+        HeadSigner::generate(),
+        HeadSigner::generate(),
+    );
+    let audit = AuditAnswer {
+        domain: DOMAIN.into(),
+        vrf_public_key: h1.head.vrf_public_key,
+        heads: vec![h1.clone(), h2.clone(), h3.clone()],
+        proof: Some(wire::encode_audit(&dir.audit(1, 3).await.unwrap()).unwrap()),
+    };
+    let witnessed = Witnessed {
+        cosignatures: vec![
+            (1, w1.cosign(&h1, 100).unwrap()),
+            (2, w2.cosign(&h2, 100).unwrap()),
+        ],
+        audit,
+    };
+    let policy = |keys: &[&HeadSigner], threshold: usize, not_before: u64| WitnessPolicy {
+        witnesses: keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (format!("w{i}"), k.public_key()))
+            .collect(),
+        threshold,
+        not_before,
+    };
+    assert_eq!(
+        witnessed
+            .verify(&h3, &key, &policy(&[&w1, &w2], 2, 50))
+            .await
+            .unwrap(),
+        vec!["w0".to_string(), "w1".to_string()]
+    );
+    let lines = witnessed.to_lines().unwrap();
+    assert_eq!(
+        Witnessed::parse_lines(&h3, lines.lines()).unwrap(),
+        witnessed,
+        "the lines round trip"
+    );
+
+    let refused = [
+        (
+            policy(&[&w1, &stranger], 2, 50),
+            &h3,
+            "a required witness did not cosign",
+        ),
+        (
+            policy(&[&w1], 1, 150),
+            &h3,
+            "the cosignature is older than allowed",
+        ),
+        (
+            policy(&[&w1], 1, 50),
+            &h2,
+            "the heads do not lead to the answer's head",
+        ),
+        (
+            policy(&[&w1, &w1], 2, 50),
+            &h3,
+            "one witness listed twice counts once",
+        ),
+    ];
+    for (p, head, what) in refused {
+        assert!(witnessed.verify(head, &key, &p).await.is_err(), "{what}");
+    }
+    assert!(
+        witnessed
+            .verify(&h3, &key, &policy(&[&w1, &stranger], 1, 50))
+            .await
+            .is_ok(),
+        "one of two"
+    );
+
+    // A cosignature of epoch 1 claimed for epoch 2, one of a head outside the answer's heads,
+    // and one of a head the log did not sign that way, count for nothing.
+    for cosignatures in [
+        vec![(2, w1.cosign(&h1, 100).unwrap())],
+        vec![(7, w1.cosign(&h1, 100).unwrap())],
+        vec![(
+            1,
+            w1.cosign(
+                &signer
+                    .sign(Head {
+                        signed_at: 5,
+                        ..h1.head.clone()
+                    })
+                    .unwrap(),
+                100,
+            )
+            .unwrap(),
+        )],
+    ] {
+        let forged = Witnessed {
+            cosignatures,
+            ..witnessed.clone()
+        };
+        assert!(
+            forged
+                .verify(&h3, &key, &policy(&[&w1], 1, 50))
+                .await
+                .is_err(),
+            "{forged:?}"
+        );
+    }
+}
+
+#[test]
+fn cosignature_lines_and_head_texts_refuse_hostile_input() {
+    use super::head::Cosignature;
+    use super::witness::{
+        head_with_cosignatures_text, parse_head_with_cosignatures, parse_witness,
+    };
+
+    let signer = HeadSigner::generate();
+    let head = signer
+        .sign(Head {
+            domain: DOMAIN.into(),
+            epoch: 4,
+            root_hash: [1; 32],
+            vrf_public_key: [2; 32],
+            signed_at: 3,
+        })
+        .unwrap();
+    let c = HeadSigner::generate().cosign(&head, 9).unwrap();
+    assert_eq!(Cosignature::parse_line(&c.to_line()).unwrap(), c);
+    let text = head_with_cosignatures_text(&head, &[c.clone(), c.clone()]).unwrap();
+    assert_eq!(
+        parse_head_with_cosignatures(&text).unwrap(),
+        (head.clone(), vec![c.clone(), c.clone()])
+    );
+    let line = c.to_line();
+    for bad in [
+        "",
+        "cosignature",
+        &line[..line.len() - 1],
+        &format!("{line} extra"),
+        &line.replace("cosignature ", "cosignature  "),
+        &line.replacen(' ', " \u{e9}", 2),
+    ] {
+        assert!(Cosignature::parse_line(bad).is_err(), "{bad:?}");
+    }
+    let many = head_with_cosignatures_text(&head, &vec![c.clone(); 40]).unwrap();
+    for bad in [
+        String::new(),
+        text.replace("kst-log-head-v1", "kst-log-head-v9"),
+        text[..40].to_string(),
+        format!("{text}junk\n"),
+        many,
+        text.replacen("epoch 4", "epoch \u{e9}", 1),
+    ] {
+        assert!(parse_head_with_cosignatures(&bad).is_err(), "{bad:.80}");
+    }
+    assert!(parse_witness(&format!("w:{}", "ab".repeat(32))).is_ok());
+    for bad in [
+        "",
+        "w",
+        ":00",
+        "w:zz",
+        "a b:00",
+        &format!("{}:{}", "n".repeat(65), "ab".repeat(32)),
+    ] {
+        assert!(parse_witness(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn heads_that_go_back_or_fork_do_not_follow() {
+    use super::witness::check_follows;
+
+    let (_, _, [h1, h2, h3]) = three_epochs().await;
+    check_follows(&h1.head, &h3.head).unwrap();
+    check_follows(&h2.head, &h2.head).unwrap();
+    assert!(
+        check_follows(&h3.head, &h1.head).is_err(),
+        "an epoch going back"
+    );
+    let fork = Head {
+        root_hash: [3; 32],
+        ..h2.head.clone()
+    };
+    assert!(
+        check_follows(&h2.head, &fork).is_err(),
+        "two roots for one epoch"
+    );
+    let other = Head {
+        vrf_public_key: [4; 32],
+        ..h3.head.clone()
+    };
+    assert!(
+        check_follows(&h1.head, &other).is_err(),
+        "another directory"
+    );
+}
+
+/// The answer of `dir` for `a` against `h`, with the append-only proof from epoch `since`.
+async fn answer_since(
+    dir: &KeyDirectory<AsyncInMemoryDatabase>,
+    h: &SignedHead,
+    a: &Address,
+    since: Option<u64>,
+) -> super::answer::LogAnswer {
+    use super::answer::{AnswerProof, AppendOnlyFrom, LogAnswer};
+    let append_only = match since {
+        Some(from) if from < h.head.epoch => Some(AppendOnlyFrom {
+            from,
+            proof: wire::encode_audit(&dir.audit(from, h.head.epoch).await.unwrap()).unwrap(),
+        }),
+        _ => None,
+    };
+    let answer = LogAnswer {
+        head: h.clone(),
+        proof: AnswerProof::Present(wire::encode_lookup(&lookup_proof(dir, a).await).unwrap()),
+        witnessed: None,
+        append_only,
+    };
+    // Through the text and back, as a client receives it.
+    LogAnswer::parse(&answer.to_text().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_remembered_head_catches_forks_and_rollbacks_without_intermediate_roots() {
+    let (vrf, signer) = (VrfSecret::generate(), HeadSigner::generate());
+    let honest = directory(&vrf).await;
+    let forked = directory(&vrf).await;
+    let alice = addr("alice@example.net");
+    for dir in [&honest, &forked] {
+        publish(dir, &[first("alice@example.net", b"alice")]).await;
+    }
+    let h1 = head(&honest, &signer).await;
+    for i in 0..3u64 {
+        publish(
+            &honest,
+            &[first(&format!("user{i}@example.net"), &i.to_be_bytes())],
+        )
+        .await;
+    }
+    let h4 = head(&honest, &signer).await;
+    assert_eq!(h4.head.epoch, 4);
+
+    // Three epochs at once: the client holds only the heads of epochs 1 and 4; the
+    // intermediate roots come out of the proof.
+    let a = answer_since(&honest, &h4, &alice, Some(1)).await;
+    let started = std::time::Instant::now();
+    a.verify_extends(&h1.head).await.unwrap();
+    eprintln!(
+        "append-only proof over 3 epochs (1 insertion each, 5 entries): {} bytes, answer text {} \
+         bytes, verified (roots derived from the proof) in {:?}",
+        a.append_only.as_ref().map_or(0, |x| x.proof.len()),
+        a.to_text().unwrap().len(),
+        started.elapsed()
+    );
+    let roots = super::verify::append_only_roots(&honest.audit(1, 4).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(roots.len(), 3);
+    assert_eq!(roots[2], h4.head.root_hash);
+    // The same head again, and the remembered one itself: nothing to prove.
+    answer_since(&honest, &h4, &alice, None)
+        .await
+        .verify_extends(&h4.head)
+        .await
+        .unwrap();
+    // A newer head without the proof, or with one from another epoch: refused.
+    let e = answer_since(&honest, &h4, &alice, None)
+        .await
+        .verify_extends(&h1.head)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no append-only proof"), "{e}");
+    let h2_like = Head {
+        epoch: 2,
+        ..h1.head.clone()
+    };
+    assert!(a.verify_extends(&h2_like).await.is_err());
+    // A rollback: the remembered head is newer than the answer's.
+    let old = answer_since(&honest, &h1, &alice, None).await;
+    let e = old.verify_extends(&h4.head).await.unwrap_err();
+    assert!(e.to_string().contains("older"), "{e}");
+
+    // The fork: the same keys, another history from epoch 2 on (mallory's key for alice).
+    publish(
+        &forked,
+        &[(alice.clone(), entry(2, EntryState::Published, b"mallory"))],
+    )
+    .await;
+    let f2 = head(&forked, &signer).await;
+    let fa = answer_since(&forked, &f2, &alice, Some(1)).await;
+    // From epoch 1 the fork is append-only (it is another continuation) ...
+    fa.verify_extends(&h1.head).await.unwrap();
+    // ... but a client that saw the honest epoch 2 or later catches it.
+    let honest2 = Head {
+        epoch: 2,
+        root_hash: roots[0],
+        ..h4.head.clone()
+    };
+    let e = fa.verify_extends(&honest2).await.unwrap_err();
+    assert!(e.to_string().contains("fork"), "{e}");
+    for i in 0..3u64 {
+        publish(
+            &forked,
+            &[first(&format!("other{i}@example.net"), &i.to_be_bytes())],
+        )
+        .await;
+    }
+    let f5 = head(&forked, &signer).await;
+    let fa = answer_since(&forked, &f5, &alice, Some(4)).await;
+    assert!(fa.verify_extends(&h4.head).await.is_err());
+    // A forged proof: the honest proof spliced onto the forked head.
+    let mut spliced = answer_since(&honest, &h4, &alice, Some(1)).await;
+    spliced.head = f5.clone();
+    assert!(spliced.verify_extends(&h1.head).await.is_err());
+    // Garbage in the append-only line is an error, not a panic.
+    let text = a.to_text().unwrap();
+    let broken = text.replace("append-only 1 ", "append-only x ");
+    assert!(super::answer::LogAnswer::parse(&broken).is_err());
+    let truncated = format!("{}\n", &text[..text.len() - 40]);
+    if let Ok(t) = super::answer::LogAnswer::parse(&truncated) {
+        assert!(t.verify_extends(&h1.head).await.is_err());
+    }
+}
+
+#[tokio::test]
+async fn the_history_proof_lists_every_version_and_refuses_another_head() {
+    use super::history::HistoryAnswer;
+    let (_, signer, dir) = fresh().await;
+    let alice = addr("alice@example.net");
+    publish(&dir, &[first("alice@example.net", b"alice")]).await;
+    publish(&dir, &[first("bob@example.net", b"bob")]).await;
+    publish(
+        &dir,
+        &[(alice.clone(), entry(2, EntryState::Published, b"insider"))],
+    )
+    .await;
+    publish(
+        &dir,
+        &[(alice.clone(), entry(3, EntryState::Published, b"alice"))],
+    )
+    .await;
+    let h = head(&dir, &signer).await;
+    let (proof, epoch, root) = dir.history(&alice).await.unwrap().unwrap();
+    assert_eq!((epoch, root), (h.head.epoch, h.head.root_hash));
+    let answer = HistoryAnswer {
+        head: h.clone(),
+        proof: wire::encode_history(&proof).unwrap(),
+    };
+    let answer = HistoryAnswer::parse(&answer.to_text().unwrap()).unwrap();
+    let versions = answer.verify(&signer.public_key(), &alice).unwrap();
+    let seen: Vec<(u64, u64, bool)> = versions
+        .iter()
+        .map(|v| {
+            let e = v.entry.as_ref().unwrap();
+            (v.epoch, v.akd_version, e.commits_to_key(b"insider"))
+        })
+        .collect();
+    assert_eq!(seen, vec![(4, 3, false), (3, 2, true), (1, 1, false)]);
+    assert!(
+        dir.history(&addr("carol@example.net"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Another address's proof, another head key, a head with another root: refused.
+    assert!(
+        answer
+            .verify(&signer.public_key(), &addr("bob@example.net"))
+            .is_err()
+    );
+    assert!(
+        answer
+            .verify(&HeadSigner::generate().public_key(), &alice)
+            .is_err()
+    );
+    let mut stale = answer.clone();
+    stale.head = signer
+        .sign(Head {
+            root_hash: [7; 32],
+            ..h.head.clone()
+        })
+        .unwrap();
+    assert!(stale.verify(&signer.public_key(), &alice).is_err());
+    assert!(HistoryAnswer::parse("kst-log-history-v1\n").is_err());
+}

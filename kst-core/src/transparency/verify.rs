@@ -132,3 +132,69 @@ impl VRFKeyStorage for PublicVrf {
         ))
     }
 }
+
+/// The root hashes an append-only proof leads through: the root after each of its steps (the
+/// last is the root of the proof's final epoch). A step's "after" tree is the step's unchanged
+/// nodes with its inserted leaves, as akd's auditor builds it; [`verify_append_only_from`]
+/// then checks every step against these roots, so a server need not send (and a client need
+/// not trust) the intermediate roots.
+pub async fn append_only_roots(proof: &AppendOnlyProof) -> Result<Vec<[u8; 32]>> {
+    use akd::append_only_zks::{Azks, AzksParallelismConfig, InsertMode};
+    use akd::storage::StorageManager;
+    use akd::storage::memory::AsyncInMemoryDatabase;
+
+    if proof.epochs.len() != proof.proofs.len() {
+        return Err(TransparencyError::Verification(format!(
+            "the append-only proof has {} epochs and {} steps",
+            proof.epochs.len(),
+            proof.proofs.len()
+        )));
+    }
+    let mut roots = Vec::with_capacity(proof.proofs.len());
+    for (epoch, step) in proof.epochs.iter().zip(&proof.proofs) {
+        let end_epoch = epoch.checked_add(1).ok_or_else(|| {
+            TransparencyError::Verification("the append-only proof's epochs overflow".into())
+        })?;
+        let manager = StorageManager::new_no_cache(
+            AsyncInMemoryDatabase::new_with_remove_child_nodes_on_insertion(),
+        );
+        let fail = |e: akd::errors::AkdError| {
+            TransparencyError::Verification(format!(
+                "the append-only step to epoch {end_epoch}: {e}"
+            ))
+        };
+        let mut azks = Azks::new::<Config, _>(&manager).await.map_err(fail)?;
+        azks.latest_epoch = *epoch;
+        let mut nodes = step.unchanged_nodes.clone();
+        nodes.extend(step.inserted.iter().map(|x| {
+            let mut y = *x;
+            y.value = akd::AzksValue(Config::hash_leaf_with_commitment(x.value, end_epoch).0);
+            y
+        }));
+        azks.batch_insert_nodes::<Config, _>(
+            &manager,
+            nodes,
+            InsertMode::Auditor,
+            AzksParallelismConfig::disabled(),
+        )
+        .await
+        .map_err(fail)?;
+        roots.push(
+            azks.get_root_hash::<Config, _>(&manager)
+                .await
+                .map_err(fail)?,
+        );
+    }
+    Ok(roots)
+}
+
+/// [`verify_append_only`] with the intermediate roots taken from the proof itself
+/// ([`append_only_roots`]): what a client that remembers `old` checks of a newer head `new`.
+pub async fn verify_append_only_from(old: &Head, new: &Head, proof: AppendOnlyProof) -> Result<()> {
+    if new.epoch <= old.epoch {
+        return verify_append_only(old, new, &[], proof).await;
+    }
+    let roots = append_only_roots(&proof).await?;
+    let intermediate = roots.split_last().map_or(&[][..], |(_, rest)| rest);
+    verify_append_only(old, new, intermediate, proof).await
+}

@@ -3,7 +3,7 @@
 //! `KSTA1 ‖ epoch (8, big-endian) ‖ root (32) ‖ VRF proof (80) ‖ NonMembershipProof (protobuf)`.
 
 use akd::proto::specs::types as pb;
-use akd::{AppendOnlyProof, LookupProof, NonMembershipProof};
+use akd::{AppendOnlyProof, HistoryProof, LookupProof, NonMembershipProof};
 use protobuf::Message;
 
 use super::directory::AbsenceProof;
@@ -14,6 +14,9 @@ use super::{Result, TransparencyError};
 pub const MAX_LOOKUP_PROOF: usize = 64 * 1024;
 /// Largest append-only proof accepted in one piece; a client asks for shorter ranges.
 pub const MAX_AUDIT_PROOF: usize = 16 * 1024 * 1024;
+/// Largest history proof accepted (at most [`super::history::MAX_VERSIONS`] versions of a
+/// few KiB each).
+pub const MAX_HISTORY_PROOF: usize = 1024 * 1024;
 
 const ABSENCE_MAGIC: &[u8; 5] = b"KSTA1";
 const VRF_PROOF_LEN: usize = 80;
@@ -38,6 +41,17 @@ pub fn encode_audit(proof: &AppendOnlyProof) -> Result<Vec<u8>> {
 pub fn decode_audit(bytes: &[u8]) -> Result<AppendOnlyProof> {
     let msg: pb::AppendOnlyProof = decode(bytes, MAX_AUDIT_PROOF, "append-only proof")?;
     AppendOnlyProof::try_from(&msg).map_err(|e| malformed("append-only proof", &e.to_string()))
+}
+
+/// Encodes a key-history proof.
+pub fn encode_history(proof: &HistoryProof) -> Result<Vec<u8>> {
+    encode(&pb::HistoryProof::from(proof))
+}
+
+/// Decodes a key-history proof of at most [`MAX_HISTORY_PROOF`] bytes.
+pub fn decode_history(bytes: &[u8]) -> Result<HistoryProof> {
+    let msg: pb::HistoryProof = decode(bytes, MAX_HISTORY_PROOF, "history proof")?;
+    HistoryProof::try_from(&msg).map_err(|e| malformed("history proof", &e.to_string()))
 }
 
 /// Encodes an absence proof.

@@ -70,6 +70,8 @@ pub enum Endpoint {
     HkpGet,
     /// HKP `op=index`.
     HkpIndex,
+    /// The key directory's routes (`/.well-known/kst/log/`, feature `transparency`).
+    Log,
     /// Anything else.
     Other,
 }
@@ -86,13 +88,16 @@ impl Endpoint {
             Endpoint::VksKeyId => "vks-by-keyid",
             Endpoint::HkpGet => "hkp-get",
             Endpoint::HkpIndex => "hkp-index",
+            Endpoint::Log => "kst-log",
             Endpoint::Other => "other",
         }
     }
 
     /// True for endpoints that look a key up (and so count misses).
     pub fn is_lookup(self) -> bool {
-        !matches!(self, Endpoint::WkdPolicy | Endpoint::Other)
+        // The key directory answers every address (with an absence proof), so it has no
+        // misses to count; its requests count against the per-client limit.
+        !matches!(self, Endpoint::WkdPolicy | Endpoint::Log | Endpoint::Other)
     }
 
     /// Classifies a request from its path and query, before any handler runs.
@@ -108,6 +113,9 @@ impl Endpoint {
             } else {
                 Endpoint::Other
             };
+        }
+        if path.starts_with("/.well-known/kst/log/") {
+            return Endpoint::Log;
         }
         if let Some(rest) = path.strip_prefix("/vks/v1/") {
             return match rest.split('/').next() {
@@ -137,6 +145,12 @@ impl Endpoint {
 /// `/pks/lookup`; GET and HEAD only; everything else 404 (no listings). Every response carries
 /// `Access-Control-Allow-Origin: *`.
 pub fn router(state: WebState) -> Router {
+    router_with(state, Router::new())
+}
+
+/// [`router`] with `extra` routes (the key directory's) next to them, under the same guard:
+/// limits, metrics and logs cover them too.
+pub fn router_with(state: WebState, extra: Router) -> Router {
     Router::new()
         .route("/.well-known/openpgpkey/{*rest}", get(wkd))
         .route("/vks/v1/by-email/{address}", get(vks_by_email))
@@ -144,8 +158,9 @@ pub fn router(state: WebState) -> Router {
         .route("/vks/v1/by-keyid/{keyid}", get(vks_by_keyid))
         .route("/pks/lookup", get(hkp_lookup))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), guard))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(extra)
+        .layer(middleware::from_fn_with_state(state, guard))
 }
 
 /// Limits, measures and logs every request; counts misses.

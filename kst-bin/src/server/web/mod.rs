@@ -27,7 +27,7 @@ pub mod config {
     };
 }
 pub use config::{ProxyHeader, WebConfig, WebLimits};
-pub use handlers::{PeerAddr, WebState, router};
+pub use handlers::{PeerAddr, WebState, router, router_with};
 pub use lookup::{KeyLookup, StoreLookup};
 
 /// The local part of each domain's WKS submission address (`keys@<domain>`).
@@ -76,7 +76,7 @@ pub async fn serve(
 }
 
 /// [`serve`], with `extra` routes next to WKD, VKS and HKP (the key directory's, feature
-/// `transparency`; the `[web.limits]` guard covers only the key look-ups).
+/// `transparency`), under the same `[web.limits]` guard.
 pub async fn serve_with(
     listener: TcpListener,
     service: WebService,
@@ -104,9 +104,7 @@ pub async fn serve_with(
     let web_listener = listener::WebListener::new(listener, tls, limits, c.validate()?)?;
     let result = axum::serve(
         web_listener,
-        router(state)
-            .merge(extra)
-            .into_make_service_with_connect_info::<PeerAddr>(),
+        router_with(state, extra).into_make_service_with_connect_info::<PeerAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await;

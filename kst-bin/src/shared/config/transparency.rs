@@ -4,6 +4,9 @@
 //! ```toml
 //! [transparency]
 //! key_file = "/etc/kst/log-{domain}.key"   # KST_TRANSPARENCY__KEY_FILE; `kst log keygen` writes it
+//! # Witnesses whose cosignatures `POST .../cosignature` accepts (`kst log witness keygen`
+//! # prints the entry); every lookup answer carries each one's newest cosignature.
+//! witnesses = ["witness.example.org:<64 hex, Ed25519 public key>"]
 //! ```
 //!
 //! Empty `key_file` (the default): no directory. Set, every served domain must have its key
@@ -27,7 +30,13 @@ pub struct TransparencyConfig {
     /// The log key file of each served domain (`kst log keygen`); `{domain}` stands for the
     /// domain. Empty: no key directory.
     pub key_file: PathBuf,
+    /// The witnesses whose cosignatures the log accepts, `NAME:HEX` (a name for logs, the
+    /// witness's Ed25519 public key in 64 hex digits).
+    pub witnesses: Vec<String>,
 }
+
+/// The most witnesses `[transparency] witnesses` may list.
+pub const MAX_WITNESSES: usize = 16;
 
 impl TransparencyConfig {
     /// Whether the directory is on.
@@ -44,8 +53,26 @@ impl TransparencyConfig {
         )
     }
 
+    /// The witnesses, parsed (validated by [`TransparencyConfig::validate`]).
+    pub fn witness_keys(&self) -> Result<Vec<(String, [u8; 32])>, ConfigError> {
+        if self.witnesses.len() > MAX_WITNESSES {
+            return Err(ConfigError::key(
+                "transparency.witnesses",
+                format!("at most {MAX_WITNESSES} witnesses"),
+            ));
+        }
+        self.witnesses
+            .iter()
+            .map(|w| {
+                kst_core::transparency::witness::parse_witness(w)
+                    .map_err(|e| ConfigError::key("transparency.witnesses", e.to_string()))
+            })
+            .collect()
+    }
+
     /// Checks what can be checked without reading the key files.
     pub fn validate(&self, backend: StoreBackend) -> Result<(), ConfigError> {
+        self.witness_keys()?;
         if !self.enabled() {
             return Ok(());
         }

@@ -1,0 +1,506 @@
+//! The client's memory of key directories (feature `transparency`), in the state directory
+//! (the directory of the pending-request file, `~/.local/state/kst/` by default), under
+//! `transparency/`:
+//!
+//! - `<domain>.json`: the domain's pinned head key and VRF key (where they came from, when),
+//!   and the newest head the client verified (its signed text). Written atomically and
+//!   durably under an exclusive lock on `<domain>.lock`, which a check holds from reading the
+//!   remembered head to writing the new one.
+//! - `evidence/<domain>-<unix time>-<n>.txt`: what a failed check saw (the remembered head, the
+//!   answer, what failed), kept for the user to show: a fork, a rollback or a changed key.
+//! - `own-<account>.json`: the fingerprints the account published through this client (the
+//!   owner's monitor, `kst client status`, reports versions of the address not among them).
+//!
+//! [`check_and_remember`] is the memory check every verified answer goes through.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use fs4::fs_std::FileExt;
+use kst_core::durable::{self, AtomicFile};
+use kst_core::transparency::SignedHead;
+use kst_core::transparency::answer::{LogAnswer, head_text, parse_head};
+use serde::{Deserialize, Serialize};
+
+/// What went wrong with the memory or the check against it.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The answer does not extend the remembered head: a fork, a rollback, a changed key, a
+    /// missing or failing append-only proof. An attack (exit 5); the evidence is kept.
+    #[error("{message} (evidence kept in {})", evidence.display())]
+    Attack {
+        /// What failed.
+        message: String,
+        /// The evidence file.
+        evidence: PathBuf,
+    },
+    /// The memory could not be read or written: a local problem (exit 78), named with its
+    /// file and what to do.
+    #[error("key directory memory {}: {message}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong and what to do.
+        message: String,
+    },
+}
+
+/// Where a pinned key came from.
+pub mod source {
+    /// A DNSSEC-validated `_kst-log.<domain>` TXT record.
+    pub const DNS_SECURE: &str = "dns (dnssec secure)";
+    /// A `_kst-log.<domain>` TXT record from an unsigned zone (or without validation).
+    pub const DNS_INSECURE: &str = "dns (not dnssec-signed)";
+    /// `--log-key` on the command line.
+    pub const FLAG: &str = "--log-key";
+    /// The first head verified with a key pinned without its VRF key (`--log-key`).
+    pub const FIRST_HEAD: &str = "the first verified head";
+}
+
+/// What the client keeps about one domain's directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainMemory {
+    /// The served domain.
+    pub domain: String,
+    /// The pinned head key (64 hex digits).
+    pub head_key: Option<String>,
+    /// The pinned VRF key (64 hex digits), when known.
+    pub vrf_key: Option<String>,
+    /// Where the pin came from ([`source`]).
+    #[serde(default)]
+    pub pinned_from: String,
+    /// When it was pinned (Unix time).
+    #[serde(default)]
+    pub pinned_at: u64,
+    /// The newest verified head, as `kst-log-head-v1` text.
+    pub head: Option<String>,
+}
+
+impl DomainMemory {
+    /// The remembered head, parsed.
+    pub fn remembered_head(&self) -> Option<SignedHead> {
+        self.head.as_deref().and_then(|t| parse_head(t).ok())
+    }
+
+    /// The remembered head's epoch.
+    pub fn remembered_epoch(&self) -> Option<u64> {
+        self.remembered_head().map(|h| h.head.epoch)
+    }
+}
+
+/// The memory directory.
+#[derive(Debug, Clone)]
+pub struct LogMemory {
+    dir: PathBuf,
+}
+
+/// An exclusive hold on one domain's memory (released when dropped).
+#[derive(Debug)]
+pub struct Held {
+    _lock: File,
+    /// The domain.
+    pub domain: String,
+    /// What was read under the lock.
+    pub memory: DomainMemory,
+}
+
+impl LogMemory {
+    /// The memory next to the pending-request file `state_file`.
+    pub fn beside(state_file: &Path) -> LogMemory {
+        let base = state_file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        LogMemory::in_dir(base)
+    }
+
+    /// The memory in `<state_dir>/transparency`.
+    pub fn in_dir(state_dir: &Path) -> LogMemory {
+        LogMemory {
+            dir: state_dir.join("transparency"),
+        }
+    }
+
+    /// The memory's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn io(&self, path: &Path, message: impl Into<String>) -> MemoryError {
+        MemoryError::Io {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+
+    /// A domain's file name: the domain is normalized already; anything but letters, digits,
+    /// `-` and `.` is refused (no path tricks through a domain name).
+    fn file(&self, domain: &str, ext: &str) -> Result<PathBuf, MemoryError> {
+        if domain.is_empty()
+            || domain.starts_with('.')
+            || !domain
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(self.io(
+                &self.dir,
+                format!("{domain:?} is not a domain name the memory keeps"),
+            ));
+        }
+        Ok(self.dir.join(format!("{domain}.{ext}")))
+    }
+
+    /// Locks `domain`'s memory and reads it.
+    pub fn hold(&self, domain: &str) -> Result<Held, MemoryError> {
+        durable::create_dir(&self.dir).map_err(|e| self.io(&self.dir, e.to_string()))?;
+        let lock_path = self.file(domain, "lock")?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| self.io(&lock_path, format!("cannot open: {e}")))?;
+        lock.lock_exclusive()
+            .map_err(|e| self.io(&lock_path, format!("cannot lock: {e}")))?;
+        let path = self.file(domain, "json")?;
+        let memory = match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice::<DomainMemory>(&bytes).map_err(|e| {
+                self.io(
+                    &path,
+                    format!(
+                        "unreadable ({e}); move it away to start afresh (the pinned keys and \
+                         the remembered head are then forgotten)"
+                    ),
+                )
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => DomainMemory {
+                domain: domain.to_string(),
+                ..DomainMemory::default()
+            },
+            Err(e) => return Err(self.io(&path, format!("cannot read: {e}"))),
+        };
+        if memory.domain != domain {
+            return Err(self.io(&path, format!("holds the memory of {:?}", memory.domain)));
+        }
+        Ok(Held {
+            _lock: lock,
+            domain: domain.to_string(),
+            memory,
+        })
+    }
+
+    /// Writes `held.memory` (atomically, durably; the lock is still held).
+    pub fn save(&self, held: &Held) -> Result<(), MemoryError> {
+        let path = self.file(&held.domain, "json")?;
+        let mut body = serde_json::to_vec_pretty(&held.memory)
+            .map_err(|e| self.io(&path, format!("cannot encode: {e}")))?;
+        body.push(b'\n');
+        AtomicFile::create_with_temp(&path, path.with_extension("tmp"))
+            .and_then(|mut f| {
+                f.write_bytes(&body)?;
+                f.commit()
+            })
+            .map_err(|e| self.io(&path, format!("cannot write: {e}")))
+    }
+
+    /// Keeps `text` as evidence about `domain`; returns its path.
+    pub fn keep_evidence(&self, domain: &str, text: &str) -> Result<PathBuf, MemoryError> {
+        let dir = self.dir.join("evidence");
+        durable::create_dir(&dir).map_err(|e| self.io(&dir, e.to_string()))?;
+        let stem = self.file(domain, "x")?;
+        let stem = stem
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let now = kst_core::time::unix_now();
+        for n in 0..1000 {
+            let path = dir.join(format!("{stem}-{now}-{n}.txt"));
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    f.write_all(text.as_bytes())
+                        .and_then(|()| f.sync_all())
+                        .map_err(|e| self.io(&path, format!("cannot write: {e}")))?;
+                    return Ok(path);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(self.io(&path, format!("cannot create: {e}"))),
+            }
+        }
+        Err(self.io(&dir, "too many evidence files this second"))
+    }
+
+    /// An attack about `held`'s domain: keeps the evidence (the remembered state, what was
+    /// seen, what failed) and returns the error to report.
+    pub fn attack(&self, held: &Held, message: String, seen: &str) -> MemoryError {
+        let text = format!(
+            "kst key directory evidence\ndomain {}\ntime {}\nfailure {message}\n\n\
+             -- remembered --\n{}\n-- seen --\n{seen}\n",
+            held.domain,
+            kst_core::time::unix_now(),
+            serde_json::to_string_pretty(&held.memory).unwrap_or_default(),
+        );
+        match self.keep_evidence(&held.domain, &text) {
+            Ok(evidence) => MemoryError::Attack { message, evidence },
+            Err(e) => MemoryError::Attack {
+                message: format!("{message}; and the evidence could not be kept: {e}"),
+                evidence: self.dir.join("evidence"),
+            },
+        }
+    }
+
+    /// The fingerprints `account` published through this client.
+    pub fn own_fingerprints(&self, account: &str) -> Vec<String> {
+        self.own_file(account)
+            .ok()
+            .and_then(|p| fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Notes that `account` published `fingerprint` (kept for the owner's monitor).
+    pub fn note_own_fingerprint(
+        &self,
+        account: &str,
+        fingerprint: &str,
+    ) -> Result<(), MemoryError> {
+        let held = self.hold(&format!("own-{}", own_name(account)))?;
+        let path = self.own_file(account)?;
+        let mut list = self.own_fingerprints(account);
+        if list.iter().any(|f| f.eq_ignore_ascii_case(fingerprint)) {
+            return Ok(());
+        }
+        list.push(fingerprint.to_string());
+        let body = serde_json::to_vec_pretty(&list)
+            .map_err(|e| self.io(&path, format!("cannot encode: {e}")))?;
+        let result =
+            AtomicFile::create_with_temp(&path, path.with_extension("tmp")).and_then(|mut f| {
+                f.write_bytes(&body)?;
+                f.commit()
+            });
+        drop(held);
+        result.map_err(|e| self.io(&path, format!("cannot write: {e}")))
+    }
+
+    fn own_file(&self, account: &str) -> Result<PathBuf, MemoryError> {
+        self.file(&format!("own-{}", own_name(account)), "fingerprints")
+    }
+}
+
+/// An account as a file-name part: `@` becomes `-at-`, anything else unusual `-`.
+fn own_name(account: &str) -> String {
+    account
+        .chars()
+        .map(|c| match c {
+            '@' => "-at-".to_string(),
+            c if c.is_ascii_alphanumeric() || c == '.' || c == '-' => c.to_string(),
+            _ => "-".to_string(),
+        })
+        .collect()
+}
+
+/// What [`check_and_remember`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remembered {
+    /// The epoch remembered before (`None`: the first head of this domain).
+    pub previous: Option<u64>,
+    /// The epoch remembered now.
+    pub epoch: u64,
+}
+
+/// The memory check of a verified answer (its head signature and proof already checked with
+/// the domain's head key, e.g. by [`LogAnswer::verify`]): against the newest head remembered
+/// for `domain` in `state_dir`, the answer's head must have the pinned VRF key, must not be
+/// older, must have the same root for the same epoch, and for a newer epoch must carry an
+/// append-only proof from the remembered one that verifies. Then the newer head is remembered.
+/// Any failure is [`MemoryError::Attack`] with the evidence kept in the state directory.
+///
+/// `answer_text` is the answer as received (kept as evidence; `None`: its re-encoding).
+pub async fn check_and_remember(
+    domain: &str,
+    answer: &LogAnswer,
+    answer_text: Option<&str>,
+    state_dir: &Path,
+) -> Result<Remembered, MemoryError> {
+    let memory = LogMemory::in_dir(state_dir);
+    let mut held = memory.hold(domain)?;
+    check_held(&memory, &mut held, answer, answer_text).await
+}
+
+/// [`check_and_remember`] on a memory already held (the caller read the remembered epoch
+/// under the same lock, to ask for `?since=`).
+pub async fn check_held(
+    memory: &LogMemory,
+    held: &mut Held,
+    answer: &LogAnswer,
+    answer_text: Option<&str>,
+) -> Result<Remembered, MemoryError> {
+    let seen = || match answer_text {
+        Some(t) => t.to_string(),
+        None => answer.to_text().unwrap_or_default(),
+    };
+    let head = &answer.head.head;
+    if head.domain != held.domain {
+        return Err(memory.attack(
+            held,
+            format!(
+                "the answer's head is about {}, not {}",
+                head.domain, held.domain
+            ),
+            &seen(),
+        ));
+    }
+    if let Some(pinned) = &held.memory.head_key
+        && let Ok(key) = kst_core::transparency::answer::hex32(pinned)
+        && let Err(e) = answer.head.verify(&key)
+    {
+        return Err(memory.attack(held, e.to_string(), &seen()));
+    }
+    match &held.memory.vrf_key {
+        Some(vrf) if !vrf.eq_ignore_ascii_case(&hex::encode(head.vrf_public_key)) => {
+            return Err(memory.attack(
+                held,
+                format!(
+                    "the head of {} at epoch {} names the VRF key {}, not the pinned {vrf}: \
+                     another directory",
+                    head.domain,
+                    head.epoch,
+                    hex::encode(head.vrf_public_key)
+                ),
+                &seen(),
+            ));
+        }
+        Some(_) => {}
+        None => {
+            held.memory.vrf_key = Some(hex::encode(head.vrf_public_key));
+            if held.memory.pinned_from.is_empty() {
+                held.memory.pinned_from = source::FIRST_HEAD.into();
+            }
+        }
+    }
+    let remembered = held.memory.remembered_head();
+    if held.memory.head.is_some() && remembered.is_none() {
+        return Err(memory.io(
+            &memory.dir,
+            format!(
+                "the remembered head of {} does not parse; move {}.json away to start afresh",
+                held.domain, held.domain
+            ),
+        ));
+    }
+    let previous = remembered.as_ref().map(|h| h.head.epoch);
+    if let Some(old) = &remembered
+        && let Err(e) = answer.verify_extends(&old.head).await
+    {
+        return Err(memory.attack(
+            held,
+            format!(
+                "possible fork or rollback of the key directory of {}: {e}",
+                held.domain
+            ),
+            &seen(),
+        ));
+    }
+    if previous.is_none_or(|p| head.epoch > p) {
+        held.memory.head = Some(
+            head_text(&answer.head)
+                .map_err(|e| memory.io(&memory.dir, format!("cannot encode the head: {e}")))?,
+        );
+    }
+    memory.save(held)?;
+    Ok(Remembered {
+        previous,
+        epoch: previous.map_or(head.epoch, |p| p.max(head.epoch)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_domain_name_cannot_leave_the_memory_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = LogMemory::in_dir(dir.path());
+        for bad in ["../etc", ".hidden", "a/b", "", "example.net\0", "x y"] {
+            let err = memory.hold(bad).unwrap_err().to_string();
+            assert!(err.contains("not a domain name"), "{bad:?}: {err}");
+        }
+        let held = memory.hold("example.net").unwrap();
+        assert_eq!(held.memory.domain, "example.net");
+        assert!(held.memory.head.is_none());
+    }
+
+    #[test]
+    fn the_memory_survives_a_new_instance_and_a_corrupt_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_file = dir.path().join("pending.json");
+        let memory = LogMemory::beside(&state_file);
+        let mut held = memory.hold("example.net").unwrap();
+        held.memory.head_key = Some("11".repeat(32));
+        memory.save(&held).unwrap();
+        drop(held);
+        let again = LogMemory::beside(&state_file).hold("example.net").unwrap();
+        assert_eq!(again.memory.head_key, Some("11".repeat(32)));
+        drop(again);
+
+        let evidence = memory
+            .attack(
+                &memory.hold("example.net").unwrap(),
+                "a fork".into(),
+                "seen text",
+            )
+            .to_string();
+        assert!(
+            evidence.contains("a fork") && evidence.contains("evidence"),
+            "{evidence}"
+        );
+        let kept: Vec<_> = fs::read_dir(memory.dir().join("evidence"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(kept.len(), 1);
+        let text = fs::read_to_string(kept[0].path()).unwrap();
+        assert!(
+            text.contains("seen text") && text.contains("11111111"),
+            "{text}"
+        );
+
+        fs::write(memory.dir().join("example.net.json"), b"{not json").unwrap();
+        let err = memory.hold("example.net").unwrap_err().to_string();
+        assert!(err.contains("move it away"), "{err}");
+        // A file of another domain renamed into place is refused too.
+        fs::write(
+            memory.dir().join("example.net.json"),
+            br#"{"domain":"example.org","head_key":null,"vrf_key":null,"head":null}"#,
+        )
+        .unwrap();
+        let err = memory.hold("example.net").unwrap_err().to_string();
+        assert!(err.contains("example.org"), "{err}");
+    }
+
+    #[test]
+    fn own_fingerprints_are_kept_per_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = LogMemory::in_dir(dir.path());
+        memory
+            .note_own_fingerprint("alice@example.net", "AA11")
+            .unwrap();
+        memory
+            .note_own_fingerprint("alice@example.net", "aa11")
+            .unwrap();
+        memory
+            .note_own_fingerprint("alice@example.net", "BB22")
+            .unwrap();
+        memory
+            .note_own_fingerprint("../bob@example.net", "CC33")
+            .unwrap();
+        assert_eq!(
+            memory.own_fingerprints("alice@example.net"),
+            vec!["AA11", "BB22"]
+        );
+        assert!(memory.own_fingerprints("carol@example.net").is_empty());
+        assert_eq!(memory.own_fingerprints("../bob@example.net"), vec!["CC33"]);
+    }
+}
