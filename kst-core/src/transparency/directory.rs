@@ -140,7 +140,7 @@ impl<S: Database + 'static> KeyDirectory<S> {
     /// Every entry the directory holds for `address`, oldest first, each with the epoch that
     /// recorded it (no proof: for the operator's checks and tests); empty when it never held
     /// one.
-    pub async fn history(&self, address: &Address) -> Result<Vec<(u64, DirectoryEntry)>> {
+    pub async fn entries(&self, address: &Address) -> Result<Vec<(u64, DirectoryEntry)>> {
         match self.storage.get_user_data(&directory_label(address)).await {
             Ok(data) => {
                 let mut states = data.states;

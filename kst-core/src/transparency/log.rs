@@ -734,7 +734,7 @@ impl Worker {
         match request {
             Request::Sync(s) => self.sync_batch(vec![s]).await,
             Request::Entries { address, reply } => {
-                let _ = reply.send(self.directory.history(&address).await);
+                let _ = reply.send(self.directory.entries(&address).await);
             }
             Request::Head { now, reply } => {
                 let result = match self.directory.current().await {
@@ -979,6 +979,7 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            self.directory.forget().await;
             let built_on = self.directory.current().await.ok().map(|(e, _)| e);
             let result = match self.directory.history(address).await {
                 Ok(Some((proof, epoch, root))) => wire::encode_history(&proof).and_then(|p| {
