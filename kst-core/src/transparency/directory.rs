@@ -62,7 +62,10 @@ pub struct AbsenceProof {
 impl<S: Database + 'static> KeyDirectory<S> {
     /// Opens the directory kept in `db`, creating its empty tree on first use.
     pub async fn open(db: S, vrf: VrfSecret) -> Result<Self> {
-        let storage = StorageManager::new_no_cache(db);
+        Self::over(StorageManager::new_no_cache(db), vrf).await
+    }
+
+    async fn over(storage: StorageManager<S>, vrf: VrfSecret) -> Result<Self> {
         let directory = Directory::new(
             storage.clone(),
             vrf.clone(),
@@ -82,18 +85,7 @@ impl<S: Database + 'static> KeyDirectory<S> {
     /// before each one, so another process's commits are seen (a batch built on stale nodes
     /// is refused by the fence anyway).
     pub async fn open_cached(db: S, vrf: VrfSecret) -> Result<Self> {
-        let storage = StorageManager::new(db, None, None, None);
-        let directory = Directory::new(
-            storage.clone(),
-            vrf.clone(),
-            AzksParallelismConfig::disabled(),
-        )
-        .await?;
-        Ok(KeyDirectory {
-            directory,
-            storage,
-            vrf,
-        })
+        Self::over(StorageManager::new(db, None, None, None), vrf).await
     }
 
     /// Drops what the node cache holds ([`KeyDirectory::open_cached`]).
