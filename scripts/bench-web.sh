@@ -4,17 +4,18 @@
 #
 #   BENCH_WEB_SIZES="1000 1000000" scripts/bench-web.sh
 #
-#   1. fill: for each backend and size N without a filled store yet, kst-store-bench --real-keys
-#      --fill-only publishes N real certificates (user000000@example.test ..., made as `kst
-#      bench` makes them) through the store's own `publish`, and writes request paths of up to
-#      200,000 stored keys. The stores are kept under BENCH_WEB_STORES for later runs:
+#   1. fill: for each size N, one kst-store-bench --real-keys --fill-only publishes N real
+#      certificates (user000000@example.test ..., made as `kst bench` makes them) through the
+#      store's own `publish` into every backend without a filled store of that size yet (each
+#      certificate made once, published into each store: --mirror), and writes request paths
+#      of up to 200,000 stored keys. The stores are kept under BENCH_WEB_STORES for later runs:
 #        fs:         $STORES/fs-N/                  (filled under eatmydata, then sync)
 #        PostgreSQL: database kst_web_N on BENCH_PG_URL (synchronous_commit off while filling)
 #        Redis:      prefix kstweb-N: on this script's own redis-server on 127.0.0.1:
 #                    BENCH_WEB_REDIS_PORT, data in $STORES/redis/ (run under eatmydata while
 #                    filling, restarted without it, appendonly yes + appendfsync always, to
 #                    measure: what kst's durability guard asks for)
-#      and the paths in $STORES/<backend>-N.paths/. The backends fill concurrently. A marker
+#      and the paths in $STORES/<backend>-N.paths/. A marker
 #      $STORES/<backend>-N.filled that holds a number (a fill stopped early, its paths written
 #      with kst-store-bench --filled K --stored K --fill-only --paths-out) says how many keys
 #      the store holds; the table shows that number.
@@ -23,7 +24,8 @@
 #      connections, random stored keys) for BENCH_WEB_SECONDS per endpoint:
 #      `wkd` (WKD direct method with ?l=, Host: example.test: found by address), `vks` (VKS
 #      by-email), `wkdhash` (WKD without l=: the WKD-hash index), `fpr` (VKS by-fingerprint:
-#      the fingerprint index); once with every [web.limits] counter off (the look-up path
+#      the fingerprint index), and `hkp` (HKP op=get&options=mr by address, only when named in
+#      BENCH_WEB_ENDPOINTS); once with every [web.limits] counter off (the look-up path
 #      itself) and once with the limits at their defaults and the load spread over
 #      BENCH_WEB_CLIENTS client addresses 127.9.x.y (kst trusts 127.0.0.1 as a proxy and wrk
 #      names the client in X-Forwarded-For: wrk cannot bind source addresses);
@@ -38,6 +40,8 @@
 # Environment: BENCH_WEB_SIZES ("1000"), BENCH_WEB_BACKENDS ("fs redis postgres"),
 # BENCH_WEB_ENDPOINTS ("wkd vks wkdhash fpr"), BENCH_WEB_LIMITS ("off defaults"),
 # BENCH_WEB_SECONDS (10), BENCH_WEB_CONNECTIONS (64), BENCH_WEB_CLIENTS (1024, at least 64),
+# BENCH_WEB_PIN ("": kst and wrk share every core; "1": kst on CPU 1, wrk on CPU 0 with one
+# thread, both with taskset; the store's server is not pinned),
 # BENCH_WEB_STORES (/var/tmp/kst-bench-web), BENCH_WEB_REDIS_PORT (6390),
 # BENCH_PG_URL (postgres://postgres:postgres@127.0.0.1:5432), BENCH_KST and BENCH_STORE_BENCH
 # (binaries to use instead of building them in release mode).
@@ -51,6 +55,7 @@ LIMITS="${BENCH_WEB_LIMITS:-off defaults}"
 SECONDS_EACH="${BENCH_WEB_SECONDS:-10}"
 CONNS="${BENCH_WEB_CONNECTIONS:-64}"
 CLIENTS="${BENCH_WEB_CLIENTS:-1024}"
+PIN="${BENCH_WEB_PIN:-}"
 STORES="${BENCH_WEB_STORES:-/var/tmp/kst-bench-web}"
 REDIS_PORT="${BENCH_WEB_REDIS_PORT:-6390}"
 PG_BASE="${BENCH_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432}"
@@ -76,7 +81,7 @@ apt_need() { # command package
 pg_db() { echo "kst_web_$1"; }
 redis_prefix() { echo "kstweb-$1:"; }
 rcli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
-redis_pid() { rcli info server 2>/dev/null | awk -F: '/^process_id:/ { print $2 }' | tr -d '\r'; }
+redis_pid() { { rcli info server 2>/dev/null || true; } | awk -F: '/^process_id:/ { print $2 }' | tr -d '\r'; }
 
 # This script's own redis-server for the stores, in mode "fill" (under eatmydata: fsync does
 # nothing) or "measure" (real fsync). Restarts it when it runs in the other mode; an AOF of
@@ -117,35 +122,58 @@ store_env() {
   esac
 }
 
-# Fills the store of backend $1 with $2 keys unless it is filled (marker $STORES/$1-$2.filled).
-fill_store() { # backend size
-  local b="$1" n="$2" marker="$STORES/$1-$2.filled" t0=$SECONDS
-  [ -f "$marker" ] && { log "$b, $n keys: filled already"; return 0; }
-  local args=(--real-keys --fill-only --stored "$n" --paths-out "$STORES/$b-$n.paths")
-  log "$b: filling $n keys (log: $STORES/$b-$n.fill.log)"
-  case "$b" in
-    fs)
-      local pre=()
-      command -v eatmydata >/dev/null && pre=(eatmydata)
-      nice "${pre[@]}" "$STORE_BENCH" --backend fs --dir "$STORES/fs-$n" "${args[@]}" \
-        >"$STORES/$b-$n.fill.log" 2>&1 || die "fs fill failed (see $STORES/$b-$n.fill.log)"
-      sync ;;
-    postgres)
+# The --mirror target of backend $1, size $2 (see kst-store-bench --mirror).
+mirror_spec() {
+  case "$1" in
+    fs) echo "fs=$STORES/fs-$2" ;;
+    postgres) echo "postgres=$PG_BASE/postgres#$(pg_db "$2")" ;;
+    redis) echo "redis=redis://127.0.0.1:$REDIS_PORT#$(redis_prefix "$2")" ;;
+  esac
+}
+
+# Fills the stores of size $1 of every backend not filled yet (marker $STORES/<backend>-$1.filled)
+# in one kst-store-bench run: the first of them is its store, the others --mirror ones, so each
+# certificate is made once. fs writes under eatmydata (no fsync while filling), PostgreSQL's
+# database has synchronous_commit off while filling, Redis runs under eatmydata (redis_up fill).
+fill_size() { # size
+  local n="$1" t0=$SECONDS todo=() b
+  for b in $BACKENDS; do
+    if [ -f "$STORES/$b-$n.filled" ]; then log "$b, $n keys: filled already"; else todo+=("$b"); fi
+  done
+  [ "${#todo[@]}" -gt 0 ] || return 0
+  local main="${todo[0]}" args=(--real-keys --fill-only --stored "$n" --paths-out "$STORES/${todo[0]}-$n.paths")
+  for b in "${todo[@]}"; do
+    if [ "$b" = postgres ]; then
       local db; db="$(pg_db "$n")"
       psql "$PG_BASE/postgres" -Atqc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1 ||
         psql "$PG_BASE/postgres" -qc "CREATE DATABASE $db" >&2
       psql "$PG_BASE/postgres" -qc "ALTER DATABASE $db SET synchronous_commit = off" >&2
-      nice "$STORE_BENCH" --backend postgres --url "$PG_BASE/postgres" --namespace "$db" "${args[@]}" \
-        >"$STORES/$b-$n.fill.log" 2>&1 || die "postgres fill failed (see $STORES/$b-$n.fill.log)"
-      psql "$PG_BASE/postgres" -qc "ALTER DATABASE $db RESET synchronous_commit" >&2
-      psql "$PG_BASE/$db" -qc "VACUUM ANALYZE" >&2 ;;
-    redis)
-      nice "$STORE_BENCH" --backend redis --url "redis://127.0.0.1:$REDIS_PORT" \
-        --namespace "$(redis_prefix "$n")" "${args[@]}" \
-        >"$STORES/$b-$n.fill.log" 2>&1 || die "redis fill failed (see $STORES/$b-$n.fill.log)" ;;
+    fi
+    [ "$b" = "$main" ] || args+=(--mirror "$(mirror_spec "$b" "$n")")
+  done
+  case "$main" in
+    fs) args+=(--backend fs --dir "$STORES/fs-$n") ;;
+    postgres) args+=(--backend postgres --url "$PG_BASE/postgres" --namespace "$(pg_db "$n")") ;;
+    redis) args+=(--backend redis --url "redis://127.0.0.1:$REDIS_PORT" --namespace "$(redis_prefix "$n")") ;;
   esac
-  touch "$marker"
-  log "$b: $n keys filled in $((SECONDS - t0)) s"
+  local pre=()
+  command -v eatmydata >/dev/null && pre=(eatmydata)
+  log "filling $n keys into: ${todo[*]} (log: $STORES/fill-$n.log)"
+  nice "${pre[@]}" "$STORE_BENCH" "${args[@]}" >"$STORES/fill-$n.log" 2>&1 ||
+    die "the fill of $n keys failed (see $STORES/fill-$n.log)"
+  sync
+  for b in "${todo[@]}"; do
+    if [ "$b" != "$main" ]; then
+      rm -rf "$STORES/$b-$n.paths"
+      cp -a "$STORES/$main-$n.paths" "$STORES/$b-$n.paths"
+    fi
+    if [ "$b" = postgres ]; then
+      psql "$PG_BASE/postgres" -qc "ALTER DATABASE $(pg_db "$n") RESET synchronous_commit" >&2
+      psql "$PG_BASE/$(pg_db "$n")" -qc "VACUUM ANALYZE" >&2
+    fi
+    touch "$STORES/$b-$n.filled"
+  done
+  log "$n keys filled into ${todo[*]} in $((SECONDS - t0)) s"
 }
 
 remove_store() { # backend size
@@ -160,7 +188,7 @@ remove_store() { # backend size
         rcli bgrewriteaof >/dev/null
       fi ;;
   esac
-  rm -rf "$STORES/$b-$n.filled" "$STORES/$b-$n.paths" "$STORES/$b-$n.fill.log"
+  rm -rf "$STORES/$b-$n.filled" "$STORES/$b-$n.paths" "$STORES/fill-$n.log"
 }
 
 if [ "$MODE" = clean ]; then
@@ -192,14 +220,7 @@ mkdir -p "$STORES"
 
 if [ "$MODE" != measure ]; then
   case " $BACKENDS " in *" redis "*) redis_up fill ;; esac
-  FILLS=()
-  for b in $BACKENDS; do
-    (for n in $SIZES; do fill_store "$b" "$n"; done) &
-    FILLS+=("$!")
-  done
-  failed=0
-  for p in "${FILLS[@]}"; do wait "$p" || failed=1; done
-  [ "$failed" = 0 ] || die "a fill failed"
+  for n in $SIZES; do fill_size "$n"; done
 fi
 [ "$MODE" = fill ] && exit 0
 
@@ -249,6 +270,8 @@ for backend in $BACKENDS; do
     read -r -a store <<<"$(store_env "$backend" "$n")"
     for limits in $LIMITS; do
       lmtp="$(free_port)"; http="$(free_port)"; web="$(free_port)"
+      kst_pin=(); wrk_pin=(); wrk_threads=2
+      if [ -n "$PIN" ]; then kst_pin=(taskset -c 1); wrk_pin=(taskset -c 0); wrk_threads=1; fi
       if [ "$limits" = off ]; then
         lim=(KST_WEB__LIMITS__PER_CLIENT=0 KST_WEB__LIMITS__PER_CLIENT_MISSES=0 KST_WEB__LIMITS__GLOBAL_MISSES=0)
         xff=0
@@ -259,17 +282,20 @@ for backend in $BACKENDS; do
         KST_LMTP__LISTEN="127.0.0.1:$lmtp" KST_HTTP__LISTEN="127.0.0.1:$http" \
         KST_WEB__LISTEN="127.0.0.1:$web" KST_WEB__MAX_CONNECTIONS=4096 KST_LOG__LEVEL=warn \
         KST_LIMITS__PER_SENDER=0 KST_LIMITS__PER_ACCOUNT=0 KST_LIMITS__PER_SOURCE_IP=0 KST_LIMITS__PER_SENDER_QUERY=0 \
-        "$KST" serve 2>>"$dir/serve.log" &
+        "${kst_pin[@]}" "$KST" serve 2>>"$dir/serve.log" &
       pid=$!; PIDS+=("$pid")
       wait_port "$web"
       for endpoint in $ENDPOINTS; do
         paths="$STORES/$backend-$n.paths/$endpoint.paths"
+        if [ "$endpoint" = hkp ] && [ ! -s "$paths" ]; then # stores filled before hkp.paths existed
+          sed 's|^/vks/v1/by-email/|/pks/lookup?op=get\&options=mr\&search=|' "${paths%/*}/vks.paths" >"$paths"
+        fi
         [ -s "$paths" ] || die "$paths is missing"
         before200="$(status_count "$http" 200)"; before404="$(status_count "$http" 404)"; before429="$(status_count "$http" 429)"
         host=""; case "$endpoint" in wkd*) host="example.test" ;; esac
-        log "$backend, $n keys, $endpoint, limits $limits: wrk -c$CONNS -d${SECONDS_EACH}s"
+        log "$backend, $n keys, $endpoint, limits $limits: wrk -t$wrk_threads -c$CONNS -d${SECONDS_EACH}s${PIN:+ (pinned)}"
         out="$(PATHS="$paths" HOST_HEADER="$host" XFF="$xff" \
-          wrk -t2 -c"$CONNS" -d"${SECONDS_EACH}s" -s "$WORK/lookup.lua" "http://127.0.0.1:$web" | grep '^WRK')"
+          "${wrk_pin[@]}" wrk -t"$wrk_threads" -c"$CONNS" -d"${SECONDS_EACH}s" -s "$WORK/lookup.lua" "http://127.0.0.1:$web" | grep '^WRK')"
         read -r _ total dur_us p50 p99 _non2xx <<<"$out"
         ok=$(( $(status_count "$http" 200) - before200 + $(status_count "$http" 404) - before404 ))
         refused=$(( $(status_count "$http" 429) - before429 ))
@@ -286,4 +312,6 @@ print(f"| {b} | {n} | {e} | {l} | {ok/(dur/1e6):,.0f} | {100*ref/max(tot,1):.1f}
   done
 done
 echo
-echo "Machine: $(nproc) CPUs, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -r); wrk -t2 -c$CONNS, ${SECONDS_EACH}s per row, $CLIENTS clients with limits at defaults; $(date -u '+%Y-%m-%d %H:%M UTC'); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+pinning="kst and wrk unpinned"
+[ -n "$PIN" ] && pinning="kst pinned to CPU 1, wrk -t1 to CPU 0 (taskset; the store's server unpinned)"
+echo "Machine: $(nproc) CPUs, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -r); $pinning; wrk -c$CONNS, ${SECONDS_EACH}s per row, $CLIENTS clients with limits at defaults; $(date -u '+%Y-%m-%d %H:%M UTC'); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."

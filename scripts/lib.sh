@@ -153,6 +153,40 @@ stop_pid() {
   kill -9 "$pid" 2>/dev/null || true
 }
 
+# --- up/down/status/env scripts (mailsystem.sh, providers.sh) ----------------------------------
+
+# state_env WHAT: prints $STATE/env (the export lines of `up`), or dies: no WHAT at $STATE.
+state_env() {
+  [ -f "$STATE/env" ] || die "no $1 at $STATE (run: scripts/${0##*/} up)"
+  cat "$STATE/env"
+}
+
+# updown_main MODES ARGS...: the command line of such a script: `up [--mode M]`, `down`,
+# `status`, `env` run the script's cmd_up, cmd_down, cmd_status, cmd_env; --mode sets MODE,
+# one of MODES (e.g. "pipe|lmtp"; no --mode when MODES is empty); anything else is a usage
+# error (exit 64) or dies.
+updown_main() {
+  local modes="$1" cmd="${2:-}" said up=up
+  shift
+  [ $# -gt 0 ] && shift
+  said="$(printf '%s' "$modes" | sed 's/|/, /g; s/\(.*\), /\1 or /')"
+  [ -z "$modes" ] || up="up [--mode $modes]"
+  while [ $# -gt 0 ]; do
+    case "$modes:$1" in
+      ?*:--mode) [ $# -ge 2 ] || die "--mode needs $said"; MODE="$2"; shift 2 ;;
+      ?*:--mode=*) MODE="${1#--mode=}"; shift ;;
+      *) die "unknown argument '$1'" ;;
+    esac
+  done
+  case "$cmd" in
+    up) cmd_up ;;
+    down) cmd_down ;;
+    status) cmd_status ;;
+    env) cmd_env ;;
+    *) echo "usage: $0 {$up|down|status|env}" >&2; exit 64 ;;
+  esac
+}
+
 # --- self-tests -------------------------------------------------------------------------------
 # The counts of passed and failed checks, and the names of the failed ones.
 PASSED=0

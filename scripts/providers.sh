@@ -459,28 +459,6 @@ cmd_status() {
   return "$ok"
 }
 
-cmd_env() {
-  [ -f "$STATE/env" ] || die "no providers at $STATE (run: scripts/providers.sh up)"
-  cat "$STATE/env"
-}
+cmd_env() { state_env "providers"; }
 
-main() {
-  local cmd="${1:-}"
-  [ $# -gt 0 ] && shift
-  while [ $# -gt 0 ]; do
-    case "$1" in
-      --mode) [ $# -ge 2 ] || die "--mode needs pipe or lmtp"; MODE="$2"; shift 2 ;;
-      --mode=*) MODE="${1#--mode=}"; shift ;;
-      *) die "unknown argument '$1'" ;;
-    esac
-  done
-  case "$cmd" in
-    up) cmd_up ;;
-    down) cmd_down ;;
-    status) cmd_status ;;
-    env) cmd_env ;;
-    *) echo "usage: $0 {up [--mode pipe|lmtp]|down|status|env}" >&2; exit 64 ;;
-  esac
-}
-
-main "$@"
+updown_main "pipe|lmtp" "$@"

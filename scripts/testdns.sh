@@ -683,22 +683,6 @@ cmd_status() {
   return "$ok"
 }
 
-cmd_env() {
-  [ -f "$STATE/env" ] || die "no test DNS at $STATE (run: scripts/testdns.sh up)"
-  cat "$STATE/env"
-}
+cmd_env() { state_env "test DNS"; }
 
-main() {
-  local cmd="${1:-}"
-  [ $# -gt 0 ] && shift
-  [ $# -eq 0 ] || die "unknown argument '$1'"
-  case "$cmd" in
-    up) cmd_up ;;
-    down) cmd_down ;;
-    status) cmd_status ;;
-    env) cmd_env ;;
-    *) echo "usage: $0 {up|down|status|env}" >&2; exit 64 ;;
-  esac
-}
-
-main "$@"
+updown_main "" "$@"

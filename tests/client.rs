@@ -72,8 +72,21 @@ path = "{new}"
 
     /// `kst client --account ACCOUNT ... ARGS --json`.
     fn client(&self, account: &str, args: &[&str], env: &[(&str, &str)]) -> (Output, Value) {
+        run_json(self.client_command(account, true, args, env))
+    }
+
+    /// `kst client --account ACCOUNT ... ARGS` (with `--json` when `json`), not run yet.
+    fn client_command(
+        &self,
+        account: &str,
+        json: bool,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Command {
         let mut cmd = Command::new(kst_binary());
-        cmd.args(["client", "--account", account, "--json", "--timeout", "20"])
+        cmd.args(["client", "--account", account])
+            .args(if json { &["--json"][..] } else { &[] })
+            .args(["--timeout", "20"])
             .arg("--sendmail")
             .arg(self.path("sendmail"))
             .arg("--maildir")
@@ -90,7 +103,14 @@ path = "{new}"
         for (k, v) in env {
             cmd.env(k, v);
         }
-        run_json(cmd)
+        cmd
+    }
+
+    /// Writes `armored` to `file` here and runs `publish --key FILE` as `account`.
+    fn publish_armored(&self, account: &str, file: &str, armored: &str) -> (Output, Value) {
+        let key = self.path(file);
+        std::fs::write(&key, armored).unwrap();
+        self.client(account, &["publish", "--key", key.to_str().unwrap()], &[])
     }
 
     fn stored_fingerprint(&self, address: &str) -> Option<String> {
@@ -160,6 +180,106 @@ fn maildir_publish_then_retrieve_through_kst_deliver() {
             .count(),
         3
     );
+}
+
+/// A character a terminal acts on: C0 controls (ESC, CR, BEL, ...), DEL, C1 controls and the
+/// bidi embeddings, overrides and isolates.
+fn acts_on_terminal(c: char) -> bool {
+    c.is_control() && c != '\n' || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// A hostile key whose User ID carries escape sequences (a window title, a screen clear, a
+/// carriage return over the line, C1 CSI) and a bidi override: `kst client retrieve` prints
+/// it escaped, for people and in JSON (which still carries the exact User ID).
+#[test]
+fn maildir_retrieve_escapes_a_hostile_user_id_on_the_terminal() {
+    let local = Local::new();
+    let gpg = Gpg::new();
+    let name = "Mallory\u{1b}]0;pwned\u{7}\u{1b}[2J\rBEL\u{7}\u{9b}31m\u{202e}gpj.exe\u{2066}";
+    let mallory = gpg.generate(name, "alice@example.net", "ed25519");
+    let (out, v) =
+        local.publish_armored("alice@example.net", "mallory.asc", &mallory.public_armored);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+
+    // For people: the User ID is on stderr, escaped; nothing a terminal acts on is printed.
+    let out = local
+        .client_command(
+            "bob@example.net",
+            false,
+            &["retrieve", "alice@example.net"],
+            &[],
+        )
+        .output()
+        .unwrap();
+    let (stdout, err) = (
+        String::from_utf8(out.stdout.clone()).unwrap(),
+        String::from_utf8(out.stderr.clone()).unwrap(),
+    );
+    assert_eq!(code(&out), 0, "{err}");
+    assert!(err.contains("verified key"), "{err}");
+    for (what, text) in [("stdout", &stdout), ("stderr", &err)] {
+        assert!(
+            !text.chars().any(acts_on_terminal),
+            "{what} carries raw control characters: {text:?}"
+        );
+    }
+    assert!(
+        err.contains("Mallory\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{d}BEL\\u{7}\\u{9b}31m\\u{202e}gpj.exe\\u{2066} <alice@example.net>"),
+        "the User ID is not shown escaped: {err}"
+    );
+    assert!(
+        stdout.starts_with("-----BEGIN PGP PUBLIC KEY BLOCK-----"),
+        "{stdout}"
+    );
+
+    // JSON: the same value (the exact User ID), with no raw control character in the text.
+    let out = local
+        .client_command(
+            "bob@example.net",
+            true,
+            &["retrieve", "alice@example.net"],
+            &[],
+        )
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout.clone()).unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        !text.chars().any(acts_on_terminal),
+        "the JSON carries raw control characters: {text:?}"
+    );
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        v["user_ids"],
+        serde_json::json!([format!("{name} <alice@example.net>")]),
+        "{v}"
+    );
+}
+
+/// An owner whose computer's clock runs two days ahead makes a key and publishes it: the KST
+/// refuses it (exit 3, `bad-self-signature`) saying the self-signature is dated in the future
+/// and to check the clock, not that the key is damaged.
+#[test]
+fn maildir_a_key_made_with_the_clock_ahead_is_refused_for_the_clock() {
+    let local = Local::new();
+    let gpg = Gpg::new();
+    let ahead = format!("{}!", kst_core::time::unix_now() + 2 * 86_400);
+    let armored = gpg.generate_primary("Alice <alice@example.net>", "never", Some(&ahead));
+    let (out, v) = local.publish_armored("alice@example.net", "ahead.asc", &armored);
+    assert_eq!(code(&out), 3, "{v}\n{}", stderr(&out));
+    assert_eq!(v["outcome"], "refused", "{v}");
+    assert_eq!(v["reason"], "bad-self-signature", "{v}");
+    let explanation = v["explanation"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for part in ["in the future", "clock", "runs ahead"] {
+        assert!(explanation.contains(part), "{part:?} not in {explanation}");
+    }
+    assert!(!explanation.contains("damaged"), "{explanation}");
+    assert_eq!(local.stored_fingerprint("alice@example.net"), None);
 }
 
 #[test]
@@ -612,24 +732,8 @@ fn maildir_owner_status_refresh_delete_and_expiry_warning() {
     );
 
     // A key that expires in 10 days: published, with a warning that says how to extend it.
-    gpg.run(&[
-        "--passphrase",
-        "",
-        "--pinentry-mode",
-        "loopback",
-        "--quick-gen-key",
-        "Carol <carol@example.net>",
-        "ed25519",
-        "sign,cert",
-        "10d",
-    ]);
-    let carol = local.path("carol.asc");
-    std::fs::write(&carol, gpg.export("carol@example.net")).unwrap();
-    let (out, v) = local.client(
-        "carol@example.net",
-        &["publish", "--key", carol.to_str().unwrap()],
-        &[],
-    );
+    let armored = gpg.generate_primary("Carol <carol@example.net>", "10d", None);
+    let (out, v) = local.publish_armored("carol@example.net", "carol.asc", &armored);
     assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
     let err = stderr(&out);
     assert!(

@@ -37,6 +37,7 @@ fn pending(asked: Asked, id: &str, k: &kst_core::AuthKey) -> client::Pending {
         service: addr("keys@example.net"),
         k_auth: k.to_base64(),
         created_at: 0,
+        head_key: None,
     }
 }
 
@@ -178,20 +179,7 @@ fn forgeries_through_deliver_publish_nothing() {
 fn key_problems_get_specific_reasons() {
     let gpg = Gpg::new();
     // Made on 2020-01-01, expiring after one day.
-    gpg.run(&[
-        "--faked-system-time",
-        "20200101T000000!",
-        "--passphrase",
-        "",
-        "--pinentry-mode",
-        "loopback",
-        "--quick-gen-key",
-        "Alice <alice@example.net>",
-        "ed25519",
-        "sign,cert",
-        "1d",
-    ]);
-    let expired = gpg.export("alice@example.net");
+    let expired = gpg.generate_primary("Alice <alice@example.net>", "1d", Some("20200101T000000!"));
     let bob = gpg.generate("Bob", "bob@example.net", "ed25519");
     let kst = TestKst::new("");
     let id = "0efca192bb11e87d9978@example.net";

@@ -37,13 +37,7 @@ fn a_secure_mx_with_a_matching_tlsa_record_is_dane_authenticated_and_gets_the_re
     let (cert, key) = tlsa_cert(dns);
     let mx = Mx::start(Some((&cert, &key)));
     let run = Run::new();
-    let port = mx.port.to_string();
-    let (out, v) = run.retrieve(
-        dns,
-        dns.var("KST_DNS_RESOLVER"),
-        "alice@example.net",
-        &["--mx-port", &port],
-    );
+    let (out, v) = run.to(dns, "alice@example.net", &mx, &[]);
     assert_eq!(code(&out), TEMPFAIL, "{}", show(&out, &v));
     assert_eq!(v["outcome"], "pending", "{}", show(&out, &v));
     assert_eq!(v["dnssec"], "secure", "{}", show(&out, &v));
@@ -93,13 +87,7 @@ fn a_certificate_that_matches_no_tlsa_record_is_refused_before_anything_is_sent(
     let (cert, key) = certificate(dns, dir.path(), "other", &["mail.example.net"], false);
     let mx = Mx::start(Some((&cert, &key)));
     let run = Run::new();
-    let port = mx.port.to_string();
-    let (out, v) = run.retrieve(
-        dns,
-        dns.var("KST_DNS_RESOLVER"),
-        "alice@example.net",
-        &["--mx-port", &port],
-    );
+    let (out, v) = run.to(dns, "alice@example.net", &mx, &[]);
     assert_eq!(code(&out), ATTACK, "{}", show(&out, &v));
     assert!(error_of(&v).contains("DANE"), "{}", show(&out, &v));
     let log = mx.log();
@@ -111,13 +99,7 @@ fn a_certificate_that_matches_no_tlsa_record_is_refused_before_anything_is_sent(
     // DANE demands TLS: an MX that stops offering STARTTLS gets nothing, even with
     // --allow-plaintext.
     let plain = Mx::start(None);
-    let port = plain.port.to_string();
-    let (out, v) = run.retrieve(
-        dns,
-        dns.var("KST_DNS_RESOLVER"),
-        "alice@example.net",
-        &["--mx-port", &port, "--allow-plaintext"],
-    );
+    let (out, v) = run.to(dns, "alice@example.net", &plain, &["--allow-plaintext"]);
     assert_eq!(code(&out), ATTACK, "{}", show(&out, &v));
     assert!(
         !plain.saw("MAIL") && !plain.saw("DATA"),
@@ -200,13 +182,7 @@ fn an_unsigned_zone_is_insecure_its_tlsa_ignored_and_require_dnssec_refuses_it()
     let (cert, key) = tlsa_cert(dns);
     let mx = Mx::start(Some((&cert, &key)));
     let run = Run::new();
-    let port = mx.port.to_string();
-    let (out, v) = run.retrieve(
-        dns,
-        dns.var("KST_DNS_RESOLVER"),
-        "bob@insecure.net",
-        &["--mx-port", &port],
-    );
+    let (out, v) = run.to(dns, "bob@insecure.net", &mx, &[]);
     assert_eq!(code(&out), TEMPFAIL, "{}", show(&out, &v));
     assert_eq!(v["dnssec"], "insecure", "{}", show(&out, &v));
     // insecure.net publishes a TLSA record, but an insecure one does not count (RFC 7672).
@@ -226,13 +202,7 @@ fn an_unsigned_zone_is_insecure_its_tlsa_ignored_and_require_dnssec_refuses_it()
     assert!(mx.saw("MESSAGE"));
 
     let strict = Mx::start(Some((&cert, &key)));
-    let port = strict.port.to_string();
-    let (out, v) = run.retrieve(
-        dns,
-        dns.var("KST_DNS_RESOLVER"),
-        "bob@insecure.net",
-        &["--mx-port", &port, "--require-dnssec"],
-    );
+    let (out, v) = run.to(dns, "bob@insecure.net", &strict, &["--require-dnssec"]);
     assert_eq!(code(&out), UNAVAILABLE, "{}", show(&out, &v));
     assert!(error_of(&v).contains("--require-dnssec"));
     assert!(strict.log().is_empty(), "{:?}", strict.log());
@@ -243,21 +213,10 @@ fn a_plaintext_mx_gets_the_request_only_with_allow_plaintext() {
     let Some(dns) = testdns() else { return };
     let mx = Mx::start(None);
     let run = Run::new();
-    let port = mx.port.to_string();
-    let (out, v) = run.retrieve(
-        dns,
-        dns.var("KST_DNS_RESOLVER"),
-        "bob@insecure.net",
-        &["--mx-port", &port],
-    );
+    let (out, v) = run.to(dns, "bob@insecure.net", &mx, &[]);
     assert_eq!(code(&out), UNAVAILABLE, "{}", show(&out, &v));
     assert!(!mx.saw("MAIL"), "{:?}", mx.log());
-    let (out, v) = run.retrieve(
-        dns,
-        dns.var("KST_DNS_RESOLVER"),
-        "bob@insecure.net",
-        &["--mx-port", &port, "--allow-plaintext"],
-    );
+    let (out, v) = run.to(dns, "bob@insecure.net", &mx, &["--allow-plaintext"]);
     assert_eq!(code(&out), TEMPFAIL, "{}", show(&out, &v));
     assert_eq!(v["transport"]["tls"], false, "{}", show(&out, &v));
     assert!(mx.saw("MESSAGE"));
@@ -268,7 +227,6 @@ fn mta_sts_enforce_refuses_a_non_matching_mx_and_keeps_the_policy_cached() {
     let Some(dns) = testdns() else { return };
     let (cert, key) = tlsa_cert(dns);
     let mx = Mx::start(Some((&cert, &key)));
-    let port = mx.port.to_string();
     // insecure.net: no DANE (its zone is unsigned), so MTA-STS decides.
     let mut run = Run::new();
     let policy = PolicyServer::start(
@@ -277,23 +235,13 @@ fn mta_sts_enforce_refuses_a_non_matching_mx_and_keeps_the_policy_cached() {
         "version: STSv1\nmode: enforce\nmx: mail.elsewhere.test\nmax_age: 86400\n",
     );
     run.sts_port = policy.port;
-    let (out, v) = run.retrieve(
-        dns,
-        dns.var("KST_DNS_RESOLVER"),
-        "bob@insecure.net",
-        &["--mx-port", &port],
-    );
+    let (out, v) = run.to(dns, "bob@insecure.net", &mx, &[]);
     assert_eq!(code(&out), ATTACK, "{}", show(&out, &v));
     assert!(error_of(&v).contains("MTA-STS"), "{}", show(&out, &v));
     assert!(mx.log().is_empty(), "{:?}", mx.log());
     // The policy is cached for max_age: with the policy server gone it still applies.
     drop(policy);
-    let (out, v) = run.retrieve(
-        dns,
-        dns.var("KST_DNS_RESOLVER"),
-        "bob@insecure.net",
-        &["--mx-port", &port],
-    );
+    let (out, v) = run.to(dns, "bob@insecure.net", &mx, &[]);
     assert_eq!(code(&out), ATTACK, "{}", show(&out, &v));
     assert!(
         error_of(&v).contains("mail.elsewhere.test"),
@@ -312,12 +260,7 @@ fn mta_sts_enforce_refuses_a_non_matching_mx_and_keeps_the_policy_cached() {
         sts_port: good.port,
         ..Run::new()
     };
-    let (out, v) = run.retrieve(
-        dns,
-        dns.var("KST_DNS_RESOLVER"),
-        "bob@insecure.net",
-        &["--mx-port", &port],
-    );
+    let (out, v) = run.to(dns, "bob@insecure.net", &mx, &[]);
     assert_eq!(code(&out), TEMPFAIL, "{}", show(&out, &v));
     assert_eq!(
         v["transport"]["authentication"],
@@ -331,13 +274,7 @@ fn mta_sts_enforce_refuses_a_non_matching_mx_and_keeps_the_policy_cached() {
     let dir = tempfile::tempdir().unwrap();
     let (bad_cert, bad_key) = certificate(dns, dir.path(), "self", &["mail.insecure.net"], true);
     let bad = Mx::start(Some((&bad_cert, &bad_key)));
-    let bad_port = bad.port.to_string();
-    let (out, v) = run.retrieve(
-        dns,
-        dns.var("KST_DNS_RESOLVER"),
-        "bob@insecure.net",
-        &["--mx-port", &bad_port],
-    );
+    let (out, v) = run.to(dns, "bob@insecure.net", &bad, &[]);
     assert_eq!(code(&out), ATTACK, "{}", show(&out, &v));
     assert!(!bad.saw("MAIL") && !bad.saw("DATA"), "{:?}", bad.log());
 }

@@ -14,6 +14,9 @@
 //! new primary; every instance is ready again by itself. Printed: sent, decided, retried, lost,
 //! seconds from the kill to the end of the last temporary failure, and the bench's summary.
 //!
+//! `cluster_passes_the_directory_conformance_suite`: the key directory's conformance suite
+//! (`kst_redis::RedisDirectoryStore`) on the cluster, without a drill.
+//!
 //! The topologies are left up (with the killed node back as a replica) for the next run.
 //! Run alone: `cargo test -p kst-tests --test drill_redis -- --nocapture`.
 
@@ -495,6 +498,28 @@ fn sentinel_failover_under_load_loses_no_confirmed_publication() {
     let topology = Topology::sentinel();
     let _suite = topology.conformance_suite();
     drill(&topology, &["kill-primary"]);
+}
+
+/// The key directory (`kst_redis::RedisDirectoryStore`) on the Redis Cluster: the directory
+/// conformance suite with two connections on a fresh prefix (every commit one script on the
+/// domain's `{kt:<domain>}` slot, the fence included; a key outside that slot would make the
+/// cluster refuse the script with CROSSSLOT). The prefix's keys are left on the cluster.
+#[test]
+fn cluster_passes_the_directory_conformance_suite() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let topology = Topology::cluster();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let prefix = format!("kst-kt-{:08x}:", rand::random::<u32>());
+    rt.block_on(async {
+        let open = || -> Arc<dyn kst_core::transparency::DirectoryStore> {
+            Arc::new(topology.store(&prefix).inner().directory())
+        };
+        kst_core::conformance::directory::run_all(open(), open()).await;
+    });
 }
 
 #[test]

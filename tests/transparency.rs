@@ -7,8 +7,12 @@
 //!   handles publish one address at once; the directory records it in the store's order
 //!   (then a deletion, a publication after it, a restore, `record_all`).
 //! - `postgres_directory_store_conformance`: kst-postgres's `PgDirectoryStore`, the same
-//!   suite, two pools on a fresh database.
-//! - `retrieval_is_checked_against_the_directory` (fs store) and `..._on_postgres`: the real path through the real binaries.
+//!   suite, two pools on a fresh database; `postgres_directory_refuses_oversized_records`.
+//! - `redis_directory_store_conformance`: kst-redis's `RedisDirectoryStore`, the same suite,
+//!   two connections on a fresh key prefix; `redis_directory_refuses_planted_records`:
+//!   oversized and malformed records planted in Redis are refused, not loaded.
+//! - `retrieval_is_checked_against_the_directory` (fs store), `..._on_postgres` and
+//!   `..._on_redis` (one scenario over the backend): the real path through the real binaries.
 //!   Publications go through `kst deliver` (the client hands them to a sendmail-style script,
 //!   as Postfix's pipe(8) would), which records them in the store's directory; `kst serve`
 //!   serves the directory on `[http]`; `kst client retrieve --check-transparency` fetches the
@@ -17,6 +21,15 @@
 //!   (a second `kst deliver` configuration without `[transparency]`, standing in for an
 //!   insider or a tool that bypasses the directory): the reply's HMAC verifies, the check
 //!   does not, exit 5.
+//! - `replies_carry_the_proof_in_version_3`: protocol version 3 through the real binaries with
+//!   no `kst serve` at all (no HTTP endpoint to reach): `kst client publish/retrieve/delete
+//!   --transparency --log-key HEX` offers version 3, `kst deliver` puts the directory's answer
+//!   inside the HMAC-covered reply, and the client checks it. A reply whose answer an attacker
+//!   on the reply's path stripped, or swapped for one captured from an earlier reply, is exit
+//!   5; so is the insider's key behind the directory's back, and a wrong head key.
+//! - `serve_starts_while_postgres_is_down_and_the_directory_opens_later`: `kst serve` with
+//!   two PostgreSQL hosts that are both down at start; the directory answers 503 and a
+//!   publication fails, then one host comes back (a TCP proxy) and the scenario above passes.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -26,9 +39,11 @@ use kst_core::KeyStore;
 use kst_core::transparency::DirectoryStore;
 use kst_fs::{FsDirectoryStore, FsStore};
 use kst_postgres::{PgDirectoryStore, PostgresStore};
+use kst_redis::RedisStore;
 use kst_tests::serve::{ServeProcess, free_port};
 use kst_tests::{
-    Gpg, TestDb, code, kst_binary, make_maildir, run_json, stderr, write_sendmail_script,
+    Gpg, TestDb, TestPrefix, code, kst_binary, make_maildir, run_json, stderr,
+    write_sendmail_script,
 };
 use serde_json::Value;
 
@@ -43,6 +58,175 @@ async fn fs_directory_store_conformance() {
 #[tokio::test]
 async fn record_encoding_round_trips() {
     kst_core::conformance::directory::record_encoding_round_trips().await;
+}
+
+/// Two stores (two connections) on one fresh key prefix of the shared Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_directory_store_conformance() {
+    let prefix = TestPrefix::new();
+    let mut stores: Vec<Arc<dyn DirectoryStore>> = Vec::new();
+    for _ in 0..2 {
+        let store = RedisStore::connect(&prefix.url, &prefix.prefix)
+            .await
+            .expect("Redis store");
+        stores.push(Arc::new(store.inner().directory()));
+    }
+    let (a, b) = (stores[0].clone(), stores[1].clone());
+    kst_core::conformance::directory::run_all(a, b).await;
+    let keys = prefix.keys().unwrap();
+    assert!(
+        keys.iter()
+            .all(|k| k.starts_with(&format!("{}{{kt:", prefix.prefix))),
+        "every directory key is under the prefix and one hash tag per domain: {keys:?}"
+    );
+    assert!(
+        keys.iter().any(|k| k.ends_with(":root")),
+        "the suite wrote roots: {keys:?}"
+    );
+}
+
+/// Someone with write access to Redis plants records the directory must not trust or load: a
+/// record larger than the bound (root, node, value state), a non-numeric epoch, a key of the
+/// wrong type, a label with too many versions, a domain that would end the hash tag early.
+/// Each read fails as corrupt (or the call is refused) instead of loading it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_directory_refuses_planted_records() {
+    use kst_core::transparency::DirectoryStoreError as E;
+    let prefix = TestPrefix::new();
+    let store = RedisStore::connect(&prefix.url, &prefix.prefix)
+        .await
+        .expect("Redis store");
+    let dir = store.inner().directory();
+    let mut conn = redis::Client::open(prefix.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = |domain: &str, rest: &str| format!("{}{{kt:{domain}}}:{rest}", prefix.prefix);
+    let big = vec![7u8; kst_redis::MAX_BLOB + 1];
+    let set = |k: String, f: Vec<u8>, v: Vec<u8>| {
+        let mut c = redis::cmd("HSET");
+        c.arg(k).arg(f).arg(v);
+        c
+    };
+    let run = async |conn: &mut redis::aio::MultiplexedConnection, c: redis::Cmd| {
+        c.query_async::<()>(conn).await.unwrap();
+    };
+
+    // An oversized root record.
+    run(
+        &mut conn,
+        set(key("a.example", "root"), b"epoch".to_vec(), b"1".to_vec()),
+    )
+    .await;
+    run(
+        &mut conn,
+        set(key("a.example", "root"), b"record".to_vec(), big.clone()),
+    )
+    .await;
+    assert!(matches!(dir.root("a.example").await, Err(E::Corrupt(_))));
+    // A root whose epoch is not a number.
+    run(
+        &mut conn,
+        set(key("b.example", "root"), b"epoch".to_vec(), b"x1".to_vec()),
+    )
+    .await;
+    run(
+        &mut conn,
+        set(key("b.example", "root"), b"record".to_vec(), b"r".to_vec()),
+    )
+    .await;
+    assert!(matches!(dir.root("b.example").await, Err(E::Corrupt(_))));
+    // An oversized tree node next to a normal one.
+    run(
+        &mut conn,
+        set(key("c.example", "nodes"), b"n1".to_vec(), b"ok".to_vec()),
+    )
+    .await;
+    run(
+        &mut conn,
+        set(key("c.example", "nodes"), b"n2".to_vec(), big.clone()),
+    )
+    .await;
+    assert_eq!(
+        dir.nodes("c.example", &[b"n1".to_vec()]).await.unwrap(),
+        vec![b"ok".to_vec()]
+    );
+    assert!(matches!(
+        dir.nodes("c.example", &[b"n1".to_vec(), b"n2".to_vec()])
+            .await,
+        Err(E::Corrupt(_))
+    ));
+    // An oversized value state, and one under a non-numeric epoch.
+    let values = format!("{}{{kt:d.example}}:v:{}", prefix.prefix, "6c");
+    run(&mut conn, set(values.clone(), b"1".to_vec(), big.clone())).await;
+    assert!(matches!(
+        dir.value_states("d.example", b"l").await,
+        Err(E::Corrupt(_))
+    ));
+    let values = format!("{}{{kt:e.example}}:v:{}", prefix.prefix, "6c");
+    run(&mut conn, set(values, b"one".to_vec(), b"v".to_vec())).await;
+    assert!(matches!(
+        dir.value_states("e.example", b"l").await,
+        Err(E::Corrupt(_))
+    ));
+    // More versions of one label than the bound.
+    let values = format!("{}{{kt:f.example}}:v:{}", prefix.prefix, "6c");
+    let mut c = redis::cmd("HSET");
+    c.arg(&values);
+    for e in 0..=kst_redis::MAX_VALUE_STATES {
+        c.arg(e).arg("v");
+    }
+    run(&mut conn, c).await;
+    assert!(matches!(
+        dir.value_states("f.example", b"l").await,
+        Err(E::Corrupt(_))
+    ));
+    // A string where the root hash should be.
+    let mut c = redis::cmd("SET");
+    c.arg(key("g.example", "root")).arg("not a hash");
+    run(&mut conn, c).await;
+    assert!(dir.root("g.example").await.is_err());
+    // A domain that would end the hash tag early, or is not normalized.
+    for bad in ["a}b.example", "A.example", ""] {
+        assert!(dir.root(bad).await.is_err(), "{bad:?}");
+    }
+}
+
+/// The same on PostgreSQL: a record over the bound planted in each table is refused (the
+/// query reads NULL instead of its bytes), and `kst migrate`'s migrations created the tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_directory_refuses_oversized_records() {
+    use kst_core::transparency::DirectoryStoreError as E;
+    let db = TestDb::new();
+    let store = kst_postgres::PostgresStore::connect(&db.url)
+        .await
+        .expect("store, migrated");
+    let dir = store.inner().directory();
+    let pool = store.inner().pool().clone();
+    let big = vec![7u8; 64 * 1024 + 1];
+    for (sql, domain) in [
+        (
+            "INSERT INTO kt_roots (domain, epoch, record) VALUES ('a.example', 1, $1)",
+            "a.example",
+        ),
+        (
+            "INSERT INTO kt_nodes (domain, key, record) VALUES ('b.example', 'n', $1)",
+            "b.example",
+        ),
+        (
+            "INSERT INTO kt_values (domain, label, epoch, record) VALUES ('c.example', 'l', 1, $1)",
+            "c.example",
+        ),
+    ] {
+        sqlx::query(sql).bind(&big).execute(&pool).await.unwrap();
+        let refused = match domain {
+            "a.example" => dir.root(domain).await.err(),
+            "b.example" => dir.nodes(domain, &[b"n".to_vec()]).await.err(),
+            _ => dir.value_states(domain, b"l").await.err(),
+        };
+        assert!(matches!(refused, Some(E::Corrupt(_))), "{sql}: {refused:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -85,6 +269,42 @@ async fn one_address_is_recorded_in_store_order_on_postgres() {
     kst_core::conformance::directory::one_address_in_store_order(stores, dirs).await;
 }
 
+/// The key store (and the directory in it) of a [`Provider`], with what must outlive `kst
+/// serve`.
+enum Backend {
+    /// `<dir>/keys`.
+    Fs,
+    /// A fresh database.
+    Postgres(TestDb),
+    /// A fresh key prefix on the shared Redis.
+    Redis(TestPrefix),
+    /// A fresh database reached through these `[store]` lines (other hosts, a proxy).
+    PostgresAt {
+        /// Kept until `kst serve` stopped.
+        _db: TestDb,
+        /// `url = ...` and `urls = [...]`.
+        lines: String,
+    },
+}
+
+impl Backend {
+    /// The `[store]` section's lines for the provider in `dir`.
+    fn store_lines(&self, dir: &std::path::Path) -> String {
+        match self {
+            Backend::Fs => format!(
+                "backend = \"fs\"\npath = \"{}\"",
+                dir.join("keys").display()
+            ),
+            Backend::Postgres(db) => format!("backend = \"postgres\"\nurl = \"{}\"", db.url),
+            Backend::Redis(p) => format!(
+                "backend = \"redis\"\nurl = \"{}\"\nprefix = \"{}\"",
+                p.url, p.prefix
+            ),
+            Backend::PostgresAt { lines, .. } => format!("backend = \"postgres\"\n{lines}"),
+        }
+    }
+}
+
 /// The configuration of a KST for example.net on `store`, spooling replies into `p`'s
 /// Maildir, serving `[http]` on `http` (no `[transparency]`).
 fn base_config(p: &std::path::Path, store: &str, http: std::net::SocketAddr, sock: &str) -> String {
@@ -120,24 +340,35 @@ struct Provider {
     /// The `_kst-log` TXT record `kst log keygen` printed.
     txt_record: String,
     log_url: String,
-    _serve: ServeProcess,
+    serve: Option<ServeProcess>,
     // Dropped after `kst serve` stopped.
-    _db: Option<TestDb>,
+    _backend: Backend,
 }
 
 impl Provider {
-    /// The provider on the fs store, or on a fresh PostgreSQL database with `postgres`.
-    fn start(postgres: bool) -> Provider {
-        Provider::start_with(postgres, "", None)
+    /// The provider on `backend`.
+    fn start(backend: Backend) -> Provider {
+        Provider::start_with(backend, "", None)
     }
 
     /// [`Provider::start`] with `transparency` appended to its `[transparency]` section and,
     /// with `log_keys`, that log key file instead of fresh keys (a second directory with the
     /// same keys: a fork).
     fn start_with(
-        postgres: bool,
+        backend: Backend,
         transparency: &str,
         log_keys: Option<&std::path::Path>,
+    ) -> Provider {
+        Provider::start_serving(backend, transparency, log_keys, true)
+    }
+
+    /// [`Provider::start_with`], with `kst serve` (the directory's HTTP endpoint) only if
+    /// `serve`.
+    fn start_serving(
+        backend: Backend,
+        transparency: &str,
+        log_keys: Option<&std::path::Path>,
+        serve: bool,
     ) -> Provider {
         let bin = kst_binary();
         let dir = tempfile::Builder::new()
@@ -147,11 +378,7 @@ impl Provider {
         let p = dir.path();
         make_maildir(&p.join("Maildir"));
         let http = free_port();
-        let db = postgres.then(TestDb::new);
-        let store = match &db {
-            Some(db) => format!("backend = \"postgres\"\nurl = \"{}\"", db.url),
-            None => format!("backend = \"fs\"\npath = \"{}\"", p.join("keys").display()),
-        };
+        let store = backend.store_lines(p);
         let base = base_config(p, &store, http, "lmtp.sock");
         // The insider's configuration: the same store, no directory.
         std::fs::write(p.join("no-log.toml"), &base).unwrap();
@@ -207,16 +434,18 @@ impl Provider {
             write_sendmail_script(&p.join(script), &bin, &p.join(config));
         }
         let config = p.join("kst.toml");
-        let serve = ServeProcess::start_binary(&bin, p.join("serve.log"), http, |cmd| {
-            cmd.arg("--config").arg(&config);
+        let serve = serve.then(|| {
+            ServeProcess::start_binary(&bin, p.join("serve.log"), http, |cmd| {
+                cmd.arg("--config").arg(&config);
+            })
         });
         Provider {
             bin,
             head_key,
             txt_record,
             log_url: format!("http://{http}"),
-            _serve: serve,
-            _db: db,
+            serve,
+            _backend: backend,
             dir,
         }
     }
@@ -325,7 +554,7 @@ impl Provider {
 
     /// The provider on the fs store with alice's key published; the keyring that made it.
     fn with_alice() -> (Provider, Gpg, kst_tests::GpgKey) {
-        let provider = Provider::start(false);
+        let provider = Provider::start(Backend::Fs);
         let gpg = Gpg::new();
         let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
         provider.publish("sendmail", "alice@example.net", &alice.public_armored);
@@ -345,21 +574,42 @@ impl Provider {
         account: &str,
         args: &[&str],
     ) -> (Output, Value) {
+        self.client_waiting(state, 30, sendmail, account, args)
+    }
+
+    /// [`Provider::client_in`] waiting at most `timeout` seconds for the reply (a client that
+    /// saw only a forged reply waits for the genuine one until then).
+    fn client_waiting(
+        &self,
+        state: &str,
+        timeout: u32,
+        sendmail: &str,
+        account: &str,
+        args: &[&str],
+    ) -> (Output, Value) {
         std::fs::write(self.path("no-client.toml"), "").unwrap();
         let mut cmd = Command::new(&self.bin);
-        cmd.args(["client", "--account", account, "--json", "--timeout", "30"])
-            .arg("--sendmail")
-            .arg(self.path(sendmail))
-            .arg("--maildir")
-            .arg(self.path("Maildir"))
-            .arg("--state-file")
-            .arg(self.path(&format!("state-{state}/pending.json")))
-            .arg("--client-config")
-            .arg(self.path("no-client.toml"))
-            .args(args)
-            .env_remove("KST_PASSWORD")
-            .env_remove("KST_CLIENT_CONFIG")
-            .env("GNUPGHOME", self.path("no-gnupg"));
+        let timeout = timeout.to_string();
+        cmd.args([
+            "client",
+            "--account",
+            account,
+            "--json",
+            "--timeout",
+            &timeout,
+        ])
+        .arg("--sendmail")
+        .arg(self.path(sendmail))
+        .arg("--maildir")
+        .arg(self.path("Maildir"))
+        .arg("--state-file")
+        .arg(self.path(&format!("state-{state}/pending.json")))
+        .arg("--client-config")
+        .arg(self.path("no-client.toml"))
+        .args(args)
+        .env_remove("KST_PASSWORD")
+        .env_remove("KST_CLIENT_CONFIG")
+        .env("GNUPGHOME", self.path("no-gnupg"));
         run_json(cmd)
     }
 
@@ -430,12 +680,110 @@ impl Provider {
 
 #[test]
 fn retrieval_is_checked_against_the_directory() {
-    checked_retrievals(&Provider::start(false));
+    checked_retrievals(&Provider::start(Backend::Fs));
 }
 
 #[test]
 fn retrieval_is_checked_against_the_directory_on_postgres() {
-    checked_retrievals(&Provider::start(true));
+    checked_retrievals(&Provider::start(Backend::Postgres(TestDb::new())));
+}
+
+#[test]
+fn retrieval_is_checked_against_the_directory_on_redis() {
+    checked_retrievals(&Provider::start(Backend::Redis(TestPrefix::new())));
+}
+
+/// `url` with its `host:port` replaced by `authority`.
+fn with_authority(url: &str, authority: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let (userinfo, after) = match rest.split_once('@') {
+        Some((u, a)) => (format!("{u}@"), a),
+        None => (String::new(), rest),
+    };
+    let path = after.find(['/', '?']).map_or("", |i| &after[i..]);
+    format!("{scheme}://{userinfo}{authority}{path}")
+}
+
+/// A TCP proxy to PostgreSQL on `listen`, started when PostgreSQL is to "come back".
+fn start_proxy(listen: std::net::SocketAddr, to: String) {
+    let listener = std::net::TcpListener::bind(listen).expect("the proxy's port is still free");
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = std::net::TcpStream::connect(&to) else {
+                continue;
+            };
+            for (mut from, mut into) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+}
+
+/// `kst serve` starts while PostgreSQL is down (two hosts: one that never answers, one whose
+/// port is closed), serves the directory's endpoint with 503 meanwhile, and a publication is
+/// a temporary failure; once the second host answers, everything works, written to that
+/// host (the one that accepts writes) and the directory opened by the first request.
+#[test]
+fn serve_starts_while_postgres_is_down_and_the_directory_opens_later() {
+    let db = TestDb::new();
+    let real_authority = {
+        let rest = db.url.split_once("://").unwrap().1;
+        let after = rest.rsplit_once('@').map_or(rest, |(_, a)| a);
+        after[..after.find(['/', '?']).unwrap_or(after.len())].to_string()
+    };
+    let proxy = free_port();
+    let dead = free_port();
+    let lines = format!(
+        "url = \"{}\"\nurls = [\"{}\"]",
+        with_authority(&db.url, &dead.to_string()),
+        with_authority(&db.url, &proxy.to_string())
+    );
+    let provider = Provider::start(Backend::PostgresAt { _db: db, lines });
+
+    let (status, body) = provider.http_get("/.well-known/kst/log/example.net/head");
+    assert_eq!(status, 503, "the directory cannot be read yet: {body}");
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let file = provider.path("early.asc");
+    std::fs::write(&file, &alice.public_armored).unwrap();
+    let (out, v) = provider.client(
+        "sendmail",
+        "alice@example.net",
+        &["publish", "--key", file.to_str().unwrap()],
+    );
+    assert_ne!(
+        v["outcome"].as_str(),
+        Some("published"),
+        "nothing can be published while the database is down: {v}"
+    );
+    assert_ne!(code(&out), 0, "{v}\n{}", stderr(&out));
+
+    start_proxy(proxy, real_authority);
+    checked_retrievals(&provider);
+    let log = provider.serve.as_ref().expect("kst serve runs").log();
+    assert!(
+        log.contains("cannot be read now"),
+        "kst serve said the directory was not readable at start:\n{log}"
+    );
+}
+
+#[test]
+fn with_authority_replaces_host_and_port_only() {
+    assert_eq!(
+        with_authority("postgres://u:p@127.0.0.1:5432/db?x=1", "h:1"),
+        "postgres://u:p@h:1/db?x=1"
+    );
+    assert_eq!(
+        with_authority("postgres://a:1/db", "b:2"),
+        "postgres://b:2/db"
+    );
 }
 
 /// The scenario of the module docs against `provider`.
@@ -694,7 +1042,7 @@ fn a_witness_cosigns_the_heads_and_a_client_requires_it() {
     let bin = kst_binary();
     let witness = Witness::new(&bin);
     let provider = Provider::start_with(
-        false,
+        Backend::Fs,
         &format!("witnesses = [\"{}\"]", witness.entry()),
         None,
     );
@@ -896,8 +1244,12 @@ fn a_forked_directory_is_refused_by_the_witness_and_the_auditor() {
     let bin = kst_binary();
     let witness = Witness::new(&bin);
     let config = format!("witnesses = [\"{}\"]", witness.entry());
-    let honest = Provider::start_with(false, &config, None);
-    let fork = Provider::start_with(false, &config, Some(&honest.path("log-example.net.key")));
+    let honest = Provider::start_with(Backend::Fs, &config, None);
+    let fork = Provider::start_with(
+        Backend::Fs,
+        &config,
+        Some(&honest.path("log-example.net.key")),
+    );
     assert_eq!(honest.head_key, fork.head_key);
     let gpg = Gpg::new();
     let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
@@ -964,7 +1316,7 @@ fn a_forked_directory_is_refused_by_the_witness_and_the_auditor() {
 fn log_routes_are_rate_limited_on_web() {
     let web = free_port();
     let provider = Provider::start_with(
-        false,
+        Backend::Fs,
         &format!("\n[web]\nlisten = \"{web}\"\n\n[web.limits]\nper_client = 3\n"),
         None,
     );
@@ -1103,7 +1455,7 @@ fn the_client_remembers_heads_and_catches_a_rollback_and_a_fork() {
 /// alice's key again, but `status` reports the insider's version, exit 6.
 #[test]
 fn the_owner_sees_a_key_an_insider_published() {
-    let provider = Provider::start(false);
+    let provider = Provider::start(Backend::Fs);
     let gpg = Gpg::new();
     let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
     let alice_key = provider.path("alice.asc");
@@ -1288,4 +1640,195 @@ fn the_head_key_is_found_in_dns_and_pinned() {
         provider.memory("carol@example.net")["head_key"],
         Value::Null
     );
+}
+
+/// Writes `name`: a sendmail-style script that delivers through `kst deliver` like `sendmail`,
+/// then lets the attacker on the reply's path rewrite the reply just spooled: `strip` removes
+/// the key directory's answer, `swap` puts the answer block saved in `captured.block` there.
+fn write_tampering_script(provider: &Provider, name: &str, how: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tamper = provider.path("tamper.py");
+    std::fs::write(
+        &tamper,
+        r#"import re, sys
+path, how, captured = sys.argv[1], sys.argv[2], sys.argv[3]
+text = open(path, 'rb').read().decode()
+block = re.compile(r'-----BEGIN KST LOG ANSWER-----\r?\n.*?-----END KST LOG ANSWER-----\r?\n', re.S)
+assert block.search(text), 'no answer block in ' + path
+if how == 'strip':
+    text = block.sub('', text)
+else:
+    text = block.sub(lambda m: open(captured, newline='').read(), text)
+open(path, 'wb').write(text.encode())
+"#,
+    )
+    .unwrap();
+    let script = provider.path(name);
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n'{kst}' deliver --config '{cfg}' --sender \"$3\" --recipient \"$5\" --sasl-username \"${{KST_TEST_LOGIN:-$3}}\" || exit $?\nnewest=$(ls -t '{new}' | head -n 1)\nexec python3 '{tamper}' '{new}'/\"$newest\" {how} '{captured}'\n",
+            kst = provider.bin.display(),
+            cfg = provider.path("kst.toml").display(),
+            new = provider.path("Maildir/new").display(),
+            tamper = tamper.display(),
+            captured = provider.path("captured.block").display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The newest reply in the provider's Maildir (`new/`, or `cur/` once the client read it).
+fn newest_reply(provider: &Provider) -> String {
+    let newest = ["Maildir/new", "Maildir/cur"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(provider.path(d)).unwrap().flatten())
+        .max_by_key(|e| e.metadata().unwrap().modified().unwrap())
+        .expect("a reply");
+    std::fs::read_to_string(newest.path()).unwrap()
+}
+
+/// The client's exit code and outcome are `code` and `outcome`.
+fn expect(out: &Output, v: &Value, code: i32, outcome: &str) {
+    assert_eq!(
+        (kst_tests::code(out), v["outcome"].as_str()),
+        (code, Some(outcome)),
+        "{v}\n{}",
+        stderr(out)
+    );
+}
+
+#[test]
+fn replies_carry_the_proof_in_version_3() {
+    // No `kst serve`: nothing answers HTTP; every proof travels inside the replies.
+    let provider = Provider::start_serving(Backend::Fs, "", None, false);
+    let key = provider.head_key.clone();
+    let v3 = |args: &[&str]| -> Vec<String> {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend(["--transparency".into(), "--log-key".into(), key.clone()]);
+        all
+    };
+    let run = |sendmail: &str, account: &str, args: &[&str]| {
+        let args = v3(args);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        provider.client(sendmail, account, &refs)
+    };
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let file = provider.path("alice.asc");
+    std::fs::write(&file, &alice.public_armored).unwrap();
+    let file = file.to_str().unwrap();
+
+    // Alice publishes in version 3: the confirmation proves her key is the directory's entry.
+    let (out, v) = run("sendmail", "alice@example.net", &["publish", "--key", file]);
+    expect(&out, &v, 0, "published");
+    let reply = newest_reply(&provider);
+    assert!(reply.contains("KST-Protocol: 3\r\n"), "{reply}");
+    assert!(reply.contains("-----BEGIN KST LOG ANSWER-----"), "{reply}");
+
+    // Bob retrieves it, and an address without a key, in version 3.
+    let (out, v) = run(
+        "sendmail",
+        "bob@example.net",
+        &["retrieve", "alice@example.net"],
+    );
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["fingerprint"], alice.fingerprint.as_str());
+    let (out, v) = run(
+        "sendmail",
+        "bob@example.net",
+        &["retrieve", "nobody@example.net"],
+    );
+    expect(&out, &v, 1, "not-found");
+    // Captured by the attacker: the answer block of that "not found".
+    let reply = newest_reply(&provider);
+    let begin = reply.find("-----BEGIN KST LOG ANSWER-----").unwrap();
+    let end = reply.find("-----END KST LOG ANSWER-----").unwrap()
+        + "-----END KST LOG ANSWER-----\r\n".len();
+    std::fs::write(provider.path("captured.block"), &reply[begin..end]).unwrap();
+
+    // A head key that is not the domain's: exit 5.
+    let wrong = "11".repeat(32);
+    let (out, v) = provider.client(
+        "sendmail",
+        "bob@example.net",
+        &[
+            "retrieve",
+            "alice@example.net",
+            "--transparency",
+            "--log-key",
+            &wrong,
+        ],
+    );
+    expect(&out, &v, 5, "attack");
+
+    // The attacker on the reply's path strips the answer, or swaps in the captured one: the
+    // client refuses both (it waits for a genuine reply until its timeout, then exit 5).
+    for how in ["strip", "swap"] {
+        let script = format!("sendmail-{how}");
+        write_tampering_script(&provider, &script, how);
+        let args = v3(&["retrieve", "alice@example.net"]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (out, v) =
+            provider.client_waiting("bob@example.net", 3, &script, "bob@example.net", &refs);
+        assert_eq!(
+            (code(&out), v["outcome"].as_str()),
+            (5, Some("attack")),
+            "{how}: {v}\n{}",
+            stderr(&out)
+        );
+        let error = v["error"].as_str().unwrap_or_default().to_string();
+        let tampered = newest_reply(&provider);
+        assert!(tampered.contains("KST-Protocol: 3\r\n"), "{tampered}");
+        match how {
+            "strip" => {
+                assert!(!tampered.contains("BEGIN KST LOG ANSWER"), "{tampered}");
+                assert!(error.contains("no usable key directory answer"), "{error}");
+            }
+            _ => {
+                assert!(tampered.contains(&reply[begin..end]), "{tampered}");
+                assert!(error.contains("HMAC"), "{error}");
+            }
+        }
+    }
+
+    // The insider's twin in the store behind the directory's back: the version 3 reply
+    // carries the directory's answer, which commits to alice's key, not the twin: exit 5.
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail-no-log", "alice@example.net", &twin.public_armored);
+    let (out, v) = run(
+        "sendmail",
+        "bob@example.net",
+        &["retrieve", "alice@example.net"],
+    );
+    expect(&out, &v, 5, "attack");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("not the one the directory commits to"),
+        "{error}"
+    );
+
+    // Alice republishes and then deletes in version 3; "not found" is proven by the deletion.
+    let (out, v) = run("sendmail", "alice@example.net", &["publish", "--key", file]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let (out, v) = run("sendmail", "alice@example.net", &["delete"]);
+    expect(&out, &v, 0, "deleted");
+    let (out, v) = run(
+        "sendmail",
+        "bob@example.net",
+        &["retrieve", "alice@example.net"],
+    );
+    expect(&out, &v, 1, "not-found");
+    // Without --transparency the same KST still answers version 2 clients, without proofs.
+    let (out, v) = provider.client(
+        "sendmail",
+        "bob@example.net",
+        &["retrieve", "nobody@example.net"],
+    );
+    assert_eq!(code(&out), 1, "{v}\n{}", stderr(&out));
+    let reply = newest_reply(&provider);
+    assert!(reply.contains("KST-Protocol: 2\r\n"), "{reply}");
+    assert!(!reply.contains("BEGIN KST LOG ANSWER"), "{reply}");
 }

@@ -17,8 +17,9 @@ use crate::kauth::AuthKey;
 use crate::mac;
 use crate::openpgp::{self, KeyError};
 use crate::protocol::{
-    HEADER_ADDRESS, HEADER_MAC, HEADER_PROTOCOL, HEADER_REASON, HEADER_STATUS, MAC_HMAC_SHA256,
-    PUBLIC_KEY_BEGIN, PUBLIC_KEY_END, Reason, Status, VERSIONS,
+    HEADER_ADDRESS, HEADER_MAC, HEADER_PROTOCOL, HEADER_REASON, HEADER_STATUS, LOG_ANSWER_BEGIN,
+    LOG_ANSWER_END, MAC_HMAC_SHA256, MAX_LOG_ANSWER_BYTES, PUBLIC_KEY_BEGIN, PUBLIC_KEY_END,
+    Question, Reason, Status, TRANSPARENCY_VERSION, VERSIONS,
 };
 use crate::reply::new_message_id;
 
@@ -63,6 +64,23 @@ pub struct Pending {
     pub k_auth: String,
     /// Seconds since the Unix epoch when the request was built.
     pub created_at: u64,
+    /// Set when the request offered protocol version 3 (`KST-Protocol: 3, 2, 1`): the
+    /// domain's key directory head key (64 hex digits) the answer in the reply must be signed
+    /// by. Only a version 3 reply carrying the directory's answer is then accepted: a reply in
+    /// an older version, or without the answer, is refused as an attack (no downgrade).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_key: Option<String>,
+}
+
+impl Pending {
+    /// What the request asked, as version 3 binds it into the reply's tag.
+    pub fn question(&self) -> Question<'_> {
+        match &self.asked {
+            Asked::Publication { .. } => Question::Publish,
+            Asked::Retrieval { address } => Question::Retrieve(address.as_str()),
+            Asked::Deletion { .. } => Question::Delete,
+        }
+    }
 }
 
 /// A request ready to send.
@@ -88,12 +106,27 @@ pub enum BuildError {
 /// The `KST-Protocol` of every request: the versions this client speaks, newest first. A KST
 /// answers in the newest it speaks too (version 1 when it predates negotiation).
 pub const REQUEST_VERSIONS: &str = "2, 1";
+/// The `KST-Protocol` of a request that asks for the key directory's answer in the reply
+/// (version 3) and accepts nothing older.
+pub const REQUEST_VERSIONS_TRANSPARENCY: &str = "3, 2, 1";
 
 fn service_of(domain: &str) -> Address {
     Address::from_normalized(&format!("keys@{domain}")).expect("domain of a normalized address")
 }
 
-fn message(from: &Address, to: &Address, subject: &str, body: String, id: &str) -> Vec<u8> {
+fn message(
+    from: &Address,
+    to: &Address,
+    subject: &str,
+    body: String,
+    id: &str,
+    transparency: bool,
+) -> Vec<u8> {
+    let versions = if transparency {
+        REQUEST_VERSIONS_TRANSPARENCY
+    } else {
+        REQUEST_VERSIONS
+    };
     MessageBuilder::new()
         .from(MbAddress::new_address(
             None::<&str>,
@@ -105,7 +138,7 @@ fn message(from: &Address, to: &Address, subject: &str, body: String, id: &str) 
         ))
         .subject(subject)
         .message_id(MessageId::new(id.to_string()))
-        .header(HEADER_PROTOCOL, Raw::new(REQUEST_VERSIONS))
+        .header(HEADER_PROTOCOL, Raw::new(versions))
         .header(HEADER_MAC, Raw::new(MAC_HMAC_SHA256))
         .text_body(body)
         .write_to_vec()
@@ -115,6 +148,16 @@ fn message(from: &Address, to: &Address, subject: &str, body: String, id: &str) 
 /// Builds a publication (paper Fig. 3) of `armored_key` for `account`, to `keys@<its domain>`,
 /// with a fresh K_auth. The key must hold a User ID with the account's address.
 pub fn build_publication(account: &Address, armored_key: &str) -> Result<Request, BuildError> {
+    build_publication_with(account, armored_key, None)
+}
+
+/// [`build_publication`] offering version 3 when `head_key` (the domain's key directory head
+/// key, 64 hex digits) is given: the confirmation must then carry the directory's answer.
+pub fn build_publication_with(
+    account: &Address,
+    armored_key: &str,
+    head_key: Option<&str>,
+) -> Result<Request, BuildError> {
     let key = openpgp::parse_armored(armored_key, usize::MAX)?;
     let policy = AddressPolicy::default();
     let has_uid = key.user_ids.iter().any(|u| {
@@ -131,7 +174,14 @@ pub fn build_publication(account: &Address, armored_key: &str) -> Result<Request
     let armored = openpgp::armor_public_key(&key.packets).replace('\n', "\r\n");
     let body = format!("{armored}{}\r\n", k_auth.to_base64());
     Ok(Request {
-        message: message(account, &service, "Key publication", body, &id),
+        message: message(
+            account,
+            &service,
+            "Key publication",
+            body,
+            &id,
+            head_key.is_some(),
+        ),
         pending: Pending {
             asked: Asked::Publication {
                 account: account.clone(),
@@ -141,18 +191,36 @@ pub fn build_publication(account: &Address, armored_key: &str) -> Result<Request
             service,
             k_auth: k_auth.to_base64(),
             created_at: crate::time::unix_now(),
+            head_key: head_key.map(str::to_string),
         },
     })
 }
 
 /// Builds a retrieval (paper Fig. 5) from `requester` for `address`, to `keys@<its domain>`.
 pub fn build_retrieval(requester: &Address, address: &Address) -> Request {
+    build_retrieval_with(requester, address, None)
+}
+
+/// [`build_retrieval`] offering version 3 when `head_key` (the domain's key directory head
+/// key, 64 hex digits) is given: the answer must then carry the directory's proof.
+pub fn build_retrieval_with(
+    requester: &Address,
+    address: &Address,
+    head_key: Option<&str>,
+) -> Request {
     let k_auth = AuthKey::generate();
     let service = service_of(address.domain());
     let id = new_message_id(requester.domain());
     let body = format!("{address}\r\n{}\r\n", k_auth.to_base64());
     Request {
-        message: message(requester, &service, "Key request", body, &id),
+        message: message(
+            requester,
+            &service,
+            "Key request",
+            body,
+            &id,
+            head_key.is_some(),
+        ),
         pending: Pending {
             asked: Asked::Retrieval {
                 address: address.clone(),
@@ -161,6 +229,7 @@ pub fn build_retrieval(requester: &Address, address: &Address) -> Request {
             service,
             k_auth: k_auth.to_base64(),
             created_at: crate::time::unix_now(),
+            head_key: head_key.map(str::to_string),
         },
     }
 }
@@ -177,6 +246,12 @@ pub fn uid_address(uid: &str) -> Option<&str> {
 /// Builds a deletion of `account`'s key: `DELETE` and a fresh K_auth, to `keys@<its domain>`.
 /// Send it through the provider's authenticated submission, like a publication.
 pub fn build_deletion(account: &Address) -> Request {
+    build_deletion_with(account, None)
+}
+
+/// [`build_deletion`] offering version 3 when `head_key` (the domain's key directory head
+/// key, 64 hex digits) is given: the confirmation must then carry the directory's answer.
+pub fn build_deletion_with(account: &Address, head_key: Option<&str>) -> Request {
     let k_auth = AuthKey::generate();
     let service = service_of(account.domain());
     let id = new_message_id(account.domain());
@@ -186,7 +261,14 @@ pub fn build_deletion(account: &Address) -> Request {
         k_auth.to_base64()
     );
     Request {
-        message: message(account, &service, "Key deletion", body, &id),
+        message: message(
+            account,
+            &service,
+            "Key deletion",
+            body,
+            &id,
+            head_key.is_some(),
+        ),
         pending: Pending {
             asked: Asked::Deletion {
                 account: account.clone(),
@@ -195,6 +277,7 @@ pub fn build_deletion(account: &Address) -> Request {
             service,
             k_auth: k_auth.to_base64(),
             created_at: crate::time::unix_now(),
+            head_key: head_key.map(str::to_string),
         },
     }
 }
@@ -270,10 +353,87 @@ pub enum ReplyError {
     /// The HMAC verified but the key is not the one published / asked for.
     #[error("the reply's key does not match: {0}")]
     KeyMismatch(String),
+    /// The request offered version 3 (the key directory's answer in the reply) and the reply
+    /// is written in an older version: stripped on the way (a downgrade). Never use it.
+    #[error(
+        "the request asked for the key directory's proof (KST protocol 3) and the reply is in version {0}: downgraded on the way (possible attack)"
+    )]
+    Downgrade(String),
+    /// A version 3 reply about an address without the key directory's answer (or with one
+    /// that cannot be read): stripped or damaged on the way. Never use it.
+    #[error("the version 3 reply carries no usable key directory answer: {0} (possible attack)")]
+    MissingProof(String),
 }
 
-/// Verifies a reply to `pending`. See the module docs.
+/// A reply whose HMAC verified, with the key directory's answer it carried (version 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedReply {
+    /// What the KST said.
+    pub verified: Verified,
+    /// The key directory's answer text (`kst-log-answer-v1`), unfolded, exactly the bytes the
+    /// HMAC covers the hash of; `None` below version 3 and for refusals. The caller checks it
+    /// against the head key (`kst_core::transparency::answer::LogAnswer`).
+    pub log_answer: Option<String>,
+}
+
+/// The key directory's answer block of a reply's `lines`: `Ok(None)` when there is none, the
+/// unfolded text (LF line ends, a final LF), or why it is unusable. Bounded: at most
+/// [`MAX_LOG_ANSWER_BYTES`] between the markers.
+fn log_answer_block(lines: &[&str]) -> Result<Option<(usize, String)>, ReplyError> {
+    let Some(begin) = lines.iter().position(|l| l.trim_end() == LOG_ANSWER_BEGIN) else {
+        return Ok(None);
+    };
+    let bad = |why: &str| ReplyError::MissingProof(why.to_string());
+    let end = lines[begin + 1..]
+        .iter()
+        .position(|l| l.trim_end() == LOG_ANSWER_END)
+        .map(|i| begin + 1 + i)
+        .ok_or_else(|| bad("the answer block has no end line"))?;
+    let inner = &lines[begin + 1..end];
+    if inner.iter().map(|l| l.len() + 1).sum::<usize>() > MAX_LOG_ANSWER_BYTES {
+        return Err(bad(&format!(
+            "the answer block is larger than {MAX_LOG_ANSWER_BYTES} bytes"
+        )));
+    }
+    let mut text = String::new();
+    for line in inner {
+        let line = line.trim_end_matches([' ', '\r', '\t']);
+        if let Some(rest) = line.strip_prefix(' ') {
+            if text.is_empty() {
+                return Err(bad("the answer block starts with a continuation line"));
+            }
+            text.pop();
+            text.push_str(rest);
+        } else if line.is_empty() {
+            return Err(bad("the answer block holds an empty line"));
+        } else {
+            text.push_str(line);
+        }
+        text.push('\n');
+    }
+    if text.is_empty() {
+        return Err(bad("the answer block is empty"));
+    }
+    Ok(Some((begin, text)))
+}
+
+/// Verifies a reply to `pending` and returns the key directory's answer it carried (version
+/// 3). See the module docs and [`verify_reply`].
+pub fn verify_reply_with_answer(
+    pending: &Pending,
+    raw: &[u8],
+) -> Result<VerifiedReply, ReplyError> {
+    verify(pending, raw)
+}
+
+/// Verifies a reply to `pending`. See the module docs. A version 3 reply's key directory
+/// answer is checked to be the one the HMAC covers, and then dropped: use
+/// [`verify_reply_with_answer`] to check it against the head key.
 pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyError> {
+    verify(pending, raw).map(|r| r.verified)
+}
+
+fn verify(pending: &Pending, raw: &[u8]) -> Result<VerifiedReply, ReplyError> {
     if raw.len() > MAX_REPLY_BYTES {
         return Err(ReplyError::Malformed("reply too large".into()));
     }
@@ -287,11 +447,15 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
     let header =
         |name: &str| crate::service::header_value(&msg, name).map(|v| v.trim().to_string());
     let version_text = header(HEADER_PROTOCOL).ok_or(ReplyError::NotKst)?;
-    let version = version_text
-        .parse::<u32>()
-        .ok()
-        .filter(|v| VERSIONS.contains(v))
-        .ok_or(ReplyError::Version(version_text))?;
+    let version = version_text.parse::<u32>().ok();
+    let v3 = pending.head_key.is_some();
+    let version = match version {
+        // Asked for version 3: nothing older is accepted (no downgrade).
+        Some(TRANSPARENCY_VERSION) if v3 => TRANSPARENCY_VERSION,
+        Some(v) if v3 && VERSIONS.contains(&v) => return Err(ReplyError::Downgrade(version_text)),
+        Some(v) if !v3 && VERSIONS.contains(&v) => v,
+        _ => return Err(ReplyError::Version(version_text)),
+    };
     if version >= 2 {
         let mac = header(HEADER_MAC).unwrap_or_default();
         if !mac.eq_ignore_ascii_case(MAC_HMAC_SHA256) {
@@ -304,10 +468,47 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
     let k_auth = AuthKey::parse(&pending.k_auth)
         .map_err(|_| ReplyError::Malformed("the pending request's K_auth is invalid".into()))?;
     let text = body::plain_text(&msg).unwrap_or_default();
-    let lines: Vec<&str> = text
+    let all_lines: Vec<&str> = text
         .lines()
         .map(|l| l.trim_end_matches([' ', '\r']))
         .collect();
+    // The key directory's answer (version 3) follows the HMAC line; nothing in it is read as
+    // part of the reply's text.
+    let block = if v3 {
+        log_answer_block(&all_lines)?
+    } else {
+        None
+    };
+    let lines: &[&str] = match &block {
+        Some((begin, _)) => &all_lines[..*begin],
+        None => &all_lines,
+    };
+    let answer: Option<String> = block.map(|(_, text)| text);
+    let question = pending.question();
+    let needs_answer = v3 && status != Status::Refused;
+    if needs_answer && answer.is_none() {
+        return Err(ReplyError::MissingProof(
+            "the reply has no key directory answer block".into(),
+        ));
+    }
+    // Version 3's one tag input, for this reply's status, reason and key.
+    let v3_data = |reason: Option<&str>, packets: &[u8]| {
+        mac::v3_data(
+            status,
+            reason,
+            header(HEADER_ADDRESS).as_deref(),
+            &question,
+            answer
+                .as_deref()
+                .filter(|_| status != Status::Refused)
+                .map(str::as_bytes),
+            packets,
+        )
+    };
+    let with_answer = |verified: Verified| VerifiedReply {
+        verified,
+        log_answer: answer.clone().filter(|_| needs_answer),
+    };
 
     match status {
         Status::Published | Status::Found => {
@@ -323,7 +524,12 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
             let packets = openpgp::dearmor_public_key(&armored, MAX_REPLY_BYTES)
                 .map_err(|e| ReplyError::Malformed(e.to_string()))?;
             let tag = lines[e + 1..].iter().find(|l| mac::is_tag_line(l));
-            if !tag.is_some_and(|t| mac::verify(&k_auth, &mac::key_data(version, &packets), t)) {
+            let data = if v3 {
+                v3_data(None, &packets)
+            } else {
+                mac::key_data(version, &packets)
+            };
+            if !tag.is_some_and(|t| mac::verify(&k_auth, &data, t)) {
                 return Err(ReplyError::BadHmac);
             }
             let key = openpgp::parse_binary(&packets)
@@ -337,10 +543,10 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
                             fingerprint, key.fingerprint
                         )));
                     }
-                    Ok(Verified::Published {
+                    Ok(with_answer(Verified::Published {
                         fingerprint: key.fingerprint,
                         armored,
-                    })
+                    }))
                 }
                 (Asked::Retrieval { address }, Status::Found) => {
                     // The key tag covers the key only, not the address it answers for. Anyone
@@ -357,12 +563,12 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
                             "asked for {address}, the KST answered with the key of {said}"
                         )));
                     }
-                    Ok(Verified::Found {
+                    Ok(with_answer(Verified::Found {
                         address: address.clone(),
                         fingerprint: key.fingerprint,
                         armored,
                         user_ids: key.user_ids,
-                    })
+                    }))
                 }
                 _ => Err(ReplyError::Malformed(format!(
                     "status {status} does not answer this request"
@@ -378,17 +584,17 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
             let reason = token.as_deref().and_then(|r| r.parse().ok());
             let address = header(HEADER_ADDRESS);
             let tag = lines.iter().find(|l| mac::is_tag_line(l));
-            let statement = mac::statement_for(
-                version,
-                status,
-                if status == Status::Refused {
-                    token.as_deref()
-                } else {
-                    None
-                },
-                address.as_deref(),
-            );
-            let authenticated = tag.is_some_and(|t| mac::verify(&k_auth, statement.as_bytes(), t));
+            let reason_token = if status == Status::Refused {
+                token.as_deref()
+            } else {
+                None
+            };
+            let data = if v3 {
+                v3_data(reason_token, &[])
+            } else {
+                mac::statement_for(version, status, reason_token, address.as_deref()).into_bytes()
+            };
+            let authenticated = tag.is_some_and(|t| mac::verify(&k_auth, &data, t));
             let explanation: String = lines
                 .iter()
                 .filter(|l| !mac::is_tag_line(l))
@@ -414,7 +620,7 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
                         "asked for {asked}, the KST answered about {said}"
                     )));
                 }
-                return Ok(Verified::NotFound { address: said });
+                return Ok(with_answer(Verified::NotFound { address: said }));
             }
             if status == Status::Deleted {
                 if !authenticated {
@@ -433,7 +639,7 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
                         "asked to delete {account}, the KST answered about {said}"
                     )));
                 }
-                return Ok(Verified::Deleted { address: said });
+                return Ok(with_answer(Verified::Deleted { address: said }));
             }
             // A refusal with an HMAC line that does not verify is forged: only a request
             // without usable K_auth gets an unauthenticated refusal, and this client always
@@ -441,12 +647,12 @@ pub fn verify_reply(pending: &Pending, raw: &[u8]) -> Result<Verified, ReplyErro
             if tag.is_some() && !authenticated {
                 return Err(ReplyError::BadHmac);
             }
-            Ok(Verified::Refused {
+            Ok(with_answer(Verified::Refused {
                 reason,
                 token,
                 explanation,
                 authenticated,
-            })
+            }))
         }
     }
 }

@@ -408,6 +408,7 @@ pub async fn run_all(store: Arc<dyn KeyStore>) {
     revocation::revocation_survives_republication_and_deletion(s).await;
     revocation::revocation_race(vec![store.clone(), store.clone()]).await;
     revocation::subkey_revocation_survives_replacement_and_deletion(s).await;
+    revocation::user_id_revocation_survives_replacement_and_deletion(s).await;
     cas::compare_and_set(s).await;
     cas::compare_and_set_race(vec![store.clone(), store.clone()]).await;
     cas::merged_publications(vec![store.clone(), store.clone()]).await;

@@ -11,6 +11,15 @@
 //! `KST/2 hmac-sha256 ` followed by K_pub, and the statement reads
 //! `KST/2 hmac-sha256 <status> <reason or -> <address or ->`. A tag of one version never
 //! verifies as the other's.
+//!
+//! Version 3 has one input for every reply ([`v3_data`]):
+//! `KST/3 hmac-sha256 <status> <reason or -> <address or -> <question> <answer>` LF K_pub,
+//! where `<question>` is the hex SHA-256 of what the request asked
+//! ([`crate::protocol::Question`]), `<answer>` the hex SHA-256 of the key directory's answer
+//! the reply carries (`-` for a refusal, which carries none) and K_pub the key's packets
+//! (nothing for a reply without a key). The proof cannot be swapped for another (its hash is
+//! covered), a reply made for a copy of the request with another question does not verify,
+//! and neither does a tag of version 1 or 2.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -18,7 +27,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
 use crate::kauth::AuthKey;
-use crate::protocol::{MAC_HMAC_SHA256, PROTOCOL_VERSION, Reason, Status};
+use crate::protocol::{MAC_HMAC_SHA256, PROTOCOL_VERSION, Question, Reason, Status};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -86,6 +95,43 @@ pub fn statement_tag_for(
     STANDARD.encode(hmac(k_auth, text.as_bytes()))
 }
 
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// What a version 3 tag covers (every reply: with a key, K_pub is `key_packets`; without,
+/// `key_packets` is empty): the statement
+/// `KST/3 hmac-sha256 <status> <reason|-> <address|-> <question> <answer|->`, a line feed,
+/// then K_pub. `question` is the request's [`Question`], `answer` the key directory's answer
+/// text the reply carries (`None` for a refusal).
+pub fn v3_data(
+    status: Status,
+    reason: Option<&str>,
+    address: Option<&str>,
+    question: &Question<'_>,
+    answer: Option<&[u8]>,
+    key_packets: &[u8],
+) -> Vec<u8> {
+    let mut data = format!(
+        "KST/3 {MAC_HMAC_SHA256} {} {} {} {} {}\n",
+        status.as_str(),
+        reason.unwrap_or("-"),
+        address.unwrap_or("-"),
+        sha256_hex(question.text().as_bytes()),
+        answer.map_or_else(|| "-".to_string(), sha256_hex)
+    )
+    .into_bytes();
+    data.extend_from_slice(key_packets);
+    data
+}
+
+/// The version 3 tag of [`v3_data`], base64.
+pub fn v3_tag(k_auth: &AuthKey, data: &[u8]) -> String {
+    STANDARD.encode(hmac(k_auth, data))
+}
+
 /// The statement a key-less reply authenticates: `KST/1 <status> <reason|-> <address|->`.
 pub fn statement(status: Status, reason: Option<Reason>, address: Option<&str>) -> String {
     statement_with_token(status, reason.map(Reason::as_str), address)
@@ -144,6 +190,81 @@ pub fn is_tag_line(line: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Test vectors 6 to 8 of docs/PROTOCOL.md (computed with Python's `hmac` and `hashlib`).
+    #[test]
+    fn version_3_tags_bind_the_question_and_the_answer() {
+        let k = AuthKey::from_bytes(std::array::from_fn(|i| i as u8));
+        let packets = [0x99, 0x00, 0x01, 0x04];
+        let answer = b"kst-log-answer-v1\n";
+        let bob = Question::Retrieve("bob@example.net");
+        let found = v3_data(
+            Status::Found,
+            None,
+            Some("bob@example.net"),
+            &bob,
+            Some(answer),
+            &packets,
+        );
+        let not_found = v3_data(
+            Status::NotFound,
+            None,
+            Some("bob@example.net"),
+            &bob,
+            Some(answer),
+            &[],
+        );
+        let refused = v3_data(
+            Status::Refused,
+            Some("bad-address"),
+            None,
+            &Question::Retrieve("not an address"),
+            None,
+            &[],
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&not_found),
+            format!(
+                "KST/3 hmac-sha256 not-found - bob@example.net {} {}\n",
+                sha256_hex(b"retrieve bob@example.net"),
+                sha256_hex(answer)
+            )
+        );
+        assert_eq!(
+            v3_tag(&k, &found),
+            "rkLqZHUfLGuACnW16w8Wh4cKo0PDnpjBoY6oXbn0vU8="
+        );
+        assert_eq!(
+            v3_tag(&k, &not_found),
+            "gCr2PouI9N7O5+c6eEayMZnpETzGVnkWjTbYfK+YuB4="
+        );
+        assert_eq!(
+            v3_tag(&k, &refused),
+            "Y+dwb08NBBtGTUZynbFJvjRA+b+UtsMQbU3jT29UGms="
+        );
+        // Another answer, another question, or a version 2 tag: nothing verifies as version 3.
+        let swapped = v3_data(
+            Status::Found,
+            None,
+            Some("bob@example.net"),
+            &bob,
+            Some(b"kst-log-answer-v1\nother\n"),
+            &packets,
+        );
+        assert!(!verify(&k, &swapped, &v3_tag(&k, &found)));
+        let other = v3_data(
+            Status::Found,
+            None,
+            Some("bob@example.net"),
+            &Question::Retrieve("mallory@example.net"),
+            Some(answer),
+            &packets,
+        );
+        assert!(!verify(&k, &other, &v3_tag(&k, &found)));
+        assert!(!verify(&k, &found, &key_tag_for(2, &k, &packets)));
+        assert!(!verify(&k, &found, &key_tag(&k, &packets)));
+        assert_ne!(Question::Publish.text(), Question::Delete.text());
+    }
 
     #[test]
     fn version_2_tags_name_the_algorithm_and_differ_from_version_1() {

@@ -1,4 +1,4 @@
-//! Wire constants of the KST protocol (versions 1 and 2): header names, statuses, refusal
+//! Wire constants of the KST protocol (versions 1, 2 and 3): header names, statuses, refusal
 //! reasons, and the version negotiation (paper VI.B, algorithm agility).
 //!
 //! `docs/PROTOCOL.md` is the normative description; this module is its code form.
@@ -8,12 +8,27 @@ use std::str::FromStr;
 
 /// Protocol version 1: what a request without `KST-Protocol` (an older client) is answered in.
 pub const PROTOCOL_VERSION: u32 = 1;
-/// The newest protocol version this release speaks.
+/// The newest protocol version a KST without a key directory speaks.
 pub const LATEST_VERSION: u32 = 2;
-/// Every protocol version this release speaks, oldest first.
+/// Every protocol version a KST without a key directory speaks, oldest first.
 pub const VERSIONS: [u32; 2] = [1, 2];
-/// The one MAC algorithm of versions 1 and 2: HMAC-SHA256 keyed with K_auth.
+/// Protocol version 3: version 2 plus the key directory's answer (signed head and proof) in
+/// every reply about an address, covered by the HMAC, and the request's question bound into
+/// every tag. A KST speaks it only for a domain that has a key directory.
+pub const TRANSPARENCY_VERSION: u32 = 3;
+/// Every protocol version a KST with a key directory speaks, oldest first.
+pub const VERSIONS_WITH_DIRECTORY: [u32; 3] = [1, 2, 3];
+/// The one MAC algorithm of versions 1, 2 and 3: HMAC-SHA256 keyed with K_auth.
 pub const MAC_HMAC_SHA256: &str = "hmac-sha256";
+/// Line that opens the key directory's answer in a version 3 reply (after the HMAC line).
+pub const LOG_ANSWER_BEGIN: &str = "-----BEGIN KST LOG ANSWER-----";
+/// Line that closes the key directory's answer in a version 3 reply.
+pub const LOG_ANSWER_END: &str = "-----END KST LOG ANSWER-----";
+/// Largest key directory answer a version 3 reply may carry (bytes, unfolded). A lookup proof
+/// at 10⁶ entries is a few KiB; the answer text is bounded at 128 KiB by its own parser.
+pub const MAX_LOG_ANSWER_BYTES: usize = 256 * 1024;
+/// Longest line of a folded answer block (continuation lines start with one space).
+pub const LOG_ANSWER_LINE: usize = 76;
 
 /// Request and reply header: the protocol version. A request lists the versions its client
 /// speaks (`KST-Protocol: 2, 1`); a reply names the one it is written in.
@@ -113,7 +128,7 @@ pub enum Reason {
     /// The User ID with the account's address has been revoked by the key holder.
     UserIdRevoked,
     /// The User ID with the account's address carries no valid self-signature (or nothing on
-    /// the key verifies).
+    /// the key verifies, or its self-signature is dated in the future).
     BadSelfSignature,
     /// The key has expired.
     KeyExpired,
@@ -221,7 +236,8 @@ impl Reason {
             }
             Reason::BadSelfSignature => {
                 "The User ID with your address is not validly signed by the key itself (or no \
-                 self-signature on the key verifies). Export the key from the computer that \
+                 self-signature on the key verifies, or it is dated in the future: check the \
+                 clock of the computer that made it). Export the key from the computer that \
                  holds its secret key and send it again."
             }
             Reason::KeyExpired => {
@@ -246,8 +262,9 @@ impl Reason {
             }
             Reason::UnsupportedVersion => {
                 "Your client asked for a KST protocol version or MAC algorithm that this key \
-                 service does not speak (it speaks versions 1 and 2 with hmac-sha256). Update \
-                 the client, or ask without KST-Protocol for version 1."
+                 service does not speak (it speaks versions 1 and 2 with hmac-sha256, and \
+                 version 3 for a domain with a key directory). Update the client, or ask \
+                 without KST-Protocol for version 1."
             }
         }
     }
@@ -257,7 +274,9 @@ impl Reason {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VersionMismatch {
     /// `KST-Protocol` names no version this release speaks (or is not a list of numbers).
-    #[error("the request asks for KST protocol version(s) {0:?}; this KST speaks 1 and 2")]
+    #[error(
+        "the request asks for KST protocol version(s) {0:?}; this KST speaks 1 and 2 (and 3 for a domain with a key directory)"
+    )]
     Version(String),
     /// `KST-MAC` names no MAC algorithm this release speaks.
     #[error("the request accepts the MAC algorithm(s) {0:?}; this KST signs with hmac-sha256")]
@@ -269,6 +288,16 @@ pub enum VersionMismatch {
 /// version negotiation); version 2 needs `hmac-sha256` among the `KST-MAC` algorithms (a
 /// missing `KST-MAC` means hmac-sha256).
 pub fn negotiate(protocol: Option<&str>, mac: Option<&str>) -> Result<u32, VersionMismatch> {
+    negotiate_among(protocol, mac, &VERSIONS)
+}
+
+/// [`negotiate`] among `speaks` (the versions the KST speaks for the request's domain:
+/// [`VERSIONS`], or [`VERSIONS_WITH_DIRECTORY`] when the domain has a key directory).
+pub fn negotiate_among(
+    protocol: Option<&str>,
+    mac: Option<&str>,
+    speaks: &[u32],
+) -> Result<u32, VersionMismatch> {
     let Some(protocol) = protocol else {
         return Ok(PROTOCOL_VERSION);
     };
@@ -279,7 +308,7 @@ pub fn negotiate(protocol: Option<&str>, mac: Option<&str>) -> Result<u32, Versi
         .map(|v| v.trim().parse::<u32>().ok())
         .collect();
     let version = versions
-        .and_then(|vs| vs.into_iter().filter(|v| VERSIONS.contains(v)).max())
+        .and_then(|vs| vs.into_iter().filter(|v| speaks.contains(v)).max())
         .ok_or_else(|| VersionMismatch::Version(clip(asked)))?;
     if version >= 2
         && let Some(mac) = mac
@@ -291,6 +320,30 @@ pub fn negotiate(protocol: Option<&str>, mac: Option<&str>) -> Result<u32, Versi
         return Err(VersionMismatch::Mac(clip(mac.trim())));
     }
     Ok(version)
+}
+
+/// What a request asked, as version 3 binds it into every tag of its reply: a reply made for
+/// a copy of the request whose question was changed (another query, another kind of request)
+/// does not verify for the original.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Question<'a> {
+    /// A publication (any key block, or a secret key sent by mistake).
+    Publish,
+    /// A retrieval, with its query line exactly as the request wrote it (trimmed).
+    Retrieve(&'a str),
+    /// A deletion.
+    Delete,
+}
+
+impl Question<'_> {
+    /// The question's text: `publish`, `retrieve <query>` or `delete`.
+    pub fn text(&self) -> String {
+        match self {
+            Question::Publish => "publish".into(),
+            Question::Retrieve(query) => format!("retrieve {}", query.trim()),
+            Question::Delete => "delete".into(),
+        }
+    }
 }
 
 fn clip(s: &str) -> String {
@@ -316,6 +369,10 @@ impl FromStr for Reason {
 #[cfg(test)]
 #[path = "protocol_version_tests.rs"]
 mod version_tests;
+
+#[cfg(test)]
+#[path = "protocol_v3_tests.rs"]
+mod v3_tests;
 
 #[cfg(test)]
 mod tests {
@@ -346,6 +403,16 @@ mod tests {
         assert_eq!(negotiate(Some("2"), None), Ok(2));
         assert_eq!(negotiate(Some(" 3,2 "), Some("x-new, HMAC-SHA256")), Ok(2));
         assert_eq!(negotiate(Some("1, 3"), Some("x-new")), Ok(1));
+        // Version 3 only where the domain has a key directory.
+        let with = &VERSIONS_WITH_DIRECTORY;
+        assert_eq!(negotiate_among(Some("3, 2, 1"), None, with), Ok(3));
+        assert_eq!(negotiate_among(Some("3, 2, 1"), None, &VERSIONS), Ok(2));
+        assert_eq!(negotiate_among(Some("2, 1"), None, with), Ok(2));
+        assert_eq!(negotiate_among(None, None, with), Ok(1));
+        assert!(matches!(
+            negotiate_among(Some("3"), Some("hmac-sha3-256"), with),
+            Err(VersionMismatch::Mac(_))
+        ));
         assert!(matches!(
             negotiate(Some("3"), None),
             Err(VersionMismatch::Version(v)) if v == "3"

@@ -9,7 +9,7 @@
 
 use crate::error::{Error, Result};
 use crate::merge::{self, MergeError};
-use crate::store::{Expected, KeyStore, NewKey, PublishOutcome};
+use crate::store::{Expected, KeyRecord, KeyStore, NewKey, PublishOutcome};
 
 /// How many times a publication reads, merges and tries to write before it gives up with the
 /// (temporary) conflict: the MTA then delivers the message again later.
@@ -19,7 +19,9 @@ pub const PUBLISH_ATTEMPTS: usize = 8;
 /// the current key of the same primary key, else replacing it. The outer error is the store's
 /// (temporary); the inner one is [`MergeError::TooLarge`] when the merged key exceeds
 /// `limit` bytes (`limits.max_published_key_bytes`) even after [`merge::fit_budget`] dropped
-/// what it may; `now` (seconds since the Unix epoch) judges which subkeys have expired.
+/// what it may; `now` (seconds since the Unix epoch) judges which subkeys have expired. A
+/// publication already applied (a redelivery) is [`PublishOutcome::Unchanged`] with the current
+/// key when it still has the same primary key (see `docs/PROTOCOL.md`, "Publication").
 pub async fn publish_merged(
     store: &dyn KeyStore,
     key: NewKey,
@@ -67,10 +69,31 @@ pub async fn publish_merged(
                 tracing::debug!(address = %key.address, error = %e, "publication raced another; merging again");
                 last_conflict = Some(e);
             }
+            Ok(PublishOutcome::Unchanged(applied)) => {
+                return Ok(Ok(PublishOutcome::Unchanged(
+                    confirmed_record(store, applied).await?,
+                )));
+            }
             other => return other.map(Ok),
         }
     }
     Err(last_conflict.unwrap_or_else(|| Error::Conflict(format!("publishing for {}", key.address))))
+}
+
+/// What confirms a publication that was already applied (a redelivery: the store found its
+/// `publication_id` in the history, or the same bytes current), `applied` being the version
+/// that holds it: the current key when it has the same primary key and is at least as new (it
+/// holds this publication merged with everything published since: a subkey, a revocation),
+/// else `applied` itself (the address' key was replaced by another primary key since).
+async fn confirmed_record(store: &dyn KeyStore, applied: KeyRecord) -> Result<KeyRecord> {
+    Ok(match store.get(&applied.address).await? {
+        Some(current)
+            if current.fingerprint == applied.fingerprint && current.version >= applied.version =>
+        {
+            current
+        }
+        _ => applied,
+    })
 }
 
 /// The canonical form of a validated key, or the bytes as they are when they are not a

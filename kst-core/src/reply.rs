@@ -5,7 +5,10 @@
 //! `KST-Protocol` (the negotiated version; version 2 also `KST-MAC: hmac-sha256`) and a
 //! machine-readable `KST-Status`. The body is the paper's: the armored
 //! key (when there is one) and then the HMAC line; key-less replies carry an explanation for
-//! people and then the HMAC line. See `docs/PROTOCOL.md`.
+//! people and then the HMAC line. Version 3 replies about an address then carry the key
+//! directory's answer (signed head and proof) in a block after the HMAC line
+//! ([`LOG_ANSWER_BEGIN`] ... [`LOG_ANSWER_END`]), whose hash the HMAC covers. See
+//! `docs/PROTOCOL.md`.
 
 use mail_builder::MessageBuilder;
 use mail_builder::headers::address::Address as MbAddress;
@@ -13,13 +16,51 @@ use mail_builder::headers::message_id::MessageId;
 use mail_builder::headers::raw::Raw;
 
 use crate::address::Address;
+use crate::error::Error;
 use crate::kauth::AuthKey;
 use crate::mac;
 use crate::openpgp::armor_public_key;
 use crate::protocol::{
     HEADER_ADDRESS, HEADER_FINGERPRINT, HEADER_MAC, HEADER_PROTOCOL, HEADER_REASON, HEADER_STATUS,
-    MAC_HMAC_SHA256, Reason, Status,
+    LOG_ANSWER_BEGIN, LOG_ANSWER_END, LOG_ANSWER_LINE, MAC_HMAC_SHA256, Question, Reason, Status,
+    TRANSPARENCY_VERSION,
 };
+
+/// The key directories of a KST, as version 3 replies need them: which domains have one, and
+/// the directory's answer for an address (feature `transparency`:
+/// `kst_core::transparency::TransparentStore` implements it).
+#[async_trait::async_trait]
+pub trait LogAnswers: Send + Sync {
+    /// True when `domain` has a key directory (its KST speaks version 3).
+    fn has_directory(&self, domain: &str) -> bool;
+    /// The directory's answer for `address` at its latest epoch: the signed head and the
+    /// lookup (or absence) proof, as text (`kst-log-answer-v1`). A directory that cannot be
+    /// read is a temporary error: the request is deferred, never answered without proofs.
+    async fn answer(&self, address: &Address) -> Result<String, Error>;
+}
+
+/// `text` (the key directory's answer) as it goes in a reply: lines longer than
+/// [`LOG_ANSWER_LINE`] are folded, each continuation line starting with one space, between
+/// [`LOG_ANSWER_BEGIN`] and [`LOG_ANSWER_END`]; CRLF line ends.
+pub fn fold_log_answer(text: &str) -> String {
+    let mut out = format!("{LOG_ANSWER_BEGIN}\r\n");
+    for line in text.lines() {
+        let chars: Vec<char> = line.chars().collect();
+        let (first, mut rest) = chars.split_at(chars.len().min(LOG_ANSWER_LINE));
+        out.extend(first);
+        out.push_str("\r\n");
+        while !rest.is_empty() {
+            let (part, tail) = rest.split_at(rest.len().min(LOG_ANSWER_LINE - 1));
+            out.push(' ');
+            out.extend(part);
+            out.push_str("\r\n");
+            rest = tail;
+        }
+    }
+    out.push_str(LOG_ANSWER_END);
+    out.push_str("\r\n");
+    out
+}
 
 /// Display name on the From line of every reply.
 pub const SERVICE_NAME: &str = "Key Storage Service";
@@ -95,6 +136,8 @@ pub struct ReplyTo<'a> {
     pub references: &'a [String],
     /// The protocol version the reply is written in ([`crate::protocol::negotiate`]).
     pub version: u32,
+    /// What the request asked, once its body was read; version 3 binds it into every tag.
+    pub question: Option<Question<'a>>,
 }
 
 /// A built reply.
@@ -126,7 +169,37 @@ pub fn new_message_id(domain: &str) -> String {
 /// Builds a reply. `k_auth` is `None` only when the request carried no usable K_auth; such a
 /// reply has no HMAC line and the client treats it as unauthenticated.
 pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthKey>) -> BuiltReply {
+    build_with_answer(to, content, k_auth, None)
+}
+
+/// [`build`] with the key directory's answer text (version 3): the HMAC covers its hash and
+/// the answer follows the HMAC line. Ignored below version 3.
+pub fn build_with_answer(
+    to: &ReplyTo<'_>,
+    content: &ReplyContent<'_>,
+    k_auth: Option<&AuthKey>,
+    answer: Option<&str>,
+) -> BuiltReply {
     let status = content.status();
+    let v3 = to.version >= TRANSPARENCY_VERSION;
+    // A refusal carries no answer (there is nothing about an address to prove).
+    let answer = answer.filter(|_| v3 && status != Status::Refused);
+    // Version 3: one tag input for every reply (mac::v3_data).
+    let question = to.question.unwrap_or(Question::Publish);
+    let v3_tag =
+        |k: &AuthKey, reason: Option<Reason>, address: Option<&Address>, packets: &[u8]| {
+            mac::v3_tag(
+                k,
+                &mac::v3_data(
+                    status,
+                    reason.map(Reason::as_str),
+                    address.map(Address::as_str),
+                    &question,
+                    answer.map(str::as_bytes),
+                    packets,
+                ),
+            )
+        };
     let message_id = new_message_id(to.service.domain());
     let (subject, body, address, fingerprint, reason) = match content {
         ReplyContent::Published {
@@ -151,7 +224,11 @@ pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthK
             }
             body.push_str(&armor_public_key(packets).replace('\n', "\r\n"));
             if let Some(k) = k_auth {
-                body.push_str(&mac::key_tag_for(to.version, k, packets));
+                if v3 {
+                    body.push_str(&v3_tag(k, None, Some(*address), packets));
+                } else {
+                    body.push_str(&mac::key_tag_for(to.version, k, packets));
+                }
                 body.push_str("\r\n");
             }
             let subject = if status == Status::Published {
@@ -165,7 +242,11 @@ pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthK
             let body = with_tag(
                 &format!("No key is published for {address}.\r\n"),
                 k_auth.map(|k| {
-                    mac::statement_tag_for(to.version, k, status, None, Some(address.as_str()))
+                    if v3 {
+                        v3_tag(k, None, Some(*address), &[])
+                    } else {
+                        mac::statement_tag_for(to.version, k, status, None, Some(address.as_str()))
+                    }
                 }),
             );
             (
@@ -182,7 +263,11 @@ pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthK
                     "No key is published for {address} any more: the key and its history were \r\ndeleted.\r\n"
                 ),
                 k_auth.map(|k| {
-                    mac::statement_tag_for(to.version, k, status, None, Some(address.as_str()))
+                    if v3 {
+                        v3_tag(k, None, Some(*address), &[])
+                    } else {
+                        mac::statement_tag_for(to.version, k, status, None, Some(address.as_str()))
+                    }
                 }),
             );
             (
@@ -207,13 +292,17 @@ pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthK
             let body = with_tag(
                 &text,
                 k_auth.map(|k| {
-                    mac::statement_tag_for(
-                        to.version,
-                        k,
-                        status,
-                        Some(*reason),
-                        address.map(Address::as_str),
-                    )
+                    if v3 {
+                        v3_tag(k, Some(*reason), *address, &[])
+                    } else {
+                        mac::statement_tag_for(
+                            to.version,
+                            k,
+                            status,
+                            Some(*reason),
+                            address.map(Address::as_str),
+                        )
+                    }
                 }),
             );
             (
@@ -268,6 +357,11 @@ pub fn build(to: &ReplyTo<'_>, content: &ReplyContent<'_>, k_auth: Option<&AuthK
     if !refs.is_empty() {
         b = b.references(MessageId::new_list(refs.iter().map(String::as_str)));
     }
+    let body = match answer {
+        // After the HMAC line: the HMAC line stays the first 44-character line after the key.
+        Some(text) => format!("{body}\r\n{}", fold_log_answer(text)),
+        _ => body,
+    };
     let message = b
         .text_body(body)
         .write_to_vec()

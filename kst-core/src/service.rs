@@ -23,10 +23,10 @@ use crate::error::Error;
 use crate::kauth::AuthKey;
 use crate::mailer::{Mailer, OutgoingMail};
 use crate::policy::{AuthSource, Policy};
-use crate::protocol::{Reason, Status};
+use crate::protocol::{Question, Reason, Status, TRANSPARENCY_VERSION};
 use crate::ratelimit::{self, LimitKind, MemoryRateLimiter, RateLimiter};
 use crate::received;
-use crate::reply::{self, ReplyContent, ReplyTo};
+use crate::reply::{self, LogAnswers, ReplyContent, ReplyTo};
 use crate::store::{KeyStore, NewKey, PublishOutcome};
 use crate::validate::{self, KeyPolicy};
 use crate::wks::{self, SubmissionKeys};
@@ -238,6 +238,7 @@ pub struct Kst {
     envelope_from: Option<Address>,
     submission_keys: Arc<SubmissionKeys>,
     reminders: Arc<crate::reminder::ReminderSettings>,
+    log_answers: Option<Arc<dyn LogAnswers>>,
 }
 
 impl Kst {
@@ -254,7 +255,22 @@ impl Kst {
             envelope_from: None,
             submission_keys: Arc::new(SubmissionKeys::new()),
             reminders: Arc::new(crate::reminder::ReminderSettings::default()),
+            log_answers: None,
         }
+    }
+
+    /// Answers in protocol version 3 (the key directory's answer inside every reply about an
+    /// address) for the domains `answers` has a directory for, when the request offers it.
+    pub fn with_log_answers(mut self, answers: Arc<dyn LogAnswers>) -> Self {
+        self.log_answers = Some(answers);
+        self
+    }
+
+    /// True when `domain` has a key directory, so that this KST speaks version 3 for it.
+    pub fn has_directory(&self, domain: &str) -> bool {
+        self.log_answers
+            .as_ref()
+            .is_some_and(|l| l.has_directory(domain))
     }
 
     /// Sends expiry reminders with these settings ([`crate::reminder`]; the default: on, 14
@@ -405,6 +421,7 @@ impl Kst {
             in_reply_to: message_id.as_deref(),
             references: &references,
             version: crate::protocol::PROTOCOL_VERSION,
+            question: None,
         };
         let body = match self.shape_problem(&message) {
             Some(problem) => Err(problem),
@@ -450,13 +467,43 @@ impl Kst {
             );
             return Ok(silent(message_id, kind, Silence::RateLimited(limit)));
         }
+        // What the request asks (version 3 binds it into every tag), and whether this KST
+        // speaks version 3 for it: the service's domain, and a queried address's domain when it
+        // serves that, must have a key directory.
+        let query: Option<String> = match &body {
+            Ok(RequestBody::Retrieval { query, .. }) => Some(query.trim().to_string()),
+            _ => None,
+        };
+        let question = match (&body, &query) {
+            (_, Some(q)) => Some(Question::Retrieve(q)),
+            (Ok(RequestBody::Deletion { .. }), _) => Some(Question::Delete),
+            (Ok(RequestBody::Retrieval { .. } | RequestBody::Unrecognized(_)), _) | (Err(_), _) => {
+                None
+            }
+            (Ok(_), _) => Some(Question::Publish),
+        };
+        let queried_domain_ok = query
+            .as_deref()
+            .and_then(|q| self.policy.normalize_address(q).ok())
+            .filter(|a| self.policy.serves_domain(a.domain()))
+            .is_none_or(|a| self.has_directory(a.domain()));
+        let speaks: &[u32] = if self.has_directory(service.domain()) && queried_domain_ok {
+            &crate::protocol::VERSIONS_WITH_DIRECTORY
+        } else {
+            &crate::protocol::VERSIONS
+        };
         // Algorithm agility (paper VI.B): answer in the newest version both sides speak; a
         // request naming none this KST speaks is refused (in version 1, which every client reads).
-        let ctx = match crate::protocol::negotiate(
+        let ctx = match crate::protocol::negotiate_among(
             header_value(&message, crate::protocol::HEADER_PROTOCOL),
             header_value(&message, crate::protocol::HEADER_MAC),
+            speaks,
         ) {
-            Ok(version) => ReplyTo { version, ..ctx },
+            Ok(version) => ReplyTo {
+                version,
+                question,
+                ..ctx
+            },
             Err(mismatch) => {
                 let decision = self
                     .refuse(
@@ -792,7 +839,10 @@ impl Kst {
         };
         let new_version = matches!(outcome, PublishOutcome::Published(_));
         let record = outcome.record();
-        let built = reply::build(
+        // Version 3: the directory's answer, read after the store and the directory recorded
+        // the publication (TransparentStore writes both before `publish` returns).
+        let answer = self.log_answer(ctx, account).await?;
+        let built = reply::build_with_answer(
             ctx,
             &ReplyContent::Published {
                 address: account,
@@ -800,6 +850,7 @@ impl Kst {
                 fingerprint: record.fingerprint.as_str(),
             },
             k_auth,
+            answer.as_deref(),
         );
         self.send(ctx, built).await?;
         Ok(Decision::Published {
@@ -878,10 +929,12 @@ impl Kst {
         };
         let existed = self.store.delete(&account).await?;
         tracing::info!(account = %account, existed, "key and history deleted on the owner's request");
-        let built = reply::build(
+        let answer = self.log_answer(ctx, &account).await?;
+        let built = reply::build_with_answer(
             ctx,
             &ReplyContent::Deleted { address: &account },
             Some(&k_auth),
+            answer.as_deref(),
         );
         self.send(ctx, built).await?;
         Ok(Decision::Deleted {
@@ -930,9 +983,31 @@ impl Kst {
                 Status::NotFound,
             ),
         };
-        let built = reply::build(ctx, &content, Some(&k_auth));
+        let answer = self.log_answer(ctx, &address).await?;
+        let built = reply::build_with_answer(ctx, &content, Some(&k_auth), answer.as_deref());
         self.send(ctx, built).await?;
         Ok(Decision::Answered { status, address })
+    }
+
+    /// The key directory's answer for `address` when the reply is written in version 3; a
+    /// directory that cannot be read is a temporary error (the request is deferred, never
+    /// answered without proofs).
+    async fn log_answer(
+        &self,
+        ctx: &ReplyTo<'_>,
+        address: &Address,
+    ) -> Result<Option<String>, Error> {
+        if ctx.version < TRANSPARENCY_VERSION {
+            return Ok(None);
+        }
+        match &self.log_answers {
+            Some(logs) if logs.has_directory(address.domain()) => {
+                logs.answer(address).await.map(Some)
+            }
+            _ => Err(Error::Config(format!(
+                "a version 3 reply about {address} needs its domain's key directory, and there is none"
+            ))),
+        }
     }
 
     async fn refuse(

@@ -1706,3 +1706,72 @@ async fn without_an_envelope_the_topmost_return_path_decides_and_null_is_never_a
     assert!(matches!(h.decision, Decision::Answered { .. }));
     assert_eq!(f.last_reply().recipient.as_str(), "carol@acme.net");
 }
+
+/// The packets of the key a verified confirmation carries.
+fn confirmed_key(pending: &client::Pending, message: &[u8]) -> Vec<u8> {
+    match client::verify_reply(pending, message).unwrap() {
+        Verified::Published { armored, .. } => {
+            crate::openpgp::dearmor_public_key(&armored, 1 << 20).unwrap()
+        }
+        other => panic!("not a confirmation: {other:?}"),
+    }
+}
+
+/// A publication delivered again after later publications of the same primary key (a subkey
+/// from a second device, then a revocation) is confirmed with the key as stored now, which holds
+/// it merged with them, at the current version, creating no version; after the key was
+/// replaced by another primary key, with the version it made itself (the client's fingerprint
+/// check still passes).
+#[tokio::test]
+async fn a_redelivery_is_confirmed_with_the_current_key_of_its_primary_key() {
+    const BASE: &str = include_str!("../testdata/keys/merge-base.pub.asc");
+    const SUBKEY: &str = include_str!("../testdata/keys/merge-subkey.pub.asc");
+    const REVOKED: &str = include_str!("../testdata/keys/merge-revoked.pub.asc");
+    const OTHER: &str = include_str!("../testdata/keys/lifecycle-v1.pub.asc");
+    let f = fixture();
+    let alice = addr("alice@example.net");
+    let headers = received("alice@example.net", "mail.example.net", "ESMTPSA");
+    let deliver = async |raw: &[u8]| {
+        f.kst
+            .handle(&env("alice@example.net"), raw)
+            .await
+            .unwrap()
+            .decision
+    };
+    let (first, pending) = publication("alice@example.net", BASE, &headers);
+    deliver(&first).await;
+    let v1 = f.store.get(&alice).await.unwrap().unwrap();
+    for (n, later) in [SUBKEY, REVOKED].into_iter().enumerate() {
+        deliver(&publication("alice@example.net", later, &headers).0).await;
+        let current = f.store.get(&alice).await.unwrap().unwrap();
+        assert_eq!(current.version, 2 + n as u64);
+        let decision = deliver(&first).await;
+        assert_eq!(
+            decision,
+            Decision::Published {
+                address: alice.clone(),
+                version: current.version,
+                fingerprint: v1.fingerprint.to_string(),
+                new_version: false,
+            }
+        );
+        assert_eq!(
+            confirmed_key(&pending, &f.last_reply().message),
+            current.key,
+            "the redelivery is confirmed with the key as stored now"
+        );
+        assert_ne!(current.key, v1.key);
+        assert_eq!(f.store.history(&alice).await.unwrap().len(), 2 + n);
+    }
+    assert!(f.store.get(&alice).await.unwrap().unwrap().revoked);
+
+    deliver(&publication("alice@example.net", OTHER, &headers).0).await;
+    let decision = deliver(&first).await;
+    assert!(
+        matches!(&decision, Decision::Published { version: 1, new_version: false, fingerprint, .. }
+            if fingerprint == v1.fingerprint.as_str()),
+        "{decision:?}"
+    );
+    assert_eq!(confirmed_key(&pending, &f.last_reply().message), v1.key);
+    assert_eq!(f.store.history(&alice).await.unwrap().len(), 4);
+}

@@ -172,9 +172,10 @@ impl PublishOutcome {
 ///   [`crate::Error::Conflict`] (temporary: read again, merge again, publish again).
 /// - A change is durable when the call returns `Ok`.
 /// - Revocations are never rolled back: the store keeps, per primary-key fingerprint, every key
-///   revocation it was given and every subkey revocation with its subkey packet (a
-///   *tombstone*: the fingerprint, the revocation signatures and the revoked subkeys' packets
-///   only), across later publications and [`KeyStore::delete`]. Inside the same atomic step
+///   revocation it was given, every subkey revocation with its subkey packet and every User ID
+///   revocation with its User ID packet (a *tombstone*: the fingerprint, the revocation
+///   signatures and the revoked subkeys' and User IDs' packets only; the User ID part bounded,
+///   see [`crate::revocation`]), across later publications and [`KeyStore::delete`]. Inside the same atomic step
 ///   as the write, `publish` calls [`crate::revocation::apply_tombstone`] with the stored
 ///   tombstone of the key's fingerprint, stores the key it returns (the stored revocations
 ///   merged in, `revoked` set) and writes back the tombstone it returns. Concurrent publishers

@@ -18,22 +18,8 @@
 #                             2030-01-01) with a cv25519 subkey: the expiry reminder tests
 set -euo pipefail
 
-out="$(cd "$(dirname "$0")" && pwd)/keys"
-mkdir -p "$out"
-ROOT="$(mktemp -d)"
-cleanup() {
-    for h in "$ROOT"/*; do GNUPGHOME="$h" gpgconf --kill gpg-agent >/dev/null 2>&1 || true; done
-    rm -rf "$ROOT"
-}
-trap cleanup EXIT
-
-# g HOME TIME gpg-args...
-g() {
-    local home=$1 t=$2
-    shift 2
-    GNUPGHOME="$home" gpg --batch --yes --no-tty --quiet --pinentry-mode loopback --passphrase '' \
-        --no-auto-check-trustdb --faked-system-time "$t!" "$@" 2> >(grep -v 'faked system time' >&2)
-}
+# shellcheck source=gpg-timeline.sh
+source "$(dirname "$0")/gpg-timeline.sh"
 
 BASE="$ROOT/base"
 mkdir -m 700 "$BASE"

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use fs4::fs_std::FileExt;
 use kst_core::durable::{sync_dir, write_atomic};
-use kst_core::transparency::{DirectoryStore, DirectoryStoreError, RecordBatch};
+use kst_core::transparency::{DirectoryStore, DirectoryStoreError, RecordBatch, check_domain};
 use sha2::{Digest, Sha256};
 
 /// Directory of the key directories, under the store's root.
@@ -56,17 +56,7 @@ impl FsDirectoryStore {
     }
 
     fn domain_dir(&self, domain: &str) -> Result<PathBuf, DirectoryStoreError> {
-        let ok = !domain.is_empty()
-            && domain.len() <= 253
-            && !domain.starts_with('.')
-            && domain
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
-        if !ok {
-            return Err(DirectoryStoreError::Unavailable(format!(
-                "{domain:?} is not a normalized domain name"
-            )));
-        }
+        check_domain(domain)?;
         Ok(self.root.join(domain))
     }
 }

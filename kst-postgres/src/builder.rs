@@ -20,6 +20,8 @@ pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default bound on one write on the primary, including the wait for a synchronous standby.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A pooled connection idle at least this long is pinged before an operation uses it.
+const PING_IDLE: Duration = Duration::from_secs(1);
 
 /// Configures and opens a [`PostgresStore`], wrapped in a [`TimeoutStore`] that bounds each
 /// operation by the [operation timeout](Self::operation_timeout).
@@ -136,7 +138,19 @@ impl PostgresStoreBuilder {
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)
             .idle_timeout(Duration::from_secs(300))
-            .test_before_acquire(true)
+            // A connection idle for a while is pinged before use (the server may have been
+            // restarted, or a firewall dropped it) and replaced when dead; one in steady use is
+            // not: sqlx already pings every connection when it goes back to the pool, and a
+            // second ping per operation cost a round trip on every look-up.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IDLE {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
     }
 
     /// One lazily connecting pool per host of `urls`.

@@ -16,6 +16,12 @@ use crate::error::{COMPONENT, db};
 
 /// How long a chosen primary is trusted before the hosts are probed again.
 pub(crate) const RECHECK: Duration = Duration::from_secs(1);
+/// How much longer than [`RECHECK`] the last choice still serves the operations that arrive
+/// while one of them probes again: a re-check does not stall every operation behind its probe
+/// (which opens a connection of its own when no pooled one is idle: under load, every second
+/// every operation in flight waited for a new backend; docs/BENCHMARKS.md, "PostgreSQL's
+/// tail"). A choice forgotten after an error ([`Cluster::suspect`]) never serves.
+pub(crate) const STALE_SERVE: Duration = Duration::from_secs(1);
 /// After a probe found no single primary, how long operations fail at once before probing again.
 const RETRY_PROBE: Duration = Duration::from_millis(250);
 /// Pause between two reads of the standby's position while confirming a write.
@@ -161,11 +167,18 @@ impl Cluster {
         self.hosts.iter().map(|h| h.label.as_str()).collect()
     }
 
-    fn cached(&self) -> Option<Result<Writer>> {
+    /// The last choice while it is fresh; with `stale`, also up to [`STALE_SERVE`] after that
+    /// (while another operation probes).
+    fn cached(&self, stale: bool) -> Option<Result<Writer>> {
         let c = self.choice.lock().unwrap_or_else(|p| p.into_inner());
         let age = c.checked?.elapsed();
+        let trusted = if stale {
+            RECHECK + STALE_SERVE
+        } else {
+            RECHECK
+        };
         match (&c.primary, &c.problem) {
-            (Some((i, facts)), _) if age < RECHECK => Some(Ok(Writer {
+            (Some((i, facts)), _) if age < trusted => Some(Ok(Writer {
                 index: *i,
                 host: self.hosts[*i].clone(),
                 facts: facts.clone(),
@@ -178,13 +191,23 @@ impl Cluster {
     }
 
     /// The host that accepts writes: the last choice while it is fresh, else a new probe of
-    /// every host. A temporary error when none does, or more than one does.
+    /// every host. While one operation probes, the others keep the last choice for up to
+    /// [`STALE_SERVE`] more (then, or with no choice, they wait for the probe). A temporary
+    /// error when none accepts writes, or more than one does.
     pub async fn writer(&self) -> Result<Writer> {
-        if let Some(w) = self.cached() {
+        if let Some(w) = self.cached(false) {
             return w;
         }
-        let _one_prober = self.probing.lock().await;
-        if let Some(w) = self.cached() {
+        let _one_prober = match self.probing.try_lock() {
+            Ok(guard) => guard,
+            Err(_) => {
+                if let Some(w) = self.cached(true) {
+                    return w;
+                }
+                self.probing.lock().await
+            }
+        };
+        if let Some(w) = self.cached(false) {
             return w;
         }
         let probes = self.probe_all().await;
@@ -365,13 +388,17 @@ impl Cluster {
     }
 }
 
-/// Probes `host` on an idle pooled connection, or else on a connection of its own (not through
-/// the pool, which would retry a refused connection until its acquire timeout: a stopped host
-/// must count as gone at once).
+/// Probes `host` on an idle pooled connection, or else (none idle, or the idle one is dead: its
+/// backend went away while it sat in the pool, which `try_acquire` does not check) on a
+/// connection of its own (not through the pool, which would retry a refused connection until
+/// its acquire timeout: a stopped host must count as gone at once).
 async fn probe(host: &Host, limit: Duration) -> Result<Facts> {
     let run = async {
         if let Some(mut c) = host.pool.try_acquire() {
-            return probe_on(&mut c).await;
+            match probe_on(&mut c).await {
+                Ok(facts) => return Ok(facts),
+                Err(_) => c.close_on_drop(),
+            }
         }
         let mut c = PgConnection::connect_with(&host.options)
             .await
@@ -437,5 +464,88 @@ async fn confirm_replicated(conn: &mut PgConnection, w: &Writer) -> Result<()> {
             ));
         }
         tokio::time::sleep(CONFIRM_POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    /// A cluster of one host where nothing listens, with `age` as the age of its last choice
+    /// (a writable primary).
+    fn cluster_chosen(age: Duration) -> Cluster {
+        let options = PgConnectOptions::from_str("postgres://kst@127.0.0.1:1/kst").unwrap();
+        let host = Host {
+            label: "127.0.0.1:1".into(),
+            pool: sqlx::postgres::PgPoolOptions::new()
+                .acquire_timeout(Duration::from_millis(200))
+                .connect_lazy_with(options.clone()),
+            options,
+        };
+        let cluster = Cluster::new(
+            vec![host],
+            Vec::new(),
+            Duration::from_secs(1),
+            Duration::from_millis(200),
+        );
+        {
+            let mut c = cluster.choice.lock().unwrap();
+            c.primary = Some((0, Facts::default()));
+            c.checked = Some(Instant::now().checked_sub(age).unwrap());
+        }
+        cluster
+    }
+
+    /// Whether `writer()` answers within 100 ms, and with the chosen host.
+    async fn answers_at_once(cluster: &Cluster) -> bool {
+        match tokio::time::timeout(Duration::from_millis(100), cluster.writer()).await {
+            Ok(Ok(w)) => w.index == 0,
+            Ok(Err(e)) => panic!("unexpected error: {e}"),
+            Err(_) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn while_one_operation_probes_the_others_keep_the_last_choice() {
+        let cluster = cluster_chosen(RECHECK + Duration::from_millis(100));
+        let probe_in_flight = cluster.probing.lock().await;
+        assert!(
+            answers_at_once(&cluster).await,
+            "a choice just past RECHECK serves while another operation probes"
+        );
+        drop(probe_in_flight);
+    }
+
+    #[tokio::test]
+    async fn a_choice_older_than_the_grace_waits_for_the_probe() {
+        let cluster = cluster_chosen(RECHECK + STALE_SERVE + Duration::from_millis(100));
+        let _probe_in_flight = cluster.probing.lock().await;
+        assert!(
+            !answers_at_once(&cluster).await,
+            "too old to serve: waits for the probe in flight"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_suspected_choice_never_serves() {
+        let cluster = cluster_chosen(Duration::from_millis(10));
+        assert!(answers_at_once(&cluster).await, "fresh");
+        cluster.suspect(0);
+        let _probe_in_flight = cluster.probing.lock().await;
+        assert!(
+            !answers_at_once(&cluster).await,
+            "forgotten after an error: waits for the probe"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_probe_in_flight_an_expired_choice_is_probed_again() {
+        let cluster = cluster_chosen(RECHECK + Duration::from_millis(100));
+        let err = cluster
+            .writer()
+            .await
+            .expect_err("this operation probes the host, and nothing listens there");
+        assert!(err.is_temporary(), "{err}");
     }
 }

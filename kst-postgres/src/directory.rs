@@ -1,8 +1,9 @@
 //! The key directory's records in PostgreSQL (feature `transparency`): kst-postgres's
 //! [`DirectoryStore`] (docs/TRANSPARENCY.md).
 //!
-//! Three tables, created by [`PgDirectoryStore::connect`] (`CREATE TABLE IF NOT EXISTS`
-//! under an advisory lock; they move into `migrations/` when the feature is on by default):
+//! Three tables, created by the migrations (`migrations/20261206000001_kst_key_directory.sql`,
+//! `kst migrate` or a store that migrates on connect; `IF NOT EXISTS`, so databases whose
+//! tables an earlier release created on first use keep them):
 //!
 //! ```text
 //! kt_roots (domain PK, epoch, record)                 the root record of each domain
@@ -21,61 +22,48 @@
 //! transaction is rolled back, `Conflict`), or `INSERT ... ON CONFLICT DO NOTHING` for the
 //! epoch-0 root. The row lock it takes serializes the writers of a domain until commit; the
 //! batch's nodes and value states are written in the same transaction, so readers see all of
-//! an epoch or none of it. Reads go to the one host of the URL (the primary: a replica could
-//! lag behind the root it returns).
+//! an epoch or none of it.
+//!
+//! The hosts are the key store's ([`PostgresStore::directory`]): writes and reads go to the
+//! host that accepts writes now (`[store] url` / `urls`, libpq host lists with
+//! `target_session_attrs=read-write`; a replica could lag behind the root it returns), found
+//! and followed the way the key store finds it, and a commit is confirmed only once a
+//! synchronous standby holds it when the primary is set up for synchronous replication.
+//! Nothing is opened before the first call: a directory whose database is down at start fails
+//! its calls with [`DirectoryStoreError::Unavailable`] until the database is back.
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use kst_core::transparency::{DirectoryStore, DirectoryStoreError, RecordBatch};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use kst_core::transparency::{DirectoryStore, DirectoryStoreError, RecordBatch, on_runtime};
+use sqlx::PgConnection;
+use sqlx::postgres::PgPool;
 
-/// The tables, created under a transaction-level advisory lock (two instances starting at
-/// once).
-const SCHEMA: &str = "
-SELECT pg_advisory_xact_lock(hashtext('kst-key-directory-schema'));
-CREATE TABLE IF NOT EXISTS kt_roots (
-    domain TEXT PRIMARY KEY,
-    epoch BIGINT NOT NULL,
-    record BYTEA NOT NULL
-);
-CREATE TABLE IF NOT EXISTS kt_nodes (
-    domain TEXT NOT NULL,
-    key BYTEA NOT NULL,
-    record BYTEA NOT NULL,
-    PRIMARY KEY (domain, key)
-);
-CREATE TABLE IF NOT EXISTS kt_values (
-    domain TEXT NOT NULL,
-    label BYTEA NOT NULL,
-    epoch BIGINT NOT NULL,
-    record BYTEA NOT NULL,
-    PRIMARY KEY (domain, label, epoch)
-);
-CREATE TABLE IF NOT EXISTS kt_heads (
-    domain TEXT NOT NULL,
-    epoch BIGINT NOT NULL,
-    head BYTEA NOT NULL,
-    PRIMARY KEY (domain, epoch)
-);
-CREATE TABLE IF NOT EXISTS kt_cosignatures (
-    domain TEXT NOT NULL,
-    epoch BIGINT NOT NULL,
-    witness BYTEA NOT NULL,
-    cosignature BYTEA NOT NULL,
-    PRIMARY KEY (domain, epoch, witness)
-);
-CREATE INDEX IF NOT EXISTS kt_cosignatures_by_witness
-    ON kt_cosignatures (domain, witness, epoch);
-";
+use crate::cluster::Cluster;
+use crate::error::COMPONENT;
+use crate::store::PostgresStore;
 
-/// The key directories kept in one PostgreSQL database.
+/// Largest record read back (a record is at most a few hundred bytes); a longer one is
+/// reported as corrupt instead of being read.
+pub const MAX_RECORD: i32 = 64 * 1024;
+
+/// The key directories kept in the database of a [`PostgresStore`].
 ///
-/// Every query runs as a task on the runtime that connected (the pool's connections belong to
-/// its reactor): the key directory calls the store from a thread and runtime of its own
-/// (`kst_core::transparency::log`), which end with it.
-#[derive(Debug, Clone)]
+/// Every query runs as a task on the runtime that made this value (the pools' connections
+/// belong to its reactor): the key directory calls the store from a thread and runtime of its
+/// own (`kst_core::transparency::log`), which end with it.
+#[derive(Clone)]
 pub struct PgDirectoryStore {
-    pool: PgPool,
-    runtime: tokio::runtime::Handle,
+    cluster: Arc<Cluster>,
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl std::fmt::Debug for PgDirectoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgDirectoryStore")
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> DirectoryStoreError {
@@ -91,36 +79,68 @@ fn epoch_u64(epoch: i64) -> Result<u64, DirectoryStoreError> {
         .map_err(|_| DirectoryStoreError::Corrupt(format!("negative epoch {epoch} stored")))
 }
 
+/// A stored record, refused when it is longer than [`MAX_RECORD`] (the query reads `NULL`
+/// for it instead of the bytes).
+fn bounded(record: Option<Vec<u8>>, what: &str) -> Result<Vec<u8>, DirectoryStoreError> {
+    record.ok_or_else(|| {
+        DirectoryStoreError::Corrupt(format!(
+            "postgres: a {what} record is longer than {MAX_RECORD} bytes"
+        ))
+    })
+}
+
+impl PostgresStore {
+    /// The key directories kept in this store's database, on its hosts (a pool per host,
+    /// shared with this store). Call it within the Tokio runtime the store's pools belong to:
+    /// the directory's queries run on it.
+    pub fn directory(&self) -> PgDirectoryStore {
+        PgDirectoryStore {
+            cluster: Arc::clone(&self.cluster),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        }
+    }
+}
+
 impl PgDirectoryStore {
-    /// Connects to the database at `url` (a pool of at most `max_connections`) and creates
-    /// the tables if they are missing.
+    /// Connects to the database at `url` (which may list several hosts, libpq-style; a pool of
+    /// at most `max_connections` per host), applies the schema migrations (which create the
+    /// tables), and returns its directories. For tools and tests; `kst` uses
+    /// [`PostgresStore::directory`] on the store `[store]` names.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, DirectoryStoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .connect(url)
+        let store = PostgresStore::builder(url)
+            .max_connections(max_connections)
+            .connect()
             .await
-            .map_err(unavailable)?;
-        sqlx::raw_sql(SCHEMA)
-            .execute(&pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(PgDirectoryStore {
-            pool,
-            runtime: tokio::runtime::Handle::current(),
-        })
+            .map_err(DirectoryStoreError::from)?;
+        Ok(store.inner().directory())
     }
 
-    /// Runs `f` with the pool on the runtime that connected.
-    async fn run<T, F, Fut>(&self, f: F) -> Result<T, DirectoryStoreError>
+    /// Runs `f` on the runtime that made this value, with the pool of the host that accepts
+    /// writes.
+    async fn read<T, F, Fut>(&self, f: F) -> Result<T, DirectoryStoreError>
     where
         T: Send + 'static,
-        F: FnOnce(PgPool) -> Fut,
+        F: FnOnce(PgPool) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<T, DirectoryStoreError>> + Send + 'static,
     {
-        self.runtime
-            .spawn(f(self.pool.clone()))
-            .await
-            .map_err(|e| unavailable(format!("query task: {e}")))?
+        let cluster = Arc::clone(&self.cluster);
+        self.run(async move {
+            let pool = cluster
+                .writer()
+                .await
+                .map_err(DirectoryStoreError::from)?
+                .host
+                .pool;
+            f(pool).await
+        })
+        .await
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, DirectoryStoreError>> + Send + 'static,
+    ) -> Result<T, DirectoryStoreError> {
+        on_runtime(self.runtime.as_ref(), work).await
     }
 }
 
@@ -132,14 +152,18 @@ impl DirectoryStore for PgDirectoryStore {
 
     async fn root(&self, domain: &str) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
         let domain = domain.to_string();
-        self.run(|pool| async move {
-            let row: Option<(i64, Vec<u8>)> =
-                sqlx::query_as("SELECT epoch, record FROM kt_roots WHERE domain = $1")
-                    .bind(domain)
-                    .fetch_optional(&pool)
-                    .await
-                    .map_err(unavailable)?;
-            row.map(|(e, r)| Ok((epoch_u64(e)?, r))).transpose()
+        self.read(|pool| async move {
+            let row: Option<(i64, Option<Vec<u8>>)> = sqlx::query_as(
+                "SELECT epoch, CASE WHEN octet_length(record) <= $2 THEN record END \
+                 FROM kt_roots WHERE domain = $1",
+            )
+            .bind(domain)
+            .bind(MAX_RECORD)
+            .fetch_optional(&pool)
+            .await
+            .map_err(unavailable)?;
+            row.map(|(e, r)| Ok((epoch_u64(e)?, bounded(r, "root")?)))
+                .transpose()
         })
         .await
     }
@@ -150,13 +174,18 @@ impl DirectoryStore for PgDirectoryStore {
         keys: &[Vec<u8>],
     ) -> Result<Vec<Vec<u8>>, DirectoryStoreError> {
         let (domain, keys) = (domain.to_string(), keys.to_vec());
-        self.run(|pool| async move {
-            sqlx::query_scalar("SELECT record FROM kt_nodes WHERE domain = $1 AND key = ANY($2)")
-                .bind(domain)
-                .bind(keys)
-                .fetch_all(&pool)
-                .await
-                .map_err(unavailable)
+        self.read(|pool| async move {
+            let rows: Vec<Option<Vec<u8>>> = sqlx::query_scalar(
+                "SELECT CASE WHEN octet_length(record) <= $3 THEN record END \
+                 FROM kt_nodes WHERE domain = $1 AND key = ANY($2)",
+            )
+            .bind(domain)
+            .bind(keys)
+            .bind(MAX_RECORD)
+            .fetch_all(&pool)
+            .await
+            .map_err(unavailable)?;
+            rows.into_iter().map(|r| bounded(r, "tree node")).collect()
         })
         .await
     }
@@ -167,17 +196,19 @@ impl DirectoryStore for PgDirectoryStore {
         label: &[u8],
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
         let (domain, label) = (domain.to_string(), label.to_vec());
-        self.run(|pool| async move {
-            let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-                "SELECT epoch, record FROM kt_values WHERE domain = $1 AND label = $2",
+        self.read(|pool| async move {
+            let rows: Vec<(i64, Option<Vec<u8>>)> = sqlx::query_as(
+                "SELECT epoch, CASE WHEN octet_length(record) <= $3 THEN record END \
+                 FROM kt_values WHERE domain = $1 AND label = $2",
             )
             .bind(domain)
             .bind(label)
+            .bind(MAX_RECORD)
             .fetch_all(&pool)
             .await
             .map_err(unavailable)?;
             rows.into_iter()
-                .map(|(e, r)| Ok((epoch_u64(e)?, r)))
+                .map(|(e, r)| Ok((epoch_u64(e)?, bounded(r, "value state")?)))
                 .collect()
         })
         .await
@@ -185,7 +216,27 @@ impl DirectoryStore for PgDirectoryStore {
 
     async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
         let domain = domain.to_string();
-        self.run(|pool| commit(pool, domain, batch)).await
+        let cluster = Arc::clone(&self.cluster);
+        self.run(async move {
+            // On the primary, confirmed by a synchronous standby when the primary has one set
+            // up (as a publication is): a failover never loses an epoch a delivery relied on.
+            cluster
+                .write(true, |conn| {
+                    Box::pin(async move {
+                        match commit_on(conn, &domain, batch).await {
+                            // The host's fault: the write path closes the connection and
+                            // looks for the primary again.
+                            Err(DirectoryStoreError::Unavailable(m)) => {
+                                Err(kst_core::Error::unavailable(COMPONENT, m))
+                            }
+                            other => Ok(other),
+                        }
+                    })
+                })
+                .await
+                .map_err(DirectoryStoreError::from)?
+        })
+        .await
     }
 
     async fn insert_head(
@@ -195,7 +246,7 @@ impl DirectoryStore for PgDirectoryStore {
         head: &[u8],
     ) -> Result<Vec<u8>, DirectoryStoreError> {
         let (domain, epoch, head) = (domain.to_string(), epoch_i64(epoch)?, head.to_vec());
-        self.run(move |pool| async move {
+        self.read(move |pool| async move {
             sqlx::query(
                 "INSERT INTO kt_heads (domain, epoch, head) VALUES ($1, $2, $3) \
                  ON CONFLICT (domain, epoch) DO NOTHING",
@@ -230,7 +281,7 @@ impl DirectoryStore for PgDirectoryStore {
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
         let domain = domain.to_string();
         let (from, to) = (epoch_i64(from)?, epoch_i64(to.min(i64::MAX as u64))?);
-        self.run(move |pool| async move {
+        self.read(move |pool| async move {
             let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
                 "SELECT epoch, head FROM kt_heads \
                  WHERE domain = $1 AND epoch BETWEEN $2 AND $3 ORDER BY epoch",
@@ -257,7 +308,7 @@ impl DirectoryStore for PgDirectoryStore {
     ) -> Result<(), DirectoryStoreError> {
         let (domain, epoch) = (domain.to_string(), epoch_i64(epoch)?);
         let (witness, cosignature) = (witness.to_vec(), cosignature.to_vec());
-        self.run(move |pool| async move {
+        self.read(move |pool| async move {
             sqlx::query(
                 "INSERT INTO kt_cosignatures (domain, epoch, witness, cosignature) \
                  VALUES ($1, $2, $3, $4) ON CONFLICT (domain, epoch, witness) \
@@ -281,7 +332,7 @@ impl DirectoryStore for PgDirectoryStore {
         epoch: u64,
     ) -> Result<Vec<([u8; 32], Vec<u8>)>, DirectoryStoreError> {
         let (domain, epoch) = (domain.to_string(), epoch_i64(epoch)?);
-        self.run(move |pool| async move {
+        self.read(move |pool| async move {
             let rows: Vec<(Vec<u8>, Vec<u8>)> = sqlx::query_as(
                 "SELECT witness, cosignature FROM kt_cosignatures \
                  WHERE domain = $1 AND epoch = $2",
@@ -304,7 +355,7 @@ impl DirectoryStore for PgDirectoryStore {
         witness: &[u8; 32],
     ) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
         let (domain, witness) = (domain.to_string(), witness.to_vec());
-        self.run(move |pool| async move {
+        self.read(move |pool| async move {
             let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
                 "SELECT epoch, cosignature FROM kt_cosignatures \
                  WHERE domain = $1 AND witness = $2 ORDER BY epoch DESC LIMIT 1",
@@ -329,14 +380,15 @@ fn witness_key(bytes: &[u8]) -> Result<[u8; 32], DirectoryStoreError> {
     })
 }
 
-/// [`DirectoryStore::commit`]: one transaction, the fence first (module docs).
-async fn commit(
-    pool: PgPool,
-    domain: String,
+/// [`DirectoryStore::commit`]: one transaction on `conn`, the fence first (module docs).
+async fn commit_on(
+    conn: &mut PgConnection,
+    domain: &str,
     batch: RecordBatch,
 ) -> Result<(), DirectoryStoreError> {
-    let domain = domain.as_str();
-    let mut tx = pool.begin().await.map_err(unavailable)?;
+    let mut tx = sqlx::Connection::begin(&mut *conn)
+        .await
+        .map_err(unavailable)?;
     match &batch.root {
         // akd's empty tree: written only while the domain has no root.
         None => {

@@ -21,5 +21,7 @@ pub use builder::{
 #[cfg(feature = "transparency")]
 pub use directory::PgDirectoryStore;
 pub use hosts::{HostUrls, TargetSessionAttrs, split_hosts};
+#[doc(hidden)]
+pub use ratelimit::HIT as RATE_LIMIT_HIT_SQL;
 pub use store::{MIGRATIONS_TABLE, PostgresStore};
 pub use url::with_database;

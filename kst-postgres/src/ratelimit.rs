@@ -1,12 +1,16 @@
 //! [`RateLimiter`] on PostgreSQL: one row per limiter key in `kst_rate_limits`, counted with a
 //! single upsert so that every instance of a pool shares the count.
 //!
-//! A hit commits without waiting for its WAL to reach the disk (`SET LOCAL synchronous_commit
-//! = off`, for that transaction only): counters are soft state, like the fs limiter's, which
-//! are never fsynced. A crash of the server can forget the hits of its last moments (at most
-//! three times `wal_writer_delay`, 200 ms by default); it never makes a count wrong otherwise.
-//! Waiting for a WAL flush per hit made every web request pay a disk write (with the limits at
-//! their defaults the web listener answered 5 times fewer look-ups, docs/BENCHMARKS.md).
+//! A hit commits without waiting for its WAL to reach the disk (`synchronous_commit = off` for
+//! that transaction only, set by `set_config(..., true)` inside the hit's own statement):
+//! counters are soft state, like the fs limiter's, which are never fsynced. A crash of the
+//! server can forget the hits of its last moments (at most three times `wal_writer_delay`,
+//! 200 ms by default); it never makes a count wrong otherwise. Waiting for a WAL flush per hit
+//! made every web request pay a disk write (with the limits at their defaults the web listener
+//! answered 5 times fewer look-ups, docs/BENCHMARKS.md).
+//!
+//! A hit is one statement in its own implicit transaction: one round trip, where `BEGIN`,
+//! `SET LOCAL`, the upsert and `COMMIT` were four.
 
 use std::time::Duration;
 
@@ -17,9 +21,13 @@ use sqlx::Row;
 use crate::error::db;
 use crate::store::PostgresStore;
 
-/// One hit: insert the counter at 1, or add 1 within the window, or start a new window.
-const HIT: &str = "INSERT INTO kst_rate_limits AS r (key, count, window_end) \
-     VALUES ($1, 1, now() + make_interval(secs => $2)) \
+/// One hit: insert the counter at 1, or add 1 within the window, or start a new window. The
+/// `async_commit` row turns `synchronous_commit` off for this statement's own transaction
+/// (`is_local`; PostgreSQL reads the setting when it commits, before it resets it).
+pub const HIT: &str = "WITH async_commit AS \
+       (SELECT set_config('synchronous_commit', 'off', true)) \
+     INSERT INTO kst_rate_limits AS r (key, count, window_end) \
+     SELECT $1, 1, now() + make_interval(secs => $2) FROM async_commit \
      ON CONFLICT (key) DO UPDATE SET \
        count = CASE WHEN r.window_end <= now() THEN 1 ELSE r.count + 1 END, \
        window_end = CASE WHEN r.window_end <= now() THEN EXCLUDED.window_end ELSE r.window_end END \
@@ -61,20 +69,13 @@ impl RateLimiter for PostgresStore {
         let count: i64 = self
             .write(false, |conn| {
                 Box::pin(async move {
-                    let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(db)?;
-                    sqlx::query("SET LOCAL synchronous_commit = off")
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db)?;
                     let row = sqlx::query(HIT)
                         .bind(key)
                         .bind(secs)
-                        .fetch_one(&mut *tx)
+                        .fetch_one(&mut *conn)
                         .await
                         .map_err(db)?;
-                    let count = row.try_get(0).map_err(db)?;
-                    tx.commit().await.map_err(db)?;
-                    Ok(count)
+                    row.try_get(0).map_err(db)
                 })
             })
             .await?;

@@ -32,7 +32,7 @@ pub const MIGRATIONS_TABLE: &str = "kst_schema_migrations";
 /// methods are not bounded by it. Cheap to clone (the connection pool is shared). See the crate documentation for the schema.
 #[derive(Clone)]
 pub struct PostgresStore {
-    cluster: Arc<Cluster>,
+    pub(crate) cluster: Arc<Cluster>,
     /// Set once `kst_key_index_state.built` was seen true (it never turns false again).
     index_built: Arc<AtomicBool>,
 }

@@ -176,7 +176,7 @@ impl RedisStore {
 
     /// This store on a connection of its own for one change that ends in a `WAIT` (itself
     /// without `min_replicas`): the change's writes and the `WAIT` go on the same connection.
-    fn lane(&self) -> RedisStore {
+    pub(crate) fn lane(&self) -> RedisStore {
         if self.lanes.is_empty() {
             return self.clone();
         }
@@ -196,7 +196,7 @@ impl RedisStore {
 
     /// Waits for [`Self::min_replicas`] replicas of the primary that holds `key` to acknowledge
     /// every write sent before on the same connection; a temporary error when fewer do.
-    async fn wait_for_replicas(&self, key: &str, what: &str) -> Result<()> {
+    pub(crate) async fn wait_for_replicas(&self, key: &str, what: &str) -> Result<()> {
         if self.min_replicas == 0 {
             return Ok(());
         }

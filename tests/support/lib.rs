@@ -100,6 +100,29 @@ impl Gpg {
         }
     }
 
+    /// Makes a primary key only (ed25519, sign and certify) for `uid` expiring after `expire`
+    /// (`never`, `1d`, ...), with gpg's clock at `faked_time` (`--faked-system-time`, e.g.
+    /// `20200101T000000!`) when given; returns its armored public part.
+    pub fn generate_primary(&self, uid: &str, expire: &str, faked_time: Option<&str>) -> String {
+        let mut args = Vec::new();
+        if let Some(t) = faked_time {
+            args.extend(["--faked-system-time", t]);
+        }
+        args.extend([
+            "--passphrase",
+            "",
+            "--pinentry-mode",
+            "loopback",
+            "--quick-gen-key",
+            uid,
+            "ed25519",
+            "sign,cert",
+            expire,
+        ]);
+        self.run(&args);
+        self.export(uid)
+    }
+
     /// The fingerprint of the first key matching `who`.
     pub fn fingerprint(&self, who: &str) -> String {
         let out = self.run(&["--with-colons", "--list-keys", who]);

@@ -30,6 +30,14 @@
 //!   cur`, `SET ver`, `HSET hist`, `HSET pub`, `ZADD index`) and the `SADD`s of its look-up
 //!   index entries, pipelined 1 000 addresses at a time.
 //!
+//! `--mirror BACKEND=TARGET` (repeatable, with `--real-keys --fill-only`) publishes every key
+//! made for the main store into further stores too, through their own `publish`: each
+//! certificate is made (and its fill's process runs) once for all of them, and the stores hold
+//! the same keys (`scripts/bench-web.sh fill` fills the backends of one size so). A publication
+//! that fails with a temporary error is retried. TARGET is a
+//! directory for `fs`, `URL#DATABASE` for `postgres` (a database on the server of URL) and
+//! `URL#PREFIX` for `redis`; each is created if missing and kept.
+//!
 //! The PostgreSQL bulk fill bypasses `publish` and its index, so `rebuild_index` runs after it
 //! (timed); otherwise only with `--rebuild-index`.
 //!
@@ -46,7 +54,7 @@ use clap::{Parser, ValueEnum};
 use kst_core::{Address, AddressPolicy, KeyStore, NewKey};
 
 /// Command line.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "kst-store-bench",
     about = "Publish/get throughput of a kst key store"
@@ -99,7 +107,7 @@ struct Args {
     namespace: Option<String>,
     /// Write request paths of up to 200,000 stored addresses for `scripts/bench-web.sh` here:
     /// `wkd.paths` (direct method with `l=`), `wkdhash.paths` (without), `vks.paths`
-    /// (by-email) and `fpr.paths` (VKS by-fingerprint).
+    /// (by-email), `fpr.paths` (VKS by-fingerprint) and `hkp.paths` (HKP `op=get` by address).
     #[arg(long)]
     paths_out: Option<std::path::PathBuf>,
     /// The operations to measure, comma-separated (get, by-fpr, by-wkd, publish); leave
@@ -113,6 +121,41 @@ struct Args {
     /// Time `rebuild_index` after each fill (on fs it reads every history file twice).
     #[arg(long)]
     rebuild_index: bool,
+    /// Publish every filled key into this store too (`fs=DIR`, `postgres=URL#DATABASE`,
+    /// `redis=URL#PREFIX`; with `--real-keys --fill-only`); repeatable.
+    #[arg(long)]
+    mirror: Vec<String>,
+}
+
+/// The arguments that open the store of `--mirror` `spec` (a kept namespace).
+fn mirror_args(args: &Args, spec: &str) -> Result<Args> {
+    let (backend, target) = spec
+        .split_once('=')
+        .with_context(|| format!("--mirror {spec:?}: expected BACKEND=TARGET"))?;
+    let mut m = args.clone();
+    m.mirror.clear();
+    m.dir = None;
+    m.namespace = None;
+    match backend {
+        "fs" => {
+            m.backend = Backend::Fs;
+            m.dir = Some(target.into());
+        }
+        "postgres" | "redis" => {
+            let (url, ns) = target
+                .split_once('#')
+                .with_context(|| format!("--mirror {spec:?}: expected {backend}=URL#NAMESPACE"))?;
+            m.backend = if backend == "redis" {
+                Backend::Redis
+            } else {
+                Backend::Postgres
+            };
+            m.url = url.to_string();
+            m.namespace = Some(ns.to_string());
+        }
+        other => bail!("--mirror {spec:?}: unknown backend {other:?} (fs, postgres, redis)"),
+    }
+    Ok(m)
 }
 
 /// Whether addresses and keys are `--real-keys` ones.
@@ -130,6 +173,8 @@ struct Bench {
     store: Arc<dyn KeyStore>,
     backend: Backend,
     cleanup: Cleanup,
+    /// The `--mirror` stores, filled with the same keys.
+    mirrors: Vec<Arc<dyn KeyStore>>,
 }
 
 enum Cleanup {
@@ -227,6 +272,7 @@ impl Bench {
                 Bench {
                     store: Arc::new(store),
                     backend: args.backend,
+                    mirrors: Vec::new(),
                     cleanup: Cleanup::Fs(dir),
                 }
             }
@@ -240,11 +286,14 @@ impl Bench {
                 }
                 let store = kst_postgres::PostgresStore::builder(with_database(&args.url, &db))
                     .max_connections(32)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .operation_timeout(Duration::from_secs(60))
                     .connect()
                     .await?;
                 Bench {
                     store: Arc::new(store),
                     backend: args.backend,
+                    mirrors: Vec::new(),
                     cleanup: Cleanup::Postgres {
                         admin: args.url.clone(),
                         db,
@@ -263,6 +312,7 @@ impl Bench {
                 Bench {
                     store: Arc::new(store),
                     backend: args.backend,
+                    mirrors: Vec::new(),
                     cleanup: Cleanup::Redis {
                         url: args.url.clone(),
                         prefix,
@@ -291,14 +341,16 @@ impl Bench {
         self.fill_by_publish(from, to, key_bytes).await
     }
 
-    /// Publishes one key for each of addresses `from..to` through the store's own `publish`,
-    /// 64 calls in flight: `--real-keys` certificates, or `--key-bytes` of filler (fs).
+    /// Publishes one key for each of addresses `from..to` through the store's own `publish`
+    /// (and each mirror's), 64 calls in flight: `--real-keys` certificates, or `--key-bytes` of
+    /// filler (fs).
     async fn fill_by_publish(&self, from: u64, to: u64, key_bytes: usize) -> Result<()> {
         let next = Arc::new(std::sync::atomic::AtomicU64::new(from));
         let mut tasks = tokio::task::JoinSet::new();
         let real = REAL_KEYS.load(Ordering::Relaxed);
         for _ in 0..64 {
             let store = Arc::clone(&self.store);
+            let mirrors = self.mirrors.clone();
             let next = Arc::clone(&next);
             tasks.spawn(async move {
                 loop {
@@ -311,7 +363,10 @@ impl Bench {
                     } else {
                         new_key(i, 0, key_bytes)
                     };
-                    store.publish(key).await?;
+                    for m in &mirrors {
+                        publish_retrying(m, &key).await?;
+                    }
+                    publish_retrying(&store, &key).await?;
                     if i.is_multiple_of(100_000) && i > 0 {
                         eprintln!("filled up to address {i}");
                     }
@@ -362,6 +417,24 @@ impl Bench {
             }
         }
         Ok(())
+    }
+}
+
+/// Publishes `key` into `store`, retrying a temporary failure (a pool that timed out on a busy
+/// machine) up to 30 times a second apart: a fill of 10^6 keys must not die of one. Publishing
+/// the same key again is idempotent (same publication id).
+async fn publish_retrying(store: &Arc<dyn KeyStore>, key: &NewKey) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        match store.publish(key.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_temporary() && tries < 30 => {
+                tries += 1;
+                eprintln!("{}: {e}; retrying in 1 s", store.name());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -580,10 +653,18 @@ async fn main() -> Result<()> {
             bail!("--ops: unknown operation {name:?} (get, by-fpr, by-wkd, publish)");
         }
     }
+    if !args.mirror.is_empty() && (!args.real_keys || !args.fill_only) {
+        bail!("--mirror is for filling: use it with --real-keys --fill-only");
+    }
     REAL_KEYS.store(args.real_keys, Ordering::Relaxed);
     let mut sizes = args.stored.clone();
     sizes.sort_unstable();
-    let bench = Bench::open(&args).await?;
+    let mut bench = Bench::open(&args).await?;
+    for spec in &args.mirror {
+        bench
+            .mirrors
+            .push(Bench::open(&mirror_args(&args, spec)?).await?.store);
+    }
     let result = run(&args, &bench, &sizes).await;
     if !args.keep {
         let t = Instant::now();
@@ -632,11 +713,12 @@ fn write_paths(dir: &std::path::Path, sample: &[(u64, kst_core::Fingerprint)]) -
             dir.join(name),
         )?))
     };
-    let (mut wkd, mut hash, mut vks, mut fpr) = (
+    let (mut wkd, mut hash, mut vks, mut fpr, mut hkp) = (
         open("wkd.paths")?,
         open("wkdhash.paths")?,
         open("vks.paths")?,
         open("fpr.paths")?,
+        open("hkp.paths")?,
     );
     for (i, f) in sample {
         let a = address(*i);
@@ -645,8 +727,14 @@ fn write_paths(dir: &std::path::Path, sample: &[(u64, kst_core::Fingerprint)]) -
         writeln!(hash, "/.well-known/openpgpkey/hu/{h}")?;
         writeln!(vks, "/vks/v1/by-email/{}%40{}", a.local(), a.domain())?;
         writeln!(fpr, "/vks/v1/by-fingerprint/{f}")?;
+        writeln!(
+            hkp,
+            "/pks/lookup?op=get&options=mr&search={}%40{}",
+            a.local(),
+            a.domain()
+        )?;
     }
-    for mut w in [wkd, hash, vks, fpr] {
+    for mut w in [wkd, hash, vks, fpr, hkp] {
         w.flush()?;
     }
     Ok(())
@@ -677,6 +765,12 @@ async fn run(args: &Args, bench: &Bench, sizes: &[u64]) -> Result<()> {
                 "rebuild_index: {indexed} keys indexed in {:.1} s",
                 t.elapsed().as_secs_f64()
             );
+        }
+        for (m, spec) in bench.mirrors.iter().zip(&args.mirror) {
+            // Every sampled address has its key in the mirror too (else this fails).
+            sample(m, stored, 10_000)
+                .await
+                .with_context(|| format!("mirror {spec}"))?;
         }
         if let Some(dir) = &args.paths_out {
             let t = Instant::now();

@@ -43,7 +43,18 @@ pub async fn run(args: ClientArgs) -> u8 {
                 key,
                 gpg_key,
                 no_wait,
-            } => vec![publish(s, key.as_deref(), gpg_key.as_deref(), no_wait).await],
+                #[cfg(feature = "transparency")]
+                proof,
+            } => {
+                #[cfg(not(feature = "transparency"))]
+                let proof = ();
+                match head_key_of(&proof) {
+                    Ok(h) => vec![
+                        publish(s, key.as_deref(), gpg_key.as_deref(), no_wait, h.as_deref()).await,
+                    ],
+                    Err(o) => vec![o],
+                }
+            }
             ClientCommand::Retrieve {
                 address,
                 import,
@@ -62,16 +73,35 @@ pub async fn run(args: ClientArgs) -> u8 {
                     allow_plaintext,
                 };
                 #[cfg(feature = "transparency")]
-                let outcome = if log.check_transparency {
-                    checked_retrieve(s, &address, import, &how, no_wait, &log).await
-                } else {
-                    retrieve(s, &address, import, &how, no_wait).await
+                let outcome = match log
+                    .reply
+                    .head_key_checking(log.check_transparency)
+                    .map_err(|e| Outcome::error(exit::USAGE, e))
+                {
+                    Err(o) => o,
+                    Ok(_) if log.check_transparency => {
+                        checked_retrieve(s, &address, import, &how, no_wait, &log).await
+                    }
+                    Ok(head_key) => {
+                        retrieve(s, &address, import, &how, no_wait, head_key.as_deref()).await
+                    }
                 };
                 #[cfg(not(feature = "transparency"))]
-                let outcome = retrieve(s, &address, import, &how, no_wait).await;
+                let outcome = retrieve(s, &address, import, &how, no_wait, None).await;
                 vec![outcome]
             }
-            ClientCommand::Delete { no_wait } => vec![super::delete::delete(s, no_wait).await],
+            ClientCommand::Delete {
+                no_wait,
+                #[cfg(feature = "transparency")]
+                proof,
+            } => {
+                #[cfg(not(feature = "transparency"))]
+                let proof = ();
+                match head_key_of(&proof) {
+                    Ok(h) => vec![super::delete::delete(s, no_wait, h.as_deref()).await],
+                    Err(o) => vec![o],
+                }
+            }
             ClientCommand::Status {
                 key,
                 gpg_key,
@@ -120,6 +150,18 @@ pub async fn run(args: ClientArgs) -> u8 {
         Err(_) => Vec::new(),
     };
     output::finish_with(&outcomes, json, list, &facts)
+}
+
+/// The head key `--transparency --log-key` gave (protocol version 3), `None` without.
+#[cfg(feature = "transparency")]
+fn head_key_of(proof: &super::transparency::ReplyProofArgs) -> Result<Option<String>, Outcome> {
+    proof.head_key().map_err(|e| Outcome::error(exit::USAGE, e))
+}
+
+/// Without the `transparency` feature there is no `--transparency`.
+#[cfg(not(feature = "transparency"))]
+fn head_key_of(_: &()) -> Result<Option<String>, Outcome> {
+    Ok(None)
 }
 
 /// The client settings after config file and flags.
@@ -349,6 +391,7 @@ async fn publish(
     key: Option<&Path>,
     gpg_key: Option<&str>,
     no_wait: bool,
+    head_key: Option<&str>,
 ) -> Outcome {
     let account = match s.account() {
         Ok(a) => a.clone(),
@@ -373,9 +416,9 @@ async fn publish(
         }
     };
     if let Some(warning) = super::status::expiry_warning(&armored, kst_core::time::unix_now()) {
-        eprintln!("kst: warning: {warning}");
+        output::err(format!("kst: warning: {warning}"));
     }
-    let request = match kst_core::client::build_publication(&account, &armored) {
+    let request = match kst_core::client::build_publication_with(&account, &armored, head_key) {
         Ok(r) => r,
         Err(e @ BuildError::NoMatchingUserId(_)) => {
             return Outcome::error(
@@ -396,6 +439,7 @@ async fn retrieve(
     import: bool,
     how: &Direct,
     no_wait: bool,
+    head_key: Option<&str>,
 ) -> Outcome {
     let account = match s.account() {
         Ok(a) => a.clone(),
@@ -407,7 +451,7 @@ async fn retrieve(
             return Outcome::error(exit::USAGE, format!("{address:?} is not an address: {e}"));
         }
     };
-    let request = kst_core::client::build_retrieval(&account, &address);
+    let request = kst_core::client::build_retrieval_with(&account, &address, head_key);
     send_and_wait(s, &account, request, Some(how), import, no_wait).await
 }
 
@@ -428,7 +472,12 @@ async fn checked_retrieve(
             "--check-transparency waits for the reply: drop --no-wait",
         );
     }
-    let outcome = retrieve(s, address, false, how, false).await;
+    // With --transparency too, the reply's own proof is checked first (in `wait_for`).
+    let head_key = match log.reply.head_key_checking(true) {
+        Ok(h) => h,
+        Err(e) => return Outcome::error(exit::USAGE, e),
+    };
+    let outcome = retrieve(s, address, false, how, false, head_key.as_deref()).await;
     let outcome = super::transparency::check(s, log, outcome).await;
     if import {
         import_found(outcome)
@@ -566,7 +615,7 @@ pub(super) async fn send_and_wait(
         return Outcome::error(exit::CONFIG, e.to_string());
     }
     let bar = output::spinner(s.json);
-    bar.set_message(format!("sending to {service}"));
+    bar.set_message(super::terminal::line(&format!("sending to {service}")).into_owned());
     let sent = match (&route, &s.sendmail) {
         (Some(route), _) => submit::send(
             &dns,
@@ -777,11 +826,14 @@ async fn wait_for(
         .iter()
         .map(|e| e.pending.service.to_string())
         .collect();
-    bar.set_message(format!(
-        "waiting for the reply from {} ({})",
-        services.join(", "),
-        mailbox.how_read()
-    ));
+    bar.set_message(
+        super::terminal::line(&format!(
+            "waiting for the reply from {} ({})",
+            services.join(", "),
+            mailbox.how_read()
+        ))
+        .into_owned(),
+    );
     loop {
         let open: Vec<Pending> = entries
             .iter()
@@ -810,13 +862,22 @@ async fn wait_for(
                         } => Some(check_dkim(s, &dns, &entries[i], raw).await),
                         _ => None,
                     };
+                    let log_answer = match &m {
+                        Matched::Reply { log_answer, .. } => log_answer.clone(),
+                        Matched::Bounce { .. } => None,
+                    };
                     let o = interpret(&entries[i], m);
                     let o = match dkim {
                         Some(report) => apply_dkim(s, &entries[i], o, report),
                         None => o,
                     };
+                    // A reply whose HMAC verified but whose key directory answer does not
+                    // confirm it came from the KST itself: final, no genuine reply will follow.
+                    let attack_before = matches!(o, Outcome::Attack { .. });
+                    let o = reply_proof(&entries[i], log_answer.as_deref(), o).await;
+                    let proof_failed = !attack_before && matches!(o, Outcome::Attack { .. });
                     match o {
-                        o @ Outcome::Attack { .. } => {
+                        o @ Outcome::Attack { .. } if !proof_failed => {
                             if !s.json {
                                 bar.suspend(|| o.print_text());
                             }
@@ -860,6 +921,26 @@ async fn wait_for(
         .zip(&entries)
         .map(|((r, a), e)| r.or(a).unwrap_or_else(|| pending_outcome(e)))
         .collect()
+}
+
+/// Protocol version 3: the key directory's answer inside the reply, checked against the head
+/// key the request was made with (a request without one is returned as it is).
+async fn reply_proof(e: &Entry, log_answer: Option<&str>, o: Outcome) -> Outcome {
+    if e.pending.head_key.is_none() {
+        return o;
+    }
+    #[cfg(feature = "transparency")]
+    {
+        super::transparency::check_reply_answer(&e.pending, log_answer, o).await
+    }
+    #[cfg(not(feature = "transparency"))]
+    {
+        let _ = (log_answer, o);
+        Outcome::error(
+            exit::SOFTWARE,
+            "this request asked for the key directory's proof, and this kst was built without the `transparency` feature to check it",
+        )
+    }
 }
 
 /// Remembers a confirmed publication's fingerprint as the account's own (the owner's monitor
@@ -1087,17 +1168,14 @@ fn pending(s: &Settings) -> u8 {
                 })
             })
             .collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&list).unwrap_or_else(|_| "[]".into())
-        );
+        super::terminal::print_json(&list, "[]");
     } else if entries.is_empty() {
         eprintln!("kst: no pending requests ({})", s.state.path().display());
     } else {
         let now = kst_core::time::unix_now();
         for e in &entries {
             let (kind, address) = asked_kind_and_address(&e.pending);
-            println!(
+            output::out(format!(
                 "{:<11} {:<32} via {:<10} for {:<28} {:>6}s  <{}>",
                 kind,
                 address,
@@ -1105,7 +1183,7 @@ fn pending(s: &Settings) -> u8 {
                 e.account,
                 now.saturating_sub(e.pending.created_at),
                 e.pending.message_id
-            );
+            ));
         }
     }
     exit::OK

@@ -2,7 +2,7 @@
 //! the request's Message-ID, verified by `kst-core`), or a bounce (a delivery status
 //! notification that quotes the request), which means the provider runs no KST.
 
-use kst_core::client::{Pending, ReplyError, Verified, verify_reply};
+use kst_core::client::{Pending, ReplyError, Verified, verify_reply_with_answer};
 use mail_parser::{MessageParser, MimeHeaders};
 
 /// What a message means for one pending request.
@@ -14,6 +14,9 @@ pub enum Matched {
         message_id: String,
         /// Verified, or why not.
         result: Result<Verified, ReplyError>,
+        /// The key directory's answer the verified reply carried (protocol version 3), whose
+        /// hash its HMAC covers; checked against the head key by the caller.
+        log_answer: Option<String>,
         /// The reply as read (at most the mailbox's size limit), for the DKIM check.
         raw: Vec<u8>,
     },
@@ -45,13 +48,18 @@ pub fn classify<'a>(pending: impl IntoIterator<Item = &'a Pending>, raw: &[u8]) 
     if let Some(irt) = in_reply_to.as_deref()
         && let Some(p) = pending.iter().find(|p| p.message_id == irt)
     {
-        let result = verify_reply(p, raw);
+        let result = verify_reply_with_answer(p, raw);
         if dsn && matches!(result, Err(ReplyError::NotKst)) {
             return bounce(p, raw);
         }
+        let (result, log_answer) = match result {
+            Ok(r) => (Ok(r.verified), r.log_answer),
+            Err(e) => (Err(e), None),
+        };
         return Some(Matched::Reply {
             message_id: p.message_id.clone(),
             result,
+            log_answer,
             raw: raw.to_vec(),
         });
     }

@@ -23,6 +23,7 @@ pub mod refresh;
 pub mod state;
 pub mod status;
 pub mod submit;
+pub mod terminal;
 pub mod tls;
 // As in `commands`: an `Outcome` is what the command reports, once.
 #[allow(clippy::result_large_err)]
@@ -180,6 +181,11 @@ pub enum ClientCommand {
         /// Send, record the request as pending, and exit (`kst client check` reads the reply).
         #[arg(long)]
         no_wait: bool,
+        /// Protocol version 3: the confirmation carries the key directory's proof (feature
+        /// `transparency`).
+        #[cfg(feature = "transparency")]
+        #[command(flatten)]
+        proof: transparency::ReplyProofArgs,
     },
     /// Ask the KST of ADDRESS's domain for its key; print it (or import it) once verified.
     Retrieve {
@@ -216,6 +222,11 @@ pub enum ClientCommand {
         /// Send, record the request as pending, and exit (`kst client check` reads the reply).
         #[arg(long)]
         no_wait: bool,
+        /// Protocol version 3: the confirmation carries the key directory's proof (feature
+        /// `transparency`).
+        #[cfg(feature = "transparency")]
+        #[command(flatten)]
+        proof: transparency::ReplyProofArgs,
     },
     /// Compare what your provider's KST serves for your address with your own key
     /// (fingerprint, expiry, revocation, subkeys); exits 6 on a difference, for cron.

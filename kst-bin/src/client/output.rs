@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use super::dkim::DkimReport;
-use super::exit;
+use super::{exit, terminal};
 
 /// The result of one request (or a failure before one could be sent).
 #[derive(Debug, Clone, Serialize)]
@@ -144,7 +144,9 @@ impl Outcome {
         }
     }
 
-    /// Prints for people: results on stdout, explanations on stderr.
+    /// Prints for people: results on stdout, explanations on stderr. Every line is
+    /// terminal-safe ([`terminal::line`]): User IDs, explanations and server answers come from
+    /// a key or a reply, which may be hostile.
     pub fn print_text(&self) {
         match self {
             Outcome::Published {
@@ -153,10 +155,10 @@ impl Outcome {
                 service,
                 dkim,
                 ..
-            } => println!(
+            } => out(format!(
                 "published {fingerprint} for {account} (confirmed by {service}, HMAC verified{})",
                 proof_text(dkim)
-            ),
+            )),
             Outcome::Found {
                 address,
                 fingerprint,
@@ -167,15 +169,15 @@ impl Outcome {
                 dkim,
                 ..
             } => {
-                eprintln!(
+                err(format!(
                     "kst: verified key {fingerprint} for {address} from {service} ({}){}",
                     user_ids.join(", "),
                     proof_text(dkim)
-                );
+                ));
                 if *imported {
-                    println!("imported {fingerprint} for {address} into gpg");
+                    out(format!("imported {fingerprint} for {address} into gpg"));
                 } else {
-                    print!("{key}");
+                    print!("{}", terminal::block(key));
                     if !key.ends_with('\n') {
                         println!();
                     }
@@ -185,25 +187,25 @@ impl Outcome {
                 address,
                 service,
                 dkim,
-            } => eprintln!(
+            } => err(format!(
                 "kst: {service} deleted the key of {address} (authenticated answer{})",
                 proof_text(dkim)
-            ),
+            )),
             Outcome::NotFound {
                 address,
                 service,
                 dkim,
-            } => eprintln!(
+            } => err(format!(
                 "kst: {service} says no key is published for {address} (authenticated answer{})",
                 proof_text(dkim)
-            ),
+            )),
             Outcome::Refused {
                 service,
                 reason,
                 explanation,
                 authenticated,
                 dkim,
-            } => eprintln!(
+            } => err(format!(
                 "kst: {service} refused the request ({}){}{}: {explanation}",
                 reason.as_deref().unwrap_or("no reason given"),
                 if *authenticated {
@@ -216,29 +218,39 @@ impl Outcome {
                 } else {
                     String::new()
                 }
-            ),
-            Outcome::NoKst { service, detail } => eprintln!(
+            )),
+            Outcome::NoKst { service, detail } => err(format!(
                 "kst: no KST at this provider: the request to {service} bounced{}",
                 if detail.is_empty() {
                     String::new()
                 } else {
                     format!(" ({detail})")
                 }
-            ),
-            Outcome::Attack { service, error, .. } => eprintln!(
+            )),
+            Outcome::Attack { service, error, .. } => err(format!(
                 "kst: WARNING: possible attack: a reply claiming to come from {service} failed verification: {error}. It was NOT used."
-            ),
+            )),
             Outcome::Pending {
                 service,
                 message_id,
                 kind,
                 address,
-            } => eprintln!(
+            } => err(format!(
                 "kst: no reply yet from {service} to the {kind} for {address} (request {message_id}); it stays pending: run `kst client check` later"
-            ),
-            Outcome::Error { error, .. } => eprintln!("kst: {error}"),
+            )),
+            Outcome::Error { error, .. } => err(format!("kst: {error}")),
         }
     }
+}
+
+/// Prints one line on stdout, terminal-safe.
+pub fn out(line: String) {
+    println!("{}", terminal::line(&line));
+}
+
+/// Prints one line on stderr, terminal-safe.
+pub fn err(line: String) {
+    eprintln!("{}", terminal::line(&line));
 }
 
 /// `; proven by K_auth and DKIM (DKIM pass (...))` for a reply whose HMAC verified; empty
@@ -330,7 +342,7 @@ pub fn finish_with(
             Ok(with_facts(&outcomes[0]))
         };
         match value.and_then(|v| serde_json::to_string_pretty(&v)) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => println!("{}", terminal::json(&s)),
             Err(e) => eprintln!("kst: cannot render JSON: {e}"),
         }
     } else {
@@ -350,22 +362,22 @@ pub fn finish_with(
 
 fn print_fact(key: &str, value: &serde_json::Value) {
     match (key, value) {
-        ("dnssec", serde_json::Value::String(v)) => eprintln!(
+        ("dnssec", serde_json::Value::String(v)) => err(format!(
             "kst: DNS look-ups: {}",
             match v.as_str() {
                 "secure" => "DNSSEC-secure",
                 "insecure" => "INSECURE (a zone without DNSSEC; --require-dnssec refuses it)",
                 _ => "NOT VALIDATED (--no-dnssec)",
             }
-        ),
+        )),
         ("transport", serde_json::Value::Object(m)) => {
             if let Some(serde_json::Value::String(note)) = m.get("mta_sts") {
-                eprintln!("kst: MTA-STS: {note}");
+                err(format!("kst: MTA-STS: {note}"));
             }
             if let (Some(mx), Some(serde_json::Value::String(detail))) =
                 (m.get("mx").and_then(|v| v.as_str()), m.get("detail"))
             {
-                eprintln!("kst: hop to {mx}: {detail}");
+                err(format!("kst: hop to {mx}: {detail}"));
             }
         }
         _ => {}

@@ -204,10 +204,7 @@ pub async fn refresh(s: &Settings, due: &Due, dry_run: bool) -> u8 {
                 .iter()
                 .map(|(k, why)| serde_json::json!({"address": k.address, "fingerprint": k.fingerprint, "due": why}))
                 .collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&list).unwrap_or_else(|_| "[]".into())
-            );
+            super::terminal::print_json(&list, "[]");
         } else if selected.is_empty() {
             eprintln!(
                 "kst: no imported key is due ({} noted in {})",
@@ -216,7 +213,7 @@ pub async fn refresh(s: &Settings, due: &Due, dry_run: bool) -> u8 {
             );
         } else {
             for (k, why) in &selected {
-                println!("{:<32} {} ({why})", k.address, k.fingerprint);
+                super::output::out(format!("{:<32} {} ({why})", k.address, k.fingerprint));
             }
         }
         return exit::OK;

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use super::commands::{Settings, gpg_export, send_and_wait};
 use super::exit;
-use super::output::{self, Outcome};
+use super::output::{self, Outcome, err, out};
 
 /// `publish` warns when the key expires within this many days.
 pub const EXPIRY_WARNING_DAYS: u64 = 30;
@@ -286,23 +286,20 @@ pub async fn status(
             },
             directory,
         };
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_else(|_| "{}".into())
-        );
+        super::terminal::print_json(&report, "{}");
     } else {
         let service = service.unwrap_or_default();
         match &served {
-            Some(f) => println!(
+            Some(f) => out(format!(
                 "{service} serves {} for {account}: expires {}, {}, subkeys {:?}",
                 f.fingerprint,
                 f.expires_at.map_or("never".into(), |t| t.to_string()),
                 if f.revoked { "revoked" } else { "not revoked" },
                 f.subkeys
-            ),
-            None => println!("{service} serves no key for {account}"),
+            )),
+            None => out(format!("{service} serves no key for {account}")),
         }
-        println!(
+        out(format!(
             "your key {}: expires {}, {}, subkeys {:?}",
             local.fingerprint,
             local.expires_at.map_or("never".into(), |t| t.to_string()),
@@ -312,22 +309,22 @@ pub async fn status(
                 "not revoked"
             },
             local.subkeys
-        );
+        ));
         for v in directory.iter().flatten() {
-            println!(
+            out(format!(
                 "directory: epoch {} version {} {} {}{}",
                 v.epoch,
                 v.version,
                 v.state,
                 v.fingerprint.as_deref().unwrap_or("-"),
                 if v.yours { "" } else { "  NOT YOURS" }
-            );
+            ));
         }
         if differences.is_empty() {
             println!("match");
         }
         for d in &differences {
-            eprintln!("kst: {d}");
+            err(format!("kst: {d}"));
         }
     }
     code

@@ -16,6 +16,14 @@
 //! answer (`?witnessed=1`, `kst-log-answer-v2`) and requires that `--witness-threshold` of
 //! them (default: all) cosigned a head the answer's head extends, no longer than
 //! `--witness-max-age` seconds ago; otherwise exit 5.
+//!
+//! `kst client publish/retrieve/delete --transparency --log-key HEX` (protocol version 3):
+//! the request offers version 3, the KST puts the directory's answer inside the reply under
+//! the HMAC, and [`check_reply_answer`] checks it with `LogAnswer::verify`, with no HTTP
+//! request. A reply in an older version or without the answer is refused by
+//! `kst_core::client` (exit 5). Not yet for version 3: the head key from DNS or the pin, the
+//! memory of heads and witnesses (the reply's answer would need the request to name the
+//! remembered epoch).
 
 use std::path::Path;
 use std::time::Duration;
@@ -55,10 +63,6 @@ pub struct LogCheckArgs {
     /// [default: https://<domain>]
     #[arg(long, value_name = "URL", requires = "check_transparency")]
     pub log_url: Option<String>,
-    /// The domain's head key, 64 hex digits (`kst log keygen` prints it), pinned from now
-    /// on [default: the pinned key, else the `_kst-log.<domain>` TXT record].
-    #[arg(long, value_name = "HEX", requires = "check_transparency")]
-    pub log_key: Option<String>,
     /// Require this witness's cosignature, NAME:HEX (HEX: its Ed25519 key, 64 hex digits);
     /// repeatable. The answer must carry a cosigned head that the answer's head extends.
     #[arg(
@@ -74,6 +78,25 @@ pub struct LogCheckArgs {
     /// longer ago is refused (exit 5).
     #[arg(long, value_name = "SECS", default_value_t = 86_400)]
     pub witness_max_age: u64,
+    /// Protocol version 3 and the head key.
+    #[command(flatten)]
+    pub reply: ReplyProofArgs,
+}
+
+/// The flags of `publish`, `retrieve` and `delete` for protocol version 3.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ReplyProofArgs {
+    /// Ask for protocol version 3: the KST's reply must carry the key directory's signed head
+    /// and proof for the address, covered by its HMAC, checked against --log-key (no HTTP
+    /// request). A reply in an older version or without the proof, or a proof that fails, is
+    /// an attack (exit 5) and nothing is imported.
+    #[arg(long, requires = "log_key")]
+    pub transparency: bool,
+    /// The domain's head key, 64 hex digits (`kst log keygen` prints it). With
+    /// --check-transparency it is pinned from now on [default: the pinned key, else the
+    /// `_kst-log.<domain>` TXT record]; --transparency requires it.
+    #[arg(long, value_name = "HEX")]
+    pub log_key: Option<String>,
 }
 
 impl LogCheckArgs {
@@ -103,6 +126,115 @@ impl LogCheckArgs {
             not_before: unix_now().saturating_sub(self.witness_max_age),
         }))
     }
+}
+
+impl ReplyProofArgs {
+    /// The head key to offer version 3 with (`--transparency`), checked to be 64 hex digits;
+    /// `Ok(None)` without `--transparency`; `Err` says what is wrong with the flags.
+    pub fn head_key(&self) -> Result<Option<String>, String> {
+        self.head_key_checking(false)
+    }
+
+    /// [`ReplyProofArgs::head_key`]; `http_check` when `--check-transparency` also uses
+    /// `--log-key` (otherwise `--log-key` without `--transparency` is a usage error, not a
+    /// silently skipped check).
+    pub fn head_key_checking(&self, http_check: bool) -> Result<Option<String>, String> {
+        if !self.transparency {
+            if self.log_key.is_some() && !http_check {
+                return Err("--log-key goes with --transparency (the proof inside the reply) or, for retrieve, --check-transparency".into());
+            }
+            return Ok(None);
+        }
+        let Some(key) = &self.log_key else {
+            return Err(
+                "--transparency needs --log-key (the domain's head key, 64 hex digits)".into(),
+            );
+        };
+        hex32(key)
+            .map(|_| Some(key.trim().to_ascii_lowercase()))
+            .map_err(|_| "--log-key: want 64 hex digits".into())
+    }
+}
+
+/// Version 3: checks the key directory's answer a verified reply carried (`answer`, the text
+/// the HMAC covers the hash of) against the head key the request was made with and what the
+/// reply served: the key of a `found` or `published`, "no key" for `not-found` and `deleted`.
+/// Any failure is an attack (exit 5); other outcomes (a refusal, an attack already) are
+/// returned as they are.
+pub async fn check_reply_answer(
+    pending: &kst_core::client::Pending,
+    answer: Option<&str>,
+    outcome: Outcome,
+) -> Outcome {
+    let Some(key_hex) = &pending.head_key else {
+        return outcome;
+    };
+    let (address, served) = match &outcome {
+        Outcome::Found { address, key, .. }
+        | Outcome::Published {
+            account: address,
+            key,
+            ..
+        } => match dearmor_public_key(key, MAX_KEY_TEXT) {
+            Ok(bytes) => (address.clone(), Some(bytes)),
+            Err(e) => return Outcome::error(exit::SOFTWARE, format!("the served key: {e}")),
+        },
+        Outcome::NotFound { address, .. } | Outcome::Deleted { address, .. } => {
+            (address.clone(), None)
+        }
+        _ => return outcome,
+    };
+    let attack = |error: String| Outcome::Attack {
+        service: pending.service.to_string(),
+        message_id: pending.message_id.clone(),
+        error,
+    };
+    let Ok(head_key) = hex32(key_hex) else {
+        return Outcome::error(
+            exit::SOFTWARE,
+            "the pending request's head key is not 64 hex digits",
+        );
+    };
+    let Ok(address) = kst_core::AddressPolicy::default().normalize(&address) else {
+        return Outcome::error(exit::SOFTWARE, format!("{address:?} is not an address"));
+    };
+    let Some(text) = answer else {
+        return attack(
+            "the reply carries no key directory answer (KST protocol 3 was asked for): stripped on the way (possible attack)".into(),
+        );
+    };
+    match verify_text(text, &head_key, &address, served.as_deref(), "the reply's").await {
+        Ok(()) => outcome,
+        Err(e) => attack(e),
+    }
+}
+
+/// Parses the key directory's answer `text` (from `source`: the reply, or the log's URL) and
+/// checks it with `head_key` against what was served for `address` (a key's packets, or
+/// `None` for "no key"); the error says why it is an attack.
+async fn verify_text(
+    text: &str,
+    head_key: &[u8; 32],
+    address: &kst_core::Address,
+    served: Option<&[u8]>,
+    source: &str,
+) -> Result<(), String> {
+    let answer =
+        LogAnswer::parse(text).map_err(|e| format!("{source} key directory answer: {e}"))?;
+    let served = match served {
+        Some(bytes) => Served::Key(bytes),
+        None => Served::Nothing,
+    };
+    answer
+        .verify(head_key, address, served)
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "{source} key directory answer does not confirm the reply (epoch {}): {e}",
+                answer.head.head.epoch
+            )
+        })
 }
 
 /// Checks a retrieval's outcome against the key directory; `Found` and `NotFound` are
@@ -339,7 +471,7 @@ async fn head_key(
     memory: &LogMemory,
     held: &mut Held,
 ) -> Result<[u8; 32], Outcome> {
-    if let Some(key_hex) = &args.log_key {
+    if let Some(key_hex) = &args.reply.log_key {
         let key = hex32(key_hex)
             .map_err(|_| Outcome::error(exit::USAGE, "--log-key: want 64 hex digits"))?;
         if pin(held, key, None, source::FLAG) {
@@ -416,12 +548,10 @@ pub async fn log_pin(
     match outcome {
         Ok(report) => {
             if s.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_else(|_| "{}".into())
-                );
+                super::terminal::print_json(&report, "{}");
             } else {
-                println!(
+                // The keys may come from DNS: terminal-safe like every key-derived text.
+                super::output::out(format!(
                     "pinned the key directory keys of {}: head {}, vrf {} (from {})",
                     report["domain"].as_str().unwrap_or_default(),
                     report["head_key"].as_str().unwrap_or_default(),
@@ -429,7 +559,7 @@ pub async fn log_pin(
                         .as_str()
                         .unwrap_or("taken from the first verified head"),
                     report["source"].as_str().unwrap_or_default(),
-                );
+                ));
                 if report["forgot_head"] == true {
                     eprintln!("kst: the remembered head was forgotten");
                 }

@@ -593,7 +593,7 @@ impl Config {
         self.dkim.validate()?;
         self.lmtp.validate()?;
         self.reminders.validate()?;
-        self.transparency.validate(self.store.backend)?;
+        self.transparency.validate()?;
         self.web
             .validate()
             .map_err(|e| ConfigError::key(e.key, e.message))?;

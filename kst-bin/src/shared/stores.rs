@@ -35,7 +35,7 @@ pub async fn open_recorded_store(
 ) -> Result<Arc<dyn KeyStore>, Error> {
     let store = open_store(&config.store, reach).await?;
     #[cfg(feature = "transparency")]
-    let store = crate::shared::transparency::wrap_store(config, store).await?;
+    let (store, _) = crate::shared::transparency::wrap_store(config, store).await?;
     #[cfg(not(feature = "transparency"))]
     let _ = config;
     Ok(store)
@@ -74,7 +74,7 @@ pub async fn open_store_and_limiter(
 
 /// The PostgreSQL store of `cfg`: its hosts (`url`, which may list several, and `urls`), read
 /// replicas (`read_urls`), pool size and write timeout.
-fn postgres_builder(cfg: &StoreConfig) -> kst_postgres::PostgresStoreBuilder {
+pub(crate) fn postgres_builder(cfg: &StoreConfig) -> kst_postgres::PostgresStoreBuilder {
     PostgresStore::builder(cfg.url.clone())
         .more_urls(cfg.urls.clone())
         .read_urls(cfg.read_urls.clone())
@@ -92,15 +92,7 @@ async fn open_redis(
     cfg: &StoreConfig,
     reach: Reach,
 ) -> Result<kst_core::store::TimeoutStore<RedisStore>, Error> {
-    let mut builder = RedisStore::builder(cfg.url.clone())
-        .prefix(cfg.prefix.clone())
-        .require_durable(cfg.require_durable)
-        .min_replicas(cfg.min_replicas);
-    if !cfg.sentinels.is_empty() {
-        builder = builder.sentinel(cfg.sentinels.clone(), cfg.sentinel_master.clone());
-    } else if !cfg.cluster_nodes.is_empty() {
-        builder = builder.cluster(cfg.cluster_nodes.clone());
-    }
+    let builder = redis_builder(cfg);
     match reach {
         Reach::Now => builder.connect().await,
         Reach::Lazily => {
@@ -114,6 +106,22 @@ async fn open_redis(
                 Ok(()) => Ok(store),
             }
         }
+    }
+}
+
+/// The Redis store of `cfg`: one server, Sentinel or a Cluster, its key prefix, durability
+/// guard and `min_replicas`.
+pub(crate) fn redis_builder(cfg: &StoreConfig) -> kst_redis::RedisStoreBuilder {
+    let builder = RedisStore::builder(cfg.url.clone())
+        .prefix(cfg.prefix.clone())
+        .require_durable(cfg.require_durable)
+        .min_replicas(cfg.min_replicas);
+    if !cfg.sentinels.is_empty() {
+        builder.sentinel(cfg.sentinels.clone(), cfg.sentinel_master.clone())
+    } else if !cfg.cluster_nodes.is_empty() {
+        builder.cluster(cfg.cluster_nodes.clone())
+    } else {
+        builder
     }
 }
 

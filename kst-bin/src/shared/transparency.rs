@@ -1,13 +1,16 @@
 //! Opens the key directory `[transparency]` names (feature `transparency`): one
-//! [`DomainLog`] per served domain, kept in the fs or PostgreSQL store, and the [`TransparentStore`] that
-//! records every publication and deletion in it (docs/TRANSPARENCY.md).
+//! [`DomainLog`] per served domain, kept in the store `[store]` names (fs, PostgreSQL or
+//! Redis), and the [`TransparentStore`] that records every publication and deletion in it
+//! (docs/TRANSPARENCY.md).
 
 use std::sync::Arc;
 
+use kst_core::reply::LogAnswers;
 use kst_core::transparency::{DirectoryStore, DomainLog, LogKeys, RecordedAll, TransparentStore};
 use kst_core::{Component, Error, KeyStore};
 
 use crate::shared::config::{Config, StoreBackend, check_key_file_mode};
+use crate::shared::stores;
 
 const COMPONENT: Component = Component::other("key directory");
 
@@ -19,19 +22,26 @@ pub async fn open_logs(config: &Config) -> Result<Vec<Arc<DomainLog>>, Error> {
     if !t.enabled() {
         return Ok(Vec::new());
     }
+    // Network stores are opened without touching the server: a database that is down at
+    // start fails the directory's calls (temporary failures) until it is back.
     let store: Arc<dyn DirectoryStore> = match config.store.backend {
         StoreBackend::Fs => Arc::new(kst_fs::FsDirectoryStore::new(&config.store.path)),
-        // The directory's own small pool on the host of `url` (the primary).
+        // Small pools of its own on the hosts of `url` and `urls`, writing to the one that
+        // accepts writes, as the key store does; the tables come with the migrations.
         StoreBackend::Postgres => Arc::new(
-            kst_postgres::PgDirectoryStore::connect(&config.store.url, 4)
-                .await
-                .map_err(|e| Error::unavailable(COMPONENT, e))?,
+            stores::postgres_builder(&config.store)
+                .max_connections(4)
+                .connect_lazy()?
+                .inner()
+                .directory(),
         ),
-        StoreBackend::Redis => {
-            return Err(Error::Config(
-                "[transparency] needs [store] backend = \"fs\" or \"postgres\" so far".into(),
-            ));
-        }
+        // One server, Sentinel or Cluster, under the store's key prefix.
+        StoreBackend::Redis => Arc::new(
+            stores::redis_builder(&config.store)
+                .connect_lazy()?
+                .inner()
+                .directory(),
+        ),
     };
     let policy = config.policy()?;
     let mut logs = Vec::with_capacity(policy.domains.len());
@@ -61,16 +71,18 @@ pub async fn open_logs(config: &Config) -> Result<Vec<Arc<DomainLog>>, Error> {
     Ok(logs)
 }
 
-/// `store`, recording its changes in the logs of `[transparency]` when it is on.
+/// `store`, recording its changes in the logs of `[transparency]` when it is on, and the
+/// same logs' answers for protocol version 3 replies (`None` when it is off).
 pub async fn wrap_store(
     config: &Config,
     store: Arc<dyn KeyStore>,
-) -> Result<Arc<dyn KeyStore>, Error> {
+) -> Result<(Arc<dyn KeyStore>, Option<Arc<dyn LogAnswers>>), Error> {
     let logs = open_logs(config).await?;
     if logs.is_empty() {
-        return Ok(store);
+        return Ok((store, None));
     }
-    Ok(Arc::new(TransparentStore::new(store, logs)))
+    let wrapped = Arc::new(TransparentStore::new(store, logs));
+    Ok((wrapped.clone(), Some(wrapped)))
 }
 
 /// `kst migrate` with `[transparency]` on: records in the directory every current key of a

@@ -49,19 +49,26 @@ pub async fn build_kst_with(config: &Config, reach: Reach) -> Result<Kst, kst_co
     let policy = config.policy()?;
     let (store, limiter) = stores::open_store_and_limiter(&config.store, reach).await?;
     // Key transparency: every publication and deletion is also recorded in the directory.
+    // Version 3 replies carry the same directory's answers.
     #[cfg(feature = "transparency")]
-    let store = crate::shared::transparency::wrap_store(config, store).await?;
+    let (store, log_answers) = crate::shared::transparency::wrap_store(config, store).await?;
     let mailer = build_reply_mailer(config)?;
     // The one reading of `[mailer] envelope_from`, the same `kst config check` validates.
     let envelope_from = config.mailer.envelope_from()?;
     // Read at start (per message in pipe mode): a key file that became unreadable or too open
     // is a configuration error, never a silent refusal of every encrypted submission.
     let submission_keys = config.wks.load_keys(&policy)?;
-    Ok(Kst::new(policy, store, mailer)
+    let kst = Kst::new(policy, store, mailer)
         .with_rate_limiter(limiter)
         .with_envelope_from(envelope_from)
         .with_submission_keys(Arc::new(submission_keys))
-        .with_reminders(config.reminders.settings()))
+        .with_reminders(config.reminders.settings());
+    #[cfg(feature = "transparency")]
+    let kst = match log_answers {
+        Some(answers) => kst.with_log_answers(answers),
+        None => kst,
+    };
+    Ok(kst)
 }
 
 /// Makes sure the store holds the public part of every configured WKS submission key for its

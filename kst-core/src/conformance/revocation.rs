@@ -14,13 +14,19 @@ use crate::validate::{KeyPolicy, validate};
 const V1: &str = include_str!("../../testdata/keys/lifecycle-v1.pub.asc");
 const V2: &str = include_str!("../../testdata/keys/lifecycle-v2.pub.asc");
 const REVOKED: &str = include_str!("../../testdata/keys/lifecycle-revoked.pub.asc");
+const UIDREV_V1: &str = include_str!("../../testdata/keys/uidrev-v1.pub.asc");
+const UIDREV_RECERT: &str = include_str!("../../testdata/keys/uidrev-recert.pub.asc");
 
-/// Which lifecycle fixture.
+/// Which lifecycle fixture (or User ID revocation fixture).
 #[derive(Clone, Copy, Debug)]
 enum Version {
     V1,
     V2,
     Revoked,
+    /// `uidrev-v1`: alice's User ID certified 2025-01-01 (an old copy).
+    UidV1,
+    /// `uidrev-recert`: alice's User ID revoked 2025-03-01 and certified again 2025-04-01.
+    UidRecertified,
 }
 
 /// The fixture as the service hands it to a store: validated, for `address`, publication `n`.
@@ -29,6 +35,8 @@ fn lifecycle_key(version: Version, address: &Address, n: u64) -> NewKey {
         Version::V1 => V1,
         Version::V2 => V2,
         Version::Revoked => REVOKED,
+        Version::UidV1 => UIDREV_V1,
+        Version::UidRecertified => UIDREV_RECERT,
     };
     let account = crate::AddressPolicy::default()
         .normalize("alice@example.net")
@@ -41,7 +49,7 @@ fn lifecycle_key(version: Version, address: &Address, n: u64) -> NewKey {
         address: address.clone(),
         key: v.packets,
         fingerprint: v.fingerprint,
-        publication_id: format!("7e7e{:028x}", n * 4 + version as u64),
+        publication_id: format!("7e7e{:028x}", n * 8 + version as u64),
         published_at: 1_780_000_000 + n,
         revoked: v.revoked,
         expected: crate::store::Expected::Any,
@@ -154,16 +162,91 @@ pub async fn revocation_race(stores: Vec<Arc<dyn KeyStore>>) {
     }
 }
 
-/// Whether subkey A of the merge fixtures is revoked in the key served for `a`.
-async fn subkey_a_revoked(what: &str, store: &dyn KeyStore, a: &Address) -> bool {
+/// The key served for `a`, parsed.
+async fn served(what: &str, store: &dyn KeyStore, a: &Address) -> crate::certificate::Certificate {
     let current = get(what, store, a)
         .await
         .unwrap_or_else(|| panic!("{what}: {a} has no key"));
-    let cert = crate::certificate::Certificate::from_binary(&current.key)
-        .unwrap_or_else(|e| panic!("{what}: the key served for {a} does not parse: {e}"));
-    cert.revoked_subkeys()
-        .iter()
-        .any(|id| id == super::cas::SUBKEY_A)
+    crate::certificate::Certificate::from_binary(&current.key)
+        .unwrap_or_else(|e| panic!("{what}: the key served for {a} does not parse: {e}"))
+}
+
+/// A revoked component of a key: what [`component_revocation_survives`] checks.
+#[derive(Clone, Copy)]
+enum Component {
+    /// Subkey A of the merge fixtures.
+    SubkeyA,
+    /// The User ID `alice <alice@example.net>` of the `uidrev-*` fixtures.
+    AliceUserId,
+}
+
+/// Whether `component` is revoked in the key served for `a`: subkey A with a revocation, the
+/// User ID with a revocation not older than its newest certification (as the HKP index flags
+/// it).
+async fn served_revoked(
+    what: &str,
+    store: &dyn KeyStore,
+    a: &Address,
+    component: Component,
+) -> bool {
+    let cert = served(what, store, a).await;
+    match component {
+        Component::SubkeyA => cert
+            .revoked_subkeys()
+            .iter()
+            .any(|id| id == super::cas::SUBKEY_A),
+        Component::AliceUserId => {
+            let index = cert.hkp_index_entry(0);
+            let line = index
+                .lines()
+                .find(|l| l.starts_with("uid:alice <alice@example.net>:"))
+                .unwrap_or_else(|| {
+                    panic!("{what}: the key served for {a} lacks alice's User ID: {index}")
+                });
+            line.ends_with(":r")
+        }
+    }
+}
+
+/// The rollback of a component revocation by someone with the account's password (not the
+/// key): `old` (an old copy from before the revocation) is published, then `revoking` (the
+/// owner's; `then_revoked`: whether the component is served revoked after it); then another
+/// key replaces it and the old copy is published, then the key is deleted and the old copy
+/// published. Each time the old copy must be served with the component revoked. Publication
+/// numbers `n + 1` to `n + 4` are used (`revoking` is publication `n`).
+async fn component_revocation_survives(
+    what: &str,
+    store: &dyn KeyStore,
+    a: &Address,
+    component: Component,
+    old: impl Fn(u64) -> NewKey,
+    (n, revoking): (u64, NewKey),
+    then_revoked: bool,
+) {
+    publish(what, store, old(n + 1)).await;
+    assert!(
+        !served_revoked(what, store, a, component).await,
+        "{what}: the old copy is served revoked before any revocation"
+    );
+    publish(what, store, revoking).await;
+    assert_eq!(
+        served_revoked(what, store, a, component).await,
+        then_revoked,
+        "{what}: after the owner's publication"
+    );
+    publish(what, store, lifecycle_key(Version::V1, a, n + 2)).await;
+    publish(what, store, old(n + 3)).await;
+    assert!(
+        served_revoked(what, store, a, component).await,
+        "{what}: replacing the key and republishing an old copy took the revocation back"
+    );
+    delete(what, store, a).await;
+    publish(what, store, old(n + 4)).await;
+    assert!(
+        served_revoked(what, store, a, component).await,
+        "{what}: deleting the key and republishing an old copy took the revocation back"
+    );
+    delete(what, store, a).await;
 }
 
 /// A subkey revocation is never rolled back either: the owner revoked subkey A; someone with
@@ -172,26 +255,35 @@ async fn subkey_a_revoked(what: &str, store: &dyn KeyStore, a: &Address) -> bool
 /// time the old copy is served with subkey A revoked (the tombstone keeps subkey revocations).
 pub async fn subkey_revocation_survives_replacement_and_deletion(store: &dyn KeyStore) {
     use super::cas::{Variant, merge_key};
-    let what = "subkey revocation";
     let a = address(&format!("subkey-tombstone@{DOMAIN}"));
-    publish(what, store, merge_key(Variant::Base, &a, 9101)).await;
-    assert!(!subkey_a_revoked(what, store, &a).await);
-    publish(what, store, merge_key(Variant::SubkeyRevoked, &a, 9102)).await;
-    assert!(
-        subkey_a_revoked(what, store, &a).await,
-        "{what}: the revoked subkey is served unrevoked after its revocation"
-    );
-    publish(what, store, lifecycle_key(Version::V1, &a, 9103)).await;
-    publish(what, store, merge_key(Variant::Base, &a, 9104)).await;
-    assert!(
-        subkey_a_revoked(what, store, &a).await,
-        "{what}: replacing the key and republishing an old copy un-revoked subkey A"
-    );
-    delete(what, store, &a).await;
-    publish(what, store, merge_key(Variant::Base, &a, 9105)).await;
-    assert!(
-        subkey_a_revoked(what, store, &a).await,
-        "{what}: deleting the key and republishing an old copy un-revoked subkey A"
-    );
-    delete(what, store, &a).await;
+    component_revocation_survives(
+        "subkey revocation",
+        store,
+        &a,
+        Component::SubkeyA,
+        |n| merge_key(Variant::Base, &a, n),
+        (9100, merge_key(Variant::SubkeyRevoked, &a, 9100)),
+        true,
+    )
+    .await;
+}
+
+/// A User ID revocation is never rolled back either: the owner revoked the User ID of the
+/// account and certified it again (the revocation stays on the key and revokes every older
+/// certification, so the User ID is served unrevoked); someone with the account's password
+/// replaces the key by another one and then publishes an old copy from before the revocation,
+/// or deletes the key and publishes the old copy. Each time the old copy is served with its
+/// User ID revoked (the tombstone keeps User ID revocations with their User ID packet).
+pub async fn user_id_revocation_survives_replacement_and_deletion(store: &dyn KeyStore) {
+    let a = address(&format!("uid-tombstone@{DOMAIN}"));
+    component_revocation_survives(
+        "User ID revocation",
+        store,
+        &a,
+        Component::AliceUserId,
+        |n| lifecycle_key(Version::UidV1, &a, n),
+        (9200, lifecycle_key(Version::UidRecertified, &a, 9200)),
+        false,
+    )
+    .await;
 }

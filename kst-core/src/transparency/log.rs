@@ -172,15 +172,23 @@ enum Request {
     },
 }
 
-/// The directory and the head key, owned by the directory's thread.
+/// The directory and the head key, owned by the directory's thread. The directory is opened
+/// by the first request that finds it closed (a store that is down at start: every request
+/// fails as a temporary error until it is back).
 struct Worker {
     keys: LogKeys,
+    /// The runtime that opened the log: key store reads run there.
+    caller: tokio::runtime::Handle,
+    /// The directory once opened.
+    opened: Option<Opened>,
+    store: Arc<dyn DirectoryStore>,
+}
+
+/// An open directory.
+struct Opened {
     /// The storage akd writes through (shares the pin with the directory's copy).
     db: StoredDirectory<dyn DirectoryStore>,
     directory: KeyDirectory<StoredDirectory<dyn DirectoryStore>>,
-    /// The runtime that opened the log: key store reads run there.
-    caller: tokio::runtime::Handle,
-    store: Arc<dyn DirectoryStore>,
 }
 
 /// The requests of one epoch for one address.
@@ -305,13 +313,16 @@ fn gone() -> TransparencyError {
 
 impl DomainLog {
     /// Opens the log of `keys.domain` kept in `store` (creating the empty directory on first
-    /// use) on a thread of its own, which ends when the log is dropped.
+    /// use) on a thread of its own, which ends when the log is dropped. A store that cannot be
+    /// read now does not fail this (a daemon starts while its database is down): it is logged,
+    /// and each request opens the directory until that succeeds, failing meanwhile.
     pub async fn open(store: Arc<dyn DirectoryStore>, keys: LogKeys) -> Result<Self> {
         let domain = keys.domain.clone();
         let head_key = keys.head.public_key();
+        let vrf_key = keys.vrf.public_key()?;
         let (requests, mut inbox) = mpsc::unbounded_channel::<Request>();
         let worker_store = Arc::clone(&store);
-        let (opened, open_result) = oneshot::channel::<Result<[u8; 32]>>();
+        let (opened, open_result) = oneshot::channel::<Result<()>>();
         let caller = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name(format!("kst-log-{domain}"))
@@ -329,14 +340,16 @@ impl DomainLog {
                     }
                 };
                 runtime.block_on(async move {
-                    let worker = match Worker::open(worker_store, keys, caller).await {
-                        Ok(w) => w,
-                        Err(e) => {
-                            let _ = opened.send(Err(e));
-                            return;
-                        }
+                    let mut worker = Worker {
+                        keys,
+                        caller,
+                        opened: None,
+                        store: worker_store,
                     };
-                    if opened.send(worker.directory.vrf_public_key()).is_err() {
+                    if let Err(e) = worker.open().await {
+                        tracing::warn!(domain = %worker.keys.domain, error = %e, "the key directory cannot be read now; opening it again with the next request");
+                    }
+                    if opened.send(Ok(())).is_err() {
                         return;
                     }
                     while let Some(request) = inbox.recv().await {
@@ -368,7 +381,7 @@ impl DomainLog {
                     "cannot start the key directory's thread: {e}"
                 ))
             })?;
-        let vrf_key = open_result.await.map_err(|_| gone())??;
+        open_result.await.map_err(|_| gone())??;
         Ok(DomainLog {
             domain,
             head_key,
@@ -710,34 +723,72 @@ impl DomainLog {
     }
 }
 
+impl Request {
+    /// Answers with `e`.
+    fn fail(self, e: TransparencyError) {
+        // A caller that gave up is not an error.
+        match self {
+            Request::Sync(s) => drop(s.reply.send(Err(e))),
+            Request::Entries { reply, .. } => drop(reply.send(Err(e))),
+            Request::Head { reply, .. } => drop(reply.send(Err(e))),
+            Request::HeadAt { reply, .. } => drop(reply.send(Err(e))),
+            Request::Answer { reply, .. } => drop(reply.send(Err(e))),
+            Request::History { reply, .. } => drop(reply.send(Err(e))),
+            Request::Audit { reply, .. } => drop(reply.send(Err(e))),
+        }
+    }
+}
+
 impl Worker {
-    async fn open(
-        store: Arc<dyn DirectoryStore>,
-        keys: LogKeys,
-        caller: tokio::runtime::Handle,
-    ) -> Result<Self> {
-        let db = StoredDirectory::new(Arc::clone(&store), &keys.domain);
-        let directory = KeyDirectory::open_cached(db.clone(), keys.vrf.clone()).await?;
-        Ok(Worker {
-            keys,
-            db,
-            directory,
-            caller,
-            store,
-        })
+    /// Opens the directory (creating the empty one on first use) unless it is open.
+    async fn open(&mut self) -> Result<()> {
+        if self.opened.is_none() {
+            let db = StoredDirectory::new(Arc::clone(&self.store), &self.keys.domain);
+            let directory = KeyDirectory::open_cached(db.clone(), self.keys.vrf.clone()).await?;
+            self.opened = Some(Opened { db, directory });
+        }
+        Ok(())
     }
 
-    /// Answers one request; a caller that gave up is not an error.
-    async fn handle(&self, request: Request) {
+    /// The open directory and its storage.
+    fn opened(&self) -> Result<&Opened> {
+        self.opened
+            .as_ref()
+            .ok_or_else(|| TransparencyError::Directory("the directory is not open yet".into()))
+    }
+
+    /// The open directory.
+    fn dir(&self) -> Result<&KeyDirectory<StoredDirectory<dyn DirectoryStore>>> {
+        Ok(&self.opened()?.directory)
+    }
+
+    /// Drops akd's node cache (another process may have committed), if the directory is open.
+    async fn forget(&self) {
+        if let Some(o) = &self.opened {
+            o.directory.forget().await;
+        }
+    }
+
+    /// Answers one request (opening the directory first if needed); a caller that gave up is
+    /// not an error.
+    async fn handle(&mut self, request: Request) {
+        if let Err(e) = self.open().await {
+            request.fail(e);
+            return;
+        }
         // Another process may have committed since the last request.
-        self.directory.forget().await;
+        self.forget().await;
         match request {
             Request::Sync(s) => self.sync_batch(vec![s]).await,
             Request::Entries { address, reply } => {
-                let _ = reply.send(self.directory.entries(&address).await);
+                let result = match self.dir() {
+                    Ok(d) => d.entries(&address).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
             }
             Request::Head { now, reply } => {
-                let result = match self.directory.current().await {
+                let result = match self.current().await {
                     Ok((epoch, root)) => self.ensure_head(epoch, root, now).await,
                     Err(e) => Err(e),
                 };
@@ -762,14 +813,24 @@ impl Worker {
                 let _ = reply.send(self.history(&address, now).await);
             }
             Request::Audit { from, to, reply } => {
-                let _ = reply.send(self.directory.audit(from, to).await);
+                let result = match self.dir() {
+                    Ok(d) => d.audit(from, to).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
             }
         }
     }
 
     /// Records one epoch's requests (several epochs when a deletion must come first), again
     /// on a newer epoch when another writer committed meanwhile; answers every caller.
-    async fn sync_batch(&self, requests: Vec<SyncRequest>) {
+    async fn sync_batch(&mut self, requests: Vec<SyncRequest>) {
+        if let Err(e) = self.open().await {
+            for r in requests {
+                let _ = r.reply.send(Err(e.clone()));
+            }
+            return;
+        }
         let mut pending: BTreeMap<Address, Pending> = BTreeMap::new();
         for r in requests {
             let p = pending.entry(r.address).or_insert_with(|| Pending {
@@ -788,12 +849,23 @@ impl Worker {
         let mut failures = 0;
         while !pending.is_empty() {
             // Every attempt reads afresh (another process may have committed).
-            self.directory.forget().await;
-            let current = self.directory.current().await.ok();
+            self.forget().await;
+            let current = self.current().await.ok();
             let built_on = current.map(|(e, _)| e);
-            self.db.pin(built_on);
+            let db = match self.opened() {
+                Ok(o) => o.db.clone(),
+                Err(e) => {
+                    for p in std::mem::take(&mut pending).into_values() {
+                        for reply in p.replies {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                    return;
+                }
+            };
+            db.pin(built_on);
             let round = self.round(&mut pending, current).await;
-            self.db.pin(None);
+            db.pin(None);
             match round {
                 Ok(done) => {
                     for address in done {
@@ -849,7 +921,7 @@ impl Worker {
                 .map_err(|e| {
                     TransparencyError::Directory(format!("cannot read the key store: {e}"))
                 })?;
-            let latest = self.directory.latest(address).await?;
+            let latest = self.dir()?.latest(address).await?;
             let step = next_step(
                 current.as_ref(),
                 latest.as_ref(),
@@ -890,12 +962,13 @@ impl Worker {
         // The epoch this one is built on keeps its head (signed now if its writer did not).
         let (epoch, root) = match built_on {
             Some(c) => c,
-            None => self.directory.current().await?,
+            None => self.current().await?,
         };
         self.ensure_head(epoch, root, now).await?;
-        let before = self.db.commits();
-        let (epoch, root_hash) = self.directory.publish(&changes).await?;
-        if self.db.commits() == before {
+        let Opened { db, directory } = self.opened()?;
+        let before = db.commits();
+        let (epoch, root_hash) = directory.publish(&changes).await?;
+        if db.commits() == before {
             // akd wrote nothing: another writer recorded these values meanwhile. Read again.
             return Err(TransparencyError::Conflict(
                 "another writer recorded the same entries first".into(),
@@ -950,10 +1023,15 @@ impl Worker {
             }
     }
 
+    /// The latest epoch and its root hash.
+    async fn current(&self) -> Result<(u64, [u8; 32])> {
+        self.dir()?.current().await
+    }
+
     /// Whether the stored epoch is no longer `epoch`.
     async fn epoch_moved(&self, epoch: u64) -> bool {
-        self.directory.forget().await;
-        matches!(self.directory.current().await, Ok((e, _)) if e != epoch)
+        self.forget().await;
+        matches!(self.current().await, Ok((e, _)) if e != epoch)
     }
 
     /// [`Worker::answer_once`], again when another process committed meanwhile (a proof
@@ -962,8 +1040,8 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            self.directory.forget().await;
-            let built_on = self.directory.current().await.ok().map(|(e, _)| e);
+            self.forget().await;
+            let built_on = self.current().await.ok().map(|(e, _)| e);
             match self.answer_once(address, since, now).await {
                 Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
                     tracing::debug!(error = %e, "directory epoch moved during a lookup; again");
@@ -979,9 +1057,9 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            self.directory.forget().await;
-            let built_on = self.directory.current().await.ok().map(|(e, _)| e);
-            let result = match self.directory.history(address).await {
+            self.forget().await;
+            let built_on = self.current().await.ok().map(|(e, _)| e);
+            let result = match self.dir()?.history(address).await {
                 Ok(Some((proof, epoch, root))) => wire::encode_history(&proof).and_then(|p| {
                     Ok(Some(HistoryAnswer {
                         head: self.sign(epoch, root, now)?,
@@ -1006,7 +1084,7 @@ impl Worker {
         since: Option<u64>,
         now: u64,
     ) -> Result<LogAnswer> {
-        let (head, proof) = match self.directory.lookup(address).await? {
+        let (head, proof) = match self.dir()?.lookup(address).await? {
             LookupAnswer::Present {
                 epoch,
                 root_hash,
@@ -1029,7 +1107,7 @@ impl Worker {
                         head.head.epoch
                     )));
                 }
-                let proof = self.directory.audit(from, head.head.epoch).await?;
+                let proof = self.dir()?.audit(from, head.head.epoch).await?;
                 Some(AppendOnlyFrom {
                     from,
                     proof: wire::encode_audit(&proof)?,
@@ -1047,7 +1125,7 @@ impl Worker {
 
     /// The stored head of `epoch` if it is the latest; else a head stored for it, if any.
     async fn head_at(&self, epoch: u64, now: u64) -> Result<Option<SignedHead>> {
-        let (latest, root) = self.directory.current().await?;
+        let (latest, root) = self.current().await?;
         if epoch == latest {
             return self.ensure_head(epoch, root, now).await.map(Some);
         }
@@ -1097,7 +1175,7 @@ impl Worker {
     ) -> Result<SignedHead> {
         check_stored_head(
             &self.keys.domain,
-            &self.directory.vrf_public_key()?,
+            &self.keys.vrf.public_key()?,
             &self.keys.head.public_key(),
             epoch,
             root_hash,
@@ -1110,7 +1188,7 @@ impl Worker {
             domain: self.keys.domain.clone(),
             epoch,
             root_hash,
-            vrf_public_key: self.directory.vrf_public_key()?,
+            vrf_public_key: self.keys.vrf.public_key()?,
             signed_at: now,
         })
     }

@@ -52,7 +52,9 @@ pub use head::{Cosignature, Head, HeadSigner, SignedHead};
 pub use keys::LogKeys;
 pub use label::{KstDomainLabel, directory_label};
 pub use log::{CurrentKeys, DomainLog, StoreKeys, Synced};
-pub use storage::{DirectoryStore, DirectoryStoreError, RecordBatch, StoredDirectory};
+pub use storage::{
+    DirectoryStore, DirectoryStoreError, RecordBatch, StoredDirectory, check_domain, on_runtime,
+};
 pub use store::{RecordedAll, TransparentStore};
 pub use vrf::VrfSecret;
 

@@ -50,9 +50,55 @@ pub enum DirectoryStoreError {
     Corrupt(String),
 }
 
+/// A key store's error met by a backend's directory: corrupt data stays corrupt, everything
+/// else (unreachable, a configuration the server refuses) is a temporary failure of the
+/// directory.
+impl From<crate::Error> for DirectoryStoreError {
+    fn from(e: crate::Error) -> Self {
+        match e {
+            crate::Error::Corrupt { .. } => DirectoryStoreError::Corrupt(e.to_string()),
+            e => DirectoryStoreError::Unavailable(e.to_string()),
+        }
+    }
+}
+
 /// The prefix of the akd storage error a fenced write fails with (how the conflict crosses
 /// akd, which only carries strings).
 pub const CONFLICT_MARKER: &str = "kst-directory-conflict: ";
+
+/// Checks that `domain` is a normalized domain name (lowercase ASCII letters, digits, `.` and
+/// `-`, at most 253 bytes, not starting with a dot), the form backends build keys and paths
+/// from; anything else is refused before it reaches the store.
+pub fn check_domain(domain: &str) -> Result<(), DirectoryStoreError> {
+    let ok = !domain.is_empty()
+        && domain.len() <= 253
+        && !domain.starts_with('.')
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(DirectoryStoreError::Unavailable(format!(
+            "{domain:?} is not a normalized domain name"
+        )))
+    }
+}
+
+/// Runs `work` as a task on `runtime` (the runtime a backend's connections belong to: the
+/// directory calls its store from a thread and runtime of its own, see
+/// [`super::log`]), or right here without one.
+pub async fn on_runtime<T: Send + 'static>(
+    runtime: Option<&tokio::runtime::Handle>,
+    work: impl std::future::Future<Output = Result<T, DirectoryStoreError>> + Send + 'static,
+) -> Result<T, DirectoryStoreError> {
+    match runtime {
+        Some(rt) => rt.spawn(work).await.map_err(|e| {
+            DirectoryStoreError::Unavailable(format!("the directory store's task failed: {e}"))
+        })?,
+        None => work.await,
+    }
+}
 
 /// The root record a batch writes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -136,6 +136,28 @@ impl TransparentStore {
     }
 }
 
+/// Version 3 replies: the answer of the address's log, read after any write `publish` or
+/// `delete` made (they return only once the directory recorded it).
+#[async_trait]
+impl crate::reply::LogAnswers for TransparentStore {
+    fn has_directory(&self, domain: &str) -> bool {
+        self.logs.contains_key(domain)
+    }
+
+    async fn answer(&self, address: &Address) -> Result<String> {
+        let Some(log) = self.logs.get(address.domain()) else {
+            return Err(Error::Config(format!(
+                "no key directory for {}: a version 3 reply about {address} cannot be made",
+                address.domain()
+            )));
+        };
+        log.answer(address, time::unix_now())
+            .await
+            .and_then(|a| a.to_text())
+            .map_err(|e| Error::unavailable(COMPONENT, e))
+    }
+}
+
 #[async_trait]
 impl KeyStore for TransparentStore {
     fn name(&self) -> &'static str {

@@ -54,6 +54,7 @@ pub(super) fn judge_direct(
                     dropped.superseded += 1;
                 }
             }
+            Check::Future(_) => dropped.future_self_sigs += 1,
             Check::WeakHash(_) | Check::Invalid => dropped.bad_self_sigs += 1,
         }
     }

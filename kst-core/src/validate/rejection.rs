@@ -112,6 +112,17 @@ pub enum KeyRejection {
          output of gpg --armor --export YOUR-ADDRESS from the computer that holds the secret key"
     )]
     NoValidSelfSignature,
+    /// The matching User ID's only self-signatures that verify are dated in the future: the
+    /// clock of the computer that made them runs ahead (or this KST's runs behind).
+    #[error("{}", future_message(*at, *now, *key_created))]
+    SignedInTheFuture {
+        /// Creation time of the newest such self-signature, seconds since the Unix epoch.
+        at: u64,
+        /// This KST's clock when it checked, seconds since the Unix epoch.
+        now: u64,
+        /// When the primary key was made (also in the future when the clock ran ahead then).
+        key_created: u64,
+    },
     /// The matching User ID's self-signatures use a weak hash.
     #[error(
         "the User ID's self-signature uses the {hash} hash, which is no longer safe; renew it \
@@ -141,6 +152,29 @@ pub enum KeyRejection {
         /// When it expired, seconds since the Unix epoch.
         at: u64,
     },
+}
+
+fn future_message(at: u64, now: u64, key_created: u64) -> String {
+    let mut m = format!(
+        "the self-signature of your User ID is dated {}, in the future: this key service's \
+         clock says {}. The clock of the computer that made it runs ahead; check it (date -u; \
+         turn on network time) ",
+        format_utc_minutes(at),
+        format_utc_minutes(now)
+    );
+    if key_created > now {
+        m.push_str(&format!(
+            "and make a new key (this one says it was made at {}), or send this key again after \
+             that time",
+            format_utc_minutes(key_created.max(at))
+        ));
+    } else {
+        m.push_str(
+            "and renew the self-signature (gpg --quick-set-expire FINGERPRINT 2y '*') before \
+             sending the key again",
+        );
+    }
+    m
 }
 
 fn no_matching_message(account: &Address, found: &[Address]) -> String {
@@ -174,9 +208,9 @@ impl KeyRejection {
             | KeyRejection::WeakSelfSignatureHash { .. } => Reason::WeakAlgorithm,
             KeyRejection::NoMatchingUserId { .. } => Reason::NoMatchingUserId,
             KeyRejection::UserIdRevoked { .. } => Reason::UserIdRevoked,
-            KeyRejection::UserIdNotSelfSigned { .. } | KeyRejection::NoValidSelfSignature => {
-                Reason::BadSelfSignature
-            }
+            KeyRejection::UserIdNotSelfSigned { .. }
+            | KeyRejection::NoValidSelfSignature
+            | KeyRejection::SignedInTheFuture { .. } => Reason::BadSelfSignature,
             KeyRejection::Expired { .. } => Reason::KeyExpired,
         }
     }

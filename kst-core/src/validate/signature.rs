@@ -12,6 +12,9 @@ pub(super) enum Check {
     Valid,
     /// It verifies, but its hash is not acceptable for its kind.
     WeakHash(HashAlgorithm),
+    /// It verifies, but it is dated later than now plus the allowed clock skew (the signer's
+    /// clock runs ahead): its creation time, seconds since the Unix epoch.
+    Future(u32),
     Invalid,
 }
 
@@ -53,10 +56,17 @@ impl Checker<'_> {
         let Some(created) = sig.created().map(|t| u64::from(t.as_secs())) else {
             return Check::Invalid;
         };
-        if created < u64::from(bound_key_created)
-            || created > self.now.saturating_add(self.policy.clock_skew_secs)
-        {
+        if created < u64::from(bound_key_created) {
             return Check::Invalid;
+        }
+        if created > self.now.saturating_add(self.policy.clock_skew_secs) {
+            // Never valid; verified only to tell a signer whose clock runs ahead what is wrong
+            // (a forged future-dated signature stays Invalid).
+            *self.verifications += 1;
+            return match (u32::try_from(created), verify(sig)) {
+                (Ok(at), Ok(())) => Check::Future(at),
+                _ => Check::Invalid,
+            };
         }
         if let Some(d) = sig.signature_expiration_time() {
             let d = u64::from(d.as_secs());

@@ -7,6 +7,8 @@ pub(super) struct Dropped {
     pub(super) user_attributes: usize,
     pub(super) third_party: usize,
     pub(super) bad_self_sigs: usize,
+    /// Self-signatures that verify but are dated in the future.
+    pub(super) future_self_sigs: usize,
     pub(super) misplaced_sigs: usize,
     pub(super) superseded: usize,
     pub(super) unreadable: usize,
@@ -45,6 +47,13 @@ pub(super) fn describe(d: &Dropped) -> Vec<String> {
         d.bad_self_sigs,
         "self-signature that does not verify or uses a weak hash",
         "self-signatures that do not verify or use a weak hash",
+    );
+    add(
+        d.future_self_sigs,
+        "self-signature dated in the future (the clock of the computer that made it runs \
+         ahead: set it right and make the signature again)",
+        "self-signatures dated in the future (the clock of the computer that made them runs \
+         ahead: set it right and make the signatures again)",
     );
     add(
         d.superseded,

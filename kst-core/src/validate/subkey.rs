@@ -68,6 +68,7 @@ pub(super) fn judge_subkeys(
                     weak = Some(h);
                     dropped.bad_self_sigs += 1;
                 }
+                Check::Future(_) => dropped.future_self_sigs += 1,
                 Check::Invalid => dropped.bad_self_sigs += 1,
             }
         }

@@ -691,8 +691,10 @@ fn future_and_expired_self_signatures_are_dropped() {
     ps.insert(1, Packet::Signature(expired));
     let v = ok(&armor_public_key(&serialize(&ps)));
     assert_eq!(v.packets, clean);
+    // the expired one does not verify; the future one does, so the clock is named
     assert!(
-        has(&v, "2 self-signatures that do not verify"),
+        has(&v, "1 self-signature that does not verify")
+            && has(&v, "1 self-signature dated in the future"),
         "{:?}",
         v.stripped
     );
@@ -1076,4 +1078,114 @@ proptest! {
         let end = bytes.len() - cut.index(bytes.len() / 4 + 1);
         let _ = check(&armor_public_key(&bytes[..end]));
     }
+}
+
+/// A key made on a computer whose clock runs a day ahead, checked "now" (the day before): the
+/// refusal says the self-signature is dated in the future and to check the clock, not that
+/// the key is damaged.
+#[test]
+fn a_key_signed_with_the_clock_ahead_is_refused_for_the_clock() {
+    const BASE: &str = include_str!("../../testdata/keys/merge-base.pub.asc");
+    // merge-base: made 2025-01-01 00:00; checked 2024-12-31 00:00
+    let e = validate(BASE, &alice(), &KeyPolicy::default(), at(1_735_603_200)).unwrap_err();
+    assert_eq!(
+        e,
+        KeyRejection::SignedInTheFuture {
+            at: 1_735_689_600,
+            now: 1_735_603_200,
+            key_created: 1_735_689_600,
+        }
+    );
+    assert_eq!(e.reason(), Reason::BadSelfSignature);
+    let m = e.to_string();
+    for part in [
+        "dated 2025-01-01 00:00 UTC, in the future",
+        "clock says 2024-12-31 00:00 UTC",
+        "clock",
+        "make a new key",
+    ] {
+        assert!(m.contains(part), "{part:?} not in {m}");
+    }
+    assert!(!m.contains("damaged"), "{m}");
+    // within the allowed skew (15 minutes) it is accepted
+    assert!(
+        validate(
+            BASE,
+            &alice(),
+            &KeyPolicy::default(),
+            at(1_735_689_600 - 600)
+        )
+        .is_ok()
+    );
+}
+
+/// The key is older, only its renewal (2025-05-01, a new expiry) was signed with the clock
+/// ahead, checked on 2025-04-30: alone it is refused with "renew"; next to the older
+/// certification that one is kept and the confirmation lists the future-dated one; a forged
+/// future-dated signature is only "does not verify".
+#[test]
+fn a_renewal_signed_with_the_clock_ahead_is_named_in_the_refusal_or_the_confirmation() {
+    const BASE: &str = include_str!("../../testdata/keys/merge-base.pub.asc");
+    const EXTENDED: &str = include_str!("../../testdata/keys/merge-extended.pub.asc");
+    let day_before = at(1_745_971_200);
+    let e = validate(EXTENDED, &alice(), &KeyPolicy::default(), day_before).unwrap_err();
+    assert_eq!(
+        e,
+        KeyRejection::SignedInTheFuture {
+            at: 1_746_057_600,
+            now: 1_745_971_200,
+            key_created: 1_735_689_600,
+        }
+    );
+    assert!(e.to_string().contains("renew the self-signature"), "{e}");
+
+    // base: [primary, User ID, certification 2025-01-01, subkey, binding]; the renewal after
+    // the older certification
+    let base = packets(&binary(BASE));
+    let renewal = packets(&binary(EXTENDED))[2].clone();
+    assert_eq!(base.len(), 5);
+    let mut both = base.clone();
+    both.insert(3, renewal.clone());
+    let v = validate(
+        &armor_public_key(&serialize(&both)),
+        &alice(),
+        &KeyPolicy::default(),
+        day_before,
+    )
+    .unwrap();
+    assert!(
+        v.stripped
+            .iter()
+            .any(|s| s.starts_with("1 self-signature dated in the future")),
+        "{:?}",
+        v.stripped
+    );
+    assert_eq!(
+        v.expires_at,
+        Some(1_893_499_200),
+        "the older expiry (2030) is kept"
+    );
+
+    let mut forged = serialize(&[renewal]);
+    *forged.last_mut().unwrap() ^= 1;
+    let mut bytes = serialize(&base[..3]);
+    bytes.extend(forged);
+    bytes.extend(serialize(&base[3..]));
+    let v = validate(
+        &armor_public_key(&bytes),
+        &alice(),
+        &KeyPolicy::default(),
+        day_before,
+    )
+    .unwrap();
+    assert!(
+        !v.stripped.iter().any(|s| s.contains("dated in the future")),
+        "{:?}",
+        v.stripped
+    );
+    assert!(
+        v.stripped.iter().any(|s| s.contains("does not verify")),
+        "{:?}",
+        v.stripped
+    );
 }

@@ -32,6 +32,8 @@ pub(super) struct UidVerdict {
     /// Newest valid certification revocation.
     revoked_at: Option<u32>,
     weak: Option<HashAlgorithm>,
+    /// Newest certification that verifies but is dated in the future.
+    future: Option<u32>,
 }
 
 fn judge_uid(
@@ -47,6 +49,7 @@ fn judge_uid(
         newest: None,
         revoked_at: None,
         weak: None,
+        future: None,
     };
     for (i, sig) in uid.sigs.iter().enumerate() {
         let revocation = match sig.typ() {
@@ -87,6 +90,12 @@ fn judge_uid(
             Check::WeakHash(h) => {
                 v.weak = Some(h);
                 dropped.bad_self_sigs += 1;
+            }
+            Check::Future(at) => {
+                if !revocation {
+                    v.future = v.future.max(Some(at));
+                }
+                dropped.future_self_sigs += 1;
             }
             Check::Invalid => dropped.bad_self_sigs += 1,
         }
@@ -147,6 +156,13 @@ pub(super) fn choose(
         if verdicts.iter().any(|v| v.newest.is_some()) {
             return Err(KeyRejection::UserIdRevoked {
                 account: account.clone(),
+            });
+        }
+        if let Some(at) = verdicts.iter().filter_map(|v| v.future).max() {
+            return Err(KeyRejection::SignedInTheFuture {
+                at: u64::from(at),
+                now: checker.now,
+                key_created: u64::from(primary.created_at().as_secs()),
             });
         }
         if let Some(h) = verdicts.iter().find_map(|v| v.weak) {

@@ -280,3 +280,45 @@ async fn server_outage_gives_temporary_errors_and_the_store_recovers() {
     }
     assert_eq!(late_answer.unwrap().unwrap().version, 4);
 }
+
+/// A pooled connection whose backend went away while it sat idle (a restart, a firewall) is
+/// pinged before its next use and replaced: the operation succeeds. Connections in steady use
+/// are not pinged first (see the builder); a dead one of those fails one operation with a
+/// temporary error and is then dropped.
+#[tokio::test]
+async fn an_idle_connection_whose_backend_died_is_replaced() {
+    let db = crate::support::TestDb::new().await;
+    let store = kst_postgres::PostgresStore::builder(&db.url)
+        .max_connections(1)
+        .connect()
+        .await
+        .unwrap();
+    let a = addr("idle@example.net");
+    store.publish(key(&a, 1)).await.unwrap();
+    // Kill the pooled connection's backend from outside.
+    let admin = kst_postgres::PostgresStore::builder(&db.url)
+        .max_connections(1)
+        .run_migrations(false)
+        .connect()
+        .await
+        .unwrap();
+    let own: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(admin.inner().pool())
+        .await
+        .unwrap();
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'kst' AND pid <> $1) t",
+    )
+    .bind(own)
+    .fetch_one(admin.inner().pool())
+    .await
+    .unwrap();
+    assert!(killed >= 1, "the store's pooled connection");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let got = store
+        .get(&a)
+        .await
+        .expect("a dead idle connection is replaced, not used");
+    assert!(got.is_some());
+}

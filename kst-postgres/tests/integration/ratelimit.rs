@@ -80,3 +80,47 @@ async fn unreachable_postgres_is_a_temporary_error() {
     let err = s.hit("sender:bob@acme.net", 5, HOUR).await.unwrap_err();
     assert!(err.is_temporary(), "{err}");
 }
+
+/// A hit commits without waiting for its WAL flush (`synchronous_commit` off in its own
+/// transaction), and leaves the pooled connection's session as it was: a publication on the
+/// same connection afterwards still commits synchronously.
+#[tokio::test]
+async fn a_hit_commits_asynchronously_and_leaves_the_session_alone() {
+    let db = TestDb::new().await;
+    let store = PostgresStore::builder(&db.url)
+        .max_connections(1)
+        .connect()
+        .await
+        .unwrap();
+    let s = store.inner();
+    let show = async || -> String {
+        sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(s.pool())
+            .await
+            .unwrap()
+    };
+    let before = show().await;
+    assert_ne!(before, "off", "the test server commits synchronously");
+    assert!(s.hit("web-client:192.0.2.1", 5, HOUR).await.unwrap());
+    assert_eq!(
+        show().await,
+        before,
+        "the one pooled connection is unchanged"
+    );
+    // Inside one transaction the statement's setting is visible: it is the transaction's.
+    let mut tx = s.pool().begin().await.unwrap();
+    let count: i64 = sqlx::query_scalar(kst_postgres::RATE_LIMIT_HIT_SQL)
+        .bind("web-client:192.0.2.1")
+        .bind(3600.0_f64)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(count, 2, "the same counter, counted on");
+    let inside: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(inside, "off");
+    tx.commit().await.unwrap();
+    assert_eq!(show().await, before, "reset at the end of the transaction");
+}

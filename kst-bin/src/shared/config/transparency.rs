@@ -10,18 +10,18 @@
 //! ```
 //!
 //! Empty `key_file` (the default): no directory. Set, every served domain must have its key
-//! file (mode 0600), the store must be `fs` or `postgres` (Redis does not store the directory
-//! yet), and kst must be built with the `transparency` feature; each is a configuration error
-//! otherwise. Every publication and deletion is then recorded in the domain's directory, and
-//! `kst serve` answers `/.well-known/kst/log/<domain>/...` on `[web]` (or `[http]` when
+//! file (mode 0600) and kst must be built with the `transparency` feature (the default); each
+//! is a configuration error otherwise. The directory is kept in the store `[store]` names
+//! (fs, postgres or redis). Every publication and deletion is then recorded in the domain's
+//! directory, and `kst serve` answers `/.well-known/kst/log/<domain>/...` on `[web]` (or `[http]` when
 //! `[web]` is off).
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::ConfigError;
 use super::dkim::DOMAIN_PLACEHOLDER;
-use super::{ConfigError, StoreBackend};
 
 /// `[transparency]`: the key directory.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,17 +61,27 @@ impl TransparencyConfig {
                 format!("at most {MAX_WITNESSES} witnesses"),
             ));
         }
-        self.witnesses
+        #[cfg(feature = "transparency")]
+        return self
+            .witnesses
             .iter()
             .map(|w| {
                 kst_core::transparency::witness::parse_witness(w)
                     .map_err(|e| ConfigError::key("transparency.witnesses", e.to_string()))
             })
-            .collect()
+            .collect();
+        #[cfg(not(feature = "transparency"))]
+        match self.witnesses.is_empty() {
+            true => Ok(Vec::new()),
+            false => Err(ConfigError::key(
+                "transparency.witnesses",
+                "this kst was built without the `transparency` feature; leave witnesses empty",
+            )),
+        }
     }
 
     /// Checks what can be checked without reading the key files.
-    pub fn validate(&self, backend: StoreBackend) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         self.witness_keys()?;
         if !self.enabled() {
             return Ok(());
@@ -83,13 +93,33 @@ impl TransparencyConfig {
                  transparency); leave key_file empty",
             ));
         }
-        if backend == StoreBackend::Redis {
-            return Err(ConfigError::key(
-                "transparency.key_file",
-                "the key directory is stored by the fs and postgres backends so far; Redis is \
-                 next (docs/TRANSPARENCY.md)",
-            ));
-        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn witnesses_are_name_and_key_and_bounded() {
+        let key = "ab".repeat(32);
+        let config = |witnesses: Vec<String>| TransparencyConfig {
+            key_file: PathBuf::new(),
+            witnesses,
+        };
+        let ok = config(vec![format!("w.example.org:{key}")]);
+        if cfg!(feature = "transparency") {
+            assert_eq!(
+                ok.witness_keys().unwrap(),
+                vec![("w.example.org".to_string(), [0xab; 32])]
+            );
+        }
+        for bad in ["", "w", "w:zz", &format!("a b:{key}"), &format!(":{key}")] {
+            let c = config(vec![bad.to_string()]);
+            assert!(c.validate().is_err(), "{bad:?}");
+        }
+        let many = config(vec![format!("w:{key}"); MAX_WITNESSES + 1]);
+        assert!(many.validate().is_err());
     }
 }
