@@ -29,6 +29,30 @@ pub fn free_port() -> SocketAddr {
     }
 }
 
+/// `GET path` over a new HTTP/1.1 connection to `at`: the status and the body (0 and the
+/// raw text when the reply is not HTTP).
+pub fn http_get(at: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(at).expect("connect to kst serve");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read the reply");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
 /// A running `kst serve`.
 pub struct ServeProcess {
     child: Child,

@@ -97,7 +97,13 @@ pub async fn run(config: Option<&Path>, cmd: KeysCommand) -> u8 {
         },
         Err(e) => return report::config_error(&e),
     };
-    let store: Arc<dyn KeyStore> = match stores::open_store(&cfg.store, Reach::Now).await {
+    // A deletion is recorded in the key directory when `[transparency]` is on; reads need
+    // no directory.
+    let opened = match &cmd {
+        KeysCommand::Delete { .. } => stores::open_recorded_store(&cfg, Reach::Now).await,
+        _ => stores::open_store(&cfg.store, Reach::Now).await,
+    };
+    let store: Arc<dyn KeyStore> = match opened {
         Ok(s) => s,
         Err(e) => return report::error(&e),
     };

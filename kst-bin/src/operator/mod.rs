@@ -43,7 +43,8 @@ pub fn served_domain(cfg: &Config, domain: &str) -> Result<String, u8> {
 }
 
 /// `kst migrate`: applies the store's schema migrations and rebuilds its look-up index;
-/// prints what it did, the number of indexed keys on stdout.
+/// with `[transparency]` on, records in the key directory every current key it lacks;
+/// prints what it did, the number of indexed keys (and recorded keys) on stdout.
 pub async fn migrate(config: Option<&Path>) -> u8 {
     let cfg = match load(config) {
         Ok(cfg) => cfg,
@@ -56,8 +57,24 @@ pub async fn migrate(config: Option<&Path>) -> u8 {
                 "look-up index of the {} store rebuilt: {} keys indexed",
                 m.backend, m.indexed
             );
-            exit::OK
         }
-        Err(e) => report::error(&e),
+        Err(e) => return report::error(&e),
     }
+    #[cfg(feature = "transparency")]
+    {
+        // A directory switched on for a store that already holds keys: record what it lacks.
+        let recorded = match stores::open_store(&cfg.store, stores::Reach::Now).await {
+            Ok(store) => crate::shared::transparency::record_all(&cfg, store).await,
+            Err(e) => Err(e),
+        };
+        match recorded {
+            Ok(Some(r)) => println!(
+                "key directory: {} address(es) checked, {} recorded",
+                r.checked, r.recorded
+            ),
+            Ok(None) => {}
+            Err(e) => return report::error(&e),
+        }
+    }
+    exit::OK
 }

@@ -91,7 +91,8 @@ async fn export_to_file(
 }
 
 async fn import_from(cfg: &Config, input: &Path) -> u8 {
-    let store = match stores::open_store(&cfg.store, Reach::Now).await {
+    // Every restored address is recorded in the key directory when `[transparency]` is on.
+    let store = match stores::open_recorded_store(cfg, Reach::Now).await {
         Ok(s) => s,
         Err(e) => return report::error(&e),
     };

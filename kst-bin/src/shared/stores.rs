@@ -7,7 +7,7 @@ use kst_core::{Error, KeyStore, RateLimiter};
 use kst_postgres::PostgresStore;
 use kst_redis::RedisStore;
 
-use crate::shared::config::{StoreBackend, StoreConfig};
+use crate::shared::config::{Config, StoreBackend, StoreConfig};
 
 /// How to open a network store when its server cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +24,21 @@ pub enum Reach {
 /// [`Reach::Lazily`]); a bad URL is [`Error::Config`].
 pub async fn open_store(cfg: &StoreConfig, reach: Reach) -> Result<Arc<dyn KeyStore>, Error> {
     Ok(open_store_and_limiter(cfg, reach).await?.0)
+}
+
+/// [`open_store`] for the operator's commands that change keys (`kst import`, `kst keys
+/// delete`): with `[transparency]` on, behind the [`kst_core::transparency::TransparentStore`]
+/// that records every change in the key directory, as `kst serve` and `kst deliver` do.
+pub async fn open_recorded_store(
+    config: &Config,
+    reach: Reach,
+) -> Result<Arc<dyn KeyStore>, Error> {
+    let store = open_store(&config.store, reach).await?;
+    #[cfg(feature = "transparency")]
+    let (store, _) = crate::shared::transparency::wrap_store(config, store).await?;
+    #[cfg(not(feature = "transparency"))]
+    let _ = config;
+    Ok(store)
 }
 
 /// Opens the backend of `cfg` (as [`open_store`]) and the rate limiter that goes with it: the

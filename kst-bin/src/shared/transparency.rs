@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use kst_core::reply::LogAnswers;
-use kst_core::transparency::{DirectoryStore, DomainLog, LogKeys, TransparentStore};
+use kst_core::transparency::{DirectoryStore, DomainLog, LogKeys, RecordedAll, TransparentStore};
 use kst_core::{Component, Error, KeyStore};
 
 use crate::shared::config::{Config, StoreBackend, check_key_file_mode};
@@ -84,3 +84,23 @@ pub async fn wrap_store(
     let wrapped = Arc::new(TransparentStore::new(store, logs));
     Ok((wrapped.clone(), Some(wrapped)))
 }
+
+/// `kst migrate` with `[transparency]` on: records in the directory every current key of a
+/// served domain it lacks (a directory switched on for a store that already holds keys);
+/// `None` when `[transparency]` is off. Idempotent.
+pub async fn record_all(
+    config: &Config,
+    store: Arc<dyn KeyStore>,
+) -> Result<Option<RecordedAll>, Error> {
+    let logs = open_logs(config).await?;
+    if logs.is_empty() {
+        return Ok(None);
+    }
+    TransparentStore::new(store, logs)
+        .record_all(RECORD_ALL_AT_ONCE)
+        .await
+        .map(Some)
+}
+
+/// Addresses `kst migrate` asks the directory to record at once (they share epochs).
+const RECORD_ALL_AT_ONCE: usize = 256;

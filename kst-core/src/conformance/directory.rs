@@ -21,13 +21,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::Address;
-use crate::conformance::{address, test_key};
-use crate::store::KeyRecord;
+use crate::conformance::{address, describe, test_key};
+use crate::store::{KeyRecord, KeyStore, PublishOutcome};
 use crate::transparency::answer::Served;
 use crate::transparency::log::{DomainLog, Synced};
 use crate::transparency::storage::{RootWrite, ValueStateBlob};
 use crate::transparency::{
-    DirectoryStore, DirectoryStoreError, EntryState, Head, LogKeys, RecordBatch,
+    DirectoryEntry, DirectoryStore, DirectoryStoreError, EntryState, Head, LogKeys, RecordBatch,
+    TransparentStore,
 };
 
 /// Runs every property; `a` and `b` are two instances on one fresh, empty namespace.
@@ -597,6 +598,196 @@ pub async fn two_writers_one_history(a: Arc<dyn DirectoryStore>, b: Arc<dyn Dire
                 .unwrap_or_else(|e| panic!("pool: {addr} through the other instance: {e}"));
         }
     }
+}
+
+/// Writers per process in [`one_address_in_store_order`].
+pub const ORDER_WRITERS: u64 = 3;
+/// Publications per writer in [`one_address_in_store_order`].
+pub const ORDER_PUBLICATIONS: u64 = 8;
+
+/// The directory's history of `address`, one line per entry (for failure messages).
+fn show_history(history: &[(u64, DirectoryEntry)]) -> String {
+    history
+        .iter()
+        .map(|(epoch, e)| format!("epoch {epoch}: v{} {:?}", e.version, e.state))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Two processes (two key store handles `stores`, two directory handles `dirs`, each pair
+/// wrapped in its own [`TransparentStore`] and log) publish versions of ONE address at once,
+/// [`ORDER_WRITERS`] tasks each. Then: the directory's history of the address is the
+/// store's, in its order (every version, each entry the store's record of that version) and
+/// ends at the store's current key; a deletion is recorded with the deleted
+/// version + 1; a publication after it starts again at version 1; a restore whose version is
+/// not above the directory's is recorded as a deletion, then the restored key; a key
+/// written behind the log's back is recorded by `record_all`, once. `stores` must be empty
+/// for `order.example`.
+pub async fn one_address_in_store_order(
+    stores: [Arc<dyn KeyStore>; 2],
+    dirs: [Arc<dyn DirectoryStore>; 2],
+) {
+    const D: &str = "order.example";
+    let keys = LogKeys::generate(D);
+    let [dir_a, dir_b] = dirs;
+    let [store_a, store_b] = stores;
+    let log_a = Arc::new(
+        DomainLog::open(dir_a, LogKeys::parse(&keys.to_file()).unwrap())
+            .await
+            .unwrap(),
+    );
+    let log_b = Arc::new(DomainLog::open(dir_b, keys).await.unwrap());
+    let a = Arc::new(TransparentStore::new(
+        Arc::clone(&store_a),
+        vec![Arc::clone(&log_a)],
+    ));
+    let b = Arc::new(TransparentStore::new(
+        Arc::clone(&store_b),
+        vec![Arc::clone(&log_b)],
+    ));
+    let alice = address("alice@order.example");
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..2 * ORDER_WRITERS {
+        let store = if w % 2 == 0 {
+            Arc::clone(&a)
+        } else {
+            Arc::clone(&b)
+        };
+        let alice = alice.clone();
+        tasks.spawn(async move {
+            let mut versions = Vec::new();
+            for n in 0..ORDER_PUBLICATIONS {
+                let key = test_key(&alice, 40 + w as u32, n);
+                match store.publish(key).await {
+                    Ok(PublishOutcome::Published(r)) => versions.push(r.version),
+                    other => panic!("order: writer {w} publication {n}: {other:?}"),
+                }
+            }
+            versions
+        });
+    }
+    let mut confirmed = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        confirmed.extend(joined.expect("order: a writer panicked"));
+    }
+    let total = 2 * ORDER_WRITERS * ORDER_PUBLICATIONS;
+    assert_eq!(
+        confirmed.len() as u64,
+        total,
+        "order: every publication confirmed"
+    );
+
+    let stored = store_a.history(&alice).await.unwrap();
+    assert_eq!(stored.len() as u64, total, "order: the store's history");
+    let history = log_a.entries(&alice).await.unwrap();
+    assert_eq!(
+        history.len() as u64,
+        total,
+        "order: every version the store accepted is recorded: {}",
+        show_history(&history)
+    );
+    let mut last_version = 0;
+    let mut last_epoch = 0;
+    for (epoch, entry) in &history {
+        assert!(
+            entry.version > last_version && *epoch > last_epoch,
+            "order: the directory's history is out of the store's order: {}",
+            show_history(&history)
+        );
+        let record = stored
+            .iter()
+            .find(|r| r.version == entry.version)
+            .unwrap_or_else(|| panic!("order: the store never held v{}", entry.version));
+        assert_eq!(
+            *entry,
+            DirectoryEntry::for_record(record),
+            "order: epoch {epoch} records v{} but not the store's key {}",
+            entry.version,
+            describe(record)
+        );
+        (last_version, last_epoch) = (entry.version, *epoch);
+    }
+    let current = store_b.get(&alice).await.unwrap().unwrap();
+    assert_eq!(
+        history.last().map(|(_, e)| e),
+        Some(&DirectoryEntry::for_record(&current)),
+        "order: the history ends at the store's current key {}: {}",
+        describe(&current),
+        show_history(&history)
+    );
+    // Both handles read the same history.
+    assert_eq!(
+        log_b.entries(&alice).await.unwrap(),
+        history,
+        "order: log b"
+    );
+
+    // A deletion: the deleted version + 1.
+    assert!(a.delete(&alice).await.unwrap(), "order: the deletion");
+    let (_, deleted) = log_b.entries(&alice).await.unwrap().pop().unwrap();
+    assert_eq!(
+        (deleted.state, deleted.version),
+        (EntryState::Deleted, current.version + 1),
+        "order: the deletion's entry"
+    );
+    // A publication after it: version 1 again, recorded after the deletion.
+    let again = b.publish(test_key(&alice, 50, 1)).await.unwrap();
+    assert_eq!(again.record().version, 1, "order: the store starts again");
+    let (_, entry) = log_a.entries(&alice).await.unwrap().pop().unwrap();
+    assert_eq!(
+        entry,
+        DirectoryEntry::for_record(again.record()),
+        "order: republished"
+    );
+
+    // A restore of another key at version 1: the directory holds v1 already, so it records
+    // a deletion (v2), then the restored key.
+    let restored = test_key(&alice, 51, 1).into_record(1);
+    a.restore(std::slice::from_ref(&restored)).await.unwrap();
+    let tail: Vec<DirectoryEntry> = log_b
+        .entries(&alice)
+        .await
+        .unwrap()
+        .into_iter()
+        .rev()
+        .take(2)
+        .map(|(_, e)| e)
+        .collect();
+    assert_eq!(
+        tail,
+        vec![
+            DirectoryEntry::for_record(&restored),
+            DirectoryEntry::deleted(2, tail.get(1).map_or(0, |e| e.changed_at)),
+        ],
+        "order: a restore over a newer directory entry"
+    );
+
+    // Behind the log's back, then `record_all`: recorded once.
+    let bob = address("bob@order.example");
+    let behind = store_b
+        .publish(test_key(&bob, 52, 1))
+        .await
+        .unwrap()
+        .record()
+        .clone();
+    assert!(
+        log_a.entries(&bob).await.unwrap().is_empty(),
+        "order: not yet"
+    );
+    let first = b.record_all(16).await.unwrap();
+    assert_eq!((first.checked, first.recorded), (2, 1), "order: record_all");
+    assert_eq!(
+        log_a.entries(&bob).await.unwrap().pop().map(|(_, e)| e),
+        Some(DirectoryEntry::for_record(&behind)),
+        "order: record_all recorded bob"
+    );
+    let second = a.record_all(16).await.unwrap();
+    assert_eq!(
+        (second.checked, second.recorded),
+        (2, 0),
+        "order: record_all again"
+    );
 }
 
 /// The record encoding (`transparency::records`, what every backend stores) gives back every

@@ -62,7 +62,10 @@ pub struct AbsenceProof {
 impl<S: Database + 'static> KeyDirectory<S> {
     /// Opens the directory kept in `db`, creating its empty tree on first use.
     pub async fn open(db: S, vrf: VrfSecret) -> Result<Self> {
-        let storage = StorageManager::new_no_cache(db);
+        Self::over(StorageManager::new_no_cache(db), vrf).await
+    }
+
+    async fn over(storage: StorageManager<S>, vrf: VrfSecret) -> Result<Self> {
         let directory = Directory::new(
             storage.clone(),
             vrf.clone(),
@@ -74,6 +77,20 @@ impl<S: Database + 'static> KeyDirectory<S> {
             storage,
             vrf,
         })
+    }
+
+    /// [`KeyDirectory::open`] with akd's node cache: akd then reads the tree level by level
+    /// in batches (one read per level instead of one per node) and keeps what it read. The
+    /// cache is never trusted across requests: the caller calls [`KeyDirectory::forget`]
+    /// before each one, so another process's commits are seen (a batch built on stale nodes
+    /// is refused by the fence anyway).
+    pub async fn open_cached(db: S, vrf: VrfSecret) -> Result<Self> {
+        Self::over(StorageManager::new(db, None, None, None), vrf).await
+    }
+
+    /// Drops what the node cache holds ([`KeyDirectory::open_cached`]).
+    pub async fn forget(&self) {
+        self.storage.flush_cache().await;
     }
 
     /// The VRF public key clients verify labels with.
@@ -108,6 +125,24 @@ impl<S: Database + 'static> KeyDirectory<S> {
         {
             Ok(state) => Ok(Some(DirectoryEntry::from_value(&state.value)?)),
             Err(StorageError::NotFound(_)) => Ok(None),
+            Err(e) => Err(TransparencyError::Directory(e.to_string())),
+        }
+    }
+
+    /// Every entry the directory holds for `address`, oldest first, each with the epoch that
+    /// recorded it (no proof: for the operator's checks and tests); empty when it never held
+    /// one.
+    pub async fn entries(&self, address: &Address) -> Result<Vec<(u64, DirectoryEntry)>> {
+        match self.storage.get_user_data(&directory_label(address)).await {
+            Ok(data) => {
+                let mut states = data.states;
+                states.sort_by_key(|s| s.epoch);
+                states
+                    .iter()
+                    .map(|s| Ok((s.epoch, DirectoryEntry::from_value(&s.value)?)))
+                    .collect()
+            }
+            Err(StorageError::NotFound(_)) => Ok(Vec::new()),
             Err(e) => Err(TransparencyError::Directory(e.to_string())),
         }
     }

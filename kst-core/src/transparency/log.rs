@@ -1,12 +1,19 @@
 //! One served domain's log on the server: its directory over a [`DirectoryStore`], its head
 //! key, and the one writer per domain and process.
 //!
-//! Writing (docs/TRANSPARENCY.md, "Write order, as built"): [`DomainLog::sync`] makes the
-//! directory say what the key store says *now* about an address. The caller holds
-//! [`DomainLog::writer`] across reading the store and the sync, so two publications of one
-//! process cannot record their versions out of order. Between processes (a pool, or `kst
-//! deliver` next to `kst serve`) the backend's fence ([`super::storage`]) keeps the history
-//! one: a batch built on a stale epoch is refused and retried here on the new epoch.
+//! Writing (docs/TRANSPARENCY.md, "Write order, as built"): [`DomainLog::record`] makes the
+//! directory say what the key store says about an address. The writer (the directory's
+//! thread) reads the store itself, on every attempt, *after* reading the directory's epoch,
+//! and pins that epoch ([`StoredDirectory::pin`]): the batch is committed only on that epoch,
+//! else it is rebuilt from fresh reads. So a change is never recorded after a newer one, in
+//! one process or across processes (a pool, `kst deliver` next to `kst serve`): whatever
+//! another writer committed before the pinned epoch it read from the store earlier, and
+//! whatever it commits after makes this batch conflict.
+//!
+//! Group commit: the requests that queue while an epoch is being written are recorded together
+//! in the next one (one epoch, one entry per address: several changes of one address need one
+//! entry, the store's current state read after they all happened). Each caller is answered once
+//! the epoch holding its address is committed.
 //!
 //! Heads (docs/TRANSPARENCY.md, "Signed heads, witnesses"): each epoch's head is signed once
 //! and stored ([`DirectoryStore::insert_head`]): by the writer right after its commit, and
@@ -18,11 +25,14 @@
 //! The directory runs on a thread of its own (a current-thread Tokio runtime) and is asked
 //! through a channel: rustc cannot prove akd's futures `Send` ("implementation of `Send` is
 //! not general enough", rust-lang/rust#102211), and every caller here needs `Send` futures
-//! (`#[async_trait]` key stores, axum handlers). The thread also runs one request at a time.
+//! (`#[async_trait]` key stores, axum handlers). The key store is read on the runtime that
+//! opened the log (its connections live there).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tokio::sync::{Mutex, MutexGuard, mpsc, oneshot};
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot};
 
 use super::answer::{
     AnswerProof, AppendOnlyFrom, LogAnswer, MAX_SINCE_EPOCHS, head_text, parse_head,
@@ -36,12 +46,54 @@ use super::storage::{DirectoryStore, DirectoryStoreError, StoredDirectory};
 use super::witness::{AuditAnswer, MAX_AUDIT_EPOCHS, Witnessed};
 use super::{Result, TransparencyError, wire};
 use crate::Address;
-use crate::store::KeyRecord;
+use crate::store::{KeyRecord, KeyStore};
 
 /// How often a batch refused by the fence is rebuilt on the newer epoch before the change is
 /// reported as a temporary failure. Between attempts the writer waits a random while (up to
 /// 10 ms times the attempt), so a slower writer is not starved by a faster one.
 const MAX_ATTEMPTS: u64 = 32;
+
+/// At most this many requests are recorded in one epoch; more wait for the next.
+const MAX_BATCH: usize = 512;
+
+/// Where the writer reads what the key store holds for an address (again on every attempt).
+#[async_trait]
+pub trait CurrentKeys: Send + Sync {
+    /// The current record of `address`; `None` when the store has no key for it.
+    async fn current(&self, address: &Address) -> crate::Result<Option<KeyRecord>>;
+
+    /// Every version of `address` the store holds, oldest first (read only when the
+    /// directory lacks versions before the current one).
+    async fn history(&self, address: &Address) -> crate::Result<Vec<KeyRecord>>;
+}
+
+/// A key store as the writer's source: its current record.
+pub struct StoreKeys(pub Arc<dyn KeyStore>);
+
+#[async_trait]
+impl CurrentKeys for StoreKeys {
+    async fn current(&self, address: &Address) -> crate::Result<Option<KeyRecord>> {
+        self.0.get(address).await
+    }
+
+    async fn history(&self, address: &Address) -> crate::Result<Vec<KeyRecord>> {
+        self.0.history(address).await
+    }
+}
+
+/// A record the caller already holds ([`DomainLog::sync`]): its only version.
+struct Fixed(Option<KeyRecord>);
+
+#[async_trait]
+impl CurrentKeys for Fixed {
+    async fn current(&self, _: &Address) -> crate::Result<Option<KeyRecord>> {
+        Ok(self.0.clone())
+    }
+
+    async fn history(&self, _: &Address) -> crate::Result<Vec<KeyRecord>> {
+        Ok(self.0.iter().cloned().collect())
+    }
+}
 
 /// One domain's log.
 pub struct DomainLog {
@@ -49,7 +101,6 @@ pub struct DomainLog {
     head_key: [u8; 32],
     vrf_key: [u8; 32],
     requests: mpsc::UnboundedSender<Request>,
-    writer: Mutex<()>,
     store: Arc<dyn DirectoryStore>,
 }
 
@@ -61,7 +112,7 @@ impl std::fmt::Debug for DomainLog {
     }
 }
 
-/// What [`DomainLog::sync`] did.
+/// What [`DomainLog::record`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Synced {
     /// The directory already said this; nothing was written.
@@ -77,13 +128,22 @@ pub enum Synced {
     },
 }
 
+/// One caller's request to record an address.
+struct SyncRequest {
+    address: Address,
+    source: Arc<dyn CurrentKeys>,
+    deleted_version: Option<u64>,
+    current_only: bool,
+    now: u64,
+    reply: oneshot::Sender<Result<Synced>>,
+}
+
 /// A request to the directory's thread, with where its answer goes.
 enum Request {
-    Sync {
+    Sync(SyncRequest),
+    Entries {
         address: Address,
-        current: Option<KeyRecord>,
-        now: u64,
-        reply: oneshot::Sender<Result<Synced>>,
+        reply: oneshot::Sender<Result<Vec<(u64, DirectoryEntry)>>>,
     },
     Head {
         now: u64,
@@ -117,8 +177,88 @@ enum Request {
 /// fails as a temporary error until it is back).
 struct Worker {
     keys: LogKeys,
+    /// The runtime that opened the log: key store reads run there.
+    caller: tokio::runtime::Handle,
+    /// The directory once opened.
+    opened: Option<Opened>,
     store: Arc<dyn DirectoryStore>,
-    directory: Option<KeyDirectory<StoredDirectory<dyn DirectoryStore>>>,
+}
+
+/// An open directory.
+struct Opened {
+    /// The storage akd writes through (shares the pin with the directory's copy).
+    db: StoredDirectory<dyn DirectoryStore>,
+    directory: KeyDirectory<StoredDirectory<dyn DirectoryStore>>,
+}
+
+/// The requests of one epoch for one address.
+struct Pending {
+    source: Arc<dyn CurrentKeys>,
+    deleted_version: Option<u64>,
+    current_only: bool,
+    now: u64,
+    replies: Vec<oneshot::Sender<Result<Synced>>>,
+    recorded: Synced,
+}
+
+/// What the writer records for one address in the next epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    /// The directory says what the store says.
+    Nothing,
+    /// This entry, and the address is done.
+    Record(DirectoryEntry),
+    /// The store's record of this version first (the store accepted versions the directory
+    /// has not recorded yet: they are recorded one epoch each, oldest first), then again.
+    Fill(u64),
+    /// This deletion first, then the store's key in a later epoch: the store holds a key
+    /// whose version is not above the directory's (it deleted the address and started
+    /// again at version 1, or a restore replaced its history) and the directory missed it.
+    DeleteFirst(DirectoryEntry),
+}
+
+/// What to record for an address whose store record is `current` and whose latest entry is
+/// `latest`. A kst version at or below the latest published entry's is never recorded as
+/// newer; versions between the latest entry's and the current one are recorded first, in
+/// order (with `current_only`, only after a published entry: `kst migrate` records the
+/// current key of an address the directory never saw, not its past). A deletion gets the
+/// version after the directory's latest (at least `deleted_version`, the store's deleted
+/// version + 1 when the caller knew it).
+fn next_step(
+    current: Option<&KeyRecord>,
+    latest: Option<&DirectoryEntry>,
+    deleted_version: Option<u64>,
+    current_only: bool,
+    now: u64,
+) -> Step {
+    let deletion = |latest: &DirectoryEntry| {
+        DirectoryEntry::deleted((latest.version + 1).max(deleted_version.unwrap_or(0)), now)
+    };
+    match (current, latest) {
+        // The next version of a published address.
+        (Some(record), Some(l)) if l.state != EntryState::Deleted => {
+            let wanted = DirectoryEntry::for_record(record);
+            if wanted == *l {
+                Step::Nothing
+            } else if record.version == l.version + 1 {
+                Step::Record(wanted)
+            } else if record.version > l.version {
+                Step::Fill(l.version + 1)
+            } else {
+                Step::DeleteFirst(deletion(l))
+            }
+        }
+        // A first publication, or one after a deletion (the store counts from 1 again).
+        (Some(record), _) => {
+            if record.version > 1 && !current_only {
+                Step::Fill(1)
+            } else {
+                Step::Record(DirectoryEntry::for_record(record))
+            }
+        }
+        (None, Some(l)) if l.state != EntryState::Deleted => Step::Record(deletion(l)),
+        (None, _) => Step::Nothing,
+    }
 }
 
 /// Waits a random while before attempt `attempt + 1` of a write.
@@ -183,6 +323,7 @@ impl DomainLog {
         let (requests, mut inbox) = mpsc::unbounded_channel::<Request>();
         let worker_store = Arc::clone(&store);
         let (opened, open_result) = oneshot::channel::<Result<()>>();
+        let caller = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name(format!("kst-log-{domain}"))
             .spawn(move || {
@@ -201,8 +342,9 @@ impl DomainLog {
                 runtime.block_on(async move {
                     let mut worker = Worker {
                         keys,
+                        caller,
+                        opened: None,
                         store: worker_store,
-                        directory: None,
                     };
                     if let Err(e) = worker.open().await {
                         tracing::warn!(domain = %worker.keys.domain, error = %e, "the key directory cannot be read now; opening it again with the next request");
@@ -211,7 +353,26 @@ impl DomainLog {
                         return;
                     }
                     while let Some(request) = inbox.recv().await {
-                        worker.handle(request).await;
+                        let mut syncs = Vec::new();
+                        let mut others = Vec::new();
+                        match request {
+                            Request::Sync(s) => syncs.push(s),
+                            other => others.push(other),
+                        }
+                        // Group commit: every request queued meanwhile joins the epoch.
+                        while !syncs.is_empty() && syncs.len() < MAX_BATCH {
+                            match inbox.try_recv() {
+                                Ok(Request::Sync(s)) => syncs.push(s),
+                                Ok(other) => others.push(other),
+                                Err(_) => break,
+                            }
+                        }
+                        if !syncs.is_empty() {
+                            worker.sync_batch(syncs).await;
+                        }
+                        for other in others {
+                            worker.handle(other).await;
+                        }
                     }
                 });
             })
@@ -226,7 +387,6 @@ impl DomainLog {
             head_key,
             vrf_key,
             requests,
-            writer: Mutex::new(()),
             store,
         })
     }
@@ -246,11 +406,6 @@ impl DomainLog {
         Ok(self.vrf_key)
     }
 
-    /// The domain's writer lock: hold it across reading the key store and [`DomainLog::sync`].
-    pub async fn writer(&self) -> MutexGuard<'_, ()> {
-        self.writer.lock().await
-    }
-
     async fn ask<T>(
         &self,
         request: impl FnOnce(oneshot::Sender<Result<T>>) -> Request,
@@ -260,19 +415,72 @@ impl DomainLog {
         answer.await.map_err(|_| gone())?
     }
 
-    /// Records what the key store holds for `address` now (`current`: its current record,
-    /// `None` when it has none), unless the directory says so already. A deletion is recorded
-    /// only for an address the directory holds a key for. `now` dates a deletion.
+    /// Makes the directory say what `source` holds for `address`: the writer reads it after
+    /// this call, once per attempt (see the module docs), and records the key (after every
+    /// version of the store's history the directory lacks, one epoch each, oldest first), a
+    /// deletion (when the store has no key and the directory's latest entry is not a
+    /// deletion; its version is the directory's latest + 1, at least `deleted_version`), or
+    /// nothing when the directory says so already. Returns once the last epoch is committed.
+    /// `now` dates a deletion.
+    pub async fn record(
+        &self,
+        address: &Address,
+        source: Arc<dyn CurrentKeys>,
+        deleted_version: Option<u64>,
+        now: u64,
+    ) -> Result<Synced> {
+        self.ask_record(address, source, deleted_version, false, now)
+            .await
+    }
+
+    /// [`DomainLog::record`] for `kst migrate`: an address the directory never saw (or saw
+    /// deleted) gets its current key only, not the versions before it.
+    pub async fn record_current(
+        &self,
+        address: &Address,
+        source: Arc<dyn CurrentKeys>,
+        now: u64,
+    ) -> Result<Synced> {
+        self.ask_record(address, source, None, true, now).await
+    }
+
+    async fn ask_record(
+        &self,
+        address: &Address,
+        source: Arc<dyn CurrentKeys>,
+        deleted_version: Option<u64>,
+        current_only: bool,
+        now: u64,
+    ) -> Result<Synced> {
+        self.ask(|reply| {
+            Request::Sync(SyncRequest {
+                address: address.clone(),
+                source,
+                deleted_version,
+                current_only,
+                now,
+                reply,
+            })
+        })
+        .await
+    }
+
+    /// [`DomainLog::record`] with the store's current record given (`None`: no key).
     pub async fn sync(
         &self,
         address: &Address,
         current: Option<&KeyRecord>,
         now: u64,
     ) -> Result<Synced> {
-        self.ask(|reply| Request::Sync {
+        self.record(address, Arc::new(Fixed(current.cloned())), None, now)
+            .await
+    }
+
+    /// Every entry the directory holds for `address`, oldest first, with the epoch that
+    /// recorded it (no proofs: for operators and tests).
+    pub async fn entries(&self, address: &Address) -> Result<Vec<(u64, DirectoryEntry)>> {
+        self.ask(|reply| Request::Entries {
             address: address.clone(),
-            current: current.cloned(),
-            now,
             reply,
         })
         .await
@@ -520,7 +728,8 @@ impl Request {
     fn fail(self, e: TransparencyError) {
         // A caller that gave up is not an error.
         match self {
-            Request::Sync { reply, .. } => drop(reply.send(Err(e))),
+            Request::Sync(s) => drop(s.reply.send(Err(e))),
+            Request::Entries { reply, .. } => drop(reply.send(Err(e))),
             Request::Head { reply, .. } => drop(reply.send(Err(e))),
             Request::HeadAt { reply, .. } => drop(reply.send(Err(e))),
             Request::Answer { reply, .. } => drop(reply.send(Err(e))),
@@ -533,18 +742,31 @@ impl Request {
 impl Worker {
     /// Opens the directory (creating the empty one on first use) unless it is open.
     async fn open(&mut self) -> Result<()> {
-        if self.directory.is_none() {
+        if self.opened.is_none() {
             let db = StoredDirectory::new(Arc::clone(&self.store), &self.keys.domain);
-            self.directory = Some(KeyDirectory::open(db, self.keys.vrf.clone()).await?);
+            let directory = KeyDirectory::open_cached(db.clone(), self.keys.vrf.clone()).await?;
+            self.opened = Some(Opened { db, directory });
         }
         Ok(())
     }
 
-    /// The open directory.
-    fn dir(&self) -> Result<&KeyDirectory<StoredDirectory<dyn DirectoryStore>>> {
-        self.directory
+    /// The open directory and its storage.
+    fn opened(&self) -> Result<&Opened> {
+        self.opened
             .as_ref()
             .ok_or_else(|| TransparencyError::Directory("the directory is not open yet".into()))
+    }
+
+    /// The open directory.
+    fn dir(&self) -> Result<&KeyDirectory<StoredDirectory<dyn DirectoryStore>>> {
+        Ok(&self.opened()?.directory)
+    }
+
+    /// Drops akd's node cache (another process may have committed), if the directory is open.
+    async fn forget(&self) {
+        if let Some(o) = &self.opened {
+            o.directory.forget().await;
+        }
     }
 
     /// Answers one request (opening the directory first if needed); a caller that gave up is
@@ -554,14 +776,16 @@ impl Worker {
             request.fail(e);
             return;
         }
+        // Another process may have committed since the last request.
+        self.forget().await;
         match request {
-            Request::Sync {
-                address,
-                current,
-                now,
-                reply,
-            } => {
-                let _ = reply.send(self.sync(&address, current.as_ref(), now).await);
+            Request::Sync(s) => self.sync_batch(vec![s]).await,
+            Request::Entries { address, reply } => {
+                let result = match self.dir() {
+                    Ok(d) => d.entries(&address).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
             }
             Request::Head { now, reply } => {
                 let result = match self.current().await {
@@ -598,24 +822,194 @@ impl Worker {
         }
     }
 
-    async fn sync(
-        &self,
-        address: &Address,
-        current: Option<&KeyRecord>,
-        now: u64,
-    ) -> Result<Synced> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let built_on = self.current().await.ok().map(|(e, _)| e);
-            match self.sync_once(address, current, now).await {
-                Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
-                    tracing::info!(domain = %self.keys.domain, attempt, error = %e, "directory epoch moved under this writer; rebuilding the batch");
-                    back_off(attempt).await;
+    /// Records one epoch's requests (several epochs when a deletion must come first), again
+    /// on a newer epoch when another writer committed meanwhile; answers every caller.
+    async fn sync_batch(&mut self, requests: Vec<SyncRequest>) {
+        if let Err(e) = self.open().await {
+            for r in requests {
+                let _ = r.reply.send(Err(e.clone()));
+            }
+            return;
+        }
+        let mut pending: BTreeMap<Address, Pending> = BTreeMap::new();
+        for r in requests {
+            let p = pending.entry(r.address).or_insert_with(|| Pending {
+                source: r.source,
+                deleted_version: None,
+                current_only: true,
+                now: r.now,
+                replies: Vec::new(),
+                recorded: Synced::AlreadyRecorded,
+            });
+            p.deleted_version = p.deleted_version.max(r.deleted_version);
+            p.current_only &= r.current_only;
+            p.now = p.now.max(r.now);
+            p.replies.push(r.reply);
+        }
+        let mut failures = 0;
+        while !pending.is_empty() {
+            // Every attempt reads afresh (another process may have committed).
+            self.forget().await;
+            let current = self.current().await.ok();
+            let built_on = current.map(|(e, _)| e);
+            let db = match self.opened() {
+                Ok(o) => o.db.clone(),
+                Err(e) => {
+                    for p in std::mem::take(&mut pending).into_values() {
+                        for reply in p.replies {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                    return;
                 }
-                result => return result,
+            };
+            db.pin(built_on);
+            let round = self.round(&mut pending, current).await;
+            db.pin(None);
+            match round {
+                Ok(done) => {
+                    for address in done {
+                        if let Some(p) = pending.remove(&address) {
+                            for reply in p.replies {
+                                let _ = reply.send(Ok(p.recorded.clone()));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures < MAX_ATTEMPTS && self.retryable(&e, built_on).await {
+                        tracing::info!(domain = %self.keys.domain, attempt = failures, error = %e, "directory epoch moved under this writer; reading the store again");
+                        back_off(failures).await;
+                        continue;
+                    }
+                    for p in std::mem::take(&mut pending).into_values() {
+                        for reply in p.replies {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                }
             }
         }
+    }
+
+    /// One attempt: reads every pending address's latest entry and the store's current
+    /// record (in that order, after the caller pinned the epoch), publishes what differs as
+    /// one epoch. Returns the addresses that are done.
+    async fn round(
+        &self,
+        pending: &mut BTreeMap<Address, Pending>,
+        built_on: Option<(u64, [u8; 32])>,
+    ) -> Result<Vec<Address>> {
+        // Every store read starts now, after the epoch was read and pinned.
+        let reads: Vec<_> = pending
+            .iter()
+            .map(|(address, p)| {
+                let (source, address) = (Arc::clone(&p.source), address.clone());
+                self.caller
+                    .spawn(async move { source.current(&address).await })
+            })
+            .collect();
+        let mut changes = Vec::new();
+        let mut done = Vec::new();
+        for ((address, p), read) in pending.iter().zip(reads) {
+            let current = read
+                .await
+                .map_err(|e| {
+                    TransparencyError::Directory(format!("the key store read stopped: {e}"))
+                })?
+                .map_err(|e| {
+                    TransparencyError::Directory(format!("cannot read the key store: {e}"))
+                })?;
+            let latest = self.dir()?.latest(address).await?;
+            let step = next_step(
+                current.as_ref(),
+                latest.as_ref(),
+                p.deleted_version,
+                p.current_only,
+                p.now,
+            );
+            match step {
+                Step::Nothing => done.push(address.clone()),
+                Step::Record(entry) => {
+                    changes.push((address.clone(), entry));
+                    done.push(address.clone());
+                }
+                // Stays pending: the versions after it follow, one epoch each.
+                Step::Fill(version) => {
+                    let history = self.read_history(&p.source, address).await?;
+                    match history.iter().find(|r| r.version == version) {
+                        Some(older) => {
+                            changes.push((address.clone(), DirectoryEntry::for_record(older)))
+                        }
+                        // The store no longer holds it (replaced meanwhile): the current key.
+                        None => {
+                            if let Some(record) = &current {
+                                changes.push((address.clone(), DirectoryEntry::for_record(record)));
+                            }
+                            done.push(address.clone());
+                        }
+                    }
+                }
+                // Stays pending: the key follows in the next epoch.
+                Step::DeleteFirst(entry) => changes.push((address.clone(), entry)),
+            }
+        }
+        if changes.is_empty() {
+            return Ok(done);
+        }
+        let now = pending.values().map(|p| p.now).max().unwrap_or(0);
+        // The epoch this one is built on keeps its head (signed now if its writer did not).
+        let (epoch, root) = match built_on {
+            Some(c) => c,
+            None => self.current().await?,
+        };
+        self.ensure_head(epoch, root, now).await?;
+        let Opened { db, directory } = self.opened()?;
+        let before = db.commits();
+        let (epoch, root_hash) = directory.publish(&changes).await?;
+        if db.commits() == before {
+            // akd wrote nothing: another writer recorded these values meanwhile. Read again.
+            return Err(TransparencyError::Conflict(
+                "another writer recorded the same entries first".into(),
+            ));
+        }
+        // One line per epoch, with its root (next to the stored head: the test of a pool
+        // audits the history against these lines).
+        tracing::info!(
+            domain = %self.keys.domain,
+            epoch,
+            root = %hex::encode(root_hash),
+            entries = changes.len(),
+            "key directory epoch committed"
+        );
+        for (address, entry) in changes {
+            if let Some(p) = pending.get_mut(&address) {
+                p.recorded = Synced::Recorded {
+                    epoch,
+                    root_hash,
+                    entry,
+                };
+            }
+        }
+        // The new epoch's head. Should this fail, the batch is tried again (it finds its
+        // entries recorded) and the head is signed by whoever next needs it.
+        self.ensure_head(epoch, root_hash, now).await?;
+        Ok(done)
+    }
+
+    /// The store's history of `address`, read on the caller's runtime.
+    async fn read_history(
+        &self,
+        source: &Arc<dyn CurrentKeys>,
+        address: &Address,
+    ) -> Result<Vec<KeyRecord>> {
+        let (source, address) = (Arc::clone(source), address.clone());
+        self.caller
+            .spawn(async move { source.history(&address).await })
+            .await
+            .map_err(|e| TransparencyError::Directory(format!("the key store read stopped: {e}")))?
+            .map_err(|e| TransparencyError::Directory(format!("cannot read the key store: {e}")))
     }
 
     /// Whether a failed write or read is worth doing again: the fence refused it, or another
@@ -629,38 +1023,6 @@ impl Worker {
             }
     }
 
-    async fn sync_once(
-        &self,
-        address: &Address,
-        current: Option<&KeyRecord>,
-        now: u64,
-    ) -> Result<Synced> {
-        let latest = self.dir()?.latest(address).await?;
-        let wanted = match (current, &latest) {
-            (Some(record), _) => DirectoryEntry::for_record(record),
-            (None, Some(entry)) if entry.state != EntryState::Deleted => {
-                DirectoryEntry::deleted(entry.version + 1, now)
-            }
-            (None, _) => return Ok(Synced::AlreadyRecorded),
-        };
-        // The epoch this one is built on keeps its head (signed now if its writer did not).
-        let (built_on, built_on_root) = self.current().await?;
-        self.ensure_head(built_on, built_on_root, now).await?;
-        if latest.as_ref() == Some(&wanted) {
-            return Ok(Synced::AlreadyRecorded);
-        }
-        let (epoch, root_hash) = self
-            .dir()?
-            .publish(&[(address.clone(), wanted.clone())])
-            .await?;
-        self.ensure_head(epoch, root_hash, now).await?;
-        Ok(Synced::Recorded {
-            epoch,
-            root_hash,
-            entry: wanted,
-        })
-    }
-
     /// The latest epoch and its root hash.
     async fn current(&self) -> Result<(u64, [u8; 32])> {
         self.dir()?.current().await
@@ -668,6 +1030,7 @@ impl Worker {
 
     /// Whether the stored epoch is no longer `epoch`.
     async fn epoch_moved(&self, epoch: u64) -> bool {
+        self.forget().await;
         matches!(self.current().await, Ok((e, _)) if e != epoch)
     }
 
@@ -677,6 +1040,7 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            self.forget().await;
             let built_on = self.current().await.ok().map(|(e, _)| e);
             match self.answer_once(address, since, now).await {
                 Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
@@ -693,6 +1057,7 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            self.forget().await;
             let built_on = self.current().await.ok().map(|(e, _)| e);
             let result = match self.dir()?.history(address).await {
                 Ok(Some((proof, epoch, root))) => wire::encode_history(&proof).and_then(|p| {
@@ -826,5 +1191,79 @@ impl Worker {
             vrf_public_key: self.keys.vrf.public_key()?,
             signed_at: now,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NewKey;
+
+    /// Version `version` of a@example.net holding key `n`.
+    fn rec(version: u64, n: u64) -> KeyRecord {
+        NewKey {
+            address: crate::AddressPolicy::default()
+                .normalize("a@example.net")
+                .unwrap(),
+            key: format!("key {n}").into_bytes(),
+            fingerprint: crate::Fingerprint::parse(&format!("{n:040X}")).unwrap(),
+            publication_id: format!("{n:032x}"),
+            published_at: 1_700_000_000 + n,
+            revoked: false,
+            expected: crate::store::Expected::Any,
+        }
+        .into_record(version)
+    }
+
+    fn entry(version: u64, n: u64) -> DirectoryEntry {
+        DirectoryEntry::for_record(&rec(version, n))
+    }
+
+    #[test]
+    fn the_next_step_keeps_the_store_order() {
+        let step = |current: Option<&KeyRecord>, latest: Option<&DirectoryEntry>| {
+            next_step(current, latest, None, false, 99)
+        };
+        // Nothing to do, first publication, the next version.
+        assert_eq!(step(None, None), Step::Nothing);
+        assert_eq!(step(Some(&rec(1, 1)), None), Step::Record(entry(1, 1)));
+        assert_eq!(
+            step(Some(&rec(2, 2)), Some(&entry(1, 1))),
+            Step::Record(entry(2, 2))
+        );
+        assert_eq!(step(Some(&rec(2, 2)), Some(&entry(2, 2))), Step::Nothing);
+        // Versions the directory lacks come first, oldest first.
+        assert_eq!(step(Some(&rec(5, 5)), Some(&entry(2, 2))), Step::Fill(3));
+        assert_eq!(step(Some(&rec(3, 3)), None), Step::Fill(1));
+        assert_eq!(
+            next_step(Some(&rec(3, 3)), None, None, true, 99),
+            Step::Record(entry(3, 3)),
+            "migrate records the current key of an unknown address"
+        );
+        // Never an older or equal version as newer: a deletion first.
+        assert_eq!(
+            step(Some(&rec(2, 7)), Some(&entry(4, 4))),
+            Step::DeleteFirst(DirectoryEntry::deleted(5, 99))
+        );
+        assert_eq!(
+            step(Some(&rec(2, 7)), Some(&entry(2, 2))),
+            Step::DeleteFirst(DirectoryEntry::deleted(3, 99))
+        );
+        // After a deletion the store counts from 1 again.
+        let deleted = DirectoryEntry::deleted(5, 50);
+        assert_eq!(
+            step(Some(&rec(1, 8)), Some(&deleted)),
+            Step::Record(entry(1, 8))
+        );
+        assert_eq!(step(None, Some(&deleted)), Step::Nothing);
+        // A deletion: the directory's latest + 1, or the store's deleted version + 1.
+        assert_eq!(
+            step(None, Some(&entry(4, 4))),
+            Step::Record(DirectoryEntry::deleted(5, 99))
+        );
+        assert_eq!(
+            next_step(None, Some(&entry(4, 4)), Some(7), false, 99),
+            Step::Record(DirectoryEntry::deleted(7, 99))
+        );
     }
 }

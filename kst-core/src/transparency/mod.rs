@@ -17,7 +17,7 @@
 //! - [`records`] and [`storage`]: the storage contract a backend implements
 //!   ([`DirectoryStore`]: blobs per domain, fenced batches) and akd's database over it.
 //! - [`log`]: one domain's log on the server: the directory, its head key, one writer per
-//!   domain and process; [`store`]: the [`crate::KeyStore`] wrapper that records every
+//!   domain and process that records concurrent changes in one epoch; [`store`]: the [`crate::KeyStore`] wrapper that records every
 //!   publication and deletion in it.
 //! - [`answer`]: what the HTTP endpoint serves for an address (signed head + proof) and what
 //!   a client checks of it.
@@ -51,11 +51,11 @@ pub use entry::{DirectoryEntry, EntryState};
 pub use head::{Cosignature, Head, HeadSigner, SignedHead};
 pub use keys::LogKeys;
 pub use label::{KstDomainLabel, directory_label};
-pub use log::DomainLog;
+pub use log::{CurrentKeys, DomainLog, StoreKeys, Synced};
 pub use storage::{
     DirectoryStore, DirectoryStoreError, RecordBatch, StoredDirectory, check_domain, on_runtime,
 };
-pub use store::TransparentStore;
+pub use store::{RecordedAll, TransparentStore};
 pub use vrf::VrfSecret;
 
 /// The akd configuration kst uses: BLAKE3 with kst's domain label, akd's "experimental" tree
@@ -63,7 +63,7 @@ pub use vrf::VrfSecret;
 pub type Config = akd::ExperimentalConfiguration<KstDomainLabel>;
 
 /// What went wrong in the transparency layer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TransparencyError {
     /// The directory (akd) failed: a storage fault or an inconsistent state. Retry later; if it
     /// persists, the directory's store needs an operator.

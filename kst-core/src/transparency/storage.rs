@@ -24,7 +24,8 @@
 //!   batch overwrites the leftovers.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use akd::errors::StorageError;
 use akd::storage::types::{DbRecord, KeyData, StorageType, ValueState, ValueStateRetrievalFlag};
@@ -209,9 +210,18 @@ pub trait DirectoryStore: Send + Sync {
 }
 
 /// akd's [`Database`] over one domain of a [`DirectoryStore`].
+///
+/// Clones share the *pin* ([`StoredDirectory::pin`]): the writer pins the epoch it read
+/// before reading the key store, and a batch akd built on any other epoch is refused
+/// ([`DirectoryStoreError::Conflict`]) before it reaches the backend. akd reads the root again
+/// inside `publish`, so without the pin a batch could land on an epoch another process
+/// committed after the writer read the key store, recording a stale read after a newer one.
 pub struct StoredDirectory<T: ?Sized> {
     store: Arc<T>,
     domain: String,
+    pinned: Arc<Mutex<Option<u64>>>,
+    /// Batches with a root this handle (and its clones) committed.
+    committed: Arc<AtomicU64>,
 }
 
 impl<T: ?Sized> Clone for StoredDirectory<T> {
@@ -219,6 +229,8 @@ impl<T: ?Sized> Clone for StoredDirectory<T> {
         StoredDirectory {
             store: Arc::clone(&self.store),
             domain: self.domain.clone(),
+            pinned: Arc::clone(&self.pinned),
+            committed: Arc::clone(&self.committed),
         }
     }
 }
@@ -229,7 +241,27 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
         StoredDirectory {
             store,
             domain: domain.to_string(),
+            pinned: Arc::new(Mutex::new(None)),
+            committed: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// How many epochs this handle (and its clones) committed: akd's `publish` returns the
+    /// current epoch *without writing* when every value equals the stored latest one (another
+    /// writer recorded it meanwhile), so the writer compares this before and after.
+    pub fn commits(&self) -> u64 {
+        self.committed.load(Ordering::SeqCst)
+    }
+
+    /// From now on (and in every clone), write only a batch built on epoch `epoch`: one
+    /// built on another epoch fails as a conflict without touching the backend. `None`
+    /// lifts the pin.
+    pub fn pin(&self, epoch: Option<u64>) {
+        *self.pinned.lock().unwrap_or_else(PoisonError::into_inner) = epoch;
+    }
+
+    fn pinned(&self) -> Option<u64> {
+        *self.pinned.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The stored root's epoch (`None` before the first root).
@@ -331,10 +363,23 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
                 }),
             }
         }
+        if let (Some(pinned), Some(root)) = (self.pinned(), &batch.root)
+            && root.expected_epoch != Some(pinned)
+        {
+            return Err(storage_error(DirectoryStoreError::Conflict(format!(
+                "batch built on epoch {:?}, the writer read the key store at epoch {pinned}",
+                root.expected_epoch
+            ))));
+        }
+        let epoch_batch = batch.root.is_some();
         self.store
             .commit(&self.domain, batch)
             .await
-            .map_err(storage_error)
+            .map_err(storage_error)?;
+        if epoch_batch {
+            self.committed.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     async fn get<St: Storable>(&self, id: &St::StorageKey) -> Result<DbRecord, StorageError> {

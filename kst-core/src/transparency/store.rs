@@ -11,15 +11,18 @@
 //! (never the other way round: the directory never commits to a key the store has not
 //! accepted).
 //!
-//! Not recorded: `restore` (`kst import`) and changes made to the store behind kst's back;
-//! a checking client reports those keys (tests/transparency.rs).
+//! `restore` (`kst import`) is recorded the same way: the directory then says what the
+//! restored history's current record says (a deletion first when the restored version is not
+//! above the directory's). Not recorded: changes made to the store behind kst's back; a
+//! checking client reports those keys (tests/transparency.rs), and `kst migrate` records
+//! them ([`TransparentStore::record_all`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::log::{DomainLog, Synced};
+use super::log::{CurrentKeys, DomainLog, StoreKeys, Synced};
 use crate::error::{Component, Error, Result};
 use crate::fingerprint::{Fingerprint, KeyId};
 use crate::store::{KeyRecord, KeyStore, NewKey, PublishOutcome};
@@ -32,13 +35,25 @@ const COMPONENT: Component = Component::other("key directory");
 /// A key store whose changes are recorded in the logs of their domains.
 pub struct TransparentStore {
     inner: Arc<dyn KeyStore>,
+    /// `inner`, as the writer reads it.
+    source: Arc<dyn CurrentKeys>,
     logs: HashMap<String, Arc<DomainLog>>,
+}
+
+/// What [`TransparentStore::record_all`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecordedAll {
+    /// Addresses of a logged domain looked at.
+    pub checked: u64,
+    /// Of those, the ones the directory lacked (or had out of date) and now records.
+    pub recorded: u64,
 }
 
 impl TransparentStore {
     /// Wraps `inner`; addresses of a domain in `logs` are recorded in its log, others pass.
     pub fn new(inner: Arc<dyn KeyStore>, logs: Vec<Arc<DomainLog>>) -> Self {
         TransparentStore {
+            source: Arc::new(StoreKeys(Arc::clone(&inner))),
             inner,
             logs: logs
                 .into_iter()
@@ -47,28 +62,77 @@ impl TransparentStore {
         }
     }
 
-    /// Makes `address`'s log say what the store holds for it now.
-    async fn record(&self, address: &Address) -> Result<()> {
+    /// Makes `address`'s log say what the store holds for it now (the log's writer reads
+    /// the store; see [`DomainLog::record`]). `deleted_version`: the version a deletion
+    /// removed + 1, when known. Returns whether an epoch recorded something.
+    async fn record(&self, address: &Address, deleted_version: Option<u64>) -> Result<bool> {
         let Some(log) = self.logs.get(address.domain()) else {
-            return Ok(());
+            return Ok(false);
         };
-        let _writer = log.writer().await;
-        let current = self.inner.get(address).await?;
         match log
-            .sync(address, current.as_ref(), time::unix_now())
+            .record(
+                address,
+                Arc::clone(&self.source),
+                deleted_version,
+                time::unix_now(),
+            )
             .await
             .map_err(|e| Error::unavailable(COMPONENT, e))?
         {
-            Synced::AlreadyRecorded => {}
-            Synced::Recorded { epoch, entry, .. } => tracing::info!(
-                address = %address,
-                epoch,
-                version = entry.version,
-                state = ?entry.state,
-                "recorded in the key directory"
-            ),
+            Synced::AlreadyRecorded => Ok(false),
+            Synced::Recorded { epoch, entry, .. } => {
+                tracing::info!(
+                    address = %address,
+                    epoch,
+                    version = entry.version,
+                    state = ?entry.state,
+                    "recorded in the key directory"
+                );
+                Ok(true)
+            }
         }
-        Ok(())
+    }
+
+    /// Records every address of a logged domain whose current key (or deletion) the
+    /// directory lacks: a directory switched on for a store that already holds keys, or keys
+    /// written behind kst's back (`kst migrate`). Idempotent: an address the directory
+    /// already agrees with costs a read and writes nothing. Up to `concurrency` addresses
+    /// are asked at once, so the log's writer records them in shared epochs.
+    pub async fn record_all(&self, concurrency: usize) -> Result<RecordedAll> {
+        let mut done = RecordedAll::default();
+        let mut after: Option<Address> = None;
+        let page = concurrency.clamp(1, 512);
+        loop {
+            let addresses = self.inner.list(after.as_ref(), page).await?;
+            let Some(last) = addresses.last().cloned() else {
+                return Ok(done);
+            };
+            let mut asked = tokio::task::JoinSet::new();
+            for address in addresses {
+                let Some(log) = self.logs.get(address.domain()) else {
+                    continue;
+                };
+                let (log, source) = (Arc::clone(log), Arc::clone(&self.source));
+                asked.spawn(async move {
+                    let result = log.record_current(&address, source, time::unix_now()).await;
+                    (address, result)
+                });
+            }
+            while let Some(joined) = asked.join_next().await {
+                let (address, result) = joined.map_err(|e| {
+                    Error::unavailable(COMPONENT, format!("recording stopped: {e}"))
+                })?;
+                done.checked += 1;
+                match result.map_err(|e| Error::unavailable(COMPONENT, e))? {
+                    Synced::AlreadyRecorded => {}
+                    Synced::Recorded { epoch, entry, .. } => {
+                        done.recorded += 1;
+                        tracing::info!(address = %address, epoch, version = entry.version, state = ?entry.state, "recorded in the key directory");
+                    }
+                }
+            }
+            after = Some(last);
+        }
     }
 }
 
@@ -104,7 +168,7 @@ impl KeyStore for TransparentStore {
         let address = key.address.clone();
         let outcome = self.inner.publish(key).await?;
         // Also for `Unchanged`: a redelivery after a failed or interrupted directory write.
-        self.record(&address).await?;
+        self.record(&address, None).await?;
         Ok(outcome)
     }
 
@@ -117,9 +181,14 @@ impl KeyStore for TransparentStore {
     }
 
     async fn delete(&self, address: &Address) -> Result<bool> {
+        // The version being deleted, so the deletion entry gets the one after it.
+        let before = match self.logs.contains_key(address.domain()) {
+            true => self.inner.get(address).await?.map(|r| r.version + 1),
+            false => None,
+        };
         let deleted = self.inner.delete(address).await?;
         // Also when nothing was there: a redelivered deletion whose directory write failed.
-        self.record(address).await?;
+        self.record(address, before).await?;
         Ok(deleted)
     }
 
@@ -128,7 +197,11 @@ impl KeyStore for TransparentStore {
     }
 
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
-        self.inner.restore(history).await
+        self.inner.restore(history).await?;
+        if let Some(first) = history.first() {
+            self.record(&first.address, None).await?;
+        }
+        Ok(())
     }
 
     async fn find_by_fingerprint(

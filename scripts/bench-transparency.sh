@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# What the key directory (issue 18, docs/TRANSPARENCY.md) costs publications: `kst serve` on
+# each store (fs, PostgreSQL) with `[transparency]` off and on, loaded by `kst bench lmtp`
+# (C connections, PUB publications of new keys to distinct addresses, no retrievals), rate
+# limits off, spool mailer. The runs alternate off/on ROUNDS times per store, each on a fresh
+# store, so a drift of the shared machine hits both sides. Prints a markdown table (median
+# msg/s of the rounds, p50/p99 of the median run) and the machine's load.
+#
+# Usage: scripts/bench-transparency.sh
+# Environment: BENCH_C (8), BENCH_PUB (2000), BENCH_ROUNDS (3), BENCH_STORES ("fs postgres"),
+# BENCH_PG_URL (postgres://postgres:postgres@127.0.0.1:5432), BENCH_KST (a kst binary; default:
+# a release build of this checkout).
+set -euo pipefail
+C="${BENCH_C:-8}"
+PUB="${BENCH_PUB:-2000}"
+ROUNDS="${BENCH_ROUNDS:-3}"
+STORES="${BENCH_STORES:-fs postgres}"
+PG_BASE="${BENCH_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432}"
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+LOG_NAME=bench-transparency
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
+temp_work kst-bench-kt
+bench_kst
+RESULTS="$WORK/results.jsonl"
+: >"$RESULTS"
+DBS=()
+cleanup_more() {
+  local db
+  for db in "${DBS[@]}"; do psql "$PG_BASE/postgres" -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true; done
+}
+
+# The embedded default configuration serves example.test and trusts the MTA localhost.
+KST_KST__DOMAINS=example.test "$KST" log keygen example.test --output "$WORK/log-example.test.key" >/dev/null
+NO_RATE_LIMITS="KST_LIMITS__PER_SENDER=0 KST_LIMITS__PER_ACCOUNT=0 KST_LIMITS__PER_SOURCE_IP=0 KST_LIMITS__PER_SENDER_QUERY=0"
+
+run() { # store directory(off|on) round
+  local store="$1" kt="$2" round="$3" dir senv=() lmtp http pid out
+  dir="$WORK/$store-$kt-$round"
+  mkdir -p "$dir"
+  case "$store" in
+    fs) senv=(KST_STORE__BACKEND=fs KST_STORE__PATH="$dir/keys") ;;
+    postgres)
+      local db="kst_bench_kt_$$_${kt}_$round"
+      psql "$PG_BASE/postgres" -qc "CREATE DATABASE $db" >&2
+      DBS+=("$db")
+      senv=(KST_STORE__BACKEND=postgres KST_STORE__URL="$PG_BASE/$db" KST_STORE__MAX_CONNECTIONS=8)
+      ;;
+  esac
+  if [ "$kt" = on ]; then senv+=(KST_TRANSPARENCY__KEY_FILE="$WORK/log-{domain}.key"); fi
+  lmtp="$(free_port)"
+  http="$(free_port)"
+  # shellcheck disable=SC2086 # $NO_RATE_LIMITS holds KEY=VALUE words
+  env -C "$dir" -u KST_CONFIG KST_LMTP__LISTEN="127.0.0.1:$lmtp" KST_HTTP__LISTEN="127.0.0.1:$http" \
+    KST_LOG__LEVEL=warn $NO_RATE_LIMITS "${senv[@]}" "$KST" serve 2>"$dir/serve.log" &
+  pid=$!
+  PIDS+=("$pid")
+  wait_port "$http"
+  out="$dir/bench.jsonl"
+  "$KST" bench lmtp -q --connect "127.0.0.1:$lmtp" --metrics "127.0.0.1:$http" --concurrency "$C" \
+    --publications "$PUB" --retrievals 0 --json >"$out" || log "$store $kt: some messages got no decision"
+  kill -TERM "$pid"
+  wait "$pid" || true
+  python3 -c "import json,sys; r=json.loads(open(sys.argv[1]).readline()); r.update(store=sys.argv[2], kt=sys.argv[3], load=sys.argv[4]); print(json.dumps(r))" \
+    "$out" "$store" "$kt" "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RESULTS"
+  log "$store, directory $kt, round $round: $(tail -1 "$RESULTS" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f msg/s, load %s" % (r["rate"], r["load"]))')"
+}
+
+for store in $STORES; do
+  for round in $(seq 1 "$ROUNDS"); do
+    run "$store" off "$round"
+    run "$store" on "$round"
+  done
+done
+
+python3 - "$RESULTS" <<'PY'
+import json, sys, statistics
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print("| store | directory | rounds | msg/s (median) | msg/s of each round | p50 ms | p99 ms | p99 in kst ms | outcomes | cost |")
+print("|---|---|---:|---:|---|---:|---:|---:|---|---:|")
+for store in dict.fromkeys(r["store"] for r in rows):
+    med = {}
+    for kt in ("off", "on"):
+        rs = [r for r in rows if r["store"] == store and r["kt"] == kt]
+        if not rs:
+            continue
+        rates = sorted(r["rate"] for r in rs)
+        m = statistics.median(rates)
+        med[kt] = m
+        mid = min(rs, key=lambda r: abs(r["rate"] - m))
+        outcomes = ", ".join(f"{k} {v}" for k, v in sorted(mid["outcomes"].items()))
+        cost = f"{100 * (1 - m / med['off']):.0f}%" if kt == "on" and "off" in med else ""
+        kst99 = f"≤ {mid['server_p99_ms']:g}" if mid.get("server_p99_ms") is not None else ""
+        each = ", ".join(f"{r['rate']:.0f}" for r in rs)
+        print(f"| {store} | {kt} | {len(rs)} | {m:.0f} | {each} | {mid['p50_ms']:.2f} | {mid['p99_ms']:.2f} | {kst99} | {outcomes} | {cost} |")
+PY
+echo
+echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -sr); load average of each run in $RESULTS (kept below)."
+python3 -c "import json,sys; [print(f\"  {r['store']} {r['kt']}: {r['rate']:.0f} msg/s, load {r['load']}\") for r in map(json.loads, open(sys.argv[1]))]" "$RESULTS"
+echo "uptime at the end: $(uptime)"
+echo "Command: BENCH_C=$C BENCH_PUB=$PUB BENCH_ROUNDS=$ROUNDS BENCH_STORES=\"$STORES\" scripts/bench-transparency.sh"
