@@ -21,8 +21,10 @@
 //! them all durable at once, and writes the root last (durable replace). On Linux "at once" is
 //! one `syncfs(2)` of the store's file system: an epoch writes about two tree-depths of node
 //! files per change, and one flush instead of an `fsync` per file and directory is what makes
-//! a batched epoch cheap. Elsewhere each file and directory is synced. Each read takes the lock shared, so it
-//! never sees a commit half-way; the root is the commit point (see
+//! a batched epoch cheap. The new root is written to a temporary file before that flush and
+//! renamed into place after it (then the domain's directory is synced): the flush covers its
+//! contents too. Elsewhere each file and directory is synced. Each read takes the lock
+//! shared, so it never sees a commit half-way; the root is the commit point (see
 //! `kst_core::transparency::storage` for why a crash half-way is harmless).
 
 use std::collections::BTreeSet;
@@ -32,7 +34,9 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use fs4::fs_std::FileExt;
 use kst_core::durable::{sync_dir, write_atomic};
-use kst_core::transparency::{DirectoryStore, DirectoryStoreError, RecordBatch, check_domain};
+use kst_core::transparency::{
+    DirectoryStore, DirectoryStoreError, RecordBatch, RootWrite, check_domain,
+};
 use sha2::{Digest, Sha256};
 
 /// Directory of the key directories, under the store's root.
@@ -204,9 +208,7 @@ fn commit(dir: &Path, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
         write_unsynced_dir(&path, &vs.blob)?;
         dirs.insert(path.parent().map(Path::to_path_buf).unwrap_or_default());
     }
-    if SYNCFS {
-        sync_file_system(dir)?;
-    } else {
+    if !SYNCFS {
         for d in &dirs {
             sync_dir(d).map_err(|e| unavailable("sync", d, e))?;
             // New shard directories must survive too: sync their parents once.
@@ -214,14 +216,49 @@ fn commit(dir: &Path, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
                 sync_dir(parent).map_err(|e| unavailable("sync", parent, e))?;
             }
         }
+        if let Some(root) = &batch.root {
+            let path = dir.join("root");
+            write_atomic(&path, &root_bytes(root)).map_err(|e| unavailable("write", &path, e))?;
+        }
+        return Ok(());
     }
-    if let Some(root) = &batch.root {
-        let mut bytes = root.epoch.to_be_bytes().to_vec();
-        bytes.extend_from_slice(&root.blob);
-        let path = dir.join("root");
-        write_atomic(&path, &bytes).map_err(|e| unavailable("write", &path, e))?;
+    // The root goes in under a temporary name before the one flush, so renaming it into
+    // place afterwards needs only the directory's sync, not a flush of its own.
+    let root_temp = match &batch.root {
+        Some(root) => {
+            let temp = dir.join(format!(".tmp-root-{:016x}", rand_suffix()));
+            if let Err(e) = std::fs::write(&temp, root_bytes(root)) {
+                let _ = std::fs::remove_file(&temp);
+                return Err(unavailable("write", &temp, e));
+            }
+            Some(temp)
+        }
+        None => None,
+    };
+    let synced = sync_file_system(dir).and_then(|()| match &root_temp {
+        Some(temp) => {
+            let path = dir.join("root");
+            std::fs::rename(temp, &path).map_err(|e| unavailable("rename into place", &path, e))
+        }
+        None => Ok(()),
+    });
+    if let Err(e) = synced {
+        if let Some(temp) = &root_temp {
+            let _ = std::fs::remove_file(temp);
+        }
+        return Err(e);
+    }
+    if root_temp.is_some() {
+        sync_dir(dir).map_err(|e| unavailable("sync", dir, e))?;
     }
     Ok(())
+}
+
+/// The root file's bytes: epoch (8 bytes, big-endian) ‖ the root record.
+fn root_bytes(root: &RootWrite) -> Vec<u8> {
+    let mut bytes = root.epoch.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&root.blob);
+    bytes
 }
 
 /// Makes everything written to the file system holding `dir` durable (file contents, new
@@ -252,6 +289,7 @@ fn insert_head(dir: &Path, epoch: u64, head: &[u8]) -> Result<Vec<u8>, Directory
     if let Some(stored) = read(&path)? {
         return Ok(stored);
     }
+    let new_dir = !heads.is_dir();
     std::fs::create_dir_all(&heads).map_err(|e| unavailable("create", &heads, e))?;
     let temp = heads.join(format!(".tmp-{:016x}", rand_suffix()));
     let written = (|| {
@@ -264,7 +302,9 @@ fn insert_head(dir: &Path, epoch: u64, head: &[u8]) -> Result<Vec<u8>, Directory
     match written {
         Ok(()) => {
             sync_dir(&heads).map_err(|e| unavailable("sync", &heads, e))?;
-            sync_dir(dir).map_err(|e| unavailable("sync", dir, e))?;
+            if new_dir {
+                sync_dir(dir).map_err(|e| unavailable("sync", dir, e))?;
+            }
             Ok(head.to_vec())
         }
         Err(e) if e.kind() == ErrorKind::AlreadyExists => read(&path)?.ok_or_else(|| {

@@ -35,7 +35,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kst_core::transparency::{DirectoryStore, DirectoryStoreError, RecordBatch, on_runtime};
+use kst_core::transparency::{
+    DirectoryStore, DirectoryStoreError, RecordBatch, RootAndNodes, on_runtime,
+};
 use sqlx::PgConnection;
 use sqlx::postgres::PgPool;
 
@@ -214,6 +216,65 @@ impl DirectoryStore for PgDirectoryStore {
         .await
     }
 
+    async fn value_states_batch(
+        &self,
+        domain: &str,
+        labels: &[Vec<u8>],
+    ) -> Result<Vec<(Vec<u8>, u64, Vec<u8>)>, DirectoryStoreError> {
+        let (domain, labels) = (domain.to_string(), labels.to_vec());
+        self.read(|pool| async move {
+            let rows: Vec<(Vec<u8>, i64, Option<Vec<u8>>)> = sqlx::query_as(
+                "SELECT label, epoch, CASE WHEN octet_length(record) <= $3 THEN record END \
+                 FROM kt_values WHERE domain = $1 AND label = ANY($2)",
+            )
+            .bind(domain)
+            .bind(labels)
+            .bind(MAX_RECORD)
+            .fetch_all(&pool)
+            .await
+            .map_err(unavailable)?;
+            rows.into_iter()
+                .map(|(l, e, r)| Ok((l, epoch_u64(e)?, bounded(r, "value state")?)))
+                .collect()
+        })
+        .await
+    }
+
+    async fn root_and_nodes(
+        &self,
+        domain: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<RootAndNodes, DirectoryStoreError> {
+        let (domain, keys) = (domain.to_string(), keys.to_vec());
+        self.read(|pool| async move {
+            // One statement: the root and the nodes as of one snapshot. The root's row comes
+            // with its epoch, the nodes' with NULL.
+            let rows: Vec<(Option<i64>, Option<Vec<u8>>)> = sqlx::query_as(
+                "SELECT epoch, CASE WHEN octet_length(record) <= $3 THEN record END \
+                 FROM kt_roots WHERE domain = $1 \
+                 UNION ALL \
+                 SELECT NULL, CASE WHEN octet_length(record) <= $3 THEN record END \
+                 FROM kt_nodes WHERE domain = $1 AND key = ANY($2)",
+            )
+            .bind(domain)
+            .bind(keys)
+            .bind(MAX_RECORD)
+            .fetch_all(&pool)
+            .await
+            .map_err(unavailable)?;
+            let mut root = None;
+            let mut nodes = Vec::new();
+            for (epoch, record) in rows {
+                match epoch {
+                    Some(e) => root = Some((epoch_u64(e)?, bounded(record, "root")?)),
+                    None => nodes.push(bounded(record, "tree node")?),
+                }
+            }
+            Ok((root, nodes))
+        })
+        .await
+    }
+
     async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
         let domain = domain.to_string();
         let cluster = Arc::clone(&self.cluster);
@@ -247,16 +308,21 @@ impl DirectoryStore for PgDirectoryStore {
     ) -> Result<Vec<u8>, DirectoryStoreError> {
         let (domain, epoch, head) = (domain.to_string(), epoch_i64(epoch)?, head.to_vec());
         self.read(move |pool| async move {
-            sqlx::query(
+            // The head inserted, in one round trip; none when one was there (or another
+            // writer's insert is racing this one).
+            let inserted: Option<Vec<u8>> = sqlx::query_scalar(
                 "INSERT INTO kt_heads (domain, epoch, head) VALUES ($1, $2, $3) \
-                 ON CONFLICT (domain, epoch) DO NOTHING",
+                 ON CONFLICT (domain, epoch) DO NOTHING RETURNING head",
             )
             .bind(&domain)
             .bind(epoch)
             .bind(&head)
-            .execute(&pool)
+            .fetch_optional(&pool)
             .await
             .map_err(unavailable)?;
+            if let Some(inserted) = inserted {
+                return Ok(inserted);
+            }
             // A statement of its own: it sees a head another writer committed meanwhile.
             sqlx::query_scalar("SELECT head FROM kt_heads WHERE domain = $1 AND epoch = $2")
                 .bind(&domain)
@@ -386,6 +452,11 @@ async fn commit_on(
     domain: &str,
     batch: RecordBatch,
 ) -> Result<(), DirectoryStoreError> {
+    if let Some(root) = &batch.root
+        && let Some(expected) = root.expected_epoch
+    {
+        return commit_epoch(conn, domain, expected, &batch).await;
+    }
     let mut tx = sqlx::Connection::begin(&mut *conn)
         .await
         .map_err(unavailable)?;
@@ -475,4 +546,70 @@ async fn commit_on(
         .map_err(unavailable)?;
     }
     tx.commit().await.map_err(unavailable)
+}
+
+/// An epoch's batch (a root built on epoch `expected`) as **one statement**, so one round
+/// trip: the fence (`UPDATE kt_roots ... WHERE epoch = expected`) and the inserts of the
+/// nodes and value states, which write only when the fence updated the root (they read its
+/// `RETURNING` row). A statement is its own transaction: all of it or nothing.
+async fn commit_epoch(
+    conn: &mut PgConnection,
+    domain: &str,
+    expected: u64,
+    batch: &RecordBatch,
+) -> Result<(), DirectoryStoreError> {
+    let Some(root) = &batch.root else {
+        return Ok(());
+    };
+    let (keys, nodes): (Vec<&[u8]>, Vec<&[u8]>) = batch
+        .nodes
+        .iter()
+        .map(|(k, r)| (k.as_slice(), r.as_slice()))
+        .unzip();
+    let mut labels = Vec::with_capacity(batch.value_states.len());
+    let mut epochs = Vec::with_capacity(batch.value_states.len());
+    let mut values = Vec::with_capacity(batch.value_states.len());
+    for v in &batch.value_states {
+        labels.push(v.label.as_slice());
+        epochs.push(epoch_i64(v.epoch)?);
+        values.push(v.blob.as_slice());
+    }
+    let fenced: i64 = sqlx::query_scalar(
+        "WITH fence AS ( \
+             UPDATE kt_roots SET epoch = $2, record = $3 \
+             WHERE domain = $1 AND epoch = $4 RETURNING 1 \
+         ), n AS ( \
+             INSERT INTO kt_nodes (domain, key, record) \
+             SELECT $1, k, r FROM UNNEST($5::bytea[], $6::bytea[]) AS t(k, r) \
+             WHERE EXISTS (SELECT 1 FROM fence) \
+             ON CONFLICT (domain, key) DO UPDATE SET record = EXCLUDED.record \
+         ), v AS ( \
+             INSERT INTO kt_values (domain, label, epoch, record) \
+             SELECT $1, l, e, r FROM UNNEST($7::bytea[], $8::bigint[], $9::bytea[]) \
+             AS t(l, e, r) \
+             WHERE EXISTS (SELECT 1 FROM fence) \
+             ON CONFLICT (domain, label, epoch) DO UPDATE SET record = EXCLUDED.record \
+         ) \
+         SELECT count(*) FROM fence",
+    )
+    .bind(domain)
+    .bind(epoch_i64(root.epoch)?)
+    .bind(&root.blob)
+    .bind(epoch_i64(expected)?)
+    .bind(keys)
+    .bind(nodes)
+    .bind(labels)
+    .bind(epochs)
+    .bind(values)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(unavailable)?;
+    if fenced == 0 {
+        return Err(DirectoryStoreError::Conflict(format!(
+            "the batch for epoch {} was built on epoch {expected}, which is no longer the \
+             stored root",
+            root.epoch
+        )));
+    }
+    Ok(())
 }

@@ -167,6 +167,35 @@ return out
     )
 });
 
+/// Reads every field of several hashes (the value states of several labels). KEYS: the
+/// hashes. ARGV: largest record, most fields of one hash. Returns `{'ok', key index (1-based),
+/// field, value, ...}` (triples) or `{'corrupt', what}`.
+pub(crate) static READ_ALL_OF: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local max = tonumber(ARGV[1])
+local out = {'ok'}
+for k = 1, #KEYS do
+  if redis.call('HLEN', KEYS[k]) > tonumber(ARGV[2]) then
+    return {'corrupt', 'more than ' .. ARGV[2] .. ' entries in one hash'}
+  end
+  for _, f in ipairs(redis.call('HKEYS', KEYS[k])) do
+    if redis.call('HSTRLEN', KEYS[k], f) > max then
+      return {'corrupt', 'a record is larger than ' .. ARGV[1] .. ' bytes'}
+    end
+    out[#out + 1] = tostring(k)
+    out[#out + 1] = f
+    out[#out + 1] = redis.call('HGET', KEYS[k], f)
+  end
+end
+return out
+"#,
+    )
+});
+
+/// Most labels whose value states one script call reads.
+const LABELS_PER_CALL: usize = 64;
+
 /// Most cosignatures of one epoch read back.
 const MAX_COSIGNATURES: usize = 1024;
 
@@ -385,6 +414,47 @@ impl DirectoryStore for RedisDirectoryStore {
                 .into_iter()
                 .map(|(e, record)| Ok((parse_epoch(&e)?, record)))
                 .collect()
+        })
+        .await
+    }
+
+    async fn value_states_batch(
+        &self,
+        domain: &str,
+        labels: &[Vec<u8>],
+    ) -> Result<Vec<(Vec<u8>, u64, Vec<u8>)>, DirectoryStoreError> {
+        let domain_keys = DomainKeys::new(&self.store.prefix, domain)?;
+        let labels = labels.to_vec();
+        self.run(|store| async move {
+            let mut out = Vec::new();
+            for chunk in labels.chunks(LABELS_PER_CALL) {
+                let mut call = READ_ALL_OF.prepare_invoke();
+                for label in chunk {
+                    call.key(domain_keys.values_of(label));
+                }
+                call.arg(MAX_BLOB).arg(MAX_VALUE_STATES);
+                let v: Value = store
+                    .invoke(&call, false)
+                    .await
+                    .map_err(DirectoryStoreError::from)?;
+                let (status, items) = answer(v)?;
+                if status != "ok" || items.len() % 3 != 0 {
+                    return Err(corrupt(format!("a value state read answered {status}")));
+                }
+                let mut items = items.into_iter();
+                while let (Some(k), Some(e), Some(record)) =
+                    (items.next(), items.next(), items.next())
+                {
+                    let label = std::str::from_utf8(&bytes(k)?)
+                        .ok()
+                        .and_then(|k| k.parse::<usize>().ok())
+                        .and_then(|k| chunk.get(k.checked_sub(1)?))
+                        .ok_or_else(|| corrupt("a value state read named no label asked for"))?
+                        .clone();
+                    out.push((label, parse_epoch(&bytes(e)?)?, bytes(record)?));
+                }
+            }
+            Ok(out)
         })
         .await
     }

@@ -21,6 +21,14 @@ use super::vrf::VrfSecret;
 use super::{Config, Result, TransparencyError};
 use crate::Address;
 
+/// How long akd's node cache ([`KeyDirectory::open_cached`]) keeps an entry: the nodes near
+/// the root are written again by every epoch and stay; the rest is read again when needed.
+pub const CACHE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The size above which akd's node cache drops its oldest entries (checked every 15 s):
+/// about 200 000 tree nodes.
+pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 /// One domain's verifiable key directory over the storage `S`.
 pub struct KeyDirectory<S: Database + 'static> {
     directory: Directory<Config, S, VrfSecret>,
@@ -80,12 +88,14 @@ impl<S: Database + 'static> KeyDirectory<S> {
     }
 
     /// [`KeyDirectory::open`] with akd's node cache: akd then reads the tree level by level
-    /// in batches (one read per level instead of one per node) and keeps what it read. The
-    /// cache is never trusted across requests: the caller calls [`KeyDirectory::forget`]
-    /// before each one, so another process's commits are seen (a batch built on stale nodes
-    /// is refused by the fence anyway).
+    /// in batches (one read per level instead of one per node) and keeps what it read and
+    /// wrote (at most [`CACHE_BYTES`], an entry for at most [`CACHE_LIFETIME`]). The caller
+    /// decides when the cache is no longer the stored tree and calls
+    /// [`KeyDirectory::forget`] (the writer: whenever another process may have committed;
+    /// a batch built on stale nodes is refused by the fence anyway).
     pub async fn open_cached(db: S, vrf: VrfSecret) -> Result<Self> {
-        Self::over(StorageManager::new(db, None, None, None), vrf).await
+        let storage = StorageManager::new(db, Some(CACHE_LIFETIME), Some(CACHE_BYTES), None);
+        Self::over(storage, vrf).await
     }
 
     /// Drops what the node cache holds ([`KeyDirectory::open_cached`]).

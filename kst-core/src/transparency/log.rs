@@ -182,6 +182,9 @@ struct Worker {
     /// The directory once opened.
     opened: Option<Opened>,
     store: Arc<dyn DirectoryStore>,
+    /// The newest epoch (with its root) whose stored head this writer stored or checked:
+    /// heads are never replaced, so it is not read again before the next epoch is built.
+    head_known: std::cell::Cell<Option<(u64, [u8; 32])>>,
 }
 
 /// An open directory.
@@ -345,6 +348,7 @@ impl DomainLog {
                         caller,
                         opened: None,
                         store: worker_store,
+                        head_known: std::cell::Cell::new(None),
                     };
                     if let Err(e) = worker.open().await {
                         tracing::warn!(domain = %worker.keys.domain, error = %e, "the key directory cannot be read now; opening it again with the next request");
@@ -769,6 +773,18 @@ impl Worker {
         }
     }
 
+    /// Keeps akd's node cache when the stored root record and root node are the ones this
+    /// writer last read or committed (one read: no other process committed since), else
+    /// drops it. A store that cannot be read drops it too (the reads that follow fail).
+    async fn refresh(&self) {
+        if let Some(o) = &self.opened {
+            match o.db.unchanged().await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => o.directory.forget().await,
+            }
+        }
+    }
+
     /// Answers one request (opening the directory first if needed); a caller that gave up is
     /// not an error.
     async fn handle(&mut self, request: Request) {
@@ -777,7 +793,7 @@ impl Worker {
             return;
         }
         // Another process may have committed since the last request.
-        self.forget().await;
+        self.refresh().await;
         match request {
             Request::Sync(s) => self.sync_batch(vec![s]).await,
             Request::Entries { address, reply } => {
@@ -848,8 +864,10 @@ impl Worker {
         }
         let mut failures = 0;
         while !pending.is_empty() {
-            // Every attempt reads afresh (another process may have committed).
-            self.forget().await;
+            // Every attempt reads afresh what another process may have committed (akd's
+            // node cache is kept only while nobody else committed).
+            let started = std::time::Instant::now();
+            self.refresh().await;
             let current = self.current().await.ok();
             let built_on = current.map(|(e, _)| e);
             let db = match self.opened() {
@@ -864,7 +882,7 @@ impl Worker {
                 }
             };
             db.pin(built_on);
-            let round = self.round(&mut pending, current).await;
+            let round = self.round(&mut pending, current, started).await;
             db.pin(None);
             match round {
                 Ok(done) => {
@@ -878,6 +896,8 @@ impl Worker {
                 }
                 Err(e) => {
                     failures += 1;
+                    // What akd cached during a failed attempt is not trusted.
+                    self.forget().await;
                     if failures < MAX_ATTEMPTS && self.retryable(&e, built_on).await {
                         tracing::info!(domain = %self.keys.domain, attempt = failures, error = %e, "directory epoch moved under this writer; reading the store again");
                         back_off(failures).await;
@@ -900,7 +920,9 @@ impl Worker {
         &self,
         pending: &mut BTreeMap<Address, Pending>,
         built_on: Option<(u64, [u8; 32])>,
+        started: std::time::Instant,
     ) -> Result<Vec<Address>> {
+        let pinned = started.elapsed();
         // Every store read starts now, after the epoch was read and pinned.
         let reads: Vec<_> = pending
             .iter()
@@ -910,6 +932,13 @@ impl Worker {
                     .spawn(async move { source.current(&address).await })
             })
             .collect();
+        // Every pending address's value states in one read (kept for akd's `publish`).
+        let labels: Vec<_> = pending.keys().map(super::directory_label).collect();
+        self.opened()?
+            .db
+            .prefetch(&labels)
+            .await
+            .map_err(|e| TransparencyError::Directory(e.to_string()))?;
         let mut changes = Vec::new();
         let mut done = Vec::new();
         for ((address, p), read) in pending.iter().zip(reads) {
@@ -964,10 +993,13 @@ impl Worker {
             Some(c) => c,
             None => self.current().await?,
         };
-        self.ensure_head(epoch, root, now).await?;
+        let read = started.elapsed();
+        self.head_before_building(epoch, root, now).await?;
+        let head_before = started.elapsed();
         let Opened { db, directory } = self.opened()?;
         let before = db.commits();
         let (epoch, root_hash) = directory.publish(&changes).await?;
+        let published = started.elapsed();
         if db.commits() == before {
             // akd wrote nothing: another writer recorded these values meanwhile. Read again.
             return Err(TransparencyError::Conflict(
@@ -983,6 +1015,7 @@ impl Worker {
             entries = changes.len(),
             "key directory epoch committed"
         );
+        let entries = changes.len();
         for (address, entry) in changes {
             if let Some(p) = pending.get_mut(&address) {
                 p.recorded = Synced::Recorded {
@@ -994,7 +1027,21 @@ impl Worker {
         }
         // The new epoch's head. Should this fail, the batch is tried again (it finds its
         // entries recorded) and the head is signed by whoever next needs it.
-        self.ensure_head(epoch, root_hash, now).await?;
+        self.store_head(epoch, root_hash, now).await?;
+        // Where an epoch's time goes (docs/BENCHMARKS.md, "Key transparency"), in µs since
+        // the attempt started: the epoch read and pinned, the store and directory reads,
+        // the previous head, akd's publish (tree work and the commit), the new head.
+        tracing::debug!(
+            domain = %self.keys.domain,
+            epoch,
+            entries,
+            pinned_us = pinned.as_micros() as u64,
+            read_us = read.as_micros() as u64,
+            head_before_us = head_before.as_micros() as u64,
+            published_us = published.as_micros() as u64,
+            done_us = started.elapsed().as_micros() as u64,
+            "key directory epoch timings"
+        );
         Ok(done)
     }
 
@@ -1040,7 +1087,7 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            self.forget().await;
+            self.refresh().await;
             let built_on = self.current().await.ok().map(|(e, _)| e);
             match self.answer_once(address, since, now).await {
                 Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
@@ -1057,7 +1104,7 @@ impl Worker {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            self.forget().await;
+            self.refresh().await;
             let built_on = self.current().await.ok().map(|(e, _)| e);
             let result = match self.dir()?.history(address).await {
                 Ok(Some((proof, epoch, root))) => wire::encode_history(&proof).and_then(|p| {
@@ -1148,6 +1195,41 @@ impl Worker {
     /// stays). A stored head with another root, domain, VRF key or signer means the store
     /// holds another directory's heads: [`TransparencyError::Directory`], for an operator.
     async fn ensure_head(&self, epoch: u64, root_hash: [u8; 32], now: u64) -> Result<SignedHead> {
+        let head = self.ensure_head_once(epoch, root_hash, now).await?;
+        self.head_known.set(Some((epoch, root_hash)));
+        Ok(head)
+    }
+
+    /// [`Worker::ensure_head`] before building on `epoch`: nothing to read when this writer
+    /// stored or checked that head already.
+    async fn head_before_building(&self, epoch: u64, root_hash: [u8; 32], now: u64) -> Result<()> {
+        if self.head_known.get() != Some((epoch, root_hash)) {
+            self.ensure_head(epoch, root_hash, now).await?;
+        }
+        Ok(())
+    }
+
+    /// The head of an epoch this writer just committed: signed and stored at once (a head
+    /// another writer stored for it first stays, and is checked, as in
+    /// [`Worker::ensure_head`]).
+    async fn store_head(&self, epoch: u64, root_hash: [u8; 32], now: u64) -> Result<SignedHead> {
+        let text = head_text(&self.sign(epoch, root_hash, now)?)?;
+        let blob = self
+            .store
+            .insert_head(&self.keys.domain, epoch, text.as_bytes())
+            .await
+            .map_err(store_error)?;
+        let head = self.check_stored(epoch, Some(root_hash), &blob)?;
+        self.head_known.set(Some((epoch, root_hash)));
+        Ok(head)
+    }
+
+    async fn ensure_head_once(
+        &self,
+        epoch: u64,
+        root_hash: [u8; 32],
+        now: u64,
+    ) -> Result<SignedHead> {
         let domain = &self.keys.domain;
         let stored = self
             .store

@@ -136,6 +136,10 @@ pub struct RecordBatch {
     pub root: Option<RootWrite>,
 }
 
+/// What [`DirectoryStore::root_and_nodes`] returns: the root record with its epoch (`None`
+/// before the first) and the stored nodes asked for.
+pub type RootAndNodes = (Option<(u64, Vec<u8>)>, Vec<Vec<u8>>);
+
 /// Where a backend keeps the directories of its domains, as blobs.
 #[async_trait]
 pub trait DirectoryStore: Send + Sync {
@@ -159,6 +163,38 @@ pub trait DirectoryStore: Send + Sync {
         domain: &str,
         label: &[u8],
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError>;
+
+    /// [`DirectoryStore::value_states`] of several labels, as (label, epoch, blob); labels
+    /// without states are left out, order is free. The writer reads every address of an
+    /// epoch at once (at most a batch's worth, 512); a backend answers in one round trip
+    /// where it can. The default asks for each label in turn.
+    async fn value_states_batch(
+        &self,
+        domain: &str,
+        labels: &[Vec<u8>],
+    ) -> Result<Vec<(Vec<u8>, u64, Vec<u8>)>, DirectoryStoreError> {
+        let mut out = Vec::new();
+        for label in labels {
+            for (epoch, blob) in self.value_states(domain, label).await? {
+                out.push((label.clone(), epoch, blob));
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`DirectoryStore::root`] and [`DirectoryStore::nodes`] of `keys` (the writer's check
+    /// that nothing changed since it last read or wrote: the root record and the tree's root
+    /// node); a backend answers in one round trip where it can, at one point in time. The
+    /// default reads the root, then the nodes.
+    async fn root_and_nodes(
+        &self,
+        domain: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<RootAndNodes, DirectoryStoreError> {
+        let root = self.root(domain).await?;
+        let nodes = self.nodes(domain, keys).await?;
+        Ok((root, nodes))
+    }
 
     /// Writes `batch` (see the module docs): all of it or, on
     /// [`DirectoryStoreError::Conflict`], nothing.
@@ -216,12 +252,33 @@ pub trait DirectoryStore: Send + Sync {
 /// ([`DirectoryStoreError::Conflict`]) before it reaches the backend. akd reads the root again
 /// inside `publish`, so without the pin a batch could land on an epoch another process
 /// committed after the writer read the key store, recording a stale read after a newer one.
+///
+/// While pinned, value states are read as of the pinned epoch (newer ones are hidden, as a
+/// batch built on them would be refused anyway) and kept until the pin changes, so the
+/// writer's reads of an epoch's addresses ([`StoredDirectory::prefetch`]) and akd's own
+/// reads of the same labels in `publish` cost one backend call together.
+///
+/// Clones also share what this handle last read or wrote of the root record and the tree's
+/// root node: [`StoredDirectory::unchanged`] compares that with the store, so the writer
+/// keeps akd's node cache between epochs while no other process committed.
 pub struct StoredDirectory<T: ?Sized> {
     store: Arc<T>,
     domain: String,
     pinned: Arc<Mutex<Option<u64>>>,
+    /// Value states read at the pinned epoch, by label (cleared whenever the pin is set).
+    memo: Arc<Mutex<HashMap<Vec<u8>, Vec<ValueState>>>>,
+    /// The root record and root node this handle last read or committed.
+    seen: Arc<Mutex<Seen>>,
     /// Batches with a root this handle (and its clones) committed.
     committed: Arc<AtomicU64>,
+}
+
+/// The root record (epoch, blob) and the tree's root node (blob) last read or committed;
+/// `None` when unknown (never read, or a write failed after akd cached its records).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Seen {
+    root: Option<(u64, Vec<u8>)>,
+    root_node: Option<Vec<u8>>,
 }
 
 impl<T: ?Sized> Clone for StoredDirectory<T> {
@@ -230,9 +287,21 @@ impl<T: ?Sized> Clone for StoredDirectory<T> {
             store: Arc::clone(&self.store),
             domain: self.domain.clone(),
             pinned: Arc::clone(&self.pinned),
+            memo: Arc::clone(&self.memo),
+            seen: Arc::clone(&self.seen),
             committed: Arc::clone(&self.committed),
         }
     }
+}
+
+/// The storage key of the tree's root node.
+fn root_node_key() -> Vec<u8> {
+    records::node_key(&akd::NodeLabel::root())
+}
+
+/// Whether `blob` is the tree's root node.
+fn is_root_node(record: &DbRecord) -> bool {
+    matches!(record, DbRecord::TreeNode(n) if n.label == akd::NodeLabel::root())
 }
 
 impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
@@ -242,6 +311,8 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
             store,
             domain: domain.to_string(),
             pinned: Arc::new(Mutex::new(None)),
+            memo: Arc::new(Mutex::new(HashMap::new())),
+            seen: Arc::new(Mutex::new(Seen::default())),
             committed: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -255,16 +326,44 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
 
     /// From now on (and in every clone), write only a batch built on epoch `epoch`: one
     /// built on another epoch fails as a conflict without touching the backend. `None`
-    /// lifts the pin.
+    /// lifts the pin. Either way the value states read under the previous pin are dropped.
     pub fn pin(&self, epoch: Option<u64>) {
         *self.pinned.lock().unwrap_or_else(PoisonError::into_inner) = epoch;
+        self.memo
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     fn pinned(&self) -> Option<u64> {
         *self.pinned.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The stored root's epoch (`None` before the first root).
+    /// Whether the stored root record and root node are the ones this handle last read or
+    /// committed (one backend call): then no other process committed since, and what akd
+    /// cached from this handle's reads and writes is still the stored tree. `false` also
+    /// when nothing was seen yet or a write failed since (akd caches a batch's records before
+    /// the backend accepts them). Remembers what it read, so the next call compares with it.
+    pub async fn unchanged(&self) -> Result<bool, DirectoryStoreError> {
+        let (root, nodes) = self
+            .store
+            .root_and_nodes(&self.domain, &[root_node_key()])
+            .await?;
+        let now = Seen {
+            root,
+            root_node: nodes.into_iter().next(),
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let same = now.root.is_some() && now.root_node.is_some() && *seen == now;
+        *seen = now;
+        Ok(same)
+    }
+
+    fn see(&self, update: impl FnOnce(&mut Seen)) {
+        update(&mut self.seen.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// The stored root's epoch (`None` before the first).
     async fn committed_epoch(&self) -> Result<Option<u64>, StorageError> {
         Ok(self
             .store
@@ -274,29 +373,96 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
             .map(|(e, _)| e))
     }
 
-    /// The committed value states of `label`, oldest first.
-    async fn states(&self, label: &AkdLabel) -> Result<Vec<ValueState>, StorageError> {
-        let Some(committed) = self.committed_epoch().await? else {
-            return Ok(Vec::new());
+    /// Reads the value states of `labels` in one backend call (while pinned: those not read
+    /// under this pin yet), so the writer's and akd's reads of an epoch's addresses that
+    /// follow are answered from memory. Without a pin it reads nothing.
+    pub async fn prefetch(&self, labels: &[AkdLabel]) -> Result<(), StorageError> {
+        if self.pinned().is_some() {
+            self.states_of(labels).await?;
+        }
+        Ok(())
+    }
+
+    /// The committed value states of each of `labels`, oldest first (labels without states
+    /// map to an empty list): as of the pinned epoch while pinned (kept until the pin
+    /// changes), else as of the stored root.
+    async fn states_of(
+        &self,
+        labels: &[AkdLabel],
+    ) -> Result<HashMap<AkdLabel, Vec<ValueState>>, StorageError> {
+        let pinned = self.pinned();
+        let mut out = HashMap::with_capacity(labels.len());
+        let mut missing = Vec::new();
+        {
+            let memo = self.memo.lock().unwrap_or_else(PoisonError::into_inner);
+            for label in labels {
+                match memo.get(&label.0).filter(|_| pinned.is_some()) {
+                    Some(states) => {
+                        out.insert(label.clone(), states.clone());
+                    }
+                    None => missing.push(label.0.clone()),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let committed = match pinned {
+            Some(e) => Some(e),
+            None => self.committed_epoch().await?,
         };
-        let mut states = Vec::new();
-        for (epoch, blob) in self
+        let Some(committed) = committed else {
+            for label in missing {
+                out.insert(AkdLabel(label), Vec::new());
+            }
+            return Ok(out);
+        };
+        let mut read: HashMap<Vec<u8>, Vec<ValueState>> =
+            missing.iter().map(|l| (l.clone(), Vec::new())).collect();
+        for (label, epoch, blob) in self
             .store
-            .value_states(&self.domain, &label.0)
+            .value_states_batch(&self.domain, &missing)
             .await
             .map_err(storage_error)?
         {
             if epoch > committed {
                 continue;
             }
+            let Some(states) = read.get_mut(&label) else {
+                return Err(corrupt(
+                    "the store answered a value state of a label not asked for",
+                ));
+            };
             match records::decode(&blob) {
-                Ok(DbRecord::ValueState(state)) if state.epoch == epoch => states.push(state),
+                Ok(DbRecord::ValueState(state))
+                    if state.epoch == epoch && state.username.0 == label =>
+                {
+                    states.push(state)
+                }
                 Ok(_) => return Err(corrupt("a value state slot holds another record")),
                 Err(e) => return Err(corrupt(&e.to_string())),
             }
         }
-        states.sort_by_key(|s| s.epoch);
-        Ok(states)
+        for states in read.values_mut() {
+            states.sort_by_key(|s| s.epoch);
+        }
+        if pinned.is_some() && self.pinned() == pinned {
+            let mut memo = self.memo.lock().unwrap_or_else(PoisonError::into_inner);
+            for (label, states) in &read {
+                memo.insert(label.clone(), states.clone());
+            }
+        }
+        out.extend(read.into_iter().map(|(l, s)| (AkdLabel(l), s)));
+        Ok(out)
+    }
+
+    /// The committed value states of `label`, oldest first.
+    async fn states(&self, label: &AkdLabel) -> Result<Vec<ValueState>, StorageError> {
+        Ok(self
+            .states_of(std::slice::from_ref(label))
+            .await?
+            .remove(label)
+            .unwrap_or_default())
     }
 }
 
@@ -366,18 +532,36 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
         if let (Some(pinned), Some(root)) = (self.pinned(), &batch.root)
             && root.expected_epoch != Some(pinned)
         {
+            self.see(|s| *s = Seen::default());
             return Err(storage_error(DirectoryStoreError::Conflict(format!(
                 "batch built on epoch {:?}, the writer read the key store at epoch {pinned}",
                 root.expected_epoch
             ))));
         }
         let epoch_batch = batch.root.is_some();
-        self.store
-            .commit(&self.domain, batch)
-            .await
-            .map_err(storage_error)?;
+        let root_key = root_node_key();
+        let written = Seen {
+            root: batch.root.as_ref().map(|r| (r.epoch, r.blob.clone())),
+            root_node: batch
+                .nodes
+                .iter()
+                .find(|(key, _)| *key == root_key)
+                .map(|(_, blob)| blob.clone()),
+        };
+        if let Err(e) = self.store.commit(&self.domain, batch).await {
+            // akd cached this batch's records already: whatever was seen no longer vouches
+            // for the cache.
+            self.see(|s| *s = Seen::default());
+            return Err(storage_error(e));
+        }
         if epoch_batch {
             self.committed.fetch_add(1, Ordering::SeqCst);
+            self.see(|s| {
+                s.root = written.root;
+                if written.root_node.is_some() {
+                    s.root_node = written.root_node;
+                }
+            });
         }
         Ok(())
     }
@@ -388,7 +572,11 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
         match St::data_type() {
             StorageType::Azks => {
                 match self.store.root(&self.domain).await.map_err(storage_error)? {
-                    Some((_, blob)) => decode(&blob),
+                    Some((epoch, blob)) => {
+                        let record = decode(&blob)?;
+                        self.see(|s| s.root = Some((epoch, blob)));
+                        Ok(record)
+                    }
                     None => Err(not_found()),
                 }
             }
@@ -398,8 +586,14 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
                     .nodes(&self.domain, std::slice::from_ref(&key))
                     .await
                     .map_err(storage_error)?;
-                match found.first() {
-                    Some(blob) => decode(blob),
+                match found.into_iter().next() {
+                    Some(blob) => {
+                        let record = decode(&blob)?;
+                        if is_root_node(&record) {
+                            self.see(|s| s.root_node = Some(blob));
+                        }
+                        Ok(record)
+                    }
                     None => Err(not_found()),
                 }
             }
@@ -424,7 +618,15 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
                 .nodes(&self.domain, &keys)
                 .await
                 .map_err(storage_error)?;
-            return blobs.iter().map(|b| decode(b)).collect();
+            let mut out = Vec::with_capacity(blobs.len());
+            for blob in blobs {
+                let record = decode(&blob)?;
+                if is_root_node(&record) {
+                    self.see(|s| s.root_node = Some(blob));
+                }
+                out.push(record);
+            }
+            return Ok(out);
         }
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
@@ -462,10 +664,9 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
         flag: ValueStateRetrievalFlag,
     ) -> Result<HashMap<AkdLabel, (u64, AkdValue)>, StorageError> {
         let mut map = HashMap::new();
-        for username in usernames {
-            let states = self.states(username).await?;
+        for (username, states) in self.states_of(usernames).await? {
             if let Some(s) = pick(&states, flag) {
-                map.insert(username.clone(), (s.version, s.value.clone()));
+                map.insert(username, (s.version, s.value.clone()));
             }
         }
         Ok(map)
