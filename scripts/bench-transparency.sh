@@ -6,15 +6,22 @@
 # store, so a drift of the shared machine hits both sides. Prints a markdown table (median
 # msg/s of the rounds, p50/p99 of the median run) and the machine's load.
 #
+# Redis runs as this script's own redis-server (a free port, data under the temporary
+# directory, `appendonly yes`, `appendfsync always`: the durability kst requires), a fresh key
+# prefix per run.
+#
 # Usage: scripts/bench-transparency.sh
-# Environment: BENCH_C (8), BENCH_PUB (2000), BENCH_ROUNDS (3), BENCH_STORES ("fs postgres"),
-# BENCH_PG_URL (postgres://postgres:postgres@127.0.0.1:5432), BENCH_KST (a kst binary; default:
-# a release build of this checkout).
+# Environment: BENCH_C (8; several values, e.g. "8 32", run each), BENCH_PUB (2000),
+# BENCH_ROUNDS (3), BENCH_STORES ("fs postgres redis"), BENCH_PG_URL
+# (postgres://postgres:postgres@127.0.0.1:5432), BENCH_KST (a kst binary; default: a release
+# build of this checkout), BENCH_LOG (warn; `kst=debug` also logs each epoch's timings into
+# each run's serve.log).
 set -euo pipefail
-C="${BENCH_C:-8}"
+CS="${BENCH_C:-8}"
 PUB="${BENCH_PUB:-2000}"
 ROUNDS="${BENCH_ROUNDS:-3}"
-STORES="${BENCH_STORES:-fs postgres}"
+STORES="${BENCH_STORES:-fs postgres redis}"
+LOG_LEVEL="${BENCH_LOG:-warn}"
 PG_BASE="${BENCH_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432}"
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -36,14 +43,30 @@ cleanup_more() {
 KST_KST__DOMAINS=example.test "$KST" log keygen example.test --output "$WORK/log-example.test.key" >/dev/null
 NO_RATE_LIMITS="KST_LIMITS__PER_SENDER=0 KST_LIMITS__PER_ACCOUNT=0 KST_LIMITS__PER_SOURCE_IP=0 KST_LIMITS__PER_SENDER_QUERY=0"
 
-run() { # store directory(off|on) round
-  local store="$1" kt="$2" round="$3" dir senv=() lmtp http pid out
-  dir="$WORK/$store-$kt-$round"
+REDIS_PORT=""
+redis_up() {
+  [ -n "$REDIS_PORT" ] && return
+  REDIS_PORT="$(free_port)"
+  mkdir -p "$WORK/redis"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$WORK/redis" --save "" \
+    --appendonly yes --appendfsync always --logfile "$WORK/redis/redis.log" &
+  PIDS+=("$!")
+  wait_port "$REDIS_PORT"
+}
+
+run() { # store directory(off|on) round concurrency
+  local store="$1" kt="$2" round="$3" C="$4" dir senv=() lmtp http pid out
+  dir="$WORK/$store-$kt-$round-c$C"
   mkdir -p "$dir"
   case "$store" in
     fs) senv=(KST_STORE__BACKEND=fs KST_STORE__PATH="$dir/keys") ;;
+    redis)
+      redis_up
+      senv=(KST_STORE__BACKEND=redis KST_STORE__URL="redis://127.0.0.1:$REDIS_PORT"
+        KST_STORE__PREFIX="kstbench-$kt-$round-c$C:")
+      ;;
     postgres)
-      local db="kst_bench_kt_$$_${kt}_$round"
+      local db="kst_bench_kt_$$_${kt}_${round}_c$C"
       psql "$PG_BASE/postgres" -qc "CREATE DATABASE $db" >&2
       DBS+=("$db")
       senv=(KST_STORE__BACKEND=postgres KST_STORE__URL="$PG_BASE/$db" KST_STORE__MAX_CONNECTIONS=8)
@@ -54,7 +77,7 @@ run() { # store directory(off|on) round
   http="$(free_port)"
   # shellcheck disable=SC2086 # $NO_RATE_LIMITS holds KEY=VALUE words
   env -C "$dir" -u KST_CONFIG KST_LMTP__LISTEN="127.0.0.1:$lmtp" KST_HTTP__LISTEN="127.0.0.1:$http" \
-    KST_LOG__LEVEL=warn $NO_RATE_LIMITS "${senv[@]}" "$KST" serve 2>"$dir/serve.log" &
+    KST_LOG__LEVEL="$LOG_LEVEL" $NO_RATE_LIMITS "${senv[@]}" "$KST" serve 2>"$dir/serve.log" &
   pid=$!
   PIDS+=("$pid")
   wait_port "$http"
@@ -63,27 +86,29 @@ run() { # store directory(off|on) round
     --publications "$PUB" --retrievals 0 --json >"$out" || log "$store $kt: some messages got no decision"
   kill -TERM "$pid"
   wait "$pid" || true
-  python3 -c "import json,sys; r=json.loads(open(sys.argv[1]).readline()); r.update(store=sys.argv[2], kt=sys.argv[3], load=sys.argv[4]); print(json.dumps(r))" \
-    "$out" "$store" "$kt" "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RESULTS"
-  log "$store, directory $kt, round $round: $(tail -1 "$RESULTS" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f msg/s, load %s" % (r["rate"], r["load"]))')"
+  python3 -c "import json,sys; r=json.loads(open(sys.argv[1]).readline()); r.update(store=sys.argv[2], kt=sys.argv[3], load=sys.argv[4], c=int(sys.argv[5])); print(json.dumps(r))" \
+    "$out" "$store" "$kt" "$(cut -d' ' -f1-3 /proc/loadavg)" "$C" >>"$RESULTS"
+  log "$store, directory $kt, c=$C, round $round: $(tail -1 "$RESULTS" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f msg/s, load %s" % (r["rate"], r["load"]))')"
 }
 
-for store in $STORES; do
-  for round in $(seq 1 "$ROUNDS"); do
-    run "$store" off "$round"
-    run "$store" on "$round"
+for C in $CS; do
+  for store in $STORES; do
+    for round in $(seq 1 "$ROUNDS"); do
+      run "$store" off "$round" "$C"
+      run "$store" on "$round" "$C"
+    done
   done
 done
 
 python3 - "$RESULTS" <<'PY'
 import json, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print("| store | directory | rounds | msg/s (median) | msg/s of each round | p50 ms | p99 ms | p99 in kst ms | outcomes | cost |")
-print("|---|---|---:|---:|---|---:|---:|---:|---|---:|")
-for store in dict.fromkeys(r["store"] for r in rows):
+print("| store | c | directory | rounds | msg/s (median) | msg/s of each round | p50 ms | p99 ms | p99 in kst ms | outcomes | cost |")
+print("|---|---:|---|---:|---:|---|---:|---:|---:|---|---:|")
+for store, c in dict.fromkeys((r["store"], r.get("c", 0)) for r in rows):
     med = {}
     for kt in ("off", "on"):
-        rs = [r for r in rows if r["store"] == store and r["kt"] == kt]
+        rs = [r for r in rows if r["store"] == store and r.get("c", 0) == c and r["kt"] == kt]
         if not rs:
             continue
         rates = sorted(r["rate"] for r in rs)
@@ -94,10 +119,10 @@ for store in dict.fromkeys(r["store"] for r in rows):
         cost = f"{100 * (1 - m / med['off']):.0f}%" if kt == "on" and "off" in med else ""
         kst99 = f"≤ {mid['server_p99_ms']:g}" if mid.get("server_p99_ms") is not None else ""
         each = ", ".join(f"{r['rate']:.0f}" for r in rs)
-        print(f"| {store} | {kt} | {len(rs)} | {m:.0f} | {each} | {mid['p50_ms']:.2f} | {mid['p99_ms']:.2f} | {kst99} | {outcomes} | {cost} |")
+        print(f"| {store} | {c} | {kt} | {len(rs)} | {m:.0f} | {each} | {mid['p50_ms']:.2f} | {mid['p99_ms']:.2f} | {kst99} | {outcomes} | {cost} |")
 PY
 echo
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -sr); load average of each run in $RESULTS (kept below)."
-python3 -c "import json,sys; [print(f\"  {r['store']} {r['kt']}: {r['rate']:.0f} msg/s, load {r['load']}\") for r in map(json.loads, open(sys.argv[1]))]" "$RESULTS"
+python3 -c "import json,sys; [print(f\"  {r['store']} c={r.get('c')} {r['kt']}: {r['rate']:.0f} msg/s, load {r['load']}\") for r in map(json.loads, open(sys.argv[1]))]" "$RESULTS"
 echo "uptime at the end: $(uptime)"
-echo "Command: BENCH_C=$C BENCH_PUB=$PUB BENCH_ROUNDS=$ROUNDS BENCH_STORES=\"$STORES\" scripts/bench-transparency.sh"
+echo "Command: BENCH_C=\"$CS\" BENCH_PUB=$PUB BENCH_ROUNDS=$ROUNDS BENCH_STORES=\"$STORES\" scripts/bench-transparency.sh"

@@ -21,9 +21,9 @@
 //! them all durable at once, and writes the root last (durable replace). On Linux "at once" is
 //! one `syncfs(2)` of the store's file system: an epoch writes about two tree-depths of node
 //! files per change, and one flush instead of an `fsync` per file and directory is what makes
-//! a batched epoch cheap. The new root is written to a temporary file before that flush and
-//! renamed into place after it (then the domain's directory is synced): the flush covers its
-//! contents too. Elsewhere each file and directory is synced. Each read takes the lock
+//! a batched epoch cheap. The new root (and the epoch's head, when the batch carries it) is
+//! written to a temporary file before that flush and renamed (linked) into place after it,
+//! the root first; then the two directories are synced: the flush covers their contents. Elsewhere each file and directory is synced. Each read takes the lock
 //! shared, so it never sees a commit half-way; the root is the commit point (see
 //! `kst_core::transparency::storage` for why a crash half-way is harmless).
 
@@ -219,6 +219,9 @@ fn commit(dir: &Path, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
         if let Some(root) = &batch.root {
             let path = dir.join("root");
             write_atomic(&path, &root_bytes(root)).map_err(|e| unavailable("write", &path, e))?;
+            if let Some(head) = &batch.head {
+                insert_head(dir, root.epoch, head)?;
+            }
         }
         return Ok(());
     }
@@ -235,6 +238,27 @@ fn commit(dir: &Path, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
         }
         None => None,
     };
+    // The head too: its file goes in under a temporary name now and is linked to its name
+    // after the root (a crash between them leaves the epoch without a head, never a head
+    // without its epoch).
+    let head_temp = match (&batch.head, &batch.root, &root_temp) {
+        (Some(head), Some(root), Some(_)) => {
+            let heads = heads_dir(dir);
+            let temp = heads.join(format!(".tmp-{:016x}", rand_suffix()));
+            let written = std::fs::create_dir_all(&heads)
+                .and_then(|()| std::fs::write(&temp, head))
+                .map_err(|e| unavailable("write", &temp, e));
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&temp);
+                for t in root_temp.iter() {
+                    let _ = std::fs::remove_file(t);
+                }
+                return Err(e);
+            }
+            Some((temp, heads.join(epoch_name(root.epoch))))
+        }
+        _ => None,
+    };
     let synced = sync_file_system(dir).and_then(|()| match &root_temp {
         Some(temp) => {
             let path = dir.join("root");
@@ -243,13 +267,24 @@ fn commit(dir: &Path, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
         None => Ok(()),
     });
     if let Err(e) = synced {
-        if let Some(temp) = &root_temp {
-            let _ = std::fs::remove_file(temp);
+        for t in root_temp.iter().chain(head_temp.iter().map(|(t, _)| t)) {
+            let _ = std::fs::remove_file(t);
         }
         return Err(e);
     }
     if root_temp.is_some() {
         sync_dir(dir).map_err(|e| unavailable("sync", dir, e))?;
+    }
+    if let Some((temp, path)) = head_temp {
+        // Linking fails when a head is there already: the first one stays.
+        let linked = match std::fs::hard_link(&temp, &path) {
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(unavailable("link", &path, e)),
+            _ => Ok(()),
+        };
+        let _ = std::fs::remove_file(&temp);
+        linked?;
+        let heads = heads_dir(dir);
+        sync_dir(&heads).map_err(|e| unavailable("sync", &heads, e))?;
     }
     Ok(())
 }

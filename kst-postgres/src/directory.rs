@@ -545,13 +545,26 @@ async fn commit_on(
         .await
         .map_err(unavailable)?;
     }
+    if let (Some(head), Some(root)) = (&batch.head, &batch.root) {
+        sqlx::query(
+            "INSERT INTO kt_heads (domain, epoch, head) VALUES ($1, $2, $3) \
+             ON CONFLICT (domain, epoch) DO NOTHING",
+        )
+        .bind(domain)
+        .bind(epoch_i64(root.epoch)?)
+        .bind(head)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    }
     tx.commit().await.map_err(unavailable)
 }
 
 /// An epoch's batch (a root built on epoch `expected`) as **one statement**, so one round
 /// trip: the fence (`UPDATE kt_roots ... WHERE epoch = expected`) and the inserts of the
-/// nodes and value states, which write only when the fence updated the root (they read its
-/// `RETURNING` row). A statement is its own transaction: all of it or nothing.
+/// nodes, the value states and the head (`ON CONFLICT DO NOTHING`: a stored head stays),
+/// which write only when the fence updated the root (they read its `RETURNING` row). A
+/// statement is its own transaction: all of it or nothing.
 async fn commit_epoch(
     conn: &mut PgConnection,
     domain: &str,
@@ -589,6 +602,11 @@ async fn commit_epoch(
              AS t(l, e, r) \
              WHERE EXISTS (SELECT 1 FROM fence) \
              ON CONFLICT (domain, label, epoch) DO UPDATE SET record = EXCLUDED.record \
+         ), h AS ( \
+             INSERT INTO kt_heads (domain, epoch, head) \
+             SELECT $1, $2, $10::bytea WHERE $10::bytea IS NOT NULL \
+             AND EXISTS (SELECT 1 FROM fence) \
+             ON CONFLICT (domain, epoch) DO NOTHING \
          ) \
          SELECT count(*) FROM fence",
     )
@@ -601,6 +619,7 @@ async fn commit_epoch(
     .bind(labels)
     .bind(epochs)
     .bind(values)
+    .bind(batch.head.as_deref())
     .fetch_one(&mut *conn)
     .await
     .map_err(unavailable)?;

@@ -42,10 +42,11 @@ pub const MAX_VALUE_STATES: usize = 65_536;
 /// split).
 const FIELDS_PER_CALL: usize = 2048;
 
-/// Writes one batch. KEYS: root, nodes, then one value-state hash per distinct label. ARGV:
-/// mode (`nodes`: nodes alone, written only while there is no root; `first`: the epoch-0
-/// root, the same; `next`: fenced on the expected epoch), expected epoch, new epoch, root
-/// record, number of nodes, (node key, record) per node, then (KEYS index, epoch, record) per
+/// Writes one batch. KEYS: root, nodes, heads, then one value-state hash per distinct label.
+/// ARGV: mode (`nodes`: nodes alone, written only while there is no root; `first`: the
+/// epoch-0 root, the same; `next`: fenced on the expected epoch), expected epoch, new epoch,
+/// root record, the new epoch's head (empty: none; `HSETNX` after the root: a stored head
+/// stays), number of nodes, (node key, record) per node, then (KEYS index, epoch, record) per
 /// value state. Returns `{'ok'}`, `{'dropped'}` (a root exists: the empty directory of a late
 /// starter) or `{'conflict', stored epoch or ''}`.
 pub(crate) static COMMIT: LazyLock<Script> = LazyLock::new(|| {
@@ -58,8 +59,8 @@ if mode == 'next' then
 elseif redis.call('EXISTS', KEYS[1]) == 1 then
   return {'dropped'}
 end
-local n = tonumber(ARGV[5])
-local i = 6
+local n = tonumber(ARGV[6])
+local i = 7
 for _ = 1, n do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   i = i + 2
@@ -70,6 +71,7 @@ while i <= #ARGV do
 end
 if mode ~= 'nodes' then
   redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'record', ARGV[4])
+  if ARGV[5] ~= '' then redis.call('HSETNX', KEYS[3], ARGV[3], ARGV[5]) end
 end
 return {'ok'}
 "#,
@@ -646,7 +648,7 @@ async fn commit(
         .map_err(DirectoryStoreError::from)?;
     let store = store.lane();
     let mut call = COMMIT.prepare_invoke();
-    call.key(&keys.root).key(&keys.nodes);
+    call.key(&keys.root).key(&keys.nodes).key(&keys.heads);
     let (mode, expected, epoch, root) = match &batch.root {
         None => ("nodes", String::new(), String::new(), Vec::new()),
         Some(r) => match r.expected_epoch {
@@ -658,11 +660,12 @@ async fn commit(
         .arg(&expected)
         .arg(&epoch)
         .arg(root)
+        .arg(batch.head.as_deref().unwrap_or_default())
         .arg(batch.nodes.len());
     for (key, record) in &batch.nodes {
         call.arg(key.as_slice()).arg(record.as_slice());
     }
-    // One hash per label; KEYS[1] and [2] are the root and the nodes.
+    // One hash per label; KEYS[1] to [3] are the root, the nodes and the heads.
     let mut labels: Vec<&[u8]> = Vec::new();
     for v in &batch.value_states {
         let index = match labels.iter().position(|l| *l == v.label.as_slice()) {
@@ -673,7 +676,7 @@ async fn commit(
                 labels.len() - 1
             }
         };
-        call.arg(index + 3).arg(v.epoch).arg(v.blob.as_slice());
+        call.arg(index + 4).arg(v.epoch).arg(v.blob.as_slice());
     }
     let v: Value = store
         .invoke(&call, true)

@@ -34,6 +34,7 @@ use crate::transparency::{
 /// Runs every property; `a` and `b` are two instances on one fresh, empty namespace.
 pub async fn run_all(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
     blobs_round_trip(&a, &b).await;
+    batched_reads_and_heads_with_the_commit(&a, &b).await;
     fence_and_first_root(&a).await;
     heads_and_cosignatures(&a, &b).await;
     directory_proves_the_store(Arc::clone(&a)).await;
@@ -49,6 +50,7 @@ fn batch(nodes: &[(&[u8], &[u8])], root: Option<RootWrite>) -> RecordBatch {
             .collect(),
         value_states: Vec::new(),
         root,
+        head: None,
     }
 }
 
@@ -119,6 +121,107 @@ pub async fn blobs_round_trip(a: &Arc<dyn DirectoryStore>, b: &Arc<dyn Directory
         b.root("other.example").await.unwrap(),
         None,
         "round trip: another domain is separate"
+    );
+}
+
+/// The writer's batched reads agree with the single ones: the value states of several labels
+/// (one missing) in one call, the root with nodes in one call. A batch's head is stored with
+/// its root (insert-if-absent: a head stored before stays), not when the fence refuses it.
+pub async fn batched_reads_and_heads_with_the_commit(
+    a: &Arc<dyn DirectoryStore>,
+    b: &Arc<dyn DirectoryStore>,
+) {
+    const D: &str = "batched.example";
+    let node = [2u8, 0, 0, 1, 0, 5, 5];
+    assert_eq!(
+        b.root_and_nodes(D, &[node.to_vec()]).await.unwrap(),
+        (None, Vec::new()),
+        "batched: nothing before the first commit"
+    );
+    a.commit(D, batch(&[(&node, b"n0")], root(None, 0, b"r0")))
+        .await
+        .unwrap();
+    let mut first = batch(&[(&node, b"n1")], root(Some(0), 1, b"r1"));
+    first.head = Some(b"head of 1".to_vec());
+    first.value_states = ["x", "y"]
+        .iter()
+        .flat_map(|l| {
+            [1u64, 2].map(|e| ValueStateBlob {
+                label: format!("label-{l}").into_bytes(),
+                epoch: e,
+                blob: format!("{l}{e}").into_bytes(),
+            })
+        })
+        .collect();
+    a.commit(D, first).await.unwrap();
+    assert_eq!(
+        b.heads(D, 1, 1).await.unwrap(),
+        vec![(1, b"head of 1".to_vec())],
+        "batched: a batch's head is stored with it"
+    );
+    let labels = [
+        b"label-x".to_vec(),
+        b"label-none".to_vec(),
+        b"label-y".to_vec(),
+    ];
+    let mut batched = b.value_states_batch(D, &labels).await.unwrap();
+    batched.sort();
+    let mut single = Vec::new();
+    for label in &labels {
+        for (epoch, blob) in b.value_states(D, label).await.unwrap() {
+            single.push((label.clone(), epoch, blob));
+        }
+    }
+    single.sort();
+    assert_eq!(single.len(), 4, "batched: the single reads see four states");
+    assert_eq!(batched, single, "batched: value states of several labels");
+    let (root_read, nodes) = b
+        .root_and_nodes(D, &[node.to_vec(), vec![2, 0, 0, 0, 1]])
+        .await
+        .unwrap();
+    assert_eq!(
+        (root_read, nodes),
+        (Some((1, b"r1".to_vec())), vec![b"n1".to_vec()]),
+        "batched: the root and the nodes asked for"
+    );
+    // A head stored before the epoch's batch stays; a refused batch stores none.
+    b.insert_head(D, 2, b"earlier head of 2").await.unwrap();
+    let mut second = batch(&[(&node, b"n2")], root(Some(1), 2, b"r2"));
+    second.head = Some(b"head of 2".to_vec());
+    a.commit(D, second).await.unwrap();
+    let mut stale = batch(&[(&node, b"stale")], root(Some(1), 2, b"fork"));
+    stale.head = Some(b"fork head".to_vec());
+    stale.value_states = vec![ValueStateBlob {
+        label: b"label-x".to_vec(),
+        epoch: 2,
+        blob: b"fork".to_vec(),
+    }];
+    let refused = a.commit(D, stale).await;
+    assert!(
+        matches!(refused, Err(DirectoryStoreError::Conflict(_))),
+        "batched: a stale batch with a head must conflict, got {refused:?}"
+    );
+    let mut stale3 = batch(&[(&node, b"stale")], root(Some(1), 3, b"fork"));
+    stale3.head = Some(b"fork head 3".to_vec());
+    assert!(
+        matches!(
+            a.commit(D, stale3).await,
+            Err(DirectoryStoreError::Conflict(_))
+        ),
+        "batched: a batch for epoch 3 built on 1 must conflict"
+    );
+    assert_eq!(
+        b.heads(D, 1, 3).await.unwrap(),
+        vec![
+            (1, b"head of 1".to_vec()),
+            (2, b"earlier head of 2".to_vec())
+        ],
+        "batched: the head stored first stays, a refused batch stores none"
+    );
+    assert_eq!(
+        b.value_states(D, b"label-x").await.unwrap().len(),
+        2,
+        "batched: a refused batch writes no value state"
     );
 }
 

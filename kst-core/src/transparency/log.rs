@@ -176,7 +176,7 @@ enum Request {
 /// by the first request that finds it closed (a store that is down at start: every request
 /// fails as a temporary error until it is back).
 struct Worker {
-    keys: LogKeys,
+    keys: Arc<LogKeys>,
     /// The runtime that opened the log: key store reads run there.
     caller: tokio::runtime::Handle,
     /// The directory once opened.
@@ -344,7 +344,7 @@ impl DomainLog {
                 };
                 runtime.block_on(async move {
                     let mut worker = Worker {
-                        keys,
+                        keys: Arc::new(keys),
                         caller,
                         opened: None,
                         store: worker_store,
@@ -998,7 +998,23 @@ impl Worker {
         let head_before = started.elapsed();
         let Opened { db, directory } = self.opened()?;
         let before = db.commits();
-        let (epoch, root_hash) = directory.publish(&changes).await?;
+        // The new epoch's head goes in with its commit.
+        let keys = Arc::clone(&self.keys);
+        db.sign_heads(Some(Arc::new(move |epoch, root_hash| {
+            let head = Head {
+                domain: keys.domain.clone(),
+                epoch,
+                root_hash,
+                vrf_public_key: keys.vrf.public_key().ok()?,
+                signed_at: now,
+            };
+            let text = head_text(&keys.head.sign(head).ok()?).ok()?;
+            Some(text.into_bytes())
+        })));
+        let published = directory.publish(&changes).await;
+        db.sign_heads(None);
+        let (epoch, root_hash) = published?;
+        let signed = db.take_signed();
         let published = started.elapsed();
         if db.commits() == before {
             // akd wrote nothing: another writer recorded these values meanwhile. Read again.
@@ -1025,9 +1041,24 @@ impl Worker {
                 };
             }
         }
-        // The new epoch's head. Should this fail, the batch is tried again (it finds its
-        // entries recorded) and the head is signed by whoever next needs it.
-        self.store_head(epoch, root_hash, now).await?;
+        // The new epoch's head, unless it went in with the commit. Should this fail, the
+        // batch is tried again (it finds its entries recorded) and the head is signed by
+        // whoever next needs it.
+        match signed {
+            Some(s) if s == (epoch, root_hash) => self.head_known.set(Some(s)),
+            Some((e, r)) => {
+                return Err(TransparencyError::Directory(format!(
+                    "{}: the head stored with epoch {e} names root {}, akd's root of epoch \
+                     {epoch} is {}; the heads of this log need an operator's look",
+                    self.keys.domain,
+                    hex::encode(r),
+                    hex::encode(root_hash)
+                )));
+            }
+            None => {
+                self.store_head(epoch, root_hash, now).await?;
+            }
+        }
         // Where an epoch's time goes (docs/BENCHMARKS.md, "Key transparency"), in µs since
         // the attempt started: the epoch read and pinned, the store and directory reads,
         // the previous head, akd's publish (tree work and the commit), the new head.

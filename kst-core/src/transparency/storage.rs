@@ -134,6 +134,11 @@ pub struct RecordBatch {
     /// The root record, written last and fenced; `None` for a batch of nodes alone (akd's
     /// empty tree on first use).
     pub root: Option<RootWrite>,
+    /// The signed head of the root's epoch (an opaque blob, as
+    /// [`DirectoryStore::insert_head`] stores it), stored with the batch and only when the
+    /// batch is written, after the root, insert-if-absent (a head already stored for that
+    /// epoch stays); `None`: no head (the writer stores it afterwards).
+    pub head: Option<Vec<u8>>,
 }
 
 /// What [`DirectoryStore::root_and_nodes`] returns: the root record with its epoch (`None`
@@ -197,7 +202,10 @@ pub trait DirectoryStore: Send + Sync {
     }
 
     /// Writes `batch` (see the module docs): all of it or, on
-    /// [`DirectoryStoreError::Conflict`], nothing.
+    /// [`DirectoryStoreError::Conflict`], nothing. Its head, if any, is stored as by
+    /// [`DirectoryStore::insert_head`] once the root is written (in the same transaction or
+    /// script where the backend has one; a crash between the two leaves the epoch without a
+    /// head, which is signed on first read).
     async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError>;
 
     /// Stores `head` (an opaque blob: the signed head's text) for `epoch` unless a head is
@@ -269,9 +277,18 @@ pub struct StoredDirectory<T: ?Sized> {
     memo: Arc<Mutex<HashMap<Vec<u8>, Vec<ValueState>>>>,
     /// The root record and root node this handle last read or committed.
     seen: Arc<Mutex<Seen>>,
+    /// Signs the head each epoch batch carries ([`StoredDirectory::sign_heads`]).
+    signer: Arc<Mutex<Option<SignHead>>>,
+    /// The epoch and root hash of the head the last committed batch carried.
+    signed: Arc<Mutex<Option<(u64, [u8; 32])>>>,
     /// Batches with a root this handle (and its clones) committed.
     committed: Arc<AtomicU64>,
 }
+
+/// Signs the head of an epoch with its root hash, for [`StoredDirectory::sign_heads`]:
+/// returns the head's blob, `None` when it cannot sign (the writer then stores the head
+/// after the commit).
+pub type SignHead = Arc<dyn Fn(u64, [u8; 32]) -> Option<Vec<u8>> + Send + Sync>;
 
 /// The root record (epoch, blob) and the tree's root node (blob) last read or committed;
 /// `None` when unknown (never read, or a write failed after akd cached its records).
@@ -289,6 +306,8 @@ impl<T: ?Sized> Clone for StoredDirectory<T> {
             pinned: Arc::clone(&self.pinned),
             memo: Arc::clone(&self.memo),
             seen: Arc::clone(&self.seen),
+            signer: Arc::clone(&self.signer),
+            signed: Arc::clone(&self.signed),
             committed: Arc::clone(&self.committed),
         }
     }
@@ -313,8 +332,26 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
             pinned: Arc::new(Mutex::new(None)),
             memo: Arc::new(Mutex::new(HashMap::new())),
             seen: Arc::new(Mutex::new(Seen::default())),
+            signer: Arc::new(Mutex::new(None)),
+            signed: Arc::new(Mutex::new(None)),
             committed: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// From now on (and in every clone), every epoch's batch carries its head, signed by
+    /// `signer` with the root hash of the batch's root node (so the head is stored with the
+    /// commit, not in a write of its own); `None`: no heads.
+    pub fn sign_heads(&self, signer: Option<SignHead>) {
+        *self.signer.lock().unwrap_or_else(PoisonError::into_inner) = signer;
+    }
+
+    /// The epoch and root hash of the head the last committed epoch batch carried (taken:
+    /// a second call returns `None`).
+    pub fn take_signed(&self) -> Option<(u64, [u8; 32])> {
+        self.signed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     /// How many epochs this handle (and its clones) committed: akd's `publish` returns the
@@ -539,6 +576,34 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
             ))));
         }
         let epoch_batch = batch.root.is_some();
+        // The head of the new epoch, from the root node akd wrote for it.
+        let signer = self
+            .signer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut signed = None;
+        if let (Some(signer), Some(root)) = (signer, &batch.root) {
+            let root_node = records.iter().find_map(|r| match r {
+                DbRecord::TreeNode(n)
+                    if n.label == akd::NodeLabel::root()
+                        && n.latest_node.last_epoch == root.epoch =>
+                {
+                    Some(n)
+                }
+                _ => None,
+            });
+            if let Some(node) = root_node {
+                let root_hash = <super::Config as akd::Configuration>::compute_root_hash_from_val(
+                    &node.latest_node.hash,
+                );
+                if let Some(head) = signer(root.epoch, root_hash) {
+                    batch.head = Some(head);
+                    signed = Some((root.epoch, root_hash));
+                }
+            }
+        }
+        *self.signed.lock().unwrap_or_else(PoisonError::into_inner) = None;
         let root_key = root_node_key();
         let written = Seen {
             root: batch.root.as_ref().map(|r| (r.epoch, r.blob.clone())),
@@ -556,6 +621,7 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
         }
         if epoch_batch {
             self.committed.fetch_add(1, Ordering::SeqCst);
+            *self.signed.lock().unwrap_or_else(PoisonError::into_inner) = signed;
             self.see(|s| {
                 s.root = written.root;
                 if written.root_node.is_some() {
