@@ -16,10 +16,12 @@
 //! the epoch holding its address is committed.
 //!
 //! Heads (docs/TRANSPARENCY.md, "Signed heads, witnesses"): each epoch's head is signed once
-//! and stored ([`DirectoryStore::insert_head`]): by the writer right after its commit, and
-//! before it builds the next epoch on the current one (so no epoch is superseded without its
-//! head, unless a writer dies between its commit and its head while another one commits);
-//! a missing head of the latest epoch is signed on first read. Every head served (`/head`,
+//! and stored: by the writer with its commit (the batch carries it,
+//! [`StoredDirectory::sign_heads`]), else right after it ([`DirectoryStore::insert_head`]),
+//! and before it builds the next epoch on the current one unless it stored or checked that
+//! head itself (so no epoch is superseded without its head, unless a writer dies between its
+//! commit and its head while another one commits); a missing head of the latest epoch is
+//! signed on first read. Every head served (`/head`,
 //! lookups) is the stored one, so witnesses' cosignatures of it match what clients see.
 //!
 //! The directory runs on a thread of its own (a current-thread Tokio runtime) and is asked

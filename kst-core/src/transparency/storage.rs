@@ -280,10 +280,13 @@ pub struct StoredDirectory<T: ?Sized> {
     /// Signs the head each epoch batch carries ([`StoredDirectory::sign_heads`]).
     signer: Arc<Mutex<Option<SignHead>>>,
     /// The epoch and root hash of the head the last committed batch carried.
-    signed: Arc<Mutex<Option<(u64, [u8; 32])>>>,
+    signed: Arc<Mutex<Option<EpochRoot>>>,
     /// Batches with a root this handle (and its clones) committed.
     committed: Arc<AtomicU64>,
 }
+
+/// An epoch and its root hash.
+type EpochRoot = (u64, [u8; 32]);
 
 /// Signs the head of an epoch with its root hash, for [`StoredDirectory::sign_heads`]:
 /// returns the head's blob, `None` when it cannot sign (the writer then stores the head
@@ -347,7 +350,7 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
 
     /// The epoch and root hash of the head the last committed epoch batch carried (taken:
     /// a second call returns `None`).
-    pub fn take_signed(&self) -> Option<(u64, [u8; 32])> {
+    pub fn take_signed(&self) -> Option<EpochRoot> {
         self.signed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
