@@ -56,6 +56,17 @@ const MAX_ATTEMPTS: u64 = 32;
 /// At most this many requests are recorded in one epoch; more wait for the next.
 const MAX_BATCH: usize = 512;
 
+/// Reads (heads, lookups, histories, audits) that may wait for the directory's thread; one
+/// more is refused at once as a temporary failure (HTTP 503), never queued without bound.
+pub const MAX_QUEUED_READS: usize = 256;
+
+/// Changes that may wait for the directory's thread (two epochs' worth); one more is a
+/// temporary failure (LMTP 4xx, `kst deliver` exit 75: the MTA tries again).
+pub const MAX_QUEUED_WRITES: usize = 2 * MAX_BATCH;
+
+/// Reads the thread answers between two batches of changes (changes go first).
+const READS_BETWEEN_WRITES: usize = 16;
+
 /// Where the writer reads what the key store holds for an address (again on every attempt).
 #[async_trait]
 pub trait CurrentKeys: Send + Sync {
@@ -100,7 +111,10 @@ pub struct DomainLog {
     domain: String,
     head_key: [u8; 32],
     vrf_key: [u8; 32],
-    requests: mpsc::UnboundedSender<Request>,
+    /// Changes ([`Request::Sync`]), answered before reads.
+    writes: mpsc::Sender<Request>,
+    /// Everything else.
+    reads: mpsc::Sender<Request>,
     store: Arc<dyn DirectoryStore>,
 }
 
@@ -320,7 +334,10 @@ impl DomainLog {
         let domain = keys.domain.clone();
         let head_key = keys.head.public_key();
         let vrf_key = keys.vrf.public_key()?;
-        let (requests, mut inbox) = mpsc::unbounded_channel::<Request>();
+        // Two bounded queues: changes (answered first) and reads. A full queue refuses at
+        // once (a temporary failure), so a flood neither hangs callers nor grows memory.
+        let (writes, mut write_inbox) = mpsc::channel::<Request>(MAX_QUEUED_WRITES);
+        let (reads, mut read_inbox) = mpsc::channel::<Request>(MAX_QUEUED_READS);
         let worker_store = Arc::clone(&store);
         let (opened, open_result) = oneshot::channel::<Result<()>>();
         let caller = tokio::runtime::Handle::current();
@@ -352,16 +369,23 @@ impl DomainLog {
                     if opened.send(Ok(())).is_err() {
                         return;
                     }
-                    while let Some(request) = inbox.recv().await {
+                    loop {
+                        // Writes first: a flood of reads never holds a change back.
+                        let request = tokio::select! {
+                            biased;
+                            Some(r) = write_inbox.recv() => r,
+                            Some(r) = read_inbox.recv() => r,
+                            else => break,
+                        };
                         let mut syncs = Vec::new();
                         let mut others = Vec::new();
                         match request {
                             Request::Sync(s) => syncs.push(s),
                             other => others.push(other),
                         }
-                        // Group commit: every request queued meanwhile joins the epoch.
+                        // Group commit: every change queued meanwhile joins the epoch.
                         while !syncs.is_empty() && syncs.len() < MAX_BATCH {
-                            match inbox.try_recv() {
+                            match write_inbox.try_recv() {
                                 Ok(Request::Sync(s)) => syncs.push(s),
                                 Ok(other) => others.push(other),
                                 Err(_) => break,
@@ -369,6 +393,14 @@ impl DomainLog {
                         }
                         if !syncs.is_empty() {
                             worker.sync_batch(syncs).await;
+                            // A few reads between two batches: a stream of changes does
+                            // not starve them either.
+                            while others.len() < READS_BETWEEN_WRITES {
+                                match read_inbox.try_recv() {
+                                    Ok(r) => others.push(r),
+                                    Err(_) => break,
+                                }
+                            }
                         }
                         for other in others {
                             worker.handle(other).await;
@@ -386,7 +418,8 @@ impl DomainLog {
             domain,
             head_key,
             vrf_key,
-            requests,
+            writes,
+            reads,
             store,
         })
     }
@@ -411,7 +444,18 @@ impl DomainLog {
         request: impl FnOnce(oneshot::Sender<Result<T>>) -> Request,
     ) -> Result<T> {
         let (reply, answer) = oneshot::channel();
-        self.requests.send(request(reply)).map_err(|_| gone())?;
+        let request = request(reply);
+        let (queue, what, bound) = match request {
+            Request::Sync(_) => (&self.writes, "changes", MAX_QUEUED_WRITES),
+            _ => (&self.reads, "reads", MAX_QUEUED_READS),
+        };
+        queue.try_send(request).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => TransparencyError::Directory(format!(
+                "the key directory of {} has {bound} {what} waiting already; retry later",
+                self.domain
+            )),
+            mpsc::error::TrySendError::Closed(_) => gone(),
+        })?;
         answer.await.map_err(|_| gone())?
     }
 
