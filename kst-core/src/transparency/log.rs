@@ -116,6 +116,8 @@ pub struct DomainLog {
     /// Everything else.
     reads: mpsc::Sender<Request>,
     store: Arc<dyn DirectoryStore>,
+    /// Held while a cosignature is checked against the stored ones and stored.
+    cosigning: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for DomainLog {
@@ -421,6 +423,7 @@ impl DomainLog {
             writes,
             reads,
             store,
+            cosigning: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -611,8 +614,13 @@ impl DomainLog {
     /// Stores a witness's cosignature of the head of `epoch` after checking it against the
     /// stored head of that epoch (the caller checks that it trusts the witness). No stored
     /// head for `epoch`, or a cosignature that does not verify:
-    /// [`TransparencyError::Verification`] / [`TransparencyError::Signature`].
+    /// [`TransparencyError::Verification`] / [`TransparencyError::Signature`]. One older than
+    /// the newest stored for that witness (an earlier epoch, or the same epoch checked
+    /// earlier: a replay) is [`TransparencyError::Stale`] and changes nothing; the same one
+    /// again is stored already (`Ok`). Cosignatures are stored one at a time per process, so
+    /// of two at once the newer stays.
     pub async fn add_cosignature(&self, epoch: u64, cosignature: &Cosignature) -> Result<()> {
+        let _one_at_a_time = self.cosigning.lock().await;
         let Some(head) = self.stored_heads(epoch, epoch).await?.pop() else {
             return Err(TransparencyError::Verification(format!(
                 "{} has no stored head of epoch {epoch} to cosign",
@@ -620,6 +628,29 @@ impl DomainLog {
             )));
         };
         cosignature.verify(&head)?;
+        if let Some((newest, blob)) = self
+            .store
+            .latest_cosignature(&self.domain, &cosignature.witness)
+            .await
+            .map_err(store_error)?
+        {
+            // A stored line that does not parse is replaced (it is never served).
+            let checked_at = std::str::from_utf8(&blob)
+                .ok()
+                .and_then(|l| Cosignature::parse_line(l).ok())
+                .map_or(0, |c| c.checked_at);
+            if (epoch, cosignature.checked_at) < (newest, checked_at) {
+                return Err(TransparencyError::Stale(format!(
+                    "witness {} cosigned epoch {newest} (checked at {checked_at}) already; a \
+                     cosignature of epoch {epoch} checked at {} is older and is dropped",
+                    hex::encode(cosignature.witness),
+                    cosignature.checked_at
+                )));
+            }
+            if (epoch, cosignature.checked_at) == (newest, checked_at) {
+                return Ok(());
+            }
+        }
         self.store
             .put_cosignature(
                 &self.domain,
