@@ -14,14 +14,15 @@
 # Environment: BENCH_C (8; several values, e.g. "8 32", run each), BENCH_PUB (2000),
 # BENCH_ROUNDS (3), BENCH_STORES ("fs postgres redis"), BENCH_PG_URL
 # (postgres://postgres:postgres@127.0.0.1:5432), BENCH_KST (a kst binary; default: a release
-# build of this checkout), BENCH_LOG (warn; `kst=debug` also logs each epoch's timings into
-# each run's serve.log).
+# build of this checkout), BENCH_LOG (warn; `warn,kst_core::transparency::log=debug` also
+# logs each epoch's timings), BENCH_TIMINGS (a file each run's log is appended to).
 set -euo pipefail
 CS="${BENCH_C:-8}"
 PUB="${BENCH_PUB:-2000}"
 ROUNDS="${BENCH_ROUNDS:-3}"
 STORES="${BENCH_STORES:-fs postgres redis}"
 LOG_LEVEL="${BENCH_LOG:-warn}"
+TIMINGS="${BENCH_TIMINGS:-}"
 PG_BASE="${BENCH_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432}"
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -86,6 +87,7 @@ run() { # store directory(off|on) round concurrency
     --publications "$PUB" --retrievals 0 --json >"$out" || log "$store $kt: some messages got no decision"
   kill -TERM "$pid"
   wait "$pid" || true
+  if [ -n "$TIMINGS" ]; then sed "s/^/$store c=$C $kt: /" "$dir/serve.log" >>"$TIMINGS"; fi
   python3 -c "import json,sys; r=json.loads(open(sys.argv[1]).readline()); r.update(store=sys.argv[2], kt=sys.argv[3], load=sys.argv[4], c=int(sys.argv[5])); print(json.dumps(r))" \
     "$out" "$store" "$kt" "$(cut -d' ' -f1-3 /proc/loadavg)" "$C" >>"$RESULTS"
   log "$store, directory $kt, c=$C, round $round: $(tail -1 "$RESULTS" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f msg/s, load %s" % (r["rate"], r["load"]))')"
