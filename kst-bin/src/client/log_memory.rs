@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 
 use fs4::fs_std::FileExt;
 use kst_core::durable::{self, AtomicFile};
-use kst_core::transparency::SignedHead;
 use kst_core::transparency::answer::{LogAnswer, head_text, parse_head};
+use kst_core::transparency::{Head, SignedHead};
 use serde::{Deserialize, Serialize};
 
 /// What went wrong with the memory or the check against it.
@@ -325,16 +325,19 @@ pub async fn check_and_remember(
 ) -> Result<Remembered, MemoryError> {
     let memory = LogMemory::in_dir(state_dir);
     let mut held = memory.hold(domain)?;
-    check_held(&memory, &mut held, answer, answer_text).await
+    check_held(&memory, &mut held, answer, answer_text, None).await
 }
 
 /// [`check_and_remember`] on a memory already held (the caller read the remembered epoch
-/// under the same lock, to ask for `?since=`).
+/// under the same lock, to ask for `?since=`). `asked`: the head a version 3 request named
+/// (`KST-Log-Since`) when the memory may have moved on since it was sent
+/// ([`LogAnswer::verify_extends_via`]).
 pub async fn check_held(
     memory: &LogMemory,
     held: &mut Held,
     answer: &LogAnswer,
     answer_text: Option<&str>,
+    asked: Option<&Head>,
 ) -> Result<Remembered, MemoryError> {
     let seen = || match answer_text {
         Some(t) => t.to_string(),
@@ -391,7 +394,7 @@ pub async fn check_held(
     }
     let previous = remembered.as_ref().map(|h| h.head.epoch);
     if let Some(old) = &remembered
-        && let Err(e) = answer.verify_extends(&old.head).await
+        && let Err(e) = answer.verify_extends_via(asked, &old.head).await
     {
         return Err(memory.attack(
             held,

@@ -81,7 +81,16 @@ pub async fn wrap_store(
     if logs.is_empty() {
         return Ok((store, None));
     }
-    let wrapped = Arc::new(TransparentStore::new(store, logs));
+    // Version 3 answers carry these witnesses' cosignatures when a request asks
+    // (`KST-Log-Witnessed`), as the HTTP endpoint's `?witnessed=1` does.
+    let witnesses = config
+        .transparency
+        .witness_keys()
+        .map_err(|e| Error::Config(e.to_string()))?
+        .into_iter()
+        .map(|(_, key)| key)
+        .collect();
+    let wrapped = Arc::new(TransparentStore::new(store, logs).with_witnesses(witnesses));
     Ok((wrapped.clone(), Some(wrapped)))
 }
 
