@@ -197,6 +197,25 @@ mod tests {
         }
     }
 
+    /// A pending-request file written before the key directory requirements existed still
+    /// reads (no `log`), and one with them round-trips.
+    #[test]
+    fn entries_without_and_with_log_requirements_read() {
+        let old = r#"{"pending":{"kind":"retrieval","address":"bob@example.net","message_id":"m@x","service":"keys@example.net","k_auth":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=","created_at":1},"account":"carol@acme.net","route":"submission"}"#;
+        let e: Entry = serde_json::from_str(old).unwrap();
+        assert_eq!(e.log, None);
+        assert!(!serde_json::to_string(&e).unwrap().contains("\"log\""));
+        let mut with = entry("bob@example.net");
+        with.log = Some(LogRequirements {
+            http: true,
+            witnesses: vec!["w:00".into()],
+            since_head: Some("kst-log-head-v1\n".into()),
+            ..LogRequirements::default()
+        });
+        let text = serde_json::to_string(&with).unwrap();
+        assert_eq!(serde_json::from_str::<Entry>(&text).unwrap(), with);
+    }
+
     #[test]
     fn add_list_remove_survive_a_new_instance() {
         let dir = tempfile::tempdir().unwrap();

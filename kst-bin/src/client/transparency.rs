@@ -955,6 +955,54 @@ pub async fn fetch(
 mod tests {
     use super::*;
 
+    /// `--log-key` and `--witness` need `--transparency` or `--check-transparency`; bad values
+    /// are usage errors; the requirements kept with a pending request give the same flags back.
+    #[test]
+    fn flags_are_checked_and_survive_the_pending_request() {
+        let witness = format!("w1:{}", "22".repeat(32));
+        let args = |transparency: bool, key: Option<&str>, witnesses: &[&str]| ReplyProofArgs {
+            transparency,
+            log_key: key.map(str::to_string),
+            witnesses: witnesses.iter().map(|w| w.to_string()).collect(),
+            witness_threshold: None,
+            witness_max_age: 60,
+        };
+        let key = "ab".repeat(32);
+        assert!(args(true, None, &[]).validate(false).is_ok(), "the pin or DNS");
+        assert!(args(true, Some(&key), &[&witness]).validate(false).is_ok());
+        assert!(args(false, Some(&key), &[&witness]).validate(true).is_ok());
+        for (bad, http, want) in [
+            (args(false, Some(&key), &[]), false, "--log-key goes with"),
+            (args(false, None, &[&witness]), false, "--witness goes with"),
+            (args(true, Some("abc"), &[]), false, "64 hex digits"),
+            (args(true, None, &["w1"]), false, "--witness"),
+        ] {
+            let e = bad.validate(http).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        let mut threshold = args(true, None, &[&witness]);
+        threshold.witness_threshold = Some(2);
+        assert!(threshold.validate(false).is_err());
+
+        let check = LogCheckArgs {
+            check_transparency: true,
+            log_url: Some("http://127.0.0.1:1".into()),
+            reply: args(false, Some(&key), &[&witness]),
+        };
+        let kept: LogRequirements =
+            serde_json::from_str(&serde_json::to_string(&check.requirements()).unwrap()).unwrap();
+        let back = LogCheckArgs::from_requirements(&kept, false);
+        assert_eq!(back.check_transparency, check.check_transparency);
+        assert_eq!(back.log_url, check.log_url);
+        assert_eq!(back.reply.log_key, check.reply.log_key);
+        assert_eq!(back.reply.witnesses, check.reply.witnesses);
+        assert_eq!(back.reply.witness_max_age, 60);
+        assert_eq!(
+            back.witness_policy().unwrap().map(|p| p.threshold),
+            Some(1)
+        );
+    }
+
     #[test]
     fn the_dns_record_keygen_prints_parses_and_others_do_not() {
         let (h, v) = ("ab".repeat(32), "cd".repeat(32));
