@@ -27,6 +27,9 @@
 //!   inside the HMAC-covered reply, and the client checks it. A reply whose answer an attacker
 //!   on the reply's path stripped, or swapped for one captured from an earlier reply, is exit
 //!   5; so is the insider's key behind the directory's back, and a wrong head key.
+//! - `rt18_a_head_refused_for_its_witnesses_is_never_remembered`: a fork no witness cosigned
+//!   is refused and not remembered, so the honest directory still passes (the other rt18
+//!   red-team tests are in tests/transparency_redteam.rs).
 //! - `serve_starts_while_postgres_is_down_and_the_directory_opens_later`: `kst serve` with
 //!   two PostgreSQL hosts that are both down at start; the directory answers 503 and a
 //!   publication fails, then one host comes back (a TCP proxy) and the scenario above passes.
