@@ -4,8 +4,9 @@
 //! - `GET /.well-known/kst/log/<domain>/keys`: the head key and the VRF key (hex lines);
 //! - `GET /.well-known/kst/log/<domain>/head`: the stored signed head of the latest epoch
 //!   and the witnesses' cosignatures of it (`kst_core::transparency::witness`);
-//! - `GET /.well-known/kst/log/<domain>/head/<epoch>`: the same for an older epoch (404 when
-//!   none is stored);
+//! - `GET /.well-known/kst/log/<domain>/head/<epoch>`: the same for an older epoch (404 for
+//!   an epoch after the latest; an older epoch without a stored head gets one signed late,
+//!   `kst_core::transparency::backfill`, also in the background for every log served here);
 //! - `GET /.well-known/kst/log/<domain>/lookup/<address>`: the signed head and the lookup
 //!   (or absence) proof for the address against it
 //!   (`kst_core::transparency::answer`); with `?witnessed=1` also the witnesses' newest
@@ -23,7 +24,9 @@
 //!   most `MAX_SINCE_EPOCHS` epochs back, else 422); `since` and `witnessed` combine;
 //! - `GET /.well-known/kst/log/<domain>/history/<address>`: the signed head and akd's history
 //!   proof of the address's newest versions (`kst_core::transparency::history`); 404 for an
-//!   address the directory never held.
+//!   address the directory never held. With `?before=<version>`, the page of the versions
+//!   below that one (`HistoryPage`, at most `MAX_VERSIONS` of them, each with its update
+//!   proof); 404 when there is none, 400 for any other query.
 //!
 //! Unknown domain or an address of another domain: 404; not an address: 400; the directory
 //! unreadable or busy: 503 (retry). Answers are not cached (`Cache-Control: no-store`): each
@@ -97,7 +100,12 @@ pub fn router(
 ) -> Router {
     let logs = logs
         .into_iter()
-        .map(|l| (l.domain().to_string(), l))
+        .map(|l| {
+            // Epochs without a stored head (a directory kept from before heads were stored)
+            // get one in the background, so audits from epoch 0 can be served.
+            l.start_backfill();
+            (l.domain().to_string(), l)
+        })
         .collect();
     Router::new()
         .route("/.well-known/kst/log/{domain}/keys", get(keys))
@@ -444,6 +452,7 @@ async fn lookup(
 async fn history(
     State(s): State<LogState>,
     Path((domain, address)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
 ) -> Response {
     let (log, address) = match log_and_address(&s, &domain, &address) {
         Ok(found) => found,
@@ -453,6 +462,21 @@ async fn history(
         Ok(t) => t,
         Err(r) => return r,
     };
+    match query.as_deref().filter(|q| !q.is_empty()) {
+        None => {}
+        Some(q) => {
+            return match q
+                .strip_prefix("before=")
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                Some(before) if before >= 2 => history_page(&log, &domain, &address, before).await,
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "the query may hold before=<version> (a number from 2), nothing else\n".into(),
+                ),
+            };
+        }
+    }
     match log.history(&address, unix_now()).await {
         Ok(Some(h)) => match h.to_text() {
             Ok(body) => text(StatusCode::OK, body),
@@ -460,5 +484,22 @@ async fn history(
         },
         Ok(None) => not_found("the directory holds no version of this address"),
         Err(e) => failed(&domain, &e),
+    }
+}
+
+/// `.../history/<address>?before=<version>`: the page of older versions.
+async fn history_page(
+    log: &DomainLog,
+    domain: &str,
+    address: &kst_core::Address,
+    before: u64,
+) -> Response {
+    match log.history_page(address, before, unix_now()).await {
+        Ok(Some(page)) => match page.to_text() {
+            Ok(body) => text(StatusCode::OK, body),
+            Err(e) => failed(domain, &e),
+        },
+        Ok(None) => not_found("the directory holds no version of this address below that one"),
+        Err(e) => failed(domain, &e),
     }
 }

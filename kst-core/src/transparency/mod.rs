@@ -16,6 +16,8 @@
 //!   writes.
 //! - [`records`] and [`storage`]: the storage contract a backend implements
 //!   ([`DirectoryStore`]: blobs per domain, fenced batches) and akd's database over it.
+//! - [`backfill`]: heads signed late for epochs that have none (their roots from akd's
+//!   append-only proofs).
 //! - [`log`]: one domain's log on the server: the directory, its head key, one writer per
 //!   domain and process that records concurrent changes in one epoch; [`store`]: the [`crate::KeyStore`] wrapper that records every
 //!   publication and deletion in it.
@@ -28,6 +30,7 @@
 //!   [`history`]: the owner's view, every version of an address with akd's history proof.
 
 pub mod answer;
+pub mod backfill;
 pub mod directory;
 pub mod entry;
 pub mod head;
