@@ -497,6 +497,32 @@ impl Provider {
         }
     }
 
+    /// A second KST and directory with the same keys, started from a copy of the store as it
+    /// is now (`sendmail-fork`, `kst serve` at the URL returned), where a twin key for alice
+    /// is published next (a fork from the next epoch on); the keyring that made the twin.
+    fn fork_with_twin_alice(&self) -> (ServeProcess, String, Gpg, kst_tests::GpgKey) {
+        let fork_store = self.copy_of_store("keys-fork");
+        let (fork, fork_url) = self.twin_kst("fork", &fork_store);
+        let twin_gpg = Gpg::new();
+        let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+        self.publish("sendmail-fork", "alice@example.net", &twin.public_armored);
+        (fork, fork_url, twin_gpg, twin)
+    }
+
+    /// A copy of the fs store and its directory as they are now (`cp -a`), named `name`: a
+    /// backup, or the start of a second directory with the same keys.
+    fn copy_of_store(&self, name: &str) -> PathBuf {
+        let copy = self.path(name);
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(self.path("keys"))
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        copy
+    }
+
     /// Another KST with the same directory keys on the fs store at `store` (a restored
     /// backup, or a second directory: a fork), replying into the same Maildir, with its own
     /// sendmail script `sendmail-NAME` and `kst serve`; returns the serve process and its URL.
@@ -1107,6 +1133,23 @@ impl Provider {
     fn http_post(&self, path: &str, body: &str) -> (u16, String) {
         self.http("POST", path, body)
     }
+
+    /// A witness, the provider on the fs store listing it in `[transparency] witnesses`, and
+    /// alice's key published there (epoch 1) with the keyring that made it.
+    fn with_witness_and_alice(
+        bin: &std::path::Path,
+    ) -> (Witness, Provider, Gpg, kst_tests::GpgKey) {
+        let witness = Witness::new(bin);
+        let provider = Provider::start_with(
+            Backend::Fs,
+            &format!("witnesses = [\"{}\"]", witness.entry()),
+            None,
+        );
+        let gpg = Gpg::new();
+        let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+        provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+        (witness, provider, gpg, alice)
+    }
 }
 
 fn outcome(out: &Output, v: &Value) -> (i32, Option<String>) {
@@ -1121,15 +1164,7 @@ fn outcome(out: &Output, v: &Value) -> (i32, Option<String>) {
 #[test]
 fn a_witness_cosigns_the_heads_and_a_client_requires_it() {
     let bin = kst_binary();
-    let witness = Witness::new(&bin);
-    let provider = Provider::start_with(
-        Backend::Fs,
-        &format!("witnesses = [\"{}\"]", witness.entry()),
-        None,
-    );
-    let gpg = Gpg::new();
-    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
-    provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+    let (witness, provider, gpg, alice) = Provider::with_witness_and_alice(&bin);
     let require = ["--witness", &witness.entry()];
 
     // Nothing cosigned yet: the client requiring the witness refuses.
@@ -1459,6 +1494,65 @@ fn a_forked_directory_is_refused_by_the_witness_and_the_auditor() {
     assert_eq!(outcome(&out, &v), (5, Some("attack".into())), "{v}");
 }
 
+/// rt18 (finding 1): a head the client refuses is never remembered. A second directory with
+/// the same keys (a provider's split view) that no witness cosigned answers a client that has
+/// no memory of the domain yet and requires the witness: refused (exit 5). Before the fix the
+/// client remembered the fork's head anyway (the memory was saved before the witness check),
+/// so the honest, witnessed directory then looked like the fork to it (exit 5 "fork or
+/// rollback"): the victim was locked onto the forged history. Now nothing is remembered and
+/// the honest answer passes.
+#[test]
+fn rt18_a_head_refused_for_its_witnesses_is_never_remembered() {
+    let bin = kst_binary();
+    let (witness, provider, gpg, alice) = Provider::with_witness_and_alice(&bin);
+    // The fork: a copy of the store at epoch 1, then a twin key for alice (its epoch 2).
+    let (_fork, fork_url, _twin_gpg, _twin) = provider.fork_with_twin_alice();
+    // The honest side's epoch 2, cosigned.
+    let carol = gpg.generate("Carol", "carol@example.net", "ed25519");
+    provider.publish("sendmail", "carol@example.net", &carol.public_armored);
+    let out = witness.run(&bin, &provider.log_url, &provider.head_key);
+    assert_eq!(code(&out), 0, "witness: {}", stderr(&out));
+
+    let dave = "dave@example.net";
+    let entry = witness.entry();
+    let require = ["--witness", entry.as_str()];
+    let mut fork_args = vec![
+        "--log-url",
+        fork_url.as_str(),
+        "--log-key",
+        &provider.head_key,
+    ];
+    fork_args.extend_from_slice(&require);
+    let (out, v) = provider.checked_as("sendmail-fork", dave, "alice@example.net", &fork_args);
+    assert_eq!(outcome(&out, &v), (5, Some("attack".into())), "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or_default().contains("witness"),
+        "{v}"
+    );
+    assert_eq!(
+        provider.remembered_epoch(dave),
+        None,
+        "the refused head is not remembered"
+    );
+
+    let mut honest_args = vec![
+        "--log-url",
+        provider.log_url.as_str(),
+        "--log-key",
+        &provider.head_key,
+    ];
+    honest_args.extend_from_slice(&require);
+    let (out, v) = provider.checked_as("sendmail", dave, "alice@example.net", &honest_args);
+    assert_eq!(
+        code(&out),
+        0,
+        "the honest directory passes: {v}\n{}",
+        stderr(&out)
+    );
+    assert_eq!(v["fingerprint"], alice.fingerprint.as_str());
+    assert_eq!(provider.remembered_epoch(dave), Some(2));
+}
+
 /// On `[web]` the log's routes are under `[web.limits]`: the per-client counter WKD and VKS
 /// use answers 429 past its budget.
 #[test]
@@ -1519,29 +1613,11 @@ fn the_client_remembers_heads_and_catches_a_rollback_and_a_fork() {
     assert_eq!(provider.memory(bob)["pinned_from"], "--log-key");
 
     // A backup of the store and its directory at epoch 1.
-    let backup = provider.path("keys-backup");
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(provider.path("keys"))
-        .arg(&backup)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let backup = provider.copy_of_store("keys-backup");
 
     // A second directory with the same keys: alice's key at epoch 1 (the same root as the
     // honest one), then a twin key for alice at epoch 2, and more epochs.
-    let fork_store = provider.path("keys-fork");
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(provider.path("keys"))
-        .arg(&fork_store)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let (_fork, fork_url) = provider.twin_kst("fork", &fork_store);
-    let twin_gpg = Gpg::new();
-    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
-    provider.publish("sendmail-fork", "alice@example.net", &twin.public_armored);
+    let (_fork, fork_url, twin_gpg, twin) = provider.fork_with_twin_alice();
 
     // New epochs on the honest side: one, then three at once.
     let carol = gpg.generate("Carol", "carol@example.net", "ed25519");

@@ -398,11 +398,16 @@ pub async fn check_and_remember(
 ) -> Result<Remembered, MemoryError> {
     let memory = LogMemory::in_dir(state_dir);
     let mut held = memory.hold(domain)?;
-    check_held(&memory, &mut held, answer, answer_text).await
+    let remembered = check_held(&memory, &mut held, answer, answer_text).await?;
+    memory.save(&held)?;
+    Ok(remembered)
 }
 
-/// [`check_and_remember`] on a memory already held (the caller read the remembered epoch
-/// under the same lock, to ask for `?since=`).
+/// [`check_and_remember`]'s check on a memory already held (the caller read the remembered
+/// epoch under the same lock, to ask for `?since=`): `held` is updated, **not saved**. The
+/// caller saves it ([`LogMemory::save`]) only once every other check of the answer passed
+/// (its witnesses): a head the client rejects is never remembered, or a forged head that
+/// failed a later check would make the honest directory look like the fork.
 pub async fn check_held(
     memory: &LogMemory,
     held: &mut Held,
@@ -481,7 +486,6 @@ pub async fn check_held(
                 .map_err(|e| memory.io(&memory.dir, format!("cannot encode the head: {e}")))?,
         );
     }
-    memory.save(held)?;
     Ok(Remembered {
         previous,
         epoch: previous.map_or(head.epoch, |p| p.max(head.epoch)),

@@ -321,24 +321,28 @@ pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome) -> Outco
         );
         return memory_outcome(e, &attack);
     }
+    // Verify everything, then remember: a head refused for any reason (here: its
+    // witnesses) is never remembered.
     if let Err(e) = check_held(&memory, &mut held, &answer, Some(&text)).await {
         return memory_outcome(e, &attack);
     }
-    let Some(policy) = policy else {
-        return outcome;
-    };
-    let Some(witnessed) = &answer.witnessed else {
-        return attack(format!(
-            "the key directory's answer (epoch {}) carries no witness cosignatures",
-            answer.head.head.epoch
-        ));
-    };
-    match witnessed.verify(&answer.head, &head_key, &policy).await {
-        Ok(_) => outcome,
-        Err(e) => attack(format!(
-            "the key directory's head (epoch {}) is not witnessed as required: {e}",
-            answer.head.head.epoch
-        )),
+    if let Some(policy) = policy {
+        let Some(witnessed) = &answer.witnessed else {
+            return attack(format!(
+                "the key directory's answer (epoch {}) carries no witness cosignatures",
+                answer.head.head.epoch
+            ));
+        };
+        if let Err(e) = witnessed.verify(&answer.head, &head_key, &policy).await {
+            return attack(format!(
+                "the key directory's head (epoch {}) is not witnessed as required: {e}",
+                answer.head.head.epoch
+            ));
+        }
+    }
+    match memory.save(&held) {
+        Ok(()) => outcome,
+        Err(e) => memory_outcome(e, &attack),
     }
 }
 

@@ -78,11 +78,20 @@ pub async fn wrap_store(
     store: Arc<dyn KeyStore>,
 ) -> Result<(Arc<dyn KeyStore>, Option<Arc<dyn LogAnswers>>), Error> {
     let logs = open_logs(config).await?;
+    Ok(wrap_store_in(store, logs))
+}
+
+/// [`wrap_store`] with logs already open (`kst serve` serves the same ones over HTTP: one
+/// directory thread per domain).
+pub fn wrap_store_in(
+    store: Arc<dyn KeyStore>,
+    logs: Vec<Arc<DomainLog>>,
+) -> (Arc<dyn KeyStore>, Option<Arc<dyn LogAnswers>>) {
     if logs.is_empty() {
-        return Ok((store, None));
+        return (store, None);
     }
     let wrapped = Arc::new(TransparentStore::new(store, logs));
-    Ok((wrapped.clone(), Some(wrapped)))
+    (wrapped.clone(), Some(wrapped))
 }
 
 /// `kst migrate` with `[transparency]` on: records in the directory every current key of a

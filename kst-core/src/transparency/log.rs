@@ -60,6 +60,17 @@ const MAX_ATTEMPTS: u64 = 32;
 /// At most this many requests are recorded in one epoch; more wait for the next.
 const MAX_BATCH: usize = 512;
 
+/// Reads (heads, lookups, histories, audits) that may wait for the directory's thread; one
+/// more is refused at once as a temporary failure (HTTP 503), never queued without bound.
+pub const MAX_QUEUED_READS: usize = 256;
+
+/// Changes that may wait for the directory's thread (two epochs' worth); one more is a
+/// temporary failure (LMTP 4xx, `kst deliver` exit 75: the MTA tries again).
+pub const MAX_QUEUED_WRITES: usize = 2 * MAX_BATCH;
+
+/// Reads the thread answers between two batches of changes (changes go first).
+const READS_BETWEEN_WRITES: usize = 16;
+
 /// Where the writer reads what the key store holds for an address (again on every attempt).
 #[async_trait]
 pub trait CurrentKeys: Send + Sync {
@@ -104,8 +115,13 @@ pub struct DomainLog {
     domain: String,
     head_key: [u8; 32],
     vrf_key: [u8; 32],
-    requests: mpsc::UnboundedSender<Request>,
+    /// Changes ([`Request::Sync`]), answered before reads.
+    writes: mpsc::Sender<Request>,
+    /// Everything else.
+    reads: mpsc::Sender<Request>,
     store: Arc<dyn DirectoryStore>,
+    /// Held while a cosignature is checked against the stored ones and stored.
+    cosigning: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for DomainLog {
@@ -337,7 +353,10 @@ impl DomainLog {
         let domain = keys.domain.clone();
         let head_key = keys.head.public_key();
         let vrf_key = keys.vrf.public_key()?;
-        let (requests, mut inbox) = mpsc::unbounded_channel::<Request>();
+        // Two bounded queues: changes (answered first) and reads. A full queue refuses at
+        // once (a temporary failure), so a flood neither hangs callers nor grows memory.
+        let (writes, mut write_inbox) = mpsc::channel::<Request>(MAX_QUEUED_WRITES);
+        let (reads, mut read_inbox) = mpsc::channel::<Request>(MAX_QUEUED_READS);
         let worker_store = Arc::clone(&store);
         let (opened, open_result) = oneshot::channel::<Result<()>>();
         let caller = tokio::runtime::Handle::current();
@@ -370,20 +389,22 @@ impl DomainLog {
                     if opened.send(Ok(())).is_err() {
                         return;
                     }
-                    // While no request waits, the background backfill takes a step.
                     loop {
-                        let request = match inbox.try_recv() {
-                            Ok(r) => r,
-                            Err(mpsc::error::TryRecvError::Empty)
-                                if worker.backfill.pending() =>
-                            {
-                                worker.backfill_step().await;
-                                continue;
-                            }
-                            Err(_) => match inbox.recv().await {
-                                Some(r) => r,
-                                None => break,
-                            },
+                        // While no request waits, the background backfill takes a step.
+                        if worker.backfill.pending()
+                            && !write_inbox.is_closed()
+                            && write_inbox.is_empty()
+                            && read_inbox.is_empty()
+                        {
+                            worker.backfill_step().await;
+                            continue;
+                        }
+                        // Writes first: a flood of reads never holds a change back.
+                        let request = tokio::select! {
+                            biased;
+                            Some(r) = write_inbox.recv() => r,
+                            Some(r) = read_inbox.recv() => r,
+                            else => break,
                         };
                         let mut syncs = Vec::new();
                         let mut others = Vec::new();
@@ -391,9 +412,9 @@ impl DomainLog {
                             Request::Sync(s) => syncs.push(s),
                             other => others.push(other),
                         }
-                        // Group commit: every request queued meanwhile joins the epoch.
+                        // Group commit: every change queued meanwhile joins the epoch.
                         while !syncs.is_empty() && syncs.len() < MAX_BATCH {
-                            match inbox.try_recv() {
+                            match write_inbox.try_recv() {
                                 Ok(Request::Sync(s)) => syncs.push(s),
                                 Ok(other) => others.push(other),
                                 Err(_) => break,
@@ -401,6 +422,14 @@ impl DomainLog {
                         }
                         if !syncs.is_empty() {
                             worker.sync_batch(syncs).await;
+                            // A few reads between two batches: a stream of changes does
+                            // not starve them either.
+                            while others.len() < READS_BETWEEN_WRITES {
+                                match read_inbox.try_recv() {
+                                    Ok(r) => others.push(r),
+                                    Err(_) => break,
+                                }
+                            }
                         }
                         for other in others {
                             worker.handle(other).await;
@@ -418,8 +447,10 @@ impl DomainLog {
             domain,
             head_key,
             vrf_key,
-            requests,
+            writes,
+            reads,
             store,
+            cosigning: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -443,7 +474,18 @@ impl DomainLog {
         request: impl FnOnce(oneshot::Sender<Result<T>>) -> Request,
     ) -> Result<T> {
         let (reply, answer) = oneshot::channel();
-        self.requests.send(request(reply)).map_err(|_| gone())?;
+        let request = request(reply);
+        let (queue, what, bound) = match request {
+            Request::Sync(_) => (&self.writes, "changes", MAX_QUEUED_WRITES),
+            _ => (&self.reads, "reads", MAX_QUEUED_READS),
+        };
+        queue.try_send(request).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => TransparencyError::Directory(format!(
+                "the key directory of {} has {bound} {what} waiting already; retry later",
+                self.domain
+            )),
+            mpsc::error::TrySendError::Closed(_) => gone(),
+        })?;
         answer.await.map_err(|_| gone())?
     }
 
@@ -600,8 +642,13 @@ impl DomainLog {
     /// Stores a witness's cosignature of the head of `epoch` after checking it against the
     /// stored head of that epoch (the caller checks that it trusts the witness). No stored
     /// head for `epoch`, or a cosignature that does not verify:
-    /// [`TransparencyError::Verification`] / [`TransparencyError::Signature`].
+    /// [`TransparencyError::Verification`] / [`TransparencyError::Signature`]. One older than
+    /// the newest stored for that witness (an earlier epoch, or the same epoch checked
+    /// earlier: a replay) is [`TransparencyError::Stale`] and changes nothing; the same one
+    /// again is stored already (`Ok`). Cosignatures are stored one at a time per process, so
+    /// of two at once the newer stays.
     pub async fn add_cosignature(&self, epoch: u64, cosignature: &Cosignature) -> Result<()> {
+        let _one_at_a_time = self.cosigning.lock().await;
         let Some(head) = self.stored_heads(epoch, epoch).await?.pop() else {
             return Err(TransparencyError::Verification(format!(
                 "{} has no stored head of epoch {epoch} to cosign",
@@ -609,6 +656,29 @@ impl DomainLog {
             )));
         };
         cosignature.verify(&head)?;
+        if let Some((newest, blob)) = self
+            .store
+            .latest_cosignature(&self.domain, &cosignature.witness)
+            .await
+            .map_err(store_error)?
+        {
+            // A stored line that does not parse is replaced (it is never served).
+            let checked_at = std::str::from_utf8(&blob)
+                .ok()
+                .and_then(|l| Cosignature::parse_line(l).ok())
+                .map_or(0, |c| c.checked_at);
+            if (epoch, cosignature.checked_at) < (newest, checked_at) {
+                return Err(TransparencyError::Stale(format!(
+                    "witness {} cosigned epoch {newest} (checked at {checked_at}) already; a \
+                     cosignature of epoch {epoch} checked at {} is older and is dropped",
+                    hex::encode(cosignature.witness),
+                    cosignature.checked_at
+                )));
+            }
+            if (epoch, cosignature.checked_at) == (newest, checked_at) {
+                return Ok(());
+            }
+        }
         self.store
             .put_cosignature(
                 &self.domain,
@@ -793,7 +863,7 @@ impl DomainLog {
     /// the logs it serves.
     pub fn start_backfill(&self) {
         // A log whose thread stopped answers every request with an error anyway.
-        let _ = self.requests.send(Request::StartBackfill);
+        let _ = self.reads.try_send(Request::StartBackfill);
     }
 
     /// The append-only proof from epoch `from` to `to` (auditors, witnesses, clients that

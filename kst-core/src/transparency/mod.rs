@@ -87,6 +87,10 @@ pub enum TransparencyError {
     /// client forgets its remembered head and pins again, or asks in shorter steps.
     #[error("key directory: {0}")]
     Range(String),
+    /// A witness's cosignature older than the one stored for it (a replay of an earlier
+    /// epoch's, or of an earlier check of the same epoch): dropped, the newer one stays.
+    #[error("stale cosignature: {0}")]
+    Stale(String),
     /// Bytes that should hold a proof, entry, head or key file could not be decoded.
     #[error("malformed transparency data: {0}")]
     Malformed(String),
