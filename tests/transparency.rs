@@ -457,6 +457,32 @@ impl Provider {
         self.dir.path().join(name)
     }
 
+    /// A second KST and directory with the same keys, started from a copy of the store as it
+    /// is now (`sendmail-fork`, `kst serve` at the URL returned), where a twin key for alice
+    /// is published next (a fork from the next epoch on); the keyring that made the twin.
+    fn fork_with_twin_alice(&self) -> (ServeProcess, String, Gpg, kst_tests::GpgKey) {
+        let fork_store = self.copy_of_store("keys-fork");
+        let (fork, fork_url) = self.twin_kst("fork", &fork_store);
+        let twin_gpg = Gpg::new();
+        let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+        self.publish("sendmail-fork", "alice@example.net", &twin.public_armored);
+        (fork, fork_url, twin_gpg, twin)
+    }
+
+    /// A copy of the fs store and its directory as they are now (`cp -a`), named `name`: a
+    /// backup, or the start of a second directory with the same keys.
+    fn copy_of_store(&self, name: &str) -> PathBuf {
+        let copy = self.path(name);
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(self.path("keys"))
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        copy
+    }
+
     /// Stops `kst serve` and starts it again on the same address (the directory reopened).
     fn restart_serve(&mut self) {
         self.serve = None;
@@ -495,32 +521,6 @@ impl Provider {
             }
             _ => panic!("delete_heads: fs and PostgreSQL only"),
         }
-    }
-
-    /// A second KST and directory with the same keys, started from a copy of the store as it
-    /// is now (`sendmail-fork`, `kst serve` at the URL returned), where a twin key for alice
-    /// is published next (a fork from the next epoch on); the keyring that made the twin.
-    fn fork_with_twin_alice(&self) -> (ServeProcess, String, Gpg, kst_tests::GpgKey) {
-        let fork_store = self.copy_of_store("keys-fork");
-        let (fork, fork_url) = self.twin_kst("fork", &fork_store);
-        let twin_gpg = Gpg::new();
-        let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
-        self.publish("sendmail-fork", "alice@example.net", &twin.public_armored);
-        (fork, fork_url, twin_gpg, twin)
-    }
-
-    /// A copy of the fs store and its directory as they are now (`cp -a`), named `name`: a
-    /// backup, or the start of a second directory with the same keys.
-    fn copy_of_store(&self, name: &str) -> PathBuf {
-        let copy = self.path(name);
-        let status = Command::new("cp")
-            .arg("-a")
-            .arg(self.path("keys"))
-            .arg(&copy)
-            .status()
-            .unwrap();
-        assert!(status.success());
-        copy
     }
 
     /// Another KST with the same directory keys on the fs store at `store` (a restored

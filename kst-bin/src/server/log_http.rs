@@ -458,27 +458,24 @@ async fn history(
         Ok(found) => found,
         Err(r) => return r,
     };
-    let before = match query.as_deref().filter(|q| !q.is_empty()) {
-        None => None,
-        Some(q) => match q
-            .strip_prefix("before=")
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            Some(before) if before >= 2 => Some(before),
-            _ => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    "the query may hold before=<version> (a number from 2), nothing else\n".into(),
-                );
-            }
-        },
-    };
     let _turn = match s.heavy_turn().await {
         Ok(t) => t,
         Err(r) => return r,
     };
-    if let Some(before) = before {
-        return history_page(&log, &domain, &address, before).await;
+    match query.as_deref().filter(|q| !q.is_empty()) {
+        None => {}
+        Some(q) => {
+            return match q
+                .strip_prefix("before=")
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                Some(before) if before >= 2 => history_page(&log, &domain, &address, before).await,
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "the query may hold before=<version> (a number from 2), nothing else\n".into(),
+                ),
+            };
+        }
     }
     match log.history(&address, unix_now()).await {
         Ok(Some(h)) => match h.to_text() {

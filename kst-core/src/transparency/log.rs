@@ -389,22 +389,21 @@ impl DomainLog {
                     if opened.send(Ok(())).is_err() {
                         return;
                     }
+                    // Writes first: a flood of reads never holds a change back. While no
+                    // request waits, the background backfill takes a step.
                     loop {
-                        // While no request waits, the background backfill takes a step.
-                        if worker.backfill.pending()
-                            && !write_inbox.is_closed()
-                            && write_inbox.is_empty()
-                            && read_inbox.is_empty()
-                        {
-                            worker.backfill_step().await;
-                            continue;
-                        }
-                        // Writes first: a flood of reads never holds a change back.
-                        let request = tokio::select! {
-                            biased;
-                            Some(r) = write_inbox.recv() => r,
-                            Some(r) = read_inbox.recv() => r,
-                            else => break,
+                        let request = match write_inbox.try_recv().or_else(|_| read_inbox.try_recv()) {
+                            Ok(r) => r,
+                            Err(_) if worker.backfill.pending() => {
+                                worker.backfill_step().await;
+                                continue;
+                            }
+                            Err(_) => tokio::select! {
+                                biased;
+                                Some(r) = write_inbox.recv() => r,
+                                Some(r) = read_inbox.recv() => r,
+                                else => break,
+                            },
                         };
                         let mut syncs = Vec::new();
                         let mut others = Vec::new();
@@ -862,8 +861,9 @@ impl DomainLog {
     /// request waits (docs/TRANSPARENCY.md, "Heads signed late"). `kst serve` does this for
     /// the logs it serves.
     pub fn start_backfill(&self) {
-        // A log whose thread stopped answers every request with an error anyway.
-        let _ = self.reads.try_send(Request::StartBackfill);
+        // At start the queue is empty; a log whose thread stopped answers every request with
+        // an error anyway.
+        let _ = self.writes.try_send(Request::StartBackfill);
     }
 
     /// The append-only proof from epoch `from` to `to` (auditors, witnesses, clients that
