@@ -23,8 +23,8 @@ mod harness;
 mod redteam;
 
 use harness::{
-    ATTACK, Mx, PolicyServer, Run, TEMPFAIL, UNAVAILABLE, certificate, error_of, show, testdns,
-    tlsa_cert,
+    ATTACK, Mx, PolicyServer, Run, TEMPFAIL, UNAVAILABLE, certificate, error_of, show, sts_cert,
+    testdns, tlsa_cert,
 };
 use kst_tests::code;
 
@@ -225,7 +225,8 @@ fn a_plaintext_mx_gets_the_request_only_with_allow_plaintext() {
 #[test]
 fn mta_sts_enforce_refuses_a_non_matching_mx_and_keeps_the_policy_cached() {
     let Some(dns) = testdns() else { return };
-    let (cert, key) = tlsa_cert(dns);
+    // MTA-STS authenticates the MX by PKIX, with the test DNS CA only.
+    let (cert, key) = sts_cert(dns);
     let mx = Mx::start(Some((&cert, &key)));
     // insecure.net: no DANE (its zone is unsigned), so MTA-STS decides.
     let mut run = Run::new();

@@ -27,9 +27,15 @@
 //!   inside the HMAC-covered reply, and the client checks it. A reply whose answer an attacker
 //!   on the reply's path stripped, or swapped for one captured from an earlier reply, is exit
 //!   5; so is the insider's key behind the directory's back, and a wrong head key.
+//! - `rt18_a_head_refused_for_its_witnesses_is_never_remembered`: a fork no witness cosigned
+//!   is refused and not remembered, so the honest directory still passes (the other rt18
+//!   red-team tests are in tests/transparency_redteam.rs).
 //! - `serve_starts_while_postgres_is_down_and_the_directory_opens_later`: `kst serve` with
 //!   two PostgreSQL hosts that are both down at start; the directory answers 503 and a
 //!   publication fails, then one host comes back (a TCP proxy) and the scenario above passes.
+//! - `heads_missing_in_the_middle_are_signed_late_on_fs` and `..._on_postgres`: heads deleted
+//!   from the store, `kst serve` restarted: an audit from epoch 0 and a witness across the gap
+//!   pass, the heads signed late name the epochs' roots.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -454,6 +460,72 @@ impl Provider {
         self.dir.path().join(name)
     }
 
+    /// A second KST and directory with the same keys, started from a copy of the store as it
+    /// is now (`sendmail-fork`, `kst serve` at the URL returned), where a twin key for alice
+    /// is published next (a fork from the next epoch on); the keyring that made the twin.
+    fn fork_with_twin_alice(&self) -> (ServeProcess, String, Gpg, kst_tests::GpgKey) {
+        let fork_store = self.copy_of_store("keys-fork");
+        let (fork, fork_url) = self.twin_kst("fork", &fork_store);
+        let twin_gpg = Gpg::new();
+        let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+        self.publish("sendmail-fork", "alice@example.net", &twin.public_armored);
+        (fork, fork_url, twin_gpg, twin)
+    }
+
+    /// A copy of the fs store and its directory as they are now (`cp -a`), named `name`: a
+    /// backup, or the start of a second directory with the same keys.
+    fn copy_of_store(&self, name: &str) -> PathBuf {
+        let copy = self.path(name);
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(self.path("keys"))
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        copy
+    }
+
+    /// Stops `kst serve` and starts it again on the same address (the directory reopened).
+    fn restart_serve(&mut self) {
+        self.serve = None;
+        let http: std::net::SocketAddr =
+            self.log_url.trim_start_matches("http://").parse().unwrap();
+        let config = self.path("kst.toml");
+        self.serve = Some(ServeProcess::start_binary(
+            &self.bin,
+            self.path("serve-restarted.log"),
+            http,
+            |cmd| {
+                cmd.arg("--config").arg(&config);
+            },
+        ));
+    }
+
+    /// Deletes the stored heads of `epochs` of example.net's directory, behind kst's back (a
+    /// directory kept from before heads were stored, a store that lost some).
+    fn delete_heads(&self, epochs: &[u64]) {
+        match &self._backend {
+            Backend::Fs => {
+                for epoch in epochs {
+                    let file = self
+                        .path("keys/kt/example.net/heads")
+                        .join(format!("{epoch:020}"));
+                    std::fs::remove_file(&file)
+                        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+                }
+            }
+            Backend::Postgres(db) => {
+                let list: Vec<String> = epochs.iter().map(u64::to_string).collect();
+                db.execute(&format!(
+                    "DELETE FROM kt_heads WHERE domain = 'example.net' AND epoch IN ({})",
+                    list.join(", ")
+                ));
+            }
+            _ => panic!("delete_heads: fs and PostgreSQL only"),
+        }
+    }
+
     /// Another KST with the same directory keys on the fs store at `store` (a restored
     /// backup, or a second directory: a fork), replying into the same Maildir, with its own
     /// sendmail script `sendmail-NAME` and `kst serve`; returns the serve process and its URL.
@@ -561,6 +633,25 @@ impl Provider {
         (provider, gpg, alice)
     }
 
+    /// [`Provider::with_alice`] and alice's public key in the file `alice.asc`.
+    fn with_alice_key_file() -> (Provider, Gpg, kst_tests::GpgKey, PathBuf) {
+        let (provider, gpg, alice) = Provider::with_alice();
+        let file = provider.path("alice.asc");
+        std::fs::write(&file, &alice.public_armored).unwrap();
+        (provider, gpg, alice, file)
+    }
+
+    /// The operator's `kst --config kst.toml ARGS` (the directory on).
+    fn kst(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .env_clear()
+            .arg("--config")
+            .arg(self.path("kst.toml"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     /// `kst client --account ACCOUNT --json ... ARGS`, requests handed to `sendmail`.
     fn client(&self, sendmail: &str, account: &str, args: &[&str]) -> (Output, Value) {
         self.client_in(account, sendmail, account, args)
@@ -627,6 +718,25 @@ impl Provider {
             "{v}\n{}",
             stderr(&out)
         );
+    }
+
+    /// `account`'s owner's monitor: `status --key KEY --check-transparency` against the
+    /// directory.
+    fn status_of(&self, account: &str, key: &std::path::Path) -> (Output, Value) {
+        self.client(
+            "sendmail",
+            account,
+            &[
+                "status",
+                "--key",
+                key.to_str().unwrap(),
+                "--check-transparency",
+                "--log-url",
+                &self.log_url,
+                "--log-key",
+                &self.head_key,
+            ],
+        )
     }
 
     /// Bob's `retrieve ADDRESS --check-transparency` with the head key `head_key`.
@@ -1026,6 +1136,23 @@ impl Provider {
     fn http_post(&self, path: &str, body: &str) -> (u16, String) {
         self.http("POST", path, body)
     }
+
+    /// A witness, the provider on the fs store listing it in `[transparency] witnesses`, and
+    /// alice's key published there (epoch 1) with the keyring that made it.
+    fn with_witness_and_alice(
+        bin: &std::path::Path,
+    ) -> (Witness, Provider, Gpg, kst_tests::GpgKey) {
+        let witness = Witness::new(bin);
+        let provider = Provider::start_with(
+            Backend::Fs,
+            &format!("witnesses = [\"{}\"]", witness.entry()),
+            None,
+        );
+        let gpg = Gpg::new();
+        let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+        provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+        (witness, provider, gpg, alice)
+    }
 }
 
 fn outcome(out: &Output, v: &Value) -> (i32, Option<String>) {
@@ -1040,15 +1167,7 @@ fn outcome(out: &Output, v: &Value) -> (i32, Option<String>) {
 #[test]
 fn a_witness_cosigns_the_heads_and_a_client_requires_it() {
     let bin = kst_binary();
-    let witness = Witness::new(&bin);
-    let provider = Provider::start_with(
-        Backend::Fs,
-        &format!("witnesses = [\"{}\"]", witness.entry()),
-        None,
-    );
-    let gpg = Gpg::new();
-    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
-    provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+    let (witness, provider, gpg, alice) = Provider::with_witness_and_alice(&bin);
     let require = ["--witness", &witness.entry()];
 
     // Nothing cosigned yet: the client requiring the witness refuses.
@@ -1254,6 +1373,74 @@ fn a_witness_cosigns_the_heads_and_a_client_requires_it() {
     );
 }
 
+/// Epochs without a stored head (issue 18's head gaps: a directory kept from before heads were
+/// stored, a store that lost some): a witness cosigned epoch 1, then the heads of epochs 0, 2
+/// and 3 are deleted from the store and `kst serve` restarts. `kst log audit` from epoch 0
+/// passes, the witness checks the audit across the gap and cosigns epoch 4, and the heads
+/// signed late name the roots the deleted ones named.
+fn heads_missing_in_the_middle_are_signed_late(backend: Backend) {
+    let bin = kst_binary();
+    let witness = Witness::new(&bin);
+    let mut provider = Provider::start_with(
+        backend,
+        &format!("witnesses = [\"{}\"]", witness.entry()),
+        None,
+    );
+    let gpg = Gpg::new();
+    provider.publish_new(&gpg, "sendmail", &["alice"]);
+    let out = witness.run(&bin, &provider.log_url, &provider.head_key);
+    assert_eq!(code(&out), 0, "witness at epoch 1: {}", stderr(&out));
+    provider.publish_new(&gpg, "sendmail", &["carol", "dave", "erin"]);
+    let root_of = |provider: &Provider, epoch: u64| {
+        let (status, body) =
+            provider.http_get(&format!("/.well-known/kst/log/example.net/head/{epoch}"));
+        assert_eq!(status, 200, "head {epoch}: {body}");
+        let (head, _) =
+            kst_core::transparency::witness::parse_head_with_cosignatures(&body).unwrap();
+        head.head.root_hash
+    };
+    let before: Vec<[u8; 32]> = (0..=4).map(|e| root_of(&provider, e)).collect();
+
+    provider.serve = None;
+    provider.delete_heads(&[0, 2, 3]);
+    provider.restart_serve();
+
+    let audit_state = witness.dir.path().join("audit");
+    let out = audit(&bin, &provider.log_url, &provider.head_key, &audit_state);
+    assert_eq!(
+        code(&out),
+        0,
+        "audit from epoch 0 over the gap: {}",
+        stderr(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("epoch 4"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = witness.run(&bin, &provider.log_url, &provider.head_key);
+    assert_eq!(code(&out), 0, "witness across the gap: {}", stderr(&out));
+    let (_, body) = provider.http_get("/.well-known/kst/log/example.net/head");
+    let (head, cosignatures) =
+        kst_core::transparency::witness::parse_head_with_cosignatures(&body).unwrap();
+    assert_eq!((head.head.epoch, cosignatures.len()), (4, 1), "{body}");
+    let after: Vec<[u8; 32]> = (0..=4).map(|e| root_of(&provider, e)).collect();
+    assert_eq!(
+        after, before,
+        "the heads signed late name the epochs' roots"
+    );
+}
+
+#[test]
+fn heads_missing_in_the_middle_are_signed_late_on_fs() {
+    heads_missing_in_the_middle_are_signed_late(Backend::Fs);
+}
+
+#[test]
+fn heads_missing_in_the_middle_are_signed_late_on_postgres() {
+    heads_missing_in_the_middle_are_signed_late(Backend::Postgres(TestDb::new()));
+}
+
 /// A second directory with the same keys (a provider showing one party another history:
 /// here alice's key differs at epoch 1) is a fork: the witness that cosigned the first
 /// refuses to cosign the second (exit 5, both heads kept as evidence), and so does an
@@ -1330,6 +1517,65 @@ fn a_forked_directory_is_refused_by_the_witness_and_the_auditor() {
     assert_eq!(outcome(&out, &v), (5, Some("attack".into())), "{v}");
 }
 
+/// rt18 (finding 1): a head the client refuses is never remembered. A second directory with
+/// the same keys (a provider's split view) that no witness cosigned answers a client that has
+/// no memory of the domain yet and requires the witness: refused (exit 5). Before the fix the
+/// client remembered the fork's head anyway (the memory was saved before the witness check),
+/// so the honest, witnessed directory then looked like the fork to it (exit 5 "fork or
+/// rollback"): the victim was locked onto the forged history. Now nothing is remembered and
+/// the honest answer passes.
+#[test]
+fn rt18_a_head_refused_for_its_witnesses_is_never_remembered() {
+    let bin = kst_binary();
+    let (witness, provider, gpg, alice) = Provider::with_witness_and_alice(&bin);
+    // The fork: a copy of the store at epoch 1, then a twin key for alice (its epoch 2).
+    let (_fork, fork_url, _twin_gpg, _twin) = provider.fork_with_twin_alice();
+    // The honest side's epoch 2, cosigned.
+    let carol = gpg.generate("Carol", "carol@example.net", "ed25519");
+    provider.publish("sendmail", "carol@example.net", &carol.public_armored);
+    let out = witness.run(&bin, &provider.log_url, &provider.head_key);
+    assert_eq!(code(&out), 0, "witness: {}", stderr(&out));
+
+    let dave = "dave@example.net";
+    let entry = witness.entry();
+    let require = ["--witness", entry.as_str()];
+    let mut fork_args = vec![
+        "--log-url",
+        fork_url.as_str(),
+        "--log-key",
+        &provider.head_key,
+    ];
+    fork_args.extend_from_slice(&require);
+    let (out, v) = provider.checked_as("sendmail-fork", dave, "alice@example.net", &fork_args);
+    assert_eq!(outcome(&out, &v), (5, Some("attack".into())), "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or_default().contains("witness"),
+        "{v}"
+    );
+    assert_eq!(
+        provider.remembered_epoch(dave),
+        None,
+        "the refused head is not remembered"
+    );
+
+    let mut honest_args = vec![
+        "--log-url",
+        provider.log_url.as_str(),
+        "--log-key",
+        &provider.head_key,
+    ];
+    honest_args.extend_from_slice(&require);
+    let (out, v) = provider.checked_as("sendmail", dave, "alice@example.net", &honest_args);
+    assert_eq!(
+        code(&out),
+        0,
+        "the honest directory passes: {v}\n{}",
+        stderr(&out)
+    );
+    assert_eq!(v["fingerprint"], alice.fingerprint.as_str());
+    assert_eq!(provider.remembered_epoch(dave), Some(2));
+}
+
 /// On `[web]` the log's routes are under `[web.limits]`: the per-client counter WKD and VKS
 /// use answers 429 past its budget.
 #[test]
@@ -1390,29 +1636,11 @@ fn the_client_remembers_heads_and_catches_a_rollback_and_a_fork() {
     assert_eq!(provider.memory(bob)["pinned_from"], "--log-key");
 
     // A backup of the store and its directory at epoch 1.
-    let backup = provider.path("keys-backup");
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(provider.path("keys"))
-        .arg(&backup)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let backup = provider.copy_of_store("keys-backup");
 
     // A second directory with the same keys: alice's key at epoch 1 (the same root as the
     // honest one), then a twin key for alice at epoch 2, and more epochs.
-    let fork_store = provider.path("keys-fork");
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(provider.path("keys"))
-        .arg(&fork_store)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let (_fork, fork_url) = provider.twin_kst("fork", &fork_store);
-    let twin_gpg = Gpg::new();
-    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
-    provider.publish("sendmail-fork", "alice@example.net", &twin.public_armored);
+    let (_fork, fork_url, twin_gpg, twin) = provider.fork_with_twin_alice();
 
     // New epochs on the honest side: one, then three at once.
     let carol = gpg.generate("Carol", "carol@example.net", "ed25519");
@@ -1475,29 +1703,9 @@ fn the_client_remembers_heads_and_catches_a_rollback_and_a_fork() {
 /// alice's key again, but `status` reports the insider's version, exit 6.
 #[test]
 fn the_owner_sees_a_key_an_insider_published() {
-    let provider = Provider::start(Backend::Fs);
-    let gpg = Gpg::new();
-    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
-    let alice_key = provider.path("alice.asc");
-    std::fs::write(&alice_key, &alice.public_armored).unwrap();
-    provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+    let (provider, _gpg, alice, alice_key) = Provider::with_alice_key_file();
     let (_insider, _) = provider.twin_kst("insider", &provider.path("keys"));
-    let status = |provider: &Provider| {
-        provider.client(
-            "sendmail",
-            "alice@example.net",
-            &[
-                "status",
-                "--key",
-                alice_key.to_str().unwrap(),
-                "--check-transparency",
-                "--log-url",
-                &provider.log_url,
-                "--log-key",
-                &provider.head_key,
-            ],
-        )
-    };
+    let status = |provider: &Provider| provider.status_of("alice@example.net", &alice_key);
     let (out, v) = status(&provider);
     assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
     assert_eq!(v["outcome"], "match", "{v}");
@@ -1552,6 +1760,147 @@ fn the_owner_sees_a_key_an_insider_published() {
     assert!(
         differences.contains(&twin.fingerprint) && differences.contains("not a key you published"),
         "{differences}"
+    );
+}
+
+/// The owner's monitor sees a deletion the owner did not ask for (issue 18): alice's client
+/// notes each deletion it asked for and the KST confirmed; her own deletion is hers, but one an
+/// insider makes with the operator's `kst keys delete` (recorded in the directory like any
+/// deletion) is reported, exit 6, although nothing is served, as after her own deletion.
+#[test]
+fn rt18_the_owner_sees_a_deletion_an_insider_made() {
+    let (provider, _gpg, alice, alice_key) = Provider::with_alice_key_file();
+    let status = || provider.status_of("alice@example.net", &alice_key);
+    let deletions = |v: &Value| -> Vec<bool> {
+        v["directory"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter(|x| x["state"] == "deleted")
+            .map(|x| x["yours"].as_bool().unwrap_or(true))
+            .collect()
+    };
+
+    // Alice published, deletes and publishes again, all from her client: all hers.
+    let (out, v) = provider.client("sendmail", "alice@example.net", &["delete"]);
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (0, Some("deleted")),
+        "{v}\n{}",
+        stderr(&out)
+    );
+    let (out, v) = status();
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (1, Some("not-found")),
+        "her own deletion: nothing served, nothing foreign: {v}\n{}",
+        stderr(&out)
+    );
+    assert_eq!(deletions(&v), vec![true], "{v}");
+    provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+    let (out, v) = status();
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["outcome"], "match", "{v}");
+
+    // The insider deletes her key with the operator's tool.
+    let out = provider.kst(&["keys", "delete", "alice@example.net"]);
+    assert_eq!(code(&out), 0, "kst keys delete: {}", stderr(&out));
+    let (out, v) = status();
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (6, Some("mismatch")),
+        "the insider's deletion is reported: {v}\n{}",
+        stderr(&out)
+    );
+    // Newest first: the insider's, then hers.
+    assert_eq!(deletions(&v), vec![false, true], "{v}");
+    let differences = v["differences"].to_string();
+    assert!(
+        differences.contains("not a deletion you asked for"),
+        "{differences}"
+    );
+}
+
+/// The owner's monitor checks every version, not only the newest 64: alice's address gets
+/// 70 versions (her key, an insider's twin at version 2, then her key again, restored with
+/// the operator's `kst import`, which the directory records one epoch per version). `status`
+/// follows the history's pages (`?before=<version>`) down to version 1, lists all 70 and
+/// reports the twin, exit 6.
+#[test]
+fn the_owner_checks_more_than_64_versions() {
+    let (provider, _gpg, _alice, alice_key) = Provider::with_alice_key_file();
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    let file = provider.path("insider.asc");
+    std::fs::write(&file, &twin.public_armored).unwrap();
+    let (out, v) = provider.client_in(
+        "insider",
+        "sendmail",
+        "alice@example.net",
+        &["publish", "--key", file.to_str().unwrap()],
+    );
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+
+    // Versions 3 to 70: alice's key again, restored by the operator.
+    let out = provider.kst(&["export"]);
+    assert_eq!(code(&out), 0, "kst export: {}", stderr(&out));
+    let mut line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let history = line["history"].as_array().cloned().unwrap();
+    assert_eq!(history.len(), 2, "{line}");
+    let mut records = history.clone();
+    for n in 3..=70u64 {
+        let mut r = history[0].clone();
+        r["version"] = n.into();
+        r["publication_id"] = format!("{n:032x}").into();
+        r["published_at"] = (r["published_at"].as_u64().unwrap() + n).into();
+        records.push(r);
+    }
+    line["history"] = records.into();
+    let export = provider.path("history.jsonl");
+    std::fs::write(&export, format!("{line}\n")).unwrap();
+    let out = provider.kst(&["import", export.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "kst import: {}", stderr(&out));
+
+    // The endpoint's pages and refusals.
+    let (status, body) =
+        provider.http_get("/.well-known/kst/log/example.net/history/alice@example.net?before=7");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("kst-log-history-page-v1\n"), "{body}");
+    for bad in ["before=1", "before=x", "before=7&x=1", "other=3"] {
+        let (status, body) = provider.http_get(&format!(
+            "/.well-known/kst/log/example.net/history/alice@example.net?{bad}"
+        ));
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+
+    let (out, v) = provider.status_of("alice@example.net", &alice_key);
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (6, Some("mismatch")),
+        "{v}\n{}",
+        stderr(&out)
+    );
+    let versions = v["directory"].as_array().cloned().unwrap_or_default();
+    let numbers: Vec<u64> = versions
+        .iter()
+        .filter_map(|x| x["version"].as_u64())
+        .collect();
+    assert_eq!(
+        numbers,
+        (1..=70).rev().collect::<Vec<_>>(),
+        "every version, newest first"
+    );
+    let foreign: Vec<u64> = versions
+        .iter()
+        .filter(|x| x["yours"] == false)
+        .filter_map(|x| x["version"].as_u64())
+        .collect();
+    assert_eq!(foreign, vec![2], "{v}");
+    assert!(
+        v["differences"].to_string().contains(&twin.fingerprint),
+        "{}",
+        v["differences"]
     );
 }
 

@@ -747,6 +747,19 @@ pub fn outcome_is(out: &Output, v: &Value, exit: i32, authentication: Option<&st
     }
 }
 
+/// The test DNS's own certificate and key for mail.example.net, mail.acme.net and
+/// mail.insecure.net (`KST_DNS_MX_CERT`), issued by the test DNS CA (`KST_DNS_CA`, the one
+/// [`Run`] gives the client with `--ca-file`): what an MX that MTA-STS (PKIX) authenticates
+/// shows. Unlike [`tlsa_cert`] it is never the test mail system's certificate (another CA,
+/// which the TLSA records name when `/tmp/kst-mail` exists), so these tests do not depend on
+/// whether scripts/mailsystem.sh ran before scripts/testdns.sh.
+pub fn sts_cert(dns: &TestDns) -> (PathBuf, PathBuf) {
+    (
+        PathBuf::from(dns.var("KST_DNS_MX_CERT")),
+        PathBuf::from(dns.var("KST_DNS_MX_KEY")),
+    )
+}
+
 /// The certificate and key the TLSA records of mail.example.net name.
 pub fn tlsa_cert(dns: &TestDns) -> (PathBuf, PathBuf) {
     let cert = PathBuf::from(dns.var("KST_DNS_TLSA_CERT"));

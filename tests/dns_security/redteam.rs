@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::harness::{
     ATTACK, Issuer, Mx, PolicyServer, Run, StartTls, TEMPFAIL, UNAVAILABLE, USAGE, chain, error_of,
-    expired_self_signed, issue, make_ca, outcome_is, show, testdns, tlsa_cert,
+    expired_self_signed, issue, make_ca, outcome_is, show, sts_cert, testdns, tlsa_cert,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -225,7 +225,8 @@ fn sts_note(v: &Value) -> String {
 #[test]
 fn mta_sts_testing_reports_only_and_enforce_refuses_cleartext_even_when_allowed() {
     let Some(dns) = testdns() else { return };
-    let (cert, key) = tlsa_cert(dns);
+    // MTA-STS authenticates the MX by PKIX, with the test DNS CA only.
+    let (cert, key) = sts_cert(dns);
     let testing = PolicyServer::start(
         dns,
         "insecure.net",
@@ -260,7 +261,8 @@ fn mta_sts_testing_reports_only_and_enforce_refuses_cleartext_even_when_allowed(
 #[test]
 fn mta_sts_a_wildcard_pattern_matches_exactly_one_label() {
     let Some(dns) = testdns() else { return };
-    let (cert, key) = tlsa_cert(dns);
+    // MTA-STS authenticates the MX by PKIX, with the test DNS CA only.
+    let (cert, key) = sts_cert(dns);
     let policy = PolicyServer::start(
         dns,
         "insecure.net",
@@ -296,7 +298,8 @@ fn mta_sts_a_wildcard_pattern_matches_exactly_one_label() {
 #[test]
 fn mta_sts_policies_that_are_not_valid_are_no_policies() {
     let Some(dns) = testdns() else { return };
-    let (cert, key) = tlsa_cert(dns);
+    // MTA-STS authenticates the MX by PKIX, with the test DNS CA only.
+    let (cert, key) = sts_cert(dns);
     let mut oversize = ENFORCE_ELSEWHERE.as_bytes().to_vec();
     for i in 0..2000 {
         oversize.extend_from_slice(format!("x_padding_{i}: {}\n", "a".repeat(30)).as_bytes());
@@ -372,7 +375,8 @@ fn now() -> u64 {
 #[test]
 fn mta_sts_cache_follows_the_policy_id_and_survives_tampering_and_blocking() {
     let Some(dns) = testdns() else { return };
-    let (cert, key) = tlsa_cert(dns);
+    // MTA-STS authenticates the MX by PKIX, with the test DNS CA only.
+    let (cert, key) = sts_cert(dns);
     let stale = format!(
         r#"{{"id":"old1","mode":"enforce","mx":["mail.elsewhere.test"],"max_age":86400,"fetched_at":{}}}"#,
         now() - 60

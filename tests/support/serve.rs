@@ -32,15 +32,23 @@ pub fn free_port() -> SocketAddr {
 /// `GET path` over a new HTTP/1.1 connection to `at`: the status and the body (0 and the
 /// raw text when the reply is not HTTP).
 pub fn http_get(at: SocketAddr, path: &str) -> (u16, String) {
+    http_request(at, "GET", path, "")
+}
+
+/// `METHOD path` with `body` over a new HTTP/1.1 connection to `at`: the status and the body
+/// (0 when the reply is not HTTP, e.g. a server that closed before reading a large body).
+pub fn http_request(at: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect(at).expect("connect to kst serve");
-    write!(
+    // A server that refuses a large body may close before reading it all.
+    let _ = write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send the request");
+        "{method} {path} HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     let mut text = String::new();
-    s.read_to_string(&mut text).expect("read the reply");
+    let _ = s.read_to_string(&mut text);
     let status = text
         .split_whitespace()
         .nth(1)
@@ -106,6 +114,11 @@ impl ServeProcess {
             std::thread::sleep(Duration::from_millis(20));
         }
         serve
+    }
+
+    /// Its process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
     }
 
     /// What it logged so far.

@@ -69,6 +69,14 @@ impl TestDb {
     pub fn store(&self) -> crate::Store {
         crate::Store::Postgres(self.url.clone())
     }
+
+    /// Runs `sql` in the database (what an operator or an intruder with a `psql` would do);
+    /// panics, failing the test, when it fails.
+    pub fn execute(&self, sql: &str) {
+        if let Err(e) = block_on(admin_sql(self.url.clone(), sql.to_string())) {
+            panic!("{sql}: {e}");
+        }
+    }
 }
 
 impl Default for TestDb {

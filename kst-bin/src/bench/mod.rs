@@ -6,6 +6,8 @@
 //! (rPGP), the trusted `Received:` header the provider's MTA would write, and retrievals spread
 //! over the published addresses (one in ten for an address with no key).
 
+#[cfg(feature = "transparency")]
+pub mod directory;
 pub mod lmtp;
 pub mod messages;
 pub mod pipe;

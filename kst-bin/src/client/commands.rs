@@ -909,6 +909,8 @@ async fn wait_for(
                             super::refresh::note_import(s, &o);
                             #[cfg(feature = "transparency")]
                             note_own_publication(s, &o);
+                            #[cfg(feature = "transparency")]
+                            note_own_deletion(s, &entries[i], &o);
                             let _ = s.state.remove(&entries[i].pending.message_id);
                             results[i] = Some(o);
                         }
@@ -990,6 +992,20 @@ fn note_own_publication(s: &Settings, o: &Outcome) {
     {
         let memory = super::log_memory::LogMemory::beside(s.state.path());
         if let Err(e) = memory.note_own_fingerprint(account, fingerprint) {
+            eprintln!("kst: warning: {e}");
+        }
+    }
+}
+
+/// Remembers a confirmed deletion of the account's key, with when it was asked for and when
+/// confirmed (the owner's monitor in `status` reports deletions in the directory that are not
+/// among them); a failure is only reported.
+#[cfg(feature = "transparency")]
+fn note_own_deletion(s: &Settings, e: &Entry, o: &Outcome) {
+    if let (Outcome::Deleted { .. }, Asked::Deletion { account }) = (o, &e.pending.asked) {
+        let memory = super::log_memory::LogMemory::beside(s.state.path());
+        let now = kst_core::time::unix_now();
+        if let Err(e) = memory.note_own_deletion(account.as_str(), e.pending.created_at, now) {
             eprintln!("kst: warning: {e}");
         }
     }

@@ -8,8 +8,12 @@
 //!   remembered head to writing the new one.
 //! - `evidence/<domain>-<unix time>-<n>.txt`: what a failed check saw (the remembered head, the
 //!   answer, what failed), kept for the user to show: a fork, a rollback or a changed key.
-//! - `own-<account>.json`: the fingerprints the account published through this client (the
-//!   owner's monitor, `kst client status`, reports versions of the address not among them).
+//! - `own-<account>.fingerprints`: the fingerprints the account published through this client
+//!   (the owner's monitor, `kst client status`, reports versions of the address not among
+//!   them).
+//! - `own-<account>.deletions`: the deletions of the account's key this client asked for and
+//!   the KST confirmed, each with when it was asked for and confirmed (`status` reports a
+//!   deletion in the directory that none of them explains: [`OwnDeletion`]).
 //!
 //! [`check_and_remember`] is the memory check every verified answer goes through.
 
@@ -252,11 +256,7 @@ impl LogMemory {
 
     /// The fingerprints `account` published through this client.
     pub fn own_fingerprints(&self, account: &str) -> Vec<String> {
-        self.own_file(account)
-            .ok()
-            .and_then(|p| fs::read(p).ok())
-            .and_then(|b| serde_json::from_slice::<Vec<String>>(&b).ok())
-            .unwrap_or_default()
+        read_list(self.own_file(account))
     }
 
     /// Notes that `account` published `fingerprint` (kept for the owner's monitor).
@@ -272,19 +272,92 @@ impl LogMemory {
             return Ok(());
         }
         list.push(fingerprint.to_string());
-        let body = serde_json::to_vec_pretty(&list)
-            .map_err(|e| self.io(&path, format!("cannot encode: {e}")))?;
-        let result =
-            AtomicFile::create_with_temp(&path, path.with_extension("tmp")).and_then(|mut f| {
+        let result = self.write_list(&path, &list);
+        drop(held);
+        result
+    }
+
+    /// Writes `list` to `path` as JSON, atomically and durably (the caller holds its lock).
+    fn write_list<T: Serialize>(&self, path: &Path, list: &[T]) -> Result<(), MemoryError> {
+        let body = serde_json::to_vec_pretty(list)
+            .map_err(|e| self.io(path, format!("cannot encode: {e}")))?;
+        AtomicFile::create_with_temp(path, path.with_extension("tmp"))
+            .and_then(|mut f| {
                 f.write_bytes(&body)?;
                 f.commit()
-            });
-        drop(held);
-        result.map_err(|e| self.io(&path, format!("cannot write: {e}")))
+            })
+            .map_err(|e| self.io(path, format!("cannot write: {e}")))
     }
 
     fn own_file(&self, account: &str) -> Result<PathBuf, MemoryError> {
         self.file(&format!("own-{}", own_name(account)), "fingerprints")
+    }
+
+    /// The deletions of `account`'s key this client asked for and the KST confirmed, oldest
+    /// first (an unreadable file reads as none: the monitor then reports every deletion).
+    pub fn own_deletions(&self, account: &str) -> Vec<OwnDeletion> {
+        read_list(self.deletions_file(account))
+    }
+
+    /// Notes that `account` asked at `requested_at` for its key's deletion and the KST
+    /// confirmed it at `confirmed_at` (Unix times of this machine). The newest
+    /// [`MAX_OWN_DELETIONS`] are kept.
+    pub fn note_own_deletion(
+        &self,
+        account: &str,
+        requested_at: u64,
+        confirmed_at: u64,
+    ) -> Result<(), MemoryError> {
+        let held = self.hold(&format!("own-{}", own_name(account)))?;
+        let path = self.deletions_file(account)?;
+        let mut list = self.own_deletions(account);
+        list.push(OwnDeletion {
+            requested_at,
+            confirmed_at,
+        });
+        let excess = list.len().saturating_sub(MAX_OWN_DELETIONS);
+        list.drain(..excess);
+        let result = self.write_list(&path, &list);
+        drop(held);
+        result
+    }
+
+    fn deletions_file(&self, account: &str) -> Result<PathBuf, MemoryError> {
+        self.file(&format!("own-{}", own_name(account)), "deletions")
+    }
+}
+
+/// A JSON list kept in the memory; a missing or unreadable file reads as empty.
+fn read_list<T: serde::de::DeserializeOwned>(path: Result<PathBuf, MemoryError>) -> Vec<T> {
+    path.ok()
+        .and_then(|p| fs::read(p).ok())
+        .and_then(|b| serde_json::from_slice::<Vec<T>>(&b).ok())
+        .unwrap_or_default()
+}
+
+/// The most own deletions kept per account.
+pub const MAX_OWN_DELETIONS: usize = 1024;
+
+/// How far apart this machine's clock and the KST's may be when a deletion the directory
+/// recorded is matched with one the client asked for ([`OwnDeletion::explains`]).
+pub const DELETION_CLOCK_SLACK: u64 = 600;
+
+/// A deletion of the account's key that this client asked for and the KST confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnDeletion {
+    /// When the request was built (Unix time, this machine's clock).
+    pub requested_at: u64,
+    /// When the client read the KST's confirmation (Unix time, this machine's clock).
+    pub confirmed_at: u64,
+}
+
+impl OwnDeletion {
+    /// Whether this deletion explains a deletion the directory dated `changed_at` (the KST's
+    /// clock): the KST deleted the key between the request and its confirmation, give or take
+    /// [`DELETION_CLOCK_SLACK`].
+    pub fn explains(&self, changed_at: u64) -> bool {
+        self.requested_at.saturating_sub(DELETION_CLOCK_SLACK) <= changed_at
+            && changed_at <= self.confirmed_at.saturating_add(DELETION_CLOCK_SLACK)
     }
 }
 
@@ -325,13 +398,18 @@ pub async fn check_and_remember(
 ) -> Result<Remembered, MemoryError> {
     let memory = LogMemory::in_dir(state_dir);
     let mut held = memory.hold(domain)?;
-    check_held(&memory, &mut held, answer, answer_text, None).await
+    let remembered = check_held(&memory, &mut held, answer, answer_text, None).await?;
+    memory.save(&held)?;
+    Ok(remembered)
 }
 
-/// [`check_and_remember`] on a memory already held (the caller read the remembered epoch
-/// under the same lock, to ask for `?since=`). `asked`: the head a version 3 request named
-/// (`KST-Log-Since`) when the memory may have moved on since it was sent
-/// ([`LogAnswer::verify_extends_via`]).
+/// [`check_and_remember`]'s check on a memory already held (the caller read the remembered
+/// epoch under the same lock, to ask for `?since=`): `held` is updated, **not saved**. The
+/// caller saves it ([`LogMemory::save`]) only once every other check of the answer passed
+/// (its witnesses): a head the client rejects is never remembered, or a forged head that
+/// failed a later check would make the honest directory look like the fork. `asked`: the head
+/// a version 3 request named (`KST-Log-Since`) when the memory may have moved on since it was
+/// sent ([`LogAnswer::verify_extends_via`]).
 pub async fn check_held(
     memory: &LogMemory,
     held: &mut Held,
@@ -411,7 +489,6 @@ pub async fn check_held(
                 .map_err(|e| memory.io(&memory.dir, format!("cannot encode the head: {e}")))?,
         );
     }
-    memory.save(held)?;
     Ok(Remembered {
         previous,
         epoch: previous.map_or(head.epoch, |p| p.max(head.epoch)),

@@ -11,7 +11,13 @@
 //! the directory recorded for the address is listed (akd's history proof, verified against
 //! the domain's head key); a version whose key the owner did not publish (not the key given,
 //! nor one this client published for the account) is reported and exits 6, even when the
-//! key served now is the owner's again (an insider who served another key for a while).
+//! key served now is the owner's again (an insider who served another key for a while). So
+//! is a deletion the owner did not ask for: the client notes each deletion of the account's
+//! key it asked for and the KST confirmed, and a deletion in the directory that none of them
+//! explains (the KST's time of the deletion between the request and the confirmation, give
+//! or take ten minutes of clock difference; each noted deletion explains one) is reported,
+//! exit 6 (an insider who deleted the owner's key, so that correspondents fall back to
+//! unencrypted mail).
 
 use std::path::Path;
 
@@ -175,8 +181,11 @@ pub struct DirectoryVersion {
     pub state: String,
     /// The key's fingerprint (none for a deletion or a withdrawn value).
     pub fingerprint: Option<String>,
+    /// When the KST made the change (its clock, Unix time): the key's publication time, or
+    /// the deletion's.
+    pub changed_at: Option<u64>,
     /// False when the key is not one the owner published (not the key given, nor one this
-    /// client published for the account).
+    /// client published for the account), or the deletion not one this client asked for.
     pub yours: bool,
 }
 
@@ -247,13 +256,20 @@ pub async fn status(
     };
     let unknown: Vec<&DirectoryVersion> = directory.iter().flatten().filter(|v| !v.yours).collect();
     for v in &unknown {
-        differences.push(format!(
-            "the key directory records key {} for {account} at epoch {} (version {}): not a \
-             key you published",
-            v.fingerprint.as_deref().unwrap_or("?"),
-            v.epoch,
-            v.version
-        ));
+        differences.push(match &v.fingerprint {
+            Some(fingerprint) => format!(
+                "the key directory records key {fingerprint} for {account} at epoch {} \
+                 (version {}): not a key you published",
+                v.epoch, v.version
+            ),
+            None => format!(
+                "the key directory records a deletion of the key of {account} at epoch {} \
+                 (version {}, time {}): not a deletion you asked for from this client",
+                v.epoch,
+                v.version,
+                show_time(v.changed_at)
+            ),
+        });
     }
     let code = if code == exit::NOT_FOUND && !unknown.is_empty() {
         exit::MISMATCH
@@ -345,7 +361,7 @@ async fn directory_versions(
     let memory = super::log_memory::LogMemory::beside(s.state.path());
     let mut own = memory.own_fingerprints(account.as_str());
     own.push(local.fingerprint.clone());
-    Ok(versions
+    let mut listed: Vec<DirectoryVersion> = versions
         .into_iter()
         .map(|v| {
             let (state, fingerprint) = match &v.entry {
@@ -367,10 +383,35 @@ async fn directory_versions(
                 version: v.akd_version,
                 state: state.to_string(),
                 fingerprint,
+                changed_at: v.entry.as_ref().map(|e| e.changed_at),
                 yours,
             }
         })
-        .collect())
+        .collect();
+    mark_deletions(&mut listed, memory.own_deletions(account.as_str()));
+    Ok(listed)
+}
+
+/// Marks each deletion in `versions` as the owner's when one of `own` (the deletions this
+/// client asked for, oldest first) explains it; each explains one, the oldest deletions
+/// first.
+#[cfg(feature = "transparency")]
+fn mark_deletions(versions: &mut [DirectoryVersion], mut own: Vec<super::log_memory::OwnDeletion>) {
+    let mut deletions: Vec<&mut DirectoryVersion> = versions
+        .iter_mut()
+        .filter(|v| v.state == "deleted")
+        .collect();
+    deletions.sort_by_key(|v| v.epoch);
+    for v in deletions {
+        let at = v.changed_at.unwrap_or(0);
+        v.yours = match own.iter().position(|d| d.explains(at)) {
+            Some(i) => {
+                own.remove(i);
+                true
+            }
+            None => false,
+        };
+    }
 }
 
 #[cfg(test)]
@@ -420,6 +461,47 @@ mod tests {
         );
         let other = KeyFacts::of(&fixture("lifecycle-v1"), &alice(), now).unwrap();
         assert!(differences(&other, &base)[0].contains("serves key"));
+    }
+
+    /// Each deletion this client asked for explains one deletion in the directory (the KST's
+    /// time between the request and the confirmation, give or take the clock slack), oldest
+    /// first; a second deletion at the same time, or one far from any, is not the owner's.
+    #[cfg(feature = "transparency")]
+    #[test]
+    fn a_deletion_is_yours_only_when_one_you_asked_for_explains_it() {
+        use super::super::log_memory::{DELETION_CLOCK_SLACK, OwnDeletion};
+        let deleted = |epoch: u64, at: u64| DirectoryVersion {
+            epoch,
+            version: epoch,
+            state: "deleted".into(),
+            fingerprint: None,
+            changed_at: Some(at),
+            yours: true,
+        };
+        let own = |requested_at, confirmed_at| OwnDeletion {
+            requested_at,
+            confirmed_at,
+        };
+        let t = 1_800_000_000;
+        // Newest first, as the history lists them.
+        let mut versions = vec![
+            deleted(9, t + 100_000),
+            deleted(5, t + 20),
+            deleted(3, t + 10),
+        ];
+        mark_deletions(&mut versions, vec![own(t, t + 30)]);
+        let yours: Vec<bool> = versions.iter().map(|v| v.yours).collect();
+        assert_eq!(yours, vec![false, false, true]);
+        // The clock slack either side; beyond it, not explained.
+        let slack = DELETION_CLOCK_SLACK;
+        assert!(own(t, t + 30).explains(t - slack));
+        assert!(own(t, t + 30).explains(t + 30 + slack));
+        assert!(!own(t, t + 30).explains(t - slack - 1));
+        assert!(!own(t, t + 30).explains(t + 31 + slack));
+        // Two deletions asked for explain two.
+        let mut versions = vec![deleted(5, t + 20), deleted(3, t + 10)];
+        mark_deletions(&mut versions, vec![own(t, t + 15), own(t + 18, t + 25)]);
+        assert!(versions.iter().all(|v| v.yours));
     }
 
     #[test]

@@ -39,7 +39,9 @@ use kst_core::transparency::answer::{
     LogAnswer, MAX_ANSWER, MAX_ANSWER_WITH_AUDIT, MAX_SINCE_EPOCHS, MAX_WITNESSED_ANSWER, Served,
     hex32, parse_head,
 };
-use kst_core::transparency::history::{HistoryAnswer, HistoryVersion, MAX_HISTORY_ANSWER};
+use kst_core::transparency::history::{
+    HistoryAnswer, HistoryPage, HistoryVersion, MAX_HISTORY_ANSWER, MAX_PAGES, MAX_VERSIONS,
+};
 use kst_core::transparency::witness::{WitnessPolicy, parse_witness};
 
 use super::commands::{LogPlan, Settings, dns_outcome};
@@ -407,8 +409,13 @@ async fn verify_and_remember(
             ),
         ))));
     }
-    match check_held(memory, held, &answer, Some(text), c.asked).await {
-        Ok(_) => Ok(()),
+    // Everything verified: only now is the new head remembered (a head refused for any
+    // reason is never remembered).
+    match check_held(memory, held, &answer, Some(text), c.asked)
+        .await
+        .and_then(|_| memory.save(held))
+    {
+        Ok(()) => Ok(()),
         Err(e @ MemoryError::Attack { .. }) => Err(Refused::Attack(e.to_string())),
         Err(e @ MemoryError::Io { .. }) => Err(Refused::Other(Box::new(Outcome::error(
             exit::CONFIG,
@@ -522,8 +529,26 @@ async fn fetch_answer(
     ca_file: Option<&Path>,
     max: usize,
 ) -> Result<String, Outcome> {
+    fetch_or_missing(base, path, ca_file, max)
+        .await?
+        .ok_or_else(|| {
+            Outcome::error(
+                exit::TEMPFAIL,
+                format!("key directory: {base}{path} answered 404"),
+            )
+        })
+}
+
+/// [`fetch_answer`], with `None` for a 404.
+async fn fetch_or_missing(
+    base: &str,
+    path: &str,
+    ca_file: Option<&Path>,
+    max: usize,
+) -> Result<Option<String>, Outcome> {
     match tokio::time::timeout(FETCH_TIMEOUT, get(base, path, ca_file, max)).await {
-        Ok(Ok(t)) => Ok(t),
+        Ok(Ok(t)) => Ok(Some(t)),
+        Ok(Err(e)) if e.contains(" answered 404 ") => Ok(None),
         // 422: the remembered head is too far back for one proof; retrying will not help.
         Ok(Err(e)) if e.contains(" answered 422 ") => Err(Outcome::error(
             exit::UNAVAILABLE,
@@ -819,35 +844,64 @@ pub async fn history(
         address.domain(),
         path_segment(address.as_str())
     );
-    let text = match tokio::time::timeout(
-        FETCH_TIMEOUT,
-        get(&base, &path, s.ca_file(), MAX_HISTORY_ANSWER),
-    )
-    .await
-    {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) if e.contains(" answered 404 ") => return Ok(None),
-        Ok(Err(e)) => {
-            return Err(Outcome::error(
-                exit::TEMPFAIL,
-                format!("key directory: {e}"),
-            ));
-        }
-        Err(_) => {
-            return Err(Outcome::error(
-                exit::TEMPFAIL,
-                format!("key directory: {base} did not answer in time"),
-            ));
-        }
+    let Some(text) = get_history(s, &base, &path).await? else {
+        return Ok(None);
     };
     let attack = |message: String| {
         let e = memory.attack(&held, message, &text);
         Outcome::error(exit::ATTACK, format!("possible attack: {e}"))
     };
     let answer = HistoryAnswer::parse(&text).map_err(|e| attack(format!("{base}: {e}")))?;
-    let versions = answer
+    let mut versions = answer
         .verify(&head_key, address)
         .map_err(|e| attack(e.to_string()))?;
+    // Older versions, page by page down to version 1 (at most MAX_PAGES pages), each against
+    // the same head: every version is checked.
+    let mut pages = 0;
+    while let Some(oldest) = versions.last().filter(|v| v.akd_version > 1) {
+        let (before, before_epoch) = (oldest.akd_version, oldest.epoch);
+        if pages == MAX_PAGES {
+            return Err(Outcome::error(
+                exit::UNAVAILABLE,
+                format!(
+                    "the key directory holds {before} versions of {address} before the newest \
+                     {} this client checked; it checks at most {}",
+                    versions.len(),
+                    MAX_VERSIONS * (1 + MAX_PAGES)
+                ),
+            ));
+        }
+        pages += 1;
+        let page_path = format!("{path}?before={before}");
+        let Some(page_text) = get_history(s, &base, &page_path).await? else {
+            return Err(attack(format!(
+                "{base}{page_path}: no versions below {before}, which the newest versions proved"
+            )));
+        };
+        let attack = |message: String| {
+            let e = memory.attack(&held, message, &page_text);
+            Outcome::error(exit::ATTACK, format!("possible attack: {e}"))
+        };
+        let page = HistoryPage::parse(&page_text).map_err(|e| attack(format!("{base}: {e}")))?;
+        if (page.head.head.epoch, page.head.head.root_hash)
+            != (answer.head.head.epoch, answer.head.head.root_hash)
+        {
+            // A newer epoch was committed between the requests: no attack, read again later.
+            return Err(Outcome::error(
+                exit::TEMPFAIL,
+                format!(
+                    "key directory: {base} moved from epoch {} to {} while the history of \
+                     {address} was read; try again",
+                    answer.head.head.epoch, page.head.head.epoch
+                ),
+            ));
+        }
+        let older = page
+            .verify(&head_key, address, before, before_epoch)
+            .await
+            .map_err(|e| attack(e.to_string()))?;
+        versions.extend(older);
+    }
     // The history's head against the remembered one: never older, the same root at the same
     // epoch (a newer one is checked by the next look-up's append-only proof).
     if let Some(old) = held.memory.remembered_head() {
@@ -863,6 +917,11 @@ pub async fn history(
         }
     }
     Ok(Some((answer.head.head.epoch, versions)))
+}
+
+/// A history answer or page (`GET base + path`); `None` for a 404.
+async fn get_history(s: &Settings, base: &str, path: &str) -> Result<Option<String>, Outcome> {
+    fetch_or_missing(base, path, s.ca_file(), MAX_HISTORY_ANSWER).await
 }
 
 /// `s` with everything but unreserved characters, `@` and `+` percent-encoded.
@@ -968,7 +1027,10 @@ mod tests {
             witness_max_age: 60,
         };
         let key = "ab".repeat(32);
-        assert!(args(true, None, &[]).validate(false).is_ok(), "the pin or DNS");
+        assert!(
+            args(true, None, &[]).validate(false).is_ok(),
+            "the pin or DNS"
+        );
         assert!(args(true, Some(&key), &[&witness]).validate(false).is_ok());
         assert!(args(false, Some(&key), &[&witness]).validate(true).is_ok());
         for (bad, http, want) in [
@@ -997,10 +1059,7 @@ mod tests {
         assert_eq!(back.reply.log_key, check.reply.log_key);
         assert_eq!(back.reply.witnesses, check.reply.witnesses);
         assert_eq!(back.reply.witness_max_age, 60);
-        assert_eq!(
-            back.witness_policy().unwrap().map(|p| p.threshold),
-            Some(1)
-        );
+        assert_eq!(back.witness_policy().unwrap().map(|p| p.threshold), Some(1));
     }
 
     #[test]

@@ -12,11 +12,19 @@
 //! signed by the pinned key) is never signed: exit 5, and the evidence (the remembered head
 //! and what the log served instead) is written to `<state>/fork-<epoch>-<time>.txt`. A log
 //! that cannot be reached is exit 75 (try again later).
+//!
+//! A round holds an exclusive lock on `<state>/<domain>.lock` from reading the remembered head
+//! to writing the new one (written atomically): two runs on one state directory (a cron job
+//! next to a `--interval` loop) take turns, so neither cosigns a head the other's accepted
+//! head does not extend (two first heads on trust at once would be a fork, cosigned). A run
+//! that waits longer than [`LOCK_WAIT`] for the lock exits 75.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Subcommand;
+use fs4::fs_std::FileExt;
 use kst_core::durable::write_atomic;
 use kst_core::time::unix_now;
 use kst_core::transparency::answer::{head_text, hex32, parse_head};
@@ -35,6 +43,8 @@ use crate::exit;
 pub const ATTACK: u8 = 5;
 /// Largest witness key file read.
 const MAX_KEY_FILE: u64 = 4096;
+/// How long a round waits for another run on the same state directory to finish its round.
+pub const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// `kst log witness ...`.
 #[derive(Debug, Subcommand)]
@@ -132,6 +142,7 @@ struct Follower {
     log_url: String,
     head_key: [u8; 32],
     state_file: PathBuf,
+    lock_file: PathBuf,
 }
 
 impl Follower {
@@ -163,13 +174,53 @@ impl Follower {
             )
         })?;
         let state_file = args.state.join(format!("{domain}.head"));
+        let lock_file = args.state.join(format!("{domain}.lock"));
         let args = FollowArgs { domain, ..args };
         Ok(Follower {
             args,
             log_url,
             head_key,
             state_file,
+            lock_file,
         })
+    }
+
+    /// Locks the domain's state for one round (released when the file is dropped); waits
+    /// at most [`LOCK_WAIT`] for another run's round, then fails as temporary.
+    async fn lock(&self) -> Result<File, Failure> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.lock_file)
+            .map_err(|e| {
+                Failure::Local(
+                    exit::CANTCREAT,
+                    format!("cannot open {}: {e}", self.lock_file.display()),
+                )
+            })?;
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            match FileExt::try_lock_exclusive(&file) {
+                Ok(true) => return Ok(file),
+                Ok(false) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(false) => {
+                    return Err(Failure::Temporary(format!(
+                        "another kst log witness or audit run holds {} for over {}s",
+                        self.lock_file.display(),
+                        LOCK_WAIT.as_secs()
+                    )));
+                }
+                Err(e) => {
+                    return Err(Failure::Local(
+                        exit::CANTCREAT,
+                        format!("cannot lock {}: {e}", self.lock_file.display()),
+                    ));
+                }
+            }
+        }
     }
 
     fn path(&self, rest: &str) -> String {
@@ -440,6 +491,7 @@ pub async fn run_audit(log_url: String, follow: FollowArgs) -> u8 {
 }
 
 async fn audit_round(f: &Follower) -> Result<(), Failure> {
+    let _held = f.lock().await?;
     let old = match f.remembered()? {
         Some(h) => h,
         None => f.head_at(0).await?,
@@ -458,6 +510,8 @@ async fn audit_round(f: &Follower) -> Result<(), Failure> {
 }
 
 async fn witness_round(f: &Follower, signer: &HeadSigner, submit: bool) -> Result<(), Failure> {
+    // From the remembered head to the new one, and the cosignature handed in, under the lock.
+    let _held = f.lock().await?;
     let (new, text) = f.newest().await?;
     let checked = match f.remembered()? {
         Some(old) => f.extends(&old, &new, &text).await?,

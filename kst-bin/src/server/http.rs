@@ -12,6 +12,8 @@ use kst_core::service::Kst;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
+use super::web::PeerAddr;
+
 /// How long `/readyz` waits for the store and the mailer to answer.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -44,7 +46,7 @@ pub async fn run(
 }
 
 /// [`run`], with `extra` routes (the key directory's when `[web]` is off, feature
-/// `transparency`).
+/// `transparency`, under `web::handlers::ops_routes`' guard, which reads the peer address).
 pub async fn run_with(
     listener: TcpListener,
     kst: Kst,
@@ -52,9 +54,14 @@ pub async fn run_with(
     extra: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(kst, metrics).merge(extra))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(kst, metrics)
+            .merge(extra)
+            .into_make_service_with_connect_info::<PeerAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn healthz() -> &'static str {

@@ -4,8 +4,9 @@
 //! - `GET /.well-known/kst/log/<domain>/keys`: the head key and the VRF key (hex lines);
 //! - `GET /.well-known/kst/log/<domain>/head`: the stored signed head of the latest epoch
 //!   and the witnesses' cosignatures of it (`kst_core::transparency::witness`);
-//! - `GET /.well-known/kst/log/<domain>/head/<epoch>`: the same for an older epoch (404 when
-//!   none is stored);
+//! - `GET /.well-known/kst/log/<domain>/head/<epoch>`: the same for an older epoch (404 for
+//!   an epoch after the latest; an older epoch without a stored head gets one signed late,
+//!   `kst_core::transparency::backfill`, also in the background for every log served here);
 //! - `GET /.well-known/kst/log/<domain>/lookup/<address>`: the signed head and the lookup
 //!   (or absence) proof for the address against it
 //!   (`kst_core::transparency::answer`); with `?witnessed=1` also the witnesses' newest
@@ -15,21 +16,34 @@
 //!   [`MAX_AUDIT_EPOCHS`] epochs, else 400);
 //! - `POST /.well-known/kst/log/<domain>/cosignature`: a witness of `[transparency]
 //!   witnesses` hands in its cosignature (the head text with one cosignature line, at most
-//!   [`MAX_HEAD_TEXT`] bytes): 204 when stored; 403 for a witness not listed; 409 when the
-//!   head is not the one stored for its epoch; 400 when it does not verify.
+//!   [`MAX_HEAD_TEXT`] bytes): 204 when stored (or stored already); 403 for a witness not
+//!   listed; 409 when the head is not the one stored for its epoch, or the cosignature is
+//!   older than the newest stored for that witness (a replay: an earlier epoch, or the same
+//!   epoch checked earlier); 400 when it does not verify.
 //! - with `?since=<epoch>`, a lookup also carries the append-only proof from that epoch (at
 //!   most `MAX_SINCE_EPOCHS` epochs back, else 422); `since` and `witnessed` combine;
 //! - `GET /.well-known/kst/log/<domain>/history/<address>`: the signed head and akd's history
 //!   proof of the address's newest versions (`kst_core::transparency::history`); 404 for an
-//!   address the directory never held.
+//!   address the directory never held. With `?before=<version>`, the page of the versions
+//!   below that one (`HistoryPage`, at most `MAX_VERSIONS` of them, each with its update
+//!   proof); 404 when there is none, 400 for any other query.
 //!
 //! Unknown domain or an address of another domain: 404; not an address: 400; the directory
-//! unreadable: 503 (retry). Answers are not cached (`Cache-Control: no-store`): each names
-//! the latest epoch. On `[web]` every route is under `[web.limits]` (the same per-client
-//! counters as WKD and VKS).
+//! unreadable or busy: 503 (retry). Answers are not cached (`Cache-Control: no-store`): each
+//! names the latest epoch.
+//!
+//! Limits (docs/SECURITY.md, "Key transparency (issue 18): threat model"): every route is
+//! under `[web.limits]`, on `[web]` and on `[http]` alike (`web::handlers::ops_routes`), and
+//! an absence answer counts as a miss like a WKD 404 (the response carries
+//! [`FoundNothing`]), so the log is no better a dictionary oracle than WKD. The expensive
+//! requests (audits, look-ups with `since` or `witnessed`, histories) are served at most
+//! [`MAX_HEAVY_AT_ONCE`] at a time per process; one that waits longer than
+//! [`HEAVY_WAIT`] for its turn is answered 503. The directory's own queue is bounded too
+//! (`kst_core::transparency::log::MAX_QUEUED_READS`: 503 beyond it).
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -39,10 +53,21 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kst_core::AddressPolicy;
 use kst_core::time::unix_now;
+use kst_core::transparency::answer::AnswerProof;
 use kst_core::transparency::witness::{
     MAX_AUDIT_EPOCHS, MAX_HEAD_TEXT, head_with_cosignatures_text, parse_head_with_cosignatures,
 };
 use kst_core::transparency::{DomainLog, SignedHead, TransparencyError};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::web::limits::FoundNothing;
+
+/// Expensive requests (audits, look-ups with `since` or `witnessed`, histories) served at once
+/// per process.
+pub const MAX_HEAVY_AT_ONCE: usize = 4;
+
+/// How long an expensive request waits for its turn before it is answered 503.
+pub const HEAVY_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 struct LogState {
@@ -50,6 +75,20 @@ struct LogState {
     address_policy: AddressPolicy,
     /// `[transparency] witnesses`: name and key.
     witnesses: Arc<Vec<(String, [u8; 32])>>,
+    /// Turns of the expensive requests ([`MAX_HEAVY_AT_ONCE`]).
+    heavy: Arc<Semaphore>,
+}
+
+impl LogState {
+    // A `Response` is what the handler returns, once; boxing it would buy nothing.
+    #[allow(clippy::result_large_err)]
+    /// A turn for an expensive request, or the 503 to answer when none comes in time.
+    async fn heavy_turn(&self) -> Result<OwnedSemaphorePermit, Response> {
+        match tokio::time::timeout(HEAVY_WAIT, Arc::clone(&self.heavy).acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(busy()),
+        }
+    }
 }
 
 /// The routes of the logs in `logs`; `witnesses` (name, key) are the witnesses whose
@@ -61,7 +100,12 @@ pub fn router(
 ) -> Router {
     let logs = logs
         .into_iter()
-        .map(|l| (l.domain().to_string(), l))
+        .map(|l| {
+            // Epochs without a stored head (a directory kept from before heads were stored)
+            // get one in the background, so audits from epoch 0 can be served.
+            l.start_backfill();
+            (l.domain().to_string(), l)
+        })
         .collect();
     Router::new()
         .route("/.well-known/kst/log/{domain}/keys", get(keys))
@@ -84,6 +128,7 @@ pub fn router(
             logs: Arc::new(logs),
             address_policy,
             witnesses: Arc::new(witnesses),
+            heavy: Arc::new(Semaphore::new(MAX_HEAVY_AT_ONCE)),
         })
 }
 
@@ -108,6 +153,17 @@ fn failed(domain: &str, e: &kst_core::transparency::TransparencyError) -> Respon
     let mut r = text(
         StatusCode::SERVICE_UNAVAILABLE,
         "the key directory cannot answer now; retry later\n".into(),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+    r
+}
+
+/// 503: too many expensive requests at once.
+fn busy() -> Response {
+    let mut r = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the key directory is busy with other expensive requests; retry later\n".into(),
     );
     r.headers_mut()
         .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
@@ -219,6 +275,10 @@ async fn audit(
     if to > latest {
         return not_found(&format!("the latest epoch is {latest}"));
     }
+    let _turn = match s.heavy_turn().await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
     match log.audit_answer(from, to).await.and_then(|a| a.to_text()) {
         Ok(body) => text(StatusCode::OK, body),
         Err(e) => failed(&domain, &e),
@@ -280,6 +340,11 @@ async fn cosignature(
         }
         Err(e @ (TransparencyError::Signature(_) | TransparencyError::Verification(_))) => {
             text(StatusCode::BAD_REQUEST, format!("{e}\n"))
+        }
+        // A replay of an older cosignature: the newer one stays.
+        Err(e @ TransparencyError::Stale(_)) => {
+            tracing::warn!(domain, witness = %name, epoch = head.head.epoch, error = %e, "an older cosignature was handed in; dropped");
+            text(StatusCode::CONFLICT, format!("{e}\n"))
         }
         Err(e) => failed(&domain, &e),
     }
@@ -345,6 +410,14 @@ async fn lookup(
     let witnessed = query
         .as_deref()
         .is_some_and(|q| q.split('&').any(|kv| kv == "witnessed=1"));
+    let _turn = if since.is_some() || witnessed {
+        match s.heavy_turn().await {
+            Ok(t) => Some(t),
+            Err(r) => return r,
+        }
+    } else {
+        None
+    };
     let mut answer = match log.answer_since(&address, since, unix_now()).await {
         Ok(a) => a,
         Err(TransparencyError::Range(m)) => {
@@ -359,8 +432,16 @@ async fn lookup(
             Err(e) => return failed(&domain, &e),
         }
     }
+    let absent = matches!(answer.proof, AnswerProof::Absent(_));
     match answer.to_text() {
-        Ok(body) => text(StatusCode::OK, body),
+        Ok(body) => {
+            let mut r = text(StatusCode::OK, body);
+            if absent {
+                // A look-up that found nothing, for [web.limits]' miss counters.
+                r.extensions_mut().insert(FoundNothing);
+            }
+            r
+        }
         Err(TransparencyError::Range(m)) => {
             text(StatusCode::UNPROCESSABLE_ENTITY, format!("{m}\n"))
         }
@@ -371,11 +452,31 @@ async fn lookup(
 async fn history(
     State(s): State<LogState>,
     Path((domain, address)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
 ) -> Response {
     let (log, address) = match log_and_address(&s, &domain, &address) {
         Ok(found) => found,
         Err(r) => return r,
     };
+    let _turn = match s.heavy_turn().await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match query.as_deref().filter(|q| !q.is_empty()) {
+        None => {}
+        Some(q) => {
+            return match q
+                .strip_prefix("before=")
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                Some(before) if before >= 2 => history_page(&log, &domain, &address, before).await,
+                _ => text(
+                    StatusCode::BAD_REQUEST,
+                    "the query may hold before=<version> (a number from 2), nothing else\n".into(),
+                ),
+            };
+        }
+    }
     match log.history(&address, unix_now()).await {
         Ok(Some(h)) => match h.to_text() {
             Ok(body) => text(StatusCode::OK, body),
@@ -383,5 +484,22 @@ async fn history(
         },
         Ok(None) => not_found("the directory holds no version of this address"),
         Err(e) => failed(&domain, &e),
+    }
+}
+
+/// `.../history/<address>?before=<version>`: the page of older versions.
+async fn history_page(
+    log: &DomainLog,
+    domain: &str,
+    address: &kst_core::Address,
+    before: u64,
+) -> Response {
+    match log.history_page(address, before, unix_now()).await {
+        Ok(Some(page)) => match page.to_text() {
+            Ok(body) => text(StatusCode::OK, body),
+            Err(e) => failed(domain, &e),
+        },
+        Ok(None) => not_found("the directory holds no version of this address below that one"),
+        Err(e) => failed(domain, &e),
     }
 }

@@ -83,7 +83,9 @@ async fn start(cfg: Config) -> u8 {
     if let Some(note) = logging::init(&cfg.log) {
         tracing::warn!("{note}");
     }
-    let kst = match wiring::build_kst_with(&cfg, Reach::Lazily).await {
+    // The logs the store records in are the ones served: one directory thread per domain.
+    #[cfg_attr(not(feature = "transparency"), allow(unused_variables))]
+    let (kst, logs) = match wiring::build_kst_and_logs(&cfg, Reach::Lazily).await {
         Ok(k) => k,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
@@ -97,9 +99,10 @@ async fn start(cfg: Config) -> u8 {
     );
     wiring::publish_submission_keys(&kst).await;
     #[cfg(feature = "transparency")]
-    let extra = match crate::shared::transparency::open_logs(&cfg).await {
-        Ok(logs) if logs.is_empty() => axum::Router::new(),
-        Ok(logs) => match cfg.transparency.witness_keys() {
+    let extra = if logs.is_empty() {
+        axum::Router::new()
+    } else {
+        match cfg.transparency.witness_keys() {
             Ok(witnesses) => crate::server::log_http::router(
                 logs,
                 kst.policy().address_policy.clone(),
@@ -110,10 +113,6 @@ async fn start(cfg: Config) -> u8 {
                 tracing::error!(error = %e, "cannot start");
                 return report::error(&e);
             }
-        },
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start");
-            return report::error(&e);
         }
     };
     #[cfg(not(feature = "transparency"))]
@@ -158,7 +157,7 @@ pub async fn daemon_with_web(
 }
 
 /// [`daemon_with_web`], with `extra` routes on `[web]`, or on `[http]` when `[web]` is off
-/// (the key directory's, feature `transparency`).
+/// (the key directory's, feature `transparency`); on either under `[web.limits]`.
 pub async fn daemon_full(
     lmtp: LmtpConfig,
     http: HttpConfig,
@@ -172,6 +171,15 @@ pub async fn daemon_full(
         .map_err(|e| anyhow::anyhow!("invalid [web] section: {e}"))?;
     let signals = signal_count().context("cannot install the SIGTERM/SIGINT handlers")?;
     let metrics = metrics::init();
+    // Without [web], the extra routes go to [http], under [web.limits] there too (the
+    // loopback operations listener may be what a proxy forwards the public to).
+    let ops_guard = match web_cfg.enabled() {
+        true => None,
+        false => Some(
+            web::guard_of(&web_cfg, Arc::clone(kst.rate_limiter()))
+                .map_err(|e| anyhow::anyhow!("invalid [web] section: {e}"))?,
+        ),
+    };
     let listener = Listener::bind_config(&lmtp)
         .await
         .with_context(|| format!("cannot listen for LMTP on {:?} (lmtp.listen)", lmtp.listen))?;
@@ -201,6 +209,9 @@ pub async fn daemon_full(
     } else {
         None
     };
+    if let Some(guard) = ops_guard {
+        extra = web::handlers::ops_routes(std::mem::take(&mut extra), guard);
+    }
     let http_task = match http.listen.trim() {
         "" => None,
         addr => {

@@ -46,12 +46,37 @@ pub async fn build_kst(config: &Config) -> Result<Kst, kst_core::Error> {
 /// [`build_kst`], choosing what happens when a network store cannot be reached (`kst serve`
 /// starts anyway: [`Reach::Lazily`]).
 pub async fn build_kst_with(config: &Config, reach: Reach) -> Result<Kst, kst_core::Error> {
+    build_kst_and_logs(config, reach).await.map(|(kst, _)| kst)
+}
+
+/// The key directory's logs a KST records in (feature `transparency`; empty when
+/// `[transparency]` is off).
+#[cfg(feature = "transparency")]
+pub type Logs = Vec<Arc<kst_core::transparency::DomainLog>>;
+/// Nothing: built without the feature `transparency`.
+#[cfg(not(feature = "transparency"))]
+pub type Logs = ();
+
+/// [`build_kst_with`], and the logs the KST records in: `kst serve` serves the same ones
+/// over HTTP, so each domain has one directory (one thread, one queue) per process.
+pub async fn build_kst_and_logs(
+    config: &Config,
+    reach: Reach,
+) -> Result<(Kst, Logs), kst_core::Error> {
     let policy = config.policy()?;
     let (store, limiter) = stores::open_store_and_limiter(&config.store, reach).await?;
     // Key transparency: every publication and deletion is also recorded in the directory.
     // Version 3 replies carry the same directory's answers.
     #[cfg(feature = "transparency")]
-    let (store, log_answers) = crate::shared::transparency::wrap_store(config, store).await?;
+    let logs = crate::shared::transparency::open_logs(config).await?;
+    #[cfg(feature = "transparency")]
+    let (store, log_answers) = crate::shared::transparency::wrap_store_in(
+        store,
+        logs.clone(),
+        crate::shared::transparency::witness_keys(config)?,
+    );
+    #[cfg(not(feature = "transparency"))]
+    let logs = ();
     let mailer = build_reply_mailer(config)?;
     // The one reading of `[mailer] envelope_from`, the same `kst config check` validates.
     let envelope_from = config.mailer.envelope_from()?;
@@ -68,7 +93,7 @@ pub async fn build_kst_with(config: &Config, reach: Reach) -> Result<Kst, kst_co
         Some(answers) => kst.with_log_answers(answers),
         None => kst,
     };
-    Ok(kst)
+    Ok((kst, logs))
 }
 
 /// Makes sure the store holds the public part of every configured WKS submission key for its

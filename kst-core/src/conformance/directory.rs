@@ -38,6 +38,7 @@ pub async fn run_all(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
     heads_and_cosignatures(&a, &b).await;
     directory_proves_the_store(Arc::clone(&a)).await;
     log_stores_heads_and_cosignatures(Arc::clone(&a), Arc::clone(&b)).await;
+    heads_are_signed_late(Arc::clone(&a), Arc::clone(&b)).await;
     two_writers_one_history(a, b).await;
 }
 
@@ -402,6 +403,152 @@ pub async fn log_stores_heads_and_cosignatures(
     assert!(
         log_b.stored_heads(4, 4).await.is_err(),
         "heads: a stored head signed by another key must be refused"
+    );
+}
+
+/// Publishes one epoch per name with akd alone (no head signed: a directory kept from before
+/// heads were stored); the epochs and their roots go into `roots`.
+async fn publish_without_heads(
+    store: &Arc<dyn DirectoryStore>,
+    keys: &LogKeys,
+    names: &[&str],
+    roots: &mut BTreeMap<u64, [u8; 32]>,
+) {
+    use crate::transparency::{KeyDirectory, StoredDirectory};
+    let dir = KeyDirectory::open(
+        StoredDirectory::new(Arc::clone(store), &keys.domain),
+        keys.vrf.clone(),
+    )
+    .await
+    .expect("late heads: open the directory");
+    let (epoch, root) = dir.current().await.unwrap();
+    roots.insert(epoch, root);
+    for (n, name) in names.iter().enumerate() {
+        let addr = address(&format!("{name}@{}", keys.domain));
+        let entry = DirectoryEntry::for_record(&record(&addr, 5, n as u64, 1));
+        let (epoch, root) = dir
+            .publish(&[(addr, entry)])
+            .await
+            .expect("late heads: publish");
+        roots.insert(epoch, root);
+    }
+}
+
+/// The epochs of the stored heads of `from..=to`.
+async fn stored_epochs(log: &DomainLog, from: u64, to: u64) -> Vec<u64> {
+    let heads = log.stored_heads(from, to).await.unwrap();
+    heads.iter().map(|h| h.head.epoch).collect()
+}
+
+/// Epochs without a stored head (a directory kept from before heads were stored, a store
+/// that lost some) get one signed late, naming the root the epoch had: on demand (one older
+/// epoch; an audit from epoch 0, which then verifies) and in the background; a stored head
+/// that disagrees with the directory stops it, and nothing is signed.
+pub async fn heads_are_signed_late(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
+    const D: &str = "late.example";
+    let keys = LogKeys::generate(D);
+    let copy = || LogKeys::parse(&keys.to_file()).unwrap();
+    let head_key = keys.head.public_key();
+    let mut roots = BTreeMap::new();
+    // Epochs 1 to 3 without heads, 4 and 5 through the log (heads 3 to 5), 6 and 7 without.
+    publish_without_heads(&a, &keys, &["a1", "a2", "a3"], &mut roots).await;
+    let log_a = DomainLog::open(Arc::clone(&a), copy()).await.unwrap();
+    for (n, name) in ["l4", "l5"].iter().enumerate() {
+        let addr = address(&format!("{name}@{D}"));
+        match log_a
+            .sync(&addr, Some(&record(&addr, 6, n as u64, 1)), 200)
+            .await
+        {
+            Ok(Synced::Recorded {
+                epoch, root_hash, ..
+            }) => {
+                roots.insert(epoch, root_hash);
+            }
+            other => panic!("late heads: {addr}: {other:?}"),
+        }
+    }
+    publish_without_heads(&a, &keys, &["a6", "a7"], &mut roots).await;
+    assert_eq!(
+        stored_epochs(&log_a, 0, 7).await,
+        vec![3, 4, 5],
+        "late heads: the writer signs the epoch it builds on and its own"
+    );
+
+    // One older epoch, asked for alone (no stored head on either side): the epoch's root.
+    let log_b = DomainLog::open(Arc::clone(&b), copy()).await.unwrap();
+    let one = log_b
+        .head_at(1, 300)
+        .await
+        .unwrap()
+        .expect("late heads: the head of epoch 1 is signed on demand");
+    one.verify(&head_key).unwrap();
+    assert_eq!(
+        (one.head.root_hash, one.head.signed_at),
+        (roots[&1], 300),
+        "late heads: the late head names the epoch's root and the time it was signed"
+    );
+    // An audit from epoch 0: every missing head signed, every root the epoch's; it verifies.
+    let audit = log_b.audit_answer(0, 7).await.unwrap();
+    audit
+        .verify(&head_key)
+        .await
+        .unwrap_or_else(|e| panic!("late heads: the audit from 0 to 7: {e}"));
+    let got: BTreeMap<u64, [u8; 32]> = audit
+        .heads
+        .iter()
+        .map(|h| (h.head.epoch, h.head.root_hash))
+        .collect();
+    assert_eq!(got, roots, "late heads: each head names its epoch's root");
+    assert_eq!(
+        stored_epochs(&log_a, 0, 7).await,
+        (0..=7).collect::<Vec<_>>()
+    );
+
+    // In the background: epochs 8 to 10 without heads; a log that starts its backfill signs
+    // 8 and 9 (10, the latest, is signed by its first reader).
+    publish_without_heads(&a, &keys, &["a8", "a9", "a10"], &mut roots).await;
+    let log_c = DomainLog::open(Arc::clone(&a), copy()).await.unwrap();
+    log_c.start_backfill();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while stored_epochs(&log_c, 0, 9).await.len() < 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "late heads: the background backfill signs epochs 8 and 9 (stored: {:?})",
+            stored_epochs(&log_c, 0, 10).await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for h in log_c.stored_heads(8, 9).await.unwrap() {
+        assert_eq!(
+            h.head.root_hash, roots[&h.head.epoch],
+            "late heads: background"
+        );
+    }
+
+    // A stored head (signed with the log's key) that names another root than the directory
+    // gives its epoch: the heads next to it are not signed, the audit fails.
+    publish_without_heads(&a, &keys, &["a11", "a12", "a13"], &mut roots).await;
+    let forged = keys
+        .head
+        .sign(Head {
+            domain: D.into(),
+            epoch: 12,
+            root_hash: [7; 32],
+            vrf_public_key: keys.vrf.public_key().unwrap(),
+            signed_at: 400,
+        })
+        .unwrap();
+    let text = crate::transparency::answer::head_text(&forged).unwrap();
+    a.insert_head(D, 12, text.as_bytes()).await.unwrap();
+    let refused = log_b.audit_answer(9, 13).await;
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("inconsistent")),
+        "late heads: a planted head with another root must stop the late signing: {refused:?}"
+    );
+    assert_eq!(
+        stored_epochs(&log_b, 10, 11).await,
+        Vec::<u64>::new(),
+        "late heads: nothing signed next to an inconsistent head"
     );
 }
 

@@ -189,15 +189,7 @@ impl<S: Database + 'static> KeyDirectory<S> {
             Err(StorageError::NotFound(_)) => {}
             Err(e) => return Err(TransparencyError::Directory(e.to_string())),
         }
-        let azks = match self.storage.get::<Azks>(&DEFAULT_AZKS_KEY).await {
-            Ok(DbRecord::Azks(azks)) => azks,
-            Ok(_) => {
-                return Err(TransparencyError::Directory(
-                    "the directory's root record has the wrong kind".into(),
-                ));
-            }
-            Err(e) => return Err(TransparencyError::Directory(e.to_string())),
-        };
+        let azks = self.azks().await?;
         let position = self
             .vrf
             .get_node_label::<Config>(&label, VersionFreshness::Fresh, 1)
@@ -241,6 +233,115 @@ impl<S: Database + 'static> KeyDirectory<S> {
             .key_history(&label, super::history::history_params())
             .await?;
         Ok(Some((proof, epoch, root)))
+    }
+
+    /// The versions of `address` older than `before` (the newest
+    /// [`super::history::MAX_VERSIONS`] of them, newest first), each with akd's update proof
+    /// against the latest epoch (the membership of the version's fresh position with its
+    /// committed value, and of the previous version's stale marker), as akd builds them for a
+    /// history proof; with that epoch and its root hash. Only the update proofs are filled
+    /// (the markers that bound a history belong to the newest page,
+    /// [`KeyDirectory::history`]). `None` when the directory holds no such version.
+    pub async fn history_before(
+        &self,
+        address: &Address,
+        before: u64,
+    ) -> Result<Option<(akd::HistoryProof, u64, [u8; 32])>> {
+        use akd::UpdateProof;
+        use akd::configuration::Configuration as _;
+
+        let label = directory_label(address);
+        let azks = self.azks().await?;
+        let epoch = azks.get_latest_epoch();
+        let mut states = match self.storage.get_user_data(&label).await {
+            Ok(data) => data.states,
+            Err(StorageError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(TransparencyError::Directory(e.to_string())),
+        };
+        states.retain(|s| s.epoch <= epoch && s.version < before);
+        states.sort_by_key(|s| std::cmp::Reverse(s.version));
+        states.truncate(super::history::MAX_VERSIONS);
+        if states.is_empty() {
+            return Ok(None);
+        }
+        let vrf_error = |e: akd::ecvrf::VrfError| TransparencyError::Directory(e.to_string());
+        // akd's commitment key: the hash of the VRF secret (akd's `derive_commitment_key`).
+        let commitment_key = Config::hash(&self.vrf.retrieve().await.map_err(vrf_error)?);
+        let mut update_proofs = Vec::with_capacity(states.len());
+        for state in &states {
+            let version = state.version;
+            let fresh = self
+                .vrf
+                .get_node_label::<Config>(&label, VersionFreshness::Fresh, version)
+                .await
+                .map_err(vrf_error)?;
+            let existence_vrf_proof = self
+                .vrf
+                .get_label_proof::<Config>(&label, VersionFreshness::Fresh, version)
+                .await
+                .map_err(vrf_error)?
+                .to_bytes()
+                .to_vec();
+            let existence_proof = azks
+                .get_membership_proof::<Config, _>(&self.storage, fresh)
+                .await?;
+            let (previous_version_vrf_proof, previous_version_proof) = if version > 1 {
+                let stale = self
+                    .vrf
+                    .get_node_label::<Config>(&label, VersionFreshness::Stale, version - 1)
+                    .await
+                    .map_err(vrf_error)?;
+                let vrf_proof = self
+                    .vrf
+                    .get_label_proof::<Config>(&label, VersionFreshness::Stale, version - 1)
+                    .await
+                    .map_err(vrf_error)?
+                    .to_bytes()
+                    .to_vec();
+                let proof = azks
+                    .get_membership_proof::<Config, _>(&self.storage, stale)
+                    .await?;
+                (Some(vrf_proof), Some(proof))
+            } else {
+                (None, None)
+            };
+            let commitment_nonce =
+                Config::get_commitment_nonce(&commitment_key, &fresh, version, &state.value)
+                    .to_vec();
+            update_proofs.push(UpdateProof {
+                epoch: state.epoch,
+                value: state.value.clone(),
+                version,
+                existence_vrf_proof,
+                existence_proof,
+                previous_version_vrf_proof,
+                previous_version_proof,
+                commitment_nonce,
+            });
+        }
+        let root = azks.get_root_hash::<Config, _>(&self.storage).await?;
+        Ok(Some((
+            akd::HistoryProof {
+                update_proofs,
+                past_marker_vrf_proofs: Vec::new(),
+                existence_of_past_marker_proofs: Vec::new(),
+                future_marker_vrf_proofs: Vec::new(),
+                non_existence_of_future_marker_proofs: Vec::new(),
+            },
+            epoch,
+            root,
+        )))
+    }
+
+    /// The tree's root record.
+    async fn azks(&self) -> Result<Azks> {
+        match self.storage.get::<Azks>(&DEFAULT_AZKS_KEY).await {
+            Ok(DbRecord::Azks(azks)) => Ok(azks),
+            Ok(_) => Err(TransparencyError::Directory(
+                "the directory's root record has the wrong kind".into(),
+            )),
+            Err(e) => Err(TransparencyError::Directory(e.to_string())),
+        }
     }
 
     /// The append-only proof from epoch `from` to epoch `to` (one step per epoch between).

@@ -19,8 +19,11 @@
 //! and stored ([`DirectoryStore::insert_head`]): by the writer right after its commit, and
 //! before it builds the next epoch on the current one (so no epoch is superseded without its
 //! head, unless a writer dies between its commit and its head while another one commits);
-//! a missing head of the latest epoch is signed on first read. Every head served (`/head`,
-//! lookups) is the stored one, so witnesses' cosignatures of it match what clients see.
+//! a missing head of the latest epoch is signed on first read, and one of an older epoch
+//! (a directory kept from before heads were stored) is signed late with the root akd's
+//! append-only proof gives it ([`super::backfill`]: on demand, and in the background for the
+//! logs `kst serve` serves). Every head served (`/head`, lookups) is the stored one, so
+//! witnesses' cosignatures of it match what clients see.
 //!
 //! The directory runs on a thread of its own (a current-thread Tokio runtime) and is asked
 //! through a channel: rustc cannot prove akd's futures `Send` ("implementation of `Send` is
@@ -37,10 +40,11 @@ use tokio::sync::{mpsc, oneshot};
 use super::answer::{
     AnswerProof, AppendOnlyFrom, LogAnswer, MAX_SINCE_EPOCHS, head_text, parse_head,
 };
+use super::backfill::{self, Backfill, Filler};
 use super::directory::{KeyDirectory, LookupAnswer};
 use super::entry::{DirectoryEntry, EntryState};
 use super::head::{Cosignature, Head, SignedHead};
-use super::history::HistoryAnswer;
+use super::history::{HistoryAnswer, HistoryPage};
 use super::keys::LogKeys;
 use super::storage::{DirectoryStore, DirectoryStoreError, StoredDirectory};
 use super::witness::{AuditAnswer, MAX_AUDIT_EPOCHS, Witnessed};
@@ -55,6 +59,17 @@ const MAX_ATTEMPTS: u64 = 32;
 
 /// At most this many requests are recorded in one epoch; more wait for the next.
 const MAX_BATCH: usize = 512;
+
+/// Reads (heads, lookups, histories, audits) that may wait for the directory's thread; one
+/// more is refused at once as a temporary failure (HTTP 503), never queued without bound.
+pub const MAX_QUEUED_READS: usize = 256;
+
+/// Changes that may wait for the directory's thread (two epochs' worth); one more is a
+/// temporary failure (LMTP 4xx, `kst deliver` exit 75: the MTA tries again).
+pub const MAX_QUEUED_WRITES: usize = 2 * MAX_BATCH;
+
+/// Reads the thread answers between two batches of changes (changes go first).
+const READS_BETWEEN_WRITES: usize = 16;
 
 /// Where the writer reads what the key store holds for an address (again on every attempt).
 #[async_trait]
@@ -100,8 +115,13 @@ pub struct DomainLog {
     domain: String,
     head_key: [u8; 32],
     vrf_key: [u8; 32],
-    requests: mpsc::UnboundedSender<Request>,
+    /// Changes ([`Request::Sync`]), answered before reads.
+    writes: mpsc::Sender<Request>,
+    /// Everything else.
+    reads: mpsc::Sender<Request>,
     store: Arc<dyn DirectoryStore>,
+    /// Held while a cosignature is checked against the stored ones and stored.
+    cosigning: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for DomainLog {
@@ -162,6 +182,8 @@ enum Request {
     },
     History {
         address: Address,
+        /// A page of the versions below this one ([`HistoryPage`]).
+        before: Option<u64>,
         now: u64,
         reply: oneshot::Sender<Result<Option<HistoryAnswer>>>,
     },
@@ -170,6 +192,15 @@ enum Request {
         to: u64,
         reply: oneshot::Sender<Result<akd::AppendOnlyProof>>,
     },
+    /// Heads for the epochs of a range that have none ([`backfill::fill`]).
+    FillHeads {
+        from: u64,
+        to: u64,
+        now: u64,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    /// Starts the background backfill of missing heads.
+    StartBackfill,
 }
 
 /// The directory and the head key, owned by the directory's thread. The directory is opened
@@ -182,6 +213,8 @@ struct Worker {
     /// The directory once opened.
     opened: Option<Opened>,
     store: Arc<dyn DirectoryStore>,
+    /// Where the background backfill of missing heads stands.
+    backfill: Backfill,
 }
 
 /// An open directory.
@@ -270,7 +303,7 @@ async fn back_off(attempt: u64) {
 /// Parses a stored head and checks it is the head of `domain`'s log (its VRF key, signed by
 /// `head_key`) of `epoch`, with `root_hash` when the directory knows it. Anything else means
 /// the store holds another directory's heads or was altered: [`TransparencyError::Directory`].
-fn check_stored_head(
+pub(super) fn check_stored_head(
     domain: &str,
     vrf_key: &[u8; 32],
     head_key: &[u8; 32],
@@ -320,7 +353,10 @@ impl DomainLog {
         let domain = keys.domain.clone();
         let head_key = keys.head.public_key();
         let vrf_key = keys.vrf.public_key()?;
-        let (requests, mut inbox) = mpsc::unbounded_channel::<Request>();
+        // Two bounded queues: changes (answered first) and reads. A full queue refuses at
+        // once (a temporary failure), so a flood neither hangs callers nor grows memory.
+        let (writes, mut write_inbox) = mpsc::channel::<Request>(MAX_QUEUED_WRITES);
+        let (reads, mut read_inbox) = mpsc::channel::<Request>(MAX_QUEUED_READS);
         let worker_store = Arc::clone(&store);
         let (opened, open_result) = oneshot::channel::<Result<()>>();
         let caller = tokio::runtime::Handle::current();
@@ -345,6 +381,7 @@ impl DomainLog {
                         caller,
                         opened: None,
                         store: worker_store,
+                        backfill: Backfill::default(),
                     };
                     if let Err(e) = worker.open().await {
                         tracing::warn!(domain = %worker.keys.domain, error = %e, "the key directory cannot be read now; opening it again with the next request");
@@ -352,16 +389,31 @@ impl DomainLog {
                     if opened.send(Ok(())).is_err() {
                         return;
                     }
-                    while let Some(request) = inbox.recv().await {
+                    // Writes first: a flood of reads never holds a change back. While no
+                    // request waits, the background backfill takes a step.
+                    loop {
+                        let request = match write_inbox.try_recv().or_else(|_| read_inbox.try_recv()) {
+                            Ok(r) => r,
+                            Err(_) if worker.backfill.pending() => {
+                                worker.backfill_step().await;
+                                continue;
+                            }
+                            Err(_) => tokio::select! {
+                                biased;
+                                Some(r) = write_inbox.recv() => r,
+                                Some(r) = read_inbox.recv() => r,
+                                else => break,
+                            },
+                        };
                         let mut syncs = Vec::new();
                         let mut others = Vec::new();
                         match request {
                             Request::Sync(s) => syncs.push(s),
                             other => others.push(other),
                         }
-                        // Group commit: every request queued meanwhile joins the epoch.
+                        // Group commit: every change queued meanwhile joins the epoch.
                         while !syncs.is_empty() && syncs.len() < MAX_BATCH {
-                            match inbox.try_recv() {
+                            match write_inbox.try_recv() {
                                 Ok(Request::Sync(s)) => syncs.push(s),
                                 Ok(other) => others.push(other),
                                 Err(_) => break,
@@ -369,6 +421,14 @@ impl DomainLog {
                         }
                         if !syncs.is_empty() {
                             worker.sync_batch(syncs).await;
+                            // A few reads between two batches: a stream of changes does
+                            // not starve them either.
+                            while others.len() < READS_BETWEEN_WRITES {
+                                match read_inbox.try_recv() {
+                                    Ok(r) => others.push(r),
+                                    Err(_) => break,
+                                }
+                            }
                         }
                         for other in others {
                             worker.handle(other).await;
@@ -386,8 +446,10 @@ impl DomainLog {
             domain,
             head_key,
             vrf_key,
-            requests,
+            writes,
+            reads,
             store,
+            cosigning: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -411,7 +473,18 @@ impl DomainLog {
         request: impl FnOnce(oneshot::Sender<Result<T>>) -> Request,
     ) -> Result<T> {
         let (reply, answer) = oneshot::channel();
-        self.requests.send(request(reply)).map_err(|_| gone())?;
+        let request = request(reply);
+        let (queue, what, bound) = match request {
+            Request::Sync(_) => (&self.writes, "changes", MAX_QUEUED_WRITES),
+            _ => (&self.reads, "reads", MAX_QUEUED_READS),
+        };
+        queue.try_send(request).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => TransparencyError::Directory(format!(
+                "the key directory of {} has {bound} {what} waiting already; retry later",
+                self.domain
+            )),
+            mpsc::error::TrySendError::Closed(_) => gone(),
+        })?;
         answer.await.map_err(|_| gone())?
     }
 
@@ -492,8 +565,9 @@ impl DomainLog {
         self.ask(|reply| Request::Head { now, reply }).await
     }
 
-    /// The stored signed head of `epoch`; for the latest epoch signed at `now` and stored if
-    /// there is none yet. `None`: no such epoch, or an older one whose head was never stored.
+    /// The stored signed head of `epoch`; signed at `now` and stored if there is none yet (for
+    /// an older epoch with the root akd's append-only proof gives it, [`super::backfill`]).
+    /// `None`: no such epoch.
     pub async fn head_at(&self, epoch: u64, now: u64) -> Result<Option<SignedHead>> {
         self.ask(|reply| Request::HeadAt { epoch, now, reply })
             .await
@@ -567,8 +641,13 @@ impl DomainLog {
     /// Stores a witness's cosignature of the head of `epoch` after checking it against the
     /// stored head of that epoch (the caller checks that it trusts the witness). No stored
     /// head for `epoch`, or a cosignature that does not verify:
-    /// [`TransparencyError::Verification`] / [`TransparencyError::Signature`].
+    /// [`TransparencyError::Verification`] / [`TransparencyError::Signature`]. One older than
+    /// the newest stored for that witness (an earlier epoch, or the same epoch checked
+    /// earlier: a replay) is [`TransparencyError::Stale`] and changes nothing; the same one
+    /// again is stored already (`Ok`). Cosignatures are stored one at a time per process, so
+    /// of two at once the newer stays.
     pub async fn add_cosignature(&self, epoch: u64, cosignature: &Cosignature) -> Result<()> {
+        let _one_at_a_time = self.cosigning.lock().await;
         let Some(head) = self.stored_heads(epoch, epoch).await?.pop() else {
             return Err(TransparencyError::Verification(format!(
                 "{} has no stored head of epoch {epoch} to cosign",
@@ -576,6 +655,29 @@ impl DomainLog {
             )));
         };
         cosignature.verify(&head)?;
+        if let Some((newest, blob)) = self
+            .store
+            .latest_cosignature(&self.domain, &cosignature.witness)
+            .await
+            .map_err(store_error)?
+        {
+            // A stored line that does not parse is replaced (it is never served).
+            let checked_at = std::str::from_utf8(&blob)
+                .ok()
+                .and_then(|l| Cosignature::parse_line(l).ok())
+                .map_or(0, |c| c.checked_at);
+            if (epoch, cosignature.checked_at) < (newest, checked_at) {
+                return Err(TransparencyError::Stale(format!(
+                    "witness {} cosigned epoch {newest} (checked at {checked_at}) already; a \
+                     cosignature of epoch {epoch} checked at {} is older and is dropped",
+                    hex::encode(cosignature.witness),
+                    cosignature.checked_at
+                )));
+            }
+            if (epoch, cosignature.checked_at) == (newest, checked_at) {
+                return Ok(());
+            }
+        }
         self.store
             .put_cosignature(
                 &self.domain,
@@ -647,9 +749,22 @@ impl DomainLog {
 
     /// What an auditor or witness checks between epochs `from` and `to` (`from <= to`; the
     /// caller bounds the range): the stored head of every epoch in it and akd's append-only
-    /// proof. An epoch without a stored head fails ([`TransparencyError::Directory`]).
+    /// proof. Epochs without a stored head get one signed late first ([`super::backfill`]);
+    /// one that still has none fails ([`TransparencyError::Directory`]).
     pub async fn audit_answer(&self, from: u64, to: u64) -> Result<AuditAnswer> {
-        let heads = self.stored_heads(from, to).await?;
+        let mut heads = self.stored_heads(from, to).await?;
+        if heads.len() as u64 != to - from + 1 {
+            // Epochs without a head: signed late (docs/TRANSPARENCY.md), then read again.
+            let now = crate::time::unix_now();
+            self.ask(|reply| Request::FillHeads {
+                from,
+                to,
+                now,
+                reply,
+            })
+            .await?;
+            heads = self.stored_heads(from, to).await?;
+        }
         if let Some(missing) = (from..=to)
             .zip(
                 heads
@@ -710,10 +825,45 @@ impl DomainLog {
     pub async fn history(&self, address: &Address, now: u64) -> Result<Option<HistoryAnswer>> {
         self.ask(|reply| Request::History {
             address: address.clone(),
+            before: None,
             now,
             reply,
         })
         .await
+    }
+
+    /// The versions of `address` below `before` (the newest
+    /// [`super::history::MAX_VERSIONS`] of them) with akd's update proofs, against the signed
+    /// head of the latest epoch; `None` when the directory holds no such version.
+    pub async fn history_page(
+        &self,
+        address: &Address,
+        before: u64,
+        now: u64,
+    ) -> Result<Option<HistoryPage>> {
+        let answer = self
+            .ask(|reply| Request::History {
+                address: address.clone(),
+                before: Some(before),
+                now,
+                reply,
+            })
+            .await?;
+        Ok(answer.map(|a| HistoryPage {
+            head: a.head,
+            before,
+            proof: a.proof,
+        }))
+    }
+
+    /// Starts filling, in the background, the heads of epochs that have none (a directory
+    /// kept from before heads were stored, a store that lost some): bounded steps while no
+    /// request waits (docs/TRANSPARENCY.md, "Heads signed late"). `kst serve` does this for
+    /// the logs it serves.
+    pub fn start_backfill(&self) {
+        // At start the queue is empty; a log whose thread stopped answers every request with
+        // an error anyway.
+        let _ = self.writes.try_send(Request::StartBackfill);
     }
 
     /// The append-only proof from epoch `from` to `to` (auditors, witnesses, clients that
@@ -735,6 +885,8 @@ impl Request {
             Request::Answer { reply, .. } => drop(reply.send(Err(e))),
             Request::History { reply, .. } => drop(reply.send(Err(e))),
             Request::Audit { reply, .. } => drop(reply.send(Err(e))),
+            Request::FillHeads { reply, .. } => drop(reply.send(Err(e))),
+            Request::StartBackfill => {}
         }
     }
 }
@@ -807,10 +959,11 @@ impl Worker {
             }
             Request::History {
                 address,
+                before,
                 now,
                 reply,
             } => {
-                let _ = reply.send(self.history(&address, now).await);
+                let _ = reply.send(self.history(&address, before, now).await);
             }
             Request::Audit { from, to, reply } => {
                 let result = match self.dir() {
@@ -819,6 +972,51 @@ impl Worker {
                 };
                 let _ = reply.send(result);
             }
+            Request::FillHeads {
+                from,
+                to,
+                now,
+                reply,
+            } => {
+                let _ = reply.send(self.fill_heads(from, to, now).await);
+            }
+            Request::StartBackfill => self.backfill.start(),
+        }
+    }
+
+    /// What [`backfill`] works with.
+    fn filler(&self) -> Result<Filler<'_>> {
+        Ok(Filler {
+            directory: self.dir()?,
+            store: &self.store,
+            keys: &self.keys,
+        })
+    }
+
+    /// Heads for the epochs of `from..=to` that have none ([`backfill::fill`]).
+    async fn fill_heads(&self, from: u64, to: u64, now: u64) -> Result<u64> {
+        backfill::fill(&self.filler()?, from, to, now).await
+    }
+
+    /// One step of the background backfill (the directory opened first); a failure is
+    /// logged, and the step runs again when the log is next idle.
+    async fn backfill_step(&mut self) {
+        if let Err(e) = self.open().await {
+            tracing::debug!(domain = %self.keys.domain, error = %e, "head backfill waits for the directory");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            return;
+        }
+        self.forget().await;
+        let Some(opened) = &self.opened else { return };
+        let filler = Filler {
+            directory: &opened.directory,
+            store: &self.store,
+            keys: &self.keys,
+        };
+        if let Err(e) = self.backfill.step(&filler, crate::time::unix_now()).await {
+            tracing::warn!(domain = %self.keys.domain, error = %e, "key directory: head backfill step failed");
+            // Not at once again: a store that is down is retried after a pause.
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
     }
 
@@ -1052,14 +1250,24 @@ impl Worker {
         }
     }
 
-    /// [`Worker::history`] with [`Worker::answer`]'s retries.
-    async fn history(&self, address: &Address, now: u64) -> Result<Option<HistoryAnswer>> {
+    /// The history proof of `address` (with `before`, the page below that version) with
+    /// [`Worker::answer`]'s retries.
+    async fn history(
+        &self,
+        address: &Address,
+        before: Option<u64>,
+        now: u64,
+    ) -> Result<Option<HistoryAnswer>> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             self.forget().await;
             let built_on = self.current().await.ok().map(|(e, _)| e);
-            let result = match self.dir()?.history(address).await {
+            let proof = match before {
+                None => self.dir()?.history(address).await,
+                Some(before) => self.dir()?.history_before(address, before).await,
+            };
+            let result = match proof {
                 Ok(Some((proof, epoch, root))) => wire::encode_history(&proof).and_then(|p| {
                     Ok(Some(HistoryAnswer {
                         head: self.sign(epoch, root, now)?,
@@ -1132,11 +1340,20 @@ impl Worker {
         if epoch > latest {
             return Ok(None);
         }
-        let stored = self
+        let mut stored = self
             .store
             .heads(&self.keys.domain, epoch, epoch)
             .await
             .map_err(store_error)?;
+        if stored.is_empty() {
+            // An older epoch without a head (signed late, docs/TRANSPARENCY.md).
+            self.fill_heads(epoch, epoch, now).await?;
+            stored = self
+                .store
+                .heads(&self.keys.domain, epoch, epoch)
+                .await
+                .map_err(store_error)?;
+        }
         match stored.into_iter().next() {
             Some((_, blob)) => self.check_stored(epoch, None, &blob).map(Some),
             None => Ok(None),

@@ -16,6 +16,8 @@
 //!   writes.
 //! - [`records`] and [`storage`]: the storage contract a backend implements
 //!   ([`DirectoryStore`]: blobs per domain, fenced batches) and akd's database over it.
+//! - [`backfill`]: heads signed late for epochs that have none (their roots from akd's
+//!   append-only proofs).
 //! - [`log`]: one domain's log on the server: the directory, its head key, one writer per
 //!   domain and process that records concurrent changes in one epoch; [`store`]: the [`crate::KeyStore`] wrapper that records every
 //!   publication and deletion in it.
@@ -28,6 +30,7 @@
 //!   [`history`]: the owner's view, every version of an address with akd's history proof.
 
 pub mod answer;
+pub mod backfill;
 pub mod directory;
 pub mod entry;
 pub mod head;
@@ -84,6 +87,10 @@ pub enum TransparencyError {
     /// client forgets its remembered head and pins again, or asks in shorter steps.
     #[error("key directory: {0}")]
     Range(String),
+    /// A witness's cosignature older than the one stored for it (a replay of an earlier
+    /// epoch's, or of an earlier check of the same epoch): dropped, the newer one stays.
+    #[error("stale cosignature: {0}")]
+    Stale(String),
     /// Bytes that should hold a proof, entry, head or key file could not be decoded.
     #[error("malformed transparency data: {0}")]
     Malformed(String),

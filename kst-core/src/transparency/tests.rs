@@ -1031,3 +1031,128 @@ async fn the_history_proof_lists_every_version_and_refuses_another_head() {
     assert!(stale.verify(&signer.public_key(), &alice).is_err());
     assert!(HistoryAnswer::parse("kst-log-history-v1\n").is_err());
 }
+
+/// The pages of older versions (`HistoryPage`): 70 versions of alice, the newest 64 in akd's
+/// history proof, the 6 below in one page whose every version verifies; a page missing a
+/// version, holding another value, against another head, dated after the version above it,
+/// or for another address is refused.
+#[tokio::test]
+async fn history_pages_prove_every_older_version_and_refuse_gaps() {
+    use super::history::{HistoryAnswer, HistoryPage, MAX_VERSIONS};
+    let (_, signer, dir) = fresh().await;
+    let alice = addr("alice@example.net");
+    let key = |v: u64| {
+        if v == 2 {
+            b"insider".to_vec()
+        } else {
+            b"alice".to_vec()
+        }
+    };
+    for v in 1..=70u64 {
+        publish(
+            &dir,
+            &[(alice.clone(), entry(v, EntryState::Published, &key(v)))],
+        )
+        .await;
+    }
+    publish(&dir, &[first("bob@example.net", b"bob")]).await;
+    let h = head(&dir, &signer).await;
+    let (proof, ..) = dir.history(&alice).await.unwrap().unwrap();
+    let newest = HistoryAnswer {
+        head: h.clone(),
+        proof: wire::encode_history(&proof).unwrap(),
+    }
+    .verify(&signer.public_key(), &alice)
+    .unwrap();
+    assert_eq!(newest.len(), MAX_VERSIONS);
+    let oldest = newest.last().unwrap();
+    assert_eq!((oldest.akd_version, oldest.epoch), (7, 7));
+
+    let (proof, epoch, root) = dir.history_before(&alice, 7).await.unwrap().unwrap();
+    assert_eq!((epoch, root), (h.head.epoch, h.head.root_hash));
+    let page = HistoryPage {
+        head: h.clone(),
+        before: 7,
+        proof: wire::encode_history(&proof).unwrap(),
+    };
+    let page = HistoryPage::parse(&page.to_text().unwrap()).unwrap();
+    let older = page
+        .verify(&signer.public_key(), &alice, 7, 7)
+        .await
+        .unwrap();
+    let seen: Vec<(u64, bool)> = older
+        .iter()
+        .map(|v| {
+            (
+                v.akd_version,
+                v.entry.as_ref().unwrap().commits_to_key(b"insider"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (6, false),
+            (5, false),
+            (4, false),
+            (3, false),
+            (2, true),
+            (1, false)
+        ]
+    );
+    assert!(dir.history_before(&alice, 1).await.unwrap().is_none());
+    assert!(
+        dir.history_before(&addr("carol@example.net"), 5)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let refused = async |page: &HistoryPage, what: &str| {
+        assert!(
+            page.verify(&signer.public_key(), &alice, 7, 7)
+                .await
+                .is_err(),
+            "{what} must be refused"
+        );
+    };
+    // A version left out (the insider's), or one more than asked.
+    let mut gap = proof.clone();
+    gap.update_proofs.remove(4);
+    let with = |p: &akd::HistoryProof| HistoryPage {
+        proof: wire::encode_history(p).unwrap(),
+        ..page.clone()
+    };
+    refused(&with(&gap), "a page without version 2").await;
+    let mut short = proof.clone();
+    short.update_proofs.pop();
+    refused(&with(&short), "a page that stops before version 1").await;
+    // Another value for a version (the insider's key replaced by alice's).
+    let mut swapped = proof.clone();
+    swapped.update_proofs[4].value = swapped.update_proofs[3].value.clone();
+    refused(&with(&swapped), "a page with another value").await;
+    // A version dated after the version above it.
+    let mut late = proof.clone();
+    late.update_proofs[0].epoch = 8;
+    refused(&with(&late), "a page dated after the version above it").await;
+    // Another head (root), another address, another `before`.
+    let mut other = page.clone();
+    other.head = signer
+        .sign(Head {
+            root_hash: [7; 32],
+            ..h.head.clone()
+        })
+        .unwrap();
+    refused(&other, "a page against another root").await;
+    assert!(
+        page.verify(&signer.public_key(), &addr("bob@example.net"), 7, 7)
+            .await
+            .is_err()
+    );
+    assert!(
+        page.verify(&signer.public_key(), &alice, 8, 8)
+            .await
+            .is_err()
+    );
+    assert!(HistoryPage::parse("kst-log-history-page-v1\n").is_err());
+}

@@ -107,6 +107,84 @@ pub async fn verify_append_only(
         .map_err(|e| fail(e.to_string()))
 }
 
+/// Verifies one version of `address` as a history page proves it against `head` (akd's
+/// update proof; the check akd's `key_history_verify` makes of each version it lists): the
+/// version's fresh position (its VRF proof checked) holds the version's committed value at
+/// its epoch, and, after version 1, the previous version's stale marker is in the tree from
+/// the same epoch. A value withdrawn by a deletion (akd's tombstone) is taken as it is, as
+/// `HistoryVerificationParams::AllowMissingValues` takes it.
+pub async fn verify_update(head: &Head, address: &Address, proof: &akd::UpdateProof) -> Result<()> {
+    let label = directory_label(address);
+    let fail = |what: &str| rejected(head, address, &format!("version {}: {what}", proof.version));
+    let position = vrf_position(
+        head,
+        &label,
+        VersionFreshness::Fresh,
+        proof.version,
+        &proof.existence_vrf_proof,
+    )
+    .await
+    .map_err(|e| fail(&e))?;
+    if position != proof.existence_proof.label {
+        return Err(fail("the membership proof is for another position"));
+    }
+    if proof.value.0 != akd::TOMBSTONE {
+        let leaf = Config::hash_leaf_with_value(&proof.value, proof.epoch, &proof.commitment_nonce);
+        if leaf.0 != proof.existence_proof.hash_val.0 {
+            return Err(fail("the value is not the one the tree commits to"));
+        }
+    }
+    akd::verify::verify_membership_for_tests_only::<Config>(head.root_hash, &proof.existence_proof)
+        .map_err(|e| fail(&e.to_string()))?;
+    if proof.version <= 1 {
+        return Ok(());
+    }
+    let (Some(vrf_proof), Some(stale)) = (
+        &proof.previous_version_vrf_proof,
+        &proof.previous_version_proof,
+    ) else {
+        return Err(fail("no proof that the version before it was superseded"));
+    };
+    let position = vrf_position(
+        head,
+        &label,
+        VersionFreshness::Stale,
+        proof.version - 1,
+        vrf_proof,
+    )
+    .await
+    .map_err(|e| fail(&e))?;
+    if position != stale.label
+        || Config::hash_leaf_with_commitment(Config::stale_azks_value(), proof.epoch).0
+            != stale.hash_val.0
+    {
+        return Err(fail(
+            "the stale marker of the version before it is not the one of its epoch",
+        ));
+    }
+    akd::verify::verify_membership_for_tests_only::<Config>(head.root_hash, stale)
+        .map_err(|e| fail(&e.to_string()))
+}
+
+/// The tree position a VRF proof gives, after checking the proof for `label`'s `version` with
+/// `head`'s VRF key.
+async fn vrf_position(
+    head: &Head,
+    label: &AkdLabel,
+    freshness: VersionFreshness,
+    version: u64,
+    vrf_proof: &[u8],
+) -> std::result::Result<akd::NodeLabel, String> {
+    let key = VRFPublicKey::try_from(&head.vrf_public_key[..]).map_err(|e| e.to_string())?;
+    let proof = Proof::try_from(vrf_proof).map_err(|e| e.to_string())?;
+    key.verify(
+        &proof,
+        &Config::get_hash_from_label_input(label, freshness, version),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(PublicVrf.get_node_label_from_vrf_proof(proof).await)
+}
+
 /// The VRF input of an address's first position (version 1, fresh).
 fn first_position_input(label: &AkdLabel) -> Vec<u8> {
     Config::get_hash_from_label_input(label, VersionFreshness::Fresh, 1)

@@ -20,7 +20,7 @@ use kst_core::{Address, KeyRecord};
 
 use super::client::{LogPseudonym, UNKNOWN_CLIENT, client_ip, client_key};
 use super::config::TrustedProxies;
-use super::limits::Limiter;
+use super::limits::{FoundNothing, Limiter};
 use super::lookup::{KeyLookup, MAX_MATCHES};
 use super::metrics;
 
@@ -70,8 +70,11 @@ pub enum Endpoint {
     HkpGet,
     /// HKP `op=index`.
     HkpIndex,
-    /// The key directory's routes (`/.well-known/kst/log/`, feature `transparency`).
+    /// The key directory's routes (`/.well-known/kst/log/`, feature `transparency`) that
+    /// name no address: keys, heads, audits, cosignatures.
     Log,
+    /// The key directory's look-ups of an address (`.../lookup/`, `.../history/`).
+    LogLookup,
     /// Anything else.
     Other,
 }
@@ -89,14 +92,15 @@ impl Endpoint {
             Endpoint::HkpGet => "hkp-get",
             Endpoint::HkpIndex => "hkp-index",
             Endpoint::Log => "kst-log",
+            Endpoint::LogLookup => "kst-log-lookup",
             Endpoint::Other => "other",
         }
     }
 
-    /// True for endpoints that look a key up (and so count misses).
+    /// True for endpoints that look a key up (and so count misses). The key directory
+    /// answers every address, an unknown one with an absence proof: that answer is a miss
+    /// too ([`FoundNothing`]), or the log would be a dictionary oracle WKD is not.
     pub fn is_lookup(self) -> bool {
-        // The key directory answers every address (with an absence proof), so it has no
-        // misses to count; its requests count against the per-client limit.
         !matches!(self, Endpoint::WkdPolicy | Endpoint::Log | Endpoint::Other)
     }
 
@@ -114,8 +118,12 @@ impl Endpoint {
                 Endpoint::Other
             };
         }
-        if path.starts_with("/.well-known/kst/log/") {
-            return Endpoint::Log;
+        if let Some(rest) = path.strip_prefix("/.well-known/kst/log/") {
+            // <domain>/<route>/...
+            return match rest.split('/').nth(1) {
+                Some("lookup" | "history") => Endpoint::LogLookup,
+                _ => Endpoint::Log,
+            };
         }
         if let Some(rest) = path.strip_prefix("/vks/v1/") {
             return match rest.split('/').next() {
@@ -151,6 +159,7 @@ pub fn router(state: WebState) -> Router {
 /// [`router`] with `extra` routes (the key directory's) next to them, under the same guard:
 /// limits, metrics and logs cover them too.
 pub fn router_with(state: WebState, extra: Router) -> Router {
+    let guarded = Guard::of(&state);
     Router::new()
         .route("/.well-known/openpgpkey/{*rest}", get(wkd))
         .route("/vks/v1/by-email/{address}", get(vks_by_email))
@@ -158,14 +167,44 @@ pub fn router_with(state: WebState, extra: Router) -> Router {
         .route("/vks/v1/by-keyid/{keyid}", get(vks_by_keyid))
         .route("/pks/lookup", get(hkp_lookup))
         .fallback(not_found)
-        .with_state(state.clone())
+        .with_state(state)
         .merge(extra)
-        .layer(middleware::from_fn_with_state(state, guard))
+        .layer(middleware::from_fn_with_state(guarded, guard))
 }
 
-/// Limits, measures and logs every request; counts misses.
+/// What the guard needs: who the client is, the limits, log pseudonyms.
+#[derive(Clone)]
+pub struct Guard {
+    /// Proxies whose forwarding headers name the client.
+    pub trusted_proxies: TrustedProxies,
+    /// Request and miss limits.
+    pub limiter: Limiter,
+    /// Pseudonyms of client addresses for logs.
+    pub pseudonym: LogPseudonym,
+}
+
+impl Guard {
+    /// The guard of the public listener's state.
+    pub fn of(state: &WebState) -> Guard {
+        Guard {
+            trusted_proxies: state.trusted_proxies.clone(),
+            limiter: state.limiter.clone(),
+            pseudonym: state.pseudonym.clone(),
+        }
+    }
+}
+
+/// `extra` routes (the key directory's) as served on the operations listener `[http]` when
+/// `[web]` is off: under `guard` (`[web.limits]`, clients named as `[web] trusted_proxies`
+/// says), as on `[web]`. The listener must provide [`PeerAddr`] as connect info.
+pub fn ops_routes(extra: Router, guard_with: Guard) -> Router {
+    extra.layer(middleware::from_fn_with_state(guard_with, guard))
+}
+
+/// Limits, measures and logs every request; counts misses (a 404, or an answer marked
+/// [`FoundNothing`]).
 async fn guard(
-    State(state): State<WebState>,
+    State(state): State<Guard>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     request: Request,
     next: Next,
@@ -186,7 +225,8 @@ async fn guard(
         }
         Ok(None) => {
             let response = next.run(request).await;
-            if response.status() == StatusCode::NOT_FOUND
+            if (response.status() == StatusCode::NOT_FOUND
+                || response.extensions().get::<FoundNothing>().is_some())
                 && endpoint.is_lookup()
                 && let Err(e) = state.limiter.miss(&client).await
             {

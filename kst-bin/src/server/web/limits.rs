@@ -27,6 +27,11 @@ pub const GLOBAL_MISS_KEY: &str = "web-miss-global";
 /// half is forgotten (they are still counted by the shared limiter).
 const MAX_BLOCKED: usize = 100_000;
 
+/// A response extension: a look-up answered 200 that found nothing (the key directory's
+/// absence proof for an unknown address). The guard counts it as a miss, like a 404.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FoundNothing;
+
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {

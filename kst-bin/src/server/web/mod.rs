@@ -47,6 +47,20 @@ pub struct WebService {
     pub config: WebConfig,
 }
 
+/// The guard of `[web.limits]` (the shared `counters`) with the clients named as `[web]
+/// trusted_proxies` says: the public listener's, and the key directory's routes' on `[http]`
+/// when `[web]` is off.
+pub fn guard_of(
+    config: &WebConfig,
+    counters: Arc<dyn RateLimiter>,
+) -> Result<handlers::Guard, config::WebConfigError> {
+    Ok(handlers::Guard {
+        trusted_proxies: config.validate()?,
+        limiter: limits::Limiter::new(config.limits, counters),
+        pseudonym: client::LogPseudonym::random(),
+    })
+}
+
 impl WebService {
     /// The handlers' state (validates `[web]`).
     pub fn state(&self) -> Result<WebState, config::WebConfigError> {

@@ -1,0 +1,165 @@
+//! `kst-directory-bench`'s code path at a small size (so the benchmark cannot rot): a real fs
+//! directory store in a temporary directory, and the in-memory one. The bench verifies every
+//! proof it measures and fails otherwise; these tests check that it ran every measurement,
+//! that the figures are sane, and that its tables are well-formed.
+
+use std::sync::Arc;
+
+use kst_bin::bench::directory::{self, MemoryDirectoryStore, Options, Report};
+use kst_core::transparency::DirectoryStore;
+
+const WHAT: [&str; 9] = [
+    "lookup",
+    "absence",
+    "v3-found-block",
+    "v3-not-found-block",
+    "history-1",
+    "history-10",
+    "audit-1",
+    "audit-10",
+    "audit-bulk",
+];
+
+fn small(disk_path: std::path::PathBuf) -> Options {
+    Options {
+        sizes: vec![100, 200],
+        epoch_size: 10,
+        tail_epoch_size: 8,
+        samples: 20,
+        verifications: 30,
+        audit_seconds: 0.5,
+        disk_path,
+        min_free_disk: 0,
+        max_used_disk: u64::MAX,
+        min_free_ram: 0,
+        progress: false,
+    }
+}
+
+/// Checks a report of [`small`]'s sizes.
+fn check(report: &Report, opts: &Options) {
+    assert_eq!(report.stopped, None);
+    let entries: Vec<u64> = report.sizes.iter().map(|s| s.entries).collect();
+    assert_eq!(entries, opts.sizes);
+    let mut last_epoch = 0;
+    for size in &report.sizes {
+        assert!(size.epoch > last_epoch + 10, "ten tail epochs per size");
+        last_epoch = size.epoch;
+        assert!(size.fill.bulk_epochs >= 1 && size.fill.bulk_epoch_size <= opts.epoch_size);
+        assert_eq!(size.fill.tail_epoch_size, opts.tail_epoch_size);
+        assert!(size.rss_kib > 0 && size.rss_peak_kib >= size.rss_kib);
+        let what: Vec<&str> = size.measures.iter().map(|m| m.what.as_str()).collect();
+        assert_eq!(what, WHAT, "every measurement, in order");
+        for m in &size.measures {
+            assert!(m.bytes_p50 > 0 && m.bytes_max >= m.bytes_p50, "{m:?}");
+            if let Some(answer) = m.answer_bytes {
+                assert!(
+                    answer > m.bytes_p50,
+                    "the answer text carries the proof: {m:?}"
+                );
+            }
+            match m.what.as_str() {
+                "lookup" | "absence" | "history-1" => {
+                    assert_eq!(m.generate.unwrap().n, opts.samples, "{m:?}");
+                    assert_eq!(m.verify.unwrap().n, opts.verifications, "{m:?}");
+                }
+                "history-10" => assert_eq!(m.verify.unwrap().n, opts.verifications, "{m:?}"),
+                w if w.starts_with("audit") => {
+                    assert!(
+                        m.generate.unwrap().n >= 1 && m.verify.unwrap().n >= 1,
+                        "{m:?}"
+                    )
+                }
+                _ => assert!(m.generate.is_none() && m.verify.is_none(), "{m:?}"),
+            }
+            if let Some(t) = m.verify {
+                assert!(t.p99 >= t.p50 && !t.p50.is_zero(), "{m:?}");
+            }
+        }
+        let by = |w: &str| size.measures.iter().find(|m| m.what == w).unwrap();
+        // Three VRF proofs in a lookup proof, one in an absence proof, 80 bytes each.
+        assert_eq!(by("lookup").vrf_bytes, Some(240));
+        assert_eq!(by("absence").vrf_bytes, Some(80));
+        assert!(by("history-10").bytes_p50 > by("history-1").bytes_p50);
+        assert!(by("audit-10").bytes_p50 > by("audit-1").bytes_p50);
+        assert!(by("v3-found-block").bytes_p50 > by("lookup").bytes_p50);
+    }
+    let text = report.to_markdown();
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with('|')).collect();
+    // Two headers with their rules, one fill row per size, one proof row per measurement.
+    assert_eq!(
+        rows.len(),
+        4 + opts.sizes.len() * (1 + WHAT.len()),
+        "{text}"
+    );
+    let fill_columns = Report::FILL_HEADER
+        .lines()
+        .next()
+        .unwrap()
+        .matches('|')
+        .count();
+    let proof_columns = Report::PROOF_HEADER
+        .lines()
+        .next()
+        .unwrap()
+        .matches('|')
+        .count();
+    for row in &rows {
+        let n = row.matches('|').count();
+        assert!(n == fill_columns || n == proof_columns, "{row}");
+    }
+    assert!(rows.iter().any(|r| r.contains("| history-10 |")), "{text}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_bench_measures_verified_proofs_on_the_fs_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn DirectoryStore> = Arc::new(kst_fs::FsDirectoryStore::new(dir.path()));
+    let opts = small(dir.path().to_path_buf());
+    let report = directory::run(store, "fs", &opts).await.unwrap();
+    check(&report, &opts);
+    assert!(
+        dir.path()
+            .join("kt")
+            .join(directory::DOMAIN)
+            .join("root")
+            .exists(),
+        "the directory is on disk"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_bench_measures_verified_proofs_in_memory() {
+    let store: Arc<dyn DirectoryStore> = Arc::new(MemoryDirectoryStore::default());
+    let opts = small("/".into());
+    let report = directory::run(store, "memory", &opts).await.unwrap();
+    check(&report, &opts);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_bench_stops_filling_when_the_disk_is_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn DirectoryStore> = Arc::new(kst_fs::FsDirectoryStore::new(dir.path()));
+    let mut opts = small(dir.path().to_path_buf());
+    opts.min_free_disk = u64::MAX;
+    let report = directory::run(store, "fs", &opts).await.unwrap();
+    assert!(report.sizes.is_empty());
+    let why = report.stopped.clone().expect("stopped");
+    assert!(
+        why.contains("stopped at 0 addresses") && why.contains("MB free"),
+        "{why}"
+    );
+    assert!(report.to_markdown().contains(&why));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_bench_refuses_a_store_that_holds_the_directory_already() {
+    let store: Arc<dyn DirectoryStore> = Arc::new(MemoryDirectoryStore::default());
+    let mut opts = small("/".into());
+    opts.sizes = vec![30];
+    directory::run(Arc::clone(&store), "memory", &opts)
+        .await
+        .unwrap();
+    let again = directory::run(store, "memory", &opts).await.unwrap_err();
+    assert!(again.to_string().contains("use a fresh one"), "{again:#}");
+}

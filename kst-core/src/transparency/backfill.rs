@@ -1,0 +1,313 @@
+//! Heads for epochs that have none (docs/TRANSPARENCY.md, "Heads signed late").
+//!
+//! A directory kept from before heads were stored, or a store that lost some heads, has
+//! epochs without a stored head; an audit across them could not be served. Their roots are
+//! not stored either (akd keeps only the latest root), but akd's append-only proof gives them:
+//! the root *before* a step is the hash of the step's unchanged nodes, the root *after* it is
+//! the unchanged nodes with the step's inserted leaves (what akd's auditor computes). So a
+//! head signed late names the root the epoch had, derived from the tree as it is now:
+//!
+//! - one append-only proof is built across the missing epochs and one epoch on each side
+//!   where that epoch's root is known (a stored head, the latest epoch's root, or epoch 0,
+//!   whose root is the empty tree's); the derived roots must meet those known roots, and the
+//!   whole proof must verify step by step over the derived roots ([`verify_append_only`]'s
+//!   check, akd's `audit_verify`). Anything else is an inconsistent directory: nothing is
+//!   signed, the error names the epochs, an operator must look.
+//! - the head's `signed-at` is the moment it is signed, as for every head: it says when the
+//!   log signed the head, never when the epoch was committed, so a head signed late carries a
+//!   later time than the heads of the epochs after it. Nothing in a head claims more.
+//! - heads are stored insert-if-absent, as the writer stores them: of two processes filling
+//!   one gap the first one's head stays, and the other's check of it must pass.
+//!
+//! The work is bounded: [`Backfill::step`] reads at most [`SCAN_WINDOW`] stored heads or signs
+//! at most [`FILL_CHUNK`] heads (one proof), and the log's thread runs a step only while no
+//! request waits, so a log of 10⁵ epochs starts at once and fills its gaps in the background.
+//! A request that needs a missing head ([`fill`], for an audit range or one epoch) fills just
+//! those, in chunks of [`FILL_CHUNK`].
+
+use std::sync::Arc;
+
+use akd::append_only_zks::{Azks, AzksParallelismConfig, InsertMode};
+use akd::storage::StorageManager;
+use akd::storage::memory::AsyncInMemoryDatabase;
+use akd::{AppendOnlyProof, SingleAppendOnlyProof};
+
+use super::answer::head_text;
+use super::directory::KeyDirectory;
+use super::head::Head;
+use super::keys::LogKeys;
+use super::log::check_stored_head;
+use super::storage::{DirectoryStore, StoredDirectory};
+use super::verify::append_only_roots;
+use super::{Config, Result, TransparencyError};
+
+/// The most stored heads one scan step reads.
+pub const SCAN_WINDOW: u64 = 1024;
+/// The most heads one fill step signs (under one append-only proof).
+pub const FILL_CHUNK: u64 = 32;
+
+/// What a fill needs: the open directory, its store and the log's keys.
+pub(super) struct Filler<'a> {
+    /// The open directory (its append-only proofs and latest root).
+    pub directory: &'a KeyDirectory<StoredDirectory<dyn DirectoryStore>>,
+    /// Where heads are stored.
+    pub store: &'a Arc<dyn DirectoryStore>,
+    /// The domain's keys.
+    pub keys: &'a LogKeys,
+}
+
+/// Where the background backfill of one log stands.
+#[derive(Debug, Default)]
+pub(super) struct Backfill {
+    /// Whether the log runs it (the logs `kst serve` serves over HTTP do; a `kst deliver`'s
+    /// short-lived writer does not).
+    on: bool,
+    /// The next epoch the scan reads.
+    next: u64,
+    /// The first epoch of a run of missing heads the scan is in.
+    gap_from: Option<u64>,
+    /// A run of missing heads found and not filled yet (from, to).
+    gap: Option<(u64, u64)>,
+    /// The scan reached the latest epoch.
+    done: bool,
+}
+
+impl Backfill {
+    /// Starts the background backfill (idempotent).
+    pub fn start(&mut self) {
+        self.on = true;
+    }
+
+    /// Whether a step is waiting to run.
+    pub fn pending(&self) -> bool {
+        self.on && !self.done
+    }
+
+    /// One bounded step: fills (part of) the gap found, or scans the next window of stored
+    /// heads for one. Returns the number of heads signed. After an error the step is tried
+    /// again the next time the log is idle (a store that is down), unless the directory is
+    /// inconsistent, which stops the backfill (logged; an operator must look).
+    pub async fn step(&mut self, f: &Filler<'_>, now: u64) -> Result<u64> {
+        let (latest, _) = f.directory.current().await?;
+        if let Some((from, to)) = self.gap {
+            let end = to.min(from.saturating_add(FILL_CHUNK - 1));
+            let signed = match fill_range(f, from, end, now).await {
+                Ok(n) => n,
+                Err(e @ TransparencyError::Verification(_)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            self.gap = (end < to).then(|| (end + 1, to));
+            return Ok(signed);
+        }
+        // The latest epoch's head is the writer's and the first reader's to sign.
+        if self.next >= latest {
+            if let Some(from) = self.gap_from.take() {
+                self.gap = Some((from, latest - 1));
+                return Ok(0);
+            }
+            self.done = true;
+            return Ok(0);
+        }
+        let to = (latest - 1).min(self.next.saturating_add(SCAN_WINDOW - 1));
+        let stored = f
+            .store
+            .heads(&f.keys.domain, self.next, to)
+            .await
+            .map_err(|e| TransparencyError::Directory(e.to_string()))?;
+        let mut present = stored.iter().map(|(e, _)| *e).peekable();
+        for epoch in self.next..=to {
+            if present.peek() == Some(&epoch) {
+                present.next();
+                if let Some(from) = self.gap_from.take() {
+                    // The run ends here: fill it before scanning on.
+                    self.gap = Some((from, epoch - 1));
+                    self.next = epoch + 1;
+                    return Ok(0);
+                }
+            } else if self.gap_from.is_none() {
+                self.gap_from = Some(epoch);
+            }
+        }
+        self.next = to + 1;
+        Ok(0)
+    }
+}
+
+/// Signs and stores a head for every epoch of `from..=to` that has none (the caller bounds
+/// the range; epochs after the latest are ignored), in chunks of [`FILL_CHUNK`]. Returns the
+/// number of heads signed.
+pub(super) async fn fill(f: &Filler<'_>, from: u64, to: u64, now: u64) -> Result<u64> {
+    let (latest, _) = f.directory.current().await?;
+    let to = to.min(latest);
+    let mut signed = 0;
+    let mut at = from;
+    while at <= to {
+        let end = to.min(at.saturating_add(FILL_CHUNK - 1));
+        signed += fill_range(f, at, end, now).await?;
+        at = end + 1;
+    }
+    Ok(signed)
+}
+
+/// [`fill`] for one chunk (`to - from < FILL_CHUNK`, `to` at most the latest epoch).
+async fn fill_range(f: &Filler<'_>, from: u64, to: u64, now: u64) -> Result<u64> {
+    let domain = &f.keys.domain;
+    let (latest, latest_root) = f.directory.current().await?;
+    if to > latest || from > to {
+        return Ok(0);
+    }
+    let lower = from.saturating_sub(1);
+    let upper = to.saturating_add(1).min(latest);
+    let stored = f
+        .store
+        .heads(domain, lower, upper)
+        .await
+        .map_err(|e| TransparencyError::Directory(e.to_string()))?;
+    let root_of = |epoch: u64| -> Result<Option<[u8; 32]>> {
+        match stored.iter().find(|(e, _)| *e == epoch) {
+            Some((_, blob)) => Ok(Some(checked(f, epoch, None, blob)?.head.root_hash)),
+            None => Ok(None),
+        }
+    };
+    let missing: Vec<u64> = (from..=to)
+        .filter(|e| !stored.iter().any(|(s, _)| s == e))
+        .collect();
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    // The proof starts one epoch lower when that epoch's head is stored (its root anchors the
+    // first derived root); it ends at `upper`, one epoch higher when there is one.
+    let start = match root_of(lower)? {
+        Some(_) if lower < from => lower,
+        _ => from,
+    };
+    let mut roots: Vec<[u8; 32]> = Vec::new();
+    let proof = if start < upper {
+        let proof = f.directory.audit(start, upper).await?;
+        let first = proof.proofs.first().ok_or_else(|| {
+            inconsistent(domain, start, upper, "the append-only proof has no step")
+        })?;
+        roots.push(start_root(first).await?);
+        roots.extend(append_only_roots(&proof).await?);
+        Some(proof)
+    } else {
+        // One epoch, the latest, and nothing on either side: its root is the directory's.
+        roots.push(latest_root);
+        None
+    };
+    // roots[i] is the root of epoch start + i; check it against every root known otherwise.
+    let root_at = |epoch: u64| roots[(epoch - start) as usize];
+    for epoch in start..=upper {
+        let known = if epoch == latest {
+            Some(latest_root)
+        } else if epoch == 0 {
+            Some(empty_root().await?)
+        } else {
+            root_of(epoch)?
+        };
+        if let Some(known) = known
+            && known != root_at(epoch)
+        {
+            return Err(inconsistent(
+                domain,
+                start,
+                upper,
+                &format!(
+                    "the proof gives epoch {epoch} the root {}, its head or the tree says {}",
+                    hex::encode(root_at(epoch)),
+                    hex::encode(known)
+                ),
+            ));
+        }
+    }
+    if let Some(proof) = proof {
+        check_steps(&roots, proof)
+            .await
+            .map_err(|e| inconsistent(domain, start, upper, &e))?;
+    }
+    let vrf_public_key = f.keys.vrf.public_key()?;
+    for epoch in &missing {
+        let root = root_at(*epoch);
+        let head = f.keys.head.sign(Head {
+            domain: domain.clone(),
+            epoch: *epoch,
+            root_hash: root,
+            vrf_public_key,
+            signed_at: now,
+        })?;
+        let blob = f
+            .store
+            .insert_head(domain, *epoch, head_text(&head)?.as_bytes())
+            .await
+            .map_err(|e| TransparencyError::Directory(e.to_string()))?;
+        checked(f, *epoch, Some(root), &blob)?;
+    }
+    tracing::info!(
+        domain = %domain,
+        from,
+        to,
+        signed = missing.len(),
+        "key directory: heads signed for epochs that had none"
+    );
+    Ok(missing.len() as u64)
+}
+
+fn checked(
+    f: &Filler<'_>,
+    epoch: u64,
+    root: Option<[u8; 32]>,
+    blob: &[u8],
+) -> Result<super::head::SignedHead> {
+    check_stored_head(
+        &f.keys.domain,
+        &f.keys.vrf.public_key()?,
+        &f.keys.head.public_key(),
+        epoch,
+        root,
+        blob,
+    )
+}
+
+fn inconsistent(domain: &str, from: u64, to: u64, what: &str) -> TransparencyError {
+    TransparencyError::Verification(format!(
+        "{domain}: the heads of epochs {from} to {to} cannot be signed late: {what}; the \
+         directory is inconsistent, an operator must look"
+    ))
+}
+
+/// akd's auditor check of every step over `roots` (the root of each epoch of the proof).
+async fn check_steps(
+    roots: &[[u8; 32]],
+    proof: AppendOnlyProof,
+) -> std::result::Result<(), String> {
+    akd::auditor::audit_verify::<Config>(roots.to_vec(), proof)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The root before an append-only step: the hash of its unchanged nodes, as akd's auditor
+/// computes it.
+async fn start_root(step: &SingleAppendOnlyProof) -> Result<[u8; 32]> {
+    let manager = StorageManager::new_no_cache(
+        AsyncInMemoryDatabase::new_with_remove_child_nodes_on_insertion(),
+    );
+    let mut azks = Azks::new::<Config, _>(&manager).await?;
+    azks.batch_insert_nodes::<Config, _>(
+        &manager,
+        step.unchanged_nodes.clone(),
+        InsertMode::Auditor,
+        AzksParallelismConfig::disabled(),
+    )
+    .await?;
+    Ok(azks.get_root_hash::<Config, _>(&manager).await?)
+}
+
+/// The root of an empty directory: every directory's epoch 0.
+async fn empty_root() -> Result<[u8; 32]> {
+    let manager = StorageManager::new_no_cache(AsyncInMemoryDatabase::new());
+    let azks = Azks::new::<Config, _>(&manager).await?;
+    Ok(azks.get_root_hash::<Config, _>(&manager).await?)
+}

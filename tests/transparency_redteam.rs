@@ -1,0 +1,710 @@
+//! Red-team round on the key directory (issue 18, `rt18`): each test is an attack that worked
+//! before its fix (docs/SECURITY.md, "Red-team round on issue 18").
+//!
+//! The set-up is small and real: a `kst serve` on the fs store with `[transparency]` on, and
+//! the same directory opened in the test process as a second writer (a pool member would do
+//! the same) to make epochs without mail. Tests that need the mail round trip (a client's
+//! memory) live in tests/transparency.rs next to its `Provider`.
+//!
+//! - `rt18_a_flood_of_reads_is_refused_not_queued_and_changes_go_first`: the directory's
+//!   queue is bounded (reads and changes apart), a flood is refused at once as a temporary
+//!   failure, and a change is not held back behind the reads.
+//! - `rt18_an_old_cosignature_replayed_does_not_replace_a_newer_one`: a witness's valid
+//!   cosignature of an older head (or an older check of the same head) handed in again is
+//!   409 and never served as the newest; a flood of cosignatures at once keeps the newest.
+//! - `rt18_log_routes_on_http_are_limited_and_absence_is_a_miss` and
+//!   `rt18_absence_answers_count_as_misses_on_web`: the log's routes on `[http]` (no `[web]`)
+//!   are under `[web.limits]`; an absence answer is a miss on both listeners.
+//! - `rt18_two_witness_runs_on_one_state_never_cosign_a_fork` and
+//!   `rt18_a_witness_run_waits_for_the_state_lock`: the witness's state is locked per round.
+//! - `rt18_serve_runs_one_directory_thread_per_domain`: `kst serve` opens each log once.
+//! - `rt18_hostile_requests_get_clean_refusals`: odd Unicode addresses, huge numbers,
+//!   reversed ranges, oversize bodies: 4xx, never a 5xx or a crash.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use kst_core::store::{Expected, KeyRecord, NewKey};
+use kst_core::transparency::answer::LogAnswer;
+use kst_core::transparency::log::{MAX_QUEUED_READS, MAX_QUEUED_WRITES};
+use kst_core::transparency::witness::{head_with_cosignatures_text, parse_head_with_cosignatures};
+use kst_core::transparency::{DomainLog, HeadSigner, LogKeys, SignedHead};
+use kst_core::{Address, AddressPolicy, Fingerprint};
+use kst_fs::FsDirectoryStore;
+use kst_tests::serve::{ServeProcess, free_port, http_get, http_request};
+use kst_tests::{code, kst_binary, stderr};
+
+/// `NAME@example.net`, normalized.
+fn address(name: &str) -> Address {
+    AddressPolicy::default()
+        .normalize(&format!("{name}@example.net"))
+        .unwrap()
+}
+
+/// Version `version` of `address` holding key number `n`.
+fn record(address: &Address, version: u64, n: u64) -> KeyRecord {
+    NewKey {
+        address: address.clone(),
+        key: format!("key {n}").into_bytes(),
+        fingerprint: Fingerprint::parse(&format!("{:040X}", n + 1)).unwrap(),
+        publication_id: format!("{n:032x}"),
+        published_at: 1_700_000_000 + n,
+        revoked: false,
+        expected: Expected::Any,
+    }
+    .into_record(version)
+}
+
+/// Opens example.net's directory in the fs store at `store` with `keys`.
+async fn open_log(store: &Path, keys: &LogKeys) -> DomainLog {
+    let keys = LogKeys::parse(&keys.to_file()).unwrap();
+    DomainLog::open(Arc::new(FsDirectoryStore::new(store)), keys)
+        .await
+        .unwrap()
+}
+
+/// A fresh directory for example.net in `<tempdir>/store` holding alice's key (epoch 1), its
+/// keys, and the log opened in this process (a second writer next to `kst serve`).
+async fn with_alice() -> (tempfile::TempDir, LogKeys, DomainLog) {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = LogKeys::generate("example.net");
+    let writer = open_log(&dir.path().join("store"), &keys).await;
+    let alice = address("alice");
+    writer
+        .sync(&alice, Some(&record(&alice, 1, 1)), 1)
+        .await
+        .unwrap();
+    (dir, keys, writer)
+}
+
+/// Whether `e` is the refusal of a full queue.
+fn is_full(e: &impl std::fmt::Display) -> bool {
+    e.to_string().contains("waiting already; retry later")
+}
+
+/// A flood of reads (four times the read queue, all at once) while a change comes in: reads
+/// beyond the queue are refused at once (a temporary failure the HTTP endpoint answers 503),
+/// every caller gets an answer (no hang), and the change is committed before the queued reads
+/// are through (changes go first). Then a flood of changes beyond their queue: the surplus is
+/// refused as temporary, the rest is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rt18_a_flood_of_reads_is_refused_not_queued_and_changes_go_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = LogKeys::generate("example.net");
+    let log = Arc::new(open_log(dir.path(), &keys).await);
+    let alice = address("alice");
+    log.sync(&alice, Some(&record(&alice, 1, 1)), 1)
+        .await
+        .unwrap();
+
+    // Reads answered (not refused) so far.
+    let done_reads = Arc::new(AtomicUsize::new(0));
+    let mut reads = tokio::task::JoinSet::new();
+    for i in 0..4 * MAX_QUEUED_READS {
+        let (log, done) = (Arc::clone(&log), Arc::clone(&done_reads));
+        let who = address(&format!("r{i}"));
+        reads.spawn(async move {
+            let r = log.answer(&who, 2).await;
+            if r.is_ok() {
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            r.map(|_| ())
+        });
+    }
+    // The change arrives behind a full read queue.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let bob = address("bob");
+    let synced = tokio::time::timeout(
+        Duration::from_secs(120),
+        log.sync(&bob, Some(&record(&bob, 1, 2)), 3),
+    )
+    .await
+    .expect("a change is answered (hang guard)");
+    let reads_before_change = done_reads.load(Ordering::SeqCst);
+    synced.expect("the change is recorded");
+
+    let (mut answered, mut refused) = (0, 0);
+    let outcomes = tokio::time::timeout(Duration::from_secs(300), reads.join_all())
+        .await
+        .expect("every read is answered (hang guard)");
+    for r in outcomes {
+        match r {
+            Ok(()) => answered += 1,
+            Err(e) if is_full(&e) => refused += 1,
+            Err(e) => panic!("a read failed otherwise: {e}"),
+        }
+    }
+    eprintln!(
+        "figure: {} reads at once: {answered} answered, {refused} refused at once; the change \
+         was committed after {reads_before_change} reads",
+        4 * MAX_QUEUED_READS
+    );
+    assert!(
+        refused > 0,
+        "the read queue is bounded: {answered} answered"
+    );
+    assert!(
+        reads_before_change < answered,
+        "the change went before the queued reads ({reads_before_change} of {answered} first)"
+    );
+
+    // Changes beyond their queue: refused as temporary, never queued without bound.
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..3 * MAX_QUEUED_WRITES {
+        let log = Arc::clone(&log);
+        let who = address(&format!("w{i}"));
+        writes.spawn(async move {
+            let rec = record(&who, 1, 1000 + i as u64);
+            log.sync(&who, Some(&rec), 4).await.map(|_| ())
+        });
+    }
+    let outcomes = tokio::time::timeout(Duration::from_secs(600), writes.join_all())
+        .await
+        .expect("every change is answered (hang guard)");
+    let refused = outcomes
+        .iter()
+        .filter(|r| r.as_ref().is_err_and(is_full))
+        .count();
+    let recorded = outcomes.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(
+        refused + recorded,
+        outcomes.len(),
+        "only refusals of a full queue"
+    );
+    assert!(refused > 0, "the change queue is bounded");
+    assert!(recorded >= MAX_QUEUED_WRITES, "{recorded} recorded");
+}
+
+/// A `kst serve` for example.net on the fs store `<dir>/store` with `[transparency]` on (the
+/// keys `keys`), `[http]` on a free port, and `extra` appended to the configuration.
+struct Served {
+    http: SocketAddr,
+    process: ServeProcess,
+}
+
+impl Served {
+    fn start(dir: &Path, keys: &LogKeys, extra: &str) -> Served {
+        Served::start_ready(dir, keys, extra, None)
+    }
+
+    /// [`Served::start`], waiting for `ready` too (a `[web]` listener in `extra`).
+    fn start_ready(dir: &Path, keys: &LogKeys, extra: &str, ready: Option<SocketAddr>) -> Served {
+        use std::os::unix::fs::PermissionsExt;
+        let key_file = dir.join("log-example.net.key");
+        if !key_file.exists() {
+            std::fs::write(&key_file, keys.to_file().as_bytes()).unwrap();
+            std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let http = free_port();
+        let config = dir.join(format!("kst-{}.toml", http.port()));
+        std::fs::write(
+            &config,
+            format!(
+                r#"[kst]
+domains = ["example.net"]
+auth_source = "sasl-argv"
+
+[store]
+backend = "fs"
+path = "{store}"
+
+[mailer]
+kind = "spool"
+path = "{dir}/outbox"
+
+[lmtp]
+listen = "unix:{dir}/lmtp-{port}.sock"
+
+[http]
+listen = "{http}"
+
+[transparency]
+key_file = "{dir}/log-{{domain}}.key"
+{extra}
+"#,
+                store = dir.join("store").display(),
+                dir = dir.display(),
+                port = http.port(),
+            ),
+        )
+        .unwrap();
+        let process = ServeProcess::start(
+            dir.join(format!("serve-{}.log", http.port())),
+            http,
+            |cmd| {
+                cmd.arg("--config").arg(&config);
+            },
+        );
+        if let Some(other) = ready {
+            for _ in 0..300 {
+                if std::net::TcpStream::connect(other).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Served { http, process }
+    }
+}
+
+/// `GET .../example.net/<rest>` at `at`.
+fn log_get(at: SocketAddr, rest: &str) -> (u16, String) {
+    http_get(at, &format!("/.well-known/kst/log/example.net/{rest}"))
+}
+
+/// The newest head `at` serves, with its cosignatures.
+fn newest_head(at: SocketAddr) -> (SignedHead, Vec<kst_core::transparency::Cosignature>) {
+    let (status, body) = log_get(at, "head");
+    assert_eq!(status, 200, "{body}");
+    parse_head_with_cosignatures(&body).unwrap()
+}
+
+/// POSTs `witness`'s cosignature of `head`, checked at `checked_at`; the status.
+fn cosign(at: SocketAddr, witness: &HeadSigner, head: &SignedHead, checked_at: u64) -> u16 {
+    let text =
+        head_with_cosignatures_text(head, &[witness.cosign(head, checked_at).unwrap()]).unwrap();
+    http_request(
+        at,
+        "POST",
+        "/.well-known/kst/log/example.net/cosignature",
+        &text,
+    )
+    .0
+}
+
+/// The witness key `w1:<hex>` entry of `[transparency] witnesses`.
+fn witness_entry(witness: &HeadSigner) -> String {
+    let hex: String = witness
+        .public_key()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("witnesses = [\"w1:{hex}\"]")
+}
+
+/// A witness hands in its cosignature of epoch 1, then of epoch 2; an attacker who saw the
+/// first (it is public: `/head/1` serves it) hands it in again. Before the fix the store
+/// took it and the per-epoch record went back to it; now it is 409 and changes nothing. The
+/// same for an earlier check of the newest head (a witness re-cosigns an unchanged head with
+/// a fresh time, and clients' `--witness-max-age` reads that time): 409, the newest stays.
+/// Then 48 cosignatures of the newest head at once, in shuffled order: every one is answered
+/// and the newest check is what `/head` and `lookup?witnessed=1` serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rt18_an_old_cosignature_replayed_does_not_replace_a_newer_one() {
+    let (dir, keys, writer) = with_alice().await;
+    let witness = HeadSigner::generate();
+    let served = Served::start(dir.path(), &keys, &witness_entry(&witness));
+    let at = served.http;
+
+    let (head1, _) = newest_head(at);
+    assert_eq!(head1.head.epoch, 1);
+    assert_eq!(cosign(at, &witness, &head1, 100), 204);
+    let bob = address("bob");
+    writer
+        .sync(&bob, Some(&record(&bob, 1, 2)), 2)
+        .await
+        .unwrap();
+    let (head2, _) = newest_head(at);
+    assert_eq!(head2.head.epoch, 2);
+    assert_eq!(cosign(at, &witness, &head2, 200), 204);
+
+    // The replay of epoch 1's cosignature.
+    assert_eq!(cosign(at, &witness, &head1, 100), 409, "an older epoch");
+    assert_eq!(
+        cosign(at, &witness, &head1, 500),
+        409,
+        "an older epoch, later"
+    );
+    let (_, cosigs) = newest_head(at);
+    assert_eq!(
+        cosigs.iter().map(|c| c.checked_at).collect::<Vec<_>>(),
+        vec![200]
+    );
+    let (_, body) = log_get(at, "head/1");
+    let (_, cosigs1) = parse_head_with_cosignatures(&body).unwrap();
+    assert_eq!(cosigs1.len(), 1, "epoch 1 keeps its own: {body}");
+
+    // The same epoch checked again later, then the earlier check replayed.
+    assert_eq!(cosign(at, &witness, &head2, 300), 204);
+    assert_eq!(cosign(at, &witness, &head2, 200), 409, "an earlier check");
+    assert_eq!(cosign(at, &witness, &head2, 300), 204, "the same again");
+    let (_, cosigs) = newest_head(at);
+    assert_eq!(
+        cosigs.iter().map(|c| c.checked_at).collect::<Vec<_>>(),
+        vec![300]
+    );
+
+    // A flood of checks of the newest head at once.
+    let mut times: Vec<u64> = (301..349).collect();
+    for i in (1..times.len()).rev() {
+        times.swap(i, rand::random::<u64>() as usize % (i + 1));
+    }
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = times
+            .iter()
+            .map(|t| {
+                let (witness, head2) = (&witness, &head2);
+                s.spawn(move || cosign(at, witness, head2, *t))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        statuses.iter().all(|s| *s == 204 || *s == 409),
+        "{statuses:?}"
+    );
+    let (_, cosigs) = newest_head(at);
+    assert_eq!(
+        cosigs.iter().map(|c| c.checked_at).collect::<Vec<_>>(),
+        vec![348],
+        "the newest check stays"
+    );
+    let (status, body) = log_get(at, "lookup/alice@example.net?witnessed=1");
+    assert_eq!(status, 200, "{body}");
+    let answer = LogAnswer::parse(&body).unwrap();
+    let witnessed = answer.witnessed.expect("the witnesses' part");
+    assert_eq!(
+        witnessed
+            .cosignatures
+            .iter()
+            .map(|(e, c)| (*e, c.checked_at))
+            .collect::<Vec<_>>(),
+        vec![(2, 348)]
+    );
+    drop(served);
+}
+
+/// Look-ups of addresses that are not there (absence proofs, 200) from one client: with
+/// `per_client_misses = 2`, the third is still answered and blocks the client's look-ups
+/// (429) while its other requests are served. `at` serves the log.
+fn absence_is_a_miss(at: SocketAddr) {
+    let statuses: Vec<u16> = ["nobody1", "nobody2", "nobody3", "nobody4"]
+        .iter()
+        .map(|n| log_get(at, &format!("lookup/{n}@example.net")).0)
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![200, 200, 200, 429],
+        "absence answers are misses"
+    );
+    assert_eq!(
+        log_get(at, "lookup/alice@example.net").0,
+        429,
+        "look-ups refused"
+    );
+    assert_eq!(
+        log_get(at, "history/alice@example.net").0,
+        429,
+        "histories too"
+    );
+    // Spellings of the look-up route that could slip past the classification: never answered.
+    for path in [
+        "/.well-known/kst/log/example.net/look%75p/alice@example.net",
+        "/.well-known/kst/log/example.net//lookup/alice@example.net",
+        "/.well-known/kst/log//example.net/lookup/alice@example.net",
+        "/.well-known/kst/log/example.net/LOOKUP/alice@example.net",
+        "/.well-known/kst/log/example.net/lookup/alice@example.net/",
+        "/.well-known/kst/%6Cog/example.net/lookup/alice@example.net",
+    ] {
+        let (status, body) = http_get(at, path);
+        assert_ne!(status, 200, "{path}: {body}");
+    }
+    assert_eq!(log_get(at, "head").0, 200, "the head is no look-up");
+}
+
+/// Without `[web]` the log is served on `[http]`; before the fix it had no limits there at
+/// all (any number of audits and witnessed look-ups, and a free dictionary oracle). Now the
+/// same `[web.limits]` apply: absence answers are misses, and every request counts against
+/// the client's budget, audits and `witnessed=1` look-ups included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rt18_log_routes_on_http_are_limited_and_absence_is_a_miss() {
+    let (dir, keys, _writer) = with_alice().await;
+    let served = Served::start(
+        dir.path(),
+        &keys,
+        "\n[web.limits]\nper_client_misses = 2\nper_client = 17\n",
+    );
+    absence_is_a_miss(served.http);
+    // Nine requests counted so far (three look-ups, the head, five route spellings; refused
+    // look-ups are not counted): 8 more are served, whatever they ask.
+    let statuses: Vec<u16> = (0..10)
+        .map(|i| match i % 3 {
+            0 => log_get(served.http, "audit?from=0&to=1").0,
+            1 => log_get(served.http, "keys").0,
+            _ => log_get(served.http, "head/1").0,
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![200, 200, 200, 200, 200, 200, 200, 200, 429, 429],
+        "the per-client budget covers audits on [http]"
+    );
+    // The operations routes stay outside it.
+    assert_eq!(http_get(served.http, "/healthz").0, 200);
+}
+
+/// On `[web]` the log's absence answers were not counted as misses (the log answers every
+/// address, so an enumerator used it instead of WKD's 404s); now they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rt18_absence_answers_count_as_misses_on_web() {
+    let (dir, keys, _writer) = with_alice().await;
+    let web = free_port();
+    let served = Served::start_ready(
+        dir.path(),
+        &keys,
+        &format!("\n[web]\nlisten = \"{web}\"\n\n[web.limits]\nper_client_misses = 2\n"),
+        Some(web),
+    );
+    assert_eq!(
+        log_get(served.http, "head").0,
+        404,
+        "with [web], the log is not on [http]"
+    );
+    absence_is_a_miss(web);
+}
+
+/// The witness's key file (`kst log witness keygen`) in `dir`, and its public key.
+fn witness_keygen(dir: &Path) -> (PathBuf, String) {
+    let key = dir.join("witness.key");
+    let out = std::process::Command::new(kst_binary())
+        .env_clear()
+        .args(["log", "witness", "keygen", "--name", "w1", "--output"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let public = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("witness-key "))
+        .unwrap()
+        .to_string();
+    (key, public)
+}
+
+/// `kst log witness run --once --submit` against `at`, state in `state`.
+fn witness_run(
+    key: &Path,
+    head_key: &[u8; 32],
+    at: SocketAddr,
+    state: &Path,
+) -> std::process::Command {
+    let hex: String = head_key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut cmd = std::process::Command::new(kst_binary());
+    cmd.env_clear()
+        .args([
+            "log",
+            "witness",
+            "run",
+            "--domain",
+            "example.net",
+            "--once",
+            "--submit",
+        ])
+        .arg("--log-url")
+        .arg(format!("http://{at}"))
+        .arg("--log-key")
+        .arg(hex)
+        .arg("--key")
+        .arg(key)
+        .arg("--state")
+        .arg(state);
+    cmd
+}
+
+/// Two directories with the same keys and different histories (a provider's split view);
+/// one witness, two runs at once on one state directory (a cron job next to a loop), one run
+/// against each directory. Before the fix both took their first head on trust and the witness
+/// cosigned both sides of the fork; now the second run waits for the first round and refuses
+/// the other head (exit 5). Tried on several fresh state directories.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rt18_two_witness_runs_on_one_state_never_cosign_a_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = LogKeys::generate("example.net");
+    let (honest_dir, fork_dir) = (dir.path().join("honest"), dir.path().join("fork"));
+    for d in [&honest_dir, &fork_dir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let alice = address("alice");
+    let honest_writer = open_log(&honest_dir.join("store"), &keys).await;
+    honest_writer
+        .sync(&alice, Some(&record(&alice, 1, 1)), 1)
+        .await
+        .unwrap();
+    let fork_writer = open_log(&fork_dir.join("store"), &keys).await;
+    fork_writer
+        .sync(&alice, Some(&record(&alice, 1, 66)), 1)
+        .await
+        .unwrap();
+    let (key, public) = witness_keygen(dir.path());
+    let entry = format!("witnesses = [\"w1:{public}\"]");
+    let honest = Served::start(&honest_dir, &keys, &entry);
+    let fork = Served::start(&fork_dir, &keys, &entry);
+    let head_key = keys.head.public_key();
+    for trial in 0..4 {
+        let state = dir.path().join(format!("state-{trial}"));
+        let mut runs: Vec<_> = [honest.http, fork.http]
+            .iter()
+            .map(|at| witness_run(&key, &head_key, *at, &state).spawn().unwrap())
+            .collect();
+        let codes: Vec<i32> = runs
+            .iter_mut()
+            .map(|r| r.wait().unwrap().code().unwrap_or(-1))
+            .collect();
+        let mut sorted = codes.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            vec![0, 5],
+            "trial {trial}: one run cosigns, the other refuses the fork: {codes:?}"
+        );
+    }
+}
+
+/// A round waits for the lock another run holds on the state directory, and goes on once it
+/// is released.
+#[test]
+fn rt18_a_witness_run_waits_for_the_state_lock() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (dir, keys, _writer) = runtime.block_on(with_alice());
+    let (key, public) = witness_keygen(dir.path());
+    let served = Served::start(dir.path(), &keys, &format!("witnesses = [\"w1:{public}\"]"));
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let lock = std::fs::File::create(state.join("example.net.lock")).unwrap();
+    lock.lock().unwrap();
+    let mut run = witness_run(&key, &keys.head.public_key(), served.http, &state)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        run.try_wait().unwrap().is_none(),
+        "the run waits for the lock"
+    );
+    assert!(!state.join("example.net.head").exists(), "nothing written");
+    lock.unlock().unwrap();
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(state.join("example.net.head").exists());
+}
+
+/// `kst serve` opened each domain's log twice (once for the store's recording, once for the
+/// HTTP routes): two directory threads and two queues per domain. Now one.
+#[test]
+fn rt18_serve_runs_one_directory_thread_per_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = LogKeys::generate("example.net");
+    let served = Served::start(dir.path(), &keys, "");
+    assert_eq!(log_get(served.http, "head").0, 200);
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", served.process.id())).unwrap();
+    let names: Vec<String> = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    let directory_threads = names.iter().filter(|n| n.starts_with("kst-log-")).count();
+    assert_eq!(directory_threads, 1, "{names:?}");
+}
+
+/// Requests an attacker would try: odd Unicode and malformed addresses, numbers past
+/// `u64::MAX`, `u64::MAX` itself, reversed and huge ranges, repeated parameters, oversize
+/// and malformed cosignatures. Each gets a 4xx or a plain answer, never a 5xx, and the
+/// endpoint still serves afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rt18_hostile_requests_get_clean_refusals() {
+    let (dir, keys, _writer) = with_alice().await;
+    let witness = HeadSigner::generate();
+    let served = Served::start(
+        dir.path(),
+        &keys,
+        &format!(
+            "{}\n\n[web.limits]\nper_client = 0\nper_client_misses = 0\nglobal_misses = 0\n",
+            witness_entry(&witness)
+        ),
+    );
+    let at = served.http;
+    let max = u64::MAX.to_string();
+    let over = "18446744073709551616";
+    let long = "a".repeat(10_000);
+    let cases: Vec<(String, &[u16])> = vec![
+        // Addresses: bidi override, NUL, invalid UTF-8, two @, other domain (IDN), huge.
+        ("lookup/%E2%80%AEalice@example.net".into(), &[200, 400]),
+        ("lookup/al%00ice@example.net".into(), &[400]),
+        ("lookup/%FF%FE@example.net".into(), &[400]),
+        ("lookup/a@b@example.net".into(), &[400, 404]),
+        ("lookup/alice@xn--exmple-cua.net".into(), &[404]),
+        ("lookup/alice@%C3%A9xample.net".into(), &[400, 404]),
+        ("lookup/ALICE@EXAMPLE.NET".into(), &[200]),
+        ("lookup/alice@example.net.".into(), &[200, 400, 404]),
+        (format!("lookup/{long}@example.net"), &[400, 404, 414, 431]),
+        ("history/%E2%80%AE@example.net".into(), &[400, 404]),
+        ("history/al%00ice@example.net".into(), &[400]),
+        (format!("history/{long}@example.net"), &[400, 404, 414, 431]),
+        // since: u64::MAX (newer than any head: no proof), past it, negative, twice.
+        (format!("lookup/alice@example.net?since={max}"), &[200]),
+        (format!("lookup/alice@example.net?since={over}"), &[400]),
+        ("lookup/alice@example.net?since=-1".into(), &[400]),
+        ("lookup/alice@example.net?since=1&since=1".into(), &[400]),
+        (
+            "lookup/alice@example.net?since=0&witnessed=1".into(),
+            &[200],
+        ),
+        ("lookup/alice@example.net?witnessed=2".into(), &[400]),
+        // Epochs and ranges.
+        (format!("head/{max}"), &[404]),
+        (format!("head/{over}"), &[400]),
+        ("head/-1".into(), &[400]),
+        (format!("audit?from={max}&to={max}"), &[404]),
+        (format!("audit?from=0&to={max}"), &[400]),
+        (format!("audit?from={over}&to={over}"), &[400]),
+        ("audit?from=1&to=0".into(), &[400]),
+        // The last of a repeated parameter counts (from 0 to 0).
+        ("audit?from=0&to=1&to=0".into(), &[200]),
+        ("audit".into(), &[400]),
+    ];
+    for (rest, want) in &cases {
+        let (status, body) = log_get(at, rest);
+        assert!(
+            want.contains(&status),
+            "{rest}: {status} (want {want:?}): {body}"
+        );
+    }
+    // Bodies: over the bound, many cosignature lines, not UTF-8 text, a head of another
+    // domain.
+    let post = |body: &str| {
+        http_request(
+            at,
+            "POST",
+            "/.well-known/kst/log/example.net/cosignature",
+            body,
+        )
+        .0
+    };
+    assert_eq!(post(&"x".repeat(1 << 20)), 413);
+    let (head, _) = newest_head(at);
+    let line = witness.cosign(&head, 1).unwrap().to_line();
+    let many = format!(
+        "{}{}",
+        kst_core::transparency::answer::head_text(&head).unwrap(),
+        format!("{line}\n").repeat(40)
+    );
+    assert!([400, 413].contains(&post(&many)), "many cosignature lines");
+    assert_eq!(post("kst-log-head-v1\n\u{0}\n"), 400);
+    assert_eq!(post(""), 400);
+    let other = LogKeys::generate("example.org");
+    let foreign = other
+        .head
+        .sign(kst_core::transparency::Head {
+            domain: "example.org".into(),
+            ..head.head.clone()
+        })
+        .unwrap();
+    assert_eq!(cosign(at, &witness, &foreign, 1), 400, "another domain");
+    // Still serving.
+    assert_eq!(log_get(at, "head").0, 200);
+    assert_eq!(cosign(at, &witness, &head, 2), 204);
+}
