@@ -49,9 +49,12 @@ impl LogAnswers for FakeLog {
 }
 
 fn answer_for(address: &str) -> String {
+    // The last line has a space at every other position, so folds fall next to spaces (as
+    // in a witness's `cosigned` line): none may be lost.
     format!(
-        "kst-log-answer-v1\ndomain example.net\nepoch 7\nfor {address}\npresent {}\n",
-        "QUJD".repeat(700)
+        "kst-log-answer-v1\ndomain example.net\nepoch 7\nfor {address}\npresent {}\nx{}\n",
+        "QUJD".repeat(700),
+        " y".repeat(200)
     )
 }
 

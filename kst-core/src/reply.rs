@@ -48,11 +48,11 @@ pub fn fold_log_answer(text: &str) -> String {
     let mut out = format!("{LOG_ANSWER_BEGIN}\r\n");
     for line in text.lines() {
         let chars: Vec<char> = line.chars().collect();
-        let (first, mut rest) = chars.split_at(chars.len().min(LOG_ANSWER_LINE));
+        let (first, mut rest) = chars.split_at(fold_at(&chars, LOG_ANSWER_LINE));
         out.extend(first);
         out.push_str("\r\n");
         while !rest.is_empty() {
-            let (part, tail) = rest.split_at(rest.len().min(LOG_ANSWER_LINE - 1));
+            let (part, tail) = rest.split_at(fold_at(rest, LOG_ANSWER_LINE - 1));
             out.push(' ');
             out.extend(part);
             out.push_str("\r\n");
@@ -62,6 +62,17 @@ pub fn fold_log_answer(text: &str) -> String {
     out.push_str(LOG_ANSWER_END);
     out.push_str("\r\n");
     out
+}
+
+/// Where to cut `chars` for a folded line of at most `width` characters: never right after a
+/// space, since a reader drops trailing white space from a line (the space would be lost
+/// and the answer's hash would change).
+fn fold_at(chars: &[char], width: usize) -> usize {
+    let mut at = chars.len().min(width);
+    while at > 1 && at < chars.len() && chars[at - 1] == ' ' {
+        at -= 1;
+    }
+    at
 }
 
 /// Display name on the From line of every reply.
