@@ -27,6 +27,9 @@
 //!   inside the HMAC-covered reply, and the client checks it. A reply whose answer an attacker
 //!   on the reply's path stripped, or swapped for one captured from an earlier reply, is exit
 //!   5; so is the insider's key behind the directory's back, and a wrong head key.
+//! - `rt18_a_head_refused_for_its_witnesses_is_never_remembered`: a fork no witness cosigned
+//!   is refused and not remembered, so the honest directory still passes (the other rt18
+//!   red-team tests are in tests/transparency_redteam.rs).
 //! - `serve_starts_while_postgres_is_down_and_the_directory_opens_later`: `kst serve` with
 //!   two PostgreSQL hosts that are both down at start; the directory answers 503 and a
 //!   publication fails, then one host comes back (a TCP proxy) and the scenario above passes.
@@ -1243,6 +1246,26 @@ fn a_witness_cosigns_the_heads_and_a_client_requires_it() {
         stderr(&out)
     );
 
+    // The same inside a mail reply (protocol version 3): the request asks for the witnesses'
+    // part (`KST-Log-Witnessed: 1`) and the client checks it as it checks the HTTP answer.
+    let (out, v) = provider.client(
+        "sendmail",
+        "bob@example.net",
+        &[
+            "retrieve",
+            "carol@example.net",
+            "--transparency",
+            "--log-key",
+            &provider.head_key,
+            "--witness",
+            &witness.entry(),
+        ],
+    );
+    assert_eq!(code(&out), 0, "version 3, witnessed: {v}\n{}", stderr(&out));
+    let reply = newest_reply(&provider);
+    assert!(reply.contains("kst-log-answer-v2"), "{reply}");
+    assert!(reply.contains("\r\ncosigned 1 "), "{reply}");
+
     // Figures for docs/TRANSPARENCY.md (printed, not asserted).
     let (_, v1) = provider.http_get("/.well-known/kst/log/example.net/lookup/carol@example.net");
     let (_, v2) =
@@ -1990,7 +2013,9 @@ fn the_head_key_is_found_in_dns_and_pinned() {
 
 /// Writes `name`: a sendmail-style script that delivers through `kst deliver` like `sendmail`,
 /// then lets the attacker on the reply's path rewrite the reply just spooled: `strip` removes
-/// the key directory's answer, `swap` puts the answer block saved in `captured.block` there.
+/// the key directory's answer, `swap` puts the answer block saved in `captured.block` there,
+/// `replay` puts the whole older reply saved there in its place (with this request's
+/// In-Reply-To and References).
 fn write_tampering_script(provider: &Provider, name: &str, how: &str) {
     use std::os::unix::fs::PermissionsExt;
     let tamper = provider.path("tamper.py");
@@ -2003,6 +2028,13 @@ block = re.compile(r'-----BEGIN KST LOG ANSWER-----\r?\n.*?-----END KST LOG ANSW
 assert block.search(text), 'no answer block in ' + path
 if how == 'strip':
     text = block.sub('', text)
+elif how == 'replay':
+    # An older genuine reply (in `captured`), made to look like the answer to this request.
+    old = open(captured, newline='').read()
+    for name in ('In-Reply-To', 'References'):
+        fresh = re.search(r'^' + name + r':.*\r?\n', text, re.M | re.I).group(0)
+        old = re.sub(r'^' + name + r':.*\r?\n', lambda m: fresh, old, flags=re.M | re.I)
+    text = old
 else:
     text = block.sub(lambda m: open(captured, newline='').read(), text)
 open(path, 'wb').write(text.encode())
@@ -2177,4 +2209,233 @@ fn replies_carry_the_proof_in_version_3() {
     let reply = newest_reply(&provider);
     assert!(reply.contains("KST-Protocol: 2\r\n"), "{reply}");
     assert!(!reply.contains("BEGIN KST LOG ANSWER"), "{reply}");
+}
+
+/// Writes `sendmail-queue`: a sendmail-style script that only queues the request (its
+/// arguments and message under `queue/`), so that the KST answers it when
+/// [`flush_queue`] delivers it, later.
+fn write_queue_script(provider: &Provider) {
+    use std::os::unix::fs::PermissionsExt;
+    let queue = provider.path("queue");
+    std::fs::create_dir_all(&queue).unwrap();
+    let script = provider.path("sendmail-queue");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nf='{q}'/$(date +%s%N)\nprintf '%s\\n' \"$@\" > \"$f.args\"\ncat > \"$f.eml\"\n",
+            q = queue.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Delivers every queued request through `sendmail` (the KST answers them now).
+fn flush_queue(provider: &Provider) {
+    let mut queued: Vec<PathBuf> = std::fs::read_dir(provider.path("queue"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+        .collect();
+    queued.sort();
+    assert!(!queued.is_empty(), "nothing queued");
+    for eml in queued {
+        let args = std::fs::read_to_string(eml.with_extension("args")).unwrap();
+        let status = Command::new(provider.path("sendmail"))
+            .args(args.lines())
+            .stdin(std::fs::File::open(&eml).unwrap())
+            .status()
+            .unwrap();
+        assert!(status.success(), "delivering {}", eml.display());
+        std::fs::remove_file(&eml).unwrap();
+    }
+}
+
+/// A resolver address nothing answers on: DNS fails (temporarily), so a pinned head key is
+/// used as it is.
+const NO_RESOLVER: &str = "127.0.0.1:9";
+
+/// Protocol version 3 with the client's memory (issue 18): the request names the remembered
+/// epoch and the reply's answer carries the append-only proof from it; the head key comes
+/// from the pin; a rollback and a fork over version 3 are exit 5; witnesses required but
+/// absent are exit 5; an older reply replayed for another question fails; `kst client check`
+/// checks pending requests the same way, also when the memory moved while one was pending.
+#[test]
+fn version_3_uses_the_memory_the_pin_and_the_witnesses() {
+    let (provider, gpg, alice) = Provider::with_alice();
+    let key = provider.head_key.clone();
+    let bob = "bob@example.net";
+    let v3 = |sendmail: &str, address: &str, extra: &[&str]| {
+        let mut args = vec![
+            "retrieve",
+            address,
+            "--transparency",
+            "--resolver",
+            NO_RESOLVER,
+        ];
+        args.extend_from_slice(extra);
+        provider.client(sendmail, bob, &args)
+    };
+    let block_of = |reply: &str| -> String {
+        let begin = reply
+            .find("-----BEGIN KST LOG ANSWER-----")
+            .expect("an answer");
+        let end = reply.find("-----END KST LOG ANSWER-----").unwrap();
+        // Unfolded, as the client reads it.
+        reply[begin..end].replace("\r\n ", "").replace("\r\n", "\n")
+    };
+
+    // First contact with the key given: pinned, the head remembered.
+    let (out, v) = v3("sendmail", "alice@example.net", &["--log-key", &key]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["fingerprint"], alice.fingerprint.as_str());
+    assert_eq!(provider.remembered_epoch(bob), Some(1));
+    assert_eq!(provider.memory(bob)["pinned_from"], "--log-key");
+    assert!(!block_of(&newest_reply(&provider)).contains("append-only"));
+
+    // The store and its directory at epoch 1: a backup (rollback) and a fork.
+    for copy in ["keys-backup", "keys-fork"] {
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(provider.path("keys"))
+            .arg(provider.path(copy))
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    // A new epoch: the request names epoch 1, the answer proves the log only grew since.
+    provider.publish_new(&gpg, "sendmail", &["carol"]);
+    let (out, v) = v3("sendmail", "alice@example.net", &["--log-key", &key]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let answer = block_of(&newest_reply(&provider));
+    assert!(answer.contains("\nappend-only 1 "), "{answer}");
+    assert_eq!(provider.remembered_epoch(bob), Some(2));
+
+    // Three more; now without --log-key: the pinned key is used (DNS, asked first, does not
+    // answer: nothing listens on the resolver's port).
+    provider.publish_new(&gpg, "sendmail", &["dave", "erin", "frank"]);
+    let (out, v) = v3("sendmail", "carol@example.net", &[]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert!(
+        block_of(&newest_reply(&provider)).contains("\nappend-only 2 "),
+        "{v}"
+    );
+    assert_eq!(provider.remembered_epoch(bob), Some(5));
+    assert!(provider.evidence(bob).is_empty());
+
+    // A KST restored from the backup answers at epoch 1: a rollback, exit 5, evidence kept.
+    let (_restored, _) = provider.twin_kst("restored", &provider.path("keys-backup"));
+    let (out, v) = v3("sendmail-restored", "alice@example.net", &[]);
+    expect(&out, &v, 5, "attack");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(error.contains("older than the remembered"), "{error}");
+    assert_eq!(provider.remembered_epoch(bob), Some(5), "not rolled back");
+    assert_eq!(provider.evidence(bob).len(), 1);
+
+    // A fork with the same keys, serving a twin for alice and further ahead than bob's head:
+    // its proof from epoch 5 does not start at bob's root of epoch 5.
+    let (_fork, _) = provider.twin_kst("fork", &provider.path("keys-fork"));
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail-fork", "alice@example.net", &twin.public_armored);
+    provider.publish_new(
+        &twin_gpg,
+        "sendmail-fork",
+        &["gina", "hank", "ivan", "jack", "kate"],
+    );
+    let (out, v) = v3("sendmail-fork", "alice@example.net", &[]);
+    expect(&out, &v, 5, "attack");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(error.contains("fork or rollback"), "{error}");
+    assert_eq!(provider.remembered_epoch(bob), Some(5));
+    assert_eq!(provider.evidence(bob).len(), 2);
+
+    // Witnesses required, and the KST has none: the answer carries no cosignatures, exit 5.
+    let witness = format!("w1:{}", "22".repeat(32));
+    let (out, v) = v3("sendmail", "alice@example.net", &["--witness", &witness]);
+    expect(&out, &v, 5, "attack");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(error.contains("carries no witness cosignatures"), "{error}");
+    assert_eq!(
+        provider.remembered_epoch(bob),
+        Some(5),
+        "a rejected head is not remembered"
+    );
+
+    // An older genuine version 3 reply to bob (about another address), replayed as the answer
+    // to a new request: its tag does not verify for this question and K_auth, exit 5 (the
+    // request stays pending for the genuine reply: in another client state, so that `check`
+    // below has only its own).
+    let (out, v) = v3("sendmail", "nobody@example.net", &[]);
+    expect(&out, &v, 1, "not-found");
+    std::fs::write(provider.path("captured.block"), newest_reply(&provider)).unwrap();
+    write_tampering_script(&provider, "sendmail-replay", "replay");
+    let (out, v) = provider.client_waiting(
+        "bob-replayed",
+        3,
+        "sendmail-replay",
+        bob,
+        &[
+            "retrieve",
+            "alice@example.net",
+            "--transparency",
+            "--log-key",
+            &key,
+        ],
+    );
+    expect(&out, &v, 5, "attack");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(error.contains("HMAC"), "{error}");
+    assert_eq!(provider.remembered_epoch("bob-replayed"), None);
+    let evidence = provider.evidence(bob).len();
+
+    // `kst client check` finishes a pending version 3 retrieval with the same checks, also
+    // when the memory moved while it was pending: queued with epoch 5 remembered, then bob's
+    // memory moves to 6, then the KST answers the queued request at epoch 7 with the proof
+    // from 5, which must lead through bob's root of epoch 6.
+    write_queue_script(&provider);
+    let (out, v) = v3("sendmail-queue", "alice@example.net", &["--no-wait"]);
+    expect(&out, &v, 75, "pending");
+    provider.publish_new(&gpg, "sendmail", &["lena"]);
+    // (The queued request is still pending: this one waits for its own reply only.)
+    let (out, v) = v3("sendmail", "lena@example.net", &[]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(provider.remembered_epoch(bob), Some(6));
+    provider.publish_new(&gpg, "sendmail", &["mike"]);
+    flush_queue(&provider);
+    let answer = block_of(&newest_reply(&provider));
+    assert!(
+        answer.contains("\nepoch 7\n") && answer.contains("\nappend-only 5 "),
+        "{answer}"
+    );
+    let (out, v) = provider.client("sendmail", bob, &["check", "--resolver", NO_RESOLVER]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v[0]["outcome"], "found", "{v}");
+    assert_eq!(v[0]["fingerprint"], alice.fingerprint.as_str());
+    assert_eq!(provider.remembered_epoch(bob), Some(7));
+    assert_eq!(provider.evidence(bob).len(), evidence, "no false alarm");
+
+    // `retrieve --check-transparency --no-wait`: `check` does the HTTP check when it reads
+    // the reply (a pending fork reply would be refused there, not imported).
+    provider.publish_new(&gpg, "sendmail", &["nina"]);
+    let (out, v) = provider.checked_as(
+        "sendmail",
+        bob,
+        "alice@example.net",
+        &[
+            "--log-url",
+            &provider.log_url,
+            "--resolver",
+            NO_RESOLVER,
+            "--no-wait",
+        ],
+    );
+    expect(&out, &v, 75, "pending");
+    assert_eq!(provider.remembered_epoch(bob), Some(7));
+    let (out, v) = provider.client("sendmail", bob, &["check", "--resolver", NO_RESOLVER]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v[0]["outcome"], "found", "{v}");
+    assert_eq!(provider.remembered_epoch(bob), Some(8), "checked over HTTP");
 }

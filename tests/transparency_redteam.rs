@@ -400,6 +400,18 @@ fn absence_is_a_miss(at: SocketAddr) {
         429,
         "histories too"
     );
+    // Spellings of the look-up route that could slip past the classification: never answered.
+    for path in [
+        "/.well-known/kst/log/example.net/look%75p/alice@example.net",
+        "/.well-known/kst/log/example.net//lookup/alice@example.net",
+        "/.well-known/kst/log//example.net/lookup/alice@example.net",
+        "/.well-known/kst/log/example.net/LOOKUP/alice@example.net",
+        "/.well-known/kst/log/example.net/lookup/alice@example.net/",
+        "/.well-known/kst/%6Cog/example.net/lookup/alice@example.net",
+    ] {
+        let (status, body) = http_get(at, path);
+        assert_ne!(status, 200, "{path}: {body}");
+    }
     assert_eq!(log_get(at, "head").0, 200, "the head is no look-up");
 }
 
@@ -413,11 +425,11 @@ async fn rt18_log_routes_on_http_are_limited_and_absence_is_a_miss() {
     let served = Served::start(
         dir.path(),
         &keys,
-        "\n[web.limits]\nper_client_misses = 2\nper_client = 12\n",
+        "\n[web.limits]\nper_client_misses = 2\nper_client = 17\n",
     );
     absence_is_a_miss(served.http);
-    // Four requests counted so far (refused look-ups are not): 8 more are served, whatever
-    // they ask.
+    // Nine requests counted so far (three look-ups, the head, five route spellings; refused
+    // look-ups are not counted): 8 more are served, whatever they ask.
     let statuses: Vec<u16> = (0..10)
         .map(|i| match i % 3 {
             0 => log_get(served.http, "audit?from=0&to=1").0,

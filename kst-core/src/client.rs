@@ -17,9 +17,10 @@ use crate::kauth::AuthKey;
 use crate::mac;
 use crate::openpgp::{self, KeyError};
 use crate::protocol::{
-    HEADER_ADDRESS, HEADER_MAC, HEADER_PROTOCOL, HEADER_REASON, HEADER_STATUS, LOG_ANSWER_BEGIN,
-    LOG_ANSWER_END, MAC_HMAC_SHA256, MAX_LOG_ANSWER_BYTES, PUBLIC_KEY_BEGIN, PUBLIC_KEY_END,
-    Question, Reason, Status, TRANSPARENCY_VERSION, VERSIONS,
+    HEADER_ADDRESS, HEADER_LOG_SINCE, HEADER_LOG_WITNESSED, HEADER_MAC, HEADER_PROTOCOL,
+    HEADER_REASON, HEADER_STATUS, LOG_ANSWER_BEGIN, LOG_ANSWER_END, LogAsk, MAC_HMAC_SHA256,
+    MAX_LOG_ANSWER_BYTES, PUBLIC_KEY_BEGIN, PUBLIC_KEY_END, Question, Reason, Status,
+    TRANSPARENCY_VERSION, VERSIONS,
 };
 use crate::reply::new_message_id;
 
@@ -90,6 +91,30 @@ pub struct Request {
     pub message: Vec<u8>,
     /// What to keep until the reply arrives.
     pub pending: Pending,
+}
+
+impl Request {
+    /// A version 3 request (`pending.head_key` set) that also asks for the parts of the key
+    /// directory's answer in `ask`: the `KST-Log-Since` and `KST-Log-Witnessed` headers
+    /// (docs/PROTOCOL.md, "Versions"). Unchanged below version 3 or when `ask` asks nothing.
+    pub fn with_log_ask(mut self, ask: LogAsk) -> Request {
+        if self.pending.head_key.is_none() {
+            return self;
+        }
+        let mut headers = String::new();
+        if let Some(epoch) = ask.since.filter(|e| *e > 0) {
+            headers.push_str(&format!("{HEADER_LOG_SINCE}: {epoch}\r\n"));
+        }
+        if ask.witnessed {
+            headers.push_str(&format!("{HEADER_LOG_WITNESSED}: 1\r\n"));
+        }
+        if !headers.is_empty() {
+            let mut message = headers.into_bytes();
+            message.extend_from_slice(&self.message);
+            self.message = message;
+        }
+        self
+    }
 }
 
 /// Why a request could not be built.

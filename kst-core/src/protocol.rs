@@ -24,11 +24,24 @@ pub const MAC_HMAC_SHA256: &str = "hmac-sha256";
 pub const LOG_ANSWER_BEGIN: &str = "-----BEGIN KST LOG ANSWER-----";
 /// Line that closes the key directory's answer in a version 3 reply.
 pub const LOG_ANSWER_END: &str = "-----END KST LOG ANSWER-----";
-/// Largest key directory answer a version 3 reply may carry (bytes, unfolded). A lookup proof
-/// at 10⁶ entries is a few KiB; the answer text is bounded at 128 KiB by its own parser.
-pub const MAX_LOG_ANSWER_BYTES: usize = 256 * 1024;
+/// Largest key directory answer block a version 3 reply may carry (bytes between the markers,
+/// folded). A lookup proof at 10⁶ entries is a few KiB; the append-only proof from the
+/// client's remembered head (`KST-Log-Since`) and the witnesses' part (`KST-Log-Witnessed`,
+/// up to 1024 heads) need more. A KST leaves out the witnesses' part, then the append-only
+/// proof, of an answer that would not fit (the client then reports what it lacks).
+pub const MAX_LOG_ANSWER_BYTES: usize = 2 * 1024 * 1024;
 /// Longest line of a folded answer block (continuation lines start with one space).
 pub const LOG_ANSWER_LINE: usize = 76;
+
+/// Request header (version 3): the epoch of the newest key directory head the client
+/// remembers for the domain; the reply's answer then carries the append-only proof from that
+/// epoch ([`LogAsk`]).
+pub const HEADER_LOG_SINCE: &str = "KST-Log-Since";
+/// Request header (version 3): `1` when the client requires witnesses; the reply's answer then
+/// carries the witnesses' cosignatures and the heads and proof from them ([`LogAsk`]).
+pub const HEADER_LOG_WITNESSED: &str = "KST-Log-Witnessed";
+/// Longest `KST-Log-*` header value read (longer ones are ignored).
+pub const MAX_LOG_HEADER_VALUE: usize = 64;
 
 /// Request and reply header: the protocol version. A request lists the versions its client
 /// speaks (`KST-Protocol: 2, 1`); a reply names the one it is written in.
@@ -346,6 +359,82 @@ impl Question<'_> {
     }
 }
 
+/// What a version 3 request asks of the key directory's answer besides the head and the
+/// proof for the address: the `KST-Log-Since` and `KST-Log-Witnessed` headers, read by
+/// [`LogAsk::from_headers`]. Only a hint: the client checks what it gets, so a value the KST
+/// cannot use is ignored (logged), never refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogAsk {
+    /// The epoch of the client's remembered head (never 0: the empty tree needs no proof).
+    pub since: Option<u64>,
+    /// The client requires witnesses.
+    pub witnessed: bool,
+}
+
+impl LogAsk {
+    /// Reads every value of `KST-Log-Since` (`since`) and `KST-Log-Witnessed`
+    /// (`witnessed`), top to bottom. A header is used when it appears exactly once with a
+    /// usable value: for `since` 1 to 20 ASCII digits that fit in 64 bits (`0` means none),
+    /// for `witnessed` the value `1`; surrounding whitespace is ignored and values longer than
+    /// [`MAX_LOG_HEADER_VALUE`] are not read. Returns what is used and, for each header
+    /// ignored, a line saying why (for the log).
+    pub fn from_headers<'a>(
+        since: impl IntoIterator<Item = &'a str>,
+        witnessed: impl IntoIterator<Item = &'a str>,
+    ) -> (LogAsk, Vec<String>) {
+        let mut ignored = Vec::new();
+        let since = match one_value(HEADER_LOG_SINCE, since, &mut ignored) {
+            Some(v) if (1..=20).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit()) => {
+                match v.parse::<u64>() {
+                    Ok(0) => None,
+                    Ok(epoch) => Some(epoch),
+                    Err(_) => {
+                        ignored.push(format!("{HEADER_LOG_SINCE}: {v} is too large"));
+                        None
+                    }
+                }
+            }
+            Some(v) => {
+                ignored.push(format!("{HEADER_LOG_SINCE}: {:?} is not an epoch", clip(v)));
+                None
+            }
+            None => None,
+        };
+        let witnessed = match one_value(HEADER_LOG_WITNESSED, witnessed, &mut ignored) {
+            Some("1") => true,
+            Some(v) => {
+                ignored.push(format!("{HEADER_LOG_WITNESSED}: {:?} is not 1", clip(v)));
+                false
+            }
+            None => false,
+        };
+        (LogAsk { since, witnessed }, ignored)
+    }
+}
+
+/// The one value of header `name` among `values` (trimmed), or `None` (noting why in
+/// `ignored` when the header is there but unusable: repeated or too long).
+fn one_value<'a>(
+    name: &str,
+    values: impl IntoIterator<Item = &'a str>,
+    ignored: &mut Vec<String>,
+) -> Option<&'a str> {
+    let mut values = values.into_iter();
+    let first = values.next()?;
+    let more = values.count();
+    if more > 0 {
+        ignored.push(format!("{name} appears {} times", more + 1));
+        return None;
+    }
+    if first.len() > MAX_LOG_HEADER_VALUE {
+        ignored.push(format!(
+            "{name} is longer than {MAX_LOG_HEADER_VALUE} bytes"
+        ));
+        return None;
+    }
+    Some(first.trim())
+}
+
 fn clip(s: &str) -> String {
     s.chars().take(64).collect()
 }
@@ -425,6 +514,61 @@ mod tests {
             negotiate(Some("2"), Some("hmac-sha3-256")),
             Err(VersionMismatch::Mac(_))
         ));
+    }
+
+    /// The `KST-Log-*` request headers: used when present once with a usable value;
+    /// anything else is ignored with a reason, never an error (header fuzz).
+    #[test]
+    fn log_headers_are_read_strictly_and_bad_ones_ignored() {
+        let ask = |since: &[&str], witnessed: &[&str]| {
+            LogAsk::from_headers(since.iter().copied(), witnessed.iter().copied())
+        };
+        assert_eq!(ask(&[], &[]), (LogAsk::default(), vec![]));
+        assert_eq!(
+            ask(&[" 5\r\n"], &[" 1\r\n"]),
+            (
+                LogAsk {
+                    since: Some(5),
+                    witnessed: true
+                },
+                vec![]
+            )
+        );
+        assert_eq!(ask(&["18446744073709551615"], &[]).0.since, Some(u64::MAX));
+        assert_eq!(ask(&["0"], &[]), (LogAsk::default(), vec![]));
+        assert_eq!(ask(&["007"], &[]).0.since, Some(7));
+        let huge = "9".repeat(10_000);
+        for bad in [
+            "18446744073709551616",
+            "99999999999999999999",
+            "123456789012345678901",
+            huge.as_str(),
+            "-1",
+            "+1",
+            "1e3",
+            "0x10",
+            "5 6",
+            "5\r\n 6",
+            "",
+            "five",
+            "٣",
+        ] {
+            let (got, why) = ask(&[bad], &[]);
+            assert_eq!(got, LogAsk::default(), "{bad:?}");
+            assert_eq!(why.len(), 1, "{bad:?}: {why:?}");
+            assert!(why[0].starts_with(HEADER_LOG_SINCE), "{why:?}");
+            assert!(why[0].len() < 200, "the log line is bounded: {why:?}");
+        }
+        // Repeated: ambiguous, so neither value is used.
+        let (got, why) = ask(&["5", "5"], &["1", "1"]);
+        assert_eq!(got, LogAsk::default());
+        assert_eq!(why.len(), 2, "{why:?}");
+        assert!(why[0].contains("appears 2 times"), "{why:?}");
+        for bad in ["0", "yes", "true", "11", "", "1 1"] {
+            let (got, why) = ask(&[], &[bad]);
+            assert!(!got.witnessed, "{bad:?}");
+            assert_eq!(why.len(), 1, "{bad:?}");
+        }
     }
 
     /// docs/PROTOCOL.md lists every reason token, and no other.

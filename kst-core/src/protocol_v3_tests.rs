@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::client::{self, ReplyError, Verified};
 use crate::error::{Component, Error};
-use crate::protocol::{LOG_ANSWER_BEGIN, LOG_ANSWER_END, LOG_ANSWER_LINE, Reason};
+use crate::protocol::{LOG_ANSWER_BEGIN, LOG_ANSWER_END, LOG_ANSWER_LINE, LogAsk, Reason};
 use crate::reply::{LogAnswers, fold_log_answer};
 use crate::service::tests::{Fixture, addr, env, fixture, received};
 use crate::service::{Decision, HandleError};
@@ -25,6 +25,8 @@ const HEAD_KEY: &str = "00000000000000000000000000000000000000000000000000000000
 struct FakeLog {
     down: AtomicBool,
     asked: AtomicUsize,
+    /// What each request asked of the answer (`KST-Log-*` headers).
+    asks: std::sync::Mutex<Vec<LogAsk>>,
 }
 
 #[async_trait::async_trait]
@@ -33,8 +35,9 @@ impl LogAnswers for FakeLog {
         domain == "example.net"
     }
 
-    async fn answer(&self, address: &Address) -> Result<String, Error> {
+    async fn answer(&self, address: &Address, ask: LogAsk) -> Result<String, Error> {
         self.asked.fetch_add(1, Ordering::SeqCst);
+        self.asks.lock().unwrap().push(ask);
         if self.down.load(Ordering::SeqCst) {
             return Err(Error::unavailable(
                 Component::other("key directory"),
@@ -46,9 +49,12 @@ impl LogAnswers for FakeLog {
 }
 
 fn answer_for(address: &str) -> String {
+    // The last line has a space at every other position, so folds fall next to spaces (as
+    // in a witness's `cosigned` line): none may be lost.
     format!(
-        "kst-log-answer-v1\ndomain example.net\nepoch 7\nfor {address}\npresent {}\n",
-        "QUJD".repeat(700)
+        "kst-log-answer-v1\ndomain example.net\nepoch 7\nfor {address}\npresent {}\nx{}\n",
+        "QUJD".repeat(700),
+        " y".repeat(200)
     )
 }
 
@@ -299,10 +305,10 @@ async fn hostile_answer_blocks_are_refused_without_panicking() {
     let (f, _log, _, _) = published().await;
     let (pending, reply) = retrieved(&f, "alice@example.net").await;
     let b = block(&reply);
-    // 4000 lines of 76 characters: over the 256 KiB bound.
+    // 30000 lines of 76 characters: over the 2 MiB bound (and under the reply's 4 MiB).
     let huge = format!(
         "{LOG_ANSWER_BEGIN}\r\n{}{LOG_ANSWER_END}",
-        format!("{}\r\n", "Q".repeat(76)).repeat(4000)
+        format!("{}\r\n", "Q".repeat(76)).repeat(30_000)
     );
     let cases = [
         b.replace(LOG_ANSWER_END, ""),
@@ -355,4 +361,66 @@ async fn hostile_answer_blocks_are_refused_without_panicking() {
         });
         assert_eq!(unfolded, text, "{len}");
     }
+}
+
+/// The `KST-Log-*` headers reach the directory (version 3 only), bad values are ignored and
+/// the request is still answered (header fuzz: huge epoch, non-digits, repeated header).
+#[tokio::test]
+async fn log_headers_reach_the_directory_and_bad_ones_are_ignored() {
+    let (f, log) = with_log(fixture());
+    let ask = |since: Option<u64>, witnessed: bool| LogAsk { since, witnessed };
+    let req = carol_asks("alice@example.net").with_log_ask(ask(Some(41), true));
+    let text = String::from_utf8(req.message.clone()).unwrap();
+    assert!(text.contains("KST-Log-Since: 41\r\n"), "{text}");
+    assert!(text.contains("KST-Log-Witnessed: 1\r\n"), "{text}");
+    let reply = answered(&f, &req).await;
+    client::verify_reply_with_answer(&req.pending, reply.as_bytes()).unwrap();
+    assert_eq!(log.asks.lock().unwrap().pop(), Some(ask(Some(41), true)));
+
+    // Hostile values: the request is answered in version 3, as if the header were absent
+    // (each about another address: the rate limit per requester and address).
+    let huge = "9".repeat(100_000);
+    for (i, headers) in [
+        "KST-Log-Since: 99999999999999999999999\r\n".to_string(),
+        "KST-Log-Since: 18446744073709551616\r\n".into(),
+        format!("KST-Log-Since: {huge}\r\n"),
+        "KST-Log-Since: -3\r\nKST-Log-Witnessed: yes\r\n".into(),
+        "KST-Log-Since: 5\r\nKST-Log-Since: 6\r\n".into(),
+        "KST-Log-Since: 5\r\n 6\r\n".into(),
+        "KST-Log-Witnessed: 1\r\nKST-Log-Witnessed: 1\r\n".into(),
+        "KST-Log-Since: \u{663}\r\n".into(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let req = carol_asks(&format!("q{i}@example.net"));
+        let mut raw = headers.clone().into_bytes();
+        raw.extend_from_slice(&req.message);
+        let h = f.kst.handle(&env("carol@acme.net"), &raw).await.unwrap();
+        assert!(
+            matches!(h.decision, Decision::Answered { .. }),
+            "{headers}: {h:?}"
+        );
+        let reply = reply_text(&f);
+        client::verify_reply_with_answer(&req.pending, reply.as_bytes())
+            .unwrap_or_else(|e| panic!("{headers}: {e}"));
+        assert_eq!(
+            log.asks.lock().unwrap().pop(),
+            Some(LogAsk::default()),
+            "{headers}"
+        );
+    }
+
+    // Below version 3 the headers are not read (and nothing is asked of the directory).
+    let before = log.asked.load(Ordering::SeqCst);
+    let req = client::build_retrieval(&addr("carol@acme.net"), &addr("alice@example.net"));
+    let mut raw = b"KST-Log-Since: 3\r\n".to_vec();
+    raw.extend_from_slice(&req.message);
+    f.kst.handle(&env("carol@acme.net"), &raw).await.unwrap();
+    assert!(reply_text(&f).contains("KST-Protocol: 2\r\n"));
+    assert_eq!(log.asked.load(Ordering::SeqCst), before);
+    // `with_log_ask` adds nothing to a request below version 3.
+    let plain = client::build_retrieval(&addr("carol@acme.net"), &addr("alice@example.net"));
+    let before = plain.message.clone();
+    assert_eq!(plain.with_log_ask(ask(Some(3), true)).message, before);
 }

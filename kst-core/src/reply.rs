@@ -22,8 +22,8 @@ use crate::mac;
 use crate::openpgp::armor_public_key;
 use crate::protocol::{
     HEADER_ADDRESS, HEADER_FINGERPRINT, HEADER_MAC, HEADER_PROTOCOL, HEADER_REASON, HEADER_STATUS,
-    LOG_ANSWER_BEGIN, LOG_ANSWER_END, LOG_ANSWER_LINE, MAC_HMAC_SHA256, Question, Reason, Status,
-    TRANSPARENCY_VERSION,
+    LOG_ANSWER_BEGIN, LOG_ANSWER_END, LOG_ANSWER_LINE, LogAsk, MAC_HMAC_SHA256, Question, Reason,
+    Status, TRANSPARENCY_VERSION,
 };
 
 /// The key directories of a KST, as version 3 replies need them: which domains have one, and
@@ -34,9 +34,11 @@ pub trait LogAnswers: Send + Sync {
     /// True when `domain` has a key directory (its KST speaks version 3).
     fn has_directory(&self, domain: &str) -> bool;
     /// The directory's answer for `address` at its latest epoch: the signed head and the
-    /// lookup (or absence) proof, as text (`kst-log-answer-v1`). A directory that cannot be
+    /// lookup (or absence) proof, as text (`kst-log-answer-v1`), with what `ask` asks for
+    /// when the directory can give it: the append-only proof from `ask.since`, and the
+    /// witnesses' part (`kst-log-answer-v2`) with `ask.witnessed`. A directory that cannot be
     /// read is a temporary error: the request is deferred, never answered without proofs.
-    async fn answer(&self, address: &Address) -> Result<String, Error>;
+    async fn answer(&self, address: &Address, ask: LogAsk) -> Result<String, Error>;
 }
 
 /// `text` (the key directory's answer) as it goes in a reply: lines longer than
@@ -46,11 +48,11 @@ pub fn fold_log_answer(text: &str) -> String {
     let mut out = format!("{LOG_ANSWER_BEGIN}\r\n");
     for line in text.lines() {
         let chars: Vec<char> = line.chars().collect();
-        let (first, mut rest) = chars.split_at(chars.len().min(LOG_ANSWER_LINE));
+        let (first, mut rest) = chars.split_at(fold_at(&chars, LOG_ANSWER_LINE));
         out.extend(first);
         out.push_str("\r\n");
         while !rest.is_empty() {
-            let (part, tail) = rest.split_at(rest.len().min(LOG_ANSWER_LINE - 1));
+            let (part, tail) = rest.split_at(fold_at(rest, LOG_ANSWER_LINE - 1));
             out.push(' ');
             out.extend(part);
             out.push_str("\r\n");
@@ -60,6 +62,17 @@ pub fn fold_log_answer(text: &str) -> String {
     out.push_str(LOG_ANSWER_END);
     out.push_str("\r\n");
     out
+}
+
+/// Where to cut `chars` for a folded line of at most `width` characters: never right after a
+/// space, since a reader drops trailing white space from a line (the space would be lost
+/// and the answer's hash would change).
+fn fold_at(chars: &[char], width: usize) -> usize {
+    let mut at = chars.len().min(width);
+    while at > 1 && at < chars.len() && chars[at - 1] == ' ' {
+        at -= 1;
+    }
+    at
 }
 
 /// Display name on the From line of every reply.
@@ -138,6 +151,8 @@ pub struct ReplyTo<'a> {
     pub version: u32,
     /// What the request asked, once its body was read; version 3 binds it into every tag.
     pub question: Option<Question<'a>>,
+    /// What a version 3 request asked of the key directory's answer (`KST-Log-*` headers).
+    pub log_ask: LogAsk,
 }
 
 /// A built reply.

@@ -23,7 +23,9 @@ use crate::error::Error;
 use crate::kauth::AuthKey;
 use crate::mailer::{Mailer, OutgoingMail};
 use crate::policy::{AuthSource, Policy};
-use crate::protocol::{Question, Reason, Status, TRANSPARENCY_VERSION};
+use crate::protocol::{
+    HEADER_LOG_SINCE, HEADER_LOG_WITNESSED, LogAsk, Question, Reason, Status, TRANSPARENCY_VERSION,
+};
 use crate::ratelimit::{self, LimitKind, MemoryRateLimiter, RateLimiter};
 use crate::received;
 use crate::reply::{self, LogAnswers, ReplyContent, ReplyTo};
@@ -422,6 +424,7 @@ impl Kst {
             references: &references,
             version: crate::protocol::PROTOCOL_VERSION,
             question: None,
+            log_ask: LogAsk::default(),
         };
         let body = match self.shape_problem(&message) {
             Some(problem) => Err(problem),
@@ -502,6 +505,7 @@ impl Kst {
             Ok(version) => ReplyTo {
                 version,
                 question,
+                log_ask: self.log_ask(&message, version, message_id.as_deref()),
                 ..ctx
             },
             Err(mismatch) => {
@@ -564,6 +568,27 @@ impl Kst {
             kind,
             decision,
         })
+    }
+
+    /// What a version 3 request asks of the key directory's answer (`KST-Log-Since`,
+    /// `KST-Log-Witnessed`); nothing below version 3. A value that cannot be used is logged
+    /// and ignored: the client checks what it gets.
+    fn log_ask(&self, msg: &Message<'_>, version: u32, message_id: Option<&str>) -> LogAsk {
+        if version < TRANSPARENCY_VERSION {
+            return LogAsk::default();
+        }
+        let (ask, ignored) = LogAsk::from_headers(
+            headers_named(msg, HEADER_LOG_SINCE),
+            headers_named(msg, HEADER_LOG_WITNESSED),
+        );
+        for why in ignored {
+            tracing::info!(
+                message_id = message_id.unwrap_or("-"),
+                why = %why,
+                "a KST-Log header was ignored"
+            );
+        }
+        ask
     }
 
     /// Why the message's shape is outside the caps (header count, MIME parts, nesting), if it is.
@@ -1002,7 +1027,7 @@ impl Kst {
         }
         match &self.log_answers {
             Some(logs) if logs.has_directory(address.domain()) => {
-                logs.answer(address).await.map(Some)
+                logs.answer(address, ctx.log_ask).await.map(Some)
             }
             _ => Err(Error::Config(format!(
                 "a version 3 reply about {address} needs its domain's key directory, and there is none"

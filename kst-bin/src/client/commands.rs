@@ -46,14 +46,11 @@ pub async fn run(args: ClientArgs) -> u8 {
                 #[cfg(feature = "transparency")]
                 proof,
             } => {
+                #[cfg(feature = "transparency")]
+                let log = log_args(proof);
                 #[cfg(not(feature = "transparency"))]
-                let proof = ();
-                match head_key_of(&proof) {
-                    Ok(h) => vec![
-                        publish(s, key.as_deref(), gpg_key.as_deref(), no_wait, h.as_deref()).await,
-                    ],
-                    Err(o) => vec![o],
-                }
+                let log = ();
+                vec![publish(s, key.as_deref(), gpg_key.as_deref(), no_wait, &log).await]
             }
             ClientCommand::Retrieve {
                 address,
@@ -72,35 +69,20 @@ pub async fn run(args: ClientArgs) -> u8 {
                     mx_port,
                     allow_plaintext,
                 };
-                #[cfg(feature = "transparency")]
-                let outcome = match log
-                    .reply
-                    .head_key_checking(log.check_transparency)
-                    .map_err(|e| Outcome::error(exit::USAGE, e))
-                {
-                    Err(o) => o,
-                    Ok(_) if log.check_transparency => {
-                        checked_retrieve(s, &address, import, &how, no_wait, &log).await
-                    }
-                    Ok(head_key) => {
-                        retrieve(s, &address, import, &how, no_wait, head_key.as_deref()).await
-                    }
-                };
                 #[cfg(not(feature = "transparency"))]
-                let outcome = retrieve(s, &address, import, &how, no_wait, None).await;
-                vec![outcome]
+                let log = ();
+                vec![retrieve(s, &address, import, &how, no_wait, &log).await]
             }
             ClientCommand::Delete {
                 no_wait,
                 #[cfg(feature = "transparency")]
                 proof,
             } => {
+                #[cfg(feature = "transparency")]
+                let log = log_args(proof);
                 #[cfg(not(feature = "transparency"))]
-                let proof = ();
-                match head_key_of(&proof) {
-                    Ok(h) => vec![super::delete::delete(s, no_wait, h.as_deref()).await],
-                    Err(o) => vec![o],
-                }
+                let log = ();
+                vec![super::delete::delete(s, no_wait, &log).await]
             }
             ClientCommand::Status {
                 key,
@@ -108,6 +90,12 @@ pub async fn run(args: ClientArgs) -> u8 {
                 #[cfg(feature = "transparency")]
                 log,
             } => {
+                // `--log-key` and `--witness` need --check-transparency here (`status` sends
+                // no version 3 request).
+                #[cfg(feature = "transparency")]
+                if let Err(e) = log.reply.validate(log.check_transparency) {
+                    return output::finish(&[Outcome::error(exit::USAGE, e)], s.json, false);
+                }
                 #[cfg(feature = "transparency")]
                 let log = log.check_transparency.then_some(&log);
                 #[cfg(not(feature = "transparency"))]
@@ -152,16 +140,51 @@ pub async fn run(args: ClientArgs) -> u8 {
     output::finish_with(&outcomes, json, list, &facts)
 }
 
-/// The head key `--transparency --log-key` gave (protocol version 3), `None` without.
+/// The key directory flags of a command (feature `transparency`; nothing without it).
 #[cfg(feature = "transparency")]
-fn head_key_of(proof: &super::transparency::ReplyProofArgs) -> Result<Option<String>, Outcome> {
-    proof.head_key().map_err(|e| Outcome::error(exit::USAGE, e))
+pub(super) type LogArgs = super::transparency::LogCheckArgs;
+/// Without the `transparency` feature there are no key directory flags.
+#[cfg(not(feature = "transparency"))]
+pub(super) type LogArgs = ();
+
+/// The key directory flags of `publish` and `delete` (`--transparency`, `--log-key`,
+/// `--witness`...), as [`LogArgs`].
+#[cfg(feature = "transparency")]
+fn log_args(proof: super::transparency::ReplyProofArgs) -> LogArgs {
+    LogArgs {
+        reply: proof,
+        ..LogArgs::default()
+    }
 }
 
-/// Without the `transparency` feature there is no `--transparency`.
+/// What a request does with the key directory: the head key a version 3 reply's answer
+/// must be signed by (`None`: the request asks for version 2), what the request asks of
+/// the answer (`KST-Log-*` headers), and the checks the reply must pass (kept with the
+/// pending request).
+#[derive(Debug, Clone, Default)]
+pub struct LogPlan {
+    /// The head key (64 hex digits) for protocol version 3.
+    pub head_key: Option<String>,
+    /// The remembered epoch and the witnesses, asked for in the request.
+    pub ask: kst_core::protocol::LogAsk,
+    /// The checks of the reply.
+    pub log: Option<super::state::LogRequirements>,
+}
+
+/// The [`LogPlan`] of `args` for a request about `domain`.
+#[cfg(feature = "transparency")]
+pub(super) async fn log_plan(
+    s: &Settings,
+    args: &LogArgs,
+    domain: &str,
+) -> Result<LogPlan, Outcome> {
+    super::transparency::plan(s, args, domain).await
+}
+
+/// Without the `transparency` feature a request asks nothing of a key directory.
 #[cfg(not(feature = "transparency"))]
-fn head_key_of(_: &()) -> Result<Option<String>, Outcome> {
-    Ok(None)
+pub(super) async fn log_plan(_: &Settings, _: &LogArgs, _: &str) -> Result<LogPlan, Outcome> {
+    Ok(LogPlan::default())
 }
 
 /// The client settings after config file and flags.
@@ -391,10 +414,14 @@ async fn publish(
     key: Option<&Path>,
     gpg_key: Option<&str>,
     no_wait: bool,
-    head_key: Option<&str>,
+    log: &LogArgs,
 ) -> Outcome {
     let account = match s.account() {
         Ok(a) => a.clone(),
+        Err(o) => return o,
+    };
+    let plan = match log_plan(s, log, account.domain()).await {
+        Ok(p) => p,
         Err(o) => return o,
     };
     let armored = match (key, gpg_key) {
@@ -418,8 +445,12 @@ async fn publish(
     if let Some(warning) = super::status::expiry_warning(&armored, kst_core::time::unix_now()) {
         output::err(format!("kst: warning: {warning}"));
     }
-    let request = match kst_core::client::build_publication_with(&account, &armored, head_key) {
-        Ok(r) => r,
+    let request = match kst_core::client::build_publication_with(
+        &account,
+        &armored,
+        plan.head_key.as_deref(),
+    ) {
+        Ok(r) => r.with_log_ask(plan.ask),
         Err(e @ BuildError::NoMatchingUserId(_)) => {
             return Outcome::error(
                 exit::USAGE,
@@ -430,7 +461,7 @@ async fn publish(
         }
         Err(e) => return Outcome::error(exit::USAGE, e.to_string()),
     };
-    send_and_wait(s, &account, request, None, false, no_wait).await
+    send_and_wait_with(s, &account, request, None, false, no_wait, plan.log).await
 }
 
 async fn retrieve(
@@ -439,7 +470,7 @@ async fn retrieve(
     import: bool,
     how: &Direct,
     no_wait: bool,
-    head_key: Option<&str>,
+    log: &LogArgs,
 ) -> Outcome {
     let account = match s.account() {
         Ok(a) => a.clone(),
@@ -451,39 +482,14 @@ async fn retrieve(
             return Outcome::error(exit::USAGE, format!("{address:?} is not an address: {e}"));
         }
     };
-    let request = kst_core::client::build_retrieval_with(&account, &address, head_key);
-    send_and_wait(s, &account, request, Some(how), import, no_wait).await
-}
-
-/// [`retrieve`], then the key directory's check of the reply
-/// ([`super::transparency::check`]); the key is imported only once both verified.
-#[cfg(feature = "transparency")]
-async fn checked_retrieve(
-    s: &Settings,
-    address: &str,
-    import: bool,
-    how: &Direct,
-    no_wait: bool,
-    log: &super::transparency::LogCheckArgs,
-) -> Outcome {
-    if no_wait {
-        return Outcome::error(
-            exit::USAGE,
-            "--check-transparency waits for the reply: drop --no-wait",
-        );
-    }
-    // With --transparency too, the reply's own proof is checked first (in `wait_for`).
-    let head_key = match log.reply.head_key_checking(true) {
-        Ok(h) => h,
-        Err(e) => return Outcome::error(exit::USAGE, e),
+    let plan = match log_plan(s, log, address.domain()).await {
+        Ok(p) => p,
+        Err(o) => return o,
     };
-    let outcome = retrieve(s, address, false, how, false, head_key.as_deref()).await;
-    let outcome = super::transparency::check(s, log, outcome).await;
-    if import {
-        import_found(outcome)
-    } else {
-        outcome
-    }
+    let request =
+        kst_core::client::build_retrieval_with(&account, &address, plan.head_key.as_deref())
+            .with_log_ask(plan.ask);
+    send_and_wait_with(s, &account, request, Some(how), import, no_wait, plan.log).await
 }
 
 /// Records the request, sends it, and (unless `no_wait`) waits for the reply.
@@ -494,6 +500,20 @@ pub(super) async fn send_and_wait(
     direct: Option<&Direct>,
     import: bool,
     no_wait: bool,
+) -> Outcome {
+    send_and_wait_with(s, account, request, direct, import, no_wait, None).await
+}
+
+/// [`send_and_wait`] with the key directory checks the reply must pass (kept with the
+/// pending request, so `kst client check` applies them too).
+pub(super) async fn send_and_wait_with(
+    s: &Settings,
+    account: &Address,
+    request: Request,
+    direct: Option<&Direct>,
+    import: bool,
+    no_wait: bool,
+    log: Option<super::state::LogRequirements>,
 ) -> Outcome {
     let dns = match s.dns() {
         Ok(d) => d,
@@ -610,6 +630,7 @@ pub(super) async fn send_and_wait(
         }
         .into(),
         import,
+        log,
     };
     if let Err(e) = s.state.add(entry.clone()) {
         return Outcome::error(exit::CONFIG, e.to_string());
@@ -874,7 +895,7 @@ async fn wait_for(
                     // A reply whose HMAC verified but whose key directory answer does not
                     // confirm it came from the KST itself: final, no genuine reply will follow.
                     let attack_before = matches!(o, Outcome::Attack { .. });
-                    let o = reply_proof(&entries[i], log_answer.as_deref(), o).await;
+                    let o = reply_proof(s, &entries[i], log_answer.as_deref(), o).await;
                     let proof_failed = !attack_before && matches!(o, Outcome::Attack { .. });
                     match o {
                         o @ Outcome::Attack { .. } if !proof_failed => {
@@ -925,19 +946,33 @@ async fn wait_for(
         .collect()
 }
 
-/// Protocol version 3: the key directory's answer inside the reply, checked against the head
-/// key the request was made with (a request without one is returned as it is).
-async fn reply_proof(e: &Entry, log_answer: Option<&str>, o: Outcome) -> Outcome {
-    if e.pending.head_key.is_none() {
+/// The key directory checks the request asked for: protocol version 3's answer inside the
+/// reply ([`super::transparency::check_reply_answer`]), then `--check-transparency`'s
+/// answer over HTTP ([`super::transparency::check`]); a request without either is returned
+/// as it is.
+async fn reply_proof(s: &Settings, e: &Entry, log_answer: Option<&str>, o: Outcome) -> Outcome {
+    let http = e.log.as_ref().filter(|l| l.http);
+    if e.pending.head_key.is_none() && http.is_none() {
         return o;
     }
     #[cfg(feature = "transparency")]
     {
-        super::transparency::check_reply_answer(&e.pending, log_answer, o).await
+        let v3 = e.pending.head_key.is_some();
+        let o = match v3 {
+            true => super::transparency::check_reply_answer(s, e, log_answer, o).await,
+            false => o,
+        };
+        match http {
+            Some(r) => {
+                let args = super::transparency::LogCheckArgs::from_requirements(r, v3);
+                super::transparency::check(s, &args, o).await
+            }
+            None => o,
+        }
     }
     #[cfg(not(feature = "transparency"))]
     {
-        let _ = (log_answer, o);
+        let _ = (s, log_answer, o);
         Outcome::error(
             exit::SOFTWARE,
             "this request asked for the key directory's proof, and this kst was built without the `transparency` feature to check it",

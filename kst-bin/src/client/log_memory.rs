@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 
 use fs4::fs_std::FileExt;
 use kst_core::durable::{self, AtomicFile};
-use kst_core::transparency::SignedHead;
 use kst_core::transparency::answer::{LogAnswer, head_text, parse_head};
+use kst_core::transparency::{Head, SignedHead};
 use serde::{Deserialize, Serialize};
 
 /// What went wrong with the memory or the check against it.
@@ -398,7 +398,7 @@ pub async fn check_and_remember(
 ) -> Result<Remembered, MemoryError> {
     let memory = LogMemory::in_dir(state_dir);
     let mut held = memory.hold(domain)?;
-    let remembered = check_held(&memory, &mut held, answer, answer_text).await?;
+    let remembered = check_held(&memory, &mut held, answer, answer_text, None).await?;
     memory.save(&held)?;
     Ok(remembered)
 }
@@ -407,12 +407,15 @@ pub async fn check_and_remember(
 /// epoch under the same lock, to ask for `?since=`): `held` is updated, **not saved**. The
 /// caller saves it ([`LogMemory::save`]) only once every other check of the answer passed
 /// (its witnesses): a head the client rejects is never remembered, or a forged head that
-/// failed a later check would make the honest directory look like the fork.
+/// failed a later check would make the honest directory look like the fork. `asked`: the head
+/// a version 3 request named (`KST-Log-Since`) when the memory may have moved on since it was
+/// sent ([`LogAnswer::verify_extends_via`]).
 pub async fn check_held(
     memory: &LogMemory,
     held: &mut Held,
     answer: &LogAnswer,
     answer_text: Option<&str>,
+    asked: Option<&Head>,
 ) -> Result<Remembered, MemoryError> {
     let seen = || match answer_text {
         Some(t) => t.to_string(),
@@ -469,7 +472,7 @@ pub async fn check_held(
     }
     let previous = remembered.as_ref().map(|h| h.head.epoch);
     if let Some(old) = &remembered
-        && let Err(e) = answer.verify_extends(&old.head).await
+        && let Err(e) = answer.verify_extends_via(asked, &old.head).await
     {
         return Err(memory.attack(
             held,

@@ -27,6 +27,39 @@ pub struct Entry {
     /// Import the retrieved key into gpg when the reply arrives.
     #[serde(default)]
     pub import: bool,
+    /// The key directory checks the reply must pass (feature `transparency`): also when
+    /// `kst client check` reads it later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogRequirements>,
+}
+
+/// The key directory checks a pending request's reply must pass, as the command's flags
+/// asked (`--check-transparency`, `--transparency`, `--witness`, ...).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRequirements {
+    /// `retrieve --check-transparency`: ask the directory over HTTP too.
+    #[serde(default)]
+    pub http: bool,
+    /// `--log-url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_url: Option<String>,
+    /// `--log-key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_key: Option<String>,
+    /// `--witness NAME:HEX`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub witnesses: Vec<String>,
+    /// `--witness-threshold`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness_threshold: Option<usize>,
+    /// `--witness-max-age` (seconds before the check, not before the request).
+    #[serde(default)]
+    pub witness_max_age: u64,
+    /// Protocol version 3: the remembered head the request named in `KST-Log-Since`
+    /// (`kst-log-head-v1` text), so a reply is checked from it even when another reply moved
+    /// the memory meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_head: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -160,7 +193,27 @@ mod tests {
             account: "carol@acme.net".into(),
             route: "submission".into(),
             import: false,
+            log: None,
         }
+    }
+
+    /// A pending-request file written before the key directory requirements existed still
+    /// reads (no `log`), and one with them round-trips.
+    #[test]
+    fn entries_without_and_with_log_requirements_read() {
+        let old = r#"{"pending":{"kind":"retrieval","address":"bob@example.net","message_id":"m@x","service":"keys@example.net","k_auth":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=","created_at":1},"account":"carol@acme.net","route":"submission"}"#;
+        let e: Entry = serde_json::from_str(old).unwrap();
+        assert_eq!(e.log, None);
+        assert!(!serde_json::to_string(&e).unwrap().contains("\"log\""));
+        let mut with = entry("bob@example.net");
+        with.log = Some(LogRequirements {
+            http: true,
+            witnesses: vec!["w:00".into()],
+            since_head: Some("kst-log-head-v1\n".into()),
+            ..LogRequirements::default()
+        });
+        let text = serde_json::to_string(&with).unwrap();
+        assert_eq!(serde_json::from_str::<Entry>(&text).unwrap(), with);
     }
 
     #[test]

@@ -463,6 +463,47 @@ mod tests {
         assert!(differences(&other, &base)[0].contains("serves key"));
     }
 
+    /// Each deletion this client asked for explains one deletion in the directory (the KST's
+    /// time between the request and the confirmation, give or take the clock slack), oldest
+    /// first; a second deletion at the same time, or one far from any, is not the owner's.
+    #[cfg(feature = "transparency")]
+    #[test]
+    fn a_deletion_is_yours_only_when_one_you_asked_for_explains_it() {
+        use super::super::log_memory::{DELETION_CLOCK_SLACK, OwnDeletion};
+        let deleted = |epoch: u64, at: u64| DirectoryVersion {
+            epoch,
+            version: epoch,
+            state: "deleted".into(),
+            fingerprint: None,
+            changed_at: Some(at),
+            yours: true,
+        };
+        let own = |requested_at, confirmed_at| OwnDeletion {
+            requested_at,
+            confirmed_at,
+        };
+        let t = 1_800_000_000;
+        // Newest first, as the history lists them.
+        let mut versions = vec![
+            deleted(9, t + 100_000),
+            deleted(5, t + 20),
+            deleted(3, t + 10),
+        ];
+        mark_deletions(&mut versions, vec![own(t, t + 30)]);
+        let yours: Vec<bool> = versions.iter().map(|v| v.yours).collect();
+        assert_eq!(yours, vec![false, false, true]);
+        // The clock slack either side; beyond it, not explained.
+        let slack = DELETION_CLOCK_SLACK;
+        assert!(own(t, t + 30).explains(t - slack));
+        assert!(own(t, t + 30).explains(t + 30 + slack));
+        assert!(!own(t, t + 30).explains(t - slack - 1));
+        assert!(!own(t, t + 30).explains(t + 31 + slack));
+        // Two deletions asked for explain two.
+        let mut versions = vec![deleted(5, t + 20), deleted(3, t + 10)];
+        mark_deletions(&mut versions, vec![own(t, t + 15), own(t + 18, t + 25)]);
+        assert!(versions.iter().all(|v| v.yours));
+    }
+
     #[test]
     fn publish_warns_about_keys_that_expire_soon() {
         let expires = 1_893_499_200; // merge-base: 2030-01-01

@@ -17,35 +17,41 @@
 //! them (default: all) cosigned a head the answer's head extends, no longer than
 //! `--witness-max-age` seconds ago; otherwise exit 5.
 //!
-//! `kst client publish/retrieve/delete --transparency --log-key HEX` (protocol version 3):
-//! the request offers version 3, the KST puts the directory's answer inside the reply under
-//! the HMAC, and [`check_reply_answer`] checks it with `LogAnswer::verify`, with no HTTP
-//! request. A reply in an older version or without the answer is refused by
-//! `kst_core::client` (exit 5). Not yet for version 3: the head key from DNS or the pin, the
-//! memory of heads and witnesses (the reply's answer would need the request to name the
-//! remembered epoch).
+//! `kst client publish/retrieve/delete --transparency` (protocol version 3): the request
+//! offers version 3 and names the epoch of the remembered head (`KST-Log-Since`) and, with
+//! `--witness`, asks for the witnesses' part (`KST-Log-Witnessed: 1`); the KST puts the
+//! directory's answer inside the reply under the HMAC, and [`check_reply_answer`] checks it
+//! with the same checks as the HTTP answer ([`verify_and_remember`]: the same head key
+//! rule, the memory, the witnesses), with no HTTP request. A reply in an older version or
+//! without the answer is refused by `kst_core::client` (exit 5). Each check's requirements
+//! are kept with the pending request, so `kst client check` applies them to a reply read
+//! later (and runs `--check-transparency`'s HTTP check then).
 
 use std::path::Path;
 use std::time::Duration;
 
 use kst_core::Address;
 use kst_core::openpgp::dearmor_public_key;
+use kst_core::protocol::LogAsk;
 use kst_core::time::unix_now;
+use kst_core::transparency::Head;
 use kst_core::transparency::answer::{
-    LogAnswer, MAX_ANSWER, MAX_ANSWER_WITH_AUDIT, MAX_WITNESSED_ANSWER, Served, hex32,
+    LogAnswer, MAX_ANSWER, MAX_ANSWER_WITH_AUDIT, MAX_SINCE_EPOCHS, MAX_WITNESSED_ANSWER, Served,
+    hex32, parse_head,
 };
 use kst_core::transparency::history::{
     HistoryAnswer, HistoryPage, HistoryVersion, MAX_HISTORY_ANSWER, MAX_PAGES, MAX_VERSIONS,
 };
 use kst_core::transparency::witness::{WitnessPolicy, parse_witness};
 
-use super::commands::{Settings, dns_outcome};
+use super::commands::{LogPlan, Settings, dns_outcome};
 use super::discovery::DnsError;
 use super::dnssec::DnsSecurity;
 use super::exit;
 pub use super::log_memory::check_and_remember;
 use super::log_memory::{Held, LogMemory, MemoryError, check_held, source};
 use super::output::Outcome;
+use super::state::{Entry, LogRequirements};
 use super::tls::Conn;
 
 /// Limit for the whole fetch.
@@ -65,43 +71,77 @@ pub struct LogCheckArgs {
     /// [default: https://<domain>]
     #[arg(long, value_name = "URL", requires = "check_transparency")]
     pub log_url: Option<String>,
+    /// Protocol version 3, the head key and the witnesses.
+    #[command(flatten)]
+    pub reply: ReplyProofArgs,
+}
+
+/// The flags of `publish`, `retrieve` and `delete` for protocol version 3, and the head key
+/// and witnesses both checks use.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ReplyProofArgs {
+    /// Ask for protocol version 3: the KST's reply must carry the key directory's signed head
+    /// and proof for the address, covered by its HMAC (no HTTP request), checked like
+    /// --check-transparency's: against the head key, the newest head remembered for the
+    /// domain (the request names its epoch, the reply proves the log only grew since) and the
+    /// --witness witnesses. A reply in an older version or without the proof, or a proof that
+    /// fails, is an attack (exit 5) and nothing is imported.
+    #[arg(long)]
+    pub transparency: bool,
+    /// The domain's head key, 64 hex digits (`kst log keygen` prints it); pinned from now
+    /// on. [default: the pinned key, else the `_kst-log.<domain>` TXT record, pinned on
+    /// first use]
+    #[arg(long, value_name = "HEX")]
+    pub log_key: Option<String>,
     /// Require this witness's cosignature, NAME:HEX (HEX: its Ed25519 key, 64 hex digits);
     /// repeatable. The answer must carry a cosigned head that the answer's head extends.
-    #[arg(
-        long = "witness",
-        value_name = "NAME:HEX",
-        requires = "check_transparency"
-    )]
+    #[arg(long = "witness", value_name = "NAME:HEX")]
     pub witnesses: Vec<String>,
     /// How many of the --witness witnesses must have cosigned. [default: all]
-    #[arg(long, value_name = "N", requires = "check_transparency")]
+    #[arg(long, value_name = "N")]
     pub witness_threshold: Option<usize>,
     /// The oldest cosignature accepted, in seconds: a log whose witnesses stopped cosigning
     /// longer ago is refused (exit 5).
     #[arg(long, value_name = "SECS", default_value_t = 86_400)]
     pub witness_max_age: u64,
-    /// Protocol version 3 and the head key.
-    #[command(flatten)]
-    pub reply: ReplyProofArgs,
-}
-
-/// The flags of `publish`, `retrieve` and `delete` for protocol version 3.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct ReplyProofArgs {
-    /// Ask for protocol version 3: the KST's reply must carry the key directory's signed head
-    /// and proof for the address, covered by its HMAC, checked against --log-key (no HTTP
-    /// request). A reply in an older version or without the proof, or a proof that fails, is
-    /// an attack (exit 5) and nothing is imported.
-    #[arg(long, requires = "log_key")]
-    pub transparency: bool,
-    /// The domain's head key, 64 hex digits (`kst log keygen` prints it). With
-    /// --check-transparency it is pinned from now on [default: the pinned key, else the
-    /// `_kst-log.<domain>` TXT record]; --transparency requires it.
-    #[arg(long, value_name = "HEX")]
-    pub log_key: Option<String>,
 }
 
 impl LogCheckArgs {
+    /// The requirements of these flags, kept with a pending request (`since_head` unset).
+    pub fn requirements(&self) -> LogRequirements {
+        LogRequirements {
+            http: self.check_transparency,
+            log_url: self.log_url.clone(),
+            log_key: self.reply.log_key.clone(),
+            witnesses: self.reply.witnesses.clone(),
+            witness_threshold: self.reply.witness_threshold,
+            witness_max_age: self.reply.witness_max_age,
+            since_head: None,
+        }
+    }
+
+    /// The flags that `requirements` (kept with a pending request) stand for.
+    pub fn from_requirements(r: &LogRequirements, transparency: bool) -> LogCheckArgs {
+        LogCheckArgs {
+            check_transparency: r.http,
+            log_url: r.log_url.clone(),
+            reply: ReplyProofArgs {
+                transparency,
+                log_key: r.log_key.clone(),
+                witnesses: r.witnesses.clone(),
+                witness_threshold: r.witness_threshold,
+                witness_max_age: r.witness_max_age,
+            },
+        }
+    }
+
+    /// The witnesses required, or what is wrong with the flags.
+    fn witness_policy(&self) -> Result<Option<WitnessPolicy>, String> {
+        self.reply.witness_policy()
+    }
+}
+
+impl ReplyProofArgs {
     /// The witnesses required, or what is wrong with the flags.
     fn witness_policy(&self) -> Result<Option<WitnessPolicy>, String> {
         if self.witnesses.is_empty() {
@@ -128,46 +168,74 @@ impl LogCheckArgs {
             not_before: unix_now().saturating_sub(self.witness_max_age),
         }))
     }
-}
 
-impl ReplyProofArgs {
-    /// The head key to offer version 3 with (`--transparency`), checked to be 64 hex digits;
-    /// `Ok(None)` without `--transparency`; `Err` says what is wrong with the flags.
-    pub fn head_key(&self) -> Result<Option<String>, String> {
-        self.head_key_checking(false)
-    }
-
-    /// [`ReplyProofArgs::head_key`]; `http_check` when `--check-transparency` also uses
-    /// `--log-key` (otherwise `--log-key` without `--transparency` is a usage error, not a
-    /// silently skipped check).
-    pub fn head_key_checking(&self, http_check: bool) -> Result<Option<String>, String> {
-        if !self.transparency {
-            if self.log_key.is_some() && !http_check {
+    /// Checks the flags: `--log-key` and `--witness` go with `--transparency` or, for
+    /// retrieve, `--check-transparency` (`http_check`); otherwise they would be a silently
+    /// skipped check.
+    pub fn validate(&self, http_check: bool) -> Result<(), String> {
+        if let Some(key) = &self.log_key {
+            hex32(key).map_err(|_| "--log-key: want 64 hex digits".to_string())?;
+        }
+        self.witness_policy()?;
+        if !self.transparency && !http_check {
+            if self.log_key.is_some() {
                 return Err("--log-key goes with --transparency (the proof inside the reply) or, for retrieve, --check-transparency".into());
             }
-            return Ok(None);
+            if !self.witnesses.is_empty() {
+                return Err("--witness goes with --transparency (the proof inside the reply) or, for retrieve, --check-transparency".into());
+            }
         }
-        let Some(key) = &self.log_key else {
-            return Err(
-                "--transparency needs --log-key (the domain's head key, 64 hex digits)".into(),
-            );
-        };
-        hex32(key)
-            .map(|_| Some(key.trim().to_ascii_lowercase()))
-            .map_err(|_| "--log-key: want 64 hex digits".into())
+        Ok(())
     }
 }
 
-/// Version 3: checks the key directory's answer a verified reply carried (`answer`, the text
-/// the HMAC covers the hash of) against the head key the request was made with and what the
-/// reply served: the key of a `found` or `published`, "no key" for `not-found` and `deleted`.
-/// Any failure is an attack (exit 5); other outcomes (a refusal, an attack already) are
-/// returned as they are.
+/// Protocol version 3 for a request about `domain` (`--transparency`): the head key the
+/// reply's answer must be signed by (`--log-key`, else the pin, else DNS, pinned on first
+/// use: [`head_key`]), what the request asks of the answer (the remembered epoch, the
+/// witnesses) and what the reply's check needs later. Without `--transparency`, only the
+/// HTTP check's requirements (`retrieve --check-transparency`).
+pub async fn plan(s: &Settings, check: &LogCheckArgs, domain: &str) -> Result<LogPlan, Outcome> {
+    let args = &check.reply;
+    args.validate(check.check_transparency)
+        .map_err(|e| Outcome::error(exit::USAGE, e))?;
+    let mut log = check.requirements();
+    if !args.transparency {
+        return Ok(LogPlan {
+            log: log.http.then_some(log),
+            ..LogPlan::default()
+        });
+    }
+    let memory = LogMemory::beside(s.state.path());
+    let mut held = memory
+        .hold(domain)
+        .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
+    let key = head_key(s, args.log_key.as_deref(), &memory, &mut held).await?;
+    let since = held.memory.remembered_head().filter(|h| h.head.epoch > 0);
+    log.since_head = since.as_ref().and_then(|_| held.memory.head.clone());
+    Ok(LogPlan {
+        head_key: Some(hex::encode(key)),
+        ask: LogAsk {
+            since: since.map(|h| h.head.epoch),
+            witnessed: !args.witnesses.is_empty(),
+        },
+        log: Some(log),
+    })
+}
+
+/// Version 3: checks the key directory's answer a verified reply to `entry` carried (`answer`,
+/// the text the HMAC covers the hash of) as [`check`] checks the HTTP answer
+/// ([`verify_and_remember`]): against the head key the request was made with, what the reply
+/// served (the key of a `found` or `published`, "no key" for `not-found` and `deleted`), the
+/// head remembered for the domain (from the one the request named) and the witnesses the
+/// request required; then the new head is remembered. Any failure is an attack (exit 5, the
+/// evidence kept); other outcomes (a refusal, an attack already) are returned as they are.
 pub async fn check_reply_answer(
-    pending: &kst_core::client::Pending,
+    s: &Settings,
+    entry: &Entry,
     answer: Option<&str>,
     outcome: Outcome,
 ) -> Outcome {
+    let pending = &entry.pending;
     let Some(key_hex) = &pending.head_key else {
         return outcome;
     };
@@ -205,38 +273,160 @@ pub async fn check_reply_answer(
             "the reply carries no key directory answer (KST protocol 3 was asked for): stripped on the way (possible attack)".into(),
         );
     };
-    match verify_text(text, &head_key, &address, served.as_deref(), "the reply's").await {
+    // A request made before the memory was used in version 3 asks nothing more.
+    let required = entry.log.clone().unwrap_or_default();
+    let policy = match LogCheckArgs::from_requirements(&required, true).witness_policy() {
+        Ok(p) => p,
+        Err(e) => return Outcome::error(exit::USAGE, e),
+    };
+    let asked = match required.since_head.as_deref().map(parse_head) {
+        None => None,
+        Some(Ok(h)) => Some(h.head),
+        Some(Err(e)) => {
+            return Outcome::error(
+                exit::CONFIG,
+                format!("the pending request's remembered head does not parse: {e}"),
+            );
+        }
+    };
+    let memory = LogMemory::beside(s.state.path());
+    let mut held = match memory.hold(address.domain()) {
+        Ok(h) => h,
+        Err(e) => return memory_outcome(e, &attack),
+    };
+    let checked = Checked {
+        head_key: &head_key,
+        address: &address,
+        served: served.as_deref(),
+        policy: policy.as_ref(),
+        asked: asked.as_ref(),
+        source: "the reply's key directory answer",
+    };
+    match verify_and_remember(&memory, &mut held, text, &checked).await {
         Ok(()) => outcome,
-        Err(e) => attack(e),
+        Err(o) => o.with_attack(&attack),
     }
 }
 
-/// Parses the key directory's answer `text` (from `source`: the reply, or the log's URL) and
-/// checks it with `head_key` against what was served for `address` (a key's packets, or
-/// `None` for "no key"); the error says why it is an attack.
-async fn verify_text(
+/// What [`verify_and_remember`] checks an answer against.
+struct Checked<'a> {
+    /// The domain's head key.
+    head_key: &'a [u8; 32],
+    /// The address the answer is about.
+    address: &'a Address,
+    /// What the KST served: a key's packets, or `None` for "no key".
+    served: Option<&'a [u8]>,
+    /// The witnesses required, if any.
+    policy: Option<&'a WitnessPolicy>,
+    /// Version 3: the head the request named (`KST-Log-Since`).
+    asked: Option<&'a Head>,
+    /// Where the answer came from, for messages ("the reply's", "the key directory's").
+    source: &'a str,
+}
+
+/// Why [`verify_and_remember`] refused an answer.
+enum Refused {
+    /// An attack, with what failed (the evidence is kept already).
+    Attack(String),
+    /// Not an attack: the outcome to report.
+    Other(Box<Outcome>),
+}
+
+impl Refused {
+    fn with_attack(self, attack: &dyn Fn(String) -> Outcome) -> Outcome {
+        match self {
+            Refused::Attack(m) => attack(m),
+            Refused::Other(o) => *o,
+        }
+    }
+}
+
+/// Everything a client checks of a key directory answer `text` (the HTTP answer of
+/// `--check-transparency`, or the one inside a version 3 reply), in one place: the head's
+/// signature and domain, the proof and that the entry commits to what was served, the
+/// witnesses required, and against the head remembered in `held` (never older, the same root
+/// for the same epoch, an append-only proof for a newer one, from the head the request named
+/// when another answer moved the memory meanwhile); only then is the new head remembered.
+/// Every failure keeps its evidence.
+async fn verify_and_remember(
+    memory: &LogMemory,
+    held: &mut Held,
     text: &str,
-    head_key: &[u8; 32],
-    address: &kst_core::Address,
-    served: Option<&[u8]>,
-    source: &str,
-) -> Result<(), String> {
-    let answer =
-        LogAnswer::parse(text).map_err(|e| format!("{source} key directory answer: {e}"))?;
-    let served = match served {
+    c: &Checked<'_>,
+) -> Result<(), Refused> {
+    let answer = LogAnswer::parse(text)
+        .map_err(|e| attack_kept(memory, held, format!("{}: {e}", c.source), text))?;
+    let epoch = answer.head.head.epoch;
+    let served = match c.served {
         Some(bytes) => Served::Key(bytes),
         None => Served::Nothing,
     };
-    answer
-        .verify(head_key, address, served)
-        .await
-        .map(|_| ())
-        .map_err(|e| {
+    if let Err(e) = answer.verify(c.head_key, c.address, served).await {
+        return Err(attack_kept(
+            memory,
+            held,
             format!(
-                "{source} key directory answer does not confirm the reply (epoch {}): {e}",
-                answer.head.head.epoch
-            )
-        })
+                "{} does not confirm the reply (epoch {epoch}): {e}",
+                c.source
+            ),
+            text,
+        ));
+    }
+    if let Some(policy) = c.policy {
+        let Some(witnessed) = &answer.witnessed else {
+            return Err(attack_kept(
+                memory,
+                held,
+                format!(
+                    "{} (epoch {epoch}) carries no witness cosignatures",
+                    c.source
+                ),
+                text,
+            ));
+        };
+        if let Err(e) = witnessed.verify(&answer.head, c.head_key, policy).await {
+            return Err(attack_kept(
+                memory,
+                held,
+                format!(
+                    "the key directory's head (epoch {epoch}) is not witnessed as required: {e}"
+                ),
+                text,
+            ));
+        }
+    }
+    // Too far behind for one proof (the KST leaves it out, as HTTP answers 422): not an
+    // attack, and nothing is remembered.
+    if answer.append_only.is_none()
+        && let Some(old) = held.memory.remembered_head()
+        && epoch.saturating_sub(old.head.epoch) > MAX_SINCE_EPOCHS
+    {
+        return Err(Refused::Other(Box::new(Outcome::error(
+            exit::UNAVAILABLE,
+            format!(
+                "key directory of {}: the remembered head (epoch {}) is more than {MAX_SINCE_EPOCHS} epochs behind the answer's ({epoch}), too far for one proof; kst client log-pin {} forgets it",
+                held.domain, old.head.epoch, held.domain
+            ),
+        ))));
+    }
+    // Everything verified: only now is the new head remembered (a head refused for any
+    // reason is never remembered).
+    match check_held(memory, held, &answer, Some(text), c.asked)
+        .await
+        .and_then(|_| memory.save(held))
+    {
+        Ok(()) => Ok(()),
+        Err(e @ MemoryError::Attack { .. }) => Err(Refused::Attack(e.to_string())),
+        Err(e @ MemoryError::Io { .. }) => Err(Refused::Other(Box::new(Outcome::error(
+            exit::CONFIG,
+            e.to_string(),
+        )))),
+    }
+}
+
+/// An attack on `held`'s domain with its evidence kept.
+fn attack_kept(memory: &LogMemory, held: &Held, message: String, seen: &str) -> Refused {
+    Refused::Attack(memory.attack(held, message, seen).to_string())
 }
 
 /// Checks a retrieval's outcome against the key directory; `Found` and `NotFound` are
@@ -275,7 +465,7 @@ pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome) -> Outco
         Ok(h) => h,
         Err(e) => return memory_outcome(e, &attack),
     };
-    let head_key = match head_key(s, args, &memory, &mut held).await {
+    let head_key = match head_key(s, args.reply.log_key.as_deref(), &memory, &mut held).await {
         Ok(k) => k,
         Err(o) => return o,
     };
@@ -302,47 +492,18 @@ pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome) -> Outco
         Ok(t) => t,
         Err(o) => return o,
     };
-    let answer = match LogAnswer::parse(&text) {
-        Ok(a) => a,
-        Err(e) => return attack(format!("key directory {base}: {e}")),
+    let source = format!("the key directory answer from {base}");
+    let checked = Checked {
+        head_key: &head_key,
+        address: &address,
+        served: served.as_deref(),
+        policy: policy.as_ref(),
+        asked: None,
+        source: &source,
     };
-    let served = match &served {
-        Some(bytes) => Served::Key(bytes),
-        None => Served::Nothing,
-    };
-    if let Err(e) = answer.verify(&head_key, &address, served).await {
-        let e = memory.attack(
-            &held,
-            format!(
-                "the key directory does not confirm the reply (epoch {}): {e}",
-                answer.head.head.epoch
-            ),
-            &text,
-        );
-        return memory_outcome(e, &attack);
-    }
-    // Verify everything, then remember: a head refused for any reason (here: its
-    // witnesses) is never remembered.
-    if let Err(e) = check_held(&memory, &mut held, &answer, Some(&text)).await {
-        return memory_outcome(e, &attack);
-    }
-    if let Some(policy) = policy {
-        let Some(witnessed) = &answer.witnessed else {
-            return attack(format!(
-                "the key directory's answer (epoch {}) carries no witness cosignatures",
-                answer.head.head.epoch
-            ));
-        };
-        if let Err(e) = witnessed.verify(&answer.head, &head_key, &policy).await {
-            return attack(format!(
-                "the key directory's head (epoch {}) is not witnessed as required: {e}",
-                answer.head.head.epoch
-            ));
-        }
-    }
-    match memory.save(&held) {
+    match verify_and_remember(&memory, &mut held, &text, &checked).await {
         Ok(()) => outcome,
-        Err(e) => memory_outcome(e, &attack),
+        Err(o) => o.with_attack(&attack),
     }
 }
 
@@ -491,11 +652,11 @@ fn pin(held: &mut Held, head: [u8; 32], vrf: Option<[u8; 32]>, from: &str) -> bo
 /// record or cannot answer now.
 async fn head_key(
     s: &Settings,
-    args: &LogCheckArgs,
+    log_key: Option<&str>,
     memory: &LogMemory,
     held: &mut Held,
 ) -> Result<[u8; 32], Outcome> {
-    if let Some(key_hex) = &args.reply.log_key {
+    if let Some(key_hex) = log_key {
         let key = hex32(key_hex)
             .map_err(|_| Outcome::error(exit::USAGE, "--log-key: want 64 hex digits"))?;
         if pin(held, key, None, source::FLAG) {
@@ -676,7 +837,7 @@ pub async fn history(
     let mut held = memory
         .hold(address.domain())
         .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
-    let head_key = head_key(s, args, &memory, &mut held).await?;
+    let head_key = head_key(s, args.reply.log_key.as_deref(), &memory, &mut held).await?;
     let base = log_base(args, address);
     let path = format!(
         "/.well-known/kst/log/{}/history/{}",
@@ -852,6 +1013,54 @@ pub async fn fetch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--log-key` and `--witness` need `--transparency` or `--check-transparency`; bad values
+    /// are usage errors; the requirements kept with a pending request give the same flags back.
+    #[test]
+    fn flags_are_checked_and_survive_the_pending_request() {
+        let witness = format!("w1:{}", "22".repeat(32));
+        let args = |transparency: bool, key: Option<&str>, witnesses: &[&str]| ReplyProofArgs {
+            transparency,
+            log_key: key.map(str::to_string),
+            witnesses: witnesses.iter().map(|w| w.to_string()).collect(),
+            witness_threshold: None,
+            witness_max_age: 60,
+        };
+        let key = "ab".repeat(32);
+        assert!(
+            args(true, None, &[]).validate(false).is_ok(),
+            "the pin or DNS"
+        );
+        assert!(args(true, Some(&key), &[&witness]).validate(false).is_ok());
+        assert!(args(false, Some(&key), &[&witness]).validate(true).is_ok());
+        for (bad, http, want) in [
+            (args(false, Some(&key), &[]), false, "--log-key goes with"),
+            (args(false, None, &[&witness]), false, "--witness goes with"),
+            (args(true, Some("abc"), &[]), false, "64 hex digits"),
+            (args(true, None, &["w1"]), false, "--witness"),
+        ] {
+            let e = bad.validate(http).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        let mut threshold = args(true, None, &[&witness]);
+        threshold.witness_threshold = Some(2);
+        assert!(threshold.validate(false).is_err());
+
+        let check = LogCheckArgs {
+            check_transparency: true,
+            log_url: Some("http://127.0.0.1:1".into()),
+            reply: args(false, Some(&key), &[&witness]),
+        };
+        let kept: LogRequirements =
+            serde_json::from_str(&serde_json::to_string(&check.requirements()).unwrap()).unwrap();
+        let back = LogCheckArgs::from_requirements(&kept, false);
+        assert_eq!(back.check_transparency, check.check_transparency);
+        assert_eq!(back.log_url, check.log_url);
+        assert_eq!(back.reply.log_key, check.reply.log_key);
+        assert_eq!(back.reply.witnesses, check.reply.witnesses);
+        assert_eq!(back.reply.witness_max_age, 60);
+        assert_eq!(back.witness_policy().unwrap().map(|p| p.threshold), Some(1));
+    }
 
     #[test]
     fn the_dns_record_keygen_prints_parses_and_others_do_not() {

@@ -78,19 +78,32 @@ pub async fn wrap_store(
     store: Arc<dyn KeyStore>,
 ) -> Result<(Arc<dyn KeyStore>, Option<Arc<dyn LogAnswers>>), Error> {
     let logs = open_logs(config).await?;
-    Ok(wrap_store_in(store, logs))
+    Ok(wrap_store_in(store, logs, witness_keys(config)?))
+}
+
+/// The keys of `[transparency] witnesses`: version 3 answers carry their cosignatures when a
+/// request asks (`KST-Log-Witnessed`), as the HTTP endpoint's `?witnessed=1` does.
+pub fn witness_keys(config: &Config) -> Result<Vec<[u8; 32]>, Error> {
+    Ok(config
+        .transparency
+        .witness_keys()
+        .map_err(|e| Error::Config(e.to_string()))?
+        .into_iter()
+        .map(|(_, key)| key)
+        .collect())
 }
 
 /// [`wrap_store`] with logs already open (`kst serve` serves the same ones over HTTP: one
-/// directory thread per domain).
+/// directory thread per domain) and the witnesses' keys ([`witness_keys`]).
 pub fn wrap_store_in(
     store: Arc<dyn KeyStore>,
     logs: Vec<Arc<DomainLog>>,
+    witnesses: Vec<[u8; 32]>,
 ) -> (Arc<dyn KeyStore>, Option<Arc<dyn LogAnswers>>) {
     if logs.is_empty() {
         return (store, None);
     }
-    let wrapped = Arc::new(TransparentStore::new(store, logs));
+    let wrapped = Arc::new(TransparentStore::new(store, logs).with_witnesses(witnesses));
     (wrapped.clone(), Some(wrapped))
 }
 

@@ -70,7 +70,11 @@ pub async fn build_kst_and_logs(
     #[cfg(feature = "transparency")]
     let logs = crate::shared::transparency::open_logs(config).await?;
     #[cfg(feature = "transparency")]
-    let (store, log_answers) = crate::shared::transparency::wrap_store_in(store, logs.clone());
+    let (store, log_answers) = crate::shared::transparency::wrap_store_in(
+        store,
+        logs.clone(),
+        crate::shared::transparency::witness_keys(config)?,
+    );
     #[cfg(not(feature = "transparency"))]
     let logs = ();
     let mailer = build_reply_mailer(config)?;

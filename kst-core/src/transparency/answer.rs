@@ -34,7 +34,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use super::directory::AbsenceProof;
 use super::entry::{DirectoryEntry, EntryState};
 use super::head::{Head, SignedHead};
-use super::verify::{verify_absence, verify_append_only_from, verify_lookup};
+use super::verify::{
+    append_only_roots, verify_absence, verify_append_only, verify_append_only_from, verify_lookup,
+};
 use super::witness::Witnessed;
 use super::{Result, TransparencyError, wire};
 use crate::Address;
@@ -312,6 +314,47 @@ impl LogAnswer {
             )));
         }
         verify_append_only_from(remembered, new, wire::decode_audit(&a.proof)?).await
+    }
+}
+
+impl LogAnswer {
+    /// [`LogAnswer::verify_extends`] for an answer to a request that named the head `asked`
+    /// (protocol version 3's `KST-Log-Since`) while the client meanwhile remembered the newer
+    /// `remembered` (another answer arrived while this request was pending): the answer's
+    /// append-only proof starts at `asked`, verifies from it to the answer's head, and leads
+    /// through `remembered`'s root at `remembered`'s epoch. In every other case (no `asked`,
+    /// `asked` is `remembered`'s epoch, the answer is not newer than `remembered`, or its proof
+    /// does not start at `asked`) it is [`LogAnswer::verify_extends`] from `remembered`. Any
+    /// failure is [`TransparencyError::Verification`]: a fork or a rollback.
+    pub async fn verify_extends_via(&self, asked: Option<&Head>, remembered: &Head) -> Result<()> {
+        let new = &self.head.head;
+        let (Some(asked), Some(a)) = (asked, &self.append_only) else {
+            return self.verify_extends(remembered).await;
+        };
+        if asked.epoch == 0
+            || asked.epoch >= remembered.epoch
+            || new.epoch <= remembered.epoch
+            || a.from != asked.epoch
+        {
+            return self.verify_extends(remembered).await;
+        }
+        let proof = wire::decode_audit(&a.proof)?;
+        let roots = append_only_roots(&proof).await?;
+        // roots[i] is the root of epoch asked.epoch + i + 1.
+        let through = usize::try_from(remembered.epoch - asked.epoch - 1)
+            .ok()
+            .and_then(|i| roots.get(i));
+        if remembered.domain != new.domain
+            || remembered.vrf_public_key != new.vrf_public_key
+            || through != Some(&remembered.root_hash)
+        {
+            return Err(TransparencyError::Verification(format!(
+                "{}: the answer at epoch {} does not lead through the remembered head of epoch                  {} (a fork)",
+                new.domain, new.epoch, remembered.epoch
+            )));
+        }
+        let intermediate = roots.split_last().map_or(&[][..], |(_, rest)| rest);
+        verify_append_only(asked, new, intermediate, proof).await
     }
 }
 

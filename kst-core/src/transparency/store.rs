@@ -22,9 +22,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use super::TransparencyError;
 use super::log::{CurrentKeys, DomainLog, StoreKeys, Synced};
 use crate::error::{Component, Error, Result};
 use crate::fingerprint::{Fingerprint, KeyId};
+use crate::protocol::{LogAsk, MAX_LOG_ANSWER_BYTES};
 use crate::store::{KeyRecord, KeyStore, NewKey, PublishOutcome};
 use crate::wkd::WkdHash;
 use crate::{Address, time};
@@ -38,6 +40,9 @@ pub struct TransparentStore {
     /// `inner`, as the writer reads it.
     source: Arc<dyn CurrentKeys>,
     logs: HashMap<String, Arc<DomainLog>>,
+    /// The witnesses whose cosignatures version 3 answers carry when asked
+    /// (`KST-Log-Witnessed`): `[transparency] witnesses`.
+    witnesses: Vec<[u8; 32]>,
 }
 
 /// What [`TransparentStore::record_all`] did.
@@ -59,7 +64,15 @@ impl TransparentStore {
                 .into_iter()
                 .map(|l| (l.domain().to_string(), l))
                 .collect(),
+            witnesses: Vec::new(),
         }
+    }
+
+    /// The witnesses (Ed25519 keys) whose cosignatures a version 3 answer carries when the
+    /// request asks for them (`[transparency] witnesses`).
+    pub fn with_witnesses(mut self, witnesses: Vec<[u8; 32]>) -> Self {
+        self.witnesses = witnesses;
+        self
     }
 
     /// Makes `address`'s log say what the store holds for it now (the log's writer reads
@@ -136,6 +149,13 @@ impl TransparentStore {
     }
 }
 
+/// What [`TransparentStore`]'s answer leaves out when it is too large for a reply.
+#[derive(Debug, Clone, Copy)]
+enum Omitted {
+    Witnesses,
+    AppendOnly,
+}
+
 /// Version 3 replies: the answer of the address's log, read after any write `publish` or
 /// `delete` made (they return only once the directory recorded it).
 #[async_trait]
@@ -144,17 +164,45 @@ impl crate::reply::LogAnswers for TransparentStore {
         self.logs.contains_key(domain)
     }
 
-    async fn answer(&self, address: &Address) -> Result<String> {
+    async fn answer(&self, address: &Address, ask: LogAsk) -> Result<String> {
         let Some(log) = self.logs.get(address.domain()) else {
             return Err(Error::Config(format!(
                 "no key directory for {}: a version 3 reply about {address} cannot be made",
                 address.domain()
             )));
         };
-        log.answer(address, time::unix_now())
-            .await
-            .and_then(|a| a.to_text())
-            .map_err(|e| Error::unavailable(COMPONENT, e))
+        let unavailable = |e: TransparencyError| Error::unavailable(COMPONENT, e);
+        let now = time::unix_now();
+        let mut answer = match log.answer_since(address, ask.since, now).await {
+            // Too far back for one proof: the answer without it; the client sees that it
+            // lacks the proof it needs and says to pin again (as HTTP's 422 does).
+            Err(TransparencyError::Range(why)) => {
+                tracing::info!(address = %address, since = ?ask.since, why = %why, "KST-Log-Since ignored");
+                log.answer(address, now).await.map_err(unavailable)?
+            }
+            a => a.map_err(unavailable)?,
+        };
+        if ask.witnessed {
+            answer.witnessed = log
+                .witnessed(&answer.head, &self.witnesses)
+                .await
+                .map_err(unavailable)?;
+        }
+        let mut text = answer.to_text().map_err(unavailable)?;
+        // A reply carries at most MAX_LOG_ANSWER_BYTES: what the client asked for is dropped
+        // first (it then reports the missing part), the head and the proof never.
+        for omit in [Omitted::Witnesses, Omitted::AppendOnly] {
+            if crate::reply::fold_log_answer(&text).len() <= MAX_LOG_ANSWER_BYTES {
+                break;
+            }
+            match omit {
+                Omitted::Witnesses => answer.witnessed = None,
+                Omitted::AppendOnly => answer.append_only = None,
+            }
+            tracing::warn!(address = %address, bytes = text.len(), omitted = ?omit, "the key directory's answer is too large for a reply");
+            text = answer.to_text().map_err(unavailable)?;
+        }
+        Ok(text)
     }
 }
 

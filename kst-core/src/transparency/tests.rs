@@ -794,23 +794,44 @@ async fn answer_since(
     LogAnswer::parse(&answer.to_text().unwrap()).unwrap()
 }
 
-#[tokio::test]
-async fn a_remembered_head_catches_forks_and_rollbacks_without_intermediate_roots() {
+/// Publishes `PREFIX<i>@example.net` for each `i` of `each`, one epoch each.
+async fn publish_each(
+    dir: &KeyDirectory<AsyncInMemoryDatabase>,
+    prefix: &str,
+    each: std::ops::Range<u64>,
+) {
+    for i in each {
+        publish(
+            dir,
+            &[first(&format!("{prefix}{i}@example.net"), &i.to_be_bytes())],
+        )
+        .await;
+    }
+}
+
+/// Two directories with the same keys and the same epoch 1 (alice's key): the honest one and
+/// one to fork; the signer, alice, and the head of epoch 1.
+async fn twins() -> (
+    HeadSigner,
+    KeyDirectory<AsyncInMemoryDatabase>,
+    KeyDirectory<AsyncInMemoryDatabase>,
+    Address,
+    SignedHead,
+) {
     let (vrf, signer) = (VrfSecret::generate(), HeadSigner::generate());
     let honest = directory(&vrf).await;
     let forked = directory(&vrf).await;
-    let alice = addr("alice@example.net");
     for dir in [&honest, &forked] {
         publish(dir, &[first("alice@example.net", b"alice")]).await;
     }
     let h1 = head(&honest, &signer).await;
-    for i in 0..3u64 {
-        publish(
-            &honest,
-            &[first(&format!("user{i}@example.net"), &i.to_be_bytes())],
-        )
-        .await;
-    }
+    (signer, honest, forked, addr("alice@example.net"), h1)
+}
+
+#[tokio::test]
+async fn a_remembered_head_catches_forks_and_rollbacks_without_intermediate_roots() {
+    let (signer, honest, forked, alice, h1) = twins().await;
+    publish_each(&honest, "user", 0..3).await;
     let h4 = head(&honest, &signer).await;
     assert_eq!(h4.head.epoch, 4);
 
@@ -872,13 +893,7 @@ async fn a_remembered_head_catches_forks_and_rollbacks_without_intermediate_root
     };
     let e = fa.verify_extends(&honest2).await.unwrap_err();
     assert!(e.to_string().contains("fork"), "{e}");
-    for i in 0..3u64 {
-        publish(
-            &forked,
-            &[first(&format!("other{i}@example.net"), &i.to_be_bytes())],
-        )
-        .await;
-    }
+    publish_each(&forked, "other", 0..3).await;
     let f5 = head(&forked, &signer).await;
     let fa = answer_since(&forked, &f5, &alice, Some(4)).await;
     assert!(fa.verify_extends(&h4.head).await.is_err());
@@ -894,6 +909,65 @@ async fn a_remembered_head_catches_forks_and_rollbacks_without_intermediate_root
     if let Ok(t) = super::answer::LogAnswer::parse(&truncated) {
         assert!(t.verify_extends(&h1.head).await.is_err());
     }
+}
+
+/// Protocol version 3: a reply to a request that named epoch 1 arrives after the client
+/// remembered epoch 2 (another reply); its proof from 1 to 4 must lead through the
+/// remembered root of epoch 2. A fork that shares epoch 1 but not epoch 2 is caught.
+#[tokio::test]
+async fn a_reply_to_an_older_request_must_lead_through_the_newer_remembered_head() {
+    let (signer, honest, forked, alice, h1) = twins().await;
+    publish_each(&honest, "user", 0..1).await;
+    let h2 = head(&honest, &signer).await;
+    publish_each(&honest, "user", 1..3).await;
+    let h4 = head(&honest, &signer).await;
+
+    // Asked from 1, remembered 2 meanwhile, answered at 4: accepted.
+    let a = answer_since(&honest, &h4, &alice, Some(1)).await;
+    a.verify_extends_via(Some(&h1.head), &h2.head)
+        .await
+        .unwrap();
+    // Without the asked head the proof starts at the wrong epoch.
+    assert!(a.verify_extends(&h2.head).await.is_err());
+    // Asked from the remembered head itself: the plain check.
+    answer_since(&honest, &h4, &alice, Some(2))
+        .await
+        .verify_extends_via(Some(&h2.head), &h2.head)
+        .await
+        .unwrap();
+    // A remembered head of epoch 2 with another root (the client saw a fork of epoch 2, or
+    // this answer is one): refused.
+    let other2 = Head {
+        root_hash: [7; 32],
+        ..h2.head.clone()
+    };
+    let e = a
+        .verify_extends_via(Some(&h1.head), &other2)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("fork"), "{e}");
+    // An answer not newer than the remembered head gets no pass from the asked one.
+    let old = answer_since(&honest, &h2, &alice, Some(1)).await;
+    old.verify_extends_via(Some(&h1.head), &h4.head)
+        .await
+        .unwrap_err();
+
+    // The fork: the same epoch 1, mallory's key for alice at epoch 2, more epochs; its proof
+    // from 1 verifies from 1 but does not pass through the honest root of epoch 2.
+    publish(
+        &forked,
+        &[(alice.clone(), entry(2, EntryState::Published, b"mallory"))],
+    )
+    .await;
+    publish_each(&forked, "other", 0..2).await;
+    let f4 = head(&forked, &signer).await;
+    let fa = answer_since(&forked, &f4, &alice, Some(1)).await;
+    fa.verify_extends(&h1.head).await.unwrap();
+    let e = fa
+        .verify_extends_via(Some(&h1.head), &h2.head)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("fork"), "{e}");
 }
 
 #[tokio::test]
