@@ -222,13 +222,19 @@ fn real_key(i: u64) -> Result<NewKey> {
     })
 }
 
-/// The certificates of `--keys-file`, of addresses `0..len` in order (fingerprint, binary key).
-static MADE_KEYS: std::sync::OnceLock<Vec<(kst_core::Fingerprint, Vec<u8>)>> =
-    std::sync::OnceLock::new();
+/// Certificates made for `--keys-file`: (fingerprint, binary key) of addresses `0..len`.
+type MadeKeys = Vec<(kst_core::Fingerprint, Vec<u8>)>;
+
+/// The certificates of `--keys-file` loaded so far (up to the size being filled).
+static MADE_KEYS: std::sync::RwLock<Option<Arc<MadeKeys>>> = std::sync::RwLock::new(None);
 
 /// The key of address `i` from `--keys-file`, if it holds one.
 fn made_key(i: u64) -> Option<Result<NewKey>> {
-    let (fingerprint, key) = MADE_KEYS.get()?.get(usize::try_from(i).ok()?)?;
+    let keys = MADE_KEYS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()?;
+    let (fingerprint, key) = keys.get(usize::try_from(i).ok()?)?;
     Some(Ok(NewKey {
         address: address(i),
         key: key.clone(),
@@ -247,11 +253,7 @@ const MAX_MADE_KEY: usize = 1 << 16;
 /// the key's length as u32 little-endian, the binary key; address `i` is record `i`), makes the
 /// ones missing up to `want` on `threads` threads and appends them, and returns the first
 /// `want`. A torn last record (a run stopped while writing) is cut off and made again.
-fn keys_file(
-    path: &std::path::Path,
-    want: u64,
-    threads: usize,
-) -> Result<Vec<(kst_core::Fingerprint, Vec<u8>)>> {
+fn keys_file(path: &std::path::Path, want: u64, threads: usize) -> Result<MadeKeys> {
     use std::io::Write as _;
     let want = usize::try_from(want)?;
     let bytes = match std::fs::read(path) {
@@ -828,19 +830,8 @@ async fn main() -> Result<()> {
         bail!("--mirror is for filling: use it with --real-keys --fill-only");
     }
     REAL_KEYS.store(args.real_keys, Ordering::Relaxed);
-    if let Some(path) = &args.keys_file {
-        if !args.real_keys {
-            bail!("--keys-file is for --real-keys");
-        }
-        let want = args.stored.iter().copied().max().unwrap_or(0);
-        let threads = args.keygen_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-        });
-        let path = path.clone();
-        let keys = tokio::task::spawn_blocking(move || keys_file(&path, want, threads)).await??;
-        MADE_KEYS
-            .set(keys)
-            .map_err(|_| anyhow::anyhow!("keys loaded twice"))?;
+    if args.keys_file.is_some() && !args.real_keys {
+        bail!("--keys-file is for --real-keys");
     }
     let mut sizes = args.stored.clone();
     sizes.sort_unstable();
@@ -932,6 +923,17 @@ async fn run(args: &Args, bench: &Bench, sizes: &[u64]) -> Result<()> {
     let mut serial_base = 1;
     for &stored in sizes {
         let grew = stored > filled;
+        if grew && let Some(path) = &args.keys_file {
+            // The certificates of this size (made now if the file lacks them), not of the
+            // largest: a fill in steps publishes while later steps' keys are not made yet.
+            let threads = args.keygen_threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            });
+            let path = path.clone();
+            let keys =
+                tokio::task::spawn_blocking(move || keys_file(&path, stored, threads)).await??;
+            *MADE_KEYS.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(keys));
+        }
         if grew {
             let t = Instant::now();
             bench.fill(filled, stored, args.key_bytes).await?;
