@@ -5,9 +5,10 @@
 #   BENCH_WEB_SIZES="1000 1000000" scripts/bench-web.sh
 #
 #   1. fill: for each size N, one kst-store-bench --real-keys --fill-only publishes N real
-#      certificates (user000000@example.test ..., made as `kst bench` makes them) through the
+#      certificates (user000000@example.test ..., made as `kst bench` makes them, on every
+#      core, once for all sizes and runs: kept in $STORES/keys.bin, --keys-file) through the
 #      store's own `publish` into every backend without a filled store of that size yet (each
-#      certificate made once, published into each store: --mirror), and writes request paths
+#      store with 64 publications in flight of its own: --mirror), and writes request paths
 #      of up to 200,000 stored keys. The stores are kept under BENCH_WEB_STORES for later runs:
 #        fs:         $STORES/fs-N/                  (filled under eatmydata, then sync)
 #        PostgreSQL: database kst_web_N on BENCH_PG_URL (synchronous_commit off while filling)
@@ -141,7 +142,8 @@ fill_size() { # size
     if [ -f "$STORES/$b-$n.filled" ]; then log "$b, $n keys: filled already"; else todo+=("$b"); fi
   done
   [ "${#todo[@]}" -gt 0 ] || return 0
-  local main="${todo[0]}" args=(--real-keys --fill-only --stored "$n" --paths-out "$STORES/${todo[0]}-$n.paths")
+  local main="${todo[0]}" args=(--real-keys --fill-only --stored "$n" --paths-out "$STORES/${todo[0]}-$n.paths"
+    --keys-file "$STORES/keys.bin")
   for b in "${todo[@]}"; do
     if [ "$b" = postgres ]; then
       local db; db="$(pg_db "$n")"
@@ -261,8 +263,8 @@ status_count() { # metrics-port status
     awk -v s="status=\"$2\"" '/^kst_web_requests_total/ && index($0, s) { t += $NF } END { printf "%d", t }'
 }
 
-echo "| backend | stored | endpoint | limits | look-ups/s | 429 share | p50 ms | p99 ms | RSS MiB | load |"
-echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"
+echo "| backend | stored | endpoint | limits | look-ups/s | 429 share | p50 ms | p99 ms | RSS MiB | threads | load |"
+echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
 for backend in $BACKENDS; do
   for n in $SIZES; do
     dir="$WORK/$backend-$n"; mkdir -p "$dir"
@@ -300,12 +302,13 @@ for backend in $BACKENDS; do
         ok=$(( $(status_count "$http" 200) - before200 + $(status_count "$http" 404) - before404 ))
         refused=$(( $(status_count "$http" 429) - before429 ))
         rss="$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")"
+        threads="$(awk '/^Threads/ {print $2}' "/proc/$pid/status")"
         load="$(cut -d' ' -f1 /proc/loadavg)"
         python3 -c 'import sys
-b,n,e,l,ok,ref,tot,dur,p50,p99,rss,load=sys.argv[1:]
+b,n,e,l,ok,ref,tot,dur,p50,p99,rss,threads,load=sys.argv[1:]
 ok,ref,tot,dur=int(ok),int(ref),int(tot),int(dur)
-print(f"| {b} | {n} | {e} | {l} | {ok/(dur/1e6):,.0f} | {100*ref/max(tot,1):.1f}% | {int(p50)/1000:.2f} | {int(p99)/1000:.2f} | {int(rss)/1024:.0f} | {load} |")' \
-          "$backend" "${held:-$n}" "$endpoint" "$limits" "$ok" "$refused" "$total" "$dur_us" "$p50" "$p99" "$rss" "$load"
+print(f"| {b} | {n} | {e} | {l} | {ok/(dur/1e6):,.0f} | {100*ref/max(tot,1):.1f}% | {int(p50)/1000:.2f} | {int(p99)/1000:.2f} | {int(rss)/1024:.0f} | {threads} | {load} |")' \
+          "$backend" "${held:-$n}" "$endpoint" "$limits" "$ok" "$refused" "$total" "$dur_us" "$p50" "$p99" "$rss" "$threads" "$load"
       done
       kill -TERM "$pid"; wait "$pid" || true
     done

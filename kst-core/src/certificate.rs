@@ -150,6 +150,18 @@ impl Certificate {
         Some(Certificate { key })
     }
 
+    /// Whether [`Self::only_address`] would keep all of this certificate: every User ID is of
+    /// `address` and it has no User Attribute (then the stored packets can be served as they
+    /// are, without filtering and serializing a copy).
+    pub fn is_only_address(&self, address: &Address, policy: &AddressPolicy) -> bool {
+        let d = &self.key.details;
+        !d.users.is_empty()
+            && d.user_attributes.is_empty()
+            && d.users
+                .iter()
+                .all(|u| user_id_address(u.id.id(), policy).as_ref() == Some(address))
+    }
+
     /// Adds what `other` has and this one lacks, when both have the same primary key (the same
     /// key published for two addresses): User IDs, subkeys and signatures, without duplicates.
     /// Returns false, changing nothing, for a different primary key.
@@ -498,6 +510,24 @@ mod tests {
             .only_address(&addr("alice@personal.example"), &AddressPolicy::default())
             .unwrap();
         assert_eq!(other.user_ids(), ["Alice Private <alice@personal.example>"]);
+    }
+
+    #[test]
+    fn a_certificate_of_one_address_needs_no_filtering() {
+        let p = AddressPolicy::default();
+        let full = cert("alice.pub.asc");
+        let alice = addr("alice@example.net");
+        assert!(
+            !full.is_only_address(&alice, &p),
+            "three User IDs, two addresses"
+        );
+        let wkd = full.only_address(&alice, &p).unwrap();
+        assert!(wkd.is_only_address(&alice, &p));
+        assert!(!wkd.is_only_address(&addr("bob@example.net"), &p));
+        // What WKD serves then (the stored packets) is what filtering would have served.
+        let stored = wkd.to_binary();
+        let again = Certificate::from_binary(&stored).unwrap();
+        assert_eq!(again.only_address(&alice, &p).unwrap().to_binary(), stored);
     }
 
     #[test]

@@ -185,7 +185,19 @@ pub(crate) fn ensure_keys_dir(paths: &AddressPaths) -> Result<()> {
     }
 }
 
-fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
+/// The bytes of the file at `path`, `None` when it does not exist. Inside a
+/// [`crate::nowait::attempt`] only from the kernel's caches: a read that would wait fails
+/// (and the attempt is dropped for the blocking pool).
+pub(crate) fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
+    if crate::nowait::active() {
+        return match crate::nowait::read_cached(path) {
+            Some(bytes) => Ok(Some(bytes)),
+            None => Err(crate::error::unavailable(format!(
+                "{} is not in the page cache",
+                path.display()
+            ))),
+        };
+    }
     match fs::read(path) {
         Ok(b) => Ok(Some(b)),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),

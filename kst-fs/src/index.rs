@@ -104,11 +104,17 @@ fn lines_of(layout: &Layout, record: &KeyRecord) -> BTreeMap<IndexFile, BTreeSet
 
 /// The lines of an index file; empty when it does not exist.
 fn read_lines(path: &Path) -> Result<Vec<String>> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(text.lines().map(str::to_string).collect()),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(io("read index file", path, e)),
-    }
+    let Some(bytes) = crate::file::read_if_exists(path)? else {
+        return Ok(Vec::new());
+    };
+    let text = String::from_utf8(bytes).map_err(|e| {
+        io(
+            "read index file",
+            path,
+            std::io::Error::new(ErrorKind::InvalidData, e),
+        )
+    })?;
+    Ok(text.lines().map(str::to_string).collect())
 }
 
 /// Changes the lines of `file` under its lock: adds `add`, removes the lines of `address`

@@ -9,6 +9,7 @@ mod file;
 mod index;
 mod layout;
 mod lock;
+mod nowait;
 mod ratelimit;
 mod reminders;
 mod store;

@@ -98,6 +98,13 @@ impl FsStore {
         ready
     }
 
+    /// Runs the read-only `op` here if every file it reads is in the kernel's caches (see
+    /// [`crate::nowait`]): no hand-off to the blocking pool for a look-up that cannot wait for
+    /// the disk. `None` when it would have waited: then run it with [`Self::run`].
+    fn cached<T>(&self, op: impl FnOnce(&Layout) -> Result<T>) -> Option<Result<T>> {
+        crate::nowait::attempt(|| op(&self.layout))
+    }
+
     /// Runs `op` on the blocking thread pool with this store's layout.
     async fn run<T, F>(&self, op: F) -> Result<T>
     where
@@ -281,7 +288,12 @@ impl KeyStore for FsStore {
         self.run(move |l| crate::reminders::claim(l, &claim)).await
     }
 
+    /// On this thread when the files are cached ([`crate::nowait`]), else on the blocking pool.
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
+        if let Some(found) = self.cached(|l| Ok(read_history(address, &l.address(address))?.pop()))
+        {
+            return found;
+        }
         let address = address.clone();
         self.run(move |l| Ok(read_history(&address, &l.address(&address))?.pop()))
             .await
@@ -309,7 +321,8 @@ impl KeyStore for FsStore {
         self.run(move |l| restore(l, &history)).await
     }
 
-    /// Through the index: one index file and the history file of each hit.
+    /// Through the index: one index file and the history file of each hit (on this thread
+    /// when they are cached, see [`crate::nowait`]).
     async fn find_by_fingerprint(
         &self,
         fingerprint: &Fingerprint,
@@ -317,6 +330,11 @@ impl KeyStore for FsStore {
     ) -> Result<Vec<KeyRecord>> {
         if !self.use_index() {
             return scan(self, limit, |e| e.has_fingerprint(fingerprint)).await;
+        }
+        if let Some(found) = self
+            .cached(|l| index::find_by_key_id(l, &fingerprint.key_id(), Some(fingerprint), limit))
+        {
+            return found;
         }
         let f = fingerprint.clone();
         self.run(move |l| index::find_by_key_id(l, &f.key_id(), Some(&f), limit))
@@ -328,6 +346,9 @@ impl KeyStore for FsStore {
         if !self.use_index() {
             return scan(self, limit, |e| e.has_key_id(key_id)).await;
         }
+        if let Some(found) = self.cached(|l| index::find_by_key_id(l, key_id, None, limit)) {
+            return found;
+        }
         let id = key_id.clone();
         self.run(move |l| index::find_by_key_id(l, &id, None, limit))
             .await
@@ -337,6 +358,9 @@ impl KeyStore for FsStore {
     async fn find_by_wkd_hash(&self, domain: &str, hash: &WkdHash) -> Result<Option<KeyRecord>> {
         if !self.use_index() {
             return Ok(scan(self, 1, |e| e.has_wkd_hash(domain, hash)).await?.pop());
+        }
+        if let Some(found) = self.cached(|l| index::find_by_wkd_hash(l, domain, hash)) {
+            return found;
         }
         let (domain, hash) = (domain.to_string(), hash.clone());
         self.run(move |l| index::find_by_wkd_hash(l, &domain, &hash))

@@ -31,9 +31,10 @@
 //!   index entries, pipelined 1 000 addresses at a time.
 //!
 //! `--mirror BACKEND=TARGET` (repeatable, with `--real-keys --fill-only`) publishes every key
-//! made for the main store into further stores too, through their own `publish`: each
-//! certificate is made (and its fill's process runs) once for all of them, and the stores hold
-//! the same keys (`scripts/bench-web.sh fill` fills the backends of one size so). A publication
+//! made for the main store into further stores too, through their own `publish`, each store
+//! with 64 publications in flight of its own: each certificate is made (and its fill's process
+//! runs) once for all of them, and the stores hold the same keys. `--keys-file` keeps the
+//! certificates (made on every core) for later fills and other sizes (`scripts/bench-web.sh fill` fills the backends of one size so). A publication
 //! that fails with a temporary error is retried. TARGET is a
 //! directory for `fs`, `URL#DATABASE` for `postgres` (a database on the server of URL) and
 //! `URL#PREFIX` for `redis`; each is created if missing and kept.
@@ -118,6 +119,14 @@ struct Args {
         default_value = "get,by-fpr,by-wkd,publish"
     )]
     ops: Vec<String>,
+    /// With `--real-keys`: take the certificates from this file, making (on every core, see
+    /// `--keygen-threads`) and appending the ones it lacks first, so that repeated fills and
+    /// fills of several sizes make each certificate once.
+    #[arg(long)]
+    keys_file: Option<std::path::PathBuf>,
+    /// Threads that make certificates for `--keys-file` (default: one per core).
+    #[arg(long)]
+    keygen_threads: Option<usize>,
     /// Time `rebuild_index` after each fill (on fs it reads every history file twice).
     #[arg(long)]
     rebuild_index: bool,
@@ -211,6 +220,143 @@ fn real_key(i: u64) -> Result<NewKey> {
         revoked: false,
         expected: kst_core::Expected::Any,
     })
+}
+
+/// Certificates made for `--keys-file`: (fingerprint, binary key) of addresses `0..len`.
+type MadeKeys = Vec<(kst_core::Fingerprint, Vec<u8>)>;
+
+/// The certificates of `--keys-file` loaded so far (up to the size being filled).
+static MADE_KEYS: std::sync::RwLock<Option<Arc<MadeKeys>>> = std::sync::RwLock::new(None);
+
+/// The key of address `i` from `--keys-file`, if it holds one.
+fn made_key(i: u64) -> Option<Result<NewKey>> {
+    let keys = MADE_KEYS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()?;
+    let (fingerprint, key) = keys.get(usize::try_from(i).ok()?)?;
+    Some(Ok(NewKey {
+        address: address(i),
+        key: key.clone(),
+        fingerprint: fingerprint.clone(),
+        publication_id: format!("{i:016x}{:016x}", 0),
+        published_at: 1_700_000_000,
+        revoked: false,
+        expected: kst_core::Expected::Any,
+    }))
+}
+
+/// Most bytes of one certificate in a keys file (a made key is about 400).
+const MAX_MADE_KEY: usize = 1 << 16;
+
+/// Reads the certificates of `path` (records: fingerprint length as one byte, the fingerprint,
+/// the key's length as u32 little-endian, the binary key; address `i` is record `i`), makes the
+/// ones missing up to `want` on `threads` threads and appends them, and returns the first
+/// `want`. A torn last record (a run stopped while writing) is cut off and made again.
+fn keys_file(path: &std::path::Path, want: u64, threads: usize) -> Result<MadeKeys> {
+    use std::io::Write as _;
+    let want = usize::try_from(want)?;
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    };
+    let mut keys = Vec::with_capacity(want);
+    let mut at = 0;
+    while keys.len() < want {
+        let Some(&flen) = bytes.get(at) else { break };
+        let fpr_end = at + 1 + usize::from(flen);
+        let Some(len) = bytes.get(fpr_end..fpr_end + 4) else {
+            break;
+        };
+        let len = u32::from_le_bytes(len.try_into()?) as usize;
+        let Some(key) = bytes.get(fpr_end + 4..fpr_end + 4 + len) else {
+            break;
+        };
+        if len > MAX_MADE_KEY {
+            bail!("{}: record {} is not a key", path.display(), keys.len());
+        }
+        let fingerprint =
+            kst_core::Fingerprint::parse(std::str::from_utf8(&bytes[at + 1..fpr_end])?)
+                .with_context(|| format!("{}: record {}", path.display(), keys.len()))?;
+        keys.push((fingerprint, key.to_vec()));
+        at = fpr_end + 4 + len;
+    }
+    drop(bytes);
+    if keys.len() >= want {
+        return Ok(keys);
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    file.set_len(at as u64)?;
+    let mut out = std::io::BufWriter::new(
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(at as u64)).map(|_| file)?,
+    );
+    let (have, t0) = (keys.len(), Instant::now());
+    eprintln!(
+        "{}: {have} keys; making {} more",
+        path.display(),
+        want - have
+    );
+    const CHUNK: usize = 256;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(have));
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, Vec<NewKey>)>>(threads * 4);
+    let workers: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            let (next, tx) = (Arc::clone(&next), tx.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let start = next.fetch_add(CHUNK, Ordering::Relaxed);
+                    if start >= want {
+                        return;
+                    }
+                    let made = (start..(start + CHUNK).min(want))
+                        .map(|i| real_key(i as u64))
+                        .collect::<Result<Vec<_>>>();
+                    if tx.send(made.map(|m| (start, m))).is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    let mut pending = std::collections::BTreeMap::new();
+    for made in rx {
+        let (start, chunk) = made?;
+        pending.insert(start, chunk);
+        while let Some(chunk) = pending.remove(&keys.len()) {
+            for k in chunk {
+                let f = k.fingerprint.as_str().as_bytes();
+                out.write_all(&[u8::try_from(f.len())?])?;
+                out.write_all(f)?;
+                out.write_all(&u32::try_from(k.key.len())?.to_le_bytes())?;
+                out.write_all(&k.key)?;
+                keys.push((k.fingerprint, k.key));
+            }
+            if keys.len() % 10_000 < CHUNK {
+                out.flush()?;
+                eprintln!(
+                    "made {} keys ({:.0}/s)",
+                    keys.len(),
+                    (keys.len() - have) as f64 / t0.elapsed().as_secs_f64().max(1e-9)
+                );
+            }
+        }
+    }
+    for w in workers {
+        w.join()
+            .map_err(|_| anyhow::anyhow!("a key-making thread panicked"))?;
+    }
+    out.flush()?;
+    if keys.len() < want {
+        bail!("made only {} of {want} keys", keys.len());
+    }
+    Ok(keys)
 }
 
 /// The fingerprint of key `serial` of address `i`: the address in the key ID (the last 16
@@ -342,41 +488,68 @@ impl Bench {
     }
 
     /// Publishes one key for each of addresses `from..to` through the store's own `publish`
-    /// (and each mirror's), 64 calls in flight: `--real-keys` certificates, or `--key-bytes` of
-    /// filler (fs).
+    /// into the main store and each mirror, each store with 64 calls in flight of its own (a
+    /// slow store does not hold the others back): `--real-keys` certificates (from
+    /// `--keys-file` when given, made once for every store), or `--key-bytes` of filler (fs).
+    /// Prints each store's progress every 10 s.
     async fn fill_by_publish(&self, from: u64, to: u64, key_bytes: usize) -> Result<()> {
-        let next = Arc::new(std::sync::atomic::AtomicU64::new(from));
-        let mut tasks = tokio::task::JoinSet::new();
         let real = REAL_KEYS.load(Ordering::Relaxed);
-        for _ in 0..64 {
-            let store = Arc::clone(&self.store);
-            let mirrors = self.mirrors.clone();
-            let next = Arc::clone(&next);
-            tasks.spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= to {
-                        return Ok::<_, anyhow::Error>(());
+        let stores: Vec<Arc<dyn KeyStore>> = std::iter::once(Arc::clone(&self.store))
+            .chain(self.mirrors.iter().cloned())
+            .collect();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut progress = Vec::new();
+        for (s, store) in stores.iter().enumerate() {
+            let next = Arc::new(std::sync::atomic::AtomicU64::new(from));
+            let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            progress.push((format!("{}#{s}", store.name()), Arc::clone(&done)));
+            for _ in 0..64 {
+                let store = Arc::clone(store);
+                let (next, done) = (Arc::clone(&next), Arc::clone(&done));
+                tasks.spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= to {
+                            return Ok::<_, anyhow::Error>(());
+                        }
+                        let key = if real {
+                            match made_key(i) {
+                                Some(k) => k?,
+                                None => tokio::task::spawn_blocking(move || real_key(i)).await??,
+                            }
+                        } else {
+                            new_key(i, 0, key_bytes)
+                        };
+                        publish_retrying(&store, &key).await?;
+                        done.fetch_add(1, Ordering::Relaxed);
                     }
-                    let key = if real {
-                        tokio::task::spawn_blocking(move || real_key(i)).await??
-                    } else {
-                        new_key(i, 0, key_bytes)
-                    };
-                    for m in &mirrors {
-                        publish_retrying(m, &key).await?;
-                    }
-                    publish_retrying(&store, &key).await?;
-                    if i.is_multiple_of(100_000) && i > 0 {
-                        eprintln!("filled up to address {i}");
-                    }
-                }
-            });
+                });
+            }
         }
-        while let Some(r) = tasks.join_next().await {
-            r??;
+        let started = Instant::now();
+        let reporter = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                let secs = started.elapsed().as_secs_f64();
+                let line: Vec<String> = progress
+                    .iter()
+                    .map(|(name, done)| {
+                        let n = done.load(Ordering::Relaxed);
+                        format!("{name} {} ({:.0}/s)", from + n, n as f64 / secs)
+                    })
+                    .collect();
+                eprintln!("filled up to: {}", line.join(", "));
+            }
+        });
+        let result = async {
+            while let Some(r) = tasks.join_next().await {
+                r??;
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        reporter.abort();
+        result
     }
 
     async fn cleanup(&self, args: &Args) -> Result<()> {
@@ -657,6 +830,9 @@ async fn main() -> Result<()> {
         bail!("--mirror is for filling: use it with --real-keys --fill-only");
     }
     REAL_KEYS.store(args.real_keys, Ordering::Relaxed);
+    if args.keys_file.is_some() && !args.real_keys {
+        bail!("--keys-file is for --real-keys");
+    }
     let mut sizes = args.stored.clone();
     sizes.sort_unstable();
     let mut bench = Bench::open(&args).await?;
@@ -747,6 +923,17 @@ async fn run(args: &Args, bench: &Bench, sizes: &[u64]) -> Result<()> {
     let mut serial_base = 1;
     for &stored in sizes {
         let grew = stored > filled;
+        if grew && let Some(path) = &args.keys_file {
+            // The certificates of this size (made now if the file lacks them), not of the
+            // largest: a fill in steps publishes while later steps' keys are not made yet.
+            let threads = args.keygen_threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            });
+            let path = path.clone();
+            let keys =
+                tokio::task::spawn_blocking(move || keys_file(&path, stored, threads)).await??;
+            *MADE_KEYS.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(keys));
+        }
         if grew {
             let t = Instant::now();
             bench.fill(filled, stored, args.key_bytes).await?;

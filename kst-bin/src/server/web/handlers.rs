@@ -403,9 +403,14 @@ async fn wkd(
             let Some(record) = record else {
                 return not_found().await;
             };
-            let served = certificate(&record)
-                .and_then(|c| c.only_address(&record.address, &state.address_policy));
-            match served {
+            let Some(cert) = certificate(&record) else {
+                return not_found().await;
+            };
+            if cert.is_only_address(&record.address, &state.address_policy) {
+                // Nothing to filter out: the stored packets as they are.
+                return found(&state, &headers, "application/octet-stream", record.key);
+            }
+            match cert.only_address(&record.address, &state.address_policy) {
                 Some(c) => found(&state, &headers, "application/octet-stream", c.to_binary()),
                 None => not_found().await,
             }
@@ -450,8 +455,10 @@ async fn vks_by_email(
         return not_found().await;
     };
     match state.lookup.by_address(&address).await {
+        // The stored packets as they are (parsed only to refuse an unreadable record): what
+        // the certificate would serialize to, without serializing it again.
         Ok(Some(record)) => match certificate(&record) {
-            Some(c) => armored(&state, &headers, &[c]),
+            Some(_) => armored_packets(&state, &headers, &record.key),
             None => not_found().await,
         },
         Ok(None) => not_found().await,
@@ -464,11 +471,16 @@ fn armored(state: &WebState, headers: &HeaderMap, certs: &[Certificate]) -> Resp
     for c in certs {
         binary.extend_from_slice(&c.to_binary());
     }
+    armored_packets(state, headers, &binary)
+}
+
+/// `packets` (binary certificates) ASCII-armored, as VKS and HKP serve them.
+fn armored_packets(state: &WebState, headers: &HeaderMap, packets: &[u8]) -> Response {
     found(
         state,
         headers,
         "application/pgp-keys",
-        kst_core::openpgp::armor_public_key(&binary).into_bytes(),
+        kst_core::openpgp::armor_public_key(packets).into_bytes(),
     )
 }
 

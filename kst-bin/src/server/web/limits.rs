@@ -60,6 +60,8 @@ pub struct Limiter {
     limits: WebLimits,
     counters: Arc<dyn RateLimiter>,
     blocked: Arc<Mutex<Blocked>>,
+    /// The per-client request counter, written a batch at a time.
+    precount: Arc<super::precount::PreCount>,
 }
 
 #[derive(Default)]
@@ -88,6 +90,7 @@ impl Limiter {
             limits,
             counters,
             blocked: Arc::default(),
+            precount: Arc::default(),
         }
     }
 
@@ -103,7 +106,9 @@ impl Limiter {
     }
 
     /// Counts one request of `client`; `lookup` says whether it asks for a key (policy files
-    /// are not subject to the miss budgets). `Err` when the counters cannot be reached.
+    /// are not subject to the miss budgets). `Err` when the counters cannot be reached. The
+    /// request counter is written once per [`super::precount::BATCH`] requests of a client
+    /// (a bounded inaccuracy, see [`super::precount`]); misses are counted one by one.
     pub async fn admit(&self, client: &str, lookup: bool) -> kst_core::Result<Option<Refusal>> {
         if lookup {
             let now = Instant::now();
@@ -123,8 +128,9 @@ impl Limiter {
         }
         if self.limits.per_client > 0
             && !self
-                .counters
+                .precount
                 .hit(
+                    self.counters.as_ref(),
                     &format!("{CLIENT_PREFIX}{client}"),
                     self.limits.per_client,
                     self.limits.window(),

@@ -10,6 +10,7 @@ pub mod limits;
 pub mod listener;
 pub mod lookup;
 pub mod metrics;
+pub mod precount;
 pub mod tls;
 
 use std::future::Future;
