@@ -17,7 +17,8 @@
 //! explains (the KST's time of the deletion between the request and the confirmation, give
 //! or take ten minutes of clock difference; each noted deletion explains one) is reported,
 //! exit 6 (an insider who deleted the owner's key, so that correspondents fall back to
-//! unencrypted mail).
+//! unencrypted mail). A withdrawn value (akd's tombstone) with no deletion after it is
+//! reported as well: only a deletion withdraws values, so it was overwritten in the store.
 
 use std::path::Path;
 
@@ -260,6 +261,12 @@ pub async fn status(
             Some(fingerprint) => format!(
                 "the key directory records key {fingerprint} for {account} at epoch {} \
                  (version {}): not a key you published",
+                v.epoch, v.version
+            ),
+            None if v.state == "withdrawn" => format!(
+                "the key directory records a withdrawn value for {account} at epoch {} \
+                 (version {}) with no deletion after it: the value was overwritten in the \
+                 store, maybe a key you did not publish; ask the provider",
                 v.epoch, v.version
             ),
             None => format!(
