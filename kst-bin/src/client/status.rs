@@ -17,7 +17,8 @@
 //! explains (the KST's time of the deletion between the request and the confirmation, give
 //! or take ten minutes of clock difference; each noted deletion explains one) is reported,
 //! exit 6 (an insider who deleted the owner's key, so that correspondents fall back to
-//! unencrypted mail).
+//! unencrypted mail). A withdrawn value (akd's tombstone) with no deletion after it is
+//! reported as well: only a deletion withdraws values, so it was overwritten in the store.
 
 use std::path::Path;
 
@@ -262,6 +263,12 @@ pub async fn status(
                  (version {}): not a key you published",
                 v.epoch, v.version
             ),
+            None if v.state == "withdrawn" => format!(
+                "the key directory records a withdrawn value for {account} at epoch {} \
+                 (version {}) with no deletion after it: the value was overwritten in the \
+                 store, maybe a key you did not publish; ask the provider",
+                v.epoch, v.version
+            ),
             None => format!(
                 "the key directory records a deletion of the key of {account} at epoch {} \
                  (version {}, time {}): not a deletion you asked for from this client",
@@ -394,14 +401,23 @@ async fn directory_versions(
 
 /// Marks each deletion in `versions` as the owner's when one of `own` (the deletions this
 /// client asked for, oldest first) explains it; each explains one, the oldest deletions
-/// first.
+/// first. A withdrawn value is the owner's only when a deletion follows it (a deletion is
+/// what withdraws the values before it).
 #[cfg(feature = "transparency")]
 fn mark_deletions(versions: &mut [DirectoryVersion], mut own: Vec<super::log_memory::OwnDeletion>) {
-    let mut deletions: Vec<&mut DirectoryVersion> = versions
-        .iter_mut()
-        .filter(|v| v.state == "deleted")
-        .collect();
+    let (mut deletions, withdrawn): (Vec<&mut DirectoryVersion>, Vec<&mut DirectoryVersion>) =
+        versions
+            .iter_mut()
+            .filter(|v| v.state == "deleted" || v.state == "withdrawn")
+            .partition(|v| v.state == "deleted");
     deletions.sort_by_key(|v| v.epoch);
+    // A value is withdrawn (akd's tombstone) only by a later deletion; a withdrawn version
+    // with none after it is a value someone overwrote in the store (its commitment cannot be
+    // opened any more), maybe a key that was not the owner's: not taken as the owner's.
+    let last_deletion = deletions.iter().map(|v| v.version).max();
+    for v in withdrawn {
+        v.yours = last_deletion.is_some_and(|d| d > v.version);
+    }
     for v in deletions {
         let at = v.changed_at.unwrap_or(0);
         v.yours = match own.iter().position(|d| d.explains(at)) {
@@ -502,6 +518,46 @@ mod tests {
         let mut versions = vec![deleted(5, t + 20), deleted(3, t + 10)];
         mark_deletions(&mut versions, vec![own(t, t + 15), own(t + 18, t + 25)]);
         assert!(versions.iter().all(|v| v.yours));
+    }
+
+    /// Red team (issue 18): a value is withdrawn (akd's tombstone, which the tree cannot
+    /// check) only by a later deletion. An insider who served another key and then overwrote
+    /// that version's value with the tombstone in the store made it read as `withdrawn`, which
+    /// counted as the owner's: the foreign key was hidden. Now a withdrawn version with no
+    /// deletion after it is not the owner's; one before a deletion still is.
+    #[cfg(feature = "transparency")]
+    #[test]
+    fn rt18_a_withdrawn_value_without_a_later_deletion_is_not_yours() {
+        let version = |v: u64, state: &str| DirectoryVersion {
+            epoch: v,
+            version: v,
+            state: state.into(),
+            fingerprint: None,
+            changed_at: Some(1_800_000_000 + v),
+            yours: true,
+        };
+        // Newest first: the owner's key again (3), the overwritten foreign one (2), the first.
+        let mut versions = vec![
+            version(3, "published"),
+            version(2, "withdrawn"),
+            version(1, "published"),
+        ];
+        mark_deletions(&mut versions, Vec::new());
+        assert!(
+            !versions[1].yours,
+            "a withdrawn value with no deletion after it must be reported"
+        );
+        // Withdrawn by a deletion that follows: the owner's (the deletion is judged itself).
+        let mut versions = vec![
+            version(3, "deleted"),
+            version(2, "withdrawn"),
+            version(1, "withdrawn"),
+        ];
+        mark_deletions(&mut versions, Vec::new());
+        assert_eq!(
+            versions.iter().map(|v| v.yours).collect::<Vec<_>>(),
+            vec![false, true, true]
+        );
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub async fn run_all(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
     directory_proves_the_store(Arc::clone(&a)).await;
     log_stores_heads_and_cosignatures(Arc::clone(&a), Arc::clone(&b)).await;
     heads_are_signed_late(Arc::clone(&a), Arc::clone(&b)).await;
+    an_altered_head_stops_the_backfill(Arc::clone(&a)).await;
     two_writers_one_history(a, b).await;
 }
 
@@ -652,6 +653,127 @@ pub async fn heads_are_signed_late(a: Arc<dyn DirectoryStore>, b: Arc<dyn Direct
         stored_epochs(&log_b, 10, 11).await,
         Vec::<u64>::new(),
         "late heads: nothing signed next to an inconsistent head"
+    );
+}
+
+/// A store that counts the reads of stored heads (the backfill's every step reads some).
+struct CountingHeads {
+    inner: Arc<dyn DirectoryStore>,
+    reads: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl DirectoryStore for CountingHeads {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn root(&self, domain: &str) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
+        self.inner.root(domain).await
+    }
+    async fn nodes(
+        &self,
+        domain: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Vec<u8>>, DirectoryStoreError> {
+        self.inner.nodes(domain, keys).await
+    }
+    async fn value_states(
+        &self,
+        domain: &str,
+        label: &[u8],
+    ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
+        self.inner.value_states(domain, label).await
+    }
+    async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
+        self.inner.commit(domain, batch).await
+    }
+    async fn insert_head(
+        &self,
+        domain: &str,
+        epoch: u64,
+        head: &[u8],
+    ) -> Result<Vec<u8>, DirectoryStoreError> {
+        self.inner.insert_head(domain, epoch, head).await
+    }
+    async fn heads(
+        &self,
+        domain: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.heads(domain, from, to).await
+    }
+    async fn put_cosignature(
+        &self,
+        domain: &str,
+        epoch: u64,
+        witness: &[u8; 32],
+        cosignature: &[u8],
+    ) -> Result<(), DirectoryStoreError> {
+        self.inner
+            .put_cosignature(domain, epoch, witness, cosignature)
+            .await
+    }
+    async fn cosignatures(
+        &self,
+        domain: &str,
+        epoch: u64,
+    ) -> Result<Vec<([u8; 32], Vec<u8>)>, DirectoryStoreError> {
+        self.inner.cosignatures(domain, epoch).await
+    }
+    async fn latest_cosignature(
+        &self,
+        domain: &str,
+        witness: &[u8; 32],
+    ) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
+        self.inner.latest_cosignature(domain, witness).await
+    }
+}
+
+/// Red team (issue 18): a stored head an attacker with write access to the store altered
+/// (here: not a head at all) next to a run of missing heads stops the background backfill,
+/// as an inconsistent directory does. It used to count as a store that is down: the backfill
+/// tried again every idle second, forever, each time pausing the log's thread for a second
+/// (a write arriving then waited) and logging a warning.
+pub async fn an_altered_head_stops_the_backfill(a: Arc<dyn DirectoryStore>) {
+    const D: &str = "altered.example";
+    let keys = LogKeys::generate(D);
+    let mut roots = BTreeMap::new();
+    // Epochs 1 to 4 without heads; epoch 2's head is garbage.
+    publish_without_heads(&a, &keys, &["g1", "g2", "g3", "g4"], &mut roots).await;
+    a.insert_head(D, 2, b"not a head").await.unwrap();
+    let counting = Arc::new(CountingHeads {
+        inner: Arc::clone(&a),
+        reads: Default::default(),
+    });
+    let store: Arc<dyn DirectoryStore> = counting.clone();
+    let log = DomainLog::open(store, keys).await.unwrap();
+    log.start_backfill();
+    let reads = || counting.reads.load(std::sync::atomic::Ordering::SeqCst);
+    // The scan, then the fill that meets the altered head, then (after one pause) nothing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while reads() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "altered head: the backfill never read the stored heads ({} reads)",
+            reads()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let settled = reads();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        reads(),
+        settled,
+        "altered head: the backfill must stop at a stored head that is not this log's, not \
+         retry it every idle second"
+    );
+    assert_eq!(
+        stored_epochs(&log, 0, 1).await,
+        Vec::<u64>::new(),
+        "altered head: nothing signed next to it"
     );
 }
 

@@ -255,6 +255,10 @@ async fn fill_range(f: &Filler<'_>, from: u64, to: u64, now: u64) -> Result<u64>
     Ok(missing.len() as u64)
 }
 
+/// [`check_stored_head`] for the fill: a stored head that fails it (not a head, another
+/// epoch or key, another root) makes the directory inconsistent, which stops the background
+/// backfill; left a temporary failure, the backfill retried it every idle second forever,
+/// each time pausing the log's thread (red team, issue 18).
 fn checked(
     f: &Filler<'_>,
     epoch: u64,
@@ -269,6 +273,10 @@ fn checked(
         root,
         blob,
     )
+    .map_err(|e| match e {
+        TransparencyError::Directory(what) => TransparencyError::Verification(what),
+        e => e,
+    })
 }
 
 fn inconsistent(domain: &str, from: u64, to: u64, what: &str) -> TransparencyError {
