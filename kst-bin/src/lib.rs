@@ -7,7 +7,8 @@
 //! - `shared` (feature `server`): configuration, logging, the store factory, metrics and the
 //!   wiring that builds a [`kst_core::Kst`] from a configuration;
 //! - `client` (feature `client`): `kst client`, the mail client's side (DNS, IMAP, TLS);
-//! - `bench` (feature `bench`): `kst bench` and `kst-store-bench`, the load tools.
+//! - `bench` (feature `bench`): `kst bench` and `kst-store-bench`, the load tools, and (with
+//!   `transparency`) `kst-directory-bench`, the key directory's proofs at scale.
 //!
 //! [`cli`] parses the command line and hands each command to its room.
 #![forbid(unsafe_code)]
