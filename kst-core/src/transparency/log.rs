@@ -400,7 +400,7 @@ impl DomainLog {
                     loop {
                         let request = match write_inbox.try_recv().or_else(|_| read_inbox.try_recv()) {
                             Ok(r) => r,
-                            Err(_) if worker.backfill.pending() => {
+                            Err(mpsc::error::TryRecvError::Empty) if worker.backfill.pending() => {
                                 worker.backfill_step().await;
                                 continue;
                             }
