@@ -183,19 +183,8 @@ impl DomainLock {
 fn commit(dir: &Path, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
     let _lock = DomainLock::acquire(dir)?;
     let stored = read_root(dir)?.map(|(e, _)| e);
-    match (&batch.root, stored) {
-        // akd's empty tree (nodes alone, then an epoch-0 root) is written by whoever finds no
-        // root; once one exists, a late starter's copy is dropped (it equals what is stored
-        // or would overwrite newer nodes).
-        (None, Some(_)) => return Ok(()),
-        (Some(r), Some(_)) if r.expected_epoch.is_none() => return Ok(()),
-        (Some(r), stored) if r.expected_epoch.is_some() && r.expected_epoch != stored => {
-            return Err(DirectoryStoreError::Conflict(format!(
-                "the batch for epoch {} was built on epoch {:?}, the stored root is at {stored:?}",
-                r.epoch, r.expected_epoch
-            )));
-        }
-        _ => {}
+    if !batch.passes_fence(stored)? {
+        return Ok(());
     }
     let mut dirs = BTreeSet::new();
     for (key, blob) in &batch.nodes {

@@ -951,16 +951,8 @@ impl DirectoryStore for MemoryDirectoryStore {
     async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
         self.with(domain, |d| {
             let stored = d.root.as_ref().map(|(e, _)| *e);
-            match (&batch.root, stored) {
-                (None, Some(_)) => return Ok(()),
-                (Some(r), Some(_)) if r.expected_epoch.is_none() => return Ok(()),
-                (Some(r), stored) if r.expected_epoch.is_some() && r.expected_epoch != stored => {
-                    return Err(DirectoryStoreError::Conflict(format!(
-                        "the batch for epoch {} was built on epoch {:?}, the stored root is at {stored:?}",
-                        r.epoch, r.expected_epoch
-                    )));
-                }
-                _ => {}
+            if !batch.passes_fence(stored)? {
+                return Ok(());
             }
             d.nodes.extend(batch.nodes);
             for vs in batch.value_states {

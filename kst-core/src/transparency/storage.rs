@@ -141,6 +141,28 @@ pub struct RecordBatch {
     pub head: Option<Vec<u8>>,
 }
 
+impl RecordBatch {
+    /// The root fence every backend applies before writing, given the epoch of the stored
+    /// root (`None` before the first): `Ok(true)` to write the batch, `Ok(false)` to drop it,
+    /// a [`DirectoryStoreError::Conflict`] when it was built on another epoch. akd's empty
+    /// tree (nodes alone, then an epoch-0 root) is written by whoever finds no root; once one
+    /// exists, a late starter's copy is dropped (it equals what is stored or would overwrite
+    /// newer nodes).
+    pub fn passes_fence(&self, stored: Option<u64>) -> Result<bool, DirectoryStoreError> {
+        match (&self.root, stored) {
+            (None, Some(_)) => Ok(false),
+            (Some(r), Some(_)) if r.expected_epoch.is_none() => Ok(false),
+            (Some(r), stored) if r.expected_epoch.is_some() && r.expected_epoch != stored => {
+                Err(DirectoryStoreError::Conflict(format!(
+                    "the batch for epoch {} was built on epoch {:?}, the stored root is at {stored:?}",
+                    r.epoch, r.expected_epoch
+                )))
+            }
+            _ => Ok(true),
+        }
+    }
+}
+
 /// What [`DirectoryStore::root_and_nodes`] returns: the root record with its epoch (`None`
 /// before the first) and the stored nodes asked for.
 pub type RootAndNodes = (Option<(u64, Vec<u8>)>, Vec<Vec<u8>>);
