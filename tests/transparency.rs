@@ -1822,6 +1822,84 @@ fn rt18_the_owner_sees_a_deletion_an_insider_made() {
     );
 }
 
+/// A back-dated deletion (issue 18, ktfair): a deletion's time (`changed_at`) is the KST's
+/// claim. Alice asked for a deletion two hours ago that the KST confirmed but never recorded
+/// (her client noted it); an insider now deletes her key behind her back (the store without
+/// the directory, then the directory written directly, as a second writer would) and dates
+/// the deletion into the window of hers. Before the fix the monitor took it as hers (exit 1,
+/// nothing served, nothing foreign). Now it checks each deletion's time against the heads
+/// around the epoch that recorded it (signed with their commits, after her window): the
+/// deletion is back-dated, not hers, exit 6.
+#[test]
+fn rt18_a_back_dated_deletion_is_not_the_owners() {
+    let (provider, _gpg, _alice, alice_key) = Provider::with_alice_key_file();
+    let now = kst_core::time::unix_now();
+    // Her client's note of the deletion the KST confirmed two hours ago.
+    let memory = provider.path("state-alice@example.net/transparency");
+    std::fs::create_dir_all(&memory).unwrap();
+    std::fs::write(
+        memory.join("own-alice-at-example.net.deletions"),
+        format!(
+            "[{{\"requested_at\": {}, \"confirmed_at\": {}}}]",
+            now - 7205,
+            now - 7195
+        ),
+    )
+    .unwrap();
+
+    // The insider: the key goes from the store (no directory), then a deletion dated in her
+    // window goes into the directory.
+    let out = Command::new(&provider.bin)
+        .env_clear()
+        .arg("--config")
+        .arg(provider.path("no-log.toml"))
+        .args(["keys", "delete", "alice@example.net"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "kst keys delete: {}", stderr(&out));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let keys = kst_core::transparency::LogKeys::parse(
+            &std::fs::read_to_string(provider.path("log-example.net.key")).unwrap(),
+        )
+        .unwrap();
+        let log = kst_core::transparency::DomainLog::open(
+            std::sync::Arc::new(kst_fs::FsDirectoryStore::new(provider.path("keys"))),
+            keys,
+        )
+        .await
+        .unwrap();
+        let alice = kst_core::AddressPolicy::default()
+            .normalize("alice@example.net")
+            .unwrap();
+        log.sync(&alice, None, now - 7200).await.unwrap();
+    });
+
+    let (out, v) = provider.status_of("alice@example.net", &alice_key);
+    assert_eq!(
+        (code(&out), v["outcome"].as_str()),
+        (6, Some("mismatch")),
+        "the back-dated deletion is reported: {v}\n{}",
+        stderr(&out)
+    );
+    let deletion = v["directory"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|x| x["state"] == "deleted")
+        .expect("the deletion is listed");
+    assert_eq!(deletion["yours"], false, "{v}");
+    assert!(
+        deletion["misdated"].to_string().contains("back-dated"),
+        "{deletion}"
+    );
+    assert!(
+        v["differences"].to_string().contains("not the KST's clock"),
+        "{v}"
+    );
+}
+
 /// The owner's monitor checks every version, not only the newest 64: alice's address gets
 /// 70 versions (her key, an insider's twin at version 2, then her key again, restored with
 /// the operator's `kst import`, which the directory records one epoch per version). `status`

@@ -20,6 +20,16 @@
 //! - `rt18_serve_runs_one_directory_thread_per_domain`: `kst serve` opens each log once.
 //! - `rt18_hostile_requests_get_clean_refusals`: odd Unicode addresses, huge numbers,
 //!   reversed ranges, oversize bodies: 4xx, never a 5xx or a crash.
+//!
+//! The third round (ktfair, the server-side open points):
+//!
+//! - `rt18_look_ups_of_a_deleted_address_are_misses`: a deletion entry is a miss like absence.
+//! - `rt18_one_account_cannot_fill_the_change_queue`: one address holds at most
+//!   `MAX_QUEUED_PER_ADDRESS` change slots; another account's change is still queued.
+//! - `rt18_a_flood_of_changes_leaves_reads_their_share`: reads between slow epochs get time,
+//!   not just 16 turns (prints the figures).
+//! - `rt18_a_head_for_an_uncommitted_epoch_is_found_and_never_built_over`: a head after the
+//!   latest epoch is found at open and by the backfill, logged, never built over.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -80,6 +90,19 @@ async fn with_alice() -> (tempfile::TempDir, LogKeys, DomainLog) {
     (dir, keys, writer)
 }
 
+/// A fresh directory for example.net in a temporary directory, opened in this process and
+/// shared between tasks, holding alice's key (epoch 1).
+async fn shared_log_with_alice() -> (tempfile::TempDir, Arc<DomainLog>) {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = LogKeys::generate("example.net");
+    let log = Arc::new(open_log(dir.path(), &keys).await);
+    let alice = address("alice");
+    log.sync(&alice, Some(&record(&alice, 1, 1)), 1)
+        .await
+        .unwrap();
+    (dir, log)
+}
+
 /// Whether `e` is the refusal of a full queue.
 fn is_full(e: &impl std::fmt::Display) -> bool {
     e.to_string().contains("waiting already; retry later")
@@ -92,13 +115,7 @@ fn is_full(e: &impl std::fmt::Display) -> bool {
 /// refused as temporary, the rest is recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rt18_a_flood_of_reads_is_refused_not_queued_and_changes_go_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let keys = LogKeys::generate("example.net");
-    let log = Arc::new(open_log(dir.path(), &keys).await);
-    let alice = address("alice");
-    log.sync(&alice, Some(&record(&alice, 1, 1)), 1)
-        .await
-        .unwrap();
+    let (_dir, log) = shared_log_with_alice().await;
 
     // Reads answered (not refused) so far.
     let done_reads = Arc::new(AtomicUsize::new(0));
@@ -188,6 +205,15 @@ struct Served {
 impl Served {
     fn start(dir: &Path, keys: &LogKeys, extra: &str) -> Served {
         Served::start_ready(dir, keys, extra, None)
+    }
+
+    /// [`Served::start`] with `[web]` on a free port and `per_client_misses = misses`; the
+    /// `[web]` listener's address.
+    fn start_web(dir: &Path, keys: &LogKeys, misses: u32) -> (Served, SocketAddr) {
+        let web = free_port();
+        let extra =
+            format!("\n[web]\nlisten = \"{web}\"\n\n[web.limits]\nper_client_misses = {misses}\n");
+        (Served::start_ready(dir, keys, &extra, Some(web)), web)
     }
 
     /// [`Served::start`], waiting for `ready` too (a `[web]` listener in `extra`).
@@ -451,13 +477,7 @@ async fn rt18_log_routes_on_http_are_limited_and_absence_is_a_miss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rt18_absence_answers_count_as_misses_on_web() {
     let (dir, keys, _writer) = with_alice().await;
-    let web = free_port();
-    let served = Served::start_ready(
-        dir.path(),
-        &keys,
-        &format!("\n[web]\nlisten = \"{web}\"\n\n[web.limits]\nper_client_misses = 2\n"),
-        Some(web),
-    );
+    let (served, web) = Served::start_web(dir.path(), &keys, 2);
     assert_eq!(
         log_get(served.http, "head").0,
         404,
@@ -707,4 +727,341 @@ async fn rt18_hostile_requests_get_clean_refusals() {
     // Still serving.
     assert_eq!(log_get(at, "head").0, 200);
     assert_eq!(cosign(at, &witness, &head, 2), 204);
+}
+
+/// [`with_alice`], and carol@example.net published (epoch 2) and deleted (epoch 3).
+async fn with_deleted_carol() -> (tempfile::TempDir, LogKeys, DomainLog) {
+    let (dir, keys, writer) = with_alice().await;
+    let carol = address("carol");
+    writer
+        .sync(&carol, Some(&record(&carol, 1, 3)), 2)
+        .await
+        .unwrap();
+    writer.sync(&carol, None, 3).await.unwrap();
+    (dir, keys, writer)
+}
+
+/// Look-ups of a deleted address (issue 18, ktfair): the log answers them with the deletion
+/// entry (200), which tells an enumerator "this address once had a key" as surely as an
+/// absence proof tells it "never". Before the fix a deletion entry was not a miss, so the
+/// log was a free oracle for deleted addresses; now a look-up or a history whose newest
+/// version is a deletion counts as a miss, like absence, on `[web]` and on `[http]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rt18_look_ups_of_a_deleted_address_are_misses() {
+    let (dir, keys, _writer) = with_deleted_carol().await;
+    let (served, web) = Served::start_web(dir.path(), &keys, 2);
+    // alice (a key) is no miss, however often.
+    for _ in 0..4 {
+        assert_eq!(log_get(web, "lookup/alice@example.net").0, 200);
+    }
+    let statuses: Vec<u16> = [
+        "lookup/carol@example.net",
+        "history/carol@example.net",
+        "lookup/carol@example.net",
+        "lookup/alice@example.net",
+        "history/alice@example.net",
+    ]
+    .iter()
+    .map(|p| log_get(web, p).0)
+    .collect();
+    assert_eq!(
+        statuses,
+        vec![200, 200, 200, 429, 429],
+        "deletion entries are misses (the third is answered and blocks the client)"
+    );
+    drop(served);
+
+    // The same on [http] without [web] (a store of its own: the counters are kept there).
+    let (dir, keys, _writer) = with_deleted_carol().await;
+    let served = Served::start(dir.path(), &keys, "\n[web.limits]\nper_client_misses = 1\n");
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| log_get(served.http, "lookup/carol@example.net").0)
+        .collect();
+    assert_eq!(statuses, vec![200, 200, 429], "on [http] too");
+}
+
+/// A store read that waits at `gate`: it holds the directory's thread (the writer waits for
+/// it), so the changes that follow stay queued.
+struct Gated(Arc<tokio::sync::Semaphore>);
+
+#[async_trait::async_trait]
+impl kst_core::transparency::CurrentKeys for Gated {
+    async fn current(&self, _: &Address) -> kst_core::Result<Option<KeyRecord>> {
+        if let Ok(p) = self.0.acquire().await {
+            p.forget();
+        }
+        Ok(None)
+    }
+
+    async fn history(&self, _: &Address) -> kst_core::Result<Vec<KeyRecord>> {
+        Ok(Vec::new())
+    }
+}
+
+/// Fairness between senders in the change queue (issue 18, ktfair): an authenticated
+/// account changes only its own address, and every change of it queued. Before the fix one
+/// account (mallory) sending a flood of changes while the directory was busy filled all
+/// [`MAX_QUEUED_WRITES`] slots, and bob's one change failed (temporarily, but for as long as
+/// the flood went on). Now one address holds at most `MAX_QUEUED_PER_ADDRESS` slots: the rest
+/// of mallory's flood is refused as temporary, bob's change is queued and recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rt18_one_account_cannot_fill_the_change_queue() {
+    use kst_core::transparency::log::MAX_QUEUED_PER_ADDRESS;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = LogKeys::generate("example.net");
+    let log = Arc::new(open_log(dir.path(), &keys).await);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+
+    // Carol's change holds the directory's thread (its store read waits at the gate).
+    let carol = address("carol");
+    let held = {
+        let (log, gate) = (Arc::clone(&log), Arc::clone(&gate));
+        tokio::spawn(async move { log.record(&carol, Arc::new(Gated(gate)), None, 5).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Mallory's flood: twice the whole change queue, all her own address.
+    let mallory = address("mallory");
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..2 * MAX_QUEUED_WRITES {
+        let (log, mallory) = (Arc::clone(&log), mallory.clone());
+        flood.spawn(async move {
+            let rec = record(&mallory, 1, 7);
+            log.sync(&mallory, Some(&rec), 6 + i as u64 % 2)
+                .await
+                .map(|_| ())
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Bob's one change arrives while the flood waits.
+    let bob = address("bob");
+    let bobs = {
+        let log = Arc::clone(&log);
+        tokio::spawn(async move { log.sync(&bob, Some(&record(&bob, 1, 2)), 7).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gate.add_permits(1 << 20);
+
+    let bobs = tokio::time::timeout(Duration::from_secs(120), bobs)
+        .await
+        .expect("bob's change is answered (hang guard)")
+        .unwrap();
+    let outcomes = tokio::time::timeout(Duration::from_secs(300), flood.join_all())
+        .await
+        .expect("the flood is answered (hang guard)");
+    held.await.unwrap().expect("carol's change");
+    let refused = outcomes
+        .iter()
+        .filter(|r| r.as_ref().is_err_and(is_full))
+        .count();
+    let recorded = outcomes.iter().filter(|r| r.is_ok()).count();
+    eprintln!(
+        "figure: mallory's {} changes at once: {recorded} taken, {refused} refused; bob: {}",
+        outcomes.len(),
+        if bobs.is_ok() { "recorded" } else { "refused" }
+    );
+    assert!(
+        bobs.is_ok(),
+        "bob's change is not refused for mallory's flood: {bobs:?}"
+    );
+    assert_eq!(
+        refused + recorded,
+        outcomes.len(),
+        "only temporary refusals"
+    );
+    assert!(
+        recorded <= MAX_QUEUED_PER_ADDRESS,
+        "one address holds at most {MAX_QUEUED_PER_ADDRESS} slots: {recorded} taken"
+    );
+    // Mallory can change her key again once the flood is through.
+    let rec = record(&mallory, 2, 8);
+    log.sync(&mallory, Some(&rec), 9).await.unwrap();
+}
+
+/// A store read that takes `SLOW` (a key store under load), then answers this record.
+struct Slow(KeyRecord);
+
+/// How long a [`Slow`] store read takes.
+const SLOW: Duration = Duration::from_millis(300);
+
+#[async_trait::async_trait]
+impl kst_core::transparency::CurrentKeys for Slow {
+    async fn current(&self, _: &Address) -> kst_core::Result<Option<KeyRecord>> {
+        tokio::time::sleep(SLOW).await;
+        Ok(Some(self.0.clone()))
+    }
+
+    async fn history(&self, _: &Address) -> kst_core::Result<Vec<KeyRecord>> {
+        Ok(vec![self.0.clone()])
+    }
+}
+
+/// Writes do not starve reads (issue 18, ktfair): a flood of changes (64 writers, each
+/// changing its own address again as soon as the last change is recorded, on a key store
+/// whose reads take 300 ms, so every epoch takes that long) while 64 readers ask look-ups
+/// back to back. Before the fix the directory's thread answered 16 reads between two epochs
+/// however long the epoch took: under a stream of slow epochs reads got a sliver of the
+/// thread, queued up and, at a higher rate, were refused (503). Now reads between two epochs
+/// get at least 16 and as much time as the epoch took: here more than twice as many reads per
+/// epoch, none refused. Prints the figures (reads per second of the flood, the slowest read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rt18_a_flood_of_changes_leaves_reads_their_share() {
+    use kst_core::transparency::log::READS_BETWEEN_WRITES;
+    const WRITERS: usize = 64;
+    const READERS: usize = 64;
+    const FLOOD: Duration = Duration::from_secs(8);
+    let (_dir, log) = shared_log_with_alice().await;
+    let first_epoch = log.head(2).await.unwrap().head.epoch;
+
+    let started = std::time::Instant::now();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let (log, stop) = (Arc::clone(&log), Arc::clone(&stop));
+        writers.spawn(async move {
+            let who = address(&format!("w{w}"));
+            let (mut version, mut changes) = (1, 0u64);
+            while !stop.load(Ordering::SeqCst) {
+                let rec = record(&who, version, 10_000 * (w as u64 + 1) + version);
+                match log.record(&who, Arc::new(Slow(rec)), None, 3).await {
+                    Ok(_) => {
+                        version += 1;
+                        changes += 1;
+                    }
+                    Err(e) if is_full(&e) => tokio::time::sleep(Duration::from_millis(5)).await,
+                    Err(e) => panic!("a change failed: {e}"),
+                }
+            }
+            changes
+        });
+    }
+    // Reads answered, per second of the flood.
+    let seconds = FLOOD.as_secs() as usize;
+    let per_second = Arc::new(std::sync::Mutex::new(vec![0usize; seconds + 1]));
+    let mut readers = tokio::task::JoinSet::new();
+    for r in 0..READERS {
+        let (log, stop, per_second) =
+            (Arc::clone(&log), Arc::clone(&stop), Arc::clone(&per_second));
+        readers.spawn(async move {
+            let (mut answered, mut refused, mut slowest) = (0usize, 0usize, Duration::ZERO);
+            let who = if r % 2 == 0 {
+                address("alice")
+            } else {
+                address(&format!("w{r}"))
+            };
+            while !stop.load(Ordering::SeqCst) {
+                let asked = std::time::Instant::now();
+                match log.answer(&who, 4).await {
+                    Ok(_) => {
+                        answered += 1;
+                        slowest = slowest.max(asked.elapsed());
+                        let second = (started.elapsed().as_secs() as usize).min(seconds);
+                        per_second.lock().unwrap()[second] += 1;
+                    }
+                    Err(e) if is_full(&e) => refused += 1,
+                    Err(e) => panic!("a read failed: {e}"),
+                }
+            }
+            (answered, refused, slowest)
+        });
+    }
+    tokio::time::sleep(FLOOD).await;
+    stop.store(true, Ordering::SeqCst);
+    let changes: u64 = tokio::time::timeout(Duration::from_secs(120), writers.join_all())
+        .await
+        .expect("writers stop (hang guard)")
+        .into_iter()
+        .sum();
+    let reads = tokio::time::timeout(Duration::from_secs(120), readers.join_all())
+        .await
+        .expect("readers stop (hang guard)");
+    let answered: usize = reads.iter().map(|r| r.0).sum();
+    let refused: usize = reads.iter().map(|r| r.1).sum();
+    let slowest = reads.iter().map(|r| r.2).max().unwrap_or_default();
+    let epochs = log.head(5).await.unwrap().head.epoch - first_epoch;
+    let per_second = per_second.lock().unwrap().clone();
+    eprintln!(
+        "figure: {:?} flood: {changes} changes in {epochs} epochs, {answered} reads answered \
+         ({:.1} per epoch), {refused} refused, slowest read {slowest:?}, reads per second \
+         {per_second:?}",
+        started.elapsed(),
+        answered as f64 / epochs.max(1) as f64
+    );
+    assert!(epochs > 0 && changes > 0, "the changes went on");
+    assert_eq!(refused, 0, "no read refused under a flood of changes");
+    assert!(
+        answered as u64 >= 2 * READS_BETWEEN_WRITES as u64 * epochs,
+        "reads get about half the thread, not 16 per epoch: {answered} reads in {epochs} epochs"
+    );
+}
+
+/// A head stored for an epoch the directory never committed (issue 18, ktfair): a store
+/// restored from a backup under newer heads, or a head written outside kst. Before the fix
+/// it was only caught when read: the writer built that epoch over it (its own head was
+/// dropped by insert-if-absent), and then every read of the latest head failed (503), while
+/// an epoch with another root than the stored (maybe witnessed) head was committed. Now it is
+/// found when the log is opened and when the background backfill has scanned the heads: it is
+/// logged, never served, and no epoch is built up to it (the change is a temporary failure;
+/// an operator must look), while the committed epochs are served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rt18_a_head_for_an_uncommitted_epoch_is_found_and_never_built_over() {
+    use kst_core::transparency::DirectoryStore as _;
+    use kst_core::transparency::answer::head_text;
+    let (dir, keys, writer) = with_alice().await;
+    let store = dir.path().join("store");
+    // The leftover: a head of epoch 2 (the directory is at epoch 1), signed with the log's keys.
+    let leftover = keys
+        .head
+        .sign(kst_core::transparency::Head {
+            domain: "example.net".into(),
+            epoch: 2,
+            root_hash: [7; 32],
+            vrf_public_key: keys.vrf.public_key().unwrap(),
+            signed_at: 5,
+        })
+        .unwrap();
+    FsDirectoryStore::new(&store)
+        .insert_head("example.net", 2, head_text(&leftover).unwrap().as_bytes())
+        .await
+        .unwrap();
+
+    // The writer opened before: its background backfill finds it.
+    writer.start_backfill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let bob = address("bob");
+    let refused = writer
+        .sync(&bob, Some(&record(&bob, 1, 2)), 6)
+        .await
+        .expect_err("no epoch is built over the leftover head");
+    assert!(refused.to_string().contains("never committed"), "{refused}");
+    assert_eq!(
+        writer.head(7).await.unwrap().head.epoch,
+        1,
+        "epoch 1 is served"
+    );
+
+    // A log opened now finds it at once.
+    let fresh = open_log(&store, &keys).await;
+    let refused = fresh
+        .sync(&bob, Some(&record(&bob, 1, 2)), 6)
+        .await
+        .expect_err("no epoch is built over the leftover head");
+    assert!(refused.to_string().contains("never committed"), "{refused}");
+    drop((fresh, writer));
+
+    // kst serve: logs it at start, serves epoch 1, never the leftover.
+    let served = Served::start(dir.path(), &keys, "");
+    let (head, _) = newest_head(served.http);
+    assert_eq!(head.head.epoch, 1);
+    let (status, body) = log_get(served.http, "head/2");
+    assert_eq!(status, 404, "the leftover is never served: {body}");
+    let mut log = String::new();
+    for _ in 0..50 {
+        log = served.process.log();
+        if log.contains("never committed") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(log.contains("never committed"), "logged at start: {log}");
 }

@@ -188,6 +188,11 @@ pub struct DirectoryVersion {
     /// False when the key is not one the owner published (not the key given, nor one this
     /// client published for the account), or the deletion not one this client asked for.
     pub yours: bool,
+    /// For a deletion whose time does not fit the times of the heads around its epoch (the
+    /// head of the epoch that recorded it and the one before): why. Such a deletion is never
+    /// taken as the owner's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub misdated: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -269,13 +274,21 @@ pub async fn status(
                  store, maybe a key you did not publish; ask the provider",
                 v.epoch, v.version
             ),
-            None => format!(
-                "the key directory records a deletion of the key of {account} at epoch {} \
-                 (version {}, time {}): not a deletion you asked for from this client",
-                v.epoch,
-                v.version,
-                show_time(v.changed_at)
-            ),
+            None => match &v.misdated {
+                Some(why) => format!(
+                    "the key directory records a deletion of the key of {account} at epoch {} \
+                     (version {}) {why}: its time is not the KST's clock at the deletion, so \
+                     it is not taken as a deletion you asked for",
+                    v.epoch, v.version
+                ),
+                None => format!(
+                    "the key directory records a deletion of the key of {account} at epoch {} \
+                     (version {}, time {}): not a deletion you asked for from this client",
+                    v.epoch,
+                    v.version,
+                    show_time(v.changed_at)
+                ),
+            },
         });
     }
     let code = if code == exit::NOT_FOUND && !unknown.is_empty() {
@@ -362,9 +375,10 @@ async fn directory_versions(
     local: &KeyFacts,
 ) -> Result<Vec<DirectoryVersion>, Outcome> {
     use kst_core::transparency::EntryState;
-    let Some((_, versions)) = super::transparency::history(s, args, account).await? else {
+    let Some(history) = super::transparency::history(s, args, account).await? else {
         return Ok(Vec::new());
     };
+    let (versions, signed_at) = (history.versions, history.signed_at);
     let memory = super::log_memory::LogMemory::beside(s.state.path());
     let mut own = memory.own_fingerprints(account.as_str());
     own.push(local.fingerprint.clone());
@@ -385,6 +399,15 @@ async fn directory_versions(
             let yours = fingerprint
                 .as_deref()
                 .is_none_or(|f| own.iter().any(|o| o.eq_ignore_ascii_case(f)));
+            let misdated = match &v.entry {
+                Some(e) if e.state == EntryState::Deleted => deletion_misdated(
+                    e.changed_at,
+                    v.epoch,
+                    signed_at.get(&v.epoch.saturating_sub(1)).copied(),
+                    signed_at.get(&v.epoch).copied(),
+                ),
+                _ => None,
+            };
             DirectoryVersion {
                 epoch: v.epoch,
                 version: v.akd_version,
@@ -392,6 +415,7 @@ async fn directory_versions(
                 fingerprint,
                 changed_at: v.entry.as_ref().map(|e| e.changed_at),
                 yours,
+                misdated,
             }
         })
         .collect();
@@ -399,9 +423,55 @@ async fn directory_versions(
     Ok(listed)
 }
 
+/// Why a deletion the KST dated `changed_at`, recorded in `epoch`, does not fit the
+/// `signed-at` of the heads of `epoch - 1` (`before`) and `epoch` (`at`); `None` when it fits
+/// or there is nothing to compare. Both times are the KST's clock (a pool's instances may
+/// differ by [`DELETION_CLOCK_SLACK`](super::log_memory::DELETION_CLOCK_SLACK)).
+///
+/// - A deletion is recorded in the epoch of the request that made it, dated by that request,
+///   and the epoch's head is signed with its commit (with the same clock reading) or later
+///   (on first read, or late): so `changed_at` is never after `at`.
+/// - The head of `epoch - 1` was signed before the deletion was recorded, with that epoch's
+///   commit, unless it was signed late (a head missing from the store is signed when first
+///   asked for, with the time of that moment). A deletion dated before the head of
+///   `epoch - 1` was signed, in an epoch whose own head is dated before it too (the heads'
+///   times go backwards), is back-dated: kst's writer signs the epoch's head with the time it
+///   dates the deletion with, so an insider who dates a deletion into the window of one the
+///   owner asked for (running the writer with a clock set back) dates the head with it. When
+///   the head of `epoch` is not before the head of `epoch - 1`, both may have been signed
+///   late (a directory kept from before heads were stored): nothing is concluded.
+#[cfg(feature = "transparency")]
+fn deletion_misdated(
+    changed_at: u64,
+    epoch: u64,
+    before: Option<u64>,
+    at: Option<u64>,
+) -> Option<String> {
+    use super::log_memory::DELETION_CLOCK_SLACK as SLACK;
+    if let Some(at) = at
+        && changed_at > at.saturating_add(SLACK)
+    {
+        return Some(format!(
+            "dated {changed_at}, after the head of its epoch {epoch} was signed ({at})"
+        ));
+    }
+    if let (Some(before), Some(at)) = (before, at)
+        && at.saturating_add(SLACK) < before
+        && changed_at.saturating_add(SLACK) < before
+    {
+        return Some(format!(
+            "dated {changed_at}, before the head of epoch {} was signed ({before}), in an \
+             epoch whose head is dated {at}: back-dated",
+            epoch.saturating_sub(1)
+        ));
+    }
+    None
+}
+
 /// Marks each deletion in `versions` as the owner's when one of `own` (the deletions this
 /// client asked for, oldest first) explains it; each explains one, the oldest deletions
-/// first. A withdrawn value is the owner's only when a deletion follows it (a deletion is
+/// first. A deletion whose time does not fit the heads around it (`misdated`) is never the
+/// owner's and explains nothing. A withdrawn value is the owner's only when a deletion follows it (a deletion is
 /// what withdraws the values before it).
 #[cfg(feature = "transparency")]
 fn mark_deletions(versions: &mut [DirectoryVersion], mut own: Vec<super::log_memory::OwnDeletion>) {
@@ -419,6 +489,10 @@ fn mark_deletions(versions: &mut [DirectoryVersion], mut own: Vec<super::log_mem
         v.yours = last_deletion.is_some_and(|d| d > v.version);
     }
     for v in deletions {
+        if v.misdated.is_some() {
+            v.yours = false;
+            continue;
+        }
         let at = v.changed_at.unwrap_or(0);
         v.yours = match own.iter().position(|d| d.explains(at)) {
             Some(i) => {
@@ -493,6 +567,7 @@ mod tests {
             fingerprint: None,
             changed_at: Some(at),
             yours: true,
+            misdated: None,
         };
         let own = |requested_at, confirmed_at| OwnDeletion {
             requested_at,
@@ -535,6 +610,7 @@ mod tests {
             fingerprint: None,
             changed_at: Some(1_800_000_000 + v),
             yours: true,
+            misdated: None,
         };
         // Newest first: the owner's key again (3), the overwritten foreign one (2), the first.
         let mut versions = vec![
@@ -558,6 +634,50 @@ mod tests {
             versions.iter().map(|v| v.yours).collect::<Vec<_>>(),
             vec![false, true, true]
         );
+    }
+
+    /// A deletion's time against the heads around its epoch: within the clock slack of the
+    /// head of its epoch and the head before, it fits; after its own epoch's head, or before
+    /// the previous head (back-dated), it does not; a previous head signed late (not before
+    /// the head of the epoch) bounds nothing.
+    #[cfg(feature = "transparency")]
+    #[test]
+    fn a_deletion_must_be_dated_between_the_heads_around_it() {
+        use super::super::log_memory::DELETION_CLOCK_SLACK as SLACK;
+        let t = 1_800_000_000;
+        assert_eq!(deletion_misdated(t, 5, Some(t - 3), Some(t + 1)), None);
+        assert_eq!(deletion_misdated(t, 5, None, None), None);
+        assert_eq!(deletion_misdated(t + SLACK, 5, Some(t), Some(t)), None);
+        assert_eq!(
+            deletion_misdated(t, 5, Some(t + SLACK), Some(t + SLACK)),
+            None
+        );
+        let late = deletion_misdated(t + SLACK + 1, 5, Some(t - 9), Some(t)).unwrap();
+        assert!(late.contains("after the head of its epoch 5"), "{late}");
+        // Back-dated with its epoch's head (the writer run with a clock set back).
+        let back = deletion_misdated(t - 7200, 5, Some(t - 60), Some(t - 7200)).unwrap();
+        assert!(back.contains("before the head of epoch 4"), "{back}");
+        // Both heads after the deletion, in order: maybe both signed late; nothing concluded.
+        assert_eq!(deletion_misdated(t - 7200, 5, Some(t - 60), Some(t)), None);
+        assert_eq!(deletion_misdated(t - 7200, 5, Some(t), Some(t)), None);
+        // A misdated deletion explains nothing, even within a noted deletion's window.
+        let mut versions = vec![DirectoryVersion {
+            epoch: 5,
+            version: 2,
+            state: "deleted".into(),
+            fingerprint: None,
+            changed_at: Some(t - 7200),
+            yours: true,
+            misdated: deletion_misdated(t - 7200, 5, Some(t - 60), Some(t - 7200)),
+        }];
+        mark_deletions(
+            &mut versions,
+            vec![super::super::log_memory::OwnDeletion {
+                requested_at: t - 7205,
+                confirmed_at: t - 7195,
+            }],
+        );
+        assert!(!versions[0].yours);
     }
 
     #[test]

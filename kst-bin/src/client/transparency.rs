@@ -42,7 +42,9 @@ use kst_core::transparency::answer::{
 use kst_core::transparency::history::{
     HistoryAnswer, HistoryPage, HistoryVersion, MAX_HISTORY_ANSWER, MAX_PAGES, MAX_VERSIONS,
 };
-use kst_core::transparency::witness::{WitnessPolicy, parse_witness};
+use kst_core::transparency::witness::{
+    MAX_HEAD_TEXT, WitnessPolicy, parse_head_with_cosignatures, parse_witness,
+};
 
 use super::commands::{LogPlan, Settings, dns_outcome};
 use super::discovery::DnsError;
@@ -825,14 +827,32 @@ async fn pin_command(
     }))
 }
 
+/// The most deletions of an address whose time the owner's monitor checks against the heads
+/// around them (the newest ones; two head requests each).
+pub const MAX_DATED_DELETIONS: usize = 128;
+
+/// What the owner's monitor reads from the directory about its address ([`history`]).
+#[derive(Debug, Clone)]
+pub struct DirectoryHistory {
+    /// The epoch of the head the history is proven against.
+    pub epoch: u64,
+    /// Every version, newest first.
+    pub versions: Vec<HistoryVersion>,
+    /// The `signed-at` of the stored head of the epochs around each deletion (the epoch
+    /// that recorded it and the one before; the newest [`MAX_DATED_DELETIONS`] deletions),
+    /// each head checked with the domain's head key.
+    pub signed_at: std::collections::BTreeMap<u64, u64>,
+}
+
 /// What the directory recorded for `address` (the owner's monitor, `kst client status`):
-/// the versions, newest first, verified against the domain's head key, and the head's epoch.
-/// `Ok(None)`: the directory never held the address.
+/// the versions, newest first, verified against the domain's head key, the head's epoch, and
+/// the times of the heads around each deletion (to check the deletion's time, which is the
+/// KST's claim). `Ok(None)`: the directory never held the address.
 pub async fn history(
     s: &Settings,
     args: &LogCheckArgs,
     address: &Address,
-) -> Result<Option<(u64, Vec<HistoryVersion>)>, Outcome> {
+) -> Result<Option<DirectoryHistory>, Outcome> {
     let memory = LogMemory::beside(s.state.path());
     let mut held = memory
         .hold(address.domain())
@@ -916,7 +936,52 @@ pub async fn history(
             )));
         }
     }
-    Ok(Some((answer.head.head.epoch, versions)))
+    // The heads around each deletion: a deletion's time is the KST's claim, and these say
+    // when the epochs around it were signed (docs/SECURITY.md, "What the monitor proves").
+    let mut epochs = std::collections::BTreeSet::new();
+    for v in versions
+        .iter()
+        .filter(|v| {
+            v.entry
+                .as_ref()
+                .is_some_and(|e| e.state == kst_core::transparency::EntryState::Deleted)
+        })
+        .take(MAX_DATED_DELETIONS)
+    {
+        epochs.insert(v.epoch);
+        epochs.insert(v.epoch.saturating_sub(1));
+    }
+    let mut signed_at = std::collections::BTreeMap::new();
+    for epoch in epochs {
+        let head_path = format!("/.well-known/kst/log/{}/head/{epoch}", address.domain());
+        let Some(head_text) =
+            fetch_or_missing(&base, &head_path, s.ca_file(), MAX_HEAD_TEXT).await?
+        else {
+            return Err(attack(format!(
+                "{base}{head_path}: no head of epoch {epoch}, which the history names"
+            )));
+        };
+        let attack = |message: String| {
+            let e = memory.attack(&held, message, &head_text);
+            Outcome::error(exit::ATTACK, format!("possible attack: {e}"))
+        };
+        let (head, _) = parse_head_with_cosignatures(&head_text)
+            .map_err(|e| attack(format!("{base}{head_path}: {e}")))?;
+        head.verify(&head_key)
+            .map_err(|e| attack(format!("{base}{head_path}: {e}")))?;
+        if head.head.epoch != epoch || head.head.domain != address.domain() {
+            return Err(attack(format!(
+                "{base}{head_path}: the head of {} epoch {} answered",
+                head.head.domain, head.head.epoch
+            )));
+        }
+        signed_at.insert(epoch, head.head.signed_at);
+    }
+    Ok(Some(DirectoryHistory {
+        epoch: answer.head.head.epoch,
+        versions,
+        signed_at,
+    }))
 }
 
 /// A history answer or page (`GET base + path`); `None` for a 404.

@@ -34,8 +34,8 @@
 //!
 //! Limits (docs/SECURITY.md, "Key transparency (issue 18): threat model"): every route is
 //! under `[web.limits]`, on `[web]` and on `[http]` alike (`web::handlers::ops_routes`), and
-//! an absence answer counts as a miss like a WKD 404 (the response carries
-//! [`FoundNothing`]), so the log is no better a dictionary oracle than WKD. The expensive
+//! an absence answer, and a look-up or history whose newest version is a deletion, counts as
+//! a miss like a WKD 404 (the response carries [`FoundNothing`]), so the log is no better a dictionary oracle than WKD. The expensive
 //! requests (audits, look-ups with `since` or `witnessed`, histories) are served at most
 //! [`MAX_HEAVY_AT_ONCE`] at a time per process; one that waits longer than
 //! [`HEAVY_WAIT`] for its turn is answered 503. The directory's own queue is bounded too
@@ -53,7 +53,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kst_core::AddressPolicy;
 use kst_core::time::unix_now;
-use kst_core::transparency::answer::AnswerProof;
 use kst_core::transparency::witness::{
     MAX_AUDIT_EPOCHS, MAX_HEAD_TEXT, head_with_cosignatures_text, parse_head_with_cosignatures,
 };
@@ -432,11 +431,12 @@ async fn lookup(
             Err(e) => return failed(&domain, &e),
         }
     }
-    let absent = matches!(answer.proof, AnswerProof::Absent(_));
+    // An absence proof, or a deletion entry: no key either way.
+    let found_nothing = answer.finds_no_key();
     match answer.to_text() {
         Ok(body) => {
             let mut r = text(StatusCode::OK, body);
-            if absent {
+            if found_nothing {
                 // A look-up that found nothing, for [web.limits]' miss counters.
                 r.extensions_mut().insert(FoundNothing);
             }
@@ -479,7 +479,14 @@ async fn history(
     }
     match log.history(&address, unix_now()).await {
         Ok(Some(h)) => match h.to_text() {
-            Ok(body) => text(StatusCode::OK, body),
+            Ok(body) => {
+                let mut r = text(StatusCode::OK, body);
+                if h.finds_no_key() {
+                    // The history of a deleted address: a miss, like its look-up.
+                    r.extensions_mut().insert(FoundNothing);
+                }
+                r
+            }
             Err(e) => failed(&domain, &e),
         },
         Ok(None) => not_found("the directory holds no version of this address"),

@@ -117,6 +117,20 @@ pub fn parse_head(text: &str) -> Result<SignedHead> {
 }
 
 impl LogAnswer {
+    /// Whether the answer finds no key for the address: an absence proof, or a lookup proof
+    /// whose latest version is a deletion. The server's limits count both as a miss (a
+    /// dictionary oracle learns as much from "deleted" as from "absent": docs/SECURITY.md).
+    /// A proof that does not decode counts as finding nothing too (the caller built it).
+    pub fn finds_no_key(&self) -> bool {
+        match &self.proof {
+            AnswerProof::Absent(_) => true,
+            AnswerProof::Present(bytes) => wire::decode_lookup(bytes)
+                .and_then(|proof| DirectoryEntry::from_value(&proof.value))
+                .ok()
+                .is_none_or(|entry| entry.state == EntryState::Deleted),
+        }
+    }
+
     /// The answer's text.
     pub fn to_text(&self) -> Result<String> {
         let (kind, bytes) = match &self.proof {

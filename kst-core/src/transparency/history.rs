@@ -100,6 +100,17 @@ impl HistoryAnswer {
         Ok(HistoryAnswer { head, proof })
     }
 
+    /// Whether the address's newest version in this answer is a deletion (or does not decode):
+    /// the server's limits count such a history as a miss, like a look-up of a deleted address
+    /// (docs/SECURITY.md). No proof is checked (the caller built it).
+    pub fn finds_no_key(&self) -> bool {
+        wire::decode_history(&self.proof)
+            .ok()
+            .and_then(|p| p.update_proofs.into_iter().max_by_key(|u| u.version))
+            .and_then(|u| DirectoryEntry::from_value(&u.value).ok())
+            .is_none_or(|e| e.state == super::entry::EntryState::Deleted)
+    }
+
     /// Checks the head's signature with `head_key`, that it names `address`'s domain, and the
     /// history proof; returns the versions, newest first. Any failure is an attack
     /// ([`TransparencyError::Verification`] or [`TransparencyError::Signature`]).

@@ -70,8 +70,20 @@ pub const MAX_QUEUED_READS: usize = 256;
 /// temporary failure (LMTP 4xx, `kst deliver` exit 75: the MTA tries again).
 pub const MAX_QUEUED_WRITES: usize = 2 * MAX_BATCH;
 
-/// Reads the thread answers between two batches of changes (changes go first).
-const READS_BETWEEN_WRITES: usize = 16;
+/// Reads the thread answers at least between two batches of changes (changes go first); more
+/// while the reads took less time than the batch before them.
+pub const READS_BETWEEN_WRITES: usize = 16;
+
+/// Changes of one address that may wait for (or be in) the directory's thread at once; one
+/// more is a temporary failure for that address alone. An authenticated account changes only
+/// its own address, so one account cannot fill the queue ([`MAX_QUEUED_WRITES`]) and make
+/// everyone else's changes fail: the changes of one address are recorded together anyway
+/// (one entry per address and epoch), so more waiting would add nothing.
+pub const MAX_QUEUED_PER_ADDRESS: usize = 16;
+
+/// How far past the latest epoch the log looks for heads stored for epochs the directory
+/// never committed ([`Worker::check_heads_ahead`]).
+const AHEAD_WINDOW: u64 = 1024;
 
 /// Where the writer reads what the key store holds for an address (again on every attempt).
 #[async_trait]
@@ -124,6 +136,30 @@ pub struct DomainLog {
     store: Arc<dyn DirectoryStore>,
     /// Held while a cosignature is checked against the stored ones and stored.
     cosigning: tokio::sync::Mutex<()>,
+    /// Changes waiting (or being recorded) per address ([`MAX_QUEUED_PER_ADDRESS`]).
+    queued_per_address: std::sync::Mutex<std::collections::HashMap<Address, usize>>,
+}
+
+/// One change of an address counted in [`DomainLog::queued_per_address`] until it is
+/// answered (or its caller gives up).
+struct QueuedChange<'a> {
+    counts: &'a std::sync::Mutex<std::collections::HashMap<Address, usize>>,
+    address: Address,
+}
+
+impl Drop for QueuedChange<'_> {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.address);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for DomainLog {
@@ -220,6 +256,9 @@ struct Worker {
     head_known: std::cell::Cell<Option<(u64, [u8; 32])>>,
     /// Where the background backfill of missing heads stands.
     backfill: Backfill,
+    /// The first epoch after the latest that has a stored head although the directory never
+    /// committed it ([`Worker::check_heads_ahead`]): the writer builds no epoch up to it.
+    ahead: std::cell::Cell<Option<u64>>,
 }
 
 /// An open directory.
@@ -388,6 +427,7 @@ impl DomainLog {
                         store: worker_store,
                         head_known: std::cell::Cell::new(None),
                         backfill: Backfill::default(),
+                        ahead: std::cell::Cell::new(None),
                     };
                     if let Err(e) = worker.open().await {
                         tracing::warn!(domain = %worker.keys.domain, error = %e, "the key directory cannot be read now; opening it again with the next request");
@@ -425,19 +465,28 @@ impl DomainLog {
                                 Err(_) => break,
                             }
                         }
-                        if !syncs.is_empty() {
+                        let batch = std::time::Instant::now();
+                        let wrote = !syncs.is_empty();
+                        if wrote {
                             worker.sync_batch(syncs).await;
-                            // A few reads between two batches: a stream of changes does
-                            // not starve them either.
-                            while others.len() < READS_BETWEEN_WRITES {
-                                match read_inbox.try_recv() {
-                                    Ok(r) => others.push(r),
-                                    Err(_) => break,
-                                }
-                            }
                         }
+                        let took = batch.elapsed();
                         for other in others {
                             worker.handle(other).await;
+                        }
+                        if wrote {
+                            // Reads between two batches: at least READS_BETWEEN_WRITES, and
+                            // more while they took less time than the batch did, so a stream
+                            // of changes leaves waiting reads about half the thread.
+                            let reads = std::time::Instant::now();
+                            let mut served = 0;
+                            while served < READS_BETWEEN_WRITES || reads.elapsed() < took {
+                                match read_inbox.try_recv() {
+                                    Ok(r) => worker.handle(r).await,
+                                    Err(_) => break,
+                                }
+                                served += 1;
+                            }
                         }
                     }
                 });
@@ -456,6 +505,7 @@ impl DomainLog {
             reads,
             store,
             cosigning: tokio::sync::Mutex::new(()),
+            queued_per_address: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -531,6 +581,7 @@ impl DomainLog {
         current_only: bool,
         now: u64,
     ) -> Result<Synced> {
+        let _counted = self.count_change(address)?;
         self.ask(|reply| {
             Request::Sync(SyncRequest {
                 address: address.clone(),
@@ -542,6 +593,28 @@ impl DomainLog {
             })
         })
         .await
+    }
+
+    /// Counts one more change of `address` waiting, unless [`MAX_QUEUED_PER_ADDRESS`] wait
+    /// already: then a temporary failure for this address alone (the caller tries again).
+    fn count_change(&self, address: &Address) -> Result<QueuedChange<'_>> {
+        let mut counts = self
+            .queued_per_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = counts.entry(address.clone()).or_insert(0);
+        if *n >= MAX_QUEUED_PER_ADDRESS {
+            return Err(TransparencyError::Directory(format!(
+                "the key directory of {} has {MAX_QUEUED_PER_ADDRESS} changes of {address} \
+                 waiting already; retry later",
+                self.domain
+            )));
+        }
+        *n += 1;
+        Ok(QueuedChange {
+            counts: &self.queued_per_address,
+            address: address.clone(),
+        })
     }
 
     /// [`DomainLog::record`] with the store's current record given (`None`: no key).
@@ -904,8 +977,55 @@ impl Worker {
             let db = StoredDirectory::new(Arc::clone(&self.store), &self.keys.domain);
             let directory = KeyDirectory::open_cached(db.clone(), self.keys.vrf.clone()).await?;
             self.opened = Some(Opened { db, directory });
+            self.check_heads_ahead().await;
         }
         Ok(())
+    }
+
+    /// Looks for heads stored for epochs after the latest one (at most [`AHEAD_WINDOW`]
+    /// epochs ahead): a head the directory never committed (a store restored from an older
+    /// backup under newer heads, a head written by hand or by a writer that never committed
+    /// its epoch). Such a head is never served (every head served is checked against the
+    /// directory's root), and building that epoch would put another root under it, so the
+    /// writer refuses to build up to it ([`Worker::round`]) and the error is logged: an
+    /// operator must look. Run when the directory is opened and when the background backfill
+    /// has scanned the stored heads. A store that cannot be read is logged and skipped.
+    async fn check_heads_ahead(&self) {
+        let domain = &self.keys.domain;
+        let latest = |root: Option<(u64, Vec<u8>)>| root.map_or(0, |(e, _)| e);
+        let found = async {
+            let before = latest(self.store.root(domain).await?);
+            let stored = self
+                .store
+                .heads(
+                    domain,
+                    before.saturating_add(1),
+                    before.saturating_add(AHEAD_WINDOW),
+                )
+                .await?;
+            let Some(first) = stored.first().map(|(e, _)| *e) else {
+                return Ok(None);
+            };
+            // Another writer may have committed meanwhile (its head follows its root): the
+            // root read again decides.
+            let after = latest(self.store.root(domain).await?);
+            Ok::<_, DirectoryStoreError>((after < first).then_some((first, after)))
+        };
+        match found.await {
+            Ok(Some((epoch, latest))) => {
+                tracing::error!(
+                    domain = %domain,
+                    epoch,
+                    latest,
+                    "the store holds a head for epoch {epoch}, which the directory never committed (its latest epoch is {latest}): a store restored under newer heads, or a head written outside kst; it is never served, and no epoch is built up to it: an operator must look"
+                );
+                self.ahead.set(Some(epoch));
+            }
+            Ok(None) => self.ahead.set(None),
+            Err(e) => {
+                tracing::warn!(domain = %domain, error = %e, "cannot look for heads after the latest epoch now")
+            }
+        }
     }
 
     /// The open directory and its storage.
@@ -1035,6 +1155,10 @@ impl Worker {
             tracing::warn!(domain = %self.keys.domain, error = %e, "key directory: head backfill step failed");
             // Not at once again: a store that is down is retried after a pause.
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        if !self.backfill.pending() {
+            // The scan of the stored heads is through: and after the latest epoch?
+            self.check_heads_ahead().await;
         }
     }
 
@@ -1193,6 +1317,13 @@ impl Worker {
             Some(c) => c,
             None => self.current().await?,
         };
+        if let Some(ahead) = self.ahead.get().filter(|a| *a > epoch) {
+            return Err(TransparencyError::Directory(format!(
+                "{}: the store holds a head for epoch {ahead}, which the directory never \
+                 committed (latest {epoch}); no epoch is built up to it: an operator must look",
+                self.keys.domain
+            )));
+        }
         let read = started.elapsed();
         self.head_before_building(epoch, root, now).await?;
         let head_before = started.elapsed();

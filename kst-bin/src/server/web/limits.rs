@@ -28,7 +28,8 @@ pub const GLOBAL_MISS_KEY: &str = "web-miss-global";
 const MAX_BLOCKED: usize = 100_000;
 
 /// A response extension: a look-up answered 200 that found nothing (the key directory's
-/// absence proof for an unknown address). The guard counts it as a miss, like a 404.
+/// absence proof for an unknown address, or a deletion entry as the address's newest
+/// version). The guard counts it as a miss, like a 404.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FoundNothing;
 
