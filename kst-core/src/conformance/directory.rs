@@ -41,6 +41,7 @@ pub async fn run_all(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
     log_stores_heads_and_cosignatures(Arc::clone(&a), Arc::clone(&b)).await;
     heads_are_signed_late(Arc::clone(&a), Arc::clone(&b)).await;
     an_altered_head_stops_the_backfill(Arc::clone(&a)).await;
+    a_head_after_the_latest_epoch_is_never_built_over(Arc::clone(&a), Arc::clone(&b)).await;
     two_writers_one_history(a, b).await;
 }
 
@@ -774,6 +775,82 @@ pub async fn an_altered_head_stops_the_backfill(a: Arc<dyn DirectoryStore>) {
         stored_epochs(&log, 0, 1).await,
         Vec::<u64>::new(),
         "altered head: nothing signed next to it"
+    );
+}
+
+/// Red team (issue 18, ktfair): a head stored for an epoch after the latest (a store
+/// restored from a backup under newer heads, a head written outside kst) used to be built
+/// over: the writer committed that epoch with another root (its own head dropped by
+/// insert-if-absent), and every read of the latest head then failed. Now a log finds it when
+/// it opens (and after its backfill scan), serves the committed epochs as before, and builds
+/// no epoch up to it (the change fails as temporary: an operator must look); another
+/// instance's ordinary commits are not mistaken for one.
+pub async fn a_head_after_the_latest_epoch_is_never_built_over(
+    a: Arc<dyn DirectoryStore>,
+    b: Arc<dyn DirectoryStore>,
+) {
+    const D: &str = "ahead.example";
+    let keys = LogKeys::generate(D);
+    let copy = || LogKeys::parse(&keys.to_file()).unwrap();
+    let alice = address("alice@ahead.example");
+    let bob = address("bob@ahead.example");
+    // Two instances of a pool: the second one's commits are ordinary, not leftovers.
+    let first = DomainLog::open(Arc::clone(&a), copy()).await.unwrap();
+    let second = DomainLog::open(Arc::clone(&b), copy()).await.unwrap();
+    first
+        .sync(&alice, Some(&record(&alice, 40, 1, 1)), 10)
+        .await
+        .unwrap();
+    second
+        .sync(&bob, Some(&record(&bob, 40, 2, 1)), 11)
+        .await
+        .unwrap();
+    let reopened = DomainLog::open(Arc::clone(&a), copy()).await.unwrap();
+    reopened
+        .sync(&alice, Some(&record(&alice, 40, 3, 2)), 12)
+        .await
+        .expect("ahead: another instance's commits are no leftover");
+    drop((first, second, reopened));
+    let latest = 3;
+
+    // The leftover: a head of the next epoch with a root the directory never had.
+    let leftover = keys
+        .head
+        .sign(Head {
+            domain: D.into(),
+            epoch: latest + 1,
+            root_hash: [7; 32],
+            vrf_public_key: keys.vrf.public_key().unwrap(),
+            signed_at: 13,
+        })
+        .unwrap();
+    a.insert_head(
+        D,
+        latest + 1,
+        crate::transparency::answer::head_text(&leftover)
+            .unwrap()
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let log = DomainLog::open(Arc::clone(&b), copy()).await.unwrap();
+    let refused = log
+        .sync(&bob, Some(&record(&bob, 40, 4, 2)), 14)
+        .await
+        .expect_err("ahead: no epoch is built over a head the directory never committed");
+    assert!(
+        refused.to_string().contains("never committed"),
+        "ahead: the refusal names it: {refused}"
+    );
+    assert_eq!(
+        log.head(15).await.unwrap().head.epoch,
+        latest,
+        "ahead: the latest committed epoch is served"
+    );
+    assert_eq!(
+        log.head_at(latest + 1, 15).await.unwrap(),
+        None,
+        "ahead: the leftover is never served"
     );
 }
 
