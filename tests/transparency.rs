@@ -601,6 +601,22 @@ impl Provider {
         assert!(error.contains(why), "{error}");
     }
 
+    /// `account`'s version 3 retrieval of alice's key through `sendmail` with the head key
+    /// given and no resolver, and `extra` flags.
+    fn v3_alice(&self, sendmail: &str, account: &str, extra: &[&str]) -> (Output, Value) {
+        let mut args = vec![
+            "retrieve",
+            "alice@example.net",
+            "--transparency",
+            "--log-key",
+            &self.head_key,
+            "--resolver",
+            NO_RESOLVER,
+        ];
+        args.extend_from_slice(extra);
+        self.client(sendmail, account, &args)
+    }
+
     /// What `account`'s client remembers about example.net's directory.
     fn memory(&self, account: &str) -> Value {
         let path = self.path(&format!("state-{account}/transparency/example.net.json"));
@@ -1142,10 +1158,18 @@ impl Provider {
     fn with_witness_and_alice(
         bin: &std::path::Path,
     ) -> (Witness, Provider, Gpg, kst_tests::GpgKey) {
+        Self::with_witness_and_alice_and(bin, "")
+    }
+
+    /// [`Self::with_witness_and_alice`] with `more` in `[transparency]`.
+    fn with_witness_and_alice_and(
+        bin: &std::path::Path,
+        more: &str,
+    ) -> (Witness, Provider, Gpg, kst_tests::GpgKey) {
         let witness = Witness::new(bin);
         let provider = Provider::start_with(
             Backend::Fs,
-            &format!("witnesses = [\"{}\"]", witness.entry()),
+            &format!("witnesses = [\"{}\"]\n{more}", witness.entry()),
             None,
         );
         let gpg = Gpg::new();
@@ -1716,6 +1740,31 @@ fn the_owner_sees_a_key_an_insider_published() {
 
     // The insider publishes a twin for alice, then alice's own key again, from another
     // machine (another client state: alice's client never sees these requests).
+    let (_twin_gpg, twin) = insider_publishes_a_twin_then(&provider, &alice);
+    let (out, v) = status(&provider);
+    let seen = mismatch_listing(&out, &v, &alice, "fingerprint");
+    assert_eq!(
+        seen,
+        vec![
+            (alice.fingerprint.clone(), true),
+            (twin.fingerprint.clone(), false),
+            (alice.fingerprint.clone(), true),
+        ],
+        "{v}"
+    );
+    let differences = v["differences"].to_string();
+    assert!(
+        differences.contains(&twin.fingerprint) && differences.contains("not a key you published"),
+        "{differences}"
+    );
+}
+
+/// The insider's KST (`twin_kst("insider", ...)`, running) publishes a twin key for alice,
+/// then `alice`'s own key again, from another machine's client; the twin and its keyring.
+fn insider_publishes_a_twin_then(
+    provider: &Provider,
+    alice: &kst_tests::GpgKey,
+) -> (Gpg, kst_tests::GpgKey) {
     let twin_gpg = Gpg::new();
     let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
     for armored in [&twin.public_armored, &alice.public_armored] {
@@ -1729,36 +1778,81 @@ fn the_owner_sees_a_key_an_insider_published() {
         );
         assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
     }
-    let (out, v) = status(&provider);
+    (twin_gpg, twin)
+}
+
+/// The owner's monitor's answer is a mismatch (exit 6) while alice's key is served; each
+/// listed version's `field` and whether it is hers, newest first.
+fn mismatch_listing(
+    out: &Output,
+    v: &Value,
+    alice: &kst_tests::GpgKey,
+    field: &str,
+) -> Vec<(String, bool)> {
     assert_eq!(
-        (code(&out), v["outcome"].as_str()),
+        (code(out), v["outcome"].as_str()),
         (6, Some("mismatch")),
         "{v}\n{}",
-        stderr(&out)
+        stderr(out)
     );
     assert_eq!(v["served"]["fingerprint"], alice.fingerprint.as_str());
     let versions = v["directory"].as_array().cloned().unwrap_or_default();
-    let seen: Vec<(String, bool)> = versions
+    versions
         .iter()
         .map(|x| {
             (
-                x["fingerprint"].as_str().unwrap_or_default().to_string(),
+                x[field].as_str().unwrap_or_default().to_string(),
                 x["yours"].as_bool().unwrap_or(true),
             )
         })
-        .collect();
+        .collect()
+}
+
+/// Red team (issue 18), through the real store: an insider publishes a twin key for alice
+/// and then alice's key again (versions 2 and 3), and overwrites the twin version's value in
+/// the fs store with akd's tombstone, so the history shows it withdrawn, as a deletion would
+/// leave it. No deletion follows it: the owner's monitor reports it, exit 6, and the history
+/// proof still verifies (the tree cannot check a withdrawn value). The rule is the kst-bin
+/// unit test `rt18_a_withdrawn_value_without_a_later_deletion_is_not_yours`; this is the real
+/// path: `kst serve` reads the planted record and the client judges what it is shown.
+#[test]
+fn rt18_a_withdrawn_value_planted_in_the_store_is_reported() {
+    let (mut provider, _gpg, alice, alice_key) = Provider::with_alice_key_file();
+    let (insider, _) = provider.twin_kst("insider", &provider.path("keys"));
+    insider_publishes_a_twin_then(&provider, &alice);
+    drop(insider);
+    provider.serve = None;
+    // The twin's value (version 2) overwritten with the tombstone, behind kst's back.
+    let values = provider.path("keys/kt/example.net/values");
+    let mut planted = 0;
+    for label in std::fs::read_dir(&values).unwrap().flatten() {
+        for state in std::fs::read_dir(label.path()).unwrap().flatten() {
+            let blob = std::fs::read(state.path()).unwrap();
+            if let Some(withdrawn) =
+                kst_core::conformance::directory::withdrawn_value_state(&blob, 2)
+            {
+                std::fs::write(state.path(), withdrawn).unwrap();
+                planted += 1;
+            }
+        }
+    }
+    assert_eq!(planted, 1, "one value state of version 2 (the twin's)");
+    provider.restart_serve();
+
+    let (out, v) = provider.status_of("alice@example.net", &alice_key);
+    let seen = mismatch_listing(&out, &v, &alice, "state");
     assert_eq!(
         seen,
         vec![
-            (alice.fingerprint.clone(), true),
-            (twin.fingerprint.clone(), false),
-            (alice.fingerprint.clone(), true),
+            ("published".to_string(), true),
+            ("withdrawn".to_string(), false),
+            ("published".to_string(), true),
         ],
         "{v}"
     );
     let differences = v["differences"].to_string();
     assert!(
-        differences.contains(&twin.fingerprint) && differences.contains("not a key you published"),
+        differences.contains("withdrawn value") && differences.contains("no deletion after it"),
         "{differences}"
     );
 }
@@ -2516,4 +2610,179 @@ fn version_3_uses_the_memory_the_pin_and_the_witnesses() {
     assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
     assert_eq!(v[0]["outcome"], "found", "{v}");
     assert_eq!(provider.remembered_epoch(bob), Some(8), "checked over HTTP");
+}
+
+/// A client far behind catches up in steps (issue 18, "Catching up in steps"): with
+/// `[transparency] step_max_epochs = 2` each answer's append-only proof spans at most two
+/// epochs. Bob remembers epoch 1, five epochs pass: the HTTP answer to `?since=1&steps=1`
+/// is a step to the signed head of epoch 3 (without `steps=1`: today's whole proof), and
+/// `retrieve --check-transparency` follows the steps (1 -> 3 -> 5 -> 6), each verified and
+/// remembered. Inside version 3 replies (no HTTP): each reply carries one step, the client
+/// remembers it and exits 75 ("send the request again"), the next request continues from
+/// there, and the last one passes; nothing is ever an attack.
+#[test]
+fn a_client_far_behind_catches_up_in_steps() {
+    let provider = Provider::start_with(Backend::Fs, "step_max_epochs = 2", None);
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+    let bob = "bob@example.net";
+    let (out, v) = provider.checked_retrieve("alice@example.net", &provider.head_key);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(provider.remembered_epoch(bob), Some(1));
+    let v3 = |account: &str| provider.v3_alice("sendmail", account, &[]);
+    let carol = "carol@example.net";
+    let (out, v) = v3(carol);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(provider.remembered_epoch(carol), Some(1));
+
+    provider.publish_new(&gpg, "sendmail", &["u2", "u3", "u4", "u5", "u6"]);
+    let path = "/.well-known/kst/log/example.net/lookup/alice@example.net";
+    let (status, body) = provider.http_get(&format!("{path}?since=1&steps=1"));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\nepoch 6\n") && body.contains("\nappend-step 1 3 "),
+        "{body}"
+    );
+    let (status, body) = provider.http_get(&format!("{path}?since=1"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\nappend-only 1 "), "{body}");
+    let (status, body) = provider.http_get(&format!("{path}?since=1&steps=2"));
+    assert_eq!(status, 400, "{body}");
+
+    // Over HTTP: the steps in one run.
+    let (out, v) = provider.checked_retrieve("alice@example.net", &provider.head_key);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["fingerprint"], alice.fingerprint.as_str());
+    assert_eq!(provider.remembered_epoch(bob), Some(6));
+    let roots = provider.memory(bob)["roots"].clone();
+    for epoch in 1..=6 {
+        assert!(roots[epoch.to_string()].is_string(), "{roots}");
+    }
+    assert!(provider.evidence(bob).is_empty());
+
+    // Inside version 3 replies: one step per request.
+    for (want_code, remembered) in [(75, 3), (75, 5), (0, 6)] {
+        let (out, v) = v3(carol);
+        assert_eq!(code(&out), want_code, "{v}\n{}", stderr(&out));
+        if want_code == 75 {
+            let error = v["error"].as_str().unwrap_or_default();
+            assert!(error.contains("send the request again"), "{error}");
+        }
+        assert_eq!(provider.remembered_epoch(carol), Some(remembered));
+    }
+    assert!(provider.evidence(carol).is_empty());
+}
+
+/// A client too far behind for any proof the KST will build (`step_max_bytes = 1`: not even
+/// one step fits, the answer says `too-far`, no proof is built) starts again from the
+/// newest head its required witness cosigned (issue 18): exit 0, the restart noted on stderr
+/// and kept as evidence; without `--witness` it is exit 69, nothing remembered anew.
+#[test]
+fn a_client_too_far_behind_starts_again_from_a_witnessed_head() {
+    let bin = kst_binary();
+    let (witness, provider, gpg, alice) =
+        Provider::with_witness_and_alice_and(&bin, "step_max_bytes = 1");
+    let out = witness.run(&bin, &provider.log_url, &provider.head_key);
+    assert_eq!(code(&out), 0, "witness at epoch 1: {}", stderr(&out));
+    let entry = witness.entry();
+    let retrieve = |account: &str, witnessed: bool| {
+        let mut extra = vec![
+            "--log-url",
+            &provider.log_url,
+            "--log-key",
+            &provider.head_key,
+        ];
+        if witnessed {
+            extra.extend(["--witness", &entry]);
+        }
+        provider.checked_as("sendmail", account, "alice@example.net", &extra)
+    };
+    let (bob, dave) = ("bob@example.net", "dave@example.net");
+    for account in [bob, dave] {
+        let (out, v) = retrieve(account, account == bob);
+        assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+        assert_eq!(provider.remembered_epoch(account), Some(1));
+    }
+    provider.publish_new(&gpg, "sendmail", &["carol", "erin"]);
+    let out = witness.run(&bin, &provider.log_url, &provider.head_key);
+    assert_eq!(code(&out), 0, "witness at epoch 3: {}", stderr(&out));
+    let (status, body) = provider
+        .http_get("/.well-known/kst/log/example.net/lookup/alice@example.net?since=1&steps=1");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\ntoo-far 1\n") && !body.contains("append-"),
+        "{body}"
+    );
+
+    // Without witnesses: exit 69, the old head stays.
+    let (out, v) = retrieve(dave, false);
+    assert_eq!(code(&out), 69, "{v}\n{}", stderr(&out));
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("too far behind") && error.contains("log-pin"),
+        "{error}"
+    );
+    assert_eq!(provider.remembered_epoch(dave), Some(1));
+    assert!(provider.evidence(dave).is_empty());
+
+    // With the witness: the witnessed head of epoch 3 is the new start, said and kept.
+    let (out, v) = retrieve(bob, true);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["fingerprint"], alice.fingerprint.as_str());
+    assert!(
+        stderr(&out).contains("started again from the answer's head"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(provider.remembered_epoch(bob), Some(3));
+    let kept = provider.evidence(bob);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let text = std::fs::read_to_string(&kept[0]).unwrap();
+    assert!(text.contains("kst key directory restart"), "{text}");
+    // From there on, as usual.
+    let (out, v) = retrieve(bob, true);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(provider.remembered_epoch(bob), Some(3));
+}
+
+/// Two version 3 replies handled in the opposite order of their epochs (issue 18's open
+/// point): request A is queued while bob remembers epoch 1 and answered at epoch 2; request B
+/// (also from epoch 1) is answered at epoch 3 and read first, so bob remembers 3 and the roots
+/// of 2 and 3 its proof established. A's reply, read last by `kst client check`, has a head
+/// older than the remembered one but of the same history (its root is the one bob's proof
+/// gave for epoch 2), and not older than the head A's request named (epoch 1): not a
+/// rollback, exit 0, the newer head stays. (An answer older than the head its request named
+/// is still a rollback: `the_client_remembers_heads_and_catches_a_rollback_and_a_fork`,
+/// `version_3_uses_the_memory_the_pin_and_the_witnesses`.)
+#[test]
+fn two_version_3_replies_read_in_reverse_order_are_no_rollback() {
+    let (provider, gpg, alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    let v3 = |sendmail: &str, extra: &[&str]| provider.v3_alice(sendmail, bob, extra);
+    let (out, v) = v3("sendmail", &[]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(provider.remembered_epoch(bob), Some(1));
+
+    write_queue_script(&provider);
+    let (out, v) = v3("sendmail-queue", &["--no-wait"]);
+    expect(&out, &v, 75, "pending");
+    provider.publish_new(&gpg, "sendmail", &["carol"]);
+    flush_queue(&provider);
+    provider.publish_new(&gpg, "sendmail", &["dave"]);
+    // B: asked from epoch 1 too (A is pending; the memory has not moved), answered at 3.
+    let (out, v) = v3("sendmail", &[]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(provider.remembered_epoch(bob), Some(3));
+    // A, read now: epoch 2, older than the remembered 3, in its history.
+    let (out, v) = provider.client("sendmail", bob, &["check", "--resolver", NO_RESOLVER]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v[0]["outcome"], "found", "{v}");
+    assert_eq!(v[0]["fingerprint"], alice.fingerprint.as_str());
+    assert_eq!(
+        provider.remembered_epoch(bob),
+        Some(3),
+        "the newer head stays"
+    );
+    assert!(provider.evidence(bob).is_empty(), "no false alarm");
 }

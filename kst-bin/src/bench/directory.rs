@@ -30,7 +30,9 @@ use anyhow::{Context as _, bail};
 use async_trait::async_trait;
 use kst_core::reply::fold_log_answer;
 use kst_core::store::{Expected, KeyRecord, NewKey};
-use kst_core::transparency::answer::{AnswerProof, AppendOnlyFrom, LogAnswer, Served};
+use kst_core::transparency::answer::{
+    AnswerProof, AppendOnlyFrom, HTTP_STEP_BUDGET, LogAnswer, REPLY_STEP_BUDGET, Served,
+};
 use kst_core::transparency::history::HistoryAnswer;
 use kst_core::transparency::storage::RecordBatch;
 use kst_core::transparency::verify::verify_append_only_from;
@@ -601,7 +603,109 @@ impl Bench<'_> {
                     .await?,
             );
         }
+        // A client ten tail epochs behind catching up in steps (`?since=&steps=1`, and inside
+        // a version 3 reply), and one behind the last bulk epoch too.
+        let (alice, alice_key) = (address(stored[0])?, synthetic_key(stored[0]));
+        for (what, budget) in [
+            ("catch-up-10 http", HTTP_STEP_BUDGET),
+            ("catch-up-10 reply", REPLY_STEP_BUDGET),
+        ] {
+            out.extend(
+                self.catch_up(what, latest - TAIL_EPOCHS, budget, &alice, &alice_key)
+                    .await?,
+            );
+        }
+        if fill.bulk_epochs > 0 && bulk_end >= 2 {
+            out.extend(
+                self.catch_up(
+                    "catch-up-bulk http",
+                    bulk_end - 1,
+                    HTTP_STEP_BUDGET,
+                    &alice,
+                    &alice_key,
+                )
+                .await?,
+            );
+        }
         Ok(out)
+    }
+
+    /// A client that remembers the head of `from` catches up as `kst client` does: an answer
+    /// with `?since=` bounded by `budget` (`DomainLog::answer_stepped`), each step verified
+    /// (`verify_step`) and the next asked from its head, until the answer carries the rest
+    /// (`verify_extends`) or says `too-far`. One measure per answer: `what from->to` (the
+    /// proof's bytes, the answer's, the server's time and the client's check), or `what
+    /// from too-far` (the server's time to refuse).
+    async fn catch_up(
+        &self,
+        what: &str,
+        from: u64,
+        budget: kst_core::transparency::answer::StepBudget,
+        address: &Address,
+        key: &[u8],
+    ) -> anyhow::Result<Vec<Measure>> {
+        self.say(|| format!("{what} from epoch {from}"));
+        let mut out = Vec::new();
+        let mut remembered = Head {
+            domain: DOMAIN.to_string(),
+            epoch: from,
+            root_hash: self.roots[from as usize],
+            vrf_public_key: self.vrf_key,
+            signed_at: 0,
+        };
+        for _ in 0..64 {
+            let started = Instant::now();
+            let answer = self
+                .log
+                .answer_stepped(address, Some(remembered.epoch), Some(budget), now())
+                .await?;
+            let text = answer.to_text()?;
+            let generate = started.elapsed();
+            let started = Instant::now();
+            let answer = LogAnswer::parse(&text)?;
+            answer
+                .verify(&self.head_key, address, Served::Key(key))
+                .await
+                .with_context(|| format!("{what}: the lookup does not verify"))?;
+            let proof_bytes = answer.append_only.as_ref().map_or(0, |a| a.proof.len());
+            let (to, done) = match answer.verify_step(&self.head_key, &remembered).await {
+                Ok(Some((head, _))) => (head.head, false),
+                Ok(None) if answer.too_far.is_some() => {
+                    out.push(Measure {
+                        what: format!("{what} {} too-far", remembered.epoch),
+                        bytes_p50: 0,
+                        bytes_max: 0,
+                        vrf_bytes: None,
+                        answer_bytes: Some(text.len()),
+                        generate: Some(Timing::of(vec![generate])),
+                        verify: None,
+                    });
+                    return Ok(out);
+                }
+                Ok(None) => {
+                    answer
+                        .verify_extends(&remembered)
+                        .await
+                        .with_context(|| format!("{what}: the rest does not verify"))?;
+                    (answer.head.head.clone(), true)
+                }
+                Err(e) => bail!("{what}: a step does not verify: {e}"),
+            };
+            out.push(Measure {
+                what: format!("{what} {}->{}", remembered.epoch, to.epoch),
+                bytes_p50: proof_bytes,
+                bytes_max: proof_bytes,
+                vrf_bytes: None,
+                answer_bytes: Some(text.len()),
+                generate: Some(Timing::of(vec![generate])),
+                verify: Some(Timing::of(vec![started.elapsed()])),
+            });
+            if done {
+                return Ok(out);
+            }
+            remembered = to;
+        }
+        bail!("{what}: more than 64 steps")
     }
 
     /// Lookup answers of `sample`: addresses with their key (stored, version 1: a lookup
@@ -786,6 +890,7 @@ impl Bench<'_> {
             carrying.append_only = Some(AppendOnlyFrom {
                 from,
                 proof: proof.clone(),
+                step: None,
             });
             Some(carrying.to_text()?)
         } else {

@@ -79,7 +79,16 @@ pub struct DomainMemory {
     pub pinned_at: u64,
     /// The newest verified head, as `kst-log-head-v1` text.
     pub head: Option<String>,
+    /// The roots of the newest [`MAX_KNOWN_ROOTS`] epochs of the remembered history (epoch →
+    /// root, hex): those of the heads remembered and those the verified append-only proofs
+    /// established. A head older than the remembered one with a root listed here is of the
+    /// same history (a reply that arrived after a newer one), not a rollback.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub roots: std::collections::BTreeMap<u64, String>,
 }
+
+/// The most roots [`DomainMemory::roots`] keeps.
+pub const MAX_KNOWN_ROOTS: usize = 1024;
 
 impl DomainMemory {
     /// The remembered head, parsed.
@@ -90,6 +99,38 @@ impl DomainMemory {
     /// The remembered head's epoch.
     pub fn remembered_epoch(&self) -> Option<u64> {
         self.remembered_head().map(|h| h.head.epoch)
+    }
+
+    /// The root of `epoch` in the remembered history, if kept.
+    pub fn known_root(&self, epoch: u64) -> Option<[u8; 32]> {
+        self.roots
+            .get(&epoch)
+            .and_then(|r| kst_core::transparency::answer::hex32(r).ok())
+    }
+
+    /// Keeps `roots` (verified: of the remembered history), the newest [`MAX_KNOWN_ROOTS`].
+    pub fn keep_roots(&mut self, roots: impl IntoIterator<Item = (u64, [u8; 32])>) {
+        for (epoch, root) in roots {
+            self.roots.insert(epoch, hex::encode(root));
+        }
+        while self.roots.len() > MAX_KNOWN_ROOTS {
+            self.roots.pop_first();
+        }
+    }
+
+    /// Remembers `head` (verified, extending the remembered history) and its root.
+    pub fn remember(&mut self, head: &SignedHead) -> Result<(), String> {
+        self.head = Some(head_text(head).map_err(|e| format!("cannot encode the head: {e}"))?);
+        self.keep_roots([(head.head.epoch, head.head.root_hash)]);
+        Ok(())
+    }
+
+    /// Starts the remembered history again at `head` (a head cosigned by the witnesses the
+    /// client requires, when the remembered head is too far behind for a proof): the roots
+    /// of the old history are forgotten.
+    pub fn restart(&mut self, head: &SignedHead) -> Result<(), String> {
+        self.roots.clear();
+        self.remember(head)
     }
 }
 
@@ -471,23 +512,38 @@ pub async fn check_held(
         ));
     }
     let previous = remembered.as_ref().map(|h| h.head.epoch);
-    if let Some(old) = &remembered
-        && let Err(e) = answer.verify_extends_via(asked, &old.head).await
-    {
-        return Err(memory.attack(
-            held,
-            format!(
-                "possible fork or rollback of the key directory of {}: {e}",
-                held.domain
-            ),
-            &seen(),
-        ));
+    if let Some(old) = &remembered {
+        if head.epoch < old.head.epoch
+            && asked.is_some_and(|a| a.epoch <= head.epoch)
+            && held.memory.known_root(head.epoch) == Some(head.root_hash)
+        {
+            // An older head of the remembered history, not older than the head the request
+            // named (two version 3 replies handled in the opposite order of their epochs):
+            // true when it was made, not a rollback; the newer head stays remembered. An
+            // answer older than what its request named is a rollback, whatever its root.
+            return Ok(Remembered {
+                previous,
+                epoch: old.head.epoch,
+            });
+        }
+        match answer.verify_extends_via(asked, &old.head).await {
+            Ok(roots) => held.memory.keep_roots(roots),
+            Err(e) => {
+                return Err(memory.attack(
+                    held,
+                    format!(
+                        "possible fork or rollback of the key directory of {}: {e}",
+                        held.domain
+                    ),
+                    &seen(),
+                ));
+            }
+        }
     }
     if previous.is_none_or(|p| head.epoch > p) {
-        held.memory.head = Some(
-            head_text(&answer.head)
-                .map_err(|e| memory.io(&memory.dir, format!("cannot encode the head: {e}")))?,
-        );
+        held.memory
+            .remember(&answer.head)
+            .map_err(|e| memory.io(&memory.dir, e))?;
     }
     Ok(Remembered {
         previous,

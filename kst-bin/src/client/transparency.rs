@@ -305,10 +305,30 @@ pub async fn check_reply_answer(
         source: "the reply's key directory answer",
     };
     match verify_and_remember(&memory, &mut held, text, &checked).await {
-        Ok(()) => outcome,
+        Ok(Accepted::Remembered) => outcome,
+        Ok(Accepted::Restarted { note }) => {
+            eprintln!("kst: {note}");
+            outcome
+        }
+        // The reply carried the first steps of the proof from the remembered head (all a
+        // reply holds): verified and remembered; the next request continues from there.
+        Ok(Accepted::Step { from, to, latest }) => Outcome::error(
+            exit::TEMPFAIL,
+            format!(
+                "key directory of {}: the reply's head (epoch {latest}) is far ahead of the \
+                 remembered one (epoch {from}); the reply carried a verified append-only step \
+                 to epoch {to}, now remembered; send the request again to continue (or \
+                 retrieve --check-transparency catches up over HTTP)",
+                address.domain()
+            ),
+        ),
         Err(o) => o.with_attack(&attack),
     }
 }
+
+/// The most append-only steps one `--check-transparency` check follows (each verified and
+/// remembered; a run that stops there is continued by the next).
+pub const MAX_CATCH_UP_STEPS: usize = 64;
 
 /// What [`verify_and_remember`] checks an answer against.
 struct Checked<'a> {
@@ -355,7 +375,7 @@ async fn verify_and_remember(
     held: &mut Held,
     text: &str,
     c: &Checked<'_>,
-) -> Result<(), Refused> {
+) -> Result<Accepted, Refused> {
     let answer = LogAnswer::parse(text)
         .map_err(|e| attack_kept(memory, held, format!("{}: {e}", c.source), text))?;
     let epoch = answer.head.head.epoch;
@@ -397,19 +417,102 @@ async fn verify_and_remember(
             ));
         }
     }
-    // Too far behind for one proof (the KST leaves it out, as HTTP answers 422): not an
-    // attack, and nothing is remembered.
+    let remembered = held.memory.remembered_head().map(|h| h.head);
+    // A step of a catch-up: the proof from the remembered head reaches an older head than
+    // the answer's. The step is verified and its head remembered; the answer itself is not
+    // accepted yet (the caller asks again from the step's head).
+    if let Some(step) = answer.append_only.as_ref().and_then(|a| a.step.as_ref()) {
+        let to = step.head.epoch;
+        let Some(old) = &remembered else {
+            return Err(attack_kept(
+                memory,
+                held,
+                format!(
+                    "{} carries an append-only step (to epoch {to}) but no head is remembered",
+                    c.source
+                ),
+                text,
+            ));
+        };
+        return match answer.verify_step(c.head_key, old).await {
+            Ok(Some((head, roots))) => {
+                held.memory.keep_roots(roots);
+                held.memory
+                    .remember(&head)
+                    .and_then(|()| memory.save(held).map_err(|e| e.to_string()))
+                    .map_err(|e| Refused::Other(Box::new(Outcome::error(exit::CONFIG, e))))?;
+                Ok(Accepted::Step {
+                    from: old.epoch,
+                    to,
+                    latest: epoch,
+                })
+            }
+            Ok(None) => Err(Refused::Other(Box::new(Outcome::error(
+                exit::SOFTWARE,
+                "an append-only step vanished",
+            )))),
+            Err(e) => Err(attack_kept(
+                memory,
+                held,
+                format!(
+                    "possible fork or rollback of the key directory of {}: {e}",
+                    held.domain
+                ),
+                text,
+            )),
+        };
+    }
+    // Too far behind for any proof: the KST says so (`too-far`: not even the first step
+    // fits its budget), or an older KST left the proof out beyond MAX_SINCE_EPOCHS. With
+    // witnesses required (and verified above), the answer's witnessed head is the new start;
+    // without, nothing is remembered and the user is told.
     if answer.append_only.is_none()
-        && let Some(old) = held.memory.remembered_head()
-        && epoch.saturating_sub(old.head.epoch) > MAX_SINCE_EPOCHS
+        && let Some(old) = &remembered
+        && epoch > old.epoch
+        && (answer.too_far == Some(old.epoch) || epoch.saturating_sub(old.epoch) > MAX_SINCE_EPOCHS)
     {
-        return Err(Refused::Other(Box::new(Outcome::error(
-            exit::UNAVAILABLE,
-            format!(
-                "key directory of {}: the remembered head (epoch {}) is more than {MAX_SINCE_EPOCHS} epochs behind the answer's ({epoch}), too far for one proof; kst client log-pin {} forgets it",
-                held.domain, old.head.epoch, held.domain
-            ),
-        ))));
+        let Some(policy) = c.policy else {
+            return Err(Refused::Other(Box::new(Outcome::error(
+                exit::UNAVAILABLE,
+                format!(
+                    "key directory of {}: the remembered head (epoch {}) is too far behind the \
+                     answer's (epoch {epoch}) for an append-only proof the KST will build; with \
+                     --witness the client starts again from the newest head the witnesses \
+                     cosigned, else kst client log-pin {} forgets the remembered head",
+                    held.domain, old.epoch, held.domain
+                ),
+            ))));
+        };
+        let names: Vec<&str> = policy.witnesses.iter().map(|(n, _)| n.as_str()).collect();
+        let note = format!(
+            "key directory of {}: the remembered head (epoch {}) is too far behind the answer's \
+             (epoch {epoch}) for an append-only proof; started again from the answer's head, \
+             which {} of the required witnesses ({}) cosigned or reach by a verified proof: the \
+             history between the two is the witnesses' word, not checked by this client",
+            held.domain,
+            old.epoch,
+            policy.threshold,
+            names.join(", ")
+        );
+        let evidence = memory
+            .keep_evidence(
+                &held.domain,
+                &format!(
+                    "kst key directory restart\ndomain {}\ntime {}\nnote {note}\n\n-- \
+                     remembered --\n{}\n-- seen --\n{text}\n",
+                    held.domain,
+                    unix_now(),
+                    serde_json::to_string_pretty(&held.memory).unwrap_or_default()
+                ),
+            )
+            .map_err(|e| Refused::Other(Box::new(Outcome::error(exit::CONFIG, e.to_string()))))?;
+        held.memory
+            .restart(&answer.head)
+            .and_then(|()| memory.save(held).map_err(|e| e.to_string()))
+            .map_err(|e| Refused::Other(Box::new(Outcome::error(exit::CONFIG, e))))?;
+        return Ok(Accepted::Restarted {
+            note: format!("{note} (evidence kept in {})", evidence.display()),
+        });
     }
     // Everything verified: only now is the new head remembered (a head refused for any
     // reason is never remembered).
@@ -417,13 +520,26 @@ async fn verify_and_remember(
         .await
         .and_then(|_| memory.save(held))
     {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(Accepted::Remembered),
         Err(e @ MemoryError::Attack { .. }) => Err(Refused::Attack(e.to_string())),
         Err(e @ MemoryError::Io { .. }) => Err(Refused::Other(Box::new(Outcome::error(
             exit::CONFIG,
             e.to_string(),
         )))),
     }
+}
+
+/// What [`verify_and_remember`] accepted.
+#[derive(Debug)]
+enum Accepted {
+    /// The answer: its head is remembered (or an older head of the remembered history).
+    Remembered,
+    /// A step of a catch-up, verified: the head of `to` is remembered; the answer (at
+    /// `latest`) is not accepted yet, ask again from `to`.
+    Step { from: u64, to: u64, latest: u64 },
+    /// The answer, its head the new start of the memory (too far behind, witnessed): what
+    /// to tell the user.
+    Restarted { note: String },
 }
 
 /// An attack on `held`'s domain with its evidence kept.
@@ -472,28 +588,6 @@ pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome) -> Outco
         Err(o) => return o,
     };
     let base = log_base(args, &address);
-    let since = held.memory.remembered_epoch().filter(|e| *e > 0);
-    let path = format!(
-        "/.well-known/kst/log/{}/lookup/{}",
-        address.domain(),
-        path_segment(address.as_str()),
-    );
-    let mut query: Vec<String> = since.map(|e| format!("since={e}")).into_iter().collect();
-    let limit = if policy.is_some() {
-        query.push("witnessed=1".into());
-        MAX_WITNESSED_ANSWER + (MAX_ANSWER_WITH_AUDIT - MAX_ANSWER)
-    } else {
-        MAX_ANSWER_WITH_AUDIT
-    };
-    let path = if query.is_empty() {
-        path
-    } else {
-        format!("{path}?{}", query.join("&"))
-    };
-    let text = match fetch_answer(&base, &path, s.ca_file(), limit).await {
-        Ok(t) => t,
-        Err(o) => return o,
-    };
     let source = format!("the key directory answer from {base}");
     let checked = Checked {
         head_key: &head_key,
@@ -503,9 +597,69 @@ pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome) -> Outco
         asked: None,
         source: &source,
     };
-    match verify_and_remember(&memory, &mut held, &text, &checked).await {
-        Ok(()) => outcome,
-        Err(o) => o.with_attack(&attack),
+    // A client far behind catches up in steps (`steps=1`): each answer carries the proof
+    // from the remembered head, or its first steps within the server's budget; each step is
+    // verified, then remembered, then the next asked for.
+    let mut steps = 0;
+    // A KST from before steps answers `steps=1` with 400: then without it (the whole proof).
+    let mut ask_steps = true;
+    loop {
+        let since = held.memory.remembered_epoch().filter(|e| *e > 0);
+        let path = format!(
+            "/.well-known/kst/log/{}/lookup/{}",
+            address.domain(),
+            path_segment(address.as_str()),
+        );
+        let mut query: Vec<String> = since
+            .map(|e| match ask_steps {
+                true => vec![format!("since={e}"), "steps=1".into()],
+                false => vec![format!("since={e}")],
+            })
+            .unwrap_or_default();
+        let limit = if policy.is_some() {
+            query.push("witnessed=1".into());
+            MAX_WITNESSED_ANSWER + (MAX_ANSWER_WITH_AUDIT - MAX_ANSWER)
+        } else {
+            MAX_ANSWER_WITH_AUDIT
+        };
+        let path = if query.is_empty() {
+            path
+        } else {
+            format!("{path}?{}", query.join("&"))
+        };
+        let text = match fetch_answer(&base, &path, s.ca_file(), limit).await {
+            Ok(t) => t,
+            Err(Outcome::Error { error, .. })
+                if ask_steps && since.is_some() && error.contains(" answered 400 ") =>
+            {
+                ask_steps = false;
+                continue;
+            }
+            Err(o) => return o,
+        };
+        match verify_and_remember(&memory, &mut held, &text, &checked).await {
+            Ok(Accepted::Remembered) => return outcome,
+            Ok(Accepted::Restarted { note }) => {
+                eprintln!("kst: {note}");
+                return outcome;
+            }
+            Ok(Accepted::Step { from, to, latest }) => {
+                steps += 1;
+                tracing::info!(domain = %address.domain(), from, to, latest, "key directory: an append-only step verified and remembered");
+                if steps >= MAX_CATCH_UP_STEPS {
+                    return Outcome::error(
+                        exit::TEMPFAIL,
+                        format!(
+                            "key directory of {}: caught up from the remembered head to epoch \
+                             {to} of {latest} in {steps} verified steps (remembered); run \
+                             again to continue",
+                            address.domain()
+                        ),
+                    );
+                }
+            }
+            Err(o) => return o.with_attack(&attack),
+        }
     }
 }
 
@@ -641,6 +795,7 @@ fn pin(held: &mut Held, head: [u8; 32], vrf: Option<[u8; 32]>, from: &str) -> bo
     }
     if held.memory.head_key.is_some() {
         held.memory.head = None;
+        held.memory.roots.clear();
     }
     held.memory.head_key = Some(head_hex);
     held.memory.vrf_key = vrf_hex;
@@ -812,6 +967,7 @@ async fn pin_command(
     let changed = pin(&mut held, head, vrf, from);
     // A fresh start: also after a rollback the user accepts, or a head too far back.
     held.memory.head = None;
+    held.memory.roots.clear();
     memory
         .save(&held)
         .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;

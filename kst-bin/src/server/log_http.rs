@@ -21,7 +21,11 @@
 //!   older than the newest stored for that witness (a replay: an earlier epoch, or the same
 //!   epoch checked earlier); 400 when it does not verify.
 //! - with `?since=<epoch>`, a lookup also carries the append-only proof from that epoch (at
-//!   most `MAX_SINCE_EPOCHS` epochs back, else 422); `since` and `witnessed` combine;
+//!   most `MAX_SINCE_EPOCHS` epochs back, else 422); with `&steps=1` instead bounded by
+//!   bytes and changes (`HTTP_STEP_BUDGET`, counted before anything is built): the whole
+//!   proof, or its first steps up to an older signed head (`append-step`), or, when not even
+//!   the first step fits, none (`too-far`, 200: the client starts from a witness-cosigned
+//!   head or re-pins); `since`, `steps` and `witnessed` combine;
 //! - `GET /.well-known/kst/log/<domain>/history/<address>`: the signed head and akd's history
 //!   proof of the address's newest versions (`kst_core::transparency::history`); 404 for an
 //!   address the directory never held. With `?before=<version>`, the page of the versions
@@ -53,6 +57,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kst_core::AddressPolicy;
 use kst_core::time::unix_now;
+use kst_core::transparency::answer::HTTP_STEP_BUDGET;
 use kst_core::transparency::witness::{
     MAX_AUDIT_EPOCHS, MAX_HEAD_TEXT, head_with_cosignatures_text, parse_head_with_cosignatures,
 };
@@ -371,26 +376,29 @@ fn log_and_address(
 }
 
 #[allow(clippy::result_large_err)]
-/// `since=<epoch>` of a query string (`None` without it); `Err` for anything else.
-fn since(query: Option<&str>) -> Result<Option<u64>, Response> {
+/// `since=<epoch>` of a query string (`None` without it) and whether it asks for `steps=1`;
+/// `Err` for anything else.
+fn since(query: Option<&str>) -> Result<(Option<u64>, bool), Response> {
     let bad = || {
         text(
             StatusCode::BAD_REQUEST,
-            "the query may hold since=<epoch> (a number) and witnessed=1, nothing else\n".into(),
+            "the query may hold since=<epoch> (a number), steps=1 and witnessed=1, nothing else\n"
+                .into(),
         )
     };
-    let mut since = None;
+    let (mut since, mut steps) = (None, false);
     for kv in query.unwrap_or("").split('&').filter(|kv| !kv.is_empty()) {
         match kv.split_once('=') {
             Some(("since", v)) if since.is_none() => match v.parse::<u64>() {
                 Ok(epoch) => since = Some(epoch),
                 Err(_) => return Err(bad()),
             },
+            Some(("steps", "1")) => steps = true,
             Some(("witnessed", "1")) => {}
             _ => return Err(bad()),
         }
     }
-    Ok(since)
+    Ok((since, steps))
 }
 
 async fn lookup(
@@ -402,7 +410,7 @@ async fn lookup(
         Ok(found) => found,
         Err(r) => return r,
     };
-    let since = match since(query.as_deref()) {
+    let (since, steps) = match since(query.as_deref()) {
         Ok(s) => s,
         Err(r) => return r,
     };
@@ -417,7 +425,11 @@ async fn lookup(
     } else {
         None
     };
-    let mut answer = match log.answer_since(&address, since, unix_now()).await {
+    let budget = steps.then_some(HTTP_STEP_BUDGET);
+    let mut answer = match log
+        .answer_stepped(&address, since, budget, unix_now())
+        .await
+    {
         Ok(a) => a,
         Err(TransparencyError::Range(m)) => {
             return text(StatusCode::UNPROCESSABLE_ENTITY, format!("{m}\n"));

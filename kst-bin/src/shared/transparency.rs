@@ -63,9 +63,12 @@ pub async fn open_logs(config: &Config) -> Result<Vec<Arc<DomainLog>>, Error> {
                 keys.domain
             )));
         }
-        let log = DomainLog::open(Arc::clone(&store), keys)
+        let mut log = DomainLog::open(Arc::clone(&store), keys)
             .await
             .map_err(|e| Error::unavailable(COMPONENT, e))?;
+        if let Some(limit) = t.step_limit() {
+            log = log.with_step_limit(limit);
+        }
         logs.push(Arc::new(log));
     }
     Ok(logs)

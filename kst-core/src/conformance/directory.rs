@@ -42,7 +42,118 @@ pub async fn run_all(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
     heads_are_signed_late(Arc::clone(&a), Arc::clone(&b)).await;
     an_altered_head_stops_the_backfill(Arc::clone(&a)).await;
     a_head_after_the_latest_epoch_is_never_built_over(Arc::clone(&a), Arc::clone(&b)).await;
+    a_far_behind_client_catches_up_in_steps(Arc::clone(&a), Arc::clone(&b)).await;
     two_writers_one_history(a, b).await;
+}
+
+/// A value state record (in [`crate::transparency::records`]' encoding) of `version` with its
+/// value replaced by akd's tombstone: what an insider who overwrites a version's value in the
+/// store behind kst's back leaves (the owner's monitor must report it unless a deletion
+/// follows). `None` for a record of another version or kind.
+pub fn withdrawn_value_state(blob: &[u8], version: u64) -> Option<Vec<u8>> {
+    use crate::transparency::records;
+    use akd::storage::types::DbRecord;
+    match records::decode(blob).ok()? {
+        DbRecord::ValueState(mut state) if state.version == version => {
+            state.value = akd::AkdValue(akd::TOMBSTONE.to_vec());
+            Some(records::encode(&DbRecord::ValueState(state)))
+        }
+        _ => None,
+    }
+}
+
+/// A client far behind catches up in steps: `answer_stepped` bounds each answer by epochs,
+/// changes and bytes (counted before anything is built), the steps' heads are the stored
+/// ones, each step verifies from the last, and the last answer carries the rest of the
+/// proof; a budget the first step does not fit is `too-far`, with no proof. Answers through
+/// the second instance (another process of a pool).
+pub async fn a_far_behind_client_catches_up_in_steps(
+    a: Arc<dyn DirectoryStore>,
+    b: Arc<dyn DirectoryStore>,
+) {
+    use crate::transparency::answer::{LogAnswer, STEP_ELEMENT_BYTES, StepBudget};
+    const D: &str = "steps.example";
+    let keys = LogKeys::generate(D);
+    let head_key = keys.head.public_key();
+    let copy = LogKeys::parse(&keys.to_file()).unwrap();
+    let writer = DomainLog::open(a, keys).await.unwrap();
+    let reader = DomainLog::open(b, copy).await.unwrap();
+    let alice = address("alice@steps.example");
+    let alice1 = record(&alice, 8, 0, 1);
+    writer.sync(&alice, Some(&alice1), 10).await.unwrap();
+    for n in 1..8u64 {
+        let other = address(&format!("user{n}@steps.example"));
+        writer
+            .sync(&other, Some(&record(&other, 8, n, 1)), 10 + n)
+            .await
+            .unwrap();
+    }
+    let first = reader.stored_heads(1, 1).await.unwrap().remove(0);
+    let latest = reader.answer(&alice, 30).await.unwrap().head.head.epoch;
+    assert_eq!(latest, 8, "steps: one epoch per publication");
+    let budget = |epochs: u64, changes: usize, bytes: usize| StepBudget {
+        bytes,
+        changes,
+        epochs,
+    };
+    // Each budget and the epochs its steps reach.
+    for (what, b, reached) in [
+        ("3 epochs", budget(3, 1 << 20, 1 << 20), vec![4, 7, 8]),
+        ("2 changes", budget(1024, 2, 1 << 20), vec![3, 5, 7, 8]),
+        ("everything", budget(1024, 1 << 20, 1 << 20), vec![8]),
+    ] {
+        let mut remembered = first.head.clone();
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            let answer = reader
+                .answer_stepped(&alice, Some(remembered.epoch), Some(b), 31)
+                .await
+                .unwrap_or_else(|e| panic!("steps ({what}): {e}"));
+            let answer = LogAnswer::parse(&answer.to_text().unwrap())
+                .unwrap_or_else(|e| panic!("steps ({what}): the text: {e}"));
+            answer
+                .verify(&head_key, &alice, Served::Key(&alice1.key))
+                .await
+                .unwrap_or_else(|e| panic!("steps ({what}): the lookup: {e}"));
+            match answer.verify_step(&head_key, &remembered).await {
+                Ok(Some((head, _))) => {
+                    let stored = reader
+                        .stored_heads(head.head.epoch, head.head.epoch)
+                        .await
+                        .unwrap();
+                    assert_eq!(stored, vec![head.clone()], "steps ({what}): a stored head");
+                    got.push(head.head.epoch);
+                    remembered = head.head;
+                }
+                Ok(None) => {
+                    answer
+                        .verify_extends(&remembered)
+                        .await
+                        .unwrap_or_else(|e| panic!("steps ({what}): the rest: {e}"));
+                    got.push(answer.head.head.epoch);
+                    break;
+                }
+                Err(e) => panic!("steps ({what}): {e}"),
+            }
+        }
+        assert_eq!(got, reached, "steps ({what}): the epochs reached");
+    }
+    // Not even the first step fits: `too-far`, nothing built; the same from a newer epoch
+    // with room for its step passes.
+    let tight = budget(1024, 1 << 20, STEP_ELEMENT_BYTES);
+    let far = reader
+        .answer_stepped(&alice, Some(1), Some(tight), 32)
+        .await
+        .unwrap();
+    assert_eq!(
+        (far.too_far, far.append_only.is_none()),
+        (Some(1), true),
+        "steps: a first step over the budget is too far"
+    );
+    // Without a budget: today's single proof, bounded by epochs only.
+    let whole = reader.answer_since(&alice, Some(1), 33).await.unwrap();
+    whole.verify_extends(&first.head).await.unwrap();
+    assert!(whole.append_only.is_some_and(|a| a.step.is_none()));
 }
 
 fn batch(nodes: &[(&[u8], &[u8])], root: Option<RootWrite>) -> RecordBatch {

@@ -14,6 +14,21 @@
 //! append-only 5 <base64 of the append-only proof from epoch 5>   (only with ?since=5)
 //! ```
 //!
+//! Instead of the `append-only` line, a `?since=` answer may carry one of (docs/TRANSPARENCY.md,
+//! "Catching up in steps"; HTTP only with `&steps=1`, version 3 replies always):
+//!
+//! ```text
+//! append-step 5 9 <root hex> <signed-at> <signature hex> <base64 of the proof from 5 to 9>
+//! too-far 5
+//! ```
+//!
+//! `append-step`: the whole proof from 5 is larger than one answer carries ([`StepBudget`]),
+//! so this is its first part, up to the signed head of epoch 9 (the answer's domain and VRF
+//! key, the root, time and signature given): the client verifies it, remembers that head and
+//! asks again from 9. `too-far`: even the step of epoch 5 alone is over the budget (akd builds
+//! every step from the latest tree, so a client far behind in changes has large steps): no
+//! proof is built; the client starts again from a witness-cosigned head or re-pins.
+//!
 //! Lines 2 to 6 are the head exactly as signed ([`Head::message`] without its context
 //! line), the signature is the domain's head key's over that message, and the last line is
 //! [`super::wire`]'s encoding of the lookup or absence proof against that head. `/head`
@@ -35,7 +50,7 @@ use super::directory::AbsenceProof;
 use super::entry::{DirectoryEntry, EntryState};
 use super::head::{Head, SignedHead};
 use super::verify::{
-    append_only_roots, verify_absence, verify_append_only, verify_append_only_from, verify_lookup,
+    append_only_roots, verify_absence, verify_append_only, verify_append_only_roots, verify_lookup,
 };
 use super::witness::Witnessed;
 use super::{Result, TransparencyError, wire};
@@ -54,9 +69,46 @@ pub const HEAD_CONTEXT: &str = "kst-log-head-v1";
 pub const MAX_ANSWER: usize = 2 * wire::MAX_LOOKUP_PROOF;
 /// Largest answer text accepted with an append-only proof (`?since=`).
 pub const MAX_ANSWER_WITH_AUDIT: usize = MAX_ANSWER + wire::MAX_AUDIT_PROOF * 4 / 3 + 64;
-/// The most epochs one `?since=` proof spans; a client further behind is told to re-pin
-/// (the server would otherwise build arbitrarily long proofs for anyone who asks).
+/// The most epochs one `?since=` proof spans without steps (an HTTP client that does not ask
+/// for `steps=1`); a client further behind is told to re-pin (the server would otherwise
+/// build arbitrarily long proofs for anyone who asks). With steps, [`StepBudget`] bounds each
+/// answer by bytes and changes instead.
 pub const MAX_SINCE_EPOCHS: u64 = 4096;
+
+/// What one `?since=` answer's append-only proof may hold: the server counts each step before
+/// it builds it ([`super::directory::KeyDirectory::audit_step_count`]) and stops before the
+/// budget is exceeded; a first step over it is refused unbuilt (`too-far`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepBudget {
+    /// Bytes of the encoded proof (estimated as [`STEP_ELEMENT_BYTES`] per element, checked
+    /// once built).
+    pub bytes: usize,
+    /// Leaves inserted across the steps (two per change of an address): what a client's
+    /// verification rebuilds.
+    pub changes: usize,
+    /// Epochs.
+    pub epochs: u64,
+}
+
+/// Bytes one proof element (a node label and its value) takes in the encoded proof, at most
+/// (about 76 measured).
+pub const STEP_ELEMENT_BYTES: usize = 80;
+
+/// The budget of an HTTP answer: 4 MiB of proof (at 10⁶ entries a client verifies about
+/// 1 MB a second), 32 768 inserted leaves, 1024 epochs.
+pub const HTTP_STEP_BUDGET: StepBudget = StepBudget {
+    bytes: 4 << 20,
+    changes: 32_768,
+    epochs: 1024,
+};
+
+/// The budget inside a version 3 reply, whose answer block holds at most 2 MiB (the proof in
+/// base64 and the rest of the answer): 1 MiB of proof.
+pub const REPLY_STEP_BUDGET: StepBudget = StepBudget {
+    bytes: 1 << 20,
+    changes: 16_384,
+    epochs: 1024,
+};
 
 /// The proof in an answer, in [`super::wire`]'s encoding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,8 +124,12 @@ pub enum AnswerProof {
 pub struct AppendOnlyFrom {
     /// The older epoch (the one the client remembers).
     pub from: u64,
-    /// akd's append-only proof from `from` to the answer's epoch, in [`wire`]'s encoding.
+    /// akd's append-only proof from `from` to the answer's epoch (or to `step`'s), in
+    /// [`wire`]'s encoding.
     pub proof: Vec<u8>,
+    /// A step of a catch-up: the proof ends at this signed head, older than the answer's
+    /// (`append-step`); `None`: it reaches the answer's head (`append-only`).
+    pub step: Option<SignedHead>,
 }
 
 /// A signed head and the proof for one address against it.
@@ -85,8 +141,11 @@ pub struct LogAnswer {
     pub proof: AnswerProof,
     /// The witnesses' part (v2 answers).
     pub witnessed: Option<Witnessed>,
-    /// With `?since=`: the append-only proof from that epoch to `head`.
+    /// With `?since=`: the append-only proof from that epoch to `head` (or a step of it).
     pub append_only: Option<AppendOnlyFrom>,
+    /// With `?since=`: the epoch the server refused to prove from, unbuilt, because even its
+    /// first step is over the budget (`too-far`).
+    pub too_far: Option<u64>,
 }
 
 /// What the KST served for the address the answer is about.
@@ -141,9 +200,44 @@ impl LogAnswer {
             Some(w) => (WITNESSED_ANSWER_CONTEXT, w.to_lines()?),
             None => (ANSWER_CONTEXT, String::new()),
         };
-        let append_only = match &self.append_only {
-            Some(a) => format!("append-only {} {}\n", a.from, B64.encode(&a.proof)),
-            None => String::new(),
+        let append_only = match (&self.append_only, self.too_far) {
+            (
+                Some(AppendOnlyFrom {
+                    step: None,
+                    from,
+                    proof,
+                }),
+                _,
+            ) => {
+                format!("append-only {from} {}\n", B64.encode(proof))
+            }
+            (
+                Some(AppendOnlyFrom {
+                    step: Some(h),
+                    from,
+                    proof,
+                }),
+                _,
+            ) => {
+                if (h.head.domain.as_str(), h.head.vrf_public_key)
+                    != (
+                        self.head.head.domain.as_str(),
+                        self.head.head.vrf_public_key,
+                    )
+                {
+                    return Err(malformed("a step's head of another directory"));
+                }
+                format!(
+                    "append-step {from} {} {} {} {} {}\n",
+                    h.head.epoch,
+                    hex::encode(h.head.root_hash),
+                    h.head.signed_at,
+                    hex::encode(h.signature),
+                    B64.encode(proof)
+                )
+            }
+            (None, Some(from)) => format!("too-far {from}\n"),
+            (None, None) => String::new(),
         };
         Ok(format!(
             "{context}\n{}{kind} {}\n{append_only}{witnessed}",
@@ -184,22 +278,48 @@ impl LogAnswer {
             return Err(malformed("the proof is too large"));
         }
         let mut lines = lines.peekable();
-        let append_only = match lines.peek().and_then(|l| l.strip_prefix("append-only ")) {
-            None => None,
-            Some(rest) => {
-                let (from, b64) = rest
-                    .split_once(' ')
-                    .ok_or_else(|| malformed("a bad `append-only` line"))?;
-                let a = AppendOnlyFrom {
-                    from: number(from)?,
-                    proof: B64
-                        .decode(b64)
-                        .map_err(|_| malformed("the append-only proof is not base64"))?,
-                };
-                lines.next();
-                Some(a)
-            }
+        let (mut append_only, mut too_far) = (None, None);
+        let b64 = |b64: &str| {
+            B64.decode(b64)
+                .map_err(|_| malformed("the append-only proof is not base64"))
         };
+        if let Some(rest) = lines.peek().and_then(|l| l.strip_prefix("append-only ")) {
+            let (from, proof) = rest
+                .split_once(' ')
+                .ok_or_else(|| malformed("a bad `append-only` line"))?;
+            append_only = Some(AppendOnlyFrom {
+                from: number(from)?,
+                proof: b64(proof)?,
+                step: None,
+            });
+            lines.next();
+        } else if let Some(rest) = lines.peek().and_then(|l| l.strip_prefix("append-step ")) {
+            let f: Vec<&str> = rest.split(' ').collect();
+            let [from, to, root, signed_at, signature, proof] = f[..] else {
+                return Err(malformed("a bad `append-step` line"));
+            };
+            let mut sig = [0u8; 64];
+            hex::decode_to_slice(signature, &mut sig)
+                .map_err(|_| malformed("the step's signature is not 128 hex digits"))?;
+            append_only = Some(AppendOnlyFrom {
+                from: number(from)?,
+                proof: b64(proof)?,
+                step: Some(SignedHead {
+                    head: Head {
+                        domain: head.head.domain.clone(),
+                        epoch: number(to)?,
+                        root_hash: hex32(root)?,
+                        vrf_public_key: head.head.vrf_public_key,
+                        signed_at: number(signed_at)?,
+                    },
+                    signature: sig,
+                }),
+            });
+            lines.next();
+        } else if let Some(rest) = lines.peek().and_then(|l| l.strip_prefix("too-far ")) {
+            too_far = Some(number(rest)?);
+            lines.next();
+        }
         let witnessed = if v2 {
             Some(Witnessed::parse_lines(&head, lines)?)
         } else if lines.next().is_some() {
@@ -212,6 +332,7 @@ impl LogAnswer {
             proof,
             witnessed,
             append_only,
+            too_far,
         })
     }
 
@@ -289,9 +410,15 @@ impl LogAnswer {
     /// `remembered`'s epoch. Any failure is [`TransparencyError::Verification`]: a fork or a
     /// rollback. The caller has verified the answer's head signature.
     pub async fn verify_extends(&self, remembered: &Head) -> Result<()> {
+        self.extends(remembered).await.map(|_| ())
+    }
+
+    /// [`LogAnswer::verify_extends`], returning the roots the verified proof establishes
+    /// (epoch and root of every epoch after `remembered`'s up to the answer's).
+    async fn extends(&self, remembered: &Head) -> Result<Vec<(u64, [u8; 32])>> {
         let new = &self.head.head;
         if new.epoch <= remembered.epoch {
-            return verify_append_only_from(
+            return verify_append_only_roots(
                 remembered,
                 new,
                 akd::AppendOnlyProof {
@@ -301,12 +428,19 @@ impl LogAnswer {
             )
             .await;
         }
+        if let Some(step) = self.append_only.as_ref().and_then(|a| a.step.as_ref()) {
+            return Err(TransparencyError::Verification(format!(
+                "{}: the answer at epoch {} carries a step of the append-only proof (to epoch \
+                 {}), not the proof to its own head",
+                new.domain, new.epoch, step.head.epoch
+            )));
+        }
         if remembered.epoch == 0 {
             // The empty tree: every later state of the same directory extends it.
             return if remembered.domain == new.domain
                 && remembered.vrf_public_key == new.vrf_public_key
             {
-                Ok(())
+                Ok(vec![(new.epoch, new.root_hash)])
             } else {
                 Err(TransparencyError::Verification(format!(
                     "{}: the heads belong to different directories",
@@ -327,7 +461,66 @@ impl LogAnswer {
                 new.domain, a.from, remembered.epoch
             )));
         }
-        verify_append_only_from(remembered, new, wire::decode_audit(&a.proof)?).await
+        verify_append_only_roots(remembered, new, wire::decode_audit(&a.proof)?).await
+    }
+
+    /// A step of a catch-up (`append-step`, [`AppendOnlyFrom::step`]): the step's head is
+    /// signed by `head_key`, belongs to the answer's directory, lies after `remembered` and
+    /// before the answer's epoch, and the step's proof from exactly `remembered`'s epoch
+    /// verifies up to it. Returns the step's head and the roots the proof establishes (the
+    /// client remembers them, then asks again from the step's epoch). `Ok(None)`: the answer
+    /// carries no step. Any failure is [`TransparencyError::Verification`] or
+    /// [`TransparencyError::Signature`]: an attack.
+    pub async fn verify_step(
+        &self,
+        head_key: &[u8; 32],
+        remembered: &Head,
+    ) -> Result<Option<(SignedHead, Vec<(u64, [u8; 32])>)>> {
+        let Some(AppendOnlyFrom {
+            from,
+            proof,
+            step: Some(step),
+        }) = &self.append_only
+        else {
+            return Ok(None);
+        };
+        let new = &self.head.head;
+        let fail = |what: String| {
+            TransparencyError::Verification(format!(
+                "{}: the append-only step from epoch {from} to {}: {what}",
+                new.domain, step.head.epoch
+            ))
+        };
+        step.verify(head_key)?;
+        if (step.head.domain.as_str(), step.head.vrf_public_key)
+            != (new.domain.as_str(), new.vrf_public_key)
+        {
+            return Err(fail("its head belongs to another directory".into()));
+        }
+        if *from != remembered.epoch {
+            return Err(fail(format!(
+                "it starts at epoch {from}, not at the remembered epoch {}",
+                remembered.epoch
+            )));
+        }
+        if step.head.epoch <= remembered.epoch || step.head.epoch >= new.epoch {
+            return Err(fail(format!(
+                "its head is not between the remembered epoch {} and the answer's {}",
+                remembered.epoch, new.epoch
+            )));
+        }
+        let roots = if remembered.epoch == 0 {
+            // The empty tree: every later state of the same directory extends it.
+            if (remembered.domain.as_str(), remembered.vrf_public_key)
+                != (new.domain.as_str(), new.vrf_public_key)
+            {
+                return Err(fail("the heads belong to different directories".into()));
+            }
+            vec![(step.head.epoch, step.head.root_hash)]
+        } else {
+            verify_append_only_roots(remembered, &step.head, wire::decode_audit(proof)?).await?
+        };
+        Ok(Some((step.clone(), roots)))
     }
 }
 
@@ -340,17 +533,25 @@ impl LogAnswer {
     /// `asked` is `remembered`'s epoch, the answer is not newer than `remembered`, or its proof
     /// does not start at `asked`) it is [`LogAnswer::verify_extends`] from `remembered`. Any
     /// failure is [`TransparencyError::Verification`]: a fork or a rollback.
-    pub async fn verify_extends_via(&self, asked: Option<&Head>, remembered: &Head) -> Result<()> {
+    ///
+    /// Returns the roots the verified proof establishes (epoch and root of every epoch it
+    /// covers after its start, up to the answer's).
+    pub async fn verify_extends_via(
+        &self,
+        asked: Option<&Head>,
+        remembered: &Head,
+    ) -> Result<Vec<(u64, [u8; 32])>> {
         let new = &self.head.head;
         let (Some(asked), Some(a)) = (asked, &self.append_only) else {
-            return self.verify_extends(remembered).await;
+            return self.extends(remembered).await;
         };
         if asked.epoch == 0
             || asked.epoch >= remembered.epoch
             || new.epoch <= remembered.epoch
             || a.from != asked.epoch
+            || a.step.is_some()
         {
-            return self.verify_extends(remembered).await;
+            return self.extends(remembered).await;
         }
         let proof = wire::decode_audit(&a.proof)?;
         let roots = append_only_roots(&proof).await?;
@@ -368,7 +569,8 @@ impl LogAnswer {
             )));
         }
         let intermediate = roots.split_last().map_or(&[][..], |(_, rest)| rest);
-        verify_append_only(asked, new, intermediate, proof).await
+        verify_append_only(asked, new, intermediate, proof).await?;
+        Ok((asked.epoch + 1..=new.epoch).zip(roots).collect())
     }
 }
 

@@ -358,4 +358,97 @@ impl<S: Database + 'static> KeyDirectory<S> {
     pub async fn audit(&self, from: u64, to: u64) -> Result<AppendOnlyProof> {
         Ok(self.directory.audit(from, to).await?)
     }
+
+    /// How many elements the append-only proof's step from `epoch` to `epoch + 1` holds when
+    /// built now (what akd's audit would put in it: the unchanged subtree roots and the
+    /// inserted leaves), counted by walking the tree level by level (node reads only: nothing
+    /// hashed, nothing encoded), or `None` as soon as it holds more than `cap` elements (the
+    /// walk stops there: at most about `4 * cap` nodes are read). akd builds every step from
+    /// the latest tree, so the step of an old epoch lists every subtree the later epochs
+    /// split: the steps of a client far behind are the large ones, and this is how the server
+    /// finds out before it builds one (docs/TRANSPARENCY.md, "Catching up in steps").
+    pub async fn audit_step_count(&self, epoch: u64, cap: usize) -> Result<Option<StepCount>> {
+        use akd::tree_node::{NodeKey, TreeNodeWithPreviousValue};
+        let latest = self.azks().await?.get_latest_epoch();
+        if epoch >= latest {
+            return Err(TransparencyError::Range(format!(
+                "no append-only step from epoch {epoch}: the latest is {latest}"
+            )));
+        }
+        let mut count = StepCount::default();
+        let mut level = vec![NodeKey(akd::NodeLabel::root())];
+        let mut reads = 0usize;
+        let read_cap = cap.saturating_mul(4).saturating_add(64);
+        while !level.is_empty() {
+            reads += level.len();
+            if reads > read_cap {
+                return Ok(None);
+            }
+            let records = self
+                .storage
+                .batch_get::<TreeNodeWithPreviousValue>(&level)
+                .await
+                .map_err(|e| TransparencyError::Directory(e.to_string()))?;
+            if records.len() != level.len() {
+                return Err(TransparencyError::Directory(format!(
+                    "the tree lacks {} of {} nodes the append-only step from epoch {epoch} \
+                     needs",
+                    level.len() - records.len(),
+                    level.len()
+                )));
+            }
+            let mut next = Vec::new();
+            for record in records {
+                let DbRecord::TreeNode(record) = record else {
+                    return Err(TransparencyError::Directory(
+                        "a tree node record has the wrong kind".into(),
+                    ));
+                };
+                // The node as of the latest epoch (a commit under way may have written newer
+                // ones: akd then reads the previous value, so does this).
+                let node = match (&record.latest_node, &record.previous_node) {
+                    (n, _) if n.last_epoch <= latest => n,
+                    (_, Some(p)) => p,
+                    (_, None) => {
+                        return Err(TransparencyError::Directory(
+                            "a tree node newer than the latest epoch has no previous value".into(),
+                        ));
+                    }
+                };
+                if node.last_epoch <= epoch {
+                    if node.node_type != akd::tree_node::TreeNodeType::Root {
+                        count.unchanged += 1;
+                    }
+                } else if node.min_descendant_epoch > epoch + 1 {
+                } else if node.node_type == akd::tree_node::TreeNodeType::Leaf {
+                    count.inserted += 1;
+                } else {
+                    next.extend(node.left_child.map(NodeKey));
+                    next.extend(node.right_child.map(NodeKey));
+                }
+                if count.unchanged + count.inserted > cap {
+                    return Ok(None);
+                }
+            }
+            level = next;
+        }
+        Ok(Some(count))
+    }
+}
+
+/// The size of one step of an append-only proof ([`KeyDirectory::audit_step_count`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepCount {
+    /// Unchanged subtree roots (what the step's older root is computed from).
+    pub unchanged: usize,
+    /// Leaves inserted in the step (two per change of an address: its new position and the
+    /// previous version's stale marker).
+    pub inserted: usize,
+}
+
+impl StepCount {
+    /// Elements in all.
+    pub fn elements(&self) -> usize {
+        self.unchanged + self.inserted
+    }
 }

@@ -40,7 +40,8 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
 use super::answer::{
-    AnswerProof, AppendOnlyFrom, LogAnswer, MAX_SINCE_EPOCHS, head_text, parse_head,
+    AnswerProof, AppendOnlyFrom, LogAnswer, MAX_SINCE_EPOCHS, STEP_ELEMENT_BYTES, StepBudget,
+    head_text, parse_head,
 };
 use super::backfill::{self, Backfill, Filler};
 use super::directory::{KeyDirectory, LookupAnswer};
@@ -138,6 +139,8 @@ pub struct DomainLog {
     cosigning: tokio::sync::Mutex<()>,
     /// Changes waiting (or being recorded) per address ([`MAX_QUEUED_PER_ADDRESS`]).
     queued_per_address: std::sync::Mutex<std::collections::HashMap<Address, usize>>,
+    /// The operator's bound on every stepped answer's budget (`[transparency] step_max_*`).
+    step_limit: Option<StepBudget>,
 }
 
 /// One change of an address counted in [`DomainLog::queued_per_address`] until it is
@@ -215,6 +218,8 @@ enum Request {
     Answer {
         address: Address,
         since: Option<u64>,
+        /// Steps within this budget instead of one proof ([`DomainLog::answer_stepped`]).
+        steps: Option<StepBudget>,
         now: u64,
         reply: oneshot::Sender<Result<LogAnswer>>,
     },
@@ -506,6 +511,7 @@ impl DomainLog {
             store,
             cosigning: tokio::sync::Mutex::new(()),
             queued_per_address: std::sync::Mutex::new(std::collections::HashMap::new()),
+            step_limit: None,
         })
     }
 
@@ -889,13 +895,47 @@ impl DomainLog {
         since: Option<u64>,
         now: u64,
     ) -> Result<LogAnswer> {
+        self.answer_stepped(address, since, None, now).await
+    }
+
+    /// [`DomainLog::answer_since`] bounded by `steps` instead of [`MAX_SINCE_EPOCHS`]: the
+    /// append-only proof from `since` is counted step by step before it is built
+    /// ([`KeyDirectory::audit_step_count`](super::directory::KeyDirectory::audit_step_count));
+    /// what fits in the budget is built: the whole proof to the answer's epoch, or its first
+    /// steps up to an older signed head ([`AppendOnlyFrom::step`]: the client verifies them,
+    /// remembers that head and asks again). When not even the step of `since` itself fits,
+    /// nothing is built and the answer says so ([`LogAnswer::too_far`]). `steps: None` is
+    /// [`DomainLog::answer_since`].
+    pub async fn answer_stepped(
+        &self,
+        address: &Address,
+        since: Option<u64>,
+        steps: Option<StepBudget>,
+        now: u64,
+    ) -> Result<LogAnswer> {
+        let steps = match (steps, self.step_limit) {
+            (Some(b), Some(l)) => Some(StepBudget {
+                bytes: b.bytes.min(l.bytes),
+                changes: b.changes.min(l.changes),
+                epochs: b.epochs.min(l.epochs),
+            }),
+            (b, _) => b,
+        };
         self.ask(|reply| Request::Answer {
             address: address.clone(),
             since,
+            steps,
             now,
             reply,
         })
         .await
+    }
+
+    /// Bounds every budget [`DomainLog::answer_stepped`] is given by `limit` (the operator's
+    /// `[transparency] step_max_*`: smaller steps for slow clients, or tests).
+    pub fn with_step_limit(mut self, limit: StepBudget) -> Self {
+        self.step_limit = Some(limit);
+        self
     }
 
     /// Every version of `address` the directory recorded (the newest
@@ -1090,10 +1130,11 @@ impl Worker {
             Request::Answer {
                 address,
                 since,
+                steps,
                 now,
                 reply,
             } => {
-                let _ = reply.send(self.answer(&address, since, now).await);
+                let _ = reply.send(self.answer(&address, since, steps, now).await);
             }
             Request::History {
                 address,
@@ -1445,13 +1486,19 @@ impl Worker {
 
     /// [`Worker::answer_once`], again when another process committed meanwhile (a proof
     /// built across a commit can fail to read the old epoch's nodes).
-    async fn answer(&self, address: &Address, since: Option<u64>, now: u64) -> Result<LogAnswer> {
+    async fn answer(
+        &self,
+        address: &Address,
+        since: Option<u64>,
+        steps: Option<StepBudget>,
+        now: u64,
+    ) -> Result<LogAnswer> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             self.refresh().await;
             let built_on = self.current().await.ok().map(|(e, _)| e);
-            match self.answer_once(address, since, now).await {
+            match self.answer_once(address, since, steps, now).await {
                 Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
                     tracing::debug!(error = %e, "directory epoch moved during a lookup; again");
                     back_off(attempt).await;
@@ -1501,6 +1548,7 @@ impl Worker {
         &self,
         address: &Address,
         since: Option<u64>,
+        steps: Option<StepBudget>,
         now: u64,
     ) -> Result<LogAnswer> {
         let (head, proof) = match self.dir()?.lookup(address).await? {
@@ -1517,8 +1565,39 @@ impl Worker {
                 AnswerProof::Absent(wire::encode_absence(&proof)?),
             ),
         };
-        let append_only = match since {
-            Some(from) if from > 0 && from < head.head.epoch => {
+        let latest = head.head.epoch;
+        let mut too_far = None;
+        let append_only = match (since, steps) {
+            (Some(from), Some(budget)) if from > 0 && from < latest => {
+                match self.plan_steps(from, latest, budget).await? {
+                    None => {
+                        too_far = Some(from);
+                        None
+                    }
+                    Some(to) => {
+                        let proof = wire::encode_audit(&self.dir()?.audit(from, to).await?)?;
+                        if proof.len() > budget.bytes {
+                            tracing::warn!(
+                                from,
+                                to,
+                                bytes = proof.len(),
+                                budget = budget.bytes,
+                                "an append-only step is larger than counted"
+                            );
+                        }
+                        let step = match to == latest {
+                            true => None,
+                            false => Some(self.head_at(to, now).await?.ok_or_else(|| {
+                                TransparencyError::Directory(format!(
+                                    "no head for epoch {to}, where an append-only step ends"
+                                ))
+                            })?),
+                        };
+                        Some(AppendOnlyFrom { from, proof, step })
+                    }
+                }
+            }
+            (Some(from), None) if from > 0 && from < head.head.epoch => {
                 if head.head.epoch - from > MAX_SINCE_EPOCHS {
                     return Err(TransparencyError::Range(format!(
                         "since={from}: more than {MAX_SINCE_EPOCHS} epochs before the latest \
@@ -1530,6 +1609,7 @@ impl Worker {
                 Some(AppendOnlyFrom {
                     from,
                     proof: wire::encode_audit(&proof)?,
+                    step: None,
                 })
             }
             _ => None,
@@ -1539,7 +1619,36 @@ impl Worker {
             proof,
             witnessed: None,
             append_only,
+            too_far,
         })
+    }
+
+    /// How far from `from` (toward `latest`) one answer's append-only proof reaches within
+    /// `budget`, each step counted before anything is built; `None` when the step of `from`
+    /// alone is over it (the answer is then `too-far`, built from nothing).
+    async fn plan_steps(&self, from: u64, latest: u64, budget: StepBudget) -> Result<Option<u64>> {
+        let max_elements = budget.bytes / STEP_ELEMENT_BYTES;
+        let (mut elements, mut inserted, mut to) = (0usize, 0usize, from);
+        while to < latest && to - from < budget.epochs {
+            let left = max_elements.saturating_sub(elements);
+            match self.dir()?.audit_step_count(to, left).await? {
+                Some(c) if inserted + c.inserted <= budget.changes => {
+                    elements += c.elements();
+                    inserted += c.inserted;
+                    to += 1;
+                }
+                _ => break,
+            }
+        }
+        tracing::debug!(
+            from,
+            to,
+            latest,
+            elements,
+            inserted,
+            "append-only steps counted"
+        );
+        Ok((to > from).then_some(to))
     }
 
     /// The stored head of `epoch` if it is the latest; else a head stored for it, if any.

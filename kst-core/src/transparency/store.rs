@@ -23,6 +23,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::TransparencyError;
+use super::answer::REPLY_STEP_BUDGET;
 use super::log::{CurrentKeys, DomainLog, StoreKeys, Synced};
 use crate::error::{Component, Error, Result};
 use crate::fingerprint::{Fingerprint, KeyId};
@@ -173,15 +174,13 @@ impl crate::reply::LogAnswers for TransparentStore {
         };
         let unavailable = |e: TransparencyError| Error::unavailable(COMPONENT, e);
         let now = time::unix_now();
-        let mut answer = match log.answer_since(address, ask.since, now).await {
-            // Too far back for one proof: the answer without it; the client sees that it
-            // lacks the proof it needs and says to pin again (as HTTP's 422 does).
-            Err(TransparencyError::Range(why)) => {
-                tracing::info!(address = %address, since = ?ask.since, why = %why, "KST-Log-Since ignored");
-                log.answer(address, now).await.map_err(unavailable)?
-            }
-            a => a.map_err(unavailable)?,
-        };
+        // The append-only proof from the client's remembered epoch, or its first steps, within
+        // what a reply carries; `too-far` when not even the first step fits (the client then
+        // starts from a witness-cosigned head or re-pins).
+        let mut answer = log
+            .answer_stepped(address, ask.since, Some(REPLY_STEP_BUDGET), now)
+            .await
+            .map_err(unavailable)?;
         if ask.witnessed {
             answer.witnessed = log
                 .witnessed(&answer.head, &self.witnesses)

@@ -781,6 +781,7 @@ async fn answer_since(
         Some(from) if from < h.head.epoch => Some(AppendOnlyFrom {
             from,
             proof: wire::encode_audit(&dir.audit(from, h.head.epoch).await.unwrap()).unwrap(),
+            step: None,
         }),
         _ => None,
     };
@@ -789,6 +790,7 @@ async fn answer_since(
         proof: AnswerProof::Present(wire::encode_lookup(&lookup_proof(dir, a).await).unwrap()),
         witnessed: None,
         append_only,
+        too_far: None,
     };
     // Through the text and back, as a client receives it.
     LogAnswer::parse(&answer.to_text().unwrap()).unwrap()
@@ -1155,4 +1157,174 @@ async fn history_pages_prove_every_older_version_and_refuse_gaps() {
             .is_err()
     );
     assert!(HistoryPage::parse("kst-log-history-page-v1\n").is_err());
+}
+
+/// The server counts an append-only step before it builds it (`audit_step_count`): the
+/// count is exactly the elements akd's proof of that step holds, for every epoch, with a
+/// cap that stops the walk; a step of an old epoch grows as later epochs split its subtrees.
+#[tokio::test]
+async fn an_append_only_step_is_counted_exactly_before_it_is_built() {
+    let (_, _, dir) = fresh().await;
+    for e in 0..6u64 {
+        let batch: Vec<_> = (0..(1 + 7 * (e % 3)))
+            .map(|i| first(&format!("u{e}-{i}@example.net"), &[e as u8, i as u8]))
+            .collect();
+        publish(&dir, &batch).await;
+    }
+    let (latest, _) = dir.current().await.unwrap();
+    assert_eq!(latest, 6);
+    let mut sizes = Vec::new();
+    for epoch in 0..latest {
+        let proof = dir.audit(epoch, epoch + 1).await.unwrap();
+        let step = &proof.proofs[0];
+        let count = dir
+            .audit_step_count(epoch, usize::MAX / 8)
+            .await
+            .unwrap()
+            .expect("no cap");
+        assert_eq!(
+            (count.unchanged, count.inserted),
+            (step.unchanged_nodes.len(), step.inserted.len()),
+            "step {epoch} -> {}",
+            epoch + 1
+        );
+        // Just under the count: over the cap, the walk stops.
+        if count.elements() > 0 {
+            assert_eq!(
+                dir.audit_step_count(epoch, count.elements() - 1)
+                    .await
+                    .unwrap(),
+                None
+            );
+        }
+        sizes.push(count.elements());
+    }
+    eprintln!("elements of each one-epoch step, built at epoch {latest}: {sizes:?}");
+    assert!(dir.audit_step_count(latest, 10).await.is_err());
+}
+
+/// A stepped answer's text round trip, and what a client checks of a step: the step's head
+/// is signed, of the answer's directory, between the remembered epoch and the answer's, and
+/// the proof from exactly the remembered epoch reaches it; then the next step from there.
+#[tokio::test]
+async fn append_only_steps_verify_one_after_another_and_forgeries_fail() {
+    use super::answer::{AnswerProof, AppendOnlyFrom, LogAnswer};
+    let (signer, honest, forked, alice, h1) = twins().await;
+    let mut heads = vec![h1.clone()];
+    for i in 0..5 {
+        publish_each(&honest, "user", i..i + 1).await;
+        heads.push(head(&honest, &signer).await);
+    }
+    let h6 = heads[5].clone();
+    assert_eq!(h6.head.epoch, 6);
+    let lookup = wire::encode_lookup(&lookup_proof(&honest, &alice).await).unwrap();
+    let stepped = |from: u64, proof: Vec<u8>, step: Option<SignedHead>| LogAnswer {
+        head: h6.clone(),
+        proof: AnswerProof::Present(lookup.clone()),
+        witnessed: None,
+        append_only: Some(AppendOnlyFrom { from, proof, step }),
+        too_far: None,
+    };
+    let key = signer.public_key();
+    // 1 -> 3 (a step), 3 -> 5 (a step), 5 -> 6 (the rest): each verified from the last.
+    let mut remembered = h1.head.clone();
+    for (from, to) in [(1u64, 3u64), (3, 5)] {
+        let proof = wire::encode_audit(&honest.audit(from, to).await.unwrap()).unwrap();
+        let answer = stepped(from, proof, Some(heads[to as usize - 1].clone()));
+        let answer = LogAnswer::parse(&answer.to_text().unwrap()).unwrap();
+        assert!(
+            answer.verify_extends(&remembered).await.is_err(),
+            "a step is not the proof to the answer's head"
+        );
+        let (head, roots) = answer
+            .verify_step(&key, &remembered)
+            .await
+            .unwrap()
+            .expect("a step");
+        assert_eq!(head.head.epoch, to);
+        assert_eq!(roots.last(), Some(&(to, head.head.root_hash)));
+        assert_eq!(roots.len() as u64, to - from);
+        remembered = head.head;
+    }
+    let rest = wire::encode_audit(&honest.audit(5, 6).await.unwrap()).unwrap();
+    let last = LogAnswer::parse(&stepped(5, rest, None).to_text().unwrap()).unwrap();
+    assert_eq!(last.verify_step(&key, &remembered).await.unwrap(), None);
+    last.verify_extends(&remembered).await.unwrap();
+
+    // Forgeries: a step from another epoch than the remembered one, a step head with another
+    // root (its signature fails), one re-signed with another root (the proof fails), one
+    // signed by another key, one not before the answer's epoch, one of the fork.
+    let proof13 = wire::encode_audit(&honest.audit(1, 3).await.unwrap()).unwrap();
+    let good = stepped(1, proof13.clone(), Some(heads[2].clone()));
+    assert!(good.verify_step(&key, &heads[1].head).await.is_err());
+    let mut bad_root = heads[2].clone();
+    bad_root.head.root_hash = [9; 32];
+    let e = stepped(1, proof13.clone(), Some(bad_root.clone()))
+        .verify_step(&key, &h1.head)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, super::TransparencyError::Signature(_)), "{e}");
+    let resigned = signer.sign(bad_root.head.clone()).unwrap();
+    assert!(
+        stepped(1, proof13.clone(), Some(resigned))
+            .verify_step(&key, &h1.head)
+            .await
+            .is_err()
+    );
+    let other = HeadSigner::generate().sign(heads[2].head.clone()).unwrap();
+    assert!(
+        stepped(1, proof13.clone(), Some(other))
+            .verify_step(&key, &h1.head)
+            .await
+            .is_err()
+    );
+    let proof16 = wire::encode_audit(&honest.audit(1, 6).await.unwrap()).unwrap();
+    assert!(
+        stepped(1, proof16, Some(h6.clone()))
+            .verify_step(&key, &h1.head)
+            .await
+            .is_err(),
+        "a step must end before the answer's epoch"
+    );
+    publish(
+        &forked,
+        &[(alice.clone(), entry(2, EntryState::Published, b"mallory"))],
+    )
+    .await;
+    publish_each(&forked, "other", 0..1).await;
+    let f3 = head(&forked, &signer).await;
+    let fork13 = wire::encode_audit(&forked.audit(1, 3).await.unwrap()).unwrap();
+    // The fork's step verifies from epoch 1 (another continuation)...
+    stepped(1, fork13.clone(), Some(f3.clone()))
+        .verify_step(&key, &h1.head)
+        .await
+        .unwrap();
+    // ... but not spliced with the honest head of 3, nor the honest proof with the fork's head.
+    assert!(
+        stepped(1, fork13, Some(heads[2].clone()))
+            .verify_step(&key, &h1.head)
+            .await
+            .is_err()
+    );
+    assert!(
+        stepped(1, proof13, Some(f3))
+            .verify_step(&key, &h1.head)
+            .await
+            .is_err()
+    );
+    // Garbage in the step line is an error, not a panic; `too-far` round-trips.
+    let text = good.to_text().unwrap();
+    for (from, to) in [
+        ("append-step 1 3 ", "append-step 1 x "),
+        ("append-step 1 3 ", "append-step 1 3 zz "),
+        ("append-step 1 3 ", "append-step "),
+    ] {
+        assert!(LogAnswer::parse(&text.replace(from, to)).is_err(), "{to}");
+    }
+    let mut far = stepped(1, Vec::new(), None);
+    far.append_only = None;
+    far.too_far = Some(1);
+    let far = LogAnswer::parse(&far.to_text().unwrap()).unwrap();
+    assert_eq!((far.too_far, far.append_only.is_none()), (Some(1), true));
+    assert!(far.verify_extends(&h1.head).await.is_err());
 }

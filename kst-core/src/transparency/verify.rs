@@ -269,10 +269,25 @@ pub async fn append_only_roots(proof: &AppendOnlyProof) -> Result<Vec<[u8; 32]>>
 /// [`verify_append_only`] with the intermediate roots taken from the proof itself
 /// ([`append_only_roots`]): what a client that remembers `old` checks of a newer head `new`.
 pub async fn verify_append_only_from(old: &Head, new: &Head, proof: AppendOnlyProof) -> Result<()> {
+    verify_append_only_roots(old, new, proof).await.map(|_| ())
+}
+
+/// [`verify_append_only_from`], returning the roots the verified proof establishes: the root
+/// of every epoch after `old`'s up to `new`'s (the last is `new`'s), oldest first; none when
+/// `new` is not newer. A client keeps them to recognise an older head of the same history
+/// (a reply that arrives after a newer one).
+pub async fn verify_append_only_roots(
+    old: &Head,
+    new: &Head,
+    proof: AppendOnlyProof,
+) -> Result<Vec<(u64, [u8; 32])>> {
     if new.epoch <= old.epoch {
-        return verify_append_only(old, new, &[], proof).await;
+        return verify_append_only(old, new, &[], proof)
+            .await
+            .map(|()| Vec::new());
     }
     let roots = append_only_roots(&proof).await?;
     let intermediate = roots.split_last().map_or(&[][..], |(_, rest)| rest);
-    verify_append_only(old, new, intermediate, proof).await
+    verify_append_only(old, new, intermediate, proof).await?;
+    Ok((old.epoch + 1..=new.epoch).zip(roots).collect())
 }

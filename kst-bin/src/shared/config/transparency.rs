@@ -7,6 +7,13 @@
 //! # Witnesses whose cosignatures `POST .../cosignature` accepts (`kst log witness keygen`
 //! # prints the entry); every lookup answer carries each one's newest cosignature.
 //! witnesses = ["witness.example.org:<64 hex, Ed25519 public key>"]
+//! # Bounds on each answer's append-only proof for a client that remembers an older head
+//! # (`?since=&steps=1`, version 3 replies): 0 keeps the built-in bound (HTTP 4 MiB, 32 768
+//! # inserted leaves, 1024 epochs; replies 1 MiB, 16 384, 1024); a smaller one makes more,
+//! # smaller steps (docs/TRANSPARENCY.md, "Catching up in steps").
+//! step_max_bytes = 0
+//! step_max_changes = 0
+//! step_max_epochs = 0
 //! ```
 //!
 //! Empty `key_file` (the default): no directory. Set, every served domain must have its key
@@ -33,6 +40,13 @@ pub struct TransparencyConfig {
     /// The witnesses whose cosignatures the log accepts, `NAME:HEX` (a name for logs, the
     /// witness's Ed25519 public key in 64 hex digits).
     pub witnesses: Vec<String>,
+    /// The most bytes of append-only proof in one answer to a client that remembers an
+    /// older head; 0: the built-in bound.
+    pub step_max_bytes: u64,
+    /// The most inserted leaves (two per change) in one such answer; 0: the built-in bound.
+    pub step_max_changes: u64,
+    /// The most epochs one such answer's proof spans; 0: the built-in bound.
+    pub step_max_epochs: u64,
 }
 
 /// The most witnesses `[transparency] witnesses` may list.
@@ -80,6 +94,26 @@ impl TransparencyConfig {
         }
     }
 
+    /// The operator's bounds on each stepped answer (`step_max_*`; 0: no bound beyond the
+    /// built-in ones), or `None` when none is set.
+    #[cfg(feature = "transparency")]
+    pub fn step_limit(&self) -> Option<kst_core::transparency::answer::StepBudget> {
+        let or_max = |v: u64| match v {
+            0 => usize::MAX,
+            v => usize::try_from(v).unwrap_or(usize::MAX),
+        };
+        (self.step_max_bytes | self.step_max_changes | self.step_max_epochs != 0).then(|| {
+            kst_core::transparency::answer::StepBudget {
+                bytes: or_max(self.step_max_bytes),
+                changes: or_max(self.step_max_changes),
+                epochs: match self.step_max_epochs {
+                    0 => u64::MAX,
+                    e => e,
+                },
+            }
+        })
+    }
+
     /// Checks what can be checked without reading the key files.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.witness_keys()?;
@@ -107,6 +141,7 @@ mod tests {
         let config = |witnesses: Vec<String>| TransparencyConfig {
             key_file: PathBuf::new(),
             witnesses,
+            ..TransparencyConfig::default()
         };
         let ok = config(vec![format!("w.example.org:{key}")]);
         if cfg!(feature = "transparency") {
