@@ -279,6 +279,64 @@ async fn cancelled_sync_wait_is_never_confirmed(old_primary: &str, new_primary: 
     println!("postgres drill: a commit whose synchronous wait was cancelled was refused: {err}");
 }
 
+/// While both hosts accept writes: a key directory head inserted on the old primary alone
+/// waits in SyncRep; `pg_cancel_backend` ends the wait and the insert returns (the row is
+/// committed there only, visible to every reader of that host). The directory must not serve
+/// it: read back through a directory store on the old primary, the head is a temporary error
+/// (no synchronous standby holds it), not a head. Before `PgDirectoryStore::read_settled`,
+/// the read returned it, and the drill saw an epoch served with two heads once the new
+/// primary committed that epoch again.
+async fn cancelled_head_is_never_served(old_primary: &str) {
+    use kst_core::transparency::DirectoryStore;
+    let store = kst_postgres::PostgresStore::builder(old_primary)
+        .run_migrations(false)
+        .write_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("a store on the old primary alone");
+    let dir = store.inner().directory();
+    let domain = "cancelled-head.example";
+    let insert = tokio::spawn({
+        let dir = dir.clone();
+        async move {
+            dir.insert_head(domain, 1, b"a head only the old primary has")
+                .await
+        }
+    });
+    let mut admin = sqlx::PgConnection::connect(old_primary)
+        .await
+        .expect("admin connection to the old primary");
+    let deadline = Instant::now() + PATIENCE;
+    while !insert.is_finished() {
+        sqlx::query("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep' AND datname = current_database()")
+            .execute(&mut admin)
+            .await
+            .expect("cancel SyncRep waits");
+        assert!(Instant::now() < deadline, "the head insert never returned");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // PostgreSQL reports the insert as done; the row is on the old primary only.
+    let inserted = insert.await.expect("insert task");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM kt_heads WHERE domain = $1")
+        .bind(domain)
+        .fetch_one(&mut admin)
+        .await
+        .expect("count");
+    assert_eq!(
+        n, 1,
+        "the cancelled insert is committed locally: {inserted:?}"
+    );
+    let read = dir.heads(domain, 1, 1).await;
+    match read {
+        Err(e @ kst_core::transparency::DirectoryStoreError::Unavailable(_)) => {
+            println!(
+                "postgres drill: a head whose synchronous wait was cancelled is not served: {e}"
+            )
+        }
+        other => panic!("a head only the old primary holds was read back: {other:?}"),
+    }
+}
+
 #[test]
 fn postgres_failover_drill_loses_no_confirmed_publication() {
     drill(None);
@@ -394,6 +452,9 @@ fn drill(directory: Option<&DrillKeys>) {
         },
     );
     let overlap = promoted.elapsed();
+    if directory.is_some() {
+        rt.block_on(cancelled_head_is_never_served(&on_db(&primary_url, DB)));
+    }
     rt.block_on(cancelled_sync_wait_is_never_confirmed(
         &on_db(&primary_url, DB),
         &on_db(&standby_url, DB),
