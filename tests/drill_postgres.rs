@@ -9,18 +9,23 @@
 //! 0), and every instance follows the new primary by itself (`/readyz`, `/metrics`). Printed:
 //! sent, decided, retried, lost, seconds to recover.
 //!
+//! `postgres_failover_drill_with_the_directory_on_loses_no_key_and_forks_no_epoch`: the same
+//! with `[transparency]` on (issue 18, `kst_tests::directory_drill`): also every confirmed
+//! key at the latest epoch of the directory, no epoch served with two heads, every head served
+//! still the stored one, `kst log audit` from epoch 0.
+//!
 //! Needs root (the script runs PostgreSQL as user postgres). It holds the lock file
 //! `KST_HA_LOCK` (default `/tmp/kst-ha-pg-drill.lock`) for its whole run, so two drills never
 //! share the topology; `scripts/ha-services.sh pg down` at the end leaves nothing running.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kst_core::client::{self, Pending, Verified};
+use kst_tests::directory_drill::{DrillKeys, HeadWatch, WriterTurns, check_directory};
 use kst_tests::serve::{ServeProcess, free_port};
 use kst_tests::{is_root, kst_binary, spool_replies};
 use sqlx::Connection as _;
@@ -84,18 +89,7 @@ fn host_of(url: &str) -> String {
 }
 
 fn http_get(at: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(at).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let status = resp.split(' ').nth(1)?.parse().ok()?;
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
+    kst_tests::directory_drill::get(at, path)
 }
 
 /// One `kst serve` of the pool, in its own working directory (spool under `data/outbox`;
@@ -108,7 +102,8 @@ struct Serve {
 }
 
 impl Serve {
-    fn start(url: &str) -> Serve {
+    /// An instance on `url`; with `directory`, `[transparency]` on with those keys.
+    fn start(url: &str, directory: Option<&DrillKeys>) -> Serve {
         let cwd = tempfile::Builder::new()
             .prefix("kst-drill-pg-")
             .tempdir()
@@ -126,6 +121,9 @@ impl Serve {
                 ("KST_LIMITS__PER_SOURCE_IP", "0".into()),
                 ("KST_LIMITS__PER_SENDER_QUERY", "0".into()),
             ]);
+            if let Some(keys) = directory {
+                cmd.envs(keys.env());
+            }
         });
         Serve {
             serve,
@@ -281,8 +279,82 @@ async fn cancelled_sync_wait_is_never_confirmed(old_primary: &str, new_primary: 
     println!("postgres drill: a commit whose synchronous wait was cancelled was refused: {err}");
 }
 
+/// While both hosts accept writes: a key directory head inserted on the old primary alone
+/// waits in SyncRep; `pg_cancel_backend` ends the wait and the insert returns (the row is
+/// committed there only, visible to every reader of that host). The directory must not serve
+/// it: read back through a directory store on the old primary, the head is a temporary error
+/// (no synchronous standby holds it), not a head. Before `PgDirectoryStore::read_settled`,
+/// the read returned it, and the drill saw an epoch served with two heads once the new
+/// primary committed that epoch again.
+async fn cancelled_head_is_never_served(old_primary: &str) {
+    use kst_core::transparency::DirectoryStore;
+    let store = kst_postgres::PostgresStore::builder(old_primary)
+        .run_migrations(false)
+        .write_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("a store on the old primary alone");
+    let dir = store.inner().directory();
+    let domain = "cancelled-head.example";
+    let insert = tokio::spawn({
+        let dir = dir.clone();
+        async move {
+            dir.insert_head(domain, 1, b"a head only the old primary has")
+                .await
+        }
+    });
+    let mut admin = sqlx::PgConnection::connect(old_primary)
+        .await
+        .expect("admin connection to the old primary");
+    let deadline = Instant::now() + PATIENCE;
+    while !insert.is_finished() {
+        sqlx::query("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep' AND datname = current_database()")
+            .execute(&mut admin)
+            .await
+            .expect("cancel SyncRep waits");
+        assert!(Instant::now() < deadline, "the head insert never returned");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // PostgreSQL reports the insert as done; the row is on the old primary only.
+    let inserted = insert.await.expect("insert task");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM kt_heads WHERE domain = $1")
+        .bind(domain)
+        .fetch_one(&mut admin)
+        .await
+        .expect("count");
+    assert_eq!(
+        n, 1,
+        "the cancelled insert is committed locally: {inserted:?}"
+    );
+    let read = dir.heads(domain, 1, 1).await;
+    match read {
+        Err(e @ kst_core::transparency::DirectoryStoreError::Unavailable(_)) => {
+            println!(
+                "postgres drill: a head whose synchronous wait was cancelled is not served: {e}"
+            )
+        }
+        other => panic!("a head only the old primary holds was read back: {other:?}"),
+    }
+}
+
 #[test]
 fn postgres_failover_drill_loses_no_confirmed_publication() {
+    drill(None);
+}
+
+/// The drill with the key directory on (issue 18, `kst_tests::directory_drill`): besides
+/// the store's checks, every confirmed key is the directory's latest entry at the latest
+/// epoch on the new primary, no epoch was served with two heads (a watcher asks the pool for
+/// the heads throughout, the overlap of two writable hosts included), every head served is
+/// still the one stored for its epoch, and `kst log audit` from epoch 0 passes.
+#[test]
+fn postgres_failover_drill_with_the_directory_on_loses_no_key_and_forks_no_epoch() {
+    let keys_dir = tempfile::tempdir().expect("temp dir");
+    let keys = DrillKeys::write(keys_dir.path(), &["example.test"]);
+    drill(Some(&keys));
+}
+
+fn drill(directory: Option<&DrillKeys>) {
     assert!(
         is_root(),
         "the PostgreSQL drill needs root: scripts/ha-services.sh runs initdb and pg_ctl as \
@@ -316,9 +388,16 @@ fn postgres_failover_drill_loses_no_confirmed_publication() {
         }
     });
 
-    let pool: Vec<Serve> = (0..3).map(|_| Serve::start(&multi)).collect();
+    let pool: Vec<Serve> = (0..3).map(|_| Serve::start(&multi, directory)).collect();
     wait_all(&pool, "every instance ready on the primary a", |s| {
         primary_of(s).as_deref() == Some(a.as_str())
+    });
+    let watch = directory.map(|keys| {
+        HeadWatch::start(
+            pool.iter().map(|s| s.http).collect(),
+            keys,
+            Duration::from_millis(50),
+        )
     });
 
     let work = tempfile::tempdir().expect("temp dir");
@@ -373,6 +452,9 @@ fn postgres_failover_drill_loses_no_confirmed_publication() {
         },
     );
     let overlap = promoted.elapsed();
+    if directory.is_some() {
+        rt.block_on(cancelled_head_is_never_served(&on_db(&primary_url, DB)));
+    }
     rt.block_on(cancelled_sync_wait_is_never_confirmed(
         &on_db(&primary_url, DB),
         &on_db(&standby_url, DB),
@@ -498,9 +580,14 @@ fn postgres_failover_drill_loses_no_confirmed_publication() {
     );
 
     println!(
-        "postgres drill: sent {sent}, decided {decided}, retried {retried}, lost {}, \
+        "postgres drill{}: sent {sent}, decided {decided}, retried {retried}, lost {}, \
          seconds to recover {:.2} after the promotion ({:.2} of it with both hosts writable, \
          {:.2} after the old primary was stopped)",
+        if directory.is_some() {
+            " with the directory on"
+        } else {
+            ""
+        },
         lost.len(),
         recovered_after_promote.as_secs_f64(),
         overlap.as_secs_f64(),
@@ -514,4 +601,39 @@ fn postgres_failover_drill_loses_no_confirmed_publication() {
         retried > 0,
         "the failover caused no retry at all: was it under load?"
     );
+    // The load is done: nothing is in flight. Every confirmed key is in the directory at the
+    // latest epoch, no epoch was served with two heads, the audit from 0 passes.
+    if let (Some(keys), Some(watch)) = (directory, watch) {
+        let seen = watch.stop();
+        let http: Vec<SocketAddr> = pool.iter().map(|s| s.http).collect();
+        let report = rt.block_on(async {
+            use kst_core::{AddressPolicy, KeyStore};
+            let store = kst_postgres::PostgresStore::builder(on_db(&standby_url, DB))
+                .run_migrations(false)
+                .connect()
+                .await
+                .expect("a store on the new primary");
+            let mut records = Vec::new();
+            for address in confirmed.keys() {
+                let address = AddressPolicy::default()
+                    .normalize(address)
+                    .expect("address");
+                let record = store
+                    .get(&address)
+                    .await
+                    .expect("read the new primary")
+                    .expect("a confirmed key");
+                records.push((address, record));
+            }
+            check_directory(&http, keys, &records, &seen).await
+        });
+        let turns = WriterTurns::count(
+            pool.iter()
+                .map(Serve::log)
+                .collect::<Vec<_>>()
+                .iter()
+                .map(String::as_str),
+        );
+        println!("postgres drill directory: {}", report.line(turns));
+    }
 }

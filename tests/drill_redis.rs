@@ -14,14 +14,19 @@
 //! new primary; every instance is ready again by itself. Printed: sent, decided, retried, lost,
 //! seconds from the kill to the end of the last temporary failure, and the bench's summary.
 //!
-//! `cluster_passes_the_directory_conformance_suite`: the key directory's conformance suite
-//! (`kst_redis::RedisDirectoryStore`) on the cluster, without a drill.
+//! `cluster_passes_the_directory_conformance_suite` and
+//! `sentinel_passes_the_directory_conformance_suite`: the key directory's conformance suite
+//! (`kst_redis::RedisDirectoryStore`) on each topology, without a drill.
+//! `sentinel_failover_with_the_directory_on_loses_no_key_and_forks_no_epoch`: the Sentinel
+//! drill with `[transparency]` on (issue 18, `kst_tests::directory_drill`): also every
+//! confirmed key at the latest epoch of the directory, no epoch served with two heads, every
+//! head served still the stored one, `kst log audit` from epoch 0.
 //!
 //! The topologies are left up (with the killed node back as a replica) for the next run.
 //! Run alone: `cargo test -p kst-tests --test drill_redis -- --nocapture`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -32,6 +37,7 @@ use std::time::{Duration, Instant};
 use kst_bin::bench::lmtp::dot_stuff as data;
 use kst_core::client::{self, Pending, Verified};
 use kst_core::{Address, AddressPolicy, KeyStore};
+use kst_tests::directory_drill::{DrillKeys, HeadWatch, WriterTurns, check_directory};
 use kst_tests::serve::{ServeProcess, free_port};
 use kst_tests::{kst_binary, received_authenticated, spool_replies};
 
@@ -168,7 +174,9 @@ struct Instance {
 }
 
 impl Instance {
-    fn start(topology: &Topology, prefix: &str) -> Instance {
+    /// An instance on `topology` under `prefix`; with `directory`, `[transparency]` on with
+    /// those keys (and `[web.limits]` off: the head watcher asks many times a second).
+    fn start(topology: &Topology, prefix: &str, directory: Option<&DrillKeys>) -> Instance {
         let dir = tempfile::Builder::new()
             .prefix("kst-drill-")
             .tempdir()
@@ -180,9 +188,13 @@ impl Instance {
             format!(
                 "[kst]\ndomains = [\"example.net\", \"example.org\"]\ntrusted_mta_hosts = [\"{MTA}\"]\n\n\
                  [store]\nbackend = \"redis\"\nprefix = \"{prefix}\"\n{}\n\
-                 [mailer]\nkind = \"spool\"\npath = \"{}\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n",
+                 [mailer]\nkind = \"spool\"\npath = \"{}\"\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n{}",
                 topology.store_toml,
-                dir.path().join("outbox").display()
+                dir.path().join("outbox").display(),
+                directory.map_or(String::new(), |keys| format!(
+                    "\n{}\n[web.limits]\nper_client = 0\nper_client_misses = 0\nglobal_misses = 0\n",
+                    keys.toml()
+                )),
             ),
         )
         .expect("config");
@@ -229,16 +241,7 @@ impl Instance {
 }
 
 fn http_status(at: SocketAddr, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect_timeout(&at, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    resp.split(' ').nth(1)?.parse().ok()
+    kst_tests::directory_drill::get(at, path).map(|(status, _)| status)
 }
 
 /// One LMTP transaction: the reply to DATA (or the first refusal; `None`: the connection
@@ -327,13 +330,22 @@ struct Tally {
     last_temporary: Option<Instant>,
 }
 
-/// The drill on `topology`, killing its primary with `kill` (ha-services arguments).
-fn drill(topology: &Topology, kill: &[&str]) {
+/// The drill on `topology`, killing its primary with `kill` (ha-services arguments); with
+/// `directory`, the key directory on (those keys) and its checks
+/// (`kst_tests::directory_drill`).
+fn drill(topology: &Topology, kill: &[&str], directory: Option<&DrillKeys>) {
     let prefix = format!("kst-drill-{:08x}:", rand::random::<u32>());
     let pool: Vec<Instance> = (0..INSTANCES)
-        .map(|_| Instance::start(topology, &prefix))
+        .map(|_| Instance::start(topology, &prefix, directory))
         .collect();
     let stream = Arc::new(publications(topology.name));
+    let watch = directory.map(|keys| {
+        HeadWatch::start(
+            pool.iter().map(|i| i.http).collect(),
+            keys,
+            Duration::from_millis(50),
+        )
+    });
 
     // Background load: one `kst bench lmtp` per instance (its own domain, example.org).
     let benches: Vec<Child> = pool
@@ -436,19 +448,23 @@ fn drill(topology: &Topology, kill: &[&str]) {
         .enable_all()
         .build()
         .unwrap();
-    let lost = rt.block_on(async {
+    let (lost, records) = rt.block_on(async {
         let store = topology.store(&prefix);
         let mut lost = Vec::new();
+        let mut records = Vec::new();
         for p in &confirmed {
             let r = store
                 .get(&addr(&p.account))
                 .await
                 .expect("read the new primary");
-            if r.is_none_or(|r| r.fingerprint.as_str() != p.fingerprint) {
-                lost.push(p.account.clone());
+            match r {
+                Some(r) if r.fingerprint.as_str() == p.fingerprint => {
+                    records.push((addr(&p.account), r))
+                }
+                _ => lost.push(p.account.clone()),
             }
         }
-        lost
+        (lost, records)
     });
     let recover = tally
         .last_temporary
@@ -464,8 +480,13 @@ fn drill(topology: &Topology, kill: &[&str]) {
         );
     }
     eprintln!(
-        "drill_redis {}: sent {PUBLICATIONS}, decided {}, retried {}, lost {}, seconds to recover {:.2} (ha-services kill took {:.2})",
+        "drill_redis {}{}: sent {PUBLICATIONS}, decided {}, retried {}, lost {}, seconds to recover {:.2} (ha-services kill took {:.2})",
         topology.name,
+        if directory.is_some() {
+            " with the directory on"
+        } else {
+            ""
+        },
         tally.decided,
         tally.retried,
         lost.len(),
@@ -477,6 +498,20 @@ fn drill(topology: &Topology, kill: &[&str]) {
         lost.is_empty(),
         "confirmed but missing after the failover: {lost:?}"
     );
+    // The benches are done: nothing is in flight. Every confirmed key is in the directory at
+    // the latest epoch, no epoch was served with two heads, the audit from 0 passes.
+    if let (Some(keys), Some(watch)) = (directory, watch) {
+        let seen = watch.stop();
+        let http: Vec<SocketAddr> = pool.iter().map(|i| i.http).collect();
+        let report = rt.block_on(check_directory(&http, keys, &records, &seen));
+        let logs: Vec<String> = pool.iter().map(Instance::log).collect();
+        let turns = WriterTurns::count(logs.iter().map(String::as_str));
+        eprintln!(
+            "drill_redis {} directory: {}",
+            topology.name,
+            report.line(turns)
+        );
+    }
     rt.block_on(async {
         let store = topology.store(&prefix);
         kst_core::conformance::check_consistency(&store).await;
@@ -497,17 +532,34 @@ fn sentinel_failover_under_load_loses_no_confirmed_publication() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let topology = Topology::sentinel();
     let _suite = topology.conformance_suite();
-    drill(&topology, &["kill-primary"]);
+    drill(&topology, &["kill-primary"], None);
 }
 
-/// The key directory (`kst_redis::RedisDirectoryStore`) on the Redis Cluster: the directory
-/// conformance suite with two connections on a fresh prefix (every commit one script on the
-/// domain's `{kt:<domain>}` slot, the fence included; a key outside that slot would make the
-/// cluster refuse the script with CROSSSLOT). The prefix's keys are left on the cluster.
+/// The key directory (`kst_redis::RedisDirectoryStore`) on Redis Sentinel: its conformance
+/// suite with two connections through the sentinels, on a fresh prefix.
 #[test]
-fn cluster_passes_the_directory_conformance_suite() {
+fn sentinel_passes_the_directory_conformance_suite() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let topology = Topology::cluster();
+    let topology = Topology::sentinel();
+    directory_conformance(&topology);
+}
+
+/// The Sentinel drill with the key directory on (issue 18): besides the store's checks, every
+/// confirmed key is the directory's latest entry at the latest epoch, no epoch was served with
+/// two heads (a watcher asks the pool for the heads throughout), every head served is still
+/// the one stored for its epoch, and `kst log audit` from epoch 0 passes.
+#[test]
+fn sentinel_failover_with_the_directory_on_loses_no_key_and_forks_no_epoch() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let topology = Topology::sentinel();
+    let keys_dir = tempfile::tempdir().expect("temp dir");
+    let keys = DrillKeys::write(keys_dir.path(), &["example.net", "example.org"]);
+    drill(&topology, &["kill-primary"], Some(&keys));
+}
+
+/// The directory conformance suite on `topology`, two connections on a fresh prefix (whose
+/// keys are left there).
+fn directory_conformance(topology: &Topology) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
@@ -520,6 +572,17 @@ fn cluster_passes_the_directory_conformance_suite() {
         };
         kst_core::conformance::directory::run_all(open(), open()).await;
     });
+}
+
+/// The key directory (`kst_redis::RedisDirectoryStore`) on the Redis Cluster: the directory
+/// conformance suite with two connections on a fresh prefix (every commit one script on the
+/// domain's `{kt:<domain>}` slot, the fence included; a key outside that slot would make the
+/// cluster refuse the script with CROSSSLOT). The prefix's keys are left on the cluster.
+#[test]
+fn cluster_passes_the_directory_conformance_suite() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let topology = Topology::cluster();
+    directory_conformance(&topology);
 }
 
 #[test]
@@ -548,5 +611,5 @@ fn cluster_passes_the_conformance_suites_and_a_primary_failover_under_load() {
             .map(|(_, v)| v.split(',').count());
         assert_eq!(primaries, Some(3), "{topo:?}");
     });
-    drill(&topology, &["kill-primary", "1"]);
+    drill(&topology, &["kill-primary", "1"], None);
 }

@@ -33,6 +33,9 @@
 //! - `serve_starts_while_postgres_is_down_and_the_directory_opens_later`: `kst serve` with
 //!   two PostgreSQL hosts that are both down at start; the directory answers 503 and a
 //!   publication fails, then one host comes back (a TCP proxy) and the scenario above passes.
+//! - `the_head_key_is_found_in_the_wkd_policy_directory_and_pinned`: `kst serve` [web]
+//!   serves the directory's keys in the WKD policy directory (`kst-log`); a client whose
+//!   DNS has no `_kst-log` record pins them from there, and never replaces the pin silently.
 //! - `heads_missing_in_the_middle_are_signed_late_on_fs` and `..._on_postgres`: heads deleted
 //!   from the store, `kst serve` restarted: an audit from epoch 0 and a witness across the gap
 //!   pass, the heads signed late name the epochs' roots.
@@ -2081,9 +2084,9 @@ fn the_owner_checks_more_than_64_versions() {
 /// record exactly as `kst log keygen` printed it, DNSSEC-validated (`--require-dnssec`), is
 /// pinned on first use; a different key in DNS afterwards is exit 5 until the user pins again
 /// with `kst client log-pin`; a forged (bogus) record is exit 5.
-#[test]
-fn the_head_key_is_found_in_dns_and_pinned() {
-    let (provider, _gpg, _alice) = Provider::with_alice();
+/// The signed test DNS (scripts/testdns.sh): its validating resolver's address, the forged
+/// one's, and the trust anchor.
+fn test_dns() -> (String, String, String) {
     let port = |var: &str, default: u16| {
         std::env::var(var)
             .ok()
@@ -2094,20 +2097,29 @@ fn the_head_key_is_found_in_dns_and_pinned() {
     let forged = format!("127.0.0.1:{}", port("KST_DNS_FORGED_PORT", 5302));
     let anchor = PathBuf::from(std::env::var("KST_DNS_DIR").unwrap_or("/tmp/kst-dns".into()))
         .join("anchors/root.key");
+    (main, forged, anchor.to_str().unwrap().to_string())
+}
+
+/// `scripts/testdns.sh up` with `record` as the extra line of example.net's zone (kept in
+/// `extra`, a directory of the test's own).
+fn test_dns_up(extra: &std::path::Path, record: &str) {
+    std::fs::create_dir_all(extra).unwrap();
+    std::fs::write(extra.join("example.net"), format!("{record}\n")).unwrap();
+    let out = Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/testdns.sh"))
+        .arg("up")
+        .env("KST_DNS_EXTRA_DIR", extra)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "scripts/testdns.sh up: {}", stderr(&out));
+}
+
+#[test]
+fn the_head_key_is_found_in_dns_and_pinned() {
+    let (provider, _gpg, _alice) = Provider::with_alice();
+    let (main, forged, anchor_arg) = test_dns();
     let extra = provider.path("dns-extra");
-    std::fs::create_dir_all(&extra).unwrap();
-    let dns_up = |record: &str| {
-        std::fs::write(extra.join("example.net"), format!("{record}\n")).unwrap();
-        let out =
-            Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/testdns.sh"))
-                .arg("up")
-                .env("KST_DNS_EXTRA_DIR", &extra)
-                .output()
-                .unwrap();
-        assert_eq!(code(&out), 0, "scripts/testdns.sh up: {}", stderr(&out));
-    };
+    let dns_up = |record: &str| test_dns_up(&extra, record);
     let bob = "bob@example.net";
-    let anchor_arg = anchor.to_str().unwrap().to_string();
     let via = |resolver: &str| -> Vec<String> {
         [
             "--log-url",
@@ -2181,6 +2193,166 @@ fn the_head_key_is_found_in_dns_and_pinned() {
         provider.memory("carol@example.net")["head_key"],
         Value::Null
     );
+}
+
+/// The head key from the WKD policy directory (issue 18), for a domain without the DNS
+/// record: `kst serve` with `[web]` serves the `kst-log` file (the same record `kst log
+/// keygen` prints for DNS) at `/.well-known/openpgpkey/[example.net/]kst-log`, in the direct
+/// form for Host example.net only, in the advanced form for any Host; nothing for another
+/// domain. Through the signed test DNS (no `_kst-log` record there; run under `flock -o
+/// /work/team/dns.lock`, needs root for BIND) the client finds no record and reads the file
+/// from the directory's listener (`--log-url`): pinned on first use (source `wkd policy
+/// directory (plain http)`), the check passes. A policy directory that later names another
+/// key is exit 5 and the pin stays (never replaced silently); `kst client log-pin` without
+/// `--log-key` pins from the policy directory; with the record in DNS too, the same key
+/// passes.
+#[test]
+fn the_head_key_is_found_in_the_wkd_policy_directory_and_pinned() {
+    let provider = Provider::start_serving(Backend::Fs, "", None, false);
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+    // `kst serve` with [web]: the directory's routes and the policy directory are there.
+    let web = free_port();
+    let config = provider.path("kst.toml");
+    let _serve =
+        ServeProcess::start_binary(&provider.bin, provider.path("serve-web.log"), web, |cmd| {
+            cmd.arg("--config")
+                .arg(&config)
+                .env("KST_WEB__LISTEN", web.to_string());
+        });
+    let web_url = format!("http://{web}");
+    let record = provider
+        .txt_record
+        .split_once('"')
+        .and_then(|(_, r)| r.strip_suffix('"'))
+        .expect("the TXT record's text")
+        .to_string();
+
+    let get = |host: &str, path: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(web).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        let status: u16 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (
+            status,
+            text.split_once("\r\n\r\n")
+                .map_or("", |(_, b)| b)
+                .to_string(),
+        )
+    };
+    let file = format!("{record}\n");
+    let advanced = "/.well-known/openpgpkey/example.net/kst-log";
+    for host in [
+        web.to_string(),
+        "openpgpkey.example.net".into(),
+        "example.org".into(),
+    ] {
+        assert_eq!(
+            get(&host, advanced),
+            (200, file.clone()),
+            "advanced, Host {host}"
+        );
+    }
+    let direct = "/.well-known/openpgpkey/kst-log";
+    assert_eq!(get("example.net", direct), (200, file.clone()));
+    assert_eq!(get("example.org", direct).0, 404);
+    assert_eq!(get(&web.to_string(), direct).0, 404);
+    assert_eq!(
+        get("x", "/.well-known/openpgpkey/example.org/kst-log").0,
+        404
+    );
+    // The WKD policy file is still there.
+    assert_eq!(get("example.net", "/.well-known/openpgpkey/policy").0, 200);
+
+    let (main, _, anchor) = test_dns();
+    test_dns_up(&provider.path("dns-extra"), "");
+    let bob = "bob@example.net";
+    let dns_args = [
+        "--resolver",
+        main.as_str(),
+        "--dns-anchor",
+        anchor.as_str(),
+        "--require-dnssec",
+    ];
+    let retrieve = |url: &str| {
+        let mut args = vec!["--log-url", url];
+        args.extend_from_slice(&dns_args);
+        provider.checked_as("sendmail", bob, "alice@example.net", &args)
+    };
+    let (out, v) = retrieve(&web_url);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let memory = provider.memory(bob);
+    assert_eq!(memory["head_key"], provider.head_key.as_str(), "{memory}");
+    assert_eq!(
+        memory["pinned_from"], "wkd policy directory (plain http)",
+        "{memory}"
+    );
+    assert!(
+        record.contains(memory["vrf_key"].as_str().unwrap_or("none")),
+        "{memory}"
+    );
+    assert_eq!(provider.remembered_epoch(bob), Some(1));
+
+    // A policy directory that names another key (here a server of the attacker's at the
+    // log URL): exit 5, the pin stays.
+    let other = record.replace(&provider.head_key, &"22".repeat(32));
+    let forged = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let forged_url = format!("http://{}", forged.local_addr().unwrap());
+    let forger = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = forged.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf);
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{other}\n",
+            other.len() + 1
+        );
+        String::from_utf8_lossy(&buf)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    });
+    let (out, v) = retrieve(&forged_url);
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(error.contains("kst client log-pin example.net"), "{error}");
+    assert!(
+        error.contains("/.well-known/openpgpkey/example.net/kst-log"),
+        "{error}"
+    );
+    assert_eq!(
+        forger.join().unwrap(),
+        "GET /.well-known/openpgpkey/example.net/kst-log HTTP/1.1"
+    );
+    assert_eq!(provider.memory(bob)["head_key"], provider.head_key.as_str());
+    let (out, v) = retrieve(&web_url);
+    assert_eq!(code(&out), 0, "the pin stayed: {v}\n{}", stderr(&out));
+
+    // `kst client log-pin` from the policy directory.
+    let mut args = vec!["log-pin", "example.net", "--log-url", web_url.as_str()];
+    args.extend_from_slice(&dns_args);
+    let (out, v) = provider.client("sendmail", bob, &args);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["head_key"], provider.head_key.as_str(), "{v}");
+    assert_eq!(v["source"], "wkd policy directory (plain http)", "{v}");
+
+    // With the record in DNS too, DNS is asked first: the same key, the check passes.
+    test_dns_up(&provider.path("dns-extra"), &provider.txt_record);
+    let (out, v) = retrieve(&web_url);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
 }
 
 /// Writes `name`: a sendmail-style script that delivers through `kst deliver` like `sendmail`,

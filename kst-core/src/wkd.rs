@@ -117,7 +117,14 @@ pub enum Resource {
     Policy,
     /// `submission-address`: where WKS submissions go.
     SubmissionAddress,
+    /// `kst-log` ([`LOG_KEYS_FILE`]): the public keys of the domain's key directory (issue
+    /// 18), the same record as the `_kst-log.<domain>` TXT record. Not a WKD resource: kst
+    /// adds it to the policy directory, where clients look for the domain's policy.
+    LogKeys,
 }
+
+/// The file name of [`Resource::LogKeys`] in the policy directory.
+pub const LOG_KEYS_FILE: &str = "kst-log";
 
 /// A parsed WKD request: the domain it is about, the URL form, and the resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,13 +169,23 @@ impl WkdRequest {
     ///
     /// The `l=` parameter is never used to find a key: the hash alone names the address, so a
     /// client cannot reach a key by a local part that hashes elsewhere.
+    ///
+    /// [`Resource::LogKeys`] in the advanced form (`<domain>/kst-log`) is the one exception
+    /// to the Host rule: the path names the domain and any Host is accepted, as for the key
+    /// directory's own `/.well-known/kst/log/<domain>/keys` (the file is public, and a client
+    /// given the directory's URL finds it on the same listener).
     pub fn parse(path: &str, host: &str, policy: &AddressPolicy) -> Result<Self, WkdPathError> {
         let rest = path
             .strip_prefix(WELL_KNOWN)
             .and_then(|r| r.strip_prefix('/'))
             .ok_or(WkdPathError::NotWkd)?;
-        let host = normalize_host(host, policy).ok_or(WkdPathError::BadHost)?;
         let parts: Vec<&str> = rest.split('/').collect();
+        let log_keys_at_path = matches!(parts.as_slice(), [_, LOG_KEYS_FILE]);
+        let host = match normalize_host(host, policy) {
+            Some(h) => h,
+            None if log_keys_at_path => String::new(),
+            None => return Err(WkdPathError::BadHost),
+        };
         let (method, domain, resource) = match parts.as_slice() {
             resource if is_resource(resource) => (Method::Direct, host, resource),
             [domain, resource @ ..] if is_resource(resource) => {
@@ -177,6 +194,7 @@ impl WkdRequest {
                     .map_err(|_| WkdPathError::Unknown)?;
                 match host.strip_prefix(ADVANCED_HOST_LABEL) {
                     Some(d) if d == path_domain => {}
+                    _ if log_keys_at_path => {}
                     _ => {
                         return Err(WkdPathError::HostMismatch { path_domain, host });
                     }
@@ -189,6 +207,7 @@ impl WkdRequest {
             ["hu", hash] => Resource::Key(WkdHash::parse(hash).ok_or(WkdPathError::BadHash)?),
             ["policy"] => Resource::Policy,
             ["submission-address"] => Resource::SubmissionAddress,
+            [LOG_KEYS_FILE] => Resource::LogKeys,
             _ => return Err(WkdPathError::Unknown),
         };
         Ok(WkdRequest {
@@ -201,7 +220,10 @@ impl WkdRequest {
 
 /// True for the resource shapes WKD defines after the domain part.
 fn is_resource(parts: &[&str]) -> bool {
-    matches!(parts, ["hu", _] | ["policy"] | ["submission-address"])
+    matches!(
+        parts,
+        ["hu", _] | ["policy"] | ["submission-address"] | [LOG_KEYS_FILE]
+    )
 }
 
 /// The Host header without port, normalized as a domain.
@@ -385,6 +407,60 @@ mod tests {
         .unwrap();
         assert_eq!(sub.resource, Resource::SubmissionAddress);
         assert_eq!(sub.domain, "example.net");
+    }
+
+    /// `kst-log`: in the direct form the Host names the domain, as for `policy`; in the
+    /// advanced form the path does, whatever the Host.
+    #[test]
+    fn the_log_keys_file_is_in_the_policy_directory() {
+        let p = policy();
+        let direct =
+            WkdRequest::parse(&format!("{WELL_KNOWN}/kst-log"), "example.net", &p).unwrap();
+        assert_eq!(
+            (direct.domain.as_str(), direct.method, direct.resource),
+            ("example.net", Method::Direct, Resource::LogKeys)
+        );
+        for host in [
+            "openpgpkey.example.net",
+            "127.0.0.1:8443",
+            "other.example",
+            "",
+        ] {
+            let adv =
+                WkdRequest::parse(&format!("{WELL_KNOWN}/Example.NET/kst-log"), host, &p).unwrap();
+            assert_eq!(
+                (adv.domain.as_str(), adv.method, adv.resource),
+                ("example.net", Method::Advanced, Resource::LogKeys),
+                "{host}"
+            );
+        }
+        // The exception is for kst-log only.
+        assert_eq!(
+            WkdRequest::parse(
+                &format!("{WELL_KNOWN}/example.net/policy"),
+                "127.0.0.1:8443",
+                &p
+            ),
+            Err(WkdPathError::BadHost)
+        );
+        assert!(matches!(
+            WkdRequest::parse(
+                &format!("{WELL_KNOWN}/example.net/policy"),
+                "other.example",
+                &p
+            ),
+            Err(WkdPathError::HostMismatch { .. })
+        ));
+        assert_eq!(
+            WkdRequest::parse(&format!("{WELL_KNOWN}/kst-log"), "[::1]:443", &p),
+            Err(WkdPathError::BadHost)
+        );
+        for bad in ["kst-log/x", "a/b/kst-log", "example.net/kst-log/"] {
+            assert!(
+                WkdRequest::parse(&format!("{WELL_KNOWN}/{bad}"), "example.net", &p).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

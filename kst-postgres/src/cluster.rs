@@ -352,6 +352,43 @@ impl Cluster {
         Err(err)
     }
 
+    /// For reads kst serves as settled (the key directory's epochs and heads): `Ok` once a
+    /// synchronous standby holds everything `w` (the host the read ran on) had written when
+    /// this is called, on a host with synchronous replication; at once otherwise. A commit
+    /// whose synchronous wait was cancelled (or whose backend was terminated) is visible on
+    /// that host although no standby has it, and a failover then loses it: what was read of
+    /// it must not be served. No standby attached, or none caught up within the write
+    /// timeout: a temporary error (and the host is probed again).
+    pub async fn confirm_settled(&self, w: &Writer) -> Result<()> {
+        if !w.facts.wants_sync() {
+            return Ok(());
+        }
+        let mut conn = match w.host.pool.acquire().await {
+            Ok(c) => c,
+            Err(e) => {
+                self.suspect(w.index);
+                return Err(db(e));
+            }
+        };
+        let err = match tokio::time::timeout(self.write_timeout, confirm_replicated(&mut conn, w))
+            .await
+        {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => Error::unavailable(
+                COMPONENT,
+                format!(
+                    "{}: no synchronous standby caught up within {:?}; what was read is not \
+                     served yet",
+                    w.host.label, self.write_timeout
+                ),
+            ),
+        };
+        conn.close_on_drop();
+        self.suspect(w.index);
+        Err(err)
+    }
+
     /// Facts for `/readyz` and `/metrics` (see `KeyStore::topology`).
     pub async fn topology(&self) -> Vec<(String, String)> {
         let mut out = vec![("hosts".to_string(), self.labels().join(","))];

@@ -32,7 +32,8 @@
 //! Nothing is opened before the first call: a directory whose database is down at start fails
 //! its calls with [`DirectoryStoreError::Unavailable`] until the database is back.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use kst_core::transparency::{
@@ -58,6 +59,9 @@ pub const MAX_RECORD: i32 = 64 * 1024;
 pub struct PgDirectoryStore {
     cluster: Arc<Cluster>,
     runtime: Option<tokio::runtime::Handle>,
+    /// Per domain, the newest epoch a synchronous standby was seen to hold (see
+    /// [`PgDirectoryStore::read_settled`]); shared by the clones.
+    settled: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl std::fmt::Debug for PgDirectoryStore {
@@ -99,6 +103,7 @@ impl PostgresStore {
         PgDirectoryStore {
             cluster: Arc::clone(&self.cluster),
             runtime: tokio::runtime::Handle::try_current().ok(),
+            settled: Arc::default(),
         }
     }
 }
@@ -138,6 +143,54 @@ impl PgDirectoryStore {
         .await
     }
 
+    /// [`PgDirectoryStore::read`] of something at an epoch (`f` returns it with the value,
+    /// `None` for nothing): the root and the heads, from which every answer the directory
+    /// serves is built. On a primary with synchronous replication, an epoch newer than the
+    /// newest this store saw settled for `domain` is returned only once a synchronous standby
+    /// holds everything the host had written after the read (`Cluster::confirm_settled`): an
+    /// epoch committed on the old primary whose synchronous wait was cancelled is visible
+    /// there, and is lost in a failover; served, its head would be a fork (two heads for one
+    /// epoch) once the new primary commits that epoch again. Found by the failover drill with
+    /// the directory on (`tests/drill_postgres.rs`). Otherwise a temporary error.
+    async fn read_settled<T, F, Fut>(&self, domain: &str, f: F) -> Result<T, DirectoryStoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(PgPool) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(T, Option<u64>), DirectoryStoreError>>
+            + Send
+            + 'static,
+    {
+        let cluster = Arc::clone(&self.cluster);
+        let settled = Arc::clone(&self.settled);
+        let domain = domain.to_string();
+        self.run(async move {
+            let w = cluster.writer().await.map_err(DirectoryStoreError::from)?;
+            let (value, epoch) = f(w.host.pool.clone()).await?;
+            let Some(epoch) = epoch else {
+                return Ok(value);
+            };
+            let known = |settled: &Mutex<HashMap<String, u64>>| {
+                settled
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&domain)
+                    .copied()
+            };
+            if known(&settled).is_some_and(|k| k >= epoch) {
+                return Ok(value);
+            }
+            cluster
+                .confirm_settled(&w)
+                .await
+                .map_err(DirectoryStoreError::from)?;
+            let mut settled = settled.lock().unwrap_or_else(|e| e.into_inner());
+            let k = settled.entry(domain).or_insert(epoch);
+            *k = (*k).max(epoch);
+            Ok(value)
+        })
+        .await
+    }
+
     async fn run<T: Send + 'static>(
         &self,
         work: impl std::future::Future<Output = Result<T, DirectoryStoreError>> + Send + 'static,
@@ -153,19 +206,22 @@ impl DirectoryStore for PgDirectoryStore {
     }
 
     async fn root(&self, domain: &str) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
-        let domain = domain.to_string();
-        self.read(|pool| async move {
+        let name = domain.to_string();
+        self.read_settled(domain, |pool| async move {
             let row: Option<(i64, Option<Vec<u8>>)> = sqlx::query_as(
                 "SELECT epoch, CASE WHEN octet_length(record) <= $2 THEN record END \
                  FROM kt_roots WHERE domain = $1",
             )
-            .bind(domain)
+            .bind(name)
             .bind(MAX_RECORD)
             .fetch_optional(&pool)
             .await
             .map_err(unavailable)?;
-            row.map(|(e, r)| Ok((epoch_u64(e)?, bounded(r, "root")?)))
-                .transpose()
+            let root = row
+                .map(|(e, r)| Ok::<_, DirectoryStoreError>((epoch_u64(e)?, bounded(r, "root")?)))
+                .transpose()?;
+            let epoch = root.as_ref().map(|(e, _)| *e);
+            Ok((root, epoch))
         })
         .await
     }
@@ -245,8 +301,8 @@ impl DirectoryStore for PgDirectoryStore {
         domain: &str,
         keys: &[Vec<u8>],
     ) -> Result<RootAndNodes, DirectoryStoreError> {
-        let (domain, keys) = (domain.to_string(), keys.to_vec());
-        self.read(|pool| async move {
+        let (name, keys) = (domain.to_string(), keys.to_vec());
+        self.read_settled(domain, |pool| async move {
             // One statement: the root and the nodes as of one snapshot. The root's row comes
             // with its epoch, the nodes' with NULL.
             let rows: Vec<(Option<i64>, Option<Vec<u8>>)> = sqlx::query_as(
@@ -256,7 +312,7 @@ impl DirectoryStore for PgDirectoryStore {
                  SELECT NULL, CASE WHEN octet_length(record) <= $3 THEN record END \
                  FROM kt_nodes WHERE domain = $1 AND key = ANY($2)",
             )
-            .bind(domain)
+            .bind(name)
             .bind(keys)
             .bind(MAX_RECORD)
             .fetch_all(&pool)
@@ -270,7 +326,8 @@ impl DirectoryStore for PgDirectoryStore {
                     None => nodes.push(bounded(record, "tree node")?),
                 }
             }
-            Ok((root, nodes))
+            let epoch = root.as_ref().map(|(e, _)| *e);
+            Ok(((root, nodes), epoch))
         })
         .await
     }
@@ -345,22 +402,25 @@ impl DirectoryStore for PgDirectoryStore {
         from: u64,
         to: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
-        let domain = domain.to_string();
+        let name = domain.to_string();
         let (from, to) = (epoch_i64(from)?, epoch_i64(to.min(i64::MAX as u64))?);
-        self.read(move |pool| async move {
+        self.read_settled(domain, move |pool| async move {
             let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
                 "SELECT epoch, head FROM kt_heads \
                  WHERE domain = $1 AND epoch BETWEEN $2 AND $3 ORDER BY epoch",
             )
-            .bind(domain)
+            .bind(name)
             .bind(from)
             .bind(to)
             .fetch_all(&pool)
             .await
             .map_err(unavailable)?;
-            rows.into_iter()
+            let heads = rows
+                .into_iter()
                 .map(|(e, h)| Ok((epoch_u64(e)?, h)))
-                .collect()
+                .collect::<Result<Vec<_>, DirectoryStoreError>>()?;
+            let newest = heads.last().map(|(e, _)| *e);
+            Ok((heads, newest))
         })
         .await
     }

@@ -9,6 +9,8 @@ use std::io::Write as _;
 
 mod services;
 pub use services::{TestDb, TestPrefix, postgres_admin_url, redis_url};
+#[cfg(feature = "transparency")]
+pub mod directory_drill;
 pub mod serve;
 pub mod wkd;
 

@@ -107,12 +107,14 @@ pub async fn run(args: ClientArgs) -> u8 {
                 domain,
                 log_key,
                 vrf_key,
+                log_url,
             } => {
                 return super::transparency::log_pin(
                     s,
                     &domain,
                     log_key.as_deref(),
                     vrf_key.as_deref(),
+                    log_url.as_deref(),
                 )
                 .await;
             }

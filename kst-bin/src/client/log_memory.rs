@@ -56,6 +56,10 @@ pub mod source {
     pub const DNS_SECURE: &str = "dns (dnssec secure)";
     /// A `_kst-log.<domain>` TXT record from an unsigned zone (or without validation).
     pub const DNS_INSECURE: &str = "dns (not dnssec-signed)";
+    /// The `kst-log` file of the domain's WKD policy directory, over HTTPS.
+    pub const WKD_HTTPS: &str = "wkd policy directory (https)";
+    /// The same over plain HTTP (a `--log-url http://...`: not authenticated).
+    pub const WKD_HTTP: &str = "wkd policy directory (plain http)";
     /// `--log-key` on the command line.
     pub const FLAG: &str = "--log-key";
     /// The first head verified with a key pinned without its VRF key (`--log-key`).

@@ -244,7 +244,8 @@ pub enum ClientCommand {
         log: transparency::LogCheckArgs,
     },
     /// Pin DOMAIN's key directory keys (head key and VRF key): from --log-key/--vrf-key, or
-    /// from its `_kst-log.DOMAIN` TXT record now. Needed after the domain really changed
+    /// from its `_kst-log.DOMAIN` TXT record now, else from its WKD policy directory's
+    /// `kst-log` file. Needed after the domain really changed
     /// them (the check then exits 5 until you pin again). Forgets the remembered head (a
     /// fresh start: after a rollback you accept, or a head too far back for one proof).
     #[cfg(feature = "transparency")]
@@ -257,6 +258,12 @@ pub enum ClientCommand {
         /// The VRF key, 64 hex digits [default: taken from the first verified head].
         #[arg(long, value_name = "HEX", requires = "log_key")]
         vrf_key: Option<String>,
+        /// Where the domain's key directory is served: without --log-key and without a DNS
+        /// record, the keys are read from its WKD policy directory
+        /// (`URL/.well-known/openpgpkey/<domain>/kst-log`). [default: the domain's WKD
+        /// hosts, https://openpgpkey.<domain> then https://<domain>]
+        #[arg(long, value_name = "URL")]
+        log_url: Option<String>,
     },
     /// Retrieve again the keys imported through kst (`retrieve --import`) that expire soon or
     /// were last fetched long ago, so that revocations and extensions reach you; due dates are

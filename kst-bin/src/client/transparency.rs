@@ -211,7 +211,14 @@ pub async fn plan(s: &Settings, check: &LogCheckArgs, domain: &str) -> Result<Lo
     let mut held = memory
         .hold(domain)
         .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
-    let key = head_key(s, args.log_key.as_deref(), &memory, &mut held).await?;
+    let key = head_key(
+        s,
+        args.log_key.as_deref(),
+        check.log_url.as_deref(),
+        &memory,
+        &mut held,
+    )
+    .await?;
     let since = held.memory.remembered_head().filter(|h| h.head.epoch > 0);
     log.since_head = since.as_ref().and_then(|_| held.memory.head.clone());
     Ok(LogPlan {
@@ -583,7 +590,15 @@ pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome) -> Outco
         Ok(h) => h,
         Err(e) => return memory_outcome(e, &attack),
     };
-    let head_key = match head_key(s, args.reply.log_key.as_deref(), &memory, &mut held).await {
+    let head_key = match head_key(
+        s,
+        args.reply.log_key.as_deref(),
+        args.log_url.as_deref(),
+        &memory,
+        &mut held,
+    )
+    .await
+    {
         Ok(k) => k,
         Err(o) => return o,
     };
@@ -783,6 +798,128 @@ async fn dns_keys(
     }
 }
 
+/// The largest `kst-log` file read from a WKD policy directory (one record line).
+const MAX_WKD_FILE: usize = 1024;
+
+/// A domain's directory keys as it publishes them: in DNS or in its WKD policy directory.
+struct Published {
+    head: [u8; 32],
+    vrf: [u8; 32],
+    /// How they were found ([`source`]).
+    from: &'static str,
+    /// Where, for messages: `DNS` or the file's URL.
+    place: String,
+}
+
+/// [`dns_keys`] as [`Published`] keys.
+async fn dns_published(s: &Settings, domain: &str) -> Result<Option<Published>, Outcome> {
+    Ok(dns_keys(s, domain)
+        .await?
+        .map(|(head, vrf, security)| Published {
+            head,
+            vrf,
+            from: if security == DnsSecurity::Secure {
+                source::DNS_SECURE
+            } else {
+                source::DNS_INSECURE
+            },
+            place: format!("DNS (the _kst-log.{domain} TXT record)"),
+        }))
+}
+
+/// The domain's keys from the `kst-log` file of its WKD policy directory (the same record as
+/// the `_kst-log` TXT record), `Ok(None)` when it has none (404). With `log_url`, at
+/// `<log_url>/.well-known/openpgpkey/<domain>/kst-log` (the directory's own listener);
+/// else WKD's two places: the advanced host `openpgpkey.<domain>`, and the direct one,
+/// `<domain>`, only when the advanced host cannot be reached. A failure to reach any is
+/// temporary (exit 75); an unreadable file is exit 69.
+async fn wkd_keys(
+    s: &Settings,
+    domain: &str,
+    log_url: Option<&str>,
+) -> Result<Option<Published>, Outcome> {
+    let file = kst_core::wkd::LOG_KEYS_FILE;
+    let advanced = format!("{}/{domain}/{file}", kst_core::wkd::WELL_KNOWN);
+    let places = match log_url {
+        Some(base) => vec![(base.trim_end_matches('/').to_string(), advanced)],
+        None => vec![
+            (format!("https://openpgpkey.{domain}"), advanced),
+            (
+                format!("https://{domain}"),
+                format!("{}/{file}", kst_core::wkd::WELL_KNOWN),
+            ),
+        ],
+    };
+    let mut failed = Vec::new();
+    for (base, path) in places {
+        let fetched =
+            tokio::time::timeout(FETCH_TIMEOUT, get(&base, &path, s.ca_file(), MAX_WKD_FILE)).await;
+        let text = match fetched {
+            Ok(Ok(text)) => text,
+            Ok(Err(e)) if e.contains(" answered 404 ") => return Ok(None),
+            Ok(Err(e)) => {
+                failed.push(e);
+                continue;
+            }
+            Err(_) => {
+                failed.push(format!("{base} did not answer in time"));
+                continue;
+            }
+        };
+        let place = format!("{base}{path}");
+        let line = text.trim();
+        return match parse_log_record(line).filter(|_| !line.contains('\n')) {
+            Some((head, vrf)) => Ok(Some(Published {
+                head,
+                vrf,
+                from: if base.starts_with("https://") {
+                    source::WKD_HTTPS
+                } else {
+                    source::WKD_HTTP
+                },
+                place,
+            })),
+            None => Err(Outcome::error(
+                exit::UNAVAILABLE,
+                format!(
+                    "{place}: unreadable key directory record {:?} (want one line v=kstlog1; \
+                     head=<64 hex>; vrf=<64 hex>)",
+                    line.chars().take(200).collect::<String>()
+                ),
+            )),
+        };
+    }
+    Err(Outcome::error(
+        exit::TEMPFAIL,
+        format!(
+            "the WKD policy directory of {domain} cannot be read now: {}",
+            failed.join("; ")
+        ),
+    ))
+}
+
+/// The keys the domain publishes: its `_kst-log` TXT record, else (DNS has none, or cannot
+/// answer now and `fallback_on_dns_failure`) the `kst-log` file of its WKD policy
+/// directory ([`wkd_keys`]).
+async fn published_keys(
+    s: &Settings,
+    domain: &str,
+    log_url: Option<&str>,
+    fallback_on_dns_failure: bool,
+) -> Result<Option<Published>, Outcome> {
+    match dns_published(s, domain).await {
+        Ok(Some(p)) => Ok(Some(p)),
+        Ok(None) => wkd_keys(s, domain, log_url).await,
+        Err(o) if fallback_on_dns_failure && o.exit_code() == exit::TEMPFAIL => {
+            match wkd_keys(s, domain, log_url).await {
+                Ok(Some(p)) => Ok(Some(p)),
+                _ => Err(o),
+            }
+        }
+        Err(o) => Err(o),
+    }
+}
+
 /// Pins `head` (and `vrf`) as `held`'s keys from `source`; a different head key than the
 /// pinned one forgets the remembered head (the user chose to trust the new key).
 fn pin(held: &mut Held, head: [u8; 32], vrf: Option<[u8; 32]>, from: &str) -> bool {
@@ -804,12 +941,14 @@ fn pin(held: &mut Held, head: [u8; 32], vrf: Option<[u8; 32]>, from: &str) -> bo
     true
 }
 
-/// The head key to check `held`'s domain with: `--log-key` (pinned), else DNS against the
-/// pin (pinned on first use; a change is an attack), else the pin alone when DNS has no
-/// record or cannot answer now.
+/// The head key to check `held`'s domain with: `--log-key` (pinned), else the published
+/// keys ([`published_keys`]: DNS, else the WKD policy directory) against the pin (pinned on
+/// first use; a change is an attack, never a silent replacement), else the pin alone when
+/// the domain publishes none or cannot be asked now.
 async fn head_key(
     s: &Settings,
     log_key: Option<&str>,
+    log_url: Option<&str>,
     memory: &LogMemory,
     held: &mut Held,
 ) -> Result<[u8; 32], Outcome> {
@@ -825,44 +964,45 @@ async fn head_key(
     }
     let pinned = held.memory.head_key.as_deref().and_then(|k| hex32(k).ok());
     let domain = held.domain.clone();
-    match (dns_keys(s, &domain).await, pinned) {
-        (Ok(Some((head, vrf, security))), None) => {
-            let from = if security == DnsSecurity::Secure {
-                source::DNS_SECURE
-            } else {
-                source::DNS_INSECURE
-            };
-            pin(held, head, Some(vrf), from);
+    match (
+        published_keys(s, &domain, log_url, pinned.is_none()).await,
+        pinned,
+    ) {
+        (Ok(Some(p)), None) => {
+            pin(held, p.head, Some(p.vrf), p.from);
             memory
                 .save(held)
                 .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
-            Ok(head)
+            Ok(p.head)
         }
-        (Ok(Some((head, vrf, _))), Some(pinned)) => {
+        (Ok(Some(p)), Some(pinned)) => {
             let vrf_changed = held
                 .memory
                 .vrf_key
                 .as_deref()
-                .is_some_and(|v| !v.eq_ignore_ascii_case(&hex::encode(vrf)));
-            if head != pinned || vrf_changed {
+                .is_some_and(|v| !v.eq_ignore_ascii_case(&hex::encode(p.vrf)));
+            if p.head != pinned || vrf_changed {
                 let message = format!(
-                    "possible attack: the key directory keys of {domain} in DNS (head {}, vrf {})                      are not the pinned ones (head {}, vrf {}, pinned from {}); if {domain}                      really changed them, pin them again: kst client log-pin {domain}",
-                    hex::encode(head),
-                    hex::encode(vrf),
+                    "possible attack: the key directory keys of {domain} in {} (head {}, vrf \
+                     {}) are not the pinned ones (head {}, vrf {}, pinned from {}); if \
+                     {domain} really changed them, pin them again: kst client log-pin {domain}",
+                    p.place,
+                    hex::encode(p.head),
+                    hex::encode(p.vrf),
                     hex::encode(pinned),
                     held.memory.vrf_key.as_deref().unwrap_or("unknown"),
                     held.memory.pinned_from
                 );
-                let e = memory.attack(held, message, "the _kst-log TXT record above");
+                let e = memory.attack(held, message, "the published record above");
                 return Err(Outcome::error(exit::ATTACK, e.to_string()));
             }
             if held.memory.vrf_key.is_none() {
-                held.memory.vrf_key = Some(hex::encode(vrf));
+                held.memory.vrf_key = Some(hex::encode(p.vrf));
                 memory
                     .save(held)
                     .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
             }
-            Ok(head)
+            Ok(p.head)
         }
         (Ok(None), Some(pinned)) => Ok(pinned),
         (Err(o), Some(pinned)) if o.exit_code() == exit::TEMPFAIL => Ok(pinned),
@@ -870,7 +1010,8 @@ async fn head_key(
             exit::UNAVAILABLE,
             format!(
                 "{domain} publishes no key directory key (no v=kstlog1 TXT record at \
-                 _kst-log.{domain}); give --log-key HEX"
+                 _kst-log.{domain}, no kst-log file in its WKD policy directory); give \
+                 --log-key HEX"
             ),
         )),
         (Err(o), _) => Err(o),
@@ -885,8 +1026,9 @@ pub async fn log_pin(
     domain: &str,
     log_key: Option<&str>,
     vrf_key: Option<&str>,
+    log_url: Option<&str>,
 ) -> u8 {
-    let outcome = pin_command(s, domain, log_key, vrf_key).await;
+    let outcome = pin_command(s, domain, log_key, vrf_key, log_url).await;
     match outcome {
         Ok(report) => {
             if s.json {
@@ -917,6 +1059,7 @@ async fn pin_command(
     domain: &str,
     log_key: Option<&str>,
     vrf_key: Option<&str>,
+    log_url: Option<&str>,
 ) -> Result<serde_json::Value, Outcome> {
     let domain = match kst_core::AddressPolicy::default().normalize_domain(domain) {
         Ok(d) => d,
@@ -940,20 +1083,15 @@ async fn pin_command(
     };
     let (head, vrf, from) = match (parse("--log-key", log_key), parse("--vrf-key", vrf_key)) {
         (Ok(Some(h)), Ok(v)) => (h, v, source::FLAG),
-        (Ok(None), Ok(None)) => match dns_keys(s, &domain).await {
-            Ok(Some((h, v, sec))) => (
-                h,
-                Some(v),
-                if sec == DnsSecurity::Secure {
-                    source::DNS_SECURE
-                } else {
-                    source::DNS_INSECURE
-                },
-            ),
+        (Ok(None), Ok(None)) => match published_keys(s, &domain, log_url, true).await {
+            Ok(Some(p)) => (p.head, Some(p.vrf), p.from),
             Ok(None) => {
                 return Err(Outcome::error(
                     exit::UNAVAILABLE,
-                    format!("no v=kstlog1 TXT record at _kst-log.{domain}: give --log-key HEX"),
+                    format!(
+                        "no v=kstlog1 TXT record at _kst-log.{domain} and no kst-log file in \
+                         its WKD policy directory: give --log-key HEX"
+                    ),
                 ));
             }
             Err(o) => return Err(o),
@@ -1013,7 +1151,14 @@ pub async fn history(
     let mut held = memory
         .hold(address.domain())
         .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
-    let head_key = head_key(s, args.reply.log_key.as_deref(), &memory, &mut held).await?;
+    let head_key = head_key(
+        s,
+        args.reply.log_key.as_deref(),
+        args.log_url.as_deref(),
+        &memory,
+        &mut held,
+    )
+    .await?;
     let base = log_base(args, address);
     let path = format!(
         "/.well-known/kst/log/{}/history/{}",

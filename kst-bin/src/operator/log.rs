@@ -97,6 +97,7 @@ fn keygen(cfg: &Config, domain: &str, output: &Path, force: bool) -> u8 {
         eprintln!("kst: cannot write {}: {e}", output.display());
         return exit::CANTCREAT;
     }
+    let record = kst_core::transparency::keys::public_record(&keys.head.public_key(), &vrf);
     let head = hex::encode(keys.head.public_key());
     let vrf = hex::encode(vrf);
     eprintln!(
@@ -105,6 +106,8 @@ fn keygen(cfg: &Config, domain: &str, output: &Path, force: bool) -> u8 {
     );
     println!("head-key {head}");
     println!("vrf-key {vrf}");
-    println!("_kst-log.{domain}. IN TXT \"v=kstlog1; head={head}; vrf={vrf}\"");
+    // The same record is served in the WKD policy directory by `kst serve` on [web]
+    // (/.well-known/openpgpkey/[<domain>/]kst-log): publishing it in DNS is optional.
+    println!("_kst-log.{domain}. IN TXT \"{record}\"");
     exit::OK
 }

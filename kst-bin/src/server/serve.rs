@@ -1,6 +1,7 @@
 //! `kst serve`: the LMTP daemon that the MTA delivers `keys@` mail to, with its HTTP endpoint,
 //! until SIGTERM or SIGINT.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,6 +99,17 @@ async fn start(cfg: Config) -> u8 {
         "kst serve starting"
     );
     wiring::publish_submission_keys(&kst).await;
+    // The policy directory's `kst-log` file of each domain with a directory (on [web]).
+    #[cfg(feature = "transparency")]
+    let log_keys = match crate::shared::transparency::public_records(&logs) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return report::error(&e);
+        }
+    };
+    #[cfg(not(feature = "transparency"))]
+    let log_keys = HashMap::new();
     #[cfg(feature = "transparency")]
     let extra = if logs.is_empty() {
         axum::Router::new()
@@ -123,6 +135,7 @@ async fn start(cfg: Config) -> u8 {
         cfg.web.clone(),
         kst,
         extra,
+        log_keys,
     )
     .await
     {
@@ -153,17 +166,27 @@ pub async fn daemon_with_web(
     web_cfg: WebConfig,
     kst: Kst,
 ) -> anyhow::Result<()> {
-    daemon_full(lmtp, http, web_cfg, kst, axum::Router::new()).await
+    daemon_full(
+        lmtp,
+        http,
+        web_cfg,
+        kst,
+        axum::Router::new(),
+        HashMap::new(),
+    )
+    .await
 }
 
 /// [`daemon_with_web`], with `extra` routes on `[web]`, or on `[http]` when `[web]` is off
-/// (the key directory's, feature `transparency`); on either under `[web.limits]`.
+/// (the key directory's, feature `transparency`); on either under `[web.limits]`. `log_keys`:
+/// the WKD policy directory's `kst-log` file per domain (on `[web]`).
 pub async fn daemon_full(
     lmtp: LmtpConfig,
     http: HttpConfig,
     web_cfg: WebConfig,
     kst: Kst,
     mut extra: axum::Router,
+    log_keys: HashMap<String, String>,
 ) -> anyhow::Result<()> {
     lmtp.validate().context("invalid [lmtp] section")?;
     web_cfg
@@ -194,6 +217,7 @@ pub async fn daemon_full(
             domains: kst.policy().domains.clone(),
             address_policy: kst.policy().address_policy.clone(),
             config: web_cfg,
+            log_keys,
         };
         tracing::info!(
             listen = %addr,

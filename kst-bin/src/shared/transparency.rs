@@ -74,6 +74,22 @@ pub async fn open_logs(config: &Config) -> Result<Vec<Arc<DomainLog>>, Error> {
     Ok(logs)
 }
 
+/// The WKD policy directory's `kst-log` file of each log's domain (issue 18): the public
+/// record of its keys, as `kst log keygen` prints it for DNS, with a line end.
+pub fn public_records(
+    logs: &[Arc<DomainLog>],
+) -> Result<std::collections::HashMap<String, String>, Error> {
+    logs.iter()
+        .map(|log| {
+            let vrf = log.vrf_public_key().map_err(|e| {
+                Error::Config(format!("the key directory of {}: {e}", log.domain()))
+            })?;
+            let record = kst_core::transparency::keys::public_record(&log.head_public_key(), &vrf);
+            Ok((log.domain().to_string(), record + "\n"))
+        })
+        .collect()
+}
+
 /// `store`, recording its changes in the logs of `[transparency]` when it is on, and the
 /// same logs' answers for protocol version 3 replies (`None` when it is off).
 pub async fn wrap_store(

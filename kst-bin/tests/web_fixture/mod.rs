@@ -170,6 +170,7 @@ pub async fn serve_store(
             listen: addr.to_string(),
             ..config
         },
+        log_keys: Default::default(),
     };
     tokio::spawn(async move {
         serve(listener, service, std::future::pending())

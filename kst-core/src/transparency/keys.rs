@@ -18,6 +18,17 @@ use super::{Result, TransparencyError};
 /// Largest key file accepted (it holds three short lines).
 const MAX_FILE: usize = 4096;
 
+/// The public record of a domain's directory keys, as the `_kst-log.<domain>` TXT record
+/// and the WKD policy directory's `kst-log` file (`crate::wkd::LOG_KEYS_FILE`) publish it:
+/// `v=kstlog1; head=<hex>; vrf=<hex>` (without a line end).
+pub fn public_record(head: &[u8; 32], vrf: &[u8; 32]) -> String {
+    format!(
+        "v=kstlog1; head={}; vrf={}",
+        hex::encode(head),
+        hex::encode(vrf)
+    )
+}
+
 /// A domain's transparency keys.
 #[derive(Debug)]
 pub struct LogKeys {

@@ -45,6 +45,10 @@ pub struct WebState {
     pub pseudonym: LogPseudonym,
     /// `Cache-Control: max-age` of positive answers, seconds.
     pub cache_max_age_secs: u64,
+    /// The policy directory's `kst-log` file per domain with a key directory (issue 18): the
+    /// public record of its keys ([`kst_core::wkd::Resource::LogKeys`]); empty without
+    /// `[transparency]`.
+    pub log_keys: Arc<std::collections::HashMap<String, String>>,
 }
 
 /// The peer of a connection (the listener's connect info).
@@ -108,7 +112,10 @@ impl Endpoint {
     fn classify(path: &str, query: Option<&str>) -> Endpoint {
         if let Some(rest) = path.strip_prefix(kst_core::wkd::WELL_KNOWN) {
             let n = rest.split('/').filter(|s| !s.is_empty()).count();
-            return if rest.ends_with("/policy") || rest.ends_with("/submission-address") {
+            return if rest.ends_with("/policy")
+                || rest.ends_with("/submission-address")
+                || rest.ends_with(&format!("/{}", kst_core::wkd::LOG_KEYS_FILE))
+            {
                 Endpoint::WkdPolicy
             } else if rest.contains("/hu/") && n == 3 {
                 Endpoint::WkdAdvanced
@@ -380,6 +387,15 @@ async fn wkd(
             "text/plain; charset=utf-8",
             state.policy_flags.to_text(&req.domain).into_bytes(),
         ),
+        Resource::LogKeys => match state.log_keys.get(&req.domain) {
+            Some(record) => found(
+                &state,
+                &headers,
+                "text/plain; charset=utf-8",
+                record.clone().into_bytes(),
+            ),
+            None => not_found().await,
+        },
         Resource::SubmissionAddress => {
             match state
                 .address_policy

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod precount;
 pub mod tls;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +47,9 @@ pub struct WebService {
     pub address_policy: AddressPolicy,
     /// The `[web]` section.
     pub config: WebConfig,
+    /// The policy directory's `kst-log` file per domain with a key directory (issue 18;
+    /// empty without `[transparency]`).
+    pub log_keys: HashMap<String, String>,
 }
 
 /// The guard of `[web.limits]` (the shared `counters`) with the clients named as `[web]
@@ -76,6 +80,7 @@ impl WebService {
             limiter: limits::Limiter::new(self.config.limits, Arc::clone(&self.counters)),
             pseudonym: client::LogPseudonym::random(),
             cache_max_age_secs: self.config.cache_max_age_secs,
+            log_keys: Arc::new(self.log_keys.clone()),
         })
     }
 }
