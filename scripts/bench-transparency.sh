@@ -15,7 +15,8 @@
 # BENCH_ROUNDS (3), BENCH_STORES ("fs postgres redis"), BENCH_PG_URL
 # (postgres://postgres:postgres@127.0.0.1:5432), BENCH_KST (a kst binary; default: a release
 # build of this checkout), BENCH_LOG (warn; `warn,kst_core::transparency::log=debug` also
-# logs each epoch's timings), BENCH_TIMINGS (a file each run's log is appended to).
+# logs each epoch's timings), BENCH_TIMINGS (a file each run's log is appended to; with the
+# debug log, a table of where the epochs' time went is printed at the end).
 set -euo pipefail
 CS="${BENCH_C:-8}"
 PUB="${BENCH_PUB:-2000}"
@@ -123,6 +124,26 @@ for store, c in dict.fromkeys((r["store"], r.get("c", 0)) for r in rows):
         each = ", ".join(f"{r['rate']:.0f}" for r in rs)
         print(f"| {store} | {c} | {kt} | {len(rs)} | {m:.0f} | {each} | {mid['p50_ms']:.2f} | {mid['p99_ms']:.2f} | {kst99} | {outcomes} | {cost} |")
 PY
+if [ -n "$TIMINGS" ] && grep -q "epoch timings" "$TIMINGS"; then
+  # Where an epoch's time went (BENCH_LOG with kst_core::transparency::log=debug): means over
+  # the epochs of each store and c (all runs appended to $TIMINGS so far), µs.
+  python3 - "$TIMINGS" <<'PY'
+import collections, re, statistics, sys
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    if "epoch timings" not in line:
+        continue
+    key = " ".join(line.split(" ")[:2])
+    rows[key].append({k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)})
+fields = ["entries", "pinned_us", "read_us", "head_before_us", "published_us", "commit_us", "done_us"]
+print()
+print("| store, c | epochs | " + " | ".join(f"{f} (mean)" for f in fields) + " | done_us (median) |")
+print("|---|---:|" + "---:|" * (len(fields) + 1))
+for key, rs in rows.items():
+    means = " | ".join(f"{statistics.mean(r.get(f, 0) for r in rs):.1f}" for f in fields)
+    print(f"| {key} | {len(rs)} | {means} | {statistics.median(r['done_us'] for r in rs):.0f} |")
+PY
+fi
 echo
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -sr); load average of each run in $RESULTS (kept below)."
 python3 -c "import json,sys; [print(f\"  {r['store']} c={r.get('c')} {r['kt']}: {r['rate']:.0f} msg/s, load {r['load']}\") for r in map(json.loads, open(sys.argv[1]))]" "$RESULTS"

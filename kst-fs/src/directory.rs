@@ -9,6 +9,8 @@
 //! kt/<domain>/heads/<epoch, 20 digits>  the signed head of an epoch (created once, by link)
 //! kt/<domain>/cosignatures/<epoch, 20 digits>/<witness hex>   a witness's cosignature
 //! kt/<domain>/witnesses/<witness hex>   epoch (8 bytes) ‖ the witness's newest cosignature
+//! kt/<domain>/journal/                  the write-ahead journal (Linux): a frame per epoch,
+//!                                       the checkpoint and the boot id (`journal.rs`)
 //! ```
 //!
 //! A head is written to a temporary file, synced, and hard-linked to its name: the link fails
@@ -16,28 +18,42 @@
 //! lock). A cosignature is written (durable replace) under the domain's lock, then the
 //! witness's newest one if its epoch is not older than the stored one.
 //!
-//! A commit takes the domain's lock, checks the fence against `root`, then writes the nodes
-//! and value states (each file written to a temporary name and renamed into place), makes
-//! them all durable at once, and writes the root last (durable replace). On Linux "at once" is
-//! one `syncfs(2)` of the store's file system: an epoch writes about two tree-depths of node
-//! files per change, and one flush instead of an `fsync` per file and directory is what makes
-//! a batched epoch cheap. The new root (and the epoch's head, when the batch carries it) is
-//! written to a temporary file before that flush and renamed (linked) into place after it,
-//! the root first; then the two directories are synced: the flush covers their contents. Elsewhere each file and directory is synced. Each read takes the lock
-//! shared, so it never sees a commit half-way; the root is the commit point (see
-//! `kst_core::transparency::storage` for why a crash half-way is harmless).
+//! A commit takes the domain's lock and checks the fence against `root`. On Linux (the
+//! journal) it then writes the whole batch as one frame, `journal/<epoch>`, with one
+//! `fdatasync(2)` of that file and an `fsync` of the journal directory: **the commit point**.
+//! Then the epoch's files are written without syncing (each to a temporary name renamed into
+//! place, the root last, the head linked after it), and every 64 epochs a background
+//! `syncfs(2)` makes them durable and moves the journal's checkpoint, removing the frames
+//! under it. So an epoch costs one small file's flush, not a flush of every dirty page of the
+//! file system (other programs' writes on a shared disk made that 70 ms and more). A writer
+//! that died after its frame left an epoch the next commit writes out ("rolls forward")
+//! before its own fence; after the machine crashed (another boot id) the first process to
+//! touch the domain replays the frames after the checkpoint, then syncs. A store written by
+//! a kst from before the journal is read as it is; its first journaled commit starts the
+//! journal at the stored root. (A kst from before the journal must not commit to a store a
+//! newer one wrote frames to: it ignores them.)
+//!
+//! Without the journal (elsewhere, and for akd's first root, written once per directory)
+//! the nodes and value states are written, made durable at once, and the root written last
+//! (durable replace); "at once" is one `syncfs(2)` on Linux, each file and directory synced
+//! elsewhere. Each read takes the lock shared, so it never sees a commit half-way; the root
+//! is the commit point for readers (see `kst_core::transparency::storage` for why a crash
+//! half-way is harmless).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use async_trait::async_trait;
 use fs4::fs_std::FileExt;
 use kst_core::durable::{sync_dir, write_atomic};
 use kst_core::transparency::{
-    DirectoryStore, DirectoryStoreError, RecordBatch, RootWrite, check_domain,
+    DirectoryStore, DirectoryStoreError, RecordBatch, RootAndNodes, RootWrite, check_domain,
 };
 use sha2::{Digest, Sha256};
+
+use crate::journal;
 
 /// Directory of the key directories, under the store's root.
 pub(crate) const KT_DIR: &str = "kt";
@@ -48,6 +64,8 @@ const MAX_FILE: u64 = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct FsDirectoryStore {
     root: PathBuf,
+    /// This boot's id when epochs are committed through the journal (Linux), else `None`.
+    boot: Option<String>,
 }
 
 impl FsDirectoryStore {
@@ -56,6 +74,17 @@ impl FsDirectoryStore {
     pub fn new(store_root: impl AsRef<Path>) -> Self {
         FsDirectoryStore {
             root: store_root.as_ref().join(KT_DIR),
+            boot: if SYNCFS { journal::boot_id() } else { None },
+        }
+    }
+
+    /// [`FsDirectoryStore::new`] as if the machine had booted with `boot` (a test's stand-in
+    /// for a reboot); `None`: without the journal, as kst wrote before it.
+    #[cfg(test)]
+    fn with_boot(store_root: impl AsRef<Path>, boot: Option<&str>) -> Self {
+        FsDirectoryStore {
+            root: store_root.as_ref().join(KT_DIR),
+            boot: boot.map(str::to_string),
         }
     }
 
@@ -99,6 +128,17 @@ fn read(path: &Path) -> Result<Option<Vec<u8>>, DirectoryStoreError> {
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
         Err(e) => Err(unavailable("read", path, e)),
     }
+}
+
+/// The stored nodes with these keys (missing ones left out).
+fn read_nodes(dir: &Path, keys: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, DirectoryStoreError> {
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        if let Some(blob) = read(&node_path(dir, key))? {
+            out.push(blob);
+        }
+    }
+    Ok(out)
 }
 
 fn read_root(dir: &Path) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
@@ -180,11 +220,200 @@ impl DomainLock {
     }
 }
 
-fn commit(dir: &Path, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
+/// The domains (with the boot id) this process found free of frames a machine crash left:
+/// checked once per process and domain.
+fn recovered() -> &'static Mutex<HashSet<(PathBuf, String)>> {
+    static RECOVERED: OnceLock<Mutex<HashSet<(PathBuf, String)>>> = OnceLock::new();
+    RECOVERED.get_or_init(Default::default)
+}
+
+fn is_recovered(dir: &Path, boot: &str) -> bool {
+    recovered()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .contains(&(dir.to_path_buf(), boot.to_string()))
+}
+
+/// Before this process first reads or writes the directory of `dir`: when its journal's
+/// frames were written under another boot (the machine crashed or restarted since), they
+/// are replayed first ([`recover_locked`]). Nothing to do without a journal (`boot` is
+/// `None`) or once checked.
+fn ensure_recovered(dir: &Path, boot: Option<&str>) -> Result<(), DirectoryStoreError> {
+    let Some(boot) = boot else { return Ok(()) };
+    if is_recovered(dir, boot) || !dir.join("lock").exists() {
+        return Ok(());
+    }
+    if journal::boot(dir)?.as_deref() == Some(boot) {
+        recovered()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((dir.to_path_buf(), boot.to_string()));
+        return Ok(());
+    }
     let _lock = DomainLock::acquire(dir)?;
-    let stored = read_root(dir)?.map(|(e, _)| e);
+    recover_locked(dir, boot)
+}
+
+/// [`ensure_recovered`] under the domain's lock: the frames after the checkpoint, in order,
+/// have their files written again (the page cache that held them is gone), unless the stored
+/// root is past them (a commit without a frame, by a kst from before the journal, whose
+/// `syncfs` made everything before it durable); then one `syncfs`, the checkpoint moved to
+/// the stored root, every frame removed, and this boot recorded.
+fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
+    if is_recovered(dir, boot) {
+        return Ok(());
+    }
+    if journal::boot(dir)?.as_deref() != Some(boot) {
+        if let Some(checkpoint) = journal::checkpoint(dir)? {
+            let stored = read_root(dir)?.map(|(e, _)| e);
+            let mut frames = Vec::new();
+            let mut epoch = checkpoint;
+            while let Some(frame) = journal::read_frame(dir, epoch + 1)? {
+                frames.push(frame);
+                epoch += 1;
+            }
+            if stored.is_none_or(|s| s <= epoch) {
+                for frame in &frames {
+                    materialize(dir, frame)?;
+                }
+            }
+            sync_file_system(dir)?;
+            let durable = read_root(dir)?.map_or(checkpoint, |(e, _)| e);
+            journal::set_checkpoint(dir, durable)?;
+            journal::remove_frames(dir, |_| true)?;
+            if !frames.is_empty() {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    checkpoint,
+                    epochs = frames.len(),
+                    root = durable,
+                    "key directory: replayed the journal's epochs after a restart of the machine"
+                );
+            }
+        }
+        journal::set_boot(dir, boot)?;
+    }
+    recovered()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert((dir.to_path_buf(), boot.to_string()));
+    Ok(())
+}
+
+/// Writes the files of an epoch whose frame is durable: nodes and value states (renamed into
+/// place, not synced), the root last (renamed into place), then its head (linked unless one
+/// is there). A reader at the old epoch still reads the old epoch meanwhile (a node keeps its
+/// previous value), and a writer that dies half-way leaves the frame for the next one.
+fn materialize(dir: &Path, batch: &RecordBatch) -> Result<(), DirectoryStoreError> {
+    for (key, blob) in &batch.nodes {
+        write_unsynced_dir(&node_path(dir, key), blob)?;
+    }
+    for vs in &batch.value_states {
+        let path = values_dir(dir, &vs.label).join(format!("{:020}", vs.epoch));
+        write_unsynced_dir(&path, &vs.blob)?;
+    }
+    let Some(root) = &batch.root else {
+        return Ok(());
+    };
+    write_unsynced_dir(&dir.join("root"), &root_bytes(root))?;
+    if let Some(head) = &batch.head {
+        let heads = heads_dir(dir);
+        let path = heads.join(epoch_name(root.epoch));
+        let temp = heads.join(format!(".tmp-{:016x}", rand_suffix()));
+        let linked = std::fs::create_dir_all(&heads)
+            .and_then(|()| std::fs::write(&temp, head))
+            .and_then(|()| match std::fs::hard_link(&temp, &path) {
+                Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
+                _ => Ok(()),
+            });
+        let _ = std::fs::remove_file(&temp);
+        linked.map_err(|e| unavailable("link", &path, e))?;
+    }
+    Ok(())
+}
+
+/// The directories of this process whose checkpoint is being moved in the background.
+fn checkpointing() -> &'static Mutex<HashSet<PathBuf>> {
+    static RUNNING: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
+    RUNNING.get_or_init(Default::default)
+}
+
+/// After epoch `epoch` was committed through the journal: every
+/// [`journal::CHECKPOINT_EVERY`] epochs, one `syncfs` (on a thread of its own, so no commit
+/// waits for it) makes the tree's files durable and moves the checkpoint to `epoch`; the
+/// commit does it itself when [`journal::CHECKPOINT_AT_MOST`] epochs wait above the
+/// checkpoint (background ones never finished: short-lived processes).
+fn maybe_checkpoint(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
+    if !epoch.is_multiple_of(journal::CHECKPOINT_EVERY) {
+        return Ok(());
+    }
+    let checkpoint = journal::checkpoint(dir)?.unwrap_or(0);
+    if epoch.saturating_sub(checkpoint) >= journal::CHECKPOINT_AT_MOST {
+        sync_file_system(dir)?;
+        return journal::set_checkpoint(dir, epoch);
+    }
+    if !checkpointing()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(dir.to_path_buf())
+    {
+        return Ok(());
+    }
+    let owned = dir.to_path_buf();
+    let spawned = std::thread::Builder::new()
+        .name("kst-kt-checkpoint".into())
+        .spawn(move || {
+            let moved = sync_file_system(&owned).and_then(|()| {
+                let _lock = DomainLock::acquire(&owned)?;
+                if journal::checkpoint(&owned)?.unwrap_or(0) < epoch {
+                    journal::set_checkpoint(&owned, epoch)?;
+                }
+                Ok(())
+            });
+            if let Err(e) = moved {
+                tracing::warn!(dir = %owned.display(), epoch, error = %e, "key directory: the journal's checkpoint did not move; the next one tries again");
+            }
+            checkpointing()
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&owned);
+        });
+    if spawned.is_err() {
+        checkpointing()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(dir);
+    }
+    Ok(())
+}
+
+fn commit(dir: &Path, batch: RecordBatch, boot: Option<&str>) -> Result<(), DirectoryStoreError> {
+    let _lock = DomainLock::acquire(dir)?;
+    if let Some(boot) = boot {
+        recover_locked(dir, boot)?;
+    }
+    let mut stored = read_root(dir)?.map(|(e, _)| e);
+    if boot.is_some() {
+        // A writer died after its frame was durable: its epoch is committed; write its
+        // files before anything is built on it.
+        if let Some(e) = stored
+            && let Some(frame) = journal::read_frame(dir, e + 1)?
+        {
+            journal::sync_frame(dir, e + 1)?;
+            materialize(dir, &frame)?;
+            stored = Some(e + 1);
+            tracing::info!(dir = %dir.display(), epoch = e + 1, "key directory: rolled forward an epoch whose writer died after its commit point");
+        }
+    }
     if !batch.passes_fence(stored)? {
         return Ok(());
+    }
+    if let (Some(_), Some(expected), true) = (boot, stored, journal::journaled(&batch)) {
+        // The journal starts at the stored root, durable already (written the old way).
+        journal::start(dir, expected)?;
+        journal::write_frame(dir, &batch)?;
+        materialize(dir, &batch)?;
+        return maybe_checkpoint(dir, expected + 1);
     }
     let mut dirs = BTreeSet::new();
     for (key, blob) in &batch.nodes {
@@ -421,8 +650,9 @@ impl DirectoryStore for FsDirectoryStore {
     }
 
     async fn root(&self, domain: &str) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
-        let dir = self.domain_dir(domain)?;
+        let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         blocking(move || {
+            ensure_recovered(&dir, boot.as_deref())?;
             let _shared = DomainLock::shared(&dir)?;
             read_root(&dir)
         })
@@ -434,17 +664,28 @@ impl DirectoryStore for FsDirectoryStore {
         domain: &str,
         keys: &[Vec<u8>],
     ) -> Result<Vec<Vec<u8>>, DirectoryStoreError> {
-        let dir = self.domain_dir(domain)?;
+        let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let keys = keys.to_vec();
         blocking(move || {
+            ensure_recovered(&dir, boot.as_deref())?;
             let _shared = DomainLock::shared(&dir)?;
-            let mut out = Vec::with_capacity(keys.len());
-            for key in &keys {
-                if let Some(blob) = read(&node_path(&dir, key))? {
-                    out.push(blob);
-                }
-            }
-            Ok(out)
+            read_nodes(&dir, &keys)
+        })
+        .await
+    }
+
+    async fn root_and_nodes(
+        &self,
+        domain: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<RootAndNodes, DirectoryStoreError> {
+        let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
+        let keys = keys.to_vec();
+        // One blocking call and one shared lock: the root and the nodes of one moment.
+        blocking(move || {
+            ensure_recovered(&dir, boot.as_deref())?;
+            let _shared = DomainLock::shared(&dir)?;
+            Ok((read_root(&dir)?, read_nodes(&dir, &keys)?))
         })
         .await
     }
@@ -454,18 +695,42 @@ impl DirectoryStore for FsDirectoryStore {
         domain: &str,
         label: &[u8],
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
-        let domain_dir = self.domain_dir(domain)?;
+        let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let dir = values_dir(&domain_dir, label);
         blocking(move || {
+            ensure_recovered(&domain_dir, boot.as_deref())?;
             let _shared = DomainLock::shared(&domain_dir)?;
             list_files(&dir, |name| name.parse::<u64>().ok())
         })
         .await
     }
 
+    async fn value_states_batch(
+        &self,
+        domain: &str,
+        labels: &[Vec<u8>],
+    ) -> Result<Vec<(Vec<u8>, u64, Vec<u8>)>, DirectoryStoreError> {
+        let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
+        let labels = labels.to_vec();
+        // Every label in one blocking call under one shared lock.
+        blocking(move || {
+            ensure_recovered(&domain_dir, boot.as_deref())?;
+            let _shared = DomainLock::shared(&domain_dir)?;
+            let mut out = Vec::new();
+            for label in labels {
+                let states = list_files(&values_dir(&domain_dir, &label), |name| {
+                    name.parse::<u64>().ok()
+                })?;
+                out.extend(states.into_iter().map(|(e, b)| (label.clone(), e, b)));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
-        let dir = self.domain_dir(domain)?;
-        blocking(move || commit(&dir, batch)).await
+        let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
+        blocking(move || commit(&dir, batch, boot.as_deref())).await
     }
 
     async fn insert_head(
@@ -474,9 +739,13 @@ impl DirectoryStore for FsDirectoryStore {
         epoch: u64,
         head: &[u8],
     ) -> Result<Vec<u8>, DirectoryStoreError> {
-        let dir = self.domain_dir(domain)?;
+        let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let head = head.to_vec();
-        blocking(move || insert_head(&dir, epoch, &head)).await
+        blocking(move || {
+            ensure_recovered(&dir, boot.as_deref())?;
+            insert_head(&dir, epoch, &head)
+        })
+        .await
     }
 
     async fn heads(
@@ -485,8 +754,10 @@ impl DirectoryStore for FsDirectoryStore {
         from: u64,
         to: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
-        let dir = heads_dir(&self.domain_dir(domain)?);
+        let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
+        let dir = heads_dir(&domain_dir);
         blocking(move || {
+            ensure_recovered(&domain_dir, boot.as_deref())?;
             let mut out = Vec::new();
             for epoch in from..=to {
                 if let Some(blob) = read(&dir.join(epoch_name(epoch)))? {
@@ -505,9 +776,13 @@ impl DirectoryStore for FsDirectoryStore {
         witness: &[u8; 32],
         cosignature: &[u8],
     ) -> Result<(), DirectoryStoreError> {
-        let dir = self.domain_dir(domain)?;
+        let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let (witness, cosignature) = (*witness, cosignature.to_vec());
-        blocking(move || put_cosignature(&dir, epoch, &witness, &cosignature)).await
+        blocking(move || {
+            ensure_recovered(&dir, boot.as_deref())?;
+            put_cosignature(&dir, epoch, &witness, &cosignature)
+        })
+        .await
     }
 
     async fn cosignatures(
@@ -515,11 +790,10 @@ impl DirectoryStore for FsDirectoryStore {
         domain: &str,
         epoch: u64,
     ) -> Result<Vec<([u8; 32], Vec<u8>)>, DirectoryStoreError> {
-        let dir = self
-            .domain_dir(domain)?
-            .join("cosignatures")
-            .join(epoch_name(epoch));
+        let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
+        let dir = domain_dir.join("cosignatures").join(epoch_name(epoch));
         blocking(move || {
+            ensure_recovered(&domain_dir, boot.as_deref())?;
             list_files(&dir, |name| {
                 let mut witness = [0u8; 32];
                 hex::decode_to_slice(name, &mut witness)
@@ -535,10 +809,239 @@ impl DirectoryStore for FsDirectoryStore {
         domain: &str,
         witness: &[u8; 32],
     ) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
-        let path = self
-            .domain_dir(domain)?
-            .join("witnesses")
-            .join(hex::encode(witness));
-        blocking(move || read_epoch_blob(&path)).await
+        let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
+        let path = domain_dir.join("witnesses").join(hex::encode(witness));
+        blocking(move || {
+            ensure_recovered(&domain_dir, boot.as_deref())?;
+            read_epoch_blob(&path)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "journal.example";
+
+    fn node(n: u8) -> Vec<u8> {
+        vec![2, 0, 0, 1, 0, n, n]
+    }
+
+    /// The epoch-0 root with one node (written the old way, synced).
+    fn first() -> RecordBatch {
+        RecordBatch {
+            nodes: vec![(node(0), b"n0".to_vec()), (node(99), b"s0".to_vec())],
+            value_states: Vec::new(),
+            root: Some(RootWrite {
+                expected_epoch: None,
+                epoch: 0,
+                blob: b"r0".to_vec(),
+            }),
+            head: None,
+        }
+    }
+
+    /// Epoch `e` built on `e - 1`: a node of its own, the shared node 99 again, a value
+    /// state and its head.
+    fn epoch(e: u64) -> RecordBatch {
+        RecordBatch {
+            nodes: vec![
+                (node(e as u8), format!("n{e}").into_bytes()),
+                (node(99), format!("s{e}").into_bytes()),
+            ],
+            value_states: vec![kst_core::transparency::ValueStateBlob {
+                label: b"label".to_vec(),
+                epoch: e,
+                blob: format!("v{e}").into_bytes(),
+            }],
+            root: Some(RootWrite {
+                expected_epoch: Some(e - 1),
+                epoch: e,
+                blob: format!("r{e}").into_bytes(),
+            }),
+            head: Some(format!("h{e}").into_bytes()),
+        }
+    }
+
+    /// The store holds epochs 0..=`last` exactly as committed.
+    async fn holds(store: &FsDirectoryStore, last: u64) {
+        assert_eq!(
+            store.root(D).await.unwrap(),
+            Some((last, format!("r{last}").into_bytes())),
+            "root"
+        );
+        let keys: Vec<_> = (0..=last as u8).map(node).chain([node(99)]).collect();
+        let mut nodes = store.nodes(D, &keys).await.unwrap();
+        nodes.sort();
+        let mut want: Vec<_> = (0..=last)
+            .map(|e| format!("n{e}").into_bytes())
+            .chain([format!("s{last}").into_bytes()])
+            .collect();
+        want.sort();
+        assert_eq!(nodes, want, "nodes");
+        let mut states = store.value_states(D, b"label").await.unwrap();
+        states.sort();
+        let want: Vec<_> = (1..=last)
+            .map(|e| (e, format!("v{e}").into_bytes()))
+            .collect();
+        assert_eq!(states, want, "value states");
+        let heads = store.heads(D, 1, last).await.unwrap();
+        let want: Vec<_> = (1..=last)
+            .map(|e| (e, format!("h{e}").into_bytes()))
+            .collect();
+        assert_eq!(heads, want, "heads");
+    }
+
+    /// A journaled store at `root` holding epochs 0 and 1, and its domain's directory.
+    async fn at_epoch_1(root: &Path) -> (FsDirectoryStore, PathBuf) {
+        let a = FsDirectoryStore::with_boot(root, Some("boot-1"));
+        a.commit(D, first()).await.unwrap();
+        a.commit(D, epoch(1)).await.unwrap();
+        (a, root.join(KT_DIR).join(D))
+    }
+
+    fn frames(dir: &Path) -> Vec<u64> {
+        let mut out: Vec<u64> = std::fs::read_dir(journal::journal_dir(dir))
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn epochs_are_replayed_after_the_machine_restarts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        a.commit(D, first()).await.unwrap();
+        for e in 1..=3 {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        holds(&a, 3).await;
+        let dir = tmp.path().join(KT_DIR).join(D);
+        assert_eq!(frames(&dir), vec![1, 2, 3], "one frame per epoch");
+        assert_eq!(journal::checkpoint(&dir).unwrap(), Some(0));
+        // The machine stops; the page cache lost what was never synced: epoch 3's node, the
+        // shared node back at epoch 1, the root back at epoch 1, a value state, a head.
+        std::fs::remove_file(node_path(&dir, &node(3))).unwrap();
+        std::fs::write(node_path(&dir, &node(99)), b"s1").unwrap();
+        std::fs::write(dir.join("root"), root_bytes(&epoch(1).root.unwrap())).unwrap();
+        std::fs::remove_file(values_dir(&dir, b"label").join(format!("{:020}", 2))).unwrap();
+        std::fs::remove_file(heads_dir(&dir).join(epoch_name(3))).unwrap();
+        // After the restart the first read replays the frames after the checkpoint.
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        holds(&b, 3).await;
+        assert_eq!(journal::checkpoint(&dir).unwrap(), Some(3));
+        assert!(frames(&dir).is_empty(), "the frames are gone once durable");
+        assert_eq!(journal::boot(&dir).unwrap().as_deref(), Some("boot-2"));
+        // And the directory goes on.
+        b.commit(D, epoch(4)).await.unwrap();
+        holds(&b, 4).await;
+        assert_eq!(frames(&dir), vec![4]);
+    }
+
+    #[tokio::test]
+    async fn a_durable_frame_of_a_dead_writer_is_rolled_forward() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        // A writer wrote epoch 2's frame (its commit point) and died before its files.
+        journal::write_frame(&dir, &epoch(2)).unwrap();
+        assert_eq!(
+            a.root(D).await.unwrap(),
+            Some((1, b"r1".to_vec())),
+            "readers still read epoch 1"
+        );
+        // The next writer, built on epoch 1, finds epoch 2 committed: a conflict, and epoch
+        // 2's files are there.
+        let mut late = epoch(2);
+        late.nodes = vec![(node(50), b"other".to_vec())];
+        assert!(matches!(
+            a.commit(D, late).await,
+            Err(DirectoryStoreError::Conflict(_))
+        ));
+        holds(&a, 2).await;
+        assert!(a.nodes(D, &[node(50)]).await.unwrap().is_empty());
+        a.commit(D, epoch(3)).await.unwrap();
+        holds(&a, 3).await;
+    }
+
+    #[tokio::test]
+    async fn a_torn_frame_is_no_epoch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_a, dir) = at_epoch_1(tmp.path()).await;
+        // A writer died writing epoch 2's frame: never committed, never confirmed.
+        let frame = journal::encode(&epoch(2));
+        std::fs::write(journal::frame_path(&dir, 2), &frame[..frame.len() / 2]).unwrap();
+        // Not rolled forward, not replayed after a restart.
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        holds(&b, 1).await;
+        assert!(frames(&dir).is_empty());
+        // The next writer's epoch 2 is the one; a torn frame in its way is replaced.
+        std::fs::write(journal::frame_path(&dir, 2), b"torn").unwrap();
+        b.commit(D, epoch(2)).await.unwrap();
+        holds(&b, 2).await;
+        assert_eq!(journal::read_frame(&dir, 2).unwrap(), Some(epoch(2)));
+    }
+
+    #[tokio::test]
+    async fn the_checkpoint_moves_every_64_epochs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        a.commit(D, first()).await.unwrap();
+        for e in 1..=journal::CHECKPOINT_EVERY + 2 {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        let dir = tmp.path().join(KT_DIR).join(D);
+        // In the background (the checkpoint written, then the frames under it removed):
+        // wait for it, bounded.
+        let e = journal::CHECKPOINT_EVERY;
+        for _ in 0..300 {
+            if journal::checkpoint(&dir).unwrap() == Some(e) && frames(&dir) == [e + 1, e + 2] {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            journal::checkpoint(&dir).unwrap(),
+            Some(journal::CHECKPOINT_EVERY)
+        );
+        assert_eq!(frames(&dir), vec![e + 1, e + 2], "frames under it removed");
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        assert_eq!(
+            b.root(D).await.unwrap(),
+            Some((e + 2, format!("r{}", e + 2).into_bytes()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_the_journal_starts_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(KT_DIR).join(D);
+        // Written by a kst without the journal (a syncfs per epoch).
+        let old = FsDirectoryStore::with_boot(tmp.path(), None);
+        old.commit(D, first()).await.unwrap();
+        for e in 1..=2 {
+            old.commit(D, epoch(e)).await.unwrap();
+        }
+        assert!(!journal::journal_dir(&dir).exists());
+        let a = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        holds(&a, 2).await;
+        a.commit(D, epoch(3)).await.unwrap();
+        assert_eq!(
+            journal::checkpoint(&dir).unwrap(),
+            Some(2),
+            "starts at the durable root"
+        );
+        assert_eq!(frames(&dir), vec![3]);
+        // An older kst commits epoch 4 without a frame (synced): a restart keeps it.
+        old.commit(D, epoch(4)).await.unwrap();
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        holds(&b, 4).await;
+        assert_eq!(journal::checkpoint(&dir).unwrap(), Some(4));
     }
 }

@@ -7,6 +7,8 @@ mod directory;
 mod error;
 mod file;
 mod index;
+#[cfg(feature = "transparency")]
+mod journal;
 mod layout;
 mod lock;
 mod nowait;

@@ -57,7 +57,7 @@ pub use label::{KstDomainLabel, directory_label};
 pub use log::{CurrentKeys, DomainLog, StoreKeys, Synced};
 pub use storage::{
     DirectoryStore, DirectoryStoreError, RecordBatch, RootAndNodes, RootWrite, SignHead,
-    StoredDirectory, check_domain, on_runtime,
+    StoredDirectory, ValueStateBlob, check_domain, on_runtime,
 };
 pub use store::{RecordedAll, TransparentStore};
 pub use vrf::VrfSecret;

@@ -305,6 +305,8 @@ pub struct StoredDirectory<T: ?Sized> {
     signed: Arc<Mutex<Option<EpochRoot>>>,
     /// Batches with a root this handle (and its clones) committed.
     committed: Arc<AtomicU64>,
+    /// How long the backend took for the last batch ([`StoredDirectory::last_commit_micros`]).
+    commit_micros: Arc<AtomicU64>,
 }
 
 /// An epoch and its root hash.
@@ -334,6 +336,7 @@ impl<T: ?Sized> Clone for StoredDirectory<T> {
             signer: Arc::clone(&self.signer),
             signed: Arc::clone(&self.signed),
             committed: Arc::clone(&self.committed),
+            commit_micros: Arc::clone(&self.commit_micros),
         }
     }
 }
@@ -360,6 +363,7 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
             signer: Arc::new(Mutex::new(None)),
             signed: Arc::new(Mutex::new(None)),
             committed: Arc::new(AtomicU64::new(0)),
+            commit_micros: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -384,6 +388,12 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
     /// writer recorded it meanwhile), so the writer compares this before and after.
     pub fn commits(&self) -> u64 {
         self.committed.load(Ordering::SeqCst)
+    }
+
+    /// How long the backend's [`DirectoryStore::commit`] of the last batch took, in µs (the
+    /// writer's epoch timings: the commit alone, next to akd's work).
+    pub fn last_commit_micros(&self) -> u64 {
+        self.commit_micros.load(Ordering::Relaxed)
     }
 
     /// From now on (and in every clone), write only a batch built on epoch `epoch`: one
@@ -638,7 +648,13 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
                 .find(|(key, _)| *key == root_key)
                 .map(|(_, blob)| blob.clone()),
         };
-        if let Err(e) = self.store.commit(&self.domain, batch).await {
+        let started = std::time::Instant::now();
+        let result = self.store.commit(&self.domain, batch).await;
+        self.commit_micros.store(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        if let Err(e) = result {
             // akd cached this batch's records already: whatever was seen no longer vouches
             // for the cache.
             self.see(|s| *s = Seen::default());

@@ -1,0 +1,409 @@
+//! The write-ahead journal of the fs key directory (feature `transparency`, Linux): one
+//! file per epoch under `kt/<domain>/journal/`, made durable with one `fdatasync(2)` (and
+//! the journal directory's `fsync`), instead of a `syncfs(2)` of the whole file system per
+//! epoch (docs/TRANSPARENCY.md, "Write order, as built": the fs journal).
+//!
+//! ```text
+//! kt/<domain>/journal/<epoch, 20 digits>   one epoch's batch (a frame, below)
+//! kt/<domain>/journal/checkpoint           epoch C (8 bytes): every epoch <= C is durable in
+//!                                          the tree's own files; frames <= C are garbage
+//! kt/<domain>/journal/boot                 the boot id under which the frames after C were
+//!                                          written (Linux's /proc/sys/kernel/random/boot_id)
+//! ```
+//!
+//! A frame is the whole batch of an epoch: `KSTJ1\n` ‖ expected epoch (8) ‖ epoch (8) ‖
+//! nodes (count (4), then key length (4), key, blob length (4), blob) ‖ value states (count
+//! (4), then label length (4), label, epoch (8), blob length (4), blob) ‖ root (length (4),
+//! blob) ‖ head (0, or 1 ‖ length (4) ‖ head) ‖ SHA-256 of all of it (32). A frame that is
+//! short, long, or whose hash does not match is no frame (a writer died writing it).
+//!
+//! The fs directory's commit (kst-fs `directory.rs`) is then: under the domain's lock, the
+//! fence; the frame written and synced (**the commit point**); the epoch's files written
+//! unsynced (renamed into place, the root last, so readers at the old epoch see the old
+//! epoch); every 64 epochs a background `syncfs(2)` moves the checkpoint up and removes the
+//! frames under it. A writer that died after its frame was durable left an epoch the next
+//! writer rolls forward (writes its files) before checking its own fence. After the machine
+//! crashed (the boot id changed), the first process to touch the domain replays every frame
+//! after the checkpoint in order, then syncs and moves the checkpoint: the files the page
+//! cache lost are written again.
+
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+use kst_core::durable::{sync_dir, write_atomic};
+use kst_core::transparency::{DirectoryStoreError, RecordBatch, RootWrite, ValueStateBlob};
+use sha2::{Digest, Sha256};
+
+/// The first bytes of a frame.
+const MAGIC: &[u8; 6] = b"KSTJ1\n";
+
+/// Largest frame read back: a batch of 512 changes at 10^6 entries is about 6 MB.
+const MAX_FRAME: u64 = 64 * 1024 * 1024;
+
+/// Largest record inside a frame (as `MAX_FILE` of the directory's files).
+const MAX_RECORD: usize = 64 * 1024;
+
+/// Every this many epochs a commit starts a checkpoint (in the background).
+pub(crate) const CHECKPOINT_EVERY: u64 = 64;
+
+/// When this many epochs wait above the checkpoint, the commit checkpoints itself (a process
+/// that never lived long enough to finish a background one).
+pub(crate) const CHECKPOINT_AT_MOST: u64 = 1024;
+
+pub(crate) fn journal_dir(dir: &Path) -> PathBuf {
+    dir.join("journal")
+}
+
+pub(crate) fn frame_path(dir: &Path, epoch: u64) -> PathBuf {
+    journal_dir(dir).join(format!("{epoch:020}"))
+}
+
+fn checkpoint_path(dir: &Path) -> PathBuf {
+    journal_dir(dir).join("checkpoint")
+}
+
+fn boot_path(dir: &Path) -> PathBuf {
+    journal_dir(dir).join("boot")
+}
+
+fn unavailable(op: &str, path: &Path, e: impl std::fmt::Display) -> DirectoryStoreError {
+    DirectoryStoreError::Unavailable(format!("{op} {}: {e}", path.display()))
+}
+
+/// This boot's id (Linux), `None` where there is none: the journal is not used then.
+pub(crate) fn boot_id() -> Option<String> {
+    static BOOT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty() && s.len() <= 64)
+    })
+    .clone()
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    // Every length is bounded by MAX_RECORD or MAX_FRAME, both far below u32::MAX.
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Whether `batch` can be a frame: an epoch built on another (akd's first root and its empty
+/// tree are written the old way, synced, once per directory).
+pub(crate) fn journaled(batch: &RecordBatch) -> bool {
+    matches!(
+        &batch.root,
+        Some(RootWrite {
+            expected_epoch: Some(_),
+            ..
+        })
+    )
+}
+
+/// The frame of `batch` ([`journaled`] batches only).
+pub(crate) fn encode(batch: &RecordBatch) -> Vec<u8> {
+    let root = batch.root.as_ref();
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(
+        &root
+            .and_then(|r| r.expected_epoch)
+            .unwrap_or(0)
+            .to_be_bytes(),
+    );
+    out.extend_from_slice(&root.map_or(0, |r| r.epoch).to_be_bytes());
+    out.extend_from_slice(&(batch.nodes.len() as u32).to_be_bytes());
+    for (key, blob) in &batch.nodes {
+        put_bytes(&mut out, key);
+        put_bytes(&mut out, blob);
+    }
+    out.extend_from_slice(&(batch.value_states.len() as u32).to_be_bytes());
+    for vs in &batch.value_states {
+        put_bytes(&mut out, &vs.label);
+        out.extend_from_slice(&vs.epoch.to_be_bytes());
+        put_bytes(&mut out, &vs.blob);
+    }
+    put_bytes(&mut out, root.map_or(&[][..], |r| &r.blob));
+    match &batch.head {
+        Some(head) => {
+            out.push(1);
+            put_bytes(&mut out, head);
+        }
+        None => out.push(0),
+    }
+    let hash = Sha256::digest(&out);
+    out.extend_from_slice(&hash);
+    out
+}
+
+/// Reads a frame's fields in order, refusing anything out of bounds.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.0.len() {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn bytes(&mut self) -> Option<Vec<u8>> {
+        let n = self.u32()? as usize;
+        if n > MAX_RECORD {
+            return None;
+        }
+        Some(self.take(n)?.to_vec())
+    }
+
+    /// A count of items, each at least `min` bytes long: never more than the bytes left allow.
+    fn count(&mut self, min: usize) -> Option<usize> {
+        let n = self.u32()? as usize;
+        (n <= self.0.len() / min).then_some(n)
+    }
+}
+
+/// The batch in `bytes`, `None` unless it is one whole frame.
+pub(crate) fn decode(bytes: &[u8]) -> Option<RecordBatch> {
+    let (body, hash) = bytes.split_last_chunk::<32>()?;
+    if Sha256::digest(body).as_slice() != hash {
+        return None;
+    }
+    let mut r = Reader(body);
+    if r.take(MAGIC.len())? != MAGIC {
+        return None;
+    }
+    let expected = r.u64()?;
+    let epoch = r.u64()?;
+    let mut nodes = Vec::new();
+    for _ in 0..r.count(8)? {
+        nodes.push((r.bytes()?, r.bytes()?));
+    }
+    let mut value_states = Vec::new();
+    for _ in 0..r.count(16)? {
+        let label = r.bytes()?;
+        let epoch = r.u64()?;
+        value_states.push(ValueStateBlob {
+            label,
+            epoch,
+            blob: r.bytes()?,
+        });
+    }
+    let root = r.bytes()?;
+    let head = match r.take(1)? {
+        [0] => None,
+        [1] => Some(r.bytes()?),
+        _ => return None,
+    };
+    if !r.0.is_empty() || expected.checked_add(1) != Some(epoch) {
+        return None;
+    }
+    Some(RecordBatch {
+        nodes,
+        value_states,
+        root: Some(RootWrite {
+            expected_epoch: Some(expected),
+            epoch,
+            blob: root,
+        }),
+        head,
+    })
+}
+
+/// The frame of `epoch`, if there is a whole one.
+pub(crate) fn read_frame(
+    dir: &Path,
+    epoch: u64,
+) -> Result<Option<RecordBatch>, DirectoryStoreError> {
+    let path = frame_path(dir, epoch);
+    let bytes = match std::fs::File::open(&path) {
+        Ok(f) => {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_FRAME + 1), &mut bytes)
+                .map_err(|e| unavailable("read", &path, e))?;
+            bytes
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(unavailable("open", &path, e)),
+    };
+    Ok(decode(&bytes).filter(|b| b.root.as_ref().map(|r| r.epoch) == Some(epoch)))
+}
+
+/// Writes the frame of `batch` and makes it durable: the epoch is committed once this
+/// returns. A frame a dead writer left under that name is replaced.
+pub(crate) fn write_frame(dir: &Path, batch: &RecordBatch) -> Result<(), DirectoryStoreError> {
+    let epoch = batch.root.as_ref().map_or(0, |r| r.epoch);
+    let journal = journal_dir(dir);
+    let path = frame_path(dir, epoch);
+    let bytes = encode(batch);
+    let written = (|| {
+        let mut f = std::fs::File::create(&path)?;
+        f.write_all(&bytes)?;
+        f.sync_data()
+    })();
+    written.map_err(|e| unavailable("write", &path, e))?;
+    sync_dir(&journal).map_err(|e| unavailable("sync", &journal, e))
+}
+
+/// Makes a frame another writer left (complete, maybe never synced) durable before it is
+/// rolled forward.
+pub(crate) fn sync_frame(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
+    let path = frame_path(dir, epoch);
+    std::fs::File::open(&path)
+        .and_then(|f| f.sync_data())
+        .map_err(|e| unavailable("sync", &path, e))?;
+    let journal = journal_dir(dir);
+    sync_dir(&journal).map_err(|e| unavailable("sync", &journal, e))
+}
+
+/// The checkpoint's epoch; `None` before the journal started.
+pub(crate) fn checkpoint(dir: &Path) -> Result<Option<u64>, DirectoryStoreError> {
+    let path = checkpoint_path(dir);
+    match std::fs::read(&path) {
+        Ok(b) => match <[u8; 8]>::try_from(b.as_slice()) {
+            Ok(e) => Ok(Some(u64::from_be_bytes(e))),
+            Err(_) => Err(DirectoryStoreError::Corrupt(format!(
+                "{} is not an epoch",
+                path.display()
+            ))),
+        },
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(unavailable("read", &path, e)),
+    }
+}
+
+/// Starts the journal (its directory, the checkpoint at `epoch`: every epoch up to it is
+/// durable already) unless it is started.
+pub(crate) fn start(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
+    if checkpoint(dir)?.is_some() {
+        return Ok(());
+    }
+    let journal = journal_dir(dir);
+    kst_core::durable::create_dir(&journal).map_err(|e| unavailable("create", &journal, e))?;
+    set_checkpoint(dir, epoch)
+}
+
+/// Moves the checkpoint to `epoch` (durably; the caller made every epoch up to it durable)
+/// and removes the frames at or under it.
+pub(crate) fn set_checkpoint(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
+    let path = checkpoint_path(dir);
+    write_atomic(&path, &epoch.to_be_bytes()).map_err(|e| unavailable("write", &path, e))?;
+    remove_frames(dir, |e| e <= epoch)
+}
+
+/// Removes the frames whose epoch `drop` accepts (not synced: the checkpoint, written first,
+/// says which frames count).
+pub(crate) fn remove_frames(
+    dir: &Path,
+    drop: impl Fn(u64) -> bool,
+) -> Result<(), DirectoryStoreError> {
+    let journal = journal_dir(dir);
+    let entries = match std::fs::read_dir(&journal) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(unavailable("list", &journal, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| unavailable("list", &journal, e))?;
+        let name = entry.file_name();
+        let Some(epoch) = name
+            .to_str()
+            .filter(|n| n.len() == 20)
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if drop(epoch) {
+            match std::fs::remove_file(entry.path()) {
+                Err(e) if e.kind() != ErrorKind::NotFound => {
+                    return Err(unavailable("remove", &entry.path(), e));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The boot id the journal's frames were written under.
+pub(crate) fn boot(dir: &Path) -> Result<Option<String>, DirectoryStoreError> {
+    let path = boot_path(dir);
+    match std::fs::read(&path) {
+        Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(unavailable("read", &path, e)),
+    }
+}
+
+/// Records that the frames from now on are written under `boot` (durably).
+pub(crate) fn set_boot(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
+    let journal = journal_dir(dir);
+    kst_core::durable::create_dir(&journal).map_err(|e| unavailable("create", &journal, e))?;
+    let path = boot_path(dir);
+    write_atomic(&path, boot.as_bytes()).map_err(|e| unavailable("write", &path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> RecordBatch {
+        RecordBatch {
+            nodes: vec![(vec![2, 0, 0, 1, 0, 7], b"n1".to_vec()), (vec![3], vec![])],
+            value_states: vec![ValueStateBlob {
+                label: b"label".to_vec(),
+                epoch: 8,
+                blob: b"vs".to_vec(),
+            }],
+            root: Some(RootWrite {
+                expected_epoch: Some(7),
+                epoch: 8,
+                blob: b"root".to_vec(),
+            }),
+            head: Some(b"head".to_vec()),
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_and_refuse_anything_else() {
+        let b = batch();
+        let frame = encode(&b);
+        assert_eq!(decode(&frame), Some(b.clone()));
+        let mut no_head = b.clone();
+        no_head.head = None;
+        assert_eq!(decode(&encode(&no_head)), Some(no_head));
+        // Every truncation, and one byte more, is no frame.
+        for n in 0..frame.len() {
+            assert_eq!(decode(&frame[..n]), None, "truncated at {n}");
+        }
+        let mut longer = frame.clone();
+        longer.push(0);
+        assert_eq!(decode(&longer), None);
+        // A flipped bit anywhere is no frame.
+        for i in 0..frame.len() {
+            let mut bad = frame.clone();
+            bad[i] ^= 0x10;
+            assert_eq!(decode(&bad), None, "bit flipped at {i}");
+        }
+        // A frame whose hash matches but whose lengths lie is refused, not trusted.
+        let mut lying = MAGIC.to_vec();
+        lying.extend_from_slice(&7u64.to_be_bytes());
+        lying.extend_from_slice(&8u64.to_be_bytes());
+        lying.extend_from_slice(&u32::MAX.to_be_bytes());
+        let hash = Sha256::digest(&lying);
+        lying.extend_from_slice(&hash);
+        assert_eq!(decode(&lying), None);
+        // An epoch that is not the one after the expected one is refused.
+        let mut skip = b.clone();
+        skip.root.as_mut().unwrap().epoch = 10;
+        assert_eq!(decode(&encode(&skip)), None);
+    }
+}
