@@ -21,13 +21,15 @@
 //! A commit takes the domain's lock and checks the fence against `root`. On Linux (the
 //! journal) it then writes the whole batch as one frame, `journal/<epoch>`, with one
 //! `fdatasync(2)` of that file and an `fsync` of the journal directory: **the commit point**.
-//! Then the epoch's files are written without syncing (each to a temporary name renamed into
-//! place, the root last, the head linked after it), and every 64 epochs a background
+//! Then the epoch's files are written without syncing (nodes and value states overwritten in
+//! place: a temporary name, a `rename` and a freed inode per file cost about 20 times the
+//! write on ext4; the root renamed into place last, the head linked after it; readers wait on
+//! the lock meanwhile), and every 64 epochs a background
 //! `syncfs(2)` makes them durable and moves the journal's checkpoint, removing the frames
 //! under it. So an epoch costs one small file's flush, not a flush of every dirty page of the
 //! file system (other programs' writes on a shared disk made that 70 ms and more). A writer
-//! that died after its frame left an epoch the next commit writes out ("rolls forward")
-//! before its own fence; after the machine crashed (another boot id) the first process to
+//! that died after its frame left an epoch the next commit (or a process's first read of
+//! the domain) writes out ("rolls forward") before its own fence; after the machine crashed (another boot id) the first process to
 //! touch the domain replays the frames after the checkpoint, then syncs. A store written by
 //! a kst from before the journal is read as it is; its first journaled commit starts the
 //! journal at the stored root. (A kst from before the journal must not commit to a store a
@@ -243,7 +245,12 @@ fn ensure_recovered(dir: &Path, boot: Option<&str>) -> Result<(), DirectoryStore
     if is_recovered(dir, boot) || !dir.join("lock").exists() {
         return Ok(());
     }
-    if journal::boot(dir)?.as_deref() == Some(boot) {
+    let stored = read_root(dir)?.map(|(e, _)| e);
+    let dead_writer = match stored {
+        Some(e) => journal::frame_path(dir, e + 1).exists(),
+        None => false,
+    };
+    if journal::boot(dir)?.as_deref() == Some(boot) && !dead_writer {
         recovered()
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -251,7 +258,23 @@ fn ensure_recovered(dir: &Path, boot: Option<&str>) -> Result<(), DirectoryStore
         return Ok(());
     }
     let _lock = DomainLock::acquire(dir)?;
-    recover_locked(dir, boot)
+    recover_locked(dir, boot)?;
+    roll_forward(dir).map(drop)
+}
+
+/// Under the domain's lock: writes the files of a durable frame a dead writer left after
+/// the stored root (its epoch is committed); returns the stored root's epoch afterwards.
+fn roll_forward(dir: &Path) -> Result<Option<u64>, DirectoryStoreError> {
+    let stored = read_root(dir)?.map(|(e, _)| e);
+    if let Some(e) = stored
+        && let Some(frame) = journal::read_frame(dir, e + 1)?
+    {
+        journal::sync_frame(dir, e + 1)?;
+        materialize(dir, &frame)?;
+        tracing::info!(dir = %dir.display(), epoch = e + 1, "key directory: rolled forward an epoch whose writer died after its commit point");
+        return Ok(Some(e + 1));
+    }
+    Ok(stored)
 }
 
 /// [`ensure_recovered`] under the domain's lock: the frames after the checkpoint, in order,
@@ -306,11 +329,11 @@ fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
 /// previous value), and a writer that dies half-way leaves the frame for the next one.
 fn materialize(dir: &Path, batch: &RecordBatch) -> Result<(), DirectoryStoreError> {
     for (key, blob) in &batch.nodes {
-        write_unsynced_dir(&node_path(dir, key), blob)?;
+        write_in_place(&node_path(dir, key), blob)?;
     }
     for vs in &batch.value_states {
         let path = values_dir(dir, &vs.label).join(format!("{:020}", vs.epoch));
-        write_unsynced_dir(&path, &vs.blob)?;
+        write_in_place(&path, &vs.blob)?;
     }
     let Some(root) = &batch.root else {
         return Ok(());
@@ -330,6 +353,34 @@ fn materialize(dir: &Path, batch: &RecordBatch) -> Result<(), DirectoryStoreErro
         linked.map_err(|e| unavailable("link", &path, e))?;
     }
     Ok(())
+}
+
+/// Overwrites `path` with `bytes` in place, unsynced (the journal's frame holds them
+/// durably): no temporary file, no rename, no freed inode, which on ext4 cost about 20 times
+/// the write (docs/BENCHMARKS.md). Only under the domain's lock, while no reader reads; a
+/// writer that dies between the write and the length change leaves the file for the next
+/// commit's roll-forward (or the first read of a process) to write again.
+fn write_in_place(path: &Path, bytes: &[u8]) -> Result<(), DirectoryStoreError> {
+    use std::os::unix::fs::FileExt as _;
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+    };
+    let file = match open() {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let parent = path.parent().unwrap_or(Path::new("."));
+            std::fs::create_dir_all(parent).map_err(|e| unavailable("create", parent, e))?;
+            open()
+        }
+        other => other,
+    }
+    .map_err(|e| unavailable("open", path, e))?;
+    file.write_all_at(bytes, 0)
+        .and_then(|()| file.set_len(bytes.len() as u64))
+        .map_err(|e| unavailable("write", path, e))
 }
 
 /// The directories of this process whose checkpoint is being moved in the background.
@@ -392,19 +443,12 @@ fn commit(dir: &Path, batch: RecordBatch, boot: Option<&str>) -> Result<(), Dire
     if let Some(boot) = boot {
         recover_locked(dir, boot)?;
     }
-    let mut stored = read_root(dir)?.map(|(e, _)| e);
-    if boot.is_some() {
-        // A writer died after its frame was durable: its epoch is committed; write its
-        // files before anything is built on it.
-        if let Some(e) = stored
-            && let Some(frame) = journal::read_frame(dir, e + 1)?
-        {
-            journal::sync_frame(dir, e + 1)?;
-            materialize(dir, &frame)?;
-            stored = Some(e + 1);
-            tracing::info!(dir = %dir.display(), epoch = e + 1, "key directory: rolled forward an epoch whose writer died after its commit point");
-        }
-    }
+    // A writer died after its frame was durable: its epoch is committed; write its files
+    // before anything is built on it.
+    let stored = match boot {
+        Some(_) => roll_forward(dir)?,
+        None => read_root(dir)?.map(|(e, _)| e),
+    };
     if !batch.passes_fence(stored)? {
         return Ok(());
     }
@@ -968,6 +1012,15 @@ mod tests {
         assert!(a.nodes(D, &[node(50)]).await.unwrap().is_empty());
         a.commit(D, epoch(3)).await.unwrap();
         holds(&a, 3).await;
+        // A process that starts after a writer died half-way through writing epoch 4's
+        // files (a node half written) rolls it forward on its first read.
+        journal::write_frame(&dir, &epoch(4)).unwrap();
+        std::fs::write(node_path(&dir, &node(99)), b"s4 and the tail of s3").unwrap();
+        recovered()
+            .lock()
+            .unwrap()
+            .remove(&(dir.clone(), "boot-1".to_string()));
+        holds(&a, 4).await;
     }
 
     #[tokio::test]
@@ -1043,5 +1096,91 @@ mod tests {
         let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
         holds(&b, 4).await;
         assert_eq!(journal::checkpoint(&dir).unwrap(), Some(4));
+    }
+}
+
+/// What an fs epoch's commit costs, journaled and not (run by hand:
+/// `cargo test --release -p kst-fs --features transparency --lib -- --ignored --nocapture
+/// commit_costs`; docs/BENCHMARKS.md quotes it).
+#[cfg(test)]
+mod costs {
+    use super::*;
+
+    /// An epoch of `changes` changes: about 40 nodes of 250 bytes per change (akd's two
+    /// leaves and their paths), one value state each.
+    fn epoch(e: u64, changes: usize) -> RecordBatch {
+        let nodes = (0..changes * 40)
+            .map(|i| {
+                let mut key = vec![2, 0, 0, 1, 0];
+                key.extend_from_slice(&(i as u64 * 7919 % 100_003).to_be_bytes());
+                (key, vec![e as u8; 250])
+            })
+            .collect();
+        let value_states = (0..changes)
+            .map(|i| kst_core::transparency::ValueStateBlob {
+                label: format!("label-{e}-{i}").into_bytes(),
+                epoch: e,
+                blob: vec![1; 200],
+            })
+            .collect();
+        RecordBatch {
+            nodes,
+            value_states,
+            root: Some(RootWrite {
+                expected_epoch: Some(e - 1),
+                epoch: e,
+                blob: vec![3; 100],
+            }),
+            head: Some(vec![4; 300]),
+        }
+    }
+
+    fn ms(d: std::time::Duration) -> f64 {
+        d.as_secs_f64() * 1000.0
+    }
+
+    fn median(mut xs: Vec<f64>) -> f64 {
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    }
+
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn commit_costs() {
+        const D: &str = "costs.example";
+        for changes in [3, 8] {
+            let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+            let dir = tmp.path().join(D);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut first = epoch(1, 1);
+            first.root.as_mut().unwrap().expected_epoch = None;
+            first.root.as_mut().unwrap().epoch = 0;
+            commit(&dir, first, None).unwrap();
+            let (mut legacy, mut frame, mut files) = (Vec::new(), Vec::new(), Vec::new());
+            for e in 1..=60u64 {
+                let batch = epoch(e, changes);
+                if e % 2 == 1 {
+                    let t = std::time::Instant::now();
+                    commit(&dir, batch, None).unwrap();
+                    legacy.push(ms(t.elapsed()));
+                } else {
+                    let t = std::time::Instant::now();
+                    journal::start(&dir, e - 1).unwrap();
+                    journal::write_frame(&dir, &batch).unwrap();
+                    frame.push(ms(t.elapsed()));
+                    let t = std::time::Instant::now();
+                    materialize(&dir, &batch).unwrap();
+                    files.push(ms(t.elapsed()));
+                }
+            }
+            eprintln!(
+                "{changes} changes ({} nodes) per epoch, median ms: syncfs commit {:.2}; \
+                 journaled: frame {:.2} + files {:.2}",
+                changes * 40,
+                median(legacy),
+                median(frame),
+                median(files)
+            );
+        }
     }
 }

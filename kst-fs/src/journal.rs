@@ -19,10 +19,11 @@
 //!
 //! The fs directory's commit (kst-fs `directory.rs`) is then: under the domain's lock, the
 //! fence; the frame written and synced (**the commit point**); the epoch's files written
-//! unsynced (renamed into place, the root last, so readers at the old epoch see the old
-//! epoch); every 64 epochs a background `syncfs(2)` moves the checkpoint up and removes the
-//! frames under it. A writer that died after its frame was durable left an epoch the next
-//! writer rolls forward (writes its files) before checking its own fence. After the machine
+//! unsynced (nodes and value states overwritten in place, the root renamed into place last;
+//! readers wait on the lock meanwhile); every 64 epochs a background `syncfs(2)` moves the
+//! checkpoint up and removes the frames under it. A writer that died after its frame was
+//! durable left an epoch the next writer rolls forward (writes its files) before checking
+//! its own fence, and so does a process's first read of the domain. After the machine
 //! crashed (the boot id changed), the first process to touch the domain replays every frame
 //! after the checkpoint in order, then syncs and moves the checkpoint: the files the page
 //! cache lost are written again.
