@@ -797,3 +797,62 @@ async fn idle_connections_are_closed() {
         "the server closed the half-sent request within the idle timeout"
     );
 }
+
+/// A stored record that is not one readable public certificate is never served as it is
+/// (the look-ups serve the stored packets without parsing them when their headers frame one
+/// public certificate): cut short, or with the key packets marked secret, WKD, VKS and HKP
+/// answer 404.
+#[tokio::test]
+async fn a_stored_record_that_is_no_readable_certificate_is_not_served() {
+    let (dir, store) = alice_store().await;
+    let full = kst_core::openpgp::parse_armored(&testkey("alice.pub.asc"), 1 << 20).unwrap();
+    let mut secret = Vec::new();
+    for (tag, body) in kst_core::openpgp::packet_bodies(&full.packets).unwrap() {
+        let tag = match tag {
+            6 => 5,
+            14 => 7,
+            t => t,
+        };
+        secret.extend_from_slice(&[0xc0 | tag, 255]);
+        secret.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+        secret.extend_from_slice(body);
+    }
+    let cut = full.packets[..full.packets.len() - 1].to_vec();
+    for (local, key) in [("cut", cut), ("secret", secret)] {
+        store
+            .restore(&[NewKey {
+                address: addr(&format!("{local}@example.net")),
+                key,
+                fingerprint: kst_core::Fingerprint::parse(&full.fingerprint).unwrap(),
+                publication_id: local.into(),
+                published_at: now(),
+                revoked: false,
+                expected: kst_core::Expected::Any,
+            }
+            .into_record(1)])
+            .await
+            .unwrap();
+    }
+    let s = serve_store((dir, store), &DOMAINS, open()).await;
+    for local in ["cut", "secret"] {
+        let a = addr(&format!("{local}@example.net"));
+        let hash = kst_core::wkd::WkdHash::of_address(&a);
+        for (host, target) in [
+            (
+                "example.net",
+                format!("/.well-known/openpgpkey/hu/{}?l={local}", hash.as_str()),
+            ),
+            ("keys.example", format!("/vks/v1/by-email/{a}")),
+            (
+                "keys.example",
+                format!("/pks/lookup?op=get&options=mr&search={a}"),
+            ),
+        ] {
+            let r = get(&s, host, &target).await;
+            assert_eq!(r.status, 404, "{target}: {}", r.text());
+        }
+    }
+    // The readable key next to them is served.
+    let r = get(&s, "keys.example", "/vks/v1/by-email/alice@example.net").await;
+    assert_eq!(r.status, 200);
+}

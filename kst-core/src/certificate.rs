@@ -17,7 +17,7 @@ use pgp::types::{
 };
 
 use crate::address::{Address, AddressPolicy};
-use crate::openpgp::{KeyError, armor_public_key, dearmor_public_key};
+use crate::openpgp::{KeyError, armor_public_key, dearmor_public_key, packet_bodies};
 
 /// The fingerprint and 64-bit key ID of one (sub)key, uppercase hex.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -53,6 +53,55 @@ pub fn user_id_address(uid: &[u8], policy: &AddressPolicy) -> Option<Address> {
         text
     };
     policy.normalize(candidate).ok()
+}
+
+/// A stored certificate read by its packet headers alone ([`packet_bodies`]): what serving the
+/// stored packets as they are needs to know (its User IDs, whether it has User Attributes),
+/// without parsing the key material. Parsing a certificate (an Ed25519 point decompression per
+/// key among the rest) was most of the CPU of a web look-up; the stored packets are kst's own,
+/// validated when they were published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outline<'a> {
+    user_ids: Vec<&'a [u8]>,
+    user_attributes: bool,
+}
+
+impl<'a> Outline<'a> {
+    /// Packet tags a stored public certificate holds: public key (6), signature (2), User ID
+    /// (13), public subkey (14), User Attribute (17).
+    const TAGS: [u8; 5] = [6, 2, 13, 14, 17];
+
+    /// The outline of `bytes`, or `None` unless the packet headers frame `bytes` exactly as
+    /// one public certificate of the packets kst stores: a public key first, no second one, and
+    /// nothing but signatures, User IDs, User Attributes and public subkeys after it (never a
+    /// secret key). `None` says nothing about whether [`Certificate::from_binary`] would
+    /// accept the bytes; the caller then parses them.
+    pub fn of(bytes: &'a [u8]) -> Option<Self> {
+        let packets = packet_bodies(bytes)?;
+        let ((first, _), rest) = packets.split_first()?;
+        if *first != 6 || rest.iter().any(|(t, _)| *t == 6 || !Self::TAGS.contains(t)) {
+            return None;
+        }
+        Some(Outline {
+            user_ids: rest
+                .iter()
+                .filter(|(t, _)| *t == 13)
+                .map(|(_, body)| *body)
+                .collect(),
+            user_attributes: rest.iter().any(|(t, _)| *t == 17),
+        })
+    }
+
+    /// [`Certificate::is_only_address`] of the same packets: at least one User ID, every one of
+    /// `address`, and no User Attribute.
+    pub fn is_only_address(&self, address: &Address, policy: &AddressPolicy) -> bool {
+        !self.user_ids.is_empty()
+            && !self.user_attributes
+            && self
+                .user_ids
+                .iter()
+                .all(|u| user_id_address(u, policy).as_ref() == Some(address))
+    }
 }
 
 impl Certificate {
@@ -671,5 +720,140 @@ mod tests {
             Certificate::from_binary(&two),
             Err(KeyError::NotOneCertificate(2))
         );
+    }
+
+    /// `packets` written again with new-format headers (five-octet lengths when `long` or
+    /// needed, else the shortest) or old-format ones (two-octet lengths), each packet's tag
+    /// mapped by `tag`.
+    fn reframed(packets: &[(u8, &[u8])], old: bool, long: bool, tag: impl Fn(u8) -> u8) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (t, body) in packets {
+            let t = tag(*t);
+            if old {
+                out.push(0x80 | (t << 2) | 1);
+                out.extend_from_slice(&u16::try_from(body.len()).unwrap().to_be_bytes());
+            } else if long || body.len() > 8383 {
+                out.extend_from_slice(&[0xc0 | t, 255]);
+                out.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+            } else {
+                out.push(0xc0 | t);
+                match body.len() {
+                    n @ 0..=191 => out.push(n as u8),
+                    n => {
+                        let n = n - 192;
+                        out.extend_from_slice(&[(n >> 8) as u8 + 192, n as u8]);
+                    }
+                }
+            }
+            out.extend_from_slice(body);
+        }
+        out
+    }
+
+    #[test]
+    fn the_outline_of_stored_packets_agrees_with_the_parsed_certificate() {
+        let p = AddressPolicy::default();
+        let mut seen = 0;
+        for entry in
+            std::fs::read_dir(format!("{}/testdata/keys", env!("CARGO_MANIFEST_DIR"))).unwrap()
+        {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if !name.ends_with(".pub.asc") {
+                continue;
+            }
+            // What a record holds: the packets as validation re-serialized them.
+            let Ok(stored) = parse_armored(&testkey(&name), 1 << 20) else {
+                continue;
+            };
+            let c = Certificate::from_binary(&stored.packets).unwrap();
+            let o = Outline::of(&stored.packets).unwrap_or_else(|| panic!("{name}"));
+            let ids: Vec<&[u8]> = c.key.details.users.iter().map(|u| u.id.id()).collect();
+            assert_eq!(o.user_ids, ids, "{name}");
+            assert_eq!(
+                o.user_attributes,
+                !c.key.details.user_attributes.is_empty(),
+                "{name}"
+            );
+            let mut addresses: Vec<Address> =
+                ids.iter().filter_map(|u| user_id_address(u, &p)).collect();
+            addresses.push(addr("nobody@example.net"));
+            for a in &addresses {
+                assert_eq!(
+                    o.is_only_address(a, &p),
+                    c.is_only_address(a, &p),
+                    "{name} {a}"
+                );
+                // Filtered to one address (what WKD serves), a certificate is all of it.
+                if let Some(only) = c.only_address(a, &p) {
+                    let bytes = only.to_binary();
+                    assert!(
+                        Outline::of(&bytes).unwrap().is_only_address(a, &p),
+                        "{name} {a}"
+                    );
+                }
+            }
+            // The same packets framed otherwise (old format, five-octet lengths).
+            let packets = packet_bodies(&stored.packets).unwrap();
+            for (old, long) in [(true, false), (false, true), (false, false)] {
+                if old && packets.iter().any(|(t, _)| *t > 15) {
+                    continue; // the old format has four bits for the tag
+                }
+                let again = reframed(&packets, old, long, |t| t);
+                assert_eq!(
+                    Outline::of(&again).as_ref(),
+                    Some(&o),
+                    "{name} {old} {long}"
+                );
+            }
+            seen += 1;
+        }
+        assert!(seen >= 20, "only {seen} test keys");
+    }
+
+    #[test]
+    fn an_outline_is_only_of_one_public_certificate_framed_exactly() {
+        let stored = parse_armored(&testkey("alice.pub.asc"), 1 << 20)
+            .unwrap()
+            .packets;
+        let packets = packet_bodies(&stored).unwrap();
+        assert!(Outline::of(&stored).is_some());
+        assert_eq!(Outline::of(&[]), None, "nothing");
+        // Cut inside the last packet, or inside the first header.
+        assert_eq!(Outline::of(&stored[..stored.len() - 1]), None);
+        assert_eq!(Outline::of(&stored[..1]), None);
+        // A byte that is no packet header, before or after.
+        assert_eq!(Outline::of(&[&[0x00][..], &stored].concat()), None);
+        assert_eq!(Outline::of(&[&stored[..], &[0x00]].concat()), None);
+        // Two certificates.
+        assert_eq!(Outline::of(&[&stored[..], &stored].concat()), None);
+        // Secret key packets (tags 5 and 7 for 6 and 14), and packets kst never stores.
+        let secret = reframed(&packets, false, false, |t| match t {
+            6 => 5,
+            14 => 7,
+            t => t,
+        });
+        assert_eq!(Outline::of(&secret), None);
+        for odd in [1u8, 8, 10, 11, 12, 21] {
+            let mut with = stored.clone();
+            with.extend_from_slice(&[0xc0 | odd, 1, 0]);
+            assert_eq!(Outline::of(&with), None, "tag {odd}");
+        }
+        // Not a public key first.
+        assert_eq!(
+            Outline::of(&reframed(&packets[1..], false, false, |t| t)),
+            None
+        );
+        // A partial body length (new format) and an indeterminate one (old format).
+        assert_eq!(Outline::of(&[0xc6, 0xe1, 0, 0]), None);
+        assert_eq!(Outline::of(&[0x9b, 0, 0]), None);
+        // A User Attribute: the stored packets are not only the address's.
+        let (alice, p) = (addr("alice@example.net"), AddressPolicy::default());
+        let mut only = cert("alice.pub.asc")
+            .only_address(&alice, &p)
+            .unwrap()
+            .to_binary();
+        assert!(Outline::of(&only).unwrap().is_only_address(&alice, &p));
+        only.extend_from_slice(&[0xc0 | 17, 2, 1, 2]);
+        assert!(!Outline::of(&only).unwrap().is_only_address(&alice, &p));
     }
 }

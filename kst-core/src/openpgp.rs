@@ -121,6 +121,67 @@ pub fn armor_public_key(packets: &[u8]) -> String {
     String::from_utf8(out).expect("armor is ASCII")
 }
 
+/// The packets of `bytes` by their headers alone (RFC 9580 section 4.2, both header formats):
+/// each packet's tag and body, in order, without reading any body. `None` unless the headers
+/// frame `bytes` exactly: a header or body that runs past the end, a partial or indeterminate
+/// length (never used by key packets), or a byte that is no packet header. Cheap (no key
+/// material is decoded): for bytes kst wrote itself, such as a stored certificate.
+pub fn packet_bodies(bytes: &[u8]) -> Option<Vec<(u8, &[u8])>> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while let Some((&first, after)) = rest.split_first() {
+        if first & 0x80 == 0 {
+            return None;
+        }
+        let (tag, len, after) = if first & 0x40 != 0 {
+            // New format: the tag in the low six bits, then a one-, two- or five-octet length.
+            let (&o1, after) = after.split_first()?;
+            match o1 {
+                0..=191 => (first & 0x3f, usize::from(o1), after),
+                192..=223 => {
+                    let (&o2, after) = after.split_first()?;
+                    let len = ((usize::from(o1) - 192) << 8) + usize::from(o2) + 192;
+                    (first & 0x3f, len, after)
+                }
+                255 => {
+                    let (len, after) = after.split_first_chunk::<4>()?;
+                    (
+                        first & 0x3f,
+                        usize::try_from(u32::from_be_bytes(*len)).ok()?,
+                        after,
+                    )
+                }
+                _ => return None, // partial body length
+            }
+        } else {
+            // Old format: the tag in bits 5..2, the length type in bits 1..0.
+            let tag = (first >> 2) & 0x0f;
+            match first & 0x03 {
+                0 => {
+                    let (&len, after) = after.split_first()?;
+                    (tag, usize::from(len), after)
+                }
+                1 => {
+                    let (len, after) = after.split_first_chunk::<2>()?;
+                    (tag, usize::from(u16::from_be_bytes(*len)), after)
+                }
+                2 => {
+                    let (len, after) = after.split_first_chunk::<4>()?;
+                    (tag, usize::try_from(u32::from_be_bytes(*len)).ok()?, after)
+                }
+                _ => return None, // indeterminate length
+            }
+        };
+        if len > after.len() {
+            return None;
+        }
+        let (body, next) = after.split_at(len);
+        out.push((tag, body));
+        rest = next;
+    }
+    Some(out)
+}
+
 /// Dearmors a public key block without parsing the packets (the client verifies the HMAC over
 /// exactly these bytes before trusting anything else).
 pub fn dearmor_public_key(armored: &str, max_bytes: usize) -> Result<Vec<u8>, KeyError> {

@@ -148,7 +148,25 @@ pub fn build(service: &Address, claim: &ReminderClaim, now: u64) -> (String, Vec
 /// its own clock): claims and sends every due reminder (see the module documentation). A
 /// store or mailer failure ends the run with that (temporary) error; what was sent stays sent.
 pub async fn send_due(kst: &Kst, settings: &ReminderSettings, now: u64) -> Result<ReminderRun> {
+    send_due_paced(kst, settings, now, |_| std::future::ready(())).await
+}
+
+/// [`send_due`], awaiting `pause(keys read so far)` after each page of the walk: a daemon
+/// paces its walk with it (`kst serve` reads at most a few hundred keys a second), so that a
+/// run over a large store does not take the CPU and the store from the look-ups it serves
+/// meanwhile.
+pub async fn send_due_paced<P, F>(
+    kst: &Kst,
+    settings: &ReminderSettings,
+    now: u64,
+    mut pause: P,
+) -> Result<ReminderRun>
+where
+    P: FnMut(usize) -> F,
+    F: std::future::Future<Output = ()>,
+{
     let mut run = ReminderRun::default();
+    let mut read = 0usize;
     if !settings.enabled || settings.days_before.is_empty() {
         return Ok(run);
     }
@@ -160,6 +178,7 @@ pub async fn send_due(kst: &Kst, settings: &ReminderSettings, now: u64) -> Resul
         let Some(last) = page.last().cloned() else {
             break;
         };
+        read += page.len();
         for address in page {
             let Some(record) = store.get(&address).await? else {
                 continue;
@@ -221,6 +240,7 @@ pub async fn send_due(kst: &Kst, settings: &ReminderSettings, now: u64) -> Resul
             run.sent.push(claim);
         }
         after = Some(last);
+        pause(read).await;
     }
     Ok(run)
 }
@@ -228,6 +248,42 @@ pub async fn send_due(kst: &Kst, settings: &ReminderSettings, now: u64) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The walk pauses after each page, told how many keys it has read; keys that are not
+    /// certificates are skipped.
+    #[tokio::test]
+    async fn a_paced_run_pauses_after_each_page() {
+        use crate::KeyStore;
+        let store = std::sync::Arc::new(crate::testing::MemoryStore::default());
+        let p = crate::AddressPolicy::default();
+        for i in 0..1_200 {
+            let record = crate::NewKey {
+                address: p.normalize(&format!("user{i:04}@example.net")).unwrap(),
+                key: vec![0xc6, 1, 4],
+                fingerprint: "ABCDEF0123456789ABCDEF0123456789ABCDEF01".parse().unwrap(),
+                publication_id: format!("{i}"),
+                published_at: 1,
+                revoked: false,
+                expected: crate::Expected::Any,
+            }
+            .into_record(1);
+            store.restore(&[record]).await.unwrap();
+        }
+        let kst = crate::service::Kst::new(
+            crate::policy::Policy::new(&["example.net"], &[]),
+            store,
+            std::sync::Arc::new(crate::testing::MemoryMailer::default()),
+        );
+        let mut pauses = Vec::new();
+        let run = send_due_paced(&kst, &ReminderSettings::default(), 1_000, |read| {
+            pauses.push(read);
+            std::future::ready(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(pauses, [500, 1_000, 1_200]);
+        assert!(run.sent.is_empty());
+    }
 
     #[test]
     fn the_smallest_begun_window_is_due() {

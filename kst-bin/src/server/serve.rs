@@ -301,16 +301,35 @@ pub async fn daemon_full(
     result
 }
 
-/// Sends the expiry reminders every `[reminders] interval_secs`, the first run at start. A
-/// failed run (store or mailer down) is logged and the next one tries again; each reminder
-/// goes out at most once across a pool (claimed in the store first).
+/// Keys a second that a run of the expiry reminders in `kst serve` reads at most. A run reads
+/// every current key of the store (and parses it); unpaced, the first run at start took a core
+/// and the store's server away from the look-ups for as long as it lasted (minutes at 10^6
+/// keys). At this pace 10^6 keys take about 33 minutes, within the default interval of an
+/// hour, for a few percent of a core.
+pub const REMINDER_KEYS_PER_SEC: u64 = 500;
+
+/// When a run that began at `start` may go on after reading `read` keys
+/// ([`REMINDER_KEYS_PER_SEC`]).
+pub fn reminder_pace(start: tokio::time::Instant, read: usize) -> tokio::time::Instant {
+    let read = u64::try_from(read).unwrap_or(u64::MAX);
+    start + Duration::from_millis(read.saturating_mul(1000) / REMINDER_KEYS_PER_SEC)
+}
+
+/// Sends the expiry reminders every `[reminders] interval_secs`, the first run at start, each
+/// run paced ([`REMINDER_KEYS_PER_SEC`]). A failed run (store or mailer down) is logged and
+/// the next one tries again; each reminder goes out at most once across a pool (claimed in
+/// the store first).
 async fn reminder_loop(kst: Kst) {
     let settings = kst.reminders().clone();
     let mut every = tokio::time::interval(Duration::from_secs(settings.interval_secs.max(1)));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        match kst_core::reminder::send_due(&kst, &settings, kst_core::time::unix_now()).await {
+        let start = tokio::time::Instant::now();
+        let pace = |read| tokio::time::sleep_until(reminder_pace(start, read));
+        match kst_core::reminder::send_due_paced(&kst, &settings, kst_core::time::unix_now(), pace)
+            .await
+        {
             Ok(run) if !run.sent.is_empty() || run.rate_limited > 0 => tracing::info!(
                 sent = run.sent.len(),
                 already_claimed = run.already_claimed,
@@ -353,5 +372,27 @@ fn signal_count() -> std::io::Result<watch::Receiver<u32>> {
 async fn at_least(mut signals: watch::Receiver<u32>, n: u32) {
     if signals.wait_for(|&count| count >= n).await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reminder_run_reads_at_most_its_pace() {
+        let start = tokio::time::Instant::now();
+        assert_eq!(reminder_pace(start, 0), start);
+        let per_sec = usize::try_from(REMINDER_KEYS_PER_SEC).unwrap();
+        assert_eq!(
+            reminder_pace(start, per_sec),
+            start + Duration::from_secs(1)
+        );
+        // 10^6 keys within the default interval of an hour.
+        let million = reminder_pace(start, 1_000_000) - start;
+        assert!(million < Duration::from_secs(3_600), "{million:?}");
+        assert!(million >= Duration::from_secs(1_000), "{million:?}");
+        // No overflow on absurd counts.
+        let _ = reminder_pace(start, usize::MAX);
     }
 }

@@ -14,7 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use kst_core::AddressPolicy;
-use kst_core::certificate::{Certificate, hkp_index, merge_all};
+use kst_core::certificate::{Certificate, Outline, hkp_index, merge_all};
 use kst_core::wkd::{PolicyFlags, Resource, WkdHash, WkdRequest, submission_address_text};
 use kst_core::{Address, KeyRecord};
 
@@ -419,13 +419,16 @@ async fn wkd(
             let Some(record) = record else {
                 return not_found().await;
             };
+            // Nothing to filter out (read from the packet headers, see `Outline`): the stored
+            // packets as they are, without parsing them.
+            if Outline::of(&record.key)
+                .is_some_and(|o| o.is_only_address(&record.address, &state.address_policy))
+            {
+                return found(&state, &headers, "application/octet-stream", record.key);
+            }
             let Some(cert) = certificate(&record) else {
                 return not_found().await;
             };
-            if cert.is_only_address(&record.address, &state.address_policy) {
-                // Nothing to filter out: the stored packets as they are.
-                return found(&state, &headers, "application/octet-stream", record.key);
-            }
             match cert.only_address(&record.address, &state.address_policy) {
                 Some(c) => found(&state, &headers, "application/octet-stream", c.to_binary()),
                 None => not_found().await,
@@ -471,8 +474,12 @@ async fn vks_by_email(
         return not_found().await;
     };
     match state.lookup.by_address(&address).await {
-        // The stored packets as they are (parsed only to refuse an unreadable record): what
-        // the certificate would serialize to, without serializing it again.
+        // The stored packets as they are: what the certificate would serialize to. Framed as
+        // one public certificate (see `Outline`), they are served without parsing them; else
+        // parsed, and refused when unreadable.
+        Ok(Some(record)) if Outline::of(&record.key).is_some() => {
+            armored_packets(&state, &headers, &record.key)
+        }
         Ok(Some(record)) => match certificate(&record) {
             Some(_) => armored_packets(&state, &headers, &record.key),
             None => not_found().await,
@@ -526,25 +533,48 @@ fn parse_key_handle(s: &str) -> Option<Search> {
     }
 }
 
-/// The certificates a fingerprint or key ID search finds, merged per primary key. A
-/// fingerprint that is some certificate's primary fingerprint finds only that certificate.
-async fn find_by_handle(state: &WebState, search: &Search) -> kst_core::Result<Vec<Certificate>> {
-    let records = match search {
+/// The records a fingerprint, key ID or address search finds (at most [`MAX_MATCHES`]).
+async fn find_records(state: &WebState, search: &Search) -> kst_core::Result<Vec<KeyRecord>> {
+    let mut records = match search {
         Search::Fingerprint(f) => state.lookup.by_fingerprint(f).await?,
         Search::KeyId(k) => state.lookup.by_key_id(k).await?,
         Search::Address(a) => state.lookup.by_address(a).await?.into_iter().collect(),
     };
-    let mut certs: Vec<Certificate> = records
-        .iter()
-        .take(MAX_MATCHES)
-        .filter_map(certificate)
-        .collect();
+    records.truncate(MAX_MATCHES);
+    Ok(records)
+}
+
+/// The certificates of `records` (a search's), merged per primary key. A fingerprint that is
+/// some certificate's primary fingerprint finds only that certificate.
+fn certificates_of(records: &[KeyRecord], search: &Search) -> Vec<Certificate> {
+    let mut certs: Vec<Certificate> = records.iter().filter_map(certificate).collect();
     if let Search::Fingerprint(f) = search
         && certs.iter().any(|c| c.fingerprint() == *f)
     {
         certs.retain(|c| c.fingerprint() == *f);
     }
-    Ok(merge_all(certs))
+    merge_all(certs)
+}
+
+/// The search's certificates armored: the stored packets as they are when the search found
+/// one record framed as one public certificate (see `Outline`: what parsing, merging and
+/// serializing it would give), else [`certificates_of`]; 404 when there are none.
+async fn armored_found(
+    state: &WebState,
+    headers: &HeaderMap,
+    records: &[KeyRecord],
+    search: &Search,
+) -> Response {
+    if let [record] = records
+        && Outline::of(&record.key).is_some()
+    {
+        return armored_packets(state, headers, &record.key);
+    }
+    let certs = certificates_of(records, search);
+    if certs.is_empty() {
+        return not_found().await;
+    }
+    armored(state, headers, &certs)
 }
 
 async fn vks_handle(state: WebState, headers: HeaderMap, text: &str, want_fpr: bool) -> Response {
@@ -554,9 +584,8 @@ async fn vks_handle(state: WebState, headers: HeaderMap, text: &str, want_fpr: b
         _ if want_fpr => return bad_request("Not a fingerprint: expected 40 or 64 hex digits."),
         _ => return bad_request("Not a key ID: expected 16 hex digits."),
     };
-    match find_by_handle(&state, &search).await {
-        Ok(certs) if certs.is_empty() => not_found().await,
-        Ok(certs) => armored(&state, &headers, &certs),
+    match find_records(&state, &search).await {
+        Ok(records) => armored_found(&state, &headers, &records, &search).await,
         Err(e) => store_failed(&state, &e),
     }
 }
@@ -638,16 +667,17 @@ async fn hkp_lookup(
             None => return not_found().await,
         },
     };
-    let certs = match find_by_handle(&state, &search).await {
-        Ok(c) => c,
+    let records = match find_records(&state, &search).await {
+        Ok(r) => r,
         Err(e) => return store_failed(&state, &e),
     };
-    if certs.is_empty() {
-        return not_found().await;
-    }
     if op == "get" {
-        armored(&state, &headers, &certs)
+        armored_found(&state, &headers, &records, &search).await
     } else {
+        let certs = certificates_of(&records, &search);
+        if certs.is_empty() {
+            return not_found().await;
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
