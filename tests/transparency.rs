@@ -94,6 +94,43 @@ async fn redis_directory_store_conformance() {
     );
 }
 
+/// With `[store] min_replicas`, the directory serves an epoch only once that many replicas
+/// hold it (a read barrier: a write on the domain's slot and `WAIT`; docs/TRANSPARENCY.md,
+/// "Failover with the directory on"). The test server has no replica: a head stored by a
+/// directory without `min_replicas` is served by it, and refused as a temporary failure by
+/// one that asks for a replica, as a head read on a primary about to die unreplicated would
+/// be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_directory_serves_no_epoch_its_replicas_lack() {
+    let prefix = TestPrefix::new();
+    let plain = RedisStore::connect(&prefix.url, &prefix.prefix)
+        .await
+        .expect("Redis store")
+        .inner()
+        .directory();
+    plain
+        .insert_head("example.net", 1, b"a head")
+        .await
+        .expect("insert a head");
+    assert_eq!(
+        plain.heads("example.net", 1, 1).await.expect("heads"),
+        vec![(1, b"a head".to_vec())]
+    );
+    let careful = RedisStore::builder(&prefix.url)
+        .prefix(&prefix.prefix)
+        .min_replicas(1)
+        .connect_lazy()
+        .expect("Redis store")
+        .inner()
+        .directory();
+    match careful.heads("example.net", 1, 1).await {
+        Err(kst_core::transparency::DirectoryStoreError::Unavailable(m)) => {
+            assert!(m.contains("replicas"), "{m}")
+        }
+        other => panic!("a head no replica holds was served: {other:?}"),
+    }
+}
+
 /// Someone with write access to Redis plants records the directory must not trust or load: a
 /// record larger than the bound (root, node, value state), a non-numeric epoch, a key of the
 /// wrong type, a label with too many versions, a domain that would end the hash tag early.

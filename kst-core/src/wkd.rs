@@ -438,7 +438,7 @@ mod tests {
         assert_eq!(
             WkdRequest::parse(
                 &format!("{WELL_KNOWN}/example.net/policy"),
-                "127.0.0.1:8443",
+                "[::1]:8443",
                 &p
             ),
             Err(WkdPathError::BadHost)

@@ -24,7 +24,8 @@
 //! on the server: a blob larger than [`MAX_BLOB`] or a label with more than
 //! [`MAX_VALUE_STATES`] value states is reported as corrupt instead of being sent.
 
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 
 use async_trait::async_trait;
 use kst_core::transparency::{
@@ -211,6 +212,9 @@ const MAX_COSIGNATURES: usize = 1024;
 pub struct RedisDirectoryStore {
     store: RedisStore,
     runtime: Option<tokio::runtime::Handle>,
+    /// Per domain, the newest epoch this store saw `min_replicas` replicas hold (see
+    /// [`settle`]); shared by the clones.
+    settled: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl std::fmt::Debug for RedisDirectoryStore {
@@ -229,6 +233,7 @@ impl RedisStore {
         RedisDirectoryStore {
             store: self.clone(),
             runtime: tokio::runtime::Handle::try_current().ok(),
+            settled: Arc::default(),
         }
     }
 }
@@ -245,6 +250,8 @@ struct DomainKeys {
     cosig: String,
     /// Hash: witness key → the newest epoch it cosigned.
     witnesses: String,
+    /// A string written by a read before `WAIT` ([`settle`]): its value is nothing.
+    barrier: String,
 }
 
 impl DomainKeys {
@@ -258,6 +265,7 @@ impl DomainKeys {
             heads: format!("{prefix}{{kt:{domain}}}:heads"),
             cosig: format!("{prefix}{{kt:{domain}}}:cosig:"),
             witnesses: format!("{prefix}{{kt:{domain}}}:witnesses"),
+            barrier: format!("{prefix}{{kt:{domain}}}:barrier"),
         })
     }
 
@@ -352,6 +360,7 @@ impl DirectoryStore for RedisDirectoryStore {
 
     async fn root(&self, domain: &str) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
         let keys = DomainKeys::new(&self.store.prefix, domain)?;
+        let (settled, domain) = (Arc::clone(&self.settled), domain.to_string());
         self.run(|store| async move {
             let mut call = READ_ROOT.prepare_invoke();
             call.key(&keys.root).arg(MAX_BLOB);
@@ -365,6 +374,7 @@ impl DirectoryStore for RedisDirectoryStore {
                 "ok" if items.len() == 2 => {
                     let record = bytes(items.pop().unwrap_or(Value::Nil))?;
                     let e = epoch(items.pop().unwrap_or(Value::Nil))?;
+                    settle(&store, &keys, &settled, &domain, e).await?;
                     Ok(Some((e, record)))
                 }
                 _ => Err(corrupt(format!("the root read answered {status}"))),
@@ -488,6 +498,7 @@ impl DirectoryStore for RedisDirectoryStore {
         if to < from {
             return Ok(Vec::new());
         }
+        let (settled, domain) = (Arc::clone(&self.settled), domain.to_string());
         self.run(move |store| async move {
             let mut out = Vec::new();
             let mut start = from;
@@ -511,6 +522,9 @@ impl DirectoryStore for RedisDirectoryStore {
                 start = end + 1;
             }
             out.sort_by_key(|(e, _)| *e);
+            if let Some((newest, _)) = out.last() {
+                settle(&store, &keys, &settled, &domain, *newest).await?;
+            }
             Ok(out)
         })
         .await
@@ -589,6 +603,50 @@ impl DirectoryStore for RedisDirectoryStore {
         })
         .await
     }
+}
+
+/// With `[store] min_replicas`, an epoch read (a root, a head) newer than the newest seen
+/// settled for the domain is served only once `min_replicas` replicas hold everything the
+/// primary had written: a write on the domain's slot (`barrier`) and `WAIT` on a lane, so the
+/// replicas' acknowledgement covers the replication stream up to the read (Redis replicates
+/// in order). Without it, a commit read on the primary in the instant before the primary dies
+/// unreplicated would be served, and the promoted replica would commit that epoch again with
+/// other contents: two heads for one epoch (a fork). Fewer replicas within the `WAIT` bound:
+/// a temporary failure (503). Without `min_replicas`: nothing (replication is asynchronous
+/// and kst promises nothing across a failover then).
+async fn settle(
+    store: &RedisStore,
+    keys: &DomainKeys,
+    settled: &Mutex<HashMap<String, u64>>,
+    domain: &str,
+    epoch: u64,
+) -> Result<(), DirectoryStoreError> {
+    if store.min_replicas == 0 {
+        return Ok(());
+    }
+    let known = settled
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(domain)
+        .copied();
+    if known.is_some_and(|k| k >= epoch) {
+        return Ok(());
+    }
+    let lane = store.lane();
+    let _: Value = lane
+        .query(redis::cmd("SET").arg(&keys.barrier).arg(epoch), true)
+        .await
+        .map_err(DirectoryStoreError::from)?;
+    lane.wait_for_replicas(
+        &keys.root,
+        &format!("the directory's epoch {epoch} (as read)"),
+    )
+    .await
+    .map_err(DirectoryStoreError::from)?;
+    let mut settled = settled.lock().unwrap_or_else(|e| e.into_inner());
+    let k = settled.entry(domain.to_string()).or_insert(epoch);
+    *k = (*k).max(epoch);
+    Ok(())
 }
 
 /// [`DirectoryStore::insert_head`]: the durability guard, one script (`HSETNX`, then the
