@@ -30,6 +30,9 @@
 //! - `rt18_a_head_refused_for_its_witnesses_is_never_remembered`: a fork no witness cosigned
 //!   is refused and not remembered, so the honest directory still passes (the other rt18
 //!   red-team tests are in tests/transparency_redteam.rs).
+//! - `rt18_a_back_dated_deletion_is_not_the_owners`: the owner's monitor checks a deletion's
+//!   time against the heads around its epoch; one an insider dated into the window of the
+//!   owner's own (confirmed, never recorded) deletion is reported, exit 6.
 //! - `serve_starts_while_postgres_is_down_and_the_directory_opens_later`: `kst serve` with
 //!   two PostgreSQL hosts that are both down at start; the directory answers 503 and a
 //!   publication fails, then one host comes back (a TCP proxy) and the scenario above passes.

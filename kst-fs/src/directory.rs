@@ -8,6 +8,7 @@
 //! kt/<domain>/lock                      flock(2) of the writer committing a batch
 //! kt/<domain>/heads/<epoch, 20 digits>  the signed head of an epoch (created once, by link)
 //! kt/<domain>/cosignatures/<epoch, 20 digits>/<witness hex>   a witness's cosignature
+//! kt/<domain>/cosignatures/<epoch, 20 digits>/<witness hex>.at    when it was checked
 //! kt/<domain>/witnesses/<witness hex>   epoch (8 bytes) ‖ the witness's newest cosignature
 //! kt/<domain>/journal/                  the write-ahead journal (Linux): a frame per epoch,
 //!                                       the checkpoint and the boot id (`journal.rs`)
@@ -15,8 +16,9 @@
 //!
 //! A head is written to a temporary file, synced, and hard-linked to its name: the link fails
 //! when a head is there already, so the first writer's head stays (insert-if-absent without a
-//! lock). A cosignature is written (durable replace) under the domain's lock, then the
-//! witness's newest one if its epoch is not older than the stored one.
+//! lock). A cosignature is written (durable replace) under the domain's lock unless the one
+//! stored for that epoch and witness was checked later (its `.at` file), then the witness's
+//! newest one if its epoch is not older than the stored one.
 //!
 //! A commit takes the domain's lock and checks the fence against `root`. On Linux (the
 //! journal) it then writes the whole batch as one frame, `journal/<epoch>`, with one
@@ -622,17 +624,34 @@ fn read_epoch_blob(path: &Path) -> Result<Option<(u64, Vec<u8>)>, DirectoryStore
     Ok(Some((u64::from_be_bytes(*epoch), blob.to_vec())))
 }
 
-/// [`DirectoryStore::put_cosignature`], under the domain's lock.
+/// [`DirectoryStore::put_cosignature`], under the domain's lock: nothing when the stored
+/// cosignature of that epoch and witness was checked later (`<hex>.at` beside it: the check
+/// time, 8 bytes big-endian).
 fn put_cosignature(
     dir: &Path,
     epoch: u64,
     witness: &[u8; 32],
+    checked_at: u64,
     cosignature: &[u8],
 ) -> Result<(), DirectoryStoreError> {
     let _lock = DomainLock::acquire(dir)?;
     let name = hex::encode(witness);
     let path = dir.join("cosignatures").join(epoch_name(epoch)).join(&name);
+    let at_path = path.with_extension("at");
+    if let Some(stored) = read(&at_path)? {
+        let stored = stored
+            .as_slice()
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| {
+                DirectoryStoreError::Corrupt(format!("{} is not a time", at_path.display()))
+            })?;
+        if stored > checked_at {
+            return Ok(());
+        }
+    }
     write_unsynced_dir(&path, cosignature)?;
+    write_unsynced_dir(&at_path, &checked_at.to_be_bytes())?;
     for d in [path.parent(), path.parent().and_then(Path::parent)]
         .into_iter()
         .flatten()
@@ -818,13 +837,14 @@ impl DirectoryStore for FsDirectoryStore {
         domain: &str,
         epoch: u64,
         witness: &[u8; 32],
+        checked_at: u64,
         cosignature: &[u8],
     ) -> Result<(), DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let (witness, cosignature) = (*witness, cosignature.to_vec());
         blocking(move || {
             ensure_recovered(&dir, boot.as_deref())?;
-            put_cosignature(&dir, epoch, &witness, &cosignature)
+            put_cosignature(&dir, epoch, &witness, checked_at, &cosignature)
         })
         .await
     }

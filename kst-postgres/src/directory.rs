@@ -1,7 +1,8 @@
 //! The key directory's records in PostgreSQL (feature `transparency`): kst-postgres's
 //! [`DirectoryStore`] (docs/TRANSPARENCY.md).
 //!
-//! Three tables, created by the migrations (`migrations/20261206000001_kst_key_directory.sql`,
+//! Its tables, created by the migrations (`migrations/20261206000001_kst_key_directory.sql`,
+//! `migrations/20261208000002_kst_cosignature_checked_at.sql` adds `kt_cosignatures.checked_at`,
 //! `kst migrate` or a store that migrates on connect; `IF NOT EXISTS`, so databases whose
 //! tables an earlier release created on first use keep them):
 //!
@@ -10,7 +11,7 @@
 //! kt_nodes (domain, key, record, PK (domain, key))    tree nodes
 //! kt_values(domain, label, epoch, record, PK (domain, label, epoch))   value states
 //! kt_heads (domain, epoch, head, PK (domain, epoch))  the signed head of each epoch
-//! kt_cosignatures (domain, epoch, witness, cosignature, PK (domain, epoch, witness))
+//! kt_cosignatures (domain, epoch, witness, cosignature, checked_at, PK (domain, epoch, witness))
 //! ```
 //!
 //! A head is `INSERT ... ON CONFLICT DO NOTHING` (the first writer's stays), then read back;
@@ -430,20 +431,26 @@ impl DirectoryStore for PgDirectoryStore {
         domain: &str,
         epoch: u64,
         witness: &[u8; 32],
+        checked_at: u64,
         cosignature: &[u8],
     ) -> Result<(), DirectoryStoreError> {
         let (domain, epoch) = (domain.to_string(), epoch_i64(epoch)?);
         let (witness, cosignature) = (witness.to_vec(), cosignature.to_vec());
+        let checked_at = i64::try_from(checked_at).unwrap_or(i64::MAX);
         self.read(move |pool| async move {
+            // One statement: an earlier check never replaces a later one of the same epoch.
             sqlx::query(
-                "INSERT INTO kt_cosignatures (domain, epoch, witness, cosignature) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (domain, epoch, witness) \
-                 DO UPDATE SET cosignature = EXCLUDED.cosignature",
+                "INSERT INTO kt_cosignatures (domain, epoch, witness, cosignature, checked_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (domain, epoch, witness) \
+                 DO UPDATE SET cosignature = EXCLUDED.cosignature, \
+                 checked_at = EXCLUDED.checked_at \
+                 WHERE kt_cosignatures.checked_at <= EXCLUDED.checked_at",
             )
             .bind(domain)
             .bind(epoch)
             .bind(witness)
             .bind(cosignature)
+            .bind(checked_at)
             .execute(&pool)
             .await
             .map_err(unavailable)?;

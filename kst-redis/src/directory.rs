@@ -10,6 +10,8 @@
 //! P{kt:<domain>}:v:<hex of the label> hash: epoch (decimal) -> value state record
 //! P{kt:<domain>}:heads                hash: epoch (decimal) -> signed head (HSETNX: first stays)
 //! P{kt:<domain>}:cosig:<epoch>        hash: witness key (32 bytes) -> cosignature
+//! P{kt:<domain>}:cosig-at:<epoch>     hash: witness key -> when it was checked (a later
+//!                                     check is never replaced by an earlier one)
 //! P{kt:<domain>}:witnesses            hash: witness key -> the newest epoch it cosigned
 //! ```
 //!
@@ -132,12 +134,19 @@ return out
     )
 });
 
-/// Stores a cosignature and moves the witness's newest epoch forward. KEYS: the epoch's
-/// cosignatures, the witnesses' newest epochs. ARGV: witness key, cosignature, epoch.
+/// Stores a cosignature unless the one stored for its epoch and witness was checked later,
+/// and moves the witness's newest epoch forward. KEYS: the epoch's cosignatures, the
+/// witnesses' newest epochs, the epoch's check times. ARGV: witness key, cosignature, epoch,
+/// check time.
 pub(crate) static PUT_COSIGNATURE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+local at = redis.call('HGET', KEYS[3], ARGV[1])
+if at and tonumber(at) ~= nil and tonumber(at) > tonumber(ARGV[4]) then
+  return {'ok'}
+end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
 local newest = redis.call('HGET', KEYS[2], ARGV[1])
 if not newest or tonumber(newest) == nil or tonumber(newest) <= tonumber(ARGV[3]) then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
@@ -252,6 +261,8 @@ struct DomainKeys {
     witnesses: String,
     /// A string written by a read before `WAIT` ([`settle`]): its value is nothing.
     barrier: String,
+    /// Prefix of the check-time hashes (witness key → checked at); the epoch follows.
+    cosig_at: String,
 }
 
 impl DomainKeys {
@@ -266,6 +277,7 @@ impl DomainKeys {
             cosig: format!("{prefix}{{kt:{domain}}}:cosig:"),
             witnesses: format!("{prefix}{{kt:{domain}}}:witnesses"),
             barrier: format!("{prefix}{{kt:{domain}}}:barrier"),
+            cosig_at: format!("{prefix}{{kt:{domain}}}:cosig-at:"),
         })
     }
 
@@ -275,6 +287,11 @@ impl DomainKeys {
 
     fn cosignatures_of(&self, epoch: u64) -> String {
         format!("{}{epoch}", self.cosig)
+    }
+
+    /// Hash: witness key → when its cosignature of `epoch` was checked.
+    fn checked_at_of(&self, epoch: u64) -> String {
+        format!("{}{epoch}", self.cosig_at)
     }
 }
 
@@ -535,11 +552,12 @@ impl DirectoryStore for RedisDirectoryStore {
         domain: &str,
         epoch: u64,
         witness: &[u8; 32],
+        checked_at: u64,
         cosignature: &[u8],
     ) -> Result<(), DirectoryStoreError> {
         let keys = DomainKeys::new(&self.store.prefix, domain)?;
         let (witness, cosignature) = (witness.to_vec(), cosignature.to_vec());
-        self.run(move |store| put_cosignature(store, keys, epoch, witness, cosignature))
+        self.run(move |store| put_cosignature(store, keys, epoch, witness, checked_at, cosignature))
             .await
     }
 
@@ -679,15 +697,18 @@ async fn put_cosignature(
     keys: DomainKeys,
     epoch: u64,
     witness: Vec<u8>,
+    checked_at: u64,
     cosignature: Vec<u8>,
 ) -> Result<(), DirectoryStoreError> {
     store.guard.ensure(&store).await?;
     let mut call = PUT_COSIGNATURE.prepare_invoke();
     call.key(keys.cosignatures_of(epoch))
         .key(&keys.witnesses)
+        .key(keys.checked_at_of(epoch))
         .arg(witness)
         .arg(cosignature)
-        .arg(epoch);
+        .arg(epoch)
+        .arg(checked_at);
     let v: Value = store.invoke(&call, true).await?;
     answer(v).map(|_| ())
 }

@@ -1013,7 +1013,8 @@ struct MemoryDomain {
     nodes: HashMap<Vec<u8>, Vec<u8>>,
     values: HashMap<Vec<u8>, Vec<(u64, Vec<u8>)>>,
     heads: std::collections::BTreeMap<u64, Vec<u8>>,
-    cosignatures: std::collections::BTreeMap<(u64, [u8; 32]), Vec<u8>>,
+    /// (epoch, witness) → (checked at, cosignature).
+    cosignatures: std::collections::BTreeMap<(u64, [u8; 32]), (u64, Vec<u8>)>,
 }
 
 impl MemoryDirectoryStore {
@@ -1108,11 +1109,14 @@ impl DirectoryStore for MemoryDirectoryStore {
         domain: &str,
         epoch: u64,
         witness: &[u8; 32],
+        checked_at: u64,
         cosignature: &[u8],
     ) -> Result<(), DirectoryStoreError> {
         self.with(domain, |d| {
-            d.cosignatures
-                .insert((epoch, *witness), cosignature.to_vec());
+            let slot = d.cosignatures.entry((epoch, *witness)).or_default();
+            if slot.1.is_empty() || slot.0 <= checked_at {
+                *slot = (checked_at, cosignature.to_vec());
+            }
         });
         Ok(())
     }
@@ -1125,7 +1129,7 @@ impl DirectoryStore for MemoryDirectoryStore {
         Ok(self.with(domain, |d| {
             d.cosignatures
                 .range((epoch, [0; 32])..=(epoch, [0xff; 32]))
-                .map(|((_, w), c)| (*w, c.clone()))
+                .map(|((_, w), (_, c))| (*w, c.clone()))
                 .collect()
         }))
     }
@@ -1140,7 +1144,7 @@ impl DirectoryStore for MemoryDirectoryStore {
                 .iter()
                 .rev()
                 .find(|((_, w), _)| w == witness)
-                .map(|((e, _), c)| (*e, c.clone()))
+                .map(|((e, _), (_, c))| (*e, c.clone()))
         }))
     }
 }

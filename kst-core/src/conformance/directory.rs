@@ -440,11 +440,11 @@ pub async fn heads_and_cosignatures(a: &Arc<dyn DirectoryStore>, b: &Arc<dyn Dir
         None,
         "cosignatures: none before the first"
     );
-    a.put_cosignature(D, 1, &w1, b"w1 at 1").await.unwrap();
-    b.put_cosignature(D, 1, &w2, b"w2 at 1").await.unwrap();
-    a.put_cosignature(D, 3, &w1, b"w1 at 3").await.unwrap();
+    a.put_cosignature(D, 1, &w1, 10, b"w1 at 1").await.unwrap();
+    b.put_cosignature(D, 1, &w2, 10, b"w2 at 1").await.unwrap();
+    a.put_cosignature(D, 3, &w1, 30, b"w1 at 3").await.unwrap();
     // A late cosignature of an older epoch must not hide the witness's newest.
-    b.put_cosignature(D, 2, &w1, b"w1 at 2").await.unwrap();
+    b.put_cosignature(D, 2, &w1, 40, b"w1 at 2").await.unwrap();
     let mut at1 = b.cosignatures(D, 1).await.unwrap();
     at1.sort();
     assert_eq!(
@@ -467,19 +467,38 @@ pub async fn heads_and_cosignatures(a: &Arc<dyn DirectoryStore>, b: &Arc<dyn Dir
         None,
         "cosignatures: a witness that never cosigned"
     );
-    b.put_cosignature(D, 3, &w1, b"w1 at 3, again")
+    // Epoch 3 holds w1's check "again" (at 31), as its cosignature and its newest.
+    let holds_again = async |store: &Arc<dyn DirectoryStore>, what: &str| {
+        let again = b"w1 at 3, again".to_vec();
+        assert_eq!(
+            store.cosignatures(D, 3).await.unwrap(),
+            vec![(w1, again.clone())],
+            "cosignatures: {what}"
+        );
+        assert_eq!(
+            store.latest_cosignature(D, &w1).await.unwrap(),
+            Some((3, again)),
+            "cosignatures: {what} (the newest)"
+        );
+    };
+    b.put_cosignature(D, 3, &w1, 31, b"w1 at 3, again")
         .await
         .unwrap();
-    assert_eq!(
-        a.cosignatures(D, 3).await.unwrap(),
-        vec![(w1, b"w1 at 3, again".to_vec())],
-        "cosignatures: a witness's second cosignature of an epoch replaces its first"
-    );
-    assert_eq!(
-        a.latest_cosignature(D, &w1).await.unwrap(),
-        Some((3, b"w1 at 3, again".to_vec())),
-        "cosignatures: the newest follows the replacement"
-    );
+    holds_again(
+        a,
+        "a witness's second cosignature of an epoch replaces its first",
+    )
+    .await;
+    // Red team (issue 18, ktfair): two instances storing two checks of one epoch at once,
+    // the later one first. The earlier check arriving second used to replace it.
+    a.put_cosignature(D, 3, &w1, 29, b"w1 at 3, an earlier check")
+        .await
+        .unwrap();
+    holds_again(b, "an earlier check of an epoch never replaces a later one").await;
+    b.put_cosignature(D, 3, &w1, 31, b"w1 at 3, again")
+        .await
+        .unwrap();
+    holds_again(a, "the same check again is stored").await;
     assert!(
         a.cosignatures(D, 4).await.unwrap().is_empty(),
         "cosignatures: an epoch nobody cosigned"
@@ -821,10 +840,11 @@ impl DirectoryStore for CountingHeads {
         domain: &str,
         epoch: u64,
         witness: &[u8; 32],
+        checked_at: u64,
         cosignature: &[u8],
     ) -> Result<(), DirectoryStoreError> {
         self.inner
-            .put_cosignature(domain, epoch, witness, cosignature)
+            .put_cosignature(domain, epoch, witness, checked_at, cosignature)
             .await
     }
     async fn cosignatures(

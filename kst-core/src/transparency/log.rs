@@ -768,6 +768,7 @@ impl DomainLog {
                 &self.domain,
                 epoch,
                 &cosignature.witness,
+                cosignature.checked_at,
                 cosignature.to_line().as_bytes(),
             )
             .await

@@ -250,13 +250,17 @@ pub trait DirectoryStore: Send + Sync {
         to: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError>;
 
-    /// Stores `witness`'s cosignature (an opaque blob) of the head of `epoch`, replacing one
-    /// the same witness gave for that epoch before. The caller has verified it.
+    /// Stores `witness`'s cosignature (an opaque blob) of the head of `epoch`, checked at
+    /// `checked_at`, replacing one the same witness gave for that epoch before **unless that
+    /// one was checked later**: the comparison and the write are one atomic step, so of two
+    /// checks of one epoch stored at once (two instances of a pool) the later stays, in
+    /// whichever order they arrive. The caller has verified it.
     async fn put_cosignature(
         &self,
         domain: &str,
         epoch: u64,
         witness: &[u8; 32],
+        checked_at: u64,
         cosignature: &[u8],
     ) -> Result<(), DirectoryStoreError>;
 
