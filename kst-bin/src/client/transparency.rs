@@ -474,7 +474,9 @@ async fn verify_and_remember(
                 exit::UNAVAILABLE,
                 format!(
                     "key directory of {}: the remembered head (epoch {}) is too far behind the \
-                     answer's (epoch {epoch}) for an append-only proof the KST will build; with \
+                     answer's (epoch {epoch}) for an append-only proof the KST will build \
+                     (a version 3 reply carries at most 1 MiB of it: retrieve \
+                     --check-transparency catches up over HTTP in larger steps); with \
                      --witness the client starts again from the newest head the witnesses \
                      cosigned, else kst client log-pin {} forgets the remembered head",
                     held.domain, old.epoch, held.domain
