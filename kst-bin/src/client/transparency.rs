@@ -430,6 +430,26 @@ async fn verify_and_remember(
     // accepted yet (the caller asks again from the step's head).
     if let Some(step) = answer.append_only.as_ref().and_then(|a| a.step.as_ref()) {
         let to = step.head.epoch;
+        let from = answer.append_only.as_ref().map_or(0, |a| a.from);
+        // A reply to a request that named an older head than the one remembered now (another
+        // reply moved the memory while it was pending): its step starts where the request
+        // asked, not where the memory is. Nothing to take from it; send again.
+        if let Some(asked) = c.asked
+            && from == asked.epoch
+            && remembered
+                .as_ref()
+                .is_none_or(|old| old.epoch != asked.epoch)
+        {
+            return Err(Refused::Other(Box::new(Outcome::error(
+                exit::TEMPFAIL,
+                format!(
+                    "key directory of {}: the reply carries an append-only step from epoch \
+                     {from}, which the request named, but the remembered head moved meanwhile; \
+                     send the request again",
+                    held.domain
+                ),
+            ))));
+        }
         let Some(old) = &remembered else {
             return Err(attack_kept(
                 memory,
@@ -483,7 +503,9 @@ async fn verify_and_remember(
                 exit::UNAVAILABLE,
                 format!(
                     "key directory of {}: the remembered head (epoch {}) is too far behind the \
-                     answer's (epoch {epoch}) for an append-only proof the KST will build; with \
+                     answer's (epoch {epoch}) for an append-only proof the KST will build \
+                     (a version 3 reply carries at most 1 MiB of it: retrieve \
+                     --check-transparency catches up over HTTP in larger steps); with \
                      --witness the client starts again from the newest head the witnesses \
                      cosigned, else kst client log-pin {} forgets the remembered head",
                     held.domain, old.epoch, held.domain
