@@ -359,6 +359,7 @@ impl Cluster {
     /// that host although no standby has it, and a failover then loses it: what was read of
     /// it must not be served. No standby attached, or none caught up within the write
     /// timeout: a temporary error (and the host is probed again).
+    #[cfg(feature = "transparency")]
     pub async fn confirm_settled(&self, w: &Writer) -> Result<()> {
         if !w.facts.wants_sync() {
             return Ok(());
