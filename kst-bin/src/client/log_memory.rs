@@ -448,24 +448,17 @@ pub async fn check_and_remember(
     Ok(remembered)
 }
 
-/// [`check_and_remember`]'s check on a memory already held (the caller read the remembered
-/// epoch under the same lock, to ask for `?since=`): `held` is updated, **not saved**. The
-/// caller saves it ([`LogMemory::save`]) only once every other check of the answer passed
-/// (its witnesses): a head the client rejects is never remembered, or a forged head that
-/// failed a later check would make the honest directory look like the fork. `asked`: the head
-/// a version 3 request named (`KST-Log-Since`) when the memory may have moved on since it was
-/// sent ([`LogAnswer::verify_extends_via`]).
-pub async fn check_held(
+/// The checks of an answer against `held`'s pin, before anything about its history: the
+/// head is of the held domain, signed by the pinned head key, and names the pinned VRF key
+/// (the first head verified pins its VRF key when only the head key was pinned). Every
+/// answer the client takes passes them: [`check_held`], and the new start after a
+/// `too-far` answer. `seen`: the evidence kept on failure.
+pub fn check_pin(
     memory: &LogMemory,
     held: &mut Held,
     answer: &LogAnswer,
-    answer_text: Option<&str>,
-    asked: Option<&Head>,
-) -> Result<Remembered, MemoryError> {
-    let seen = || match answer_text {
-        Some(t) => t.to_string(),
-        None => answer.to_text().unwrap_or_default(),
-    };
+    seen: &dyn Fn() -> String,
+) -> Result<(), MemoryError> {
     let head = &answer.head.head;
     if head.domain != held.domain {
         return Err(memory.attack(
@@ -505,6 +498,29 @@ pub async fn check_held(
             }
         }
     }
+    Ok(())
+}
+
+/// [`check_and_remember`]'s check on a memory already held (the caller read the remembered
+/// epoch under the same lock, to ask for `?since=`): `held` is updated, **not saved**. The
+/// caller saves it ([`LogMemory::save`]) only once every other check of the answer passed
+/// (its witnesses): a head the client rejects is never remembered, or a forged head that
+/// failed a later check would make the honest directory look like the fork. `asked`: the head
+/// a version 3 request named (`KST-Log-Since`) when the memory may have moved on since it was
+/// sent ([`LogAnswer::verify_extends_via`]).
+pub async fn check_held(
+    memory: &LogMemory,
+    held: &mut Held,
+    answer: &LogAnswer,
+    answer_text: Option<&str>,
+    asked: Option<&Head>,
+) -> Result<Remembered, MemoryError> {
+    let seen = || match answer_text {
+        Some(t) => t.to_string(),
+        None => answer.to_text().unwrap_or_default(),
+    };
+    check_pin(memory, held, answer, &seen)?;
+    let head = &answer.head.head;
     let remembered = held.memory.remembered_head();
     if held.memory.head.is_some() && remembered.is_none() {
         return Err(memory.io(

@@ -440,6 +440,11 @@ async fn directory_versions(
 ///   owner asked for (running the writer with a clock set back) dates the head with it. When
 ///   the head of `epoch` is not before the head of `epoch - 1`, both may have been signed
 ///   late (a directory kept from before heads were stored): nothing is concluded.
+/// - Nor when the head of `epoch` is itself more than the slack after the deletion: then it
+///   was signed late (the writer signs it with the deletion's time), and the head of
+///   `epoch - 1` may have been signed late after it (on demand, or by the backfill that
+///   reaches it later): heads signed late are in no order, an honest deletion is not
+///   back-dated for that (red team round 3).
 #[cfg(feature = "transparency")]
 fn deletion_misdated(
     changed_at: u64,
@@ -458,6 +463,7 @@ fn deletion_misdated(
     if let (Some(before), Some(at)) = (before, at)
         && at.saturating_add(SLACK) < before
         && changed_at.saturating_add(SLACK) < before
+        && at <= changed_at.saturating_add(SLACK)
     {
         return Some(format!(
             "dated {changed_at}, before the head of epoch {} was signed ({before}), in an \
@@ -657,6 +663,13 @@ mod tests {
         // Back-dated with its epoch's head (the writer run with a clock set back).
         let back = deletion_misdated(t - 7200, 5, Some(t - 60), Some(t - 7200)).unwrap();
         assert!(back.contains("before the head of epoch 4"), "{back}");
+        // Red team round 3: the head of epoch 5 signed late (a day after the deletion, on
+        // demand), the head of epoch 4 signed late an hour after that (the backfill reached
+        // it then): heads signed late are in no order; an honest deletion, not back-dated.
+        assert_eq!(
+            deletion_misdated(t - 86_400, 5, Some(t + 3600), Some(t)),
+            None
+        );
         // Both heads after the deletion, in order: maybe both signed late; nothing concluded.
         assert_eq!(deletion_misdated(t - 7200, 5, Some(t - 60), Some(t)), None);
         assert_eq!(deletion_misdated(t - 7200, 5, Some(t), Some(t)), None);

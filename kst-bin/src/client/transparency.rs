@@ -51,7 +51,7 @@ use super::discovery::DnsError;
 use super::dnssec::DnsSecurity;
 use super::exit;
 pub use super::log_memory::check_and_remember;
-use super::log_memory::{Held, LogMemory, MemoryError, check_held, source};
+use super::log_memory::{Held, LogMemory, MemoryError, check_held, check_pin, source};
 use super::output::Outcome;
 use super::state::{Entry, LogRequirements};
 use super::tls::Conn;
@@ -489,6 +489,27 @@ async fn verify_and_remember(
             )),
         };
     }
+    // A `too-far` reply to a version 3 request that named an older head than the one
+    // remembered now (another reply moved the memory while it was pending): it says nothing
+    // about the remembered head, and is no attack either. Nothing to take from it; send
+    // the request again (it then names the remembered head).
+    if answer.append_only.is_none()
+        && let (Some(asked), Some(from)) = (c.asked, answer.too_far)
+        && from == asked.epoch
+        && remembered
+            .as_ref()
+            .is_some_and(|old| old.epoch != asked.epoch && epoch > old.epoch)
+    {
+        return Err(Refused::Other(Box::new(Outcome::error(
+            exit::TEMPFAIL,
+            format!(
+                "key directory of {}: the reply says epoch {from}, which the request named, is \
+                 too far behind for a proof, but the remembered head moved meanwhile; send the \
+                 request again",
+                held.domain
+            ),
+        ))));
+    }
     // Too far behind for any proof: the KST says so (`too-far`: not even the first step
     // fits its budget), or an older KST left the proof out beyond MAX_SINCE_EPOCHS. With
     // witnesses required (and verified above), the answer's witnessed head is the new start;
@@ -512,6 +533,51 @@ async fn verify_and_remember(
                 ),
             ))));
         };
+        // The new start is of the pinned directory: the checks of `check_held` against the
+        // pin, which this path would otherwise skip (a `too-far` answer never moves the
+        // client to a directory with another VRF key, whatever its witnesses cosigned).
+        check_pin(memory, held, &answer, &|| text.to_string()).map_err(refused)?;
+        // The remembered head's epoch inside the witnessed heads of the answer: there the
+        // witnessed history has a root for it, and that root decides. Another root is a fork
+        // the client was shown (a `too-far` must not bury it); the same root proves the
+        // answer extends the remembered head, so it is remembered as usual, no new start.
+        if let Some(w) = &answer.witnessed
+            && let Some(first) = w.audit.heads.first()
+            && let Some(there) = old
+                .epoch
+                .checked_sub(first.head.epoch)
+                .and_then(|i| usize::try_from(i).ok())
+                .and_then(|i| w.audit.heads.get(i))
+        {
+            if there.head.root_hash != old.root_hash {
+                return Err(attack_kept(
+                    memory,
+                    held,
+                    format!(
+                        "possible fork of the key directory of {}: the remembered head of epoch \
+                         {} has the root {}, the witnessed history of the answer (a `too-far` \
+                         answer, epoch {epoch}) has the root {} at that epoch",
+                        held.domain,
+                        old.epoch,
+                        hex::encode(old.root_hash),
+                        hex::encode(there.head.root_hash)
+                    ),
+                    text,
+                ));
+            }
+            held.memory.keep_roots(
+                w.audit
+                    .heads
+                    .iter()
+                    .filter(|h| h.head.epoch > old.epoch)
+                    .map(|h| (h.head.epoch, h.head.root_hash)),
+            );
+            held.memory
+                .remember(&answer.head)
+                .and_then(|()| memory.save(held).map_err(|e| e.to_string()))
+                .map_err(|e| Refused::Other(Box::new(Outcome::error(exit::CONFIG, e))))?;
+            return Ok(Accepted::Remembered);
+        }
         let names: Vec<&str> = policy.witnesses.iter().map(|(n, _)| n.as_str()).collect();
         let note = format!(
             "key directory of {}: the remembered head (epoch {}) is too far behind the answer's \
@@ -545,16 +611,20 @@ async fn verify_and_remember(
     }
     // Everything verified: only now is the new head remembered (a head refused for any
     // reason is never remembered).
-    match check_held(memory, held, &answer, Some(text), c.asked)
+    check_held(memory, held, &answer, Some(text), c.asked)
         .await
         .and_then(|_| memory.save(held))
-    {
-        Ok(()) => Ok(Accepted::Remembered),
-        Err(e @ MemoryError::Attack { .. }) => Err(Refused::Attack(e.to_string())),
-        Err(e @ MemoryError::Io { .. }) => Err(Refused::Other(Box::new(Outcome::error(
-            exit::CONFIG,
-            e.to_string(),
-        )))),
+        .map(|()| Accepted::Remembered)
+        .map_err(refused)
+}
+
+/// A failed check of the memory as [`verify_and_remember`] reports it.
+fn refused(e: MemoryError) -> Refused {
+    match e {
+        e @ MemoryError::Attack { .. } => Refused::Attack(e.to_string()),
+        e @ MemoryError::Io { .. } => {
+            Refused::Other(Box::new(Outcome::error(exit::CONFIG, e.to_string())))
+        }
     }
 }
 
@@ -1469,6 +1539,260 @@ mod tests {
             String::new(),
         ] {
             assert_eq!(parse_log_record(&bad), None, "{bad}");
+        }
+    }
+
+    /// Red team round 3 (issue 18): a `too-far` answer is a new start only when nothing the
+    /// client can check says otherwise. These build the answers with kst-core's real
+    /// directory on an fs store (as `kst serve` does), and hand them to the client's one
+    /// check of an answer, [`verify_and_remember`].
+    #[cfg(feature = "server")]
+    mod too_far {
+        use super::*;
+        use kst_core::Fingerprint;
+        use kst_core::store::{Expected, NewKey};
+        use kst_core::transparency::answer::{StepBudget, head_text};
+        use kst_core::transparency::{DomainLog, HeadSigner, LogKeys, SignedHead, VrfSecret};
+        use std::sync::Arc;
+
+        const NOW: u64 = 1_800_000_000;
+
+        fn address(name: &str) -> Address {
+            kst_core::AddressPolicy::default()
+                .normalize(&format!("{name}@example.net"))
+                .unwrap()
+        }
+
+        /// A directory of example.net in `dir` with `keys`, holding one key each for `names`
+        /// (one epoch each); its head after every epoch, oldest first.
+        async fn directory(dir: &Path, keys: &str, names: &[&str]) -> (DomainLog, Vec<SignedHead>) {
+            let log = DomainLog::open(
+                Arc::new(kst_fs::FsDirectoryStore::new(dir)),
+                LogKeys::parse(keys).unwrap(),
+            )
+            .await
+            .unwrap();
+            let mut heads = Vec::new();
+            for (n, name) in names.iter().enumerate() {
+                let a = address(name);
+                let record = NewKey {
+                    address: a.clone(),
+                    key: format!("key of {name}").into_bytes(),
+                    fingerprint: Fingerprint::parse(&format!("{:040X}", n + 1)).unwrap(),
+                    publication_id: format!("{n:032x}"),
+                    published_at: NOW,
+                    revoked: false,
+                    expected: Expected::Any,
+                }
+                .into_record(1);
+                log.sync(&a, Some(&record), NOW).await.unwrap();
+                let head = log
+                    .answer_stepped(&address("nobody"), None, None, NOW)
+                    .await
+                    .unwrap()
+                    .head;
+                heads.push(head);
+            }
+            (log, heads)
+        }
+
+        /// The `too-far` answer (witnessed by `witness`, which cosigned `cosigned`) of `log`
+        /// for nobody@example.net to a client that remembers epoch `since`.
+        async fn too_far_answer(
+            log: &DomainLog,
+            since: u64,
+            witness: &HeadSigner,
+            cosigned: &SignedHead,
+        ) -> String {
+            log.add_cosignature(cosigned.head.epoch, &witness.cosign(cosigned, NOW).unwrap())
+                .await
+                .unwrap();
+            let tight = StepBudget {
+                bytes: 1,
+                changes: 1,
+                epochs: 1,
+            };
+            let mut answer = log
+                .answer_stepped(&address("nobody"), Some(since), Some(tight), NOW)
+                .await
+                .unwrap();
+            assert_eq!(answer.too_far, Some(since), "a too-far answer");
+            answer.witnessed = log
+                .witnessed(&answer.head, &[witness.public_key()])
+                .await
+                .unwrap();
+            assert!(answer.witnessed.is_some());
+            answer.to_text().unwrap()
+        }
+
+        /// What the client makes of `text` when it pinned `head_key` and `vrf` and remembers
+        /// `remembered`, requiring `witness`.
+        async fn check(
+            state: &Path,
+            head_key: [u8; 32],
+            vrf: [u8; 32],
+            remembered: &SignedHead,
+            witness: &HeadSigner,
+            text: &str,
+            asked: Option<&Head>,
+        ) -> (Result<Accepted, Refused>, Option<u64>) {
+            let memory = LogMemory::in_dir(state);
+            let mut held = memory.hold("example.net").unwrap();
+            held.memory.head_key = Some(hex::encode(head_key));
+            held.memory.vrf_key = Some(hex::encode(vrf));
+            held.memory.head = Some(head_text(remembered).unwrap());
+            memory.save(&held).unwrap();
+            let policy = WitnessPolicy {
+                witnesses: vec![("w1".into(), witness.public_key())],
+                threshold: 1,
+                not_before: 0,
+            };
+            let nobody = address("nobody");
+            let checked = Checked {
+                head_key: &head_key,
+                address: &nobody,
+                served: None,
+                policy: Some(&policy),
+                asked,
+                source: "the test's answer",
+            };
+            let result = verify_and_remember(&memory, &mut held, text, &checked).await;
+            // (The memory's lock is per open file: let go before reading it again.)
+            drop(held);
+            let held = memory.hold("example.net").unwrap();
+            (result, held.memory.remembered_epoch())
+        }
+
+        fn refused_as_attack(result: &Result<Accepted, Refused>, want: &str) {
+            match result {
+                Err(Refused::Attack(m)) => assert!(m.contains(want), "{m}"),
+                Err(Refused::Other(o)) => panic!("not an attack: {o:?}"),
+                Ok(a) => panic!("accepted: {a:?}"),
+            }
+        }
+
+        /// The head key is pinned with the VRF key; a `too-far` answer of a directory with
+        /// the same head key but another VRF key (a second directory, where the provider can
+        /// give the victim's address another label), witnessed, was accepted as the new
+        /// start (exit 0; check_held's VRF check is skipped on that path). Now an attack.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn rt18_too_far_never_moves_the_client_to_another_vrf_key() {
+            let tmp = tempfile::tempdir().unwrap();
+            let keys = LogKeys::generate("example.net");
+            let head_key = keys.head.public_key();
+            let pinned_vrf = keys.vrf.public_key().unwrap();
+            let other = format!(
+                "domain: example.net\nhead-key: {}\nvrf-key: {}\n",
+                hex::encode(*keys.head.to_bytes()),
+                hex::encode(*VrfSecret::generate().to_bytes())
+            );
+            let (_, pinned_heads) =
+                directory(&tmp.path().join("pinned"), &keys.to_file(), &["alice"]).await;
+            let (second, heads) =
+                directory(&tmp.path().join("second"), &other, &["alice", "bob"]).await;
+            let witness = HeadSigner::generate();
+            let text = too_far_answer(&second, 1, &witness, &heads[1]).await;
+            let (result, remembered) = check(
+                &tmp.path().join("client"),
+                head_key,
+                pinned_vrf,
+                &pinned_heads[0],
+                &witness,
+                &text,
+                None,
+            )
+            .await;
+            refused_as_attack(&result, "not the pinned");
+            assert_eq!(remembered, Some(1), "the pinned directory's head stays");
+        }
+
+        /// The client was shown a fork (a head of epoch 2 the witnessed history does not
+        /// hold); the provider then answers `too-far` to it, one epoch behind, with the
+        /// witnessed history whose heads include epoch 2 with another root. That was a
+        /// silent new start (the fork buried, exit 0); now the fork is an attack. The same
+        /// answer to a client that remembers the witnessed history's own head of epoch 2 is
+        /// a proven extension: remembered as usual, no new start.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn rt18_too_far_does_not_bury_a_fork_the_witnesses_can_see() {
+            let tmp = tempfile::tempdir().unwrap();
+            let keys = LogKeys::generate("example.net");
+            let (head_key, vrf) = (keys.head.public_key(), keys.vrf.public_key().unwrap());
+            let (main, heads) = directory(
+                &tmp.path().join("main"),
+                &keys.to_file(),
+                &["alice", "bob", "carol"],
+            )
+            .await;
+            let (_, fork) = directory(
+                &tmp.path().join("fork"),
+                &keys.to_file(),
+                &["alice", "mallory"],
+            )
+            .await;
+            assert_ne!(fork[1].head.root_hash, heads[1].head.root_hash);
+            let witness = HeadSigner::generate();
+            // The witness cosigned epoch 1; the answer's witnessed heads are 1, 2, 3.
+            let text = too_far_answer(&main, 2, &witness, &heads[0]).await;
+            let (result, remembered) = check(
+                &tmp.path().join("victim"),
+                head_key,
+                vrf,
+                &fork[1],
+                &witness,
+                &text,
+                None,
+            )
+            .await;
+            refused_as_attack(&result, "possible fork");
+            assert_eq!(remembered, Some(2), "nothing remembered from the answer");
+
+            let (result, remembered) = check(
+                &tmp.path().join("honest"),
+                head_key,
+                vrf,
+                &heads[1],
+                &witness,
+                &text,
+                None,
+            )
+            .await;
+            assert!(matches!(result, Ok(Accepted::Remembered)));
+            assert_eq!(remembered, Some(3));
+        }
+
+        /// Two version 3 requests sent from epoch 1; the first reply moved the memory to
+        /// epoch 2 meanwhile, the second says `too-far 1` (what its request named). That was
+        /// exit 5 (no proof from the remembered epoch 2: "a fork"), a false alarm; now exit
+        /// 75 (send again), nothing remembered from it.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn rt18_a_too_far_reply_after_the_memory_moved_is_no_attack() {
+            let tmp = tempfile::tempdir().unwrap();
+            let keys = LogKeys::generate("example.net");
+            let (head_key, vrf) = (keys.head.public_key(), keys.vrf.public_key().unwrap());
+            let (main, heads) = directory(
+                &tmp.path().join("main"),
+                &keys.to_file(),
+                &["alice", "bob", "carol"],
+            )
+            .await;
+            let witness = HeadSigner::generate();
+            let text = too_far_answer(&main, 1, &witness, &heads[2]).await;
+            let (result, remembered) = check(
+                &tmp.path().join("client"),
+                head_key,
+                vrf,
+                &heads[1],
+                &witness,
+                &text,
+                Some(&heads[0].head),
+            )
+            .await;
+            match result {
+                Err(Refused::Other(o)) => assert_eq!(o.exit_code(), exit::TEMPFAIL, "{o:?}"),
+                Err(Refused::Attack(m)) => panic!("a false alarm: {m}"),
+                Ok(a) => panic!("accepted: {a:?}"),
+            }
+            assert_eq!(remembered, Some(2));
         }
     }
 }
