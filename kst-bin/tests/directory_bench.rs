@@ -20,6 +20,9 @@ const WHAT: [&str; 9] = [
     "audit-bulk",
 ];
 
+/// The catch-up measures that follow [`WHAT`] (each names its epochs after the prefix).
+const CATCH_UP: [&str; 2] = ["catch-up-10 http ", "catch-up-10 reply "];
+
 fn small(disk_path: std::path::PathBuf) -> Options {
     Options {
         sizes: vec![100, 200],
@@ -49,8 +52,26 @@ fn check(report: &Report, opts: &Options) {
         assert_eq!(size.fill.tail_epoch_size, opts.tail_epoch_size);
         assert!(size.rss_kib > 0 && size.rss_peak_kib >= size.rss_kib);
         let what: Vec<&str> = size.measures.iter().map(|m| m.what.as_str()).collect();
-        assert_eq!(what, WHAT, "every measurement, in order");
+        assert_eq!(what[..WHAT.len()], WHAT, "every measurement, in order");
+        // Then the catch-up answers, one measure per answer (`what from->to`, or
+        // `what from too-far`), ten tail epochs behind over HTTP and in a reply.
+        for prefix in CATCH_UP {
+            assert!(
+                what[WHAT.len()..].iter().any(|w| w.starts_with(prefix)),
+                "{prefix} measured: {what:?}"
+            );
+        }
+        assert!(
+            what[WHAT.len()..]
+                .iter()
+                .all(|w| w.starts_with("catch-up-")),
+            "{what:?}"
+        );
         for m in &size.measures {
+            if m.what.ends_with("too-far") {
+                assert!(m.generate.is_some() && m.verify.is_none(), "{m:?}");
+                continue;
+            }
             assert!(m.bytes_p50 > 0 && m.bytes_max >= m.bytes_p50, "{m:?}");
             if let Some(answer) = m.answer_bytes {
                 assert!(
@@ -64,7 +85,7 @@ fn check(report: &Report, opts: &Options) {
                     assert_eq!(m.verify.unwrap().n, opts.verifications, "{m:?}");
                 }
                 "history-10" => assert_eq!(m.verify.unwrap().n, opts.verifications, "{m:?}"),
-                w if w.starts_with("audit") => {
+                w if w.starts_with("audit") || w.starts_with("catch-up-") => {
                     assert!(
                         m.generate.unwrap().n >= 1 && m.verify.unwrap().n >= 1,
                         "{m:?}"
@@ -89,7 +110,11 @@ fn check(report: &Report, opts: &Options) {
     // Two headers with their rules, one fill row per size, one proof row per measurement.
     assert_eq!(
         rows.len(),
-        4 + opts.sizes.len() * (1 + WHAT.len()),
+        4 + report
+            .sizes
+            .iter()
+            .map(|s| 1 + s.measures.len())
+            .sum::<usize>(),
         "{text}"
     );
     let fill_columns = Report::FILL_HEADER
