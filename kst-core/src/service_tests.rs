@@ -1413,6 +1413,47 @@ async fn updates_replace_revocations_are_served_and_history_is_kept() {
     assert_ne!(history[3].fingerprint, fpr);
 }
 
+const UID2REV_SECOND: &str = include_str!("../testdata/keys/uid2rev-second.pub.asc");
+
+/// A key with two User IDs of the account, one revoked (make-uid2rev-fixtures.sh): published,
+/// stored and served with the revoked User ID and its revocation, so a client that knew that
+/// User ID learns it is revoked.
+#[tokio::test]
+async fn a_revoked_second_user_id_is_published_and_served_with_its_revocation() {
+    let f = fixture();
+    assert!(matches!(
+        publish_ok(&f, UID2REV_SECOND).await,
+        Decision::Published { version: 1, .. }
+    ));
+    let Verified::Found {
+        armored, user_ids, ..
+    } = retrieve(&f).await
+    else {
+        panic!("found expected")
+    };
+    assert_eq!(
+        user_ids,
+        ["alice <alice@example.net>", "Alice Old <alice@example.net>"]
+    );
+    let served = crate::openpgp::dearmor_public_key(&armored, usize::MAX).unwrap();
+    assert_eq!(
+        served,
+        crate::merge::canonical(&as_published(UID2REV_SECOND)).unwrap(),
+        "stored as validated, in the store's canonical order"
+    );
+    let index = crate::certificate::Certificate::from_binary(&served)
+        .unwrap()
+        .hkp_index_entry(0);
+    assert!(
+        index.contains("uid:Alice Old <alice@example.net>:1735689600::r\n"),
+        "the served key carries the revocation: {index}"
+    );
+    assert!(
+        index.contains("uid:alice <alice@example.net>:1735689600::\n"),
+        "{index}"
+    );
+}
+
 fn deletion(account: &str, headers: &str) -> (Vec<u8>, client::Pending) {
     let req = client::build_deletion(&addr(account));
     let mut raw = headers.as_bytes().to_vec();

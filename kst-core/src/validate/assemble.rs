@@ -11,13 +11,14 @@ use super::packets::Collected;
 pub(super) struct Kept {
     /// The primary key's kept signatures.
     pub(super) direct: Vec<usize>,
-    /// The kept User ID and its kept signatures.
-    pub(super) uid: (usize, Vec<usize>),
+    /// The kept User IDs, each with its kept signatures: the chosen one first, then the
+    /// account's revoked ones in the order of the block.
+    pub(super) uids: Vec<(usize, Vec<usize>)>,
     /// The kept subkeys, each with its kept signatures.
     pub(super) subkeys: Vec<(usize, Vec<usize>)>,
 }
 
-/// Serializes the primary key, the kept User ID and the kept subkeys with their kept
+/// Serializes the primary key, the kept User IDs and the kept subkeys with their kept
 /// signatures; the count of removed unhashed subpackets goes to `c.dropped`.
 pub(super) fn assemble(c: &mut Collected, kept: Kept) -> Result<Vec<u8>, KeyRejection> {
     let dropped = &mut c.dropped;
@@ -33,13 +34,14 @@ pub(super) fn assemble(c: &mut Collected, kept: Kept) -> Result<Vec<u8>, KeyReje
         dropped.unhashed_subpackets += clean(sig);
         ser(sig.to_writer_with_header(&mut out))?;
     }
-    let (chosen, keep_uid_sigs) = kept.uid;
-    let uid = &mut c.uids[chosen];
-    ser(uid.packet.to_writer_with_header(&mut out))?;
-    for i in keep_uid_sigs {
-        let sig = &mut uid.sigs[i];
-        dropped.unhashed_subpackets += clean(sig);
-        ser(sig.to_writer_with_header(&mut out))?;
+    for (ui, keep) in kept.uids {
+        let uid = &mut c.uids[ui];
+        ser(uid.packet.to_writer_with_header(&mut out))?;
+        for i in keep {
+            let sig = &mut uid.sigs[i];
+            dropped.unhashed_subpackets += clean(sig);
+            ser(sig.to_writer_with_header(&mut out))?;
+        }
     }
     for (si, keep) in kept.subkeys {
         let sub = &mut c.subkeys[si];

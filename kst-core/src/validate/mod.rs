@@ -57,9 +57,13 @@ pub struct ValidKey {
     pub packets: Vec<u8>,
     /// Primary key fingerprint.
     pub fingerprint: Fingerprint,
-    /// The kept User ID, as in the key (UTF-8, but otherwise whatever the key holder wrote:
-    /// escape it before putting it in a header).
+    /// The User ID clients should use, as in the key (UTF-8, but otherwise whatever the key
+    /// holder wrote: escape it before putting it in a header). It comes first in
+    /// [`packets`](Self::packets).
     pub user_id: String,
+    /// The account's other User IDs that are revoked, published after [`user_id`](Self::user_id)
+    /// with their revocations so that clients learn of them (same text caveat). Usually empty.
+    pub revoked_user_ids: Vec<String>,
     /// A verified key revocation signature is present: clients must not use the key.
     pub revoked: bool,
     /// When the key expires (seconds since the Unix epoch), if it does.
@@ -136,7 +140,7 @@ fn evaluate(
         other_uids: &c.other_uids,
         other_addresses: &c.other_addresses,
     };
-    let (chosen, verdict) = user_id::choose(
+    let chosen = user_id::choose(
         &mut checker,
         &c.primary,
         found,
@@ -149,7 +153,10 @@ fn evaluate(
     let expires_at = expiry::key_expiry(
         key_created,
         direct.newest_binding,
-        verdict.newest.map(|(created, _, exp)| (created, exp)),
+        chosen
+            .verdict
+            .newest
+            .map(|(created, _, exp)| (created, exp)),
         revoked,
         now,
     )?;
@@ -162,10 +169,14 @@ fn evaluate(
         &mut c.dropped,
     )?;
 
-    let user_id = String::from_utf8_lossy(c.uids[chosen].packet.id()).into_owned();
+    let uid_text = |i: usize| String::from_utf8_lossy(c.uids[i].packet.id()).into_owned();
+    let user_id = uid_text(chosen.index);
+    let revoked_user_ids = chosen.revoked.iter().map(|(i, _)| uid_text(*i)).collect();
+    let mut uids = vec![(chosen.index, chosen.verdict.keep)];
+    uids.extend(chosen.revoked);
     let kept = Kept {
         direct: direct.keep,
-        uid: (chosen, verdict.keep),
+        uids,
         subkeys,
     };
     let packets = assemble(&mut c, kept)?;
@@ -180,6 +191,7 @@ fn evaluate(
         packets,
         fingerprint,
         user_id,
+        revoked_user_ids,
         revoked,
         expires_at,
         stripped: stripped::describe(&c.dropped),

@@ -36,6 +36,7 @@ const SUBKEYS: &str = include_str!("../../testdata/keys/subkeys.pub.asc");
 const FOREIGN: &str = include_str!("../../testdata/keys/foreign.pub.asc");
 const TWO_CERTS: &str = include_str!("../../testdata/keys/two-certs.pub.asc");
 const UID_REVOKED: &str = include_str!("../../testdata/keys/uid-revoked.pub.asc");
+const UID2REV_SECOND: &str = include_str!("../../testdata/keys/uid2rev-second.pub.asc");
 const AMPLIFIED: &str = include_str!("../../testdata/keys/amplified.pub.asc");
 const AMPLIFIED_TOO_LARGE: &str = include_str!("../../testdata/keys/amplified-too-large.pub.asc");
 
@@ -614,6 +615,81 @@ fn revoked_user_id_of_the_account() {
         )
         .is_ok()
     );
+}
+
+/// The signature packets that follow the User ID `uid` in `bytes`, as (type, creation time).
+fn user_id_sigs(bytes: &[u8], uid: &str) -> Vec<(SignatureType, u32)> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for p in packets(bytes) {
+        match p {
+            Packet::UserId(u) => inside = u.id() == uid.as_bytes(),
+            Packet::Signature(s) if inside => {
+                out.push((s.typ().unwrap(), s.created().map_or(0, |t| t.as_secs())))
+            }
+            Packet::Signature(_) => {}
+            _ => inside = false,
+        }
+    }
+    out
+}
+
+/// make-uid2rev-fixtures.sh: two User IDs of alice@example.net, the first ("Alice Old") revoked
+/// on 2025-03-01. The live one is published for clients to use, and the revoked one is kept
+/// beside it with its revocation: a client that holds "Alice Old" from an earlier copy must
+/// learn that it is revoked (it used to be dropped as "another User ID", revocation and all).
+#[test]
+fn a_revoked_second_user_id_of_the_account_is_kept_with_its_revocation() {
+    let v = ok(UID2REV_SECOND);
+    assert_eq!(v.user_id, "alice <alice@example.net>");
+    assert_eq!(v.revoked_user_ids, ["Alice Old <alice@example.net>"]);
+    assert!(!v.revoked, "a User ID revocation does not revoke the key");
+    assert_eq!(
+        user_ids(&v.packets),
+        ["alice <alice@example.net>", "Alice Old <alice@example.net>"],
+        "the User ID to use comes first"
+    );
+    assert_eq!(
+        user_id_sigs(&v.packets, "Alice Old <alice@example.net>"),
+        [
+            (SignatureType::CertRevocation, 1_740_787_200),
+            (SignatureType::CertPositive, 1_735_689_600)
+        ],
+        "its revocation (2025-03-01) and the certification it revokes"
+    );
+    assert!(
+        !v.stripped.iter().any(|s| s.contains("other User ID")),
+        "{:?}",
+        v.stripped
+    );
+    // What a client sees: the revoked User ID is marked revoked, the other one is not.
+    let index = crate::certificate::Certificate::from_binary(&v.packets)
+        .unwrap()
+        .hkp_index_entry(0);
+    assert!(
+        index.contains("uid:alice <alice@example.net>:1735689600::\n"),
+        "{index}"
+    );
+    assert!(
+        index.contains("uid:Alice Old <alice@example.net>:1735689600::r\n"),
+        "{index}"
+    );
+    // Idempotent: the published certificate validates to itself.
+    let again = ok(&armor_public_key(&v.packets));
+    assert_eq!(again.packets, v.packets);
+    assert_eq!(again.revoked_user_ids, v.revoked_user_ids);
+    // Before the revocation (2025-02-01) the first User ID is published and the other dropped.
+    let before = validate(
+        UID2REV_SECOND,
+        &alice(),
+        &KeyPolicy::default(),
+        at(1_738_368_000),
+    )
+    .unwrap();
+    assert_eq!(before.user_id, "Alice Old <alice@example.net>");
+    assert!(before.revoked_user_ids.is_empty());
+    assert_eq!(user_ids(&before.packets), ["Alice Old <alice@example.net>"]);
+    assert!(before.stripped.contains(&"1 other User ID".to_string()));
 }
 
 #[test]

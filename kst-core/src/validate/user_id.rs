@@ -1,5 +1,6 @@
 //! Step 6: the User ID that holds the account's address, its self-certifications and
-//! revocations, and which one is kept.
+//! revocations, which one is published for clients to use, and which revoked ones are kept
+//! beside it.
 
 use pgp::crypto::hash::HashAlgorithm;
 use pgp::packet::{PublicKey, SignatureType, UserId};
@@ -34,6 +35,15 @@ pub(super) struct UidVerdict {
     weak: Option<HashAlgorithm>,
     /// Newest certification that verifies but is dated in the future.
     future: Option<u32>,
+}
+
+impl UidVerdict {
+    /// Revoked by its own signatures: a valid revocation no older than its newest valid
+    /// certification (or it has no valid certification at all).
+    fn is_revoked(&self) -> bool {
+        self.revoked_at
+            .is_some_and(|r| self.newest.is_none_or(|(created, _, _)| r >= created))
+    }
 }
 
 fn judge_uid(
@@ -115,9 +125,23 @@ pub(super) struct Candidates<'a> {
     pub(super) other_addresses: &'a [Address],
 }
 
+/// The User IDs of the account that are published.
+pub(super) struct Chosen {
+    /// Index in [`Candidates::uids`] of the User ID clients should use.
+    pub(super) index: usize,
+    /// Its verdict.
+    pub(super) verdict: UidVerdict,
+    /// The account's other User IDs that are revoked, each as (index in [`Candidates::uids`],
+    /// indexes of its kept signatures: its revocations and newest valid certification), in
+    /// the order of the block. They are published so that clients which hold such a User ID
+    /// from an earlier copy of the key learn that it is revoked.
+    pub(super) revoked: Vec<(usize, Vec<usize>)>,
+}
+
 /// Picks the matching User ID to publish: among those with a valid self-certification not
 /// revoked since (unless the key itself is `revoked`), the one flagged primary, else the newest.
-/// Returns its index in `found.uids` and its verdict. `has_direct` says whether a valid
+/// The account's other User IDs that are revoked are kept too, with their revocations (see
+/// [`Chosen::revoked`]); its other live ones are dropped. `has_direct` says whether a valid
 /// direct-key signature or key revocation was kept (to word the refusal).
 pub(super) fn choose(
     checker: &mut Checker<'_>,
@@ -127,7 +151,7 @@ pub(super) fn choose(
     revoked: bool,
     has_direct: bool,
     dropped: &mut Dropped,
-) -> Result<(usize, UidVerdict), KeyRejection> {
+) -> Result<Chosen, KeyRejection> {
     if found.uids.is_empty() {
         return Err(KeyRejection::NoMatchingUserId {
             account: account.clone(),
@@ -139,10 +163,7 @@ pub(super) fn choose(
         .iter()
         .map(|u| judge_uid(checker, primary, u, dropped))
         .collect();
-    let usable = |v: &UidVerdict| match v.newest {
-        Some((created, _, _)) => revoked || v.revoked_at.is_none_or(|r| r < created),
-        None => false,
-    };
+    let usable = |v: &UidVerdict| v.newest.is_some() && (revoked || !v.is_revoked());
     let chosen = verdicts
         .iter()
         .enumerate()
@@ -184,6 +205,16 @@ pub(super) fn choose(
             account: account.clone(),
         });
     };
-    dropped.other_uids += found.uids.len() - 1;
-    Ok((chosen, verdicts.swap_remove(chosen)))
+    let revoked_uids: Vec<(usize, Vec<usize>)> = verdicts
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, v)| *i != chosen && v.is_revoked())
+        .map(|(i, v)| (i, std::mem::take(&mut v.keep)))
+        .collect();
+    dropped.other_uids += found.uids.len() - 1 - revoked_uids.len();
+    Ok(Chosen {
+        index: chosen,
+        verdict: verdicts.swap_remove(chosen),
+        revoked: revoked_uids,
+    })
 }
