@@ -1,8 +1,9 @@
 //! What is kept: the published certificate, re-serialized in order, with each kept signature's
-//! unhashed area cleaned.
+//! unhashed area cleaned, every packet with a definite length ([`write_fixed`]).
 
-use pgp::packet::{PacketTrait, Signature, SubpacketData};
-use pgp::types::{Fingerprint, KeyDetails, KeyId};
+use pgp::packet::{PacketHeader, PacketTrait, Signature, SubpacketData};
+use pgp::ser::Serialize as _;
+use pgp::types::{Fingerprint, KeyDetails, KeyId, PacketLength};
 
 use super::KeyRejection;
 use super::packets::Collected;
@@ -28,31 +29,49 @@ pub(super) fn assemble(c: &mut Collected, kept: Kept) -> Result<Vec<u8>, KeyReje
     let ser = |r: pgp::errors::Result<()>| {
         r.map_err(|e| KeyRejection::Malformed(format!("re-serializing: {e}")))
     };
-    ser(c.primary.to_writer_with_header(&mut out))?;
+    ser(write_fixed(&c.primary, &mut out))?;
     for i in kept.direct {
         let sig = &mut c.direct[i];
         dropped.unhashed_subpackets += clean(sig);
-        ser(sig.to_writer_with_header(&mut out))?;
+        ser(write_fixed(sig, &mut out))?;
     }
     for (ui, keep) in kept.uids {
         let uid = &mut c.uids[ui];
-        ser(uid.packet.to_writer_with_header(&mut out))?;
+        ser(write_fixed(&uid.packet, &mut out))?;
         for i in keep {
             let sig = &mut uid.sigs[i];
             dropped.unhashed_subpackets += clean(sig);
-            ser(sig.to_writer_with_header(&mut out))?;
+            ser(write_fixed(sig, &mut out))?;
         }
     }
     for (si, keep) in kept.subkeys {
         let sub = &mut c.subkeys[si];
-        ser(sub.packet.to_writer_with_header(&mut out))?;
+        ser(write_fixed(&sub.packet, &mut out))?;
         for i in keep {
             let sig = &mut sub.sigs[i];
             dropped.unhashed_subpackets += clean(sig);
-            ser(sig.to_writer_with_header(&mut out))?;
+            ser(write_fixed(sig, &mut out))?;
         }
     }
     Ok(out)
+}
+
+/// Writes `packet` with its header and a definite length, in the header format it was read
+/// with (old or new). rPGP's `to_writer_with_header` keeps an old-format indeterminate length
+/// (length type 3: the packet runs to the end of the input) as it was read; such a packet is
+/// only readable last, and the kept packets are written in another order than they came (the
+/// User ID before the subkeys), so a stored key could swallow the packets after it and no
+/// longer parse. The body is the same: only its framing changes.
+fn write_fixed<P: PacketTrait>(packet: &P, out: &mut Vec<u8>) -> pgp::errors::Result<()> {
+    let read_with = packet.packet_header();
+    let len = u32::try_from(packet.write_len())?;
+    PacketHeader::from_parts(
+        read_with.version(),
+        read_with.tag(),
+        PacketLength::Fixed(len),
+    )?
+    .to_writer(out)?;
+    packet.to_writer(out)
 }
 
 /// Drops unhashed subpackets other than one Issuer and one Issuer Fingerprint naming the

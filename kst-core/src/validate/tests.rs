@@ -1265,3 +1265,96 @@ fn a_renewal_signed_with_the_clock_ahead_is_named_in_the_refusal_or_the_confirma
         v.stripped
     );
 }
+
+/// A packet framed with an old-format indeterminate length (length type 3) runs to the end of
+/// its input, so only the last packet can be framed so. A key whose User ID comes after its
+/// subkey, with the User ID's self-signature last and framed so, is readable as sent; the
+/// policy writes the kept packets in its own order (User ID before subkeys), and before the
+/// fix it kept that signature's framing: the stored key's signature swallowed the subkey
+/// after it, and the key no longer parsed (red-team round 4). Built from alice's gpg-made
+/// packets; what is stored must be the same packets as for alice's key sent the usual way,
+/// each with a definite length, readable by rPGP and by gpg.
+#[test]
+fn reframed_packets_are_stored_as_readable_fixed_length_packets() {
+    use crate::certificate::Certificate;
+    use crate::openpgp::packet_bodies;
+
+    let bytes = binary(ALICE);
+    let sent = packet_bodies(&bytes).unwrap();
+    // Components: a key, User ID or subkey packet with the signatures after it.
+    let mut components: Vec<Vec<(u8, &[u8])>> = Vec::new();
+    for &(tag, body) in &sent {
+        match tag {
+            2 => components.last_mut().unwrap().push((tag, body)),
+            _ => components.push(vec![(tag, body)]),
+        }
+    }
+    // The primary key, its subkeys, the other User IDs and the User Attribute, then the kept
+    // User ID: old-format two-octet lengths (new-format for the User Attribute, whose tag the
+    // old format cannot hold), the last packet (the kept User ID's self-signature) with an
+    // indeterminate one.
+    let kept_uid = |c: &&Vec<(u8, &[u8])>| c[0] == (13, &b"alice <alice@example.net>"[..]);
+    let rest = &components[1..];
+    let subkeys: Vec<_> = rest.iter().filter(|c| c[0].0 == 14).collect();
+    let others: Vec<_> = rest
+        .iter()
+        .filter(|c| c[0].0 != 14 && !kept_uid(c))
+        .collect();
+    let kept: Vec<_> = rest.iter().filter(kept_uid).collect();
+    assert!(!subkeys.is_empty() && kept.len() == 1);
+    let reordered: Vec<(u8, &[u8])> = std::iter::once(&components[0])
+        .chain(subkeys)
+        .chain(others)
+        .chain(kept)
+        .flatten()
+        .copied()
+        .collect();
+    let mut odd = Vec::new();
+    for (i, &(tag, body)) in reordered.iter().enumerate() {
+        if i + 1 == reordered.len() {
+            assert_eq!(tag, 2, "a signature is last");
+            odd.push(0x80 | (tag << 2) | 3);
+        } else if tag < 16 {
+            odd.push(0x80 | (tag << 2) | 1);
+            odd.extend_from_slice(&u16::try_from(body.len()).unwrap().to_be_bytes());
+        } else {
+            odd.extend_from_slice(&[0xc0 | tag, 255]);
+            odd.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+        }
+        odd.extend_from_slice(body);
+    }
+    assert_eq!(
+        packets(&odd).len(),
+        sent.len(),
+        "the odd framing reads as the same packets"
+    );
+
+    let stored = ok(&armor_public_key(&odd)).packets;
+    let usual = ok(ALICE).packets;
+    assert_eq!(
+        packet_bodies(&stored).expect("every stored packet has a definite length"),
+        packet_bodies(&usual).unwrap(),
+        "the same packets, in the same order, as alice's key sent the usual way"
+    );
+    let cert = Certificate::from_binary(&stored).expect("rPGP reads the stored key");
+    assert_eq!(cert.fingerprint(), ALICE_FPR);
+    assert_eq!(cert.handles().subkeys.len(), subkeys_count(&usual));
+    let listing = gpg_import_and_list(&armor_public_key(&stored));
+    let kinds: Vec<&str> = listing
+        .lines()
+        .map(|l| l.split(':').next().unwrap())
+        .filter(|k| *k != "tru")
+        .collect();
+    assert_eq!(
+        kinds,
+        ["pub", "fpr", "uid", "sig", "sub", "fpr", "sig"],
+        "gpg reads the stored key whole: {listing}"
+    );
+}
+
+fn subkeys_count(bytes: &[u8]) -> usize {
+    tags(bytes)
+        .iter()
+        .filter(|t| **t == Tag::PublicSubkey)
+        .count()
+}
