@@ -1091,72 +1091,151 @@ async fn dns_published(s: &Settings, domain: &str) -> Result<Option<Published>, 
 /// The domain's keys from the `kst-log` file of its WKD policy directory (the same record as
 /// the `_kst-log` TXT record), `Ok(None)` when it has none (404). With `log_url`, at
 /// `<log_url>/.well-known/openpgpkey/<domain>/kst-log` (the directory's own listener);
-/// else WKD's two places: the advanced host `openpgpkey.<domain>`, and the direct one,
-/// `<domain>`, only when the advanced host cannot be reached. A failure to reach any is
-/// temporary (exit 75); an unreadable file is exit 69.
+/// else at WKD's advanced host `https://openpgpkey.<domain>`, or at the direct one,
+/// `https://<domain>`, only when the advanced host has no address (`Dns::has_address`:
+/// WKD's rule). Any failure at the advanced host is its answer, never a reason to ask the
+/// direct one (which may be a web host or CDN the domain does not run itself): not
+/// reachable, a TLS failure, a 429 or 5xx is temporary (exit 75), an unreadable file exit
+/// 69; a forged (bogus) DNS answer about the advanced host is exit 5.
 async fn wkd_keys(
     s: &Settings,
     domain: &str,
     log_url: Option<&str>,
 ) -> Result<Option<Published>, Outcome> {
-    let file = kst_core::wkd::LOG_KEYS_FILE;
-    let advanced = format!("{}/{domain}/{file}", kst_core::wkd::WELL_KNOWN);
-    let places = match log_url {
-        Some(base) => vec![(base.trim_end_matches('/').to_string(), advanced)],
-        None => vec![
-            (format!("https://openpgpkey.{domain}"), advanced),
-            (
-                format!("https://{domain}"),
-                format!("{}/{file}", kst_core::wkd::WELL_KNOWN),
+    if let Some(base) = log_url {
+        let path = WkdPlaces::of(domain).advanced.1;
+        return wkd_file(base.trim_end_matches('/'), &path, s.ca_file()).await;
+    }
+    let places = WkdPlaces::of(domain);
+    let exists = s.dns()?.has_address(&places.advanced_host).await;
+    wkd_choose(&places, exists, s.ca_file()).await
+}
+
+/// Where WKD's two methods keep a domain's `kst-log` file: (base URL, path) each.
+struct WkdPlaces {
+    /// `openpgpkey.<domain>`: the direct method is for a domain without it.
+    advanced_host: String,
+    advanced: (String, String),
+    direct: (String, String),
+}
+
+impl WkdPlaces {
+    fn of(domain: &str) -> WkdPlaces {
+        let (file, well_known) = (kst_core::wkd::LOG_KEYS_FILE, kst_core::wkd::WELL_KNOWN);
+        let advanced_host = format!("openpgpkey.{domain}");
+        WkdPlaces {
+            advanced: (
+                format!("https://{advanced_host}"),
+                format!("{well_known}/{domain}/{file}"),
             ),
-        ],
-    };
-    let mut failed = Vec::new();
-    for (base, path) in places {
-        let fetched =
-            tokio::time::timeout(FETCH_TIMEOUT, get(&base, &path, s.ca_file(), MAX_WKD_FILE)).await;
-        let text = match fetched {
-            Ok(Ok(text)) => text,
-            Ok(Err(e)) if e.contains(" answered 404 ") => return Ok(None),
-            Ok(Err(e)) => {
-                failed.push(e);
-                continue;
-            }
-            Err(_) => {
-                failed.push(format!("{base} did not answer in time"));
-                continue;
-            }
-        };
-        let place = format!("{base}{path}");
-        let line = text.trim();
-        return match parse_log_record(line).filter(|_| !line.contains('\n')) {
-            Some((head, vrf)) => Ok(Some(Published {
-                head,
-                vrf,
-                from: if base.starts_with("https://") {
-                    source::WKD_HTTPS
-                } else {
-                    source::WKD_HTTP
-                },
-                place,
-            })),
-            None => Err(Outcome::error(
+            direct: (format!("https://{domain}"), format!("{well_known}/{file}")),
+            advanced_host,
+        }
+    }
+}
+
+/// [`wkd_keys`]' choice once DNS said whether the advanced host has an address (`exists`,
+/// `Dns::has_address`): that host's answer when it has, the direct host's only when it has
+/// not; a forged DNS answer is exit 5, a failed look-up exit 75 (neither is a reason to ask
+/// the direct host).
+async fn wkd_choose(
+    places: &WkdPlaces,
+    exists: Result<bool, DnsError>,
+    ca_file: Option<&Path>,
+) -> Result<Option<Published>, Outcome> {
+    let host = &places.advanced_host;
+    match exists {
+        Ok(true) => wkd_file(&places.advanced.0, &places.advanced.1, ca_file).await,
+        Ok(false) => wkd_file(&places.direct.0, &places.direct.1, ca_file).await,
+        Err(e @ DnsError::Bogus(_)) => Err(Outcome::error(
+            exit::ATTACK,
+            format!("possible attack: the WKD host {host}: {e}"),
+        )),
+        Err(e) => Err(Outcome::error(
+            exit::TEMPFAIL,
+            format!(
+                "the WKD policy directory cannot be found now (whether {host} exists: {e}); try \
+                 again later"
+            ),
+        )),
+    }
+}
+
+/// The `kst-log` file at `base` + `path` ([`wkd_keys`]): `Ok(None)` for a 404; a file that
+/// is not one record line, larger than [`MAX_WKD_FILE`] or not UTF-8 is exit 69; no answer,
+/// a TLS failure or another status is temporary (exit 75).
+async fn wkd_file(
+    base: &str,
+    path: &str,
+    ca_file: Option<&Path>,
+) -> Result<Option<Published>, Outcome> {
+    let place = format!("{base}{path}");
+    let fetched = tokio::time::timeout(
+        FETCH_TIMEOUT,
+        fetch(base, hyper::Method::GET, path, None, ca_file, MAX_WKD_FILE),
+    )
+    .await;
+    let text = match fetched {
+        Ok(Ok((status, text))) if status == hyper::StatusCode::OK => text,
+        Ok(Ok((status, _))) if status == hyper::StatusCode::NOT_FOUND => return Ok(None),
+        Ok(Ok((status, text))) => {
+            return Err(Outcome::error(
+                exit::TEMPFAIL,
+                format!(
+                    "the WKD policy directory {place} answered {status}: {}; try again later",
+                    text.lines()
+                        .next()
+                        .unwrap_or("")
+                        .chars()
+                        .take(200)
+                        .collect::<String>()
+                ),
+            ));
+        }
+        // What `fetch` says of a body it could not take (over the limit, not UTF-8).
+        Ok(Err(e)) if e.contains("length limit exceeded") || e.ends_with("not UTF-8") => {
+            return Err(Outcome::error(
                 exit::UNAVAILABLE,
                 format!(
-                    "{place}: unreadable key directory record {:?} (want one line v=kstlog1; \
-                     head=<64 hex>; vrf=<64 hex>)",
-                    line.chars().take(200).collect::<String>()
+                    "{place}: unreadable key directory record ({e}; want one line of at most \
+                     {MAX_WKD_FILE} bytes)"
                 ),
-            )),
-        };
+            ));
+        }
+        Ok(Err(e)) => {
+            return Err(Outcome::error(
+                exit::TEMPFAIL,
+                format!("the WKD policy directory {place} cannot be read now: {e}"),
+            ));
+        }
+        Err(_) => {
+            return Err(Outcome::error(
+                exit::TEMPFAIL,
+                format!("the WKD policy directory {place} did not answer in time"),
+            ));
+        }
+    };
+    let line = text.trim();
+    match parse_log_record(line).filter(|_| !line.contains('\n')) {
+        Some((head, vrf)) => Ok(Some(Published {
+            head,
+            vrf,
+            from: if base.starts_with("https://") {
+                source::WKD_HTTPS
+            } else {
+                source::WKD_HTTP
+            },
+            place,
+        })),
+        None => Err(Outcome::error(
+            exit::UNAVAILABLE,
+            format!(
+                "{place}: unreadable key directory record {:?} (want one line v=kstlog1; \
+                 head=<64 hex>; vrf=<64 hex>)",
+                line.chars().take(200).collect::<String>()
+            ),
+        )),
     }
-    Err(Outcome::error(
-        exit::TEMPFAIL,
-        format!(
-            "the WKD policy directory of {domain} cannot be read now: {}",
-            failed.join("; ")
-        ),
-    ))
 }
 
 /// The keys the domain publishes: its `_kst-log` TXT record, else (DNS has none, or cannot
@@ -1709,6 +1788,133 @@ mod tests {
         ] {
             assert_eq!(parse_log_record(&bad), None, "{bad}");
         }
+    }
+
+    /// A local HTTP server answering every request with `status` and `body`; its base URL
+    /// and the number of requests it had.
+    async fn http_server(
+        status: &'static str,
+        body: String,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = std::sync::Arc::clone(&hits);
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(response.as_bytes()).await;
+            }
+        });
+        (base, hits)
+    }
+
+    /// Red team round 3 (issue 18): the direct WKD host was asked whenever the advanced one
+    /// failed (a 500, a 429, a file over 1024 bytes, a TLS failure), so whoever answers at
+    /// `https://<domain>` (a web host, a CDN) decided the first pin whenever the advanced
+    /// host could be made to fail. Now the direct host is asked only when the advanced host
+    /// has no address (`Dns::has_address`); any answered failure is the advanced host's
+    /// (exit 75, or 69 for an unreadable file), a forged DNS answer exit 5, a failed DNS
+    /// look-up exit 75, and the direct host is never asked for them. Both hosts are local
+    /// HTTP servers here (the real `fetch`); DNS's verdict is given.
+    #[tokio::test]
+    async fn rt18_the_direct_wkd_host_is_asked_only_when_the_advanced_one_does_not_exist() {
+        let (h, v) = ("ab".repeat(32), "cd".repeat(32));
+        let record = format!("v=kstlog1; head={h}; vrf={v}\n");
+        let (direct, direct_hits) = http_server("200 OK", record.clone()).await;
+        let places = |advanced: &str| WkdPlaces {
+            advanced_host: "openpgpkey.example.net".into(),
+            advanced: (
+                advanced.to_string(),
+                "/.well-known/openpgpkey/example.net/kst-log".into(),
+            ),
+            direct: (direct.clone(), "/.well-known/openpgpkey/kst-log".into()),
+        };
+        let code = |r: &Result<Option<Published>, Outcome>| match r {
+            Ok(Some(p)) => format!("keys from {}", p.place),
+            Ok(None) => "none".into(),
+            Err(o) => format!("exit {}", o.exit_code()),
+        };
+        for (status, body, want) in [
+            (
+                "500 Internal Server Error",
+                "busy".to_string(),
+                exit::TEMPFAIL,
+            ),
+            (
+                "429 Too Many Requests",
+                "slow down".to_string(),
+                exit::TEMPFAIL,
+            ),
+            ("200 OK", "x".repeat(MAX_WKD_FILE + 1), exit::UNAVAILABLE),
+            (
+                "200 OK",
+                "v=kstlog1; garbage".to_string(),
+                exit::UNAVAILABLE,
+            ),
+        ] {
+            let (advanced, hits) = http_server(status, body).await;
+            let r = wkd_choose(&places(&advanced), Ok(true), None).await;
+            assert_eq!(
+                code(&r),
+                format!("exit {want}"),
+                "advanced answers {status}"
+            );
+            assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        }
+        // An advanced host that exists but cannot be reached (a TLS failure is the same).
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let unreachable = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let r = wkd_choose(&places(&unreachable), Ok(true), None).await;
+        assert_eq!(code(&r), format!("exit {}", exit::TEMPFAIL));
+        // DNS could not say, or said it forged: never the direct host.
+        let r = wkd_choose(
+            &places(&unreachable),
+            Err(DnsError::Failed("SERVFAIL".into())),
+            None,
+        )
+        .await;
+        assert_eq!(code(&r), format!("exit {}", exit::TEMPFAIL));
+        let r = wkd_choose(
+            &places(&unreachable),
+            Err(DnsError::Bogus("forged".into())),
+            None,
+        )
+        .await;
+        assert_eq!(code(&r), format!("exit {}", exit::ATTACK));
+        assert_eq!(
+            direct_hits.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "the direct host was never asked"
+        );
+        // The advanced host's own 404: the domain has no file (no fallback either).
+        let (advanced, _) = http_server("404 Not Found", "no".into()).await;
+        let r = wkd_choose(&places(&advanced), Ok(true), None).await;
+        assert_eq!(code(&r), "none");
+        // The advanced host has no address: the direct method.
+        let (advanced, advanced_hits) = http_server("200 OK", record).await;
+        let r = wkd_choose(&places(&advanced), Ok(false), None).await;
+        assert_eq!(
+            code(&r),
+            format!("keys from {direct}/.well-known/openpgpkey/kst-log")
+        );
+        assert_eq!(advanced_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(direct_hits.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     /// Red team round 3 (issue 18): a `too-far` answer is a new start only when nothing the
