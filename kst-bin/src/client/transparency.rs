@@ -1238,6 +1238,56 @@ async fn wkd_file(
     }
 }
 
+/// Red team round 3 (issue 18): keys `p` from a `_kst-log` record of a zone that is not
+/// DNSSEC-signed are whatever the DNS path says; before they are pinned for the first time
+/// they are compared with the domain's WKD policy directory ([`wkd_keys`], over HTTPS): other
+/// keys there are an attack (exit 5, the evidence kept, nothing pinned); no file there (404)
+/// leaves the DNS keys as they are; a policy directory that cannot be read now is exit 75
+/// (the DNS path's attacker could otherwise hide it), exit 69 when its file is unreadable.
+/// Keys from a DNSSEC-signed zone, or from the policy directory itself, pass unchanged.
+async fn confirm_first_pin(
+    s: &Settings,
+    log_url: Option<&str>,
+    memory: &LogMemory,
+    held: &Held,
+    p: Published,
+) -> Result<Published, Outcome> {
+    if p.from != source::DNS_INSECURE {
+        return Ok(p);
+    }
+    let domain = &held.domain;
+    let wkd = wkd_keys(s, domain, log_url).await.map_err(|o| match o {
+        Outcome::Error { error, exit: code } if code != exit::ATTACK => Outcome::error(
+            code,
+            format!(
+                "the key directory keys of {domain} come from DNS without DNSSEC, and the \
+                 client compares them with the WKD policy directory before it pins them: \
+                 {error}; or pin them yourself: kst client log-pin {domain} --log-key HEX"
+            ),
+        ),
+        other => other,
+    })?;
+    match wkd {
+        Some(w) if (w.head, w.vrf) != (p.head, p.vrf) => {
+            let message = format!(
+                "possible attack: the key directory keys of {domain} in {} (head {}, vrf {}; a \
+                 zone without DNSSEC) are not those of {} (head {}, vrf {}); nothing pinned. \
+                 If {domain} really publishes these, pin the right ones yourself: kst client \
+                 log-pin {domain} --log-key HEX",
+                p.place,
+                hex::encode(p.head),
+                hex::encode(p.vrf),
+                w.place,
+                hex::encode(w.head),
+                hex::encode(w.vrf)
+            );
+            let e = memory.attack(held, message, "the two published records above");
+            Err(Outcome::error(exit::ATTACK, e.to_string()))
+        }
+        _ => Ok(p),
+    }
+}
+
 /// The keys the domain publishes: its `_kst-log` TXT record, else (DNS has none, or cannot
 /// answer now and `fallback_on_dns_failure`) the `kst-log` file of its WKD policy
 /// directory ([`wkd_keys`]).
@@ -1309,6 +1359,7 @@ async fn head_key(
         pinned,
     ) {
         (Ok(Some(p)), None) => {
+            let p = confirm_first_pin(s, log_url, memory, held, p).await?;
             pin(held, p.head, Some(p.vrf), p.from);
             memory
                 .save(held)
@@ -1424,7 +1475,10 @@ async fn pin_command(
     let (head, vrf, from) = match (parse("--log-key", log_key), parse("--vrf-key", vrf_key)) {
         (Ok(Some(h)), Ok(v)) => (h, v, source::FLAG),
         (Ok(None), Ok(None)) => match published_keys(s, &domain, log_url, true).await {
-            Ok(Some(p)) => (p.head, Some(p.vrf), p.from),
+            Ok(Some(p)) => {
+                let p = confirm_first_pin(s, log_url, &memory, &held, p).await?;
+                (p.head, Some(p.vrf), p.from)
+            }
             Ok(None) => {
                 return Err(Outcome::error(
                     exit::UNAVAILABLE,
