@@ -2395,6 +2395,111 @@ fn the_head_key_is_found_in_the_wkd_policy_directory_and_pinned() {
     assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
 }
 
+/// A policy-directory stand-in: a local HTTP server (a thread of its own, for the test's
+/// life) answering every request with `status` and `body`; its base URL.
+fn policy_server(status: &'static str, body: String) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    base
+}
+
+/// Red team round 3 (issue 18), "DNS and the policy directory are never compared": the
+/// client pinned the keys of a `_kst-log` record from a zone without DNSSEC on first use,
+/// whatever the domain's WKD policy directory (over HTTPS) said, so a record forged on the
+/// DNS path won the first pin. Through the signed test DNS (`insecure.net` is provably
+/// unsigned; run under `flock -o /work/team/dns.lock`, needs root for BIND), `kst client
+/// log-pin insecure.net` now reads the policy directory too: other keys there are exit 5 and
+/// nothing is pinned (before: exit 0, the DNS keys pinned); the same keys, or no file there
+/// (404), pin the DNS keys as before; a policy directory that cannot be read is exit 75,
+/// nothing pinned.
+#[test]
+fn rt18_a_first_pin_from_unsigned_dns_is_compared_with_the_policy_directory() {
+    let bin = kst_binary();
+    let dir = tempfile::tempdir().unwrap();
+    let (head, vrf) = ("ab".repeat(32), "cd".repeat(32));
+    let record = format!("v=kstlog1; head={head}; vrf={vrf}");
+    let extra = dir.path().join("dns-extra");
+    std::fs::create_dir_all(&extra).unwrap();
+    std::fs::write(
+        extra.join("insecure.net"),
+        format!("_kst-log.insecure.net. IN TXT \"{record}\"\n"),
+    )
+    .unwrap();
+    test_dns_up(&extra, "");
+    let (main, _, anchor) = test_dns();
+    std::fs::write(dir.path().join("no-client.toml"), "").unwrap();
+    let log_pin = |state: &str, url: &str| {
+        let mut cmd = Command::new(&bin);
+        cmd.args(["client", "--account", "bob@insecure.net", "--json"])
+            .arg("--state-file")
+            .arg(dir.path().join(format!("state-{state}/pending.json")))
+            .arg("--client-config")
+            .arg(dir.path().join("no-client.toml"))
+            .args(["log-pin", "insecure.net", "--log-url", url])
+            .args(["--resolver", &main, "--dns-anchor", &anchor])
+            .env_remove("KST_CLIENT_CONFIG");
+        let (out, v) = run_json(cmd);
+        let memory = std::fs::read(
+            dir.path()
+                .join(format!("state-{state}/transparency/insecure.net.json")),
+        )
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .unwrap_or(Value::Null);
+        (out, v, memory)
+    };
+
+    // The policy directory names other keys: the DNS record is forged (or stale); exit 5.
+    let other = record.replace(&head, &"22".repeat(32));
+    let (out, v, memory) = log_pin("forged", &policy_server("200 OK", format!("{other}\n")));
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("without DNSSEC") && error.contains(&"22".repeat(32)),
+        "{error}"
+    );
+    assert_eq!(memory["head_key"], Value::Null, "nothing pinned: {memory}");
+
+    // The same keys there: pinned from DNS, as before.
+    let (out, v, memory) = log_pin("same", &policy_server("200 OK", format!("{record}\n")));
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(memory["head_key"], head.as_str(), "{memory}");
+    assert_eq!(memory["pinned_from"], "dns (not dnssec-signed)", "{memory}");
+
+    // No file there: nothing to compare, the DNS keys are pinned.
+    let (out, v, memory) = log_pin("none", &policy_server("404 Not Found", "no\n".into()));
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(memory["head_key"], head.as_str(), "{memory}");
+
+    // The policy directory cannot be read: exit 75, nothing pinned.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let (out, v, memory) = log_pin("offline", &nowhere);
+    assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("log-pin insecure.net --log-key"),
+        "{v}"
+    );
+    assert_eq!(memory["head_key"], Value::Null, "nothing pinned: {memory}");
+}
+
 /// Writes `name`: a sendmail-style script that delivers through `kst deliver` like `sendmail`,
 /// then lets the attacker on the reply's path rewrite the reply just spooled: `strip` removes
 /// the key directory's answer, `swap` puts the answer block saved in `captured.block` there,

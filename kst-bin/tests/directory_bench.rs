@@ -188,3 +188,81 @@ async fn the_bench_refuses_a_store_that_holds_the_directory_already() {
     let again = directory::run(store, "memory", &opts).await.unwrap_err();
     assert!(again.to_string().contains("use a fresh one"), "{again:#}");
 }
+
+/// Red team round 3 (issue 18): a `too-far` answer cost the server a walk of up to about
+/// 210 000 tree nodes (the first step counted against the whole answer budget, 4 MiB / 80
+/// bytes per element) before it refused, on every request `?since=E&steps=1`. The first
+/// step is now capped at `FIRST_STEP_MAX_ELEMENTS`: a larger one is refused after at most
+/// `4 * FIRST_STEP_MAX_ELEMENTS + 64` node reads, counted by the step planner
+/// (`DomainLog::step_reads`). Here the step from epoch 1 is larger than the cap but within
+/// the HTTP budget: before the cap it was counted whole and built (no refusal at all).
+#[tokio::test(flavor = "current_thread")]
+async fn rt18_a_too_far_refusal_reads_a_bounded_number_of_nodes() {
+    use kst_core::transparency::answer::{
+        FIRST_STEP_MAX_ELEMENTS, HTTP_STEP_BUDGET, STEP_ELEMENT_BYTES,
+    };
+    use kst_core::transparency::storage::StoredDirectory;
+    use kst_core::transparency::{DirectoryEntry, DomainLog, KeyDirectory, LogKeys};
+
+    let store: Arc<dyn DirectoryStore> = Arc::new(MemoryDirectoryStore::default());
+    let keys = LogKeys::generate(directory::DOMAIN);
+    let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);
+    let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
+        .await
+        .unwrap();
+    // Epoch 1: 10 000 addresses; epoch 2: 10 000 more (a step of about 20 000 elements, more
+    // than the cap); epoch 3: one more (a small step).
+    let batch = |from: u64, to: u64| -> Vec<(kst_core::Address, DirectoryEntry)> {
+        (from..to)
+            .map(|i| {
+                let a = directory::address(i).unwrap();
+                let e = DirectoryEntry::for_record(&directory::record(&a, i, 1).unwrap());
+                (a, e)
+            })
+            .collect()
+    };
+    for (from, to) in [(0, 10_000), (10_000, 20_000), (20_000, 20_001)] {
+        tree.publish(&batch(from, to)).await.unwrap();
+    }
+    assert_eq!(tree.current().await.unwrap().0, 3);
+    let big = tree
+        .audit_step_count(1, usize::MAX / 8)
+        .await
+        .unwrap()
+        .unwrap();
+    eprintln!(
+        "the step from epoch 1: {} elements ({} inserted)",
+        big.elements(),
+        big.inserted
+    );
+    assert!(
+        big.elements() > FIRST_STEP_MAX_ELEMENTS
+            && big.elements() <= HTTP_STEP_BUDGET.bytes / STEP_ELEMENT_BYTES
+            && big.inserted <= HTTP_STEP_BUDGET.changes,
+        "the fixture: a first step over the cap, within the HTTP budget ({big:?})"
+    );
+
+    let log = DomainLog::open(Arc::clone(&store), keys).await.unwrap();
+    let probe = directory::address(20_000).unwrap();
+    let answer = log
+        .answer_stepped(&probe, Some(1), Some(HTTP_STEP_BUDGET), 1_800_000_000)
+        .await
+        .unwrap();
+    let reads = log.step_reads();
+    eprintln!("the too-far refusal read {reads} tree nodes");
+    assert_eq!(answer.too_far, Some(1), "refused unbuilt");
+    assert!(answer.append_only.is_none());
+    assert!(
+        reads <= (4 * FIRST_STEP_MAX_ELEMENTS + 64) as u64,
+        "the refusal read {reads} nodes"
+    );
+    // A small first step is answered as before, its reads counted too.
+    let answer = log
+        .answer_stepped(&probe, Some(2), Some(HTTP_STEP_BUDGET), 1_800_000_000)
+        .await
+        .unwrap();
+    assert_eq!(answer.too_far, None);
+    let proof = answer.append_only.expect("the step from epoch 2");
+    assert!(proof.from == 2 && proof.step.is_none());
+    assert!(log.step_reads() > reads);
+}

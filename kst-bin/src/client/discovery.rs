@@ -448,6 +448,23 @@ impl Dns {
         }
     }
 
+    /// Whether `host` has an address (an A or AAAA record; an IP literal and `localhost` do).
+    /// `Ok(false)` only when both look-ups answer that it has none (the name does not exist,
+    /// or has neither record: proven when the zone is signed); a look-up that fails is an
+    /// error, never `false`. WKD's direct method is used only when the advanced host has no
+    /// address, and a failure an attacker can cause must not look like that.
+    pub async fn has_address(&self, host: &str) -> Result<bool, DnsError> {
+        if host.parse::<IpAddr>().is_ok() || host.eq_ignore_ascii_case("localhost") {
+            return Ok(true);
+        }
+        for rtype in [RecordType::A, RecordType::AAAA] {
+            if let Answer::Records(_) = self.lookup(host, rtype).await?.value {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// The account's submission server from `_submissions._tcp` (implicit TLS, RFC 8314) or
     /// `_submission._tcp` (STARTTLS, RFC 6186).
     pub async fn submission(&self, domain: &str) -> Result<Option<Endpoint>, DnsError> {

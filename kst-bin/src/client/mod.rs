@@ -259,9 +259,11 @@ pub enum ClientCommand {
         #[arg(long, value_name = "HEX", requires = "log_key")]
         vrf_key: Option<String>,
         /// Where the domain's key directory is served: without --log-key and without a DNS
-        /// record, the keys are read from its WKD policy directory
+        /// record (or with one from a zone without DNSSEC, which must match it), the keys
+        /// are read from its WKD policy directory
         /// (`URL/.well-known/openpgpkey/<domain>/kst-log`). [default: the domain's WKD
-        /// hosts, https://openpgpkey.<domain> then https://<domain>]
+        /// host https://openpgpkey.<domain>, or https://<domain> when that name has no
+        /// address]
         #[arg(long, value_name = "URL")]
         log_url: Option<String>,
     },

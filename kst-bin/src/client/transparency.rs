@@ -303,6 +303,7 @@ pub async fn check_reply_answer(
         Ok(h) => h,
         Err(e) => return memory_outcome(e, &attack),
     };
+    let base = log_base(&LogCheckArgs::from_requirements(&required, true), &address);
     let checked = Checked {
         head_key: &head_key,
         address: &address,
@@ -310,6 +311,8 @@ pub async fn check_reply_answer(
         policy: policy.as_ref(),
         asked: asked.as_ref(),
         source: "the reply's key directory answer",
+        log_base: &base,
+        ca_file: s.ca_file(),
     };
     match verify_and_remember(&memory, &mut held, text, &checked).await {
         Ok(Accepted::Remembered) => outcome,
@@ -351,6 +354,12 @@ struct Checked<'a> {
     asked: Option<&'a Head>,
     /// Where the answer came from, for messages ("the reply's", "the key directory's").
     source: &'a str,
+    /// Where the domain's directory is served (`--log-url`, else `https://<domain>`): a
+    /// new start after a `too-far` answer asks it for the remembered epoch's head
+    /// ([`remembered_head_cosigned`]).
+    log_base: &'a str,
+    /// The extra CA file of `--ca-file`, for that request.
+    ca_file: Option<&'a Path>,
 }
 
 /// Why [`verify_and_remember`] refused an answer.
@@ -401,6 +410,8 @@ async fn verify_and_remember(
             text,
         ));
     }
+    // The witnesses that cosigned a head the answer's head extends (with `--witness`).
+    let mut confirmed = Vec::new();
     if let Some(policy) = c.policy {
         let Some(witnessed) = &answer.witnessed else {
             return Err(attack_kept(
@@ -413,15 +424,19 @@ async fn verify_and_remember(
                 text,
             ));
         };
-        if let Err(e) = witnessed.verify(&answer.head, c.head_key, policy).await {
-            return Err(attack_kept(
-                memory,
-                held,
-                format!(
-                    "the key directory's head (epoch {epoch}) is not witnessed as required: {e}"
-                ),
-                text,
-            ));
+        match witnessed.verify(&answer.head, c.head_key, policy).await {
+            Ok(names) => confirmed = names,
+            Err(e) => {
+                return Err(attack_kept(
+                    memory,
+                    held,
+                    format!(
+                        "the key directory's head (epoch {epoch}) is not witnessed as required: \
+                         {e}"
+                    ),
+                    text,
+                ));
+            }
         }
     }
     let remembered = held.memory.remembered_head().map(|h| h.head);
@@ -578,16 +593,22 @@ async fn verify_and_remember(
                 .map_err(|e| Refused::Other(Box::new(Outcome::error(exit::CONFIG, e))))?;
             return Ok(Accepted::Remembered);
         }
-        let names: Vec<&str> = policy.witnesses.iter().map(|(n, _)| n.as_str()).collect();
+        // Nothing in the answer ties the remembered head to the witnessed history: the
+        // witnesses must have cosigned the remembered head themselves (each honest witness
+        // cosigns one linear history, so its later cosigned head extends it).
+        let tied =
+            remembered_head_cosigned(memory, held, old, &answer, text, c, policy, &confirmed)
+                .await?;
         let note = format!(
             "key directory of {}: the remembered head (epoch {}) is too far behind the answer's \
              (epoch {epoch}) for an append-only proof; started again from the answer's head, \
-             which {} of the required witnesses ({}) cosigned or reach by a verified proof: the \
-             history between the two is the witnesses' word, not checked by this client",
+             which {} of the required witnesses ({}) cosigned (or reach by a verified proof) \
+             after cosigning the remembered head themselves: the history between the two is \
+             the witnesses' word, not checked by this client",
             held.domain,
             old.epoch,
             policy.threshold,
-            names.join(", ")
+            tied.join(", ")
         );
         let evidence = memory
             .keep_evidence(
@@ -616,6 +637,152 @@ async fn verify_and_remember(
         .and_then(|_| memory.save(held))
         .map(|()| Accepted::Remembered)
         .map_err(refused)
+}
+
+/// Red team round 3 (issue 18): before a new start after a `too-far` answer, the head the
+/// client remembers (`old`, epoch E) must be one the required witnesses cosigned, so that
+/// the answer's witnessed head is tied to it: `GET <log_base>/.well-known/kst/log/<domain>/head/<E>`
+/// must return a head signed with the head key whose root is the remembered one (another
+/// root for E is a fork: an attack, exit 5, the evidence kept), cosigned by at least
+/// `policy.threshold` of the required witnesses that also cosigned the answer's history at
+/// epoch E or later (`confirmed`, from [`Witnessed::verify`]). Too few is exit 69 (the
+/// client cannot tie its memory to the witnessed history: the user re-pins with `kst client
+/// log-pin`); a server that cannot be asked now is exit 75. The age limit of
+/// `--witness-max-age` does not apply to these cosignatures (the remembered head is old by
+/// nature). Returns the names of the witnesses that tie the two.
+///
+/// [`Witnessed::verify`]: kst_core::transparency::witness::Witnessed::verify
+#[allow(clippy::too_many_arguments)]
+async fn remembered_head_cosigned(
+    memory: &LogMemory,
+    held: &Held,
+    old: &Head,
+    answer: &LogAnswer,
+    text: &str,
+    c: &Checked<'_>,
+    policy: &WitnessPolicy,
+    confirmed: &[String],
+) -> Result<Vec<String>, Refused> {
+    let domain = &held.domain;
+    let epoch = old.epoch;
+    let path = format!("/.well-known/kst/log/{domain}/head/{epoch}");
+    let url = format!("{}{path}", c.log_base);
+    let re_pin = format!(
+        "the client does not start again from a head it cannot tie to the remembered one; if \
+         you trust the keys {domain} publishes, kst client log-pin {domain} starts afresh \
+         (forgetting the remembered head)"
+    );
+    let unavailable = |why: String| {
+        Refused::Other(Box::new(Outcome::error(
+            exit::UNAVAILABLE,
+            format!(
+                "key directory of {domain}: the remembered head (epoch {epoch}) is too far \
+                 behind the answer's (epoch {}) for an append-only proof, and {why}; {re_pin}",
+                answer.head.head.epoch
+            ),
+        )))
+    };
+    let fetched = match fetch_or_missing(c.log_base, &path, c.ca_file, MAX_HEAD_TEXT).await {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            return Err(unavailable(format!(
+                "{url} has no head for that epoch (404)"
+            )));
+        }
+        Err(Outcome::Error { error, exit: code }) if code == exit::TEMPFAIL => {
+            return Err(Refused::Other(Box::new(Outcome::error(
+                exit::TEMPFAIL,
+                format!(
+                    "key directory of {domain}: the remembered head (epoch {epoch}) is too far \
+                     behind for an append-only proof, and its cosigned head cannot be read now \
+                     to start again ({error}); try again later"
+                ),
+            ))));
+        }
+        Err(o) => return Err(Refused::Other(Box::new(o))),
+    };
+    let (head, cosignatures) = parse_head_with_cosignatures(&fetched)
+        .map_err(|e| unavailable(format!("{url} is unreadable ({e})")))?;
+    let seen = format!("-- the answer --\n{text}\n-- {url} --\n{fetched}");
+    if let Err(e) = head.verify(c.head_key) {
+        return Err(attack_kept(
+            memory,
+            held,
+            format!("{url}: {e} (not a head of the pinned directory)"),
+            &seen,
+        ));
+    }
+    if head.head.domain != *domain
+        || head.head.epoch != epoch
+        || head.head.vrf_public_key != old.vrf_public_key
+    {
+        return Err(attack_kept(
+            memory,
+            held,
+            format!(
+                "{url} answered the head of {} epoch {} (VRF key {}), not the remembered \
+                 directory's head of epoch {epoch}",
+                head.head.domain,
+                head.head.epoch,
+                hex::encode(head.head.vrf_public_key)
+            ),
+            &seen,
+        ));
+    }
+    if head.head.root_hash != old.root_hash {
+        return Err(attack_kept(
+            memory,
+            held,
+            format!(
+                "possible fork of the key directory of {domain}: the remembered head of epoch \
+                 {epoch} has the root {}, the head {url} serves for that epoch (both signed \
+                 with the head key) has the root {}",
+                hex::encode(old.root_hash),
+                hex::encode(head.head.root_hash)
+            ),
+            &seen,
+        ));
+    }
+    // The witnesses that cosigned both the remembered head and (at E or later) the answer's
+    // history; a witness listed twice counts once.
+    let cosigned_in_answer = |key: &[u8; 32]| {
+        answer.witnessed.as_ref().is_some_and(|w| {
+            w.cosignatures
+                .iter()
+                .any(|(e, c)| &c.witness == key && *e >= epoch)
+        })
+    };
+    let mut tied: Vec<String> = Vec::new();
+    let mut tied_keys: Vec<&[u8; 32]> = Vec::new();
+    let mut problems = Vec::new();
+    for (name, key) in &policy.witnesses {
+        if tied_keys.contains(&key) {
+            continue;
+        }
+        if !confirmed.contains(name) || !cosigned_in_answer(key) {
+            problems.push(format!("{name} did not cosign the answer's history"));
+            continue;
+        }
+        match cosignatures.iter().find(|c| &c.witness == key) {
+            None => problems.push(format!("{name} did not cosign it")),
+            Some(cs) => match cs.verify(&head) {
+                Ok(()) => {
+                    tied.push(name.clone());
+                    tied_keys.push(key);
+                }
+                Err(e) => problems.push(format!("{name}: {e}")),
+            },
+        }
+    }
+    if tied.len() < policy.threshold.max(1) {
+        return Err(unavailable(format!(
+            "{} of the required {} witness(es) cosigned that remembered head ({})",
+            tied.len(),
+            policy.threshold.max(1),
+            problems.join("; ")
+        )));
+    }
+    Ok(tied)
 }
 
 /// A failed check of the memory as [`verify_and_remember`] reports it.
@@ -703,6 +870,8 @@ pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome) -> Outco
         policy: policy.as_ref(),
         asked: None,
         source: &source,
+        log_base: &base,
+        ca_file: s.ca_file(),
     };
     // A client far behind catches up in steps (`steps=1`): each answer carries the proof
     // from the remembered head, or its first steps within the server's budget; each step is
@@ -922,72 +1091,201 @@ async fn dns_published(s: &Settings, domain: &str) -> Result<Option<Published>, 
 /// The domain's keys from the `kst-log` file of its WKD policy directory (the same record as
 /// the `_kst-log` TXT record), `Ok(None)` when it has none (404). With `log_url`, at
 /// `<log_url>/.well-known/openpgpkey/<domain>/kst-log` (the directory's own listener);
-/// else WKD's two places: the advanced host `openpgpkey.<domain>`, and the direct one,
-/// `<domain>`, only when the advanced host cannot be reached. A failure to reach any is
-/// temporary (exit 75); an unreadable file is exit 69.
+/// else at WKD's advanced host `https://openpgpkey.<domain>`, or at the direct one,
+/// `https://<domain>`, only when the advanced host has no address (`Dns::has_address`:
+/// WKD's rule). Any failure at the advanced host is its answer, never a reason to ask the
+/// direct one (which may be a web host or CDN the domain does not run itself): not
+/// reachable, a TLS failure, a 429 or 5xx is temporary (exit 75), an unreadable file exit
+/// 69; a forged (bogus) DNS answer about the advanced host is exit 5.
 async fn wkd_keys(
     s: &Settings,
     domain: &str,
     log_url: Option<&str>,
 ) -> Result<Option<Published>, Outcome> {
-    let file = kst_core::wkd::LOG_KEYS_FILE;
-    let advanced = format!("{}/{domain}/{file}", kst_core::wkd::WELL_KNOWN);
-    let places = match log_url {
-        Some(base) => vec![(base.trim_end_matches('/').to_string(), advanced)],
-        None => vec![
-            (format!("https://openpgpkey.{domain}"), advanced),
-            (
-                format!("https://{domain}"),
-                format!("{}/{file}", kst_core::wkd::WELL_KNOWN),
+    if let Some(base) = log_url {
+        let path = WkdPlaces::of(domain).advanced.1;
+        return wkd_file(base.trim_end_matches('/'), &path, s.ca_file()).await;
+    }
+    let places = WkdPlaces::of(domain);
+    let exists = s.dns()?.has_address(&places.advanced_host).await;
+    wkd_choose(&places, exists, s.ca_file()).await
+}
+
+/// Where WKD's two methods keep a domain's `kst-log` file: (base URL, path) each.
+struct WkdPlaces {
+    /// `openpgpkey.<domain>`: the direct method is for a domain without it.
+    advanced_host: String,
+    advanced: (String, String),
+    direct: (String, String),
+}
+
+impl WkdPlaces {
+    fn of(domain: &str) -> WkdPlaces {
+        let (file, well_known) = (kst_core::wkd::LOG_KEYS_FILE, kst_core::wkd::WELL_KNOWN);
+        let advanced_host = format!("openpgpkey.{domain}");
+        WkdPlaces {
+            advanced: (
+                format!("https://{advanced_host}"),
+                format!("{well_known}/{domain}/{file}"),
             ),
-        ],
-    };
-    let mut failed = Vec::new();
-    for (base, path) in places {
-        let fetched =
-            tokio::time::timeout(FETCH_TIMEOUT, get(&base, &path, s.ca_file(), MAX_WKD_FILE)).await;
-        let text = match fetched {
-            Ok(Ok(text)) => text,
-            Ok(Err(e)) if e.contains(" answered 404 ") => return Ok(None),
-            Ok(Err(e)) => {
-                failed.push(e);
-                continue;
-            }
-            Err(_) => {
-                failed.push(format!("{base} did not answer in time"));
-                continue;
-            }
-        };
-        let place = format!("{base}{path}");
-        let line = text.trim();
-        return match parse_log_record(line).filter(|_| !line.contains('\n')) {
-            Some((head, vrf)) => Ok(Some(Published {
-                head,
-                vrf,
-                from: if base.starts_with("https://") {
-                    source::WKD_HTTPS
-                } else {
-                    source::WKD_HTTP
-                },
-                place,
-            })),
-            None => Err(Outcome::error(
+            direct: (format!("https://{domain}"), format!("{well_known}/{file}")),
+            advanced_host,
+        }
+    }
+}
+
+/// [`wkd_keys`]' choice once DNS said whether the advanced host has an address (`exists`,
+/// `Dns::has_address`): that host's answer when it has, the direct host's only when it has
+/// not; a forged DNS answer is exit 5, a failed look-up exit 75 (neither is a reason to ask
+/// the direct host).
+async fn wkd_choose(
+    places: &WkdPlaces,
+    exists: Result<bool, DnsError>,
+    ca_file: Option<&Path>,
+) -> Result<Option<Published>, Outcome> {
+    let host = &places.advanced_host;
+    match exists {
+        Ok(true) => wkd_file(&places.advanced.0, &places.advanced.1, ca_file).await,
+        Ok(false) => wkd_file(&places.direct.0, &places.direct.1, ca_file).await,
+        Err(e @ DnsError::Bogus(_)) => Err(Outcome::error(
+            exit::ATTACK,
+            format!("possible attack: the WKD host {host}: {e}"),
+        )),
+        Err(e) => Err(Outcome::error(
+            exit::TEMPFAIL,
+            format!(
+                "the WKD policy directory cannot be found now (whether {host} exists: {e}); try \
+                 again later"
+            ),
+        )),
+    }
+}
+
+/// The `kst-log` file at `base` + `path` ([`wkd_keys`]): `Ok(None)` for a 404; a file that
+/// is not one record line, larger than [`MAX_WKD_FILE`] or not UTF-8 is exit 69; no answer,
+/// a TLS failure or another status is temporary (exit 75).
+async fn wkd_file(
+    base: &str,
+    path: &str,
+    ca_file: Option<&Path>,
+) -> Result<Option<Published>, Outcome> {
+    let place = format!("{base}{path}");
+    let fetched = tokio::time::timeout(
+        FETCH_TIMEOUT,
+        fetch(base, hyper::Method::GET, path, None, ca_file, MAX_WKD_FILE),
+    )
+    .await;
+    let text = match fetched {
+        Ok(Ok((status, text))) if status == hyper::StatusCode::OK => text,
+        Ok(Ok((status, _))) if status == hyper::StatusCode::NOT_FOUND => return Ok(None),
+        Ok(Ok((status, text))) => {
+            return Err(Outcome::error(
+                exit::TEMPFAIL,
+                format!(
+                    "the WKD policy directory {place} answered {status}: {}; try again later",
+                    text.lines()
+                        .next()
+                        .unwrap_or("")
+                        .chars()
+                        .take(200)
+                        .collect::<String>()
+                ),
+            ));
+        }
+        // What `fetch` says of a body it could not take (over the limit, not UTF-8).
+        Ok(Err(e)) if e.contains("length limit exceeded") || e.ends_with("not UTF-8") => {
+            return Err(Outcome::error(
                 exit::UNAVAILABLE,
                 format!(
-                    "{place}: unreadable key directory record {:?} (want one line v=kstlog1; \
-                     head=<64 hex>; vrf=<64 hex>)",
-                    line.chars().take(200).collect::<String>()
+                    "{place}: unreadable key directory record ({e}; want one line of at most \
+                     {MAX_WKD_FILE} bytes)"
                 ),
-            )),
-        };
+            ));
+        }
+        Ok(Err(e)) => {
+            return Err(Outcome::error(
+                exit::TEMPFAIL,
+                format!("the WKD policy directory {place} cannot be read now: {e}"),
+            ));
+        }
+        Err(_) => {
+            return Err(Outcome::error(
+                exit::TEMPFAIL,
+                format!("the WKD policy directory {place} did not answer in time"),
+            ));
+        }
+    };
+    let line = text.trim();
+    match parse_log_record(line).filter(|_| !line.contains('\n')) {
+        Some((head, vrf)) => Ok(Some(Published {
+            head,
+            vrf,
+            from: if base.starts_with("https://") {
+                source::WKD_HTTPS
+            } else {
+                source::WKD_HTTP
+            },
+            place,
+        })),
+        None => Err(Outcome::error(
+            exit::UNAVAILABLE,
+            format!(
+                "{place}: unreadable key directory record {:?} (want one line v=kstlog1; \
+                 head=<64 hex>; vrf=<64 hex>)",
+                line.chars().take(200).collect::<String>()
+            ),
+        )),
     }
-    Err(Outcome::error(
-        exit::TEMPFAIL,
-        format!(
-            "the WKD policy directory of {domain} cannot be read now: {}",
-            failed.join("; ")
+}
+
+/// Red team round 3 (issue 18): keys `p` from a `_kst-log` record of a zone that is not
+/// DNSSEC-signed are whatever the DNS path says; before they are pinned for the first time
+/// they are compared with the domain's WKD policy directory ([`wkd_keys`], over HTTPS): other
+/// keys there are an attack (exit 5, the evidence kept, nothing pinned); no file there (404)
+/// leaves the DNS keys as they are; a policy directory that cannot be read now is exit 75
+/// (the DNS path's attacker could otherwise hide it), exit 69 when its file is unreadable.
+/// Keys from a DNSSEC-signed zone, or from the policy directory itself, pass unchanged.
+async fn confirm_first_pin(
+    s: &Settings,
+    log_url: Option<&str>,
+    memory: &LogMemory,
+    held: &Held,
+    p: Published,
+) -> Result<Published, Outcome> {
+    if p.from != source::DNS_INSECURE {
+        return Ok(p);
+    }
+    let domain = &held.domain;
+    let wkd = wkd_keys(s, domain, log_url).await.map_err(|o| match o {
+        Outcome::Error { error, exit: code } if code != exit::ATTACK => Outcome::error(
+            code,
+            format!(
+                "the key directory keys of {domain} come from DNS without DNSSEC, and the \
+                 client compares them with the WKD policy directory before it pins them: \
+                 {error}; or pin them yourself: kst client log-pin {domain} --log-key HEX"
+            ),
         ),
-    ))
+        other => other,
+    })?;
+    match wkd {
+        Some(w) if (w.head, w.vrf) != (p.head, p.vrf) => {
+            let message = format!(
+                "possible attack: the key directory keys of {domain} in {} (head {}, vrf {}; a \
+                 zone without DNSSEC) are not those of {} (head {}, vrf {}); nothing pinned. \
+                 If {domain} really publishes these, pin the right ones yourself: kst client \
+                 log-pin {domain} --log-key HEX",
+                p.place,
+                hex::encode(p.head),
+                hex::encode(p.vrf),
+                w.place,
+                hex::encode(w.head),
+                hex::encode(w.vrf)
+            );
+            let e = memory.attack(held, message, "the two published records above");
+            Err(Outcome::error(exit::ATTACK, e.to_string()))
+        }
+        _ => Ok(p),
+    }
 }
 
 /// The keys the domain publishes: its `_kst-log` TXT record, else (DNS has none, or cannot
@@ -1061,6 +1359,7 @@ async fn head_key(
         pinned,
     ) {
         (Ok(Some(p)), None) => {
+            let p = confirm_first_pin(s, log_url, memory, held, p).await?;
             pin(held, p.head, Some(p.vrf), p.from);
             memory
                 .save(held)
@@ -1176,7 +1475,10 @@ async fn pin_command(
     let (head, vrf, from) = match (parse("--log-key", log_key), parse("--vrf-key", vrf_key)) {
         (Ok(Some(h)), Ok(v)) => (h, v, source::FLAG),
         (Ok(None), Ok(None)) => match published_keys(s, &domain, log_url, true).await {
-            Ok(Some(p)) => (p.head, Some(p.vrf), p.from),
+            Ok(Some(p)) => {
+                let p = confirm_first_pin(s, log_url, &memory, &held, p).await?;
+                (p.head, Some(p.vrf), p.from)
+            }
             Ok(None) => {
                 return Err(Outcome::error(
                     exit::UNAVAILABLE,
@@ -1542,6 +1844,133 @@ mod tests {
         }
     }
 
+    /// A local HTTP server answering every request with `status` and `body`; its base URL
+    /// and the number of requests it had.
+    async fn http_server(
+        status: &'static str,
+        body: String,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = std::sync::Arc::clone(&hits);
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(response.as_bytes()).await;
+            }
+        });
+        (base, hits)
+    }
+
+    /// Red team round 3 (issue 18): the direct WKD host was asked whenever the advanced one
+    /// failed (a 500, a 429, a file over 1024 bytes, a TLS failure), so whoever answers at
+    /// `https://<domain>` (a web host, a CDN) decided the first pin whenever the advanced
+    /// host could be made to fail. Now the direct host is asked only when the advanced host
+    /// has no address (`Dns::has_address`); any answered failure is the advanced host's
+    /// (exit 75, or 69 for an unreadable file), a forged DNS answer exit 5, a failed DNS
+    /// look-up exit 75, and the direct host is never asked for them. Both hosts are local
+    /// HTTP servers here (the real `fetch`); DNS's verdict is given.
+    #[tokio::test]
+    async fn rt18_the_direct_wkd_host_is_asked_only_when_the_advanced_one_does_not_exist() {
+        let (h, v) = ("ab".repeat(32), "cd".repeat(32));
+        let record = format!("v=kstlog1; head={h}; vrf={v}\n");
+        let (direct, direct_hits) = http_server("200 OK", record.clone()).await;
+        let places = |advanced: &str| WkdPlaces {
+            advanced_host: "openpgpkey.example.net".into(),
+            advanced: (
+                advanced.to_string(),
+                "/.well-known/openpgpkey/example.net/kst-log".into(),
+            ),
+            direct: (direct.clone(), "/.well-known/openpgpkey/kst-log".into()),
+        };
+        let code = |r: &Result<Option<Published>, Outcome>| match r {
+            Ok(Some(p)) => format!("keys from {}", p.place),
+            Ok(None) => "none".into(),
+            Err(o) => format!("exit {}", o.exit_code()),
+        };
+        for (status, body, want) in [
+            (
+                "500 Internal Server Error",
+                "busy".to_string(),
+                exit::TEMPFAIL,
+            ),
+            (
+                "429 Too Many Requests",
+                "slow down".to_string(),
+                exit::TEMPFAIL,
+            ),
+            ("200 OK", "x".repeat(MAX_WKD_FILE + 1), exit::UNAVAILABLE),
+            (
+                "200 OK",
+                "v=kstlog1; garbage".to_string(),
+                exit::UNAVAILABLE,
+            ),
+        ] {
+            let (advanced, hits) = http_server(status, body).await;
+            let r = wkd_choose(&places(&advanced), Ok(true), None).await;
+            assert_eq!(
+                code(&r),
+                format!("exit {want}"),
+                "advanced answers {status}"
+            );
+            assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        }
+        // An advanced host that exists but cannot be reached (a TLS failure is the same).
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let unreachable = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let r = wkd_choose(&places(&unreachable), Ok(true), None).await;
+        assert_eq!(code(&r), format!("exit {}", exit::TEMPFAIL));
+        // DNS could not say, or said it forged: never the direct host.
+        let r = wkd_choose(
+            &places(&unreachable),
+            Err(DnsError::Failed("SERVFAIL".into())),
+            None,
+        )
+        .await;
+        assert_eq!(code(&r), format!("exit {}", exit::TEMPFAIL));
+        let r = wkd_choose(
+            &places(&unreachable),
+            Err(DnsError::Bogus("forged".into())),
+            None,
+        )
+        .await;
+        assert_eq!(code(&r), format!("exit {}", exit::ATTACK));
+        assert_eq!(
+            direct_hits.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "the direct host was never asked"
+        );
+        // The advanced host's own 404: the domain has no file (no fallback either).
+        let (advanced, _) = http_server("404 Not Found", "no".into()).await;
+        let r = wkd_choose(&places(&advanced), Ok(true), None).await;
+        assert_eq!(code(&r), "none");
+        // The advanced host has no address: the direct method.
+        let (advanced, advanced_hits) = http_server("200 OK", record).await;
+        let r = wkd_choose(&places(&advanced), Ok(false), None).await;
+        assert_eq!(
+            code(&r),
+            format!("keys from {direct}/.well-known/openpgpkey/kst-log")
+        );
+        assert_eq!(advanced_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(direct_hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
     /// Red team round 3 (issue 18): a `too-far` answer is a new start only when nothing the
     /// client can check says otherwise. These build the answers with kst-core's real
     /// directory on an fs store (as `kst serve` does), and hand them to the client's one
@@ -1636,6 +2065,26 @@ mod tests {
             text: &str,
             asked: Option<&Head>,
         ) -> (Result<Accepted, Refused>, Option<u64>) {
+            let unused = "http://127.0.0.1:9";
+            check_at(
+                state, head_key, vrf, remembered, witness, text, asked, unused,
+            )
+            .await
+        }
+
+        /// [`check`] with the directory served at `log_base` (where a new start asks for
+        /// the remembered epoch's head).
+        #[allow(clippy::too_many_arguments)]
+        async fn check_at(
+            state: &Path,
+            head_key: [u8; 32],
+            vrf: [u8; 32],
+            remembered: &SignedHead,
+            witness: &HeadSigner,
+            text: &str,
+            asked: Option<&Head>,
+            log_base: &str,
+        ) -> (Result<Accepted, Refused>, Option<u64>) {
             let memory = LogMemory::in_dir(state);
             let mut held = memory.hold("example.net").unwrap();
             held.memory.head_key = Some(hex::encode(head_key));
@@ -1655,6 +2104,8 @@ mod tests {
                 policy: Some(&policy),
                 asked,
                 source: "the test's answer",
+                log_base,
+                ca_file: None,
             };
             let result = verify_and_remember(&memory, &mut held, text, &checked).await;
             // (The memory's lock is per open file: let go before reading it again.)
@@ -1793,6 +2244,149 @@ mod tests {
                 Ok(a) => panic!("accepted: {a:?}"),
             }
             assert_eq!(remembered, Some(2));
+        }
+
+        /// `log`'s key directory routes (`kst serve`'s own, `server::log_http`) on a
+        /// local port; the base URL.
+        async fn serve(log: Arc<DomainLog>) -> String {
+            let router = crate::server::log_http::router(
+                vec![log],
+                kst_core::AddressPolicy::default(),
+                Vec::new(),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, router).await });
+            base
+        }
+
+        /// The `too-far` answer of `log` for nobody@example.net to a client that remembers
+        /// epoch `since`, with the cosignatures stored of `witnesses`.
+        async fn too_far_witnessed(log: &DomainLog, since: u64, witnesses: &[[u8; 32]]) -> String {
+            let tight = StepBudget {
+                bytes: 1,
+                changes: 1,
+                epochs: 1,
+            };
+            let mut answer = log
+                .answer_stepped(&address("nobody"), Some(since), Some(tight), NOW)
+                .await
+                .unwrap();
+            assert_eq!(answer.too_far, Some(since), "a too-far answer");
+            answer.witnessed = log.witnessed(&answer.head, witnesses).await.unwrap();
+            assert!(answer.witnessed.is_some());
+            answer.to_text().unwrap()
+        }
+
+        fn refused_with(result: &Result<Accepted, Refused>, code: u8, want: &str) {
+            match result {
+                Err(Refused::Other(o)) => {
+                    assert_eq!(o.exit_code(), code, "{o:?}");
+                    let Outcome::Error { error, .. } = &**o else {
+                        panic!("{o:?}")
+                    };
+                    assert!(error.contains(want), "{error}");
+                }
+                Err(Refused::Attack(m)) => panic!("an attack: {m}"),
+                Ok(a) => panic!("accepted: {a:?}"),
+            }
+        }
+
+        /// Red team round 3 (issue 18), "a fork shown after the last cosigned head can
+        /// still be buried": a client shown a fork at epoch 1 (a head signed with the head
+        /// key that the witnessed history does not hold) is answered `too-far` once the
+        /// witness cosigned a head past it; the answer's witnessed heads start after epoch
+        /// 1, so nothing in it ties the remembered head to them, and the client started
+        /// again from the witnessed head (exit 0, the fork buried). Now a new start needs the
+        /// remembered head itself cosigned by the required witnesses (`/head/1`): the true
+        /// head of epoch 1 has another root, an attack (exit 5); a remembered head no
+        /// required witness cosigned is exit 69 (re-pin); a server that cannot be asked is
+        /// exit 75; a remembered head the witness cosigned is the honest new start (exit 0).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn rt18_too_far_restarts_only_from_a_remembered_head_the_witnesses_cosigned() {
+            let tmp = tempfile::tempdir().unwrap();
+            let keys = LogKeys::generate("example.net");
+            let (head_key, vrf) = (keys.head.public_key(), keys.vrf.public_key().unwrap());
+            let (main, heads) = directory(
+                &tmp.path().join("main"),
+                &keys.to_file(),
+                &["alice", "bob", "carol", "dave"],
+            )
+            .await;
+            let (_, fork) =
+                directory(&tmp.path().join("fork"), &keys.to_file(), &["mallory"]).await;
+            assert_ne!(fork[0].head.root_hash, heads[0].head.root_hash);
+            // w1 cosigned epochs 1 and 3; w2 only epoch 3.
+            let (w1, w2) = (HeadSigner::generate(), HeadSigner::generate());
+            for (w, epoch) in [(&w1, 1usize), (&w1, 3), (&w2, 3)] {
+                main.add_cosignature(epoch as u64, &w.cosign(&heads[epoch - 1], NOW).unwrap())
+                    .await
+                    .unwrap();
+            }
+            let main = Arc::new(main);
+            let base = serve(Arc::clone(&main)).await;
+            let by_w1 = too_far_witnessed(&main, 1, &[w1.public_key()]).await;
+            let by_w2 = too_far_witnessed(&main, 1, &[w2.public_key()]).await;
+            assert!(by_w1.contains("\ncosigned 3 "), "{by_w1}");
+
+            // The fork: the true head of epoch 1 (cosigned by w1) has another root.
+            let victim = tmp.path().join("victim");
+            let (result, remembered) =
+                check_at(&victim, head_key, vrf, &fork[0], &w1, &by_w1, None, &base).await;
+            refused_as_attack(&result, "possible fork");
+            assert_eq!(remembered, Some(1), "nothing remembered from the answer");
+
+            // An honest client whose remembered head w2 never cosigned: exit 69, re-pin.
+            let (result, remembered) = check_at(
+                &tmp.path().join("uncosigned"),
+                head_key,
+                vrf,
+                &heads[0],
+                &w2,
+                &by_w2,
+                None,
+                &base,
+            )
+            .await;
+            refused_with(&result, exit::UNAVAILABLE, "log-pin");
+            assert_eq!(remembered, Some(1));
+
+            // The directory's server cannot be asked: exit 75, nothing remembered.
+            let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let nowhere = format!("http://{}", closed.local_addr().unwrap());
+            drop(closed);
+            let (result, remembered) = check_at(
+                &tmp.path().join("offline"),
+                head_key,
+                vrf,
+                &heads[0],
+                &w1,
+                &by_w1,
+                None,
+                &nowhere,
+            )
+            .await;
+            refused_with(&result, exit::TEMPFAIL, "try again later");
+            assert_eq!(remembered, Some(1));
+
+            // The remembered head w1 cosigned, and w1 cosigned the answer's history later:
+            // the new start, as before.
+            let (result, remembered) = check_at(
+                &tmp.path().join("honest"),
+                head_key,
+                vrf,
+                &heads[0],
+                &w1,
+                &by_w1,
+                None,
+                &base,
+            )
+            .await;
+            match result {
+                Ok(Accepted::Restarted { note }) => assert!(note.contains("w1"), "{note}"),
+                other => panic!("{:?}", other.map_err(|_| "refused")),
+            }
+            assert_eq!(remembered, Some(4));
         }
     }
 }

@@ -94,6 +94,15 @@ pub struct StepBudget {
 /// (about 76 measured).
 pub const STEP_ELEMENT_BYTES: usize = 80;
 
+/// The most elements the first step of a stepped answer (the step from the client's own
+/// epoch) may hold, whatever the budget: a larger one is refused unbuilt (`too-far`) after
+/// reading at most `4 * FIRST_STEP_MAX_ELEMENTS + 64` tree nodes
+/// ([`super::directory::KeyDirectory::audit_step_walk`]), so a request `?since=1&steps=1` on
+/// an old, large directory costs that much, not a walk of the whole answer budget (about
+/// 210 000 nodes for 4 MiB). A client whose first step is larger is far behind anyway: it
+/// starts again from a witnessed head (docs/TRANSPARENCY.md, "Catching up in steps").
+pub const FIRST_STEP_MAX_ELEMENTS: usize = 16_384;
+
 /// The budget of an HTTP answer: 4 MiB of proof (at 10⁶ entries a client verifies about
 /// 1 MB a second), 32 768 inserted leaves, 1024 epochs.
 pub const HTTP_STEP_BUDGET: StepBudget = StepBudget {

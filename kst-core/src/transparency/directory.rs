@@ -368,6 +368,12 @@ impl<S: Database + 'static> KeyDirectory<S> {
     /// split: the steps of a client far behind are the large ones, and this is how the server
     /// finds out before it builds one (docs/TRANSPARENCY.md, "Catching up in steps").
     pub async fn audit_step_count(&self, epoch: u64, cap: usize) -> Result<Option<StepCount>> {
+        Ok(self.audit_step_walk(epoch, cap).await?.count)
+    }
+
+    /// [`KeyDirectory::audit_step_count`] with the number of tree nodes the walk read (what
+    /// a refusal cost: the step planner adds them up, [`StepWalk::reads`]).
+    pub async fn audit_step_walk(&self, epoch: u64, cap: usize) -> Result<StepWalk> {
         use akd::tree_node::{NodeKey, TreeNodeWithPreviousValue};
         let latest = self.azks().await?.get_latest_epoch();
         if epoch >= latest {
@@ -380,10 +386,10 @@ impl<S: Database + 'static> KeyDirectory<S> {
         let mut reads = 0usize;
         let read_cap = cap.saturating_mul(4).saturating_add(64);
         while !level.is_empty() {
-            reads += level.len();
-            if reads > read_cap {
-                return Ok(None);
+            if reads + level.len() > read_cap {
+                return Ok(StepWalk { count: None, reads });
             }
+            reads += level.len();
             let records = self
                 .storage
                 .batch_get::<TreeNodeWithPreviousValue>(&level)
@@ -427,13 +433,25 @@ impl<S: Database + 'static> KeyDirectory<S> {
                     next.extend(node.right_child.map(NodeKey));
                 }
                 if count.unchanged + count.inserted > cap {
-                    return Ok(None);
+                    return Ok(StepWalk { count: None, reads });
                 }
             }
             level = next;
         }
-        Ok(Some(count))
+        Ok(StepWalk {
+            count: Some(count),
+            reads,
+        })
     }
+}
+
+/// What [`KeyDirectory::audit_step_walk`] found, and what it read to find it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepWalk {
+    /// The step's size; `None` when it holds more than the cap (the walk stopped there).
+    pub count: Option<StepCount>,
+    /// Tree nodes read (at most `4 * cap + 64`: a level that would pass that is not read).
+    pub reads: usize,
 }
 
 /// The size of one step of an append-only proof ([`KeyDirectory::audit_step_count`]).

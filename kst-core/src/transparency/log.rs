@@ -40,8 +40,8 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
 use super::answer::{
-    AnswerProof, AppendOnlyFrom, LogAnswer, MAX_SINCE_EPOCHS, STEP_ELEMENT_BYTES, StepBudget,
-    head_text, parse_head,
+    AnswerProof, AppendOnlyFrom, FIRST_STEP_MAX_ELEMENTS, LogAnswer, MAX_SINCE_EPOCHS,
+    STEP_ELEMENT_BYTES, StepBudget, head_text, parse_head,
 };
 use super::backfill::{self, Backfill, Filler};
 use super::directory::{KeyDirectory, LookupAnswer};
@@ -141,6 +141,8 @@ pub struct DomainLog {
     queued_per_address: std::sync::Mutex<std::collections::HashMap<Address, usize>>,
     /// The operator's bound on every stepped answer's budget (`[transparency] step_max_*`).
     step_limit: Option<StepBudget>,
+    /// Tree nodes the step planner read, in all ([`DomainLog::step_reads`]).
+    step_reads: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One change of an address counted in [`DomainLog::queued_per_address`] until it is
@@ -264,6 +266,8 @@ struct Worker {
     /// The first epoch after the latest that has a stored head although the directory never
     /// committed it ([`Worker::check_heads_ahead`]): the writer builds no epoch up to it.
     ahead: std::cell::Cell<Option<u64>>,
+    /// Tree nodes the step planner read ([`DomainLog::step_reads`]).
+    step_reads: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// An open directory.
@@ -409,6 +413,8 @@ impl DomainLog {
         let worker_store = Arc::clone(&store);
         let (opened, open_result) = oneshot::channel::<Result<()>>();
         let caller = tokio::runtime::Handle::current();
+        let step_reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let worker_step_reads = Arc::clone(&step_reads);
         std::thread::Builder::new()
             .name(format!("kst-log-{domain}"))
             .spawn(move || {
@@ -433,6 +439,7 @@ impl DomainLog {
                         head_known: std::cell::Cell::new(None),
                         backfill: Backfill::default(),
                         ahead: std::cell::Cell::new(None),
+                        step_reads: worker_step_reads,
                     };
                     if let Err(e) = worker.open().await {
                         tracing::warn!(domain = %worker.keys.domain, error = %e, "the key directory cannot be read now; opening it again with the next request");
@@ -512,7 +519,17 @@ impl DomainLog {
             cosigning: tokio::sync::Mutex::new(()),
             queued_per_address: std::sync::Mutex::new(std::collections::HashMap::new()),
             step_limit: None,
+            step_reads,
         })
+    }
+
+    /// Tree nodes read by the step planner of stepped answers
+    /// ([`DomainLog::answer_stepped`]) since the log was opened: what counting the steps of
+    /// `?since=` cost, refusals included (a first step over
+    /// [`FIRST_STEP_MAX_ELEMENTS`] is refused after at most `4 * FIRST_STEP_MAX_ELEMENTS +
+    /// 64`).
+    pub fn step_reads(&self) -> u64 {
+        self.step_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The served domain.
@@ -1638,27 +1655,45 @@ impl Worker {
 
     /// How far from `from` (toward `latest`) one answer's append-only proof reaches within
     /// `budget`, each step counted before anything is built; `None` when the step of `from`
-    /// alone is over it (the answer is then `too-far`, built from nothing).
+    /// alone is over it or over [`FIRST_STEP_MAX_ELEMENTS`] (the answer is then `too-far`,
+    /// built from nothing, after at most `4 * FIRST_STEP_MAX_ELEMENTS + 64` node reads). The
+    /// nodes read are added to [`DomainLog::step_reads`].
     async fn plan_steps(&self, from: u64, latest: u64, budget: StepBudget) -> Result<Option<u64>> {
         let max_elements = budget.bytes / STEP_ELEMENT_BYTES;
-        let (mut elements, mut inserted, mut to) = (0usize, 0usize, from);
-        while to < latest && to - from < budget.epochs {
-            let left = max_elements.saturating_sub(elements);
-            match self.dir()?.audit_step_count(to, left).await? {
-                Some(c) if inserted + c.inserted <= budget.changes => {
-                    elements += c.elements();
-                    inserted += c.inserted;
-                    to += 1;
+        let (mut elements, mut inserted, mut to, mut reads) = (0usize, 0usize, from, 0usize);
+        let result: Result<()> = async {
+            while to < latest && to - from < budget.epochs {
+                let left = max_elements.saturating_sub(elements);
+                // The first step decides between an answer and a refusal: capped far below
+                // the budget, so that a refusal costs a bounded walk.
+                let cap = match to == from {
+                    true => left.min(FIRST_STEP_MAX_ELEMENTS),
+                    false => left,
+                };
+                let walk = self.dir()?.audit_step_walk(to, cap).await?;
+                reads += walk.reads;
+                match walk.count {
+                    Some(c) if inserted + c.inserted <= budget.changes => {
+                        elements += c.elements();
+                        inserted += c.inserted;
+                        to += 1;
+                    }
+                    _ => break,
                 }
-                _ => break,
             }
+            Ok(())
         }
+        .await;
+        self.step_reads
+            .fetch_add(reads as u64, std::sync::atomic::Ordering::Relaxed);
+        result?;
         tracing::debug!(
             from,
             to,
             latest,
             elements,
             inserted,
+            reads,
             "append-only steps counted"
         );
         Ok((to > from).then_some(to))
