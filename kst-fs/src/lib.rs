@@ -15,6 +15,7 @@ mod nowait;
 mod ratelimit;
 mod reminders;
 mod store;
+mod walk;
 
 #[cfg(feature = "transparency")]
 pub use directory::FsDirectoryStore;

@@ -310,10 +310,25 @@ impl KeyStore for FsStore {
         self.run(move |l| delete(l, &address)).await
     }
 
-    /// Reads every history file: O(n) in the number of addresses (meant for export and audits).
+    /// Reads every history file: O(n) in the number of addresses (meant for export and audits;
+    /// runs over the whole store walk with `list_page`).
     async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
         let after = after.cloned();
         self.run(move |l| list(l, after.as_ref(), limit)).await
+    }
+
+    /// By file name ([`crate::walk`]): a whole walk opens each history file once and reads
+    /// its head only.
+    async fn list_page(
+        &self,
+        cursor: Option<&kst_core::WalkCursor>,
+        limit: usize,
+    ) -> Result<kst_core::WalkPage> {
+        let cursor = cursor.cloned();
+        let (addresses, next) = self
+            .run(move |l| crate::walk::page(l, cursor.as_ref(), limit))
+            .await?;
+        Ok(kst_core::WalkPage { addresses, next })
     }
 
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {

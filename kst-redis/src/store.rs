@@ -568,6 +568,15 @@ impl KeyStore for RedisStore {
         self.list_inner(after, limit).await
     }
 
+    /// Bucket by bucket through the listing sets (see `list_page_inner`).
+    async fn list_page(
+        &self,
+        cursor: Option<&kst_core::WalkCursor>,
+        limit: usize,
+    ) -> Result<kst_core::WalkPage> {
+        self.list_page_inner(cursor, limit).await
+    }
+
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
         self.lane().restore_inner(history).await
     }
