@@ -12,6 +12,7 @@ mod journal;
 mod layout;
 mod lock;
 mod nowait;
+mod pool;
 mod ratelimit;
 mod reminders;
 mod store;
@@ -19,4 +20,5 @@ mod walk;
 
 #[cfg(feature = "transparency")]
 pub use directory::FsDirectoryStore;
+pub use pool::{MAX_BLOCKING, blocking_in_flight, blocking_peak};
 pub use store::FsStore;

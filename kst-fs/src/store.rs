@@ -116,21 +116,7 @@ impl FsStore {
     }
 }
 
-/// Runs blocking file work off the async threads. A panic in it is resumed in the caller.
-pub(crate) async fn blocking<T, F>(f: F) -> Result<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(Error::unavailable(
-            COMPONENT,
-            format!("file operation cancelled: {e}"),
-        )),
-    }
-}
+pub(crate) use crate::pool::blocking;
 
 fn publish(layout: &Layout, key: NewKey) -> Result<PublishOutcome> {
     // The tombstone lock first (it serializes publishers of one fingerprint, whatever the
