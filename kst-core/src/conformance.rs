@@ -27,7 +27,8 @@
 //! }
 //! ```
 //!
-//! The look-ups by fingerprint, key ID and WKD hash are in [`lookup`] (part of [`run_all`]); the
+//! The walk in the store's own order ([`KeyStore::list_page`]) is in [`walk`] (part of
+//! [`run_all`]). The look-ups by fingerprint, key ID and WKD hash are in [`lookup`] (part of [`run_all`]); the
 //! compare-and-set of `publish` and the service's read-merge-write on it are in [`cas`] (part of
 //! [`run_all`]; backends run [`cas::compare_and_set_race`] and [`cas::merged_publications`]
 //! again with separate instances).
@@ -40,6 +41,7 @@ pub mod limiter;
 pub mod lookup;
 pub mod reminders;
 pub mod revocation;
+pub mod walk;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -395,6 +397,8 @@ pub async fn run_all(store: Arc<dyn KeyStore>) {
     );
     check_succeeds(s).await;
     unknown_address(s).await;
+    // First, while the store holds its addresses only (it deletes them when done).
+    walk::list_page_walks_every_address_once(s).await;
     publish_get_history(s).await;
     idempotent_publish(s).await;
     delete_restarts_numbering(s).await;
@@ -1202,6 +1206,10 @@ mod tests {
         RebuildCountsHistory,
         /// After `rebuild_index` the look-ups know primary fingerprints only.
         RebuildForgetsSubkeys,
+        /// The walk's cursor stands after the first address of a page, not the last.
+        WalkRepeats,
+        /// The walk's cursor skips the address after each page.
+        WalkSkips,
     }
 
     impl Broken {
@@ -1349,6 +1357,28 @@ mod tests {
                 _ => self.inner.list(after, limit).await,
             }
         }
+        async fn list_page(
+            &self,
+            cursor: Option<&crate::store::WalkCursor>,
+            limit: usize,
+        ) -> Result<crate::store::WalkPage> {
+            let mut page = crate::store::list_page_by_address(self, cursor, limit).await?;
+            let all = self.inner.list(None, usize::MAX).await?;
+            let after = |a: &Address| {
+                crate::store::WalkCursor::new(format!("after-address:{}", a.as_str()))
+            };
+            match self.flaw {
+                Flaw::WalkRepeats if page.next.is_some() => {
+                    page.next = page.addresses.first().map(after);
+                }
+                Flaw::WalkSkips if page.next.is_some() => {
+                    let last = page.addresses.last().expect("a full page");
+                    page.next = all.iter().find(|a| *a > last).map(after);
+                }
+                _ => {}
+            }
+            Ok(page)
+        }
         async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
             if self.flaw == Flaw::UnvalidatedRestore
                 && let Some(first) = history.first()
@@ -1414,6 +1444,8 @@ mod tests {
             Flaw::IndexIgnoresLimit,
             Flaw::RebuildCountsHistory,
             Flaw::RebuildForgetsSubkeys,
+            Flaw::WalkRepeats,
+            Flaw::WalkSkips,
         ] {
             let s = Broken::store(flaw);
             assert!(
@@ -1456,6 +1488,13 @@ mod tests {
             assert!(
                 fails(async move { lookup::rebuild_index_is_idempotent(&*s).await }).await,
                 "rebuild_index_is_idempotent passed a store with {flaw:?}"
+            );
+        }
+        for flaw in [Flaw::WalkRepeats, Flaw::WalkSkips] {
+            let s = Broken::store(flaw);
+            assert!(
+                fails(async move { walk::list_page_walks_every_address_once(&*s).await }).await,
+                "list_page_walks_every_address_once passed a store with {flaw:?}"
             );
         }
         let s = Broken::store(Flaw::IndexIgnoresLimit);

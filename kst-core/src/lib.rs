@@ -48,7 +48,7 @@ pub use policy::{AuthSource, Policy};
 pub use protocol::{Reason, Status};
 pub use ratelimit::{LimitKind, MemoryRateLimiter, RateLimiter, RateLimits};
 pub use service::{Decision, Envelope, HandleError, Handled, Kst, NotForKst};
-pub use store::{Expected, KeyRecord, KeyStore, NewKey, PublishOutcome};
+pub use store::{Expected, KeyRecord, KeyStore, NewKey, PublishOutcome, WalkCursor, WalkPage};
 #[cfg(test)]
 mod redteam15_tests;
 #[cfg(any(test, feature = "testing"))]

@@ -1,7 +1,8 @@
 //! Expiry reminders: kst mails the owner of a published key before it expires (by default 14
 //! and 3 days before), saying how to extend it and publish it again.
 //!
-//! [`send_due`] walks the current keys of the store once. For a key that is not revoked and
+//! [`send_due`] walks the current keys of the store once, in the store's own order
+//! ([`crate::KeyStore::list_page`]). For a key that is not revoked and
 //! expires, the due threshold is the smallest `days_before` whose window has begun (so a key
 //! first seen two days before it expires gets the 3-day reminder only). Each (key, expiry,
 //! threshold) is mailed at most once across a pool: the instance first records a claim in the
@@ -172,12 +173,13 @@ where
     }
     let store = kst.store();
     let policy = kst.policy();
-    let mut after: Option<Address> = None;
+    let mut cursor = None;
     loop {
-        let page = store.list(after.as_ref(), PAGE).await?;
-        let Some(last) = page.last().cloned() else {
-            break;
-        };
+        // The store's own order (KeyStore::list_page): a whole run reads the store about once.
+        let crate::store::WalkPage {
+            addresses: page,
+            next,
+        } = store.list_page(cursor.as_ref(), PAGE).await?;
         read += page.len();
         for address in page {
             let Some(record) = store.get(&address).await? else {
@@ -239,8 +241,11 @@ where
             tracing::info!(account = %address, fingerprint = %claim.fingerprint, days_before, "expiry reminder sent");
             run.sent.push(claim);
         }
-        after = Some(last);
         pause(read).await;
+        match next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
     }
     Ok(run)
 }

@@ -158,6 +158,63 @@ impl PublishOutcome {
     }
 }
 
+/// A position in a walk of a store in its own order ([`KeyStore::list_page`]): what comes
+/// after the addresses handed out so far.
+///
+/// Opaque to callers: only the store that handed it out reads it (a backend makes its own with
+/// [`WalkCursor::new`] and reads it back with [`WalkCursor::token`]). It holds no secret and
+/// may be kept between runs, but a store refuses a cursor it cannot read
+/// ([`crate::Error::Invalid`]: start the walk again from the beginning).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WalkCursor(String);
+
+impl WalkCursor {
+    /// A cursor holding `token` (for backends: whatever tells them where to go on).
+    pub fn new(token: impl Into<String>) -> Self {
+        WalkCursor(token.into())
+    }
+
+    /// The token the store put in.
+    pub fn token(&self) -> &str {
+        &self.0
+    }
+
+    /// The cursor of [`KeyStore::list_page`]'s default walk (address order): after `address`.
+    fn after_address(address: &Address) -> Self {
+        WalkCursor(format!("{ADDRESS_CURSOR}{}", address.as_str()))
+    }
+
+    /// The address the default walk's cursor stands after; an error naming the cursor when it
+    /// is not one of the default walk's.
+    fn address(&self) -> Result<Address> {
+        self.0
+            .strip_prefix(ADDRESS_CURSOR)
+            .and_then(|a| Address::from_normalized(a).ok())
+            .ok_or_else(|| crate::Error::Invalid(bad_cursor(self)))
+    }
+}
+
+/// Prefix of the default walk's cursors: the last address handed out follows it.
+const ADDRESS_CURSOR: &str = "after-address:";
+
+/// The message of a store that cannot read `cursor`.
+pub fn bad_cursor(cursor: &WalkCursor) -> String {
+    format!(
+        "the walk cursor {:?} was not handed out by this store; start the walk again without a \
+         cursor",
+        cursor.token()
+    )
+}
+
+/// One page of a walk ([`KeyStore::list_page`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WalkPage {
+    /// Addresses that have a key, in the store's own order.
+    pub addresses: Vec<Address>,
+    /// Where the walk goes on; `None` when it is over.
+    pub next: Option<WalkCursor>,
+}
+
 /// Durable storage of published keys, shared by every KST instance of a pool.
 ///
 /// Contract (checked by the conformance suite):
@@ -209,6 +266,24 @@ pub trait KeyStore: Send + Sync {
     /// `limit` of them (for export and audits).
     async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>>;
 
+    /// One page of a walk over every address that has a key, in the store's own order (its
+    /// files, rows or sets as they lie), for runs over the whole store: expiry reminders, the
+    /// key directory's backfill. Start with `cursor` `None`, then pass the page's
+    /// [`WalkPage::next`] until it is `None`.
+    ///
+    /// A page holds at most `limit` addresses (at least 1 is asked: `limit` 0 is
+    /// [`crate::Error::Invalid`]); it may hold fewer, even none, before the walk is over. Every
+    /// address that has a key from the walk's start to its end is handed out exactly once;
+    /// one published or deleted meanwhile at most once. A whole walk costs about one read of
+    /// the store, whatever the page size (unlike paging through [`KeyStore::list`], whose
+    /// address order costs some backends a read of everything per page).
+    ///
+    /// This default walks [`KeyStore::list`] in address order (for wrappers and test stores);
+    /// each backend walks its own order.
+    async fn list_page(&self, cursor: Option<&WalkCursor>, limit: usize) -> Result<WalkPage> {
+        list_page_by_address(self, cursor, limit).await
+    }
+
     /// Replaces everything stored for the address of `history` with exactly these records (all
     /// of one address, versions strictly increasing, last one current). For import and restore.
     async fn restore(&self, history: &[KeyRecord]) -> Result<()>;
@@ -259,6 +334,35 @@ pub trait KeyStore: Send + Sync {
     async fn topology(&self) -> Result<Vec<(String, String)>> {
         Ok(Vec::new())
     }
+}
+
+/// The check of [`KeyStore::list_page`]'s `limit` every backend makes first: a page of 0
+/// addresses would never get a walk anywhere.
+pub fn check_walk_limit(limit: usize) -> Result<()> {
+    if limit == 0 {
+        return Err(crate::Error::Invalid(
+            "a walk page of 0 addresses never ends the walk; ask for at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The default walk of [`KeyStore::list_page`] on `store`, in address order: for a backend
+/// whose [`KeyStore::list`] is a range read of an ordered index (a B-tree, a sorted set), so
+/// that the address order is its own.
+pub async fn list_page_by_address<S: KeyStore + ?Sized>(
+    store: &S,
+    cursor: Option<&WalkCursor>,
+    limit: usize,
+) -> Result<WalkPage> {
+    check_walk_limit(limit)?;
+    let after = cursor.map(WalkCursor::address).transpose()?;
+    let addresses = store.list(after.as_ref(), limit).await?;
+    let next = match addresses.last() {
+        Some(last) if addresses.len() >= limit => Some(WalkCursor::after_address(last)),
+        _ => None,
+    };
+    Ok(WalkPage { addresses, next })
 }
 
 /// Checks the shape `restore` requires; backends call it first: at least one record, all of one

@@ -114,6 +114,15 @@ impl<S: KeyStore> KeyStore for TimeoutStore<S> {
         self.run("list", self.inner.list(after, limit)).await
     }
 
+    async fn list_page(
+        &self,
+        cursor: Option<&crate::store::WalkCursor>,
+        limit: usize,
+    ) -> Result<crate::store::WalkPage> {
+        self.run("list page", self.inner.list_page(cursor, limit))
+            .await
+    }
+
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
         self.run("restore", self.inner.restore(history)).await
     }

@@ -68,10 +68,47 @@ pub(crate) fn read_address(path: &Path, hash: &str) -> Result<Option<Address>> {
     };
     let file: AddressOnly = serde_json::from_slice(&bytes)
         .map_err(|e| corrupt(path, format!("not a history file: {e}")))?;
-    let address = Address::from_normalized(&file.address).map_err(|e| {
+    checked_address(path, hash, &file.address).map(Some)
+}
+
+/// Bytes of a history file [`read_address_head`] reads first: the address is the first field,
+/// and the longest address fits many times over.
+const HEAD: usize = 2048;
+
+/// What every history file written by this crate starts with (compact JSON, `address` first).
+const HEAD_PREFIX: &[u8] = b"{\"address\":";
+
+/// [`read_address`] that reads only the head of the file when it can (the address is the
+/// first field of the JSON, [`HEAD`] bytes hold it): a walk over the whole store then reads a
+/// few KiB per address, not every key. A file that does not start as this crate writes them
+/// is read whole.
+pub(crate) fn read_address_head(path: &Path, hash: &str) -> Result<Option<Address>> {
+    use std::io::Read;
+    let file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("open", path, e)),
+    };
+    let mut head = Vec::with_capacity(HEAD);
+    file.take(HEAD as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| io("read", path, e))?;
+    let Some(rest) = head.strip_prefix(HEAD_PREFIX) else {
+        return read_address(path, hash);
+    };
+    let mut de = serde_json::Deserializer::from_slice(rest);
+    let Ok(text) = <String as Deserialize>::deserialize(&mut de) else {
+        return read_address(path, hash);
+    };
+    checked_address(path, hash, &text).map(Some)
+}
+
+/// `text` as the address of the history file at `path`, named `hash`.
+fn checked_address(path: &Path, hash: &str, text: &str) -> Result<Address> {
+    let address = Address::from_normalized(text).map_err(|e| {
         corrupt(
             path,
-            format!("holds {:?}, which is not an address: {e}", file.address),
+            format!("holds {text:?}, which is not an address: {e}"),
         )
     })?;
     if address_hash(&address) != hash {
@@ -80,7 +117,7 @@ pub(crate) fn read_address(path: &Path, hash: &str) -> Result<Option<Address>> {
             format!("holds {address}, whose history belongs in another file"),
         ));
     }
-    Ok(Some(address))
+    Ok(address)
 }
 
 /// The current key in the history file at `path`, which is named `hash` (for look-ups through

@@ -12,10 +12,13 @@ mod journal;
 mod layout;
 mod lock;
 mod nowait;
+mod pool;
 mod ratelimit;
 mod reminders;
 mod store;
+mod walk;
 
 #[cfg(feature = "transparency")]
 pub use directory::FsDirectoryStore;
+pub use pool::{MAX_BLOCKING, blocking_in_flight, blocking_peak};
 pub use store::FsStore;

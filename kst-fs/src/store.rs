@@ -116,21 +116,7 @@ impl FsStore {
     }
 }
 
-/// Runs blocking file work off the async threads. A panic in it is resumed in the caller.
-pub(crate) async fn blocking<T, F>(f: F) -> Result<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(Error::unavailable(
-            COMPONENT,
-            format!("file operation cancelled: {e}"),
-        )),
-    }
-}
+pub(crate) use crate::pool::blocking;
 
 fn publish(layout: &Layout, key: NewKey) -> Result<PublishOutcome> {
     // The tombstone lock first (it serializes publishers of one fingerprint, whatever the
@@ -310,10 +296,25 @@ impl KeyStore for FsStore {
         self.run(move |l| delete(l, &address)).await
     }
 
-    /// Reads every history file: O(n) in the number of addresses (meant for export and audits).
+    /// Reads every history file: O(n) in the number of addresses (meant for export and audits;
+    /// runs over the whole store walk with `list_page`).
     async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
         let after = after.cloned();
         self.run(move |l| list(l, after.as_ref(), limit)).await
+    }
+
+    /// By file name ([`crate::walk`]): a whole walk opens each history file once and reads
+    /// its head only.
+    async fn list_page(
+        &self,
+        cursor: Option<&kst_core::WalkCursor>,
+        limit: usize,
+    ) -> Result<kst_core::WalkPage> {
+        let cursor = cursor.cloned();
+        let (addresses, next) = self
+            .run(move |l| crate::walk::page(l, cursor.as_ref(), limit))
+            .await?;
+        Ok(kst_core::WalkPage { addresses, next })
     }
 
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {

@@ -507,6 +507,17 @@ impl KeyStore for PostgresStore {
         self.list_inner(after, limit).await
     }
 
+    /// Keyset pagination on the primary key (`address`, a B-tree in byte order): each page is
+    /// one index range read starting after the cursor's address, so a whole walk reads each
+    /// row once. The store's own order is the address order.
+    async fn list_page(
+        &self,
+        cursor: Option<&kst_core::WalkCursor>,
+        limit: usize,
+    ) -> Result<kst_core::WalkPage> {
+        kst_core::store::list_page_by_address(self, cursor, limit).await
+    }
+
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
         self.restore_inner(history).await
     }

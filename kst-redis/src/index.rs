@@ -3,7 +3,7 @@
 //! the crate documentation ("Write order") gives, and rebuilt by `rebuild_index`.
 
 use kst_core::key_index::IndexEntries;
-use kst_core::{Address, KeyRecord, Result};
+use kst_core::{Address, KeyRecord, Result, WalkCursor, WalkPage};
 use redis::Value;
 
 use crate::error::corrupt;
@@ -12,6 +12,29 @@ use crate::keys::{
     legacy_index_key,
 };
 use crate::store::RedisStore;
+
+/// Prefix of this store's walk cursors: `redis:<bucket, hex>:<last address handed out of it>`.
+const CURSOR_PREFIX: &str = "redis:";
+
+/// The bucket and the address in it a cursor of this store stands after (`None`: the bucket's
+/// start).
+fn parse_cursor(cursor: &WalkCursor) -> Result<(u16, Option<String>)> {
+    let bad = || kst_core::Error::Invalid(kst_core::store::bad_cursor(cursor));
+    let (bucket, after) = cursor
+        .token()
+        .strip_prefix(CURSOR_PREFIX)
+        .and_then(|t| t.split_once(':'))
+        .ok_or_else(bad)?;
+    let bucket = u16::from_str_radix(bucket, 16)
+        .ok()
+        .filter(|b| *b < ADDRESS_BUCKETS)
+        .ok_or_else(bad)?;
+    if after.is_empty() {
+        return Ok((bucket, None));
+    }
+    let after = Address::from_normalized(after).map_err(|_| bad())?;
+    Ok((bucket, Some(after.as_str().to_string())))
+}
 
 /// Keys asked for per `SCAN` step.
 const SCAN_COUNT: u64 = 1000;
@@ -116,43 +139,108 @@ impl RedisStore {
                 break;
             };
             cursor = Some(String::from_utf8_lossy(last).into_owned());
-            let addresses = candidates
-                .iter()
-                .map(|m| {
-                    std::str::from_utf8(m)
-                        .ok()
-                        .and_then(|s| Address::from_normalized(s).ok())
-                        .ok_or_else(|| {
-                            corrupt(format!(
-                                "listing member {:?} is not an address",
-                                String::from_utf8_lossy(m)
-                            ))
-                        })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let exists = self
-                .query_many(
-                    addresses
-                        .iter()
-                        .map(|a| {
-                            let mut c = redis::cmd("EXISTS");
-                            c.arg(self.keys(a).cur);
-                            c
-                        })
-                        .collect(),
-                    false,
-                )
-                .await?;
-            for (a, e) in addresses.into_iter().zip(exists) {
-                if matches!(e, Value::Int(1)) {
-                    out.push(a);
-                }
-            }
+            out.extend(self.with_keys(&candidates).await?);
             if exhausted {
                 break;
             }
         }
         Ok(out)
+    }
+
+    /// `list_page`: the listing sets bucket by bucket (`addrs:0` to `addrs:f`), each in byte
+    /// order from the cursor's address on: one `ZRANGEBYLEX` of one key per step (so one
+    /// shard of a cluster), and a whole walk reads each member once. An address lives in one
+    /// bucket for good (its bucket comes from its hash slot), so it is handed out once.
+    /// Members are checked against their records like `list`'s.
+    pub(crate) async fn list_page_inner(
+        &self,
+        cursor: Option<&WalkCursor>,
+        limit: usize,
+    ) -> Result<WalkPage> {
+        kst_core::store::check_walk_limit(limit)?;
+        let (mut bucket, mut after) = match cursor {
+            Some(c) => parse_cursor(c)?,
+            None => (0, None),
+        };
+        let mut out = Vec::new();
+        while bucket < ADDRESS_BUCKETS {
+            let want = limit - out.len();
+            let min = match &after {
+                Some(a) => format!("({a}"),
+                None => "-".to_string(),
+            };
+            let members: Vec<Vec<u8>> = self
+                .query(
+                    redis::cmd("ZRANGEBYLEX")
+                        .arg(bucket_key(&self.prefix, bucket))
+                        .arg(&min)
+                        .arg("+")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(isize::try_from(want).unwrap_or(isize::MAX)),
+                    false,
+                )
+                .await?;
+            let exhausted = members.len() < want;
+            out.extend(self.with_keys(&members).await?);
+            if exhausted {
+                bucket += 1;
+                after = None;
+            } else if let Some(last) = members.last() {
+                after = Some(String::from_utf8_lossy(last).into_owned());
+            }
+            if out.len() == limit {
+                break;
+            }
+        }
+        let next = (bucket < ADDRESS_BUCKETS).then(|| {
+            WalkCursor::new(format!(
+                "{CURSOR_PREFIX}{bucket:x}:{}",
+                after.unwrap_or_default()
+            ))
+        });
+        Ok(WalkPage {
+            addresses: out,
+            next,
+        })
+    }
+
+    /// The listing members `members` as addresses, those whose current record exists (an
+    /// address deleted a moment ago may still be listed until its deletion finishes).
+    async fn with_keys(&self, members: &[Vec<u8>]) -> Result<Vec<Address>> {
+        let addresses = members
+            .iter()
+            .map(|m| {
+                std::str::from_utf8(m)
+                    .ok()
+                    .and_then(|s| Address::from_normalized(s).ok())
+                    .ok_or_else(|| {
+                        corrupt(format!(
+                            "listing member {:?} is not an address",
+                            String::from_utf8_lossy(m)
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let exists = self
+            .query_many(
+                addresses
+                    .iter()
+                    .map(|a| {
+                        let mut c = redis::cmd("EXISTS");
+                        c.arg(self.keys(a).cur);
+                        c
+                    })
+                    .collect(),
+                false,
+            )
+            .await?;
+        Ok(addresses
+            .into_iter()
+            .zip(exists)
+            .filter(|(_, e)| matches!(e, Value::Int(1)))
+            .map(|(a, _)| a)
+            .collect())
     }
 
     /// `rebuild_index`: lists and indexes the current record of every address found by a

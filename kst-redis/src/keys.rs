@@ -85,7 +85,12 @@ pub(crate) fn index_keys(prefix: &str, entries: &kst_core::key_index::IndexEntri
 /// String: the tombstone of a primary-key fingerprint (its key revocation signatures, binary),
 /// kept across deletions.
 pub(crate) fn tombstone_key(prefix: &str, fingerprint: &kst_core::Fingerprint) -> String {
-    format!("{prefix}tombstone:{}", fingerprint.as_str())
+    format!("{}{}", tombstone_prefix(prefix), fingerprint.as_str())
+}
+
+/// What every tombstone key starts with: the fingerprint follows.
+pub(crate) fn tombstone_prefix(prefix: &str) -> String {
+    format!("{prefix}tombstone:")
 }
 
 /// `SCAN MATCH` pattern of every current-record key under `prefix` (glob characters of the

@@ -1,7 +1,8 @@
 //! The Lua scripts that change an address atomically (run with EVALSHA, loaded on demand).
 //!
 //! Each script touches the keys of one address only (one hash tag, one hash slot), so it runs
-//! on a Redis Cluster too. What lives in other slots (the tombstone of a fingerprint, the
+//! on a Redis Cluster too, except [`GET_SERVED`], which reads a tombstone besides and runs
+//! only when the store is not a cluster. What lives in other slots (the tombstone of a fingerprint, the
 //! look-up index, the address listing) is written by the caller around the script, in the
 //! order the crate documentation ("Write order") gives.
 
@@ -107,6 +108,31 @@ if (tomb and (ARGV[1] ~= '1' or tomb ~= ARGV[2])) or (not tomb and ARGV[1] == '1
 end
 redis.call('SET', KEYS[1], ARGV[3])
 return 1
+"#,
+    )
+});
+
+/// Reads the served record of an address in one round trip on one server (or the primary
+/// Sentinel names): the current record and the tombstone of its fingerprint. Not on a Redis
+/// Cluster: the tombstone lives in its fingerprint's slot, which a script on the address' slot
+/// must not touch (the store sends two GETs there).
+///
+/// KEYS: cur. ARGV: the tombstone key prefix (`P` `tombstone:`).
+///
+/// Returns `{}` when the address has no current record, else `{record, fingerprint,
+/// tombstone}`: the fingerprint the tombstone was read for (taken from the record's
+/// `"fingerprint":"<hex>"` member, which a JSON string can never contain unescaped; empty when
+/// there is none) and the tombstone (empty when there is none). The caller checks
+/// that fingerprint against the record it parses.
+pub(crate) static GET_SERVED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local cur = redis.call('GET', KEYS[1])
+if not cur then return {} end
+local fpr = string.match(cur, '"fingerprint":"(%x+)"')
+if not fpr then return {cur, '', ''} end
+local tomb = redis.call('GET', ARGV[1] .. fpr)
+return {cur, fpr, tomb or ''}
 "#,
     )
 });

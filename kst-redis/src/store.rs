@@ -348,33 +348,61 @@ impl RedisStore {
     /// The current record as served: with the tombstone of its fingerprint merged in, so that
     /// a key revoked by a concurrent publication is never served without the revocation.
     async fn get_inner(&self, address: &Address) -> Result<Option<KeyRecord>> {
-        let Some(record) = self.get_stored(address).await? else {
+        let Some((record, tomb)) = self.get_with_tombstone(address).await? else {
             return Ok(None);
         };
-        self.served(record).await.map(Some)
+        merge_tombstone(record, tomb.as_deref()).map(Some)
     }
 
-    /// `record` with the stored tombstone of its fingerprint applied.
-    async fn served(&self, mut record: KeyRecord) -> Result<KeyRecord> {
+    /// The stored current record of `address` and the stored tombstone of its fingerprint, in
+    /// one round trip ([`scripts::GET_SERVED`]) on one server (or the primary Sentinel names);
+    /// on a Redis Cluster, where the tombstone lives in its fingerprint's slot, two GETs (a
+    /// script there touches the keys of one slot only).
+    pub(crate) async fn get_with_tombstone(
+        &self,
+        address: &Address,
+    ) -> Result<Option<(KeyRecord, Option<Vec<u8>>)>> {
+        if self.conn.is_cluster() {
+            let Some(record) = self.get_stored(address).await? else {
+                return Ok(None);
+            };
+            let tomb = self.tombstone_of(&record).await?;
+            return Ok(Some((record, tomb)));
+        }
+        let mut invocation = scripts::GET_SERVED.prepare_invoke();
+        invocation
+            .key(&self.keys(address).cur)
+            .arg(crate::keys::tombstone_prefix(&self.prefix));
+        let reply: Vec<Vec<u8>> = self.invoke(&invocation, false).await?;
+        let [json, fingerprint, tomb] = match <[Vec<u8>; 3]>::try_from(reply) {
+            Ok(parts) => parts,
+            Err(r) if r.is_empty() => return Ok(None),
+            Err(r) => {
+                return Err(corrupt(format!(
+                    "the look-up script answered {} values for {address}",
+                    r.len()
+                )));
+            }
+        };
+        let record = parse(address, &json)?;
+        if fingerprint != record.fingerprint.as_str().as_bytes() {
+            // A record whose fingerprint the script did not read as this parse did: the
+            // tombstone with a GET of its own.
+            let tomb = self.tombstone_of(&record).await?;
+            return Ok(Some((record, tomb)));
+        }
+        Ok(Some((record, Some(tomb).filter(|t| !t.is_empty()))))
+    }
+
+    /// The stored tombstone of `record`'s fingerprint (`None`: none, or empty).
+    async fn tombstone_of(&self, record: &KeyRecord) -> Result<Option<Vec<u8>>> {
         let tomb: Option<Vec<u8>> = self
             .query(
                 redis::cmd("GET").arg(tombstone_key(&self.prefix, &record.fingerprint)),
                 false,
             )
             .await?;
-        let Some(tomb) = tomb.filter(|t| !t.is_empty()) else {
-            return Ok(record);
-        };
-        let (merged, revoked) = kst_core::revocation::serve_with_tombstone(&record.key, &tomb)
-            .map_err(|e| {
-                corrupt(format!(
-                    "{}: the tombstone of {} does not merge: {e}",
-                    record.address, record.fingerprint
-                ))
-            })?;
-        record.key = merged;
-        record.revoked |= revoked;
-        Ok(record)
+        Ok(tomb.filter(|t| !t.is_empty()))
     }
 
     async fn history_inner(&self, address: &Address) -> Result<Vec<KeyRecord>> {
@@ -473,10 +501,10 @@ impl RedisStore {
         addresses.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         let mut out = Vec::new();
         for a in addresses {
-            if let Some(r) = self.get_stored(&a).await?
+            if let Some((r, tomb)) = self.get_with_tombstone(&a).await?
                 && hit(&kst_core::key_index::IndexEntries::of(&r))
             {
-                out.push(self.served(r).await?);
+                out.push(merge_tombstone(r, tomb.as_deref())?);
                 if out.len() == limit {
                     break;
                 }
@@ -510,6 +538,23 @@ fn body_without_version(record: KeyRecord) -> Result<(String, String)> {
     };
     let body = serde_json::to_string(&value).map_err(|e| invalid(&e))?;
     Ok((key, body))
+}
+
+/// `record` with the tombstone `tomb` of its fingerprint (if any) applied.
+fn merge_tombstone(mut record: KeyRecord, tomb: Option<&[u8]>) -> Result<KeyRecord> {
+    let Some(tomb) = tomb.filter(|t| !t.is_empty()) else {
+        return Ok(record);
+    };
+    let (merged, revoked) =
+        kst_core::revocation::serve_with_tombstone(&record.key, tomb).map_err(|e| {
+            corrupt(format!(
+                "{}: the tombstone of {} does not merge: {e}",
+                record.address, record.fingerprint
+            ))
+        })?;
+    record.key = merged;
+    record.revoked |= revoked;
+    Ok(record)
 }
 
 /// Parses a stored record of `address`.
@@ -566,6 +611,15 @@ impl KeyStore for RedisStore {
 
     async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
         self.list_inner(after, limit).await
+    }
+
+    /// Bucket by bucket through the listing sets (see `list_page_inner`).
+    async fn list_page(
+        &self,
+        cursor: Option<&kst_core::WalkCursor>,
+        limit: usize,
+    ) -> Result<kst_core::WalkPage> {
+        self.list_page_inner(cursor, limit).await
     }
 
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {

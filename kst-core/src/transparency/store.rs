@@ -114,13 +114,12 @@ impl TransparentStore {
     /// are asked at once, so the log's writer records them in shared epochs.
     pub async fn record_all(&self, concurrency: usize) -> Result<RecordedAll> {
         let mut done = RecordedAll::default();
-        let mut after: Option<Address> = None;
+        let mut cursor = None;
         let page = concurrency.clamp(1, 512);
         loop {
-            let addresses = self.inner.list(after.as_ref(), page).await?;
-            let Some(last) = addresses.last().cloned() else {
-                return Ok(done);
-            };
+            // The store's own order: a whole walk reads the store about once.
+            let crate::store::WalkPage { addresses, next } =
+                self.inner.list_page(cursor.as_ref(), page).await?;
             let mut asked = tokio::task::JoinSet::new();
             for address in addresses {
                 let Some(log) = self.logs.get(address.domain()) else {
@@ -145,7 +144,10 @@ impl TransparentStore {
                     }
                 }
             }
-            after = Some(last);
+            match next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(done),
+            }
         }
     }
 }
@@ -241,6 +243,14 @@ impl KeyStore for TransparentStore {
 
     async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
         self.inner.list(after, limit).await
+    }
+
+    async fn list_page(
+        &self,
+        cursor: Option<&crate::store::WalkCursor>,
+        limit: usize,
+    ) -> Result<crate::store::WalkPage> {
+        self.inner.list_page(cursor, limit).await
     }
 
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {

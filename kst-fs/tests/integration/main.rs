@@ -4,5 +4,6 @@
 mod conformance;
 mod files;
 mod index;
+mod pool;
 mod processes;
 mod support;

@@ -266,3 +266,71 @@ async fn a_tombstone_written_before_its_record_is_applied_by_every_reader() {
     assert!(store.history(&a).await.unwrap().last().unwrap().revoked);
     assert_eq!(store.get(&a).await.unwrap().unwrap(), r);
 }
+
+/// A look-up by address is one command to Redis (the `GET_SERVED` script: the record and the
+/// tombstone of its fingerprint), also when a tombstone applies and when there is no key; a
+/// look-up by WKD hash two (the index set, then that script). Counted by a proxy in front of
+/// the server.
+#[tokio::test]
+async fn a_look_up_by_address_is_one_round_trip() {
+    let t = TestPrefix::new().await;
+    let proxy = crate::support::CountingProxy::start().await;
+    let store = kst_redis::RedisStore::connect(&proxy.url, &t.prefix)
+        .await
+        .unwrap();
+    let a = addr("ursula@example.net");
+    let v1 = lifecycle(
+        &a,
+        include_str!("../../../kst-core/testdata/keys/lifecycle-v1.pub.asc"),
+        1,
+        false,
+    );
+    let stored = store.publish(v1.clone()).await.unwrap().record().clone();
+    // The first run of the script loads it (NOSCRIPT, then EVAL): not counted.
+    assert_eq!(store.get(&a).await.unwrap().as_ref(), Some(&stored));
+    let count = |what: &str, before: usize, want: usize| {
+        let got = proxy.commands() - before;
+        assert_eq!(got, want, "{what}: {got} commands, expected {want}");
+    };
+    for _ in 0..5 {
+        let before = proxy.commands();
+        assert_eq!(store.get(&a).await.unwrap().as_ref(), Some(&stored));
+        count("get", before, 1);
+    }
+    let before = proxy.commands();
+    assert_eq!(store.get(&addr("nobody@example.net")).await.unwrap(), None);
+    count("get of an address without a key", before, 1);
+
+    // A revocation published for another address leaves a tombstone: served revoked, still in
+    // one round trip.
+    let revoked_bytes = dearmor_public_key(
+        include_str!("../../../kst-core/testdata/keys/lifecycle-revoked.pub.asc"),
+        1 << 20,
+    )
+    .unwrap();
+    let tomb = kst_core::revocation::primary_revocations(&revoked_bytes).unwrap();
+    let mut raw = t.raw().await;
+    redis::cmd("SET")
+        .arg(format!("{}tombstone:{}", t.prefix, v1.fingerprint.as_str()))
+        .arg(&tomb)
+        .exec_async(&mut raw)
+        .await
+        .unwrap();
+    let before = proxy.commands();
+    let served = store.get(&a).await.unwrap().unwrap();
+    count("get with a tombstone", before, 1);
+    assert!(
+        served.revoked,
+        "served unrevoked while the tombstone exists"
+    );
+
+    let hash = kst_core::wkd::WkdHash::of_address(&a);
+    let before = proxy.commands();
+    let found = store
+        .find_by_wkd_hash(a.domain(), &hash)
+        .await
+        .unwrap()
+        .unwrap();
+    count("find_by_wkd_hash", before, 2);
+    assert_eq!(found, served);
+}

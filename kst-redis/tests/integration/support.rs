@@ -117,3 +117,98 @@ pub fn addr(s: &str) -> Address {
 pub fn key(address: &Address, n: u64) -> NewKey {
     conformance::test_key(address, 0, n)
 }
+
+/// A TCP proxy in front of the test server that counts the commands clients send through it
+/// (RESP arrays; each command of a pipeline counts). For tests of round trips per operation.
+pub struct CountingProxy {
+    /// `redis://` URL of the proxy.
+    pub url: String,
+    commands: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingProxy {
+    /// Listens on a free port of 127.0.0.1 and forwards every connection to the server of
+    /// [`url`].
+    pub async fn start() -> CountingProxy {
+        let upstream = url()
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let commands = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = commands.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&upstream)
+                    .await
+                    .unwrap_or_else(|e| panic!("proxy: connect to {upstream}: {e}"));
+                tokio::spawn(forward(client, server, counted.clone()));
+            }
+        });
+        CountingProxy {
+            url: format!("redis://127.0.0.1:{port}"),
+            commands,
+        }
+    }
+
+    /// Commands sent through the proxy so far.
+    pub fn commands(&self) -> usize {
+        self.commands.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Copies both ways, counting the complete commands from the client.
+async fn forward(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    commands: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut server_rx, mut server_tx) = server.into_split();
+    tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+    });
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match client_rx.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(len) = resp_command_len(&pending) {
+            pending.drain(..len);
+            commands.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        if server_tx.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The length of the complete command (`*<n>\r\n` and n bulk strings) at the start of `b`, if
+/// it is all there.
+fn resp_command_len(b: &[u8]) -> Option<usize> {
+    fn line(b: &[u8], at: usize) -> Option<(usize, usize)> {
+        let end = at + b[at..].windows(2).position(|w| w == b"\r\n")?;
+        let n = std::str::from_utf8(&b[at + 1..end]).ok()?.parse().ok()?;
+        Some((n, end + 2))
+    }
+    if b.first() != Some(&b'*') {
+        return None;
+    }
+    let (items, mut at) = line(b, 0)?;
+    for _ in 0..items {
+        if b.get(at) != Some(&b'$') {
+            return None;
+        }
+        let (len, start) = line(b, at)?;
+        at = start + len + 2;
+        if at > b.len() {
+            return None;
+        }
+    }
+    Some(at)
+}

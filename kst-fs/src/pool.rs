@@ -1,0 +1,113 @@
+//! The bound on blocking file work: at most [`MAX_BLOCKING`] operations of the store run on
+//! Tokio's blocking thread pool at once, process-wide; the others wait their turn in FIFO
+//! order (a fair semaphore), without a thread.
+//!
+//! Without it, a flood of look-ups whose files are not in the page cache (each one a
+//! `spawn_blocking`) grows the blocking pool to hundreds of threads (Tokio's default limit is
+//! 512), each with its stack: RSS, not throughput, since two cores and one disk do not read
+//! faster with more threads. Look-ups whose files are cached do not come here at all
+//! ([`crate::nowait`]).
+//!
+//! The permit moves into the blocking closure: a caller that stops waiting (a timeout) does
+//! not free it while its file work still runs.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
+
+use kst_core::{Error, Result};
+use tokio::sync::Semaphore;
+
+use crate::error::COMPONENT;
+
+/// Most file operations of the store running on the blocking pool at once, per process.
+pub const MAX_BLOCKING: usize = 16;
+
+/// The permits: [`MAX_BLOCKING`] of them, handed out first come, first served.
+static PERMITS: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(MAX_BLOCKING)));
+
+/// Operations running now, and the most there ever were (for tests and metrics).
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+/// How many file operations of the store run on the blocking pool right now (at most
+/// [`MAX_BLOCKING`]).
+pub fn blocking_in_flight() -> usize {
+    IN_FLIGHT.load(Ordering::Relaxed)
+}
+
+/// The most file operations that ever ran on the blocking pool at once in this process.
+pub fn blocking_peak() -> usize {
+    PEAK.load(Ordering::Relaxed)
+}
+
+/// Counts one running operation while it lives.
+struct Running;
+
+impl Running {
+    fn start() -> Running {
+        let now = IN_FLIGHT.fetch_add(1, Ordering::Relaxed) + 1;
+        PEAK.fetch_max(now, Ordering::Relaxed);
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs blocking file work off the async threads, once a permit is free (FIFO). A panic in it
+/// is resumed in the caller.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    let permit = PERMITS.clone().acquire_owned().await.map_err(|e| {
+        Error::unavailable(
+            COMPONENT,
+            format!("the file operation queue is closed: {e}"),
+        )
+    })?;
+    let run = move || {
+        let _permit = permit;
+        let _running = Running::start();
+        f()
+    };
+    match tokio::task::spawn_blocking(run).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(Error::unavailable(
+            COMPONENT,
+            format!("file operation cancelled: {e}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// 100 operations of 20 ms at once: never more than MAX_BLOCKING run, and the bound is
+    /// reached (they do run side by side), and each one's result comes back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn at_most_max_blocking_run_at_once() {
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                tokio::spawn(blocking(move || {
+                    let now = blocking_in_flight();
+                    assert!(now <= MAX_BLOCKING, "{now} in flight");
+                    std::thread::sleep(Duration::from_millis(20));
+                    Ok(i)
+                }))
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(t.await.unwrap().unwrap(), i);
+        }
+        assert_eq!(blocking_peak(), MAX_BLOCKING);
+    }
+}
