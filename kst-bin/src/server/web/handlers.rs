@@ -474,14 +474,16 @@ async fn vks_by_email(
         return not_found().await;
     };
     match state.lookup.by_address(&address).await {
-        // The stored packets as they are: what the certificate would serialize to. Framed as
-        // one public certificate (see `Outline`), they are served without parsing them; else
-        // parsed, and refused when unreadable.
+        // The stored packets as they are when their headers frame one public certificate
+        // (see `Outline`): what the certificate would serialize to. Anything else is parsed
+        // and only the certificate rPGP read is served, re-serialized: the parser skips
+        // packets it does not expect (a secret key after the certificate), so the stored
+        // bytes of a record that parses may still hold them. Refused when unreadable.
         Ok(Some(record)) if Outline::of(&record.key).is_some() => {
             armored_packets(&state, &headers, &record.key)
         }
         Ok(Some(record)) => match certificate(&record) {
-            Some(_) => armored_packets(&state, &headers, &record.key),
+            Some(cert) => armored(&state, &headers, &[cert]),
             None => not_found().await,
         },
         Ok(None) => not_found().await,
