@@ -24,6 +24,8 @@
 //! The third round (ktfair, the server-side open points):
 //!
 //! - `rt18_look_ups_of_a_deleted_address_are_misses`: a deletion entry is a miss like absence.
+//! - `rt18_history_pages_of_a_deleted_address_are_misses` (round 4): so is a page of older
+//!   versions (`?before=`) of an address whose newest version is a deletion.
 //! - `rt18_one_account_cannot_fill_the_change_queue`: one address holds at most
 //!   `MAX_QUEUED_PER_ADDRESS` change slots; another account's change is still queued.
 //! - `rt18_a_flood_of_changes_leaves_reads_their_share`: reads between slow epochs get time,
@@ -454,9 +456,11 @@ async fn rt18_log_routes_on_http_are_limited_and_absence_is_a_miss() {
         "\n[web.limits]\nper_client_misses = 2\nper_client = 17\n",
     );
     absence_is_a_miss(served.http);
-    // Nine requests counted so far (three look-ups, the head, five route spellings; refused
-    // look-ups are not counted): 8 more are served, whatever they ask.
-    let statuses: Vec<u16> = (0..10)
+    // Seven requests counted so far (three look-ups, the head, three route spellings;
+    // refused look-ups are not counted, and since red-team round 4 the percent-escaped
+    // spellings of the look-up route are look-ups, refused once the misses are spent): 10
+    // more are served, whatever they ask.
+    let statuses: Vec<u16> = (0..12)
         .map(|i| match i % 3 {
             0 => log_get(served.http, "audit?from=0&to=1").0,
             1 => log_get(served.http, "keys").0,
@@ -465,7 +469,7 @@ async fn rt18_log_routes_on_http_are_limited_and_absence_is_a_miss() {
         .collect();
     assert_eq!(
         statuses,
-        vec![200, 200, 200, 200, 200, 200, 200, 200, 429, 429],
+        vec![200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 429, 429],
         "the per-client budget covers audits on [http]"
     );
     // The operations routes stay outside it.
@@ -776,6 +780,52 @@ async fn rt18_look_ups_of_a_deleted_address_are_misses() {
     let served = Served::start(dir.path(), &keys, "\n[web.limits]\nper_client_misses = 1\n");
     let statuses: Vec<u16> = (0..3)
         .map(|_| log_get(served.http, "lookup/carol@example.net").0)
+        .collect();
+    assert_eq!(statuses, vec![200, 200, 429], "on [http] too");
+}
+
+/// History pages of a deleted address (red-team round 4): `history/<address>?before=<v>`
+/// serves the versions below `v`, whose values still commit to the keys the address had.
+/// After the look-up and the newest history of a deleted address became misses (above), its
+/// pages were still hits, so an enumerator learned "this address once had a key" for free by
+/// asking for a page. Now a page of an address whose newest version is a deletion is a miss
+/// too, on `[web]` and on `[http]`; a page of an address with a key is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rt18_history_pages_of_a_deleted_address_are_misses() {
+    let (dir, keys, writer) = with_deleted_carol().await;
+    // alice's second key (epoch 4): she has an older page.
+    let alice = address("alice");
+    writer
+        .sync(&alice, Some(&record(&alice, 2, 2)), 4)
+        .await
+        .unwrap();
+    let (served, web) = Served::start_web(dir.path(), &keys, 2);
+    // alice's older page is no miss, however often.
+    for _ in 0..4 {
+        assert_eq!(log_get(web, "history/alice@example.net?before=2").0, 200);
+    }
+    let statuses: Vec<u16> = [
+        "history/carol@example.net?before=2",
+        "history/carol@example.net?before=99",
+        "history/carol@example.net?before=2",
+        "lookup/alice@example.net",
+        "history/alice@example.net?before=2",
+    ]
+    .iter()
+    .map(|p| log_get(web, p).0)
+    .collect();
+    assert_eq!(
+        statuses,
+        vec![200, 200, 200, 429, 429],
+        "pages of a deleted address are misses (the third is answered and blocks the client)"
+    );
+    drop(served);
+
+    // The same on [http] without [web] (a store of its own: the counters are kept there).
+    let (dir, keys, _writer) = with_deleted_carol().await;
+    let served = Served::start(dir.path(), &keys, "\n[web.limits]\nper_client_misses = 1\n");
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| log_get(served.http, "history/carol@example.net?before=2").0)
         .collect();
     assert_eq!(statuses, vec![200, 200, 429], "on [http] too");
 }

@@ -856,3 +856,125 @@ async fn a_stored_record_that_is_no_readable_certificate_is_not_served() {
     let r = get(&s, "keys.example", "/vks/v1/by-email/alice@example.net").await;
     assert_eq!(r.status, 200);
 }
+
+/// `alice.sec.asc` (gpg's export of a secret key) as binary packets, by `gpg --dearmor`.
+fn secret_packets() -> Vec<u8> {
+    let home = tempfile::tempdir().unwrap();
+    let armored = home.path().join("secret.asc");
+    std::fs::write(&armored, testkey("alice.sec.asc")).unwrap();
+    let out = Command::new("gpg")
+        .arg("--homedir")
+        .arg(home.path())
+        .args(["--batch", "--dearmor", "--output", "-"])
+        .arg(&armored)
+        .output()
+        .expect("gpg is part of the test environment");
+    assert!(
+        out.status.success(),
+        "gpg --dearmor: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A record holding a secret key after alice's public certificate, put straight into a real
+/// store (as `kst import` or a hand-edited backend could leave it; the key policy never
+/// stores one). Its headers do not frame one public certificate, so the look-ups parse it;
+/// rPGP skips the packets after the certificate that it does not expect and reads one
+/// certificate, and VKS `by-email`, seeing it parse, served the stored bytes as they were,
+/// secret key included (red-team round 4). Every look-up (WKD both methods, VKS by address,
+/// fingerprint and key ID, HKP get and index) must serve only the certificate it read,
+/// re-written: no secret packet, nothing of the secret key's bytes.
+#[tokio::test]
+async fn a_stored_secret_key_behind_a_certificate_is_never_served() {
+    let full = kst_core::openpgp::parse_armored(&testkey("alice.pub.asc"), 1 << 20).unwrap();
+    let secret = secret_packets();
+    let secret_bodies = kst_core::openpgp::packet_bodies(&secret).unwrap();
+    assert!(
+        secret_bodies.iter().any(|(tag, _)| *tag == 5),
+        "gpg's export holds a secret key packet"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(
+        kst_fs::FsStore::open(dir.path().join("store"))
+            .await
+            .unwrap(),
+    );
+    store
+        .restore(&[NewKey {
+            address: addr("alice@example.net"),
+            key: [&full.packets[..], &secret[..]].concat(),
+            fingerprint: kst_core::Fingerprint::parse(&full.fingerprint).unwrap(),
+            publication_id: "01".into(),
+            published_at: now(),
+            revoked: false,
+            expected: kst_core::Expected::Any,
+        }
+        .into_record(1)])
+        .await
+        .unwrap();
+    let s = serve_store((dir, store), &DOMAINS, open()).await;
+    let hash = kst_core::wkd::WkdHash::of_address(&addr("alice@example.net"));
+    let key_id = &ALICE_FPR[24..];
+    for (host, target) in [
+        (
+            "example.net",
+            format!("/.well-known/openpgpkey/hu/{hash}?l=alice"),
+        ),
+        (
+            "openpgpkey.example.net",
+            format!("/.well-known/openpgpkey/example.net/hu/{hash}"),
+        ),
+        ("keys.example", "/vks/v1/by-email/alice@example.net".into()),
+        (
+            "keys.example",
+            format!("/vks/v1/by-fingerprint/{ALICE_FPR}"),
+        ),
+        ("keys.example", format!("/vks/v1/by-keyid/{key_id}")),
+        (
+            "keys.example",
+            "/pks/lookup?op=get&options=mr&search=alice@example.net".into(),
+        ),
+        (
+            "keys.example",
+            format!("/pks/lookup?op=get&options=mr&search=0x{ALICE_FPR}"),
+        ),
+        (
+            "keys.example",
+            "/pks/lookup?op=index&options=mr&search=alice@example.net".into(),
+        ),
+    ] {
+        let r = get(&s, host, &target).await;
+        assert_eq!(r.status, 200, "{target}: {}", r.text());
+        if target.contains("op=index") {
+            continue;
+        }
+        let served = if target.starts_with("/.well-known/") {
+            r.body.clone()
+        } else {
+            kst_core::openpgp::dearmor_public_key(&r.text(), 1 << 20).unwrap()
+        };
+        let tags: Vec<u8> = kst_core::openpgp::packet_bodies(&served)
+            .unwrap_or_else(|| panic!("{target}: the served packets are framed"))
+            .iter()
+            .map(|(tag, _)| *tag)
+            .collect();
+        assert!(
+            !tags.iter().any(|t| matches!(t, 5 | 7)),
+            "{target}: served a secret key packet: {tags:?}"
+        );
+        // The secret key packets (their bodies hold the public key's too, then the secret).
+        for (_, body) in secret_bodies.iter().filter(|(tag, _)| matches!(tag, 5 | 7)) {
+            assert!(
+                !served.windows(body.len()).any(|w| w == *body),
+                "{target}: served the bytes of a secret packet"
+            );
+        }
+        let listing = gpg_list(&r.body);
+        assert_eq!(fields(&listing, "fpr", 9)[0], ALICE_FPR, "{target}");
+        assert!(
+            fields(&listing, "sec", 0).is_empty() && fields(&listing, "ssb", 0).is_empty(),
+            "{target}: gpg sees secret key material: {listing:?}"
+        );
+    }
+}

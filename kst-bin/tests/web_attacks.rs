@@ -427,3 +427,81 @@ async fn one_client_holds_at_most_its_connection_cap() {
         "a freed slot"
     );
 }
+
+/// Look-ups spelled with percent escapes (red-team round 4). The limiter classified the raw
+/// path and query while axum and the handlers decode escapes, so `%68u/<hash>`,
+/// `hu%2F<hash>`, `example%2Enet%2Fhu%2F<hash>` or `op=%67et` reached a WKD or HKP look-up
+/// as an endpoint that is no look-up: its misses were never counted and a client could walk
+/// the dictionary without limit. Each spelling here is answered by the look-up (404 for an
+/// address without a key, where the plain spelling answers 200 for alice) and must spend the
+/// client's miss budget like the plain one: after two misses (`per_client_misses = 1`) the
+/// same client's look-up of alice's existing key is refused.
+#[tokio::test]
+async fn look_ups_spelled_with_percent_escapes_count_as_misses() {
+    let s = start(WebConfig {
+        trusted_proxies: vec!["127.0.0.1".into()],
+        limits: WebLimits {
+            per_client_misses: 1,
+            ..WebLimits::OFF
+        },
+        ..WebConfig::default()
+    })
+    .await;
+    let nobody = WkdHash::of_address(
+        &AddressPolicy::default()
+            .normalize("nobody@example.net")
+            .unwrap(),
+    )
+    .to_string();
+    let alice = alice_hash();
+    // (Host, the escaped spelling of a miss, the same spelling naming alice)
+    let spellings: Vec<(&str, String, String)> = [
+        ("example.net", "/.well-known/openpgpkey/%68u/{h}"),
+        ("example.net", "/.well-known/openpgpkey/hu%2F{h}"),
+        (
+            "openpgpkey.example.net",
+            "/.well-known/openpgpkey/example.net/%68u/{h}",
+        ),
+        (
+            "openpgpkey.example.net",
+            "/.well-known/openpgpkey/example%2Enet%2Fhu%2F{h}",
+        ),
+        (
+            "keys.example",
+            "/pks/lookup?op=%67et&search={a}%40example.net",
+        ),
+        (
+            "keys.example",
+            "/pks/lookup?%6Fp=index&search={a}%40example.net",
+        ),
+        (
+            "keys.example",
+            "/pks/lookup?%6Fp=get&op=stats&search={a}%40example.net",
+        ),
+        ("keys.example", "/vks/v1/by-email/{a}%40example.net"),
+    ]
+    .into_iter()
+    .map(|(host, t)| {
+        let spell = |hash: &str, local: &str| t.replace("{h}", hash).replace("{a}", local);
+        (host, spell(&nobody, "nobody"), spell(&alice, "alice"))
+    })
+    .collect();
+    for (i, (host, miss, hit)) in spellings.iter().enumerate() {
+        let client = format!("X-Forwarded-For: 198.51.100.{}\r\n", i + 1);
+        // The spelling reaches the look-up: alice's key is served by it.
+        let other = format!("X-Forwarded-For: 203.0.113.{}\r\n", i + 1);
+        assert_eq!(get(&s, host, hit, &other).await.0, 200, "{hit}");
+        for n in 1..=2 {
+            assert_eq!(
+                get(&s, host, miss, &client).await.0,
+                404,
+                "{miss} (miss {n})"
+            );
+        }
+        let (status, _) = get(&s, host, hit, &client).await;
+        assert_eq!(
+            status, 429,
+            "{miss}: two misses spelled so must spend a budget of one"
+        );
+    }
+}

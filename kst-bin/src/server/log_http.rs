@@ -38,8 +38,9 @@
 //!
 //! Limits (docs/SECURITY.md, "Key transparency (issue 18): threat model"): every route is
 //! under `[web.limits]`, on `[web]` and on `[http]` alike (`web::handlers::ops_routes`), and
-//! an absence answer, and a look-up or history whose newest version is a deletion, counts as
-//! a miss like a WKD 404 (the response carries [`FoundNothing`]), so the log is no better a dictionary oracle than WKD. The expensive
+//! an absence answer, and a look-up, history or history page (`?before=`) of an address whose
+//! newest version is a deletion, counts as a miss like a WKD 404 (the response carries
+//! [`FoundNothing`]), so the log is no better a dictionary oracle than WKD. The expensive
 //! requests (audits, look-ups with `since` or `witnessed`, histories) are served at most
 //! [`MAX_HEAVY_AT_ONCE`] at a time per process; one that waits longer than
 //! [`HEAVY_WAIT`] for its turn is answered 503. The directory's own queue is bounded too
@@ -514,8 +515,16 @@ async fn history_page(
     before: u64,
 ) -> Response {
     match log.history_page(address, before, unix_now()).await {
-        Ok(Some(page)) => match page.to_text() {
-            Ok(body) => text(StatusCode::OK, body),
+        Ok(Some(answer)) => match answer.page.to_text() {
+            Ok(body) => {
+                let mut r = text(StatusCode::OK, body);
+                if answer.finds_no_key() {
+                    // A page of a deleted address: a miss, like its look-up and its newest
+                    // history (the page's older versions still name the keys it had).
+                    r.extensions_mut().insert(FoundNothing);
+                }
+                r
+            }
             Err(e) => failed(domain, &e),
         },
         Ok(None) => not_found("the directory holds no version of this address below that one"),

@@ -15,7 +15,7 @@ use akd::storage::types::{DbRecord, ValueStateRetrievalFlag};
 use akd::storage::{Database, StorageManager};
 use akd::{AppendOnlyProof, EpochHash, LookupProof, NonMembershipProof, VersionFreshness};
 
-use super::entry::DirectoryEntry;
+use super::entry::{DirectoryEntry, EntryState};
 use super::label::directory_label;
 use super::vrf::VrfSecret;
 use super::{Config, Result, TransparencyError};
@@ -28,6 +28,22 @@ pub const CACHE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(3
 /// The size above which akd's node cache drops its oldest entries (checked every 15 s):
 /// about 200 000 tree nodes.
 pub const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A page of older versions of an address, as [`KeyDirectory::history_before`] builds it.
+#[derive(Debug, Clone)]
+pub struct PageProof {
+    /// akd's history proof holding the update proofs of the page's versions only.
+    pub proof: akd::HistoryProof,
+    /// The latest epoch, which the proofs are against.
+    pub epoch: u64,
+    /// That epoch's root hash.
+    pub root: [u8; 32],
+    /// Whether the address's newest version (above the page, or its first) holds no key: a
+    /// deletion, or a value that is no kst entry. The page does not say it (its versions are
+    /// the older ones); the server's limits count such a page as a miss
+    /// ([`super::history::PageAnswer::finds_no_key`]).
+    pub newest_finds_no_key: bool,
+}
 
 /// One domain's verifiable key directory over the storage `S`.
 pub struct KeyDirectory<S: Database + 'static> {
@@ -256,7 +272,7 @@ impl<S: Database + 'static> KeyDirectory<S> {
         &self,
         address: &Address,
         before: u64,
-    ) -> Result<Option<(akd::HistoryProof, u64, [u8; 32])>> {
+    ) -> Result<Option<PageProof>> {
         use akd::UpdateProof;
         use akd::configuration::Configuration as _;
 
@@ -268,7 +284,13 @@ impl<S: Database + 'static> KeyDirectory<S> {
             Err(StorageError::NotFound(_)) => return Ok(None),
             Err(e) => return Err(TransparencyError::Directory(e.to_string())),
         };
-        states.retain(|s| s.epoch <= epoch && s.version < before);
+        states.retain(|s| s.epoch <= epoch);
+        let newest_finds_no_key = states
+            .iter()
+            .max_by_key(|s| s.version)
+            .and_then(|s| DirectoryEntry::from_value(&s.value).ok())
+            .is_none_or(|e| e.state == EntryState::Deleted);
+        states.retain(|s| s.version < before);
         states.sort_by_key(|s| std::cmp::Reverse(s.version));
         states.truncate(super::history::MAX_VERSIONS);
         if states.is_empty() {
@@ -330,8 +352,8 @@ impl<S: Database + 'static> KeyDirectory<S> {
             });
         }
         let root = azks.get_root_hash::<Config, _>(&self.storage).await?;
-        Ok(Some((
-            akd::HistoryProof {
+        Ok(Some(PageProof {
+            proof: akd::HistoryProof {
                 update_proofs,
                 past_marker_vrf_proofs: Vec::new(),
                 existence_of_past_marker_proofs: Vec::new(),
@@ -340,7 +362,8 @@ impl<S: Database + 'static> KeyDirectory<S> {
             },
             epoch,
             root,
-        )))
+            newest_finds_no_key,
+        }))
     }
 
     /// The tree's root record.

@@ -208,6 +208,28 @@ pub struct HistoryPage {
     pub proof: Vec<u8>,
 }
 
+/// A page of older versions as the server's directory answers it: the [`HistoryPage`] it
+/// serves, and what the server's limits need that the page does not say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageAnswer {
+    /// The page served.
+    pub page: HistoryPage,
+    /// Whether the address's newest version (above the page, or its first) holds no key: a
+    /// deletion, or a value that is no kst entry.
+    pub newest_finds_no_key: bool,
+}
+
+impl PageAnswer {
+    /// Whether the page is of an address whose newest version is a deletion (or does not
+    /// decode): the server's limits count such a page as a miss, like the look-up and the
+    /// newest history of that address ([`HistoryAnswer::finds_no_key`]). A page holds only
+    /// older versions, whose values are still the keys a deleted address once had, so the
+    /// page alone cannot tell; the directory that built it read the newest version.
+    pub fn finds_no_key(&self) -> bool {
+        self.newest_finds_no_key
+    }
+}
+
 impl HistoryPage {
     /// The versions a page below `before` holds, newest first.
     pub fn versions_below(before: u64) -> std::ops::RangeInclusive<u64> {

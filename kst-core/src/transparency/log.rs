@@ -47,7 +47,7 @@ use super::backfill::{self, Backfill, Filler};
 use super::directory::{KeyDirectory, LookupAnswer};
 use super::entry::{DirectoryEntry, EntryState};
 use super::head::{Cosignature, Head, SignedHead};
-use super::history::{HistoryAnswer, HistoryPage};
+use super::history::{HistoryAnswer, HistoryPage, PageAnswer};
 use super::keys::LogKeys;
 use super::storage::{DirectoryStore, DirectoryStoreError, StoredDirectory};
 use super::witness::{AuditAnswer, MAX_AUDIT_EPOCHS, Witnessed};
@@ -201,6 +201,14 @@ struct SyncRequest {
     reply: oneshot::Sender<Result<Synced>>,
 }
 
+/// A history proof as the directory's thread built it ([`Request::History`]).
+struct BuiltHistory {
+    /// The proof against a signed head (an older page's proof, when one was asked for).
+    answer: HistoryAnswer,
+    /// Whether the address's newest version holds no key (a deletion, or no kst entry).
+    newest_finds_no_key: bool,
+}
+
 /// A request to the directory's thread, with where its answer goes.
 enum Request {
     Sync(SyncRequest),
@@ -230,7 +238,7 @@ enum Request {
         /// A page of the versions below this one ([`HistoryPage`]).
         before: Option<u64>,
         now: u64,
-        reply: oneshot::Sender<Result<Option<HistoryAnswer>>>,
+        reply: oneshot::Sender<Result<Option<BuiltHistory>>>,
     },
     Audit {
         from: u64,
@@ -960,25 +968,29 @@ impl DomainLog {
     /// [`super::history::MAX_VERSIONS`]) with akd's history proof, against the signed head of
     /// the latest epoch; `None` for an address it never held.
     pub async fn history(&self, address: &Address, now: u64) -> Result<Option<HistoryAnswer>> {
-        self.ask(|reply| Request::History {
-            address: address.clone(),
-            before: None,
-            now,
-            reply,
-        })
-        .await
+        let built = self
+            .ask(|reply| Request::History {
+                address: address.clone(),
+                before: None,
+                now,
+                reply,
+            })
+            .await?;
+        Ok(built.map(|b| b.answer))
     }
 
     /// The versions of `address` below `before` (the newest
     /// [`super::history::MAX_VERSIONS`] of them) with akd's update proofs, against the signed
-    /// head of the latest epoch; `None` when the directory holds no such version.
+    /// head of the latest epoch, and whether the address's newest version finds no key (for
+    /// the server's limits, [`PageAnswer::finds_no_key`]); `None` when the directory holds no
+    /// such version.
     pub async fn history_page(
         &self,
         address: &Address,
         before: u64,
         now: u64,
-    ) -> Result<Option<HistoryPage>> {
-        let answer = self
+    ) -> Result<Option<PageAnswer>> {
+        let built = self
             .ask(|reply| Request::History {
                 address: address.clone(),
                 before: Some(before),
@@ -986,10 +998,13 @@ impl DomainLog {
                 reply,
             })
             .await?;
-        Ok(answer.map(|a| HistoryPage {
-            head: a.head,
-            before,
-            proof: a.proof,
+        Ok(built.map(|b| PageAnswer {
+            page: HistoryPage {
+                head: b.answer.head,
+                before,
+                proof: b.answer.proof,
+            },
+            newest_finds_no_key: b.newest_finds_no_key,
         }))
     }
 
@@ -1545,23 +1560,41 @@ impl Worker {
         address: &Address,
         before: Option<u64>,
         now: u64,
-    ) -> Result<Option<HistoryAnswer>> {
+    ) -> Result<Option<BuiltHistory>> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             self.refresh().await;
             let built_on = self.current().await.ok().map(|(e, _)| e);
+            // (proof, epoch, root, whether the newest version finds no key): the newest page
+            // holds the newest version itself; an older page is told by the directory.
             let proof = match before {
-                None => self.dir()?.history(address).await,
-                Some(before) => self.dir()?.history_before(address, before).await,
+                None => self
+                    .dir()?
+                    .history(address)
+                    .await
+                    .map(|found| found.map(|(proof, epoch, root)| (proof, epoch, root, None))),
+                Some(before) => self
+                    .dir()?
+                    .history_before(address, before)
+                    .await
+                    .map(|found| {
+                        found.map(|p| (p.proof, p.epoch, p.root, Some(p.newest_finds_no_key)))
+                    }),
             };
             let result = match proof {
-                Ok(Some((proof, epoch, root))) => wire::encode_history(&proof).and_then(|p| {
-                    Ok(Some(HistoryAnswer {
-                        head: self.sign(epoch, root, now)?,
-                        proof: p,
-                    }))
-                }),
+                Ok(Some((proof, epoch, root, newest))) => {
+                    wire::encode_history(&proof).and_then(|p| {
+                        let answer = HistoryAnswer {
+                            head: self.sign(epoch, root, now)?,
+                            proof: p,
+                        };
+                        Ok(Some(BuiltHistory {
+                            newest_finds_no_key: newest.unwrap_or_else(|| answer.finds_no_key()),
+                            answer,
+                        }))
+                    })
+                }
                 Ok(None) => Ok(None),
                 Err(e) => Err(e),
             };

@@ -1070,8 +1070,14 @@ async fn history_pages_prove_every_older_version_and_refuse_gaps() {
     let oldest = newest.last().unwrap();
     assert_eq!((oldest.akd_version, oldest.epoch), (7, 7));
 
-    let (proof, epoch, root) = dir.history_before(&alice, 7).await.unwrap().unwrap();
+    let super::directory::PageProof {
+        proof,
+        epoch,
+        root,
+        newest_finds_no_key,
+    } = dir.history_before(&alice, 7).await.unwrap().unwrap();
     assert_eq!((epoch, root), (h.head.epoch, h.head.root_hash));
+    assert!(!newest_finds_no_key, "alice's newest version holds her key");
     let page = HistoryPage {
         head: h.clone(),
         before: 7,

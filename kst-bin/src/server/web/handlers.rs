@@ -108,9 +108,17 @@ impl Endpoint {
         !matches!(self, Endpoint::WkdPolicy | Endpoint::Log | Endpoint::Other)
     }
 
-    /// Classifies a request from its path and query, before any handler runs.
+    /// Classifies a request from its path and query, before any handler runs, as the handler
+    /// will see it: the path percent-decoded as axum decodes path parameters (each `/`-segment
+    /// on its own, a wildcard's segments joined, so `hu%2F<hash>` is `hu/<hash>`), the query
+    /// as [`query_param`] decodes it. Classifying the raw text let `%68u/<hash>` or
+    /// `op=%67et` reach a look-up as [`Endpoint::Other`], whose misses were not counted. A
+    /// spelling the router does not match (`by%2Demail`) is classified like the plain one: its
+    /// 404 then counts as a miss, which costs only the client that wrote it.
     fn classify(path: &str, query: Option<&str>) -> Endpoint {
-        if let Some(rest) = path.strip_prefix(kst_core::wkd::WELL_KNOWN) {
+        let segments: Vec<String> = path.split('/').map(percent_decode_segment).collect();
+        let decoded = segments.join("/");
+        if let Some(rest) = decoded.strip_prefix(kst_core::wkd::WELL_KNOWN) {
             let n = rest.split('/').filter(|s| !s.is_empty()).count();
             return if rest.ends_with("/policy")
                 || rest.ends_with("/submission-address")
@@ -125,35 +133,62 @@ impl Endpoint {
                 Endpoint::Other
             };
         }
-        if let Some(rest) = path.strip_prefix("/.well-known/kst/log/") {
-            // <domain>/<route>/...
-            return match rest.split('/').nth(1) {
-                Some("lookup" | "history") => Endpoint::LogLookup,
+        // The other routes take one segment per parameter: segment by segment, so that an
+        // escaped `/` inside a parameter (a domain, an address) moves nothing.
+        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+        match segments.as_slice() {
+            // /.well-known/kst/log/<domain>/<route>/...
+            ["", ".well-known", "kst", "log", _, route, ..] => match *route {
+                "lookup" | "history" => Endpoint::LogLookup,
                 _ => Endpoint::Log,
-            };
-        }
-        if let Some(rest) = path.strip_prefix("/vks/v1/") {
-            return match rest.split('/').next() {
-                Some("by-email") => Endpoint::VksEmail,
-                Some("by-fingerprint") => Endpoint::VksFingerprint,
-                Some("by-keyid") => Endpoint::VksKeyId,
+            },
+            ["", ".well-known", "kst", "log", ..] => Endpoint::Log,
+            ["", "vks", "v1", kind, ..] => match *kind {
+                "by-email" => Endpoint::VksEmail,
+                "by-fingerprint" => Endpoint::VksFingerprint,
+                "by-keyid" => Endpoint::VksKeyId,
                 _ => Endpoint::Other,
-            };
+            },
+            ["", "pks", "lookup"] => {
+                // The operation [`hkp_lookup`] reads: the first `op`, decoded.
+                let op = query.and_then(|q| query_param(q, "op")).unwrap_or_default();
+                match op.as_str() {
+                    "get" => Endpoint::HkpGet,
+                    "index" | "vindex" => Endpoint::HkpIndex,
+                    _ => Endpoint::Other,
+                }
+            }
+            _ => Endpoint::Other,
         }
-        if path == "/pks/lookup" {
-            let op = query
-                .unwrap_or("")
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("op="))
-                .unwrap_or("");
-            return match op {
-                "get" => Endpoint::HkpGet,
-                "index" | "vindex" => Endpoint::HkpIndex,
-                _ => Endpoint::Other,
-            };
-        }
-        Endpoint::Other
     }
+}
+
+/// One path segment percent-decoded as axum decodes a path parameter: every `%XX` escape
+/// (`+` stays `+`), an escape that is not two hex digits left as it is, bytes that are not
+/// UTF-8 replaced (axum refuses such a parameter before any handler runs).
+fn percent_decode_segment(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The router: WKD under `/.well-known/openpgpkey/`, VKS under `/vks/v1/`, HKP at
@@ -474,14 +509,16 @@ async fn vks_by_email(
         return not_found().await;
     };
     match state.lookup.by_address(&address).await {
-        // The stored packets as they are: what the certificate would serialize to. Framed as
-        // one public certificate (see `Outline`), they are served without parsing them; else
-        // parsed, and refused when unreadable.
+        // The stored packets as they are when their headers frame one public certificate
+        // (see `Outline`): what the certificate would serialize to. Anything else is parsed
+        // and only the certificate rPGP read is served, re-serialized: the parser skips
+        // packets it does not expect (a secret key after the certificate), so the stored
+        // bytes of a record that parses may still hold them. Refused when unreadable.
         Ok(Some(record)) if Outline::of(&record.key).is_some() => {
             armored_packets(&state, &headers, &record.key)
         }
         Ok(Some(record)) => match certificate(&record) {
-            Some(_) => armored_packets(&state, &headers, &record.key),
+            Some(cert) => armored(&state, &headers, &[cert]),
             None => not_found().await,
         },
         Ok(None) => not_found().await,
@@ -730,6 +767,63 @@ mod tests {
         );
         assert_eq!(c("/pks/lookup", Some("op=stats")), Endpoint::Other);
         assert_eq!(c("/", None), Endpoint::Other);
+    }
+
+    #[test]
+    fn escaped_spellings_are_classified_as_the_handler_sees_them() {
+        let c = |p: &str, q: Option<&str>| Endpoint::classify(p, q);
+        let hash = "kei1q4tipxxu1yj79k9kfukdhfy631xe";
+        for path in [
+            format!("/.well-known/openpgpkey/%68u/{hash}"),
+            format!("/.well-known/openpgpkey/hu%2F{hash}"),
+            format!("/.well-known/openpgpkey/hu%2f{hash}"),
+            format!("/%2Ewell-known/openpgpkey/hu/{hash}"),
+        ] {
+            assert_eq!(c(&path, None), Endpoint::WkdDirect, "{path}");
+        }
+        for path in [
+            format!("/.well-known/openpgpkey/example.net/%68u/{hash}"),
+            format!("/.well-known/openpgpkey/example%2Enet%2Fhu%2F{hash}"),
+        ] {
+            assert_eq!(c(&path, None), Endpoint::WkdAdvanced, "{path}");
+        }
+        assert_eq!(
+            c("/.well-known/openpgpkey/example.net/p%6Flicy", None),
+            Endpoint::WkdPolicy
+        );
+        assert_eq!(c("/vks/v1/by%2Demail/a%40b", None), Endpoint::VksEmail);
+        assert_eq!(c("/%76ks/v1/by-keyid/AB", None), Endpoint::VksKeyId);
+        for q in [
+            "op=%67et&search=x",
+            "%6Fp=get&search=x",
+            "%6fp=get&op=stats&search=x",
+        ] {
+            assert_eq!(c("/pks/lookup", Some(q)), Endpoint::HkpGet, "{q}");
+        }
+        assert_eq!(c("/pks/%6Cookup", Some("op=%69ndex")), Endpoint::HkpIndex);
+        assert_eq!(c("/pks/lookup", Some("op=g%65t%")), Endpoint::Other);
+        // An escaped `/` inside the log's domain parameter moves no segment.
+        assert_eq!(
+            c("/.well-known/kst/log/a%2Fb/lookup/c%40a", None),
+            Endpoint::LogLookup
+        );
+        assert_eq!(
+            c("/.well-known/kst/log/example.net/%6Cookup/c", None),
+            Endpoint::LogLookup
+        );
+        assert_eq!(
+            c("/.well-known/kst/log/example.net/head", None),
+            Endpoint::Log
+        );
+    }
+
+    #[test]
+    fn path_segments_decode_as_axum_decodes_them() {
+        assert_eq!(percent_decode_segment("a%40b+c"), "a@b+c");
+        assert_eq!(percent_decode_segment("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode_segment("%+1x"), "%+1x");
+        assert_eq!(percent_decode_segment("%ff"), "\u{FFFD}");
+        assert_eq!(percent_decode_segment(""), "");
     }
 
     #[test]
