@@ -3,7 +3,9 @@
 
 use kst_core::client::{self, Asked, Verified};
 use kst_core::{AddressPolicy, Reason};
-use kst_tests::{Gpg, TestKst, code, received_authenticated, received_plain, stderr};
+use kst_tests::{
+    Gpg, TestKst, code, on_every_backend, received_authenticated, received_plain, stderr,
+};
 
 fn addr(s: &str) -> kst_core::Address {
     AddressPolicy::default().normalize(s).unwrap()
@@ -630,4 +632,90 @@ fn amplification_is_bounded_by_the_published_key_budget() {
         // Without the reduction the same request would have carried the 902 KB key.
         assert!(reply.len() * 8 < AMPLIFIED.len(), "{what}: {}", reply.len());
     }
+}
+
+/// Deletion wins over a redelivery, on every backend, through `kst deliver`: alice publishes,
+/// then deletes; the MTA then delivers her publication message again (a lost pipe(8) exit
+/// status, a queue restored from a backup). The redelivery exits 0 (accepted: decided and
+/// logged as `deleted-since`), sends no reply and publishes nothing; a retrieval finds nothing.
+/// A new publication of hers is published, and the old message delivered once more still is
+/// not.
+#[test]
+fn a_publication_redelivered_after_the_deletion_is_not_published_again() {
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let account = addr("alice@example.net");
+    let authenticated = |message: &[u8]| {
+        let mut raw = received_authenticated("alice@example.net", "mail.example.net").into_bytes();
+        raw.extend_from_slice(message);
+        raw
+    };
+    on_every_backend(|kst| {
+        let publication = client::build_publication(&account, &alice.public_armored).unwrap();
+        let first = authenticated(&publication.message);
+        let out = kst.deliver("alice@example.net", "keys@example.net", &first);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert!(matches!(
+            client::verify_reply(&publication.pending, &kst.last_reply()).unwrap(),
+            Verified::Published { .. }
+        ));
+        let deletion = client::build_deletion(&account);
+        let out = kst.deliver(
+            "alice@example.net",
+            "keys@example.net",
+            &authenticated(&deletion.message),
+        );
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert_eq!(
+            client::verify_reply(&deletion.pending, &kst.last_reply()).unwrap(),
+            Verified::Deleted {
+                address: account.clone()
+            }
+        );
+
+        let replies = kst.replies().len();
+        let out = kst.deliver("alice@example.net", "keys@example.net", &first);
+        assert_eq!(code(&out), 0, "accepted, not deferred: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("deleted-since"),
+            "logged: {}",
+            stderr(&out)
+        );
+        assert_eq!(kst.replies().len(), replies, "no reply to the redelivery");
+        let out = kst.kst(&["keys", "get", "alice@example.net"], b"");
+        assert_eq!(code(&out), 1, "nothing published again: {}", stderr(&out));
+        let q = client::build_retrieval(&addr("bob@acme.net"), &account);
+        let out = kst.deliver("bob@acme.net", "keys@example.net", &q.message);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert!(matches!(
+            client::verify_reply(&q.pending, &kst.last_reply()).unwrap(),
+            Verified::NotFound { .. }
+        ));
+
+        // A new publication (new K_auth, new id) is published; the old message still is not.
+        let again = client::build_publication(&account, &alice.public_armored).unwrap();
+        let out = kst.deliver(
+            "alice@example.net",
+            "keys@example.net",
+            &authenticated(&again.message),
+        );
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert!(matches!(
+            client::verify_reply(&again.pending, &kst.last_reply()).unwrap(),
+            Verified::Published { .. }
+        ));
+        let replies = kst.replies().len();
+        let out = kst.deliver("alice@example.net", "keys@example.net", &first);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        assert!(stderr(&out).contains("deleted-since"), "{}", stderr(&out));
+        assert_eq!(kst.replies().len(), replies);
+        let out = kst.kst(&["keys", "history", "alice@example.net"], b"");
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            listing.matches(&alice.fingerprint).count(),
+            1,
+            "one version, the new publication: {listing}"
+        );
+    });
 }

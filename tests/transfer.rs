@@ -251,3 +251,83 @@ fn bad_import_lines_are_named_and_fail() {
     let out = fs.kst(&["import", "/nonexistent/keys.jsonl"], b"");
     assert_eq!(code(&out), 66, "{}", stderr(&out));
 }
+
+/// The characters of `bytes` (as text) that must not reach a terminal, line breaks apart.
+fn terminal_unsafe(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .filter(|&c| c != '\n' && kst_bin::terminal::is_unsafe(c))
+        .collect()
+}
+
+/// What the key holder writes reaches the operator's terminal only escaped. A User ID made by
+/// real gpg with an OSC sequence (window title), BEL, a screen-clearing CSI, CR, a C1 CSI, DEL,
+/// a BiDi override and an isolate is published through `kst deliver`; an address with a BiDi
+/// override (an internationalized local part) is brought in by `kst import`. `kst keys
+/// history`, `keys get --json`, `keys delete` and `kst export` to stdout print no control or
+/// BiDi character (line breaks apart), the text listings show the escapes, and the JSON
+/// outputs still read back as the stored text.
+#[test]
+fn keys_output_is_terminal_safe() {
+    let name = "Mallory \u{1b}]0;pwned\u{7}\u{1b}[2J\r\u{9b}31m\u{7f}\u{202e}evil\u{2066}";
+    let uid = format!("{name} <mallory@example.net>");
+    let shown = "Mallory \\x1B]0;pwned\\x07\\x1B[2J\\x0D\\x9B31m\\x7F\\u{202E}evil\\u{2066} \
+                 <mallory@example.net>";
+    let gpg = Gpg::new();
+    let armored = gpg.generate_primary(&uid, "never", None);
+    let kst = TestKst::new("unicode_local_parts = true");
+    publish(&kst, "mallory@example.net", &armored);
+
+    // The same record under an address with a BiDi override, as `kst import` restores it.
+    let bidi = "ma\u{202e}llory@example.net";
+    let line = String::from_utf8(export(&kst)).unwrap();
+    let mut moved: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+    moved["address"] = bidi.into();
+    moved["history"][0]["address"] = bidi.into();
+    let out = import(&kst, format!("{moved}\n").as_bytes());
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+
+    let out = kst.kst(&["keys", "history", "mallory@example.net"], b"");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(terminal_unsafe(&out.stdout), "", "keys history");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("uid {shown}\n")), "{text}");
+
+    let out = kst.kst(&["keys", "get", "mallory@example.net", "--json"], b"");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(terminal_unsafe(&out.stdout), "", "keys get --json");
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        meta["user_ids"],
+        serde_json::json!([uid]),
+        "the stored text"
+    );
+
+    let out = kst.kst(&["keys", "history", bidi, "--json"], b"");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(terminal_unsafe(&out.stdout), "", "keys history --json");
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(meta[0]["address"], bidi);
+
+    let out = kst.kst(&["export"], b"");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(terminal_unsafe(&out.stdout), "", "export to stdout");
+    let addresses: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["address"].to_string())
+        .collect();
+    assert!(addresses.contains(&format!("\"{bidi}\"")), "{addresses:?}");
+
+    let out = kst.kst(&["keys", "delete", bidi], b"");
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(terminal_unsafe(&out.stdout), "", "keys delete");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("deleted ma\\u{202E}llory@example.net: 1 version(s)"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("uid {shown}\n")), "{text}");
+    let out = kst.kst(&["keys", "get", bidi], b"");
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert_eq!(terminal_unsafe(&out.stderr), "", "the not-found message");
+}

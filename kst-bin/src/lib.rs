@@ -10,7 +10,8 @@
 //! - `bench` (feature `bench`): `kst bench` and `kst-store-bench`, the load tools, and (with
 //!   `transparency`) `kst-directory-bench`, the key directory's proofs at scale.
 //!
-//! [`cli`] parses the command line and hands each command to its room.
+//! [`cli`] parses the command line and hands each command to its room; [`terminal`] makes stored
+//! text safe to print on an operator's terminal.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -31,3 +32,4 @@ pub mod operator;
 pub mod server;
 #[cfg(feature = "server")]
 pub mod shared;
+pub mod terminal;

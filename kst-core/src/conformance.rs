@@ -272,6 +272,42 @@ async fn publish(what: &str, store: &dyn KeyStore, key: NewKey) -> PublishOutcom
         .unwrap_or_else(|e| panic!("{what}: publish {a} (publication {id}) failed: {e}"))
 }
 
+/// Publishes `key`, whose publication id was in a history deleted since, and panics unless the
+/// store refuses it with [`Error::DeletedSince`] naming its address and id.
+async fn publish_deleted_since(what: &str, store: &dyn KeyStore, key: NewKey, ctx: &str) {
+    let (a, id) = (key.address.clone(), key.publication_id.clone());
+    match store.publish(key).await {
+        Err(Error::DeletedSince {
+            address,
+            publication_id,
+        }) => {
+            assert_eq!(
+                (&address, &publication_id),
+                (&a, &id),
+                "{what}: {ctx}: DeletedSince names another publication"
+            );
+        }
+        Err(e) => panic!(
+            "{what}: {ctx}: publication {id} of {a} was in the deleted history, so publish must \
+             return Error::DeletedSince, not fail with: {e}"
+        ),
+        Ok(o) => panic!(
+            "{what}: {ctx}: publication {id} of {a} was in the deleted history, yet publish \
+             answered {} (deletion must win over a redelivery)",
+            describe_outcome(&o)
+        ),
+    }
+}
+
+/// A fresh address `<local>-<run>@`[`DOMAIN`] for a property that may run more than once on
+/// one store: a store remembers the publication ids of the histories it deleted (and refuses
+/// them again), so a second run must not publish the first run's keys to the same address.
+fn run_address(local: &str) -> Address {
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, Ordering::Relaxed);
+    address(&format!("{local}-{run}@{DOMAIN}"))
+}
+
 async fn publish_new(what: &str, store: &dyn KeyStore, key: NewKey, version: u64) -> KeyRecord {
     let expected = key.clone().into_record(version);
     match publish(what, store, key).await {
@@ -578,8 +614,10 @@ pub async fn idempotent_publish(store: &dyn KeyStore) {
 }
 
 /// `delete` removes the current key and the whole history of one address (and nothing else),
-/// returns whether anything was there, and a later publish starts again at version 1 (the old
-/// publication ids are forgotten).
+/// returns whether anything was there, and a later publish starts again at version 1. The old
+/// publication ids are not forgotten: deletion wins over a redelivery, so publishing one of
+/// them again is [`Error::DeletedSince`] and writes nothing, also once the address has a key
+/// again, and also after a second deletion.
 pub async fn delete_restarts_numbering(store: &dyn KeyStore) {
     const W: &str = "delete_restarts_numbering";
     let a = address(&format!("delete@{DOMAIN}"));
@@ -603,15 +641,61 @@ pub async fn delete_restarts_numbering(store: &dyn KeyStore) {
     assert!(!listed.contains(&a), "{W}: list shows deleted {a}");
     assert!(listed.contains(&b), "{W}: list lost {b}");
 
-    // Same publication id as the old v1: the old history is gone, so this is new, at v1.
-    let r = publish_new(W, store, test_key(&a, S_DELETE, 1), 1).await;
-    assert_stored(W, store, &a, &[r]).await;
-    let r = publish_new(W, store, test_key(&a, S_DELETE, 3), 2).await;
-    assert_eq!(r.version, 2);
+    // Same publication id as the old v1 (the MTA delivers it again): deletion wins.
+    for n in 1..=3 {
+        publish_deleted_since(
+            W,
+            store,
+            test_key(&a, S_DELETE, n),
+            "a redelivery after the deletion",
+        )
+        .await;
+    }
+    assert_stored(W, store, &a, &[]).await;
+    assert!(
+        !list_all(W, store, 100).await.contains(&a),
+        "{W}: list shows {a} after a refused redelivery"
+    );
+    // Another id of the same address is new: at v1 again.
+    let r4 = publish_new(W, store, test_key(&a, S_DELETE, 4), 1).await;
+    assert_stored(W, store, &a, std::slice::from_ref(&r4)).await;
+    // An old id stays refused while the address has a key again, and changes nothing.
+    publish_deleted_since(
+        W,
+        store,
+        test_key(&a, S_DELETE, 3),
+        "a redelivery after the deletion, the address published again",
+    )
+    .await;
+    let r5 = publish_new(W, store, test_key(&a, S_DELETE, 5), 2).await;
+    assert_eq!(r5.version, 2);
+    assert_stored(W, store, &a, &[r4.clone(), r5.clone()]).await;
     assert!(
         list_all(W, store, 100).await.contains(&a),
         "{W}: list must show {a} again after it was republished"
     );
+    // The ids of the current history are still plain redeliveries (Unchanged).
+    same_outcome(
+        W,
+        "a redelivery of the current history's v1",
+        &publish(W, store, test_key(&a, S_DELETE, 4)).await,
+        &PublishOutcome::Unchanged(r4.clone()),
+    );
+    // A second deletion adds its ids; the first one's stay.
+    assert!(delete(W, store, &a).await);
+    for n in [1, 4, 5] {
+        publish_deleted_since(
+            W,
+            store,
+            test_key(&a, S_DELETE, n),
+            "a redelivery after the second deletion",
+        )
+        .await;
+    }
+    assert_stored(W, store, &a, &[]).await;
+    // The other address never had these ids: unaffected.
+    let other = publish_new(W, store, test_key(&b, S_DELETE, 1), 2).await;
+    assert_stored(W, store, &b, &[kept, other]).await;
 }
 
 /// `list` is in ascending byte order (not locale order), strictly after `after`, at most
@@ -813,15 +897,14 @@ pub async fn atomic_publish(store: Arc<dyn KeyStore>) {
 }
 
 /// [`atomic_publish`] with the writer on `stores[0]` and the readers spread over the others
-/// (separate instances on one namespace; all on `stores[0]` when it is the only one). It
-/// deletes its address first, so it can run more than once on one store.
+/// (separate instances on one namespace; all on `stores[0]` when it is the only one). Each run
+/// uses an address of its own, so it can run more than once on one store.
 pub async fn atomic_publish_across(stores: Vec<Arc<dyn KeyStore>>) {
     const W: &str = "atomic_publish";
     const READERS: usize = 3;
     assert!(!stores.is_empty(), "{W} needs at least one store");
     let store = stores[0].clone();
-    let a = address(&format!("atomic@{DOMAIN}"));
-    delete(W, &*store, &a).await;
+    let a = run_address("atomic");
     let done = Arc::new(AtomicBool::new(false));
     let start = Arc::new(Barrier::new(READERS + 1));
 
@@ -916,16 +999,13 @@ fn check_atomic_record(what: &str, a: &Address, r: &KeyRecord) {
 /// duplicate, every publication was `Published` exactly once (its twin got `Unchanged` with the
 /// same record), and the history holds each accepted publication exactly once, as returned.
 ///
-/// It deletes its addresses first, so it can run more than once on one store.
+/// Each run uses addresses of its own, so it can run more than once on one store.
 pub async fn concurrent_publishers(stores: Vec<Arc<dyn KeyStore>>) {
     const W: &str = "concurrent_publishers";
     assert!(!stores.is_empty(), "{W} needs at least one store");
     let addrs: Vec<Address> = (0..RACE_ADDRESSES)
-        .map(|i| address(&format!("race-{i}@{DOMAIN}")))
+        .map(|i| run_address(&format!("race-{i}")))
         .collect();
-    for a in &addrs {
-        delete(W, &*stores[0], a).await;
-    }
 
     // Jobs: (address index, n), each twice, on two different tasks.
     let tasks = (2 * stores.len()).max(6);
@@ -1041,15 +1121,14 @@ pub async fn concurrent_publishers(stores: Vec<Arc<dyn KeyStore>>) {
 /// one address through `publisher` while `deleter` alternately deletes the address and restores
 /// a one-version history. Every call succeeds, and afterwards the history has versions `1..=n`
 /// without a gap, only whole records, the current key is its last entry, and `list` shows the
-/// address exactly when it has a history. It deletes its address first, so it can run more than
-/// once on one store.
+/// address exactly when it has a history. Each run uses an address of its own, so it can run
+/// more than once on one store.
 pub async fn publish_races_delete_and_restore(
     publisher: Arc<dyn KeyStore>,
     deleter: Arc<dyn KeyStore>,
 ) {
     const W: &str = "publish_races_delete_and_restore";
-    let a = address(&format!("race-delete@{DOMAIN}"));
-    delete(W, &*deleter, &a).await;
+    let a = run_address("race-delete");
     let p = {
         let a = a.clone();
         tokio::spawn(async move {
@@ -1210,6 +1289,8 @@ mod tests {
         WalkRepeats,
         /// The walk's cursor skips the address after each page.
         WalkSkips,
+        /// `delete` forgets the publication ids: a redelivery after it publishes again.
+        ForgetsDeletedPublications,
     }
 
     impl Broken {
@@ -1282,6 +1363,12 @@ mod tests {
                 .find(|r| r.publication_id == key.publication_id)
             {
                 return Ok(PublishOutcome::Unchanged(r.clone()));
+            }
+            let id = (key.address.clone(), key.publication_id.clone());
+            if self.flaw != Flaw::ForgetsDeletedPublications
+                && self.inner.deleted.lock().unwrap().contains(&id)
+            {
+                return Err(Error::deleted_since(&key));
             }
             if self.flaw != Flaw::NoByteIdempotency
                 && let Some(cur) = hist.last().filter(|c| c.key == key.key)
@@ -1446,6 +1533,7 @@ mod tests {
             Flaw::RebuildForgetsSubkeys,
             Flaw::WalkRepeats,
             Flaw::WalkSkips,
+            Flaw::ForgetsDeletedPublications,
         ] {
             let s = Broken::store(flaw);
             assert!(
@@ -1467,6 +1555,8 @@ mod tests {
         let s = Broken::store(Flaw::UnvalidatedRestore);
         assert!(fails(async move { restore_rejects_invalid(&*s).await }).await);
         let s = Broken::store(Flaw::NumberingSurvivesDelete);
+        assert!(fails(async move { delete_restarts_numbering(&*s).await }).await);
+        let s = Broken::store(Flaw::ForgetsDeletedPublications);
         assert!(fails(async move { delete_restarts_numbering(&*s).await }).await);
         let s = Broken::store(Flaw::TornPublish);
         assert!(fails(atomic_publish(s)).await);

@@ -183,6 +183,19 @@ pub enum Error {
     /// The caller passed something invalid (an API misuse, not a mail user's mistake). Permanent.
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// A publication whose id was in a history the owner deleted since: the MTA delivered the
+    /// publication message again after the deletion. Nothing was written; deletion wins, so
+    /// the key is not published again. Permanent (a retry would be refused the same way); the
+    /// service accepts the message without a reply.
+    #[error(
+        "publication {publication_id} of {address} was in a history its owner deleted since:          not published again (a redelivery after the deletion; to publish the key again,          send a new publication)"
+    )]
+    DeletedSince {
+        /// The address whose history was deleted.
+        address: crate::address::Address,
+        /// The publication id (see [`crate::store::KeyRecord::publication_id`]).
+        publication_id: String,
+    },
 }
 
 impl Error {
@@ -208,13 +221,25 @@ impl Error {
             Error::Unavailable { component, .. } | Error::Corrupt { component, .. } => {
                 Some(component)
             }
-            Error::Config(_) | Error::Conflict(_) | Error::Invalid(_) => None,
+            Error::Config(_)
+            | Error::Conflict(_)
+            | Error::Invalid(_)
+            | Error::DeletedSince { .. } => None,
         }
     }
 
     /// True when the MTA should keep the message and retry later (LMTP 4xx, exit 75).
     pub fn is_temporary(&self) -> bool {
-        !matches!(self, Error::Invalid(_))
+        !matches!(self, Error::Invalid(_) | Error::DeletedSince { .. })
+    }
+
+    /// The [`Error::DeletedSince`] of `key`'s publication, for stores that found its id among
+    /// those of a deleted history.
+    pub fn deleted_since(key: &crate::store::NewKey) -> Self {
+        Error::DeletedSince {
+            address: key.address.clone(),
+            publication_id: key.publication_id.clone(),
+        }
     }
 }
 

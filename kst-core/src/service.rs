@@ -77,6 +77,10 @@ pub enum Silence {
     /// Sent to `keys<delimiter>extension@` of a served domain (the MTA's recipient delimiter
     /// routed it here): dropped, never bounced.
     AddressExtension,
+    /// A publication the MTA delivered again after the owner deleted the key it had published
+    /// (its publication id is one of the deleted history, [`Error::DeletedSince`]): deletion
+    /// wins, nothing is published and nothing is sent.
+    DeletedSince,
 }
 
 impl Silence {
@@ -95,6 +99,7 @@ impl Silence {
             Silence::SenderNotVouched => "sender-not-vouched",
             Silence::TooLarge => "too-large",
             Silence::AddressExtension => "address-extension",
+            Silence::DeletedSince => "deleted-since",
         }
     }
 }
@@ -831,7 +836,7 @@ impl Kst {
             tracing::info!(account = %account, stripped = ?key.stripped, "key published without parts that do not belong to the account");
         }
         let publication_id = id(&key.packets);
-        let merged = crate::publication::publish_merged(
+        let published = crate::publication::publish_merged(
             self.store.as_ref(),
             NewKey {
                 address: account.clone(),
@@ -845,7 +850,16 @@ impl Kst {
             self.policy.max_published_key_bytes,
             crate::time::unix_now(),
         )
-        .await?;
+        .await;
+        let merged = match published {
+            Err(e @ Error::DeletedSince { .. }) => {
+                // A redelivery of a publication whose key the owner deleted since: the
+                // deletion stands, and its confirmation was the owner's last word.
+                tracing::info!(account = %account, error = %e, "publication not applied: the owner deleted the key since");
+                return Ok(Decision::Ignored(Silence::DeletedSince));
+            }
+            other => other?,
+        };
         let outcome = match merged {
             Ok(o) => o,
             Err(e) => {

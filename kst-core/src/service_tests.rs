@@ -1509,6 +1509,69 @@ async fn the_owner_deletes_the_key_and_history() {
     );
 }
 
+/// The MTA delivers a publication again after the owner deleted the key (a lost LMTP reply, a
+/// queue restored from backup): deletion wins. The redelivery is accepted, logged as
+/// `deleted-since`, publishes nothing and sends nothing, also once the owner published anew.
+#[tokio::test]
+async fn a_publication_redelivered_after_the_deletion_is_not_published_again() {
+    let f = fixture();
+    let auth = received("alice@example.net", "mail.example.net", "ESMTPSA");
+    let (first, _) = publication("alice@example.net", LIFE_V1, &auth);
+    let h = f
+        .kst
+        .handle(&env("alice@example.net"), &first)
+        .await
+        .unwrap();
+    assert!(matches!(h.decision, Decision::Published { version: 1, .. }));
+    let (raw, _) = deletion("alice@example.net", &auth);
+    let h = f.kst.handle(&env("alice@example.net"), &raw).await.unwrap();
+    assert!(matches!(
+        h.decision,
+        Decision::Deleted { existed: true, .. }
+    ));
+    let sent = f.sent();
+
+    let h = f
+        .kst
+        .handle(&env("alice@example.net"), &first)
+        .await
+        .unwrap();
+    assert_eq!(h.kind, RequestKind::Publication);
+    assert_eq!(h.decision, Decision::Ignored(Silence::DeletedSince));
+    assert_eq!(h.decision.reason(), Some("deleted-since"));
+    assert_eq!(
+        f.sent(),
+        sent,
+        "no reply to a redelivery after the deletion"
+    );
+    assert!(
+        f.store
+            .get(&addr("alice@example.net"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(matches!(retrieve(&f).await, Verified::NotFound { .. }));
+
+    // A new publication by the owner (new K_auth, so a new publication id) is published, and
+    // the old message delivered once more still publishes nothing.
+    assert!(matches!(
+        publish_ok(&f, LIFE_V2).await,
+        Decision::Published { version: 1, .. }
+    ));
+    let sent = f.sent();
+    let h = f
+        .kst
+        .handle(&env("alice@example.net"), &first)
+        .await
+        .unwrap();
+    assert_eq!(h.decision, Decision::Ignored(Silence::DeletedSince));
+    assert_eq!(f.sent(), sent);
+    let history = f.store.history(&addr("alice@example.net")).await.unwrap();
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0].key, as_published(LIFE_V2));
+}
+
 #[tokio::test]
 async fn deletions_are_authenticated_like_publications() {
     let f = fixture();

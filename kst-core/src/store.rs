@@ -223,6 +223,13 @@ pub struct WalkPage {
 ///   every accepted publication lands in the history exactly once.
 /// - `publish` is idempotent per `publication_id` and per identical current key
 ///   ([`PublishOutcome::Unchanged`]).
+/// - Deletion wins over a redelivery: [`KeyStore::delete`] remembers the `publication_id` of
+///   every record of the history it removes (for good: across later publications and
+///   deletions, like tombstones), and `publish` of a key whose `publication_id` is not in the
+///   current history but among those remembered writes nothing and returns
+///   [`crate::Error::DeletedSince`]. It is checked in the same atomic step as the write, after
+///   the history's idempotency check and before the identical-key check and the
+///   compare-and-set. [`KeyStore::restore`] neither reads nor changes what is remembered.
 /// - `publish` is a compare-and-set on the version: after those two idempotency checks, and in
 ///   the same atomic step as the write, a key whose [`NewKey::expected`] does not admit the
 ///   current version (none when the address has no key) is not written and the call returns
@@ -247,7 +254,8 @@ pub trait KeyStore: Send + Sync {
     /// Short name for logs and metrics, e.g. `"fs"`.
     fn name(&self) -> &'static str;
 
-    /// Publishes `key` as the new current key of its address (see the trait contract).
+    /// Publishes `key` as the new current key of its address (see the trait contract);
+    /// [`crate::Error::DeletedSince`] when its publication id is one of a deleted history.
     async fn publish(&self, key: NewKey) -> Result<PublishOutcome>;
 
     /// The current key of `address`, if any.
@@ -259,7 +267,9 @@ pub trait KeyStore: Send + Sync {
 
     /// Removes the current key and the whole history of `address`. Returns whether anything was
     /// there. A later publication starts again at version 1. Tombstones stay (see the trait
-    /// contract): a revoked key published again after a deletion is stored revoked.
+    /// contract): a revoked key published again after a deletion is stored revoked. The
+    /// publication ids of the removed history are remembered, in the same atomic step, so
+    /// that a redelivered publication is not published again ([`crate::Error::DeletedSince`]).
     async fn delete(&self, address: &Address) -> Result<bool>;
 
     /// Addresses that have a key, in ascending byte order, strictly after `after`, at most

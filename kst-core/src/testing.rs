@@ -29,6 +29,8 @@ pub struct MemoryStore {
     pub tombstones: Mutex<BTreeMap<String, Vec<u8>>>,
     /// Expiry reminders claimed: (address, claim id).
     pub reminders: Mutex<std::collections::BTreeSet<(Address, String)>>,
+    /// Publication ids of deleted histories (never removed): (address, publication id).
+    pub deleted: Mutex<std::collections::BTreeSet<(Address, String)>>,
 }
 
 impl MemoryStore {
@@ -79,6 +81,13 @@ impl KeyStore for MemoryStore {
         if let Some(r) = hist.iter().find(|r| r.publication_id == key.publication_id) {
             return Ok(PublishOutcome::Unchanged(r.clone()));
         }
+        let id = (key.address.clone(), key.publication_id.clone());
+        if self.deleted.lock().unwrap().contains(&id) {
+            if hist.is_empty() {
+                map.remove(&key.address);
+            }
+            return Err(Error::deleted_since(&key));
+        }
         if let Some(cur) = hist.last().filter(|c| c.key == key.key) {
             return Ok(PublishOutcome::Unchanged(cur.clone()));
         }
@@ -119,7 +128,16 @@ impl KeyStore for MemoryStore {
     }
     async fn delete(&self, address: &Address) -> Result<bool> {
         self.up()?;
-        Ok(self.map.lock().unwrap().remove(address).is_some())
+        let mut map = self.map.lock().unwrap();
+        let Some(history) = map.remove(address) else {
+            return Ok(false);
+        };
+        self.deleted.lock().unwrap().extend(
+            history
+                .into_iter()
+                .map(|r| (address.clone(), r.publication_id)),
+        );
+        Ok(true)
     }
     async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
         self.up()?;

@@ -168,6 +168,71 @@ pub(crate) fn write_history(paths: &AddressPaths, history: &[KeyRecord]) -> Resu
     file.commit().map_err(durable_error)
 }
 
+/// The file of the publication ids of an address' deleted histories
+/// (`<hash>.deleted`): a JSON object `{"address": "...", "publication_ids": [...]}`, the ids
+/// sorted and unique.
+#[derive(Debug, Serialize, Deserialize)]
+struct DeletedFile {
+    /// The normalized address; its hash is the file name.
+    address: String,
+    /// Every publication id of every deleted history of the address.
+    publication_ids: std::collections::BTreeSet<String>,
+}
+
+/// The publication ids of the deleted histories of `address` (empty when it has no such
+/// file). The caller holds the shard lock.
+pub(crate) fn read_deleted(
+    address: &Address,
+    paths: &AddressPaths,
+) -> Result<std::collections::BTreeSet<String>> {
+    let path = &paths.deleted;
+    let Some(bytes) = read_if_exists(path)? else {
+        return Ok(Default::default());
+    };
+    let file: DeletedFile = serde_json::from_slice(&bytes).map_err(|e| {
+        corrupt(
+            path,
+            format!("not a file of deleted publication ids: {e} (repair or remove it by hand)"),
+        )
+    })?;
+    if file.address != address.as_str() {
+        return Err(corrupt(
+            path,
+            format!(
+                "holds the deleted publication ids of {:?}, expected {address}",
+                file.address
+            ),
+        ));
+    }
+    Ok(file.publication_ids)
+}
+
+/// Adds `ids` to the deleted publication ids of `address`, atomically and durably. The caller
+/// holds the shard lock.
+pub(crate) fn add_deleted(
+    address: &Address,
+    paths: &AddressPaths,
+    ids: impl IntoIterator<Item = String>,
+) -> Result<()> {
+    let mut publication_ids = read_deleted(address, paths)?;
+    let before = publication_ids.len();
+    publication_ids.extend(ids);
+    if publication_ids.len() == before {
+        return Ok(());
+    }
+    let mut bytes = serde_json::to_vec(&DeletedFile {
+        address: address.as_str().to_string(),
+        publication_ids,
+    })
+    .map_err(|e| corrupt(&paths.deleted, format!("cannot encode the ids: {e}")))?;
+    bytes.push(b'\n');
+    durable::create_dir(&paths.shard_dir).map_err(durable_error)?;
+    let mut file =
+        AtomicFile::create_with_temp(&paths.deleted, &paths.deleted_temp).map_err(durable_error)?;
+    file.write_bytes(&bytes).map_err(durable_error)?;
+    file.commit().map_err(durable_error)
+}
+
 /// The stored tombstone of `paths` (revocation signatures), if there is one. The caller holds
 /// the tombstone lock.
 pub(crate) fn read_tombstone(paths: &TombstonePaths) -> Result<Option<Vec<u8>>> {

@@ -3,6 +3,8 @@
 //! ```text
 //! <root>/keys/<aa>/<sha256hex>.json   the whole history of one address
 //! <root>/keys/<aa>/<sha256hex>.tmp    a write in progress (renamed over the .json)
+//! <root>/keys/<aa>/<sha256hex>.deleted      publication ids of the address' deleted histories
+//! <root>/keys/<aa>/<sha256hex>.deleted.tmp  a write of it in progress
 //! <root>/locks/<aa>.lock              exclusive lock of writers to shard <aa>
 //! <root>/index/...                    the look-up index (see `crate::index`)
 //! ```
@@ -25,6 +27,8 @@ pub(crate) const TOMBSTONES_DIR: &str = "tombstones";
 const HISTORY_SUFFIX: &str = ".json";
 /// Suffix of a history file being written.
 const TEMP_SUFFIX: &str = ".tmp";
+/// Suffix of the file of the publication ids of deleted histories.
+const DELETED_SUFFIX: &str = ".deleted";
 
 /// Lowercase hex SHA-256 of the normalized address: the file name stem of its history.
 pub(crate) fn address_hash(address: &Address) -> String {
@@ -63,6 +67,10 @@ pub(crate) struct AddressPaths {
     pub history: PathBuf,
     /// `<root>/keys/<aa>/<hash>.tmp`.
     pub temp: PathBuf,
+    /// `<root>/keys/<aa>/<hash>.deleted`: the publication ids of the deleted histories.
+    pub deleted: PathBuf,
+    /// `<root>/keys/<aa>/<hash>.deleted.tmp`.
+    pub deleted_temp: PathBuf,
     /// `<root>/locks/<aa>.lock`.
     pub lock: PathBuf,
 }
@@ -131,6 +139,8 @@ impl Layout {
         AddressPaths {
             history: shard_dir.join(format!("{hash}{HISTORY_SUFFIX}")),
             temp: shard_dir.join(format!("{hash}{TEMP_SUFFIX}")),
+            deleted: shard_dir.join(format!("{hash}{DELETED_SUFFIX}")),
+            deleted_temp: shard_dir.join(format!("{hash}{DELETED_SUFFIX}{TEMP_SUFFIX}")),
             lock: self.locks_dir().join(format!("{shard}.lock")),
             shard_dir,
         }
@@ -160,6 +170,8 @@ mod tests {
         );
         assert_eq!(history_file_hash(&format!("{hash}.json")), Some(&*hash));
         assert_eq!(history_file_hash(&format!("{hash}.tmp")), None);
+        assert_eq!(p.deleted, p.history.with_extension("deleted"));
+        assert_eq!(history_file_hash(&format!("{hash}.deleted")), None);
         assert_eq!(history_file_hash("../x.json"), None);
         assert!(is_shard("0f") && !is_shard("0F") && !is_shard(".."));
     }

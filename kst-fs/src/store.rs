@@ -15,8 +15,8 @@ use kst_core::{
 
 use crate::error::{COMPONENT, corrupt, io, unavailable};
 use crate::file::{
-    create_dir, read_address, read_history, read_tombstone, remove_history, write_history,
-    write_tombstone,
+    add_deleted, create_dir, read_address, read_deleted, read_history, read_tombstone,
+    remove_history, write_history, write_tombstone,
 };
 use crate::index;
 use crate::layout::{Layout, history_file_hash, is_shard};
@@ -139,6 +139,9 @@ fn publish(layout: &Layout, key: NewKey) -> Result<PublishOutcome> {
     {
         return Ok(PublishOutcome::Unchanged(earlier.clone()));
     }
+    if read_deleted(&key.address, &paths)?.contains(&key.publication_id) {
+        return Err(Error::deleted_since(&key));
+    }
     if let Some(current) = history.last().filter(|c| c.key == key.key) {
         return Ok(PublishOutcome::Unchanged(current.clone()));
     }
@@ -166,10 +169,21 @@ fn publish(layout: &Layout, key: NewKey) -> Result<PublishOutcome> {
 fn delete(layout: &Layout, address: &Address) -> Result<bool> {
     let paths = layout.address(address);
     let _lock = ShardLock::acquire(&paths.lock)?;
-    // A corrupt file is removed all the same; its entries, if any, are skipped as stale.
-    let current = read_history(address, &paths).ok().and_then(|mut h| h.pop());
+    // A corrupt file is removed all the same; its entries, if any, are skipped as stale (and
+    // its publication ids cannot be remembered).
+    let history = read_history(address, &paths).unwrap_or_default();
+    // The ids first: a crash in between leaves them remembered and the history still there,
+    // where publish finds a redelivery in the history before it looks at them.
+    if !history.is_empty() {
+        add_deleted(
+            address,
+            &paths,
+            history.iter().map(|r| r.publication_id.clone()),
+        )?;
+    }
+    let current = history.last();
     let removed = remove_history(&paths)?;
-    index::remove_replaced(layout, current.as_ref(), None);
+    index::remove_replaced(layout, current, None);
     Ok(removed)
 }
 

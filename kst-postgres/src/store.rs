@@ -137,7 +137,13 @@ async fn publish_on(conn: &mut PgConnection, key: NewKey) -> Result<PublishOutco
         let address = key.address.as_str();
         let current = lock_or_create(&mut tx, address).await?;
         let version = match current {
-            None => 1,
+            None => {
+                if deleted_since(&mut tx, address, &key.publication_id).await? {
+                    tx.rollback().await.map_err(db)?;
+                    return Err(Error::deleted_since(&key));
+                }
+                1
+            }
             Some(current) => {
                 let rows = sqlx::query(
                     "SELECT address, version, key, fingerprint, published_at, publication_id, \
@@ -157,6 +163,10 @@ async fn publish_on(conn: &mut PgConnection, key: NewKey) -> Result<PublishOutco
                 {
                     Some(earlier) => Some(earlier.clone()),
                     None => {
+                        if deleted_since(&mut tx, address, &key.publication_id).await? {
+                            tx.rollback().await.map_err(db)?;
+                            return Err(Error::deleted_since(&key));
+                        }
                         let cur = records
                             .iter()
                             .find(|r| i64::try_from(r.version) == Ok(current))
@@ -207,6 +217,55 @@ async fn publish_on(conn: &mut PgConnection, key: NewKey) -> Result<PublishOutco
         tx.commit().await.map_err(db)?;
         Ok(PublishOutcome::Published(record))
     }
+}
+
+/// Whether `publication_id` was in a deleted history of `address` (`kst_deleted_publications`),
+/// inside the publish transaction (the address row is locked, so a deletion committed before
+/// is seen).
+async fn deleted_since(tx: &mut PgConnection, address: &str, publication_id: &str) -> Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM kst_deleted_publications \
+         WHERE address = $1 AND publication_id = $2)",
+    )
+    .bind(address)
+    .bind(publication_id)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db)
+}
+
+/// One deletion, in one transaction on `conn`: locks the address row (publishers of the address
+/// wait), remembers the publication ids of its history, then deletes it (the history goes with
+/// it, `ON DELETE CASCADE`). Whether there was anything.
+async fn delete_on(conn: &mut PgConnection, address: String, now: i64) -> Result<bool> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(db)?;
+    let locked: Option<i64> =
+        sqlx::query_scalar("SELECT current_version FROM kst_keys WHERE address = $1 FOR UPDATE")
+            .bind(&address)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+    if locked.is_none() {
+        tx.rollback().await.map_err(db)?;
+        return Ok(false);
+    }
+    sqlx::query(
+        "INSERT INTO kst_deleted_publications (address, publication_id, deleted_at) \
+         SELECT address, publication_id, $2 FROM kst_key_history WHERE address = $1 \
+         ON CONFLICT (address, publication_id) DO NOTHING",
+    )
+    .bind(&address)
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    let done = sqlx::query("DELETE FROM kst_keys WHERE address = $1")
+        .bind(&address)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    tx.commit().await.map_err(db)?;
+    Ok(done.rows_affected() > 0)
 }
 
 /// The current record of `address` on `pool`.
@@ -488,19 +547,13 @@ impl KeyStore for PostgresStore {
         self.history_inner(address).await
     }
 
+    /// Also remembers the publication ids of the deleted history (`kst_deleted_publications`,
+    /// same transaction), so a redelivery is refused ([`Error::DeletedSince`]).
     async fn delete(&self, address: &Address) -> Result<bool> {
         let address = address.as_str().to_string();
-        self.write(true, |conn| {
-            Box::pin(async move {
-                let done = sqlx::query("DELETE FROM kst_keys WHERE address = $1")
-                    .bind(address)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(db)?;
-                Ok(done.rows_affected() > 0)
-            })
-        })
-        .await
+        let now = to_bigint("deleted_at", kst_core::time::unix_now())?;
+        self.write(true, |conn| Box::pin(delete_on(conn, address, now)))
+            .await
     }
 
     async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {

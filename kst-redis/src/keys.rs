@@ -17,6 +17,9 @@ pub(crate) struct AddressKeys {
     pub hist: String,
     /// Hash: publication id → version.
     pub pubs: String,
+    /// Set: the publication ids of the address' deleted histories (written by the delete
+    /// script, never removed): a redelivery after a deletion is refused.
+    pub deleted: String,
 }
 
 impl AddressKeys {
@@ -27,6 +30,7 @@ impl AddressKeys {
             ver: format!("{prefix}{{{tag}}}:ver"),
             hist: format!("{prefix}{{{tag}}}:hist"),
             pubs: format!("{prefix}{{{tag}}}:pub"),
+            deleted: format!("{prefix}{{{tag}}}:deleted"),
         }
     }
 }
@@ -178,7 +182,7 @@ mod tests {
             .unwrap();
         let k = AddressKeys::new("kst:", &a);
         assert_eq!(k.cur, "kst:{%7Da%7Bb%25c@example.net}:cur");
-        for key in [&k.cur, &k.ver, &k.hist, &k.pubs] {
+        for key in [&k.cur, &k.ver, &k.hist, &k.pubs, &k.deleted] {
             let open = key.find('{').unwrap();
             let close = open + key[open..].find('}').unwrap();
             assert_eq!(&key[open + 1..close], "%7Da%7Bb%25c@example.net");

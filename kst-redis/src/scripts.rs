@@ -12,7 +12,7 @@ use redis::Script;
 
 /// Publishes one key.
 ///
-/// KEYS: cur, ver, hist, pub (one hash tag). ARGV: publication id, key (base64 as in the record
+/// KEYS: cur, ver, hist, pub, deleted (one hash tag). ARGV: publication id, key (base64 as in the record
 /// JSON), record JSON without its `version` field, `1` when the caller publishes again a key
 /// whose tombstone grew after its first attempt (*supersede*: a publication id already seen
 /// does not short-circuit while its version is still the current one, so the merged key
@@ -21,7 +21,9 @@ use redis::Script;
 /// version, which passed the check when it was written).
 ///
 /// Returns `{status, payload, previous}`: `published` or `unchanged` with the record JSON and
-/// the JSON of the current record it replaced (empty: none or not replaced), `conflict` with
+/// the JSON of the current record it replaced (empty: none or not replaced), `deleted` (empty
+/// payload) when the publication id is not in the history but in the `deleted` set (a
+/// redelivery after a deletion; nothing written), `conflict` with
 /// the current version (`0`: none) when it is not the expected one, or `corrupt` with a
 /// description.
 pub(crate) static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
@@ -35,6 +37,7 @@ local function published_earlier(earlier)
 end
 local earlier = redis.call('HGET', KEYS[4], pubid)
 if earlier and not supersede then return published_earlier(earlier) end
+if not earlier and redis.call('SISMEMBER', KEYS[5], pubid) == 1 then return {'deleted', '', ''} end
 local version = 0
 local cur = redis.call('GET', KEYS[1])
 if cur then
@@ -63,12 +66,17 @@ return {'published', rec, cur or ''}
     )
 });
 
-/// Deletes an address. KEYS: cur, ver, hist, pub. Returns `{removed keys, previous current
-/// record JSON or ''}`.
+/// Deletes an address. KEYS: cur, ver, hist, pub, deleted. Adds every publication id of the
+/// history (the fields of `pub`) to `deleted`, then removes the rest. Returns `{removed keys,
+/// previous current record JSON or ''}`.
 pub(crate) static DELETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local cur = redis.call('GET', KEYS[1])
+local ids = redis.call('HKEYS', KEYS[4])
+for i = 1, #ids, 1000 do
+  redis.call('SADD', KEYS[5], unpack(ids, i, math.min(i + 999, #ids)))
+end
 local n = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 return {n, cur or ''}
 "#,

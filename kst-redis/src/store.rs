@@ -266,6 +266,7 @@ impl RedisStore {
                 .key(&k.ver)
                 .key(&k.hist)
                 .key(&k.pubs)
+                .key(&k.deleted)
                 .arg(&publication_id)
                 .arg(&key_b64)
                 .arg(&body)
@@ -283,6 +284,14 @@ impl RedisStore {
             let outcome = match status.as_slice() {
                 b"published" => PublishOutcome::Published(parse(&address, &payload)?),
                 b"unchanged" => PublishOutcome::Unchanged(parse(&address, &payload)?),
+                b"deleted" => {
+                    // Nothing written: take back the entries of step 2 that the current key
+                    // (if any) lacks, then re-check what is current (see "Write order").
+                    let current = self.get_stored(&address).await?;
+                    self.remove_stale_index(&record, current.as_ref()).await?;
+                    self.recheck_index(&address).await?;
+                    return Err(Error::deleted_since(&original));
+                }
                 b"conflict" => {
                     let current = String::from_utf8_lossy(&payload).parse::<u64>().ok();
                     return Err(key.expected.conflict(&address, current.filter(|&v| v > 0)));
@@ -463,7 +472,12 @@ impl RedisStore {
     async fn delete_inner(&self, address: &Address) -> Result<bool> {
         let k = self.keys(address);
         let mut invocation = scripts::DELETE.prepare_invoke();
-        invocation.key(&k.cur).key(&k.ver).key(&k.hist).key(&k.pubs);
+        invocation
+            .key(&k.cur)
+            .key(&k.ver)
+            .key(&k.hist)
+            .key(&k.pubs)
+            .key(&k.deleted);
         let (removed, previous): (i64, Vec<u8>) = self.invoke(&invocation, true).await?;
         if !previous.is_empty() {
             let previous = parse(address, &previous)?;

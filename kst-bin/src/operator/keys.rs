@@ -1,5 +1,10 @@
 //! `kst keys get|history|delete`: the operator's view of one address's keys.
+//!
+//! Everything printed that comes from the store (addresses, User IDs) goes through
+//! [`crate::terminal`]: a User ID is whatever the key holder wrote, ESC sequences and BiDi
+//! overrides included, and must not drive the operator's terminal.
 
+use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -10,6 +15,7 @@ use serde::Serialize;
 use crate::exit;
 use crate::shared::report;
 use crate::shared::stores::{self, Reach};
+use crate::terminal::{self, Safe};
 
 /// `kst keys ...`.
 #[derive(Debug, Subcommand)]
@@ -58,6 +64,8 @@ struct KeyMeta<'a> {
     revoked: bool,
     format: u32,
     key_bytes: usize,
+    /// The User IDs of the stored key, as the key holder wrote them (JSON-escaped).
+    user_ids: Vec<String>,
 }
 
 impl<'a> KeyMeta<'a> {
@@ -72,8 +80,16 @@ impl<'a> KeyMeta<'a> {
             revoked: r.revoked,
             format: r.format,
             key_bytes: r.key.len(),
+            user_ids: user_ids(r),
         }
     }
+}
+
+/// The User IDs of `r`'s key (none when it does not parse as one certificate).
+fn user_ids(r: &KeyRecord) -> Vec<String> {
+    kst_core::certificate::Certificate::from_binary(&r.key)
+        .map(|c| c.user_ids())
+        .unwrap_or_default()
 }
 
 /// Runs `kst keys ...` with the configuration at `config`; returns its exit code.
@@ -91,7 +107,7 @@ pub async fn run(config: Option<&Path>, cmd: KeysCommand) -> u8 {
         Ok(p) => match p.address_policy.normalize(&raw) {
             Ok(a) => a,
             Err(e) => {
-                eprintln!("kst: {raw:?} is not an address: {e}");
+                eprintln!("kst: \"{}\" is not an address: {e}", Safe(&raw));
                 return exit::USAGE;
             }
         },
@@ -118,23 +134,30 @@ pub async fn run(config: Option<&Path>, cmd: KeysCommand) -> u8 {
                 exit::OK
             }
             Ok(None) => {
-                eprintln!("kst: no key is published for {address}");
+                eprintln!("kst: no key is published for {}", Safe(address.as_str()));
                 exit::NOT_FOUND
             }
             Err(e) => report::error(&e),
         },
         KeysCommand::History { json, .. } => match store.history(&address).await {
             Ok(h) if h.is_empty() => {
-                eprintln!("kst: nothing was ever published for {address} (or it was deleted)");
+                eprintln!(
+                    "kst: nothing was ever published for {} (or it was deleted)",
+                    Safe(address.as_str())
+                );
                 exit::NOT_FOUND
             }
             Ok(h) => {
                 if json {
                     print_json(&h.iter().map(KeyMeta::of).collect::<Vec<_>>());
                 } else {
-                    println!("{address}: {} version(s), oldest first", h.len());
+                    println!(
+                        "{}: {} version(s), oldest first",
+                        Safe(address.as_str()),
+                        h.len()
+                    );
                     for r in &h {
-                        println!("{}", record_line(r));
+                        print!("{}", record_lines(r));
                     }
                 }
                 exit::OK
@@ -149,14 +172,21 @@ pub async fn run(config: Option<&Path>, cmd: KeysCommand) -> u8 {
             };
             match store.delete(&address).await {
                 Ok(true) => {
-                    println!("deleted {address}: {} version(s) removed", history.len());
+                    println!(
+                        "deleted {}: {} version(s) removed",
+                        Safe(address.as_str()),
+                        history.len()
+                    );
                     for r in &history {
-                        println!("{}", record_line(r));
+                        print!("{}", record_lines(r));
                     }
                     exit::OK
                 }
                 Ok(false) => {
-                    eprintln!("kst: nothing is stored for {address}; nothing deleted");
+                    eprintln!(
+                        "kst: nothing is stored for {}; nothing deleted",
+                        Safe(address.as_str())
+                    );
                     exit::NOT_FOUND
                 }
                 Err(e) => report::error(&e),
@@ -165,20 +195,26 @@ pub async fn run(config: Option<&Path>, cmd: KeysCommand) -> u8 {
     }
 }
 
+/// Prints `v` as pretty JSON, terminal-safe ([`terminal::json`]: the same JSON value).
 fn print_json<T: Serialize>(v: &T) {
     match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
+        Ok(s) => println!("{}", terminal::json(&s)),
         Err(e) => eprintln!("kst: cannot render JSON: {e}"),
     }
 }
 
-/// One text line about a record: version, date, fingerprint.
-fn record_line(r: &KeyRecord) -> String {
-    format!(
-        "  v{:<3} {}  {}{}",
+/// The text lines about a record, each ending in a newline: version, date, fingerprint; then
+/// one line per User ID of its key, terminal-safe.
+fn record_lines(r: &KeyRecord) -> String {
+    let mut out = format!(
+        "  v{:<3} {}  {}{}\n",
         r.version,
         kst_core::time::format_utc(r.published_at),
         r.fingerprint,
         if r.revoked { "  (revoked)" } else { "" }
-    )
+    );
+    for uid in user_ids(r) {
+        let _ = writeln!(out, "         uid {}", Safe(&uid));
+    }
+    out
 }

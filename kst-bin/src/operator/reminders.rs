@@ -50,14 +50,14 @@ pub async fn run(config: Option<&std::path::Path>, cmd: RemindersCommand) -> u8 
                     })
                 })
                 .collect();
-            println!(
-                "{}",
-                serde_json::json!({
-                    "sent": sent,
-                    "already_claimed": run.already_claimed,
-                    "rate_limited": run.rate_limited,
-                })
-            );
+            let report = serde_json::json!({
+                "sent": sent,
+                "already_claimed": run.already_claimed,
+                "rate_limited": run.rate_limited,
+            })
+            .to_string();
+            // Stored addresses may hold BiDi controls: escaped, the same JSON value.
+            println!("{}", crate::terminal::json(&report));
             exit::OK
         }
         Err(e) => report::error(&e),

@@ -168,8 +168,11 @@ pub async fn export(store: &dyn KeyStore, out: &mut dyn Write) -> Result<Counts,
                 address: address.clone(),
                 history,
             };
-            let mut text = serde_json::to_string(&line)
+            let text = serde_json::to_string(&line)
                 .map_err(|e| Error::Invalid(format!("cannot encode {address}: {e}")))?;
+            // Terminal-safe (the export may go to stdout): the same JSON value, so `kst
+            // import` reads back exactly what was stored.
+            let mut text = crate::terminal::json(&text).into_owned();
             text.push('\n');
             out.write_all(text.as_bytes())
                 .map_err(|e| Error::unavailable(kst_core::Component::other("export output"), e))?;

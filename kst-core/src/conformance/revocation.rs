@@ -137,12 +137,13 @@ pub async fn revocation_survives_republication_and_deletion(store: &dyn KeyStore
 
 /// Two store instances (a pool) race a revoked publication against an unrevoked one of the
 /// same key, many times, each round on a fresh address: whichever lands last, the key is served
-/// revoked. Needs the read-check-write of the tombstone to be atomic with the write.
+/// revoked. Needs the read-check-write of the tombstone to be atomic with the write. Each run
+/// uses addresses of its own, so it can run more than once on one store.
 pub async fn revocation_race(stores: Vec<Arc<dyn KeyStore>>) {
     const W: &str = "revocation_race";
     assert!(stores.len() >= 2, "{W} needs two store instances");
     for round in 0..20u64 {
-        let a = address(&format!("race-{round}@{DOMAIN}"));
+        let a = super::run_address(&format!("revocation-race-{round}"));
         let barrier = Arc::new(Barrier::new(2));
         let mut tasks = Vec::new();
         for (i, version) in [(0usize, Version::Revoked), (1, Version::V2)] {

@@ -37,7 +37,29 @@ async fn the_key_layout_is_the_documented_one() {
     expected.sort();
     assert_eq!(keys, expected);
     assert!(store.delete(&a).await.unwrap());
-    assert!(t.keys().await.is_empty(), "delete left keys behind");
+    // Only the publication ids of the deleted history stay (deletion wins over a redelivery).
+    let deleted = format!("{p}{{alice@example.net}}:deleted");
+    assert_eq!(
+        t.keys().await,
+        std::slice::from_ref(&deleted),
+        "delete left keys behind"
+    );
+    let mut conn = t.raw().await;
+    let ids: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(&deleted)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(ids, std::slice::from_ref(&k.publication_id));
+    assert!(matches!(
+        store.publish(k.clone()).await,
+        Err(Error::DeletedSince { .. })
+    ));
+    assert_eq!(
+        t.keys().await,
+        [deleted],
+        "a refused redelivery writes nothing"
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,150 @@
+//! Terminal-safe text: stored strings (User IDs, addresses) escaped before they reach an
+//! operator's terminal.
+//!
+//! What kst stores comes from mail: a User ID is whatever the key holder wrote, and an
+//! internationalized address may hold any character that is not a control or a space. Printed
+//! as it is, such text can drive the operator's terminal: ESC sequences set the window title,
+//! clear the screen or (on some terminals) write to files; a CR rewrites the line shown;
+//! Unicode bidirectional overrides make `evil` read as `live`. Every operator listing that
+//! prints stored data passes it through [`safe`] (text) or [`json`] (JSON output).
+//!
+//! Escaped ([`is_unsafe`]): C0 controls (tab and newline too: each printed value is one line),
+//! DEL, C1 controls, the Unicode bidirectional formatting characters (Bidi_Control: ALM, LRM,
+//! RLM, the embeddings and overrides U+202A to U+202E, the isolates U+2066 to U+2069) and the
+//! line and paragraph separators U+2028, U+2029.
+
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
+
+/// Whether `c` must not reach a terminal as it is (see the [module documentation](self)).
+pub fn is_unsafe(c: char) -> bool {
+    c.is_control() || is_bidi_control(c) || matches!(c, '\u{2028}' | '\u{2029}')
+}
+
+/// The Unicode bidirectional formatting characters (property Bidi_Control).
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
+/// `text` with every [unsafe](is_unsafe) character written as an escape, `\x1B` for one up to
+/// U+00FF and `\u{202E}` above, and each backslash doubled, so the printed form is one line,
+/// shows exactly what is stored and cannot be mistaken for other text. Borrowed when nothing
+/// needed escaping (the usual case).
+pub fn safe(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(|c| c == '\\' || is_unsafe(c)) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if is_unsafe(c) && u32::from(c) <= 0xFF => {
+                let _ = write!(out, "\\x{:02X}", u32::from(c));
+            }
+            c if is_unsafe(c) => {
+                let _ = write!(out, "\\u{{{:04X}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Displays a string through [`safe`]: `println!("{}", Safe(&uid))`.
+#[derive(Debug, Clone, Copy)]
+pub struct Safe<'a>(pub &'a str);
+
+impl fmt::Display for Safe<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&safe(self.0))
+    }
+}
+
+/// `json` (as serde_json writes it) with the [unsafe](is_unsafe) characters serde_json leaves
+/// as they are (DEL, C1 controls, bidirectional formatting characters, U+2028, U+2029) written
+/// as `\uXXXX` escapes. The JSON value is the same (a reader gets the same strings back); only
+/// its text is safe on a terminal. serde_json escapes the C0 controls inside strings, so a
+/// tab, CR or newline in its output is whitespace between tokens (pretty printing) and stays;
+/// outside strings valid JSON holds nothing else unsafe, so every other such character is
+/// inside a string, where the escape stands for it.
+pub fn json(json: &str) -> Cow<'_, str> {
+    let escape = |c: char| is_unsafe(c) && !matches!(c, '\t' | '\n' | '\r');
+    if !json.chars().any(escape) {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 8);
+    for c in json.chars() {
+        if escape(c) {
+            // Every unsafe character is in the Basic Multilingual Plane: one escape each.
+            let _ = write!(out, "\\u{:04x}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_text_is_borrowed_and_unchanged() {
+        for s in [
+            "alice <alice@example.net>",
+            "Jörg Müller <jörg@example.de>",
+            "李 <li@example.cn>",
+            "",
+        ] {
+            assert!(matches!(safe(s), Cow::Borrowed(t) if t == s), "{s}");
+            assert!(matches!(json(s), Cow::Borrowed(t) if t == s), "{s}");
+        }
+    }
+
+    #[test]
+    fn controls_and_bidi_overrides_are_escaped() {
+        let uid = "Mallory \u{1b}]0;pwned\u{7}\u{1b}[2J\r\n\t\u{7f}\u{9b}31m\u{202e}evil\u{2066}x\u{2069}\u{2028}\\ <m@example.net>";
+        let shown = safe(uid);
+        assert_eq!(
+            shown,
+            "Mallory \\x1B]0;pwned\\x07\\x1B[2J\\x0D\\x0A\\x09\\x7F\\x9B31m\\u{202E}evil\\u{2066}x\
+             \\u{2069}\\u{2028}\\\\ <m@example.net>"
+        );
+        assert!(!shown.chars().any(is_unsafe), "{shown}");
+        assert_eq!(Safe(uid).to_string(), shown);
+        // Every Bidi_Control character, and nothing printable, counts as unsafe.
+        for c in [
+            '\u{061C}', '\u{200E}', '\u{200F}', '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}',
+            '\u{202E}', '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}',
+        ] {
+            assert!(is_bidi_control(c) && is_unsafe(c), "{c:?}");
+        }
+        for c in ['a', 'é', ' ', '<', '\u{00A0}', '\u{200B}', '😀'] {
+            assert!(!is_unsafe(c), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn json_escapes_keep_the_value() {
+        let value = serde_json::json!({
+            "uid": "a\u{1b}[31m\u{7f}\u{85}\u{202e}b\u{2029}",
+            "n": 1,
+        });
+        for text in [
+            serde_json::to_string(&value).unwrap(),
+            serde_json::to_string_pretty(&value).unwrap(),
+        ] {
+            let shown = json(&text);
+            assert!(!shown.chars().any(|c| c != '\n' && is_unsafe(c)), "{shown}");
+            assert!(
+                shown.contains("\\u202e") && shown.contains("\\u007f"),
+                "{shown}"
+            );
+            let back: serde_json::Value = serde_json::from_str(&shown).unwrap();
+            assert_eq!(back, value);
+        }
+    }
+}
