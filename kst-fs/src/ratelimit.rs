@@ -39,6 +39,9 @@ pub(crate) const RATELIMIT_DIR: &str = "ratelimit";
 
 type Shard = BTreeMap<String, (u64, u64)>;
 
+/// Hits of one key in its shard: the hash of the key, how many, the window of the first.
+type ShardHit = (String, u64, Duration);
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -57,7 +60,7 @@ pub(crate) fn hit_in(dir: &Path, key: &str, window: Duration) -> Result<u64> {
 /// [`kst_core::ratelimit::Tally`] lists them) in the shard files under `dir`, one shard at a
 /// time (each locked, read and written once); returns each key's window count, in order.
 pub(crate) fn hit_many_in(dir: &Path, keys: &[(&str, u32, Duration)]) -> Result<Vec<u64>> {
-    let mut by_shard: BTreeMap<String, Vec<(usize, (String, u64, Duration))>> = BTreeMap::new();
+    let mut by_shard: BTreeMap<String, Vec<(usize, ShardHit)>> = BTreeMap::new();
     for (i, (key, n, window)) in keys.iter().enumerate() {
         let hash = hex::encode(Sha256::digest(key.as_bytes()));
         by_shard
@@ -77,7 +80,7 @@ pub(crate) fn hit_many_in(dir: &Path, keys: &[(&str, u32, Duration)]) -> Result<
 
 /// Adds `n` hits to each `(hash of the key, n, window)` of `entries` in the shard file
 /// `<dir>/<name>.json` under its lock; returns each one's window count, in order.
-fn hit_shard(dir: &Path, name: &str, entries: &[(String, u64, Duration)]) -> Result<Vec<u64>> {
+fn hit_shard(dir: &Path, name: &str, entries: &[ShardHit]) -> Result<Vec<u64>> {
     let path = dir.join(format!("{name}.json"));
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
