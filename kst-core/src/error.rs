@@ -154,7 +154,7 @@ impl PartialEq<&str> for Component {
 /// Every error is either *temporary* (the MTA keeps the message and retries: LMTP 4xx, pipe
 /// exit 75) or *permanent* (the input itself is wrong and retrying cannot help). Callers branch
 /// on [`Error::is_temporary`]; backends map their own errors into these variants.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A store, mailer or other service could not be reached or failed part-way. Temporary.

@@ -46,7 +46,7 @@ pub use kauth::AuthKey;
 pub use mailer::{Mailer, OutgoingMail};
 pub use policy::{AuthSource, Policy};
 pub use protocol::{Reason, Status};
-pub use ratelimit::{LimitKind, MemoryRateLimiter, RateLimiter, RateLimits};
+pub use ratelimit::{Hit, LimitKind, MemoryRateLimiter, RateLimiter, RateLimits};
 pub use service::{Decision, Envelope, HandleError, Handled, Kst, NotForKst};
 pub use store::{Expected, KeyRecord, KeyStore, NewKey, PublishOutcome, WalkCursor, WalkPage};
 #[cfg(test)]

@@ -47,6 +47,101 @@ pub trait RateLimiter: Send + Sync {
     /// Instances sharing a backend share the count. An unreachable backend is a temporary
     /// [`Error`].
     async fn hit(&self, key: &str, limit: u32, window: Duration) -> Result<bool>;
+
+    /// Counts every hit of `hits` (each with its own key, limit and window) and answers, in
+    /// order, whether each is within its limit: the same answers and counts as calling
+    /// [`RateLimiter::hit`] once per hit, in order. A key named several times is counted once
+    /// per naming (the first naming's window opens a new window); `limit` 0 always answers
+    /// `false`. Backends count the whole slice in one round trip (PostgreSQL one statement,
+    /// Redis one script per hash slot, the filesystem one hand-off to the blocking pool); this
+    /// default calls [`RateLimiter::hit`] for each. On an error, any part of the hits may
+    /// have been counted.
+    async fn hit_many(&self, hits: &[Hit]) -> Result<Vec<bool>> {
+        let mut verdicts = Vec::with_capacity(hits.len());
+        for h in hits {
+            verdicts.push(self.hit(&h.key, h.limit, h.window).await?);
+        }
+        Ok(verdicts)
+    }
+}
+
+/// One counter hit of [`RateLimiter::hit_many`]: `key` allows at most `limit` hits per
+/// `window`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Hit {
+    /// The limiter key, e.g. `web-client:192.0.2.1`.
+    pub key: String,
+    /// Hits allowed per window (0: none).
+    pub limit: u32,
+    /// The window a first hit opens.
+    pub window: Duration,
+}
+
+impl Hit {
+    /// A hit of `key`, at most `limit` per `window`.
+    pub fn new(key: impl Into<String>, limit: u32, window: Duration) -> Hit {
+        Hit {
+            key: key.into(),
+            limit,
+            window,
+        }
+    }
+}
+
+/// The distinct keys of a [`RateLimiter::hit_many`] slice, for backends that add a key's
+/// hits in one step: each key once, in byte order (so that writers lock rows in one order),
+/// with how many times it is named and the window of its first naming.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tally<'a> {
+    /// `(key, times named, window of the first naming)`, sorted by key, each key once.
+    pub keys: Vec<(&'a str, u32, Duration)>,
+    /// For each hit, the position of its key in `keys`.
+    slots: Vec<usize>,
+}
+
+impl<'a> Tally<'a> {
+    /// The tally of `hits`.
+    pub fn of(hits: &'a [Hit]) -> Tally<'a> {
+        let mut order: Vec<usize> = (0..hits.len()).collect();
+        // Stable: among namings of one key, the first stays first.
+        order.sort_by(|&a, &b| hits[a].key.cmp(&hits[b].key));
+        let mut keys: Vec<(&'a str, u32, Duration)> = Vec::new();
+        let mut slots = vec![0; hits.len()];
+        for i in order {
+            let h = &hits[i];
+            match keys.last_mut() {
+                Some(last) if last.0 == h.key => last.1 = last.1.saturating_add(1),
+                _ => keys.push((&h.key, 1, h.window)),
+            }
+            slots[i] = keys.len() - 1;
+        }
+        Tally { keys, slots }
+    }
+
+    /// The answers of `hits` (the slice this tally is of) given `counts`, each key's window
+    /// count after all its hits (in the order of [`Tally::keys`]): the `j`-th naming of a key
+    /// named `n` times got the count `count - n + 1 + j`, and is within when that is at most
+    /// its own limit.
+    pub fn verdicts(&self, hits: &[Hit], counts: &[u64]) -> Result<Vec<bool>> {
+        if counts.len() != self.keys.len() || hits.len() != self.slots.len() {
+            return Err(Error::corrupt(
+                crate::error::Component::rate_limiter("hit_many"),
+                format!(
+                    "the backend answered {} counts for {} keys (a bug in the backend)",
+                    counts.len(),
+                    self.keys.len()
+                ),
+            ));
+        }
+        let mut seen = vec![0u64; self.keys.len()];
+        let mut out = Vec::with_capacity(hits.len());
+        for (h, &k) in hits.iter().zip(&self.slots) {
+            let first = counts[k].saturating_sub(u64::from(self.keys[k].1));
+            seen[k] += 1;
+            out.push(first + seen[k] <= u64::from(h.limit));
+        }
+        Ok(out)
+    }
 }
 
 /// Which counter a limit applies to.
@@ -322,6 +417,28 @@ impl RateLimiter for MemoryRateLimiter {
         entry.1 = entry.1.saturating_add(1);
         Ok(entry.1 <= limit)
     }
+
+    async fn hit_many(&self, hits: &[Hit]) -> Result<Vec<bool>> {
+        let now = Instant::now();
+        let mut windows = self
+            .windows
+            .lock()
+            .map_err(|_| Error::unavailable("ratelimit(memory)", "lock poisoned"))?;
+        if windows.len() >= SWEEP_AT {
+            windows.retain(|_, (end, _)| *end > now);
+        }
+        Ok(hits
+            .iter()
+            .map(|h| {
+                let entry = windows.entry(h.key.clone()).or_insert((now + h.window, 0));
+                if entry.0 <= now {
+                    *entry = (now + h.window, 0);
+                }
+                entry.1 = entry.1.saturating_add(1);
+                entry.1 <= h.limit
+            })
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -441,6 +558,33 @@ mod tests {
         let m = RecipientFolding::minimal();
         assert_eq!(c("john.smith@gmail.com", &m), "john.smith@gmail.com");
         assert_eq!(c("V-1+x@yahoo.com", &m), "v-1@yahoo.com");
+    }
+
+    #[test]
+    fn a_tally_names_each_key_once_and_answers_like_hits_in_order() {
+        let w = Duration::from_secs(60);
+        let hits = [
+            Hit::new("b", 2, w),
+            Hit::new("a", 1, Duration::from_secs(5)),
+            Hit::new("b", 2, Duration::from_secs(9)),
+            Hit::new("b", 3, w),
+            Hit::new("a", 9, w),
+        ];
+        let t = Tally::of(&hits);
+        // Sorted, counted, the first naming's window.
+        assert_eq!(t.keys, vec![("a", 2, Duration::from_secs(5)), ("b", 3, w)]);
+        // a ends at 2 (hits 1, 2), b at 3 (hits 1, 2, 3); each against its own limit.
+        assert_eq!(
+            t.verdicts(&hits, &[2, 3]).unwrap(),
+            vec![true, true, true, true, true]
+        );
+        // b already had 1 before: its hits got 2, 3, 4.
+        assert_eq!(
+            t.verdicts(&hits, &[2, 4]).unwrap(),
+            vec![true, true, false, false, true]
+        );
+        assert!(t.verdicts(&hits, &[2]).is_err(), "a count missing");
+        assert!(Tally::of(&[]).keys.is_empty());
     }
 
     #[tokio::test]

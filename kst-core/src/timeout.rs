@@ -176,6 +176,10 @@ impl<S: RateLimiter> RateLimiter for TimeoutStore<S> {
         self.run("rate limit", self.inner.hit(key, limit, window))
             .await
     }
+
+    async fn hit_many(&self, hits: &[crate::ratelimit::Hit]) -> Result<Vec<bool>> {
+        self.run("rate limit", self.inner.hit_many(hits)).await
+    }
 }
 
 #[cfg(all(test, feature = "conformance"))]

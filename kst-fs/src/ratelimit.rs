@@ -6,7 +6,8 @@
 //! ```
 //!
 //! A hit locks its shard file (`flock`), reads it, counts, drops windows that have ended and
-//! writes it back. Counters are soft state: a file that cannot be parsed counts as empty and is
+//! writes it back. [`RateLimiter::hit_many`] does the same once per shard its keys fall in,
+//! one shard after the other (never two locks at once), in one hand-off to the blocking pool. Counters are soft state: a file that cannot be parsed counts as empty and is
 //! rewritten, and nothing is fsynced.
 //!
 //! The new content is written over the old one from offset 0 and the file is cut to its length
@@ -26,6 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use fs4::fs_std::FileExt;
+use kst_core::ratelimit::{Hit, Tally};
 use kst_core::{RateLimiter, Result};
 use sha2::{Digest, Sha256};
 
@@ -37,6 +39,9 @@ pub(crate) const RATELIMIT_DIR: &str = "ratelimit";
 
 type Shard = BTreeMap<String, (u64, u64)>;
 
+/// Hits of one key in its shard: the hash of the key, how many, the window of the first.
+type ShardHit = (String, u64, Duration);
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -46,7 +51,37 @@ fn now_secs() -> u64 {
 /// Counts one hit of `key` in the shard files under `dir`; returns the window's count.
 pub(crate) fn hit_in(dir: &Path, key: &str, window: Duration) -> Result<u64> {
     let hash = hex::encode(Sha256::digest(key.as_bytes()));
-    let path = dir.join(format!("{}.json", &hash[..2]));
+    let shard = hash[..2].to_string();
+    let counts = hit_shard(dir, &shard, &[(hash, 1, window)])?;
+    Ok(counts[0])
+}
+
+/// Counts `n` hits of each `(key, n, window)` of `keys` (distinct keys, as
+/// [`kst_core::ratelimit::Tally`] lists them) in the shard files under `dir`, one shard at a
+/// time (each locked, read and written once); returns each key's window count, in order.
+pub(crate) fn hit_many_in(dir: &Path, keys: &[(&str, u32, Duration)]) -> Result<Vec<u64>> {
+    let mut by_shard: BTreeMap<String, Vec<(usize, ShardHit)>> = BTreeMap::new();
+    for (i, (key, n, window)) in keys.iter().enumerate() {
+        let hash = hex::encode(Sha256::digest(key.as_bytes()));
+        by_shard
+            .entry(hash[..2].to_string())
+            .or_default()
+            .push((i, (hash, u64::from(*n), *window)));
+    }
+    let mut counts = vec![0; keys.len()];
+    for (shard, entries) in by_shard {
+        let (at, entries): (Vec<usize>, Vec<_>) = entries.into_iter().unzip();
+        for (i, c) in at.into_iter().zip(hit_shard(dir, &shard, &entries)?) {
+            counts[i] = c;
+        }
+    }
+    Ok(counts)
+}
+
+/// Adds `n` hits to each `(hash of the key, n, window)` of `entries` in the shard file
+/// `<dir>/<name>.json` under its lock; returns each one's window count, in order.
+fn hit_shard(dir: &Path, name: &str, entries: &[ShardHit]) -> Result<Vec<u64>> {
+    let path = dir.join(format!("{name}.json"));
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
     #[cfg(unix)]
@@ -75,13 +110,20 @@ pub(crate) fn hit_in(dir: &Path, key: &str, window: Duration) -> Result<u64> {
     };
     let now = now_secs();
     shard.retain(|_, (end, _)| *end > now);
-    let window = window.as_secs().max(1);
-    let entry = shard.entry(hash).or_insert((now.saturating_add(window), 0));
-    entry.1 = entry.1.saturating_add(1);
-    let count = entry.1;
+    let counts = entries
+        .iter()
+        .map(|(hash, n, window)| {
+            let window = window.as_secs().max(1);
+            let entry = shard
+                .entry(hash.clone())
+                .or_insert((now.saturating_add(window), 0));
+            entry.1 = entry.1.saturating_add(*n);
+            entry.1
+        })
+        .collect();
     let json = serde_json::to_vec(&shard).unwrap_or_default();
     write_over(&file, &json, old_len).map_err(|e| io("write", &path, e))?;
-    Ok(count)
+    Ok(counts)
 }
 
 /// Replaces the `old_len` bytes of `file` with `bytes`: written from offset 0, then cut to
@@ -113,6 +155,26 @@ impl RateLimiter for FsStore {
         let key = key.to_string();
         let count = crate::store::blocking(move || hit_in(&dir, &key, window)).await?;
         Ok(count <= u64::from(limit))
+    }
+
+    async fn hit_many(&self, hits: &[Hit]) -> Result<Vec<bool>> {
+        if hits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dir = self.root().join(RATELIMIT_DIR);
+        let tally = Tally::of(hits);
+        let keys: Vec<(String, u32, Duration)> = tally
+            .keys
+            .iter()
+            .map(|(k, n, w)| (k.to_string(), *n, *w))
+            .collect();
+        let counts = crate::store::blocking(move || {
+            let keys: Vec<(&str, u32, Duration)> =
+                keys.iter().map(|(k, n, w)| (k.as_str(), *n, *w)).collect();
+            hit_many_in(&dir, &keys)
+        })
+        .await?;
+        tally.verdicts(hits, &counts)
     }
 }
 

@@ -1,10 +1,17 @@
 //! [`RateLimiter`] on Redis: one counter key per limiter key, incremented and given its expiry
 //! in one Lua script, so every instance of a pool shares the count.
+//!
+//! [`RateLimiter::hit_many`] counts every distinct key once, by its number of hits, in one
+//! script ([`HIT_MANY`]) on one server or under Sentinel. On a Cluster a script may only touch
+//! keys of one hash slot: the keys are grouped by slot and each group's script runs at once
+//! with the others.
 
+use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use kst_core::ratelimit::{Hit, Tally};
 use kst_core::{RateLimiter, Result};
 use redis::Script;
 
@@ -24,6 +31,31 @@ return n
     )
 });
 
+/// Counts many hits. KEYS: the counters, each once. ARGV: per key, its number of hits and its
+/// window in milliseconds. Returns each key's count; as [`HIT`], a counter without an expiry
+/// gets one.
+static HIT_MANY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local counts = {}
+for i, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[2 * i - 1])
+  local c = redis.call('INCRBY', key, n)
+  if c == n or redis.call('PTTL', key) < 0 then
+    redis.call('PEXPIRE', key, ARGV[2 * i])
+  end
+  counts[i] = c
+end
+return counts
+"#,
+    )
+});
+
+/// A window in milliseconds, at least 1.
+fn millis(window: Duration) -> u64 {
+    u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
 /// The Redis key of a limiter key: `<prefix>rl:<key>`.
 pub(crate) fn counter_key(prefix: &str, key: &str) -> String {
     format!("{prefix}rl:{key}")
@@ -36,10 +68,76 @@ impl RateLimiter for RedisStore {
     }
 
     async fn hit(&self, key: &str, limit: u32, window: Duration) -> Result<bool> {
-        let millis = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut invocation = HIT.prepare_invoke();
-        invocation.key(counter_key(self.prefix(), key)).arg(millis);
+        invocation
+            .key(counter_key(self.prefix(), key))
+            .arg(millis(window));
         let count: u64 = self.run_script(&invocation).await?;
         Ok(count <= u64::from(limit))
+    }
+
+    async fn hit_many(&self, hits: &[Hit]) -> Result<Vec<bool>> {
+        if hits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tally = Tally::of(hits);
+        // Positions in `tally.keys`, one group per script: all of them, or one per slot.
+        let groups: Vec<Vec<usize>> = if self.conn.is_cluster() {
+            let mut by_slot: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+            for (i, k) in tally.keys.iter().enumerate() {
+                let slot = crate::conn::slot(counter_key(self.prefix(), k.0).as_bytes());
+                by_slot.entry(slot).or_default().push(i);
+            }
+            by_slot.into_values().collect()
+        } else {
+            vec![(0..tally.keys.len()).collect()]
+        };
+        let mut counts = vec![0u64; tally.keys.len()];
+        let script = |group: &[usize]| {
+            let mut invocation = HIT_MANY.prepare_invoke();
+            for &i in group {
+                let (key, n, window) = tally.keys[i];
+                invocation
+                    .key(counter_key(self.prefix(), key))
+                    .arg(n)
+                    .arg(millis(window));
+            }
+            invocation
+        };
+        let mut answers = Vec::with_capacity(groups.len());
+        if let [group] = groups.as_slice() {
+            answers.push((group.clone(), self.run_script(&script(group)).await?));
+        } else {
+            let mut set = tokio::task::JoinSet::new();
+            for group in groups {
+                let store = self.clone();
+                let invocation = script(&group);
+                set.spawn(async move {
+                    let got: Result<Vec<u64>> = store.run_script(&invocation).await;
+                    (group, got)
+                });
+            }
+            while let Some(joined) = set.join_next().await {
+                let (group, got) =
+                    joined.map_err(|e| kst_core::Error::unavailable("ratelimit(redis)", e))?;
+                answers.push((group, got?));
+            }
+        }
+        for (group, got) in answers {
+            if got.len() != group.len() {
+                return Err(kst_core::Error::corrupt(
+                    "ratelimit(redis)",
+                    format!(
+                        "the counting script answered {} counts for {} keys",
+                        got.len(),
+                        group.len()
+                    ),
+                ));
+            }
+            for (i, c) in group.into_iter().zip(got) {
+                counts[i] = c;
+            }
+        }
+        tally.verdicts(hits, &counts)
     }
 }

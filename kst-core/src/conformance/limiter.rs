@@ -8,8 +8,8 @@
 //! they expect counters nobody else touches: run the suite on a fresh namespace.
 //!
 //! [`window_ends_and_starts_again`] waits for a one-second window to pass (about 1.5 s).
-//! Use a multi-threaded runtime so that [`concurrent_hits_never_exceed_the_limit`] really
-//! runs in parallel.
+//! Use a multi-threaded runtime so that [`concurrent_hits_never_exceed_the_limit`] and
+//! [`concurrent_many_hits_count_exactly`] really run in parallel.
 //!
 //! ```ignore
 //! #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -24,7 +24,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::ratelimit::{LimitKind, RateLimiter, RateLimits, check, limiter_key};
+use crate::ratelimit::{Hit, LimitKind, RateLimiter, RateLimits, check, limiter_key};
 
 /// The window of every property but [`window_ends_and_starts_again`].
 pub const HOUR: Duration = Duration::from_secs(3600);
@@ -55,7 +55,148 @@ pub async fn run_all(limiters: Vec<Arc<dyn RateLimiter>>) {
     instances_share_one_count(a, b).await;
     concurrent_hits_never_exceed_the_limit(limiters.clone()).await;
     check_stops_at_the_exhausted_counter(a).await;
+    many_hits_count_each_naming_against_its_own_limit(a).await;
+    many_hits_share_counts_with_single_hits(a, b).await;
+    concurrent_many_hits_count_exactly(limiters.clone()).await;
     window_ends_and_starts_again(a).await;
+}
+
+async fn hit_many(what: &str, limiter: &dyn RateLimiter, hits: &[Hit]) -> Vec<bool> {
+    let verdicts = limiter.hit_many(hits).await.unwrap_or_else(|e| {
+        panic!(
+            "{what}: hit_many of {} hits on {} failed: {e}",
+            hits.len(),
+            limiter.name()
+        )
+    });
+    assert_eq!(
+        verdicts.len(),
+        hits.len(),
+        "{what}: {} answered {} verdicts for {} hits",
+        limiter.name(),
+        verdicts.len(),
+        hits.len()
+    );
+    verdicts
+}
+
+/// [`RateLimiter::hit_many`] answers like one [`RateLimiter::hit`] per hit, in order: a key
+/// named several times is counted once per naming, each naming against its own limit; keys
+/// with other limits and windows in the same call count on their own; a limit of 0 refuses;
+/// an empty call counts nothing.
+pub async fn many_hits_count_each_naming_against_its_own_limit(limiter: &dyn RateLimiter) {
+    let what = "many_hits_count_each_naming_against_its_own_limit";
+    assert!(hit_many(what, limiter, &[]).await.is_empty());
+    let minute = Duration::from_secs(60);
+    let hits = [
+        Hit::new("conformance:many:a", 2, HOUR),
+        Hit::new("conformance:many:b", 1, minute),
+        Hit::new("conformance:many:a", 2, HOUR),
+        Hit::new("conformance:many:c", 0, HOUR),
+        Hit::new("conformance:many:a", 2, HOUR),
+        Hit::new("conformance:many:b", 1, minute),
+        // The fourth naming of a, against a larger limit of its own.
+        Hit::new("conformance:many:a", 10, HOUR),
+    ];
+    assert_eq!(
+        hit_many(what, limiter, &hits).await,
+        vec![true, true, true, false, false, false, true],
+        "{what}: a counts 1, 2, 3 (limit 2), 4 (limit 10); b 1, 2 (limit 1); c has limit 0"
+    );
+    // The counts went on from there: a is at 4, b at 2.
+    assert!(
+        !hit(what, limiter, "conformance:many:a", 4, HOUR).await,
+        "{what}: a counted fewer than 4 times"
+    );
+    assert!(
+        hit(what, limiter, "conformance:many:a", 6, HOUR).await,
+        "{what}: a counted more than 5 times"
+    );
+    assert!(
+        hit(what, limiter, "conformance:many:b", 3, minute).await,
+        "{what}: b counted more than twice"
+    );
+}
+
+/// Counts made by [`RateLimiter::hit`] on one instance and [`RateLimiter::hit_many`] on
+/// another are one count.
+pub async fn many_hits_share_counts_with_single_hits(a: &dyn RateLimiter, b: &dyn RateLimiter) {
+    let what = "many_hits_share_counts_with_single_hits";
+    let key = "conformance:many-shared:192.0.2.9";
+    for _ in 0..3 {
+        assert!(hit(what, a, key, 5, HOUR).await, "{what}: hit within 5");
+    }
+    let verdicts = hit_many(
+        what,
+        b,
+        &[
+            Hit::new(key, 5, HOUR),
+            Hit::new("conformance:many-shared:other", 1, HOUR),
+            Hit::new(key, 5, HOUR),
+            Hit::new(key, 5, HOUR),
+        ],
+    )
+    .await;
+    assert_eq!(
+        verdicts,
+        vec![true, true, true, false],
+        "{what}: after 3 single hits, the 4th and 5th are within 5, the 6th is not"
+    );
+    assert!(
+        !hit(what, a, key, 6, HOUR).await,
+        "{what}: the single hit after them is the 7th"
+    );
+}
+
+/// Tasks that each count a few keys with [`RateLimiter::hit_many`] at once, spread over
+/// `limiters`: a key every task names is counted once per naming, exactly, and allows exactly
+/// its limit; each task's own key is counted once.
+pub async fn concurrent_many_hits_count_exactly(limiters: Vec<Arc<dyn RateLimiter>>) {
+    let what = "concurrent_many_hits_count_exactly";
+    let (tasks, limit) = (24usize, 30u32);
+    let handles: Vec<_> = (0..tasks)
+        .map(|i| {
+            let l = limiters[i % limiters.len()].clone();
+            tokio::spawn(async move {
+                let shared = "conformance:many-race:global";
+                let hits = [
+                    Hit::new(format!("conformance:many-race:{i}"), 1, HOUR),
+                    Hit::new(shared, limit, HOUR),
+                    Hit::new(shared, limit, HOUR),
+                ];
+                hit_many(what, &*l, &hits).await
+            })
+        })
+        .collect();
+    let mut own = 0;
+    let mut shared = 0;
+    for h in handles {
+        let v = h
+            .await
+            .unwrap_or_else(|e| panic!("{what}: task failed: {e}"));
+        own += usize::from(v[0]);
+        shared += v[1..].iter().filter(|x| **x).count();
+    }
+    assert_eq!(own, tasks, "{what}: each task's own key is within 1");
+    assert_eq!(
+        shared,
+        limit as usize,
+        "{what}: {} namings of one key at once, limit {limit}",
+        2 * tasks
+    );
+    // Exactly 2 × tasks namings were counted: the next is past that.
+    let l = &*limiters[0];
+    let key = "conformance:many-race:global";
+    assert!(
+        hit(what, l, key, 2 * tasks as u32 + 1, HOUR).await,
+        "{what}: counted more than {} times",
+        2 * tasks
+    );
+    assert!(
+        !hit(what, l, key, 2 * tasks as u32 + 1, HOUR).await,
+        "{what}: counted fewer than {} times",
+        2 * tasks
+    );
 }
 
 /// Hits within the limit are allowed, every hit past it is refused, and each key (and each
@@ -180,10 +321,34 @@ pub async fn window_ends_and_starts_again(limiter: &dyn RateLimiter) {
         !hit(what, limiter, key, 1, second).await,
         "{what}: second hit in the window allowed"
     );
+    // The same through hit_many, next to a key with a longer window.
+    let many = "conformance:window-many:alice@example.net";
+    let long = "conformance:window-many:long";
+    let hits = [Hit::new(many, 1, second), Hit::new(long, 2, HOUR)];
+    assert_eq!(
+        hit_many(what, limiter, &hits).await,
+        vec![true, true],
+        "{what}: first hits through hit_many"
+    );
+    assert_eq!(
+        hit_many(what, limiter, &hits[..1]).await,
+        vec![false],
+        "{what}: second hit_many in the window allowed"
+    );
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert!(
         hit(what, limiter, key, 1, second).await,
         "{what}: the window passed but the key was still over its limit"
+    );
+    assert_eq!(
+        hit_many(what, limiter, &hits).await,
+        vec![true, true],
+        "{what}: through hit_many, the short window starts again and the long one counts 2"
+    );
+    assert_eq!(
+        hit_many(what, limiter, &hits[1..]).await,
+        vec![false],
+        "{what}: the long window kept its count (3 of 2)"
     );
 }
 
@@ -195,6 +360,23 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_memory_limiter_conforms() {
         let l: Arc<dyn RateLimiter> = Arc::new(MemoryRateLimiter::new());
+        run_all(vec![l.clone(), l]).await;
+    }
+
+    /// A limiter with only `hit` (the trait's default `hit_many`) conforms.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_default_hit_many_conforms() {
+        struct OnlyHit(MemoryRateLimiter);
+        #[async_trait::async_trait]
+        impl RateLimiter for OnlyHit {
+            fn name(&self) -> &'static str {
+                "only-hit"
+            }
+            async fn hit(&self, key: &str, limit: u32, window: Duration) -> crate::Result<bool> {
+                self.0.hit(key, limit, window).await
+            }
+        }
+        let l: Arc<dyn RateLimiter> = Arc::new(OnlyHit(MemoryRateLimiter::new()));
         run_all(vec![l.clone(), l]).await;
     }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use kst_core::RateLimiter;
 use kst_core::conformance;
+use kst_core::ratelimit::Hit;
 use kst_postgres::PostgresStore;
 use sqlx::Row;
 
@@ -123,4 +124,52 @@ async fn a_hit_commits_asynchronously_and_leaves_the_session_alone() {
     assert_eq!(inside, "off");
     tx.commit().await.unwrap();
     assert_eq!(show().await, before, "reset at the end of the transaction");
+}
+
+/// `hit_many` stores one row per distinct key with the number of its hits, in one window, and
+/// restarts an ended window at the batch's hits.
+#[tokio::test]
+async fn many_hits_store_one_row_per_key_with_its_count() {
+    let db = TestDb::new().await;
+    let store = db.store().await;
+    let s = store.inner();
+    let hits = [
+        Hit::new("web-client:192.0.2.1", 2, HOUR),
+        Hit::new("web-miss-global", 10, HOUR),
+        Hit::new("web-client:192.0.2.1", 2, HOUR),
+        Hit::new("web-client:192.0.2.1", 2, HOUR),
+    ];
+    assert_eq!(
+        s.hit_many(&hits).await.unwrap(),
+        vec![true, true, true, false]
+    );
+    let rows: Vec<(String, i64, bool)> = sqlx::query_as(
+        "SELECT key, count, window_end > now() + interval '59 minutes' \
+         FROM kst_rate_limits ORDER BY key",
+    )
+    .fetch_all(s.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            ("web-client:192.0.2.1".to_string(), 3, true),
+            ("web-miss-global".to_string(), 1, true),
+        ]
+    );
+    // An ended window starts again at the batch's hits.
+    sqlx::query("UPDATE kst_rate_limits SET window_end = now() - interval '1 second'")
+        .execute(s.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.hit_many(&hits[..3]).await.unwrap(),
+        vec![true, true, true]
+    );
+    let count: i64 =
+        sqlx::query_scalar("SELECT count FROM kst_rate_limits WHERE key = 'web-client:192.0.2.1'")
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+    assert_eq!(count, 2);
 }

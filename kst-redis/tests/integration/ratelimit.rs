@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use kst_core::RateLimiter;
 use kst_core::conformance;
+use kst_core::ratelimit::Hit;
 use kst_redis::RedisStore;
 
 use crate::support::TestPrefix;
@@ -74,4 +75,40 @@ async fn unreachable_redis_is_a_temporary_error() {
         .unwrap();
     let err = s.hit("sender:bob@acme.net", 5, HOUR).await.unwrap_err();
     assert!(err.is_temporary(), "{err}");
+}
+
+/// `hit_many` adds each key's hits to one counter and gives a new counter its window.
+#[tokio::test]
+async fn many_hits_count_each_key_once_with_its_window() {
+    let t = TestPrefix::new().await;
+    let s = t.store().await;
+    let hits = [
+        Hit::new("web-client:192.0.2.1", 2, HOUR),
+        Hit::new("web-miss-global", 10, Duration::from_secs(60)),
+        Hit::new("web-client:192.0.2.1", 2, HOUR),
+        Hit::new("web-client:192.0.2.1", 2, HOUR),
+    ];
+    assert_eq!(
+        s.hit_many(&hits).await.unwrap(),
+        vec![true, true, true, false]
+    );
+    let mut raw = t.raw().await;
+    for (key, count, max_ttl) in [
+        ("web-client:192.0.2.1", 3, 3_600_000),
+        ("web-miss-global", 1, 60_000),
+    ] {
+        let key = format!("{}rl:{key}", t.prefix);
+        let n: u64 = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(n, count, "{key}");
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert!(ttl > 0 && ttl <= max_ttl, "{key}: ttl {ttl}");
+    }
 }

@@ -1,8 +1,8 @@
 //! Rate limits of the web listener: requests and misses per client, misses of everyone.
 //!
-//! Counters go through [`kst_core::RateLimiter`] (the store's, so a pool shares them) under
-//! keys that start with `web-`, which no mail-side key does (those start with a
-//! [`kst_core::LimitKind`] token). The limiter only counts hits, so a client whose misses ran
+//! Counters go through [`kst_core::RateLimiter`] (the store's, so a pool shares them; the
+//! hits of concurrent requests together, [`super::coalesce`]) under keys that start with
+//! `web-`, which no mail-side key does (those start with a [`kst_core::LimitKind`] token). The limiter only counts hits, so a client whose misses ran
 //! out is remembered here until its window ends; every instance learns it on that client's
 //! next miss. When everyone's misses are spent, only clients that missed themselves in the
 //! window (as this process saw) are refused: strangers' misses never stop a client that only
@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kst_core::RateLimiter;
+use kst_core::ratelimit::Hit;
 
 use super::config::WebLimits;
 
@@ -85,11 +86,12 @@ fn remember(map: &mut HashMap<String, Instant>, client: &str, now: Instant, unti
 }
 
 impl Limiter {
-    /// Limits counted in `counters`.
+    /// Limits counted in `counters`, the hits of concurrent requests together (see
+    /// [`super::coalesce`]).
     pub fn new(limits: WebLimits, counters: Arc<dyn RateLimiter>) -> Self {
         Limiter {
             limits,
-            counters,
+            counters: Arc::new(super::coalesce::Coalescer::new(counters)),
             blocked: Arc::default(),
             precount: Arc::default(),
         }
@@ -144,7 +146,9 @@ impl Limiter {
     }
 
     /// Counts a look-up of `client` that found nothing. Later look-ups are refused once the
-    /// client's budget is spent, or everyone's and the client has missed in the window.
+    /// client's budget is spent, or everyone's and the client has missed in the window. The
+    /// client's and the global miss counter are counted in one call (with other requests'
+    /// hits, see [`super::coalesce`]).
     pub async fn miss(&self, client: &str) -> kst_core::Result<()> {
         let window = self.limits.window();
         if self.limits.global_misses > 0 {
@@ -152,28 +156,32 @@ impl Limiter {
             let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
             remember(&mut b.missed, client, now, now + window);
         }
-        if self.limits.per_client_misses > 0
-            && !self
-                .counters
-                .hit(
-                    &format!("{MISS_PREFIX}{client}"),
-                    self.limits.per_client_misses,
-                    window,
-                )
-                .await?
-        {
+        let mut hits = Vec::with_capacity(2);
+        if self.limits.per_client_misses > 0 {
+            hits.push(Hit::new(
+                format!("{MISS_PREFIX}{client}"),
+                self.limits.per_client_misses,
+                window,
+            ));
+        }
+        if self.limits.global_misses > 0 {
+            hits.push(Hit::new(GLOBAL_MISS_KEY, self.limits.global_misses, window));
+        }
+        if hits.is_empty() {
+            return Ok(());
+        }
+        let verdicts = self.counters.hit_many(&hits).await?;
+        for (hit, within) in hits.iter().zip(verdicts) {
+            if within {
+                continue;
+            }
             let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
-            remember(&mut b.clients, client, now, now + window);
-        }
-        if self.limits.global_misses > 0
-            && !self
-                .counters
-                .hit(GLOBAL_MISS_KEY, self.limits.global_misses, window)
-                .await?
-        {
-            let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
-            b.global_until = Some(Instant::now() + window);
+            if hit.key == GLOBAL_MISS_KEY {
+                b.global_until = Some(now + window);
+            } else {
+                remember(&mut b.clients, client, now, now + window);
+            }
         }
         Ok(())
     }

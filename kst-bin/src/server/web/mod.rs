@@ -5,6 +5,7 @@
 //! [`WebConfig`]; `kst serve` wires them in.
 
 pub mod client;
+pub mod coalesce;
 pub mod handlers;
 pub mod limits;
 pub mod listener;

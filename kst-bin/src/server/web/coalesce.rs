@@ -1,0 +1,394 @@
+//! Counter hits of concurrent web requests sent to the shared counters together: one
+//! [`RateLimiter::hit_many`] (one PostgreSQL statement, one Redis script) for many requests,
+//! instead of a round trip per counter per request.
+//!
+//! A request's hits join a queue. When fewer than [`MAX_IN_FLIGHT`] batches are being counted,
+//! a flusher task starts at once and sends what is queued; otherwise the hits wait until a
+//! flusher is done with its batch and takes everything queued meanwhile (up to [`MAX_BATCH`]
+//! hits a batch). So requests are gathered for exactly as long as the counters are busy: a
+//! lone request waits for nothing, and under load a batch holds the requests that arrived
+//! during the previous one's round trip.
+//!
+//! Counts stay exact: every hit is counted once, by the backend, and each request gets the
+//! answers of its own hits, as [`RateLimiter::hit_many`] gives them for the whole batch (the
+//! same as single hits in the batch's order). A flusher runs as a task of its own, so a
+//! request that goes away (its client closed the connection) neither loses nor repeats the
+//! hits of the others; its own hits are still counted. An error of the backend is every
+//! waiting request's error.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kst_core::ratelimit::Hit;
+use kst_core::{Error, RateLimiter, Result};
+use tokio::sync::oneshot;
+
+/// Most batches being counted at once (each one round trip to the counters).
+pub const MAX_IN_FLIGHT: usize = 2;
+
+/// Most hits in one batch (a request's hits are never split across batches).
+pub const MAX_BATCH: usize = 256;
+
+/// The hits of one request and where its answers go.
+struct Pending {
+    hits: Vec<Hit>,
+    reply: oneshot::Sender<Result<Vec<bool>>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<Pending>,
+    /// Flusher tasks running.
+    flushers: usize,
+}
+
+struct Shared {
+    inner: Arc<dyn RateLimiter>,
+    queue: Mutex<Queue>,
+    max_in_flight: usize,
+    max_batch: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A [`RateLimiter`] that counts the hits of concurrent callers together in its inner
+/// limiter (see the module documentation). Needs a Tokio runtime when counting.
+#[derive(Clone)]
+pub struct Coalescer {
+    shared: Arc<Shared>,
+}
+
+impl Coalescer {
+    /// Counts in `inner`, at most [`MAX_IN_FLIGHT`] batches of [`MAX_BATCH`] hits at once.
+    pub fn new(inner: Arc<dyn RateLimiter>) -> Coalescer {
+        Coalescer::with_limits(inner, MAX_IN_FLIGHT, MAX_BATCH)
+    }
+
+    /// Counts in `inner`, at most `max_in_flight` batches (at least 1) of `max_batch` hits at
+    /// once (a request with more hits is a batch of its own).
+    pub fn with_limits(
+        inner: Arc<dyn RateLimiter>,
+        max_in_flight: usize,
+        max_batch: usize,
+    ) -> Coalescer {
+        Coalescer {
+            shared: Arc::new(Shared {
+                inner,
+                queue: Mutex::default(),
+                max_in_flight: max_in_flight.max(1),
+                max_batch: max_batch.max(1),
+            }),
+        }
+    }
+}
+
+/// Takes the next batch off `queue`: at least one request, then more while they fit in
+/// `max_batch` hits.
+fn next_batch(queue: &mut Queue, max_batch: usize) -> Vec<Pending> {
+    let mut batch = Vec::new();
+    let mut hits = 0;
+    while let Some(p) = queue.waiting.front() {
+        if !batch.is_empty() && hits + p.hits.len() > max_batch {
+            break;
+        }
+        hits += p.hits.len();
+        batch.extend(queue.waiting.pop_front());
+    }
+    batch
+}
+
+/// Ends a flusher: on a normal end it has already left the count (under the lock, when it
+/// found the queue empty); when it panicked, this leaves it and starts another flusher for
+/// what is queued, so that nobody waits for a flusher that is gone.
+struct FlusherGuard {
+    shared: Arc<Shared>,
+    done: bool,
+}
+
+impl Drop for FlusherGuard {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut q = self.shared.lock();
+        if q.waiting.is_empty() {
+            q.flushers -= 1;
+        } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            // Takes this flusher's place.
+            rt.spawn(flush(Arc::clone(&self.shared)));
+        } else {
+            q.flushers -= 1;
+            for p in q.waiting.drain(..) {
+                let _ = p.reply.send(Err(lost()));
+            }
+        }
+    }
+}
+
+fn lost() -> Error {
+    Error::unavailable(
+        "ratelimit(coalescer)",
+        "the task counting this batch of hits ended before it answered",
+    )
+}
+
+/// Counts batches off the queue until it is empty.
+async fn flush(shared: Arc<Shared>) {
+    let mut guard = FlusherGuard {
+        shared: Arc::clone(&shared),
+        done: false,
+    };
+    loop {
+        let batch = {
+            let mut q = shared.lock();
+            if q.waiting.is_empty() {
+                q.flushers -= 1;
+                guard.done = true;
+                return;
+            }
+            next_batch(&mut q, shared.max_batch)
+        };
+        let hits: Vec<Hit> = batch.iter().flat_map(|p| p.hits.iter().cloned()).collect();
+        let answers = shared.inner.hit_many(&hits).await;
+        let mut at = 0;
+        for p in batch {
+            let n = p.hits.len();
+            let mine = match &answers {
+                Ok(verdicts) => verdicts
+                    .get(at..at + n)
+                    .map(<[bool]>::to_vec)
+                    .ok_or_else(|| {
+                        Error::corrupt(
+                            "ratelimit(coalescer)",
+                            format!(
+                                "{} answered {} verdicts for {} hits",
+                                shared.inner.name(),
+                                verdicts.len(),
+                                hits.len()
+                            ),
+                        )
+                    }),
+                Err(e) => Err(e.clone()),
+            };
+            at += n;
+            // A request that went away no longer listens; its hits were counted all the same.
+            let _ = p.reply.send(mine);
+        }
+    }
+}
+
+#[async_trait]
+impl RateLimiter for Coalescer {
+    fn name(&self) -> &'static str {
+        self.shared.inner.name()
+    }
+
+    async fn hit(&self, key: &str, limit: u32, window: Duration) -> Result<bool> {
+        let v = self.hit_many(&[Hit::new(key, limit, window)]).await?;
+        Ok(v.first().copied().unwrap_or(false))
+    }
+
+    async fn hit_many(&self, hits: &[Hit]) -> Result<Vec<bool>> {
+        if hits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        let start = {
+            let mut q = self.shared.lock();
+            q.waiting.push_back(Pending {
+                hits: hits.to_vec(),
+                reply,
+            });
+            let start = q.flushers < self.shared.max_in_flight;
+            if start {
+                q.flushers += 1;
+            }
+            start
+        };
+        if start {
+            tokio::spawn(flush(Arc::clone(&self.shared)));
+        }
+        answer.await.unwrap_or_else(|_| Err(lost()))
+    }
+}
+
+impl std::fmt::Debug for Coalescer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coalescer")
+            .field("inner", &self.shared.inner.name())
+            .field("max_in_flight", &self.shared.max_in_flight)
+            .field("max_batch", &self.shared.max_batch)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kst_core::MemoryRateLimiter;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// Counts calls and hits reaching the counters; each call takes a while (a round trip).
+    struct Slow {
+        inner: MemoryRateLimiter,
+        calls: AtomicUsize,
+        hits: AtomicUsize,
+        largest: AtomicUsize,
+        fail: bool,
+    }
+
+    impl Slow {
+        fn new(fail: bool) -> Arc<Slow> {
+            Arc::new(Slow {
+                inner: MemoryRateLimiter::new(),
+                calls: AtomicUsize::new(0),
+                hits: AtomicUsize::new(0),
+                largest: AtomicUsize::new(0),
+                fail,
+            })
+        }
+    }
+
+    #[async_trait]
+    impl RateLimiter for Slow {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        async fn hit(&self, key: &str, limit: u32, window: Duration) -> Result<bool> {
+            Ok(self.hit_many(&[Hit::new(key, limit, window)]).await?[0])
+        }
+        async fn hit_many(&self, hits: &[Hit]) -> Result<Vec<bool>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.hits.fetch_add(hits.len(), Ordering::SeqCst);
+            self.largest.fetch_max(hits.len(), Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if self.fail {
+                return Err(Error::unavailable("ratelimit(slow)", "down"));
+            }
+            self.inner.hit_many(hits).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_requests_share_round_trips_and_each_gets_its_own_answers() {
+        let slow = Slow::new(false);
+        let c = Coalescer::with_limits(slow.clone(), 1, 64);
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    // Each request: its own counter (limit 1) and a shared one (limit 30).
+                    c.hit_many(&[
+                        Hit::new(format!("own:{i}"), 1, HOUR),
+                        Hit::new("shared", 30, HOUR),
+                    ])
+                    .await
+                    .unwrap()
+                })
+            })
+            .collect();
+        let mut shared_within = 0;
+        for t in tasks {
+            let v = t.await.unwrap();
+            assert_eq!(v.len(), 2);
+            assert!(v[0], "a request's own counter is within its limit");
+            shared_within += usize::from(v[1]);
+        }
+        assert_eq!(shared_within, 30, "exactly the limit of the shared counter");
+        assert_eq!(
+            slow.hits.load(Ordering::SeqCst),
+            200,
+            "every hit counted once"
+        );
+        let calls = slow.calls.load(Ordering::SeqCst);
+        assert!(calls < 20, "100 requests in {calls} round trips");
+        assert!(
+            slow.largest.load(Ordering::SeqCst) <= 64,
+            "batches stay small"
+        );
+        // The counts are exact: the next hits go on from 100.
+        assert!(!c.hit("shared", 100, HOUR).await.unwrap());
+        assert!(c.hit("shared", 102, HOUR).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_lone_request_is_counted_at_once_and_errors_reach_every_waiter() {
+        let slow = Slow::new(false);
+        let c = Coalescer::new(slow.clone());
+        assert!(c.hit("a", 1, HOUR).await.unwrap());
+        assert!(!c.hit("a", 1, HOUR).await.unwrap());
+        assert!(c.hit_many(&[]).await.unwrap().is_empty());
+        assert_eq!(slow.calls.load(Ordering::SeqCst), 2);
+
+        let down = Coalescer::with_limits(Slow::new(true), 1, 8);
+        let tasks: Vec<_> = (0..10)
+            .map(|i| {
+                let c = down.clone();
+                tokio::spawn(async move { c.hit(&format!("k{i}"), 5, HOUR).await })
+            })
+            .collect();
+        for t in tasks {
+            let e = t.await.unwrap().unwrap_err();
+            assert!(e.is_temporary() && e.to_string().contains("down"), "{e}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_that_goes_away_does_not_disturb_the_others() {
+        let slow = Slow::new(false);
+        let c = Coalescer::with_limits(slow.clone(), 1, 64);
+        // A first batch keeps the flusher busy; the next requests queue behind it, and one of
+        // them is dropped while it waits.
+        let first = tokio::spawn({
+            let c = c.clone();
+            async move { c.hit("k", 3, HOUR).await }
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let gone = tokio::spawn({
+            let c = c.clone();
+            async move { c.hit("k", 3, HOUR).await }
+        });
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        gone.abort();
+        let later: Vec<_> = (0..3)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move { c.hit("k", 3, HOUR).await.unwrap() })
+            })
+            .collect();
+        assert!(first.await.unwrap().unwrap());
+        let mut within = 0;
+        for t in later {
+            within += usize::from(t.await.unwrap());
+        }
+        // The dropped request's hit was counted: 1 + 1 + 3 hits, so 1 of the last 3 is within.
+        assert_eq!(within, 1);
+        assert_eq!(slow.hits.load(Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn a_batch_holds_whole_requests_up_to_the_limit() {
+        let mut q = Queue::default();
+        for n in [3, 2, 4, 1] {
+            let (reply, _) = oneshot::channel();
+            q.waiting.push_back(Pending {
+                hits: vec![Hit::new("k", 1, HOUR); n],
+                reply,
+            });
+        }
+        let sizes = |b: Vec<Pending>| b.iter().map(|p| p.hits.len()).collect::<Vec<_>>();
+        assert_eq!(sizes(next_batch(&mut q, 5)), vec![3, 2]);
+        // A request larger than the limit is a batch of its own.
+        assert_eq!(sizes(next_batch(&mut q, 2)), vec![4]);
+        assert_eq!(sizes(next_batch(&mut q, 5)), vec![1]);
+        assert!(next_batch(&mut q, 5).is_empty());
+    }
+}

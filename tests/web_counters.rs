@@ -1,0 +1,336 @@
+//! The web listener's shared counters under concurrent load: a real `kst serve` on
+//! PostgreSQL and on Redis, 288 requests at once from 24 source addresses (127.0.0.x), their
+//! counter hits gathered into batches (`server::web::coalesce`). The counts stored in the
+//! backend are exactly what the requests imply, and 429 appears exactly where the limits say:
+//! per client's requests under the concurrent load, then per client's misses and for the
+//! global miss budget, one request at a time.
+//!
+//! Needs gpg, PostgreSQL and Redis (scripts/services.sh), as the other tests.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use kst_core::{AddressPolicy, client};
+use kst_tests::serve::{ServeProcess, free_port};
+use kst_tests::{Gpg, GpgKey, TestDb, TestKst, TestPrefix, received_authenticated, stderr};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Requests per client per window.
+const PER_CLIENT: u32 = 10;
+/// Misses per client per window.
+const PER_CLIENT_MISSES: u32 = 3;
+/// Misses of everyone per window.
+const GLOBAL_MISSES: u32 = 40;
+/// Source addresses of the concurrent load, and requests from each.
+const SOURCES: u8 = 24;
+const PER_SOURCE: u32 = 12;
+/// Of the sources, the first ones only ask for a key that exists; the others also ask for
+/// [`PER_CLIENT_MISSES`] that do not (within their miss budget).
+const HIT_ONLY_SOURCES: u8 = 16;
+
+/// Publishes `key` for its address the real way: an authenticated mail through `kst deliver`.
+fn publish_by_mail(kst: &TestKst, key: &GpgKey) {
+    let account = AddressPolicy::default().normalize(&key.address).unwrap();
+    let req = client::build_publication(&account, &key.public_armored).unwrap();
+    let mut raw = received_authenticated(&key.address, "mail.example.net").into_bytes();
+    raw.extend_from_slice(&req.message);
+    let out = kst.deliver(&key.address, "keys@example.net", &raw);
+    assert!(out.status.success(), "deliver: {}", stderr(&out));
+}
+
+/// The source address of client `n`: 127.0.0.`n + 2`.
+fn source(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, n + 2)
+}
+
+/// `GET path` from the source address `from` to `at`, for the host `example.net` (WKD's
+/// direct method names the domain by the Host header; VKS does not read it): the status.
+async fn get_from(from: Ipv4Addr, at: SocketAddr, path: &str) -> u16 {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(IpAddr::V4(from), 0))
+        .unwrap_or_else(|e| panic!("bind {from}: {e}"));
+    let mut s = socket
+        .connect(at)
+        .await
+        .unwrap_or_else(|e| panic!("connect from {from} to {at}: {e}"));
+    let head = format!("GET {path} HTTP/1.1\r\nHost: example.net\r\nConnection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).await.expect("send request");
+    let mut text = Vec::new();
+    s.read_to_end(&mut text).await.expect("read response");
+    let text = String::from_utf8_lossy(&text);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status from {at}: {text:?}"))
+}
+
+const FOUND: &str = "/vks/v1/by-email/alice%40example.net";
+
+fn missing(tag: &str) -> String {
+    format!("/vks/v1/by-email/nobody-{tag}%40example.net")
+}
+
+/// The counters as stored in the backend: limiter key → count.
+type Stored = BTreeMap<String, u64>;
+
+/// Statuses per source.
+type Answers = BTreeMap<Ipv4Addr, Vec<u16>>;
+
+/// 288 requests at once: each source sends [`PER_SOURCE`]; the miss sources' first
+/// [`PER_CLIENT_MISSES`] ask for addresses without a key.
+async fn concurrent_load(at: SocketAddr) -> Answers {
+    let start = Arc::new(tokio::sync::Barrier::new(
+        usize::from(SOURCES) * PER_SOURCE as usize,
+    ));
+    let mut tasks = Vec::new();
+    for n in 0..SOURCES {
+        for i in 0..PER_SOURCE {
+            let path = if n >= HIT_ONLY_SOURCES && i < PER_CLIENT_MISSES {
+                missing(&format!("{n}-{i}"))
+            } else {
+                FOUND.to_string()
+            };
+            let start = Arc::clone(&start);
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                (source(n), get_from(source(n), at, &path).await)
+            }));
+        }
+    }
+    let mut answers = Answers::new();
+    for t in tasks {
+        let (from, status) = t.await.expect("request task");
+        answers.entry(from).or_default().push(status);
+    }
+    answers
+}
+
+fn count(statuses: &[u16], status: u16) -> u64 {
+    statuses.iter().filter(|s| **s == status).count() as u64
+}
+
+/// Runs the whole check on `kst` (a store whose counters `stored` reads). `commits`, when the
+/// backend can say, counts the transactions committed in the store so far: the concurrent
+/// phase prints how many it took (look-ups and counter writes), a figure to compare builds by.
+fn counters_are_exact_under_concurrent_load(
+    kst: &TestKst,
+    stored: impl Fn() -> Stored,
+    commits: impl Fn() -> Option<u64>,
+) {
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    publish_by_mail(kst, &alice);
+    let at = free_port();
+    let log = kst.dir.path().join("serve.log");
+    let serve = ServeProcess::start(log, at, |cmd| {
+        cmd.arg("--config")
+            .arg(&kst.config)
+            .env("KST_LMTP__LISTEN", free_port().to_string())
+            .env("KST_HTTP__LISTEN", free_port().to_string())
+            .env("KST_WEB__LISTEN", at.to_string())
+            .env("KST_WEB__LIMITS__PER_CLIENT", PER_CLIENT.to_string())
+            .env(
+                "KST_WEB__LIMITS__PER_CLIENT_MISSES",
+                PER_CLIENT_MISSES.to_string(),
+            )
+            .env("KST_WEB__LIMITS__GLOBAL_MISSES", GLOBAL_MISSES.to_string())
+            .env("KST_WEB__LIMITS__WINDOW_SECS", "600");
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    // 1. The concurrent load.
+    let before = commits();
+    let answers = rt.block_on(concurrent_load(at));
+    let counters = stored();
+    if let (Some(before), Some(after)) = (before, commits()) {
+        eprintln!(
+            "concurrent phase: {} transactions committed in the store for {} requests",
+            after - before,
+            u32::from(SOURCES) * PER_SOURCE
+        );
+    }
+    let mut misses = 0;
+    for (from, statuses) in &answers {
+        assert_eq!(statuses.len() as u32, PER_SOURCE);
+        let (ok, not_found, refused) = (
+            count(statuses, 200),
+            count(statuses, 404),
+            count(statuses, 429),
+        );
+        assert_eq!(
+            ok + not_found + refused,
+            u64::from(PER_SOURCE),
+            "{from}: only 200, 404 and 429: {statuses:?}\n{}",
+            serve.log()
+        );
+        // Every request is counted; exactly those past the client's limit are refused.
+        assert_eq!(
+            refused,
+            u64::from(PER_SOURCE - PER_CLIENT),
+            "{from}: {statuses:?}"
+        );
+        assert_eq!(
+            counters.get(&format!("web-client:{from}")),
+            Some(&u64::from(PER_SOURCE)),
+            "{from}: the stored request count"
+        );
+        // Every miss answered is counted (a refused look-up is no miss).
+        let stored_misses = counters.get(&format!("web-miss:{from}")).copied();
+        if from.octets()[3] - 2 < HIT_ONLY_SOURCES {
+            assert_eq!(not_found, 0, "{from}: {statuses:?}");
+            assert_eq!(stored_misses, None, "{from}: no miss, no counter");
+        } else {
+            assert!(not_found >= 1, "{from}: {statuses:?}");
+            assert_eq!(stored_misses, Some(not_found), "{from}: the stored misses");
+        }
+        misses += not_found;
+    }
+    assert_eq!(answers.len(), usize::from(SOURCES));
+    assert_eq!(
+        counters.get("web-miss-global"),
+        Some(&misses),
+        "the global miss count is every miss answered"
+    );
+    let web_keys = counters.keys().filter(|k| k.starts_with("web")).count();
+    assert_eq!(
+        web_keys,
+        usize::from(SOURCES) + usize::from(SOURCES - HIT_ONLY_SOURCES) + 1,
+        "a request counter per source, a miss counter per missing source, the global one: \
+         {counters:?}"
+    );
+
+    // 2. One client's misses, one request at a time: its budget's worth and the one that
+    // spends it are answered 404, then its look-ups get 429 and its policy file is served.
+    let lone = Ipv4Addr::new(127, 0, 0, 100);
+    let get = |from: Ipv4Addr, path: String| rt.block_on(get_from(from, at, &path));
+    for i in 0..=PER_CLIENT_MISSES {
+        assert_eq!(get(lone, missing(&format!("lone-{i}"))), 404, "miss {i}");
+    }
+    assert_eq!(
+        get(lone, FOUND.into()),
+        429,
+        "the client's misses are spent"
+    );
+    assert_eq!(
+        get(lone, "/.well-known/openpgpkey/policy".into()),
+        200,
+        "policy files are no look-ups"
+    );
+    let global = stored()["web-miss-global"];
+    assert_eq!(global, misses + u64::from(PER_CLIENT_MISSES) + 1);
+
+    // 3. The global budget: one miss each from fresh clients; the one that takes the count
+    // past the budget is answered, then every client that missed gets 429 and a client
+    // that never missed is still served.
+    let left = u64::from(GLOBAL_MISSES) - global;
+    let fresh = |i: u64| Ipv4Addr::new(127, 0, 1, u8::try_from(i + 1).unwrap());
+    for i in 0..=left {
+        assert_eq!(get(fresh(i), missing(&format!("fresh-{i}"))), 404, "{i}");
+    }
+    assert_eq!(
+        stored()["web-miss-global"],
+        u64::from(GLOBAL_MISSES) + 1,
+        "counted exactly to one past the budget"
+    );
+    assert_eq!(get(fresh(0), FOUND.into()), 429, "a client that missed");
+    assert_eq!(get(fresh(left), FOUND.into()), 429, "the last one too");
+    assert_eq!(
+        get(Ipv4Addr::new(127, 0, 2, 1), FOUND.into()),
+        200,
+        "a client that never missed"
+    );
+    assert!(
+        !serve.log().contains("rate limiter cannot be reached"),
+        "{}",
+        serve.log()
+    );
+    drop(rt);
+    assert_eq!(serve.stop(), 0);
+}
+
+/// Runs `fut` on a runtime of its own on a thread of its own.
+fn block_on<T: Send + 'static>(fut: impl std::future::Future<Output = T> + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(fut)
+    })
+    .join()
+    .expect("helper thread")
+}
+
+#[test]
+fn postgres_counters_are_exact_under_288_concurrent_requests() {
+    let db = TestDb::new();
+    let kst = TestKst::with_store("", &db.store());
+    let url = db.url.clone();
+    let stored = move || {
+        let url = url.clone();
+        block_on(async move {
+            use sqlx::Connection as _;
+            let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+            let rows: Vec<(String, i64)> =
+                sqlx::query_as("SELECT key, count FROM kst_rate_limits WHERE key LIKE 'web%'")
+                    .fetch_all(&mut conn)
+                    .await
+                    .expect("read the counters");
+            rows.into_iter()
+                .map(|(k, c)| (k, u64::try_from(c).unwrap()))
+                .collect()
+        })
+    };
+    let url = db.url.clone();
+    let commits = move || {
+        let url = url.clone();
+        // A backend reports its statistics when it has been idle for up to 10 s.
+        std::thread::sleep(std::time::Duration::from_secs(11));
+        block_on(async move {
+            use sqlx::Connection as _;
+            let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+            let n: i64 = sqlx::query_scalar(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .expect("read pg_stat_database");
+            // This reading's own transaction is not counted in it.
+            u64::try_from(n).ok()
+        })
+    };
+    counters_are_exact_under_concurrent_load(&kst, stored, commits);
+}
+
+#[test]
+fn redis_counters_are_exact_under_288_concurrent_requests() {
+    let t = TestPrefix::new();
+    let kst = TestKst::with_store("", &t.store());
+    let counters = format!("{}rl:", t.prefix);
+    let url = t.url.clone();
+    let stored = || {
+        let keys = t.keys().expect("list the keys");
+        let mut conn = redis::Client::open(url.as_str())
+            .and_then(|c| c.get_connection())
+            .expect("Redis connection");
+        keys.into_iter()
+            .filter_map(|k| k.strip_prefix(&counters).map(str::to_string))
+            .filter(|k| k.starts_with("web"))
+            .map(|k| {
+                let n: u64 = redis::cmd("GET")
+                    .arg(format!("{counters}{k}"))
+                    .query(&mut conn)
+                    .expect("GET a counter");
+                (k, n)
+            })
+            .collect()
+    };
+    // The shared Redis server counts everyone's commands: no figure.
+    counters_are_exact_under_concurrent_load(&kst, stored, || None);
+}
