@@ -3063,6 +3063,58 @@ fn a_client_too_far_behind_starts_again_from_a_witnessed_head() {
     assert_eq!(provider.remembered_epoch(bob), Some(3));
 }
 
+/// Red team round 3 (issue 18), through the real binaries: a client whose remembered head
+/// (epoch 2) the witness never cosigned (it cosigned epochs 1 and 4) cannot be tied to the
+/// witnessed history when the answer is `too-far`: exit 69 and `kst client log-pin`, the
+/// remembered head kept, no new start (before: a new start, exit 0). A client that remembers
+/// the cosigned epoch 1 starts again as before.
+#[test]
+fn rt18_a_too_far_client_whose_head_was_never_cosigned_must_re_pin() {
+    let bin = kst_binary();
+    let (witness, provider, gpg, _alice) =
+        Provider::with_witness_and_alice_and(&bin, "step_max_bytes = 1");
+    let out = witness.run(&bin, &provider.log_url, &provider.head_key);
+    assert_eq!(code(&out), 0, "witness at epoch 1: {}", stderr(&out));
+    let entry = witness.entry();
+    let retrieve = |account: &str| {
+        let extra = [
+            "--log-url",
+            &provider.log_url,
+            "--log-key",
+            &provider.head_key,
+            "--witness",
+            &entry,
+        ];
+        provider.checked_as("sendmail", account, "alice@example.net", &extra)
+    };
+    let (bob, frank) = ("bob@example.net", "frank@example.net");
+    let (out, v) = retrieve(bob);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(provider.remembered_epoch(bob), Some(1));
+    provider.publish_new(&gpg, "sendmail", &["carol"]);
+    let (out, v) = retrieve(frank);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(provider.remembered_epoch(frank), Some(2), "not cosigned");
+    provider.publish_new(&gpg, "sendmail", &["erin", "grace"]);
+    let out = witness.run(&bin, &provider.log_url, &provider.head_key);
+    assert_eq!(code(&out), 0, "witness at epoch 4: {}", stderr(&out));
+
+    let (out, v) = retrieve(frank);
+    assert_eq!(code(&out), 69, "{v}\n{}", stderr(&out));
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("0 of the required 1 witness(es) cosigned that remembered head")
+            && error.contains("kst client log-pin example.net"),
+        "{error}"
+    );
+    assert_eq!(provider.remembered_epoch(frank), Some(2));
+
+    let (out, v) = retrieve(bob);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert!(stderr(&out).contains("started again from the answer's head"));
+    assert_eq!(provider.remembered_epoch(bob), Some(4));
+}
+
 /// Two version 3 replies handled in the opposite order of their epochs (issue 18's open
 /// point): request A is queued while bob remembers epoch 1 and answered at epoch 2; request B
 /// (also from epoch 1) is answered at epoch 3 and read first, so bob remembers 3 and the roots
