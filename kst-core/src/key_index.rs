@@ -4,7 +4,6 @@
 //! record, and checks an index hit against the record it names ([`IndexEntries::of`] of that
 //! record), so a stale entry is never served.
 
-use crate::address::Address;
 use crate::certificate::Certificate;
 use crate::error::Result;
 use crate::fingerprint::{Fingerprint, KeyId};
@@ -72,32 +71,36 @@ impl IndexEntries {
 }
 
 /// Current keys of `store` whose entries satisfy `hit`, in address order, at most `limit`, by
-/// reading every address: O(number of addresses). For checks and for a backend whose index is
-/// being built, never for serving.
+/// reading every address: O(number of addresses), one walk of the store in its own order
+/// ([`KeyStore::list_page`]; each address read once, then the hits sorted). For checks and for
+/// a backend whose index is being built, never for serving.
 pub async fn scan(
     store: &dyn KeyStore,
     limit: usize,
     hit: impl Fn(&IndexEntries) -> bool + Send + Sync,
 ) -> Result<Vec<KeyRecord>> {
     let mut out = Vec::new();
-    let mut after: Option<Address> = None;
-    while out.len() < limit {
-        let page = store.list(after.as_ref(), 500).await?;
-        let Some(last) = page.last().cloned() else {
-            break;
-        };
-        for a in &page {
+    if limit == 0 {
+        return Ok(out);
+    }
+    let mut cursor = None;
+    loop {
+        let crate::store::WalkPage { addresses, next } =
+            store.list_page(cursor.as_ref(), 500).await?;
+        for a in &addresses {
             if let Some(r) = store.get(a).await?
                 && hit(&IndexEntries::of(&r))
             {
                 out.push(r);
-                if out.len() == limit {
-                    break;
-                }
             }
         }
-        after = Some(last);
+        match next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
     }
+    out.sort_by(|a, b| a.address.cmp(&b.address));
+    out.truncate(limit);
     Ok(out)
 }
 
