@@ -448,21 +448,36 @@ impl Dns {
         }
     }
 
-    /// Whether `host` has an address (an A or AAAA record; an IP literal and `localhost` do).
-    /// `Ok(false)` only when both look-ups answer that it has none (the name does not exist,
-    /// or has neither record: proven when the zone is signed); a look-up that fails is an
-    /// error, never `false`. WKD's direct method is used only when the advanced host has no
-    /// address, and a failure an attacker can cause must not look like that.
-    pub async fn has_address(&self, host: &str) -> Result<bool, DnsError> {
+    /// Whether `host` has an address (an A or AAAA record; an IP literal and `localhost` do),
+    /// with what DNSSEC proved about the answer (for `false`: the weaker of the two
+    /// look-ups; an IP literal or `localhost` needs no look-up and counts as secure).
+    /// `false` only when both look-ups answer that it has none (the name does not exist, or
+    /// has neither record); a look-up that fails is an error, never `false`. WKD's direct
+    /// method is used only when the advanced host has no address, and a failure an attacker
+    /// can cause must not look like that; a `false` that is not `Secure` may itself be
+    /// forged (a zone without DNSSEC).
+    pub async fn has_address(&self, host: &str) -> Result<Secured<bool>, DnsError> {
         if host.parse::<IpAddr>().is_ok() || host.eq_ignore_ascii_case("localhost") {
-            return Ok(true);
+            return Ok(Secured {
+                value: true,
+                security: DnsSecurity::Secure,
+            });
         }
+        let mut security = DnsSecurity::Secure;
         for rtype in [RecordType::A, RecordType::AAAA] {
-            if let Answer::Records(_) = self.lookup(host, rtype).await?.value {
-                return Ok(true);
+            let found = self.lookup(host, rtype).await?;
+            security = security.min(found.security);
+            if let Answer::Records(_) = found.value {
+                return Ok(Secured {
+                    value: true,
+                    security: found.security,
+                });
             }
         }
-        Ok(false)
+        Ok(Secured {
+            value: false,
+            security,
+        })
     }
 
     /// The account's submission server from `_submissions._tcp` (implicit TLS, RFC 8314) or

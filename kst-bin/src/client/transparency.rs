@@ -47,7 +47,7 @@ use kst_core::transparency::witness::{
 };
 
 use super::commands::{LogPlan, Settings, dns_outcome};
-use super::discovery::DnsError;
+use super::discovery::{DnsError, Secured};
 use super::dnssec::DnsSecurity;
 use super::exit;
 pub use super::log_memory::check_and_remember;
@@ -1096,11 +1096,14 @@ async fn dns_published(s: &Settings, domain: &str) -> Result<Option<Published>, 
 /// WKD's rule). Any failure at the advanced host is its answer, never a reason to ask the
 /// direct one (which may be a web host or CDN the domain does not run itself): not
 /// reachable, a TLS failure, a 429 or 5xx is temporary (exit 75), an unreadable file exit
-/// 69; a forged (bogus) DNS answer about the advanced host is exit 5.
+/// 69; a forged (bogus) DNS answer about the advanced host is exit 5. `confirming`: the
+/// answer decides whether keys from DNS without DNSSEC are pinned ([`confirm_first_pin`]),
+/// so "no file" counts only where it is proven (see [`wkd_choose`]).
 async fn wkd_keys(
     s: &Settings,
     domain: &str,
     log_url: Option<&str>,
+    confirming: bool,
 ) -> Result<Option<Published>, Outcome> {
     if let Some(base) = log_url {
         let path = WkdPlaces::of(domain).advanced.1;
@@ -1108,7 +1111,7 @@ async fn wkd_keys(
     }
     let places = WkdPlaces::of(domain);
     let exists = s.dns()?.has_address(&places.advanced_host).await;
-    wkd_choose(&places, exists, s.ca_file()).await
+    wkd_choose(&places, exists, confirming, s.ca_file()).await
 }
 
 /// Where WKD's two methods keep a domain's `kst-log` file: (base URL, path) each.
@@ -1138,15 +1141,43 @@ impl WkdPlaces {
 /// `Dns::has_address`): that host's answer when it has, the direct host's only when it has
 /// not; a forged DNS answer is exit 5, a failed look-up exit 75 (neither is a reason to ask
 /// the direct host).
+///
+/// When `confirming` (red team round 5): a "no address" for the advanced host that DNSSEC
+/// did not prove may be forged by the same DNS path that gave the keys to confirm, and the
+/// direct host (the domain's web site) then answers 404 for a file that only the advanced
+/// host keeps; so a 404 of the direct host after an unproven "no address" confirms nothing
+/// (exit 69), where a proven one means the domain has no file.
 async fn wkd_choose(
     places: &WkdPlaces,
-    exists: Result<bool, DnsError>,
+    exists: Result<Secured<bool>, DnsError>,
+    confirming: bool,
     ca_file: Option<&Path>,
 ) -> Result<Option<Published>, Outcome> {
     let host = &places.advanced_host;
     match exists {
-        Ok(true) => wkd_file(&places.advanced.0, &places.advanced.1, ca_file).await,
-        Ok(false) => wkd_file(&places.direct.0, &places.direct.1, ca_file).await,
+        Ok(Secured { value: true, .. }) => {
+            wkd_file(&places.advanced.0, &places.advanced.1, ca_file).await
+        }
+        Ok(Secured {
+            value: false,
+            security,
+        }) => {
+            let found = wkd_file(&places.direct.0, &places.direct.1, ca_file).await?;
+            if found.is_none() && confirming && security != DnsSecurity::Secure {
+                return Err(Outcome::error(
+                    exit::UNAVAILABLE,
+                    format!(
+                        "DNS says {host} has no address, but the answer is {} (no DNSSEC \
+                         proof: it may be forged), and {}{} has no file; nothing to compare \
+                         with",
+                        security.as_str(),
+                        places.direct.0,
+                        places.direct.1
+                    ),
+                ));
+            }
+            Ok(found)
+        }
         Err(e @ DnsError::Bogus(_)) => Err(Outcome::error(
             exit::ATTACK,
             format!("possible attack: the WKD host {host}: {e}"),
@@ -1242,7 +1273,8 @@ async fn wkd_file(
 /// DNSSEC-signed are whatever the DNS path says; before they are pinned for the first time
 /// they are compared with the domain's WKD policy directory ([`wkd_keys`], over HTTPS): other
 /// keys there are an attack (exit 5, the evidence kept, nothing pinned); no file there (404)
-/// leaves the DNS keys as they are; a policy directory that cannot be read now is exit 75
+/// leaves the DNS keys as they are, but only where that "no file" is proven (a 404 of the
+/// direct host after an unsigned "no such advanced host" is exit 69, [`wkd_choose`]); a policy directory that cannot be read now is exit 75
 /// (the DNS path's attacker could otherwise hide it), exit 69 when its file is unreadable.
 /// Keys from a DNSSEC-signed zone, or from the policy directory itself, pass unchanged.
 async fn confirm_first_pin(
@@ -1256,17 +1288,19 @@ async fn confirm_first_pin(
         return Ok(p);
     }
     let domain = &held.domain;
-    let wkd = wkd_keys(s, domain, log_url).await.map_err(|o| match o {
-        Outcome::Error { error, exit: code } if code != exit::ATTACK => Outcome::error(
-            code,
-            format!(
-                "the key directory keys of {domain} come from DNS without DNSSEC, and the \
+    let wkd = wkd_keys(s, domain, log_url, true)
+        .await
+        .map_err(|o| match o {
+            Outcome::Error { error, exit: code } if code != exit::ATTACK => Outcome::error(
+                code,
+                format!(
+                    "the key directory keys of {domain} come from DNS without DNSSEC, and the \
                  client compares them with the WKD policy directory before it pins them: \
                  {error}; or pin them yourself: kst client log-pin {domain} --log-key HEX"
+                ),
             ),
-        ),
-        other => other,
-    })?;
+            other => other,
+        })?;
     match wkd {
         Some(w) if (w.head, w.vrf) != (p.head, p.vrf) => {
             let message = format!(
@@ -1299,9 +1333,9 @@ async fn published_keys(
 ) -> Result<Option<Published>, Outcome> {
     match dns_published(s, domain).await {
         Ok(Some(p)) => Ok(Some(p)),
-        Ok(None) => wkd_keys(s, domain, log_url).await,
+        Ok(None) => wkd_keys(s, domain, log_url, false).await,
         Err(o) if fallback_on_dns_failure && o.exit_code() == exit::TEMPFAIL => {
-            match wkd_keys(s, domain, log_url).await {
+            match wkd_keys(s, domain, log_url, false).await {
                 Ok(Some(p)) => Ok(Some(p)),
                 _ => Err(o),
             }
@@ -1877,6 +1911,68 @@ mod tests {
         (base, hits)
     }
 
+    /// What `Dns::has_address` would have said about the advanced host.
+    fn found(value: bool, security: DnsSecurity) -> Result<Secured<bool>, DnsError> {
+        Ok(Secured { value, security })
+    }
+
+    /// Red team round 5 (issue 18): a first pin from a zone without DNSSEC is compared with
+    /// the WKD policy directory, but a forged "no such host" for `openpgpkey.<domain>` (an
+    /// insecure answer, accepted as such) sent the comparison to the domain's web site,
+    /// whose 404 let the DNS keys be pinned (exit 0). Now a 404 of the direct host after an
+    /// unproven "no address" confirms nothing (exit 69); a proven one still means the
+    /// domain has no file, a file on the direct host is still what is compared, and looking
+    /// keys up (not confirming) is unchanged.
+    #[tokio::test]
+    async fn rt18_a_forged_no_such_host_for_the_advanced_host_confirms_nothing() {
+        let record = format!(
+            "v=kstlog1; head={}; vrf={}\n",
+            "ab".repeat(32),
+            "cd".repeat(32)
+        );
+        let (advanced, advanced_hits) = http_server("200 OK", record.clone()).await;
+        let (missing, missing_hits) = http_server("404 Not Found", "no".into()).await;
+        let (present, _) = http_server("200 OK", record).await;
+        let places = |direct: &str| WkdPlaces {
+            advanced_host: "openpgpkey.example.net".into(),
+            advanced: (
+                advanced.clone(),
+                "/.well-known/openpgpkey/example.net/kst-log".into(),
+            ),
+            direct: (direct.to_string(), "/.well-known/openpgpkey/kst-log".into()),
+        };
+        for security in [DnsSecurity::Insecure, DnsSecurity::Unvalidated] {
+            let r = wkd_choose(&places(&missing), found(false, security), true, None).await;
+            assert_eq!(
+                r.err().map(|o| o.exit_code()),
+                Some(exit::UNAVAILABLE),
+                "an unproven no-address and a 404 confirm nothing ({security:?})"
+            );
+            let r = wkd_choose(&places(&missing), found(false, security), false, None).await;
+            assert!(matches!(r, Ok(None)), "looking keys up: no file");
+            let r = wkd_choose(&places(&present), found(false, security), true, None).await;
+            let place = r.ok().flatten().map(|p| p.place);
+            assert_eq!(
+                place,
+                Some(format!("{present}/.well-known/openpgpkey/kst-log")),
+                "a direct file is compared"
+            );
+        }
+        let r = wkd_choose(
+            &places(&missing),
+            found(false, DnsSecurity::Secure),
+            true,
+            None,
+        )
+        .await;
+        assert!(
+            matches!(r, Ok(None)),
+            "a proven no-address: the domain has no file"
+        );
+        assert_eq!(advanced_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(missing_hits.load(std::sync::atomic::Ordering::SeqCst), 5);
+    }
+
     /// Red team round 3 (issue 18): the direct WKD host was asked whenever the advanced one
     /// failed (a 500, a 429, a file over 1024 bytes, a TLS failure), so whoever answers at
     /// `https://<domain>` (a web host, a CDN) decided the first pin whenever the advanced
@@ -1922,7 +2018,13 @@ mod tests {
             ),
         ] {
             let (advanced, hits) = http_server(status, body).await;
-            let r = wkd_choose(&places(&advanced), Ok(true), None).await;
+            let r = wkd_choose(
+                &places(&advanced),
+                found(true, DnsSecurity::Secure),
+                false,
+                None,
+            )
+            .await;
             assert_eq!(
                 code(&r),
                 format!("exit {want}"),
@@ -1934,12 +2036,19 @@ mod tests {
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let unreachable = format!("http://{}", closed.local_addr().unwrap());
         drop(closed);
-        let r = wkd_choose(&places(&unreachable), Ok(true), None).await;
+        let r = wkd_choose(
+            &places(&unreachable),
+            found(true, DnsSecurity::Secure),
+            false,
+            None,
+        )
+        .await;
         assert_eq!(code(&r), format!("exit {}", exit::TEMPFAIL));
         // DNS could not say, or said it forged: never the direct host.
         let r = wkd_choose(
             &places(&unreachable),
             Err(DnsError::Failed("SERVFAIL".into())),
+            false,
             None,
         )
         .await;
@@ -1947,6 +2056,7 @@ mod tests {
         let r = wkd_choose(
             &places(&unreachable),
             Err(DnsError::Bogus("forged".into())),
+            false,
             None,
         )
         .await;
@@ -1958,11 +2068,23 @@ mod tests {
         );
         // The advanced host's own 404: the domain has no file (no fallback either).
         let (advanced, _) = http_server("404 Not Found", "no".into()).await;
-        let r = wkd_choose(&places(&advanced), Ok(true), None).await;
+        let r = wkd_choose(
+            &places(&advanced),
+            found(true, DnsSecurity::Secure),
+            false,
+            None,
+        )
+        .await;
         assert_eq!(code(&r), "none");
         // The advanced host has no address: the direct method.
         let (advanced, advanced_hits) = http_server("200 OK", record).await;
-        let r = wkd_choose(&places(&advanced), Ok(false), None).await;
+        let r = wkd_choose(
+            &places(&advanced),
+            found(false, DnsSecurity::Secure),
+            false,
+            None,
+        )
+        .await;
         assert_eq!(
             code(&r),
             format!("keys from {direct}/.well-known/openpgpkey/kst-log")
