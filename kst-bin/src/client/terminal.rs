@@ -4,23 +4,9 @@
 
 use std::borrow::Cow;
 
-/// Whether `c` must not reach a terminal raw: C0 controls (ESC, CR, BEL, ...), DEL, C1
-/// controls (U+0080-U+009F), the bidi embeddings, overrides and isolates (U+202A-U+202E,
-/// U+2066-U+2069), the bidi marks (U+200E, U+200F, U+061C) and the line and paragraph
-/// separators (U+2028, U+2029).
-fn is_unsafe(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{202A}'..='\u{202E}'
-                | '\u{2066}'..='\u{2069}'
-                | '\u{200E}'
-                | '\u{200F}'
-                | '\u{061C}'
-                | '\u{2028}'
-                | '\u{2029}'
-        )
-}
+// The characters escaped: the operator listings' set (crate::terminal::is_unsafe), one
+// definition for both.
+use crate::terminal::is_unsafe;
 
 /// `text` with every character a terminal would act on written as `\u{..}` (ESC becomes
 /// `\u{1b}`), newlines included: for one line of output built from key or reply content.
@@ -63,7 +49,7 @@ fn replace(text: &str, keep_newlines: bool, with: impl Fn(char) -> String) -> Co
 /// characters replaced are never part of JSON syntax, so only string contents change form
 /// (every one is in the Basic Multilingual Plane, so one `\uXXXX` each).
 pub fn json(text: &str) -> Cow<'_, str> {
-    replace(text, true, |c| format!("\\u{:04x}", u32::from(c)))
+    crate::terminal::json(text)
 }
 
 /// Prints `value` as pretty JSON on stdout, terminal-safe ([`json`]).
