@@ -402,20 +402,8 @@ impl RateLimiter for MemoryRateLimiter {
     }
 
     async fn hit(&self, key: &str, limit: u32, window: Duration) -> Result<bool> {
-        let now = Instant::now();
-        let mut windows = self
-            .windows
-            .lock()
-            .map_err(|_| Error::unavailable("ratelimit(memory)", "lock poisoned"))?;
-        if windows.len() >= SWEEP_AT {
-            windows.retain(|_, (end, _)| *end > now);
-        }
-        let entry = windows.entry(key.to_string()).or_insert((now + window, 0));
-        if entry.0 <= now {
-            *entry = (now + window, 0);
-        }
-        entry.1 = entry.1.saturating_add(1);
-        Ok(entry.1 <= limit)
+        let verdicts = self.hit_many(&[Hit::new(key, limit, window)]).await?;
+        Ok(verdicts.first().copied().unwrap_or(false))
     }
 
     async fn hit_many(&self, hits: &[Hit]) -> Result<Vec<bool>> {
