@@ -28,7 +28,8 @@
 #      the fingerprint index), and `hkp` (HKP op=get&options=mr by address, only when named in
 #      BENCH_WEB_ENDPOINTS); once with every [web.limits] counter off (the look-up path
 #      itself) and once with the limits at their defaults and the load spread over
-#      BENCH_WEB_CLIENTS client addresses 127.9.x.y (kst trusts 127.0.0.1 as a proxy and wrk
+#      BENCH_WEB_CLIENTS client addresses 127.N.x.y, a new N for every endpoint's run so no run
+#      finds counters an earlier one left in the store's window (kst trusts 127.0.0.1 as a proxy and wrk
 #      names the client in X-Forwarded-For: wrk cannot bind source addresses);
 #   3. reads the status counts from kst's own /metrics (only 200 and 404 count as look-ups; the
 #      share of 429 is reported), kst's peak RSS and the machine's 1-minute load average at
@@ -263,6 +264,7 @@ local paths = {}
 for line in io.lines(os.getenv("PATHS")) do paths[#paths + 1] = line end
 local host = os.getenv("HOST_HEADER")
 local xff = tonumber(os.getenv("XFF") or "0")
+local net = os.getenv("XFF_NET") or "9"
 local n = 0
 math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16) % 100000)
 request = function()
@@ -271,7 +273,7 @@ request = function()
   if host and host ~= "" then h["Host"] = host end
   if xff > 0 then
     local c = n % xff
-    h["X-Forwarded-For"] = "127.9." .. math.floor(c / 256) .. "." .. (c % 256)
+    h["X-Forwarded-For"] = "127." .. net .. "." .. math.floor(c / 256) .. "." .. (c % 256)
   end
   return wrk.format("GET", paths[math.random(#paths)], h)
 end
@@ -287,6 +289,7 @@ status_count() { # metrics-port status
     awk -v s="status=\"$2\"" '/^kst_web_requests_total/ && index($0, s) { t += $NF } END { printf "%d", t }'
 }
 
+NET_BASE=$((RANDOM % 200)); RUN=0
 echo "| backend | stored | endpoint | limits | look-ups/s | 429 share | p50 ms | p99 ms | RSS MiB | threads | load |"
 echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
 for backend in $BACKENDS; do
@@ -319,8 +322,12 @@ for backend in $BACKENDS; do
         [ -s "$paths" ] || die "$paths is missing"
         before200="$(status_count "$http" 200)"; before404="$(status_count "$http" 404)"; before429="$(status_count "$http" 429)"
         host=""; case "$endpoint" in wkd*) host="example.test" ;; esac
+        # The limits' counters live in the store for their window (10 minutes): each run's clients
+        # are a /16 of their own (127.N.0.0, N from 10 to 209, a new one each run), so a run never
+        # starts from what an earlier run, or an earlier invocation of this script, counted.
+        RUN=$((RUN + 1)); XFF_NET=$(( 10 + (NET_BASE + RUN) % 200 ))
         log "$backend, $n keys, $endpoint, limits $limits: wrk -t$wrk_threads -c$CONNS -d${SECONDS_EACH}s${PIN:+ (pinned)}"
-        out="$(PATHS="$paths" HOST_HEADER="$host" XFF="$xff" \
+        out="$(PATHS="$paths" HOST_HEADER="$host" XFF="$xff" XFF_NET="$XFF_NET" \
           "${wrk_pin[@]}" wrk -t"$wrk_threads" -c"$CONNS" -d"${SECONDS_EACH}s" -s "$WORK/lookup.lua" "http://127.0.0.1:$web" | grep '^WRK')"
         read -r _ total dur_us p50 p99 _non2xx <<<"$out"
         ok=$(( $(status_count "$http" 200) - before200 + $(status_count "$http" 404) - before404 ))
