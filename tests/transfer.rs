@@ -262,17 +262,20 @@ fn terminal_unsafe(bytes: &[u8]) -> String {
 
 /// What the key holder writes reaches the operator's terminal only escaped. A User ID made by
 /// real gpg with an OSC sequence (window title), BEL, a screen-clearing CSI, CR, a C1 CSI, DEL,
-/// a BiDi override and an isolate is published through `kst deliver`; an address with a BiDi
+/// a BiDi override, an isolate and invisible characters (a zero width space, a soft hyphen, a
+/// byte order mark, a tag character, a variation selector: red-team round 5) is published
+/// through `kst deliver`; an address with a BiDi
 /// override (an internationalized local part) is brought in by `kst import`. `kst keys
 /// history`, `keys get --json`, `keys delete` and `kst export` to stdout print no control or
 /// BiDi character (line breaks apart), the text listings show the escapes, and the JSON
 /// outputs still read back as the stored text.
 #[test]
 fn keys_output_is_terminal_safe() {
-    let name = "Mallory \u{1b}]0;pwned\u{7}\u{1b}[2J\r\u{9b}31m\u{7f}\u{202e}evil\u{2066}";
+    let name = "Mallory \u{1b}]0;pwned\u{7}\u{1b}[2J\r\u{9b}31m\u{7f}\u{202e}evil\u{2066}\
+                al\u{200b}i\u{ad}c\u{feff}e\u{e0041}\u{fe0f}";
     let uid = format!("{name} <mallory@example.net>");
-    let shown = "Mallory \\x1B]0;pwned\\x07\\x1B[2J\\x0D\\x9B31m\\x7F\\u{202E}evil\\u{2066} \
-                 <mallory@example.net>";
+    let shown = "Mallory \\x1B]0;pwned\\x07\\x1B[2J\\x0D\\x9B31m\\x7F\\u{202E}evil\\u{2066}\
+                 al\\u{200B}i\\xADc\\u{FEFF}e\\u{E0041}\\u{FE0F} <mallory@example.net>";
     let gpg = Gpg::new();
     let armored = gpg.generate_primary(&uid, "never", None);
     let kst = TestKst::new("unicode_local_parts = true");

@@ -334,3 +334,141 @@ fn redis_counters_are_exact_under_288_concurrent_requests() {
     // The shared Redis server counts everyone's commands: no figure.
     counters_are_exact_under_concurrent_load(&kst, stored, || None);
 }
+
+/// Red-team round 5: while the counters' backend stalls, the web coalescer's queue grew
+/// without a bound (requests that went away included), and every waiting request waited for
+/// the batches ahead of it, each up to the backend's timeout. The queue is bounded now: on a
+/// real PostgreSQL whose `kst_rate_limits` is locked by another session (the counters
+/// stall), one batch is in flight, the queue fills with requests that then go away (their
+/// hits are kept: a look-up must not learn its answer uncounted by leaving), and every
+/// further request is refused at once with a temporary error, without growing the queue.
+/// When the lock goes, what was in flight and queued is counted exactly once, and the
+/// refused requests not at all.
+#[test]
+fn coalescer_queue_is_bounded_while_counters_stall() {
+    use kst_bin::server::web::coalesce::Coalescer;
+    use kst_core::RateLimiter;
+    use sqlx::Connection as _;
+    use std::time::{Duration, Instant};
+
+    const QUEUED: usize = 32;
+    const HOUR: Duration = Duration::from_secs(3600);
+    let db = TestDb::new();
+    let url = db.url.clone();
+    block_on(async move {
+        let store = kst_postgres::PostgresStore::builder(url.clone())
+            .write_timeout(Duration::from_secs(60))
+            .operation_timeout(Duration::from_secs(90))
+            .connect()
+            .await
+            .expect("connect to PostgreSQL");
+        let counters: Arc<dyn RateLimiter> = Arc::new(store);
+        let c = Coalescer::with_limits(Arc::clone(&counters), 1, 8, QUEUED);
+
+        // Another session holds the counters' table: every hit waits for it.
+        let mut locker = sqlx::PgConnection::connect(&url).await.expect("connect");
+        sqlx::raw_sql("BEGIN; LOCK TABLE kst_rate_limits IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut locker)
+            .await
+            .expect("lock the counters");
+
+        let hit = |c: &Coalescer| {
+            let c = c.clone();
+            tokio::spawn(async move { c.hit("web-client:stall", 1_000, HOUR).await })
+        };
+        // The first request's batch goes to the stalled backend.
+        let first = hit(&c);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.queued_hits() > 0 || !waiting_on_lock(&url).await {
+            assert!(
+                Instant::now() < deadline,
+                "the first batch never reached the lock"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Requests that queue and go away (a client that closed its connection).
+        for _ in 0..QUEUED {
+            let gone = hit(&c);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            gone.abort();
+        }
+        assert_eq!(
+            c.queued_hits(),
+            QUEUED,
+            "the gone requests' hits stay queued"
+        );
+        // The queue is full: 200 more requests are refused at once, none of them queued.
+        let started = Instant::now();
+        let refused: Vec<_> = (0..200).map(|_| hit(&c)).collect();
+        for r in refused {
+            let e = tokio::time::timeout(Duration::from_secs(5), r)
+                .await
+                .expect("a refusal comes at once, not after the stalled batches")
+                .expect("request task")
+                .expect_err("refused while the queue is full");
+            assert!(
+                e.is_temporary() && e.to_string().contains("waiting for the postgres counters"),
+                "{e}"
+            );
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(
+            c.queued_hits(),
+            QUEUED,
+            "the queue never grows past its bound"
+        );
+        assert!(
+            !first.is_finished(),
+            "the first batch still waits for the lock"
+        );
+
+        // The lock goes: the first batch and the queued hits are counted, once each.
+        sqlx::raw_sql("COMMIT")
+            .execute(&mut locker)
+            .await
+            .expect("unlock");
+        let within = tokio::time::timeout(Duration::from_secs(30), first)
+            .await
+            .expect("the first request is answered once the lock goes")
+            .expect("request task")
+            .expect("counted");
+        assert!(within);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut stored = 0;
+        while Instant::now() < deadline {
+            stored = sqlx::query_scalar::<_, i64>(
+                "SELECT count FROM kst_rate_limits WHERE key = 'web-client:stall'",
+            )
+            .fetch_optional(&mut locker)
+            .await
+            .expect("read the counter")
+            .unwrap_or(0);
+            if stored as usize == 1 + QUEUED && c.queued_hits() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            stored as usize,
+            1 + QUEUED,
+            "in flight and queued, not refused"
+        );
+        // And the next request is counted at once again.
+        assert!(c.hit("web-client:stall", 1_000, HOUR).await.unwrap());
+    });
+}
+
+/// Whether some session of the test database waits for a lock (the stalled hit).
+async fn waiting_on_lock(url: &str) -> bool {
+    use sqlx::Connection as _;
+    let Ok(mut conn) = sqlx::PgConnection::connect(url).await else {
+        return false;
+    };
+    sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .is_ok_and(|n| n > 0)
+}

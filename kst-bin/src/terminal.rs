@@ -11,14 +11,59 @@
 //! Escaped ([`is_unsafe`]): C0 controls (tab and newline too: each printed value is one line),
 //! DEL, C1 controls, the Unicode bidirectional formatting characters (Bidi_Control: ALM, LRM,
 //! RLM, the embeddings and overrides U+202A to U+202E, the isolates U+2066 to U+2069) and the
-//! line and paragraph separators U+2028, U+2029.
+//! line and paragraph separators U+2028, U+2029, and the invisible characters
+//! ([`is_invisible`]: every Unicode format character, general category Cf, and every default
+//! ignorable code point), which print nothing or change how the character before them looks,
+//! so that one User ID or address could look exactly like another in a listing: the zero
+//! width space, joiners and non-joiners U+200B to U+200D, the soft hyphen U+00AD, the byte
+//! order mark U+FEFF, the word joiner and invisible operators U+2060 to U+2064, the tag
+//! characters U+E0000 to U+E007F, the variation selectors (U+FE00 to U+FE0F, U+E0100 to
+//! U+E01EF, the Mongolian ones) and the Hangul fillers. The cost: an emoji's presentation
+//! selector (U+FE0F) or a joined emoji sequence is shown as escapes too; a listing is for
+//! telling stored values apart, not for rendering them.
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 
 /// Whether `c` must not reach a terminal as it is (see the [module documentation](self)).
 pub fn is_unsafe(c: char) -> bool {
-    c.is_control() || is_bidi_control(c) || matches!(c, '\u{2028}' | '\u{2029}')
+    c.is_control() || is_bidi_control(c) || matches!(c, '\u{2028}' | '\u{2029}') || is_invisible(c)
+}
+
+/// The characters that print nothing, or only change the look of the character before them
+/// (Unicode 16): general category Cf (format characters) and the property
+/// Default_Ignorable_Code_Point, whose ranges overlap (both list U+200B to U+200F, U+2060 to
+/// U+2064, U+FEFF). Unassigned code points inside these blocks are counted too, so a later
+/// Unicode version's additions are escaped before they are known.
+pub fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'                      // soft hyphen
+            | '\u{034F}'                // combining grapheme joiner
+            | '\u{0600}'..='\u{0605}'   // Arabic number signs (Cf)
+            | '\u{061C}'                // Arabic letter mark
+            | '\u{06DD}'                // Arabic end of ayah (Cf)
+            | '\u{070F}'                // Syriac abbreviation mark (Cf)
+            | '\u{0890}'..='\u{0891}'   // Arabic pound and piastre marks (Cf)
+            | '\u{08E2}'                // Arabic disputed end of ayah (Cf)
+            | '\u{115F}'..='\u{1160}'   // Hangul choseong and jungseong fillers
+            | '\u{17B4}'..='\u{17B5}'   // Khmer inherent vowels
+            | '\u{180B}'..='\u{180F}'   // Mongolian variation selectors, vowel separator
+            | '\u{200B}'..='\u{200F}'   // zero width space, (non-)joiner, LRM, RLM
+            | '\u{202A}'..='\u{202E}'   // bidi embeddings and overrides
+            | '\u{2060}'..='\u{206F}'   // word joiner, invisible operators, isolates, ...
+            | '\u{3164}'                // Hangul filler
+            | '\u{FE00}'..='\u{FE0F}'   // variation selectors 1 to 16
+            | '\u{FEFF}'                // zero width no-break space (byte order mark)
+            | '\u{FFA0}'                // halfwidth Hangul filler
+            | '\u{FFF0}'..='\u{FFFB}'   // unassigned, interlinear annotation (Cf)
+            | '\u{110BD}'               // Kaithi number sign (Cf)
+            | '\u{110CD}'               // Kaithi number sign above (Cf)
+            | '\u{13430}'..='\u{1343F}' // Egyptian hieroglyph format controls (Cf)
+            | '\u{1BCA0}'..='\u{1BCA3}' // shorthand format controls
+            | '\u{1D173}'..='\u{1D17A}' // musical symbol beam and phrase controls
+            | '\u{E0000}'..='\u{E0FFF}' // tags, variation selectors 17 to 256, reserved
+    )
 }
 
 /// The Unicode bidirectional formatting characters (property Bidi_Control).
@@ -64,9 +109,10 @@ impl fmt::Display for Safe<'_> {
 }
 
 /// `json` (as serde_json writes it) with the [unsafe](is_unsafe) characters serde_json leaves
-/// as they are (DEL, C1 controls, bidirectional formatting characters, U+2028, U+2029) written
-/// as `\uXXXX` escapes. The JSON value is the same (a reader gets the same strings back); only
-/// its text is safe on a terminal. serde_json escapes the C0 controls inside strings, so a
+/// as they are (DEL, C1 controls, bidirectional formatting characters, U+2028, U+2029, the
+/// [invisible](is_invisible) ones) written as `\uXXXX` escapes (a surrogate pair of them
+/// above U+FFFF, as JSON writes those). The JSON value is the same (a reader gets the same
+/// strings back); only its text is safe on a terminal. serde_json escapes the C0 controls inside strings, so a
 /// tab, CR or newline in its output is whitespace between tokens (pretty printing) and stays;
 /// outside strings valid JSON holds nothing else unsafe, so every other such character is
 /// inside a string, where the escape stands for it.
@@ -78,8 +124,10 @@ pub fn json(json: &str) -> Cow<'_, str> {
     let mut out = String::with_capacity(json.len() + 8);
     for c in json.chars() {
         if escape(c) {
-            // Every unsafe character is in the Basic Multilingual Plane: one escape each.
-            let _ = write!(out, "\\u{:04x}", u32::from(c));
+            // One escape per UTF-16 unit: a tag character (U+E0001) is a surrogate pair.
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                let _ = write!(out, "\\u{unit:04x}");
+            }
         } else {
             out.push(c);
         }
@@ -122,9 +170,66 @@ mod tests {
         ] {
             assert!(is_bidi_control(c) && is_unsafe(c), "{c:?}");
         }
-        for c in ['a', 'é', ' ', '<', '\u{00A0}', '\u{200B}', '😀'] {
+        for c in ['a', 'é', ' ', '<', '\u{00A0}', '😀', 'ـ', '\u{0301}'] {
             assert!(!is_unsafe(c), "{c:?}");
         }
+    }
+
+    /// Red-team round 5: invisible characters passed, so one User ID could look like
+    /// another in a listing. Each is escaped now, in text and in JSON.
+    #[test]
+    fn invisible_characters_are_escaped() {
+        for c in [
+            '\u{00AD}',
+            '\u{034F}',
+            '\u{061C}',
+            '\u{115F}',
+            '\u{180E}',
+            '\u{200B}',
+            '\u{200C}',
+            '\u{200D}',
+            '\u{2060}',
+            '\u{2061}',
+            '\u{2062}',
+            '\u{2063}',
+            '\u{2064}',
+            '\u{206A}',
+            '\u{3164}',
+            '\u{FE00}',
+            '\u{FE0F}',
+            '\u{FEFF}',
+            '\u{FFA0}',
+            '\u{FFF9}',
+            '\u{1D173}',
+            '\u{E0000}',
+            '\u{E0001}',
+            '\u{E0020}',
+            '\u{E0041}',
+            '\u{E007F}',
+            '\u{E0100}',
+            '\u{E01EF}',
+        ] {
+            assert!(is_invisible(c) && is_unsafe(c), "{c:?}");
+        }
+        // Look-alikes of "alice": a zero width space, a soft hyphen, a tag character, a
+        // variation selector, a byte order mark.
+        let uid = "al\u{200B}i\u{00AD}c\u{E0041}e\u{FE00}\u{FEFF} <alice@example.net>";
+        let shown = safe(uid);
+        assert_eq!(
+            shown,
+            "al\\u{200B}i\\xADc\\u{E0041}e\\u{FE00}\\u{FEFF} <alice@example.net>"
+        );
+        assert!(!shown.chars().any(is_unsafe), "{shown}");
+        let value = serde_json::json!({ "uid": uid });
+        let text = serde_json::to_string(&value).unwrap();
+        let escaped = json(&text);
+        assert!(!escaped.chars().any(is_unsafe), "{escaped}");
+        assert!(
+            escaped.contains("\\u200b") && escaped.contains("\\udb40\\udc41"),
+            "a tag character is a surrogate pair: {escaped}"
+        );
+        let back: serde_json::Value = serde_json::from_str(&escaped).unwrap();
+        assert_eq!(back, value, "the same value");
     }
 
     #[test]

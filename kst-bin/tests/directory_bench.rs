@@ -266,3 +266,117 @@ async fn rt18_a_too_far_refusal_reads_a_bounded_number_of_nodes() {
     assert!(proof.from == 2 && proof.step.is_none());
     assert!(log.step_reads() > reads);
 }
+
+/// Red-team round 5: an epoch whose own append-only step is over `FIRST_STEP_MAX_ELEMENTS`
+/// answered `too-far` to every client one epoch behind it, sending a client that follows
+/// every epoch to a restart (or, without witnesses, to a new pin). The step of the newest
+/// epoch is now measured against the answer's budget alone: the client one epoch behind gets
+/// the proof (and it verifies), whatever the operator's `step_max_*`; a budget it does not fit
+/// (a version 3 reply's 1 MiB) is still `too-far`, and asking again costs no second walk.
+/// Once a later epoch exists the large step is an old one and the first-step cap applies
+/// again (`rt18_a_too_far_refusal_reads_a_bounded_number_of_nodes`).
+#[tokio::test(flavor = "current_thread")]
+async fn one_epoch_over_the_first_step_cap_still_answers_a_client_one_epoch_behind() {
+    use kst_core::transparency::answer::{
+        FIRST_STEP_MAX_ELEMENTS, HTTP_STEP_BUDGET, REPLY_STEP_BUDGET, STEP_ELEMENT_BYTES,
+        StepBudget,
+    };
+    use kst_core::transparency::storage::StoredDirectory;
+    use kst_core::transparency::{DirectoryEntry, DomainLog, KeyDirectory, LogKeys};
+
+    const NOW: u64 = 1_800_000_000;
+    let store: Arc<dyn DirectoryStore> = Arc::new(MemoryDirectoryStore::default());
+    let keys = LogKeys::generate(directory::DOMAIN);
+    let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);
+    let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
+        .await
+        .unwrap();
+    let batch = |from: u64, to: u64| -> Vec<(kst_core::Address, DirectoryEntry)> {
+        (from..to)
+            .map(|i| {
+                let a = directory::address(i).unwrap();
+                let e = DirectoryEntry::for_record(&directory::record(&a, i, 1).unwrap());
+                (a, e)
+            })
+            .collect()
+    };
+    // Epoch 1: 10 000 addresses; epoch 2, the newest: 10 000 more, a step over the cap.
+    for (from, to) in [(0, 10_000), (10_000, 20_000)] {
+        tree.publish(&batch(from, to)).await.unwrap();
+    }
+    let big = tree
+        .audit_step_count(1, usize::MAX / 8)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        big.elements() > FIRST_STEP_MAX_ELEMENTS
+            && big.elements() <= HTTP_STEP_BUDGET.bytes / STEP_ELEMENT_BYTES
+            && big.elements() > REPLY_STEP_BUDGET.bytes / STEP_ELEMENT_BYTES,
+        "the fixture: the newest epoch's step is over the cap and a reply's budget, within \
+         HTTP's ({big:?})"
+    );
+
+    // The operator's limit is far below one epoch: it bounds how far one answer reaches, not
+    // the step of the newest epoch.
+    let copy = LogKeys::parse(&keys.to_file()).unwrap();
+    let log = DomainLog::open(Arc::clone(&store), copy)
+        .await
+        .unwrap()
+        .with_step_limit(StepBudget {
+            bytes: 64 << 10,
+            changes: 1_000,
+            epochs: 1,
+        });
+    let remembered = log
+        .head_at(1, NOW)
+        .await
+        .unwrap()
+        .expect("the head of epoch 1");
+    let probe = directory::address(19_999).unwrap();
+    let answer = log
+        .answer_stepped(&probe, Some(1), Some(HTTP_STEP_BUDGET), NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.too_far, None,
+        "a client one epoch behind is answered"
+    );
+    let proof = answer.append_only.as_ref().expect("the step from epoch 1");
+    assert!(
+        proof.from == 1 && proof.step.is_none(),
+        "the whole way to epoch 2"
+    );
+    assert_eq!(answer.head.head.epoch, 2);
+    answer.verify_extends(&remembered.head).await.unwrap();
+
+    // In a reply (1 MiB) the same step does not fit: `too-far`, counted once per epoch.
+    let refused = log
+        .answer_stepped(&probe, Some(1), Some(REPLY_STEP_BUDGET), NOW)
+        .await
+        .unwrap();
+    assert_eq!((refused.too_far, refused.append_only), (Some(1), None));
+    let reads = log.step_reads();
+    let again = log
+        .answer_stepped(&probe, Some(1), Some(REPLY_STEP_BUDGET), NOW)
+        .await
+        .unwrap();
+    assert_eq!(again.too_far, Some(1));
+    assert_eq!(log.step_reads(), reads, "the newest step's count is kept");
+
+    // A later epoch: the large step is an old one now, capped again.
+    drop(log);
+    tree.publish(&batch(20_000, 20_001)).await.unwrap();
+    let log = DomainLog::open(Arc::clone(&store), keys).await.unwrap();
+    let old = log
+        .answer_stepped(&probe, Some(1), Some(HTTP_STEP_BUDGET), NOW)
+        .await
+        .unwrap();
+    assert_eq!(old.too_far, Some(1));
+    assert!(log.step_reads() <= (4 * FIRST_STEP_MAX_ELEMENTS + 64) as u64);
+    let next = log
+        .answer_stepped(&probe, Some(2), Some(HTTP_STEP_BUDGET), NOW)
+        .await
+        .unwrap();
+    assert!(next.too_far.is_none() && next.append_only.is_some());
+}

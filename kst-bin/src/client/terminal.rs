@@ -45,9 +45,9 @@ fn replace(text: &str, keep_newlines: bool, with: impl Fn(char) -> String) -> Co
 
 /// JSON text (as `serde_json` writes it) with every character [`line`] escapes that is still
 /// raw written as a JSON `\uXXXX` escape: the same JSON value, safe to print. `serde_json`
-/// escapes C0 controls itself but writes DEL, C1 controls and bidi controls raw. The
-/// characters replaced are never part of JSON syntax, so only string contents change form
-/// (every one is in the Basic Multilingual Plane, so one `\uXXXX` each).
+/// escapes C0 controls itself but writes DEL, C1 controls, bidi controls and invisible
+/// characters raw. The characters replaced are never part of JSON syntax, so only string
+/// contents change form (one `\uXXXX` each, a surrogate pair above U+FFFF).
 pub fn json(text: &str) -> Cow<'_, str> {
     crate::terminal::json(text)
 }

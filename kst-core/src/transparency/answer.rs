@@ -101,6 +101,12 @@ pub const STEP_ELEMENT_BYTES: usize = 80;
 /// an old, large directory costs that much, not a walk of the whole answer budget (about
 /// 210 000 nodes for 4 MiB). A client whose first step is larger is far behind anyway: it
 /// starts again from a witnessed head (docs/TRANSPARENCY.md, "Catching up in steps").
+///
+/// Not for the step of the newest epoch (a client exactly one epoch behind): that one is
+/// measured against the answer's budget alone (not the operator's `step_max_*` either), its
+/// count kept for the epoch, so a client that follows every epoch is never sent to a
+/// restart by one large epoch (red-team round 5). kst's writer never makes an epoch whose
+/// own step comes near the cap ([`super::log::MAX_BATCH`]).
 pub const FIRST_STEP_MAX_ELEMENTS: usize = 16_384;
 
 /// The budget of an HTTP answer: 4 MiB of proof (at 10⁶ entries a client verifies about

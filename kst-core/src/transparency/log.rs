@@ -60,8 +60,15 @@ use crate::store::{KeyRecord, KeyStore};
 /// 10 ms times the attempt), so a slower writer is not starved by a faster one.
 const MAX_ATTEMPTS: u64 = 32;
 
-/// At most this many requests are recorded in one epoch; more wait for the next.
-const MAX_BATCH: usize = 512;
+/// At most this many addresses are recorded in one epoch (one entry each); more wait for
+/// the next. This also bounds the newest epoch's own append-only step, the one a client one
+/// epoch behind asks for: at most 1024 inserted leaves, and about 4 000 elements (300 KB)
+/// measured at 10⁶ entries (docs/BENCHMARKS.md), far inside every answer's budget
+/// ([`super::answer::REPLY_STEP_BUDGET`]: 1 MiB, 16 384 leaves) and
+/// [`FIRST_STEP_MAX_ELEMENTS`]. Only a directory written another way (akd's `publish` of a
+/// larger batch directly) can hold a larger epoch; docs/TRANSPARENCY.md, "Catching up in
+/// steps".
+pub const MAX_BATCH: usize = 512;
 
 /// Reads (heads, lookups, histories, audits) that may wait for the directory's thread; one
 /// more is refused at once as a temporary failure (HTTP 503), never queued without bound.
@@ -85,6 +92,32 @@ pub const MAX_QUEUED_PER_ADDRESS: usize = 16;
 /// How far past the latest epoch the log looks for heads stored for epochs the directory
 /// never committed ([`Worker::check_heads_ahead`]).
 const AHEAD_WINDOW: u64 = 1024;
+
+/// The budgets of a stepped answer ([`DomainLog::answer_stepped`]).
+#[derive(Debug, Clone, Copy)]
+struct Steps {
+    /// What the answer's proof may hold: the caller's budget within the operator's limit.
+    budget: StepBudget,
+    /// What the step of the newest epoch alone may hold, for a client one epoch behind: the
+    /// caller's budget, neither the first-step cap nor the operator's limit (one epoch is
+    /// the smallest step there is; refusing it would leave that client nowhere to go).
+    newest: StepBudget,
+}
+
+/// What the step planner last counted of the newest epoch's own step (the step from
+/// `from` to `from + 1`, the latest epoch then): reused while the counting cap it was
+/// counted with says enough, so repeated requests one epoch behind a large epoch cost one
+/// walk of the tree per epoch, not one each.
+#[derive(Debug, Clone, Copy)]
+struct NewestStep {
+    from: u64,
+    /// The root of epoch `from + 1` it was counted on.
+    root: [u8; 32],
+    /// The cap it was counted with.
+    cap: usize,
+    /// Its size; `None` when over `cap`.
+    count: Option<super::directory::StepCount>,
+}
 
 /// Where the writer reads what the key store holds for an address (again on every attempt).
 #[async_trait]
@@ -229,7 +262,7 @@ enum Request {
         address: Address,
         since: Option<u64>,
         /// Steps within this budget instead of one proof ([`DomainLog::answer_stepped`]).
-        steps: Option<StepBudget>,
+        steps: Option<Steps>,
         now: u64,
         reply: oneshot::Sender<Result<LogAnswer>>,
     },
@@ -276,6 +309,8 @@ struct Worker {
     ahead: std::cell::Cell<Option<u64>>,
     /// Tree nodes the step planner read ([`DomainLog::step_reads`]).
     step_reads: Arc<std::sync::atomic::AtomicU64>,
+    /// The newest epoch's own step, as last counted.
+    newest_step: std::cell::Cell<Option<NewestStep>>,
 }
 
 /// An open directory.
@@ -448,6 +483,7 @@ impl DomainLog {
                         backfill: Backfill::default(),
                         ahead: std::cell::Cell::new(None),
                         step_reads: worker_step_reads,
+                        newest_step: std::cell::Cell::new(None),
                     };
                     if let Err(e) = worker.open().await {
                         tracing::warn!(domain = %worker.keys.domain, error = %e, "the key directory cannot be read now; opening it again with the next request");
@@ -824,9 +860,10 @@ impl DomainLog {
     }
 
     /// The witnesses' part of an answer whose head is `head` ([`Witnessed`]): the newest
-    /// cosignature of each of `witnesses` (keys) at or before `head`'s epoch and at most
-    /// [`MAX_AUDIT_EPOCHS`] epochs older, and the heads and the append-only proof from the
-    /// oldest of them to `head`. `None` when none of them cosigned such a head.
+    /// cosignature of each of `witnesses` (keys; one listed twice counts once) at or before
+    /// `head`'s epoch and at most [`MAX_AUDIT_EPOCHS`] epochs older, and the heads and the
+    /// append-only proof from the oldest of them to `head`. `None` when none of them
+    /// cosigned such a head.
     pub async fn witnessed(
         &self,
         head: &SignedHead,
@@ -835,7 +872,11 @@ impl DomainLog {
         let to = head.head.epoch;
         let oldest = to.saturating_sub(MAX_AUDIT_EPOCHS - 1);
         let mut cosignatures = Vec::new();
-        for witness in witnesses {
+        for (i, witness) in witnesses.iter().enumerate() {
+            // A witness configured twice is listed once (clients refuse two lines of one).
+            if witnesses[..i].contains(witness) {
+                continue;
+            }
             if let Some((h, c)) = self.latest_cosigned(witness).await?
                 && (oldest..=to).contains(&h.head.epoch)
             {
@@ -939,14 +980,17 @@ impl DomainLog {
         steps: Option<StepBudget>,
         now: u64,
     ) -> Result<LogAnswer> {
-        let steps = match (steps, self.step_limit) {
-            (Some(b), Some(l)) => Some(StepBudget {
-                bytes: b.bytes.min(l.bytes),
-                changes: b.changes.min(l.changes),
-                epochs: b.epochs.min(l.epochs),
-            }),
-            (b, _) => b,
-        };
+        let steps = steps.map(|b| Steps {
+            budget: match self.step_limit {
+                Some(l) => StepBudget {
+                    bytes: b.bytes.min(l.bytes),
+                    changes: b.changes.min(l.changes),
+                    epochs: b.epochs.min(l.epochs),
+                },
+                None => b,
+            },
+            newest: b,
+        });
         self.ask(|reply| Request::Answer {
             address: address.clone(),
             since,
@@ -1535,7 +1579,7 @@ impl Worker {
         &self,
         address: &Address,
         since: Option<u64>,
-        steps: Option<StepBudget>,
+        steps: Option<Steps>,
         now: u64,
     ) -> Result<LogAnswer> {
         let mut attempt = 0;
@@ -1611,7 +1655,7 @@ impl Worker {
         &self,
         address: &Address,
         since: Option<u64>,
-        steps: Option<StepBudget>,
+        steps: Option<Steps>,
         now: u64,
     ) -> Result<LogAnswer> {
         let (head, proof) = match self.dir()?.lookup(address).await? {
@@ -1631,20 +1675,28 @@ impl Worker {
         let latest = head.head.epoch;
         let mut too_far = None;
         let append_only = match (since, steps) {
-            (Some(from), Some(budget)) if from > 0 && from < latest => {
-                match self.plan_steps(from, latest, budget).await? {
+            (Some(from), Some(steps)) if from > 0 && from < latest => {
+                let budget = steps.budget;
+                match self
+                    .plan_steps(from, (latest, head.head.root_hash), steps)
+                    .await?
+                {
                     None => {
                         too_far = Some(from);
                         None
                     }
                     Some(to) => {
                         let proof = wire::encode_audit(&self.dir()?.audit(from, to).await?)?;
-                        if proof.len() > budget.bytes {
+                        let bytes = match to == from + 1 && to == latest {
+                            true => steps.newest.bytes,
+                            false => budget.bytes,
+                        };
+                        if proof.len() > bytes {
                             tracing::warn!(
                                 from,
                                 to,
                                 bytes = proof.len(),
-                                budget = budget.bytes,
+                                budget = bytes,
                                 "an append-only step is larger than counted"
                             );
                         }
@@ -1687,11 +1739,38 @@ impl Worker {
     }
 
     /// How far from `from` (toward `latest`) one answer's append-only proof reaches within
-    /// `budget`, each step counted before anything is built; `None` when the step of `from`
-    /// alone is over it or over [`FIRST_STEP_MAX_ELEMENTS`] (the answer is then `too-far`,
-    /// built from nothing, after at most `4 * FIRST_STEP_MAX_ELEMENTS + 64` node reads). The
-    /// nodes read are added to [`DomainLog::step_reads`].
-    async fn plan_steps(&self, from: u64, latest: u64, budget: StepBudget) -> Result<Option<u64>> {
+    /// `steps.budget`, each step counted before anything is built; `None` when the step of
+    /// `from` alone is over it or over [`FIRST_STEP_MAX_ELEMENTS`] (the answer is then
+    /// `too-far`, built from nothing, after at most `4 * FIRST_STEP_MAX_ELEMENTS + 64` node
+    /// reads). The step of the newest epoch (`from + 1 == latest`: a client one epoch
+    /// behind) is counted against `steps.newest` instead, without the first-step cap: it is
+    /// the smallest that epoch's step will ever be (later epochs only add to it), and what
+    /// witnesses and auditors verify anyway; refusing it would send a client that follows
+    /// every epoch to a restart (red-team round 5). Its count is kept for the epoch
+    /// ([`NewestStep`]), so a refusal of it costs one walk per epoch, not one per request.
+    /// The nodes read are added to [`DomainLog::step_reads`].
+    async fn plan_steps(
+        &self,
+        from: u64,
+        (latest, root): (u64, [u8; 32]),
+        steps: Steps,
+    ) -> Result<Option<u64>> {
+        if from + 1 == latest {
+            let newest = steps.newest;
+            let count = self
+                .newest_step_count(from, root, newest.bytes / STEP_ELEMENT_BYTES)
+                .await?;
+            let fits = count.is_some_and(|c| c.inserted <= newest.changes) && newest.epochs > 0;
+            tracing::debug!(
+                from,
+                latest,
+                ?count,
+                fits,
+                "the newest epoch's step counted"
+            );
+            return Ok(fits.then_some(latest));
+        }
+        let budget = steps.budget;
         let max_elements = budget.bytes / STEP_ELEMENT_BYTES;
         let (mut elements, mut inserted, mut to, mut reads) = (0usize, 0usize, from, 0usize);
         let result: Result<()> = async {
@@ -1717,8 +1796,7 @@ impl Worker {
             Ok(())
         }
         .await;
-        self.step_reads
-            .fetch_add(reads as u64, std::sync::atomic::Ordering::Relaxed);
+        self.count_step_reads(reads);
         result?;
         tracing::debug!(
             from,
@@ -1730,6 +1808,40 @@ impl Worker {
             "append-only steps counted"
         );
         Ok((to > from).then_some(to))
+    }
+
+    /// The size of the step from `from` to the latest epoch `from + 1` (whose root is
+    /// `root`), or `None` when it holds more than `cap` elements: from
+    /// [`Worker::newest_step`] when what was counted there answers it, else walked (and
+    /// kept).
+    async fn newest_step_count(
+        &self,
+        from: u64,
+        root: [u8; 32],
+        cap: usize,
+    ) -> Result<Option<super::directory::StepCount>> {
+        let known = self.newest_step.get();
+        if let Some(known) = known.filter(|k| k.from == from && k.root == root) {
+            match known.count {
+                Some(c) => return Ok((c.elements() <= cap).then_some(c)),
+                None if cap <= known.cap => return Ok(None),
+                None => {}
+            }
+        }
+        let walk = self.dir()?.audit_step_walk(from, cap).await?;
+        self.count_step_reads(walk.reads);
+        self.newest_step.set(Some(NewestStep {
+            from,
+            root,
+            cap,
+            count: walk.count,
+        }));
+        Ok(walk.count)
+    }
+
+    fn count_step_reads(&self, reads: usize) {
+        self.step_reads
+            .fetch_add(reads as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The stored head of `epoch` if it is the latest; else a head stored for it, if any.

@@ -681,6 +681,69 @@ async fn witnessed_parts_need_the_required_fresh_cosignatures() {
     }
 }
 
+/// Red-team round 5: `Witnessed::verify` checked the first `cosigned` line of each witness,
+/// the client's restart check (`remembered_head_cosigned`) any line of that witness at or
+/// after the remembered epoch: two readings of one answer. A second line of a witness is
+/// refused when the answer is parsed, in the witnesses' part and in a head's cosignatures.
+#[tokio::test]
+async fn duplicate_witness_lines_are_refused() {
+    use super::answer::{AnswerProof, LogAnswer};
+    use super::witness::{
+        AuditAnswer, Witnessed, head_with_cosignatures_text, parse_head_with_cosignatures,
+    };
+
+    let (dir, _, [h1, h2, h3]) = three_epochs().await;
+    let (w1, w2) = (HeadSigner::generate(), HeadSigner::generate());
+    let witnessed = Witnessed {
+        cosignatures: vec![
+            (1, w1.cosign(&h1, 100).unwrap()),
+            (2, w2.cosign(&h2, 100).unwrap()),
+        ],
+        audit: AuditAnswer {
+            domain: DOMAIN.into(),
+            vrf_public_key: h1.head.vrf_public_key,
+            heads: vec![h1.clone(), h2.clone(), h3.clone()],
+            proof: Some(wire::encode_audit(&dir.audit(1, 3).await.unwrap()).unwrap()),
+        },
+    };
+    let lines = witnessed.to_lines().unwrap();
+    assert!(Witnessed::parse_lines(&h3, lines.lines()).is_ok());
+    // The crafted part: w1's line of epoch 1 first (what `verify` checked), then a second
+    // line of w1 for epoch 3 (what the restart check would have taken).
+    let second = w1.cosign(&h3, 200).unwrap().to_line();
+    let second = second.replacen("cosignature ", "cosigned 3 ", 1);
+    let crafted = lines.replacen("cosigned 2 ", &format!("{second}\ncosigned 2 "), 1);
+    assert_eq!(crafted.matches("cosigned ").count(), 3, "{crafted}");
+    let e = Witnessed::parse_lines(&h3, crafted.lines()).unwrap_err();
+    assert!(e.to_string().contains("two cosignature lines"), "{e}");
+
+    // The same inside a whole `kst-log-answer-v2` text: refused by the client's parser.
+    let alice = addr("alice@example.net");
+    let answer = LogAnswer {
+        head: h3.clone(),
+        proof: AnswerProof::Present(
+            wire::encode_lookup(&lookup_proof(&dir, &alice).await).unwrap(),
+        ),
+        witnessed: Some(witnessed.clone()),
+        append_only: None,
+        too_far: None,
+    };
+    let text = answer.to_text().unwrap();
+    assert!(LogAnswer::parse(&text).is_ok());
+    let crafted_text = text.replacen(&lines, &crafted, 1);
+    assert_ne!(crafted_text, text);
+    assert!(LogAnswer::parse(&crafted_text).is_err(), "{crafted_text}");
+
+    // A head with two cosignatures of one witness (`/head/<epoch>`, read by the restart check).
+    let text = head_with_cosignatures_text(
+        &h3,
+        &[w1.cosign(&h3, 100).unwrap(), w1.cosign(&h3, 300).unwrap()],
+    )
+    .unwrap();
+    let e = parse_head_with_cosignatures(&text).unwrap_err();
+    assert!(e.to_string().contains("two cosignature lines"), "{e}");
+}
+
 #[test]
 fn cosignature_lines_and_head_texts_refuse_hostile_input() {
     use super::head::Cosignature;
@@ -700,10 +763,11 @@ fn cosignature_lines_and_head_texts_refuse_hostile_input() {
         .unwrap();
     let c = HeadSigner::generate().cosign(&head, 9).unwrap();
     assert_eq!(Cosignature::parse_line(&c.to_line()).unwrap(), c);
-    let text = head_with_cosignatures_text(&head, &[c.clone(), c.clone()]).unwrap();
+    let c2 = HeadSigner::generate().cosign(&head, 10).unwrap();
+    let text = head_with_cosignatures_text(&head, &[c.clone(), c2.clone()]).unwrap();
     assert_eq!(
         parse_head_with_cosignatures(&text).unwrap(),
-        (head.clone(), vec![c.clone(), c.clone()])
+        (head.clone(), vec![c.clone(), c2.clone()])
     );
     let line = c.to_line();
     for bad in [
@@ -724,6 +788,7 @@ fn cosignature_lines_and_head_texts_refuse_hostile_input() {
         format!("{text}junk\n"),
         many,
         text.replacen("epoch 4", "epoch \u{e9}", 1),
+        head_with_cosignatures_text(&head, &[c.clone(), c2.clone(), c.clone()]).unwrap(),
     ] {
         assert!(parse_head_with_cosignatures(&bad).is_err(), "{bad:.80}");
     }

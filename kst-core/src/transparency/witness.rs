@@ -67,8 +67,17 @@ pub fn head_with_cosignatures_text(
     Ok(text)
 }
 
+/// A second cosignature line of one witness: refused, so that a text has one reading (one
+/// check must not take the first line of a witness and another check a later one).
+fn duplicate(what: &str, witness: &[u8; 32]) -> TransparencyError {
+    malformed(&format!(
+        "{what}: two cosignature lines of witness {}; the log lists each witness once",
+        hex::encode(witness)
+    ))
+}
+
 /// Parses [`head_with_cosignatures_text`]; strict and bounded. The cosignatures are parsed,
-/// not verified.
+/// not verified; two of one witness are refused.
 pub fn parse_head_with_cosignatures(text: &str) -> Result<(SignedHead, Vec<Cosignature>)> {
     if text.len() > MAX_HEAD_TEXT {
         return Err(malformed(&format!(
@@ -94,7 +103,14 @@ pub fn parse_head_with_cosignatures(text: &str) -> Result<(SignedHead, Vec<Cosig
                 "log head: more than {MAX_COSIGNATURES} cosignatures"
             )));
         }
-        cosignatures.push(Cosignature::parse_line(line)?);
+        let c = Cosignature::parse_line(line)?;
+        if cosignatures
+            .iter()
+            .any(|o: &Cosignature| o.witness == c.witness)
+        {
+            return Err(duplicate("log head", &c.witness));
+        }
+        cosignatures.push(c);
     }
     Ok((head, cosignatures))
 }
@@ -314,7 +330,9 @@ impl Witnessed {
     }
 
     /// Parses the lines of [`Witnessed::to_lines`] up to the end of `lines`, for the answer
-    /// whose head is `head`; strict and bounded. Nothing is verified.
+    /// whose head is `head`; strict and bounded; two `cosigned` lines of one witness are
+    /// refused (red-team round 5: [`Witnessed::verify`] read the first, the client's restart
+    /// check any). Nothing is verified.
     pub fn parse_lines<'a>(
         head: &SignedHead,
         lines: impl Iterator<Item = &'a str>,
@@ -333,7 +351,14 @@ impl Witnessed {
             let epoch = epoch
                 .parse()
                 .map_err(|_| malformed("log answer: a cosigned epoch is no number"))?;
-            cosignatures.push((epoch, Cosignature::parse_line(&format!("cosignature {c}"))?));
+            let c = Cosignature::parse_line(&format!("cosignature {c}"))?;
+            if cosignatures
+                .iter()
+                .any(|(_, o): &(u64, Cosignature)| o.witness == c.witness)
+            {
+                return Err(duplicate("log answer", &c.witness));
+            }
+            cosignatures.push((epoch, c));
             lines.next();
         }
         let audit = AuditAnswer::parse_body(

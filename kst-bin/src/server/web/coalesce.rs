@@ -13,8 +13,19 @@
 //! answers of its own hits, as [`RateLimiter::hit_many`] gives them for the whole batch (the
 //! same as single hits in the batch's order). A flusher runs as a task of its own, so a
 //! request that goes away (its client closed the connection) neither loses nor repeats the
-//! hits of the others; its own hits are still counted. An error of the backend is every
-//! waiting request's error.
+//! hits of the others; its own hits are still counted (a look-up whose miss is being counted
+//! must not learn its answer uncounted by going away). An error of the backend is the error
+//! of every request in that batch: the batch is one statement, and a statement that timed
+//! out may still have counted its hits, so they are not counted again one by one (which could
+//! refuse a client that was within its limit); the requests queued behind it are sent in the
+//! next batch as usual.
+//!
+//! The queue is bounded ([`MAX_QUEUED_HITS`]): while the counters are slow or stalled, a
+//! request whose hits would not fit is refused at once with a temporary error (the web
+//! listener answers 503 with `Retry-After`, and counts it in `kst_web_counters_busy_total`)
+//! instead of waiting behind batches that wait for the backend's timeout. Requests that went
+//! away while queued still take their place until their batch is counted, so a flood of
+//! cancelled requests fills the queue to the bound, never past it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -31,6 +42,13 @@ pub const MAX_IN_FLIGHT: usize = 2;
 /// Most hits in one batch (a request's hits are never split across batches).
 pub const MAX_BATCH: usize = 256;
 
+/// Most hits waiting for a batch (four batches' worth); a request whose hits would go past
+/// it is refused at once as a temporary failure. While the counters stall, a request waits
+/// for at most the batches in flight and the queued ones ahead of it, about three of the
+/// backend's timeouts; under load that the counters keep up with, the queue holds what
+/// arrived during one round trip, far below the bound.
+pub const MAX_QUEUED_HITS: usize = 4 * MAX_BATCH;
+
 /// The hits of one request and where its answers go.
 struct Pending {
     hits: Vec<Hit>,
@@ -40,6 +58,8 @@ struct Pending {
 #[derive(Default)]
 struct Queue {
     waiting: VecDeque<Pending>,
+    /// Hits in `waiting`.
+    hits: usize,
     /// Flusher tasks running.
     flushers: usize,
 }
@@ -49,6 +69,7 @@ struct Shared {
     queue: Mutex<Queue>,
     max_in_flight: usize,
     max_batch: usize,
+    max_queued: usize,
 }
 
 impl Shared {
@@ -65,17 +86,20 @@ pub struct Coalescer {
 }
 
 impl Coalescer {
-    /// Counts in `inner`, at most [`MAX_IN_FLIGHT`] batches of [`MAX_BATCH`] hits at once.
+    /// Counts in `inner`, at most [`MAX_IN_FLIGHT`] batches of [`MAX_BATCH`] hits at once,
+    /// at most [`MAX_QUEUED_HITS`] hits waiting.
     pub fn new(inner: Arc<dyn RateLimiter>) -> Coalescer {
-        Coalescer::with_limits(inner, MAX_IN_FLIGHT, MAX_BATCH)
+        Coalescer::with_limits(inner, MAX_IN_FLIGHT, MAX_BATCH, MAX_QUEUED_HITS)
     }
 
     /// Counts in `inner`, at most `max_in_flight` batches (at least 1) of `max_batch` hits at
-    /// once (a request with more hits is a batch of its own).
+    /// once (a request with more hits is a batch of its own), at most `max_queued` hits
+    /// waiting (a request with more is taken only into an empty queue).
     pub fn with_limits(
         inner: Arc<dyn RateLimiter>,
         max_in_flight: usize,
         max_batch: usize,
+        max_queued: usize,
     ) -> Coalescer {
         Coalescer {
             shared: Arc::new(Shared {
@@ -83,9 +107,26 @@ impl Coalescer {
                 queue: Mutex::default(),
                 max_in_flight: max_in_flight.max(1),
                 max_batch: max_batch.max(1),
+                max_queued: max_queued.max(1),
             }),
         }
     }
+
+    /// Hits waiting for a batch now (not those being counted).
+    pub fn queued_hits(&self) -> usize {
+        self.shared.lock().hits
+    }
+}
+
+/// The refusal of a request whose hits do not fit in the queue.
+fn busy(inner: &str, queued: usize) -> Error {
+    Error::unavailable(
+        "ratelimit(coalescer)",
+        format!(
+            "{queued} hits are waiting for the {inner} counters already (they are slow or \
+             stalled); try again later"
+        ),
+    )
 }
 
 /// Takes the next batch off `queue`: at least one request, then more while they fit in
@@ -100,6 +141,7 @@ fn next_batch(queue: &mut Queue, max_batch: usize) -> Vec<Pending> {
         hits += p.hits.len();
         batch.extend(queue.waiting.pop_front());
     }
+    queue.hits -= hits;
     batch
 }
 
@@ -124,6 +166,7 @@ impl Drop for FlusherGuard {
             rt.spawn(flush(Arc::clone(&self.shared)));
         } else {
             q.flushers -= 1;
+            q.hits = 0;
             for p in q.waiting.drain(..) {
                 let _ = p.reply.send(Err(lost()));
             }
@@ -201,6 +244,13 @@ impl RateLimiter for Coalescer {
         let (reply, answer) = oneshot::channel();
         let start = {
             let mut q = self.shared.lock();
+            if !q.waiting.is_empty() && q.hits + hits.len() > self.shared.max_queued {
+                let queued = q.hits;
+                drop(q);
+                super::metrics::counters_busy();
+                return Err(busy(self.shared.inner.name(), queued));
+            }
+            q.hits += hits.len();
             q.waiting.push_back(Pending {
                 hits: hits.to_vec(),
                 reply,
@@ -224,6 +274,7 @@ impl std::fmt::Debug for Coalescer {
             .field("inner", &self.shared.inner.name())
             .field("max_in_flight", &self.shared.max_in_flight)
             .field("max_batch", &self.shared.max_batch)
+            .field("max_queued", &self.shared.max_queued)
             .finish()
     }
 }
@@ -280,7 +331,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_requests_share_round_trips_and_each_gets_its_own_answers() {
         let slow = Slow::new(false);
-        let c = Coalescer::with_limits(slow.clone(), 1, 64);
+        let c = Coalescer::with_limits(slow.clone(), 1, 64, MAX_QUEUED_HITS);
         let tasks: Vec<_> = (0..100)
             .map(|i| {
                 let c = c.clone();
@@ -328,7 +379,7 @@ mod tests {
         assert!(c.hit_many(&[]).await.unwrap().is_empty());
         assert_eq!(slow.calls.load(Ordering::SeqCst), 2);
 
-        let down = Coalescer::with_limits(Slow::new(true), 1, 8);
+        let down = Coalescer::with_limits(Slow::new(true), 1, 8, MAX_QUEUED_HITS);
         let tasks: Vec<_> = (0..10)
             .map(|i| {
                 let c = down.clone();
@@ -344,7 +395,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_request_that_goes_away_does_not_disturb_the_others() {
         let slow = Slow::new(false);
-        let c = Coalescer::with_limits(slow.clone(), 1, 64);
+        let c = Coalescer::with_limits(slow.clone(), 1, 64, MAX_QUEUED_HITS);
         // A first batch keeps the flusher busy; the next requests queue behind it, and one of
         // them is dropped while it waits.
         let first = tokio::spawn({
@@ -383,6 +434,7 @@ mod tests {
                 hits: vec![Hit::new("k", 1, HOUR); n],
                 reply,
             });
+            q.hits += n;
         }
         let sizes = |b: Vec<Pending>| b.iter().map(|p| p.hits.len()).collect::<Vec<_>>();
         assert_eq!(sizes(next_batch(&mut q, 5)), vec![3, 2]);
@@ -390,5 +442,6 @@ mod tests {
         assert_eq!(sizes(next_batch(&mut q, 2)), vec![4]);
         assert_eq!(sizes(next_batch(&mut q, 5)), vec![1]);
         assert!(next_batch(&mut q, 5).is_empty());
+        assert_eq!(q.hits, 0, "the queue's count follows what is taken");
     }
 }

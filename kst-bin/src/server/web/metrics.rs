@@ -12,6 +12,9 @@ pub const REQUEST_DURATION: &str = "kst_web_request_duration_seconds";
 pub const REFUSED_TOTAL: &str = "kst_web_rate_limited_total";
 /// Connections closed at once because `max_connections` were open.
 pub const BUSY_TOTAL: &str = "kst_web_busy_total";
+/// Requests answered 503 at once because too many counter hits were waiting for the shared
+/// counters (slow or stalled; [`super::coalesce::MAX_QUEUED_HITS`]).
+pub const COUNTERS_BUSY_TOTAL: &str = "kst_web_counters_busy_total";
 /// TLS handshakes that failed or timed out.
 pub const TLS_FAILURES_TOTAL: &str = "kst_web_tls_handshake_failures_total";
 /// Certificate reloads, by `outcome` (loaded, failed).
@@ -38,6 +41,11 @@ pub fn refused(why: Refusal) {
 /// Records a connection turned away for lack of a slot.
 pub fn busy() {
     ::metrics::counter!(BUSY_TOTAL).increment(1);
+}
+
+/// Records a request refused because the counters' queue was full.
+pub fn counters_busy() {
+    ::metrics::counter!(COUNTERS_BUSY_TOTAL).increment(1);
 }
 
 /// Records a failed TLS handshake.

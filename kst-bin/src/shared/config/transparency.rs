@@ -10,7 +10,8 @@
 //! # Bounds on each answer's append-only proof for a client that remembers an older head
 //! # (`?since=&steps=1`, version 3 replies): 0 keeps the built-in bound (HTTP 4 MiB, 32 768
 //! # inserted leaves, 1024 epochs; replies 1 MiB, 16 384, 1024); a smaller one makes more,
-//! # smaller steps (docs/TRANSPARENCY.md, "Catching up in steps").
+//! # smaller steps; never below the newest epoch's own step (docs/TRANSPARENCY.md, "Catching
+//! # up in steps").
 //! step_max_bytes = 0
 //! step_max_changes = 0
 //! step_max_epochs = 0
