@@ -331,3 +331,128 @@ fn keys_output_is_terminal_safe() {
     assert_eq!(code(&out), 1, "{}", stderr(&out));
     assert_eq!(terminal_unsafe(&out.stderr), "", "the not-found message");
 }
+
+/// The opens of files in some directories, as the kernel reports them (inotify `IN_OPEN`),
+/// by file name, counted on a thread of their own while the watched work runs.
+struct OpenCounter {
+    /// A watched directory: the stop file is opened there.
+    first: std::path::PathBuf,
+    reader: std::thread::JoinHandle<Result<std::collections::HashMap<String, usize>, String>>,
+}
+
+/// The file whose opening ends the count.
+const STOP_COUNTING: &str = "stop-counting";
+
+impl OpenCounter {
+    /// Starts counting the opens of files in `dirs` (at least one).
+    fn watch(dirs: &[std::path::PathBuf]) -> OpenCounter {
+        use rustix::fs::inotify;
+        let fd = inotify::init(inotify::CreateFlags::CLOEXEC).expect("inotify");
+        for d in dirs {
+            inotify::add_watch(&fd, d, inotify::WatchFlags::OPEN).expect("inotify watch");
+        }
+        let reader = std::thread::spawn(move || {
+            let mut counts = std::collections::HashMap::new();
+            let mut buf = vec![std::mem::MaybeUninit::uninit(); 1 << 16];
+            let mut events = inotify::Reader::new(&fd, &mut buf);
+            loop {
+                let event = match events.next() {
+                    Ok(e) => e,
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(e) => return Err(format!("inotify read: {e}")),
+                };
+                if event.events().contains(inotify::ReadFlags::QUEUE_OVERFLOW) {
+                    return Err("the inotify queue overflowed: opens were lost".into());
+                }
+                let Some(name) = event.file_name() else {
+                    continue; // the directory itself (a readdir)
+                };
+                let name = name.to_string_lossy().into_owned();
+                if name == STOP_COUNTING {
+                    return Ok(counts);
+                }
+                *counts.entry(name).or_default() += 1;
+            }
+        });
+        OpenCounter {
+            first: dirs[0].clone(),
+            reader,
+        }
+    }
+
+    /// Stops counting; the opens by file name.
+    fn finish(self) -> std::collections::HashMap<String, usize> {
+        let stop = self.first.join(STOP_COUNTING);
+        std::fs::File::create(&stop).expect("stop file");
+        let counts = self.reader.join().expect("counter thread").unwrap();
+        std::fs::remove_file(stop).expect("remove the stop file");
+        counts
+    }
+}
+
+/// `kst export` of an fs store of 2,000 addresses opens each history file at most twice (the
+/// walk of the store reads its head, the export its history), counted by the kernel while
+/// the real binary runs. Paging through `KeyStore::list` in address order, as export did,
+/// read every history file once per page of 500 (each file opened 5 times here, and the
+/// whole export quadratic in the store's size).
+#[test]
+fn export_of_an_fs_store_opens_each_history_file_a_bounded_number_of_times() {
+    const N: usize = 2000;
+    let kst = TestKst::new("");
+    let root = kst.dir.path().join("keys");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        use kst_core::KeyStore;
+        let store = kst_fs::FsStore::open(&root).await.unwrap();
+        let mut writes = tokio::task::JoinSet::new();
+        for i in 0..N {
+            let store = store.clone();
+            writes.spawn(async move {
+                let record = kst_core::NewKey {
+                    address: addr(&format!("walker{i}@example.net")),
+                    key: vec![0x99; 512],
+                    fingerprint: "ABCDEF0123456789ABCDEF0123456789ABCDEF01".parse().unwrap(),
+                    publication_id: format!("{i:064x}"),
+                    published_at: 1_700_000_000,
+                    revoked: false,
+                    expected: kst_core::Expected::Any,
+                }
+                .into_record(1);
+                store.restore(&[record]).await.unwrap();
+            });
+        }
+        while let Some(done) = writes.join_next().await {
+            done.unwrap();
+        }
+    });
+    let mut shards: Vec<std::path::PathBuf> = std::fs::read_dir(root.join("keys"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    shards.sort();
+    assert_eq!(shards.len(), 256, "2,000 addresses fill every shard");
+
+    let counter = OpenCounter::watch(&shards);
+    let exported = export(&kst);
+    let opens = counter.finish();
+
+    assert_eq!(
+        exported
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+        N
+    );
+    let histories: Vec<(&String, &usize)> = opens
+        .iter()
+        .filter(|(name, _)| name.ends_with(".json"))
+        .collect();
+    assert_eq!(histories.len(), N, "every history file is read");
+    let most = histories.iter().map(|(_, n)| **n).max().unwrap();
+    assert!(
+        most <= 2,
+        "a history file was opened {most} times; {} of {N} more than twice",
+        histories.iter().filter(|(_, n)| **n > 2).count()
+    );
+}

@@ -126,7 +126,7 @@ async fn import_from(cfg: &Config, input: &Path) -> u8 {
     }
 }
 
-/// Addresses fetched from the store per `list` call.
+/// Addresses asked of the store per walk page ([`KeyStore::list_page`]).
 const PAGE: usize = 500;
 
 /// Longest line `import` reads (a history of large keys); longer lines are refused.
@@ -152,39 +152,56 @@ pub struct Counts {
 }
 
 /// Writes every address of `store` with its history to `out`, in address order.
+///
+/// The addresses come from one walk of the store in its own order ([`KeyStore::list_page`]:
+/// about one read of the store, where paging through [`KeyStore::list`] in address order
+/// costs the fs store a read of every history file per page), sorted in memory (the
+/// addresses only, not their keys), so that exports of the same keys are the same bytes on
+/// every backend. Then each history is read once.
 pub async fn export(store: &dyn KeyStore, out: &mut dyn Write) -> Result<Counts, Error> {
     let mut counts = Counts::default();
-    let mut after: Option<Address> = None;
-    loop {
-        let page = store.list(after.as_ref(), PAGE).await?;
-        for address in &page {
-            let history = store.history(address).await?;
-            if history.is_empty() {
-                continue; // deleted between list and history
-            }
-            counts.addresses += 1;
-            counts.versions += history.len() as u64;
-            let line = ExportLine {
-                address: address.clone(),
-                history,
-            };
-            let text = serde_json::to_string(&line)
-                .map_err(|e| Error::Invalid(format!("cannot encode {address}: {e}")))?;
-            // Terminal-safe (the export may go to stdout): the same JSON value, so `kst
-            // import` reads back exactly what was stored.
-            let mut text = crate::terminal::json(&text).into_owned();
-            text.push('\n');
-            out.write_all(text.as_bytes())
-                .map_err(|e| Error::unavailable(kst_core::Component::other("export output"), e))?;
+    for address in &addresses(store).await? {
+        let history = store.history(address).await?;
+        if history.is_empty() {
+            continue; // deleted between the walk and history
         }
-        match page.last() {
-            Some(last) if page.len() == PAGE => after = Some(last.clone()),
-            _ => break,
-        }
+        counts.addresses += 1;
+        counts.versions += history.len() as u64;
+        let line = ExportLine {
+            address: address.clone(),
+            history,
+        };
+        let text = serde_json::to_string(&line)
+            .map_err(|e| Error::Invalid(format!("cannot encode {address}: {e}")))?;
+        // Terminal-safe (the export may go to stdout): the same JSON value, so `kst
+        // import` reads back exactly what was stored.
+        let mut text = crate::terminal::json(&text).into_owned();
+        text.push('\n');
+        out.write_all(text.as_bytes())
+            .map_err(|e| Error::unavailable(kst_core::Component::other("export output"), e))?;
     }
     out.flush()
         .map_err(|e| Error::unavailable(kst_core::Component::other("export output"), e))?;
     Ok(counts)
+}
+
+/// Every address of `store` that has a key, in address order: a whole walk
+/// ([`KeyStore::list_page`]), then sorted.
+async fn addresses(store: &dyn KeyStore) -> Result<Vec<Address>, Error> {
+    let mut all = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store.list_page(cursor.as_ref(), PAGE).await?;
+        all.extend(page.addresses);
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    all.sort_unstable();
+    // A walk hands each address out once; an address is exported once whatever happens.
+    all.dedup();
+    Ok(all)
 }
 
 /// Reads export lines from `input` and restores each address into `store`, replacing what the
