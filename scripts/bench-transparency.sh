@@ -45,19 +45,51 @@ cleanup_more() {
 KST_KST__DOMAINS=example.test "$KST" log keygen example.test --output "$WORK/log-example.test.key" >/dev/null
 NO_RATE_LIMITS="KST_LIMITS__PER_SENDER=0 KST_LIMITS__PER_ACCOUNT=0 KST_LIMITS__PER_SOURCE_IP=0 KST_LIMITS__PER_SENDER_QUERY=0"
 
+# A port picked by free_port may be taken by another process before the server binds it (the
+# machine is shared): each server is started until it listens on its own ports
+# (wait_own_port), with new ports each time, at most this many times.
+START_TRIES=5
+
 REDIS_PORT=""
 redis_up() {
   [ -n "$REDIS_PORT" ] && return
-  REDIS_PORT="$(free_port)"
+  local try pid
   mkdir -p "$WORK/redis"
-  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$WORK/redis" --save "" \
-    --appendonly yes --appendfsync always --logfile "$WORK/redis/redis.log" &
-  PIDS+=("$!")
-  wait_port "$REDIS_PORT"
+  for try in $(seq 1 "$START_TRIES"); do
+    REDIS_PORT="$(free_port)"
+    redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$WORK/redis" --save "" \
+      --appendonly yes --appendfsync always --logfile "$WORK/redis/redis.log" &
+    pid=$!
+    PIDS+=("$pid")
+    wait_own_port "$pid" "$REDIS_PORT" && return
+    log "redis-server did not start on port $REDIS_PORT (try $try): $(tail -1 "$WORK/redis/redis.log")"
+  done
+  die "redis-server did not start in $START_TRIES tries; see $WORK/redis/redis.log"
+}
+
+# serve_up DIR ENV...: starts `kst serve` in DIR with the environment ENV (KEY=VALUE words) on
+# free LMTP and HTTP ports, again on new ports when it exits before listening (a port taken
+# meanwhile); sets SERVE_PID, LMTP_PORT and HTTP_PORT.
+serve_up() {
+  local dir="$1" try
+  shift
+  for try in $(seq 1 "$START_TRIES"); do
+    LMTP_PORT="$(free_port)"
+    HTTP_PORT="$(free_port)"
+    env -C "$dir" -u KST_CONFIG KST_LMTP__LISTEN="127.0.0.1:$LMTP_PORT" \
+      KST_HTTP__LISTEN="127.0.0.1:$HTTP_PORT" "$@" "$KST" serve 2>>"$dir/serve.log" &
+    SERVE_PID=$!
+    PIDS+=("$SERVE_PID")
+    # The HTTP listener is bound after the LMTP one: both are up.
+    wait_own_port "$SERVE_PID" "$HTTP_PORT" && return
+    wait "$SERVE_PID" || true
+    log "kst serve exited before listening on ports $LMTP_PORT/$HTTP_PORT (try $try): $(tail -1 "$dir/serve.log")"
+  done
+  die "kst serve did not start in $START_TRIES tries; see $dir/serve.log"
 }
 
 run() { # store directory(off|on) round concurrency
-  local store="$1" kt="$2" round="$3" C="$4" dir senv=() lmtp http pid out
+  local store="$1" kt="$2" round="$3" C="$4" dir senv=() pid out
   dir="$WORK/$store-$kt-$round-c$C"
   mkdir -p "$dir"
   case "$store" in
@@ -75,16 +107,11 @@ run() { # store directory(off|on) round concurrency
       ;;
   esac
   if [ "$kt" = on ]; then senv+=(KST_TRANSPARENCY__KEY_FILE="$WORK/log-{domain}.key"); fi
-  lmtp="$(free_port)"
-  http="$(free_port)"
   # shellcheck disable=SC2086 # $NO_RATE_LIMITS holds KEY=VALUE words
-  env -C "$dir" -u KST_CONFIG KST_LMTP__LISTEN="127.0.0.1:$lmtp" KST_HTTP__LISTEN="127.0.0.1:$http" \
-    KST_LOG__LEVEL="$LOG_LEVEL" $NO_RATE_LIMITS "${senv[@]}" "$KST" serve 2>"$dir/serve.log" &
-  pid=$!
-  PIDS+=("$pid")
-  wait_port "$http"
+  serve_up "$dir" KST_LOG__LEVEL="$LOG_LEVEL" $NO_RATE_LIMITS "${senv[@]}"
+  pid="$SERVE_PID"
   out="$dir/bench.jsonl"
-  "$KST" bench lmtp -q --connect "127.0.0.1:$lmtp" --metrics "127.0.0.1:$http" --concurrency "$C" \
+  "$KST" bench lmtp -q --connect "127.0.0.1:$LMTP_PORT" --metrics "127.0.0.1:$HTTP_PORT" --concurrency "$C" \
     --publications "$PUB" --retrievals 0 --json >"$out" || log "$store $kt: some messages got no decision"
   kill -TERM "$pid"
   wait "$pid" || true

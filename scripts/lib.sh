@@ -41,6 +41,21 @@ wait_port() {
   die "nothing listens on 127.0.0.1:$1"
 }
 
+# wait_own_port PID PORT [TRIES]: waits until the process PID itself listens on 127.0.0.1:PORT
+# (`ss -p`, so another process that took the port meanwhile does not count). Returns 1 when
+# PID exits first: it could not bind (the port was taken between free_port and its bind, or
+# another fault its log names); the caller picks new ports and starts it again. Dies after
+# TRIES x 50 ms (default 1200: a debug build or a loaded machine starts slowly).
+wait_own_port() {
+  local pid="$1" port="$2" tries="${3:-1200}" _
+  for _ in $(seq 1 "$tries"); do
+    kill -0 "$pid" 2>/dev/null || return 1
+    if ss -Hltnp "sport = :$port" 2>/dev/null | grep -q "pid=$pid,"; then return 0; fi
+    sleep 0.05
+  done
+  die "process $pid does not listen on 127.0.0.1:$port after $((tries / 20)) s"
+}
+
 # Sets KST to the kst binary to measure: $BENCH_KST (made absolute) or, without it, a release
 # build of this checkout (run from the repository root).
 bench_kst() {

@@ -10,18 +10,25 @@ fn addr(s: &str) -> kst_core::Address {
     AddressPolicy::default().normalize(s).unwrap()
 }
 
-/// Publishes `armored` for `account` through `kst deliver` and checks the confirmation.
-fn publish(kst: &TestKst, account: &str, armored: &str) {
+/// Publishes `armored` for `account` through `kst deliver` and checks the confirmation;
+/// returns the message as delivered (to deliver it again).
+fn publish(kst: &TestKst, account: &str, armored: &str) -> Vec<u8> {
     let req = client::build_publication(&addr(account), armored).unwrap();
     let mut raw = received_authenticated(account, "mail.example.net").into_bytes();
     raw.extend_from_slice(&req.message);
-    let domain = account.split('@').nth(1).unwrap();
-    let out = kst.deliver(account, &format!("keys@{domain}"), &raw);
+    let out = deliver(kst, account, &raw);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     match client::verify_reply(&req.pending, &kst.last_reply()).unwrap() {
         Verified::Published { .. } => {}
         other => panic!("publication of {account} not confirmed: {other:?}"),
     }
+    raw
+}
+
+/// `kst deliver` of `raw` from `account` to `keys@` its domain.
+fn deliver(kst: &TestKst, account: &str, raw: &[u8]) -> std::process::Output {
+    let domain = account.split('@').nth(1).unwrap();
+    kst.deliver(account, &format!("keys@{domain}"), raw)
 }
 
 /// `kst export` to a file in the KST's directory; returns the bytes.
@@ -85,6 +92,11 @@ fn export_import_round_trip_fs_postgres_redis_fs() {
     publish(&fs, "carol@example.org", &carol.public_armored);
     publish(&fs, "carol@example.org", &carol.public_armored); // same key again: no version
     let first = export(&fs);
+    // Nothing was deleted: the lines are those of before deleted ids travelled.
+    assert!(
+        !String::from_utf8_lossy(&first).contains("\"deleted\""),
+        "an export without deletions carries no deleted ids"
+    );
     let lines: Vec<serde_json::Value> = first
         .split(|&b| b == b'\n')
         .filter(|l| !l.is_empty())
@@ -162,7 +174,7 @@ fn export_import_round_trip_fs_postgres_redis_fs() {
 
     // A publication after the import continues the imported history on every backend.
     for kst in [&fs2, &pg, &redis] {
-        publish(kst, "alice@example.net", &alice2.public_armored);
+        let _ = publish(kst, "alice@example.net", &alice2.public_armored);
         let out = kst.kst(&["keys", "history", "alice@example.net", "--json"], b"");
         let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let versions: Vec<u64> = h
@@ -176,6 +188,131 @@ fn export_import_round_trip_fs_postgres_redis_fs() {
 
     for kst in [&fs2, &pg, &redis] {
         keys_exit_codes(kst);
+    }
+    drop(redis);
+    drop(prefix);
+    drop(pg);
+    drop(db);
+}
+
+/// Deletion wins over a redelivery after a move between backends: the publication ids of
+/// deleted histories travel with `kst export` / `kst import` fs → PostgreSQL → Redis → fs.
+/// Alice publishes two keys and deletes; Dave publishes, deletes and publishes another key;
+/// Bob keeps his. After each import the export is the same bytes, and Alice's and Dave's
+/// first publication messages, delivered again, publish nothing (without the ids in the
+/// export the new store published Alice's old key again).
+#[test]
+fn deleted_publications_travel_fs_postgres_redis_fs() {
+    let gpg = Gpg::new();
+    let alice1 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    let gpg2 = Gpg::new();
+    let alice2 = gpg2.generate("Alice New", "alice@example.net", "ed25519");
+    let bob = gpg.generate("Bob", "bob@example.net", "ed25519");
+    let dave1 = gpg.generate("Dave", "dave@example.org", "ed25519");
+    let dave2 = gpg2.generate("Dave New", "dave@example.org", "ed25519");
+
+    let fs = TestKst::new("");
+    let alice_first = publish(&fs, "alice@example.net", &alice1.public_armored);
+    let alice_second = publish(&fs, "alice@example.net", &alice2.public_armored);
+    let _ = publish(&fs, "bob@example.net", &bob.public_armored);
+    let dave_first = publish(&fs, "dave@example.org", &dave1.public_armored);
+    let run = |kst: &TestKst, args: &[&str]| code(&kst.kst(args, b""));
+    assert_eq!(run(&fs, &["keys", "delete", "alice@example.net"]), 0);
+    assert_eq!(run(&fs, &["keys", "delete", "dave@example.org"]), 0);
+    let _ = publish(&fs, "dave@example.org", &dave2.public_armored);
+
+    // The redeliveries `kst` must ignore on every store; what stays.
+    let redeliveries = [
+        ("alice@example.net", &alice_first),
+        ("alice@example.net", &alice_second),
+        ("dave@example.org", &dave_first),
+    ];
+    let check = |kst: &TestKst, store: &str| {
+        for (account, raw) in redeliveries {
+            let out = deliver(kst, account, raw);
+            assert_eq!(code(&out), 0, "{store}: {}", stderr(&out));
+        }
+        assert_eq!(
+            run(kst, &["keys", "get", "alice@example.net"]),
+            1,
+            "{store}: a redelivery published Alice's deleted key again"
+        );
+        let out = kst.kst(&["keys", "history", "dave@example.org", "--json"], b"");
+        assert_eq!(code(&out), 0, "{store}: {}", stderr(&out));
+        let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let h = h.as_array().unwrap();
+        assert_eq!(
+            h.len(),
+            1,
+            "{store}: Dave's history is his second key only: {h:?}"
+        );
+        assert!(
+            h[0]["fingerprint"]
+                .as_str()
+                .unwrap()
+                .eq_ignore_ascii_case(&dave2.fingerprint),
+            "{store}: {h:?}"
+        );
+        assert_eq!(run(kst, &["keys", "get", "bob@example.net"]), 0, "{store}");
+    };
+    check(&fs, "fs");
+
+    let first = export(&fs);
+    let lines: Vec<serde_json::Value> = first
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    let shape: Vec<(&str, usize, usize)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["address"].as_str().unwrap(),
+                l["history"].as_array().unwrap().len(),
+                l.get("deleted").map_or(0, |d| d.as_array().unwrap().len()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("alice@example.net", 0, 2),
+            ("bob@example.net", 1, 0),
+            ("dave@example.org", 1, 1)
+        ]
+    );
+
+    // fs → PostgreSQL → Redis → a fresh fs store, each time importing the export of the last.
+    let db = TestDb::new();
+    let pg = TestKst::with_store("", &db.store());
+    let prefix = TestPrefix::new();
+    let redis = TestKst::with_store("", &prefix.store());
+    let fs2 = TestKst::new("");
+    let mut previous = first.clone();
+    for (kst, store) in [(&pg, "PostgreSQL"), (&redis, "Redis"), (&fs2, "fs")] {
+        let out = import(kst, &previous);
+        assert_eq!(code(&out), 0, "import into {store}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("2 address(es), 2 version(s), 3 deleted publication id(s)"),
+            "{store}: {}",
+            stderr(&out)
+        );
+        previous = export(kst);
+        assert_eq!(previous, first, "{store}: the export differs");
+        check(kst, store);
+        // Importing again adds nothing.
+        let out = import(kst, &first);
+        assert_eq!(
+            code(&out),
+            0,
+            "second import into {store}: {}",
+            stderr(&out)
+        );
+        assert_eq!(
+            export(kst),
+            first,
+            "{store}: a second import changed the store"
+        );
     }
     drop(redis);
     drop(prefix);
@@ -232,6 +369,14 @@ fn bad_import_lines_are_named_and_fail() {
             "{\"address\":\"bob@example.net\",\"history\":[]}".into(),
         ),
         ("one publication twice", twice.to_string()),
+        (
+            "a deleted id that is no publication id",
+            "{\"address\":\"bob@example.net\",\"history\":[],\"deleted\":[\"a b\"]}".into(),
+        ),
+        (
+            "deleted not a list",
+            "{\"address\":\"bob@example.net\",\"deleted\":\"aa\"}".into(),
+        ),
     ];
     for (what, bad) in cases {
         let target = TestKst::new("");
@@ -333,4 +478,129 @@ fn keys_output_is_terminal_safe() {
     let out = kst.kst(&["keys", "get", bidi], b"");
     assert_eq!(code(&out), 1, "{}", stderr(&out));
     assert_eq!(terminal_unsafe(&out.stderr), "", "the not-found message");
+}
+
+/// The opens of files in some directories, as the kernel reports them (inotify `IN_OPEN`),
+/// by file name, counted on a thread of their own while the watched work runs.
+struct OpenCounter {
+    /// A watched directory: the stop file is opened there.
+    first: std::path::PathBuf,
+    reader: std::thread::JoinHandle<Result<std::collections::HashMap<String, usize>, String>>,
+}
+
+/// The file whose opening ends the count.
+const STOP_COUNTING: &str = "stop-counting";
+
+impl OpenCounter {
+    /// Starts counting the opens of files in `dirs` (at least one).
+    fn watch(dirs: &[std::path::PathBuf]) -> OpenCounter {
+        use rustix::fs::inotify;
+        let fd = inotify::init(inotify::CreateFlags::CLOEXEC).expect("inotify");
+        for d in dirs {
+            inotify::add_watch(&fd, d, inotify::WatchFlags::OPEN).expect("inotify watch");
+        }
+        let reader = std::thread::spawn(move || {
+            let mut counts = std::collections::HashMap::new();
+            let mut buf = vec![std::mem::MaybeUninit::uninit(); 1 << 16];
+            let mut events = inotify::Reader::new(&fd, &mut buf);
+            loop {
+                let event = match events.next() {
+                    Ok(e) => e,
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(e) => return Err(format!("inotify read: {e}")),
+                };
+                if event.events().contains(inotify::ReadFlags::QUEUE_OVERFLOW) {
+                    return Err("the inotify queue overflowed: opens were lost".into());
+                }
+                let Some(name) = event.file_name() else {
+                    continue; // the directory itself (a readdir)
+                };
+                let name = name.to_string_lossy().into_owned();
+                if name == STOP_COUNTING {
+                    return Ok(counts);
+                }
+                *counts.entry(name).or_default() += 1;
+            }
+        });
+        OpenCounter {
+            first: dirs[0].clone(),
+            reader,
+        }
+    }
+
+    /// Stops counting; the opens by file name.
+    fn finish(self) -> std::collections::HashMap<String, usize> {
+        let stop = self.first.join(STOP_COUNTING);
+        std::fs::File::create(&stop).expect("stop file");
+        let counts = self.reader.join().expect("counter thread").unwrap();
+        std::fs::remove_file(stop).expect("remove the stop file");
+        counts
+    }
+}
+
+/// `kst export` of an fs store of 2,000 addresses opens each history file at most twice (the
+/// walk of the store reads its head, the export its history), counted by the kernel while
+/// the real binary runs. Paging through `KeyStore::list` in address order, as export did,
+/// read every history file once per page of 500 (each file opened 5 times here, and the
+/// whole export quadratic in the store's size).
+#[test]
+fn export_of_an_fs_store_opens_each_history_file_a_bounded_number_of_times() {
+    const N: usize = 2000;
+    let kst = TestKst::new("");
+    let root = kst.dir.path().join("keys");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        use kst_core::KeyStore;
+        let store = kst_fs::FsStore::open(&root).await.unwrap();
+        let mut writes = tokio::task::JoinSet::new();
+        for i in 0..N {
+            let store = store.clone();
+            writes.spawn(async move {
+                let record = kst_core::NewKey {
+                    address: addr(&format!("walker{i}@example.net")),
+                    key: vec![0x99; 512],
+                    fingerprint: "ABCDEF0123456789ABCDEF0123456789ABCDEF01".parse().unwrap(),
+                    publication_id: format!("{i:064x}"),
+                    published_at: 1_700_000_000,
+                    revoked: false,
+                    expected: kst_core::Expected::Any,
+                }
+                .into_record(1);
+                store.restore(&[record]).await.unwrap();
+            });
+        }
+        while let Some(done) = writes.join_next().await {
+            done.unwrap();
+        }
+    });
+    let mut shards: Vec<std::path::PathBuf> = std::fs::read_dir(root.join("keys"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    shards.sort();
+    assert_eq!(shards.len(), 256, "2,000 addresses fill every shard");
+
+    let counter = OpenCounter::watch(&shards);
+    let exported = export(&kst);
+    let opens = counter.finish();
+
+    assert_eq!(
+        exported
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+        N
+    );
+    let histories: Vec<(&String, &usize)> = opens
+        .iter()
+        .filter(|(name, _)| name.ends_with(".json"))
+        .collect();
+    assert_eq!(histories.len(), N, "every history file is read");
+    let most = histories.iter().map(|(_, n)| **n).max().unwrap();
+    assert!(
+        most <= 2,
+        "a history file was opened {most} times; {} of {N} more than twice",
+        histories.iter().filter(|(_, n)| **n > 2).count()
+    );
 }

@@ -28,13 +28,15 @@
 //! ```
 //!
 //! The walk in the store's own order ([`KeyStore::list_page`]) is in [`walk`] (part of
-//! [`run_all`]). The look-ups by fingerprint, key ID and WKD hash are in [`lookup`] (part of [`run_all`]); the
+//! [`run_all`]); the walk and import of remembered deleted publications in [`deleted`] (part
+//! of [`run_all`]). The look-ups by fingerprint, key ID and WKD hash are in [`lookup`] (part of [`run_all`]); the
 //! compare-and-set of `publish` and the service's read-merge-write on it are in [`cas`] (part of
 //! [`run_all`]; backends run [`cas::compare_and_set_race`] and [`cas::merged_publications`]
 //! again with separate instances).
 //! The [`RateLimiter`](crate::RateLimiter) has a suite of its own: [`limiter`].
 
 pub mod cas;
+pub mod deleted;
 #[cfg(feature = "transparency")]
 pub mod directory;
 pub mod limiter;
@@ -454,6 +456,7 @@ pub async fn run_all(store: Arc<dyn KeyStore>) {
     cas::merged_publications(vec![store.clone(), store.clone()]).await;
     reminders::reminder_claims(vec![store.clone(), store.clone()]).await;
     reminders::reminders_across_a_pool(vec![store.clone(), store.clone(), store.clone()]).await;
+    deleted::deleted_publications_walk_and_remember(s).await;
     check_succeeds(s).await;
     let n = check_consistency(s).await;
     assert!(
@@ -1507,6 +1510,16 @@ mod tests {
         }
         async fn check(&self) -> Result<()> {
             self.inner.check().await
+        }
+        async fn deleted_page(
+            &self,
+            cursor: Option<&crate::store::WalkCursor>,
+            limit: usize,
+        ) -> Result<crate::store::DeletedPage> {
+            self.inner.deleted_page(cursor, limit).await
+        }
+        async fn remember_deleted(&self, a: &Address, ids: &[String]) -> Result<()> {
+            self.inner.remember_deleted(a, ids).await
         }
     }
 

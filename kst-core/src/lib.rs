@@ -48,7 +48,10 @@ pub use policy::{AuthSource, Policy};
 pub use protocol::{Reason, Status};
 pub use ratelimit::{Hit, LimitKind, MemoryRateLimiter, RateLimiter, RateLimits};
 pub use service::{Decision, Envelope, HandleError, Handled, Kst, NotForKst};
-pub use store::{Expected, KeyRecord, KeyStore, NewKey, PublishOutcome, WalkCursor, WalkPage};
+pub use store::{
+    DeletedPage, DeletedPublications, Expected, KeyRecord, KeyStore, NewKey, PublishOutcome,
+    WalkCursor, WalkPage,
+};
 #[cfg(test)]
 mod redteam15_tests;
 #[cfg(any(test, feature = "testing"))]

@@ -215,6 +215,53 @@ pub struct WalkPage {
     pub next: Option<WalkCursor>,
 }
 
+/// The publication ids a store remembers from the deleted histories of one address (see
+/// [`KeyStore::delete`]): what `kst export` carries, so that deletion still wins over a
+/// redelivery after a move to another store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedPublications {
+    /// The normalized address.
+    pub address: Address,
+    /// Every remembered publication id of the address, in ascending byte order, each once.
+    pub publication_ids: Vec<String>,
+}
+
+/// One page of a walk over the remembered deleted publications
+/// ([`KeyStore::deleted_page`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeletedPage {
+    /// Addresses with their remembered publication ids, in the store's own order.
+    pub entries: Vec<DeletedPublications>,
+    /// Where the walk goes on; `None` when it is over.
+    pub next: Option<WalkCursor>,
+}
+
+/// Longest publication id [`KeyStore::remember_deleted`] takes (they are 64 hex digits).
+pub const MAX_PUBLICATION_ID: usize = 128;
+
+/// The check of [`KeyStore::remember_deleted`]'s ids every backend makes first: at least one,
+/// each 1 to [`MAX_PUBLICATION_ID`] ASCII letters and digits (what the KST makes: hex).
+pub fn check_publication_ids(address: &Address, publication_ids: &[String]) -> Result<()> {
+    if publication_ids.is_empty() {
+        return Err(crate::Error::Invalid(format!(
+            "no deleted publication id to remember for {address}"
+        )));
+    }
+    for id in publication_ids {
+        if id.is_empty()
+            || id.len() > MAX_PUBLICATION_ID
+            || !id.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err(crate::Error::Invalid(format!(
+                "{:?} (for {address}) is not a publication id: 1 to {MAX_PUBLICATION_ID} ASCII \
+                 letters and digits",
+                id.chars().take(MAX_PUBLICATION_ID + 1).collect::<String>()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Durable storage of published keys, shared by every KST instance of a pool.
 ///
 /// Contract (checked by the conformance suite):
@@ -294,6 +341,35 @@ pub trait KeyStore: Send + Sync {
         list_page_by_address(self, cursor, limit).await
     }
 
+    /// One page of a walk over every address whose deleted histories' publication ids the
+    /// store remembers (see [`KeyStore::delete`]), with those ids: for `kst export`. Start with
+    /// `cursor` `None`, then pass the page's [`DeletedPage::next`] until it is `None`.
+    ///
+    /// A page holds about `limit` addresses (`limit` 0 is [`crate::Error::Invalid`]): at most
+    /// `limit` on the fs store and PostgreSQL, a `SCAN` step's worth on Redis; it may hold
+    /// none before the walk is over. Every address remembered from the walk's start to its
+    /// end is handed out at least once (Redis' `SCAN` may hand one out twice: a reader merges
+    /// the ids). The cost is one read of what is remembered, not of the keys.
+    ///
+    /// This default refuses, for a store that does not remember deleted publications (or a
+    /// wrapper that does not pass the call on): an export must not drop them unnoticed.
+    async fn deleted_page(&self, cursor: Option<&WalkCursor>, limit: usize) -> Result<DeletedPage> {
+        let _ = (cursor, limit);
+        Err(no_deleted_publications(self.name()))
+    }
+
+    /// Adds `publication_ids` to those remembered for `address`, as if histories holding them
+    /// had been deleted (for `kst import`): a later publication with one of them that is not
+    /// in the address' current history is refused ([`crate::Error::DeletedSince`]). Nothing
+    /// remembered is removed and the address' keys are untouched; adding ids again is
+    /// harmless. The ids are checked first ([`check_publication_ids`]).
+    ///
+    /// This default refuses, like [`KeyStore::deleted_page`]'s.
+    async fn remember_deleted(&self, address: &Address, publication_ids: &[String]) -> Result<()> {
+        let _ = (address, publication_ids);
+        Err(no_deleted_publications(self.name()))
+    }
+
     /// Replaces everything stored for the address of `history` with exactly these records (all
     /// of one address, versions strictly increasing, last one current). For import and restore.
     async fn restore(&self, history: &[KeyRecord]) -> Result<()>;
@@ -344,6 +420,14 @@ pub trait KeyStore: Send + Sync {
     async fn topology(&self) -> Result<Vec<(String, String)>> {
         Ok(Vec::new())
     }
+}
+
+/// The error of a store that does not carry deleted publications.
+fn no_deleted_publications(store: &str) -> crate::Error {
+    crate::Error::Invalid(format!(
+        "the {store} store cannot list or take the publication ids of deleted histories; \
+         use a backend that remembers them (fs, PostgreSQL, Redis)"
+    ))
 }
 
 /// The check of [`KeyStore::list_page`]'s `limit` every backend makes first: a page of 0

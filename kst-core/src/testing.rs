@@ -126,6 +126,59 @@ impl KeyStore for MemoryStore {
             .cloned()
             .unwrap_or_default())
     }
+    /// In address order; the cursor is the last address handed out.
+    async fn deleted_page(
+        &self,
+        cursor: Option<&crate::WalkCursor>,
+        limit: usize,
+    ) -> Result<crate::DeletedPage> {
+        self.up()?;
+        crate::store::check_walk_limit(limit)?;
+        let after = cursor
+            .map(|c| {
+                c.token()
+                    .strip_prefix("memory-deleted:")
+                    .and_then(|a| Address::from_normalized(a).ok())
+                    .ok_or_else(|| Error::Invalid(crate::store::bad_cursor(c)))
+            })
+            .transpose()?;
+        let deleted = self.deleted.lock().unwrap();
+        let mut entries: Vec<crate::DeletedPublications> = Vec::new();
+        for (address, id) in deleted.iter() {
+            if after.as_ref().is_some_and(|a| address <= a) {
+                continue;
+            }
+            if let Some(e) = entries.last_mut().filter(|e| &e.address == address) {
+                e.publication_ids.push(id.clone());
+                continue;
+            }
+            if entries.len() == limit {
+                break;
+            }
+            entries.push(crate::DeletedPublications {
+                address: address.clone(),
+                publication_ids: vec![id.clone()],
+            });
+        }
+        let next = match entries.last() {
+            Some(last) if entries.len() == limit => Some(crate::WalkCursor::new(format!(
+                "memory-deleted:{}",
+                last.address.as_str()
+            ))),
+            _ => None,
+        };
+        Ok(crate::DeletedPage { entries, next })
+    }
+    async fn remember_deleted(&self, address: &Address, publication_ids: &[String]) -> Result<()> {
+        self.up()?;
+        crate::store::check_publication_ids(address, publication_ids)?;
+        self.deleted.lock().unwrap().extend(
+            publication_ids
+                .iter()
+                .map(|id| (address.clone(), id.clone())),
+        );
+        Ok(())
+    }
     async fn delete(&self, address: &Address) -> Result<bool> {
         self.up()?;
         let mut map = self.map.lock().unwrap();

@@ -123,6 +123,23 @@ impl<S: KeyStore> KeyStore for TimeoutStore<S> {
             .await
     }
 
+    async fn deleted_page(
+        &self,
+        cursor: Option<&crate::store::WalkCursor>,
+        limit: usize,
+    ) -> Result<crate::store::DeletedPage> {
+        self.run("deleted page", self.inner.deleted_page(cursor, limit))
+            .await
+    }
+
+    async fn remember_deleted(&self, address: &Address, publication_ids: &[String]) -> Result<()> {
+        self.run(
+            "remember deleted",
+            self.inner.remember_deleted(address, publication_ids),
+        )
+        .await
+    }
+
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
         self.run("restore", self.inner.restore(history)).await
     }

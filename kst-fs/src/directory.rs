@@ -694,16 +694,14 @@ fn list_files<K>(
     Ok(out)
 }
 
+/// Runs the directory's file work on the blocking pool under the key store's bound
+/// ([`crate::MAX_BLOCKING`] at once per process, FIFO: [`crate::pool`]).
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, DirectoryStoreError> + Send + 'static,
 ) -> Result<T, DirectoryStoreError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(DirectoryStoreError::Unavailable(format!(
-            "file operation cancelled: {e}"
-        ))),
-    }
+    crate::pool::bounded(f)
+        .await
+        .map_err(DirectoryStoreError::Unavailable)?
 }
 
 #[async_trait]
@@ -1116,6 +1114,62 @@ mod tests {
         let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
         holds(&b, 4).await;
         assert_eq!(journal::checkpoint(&dir).unwrap(), Some(4));
+    }
+
+    /// The directory's file work is under the key store's bound ([`crate::MAX_BLOCKING`]
+    /// per process): while that many file operations of the store run, a directory read and
+    /// a commit wait for a permit, and they finish once the operations do. (On
+    /// `spawn_blocking` of its own, the directory ran beside them: up to Tokio's 512 threads.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn directory_work_waits_for_the_blocking_bound() {
+        use crate::MAX_BLOCKING;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        store.commit(D, first()).await.unwrap();
+
+        let (started, mut running) = tokio::sync::mpsc::unbounded_channel();
+        let release = std::sync::Arc::new(std::sync::Barrier::new(MAX_BLOCKING + 1));
+        let holders: Vec<_> = (0..MAX_BLOCKING)
+            .map(|_| {
+                let (started, release) = (started.clone(), release.clone());
+                tokio::spawn(crate::pool::blocking(move || {
+                    started.send(()).unwrap();
+                    release.wait();
+                    Ok(())
+                }))
+            })
+            .collect();
+        for _ in 0..MAX_BLOCKING {
+            running.recv().await.unwrap();
+        }
+        let read = tokio::spawn({
+            let store = store.clone();
+            async move { store.root(D).await }
+        });
+        let commit = tokio::spawn({
+            let store = store.clone();
+            async move { store.commit(D, epoch(1)).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let ran_early = read.is_finished() || commit.is_finished();
+        let in_flight = crate::blocking_in_flight();
+        // Released before any assertion: a failing test must not leave threads waiting.
+        tokio::task::spawn_blocking(move || release.wait())
+            .await
+            .unwrap();
+        assert!(
+            !ran_early,
+            "directory work ran while {MAX_BLOCKING} file operations held the bound"
+        );
+        assert!(in_flight <= MAX_BLOCKING, "{in_flight} in flight");
+        for h in holders {
+            h.await.unwrap().unwrap();
+        }
+        let root = read.await.unwrap().unwrap().unwrap();
+        assert!(root.0 <= 1, "{root:?}");
+        commit.await.unwrap().unwrap();
+        holds(&store, 1).await;
+        assert!(crate::blocking_peak() <= MAX_BLOCKING);
     }
 }
 

@@ -114,7 +114,7 @@ fn checked_address(path: &Path, hash: &str, text: &str) -> Result<Address> {
     if address_hash(&address) != hash {
         return Err(corrupt(
             path,
-            format!("holds {address}, whose history belongs in another file"),
+            format!("holds {address}, whose records belong in another file"),
         ));
     }
     Ok(address)
@@ -205,6 +205,26 @@ pub(crate) fn read_deleted(
         ));
     }
     Ok(file.publication_ids)
+}
+
+/// The address and the publication ids of the file of deleted publications at `path`, which
+/// is named `hash` (for the walk of [`kst_core::KeyStore::deleted_page`], which knows an
+/// address by its file name). `None` when the file is missing.
+pub(crate) fn read_deleted_at(
+    path: &Path,
+    hash: &str,
+) -> Result<Option<(Address, std::collections::BTreeSet<String>)>> {
+    let Some(bytes) = read_if_exists(path)? else {
+        return Ok(None);
+    };
+    let file: DeletedFile = serde_json::from_slice(&bytes).map_err(|e| {
+        corrupt(
+            path,
+            format!("not a file of deleted publication ids: {e} (repair or remove it by hand)"),
+        )
+    })?;
+    let address = checked_address(path, hash, &file.address)?;
+    Ok(Some((address, file.publication_ids)))
 }
 
 /// Adds `ids` to the deleted publication ids of `address`, atomically and durably. The caller

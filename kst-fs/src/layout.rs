@@ -42,6 +42,13 @@ pub(crate) fn history_file_hash(file_name: &str) -> Option<&str> {
     is_hash(stem).then_some(stem)
 }
 
+/// The stem of a file of deleted publication ids (`<64 hex>.deleted`), or `None` for anything
+/// else.
+pub(crate) fn deleted_file_hash(file_name: &str) -> Option<&str> {
+    let stem = file_name.strip_suffix(DELETED_SUFFIX)?;
+    is_hash(stem).then_some(stem)
+}
+
 /// Whether `s` is 64 lowercase hex digits.
 pub(crate) fn is_hash(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))

@@ -1,6 +1,10 @@
 //! The bound on blocking file work: at most [`MAX_BLOCKING`] operations of the store run on
 //! Tokio's blocking thread pool at once, process-wide; the others wait their turn in FIFO
-//! order (a fair semaphore), without a thread.
+//! order (a fair semaphore), without a thread. The key store ([`crate::FsStore`]) and the
+//! key directory (`FsDirectoryStore`, feature `transparency`) share the bound: one process's
+//! file work is at most [`MAX_BLOCKING`] threads, whichever of them asks. (The directory's
+//! background checkpoint, a `syncfs` every 64 epochs, runs on a thread of its own, at most
+//! one per domain at a time.)
 //!
 //! Without it, a flood of look-ups whose files are not in the page cache (each one a
 //! `spawn_blocking`) grows the blocking pool to hundreds of threads (Tokio's default limit is
@@ -64,24 +68,32 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T> + Send + 'static,
 {
-    let permit = PERMITS.clone().acquire_owned().await.map_err(|e| {
-        Error::unavailable(
-            COMPONENT,
-            format!("the file operation queue is closed: {e}"),
-        )
-    })?;
+    bounded(f)
+        .await
+        .map_err(|why| Error::unavailable(COMPONENT, why))?
+}
+
+/// [`blocking`] for work with errors of its own (the key directory's): the work's result, or
+/// why it did not run (the queue closed, the task cancelled: temporary).
+pub(crate) async fn bounded<T, F>(f: F) -> std::result::Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let permit = PERMITS
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| format!("the file operation queue is closed: {e}"))?;
     let run = move || {
         let _permit = permit;
         let _running = Running::start();
         f()
     };
     match tokio::task::spawn_blocking(run).await {
-        Ok(r) => r,
+        Ok(r) => Ok(r),
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(Error::unavailable(
-            COMPONENT,
-            format!("file operation cancelled: {e}"),
-        )),
+        Err(e) => Err(format!("file operation cancelled: {e}")),
     }
 }
 

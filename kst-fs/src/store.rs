@@ -331,6 +331,36 @@ impl KeyStore for FsStore {
         Ok(kst_core::WalkPage { addresses, next })
     }
 
+    /// By file name, like `list_page` ([`crate::walk::deleted_page`]): each file of deleted
+    /// publication ids (`<hash>.deleted`) read once.
+    async fn deleted_page(
+        &self,
+        cursor: Option<&kst_core::WalkCursor>,
+        limit: usize,
+    ) -> Result<kst_core::DeletedPage> {
+        let cursor = cursor.cloned();
+        let (entries, next) = self
+            .run(move |l| crate::walk::deleted_page(l, cursor.as_ref(), limit))
+            .await?;
+        Ok(kst_core::DeletedPage { entries, next })
+    }
+
+    /// Under the address' shard lock, like a deletion's.
+    async fn remember_deleted(&self, address: &Address, publication_ids: &[String]) -> Result<()> {
+        kst_core::store::check_publication_ids(address, publication_ids)?;
+        // The file name derives from the address: refuse one that bypassed normalization
+        // (an import file).
+        Address::from_normalized(address.as_str())
+            .map_err(|e| Error::Invalid(format!("remember_deleted of {address:?}: {e}")))?;
+        let (address, ids) = (address.clone(), publication_ids.to_vec());
+        self.run(move |l| {
+            let paths = l.address(&address);
+            let _lock = ShardLock::acquire(&paths.lock)?;
+            add_deleted(&address, &paths, ids)
+        })
+        .await
+    }
+
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
         let history = history.to_vec();
         self.run(move |l| restore(l, &history)).await

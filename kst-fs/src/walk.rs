@@ -15,13 +15,16 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use kst_core::store::{WalkCursor, bad_cursor};
-use kst_core::{Address, Error, Result};
+use kst_core::{Address, DeletedPublications, Error, Result};
 
 use crate::error::io;
-use crate::layout::{Layout, history_file_hash, is_hash, is_shard};
+use crate::layout::{Layout, deleted_file_hash, history_file_hash, is_hash, is_shard};
 
 /// Prefix of this store's walk cursors.
 const CURSOR_PREFIX: &str = "fs:";
+
+/// Prefix of the cursors of its walk over deleted publications (`fs-deleted:<hash>`).
+const DELETED_CURSOR_PREFIX: &str = "fs-deleted:";
 
 /// One page of at most `limit` addresses after `cursor`, and the cursor after it (`None` when
 /// the walk is over), reading each file with `read` (the address in the file at the path,
@@ -33,14 +36,14 @@ pub(crate) fn page_with(
     mut read: impl FnMut(&Path, &str) -> Result<Option<Address>>,
 ) -> Result<(Vec<Address>, Option<WalkCursor>)> {
     kst_core::store::check_walk_limit(limit)?;
-    let after = cursor.map(parse).transpose()?;
+    let after = cursor.map(|c| parse(c, CURSOR_PREFIX)).transpose()?;
     let after_shard = after.as_deref().map(|h| &h[..2]);
     let mut out = Vec::new();
     for shard in shards(&layout.keys_dir())? {
         if after_shard.is_some_and(|s| shard.as_str() < s) {
             continue;
         }
-        for (hash, path) in history_files(&layout.keys_dir().join(&shard))? {
+        for (hash, path) in files(&layout.keys_dir().join(&shard), history_file_hash)? {
             if after.as_deref().is_some_and(|a| hash.as_str() <= a) {
                 continue;
             }
@@ -64,11 +67,48 @@ pub(crate) fn page(
     page_with(layout, cursor, limit, crate::file::read_address_head)
 }
 
-/// The hash a cursor of this store stands after.
-fn parse(cursor: &WalkCursor) -> Result<String> {
+/// One page of the walk over the files of deleted publication ids (`<hash>.deleted`, see
+/// [`kst_core::KeyStore::deleted_page`]): at most `limit` addresses with their ids, by file
+/// name like the walk of the keys, and the cursor after it (`None` when the walk is over).
+pub(crate) fn deleted_page(
+    layout: &Layout,
+    cursor: Option<&WalkCursor>,
+    limit: usize,
+) -> Result<(Vec<DeletedPublications>, Option<WalkCursor>)> {
+    kst_core::store::check_walk_limit(limit)?;
+    let after = cursor
+        .map(|c| parse(c, DELETED_CURSOR_PREFIX))
+        .transpose()?;
+    let after_shard = after.as_deref().map(|h| &h[..2]);
+    let mut out = Vec::new();
+    for shard in shards(&layout.keys_dir())? {
+        if after_shard.is_some_and(|s| shard.as_str() < s) {
+            continue;
+        }
+        for (hash, path) in files(&layout.keys_dir().join(&shard), deleted_file_hash)? {
+            if after.as_deref().is_some_and(|a| hash.as_str() <= a) {
+                continue;
+            }
+            if let Some((address, ids)) = crate::file::read_deleted_at(&path, &hash)? {
+                out.push(DeletedPublications {
+                    address,
+                    publication_ids: ids.into_iter().collect(),
+                });
+                if out.len() == limit {
+                    let next = WalkCursor::new(format!("{DELETED_CURSOR_PREFIX}{hash}"));
+                    return Ok((out, Some(next)));
+                }
+            }
+        }
+    }
+    Ok((out, None))
+}
+
+/// The hash a cursor with `prefix` of this store stands after.
+fn parse(cursor: &WalkCursor, prefix: &str) -> Result<String> {
     cursor
         .token()
-        .strip_prefix(CURSOR_PREFIX)
+        .strip_prefix(prefix)
         .filter(|h| is_hash(h))
         .map(str::to_string)
         .ok_or_else(|| Error::Invalid(bad_cursor(cursor)))
@@ -81,21 +121,18 @@ fn shards(keys: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// The history files of one shard directory as (hash, path), sorted by hash. A shard
-/// directory that vanished (never the case today: they are not removed) holds none.
-fn history_files(shard_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+/// The files of one shard directory whose names `stem` takes (history files, files of
+/// deleted publication ids) as (hash, path), sorted by hash. A shard directory that vanished
+/// (never the case today: they are not removed) holds none.
+fn files(shard_dir: &Path, stem: impl Fn(&str) -> Option<&str>) -> Result<Vec<(String, PathBuf)>> {
     let names = match names(shard_dir) {
         Ok(n) => n,
         Err(_) if !shard_dir.exists() => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
     let mut out: Vec<(String, PathBuf)> = names
-        .into_iter()
-        .filter_map(|n| history_file_hash(&n).map(str::to_string))
-        .map(|h| {
-            let path = shard_dir.join(format!("{h}.json"));
-            (h, path)
-        })
+        .iter()
+        .filter_map(|n| stem(n.as_str()).map(|h| (h.to_string(), shard_dir.join(n))))
         .collect();
     out.sort_unstable();
     Ok(out)

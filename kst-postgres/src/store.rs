@@ -219,6 +219,10 @@ async fn publish_on(conn: &mut PgConnection, key: NewKey) -> Result<PublishOutco
     }
 }
 
+/// Prefix of the cursors of the walk over deleted publications: the last address handed out
+/// follows it.
+const DELETED_CURSOR_PREFIX: &str = "postgres-deleted:";
+
 /// Whether `publication_id` was in a deleted history of `address` (`kst_deleted_publications`),
 /// inside the publish transaction (the address row is locked, so a deletion committed before
 /// is seen).
@@ -569,6 +573,79 @@ impl KeyStore for PostgresStore {
         limit: usize,
     ) -> Result<kst_core::WalkPage> {
         kst_core::store::list_page_by_address(self, cursor, limit).await
+    }
+
+    /// Keyset pagination on `kst_deleted_publications`' primary key (address, publication
+    /// id): each page is one index range read after the cursor's address.
+    async fn deleted_page(
+        &self,
+        cursor: Option<&kst_core::WalkCursor>,
+        limit: usize,
+    ) -> Result<kst_core::DeletedPage> {
+        kst_core::store::check_walk_limit(limit)?;
+        let after = cursor
+            .map(|c| {
+                c.token()
+                    .strip_prefix(DELETED_CURSOR_PREFIX)
+                    .and_then(|a| Address::from_normalized(a).ok())
+                    .ok_or_else(|| Error::Invalid(kst_core::store::bad_cursor(c)))
+            })
+            .transpose()?;
+        let rows: Vec<(String, Vec<String>)> = sqlx::query_as(
+            "SELECT address, array_agg(publication_id ORDER BY publication_id) \
+             FROM kst_deleted_publications \
+             WHERE $1::text IS NULL OR address > ($1::text COLLATE \"C\") \
+             GROUP BY address ORDER BY address LIMIT $2",
+        )
+        .bind(after.as_ref().map(Address::as_str))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.fresh().await?)
+        .await
+        .map_err(db)?;
+        let entries = rows
+            .into_iter()
+            .map(|(a, publication_ids)| {
+                let address = Address::from_normalized(&a).map_err(|e| {
+                    corrupt(format!("kst_deleted_publications holds address {a:?}: {e}"))
+                })?;
+                Ok(kst_core::DeletedPublications {
+                    address,
+                    publication_ids,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let next = match entries.last() {
+            Some(last) if entries.len() >= limit => Some(kst_core::WalkCursor::new(format!(
+                "{DELETED_CURSOR_PREFIX}{}",
+                last.address.as_str()
+            ))),
+            _ => None,
+        };
+        Ok(kst_core::DeletedPage { entries, next })
+    }
+
+    /// One `INSERT ... ON CONFLICT DO NOTHING` of every id, confirmed like a deletion.
+    async fn remember_deleted(&self, address: &Address, publication_ids: &[String]) -> Result<()> {
+        kst_core::store::check_publication_ids(address, publication_ids)?;
+        let now = to_bigint("deleted_at", kst_core::time::unix_now())?;
+        let (address, ids) = (address.as_str().to_string(), publication_ids.to_vec());
+        self.write(true, |conn| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO kst_deleted_publications (address, publication_id, deleted_at) \
+                     SELECT $1, id, $3 FROM unnest($2::text[]) AS id \
+                     ON CONFLICT (address, publication_id) DO NOTHING",
+                )
+                .bind(address)
+                .bind(ids)
+                .bind(now)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+                Ok(())
+            })
+        })
+        .await
     }
 
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {

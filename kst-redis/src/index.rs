@@ -356,7 +356,7 @@ impl RedisStore {
     }
 
     /// The primaries to `SCAN` (their addresses; one empty name on a single server).
-    async fn primaries(&self) -> Result<Vec<String>> {
+    pub(crate) async fn primaries(&self) -> Result<Vec<String>> {
         let nodes = self
             .conn
             .on_primaries(&redis::cmd("ROLE"))
@@ -366,18 +366,30 @@ impl RedisStore {
     }
 
     /// One `SCAN` step on `node`: the next cursor (0: done) and the keys matching `pattern`.
-    async fn scan_page(
+    pub(crate) async fn scan_page(
         &self,
         node: &str,
         cursor: u64,
         pattern: &str,
+    ) -> Result<(u64, Vec<String>)> {
+        self.scan_page_counted(node, cursor, pattern, SCAN_COUNT as usize)
+            .await
+    }
+
+    /// [`Self::scan_page`] asking for about `count` keys.
+    pub(crate) async fn scan_page_counted(
+        &self,
+        node: &str,
+        cursor: u64,
+        pattern: &str,
+        count: usize,
     ) -> Result<(u64, Vec<String>)> {
         let mut cmd = redis::cmd("SCAN");
         cmd.arg(cursor)
             .arg("MATCH")
             .arg(pattern)
             .arg("COUNT")
-            .arg(SCAN_COUNT);
+            .arg(count.max(1));
         let v = self
             .conn
             .on_node(node, &cmd)

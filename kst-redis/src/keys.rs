@@ -100,23 +100,47 @@ pub(crate) fn tombstone_prefix(prefix: &str) -> String {
 /// `SCAN MATCH` pattern of every current-record key under `prefix` (glob characters of the
 /// prefix escaped).
 pub(crate) fn current_pattern(prefix: &str) -> String {
-    let mut out = String::with_capacity(prefix.len() + 8);
+    address_key_pattern(prefix, "cur")
+}
+
+/// The address of a current-record key (`P{A}:cur`), when it is one.
+pub(crate) fn address_of_current(prefix: &str, key: &str) -> Option<Address> {
+    address_of_key(prefix, key, "cur")
+}
+
+/// `SCAN MATCH` pattern of every set of deleted publication ids (`P{A}:deleted`) under
+/// `prefix`.
+pub(crate) fn deleted_pattern(prefix: &str) -> String {
+    address_key_pattern(prefix, "deleted")
+}
+
+/// The address of a set of deleted publication ids (`P{A}:deleted`), when it is one.
+pub(crate) fn address_of_deleted(prefix: &str, key: &str) -> Option<Address> {
+    address_of_key(prefix, key, "deleted")
+}
+
+/// `SCAN MATCH` pattern of the keys `P{A}:<kind>` of every address A (glob characters of the
+/// prefix escaped).
+fn address_key_pattern(prefix: &str, kind: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + kind.len() + 5);
     for c in prefix.chars() {
         if matches!(c, '*' | '?' | '[' | ']' | '\\') {
             out.push('\\');
         }
         out.push(c);
     }
-    out.push_str("{*}:cur");
+    out.push_str("{*}:");
+    out.push_str(kind);
     out
 }
 
-/// The address of a current-record key (`P{A}:cur`), when it is one.
-pub(crate) fn address_of_current(prefix: &str, key: &str) -> Option<Address> {
+/// The address A of a key `P{A}:<kind>`, when it is one.
+fn address_of_key(prefix: &str, key: &str, kind: &str) -> Option<Address> {
     let tag = key
         .strip_prefix(prefix)?
         .strip_prefix('{')?
-        .strip_suffix("}:cur")?;
+        .strip_suffix(kind)?
+        .strip_suffix("}:")?;
     Address::from_normalized(&decode(tag)?).ok()
 }
 

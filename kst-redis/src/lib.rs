@@ -5,6 +5,7 @@
 
 mod builder;
 mod conn;
+mod deleted;
 #[cfg(feature = "transparency")]
 mod directory;
 mod error;

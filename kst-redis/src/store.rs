@@ -636,6 +636,21 @@ impl KeyStore for RedisStore {
         self.list_page_inner(cursor, limit).await
     }
 
+    /// A `SCAN` of every primary for the sets `P{A}:deleted` (see `crate::deleted`).
+    async fn deleted_page(
+        &self,
+        cursor: Option<&kst_core::WalkCursor>,
+        limit: usize,
+    ) -> Result<kst_core::DeletedPage> {
+        self.deleted_page_inner(cursor, limit).await
+    }
+
+    async fn remember_deleted(&self, address: &Address, publication_ids: &[String]) -> Result<()> {
+        self.lane()
+            .remember_deleted_inner(address, publication_ids)
+            .await
+    }
+
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
         self.lane().restore_inner(history).await
     }

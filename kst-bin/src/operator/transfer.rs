@@ -1,14 +1,22 @@
 //! `kst export` and `kst import`: every key with its history as JSON lines, so an operator can
 //! move between backends (fs → PostgreSQL or Redis and back) without losing anything.
 //!
-//! One line per address: `{"address":"alice@example.net","history":[KeyRecord, ...]}`, oldest
-//! version first, the key as base64 of its binary packets (the stored record as it is).
+//! One line per address, in address order: `{"address":"alice@example.net","history":[KeyRecord,
+//! ...]}`, oldest version first, the key as base64 of its binary packets (the stored record as
+//! it is), and `"deleted":["<publication id>", ...]` when the store remembers publication ids
+//! of the address' deleted histories (deletion wins over a redelivery, see
+//! [`KeyStore::delete`]); an address with such ids and no key has an empty history. An export
+//! of a store without deletions is the format of before the ids travelled, and such an older
+//! export imports as it did.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
 
 use kst_core::durable::{AtomicFile, DurableError};
-use kst_core::{Address, Error, KeyRecord, KeyStore, store::validate_history};
+use std::collections::{BTreeMap, BTreeSet};
+
+use kst_core::store::{check_publication_ids, validate_history};
+use kst_core::{Address, Error, KeyRecord, KeyStore};
 use serde::{Deserialize, Serialize};
 
 use crate::exit;
@@ -55,12 +63,7 @@ async fn export_to(cfg: &Config, output: Option<&Path>) -> u8 {
     };
     match result {
         Ok(c) => {
-            eprintln!(
-                "kst: exported {} address(es), {} version(s) from the {} store",
-                c.addresses,
-                c.versions,
-                store.name()
-            );
+            eprintln!("kst: exported {c} from the {} store", store.name());
             exit::OK
         }
         Err(e) => report::error(&e),
@@ -114,19 +117,14 @@ async fn import_from(cfg: &Config, input: &Path) -> u8 {
     };
     match result {
         Ok(c) => {
-            eprintln!(
-                "kst: imported {} address(es), {} version(s) into the {} store",
-                c.addresses,
-                c.versions,
-                store.name()
-            );
+            eprintln!("kst: imported {c} into the {} store", store.name());
             exit::OK
         }
         Err(e) => report::error(&e),
     }
 }
 
-/// Addresses fetched from the store per `list` call.
+/// Addresses asked of the store per walk page ([`KeyStore::list_page`]).
 const PAGE: usize = 500;
 
 /// Longest line `import` reads (a history of large keys); longer lines are refused.
@@ -138,57 +136,131 @@ pub const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
 pub struct ExportLine {
     /// The normalized address.
     pub address: Address,
-    /// Every version, oldest first; the last is current.
+    /// Every version, oldest first; the last is current. Empty when the address has no key,
+    /// only [`ExportLine::deleted`] ids.
+    #[serde(default)]
     pub history: Vec<KeyRecord>,
+    /// The publication ids of the address' deleted histories the store remembers, sorted;
+    /// left out of the line when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleted: Vec<String>,
 }
 
 /// What an export or import did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
-    /// Addresses written.
+    /// Addresses with a key written.
     pub addresses: u64,
     /// Key versions written.
     pub versions: u64,
+    /// Publication ids of deleted histories written.
+    pub deleted: u64,
 }
 
-/// Writes every address of `store` with its history to `out`, in address order.
+impl std::fmt::Display for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} address(es), {} version(s), {} deleted publication id(s)",
+            self.addresses, self.versions, self.deleted
+        )
+    }
+}
+
+/// Writes every address of `store` with its history and its remembered deleted publication
+/// ids to `out`, in address order.
+///
+/// The addresses come from one walk of the store in its own order ([`KeyStore::list_page`]:
+/// about one read of the store, where paging through [`KeyStore::list`] in address order
+/// costs the fs store a read of every history file per page), sorted in memory (the
+/// addresses only, not their keys), so that exports of the same keys are the same bytes on
+/// every backend; the deleted ids from one walk of what the store remembers
+/// ([`KeyStore::deleted_page`]), held in memory. Then each history is read once.
 pub async fn export(store: &dyn KeyStore, out: &mut dyn Write) -> Result<Counts, Error> {
     let mut counts = Counts::default();
-    let mut after: Option<Address> = None;
-    loop {
-        let page = store.list(after.as_ref(), PAGE).await?;
-        for address in &page {
-            let history = store.history(address).await?;
-            if history.is_empty() {
-                continue; // deleted between list and history
-            }
+    let keyed = addresses(store).await?;
+    let mut deleted = deleted_publications(store).await?;
+    let mut all: Vec<Address> = deleted.keys().cloned().collect();
+    all.extend(keyed.iter().cloned());
+    all.sort_unstable();
+    all.dedup();
+    for address in &all {
+        let history = match keyed.binary_search(address) {
+            Ok(_) => store.history(address).await?,
+            Err(_) => Vec::new(),
+        };
+        let ids: Vec<String> = deleted
+            .remove(address)
+            .map(|ids| ids.into_iter().collect())
+            .unwrap_or_default();
+        if history.is_empty() && ids.is_empty() {
+            continue; // deleted between the walk and history
+        }
+        if !history.is_empty() {
             counts.addresses += 1;
             counts.versions += history.len() as u64;
-            let line = ExportLine {
-                address: address.clone(),
-                history,
-            };
-            let text = serde_json::to_string(&line)
-                .map_err(|e| Error::Invalid(format!("cannot encode {address}: {e}")))?;
-            // Terminal-safe (the export may go to stdout): the same JSON value, so `kst
-            // import` reads back exactly what was stored.
-            let mut text = crate::terminal::json(&text).into_owned();
-            text.push('\n');
-            out.write_all(text.as_bytes())
-                .map_err(|e| Error::unavailable(kst_core::Component::other("export output"), e))?;
         }
-        match page.last() {
-            Some(last) if page.len() == PAGE => after = Some(last.clone()),
-            _ => break,
-        }
+        counts.deleted += ids.len() as u64;
+        let line = ExportLine {
+            address: address.clone(),
+            history,
+            deleted: ids,
+        };
+        let text = serde_json::to_string(&line)
+            .map_err(|e| Error::Invalid(format!("cannot encode {address}: {e}")))?;
+        // Terminal-safe (the export may go to stdout): the same JSON value, so `kst
+        // import` reads back exactly what was stored.
+        let mut text = crate::terminal::json(&text).into_owned();
+        text.push('\n');
+        out.write_all(text.as_bytes())
+            .map_err(|e| Error::unavailable(kst_core::Component::other("export output"), e))?;
     }
     out.flush()
         .map_err(|e| Error::unavailable(kst_core::Component::other("export output"), e))?;
     Ok(counts)
 }
 
+/// Every address of `store` that has a key, in address order: a whole walk
+/// ([`KeyStore::list_page`]), then sorted.
+async fn addresses(store: &dyn KeyStore) -> Result<Vec<Address>, Error> {
+    let mut all = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store.list_page(cursor.as_ref(), PAGE).await?;
+        all.extend(page.addresses);
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    all.sort_unstable();
+    // A walk hands each address out once; an address is exported once whatever happens.
+    all.dedup();
+    Ok(all)
+}
+
+/// Every address whose deleted publication ids `store` remembers, with the ids: a whole walk
+/// ([`KeyStore::deleted_page`]; an address handed out twice has its ids merged).
+async fn deleted_publications(
+    store: &dyn KeyStore,
+) -> Result<BTreeMap<Address, BTreeSet<String>>, Error> {
+    let mut all: BTreeMap<Address, BTreeSet<String>> = BTreeMap::new();
+    let mut cursor = None;
+    loop {
+        let page = store.deleted_page(cursor.as_ref(), PAGE).await?;
+        for e in page.entries {
+            all.entry(e.address).or_default().extend(e.publication_ids);
+        }
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    Ok(all)
+}
+
 /// Reads export lines from `input` and restores each address into `store`, replacing what the
-/// store held for it. Stops at the first bad line with an error that names the line number;
+/// store held for it, and adds its deleted publication ids to those the store remembers. Stops at the first bad line with an error that names the line number;
 /// lines before it are imported (importing the same file again is harmless).
 pub async fn import(store: &dyn KeyStore, input: &mut dyn BufRead) -> Result<Counts, Error> {
     let mut counts = Counts::default();
@@ -208,17 +280,37 @@ pub async fn import(store: &dyn KeyStore, input: &mut dyn BufRead) -> Result<Cou
         }
         let parsed: ExportLine = serde_json::from_str(text)
             .map_err(|e| Error::Invalid(format!("line {number}: not an export line: {e}")))?;
+        if parsed.history.is_empty() && parsed.deleted.is_empty() {
+            return Err(Error::Invalid(format!(
+                "line {number}: {} has neither a history nor deleted publication ids",
+                parsed.address
+            )));
+        }
         if parsed.history.iter().any(|r| r.address != parsed.address) {
             return Err(Error::Invalid(format!(
                 "line {number}: a record of the history is not for {}",
                 parsed.address
             )));
         }
-        validate_history(&parsed.history)
-            .map_err(|e| Error::Invalid(format!("line {number}: {e}")))?;
-        store.restore(&parsed.history).await?;
-        counts.addresses += 1;
-        counts.versions += parsed.history.len() as u64;
+        if !parsed.history.is_empty() {
+            validate_history(&parsed.history)
+                .map_err(|e| Error::Invalid(format!("line {number}: {e}")))?;
+        }
+        if !parsed.deleted.is_empty() {
+            check_publication_ids(&parsed.address, &parsed.deleted)
+                .map_err(|e| Error::Invalid(format!("line {number}: {e}")))?;
+        }
+        if !parsed.history.is_empty() {
+            store.restore(&parsed.history).await?;
+            counts.addresses += 1;
+            counts.versions += parsed.history.len() as u64;
+        }
+        if !parsed.deleted.is_empty() {
+            store
+                .remember_deleted(&parsed.address, &parsed.deleted)
+                .await?;
+            counts.deleted += parsed.deleted.len() as u64;
+        }
     }
     Ok(counts)
 }

@@ -38,6 +38,7 @@ pub async fn run_all(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
     fence_and_first_root(&a).await;
     heads_and_cosignatures(&a, &b).await;
     directory_proves_the_store(Arc::clone(&a)).await;
+    deletion_withdraws_every_earlier_value(Arc::clone(&a)).await;
     log_stores_heads_and_cosignatures(Arc::clone(&a), Arc::clone(&b)).await;
     heads_are_signed_late(Arc::clone(&a), Arc::clone(&b)).await;
     an_altered_head_stops_the_backfill(Arc::clone(&a)).await;
@@ -1090,6 +1091,152 @@ pub async fn directory_proves_the_store(store: Arc<dyn DirectoryStore>) {
             .await
             .is_err(),
         "proofs: a key for carol must be refused"
+    );
+    audit_all(&log, &roots).await;
+}
+
+/// The stored value states of `address` in domain `d` as (akd version, value), by version.
+async fn stored_values(
+    store: &Arc<dyn DirectoryStore>,
+    d: &str,
+    address: &Address,
+) -> Vec<(u64, akd::AkdValue)> {
+    use akd::storage::types::DbRecord;
+    let label = crate::transparency::directory_label(address);
+    let mut out: Vec<(u64, akd::AkdValue)> = store
+        .value_states(d, &label.0)
+        .await
+        .unwrap_or_else(|e| panic!("withdraw: value states of {address}: {e}"))
+        .into_iter()
+        .map(
+            |(epoch, blob)| match crate::transparency::records::decode(&blob) {
+                Ok(DbRecord::ValueState(s)) if s.epoch == epoch => (s.version, s.value),
+                other => panic!("withdraw: {address} epoch {epoch}: not a value state: {other:?}"),
+            },
+        )
+        .collect();
+    out.sort_by_key(|(v, _)| *v);
+    out
+}
+
+/// Deletion drops the values (docs/TRANSPARENCY.md, "Deletion"; docs/SECURITY.md): the
+/// epoch that records a deletion also replaces the value of every earlier version of the
+/// address that held a key (its fingerprint and key hash) with akd's tombstone, in the
+/// stored value states themselves. The deletion's entry and other addresses' values stay;
+/// the look-up, the history (the withdrawn versions as `None`) and the audit still verify; a
+/// key published after the deletion is served and proven, and a second deletion withdraws it
+/// too while the first deletion's entry stays.
+pub async fn deletion_withdraws_every_earlier_value(store: Arc<dyn DirectoryStore>) {
+    const D: &str = "withdraw.example";
+    let keys = LogKeys::generate(D);
+    let head_key = keys.head.public_key();
+    let log = DomainLog::open(Arc::clone(&store), keys).await.unwrap();
+    let alice = address("alice@withdraw.example");
+    let bob = address("bob@withdraw.example");
+    let mut roots = BTreeMap::new();
+    let alice1 = record(&alice, 3, 1, 1);
+    let alice2 = record(&alice, 3, 2, 2);
+    let bob1 = record(&bob, 3, 3, 1);
+    let alice3 = record(&alice, 3, 4, 1);
+    let tombstone = akd::AkdValue(akd::TOMBSTONE.to_vec());
+    let deleted = |value: &akd::AkdValue| {
+        DirectoryEntry::from_value(value).is_ok_and(|e| e.state == EntryState::Deleted)
+    };
+    let steps: [(&Address, Option<&KeyRecord>); 6] = [
+        (&alice, Some(&alice1)),
+        (&bob, Some(&bob1)),
+        (&alice, Some(&alice2)),
+        (&alice, None),
+        (&alice, Some(&alice3)),
+        (&alice, None),
+    ];
+    for (i, (a, r)) in steps.into_iter().enumerate() {
+        match log.sync(a, r, 10 + i as u64).await {
+            Ok(Synced::Recorded {
+                epoch, root_hash, ..
+            }) => {
+                roots.insert(epoch, root_hash);
+            }
+            other => panic!("withdraw: step {i} ({a}) was not recorded: {other:?}"),
+        }
+        if i == 3 {
+            // The first deletion: alice's two keys withdrawn, bob's kept.
+            let values = stored_values(&store, D, &alice).await;
+            assert_eq!(values.len(), 3, "withdraw: alice's versions");
+            assert_eq!(
+                (&values[0].1, &values[1].1),
+                (&tombstone, &tombstone),
+                "withdraw: the deletion must withdraw alice's v1 and v2"
+            );
+            assert!(deleted(&values[2].1), "withdraw: v3 is the deletion");
+            assert_eq!(
+                stored_values(&store, D, &bob).await,
+                vec![(1, DirectoryEntry::for_record(&bob1).to_value())],
+                "withdraw: bob's value must stay"
+            );
+            let answer = log.answer(&alice, 30).await.unwrap();
+            let entry = answer
+                .verify(&head_key, &alice, Served::Nothing)
+                .await
+                .unwrap_or_else(|e| panic!("withdraw: alice's deletion: {e}"))
+                .expect("withdraw: alice has an entry");
+            assert_eq!(entry.state, EntryState::Deleted);
+            let history = log
+                .history(&alice, 31)
+                .await
+                .unwrap()
+                .expect("withdraw: alice's history")
+                .verify(&head_key, &alice)
+                .unwrap_or_else(|e| panic!("withdraw: alice's history after the deletion: {e}"));
+            let shown: Vec<(u64, Option<EntryState>)> = history
+                .iter()
+                .map(|v| (v.akd_version, v.entry.as_ref().map(|e| e.state)))
+                .collect();
+            assert_eq!(
+                shown,
+                vec![(3, Some(EntryState::Deleted)), (2, None), (1, None)],
+                "withdraw: the history shows the deletion and two withdrawn versions"
+            );
+            log.answer(&bob, 32)
+                .await
+                .unwrap()
+                .verify(&head_key, &bob, Served::Key(&bob1.key))
+                .await
+                .unwrap_or_else(|e| panic!("withdraw: bob after alice's deletion: {e}"));
+        }
+        if i == 4 {
+            log.answer(&alice, 33)
+                .await
+                .unwrap()
+                .verify(&head_key, &alice, Served::Key(&alice3.key))
+                .await
+                .unwrap_or_else(|e| panic!("withdraw: alice published again: {e}"));
+        }
+    }
+    let values = stored_values(&store, D, &alice).await;
+    let shown: Vec<(u64, &str)> = values
+        .iter()
+        .map(|(v, value)| {
+            let what = if *value == tombstone {
+                "withdrawn"
+            } else if deleted(value) {
+                "deleted"
+            } else {
+                "a key"
+            };
+            (*v, what)
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        vec![
+            (1, "withdrawn"),
+            (2, "withdrawn"),
+            (3, "deleted"),
+            (4, "withdrawn"),
+            (5, "deleted")
+        ],
+        "withdraw: after the second deletion"
     );
     audit_all(&log, &roots).await;
 }

@@ -157,7 +157,7 @@ impl<S: Database + 'static> KeyDirectory<S> {
 
     /// Every entry the directory holds for `address`, oldest first, each with the epoch that
     /// recorded it (no proof: for the operator's checks and tests); empty when it never held
-    /// one.
+    /// one. Versions whose value a deletion withdrew (akd's tombstone) are left out.
     pub async fn entries(&self, address: &Address) -> Result<Vec<(u64, DirectoryEntry)>> {
         match self.storage.get_user_data(&directory_label(address)).await {
             Ok(data) => {
@@ -165,6 +165,7 @@ impl<S: Database + 'static> KeyDirectory<S> {
                 states.sort_by_key(|s| s.epoch);
                 states
                     .iter()
+                    .filter(|s| s.value.0 != akd::TOMBSTONE)
                     .map(|s| Ok((s.epoch, DirectoryEntry::from_value(&s.value)?)))
                     .collect()
             }

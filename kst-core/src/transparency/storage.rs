@@ -532,6 +532,48 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
         Ok(out)
     }
 
+    /// Deletion drops the values (docs/TRANSPARENCY.md, "Deletion"): for each value state of
+    /// `records` that records a deletion ([`EntryState::Deleted`]), adds to `batch` every
+    /// committed earlier value state of its address that still holds a key's entry, its value
+    /// replaced by akd's tombstone (as akd's own `tombstone_value_states` does), so the
+    /// fingerprints and key hashes of the deleted versions go in the same commit as the
+    /// deletion. The tree keeps their commitments: audits and proofs still verify, and a
+    /// history shows those versions as withdrawn. Returns the labels withdrawn from.
+    ///
+    /// [`EntryState::Deleted`]: super::EntryState::Deleted
+    async fn withdraw_deleted(
+        &self,
+        records: &[DbRecord],
+        batch: &mut RecordBatch,
+    ) -> Result<Vec<Vec<u8>>, StorageError> {
+        let labels: Vec<AkdLabel> = records
+            .iter()
+            .filter_map(|r| match r {
+                DbRecord::ValueState(s) if is_deletion(&s.value) => Some(s.username.clone()),
+                _ => None,
+            })
+            .collect();
+        if labels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut withdrawn = Vec::new();
+        for (label, states) in self.states_of(&labels).await? {
+            for mut state in states {
+                if state.value.0 == akd::TOMBSTONE || is_deletion(&state.value) {
+                    continue; // withdrawn already, or a deletion (no key in it)
+                }
+                state.value = AkdValue(akd::TOMBSTONE.to_vec());
+                batch.value_states.push(ValueStateBlob {
+                    label: label.0.clone(),
+                    epoch: state.epoch,
+                    blob: records::encode(&DbRecord::ValueState(state)),
+                });
+            }
+            withdrawn.push(label.0);
+        }
+        Ok(withdrawn)
+    }
+
     /// The committed value states of `label`, oldest first.
     async fn states(&self, label: &AkdLabel) -> Result<Vec<ValueState>, StorageError> {
         Ok(self
@@ -540,6 +582,11 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
             .remove(label)
             .unwrap_or_default())
     }
+}
+
+/// Whether `value` is kst's entry of a deletion.
+fn is_deletion(value: &AkdValue) -> bool {
+    super::DirectoryEntry::from_value(value).is_ok_and(|e| e.state == super::EntryState::Deleted)
 }
 
 fn storage_error(e: DirectoryStoreError) -> StorageError {
@@ -605,6 +652,7 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
                 }),
             }
         }
+        let withdrawn = self.withdraw_deleted(&records, &mut batch).await?;
         if let (Some(pinned), Some(root)) = (self.pinned(), &batch.root)
             && root.expected_epoch != Some(pinned)
         {
@@ -663,6 +711,13 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
             // for the cache.
             self.see(|s| *s = Seen::default());
             return Err(storage_error(e));
+        }
+        if !withdrawn.is_empty() {
+            // Read again (as withdrawn) by whoever asks next.
+            let mut memo = self.memo.lock().unwrap_or_else(PoisonError::into_inner);
+            for label in &withdrawn {
+                memo.remove(label);
+            }
         }
         if epoch_batch {
             self.committed.fetch_add(1, Ordering::SeqCst);

@@ -253,6 +253,19 @@ impl KeyStore for TransparentStore {
         self.inner.list_page(cursor, limit).await
     }
 
+    async fn deleted_page(
+        &self,
+        cursor: Option<&crate::store::WalkCursor>,
+        limit: usize,
+    ) -> Result<crate::store::DeletedPage> {
+        self.inner.deleted_page(cursor, limit).await
+    }
+
+    /// Passed on: remembered ids change no key, so the directory records nothing.
+    async fn remember_deleted(&self, address: &Address, publication_ids: &[String]) -> Result<()> {
+        self.inner.remember_deleted(address, publication_ids).await
+    }
+
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
         self.inner.restore(history).await?;
         if let Some(first) = history.first() {
