@@ -312,11 +312,31 @@ fn run(pool: Pool) {
             let entries: Vec<&DirectoryEntry> = history.iter().map(|(_, e)| e).collect();
             let stored = store.history(&address).await.unwrap();
             if address == deleted {
-                let (last, before) = entries.split_last().expect("entries");
+                // The deletion withdrew the earlier values (docs/TRANSPARENCY.md, "Deletion"):
+                // `entries` shows the deletion only, the history proof every version.
+                let versions = log
+                    .history(&address, 0)
+                    .await
+                    .unwrap()
+                    .expect("a history")
+                    .verify(&head_key, &address)
+                    .unwrap_or_else(|e| panic!("{address}: the history: {e}"));
+                let (newest, older) = versions.split_first().expect("versions");
+                recorded_in.extend(older.iter().map(|v| v.epoch));
+                assert!(
+                    older.iter().all(|v| v.entry.is_none()),
+                    "{address}: the earlier values are withdrawn"
+                );
+                let last = newest.entry.as_ref().expect("the deletion's entry");
                 assert_eq!(
                     (last.state, last.version),
-                    (EntryState::Deleted, before.len() as u64 + 1),
+                    (EntryState::Deleted, older.len() as u64 + 1),
                     "{address}: the deletion"
+                );
+                assert_eq!(
+                    entries,
+                    vec![last],
+                    "{address}: entries show the deletion only"
                 );
                 assert!(stored.is_empty());
                 continue;
