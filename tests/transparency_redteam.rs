@@ -1115,3 +1115,68 @@ async fn rt18_a_head_for_an_uncommitted_epoch_is_found_and_never_built_over() {
     }
     assert!(log.contains("never committed"), "logged at start: {log}");
 }
+
+/// A log that answers every request with `status` and `body`, until the test ends.
+fn hostile_log(status: &'static str, body: String) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let body = body.clone();
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
+                     connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    at
+}
+
+/// Red-team round 6: what a log serves reached the witness operator's terminal as it was.
+/// A forged head whose domain holds escape sequences (the domain was compared, and quoted
+/// in the "ATTACK" report, before anything checked it) and an error page's first line
+/// could retitle the window or overwrite the report (`\r`, erase line). Now a head's domain
+/// is checked when the head is read, and the witness's reports are terminal-safe.
+#[test]
+fn rt18_a_hostile_log_cannot_write_escapes_to_the_witness_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, _) = witness_keygen(dir.path());
+    let keys = LogKeys::generate("example.net");
+    let forged_domain = "evil.example\u{1b}]0;owned\u{7}\r\u{1b}[2Kkst: all well\u{202e}";
+    let head = format!(
+        "kst-log-head-v1\ndomain {forged_domain}\nepoch 1\nroot {}\nvrf {}\nsigned-at 1\nsignature {}\n",
+        "ab".repeat(32),
+        "cd".repeat(32),
+        "ef".repeat(64)
+    );
+    let error_page = "\u{1b}[2J\u{1b}]0;owned\u{7}kst: all well\r\nmore".to_string();
+    for (status, body) in [("200 OK", head), ("500 Internal Server Error", error_page)] {
+        let at = hostile_log(status, body);
+        let state = tempfile::tempdir().unwrap();
+        let out = witness_run(&key, &keys.head.public_key(), at, state.path())
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_ne!(code(&out), 0, "{status}: {err}");
+        assert!(
+            !err.chars()
+                .any(|c| matches!(c, '\u{1b}' | '\u{7}' | '\r' | '\u{202e}')),
+            "{status}: the log's escapes reached the terminal: {err:?}"
+        );
+    }
+}

@@ -976,6 +976,51 @@ mod tests {
         out
     }
 
+    /// Red-team round 6 (a guard for deferred file writes, docs/SECURITY.md): a commit and
+    /// the reads that arrive while another holds the domain's lock all finish, however few
+    /// threads the blocking pool has. A commit that handed its lock to a task needing a new
+    /// blocking thread (queued behind reads that wait on that lock) hung here for ever.
+    #[test]
+    fn reads_queued_behind_a_commit_do_not_deadlock_its_file_writes() {
+        use std::time::Duration;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = rt.block_on(at_epoch_1(tmp.path()));
+        let a = std::sync::Arc::new(a);
+        // Someone (another process's commit) holds the lock while the commit and the reads
+        // arrive.
+        let held = DomainLock::acquire(&dir).unwrap();
+        let done = rt.block_on(async {
+            let commit = {
+                let a = a.clone();
+                tokio::spawn(async move { a.commit(D, epoch(2)).await })
+            };
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let reads: Vec<_> = (0..50)
+                .map(|_| {
+                    let a = a.clone();
+                    tokio::spawn(async move { a.root(D).await })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(held);
+            tokio::time::timeout(Duration::from_secs(10), async move {
+                commit.await.unwrap().unwrap();
+                for r in reads {
+                    r.await.unwrap().unwrap();
+                }
+            })
+            .await
+        });
+        rt.shutdown_background();
+        assert!(done.is_ok(), "the commit and the reads hang");
+    }
+
     #[tokio::test]
     async fn epochs_are_replayed_after_the_machine_restarts() {
         let tmp = tempfile::tempdir().unwrap();

@@ -38,6 +38,7 @@ use zeroize::Zeroizing;
 use super::wks::write_private;
 use crate::client::transparency::fetch;
 use crate::exit;
+use crate::terminal::Safe;
 
 /// Exit code of a fork, a failing proof or a head not signed by the pinned key.
 pub const ATTACK: u8 = 5;
@@ -118,18 +119,21 @@ enum Failure {
 }
 
 impl Failure {
+    /// Prints the failure, terminal-safe: its text can quote the log (an error page's first
+    /// line, a forged head), which could otherwise carry escape sequences that rewrite the
+    /// report on the operator's screen (red-team round 6).
     fn report(&self) -> u8 {
         match self {
             Failure::Temporary(m) => {
-                eprintln!("kst: {m} (temporary; try again later)");
+                eprintln!("kst: {} (temporary; try again later)", Safe(m));
                 exit::TEMPFAIL
             }
             Failure::Attack(m) => {
-                eprintln!("kst: ATTACK: {m}");
+                eprintln!("kst: ATTACK: {}", Safe(m));
                 ATTACK
             }
             Failure::Local(code, m) => {
-                eprintln!("kst: {m}");
+                eprintln!("kst: {}", Safe(m));
                 *code
             }
         }

@@ -612,6 +612,7 @@ pub(crate) fn read_head<'a>(lines: &mut impl Iterator<Item = &'a str>) -> Result
             .ok_or_else(|| malformed(&format!("want the `{name}` line")))
     };
     let domain = field("domain")?.to_string();
+    super::head::check_domain(&domain)?;
     let epoch = number(field("epoch")?)?;
     let root_hash = hex32(field("root")?)?;
     let vrf_public_key = hex32(field("vrf")?)?;
