@@ -21,6 +21,17 @@
 //! U+E01EF, the Mongolian ones) and the Hangul fillers. The cost: an emoji's presentation
 //! selector (U+FE0F) or a joined emoji sequence is shown as escapes too; a listing is for
 //! telling stored values apart, not for rendering them.
+//!
+//! Escaped too, by position ([`escapes`]): combining marks (Unicode general category Mn,
+//! nonspacing, or Me, enclosing) stacked on one character past the [`MAX_MARKS`]th. A
+//! letter with dozens of marks ("Zalgo" text) is drawn by some terminals over the lines
+//! above and below it, hiding part of a neighbouring line (an `ATTACK` report, another User
+//! ID). Two marks on one letter are written as they are: Vietnamese stacks two (ệ, ẫ as
+//! decomposed text), as do most scripts that use marks at all (Thai vowel and tone, Hebrew
+//! dagesh and vowel, Devanagari nukta and virama); a third and every one after it is an
+//! escape, also in JSON (the same value). Fully pointed Hebrew with cantillation, or stacked
+//! Tibetan, shows a few escapes: a listing is for telling stored values apart. A spacing mark
+//! (Mc, as a Devanagari vowel sign) takes a cell of its own and ends the stack.
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
@@ -66,6 +77,38 @@ pub fn is_invisible(c: char) -> bool {
     )
 }
 
+/// Combining marks written as they are on one character; each further one in a row is an
+/// escape (see the [module documentation](self)).
+pub const MAX_MARKS: usize = 2;
+
+/// Whether `c` is a nonspacing or enclosing combining mark (general category Mn or Me): drawn
+/// over, under or around the character before it, taking no cell of its own.
+pub fn is_combining_mark(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
+    matches!(
+        c.general_category(),
+        GeneralCategory::NonspacingMark | GeneralCategory::EnclosingMark
+    )
+}
+
+/// Each character of `text` and whether it is printed as an escape: it [is unsafe](is_unsafe)
+/// anywhere, or it is a [combining mark](is_combining_mark) after [`MAX_MARKS`] others in a
+/// row (marks at the start of `text` stack on whatever was printed before, and count the
+/// same). Any other character, escaped or not, ends a row: an escape is visible text.
+pub fn escapes(text: &str) -> impl Iterator<Item = (char, bool)> + '_ {
+    let mut marks = 0usize;
+    text.chars().map(move |c| {
+        let stacked = if is_combining_mark(c) {
+            marks += 1;
+            marks > MAX_MARKS
+        } else {
+            marks = 0;
+            false
+        };
+        (c, stacked || is_unsafe(c))
+    })
+}
+
 /// The Unicode bidirectional formatting characters (property Bidi_Control).
 pub fn is_bidi_control(c: char) -> bool {
     matches!(
@@ -74,22 +117,23 @@ pub fn is_bidi_control(c: char) -> bool {
     )
 }
 
-/// `text` with every [unsafe](is_unsafe) character written as an escape, `\x1B` for one up to
-/// U+00FF and `\u{202E}` above, and each backslash doubled, so the printed form is one line,
-/// shows exactly what is stored and cannot be mistaken for other text. Borrowed when nothing
-/// needed escaping (the usual case).
+/// `text` with every [unsafe](is_unsafe) character and every combining mark stacked past
+/// [`MAX_MARKS`] ([`escapes`]) written as an escape, `\x1B` for one up to U+00FF and
+/// `\u{202E}` above, and each backslash doubled, so the printed form is one line, shows
+/// exactly what is stored and cannot be mistaken for other text. Borrowed when nothing needed
+/// escaping (the usual case).
 pub fn safe(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(|c| c == '\\' || is_unsafe(c)) {
+    if !escapes(text).any(|(c, escaped)| escaped || c == '\\') {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
+    for (c, escaped) in escapes(text) {
         match c {
             '\\' => out.push_str("\\\\"),
-            c if is_unsafe(c) && u32::from(c) <= 0xFF => {
+            c if escaped && u32::from(c) <= 0xFF => {
                 let _ = write!(out, "\\x{:02X}", u32::from(c));
             }
-            c if is_unsafe(c) => {
+            c if escaped => {
                 let _ = write!(out, "\\u{{{:04X}}}", u32::from(c));
             }
             c => out.push(c),
@@ -110,20 +154,21 @@ impl fmt::Display for Safe<'_> {
 
 /// `json` (as serde_json writes it) with the [unsafe](is_unsafe) characters serde_json leaves
 /// as they are (DEL, C1 controls, bidirectional formatting characters, U+2028, U+2029, the
-/// [invisible](is_invisible) ones) written as `\uXXXX` escapes (a surrogate pair of them
-/// above U+FFFF, as JSON writes those). The JSON value is the same (a reader gets the same
-/// strings back); only its text is safe on a terminal. serde_json escapes the C0 controls inside strings, so a
-/// tab, CR or newline in its output is whitespace between tokens (pretty printing) and stays;
-/// outside strings valid JSON holds nothing else unsafe, so every other such character is
-/// inside a string, where the escape stands for it.
+/// [invisible](is_invisible) ones) and the combining marks stacked past [`MAX_MARKS`]
+/// ([`escapes`]) written as `\uXXXX` escapes (a surrogate pair of them above U+FFFF, as JSON
+/// writes those). The JSON value is the same (a reader gets the same strings back); only its
+/// text is safe on a terminal. serde_json escapes the C0 controls inside strings, so a tab, CR
+/// or newline in its output is whitespace between tokens (pretty printing) and stays; outside
+/// strings valid JSON holds nothing else unsafe (and no combining mark), so every other such
+/// character is inside a string, where the escape stands for it.
 pub fn json(json: &str) -> Cow<'_, str> {
-    let escape = |c: char| is_unsafe(c) && !matches!(c, '\t' | '\n' | '\r');
-    if !json.chars().any(escape) {
+    let escape = |(c, escaped): (char, bool)| escaped && !matches!(c, '\t' | '\n' | '\r');
+    if !escapes(json).any(escape) {
         return Cow::Borrowed(json);
     }
     let mut out = String::with_capacity(json.len() + 8);
-    for c in json.chars() {
-        if escape(c) {
+    for (c, escaped) in escapes(json) {
+        if escape((c, escaped)) {
             // One escape per UTF-16 unit: a tag character (U+E0001) is a surrogate pair.
             for unit in c.encode_utf16(&mut [0; 2]) {
                 let _ = write!(out, "\\u{unit:04x}");
@@ -230,6 +275,81 @@ mod tests {
         );
         let back: serde_json::Value = serde_json::from_str(&escaped).unwrap();
         assert_eq!(back, value, "the same value");
+    }
+
+    /// The most combining marks in a row in `text`.
+    fn longest_stack(text: &str) -> usize {
+        let mut run = 0;
+        let mut longest = 0;
+        for c in text.chars() {
+            run = if is_combining_mark(c) { run + 1 } else { 0 };
+            longest = longest.max(run);
+        }
+        longest
+    }
+
+    /// Red-team round 6 (left open there): combining marks stacked on one letter ("Zalgo"
+    /// text) passed, and some terminals draw them over the lines above and below. Past
+    /// [`MAX_MARKS`] in a row each is escaped, in text and in JSON; what real scripts stack
+    /// on one letter is printed as it is.
+    #[test]
+    fn stacked_combining_marks_are_escaped() {
+        for s in [
+            "Nguye\u{0302}\u{0303}n <nguyen@example.vn>", // Nguyễn, decomposed: two marks
+            "\u{0E01}\u{0E34}\u{0E48}",                   // Thai: vowel and tone above a consonant
+            "\u{05E9}\u{05BC}\u{05C1}\u{05DD}",           // Hebrew: dagesh and shin dot
+            "\u{0915}\u{093C}\u{094D}\u{0937}",           // Devanagari: nukta and virama
+            "x\u{20DD}\u{0301}",                          // an enclosing circle (Me), an acute
+            "\u{0301}\u{0301}x",                          // marks at the start
+            // A spacing mark (Mc) takes a cell of its own: the marks after it stack anew.
+            "\u{0915}\u{093C}\u{094D}\u{093E}\u{0901}\u{093C}",
+        ] {
+            assert!(matches!(safe(s), Cow::Borrowed(t) if t == s), "{s}");
+            assert!(matches!(json(s), Cow::Borrowed(t) if t == s), "{s}");
+        }
+        // The third mark in a row and every one after it, of either kind.
+        assert_eq!(
+            safe("e\u{0301}\u{0301}\u{0301}\u{0301}!"),
+            "e\u{0301}\u{0301}\\u{0301}\\u{0301}!"
+        );
+        assert_eq!(
+            safe("x\u{20DD}\u{20DD}\u{20DD}"),
+            "x\u{20DD}\u{20DD}\\u{20DD}"
+        );
+        // An escape is visible text: the marks after it stack on it.
+        assert_eq!(
+            safe("a\u{200B}\u{0301}\u{0301}\u{0301}"),
+            "a\\u{200B}\u{0301}\u{0301}\\u{0301}"
+        );
+        // Zalgo: sixty marks on each letter of a User ID.
+        let zalgo: String = "Mallory <m@example.net>"
+            .chars()
+            .flat_map(|c| {
+                std::iter::once(c).chain((0..60).map(|i| char::from_u32(0x0300 + i).unwrap()))
+            })
+            .collect();
+        assert_eq!(longest_stack(&zalgo), 60);
+        let shown = safe(&zalgo);
+        assert_eq!(longest_stack(&shown), MAX_MARKS, "{shown}");
+        assert!(
+            shown.starts_with("M\u{0300}\u{0301}\\u{0302}\\u{0303}"),
+            "{shown}"
+        );
+        assert!(
+            escapes(&shown).all(|(_, escaped)| !escaped),
+            "nothing left to escape: {shown}"
+        );
+        let value = serde_json::json!({ "uid": zalgo });
+        for text in [
+            serde_json::to_string(&value).unwrap(),
+            serde_json::to_string_pretty(&value).unwrap(),
+        ] {
+            let escaped = json(&text);
+            assert_eq!(longest_stack(&escaped), MAX_MARKS, "{escaped}");
+            assert!(escaped.contains("\\u0302"), "{escaped}");
+            let back: serde_json::Value = serde_json::from_str(&escaped).unwrap();
+            assert_eq!(back, value, "the same value");
+        }
     }
 
     #[test]

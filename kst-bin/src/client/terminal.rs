@@ -4,9 +4,9 @@
 
 use std::borrow::Cow;
 
-// The characters escaped: the operator listings' set (crate::terminal::is_unsafe), one
-// definition for both.
-use crate::terminal::is_unsafe;
+// The characters escaped: the operator listings' set (crate::terminal::escapes: the unsafe
+// ones and combining marks stacked on one letter), one definition for both.
+use crate::terminal::escapes;
 
 /// `text` with every character a terminal would act on written as `\u{..}` (ESC becomes
 /// `\u{1b}`), newlines included: for one line of output built from key or reply content.
@@ -25,16 +25,16 @@ fn escape(text: &str, keep_newlines: bool) -> Cow<'_, str> {
     })
 }
 
-/// `text` with each character [`is_unsafe`] (but newlines when `keep_newlines`) replaced by
-/// `with(c)`; borrowed when there is none.
+/// `text` with each character [`escapes`] marks (but newlines when `keep_newlines`) replaced
+/// by `with(c)`; borrowed when there is none.
 fn replace(text: &str, keep_newlines: bool, with: impl Fn(char) -> String) -> Cow<'_, str> {
-    let bad = |c: char| is_unsafe(c) && !(keep_newlines && c == '\n');
-    if !text.chars().any(bad) {
+    let bad = |(c, escaped): (char, bool)| escaped && !(keep_newlines && c == '\n');
+    if !escapes(text).any(bad) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 16);
-    for c in text.chars() {
-        if bad(c) {
+    for (c, escaped) in escapes(text) {
+        if bad((c, escaped)) {
             out.push_str(&with(c));
         } else {
             out.push(c);
@@ -61,6 +61,7 @@ pub fn print_json<T: serde::Serialize + ?Sized>(value: &T, fallback: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::terminal::is_unsafe;
 
     const HOSTILE: &str =
         "Alice\u{1b}]0;pwned\u{7}\u{202e}live\u{2066}\u{85}\r\n\u{7f}\u{9b}2J <alice@example.net>";
