@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use kst_core::{AddressPolicy, client};
 use kst_tests::serve::{ServeProcess, free_port};
-use kst_tests::{Gpg, GpgKey, TestDb, TestKst, TestPrefix, received_authenticated, stderr};
+use kst_tests::{Gpg, GpgKey, Store, TestDb, TestKst, TestPrefix, received_authenticated, stderr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Requests per client per window.
@@ -333,6 +333,97 @@ fn redis_counters_are_exact_under_288_concurrent_requests() {
     };
     // The shared Redis server counts everyone's commands: no figure.
     counters_are_exact_under_concurrent_load(&kst, stored, || None);
+}
+
+/// Red-team round 6 (left open there): while the shared counters could not be reached, the
+/// web listener wrote one warning per refused request, so a flood while the store was down
+/// was a flood of log lines. A real `kst serve` whose store (and so its counters) is a Redis
+/// at a port nothing listens on: 400 concurrent requests, each answered 503, write the
+/// warning at most once per [`WARN_EVERY`] of the flood's time (plus the first); one more
+/// request after an interval writes it again, and the lines account for every request
+/// exactly: written or counted as `suppressed` by the next line.
+///
+/// [`WARN_EVERY`]: kst_bin::server::web::handlers::WARN_EVERY
+#[test]
+fn a_flood_while_the_counters_are_down_writes_one_warning_per_interval() {
+    use kst_bin::server::web::handlers::WARN_EVERY;
+    use std::time::{Duration, Instant};
+
+    const FLOOD: u64 = 400;
+    const WARNING: &str = "web: the rate limiter cannot be reached";
+    // Nothing listens there (a free port, never bound again by this process).
+    let nowhere = free_port();
+    let kst = TestKst::with_store(
+        "",
+        &Store::Redis {
+            url: format!("redis://{nowhere}"),
+            prefix: "ops-down:".into(),
+        },
+    );
+    let at = free_port();
+    let serve = ServeProcess::start(kst.dir.path().join("serve.log"), at, |cmd| {
+        cmd.arg("--config")
+            .arg(&kst.config)
+            .env("KST_LMTP__LISTEN", free_port().to_string())
+            .env("KST_HTTP__LISTEN", free_port().to_string())
+            .env("KST_WEB__LISTEN", at.to_string());
+    });
+    // The warnings logged so far: each line's `suppressed` (0 where it has none; the total
+    // below counts what a line leaves out).
+    let warnings = || -> Vec<u64> {
+        serve
+            .log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == WARNING)
+            .map(|v| v["fields"]["suppressed"].as_u64().unwrap_or(0))
+            .collect()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    let started = Instant::now();
+    let statuses = rt.block_on(async move {
+        let tasks: Vec<_> = (0..FLOOD)
+            .map(|i| tokio::spawn(get_from(source((i % 16) as u8), at, FOUND)))
+            .collect();
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.push(t.await.expect("request task"));
+        }
+        statuses
+    });
+    let flood_took = started.elapsed();
+    eprintln!("{FLOOD} requests answered in {flood_took:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 503),
+        "{statuses:?}\n{}",
+        serve.log()
+    );
+    let during = warnings();
+    let intervals = flood_took.as_secs().div_ceil(WARN_EVERY.as_secs());
+    assert!(
+        !during.is_empty() && during.len() as u64 <= 1 + intervals,
+        "{} warnings for {FLOOD} requests in {flood_took:?}:\n{}",
+        during.len(),
+        serve.log()
+    );
+
+    // An interval after the last line, one more request: a line that counts the rest.
+    std::thread::sleep(WARN_EVERY + Duration::from_millis(500));
+    assert_eq!(rt.block_on(get_from(source(0), at, FOUND)), 503);
+    let after = warnings();
+    assert_eq!(after.len(), during.len() + 1, "{}", serve.log());
+    assert_eq!(
+        after.len() as u64 + after.iter().sum::<u64>(),
+        FLOOD + 1,
+        "every refused request written or counted, once: {after:?}"
+    );
+    drop(rt);
+    assert_eq!(serve.stop(), 0);
 }
 
 /// Red-team round 5: while the counters' backend stalls, the web coalescer's queue grew

@@ -2,6 +2,8 @@
 //! the `[log]` section is defined here.
 
 use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
@@ -85,6 +87,57 @@ pub fn init(cfg: &LogConfig) -> Option<String> {
     note
 }
 
+/// A warning that a fault repeats with every request, written at most once per interval: while
+/// the shared counters are down, a flood of requests writes one line per interval rather than
+/// one per request, and each line says how many were left out since the last one written.
+///
+/// ```
+/// # use std::time::Duration;
+/// # use kst_bin::shared::logging::LogEvery;
+/// static DOWN: LogEvery = LogEvery::new(Duration::from_secs(10));
+/// if let Some(suppressed) = DOWN.check() {
+///     tracing::warn!(suppressed, "the counters cannot be reached");
+/// }
+/// ```
+#[derive(Debug)]
+pub struct LogEvery {
+    every: Duration,
+    /// When the last line was written, and the lines left out since.
+    last: Mutex<Option<(Instant, u64)>>,
+}
+
+impl LogEvery {
+    /// At most one line per `every`.
+    pub const fn new(every: Duration) -> Self {
+        LogEvery {
+            every,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Whether to write the line now: `Some(n)`, with `n` the lines left out since the last one
+    /// written (0 for the first); `None` to leave this one out (it is counted for the next).
+    pub fn check(&self) -> Option<u64> {
+        self.check_at(Instant::now())
+    }
+
+    /// [`Self::check`] at the time `now` (a clock of the caller's; tests).
+    pub fn check_at(&self, now: Instant) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match last.as_mut() {
+            Some((at, left_out)) if now.saturating_duration_since(*at) < self.every => {
+                *left_out += 1;
+                None
+            }
+            previous => {
+                let left_out = previous.map_or(0, |(_, n)| *n);
+                *last = Some((now, 0));
+                Some(left_out)
+            }
+        }
+    }
+}
+
 /// The configured level, or `info` when it does not parse (validation reports that).
 fn level_filter(level: &str) -> EnvFilter {
     parse_level(level).unwrap_or_else(|_| EnvFilter::new("info"))
@@ -108,5 +161,30 @@ mod tests {
         for bad in ["verbose", "", "info,kst_core=loud"] {
             assert!(parse_level(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn log_every_writes_one_line_per_interval_with_the_count_left_out() {
+        let every = Duration::from_secs(10);
+        let log = LogEvery::new(every);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(log.check_at(at(0)), Some(0), "the first line is written");
+        // A flood of 1,000 within the interval: none written, all counted.
+        let written = (1..=1_000).filter_map(|i| log.check_at(at(i))).count();
+        assert_eq!(written, 0);
+        assert_eq!(log.check_at(at(9_999)), None);
+        assert_eq!(
+            log.check_at(at(10_000)),
+            Some(1_001),
+            "one interval later: a line, with the count of those left out"
+        );
+        assert_eq!(log.check_at(at(10_001)), None);
+        // Quiet for an hour: the next one is written at once, counting the one before.
+        assert_eq!(log.check_at(at(3_610_000)), Some(1));
+        assert_eq!(log.check_at(at(3_610_000)), None);
+        // A clock that went back (another thread's earlier reading) is within the interval.
+        assert_eq!(log.check_at(at(5)), None);
+        assert_eq!(log.check_at(at(3_620_000)), Some(2));
     }
 }

@@ -4,7 +4,7 @@
 use sha2::Digest as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Body;
@@ -23,6 +23,15 @@ use super::config::TrustedProxies;
 use super::limits::{FoundNothing, Limiter};
 use super::lookup::{KeyLookup, MAX_MATCHES};
 use super::metrics;
+use crate::shared::logging::LogEvery;
+
+/// How often each warning of a fault that every request meets (the counters or the store
+/// down) is written at most: one line per interval with the count of those left out, not one
+/// per request (a flood while the store is down would be a flood of log lines).
+pub const WARN_EVERY: Duration = Duration::from_secs(10);
+static COUNTERS_DOWN: LogEvery = LogEvery::new(WARN_EVERY);
+static MISS_UNCOUNTED: LogEvery = LogEvery::new(WARN_EVERY);
+static STORE_FAILED: LogEvery = LogEvery::new(WARN_EVERY);
 
 /// Everything the handlers share.
 #[derive(Clone)]
@@ -262,7 +271,9 @@ async fn guard(
             too_many(state.limiter.retry_after())
         }
         Err(e) => {
-            tracing::warn!(error = %e, "web: the rate limiter cannot be reached");
+            if let Some(suppressed) = COUNTERS_DOWN.check() {
+                tracing::warn!(error = %e, suppressed, "web: the rate limiter cannot be reached");
+            }
             unavailable()
         }
         Ok(None) => {
@@ -271,8 +282,9 @@ async fn guard(
                 || response.extensions().get::<FoundNothing>().is_some())
                 && endpoint.is_lookup()
                 && let Err(e) = state.limiter.miss(&client).await
+                && let Some(suppressed) = MISS_UNCOUNTED.check()
             {
-                tracing::warn!(error = %e, "web: a miss could not be counted");
+                tracing::warn!(error = %e, suppressed, "web: a miss could not be counted");
             }
             response
         }
@@ -378,7 +390,14 @@ fn found(
 }
 
 fn store_failed(state: &WebState, e: &kst_core::Error) -> Response {
-    tracing::warn!(store = state.lookup.name(), error = %e, "web: store look-up failed");
+    if let Some(suppressed) = STORE_FAILED.check() {
+        tracing::warn!(
+            store = state.lookup.name(),
+            error = %e,
+            suppressed,
+            "web: store look-up failed"
+        );
+    }
     unavailable()
 }
 
