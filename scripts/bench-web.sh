@@ -258,6 +258,11 @@ done
 
 # --- measuring ------------------------------------------------------------------------------
 
+# A port picked by free_port may be taken by another process before kst binds it (the machine
+# is shared): kst serve is started until it listens on its own ports (wait_own_port), with new
+# ports each time, at most this many times.
+START_TRIES=5
+
 # wrk's script: random paths from $PATHS; with XFF=n, one of n client addresses per request.
 cat >"$WORK/lookup.lua" <<'EOF'
 local paths = {}
@@ -298,7 +303,6 @@ for backend in $BACKENDS; do
     held="$(tr -dc 0-9 <"$STORES/$backend-$n.filled")"
     read -r -a store <<<"$(store_env "$backend" "$n")"
     for limits in $LIMITS; do
-      lmtp="$(free_port)"; http="$(free_port)"; web="$(free_port)"
       kst_pin=(); wrk_pin=(); wrk_threads=2
       if [ -n "$PIN" ]; then kst_pin=(taskset -c 1); wrk_pin=(taskset -c 0); wrk_threads=1; fi
       if [ "$limits" = off ]; then
@@ -307,13 +311,22 @@ for backend in $BACKENDS; do
       else
         lim=(KST_WEB__TRUSTED_PROXIES=127.0.0.1); xff="$CLIENTS"
       fi
-      env -C "$dir" -u KST_CONFIG "${store[@]}" "${lim[@]}" \
-        KST_LMTP__LISTEN="127.0.0.1:$lmtp" KST_HTTP__LISTEN="127.0.0.1:$http" \
-        KST_WEB__LISTEN="127.0.0.1:$web" KST_WEB__MAX_CONNECTIONS=4096 KST_LOG__LEVEL=warn \
-        KST_LIMITS__PER_SENDER=0 KST_LIMITS__PER_ACCOUNT=0 KST_LIMITS__PER_SOURCE_IP=0 KST_LIMITS__PER_SENDER_QUERY=0 \
-        "${kst_pin[@]}" "$KST" serve 2>>"$dir/serve.log" &
-      pid=$!; PIDS+=("$pid")
-      wait_port "$web"
+      started=""
+      for try in $(seq 1 "$START_TRIES"); do
+        lmtp="$(free_port)"; http="$(free_port)"; web="$(free_port)"
+        env -C "$dir" -u KST_CONFIG "${store[@]}" "${lim[@]}" \
+          KST_LMTP__LISTEN="127.0.0.1:$lmtp" KST_HTTP__LISTEN="127.0.0.1:$http" \
+          KST_WEB__LISTEN="127.0.0.1:$web" KST_WEB__MAX_CONNECTIONS=4096 KST_LOG__LEVEL=warn \
+          KST_LIMITS__PER_SENDER=0 KST_LIMITS__PER_ACCOUNT=0 KST_LIMITS__PER_SOURCE_IP=0 KST_LIMITS__PER_SENDER_QUERY=0 \
+          "${kst_pin[@]}" "$KST" serve 2>>"$dir/serve.log" &
+        pid=$!; PIDS+=("$pid")
+        # kst binds [lmtp], then [web], then [http]: listening on its own [http] port, it has
+        # all three (a port another process took makes it exit first).
+        if wait_own_port "$pid" "$http"; then started=1; break; fi
+        wait "$pid" || true
+        log "kst serve exited before listening on ports $lmtp/$web/$http (try $try): $(tail -1 "$dir/serve.log")"
+      done
+      [ -n "$started" ] || die "kst serve did not start in $START_TRIES tries; see $dir/serve.log"
       for endpoint in $ENDPOINTS; do
         paths="$STORES/$backend-$n.paths/$endpoint.paths"
         if [ "$endpoint" = hkp ] && [ ! -s "$paths" ]; then # stores filled before hkp.paths existed
