@@ -1916,6 +1916,34 @@ mod tests {
         Ok(Secured { value, security })
     }
 
+    /// example.net's `kst-log` places with the advanced host's file at the base URL
+    /// `advanced` and the direct host's at `direct` (local servers).
+    fn places(advanced: &str, direct: &str) -> WkdPlaces {
+        WkdPlaces {
+            advanced_host: "openpgpkey.example.net".into(),
+            advanced: (
+                advanced.to_string(),
+                "/.well-known/openpgpkey/example.net/kst-log".into(),
+            ),
+            direct: (direct.to_string(), "/.well-known/openpgpkey/kst-log".into()),
+        }
+    }
+
+    /// What [`wkd_choose`] decided, in a word: `keys from <place>`, `none` or `exit <code>`.
+    fn chosen(r: &Result<Option<Published>, Outcome>) -> String {
+        match r {
+            Ok(Some(p)) => format!("keys from {}", p.place),
+            Ok(None) => "none".into(),
+            Err(o) => format!("exit {}", o.exit_code()),
+        }
+    }
+
+    /// A base URL where nothing listens (a local port just let go).
+    async fn nowhere() -> String {
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}", closed.local_addr().unwrap())
+    }
+
     /// Red team round 5 (issue 18): a first pin from a zone without DNSSEC is compared with
     /// the WKD policy directory, but a forged "no such host" for `openpgpkey.<domain>` (an
     /// insecure answer, accepted as such) sent the comparison to the domain's web site,
@@ -1933,40 +1961,30 @@ mod tests {
         let (advanced, advanced_hits) = http_server("200 OK", record.clone()).await;
         let (missing, missing_hits) = http_server("404 Not Found", "no".into()).await;
         let (present, _) = http_server("200 OK", record).await;
-        let places = |direct: &str| WkdPlaces {
-            advanced_host: "openpgpkey.example.net".into(),
-            advanced: (
-                advanced.clone(),
-                "/.well-known/openpgpkey/example.net/kst-log".into(),
-            ),
-            direct: (direct.to_string(), "/.well-known/openpgpkey/kst-log".into()),
+        let choose = async |direct: &str, security: DnsSecurity, confirming: bool| {
+            let exists = found(false, security);
+            chosen(&wkd_choose(&places(&advanced, direct), exists, confirming, None).await)
         };
         for security in [DnsSecurity::Insecure, DnsSecurity::Unvalidated] {
-            let r = wkd_choose(&places(&missing), found(false, security), true, None).await;
             assert_eq!(
-                r.err().map(|o| o.exit_code()),
-                Some(exit::UNAVAILABLE),
+                choose(&missing, security, true).await,
+                format!("exit {}", exit::UNAVAILABLE),
                 "an unproven no-address and a 404 confirm nothing ({security:?})"
             );
-            let r = wkd_choose(&places(&missing), found(false, security), false, None).await;
-            assert!(matches!(r, Ok(None)), "looking keys up: no file");
-            let r = wkd_choose(&places(&present), found(false, security), true, None).await;
-            let place = r.ok().flatten().map(|p| p.place);
             assert_eq!(
-                place,
-                Some(format!("{present}/.well-known/openpgpkey/kst-log")),
+                choose(&missing, security, false).await,
+                "none",
+                "looking keys up: no file"
+            );
+            assert_eq!(
+                choose(&present, security, true).await,
+                format!("keys from {present}/.well-known/openpgpkey/kst-log"),
                 "a direct file is compared"
             );
         }
-        let r = wkd_choose(
-            &places(&missing),
-            found(false, DnsSecurity::Secure),
-            true,
-            None,
-        )
-        .await;
-        assert!(
-            matches!(r, Ok(None)),
+        assert_eq!(
+            choose(&missing, DnsSecurity::Secure, true).await,
+            "none",
             "a proven no-address: the domain has no file"
         );
         assert_eq!(advanced_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
@@ -1986,18 +2004,8 @@ mod tests {
         let (h, v) = ("ab".repeat(32), "cd".repeat(32));
         let record = format!("v=kstlog1; head={h}; vrf={v}\n");
         let (direct, direct_hits) = http_server("200 OK", record.clone()).await;
-        let places = |advanced: &str| WkdPlaces {
-            advanced_host: "openpgpkey.example.net".into(),
-            advanced: (
-                advanced.to_string(),
-                "/.well-known/openpgpkey/example.net/kst-log".into(),
-            ),
-            direct: (direct.clone(), "/.well-known/openpgpkey/kst-log".into()),
-        };
-        let code = |r: &Result<Option<Published>, Outcome>| match r {
-            Ok(Some(p)) => format!("keys from {}", p.place),
-            Ok(None) => "none".into(),
-            Err(o) => format!("exit {}", o.exit_code()),
+        let choose = async |advanced: &str, exists: Result<Secured<bool>, DnsError>| {
+            chosen(&wkd_choose(&places(advanced, &direct), exists, false, None).await)
         };
         for (status, body, want) in [
             (
@@ -2018,49 +2026,28 @@ mod tests {
             ),
         ] {
             let (advanced, hits) = http_server(status, body).await;
-            let r = wkd_choose(
-                &places(&advanced),
-                found(true, DnsSecurity::Secure),
-                false,
-                None,
-            )
-            .await;
             assert_eq!(
-                code(&r),
+                choose(&advanced, found(true, DnsSecurity::Secure)).await,
                 format!("exit {want}"),
                 "advanced answers {status}"
             );
             assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
         }
         // An advanced host that exists but cannot be reached (a TLS failure is the same).
-        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let unreachable = format!("http://{}", closed.local_addr().unwrap());
-        drop(closed);
-        let r = wkd_choose(
-            &places(&unreachable),
-            found(true, DnsSecurity::Secure),
-            false,
-            None,
-        )
-        .await;
-        assert_eq!(code(&r), format!("exit {}", exit::TEMPFAIL));
+        let unreachable = nowhere().await;
+        assert_eq!(
+            choose(&unreachable, found(true, DnsSecurity::Secure)).await,
+            format!("exit {}", exit::TEMPFAIL)
+        );
         // DNS could not say, or said it forged: never the direct host.
-        let r = wkd_choose(
-            &places(&unreachable),
-            Err(DnsError::Failed("SERVFAIL".into())),
-            false,
-            None,
-        )
-        .await;
-        assert_eq!(code(&r), format!("exit {}", exit::TEMPFAIL));
-        let r = wkd_choose(
-            &places(&unreachable),
-            Err(DnsError::Bogus("forged".into())),
-            false,
-            None,
-        )
-        .await;
-        assert_eq!(code(&r), format!("exit {}", exit::ATTACK));
+        assert_eq!(
+            choose(&unreachable, Err(DnsError::Failed("SERVFAIL".into()))).await,
+            format!("exit {}", exit::TEMPFAIL)
+        );
+        assert_eq!(
+            choose(&unreachable, Err(DnsError::Bogus("forged".into()))).await,
+            format!("exit {}", exit::ATTACK)
+        );
         assert_eq!(
             direct_hits.load(std::sync::atomic::Ordering::SeqCst),
             0,
@@ -2068,25 +2055,14 @@ mod tests {
         );
         // The advanced host's own 404: the domain has no file (no fallback either).
         let (advanced, _) = http_server("404 Not Found", "no".into()).await;
-        let r = wkd_choose(
-            &places(&advanced),
-            found(true, DnsSecurity::Secure),
-            false,
-            None,
-        )
-        .await;
-        assert_eq!(code(&r), "none");
+        assert_eq!(
+            choose(&advanced, found(true, DnsSecurity::Secure)).await,
+            "none"
+        );
         // The advanced host has no address: the direct method.
         let (advanced, advanced_hits) = http_server("200 OK", record).await;
-        let r = wkd_choose(
-            &places(&advanced),
-            found(false, DnsSecurity::Secure),
-            false,
-            None,
-        )
-        .await;
         assert_eq!(
-            code(&r),
+            choose(&advanced, found(false, DnsSecurity::Secure)).await,
             format!("keys from {direct}/.well-known/openpgpkey/kst-log")
         );
         assert_eq!(advanced_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
@@ -2158,22 +2134,7 @@ mod tests {
             log.add_cosignature(cosigned.head.epoch, &witness.cosign(cosigned, NOW).unwrap())
                 .await
                 .unwrap();
-            let tight = StepBudget {
-                bytes: 1,
-                changes: 1,
-                epochs: 1,
-            };
-            let mut answer = log
-                .answer_stepped(&address("nobody"), Some(since), Some(tight), NOW)
-                .await
-                .unwrap();
-            assert_eq!(answer.too_far, Some(since), "a too-far answer");
-            answer.witnessed = log
-                .witnessed(&answer.head, &[witness.public_key()])
-                .await
-                .unwrap();
-            assert!(answer.witnessed.is_some());
-            answer.to_text().unwrap()
+            too_far_witnessed(log, since, &[witness.public_key()]).await
         }
 
         /// What the client makes of `text` when it pinned `head_key` and `vrf` and remembers
@@ -2474,9 +2435,7 @@ mod tests {
             assert_eq!(remembered, Some(1));
 
             // The directory's server cannot be asked: exit 75, nothing remembered.
-            let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let nowhere = format!("http://{}", closed.local_addr().unwrap());
-            drop(closed);
+            let nowhere = nowhere().await;
             let (result, remembered) = check_at(
                 &tmp.path().join("offline"),
                 head_key,
