@@ -23,12 +23,26 @@ async fn start(config: WebConfig) -> Server {
     // The same key for a second address, stored with all three User IDs (as an import could
     // hold it): WKD must serve only this address's User ID.
     let full = kst_core::openpgp::parse_armored(&testkey("alice.pub.asc"), 1 << 20).unwrap();
+    restore(
+        &store,
+        "alice@personal.example",
+        full.packets,
+        &full.fingerprint,
+    )
+    .await;
+    serve_store((dir, store), &DOMAINS, config).await
+}
+
+/// Puts `key` into `store` as it is (no key policy: as `kst import` restores a record, or a
+/// hand-edited backend holds it), version 1 of `address`, recorded under `fingerprint`.
+async fn restore(store: &kst_fs::FsStore, address: &str, key: Vec<u8>, fingerprint: &str) {
+    let local = address.split('@').next().unwrap_or(address);
     store
         .restore(&[NewKey {
-            address: addr("alice@personal.example"),
-            key: full.packets,
-            fingerprint: kst_core::Fingerprint::parse(&full.fingerprint).unwrap(),
-            publication_id: "01".into(),
+            address: addr(address),
+            key,
+            fingerprint: kst_core::Fingerprint::parse(fingerprint).unwrap(),
+            publication_id: local.into(),
             published_at: now(),
             revoked: false,
             expected: kst_core::Expected::Any,
@@ -36,7 +50,6 @@ async fn start(config: WebConfig) -> Server {
         .into_record(1)])
         .await
         .unwrap();
-    serve_store((dir, store), &DOMAINS, config).await
 }
 
 #[derive(Debug)]
@@ -819,19 +832,8 @@ async fn a_stored_record_that_is_no_readable_certificate_is_not_served() {
     }
     let cut = full.packets[..full.packets.len() - 1].to_vec();
     for (local, key) in [("cut", cut), ("secret", secret)] {
-        store
-            .restore(&[NewKey {
-                address: addr(&format!("{local}@example.net")),
-                key,
-                fingerprint: kst_core::Fingerprint::parse(&full.fingerprint).unwrap(),
-                publication_id: local.into(),
-                published_at: now(),
-                revoked: false,
-                expected: kst_core::Expected::Any,
-            }
-            .into_record(1)])
-            .await
-            .unwrap();
+        let address = format!("{local}@example.net");
+        restore(&store, &address, key, &full.fingerprint).await;
     }
     let s = serve_store((dir, store), &DOMAINS, open()).await;
     for local in ["cut", "secret"] {
@@ -900,19 +902,8 @@ async fn a_stored_secret_key_behind_a_certificate_is_never_served() {
             .await
             .unwrap(),
     );
-    store
-        .restore(&[NewKey {
-            address: addr("alice@example.net"),
-            key: [&full.packets[..], &secret[..]].concat(),
-            fingerprint: kst_core::Fingerprint::parse(&full.fingerprint).unwrap(),
-            publication_id: "01".into(),
-            published_at: now(),
-            revoked: false,
-            expected: kst_core::Expected::Any,
-        }
-        .into_record(1)])
-        .await
-        .unwrap();
+    let key = [&full.packets[..], &secret[..]].concat();
+    restore(&store, "alice@example.net", key, &full.fingerprint).await;
     let s = serve_store((dir, store), &DOMAINS, open()).await;
     let hash = kst_core::wkd::WkdHash::of_address(&addr("alice@example.net"));
     let key_id = &ALICE_FPR[24..];
