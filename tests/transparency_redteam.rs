@@ -758,30 +758,37 @@ async fn rt18_look_ups_of_a_deleted_address_are_misses() {
     for _ in 0..4 {
         assert_eq!(log_get(web, "lookup/alice@example.net").0, 200);
     }
-    let statuses: Vec<u16> = [
-        "lookup/carol@example.net",
-        "history/carol@example.net",
-        "lookup/carol@example.net",
-        "lookup/alice@example.net",
-        "history/alice@example.net",
-    ]
-    .iter()
-    .map(|p| log_get(web, p).0)
-    .collect();
+    let statuses = statuses(
+        web,
+        &[
+            "lookup/carol@example.net",
+            "history/carol@example.net",
+            "lookup/carol@example.net",
+            "lookup/alice@example.net",
+            "history/alice@example.net",
+        ],
+    );
     assert_eq!(
         statuses,
         vec![200, 200, 200, 429, 429],
         "deletion entries are misses (the third is answered and blocks the client)"
     );
     drop(served);
+    a_miss_on_http_too("lookup/carol@example.net").await;
+}
 
-    // The same on [http] without [web] (a store of its own: the counters are kept there).
+/// The statuses of `paths` asked of the key directory at `at`, one after the other.
+fn statuses(at: SocketAddr, paths: &[&str]) -> Vec<u16> {
+    paths.iter().map(|p| log_get(at, p).0).collect()
+}
+
+/// `path` (of the deleted carol) is a miss on `[http]` without `[web]` too: on a store of its
+/// own (the counters are kept there) with a miss budget of 1, answered twice, then refused.
+async fn a_miss_on_http_too(path: &str) {
     let (dir, keys, _writer) = with_deleted_carol().await;
     let served = Served::start(dir.path(), &keys, "\n[web.limits]\nper_client_misses = 1\n");
-    let statuses: Vec<u16> = (0..3)
-        .map(|_| log_get(served.http, "lookup/carol@example.net").0)
-        .collect();
-    assert_eq!(statuses, vec![200, 200, 429], "on [http] too");
+    let statuses = statuses(served.http, &[path; 3]);
+    assert_eq!(statuses, vec![200, 200, 429], "{path} on [http] too");
 }
 
 /// History pages of a deleted address (red-team round 4): `history/<address>?before=<v>`
@@ -804,30 +811,23 @@ async fn rt18_history_pages_of_a_deleted_address_are_misses() {
     for _ in 0..4 {
         assert_eq!(log_get(web, "history/alice@example.net?before=2").0, 200);
     }
-    let statuses: Vec<u16> = [
-        "history/carol@example.net?before=2",
-        "history/carol@example.net?before=99",
-        "history/carol@example.net?before=2",
-        "lookup/alice@example.net",
-        "history/alice@example.net?before=2",
-    ]
-    .iter()
-    .map(|p| log_get(web, p).0)
-    .collect();
+    let statuses = statuses(
+        web,
+        &[
+            "history/carol@example.net?before=2",
+            "history/carol@example.net?before=99",
+            "history/carol@example.net?before=2",
+            "lookup/alice@example.net",
+            "history/alice@example.net?before=2",
+        ],
+    );
     assert_eq!(
         statuses,
         vec![200, 200, 200, 429, 429],
         "pages of a deleted address are misses (the third is answered and blocks the client)"
     );
     drop(served);
-
-    // The same on [http] without [web] (a store of its own: the counters are kept there).
-    let (dir, keys, _writer) = with_deleted_carol().await;
-    let served = Served::start(dir.path(), &keys, "\n[web.limits]\nper_client_misses = 1\n");
-    let statuses: Vec<u16> = (0..3)
-        .map(|_| log_get(served.http, "history/carol@example.net?before=2").0)
-        .collect();
-    assert_eq!(statuses, vec![200, 200, 429], "on [http] too");
+    a_miss_on_http_too("history/carol@example.net?before=2").await;
 }
 
 /// A store read that waits at `gate`: it holds the directory's thread (the writer waits for
