@@ -11,9 +11,8 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use kst_core::{AddressPolicy, client};
 use kst_tests::serve::{ServeProcess, free_port};
-use kst_tests::{Gpg, GpgKey, Store, TestDb, TestKst, TestPrefix, received_authenticated, stderr};
+use kst_tests::{Gpg, Store, TestDb, TestKst, TestPrefix};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Requests per client per window.
@@ -28,16 +27,6 @@ const PER_SOURCE: u32 = 12;
 /// Of the sources, the first ones only ask for a key that exists; the others also ask for
 /// [`PER_CLIENT_MISSES`] that do not (within their miss budget).
 const HIT_ONLY_SOURCES: u8 = 16;
-
-/// Publishes `key` for its address the real way: an authenticated mail through `kst deliver`.
-fn publish_by_mail(kst: &TestKst, key: &GpgKey) {
-    let account = AddressPolicy::default().normalize(&key.address).unwrap();
-    let req = client::build_publication(&account, &key.public_armored).unwrap();
-    let mut raw = received_authenticated(&key.address, "mail.example.net").into_bytes();
-    raw.extend_from_slice(&req.message);
-    let out = kst.deliver(&key.address, "keys@example.net", &raw);
-    assert!(out.status.success(), "deliver: {}", stderr(&out));
-}
 
 /// The source address of client `n`: 127.0.0.`n + 2`.
 fn source(n: u8) -> Ipv4Addr {
@@ -121,7 +110,7 @@ fn counters_are_exact_under_concurrent_load(
 ) {
     let gpg = Gpg::new();
     let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
-    publish_by_mail(kst, &alice);
+    kst.publish_by_mail(&alice);
     let at = free_port();
     let log = kst.dir.path().join("serve.log");
     let serve = ServeProcess::start(log, at, |cmd| {

@@ -10,11 +10,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use kst_core::AddressPolicy;
-use kst_core::client;
 use kst_core::wkd::WkdHash;
 use kst_tests::serve::{ServeProcess, free_port};
 use kst_tests::wkd::{WkdHome, WkdMethod, WkdTestbed, WkdView};
-use kst_tests::{Gpg, GpgKey, TestKst, code, received_authenticated, stderr};
+use kst_tests::{Gpg, TestKst, code, stderr};
 
 fn bed() -> Option<&'static WkdTestbed> {
     match WkdTestbed::up() {
@@ -48,24 +47,6 @@ fn start_serve(
             .env("KST_HTTP__LISTEN", free_port().to_string())
             .env("KST_WEB__LISTEN", web.to_string());
     })
-}
-
-/// Publishes `key` for its address the real way: an authenticated mail through `kst deliver`
-/// with the provider MTA's trusted Received header; asserts kst's confirmation says published.
-fn publish_by_mail(kst: &TestKst, key: &GpgKey) {
-    let account = AddressPolicy::default().normalize(&key.address).unwrap();
-    let req = client::build_publication(&account, &key.public_armored).unwrap();
-    let mut raw = received_authenticated(&key.address, "mail.example.net").into_bytes();
-    raw.extend_from_slice(&req.message);
-    let out = kst.deliver(&key.address, "keys@example.net", &raw);
-    assert_eq!(code(&out), 0, "kst deliver: {}", stderr(&out));
-    assert!(
-        matches!(
-            client::verify_reply(&req.pending, &kst.last_reply()).unwrap(),
-            client::Verified::Published { .. }
-        ),
-        "kst's confirmation must say published"
-    );
 }
 
 fn text(out: &Output) -> String {
@@ -116,7 +97,7 @@ fn gpg_finds_the_key_alice_published_by_mail_by_both_wkd_methods_and_wks_client_
     assert_ne!(code(&out), 0, "nothing published yet: {}", text(&out));
     assert!(home.fingerprints().is_empty());
 
-    publish_by_mail(&kst, &alice);
+    kst.publish_by_mail(&alice);
 
     // At once afterwards, by the advanced method (openpgpkey.example.net) ...
     let home = WkdHome::new();
@@ -182,7 +163,7 @@ fn keyserver_clients_curl_and_sq_get_the_key_by_address_fingerprint_and_key_id()
     let fpr = alice.fingerprint.to_string();
     let key_id = fpr[fpr.len() - 16..].to_string();
     let kst = TestKst::new("");
-    publish_by_mail(&kst, &alice);
+    kst.publish_by_mail(&alice);
     let addr = WkdTestbed::free_addr();
     let tls = start_serve(
         &kst,
@@ -362,7 +343,7 @@ fn misses_beyond_the_per_client_budget_get_429_with_retry_after() {
     let gpg = Gpg::new();
     let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
     let kst = TestKst::new("");
-    publish_by_mail(&kst, &alice);
+    kst.publish_by_mail(&alice);
     let at = free_port();
     let serve = start_serve(
         &kst,
@@ -398,8 +379,8 @@ fn migrate_indexes_an_fs_store_written_before_the_index() {
     let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
     let bob = gpg.generate("Bob", "bob@example.org", "ed25519");
     let kst = TestKst::new("");
-    publish_by_mail(&kst, &alice);
-    publish_by_mail(&kst, &bob);
+    kst.publish_by_mail(&alice);
+    kst.publish_by_mail(&bob);
     let store = kst.dir.path().join("keys");
     std::fs::remove_dir_all(store.join("index")).expect("the fs store has an index");
 

@@ -491,6 +491,28 @@ level = "info"
     pub fn last_reply(&self) -> Vec<u8> {
         self.replies().pop().expect("a reply in the spool")
     }
+
+    /// Publishes `key` for its address the real way: an authenticated mail through `kst
+    /// deliver` with the provider MTA's trusted Received header (`mail.example.net`); asserts
+    /// exit 0 and that kst's confirmation says published.
+    pub fn publish_by_mail(&self, key: &GpgKey) {
+        use kst_core::client;
+        let account = kst_core::AddressPolicy::default()
+            .normalize(&key.address)
+            .expect("a valid address");
+        let req = client::build_publication(&account, &key.public_armored).expect("a request");
+        let mut raw = received_authenticated(&key.address, "mail.example.net").into_bytes();
+        raw.extend_from_slice(&req.message);
+        let out = self.deliver(&key.address, "keys@example.net", &raw);
+        assert_eq!(code(&out), 0, "kst deliver: {}", stderr(&out));
+        assert!(
+            matches!(
+                client::verify_reply(&req.pending, &self.last_reply()).expect("a reply"),
+                client::Verified::Published { .. }
+            ),
+            "kst's confirmation must say published"
+        );
+    }
 }
 
 /// The replies (`*.eml`) in a spool directory, oldest first, as raw bytes; none when it does
