@@ -552,3 +552,138 @@ async fn waiting_on_lock(url: &str) -> bool {
     .await
     .is_ok_and(|n| n > 0)
 }
+
+/// Red-team round 6, left open there: many client addresses fill the coalescer's bounded
+/// queue (`coalesce::MAX_QUEUED_HITS`, 1,024 hits) when the counters are slower than the
+/// load. A measurement with its invariants checked: a real `kst serve` on PostgreSQL, the
+/// limits at their defaults, the counters made slow (a trigger on `kst_rate_limits` sleeps
+/// [`COUNTER_DELAY_MS`] in every counting statement: a backend far slower than loopback);
+/// floods of misses in which every request comes from a new 127.0.0.0/8 address (a new
+/// client's request costs one hit, its miss two), by `n` concurrent clients that each wait
+/// for their answer, beside one steady client asking for a key that exists. Prints, per
+/// flood: its requests and how they were answered, `kst_web_counters_busy_total` and the
+/// steady client's answers (docs/SECURITY.md, round 6's leftovers, has the figures). The
+/// busy count takes in both kinds of refusal: a request refused at once (503) and a miss that
+/// could not be counted (its look-up is answered 404 all the same); what it counts beyond the
+/// 503s is misses answered uncounted. Checks that every answer is one the limits allow (404,
+/// 429, 503 for the flood; 200 or 503 for the steady client) and that after the floods the
+/// steady client is served again.
+#[test]
+fn many_address_floods_against_slow_counters() {
+    use kst_tests::serve::http_get;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// The sleep in each counting statement, milliseconds.
+    const COUNTER_DELAY_MS: u64 = 100;
+    const FLOOD_FOR: Duration = Duration::from_secs(5);
+    let db = TestDb::new();
+    let kst = TestKst::with_store("", &db.store());
+    kst.migrate();
+    db.execute(&format!(
+        "CREATE FUNCTION ops_slow_counters() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep({}); RETURN NULL; END $$",
+        COUNTER_DELAY_MS as f64 / 1000.0
+    ));
+    db.execute(
+        "CREATE TRIGGER ops_slow_counters BEFORE INSERT ON kst_rate_limits \
+         FOR EACH STATEMENT EXECUTE FUNCTION ops_slow_counters()",
+    );
+    let gpg = Gpg::new();
+    kst.publish_by_mail(&gpg.generate("Alice", "alice@example.net", "ed25519"));
+    let (at, http) = (free_port(), free_port());
+    let serve = ServeProcess::start(kst.dir.path().join("serve.log"), http, |cmd| {
+        cmd.arg("--config")
+            .arg(&kst.config)
+            .env("KST_LMTP__LISTEN", free_port().to_string())
+            .env("KST_HTTP__LISTEN", http.to_string())
+            .env("KST_WEB__LISTEN", at.to_string());
+    });
+    let busy = || -> u64 {
+        let (status, text) = http_get(http, "/metrics");
+        assert_eq!(status, 200, "{text}");
+        text.lines()
+            .find_map(|l| l.strip_prefix("kst_web_counters_busy_total "))
+            .map_or(0, |v| v.trim().parse::<f64>().unwrap_or(0.0) as u64)
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let steady = Ipv4Addr::new(127, 0, 0, 200);
+    // Each flood request's source: a new address of 127.16.0.0/12 (never one used before).
+    let next = Arc::new(AtomicU32::new(0));
+    for clients in [128usize, 512, 768, 960] {
+        let busy_before = busy();
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let started = Instant::now();
+        let next = Arc::clone(&next);
+        let (flood, steady_answers) = rt.block_on(async move {
+            let deadline = Instant::now() + FLOOD_FOR;
+            let workers: Vec<_> = (0..clients)
+                .map(|_| {
+                    let next = Arc::clone(&next);
+                    tokio::spawn(async move {
+                        let mut statuses = Vec::new();
+                        while Instant::now() < deadline {
+                            let n = next.fetch_add(1, Ordering::Relaxed);
+                            let from = Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 16, 0, 1)) + n);
+                            statuses.push(get_from(from, at, &missing(&n.to_string())).await);
+                        }
+                        statuses
+                    })
+                })
+                .collect();
+            let steady_client = tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while Instant::now() < deadline {
+                    statuses.push(get_from(steady, at, FOUND).await);
+                }
+                statuses
+            });
+            let mut flood = Vec::new();
+            for w in workers {
+                flood.extend(w.await.expect("flood client"));
+            }
+            (flood, steady_client.await.expect("steady client"))
+        });
+        let took = started.elapsed();
+        let refused_busy = busy() - busy_before;
+        let (ok, not_found, limited, unavailable) = (
+            count(&flood, 200),
+            count(&flood, 404),
+            count(&flood, 429),
+            count(&flood, 503),
+        );
+        eprintln!(
+            "flood of {clients} concurrent new-address clients, counters +{COUNTER_DELAY_MS} ms \
+             a statement, {took:.1?}: {} requests ({:.0}/s): {not_found} 404, {limited} 429, \
+             {unavailable} 503; kst_web_counters_busy_total +{refused_busy} (so at least \
+             {} misses answered uncounted); steady client: {} requests, {} 200, {} 503; load \
+             average before: {}",
+            flood.len(),
+            flood.len() as f64 / took.as_secs_f64(),
+            refused_busy.saturating_sub(unavailable + count(&steady_answers, 503)),
+            steady_answers.len(),
+            count(&steady_answers, 200),
+            count(&steady_answers, 503),
+            load.trim()
+        );
+        assert_eq!(ok, 0, "no flood request finds a key");
+        assert_eq!(
+            not_found + limited + unavailable,
+            flood.len() as u64,
+            "only 404, 429 and 503: {flood:?}"
+        );
+        assert_eq!(
+            count(&steady_answers, 200) + count(&steady_answers, 503),
+            steady_answers.len() as u64,
+            "{steady_answers:?}"
+        );
+    }
+    // The floods are over: the steady client is served again.
+    assert_eq!(rt.block_on(get_from(steady, at, FOUND)), 200);
+    drop(rt);
+    assert_eq!(serve.stop(), 0);
+}
