@@ -327,19 +327,42 @@ fn redis_counters_are_exact_under_288_concurrent_requests() {
 /// Red-team round 6 (left open there): while the shared counters could not be reached, the
 /// web listener wrote one warning per refused request, so a flood while the store was down
 /// was a flood of log lines. A real `kst serve` whose store (and so its counters) is a Redis
-/// at a port nothing listens on: 400 concurrent requests, each answered 503, write the
-/// warning at most once per [`WARN_EVERY`] of the flood's time (plus the first); one more
-/// request after an interval writes it again, and the lines account for every request
-/// exactly: written or counted as `suppressed` by the next line.
+/// at a port nothing listens on, the limits at their defaults: 400 concurrent requests, each
+/// answered 503, write the warning at most once per [`WARN_EVERY`] of the flood's time (plus
+/// the first); one more request after an interval writes it again, and the lines account for
+/// every request exactly: written or counted as `suppressed` by the next line.
 ///
 /// [`WARN_EVERY`]: kst_bin::server::web::handlers::WARN_EVERY
 #[test]
 fn a_flood_while_the_counters_are_down_writes_one_warning_per_interval() {
+    one_warning_per_interval_while_the_store_is_down(
+        "web: the rate limiter cannot be reached",
+        &[],
+    );
+}
+
+/// [`a_flood_while_the_counters_are_down_writes_one_warning_per_interval`] with the limits
+/// off: every request reaches the store's look-up, which fails.
+#[test]
+fn a_flood_while_the_store_is_down_writes_one_look_up_warning_per_interval() {
+    one_warning_per_interval_while_the_store_is_down(
+        "web: store look-up failed",
+        &[
+            ("KST_WEB__LIMITS__PER_CLIENT", "0"),
+            ("KST_WEB__LIMITS__PER_CLIENT_MISSES", "0"),
+            ("KST_WEB__LIMITS__GLOBAL_MISSES", "0"),
+        ],
+    );
+}
+
+/// A flood of 400 requests to a `kst serve` (with the environment `env`) whose Redis store is
+/// at a port nothing listens on: each answered 503, `warning` written at most once per
+/// interval, every request accounted for by the lines (see the callers).
+fn one_warning_per_interval_while_the_store_is_down(warning: &str, env: &[(&str, &str)]) {
     use kst_bin::server::web::handlers::WARN_EVERY;
     use std::time::{Duration, Instant};
 
     const FLOOD: u64 = 400;
-    const WARNING: &str = "web: the rate limiter cannot be reached";
     // Nothing listens there (a free port, never bound again by this process).
     let nowhere = free_port();
     let kst = TestKst::with_store(
@@ -355,7 +378,8 @@ fn a_flood_while_the_counters_are_down_writes_one_warning_per_interval() {
             .arg(&kst.config)
             .env("KST_LMTP__LISTEN", free_port().to_string())
             .env("KST_HTTP__LISTEN", free_port().to_string())
-            .env("KST_WEB__LISTEN", at.to_string());
+            .env("KST_WEB__LISTEN", at.to_string())
+            .envs(env.iter().copied());
     });
     // The warnings logged so far: each line's `suppressed` (0 where it has none; the total
     // below counts what a line leaves out).
@@ -364,7 +388,7 @@ fn a_flood_while_the_counters_are_down_writes_one_warning_per_interval() {
             .log()
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["fields"]["message"] == WARNING)
+            .filter(|v| v["fields"]["message"] == warning)
             .map(|v| v["fields"]["suppressed"].as_u64().unwrap_or(0))
             .collect()
     };
@@ -396,7 +420,7 @@ fn a_flood_while_the_counters_are_down_writes_one_warning_per_interval() {
     let intervals = flood_took.as_secs().div_ceil(WARN_EVERY.as_secs());
     assert!(
         !during.is_empty() && during.len() as u64 <= 1 + intervals,
-        "{} warnings for {FLOOD} requests in {flood_took:?}:\n{}",
+        "{} warnings {warning:?} for {FLOOD} requests in {flood_took:?}:\n{}",
         during.len(),
         serve.log()
     );
