@@ -65,7 +65,13 @@ use kst_core::transparency::witness::{
 use kst_core::transparency::{DomainLog, SignedHead, TransparencyError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::web::handlers::WARN_EVERY;
 use super::web::limits::FoundNothing;
+use crate::shared::logging::LogEvery;
+
+/// "key directory: cannot answer", written at most once per [`WARN_EVERY`] with a count of
+/// those left out (a flood while the directory's store is down is no flood of log lines).
+static CANNOT_ANSWER: LogEvery = LogEvery::new(WARN_EVERY);
 
 /// Expensive requests (audits, look-ups with `since` or `witnessed`, histories) served at once
 /// per process.
@@ -154,7 +160,9 @@ fn not_found(what: &str) -> Response {
 }
 
 fn failed(domain: &str, e: &kst_core::transparency::TransparencyError) -> Response {
-    tracing::warn!(domain, error = %e, "key directory: cannot answer");
+    if let Some(suppressed) = CANNOT_ANSWER.check() {
+        tracing::warn!(domain, error = %e, suppressed, "key directory: cannot answer");
+    }
     let mut r = text(
         StatusCode::SERVICE_UNAVAILABLE,
         "the key directory cannot answer now; retry later\n".into(),
