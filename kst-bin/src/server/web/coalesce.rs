@@ -26,6 +26,23 @@
 //! instead of waiting behind batches that wait for the backend's timeout. Requests that went
 //! away while queued still take their place until their batch is counted, so a flood of
 //! cancelled requests fills the queue to the bound, never past it.
+//!
+//! Room in the bound can be held ahead ([`Coalescer::reserve`], a [`Room`]) for hits a
+//! request may send later: a look-up's miss. The web listener holds room for a look-up's
+//! miss hits from its admission until it ends, and counts its miss in that room
+//! ([`Coalescer::hit_many_in`]), which is never refused as busy (it may wait, like any
+//! queued hit). So a look-up answered as a miss has had its miss counted, however full the
+//! queue is: before, a miss that did not fit was refused and its look-up answered 404
+//! uncounted, so a flood that filled the queue made an enumerator's misses free (answering
+//! such a look-up 503 instead would not help: 200 for a key, 503 for none is the same
+//! oracle). The refusal moves to admission, before the look-up, where it says nothing
+//! about the address: a request whose room or hits do not fit is answered 503. Room held
+//! counts against the bound like queued hits (queued and held together stay within
+//! [`MAX_QUEUED_HITS`], a request's own hits beyond it only into an empty queue), so the
+//! bound still caps the wait of every hit, a miss's included; the price is that look-ups in
+//! progress hold room while they look up, not only while they wait for the counters. Room
+//! is given back when the request ends without a miss (found, refused, failed, or its
+//! client gone), or taken by its miss's hits when they are queued.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -60,6 +77,8 @@ struct Queue {
     waiting: VecDeque<Pending>,
     /// Hits in `waiting`.
     hits: usize,
+    /// Room held for hits not yet sent ([`Room`]s alive).
+    reserved: usize,
     /// Flusher tasks running.
     flushers: usize,
 }
@@ -116,15 +135,127 @@ impl Coalescer {
     pub fn queued_hits(&self) -> usize {
         self.shared.lock().hits
     }
+
+    /// Room held now for hits not yet sent ([`Coalescer::reserve`]).
+    pub fn reserved_hits(&self) -> usize {
+        self.shared.lock().reserved
+    }
+
+    /// Holds room in the queue's bound for `hits` hits to be counted later with
+    /// [`Coalescer::hit_many_in`], which then never refuses them as busy. Refused at once
+    /// (a temporary error, counted in `kst_web_counters_busy_total`) when the queued hits
+    /// and the room held already fill the bound. The room is given back when the [`Room`]
+    /// is dropped unused.
+    pub fn reserve(&self, hits: usize) -> Result<Room> {
+        let mut q = self.shared.lock();
+        if let Err(queued) = fits(&q, hits, self.shared.max_queued) {
+            drop(q);
+            super::metrics::counters_busy();
+            return Err(busy(self.shared.inner.name(), queued));
+        }
+        q.reserved += hits;
+        Ok(Room {
+            shared: Arc::clone(&self.shared),
+            hits,
+        })
+    }
+
+    /// Counts `hits` like [`RateLimiter::hit_many`], in `room` held before: never refused
+    /// because the queue is full (the hits may wait for the batches ahead of them). More
+    /// hits than the room holds are taken too (the bound is then passed by the difference).
+    pub async fn hit_many_in(&self, room: Room, hits: &[Hit]) -> Result<Vec<bool>> {
+        self.enqueue(hits, Some(room)).await
+    }
+
+    /// Queues `hits` (in `room`, or refused when they do not fit) and waits for their answers.
+    async fn enqueue(&self, hits: &[Hit], room: Option<Room>) -> Result<Vec<bool>> {
+        if hits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        let start = {
+            let mut q = self.shared.lock();
+            match room {
+                Some(mut room) => {
+                    // The room becomes queued hits; its own queue is given back under its lock.
+                    if Arc::ptr_eq(&room.shared, &self.shared) {
+                        q.reserved -= room.hits;
+                        room.hits = 0;
+                    }
+                }
+                None => {
+                    if let Err(queued) = fits(&q, hits.len(), self.shared.max_queued) {
+                        drop(q);
+                        super::metrics::counters_busy();
+                        return Err(busy(self.shared.inner.name(), queued));
+                    }
+                }
+            }
+            q.hits += hits.len();
+            q.waiting.push_back(Pending {
+                hits: hits.to_vec(),
+                reply,
+            });
+            let start = q.flushers < self.shared.max_in_flight;
+            if start {
+                q.flushers += 1;
+            }
+            start
+        };
+        if start {
+            tokio::spawn(flush(Arc::clone(&self.shared)));
+        }
+        answer.await.unwrap_or_else(|_| Err(lost()))
+    }
 }
 
-/// The refusal of a request whose hits do not fit in the queue.
+/// Whether `n` more hits fit in `q` beside what is queued and held (`Err`: the hits queued
+/// and held). A request larger than the bound is taken only when nothing is queued or held.
+fn fits(q: &Queue, n: usize, max_queued: usize) -> std::result::Result<(), usize> {
+    let used = q.hits + q.reserved;
+    if used > 0 && used + n > max_queued {
+        Err(used)
+    } else {
+        Ok(())
+    }
+}
+
+/// Room held in a [`Coalescer`]'s queue for hits to be counted later
+/// ([`Coalescer::reserve`]); given back when dropped unused.
+#[must_use = "room is given back when dropped"]
+pub struct Room {
+    shared: Arc<Shared>,
+    hits: usize,
+}
+
+impl Room {
+    /// Hits this room holds.
+    pub fn hits(&self) -> usize {
+        self.hits
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        if self.hits > 0 {
+            self.shared.lock().reserved -= self.hits;
+        }
+    }
+}
+
+impl std::fmt::Debug for Room {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Room").field("hits", &self.hits).finish()
+    }
+}
+
+/// The refusal of a request whose hits (or room) do not fit in the queue.
 fn busy(inner: &str, queued: usize) -> Error {
     Error::unavailable(
         "ratelimit(coalescer)",
         format!(
-            "{queued} hits are waiting for the {inner} counters already (they are slow or \
-             stalled); try again later"
+            "{queued} hits are waiting for the {inner} counters already, or held for \
+             look-ups' misses (the counters are slow or stalled); try again later"
         ),
     )
 }
@@ -238,33 +369,7 @@ impl RateLimiter for Coalescer {
     }
 
     async fn hit_many(&self, hits: &[Hit]) -> Result<Vec<bool>> {
-        if hits.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (reply, answer) = oneshot::channel();
-        let start = {
-            let mut q = self.shared.lock();
-            if !q.waiting.is_empty() && q.hits + hits.len() > self.shared.max_queued {
-                let queued = q.hits;
-                drop(q);
-                super::metrics::counters_busy();
-                return Err(busy(self.shared.inner.name(), queued));
-            }
-            q.hits += hits.len();
-            q.waiting.push_back(Pending {
-                hits: hits.to_vec(),
-                reply,
-            });
-            let start = q.flushers < self.shared.max_in_flight;
-            if start {
-                q.flushers += 1;
-            }
-            start
-        };
-        if start {
-            tokio::spawn(flush(Arc::clone(&self.shared)));
-        }
-        answer.await.unwrap_or_else(|_| Err(lost()))
+        self.enqueue(hits, None).await
     }
 }
 
@@ -423,6 +528,95 @@ mod tests {
         // The dropped request's hit was counted: 1 + 1 + 3 hits, so 1 of the last 3 is within.
         assert_eq!(within, 1);
         assert_eq!(slow.hits.load(Ordering::SeqCst), 5);
+    }
+
+    /// Counters that answer only once the gate opens (a stalled backend), counting the hits.
+    struct Gated {
+        inner: MemoryRateLimiter,
+        open: tokio::sync::watch::Receiver<bool>,
+        hits: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl RateLimiter for Gated {
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+        async fn hit(&self, key: &str, limit: u32, window: Duration) -> Result<bool> {
+            Ok(self.hit_many(&[Hit::new(key, limit, window)]).await?[0])
+        }
+        async fn hit_many(&self, hits: &[Hit]) -> Result<Vec<bool>> {
+            self.hits.fetch_add(hits.len(), Ordering::SeqCst);
+            let mut open = self.open.clone();
+            let _ = open.wait_for(|o| *o).await;
+            self.inner.hit_many(hits).await
+        }
+    }
+
+    /// ops-5's finding: a miss that did not fit in a full queue was refused, and its look-up
+    /// answered uncounted. Room held at admission is never refused: it counts against the
+    /// bound for everyone else, its hits are queued past a full queue, and room dropped unused
+    /// is given back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn room_held_for_a_miss_is_never_refused_and_is_given_back() {
+        let (gate, open) = tokio::sync::watch::channel(false);
+        let counters = Arc::new(Gated {
+            inner: MemoryRateLimiter::new(),
+            open,
+            hits: AtomicUsize::new(0),
+        });
+        let c = Coalescer::with_limits(counters.clone(), 1, 8, 4);
+        let hit = |c: &Coalescer, key: &str| {
+            let (c, key) = (c.clone(), key.to_string());
+            tokio::spawn(async move { c.hit(&key, 100, HOUR).await })
+        };
+        // One batch in flight (stalled); then a look-up's room and two other hits fill the
+        // bound of 4.
+        let first = hit(&c, "first");
+        while counters.hits.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let room = c.reserve(2).expect("room while the queue is empty");
+        assert_eq!(room.hits(), 2);
+        let queued = [hit(&c, "a"), hit(&c, "b")];
+        while c.queued_hits() < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(c.reserved_hits(), 2);
+        let e = c.hit("c", 100, HOUR).await.expect_err("the bound is full");
+        assert!(e.is_temporary(), "{e}");
+        assert!(c.reserve(1).is_err(), "no room beyond the bound either");
+        // Room dropped unused is given back; held again for the miss.
+        drop(room);
+        assert_eq!(c.reserved_hits(), 0);
+        let room = c.reserve(2).expect("the room given back");
+        // The miss is counted in its room: queued, not refused, though the queue is full.
+        let miss = tokio::spawn({
+            let c = c.clone();
+            async move {
+                c.hit_many_in(
+                    room,
+                    &[Hit::new("miss:x", 3, HOUR), Hit::new("miss:all", 3, HOUR)],
+                )
+                .await
+            }
+        });
+        while c.queued_hits() < 4 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(c.reserved_hits(), 0, "the room became queued hits");
+        gate.send_replace(true);
+        assert!(first.await.unwrap().unwrap());
+        for q in queued {
+            assert!(q.await.unwrap().unwrap());
+        }
+        assert_eq!(miss.await.unwrap().unwrap(), vec![true, true]);
+        assert_eq!(
+            counters.hits.load(Ordering::SeqCst),
+            5,
+            "every hit counted once"
+        );
+        assert_eq!((c.queued_hits(), c.reserved_hits()), (0, 0));
     }
 
     #[test]

@@ -266,7 +266,7 @@ async fn guard(
         .map_or_else(|| UNKNOWN_CLIENT.to_string(), client_key);
     let method = request.method().clone();
     let mut response = match state.limiter.admit(&client, endpoint.is_lookup()).await {
-        Ok(Some(refusal)) => {
+        Ok(Err(refusal)) => {
             metrics::refused(refusal);
             too_many(state.limiter.retry_after())
         }
@@ -276,12 +276,14 @@ async fn guard(
             }
             unavailable()
         }
-        Ok(None) => {
+        Ok(Ok(admitted)) => {
+            // `admitted` holds room for a look-up's miss until here: a miss is counted even
+            // when the counters' queue is full (`coalesce`); otherwise it is given back.
             let response = next.run(request).await;
             if (response.status() == StatusCode::NOT_FOUND
                 || response.extensions().get::<FoundNothing>().is_some())
                 && endpoint.is_lookup()
-                && let Err(e) = state.limiter.miss(&client).await
+                && let Err(e) = state.limiter.miss(&client, admitted).await
                 && let Some(suppressed) = MISS_UNCOUNTED.check()
             {
                 tracing::warn!(error = %e, suppressed, "web: a miss could not be counted");

@@ -15,6 +15,8 @@ use std::time::Instant;
 use kst_core::RateLimiter;
 use kst_core::ratelimit::Hit;
 
+use super::coalesce::{Coalescer, Room};
+
 use super::config::WebLimits;
 
 /// Key prefix of the per-client request counter.
@@ -56,11 +58,20 @@ impl Refusal {
     }
 }
 
+/// An admitted request: for a look-up whose misses are counted, the room held in the
+/// coalescer's queue for its miss ([`super::coalesce::Room`]), given back when this is
+/// dropped (the request ended without a miss) or used by [`Limiter::miss`].
+#[derive(Debug)]
+#[must_use = "a look-up's miss is counted with it"]
+pub struct Admitted {
+    room: Option<Room>,
+}
+
 /// The limits, the shared counters and what this process knows to be blocked.
 #[derive(Clone)]
 pub struct Limiter {
     limits: WebLimits,
-    counters: Arc<dyn RateLimiter>,
+    counters: Coalescer,
     blocked: Arc<Mutex<Blocked>>,
     /// The per-client request counter, written a batch at a time.
     precount: Arc<super::precount::PreCount>,
@@ -91,7 +102,7 @@ impl Limiter {
     pub fn new(limits: WebLimits, counters: Arc<dyn RateLimiter>) -> Self {
         Limiter {
             limits,
-            counters: Arc::new(super::coalesce::Coalescer::new(counters)),
+            counters: Coalescer::new(counters),
             blocked: Arc::default(),
             precount: Arc::default(),
         }
@@ -109,53 +120,59 @@ impl Limiter {
     }
 
     /// Counts one request of `client`; `lookup` says whether it asks for a key (policy files
-    /// are not subject to the miss budgets). `Err` when the counters cannot be reached. The
-    /// request counter is written once per [`super::precount::BATCH`] requests of a client
-    /// (a bounded inaccuracy, see [`super::precount`]); misses are counted one by one.
-    pub async fn admit(&self, client: &str, lookup: bool) -> kst_core::Result<Option<Refusal>> {
+    /// are not subject to the miss budgets). `Err` when the counters cannot be reached, or
+    /// when the coalescer's queue has no room for the request's hits or for a look-up's miss
+    /// (held from here until the request ends, so that its miss, if it is one, is always
+    /// counted: [`super::coalesce`]). The request counter is written once per
+    /// [`super::precount::BATCH`] requests of a client (a bounded inaccuracy, see
+    /// [`super::precount`]); misses are counted one by one.
+    pub async fn admit(
+        &self,
+        client: &str,
+        lookup: bool,
+    ) -> kst_core::Result<Result<Admitted, Refusal>> {
         if lookup {
             let now = Instant::now();
             let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
             if b.global_until.is_some_and(|t| t > now)
                 && b.missed.get(client).is_some_and(|t| *t > now)
             {
-                return Ok(Some(Refusal::GlobalMisses));
+                return Ok(Err(Refusal::GlobalMisses));
             }
             match b.clients.get(client) {
-                Some(t) if *t > now => return Ok(Some(Refusal::Misses)),
+                Some(t) if *t > now => return Ok(Err(Refusal::Misses)),
                 Some(_) => {
                     b.clients.remove(client);
                 }
                 None => {}
             }
         }
+        let misses = usize::from(self.limits.per_client_misses > 0)
+            + usize::from(self.limits.global_misses > 0);
+        let room = if lookup && misses > 0 {
+            Some(self.counters.reserve(misses)?)
+        } else {
+            None
+        };
         if self.limits.per_client > 0
             && !self
                 .precount
                 .hit(
-                    self.counters.as_ref(),
+                    &self.counters,
                     &format!("{CLIENT_PREFIX}{client}"),
                     self.limits.per_client,
                     self.limits.window(),
                 )
                 .await?
         {
-            return Ok(Some(Refusal::Requests));
+            return Ok(Err(Refusal::Requests));
         }
-        Ok(None)
+        Ok(Ok(Admitted { room }))
     }
 
-    /// Counts a look-up of `client` that found nothing. Later look-ups are refused once the
-    /// client's budget is spent, or everyone's and the client has missed in the window. The
-    /// client's and the global miss counter are counted in one call (with other requests'
-    /// hits, see [`super::coalesce`]).
-    pub async fn miss(&self, client: &str) -> kst_core::Result<()> {
+    /// The counter hits of one miss of `client`: its own and the global one, as configured.
+    fn miss_hits(&self, client: &str) -> Vec<Hit> {
         let window = self.limits.window();
-        if self.limits.global_misses > 0 {
-            let now = Instant::now();
-            let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
-            remember(&mut b.missed, client, now, now + window);
-        }
         let mut hits = Vec::with_capacity(2);
         if self.limits.per_client_misses > 0 {
             hits.push(Hit::new(
@@ -167,10 +184,31 @@ impl Limiter {
         if self.limits.global_misses > 0 {
             hits.push(Hit::new(GLOBAL_MISS_KEY, self.limits.global_misses, window));
         }
+        hits
+    }
+
+    /// Counts a look-up of `client` that found nothing, admitted as `admitted`: in the room
+    /// held for it, so never refused because the coalescer's queue is full (an error of the
+    /// counters themselves still reaches the caller). Later look-ups are refused once the
+    /// client's budget is spent, or everyone's and the client has missed in the window. The
+    /// client's and the global miss counter are counted in one call (with other requests'
+    /// hits, see [`super::coalesce`]).
+    pub async fn miss(&self, client: &str, admitted: Admitted) -> kst_core::Result<()> {
+        let window = self.limits.window();
+        if self.limits.global_misses > 0 {
+            let now = Instant::now();
+            let mut b = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+            remember(&mut b.missed, client, now, now + window);
+        }
+        let hits = self.miss_hits(client);
         if hits.is_empty() {
             return Ok(());
         }
-        let verdicts = self.counters.hit_many(&hits).await?;
+        let verdicts = match admitted.room {
+            Some(room) => self.counters.hit_many_in(room, &hits).await?,
+            // Not admitted as a look-up: counted if it fits.
+            None => self.counters.hit_many(&hits).await?,
+        };
         for (hit, within) in hits.iter().zip(verdicts) {
             if within {
                 continue;
@@ -229,10 +267,13 @@ mod tests {
             per_client: 2,
             ..WebLimits::OFF
         });
-        assert_eq!(l.admit("a", true).await.unwrap(), None);
-        assert_eq!(l.admit("a", false).await.unwrap(), None);
-        assert_eq!(l.admit("a", true).await.unwrap(), Some(Refusal::Requests));
-        assert_eq!(l.admit("b", true).await.unwrap(), None);
+        assert_eq!(l.admit("a", true).await.unwrap().err(), None);
+        assert_eq!(l.admit("a", false).await.unwrap().err(), None);
+        assert_eq!(
+            l.admit("a", true).await.unwrap().err(),
+            Some(Refusal::Requests)
+        );
+        assert_eq!(l.admit("b", true).await.unwrap().err(), None);
     }
 
     #[tokio::test]
@@ -242,22 +283,23 @@ mod tests {
             ..WebLimits::OFF
         });
         for _ in 0..2 {
-            assert_eq!(l.admit("a", true).await.unwrap(), None);
-            l.miss("a").await.unwrap();
+            let admitted = l.admit("a", true).await.unwrap().unwrap();
+            l.miss("a", admitted).await.unwrap();
         }
+        let admitted = l.admit("a", true).await.unwrap();
+        l.miss("a", admitted.expect("two misses are allowed"))
+            .await
+            .unwrap();
         assert_eq!(
-            l.admit("a", true).await.unwrap(),
-            None,
-            "two misses are allowed"
+            l.admit("a", true).await.unwrap().err(),
+            Some(Refusal::Misses)
         );
-        l.miss("a").await.unwrap();
-        assert_eq!(l.admit("a", true).await.unwrap(), Some(Refusal::Misses));
         assert_eq!(
-            l.admit("a", false).await.unwrap(),
+            l.admit("a", false).await.unwrap().err(),
             None,
             "policy files still served"
         );
-        assert_eq!(l.admit("b", true).await.unwrap(), None);
+        assert_eq!(l.admit("b", true).await.unwrap().err(), None);
     }
 
     #[tokio::test]
@@ -267,20 +309,23 @@ mod tests {
             ..WebLimits::OFF
         });
         for c in ["a", "b", "c", "d"] {
-            l.miss(c).await.unwrap();
+            let admitted = l.admit(c, true).await.unwrap().unwrap();
+            l.miss(c, admitted).await.unwrap();
         }
         for c in ["a", "d"] {
             assert_eq!(
-                l.admit(c, true).await.unwrap(),
+                l.admit(c, true).await.unwrap().err(),
                 Some(Refusal::GlobalMisses),
                 "{c} missed"
             );
-            assert_eq!(l.admit(c, false).await.unwrap(), None, "policy files");
+            assert_eq!(l.admit(c, false).await.unwrap().err(), None, "policy files");
         }
-        assert_eq!(l.admit("e", true).await.unwrap(), None, "e never missed");
-        l.miss("e").await.unwrap();
+        let admitted = l.admit("e", true).await.unwrap();
+        l.miss("e", admitted.expect("e never missed"))
+            .await
+            .unwrap();
         assert_eq!(
-            l.admit("e", true).await.unwrap(),
+            l.admit("e", true).await.unwrap().err(),
             Some(Refusal::GlobalMisses),
             "e's first miss after the budget was its last"
         );
@@ -291,8 +336,8 @@ mod tests {
         let counters = Arc::new(MemoryRateLimiter::new());
         let l = Limiter::new(WebLimits::OFF, counters.clone());
         for _ in 0..100 {
-            assert_eq!(l.admit("a", true).await.unwrap(), None);
-            l.miss("a").await.unwrap();
+            let admitted = l.admit("a", true).await.unwrap().unwrap();
+            l.miss("a", admitted).await.unwrap();
         }
         assert!(counters.is_empty());
     }
