@@ -311,6 +311,24 @@ struct Worker {
     step_reads: Arc<std::sync::atomic::AtomicU64>,
     /// The newest epoch's own step, as last counted.
     newest_step: std::cell::Cell<Option<NewestStep>>,
+    /// After a failed open: until when requests fail with its error ([`Worker::open`]).
+    open_backoff: OpenBackoff,
+}
+
+/// The first pause after the directory failed to open ([`Worker::open`]).
+const OPEN_BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The longest pause between two attempts to open the directory while they keep failing.
+const OPEN_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// The last failed attempt to open the directory, while it is remembered.
+#[derive(Default)]
+struct OpenBackoff {
+    /// Its error, and until when requests fail with it without another attempt.
+    failed: Option<(TransparencyError, std::time::Instant)>,
+    /// The pause after the next failure (doubling from [`OPEN_BACKOFF_FIRST`] up to
+    /// [`OPEN_BACKOFF_MAX`]).
+    next_pause: std::time::Duration,
 }
 
 /// An open directory.
@@ -444,7 +462,8 @@ impl DomainLog {
     /// Opens the log of `keys.domain` kept in `store` (creating the empty directory on first
     /// use) on a thread of its own, which ends when the log is dropped. A store that cannot be
     /// read now does not fail this (a daemon starts while its database is down): it is logged,
-    /// and each request opens the directory until that succeeds, failing meanwhile.
+    /// and requests open the directory until that succeeds, failing meanwhile (at most one
+    /// attempt per back-off: [`Worker::open`]).
     pub async fn open(store: Arc<dyn DirectoryStore>, keys: LogKeys) -> Result<Self> {
         let domain = keys.domain.clone();
         let head_key = keys.head.public_key();
@@ -484,6 +503,7 @@ impl DomainLog {
                         ahead: std::cell::Cell::new(None),
                         step_reads: worker_step_reads,
                         newest_step: std::cell::Cell::new(None),
+                        open_backoff: OpenBackoff::default(),
                     };
                     if let Err(e) = worker.open().await {
                         tracing::warn!(domain = %worker.keys.domain, error = %e, "the key directory cannot be read now; opening it again with the next request");
@@ -1088,15 +1108,38 @@ impl Request {
 }
 
 impl Worker {
-    /// Opens the directory (creating the empty one on first use) unless it is open.
+    /// Opens the directory (creating the empty one on first use) unless it is open. After a
+    /// failed attempt, the requests of the next [`OPEN_BACKOFF_FIRST`] fail at once with its
+    /// error (a store that is down is a temporary failure: HTTP 503, LMTP 4xx), and the first
+    /// one after it tries again; while attempts keep failing the pause doubles up to
+    /// [`OPEN_BACKOFF_MAX`]. Without it (red-team round 6's leftovers), every queued request
+    /// tried in turn, one store timeout each (150 to 300 ms against a refused port), so a
+    /// full read queue waited about a minute and connections were cut unanswered.
     async fn open(&mut self) -> Result<()> {
-        if self.opened.is_none() {
-            let db = StoredDirectory::new(Arc::clone(&self.store), &self.keys.domain);
-            let directory = KeyDirectory::open_cached(db.clone(), self.keys.vrf.clone()).await?;
-            self.opened = Some(Opened { db, directory });
-            self.check_heads_ahead().await;
+        if self.opened.is_some() {
+            return Ok(());
         }
-        Ok(())
+        if let Some((e, until)) = &self.open_backoff.failed
+            && std::time::Instant::now() < *until
+        {
+            return Err(e.clone());
+        }
+        let db = StoredDirectory::new(Arc::clone(&self.store), &self.keys.domain);
+        match KeyDirectory::open_cached(db.clone(), self.keys.vrf.clone()).await {
+            Ok(directory) => {
+                self.open_backoff = OpenBackoff::default();
+                self.opened = Some(Opened { db, directory });
+                self.check_heads_ahead().await;
+                Ok(())
+            }
+            Err(e) => {
+                let b = &mut self.open_backoff;
+                let pause = b.next_pause.max(OPEN_BACKOFF_FIRST);
+                b.failed = Some((e.clone(), std::time::Instant::now() + pause));
+                b.next_pause = (pause * 2).min(OPEN_BACKOFF_MAX);
+                Err(e)
+            }
+        }
     }
 
     /// Looks for heads stored for epochs after the latest one (at most [`AHEAD_WINDOW`]
