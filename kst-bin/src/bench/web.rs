@@ -146,7 +146,7 @@ impl Schedule {
     /// elapsed` (request 0 at once), at most `total`.
     pub fn due_by(&self, elapsed: Duration) -> u64 {
         // offset(i) <= e  <=>  floor(i * 1e9 / rate) <= e  <=>  i * 1e9 < (e + 1) * rate.
-        let n = ((elapsed.as_nanos() + 1) * u128::from(self.rate) + 999_999_999) / 1_000_000_000;
+        let n = ((elapsed.as_nanos() + 1) * u128::from(self.rate)).div_ceil(1_000_000_000);
         u64::try_from(n).unwrap_or(u64::MAX).min(self.total)
     }
 }
