@@ -34,12 +34,12 @@ How it measures:
 
   The schedule runs on a thread of its own that sleeps until the next due time (at least
   --tick, then hands out every request due by then); the requests go out on THREADS worker
-  threads. `send delay` says how late the requests went out after
-  their due time; `late` counts those sent more than --late-after after it, and `due while
-  every connection was busy` those that had to wait for a connection (the server fell behind
-  RATE, or CONNECTIONS is too small for RATE x latency). Late requests that did not wait for
-  a connection were late because this tool fell behind its schedule (a busy machine: give it
-  a core of its own). Either way the latency from the due time holds the wait.
+  threads. `send delay` says how late the requests went out after their due time; `late`
+  counts those sent more than --late-after after it, and `due while every connection was
+  busy` those that had to wait for a connection (the server fell behind RATE, or CONNECTIONS
+  is too small for RATE x latency). Late requests that did not wait for a connection were
+  late because this tool fell behind its schedule (a busy machine: give it a core of its
+  own). Either way the latency from the due time holds the wait.
 
 Output:
   answers by status (and `error`, `timeout`); look-ups = 200 + 404 answers (issue 14's
