@@ -35,6 +35,18 @@
 #      share of 429 is reported), kst's peak RSS and the machine's 1-minute load average at
 #      the end of each row, and prints a markdown table on stdout.
 #
+#   Open loop (BENCH_WEB_RATE set): instead of wrk, `kst bench web` offers each endpoint a
+#   fixed rate, whatever the answers do (request i due at start + i/R; a request that finds
+#   every connection busy waits, and its latency counts from its due time: the p99 of a
+#   server offered R look-ups/s, which a closed loop like wrk cannot give, see
+#   docs/BENCHMARKS.md). BENCH_WEB_RATE is a list of rates for every backend ("20000", or
+#   "10000,20000": one row per rate) or per backend ("fs=10000,20000 redis=10000,20000
+#   postgres=4000,8000"); BENCH_WEB_CONNECTIONS are its keep-alive connections, the same
+#   BENCH_WEB_CLIENTS in X-Forwarded-For. The table then has the rate asked for, the look-ups/s
+#   achieved, the share of requests sent more than 1 ms late (in parentheses: of all requests,
+#   those due while every connection was busy; the rest of the late ones: the tool behind) and
+#   the latency from the due time at p50, p90, p99, p99.9 and max.
+#
 # Usage: scripts/bench-web.sh [all | fill | measure | clean]     (as root on Debian: installs
 # wrk and eatmydata if missing). `fill` only fills (e.g. before a quiet slot), `measure` only
 # measures (every store must be filled), `clean` removes the stores of BENCH_WEB_SIZES
@@ -42,8 +54,10 @@
 # Environment: BENCH_WEB_SIZES ("1000"), BENCH_WEB_BACKENDS ("fs redis postgres"),
 # BENCH_WEB_ENDPOINTS ("wkd vks wkdhash fpr"), BENCH_WEB_LIMITS ("off defaults"),
 # BENCH_WEB_SECONDS (10), BENCH_WEB_CONNECTIONS (64), BENCH_WEB_CLIENTS (1024, at least 64),
-# BENCH_WEB_PIN ("": kst and wrk share every core; "1": kst on CPU 1, wrk on CPU 0 with one
-# thread, both with taskset; the store's server is not pinned),
+# BENCH_WEB_RATE ("": wrk's closed loop; rates: the open loop of `kst bench web`, above),
+# BENCH_WEB_LOAD_THREADS (threads of `kst bench web`, 1),
+# BENCH_WEB_PIN ("": kst and the load share every core; "1": kst on CPU 1, the load on CPU 0
+# (wrk with one thread), both with taskset; the store's server is not pinned),
 # BENCH_WEB_STORES (/var/tmp/kst-bench-web), BENCH_WEB_REDIS_PORT (6390),
 # BENCH_PG_URL (postgres://postgres:postgres@127.0.0.1:5432), BENCH_KST and BENCH_STORE_BENCH
 # (binaries to use instead of building them in release mode).
@@ -58,6 +72,8 @@ SECONDS_EACH="${BENCH_WEB_SECONDS:-10}"
 CONNS="${BENCH_WEB_CONNECTIONS:-64}"
 CLIENTS="${BENCH_WEB_CLIENTS:-1024}"
 PIN="${BENCH_WEB_PIN:-}"
+RATES="${BENCH_WEB_RATE:-}"
+LOAD_THREADS="${BENCH_WEB_LOAD_THREADS:-1}"
 STORES="${BENCH_WEB_STORES:-/var/tmp/kst-bench-web}"
 REDIS_PORT="${BENCH_WEB_REDIS_PORT:-6390}"
 PG_BASE="${BENCH_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432}"
@@ -70,6 +86,26 @@ LOG_NAME=bench-web
 
 case "$MODE" in all | fill | measure | clean) ;; *) die "unknown mode $MODE (all, fill, measure, clean)" ;; esac
 [ "$CLIENTS" -ge 64 ] && [ "$CLIENTS" -le 65536 ] || die "BENCH_WEB_CLIENTS must be 64..65536"
+
+# The rates of backend $1 in BENCH_WEB_RATE, one per line ("20000,10000" for all, or
+# "fs=20000 postgres=8000,4000" per backend; a backend not named gets the words for all).
+rates_for() {
+  local w all="" own=""
+  for w in $RATES; do
+    case "$w" in
+      "$1"=*) own="${w#*=}" ;;
+      *=*) ;;
+      *) all="$w" ;;
+    esac
+  done
+  w="${own:-$all}"
+  [ -n "$w" ] || die "BENCH_WEB_RATE names no rate for $1: $RATES"
+  tr ',' '\n' <<<"$w" | while read -r r; do
+    [[ "$r" =~ ^[1-9][0-9]*$ ]] || die "BENCH_WEB_RATE: not a rate: $r"
+    echo "$r"
+  done
+}
+if [ -n "$RATES" ]; then for b in $BACKENDS; do rates_for "$b" >/dev/null; done; fi
 
 temp_work kst-bench-web
 apt_need() { # command package
@@ -220,7 +256,7 @@ else
   STORE_BENCH="$ROOT/target/release/kst-store-bench"
 fi
 [ -x "$STORE_BENCH" ] || die "$STORE_BENCH is missing (BENCH_STORE_BENCH)"
-apt_need wrk wrk
+[ -n "$RATES" ] || apt_need wrk wrk
 apt_need eatmydata eatmydata
 case " $BACKENDS " in *" redis "*) apt_need redis-server redis-server ;; esac
 case " $BACKENDS " in *" postgres "*) scripts/services.sh postgres >&2 ;; esac
@@ -295,16 +331,23 @@ status_count() { # metrics-port status
 }
 
 NET_BASE=$((RANDOM % 200)); RUN=0
-echo "| backend | stored | endpoint | limits | look-ups/s | 429 share | p50 ms | p99 ms | RSS MiB | threads | load |"
-echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
+if [ -n "$RATES" ]; then
+  echo "| backend | stored | endpoint | limits | rate/s | look-ups/s | 429 share | late (busy) | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | RSS MiB | threads | load |"
+  echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+else
+  echo "| backend | stored | endpoint | limits | look-ups/s | 429 share | p50 ms | p99 ms | RSS MiB | threads | load |"
+  echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
+fi
 for backend in $BACKENDS; do
+  runs=wrk
+  [ -z "$RATES" ] || runs="$(rates_for "$backend")"
   for n in $SIZES; do
     dir="$WORK/$backend-$n"; mkdir -p "$dir"
     held="$(tr -dc 0-9 <"$STORES/$backend-$n.filled")"
     read -r -a store <<<"$(store_env "$backend" "$n")"
     for limits in $LIMITS; do
-      kst_pin=(); wrk_pin=(); wrk_threads=2
-      if [ -n "$PIN" ]; then kst_pin=(taskset -c 1); wrk_pin=(taskset -c 0); wrk_threads=1; fi
+      kst_pin=(); wrk_pin=(); wrk_threads=2; load_threads="$LOAD_THREADS"
+      if [ -n "$PIN" ]; then kst_pin=(taskset -c 1); wrk_pin=(taskset -c 0); wrk_threads=1; load_threads=1; fi
       if [ "$limits" = off ]; then
         lim=(KST_WEB__LIMITS__PER_CLIENT=0 KST_WEB__LIMITS__PER_CLIENT_MISSES=0 KST_WEB__LIMITS__GLOBAL_MISSES=0)
         xff=0
@@ -333,32 +376,59 @@ for backend in $BACKENDS; do
           sed 's|^/vks/v1/by-email/|/pks/lookup?op=get\&options=mr\&search=|' "${paths%/*}/vks.paths" >"$paths"
         fi
         [ -s "$paths" ] || die "$paths is missing"
-        before200="$(status_count "$http" 200)"; before404="$(status_count "$http" 404)"; before429="$(status_count "$http" 429)"
         host=""; case "$endpoint" in wkd*) host="example.test" ;; esac
-        # The limits' counters live in the store for their window (10 minutes): each run's clients
-        # are a /16 of their own (127.N.0.0, N from 10 to 209, a new one each run), so a run never
-        # starts from what an earlier run, or an earlier invocation of this script, counted.
-        RUN=$((RUN + 1)); XFF_NET=$(( 10 + (NET_BASE + RUN) % 200 ))
-        log "$backend, $n keys, $endpoint, limits $limits: wrk -t$wrk_threads -c$CONNS -d${SECONDS_EACH}s${PIN:+ (pinned)}"
-        out="$(PATHS="$paths" HOST_HEADER="$host" XFF="$xff" XFF_NET="$XFF_NET" \
-          "${wrk_pin[@]}" wrk -t"$wrk_threads" -c"$CONNS" -d"${SECONDS_EACH}s" -s "$WORK/lookup.lua" "http://127.0.0.1:$web" | grep '^WRK')"
-        read -r _ total dur_us p50 p99 _non2xx <<<"$out"
-        ok=$(( $(status_count "$http" 200) - before200 + $(status_count "$http" 404) - before404 ))
-        refused=$(( $(status_count "$http" 429) - before429 ))
-        rss="$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")"
-        threads="$(awk '/^Threads/ {print $2}' "/proc/$pid/status")"
-        load="$(cut -d' ' -f1 /proc/loadavg)"
-        python3 -c 'import sys
+        for rate in $runs; do
+          # The limits' counters live in the store for their window (10 minutes): each run's
+          # clients are a /16 of their own (127.N.0.0, N from 10 to 209, a new one each run), so
+          # a run never starts from what an earlier run, or an earlier invocation, counted.
+          RUN=$((RUN + 1)); XFF_NET=$(( 10 + (NET_BASE + RUN) % 200 ))
+          if [ -n "$RATES" ]; then
+            log "$backend, $n keys, $endpoint, limits $limits: kst bench web --rate $rate -c$CONNS ${SECONDS_EACH}s${PIN:+ (pinned)}"
+            code=0
+            out="$("${wrk_pin[@]}" "$KST" bench web --json --url "http://127.0.0.1:$web" --paths "$paths" \
+              --rate "$rate" --duration "$SECONDS_EACH" --connections "$CONNS" --threads "$load_threads" \
+              ${host:+--host "$host"} --clients "$xff" --clients-from "127.$XFF_NET.0.0" 2>>"$dir/bench.log")" || code=$?
+            [ "$code" -le 1 ] || die "kst bench web failed (see $dir/bench.log)"
+            [ "$code" -eq 0 ] || log "some requests got no HTTP answer (see the JSON: $out)"
+            rss="$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")"
+            threads="$(awk '/^Threads/ {print $2}' "/proc/$pid/status")"
+            load="$(cut -d' ' -f1 /proc/loadavg)"
+            python3 -c 'import sys, json
+b,n,e,l,out,rss,threads,load=sys.argv[1:]
+r=json.loads(out); t=r["latency_ms"]
+rate,lk,ref,late,busy=r["rate"],r["lookup_rate"],r["refused_percent"],r["late_percent"],r["waited_percent"]
+p50,p90,p99,p999,mx=(t[k] for k in ("p50","p90","p99","p999","max"))
+print(f"| {b} | {n} | {e} | {l} | {rate:,} | {lk:,.0f} | {ref:.1f}% | {late:.2f}% ({busy:.2f}%) | {p50:.2f} | {p90:.2f} | {p99:.2f} | {p999:.2f} | {mx:.2f} | {int(rss)/1024:.0f} | {threads} | {load} |")' \
+              "$backend" "${held:-$n}" "$endpoint" "$limits" "$out" "$rss" "$threads" "$load"
+            continue
+          fi
+          before200="$(status_count "$http" 200)"; before404="$(status_count "$http" 404)"; before429="$(status_count "$http" 429)"
+          log "$backend, $n keys, $endpoint, limits $limits: wrk -t$wrk_threads -c$CONNS -d${SECONDS_EACH}s${PIN:+ (pinned)}"
+          out="$(PATHS="$paths" HOST_HEADER="$host" XFF="$xff" XFF_NET="$XFF_NET" \
+            "${wrk_pin[@]}" wrk -t"$wrk_threads" -c"$CONNS" -d"${SECONDS_EACH}s" -s "$WORK/lookup.lua" "http://127.0.0.1:$web" | grep '^WRK')"
+          read -r _ total dur_us p50 p99 _non2xx <<<"$out"
+          ok=$(( $(status_count "$http" 200) - before200 + $(status_count "$http" 404) - before404 ))
+          refused=$(( $(status_count "$http" 429) - before429 ))
+          rss="$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")"
+          threads="$(awk '/^Threads/ {print $2}' "/proc/$pid/status")"
+          load="$(cut -d' ' -f1 /proc/loadavg)"
+          python3 -c 'import sys
 b,n,e,l,ok,ref,tot,dur,p50,p99,rss,threads,load=sys.argv[1:]
 ok,ref,tot,dur=int(ok),int(ref),int(tot),int(dur)
 print(f"| {b} | {n} | {e} | {l} | {ok/(dur/1e6):,.0f} | {100*ref/max(tot,1):.1f}% | {int(p50)/1000:.2f} | {int(p99)/1000:.2f} | {int(rss)/1024:.0f} | {threads} | {load} |")' \
-          "$backend" "${held:-$n}" "$endpoint" "$limits" "$ok" "$refused" "$total" "$dur_us" "$p50" "$p99" "$rss" "$threads" "$load"
+            "$backend" "${held:-$n}" "$endpoint" "$limits" "$ok" "$refused" "$total" "$dur_us" "$p50" "$p99" "$rss" "$threads" "$load"
+        done
       done
       kill -TERM "$pid"; wait "$pid" || true
     done
   done
 done
 echo
-pinning="kst and wrk unpinned"
-[ -n "$PIN" ] && pinning="kst pinned to CPU 1, wrk -t1 to CPU 0 (taskset; the store's server unpinned)"
-echo "Machine: $(nproc) CPUs, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -r); $pinning${SERVER_NICE:+; $SERVER_NICE}; wrk -c$CONNS, ${SECONDS_EACH}s per row, $CLIENTS clients with limits at defaults; $(date -u '+%Y-%m-%d %H:%M UTC'); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+if [ -n "$RATES" ]; then
+  tool="kst bench web (open loop, -c$CONNS, $load_threads thread(s); latency from each request's due time)"
+else
+  tool="wrk -c$CONNS"
+fi
+pinning="kst and the load unpinned"
+[ -n "$PIN" ] && pinning="kst pinned to CPU 1, the load (wrk -t1 or kst bench web --threads 1) to CPU 0 (taskset; the store's server unpinned)"
+echo "Machine: $(nproc) CPUs, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -r); $pinning${SERVER_NICE:+; $SERVER_NICE}; $tool, ${SECONDS_EACH}s per row, $CLIENTS clients with limits at defaults; $(date -u '+%Y-%m-%d %H:%M UTC'); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."

@@ -1,6 +1,7 @@
 //! `kst bench`: a load generator for a running `kst serve` (LMTP) or for pipe mode (one
 //! `kst deliver` per message), with real keys and varied addresses. It prints messages per
-//! second and latency percentiles for the publications and then for the retrievals.
+//! second and latency percentiles for the publications and then for the retrievals. `kst bench
+//! web` ([`web`]) offers the `[web]` listener look-ups at a fixed rate (an open loop).
 //!
 //! The load is built before any timing starts: one new Ed25519 key per published address
 //! (rPGP), the trusted `Received:` header the provider's MTA would write, and retrievals spread
@@ -12,6 +13,7 @@ pub mod lmtp;
 pub mod messages;
 pub mod pipe;
 pub mod report;
+pub mod web;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -36,6 +38,12 @@ pub enum BenchCommand {
     ///
     /// Example: kst --config kst.toml bench pipe --concurrency 4 --publications 200 --retrievals 1000
     Pipe(LoadArgs),
+    /// Offer a running `kst serve`'s [web] listener look-ups at a fixed rate (open loop) and
+    /// report latency from each request's due time.
+    ///
+    /// Example: kst bench web --url http://127.0.0.1:8443 --paths vks.paths --rate 8000 --duration 10
+    #[command(after_help = web::WEB_AFTER_HELP)]
+    Web(web::WebArgs),
 }
 
 /// What to send, common to both modes.
@@ -100,6 +108,9 @@ pub struct LmtpArgs {
 /// Runs `kst bench`; the exit code is 0 when every message got a decision, 1 when some did not
 /// (the summary says which outcomes), 2 when the load could not be run at all.
 pub async fn run(cmd: BenchCommand, config: Option<&Path>) -> u8 {
+    if let BenchCommand::Web(args) = cmd {
+        return run_web(args).await;
+    }
     match run_inner(cmd, config).await {
         Ok(true) => 0,
         Ok(false) => {
@@ -113,10 +124,41 @@ pub async fn run(cmd: BenchCommand, config: Option<&Path>) -> u8 {
     }
 }
 
+/// `kst bench web`: 0 when every request got an HTTP answer, 1 when some did not, 2 when the
+/// load could not run.
+async fn run_web(args: web::WebArgs) -> u8 {
+    let json = args.json;
+    match web::run(args).await {
+        Ok(report) => {
+            eprint!("{}", report.text());
+            if json {
+                match serde_json::to_string(&report) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => {
+                        eprintln!("kst bench web: {e}");
+                        return 2;
+                    }
+                }
+            }
+            if report.all_answered() {
+                0
+            } else {
+                eprintln!("kst bench web: some requests got no HTTP answer (see above)");
+                1
+            }
+        }
+        Err(e) => {
+            eprintln!("kst bench web: {e:#}");
+            2
+        }
+    }
+}
+
 async fn run_inner(cmd: BenchCommand, config: Option<&Path>) -> anyhow::Result<bool> {
     let load = match &cmd {
         BenchCommand::Lmtp(a) => &a.load,
         BenchCommand::Pipe(a) => a,
+        BenchCommand::Web(_) => bail!("kst bench web runs on its own"),
     };
     if load.concurrency == 0 {
         bail!("--concurrency must be at least 1");
@@ -150,6 +192,7 @@ async fn run_inner(cmd: BenchCommand, config: Option<&Path>) -> anyhow::Result<b
         let report = match &cmd {
             BenchCommand::Lmtp(a) => lmtp_phase(a, phase, msgs).await?,
             BenchCommand::Pipe(a) => pipe_phase(a, config, phase, msgs).await?,
+            BenchCommand::Web(_) => bail!("kst bench web runs on its own"),
         };
         eprint!("{}", report.text());
         if load.json {

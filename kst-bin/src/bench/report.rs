@@ -96,13 +96,8 @@ impl Report {
         elapsed: Duration,
     ) -> Report {
         samples.sort_by_key(|s| s.latency);
-        let pct = |p: f64| -> f64 {
-            if samples.is_empty() {
-                return 0.0;
-            }
-            let i = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
-            samples[i].latency.as_secs_f64() * 1000.0
-        };
+        let latencies: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
+        let pct = |p: f64| -> f64 { nearest_rank(&latencies, p).map_or(0.0, millis) };
         let mut outcomes = BTreeMap::new();
         for s in &samples {
             *outcomes.entry(s.outcome.label()).or_insert(0) += 1;
@@ -174,6 +169,21 @@ impl Report {
         }
         s
     }
+}
+
+/// The `q` quantile (0 < q <= 1) of `sorted` (ascending) by the nearest-rank method: the
+/// smallest value that at least `q` of the values do not exceed; `None` when it is empty.
+pub fn nearest_rank<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (sorted.len() as f64 * q).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// `d` in milliseconds.
+pub fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 /// Cumulative counts of the `kst_message_duration_seconds` histogram by upper bound (seconds),
@@ -263,6 +273,23 @@ mod tests {
         assert_eq!(r.retried, 3);
         assert!(r.text().contains("retried after a temporary failure: 3"));
         assert!(r.text().contains("49 msg/s") || r.text().contains("50 msg/s"));
+    }
+
+    #[test]
+    fn nearest_rank_quantiles() {
+        let v: Vec<u32> = (1..=1000).collect();
+        assert_eq!(nearest_rank(&v, 0.5), Some(500));
+        assert_eq!(nearest_rank(&v, 0.99), Some(990));
+        assert_eq!(nearest_rank(&v, 0.999), Some(999));
+        assert_eq!(nearest_rank(&v, 1.0), Some(1000));
+        assert_eq!(
+            nearest_rank(&v, 0.0),
+            Some(1),
+            "never below the first value"
+        );
+        assert_eq!(nearest_rank(&[7u32], 0.99), Some(7));
+        assert_eq!(nearest_rank::<u32>(&[], 0.5), None);
+        assert_eq!(millis(Duration::from_micros(1500)), 1.5);
     }
 
     #[test]
