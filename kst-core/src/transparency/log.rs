@@ -315,20 +315,16 @@ struct Worker {
     open_backoff: OpenBackoff,
 }
 
-/// The first pause after the directory failed to open ([`Worker::open`]).
-const OPEN_BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// The longest pause between two attempts to open the directory while they keep failing.
-const OPEN_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(4);
+/// The pause after a failed attempt to open the directory ([`Worker::open`]): short, so a
+/// store that is back is used again within it (a longer one, doubling to 4 s, made requests
+/// fail for seconds after the database returned).
+pub const OPEN_BACKOFF: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The last failed attempt to open the directory, while it is remembered.
 #[derive(Default)]
 struct OpenBackoff {
     /// Its error, and until when requests fail with it without another attempt.
     failed: Option<(TransparencyError, std::time::Instant)>,
-    /// The pause after the next failure (doubling from [`OPEN_BACKOFF_FIRST`] up to
-    /// [`OPEN_BACKOFF_MAX`]).
-    next_pause: std::time::Duration,
 }
 
 /// An open directory.
@@ -1109,10 +1105,9 @@ impl Request {
 
 impl Worker {
     /// Opens the directory (creating the empty one on first use) unless it is open. After a
-    /// failed attempt, the requests of the next [`OPEN_BACKOFF_FIRST`] fail at once with its
+    /// failed attempt, the requests of the next [`OPEN_BACKOFF`] fail at once with its
     /// error (a store that is down is a temporary failure: HTTP 503, LMTP 4xx), and the first
-    /// one after it tries again; while attempts keep failing the pause doubles up to
-    /// [`OPEN_BACKOFF_MAX`]. Without it (red-team round 6's leftovers), every queued request
+    /// one after it tries again. Without it (red-team round 6's leftovers), every queued request
     /// tried in turn, one store timeout each (150 to 300 ms against a refused port), so a
     /// full read queue waited about a minute and connections were cut unanswered.
     async fn open(&mut self) -> Result<()> {
@@ -1133,10 +1128,8 @@ impl Worker {
                 Ok(())
             }
             Err(e) => {
-                let b = &mut self.open_backoff;
-                let pause = b.next_pause.max(OPEN_BACKOFF_FIRST);
-                b.failed = Some((e.clone(), std::time::Instant::now() + pause));
-                b.next_pause = (pause * 2).min(OPEN_BACKOFF_MAX);
+                self.open_backoff.failed =
+                    Some((e.clone(), std::time::Instant::now() + OPEN_BACKOFF));
                 Err(e)
             }
         }
