@@ -15,15 +15,17 @@
 //! ```
 //!
 //! A head is written to a temporary file, synced, and hard-linked to its name: the link fails
-//! when a head is there already, so the first writer's head stays (insert-if-absent without a
-//! lock). A cosignature is written (durable replace) under the domain's lock unless the one
+//! when a head is there already, so the first writer's head stays (insert-if-absent without
+//! the exclusive lock; heads are read and inserted under the shared lock, so after the files
+//! of a commit under way, whose head is among them). A cosignature is written (durable replace) under the domain's lock unless the one
 //! stored for that epoch and witness was checked later (its `.at` file), then the witness's
 //! newest one if its epoch is not older than the stored one.
 //!
 //! A commit takes the domain's lock and checks the fence against `root`. On Linux (the
 //! journal) it then writes the whole batch as one frame, `journal/<epoch>`, with one
-//! `fdatasync(2)` of that file and an `fsync` of the journal directory: **the commit point**.
-//! Then the epoch's files are written without syncing (nodes and value states overwritten in
+//! `fdatasync(2)` of that file and an `fsync` of the journal directory: **the commit point**,
+//! where the caller is answered. Then, on the same blocking thread and still holding the lock,
+//! the epoch's files are written without syncing (nodes and value states overwritten in
 //! place: a temporary name, a `rename` and a freed inode per file cost about 20 times the
 //! write on ext4; the root renamed into place last, the head linked after it; readers wait on
 //! the lock meanwhile), and every 64 epochs a background
@@ -261,7 +263,39 @@ fn ensure_recovered(dir: &Path, boot: Option<&str>) -> Result<(), DirectoryStore
     }
     let _lock = DomainLock::acquire(dir)?;
     recover_locked(dir, boot)?;
-    roll_forward(dir).map(drop)
+    roll_forward(dir).map(drop).inspect_err(|_| {
+        // Not rolled forward: the next read tries again.
+        forget_recovered(dir, boot);
+    })
+}
+
+/// The shared lock a read of `dir` holds, after [`ensure_recovered`]. A read that waited
+/// for the lock while a commit's files failed to be written after its answer (the commit
+/// then made this process check again, [`write_files`]) finds `dir` no longer checked once it
+/// holds the lock: it lets the lock go and rolls the epoch forward first, so no read sees the
+/// root of one epoch with files of the next.
+fn read_lock(dir: &Path, boot: Option<&str>) -> Result<Option<DomainLock>, DirectoryStoreError> {
+    for _ in 0..3 {
+        ensure_recovered(dir, boot)?;
+        let shared = DomainLock::shared(dir)?;
+        match boot {
+            Some(boot) if shared.is_some() && !is_recovered(dir, boot) => drop(shared),
+            _ => return Ok(shared),
+        }
+    }
+    Err(DirectoryStoreError::Unavailable(format!(
+        "{}: an epoch's files keep failing to be written",
+        dir.display()
+    )))
+}
+
+/// Makes this process's next read of `dir` check again for an epoch whose frame is durable
+/// but whose files are not all written ([`ensure_recovered`]), and roll it forward.
+fn forget_recovered(dir: &Path, boot: &str) {
+    recovered()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&(dir.to_path_buf(), boot.to_string()));
 }
 
 /// Under the domain's lock: writes the files of a durable frame a dead writer left after
@@ -440,26 +474,131 @@ fn maybe_checkpoint(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
     Ok(())
 }
 
-fn commit(dir: &Path, batch: RecordBatch, boot: Option<&str>) -> Result<(), DirectoryStoreError> {
-    let _lock = DomainLock::acquire(dir)?;
+/// Where a commit's caller is told whether the epoch is committed.
+type CommitAnswer = crate::pool::Answer<Result<(), DirectoryStoreError>>;
+
+/// [`DirectoryStore::commit`], on a blocking thread: under the domain's lock, answers
+/// `answer` at the commit point and, for an epoch committed through the journal, writes the
+/// epoch's files **afterwards, on this thread, still holding the lock** (readers take it
+/// shared, so none reads the epoch before its files are whole), then lets the lock go. The
+/// caller goes on as soon as the frame is durable. Handing the lock to other work instead
+/// (another blocking task, queued behind reads that wait for this lock on the bounded pool)
+/// would deadlock: `reads_queued_behind_a_commit_do_not_deadlock_its_file_writes`.
+fn commit(dir: &Path, batch: RecordBatch, boot: Option<&str>, answer: CommitAnswer) {
+    let lock = match DomainLock::acquire(dir) {
+        Ok(lock) => lock,
+        Err(e) => {
+            let _ = answer.send(Err(e));
+            return;
+        }
+    };
+    match commit_locked(dir, &batch, boot) {
+        Ok(Some(epoch)) => {
+            // The frame is durable: the epoch is committed, whatever happens to its files.
+            let _ = answer.send(Ok(()));
+            #[cfg(test)]
+            gate::wait(dir);
+            write_files(dir, &batch, epoch, boot);
+        }
+        done => {
+            let _ = answer.send(done.map(drop));
+        }
+    }
+    drop(lock);
+}
+
+/// A test's hold on a commit between its answer and its files: [`commit`] waits in
+/// [`gate::wait`] while a test holds the gate of its directory.
+#[cfg(test)]
+mod gate {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::mpsc::{Receiver, Sender, channel};
+    use std::sync::{LazyLock, Mutex};
+
+    static GATES: LazyLock<Mutex<HashMap<PathBuf, Receiver<()>>>> = LazyLock::new(Default::default);
+
+    /// Holds the next journaled commit of `dir` after its answer, before its files, until
+    /// the returned sender sends or is dropped.
+    pub(super) fn hold(dir: &Path) -> Sender<()> {
+        let (open, gate) = channel();
+        GATES.lock().unwrap().insert(dir.to_path_buf(), gate);
+        open
+    }
+
+    pub(super) fn wait(dir: &Path) {
+        let gate = GATES.lock().unwrap().remove(dir);
+        if let Some(gate) = gate {
+            let _ = gate.recv();
+        }
+    }
+}
+
+/// [`commit`] answered in place (the cost measurement's).
+#[cfg(test)]
+fn commit_now(
+    dir: &Path,
+    batch: RecordBatch,
+    boot: Option<&str>,
+) -> Result<(), DirectoryStoreError> {
+    let (answer, mut answered) = tokio::sync::oneshot::channel();
+    commit(dir, batch, boot, answer);
+    answered
+        .try_recv()
+        .map_err(|e| DirectoryStoreError::Unavailable(format!("no answer: {e}")))?
+}
+
+/// After the commit point of journaled epoch `epoch` (its caller answered, the domain's lock
+/// held): writes its files, then maybe moves the checkpoint. A failure here does not undo
+/// the epoch (its frame is durable): it is logged, the frame stays (no checkpoint moves over
+/// it), and the next commit, or this process's next read (made to check again), rolls the
+/// epoch forward before anything else.
+fn write_files(dir: &Path, batch: &RecordBatch, epoch: u64, boot: Option<&str>) {
+    if let Err(e) = materialize(dir, batch) {
+        if let Some(boot) = boot {
+            forget_recovered(dir, boot);
+        }
+        tracing::error!(
+            dir = %dir.display(),
+            epoch,
+            error = %e,
+            "key directory: the epoch is committed (its journal frame is durable) but its files \
+             were not all written; the next commit or read writes them"
+        );
+        return;
+    }
+    if let Err(e) = maybe_checkpoint(dir, epoch) {
+        tracing::warn!(dir = %dir.display(), epoch, error = %e, "key directory: the journal's checkpoint did not move; the next one tries again");
+    }
+}
+
+/// [`commit`]'s work up to its commit point, under the domain's lock: `Some(epoch)` when
+/// epoch `epoch`'s journal frame is durable and its files are still to be written
+/// ([`write_files`]); `None` when the commit is whole (written without the journal, or a
+/// batch of nodes alone dropped by the fence).
+fn commit_locked(
+    dir: &Path,
+    batch: &RecordBatch,
+    boot: Option<&str>,
+) -> Result<Option<u64>, DirectoryStoreError> {
     if let Some(boot) = boot {
         recover_locked(dir, boot)?;
     }
     // A writer died after its frame was durable: its epoch is committed; write its files
     // before anything is built on it.
     let stored = match boot {
-        Some(_) => roll_forward(dir)?,
+        // Not rolled forward: this process's reads try again before reading.
+        Some(boot) => roll_forward(dir).inspect_err(|_| forget_recovered(dir, boot))?,
         None => read_root(dir)?.map(|(e, _)| e),
     };
     if !batch.passes_fence(stored)? {
-        return Ok(());
+        return Ok(None);
     }
-    if let (Some(_), Some(expected), true) = (boot, stored, journal::journaled(&batch)) {
+    if let (Some(_), Some(expected), true) = (boot, stored, journal::journaled(batch)) {
         // The journal starts at the stored root, durable already (written the old way).
         journal::start(dir, expected)?;
-        journal::write_frame(dir, &batch)?;
-        materialize(dir, &batch)?;
-        return maybe_checkpoint(dir, expected + 1);
+        journal::write_frame(dir, batch)?;
+        return Ok(Some(expected + 1));
     }
     let mut dirs = BTreeSet::new();
     for (key, blob) in &batch.nodes {
@@ -487,7 +626,7 @@ fn commit(dir: &Path, batch: RecordBatch, boot: Option<&str>) -> Result<(), Dire
                 insert_head(dir, root.epoch, head)?;
             }
         }
-        return Ok(());
+        return Ok(None);
     }
     // The root goes in under a temporary name before the one flush, so renaming it into
     // place afterwards needs only the directory's sync, not a flush of its own.
@@ -550,7 +689,7 @@ fn commit(dir: &Path, batch: RecordBatch, boot: Option<&str>) -> Result<(), Dire
         let heads = heads_dir(dir);
         sync_dir(&heads).map_err(|e| unavailable("sync", &heads, e))?;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The root file's bytes: epoch (8 bytes, big-endian) ‖ the root record.
@@ -713,8 +852,7 @@ impl DirectoryStore for FsDirectoryStore {
     async fn root(&self, domain: &str) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         blocking(move || {
-            ensure_recovered(&dir, boot.as_deref())?;
-            let _shared = DomainLock::shared(&dir)?;
+            let _shared = read_lock(&dir, boot.as_deref())?;
             read_root(&dir)
         })
         .await
@@ -728,8 +866,7 @@ impl DirectoryStore for FsDirectoryStore {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let keys = keys.to_vec();
         blocking(move || {
-            ensure_recovered(&dir, boot.as_deref())?;
-            let _shared = DomainLock::shared(&dir)?;
+            let _shared = read_lock(&dir, boot.as_deref())?;
             read_nodes(&dir, &keys)
         })
         .await
@@ -744,8 +881,7 @@ impl DirectoryStore for FsDirectoryStore {
         let keys = keys.to_vec();
         // One blocking call and one shared lock: the root and the nodes of one moment.
         blocking(move || {
-            ensure_recovered(&dir, boot.as_deref())?;
-            let _shared = DomainLock::shared(&dir)?;
+            let _shared = read_lock(&dir, boot.as_deref())?;
             Ok((read_root(&dir)?, read_nodes(&dir, &keys)?))
         })
         .await
@@ -759,8 +895,7 @@ impl DirectoryStore for FsDirectoryStore {
         let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let dir = values_dir(&domain_dir, label);
         blocking(move || {
-            ensure_recovered(&domain_dir, boot.as_deref())?;
-            let _shared = DomainLock::shared(&domain_dir)?;
+            let _shared = read_lock(&domain_dir, boot.as_deref())?;
             list_files(&dir, |name| name.parse::<u64>().ok())
         })
         .await
@@ -775,8 +910,7 @@ impl DirectoryStore for FsDirectoryStore {
         let labels = labels.to_vec();
         // Every label in one blocking call under one shared lock.
         blocking(move || {
-            ensure_recovered(&domain_dir, boot.as_deref())?;
-            let _shared = DomainLock::shared(&domain_dir)?;
+            let _shared = read_lock(&domain_dir, boot.as_deref())?;
             let mut out = Vec::new();
             for label in labels {
                 let states = list_files(&values_dir(&domain_dir, &label), |name| {
@@ -789,9 +923,13 @@ impl DirectoryStore for FsDirectoryStore {
         .await
     }
 
+    /// Returns at the commit point: for a journaled epoch once its frame is durable, while
+    /// its files are still being written under the domain's lock ([`commit`]).
     async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
-        blocking(move || commit(&dir, batch, boot.as_deref())).await
+        crate::pool::bounded_answering(move |answer| commit(&dir, batch, boot.as_deref(), answer))
+            .await
+            .map_err(DirectoryStoreError::Unavailable)?
     }
 
     async fn insert_head(
@@ -803,7 +941,8 @@ impl DirectoryStore for FsDirectoryStore {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let head = head.to_vec();
         blocking(move || {
-            ensure_recovered(&dir, boot.as_deref())?;
+            // After a commit whose files (its head among them) are being written.
+            let _shared = read_lock(&dir, boot.as_deref())?;
             insert_head(&dir, epoch, &head)
         })
         .await
@@ -818,7 +957,8 @@ impl DirectoryStore for FsDirectoryStore {
         let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let dir = heads_dir(&domain_dir);
         blocking(move || {
-            ensure_recovered(&domain_dir, boot.as_deref())?;
+            // A committed epoch's head is linked with its files, under the lock.
+            let _shared = read_lock(&domain_dir, boot.as_deref())?;
             let mut out = Vec::new();
             for epoch in from..=to {
                 if let Some(blob) = read(&dir.join(epoch_name(epoch)))? {
@@ -1019,6 +1159,141 @@ mod tests {
         });
         rt.shutdown_background();
         assert!(done.is_ok(), "the commit and the reads hang");
+    }
+
+    /// A journaled commit answers its caller once the frame is durable, before the epoch's
+    /// files are written (held here between the two by [`gate`]), and every read (root,
+    /// nodes, value states, heads) waits until they are: none sees the epoch without them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_answers_at_its_frame_and_reads_wait_for_its_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        let open = gate::hold(&dir);
+        a.commit(D, epoch(2)).await.unwrap();
+        // Answered: the frame is durable, none of the epoch's files is written yet.
+        assert_eq!(journal::read_frame(&dir, 2).unwrap(), Some(epoch(2)));
+        assert_eq!(read_root(&dir).unwrap(), Some((1, b"r1".to_vec())));
+        assert!(!node_path(&dir, &node(2)).exists(), "epoch 2's node");
+        assert!(
+            !heads_dir(&dir).join(epoch_name(2)).exists(),
+            "epoch 2's head"
+        );
+        let reads = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                (
+                    a.root(D).await.unwrap(),
+                    a.root_and_nodes(D, &[node(2), node(99)]).await.unwrap(),
+                    a.value_states(D, b"label").await.unwrap(),
+                    a.heads(D, 2, 2).await.unwrap(),
+                )
+            })
+        };
+        // Not a measurement: while the gate holds the files no read can finish, however
+        // long this waits (a read that did finish read epoch 1 after epoch 2 was answered).
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let finished_early = reads.is_finished();
+        open.send(()).unwrap();
+        assert!(
+            !finished_early,
+            "a read finished before the epoch's files were written"
+        );
+        let (root, (root_too, mut nodes), mut states, heads) = reads.await.unwrap();
+        assert_eq!(root, Some((2, b"r2".to_vec())));
+        assert_eq!(root_too, root);
+        nodes.sort();
+        assert_eq!(nodes, vec![b"n2".to_vec(), b"s2".to_vec()]);
+        states.sort();
+        assert_eq!(states.last(), Some(&(2, b"v2".to_vec())));
+        assert_eq!(heads, vec![(2, b"h2".to_vec())]);
+        holds(&a, 2).await;
+    }
+
+    /// Readers on many tasks while one writer commits epoch after epoch: every read of the
+    /// root and a node every epoch rewrites is of one epoch, whole; and the committer, answered
+    /// before the files are written, reads its own epoch whole at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reads_see_every_epoch_whole() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, _dir) = at_epoch_1(tmp.path()).await;
+        let done = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..8)
+            .map(|_| {
+                let (a, done) = (a.clone(), done.clone());
+                tokio::spawn(async move {
+                    let (mut reads, mut last) = (0u64, 1);
+                    while !done.load(Ordering::Relaxed) {
+                        let (root, nodes) = a.root_and_nodes(D, &[node(99)]).await.unwrap();
+                        let (e, blob) = root.unwrap();
+                        assert_eq!(blob, format!("r{e}").into_bytes());
+                        assert_eq!(
+                            nodes,
+                            vec![format!("s{e}").into_bytes()],
+                            "epoch {e}'s root read with another epoch's node"
+                        );
+                        assert!(e >= last, "epoch {e} after {last}");
+                        last = e;
+                        reads += 1;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        for e in 2..=40 {
+            a.commit(D, epoch(e)).await.unwrap();
+            let (root, mut nodes) = a
+                .root_and_nodes(D, &[node(e as u8), node(99)])
+                .await
+                .unwrap();
+            assert_eq!(root, Some((e, format!("r{e}").into_bytes())));
+            nodes.sort();
+            let want = vec![format!("n{e}").into_bytes(), format!("s{e}").into_bytes()];
+            assert_eq!(nodes, want, "epoch {e} read by its committer");
+            let head = a.heads(D, e, e).await.unwrap();
+            assert_eq!(head, vec![(e, format!("h{e}").into_bytes())]);
+        }
+        done.store(true, Ordering::Relaxed);
+        let mut reads = 0;
+        for r in readers {
+            reads += r.await.unwrap();
+        }
+        assert!(reads > 0, "the readers read nothing");
+        holds(&a, 40).await;
+    }
+
+    /// Files that cannot be written after the answer (a directory in the way of epoch 2's
+    /// value state: a real `EISDIR`) do not undo the committed epoch: this process's next
+    /// reads try to roll it forward (a temporary failure while the fault lasts, never epoch
+    /// 1's root with epoch 2's nodes), and once the fault is gone the epoch is whole.
+    #[tokio::test]
+    async fn files_that_fail_after_the_answer_are_rolled_forward() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        let obstacle = values_dir(&dir, b"label").join(epoch_name(2));
+        std::fs::create_dir_all(&obstacle).unwrap();
+        a.commit(D, epoch(2)).await.unwrap();
+        // The first read waits for the files (which fail): no read of epoch 1's root with
+        // epoch 2's node, whether it started before or after the failure.
+        for _ in 0..2 {
+            let read = a.root_and_nodes(D, &[node(99)]).await;
+            assert!(
+                matches!(read, Err(DirectoryStoreError::Unavailable(_))),
+                "{read:?}"
+            );
+        }
+        assert_eq!(read_root(&dir).unwrap(), Some((1, b"r1".to_vec())));
+        assert_eq!(std::fs::read(node_path(&dir, &node(99))).unwrap(), b"s2");
+        assert!(matches!(
+            a.commit(D, epoch(3)).await,
+            Err(DirectoryStoreError::Unavailable(_))
+        ));
+        std::fs::remove_dir(&obstacle).unwrap();
+        holds(&a, 2).await;
+        a.commit(D, epoch(3)).await.unwrap();
+        holds(&a, 3).await;
+        assert_eq!(frames(&dir), vec![1, 2, 3]);
     }
 
     #[tokio::test]
@@ -1274,13 +1549,13 @@ mod costs {
             let mut first = epoch(1, 1);
             first.root.as_mut().unwrap().expected_epoch = None;
             first.root.as_mut().unwrap().epoch = 0;
-            commit(&dir, first, None).unwrap();
+            commit_now(&dir, first, None).unwrap();
             let (mut legacy, mut frame, mut files) = (Vec::new(), Vec::new(), Vec::new());
             for e in 1..=60u64 {
                 let batch = epoch(e, changes);
                 if e % 2 == 1 {
                     let t = std::time::Instant::now();
-                    commit(&dir, batch, None).unwrap();
+                    commit_now(&dir, batch, None).unwrap();
                     legacy.push(ms(t.elapsed()));
                 } else {
                     let t = std::time::Instant::now();

@@ -80,20 +80,48 @@ where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
+    bounded_answering(move |answer: Answer<T>| {
+        let _ = answer.send(f());
+    })
+    .await
+}
+
+/// Where work run by [`bounded_answering`] sends its result.
+pub(crate) type Answer<T> = tokio::sync::oneshot::Sender<T>;
+
+/// [`bounded`] for work that answers its caller before it ends: `f` sends the result through
+/// the [`Answer`] it is given and may go on working afterwards, on the same blocking thread
+/// and still holding the permit (the fs key directory's commit answers once its journal
+/// frame is durable and then writes the epoch's files, holding the domain's lock). The work
+/// after the answer never needs another blocking thread or permit, so it cannot wait behind
+/// work that itself waits for it. Returns once the answer is sent; a panic before it is
+/// resumed in the caller; work that ends without sending is an error.
+pub(crate) async fn bounded_answering<T, F>(f: F) -> std::result::Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce(Answer<T>) + Send + 'static,
+{
     let permit = PERMITS
         .clone()
         .acquire_owned()
         .await
         .map_err(|e| format!("the file operation queue is closed: {e}"))?;
+    let (answer, answered) = tokio::sync::oneshot::channel();
     let run = move || {
         let _permit = permit;
         let _running = Running::start();
-        f()
+        f(answer)
     };
-    match tokio::task::spawn_blocking(run).await {
+    let work = tokio::task::spawn_blocking(run);
+    match answered.await {
+        // The work goes on if it has more to do, with its permit, on its thread.
         Ok(r) => Ok(r),
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(format!("file operation cancelled: {e}")),
+        // The answer was dropped unsent: the work ended, or panicked (resumed here).
+        Err(_) => match work.await {
+            Ok(()) => Err("the file operation ended without an answer".into()),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(format!("file operation cancelled: {e}")),
+        },
     }
 }
 
@@ -121,5 +149,38 @@ mod tests {
             assert_eq!(t.await.unwrap().unwrap(), i);
         }
         assert_eq!(blocking_peak(), MAX_BLOCKING);
+    }
+
+    /// Work that answers early: its caller has the answer while the work still runs, and
+    /// the work keeps its permit until it ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_early_answer_returns_while_the_work_goes_on_with_its_permit() {
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (ended, mut has_ended) = tokio::sync::oneshot::channel::<()>();
+        let answer = bounded_answering(move |answer: Answer<u32>| {
+            answer.send(7).unwrap();
+            wait.recv().unwrap();
+            ended.send(()).unwrap();
+        })
+        .await
+        .unwrap();
+        assert_eq!(answer, 7);
+        let still_running = has_ended.try_recv().is_err();
+        let held = PERMITS.available_permits() < MAX_BLOCKING;
+        release.send(()).unwrap();
+        assert!(still_running, "the caller waited for the whole work");
+        assert!(held, "the work gave its permit back before it ended");
+        has_ended.await.unwrap();
+    }
+
+    /// A panic before the answer reaches the caller; work that never answers is an error.
+    #[tokio::test]
+    async fn a_panic_before_the_answer_is_the_callers() {
+        let panicked = tokio::spawn(bounded_answering(|_: Answer<u32>| panic!("boom")))
+            .await
+            .unwrap_err();
+        assert!(panicked.is_panic());
+        let silent = bounded_answering(|answer: Answer<u32>| drop(answer)).await;
+        assert!(silent.unwrap_err().contains("without an answer"));
     }
 }
