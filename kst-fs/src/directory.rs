@@ -1361,6 +1361,31 @@ mod tests {
         holds(&a, 4).await;
     }
 
+    /// Red team (issue 18): a process of a pool that has read the domain already (checked
+    /// once per process) while another process of the pool passed its commit point (its
+    /// caller answered) and was killed half-way through the epoch's files, or failed to
+    /// write them after its answer: this process's reads must not see epoch 1's root with
+    /// epoch 2's node (a node is overwritten in place before the root). The other process is
+    /// simulated by what it leaves on disk: the durable frame and one node written.
+    #[tokio::test]
+    async fn a_reader_of_a_pool_never_sees_half_of_a_dead_writers_epoch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        // This process has read the domain: checked, not checked again.
+        holds(&a, 1).await;
+        journal::write_frame(&dir, &epoch(2)).unwrap();
+        write_in_place(&node_path(&dir, &node(99)), b"s2").unwrap();
+        let (root, nodes) = a.root_and_nodes(D, &[node(99)]).await.unwrap();
+        let (e, blob) = root.unwrap();
+        assert_eq!(blob, format!("r{e}").into_bytes());
+        assert_eq!(
+            nodes,
+            vec![format!("s{e}").into_bytes()],
+            "epoch {e}'s root read with another epoch's node"
+        );
+        holds(&a, 2).await;
+    }
+
     #[tokio::test]
     async fn a_torn_frame_is_no_epoch() {
         let tmp = tempfile::tempdir().unwrap();
