@@ -249,12 +249,7 @@ fn ensure_recovered(dir: &Path, boot: Option<&str>) -> Result<(), DirectoryStore
     if is_recovered(dir, boot) || !dir.join("lock").exists() {
         return Ok(());
     }
-    let stored = read_root(dir)?.map(|(e, _)| e);
-    let dead_writer = match stored {
-        Some(e) => journal::frame_path(dir, e + 1).exists(),
-        None => false,
-    };
-    if journal::boot(dir)?.as_deref() == Some(boot) && !dead_writer {
+    if journal::boot(dir)?.as_deref() == Some(boot) && !dead_writer(dir)? {
         recovered()
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -269,6 +264,17 @@ fn ensure_recovered(dir: &Path, boot: Option<&str>) -> Result<(), DirectoryStore
     })
 }
 
+/// Whether a durable frame lies after the stored root: a writer (of this process or another
+/// of the pool) passed its commit point and died, or failed, before the root's file was
+/// written. Under the shared lock nobody is writing an epoch's files, so such a frame is
+/// always one to roll forward.
+fn dead_writer(dir: &Path) -> Result<bool, DirectoryStoreError> {
+    Ok(match read_root(dir)? {
+        Some((e, _)) => journal::frame_path(dir, e + 1).exists(),
+        None => false,
+    })
+}
+
 /// The shared lock a read of `dir` holds, after [`ensure_recovered`]. A read that waited
 /// for the lock while a commit's files failed to be written after its answer (the commit
 /// then made this process check again, [`write_files`]) finds `dir` no longer checked once it
@@ -280,6 +286,12 @@ fn read_lock(dir: &Path, boot: Option<&str>) -> Result<Option<DomainLock>, Direc
         let shared = DomainLock::shared(dir)?;
         match boot {
             Some(boot) if shared.is_some() && !is_recovered(dir, boot) => drop(shared),
+            // Another process of the pool died (or failed) between its commit point and
+            // its files: roll its epoch forward before reading.
+            Some(boot) if shared.is_some() && dead_writer(dir)? => {
+                drop(shared);
+                forget_recovered(dir, boot);
+            }
             _ => return Ok(shared),
         }
     }
@@ -1168,6 +1180,10 @@ mod tests {
     async fn a_commit_answers_at_its_frame_and_reads_wait_for_its_files() {
         let tmp = tempfile::tempdir().unwrap();
         let (a, dir) = at_epoch_1(tmp.path()).await;
+        // Epoch 1's commit answered at its frame and may not have reached its gate yet: wait
+        // for its files (a read waits for them), else epoch 1's commit takes the gate, holds
+        // the lock, and epoch 2's commit waits for it for ever (red team, issue 18).
+        holds(&a, 1).await;
         let open = gate::hold(&dir);
         a.commit(D, epoch(2)).await.unwrap();
         // Answered: the frame is durable, none of the epoch's files is written yet.
@@ -1333,10 +1349,12 @@ mod tests {
         let (a, dir) = at_epoch_1(tmp.path()).await;
         // A writer wrote epoch 2's frame (its commit point) and died before its files.
         journal::write_frame(&dir, &epoch(2)).unwrap();
+        // Epoch 2 is committed: a reader of this process rolls it forward (red team, issue
+        // 18: it may have been half written, `a_reader_of_a_pool_never_sees_half_...`).
         assert_eq!(
             a.root(D).await.unwrap(),
-            Some((1, b"r1".to_vec())),
-            "readers still read epoch 1"
+            Some((2, b"r2".to_vec())),
+            "a read rolls the dead writer's epoch forward"
         );
         // The next writer, built on epoch 1, finds epoch 2 committed: a conflict, and epoch
         // 2's files are there.
