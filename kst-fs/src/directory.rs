@@ -509,7 +509,7 @@ fn commit(dir: &Path, batch: RecordBatch, boot: Option<&str>, answer: CommitAnsw
             // The frame is durable: the epoch is committed, whatever happens to its files.
             let _ = answer.send(Ok(()));
             #[cfg(test)]
-            gate::wait(dir);
+            gate::wait(dir, epoch);
             write_files(dir, &batch, epoch, boot);
         }
         done => {
@@ -528,18 +528,25 @@ mod gate {
     use std::sync::mpsc::{Receiver, Sender, channel};
     use std::sync::{LazyLock, Mutex};
 
-    static GATES: LazyLock<Mutex<HashMap<PathBuf, Receiver<()>>>> = LazyLock::new(Default::default);
+    /// The gates set, by directory and epoch.
+    type Gates = HashMap<(PathBuf, u64), Receiver<()>>;
 
-    /// Holds the next journaled commit of `dir` after its answer, before its files, until
-    /// the returned sender sends or is dropped.
-    pub(super) fn hold(dir: &Path) -> Sender<()> {
+    static GATES: LazyLock<Mutex<Gates>> = LazyLock::new(Default::default);
+
+    /// Holds the journaled commit of epoch `epoch` in `dir` after its answer, before its
+    /// files, until the returned sender sends or is dropped. (By epoch: the files of the
+    /// epoch before may still be being written when a test sets the gate.)
+    pub(super) fn hold(dir: &Path, epoch: u64) -> Sender<()> {
         let (open, gate) = channel();
-        GATES.lock().unwrap().insert(dir.to_path_buf(), gate);
+        GATES
+            .lock()
+            .unwrap()
+            .insert((dir.to_path_buf(), epoch), gate);
         open
     }
 
-    pub(super) fn wait(dir: &Path) {
-        let gate = GATES.lock().unwrap().remove(dir);
+    pub(super) fn wait(dir: &Path, epoch: u64) {
+        let gate = GATES.lock().unwrap().remove(&(dir.to_path_buf(), epoch));
         if let Some(gate) = gate {
             let _ = gate.recv();
         }
@@ -1180,11 +1187,10 @@ mod tests {
     async fn a_commit_answers_at_its_frame_and_reads_wait_for_its_files() {
         let tmp = tempfile::tempdir().unwrap();
         let (a, dir) = at_epoch_1(tmp.path()).await;
-        // Epoch 1's commit answered at its frame and may not have reached its gate yet: wait
-        // for its files (a read waits for them), else epoch 1's commit takes the gate, holds
-        // the lock, and epoch 2's commit waits for it for ever (red team, issue 18).
-        holds(&a, 1).await;
-        let open = gate::hold(&dir);
+        // The gate holds epoch 2's commit only: epoch 1's commit answered at its frame and
+        // may still be writing its files (a gate for any commit of the directory once caught
+        // it, held the lock, and epoch 2's commit waited for it for ever).
+        let open = gate::hold(&dir, 2);
         a.commit(D, epoch(2)).await.unwrap();
         // Answered: the frame is durable, none of the epoch's files is written yet.
         assert_eq!(journal::read_frame(&dir, 2).unwrap(), Some(epoch(2)));
