@@ -1086,6 +1086,20 @@ mod tests {
         }
     }
 
+    /// Reads the root and the shared node (99) at once and checks they are one epoch's
+    /// (the root `r<e>`, the node `s<e>`); returns that epoch.
+    async fn read_whole(store: &FsDirectoryStore) -> u64 {
+        let (root, nodes) = store.root_and_nodes(D, &[node(99)]).await.unwrap();
+        let (e, blob) = root.unwrap();
+        assert_eq!(blob, format!("r{e}").into_bytes());
+        assert_eq!(
+            nodes,
+            vec![format!("s{e}").into_bytes()],
+            "epoch {e}'s root read with another epoch's node"
+        );
+        e
+    }
+
     /// The store holds epochs 0..=`last` exactly as committed.
     async fn holds(store: &FsDirectoryStore, last: u64) {
         assert_eq!(
@@ -1247,14 +1261,7 @@ mod tests {
                 tokio::spawn(async move {
                     let (mut reads, mut last) = (0u64, 1);
                     while !done.load(Ordering::Relaxed) {
-                        let (root, nodes) = a.root_and_nodes(D, &[node(99)]).await.unwrap();
-                        let (e, blob) = root.unwrap();
-                        assert_eq!(blob, format!("r{e}").into_bytes());
-                        assert_eq!(
-                            nodes,
-                            vec![format!("s{e}").into_bytes()],
-                            "epoch {e}'s root read with another epoch's node"
-                        );
+                        let e = read_whole(&a).await;
                         assert!(e >= last, "epoch {e} after {last}");
                         last = e;
                         reads += 1;
@@ -1399,14 +1406,7 @@ mod tests {
         holds(&a, 1).await;
         journal::write_frame(&dir, &epoch(2)).unwrap();
         write_in_place(&node_path(&dir, &node(99)), b"s2").unwrap();
-        let (root, nodes) = a.root_and_nodes(D, &[node(99)]).await.unwrap();
-        let (e, blob) = root.unwrap();
-        assert_eq!(blob, format!("r{e}").into_bytes());
-        assert_eq!(
-            nodes,
-            vec![format!("s{e}").into_bytes()],
-            "epoch {e}'s root read with another epoch's node"
-        );
+        read_whole(&a).await;
         holds(&a, 2).await;
     }
 
