@@ -476,6 +476,62 @@ async fn requests_over_the_client_limit_get_429_with_retry_after() {
     assert_eq!(r.header("access-control-allow-origin"), Some("*"));
 }
 
+/// `kst bench web` speaks HTTP/1.1 itself (no client library): against the real listener it
+/// reads every answer whole on its keep-alive connections, 200s, 404s and 429s alike, and
+/// counts the body bytes the server sent.
+#[cfg(feature = "bench")]
+#[tokio::test]
+async fn the_load_tool_reads_every_answer_of_the_real_listener() {
+    use kst_bin::bench::web::{WebArgs, run};
+    let dir = tempfile::tempdir().unwrap();
+    let args = |s: &Server, paths: &[&str], rate: u32| {
+        let file = dir.path().join(format!("{rate}.paths"));
+        std::fs::write(&file, paths.join("\n")).unwrap();
+        WebArgs {
+            url: format!("http://{}", s.addr),
+            paths: file,
+            rate,
+            duration: 0.5,
+            connections: 4,
+            host: Some("example.net".into()),
+            clients: 0,
+            clients_from: "127.9.0.0".parse().unwrap(),
+            late_after: 1.0,
+            timeout: 10.0,
+            tick: 0.25,
+            threads: 1,
+            seed: 1,
+            json: false,
+        }
+    };
+    let alice = "/vks/v1/by-email/alice%40example.net";
+
+    let s = start(open()).await;
+    let one = get(&s, "example.net", alice).await;
+    assert_eq!(one.status, 200);
+    let r = run(args(&s, &[alice], 400)).await.unwrap();
+    assert_eq!(r.requests, 200);
+    assert_eq!(r.answers, [("200".to_string(), 200)].into(), "{}", r.text());
+    assert_eq!(r.body_bytes, 200 * one.body.len() as u64);
+    assert!(r.all_answered());
+
+    // 429s (with bodies) on the same connections: at most 10 requests of this client pass.
+    let s = start(WebConfig {
+        limits: WebLimits {
+            per_client: 10,
+            ..WebLimits::OFF
+        },
+        ..WebConfig::default()
+    })
+    .await;
+    let paths = [alice, "/vks/v1/by-email/nobody%40example.net"];
+    let r = run(args(&s, &paths, 300)).await.unwrap();
+    assert_eq!(r.requests, 150);
+    assert_eq!(r.lookups, 10, "{}", r.text());
+    assert_eq!(r.answers.get("429"), Some(&140), "{}", r.text());
+    assert!(r.all_answered());
+}
+
 #[tokio::test]
 async fn misses_close_the_oracle_for_that_client() {
     let s = start(WebConfig {
