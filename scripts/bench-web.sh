@@ -44,8 +44,11 @@
 #   postgres=4000,8000"); BENCH_WEB_CONNECTIONS are its keep-alive connections, the same
 #   BENCH_WEB_CLIENTS in X-Forwarded-For. The table then has the rate asked for, the look-ups/s
 #   achieved, the share of requests sent more than 1 ms late (in parentheses: of all requests,
-#   those due while every connection was busy; the rest of the late ones: the tool behind) and
-#   the latency from the due time at p50, p90, p99, p99.9 and max.
+#   those due while every connection was busy; the rest of the late ones: the tool behind),
+#   the latency from the due time at p50, p90, p99, p99.9 and max, and the CPU time per
+#   request (user + system, µs) of kst serve (/proc/PID/stat before and after the row), of the
+#   load tool (its own, in its JSON) and of the store's server (redis-server, or every postgres
+#   process; "-" for fs).
 #
 # Usage: scripts/bench-web.sh [all | fill | measure | clean]     (as root on Debian: installs
 # wrk and eatmydata if missing). `fill` only fills (e.g. before a quiet slot), `measure` only
@@ -324,6 +327,24 @@ done = function(summary, latency, requests)
 end
 EOF
 
+# CPU time (user + system, clock ticks of 1/100 s) the processes $@ have used so far.
+cpu_ticks() {
+  local p t=0 f
+  for p in "$@"; do
+    f="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
+    f="${f##*) }"
+    t=$((t + $(awk '{ print $12 + $13 }' <<<"$f")))
+  done
+  echo "$t"
+}
+# The store server's processes of backend $1 (none for fs).
+store_pids() {
+  case "$1" in
+    redis) redis_pid ;;
+    postgres) pgrep -u postgres -x postgres || true ;;
+  esac
+}
+
 # Sum of kst_web_requests_total{status=S} on the metrics page.
 status_count() { # metrics-port status
   curl -s "http://127.0.0.1:$1/metrics" |
@@ -332,8 +353,8 @@ status_count() { # metrics-port status
 
 NET_BASE=$((RANDOM % 200)); RUN=0
 if [ -n "$RATES" ]; then
-  echo "| backend | stored | endpoint | limits | rate/s | look-ups/s | 429 share | late (busy) | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | RSS MiB | threads | load |"
-  echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| backend | stored | endpoint | limits | rate/s | look-ups/s | 429 share | late (busy) | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | CPU µs/req kst, load, store | RSS MiB | threads | load |"
+  echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 else
   echo "| backend | stored | endpoint | limits | look-ups/s | 429 share | p50 ms | p99 ms | RSS MiB | threads | load |"
   echo "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
@@ -385,21 +406,28 @@ for backend in $BACKENDS; do
           if [ -n "$RATES" ]; then
             log "$backend, $n keys, $endpoint, limits $limits: kst bench web --rate $rate -c$CONNS ${SECONDS_EACH}s${PIN:+ (pinned)}"
             code=0
+            # shellcheck disable=SC2046 # one word per pid
+            kst_cpu0="$(cpu_ticks "$pid")"; store_cpu0="$(cpu_ticks $(store_pids "$backend"))"
             out="$("${wrk_pin[@]}" "$KST" bench web --json --url "http://127.0.0.1:$web" --paths "$paths" \
               --rate "$rate" --duration "$SECONDS_EACH" --connections "$CONNS" --threads "$load_threads" \
               ${host:+--host "$host"} --clients "$xff" --clients-from "127.$XFF_NET.0.0" 2>>"$dir/bench.log")" || code=$?
             [ "$code" -le 1 ] || die "kst bench web failed (see $dir/bench.log)"
             [ "$code" -eq 0 ] || log "some requests got no HTTP answer (see the JSON: $out)"
+            # shellcheck disable=SC2046
+            cpu="$(( $(cpu_ticks "$pid") - kst_cpu0 )) $(( $(cpu_ticks $(store_pids "$backend")) - store_cpu0 ))"
             rss="$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")"
             threads="$(awk '/^Threads/ {print $2}' "/proc/$pid/status")"
             load="$(cut -d' ' -f1 /proc/loadavg)"
             python3 -c 'import sys, json
-b,n,e,l,out,rss,threads,load=sys.argv[1:]
+b,n,e,l,out,cpu,rss,threads,load=sys.argv[1:]
 r=json.loads(out); t=r["latency_ms"]
 rate,lk,ref,late,busy=r["rate"],r["lookup_rate"],r["refused_percent"],r["late_percent"],r["waited_percent"]
 p50,p90,p99,p999,mx=(t[k] for k in ("p50","p90","p99","p999","max"))
-print(f"| {b} | {n} | {e} | {l} | {rate:,} | {lk:,.0f} | {ref:.1f}% | {late:.2f}% ({busy:.2f}%) | {p50:.2f} | {p90:.2f} | {p99:.2f} | {p999:.2f} | {mx:.2f} | {int(rss)/1024:.0f} | {threads} | {load} |")' \
-              "$backend" "${held:-$n}" "$endpoint" "$limits" "$out" "$rss" "$threads" "$load"
+kst,store=(int(x) * 1e4 / max(r["requests"], 1) for x in cpu.split())
+tool=r.get("cpu_us_per_request", 0.0)
+cpus=f"{kst:.1f}, {tool:.1f}, " + (f"{store:.1f}" if b != "fs" else "-")
+print(f"| {b} | {n} | {e} | {l} | {rate:,} | {lk:,.0f} | {ref:.1f}% | {late:.2f}% ({busy:.2f}%) | {p50:.2f} | {p90:.2f} | {p99:.2f} | {p999:.2f} | {mx:.2f} | {cpus} | {int(rss)/1024:.0f} | {threads} | {load} |")' \
+              "$backend" "${held:-$n}" "$endpoint" "$limits" "$out" "$cpu" "$rss" "$threads" "$load"
             continue
           fi
           before200="$(status_count "$http" 200)"; before404="$(status_count "$http" 404)"; before429="$(status_count "$http" 429)"
