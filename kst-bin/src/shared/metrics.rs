@@ -57,12 +57,22 @@ pub fn init() -> PrometheusHandle {
             let handle = recorder.handle();
             if ::metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("another metrics recorder is installed: /metrics stays empty");
+            } else {
+                INSTALLED.store(true, std::sync::atomic::Ordering::Release);
             }
             register_descriptions();
             handle
         })
         .clone()
 }
+
+/// Whether [`init`] installed this process's recorder (so handles registered now record).
+pub fn installed() -> bool {
+    INSTALLED.load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// Set once [`init`] installed the recorder.
+static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Registers the help text of every metric with the exporter.
 fn register_descriptions() {

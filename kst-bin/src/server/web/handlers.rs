@@ -93,6 +93,21 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Every endpoint, in the order of their declaration.
+    pub const ALL: [Endpoint; 11] = [
+        Endpoint::WkdAdvanced,
+        Endpoint::WkdDirect,
+        Endpoint::WkdPolicy,
+        Endpoint::VksEmail,
+        Endpoint::VksFingerprint,
+        Endpoint::VksKeyId,
+        Endpoint::HkpGet,
+        Endpoint::HkpIndex,
+        Endpoint::Log,
+        Endpoint::LogLookup,
+        Endpoint::Other,
+    ];
+
     /// Stable label for metrics and logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -125,13 +140,27 @@ impl Endpoint {
     /// spelling the router does not match (`by%2Demail`) is classified like the plain one: its
     /// 404 then counts as a miss, which costs only the client that wrote it.
     fn classify(path: &str, query: Option<&str>) -> Endpoint {
-        let segments: Vec<String> = path.split('/').map(percent_decode_segment).collect();
-        let decoded = segments.join("/");
+        if !path.contains('%') {
+            // Nothing to decode (every request of an ordinary client): the path's own
+            // segments, without copying them.
+            let segments: Vec<&str> = path.split('/').collect();
+            return Endpoint::classify_decoded(path, &segments, query);
+        }
+        let owned: Vec<String> = path.split('/').map(percent_decode_segment).collect();
+        let segments: Vec<&str> = owned.iter().map(String::as_str).collect();
+        Endpoint::classify_decoded(&owned.join("/"), &segments, query)
+    }
+
+    /// [`Endpoint::classify`] of the decoded path `decoded`, whose segments (split before
+    /// decoding, each decoded on its own) are `segments`.
+    fn classify_decoded(decoded: &str, segments: &[&str], query: Option<&str>) -> Endpoint {
         if let Some(rest) = decoded.strip_prefix(kst_core::wkd::WELL_KNOWN) {
             let n = rest.split('/').filter(|s| !s.is_empty()).count();
             return if rest.ends_with("/policy")
                 || rest.ends_with("/submission-address")
-                || rest.ends_with(&format!("/{}", kst_core::wkd::LOG_KEYS_FILE))
+                || rest
+                    .strip_suffix(kst_core::wkd::LOG_KEYS_FILE)
+                    .is_some_and(|r| r.ends_with('/'))
             {
                 Endpoint::WkdPolicy
             } else if rest.contains("/hu/") && n == 3 {
@@ -144,8 +173,12 @@ impl Endpoint {
         }
         // The other routes take one segment per parameter: segment by segment, so that an
         // escaped `/` inside a parameter (a domain, an address) moves nothing.
-        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-        match segments.as_slice() {
+        Endpoint::classify_segments(segments, query)
+    }
+
+    /// The routes outside WKD by the path's segments.
+    fn classify_segments(segments: &[&str], query: Option<&str>) -> Endpoint {
+        match segments {
             // /.well-known/kst/log/<domain>/<route>/...
             ["", ".well-known", "kst", "log", _, route, ..] => match *route {
                 "lookup" | "history" => Endpoint::LogLookup,
@@ -298,7 +331,7 @@ async fn guard(
     );
     let elapsed = started.elapsed();
     let status = response.status();
-    metrics::request(endpoint.as_str(), status.as_u16(), elapsed);
+    metrics::request(endpoint, status.as_u16(), elapsed);
     tracing::info!(
         target: "kst::web",
         method = %method,

@@ -1,7 +1,9 @@
 //! Prometheus metrics of the public listener (`kst_web_*`), recorded with the `metrics` crate.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use super::handlers::Endpoint;
 use super::limits::Refusal;
 
 /// Requests answered, by `endpoint` and `status`.
@@ -27,10 +29,78 @@ pub const DURATION_BUCKETS: &[f64] = &[
 ];
 
 /// Records one answered request.
-pub fn request(endpoint: &'static str, status: u16, duration: Duration) {
+pub fn request(endpoint: Endpoint, status: u16, duration: Duration) {
+    if let Some(ready) = ready_handles() {
+        ready.record(endpoint, status, duration);
+        return;
+    }
+    record_by_labels(endpoint, status, duration);
+}
+
+/// [`request`] through the recorder's registry.
+fn record_by_labels(endpoint: Endpoint, status: u16, duration: Duration) {
+    let endpoint = endpoint.as_str();
     ::metrics::counter!(REQUESTS_TOTAL, "endpoint" => endpoint, "status" => status.to_string())
         .increment(1);
     ::metrics::histogram!(REQUEST_DURATION, "endpoint" => endpoint).record(duration.as_secs_f64());
+}
+
+/// The statuses the listener answers with, whose counters are kept once registered.
+const STATUSES: [u16; 8] = [200, 304, 400, 404, 429, 500, 501, 503];
+
+/// One endpoint's handles, each registered with the recorder when first used (so `/metrics`
+/// shows the series that were counted, as before).
+#[derive(Default)]
+struct EndpointHandles {
+    by_status: [OnceLock<::metrics::Counter>; STATUSES.len()],
+    duration: OnceLock<::metrics::Histogram>,
+}
+
+/// Every endpoint's counter per status and duration histogram, kept once registered: a
+/// request then increments a counter and records a duration, where the macros would build the
+/// labels (the status formatted anew), hash them and look them up in the recorder's registry,
+/// twice per request.
+struct Handles(Vec<EndpointHandles>);
+
+impl Handles {
+    fn new() -> Handles {
+        Handles(
+            Endpoint::ALL
+                .iter()
+                .map(|_| EndpointHandles::default())
+                .collect(),
+        )
+    }
+
+    fn record(&self, endpoint: Endpoint, status: u16, duration: Duration) {
+        // `Endpoint::ALL` lists the endpoints in their order: an endpoint is its index.
+        let (Some(h), Some(i)) = (
+            self.0.get(endpoint as usize),
+            STATUSES.iter().position(|s| *s == status),
+        ) else {
+            return record_by_labels(endpoint, status, duration);
+        };
+        let label = endpoint.as_str();
+        h.by_status[i]
+            .get_or_init(|| {
+                ::metrics::counter!(REQUESTS_TOTAL, "endpoint" => label, "status" => status.to_string())
+            })
+            .increment(1);
+        h.duration
+            .get_or_init(|| ::metrics::histogram!(REQUEST_DURATION, "endpoint" => label))
+            .record(duration.as_secs_f64());
+    }
+}
+
+/// The handles, registered on first use once `kst serve`'s recorder is installed
+/// ([`crate::shared::metrics::init`]); `None` before (a handle registered then would record
+/// nowhere for good).
+fn ready_handles() -> Option<&'static Handles> {
+    static HANDLES: OnceLock<Handles> = OnceLock::new();
+    if let Some(h) = HANDLES.get() {
+        return Some(h);
+    }
+    crate::shared::metrics::installed().then(|| HANDLES.get_or_init(Handles::new))
 }
 
 /// Records a 429.
@@ -57,4 +127,19 @@ pub fn tls_failure() {
 pub fn tls_reload(ok: bool) {
     let outcome = if ok { "loaded" } else { "failed" };
     ::metrics::counter!(TLS_RELOADS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_endpoint_is_its_index_in_all() {
+        for (i, e) in Endpoint::ALL.iter().enumerate() {
+            assert_eq!(*e as usize, i, "{e:?}");
+        }
+        let labels: std::collections::HashSet<&str> =
+            Endpoint::ALL.iter().map(|e| e.as_str()).collect();
+        assert_eq!(labels.len(), Endpoint::ALL.len(), "one label each");
+    }
 }
