@@ -311,16 +311,26 @@ fn forget_recovered(dir: &Path, boot: &str) {
 }
 
 /// Under the domain's lock: writes the files of a durable frame a dead writer left after
-/// the stored root (its epoch is committed); returns the stored root's epoch afterwards.
+/// the stored root (its epoch is committed); returns the stored root's epoch afterwards. A
+/// file there that is no whole frame (its writer was killed writing it, before its commit
+/// point: never confirmed, no epoch) is set aside ([`journal::set_aside`]), or every read
+/// would take it for a dead writer's epoch ([`dead_writer`]) and fail.
 fn roll_forward(dir: &Path) -> Result<Option<u64>, DirectoryStoreError> {
     let stored = read_root(dir)?.map(|(e, _)| e);
-    if let Some(e) = stored
-        && let Some(frame) = journal::read_frame(dir, e + 1)?
-    {
-        journal::sync_frame(dir, e + 1)?;
-        materialize(dir, &frame)?;
-        tracing::info!(dir = %dir.display(), epoch = e + 1, "key directory: rolled forward an epoch whose writer died after its commit point");
-        return Ok(Some(e + 1));
+    if let Some(e) = stored {
+        match journal::read_frame(dir, e + 1)? {
+            Some(frame) => {
+                journal::sync_frame(dir, e + 1)?;
+                materialize(dir, &frame)?;
+                tracing::info!(dir = %dir.display(), epoch = e + 1, "key directory: rolled forward an epoch whose writer died after its commit point");
+                return Ok(Some(e + 1));
+            }
+            None => {
+                if let Some(aside) = journal::set_aside(dir, e + 1)? {
+                    tracing::warn!(dir = %dir.display(), epoch = e + 1, file = %aside.display(), "key directory: a writer died writing its epoch's journal frame (before its commit point: no epoch); the torn frame is set aside");
+                }
+            }
+        }
     }
     Ok(stored)
 }
@@ -1426,6 +1436,50 @@ mod tests {
         b.commit(D, epoch(2)).await.unwrap();
         holds(&b, 2).await;
         assert_eq!(journal::read_frame(&dir, 2).unwrap(), Some(epoch(2)));
+    }
+
+    /// Red team (round 7): a writer of the pool killed (SIGKILL) inside its frame's write,
+    /// after `File::create` and before the bytes were all written, leaves a torn frame after
+    /// the root on this boot. It was never confirmed (the commit point is after the frame's
+    /// sync), so it is no epoch; but reads took any file there for a dead writer's epoch to
+    /// roll forward, found none to roll, and failed ("an epoch's files keep failing to be
+    /// written"), every read of every process of the pool, and publishing (which reads the
+    /// tree before it commits) could not write the frame that would have replaced it: the
+    /// domain's directory stopped for good on one badly timed kill.
+    #[tokio::test]
+    async fn a_torn_frame_of_a_killed_writer_of_this_boot_stops_no_read() {
+        for torn in [0, 1, 2] {
+            let tmp = tempfile::tempdir().unwrap();
+            let (a, dir) = at_epoch_1(tmp.path()).await;
+            // This process has read the domain (checked once per process).
+            holds(&a, 1).await;
+            let frame = journal::encode(&epoch(2));
+            let bytes: &[u8] = match torn {
+                0 => &[],                       // killed right after `File::create`
+                1 => &frame[..frame.len() / 2], // half of the frame written
+                _ => &frame[..frame.len() - 1], // all but its last byte
+            };
+            std::fs::write(journal::frame_path(&dir, 2), bytes).unwrap();
+            // This process reads on, epoch 1 whole; the torn frame is set aside, not lost.
+            holds(&a, 1).await;
+            read_whole(&a).await;
+            assert!(!frames(&dir).contains(&2), "{:?}", frames(&dir));
+            let aside: Vec<_> = std::fs::read_dir(journal::journal_dir(&dir))
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with("torn-00000000000000000002-"))
+                .collect();
+            assert_eq!(aside.len(), 1, "{aside:?}");
+            // So does another process of the pool (same boot, never checked the domain).
+            std::fs::write(journal::frame_path(&dir, 2), bytes).unwrap();
+            forget_recovered(&dir, "boot-1");
+            let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+            holds(&b, 1).await;
+            // The next writer commits epoch 2.
+            b.commit(D, epoch(2)).await.unwrap();
+            holds(&b, 2).await;
+            holds(&a, 2).await;
+        }
     }
 
     #[tokio::test]

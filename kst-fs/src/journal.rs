@@ -254,6 +254,34 @@ pub(crate) fn write_frame(dir: &Path, batch: &RecordBatch) -> Result<(), Directo
     sync_dir(&journal).map_err(|e| unavailable("sync", &journal, e))
 }
 
+/// Under the domain's lock, when `epoch`'s frame is no whole frame ([`read_frame`] found
+/// none): moves the file there, if any, out of the journal's frames to
+/// `journal/torn-<epoch>-<random>` (kept for an operator, never read again); returns that
+/// name. Its writer was killed writing it, before its commit point (the frame's sync), so it
+/// was never confirmed.
+pub(crate) fn set_aside(dir: &Path, epoch: u64) -> Result<Option<PathBuf>, DirectoryStoreError> {
+    let path = frame_path(dir, epoch);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let aside = journal_dir(dir).join(format!("torn-{epoch:020}-{:016x}", rand_suffix()));
+    match std::fs::rename(&path, &aside) {
+        Ok(()) => Ok(Some(aside)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(unavailable("set aside", &path, e)),
+    }
+}
+
+/// A suffix no other temporary name of this process or another one has.
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    (u64::from(std::process::id()) << 32) ^ u64::from(nanos) ^ NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Makes a frame another writer left (complete, maybe never synced) durable before it is
 /// rolled forward.
 pub(crate) fn sync_frame(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
