@@ -251,9 +251,10 @@ pub fn router_with(state: WebState, extra: Router) -> Router {
         .route("/vks/v1/by-keyid/{keyid}", get(vks_by_keyid))
         .route("/pks/lookup", get(hkp_lookup))
         .fallback(not_found)
-        .with_state(state)
+        // Shared, not cloned per request (its fields hold vectors and strings).
+        .with_state(Arc::new(state))
         .merge(extra)
-        .layer(middleware::from_fn_with_state(guarded, guard))
+        .layer(middleware::from_fn_with_state(Arc::new(guarded), guard))
 }
 
 /// What the guard needs: who the client is, the limits, log pseudonyms.
@@ -282,13 +283,13 @@ impl Guard {
 /// `[web]` is off: under `guard` (`[web.limits]`, clients named as `[web] trusted_proxies`
 /// says), as on `[web]`. The listener must provide [`PeerAddr`] as connect info.
 pub fn ops_routes(extra: Router, guard_with: Guard) -> Router {
-    extra.layer(middleware::from_fn_with_state(guard_with, guard))
+    extra.layer(middleware::from_fn_with_state(Arc::new(guard_with), guard))
 }
 
 /// Limits, measures and logs every request; counts misses (a 404, or an answer marked
 /// [`FoundNothing`]).
 async fn guard(
-    State(state): State<Guard>,
+    State(state): State<Arc<Guard>>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     request: Request,
     next: Next,
@@ -453,7 +454,7 @@ fn certificate(record: &KeyRecord) -> Option<Certificate> {
 }
 
 async fn wkd(
-    State(state): State<WebState>,
+    State(state): State<Arc<WebState>>,
     headers: HeaderMap,
     Path(rest): Path<String>,
     RawQuery(query): RawQuery,
@@ -555,7 +556,7 @@ fn served_address(state: &WebState, text: &str) -> Option<Address> {
 }
 
 async fn vks_by_email(
-    State(state): State<WebState>,
+    State(state): State<Arc<WebState>>,
     headers: HeaderMap,
     Path(address): Path<String>,
 ) -> Response {
@@ -668,7 +669,12 @@ async fn armored_found(
     armored(state, headers, &certs)
 }
 
-async fn vks_handle(state: WebState, headers: HeaderMap, text: &str, want_fpr: bool) -> Response {
+async fn vks_handle(
+    state: Arc<WebState>,
+    headers: HeaderMap,
+    text: &str,
+    want_fpr: bool,
+) -> Response {
     let search = match parse_key_handle(text) {
         Some(s @ Search::Fingerprint(_)) if want_fpr => s,
         Some(s @ Search::KeyId(_)) if !want_fpr => s,
@@ -682,7 +688,7 @@ async fn vks_handle(state: WebState, headers: HeaderMap, text: &str, want_fpr: b
 }
 
 async fn vks_by_fingerprint(
-    State(state): State<WebState>,
+    State(state): State<Arc<WebState>>,
     headers: HeaderMap,
     Path(fpr): Path<String>,
 ) -> Response {
@@ -690,7 +696,7 @@ async fn vks_by_fingerprint(
 }
 
 async fn vks_by_keyid(
-    State(state): State<WebState>,
+    State(state): State<Arc<WebState>>,
     headers: HeaderMap,
     Path(keyid): Path<String>,
 ) -> Response {
@@ -728,7 +734,7 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 async fn hkp_lookup(
-    State(state): State<WebState>,
+    State(state): State<Arc<WebState>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
