@@ -59,6 +59,8 @@
 # BENCH_WEB_SECONDS (10), BENCH_WEB_CONNECTIONS (64), BENCH_WEB_CLIENTS (1024, at least 64),
 # BENCH_WEB_RATE ("": wrk's closed loop; rates: the open loop of `kst bench web`, above),
 # BENCH_WEB_LOAD_THREADS (threads of `kst bench web`, 1),
+# BENCH_WEB_WORKERS ("": kst serve's Tokio runtime has a worker per core; N: N workers, through
+# Tokio's own TOKIO_WORKER_THREADS),
 # BENCH_WEB_PIN ("": kst and the load share every core; "1": kst on CPU 1, the load on CPU 0
 # (wrk with one thread), both with taskset; the store's server is not pinned),
 # BENCH_WEB_STORES (/var/tmp/kst-bench-web), BENCH_WEB_REDIS_PORT (6390),
@@ -77,6 +79,7 @@ CLIENTS="${BENCH_WEB_CLIENTS:-1024}"
 PIN="${BENCH_WEB_PIN:-}"
 RATES="${BENCH_WEB_RATE:-}"
 LOAD_THREADS="${BENCH_WEB_LOAD_THREADS:-1}"
+WORKERS="${BENCH_WEB_WORKERS:-}"
 STORES="${BENCH_WEB_STORES:-/var/tmp/kst-bench-web}"
 REDIS_PORT="${BENCH_WEB_REDIS_PORT:-6390}"
 PG_BASE="${BENCH_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432}"
@@ -375,6 +378,7 @@ for backend in $BACKENDS; do
       else
         lim=(KST_WEB__TRUSTED_PROXIES=127.0.0.1); xff="$CLIENTS"
       fi
+      [ -z "$WORKERS" ] || lim+=(TOKIO_WORKER_THREADS="$WORKERS")
       started=""
       for try in $(seq 1 "$START_TRIES"); do
         lmtp="$(free_port)"; http="$(free_port)"; web="$(free_port)"
@@ -459,4 +463,5 @@ else
 fi
 pinning="kst and the load unpinned"
 [ -n "$PIN" ] && pinning="kst pinned to CPU 1, the load (wrk -t1 or kst bench web --threads 1) to CPU 0 (taskset; the store's server unpinned)"
+[ -z "$WORKERS" ] || pinning+=", kst serve with $WORKERS Tokio worker thread(s) (TOKIO_WORKER_THREADS)"
 echo "Machine: $(nproc) CPUs, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -r); $pinning${SERVER_NICE:+; $SERVER_NICE}; $tool, ${SECONDS_EACH}s per row, $CLIENTS clients with limits at defaults; $(date -u '+%Y-%m-%d %H:%M UTC'); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
