@@ -42,7 +42,9 @@ Output:
   answers by status (and `error`, `timeout`); look-ups = 200 + 404 answers (issue 14's
   definition; 429 is reported as a share of all requests); achieved rate = answers / time from
   the start to the last answer; latency from the due time and service time (from the moment
-  it was sent) at p50, p90, p99, p99.9 and max. --json prints one JSON object on stdout.
+  it was sent) at p50, p90, p99, p99.9 and max; this tool's own CPU time per request (user +
+  system, every thread: what it takes of the cores it shares with the server). --json prints
+  one JSON object on stdout.
 
 Exit status: 0 when every request got an HTTP answer, 1 when some got an error or timed
 out, 2 when the load could not run (bad arguments, no connection before the start).
