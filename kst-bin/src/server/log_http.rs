@@ -69,8 +69,9 @@ use super::web::handlers::WARN_EVERY;
 use super::web::limits::FoundNothing;
 use crate::shared::logging::LogEvery;
 
-/// "key directory: cannot answer", written at most once per [`WARN_EVERY`] with a count of
-/// those left out (a flood while the directory's store is down is no flood of log lines).
+/// "key directory: cannot answer", written at most once per [`WARN_EVERY`] and kind of error
+/// ([`TransparencyError`]'s variant) with a count of those left out (a flood while the
+/// directory's store is down is no flood of log lines, and one kind leaves out no other).
 static CANNOT_ANSWER: LogEvery = LogEvery::new(WARN_EVERY);
 
 /// Expensive requests (audits, look-ups with `since` or `witnessed`, histories) served at once
@@ -160,7 +161,16 @@ fn not_found(what: &str) -> Response {
 }
 
 fn failed(domain: &str, e: &kst_core::transparency::TransparencyError) -> Response {
-    if let Some(suppressed) = CANNOT_ANSWER.check() {
+    let class = match e {
+        TransparencyError::Directory(_) => "directory",
+        TransparencyError::Verification(_) => "verification",
+        TransparencyError::Conflict(_) => "conflict",
+        TransparencyError::Signature(_) => "signature",
+        TransparencyError::Range(_) => "range",
+        TransparencyError::Stale(_) => "stale",
+        TransparencyError::Malformed(_) => "malformed",
+    };
+    if let Some(suppressed) = CANNOT_ANSWER.check_class(class) {
         tracing::warn!(domain, error = %e, suppressed, "key directory: cannot answer");
     }
     let mut r = text(
