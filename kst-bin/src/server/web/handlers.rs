@@ -259,7 +259,7 @@ pub fn ops_routes(extra: Router, guard_with: Guard) -> Router {
 async fn guard(
     State(state): State<Guard>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let started = Instant::now();
@@ -280,7 +280,11 @@ async fn guard(
         }
         Ok(Ok(admitted)) => {
             // `admitted` holds room for a look-up's miss until here: a miss is counted even
-            // when the counters' queue is full (`coalesce`); otherwise it is given back.
+            // when the counters' queue is full (`coalesce`); otherwise it is given back. The
+            // handler may give it back while it waits for a turn (`MissRoom`).
+            if let Some(room) = admitted.miss_room() {
+                request.extensions_mut().insert(room);
+            }
             let response = next.run(request).await;
             if (response.status() == StatusCode::NOT_FOUND
                 || response.extensions().get::<FoundNothing>().is_some())
