@@ -1508,6 +1508,67 @@ mod tests {
         assert_eq!(cuts, 5, "two nodes, a value state, the root and the head");
     }
 
+    /// A one-shot command's exit waits for its log's thread
+    /// (`kst_core::transparency::wait_for_log_threads`, kst-bin's `main`): the log dropped
+    /// once its change is answered (at the frame, the files held back here by [`gate`]),
+    /// the wait does not return while the files are still to be written, and returns once
+    /// they are, the epoch whole with its head and no frame after the root.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_exit_waits_for_the_files_of_a_dropped_log() {
+        use kst_core::transparency::{DomainLog, LogKeys, wait_for_log_threads};
+        use std::time::Duration;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        let dir = tmp.path().join(KT_DIR).join("example.net");
+        let log = DomainLog::open(std::sync::Arc::new(store), LogKeys::generate("example.net"))
+            .await
+            .unwrap();
+        let alice = kst_core::AddressPolicy::default()
+            .normalize("alice@example.net")
+            .unwrap();
+        let record = kst_core::store::NewKey {
+            address: alice.clone(),
+            key: b"key 1".to_vec(),
+            fingerprint: kst_core::Fingerprint::parse(&format!("{:040X}", 1)).unwrap(),
+            publication_id: format!("{:032x}", 1),
+            published_at: 1_700_000_001,
+            revoked: false,
+            expected: kst_core::store::Expected::Any,
+        }
+        .into_record(1);
+        let open = gate::hold(&dir, 1);
+        log.sync(&alice, Some(&record), 1_700_000_001)
+            .await
+            .unwrap();
+        drop(log);
+        // Answered at the frame; the files wait for the gate, and so does the log's thread.
+        let waited =
+            tokio::task::spawn_blocking(|| wait_for_log_threads(Duration::from_millis(300)))
+                .await
+                .unwrap();
+        let root_before = read_root(&dir).unwrap().map(|(e, _)| e);
+        open.send(()).unwrap();
+        assert!(
+            !waited,
+            "the wait returned while the epoch's files were held"
+        );
+        assert_eq!(
+            root_before,
+            Some(0),
+            "the files were written before the gate opened"
+        );
+        let ended = tokio::task::spawn_blocking(|| wait_for_log_threads(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        assert!(ended, "the log's thread did not end");
+        assert_eq!(read_root(&dir).unwrap().map(|(e, _)| e), Some(1));
+        assert!(
+            heads_dir(&dir).join(epoch_name(1)).exists(),
+            "epoch 1's head"
+        );
+        assert!(!journal::frame_path(&dir, 2).exists());
+    }
+
     #[tokio::test]
     async fn a_torn_frame_is_no_epoch() {
         let tmp = tempfile::tempdir().unwrap();

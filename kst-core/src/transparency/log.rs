@@ -158,6 +158,52 @@ impl CurrentKeys for Fixed {
     }
 }
 
+/// The logs' threads still running in this process ([`wait_for_log_threads`]).
+static LOG_THREADS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+static LOG_THREAD_ENDED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// Counts one log thread from before it is spawned until it ends (its runtime, and the
+/// backend's file work that runtime waits for, dropped first).
+struct LogThread;
+
+impl LogThread {
+    fn start() -> LogThread {
+        *LOG_THREADS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        LogThread
+    }
+}
+
+impl Drop for LogThread {
+    fn drop(&mut self) {
+        let mut running = LOG_THREADS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *running = running.saturating_sub(1);
+        LOG_THREAD_ENDED.notify_all();
+    }
+}
+
+/// Waits, at most `timeout`, until the thread of every [`DomainLog`] this process opened and
+/// dropped has ended; returns whether they all did. A log's thread ends once the log is
+/// dropped and its runtime has finished the backend's work, which may go on after a commit
+/// answered: kst-fs writes a journaled epoch's files after its frame is durable. A one-shot
+/// command (`kst deliver`) calls this before it exits, so its process does not cut those
+/// files short (the next reader would have to roll the epoch forward; before the head went
+/// in ahead of the root, a cut could leave the epoch without its head, CI flake of
+/// `rt18_a_back_dated_deletion_is_not_the_owners`). Logs still open are waited for too, so
+/// call it once they are dropped.
+pub fn wait_for_log_threads(timeout: std::time::Duration) -> bool {
+    let running = LOG_THREADS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (running, _) = LOG_THREAD_ENDED
+        .wait_timeout_while(running, timeout, |n| *n > 0)
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *running == 0
+}
+
 /// One domain's log.
 pub struct DomainLog {
     domain: String,
@@ -483,9 +529,12 @@ impl DomainLog {
         let worker_step_reads = Arc::clone(&step_reads);
         let fenced = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let worker_fenced = Arc::clone(&fenced);
+        // Counted until the thread ends, after its runtime (dropped first: declared later).
+        let counted = LogThread::start();
         std::thread::Builder::new()
             .name(format!("kst-log-{domain}"))
             .spawn(move || {
+                let _counted = counted;
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
