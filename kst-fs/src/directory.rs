@@ -250,7 +250,7 @@ fn ensure_recovered(dir: &Path, boot: Option<&str>) -> Result<(), DirectoryStore
     if is_recovered(dir, boot) || !dir.join("lock").exists() {
         return Ok(());
     }
-    if journal::boot(dir)?.as_deref() == Some(boot) && !dead_writer(dir)? {
+    if journal::boot(dir)?.as_deref() == Some(boot) && !dead_writer(dir)? && !headless_root(dir)? {
         recovered()
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -311,14 +311,30 @@ fn forget_recovered(dir: &Path, boot: &str) {
         .remove(&(dir.to_path_buf(), boot.to_string()));
 }
 
+/// Whether the stored root's epoch has no head while its frame, still in the journal, carries
+/// one: a writer of a build that renamed the root into place before linking the head died
+/// between the two ([`materialize`] links the head first now). Checked once per process
+/// ([`ensure_recovered`]) and by every commit ([`roll_forward`]), which link that head.
+fn headless_root(dir: &Path) -> Result<bool, DirectoryStoreError> {
+    let Some((e, _)) = read_root(dir)? else {
+        return Ok(false);
+    };
+    if heads_dir(dir).join(epoch_name(e)).exists() {
+        return Ok(false);
+    }
+    Ok(journal::read_frame(dir, e)?.is_some_and(|frame| frame.head.is_some()))
+}
+
 /// Under the domain's lock: writes the files of a durable frame a dead writer left after
-/// the stored root (its epoch is committed); returns the stored root's epoch afterwards. A
-/// file there that is no whole frame (its writer was killed writing it, before its commit
-/// point: never confirmed, no epoch) is set aside ([`journal::set_aside`]), or every read
-/// would take it for a dead writer's epoch ([`dead_writer`]) and fail.
+/// the stored root (its epoch is committed); else links the stored root's head from its
+/// frame when the head is missing ([`headless_root`]). Returns the stored root's epoch
+/// afterwards. A file after the root that is no whole frame (its writer was killed writing
+/// it, before its commit point: never confirmed, no epoch) is set aside
+/// ([`journal::set_aside`]), or every read would take it for a dead writer's epoch
+/// ([`dead_writer`]) and fail.
 fn roll_forward(dir: &Path) -> Result<Option<u64>, DirectoryStoreError> {
-    let stored = read_root(dir)?.map(|(e, _)| e);
-    if let Some(e) = stored {
+    let stored = read_root(dir)?;
+    if let Some((e, _)) = stored {
         match journal::read_frame(dir, e + 1)? {
             Some(frame) => {
                 journal::sync_frame(dir, e + 1)?;
@@ -333,7 +349,17 @@ fn roll_forward(dir: &Path) -> Result<Option<u64>, DirectoryStoreError> {
             }
         }
     }
-    Ok(stored)
+    if let Some((e, blob)) = &stored
+        && !heads_dir(dir).join(epoch_name(*e)).exists()
+        && let Some(frame) = journal::read_frame(dir, *e)?
+        && let (Some(root), Some(head)) = (&frame.root, &frame.head)
+        && root.epoch == *e
+        && root.blob == *blob
+    {
+        link_head(dir, *e, head)?;
+        tracing::info!(dir = %dir.display(), epoch = e, "key directory: linked the head an epoch's frame carries (its writer died between the root and the head)");
+    }
+    Ok(stored.map(|(e, _)| e))
 }
 
 /// [`ensure_recovered`] under the domain's lock: the frames after the checkpoint, in order,
@@ -407,20 +433,26 @@ fn materialize(dir: &Path, batch: &RecordBatch) -> Result<(), DirectoryStoreErro
     };
     if let Some(head) = &batch.head {
         cut::step()?;
-        let heads = heads_dir(dir);
-        let path = heads.join(epoch_name(root.epoch));
-        let temp = heads.join(format!(".tmp-{:016x}", rand_suffix()));
-        let linked = std::fs::create_dir_all(&heads)
-            .and_then(|()| std::fs::write(&temp, head))
-            .and_then(|()| match std::fs::hard_link(&temp, &path) {
-                Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
-                _ => Ok(()),
-            });
-        let _ = std::fs::remove_file(&temp);
-        linked.map_err(|e| unavailable("link", &path, e))?;
+        link_head(dir, root.epoch, head)?;
     }
     cut::step()?;
     write_unsynced_dir(&dir.join("root"), &root_bytes(root))
+}
+
+/// Links `head` to the name of epoch `epoch`'s head, unsynced (the epoch's frame holds it
+/// durably), unless a head is there (the first one stays).
+fn link_head(dir: &Path, epoch: u64, head: &[u8]) -> Result<(), DirectoryStoreError> {
+    let heads = heads_dir(dir);
+    let path = heads.join(epoch_name(epoch));
+    let temp = heads.join(format!(".tmp-{:016x}", rand_suffix()));
+    let linked = std::fs::create_dir_all(&heads)
+        .and_then(|()| std::fs::write(&temp, head))
+        .and_then(|()| match std::fs::hard_link(&temp, &path) {
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
+            _ => Ok(()),
+        });
+    let _ = std::fs::remove_file(&temp);
+    linked.map_err(|e| unavailable("link", &path, e))
 }
 
 /// Overwrites `path` with `bytes` in place, unsynced (the journal's frame holds them
@@ -1567,6 +1599,35 @@ mod tests {
             "epoch 1's head"
         );
         assert!(!journal::frame_path(&dir, 2).exists());
+    }
+
+    /// A store a build from before the head went in ahead of the root left with an epoch's
+    /// root and no head (its writer died between the two), while the epoch's frame is in the
+    /// journal: a process's first read links the frame's head, and so does the next commit
+    /// (not signed late by whoever needs it next, with that one's clock).
+    #[tokio::test]
+    async fn a_root_left_without_its_head_gets_it_from_its_frame() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        a.commit(D, epoch(2)).await.unwrap();
+        holds(&a, 2).await;
+        let head = heads_dir(&dir).join(epoch_name(2));
+        std::fs::remove_file(&head).unwrap();
+        // A process reading the domain first.
+        forget_recovered(&dir, "boot-1");
+        assert_eq!(a.heads(D, 2, 2).await.unwrap(), vec![(2, b"h2".to_vec())]);
+        // The next commit, in a process that has read the domain already.
+        std::fs::remove_file(&head).unwrap();
+        a.commit(D, epoch(3)).await.unwrap();
+        holds(&a, 3).await;
+        // A frame without a head (its writer could not sign): nothing to link, and reads
+        // go on (the head is signed late, as before).
+        let mut no_head = epoch(4);
+        no_head.head = None;
+        a.commit(D, no_head).await.unwrap();
+        forget_recovered(&dir, "boot-1");
+        assert_eq!(a.heads(D, 4, 4).await.unwrap(), vec![]);
+        assert_eq!(a.root(D).await.unwrap(), Some((4, b"r4".to_vec())));
     }
 
     #[tokio::test]
