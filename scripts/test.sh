@@ -38,6 +38,8 @@ cargo fmt --all -- --check
 
 log "cargo check: the server alone (no client or load-tool dependencies)"
 cargo check -p kst-bin --no-default-features --features server
+log "cargo check: server and client without the key directory (feature transparency off)"
+cargo check -p kst-bin --no-default-features --features server,client
 
 log "cargo test (workspace)"
 export KST_TEST_POSTGRES_URL="${KST_TEST_POSTGRES_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"

@@ -1678,6 +1678,138 @@ fn log_routes_are_rate_limited_on_web() {
     assert_eq!(statuses, vec![200, 200, 200, 429, 429], "{statuses:?}");
 }
 
+/// Red team (round 7): a look-up holds room in the web limits' counters' queue for its miss
+/// from its admission until it ends (`server::web::coalesce`), and a key directory look-up
+/// that waits for a turn among the expensive requests (a history, `?since=`, `?witnessed=1`:
+/// four at once, a wait of up to five seconds) held it all that wait. Ten clients keeping 60
+/// history requests each in flight (the per-client connection cap is 64) filled the queue's
+/// bound (1,024 hits, 512 look-ups' rooms) with requests that only waited, and every look-up
+/// of the listener, WKD, VKS and HKP alike, was answered 503. A waiting request now gives its
+/// room back until its turn comes: the others' look-ups are answered.
+#[test]
+fn requests_waiting_for_an_expensive_turn_do_not_fill_the_counters_queue() {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+    let web = free_port();
+    let provider = Provider::start_with(
+        Backend::Fs,
+        &format!(
+            "\n[web]\nlisten = \"{web}\"\nmax_connections = 4096\n\n[web.limits]\nper_client = 0\n"
+        ),
+        None,
+    );
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(web).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    /// Opens a connection from `from` to `at`.
+    async fn connect(from: Ipv4Addr, at: SocketAddr) -> tokio::net::TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(IpAddr::V4(from), 0)).unwrap();
+        socket.connect(at).await.unwrap()
+    }
+    /// One request on a kept-alive connection: its status (0 when the connection ended).
+    async fn exchange(s: &mut tokio::io::BufReader<tokio::net::TcpStream>, path: &str) -> u16 {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: example.net\r\n\r\n");
+        if s.get_mut().write_all(head.as_bytes()).await.is_err() {
+            return 0;
+        }
+        let mut status = 0;
+        let mut length = 0usize;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match s.read_line(&mut line).await {
+                Ok(0) | Err(_) => return 0,
+                Ok(_) => {}
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some(code) = l.strip_prefix("HTTP/1.1 ") {
+                status = code.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+            } else if let Some((k, v)) = l.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; length];
+        if s.read_exact(&mut body).await.is_err() {
+            return 0;
+        }
+        status
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (answered, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let history = "/.well-known/kst/log/example.net/history/alice@example.net";
+    let probes = rt.block_on(async {
+        let mut attackers = Vec::new();
+        for client in 0..10u8 {
+            for _ in 0..60 {
+                let (stop, answered, refused) = (stop.clone(), answered.clone(), refused.clone());
+                attackers.push(tokio::spawn(async move {
+                    let from = Ipv4Addr::new(127, 0, 0, 10 + client);
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut s = tokio::io::BufReader::new(connect(from, web).await);
+                        while !stop.load(Ordering::Relaxed) {
+                            match exchange(&mut s, history).await {
+                                0 => break,
+                                200 => answered.fetch_add(1, Ordering::Relaxed),
+                                _ => refused.fetch_add(1, Ordering::Relaxed),
+                            };
+                        }
+                    }
+                }));
+            }
+        }
+        // The flood under way: another client's look-ups, one at a time.
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let mut probes = Vec::new();
+        for _ in 0..20 {
+            let mut s =
+                tokio::io::BufReader::new(connect(Ipv4Addr::new(127, 0, 0, 200), web).await);
+            probes.push(exchange(&mut s, "/vks/v1/by-email/alice%40example.net").await);
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for a in attackers {
+            a.abort();
+        }
+        probes
+    });
+    let (answered, refused) = (
+        answered.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+    );
+    eprintln!("the flood: {answered} histories answered, {refused} refused; probes {probes:?}");
+    assert!(
+        answered > 100,
+        "the flood's histories were answered: {answered}"
+    );
+    assert_eq!(
+        probes,
+        vec![200; 20],
+        "another client's look-ups during the flood ({answered} histories answered, {refused} \
+         refused)"
+    );
+}
+
 /// The client's memory of heads (issue 18): bob's client remembers the newest head it
 /// verified and asks `?since=` on the next look-up; two retrievals across new epochs pass
 /// (one of them three epochs on). A KST restored from a backup (an older epoch) and a second

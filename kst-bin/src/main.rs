@@ -22,8 +22,20 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::TEMPFAIL);
         }
     };
-    runtime.block_on(cli::run(cli))
+    let code = runtime.block_on(cli::run(cli));
+    // Every task, and the key directories they held, dropped; then the directories' threads
+    // finish the work their backends still do after answering (kst-fs writes a committed
+    // epoch's files after its journal frame), so the exit does not cut it short.
+    drop(runtime);
+    #[cfg(feature = "transparency")]
+    kst_core::transparency::wait_for_log_threads(LOG_THREADS_AT_EXIT);
+    code
 }
+
+/// The longest the process waits at its exit for its key directories' threads
+/// ([`kst_core::transparency::wait_for_log_threads`]); an epoch's files take milliseconds.
+#[cfg(feature = "transparency")]
+const LOG_THREADS_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Caps glibc's malloc arenas at 2 before the daemon starts its threads. By default glibc gives
 /// threads up to 8 arenas per core; memory allocated on one thread (a file read on a blocking

@@ -27,9 +27,10 @@
 //! where the caller is answered. Then, on the same blocking thread and still holding the lock,
 //! the epoch's files are written without syncing (nodes and value states overwritten in
 //! place: a temporary name, a `rename` and a freed inode per file cost about 20 times the
-//! write on ext4; the root renamed into place last, the head linked after it; readers wait on
-//! the lock meanwhile), and every 64 epochs a background
-//! `syncfs(2)` makes them durable and moves the journal's checkpoint, removing the frames
+//! write on ext4; the head linked, then the root renamed into place last, so a writer that
+//! dies before the root leaves its frame after the root, to be rolled forward, head and all;
+//! readers wait on the lock meanwhile), and every 64 epochs a background `syncfs(2)` makes
+//! them durable and moves the journal's checkpoint, removing the frames
 //! under it. So an epoch costs one small file's flush, not a flush of every dirty page of the
 //! file system (other programs' writes on a shared disk made that 70 ms and more). A writer
 //! that died after its frame left an epoch the next commit (or a process's first read of
@@ -249,7 +250,7 @@ fn ensure_recovered(dir: &Path, boot: Option<&str>) -> Result<(), DirectoryStore
     if is_recovered(dir, boot) || !dir.join("lock").exists() {
         return Ok(());
     }
-    if journal::boot(dir)?.as_deref() == Some(boot) && !dead_writer(dir)? {
+    if journal::boot(dir)?.as_deref() == Some(boot) && !dead_writer(dir)? && !headless_root(dir)? {
         recovered()
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -310,14 +311,30 @@ fn forget_recovered(dir: &Path, boot: &str) {
         .remove(&(dir.to_path_buf(), boot.to_string()));
 }
 
+/// Whether the stored root's epoch has no head while its frame, still in the journal, carries
+/// one: a writer of a build that renamed the root into place before linking the head died
+/// between the two ([`materialize`] links the head first now). Checked once per process
+/// ([`ensure_recovered`]) and by every commit ([`roll_forward`]), which link that head.
+fn headless_root(dir: &Path) -> Result<bool, DirectoryStoreError> {
+    let Some((e, _)) = read_root(dir)? else {
+        return Ok(false);
+    };
+    if heads_dir(dir).join(epoch_name(e)).exists() {
+        return Ok(false);
+    }
+    Ok(journal::read_frame(dir, e)?.is_some_and(|frame| frame.head.is_some()))
+}
+
 /// Under the domain's lock: writes the files of a durable frame a dead writer left after
-/// the stored root (its epoch is committed); returns the stored root's epoch afterwards. A
-/// file there that is no whole frame (its writer was killed writing it, before its commit
-/// point: never confirmed, no epoch) is set aside ([`journal::set_aside`]), or every read
-/// would take it for a dead writer's epoch ([`dead_writer`]) and fail.
+/// the stored root (its epoch is committed); else links the stored root's head from its
+/// frame when the head is missing ([`headless_root`]). Returns the stored root's epoch
+/// afterwards. A file after the root that is no whole frame (its writer was killed writing
+/// it, before its commit point: never confirmed, no epoch) is set aside
+/// ([`journal::set_aside`]), or every read would take it for a dead writer's epoch
+/// ([`dead_writer`]) and fail.
 fn roll_forward(dir: &Path) -> Result<Option<u64>, DirectoryStoreError> {
-    let stored = read_root(dir)?.map(|(e, _)| e);
-    if let Some(e) = stored {
+    let stored = read_root(dir)?;
+    if let Some((e, _)) = stored {
         match journal::read_frame(dir, e + 1)? {
             Some(frame) => {
                 journal::sync_frame(dir, e + 1)?;
@@ -332,7 +349,17 @@ fn roll_forward(dir: &Path) -> Result<Option<u64>, DirectoryStoreError> {
             }
         }
     }
-    Ok(stored)
+    if let Some((e, blob)) = &stored
+        && !heads_dir(dir).join(epoch_name(*e)).exists()
+        && let Some(frame) = journal::read_frame(dir, *e)?
+        && let (Some(root), Some(head)) = (&frame.root, &frame.head)
+        && root.epoch == *e
+        && root.blob == *blob
+    {
+        link_head(dir, *e, head)?;
+        tracing::info!(dir = %dir.display(), epoch = e, "key directory: linked the head an epoch's frame carries (its writer died between the root and the head)");
+    }
+    Ok(stored.map(|(e, _)| e))
 }
 
 /// [`ensure_recovered`] under the domain's lock: the frames after the checkpoint, in order,
@@ -381,36 +408,51 @@ fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
     Ok(())
 }
 
-/// Writes the files of an epoch whose frame is durable: nodes and value states (renamed into
-/// place, not synced), the root last (renamed into place), then its head (linked unless one
-/// is there). A reader at the old epoch still reads the old epoch meanwhile (a node keeps its
-/// previous value), and a writer that dies half-way leaves the frame for the next one.
+/// Writes the files of an epoch whose frame is durable: nodes and value states (overwritten
+/// in place, not synced), its head (linked unless one is there), then the root, last
+/// (renamed into place). A reader at the old epoch still reads the old epoch meanwhile (a
+/// node keeps its previous value), and a writer that dies half-way leaves the frame for the
+/// next one: the frame lies after the stored root until the root is written, so whatever
+/// came before it is written again ([`roll_forward`]). The head goes before the root for
+/// that reason: a writer that died between a root written first and its head (a one-shot
+/// `kst deliver` exits while its log's thread writes the files) left the epoch committed
+/// without its head and nothing to roll forward; the next one to need the head signed it
+/// late with its own clock (`a_writer_dying_anywhere_in_its_files_leaves_its_head`).
 fn materialize(dir: &Path, batch: &RecordBatch) -> Result<(), DirectoryStoreError> {
     for (key, blob) in &batch.nodes {
+        cut::step()?;
         write_in_place(&node_path(dir, key), blob)?;
     }
     for vs in &batch.value_states {
+        cut::step()?;
         let path = values_dir(dir, &vs.label).join(format!("{:020}", vs.epoch));
         write_in_place(&path, &vs.blob)?;
     }
     let Some(root) = &batch.root else {
         return Ok(());
     };
-    write_unsynced_dir(&dir.join("root"), &root_bytes(root))?;
     if let Some(head) = &batch.head {
-        let heads = heads_dir(dir);
-        let path = heads.join(epoch_name(root.epoch));
-        let temp = heads.join(format!(".tmp-{:016x}", rand_suffix()));
-        let linked = std::fs::create_dir_all(&heads)
-            .and_then(|()| std::fs::write(&temp, head))
-            .and_then(|()| match std::fs::hard_link(&temp, &path) {
-                Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
-                _ => Ok(()),
-            });
-        let _ = std::fs::remove_file(&temp);
-        linked.map_err(|e| unavailable("link", &path, e))?;
+        cut::step()?;
+        link_head(dir, root.epoch, head)?;
     }
-    Ok(())
+    cut::step()?;
+    write_unsynced_dir(&dir.join("root"), &root_bytes(root))
+}
+
+/// Links `head` to the name of epoch `epoch`'s head, unsynced (the epoch's frame holds it
+/// durably), unless a head is there (the first one stays).
+fn link_head(dir: &Path, epoch: u64, head: &[u8]) -> Result<(), DirectoryStoreError> {
+    let heads = heads_dir(dir);
+    let path = heads.join(epoch_name(epoch));
+    let temp = heads.join(format!(".tmp-{:016x}", rand_suffix()));
+    let linked = std::fs::create_dir_all(&heads)
+        .and_then(|()| std::fs::write(&temp, head))
+        .and_then(|()| match std::fs::hard_link(&temp, &path) {
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
+            _ => Ok(()),
+        });
+    let _ = std::fs::remove_file(&temp);
+    linked.map_err(|e| unavailable("link", &path, e))
 }
 
 /// Overwrites `path` with `bytes` in place, unsynced (the journal's frame holds them
@@ -560,6 +602,46 @@ mod gate {
         if let Some(gate) = gate {
             let _ = gate.recv();
         }
+    }
+}
+
+/// A test's stand-in for a writer that dies part-way through an epoch's files (a one-shot
+/// `kst deliver` whose process exits while its log's thread still writes them): with
+/// [`cut::after`] set on a thread, [`materialize`] on that thread stops before its `n`th
+/// file operation. Outside tests [`cut::step`] does nothing.
+mod cut {
+    use kst_core::transparency::DirectoryStoreError;
+
+    #[cfg(test)]
+    thread_local! {
+        static LEFT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// Cuts [`super::materialize`] on this thread short before its `n`th file operation
+    /// (counted from 0); `None`: not at all.
+    #[cfg(test)]
+    pub(super) fn after(n: Option<usize>) {
+        LEFT.with(|left| left.set(n));
+    }
+
+    /// Before each file operation of [`super::materialize`]: the error that stops it where a
+    /// test cuts the writer short.
+    #[inline]
+    pub(super) fn step() -> Result<(), DirectoryStoreError> {
+        #[cfg(test)]
+        if LEFT.with(|left| match left.get() {
+            Some(0) => true,
+            Some(n) => {
+                left.set(Some(n - 1));
+                false
+            }
+            None => false,
+        }) {
+            return Err(DirectoryStoreError::Unavailable(
+                "the writer died here (a test's cut)".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -1418,6 +1500,134 @@ mod tests {
         write_in_place(&node_path(&dir, &node(99)), b"s2").unwrap();
         read_whole(&a).await;
         holds(&a, 2).await;
+    }
+
+    /// CI flake of `rt18_a_back_dated_deletion_is_not_the_owners` (issue 18): a writer that
+    /// dies anywhere in an epoch's files after its commit point (a one-shot `kst deliver`
+    /// exits while its log's thread still writes them) leaves an epoch that every reader,
+    /// a process of the pool that read the domain before or one reading it first, finds
+    /// whole with the head in its frame. Never the root without that head: nothing rolled
+    /// it forward, and the next one to need it signed it late with its own clock (the
+    /// insider's writer, whose back-dated clock then hid the back-dating).
+    #[tokio::test]
+    async fn a_writer_dying_anywhere_in_its_files_leaves_its_head() {
+        let mut cuts = 0;
+        for n in 0.. {
+            let tmp = tempfile::tempdir().unwrap();
+            let (a, dir) = at_epoch_1(tmp.path()).await;
+            holds(&a, 1).await;
+            journal::write_frame(&dir, &epoch(2)).unwrap();
+            cut::after(Some(n));
+            let whole = materialize(&dir, &epoch(2)).is_ok();
+            cut::after(None);
+            if n % 2 == 1 {
+                // A process that has not read the domain yet.
+                forget_recovered(&dir, "boot-1");
+            }
+            let root = read_root(&dir).unwrap();
+            let head = std::fs::read(heads_dir(&dir).join(epoch_name(2))).ok();
+            assert!(
+                root.as_ref().is_some_and(|(e, _)| *e == 1)
+                    || head.as_deref() == Some(b"h2".as_slice()),
+                "cut before file operation {n}: epoch 2's root without its head ({root:?})"
+            );
+            holds(&a, 2).await;
+            if whole {
+                break;
+            }
+            cuts += 1;
+        }
+        assert_eq!(cuts, 5, "two nodes, a value state, the root and the head");
+    }
+
+    /// A one-shot command's exit waits for its log's thread
+    /// (`kst_core::transparency::wait_for_log_threads`, kst-bin's `main`): the log dropped
+    /// once its change is answered (at the frame, the files held back here by [`gate`]),
+    /// the wait does not return while the files are still to be written, and returns once
+    /// they are, the epoch whole with its head and no frame after the root.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_exit_waits_for_the_files_of_a_dropped_log() {
+        use kst_core::transparency::{DomainLog, LogKeys, wait_for_log_threads};
+        use std::time::Duration;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        let dir = tmp.path().join(KT_DIR).join("example.net");
+        let log = DomainLog::open(std::sync::Arc::new(store), LogKeys::generate("example.net"))
+            .await
+            .unwrap();
+        let alice = kst_core::AddressPolicy::default()
+            .normalize("alice@example.net")
+            .unwrap();
+        let record = kst_core::store::NewKey {
+            address: alice.clone(),
+            key: b"key 1".to_vec(),
+            fingerprint: kst_core::Fingerprint::parse(&format!("{:040X}", 1)).unwrap(),
+            publication_id: format!("{:032x}", 1),
+            published_at: 1_700_000_001,
+            revoked: false,
+            expected: kst_core::store::Expected::Any,
+        }
+        .into_record(1);
+        let open = gate::hold(&dir, 1);
+        log.sync(&alice, Some(&record), 1_700_000_001)
+            .await
+            .unwrap();
+        drop(log);
+        // Answered at the frame; the files wait for the gate, and so does the log's thread.
+        let waited =
+            tokio::task::spawn_blocking(|| wait_for_log_threads(Duration::from_millis(300)))
+                .await
+                .unwrap();
+        let root_before = read_root(&dir).unwrap().map(|(e, _)| e);
+        open.send(()).unwrap();
+        assert!(
+            !waited,
+            "the wait returned while the epoch's files were held"
+        );
+        assert_eq!(
+            root_before,
+            Some(0),
+            "the files were written before the gate opened"
+        );
+        let ended = tokio::task::spawn_blocking(|| wait_for_log_threads(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        assert!(ended, "the log's thread did not end");
+        assert_eq!(read_root(&dir).unwrap().map(|(e, _)| e), Some(1));
+        assert!(
+            heads_dir(&dir).join(epoch_name(1)).exists(),
+            "epoch 1's head"
+        );
+        assert!(!journal::frame_path(&dir, 2).exists());
+    }
+
+    /// A store a build from before the head went in ahead of the root left with an epoch's
+    /// root and no head (its writer died between the two), while the epoch's frame is in the
+    /// journal: a process's first read links the frame's head, and so does the next commit
+    /// (not signed late by whoever needs it next, with that one's clock).
+    #[tokio::test]
+    async fn a_root_left_without_its_head_gets_it_from_its_frame() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        a.commit(D, epoch(2)).await.unwrap();
+        holds(&a, 2).await;
+        let head = heads_dir(&dir).join(epoch_name(2));
+        std::fs::remove_file(&head).unwrap();
+        // A process reading the domain first.
+        forget_recovered(&dir, "boot-1");
+        assert_eq!(a.heads(D, 2, 2).await.unwrap(), vec![(2, b"h2".to_vec())]);
+        // The next commit, in a process that has read the domain already.
+        std::fs::remove_file(&head).unwrap();
+        a.commit(D, epoch(3)).await.unwrap();
+        holds(&a, 3).await;
+        // A frame without a head (its writer could not sign): nothing to link, and reads
+        // go on (the head is signed late, as before).
+        let mut no_head = epoch(4);
+        no_head.head = None;
+        a.commit(D, no_head).await.unwrap();
+        forget_recovered(&dir, "boot-1");
+        assert_eq!(a.heads(D, 4, 4).await.unwrap(), vec![]);
+        assert_eq!(a.root(D).await.unwrap(), Some((4, b"r4".to_vec())));
     }
 
     #[tokio::test]

@@ -342,6 +342,7 @@ impl Settings {
     }
 
     /// The extra CA certificates (`--ca-file`).
+    #[cfg(feature = "transparency")]
     pub(super) fn ca_file(&self) -> Option<&Path> {
         self.ca_file.as_deref()
     }

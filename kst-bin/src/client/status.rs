@@ -252,7 +252,7 @@ pub async fn status(
         Some(f) => differences(f, &local),
         None => vec![format!("no key is published for {account}")],
     };
-    let directory = match log {
+    let directory: Option<Vec<DirectoryVersion>> = match log {
         #[cfg(feature = "transparency")]
         Some(args) => match directory_versions(s, args, &account, &local).await {
             Ok(v) => Some(v),

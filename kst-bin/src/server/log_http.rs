@@ -52,7 +52,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -66,11 +66,12 @@ use kst_core::transparency::{DomainLog, SignedHead, TransparencyError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::web::handlers::WARN_EVERY;
-use super::web::limits::FoundNothing;
+use super::web::limits::{FoundNothing, MissRoom};
 use crate::shared::logging::LogEvery;
 
-/// "key directory: cannot answer", written at most once per [`WARN_EVERY`] with a count of
-/// those left out (a flood while the directory's store is down is no flood of log lines).
+/// "key directory: cannot answer", written at most once per [`WARN_EVERY`] and kind of error
+/// ([`TransparencyError`]'s variant) with a count of those left out (a flood while the
+/// directory's store is down is no flood of log lines, and one kind leaves out no other).
 static CANNOT_ANSWER: LogEvery = LogEvery::new(WARN_EVERY);
 
 /// Expensive requests (audits, look-ups with `since` or `witnessed`, histories) served at once
@@ -93,11 +94,27 @@ struct LogState {
 impl LogState {
     // A `Response` is what the handler returns, once; boxing it would buy nothing.
     #[allow(clippy::result_large_err)]
-    /// A turn for an expensive request, or the 503 to answer when none comes in time.
-    async fn heavy_turn(&self) -> Result<OwnedSemaphorePermit, Response> {
-        match tokio::time::timeout(HEAVY_WAIT, Arc::clone(&self.heavy).acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(busy()),
+    /// A turn for an expensive request, or the 503 to answer when none comes in time. A
+    /// look-up that must wait for its turn gives the room it holds for its miss in the web
+    /// limits' counters' queue back meanwhile, and holds it again once its turn comes (503
+    /// when the queue has no room then): waiting requests holding that room for up to
+    /// [`HEAVY_WAIT`] filled it, and every look-up of the listener was answered 503
+    /// ([`MissRoom`]).
+    async fn heavy_turn(&self, room: Option<&MissRoom>) -> Result<OwnedSemaphorePermit, Response> {
+        if let Ok(permit) = Arc::clone(&self.heavy).try_acquire_owned() {
+            return Ok(permit);
+        }
+        if let Some(room) = room {
+            room.give_back();
+        }
+        let permit =
+            match tokio::time::timeout(HEAVY_WAIT, Arc::clone(&self.heavy).acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                _ => return Err(busy()),
+            };
+        match room.map(MissRoom::hold_again) {
+            Some(Err(_)) => Err(counters_busy()),
+            _ => Ok(permit),
         }
     }
 }
@@ -160,12 +177,33 @@ fn not_found(what: &str) -> Response {
 }
 
 fn failed(domain: &str, e: &kst_core::transparency::TransparencyError) -> Response {
-    if let Some(suppressed) = CANNOT_ANSWER.check() {
+    let class = match e {
+        TransparencyError::Directory(_) => "directory",
+        TransparencyError::Verification(_) => "verification",
+        TransparencyError::Conflict(_) => "conflict",
+        TransparencyError::Signature(_) => "signature",
+        TransparencyError::Range(_) => "range",
+        TransparencyError::Stale(_) => "stale",
+        TransparencyError::Malformed(_) => "malformed",
+    };
+    if let Some(suppressed) = CANNOT_ANSWER.check_class(class) {
         tracing::warn!(domain, error = %e, suppressed, "key directory: cannot answer");
     }
     let mut r = text(
         StatusCode::SERVICE_UNAVAILABLE,
         "the key directory cannot answer now; retry later\n".into(),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+    r
+}
+
+/// 503: the web limits' counters' queue has no room for the miss of a look-up whose turn
+/// came (the counters are slow or stalled).
+fn counters_busy() -> Response {
+    let mut r = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the rate limiter's counters are busy; retry later\n".into(),
     );
     r.headers_mut()
         .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
@@ -288,7 +326,7 @@ async fn audit(
     if to > latest {
         return not_found(&format!("the latest epoch is {latest}"));
     }
-    let _turn = match s.heavy_turn().await {
+    let _turn = match s.heavy_turn(None).await {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -414,6 +452,7 @@ async fn lookup(
     State(s): State<LogState>,
     Path((domain, address)): Path<(String, String)>,
     RawQuery(query): RawQuery,
+    room: Option<Extension<MissRoom>>,
 ) -> Response {
     let (log, address) = match log_and_address(&s, &domain, &address) {
         Ok(found) => found,
@@ -427,7 +466,7 @@ async fn lookup(
         .as_deref()
         .is_some_and(|q| q.split('&').any(|kv| kv == "witnessed=1"));
     let _turn = if since.is_some() || witnessed {
-        match s.heavy_turn().await {
+        match s.heavy_turn(room.as_ref().map(|r| &r.0)).await {
             Ok(t) => Some(t),
             Err(r) => return r,
         }
@@ -474,12 +513,13 @@ async fn history(
     State(s): State<LogState>,
     Path((domain, address)): Path<(String, String)>,
     RawQuery(query): RawQuery,
+    room: Option<Extension<MissRoom>>,
 ) -> Response {
     let (log, address) = match log_and_address(&s, &domain, &address) {
         Ok(found) => found,
         Err(r) => return r,
     };
-    let _turn = match s.heavy_turn().await {
+    let _turn = match s.heavy_turn(room.as_ref().map(|r| &r.0)).await {
         Ok(t) => t,
         Err(r) => return r,
     };

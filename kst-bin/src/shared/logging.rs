@@ -91,6 +91,12 @@ pub fn init(cfg: &LogConfig) -> Option<String> {
 /// the shared counters are down, a flood of requests writes one line per interval rather than
 /// one per request, and each line says how many were left out since the last one written.
 ///
+/// The interval is kept per class of fault ([`LogEvery::check_class`], e.g. [`error_class`]):
+/// a fault a client can cause at will (the counters' queue full under its flood) must not
+/// leave out a different one (the counters' backend failing) for as long as the flood lasts;
+/// the lines of one class are left out only behind a line of that class. At most
+/// [`MAX_CLASSES`] classes are kept apart; further ones share one slot.
+///
 /// ```
 /// # use std::time::Duration;
 /// # use kst_bin::shared::logging::LogEvery;
@@ -102,39 +108,82 @@ pub fn init(cfg: &LogConfig) -> Option<String> {
 #[derive(Debug)]
 pub struct LogEvery {
     every: Duration,
-    /// When the last line was written, and the lines left out since.
-    last: Mutex<Option<(Instant, u64)>>,
+    /// Per class: when its last line was written, and its lines left out since.
+    last: Mutex<Vec<(String, Instant, u64)>>,
 }
 
+/// Classes of fault one [`LogEvery`] keeps apart; the classes come from the code (an error's
+/// variant and component), so a few suffice, and the bound keeps the table small whatever
+/// comes.
+pub const MAX_CLASSES: usize = 16;
+
+/// The class further classes share once [`MAX_CLASSES`] are kept.
+const OTHER_CLASS: &str = "*";
+
 impl LogEvery {
-    /// At most one line per `every`.
+    /// At most one line per `every` (per class).
     pub const fn new(every: Duration) -> Self {
         LogEvery {
             every,
-            last: Mutex::new(None),
+            last: Mutex::new(Vec::new()),
         }
     }
 
     /// Whether to write the line now: `Some(n)`, with `n` the lines left out since the last one
     /// written (0 for the first); `None` to leave this one out (it is counted for the next).
+    /// All lines of one class; [`Self::check_class`] keeps classes apart.
     pub fn check(&self) -> Option<u64> {
-        self.check_at(Instant::now())
+        self.check_class_at("", Instant::now())
+    }
+
+    /// [`Self::check`] for a line of class `class`: left out only behind a line of the same
+    /// class written within the interval.
+    pub fn check_class(&self, class: &str) -> Option<u64> {
+        self.check_class_at(class, Instant::now())
     }
 
     /// [`Self::check`] at the time `now` (a clock of the caller's; tests).
     pub fn check_at(&self, now: Instant) -> Option<u64> {
+        self.check_class_at("", now)
+    }
+
+    /// [`Self::check_class`] at the time `now` (a clock of the caller's; tests).
+    pub fn check_class_at(&self, class: &str, now: Instant) -> Option<u64> {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        match last.as_mut() {
-            Some((at, left_out)) if now.saturating_duration_since(*at) < self.every => {
-                *left_out += 1;
-                None
-            }
-            previous => {
-                let left_out = previous.map_or(0, |(_, n)| *n);
-                *last = Some((now, 0));
-                Some(left_out)
-            }
+        let class = if last.len() >= MAX_CLASSES && !last.iter().any(|(c, ..)| c == class) {
+            OTHER_CLASS
+        } else {
+            class
+        };
+        let Some(slot) = last.iter_mut().find(|(c, ..)| c == class) else {
+            last.push((class.to_string(), now, 0));
+            return Some(0);
+        };
+        if now.saturating_duration_since(slot.1) < self.every {
+            slot.2 += 1;
+            return None;
         }
+        let left_out = slot.2;
+        (slot.1, slot.2) = (now, 0);
+        Some(left_out)
+    }
+}
+
+/// The class of `e` for [`LogEvery::check_class`]: its kind and the part that failed
+/// (`unavailable ratelimit(coalescer)`, `unavailable ratelimit(redis)`, `corrupt store(fs)`).
+pub fn error_class(e: &kst_core::Error) -> String {
+    let kind = match e {
+        kst_core::Error::Unavailable { .. } => "unavailable",
+        kst_core::Error::Config(_) => "config",
+        kst_core::Error::Corrupt { .. } => "corrupt",
+        kst_core::Error::Conflict(_) => "conflict",
+        kst_core::Error::Invalid(_) => "invalid",
+        kst_core::Error::DeletedSince { .. } => "deleted-since",
+        _ => "other",
+    };
+    match e.component() {
+        Some(c) => format!("{kind} {c}"),
+        None => kind.to_string(),
     }
 }
 
@@ -186,5 +235,56 @@ mod tests {
         // A clock that went back (another thread's earlier reading) is within the interval.
         assert_eq!(log.check_at(at(5)), None);
         assert_eq!(log.check_at(at(3_620_000)), Some(2));
+    }
+
+    /// Red team (round 7): one `LogEvery` held every class of a warning, so a fault a client
+    /// causes at will (the web coalescer's queue full under its flood: "the rate limiter
+    /// cannot be reached", an error of `ratelimit(coalescer)`) left out a different one (the
+    /// counters' backend failing, `ratelimit(redis)`) for as long as the flood lasted: one
+    /// line per interval, most likely the flood's. Classes are now kept apart.
+    #[test]
+    fn a_flood_of_one_class_leaves_out_no_line_of_another() {
+        let every = Duration::from_secs(10);
+        let log = LogEvery::new(every);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let busy = error_class(&kst_core::Error::unavailable(
+            "ratelimit(coalescer)",
+            "1024 hits are waiting",
+        ));
+        let down = error_class(&kst_core::Error::unavailable(
+            "ratelimit(redis)",
+            "connection refused",
+        ));
+        let corrupt = error_class(&kst_core::Error::corrupt(
+            "ratelimit(redis)",
+            "not a number",
+        ));
+        assert_eq!(busy, "unavailable ratelimit(coalescer)");
+        assert_ne!(down, corrupt);
+        // The flood: one line, then the rest of the interval left out.
+        assert_eq!(log.check_class_at(&busy, at(0)), Some(0));
+        let written = (1..=1_000)
+            .filter_map(|i| log.check_class_at(&busy, at(i)))
+            .count();
+        assert_eq!(written, 0);
+        // The backend fails meanwhile: its first line is written, then its own are left out.
+        assert_eq!(log.check_class_at(&down, at(500)), Some(0));
+        assert_eq!(log.check_class_at(&down, at(501)), None);
+        assert_eq!(log.check_class_at(&corrupt, at(502)), Some(0));
+        assert_eq!(log.check_class_at(&busy, at(10_000)), Some(1_000));
+        assert_eq!(log.check_class_at(&down, at(10_500)), Some(1));
+        // Classes past the bound share one slot: the table stays small.
+        for i in 0..100 {
+            log.check_class_at(&format!("class {i}"), at(20_000));
+        }
+        assert!(log.last.lock().unwrap().len() <= MAX_CLASSES + 1);
+        assert_eq!(log.check_class_at("class 99", at(20_001)), None);
+        // `check`'s own class (""), new here, shares that slot too.
+        assert_eq!(
+            log.check_at(at(20_002)),
+            None,
+            "the shared slot was written"
+        );
     }
 }

@@ -42,7 +42,10 @@
 //! bound still caps the wait of every hit, a miss's included; the price is that look-ups in
 //! progress hold room while they look up, not only while they wait for the counters. Room
 //! is given back when the request ends without a miss (found, refused, failed, or its
-//! client gone), or taken by its miss's hits when they are queued.
+//! client gone), or taken by its miss's hits when they are queued; a handler that waits for
+//! something else before it looks up (a turn for an expensive key directory request) gives
+//! it back while it waits and holds it again before its look-up
+//! ([`super::limits::MissRoom`]).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

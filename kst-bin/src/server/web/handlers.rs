@@ -23,11 +23,13 @@ use super::config::TrustedProxies;
 use super::limits::{FoundNothing, Limiter};
 use super::lookup::{KeyLookup, MAX_MATCHES};
 use super::metrics;
-use crate::shared::logging::LogEvery;
+use crate::shared::logging::{LogEvery, error_class};
 
 /// How often each warning of a fault that every request meets (the counters or the store
-/// down) is written at most: one line per interval with the count of those left out, not one
-/// per request (a flood while the store is down would be a flood of log lines).
+/// down) is written at most: one line per interval and class of error ([`error_class`]: the
+/// coalescer's queue full, which a client's flood causes, leaves out no line of the counters'
+/// backend failing) with the count of those left out, not one per request (a flood while the
+/// store is down would be a flood of log lines).
 pub const WARN_EVERY: Duration = Duration::from_secs(10);
 static COUNTERS_DOWN: LogEvery = LogEvery::new(WARN_EVERY);
 static MISS_UNCOUNTED: LogEvery = LogEvery::new(WARN_EVERY);
@@ -291,7 +293,7 @@ pub fn ops_routes(extra: Router, guard_with: Guard) -> Router {
 async fn guard(
     State(state): State<Arc<Guard>>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let started = Instant::now();
@@ -305,20 +307,24 @@ async fn guard(
             too_many(state.limiter.retry_after())
         }
         Err(e) => {
-            if let Some(suppressed) = COUNTERS_DOWN.check() {
+            if let Some(suppressed) = COUNTERS_DOWN.check_class(&error_class(&e)) {
                 tracing::warn!(error = %e, suppressed, "web: the rate limiter cannot be reached");
             }
             unavailable()
         }
         Ok(Ok(admitted)) => {
             // `admitted` holds room for a look-up's miss until here: a miss is counted even
-            // when the counters' queue is full (`coalesce`); otherwise it is given back.
+            // when the counters' queue is full (`coalesce`); otherwise it is given back. The
+            // handler may give it back while it waits for a turn (`MissRoom`).
+            if let Some(room) = admitted.miss_room() {
+                request.extensions_mut().insert(room);
+            }
             let response = next.run(request).await;
             if (response.status() == StatusCode::NOT_FOUND
                 || response.extensions().get::<FoundNothing>().is_some())
                 && endpoint.is_lookup()
                 && let Err(e) = state.limiter.miss(&client, admitted).await
-                && let Some(suppressed) = MISS_UNCOUNTED.check()
+                && let Some(suppressed) = MISS_UNCOUNTED.check_class(&error_class(&e))
             {
                 tracing::warn!(error = %e, suppressed, "web: a miss could not be counted");
             }
@@ -426,7 +432,7 @@ fn found(
 }
 
 fn store_failed(state: &WebState, e: &kst_core::Error) -> Response {
-    if let Some(suppressed) = STORE_FAILED.check() {
+    if let Some(suppressed) = STORE_FAILED.check_class(&error_class(e)) {
         tracing::warn!(
             store = state.lookup.name(),
             error = %e,

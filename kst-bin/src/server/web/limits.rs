@@ -59,12 +59,80 @@ impl Refusal {
 }
 
 /// An admitted request: for a look-up whose misses are counted, the room held in the
-/// coalescer's queue for its miss ([`super::coalesce::Room`]), given back when this is
-/// dropped (the request ended without a miss) or used by [`Limiter::miss`].
+/// coalescer's queue for its miss ([`super::coalesce::Room`], in a [`MissRoom`]), given back
+/// when this is dropped (the request ended without a miss) or used by [`Limiter::miss`].
 #[derive(Debug)]
 #[must_use = "a look-up's miss is counted with it"]
 pub struct Admitted {
+    room: Option<MissRoom>,
+}
+
+impl Admitted {
+    /// The room held for this look-up's miss, for the handler ([`MissRoom`]); `None` when the
+    /// request is no look-up or no miss is counted.
+    pub fn miss_room(&self) -> Option<MissRoom> {
+        self.room.clone()
+    }
+}
+
+/// The room an admitted look-up holds for its miss ([`Admitted`]), shared with its handler as
+/// a request extension. A handler that waits for something else before it looks up (a turn
+/// for an expensive request, up to seconds) gives the room back while it waits
+/// ([`MissRoom::give_back`]) and holds it again before it looks up ([`MissRoom::hold_again`],
+/// refused as busy like admission): the room bounds the counters' queue for everyone, and
+/// requests waiting seconds for a turn each held it (red team round 7: a few clients queueing
+/// expensive key directory requests filled it, and every look-up of the listener, WKD, VKS and
+/// HKP, was answered 503). A handler must not look up between the two: a miss found without
+/// the room is counted only if the queue has room for it.
+#[derive(Debug, Clone)]
+pub struct MissRoom(Arc<Mutex<RoomSlot>>);
+
+#[derive(Debug)]
+struct RoomSlot {
     room: Option<Room>,
+    hits: usize,
+    counters: Coalescer,
+}
+
+impl MissRoom {
+    fn new(room: Room, counters: &Coalescer) -> MissRoom {
+        MissRoom(Arc::new(Mutex::new(RoomSlot {
+            hits: room.hits(),
+            room: Some(room),
+            counters: counters.clone(),
+        })))
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, RoomSlot> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives the room back to the counters' queue until [`MissRoom::hold_again`].
+    pub fn give_back(&self) {
+        let room = self.slot().room.take();
+        drop(room);
+    }
+
+    /// Holds the room again (nothing to do if it is held). `Err` (temporary, counted in
+    /// `kst_web_counters_busy_total`) when the queue has no room now: the request must then be
+    /// answered without a look-up (503).
+    pub fn hold_again(&self) -> kst_core::Result<()> {
+        let mut slot = self.slot();
+        if slot.room.is_none() {
+            let room = slot.counters.reserve(slot.hits)?;
+            slot.room = Some(room);
+        }
+        Ok(())
+    }
+
+    /// Whether the room is held now.
+    pub fn is_held(&self) -> bool {
+        self.slot().room.is_some()
+    }
+
+    fn take(&self) -> Option<Room> {
+        self.slot().room.take()
+    }
 }
 
 /// The limits, the shared counters and what this process knows to be blocked.
@@ -150,7 +218,10 @@ impl Limiter {
         let misses = usize::from(self.limits.per_client_misses > 0)
             + usize::from(self.limits.global_misses > 0);
         let room = if lookup && misses > 0 {
-            Some(self.counters.reserve(misses)?)
+            Some(MissRoom::new(
+                self.counters.reserve(misses)?,
+                &self.counters,
+            ))
         } else {
             None
         };
@@ -204,9 +275,10 @@ impl Limiter {
         if hits.is_empty() {
             return Ok(());
         }
-        let verdicts = match admitted.room {
+        let verdicts = match admitted.room.as_ref().and_then(MissRoom::take) {
             Some(room) => self.counters.hit_many_in(room, &hits).await?,
-            // Not admitted as a look-up: counted if it fits.
+            // Not admitted as a look-up (or its room given back and not held again: its
+            // handler did not look up): counted if it fits.
             None => self.counters.hit_many(&hits).await?,
         };
         for (hit, within) in hits.iter().zip(verdicts) {
@@ -328,6 +400,66 @@ mod tests {
             l.admit("e", true).await.unwrap().err(),
             Some(Refusal::GlobalMisses),
             "e's first miss after the budget was its last"
+        );
+    }
+
+    /// Red team (round 7): a handler that waits for a turn gives its look-up's room back and
+    /// holds it again before it looks up; refused when others took the room meanwhile; a miss
+    /// is counted in the room held again.
+    #[tokio::test]
+    async fn a_miss_room_given_back_while_waiting_is_held_again_or_refused() {
+        let counters = Arc::new(MemoryRateLimiter::new());
+        let l = Limiter::new(
+            WebLimits {
+                per_client_misses: 5,
+                global_misses: 1_000,
+                ..WebLimits::OFF
+            },
+            counters.clone(),
+        );
+        let admitted = l.admit("a", true).await.unwrap().unwrap();
+        let room = admitted
+            .miss_room()
+            .expect("a look-up holds room for its miss");
+        assert!(room.is_held());
+        assert_eq!(l.counters.reserved_hits(), 2);
+        room.give_back();
+        assert!(!room.is_held());
+        assert_eq!(l.counters.reserved_hits(), 0, "given back while it waits");
+        // Others fill the bound meanwhile (512 look-ups' rooms of 2 hits).
+        let mut others = Vec::new();
+        for i in 0..(super::super::coalesce::MAX_QUEUED_HITS / 2) {
+            others.push(l.admit(&format!("c{i}"), true).await.unwrap().unwrap());
+        }
+        assert!(l.admit("late", true).await.is_err(), "the bound is full");
+        assert!(
+            room.hold_again().is_err(),
+            "no room to hold again: answered 503"
+        );
+        drop(others.pop());
+        room.hold_again().expect("room again");
+        room.hold_again().expect("held already");
+        assert_eq!(
+            l.counters.reserved_hits(),
+            super::super::coalesce::MAX_QUEUED_HITS
+        );
+        // The miss is counted in it, though the bound is full.
+        l.miss("a", admitted).await.unwrap();
+        assert_eq!(
+            l.counters.reserved_hits(),
+            super::super::coalesce::MAX_QUEUED_HITS - 2
+        );
+        drop(others);
+        assert_eq!(l.counters.reserved_hits(), 0);
+        assert!(!counters.is_empty(), "the miss was counted");
+        assert!(
+            l.admit("a", false)
+                .await
+                .unwrap()
+                .unwrap()
+                .miss_room()
+                .is_none(),
+            "no room for a request that is no look-up"
         );
     }
 
