@@ -476,9 +476,8 @@ async fn requests_over_the_client_limit_get_429_with_retry_after() {
     assert_eq!(r.header("access-control-allow-origin"), Some("*"));
 }
 
-/// `kst bench web` speaks HTTP/1.1 itself (no client library): against the real listener it
-/// reads every answer whole on its keep-alive connections, 200s, 404s and 429s alike, and
-/// counts the body bytes the server sent.
+/// `kst bench web` against the real listener: it reads every answer whole on its keep-alive
+/// connections, 200s and 429s alike, and counts the body bytes the server sent.
 #[cfg(feature = "bench")]
 #[tokio::test]
 async fn the_load_tool_reads_every_answer_of_the_real_listener() {

@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Args;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper::header::{HOST, HeaderValue, USER_AGENT};
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::{Mutex, mpsc};
 
 use super::report::{millis, nearest_rank};
@@ -464,203 +467,26 @@ struct Job {
     path: usize,
 }
 
-/// What every connection shares: the requests' bytes, made once before the start.
+/// What every connection shares.
 struct Shared {
     queue: Mutex<mpsc::UnboundedReceiver<Job>>,
     target: String,
-    /// Per path: `GET <path> HTTP/1.1\r\n`.
-    request_lines: Vec<Vec<u8>>,
-    /// The headers every request carries (Host, User-Agent), each line ending in CRLF.
-    common: Vec<u8>,
-    /// Per client: its `X-Forwarded-For` line (none without `--clients`).
-    clients: Vec<Vec<u8>>,
+    host: HeaderValue,
+    paths: Vec<hyper::Uri>,
+    clients: Vec<HeaderValue>,
     timeout: Duration,
 }
 
-impl Shared {
-    /// The bytes of `job`'s request, into `out` (cleared first).
-    fn request(&self, job: &Job, out: &mut Vec<u8>) {
-        out.clear();
-        out.extend_from_slice(&self.request_lines[job.path]);
-        out.extend_from_slice(&self.common);
-        if !self.clients.is_empty() {
-            let c = (job.index % self.clients.len() as u64) as usize;
-            out.extend_from_slice(&self.clients[c]);
-        }
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
-/// The request line of `path` (one [`parse_paths`] accepted).
-fn request_line(path: &hyper::Uri) -> Vec<u8> {
-    let target = path.path_and_query().map_or("/", |p| p.as_str());
-    format!("GET {target} HTTP/1.1\r\n").into_bytes()
-}
-
-/// Longest response head read (status line and headers).
-const MAX_HEAD: usize = 64 * 1024;
-
-/// Where a buffer stands with one HTTP/1.1 response at its start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framed {
-    /// More bytes are needed.
-    Incomplete,
-    /// A whole response: its status, its body's length, the bytes it takes in the buffer, and
-    /// whether the server closes the connection after it.
-    Complete {
-        /// The status code.
-        status: u16,
-        /// Body bytes (chunked: the chunks' data).
-        body: u64,
-        /// Bytes of the response (head and body) at the start of the buffer.
-        len: usize,
-        /// `Connection: close`, or HTTP/1.0 without keep-alive.
-        close: bool,
-    },
-}
-
-/// Frames the response at the start of `buf` to a GET: status line, headers, and a body
-/// delimited by `Content-Length` or chunked (none for 1xx, 204 and 304). A response that is
-/// neither (read to the end of the connection) or malformed is an error: `kst serve`'s
-/// answers always frame their bodies.
-pub fn frame_response(buf: &[u8]) -> anyhow::Result<Framed> {
-    let Some(head_end) = find(buf, b"\r\n\r\n") else {
-        if buf.len() > MAX_HEAD {
-            bail!("a response head longer than {MAX_HEAD} bytes");
-        }
-        return Ok(Framed::Incomplete);
-    };
-    let head = std::str::from_utf8(&buf[..head_end]).context("a response head not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    let status: u16 = match (version, parts.next()) {
-        ("HTTP/1.1" | "HTTP/1.0", Some(code)) if code.len() == 3 => code
-            .parse()
-            .with_context(|| format!("not a status line: {status_line:?}"))?,
-        _ => bail!("not a status line: {status_line:?}"),
-    };
-    let mut length = None;
-    let mut chunked = false;
-    let mut close = version == "HTTP/1.0";
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            bail!("not a header line: {line:?}");
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            length = Some(
-                value
-                    .parse::<u64>()
-                    .with_context(|| format!("Content-Length: {value:?}"))?,
-            );
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = value
-                .rsplit(',')
-                .next()
-                .is_some_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in value.split(',') {
-                let token = token.trim();
-                if token.eq_ignore_ascii_case("close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case("keep-alive") {
-                    close = false;
-                }
-            }
-        }
-    }
-    let body_at = head_end + 4;
-    if (100..200).contains(&status) || status == 204 || status == 304 {
-        return Ok(Framed::Complete {
-            status,
-            body: 0,
-            len: body_at,
-            close,
-        });
-    }
-    if chunked {
-        return Ok(match dechunk(&buf[body_at..])? {
-            Some((body, used)) => Framed::Complete {
-                status,
-                body,
-                len: body_at + used,
-                close,
-            },
-            None => Framed::Incomplete,
-        });
-    }
-    let Some(length) = length else {
-        bail!("a {status} response with neither Content-Length nor chunked framing");
-    };
-    let end = usize::try_from(length)
-        .ok()
-        .and_then(|l| body_at.checked_add(l))
-        .context("Content-Length too large")?;
-    Ok(if buf.len() >= end {
-        Framed::Complete {
-            status,
-            body: length,
-            len: end,
-            close,
-        }
-    } else {
-        Framed::Incomplete
-    })
-}
-
-/// A chunked body at the start of `buf`: its data's length and the bytes it takes (through
-/// the trailers' blank line), or `None` when incomplete.
-fn dechunk(buf: &[u8]) -> anyhow::Result<Option<(u64, usize)>> {
-    let mut at = 0;
-    let mut data = 0u64;
-    loop {
-        let Some(eol) = find(&buf[at..], b"\r\n") else {
-            return Ok(None);
-        };
-        let line = std::str::from_utf8(&buf[at..at + eol]).context("a chunk size not UTF-8")?;
-        let hex = line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(hex, 16)
-            .with_context(|| format!("not a chunk size: {line:?}"))?;
-        at += eol + 2;
-        if size == 0 {
-            // Trailers, then a blank line.
-            loop {
-                let Some(eol) = find(&buf[at..], b"\r\n") else {
-                    return Ok(None);
-                };
-                at += eol + 2;
-                if eol == 0 {
-                    return Ok(Some((data, at)));
-                }
-            }
-        }
-        let next = at.checked_add(size).context("a chunk too large")?;
-        if buf.len() < next + 2 {
-            return Ok(None);
-        }
-        if &buf[next..next + 2] != b"\r\n" {
-            bail!("a chunk not followed by CRLF");
-        }
-        data += size as u64;
-        at = next + 2;
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// One keep-alive HTTP/1.1 connection, spoken directly: a request's bytes go out in one
-/// write, its answer is read into a buffer kept for the next one and framed by
-/// [`frame_response`]. No client library, no task of its own: the fewest wake-ups and
-/// copies per request, so the tool takes little of the cores the server needs.
+/// One keep-alive HTTP/1.1 connection; its driver task ends with it.
 struct Link {
-    stream: tokio::net::TcpStream,
-    buf: Vec<u8>,
-    /// The server said it closes the connection after its last answer.
-    closing: bool,
+    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
 }
 
 impl Link {
@@ -669,54 +495,42 @@ impl Link {
             .await
             .with_context(|| format!("cannot connect to {target}"))?;
         stream.set_nodelay(true)?;
-        Ok(Link {
-            stream,
-            buf: Vec::with_capacity(16 * 1024),
-            closing: false,
-        })
-    }
-
-    /// Writes `request` and reads its answer: the status and the body's length.
-    async fn exchange(&mut self, request: &[u8]) -> anyhow::Result<(u16, u64)> {
-        self.stream.write_all(request).await?;
-        loop {
-            if let Framed::Complete {
-                status,
-                body,
-                len,
-                close,
-            } = frame_response(&self.buf)?
-            {
-                self.buf.drain(..len);
-                self.closing = close;
-                return Ok((status, body));
-            }
-            if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(16 * 1024);
-            }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                bail!("the server closed the connection before the answer was complete");
-            }
-        }
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .with_context(|| format!("HTTP/1.1 with {target}"))?;
+        let driver = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Link { sender, driver })
     }
 }
 
-/// Sends `job` on `link` (opening one when there is none, or when the server closed the last
-/// one): the status and the body's length.
+/// Sends `job` on `link` (opening one when there is none): the status and the body's length.
 async fn exchange(
     link: &mut Option<Link>,
     shared: &Shared,
     job: &Job,
-    request: &mut Vec<u8>,
 ) -> anyhow::Result<(u16, u64)> {
-    if link.as_ref().is_none_or(|l| l.closing) {
+    if link.is_none() {
         *link = Some(Link::open(&shared.target).await?);
     }
     let Some(l) = link.as_mut() else {
         bail!("no connection");
     };
-    shared.request(job, request);
-    l.exchange(request).await
+    let mut request = hyper::Request::builder()
+        .uri(shared.paths[job.path].clone())
+        .header(HOST, shared.host.clone())
+        .header(USER_AGENT, "kst-bench");
+    if !shared.clients.is_empty() {
+        let c = (job.index % shared.clients.len() as u64) as usize;
+        request = request.header("x-forwarded-for", shared.clients[c].clone());
+    }
+    let request = request.body(Empty::new())?;
+    l.sender.ready().await?;
+    let response = l.sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, body.len() as u64))
 }
 
 /// One connection's loop: takes the next due request until the schedule is done; its samples
@@ -729,26 +543,21 @@ async fn connection(
 ) -> (Vec<Sample>, u64) {
     let mut samples = Vec::new();
     let mut bytes = 0;
-    let mut request = Vec::with_capacity(512);
     // Since when this connection has been free for the next request.
     let mut free_since = ready;
     loop {
         let job = shared.queue.lock().await.recv().await;
         let Some(job) = job else { break };
         let sent = Instant::now();
-        let answer = match tokio::time::timeout(
-            shared.timeout,
-            exchange(&mut link, &shared, &job, &mut request),
-        )
-        .await
-        {
-            Ok(Ok((status, len))) => {
-                bytes += len;
-                Answer::Status(status)
-            }
-            Ok(Err(_)) => Answer::Error,
-            Err(_) => Answer::Timeout,
-        };
+        let answer =
+            match tokio::time::timeout(shared.timeout, exchange(&mut link, &shared, &job)).await {
+                Ok(Ok((status, len))) => {
+                    bytes += len;
+                    Answer::Status(status)
+                }
+                Ok(Err(_)) => Answer::Error,
+                Err(_) => Answer::Timeout,
+            };
         if !matches!(answer, Answer::Status(_)) {
             link = None; // a new connection for the next request
         }
@@ -850,20 +659,14 @@ async fn load(args: WebArgs) -> anyhow::Result<WebReport> {
         bail!("--clients-from + --clients runs past 255.255.255.255");
     }
     let target = target_of(&args.url)?;
-    let host = args.host.as_deref().unwrap_or(&target);
-    hyper::header::HeaderValue::from_str(host).context("--host is no header value")?;
+    let host = HeaderValue::from_str(args.host.as_deref().unwrap_or(&target))
+        .context("--host is no header value")?;
     let text = std::fs::read_to_string(&args.paths)
         .with_context(|| format!("cannot read --paths {}", args.paths.display()))?;
     let paths = parse_paths(&text).with_context(|| format!("--paths {}", args.paths.display()))?;
     let clients = (0..args.clients)
-        .map(|c| {
-            format!(
-                "X-Forwarded-For: {}\r\n",
-                client_address(args.clients_from, c)
-            )
-            .into_bytes()
-        })
-        .collect();
+        .map(|c| HeaderValue::from_str(&client_address(args.clients_from, c).to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let mut links = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
@@ -873,8 +676,8 @@ async fn load(args: WebArgs) -> anyhow::Result<WebReport> {
     let shared = Arc::new(Shared {
         queue: Mutex::new(queue),
         target: target.clone(),
-        request_lines: paths.iter().map(request_line).collect(),
-        common: format!("Host: {host}\r\nUser-Agent: kst-bench\r\n").into_bytes(),
+        host,
+        paths,
         clients,
         timeout: Duration::from_secs_f64(args.timeout),
     });
@@ -889,7 +692,7 @@ async fn load(args: WebArgs) -> anyhow::Result<WebReport> {
         .collect();
     let start = Instant::now();
     let cpu_at_start = process_cpu();
-    let (n, seed) = (shared.request_lines.len(), args.seed);
+    let (n, seed) = (shared.paths.len(), args.seed);
     let every = Duration::from_secs_f64(args.tick / 1000.0);
     let ticker = std::thread::Builder::new()
         .name("kst-bench-tick".into())
@@ -1111,75 +914,6 @@ mod tests {
     }
 
     #[test]
-    fn responses_are_framed_by_length_or_chunks() {
-        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\netag: \"x\"\r\n\r\nhello";
-        let complete = |status, body, len, close| Framed::Complete {
-            status,
-            body,
-            len,
-            close,
-        };
-        assert_eq!(
-            frame_response(ok).unwrap(),
-            complete(200, 5, ok.len(), false)
-        );
-        // Every prefix is incomplete, never an error or a shorter answer.
-        for n in 0..ok.len() {
-            assert_eq!(frame_response(&ok[..n]).unwrap(), Framed::Incomplete, "{n}");
-        }
-        // The next answer's bytes after it are left alone.
-        let mut two = ok.to_vec();
-        two.extend_from_slice(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
-        assert_eq!(
-            frame_response(&two).unwrap(),
-            complete(200, 5, ok.len(), false)
-        );
-        assert_eq!(
-            frame_response(&two[ok.len()..]).unwrap(),
-            complete(404, 0, two.len() - ok.len(), false)
-        );
-        let not_modified = b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n";
-        assert_eq!(
-            frame_response(not_modified).unwrap(),
-            complete(304, 0, not_modified.len(), false)
-        );
-        let closing =
-            b"HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\nContent-Length: 2\r\n\r\nno";
-        assert_eq!(
-            frame_response(closing).unwrap(),
-            complete(429, 2, closing.len(), true)
-        );
-        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\na;x=1\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\n";
-        assert_eq!(
-            frame_response(chunked).unwrap(),
-            complete(200, 15, chunked.len(), false)
-        );
-        for n in 0..chunked.len() {
-            assert_eq!(
-                frame_response(&chunked[..n]).unwrap(),
-                Framed::Incomplete,
-                "{n}"
-            );
-        }
-        for bad in [
-            &b"HTTP/1.1 200 OK\r\n\r\n"[..],
-            b"HTTP/2 200\r\ncontent-length: 0\r\n\r\n",
-            b"HTTP/1.1 2000 OK\r\ncontent-length: 0\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\nab\r\n",
-        ] {
-            assert!(
-                frame_response(bad).is_err(),
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-        assert!(frame_response(&vec![b'a'; MAX_HEAD + 1]).is_err());
-    }
-
-    #[test]
     fn cpu_time_is_read_from_proc_stat() {
         let line =
             "4242 (kst bench) web) S 1 4242 4242 0 -1 4194560 1200 0 0 0 250 37 0 0 20 0 4 0";
@@ -1197,42 +931,6 @@ mod tests {
                 process_cpu()
             );
         }
-    }
-
-    #[test]
-    fn requests_are_written_from_their_parts() {
-        let paths =
-            parse_paths("/vks/v1/by-email/a%40example.net\n/pks/lookup?op=get&search=x\n").unwrap();
-        let shared = Shared {
-            queue: Mutex::new(mpsc::unbounded_channel().1),
-            target: "127.0.0.1:1".into(),
-            request_lines: paths.iter().map(request_line).collect(),
-            common: b"Host: example.test\r\nUser-Agent: kst-bench\r\n".to_vec(),
-            clients: vec![
-                b"X-Forwarded-For: 127.9.0.0\r\n".to_vec(),
-                b"X-Forwarded-For: 127.9.0.1\r\n".to_vec(),
-            ],
-            timeout: Duration::from_secs(1),
-        };
-        let mut out = b"left over".to_vec();
-        let job = |index, path| Job {
-            index,
-            due: Instant::now(),
-            path,
-        };
-        shared.request(&job(3, 1), &mut out);
-        assert_eq!(
-            String::from_utf8(out.clone()).unwrap(),
-            "GET /pks/lookup?op=get&search=x HTTP/1.1\r\nHost: example.test\r\n\
-             User-Agent: kst-bench\r\nX-Forwarded-For: 127.9.0.1\r\n\r\n"
-        );
-        shared.request(&job(4, 0), &mut out);
-        assert!(
-            out.starts_with(b"GET /vks/v1/by-email/a%40example.net HTTP/1.1\r\n")
-                && out.ends_with(b"X-Forwarded-For: 127.9.0.0\r\n\r\n"),
-            "{}",
-            String::from_utf8_lossy(&out)
-        );
     }
 
     #[test]
