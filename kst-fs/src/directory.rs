@@ -27,9 +27,10 @@
 //! where the caller is answered. Then, on the same blocking thread and still holding the lock,
 //! the epoch's files are written without syncing (nodes and value states overwritten in
 //! place: a temporary name, a `rename` and a freed inode per file cost about 20 times the
-//! write on ext4; the root renamed into place last, the head linked after it; readers wait on
-//! the lock meanwhile), and every 64 epochs a background
-//! `syncfs(2)` makes them durable and moves the journal's checkpoint, removing the frames
+//! write on ext4; the head linked, then the root renamed into place last, so a writer that
+//! dies before the root leaves its frame after the root, to be rolled forward, head and all;
+//! readers wait on the lock meanwhile), and every 64 epochs a background `syncfs(2)` makes
+//! them durable and moves the journal's checkpoint, removing the frames
 //! under it. So an epoch costs one small file's flush, not a flush of every dirty page of the
 //! file system (other programs' writes on a shared disk made that 70 ms and more). A writer
 //! that died after its frame left an epoch the next commit (or a process's first read of
@@ -381,23 +382,31 @@ fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
     Ok(())
 }
 
-/// Writes the files of an epoch whose frame is durable: nodes and value states (renamed into
-/// place, not synced), the root last (renamed into place), then its head (linked unless one
-/// is there). A reader at the old epoch still reads the old epoch meanwhile (a node keeps its
-/// previous value), and a writer that dies half-way leaves the frame for the next one.
+/// Writes the files of an epoch whose frame is durable: nodes and value states (overwritten
+/// in place, not synced), its head (linked unless one is there), then the root, last
+/// (renamed into place). A reader at the old epoch still reads the old epoch meanwhile (a
+/// node keeps its previous value), and a writer that dies half-way leaves the frame for the
+/// next one: the frame lies after the stored root until the root is written, so whatever
+/// came before it is written again ([`roll_forward`]). The head goes before the root for
+/// that reason: a writer that died between a root written first and its head (a one-shot
+/// `kst deliver` exits while its log's thread writes the files) left the epoch committed
+/// without its head and nothing to roll forward; the next one to need the head signed it
+/// late with its own clock (`a_writer_dying_anywhere_in_its_files_leaves_its_head`).
 fn materialize(dir: &Path, batch: &RecordBatch) -> Result<(), DirectoryStoreError> {
     for (key, blob) in &batch.nodes {
+        cut::step()?;
         write_in_place(&node_path(dir, key), blob)?;
     }
     for vs in &batch.value_states {
+        cut::step()?;
         let path = values_dir(dir, &vs.label).join(format!("{:020}", vs.epoch));
         write_in_place(&path, &vs.blob)?;
     }
     let Some(root) = &batch.root else {
         return Ok(());
     };
-    write_unsynced_dir(&dir.join("root"), &root_bytes(root))?;
     if let Some(head) = &batch.head {
+        cut::step()?;
         let heads = heads_dir(dir);
         let path = heads.join(epoch_name(root.epoch));
         let temp = heads.join(format!(".tmp-{:016x}", rand_suffix()));
@@ -410,7 +419,8 @@ fn materialize(dir: &Path, batch: &RecordBatch) -> Result<(), DirectoryStoreErro
         let _ = std::fs::remove_file(&temp);
         linked.map_err(|e| unavailable("link", &path, e))?;
     }
-    Ok(())
+    cut::step()?;
+    write_unsynced_dir(&dir.join("root"), &root_bytes(root))
 }
 
 /// Overwrites `path` with `bytes` in place, unsynced (the journal's frame holds them
@@ -560,6 +570,46 @@ mod gate {
         if let Some(gate) = gate {
             let _ = gate.recv();
         }
+    }
+}
+
+/// A test's stand-in for a writer that dies part-way through an epoch's files (a one-shot
+/// `kst deliver` whose process exits while its log's thread still writes them): with
+/// [`cut::after`] set on a thread, [`materialize`] on that thread stops before its `n`th
+/// file operation. Outside tests [`cut::step`] does nothing.
+mod cut {
+    use kst_core::transparency::DirectoryStoreError;
+
+    #[cfg(test)]
+    thread_local! {
+        static LEFT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// Cuts [`super::materialize`] on this thread short before its `n`th file operation
+    /// (counted from 0); `None`: not at all.
+    #[cfg(test)]
+    pub(super) fn after(n: Option<usize>) {
+        LEFT.with(|left| left.set(n));
+    }
+
+    /// Before each file operation of [`super::materialize`]: the error that stops it where a
+    /// test cuts the writer short.
+    #[inline]
+    pub(super) fn step() -> Result<(), DirectoryStoreError> {
+        #[cfg(test)]
+        if LEFT.with(|left| match left.get() {
+            Some(0) => true,
+            Some(n) => {
+                left.set(Some(n - 1));
+                false
+            }
+            None => false,
+        }) {
+            return Err(DirectoryStoreError::Unavailable(
+                "the writer died here (a test's cut)".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -1418,6 +1468,44 @@ mod tests {
         write_in_place(&node_path(&dir, &node(99)), b"s2").unwrap();
         read_whole(&a).await;
         holds(&a, 2).await;
+    }
+
+    /// CI flake of `rt18_a_back_dated_deletion_is_not_the_owners` (issue 18): a writer that
+    /// dies anywhere in an epoch's files after its commit point (a one-shot `kst deliver`
+    /// exits while its log's thread still writes them) leaves an epoch that every reader,
+    /// a process of the pool that read the domain before or one reading it first, finds
+    /// whole with the head in its frame. Never the root without that head: nothing rolled
+    /// it forward, and the next one to need it signed it late with its own clock (the
+    /// insider's writer, whose back-dated clock then hid the back-dating).
+    #[tokio::test]
+    async fn a_writer_dying_anywhere_in_its_files_leaves_its_head() {
+        let mut cuts = 0;
+        for n in 0.. {
+            let tmp = tempfile::tempdir().unwrap();
+            let (a, dir) = at_epoch_1(tmp.path()).await;
+            holds(&a, 1).await;
+            journal::write_frame(&dir, &epoch(2)).unwrap();
+            cut::after(Some(n));
+            let whole = materialize(&dir, &epoch(2)).is_ok();
+            cut::after(None);
+            if n % 2 == 1 {
+                // A process that has not read the domain yet.
+                forget_recovered(&dir, "boot-1");
+            }
+            let root = read_root(&dir).unwrap();
+            let head = std::fs::read(heads_dir(&dir).join(epoch_name(2))).ok();
+            assert!(
+                root.as_ref().is_some_and(|(e, _)| *e == 1)
+                    || head.as_deref() == Some(b"h2".as_slice()),
+                "cut before file operation {n}: epoch 2's root without its head ({root:?})"
+            );
+            holds(&a, 2).await;
+            if whole {
+                break;
+            }
+            cuts += 1;
+        }
+        assert_eq!(cuts, 5, "two nodes, a value state, the root and the head");
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@
 //!
 //! The fs directory's commit (kst-fs `directory.rs`) is then: under the domain's lock, the
 //! fence; the frame written and synced (**the commit point**: the caller is answered); the
-//! epoch's files written, on the same thread under the same lock, unsynced (nodes and value states overwritten in place, the root renamed into place last;
+//! epoch's files written, on the same thread under the same lock, unsynced (nodes and value states overwritten in place, the head linked, the root renamed into place last;
 //! readers wait on the lock meanwhile); every 64 epochs a background `syncfs(2)` moves the
 //! checkpoint up and removes the frames under it. A writer that died after its frame was
 //! durable left an epoch the next writer rolls forward (writes its files) before checking

@@ -44,6 +44,7 @@ pub async fn run_all(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
     an_altered_head_stops_the_backfill(Arc::clone(&a)).await;
     a_head_after_the_latest_epoch_is_never_built_over(Arc::clone(&a), Arc::clone(&b)).await;
     a_far_behind_client_catches_up_in_steps(Arc::clone(&a), Arc::clone(&b)).await;
+    a_stale_writer_is_fenced(Arc::clone(&a), Arc::clone(&b)).await;
     two_writers_one_history(a, b).await;
 }
 
@@ -1325,6 +1326,110 @@ pub async fn two_writers_one_history(a: Arc<dyn DirectoryStore>, b: Arc<dyn Dire
                 .unwrap_or_else(|e| panic!("pool: {addr} through the other instance: {e}"));
         }
     }
+}
+
+/// A writer building on the epoch it committed itself asks the store nothing before its tree
+/// work (it keeps akd's cache and the value states it committed): when another process
+/// committed in between, that batch was built on a stale view, and the backend's fence must
+/// refuse it and the writer build it again from the store. Writer A records three versions
+/// of one address, the third after writer B (another store instance) recorded one between:
+/// A's third attempt is fenced once ([`DomainLog::fenced`]) and lands after B's epoch with
+/// the next version; the history is one (every epoch once, the append-only proof verifies)
+/// and both instances read the same entries.
+pub async fn a_stale_writer_is_fenced(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
+    const D: &str = "stale.example";
+    let keys_a = LogKeys::generate(D);
+    let keys_b = LogKeys::parse(&keys_a.to_file()).unwrap();
+    let head_key = keys_a.head.public_key();
+    let log_a = DomainLog::open(a, keys_a).await.unwrap();
+    let log_b = DomainLog::open(b, keys_b).await.unwrap();
+    let alice = address("alice@stale.example");
+    let bob = address("bob@stale.example");
+    let mut roots = BTreeMap::new();
+    let mut recorded = |what: &str, synced: crate::transparency::Result<Synced>| match synced {
+        Ok(Synced::Recorded {
+            epoch,
+            root_hash,
+            entry,
+        }) => {
+            assert!(
+                roots.insert(epoch, root_hash).is_none(),
+                "stale: {what}: epoch {epoch} committed twice"
+            );
+            (epoch, entry)
+        }
+        other => panic!("stale: {what}: {other:?}"),
+    };
+    let v = |version: u64| record(&alice, 3, version, version);
+    // A: version 1, then version 2 on its own epoch (no read of the root between).
+    let (e1, _) = recorded("a v1", log_a.sync(&alice, Some(&v(1)), 10).await);
+    let (e2, entry) = recorded("a v2", log_a.sync(&alice, Some(&v(2)), 11).await);
+    assert_eq!(
+        (e2, entry.version),
+        (e1 + 1, 2),
+        "stale: A's second version on its own epoch"
+    );
+    // B (another process) commits version 3 and bob's key.
+    let (e3, entry) = recorded("b v3", log_b.sync(&alice, Some(&v(3)), 12).await);
+    assert_eq!((e3, entry.version), (e2 + 1, 3), "stale: B's epoch");
+    let rec_bob = record(&bob, 3, 9, 1);
+    let (e4, _) = recorded("b bob", log_b.sync(&bob, Some(&rec_bob), 13).await);
+    assert_eq!(log_a.fenced(), 0, "stale: nothing fenced yet");
+    // A builds version 4 on its own epoch e2 (stale: B committed e3 and e4). The fence
+    // refuses it; rebuilt from the store, it lands after B's epochs as the next version.
+    let (e5, entry) = recorded("a v4", log_a.sync(&alice, Some(&v(4)), 14).await);
+    assert_eq!(
+        log_a.fenced(),
+        1,
+        "stale: A's batch built on its own (stale) epoch {e2} was refused by the fence once"
+    );
+    assert_eq!(
+        (e5, entry.version),
+        (e4 + 1, 4),
+        "stale: A's rebuilt batch follows B's epochs with the next version"
+    );
+    assert_eq!(log_b.fenced(), 0, "stale: B was never fenced");
+    // A again on its own epoch: no fence.
+    let (e6, entry) = recorded("a v5", log_a.sync(&alice, Some(&v(5)), 15).await);
+    assert_eq!(
+        (e6, entry.version, log_a.fenced()),
+        (e5 + 1, 5, 1),
+        "stale: A on its own epoch again"
+    );
+    // One history, read alike through both instances.
+    let history = log_b.entries(&alice).await.unwrap();
+    let versions: Vec<(u64, u64)> = history.iter().map(|(e, d)| (*e, d.version)).collect();
+    assert_eq!(
+        versions,
+        vec![(e1, 1), (e2, 2), (e3, 3), (e5, 4), (e6, 5)],
+        "stale: alice's history: {}",
+        show_history(&history)
+    );
+    assert_eq!(
+        log_a.entries(&alice).await.unwrap(),
+        history,
+        "stale: both instances"
+    );
+    assert_eq!(
+        log_a.entries(&bob).await.unwrap().pop().map(|(_, e)| e),
+        Some(DirectoryEntry::for_record(&rec_bob)),
+        "stale: bob's key, committed by B, is there for A"
+    );
+    audit_all(&log_a, &roots).await;
+    log_a
+        .answer(&alice, 20)
+        .await
+        .unwrap()
+        .verify(&head_key, &alice, Served::Key(&v(5).key))
+        .await
+        .unwrap_or_else(|e| panic!("stale: alice's answer through A: {e}"));
+    log_b
+        .answer(&bob, 20)
+        .await
+        .unwrap()
+        .verify(&head_key, &bob, Served::Key(&rec_bob.key))
+        .await
+        .unwrap_or_else(|e| panic!("stale: bob's answer through B: {e}"));
 }
 
 /// Writers per process in [`one_address_in_store_order`].

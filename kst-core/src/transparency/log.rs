@@ -176,6 +176,8 @@ pub struct DomainLog {
     step_limit: Option<StepBudget>,
     /// Tree nodes the step planner read, in all ([`DomainLog::step_reads`]).
     step_reads: Arc<std::sync::atomic::AtomicU64>,
+    /// Epoch batches the store's fence refused ([`DomainLog::fenced`]).
+    fenced: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One change of an address counted in [`DomainLog::queued_per_address`] until it is
@@ -302,6 +304,10 @@ struct Worker {
     /// The newest epoch (with its root) whose stored head this writer stored or checked:
     /// heads are never replaced, so it is not read again before the next epoch is built.
     head_known: std::cell::Cell<Option<(u64, [u8; 32])>>,
+    /// The epoch (with its root) this writer committed last, while its next attempt may
+    /// build on it without asking the store whether another process committed since
+    /// ([`Worker::round`]); cleared by any failed attempt.
+    own_commit: std::cell::Cell<Option<(u64, [u8; 32])>>,
     /// Where the background backfill of missing heads stands.
     backfill: Backfill,
     /// The first epoch after the latest that has a stored head although the directory never
@@ -309,6 +315,8 @@ struct Worker {
     ahead: std::cell::Cell<Option<u64>>,
     /// Tree nodes the step planner read ([`DomainLog::step_reads`]).
     step_reads: Arc<std::sync::atomic::AtomicU64>,
+    /// Epoch batches the store's fence refused ([`DomainLog::fenced`]).
+    fenced: Arc<std::sync::atomic::AtomicU64>,
     /// The newest epoch's own step, as last counted.
     newest_step: std::cell::Cell<Option<NewestStep>>,
     /// After a failed open: until when requests fail with its error ([`Worker::open`]).
@@ -473,6 +481,8 @@ impl DomainLog {
         let caller = tokio::runtime::Handle::current();
         let step_reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let worker_step_reads = Arc::clone(&step_reads);
+        let fenced = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let worker_fenced = Arc::clone(&fenced);
         std::thread::Builder::new()
             .name(format!("kst-log-{domain}"))
             .spawn(move || {
@@ -495,9 +505,11 @@ impl DomainLog {
                         opened: None,
                         store: worker_store,
                         head_known: std::cell::Cell::new(None),
+                        own_commit: std::cell::Cell::new(None),
                         backfill: Backfill::default(),
                         ahead: std::cell::Cell::new(None),
                         step_reads: worker_step_reads,
+                        fenced: worker_fenced,
                         newest_step: std::cell::Cell::new(None),
                         open_backoff: OpenBackoff::default(),
                     };
@@ -580,6 +592,7 @@ impl DomainLog {
             queued_per_address: std::sync::Mutex::new(std::collections::HashMap::new()),
             step_limit: None,
             step_reads,
+            fenced,
         })
     }
 
@@ -590,6 +603,15 @@ impl DomainLog {
     /// 64`).
     pub fn step_reads(&self) -> u64 {
         self.step_reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Epoch batches this log's writer built and the store's fence refused since the log was
+    /// opened: another process (a pool's other instance, `kst deliver`) had committed since
+    /// the epoch the batch was built on, and the writer built it again from the store. A
+    /// writer building on the epoch it committed itself asks the store nothing before its
+    /// tree work, so this is where another writer's commit in between shows.
+    pub fn fenced(&self) -> u64 {
+        self.fenced.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The served domain.
@@ -1119,7 +1141,8 @@ impl Worker {
         {
             return Err(e.clone());
         }
-        let db = StoredDirectory::new(Arc::clone(&self.store), &self.keys.domain);
+        let db = StoredDirectory::new(Arc::clone(&self.store), &self.keys.domain)
+            .counting_fenced_in(Arc::clone(&self.fenced));
         match KeyDirectory::open_cached(db.clone(), self.keys.vrf.clone()).await {
             Ok(directory) => {
                 self.open_backoff = OpenBackoff::default();
@@ -1344,7 +1367,8 @@ impl Worker {
         while !pending.is_empty() {
             // Every attempt reads afresh what another process may have committed: akd's node
             // cache (and the epoch it gives) is kept only while nobody else committed, which
-            // `round` checks next to its reads.
+            // `round` checks next to its reads (or, on the epoch this writer committed last,
+            // leaves to the fence).
             let started = std::time::Instant::now();
             let current = self.current().await.ok();
             let built_on = current.map(|(e, _)| e);
@@ -1374,7 +1398,9 @@ impl Worker {
                 }
                 Err(e) => {
                     failures += 1;
-                    // What akd cached during a failed attempt is not trusted.
+                    // What akd cached during a failed attempt is not trusted, and the next
+                    // attempt asks the store what it holds.
+                    self.own_commit.set(None);
                     self.forget().await;
                     if failures < MAX_ATTEMPTS && self.retryable(&e, built_on).await {
                         tracing::info!(domain = %self.keys.domain, attempt = failures, error = %e, "directory epoch moved under this writer; reading the store again");
@@ -1410,15 +1436,22 @@ impl Worker {
                     .spawn(async move { source.current(&address).await })
             })
             .collect();
-        // Every pending address's value states in one read (kept for akd's `publish`), and at
-        // the same time the check that no other process committed since this writer last read
-        // or wrote the root (the epoch pinned, and akd's node cache, came from there): one
-        // round trip less per epoch. The store reads above are later than what the pinned
-        // epoch was learnt from, so the order argument of the module docs holds; a batch built
-        // on a stale cache would be refused by the fence, the check only spares building it.
+        // Every pending address's value states in one read (kept for akd's `publish`; none
+        // for the addresses this writer committed in the epoch pinned), and at the same time
+        // the check that no other process committed since this writer last read or wrote the
+        // root (the epoch pinned, and akd's node cache, came from there): one round trip less
+        // per epoch. The store reads above are later than what the pinned epoch was learnt
+        // from, so the order argument of the module docs holds; a batch built on a stale cache
+        // is refused by the fence, the check only spares building it. So the check is left
+        // out when the pinned epoch is the one this writer committed last: then the cache is
+        // what it wrote, and only another process's commit since (in a pool) can make it
+        // stale, which the fence refuses (`StoredDirectory::fenced`) and the next attempt
+        // reads again from the store.
         let labels: Vec<_> = pending.keys().map(super::directory_label).collect();
         let db = &self.opened()?.db;
-        let (unchanged, prefetched) = tokio::join!(db.unchanged(), db.prefetch(&labels));
+        let own = built_on.is_some() && self.own_commit.get() == built_on;
+        let check = async { if own { Ok(true) } else { db.unchanged().await } };
+        let (unchanged, prefetched) = tokio::join!(check, db.prefetch(&labels));
         prefetched.map_err(|e| TransparencyError::Directory(e.to_string()))?;
         if !matches!(unchanged, Ok(true)) {
             return Err(TransparencyError::Conflict(
@@ -1517,6 +1550,7 @@ impl Worker {
                 "another writer recorded the same entries first".into(),
             ));
         }
+        self.own_commit.set(Some((epoch, root_hash)));
         // One line per epoch, with its root (next to the stored head: the test of a pool
         // audits the history against these lines).
         tracing::info!(

@@ -290,7 +290,12 @@ pub trait DirectoryStore: Send + Sync {
 /// While pinned, value states are read as of the pinned epoch (newer ones are hidden, as a
 /// batch built on them would be refused anyway) and kept until the pin changes, so the
 /// writer's reads of an epoch's addresses ([`StoredDirectory::prefetch`]) and akd's own
-/// reads of the same labels in `publish` cost one backend call together.
+/// reads of the same labels in `publish` cost one backend call together. An epoch batch this
+/// handle commits moves what is kept to the new epoch: the states of the batch's labels with
+/// the batch's own added (states of other labels are dropped, bounding what is kept), so the
+/// writer's next epoch, pinned on that one, reads none of them again. A batch built on a
+/// stale view (another process committed meanwhile) is refused by the backend's fence, and
+/// what is kept is dropped with it.
 ///
 /// Clones also share what this handle last read or wrote of the root record and the tree's
 /// root node: [`StoredDirectory::unchanged`] compares that with the store, so the writer
@@ -299,8 +304,8 @@ pub struct StoredDirectory<T: ?Sized> {
     store: Arc<T>,
     domain: String,
     pinned: Arc<Mutex<Option<u64>>>,
-    /// Value states read at the pinned epoch, by label (cleared whenever the pin is set).
-    memo: Arc<Mutex<HashMap<Vec<u8>, Vec<ValueState>>>>,
+    /// Value states as of one epoch, by label ([`Memo`]).
+    memo: Arc<Mutex<Memo>>,
     /// The root record and root node this handle last read or committed.
     seen: Arc<Mutex<Seen>>,
     /// Signs the head each epoch batch carries ([`StoredDirectory::sign_heads`]).
@@ -311,6 +316,24 @@ pub struct StoredDirectory<T: ?Sized> {
     committed: Arc<AtomicU64>,
     /// How long the backend took for the last batch ([`StoredDirectory::last_commit_micros`]).
     commit_micros: Arc<AtomicU64>,
+    /// Epoch batches the backend's fence refused ([`StoredDirectory::fenced`]).
+    fenced: Arc<AtomicU64>,
+}
+
+/// The committed value states of some labels, each list complete as of `epoch` (oldest
+/// first): read while pinned at `epoch`, or committed by this handle in the batch that made
+/// `epoch`. Used only while the pin is `epoch`.
+#[derive(Debug, Default)]
+struct Memo {
+    epoch: Option<u64>,
+    states: HashMap<Vec<u8>, Vec<ValueState>>,
+}
+
+impl Memo {
+    fn clear(&mut self, epoch: Option<u64>) {
+        self.epoch = epoch;
+        self.states.clear();
+    }
 }
 
 /// An epoch and its root hash.
@@ -341,6 +364,7 @@ impl<T: ?Sized> Clone for StoredDirectory<T> {
             signed: Arc::clone(&self.signed),
             committed: Arc::clone(&self.committed),
             commit_micros: Arc::clone(&self.commit_micros),
+            fenced: Arc::clone(&self.fenced),
         }
     }
 }
@@ -362,13 +386,21 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
             store,
             domain: domain.to_string(),
             pinned: Arc::new(Mutex::new(None)),
-            memo: Arc::new(Mutex::new(HashMap::new())),
+            memo: Arc::new(Mutex::new(Memo::default())),
             seen: Arc::new(Mutex::new(Seen::default())),
             signer: Arc::new(Mutex::new(None)),
             signed: Arc::new(Mutex::new(None)),
             committed: Arc::new(AtomicU64::new(0)),
             commit_micros: Arc::new(AtomicU64::new(0)),
+            fenced: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// This handle counting its refused batches ([`StoredDirectory::fenced`]) in `counter`
+    /// (shared with whoever reads it).
+    pub fn counting_fenced_in(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.fenced = counter;
+        self
     }
 
     /// From now on (and in every clone), every epoch's batch carries its head, signed by
@@ -402,13 +434,32 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
 
     /// From now on (and in every clone), write only a batch built on epoch `epoch`: one
     /// built on another epoch fails as a conflict without touching the backend. `None`
-    /// lifts the pin. Either way the value states read under the previous pin are dropped.
+    /// lifts the pin. The value states kept ([`StoredDirectory`]) stay when they are as of
+    /// `epoch` (read under the same pin before, or committed by this handle at `epoch`)
+    /// or when the pin is lifted (they are used only under a pin of their epoch); else they
+    /// are dropped.
     pub fn pin(&self, epoch: Option<u64>) {
         *self.pinned.lock().unwrap_or_else(PoisonError::into_inner) = epoch;
+        let mut memo = self.memo.lock().unwrap_or_else(PoisonError::into_inner);
+        if epoch.is_some() && memo.epoch != epoch {
+            memo.clear(epoch);
+        }
+    }
+
+    /// How many epoch batches the backend refused because another writer had committed
+    /// since the epoch they were built on (its fence, [`DirectoryStoreError::Conflict`]),
+    /// in this handle and its clones: each one was built on a stale view and written nowhere.
+    pub fn fenced(&self) -> u64 {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Drops the value states kept ([`StoredDirectory`]): after a failed write (what akd
+    /// cached of it is not trusted either).
+    fn drop_memo(&self) {
         self.memo
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+            .clear(None);
     }
 
     fn pinned(&self) -> Option<u64> {
@@ -471,8 +522,9 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
         let mut missing = Vec::new();
         {
             let memo = self.memo.lock().unwrap_or_else(PoisonError::into_inner);
+            let usable = pinned.is_some() && memo.epoch == pinned;
             for label in labels {
-                match memo.get(&label.0).filter(|_| pinned.is_some()) {
+                match memo.states.get(&label.0).filter(|_| usable) {
                     Some(states) => {
                         out.insert(label.clone(), states.clone());
                     }
@@ -524,8 +576,10 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
         }
         if pinned.is_some() && self.pinned() == pinned {
             let mut memo = self.memo.lock().unwrap_or_else(PoisonError::into_inner);
-            for (label, states) in &read {
-                memo.insert(label.clone(), states.clone());
+            if memo.epoch == pinned {
+                for (label, states) in &read {
+                    memo.states.insert(label.clone(), states.clone());
+                }
             }
         }
         out.extend(read.into_iter().map(|(l, s)| (AkdLabel(l), s)));
@@ -572,6 +626,43 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
             withdrawn.push(label.0);
         }
         Ok(withdrawn)
+    }
+
+    /// After a batch was committed: moves the value states kept to the batch's epoch
+    /// `epoch` (`None`: a batch without a root, nothing moves). The batch was built on the
+    /// epoch before (akd publishes one epoch at a time, the fence checked it), so a label's
+    /// states as of `epoch` are those kept as of the epoch before plus the batch's own. Keeps
+    /// only the batch's labels (at most a batch's worth); drops those a deletion withdrew
+    /// from (their earlier states were rewritten: read again) and everything when what was
+    /// kept was not as of the epoch before.
+    fn keep_committed(&self, records: &[DbRecord], withdrawn: &[Vec<u8>], epoch: Option<u64>) {
+        let mut memo = self.memo.lock().unwrap_or_else(PoisonError::into_inner);
+        for label in withdrawn {
+            memo.states.remove(label);
+        }
+        let Some(epoch) = epoch else {
+            return;
+        };
+        if memo.epoch.map(|e| e + 1) != Some(epoch) {
+            memo.clear(None);
+            return;
+        }
+        let mut kept = HashMap::new();
+        for record in records {
+            let DbRecord::ValueState(state) = record else {
+                continue;
+            };
+            let label = &state.username.0;
+            let Some(mut states) = memo.states.remove(label).or_else(|| kept.remove(label)) else {
+                continue;
+            };
+            states.retain(|s: &ValueState| s.epoch != state.epoch);
+            states.push(state.clone());
+            states.sort_by_key(|s| s.epoch);
+            kept.insert(label.clone(), states);
+        }
+        memo.states = kept;
+        memo.epoch = Some(epoch);
     }
 
     /// The committed value states of `label`, oldest first.
@@ -657,6 +748,7 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
             && root.expected_epoch != Some(pinned)
         {
             self.see(|s| *s = Seen::default());
+            self.drop_memo();
             return Err(storage_error(DirectoryStoreError::Conflict(format!(
                 "batch built on epoch {:?}, the writer read the key store at epoch {pinned}",
                 root.expected_epoch
@@ -708,17 +800,15 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
         );
         if let Err(e) = result {
             // akd cached this batch's records already: whatever was seen no longer vouches
-            // for the cache.
+            // for the cache, nor do the value states kept.
             self.see(|s| *s = Seen::default());
+            self.drop_memo();
+            if matches!(e, DirectoryStoreError::Conflict(_)) && epoch_batch {
+                self.fenced.fetch_add(1, Ordering::SeqCst);
+            }
             return Err(storage_error(e));
         }
-        if !withdrawn.is_empty() {
-            // Read again (as withdrawn) by whoever asks next.
-            let mut memo = self.memo.lock().unwrap_or_else(PoisonError::into_inner);
-            for label in &withdrawn {
-                memo.remove(label);
-            }
-        }
+        self.keep_committed(&records, &withdrawn, written.root.as_ref().map(|r| r.0));
         if epoch_batch {
             self.committed.fetch_add(1, Ordering::SeqCst);
             *self.signed.lock().unwrap_or_else(PoisonError::into_inner) = signed;
