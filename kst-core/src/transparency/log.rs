@@ -1502,12 +1502,24 @@ impl Worker {
         let check = async { if own { Ok(true) } else { db.unchanged().await } };
         let (unchanged, prefetched) = tokio::join!(check, db.prefetch(&labels));
         prefetched.map_err(|e| TransparencyError::Directory(e.to_string()))?;
-        if !matches!(unchanged, Ok(true)) {
-            return Err(TransparencyError::Conflict(
-                "the stored root is not the one this writer last read or wrote: another \
-                 process committed; reading again"
-                    .into(),
-            ));
+        match unchanged {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(TransparencyError::Conflict(
+                    "the stored root is not the one this writer last read or wrote: another \
+                     process committed; reading again"
+                        .into(),
+                ));
+            }
+            // Retried like a conflict (another process's commit can make the read fail:
+            // akd keeps two generations of a node), but the log says what failed: a store
+            // that keeps failing is not taken for a busy pool (red team round 7).
+            Err(e) => {
+                return Err(TransparencyError::Conflict(format!(
+                    "the stored root could not be read ({e}); another process may have \
+                     committed; reading again"
+                )));
+            }
         }
         let mut changes = Vec::new();
         let mut done = Vec::new();
