@@ -333,7 +333,8 @@ fn headless_root(dir: &Path) -> Result<bool, DirectoryStoreError> {
 /// How old a head's temporary file (`heads/.tmp-...`) must be before [`sweep_temporaries`]
 /// removes it: [`insert_head`] writes its temporary under the shared lock (or none, before
 /// the first commit made the lock file), so another process may be writing a fresh one.
-/// No live writer keeps one for minutes (it writes, syncs and links a few hundred bytes).
+/// No live writer keeps one for minutes (it writes, syncs and links a few hundred bytes); one
+/// stalled longer loses it: its link then fails, a temporary error (`Unavailable`).
 const STALE_HEAD_TEMP: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 
 /// How often a process sweeps a domain's temporary files ([`sweep_temporaries`]): at its
