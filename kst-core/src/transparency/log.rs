@@ -563,7 +563,12 @@ impl DomainLog {
                         open_backoff: OpenBackoff::default(),
                     };
                     if let Err(e) = worker.open().await {
-                        tracing::warn!(domain = %worker.keys.domain, error = %e, "the key directory cannot be read now; opening it again with the next request");
+                        tracing::warn!(
+                            domain = %worker.keys.domain,
+                            error = %e,
+                            backoff_ms = OPEN_BACKOFF.as_millis() as u64,
+                            "the key directory cannot be read now; requests in the next backoff_ms get a temporary failure at once, and the first request after them opens it again"
+                        );
                     }
                     if opened.send(Ok(())).is_err() {
                         return;
