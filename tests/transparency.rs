@@ -1508,6 +1508,58 @@ fn heads_missing_in_the_middle_are_signed_late_on_postgres() {
     heads_missing_in_the_middle_are_signed_late(Backend::Postgres(TestDb::new()));
 }
 
+/// `kst serve` stopped (SIGTERM) right after it started on an fs directory missing heads (its
+/// background backfill signs them late, each a temporary file linked to its name) returns
+/// from `main`, which waits for the directory's thread after the runtime as it does for a
+/// one-shot command (`kst_core::transparency::wait_for_log_threads`): it exits at once, not
+/// after the 10 s that wait gives up at (no log outlives the runtime), leaving no journal
+/// frame after the root and no temporary file; started again, it serves every head.
+#[test]
+fn serve_stops_at_once_and_leaves_its_fs_directory_whole() {
+    let mut provider = Provider::start(Backend::Fs);
+    let gpg = Gpg::new();
+    provider.publish_new(&gpg, "sendmail", &["alice", "carol", "dave", "erin"]);
+    provider.serve = None;
+    provider.delete_heads(&[0, 1, 2, 3]);
+    provider.restart_serve();
+    let serve = provider.serve.take().expect("kst serve runs");
+    let stopping = std::time::Instant::now();
+    let code = serve.stop();
+    let took = stopping.elapsed();
+    assert_eq!(code, 0, "kst serve's exit code");
+    assert!(
+        took < std::time::Duration::from_secs(8),
+        "kst serve took {took:?} to exit: a key directory's thread outlived it"
+    );
+    let dir = provider.path("keys/kt/example.net");
+    let root = std::fs::read(dir.join("root")).unwrap();
+    let epoch = u64::from_be_bytes(root[..8].try_into().unwrap());
+    assert_eq!(epoch, 4, "the stored root's epoch");
+    assert!(
+        !dir.join("journal")
+            .join(format!("{:020}", epoch + 1))
+            .exists(),
+        "a journal frame after the root"
+    );
+    for place in [dir.clone(), dir.join("heads"), dir.join("journal")] {
+        for entry in std::fs::read_dir(&place).unwrap() {
+            let name = entry.unwrap().file_name();
+            assert!(
+                !name.to_string_lossy().starts_with(".tmp-"),
+                "{} left in {}",
+                name.to_string_lossy(),
+                place.display()
+            );
+        }
+    }
+    provider.restart_serve();
+    for e in 0..=4 {
+        let (status, body) =
+            provider.http_get(&format!("/.well-known/kst/log/example.net/head/{e}"));
+        assert_eq!(status, 200, "head {e}: {body}");
+    }
+}
+
 /// A second directory with the same keys (a provider showing one party another history:
 /// here alice's key differs at epoch 1) is a fork: the witness that cosigned the first
 /// refuses to cosign the second (exit 5, both heads kept as evidence), and so does an

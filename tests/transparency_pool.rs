@@ -413,3 +413,202 @@ fn run(pool: Pool) {
         }
     });
 }
+
+/// Red team (round 7, the fs directory commit answered at its journal frame): one instance of
+/// the pool killed with SIGKILL at random moments (and started again at once) while the pool
+/// takes a flood of publications. Afterwards: every publication confirmed (the load's MTA
+/// retries what a killed instance never answered), the store serving every address's key and
+/// the directory's latest entry for every address committing to it, no torn epoch (the
+/// append-only proof over every epoch verifies against the stored heads' roots), and every
+/// instance's lookup answer verifies. A kill inside a frame's write left a torn frame after
+/// the root (red-1: every read of the pool failed on it, so nothing could commit again).
+#[test]
+fn a_pool_member_killed_at_random_during_a_flood_loses_no_confirmed_publication() {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::time::Duration;
+    const PUBLICATIONS: usize = 1000;
+    let pool = Pool::start(false);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        | 1;
+    eprintln!("kill seed {seed}");
+    let done = AtomicBool::new(false);
+    let kills = AtomicU32::new(0);
+    let (report, restarted) = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            // Done also when the load panics, so the killer stops.
+            struct Done<'a>(&'a AtomicBool);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::SeqCst);
+                }
+            }
+            let _done = Done(&done);
+            pool.load(PUBLICATIONS)
+        });
+        let killer = s.spawn(|| {
+            let mut rng = seed;
+            let mut next = || {
+                rng ^= rng << 13;
+                rng ^= rng >> 17;
+                rng ^= rng << 5;
+                rng
+            };
+            let mut current: Option<ServeProcess> = None;
+            let mut logs = Vec::new();
+            let lmtp = pool.lmtp[0].clone();
+            let http = pool.http[0];
+            // The kills start once the flood is under way (the load connects to every
+            // instance first, once; its retries reconnect).
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !done.load(Ordering::SeqCst)
+                && std::time::Instant::now() < deadline
+                && pool.serves[1..]
+                    .iter()
+                    .map(|s| s.log().matches("key directory epoch committed").count())
+                    .sum::<usize>()
+                    < 10
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            while !done.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50 + u64::from(next() % 400)));
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
+                match &current {
+                    Some(serve) => serve.signal("-KILL"),
+                    None => pool.serves[0].signal("-KILL"),
+                }
+                if let Some(mut serve) = current.take() {
+                    serve.wait();
+                    logs.push(serve.log());
+                }
+                let n = kills.fetch_add(1, Ordering::SeqCst) + 1;
+                let config = pool.config.clone();
+                let lmtp = lmtp.clone();
+                current = Some(ServeProcess::start_binary(
+                    &pool.bin,
+                    pool.path(&format!("serve-0-after-kill-{n}.log")),
+                    http,
+                    |cmd| {
+                        cmd.arg("--config")
+                            .arg(&config)
+                            .env("KST_LMTP__LISTEN", &lmtp)
+                            .env("KST_HTTP__LISTEN", http.to_string());
+                    },
+                ));
+            }
+            if let Some(serve) = &current {
+                logs.push(serve.log());
+            }
+            (current, logs)
+        });
+        (load.join().unwrap(), killer.join().unwrap())
+    });
+    let kills = kills.load(Ordering::SeqCst);
+    eprintln!("{kills} kills; the load: {report}");
+    assert!(
+        kills >= 2,
+        "the flood outlasted at least two kills: {kills}"
+    );
+    assert_eq!(
+        report["outcomes"]["published"].as_u64(),
+        Some(PUBLICATIONS as u64),
+        "every publication confirmed: {report}"
+    );
+    let (alive, mut logs) = restarted;
+    logs.extend(pool.serves.iter().map(ServeProcess::log));
+    let count = |what: &str| logs.iter().map(|l| l.matches(what).count()).sum::<usize>();
+    eprintln!(
+        "rolled forward by the pool: {} epochs of a killed writer, {} torn frames set aside",
+        count("rolled forward an epoch whose writer died"),
+        count("the torn frame is set aside")
+    );
+    let _alive = alive;
+
+    let keys_text = std::fs::read_to_string(pool.path("log-example.test.key")).unwrap();
+    let head_key = LogKeys::parse(&keys_text).unwrap().head.public_key();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store: Arc<dyn KeyStore> =
+            Arc::new(kst_fs::FsStore::open(pool.path("keys")).await.unwrap());
+        let dirs: Arc<dyn DirectoryStore> =
+            Arc::new(kst_fs::FsDirectoryStore::new(pool.path("keys")));
+        let log = DomainLog::open(dirs, LogKeys::parse(&keys_text).unwrap())
+            .await
+            .unwrap();
+        for i in 0..PUBLICATIONS {
+            let address = user(i);
+            let current = store
+                .get(&address)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("{address}: confirmed, and not in the store"));
+            let entries = log.entries(&address).await.unwrap();
+            let (_, last) = entries
+                .last()
+                .unwrap_or_else(|| panic!("{address}: confirmed, and not in the directory"));
+            assert_eq!(
+                *last,
+                DirectoryEntry::for_record(&current),
+                "{address}: the directory's latest entry is not the key served"
+            );
+        }
+        // No torn epoch: the append-only proof over every epoch, against the stored heads.
+        let head = log.head(0).await.unwrap();
+        let last = head.head.epoch;
+        let mut roots = BTreeMap::new();
+        for e in 1..=last {
+            let h = log
+                .head_at(e, 0)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("no head for epoch {e} of {last}"));
+            roots.insert(e, h.head.root_hash);
+        }
+        let vrf = log.vrf_public_key().unwrap();
+        let at = |epoch: u64| Head {
+            domain: DOMAIN.to_string(),
+            epoch,
+            root_hash: roots[&epoch],
+            vrf_public_key: vrf,
+            signed_at: 0,
+        };
+        if last >= 2 {
+            let intermediate: Vec<[u8; 32]> = (2..last).map(|e| roots[&e]).collect();
+            let proof = log.audit(1, last).await.unwrap();
+            verify::verify_append_only(&at(1), &at(last), &intermediate, proof)
+                .await
+                .unwrap_or_else(|e| panic!("the append-only proof from 1 to {last}: {e}"));
+        }
+        eprintln!("{PUBLICATIONS} publications in {last} epochs, {kills} kills");
+        // Every instance answers, and its answer verifies for the key served.
+        for i in 0..INSTANCES * 3 {
+            let address = user(i);
+            let current = store.get(&address).await.unwrap().expect("a key");
+            let (status, body) = http_get(
+                pool.http[i % INSTANCES],
+                &format!("/.well-known/kst/log/{DOMAIN}/lookup/{address}"),
+            );
+            assert_eq!(
+                status,
+                200,
+                "{address} through instance {}: {body}",
+                i % INSTANCES
+            );
+            let answer = LogAnswer::parse(&body).expect("the answer parses");
+            answer
+                .verify(&head_key, &address, Served::Key(&current.key))
+                .await
+                .unwrap_or_else(|e| panic!("{address} through instance {}: {e}", i % INSTANCES))
+                .expect("an entry");
+        }
+    });
+}

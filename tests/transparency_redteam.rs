@@ -1180,3 +1180,36 @@ fn rt18_a_hostile_log_cannot_write_escapes_to_the_witness_terminal() {
         );
     }
 }
+
+/// Red team (round 7): a read of the directory that fails under a writer that has written it
+/// (its node cache warm) is reported as that failure, not as another process's commit. A
+/// guard, passing on main: the failure meets `refresh` and then the epoch's reads. Still
+/// open (red-3): `round`'s own `unchanged()` check maps a failed read to the conflict "the
+/// stored root is not the one this writer last read or wrote: another process committed", and
+/// in a pool stuck on a torn frame (red-1) two instances logged only that, for six minutes.
+#[tokio::test]
+async fn rt7_a_failed_read_is_not_reported_as_another_writers_commit() {
+    let (dir, _keys, writer) = with_alice().await;
+    // Epoch 1's files are written (a read waits for them: the commit answered at its frame).
+    use kst_core::transparency::DirectoryStore;
+    let fs = FsDirectoryStore::new(dir.path().join("store"));
+    assert_eq!(fs.root("example.net").await.unwrap().map(|r| r.0), Some(1));
+    // The root cannot be read now: a directory where its file was.
+    let root = dir.path().join("store/kt/example.net/root");
+    std::fs::remove_file(&root).unwrap();
+    std::fs::create_dir(&root).unwrap();
+    let bob = address("bob");
+    let e = tokio::time::timeout(
+        Duration::from_secs(60),
+        writer.sync(&bob, Some(&record(&bob, 1, 2)), 2),
+    )
+    .await
+    .expect("an answer")
+    .expect_err("the root cannot be read");
+    let text = e.to_string();
+    assert!(
+        !text.contains("another process committed"),
+        "a failed read reported as a conflict: {text}"
+    );
+    assert!(text.contains("root"), "the failed read is named: {text}");
+}

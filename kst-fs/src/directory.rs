@@ -21,6 +21,10 @@
 //! stored for that epoch and witness was checked later (its `.at` file), then the witness's
 //! newest one if its epoch is not older than the stored one.
 //!
+//! A writer killed half-way leaves its temporary files (`.tmp-...`); a commit removes them
+//! after its answer, at most every 10 minutes per process (`sweep_temporaries`: in `heads/`
+//! only old ones, as `insert_head` writes there under the shared lock).
+//!
 //! A commit takes the domain's lock and checks the fence against `root`. On Linux (the
 //! journal) it then writes the whole batch as one frame, `journal/<epoch>`, with one
 //! `fdatasync(2)` of that file and an `fsync` of the journal directory: **the commit point**,
@@ -259,6 +263,7 @@ fn ensure_recovered(dir: &Path, boot: Option<&str>) -> Result<(), DirectoryStore
     }
     let _lock = DomainLock::acquire(dir)?;
     recover_locked(dir, boot)?;
+    sweep_temporaries(dir);
     roll_forward(dir).map(drop).inspect_err(|_| {
         // Not rolled forward: the next read tries again.
         forget_recovered(dir, boot);
@@ -323,6 +328,106 @@ fn headless_root(dir: &Path) -> Result<bool, DirectoryStoreError> {
         return Ok(false);
     }
     Ok(journal::read_frame(dir, e)?.is_some_and(|frame| frame.head.is_some()))
+}
+
+/// How old a head's temporary file (`heads/.tmp-...`) must be before [`sweep_temporaries`]
+/// removes it: [`insert_head`] writes its temporary under the shared lock (or none, before
+/// the first commit made the lock file), so another process may be writing a fresh one.
+/// No live writer keeps one for minutes (it writes, syncs and links a few hundred bytes); one
+/// stalled longer loses it: its link then fails, a temporary error (`Unavailable`).
+const STALE_HEAD_TEMP: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// How often a process sweeps a domain's temporary files ([`sweep_temporaries`]): at its
+/// first commit (or recovery) of the domain and then at most this often, so a commit does
+/// not list `heads/` (a file per epoch) each time.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// When this process last swept each domain's temporary files.
+fn swept() -> &'static Mutex<std::collections::HashMap<PathBuf, std::time::Instant>> {
+    static SWEPT: OnceLock<Mutex<std::collections::HashMap<PathBuf, std::time::Instant>>> =
+        OnceLock::new();
+    SWEPT.get_or_init(Default::default)
+}
+
+/// Under the domain's exclusive lock (after a commit's answer and files, [`commit`], or a
+/// process's recovery, [`ensure_recovered`]), at most every [`SWEEP_EVERY`] per process
+/// and domain: removes the
+/// temporary files (`.tmp-...`) a writer killed half-way left. In the domain's directory and
+/// in `journal/` every writer of a temporary holds the exclusive lock, so each one there is
+/// a dead writer's and goes. In `heads/`, [`insert_head`] writes under the shared lock, so
+/// only temporaries older than [`STALE_HEAD_TEMP`] go. (`nodes/`, `values/` and
+/// `cosignatures/` are not listed: on Linux their files are written in place or rarely.)
+/// A failure is logged: the next sweep tries again.
+fn sweep_temporaries(dir: &Path) {
+    {
+        let mut swept = swept().lock().unwrap_or_else(PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if swept
+            .get(dir)
+            .is_some_and(|at| now.duration_since(*at) < SWEEP_EVERY)
+        {
+            return;
+        }
+        swept.insert(dir.to_path_buf(), now);
+    }
+    let mut removed = 0usize;
+    for (place, min_age) in [
+        (dir.to_path_buf(), None),
+        (journal::journal_dir(dir), None),
+        (heads_dir(dir), Some(STALE_HEAD_TEMP)),
+    ] {
+        match remove_temporaries(&place, min_age) {
+            Ok(n) => removed += n,
+            Err(e) => {
+                tracing::warn!(dir = %place.display(), error = %e, "key directory: cannot remove the temporary files a killed writer left; the next sweep tries again");
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(dir = %dir.display(), removed, "key directory: removed temporary files a killed writer left");
+    }
+}
+
+/// Removes the files of `place` named `.tmp-...` (older than `min_age`, when given); returns
+/// how many went. A file gone meanwhile is no error.
+fn remove_temporaries(
+    place: &Path,
+    min_age: Option<std::time::Duration>,
+) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(place) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let now = std::time::SystemTime::now();
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        if !entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(kst_core::durable::TEMP_PREFIX))
+        {
+            continue;
+        }
+        if let Some(min_age) = min_age {
+            let modified = match entry.metadata().and_then(|m| m.modified()) {
+                Ok(m) => m,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            // A time in the future (a clock set back) counts as young.
+            if !matches!(now.duration_since(modified), Ok(age) if age >= min_age) {
+                continue;
+            }
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
 }
 
 /// Under the domain's lock: writes the files of a durable frame a dead writer left after
@@ -568,6 +673,8 @@ fn commit(dir: &Path, batch: RecordBatch, boot: Option<&str>, answer: CommitAnsw
             let _ = answer.send(done.map(drop));
         }
     }
+    // After the answer, still under the lock: no commit waits for the listing.
+    sweep_temporaries(dir);
     drop(lock);
 }
 
@@ -1599,6 +1706,54 @@ mod tests {
             "epoch 1's head"
         );
         assert!(!journal::frame_path(&dir, 2).exists());
+    }
+
+    /// A writer killed while writing an epoch's files (or a head) leaves `.tmp-...` files:
+    /// the next sweep under the domain's lock (a commit, at most every [`SWEEP_EVERY`])
+    /// removes those of the domain's directory and `journal/` (only lock holders write
+    /// there) and the old ones of `heads/`, and leaves a fresh one of `heads/` (an
+    /// [`insert_head`] of another process may be writing it under the shared lock).
+    #[tokio::test]
+    async fn temporaries_a_killed_writer_left_are_removed() {
+        use std::time::{Duration, SystemTime};
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        // A read waits for the lock: epoch 1's files (and the commit's sweep) are done.
+        holds(&a, 1).await;
+        let old = SystemTime::now() - STALE_HEAD_TEMP - Duration::from_secs(60);
+        let plant = |path: PathBuf, modified: Option<SystemTime>| {
+            let f =
+                std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if let Some(at) = modified {
+                f.set_modified(at).unwrap();
+            }
+            path
+        };
+        let stale_head = plant(heads_dir(&dir).join(".tmp-00000001deadbeef"), Some(old));
+        let fresh_head = plant(heads_dir(&dir).join(".tmp-00000002deadbeef"), None);
+        let root_temp = plant(dir.join(".tmp-root-00000003deadbeef"), None);
+        let root_file_temp = plant(dir.join(".tmp-00000004deadbeef"), None);
+        let journal_temp = plant(
+            journal::journal_dir(&dir).join(".tmp-00000005deadbeef"),
+            None,
+        );
+        // This process swept at its first commit: as if it were another process's first.
+        swept()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&dir);
+        a.commit(D, epoch(2)).await.unwrap();
+        // The sweep follows the answer, under the lock: a read waits for it.
+        holds(&a, 2).await;
+        for gone in [&stale_head, &root_temp, &root_file_temp, &journal_temp] {
+            assert!(!gone.exists(), "{} was left", gone.display());
+        }
+        assert!(fresh_head.exists(), "a fresh head temporary was removed");
+        // Swept at most every SWEEP_EVERY: the next commit lists nothing.
+        let stale_again = plant(heads_dir(&dir).join(".tmp-00000006deadbeef"), Some(old));
+        a.commit(D, epoch(3)).await.unwrap();
+        holds(&a, 3).await;
+        assert!(stale_again.exists(), "swept again within SWEEP_EVERY");
     }
 
     /// A store a build from before the head went in ahead of the root left with an epoch's

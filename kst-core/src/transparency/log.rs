@@ -563,7 +563,12 @@ impl DomainLog {
                         open_backoff: OpenBackoff::default(),
                     };
                     if let Err(e) = worker.open().await {
-                        tracing::warn!(domain = %worker.keys.domain, error = %e, "the key directory cannot be read now; opening it again with the next request");
+                        tracing::warn!(
+                            domain = %worker.keys.domain,
+                            error = %e,
+                            backoff_ms = OPEN_BACKOFF.as_millis() as u64,
+                            "the key directory cannot be read now; requests in the next backoff_ms get a temporary failure at once, and the first request after them opens it again"
+                        );
                     }
                     if opened.send(Ok(())).is_err() {
                         return;
@@ -1502,12 +1507,24 @@ impl Worker {
         let check = async { if own { Ok(true) } else { db.unchanged().await } };
         let (unchanged, prefetched) = tokio::join!(check, db.prefetch(&labels));
         prefetched.map_err(|e| TransparencyError::Directory(e.to_string()))?;
-        if !matches!(unchanged, Ok(true)) {
-            return Err(TransparencyError::Conflict(
-                "the stored root is not the one this writer last read or wrote: another \
-                 process committed; reading again"
-                    .into(),
-            ));
+        match unchanged {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(TransparencyError::Conflict(
+                    "the stored root is not the one this writer last read or wrote: another \
+                     process committed; reading again"
+                        .into(),
+                ));
+            }
+            // Retried like a conflict (another process's commit can make the read fail:
+            // akd keeps two generations of a node), but the log says what failed: a store
+            // that keeps failing is not taken for a busy pool (red team round 7).
+            Err(e) => {
+                return Err(TransparencyError::Conflict(format!(
+                    "the stored root could not be read ({e}); another process may have \
+                     committed; reading again"
+                )));
+            }
         }
         let mut changes = Vec::new();
         let mut done = Vec::new();
