@@ -139,6 +139,19 @@ level = "info"
         self.dir.path().join(name)
     }
 
+    /// What the checks after a run need: the directory's key file (its text), its head key,
+    /// and a runtime to read the stores on.
+    fn checker(&self) -> (String, [u8; 32], tokio::runtime::Runtime) {
+        let keys_text = std::fs::read_to_string(self.path("log-example.test.key")).unwrap();
+        let head_key = LogKeys::parse(&keys_text).unwrap().head.public_key();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        (keys_text, head_key, runtime)
+    }
+
     /// `kst --config FILE ARGS`.
     fn kst(&self, args: &[&str]) -> Output {
         Command::new(&self.bin)
@@ -277,13 +290,7 @@ fn run(pool: Pool) {
     );
 
     let epochs = pool.committed_epochs(&[delete_log]);
-    let keys_text = std::fs::read_to_string(pool.path("log-example.test.key")).unwrap();
-    let head_key = LogKeys::parse(&keys_text).unwrap().head.public_key();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (keys_text, head_key, runtime) = pool.checker();
     runtime.block_on(async {
         let (store, dirs): (Arc<dyn KeyStore>, Arc<dyn DirectoryStore>) = match &pool.db {
             Some(db) => (
@@ -529,13 +536,7 @@ fn a_pool_member_killed_at_random_during_a_flood_loses_no_confirmed_publication(
     );
     let _alive = alive;
 
-    let keys_text = std::fs::read_to_string(pool.path("log-example.test.key")).unwrap();
-    let head_key = LogKeys::parse(&keys_text).unwrap().head.public_key();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (keys_text, head_key, runtime) = pool.checker();
     runtime.block_on(async {
         let store: Arc<dyn KeyStore> =
             Arc::new(kst_fs::FsStore::open(pool.path("keys")).await.unwrap());
