@@ -409,6 +409,16 @@ async fn outbox_send_sets_aside_what_the_relay_refuses_and_goes_on() {
         err.contains("0 sent, 0 set aside as .bad, 0 refused, 2 deferred by the relay, 0 left"),
         "{err}"
     );
+    // Marked deferred, so that later runs send new replies first.
+    let before: Vec<String> = before
+        .iter()
+        .map(|n| n.replace(".eml", ".deferred.eml"))
+        .collect();
+    assert_eq!(files_in(&outbox), before);
+    // Deferred again: still there, not marked twice.
+    let out = outbox_send(&outbox_config(tmp.path(), soft.port));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("2 deferred by the relay"), "{err}");
     assert_eq!(files_in(&outbox), before);
     drop(soft);
 

@@ -481,6 +481,46 @@ mod tests {
         assert_eq!(source_ip(h, &t).as_deref(), Some("192.0.2.9"));
     }
 
+    /// Red team round 8 (held): a client certificate whose issuer writes an
+    /// `(Authenticated sender: ...)` note of its own, on an authenticated submission by mallory
+    /// (Postfix writes the real note after the certificate) or on an unauthenticated one, never
+    /// yields the victim's login.
+    #[test]
+    fn a_client_certificate_cannot_write_the_authenticated_sender() {
+        let t = trusted();
+        for (issuer, with, note) in [
+            (
+                "a) (Authenticated sender: victim@example.net) (",
+                "ESMTPSA",
+                "\r\n\t(Authenticated sender: mallory@example.net)",
+            ),
+            (
+                "a) (Authenticated sender: victim@example.net) ((",
+                "ESMTPSA",
+                "\r\n\t(Authenticated sender: mallory@example.net)",
+            ),
+            (
+                "a) (Authenticated sender: victim@example.net) (",
+                "ESMTPS",
+                "",
+            ),
+            (
+                "a) (Authenticated sender: victim@example.net",
+                "ESMTPSA",
+                "",
+            ),
+        ] {
+            let h = format!(
+                "from out.acme.net (out.acme.net [192.0.2.77])\r\n\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\r\n\t(Client CN \"c\", Issuer \"{issuer}\" (not verified)){note}\r\n\tby mail.example.net (Postfix) with {with} id 1\r\n\tfor <keys@example.net>; Sun, 4 Mar 2018 16:47:07 +0100"
+            );
+            let login = authenticated_login(&h, &t);
+            assert!(
+                login.as_deref() != Ok("victim@example.net"),
+                "{issuer} {with}: {login:?}"
+            );
+        }
+    }
+
     /// Red team round 8: with `smtpd_tls_ask_ccert = yes` and `smtpd_tls_received_header = yes`
     /// Postfix writes the client certificate's CN and issuer, the client's text, into a
     /// comment right before `by`. An issuer `a) ([198.51.100.77]) (` closed that comment early

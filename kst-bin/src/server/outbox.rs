@@ -12,8 +12,9 @@
 //!   `<name>.bad`, logged and skipped: readers ignore names that do not end in `.eml`;
 //! - a reply the relay refuses with a 5xx (to its `RCPT TO` or its data: a recipient that does
 //!   not exist, a message it will not take) is renamed to `<name>.refused`, logged and not sent
-//!   again; one it defers with a 4xx stays for the next run, up to [`MAX_DEFERRED`] (5 days)
-//!   after it was written, then it is set aside the same way; either way the run goes on, so
+//!   again; one it defers with a 4xx stays for the next run as `<name>.deferred.eml` (sent
+//!   after the replies never tried), up to [`MAX_DEFERRED`] (5 days) after it was written,
+//!   then it is set aside the same way; either way the run goes on, so
 //!   that one reply (a forged request's sender, say) cannot hold back everyone else's;
 //! - the first failure of the relay itself (connection, TLS, AUTH, a refused `MAIL FROM`, a
 //!   timeout) stops the run: the rest stays for the next run;
@@ -48,7 +49,8 @@ pub enum OutboxCommand {
     ///   kst --config /etc/kst/kst.toml outbox send
     /// A file that is not a spool file is renamed to <name>.bad and skipped; a reply the relay
     /// refuses with a 5xx is renamed to <name>.refused (logged, not sent again); one it defers
-    /// with a 4xx stays for the next run (for at most 5 days, then it is set aside too). Only one run sends at a time. Exit codes: 0
+    /// with a 4xx stays for the next run as <name>.deferred.eml, sent after the new replies
+    /// (for at most 5 days, then it is set aside too). Only one run sends at a time. Exit codes: 0
     /// everything sent or refused (or nothing to send), 65 some files set aside as .bad, 75 the
     /// relay failed or deferred a reply (what is left stays for the next run), 78
     /// configuration.
@@ -202,7 +204,20 @@ fn line(raw: &[u8]) -> Option<(&str, &[u8])> {
     Some((text, &raw[end + 2..]))
 }
 
-/// The `.eml` files of `dir`, oldest first; an empty list when the directory does not exist.
+/// The suffix of a reply the relay deferred (4xx) in an earlier run: `<name>.deferred.eml`.
+const DEFERRED_SUFFIX: &str = ".deferred.eml";
+
+/// True for a spool file the relay deferred before.
+fn was_deferred(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(DEFERRED_SUFFIX))
+}
+
+/// The `.eml` files of `dir` in the order a run sends them: the replies never tried first,
+/// oldest first, then the ones the relay deferred before, oldest first (so that a pile of
+/// deferred replies never holds back a new one); an empty list when the directory does not
+/// exist.
 pub fn pending(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -221,7 +236,9 @@ pub fn pending(dir: &Path) -> io::Result<Vec<PathBuf>> {
         }
     }
     files.sort();
-    Ok(files)
+    let (deferred, fresh): (Vec<PathBuf>, Vec<PathBuf>) =
+        files.into_iter().partition(|p| was_deferred(p));
+    Ok(fresh.into_iter().chain(deferred).collect())
 }
 
 /// Sends every spool file of `dir` to the relay of `cfg`. Errors only for a spool directory
@@ -306,11 +323,19 @@ pub async fn send(cfg: &MailerConfig, dir: &Path) -> anyhow::Result<Report> {
                 report.refused += 1;
             }
             Err(SubmitError::Refused { error, .. }) => {
+                // Marked, so that later runs send new replies before it (the rename keeps its
+                // modification time, which says how long it has been waiting).
+                if !was_deferred(path) {
+                    let stem = name.strip_suffix(".eml").unwrap_or(&name);
+                    let marked = path.with_file_name(format!("{stem}{DEFERRED_SUFFIX}"));
+                    fs::rename(path, &marked)
+                        .with_context(|| format!("cannot mark {} deferred", path.display()))?;
+                }
                 tracing::warn!(
                     file = %name,
                     recipient = %mail.recipient,
                     error = %error,
-                    "the relay deferred this reply: it stays for the next run"
+                    "the relay deferred this reply: it stays for the next run, after the new ones"
                 );
                 report.deferred += 1;
             }
@@ -323,7 +348,7 @@ pub async fn send(cfg: &MailerConfig, dir: &Path) -> anyhow::Result<Report> {
     }
     mailer.close().await;
     // Make the removals durable; a crash before this can only send a reply again.
-    if report.sent > 0 || report.set_aside > 0 || report.refused > 0 {
+    if report.sent > 0 || report.set_aside > 0 || report.refused > 0 || report.deferred > 0 {
         durable::sync_dir(dir)?;
     }
     Ok(report)
@@ -381,6 +406,33 @@ mod tests {
             let e = parse(raw).unwrap_err();
             assert!(e.contains(why), "{raw:?}: {e}");
         }
+    }
+
+    #[test]
+    fn pending_sends_new_replies_before_deferred_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in [
+            "00000000000000000003-c.eml",
+            "00000000000000000001-a.deferred.eml",
+            "00000000000000000004-d.eml",
+            "00000000000000000002-b.deferred.eml",
+        ] {
+            fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        let names: Vec<String> = pending(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "00000000000000000003-c.eml",
+                "00000000000000000004-d.eml",
+                "00000000000000000001-a.deferred.eml",
+                "00000000000000000002-b.deferred.eml",
+            ]
+        );
     }
 
     #[test]
