@@ -41,7 +41,7 @@ async fn same_as_get(
     store: &dyn KeyStore,
     asked: &[Address],
     got: &[Option<KeyRecord>],
-    want: &dyn Fn(&Address) -> Option<KeyRecord>,
+    want: &(dyn Fn(&Address) -> Option<KeyRecord> + Sync),
 ) {
     for (i, (a, g)) in asked.iter().zip(got).enumerate() {
         let one = get(what, store, a).await;
