@@ -147,7 +147,11 @@ redis_up() { # fill|measure
   mkdir -p "$STORES/redis"
   local pre=()
   [ "$want_eat" = 1 ] && pre=(eatmydata)
-  (cd "$STORES/redis" && setsid "${pre[@]}" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" \
+  # The daemon must not keep the caller's descriptors open: run under a lock (the team's
+  # bench.sh holds its flock on fd 9), a redis-server that inherited the lock's descriptor
+  # held the lock for as long as it ran, and every later benchmark waited for it.
+  (for fd in /proc/$BASHPID/fd/*; do fd="${fd##*/}"; [ "$fd" -gt 2 ] && eval "exec $fd>&-"; done
+   cd "$STORES/redis" && setsid "${pre[@]}" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" \
     --dir "$STORES/redis" --save "" --appendonly yes --appendfsync always \
     --logfile "$STORES/redis/redis.log" --daemonize yes)
   for _ in $(seq 1 1200); do

@@ -431,6 +431,65 @@ async fn two_recipients_one_reply_each_then_retrieval() {
     server.stop().await;
 }
 
+/// Red team round 8: an MTA delivers a message once per recipient as the sender spelt it, and
+/// `keys@example.net`, `KEYS@example.net` and `Keys@EXAMPLE.NET` are three recipients to
+/// Postfix (up to 1,000 per message, in LMTP transactions of 50) but one service address to
+/// kst, which parsed and decided the message (and replied) once per spelling: a 2 MiB message
+/// with 1,000 spellings cost 1,000 parses. Now each (sender, service address, message) is
+/// decided once; the other spellings, and the MTA's next transactions with the same message,
+/// get the same answer.
+#[tokio::test]
+async fn one_message_is_decided_once_per_service_address_however_it_is_spelt() {
+    let mut server = start(lmtp_config()).await;
+    let mut c = server.connect().await;
+    c.greeting_and_lhlo().await;
+    let (raw, pending) = retrieval();
+    let spellings = [
+        "keys@example.net",
+        "KEYS@example.net",
+        "Keys@EXAMPLE.NET",
+        "keys@example.org",
+    ];
+    let replies = c.transaction("bob@example.org", &spellings, &raw).await;
+    assert_eq!(replies.len(), 4);
+    for r in &replies {
+        assert!(r.starts_with("250 2.0.0 <"), "{r}");
+        assert!(r.ends_with("decided: not-found"), "{r}");
+    }
+    let spooled = server.spooled();
+    assert_eq!(
+        spooled.len(),
+        2,
+        "one reply per service address, not per spelling"
+    );
+    for s in &spooled {
+        assert!(matches!(verify(&pending, s), Verified::NotFound { .. }));
+    }
+
+    // The MTA's next transaction with the same message (more spellings): decided already.
+    let replies = c
+        .transaction(
+            "bob@example.org",
+            &["kEYS@example.NET", "keYS@example.net"],
+            &raw,
+        )
+        .await;
+    for r in &replies {
+        assert!(r.ends_with("decided: not-found"), "{r}");
+    }
+    assert_eq!(server.spooled().len(), 2);
+
+    // The same bytes from another envelope sender are another request.
+    let replies = c
+        .transaction("carol@example.org", &["keys@example.net"], &raw)
+        .await;
+    assert!(replies[0].ends_with("decided: not-found"), "{replies:?}");
+    assert_eq!(server.spooled().len(), 3);
+    c.send("QUIT\r\n").await;
+    c.expect("221 2.0.0").await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn pipelined_commands_in_one_write() {
     let mut server = start(lmtp_config()).await;

@@ -52,6 +52,12 @@ fn free_port() -> u16 {
 
 impl Sink {
     fn start() -> Sink {
+        Sink::start_with(&[])
+    }
+
+    /// A sink started with extra smtp-sink options, e.g. `-f RCPT` (refuse every recipient
+    /// with a 5xx) or `-r RCPT` (with a 4xx).
+    fn start_with(options: &[&str]) -> Sink {
         let dump = tempfile::tempdir().unwrap();
         let root = running_as_root();
         if root {
@@ -65,6 +71,7 @@ impl Sink {
         }
         let template = format!("{}/%Y%m%d%H%M%S.", dump.path().display());
         let child = cmd
+            .args(options)
             .args(["-d", &template, &format!("127.0.0.1:{port}"), "16"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -312,7 +319,10 @@ async fn outbox_send_delivers_the_spool_to_the_relay() {
     let out = outbox_send(&config);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(65), "{err}");
-    assert!(err.contains("2 sent, 1 set aside as .bad, 0 left"), "{err}");
+    assert!(
+        err.contains("2 sent, 1 set aside as .bad, 0 refused, 0 deferred by the relay, 0 left"),
+        "{err}"
+    );
     assert_eq!(
         files_in(&outbox),
         ["00000000000000000000-0000000000000000.eml.bad"]
@@ -363,7 +373,109 @@ async fn outbox_send_keeps_the_spool_when_the_relay_is_down() {
     let out = outbox_send(&config);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(75), "{err}");
-    assert!(err.contains("0 sent, 0 set aside as .bad, 2 left"), "{err}");
+    assert!(
+        err.contains("0 sent, 0 set aside as .bad, 0 refused, 0 deferred by the relay, 2 left"),
+        "{err}"
+    );
     assert!(err.contains("is the relay running"), "{err}");
     assert_eq!(files_in(&outbox), before);
+}
+
+/// Red team round 8: a reply the relay refuses for its recipient used to stop every run at that
+/// reply, which is the oldest file and so the first of every later run: one forged retrieval
+/// with an envelope sender the relay refuses (`nosuchuser@` a served domain: Postfix answers
+/// `550 5.1.1 User unknown`) held back every reply to everyone for good. Now a 5xx to the
+/// recipient sets that reply aside as `<name>.refused` and the run goes on; a 4xx leaves it for
+/// the next run (at most 5 days) and the run goes on too.
+#[tokio::test]
+async fn outbox_send_sets_aside_what_the_relay_refuses_and_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let outbox = tmp.path().join("outbox");
+    let spool = kst_bin::server::mailer::SpoolMailer::new(&outbox);
+    spool
+        .send(&mail(None, "nosuchuser@example.net"))
+        .await
+        .unwrap();
+    spool.send(&mail(None, "bob@acme.net")).await.unwrap();
+    let before = files_in(&outbox);
+    assert_eq!(before.len(), 2);
+
+    // A relay that answers every RCPT TO with a 4xx: both replies are tried, both stay.
+    let soft = Sink::start_with(&["-r", "RCPT"]);
+    let out = outbox_send(&outbox_config(tmp.path(), soft.port));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(
+        err.contains("0 sent, 0 set aside as .bad, 0 refused, 2 deferred by the relay, 0 left"),
+        "{err}"
+    );
+    // Marked deferred, so that later runs send new replies first.
+    let before: Vec<String> = before
+        .iter()
+        .map(|n| n.replace(".eml", ".deferred.eml"))
+        .collect();
+    assert_eq!(files_in(&outbox), before);
+    // Deferred again: still there, not marked twice.
+    let out = outbox_send(&outbox_config(tmp.path(), soft.port));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("2 deferred by the relay"), "{err}");
+    assert_eq!(files_in(&outbox), before);
+    drop(soft);
+
+    // A relay that answers every RCPT TO with a 5xx: both are set aside, none blocks the other.
+    let hard = Sink::start_with(&["-f", "RCPT"]);
+    let out = outbox_send(&outbox_config(tmp.path(), hard.port));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("0 sent, 0 set aside as .bad, 2 refused, 0 deferred by the relay, 0 left"),
+        "{err}"
+    );
+    let refused: Vec<String> = before.iter().map(|n| format!("{n}.refused")).collect();
+    assert_eq!(files_in(&outbox), refused);
+    drop(hard);
+
+    // A reply the relay has deferred for longer than Postfix keeps mail (5 days) is set aside.
+    spool.send(&mail(None, "dave@example.org")).await.unwrap();
+    let dave = files_in(&outbox)
+        .into_iter()
+        .find(|n| n.ends_with(".eml"))
+        .unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(outbox.join(&dave))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(6 * 86_400))
+        .unwrap();
+    let soft = Sink::start_with(&["-r", "RCPT"]);
+    let out = outbox_send(&outbox_config(tmp.path(), soft.port));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("0 sent, 0 set aside as .bad, 1 refused, 0 deferred by the relay, 0 left"),
+        "{err}"
+    );
+    let mut all_refused = refused.clone();
+    all_refused.push(format!("{dave}.refused"));
+    all_refused.sort();
+    assert_eq!(files_in(&outbox), all_refused);
+    drop(soft);
+
+    // Replies written later go out; what was refused is not sent again.
+    let sink = Sink::start();
+    spool.send(&mail(None, "carol@example.org")).await.unwrap();
+    let out = outbox_send(&outbox_config(tmp.path(), sink.port));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("1 sent, 0 set aside as .bad, 0 refused"),
+        "{err}"
+    );
+    let dumps = sink.dumps(1);
+    assert_eq!(dumps.len(), 1);
+    assert!(
+        dumps[0].contains("X-Rcpt-Args: <carol@example.org>\n"),
+        "{dumps:?}"
+    );
+    assert_eq!(files_in(&outbox), all_refused);
 }

@@ -6,15 +6,20 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use kst_bin::server::web::{WebConfig, WebLimits};
-use kst_core::{KeyStore, NewKey};
+use kst_core::ratelimit::Hit;
+use kst_core::{KeyStore, NewKey, RateLimiter};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 mod web_fixture;
-use web_fixture::{Server, addr, alice_store, now, open, publish, serve_store, testkey};
+use web_fixture::{
+    Server, addr, alice_store, now, open, publish, serve_store, serve_store_counting, testkey,
+};
 
 const DOMAINS: [&str; 3] = ["example.net", "personal.example", "elsewhere.example"];
 
@@ -474,6 +479,130 @@ async fn requests_over_the_client_limit_get_429_with_retry_after() {
     assert_eq!(r.status, 429);
     assert_eq!(r.header("retry-after"), Some("600"));
     assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+}
+
+/// The filesystem store's own counters, answering only while the gate is open (a stalled
+/// store), counting the writes that reached them and those answered.
+struct GatedCounters {
+    store: Arc<kst_fs::FsStore>,
+    open: tokio::sync::watch::Receiver<bool>,
+    started: AtomicUsize,
+    answered: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl RateLimiter for GatedCounters {
+    fn name(&self) -> &'static str {
+        "gated-fs"
+    }
+    async fn hit(&self, key: &str, limit: u32, window: Duration) -> kst_core::Result<bool> {
+        let v = self.hit_many(&[Hit::new(key, limit, window)]).await?;
+        Ok(v.first().copied().unwrap_or(false))
+    }
+    async fn hit_many(&self, hits: &[Hit]) -> kst_core::Result<Vec<bool>> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let _ = self.open.clone().wait_for(|o| *o).await;
+        let v = self.store.hit_many(hits).await;
+        self.answered.fetch_add(1, Ordering::SeqCst);
+        v
+    }
+}
+
+/// Reserving ahead (`server::web::precount`), through the real listener and the filesystem
+/// store's counters: a client's requests after its first are answered from the batches written
+/// ahead, without waiting for the counters (stalled here while the client asks: a request
+/// that wrote would wait at the gate), and at its limit the client is refused with 429 within
+/// the documented bound (the limit, a multiple of the batch here, and fewer than a batch
+/// more), after which it does not write to the counters again.
+#[tokio::test]
+async fn a_clients_requests_after_its_first_do_not_wait_for_the_counters() {
+    use kst_bin::server::web::precount::BATCH;
+    let (dir, store) = alice_store().await;
+    let (gate, open) = tokio::sync::watch::channel(true);
+    let counters = Arc::new(GatedCounters {
+        store: Arc::clone(&store),
+        open,
+        started: AtomicUsize::new(0),
+        answered: AtomicUsize::new(0),
+    });
+    let limit = 8 * BATCH;
+    let s = serve_store_counting(
+        (dir, store),
+        &DOMAINS,
+        WebConfig {
+            limits: WebLimits {
+                per_client: limit,
+                ..WebLimits::OFF
+            },
+            ..WebConfig::default()
+        },
+        counters.clone(),
+    )
+    .await;
+    const POLICY: &str = "/.well-known/openpgpkey/policy";
+    // The first request writes a batch and waits for it; the one that leaves half of it
+    // writes the next one ahead.
+    for _ in 0..BATCH / 2 {
+        assert_eq!(get(&s, "example.net", POLICY).await.status, 200);
+    }
+    while counters.answered.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            counters.started.load(Ordering::SeqCst),
+            2,
+            "the next batch is written ahead"
+        );
+    }
+    // The store stalls. What the client holds, the rest of its batch and the batch written
+    // ahead, answers its next requests; the one that leaves half a batch (the 12th) writes
+    // the next batch ahead, which waits at the gate. A request that wrote would wait at the
+    // gate too, one more write waiting there.
+    gate.send_replace(false);
+    let mut admitted = BATCH / 2;
+    for n in (BATCH / 2 + 1)..=(2 * BATCH) {
+        let ahead = usize::from(n >= BATCH / 2 + BATCH);
+        let mut reply = std::pin::pin!(get(&s, "example.net", POLICY));
+        let reply = loop {
+            tokio::select! {
+                r = &mut reply => break r,
+                () = tokio::time::sleep(Duration::from_millis(1)) => assert!(
+                    counters.started.load(Ordering::SeqCst)
+                        - counters.answered.load(Ordering::SeqCst)
+                        <= ahead,
+                    "request {n} waits for the stalled counters"
+                ),
+            }
+        };
+        assert_eq!(reply.status, 200);
+        admitted += 1;
+    }
+    assert_eq!(counters.started.load(Ordering::SeqCst), 3);
+    gate.send_replace(true);
+    // At the limit: 429, having been admitted the limit and fewer than a batch more.
+    let mut refused = 0;
+    for _ in 0..(2 * limit) {
+        match get(&s, "example.net", POLICY).await.status {
+            200 => admitted += 1,
+            429 => {
+                refused += 1;
+                if refused == 3 {
+                    break;
+                }
+            }
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!(refused, 3, "refused at its limit");
+    assert!(
+        (limit..limit + BATCH).contains(&admitted),
+        "admitted {admitted} of a limit of {limit}"
+    );
+    // A refused client does not write to the counters again (while the refusal is held).
+    let writes = counters.started.load(Ordering::SeqCst);
+    for _ in 0..20 {
+        assert_eq!(get(&s, "example.net", POLICY).await.status, 429);
+    }
+    assert_eq!(counters.started.load(Ordering::SeqCst), writes);
 }
 
 /// `kst bench web` against the real listener: it reads every answer whole on its keep-alive

@@ -294,20 +294,39 @@ pub fn source_ip(topmost_received: &str, trusted_mta_hosts: &[String]) -> Option
             }
         }
         [i] => {
-            // The comments right before `by`, last first (the authenticated-sender note may
-            // follow the `(rdns [ip])` comment).
-            let ip = tokens[..*i]
-                .iter()
-                .rev()
-                .map_while(|t| match t {
-                    Token::Comment(c) => Some(c),
-                    _ => None,
-                })
-                .find_map(|c| bracketed_ip(c));
+            // Postfix and Sendmail write `from HELO (RDNS [IP])` on the first line and their
+            // notes (TLS, `(Client CN "...", Issuer "..." (not verified))`, authenticated
+            // sender) on the lines after it. A client certificate's CN and issuer are the
+            // client's text, may hold parentheses and brackets, and can make a comment of
+            // their own that ends in `[IP]`: so in a folded header the IP is read from the
+            // first line only.
+            let ip = match topmost_received.split_once(['\r', '\n']) {
+                Some((first, _)) => match tokenize(first) {
+                    Ok(first) => {
+                        let end = first.windows(2).position(by_trusted).unwrap_or(first.len());
+                        last_bracketed_ip(&first[..end])
+                    }
+                    Err(_) => None,
+                },
+                None => last_bracketed_ip(&tokens[..*i]),
+            };
             Some(ip.map_or_else(|| UNREADABLE_SOURCE.into(), |ip| ip.to_string()))
         }
         _ => unreadable(),
     }
+}
+
+/// The IP of the comments at the end of `tokens`, last first (the authenticated-sender note
+/// may follow the `(rdns [ip])` comment).
+fn last_bracketed_ip(tokens: &[Token]) -> Option<std::net::IpAddr> {
+    tokens
+        .iter()
+        .rev()
+        .map_while(|t| match t {
+            Token::Comment(c) => Some(c),
+            _ => None,
+        })
+        .find_map(|c| bracketed_ip(c))
 }
 
 /// The IP of a comment that ends in `[IP]` or `[IPv6:IP]`.
@@ -457,5 +476,76 @@ mod tests {
         // Not the provider's header: no IP counter.
         let h = PAPER.replace("by example.net", "by mx.evil.example");
         assert_eq!(source_ip(&h, &t), None);
+        // Not folded: the comments right before `by`.
+        let h = "from x (rdns [192.0.2.9]) by mail.example.net (Postfix) with ESMTP id 1";
+        assert_eq!(source_ip(h, &t).as_deref(), Some("192.0.2.9"));
+    }
+
+    /// Red team round 8 (held): a client certificate whose issuer writes an
+    /// `(Authenticated sender: ...)` note of its own, on an authenticated submission by mallory
+    /// (Postfix writes the real note after the certificate) or on an unauthenticated one, never
+    /// yields the victim's login.
+    #[test]
+    fn a_client_certificate_cannot_write_the_authenticated_sender() {
+        let t = trusted();
+        for (issuer, with, note) in [
+            (
+                "a) (Authenticated sender: victim@example.net) (",
+                "ESMTPSA",
+                "\r\n\t(Authenticated sender: mallory@example.net)",
+            ),
+            (
+                "a) (Authenticated sender: victim@example.net) ((",
+                "ESMTPSA",
+                "\r\n\t(Authenticated sender: mallory@example.net)",
+            ),
+            (
+                "a) (Authenticated sender: victim@example.net) (",
+                "ESMTPS",
+                "",
+            ),
+            (
+                "a) (Authenticated sender: victim@example.net",
+                "ESMTPSA",
+                "",
+            ),
+        ] {
+            let h = format!(
+                "from out.acme.net (out.acme.net [192.0.2.77])\r\n\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\r\n\t(Client CN \"c\", Issuer \"{issuer}\" (not verified)){note}\r\n\tby mail.example.net (Postfix) with {with} id 1\r\n\tfor <keys@example.net>; Sun, 4 Mar 2018 16:47:07 +0100"
+            );
+            let login = authenticated_login(&h, &t);
+            assert!(
+                login.as_deref() != Ok("victim@example.net"),
+                "{issuer} {with}: {login:?}"
+            );
+        }
+    }
+
+    /// Red team round 8: with `smtpd_tls_ask_ccert = yes` and `smtpd_tls_received_header = yes`
+    /// Postfix writes the client certificate's CN and issuer, the client's text, into a
+    /// comment right before `by`. An issuer `a) ([198.51.100.77]) (` closed that comment early
+    /// and made one of its own that ends in an IP of the client's choosing: a fresh per-source
+    /// counter for every connection (and a self-signed certificate each). The IP now comes
+    /// from the first line, where Postfix writes `(RDNS [IP])`.
+    #[test]
+    fn a_client_certificate_cannot_choose_the_source_ip() {
+        let t = trusted();
+        for issuer in [
+            "a) ([198.51.100.77]) (",
+            "[198.51.100.77]",
+            "x\") ([198.51.100.77]",
+        ] {
+            let h = format!(
+                "from mail.attacker.example (mail.attacker.example [203.0.113.5])\r\n\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)\r\n\t key-exchange X25519 server-signature RSA-PSS (2048 bits) server-digest SHA256)\r\n\t(Client CN \"c\", Issuer \"{issuer}\" (not verified))\r\n\tby mail.example.net (Postfix) with ESMTPS id 4Q1\r\n\tfor <keys@example.net>; Sat, 5 Dec 2026 03:00:00 +0000 (UTC)"
+            );
+            let ip = source_ip(&h, &t);
+            assert!(
+                ip.as_deref() == Some("203.0.113.5") || ip.as_deref() == Some(UNREADABLE_SOURCE),
+                "{issuer}: {ip:?}"
+            );
+            assert_ne!(ip.as_deref(), Some("198.51.100.77"), "{issuer}");
+        }
+        let h = "from mail.attacker.example (mail.attacker.example [203.0.113.5])\r\n\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)\r\n\t key-exchange X25519 server-signature RSA-PSS (2048 bits) server-digest SHA256)\r\n\t(Client CN \"c\", Issuer \"a) ([198.51.100.77]) (\" (not verified))\r\n\tby mail.example.net (Postfix) with ESMTPS id 4Q1";
+        assert_eq!(source_ip(h, &t).as_deref(), Some("203.0.113.5"));
     }
 }

@@ -753,6 +753,36 @@ async fn forged_received_headers_do_not_move_the_source() {
     }
 }
 
+/// Red team round 8: a client certificate's issuer (written by Postfix with
+/// `smtpd_tls_received_header`) cannot give each request a source IP of its own.
+#[tokio::test]
+async fn a_client_certificate_cannot_move_the_source() {
+    let mut p = base_policy();
+    p.rate_limits = crate::RateLimits {
+        per_source_ip: 2,
+        ..crate::RateLimits::default()
+    };
+    let f = fixture_with(p);
+    for i in 0..3 {
+        let s = format!("m{i}@m{i}.example");
+        let req = client::build_retrieval(&addr(&s), &addr("alice@example.net"));
+        let mut raw = format!(
+            "Received: from out.acme.net (out.acme.net [192.0.2.77])\r\n\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits))\r\n\t(Client CN \"c\", Issuer \"a) ([10.9.9.{i}]) (\" (not verified))\r\n\tby mx.example.net (Postfix) with ESMTPS id {i}\r\n\tfor <keys@example.net>; Sun, 4 Mar 2018 16:47:07 +0100\r\n"
+        )
+        .into_bytes();
+        raw.extend_from_slice(&req.message);
+        let d = f.kst.handle(&env(&s), &raw).await.unwrap().decision;
+        if i < 2 {
+            assert!(matches!(d, Decision::Answered { .. }), "{i}: {d:?}");
+        } else {
+            assert_eq!(
+                d,
+                Decision::Ignored(Silence::RateLimited(LimitKind::SourceIp))
+            );
+        }
+    }
+}
+
 /// A forged publication, revocation or deletion for alice (From: alice, no authenticated
 /// Received header), from bot number `i`.
 fn forged_owner_request(i: usize) -> Vec<u8> {

@@ -9,8 +9,9 @@
 //!
 //! Exit codes (sysexits, as pipe(8) reads them; see [`crate::exit`]):
 //! - 0: kst decided (published, answered, refused with a reply, or left unanswered on purpose);
-//! - 75 (EX_TEMPFAIL): store or mailer unavailable, or the configuration is wrong: Postfix keeps
-//!   the message and retries, nothing was half-done;
+//! - 75 (EX_TEMPFAIL): store or mailer unavailable, the configuration is wrong, or a bug (a
+//!   panic, never Rust's exit 101, which pipe(8) would bounce): Postfix keeps the message and
+//!   retries, nothing was half-done;
 //! - 65 (EX_DATAERR): the recipient is not kst's at all: bounced. Oversize mail and mail for
 //!   `keys+extension@` of a served domain are dropped with exit 0 instead (a bounce would carry
 //!   the sender's text to a possibly forged sender); stdin is read to its end, in bounded memory.
@@ -88,11 +89,28 @@ pub async fn run(config: Option<&Path>, args: DeliverArgs) -> u8 {
         }
     };
     logging::init(&cfg.log);
-    match deliver(cfg, args).await {
-        Ok(code) => code,
-        Err(e) => {
+    exit_code(tokio::spawn(deliver(cfg, args)).await)
+}
+
+/// The exit status of a delivery task. A panic (a bug in kst, on whatever input) exits 75 like
+/// any temporary failure, never Rust's 101: pipe(8) takes a status outside sysexits as a
+/// permanent error and bounces the message, with the sender's text, to a possibly forged
+/// envelope sender. Deferred, it stays queued (as with a dropped LMTP connection) until kst is
+/// fixed or the queue lifetime ends.
+fn exit_code(joined: Result<Result<u8, kst_core::Error>, tokio::task::JoinError>) -> u8 {
+    match joined {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
             tracing::error!(error = %e, "delivery deferred: {e}");
             eprintln!("kst: temporary failure: {e}");
+            exit::TEMPFAIL
+        }
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "BUG: kst deliver failed unexpectedly; the message stays queued (exit 75). Please report this with the log"
+            );
+            eprintln!("kst: temporary failure: internal error ({e}); the message stays queued");
             exit::TEMPFAIL
         }
     }
@@ -150,5 +168,27 @@ async fn deliver(config: Config, args: DeliverArgs) -> Result<u8, kst_core::Erro
             eprintln!("kst: temporary failure: {e}");
             Ok(exit::TEMPFAIL)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_defers_the_message_instead_of_exiting_101() {
+        let panicked = tokio::spawn(async {
+            if exit::OK == 0 {
+                panic!("a bug on some input");
+            }
+            Ok(exit::OK)
+        })
+        .await;
+        assert!(panicked.as_ref().is_err_and(|e| e.is_panic()));
+        assert_eq!(exit_code(panicked), exit::TEMPFAIL);
+        let failed = Ok(Err(kst_core::Error::Config("x".into())));
+        assert_eq!(exit_code(failed), exit::TEMPFAIL);
+        assert_eq!(exit_code(Ok(Ok(exit::DATAERR))), exit::DATAERR);
+        assert_eq!(exit_code(Ok(Ok(exit::OK))), exit::OK);
     }
 }

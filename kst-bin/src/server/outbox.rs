@@ -10,7 +10,14 @@
 //!   the end, so a crash can at worst send a reply twice, never lose one;
 //! - a file that is not a spool file (no envelope lines, a bad address) is renamed to
 //!   `<name>.bad`, logged and skipped: readers ignore names that do not end in `.eml`;
-//! - the first relay failure stops the run: the rest stays for the next run;
+//! - a reply the relay refuses with a 5xx (to its `RCPT TO` or its data: a recipient that does
+//!   not exist, a message it will not take) is renamed to `<name>.refused`, logged and not sent
+//!   again; one it defers with a 4xx stays for the next run as `<name>.deferred.eml` (sent
+//!   after the replies never tried), up to [`MAX_DEFERRED`] (5 days) after it was written,
+//!   then it is set aside the same way; either way the run goes on, so
+//!   that one reply (a forged request's sender, say) cannot hold back everyone else's;
+//! - the first failure of the relay itself (connection, TLS, AUTH, a refused `MAIL FROM`, a
+//!   timeout) stops the run: the rest stays for the next run;
 //! - one sender at a time: a second run while one holds `<dir>/.send.lock` does nothing.
 //!
 //! Run it from a timer (every minute) or after `kst serve` in a loop; see docs/OPERATIONS.md.
@@ -26,7 +33,7 @@ use kst_core::{Address, AddressPolicy, Mailer, OutgoingMail};
 use clap::Subcommand;
 
 use crate::exit;
-use crate::server::mailer::SmtpMailer;
+use crate::server::mailer::{SmtpMailer, SubmitError};
 use crate::shared::config::{Config, MailerConfig};
 use crate::shared::{logging, report};
 
@@ -40,9 +47,13 @@ pub enum OutboxCommand {
     /// For `[mailer] kind = "spool"`: kst makes each reply durable in the spool before it answers
     /// its MTA, and this command sends them, e.g. every minute from a timer:
     ///   kst --config /etc/kst/kst.toml outbox send
-    /// A file that is not a spool file is renamed to <name>.bad and skipped. Only one run sends
-    /// at a time. Exit codes: 0 everything sent (or nothing to send), 65 some files set aside as
-    /// .bad, 75 the relay failed (the rest stays for the next run), 78 configuration.
+    /// A file that is not a spool file is renamed to <name>.bad and skipped; a reply the relay
+    /// refuses with a 5xx is renamed to <name>.refused (logged, not sent again); one it defers
+    /// with a 4xx stays for the next run as <name>.deferred.eml, sent after the new replies
+    /// (for at most 5 days, then it is set aside too). Only one run sends at a time. Exit codes: 0
+    /// everything sent or refused (or nothing to send), 65 some files set aside as .bad, 75 the
+    /// relay failed or deferred a reply (what is left stays for the next run), 78
+    /// configuration.
     Send {
         /// The spool directory, instead of `[mailer] path`.
         #[arg(long, value_name = "DIR")]
@@ -77,14 +88,19 @@ async fn send_and_report(cfg: &MailerConfig, dir: &Path) -> u8 {
         }
         Ok(r) => {
             eprintln!(
-                "kst: {} sent, {} set aside as .bad, {} left in {}",
+                "kst: {} sent, {} set aside as .bad, {} refused, {} deferred by the relay, {} left in {}",
                 r.sent,
                 r.set_aside,
+                r.refused,
+                r.deferred,
                 r.left,
                 dir.display()
             );
             if let Some(e) = &r.error {
                 eprintln!("kst: stopped: {e}; the rest is sent by the next run");
+                exit::TEMPFAIL
+            } else if r.deferred > 0 {
+                eprintln!("kst: the relay deferred some replies; the next run tries them again");
                 exit::TEMPFAIL
             } else if r.set_aside > 0 {
                 exit::DATAERR
@@ -99,6 +115,19 @@ async fn send_and_report(cfg: &MailerConfig, dir: &Path) -> u8 {
     }
 }
 
+/// How long a reply the relay keeps deferring (4xx to its recipient) stays in the spool before
+/// it is set aside as `.refused`: Postfix's default `maximal_queue_lifetime`.
+pub const MAX_DEFERRED: std::time::Duration = std::time::Duration::from_secs(5 * 86_400);
+
+/// True when the spool file at `path` was written more than [`MAX_DEFERRED`] ago.
+fn deferred_too_long(path: &Path) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > MAX_DEFERRED)
+}
+
 /// What one run did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -106,7 +135,11 @@ pub struct Report {
     pub sent: usize,
     /// Files that are not spool files, renamed to `<name>.bad`.
     pub set_aside: usize,
-    /// Replies still in the spool because the relay failed.
+    /// Replies the relay refused with a 5xx, renamed to `<name>.refused`.
+    pub refused: usize,
+    /// Replies the relay deferred with a 4xx; they stay for the next run.
+    pub deferred: usize,
+    /// Replies not tried because the relay failed (they stay for the next run).
     pub left: usize,
     /// The relay failure that stopped the run.
     pub error: Option<String>,
@@ -171,7 +204,20 @@ fn line(raw: &[u8]) -> Option<(&str, &[u8])> {
     Some((text, &raw[end + 2..]))
 }
 
-/// The `.eml` files of `dir`, oldest first; an empty list when the directory does not exist.
+/// The suffix of a reply the relay deferred (4xx) in an earlier run: `<name>.deferred.eml`.
+const DEFERRED_SUFFIX: &str = ".deferred.eml";
+
+/// True for a spool file the relay deferred before.
+fn was_deferred(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(DEFERRED_SUFFIX))
+}
+
+/// The `.eml` files of `dir` in the order a run sends them: the replies never tried first,
+/// oldest first, then the ones the relay deferred before, oldest first (so that a pile of
+/// deferred replies never holds back a new one); an empty list when the directory does not
+/// exist.
 pub fn pending(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -190,7 +236,9 @@ pub fn pending(dir: &Path) -> io::Result<Vec<PathBuf>> {
         }
     }
     files.sort();
-    Ok(files)
+    let (deferred, fresh): (Vec<PathBuf>, Vec<PathBuf>) =
+        files.into_iter().partition(|p| was_deferred(p));
+    Ok(fresh.into_iter().chain(deferred).collect())
 }
 
 /// Sends every spool file of `dir` to the relay of `cfg`. Errors only for a spool directory
@@ -242,14 +290,56 @@ pub async fn send(cfg: &MailerConfig, dir: &Path) -> anyhow::Result<Report> {
                 continue;
             }
         };
-        match mailer.send(&mail).await {
+        match mailer.submit(&mail).await {
             Ok(()) => {
                 fs::remove_file(path)
                     .with_context(|| format!("sent, but cannot remove {}", path.display()))?;
                 tracing::info!(file = %name, recipient = %mail.recipient, "reply sent");
                 report.sent += 1;
             }
-            Err(e) => {
+            Err(e) if e.is_permanent() => {
+                let refused = path.with_file_name(format!("{name}.refused"));
+                fs::rename(path, &refused)
+                    .with_context(|| format!("cannot set aside {}", path.display()))?;
+                tracing::error!(
+                    file = %name,
+                    recipient = %mail.recipient,
+                    error = %e,
+                    "the relay refused this reply for good: renamed to .refused, not sent again (a forged request's sender, or a recipient the relay does not know)"
+                );
+                report.refused += 1;
+            }
+            Err(SubmitError::Refused { error, .. }) if deferred_too_long(path) => {
+                let refused = path.with_file_name(format!("{name}.refused"));
+                fs::rename(path, &refused)
+                    .with_context(|| format!("cannot set aside {}", path.display()))?;
+                tracing::error!(
+                    file = %name,
+                    recipient = %mail.recipient,
+                    error = %error,
+                    max_days = MAX_DEFERRED.as_secs() / 86_400,
+                    "the relay still defers this reply after the longest time a reply is kept: renamed to .refused, not sent again"
+                );
+                report.refused += 1;
+            }
+            Err(SubmitError::Refused { error, .. }) => {
+                // Marked, so that later runs send new replies before it (the rename keeps its
+                // modification time, which says how long it has been waiting).
+                if !was_deferred(path) {
+                    let stem = name.strip_suffix(".eml").unwrap_or(&name);
+                    let marked = path.with_file_name(format!("{stem}{DEFERRED_SUFFIX}"));
+                    fs::rename(path, &marked)
+                        .with_context(|| format!("cannot mark {} deferred", path.display()))?;
+                }
+                tracing::warn!(
+                    file = %name,
+                    recipient = %mail.recipient,
+                    error = %error,
+                    "the relay deferred this reply: it stays for the next run, after the new ones"
+                );
+                report.deferred += 1;
+            }
+            Err(SubmitError::Relay(e)) => {
                 report.left = total - i;
                 report.error = Some(e.to_string());
                 break;
@@ -258,7 +348,7 @@ pub async fn send(cfg: &MailerConfig, dir: &Path) -> anyhow::Result<Report> {
     }
     mailer.close().await;
     // Make the removals durable; a crash before this can only send a reply again.
-    if report.sent > 0 || report.set_aside > 0 {
+    if report.sent > 0 || report.set_aside > 0 || report.refused > 0 || report.deferred > 0 {
         durable::sync_dir(dir)?;
     }
     Ok(report)
@@ -316,6 +406,33 @@ mod tests {
             let e = parse(raw).unwrap_err();
             assert!(e.contains(why), "{raw:?}: {e}");
         }
+    }
+
+    #[test]
+    fn pending_sends_new_replies_before_deferred_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in [
+            "00000000000000000003-c.eml",
+            "00000000000000000001-a.deferred.eml",
+            "00000000000000000004-d.eml",
+            "00000000000000000002-b.deferred.eml",
+        ] {
+            fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        let names: Vec<String> = pending(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "00000000000000000003-c.eml",
+                "00000000000000000004-d.eml",
+                "00000000000000000001-a.deferred.eml",
+                "00000000000000000002-b.deferred.eml",
+            ]
+        );
     }
 
     #[test]

@@ -14,7 +14,9 @@ use kst_bin::server::web::{KeyLookup, WebConfig, WebLimits, WebService, serve};
 use kst_core::certificate::{Certificate, KeyHandle};
 use kst_core::validate::{KeyPolicy, validate};
 use kst_core::wkd::WkdHash;
-use kst_core::{Address, AddressPolicy, KeyRecord, KeyStore, MemoryRateLimiter, NewKey};
+use kst_core::{
+    Address, AddressPolicy, KeyRecord, KeyStore, MemoryRateLimiter, NewKey, RateLimiter,
+};
 use kst_fs::FsStore;
 use tokio::net::TcpListener;
 
@@ -155,15 +157,25 @@ pub async fn alice_store() -> (tempfile::TempDir, Arc<FsStore>) {
 /// Serves `store` (in `dir`, kept as long as the server) for `domains` with `config` on a free
 /// port of 127.0.0.1, its look-ups through [`ScanLookup`].
 pub async fn serve_store(
+    store: (tempfile::TempDir, Arc<FsStore>),
+    domains: &[&str],
+    config: WebConfig,
+) -> Server {
+    serve_store_counting(store, domains, config, Arc::new(MemoryRateLimiter::new())).await
+}
+
+/// [`serve_store`] with the limits' shared counters in `counters`.
+pub async fn serve_store_counting(
     (dir, store): (tempfile::TempDir, Arc<FsStore>),
     domains: &[&str],
     config: WebConfig,
+    counters: Arc<dyn RateLimiter>,
 ) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let service = WebService {
         lookup: Arc::new(ScanLookup(Arc::clone(&store))),
-        counters: Arc::new(MemoryRateLimiter::new()),
+        counters,
         domains: domains.iter().map(|d| d.to_string()).collect(),
         address_policy: AddressPolicy::default(),
         config: WebConfig {

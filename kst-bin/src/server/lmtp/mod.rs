@@ -4,6 +4,7 @@
 //! `Received:` header. It listens on loopback (or a Unix socket) by default and refuses peers
 //! outside `[lmtp] allow`.
 
+pub mod decided;
 pub mod server;
 pub mod session;
 

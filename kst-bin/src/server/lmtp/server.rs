@@ -17,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::decided::{Decided, decision_key, message_digest};
 use super::session::{Reply, Session, SessionLimits, Step, Transaction, delivery_reply};
 use crate::server::ingest::{self, Origin};
 use crate::shared::config::{AllowList, LmtpConfig};
@@ -202,6 +203,9 @@ pub struct ConnectionContext {
     pub hostname: String,
     /// Fires when the server shuts down.
     pub shutdown: ShutdownSignal,
+    /// The decisions taken recently, so that one message is decided once per sender and
+    /// service address however many recipients and deliveries name it ([`Decided`]).
+    pub decided: Arc<Decided>,
 }
 
 impl ConnectionContext {
@@ -215,6 +219,7 @@ impl ConnectionContext {
             data_timeout: cfg.data_timeout(),
             hostname: hostname(),
             shutdown,
+            decided: Arc::new(Decided::new()),
         }
     }
 }
@@ -488,11 +493,35 @@ async fn flush<S: AsyncWrite + Unpin>(
 
 /// Runs `Kst::handle` for each recipient in RCPT order; one reply each. A decision that takes
 /// longer than the command timeout (a hung store or relay) is abandoned with a `451`: the MTA
-/// retries, and a redelivery is idempotent.
+/// retries, and a redelivery is idempotent. A recipient that names a service address this
+/// message was already decided for (another spelling of it, or a redelivery; [`Decided`]) gets
+/// that decision's reply without a second `handle`.
 async fn deliver(ctx: &ConnectionContext, tx: &Transaction, peer: &str) -> Vec<Reply> {
     let queue_id = next_queue_id();
     let mut replies = Vec::with_capacity(tx.recipients.len());
+    let digest = message_digest(&tx.message);
     for rcpt in &tx.recipients {
+        let turn = match ctx.kst.service_recipient(rcpt) {
+            Ok(service) => {
+                let key = decision_key(&tx.sender, &service, &digest);
+                match ctx.decided.begin(key).await {
+                    (Some(handled), turn) => {
+                        ctx.decided.finish(turn, None);
+                        tracing::info!(
+                            queue_id,
+                            peer,
+                            recipient = rcpt.as_str(),
+                            service = %service,
+                            "already decided for this sender, service address and message (another spelling of the recipient, or a redelivery): not handled again"
+                        );
+                        replies.push(delivery_reply(&Ok(handled), &queue_id));
+                        continue;
+                    }
+                    (None, turn) => Some(turn),
+                }
+            }
+            Err(_) => None,
+        };
         let started = Instant::now();
         let envelope = Envelope {
             sender: Some(tx.sender.clone()),
@@ -518,6 +547,9 @@ async fn deliver(ctx: &ConnectionContext, tx: &Transaction, peer: &str) -> Vec<R
             peer: Some(peer),
         };
         ingest::record(&result, &origin, started.elapsed());
+        if let Some(turn) = turn {
+            ctx.decided.finish(turn, result.as_ref().ok());
+        }
         replies.push(delivery_reply(&result, &queue_id));
     }
     replies

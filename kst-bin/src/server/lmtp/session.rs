@@ -18,8 +18,9 @@ use crate::shared::config::LmtpConfig;
 
 /// Bad commands tolerated between two delivered messages before the session is closed.
 pub const MAX_ERRORS: u32 = 20;
-/// Commands tolerated between two delivered messages (on top of the recipients) before the
-/// session is closed: a client that only talks cannot hold a connection slot forever.
+/// Commands tolerated between two delivered messages (on top of the accepted recipients; a
+/// refused RCPT counts) before the session is closed: a client that only talks cannot hold a
+/// connection slot forever.
 pub const MAX_COMMANDS_BETWEEN_MESSAGES: u32 = 1000;
 /// Longest reply text sent (bytes); longer texts (error details) are cut.
 const MAX_REPLY_TEXT: usize = 400;
@@ -35,7 +36,8 @@ pub struct SessionLimits {
     pub max_recipients: usize,
     /// Bad commands between two messages before the session is closed.
     pub max_errors: u32,
-    /// Commands between two messages (recipients excluded) before the session is closed.
+    /// Commands between two messages (accepted recipients excluded) before the session is
+    /// closed.
     pub max_commands: u32,
 }
 
@@ -361,8 +363,16 @@ impl Session {
     }
 
     fn command(&mut self, request: Request<String>, accept_rcpt: &impl Fn(&str) -> bool) {
-        let is_rcpt = matches!(request, Request::Rcpt { .. });
-        if !is_rcpt {
+        // Only an accepted recipient is free (there are at most `max_recipients` per MAIL);
+        // a refused one (not kst's, over the cap, no MAIL) counts like any other command, or
+        // a client could keep a connection slot forever with RCPTs that are never accepted.
+        let rcpt_accepted = match &request {
+            Request::Rcpt { to } => self.mail.as_ref().is_some_and(|m| {
+                m.recipients.len() < self.limits.max_recipients && accept_rcpt(&to.address)
+            }),
+            _ => false,
+        };
+        if !rcpt_accepted {
             self.commands += 1;
             if self.commands > self.limits.max_commands {
                 self.close_with(Reply::new(
@@ -421,7 +431,7 @@ impl Session {
                         format!("too many recipients (at most {max})"),
                     ),
                     Some(mail) => {
-                        if accept_rcpt(&to.address) {
+                        if rcpt_accepted {
                             mail.recipients.push(to.address);
                             self.reply(250, [2, 1, 5], "recipient OK");
                         } else {

@@ -304,6 +304,39 @@ fn too_many_commands_without_a_message_close_the_session() {
     assert!(out.ends_with("421 4.7.0 too many commands without a message, closing\r\n"));
 }
 
+/// Red team round 8: refused recipients (not kst's: 550; over the cap: 452) were not counted
+/// as commands, and each one restarted the command timeout, so a client could hold a
+/// connection slot forever with RCPTs that are never accepted.
+#[test]
+fn refused_recipients_count_as_commands() {
+    for rcpt in ["bob@example.net", "keys@example.net"] {
+        let mut s = Session::new(LIMITS, "h");
+        let input = format!(
+            "LHLO h\r\nMAIL FROM:<a@b.c>\r\n{}",
+            format!("RCPT TO:<{rcpt}>\r\n").repeat(200)
+        );
+        let (out, _) = drive(&mut s, &[input.as_bytes()]);
+        assert!(s.is_closed(), "{rcpt}: {out}");
+        assert!(
+            out.ends_with("421 4.7.0 too many commands without a message, closing\r\n"),
+            "{rcpt}: {out}"
+        );
+        let refused = out.matches("550 5.1.1").count() + out.matches("452 4.5.3").count();
+        // LHLO and MAIL are 2 of the 50 commands; accepted recipients are free.
+        assert_eq!(refused, 48, "{rcpt}: {out}");
+    }
+    // Accepted recipients do not count: a message with the most recipients after 48 commands.
+    let mut s = Session::new(LIMITS, "h");
+    let input = format!(
+        "LHLO h\r\n{}MAIL FROM:<a@b.c>\r\nRCPT TO:<keys@1>\r\nRCPT TO:<keys@2>\r\nRCPT TO:<keys@3>\r\nDATA\r\nx\r\n.\r\n",
+        "NOOP\r\n".repeat(46)
+    );
+    let (out, txs) = drive(&mut s, &[input.as_bytes()]);
+    assert!(!s.is_closed(), "{out}");
+    assert_eq!(txs.len(), 1, "{out}");
+    assert_eq!(txs[0].recipients.len(), 3);
+}
+
 #[test]
 fn misc_commands() {
     let (out, _) = run(

@@ -6,5 +6,5 @@ mod smtp;
 mod spool;
 
 pub use dkim::{DkimKeys, DkimMailer};
-pub use smtp::SmtpMailer;
+pub use smtp::{SmtpMailer, SubmitError};
 pub use spool::SpoolMailer;

@@ -36,6 +36,46 @@ struct Idle {
     since: Instant,
 }
 
+/// Why [`SmtpMailer::submit`] did not hand a reply to the relay.
+#[derive(Debug)]
+pub enum SubmitError {
+    /// The relay refused this reply: its `RCPT TO` or the end of its data got `code`. A 5xx
+    /// is permanent (the same reply would be refused again); a 4xx is for this reply only.
+    /// Either way the relay works, and other replies can still go.
+    Refused {
+        /// The relay's reply code.
+        code: u16,
+        /// What happened, for the operator (the relay's reply included).
+        error: Error,
+    },
+    /// The relay cannot be used now (connection, TLS, AUTH, a refused `MAIL FROM` or `DATA`,
+    /// a lost session, `[mailer] timeout_secs`): nothing more can be sent until it recovers.
+    Relay(Error),
+}
+
+impl SubmitError {
+    /// True for a 5xx refusal of the reply itself: sending it again is pointless.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, SubmitError::Refused { code, .. } if *code >= 500)
+    }
+
+    /// The error as [`Mailer::send`] reports it: always temporary (`Error::Unavailable`), so
+    /// that the request that wanted this reply stays with the MTA.
+    pub fn into_error(self) -> Error {
+        match self {
+            SubmitError::Refused { error, .. } | SubmitError::Relay(error) => error,
+        }
+    }
+}
+
+impl std::fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubmitError::Refused { error, .. } | SubmitError::Relay(error) => error.fmt(f),
+        }
+    }
+}
+
 /// Hands each reply to an SMTP relay with the envelope of the [`OutgoingMail`] (the null
 /// sender `<>` when it has none), returning `Ok` only after the relay's `250` to the data.
 ///
@@ -252,10 +292,11 @@ impl SmtpMailer {
                         &format!("{command} refused by"),
                         format!("{} {}", reply.code(), reply.message()),
                     );
-                    return Err(if i == 0 {
-                        Stage::BeforeData(e)
-                    } else {
-                        Stage::Later(e)
+                    return Err(match i {
+                        0 => Stage::BeforeData(e),
+                        // RCPT TO refused: this recipient, not the relay.
+                        1 => Stage::Refused(reply.code(), e),
+                        _ => Stage::Later(e),
                     });
                 }
             }
@@ -272,13 +313,7 @@ impl SmtpMailer {
                 })
                 .await
                 .map_err(Stage::Later)?;
-            if !reply.is_positive_completion() {
-                return Err(Stage::Later(self.fail(
-                    "submitting the reply to",
-                    format!("{} {}", reply.code(), reply.message()),
-                )));
-            }
-            return Ok(reply.message);
+            return self.completed(reply);
         }
         let none = Parameters::default();
         self.step(
@@ -288,29 +323,71 @@ impl SmtpMailer {
         )
         .await
         .map_err(Stage::BeforeData)?;
-        self.step(
-            deadline,
-            "naming the recipient (RCPT TO) to",
-            client.rcpt_to(to, &none),
-        )
-        .await
-        .map_err(Stage::Later)?;
-        let reply = self
+        let rcpt = self
             .step(
                 deadline,
-                "submitting the reply to",
-                client.data(mail.message.as_slice()),
+                "naming the recipient (RCPT TO) to",
+                client.cmd(format!("RCPT TO:<{to}>\r\n")),
             )
             .await
             .map_err(Stage::Later)?;
-        Ok(reply.message)
+        if !rcpt.is_positive_completion() {
+            return Err(Stage::Refused(
+                rcpt.code(),
+                self.fail(
+                    "RCPT TO refused by",
+                    format!("{} {}", rcpt.code(), rcpt.message()),
+                ),
+            ));
+        }
+        let data = self
+            .step(
+                deadline,
+                "starting the data (DATA) on",
+                client.cmd(b"DATA\r\n"),
+            )
+            .await
+            .map_err(Stage::Later)?;
+        if data.code() != 354 {
+            return Err(Stage::Later(self.fail(
+                "DATA refused by",
+                format!("{} {}", data.code(), data.message()),
+            )));
+        }
+        let reply = self
+            .step(deadline, "submitting the reply to", async {
+                client.write_message(mail.message.as_slice()).await?;
+                client.read().await
+            })
+            .await
+            .map_err(Stage::Later)?;
+        self.completed(reply)
+    }
+
+    /// The relay's answer to the end of the data: `Ok` for a 2xx; a 4xx or 5xx refuses this
+    /// reply (its content or size), not the relay.
+    fn completed(&self, reply: smtp_proto::Response<String>) -> std::result::Result<String, Stage> {
+        if reply.is_positive_completion() {
+            return Ok(reply.message);
+        }
+        let e = self.fail(
+            "submitting the reply to",
+            format!("{} {}", reply.code(), reply.message()),
+        );
+        Err(if (400..600).contains(&reply.code()) {
+            Stage::Refused(reply.code(), e)
+        } else {
+            Stage::Later(e)
+        })
     }
 }
 
-/// Where a transaction failed: before anything of the reply was sent, or later.
+/// Where a transaction failed: before anything of the reply was sent, later, or because the
+/// relay refused this reply (its recipient or its data) with a reply code.
 enum Stage {
     BeforeData(Error),
     Later(Error),
+    Refused(u16, Error),
 }
 
 /// Says QUIT, waiting at most `timeout`; the outcome is ignored.
@@ -335,13 +412,11 @@ fn explain(e: &mail_send::Error) -> String {
     }
 }
 
-#[async_trait]
-impl Mailer for SmtpMailer {
-    fn name(&self) -> &'static str {
-        "smtp"
-    }
-
-    async fn send(&self, mail: &OutgoingMail) -> Result<()> {
+impl SmtpMailer {
+    /// Hands `mail` to the relay, saying whether a failure was the relay's refusal of this
+    /// reply ([`SubmitError::Refused`]) or the relay itself ([`SubmitError::Relay`]), so that
+    /// `kst outbox send` can set a refused reply aside and go on with the others.
+    pub async fn submit(&self, mail: &OutgoingMail) -> std::result::Result<(), SubmitError> {
         let deadline = Instant::now() + self.timeout;
         // A pooled session first; one the relay closed meanwhile fails at MAIL FROM, before
         // anything of the reply was sent, and the reply goes out on a fresh session.
@@ -355,18 +430,35 @@ impl Mailer for SmtpMailer {
                 Err(Stage::BeforeData(e)) => {
                     tracing::debug!(relay = %self.relay, error = %e, "pooled session unusable; trying another");
                 }
-                Err(Stage::Later(e)) => return Err(e),
+                Err(Stage::Later(e)) => return Err(SubmitError::Relay(e)),
+                Err(Stage::Refused(code, error)) => {
+                    return Err(SubmitError::Refused { code, error });
+                }
             }
         }
-        let mut session = self.connect(deadline).await?;
+        let mut session = self.connect(deadline).await.map_err(SubmitError::Relay)?;
         match self.transact(&mut session, deadline, mail).await {
             Ok(reply) => {
                 self.release(session).await;
                 log_sent(self, mail, &reply, false);
                 Ok(())
             }
-            Err(Stage::BeforeData(e) | Stage::Later(e)) => Err(e),
+            Err(Stage::BeforeData(e) | Stage::Later(e)) => Err(SubmitError::Relay(e)),
+            Err(Stage::Refused(code, error)) => Err(SubmitError::Refused { code, error }),
         }
+    }
+}
+
+#[async_trait]
+impl Mailer for SmtpMailer {
+    fn name(&self) -> &'static str {
+        "smtp"
+    }
+
+    /// [`SmtpMailer::submit`]; every failure is temporary, so that the request that wanted
+    /// this reply stays with the MTA and is retried.
+    async fn send(&self, mail: &OutgoingMail) -> Result<()> {
+        self.submit(mail).await.map_err(SubmitError::into_error)
     }
 
     /// Connects, greets (EHLO, STARTTLS and AUTH as configured) and says QUIT without sending.
@@ -428,6 +520,8 @@ mod tests {
         Hangup,
         /// Answers the end of data with 451 (a temporary failure).
         Refuse,
+        /// Answers every RCPT TO with 550 (a recipient the relay does not know).
+        RefuseRcpt,
     }
 
     #[derive(Default)]
@@ -471,6 +565,9 @@ mod tests {
                                     b"250-relay.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
                                 }
                                 "EHLO" => b"250-relay.test\r\n250 8BITMIME\r\n",
+                                "RCPT" if matches!(after, After::RefuseRcpt) => {
+                                    b"550 5.1.1 no such user\r\n"
+                                }
                                 "DATA" => {
                                     in_data = true;
                                     b"354 go ahead\r\n"
@@ -621,6 +718,37 @@ mod tests {
         assert!(e.to_string().contains("submitting the reply"), "{e}");
         assert_eq!(m.idle_sessions(), 0);
         assert_eq!(counts.messages.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_refused_recipient_or_message_is_told_apart_from_a_failing_relay() {
+        for pipelining in [true, false] {
+            let (port, counts) = relay_with(After::RefuseRcpt, pipelining).await;
+            let m = mailer(port, 4);
+            for n in 0..2 {
+                let e = m.submit(&mail(n)).await.unwrap_err();
+                assert!(e.is_permanent(), "{e}");
+                assert!(
+                    matches!(e, SubmitError::Refused { code: 550, .. }),
+                    "pipelining {pipelining}: {e}"
+                );
+                assert!(e.to_string().contains("RCPT TO refused"), "{e}");
+                // Through the Mailer trait it stays temporary: the request is retried.
+                assert!(e.into_error().is_temporary());
+            }
+            assert_eq!(counts.messages.load(Ordering::SeqCst), 0);
+            let (port, _) = relay_with(After::Refuse, pipelining).await;
+            let e = mailer(port, 4).submit(&mail(0)).await.unwrap_err();
+            assert!(matches!(e, SubmitError::Refused { code: 451, .. }), "{e}");
+            assert!(!e.is_permanent(), "{e}");
+        }
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let e = mailer(port, 4).submit(&mail(0)).await.unwrap_err();
+        assert!(matches!(e, SubmitError::Relay(_)), "{e}");
+        assert!(!e.is_permanent(), "{e}");
     }
 
     #[tokio::test]

@@ -194,22 +194,60 @@ impl Coalescer {
                     }
                 }
             }
-            q.hits += hits.len();
-            q.waiting.push_back(Pending {
-                hits: hits.to_vec(),
-                reply,
-            });
-            let start = q.flushers < self.shared.max_in_flight;
-            if start {
-                q.flushers += 1;
-            }
-            start
+            self.push(&mut q, hits.to_vec(), reply)
         };
         if start {
             tokio::spawn(flush(Arc::clone(&self.shared)));
         }
         answer.await.unwrap_or_else(|_| Err(lost()))
     }
+
+    /// Queues `hits` (under the queue's lock, `q`) with `reply` for their answers; `true`
+    /// when the caller must start a flusher.
+    fn push(
+        &self,
+        q: &mut Queue,
+        hits: Vec<Hit>,
+        reply: oneshot::Sender<Result<Vec<bool>>>,
+    ) -> bool {
+        q.hits += hits.len();
+        q.waiting.push_back(Pending { hits, reply });
+        let start = q.flushers < self.shared.max_in_flight;
+        if start {
+            q.flushers += 1;
+        }
+        start
+    }
+
+    /// Queues `hit` for a caller that does not wait for it (a reservation counted ahead,
+    /// [`super::precount`]), only while the queue and the room held stay within half of the
+    /// bound with it: hits sent ahead never take the room requests wait for, so they never
+    /// make a request answered 503. `None` when it does not fit: nothing is queued or counted,
+    /// and nothing is recorded as busy (no request was refused). Otherwise the receiver of its
+    /// answer, sent once its batch is counted (the hit is counted whether or not anyone still
+    /// listens). At most `max_queued / 2` such hits wait; with those being counted, at most
+    /// `max_queued / 2 + max_in_flight × max_batch` are unanswered at any time.
+    pub fn hit_ahead(&self, hit: Hit) -> Option<oneshot::Receiver<Result<Vec<bool>>>> {
+        let (reply, answer) = oneshot::channel();
+        let start = {
+            let mut q = self.shared.lock();
+            if q.hits + q.reserved + 1 > self.shared.max_queued / 2 {
+                return None;
+            }
+            self.push(&mut q, vec![hit], reply)
+        };
+        if start {
+            tokio::spawn(flush(Arc::clone(&self.shared)));
+        }
+        Some(answer)
+    }
+}
+
+/// The answer of a hit queued with [`Coalescer::hit_ahead`]: its verdict, or the error of its
+/// batch (or [`lost`] if its flusher ended without an answer).
+pub async fn answer_ahead(answer: oneshot::Receiver<Result<Vec<bool>>>) -> Result<bool> {
+    let v = answer.await.unwrap_or_else(|_| Err(lost()))?;
+    Ok(v.first().copied().unwrap_or(false))
 }
 
 /// Whether `n` more hits fit in `q` beside what is queued and held (`Err`: the hits queued
