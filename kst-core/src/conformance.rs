@@ -29,12 +29,14 @@
 //!
 //! The walk in the store's own order ([`KeyStore::list_page`]) is in [`walk`] (part of
 //! [`run_all`]); the walk and import of remembered deleted publications in [`deleted`] (part
-//! of [`run_all`]). The look-ups by fingerprint, key ID and WKD hash are in [`lookup`] (part of [`run_all`]); the
+//! of [`run_all`]). The look-ups by fingerprint, key ID and WKD hash are in [`lookup`] (part of [`run_all`]);
+//! [`KeyStore::get_many`] (many addresses in one round trip) in [`batch`] (part of [`run_all`]); the
 //! compare-and-set of `publish` and the service's read-merge-write on it are in [`cas`] (part of
 //! [`run_all`]; backends run [`cas::compare_and_set_race`] and [`cas::merged_publications`]
 //! again with separate instances).
 //! The [`RateLimiter`](crate::RateLimiter) has a suite of its own: [`limiter`].
 
+pub mod batch;
 pub mod cas;
 pub mod deleted;
 #[cfg(feature = "transparency")]
@@ -444,6 +446,7 @@ pub async fn run_all(store: Arc<dyn KeyStore>) {
     restore_replaces_history(s).await;
     restore_rejects_invalid(s).await;
     lookup::run_all(s).await;
+    batch::get_many_answers_like_get(s).await;
     atomic_publish(store.clone()).await;
     concurrent_publishers(vec![store.clone(), store.clone()]).await;
     publish_races_delete_and_restore(store.clone(), store.clone()).await;

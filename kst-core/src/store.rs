@@ -236,6 +236,11 @@ pub struct DeletedPage {
     pub next: Option<WalkCursor>,
 }
 
+/// Most addresses a backend reads in one round trip of [`KeyStore::get_many`]: a longer list
+/// is read in round trips of this many, so that one call never holds the server (a Redis
+/// script blocks it while it runs) or the connection for long.
+pub const MAX_GET_MANY: usize = 256;
+
 /// Longest publication id [`KeyStore::remember_deleted`] takes (they are 64 hex digits).
 pub const MAX_PUBLICATION_ID: usize = 128;
 
@@ -307,6 +312,33 @@ pub trait KeyStore: Send + Sync {
 
     /// The current key of `address`, if any.
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>>;
+
+    /// The current key of each of `addresses`, in the order asked: for each exactly what
+    /// [`KeyStore::get`] answers (an address asked twice is answered twice, an unknown or
+    /// deleted one with `None`). For callers that gather concurrent look-ups (the web
+    /// listener's read batches): PostgreSQL answers in one statement, Redis in one command,
+    /// each for at most [`MAX_GET_MANY`] addresses (a longer list takes a round trip per
+    /// [`MAX_GET_MANY`]). An error is the error of the whole call, as if one of the `get`s
+    /// had failed.
+    ///
+    /// This default calls [`KeyStore::get`] for each address in turn (the fs store's reads
+    /// are local; wrappers and test stores).
+    async fn get_many(&self, addresses: &[Address]) -> Result<Vec<Option<KeyRecord>>> {
+        let mut records = Vec::with_capacity(addresses.len());
+        for address in addresses {
+            records.push(self.get(address).await?);
+        }
+        Ok(records)
+    }
+
+    /// Whether [`KeyStore::get_many`] reads many addresses in fewer round trips than a `get`
+    /// each (PostgreSQL, Redis on one server), so that gathering concurrent look-ups into it
+    /// pays: the web listener batches its look-ups by address only then. This default says
+    /// no (the fs store, whose reads are local files, and test stores); a wrapper passes on
+    /// its inner store's answer.
+    fn batches_reads(&self) -> bool {
+        false
+    }
 
     /// Every version of `address`, oldest first; the last one is the current key. Empty when the
     /// address has nothing published.

@@ -97,6 +97,14 @@ impl<S: KeyStore> KeyStore for TimeoutStore<S> {
         self.run("get", self.inner.get(address)).await
     }
 
+    async fn get_many(&self, addresses: &[Address]) -> Result<Vec<Option<KeyRecord>>> {
+        self.run("get many", self.inner.get_many(addresses)).await
+    }
+
+    fn batches_reads(&self) -> bool {
+        self.inner.batches_reads()
+    }
+
     async fn claim_reminder(&self, claim: &crate::reminder::ReminderClaim) -> Result<bool> {
         self.run("claim reminder", self.inner.claim_reminder(claim))
             .await
@@ -274,6 +282,7 @@ mod tests {
         let record = key.clone().into_record(1);
         expect_timeout("publish", s.publish(key).await);
         expect_timeout("get", s.get(&a).await);
+        expect_timeout("get many", s.get_many(std::slice::from_ref(&a)).await);
         expect_timeout("history", s.history(&a).await);
         expect_timeout("delete", s.delete(&a).await);
         expect_timeout("list", s.list(None, 10).await);

@@ -1,11 +1,12 @@
 //! [`PostgresStore`]: the [`KeyStore`] on PostgreSQL, one transaction per change.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use kst_core::key_index::{IndexEntries, scan};
-use kst_core::store::{TimeoutStore, validate_history};
+use kst_core::store::{MAX_GET_MANY, TimeoutStore, validate_history};
 use kst_core::wkd::WkdHash;
 use kst_core::{
     Address, Error, Fingerprint, KeyId, KeyRecord, KeyStore, NewKey, PublishOutcome, Result,
@@ -300,6 +301,68 @@ async fn get_on(pool: &PgPool, address: &Address) -> Result<Option<KeyRecord>> {
     }
 }
 
+/// The current records of `addresses` on `pool`, in the order asked: one statement per
+/// [`MAX_GET_MANY`] addresses, each address answered as [`get_on`] answers it.
+async fn get_many_on(pool: &PgPool, addresses: &[Address]) -> Result<Vec<Option<KeyRecord>>> {
+    let mut records: Vec<Option<KeyRecord>> = Vec::with_capacity(addresses.len());
+    for chunk in addresses.chunks(MAX_GET_MANY) {
+        // Each address once; `first[i]` is the position in `chunk` that answers position `i`.
+        let mut at: HashMap<&str, usize> = HashMap::with_capacity(chunk.len());
+        let mut names: Vec<&str> = Vec::with_capacity(chunk.len());
+        let first: Vec<usize> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                *at.entry(a.as_str()).or_insert_with(|| {
+                    names.push(a.as_str());
+                    i
+                })
+            })
+            .collect();
+        let rows: Vec<PgRow> = sqlx::query(
+            "SELECT k.address AS asked, k.current_version, h.version IS NOT NULL AS found, \
+             h.address, h.version, h.key, h.fingerprint, h.published_at, h.publication_id, \
+             h.revoked, h.format \
+             FROM kst_keys k LEFT JOIN kst_key_history h \
+             ON h.address = k.address AND h.version = k.current_version \
+             WHERE k.address = ANY($1)",
+        )
+        .bind(&names)
+        .fetch_all(pool)
+        .await
+        .map_err(db)?;
+        let mut found: Vec<Option<KeyRecord>> = vec![None; chunk.len()];
+        for row in &rows {
+            let asked: String = row.try_get("asked").map_err(db)?;
+            let Some(&i) = at.get(asked.as_str()) else {
+                return Err(corrupt(format!(
+                    "a row of {asked:?} answered a look-up of other addresses"
+                )));
+            };
+            let address = &chunk[i];
+            if !row.try_get::<bool, _>("found").map_err(db)? {
+                let current: i64 = row.try_get("current_version").map_err(db)?;
+                return Err(corrupt(format!(
+                    "{address}: current version {current} is missing from the history"
+                )));
+            }
+            let record = row::record(row)?;
+            check_address(address, &record)?;
+            found[i] = Some(record);
+        }
+        let base = records.len();
+        for (i, &f) in first.iter().enumerate() {
+            // A duplicate is answered like its first occurrence, already in `records`.
+            let record = match i == f {
+                true => found[i].take(),
+                false => records[base + f].clone(),
+            };
+            records.push(record);
+        }
+    }
+    Ok(records)
+}
+
 impl PostgresStore {
     async fn history_inner(&self, address: &Address) -> Result<Vec<KeyRecord>> {
         let rows = sqlx::query(
@@ -522,6 +585,19 @@ impl KeyStore for PostgresStore {
 
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
         self.get_inner(address).await
+    }
+
+    /// One statement (`= ANY($1)`) per [`MAX_GET_MANY`] addresses.
+    async fn get_many(&self, addresses: &[Address]) -> Result<Vec<Option<KeyRecord>>> {
+        if addresses.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pool = self.fresh().await?;
+        get_many_on(&pool, addresses).await
+    }
+
+    fn batches_reads(&self) -> bool {
+        true
     }
 
     async fn claim_reminder(&self, claim: &kst_core::reminder::ReminderClaim) -> Result<bool> {

@@ -35,6 +35,11 @@ impl AddressKeys {
     }
 }
 
+/// The key of the current record of `address` ([`AddressKeys::cur`]) alone.
+pub(crate) fn current_key(prefix: &str, address: &Address) -> String {
+    format!("{prefix}{{{}}}:cur", encode(address.as_str()))
+}
+
 /// How many sorted sets list the addresses ([`addresses_key`]): spread over the shards of a
 /// cluster, few enough that `list` reads them all for one page.
 pub(crate) const ADDRESS_BUCKETS: u16 = 16;

@@ -144,3 +144,32 @@ return {cur, fpr, tomb or ''}
 "#,
     )
 });
+
+/// [`GET_SERVED`] for many addresses in one round trip (the web listener's read batches), on
+/// one server (or the primary Sentinel names); not on a Redis Cluster, where the addresses
+/// live in many slots.
+///
+/// KEYS: the cur key of each address. ARGV: the tombstone key prefix (`P` `tombstone:`).
+///
+/// Returns one array per key, in the order of KEYS, each what [`GET_SERVED`] returns for it.
+pub(crate) static GET_MANY_SERVED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local cur = redis.call('GET', key)
+  if not cur then
+    out[i] = {}
+  else
+    local fpr = string.match(cur, '"fingerprint":"(%x+)"')
+    if not fpr then
+      out[i] = {cur, '', ''}
+    else
+      out[i] = {cur, fpr, redis.call('GET', ARGV[1] .. fpr) or ''}
+    end
+  end
+end
+return out
+"#,
+    )
+});

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kst_core::store::{TimeoutStore, validate_history};
+use kst_core::store::{MAX_GET_MANY, TimeoutStore, validate_history};
 use kst_core::wkd::WkdHash;
 use kst_core::{
     Address, Error, Fingerprint, KeyId, KeyRecord, KeyStore, NewKey, PublishOutcome, Result,
@@ -380,9 +380,18 @@ impl RedisStore {
         }
         let mut invocation = scripts::GET_SERVED.prepare_invoke();
         invocation
-            .key(&self.keys(address).cur)
+            .key(crate::keys::current_key(&self.prefix, address))
             .arg(crate::keys::tombstone_prefix(&self.prefix));
         let reply: Vec<Vec<u8>> = self.invoke(&invocation, false).await?;
+        self.served(address, reply).await
+    }
+
+    /// The record and tombstone of `address` from its `GET_SERVED` answer `reply`.
+    async fn served(
+        &self,
+        address: &Address,
+        reply: Vec<Vec<u8>>,
+    ) -> Result<Option<(KeyRecord, Option<Vec<u8>>)>> {
         let [json, fingerprint, tomb] = match <[Vec<u8>; 3]>::try_from(reply) {
             Ok(parts) => parts,
             Err(r) if r.is_empty() => return Ok(None),
@@ -401,6 +410,42 @@ impl RedisStore {
             return Ok(Some((record, tomb)));
         }
         Ok(Some((record, Some(tomb).filter(|t| !t.is_empty()))))
+    }
+
+    /// The current records of `addresses` as served ([`Self::get_inner`] of each), in the
+    /// order asked: one [`scripts::GET_MANY_SERVED`] per [`MAX_GET_MANY`] addresses; on a
+    /// Redis Cluster, one look-up after the other.
+    async fn get_many_inner(&self, addresses: &[Address]) -> Result<Vec<Option<KeyRecord>>> {
+        let mut records = Vec::with_capacity(addresses.len());
+        if self.conn.is_cluster() {
+            for address in addresses {
+                records.push(self.get_inner(address).await?);
+            }
+            return Ok(records);
+        }
+        let tombstones = crate::keys::tombstone_prefix(&self.prefix);
+        for chunk in addresses.chunks(MAX_GET_MANY) {
+            let mut invocation = scripts::GET_MANY_SERVED.prepare_invoke();
+            for address in chunk {
+                invocation.key(crate::keys::current_key(&self.prefix, address));
+            }
+            invocation.arg(&tombstones);
+            let reply: Vec<Vec<Vec<u8>>> = self.invoke(&invocation, false).await?;
+            if reply.len() != chunk.len() {
+                return Err(corrupt(format!(
+                    "the look-up script answered {} records for {} addresses",
+                    reply.len(),
+                    chunk.len()
+                )));
+            }
+            for (address, parts) in chunk.iter().zip(reply) {
+                records.push(match self.served(address, parts).await? {
+                    Some((record, tomb)) => Some(merge_tombstone(record, tomb.as_deref())?),
+                    None => None,
+                });
+            }
+        }
+        Ok(records)
     }
 
     /// The stored tombstone of `record`'s fingerprint (`None`: none, or empty).
@@ -599,6 +644,17 @@ impl KeyStore for RedisStore {
 
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
         self.get_inner(address).await
+    }
+
+    /// One script ([`scripts::GET_MANY_SERVED`]) per [`MAX_GET_MANY`] addresses.
+    async fn get_many(&self, addresses: &[Address]) -> Result<Vec<Option<KeyRecord>>> {
+        self.get_many_inner(addresses).await
+    }
+
+    /// On one server (or the primary Sentinel names); not on a Redis Cluster, where
+    /// `get_many` is one `get` after the other.
+    fn batches_reads(&self) -> bool {
+        !self.conn.is_cluster()
     }
 
     async fn claim_reminder(&self, claim: &kst_core::reminder::ReminderClaim) -> Result<bool> {

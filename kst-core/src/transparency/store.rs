@@ -225,6 +225,14 @@ impl KeyStore for TransparentStore {
         self.inner.get(address).await
     }
 
+    async fn get_many(&self, addresses: &[Address]) -> Result<Vec<Option<KeyRecord>>> {
+        self.inner.get_many(addresses).await
+    }
+
+    fn batches_reads(&self) -> bool {
+        self.inner.batches_reads()
+    }
+
     async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
         self.inner.history(address).await
     }

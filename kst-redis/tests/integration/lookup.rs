@@ -334,3 +334,81 @@ async fn a_look_up_by_address_is_one_round_trip() {
     count("find_by_wkd_hash", before, 2);
     assert_eq!(found, served);
 }
+
+/// Look-ups of many addresses (`get_many`, the web listener's read batches) are one command
+/// to Redis (the `GET_MANY_SERVED` script) per `MAX_GET_MANY` addresses, each answered as
+/// `get` answers it: a tombstone written since the publication is merged in (served
+/// revoked), an address without a key is `None`, a duplicate is answered twice.
+#[tokio::test]
+async fn a_look_up_of_many_addresses_is_one_round_trip() {
+    let t = TestPrefix::new().await;
+    let proxy = crate::support::CountingProxy::start().await;
+    let store = kst_redis::RedisStore::connect(&proxy.url, &t.prefix)
+        .await
+        .unwrap();
+    let a = addr("vera@example.net");
+    let b = addr("walter@example.net");
+    let nobody = addr("nobody@example.net");
+    let v1 = lifecycle(
+        &a,
+        include_str!("../../../kst-core/testdata/keys/lifecycle-v1.pub.asc"),
+        1,
+        false,
+    );
+    store.publish(v1.clone()).await.unwrap();
+    let rb = store
+        .publish(real_key(&b, "alice", 1, false))
+        .await
+        .unwrap()
+        .record()
+        .clone();
+    // A revocation of a's key stored as a tombstone since (as a concurrent publication of
+    // the revoked key for another address leaves it).
+    let revoked_bytes = dearmor_public_key(
+        include_str!("../../../kst-core/testdata/keys/lifecycle-revoked.pub.asc"),
+        1 << 20,
+    )
+    .unwrap();
+    let tomb = kst_core::revocation::primary_revocations(&revoked_bytes).unwrap();
+    let mut raw = t.raw().await;
+    redis::cmd("SET")
+        .arg(format!("{}tombstone:{}", t.prefix, v1.fingerprint.as_str()))
+        .arg(&tomb)
+        .exec_async(&mut raw)
+        .await
+        .unwrap();
+    let asked = [a.clone(), nobody.clone(), b.clone(), a.clone()];
+    // The first run of the script loads it (NOSCRIPT, then EVAL): not counted.
+    store.get_many(&asked).await.unwrap();
+    let before = proxy.commands();
+    let got = store.get_many(&asked).await.unwrap();
+    let n = proxy.commands() - before;
+    assert_eq!(n, 1, "get_many of {} addresses: {n} commands", asked.len());
+    let served = store.get(&a).await.unwrap().unwrap();
+    assert!(served.revoked, "get serves a's key revoked");
+    assert_eq!(
+        got,
+        vec![Some(served.clone()), None, Some(rb), Some(served)]
+    );
+
+    // More than one round trip's worth: one command per MAX_GET_MANY addresses.
+    let many: Vec<_> = (0..kst_core::store::MAX_GET_MANY + 1)
+        .map(|i| {
+            if i % 2 == 0 {
+                b.clone()
+            } else {
+                nobody.clone()
+            }
+        })
+        .collect();
+    let before = proxy.commands();
+    let got = store.get_many(&many).await.unwrap();
+    assert_eq!(proxy.commands() - before, 2);
+    assert_eq!(got.len(), many.len());
+    assert!(
+        got.iter()
+            .step_by(2)
+            .all(|r| r.as_ref().is_some_and(|r| r.address == b))
+    );
+    assert!(got.iter().skip(1).step_by(2).all(Option::is_none));
+}

@@ -17,6 +17,9 @@ pub const BUSY_TOTAL: &str = "kst_web_busy_total";
 /// Requests answered 503 at once because too many counter hits were waiting for the shared
 /// counters (slow or stalled; [`super::coalesce::MAX_QUEUED_HITS`]).
 pub const COUNTERS_BUSY_TOTAL: &str = "kst_web_counters_busy_total";
+/// Look-ups by address answered 503 at once because too many were waiting for a read batch
+/// (the store is slow or stalled; [`super::batch::MAX_QUEUED`]).
+pub const LOOKUPS_BUSY_TOTAL: &str = "kst_web_lookups_busy_total";
 /// TLS handshakes that failed or timed out.
 pub const TLS_FAILURES_TOTAL: &str = "kst_web_tls_handshake_failures_total";
 /// Certificate reloads, by `outcome` (loaded, failed).
@@ -116,6 +119,11 @@ pub fn busy() {
 /// Records a request refused because the counters' queue was full.
 pub fn counters_busy() {
     ::metrics::counter!(COUNTERS_BUSY_TOTAL).increment(1);
+}
+
+/// Records a look-up refused because the read batches' queue was full.
+pub fn lookups_busy() {
+    ::metrics::counter!(LOOKUPS_BUSY_TOTAL).increment(1);
 }
 
 /// Records a failed TLS handshake.

@@ -4,6 +4,7 @@
 //! [`serve`] takes the store as a [`KeyLookup`], the shared [`kst_core::RateLimiter`] and a
 //! [`WebConfig`]; `kst serve` wires them in.
 
+pub mod batch;
 pub mod client;
 pub mod coalesce;
 pub mod handlers;

@@ -1,0 +1,577 @@
+//! Look-ups by address of concurrent web requests read together: one
+//! [`KeyStore::get_many`] (one PostgreSQL statement, one Redis command) for many requests,
+//! instead of a round trip per request. A look-up costs the store's client and server mostly
+//! per round trip (the statement, the command), little per address. [`super::StoreLookup`]
+//! puts one in front of a store whose [`KeyStore::batches_reads`] says so (PostgreSQL, Redis
+//! on one server); on the fs store each look-up reads its file alone, as before.
+//!
+//! It works like the counters' [`super::coalesce`]: a request's address joins a queue. When
+//! fewer than [`MAX_IN_FLIGHT`] batches are being read, a reader task starts at once and
+//! reads what is queued; otherwise the address waits until a reader is done with its batch
+//! and takes everything queued meanwhile (up to [`MAX_BATCH`] addresses a batch, each
+//! address once however many requests ask for it). So a lone request waits for nothing (and
+//! is read with [`KeyStore::get`], as before), and under load a batch holds the requests
+//! that arrived during the previous one's round trip.
+//!
+//! Each request gets the answer for its own address, exactly what [`KeyStore::get`] would
+//! answer (the conformance suite checks `get_many` against `get`). A reader runs as a task of
+//! its own, so a request that goes away (its client closed the connection) does not cancel
+//! the others' batch; one that went away before its batch was taken is left out of it. An
+//! error of the store is the error of every request of that batch, when it says the store is
+//! unavailable (down, timed out: the listener answers 503 as for a lone look-up, and the
+//! requests are not read again one by one, which would multiply the load on a store that is
+//! struggling); any other error (a corrupt record of one address) sends each address of the
+//! batch to the store alone, so that it is the error of the requests for that address only.
+//!
+//! The queue is bounded ([`MAX_QUEUED`] requests): while the store is slow or stalled, a
+//! request that does not fit is refused at once with a temporary error (503 with
+//! `Retry-After`, counted in `kst_web_lookups_busy_total`) rather than sent alone, which
+//! would add round trips to a store that is already behind, or queued without bound behind
+//! batches that wait for the store's timeout.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use kst_core::{Address, Error, KeyRecord, KeyStore, Result};
+use tokio::sync::oneshot;
+
+/// Most batches being read at once (each one round trip to the store).
+pub const MAX_IN_FLIGHT: usize = 2;
+
+/// Most distinct addresses in one batch (at most [`kst_core::store::MAX_GET_MANY`], one
+/// round trip).
+pub const MAX_BATCH: usize = 128;
+
+/// Most look-ups waiting for a batch (four batches' worth); one more is refused at once as a
+/// temporary failure. Under load the store keeps up with, the queue holds what arrived during
+/// one round trip, far below the bound.
+pub const MAX_QUEUED: usize = 4 * MAX_BATCH;
+
+/// The address of one request and where its answer goes.
+struct Pending {
+    address: Address,
+    reply: oneshot::Sender<Result<Option<KeyRecord>>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<Pending>,
+    /// Reader tasks running.
+    readers: usize,
+}
+
+struct Shared {
+    store: Arc<dyn KeyStore>,
+    queue: Mutex<Queue>,
+    max_in_flight: usize,
+    max_batch: usize,
+    max_queued: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Reads the look-ups by address of concurrent callers together from its store (see the
+/// module documentation). Needs a Tokio runtime. Cheap to clone (clones share the queue).
+#[derive(Clone)]
+pub struct ReadBatcher {
+    shared: Arc<Shared>,
+}
+
+impl ReadBatcher {
+    /// Reads from `store`, at most [`MAX_IN_FLIGHT`] batches of [`MAX_BATCH`] addresses at
+    /// once, at most [`MAX_QUEUED`] look-ups waiting.
+    pub fn new(store: Arc<dyn KeyStore>) -> ReadBatcher {
+        ReadBatcher::with_limits(store, MAX_IN_FLIGHT, MAX_BATCH, MAX_QUEUED)
+    }
+
+    /// Reads from `store`, at most `max_in_flight` batches (at least 1) of `max_batch`
+    /// distinct addresses (at least 1, at most [`kst_core::store::MAX_GET_MANY`]) at once, at
+    /// most `max_queued` look-ups (at least 1) waiting.
+    pub fn with_limits(
+        store: Arc<dyn KeyStore>,
+        max_in_flight: usize,
+        max_batch: usize,
+        max_queued: usize,
+    ) -> ReadBatcher {
+        ReadBatcher {
+            shared: Arc::new(Shared {
+                store,
+                queue: Mutex::default(),
+                max_in_flight: max_in_flight.max(1),
+                max_batch: max_batch.clamp(1, kst_core::store::MAX_GET_MANY),
+                max_queued: max_queued.max(1),
+            }),
+        }
+    }
+
+    /// The store read from.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.shared.store
+    }
+
+    /// Look-ups waiting for a batch now (not those being read).
+    pub fn queued(&self) -> usize {
+        self.shared.lock().waiting.len()
+    }
+
+    /// The current key of `address`, as [`KeyStore::get`] answers it, read in a batch with
+    /// the concurrent look-ups; a temporary error at once when [`MAX_QUEUED`] look-ups are
+    /// waiting already.
+    pub async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
+        let (reply, answer) = oneshot::channel();
+        let start = {
+            let mut q = self.shared.lock();
+            if q.waiting.len() >= self.shared.max_queued {
+                let queued = q.waiting.len();
+                drop(q);
+                super::metrics::lookups_busy();
+                return Err(busy(self.shared.store.name(), queued));
+            }
+            q.waiting.push_back(Pending {
+                address: address.clone(),
+                reply,
+            });
+            let start = q.readers < self.shared.max_in_flight;
+            if start {
+                q.readers += 1;
+            }
+            start
+        };
+        if start {
+            tokio::spawn(read(Arc::clone(&self.shared)));
+        }
+        answer.await.unwrap_or_else(|_| Err(lost()))
+    }
+}
+
+impl std::fmt::Debug for ReadBatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadBatcher")
+            .field("store", &self.shared.store.name())
+            .field("max_in_flight", &self.shared.max_in_flight)
+            .field("max_batch", &self.shared.max_batch)
+            .field("max_queued", &self.shared.max_queued)
+            .finish()
+    }
+}
+
+/// The refusal of a look-up that does not fit in the queue.
+fn busy(store: &str, queued: usize) -> Error {
+    Error::unavailable(
+        "store(read batch)",
+        format!(
+            "{queued} look-ups are waiting for the {store} store already (it is slow or \
+             stalled); try again later"
+        ),
+    )
+}
+
+fn lost() -> Error {
+    Error::unavailable(
+        "store(read batch)",
+        "the task reading this batch of look-ups ended before it answered",
+    )
+}
+
+/// One batch: its distinct addresses, and for each request the index of its address.
+struct Batch {
+    addresses: Vec<Address>,
+    requests: Vec<(usize, oneshot::Sender<Result<Option<KeyRecord>>>)>,
+}
+
+/// Takes the next batch off `queue`: requests in order while their distinct addresses fit in
+/// `max_batch`; requests whose caller went away are dropped.
+fn next_batch(queue: &mut Queue, max_batch: usize) -> Batch {
+    let mut batch = Batch {
+        addresses: Vec::new(),
+        requests: Vec::new(),
+    };
+    let mut index: HashMap<Address, usize> = HashMap::new();
+    while let Some(p) = queue.waiting.front() {
+        if p.reply.is_closed() {
+            queue.waiting.pop_front();
+            continue;
+        }
+        let known = index.get(&p.address).copied();
+        if known.is_none() && batch.addresses.len() >= max_batch {
+            break;
+        }
+        let Some(p) = queue.waiting.pop_front() else {
+            break;
+        };
+        let i = match known {
+            Some(i) => i,
+            None => {
+                let i = batch.addresses.len();
+                index.insert(p.address.clone(), i);
+                batch.addresses.push(p.address);
+                i
+            }
+        };
+        batch.requests.push((i, p.reply));
+    }
+    batch
+}
+
+/// Ends a reader: on a normal end it has already left the count (under the lock, when it
+/// found the queue empty); when it panicked, this leaves it and starts another reader for
+/// what is queued, so that nobody waits for a reader that is gone.
+struct ReaderGuard {
+    shared: Arc<Shared>,
+    done: bool,
+}
+
+impl Drop for ReaderGuard {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut q = self.shared.lock();
+        if q.waiting.is_empty() {
+            q.readers -= 1;
+        } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            // Takes this reader's place.
+            rt.spawn(read(Arc::clone(&self.shared)));
+        } else {
+            q.readers -= 1;
+            for p in q.waiting.drain(..) {
+                let _ = p.reply.send(Err(lost()));
+            }
+        }
+    }
+}
+
+/// Reads batches off the queue until it is empty.
+async fn read(shared: Arc<Shared>) {
+    let mut guard = ReaderGuard {
+        shared: Arc::clone(&shared),
+        done: false,
+    };
+    loop {
+        let batch = {
+            let mut q = shared.lock();
+            let batch = next_batch(&mut q, shared.max_batch);
+            if batch.requests.is_empty() {
+                q.readers -= 1;
+                guard.done = true;
+                return;
+            }
+            batch
+        };
+        let answers = read_batch(&*shared.store, &batch.addresses).await;
+        answer(batch, answers);
+    }
+}
+
+/// The answer for each of `addresses` (distinct): one `get` for one address, one
+/// `get_many` for more; when that fails for another reason than an unavailable store, each
+/// address alone.
+async fn read_batch(store: &dyn KeyStore, addresses: &[Address]) -> Vec<Result<Option<KeyRecord>>> {
+    if let [address] = addresses {
+        return vec![store.get(address).await];
+    }
+    match store.get_many(addresses).await {
+        Ok(records) if records.len() == addresses.len() => records.into_iter().map(Ok).collect(),
+        Ok(records) => {
+            let e = Error::corrupt(
+                "store(read batch)",
+                format!(
+                    "{} answered {} records for {} addresses",
+                    store.name(),
+                    records.len(),
+                    addresses.len()
+                ),
+            );
+            addresses.iter().map(|_| Err(e.clone())).collect()
+        }
+        Err(e @ Error::Unavailable { .. }) => addresses.iter().map(|_| Err(e.clone())).collect(),
+        Err(_) => {
+            let mut answers = Vec::with_capacity(addresses.len());
+            for address in addresses {
+                answers.push(store.get(address).await);
+            }
+            answers
+        }
+    }
+}
+
+/// Sends each request of `batch` the answer for its address.
+fn answer(batch: Batch, mut answers: Vec<Result<Option<KeyRecord>>>) {
+    // How many requests still want each answer: the last one takes it, the others a clone.
+    let mut wanted = vec![0usize; answers.len()];
+    for (i, _) in &batch.requests {
+        wanted[*i] += 1;
+    }
+    for (i, reply) in batch.requests {
+        wanted[i] -= 1;
+        let mine = match wanted[i] {
+            0 => std::mem::replace(&mut answers[i], Ok(None)),
+            _ => answers[i].clone(),
+        };
+        // A request that went away no longer listens; the others got theirs.
+        let _ = reply.send(mine);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use kst_core::wkd::WkdHash;
+    use kst_core::{Fingerprint, KeyId, NewKey, PublishOutcome};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    fn addr(local: &str) -> Address {
+        kst_core::AddressPolicy::default()
+            .normalize(&format!("{local}@example.net"))
+            .unwrap()
+    }
+
+    fn record(local: &str) -> KeyRecord {
+        NewKey {
+            address: addr(local),
+            key: local.as_bytes().to_vec(),
+            fingerprint: "ABCDEF0123456789ABCDEF0123456789ABCDEF01".parse().unwrap(),
+            publication_id: "aa".into(),
+            published_at: 1_700_000_000,
+            revoked: false,
+            expected: kst_core::Expected::Any,
+        }
+        .into_record(1)
+    }
+
+    /// Look-ups only, from a map; each call takes a while (a round trip) and is counted. One
+    /// address may be unreadable (a corrupt record); `down` fails every call as unavailable.
+    #[derive(Default)]
+    struct Reads {
+        keys: HashMap<Address, KeyRecord>,
+        corrupt: Option<Address>,
+        down: AtomicBool,
+        delay: Option<Duration>,
+        gets: AtomicUsize,
+        batches: AtomicUsize,
+        largest: AtomicUsize,
+    }
+
+    impl Reads {
+        fn with(locals: &[&str]) -> Reads {
+            Reads {
+                keys: locals.iter().map(|l| (addr(l), record(l))).collect(),
+                ..Reads::default()
+            }
+        }
+
+        async fn read(&self, address: &Address) -> Result<Option<KeyRecord>> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(Error::unavailable("store(reads)", "down for the test"));
+            }
+            if self.corrupt.as_ref() == Some(address) {
+                return Err(Error::corrupt("store(reads)", "unreadable"));
+            }
+            Ok(self.keys.get(address).cloned())
+        }
+
+        async fn pause(&self) {
+            if let Some(d) = self.delay {
+                tokio::time::sleep(d).await;
+            }
+        }
+    }
+
+    #[async_trait]
+    impl KeyStore for Reads {
+        fn name(&self) -> &'static str {
+            "reads"
+        }
+        async fn publish(&self, _: NewKey) -> Result<PublishOutcome> {
+            Err(Error::Invalid("read-only".into()))
+        }
+        async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            self.pause().await;
+            self.read(address).await
+        }
+        async fn get_many(&self, addresses: &[Address]) -> Result<Vec<Option<KeyRecord>>> {
+            self.batches.fetch_add(1, Ordering::SeqCst);
+            self.largest.fetch_max(addresses.len(), Ordering::SeqCst);
+            self.pause().await;
+            let mut out = Vec::new();
+            for a in addresses {
+                out.push(self.read(a).await?);
+            }
+            Ok(out)
+        }
+        async fn history(&self, _: &Address) -> Result<Vec<KeyRecord>> {
+            Ok(Vec::new())
+        }
+        async fn delete(&self, _: &Address) -> Result<bool> {
+            Err(Error::Invalid("read-only".into()))
+        }
+        async fn list(&self, _: Option<&Address>, _: usize) -> Result<Vec<Address>> {
+            Ok(Vec::new())
+        }
+        async fn restore(&self, _: &[KeyRecord]) -> Result<()> {
+            Err(Error::Invalid("read-only".into()))
+        }
+        async fn find_by_fingerprint(&self, _: &Fingerprint, _: usize) -> Result<Vec<KeyRecord>> {
+            Ok(Vec::new())
+        }
+        async fn find_by_key_id(&self, _: &KeyId, _: usize) -> Result<Vec<KeyRecord>> {
+            Ok(Vec::new())
+        }
+        async fn find_by_wkd_hash(&self, _: &str, _: &WkdHash) -> Result<Option<KeyRecord>> {
+            Ok(None)
+        }
+        async fn check(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_batch_holds_each_address_once_up_to_the_limit_and_skips_the_gone() {
+        let mut q = Queue::default();
+        let mut answers = Vec::new();
+        for local in ["a", "b", "a", "gone", "c", "b", "d"] {
+            let (reply, answer) = oneshot::channel();
+            q.waiting.push_back(Pending {
+                address: addr(local),
+                reply,
+            });
+            if local != "gone" {
+                answers.push(answer);
+            }
+        }
+        let b = next_batch(&mut q, 3);
+        assert_eq!(b.addresses, vec![addr("a"), addr("b"), addr("c")]);
+        let idx: Vec<usize> = b.requests.iter().map(|(i, _)| *i).collect();
+        assert_eq!(idx, vec![0, 1, 0, 2, 1], "the gone request is left out");
+        let b = next_batch(&mut q, 3);
+        assert_eq!(b.addresses, vec![addr("d")]);
+        assert!(next_batch(&mut q, 3).requests.is_empty());
+        drop(answers);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_look_ups_share_round_trips_and_each_gets_its_own_answer() {
+        let locals: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+        let refs: Vec<&str> = locals.iter().map(String::as_str).collect();
+        let store = Arc::new(Reads {
+            delay: Some(Duration::from_millis(10)),
+            ..Reads::with(&refs)
+        });
+        let batcher = ReadBatcher::with_limits(store.clone(), 1, 16, MAX_QUEUED);
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let b = batcher.clone();
+                // Ten addresses with a key, ten without, each asked five times.
+                let local = format!("k{}", i % 20);
+                tokio::spawn(async move { (local.clone(), b.get(&addr(&local)).await.unwrap()) })
+            })
+            .collect();
+        for t in tasks {
+            let (local, got) = t.await.unwrap();
+            let want = store.keys.get(&addr(&local));
+            assert_eq!(got.as_ref(), want, "{local}");
+        }
+        let trips = store.gets.load(Ordering::SeqCst) + store.batches.load(Ordering::SeqCst);
+        assert!(trips < 30, "100 look-ups in {trips} round trips");
+        assert!(
+            store.largest.load(Ordering::SeqCst) <= 16,
+            "batches stay small"
+        );
+        assert_eq!(batcher.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_lone_look_up_is_one_get_and_an_unavailable_store_fails_each() {
+        let store = Arc::new(Reads::with(&["a"]));
+        let batcher = ReadBatcher::new(store.clone());
+        assert_eq!(batcher.get(&addr("a")).await.unwrap(), Some(record("a")));
+        assert_eq!(batcher.get(&addr("nobody")).await.unwrap(), None);
+        assert_eq!(store.gets.load(Ordering::SeqCst), 2);
+        assert_eq!(store.batches.load(Ordering::SeqCst), 0);
+
+        store.down.store(true, Ordering::SeqCst);
+        let answers = read_batch(&*store, &[addr("a"), addr("b"), addr("c")]).await;
+        assert_eq!(store.batches.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            store.gets.load(Ordering::SeqCst),
+            2,
+            "not read again one by one"
+        );
+        for a in answers {
+            let e = a.unwrap_err();
+            assert!(e.is_temporary() && e.to_string().contains("down"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_record_fails_the_look_ups_of_its_address_only() {
+        let store = Reads {
+            corrupt: Some(addr("bad")),
+            ..Reads::with(&["good"])
+        };
+        let answers = read_batch(&store, &[addr("bad"), addr("good"), addr("none")]).await;
+        assert!(
+            matches!(answers[0], Err(Error::Corrupt { .. })),
+            "{answers:?}"
+        );
+        assert_eq!(answers[1].as_ref().unwrap(), &Some(record("good")));
+        assert_eq!(answers[2].as_ref().unwrap(), &None);
+    }
+
+    #[test]
+    fn each_request_gets_the_answer_of_its_address() {
+        let mut receivers = Vec::new();
+        let mut requests = Vec::new();
+        for i in [0, 1, 0, 2, 0] {
+            let (reply, answer) = oneshot::channel();
+            requests.push((i, reply));
+            receivers.push((i, answer));
+        }
+        let batch = Batch {
+            addresses: vec![addr("a"), addr("b"), addr("c")],
+            requests,
+        };
+        let e = Error::unavailable("store(reads)", "down");
+        answer(batch, vec![Ok(Some(record("a"))), Ok(None), Err(e)]);
+        for (i, mut r) in receivers {
+            let got = r.try_recv().unwrap();
+            match i {
+                0 => assert_eq!(got.unwrap(), Some(record("a"))),
+                1 => assert_eq!(got.unwrap(), None),
+                _ => assert!(got.unwrap_err().is_temporary()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once() {
+        let batcher = ReadBatcher::with_limits(Arc::new(Reads::default()), 1, 4, 2);
+        // Fill the queue by hand (no reader runs for it), then ask once more.
+        let mut keep = Vec::new();
+        {
+            let mut q = batcher.shared.lock();
+            q.readers = 1;
+            for i in 0..2 {
+                let (reply, answer) = oneshot::channel();
+                q.waiting.push_back(Pending {
+                    address: addr(&format!("q{i}")),
+                    reply,
+                });
+                keep.push(answer);
+            }
+        }
+        let e = batcher.get(&addr("late")).await.unwrap_err();
+        assert!(
+            e.is_temporary() && e.to_string().contains("try again later"),
+            "{e}"
+        );
+        assert_eq!(batcher.queued(), 2);
+    }
+}
