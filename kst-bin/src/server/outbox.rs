@@ -408,22 +408,27 @@ mod tests {
         }
     }
 
+    /// The names `pending` lists in a spool directory holding `files`.
+    fn pending_names(files: &[&str]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        for n in files {
+            fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        pending(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    }
+
     #[test]
     fn pending_sends_new_replies_before_deferred_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        for n in [
+        let names = pending_names(&[
             "00000000000000000003-c.eml",
             "00000000000000000001-a.deferred.eml",
             "00000000000000000004-d.eml",
             "00000000000000000002-b.deferred.eml",
-        ] {
-            fs::write(dir.path().join(n), b"x").unwrap();
-        }
-        let names: Vec<String> = pending(dir.path())
-            .unwrap()
-            .iter()
-            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
+        ]);
         assert_eq!(
             names,
             [
@@ -437,25 +442,18 @@ mod tests {
 
     #[test]
     fn pending_lists_eml_files_oldest_first_and_nothing_else() {
-        let dir = tempfile::tempdir().unwrap();
-        for n in [
+        let names = pending_names(&[
             "00000000000000000002-b.eml",
             "00000000000000000001-a.eml",
             ".tmp-x",
             "x.eml.bad",
             ".send.lock",
-        ] {
-            fs::write(dir.path().join(n), b"x").unwrap();
-        }
-        let names: Vec<String> = pending(dir.path())
-            .unwrap()
-            .iter()
-            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
+        ]);
         assert_eq!(
             names,
             ["00000000000000000001-a.eml", "00000000000000000002-b.eml"]
         );
+        let dir = tempfile::tempdir().unwrap();
         assert!(pending(&dir.path().join("missing")).unwrap().is_empty());
     }
 }
