@@ -59,8 +59,9 @@ impl SubmitError {
         matches!(self, SubmitError::Refused { code, .. } if *code >= 500)
     }
 
-    /// The error as [`Mailer::send`] reports it: always temporary (`Error::Unavailable`), so
-    /// that the request that wanted this reply stays with the MTA.
+    /// The error itself, always temporary (`Error::Unavailable`). [`Mailer::send`] returns it
+    /// for everything but a permanent refusal ([`SubmitError::is_permanent`]), so that the
+    /// request that wanted this reply stays with the MTA.
     pub fn into_error(self) -> Error {
         match self {
             SubmitError::Refused { error, .. } | SubmitError::Relay(error) => error,
@@ -88,10 +89,17 @@ impl std::fmt::Display for SubmitError {
 ///
 /// A pooled session the relay has closed in the meantime shows up as a failed `MAIL FROM`;
 /// nothing of the reply has been sent at that point, so the reply goes out on a fresh session
-/// instead. Every other failure (connection, TLS, AUTH, a 4xx or 5xx reply, `[mailer]
-/// timeout_secs` running out) is a temporary `Error::Unavailable`, so the request stays with
-/// the MTA and is retried. A lost connection after the data was sent but before the relay's
-/// answer can, on that retry, send a reply twice: replies are at-least-once.
+/// instead.
+///
+/// A 5xx to the reply's `RCPT TO` or to the end of its data is the relay's permanent refusal
+/// of that one reply (a recipient it does not know, such as a forged request's sender; a
+/// message it will not take): asking again would be refused again, so [`Mailer::send`] logs it
+/// (a warning with the relay's answer), counts it in `kst_mailer_refused_total` and returns
+/// `Ok`: the request is decided, its reply left unsent on purpose, and the MTA does not retry
+/// it. Every other failure (connection, TLS, AUTH, a refused `MAIL FROM` or `DATA`, a 4xx,
+/// `[mailer] timeout_secs` running out) is a temporary `Error::Unavailable`, so the request
+/// stays with the MTA and is retried. A lost connection after the data was sent but before
+/// the relay's answer can, on that retry, send a reply twice: replies are at-least-once.
 pub struct SmtpMailer {
     builder: SmtpClientBuilder<String>,
     tls: SmtpTls,
@@ -455,10 +463,27 @@ impl Mailer for SmtpMailer {
         "smtp"
     }
 
-    /// [`SmtpMailer::submit`]; every failure is temporary, so that the request that wanted
-    /// this reply stays with the MTA and is retried.
+    /// [`SmtpMailer::submit`]. A permanent refusal of this reply (a 5xx to its `RCPT TO` or
+    /// its data) is logged, counted and `Ok`: the request is decided without its reply, since
+    /// asking the relay again would only be refused again. Every other failure is temporary, so
+    /// that the request that wanted this reply stays with the MTA and is retried.
     async fn send(&self, mail: &OutgoingMail) -> Result<()> {
-        self.submit(mail).await.map_err(SubmitError::into_error)
+        match self.submit(mail).await {
+            Ok(()) => Ok(()),
+            Err(SubmitError::Refused { code, error }) if code >= 500 => {
+                crate::shared::metrics::mailer_refused(code);
+                tracing::warn!(
+                    relay = %self.relay,
+                    message_id = %mail.message_id,
+                    recipient = %mail.recipient,
+                    code,
+                    error = %error,
+                    "the relay refused this reply for good: not sent, the request is decided without it (a forged request's sender, or a recipient or message the relay does not take)"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e.into_error()),
+        }
     }
 
     /// Connects, greets (EHLO, STARTTLS and AUTH as configured) and says QUIT without sending.
@@ -522,6 +547,8 @@ mod tests {
         Refuse,
         /// Answers every RCPT TO with 550 (a recipient the relay does not know).
         RefuseRcpt,
+        /// Answers the end of data with 554 (a message the relay will not take).
+        RefuseData,
     }
 
     #[derive(Default)]
@@ -555,6 +582,8 @@ mod tests {
                             in_data = false;
                             if let After::Refuse = after {
                                 b"451 4.3.0 try later\r\n"
+                            } else if let After::RefuseData = after {
+                                b"554 5.6.0 message refused\r\n"
                             } else {
                                 c.messages.fetch_add(1, Ordering::SeqCst);
                                 b"250 2.0.0 queued\r\n"
@@ -733,7 +762,8 @@ mod tests {
                     "pipelining {pipelining}: {e}"
                 );
                 assert!(e.to_string().contains("RCPT TO refused"), "{e}");
-                // Through the Mailer trait it stays temporary: the request is retried.
+                // The error itself is temporary; `Mailer::send` decides a 5xx instead (see
+                // `send_decides_a_reply_the_relay_refuses_for_good_and_defers_a_4xx`).
                 assert!(e.into_error().is_temporary());
             }
             assert_eq!(counts.messages.load(Ordering::SeqCst), 0);
@@ -749,6 +779,29 @@ mod tests {
         let e = mailer(port, 4).submit(&mail(0)).await.unwrap_err();
         assert!(matches!(e, SubmitError::Relay(_)), "{e}");
         assert!(!e.is_permanent(), "{e}");
+    }
+
+    /// A 5xx to a reply's RCPT TO or to its data is the relay's last word on that reply: `send`
+    /// returns `Ok` (the request is decided, its reply left unsent, logged and counted) instead
+    /// of deferring the request, which would only ask the relay again; a 4xx stays temporary.
+    #[tokio::test]
+    async fn send_decides_a_reply_the_relay_refuses_for_good_and_defers_a_4xx() {
+        for pipelining in [true, false] {
+            for after in [After::RefuseRcpt, After::RefuseData] {
+                let (port, counts) = relay_with(after, pipelining).await;
+                let m = mailer(port, 4);
+                for n in 0..2 {
+                    m.send(&mail(n)).await.unwrap();
+                }
+                assert_eq!(counts.messages.load(Ordering::SeqCst), 0);
+                // A refused reply's session is not pooled: each reply opened its own.
+                assert_eq!(counts.connections.load(Ordering::SeqCst), 2);
+            }
+            let (port, _) = relay_with(After::Refuse, pipelining).await;
+            let e = mailer(port, 4).send(&mail(0)).await.unwrap_err();
+            assert!(e.is_temporary(), "{e}");
+            assert!(e.to_string().contains("451"), "{e}");
+        }
     }
 
     #[tokio::test]
