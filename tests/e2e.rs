@@ -618,6 +618,71 @@ fn send_raw(ms: &MailSystem, sender: &str, rcpts: &[(&str, &str)], message: &[u8
         .to_string()
 }
 
+/// Waits until Postfix has finished the message `id` (its `removed` line); returns the log.
+async fn postfix_log_after(ms: &MailSystem, id: &str) -> String {
+    let log_path = ms.dir.join("postfix.log");
+    let deadline = std::time::Instant::now() + harness::PATIENCE;
+    loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains(&format!("{id}: removed")) {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Postfix did not finish {id}:\n{log}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A retrieval whose envelope sender the provider's own Postfix does not know
+/// (`nosuchuser@example.net`), replies through that Postfix (`[mailer] kind = "smtp"`): the
+/// relay refuses the reply's `RCPT TO` with `550 5.1.1 ... User unknown`. That used to defer
+/// the request (exit 75 / 451), and Postfix offered it to kst again and again for its whole
+/// queue lifetime, each time asking the relay again. Now the request is decided at once:
+/// Postfix's delivery to kst is `status=sent` and the message leaves the queue.
+async fn a_reply_the_relay_refuses_for_good_decides_the_request(mode: Mode) {
+    let _guard = exclusive().await;
+    let s = Setup::new(mode, StoreKind::Fs).await;
+    let request = retrieval("nosuchuser@example.net", "alice@example.net");
+    let id = send_raw(
+        &s.ms,
+        "nosuchuser@example.net",
+        &[("keys@example.net", "")],
+        &request.message,
+    );
+    let log = postfix_log_after(&s.ms, &id).await;
+    let to_kst: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!("{id}: to=<keys@example.net>")))
+        .collect();
+    assert_eq!(to_kst.len(), 1, "{to_kst:#?}");
+    assert!(to_kst[0].contains("status=sent"), "{to_kst:#?}");
+    assert!(
+        log.contains("<nosuchuser@example.net>: Recipient address rejected"),
+        "the relay refused the reply:\n{log}"
+    );
+    if let Some(serve) = &s.serve {
+        assert!(
+            serve
+                .log_text()
+                .contains("the relay refused this reply for good"),
+            "{}",
+            serve.log_text()
+        );
+    }
+}
+
+#[tokio::test]
+async fn pipe_a_reply_the_relay_refuses_for_good_decides_the_request() {
+    a_reply_the_relay_refuses_for_good_decides_the_request(Mode::Pipe).await;
+}
+
+#[tokio::test]
+async fn lmtp_a_reply_the_relay_refuses_for_good_decides_the_request() {
+    a_reply_the_relay_refuses_for_good_decides_the_request(Mode::Lmtp).await;
+}
+
 /// Red team round 8 left this open: pipe mode runs one `kst deliver` per recipient
 /// (`kstpipe_destination_recipient_limit = 1`), and one message may name `keys@` up to
 /// `smtpd_recipient_limit` (1,000) times. Postfix's duplicate filter already merges spellings
@@ -644,19 +709,7 @@ async fn pipe_one_message_to_keys_in_many_spellings_runs_kst_deliver_once() {
         ("keys@example.net", " NOTIFY=SUCCESS,FAILURE"),
     ];
     let id = send_raw(&s.ms, "bob@example.net", &rcpts, &request.message);
-    let log_path = s.ms.dir.join("postfix.log");
-    let deadline = std::time::Instant::now() + harness::PATIENCE;
-    let log = loop {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if log.contains(&format!("{id}: removed")) {
-            break log;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "Postfix did not finish {id}:\n{log}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+    let log = postfix_log_after(&s.ms, &id).await;
     let deliveries: Vec<&str> = log
         .lines()
         .filter(|l| l.contains(&format!("{id}: to=<")) && l.contains("relay=kstpipe"))
