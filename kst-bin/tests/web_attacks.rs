@@ -505,3 +505,64 @@ async fn look_ups_spelled_with_percent_escapes_count_as_misses() {
         );
     }
 }
+
+/// Red team round 9 (held): the miss budget counts HEAD look-ups (a HEAD answers 200 or 404
+/// like a GET, so it is the same oracle without the body) and every spelling of one address
+/// (case, angle brackets, an HKP user ID, the WKD hash with and without `l=`) as a miss of its
+/// own: after `per_client_misses + 1` misses, however spelled, the client's look-ups are
+/// refused, also of a key that exists; other clients are served.
+#[tokio::test]
+async fn head_look_ups_and_other_spellings_of_one_address_spend_the_miss_budget() {
+    let s = start(WebConfig {
+        trusted_proxies: vec!["127.0.0.1".into()],
+        limits: WebLimits {
+            per_client_misses: 5,
+            ..WebLimits::OFF
+        },
+        ..WebConfig::default()
+    })
+    .await;
+    let nobody = WkdHash::of_address(
+        &AddressPolicy::default()
+            .normalize("nobody@example.net")
+            .unwrap(),
+    )
+    .to_string();
+    let client = "X-Forwarded-For: 198.51.100.77\r\n";
+    let head = |host: &str, target: &str| {
+        format!("HEAD {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{client}\r\n")
+    };
+    let misses = [
+        head("keys.example", "/vks/v1/by-email/nobody%40example.net"),
+        head("keys.example", "/vks/v1/by-email/NoBody%40Example.NET"),
+        head(
+            "keys.example",
+            "/pks/lookup?op=get&search=%3Cnobody%40example.net%3E",
+        ),
+        head(
+            "keys.example",
+            "/pks/lookup?op=index&search=Nobody+%3Cnobody%40example.net%3E",
+        ),
+        head(
+            "example.net",
+            &format!("/.well-known/openpgpkey/hu/{nobody}"),
+        ),
+        head(
+            "example.net",
+            &format!("/.well-known/openpgpkey/hu/{nobody}?l=NoBody"),
+        ),
+    ];
+    for (n, request) in misses.iter().enumerate() {
+        let (status, body) = raw(&s, request.as_bytes()).await;
+        assert_eq!(status, 404, "miss {}: {request}", n + 1);
+        assert!(body.is_empty(), "a HEAD answer has no body");
+    }
+    let alice = head("keys.example", "/vks/v1/by-email/alice%40example.net");
+    assert_eq!(
+        raw(&s, alice.as_bytes()).await.0,
+        429,
+        "six misses spend a budget of five"
+    );
+    let other = alice.replace("198.51.100.77", "198.51.100.78");
+    assert_eq!(raw(&s, other.as_bytes()).await.0, 200, "another client");
+}

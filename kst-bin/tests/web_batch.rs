@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use kst_bin::server::web::{StoreLookup, WebConfig, WebLimits, WebService, serve};
@@ -311,4 +312,324 @@ async fn fs_look_ups_go_alone() {
         .await
         .unwrap();
     assert!(!StoreLookup::new(Arc::new(store)).batches());
+}
+
+// Red team round 9: the read batcher attacked through the real listener on PostgreSQL, the
+// store stalled for real (a transaction holding `LOCK TABLE kst_keys`), so that look-ups queue.
+
+/// A fresh PostgreSQL database with the schema: its store, and its URL.
+async fn postgres_store() -> (Arc<dyn KeyStore>, String, String) {
+    let db = format!("kst_webbatch_{:016x}", rand::random::<u64>());
+    admin_sql(format!("CREATE DATABASE {db}")).await;
+    let url = kst_postgres::with_database(&postgres_admin(), &db);
+    let store = kst_postgres::PostgresStore::builder(&url)
+        .max_connections(8)
+        .connect()
+        .await
+        .expect("connect to the test database");
+    (Arc::new(store), url, db)
+}
+
+/// A transaction on `url` holding `kst_keys` locked: every read of the store waits until
+/// [`unlock`].
+async fn lock_keys(url: &str) -> sqlx::PgConnection {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    sqlx::raw_sql("BEGIN; LOCK TABLE kst_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut conn)
+        .await
+        .expect("lock kst_keys");
+    conn
+}
+
+async fn unlock(mut conn: sqlx::PgConnection) {
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut conn)
+        .await
+        .expect("unlock");
+}
+
+/// Serves `lookup` with `config` on a free port of 127.0.0.1.
+async fn serve_lookup(lookup: StoreLookup, config: WebConfig) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let service = WebService {
+        lookup: Arc::new(lookup),
+        counters: Arc::new(MemoryRateLimiter::new()),
+        domains: vec!["example.net".into()],
+        address_policy: AddressPolicy::default(),
+        config: WebConfig {
+            listen: at.to_string(),
+            ..config
+        },
+        log_keys: Default::default(),
+    };
+    tokio::spawn(async move {
+        serve(listener, service, std::future::pending())
+            .await
+            .unwrap();
+    });
+    at
+}
+
+/// A connection to `at` from the loopback address `source` (another client than 127.0.0.1).
+async fn connect_from(source: &str, at: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(format!("{source}:0").parse().unwrap())
+        .expect("bind a loopback source address");
+    socket.connect(at).await.expect("connect")
+}
+
+/// The request head of `GET /vks/v1/by-email/<address>`.
+fn by_email(address: &str) -> String {
+    format!(
+        "GET /vks/v1/by-email/{} HTTP/1.1\r\nHost: example.net\r\nConnection: close\r\n\r\n",
+        address.replace('@', "%40")
+    )
+}
+
+/// Status and body of the response on `s` to `request`.
+async fn exchange(mut s: TcpStream, request: &str) -> (u16, Vec<u8>) {
+    s.write_all(request.as_bytes()).await.expect("send request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read response");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0);
+    let status = std::str::from_utf8(raw.get(9..12).unwrap_or_default())
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, raw.get(split + 4..).unwrap_or_default().to_vec())
+}
+
+/// Red team round 9: look-ups whose client closed the connection stayed in the batcher's
+/// queue (512 places) until a batch took them. A client held at most 64 connections at once
+/// (`max_connections_per_client`), but by sending look-ups and closing the connections it
+/// queued as many as its request budget allowed (1,000 per window by default): while the
+/// store was slow, one client filled the queue and every other client's look-up was answered
+/// 503 at once. Look-ups nobody waits for now hold no place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_look_ups_whose_client_went_away_hold_no_place_in_the_queue() {
+    let (store, url, db) = postgres_store().await;
+    let alice = addr("alice@example.net");
+    let key = publish(&*store, &alice, "alice").await.key;
+    let at = serve_lookup(
+        StoreLookup::new(Arc::clone(&store)),
+        WebConfig {
+            // The defaults: 1,000 requests and 100 misses per client and window, 64
+            // connections per client.
+            limits: WebLimits::default(),
+            ..WebConfig::default()
+        },
+    )
+    .await;
+
+    let lock = lock_keys(&url).await;
+    // The attacker (127.0.0.1): rounds of 64 look-ups (its connection cap), each connection
+    // closed once the look-up waits, 640 in all (within its request budget; each a miss would
+    // be, but none is answered, so none is counted).
+    for round in 0..10 {
+        let mut open = Vec::new();
+        for i in 0..64 {
+            let mut s = TcpStream::connect(at).await.expect("connect");
+            let _ = s
+                .write_all(by_email(&format!("nobody-{round}-{i}@example.net")).as_bytes())
+                .await;
+            open.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(open);
+        // The listener notices the closed connections and frees their slots.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Another client (127.0.0.2) asks for a key meanwhile: it waits for the store, as it would
+    // without the attacker.
+    let victim = tokio::spawn(async move {
+        let s = connect_from("127.0.0.2", at).await;
+        exchange(s, &by_email("alice@example.net")).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if victim.is_finished() {
+        let (status, body) = victim.await.unwrap();
+        panic!(
+            "another client's look-up was answered {status} while the store was slow: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    unlock(lock).await;
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), victim)
+        .await
+        .expect("answered once the store is back")
+        .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let served =
+        kst_core::openpgp::dearmor_public_key(std::str::from_utf8(&body).unwrap(), 1 << 20)
+            .unwrap();
+    assert!(served == key, "alice's own key");
+    admin_sql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
+}
+
+/// Red team round 9 (held): a client refused for its request budget (429) is answered before
+/// any look-up, so it takes no place in the batcher's queue, even while the store is stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_refused_client_takes_no_place_in_the_queue() {
+    let (store, url, db) = postgres_store().await;
+    let alice = addr("alice@example.net");
+    publish(&*store, &alice, "alice").await;
+    let at = serve_lookup(
+        StoreLookup::new(Arc::clone(&store)),
+        WebConfig {
+            limits: WebLimits {
+                per_client: 2,
+                ..WebLimits::default()
+            },
+            max_connections: 4096,
+            max_connections_per_client: 4096,
+            ..WebConfig::default()
+        },
+    )
+    .await;
+    let lock = lock_keys(&url).await;
+    // Its two admitted look-ups wait for the store; the next 600, at once, are refused
+    // without waiting for it.
+    let admitted: Vec<_> = (0..2)
+        .map(|i| tokio::spawn(async move { vks(at, &format!("nobody-{i}@example.net")).await }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused: Vec<_> = (0..600)
+        .map(|i| tokio::spawn(async move { vks(at, &format!("flood-{i}@example.net")).await }))
+        .collect();
+    for r in refused {
+        let (status, _) = tokio::time::timeout(Duration::from_secs(5), r)
+            .await
+            .expect("refused without waiting for the store")
+            .unwrap();
+        assert_eq!(status, 429);
+    }
+    let victim = tokio::spawn(async move {
+        let s = connect_from("127.0.0.2", at).await;
+        exchange(s, &by_email("alice@example.net")).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !victim.is_finished(),
+        "another client's look-up waits for the store"
+    );
+    unlock(lock).await;
+    assert_eq!(victim.await.unwrap().0, 200);
+    for a in admitted {
+        assert_eq!(a.await.unwrap().0, 404);
+    }
+    admin_sql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
+}
+
+/// Red team round 9: a look-up of an address whose record cannot be read (here: its current
+/// version missing from the history) made its batch be read again one address at a time, a
+/// round trip each, holding one of the two readers meanwhile: a client asking for that
+/// address over and over multiplied the store's load by the batch size. Each look-up still
+/// gets its own answer (503 for the corrupt record only); the batch costs a few round trips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_corrupt_record_costs_its_batch_a_few_round_trips() {
+    let (store, url, db) = postgres_store().await;
+    let counted = Arc::new(Counted {
+        inner: Arc::clone(&store),
+        gets: AtomicUsize::new(0),
+        batches: AtomicUsize::new(0),
+        batched: AtomicUsize::new(0),
+    });
+    let s: &dyn KeyStore = &*store;
+    let mut want: HashMap<String, Option<Vec<u8>>> = HashMap::new();
+    for (local, name) in [
+        ("alice", "alice"),
+        ("subkeys", "subkeys"),
+        ("rsa", "rsa1024"),
+    ] {
+        let a = addr(&format!("{local}@example.net"));
+        want.insert(a.to_string(), Some(publish(s, &a, name).await.key));
+    }
+    for i in 0..100 {
+        want.insert(format!("nobody-{i}@example.net"), None);
+    }
+    let broken = addr("broken@example.net");
+    publish(s, &broken, "dsa-elg").await;
+    admin_on(
+        &url,
+        "UPDATE kst_keys SET current_version = current_version + 100 \
+         WHERE address = 'broken@example.net'",
+    )
+    .await;
+    let at = serve_lookup(
+        StoreLookup::new(counted.clone()),
+        WebConfig {
+            limits: WebLimits::OFF,
+            max_connections: 4096,
+            max_connections_per_client: 4096,
+            ..WebConfig::default()
+        },
+    )
+    .await;
+
+    let lock = lock_keys(&url).await;
+    // Two look-ups take the two readers (waiting for the store); the others queue, and are
+    // read in one batch when the store is back.
+    let mut tasks: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(async move {
+                (
+                    "alice@example.net".to_string(),
+                    vks(at, "alice@example.net").await,
+                )
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut asked: Vec<String> = want.keys().cloned().collect();
+    asked.push(broken.to_string());
+    for address in asked {
+        tasks.push(tokio::spawn(async move {
+            let answer = vks(at, &address).await;
+            (address, answer)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    unlock(lock).await;
+    for t in tasks {
+        let (address, (status, body)) = t.await.unwrap();
+        match want.get(&address) {
+            Some(Some(key)) => {
+                assert_eq!(status, 200, "{address}");
+                let served = kst_core::openpgp::dearmor_public_key(
+                    std::str::from_utf8(&body).unwrap(),
+                    1 << 20,
+                )
+                .unwrap();
+                assert!(served == *key, "{address}: served another key");
+            }
+            Some(None) => assert_eq!(status, 404, "{address}"),
+            None => assert_eq!(status, 503, "{address}: the corrupt record is not served"),
+        }
+    }
+    let (gets, batches) = (
+        counted.gets.load(Ordering::SeqCst),
+        counted.batches.load(Ordering::SeqCst),
+    );
+    eprintln!(
+        "104 look-ups queued behind a stalled store, one record corrupt: {gets} get and {batches} get_many calls"
+    );
+    // The two first look-ups, the batch of 104, then about 2 log2(104) halves and singles.
+    assert!(
+        gets + batches <= 2 + 1 + 2 * 7 + 2,
+        "{gets} get and {batches} get_many calls"
+    );
+    admin_sql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
+}
+
+/// Runs `sql` on the database at `url`.
+async fn admin_on(url: &str, sql: &str) {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+        .execute(&mut conn)
+        .await
+        .expect("statement");
 }

@@ -20,14 +20,19 @@
 //! error of the store is the error of every request of that batch, when it says the store is
 //! unavailable (down, timed out: the listener answers 503 as for a lone look-up, and the
 //! requests are not read again one by one, which would multiply the load on a store that is
-//! struggling); any other error (a corrupt record of one address) sends each address of the
-//! batch to the store alone, so that it is the error of the requests for that address only.
+//! struggling); any other error (a corrupt record of one address) reads the batch again in
+//! halves, down to the address alone, so that it is the error of the requests for that
+//! address only, at a cost of about `2 log2(n)` round trips for a batch of `n` addresses, not
+//! `n` (an unavailable store met on the way fails what is not read yet).
 //!
 //! The queue is bounded ([`MAX_QUEUED`] requests): while the store is slow or stalled, a
 //! request that does not fit is refused at once with a temporary error (503 with
 //! `Retry-After`, counted in `kst_web_lookups_busy_total`) rather than sent alone, which
 //! would add round trips to a store that is already behind, or queued without bound behind
-//! batches that wait for the store's timeout.
+//! batches that wait for the store's timeout. Only requests still waiting for their answer
+//! count: those whose caller went away are dropped from a full queue before a request is
+//! refused, so a client that sends look-ups and closes its connections holds no more of the
+//! queue than its open connections.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -125,6 +130,13 @@ impl ReadBatcher {
         let (reply, answer) = oneshot::channel();
         let start = {
             let mut q = self.shared.lock();
+            if q.waiting.len() >= self.shared.max_queued {
+                // Requests whose caller went away hold no place: they need no answer (red
+                // team round 9: a client that sent look-ups and closed their connections left
+                // them queued until a batch took them, and so filled the queue of everyone
+                // beyond its own connections' share while the store was slow).
+                q.waiting.retain(|p| !p.reply.is_closed());
+            }
             if q.waiting.len() >= self.shared.max_queued {
                 let queued = q.waiting.len();
                 drop(q);
@@ -268,35 +280,63 @@ async fn read(shared: Arc<Shared>) {
 }
 
 /// The answer for each of `addresses` (distinct): one `get` for one address, one
-/// `get_many` for more; when that fails for another reason than an unavailable store, each
-/// address alone.
+/// `get_many` for more. When that fails for another reason than an unavailable store (a
+/// record that cannot be read), the batch is read again in halves, each half that fails
+/// again in halves, down to single addresses read with `get`: a corrupt record costs its
+/// batch about `2 log2(n)` more round trips, not one per address (red team round 9: a client
+/// asking for an address whose record is corrupt made every batch it joined `n` round trips
+/// long, holding one of the [`MAX_IN_FLIGHT`] readers meanwhile). An unavailable store
+/// (down, timed out) fails the part read and everything not read yet with that error, which
+/// is not read again (before, the addresses were read one by one to the end, each waiting
+/// for the store's timeout).
 async fn read_batch(store: &dyn KeyStore, addresses: &[Address]) -> Vec<Result<Option<KeyRecord>>> {
-    if let [address] = addresses {
-        return vec![store.get(address).await];
-    }
-    match store.get_many(addresses).await {
-        Ok(records) if records.len() == addresses.len() => records.into_iter().map(Ok).collect(),
-        Ok(records) => {
-            let e = Error::corrupt(
-                "store(read batch)",
-                format!(
-                    "{} answered {} records for {} addresses",
-                    store.name(),
-                    records.len(),
-                    addresses.len()
-                ),
-            );
-            addresses.iter().map(|_| Err(e.clone())).collect()
-        }
-        Err(e @ Error::Unavailable { .. }) => addresses.iter().map(|_| Err(e.clone())).collect(),
-        Err(_) => {
-            let mut answers = Vec::with_capacity(addresses.len());
-            for address in addresses {
-                answers.push(store.get(address).await);
+    let mut answers: Vec<Option<Result<Option<KeyRecord>>>> = vec![None; addresses.len()];
+    // Parts of `addresses` (start, end) still to read, the next one last.
+    let mut todo = vec![(0, addresses.len())];
+    while let Some((start, end)) = todo.pop() {
+        let part = &addresses[start..end];
+        let read = match part {
+            [address] => store.get(address).await.map(|r| vec![r]),
+            _ => match store.get_many(part).await {
+                Ok(records) if records.len() == part.len() => Ok(records),
+                Ok(records) => Err(Error::corrupt(
+                    "store(read batch)",
+                    format!(
+                        "{} answered {} records for {} addresses",
+                        store.name(),
+                        records.len(),
+                        part.len()
+                    ),
+                )),
+                Err(e) => Err(e),
+            },
+        };
+        match read {
+            Ok(records) => {
+                for (slot, record) in answers[start..end].iter_mut().zip(records) {
+                    *slot = Some(Ok(record));
+                }
             }
-            answers
+            Err(e @ Error::Unavailable { .. }) => {
+                todo.push((start, end));
+                for (s, e2) in todo.drain(..) {
+                    for slot in &mut answers[s..e2] {
+                        *slot = Some(Err(e.clone()));
+                    }
+                }
+            }
+            Err(e) if part.len() == 1 => answers[start] = Some(Err(e)),
+            Err(_) => {
+                let middle = start + part.len() / 2;
+                todo.push((middle, end));
+                todo.push((start, middle));
+            }
         }
     }
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(lost())))
+        .collect()
 }
 
 /// Sends each request of `batch` the answer for its address.
@@ -356,6 +396,8 @@ mod tests {
         gets: AtomicUsize,
         batches: AtomicUsize,
         largest: AtomicUsize,
+        /// Unavailable from the call after this many calls (`get` and `get_many`) on.
+        down_after: Option<usize>,
     }
 
     impl Reads {
@@ -376,6 +418,16 @@ mod tests {
             Ok(self.keys.get(address).cloned())
         }
 
+        /// Counts a call; unavailable once `down_after` calls were made.
+        fn call(&self, counter: &AtomicUsize) -> Result<()> {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let calls = self.gets.load(Ordering::SeqCst) + self.batches.load(Ordering::SeqCst);
+            match self.down_after {
+                Some(n) if calls > n => Err(Error::unavailable("store(reads)", "went down")),
+                _ => Ok(()),
+            }
+        }
+
         async fn pause(&self) {
             if let Some(d) = self.delay {
                 tokio::time::sleep(d).await;
@@ -392,12 +444,12 @@ mod tests {
             Err(Error::Invalid("read-only".into()))
         }
         async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
-            self.gets.fetch_add(1, Ordering::SeqCst);
+            self.call(&self.gets)?;
             self.pause().await;
             self.read(address).await
         }
         async fn get_many(&self, addresses: &[Address]) -> Result<Vec<Option<KeyRecord>>> {
-            self.batches.fetch_add(1, Ordering::SeqCst);
+            self.call(&self.batches)?;
             self.largest.fetch_max(addresses.len(), Ordering::SeqCst);
             self.pause().await;
             let mut out = Vec::new();
@@ -573,5 +625,102 @@ mod tests {
             "{e}"
         );
         assert_eq!(batcher.queued(), 2);
+    }
+
+    /// Red team round 9: a corrupt record sent its whole batch to the store one address at a
+    /// time (129 round trips for a batch of 128); it is now found by halving the batch.
+    #[tokio::test]
+    async fn a_corrupt_record_costs_its_batch_a_few_round_trips_not_one_per_address() {
+        let locals: Vec<String> = (0..128).map(|i| format!("k{i}")).collect();
+        let with_keys: Vec<&str> = locals.iter().step_by(2).map(String::as_str).collect();
+        let store = Reads {
+            corrupt: Some(addr("k77")),
+            ..Reads::with(&with_keys)
+        };
+        let addresses: Vec<Address> = locals.iter().map(|l| addr(l)).collect();
+        let answers = read_batch(&store, &addresses).await;
+        for (local, answer) in locals.iter().zip(&answers) {
+            match local.as_str() {
+                "k77" => assert!(matches!(answer, Err(Error::Corrupt { .. })), "{answer:?}"),
+                _ => assert_eq!(
+                    answer.as_ref().unwrap(),
+                    &store.keys.get(&addr(local)).cloned(),
+                    "{local}"
+                ),
+            }
+        }
+        let trips = store.gets.load(Ordering::SeqCst) + store.batches.load(Ordering::SeqCst);
+        // 128, then two of each size from 64 down to 1.
+        assert!(trips <= 15, "{trips} round trips for a batch of 128");
+    }
+
+    /// Red team round 9: after a corrupt record, every address of the batch was read alone to
+    /// the end, each waiting for the store's timeout when it had gone down meanwhile.
+    #[tokio::test]
+    async fn a_store_that_goes_down_while_a_batch_is_split_fails_the_rest_unread() {
+        let locals: Vec<String> = (0..128).map(|i| format!("k{i}")).collect();
+        let store = Reads {
+            corrupt: Some(addr("k3")),
+            down_after: Some(1),
+            ..Reads::with(&["k1"])
+        };
+        let addresses: Vec<Address> = locals.iter().map(|l| addr(l)).collect();
+        let answers = read_batch(&store, &addresses).await;
+        for answer in &answers {
+            let e = answer.as_ref().unwrap_err();
+            assert!(
+                e.is_temporary() && e.to_string().contains("went down"),
+                "{e}"
+            );
+        }
+        let trips = store.gets.load(Ordering::SeqCst) + store.batches.load(Ordering::SeqCst);
+        assert_eq!(
+            trips, 2,
+            "the batch, its first half; nothing after the store went down"
+        );
+    }
+
+    /// Red team round 9: look-ups whose client went away stayed in a full queue until a batch
+    /// took them, so a client that sent look-ups and closed its connections (freeing them
+    /// for more) filled the queue for everyone while the store was slow. They are dropped
+    /// before a live request is refused; live requests still count.
+    #[tokio::test]
+    async fn a_full_queue_drops_the_look_ups_that_went_away_before_it_refuses() {
+        let store = Arc::new(Reads::with(&["late"]));
+        let batcher = ReadBatcher::with_limits(store.clone(), 1, 4, 2);
+        {
+            let mut q = batcher.shared.lock();
+            // A reader busy with its batch: nothing is taken off the queue meanwhile.
+            q.readers = 1;
+            for i in 0..2 {
+                let (reply, answer) = oneshot::channel();
+                q.waiting.push_back(Pending {
+                    address: addr(&format!("gone{i}")),
+                    reply,
+                });
+                // Its client closed the connection.
+                drop(answer);
+            }
+        }
+        let spawn_get = |local: &str| {
+            let (b, a) = (batcher.clone(), addr(local));
+            tokio::spawn(async move { b.get(&a).await })
+        };
+        let late = spawn_get("late");
+        let nobody = spawn_get("nobody");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !late.is_finished() && !nobody.is_finished(),
+            "queued, not refused: the queue was full of look-ups nobody waits for"
+        );
+        assert_eq!(batcher.queued(), 2);
+        let e = batcher.get(&addr("third")).await.unwrap_err();
+        assert!(e.is_temporary(), "live look-ups fill the queue: {e}");
+        // The busy reader is done with its batch and reads the queue.
+        tokio::spawn(read(Arc::clone(&batcher.shared)));
+        assert_eq!(late.await.unwrap().unwrap(), Some(record("late")));
+        assert_eq!(nobody.await.unwrap().unwrap(), None);
+        assert_eq!(batcher.queued(), 0);
+        assert_eq!(batcher.shared.lock().readers, 0);
     }
 }

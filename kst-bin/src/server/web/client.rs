@@ -269,4 +269,59 @@ mod tests {
         assert!(!a.of("192.0.2.1").contains("192"));
         assert_eq!(a.of("x").len(), 12);
     }
+
+    /// Red team round 9 (held): odd spellings of a hop a trusted proxy forwards name the
+    /// client they spell or no client (the shared `unknown` budget), never another one.
+    #[test]
+    fn odd_spellings_of_a_hop_name_that_client_or_none() {
+        let p = proxies(&["127.0.0.1", "10.0.0.0/8"]);
+        let peer = ip("127.0.0.1");
+        let one = |hop: &str| client_ip(peer, &headers(&[("x-forwarded-for", hop)]), &p);
+        // IPv4-mapped IPv6 is the IPv4 address: one budget, however it is written.
+        assert_eq!(one("::ffff:198.51.100.9"), Some(ip("198.51.100.9")));
+        assert_eq!(
+            one("::ffff:198.51.100.9").map(client_key),
+            Some("198.51.100.9".to_string())
+        );
+        assert_eq!(one("[::ffff:c633:6409]:80"), Some(ip("198.51.100.9")));
+        // A trusted proxy spelled as mapped IPv6 is still trusted: the walk goes on.
+        assert_eq!(
+            one("198.51.100.9, ::ffff:10.1.1.1"),
+            Some(ip("198.51.100.9"))
+        );
+        // Brackets, ports, blanks.
+        assert_eq!(one("[2001:db8::1]:443"), Some(ip("2001:db8::1")));
+        assert_eq!(one("[2001:db8::1]"), Some(ip("2001:db8::1")));
+        assert_eq!(one("  198.51.100.9:8080 "), Some(ip("198.51.100.9")));
+        // Forms that are no address: the client is unknown, never an address next to it.
+        for hop in [
+            "fe80::1%eth0",
+            "[fe80::1%25eth0]:80",
+            "198.51.100.9:99999",
+            "0x7f.1",
+            "0177.0.0.1",
+            "198.51.100.9.",
+            "[198.51.100.9",
+            "",
+        ] {
+            assert_eq!(one(&format!("203.0.113.66, {hop}")), None, "{hop:?}");
+        }
+        // An IPv6 address with a port and no brackets reads as another address of its /64.
+        assert_eq!(
+            one("2001:db8::1:443").map(client_key),
+            Some("2001:db8::/64".to_string())
+        );
+        // An IPv6 client is counted per /64 whatever the rest of its address.
+        assert_eq!(
+            one("2001:db8:1:2:ffff:ffff:ffff:ffff").map(client_key),
+            Some("2001:db8:1:2::/64".to_string())
+        );
+        // An overlong chain written by the client is cut from the left; the proxy's hop,
+        // appended last, still names the client.
+        let long = format!("{}198.51.100.9", "203.0.113.66, ".repeat(10_000));
+        assert_eq!(one(&long), Some(ip("198.51.100.9")));
+        // Hops the client wrote as trusted proxies do not hide its own address.
+        let forged = format!("{}198.51.100.9, 10.2.2.2", "10.0.0.1, ".repeat(40));
+        assert_eq!(one(&forged), Some(ip("198.51.100.9")));
+    }
 }
