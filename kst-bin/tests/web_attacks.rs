@@ -650,7 +650,8 @@ async fn counters_going_down_answer_503_after_a_second_and_keep_the_served_count
     // Down: the counters' directory becomes a file.
     let shards = dir.path().join("store").join("ratelimit");
     assert!(shards.is_dir(), "{shards:?}");
-    std::fs::remove_dir_all(&shards).unwrap();
+    let away = dir.path().join("ratelimit-away");
+    std::fs::rename(&shards, &away).unwrap();
     std::fs::write(&shards, "not a directory").unwrap();
     assert_eq!(
         policy_from(at, client).await,
@@ -665,6 +666,7 @@ async fn counters_going_down_answer_503_after_a_second_and_keep_the_served_count
     }
     // Back.
     std::fs::remove_file(&shards).unwrap();
+    std::fs::rename(&away, &shards).unwrap();
     assert_eq!(policy_from(at, client).await, 200, "back");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
