@@ -332,7 +332,8 @@ fn redis_counters_are_exact_under_288_concurrent_requests() {
 /// the first) for each class of error (the counters' backend down, their queue full: one
 /// class must not hide the other); one more request after an interval writes it again, and
 /// the lines account for every request exactly: written or counted as `suppressed` by the
-/// next line.
+/// next line. The flood starts once the counters have failed for longer than write-behind's
+/// `STALE` ([`counters_failing_for_longer_than_stale`]).
 ///
 /// [`WARN_EVERY`]: kst_bin::server::web::handlers::WARN_EVERY
 #[test]
@@ -342,6 +343,26 @@ fn a_flood_while_the_counters_are_down_writes_one_warning_per_interval() {
         FOUND,
         &[],
         (400, 400),
+        true,
+    );
+}
+
+/// Before the flood, the counters have been failing for longer than write-behind's `STALE`
+/// (`server::web::writebehind`), so every request of the flood waits for a flush and gets its
+/// error. Until then a client in good standing is admitted (up to 8 requests) and fails at
+/// the store's look-up instead, which the look-up's own warning covers.
+fn counters_failing_for_longer_than_stale(at: SocketAddr, path: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // A client of its own (not one of the flood's), admitted at once: its look-up fails.
+    assert_eq!(
+        rt.block_on(get_from(Ipv4Addr::new(127, 0, 0, 99), at, path)),
+        503
+    );
+    std::thread::sleep(
+        kst_bin::server::web::writebehind::STALE + std::time::Duration::from_millis(500),
     );
 }
 
@@ -354,6 +375,7 @@ fn a_flood_while_the_store_is_down_writes_one_look_up_warning_per_interval() {
         FOUND,
         &LIMITS_OFF,
         (400, 400),
+        false,
     );
 }
 
@@ -383,6 +405,7 @@ fn a_flood_while_the_directory_is_down_writes_one_warning_per_interval() {
         "/.well-known/kst/log/example.net/lookup/alice@example.net",
         &env,
         (400, 400),
+        false,
     );
 }
 
@@ -396,12 +419,14 @@ const LIMITS_OFF: [(&str, &str); 3] = [
 /// A flood of `flood` requests for `path`, `at_once` at a time, to a `kst serve` (with the
 /// environment `env`) whose Redis store is at a port nothing listens on: each answered 503,
 /// `warning` written at most once per interval and class of error, every request accounted
-/// for by the lines (see the callers).
+/// for by the lines (see the callers); with `counters_stale_first`, after
+/// [`counters_failing_for_longer_than_stale`].
 fn one_warning_per_interval_while_the_store_is_down(
     warning: &str,
     path: &str,
     env: &[(&str, &str)],
     (flood, at_once): (u64, usize),
+    counters_stale_first: bool,
 ) {
     use kst_bin::server::web::handlers::WARN_EVERY;
     use std::time::{Duration, Instant};
@@ -423,6 +448,9 @@ fn one_warning_per_interval_while_the_store_is_down(
             .env("KST_WEB__LISTEN", at.to_string())
             .envs(env.iter().copied());
     });
+    if counters_stale_first {
+        counters_failing_for_longer_than_stale(at, path);
+    }
     // The warnings logged so far: each line's `suppressed` (0 where it has none; the total
     // below counts what a line leaves out).
     let lines = || -> Vec<serde_json::Value> {
