@@ -89,7 +89,8 @@ impl std::fmt::Display for SubmitError {
 ///
 /// A pooled session the relay has closed in the meantime shows up as a failed `MAIL FROM`;
 /// nothing of the reply has been sent at that point, so the reply goes out on a fresh session
-/// instead.
+/// instead. A session whose reply the relay refused (its `RCPT TO` or its data) goes back to
+/// the pool after an `RSET`, unless the relay took `DATA` for a refused recipient.
 ///
 /// A 5xx to the reply's `RCPT TO` or to the end of its data is the relay's permanent refusal
 /// of that one reply (a recipient it does not know, such as a forged request's sender; a
@@ -302,8 +303,13 @@ impl SmtpMailer {
                     );
                     return Err(match i {
                         0 => Stage::BeforeData(e),
-                        // RCPT TO refused: this recipient, not the relay.
-                        1 => Stage::Refused(reply.code(), e),
+                        // RCPT TO refused: this recipient, not the relay. The session is
+                        // between transactions again unless the relay took DATA anyway.
+                        1 => Stage::Refused(
+                            reply.code(),
+                            e,
+                            replies.get(2).is_some_and(|data| data.code() != 354),
+                        ),
                         _ => Stage::Later(e),
                     });
                 }
@@ -346,6 +352,7 @@ impl SmtpMailer {
                     "RCPT TO refused by",
                     format!("{} {}", rcpt.code(), rcpt.message()),
                 ),
+                true,
             ));
         }
         let data = self
@@ -383,7 +390,7 @@ impl SmtpMailer {
             format!("{} {}", reply.code(), reply.message()),
         );
         Err(if (400..600).contains(&reply.code()) {
-            Stage::Refused(reply.code(), e)
+            Stage::Refused(reply.code(), e, true)
         } else {
             Stage::Later(e)
         })
@@ -391,11 +398,12 @@ impl SmtpMailer {
 }
 
 /// Where a transaction failed: before anything of the reply was sent, later, or because the
-/// relay refused this reply (its recipient or its data) with a reply code.
+/// relay refused this reply (its recipient or its data) with a reply code; `true` when the
+/// session is between transactions then, so that it can serve the next reply.
 enum Stage {
     BeforeData(Error),
     Later(Error),
-    Refused(u16, Error),
+    Refused(u16, Error, bool),
 }
 
 /// Says QUIT, waiting at most `timeout`; the outcome is ignored.
@@ -439,7 +447,10 @@ impl SmtpMailer {
                     tracing::debug!(relay = %self.relay, error = %e, "pooled session unusable; trying another");
                 }
                 Err(Stage::Later(e)) => return Err(SubmitError::Relay(e)),
-                Err(Stage::Refused(code, error)) => {
+                Err(Stage::Refused(code, error, idle)) => {
+                    if idle {
+                        self.recycle(session, deadline).await;
+                    }
                     return Err(SubmitError::Refused { code, error });
                 }
             }
@@ -452,7 +463,27 @@ impl SmtpMailer {
                 Ok(())
             }
             Err(Stage::BeforeData(e) | Stage::Later(e)) => Err(SubmitError::Relay(e)),
-            Err(Stage::Refused(code, error)) => Err(SubmitError::Refused { code, error }),
+            Err(Stage::Refused(code, error, idle)) => {
+                if idle {
+                    self.recycle(session, deadline).await;
+                }
+                Err(SubmitError::Refused { code, error })
+            }
+        }
+    }
+
+    /// Puts a session whose reply the relay refused back into the pool once `RSET` (within
+    /// `deadline`) says it is ready for the next one; drops it otherwise. A flood of replies
+    /// the relay refuses (forged senders) then costs no new connection, TLS or AUTH each.
+    async fn recycle(&self, mut session: Session, deadline: Instant) {
+        match self
+            .step(deadline, "resetting (RSET)", session.client.rset())
+            .await
+        {
+            Ok(()) => self.release(session).await,
+            Err(e) => {
+                tracing::debug!(relay = %self.relay, error = %e, "session not reused after a refused reply");
+            }
         }
     }
 }
@@ -545,8 +576,11 @@ mod tests {
         Hangup,
         /// Answers the end of data with 451 (a temporary failure).
         Refuse,
-        /// Answers every RCPT TO with 550 (a recipient the relay does not know).
+        /// Answers every RCPT TO with 550 (a recipient the relay does not know), and DATA
+        /// without a recipient with 554, as Postfix does.
         RefuseRcpt,
+        /// Like `RefuseRcpt`, but takes DATA anyway (354), as a sloppy relay might.
+        RefuseRcptTakeData,
         /// Answers the end of data with 554 (a message the relay will not take).
         RefuseData,
     }
@@ -574,6 +608,7 @@ mod tests {
                     let mut lines = BufReader::new(r).lines();
                     w.write_all(b"220 relay.test ESMTP\r\n").await.unwrap();
                     let mut in_data = false;
+                    let mut recipients = 0;
                     while let Ok(Some(line)) = lines.next_line().await {
                         let answer: &[u8] = if in_data {
                             if line != "." {
@@ -594,8 +629,27 @@ mod tests {
                                     b"250-relay.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
                                 }
                                 "EHLO" => b"250-relay.test\r\n250 8BITMIME\r\n",
-                                "RCPT" if matches!(after, After::RefuseRcpt) => {
+                                "RCPT"
+                                    if matches!(
+                                        after,
+                                        After::RefuseRcpt | After::RefuseRcptTakeData
+                                    ) =>
+                                {
                                     b"550 5.1.1 no such user\r\n"
+                                }
+                                "RCPT" => {
+                                    recipients += 1;
+                                    b"250 2.1.5 ok\r\n"
+                                }
+                                "MAIL" | "RSET" => {
+                                    recipients = 0;
+                                    b"250 2.0.0 ok\r\n"
+                                }
+                                "DATA"
+                                    if recipients == 0
+                                        && !matches!(after, After::RefuseRcptTakeData) =>
+                                {
+                                    b"554 5.5.1 no valid recipients\r\n"
                                 }
                                 "DATA" => {
                                     in_data = true;
@@ -739,14 +793,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_reply_is_a_temporary_error_and_its_session_is_not_pooled() {
+    async fn a_refused_reply_is_a_temporary_error_and_its_session_serves_the_next() {
         let (port, counts) = relay(After::Refuse).await;
         let m = mailer(port, 4);
-        let e = m.send(&mail(0)).await.unwrap_err();
-        assert!(e.is_temporary(), "{e}");
-        assert!(e.to_string().contains("submitting the reply"), "{e}");
-        assert_eq!(m.idle_sessions(), 0);
+        for n in 0..2 {
+            let e = m.send(&mail(n)).await.unwrap_err();
+            assert!(e.is_temporary(), "{e}");
+            assert!(e.to_string().contains("submitting the reply"), "{e}");
+        }
+        // After RSET the session went back to the pool and carried the second reply.
+        assert_eq!(m.idle_sessions(), 1);
+        assert_eq!(counts.connections.load(Ordering::SeqCst), 1);
         assert_eq!(counts.messages.load(Ordering::SeqCst), 0);
+    }
+
+    /// A relay that refuses the RCPT TO but then takes the pipelined DATA waits for a message:
+    /// that session is dropped, never reset or pooled (RSET would be read as data).
+    #[tokio::test]
+    async fn a_session_that_took_data_after_a_refused_recipient_is_dropped() {
+        let (port, counts) = relay(After::RefuseRcptTakeData).await;
+        let m = mailer(port, 4);
+        let started = Instant::now();
+        for n in 0..2 {
+            let e = m.submit(&mail(n)).await.unwrap_err();
+            assert!(matches!(e, SubmitError::Refused { code: 550, .. }), "{e}");
+        }
+        // An RSET sent into the data would wait for the 5 s timeout each time.
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(m.idle_sessions(), 0);
+        assert_eq!(counts.connections.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
@@ -794,8 +873,9 @@ mod tests {
                     m.send(&mail(n)).await.unwrap();
                 }
                 assert_eq!(counts.messages.load(Ordering::SeqCst), 0);
-                // A refused reply's session is not pooled: each reply opened its own.
-                assert_eq!(counts.connections.load(Ordering::SeqCst), 2);
+                // The refused reply's session was reset and carried the next reply.
+                assert_eq!(counts.connections.load(Ordering::SeqCst), 1);
+                assert_eq!(m.idle_sessions(), 1);
             }
             let (port, _) = relay_with(After::Refuse, pipelining).await;
             let e = mailer(port, 4).send(&mail(0)).await.unwrap_err();
