@@ -1213,3 +1213,37 @@ async fn rt7_a_failed_read_is_not_reported_as_another_writers_commit() {
     );
     assert!(text.contains("root"), "the failed read is named: {text}");
 }
+
+/// Red team round 9 (held): on `[web]`, HEAD requests of the log's look-ups and histories, and
+/// other spellings of one absent address (case, angle brackets), each spend the miss budget
+/// like a GET of the plain spelling: with `per_client_misses = 3` the fourth miss is still
+/// answered and the client's next look-up, of a key that exists, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rt9_head_and_other_spellings_of_one_address_are_misses_on_the_log() {
+    let (dir, keys, _writer) = with_alice().await;
+    let (served, web) = Served::start_web(dir.path(), &keys, 3);
+    let statuses: Vec<u16> = [
+        ("HEAD", "lookup/nobody@example.net"),
+        ("HEAD", "lookup/NoBody@Example.NET"),
+        ("GET", "lookup/%3Cnobody%40example.net%3E"),
+        ("HEAD", "history/nobody@example.net"),
+        ("HEAD", "lookup/alice@example.net"),
+    ]
+    .iter()
+    .map(|(method, rest)| {
+        http_request(
+            web,
+            method,
+            &format!("/.well-known/kst/log/example.net/{rest}"),
+            "",
+        )
+        .0
+    })
+    .collect();
+    assert_eq!(
+        statuses,
+        vec![200, 200, 200, 404, 429],
+        "three absence answers and a history 404 are four misses"
+    );
+    drop(served);
+}

@@ -736,3 +736,41 @@ async fn counters_going_down_answer_503_after_a_second_and_keep_the_served_count
         "the three requests served, not those answered 503"
     );
 }
+
+/// Red team round 9: behind nginx (`$proxy_add_x_forwarded_for` appends the client's address
+/// to the `X-Forwarded-For` line the client sent), a client that put one byte that is not
+/// visible ASCII in its own line made the whole line unreadable: it was counted as `unknown`,
+/// a budget of its own choosing (its own spent, it went on in that one, shared with every
+/// client whose chain cannot be read). Now such bytes spoil only their own hop, and the
+/// proxy's hop names the client: its requests spend its own budget however it writes them.
+#[tokio::test]
+async fn a_client_cannot_make_itself_unknown_with_bytes_in_its_own_forwarding_line() {
+    let s = start(limited_behind_proxy()).await;
+    let mut first =
+        format!("GET {POLICY} HTTP/1.1\r\nHost: example.net\r\nConnection: close\r\n").into_bytes();
+    first.extend_from_slice(b"X-Forwarded-For: 203.0.113.66\xff, 198.51.100.5\r\n\r\n");
+    assert_eq!(raw(&s, &first).await.0, 200);
+    let (status, _) = get(
+        &s,
+        "example.net",
+        POLICY,
+        "X-Forwarded-For: 198.51.100.5\r\n",
+    )
+    .await;
+    assert_eq!(
+        status, 429,
+        "the first request was 198.51.100.5's (per_client = 1), not unknown's"
+    );
+    let mut forwarded = WebConfig {
+        trusted_proxy_header: ProxyHeader::Forwarded,
+        ..limited_behind_proxy()
+    };
+    forwarded.limits.per_client = 1;
+    let s = start(forwarded).await;
+    let mut first =
+        format!("GET {POLICY} HTTP/1.1\r\nHost: example.net\r\nConnection: close\r\n").into_bytes();
+    first.extend_from_slice(b"Forwarded: for=\"x\xff\", for=198.51.100.6\r\n\r\n");
+    assert_eq!(raw(&s, &first).await.0, 200);
+    let (status, _) = get(&s, "example.net", POLICY, "Forwarded: for=198.51.100.6\r\n").await;
+    assert_eq!(status, 429);
+}

@@ -633,3 +633,111 @@ async fn admin_on(url: &str, sql: &str) {
         .await
         .expect("statement");
 }
+
+/// Red team round 9 (the corrupt record, on Redis): a record whose JSON cannot be read fails
+/// the look-ups of its own address only (503), however the concurrent look-ups were batched
+/// with it; every other look-up gets its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_a_corrupt_record_fails_its_own_look_ups_only() {
+    let url =
+        std::env::var("KST_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("kst-webbatch-{:016x}:", rand::random::<u64>());
+    let store: Arc<dyn KeyStore> = Arc::new(
+        kst_redis::RedisStore::connect(&url, &prefix)
+            .await
+            .unwrap_or_else(|e| panic!("Redis is not reachable: {e}")),
+    );
+    let counted = Arc::new(Counted {
+        inner: Arc::clone(&store),
+        gets: AtomicUsize::new(0),
+        batches: AtomicUsize::new(0),
+        batched: AtomicUsize::new(0),
+    });
+    let s: &dyn KeyStore = &*store;
+    let mut want: HashMap<String, Option<Vec<u8>>> = HashMap::new();
+    for (local, name) in [
+        ("alice", "alice"),
+        ("subkeys", "subkeys"),
+        ("rsa", "rsa1024"),
+    ] {
+        let a = addr(&format!("{local}@example.net"));
+        want.insert(a.to_string(), Some(publish(s, &a, name).await.key));
+    }
+    for i in 0..20 {
+        want.insert(format!("nobody-{i}@example.net"), None);
+    }
+    let broken = addr("broken@example.net");
+    publish(s, &broken, "dsa-elg").await;
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}{{broken@example.net}}:cur"))
+        .arg("{\"not\": \"a record\"")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        s.get(&broken).await.is_err(),
+        "the record is unreadable now"
+    );
+
+    let at = serve_lookup(
+        StoreLookup::new(counted.clone()),
+        WebConfig {
+            limits: WebLimits::OFF,
+            max_connections: 4096,
+            max_connections_per_client: 4096,
+            ..WebConfig::default()
+        },
+    )
+    .await;
+    let mut asked: Vec<String> = want.keys().cloned().collect();
+    asked.push(broken.to_string());
+    asked.sort();
+    let start = Arc::new(tokio::sync::Barrier::new(REQUESTS));
+    let tasks: Vec<_> = (0..REQUESTS)
+        .map(|i| {
+            let address = asked[i % asked.len()].clone();
+            let start = Arc::clone(&start);
+            tokio::spawn(async move {
+                start.wait().await;
+                let answer = vks(at, &address).await;
+                (address, answer)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (address, (status, body)) = t.await.unwrap();
+        match want.get(&address) {
+            Some(Some(key)) => {
+                assert_eq!(status, 200, "{address}");
+                let served = kst_core::openpgp::dearmor_public_key(
+                    std::str::from_utf8(&body).unwrap(),
+                    1 << 20,
+                )
+                .unwrap();
+                assert!(served == *key, "{address}: served another key");
+            }
+            Some(None) => assert_eq!(status, 404, "{address}"),
+            None => assert_eq!(status, 503, "{address}: the corrupt record is not served"),
+        }
+    }
+    eprintln!(
+        "redis: {REQUESTS} look-ups, one address of {} corrupt: {} get and {} get_many calls",
+        asked.len(),
+        counted.gets.load(Ordering::SeqCst),
+        counted.batches.load(Ordering::SeqCst)
+    );
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}

@@ -55,38 +55,59 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, proxies: &TrustedProxies) ->
 /// client itself could have written).
 const MAX_HOPS: usize = 32;
 
-/// The `for=` values of every `Forwarded` header, in order; `None` per hop that is not an IP,
-/// and one `None` for a whole line that is not visible ASCII.
+/// The `for=` values of every `Forwarded` header, in order; `None` per hop that is not an IP
+/// or cannot be read (bytes that are not visible ASCII). Hops are split on the raw bytes, so
+/// that such bytes spoil only their own hop: a proxy that appends the client's hop to the
+/// client's own line (nginx `"$http_forwarded, for=$remote_addr"`) names the client however
+/// that line began (red team round 9: one byte the client wrote made the whole line
+/// unreadable, and the client chose to be counted as `unknown`).
 fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
     let mut out = Vec::new();
     for value in headers.get_all("forwarded") {
-        let Ok(text) = value.to_str() else {
-            out.push(None);
-            continue;
-        };
-        for element in text.split(',') {
-            let ip = element.split(';').find_map(|pair| {
-                let (k, v) = pair.trim().split_once('=')?;
-                k.trim()
-                    .eq_ignore_ascii_case("for")
-                    .then(|| parse_node(v.trim()))
-            });
-            out.push(ip.flatten());
+        for element in value.as_bytes().split(|b| *b == b',') {
+            // The first `for=` pair; an unreadable pair before it spoils the element.
+            let mut ip = None;
+            for pair in element.split(|b| *b == b';') {
+                let Some(text) = visible_ascii(pair) else {
+                    break;
+                };
+                if let Some((k, v)) = text.trim().split_once('=')
+                    && k.trim().eq_ignore_ascii_case("for")
+                {
+                    ip = parse_node(v.trim());
+                    break;
+                }
+            }
+            out.push(ip);
         }
     }
     tail(out)
 }
 
-/// The addresses of every `X-Forwarded-For` header, in order; `None` per unreadable hop or line.
+/// The addresses of every `X-Forwarded-For` header, in order; `None` per hop that cannot be
+/// read. Split on the raw bytes, as [`forwarded_chain`] (nginx
+/// `$proxy_add_x_forwarded_for` appends the client's address to the line the client sent).
 fn x_forwarded_for_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
     let mut out = Vec::new();
     for value in headers.get_all("x-forwarded-for") {
-        match value.to_str() {
-            Ok(text) => out.extend(text.split(',').map(|s| parse_node(s.trim()))),
-            Err(_) => out.push(None),
-        }
+        out.extend(
+            value
+                .as_bytes()
+                .split(|b| *b == b',')
+                .map(|hop| visible_ascii(hop).and_then(|s| parse_node(s.trim()))),
+        );
     }
     tail(out)
+}
+
+/// `bytes` as text when they are visible ASCII, blanks and tabs (what a header value's
+/// `to_str` accepts).
+fn visible_ascii(bytes: &[u8]) -> Option<&str> {
+    bytes
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+        .then(|| std::str::from_utf8(bytes).ok())
+        .flatten()
 }
 
 fn tail(mut v: Vec<Option<IpAddr>>) -> Vec<Option<IpAddr>> {
@@ -323,5 +344,51 @@ mod tests {
         // Hops the client wrote as trusted proxies do not hide its own address.
         let forged = format!("{}198.51.100.9, 10.2.2.2", "10.0.0.1, ".repeat(40));
         assert_eq!(one(&forged), Some(ip("198.51.100.9")));
+    }
+
+    /// Red team round 9: a proxy that appends the client's hop to the line the client sent
+    /// (nginx `$proxy_add_x_forwarded_for`) passes the client's bytes through; one byte that is
+    /// not visible ASCII made the whole line unreadable, so the client chose to be counted as
+    /// `unknown` (a budget of its own choosing, shared with every client whose chain cannot be
+    /// read). Such bytes now spoil only their own hop.
+    #[test]
+    fn a_clients_bytes_spoil_only_its_own_hop() {
+        let line = |name: &'static str, bytes: &[u8]| {
+            let mut h = HeaderMap::new();
+            h.append(name, HeaderValue::from_bytes(bytes).unwrap());
+            h
+        };
+        let peer = ip("127.0.0.1");
+        let x = proxies(&["127.0.0.1", "10.0.0.0/8"]);
+        for sent in [
+            &b"203.0.113.66\xff"[..],
+            b"\x80\x81",
+            b"a\tb\xfe, 10.0.0.1\xff",
+        ] {
+            let mut appended = sent.to_vec();
+            appended.extend_from_slice(b", 198.51.100.9");
+            let h = line("x-forwarded-for", &appended);
+            assert_eq!(
+                client_ip(peer, &h, &x),
+                Some(ip("198.51.100.9")),
+                "{:?}",
+                String::from_utf8_lossy(&appended)
+            );
+        }
+        // The proxy's own hop unreadable still makes the client unknown.
+        let h = line("x-forwarded-for", b"198.51.100.9, 203.0.113.66\xff");
+        assert_eq!(client_ip(peer, &h, &x), None);
+
+        let f = proxies_with(&["127.0.0.1"], ProxyHeader::Forwarded);
+        let h = line(
+            "forwarded",
+            b"for=\"203.0.113.66\xff\";proto=https, for=198.51.100.9;proto=https",
+        );
+        assert_eq!(client_ip(peer, &h, &f), Some(ip("198.51.100.9")));
+        // An unreadable pair before the element's `for=` spoils that element only.
+        let h = line("forwarded", b"by=\xff;for=198.51.100.9");
+        assert_eq!(client_ip(peer, &h, &f), None);
+        let h = line("forwarded", b"for=198.51.100.9;by=\xff");
+        assert_eq!(client_ip(peer, &h, &f), Some(ip("198.51.100.9")));
     }
 }
