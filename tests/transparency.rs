@@ -5,7 +5,8 @@
 //! - `record_encoding_round_trips`: every record of a directory through the blob encoding.
 //! - `one_address_is_recorded_in_store_order` (fs) and `..._on_postgres`: two processes'
 //!   handles publish one address at once; the directory records it in the store's order
-//!   (then a deletion, a publication after it, a restore, `record_all`).
+//!   (then a deletion, a publication after it, a restore, `record_all`); on PostgreSQL with
+//!   the key commits unsynced, as kst-bin wires it (tests/transparency_unsynced.rs).
 //! - `postgres_directory_store_conformance`: kst-postgres's `PgDirectoryStore`, the same
 //!   suite, two pools on a fresh database; `postgres_directory_refuses_oversized_records`.
 //! - `redis_directory_store_conformance`: kst-redis's `RedisDirectoryStore`, the same suite,
@@ -315,7 +316,8 @@ async fn one_address_is_recorded_in_store_order_on_postgres() {
         Arc::new(PgDirectoryStore::connect(&db.url, 4).await.unwrap()),
         Arc::new(PgDirectoryStore::connect(&db.url, 4).await.unwrap()),
     ];
-    kst_core::conformance::directory::one_address_in_store_order(stores, dirs).await;
+    // As kst-bin wires PostgreSQL: the key commits unsynced, covered by the epoch's commit.
+    kst_core::conformance::directory::one_address_in_store_order_as(stores, dirs, true).await;
 }
 
 /// The key store (and the directory in it) of a [`Provider`], with what must outlive `kst

@@ -310,6 +310,30 @@ pub trait KeyStore: Send + Sync {
     /// [`crate::Error::DeletedSince`] when its publication id is one of a deleted history.
     async fn publish(&self, key: NewKey) -> Result<PublishOutcome>;
 
+    /// [`KeyStore::publish`] for a caller that makes the change durable itself before anyone
+    /// is told of it: the store may answer once the change is visible to its readers, before
+    /// it is durable, because the caller's next step is a synchronous commit to the same
+    /// database that covers it, or [`KeyStore::sync_published`]. PostgreSQL commits the
+    /// key's transaction with `synchronous_commit = off`: its WAL is flushed in order, so a
+    /// later synchronous commit on the same server (the key directory's epoch, which read
+    /// the key first) makes it durable too (docs/TRANSPARENCY.md, "Write order, as built").
+    /// Only the key directory's `TransparentStore` calls it, and only when its directory
+    /// commits to the key store's PostgreSQL server. This default publishes durably (every
+    /// other store, and wrappers that do not pass it on).
+    async fn publish_unsynced(&self, key: NewKey) -> Result<PublishOutcome> {
+        self.publish(key).await
+    }
+
+    /// Makes every change this store answered before durable, as durable as its own
+    /// synchronous writes (for a caller of [`KeyStore::publish_unsynced`] whose covering
+    /// commit did not happen: the directory already held the key). PostgreSQL: one tiny
+    /// synchronous write (its commit flushes the WAL up to it, and waits for a synchronous
+    /// standby when the server has one). This default does nothing: [`KeyStore::publish`]
+    /// is durable when it returns.
+    async fn sync_published(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// The current key of `address`, if any.
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>>;
 

@@ -93,6 +93,15 @@ impl<S: KeyStore> KeyStore for TimeoutStore<S> {
         self.run("publish", self.inner.publish(key)).await
     }
 
+    async fn publish_unsynced(&self, key: NewKey) -> Result<PublishOutcome> {
+        self.run("publish", self.inner.publish_unsynced(key)).await
+    }
+
+    async fn sync_published(&self) -> Result<()> {
+        self.run("sync published", self.inner.sync_published())
+            .await
+    }
+
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
         self.run("get", self.inner.get(address)).await
     }

@@ -119,8 +119,46 @@ impl PostgresStore {
     }
 
     async fn publish_inner(&self, key: NewKey) -> Result<PublishOutcome> {
-        self.write(true, |conn| Box::pin(publish_on(conn, key)))
-            .await
+        self.write(true, |conn| {
+            Box::pin(publish_on(conn, key, Commit::Synchronous))
+        })
+        .await
+    }
+
+    /// [`KeyStore::publish_unsynced`]: the transaction commits with `synchronous_commit =
+    /// off` (it waits for neither the WAL flush nor a synchronous standby), and the write is
+    /// not confirmed on the standby: the caller's next synchronous commit on this server
+    /// covers it (PostgreSQL writes and flushes its WAL in order, and a standby receives it
+    /// in order).
+    async fn publish_unsynced_inner(&self, key: NewKey) -> Result<PublishOutcome> {
+        self.write(false, |conn| {
+            Box::pin(publish_on(conn, key, Commit::Unsynced))
+        })
+        .await
+    }
+
+    /// [`KeyStore::sync_published`]: one synchronous transaction that writes WAL (a
+    /// transaction that writes none, or has no transaction id, commits without a flush): it
+    /// rewrites the one row of `kst_key_index_state` as it is (were the row missing, it is
+    /// written saying the index is not known complete, which only makes look-ups scan until
+    /// `rebuild_index`). Its commit flushes the WAL up
+    /// to its own record, so every commit before it is durable, and waits for (and is
+    /// confirmed on) a synchronous standby when the server has one, which then holds them
+    /// too.
+    async fn sync_published_inner(&self) -> Result<()> {
+        self.write(true, |conn| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO kst_key_index_state (one, built) VALUES (true, false) \
+                     ON CONFLICT (one) DO UPDATE SET built = kst_key_index_state.built",
+                )
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+                Ok(())
+            })
+        })
+        .await
     }
 
     async fn get_inner(&self, address: &Address) -> Result<Option<KeyRecord>> {
@@ -129,11 +167,33 @@ impl PostgresStore {
     }
 }
 
+/// How a publication's transaction commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// As the server is set up (`synchronous_commit`): durable when it returns.
+    Synchronous,
+    /// `synchronous_commit = off` for this transaction only ([`KeyStore::publish_unsynced`]):
+    /// visible when it returns, durable once a later synchronous commit on the server is.
+    Unsynced,
+}
+
+/// `BEGIN` and `synchronous_commit = off` for the transaction alone, in one round trip
+/// (a simple query of two statements; `SET LOCAL` ends with the transaction).
+const BEGIN_UNSYNCED: &str = "BEGIN; SET LOCAL synchronous_commit TO off";
+
 /// One publication, in one transaction on `conn`.
-async fn publish_on(conn: &mut PgConnection, key: NewKey) -> Result<PublishOutcome> {
+async fn publish_on(
+    conn: &mut PgConnection,
+    key: NewKey,
+    commit: Commit,
+) -> Result<PublishOutcome> {
     {
         let published_at = to_bigint("published_at", key.published_at)?;
-        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(db)?;
+        let mut tx = match commit {
+            Commit::Synchronous => sqlx::Connection::begin(&mut *conn).await,
+            Commit::Unsynced => sqlx::Connection::begin_with(&mut *conn, BEGIN_UNSYNCED).await,
+        }
+        .map_err(db)?;
         let key = apply_tombstone(&mut tx, key).await?;
         let address = key.address.as_str();
         let current = lock_or_create(&mut tx, address).await?;
@@ -581,6 +641,14 @@ impl KeyStore for PostgresStore {
 
     async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
         self.publish_inner(key).await
+    }
+
+    async fn publish_unsynced(&self, key: NewKey) -> Result<PublishOutcome> {
+        self.publish_unsynced_inner(key).await
+    }
+
+    async fn sync_published(&self) -> Result<()> {
+        self.sync_published_inner().await
     }
 
     async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {

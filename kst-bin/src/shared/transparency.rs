@@ -97,7 +97,20 @@ pub async fn wrap_store(
     store: Arc<dyn KeyStore>,
 ) -> Result<(Arc<dyn KeyStore>, Option<Arc<dyn LogAnswers>>), Error> {
     let logs = open_logs(config).await?;
-    Ok(wrap_store_in(store, logs, witness_keys(config)?))
+    Ok(wrap_store_in(
+        store,
+        logs,
+        witness_keys(config)?,
+        unsynced_publications(config),
+    ))
+}
+
+/// Whether publications may commit their key unsynced
+/// ([`TransparentStore::with_unsynced_publications`]): on PostgreSQL, whose directory
+/// [`open_logs`] opens on the key store's own hosts, so the epoch's synchronous commit covers
+/// the key's.
+pub fn unsynced_publications(config: &Config) -> bool {
+    config.store.backend == StoreBackend::Postgres
 }
 
 /// The keys of `[transparency] witnesses`: version 3 answers carry their cosignatures when a
@@ -113,16 +126,22 @@ pub fn witness_keys(config: &Config) -> Result<Vec<[u8; 32]>, Error> {
 }
 
 /// [`wrap_store`] with logs already open (`kst serve` serves the same ones over HTTP: one
-/// directory thread per domain) and the witnesses' keys ([`witness_keys`]).
+/// directory thread per domain), the witnesses' keys ([`witness_keys`]) and whether
+/// publications commit their key unsynced ([`unsynced_publications`]).
 pub fn wrap_store_in(
     store: Arc<dyn KeyStore>,
     logs: Vec<Arc<DomainLog>>,
     witnesses: Vec<[u8; 32]>,
+    unsynced: bool,
 ) -> (Arc<dyn KeyStore>, Option<Arc<dyn LogAnswers>>) {
     if logs.is_empty() {
         return (store, None);
     }
-    let wrapped = Arc::new(TransparentStore::new(store, logs).with_witnesses(witnesses));
+    let mut wrapped = TransparentStore::new(store, logs).with_witnesses(witnesses);
+    if unsynced {
+        wrapped = wrapped.with_unsynced_publications();
+    }
+    let wrapped = Arc::new(wrapped);
     (wrapped.clone(), Some(wrapped))
 }
 

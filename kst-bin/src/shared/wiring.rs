@@ -74,6 +74,7 @@ pub async fn build_kst_and_logs(
         store,
         logs.clone(),
         crate::shared::transparency::witness_keys(config)?,
+        crate::shared::transparency::unsynced_publications(config),
     );
     #[cfg(not(feature = "transparency"))]
     let logs = ();

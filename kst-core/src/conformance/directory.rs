@@ -1459,6 +1459,17 @@ pub async fn one_address_in_store_order(
     stores: [Arc<dyn KeyStore>; 2],
     dirs: [Arc<dyn DirectoryStore>; 2],
 ) {
+    one_address_in_store_order_as(stores, dirs, false).await
+}
+
+/// [`one_address_in_store_order`], with the publications' key commits unsynced when
+/// `unsynced` ([`TransparentStore::with_unsynced_publications`]: for a directory on the key
+/// store's own PostgreSQL server, as kst-bin wires it).
+pub async fn one_address_in_store_order_as(
+    stores: [Arc<dyn KeyStore>; 2],
+    dirs: [Arc<dyn DirectoryStore>; 2],
+    unsynced: bool,
+) {
     const D: &str = "order.example";
     let keys = LogKeys::generate(D);
     let [dir_a, dir_b] = dirs;
@@ -1469,14 +1480,15 @@ pub async fn one_address_in_store_order(
             .unwrap(),
     );
     let log_b = Arc::new(DomainLog::open(dir_b, keys).await.unwrap());
-    let a = Arc::new(TransparentStore::new(
-        Arc::clone(&store_a),
-        vec![Arc::clone(&log_a)],
-    ));
-    let b = Arc::new(TransparentStore::new(
-        Arc::clone(&store_b),
-        vec![Arc::clone(&log_b)],
-    ));
+    let wrap = |store: &Arc<dyn KeyStore>, log: &Arc<DomainLog>| {
+        let wrapped = TransparentStore::new(Arc::clone(store), vec![Arc::clone(log)]);
+        Arc::new(match unsynced {
+            true => wrapped.with_unsynced_publications(),
+            false => wrapped,
+        })
+    };
+    let a = wrap(&store_a, &log_a);
+    let b = wrap(&store_b, &log_b);
     let alice = address("alice@order.example");
 
     let mut tasks = tokio::task::JoinSet::new();

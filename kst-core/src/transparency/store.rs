@@ -44,6 +44,10 @@ pub struct TransparentStore {
     /// The witnesses whose cosignatures version 3 answers carry when asked
     /// (`KST-Log-Witnessed`): `[transparency] witnesses`.
     witnesses: Vec<[u8; 32]>,
+    /// A publication of a logged domain commits its key with
+    /// [`KeyStore::publish_unsynced`]: the directory commits to the key store's own
+    /// PostgreSQL server ([`TransparentStore::with_unsynced_publications`]).
+    unsynced: bool,
 }
 
 /// What [`TransparentStore::record_all`] did.
@@ -66,7 +70,21 @@ impl TransparentStore {
                 .map(|l| (l.domain().to_string(), l))
                 .collect(),
             witnesses: Vec::new(),
+            unsynced: false,
         }
+    }
+
+    /// Publications of a logged domain commit their key without waiting for it to be durable
+    /// ([`KeyStore::publish_unsynced`]); the call returns only after a synchronous commit
+    /// that covers it: the epoch recording the key, which the directory's writer commits
+    /// after reading the key, or, when no epoch of this call recorded anything (the directory
+    /// held the key already), [`KeyStore::sync_published`]. Only for a directory whose
+    /// commits go to the key store's own PostgreSQL server (the same WAL: kst-bin sets it
+    /// when `[store] backend = "postgres"`): a commit on another server covers nothing.
+    /// docs/TRANSPARENCY.md, "Write order, as built".
+    pub fn with_unsynced_publications(mut self) -> Self {
+        self.unsynced = true;
+        self
     }
 
     /// The witnesses (Ed25519 keys) whose cosignatures a version 3 answer carries when the
@@ -215,9 +233,21 @@ impl KeyStore for TransparentStore {
 
     async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
         let address = key.address.clone();
-        let outcome = self.inner.publish(key).await?;
-        // Also for `Unchanged`: a redelivery after a failed or interrupted directory write.
-        self.record(&address, None).await?;
+        if !(self.unsynced && self.logs.contains_key(address.domain())) {
+            let outcome = self.inner.publish(key).await?;
+            // Also for `Unchanged`: a redelivery after a failed or interrupted directory write.
+            self.record(&address, None).await?;
+            return Ok(outcome);
+        }
+        // The key's commit need not be durable yet: the epoch that records it is a
+        // synchronous commit on the same server, after it (the writer reads the key first).
+        let outcome = self.inner.publish_unsynced(key).await?;
+        if !self.record(&address, None).await? {
+            // No epoch of this call was committed (another writer's epoch holds the key, or
+            // it was there already: a redelivery): one synchronous write of our own, so
+            // nothing is confirmed before a synchronous commit after the key's.
+            self.inner.sync_published().await?;
+        }
         Ok(outcome)
     }
 

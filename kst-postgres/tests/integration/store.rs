@@ -97,3 +97,84 @@ async fn invalid_urls_are_configuration_errors() {
         assert!(matches!(err, Error::Config(_)), "{url}: {err:?}");
     }
 }
+
+/// `publish_unsynced` (the key directory's publications, docs/TRANSPARENCY.md "Write order,
+/// as built") runs its transaction with `synchronous_commit = off`, and that transaction
+/// only: a trigger on the history table records the setting each publication's transaction
+/// had. `publish` keeps the server's setting, the pooled connection's session is unchanged
+/// afterwards, and `sync_published` writes WAL in a synchronous transaction (so its commit
+/// flushes everything before it).
+#[tokio::test]
+async fn an_unsynced_publication_is_unsynced_for_its_own_transaction_only() {
+    let db = TestDb::new().await;
+    let store = PostgresStore::builder(&db.url)
+        .max_connections(1)
+        .connect()
+        .await
+        .unwrap();
+    let s = store.inner();
+    let pool = s.pool();
+    for sql in [
+        "CREATE TABLE commit_settings (n serial PRIMARY KEY, address text, setting text)",
+        "CREATE FUNCTION note_commit_setting() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN INSERT INTO commit_settings (address, setting) \
+         VALUES (NEW.address, current_setting('synchronous_commit')); RETURN NEW; END $$",
+        "CREATE TRIGGER note_commit_setting AFTER INSERT ON kst_key_history \
+         FOR EACH ROW EXECUTE FUNCTION note_commit_setting()",
+    ] {
+        sqlx::query(sql).execute(pool).await.unwrap();
+    }
+    let show = async || -> String {
+        sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    };
+    let before = show().await;
+    assert_ne!(before, "off", "the test server commits synchronously");
+
+    let a = addr("una@example.net");
+    let b = addr("vic@example.net");
+    s.publish_unsynced(key(&a, 1)).await.unwrap();
+    assert_eq!(
+        show().await,
+        before,
+        "the pooled connection's session is unchanged"
+    );
+    s.publish(key(&b, 2)).await.unwrap();
+    s.publish_unsynced(key(&a, 3)).await.unwrap();
+    // Visible at once, as a committed publication is.
+    assert_eq!(s.get(&a).await.unwrap().unwrap().version, 2);
+    let noted: Vec<(String, String)> =
+        sqlx::query_as("SELECT address, setting FROM commit_settings ORDER BY n")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        noted,
+        vec![
+            (a.to_string(), "off".to_string()),
+            (b.to_string(), before.clone()),
+            (a.to_string(), "off".to_string()),
+        ]
+    );
+    // An unchanged publication (a redelivery) commits nothing and leaves the session alone.
+    s.publish_unsynced(key(&a, 3)).await.unwrap();
+    assert_eq!(show().await, before);
+
+    let lsn =
+        async |sql: &'static str| -> i64 { sqlx::query_scalar(sql).fetch_one(pool).await.unwrap() };
+    let inserted = lsn("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint").await;
+    s.sync_published().await.unwrap();
+    assert!(
+        lsn("SELECT (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint").await > inserted,
+        "sync_published wrote WAL and flushed it"
+    );
+    assert_eq!(show().await, before);
+    // It leaves the index state as it was.
+    let built: bool = sqlx::query_scalar("SELECT built FROM kst_key_index_state")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(built, "a store that started empty has its index built");
+}
