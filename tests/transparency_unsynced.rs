@@ -81,6 +81,9 @@ struct WatchedStore {
     inner: Arc<dyn KeyStore>,
     pool: PgPool,
     events: Events,
+    /// When set, the next unsynced publication goes to this store instead (the old primary
+    /// of a failover: the key's commit reached it, the writer then reads the new one).
+    old_primary: Mutex<Option<Arc<dyn KeyStore>>>,
 }
 
 #[async_trait]
@@ -95,6 +98,10 @@ impl KeyStore for WatchedStore {
         Ok(outcome)
     }
     async fn publish_unsynced(&self, key: NewKey) -> Result<PublishOutcome> {
+        let old_primary = self.old_primary.lock().unwrap().take();
+        if let Some(old_primary) = old_primary {
+            return old_primary.publish_unsynced(key).await;
+        }
         let outcome = self.inner.publish_unsynced(key).await?;
         let at = insert_lsn(&self.pool).await;
         self.events
@@ -253,6 +260,7 @@ impl DirectoryStore for WatchedDirectory {
 /// watched, and the `TransparentStore` over them.
 struct Instance {
     store: Arc<TransparentStore>,
+    watched: Arc<WatchedStore>,
     log: Arc<DomainLog>,
     directory: Arc<WatchedDirectory>,
     events: Events,
@@ -268,7 +276,9 @@ impl Instance {
             inner: Arc::new(pg),
             pool: pool.clone(),
             events: Arc::clone(&events),
+            old_primary: Mutex::new(None),
         });
+        let watched = Arc::clone(&store);
         let directory = Arc::new(WatchedDirectory {
             inner: Arc::new(PgDirectoryStore::connect(&db.url, 4).await.unwrap()),
             pool: pool.clone(),
@@ -284,6 +294,7 @@ impl Instance {
         }
         Instance {
             store: Arc::new(transparent),
+            watched,
             log,
             directory,
             events,
@@ -454,4 +465,37 @@ async fn only_a_directory_on_the_same_server_makes_publications_unsynced() {
     unsynced.store.publish(test_key(&erin, 5, 1)).await.unwrap();
     let events = unsynced.take();
     assert!(matches!(events[..], [Event::Published(_)]), "{events:?}");
+}
+
+/// A failover between the key's unsynced commit and the writer's read: the key reached the old
+/// primary only (simulated by a second database), the writer reads the new one and finds
+/// nothing to record, and the new primary's synchronous write covers nothing of the key. The
+/// publication must not be confirmed: a temporary failure, so the MTA delivers it again, and
+/// that redelivery publishes and records the key on the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_lost_in_a_failover_before_its_epoch_is_not_confirmed() {
+    let db = TestDb::new();
+    let old = TestDb::new();
+    let keys = LogKeys::generate(D);
+    let a = Instance::new(&db, &keys, true).await;
+    a.warm_up().await;
+    let old_primary: Arc<dyn KeyStore> = Arc::new(PostgresStore::connect(&old.url).await.unwrap());
+    *a.watched.old_primary.lock().unwrap() = Some(old_primary);
+    let carol = address(&format!("carol@{D}"));
+    let key = test_key(&carol, 4, 0);
+    let err = a
+        .store
+        .publish(key.clone())
+        .await
+        .expect_err("a key the store's server does not hold must not be confirmed");
+    assert!(err.is_temporary(), "a temporary failure: {err}");
+    assert_eq!(a.store.get(&carol).await.unwrap(), None);
+    assert_eq!(a.latest_version(&carol).await, None, "nothing recorded");
+    // The MTA's redelivery, now on the new primary: published, recorded, confirmed.
+    let outcome = a.store.publish(key).await.unwrap();
+    assert!(
+        matches!(outcome, PublishOutcome::Published(_)),
+        "{outcome:?}"
+    );
+    assert_eq!(a.latest_version(&carol).await, Some(1));
 }

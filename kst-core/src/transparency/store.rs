@@ -96,10 +96,11 @@ impl TransparentStore {
 
     /// Makes `address`'s log say what the store holds for it now (the log's writer reads
     /// the store; see [`DomainLog::record`]). `deleted_version`: the version a deletion
-    /// removed + 1, when known. Returns whether an epoch recorded something.
-    async fn record(&self, address: &Address, deleted_version: Option<u64>) -> Result<bool> {
+    /// removed + 1, when known. Returns the version an epoch of this call recorded for
+    /// `address`, if one did.
+    async fn record(&self, address: &Address, deleted_version: Option<u64>) -> Result<Option<u64>> {
         let Some(log) = self.logs.get(address.domain()) else {
-            return Ok(false);
+            return Ok(None);
         };
         match log
             .record(
@@ -111,7 +112,7 @@ impl TransparentStore {
             .await
             .map_err(|e| Error::unavailable(COMPONENT, e))?
         {
-            Synced::AlreadyRecorded => Ok(false),
+            Synced::AlreadyRecorded => Ok(None),
             Synced::Recorded { epoch, entry, .. } => {
                 tracing::info!(
                     address = %address,
@@ -120,9 +121,38 @@ impl TransparentStore {
                     state = ?entry.state,
                     "recorded in the key directory"
                 );
-                Ok(true)
+                Ok(Some(entry.version))
             }
         }
+    }
+
+    /// Checks that `ours`, a record an unsynced publication wrote, is in `address`'s history
+    /// on the server the store reads now: else a temporary failure (the MTA delivers the
+    /// publication again). Its synchronous write came first, so a record found is durable.
+    async fn check_kept(&self, address: &Address, ours: &KeyRecord) -> Result<()> {
+        let kept = self
+            .inner
+            .history(address)
+            .await?
+            .iter()
+            .any(|r| r.version == ours.version && r.publication_id == ours.publication_id);
+        if kept {
+            return Ok(());
+        }
+        tracing::warn!(
+            address = %address,
+            version = ours.version,
+            "a publication's key is not on the store's server after its synchronous write \
+             (a failover between the two?): not confirmed, the sender's MTA retries"
+        );
+        Err(Error::unavailable(
+            COMPONENT,
+            format!(
+                "the key published for {address} (version {}) is not on the store's server \
+                 after its synchronous write (a failover?); deliver the message again",
+                ours.version
+            ),
+        ))
     }
 
     /// Records every address of a logged domain whose current key (or deletion) the
@@ -242,11 +272,18 @@ impl KeyStore for TransparentStore {
         // The key's commit need not be durable yet: the epoch that records it is a
         // synchronous commit on the same server, after it (the writer reads the key first).
         let outcome = self.inner.publish_unsynced(key).await?;
-        if !self.record(&address, None).await? {
-            // No epoch of this call was committed (another writer's epoch holds the key, or
-            // it was there already: a redelivery): one synchronous write of our own, so
-            // nothing is confirmed before a synchronous commit after the key's.
+        let ours = outcome.record();
+        if self.record(&address, None).await? != Some(ours.version) {
+            // No epoch of this call recorded this key (another writer's epoch holds it, or it
+            // was there already: a redelivery; or the server the writer read does not hold
+            // it): one synchronous write of our own, so nothing is confirmed before a
+            // synchronous commit after the key's, and then the key must be on the server
+            // that commit went to. A failover between the key's unsynced commit and the
+            // writer's read leaves the key on the old primary only: the writer finds nothing
+            // to record and the new primary's synchronous write covers nothing of it, so
+            // without this check the publication would be confirmed and lost.
             self.inner.sync_published().await?;
+            self.check_kept(&address, ours).await?;
         }
         Ok(outcome)
     }
