@@ -733,7 +733,9 @@ mod tests {
         flush: Duration::from_millis(10),
         min_gap: Duration::from_millis(2),
         refusal_ttl: Duration::from_millis(100),
-        stale: Duration::from_millis(200),
+        // Long enough that a busy machine's pause between two steps of a test does not make
+        // the counters stale before the test means them to be.
+        stale: Duration::from_millis(1_000),
     };
 
     /// After the refusal's TTL, a client refused in the window waits for the store's verdict
@@ -763,9 +765,11 @@ mod tests {
                 );
             }
         }
+        // One write per round (its requests' flush), two if a pause of the machine let the
+        // refusal expire within a round.
         let more = counters.calls.load(Ordering::Relaxed) - writes;
         assert!(
-            more <= 5,
+            more <= 10,
             "{more} writes for 5 TTLs of a refused client's requests"
         );
     }
