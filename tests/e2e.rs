@@ -569,3 +569,161 @@ async fn pool_of_three_survives_killing_one_mid_load() {
         "the surviving instances took the load after the kill"
     );
 }
+
+/// Sends `message` from `sender` to the port-25 stand-in, one `RCPT TO` per (address, ESMTP
+/// parameters) of `rcpts` (each must be accepted); returns Postfix's queue id.
+fn send_raw(ms: &MailSystem, sender: &str, rcpts: &[(&str, &str)], message: &[u8]) -> String {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", ms.smtp_port)).expect("connect");
+    stream
+        .set_read_timeout(Some(harness::PATIENCE))
+        .expect("timeout");
+    let mut w = stream.try_clone().expect("clone");
+    let mut r = BufReader::new(stream);
+    let mut reply = |want: &str| {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).expect("an SMTP reply");
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                break;
+            }
+        }
+        assert!(all.starts_with(want), "expected {want}, got {all:?}");
+        all
+    };
+    reply("220");
+    w.write_all(b"EHLO mx.acme.net\r\n").expect("write");
+    reply("250");
+    w.write_all(format!("MAIL FROM:<{sender}>\r\n").as_bytes())
+        .expect("write");
+    reply("250");
+    for (rcpt, params) in rcpts {
+        w.write_all(format!("RCPT TO:<{rcpt}>{params}\r\n").as_bytes())
+            .expect("write");
+        reply("250");
+    }
+    w.write_all(b"DATA\r\n").expect("write");
+    reply("354");
+    w.write_all(&kst_bin::bench::lmtp::dot_stuff(message))
+        .expect("write");
+    let queued = reply("250");
+    let _ = w.write_all(b"QUIT\r\n");
+    queued
+        .trim_end()
+        .rsplit(' ')
+        .next()
+        .expect("a queue id")
+        .to_string()
+}
+
+/// Waits until Postfix has finished the message `id` (its `removed` line); returns the log.
+async fn postfix_log_after(ms: &MailSystem, id: &str) -> String {
+    let log_path = ms.dir.join("postfix.log");
+    let deadline = std::time::Instant::now() + harness::PATIENCE;
+    loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains(&format!("{id}: removed")) {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Postfix did not finish {id}:\n{log}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A retrieval whose envelope sender the provider's own Postfix does not know
+/// (`nosuchuser@example.net`), replies through that Postfix (`[mailer] kind = "smtp"`): the
+/// relay refuses the reply's `RCPT TO` with `550 5.1.1 ... User unknown`. That used to defer
+/// the request (exit 75 / 451), and Postfix offered it to kst again and again for its whole
+/// queue lifetime, each time asking the relay again. Now the request is decided at once:
+/// Postfix's delivery to kst is `status=sent` and the message leaves the queue.
+async fn a_reply_the_relay_refuses_for_good_decides_the_request(mode: Mode) {
+    let _guard = exclusive().await;
+    let s = Setup::new(mode, StoreKind::Fs).await;
+    let request = retrieval("nosuchuser@example.net", "alice@example.net");
+    let id = send_raw(
+        &s.ms,
+        "nosuchuser@example.net",
+        &[("keys@example.net", "")],
+        &request.message,
+    );
+    let log = postfix_log_after(&s.ms, &id).await;
+    let to_kst: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!("{id}: to=<keys@example.net>")))
+        .collect();
+    assert_eq!(to_kst.len(), 1, "{to_kst:#?}");
+    assert!(to_kst[0].contains("status=sent"), "{to_kst:#?}");
+    assert!(
+        log.contains("<nosuchuser@example.net>: Recipient address rejected"),
+        "the relay refused the reply:\n{log}"
+    );
+    if let Some(serve) = &s.serve {
+        assert!(
+            serve
+                .log_text()
+                .contains("the relay refused this reply for good"),
+            "{}",
+            serve.log_text()
+        );
+    }
+}
+
+#[tokio::test]
+async fn pipe_a_reply_the_relay_refuses_for_good_decides_the_request() {
+    a_reply_the_relay_refuses_for_good_decides_the_request(Mode::Pipe).await;
+}
+
+#[tokio::test]
+async fn lmtp_a_reply_the_relay_refuses_for_good_decides_the_request() {
+    a_reply_the_relay_refuses_for_good_decides_the_request(Mode::Lmtp).await;
+}
+
+/// Red team round 8 left this open: pipe mode runs one `kst deliver` per recipient
+/// (`kstpipe_destination_recipient_limit = 1`), and one message may name `keys@` up to
+/// `smtpd_recipient_limit` (1,000) times. Postfix's duplicate filter already merges spellings
+/// that differ only in case (`KEYS@`, `Keys@EXAMPLE.NET`), but it compares the original
+/// recipient and the DSN parameters too, so a quoted local part, a trailing dot, and each
+/// `ORCPT=` or `NOTIFY=` made one more recipient and one more `kst deliver` (7 for the
+/// recipients below on Postfix 3.7). With `enable_original_recipient = no`
+/// (deploy/postfix/main.cf.snippet) the filter compares the final address only: Postfix runs
+/// `kst deliver` once for the message.
+#[tokio::test]
+async fn pipe_one_message_to_keys_in_many_spellings_runs_kst_deliver_once() {
+    let _guard = exclusive().await;
+    let s = Setup::new(Mode::Pipe, StoreKind::Fs).await;
+    let request = retrieval("bob@example.net", "alice@example.net");
+    let rcpts = [
+        ("keys@example.net", ""),
+        ("KEYS@example.net", ""),
+        ("Keys@EXAMPLE.NET", ""),
+        ("\"keys\"@example.net", ""),
+        ("keys@example.net.", ""),
+        ("keys@example.net", " ORCPT=rfc822;a@example.org"),
+        ("keys@example.net", " ORCPT=rfc822;b@example.org"),
+        ("keys@example.net", " NOTIFY=NEVER"),
+        ("keys@example.net", " NOTIFY=SUCCESS,FAILURE"),
+    ];
+    let id = send_raw(&s.ms, "bob@example.net", &rcpts, &request.message);
+    let log = postfix_log_after(&s.ms, &id).await;
+    let deliveries: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!("{id}: to=<")) && l.contains("relay=kstpipe"))
+        .collect();
+    assert_eq!(deliveries.len(), 1, "{deliveries:#?}");
+    assert!(
+        deliveries[0].contains("to=<keys@example.net>") && deliveries[0].contains("status=sent"),
+        "{deliveries:#?}"
+    );
+    // One recipient left after the duplicate filter, in the queue file itself.
+    let queued = format!("{id}: from=<bob@example.net>, size=");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&queued) && l.contains(", nrcpt=1 ")),
+        "{log}"
+    );
+}

@@ -332,7 +332,8 @@ fn redis_counters_are_exact_under_288_concurrent_requests() {
 /// the first) for each class of error (the counters' backend down, their queue full: one
 /// class must not hide the other); one more request after an interval writes it again, and
 /// the lines account for every request exactly: written or counted as `suppressed` by the
-/// next line.
+/// next line. The flood starts once the counters have failed for longer than write-behind's
+/// `STALE` ([`counters_failing_for_longer_than_stale`]).
 ///
 /// [`WARN_EVERY`]: kst_bin::server::web::handlers::WARN_EVERY
 #[test]
@@ -342,6 +343,26 @@ fn a_flood_while_the_counters_are_down_writes_one_warning_per_interval() {
         FOUND,
         &[],
         (400, 400),
+        true,
+    );
+}
+
+/// Before the flood, the counters have been failing for longer than write-behind's `STALE`
+/// (`server::web::writebehind`), so every request of the flood waits for a flush and gets its
+/// error. Until then a client in good standing is admitted (up to 8 requests) and fails at
+/// the store's look-up instead, which the look-up's own warning covers.
+fn counters_failing_for_longer_than_stale(at: SocketAddr, path: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // A client of its own (not one of the flood's), admitted at once: its look-up fails.
+    assert_eq!(
+        rt.block_on(get_from(Ipv4Addr::new(127, 0, 0, 99), at, path)),
+        503
+    );
+    std::thread::sleep(
+        kst_bin::server::web::writebehind::STALE + std::time::Duration::from_millis(500),
     );
 }
 
@@ -354,6 +375,7 @@ fn a_flood_while_the_store_is_down_writes_one_look_up_warning_per_interval() {
         FOUND,
         &LIMITS_OFF,
         (400, 400),
+        false,
     );
 }
 
@@ -383,6 +405,7 @@ fn a_flood_while_the_directory_is_down_writes_one_warning_per_interval() {
         "/.well-known/kst/log/example.net/lookup/alice@example.net",
         &env,
         (400, 400),
+        false,
     );
 }
 
@@ -396,12 +419,14 @@ const LIMITS_OFF: [(&str, &str); 3] = [
 /// A flood of `flood` requests for `path`, `at_once` at a time, to a `kst serve` (with the
 /// environment `env`) whose Redis store is at a port nothing listens on: each answered 503,
 /// `warning` written at most once per interval and class of error, every request accounted
-/// for by the lines (see the callers).
+/// for by the lines (see the callers); with `counters_stale_first`, after
+/// [`counters_failing_for_longer_than_stale`].
 fn one_warning_per_interval_while_the_store_is_down(
     warning: &str,
     path: &str,
     env: &[(&str, &str)],
     (flood, at_once): (u64, usize),
+    counters_stale_first: bool,
 ) {
     use kst_bin::server::web::handlers::WARN_EVERY;
     use std::time::{Duration, Instant};
@@ -423,6 +448,9 @@ fn one_warning_per_interval_while_the_store_is_down(
             .env("KST_WEB__LISTEN", at.to_string())
             .envs(env.iter().copied());
     });
+    if counters_stale_first {
+        counters_failing_for_longer_than_stale(at, path);
+    }
     // The warnings logged so far: each line's `suppressed` (0 where it has none; the total
     // below counts what a line leaves out).
     let lines = || -> Vec<serde_json::Value> {
@@ -807,4 +835,110 @@ fn many_address_floods_against_slow_counters() {
     assert_eq!(rt.block_on(get_from(steady, at, FOUND)), 200);
     drop(rt);
     assert_eq!(serve.stop(), 0);
+}
+
+/// The attack on write-behind counting (`server::web::writebehind`) through a real pool: two
+/// `kst serve` on one Redis store, the request limit at 64 (counted behind the requests: at
+/// or above 32), one client (127.0.0.60) flooding both from 32 connections at once, hoping
+/// that requests answered before their count is written escape the limit. It gets its limit
+/// and at most 8 (CAP) more per `kst serve`; the counter stored in Redis holds every request
+/// admitted (read back); once refused it stays refused; a client in good standing is served.
+#[test]
+fn a_client_flooding_a_redis_pool_is_held_to_its_limit() {
+    const LIMIT: u32 = 64;
+    const CAP: u32 = 8;
+    const CONNECTIONS: u32 = 32;
+    const EACH: u32 = 12;
+    let t = TestPrefix::new();
+    let kst = TestKst::with_store("", &t.store());
+    let gpg = Gpg::new();
+    kst.publish_by_mail(&gpg.generate("Alice", "alice@example.net", "ed25519"));
+    let pool: Vec<(SocketAddr, ServeProcess)> = (0..2)
+        .map(|i| {
+            let at = free_port();
+            let serve =
+                ServeProcess::start(kst.dir.path().join(format!("serve-{i}.log")), at, |cmd| {
+                    cmd.arg("--config")
+                        .arg(&kst.config)
+                        .env("KST_LMTP__LISTEN", free_port().to_string())
+                        .env("KST_HTTP__LISTEN", free_port().to_string())
+                        .env("KST_WEB__LISTEN", at.to_string())
+                        .env("KST_WEB__LIMITS__PER_CLIENT", LIMIT.to_string())
+                        .env("KST_WEB__LIMITS__PER_CLIENT_MISSES", "0")
+                        .env("KST_WEB__LIMITS__GLOBAL_MISSES", "0")
+                        .env("KST_WEB__LIMITS__WINDOW_SECS", "600");
+                });
+            (at, serve)
+        })
+        .collect();
+    let at: Vec<SocketAddr> = pool.iter().map(|(a, _)| *a).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let flooder = Ipv4Addr::new(127, 0, 0, 60);
+    let statuses: Vec<u16> = rt.block_on(async {
+        let tasks: Vec<_> = (0..CONNECTIONS)
+            .map(|i| {
+                let at = at[i as usize % 2];
+                tokio::spawn(async move {
+                    let mut s = Vec::new();
+                    for _ in 0..EACH {
+                        s.push(get_from(flooder, at, FOUND).await);
+                    }
+                    s
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("flood task"));
+        }
+        all
+    });
+    let admitted = count(&statuses, 200) as u32;
+    let refused = count(&statuses, 429) as u32;
+    assert_eq!(
+        admitted + refused,
+        CONNECTIONS * EACH,
+        "only 200 and 429: {statuses:?}\n{}\n{}",
+        pool[0].1.log(),
+        pool[1].1.log()
+    );
+    assert!(
+        (LIMIT..=LIMIT + 2 * CAP).contains(&admitted),
+        "{admitted} admitted of a limit of {LIMIT} over a pool of two"
+    );
+    for a in &at {
+        for _ in 0..5 {
+            assert_eq!(
+                rt.block_on(get_from(flooder, *a, FOUND)),
+                429,
+                "refused stays refused"
+            );
+        }
+    }
+    assert_eq!(
+        rt.block_on(get_from(Ipv4Addr::new(127, 0, 0, 61), at[1], FOUND)),
+        200,
+        "a client in good standing"
+    );
+    // The counts arrive in the store within a flush (25 ms).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut conn = redis::Client::open(t.url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("Redis connection");
+    let stored: u32 = redis::cmd("GET")
+        .arg(format!("{}rl:web-client:{flooder}", t.prefix))
+        .query(&mut conn)
+        .expect("GET the flooder's counter");
+    assert!(
+        (admitted..=CONNECTIONS * EACH).contains(&stored),
+        "{stored} counted in Redis, {admitted} admitted"
+    );
+    drop(rt);
+    for (_, serve) in pool {
+        assert_eq!(serve.stop(), 0);
+    }
 }

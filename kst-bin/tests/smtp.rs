@@ -479,3 +479,223 @@ async fn outbox_send_sets_aside_what_the_relay_refuses_and_goes_on() {
     );
     assert_eq!(files_in(&outbox), all_refused);
 }
+
+/// A config for `kst deliver` and `kst serve` on an fs store in `dir`, serving example.net,
+/// replying through the relay at 127.0.0.1:`port` (`[mailer] kind = "smtp"`), LMTP on
+/// 127.0.0.1:`lmtp` and `/metrics` on 127.0.0.1:`http`.
+fn smtp_mailer_config(dir: &Path, port: u16, lmtp: u16, http: u16) -> PathBuf {
+    let path = dir.join(format!("kst-{port}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[kst]\ndomains = [\"example.net\"]\ntrusted_mta_hosts = [\"mail.example.net\"]\n\
+             [store]\npath = \"{keys}\"\n\
+             [mailer]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\ntimeout_secs = 20\n\
+             [lmtp]\nlisten = \"127.0.0.1:{lmtp}\"\n\
+             [http]\nlisten = \"127.0.0.1:{http}\"\n",
+            keys = dir.join("keys").display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// bob@example.org asks for alice@example.net's key: kst answers `not-found` (the store is
+/// empty), a reply to bob@example.org.
+fn retrieval_request() -> Vec<u8> {
+    let p = AddressPolicy::default();
+    kst_core::client::build_retrieval(
+        &p.normalize("bob@example.org").unwrap(),
+        &p.normalize("alice@example.net").unwrap(),
+    )
+    .message
+}
+
+/// Runs `kst deliver` as Postfix's pipe(8) does, the request on stdin.
+fn kst_deliver(config: &Path, request: &[u8]) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kst"))
+        .args(["--config", config.to_str().unwrap(), "deliver"])
+        .args([
+            "--sender",
+            "bob@example.org",
+            "--recipient",
+            "keys@example.net",
+        ])
+        .env_remove("KST_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kst deliver");
+    child.stdin.take().unwrap().write_all(request).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `[mailer] kind = "smtp"`, pipe mode: a relay's 5xx to the reply (its `RCPT TO` or its
+/// data) used to defer the request (exit 75), and Postfix asked kst again, which asked the
+/// relay again, until the queue lifetime ended. Now that refusal is the relay's last word on
+/// the reply: the request is decided (exit 0), the refusal logged with the relay's answer. A
+/// 4xx and an unreachable relay stay temporary (exit 75).
+#[test]
+fn deliver_decides_a_request_whose_reply_the_relay_refuses_for_good() {
+    let tmp = tempfile::tempdir().unwrap();
+    let request = retrieval_request();
+    for refuse in ["RCPT", "."] {
+        let hard = Sink::start_with(&["-f", refuse]);
+        let config = smtp_mailer_config(tmp.path(), hard.port, free_port(), free_port());
+        let out = kst_deliver(&config, &request);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "-f {refuse}: {err}");
+        assert!(
+            err.contains("the relay refused this reply for good"),
+            "-f {refuse}: {err}"
+        );
+        assert!(err.contains("bob@example.org"), "-f {refuse}: {err}");
+    }
+    let soft = Sink::start_with(&["-r", "RCPT"]);
+    let config = smtp_mailer_config(tmp.path(), soft.port, free_port(), free_port());
+    let out = kst_deliver(&config, &request);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(!err.contains("refused this reply for good"), "{err}");
+    let config = smtp_mailer_config(tmp.path(), free_port(), free_port(), free_port());
+    let out = kst_deliver(&config, &request);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains("is the relay running"), "{err}");
+}
+
+/// A `kst serve` child process, killed when dropped.
+struct Serve {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Serve {
+    /// Starts `kst serve` with `config`; returns once its `/metrics` listener (`http`) accepts.
+    fn start(config: &Path, http: u16) -> Serve {
+        let log = config.with_extension("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_kst"))
+            .args(["--config", config.to_str().unwrap(), "serve"])
+            .env_remove("KST_CONFIG")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start kst serve");
+        let serve = Serve { child, log };
+        for _ in 0..1200 {
+            if TcpStream::connect(("127.0.0.1", http)).is_ok() {
+                return serve;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("kst serve did not listen:\n{}", serve.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One LMTP transaction (bob@example.org to keys@example.net, `message`) with the server on
+/// 127.0.0.1:`port`; returns its answer to the data.
+fn lmtp_once(port: u16, message: &[u8]) -> String {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    let mut reply = || {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).expect("an LMTP reply in time");
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    };
+    assert!(reply().starts_with("220 "));
+    w.write_all(b"LHLO mail.example.net\r\n").unwrap();
+    assert!(reply().starts_with("250"));
+    w.write_all(b"MAIL FROM:<bob@example.org>\r\n").unwrap();
+    assert!(reply().starts_with("250"));
+    w.write_all(b"RCPT TO:<keys@example.net>\r\n").unwrap();
+    assert!(reply().starts_with("250"));
+    w.write_all(b"DATA\r\n").unwrap();
+    assert!(reply().starts_with("354"));
+    w.write_all(&kst_bin::bench::lmtp::dot_stuff(message))
+        .unwrap();
+    let answer = reply();
+    let _ = w.write_all(b"QUIT\r\n");
+    answer
+}
+
+/// The body of `GET /metrics` from 127.0.0.1:`port`.
+fn metrics(port: u16) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// `[mailer] kind = "smtp"`, LMTP (`kst serve`): a relay's 5xx to the reply decides the
+/// request (250, counted in `kst_mailer_refused_total`, logged); a 4xx defers it (451), so
+/// that Postfix keeps the message and retries.
+#[test]
+fn serve_decides_a_request_whose_reply_the_relay_refuses_for_good() {
+    let tmp = tempfile::tempdir().unwrap();
+    let request = retrieval_request();
+    let hard = Sink::start_with(&["-f", "RCPT"]);
+    let (lmtp, http) = (free_port(), free_port());
+    let serve = Serve::start(&smtp_mailer_config(tmp.path(), hard.port, lmtp, http), http);
+    let answer = lmtp_once(lmtp, &request);
+    assert!(
+        answer.starts_with("250 ") && answer.contains("decided: not-found"),
+        "{answer}\n{}",
+        serve.log()
+    );
+    let text = metrics(http);
+    let refused = text
+        .lines()
+        .find(|l| l.starts_with("kst_mailer_refused_total{"))
+        .unwrap_or_default();
+    assert!(refused.contains("code=\"5"), "{text}");
+    assert!(refused.ends_with(" 1"), "{text}");
+    assert!(
+        serve
+            .log()
+            .contains("the relay refused this reply for good"),
+        "{}",
+        serve.log()
+    );
+    drop(serve);
+
+    let soft = Sink::start_with(&["-r", "RCPT"]);
+    let (lmtp, http) = (free_port(), free_port());
+    let serve = Serve::start(&smtp_mailer_config(tmp.path(), soft.port, lmtp, http), http);
+    let answer = lmtp_once(lmtp, &request);
+    assert!(answer.starts_with("451 "), "{answer}\n{}", serve.log());
+    assert!(
+        !metrics(http).contains("kst_mailer_refused_total{"),
+        "{}",
+        serve.log()
+    );
+}

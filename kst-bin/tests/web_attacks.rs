@@ -3,16 +3,18 @@
 //! requests, slow clients. A passing test documents a defence that holds; an
 //! `#[ignore = "BUG: ..."]` test reproduces a weakness still open.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kst_bin::server::web::{ProxyHeader, WebConfig, WebLimits};
-use kst_core::AddressPolicy;
 use kst_core::wkd::WkdHash;
+use kst_core::{AddressPolicy, RateLimiter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 mod web_fixture;
-use web_fixture::{Server, alice_store, open, serve_store};
+use web_fixture::{Server, alice_store, open, serve_counted, serve_store};
 
 async fn start(config: WebConfig) -> Server {
     serve_store(alice_store().await, &["example.net"], config).await
@@ -603,4 +605,172 @@ async fn a_client_cannot_make_itself_unknown_with_bytes_in_its_own_forwarding_li
     assert_eq!(raw(&s, &first).await.0, 200);
     let (status, _) = get(&s, "example.net", POLICY, "Forwarded: for=198.51.100.6\r\n").await;
     assert_eq!(status, 429);
+}
+
+/// `GET /.well-known/openpgpkey/policy` at `at` for the client `client` (named in
+/// `X-Forwarded-For`, 127.0.0.1 being a trusted proxy): the status (0: no answer).
+async fn policy_from(at: SocketAddr, client: &str) -> u16 {
+    let Ok(mut tcp) = TcpStream::connect(at).await else {
+        return 0;
+    };
+    let req = format!(
+        "GET {POLICY} HTTP/1.1\r\nHost: example.net\r\nConnection: close\r\n\
+         X-Forwarded-For: {client}\r\n\r\n"
+    );
+    let _ = tcp.write_all(req.as_bytes()).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await;
+    std::str::from_utf8(buf.get(9..12).unwrap_or_default())
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The count of limiter key `key` in `counters` (at most `at_most`), read by probing: each
+/// probe adds a hit, and the probe with limit `c + k + 1` after `k` probes answers true
+/// exactly when the count before the probes was at most `c`.
+async fn stored_count(counters: &dyn RateLimiter, key: &str, at_most: u32) -> u32 {
+    let window = Duration::from_secs(600);
+    for (k, c) in (0..=at_most).enumerate() {
+        if counters.hit(key, c + k as u32 + 1, window).await.unwrap() {
+            return c;
+        }
+    }
+    panic!("{key}: count above {at_most}");
+}
+
+/// Requests per client counted behind the requests (`server::web::writebehind`): at most 8
+/// of one client are admitted by one listener without the store's verdict.
+const CAP: u32 = 8;
+
+fn counted_behind_proxy(per_client: u32) -> WebConfig {
+    WebConfig {
+        trusted_proxies: vec!["127.0.0.1".into()],
+        limits: WebLimits {
+            per_client,
+            ..WebLimits::OFF
+        },
+        ..WebConfig::default()
+    }
+}
+
+/// The attack on write-behind counting: one client floods from 32 connections at once,
+/// spread over two listeners that count in one store (a pool of two `kst serve`), hoping that
+/// requests answered before their count is written escape the limit. It gets its limit and
+/// at most CAP more per listener; every request admitted is in the store's counter (read
+/// back); and once refused it stays refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_flooding_over_many_connections_and_a_pool_is_held_to_its_limit() {
+    let (_dir, store) = alice_store().await;
+    let counters: Arc<dyn RateLimiter> = store.clone();
+    const LIMIT: u32 = 64;
+    let pool = [
+        serve_counted(
+            store.clone(),
+            counters.clone(),
+            &["example.net"],
+            counted_behind_proxy(LIMIT),
+        )
+        .await,
+        serve_counted(
+            store.clone(),
+            counters.clone(),
+            &["example.net"],
+            counted_behind_proxy(LIMIT),
+        )
+        .await,
+    ];
+    let client = "198.51.100.7";
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let at = pool[i % 2];
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for _ in 0..12 {
+                    statuses.push(policy_from(at, client).await);
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.extend(t.await.unwrap());
+    }
+    let admitted = statuses.iter().filter(|s| **s == 200).count() as u32;
+    let refused = statuses.iter().filter(|s| **s == 429).count() as u32;
+    assert_eq!(
+        admitted + refused,
+        32 * 12,
+        "only 200 and 429: {statuses:?}"
+    );
+    assert!(
+        (LIMIT..=LIMIT + 2 * CAP).contains(&admitted),
+        "{admitted} admitted of a limit of {LIMIT} over two listeners"
+    );
+    for at in pool {
+        for _ in 0..10 {
+            assert_eq!(policy_from(at, client).await, 429, "refused stays refused");
+        }
+    }
+    // The counts arrive in the store (within a flush, 25 ms): every admitted request.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stored = stored_count(&*counters, &format!("web-client:{client}"), 32 * 12).await;
+    assert!(
+        (admitted..=32 * 12).contains(&stored),
+        "{stored} counted in the store, {admitted} admitted"
+    );
+    assert_eq!(
+        policy_from(pool[0], "198.51.100.8").await,
+        200,
+        "others served"
+    );
+}
+
+/// The store's counters going down under write-behind counting: a client in good standing is
+/// still served for at most a second (STALE), then every request is answered 503 (a temporary
+/// failure), nothing panics, and once the counters are back requests are served and counted:
+/// the hits of the requests served while they were down arrive too, those answered 503 are
+/// not counted.
+#[tokio::test]
+async fn counters_going_down_answer_503_after_a_second_and_keep_the_served_counts() {
+    let (dir, store) = alice_store().await;
+    let counters: Arc<dyn RateLimiter> = store.clone();
+    let at = serve_counted(
+        store.clone(),
+        counters.clone(),
+        &["example.net"],
+        counted_behind_proxy(1_000),
+    )
+    .await;
+    let client = "198.51.100.9";
+    assert_eq!(policy_from(at, client).await, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Down: the counters' directory becomes a file.
+    let shards = dir.path().join("store").join("ratelimit");
+    assert!(shards.is_dir(), "{shards:?}");
+    let away = dir.path().join("ratelimit-away");
+    std::fs::rename(&shards, &away).unwrap();
+    std::fs::write(&shards, "not a directory").unwrap();
+    assert_eq!(
+        policy_from(at, client).await,
+        200,
+        "good standing, within STALE"
+    );
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    for who in [client, "198.51.100.10"] {
+        for _ in 0..3 {
+            assert_eq!(policy_from(at, who).await, 503, "{who}: past STALE");
+        }
+    }
+    // Back.
+    std::fs::remove_file(&shards).unwrap();
+    std::fs::rename(&away, &shards).unwrap();
+    assert_eq!(policy_from(at, client).await, 200, "back");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        stored_count(&*counters, &format!("web-client:{client}"), 100).await,
+        3,
+        "the three requests served, not those answered 503"
+    );
 }

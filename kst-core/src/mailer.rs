@@ -20,14 +20,17 @@ pub struct OutgoingMail {
 }
 
 /// Hands replies on. `send` returns `Ok` only once the reply is durable (written and synced to
-/// the spool, or accepted by the relay with a 250); anything else is a temporary error so that
-/// the request stays with the MTA and is retried.
+/// the spool, or accepted by the relay with a 250), or once it is certain never to go (an SMTP
+/// relay's 5xx refusal of that reply, which the mailer logs and counts: asking again would be
+/// refused again); anything else is a temporary error so that the request stays with the MTA
+/// and is retried.
 #[async_trait]
 pub trait Mailer: Send + Sync {
     /// Short name for logs and metrics, e.g. `"spool"` or `"smtp"`.
     fn name(&self) -> &'static str;
 
-    /// Sends one reply durably.
+    /// Sends one reply durably (or, for a reply its relay refuses for good, logs that it is
+    /// not sent).
     async fn send(&self, mail: &OutgoingMail) -> Result<()>;
 
     /// Checks that the mailer can accept mail now (for `/readyz`).

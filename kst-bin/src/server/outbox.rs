@@ -204,6 +204,28 @@ fn line(raw: &[u8]) -> Option<(&str, &[u8])> {
     Some((text, &raw[end + 2..]))
 }
 
+/// Sets the spool file at `path` (named `name`) aside as `<name>.refused`, never to be sent
+/// again, and logs `why` with the relay's `error`: the relay refused the reply for good, or
+/// kept deferring it for longer than [`MAX_DEFERRED`].
+fn set_aside(
+    path: &Path,
+    name: &str,
+    recipient: &Address,
+    error: &dyn std::fmt::Display,
+    why: &str,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let refused = path.with_file_name(format!("{name}.refused"));
+    fs::rename(path, &refused).with_context(|| format!("cannot set aside {}", path.display()))?;
+    tracing::error!(
+        file = %name,
+        recipient = %recipient,
+        error = %error,
+        "{why}: renamed to .refused, not sent again"
+    );
+    Ok(())
+}
+
 /// The suffix of a reply the relay deferred (4xx) in an earlier run: `<name>.deferred.eml`.
 const DEFERRED_SUFFIX: &str = ".deferred.eml";
 
@@ -298,28 +320,23 @@ pub async fn send(cfg: &MailerConfig, dir: &Path) -> anyhow::Result<Report> {
                 report.sent += 1;
             }
             Err(e) if e.is_permanent() => {
-                let refused = path.with_file_name(format!("{name}.refused"));
-                fs::rename(path, &refused)
-                    .with_context(|| format!("cannot set aside {}", path.display()))?;
-                tracing::error!(
-                    file = %name,
-                    recipient = %mail.recipient,
-                    error = %e,
-                    "the relay refused this reply for good: renamed to .refused, not sent again (a forged request's sender, or a recipient the relay does not know)"
-                );
+                set_aside(
+                    path,
+                    &name,
+                    &mail.recipient,
+                    &e,
+                    "the relay refused this reply for good (a forged request's sender, or a recipient the relay does not know)",
+                )?;
                 report.refused += 1;
             }
             Err(SubmitError::Refused { error, .. }) if deferred_too_long(path) => {
-                let refused = path.with_file_name(format!("{name}.refused"));
-                fs::rename(path, &refused)
-                    .with_context(|| format!("cannot set aside {}", path.display()))?;
-                tracing::error!(
-                    file = %name,
-                    recipient = %mail.recipient,
-                    error = %error,
-                    max_days = MAX_DEFERRED.as_secs() / 86_400,
-                    "the relay still defers this reply after the longest time a reply is kept: renamed to .refused, not sent again"
-                );
+                set_aside(
+                    path,
+                    &name,
+                    &mail.recipient,
+                    &error,
+                    "the relay still defers this reply after the longest time a reply is kept (5 days, MAX_DEFERRED)",
+                )?;
                 report.refused += 1;
             }
             Err(SubmitError::Refused { error, .. }) => {

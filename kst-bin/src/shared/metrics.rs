@@ -20,6 +20,9 @@ pub const STORE_ERRORS_TOTAL: &str = "kst_store_errors_total";
 pub const MAILER_ERRORS_TOTAL: &str = "kst_mailer_errors_total";
 /// Replies handed to the SMTP relay, by `session` (`reused` from the pool, `new`).
 pub const MAILER_REPLIES_TOTAL: &str = "kst_mailer_replies_total";
+/// Replies the SMTP relay refused for good (a 5xx to their recipient or data), by `code`: not
+/// sent, their requests decided without them.
+pub const MAILER_REFUSED_TOTAL: &str = "kst_mailer_refused_total";
 /// LMTP connections open now.
 pub const LMTP_CONNECTIONS: &str = "kst_lmtp_connections";
 /// LMTP connections accepted since start.
@@ -126,6 +129,10 @@ fn register_descriptions() {
         MAILER_REPLIES_TOTAL,
         "Replies handed to the SMTP relay, on a reused or a new session"
     );
+    describe_counter!(
+        MAILER_REFUSED_TOTAL,
+        "Replies the SMTP relay refused for good (5xx), left unsent, by reply code"
+    );
     describe_gauge!(LMTP_CONNECTIONS, "LMTP connections open now");
     describe_counter!(LMTP_CONNECTIONS_TOTAL, "LMTP connections accepted");
     describe_counter!(
@@ -162,6 +169,11 @@ pub fn mailer_error() {
 pub fn mailer_reply(reused: bool) {
     let session = if reused { "reused" } else { "new" };
     ::metrics::counter!(MAILER_REPLIES_TOTAL, "session" => session).increment(1);
+}
+
+/// Records a reply the SMTP relay refused with `code` (a 5xx): left unsent.
+pub fn mailer_refused(code: u16) {
+    ::metrics::counter!(MAILER_REFUSED_TOTAL, "code" => code.to_string()).increment(1);
 }
 
 /// Records a refused peer.

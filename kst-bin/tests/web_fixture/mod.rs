@@ -14,7 +14,9 @@ use kst_bin::server::web::{KeyLookup, WebConfig, WebLimits, WebService, serve};
 use kst_core::certificate::{Certificate, KeyHandle};
 use kst_core::validate::{KeyPolicy, validate};
 use kst_core::wkd::WkdHash;
-use kst_core::{Address, AddressPolicy, KeyRecord, KeyStore, MemoryRateLimiter, NewKey};
+use kst_core::{
+    Address, AddressPolicy, KeyRecord, KeyStore, MemoryRateLimiter, NewKey, RateLimiter,
+};
 use kst_fs::FsStore;
 use tokio::net::TcpListener;
 
@@ -182,4 +184,34 @@ pub async fn serve_store(
         store,
         _dir: dir,
     }
+}
+
+/// Serves `store` for `domains` with `config` on a free port of 127.0.0.1, its limits counted
+/// in `counters` (the store's own, say, shared with other listeners as a pool shares them):
+/// where it listens.
+pub async fn serve_counted(
+    store: Arc<FsStore>,
+    counters: Arc<dyn RateLimiter>,
+    domains: &[&str],
+    config: WebConfig,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = WebService {
+        lookup: Arc::new(ScanLookup(store)),
+        counters,
+        domains: domains.iter().map(|d| d.to_string()).collect(),
+        address_policy: AddressPolicy::default(),
+        config: WebConfig {
+            listen: addr.to_string(),
+            ..config
+        },
+        log_keys: Default::default(),
+    };
+    tokio::spawn(async move {
+        serve(listener, service, std::future::pending())
+            .await
+            .unwrap();
+    });
+    addr
 }

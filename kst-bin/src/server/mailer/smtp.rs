@@ -59,8 +59,9 @@ impl SubmitError {
         matches!(self, SubmitError::Refused { code, .. } if *code >= 500)
     }
 
-    /// The error as [`Mailer::send`] reports it: always temporary (`Error::Unavailable`), so
-    /// that the request that wanted this reply stays with the MTA.
+    /// The error itself, always temporary (`Error::Unavailable`). [`Mailer::send`] returns it
+    /// for everything but a permanent refusal ([`SubmitError::is_permanent`]), so that the
+    /// request that wanted this reply stays with the MTA.
     pub fn into_error(self) -> Error {
         match self {
             SubmitError::Refused { error, .. } | SubmitError::Relay(error) => error,
@@ -88,10 +89,18 @@ impl std::fmt::Display for SubmitError {
 ///
 /// A pooled session the relay has closed in the meantime shows up as a failed `MAIL FROM`;
 /// nothing of the reply has been sent at that point, so the reply goes out on a fresh session
-/// instead. Every other failure (connection, TLS, AUTH, a 4xx or 5xx reply, `[mailer]
-/// timeout_secs` running out) is a temporary `Error::Unavailable`, so the request stays with
-/// the MTA and is retried. A lost connection after the data was sent but before the relay's
-/// answer can, on that retry, send a reply twice: replies are at-least-once.
+/// instead. A session whose reply the relay refused (its `RCPT TO` or its data) goes back to
+/// the pool after an `RSET`, unless the relay took `DATA` for a refused recipient.
+///
+/// A 5xx to the reply's `RCPT TO` or to the end of its data is the relay's permanent refusal
+/// of that one reply (a recipient it does not know, such as a forged request's sender; a
+/// message it will not take): asking again would be refused again, so [`Mailer::send`] logs it
+/// (a warning with the relay's answer), counts it in `kst_mailer_refused_total` and returns
+/// `Ok`: the request is decided, its reply left unsent on purpose, and the MTA does not retry
+/// it. Every other failure (connection, TLS, AUTH, a refused `MAIL FROM` or `DATA`, a 4xx,
+/// `[mailer] timeout_secs` running out) is a temporary `Error::Unavailable`, so the request
+/// stays with the MTA and is retried. A lost connection after the data was sent but before
+/// the relay's answer can, on that retry, send a reply twice: replies are at-least-once.
 pub struct SmtpMailer {
     builder: SmtpClientBuilder<String>,
     tls: SmtpTls,
@@ -294,8 +303,13 @@ impl SmtpMailer {
                     );
                     return Err(match i {
                         0 => Stage::BeforeData(e),
-                        // RCPT TO refused: this recipient, not the relay.
-                        1 => Stage::Refused(reply.code(), e),
+                        // RCPT TO refused: this recipient, not the relay. The session is
+                        // between transactions again unless the relay took DATA anyway.
+                        1 => Stage::Refused(
+                            reply.code(),
+                            e,
+                            replies.get(2).is_some_and(|data| data.code() != 354),
+                        ),
                         _ => Stage::Later(e),
                     });
                 }
@@ -338,6 +352,7 @@ impl SmtpMailer {
                     "RCPT TO refused by",
                     format!("{} {}", rcpt.code(), rcpt.message()),
                 ),
+                true,
             ));
         }
         let data = self
@@ -375,7 +390,7 @@ impl SmtpMailer {
             format!("{} {}", reply.code(), reply.message()),
         );
         Err(if (400..600).contains(&reply.code()) {
-            Stage::Refused(reply.code(), e)
+            Stage::Refused(reply.code(), e, true)
         } else {
             Stage::Later(e)
         })
@@ -383,11 +398,12 @@ impl SmtpMailer {
 }
 
 /// Where a transaction failed: before anything of the reply was sent, later, or because the
-/// relay refused this reply (its recipient or its data) with a reply code.
+/// relay refused this reply (its recipient or its data) with a reply code; `true` when the
+/// session is between transactions then, so that it can serve the next reply.
 enum Stage {
     BeforeData(Error),
     Later(Error),
-    Refused(u16, Error),
+    Refused(u16, Error, bool),
 }
 
 /// Says QUIT, waiting at most `timeout`; the outcome is ignored.
@@ -431,7 +447,10 @@ impl SmtpMailer {
                     tracing::debug!(relay = %self.relay, error = %e, "pooled session unusable; trying another");
                 }
                 Err(Stage::Later(e)) => return Err(SubmitError::Relay(e)),
-                Err(Stage::Refused(code, error)) => {
+                Err(Stage::Refused(code, error, idle)) => {
+                    if idle {
+                        self.recycle(session, deadline).await;
+                    }
                     return Err(SubmitError::Refused { code, error });
                 }
             }
@@ -444,7 +463,27 @@ impl SmtpMailer {
                 Ok(())
             }
             Err(Stage::BeforeData(e) | Stage::Later(e)) => Err(SubmitError::Relay(e)),
-            Err(Stage::Refused(code, error)) => Err(SubmitError::Refused { code, error }),
+            Err(Stage::Refused(code, error, idle)) => {
+                if idle {
+                    self.recycle(session, deadline).await;
+                }
+                Err(SubmitError::Refused { code, error })
+            }
+        }
+    }
+
+    /// Puts a session whose reply the relay refused back into the pool once `RSET` (within
+    /// `deadline`) says it is ready for the next one; drops it otherwise. A flood of replies
+    /// the relay refuses (forged senders) then costs no new connection, TLS or AUTH each.
+    async fn recycle(&self, mut session: Session, deadline: Instant) {
+        match self
+            .step(deadline, "resetting (RSET)", session.client.rset())
+            .await
+        {
+            Ok(()) => self.release(session).await,
+            Err(e) => {
+                tracing::debug!(relay = %self.relay, error = %e, "session not reused after a refused reply");
+            }
         }
     }
 }
@@ -455,10 +494,27 @@ impl Mailer for SmtpMailer {
         "smtp"
     }
 
-    /// [`SmtpMailer::submit`]; every failure is temporary, so that the request that wanted
-    /// this reply stays with the MTA and is retried.
+    /// [`SmtpMailer::submit`]. A permanent refusal of this reply (a 5xx to its `RCPT TO` or
+    /// its data) is logged, counted and `Ok`: the request is decided without its reply, since
+    /// asking the relay again would only be refused again. Every other failure is temporary, so
+    /// that the request that wanted this reply stays with the MTA and is retried.
     async fn send(&self, mail: &OutgoingMail) -> Result<()> {
-        self.submit(mail).await.map_err(SubmitError::into_error)
+        match self.submit(mail).await {
+            Ok(()) => Ok(()),
+            Err(SubmitError::Refused { code, error }) if code >= 500 => {
+                crate::shared::metrics::mailer_refused(code);
+                tracing::warn!(
+                    relay = %self.relay,
+                    message_id = %mail.message_id,
+                    recipient = %mail.recipient,
+                    code,
+                    error = %error,
+                    "the relay refused this reply for good: not sent, the request is decided without it (a forged request's sender, or a recipient or message the relay does not take)"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e.into_error()),
+        }
     }
 
     /// Connects, greets (EHLO, STARTTLS and AUTH as configured) and says QUIT without sending.
@@ -520,8 +576,13 @@ mod tests {
         Hangup,
         /// Answers the end of data with 451 (a temporary failure).
         Refuse,
-        /// Answers every RCPT TO with 550 (a recipient the relay does not know).
+        /// Answers every RCPT TO with 550 (a recipient the relay does not know), and DATA
+        /// without a recipient with 554, as Postfix does.
         RefuseRcpt,
+        /// Like `RefuseRcpt`, but takes DATA anyway (354), as a sloppy relay might.
+        RefuseRcptTakeData,
+        /// Answers the end of data with 554 (a message the relay will not take).
+        RefuseData,
     }
 
     #[derive(Default)]
@@ -547,6 +608,7 @@ mod tests {
                     let mut lines = BufReader::new(r).lines();
                     w.write_all(b"220 relay.test ESMTP\r\n").await.unwrap();
                     let mut in_data = false;
+                    let mut recipients = 0;
                     while let Ok(Some(line)) = lines.next_line().await {
                         let answer: &[u8] = if in_data {
                             if line != "." {
@@ -555,6 +617,8 @@ mod tests {
                             in_data = false;
                             if let After::Refuse = after {
                                 b"451 4.3.0 try later\r\n"
+                            } else if let After::RefuseData = after {
+                                b"554 5.6.0 message refused\r\n"
                             } else {
                                 c.messages.fetch_add(1, Ordering::SeqCst);
                                 b"250 2.0.0 queued\r\n"
@@ -565,8 +629,27 @@ mod tests {
                                     b"250-relay.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
                                 }
                                 "EHLO" => b"250-relay.test\r\n250 8BITMIME\r\n",
-                                "RCPT" if matches!(after, After::RefuseRcpt) => {
+                                "RCPT"
+                                    if matches!(
+                                        after,
+                                        After::RefuseRcpt | After::RefuseRcptTakeData
+                                    ) =>
+                                {
                                     b"550 5.1.1 no such user\r\n"
+                                }
+                                "RCPT" => {
+                                    recipients += 1;
+                                    b"250 2.1.5 ok\r\n"
+                                }
+                                "MAIL" | "RSET" => {
+                                    recipients = 0;
+                                    b"250 2.0.0 ok\r\n"
+                                }
+                                "DATA"
+                                    if recipients == 0
+                                        && !matches!(after, After::RefuseRcptTakeData) =>
+                                {
+                                    b"554 5.5.1 no valid recipients\r\n"
                                 }
                                 "DATA" => {
                                     in_data = true;
@@ -710,14 +793,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_reply_is_a_temporary_error_and_its_session_is_not_pooled() {
+    async fn a_refused_reply_is_a_temporary_error_and_its_session_serves_the_next() {
         let (port, counts) = relay(After::Refuse).await;
         let m = mailer(port, 4);
-        let e = m.send(&mail(0)).await.unwrap_err();
-        assert!(e.is_temporary(), "{e}");
-        assert!(e.to_string().contains("submitting the reply"), "{e}");
-        assert_eq!(m.idle_sessions(), 0);
+        for n in 0..2 {
+            let e = m.send(&mail(n)).await.unwrap_err();
+            assert!(e.is_temporary(), "{e}");
+            assert!(e.to_string().contains("submitting the reply"), "{e}");
+        }
+        // After RSET the session went back to the pool and carried the second reply.
+        assert_eq!(m.idle_sessions(), 1);
+        assert_eq!(counts.connections.load(Ordering::SeqCst), 1);
         assert_eq!(counts.messages.load(Ordering::SeqCst), 0);
+    }
+
+    /// A relay that refuses the RCPT TO but then takes the pipelined DATA waits for a message:
+    /// that session is dropped, never reset or pooled (RSET would be read as data).
+    #[tokio::test]
+    async fn a_session_that_took_data_after_a_refused_recipient_is_dropped() {
+        let (port, counts) = relay(After::RefuseRcptTakeData).await;
+        let m = mailer(port, 4);
+        let started = Instant::now();
+        for n in 0..2 {
+            let e = m.submit(&mail(n)).await.unwrap_err();
+            assert!(matches!(e, SubmitError::Refused { code: 550, .. }), "{e}");
+        }
+        // An RSET sent into the data would wait for the 5 s timeout each time.
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(m.idle_sessions(), 0);
+        assert_eq!(counts.connections.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
@@ -733,7 +841,8 @@ mod tests {
                     "pipelining {pipelining}: {e}"
                 );
                 assert!(e.to_string().contains("RCPT TO refused"), "{e}");
-                // Through the Mailer trait it stays temporary: the request is retried.
+                // The error itself is temporary; `Mailer::send` decides a 5xx instead (see
+                // `send_decides_a_reply_the_relay_refuses_for_good_and_defers_a_4xx`).
                 assert!(e.into_error().is_temporary());
             }
             assert_eq!(counts.messages.load(Ordering::SeqCst), 0);
@@ -749,6 +858,30 @@ mod tests {
         let e = mailer(port, 4).submit(&mail(0)).await.unwrap_err();
         assert!(matches!(e, SubmitError::Relay(_)), "{e}");
         assert!(!e.is_permanent(), "{e}");
+    }
+
+    /// A 5xx to a reply's RCPT TO or to its data is the relay's last word on that reply: `send`
+    /// returns `Ok` (the request is decided, its reply left unsent, logged and counted) instead
+    /// of deferring the request, which would only ask the relay again; a 4xx stays temporary.
+    #[tokio::test]
+    async fn send_decides_a_reply_the_relay_refuses_for_good_and_defers_a_4xx() {
+        for pipelining in [true, false] {
+            for after in [After::RefuseRcpt, After::RefuseData] {
+                let (port, counts) = relay_with(after, pipelining).await;
+                let m = mailer(port, 4);
+                for n in 0..2 {
+                    m.send(&mail(n)).await.unwrap();
+                }
+                assert_eq!(counts.messages.load(Ordering::SeqCst), 0);
+                // The refused reply's session was reset and carried the next reply.
+                assert_eq!(counts.connections.load(Ordering::SeqCst), 1);
+                assert_eq!(m.idle_sessions(), 1);
+            }
+            let (port, _) = relay_with(After::Refuse, pipelining).await;
+            let e = mailer(port, 4).send(&mail(0)).await.unwrap_err();
+            assert!(e.is_temporary(), "{e}");
+            assert!(e.to_string().contains("451"), "{e}");
+        }
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@ use kst_core::RateLimiter;
 use kst_core::ratelimit::Hit;
 
 use super::coalesce::{Coalescer, Room};
+use super::writebehind::{self, WriteBehind};
 
 use super::config::WebLimits;
 
@@ -141,8 +142,10 @@ pub struct Limiter {
     limits: WebLimits,
     counters: Coalescer,
     blocked: Arc<Mutex<Blocked>>,
-    /// The per-client request counter, written a batch at a time.
-    precount: Arc<super::precount::PreCount>,
+    /// The per-client request counter, written behind the requests (`None`: counted
+    /// exactly, one request at a time, a limit below [`super::writebehind::EXACT_BELOW`] or
+    /// none).
+    requests: Option<WriteBehind>,
 }
 
 #[derive(Default)]
@@ -168,11 +171,20 @@ impl Limiter {
     /// Limits counted in `counters`, the hits of concurrent requests together (see
     /// [`super::coalesce`]).
     pub fn new(limits: WebLimits, counters: Arc<dyn RateLimiter>) -> Self {
+        let coalescer = Coalescer::new(Arc::clone(&counters));
+        let requests = (limits.per_client >= writebehind::EXACT_BELOW).then(|| {
+            WriteBehind::new(
+                counters,
+                Arc::new(coalescer.clone()),
+                limits.per_client,
+                limits.window(),
+            )
+        });
         Limiter {
             limits,
-            counters: Coalescer::new(counters),
+            counters: coalescer,
             blocked: Arc::default(),
-            precount: Arc::default(),
+            requests,
         }
     }
 
@@ -191,9 +203,9 @@ impl Limiter {
     /// are not subject to the miss budgets). `Err` when the counters cannot be reached, or
     /// when the coalescer's queue has no room for the request's hits or for a look-up's miss
     /// (held from here until the request ends, so that its miss, if it is one, is always
-    /// counted: [`super::coalesce`]). The request counter is written once per
-    /// [`super::precount::BATCH`] requests of a client (a bounded inaccuracy, see
-    /// [`super::precount`]); misses are counted one by one.
+    /// counted: [`super::coalesce`]). The request counter is written behind the requests,
+    /// every client's hits together in one write at most every [`writebehind::FLUSH`] (a
+    /// bounded inaccuracy, see [`super::writebehind`]); misses are counted one by one.
     pub async fn admit(
         &self,
         client: &str,
@@ -225,18 +237,19 @@ impl Limiter {
         } else {
             None
         };
-        if self.limits.per_client > 0
-            && !self
-                .precount
-                .hit(
-                    &self.counters,
-                    &format!("{CLIENT_PREFIX}{client}"),
-                    self.limits.per_client,
-                    self.limits.window(),
-                )
-                .await?
-        {
-            return Ok(Err(Refusal::Requests));
+        if self.limits.per_client > 0 {
+            let key = format!("{CLIENT_PREFIX}{client}");
+            let within = match &self.requests {
+                Some(requests) => requests.hit(&key).await?,
+                None => {
+                    self.counters
+                        .hit(&key, self.limits.per_client, self.limits.window())
+                        .await?
+                }
+            };
+            if !within {
+                return Ok(Err(Refusal::Requests));
+            }
         }
         Ok(Ok(Admitted { room }))
     }

@@ -17,6 +17,11 @@ pub const BUSY_TOTAL: &str = "kst_web_busy_total";
 /// Requests answered 503 at once because too many counter hits were waiting for the shared
 /// counters (slow or stalled; [`super::coalesce::MAX_QUEUED_HITS`]).
 pub const COUNTERS_BUSY_TOTAL: &str = "kst_web_counters_busy_total";
+/// Writes of the per-client request counts to the shared counters (one
+/// `RateLimiter::hit_many` each, [`super::writebehind`]), by `outcome` (ok, failed).
+pub const COUNTER_FLUSHES_TOTAL: &str = "kst_web_counter_flushes_total";
+/// Request hits sent in those writes.
+pub const COUNTER_FLUSHED_HITS_TOTAL: &str = "kst_web_counter_flushed_hits_total";
 /// Look-ups by address answered 503 at once because too many were waiting for a read batch
 /// (the store is slow or stalled; [`super::batch::MAX_QUEUED`]).
 pub const LOOKUPS_BUSY_TOTAL: &str = "kst_web_lookups_busy_total";
@@ -119,6 +124,13 @@ pub fn busy() {
 /// Records a request refused because the counters' queue was full.
 pub fn counters_busy() {
     ::metrics::counter!(COUNTERS_BUSY_TOTAL).increment(1);
+}
+
+/// Records one write of the request counts ([`super::writebehind`]) of `hits` hits.
+pub fn counter_flush(ok: bool, hits: usize) {
+    let outcome = if ok { "ok" } else { "failed" };
+    ::metrics::counter!(COUNTER_FLUSHES_TOTAL, "outcome" => outcome).increment(1);
+    ::metrics::counter!(COUNTER_FLUSHED_HITS_TOTAL).increment(hits as u64);
 }
 
 /// Records a look-up refused because the read batches' queue was full.

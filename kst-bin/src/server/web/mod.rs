@@ -12,8 +12,8 @@ pub mod limits;
 pub mod listener;
 pub mod lookup;
 pub mod metrics;
-pub mod precount;
 pub mod tls;
+pub mod writebehind;
 
 use std::collections::HashMap;
 use std::future::Future;

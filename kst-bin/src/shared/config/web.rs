@@ -88,8 +88,9 @@ pub enum ProxyHeader {
 #[serde(default, deny_unknown_fields)]
 pub struct WebLimits {
     /// Requests per window from one client (default 1,000 per 10 minutes). Counted in the
-    /// store a batch of 8 at a time, so a client may get up to 7 more per window and instance
-    /// (`server::web::precount`); limits below 32 are counted one by one.
+    /// store behind the requests, every client's together in one write at most every 25 ms,
+    /// so a client may get up to 8 more per window and instance (`server::web::writebehind`);
+    /// limits below 32 are counted one by one.
     pub per_client: u32,
     /// Look-ups that found nothing (404) one client may make per window and still be served
     /// (default 100). A miss is only known once it is answered, so the one that goes over the
