@@ -741,3 +741,135 @@ async fn redis_a_corrupt_record_fails_its_own_look_ups_only() {
             .unwrap();
     }
 }
+
+/// Serves `lookup` with `config` on a free port of 127.0.0.1, its limits counted in
+/// `counters` (a pool's listeners share the store's).
+async fn serve_counted_by(
+    lookup: StoreLookup,
+    counters: Arc<dyn kst_core::RateLimiter>,
+    config: WebConfig,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let service = WebService {
+        lookup: Arc::new(lookup),
+        counters,
+        domains: vec!["example.net".into()],
+        address_policy: AddressPolicy::default(),
+        config: WebConfig {
+            listen: at.to_string(),
+            ..config
+        },
+        log_keys: Default::default(),
+    };
+    tokio::spawn(async move {
+        serve(listener, service, std::future::pending())
+            .await
+            .unwrap();
+    });
+    at
+}
+
+/// Red team round 9, the per-client request counter written behind the requests
+/// (`server::web::writebehind`) on PostgreSQL's counters: a client floods a pool of two
+/// listeners from 32 connections while the counters are stalled (a transaction holding
+/// `LOCK TABLE kst_rate_limits`), hoping that requests admitted while no count can be written
+/// escape its limit. Once the counters answer again it has had its limit and at most 8 more
+/// per listener (CAP), stays refused, and others are served. (The counter it replaced,
+/// `precount.rs`, admitted only 19 of the 64 here: each of the 32 requests that found no
+/// reservation wrote one of 8, and the refusals of the surplus replaced the admissions.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_client_flooding_a_pool_while_the_counters_stall_gets_its_limit() {
+    const LIMIT: u32 = 64;
+    let (store, url, db) = postgres_store().await;
+    let counters: Arc<dyn kst_core::RateLimiter> = Arc::new(
+        kst_postgres::PostgresStore::builder(&url)
+            .max_connections(8)
+            .connect()
+            .await
+            .expect("connect to the test database"),
+    );
+    let config = || WebConfig {
+        trusted_proxies: vec!["127.0.0.1".into()],
+        limits: WebLimits {
+            per_client: LIMIT,
+            ..WebLimits::OFF
+        },
+        ..WebConfig::default()
+    };
+    let pool = [
+        serve_counted_by(
+            StoreLookup::new(Arc::clone(&store)),
+            Arc::clone(&counters),
+            config(),
+        )
+        .await,
+        serve_counted_by(
+            StoreLookup::new(Arc::clone(&store)),
+            Arc::clone(&counters),
+            config(),
+        )
+        .await,
+    ];
+    let policy = |at: SocketAddr, client: &'static str| async move {
+        let Ok(s) = TcpStream::connect(at).await else {
+            return 0;
+        };
+        let request = format!(
+            "GET /.well-known/openpgpkey/policy HTTP/1.1\r\nHost: example.net\r\n\
+             Connection: close\r\nX-Forwarded-For: {client}\r\n\r\n"
+        );
+        tokio::time::timeout(Duration::from_secs(20), exchange(s, &request))
+            .await
+            .map_or(0, |(status, _)| status)
+    };
+    // The counters' table exists once a count was written.
+    assert_eq!(policy(pool[0], "198.51.100.99").await, 200);
+    let lock = {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        sqlx::raw_sql("BEGIN; LOCK TABLE kst_rate_limits IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut conn)
+            .await
+            .expect("lock kst_rate_limits");
+        conn
+    };
+    let client = "198.51.100.7";
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let at = pool[i % 2];
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for _ in 0..6 {
+                    statuses.push(policy(at, client).await);
+                }
+                statuses
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let done = tasks.iter().filter(|t| t.is_finished()).count();
+    eprintln!("{done} of 32 connections done while the counters stalled");
+    assert_eq!(
+        done, 0,
+        "each connection waits for a count past its listener's 8"
+    );
+    unlock(lock).await;
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.extend(t.await.unwrap());
+    }
+    let admitted = statuses.iter().filter(|s| **s == 200).count() as u32;
+    let refused = statuses.iter().filter(|s| **s == 429).count() as u32;
+    eprintln!("{admitted} admitted, {refused} refused of a limit of {LIMIT} over two listeners");
+    assert_eq!(admitted + refused, 32 * 6, "only 200 and 429: {statuses:?}");
+    assert!(
+        (LIMIT..=LIMIT + 2 * 8).contains(&admitted),
+        "{admitted} admitted of a limit of {LIMIT} over two listeners"
+    );
+    for at in pool {
+        assert_eq!(policy(at, client).await, 429, "refused stays refused");
+        assert_eq!(policy(at, "198.51.100.8").await, 200, "others served");
+    }
+    admin_sql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
+}
