@@ -317,6 +317,10 @@ async fn fs_look_ups_go_alone() {
 // Red team round 9: the read batcher attacked through the real listener on PostgreSQL, the
 // store stalled for real (a transaction holding `LOCK TABLE kst_keys`), so that look-ups queue.
 
+/// Held by the tests that flood the loopback with connections or stall a store, one at a
+/// time: thousands of connections of one (and their ports) disturb another's timing.
+static FLOODS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A fresh PostgreSQL database with the schema: its store, and its URL.
 async fn postgres_store() -> (Arc<dyn KeyStore>, String, String) {
     let db = format!("kst_webbatch_{:016x}", rand::random::<u64>());
@@ -410,6 +414,7 @@ async fn exchange(mut s: TcpStream, request: &str) -> (u16, Vec<u8>) {
 /// 503 at once. Look-ups nobody waits for now hold no place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_look_ups_whose_client_went_away_hold_no_place_in_the_queue() {
+    let _one_at_a_time = FLOODS.lock().await;
     let (store, url, db) = postgres_store().await;
     let alice = addr("alice@example.net");
     let key = publish(&*store, &alice, "alice").await.key;
@@ -473,6 +478,7 @@ async fn postgres_look_ups_whose_client_went_away_hold_no_place_in_the_queue() {
 /// any look-up, so it takes no place in the batcher's queue, even while the store is stalled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_a_refused_client_takes_no_place_in_the_queue() {
+    let _one_at_a_time = FLOODS.lock().await;
     let (store, url, db) = postgres_store().await;
     let alice = addr("alice@example.net");
     publish(&*store, &alice, "alice").await;
@@ -530,6 +536,7 @@ async fn postgres_a_refused_client_takes_no_place_in_the_queue() {
 /// gets its own answer (503 for the corrupt record only); the batch costs a few round trips.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_a_corrupt_record_costs_its_batch_a_few_round_trips() {
+    let _one_at_a_time = FLOODS.lock().await;
     let (store, url, db) = postgres_store().await;
     let counted = Arc::new(Counted {
         inner: Arc::clone(&store),
@@ -740,4 +747,239 @@ async fn redis_a_corrupt_record_fails_its_own_look_ups_only() {
             .await
             .unwrap();
     }
+}
+
+/// Serves `lookup` with `config` on a free port of 127.0.0.1, its limits counted in
+/// `counters` (a pool's listeners share the store's).
+async fn serve_counted_by(
+    lookup: StoreLookup,
+    counters: Arc<dyn kst_core::RateLimiter>,
+    config: WebConfig,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let service = WebService {
+        lookup: Arc::new(lookup),
+        counters,
+        domains: vec!["example.net".into()],
+        address_policy: AddressPolicy::default(),
+        config: WebConfig {
+            listen: at.to_string(),
+            ..config
+        },
+        log_keys: Default::default(),
+    };
+    tokio::spawn(async move {
+        serve(listener, service, std::future::pending())
+            .await
+            .unwrap();
+    });
+    at
+}
+
+/// Red team round 9, the per-client request counter written behind the requests
+/// (`server::web::writebehind`) on PostgreSQL's counters: a client floods a pool of two
+/// listeners from 32 connections while the counters are stalled (a transaction holding
+/// `LOCK TABLE kst_rate_limits`), hoping that requests admitted while no count can be written
+/// escape its limit. Once the counters answer again it has had its limit and at most 8 more
+/// per listener (CAP), stays refused, and others are served. (The counter it replaced,
+/// `precount.rs`, admitted only 19 of the 64 here: each of the 32 requests that found no
+/// reservation wrote one of 8, and the refusals of the surplus replaced the admissions.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_client_flooding_a_pool_while_the_counters_stall_gets_its_limit() {
+    let _one_at_a_time = FLOODS.lock().await;
+    const LIMIT: u32 = 64;
+    let (store, url, db) = postgres_store().await;
+    let counters: Arc<dyn kst_core::RateLimiter> = Arc::new(
+        kst_postgres::PostgresStore::builder(&url)
+            .max_connections(8)
+            .connect()
+            .await
+            .expect("connect to the test database"),
+    );
+    let config = || WebConfig {
+        trusted_proxies: vec!["127.0.0.1".into()],
+        limits: WebLimits {
+            per_client: LIMIT,
+            ..WebLimits::OFF
+        },
+        ..WebConfig::default()
+    };
+    let pool = [
+        serve_counted_by(
+            StoreLookup::new(Arc::clone(&store)),
+            Arc::clone(&counters),
+            config(),
+        )
+        .await,
+        serve_counted_by(
+            StoreLookup::new(Arc::clone(&store)),
+            Arc::clone(&counters),
+            config(),
+        )
+        .await,
+    ];
+    let policy = |at: SocketAddr, client: &'static str| async move {
+        let Ok(s) = TcpStream::connect(at).await else {
+            return 0;
+        };
+        let request = format!(
+            "GET /.well-known/openpgpkey/policy HTTP/1.1\r\nHost: example.net\r\n\
+             Connection: close\r\nX-Forwarded-For: {client}\r\n\r\n"
+        );
+        tokio::time::timeout(Duration::from_secs(20), exchange(s, &request))
+            .await
+            .map_or(0, |(status, _)| status)
+    };
+    // The counters' table exists once a count was written.
+    assert_eq!(policy(pool[0], "198.51.100.99").await, 200);
+    let lock = {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        sqlx::raw_sql("BEGIN; LOCK TABLE kst_rate_limits IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut conn)
+            .await
+            .expect("lock kst_rate_limits");
+        conn
+    };
+    let client = "198.51.100.7";
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let at = pool[i % 2];
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for _ in 0..6 {
+                    statuses.push(policy(at, client).await);
+                }
+                statuses
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let done = tasks.iter().filter(|t| t.is_finished()).count();
+    eprintln!("{done} of 32 connections done while the counters stalled");
+    // 8 requests admitted at once per listener: at most 2 connections' 6 each.
+    assert!(
+        done <= 2,
+        "{done} connections done: each waits for a count past its listener's 8"
+    );
+    unlock(lock).await;
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.extend(t.await.unwrap());
+    }
+    let admitted = statuses.iter().filter(|s| **s == 200).count() as u32;
+    let refused = statuses.iter().filter(|s| **s == 429).count() as u32;
+    eprintln!("{admitted} admitted, {refused} refused of a limit of {LIMIT} over two listeners");
+    assert_eq!(admitted + refused, 32 * 6, "only 200 and 429: {statuses:?}");
+    assert!(
+        (LIMIT..=LIMIT + 2 * 8).contains(&admitted),
+        "{admitted} admitted of a limit of {LIMIT} over two listeners"
+    );
+    for at in pool {
+        assert_eq!(policy(at, client).await, 429, "refused stays refused");
+        assert_eq!(policy(at, "198.51.100.8").await, 200, "others served");
+    }
+    admin_sql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
+}
+
+/// Red team round 9, the per-client request counter written behind the requests: a request
+/// that goes away while it waits for the counters' verdict leaves its hit pending (it is
+/// counted all the same), and while the counters stalled (here `LOCK TABLE kst_rate_limits`),
+/// one client (127.0.0.1, within its 64 connections) that sent requests and closed their
+/// connections filled the bound of hits outstanding (16,384), so that another client's first
+/// request, which is admitted at once while the counters have not failed yet, was answered
+/// 503. One client's hits outstanding are now bounded (128): its own requests beyond are
+/// refused (503), another client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_abandoned_requests_of_one_client_do_not_fill_the_counts_outstanding() {
+    let _one_at_a_time = FLOODS.lock().await;
+    let (store, url, db) = postgres_store().await;
+    let counters: Arc<dyn kst_core::RateLimiter> = Arc::new(
+        kst_postgres::PostgresStore::builder(&url)
+            .max_connections(8)
+            // The stall outlasts the test: no flush fails meanwhile.
+            .operation_timeout(Duration::from_secs(60))
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    let at = serve_counted_by(
+        StoreLookup::new(Arc::clone(&store)),
+        Arc::clone(&counters),
+        WebConfig {
+            limits: WebLimits {
+                per_client_misses: 0,
+                global_misses: 0,
+                ..WebLimits::default()
+            },
+            ..WebConfig::default()
+        },
+    )
+    .await;
+    let policy = "GET /.well-known/openpgpkey/policy HTTP/1.1\r\nHost: example.net\r\nConnection: close\r\n\r\n";
+    assert_eq!(
+        exchange(TcpStream::connect(at).await.unwrap(), policy)
+            .await
+            .0,
+        200
+    );
+    let lock = {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        sqlx::raw_sql("BEGIN; LOCK TABLE kst_rate_limits IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut conn)
+            .await
+            .expect("lock");
+        conn
+    };
+    let s = connect_from("127.0.0.3", at).await;
+    assert_eq!(
+        exchange(s, policy).await.0,
+        200,
+        "a client is served while the counters stall"
+    );
+    let started = std::time::Instant::now();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..60)
+        .map(|_| {
+            let sent = Arc::clone(&sent);
+            tokio::spawn(async move {
+                while sent.load(Ordering::SeqCst) < 20_000 {
+                    if let Ok(mut s) = TcpStream::connect(at).await {
+                        let _ = s.write_all(policy.as_bytes()).await;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        sent.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // The listener works off the connections it accepted (seconds on a loaded debug build).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = connect_from("127.0.0.2", at).await;
+    let victim = tokio::time::timeout(Duration::from_secs(20), exchange(s, policy)).await;
+    eprintln!(
+        "{} requests sent and abandoned in {:?}; another client: {:?}",
+        sent.load(Ordering::SeqCst),
+        started.elapsed(),
+        victim.as_ref().map(|v| v.0)
+    );
+    assert_eq!(
+        victim.map(|v| v.0).ok(),
+        Some(200),
+        "another client's first request is admitted at once while the counters stall"
+    );
+    // The flooding client's own requests are refused while its counts wait.
+    let own = tokio::time::timeout(
+        Duration::from_secs(20),
+        exchange(TcpStream::connect(at).await.unwrap(), policy),
+    )
+    .await;
+    assert_eq!(own.map(|v| v.0).ok(), Some(503));
+    unlock(lock).await;
+    admin_sql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
 }

@@ -43,8 +43,11 @@
 //!
 //! **Bounds on memory and writes.** At most [`MAX_CLIENTS`] clients are held (a new client
 //! beyond them, when no idle one can be forgotten, is counted exactly through the coalescer
-//! instead); at most [`MAX_OUTSTANDING`] hits are pending or in flight (a request beyond them
-//! is refused at once, a temporary failure counted in `kst_web_counters_busy_total`); one
+//! instead); at most [`MAX_OUTSTANDING`] hits are pending or in flight, at most
+//! [`MAX_OUTSTANDING_PER_CLIENT`] of them of one client (a request beyond either is refused at
+//! once, a temporary failure counted in `kst_web_counters_busy_total`: a request that goes
+//! away while it waits leaves its hit pending, so while the counters stall, a client sending
+//! requests and closing their connections would otherwise fill the bound for everyone); one
 //! flush is in flight at a time, at most one every [`FLUSH`] while no request waits and one
 //! every [`MIN_GAP`] while one does.
 
@@ -82,6 +85,11 @@ pub const MAX_CLIENTS: usize = 100_000;
 
 /// Most hits pending or in flight (about 0.8 s of 20,000 requests a second).
 pub const MAX_OUTSTANDING: usize = 16_384;
+
+/// Most hits of one client pending or in flight: its [`CAP`] requests admitted at once and
+/// up to 120 requests waiting for a verdict (a client holds at most 64 connections by default,
+/// each with one request at a time).
+pub const MAX_OUTSTANDING_PER_CLIENT: u32 = 16 * CAP;
 
 /// Limits below this are counted exactly, one request at a time.
 pub const EXACT_BELOW: u32 = 4 * CAP;
@@ -325,6 +333,15 @@ impl WriteBehind {
         if c.refused_until.is_some_and(|t| t > now) {
             return Step::Answer(Ok(false));
         }
+        // One client's share of the bound (red team round 9): a request that goes away while
+        // it waits leaves its hit pending, so while the counters stalled one client that sent
+        // requests and closed their connections filled the bound, and every other client was
+        // answered 503.
+        if c.pending + c.in_flight >= MAX_OUTSTANDING_PER_CLIENT {
+            drop(st);
+            super::metrics::counters_busy();
+            return Step::Answer(Err(busy_client()));
+        }
         if full {
             drop(st);
             super::metrics::counters_busy();
@@ -389,6 +406,16 @@ fn busy() -> Error {
         format!(
             "{MAX_OUTSTANDING} request counts are waiting for the shared counters already (they \
              are slow or failing); try again later"
+        ),
+    )
+}
+
+fn busy_client() -> Error {
+    Error::unavailable(
+        "ratelimit(write-behind)",
+        format!(
+            "{MAX_OUTSTANDING_PER_CLIENT} request counts of this client are waiting for the \
+             shared counters already (they are slow or failing); try again later"
         ),
     )
 }
@@ -895,5 +922,42 @@ mod tests {
         }
         assert!(w.clients() <= MAX_CLIENTS);
         settled(&w).await;
+    }
+
+    /// Red team round 9: requests that go away while they wait leave their hits pending;
+    /// while the counters stalled, one client doing so filled [`MAX_OUTSTANDING`] and every
+    /// other client was refused. One client's hits outstanding are bounded.
+    #[tokio::test]
+    async fn one_client_cannot_fill_the_bound_while_the_counters_stall() {
+        /// Counters that never answer.
+        struct Stalled;
+        #[async_trait::async_trait]
+        impl RateLimiter for Stalled {
+            fn name(&self) -> &'static str {
+                "stalled"
+            }
+            async fn hit(&self, _: &str, _: u32, _: Duration) -> Result<bool> {
+                std::future::pending().await
+            }
+        }
+        let counters: Arc<dyn RateLimiter> = Arc::new(Stalled);
+        let w = behind(counters, 1_000);
+        for i in 0..(MAX_OUTSTANDING_PER_CLIENT + 100) {
+            let waiting = tokio::time::timeout(Duration::from_millis(1), w.hit("a")).await;
+            match i {
+                i if i < CAP => assert!(waiting.unwrap().unwrap(), "admitted at once"),
+                // Each waits for the stalled counters, and goes away.
+                i if i < MAX_OUTSTANDING_PER_CLIENT => assert!(waiting.is_err(), "{i} waits"),
+                i => {
+                    let e = waiting.expect("refused at once").unwrap_err();
+                    assert!(e.is_temporary(), "{i}: {e}");
+                }
+            }
+        }
+        assert_eq!(w.outstanding(), MAX_OUTSTANDING_PER_CLIENT as usize);
+        assert!(
+            w.hit("b").await.unwrap(),
+            "another client is admitted at once"
+        );
     }
 }
