@@ -316,7 +316,9 @@ pub trait KeyStore: Send + Sync {
     /// database that covers it, or [`KeyStore::sync_published`]. PostgreSQL commits the
     /// key's transaction with `synchronous_commit = off`: its WAL is flushed in order, so a
     /// later synchronous commit on the same server (the key directory's epoch, which read
-    /// the key first) makes it durable too (docs/TRANSPARENCY.md, "Write order, as built").
+    /// the key first) makes it durable too; on a host with synchronous replication it
+    /// commits and confirms as `publish` does (docs/TRANSPARENCY.md, "Write order, as
+    /// built").
     /// Only the key directory's `TransparentStore` calls it, and only when its directory
     /// commits to the key store's PostgreSQL server. This default publishes durably (every
     /// other store, and wrappers that do not pass it on).

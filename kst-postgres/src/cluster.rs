@@ -318,6 +318,16 @@ impl Cluster {
     where
         F: for<'c> FnOnce(&'c mut PgConnection) -> ConnFuture<'c, T>,
     {
+        self.write_on(confirm, |conn, _| f(conn)).await
+    }
+
+    /// [`Cluster::write`], `f` also told whether the host it runs on is set up for
+    /// synchronous replication ([`Facts::wants_sync`], as its probe found it): the write
+    /// and its confirmation follow the same probe.
+    pub async fn write_on<T, F>(&self, confirm: bool, f: F) -> Result<T>
+    where
+        F: for<'c> FnOnce(&'c mut PgConnection, bool) -> ConnFuture<'c, T>,
+    {
         let w = self.writer().await?;
         let mut conn = match w.host.pool.acquire().await {
             Ok(c) => c,
@@ -327,7 +337,7 @@ impl Cluster {
             }
         };
         let outcome = tokio::time::timeout(self.write_timeout, async {
-            let value = f(&mut conn).await?;
+            let value = f(&mut conn, w.facts.wants_sync()).await?;
             if confirm && w.facts.wants_sync() {
                 confirm_replicated(&mut conn, &w).await?;
             }

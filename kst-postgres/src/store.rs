@@ -126,15 +126,24 @@ impl PostgresStore {
     }
 
     /// [`KeyStore::publish_unsynced`]: the transaction commits with `synchronous_commit =
-    /// off` (it waits for neither the WAL flush nor a synchronous standby), and the write is
-    /// not confirmed on the standby: the caller's next synchronous commit on this server
-    /// covers it (PostgreSQL writes and flushes its WAL in order, and a standby receives it
-    /// in order).
+    /// off` (it waits for no WAL flush): the caller's next synchronous commit on this server
+    /// covers it (PostgreSQL writes and flushes its WAL in order). **Not on a host set up for
+    /// synchronous replication**: there the publication commits and is confirmed as
+    /// [`KeyStore::publish`] does. In a failover window the key store and the directory
+    /// (pools and host choices of their own) can write to two hosts for a moment; a
+    /// synchronous key commit on the old primary then never returns confirmed (its standby
+    /// is gone), but an unsynced one would, and the epoch confirmed on the new primary would
+    /// confirm a key only the old primary holds.
     async fn publish_unsynced_inner(&self, key: NewKey) -> Result<PublishOutcome> {
-        self.write(false, |conn| {
-            Box::pin(publish_on(conn, key, Commit::Unsynced))
-        })
-        .await
+        self.cluster
+            .write_on(true, |conn, replicated| {
+                let commit = match replicated {
+                    true => Commit::Synchronous,
+                    false => Commit::Unsynced,
+                };
+                Box::pin(publish_on(conn, key, commit))
+            })
+            .await
     }
 
     /// [`KeyStore::sync_published`]: one synchronous transaction that writes WAL (a
