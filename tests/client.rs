@@ -764,9 +764,18 @@ fn maildir_require_dkim_refuses_an_unsigned_reply() {
         stderr(&out)
     );
 
+    // The refused reply is in the Maildir when the sendmail script returns (`kst deliver`
+    // writes it); the client then waits for a genuine one until --timeout and reports the
+    // attack. 3 s instead of the helper's 20: the same outcome, 17 s sooner.
     let (out, v) = local.client(
         "bob@example.net",
-        &["--require-dkim", "retrieve", "nobody@example.net"],
+        &[
+            "--require-dkim",
+            "retrieve",
+            "nobody@example.net",
+            "--timeout",
+            "3",
+        ],
         &[],
     );
     assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));

@@ -2928,8 +2928,12 @@ fn flush_queue(provider: &Provider) {
 }
 
 /// A resolver address nothing answers on: DNS fails (temporarily), so a pinned head key is
-/// used as it is.
-const NO_RESOLVER: &str = "127.0.0.1:9";
+/// used as it is. DNS over TLS to a port where nothing listens: the connection is refused
+/// and the look-up fails at once (`DNS: ... no connections available`, exit 75 inside, the
+/// same temporary failure as a timeout). Plain UDP to such a port fails only after the
+/// resolver's timeouts (5 s, 2 attempts, ~15 s per client run), which made this binary's
+/// slowest test spend most of its time waiting.
+const NO_RESOLVER: &str = "tls://127.0.0.1:9#dns.example.net";
 
 /// Protocol version 3 with the client's memory (issue 18): the request names the remembered
 /// epoch and the reply's answer carries the append-only proof from it; the head key comes
