@@ -70,6 +70,18 @@ struct Counted {
     batched: AtomicUsize,
 }
 
+impl Counted {
+    /// `store` with its calls counted from zero.
+    fn over(store: &Arc<dyn KeyStore>) -> Arc<Counted> {
+        Arc::new(Counted {
+            inner: Arc::clone(store),
+            gets: AtomicUsize::new(0),
+            batches: AtomicUsize::new(0),
+            batched: AtomicUsize::new(0),
+        })
+    }
+}
+
 #[async_trait]
 impl KeyStore for Counted {
     fn name(&self) -> &'static str {
@@ -139,15 +151,34 @@ async fn vks(at: SocketAddr, address: &str) -> (u16, Vec<u8>) {
     (status, raw[split + 4..].to_vec())
 }
 
+/// The corrupt-record tests' store: three keys (address -> the key it must be served),
+/// `misses` addresses without one (None: 404), and `broken@example.net` published, for the
+/// test to corrupt.
+async fn corrupt_record_set_up(
+    s: &dyn KeyStore,
+    misses: usize,
+) -> (HashMap<String, Option<Vec<u8>>>, Address) {
+    let mut want: HashMap<String, Option<Vec<u8>>> = HashMap::new();
+    for (local, name) in [
+        ("alice", "alice"),
+        ("subkeys", "subkeys"),
+        ("rsa", "rsa1024"),
+    ] {
+        let a = addr(&format!("{local}@example.net"));
+        want.insert(a.to_string(), Some(publish(s, &a, name).await.key));
+    }
+    for i in 0..misses {
+        want.insert(format!("nobody-{i}@example.net"), None);
+    }
+    let broken = addr("broken@example.net");
+    publish(s, &broken, "dsa-elg").await;
+    (want, broken)
+}
+
 /// Publishes the test's keys to `store`, serves it with its look-ups batched, sends
 /// [`REQUESTS`] look-ups at once and checks each answer.
 async fn each_look_up_gets_its_own_answer(store: Arc<dyn KeyStore>) {
-    let counted = Arc::new(Counted {
-        inner: Arc::clone(&store),
-        gets: AtomicUsize::new(0),
-        batches: AtomicUsize::new(0),
-        batched: AtomicUsize::new(0),
-    });
+    let counted = Counted::over(&store);
     let s: &dyn KeyStore = &*store;
     // Address -> the key it must be served (None: 404).
     let mut want: HashMap<String, Option<Vec<u8>>> = HashMap::new();
@@ -538,27 +569,9 @@ async fn postgres_a_refused_client_takes_no_place_in_the_queue() {
 async fn postgres_a_corrupt_record_costs_its_batch_a_few_round_trips() {
     let _one_at_a_time = FLOODS.lock().await;
     let (store, url, db) = postgres_store().await;
-    let counted = Arc::new(Counted {
-        inner: Arc::clone(&store),
-        gets: AtomicUsize::new(0),
-        batches: AtomicUsize::new(0),
-        batched: AtomicUsize::new(0),
-    });
+    let counted = Counted::over(&store);
     let s: &dyn KeyStore = &*store;
-    let mut want: HashMap<String, Option<Vec<u8>>> = HashMap::new();
-    for (local, name) in [
-        ("alice", "alice"),
-        ("subkeys", "subkeys"),
-        ("rsa", "rsa1024"),
-    ] {
-        let a = addr(&format!("{local}@example.net"));
-        want.insert(a.to_string(), Some(publish(s, &a, name).await.key));
-    }
-    for i in 0..100 {
-        want.insert(format!("nobody-{i}@example.net"), None);
-    }
-    let broken = addr("broken@example.net");
-    publish(s, &broken, "dsa-elg").await;
+    let (want, broken) = corrupt_record_set_up(s, 100).await;
     admin_on(
         &url,
         "UPDATE kst_keys SET current_version = current_version + 100 \
@@ -654,27 +667,9 @@ async fn redis_a_corrupt_record_fails_its_own_look_ups_only() {
             .await
             .unwrap_or_else(|e| panic!("Redis is not reachable: {e}")),
     );
-    let counted = Arc::new(Counted {
-        inner: Arc::clone(&store),
-        gets: AtomicUsize::new(0),
-        batches: AtomicUsize::new(0),
-        batched: AtomicUsize::new(0),
-    });
+    let counted = Counted::over(&store);
     let s: &dyn KeyStore = &*store;
-    let mut want: HashMap<String, Option<Vec<u8>>> = HashMap::new();
-    for (local, name) in [
-        ("alice", "alice"),
-        ("subkeys", "subkeys"),
-        ("rsa", "rsa1024"),
-    ] {
-        let a = addr(&format!("{local}@example.net"));
-        want.insert(a.to_string(), Some(publish(s, &a, name).await.key));
-    }
-    for i in 0..20 {
-        want.insert(format!("nobody-{i}@example.net"), None);
-    }
-    let broken = addr("broken@example.net");
-    publish(s, &broken, "dsa-elg").await;
+    let (want, broken) = corrupt_record_set_up(s, 20).await;
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("SET")
