@@ -43,11 +43,11 @@ pub use error::{Component, ComponentKind, Error, Result};
 pub use fingerprint::{Fingerprint, KeyId};
 pub use group_commit::GroupCommit;
 pub use kauth::AuthKey;
-pub use mailer::{Mailer, OutgoingMail};
+pub use mailer::{Delivery, Mailer, OutgoingMail};
 pub use policy::{AuthSource, Policy};
 pub use protocol::{Reason, Status};
 pub use ratelimit::{Hit, LimitKind, MemoryRateLimiter, RateLimiter, RateLimits};
-pub use service::{Decision, Envelope, HandleError, Handled, Kst, NotForKst};
+pub use service::{Decision, Envelope, HandleError, Handled, Kst, NotForKst, ReplyOutcome};
 pub use store::{
     DeletedPage, DeletedPublications, Expected, KeyRecord, KeyStore, NewKey, PublishOutcome,
     WalkCursor, WalkPage,

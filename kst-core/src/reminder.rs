@@ -20,7 +20,7 @@ use crate::address::Address;
 use crate::certificate::Certificate;
 use crate::error::Result;
 use crate::fingerprint::Fingerprint;
-use crate::mailer::OutgoingMail;
+use crate::mailer::{Delivery, OutgoingMail};
 use crate::ratelimit::{self, LimitKind};
 use crate::service::Kst;
 
@@ -82,11 +82,27 @@ impl ReminderClaim {
     }
 }
 
+/// A reminder this instance claimed that the relay refused for good ([`Delivery::Refused`]):
+/// not sent, and not tried again (its claim stays).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedReminder {
+    /// The reminder.
+    pub claim: ReminderClaim,
+    /// The relay's reply code (5xx).
+    pub code: u16,
+    /// What the relay answered, for the operator.
+    pub text: String,
+}
+
 /// What one run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReminderRun {
-    /// Reminders this instance claimed and handed to the mailer.
+    /// Reminders this instance claimed and the mailer made durable (spooled, or accepted by
+    /// the relay).
     pub sent: Vec<ReminderClaim>,
+    /// Reminders this instance claimed that the relay refused for good (an owner address the
+    /// relay does not know, say): not sent.
+    pub refused: Vec<RefusedReminder>,
     /// Due reminders another run (or instance) had claimed already.
     pub already_claimed: usize,
     /// Due reminders claimed but dropped because the owner's rate limit was exhausted.
@@ -148,6 +164,8 @@ pub fn build(service: &Address, claim: &ReminderClaim, now: u64) -> (String, Vec
 /// One run over the store of `kst` at time `now` (seconds since the Unix epoch; a test passes
 /// its own clock): claims and sends every due reminder (see the module documentation). A
 /// store or mailer failure ends the run with that (temporary) error; what was sent stays sent.
+/// A reminder the relay refuses for good is reported in [`ReminderRun::refused`], not as sent,
+/// and the run goes on with the others.
 pub async fn send_due(kst: &Kst, settings: &ReminderSettings, now: u64) -> Result<ReminderRun> {
     send_due_paced(kst, settings, now, |_| std::future::ready(())).await
 }
@@ -230,16 +248,26 @@ where
                 continue;
             }
             let (message_id, message) = build(&service, &claim, now);
-            kst.mailer()
+            let delivery = kst
+                .mailer()
                 .send(&OutgoingMail {
                     envelope_from: kst.envelope_from().cloned(),
                     recipient: address.clone(),
                     message,
-                    message_id,
+                    message_id: message_id.clone(),
                 })
                 .await?;
-            tracing::info!(account = %address, fingerprint = %claim.fingerprint, days_before, "expiry reminder sent");
-            run.sent.push(claim);
+            match delivery {
+                Delivery::Sent => {
+                    tracing::info!(account = %address, fingerprint = %claim.fingerprint, days_before, message_id, "expiry reminder sent");
+                    run.sent.push(claim);
+                }
+                Delivery::Refused { code, text } => {
+                    // Claimed: a refusal for good is not asked again by the next run.
+                    tracing::warn!(account = %address, fingerprint = %claim.fingerprint, days_before, message_id, code, relay = %text, "expiry reminder refused by the relay for good: not sent, not tried again (check that the relay knows this owner's address)");
+                    run.refused.push(RefusedReminder { claim, code, text });
+                }
+            }
         }
         pause(read).await;
         match next {
@@ -288,6 +316,69 @@ mod tests {
         .unwrap();
         assert_eq!(pauses, [500, 1_000, 1_200]);
         assert!(run.sent.is_empty());
+    }
+
+    /// A reminder the mailer's relay refuses for good (a 5xx) is reported refused with the
+    /// relay's code and answer, never as sent; its claim stays, so the next run does not ask
+    /// again; a reminder the mailer takes afterwards (another threshold) is sent.
+    #[tokio::test]
+    async fn a_reminder_the_relay_refuses_is_reported_refused_not_sent() {
+        use crate::KeyStore;
+        use std::sync::atomic::Ordering;
+        const EXPIRES: u64 = 1_893_499_200;
+        let account = crate::AddressPolicy::default()
+            .normalize("alice@example.net")
+            .unwrap();
+        let v = crate::validate::validate(
+            include_str!("../testdata/keys/reminder.pub.asc"),
+            &account,
+            &crate::validate::KeyPolicy::default(),
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_780_272_000),
+        )
+        .unwrap();
+        assert_eq!(v.expires_at, Some(EXPIRES));
+        let store = std::sync::Arc::new(crate::testing::MemoryStore::default());
+        let record = crate::NewKey {
+            address: account.clone(),
+            key: v.packets,
+            fingerprint: v.fingerprint,
+            publication_id: "4e4d0000000000000000000000000001".into(),
+            published_at: 1_780_272_000,
+            revoked: false,
+            expected: crate::Expected::Any,
+        }
+        .into_record(1);
+        store.restore(&[record]).await.unwrap();
+        let mailer = std::sync::Arc::new(crate::testing::MemoryMailer::default());
+        let kst = crate::service::Kst::new(
+            crate::policy::Policy::new(&["example.net"], &[]),
+            store,
+            mailer.clone(),
+        );
+        let settings = ReminderSettings::default();
+
+        mailer.refusing.store(true, Ordering::SeqCst);
+        let run = send_due(&kst, &settings, EXPIRES - 10 * DAY).await.unwrap();
+        assert!(run.sent.is_empty(), "{run:?}");
+        assert_eq!(run.refused.len(), 1, "{run:?}");
+        assert_eq!(run.refused[0].claim.address, account);
+        assert_eq!(run.refused[0].claim.days_before, 14);
+        assert_eq!(run.refused[0].code, 550);
+        assert!(run.refused[0].text.contains("alice@example.net"), "{run:?}");
+        assert!(mailer.sent.lock().unwrap().is_empty());
+
+        let again = send_due(&kst, &settings, EXPIRES - 10 * DAY).await.unwrap();
+        assert_eq!(
+            (again.sent.len(), again.refused.len(), again.already_claimed),
+            (0, 0, 1),
+            "claimed: not asked again"
+        );
+
+        mailer.refusing.store(false, Ordering::SeqCst);
+        let later = send_due(&kst, &settings, EXPIRES - 2 * DAY).await.unwrap();
+        assert_eq!((later.sent.len(), later.refused.len()), (1, 0), "{later:?}");
+        assert_eq!(later.sent[0].days_before, 3);
+        assert_eq!(mailer.sent.lock().unwrap().len(), 1);
     }
 
     #[test]

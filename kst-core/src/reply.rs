@@ -153,6 +153,8 @@ pub struct ReplyTo<'a> {
     pub question: Option<Question<'a>>,
     /// What a version 3 request asked of the key directory's answer (`KST-Log-*` headers).
     pub log_ask: LogAsk,
+    /// What became of the reply once [`crate::Kst`] handed it to its mailer (set once).
+    pub sent: std::sync::OnceLock<crate::service::ReplyOutcome>,
 }
 
 /// A built reply.

@@ -3,7 +3,8 @@
 //! [`Kst::handle`] is what both ingest modes (Postfix pipe, LMTP) call per recipient. Its result
 //! maps onto what the MTA must hear:
 //! - `Ok(Handled)`: kst decided (published, answered, refused with a reply, or left unanswered on
-//!   purpose); accept the message (exit 0, LMTP 250).
+//!   purpose); accept the message (exit 0, LMTP 250). [`Handled::reply`] says whether its reply
+//!   went out or an SMTP relay refused it for good (a 5xx: the request is decided without it).
 //! - `Err(HandleError::Temporary)`: the store or mailer failed; nothing half-done is visible;
 //!   the MTA keeps the message and retries (exit 75, LMTP 4xx).
 //! - `Err(HandleError::NotForKst)`: a recipient that is not kst's at all (exit 65, LMTP 5xx).
@@ -21,7 +22,7 @@ use crate::authres;
 use crate::body::{self, RequestBody};
 use crate::error::Error;
 use crate::kauth::AuthKey;
-use crate::mailer::{Mailer, OutgoingMail};
+use crate::mailer::{Delivery, Mailer, OutgoingMail};
 use crate::policy::{AuthSource, Policy};
 use crate::protocol::{
     HEADER_LOG_SINCE, HEADER_LOG_WITNESSED, LogAsk, Question, Reason, Status, TRANSPARENCY_VERSION,
@@ -210,6 +211,21 @@ pub struct Handled {
     pub kind: RequestKind,
     /// What kst decided.
     pub decision: Decision,
+    /// The reply kst handed to its mailer and what became of it; `None` when the request is
+    /// left unanswered ([`Decision::Ignored`]).
+    pub reply: Option<ReplyOutcome>,
+}
+
+/// The reply to one request and what became of it: durable ([`Delivery::Sent`]), or refused
+/// for good by the SMTP relay ([`Delivery::Refused`]: not sent, the request decided without it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyOutcome {
+    /// Its envelope recipient (the requester's envelope sender).
+    pub to: Address,
+    /// Its Message-ID (without angle brackets).
+    pub message_id: String,
+    /// Sent, or refused by the relay.
+    pub delivery: Delivery,
 }
 
 /// Mail that is not for kst at all: refuse permanently (5xx, exit 65).
@@ -430,6 +446,7 @@ impl Kst {
             version: crate::protocol::PROTOCOL_VERSION,
             question: None,
             log_ask: LogAsk::default(),
+            sent: std::sync::OnceLock::new(),
         };
         let body = match self.shape_problem(&message) {
             Some(problem) => Err(problem),
@@ -523,10 +540,12 @@ impl Kst {
                         None,
                     )
                     .await?;
+                let reply = ctx.sent.get().cloned();
                 return Ok(Handled {
                     message_id,
                     kind,
                     decision,
+                    reply,
                 });
             }
         };
@@ -536,10 +555,12 @@ impl Kst {
                 let decision = self
                     .refuse(&ctx, Reason::Malformed, None, Some(problem), None)
                     .await?;
+                let reply = ctx.sent.get().cloned();
                 return Ok(Handled {
                     message_id,
                     kind,
                     decision,
+                    reply,
                 });
             }
         };
@@ -568,10 +589,12 @@ impl Kst {
                     .await?
             }
         };
+        let reply = ctx.sent.get().cloned();
         Ok(Handled {
             message_id,
             kind,
             decision,
+            reply,
         })
     }
 
@@ -1070,15 +1093,25 @@ impl Kst {
         Ok(Decision::Refused { reason })
     }
 
+    /// Hands the reply `built` to the mailer and notes in `ctx` what became of it (for
+    /// [`Handled::reply`]); a temporary failure is the error.
     async fn send(&self, ctx: &ReplyTo<'_>, built: reply::BuiltReply) -> Result<(), Error> {
-        self.mailer
+        let delivery = self
+            .mailer
             .send(&OutgoingMail {
                 envelope_from: self.envelope_from.clone(),
                 recipient: ctx.requester.clone(),
                 message: built.message,
-                message_id: built.message_id,
+                message_id: built.message_id.clone(),
             })
-            .await
+            .await?;
+        // One reply per request: a second would not replace the first's outcome.
+        let _ = ctx.sent.set(ReplyOutcome {
+            to: ctx.requester.clone(),
+            message_id: built.message_id,
+            delivery,
+        });
+        Ok(())
     }
 }
 
@@ -1087,6 +1120,7 @@ fn silent(message_id: Option<String>, kind: RequestKind, why: Silence) -> Handle
         message_id,
         kind,
         decision: Decision::Ignored(why),
+        reply: None,
     }
 }
 

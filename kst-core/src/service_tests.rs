@@ -1909,3 +1909,53 @@ async fn a_redelivery_is_confirmed_with_the_current_key_of_its_primary_key() {
     assert_eq!(confirmed_key(&pending, &f.last_reply().message), v1.key);
     assert_eq!(f.store.history(&alice).await.unwrap().len(), 4);
 }
+
+/// `Handled::reply` says what became of the reply: sent (with its recipient and Message-ID),
+/// refused for good by the relay (a 5xx: the request is still decided, the refusal reported,
+/// never taken for a sent reply), or none for a request left unanswered.
+#[tokio::test]
+async fn the_reply_outcome_is_reported_sent_or_refused() {
+    let f = fixture();
+    let req = client::build_retrieval(&addr("carol@acme.net"), &addr("alice@example.net"));
+    let h = f
+        .kst
+        .handle(&env("carol@acme.net"), &req.message)
+        .await
+        .unwrap();
+    let reply = h.reply.expect("a reply");
+    assert_eq!(reply.delivery, Delivery::Sent);
+    assert_eq!(reply.to, addr("carol@acme.net"));
+    assert_eq!(reply.message_id, f.last_reply().message_id);
+
+    f.mailer.refusing.store(true, Ordering::SeqCst);
+    let req = client::build_retrieval(&addr("dave@acme.net"), &addr("alice@example.net"));
+    let h = f
+        .kst
+        .handle(&env("dave@acme.net"), &req.message)
+        .await
+        .unwrap();
+    assert_eq!(
+        h.decision,
+        Decision::Answered {
+            status: Status::NotFound,
+            address: addr("alice@example.net")
+        },
+        "decided without its reply"
+    );
+    let reply = h.reply.expect("a reply was handed to the mailer");
+    assert_eq!(reply.to, addr("dave@acme.net"));
+    match &reply.delivery {
+        Delivery::Refused { code, text } => {
+            assert_eq!(*code, 550);
+            assert!(text.contains("dave@acme.net"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.sent(), 1, "only the first reply was sent");
+
+    let mut ignored = req.message.clone();
+    ignored.splice(0..0, b"Auto-Submitted: auto-replied\r\n".iter().copied());
+    let h = f.kst.handle(&env("dave@acme.net"), &ignored).await.unwrap();
+    assert!(matches!(h.decision, Decision::Ignored(_)), "{h:?}");
+    assert_eq!(h.reply, None);
+}

@@ -14,7 +14,7 @@ use crate::address::Address;
 use crate::error::{Error, Result};
 use crate::fingerprint::{Fingerprint, KeyId};
 use crate::key_index::IndexEntries;
-use crate::mailer::{Mailer, OutgoingMail};
+use crate::mailer::{Delivery, Mailer, OutgoingMail};
 use crate::store::{KeyRecord, KeyStore, NewKey, PublishOutcome, validate_history};
 use crate::wkd::WkdHash;
 
@@ -231,13 +231,17 @@ impl KeyStore for MemoryStore {
     }
 }
 
-/// Collects sent mail; `down` makes sending fail temporarily.
+/// Collects sent mail; `down` makes sending fail temporarily, `refusing` refuses every reply
+/// for good as a relay's 5xx would.
 #[derive(Debug, Default)]
 pub struct MemoryMailer {
     /// Every mail sent, in order.
     pub sent: Mutex<Vec<OutgoingMail>>,
     /// While true, sending fails with a temporary error (an outage).
     pub down: AtomicBool,
+    /// While true, every reply is refused for good ([`Delivery::Refused`] with a 550) and not
+    /// kept in `sent`.
+    pub refusing: AtomicBool,
 }
 
 #[async_trait]
@@ -245,12 +249,21 @@ impl Mailer for MemoryMailer {
     fn name(&self) -> &'static str {
         "memory"
     }
-    async fn send(&self, mail: &OutgoingMail) -> Result<()> {
+    async fn send(&self, mail: &OutgoingMail) -> Result<Delivery> {
         if self.down.load(Ordering::SeqCst) {
             return Err(Error::unavailable("mailer(memory)", "down for the test"));
         }
+        if self.refusing.load(Ordering::SeqCst) {
+            return Ok(Delivery::Refused {
+                code: 550,
+                text: format!(
+                    "RCPT TO refused by memory: 550 5.1.1 <{}>: Recipient address rejected",
+                    mail.recipient
+                ),
+            });
+        }
         self.sent.lock().unwrap().push(mail.clone());
-        Ok(())
+        Ok(Delivery::Sent)
     }
     async fn check(&self) -> Result<()> {
         Ok(())

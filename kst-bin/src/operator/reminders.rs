@@ -11,7 +11,9 @@ use crate::shared::{report, wiring};
 #[derive(Debug, Subcommand)]
 pub enum RemindersCommand {
     /// Mail the owners of keys that expire soon (`[reminders]`), once per key, expiry and
-    /// threshold; prints what was sent as JSON.
+    /// threshold; prints what was sent as JSON (`sent`; `refused`: the ones the SMTP relay
+    /// refused for good, with its code and answer, not sent and not tried again;
+    /// `already_claimed`; `rate_limited`).
     Send {
         /// Run as if it were this time (seconds since the Unix epoch), for tests and drills.
         #[arg(long, value_name = "UNIX_SECONDS", hide = true)]
@@ -28,7 +30,7 @@ pub async fn run(config: Option<&std::path::Path>, cmd: RemindersCommand) -> u8 
     };
     if !cfg.reminders.enabled {
         eprintln!("kst: reminders are off ([reminders] enabled = false)");
-        println!("{{\"sent\":[],\"already_claimed\":0,\"rate_limited\":0}}");
+        println!("{{\"sent\":[],\"refused\":[],\"already_claimed\":0,\"rate_limited\":0}}");
         return exit::OK;
     }
     let kst = match wiring::build_kst(&cfg).await {
@@ -50,8 +52,23 @@ pub async fn run(config: Option<&std::path::Path>, cmd: RemindersCommand) -> u8 
                     })
                 })
                 .collect();
+            let refused: Vec<serde_json::Value> = run
+                .refused
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "address": r.claim.address.as_str(),
+                        "fingerprint": r.claim.fingerprint.as_str(),
+                        "expires_at": r.claim.expires_at,
+                        "days_before": r.claim.days_before,
+                        "code": r.code,
+                        "relay": r.text,
+                    })
+                })
+                .collect();
             let report = serde_json::json!({
                 "sent": sent,
+                "refused": refused,
                 "already_claimed": run.already_claimed,
                 "rate_limited": run.rate_limited,
             })

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use kst_core::service::{HandleError, Handled};
-use kst_core::{ComponentKind, Error};
+use kst_core::service::{HandleError, Handled, ReplyOutcome};
+use kst_core::{ComponentKind, Delivery, Error};
 
 use crate::shared::metrics;
 
@@ -22,8 +22,9 @@ pub struct Origin<'a> {
 }
 
 /// Logs one `Kst::handle` result and counts it in the metrics (a no-op without the
-/// `kst serve` recorder): `message handled` at info, `message rejected` (not for kst) and
-/// `message deferred` (the MTA retries) at warn.
+/// `kst serve` recorder): `message handled` at info (with `reply` = `sent`, `refused` or
+/// `none`), a reply the relay refused for good (`kst_mailer_refused_total`, counted by the
+/// mailer), `message rejected` (not for kst) and `message deferred` (the MTA retries) at warn.
 pub fn record(result: &Result<Handled, HandleError>, origin: &Origin<'_>, elapsed: Duration) {
     let duration_ms = elapsed.as_secs_f64() * 1000.0;
     let recipient = origin.recipient;
@@ -41,10 +42,28 @@ pub fn record(result: &Result<Handled, HandleError>, origin: &Origin<'_>, elapse
                 outcome,
                 reason = h.decision.reason().unwrap_or("-"),
                 address = %h.decision.address().map_or("-".to_string(), |a| a.to_string()),
+                reply = h.reply.as_ref().map_or("none", |r| r.delivery.as_str()),
                 duration_ms,
                 peer,
                 "message handled"
             );
+            if let Some(ReplyOutcome {
+                to,
+                message_id: reply_id,
+                delivery: Delivery::Refused { code, text },
+            }) = &h.reply
+            {
+                tracing::warn!(
+                    message_id = h.message_id.as_deref().unwrap_or("-"),
+                    queue_id,
+                    outcome,
+                    reply_to = %to,
+                    reply_id = %reply_id,
+                    code,
+                    relay = %text,
+                    "the relay refused this reply for good: not sent, the request is decided without it (a forged request's sender, or a recipient or message the relay does not take)"
+                );
+            }
         }
         Err(HandleError::NotForKst(why)) => {
             metrics::message("other", "rejected", elapsed);

@@ -318,7 +318,7 @@ pub fn reminder_pace(start: tokio::time::Instant, read: usize) -> tokio::time::I
 /// Sends the expiry reminders every `[reminders] interval_secs`, the first run at start, each
 /// run paced ([`REMINDER_KEYS_PER_SEC`]). A failed run (store or mailer down) is logged and
 /// the next one tries again; each reminder goes out at most once across a pool (claimed in
-/// the store first).
+/// the store first). What each run did is counted in `kst_reminders_total{outcome}`.
 async fn reminder_loop(kst: Kst) {
     let settings = kst.reminders().clone();
     let mut every = tokio::time::interval(Duration::from_secs(settings.interval_secs.max(1)));
@@ -330,13 +330,20 @@ async fn reminder_loop(kst: Kst) {
         match kst_core::reminder::send_due_paced(&kst, &settings, kst_core::time::unix_now(), pace)
             .await
         {
-            Ok(run) if !run.sent.is_empty() || run.rate_limited > 0 => tracing::info!(
-                sent = run.sent.len(),
-                already_claimed = run.already_claimed,
-                rate_limited = run.rate_limited,
-                "expiry reminders"
-            ),
-            Ok(_) => {}
+            Ok(run) => {
+                crate::shared::metrics::reminders("sent", run.sent.len());
+                crate::shared::metrics::reminders("refused", run.refused.len());
+                crate::shared::metrics::reminders("rate-limited", run.rate_limited);
+                if !run.sent.is_empty() || !run.refused.is_empty() || run.rate_limited > 0 {
+                    tracing::info!(
+                        sent = run.sent.len(),
+                        refused = run.refused.len(),
+                        already_claimed = run.already_claimed,
+                        rate_limited = run.rate_limited,
+                        "expiry reminders"
+                    );
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "expiry reminders failed; retried next run"),
         }
     }

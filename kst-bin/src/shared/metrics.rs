@@ -23,6 +23,9 @@ pub const MAILER_REPLIES_TOTAL: &str = "kst_mailer_replies_total";
 /// Replies the SMTP relay refused for good (a 5xx to their recipient or data), by `code`: not
 /// sent, their requests decided without them.
 pub const MAILER_REFUSED_TOTAL: &str = "kst_mailer_refused_total";
+/// Expiry reminders claimed by this instance's runs (`kst serve`), by `outcome`: `sent`,
+/// `refused` (the SMTP relay refused it for good: not sent), `rate-limited` (dropped).
+pub const REMINDERS_TOTAL: &str = "kst_reminders_total";
 /// LMTP connections open now.
 pub const LMTP_CONNECTIONS: &str = "kst_lmtp_connections";
 /// LMTP connections accepted since start.
@@ -133,6 +136,10 @@ fn register_descriptions() {
         MAILER_REFUSED_TOTAL,
         "Replies the SMTP relay refused for good (5xx), left unsent, by reply code"
     );
+    describe_counter!(
+        REMINDERS_TOTAL,
+        "Expiry reminders claimed by this instance, by outcome (sent, refused by the relay, rate-limited)"
+    );
     describe_gauge!(LMTP_CONNECTIONS, "LMTP connections open now");
     describe_counter!(LMTP_CONNECTIONS_TOTAL, "LMTP connections accepted");
     describe_counter!(
@@ -147,6 +154,14 @@ fn register_descriptions() {
         LMTP_TIMEOUTS_TOTAL,
         "LMTP sessions closed for a slow client"
     );
+}
+
+/// Counts `n` expiry reminders of one run with `outcome` (`sent`, `refused`, `rate-limited`).
+pub fn reminders(outcome: &'static str, n: usize) {
+    if n > 0 {
+        ::metrics::counter!(REMINDERS_TOTAL, "outcome" => outcome)
+            .increment(u64::try_from(n).unwrap_or(u64::MAX));
+    }
 }
 
 /// Records one handled message (one recipient).

@@ -11,7 +11,7 @@ use tokio::sync::Barrier;
 use super::cas::{Variant, merge_key};
 use super::{DOMAIN, address, delete, publish};
 use crate::error::Result;
-use crate::mailer::{Mailer, OutgoingMail};
+use crate::mailer::{Delivery, Mailer, OutgoingMail};
 use crate::policy::Policy;
 use crate::reminder::{ReminderClaim, ReminderSettings, send_due};
 use crate::service::Kst;
@@ -60,9 +60,9 @@ impl Mailer for Recorder {
     fn name(&self) -> &'static str {
         "recorder"
     }
-    async fn send(&self, mail: &OutgoingMail) -> Result<()> {
+    async fn send(&self, mail: &OutgoingMail) -> Result<Delivery> {
         self.sent.lock().unwrap().push(mail.clone());
-        Ok(())
+        Ok(Delivery::Sent)
     }
     async fn check(&self) -> Result<()> {
         Ok(())

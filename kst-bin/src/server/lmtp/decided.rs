@@ -161,6 +161,7 @@ mod tests {
             message_id: Some(format!("m{n}@example.org")),
             kind: RequestKind::Other,
             decision: Decision::Ignored(Silence::NullSender),
+            reply: None,
         }
     }
 

@@ -563,6 +563,7 @@ fn drop_oversize(ctx: &ConnectionContext, tx: &Transaction, peer: &str) -> Vec<R
         message_id: None,
         kind: RequestKind::Other,
         decision: Decision::Ignored(Silence::TooLarge),
+        reply: None,
     });
     tracing::warn!(
         queue_id,

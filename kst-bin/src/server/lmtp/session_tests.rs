@@ -420,6 +420,7 @@ fn handled(message_id: Option<&str>, decision: Decision) -> Result<Handled, Hand
         message_id: message_id.map(str::to_string),
         kind: RequestKind::Publication,
         decision,
+        reply: None,
     })
 }
 

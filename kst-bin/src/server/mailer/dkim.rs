@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use base64::Engine;
-use kst_core::{Component, Error, Mailer, OutgoingMail, Policy, Result};
+use kst_core::{Component, Delivery, Error, Mailer, OutgoingMail, Policy, Result};
 use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256, SigningKey};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::{DkimSigner, Done};
@@ -410,7 +410,7 @@ impl Mailer for DkimMailer {
         self.inner.name()
     }
 
-    async fn send(&self, mail: &OutgoingMail) -> Result<()> {
+    async fn send(&self, mail: &OutgoingMail) -> Result<Delivery> {
         let domain = from_domain(&mail.message).ok_or_else(|| {
             Error::unavailable(COMPONENT, "the reply has no From address to sign for")
         })?;

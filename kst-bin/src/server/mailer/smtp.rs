@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kst_core::{Component, Error, Mailer, OutgoingMail, Result};
+use kst_core::{Component, Delivery, Error, Mailer, OutgoingMail, Result};
 use mail_send::smtp::message::Parameters;
 use mail_send::{Credentials, SmtpClient, SmtpClientBuilder};
 use smtp_proto::EXT_PIPELINING;
@@ -94,10 +94,10 @@ impl std::fmt::Display for SubmitError {
 ///
 /// A 5xx to the reply's `RCPT TO` or to the end of its data is the relay's permanent refusal
 /// of that one reply (a recipient it does not know, such as a forged request's sender; a
-/// message it will not take): asking again would be refused again, so [`Mailer::send`] logs it
-/// (a warning with the relay's answer), counts it in `kst_mailer_refused_total` and returns
-/// `Ok`: the request is decided, its reply left unsent on purpose, and the MTA does not retry
-/// it. Every other failure (connection, TLS, AUTH, a refused `MAIL FROM` or `DATA`, a 4xx,
+/// message it will not take): asking again would be refused again, so [`Mailer::send`] counts it
+/// in `kst_mailer_refused_total` and returns [`Delivery::Refused`] with the relay's answer; the
+/// caller logs it (a request is decided without its reply and the MTA does not retry it; an
+/// expiry reminder is reported refused, not sent). Every other failure (connection, TLS, AUTH, a refused `MAIL FROM` or `DATA`, a 4xx,
 /// `[mailer] timeout_secs` running out) is a temporary `Error::Unavailable`, so the request
 /// stays with the MTA and is retried. A lost connection after the data was sent but before
 /// the relay's answer can, on that retry, send a reply twice: replies are at-least-once.
@@ -495,23 +495,31 @@ impl Mailer for SmtpMailer {
     }
 
     /// [`SmtpMailer::submit`]. A permanent refusal of this reply (a 5xx to its `RCPT TO` or
-    /// its data) is logged, counted and `Ok`: the request is decided without its reply, since
-    /// asking the relay again would only be refused again. Every other failure is temporary, so
-    /// that the request that wanted this reply stays with the MTA and is retried.
-    async fn send(&self, mail: &OutgoingMail) -> Result<()> {
+    /// its data) is counted in `kst_mailer_refused_total` and returned as
+    /// [`Delivery::Refused`], for the caller to log in its own terms (a request decided without
+    /// its reply, a reminder not sent): asking the relay again would only be refused again.
+    /// Every other failure is temporary, so that the request that wanted this reply stays with
+    /// the MTA and is retried.
+    async fn send(&self, mail: &OutgoingMail) -> Result<Delivery> {
         match self.submit(mail).await {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(Delivery::Sent),
             Err(SubmitError::Refused { code, error }) if code >= 500 => {
                 crate::shared::metrics::mailer_refused(code);
-                tracing::warn!(
+                tracing::debug!(
                     relay = %self.relay,
                     message_id = %mail.message_id,
                     recipient = %mail.recipient,
                     code,
                     error = %error,
-                    "the relay refused this reply for good: not sent, the request is decided without it (a forged request's sender, or a recipient or message the relay does not take)"
+                    "the relay refused this reply for good"
                 );
-                Ok(())
+                // The relay's answer alone: the error's own wording ("stays queued and is
+                // retried") is not true of a refusal.
+                let text = match error {
+                    Error::Unavailable { message, .. } => message,
+                    other => other.to_string(),
+                };
+                Ok(Delivery::Refused { code, text })
             }
             Err(e) => Err(e.into_error()),
         }

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use kst_core::durable::{self, AtomicFile, DurableError};
-use kst_core::{Component, Error, GroupCommit, Mailer, OutgoingMail, Result};
+use kst_core::{Component, Delivery, Error, GroupCommit, Mailer, OutgoingMail, Result};
 
 const COMPONENT: Component = Component::mailer("spool");
 
@@ -64,7 +64,7 @@ impl Mailer for SpoolMailer {
         "spool"
     }
 
-    async fn send(&self, mail: &OutgoingMail) -> Result<()> {
+    async fn send(&self, mail: &OutgoingMail) -> Result<Delivery> {
         let dir = self.dir.clone();
         let dir_sync = self.dir_sync.clone();
         let bytes = Self::render(mail);
@@ -81,7 +81,7 @@ impl Mailer for SpoolMailer {
                 )
             })?;
         tracing::debug!(file = %name.display(), message_id = %mail.message_id, "reply spooled");
-        Ok(())
+        Ok(Delivery::Sent)
     }
 
     async fn check(&self) -> Result<()> {
