@@ -893,8 +893,10 @@ async fn postgres_abandoned_requests_of_one_client_do_not_fill_the_counts_outsta
     let counters: Arc<dyn kst_core::RateLimiter> = Arc::new(
         kst_postgres::PostgresStore::builder(&url)
             .max_connections(8)
-            // The stall outlasts the test: no flush fails meanwhile.
-            .operation_timeout(Duration::from_secs(60))
+            // The stall outlasts the test: no flush fails meanwhile (a flush is a write: the
+            // write timeout, 5 s by default, cut it off when the flood took 20 s at load 11).
+            .write_timeout(Duration::from_secs(100))
+            .operation_timeout(Duration::from_secs(120))
             .connect()
             .await
             .expect("connect"),
