@@ -5,7 +5,8 @@
 //! puts one in front of a store whose [`KeyStore::batches_reads`] says so (PostgreSQL, Redis
 //! on one server); on the fs store each look-up reads its file alone, as before.
 //!
-//! It works like the counters' [`super::coalesce`]: a request's address joins a queue. When
+//! It works like the counters' [`super::coalesce`], on the same queue and tasks
+//! ([`super::batcher`]): a request's address joins a queue. When
 //! fewer than [`MAX_IN_FLIGHT`] batches are being read, a reader task starts at once and
 //! reads what is queued; otherwise the address waits until a reader is done with its batch
 //! and takes everything queued meanwhile (up to [`MAX_BATCH`] addresses a batch, each
@@ -34,11 +35,13 @@
 //! refused, so a client that sends look-ups and closes its connections holds no more of the
 //! queue than its open connections.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use kst_core::{Address, Error, KeyRecord, KeyStore, Result};
 use tokio::sync::oneshot;
+
+use super::batcher::{self, Batcher, Job, Limits};
 
 /// Most batches being read at once (each one round trip to the store).
 pub const MAX_IN_FLIGHT: usize = 2;
@@ -52,30 +55,30 @@ pub const MAX_BATCH: usize = 128;
 /// one round trip, far below the bound.
 pub const MAX_QUEUED: usize = 4 * MAX_BATCH;
 
-/// The address of one request and where its answer goes.
-struct Pending {
-    address: Address,
-    reply: oneshot::Sender<Result<Option<KeyRecord>>>,
-}
+/// The look-ups waiting: each request's address (one unit of the bound each).
+type Queue = batcher::Queue<Address, Option<KeyRecord>>;
 
-#[derive(Default)]
-struct Queue {
-    waiting: VecDeque<Pending>,
-    /// Reader tasks running.
-    readers: usize,
-}
-
-struct Shared {
+/// The reads of a [`ReadBatcher`]: batches of addresses from `store`.
+struct Reading {
     store: Arc<dyn KeyStore>,
-    queue: Mutex<Queue>,
-    max_in_flight: usize,
-    max_batch: usize,
-    max_queued: usize,
 }
 
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+impl Job for Reading {
+    type Request = Address;
+    type Answer = Option<KeyRecord>;
+    type Batch = Batch;
+
+    const COMPONENT: &'static str = "store(read batch)";
+    const WORK: &'static str = "reading this batch of look-ups";
+
+    fn take(queue: &mut Queue, max_batch: usize) -> Option<Batch> {
+        let batch = next_batch(queue, max_batch);
+        (!batch.requests.is_empty()).then_some(batch)
+    }
+
+    async fn run(&self, batch: Batch) {
+        let answers = read_batch(&*self.store, &batch.addresses).await;
+        answer(batch, answers);
     }
 }
 
@@ -83,7 +86,7 @@ impl Shared {
 /// module documentation). Needs a Tokio runtime. Cheap to clone (clones share the queue).
 #[derive(Clone)]
 pub struct ReadBatcher {
-    shared: Arc<Shared>,
+    batcher: Batcher<Reading>,
 }
 
 impl ReadBatcher {
@@ -102,71 +105,62 @@ impl ReadBatcher {
         max_batch: usize,
         max_queued: usize,
     ) -> ReadBatcher {
+        let limits = Limits {
+            max_in_flight,
+            max_batch: max_batch.clamp(1, kst_core::store::MAX_GET_MANY),
+            max_queued,
+        };
         ReadBatcher {
-            shared: Arc::new(Shared {
-                store,
-                queue: Mutex::default(),
-                max_in_flight: max_in_flight.max(1),
-                max_batch: max_batch.clamp(1, kst_core::store::MAX_GET_MANY),
-                max_queued: max_queued.max(1),
-            }),
+            batcher: Batcher::new(Reading { store }, limits),
         }
     }
 
     /// The store read from.
     pub fn store(&self) -> &Arc<dyn KeyStore> {
-        &self.shared.store
+        &self.batcher.job().store
     }
 
     /// Look-ups waiting for a batch now (not those being read).
     pub fn queued(&self) -> usize {
-        self.shared.lock().waiting.len()
+        self.batcher.lock().len()
     }
 
     /// The current key of `address`, as [`KeyStore::get`] answers it, read in a batch with
     /// the concurrent look-ups; a temporary error at once when [`MAX_QUEUED`] look-ups are
     /// waiting already.
     pub async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
-        let (reply, answer) = oneshot::channel();
-        let start = {
-            let mut q = self.shared.lock();
-            if q.waiting.len() >= self.shared.max_queued {
+        let admit = |q: &mut Queue, _units: usize, max_queued: usize| {
+            if q.len() >= max_queued {
                 // Requests whose caller went away hold no place: they need no answer (red
                 // team round 9: a client that sent look-ups and closed their connections left
                 // them queued until a batch took them, and so filled the queue of everyone
                 // beyond its own connections' share while the store was slow).
-                q.waiting.retain(|p| !p.reply.is_closed());
+                q.drop_gone();
             }
-            if q.waiting.len() >= self.shared.max_queued {
-                let queued = q.waiting.len();
-                drop(q);
-                super::metrics::lookups_busy();
-                return Err(busy(self.shared.store.name(), queued));
+            if q.len() >= max_queued {
+                Err(q.len())
+            } else {
+                Ok(())
             }
-            q.waiting.push_back(Pending {
-                address: address.clone(),
-                reply,
-            });
-            let start = q.readers < self.shared.max_in_flight;
-            if start {
-                q.readers += 1;
-            }
-            start
         };
-        if start {
-            tokio::spawn(read(Arc::clone(&self.shared)));
+        match self.batcher.enqueue(address.clone(), 1, admit) {
+            Ok(ticket) => ticket.answer().await,
+            Err(queued) => {
+                super::metrics::lookups_busy();
+                Err(busy(self.store().name(), queued))
+            }
         }
-        answer.await.unwrap_or_else(|_| Err(lost()))
     }
 }
 
 impl std::fmt::Debug for ReadBatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let limits = self.batcher.limits();
         f.debug_struct("ReadBatcher")
-            .field("store", &self.shared.store.name())
-            .field("max_in_flight", &self.shared.max_in_flight)
-            .field("max_batch", &self.shared.max_batch)
-            .field("max_queued", &self.shared.max_queued)
+            .field("store", &self.store().name())
+            .field("max_in_flight", &limits.max_in_flight)
+            .field("max_batch", &limits.max_batch)
+            .field("max_queued", &limits.max_queued)
             .finish()
     }
 }
@@ -183,10 +177,7 @@ fn busy(store: &str, queued: usize) -> Error {
 }
 
 fn lost() -> Error {
-    Error::unavailable(
-        "store(read batch)",
-        "the task reading this batch of look-ups ended before it answered",
-    )
+    batcher::lost::<Reading>()
 }
 
 /// One batch: its distinct addresses, and for each request the index of its address.
@@ -203,80 +194,30 @@ fn next_batch(queue: &mut Queue, max_batch: usize) -> Batch {
         requests: Vec::new(),
     };
     let mut index: HashMap<Address, usize> = HashMap::new();
-    while let Some(p) = queue.waiting.front() {
-        if p.reply.is_closed() {
-            queue.waiting.pop_front();
+    while let Some(p) = queue.front() {
+        if p.is_gone() {
+            queue.pop_front();
             continue;
         }
-        let known = index.get(&p.address).copied();
+        let known = index.get(&p.request).copied();
         if known.is_none() && batch.addresses.len() >= max_batch {
             break;
         }
-        let Some(p) = queue.waiting.pop_front() else {
+        let Some((address, reply)) = queue.pop_front().map(batcher::Pending::into_parts) else {
             break;
         };
         let i = match known {
             Some(i) => i,
             None => {
                 let i = batch.addresses.len();
-                index.insert(p.address.clone(), i);
-                batch.addresses.push(p.address);
+                index.insert(address.clone(), i);
+                batch.addresses.push(address);
                 i
             }
         };
-        batch.requests.push((i, p.reply));
+        batch.requests.push((i, reply));
     }
     batch
-}
-
-/// Ends a reader: on a normal end it has already left the count (under the lock, when it
-/// found the queue empty); when it panicked, this leaves it and starts another reader for
-/// what is queued, so that nobody waits for a reader that is gone.
-struct ReaderGuard {
-    shared: Arc<Shared>,
-    done: bool,
-}
-
-impl Drop for ReaderGuard {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let mut q = self.shared.lock();
-        if q.waiting.is_empty() {
-            q.readers -= 1;
-        } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            // Takes this reader's place.
-            rt.spawn(read(Arc::clone(&self.shared)));
-        } else {
-            q.readers -= 1;
-            for p in q.waiting.drain(..) {
-                let _ = p.reply.send(Err(lost()));
-            }
-        }
-    }
-}
-
-/// Reads batches off the queue until it is empty.
-async fn read(shared: Arc<Shared>) {
-    let mut guard = ReaderGuard {
-        shared: Arc::clone(&shared),
-        done: false,
-    };
-    loop {
-        let batch = {
-            let mut q = shared.lock();
-            let batch = next_batch(&mut q, shared.max_batch);
-            if batch.requests.is_empty() {
-                q.readers -= 1;
-                guard.done = true;
-                return;
-            }
-            batch
-        };
-        let answers = read_batch(&*shared.store, &batch.addresses).await;
-        answer(batch, answers);
-    }
 }
 
 /// The answer for each of `addresses` (distinct): one `get` for one address, one
@@ -490,10 +431,7 @@ mod tests {
         let mut answers = Vec::new();
         for local in ["a", "b", "a", "gone", "c", "b", "d"] {
             let (reply, answer) = oneshot::channel();
-            q.waiting.push_back(Pending {
-                address: addr(local),
-                reply,
-            });
+            q.push_for_test(batcher::Pending::new(addr(local), 1, reply));
             if local != "gone" {
                 answers.push(answer);
             }
@@ -608,14 +546,11 @@ mod tests {
         // Fill the queue by hand (no reader runs for it), then ask once more.
         let mut keep = Vec::new();
         {
-            let mut q = batcher.shared.lock();
-            q.readers = 1;
+            let mut q = batcher.batcher.lock();
+            q.set_workers_for_test(1);
             for i in 0..2 {
                 let (reply, answer) = oneshot::channel();
-                q.waiting.push_back(Pending {
-                    address: addr(&format!("q{i}")),
-                    reply,
-                });
+                q.push_for_test(batcher::Pending::new(addr(&format!("q{i}")), 1, reply));
                 keep.push(answer);
             }
         }
@@ -689,15 +624,12 @@ mod tests {
         let store = Arc::new(Reads::with(&["late"]));
         let batcher = ReadBatcher::with_limits(store.clone(), 1, 4, 2);
         {
-            let mut q = batcher.shared.lock();
+            let mut q = batcher.batcher.lock();
             // A reader busy with its batch: nothing is taken off the queue meanwhile.
-            q.readers = 1;
+            q.set_workers_for_test(1);
             for i in 0..2 {
                 let (reply, answer) = oneshot::channel();
-                q.waiting.push_back(Pending {
-                    address: addr(&format!("gone{i}")),
-                    reply,
-                });
+                q.push_for_test(batcher::Pending::new(addr(&format!("gone{i}")), 1, reply));
                 // Its client closed the connection.
                 drop(answer);
             }
@@ -717,10 +649,10 @@ mod tests {
         let e = batcher.get(&addr("third")).await.unwrap_err();
         assert!(e.is_temporary(), "live look-ups fill the queue: {e}");
         // The busy reader is done with its batch and reads the queue.
-        tokio::spawn(read(Arc::clone(&batcher.shared)));
+        tokio::spawn(batcher.batcher.work_for_test());
         assert_eq!(late.await.unwrap().unwrap(), Some(record("late")));
         assert_eq!(nobody.await.unwrap().unwrap(), None);
         assert_eq!(batcher.queued(), 0);
-        assert_eq!(batcher.shared.lock().readers, 0);
+        assert_eq!(batcher.batcher.lock().workers(), 0);
     }
 }

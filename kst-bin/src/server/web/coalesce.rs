@@ -2,7 +2,8 @@
 //! [`RateLimiter::hit_many`] (one PostgreSQL statement, one Redis script) for many requests,
 //! instead of a round trip per counter per request.
 //!
-//! A request's hits join a queue. When fewer than [`MAX_IN_FLIGHT`] batches are being counted,
+//! A request's hits join a queue (the one the look-ups' [`super::batch`] uses too,
+//! [`super::batcher`]). When fewer than [`MAX_IN_FLIGHT`] batches are being counted,
 //! a flusher task starts at once and sends what is queued; otherwise the hits wait until a
 //! flusher is done with its batch and takes everything queued meanwhile (up to [`MAX_BATCH`]
 //! hits a batch). So requests are gathered for exactly as long as the counters are busy: a
@@ -47,14 +48,14 @@
 //! it back while it waits and holds it again before its look-up
 //! ([`super::limits::MissRoom`]).
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use kst_core::ratelimit::Hit;
 use kst_core::{Error, RateLimiter, Result};
-use tokio::sync::oneshot;
+
+use super::batcher::{self, Batcher, Job, Limits, Pending};
 
 /// Most batches being counted at once (each one round trip to the counters).
 pub const MAX_IN_FLIGHT: usize = 2;
@@ -69,34 +70,57 @@ pub const MAX_BATCH: usize = 256;
 /// arrived during one round trip, far below the bound.
 pub const MAX_QUEUED_HITS: usize = 4 * MAX_BATCH;
 
-/// The hits of one request and where its answers go.
-struct Pending {
-    hits: Vec<Hit>,
-    reply: oneshot::Sender<Result<Vec<bool>>>,
-}
+/// The requests waiting: each one's hits (as many units of the bound).
+type Queue = batcher::Queue<Vec<Hit>, Vec<bool>>;
 
-#[derive(Default)]
-struct Queue {
-    waiting: VecDeque<Pending>,
-    /// Hits in `waiting`.
-    hits: usize,
-    /// Room held for hits not yet sent ([`Room`]s alive).
-    reserved: usize,
-    /// Flusher tasks running.
-    flushers: usize,
-}
-
-struct Shared {
+/// The counting of a [`Coalescer`]: batches of whole requests' hits in `inner`.
+struct Counting {
     inner: Arc<dyn RateLimiter>,
-    queue: Mutex<Queue>,
-    max_in_flight: usize,
-    max_batch: usize,
-    max_queued: usize,
 }
 
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+impl Job for Counting {
+    type Request = Vec<Hit>;
+    type Answer = Vec<bool>;
+    type Batch = Vec<Pending<Vec<Hit>, Vec<bool>>>;
+
+    const COMPONENT: &'static str = "ratelimit(coalescer)";
+    const WORK: &'static str = "counting this batch of hits";
+
+    fn take(queue: &mut Queue, max_batch: usize) -> Option<Self::Batch> {
+        (queue.len() > 0).then(|| next_batch(queue, max_batch))
+    }
+
+    async fn run(&self, batch: Self::Batch) {
+        let hits: Vec<Hit> = batch
+            .iter()
+            .flat_map(|p| p.request.iter().cloned())
+            .collect();
+        let answers = self.inner.hit_many(&hits).await;
+        let mut at = 0;
+        for p in batch {
+            let (mine, reply) = p.into_parts();
+            let n = mine.len();
+            let verdicts = match &answers {
+                Ok(verdicts) => verdicts
+                    .get(at..at + n)
+                    .map(<[bool]>::to_vec)
+                    .ok_or_else(|| {
+                        Error::corrupt(
+                            "ratelimit(coalescer)",
+                            format!(
+                                "{} answered {} verdicts for {} hits",
+                                self.inner.name(),
+                                verdicts.len(),
+                                hits.len()
+                            ),
+                        )
+                    }),
+                Err(e) => Err(e.clone()),
+            };
+            at += n;
+            // A request that went away no longer listens; its hits were counted all the same.
+            let _ = reply.send(verdicts);
+        }
     }
 }
 
@@ -104,7 +128,7 @@ impl Shared {
 /// limiter (see the module documentation). Needs a Tokio runtime when counting.
 #[derive(Clone)]
 pub struct Coalescer {
-    shared: Arc<Shared>,
+    batcher: Batcher<Counting>,
 }
 
 impl Coalescer {
@@ -123,25 +147,28 @@ impl Coalescer {
         max_batch: usize,
         max_queued: usize,
     ) -> Coalescer {
+        let limits = Limits {
+            max_in_flight,
+            max_batch,
+            max_queued,
+        };
         Coalescer {
-            shared: Arc::new(Shared {
-                inner,
-                queue: Mutex::default(),
-                max_in_flight: max_in_flight.max(1),
-                max_batch: max_batch.max(1),
-                max_queued: max_queued.max(1),
-            }),
+            batcher: Batcher::new(Counting { inner }, limits),
         }
+    }
+
+    fn inner(&self) -> &Arc<dyn RateLimiter> {
+        &self.batcher.job().inner
     }
 
     /// Hits waiting for a batch now (not those being counted).
     pub fn queued_hits(&self) -> usize {
-        self.shared.lock().hits
+        self.batcher.lock().units()
     }
 
     /// Room held now for hits not yet sent ([`Coalescer::reserve`]).
     pub fn reserved_hits(&self) -> usize {
-        self.shared.lock().reserved
+        self.batcher.lock().held()
     }
 
     /// Holds room in the queue's bound for `hits` hits to be counted later with
@@ -150,15 +177,15 @@ impl Coalescer {
     /// and the room held already fill the bound. The room is given back when the [`Room`]
     /// is dropped unused.
     pub fn reserve(&self, hits: usize) -> Result<Room> {
-        let mut q = self.shared.lock();
-        if let Err(queued) = fits(&q, hits, self.shared.max_queued) {
+        let mut q = self.batcher.lock();
+        if let Err(queued) = fits(&q, hits, self.batcher.limits().max_queued) {
             drop(q);
             super::metrics::counters_busy();
-            return Err(busy(self.shared.inner.name(), queued));
+            return Err(busy(self.inner().name(), queued));
         }
-        q.reserved += hits;
+        q.hold(hits);
         Ok(Room {
-            shared: Arc::clone(&self.shared),
+            batcher: self.batcher.clone(),
             hits,
         })
     }
@@ -175,47 +202,31 @@ impl Coalescer {
         if hits.is_empty() {
             return Ok(Vec::new());
         }
-        let (reply, answer) = oneshot::channel();
-        let start = {
-            let mut q = self.shared.lock();
-            match room {
-                Some(mut room) => {
-                    // The room becomes queued hits; its own queue is given back under its lock.
-                    if Arc::ptr_eq(&room.shared, &self.shared) {
-                        q.reserved -= room.hits;
-                        room.hits = 0;
-                    }
+        let admit = |q: &mut Queue, units: usize, max_queued: usize| match room {
+            Some(mut room) => {
+                // The room becomes queued hits; its own queue is given back under its lock.
+                if room.batcher.same(&self.batcher) {
+                    q.release(room.hits);
+                    room.hits = 0;
                 }
-                None => {
-                    if let Err(queued) = fits(&q, hits.len(), self.shared.max_queued) {
-                        drop(q);
-                        super::metrics::counters_busy();
-                        return Err(busy(self.shared.inner.name(), queued));
-                    }
-                }
+                Ok(())
             }
-            q.hits += hits.len();
-            q.waiting.push_back(Pending {
-                hits: hits.to_vec(),
-                reply,
-            });
-            let start = q.flushers < self.shared.max_in_flight;
-            if start {
-                q.flushers += 1;
-            }
-            start
+            None => fits(q, units, max_queued),
         };
-        if start {
-            tokio::spawn(flush(Arc::clone(&self.shared)));
+        match self.batcher.enqueue(hits.to_vec(), hits.len(), admit) {
+            Ok(ticket) => ticket.answer().await,
+            Err(queued) => {
+                super::metrics::counters_busy();
+                Err(busy(self.inner().name(), queued))
+            }
         }
-        answer.await.unwrap_or_else(|_| Err(lost()))
     }
 }
 
 /// Whether `n` more hits fit in `q` beside what is queued and held (`Err`: the hits queued
 /// and held). A request larger than the bound is taken only when nothing is queued or held.
 fn fits(q: &Queue, n: usize, max_queued: usize) -> std::result::Result<(), usize> {
-    let used = q.hits + q.reserved;
+    let used = q.units() + q.held();
     if used > 0 && used + n > max_queued {
         Err(used)
     } else {
@@ -227,7 +238,7 @@ fn fits(q: &Queue, n: usize, max_queued: usize) -> std::result::Result<(), usize
 /// ([`Coalescer::reserve`]); given back when dropped unused.
 #[must_use = "room is given back when dropped"]
 pub struct Room {
-    shared: Arc<Shared>,
+    batcher: Batcher<Counting>,
     hits: usize,
 }
 
@@ -241,7 +252,7 @@ impl Room {
 impl Drop for Room {
     fn drop(&mut self) {
         if self.hits > 0 {
-            self.shared.lock().reserved -= self.hits;
+            self.batcher.lock().release(self.hits);
         }
     }
 }
@@ -265,105 +276,23 @@ fn busy(inner: &str, queued: usize) -> Error {
 
 /// Takes the next batch off `queue`: at least one request, then more while they fit in
 /// `max_batch` hits.
-fn next_batch(queue: &mut Queue, max_batch: usize) -> Vec<Pending> {
+fn next_batch(queue: &mut Queue, max_batch: usize) -> Vec<Pending<Vec<Hit>, Vec<bool>>> {
     let mut batch = Vec::new();
     let mut hits = 0;
-    while let Some(p) = queue.waiting.front() {
-        if !batch.is_empty() && hits + p.hits.len() > max_batch {
+    while let Some(p) = queue.front() {
+        if !batch.is_empty() && hits + p.request.len() > max_batch {
             break;
         }
-        hits += p.hits.len();
-        batch.extend(queue.waiting.pop_front());
+        hits += p.request.len();
+        batch.extend(queue.pop_front());
     }
-    queue.hits -= hits;
     batch
-}
-
-/// Ends a flusher: on a normal end it has already left the count (under the lock, when it
-/// found the queue empty); when it panicked, this leaves it and starts another flusher for
-/// what is queued, so that nobody waits for a flusher that is gone.
-struct FlusherGuard {
-    shared: Arc<Shared>,
-    done: bool,
-}
-
-impl Drop for FlusherGuard {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let mut q = self.shared.lock();
-        if q.waiting.is_empty() {
-            q.flushers -= 1;
-        } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            // Takes this flusher's place.
-            rt.spawn(flush(Arc::clone(&self.shared)));
-        } else {
-            q.flushers -= 1;
-            q.hits = 0;
-            for p in q.waiting.drain(..) {
-                let _ = p.reply.send(Err(lost()));
-            }
-        }
-    }
-}
-
-fn lost() -> Error {
-    Error::unavailable(
-        "ratelimit(coalescer)",
-        "the task counting this batch of hits ended before it answered",
-    )
-}
-
-/// Counts batches off the queue until it is empty.
-async fn flush(shared: Arc<Shared>) {
-    let mut guard = FlusherGuard {
-        shared: Arc::clone(&shared),
-        done: false,
-    };
-    loop {
-        let batch = {
-            let mut q = shared.lock();
-            if q.waiting.is_empty() {
-                q.flushers -= 1;
-                guard.done = true;
-                return;
-            }
-            next_batch(&mut q, shared.max_batch)
-        };
-        let hits: Vec<Hit> = batch.iter().flat_map(|p| p.hits.iter().cloned()).collect();
-        let answers = shared.inner.hit_many(&hits).await;
-        let mut at = 0;
-        for p in batch {
-            let n = p.hits.len();
-            let mine = match &answers {
-                Ok(verdicts) => verdicts
-                    .get(at..at + n)
-                    .map(<[bool]>::to_vec)
-                    .ok_or_else(|| {
-                        Error::corrupt(
-                            "ratelimit(coalescer)",
-                            format!(
-                                "{} answered {} verdicts for {} hits",
-                                shared.inner.name(),
-                                verdicts.len(),
-                                hits.len()
-                            ),
-                        )
-                    }),
-                Err(e) => Err(e.clone()),
-            };
-            at += n;
-            // A request that went away no longer listens; its hits were counted all the same.
-            let _ = p.reply.send(mine);
-        }
-    }
 }
 
 #[async_trait]
 impl RateLimiter for Coalescer {
     fn name(&self) -> &'static str {
-        self.shared.inner.name()
+        self.inner().name()
     }
 
     async fn hit(&self, key: &str, limit: u32, window: Duration) -> Result<bool> {
@@ -378,11 +307,12 @@ impl RateLimiter for Coalescer {
 
 impl std::fmt::Debug for Coalescer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let limits = self.batcher.limits();
         f.debug_struct("Coalescer")
-            .field("inner", &self.shared.inner.name())
-            .field("max_in_flight", &self.shared.max_in_flight)
-            .field("max_batch", &self.shared.max_batch)
-            .field("max_queued", &self.shared.max_queued)
+            .field("inner", &self.inner().name())
+            .field("max_in_flight", &limits.max_in_flight)
+            .field("max_batch", &limits.max_batch)
+            .field("max_queued", &limits.max_queued)
             .finish()
     }
 }
@@ -626,19 +556,17 @@ mod tests {
     fn a_batch_holds_whole_requests_up_to_the_limit() {
         let mut q = Queue::default();
         for n in [3, 2, 4, 1] {
-            let (reply, _) = oneshot::channel();
-            q.waiting.push_back(Pending {
-                hits: vec![Hit::new("k", 1, HOUR); n],
-                reply,
-            });
-            q.hits += n;
+            let (reply, _) = tokio::sync::oneshot::channel();
+            q.push_for_test(Pending::new(vec![Hit::new("k", 1, HOUR); n], n, reply));
         }
-        let sizes = |b: Vec<Pending>| b.iter().map(|p| p.hits.len()).collect::<Vec<_>>();
+        let sizes = |b: Vec<Pending<Vec<Hit>, Vec<bool>>>| {
+            b.iter().map(|p| p.request.len()).collect::<Vec<_>>()
+        };
         assert_eq!(sizes(next_batch(&mut q, 5)), vec![3, 2]);
         // A request larger than the limit is a batch of its own.
         assert_eq!(sizes(next_batch(&mut q, 2)), vec![4]);
         assert_eq!(sizes(next_batch(&mut q, 5)), vec![1]);
         assert!(next_batch(&mut q, 5).is_empty());
-        assert_eq!(q.hits, 0, "the queue's count follows what is taken");
+        assert_eq!(q.units(), 0, "the queue's count follows what is taken");
     }
 }

@@ -5,6 +5,7 @@
 //! [`WebConfig`]; `kst serve` wires them in.
 
 pub mod batch;
+mod batcher;
 pub mod client;
 pub mod coalesce;
 pub mod handlers;
