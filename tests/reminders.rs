@@ -113,13 +113,9 @@ fn reminders_go_out_once_across_a_pool_on_every_backend() {
     on_every_backend(run);
 }
 
-/// Red team (issue 15): a key whose User ID carries CR/LF and a `Bcc:` header (gpg and the
-/// key policy accept it), published through `kst deliver` and about to expire, then three
-/// `kst reminders send` at once: one reminder, to the owner's address only, without the
-/// User ID's text and without any header of its making.
-#[test]
-fn a_user_id_with_a_header_in_it_does_not_reach_the_reminder() {
-    let kst = TestKst::new("");
+/// Makes a key for `uid` (at alice@example.net) that expires ten days from now and publishes
+/// it through `kst deliver`, asserting kst's confirmation.
+fn publish_new_key(kst: &TestKst, uid: &str) {
     let gpg = kst_tests::Gpg::new();
     gpg.run(&[
         "--passphrase",
@@ -127,14 +123,13 @@ fn a_user_id_with_a_header_in_it_does_not_reach_the_reminder() {
         "--pinentry-mode",
         "loopback",
         "--quick-gen-key",
-        "Alice\r\nBcc: victim@evil.example\r\n <alice@example.net>",
+        uid,
         "ed25519",
         "sign,cert",
         "10d",
     ]);
-    let armored = gpg.export(ACCOUNT);
     let account = AddressPolicy::default().normalize(ACCOUNT).unwrap();
-    let req = client::build_publication(&account, &armored).unwrap();
+    let req = client::build_publication(&account, &gpg.export(ACCOUNT)).unwrap();
     let mut raw = received_authenticated(ACCOUNT, "mail.example.net").into_bytes();
     raw.extend_from_slice(&req.message);
     let out = kst.deliver(ACCOUNT, "keys@example.net", &raw);
@@ -143,6 +138,19 @@ fn a_user_id_with_a_header_in_it_does_not_reach_the_reminder() {
         client::verify_reply(&req.pending, &kst.last_reply()),
         Ok(Verified::Published { .. })
     ));
+}
+
+/// Red team (issue 15): a key whose User ID carries CR/LF and a `Bcc:` header (gpg and the
+/// key policy accept it), published through `kst deliver` and about to expire, then three
+/// `kst reminders send` at once: one reminder, to the owner's address only, without the
+/// User ID's text and without any header of its making.
+#[test]
+fn a_user_id_with_a_header_in_it_does_not_reach_the_reminder() {
+    let kst = TestKst::new("");
+    publish_new_key(
+        &kst,
+        "Alice\r\nBcc: victim@evil.example\r\n <alice@example.net>",
+    );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -241,24 +249,7 @@ fn sample(page: &str, name: &str) -> Option<f64> {
 #[test]
 fn a_reminder_the_relay_refuses_is_reported_refused_not_sent() {
     let kst = TestKst::new("");
-    let gpg = kst_tests::Gpg::new();
-    gpg.run(&[
-        "--passphrase",
-        "",
-        "--pinentry-mode",
-        "loopback",
-        "--quick-gen-key",
-        "Alice <alice@example.net>",
-        "ed25519",
-        "sign,cert",
-        "10d",
-    ]);
-    let account = AddressPolicy::default().normalize(ACCOUNT).unwrap();
-    let req = client::build_publication(&account, &gpg.export(ACCOUNT)).unwrap();
-    let mut raw = received_authenticated(ACCOUNT, "mail.example.net").into_bytes();
-    raw.extend_from_slice(&req.message);
-    let out = kst.deliver(ACCOUNT, "keys@example.net", &raw);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    publish_new_key(&kst, "Alice <alice@example.net>");
 
     let relay = RefusingRelay::start();
     // kst serve runs the reminders at start: the 14-day reminder is due now.

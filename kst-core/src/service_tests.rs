@@ -1916,24 +1916,20 @@ async fn a_redelivery_is_confirmed_with_the_current_key_of_its_primary_key() {
 #[tokio::test]
 async fn the_reply_outcome_is_reported_sent_or_refused() {
     let f = fixture();
-    let req = client::build_retrieval(&addr("carol@acme.net"), &addr("alice@example.net"));
-    let h = f
-        .kst
-        .handle(&env("carol@acme.net"), &req.message)
-        .await
-        .unwrap();
-    let reply = h.reply.expect("a reply");
+    let retrieve = |requester: &'static str| {
+        let req = client::build_retrieval(&addr(requester), &addr("alice@example.net"));
+        let kst = f.kst.clone();
+        async move { (kst.handle(&env(requester), &req.message).await, req.message) }
+    };
+    let (h, _) = retrieve("carol@acme.net").await;
+    let reply = h.unwrap().reply.expect("a reply");
     assert_eq!(reply.delivery, Delivery::Sent);
     assert_eq!(reply.to, addr("carol@acme.net"));
     assert_eq!(reply.message_id, f.last_reply().message_id);
 
     f.mailer.refusing.store(true, Ordering::SeqCst);
-    let req = client::build_retrieval(&addr("dave@acme.net"), &addr("alice@example.net"));
-    let h = f
-        .kst
-        .handle(&env("dave@acme.net"), &req.message)
-        .await
-        .unwrap();
+    let (h, request) = retrieve("dave@acme.net").await;
+    let h = h.unwrap();
     assert_eq!(
         h.decision,
         Decision::Answered {
@@ -1953,7 +1949,7 @@ async fn the_reply_outcome_is_reported_sent_or_refused() {
     }
     assert_eq!(f.sent(), 1, "only the first reply was sent");
 
-    let mut ignored = req.message.clone();
+    let mut ignored = request;
     ignored.splice(0..0, b"Auto-Submitted: auto-replied\r\n".iter().copied());
     let h = f.kst.handle(&env("dave@acme.net"), &ignored).await.unwrap();
     assert!(matches!(h.decision, Decision::Ignored(_)), "{h:?}");
