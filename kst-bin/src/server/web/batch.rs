@@ -33,7 +33,9 @@
 //! batches that wait for the store's timeout. Only requests still waiting for their answer
 //! count: those whose caller went away are dropped from a full queue before a request is
 //! refused, so a client that sends look-ups and closes its connections holds no more of the
-//! queue than its open connections.
+//! queue than its open connections. Past half the bound, one client's look-ups may take at
+//! most 1/16 of it ([`super::batcher::CLIENT_SHARE`]: 32), so that a few clients flooding
+//! while the store is slow leave room for the others.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,7 +43,7 @@ use std::sync::Arc;
 use kst_core::{Address, Error, KeyRecord, KeyStore, Result};
 use tokio::sync::oneshot;
 
-use super::batcher::{self, Batcher, Job, Limits};
+use super::batcher::{self, Ask, Batcher, Job, Limits};
 
 /// Most batches being read at once (each one round trip to the store).
 pub const MAX_IN_FLIGHT: usize = 2;
@@ -127,23 +129,26 @@ impl ReadBatcher {
 
     /// The current key of `address`, as [`KeyStore::get`] answers it, read in a batch with
     /// the concurrent look-ups; a temporary error at once when [`MAX_QUEUED`] look-ups are
-    /// waiting already.
+    /// waiting already, or when the queue is half full and the client of this request
+    /// ([`super::batcher::for_client`]) has its share of it waiting
+    /// ([`super::batcher::CLIENT_SHARE`]).
     pub async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
-        let admit = |q: &mut Queue, _units: usize, max_queued: usize| {
-            if q.len() >= max_queued {
+        let admit = |q: &mut Queue, ask: &Ask<'_>| {
+            if q.len() >= ask.max_queued || !q.within_share(ask) {
                 // Requests whose caller went away hold no place: they need no answer (red
                 // team round 9: a client that sent look-ups and closed their connections left
                 // them queued until a batch took them, and so filled the queue of everyone
                 // beyond its own connections' share while the store was slow).
                 q.drop_gone();
             }
-            if q.len() >= max_queued {
+            if q.len() >= ask.max_queued || !q.within_share(ask) {
                 Err(q.len())
             } else {
                 Ok(())
             }
         };
-        match self.batcher.enqueue(address.clone(), 1, admit) {
+        let client = batcher::current_client();
+        match self.batcher.enqueue(address.clone(), 1, client, admit) {
             Ok(ticket) => ticket.answer().await,
             Err(queued) => {
                 super::metrics::lookups_busy();
@@ -654,5 +659,79 @@ mod tests {
         assert_eq!(nobody.await.unwrap().unwrap(), None);
         assert_eq!(batcher.queued(), 0);
         assert_eq!(batcher.batcher.lock().workers(), 0);
+    }
+
+    /// Fairness: three clients flooding the queue while the store is slow (no reader takes
+    /// anything off meanwhile) take at most half of it and their shares; another client's
+    /// look-up still queues, and is answered once the store reads again. Before, the flood
+    /// filled the queue (64 of 90 queued) and the other client was refused at once.
+    #[tokio::test]
+    async fn a_few_clients_flooding_leave_room_for_another() {
+        const BOUND: usize = 64;
+        let batcher = ReadBatcher::with_limits(Arc::new(Reads::with(&["d"])), 1, 4, BOUND);
+        // A reader busy with its batch: nothing is taken off the queue meanwhile.
+        batcher.batcher.lock().set_workers_for_test(1);
+        let get_as = |client: &'static str, local: String| {
+            let b = batcher.clone();
+            tokio::spawn(batcher::for_client(client, async move {
+                b.get(&addr(&local)).await
+            }))
+        };
+        let mut flood = Vec::new();
+        for client in ["a", "b", "c"] {
+            for i in 0..30 {
+                flood.push(get_as(client, format!("{client}{i}")));
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while flood.iter().filter(|t| t.is_finished()).count() + batcher.queued() < flood.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the flood never settled"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let queued = batcher.queued();
+        let share = BOUND / batcher::CLIENT_SHARE;
+        assert!(
+            queued <= BOUND / 2 + 3 * share,
+            "{queued} of the flood queued: half the bound and the three shares at most"
+        );
+        assert_eq!(
+            flood.iter().filter(|t| t.is_finished()).count(),
+            90 - queued,
+            "the rest refused at once"
+        );
+        let victim = get_as("d", "d".to_string());
+        while batcher.queued() == queued && !victim.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the victim never queued"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            batcher.queued(),
+            queued + 1,
+            "the other client's look-up is queued"
+        );
+        // The store reads again.
+        tokio::spawn(batcher.batcher.work_for_test());
+        assert_eq!(victim.await.unwrap().unwrap(), Some(record("d")));
+        for t in flood {
+            match t.await.unwrap() {
+                Ok(found) => assert_eq!(found, None),
+                Err(e) => assert!(
+                    e.is_temporary() && e.to_string().contains("try again"),
+                    "{e}"
+                ),
+            }
+        }
+        assert_eq!(batcher.queued(), 0);
+        assert_eq!(
+            batcher.batcher.lock().of_client("a"),
+            0,
+            "nothing left counted"
+        );
     }
 }

@@ -14,18 +14,46 @@
 //! [`Batcher::enqueue`]: the look-ups drop requests nobody waits for first; the counters count
 //! room held ahead for misses, [`Queue::hold`]).
 //!
+//! Each client's share of a queue is bounded: past half the bound, a client (the listener's
+//! guard runs each request in [`for_client`]) may hold at most 1/[`CLIENT_SHARE`] of it,
+//! queued and held together ([`Queue::within_share`]), so that a few clients flooding while
+//! the store or the counters are slow fill at most half the queue and their shares, and
+//! another client's request still finds room (before, 8 clients with 64 look-ups each could
+//! fill the counters' queue, and every other client was answered 503). Requests of no client
+//! (kst's own tasks) take no share.
+//!
 //! Common to both: each caller is answered through a oneshot channel, so a caller that goes
 //! away (its client closed the connection) cancels nothing of the others' batch; a worker runs
 //! as a task of its own; a worker that panics hands its place to a new one ([`WorkerGuard`]),
 //! so that nobody waits for a worker that is gone; a caller whose worker ended without
 //! answering gets a temporary error.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kst_core::{Error, Result};
 use tokio::sync::oneshot;
+
+/// Parts of a queue's bound one client may hold once the queue is half full (see the module
+/// documentation): 32 of the read batcher's 512 look-ups, 64 of the counters' 1,024 hits.
+pub const CLIENT_SHARE: usize = 16;
+
+tokio::task_local! {
+    /// The client the request being served is for ([`for_client`]).
+    static CLIENT: Arc<str>;
+}
+
+/// Runs `fut` (one request's handling) as the request of `client`: what it queues in a
+/// [`Batcher`] counts against that client's share.
+pub(super) async fn for_client<F: Future>(client: &str, fut: F) -> F::Output {
+    CLIENT.scope(Arc::from(client), fut).await
+}
+
+/// The client of the request being served, if any ([`for_client`]).
+pub(super) fn current_client() -> Option<Arc<str>> {
+    CLIENT.try_with(Arc::clone).ok()
+}
 
 /// One caller's request, what it takes of the queue's bound, and where its answer goes.
 pub(super) struct Pending<R, A> {
@@ -33,15 +61,19 @@ pub(super) struct Pending<R, A> {
     pub(super) request: R,
     /// Its share of the bound: 1 for a look-up, its hits for the counters.
     units: usize,
+    /// The client it is for (`None`: kst's own).
+    client: Option<Arc<str>>,
     reply: oneshot::Sender<Result<A>>,
 }
 
 impl<R, A> Pending<R, A> {
-    /// A request taking `units` of the bound, answered on `reply`.
+    /// A request of no client taking `units` of the bound, answered on `reply`.
+    #[cfg(test)]
     pub(super) fn new(request: R, units: usize, reply: oneshot::Sender<Result<A>>) -> Self {
         Pending {
             request,
             units,
+            client: None,
             reply,
         }
     }
@@ -65,6 +97,8 @@ pub(super) struct Queue<R, A> {
     units: usize,
     /// Units held ahead for requests not yet queued ([`Queue::hold`]).
     held: usize,
+    /// Units queued and held per client (clients with none are not kept).
+    by_client: HashMap<Arc<str>, usize>,
     /// Worker tasks running.
     workers: usize,
 }
@@ -75,9 +109,20 @@ impl<R, A> Default for Queue<R, A> {
             waiting: VecDeque::new(),
             units: 0,
             held: 0,
+            by_client: HashMap::new(),
             workers: 0,
         }
     }
+}
+
+/// What a request asks of a queue's bound, for the `admit` of [`Batcher::enqueue`].
+pub(super) struct Ask<'a> {
+    /// Its units.
+    pub(super) units: usize,
+    /// Its client.
+    pub(super) client: Option<&'a Arc<str>>,
+    /// The bound.
+    pub(super) max_queued: usize,
 }
 
 impl<R, A> Queue<R, A> {
@@ -105,27 +150,77 @@ impl<R, A> Queue<R, A> {
     pub(super) fn pop_front(&mut self) -> Option<Pending<R, A>> {
         let p = self.waiting.pop_front()?;
         self.units -= p.units;
+        self.refund(p.client.as_ref(), p.units);
         Some(p)
     }
 
     /// Drops the requests whose caller went away.
     pub(super) fn drop_gone(&mut self) {
-        self.waiting.retain(|p| !p.is_gone());
-        self.units = self.waiting.iter().map(|p| p.units).sum();
+        let waiting = std::mem::take(&mut self.waiting);
+        for p in waiting {
+            if p.is_gone() {
+                self.units -= p.units;
+                self.refund(p.client.as_ref(), p.units);
+            } else {
+                self.waiting.push_back(p);
+            }
+        }
     }
 
-    /// Holds `units` of the bound for a request to come.
-    pub(super) fn hold(&mut self, units: usize) {
+    /// Holds `units` of the bound for a request of `client` to come.
+    pub(super) fn hold(&mut self, units: usize, client: Option<&Arc<str>>) {
         self.held += units;
+        self.charge(client, units);
     }
 
-    /// Gives back `units` held with [`Queue::hold`].
-    pub(super) fn release(&mut self, units: usize) {
+    /// Gives back `units` held with [`Queue::hold`] for `client`.
+    pub(super) fn release(&mut self, units: usize, client: Option<&Arc<str>>) {
         self.held -= units;
+        self.refund(client, units);
+    }
+
+    /// Units `client` has queued and held now.
+    pub(super) fn of_client(&self, client: &str) -> usize {
+        self.by_client.get(client).copied().unwrap_or(0)
+    }
+
+    /// Whether the request `ask` stays within its client's share: always for a request of no
+    /// client, and while the queue (queued, held and these units) is within half the bound;
+    /// past it, only while the client's units and these stay within `max_queued /`
+    /// [`CLIENT_SHARE`] (at least 1).
+    pub(super) fn within_share(&self, ask: &Ask<'_>) -> bool {
+        let Some(client) = ask.client else {
+            return true;
+        };
+        if self.units + self.held + ask.units <= ask.max_queued / 2 {
+            return true;
+        }
+        let share = (ask.max_queued / CLIENT_SHARE).max(1);
+        self.of_client(client) + ask.units <= share
+    }
+
+    fn charge(&mut self, client: Option<&Arc<str>>, units: usize) {
+        if let Some(c) = client
+            && units > 0
+        {
+            *self.by_client.entry(Arc::clone(c)).or_insert(0) += units;
+        }
+    }
+
+    fn refund(&mut self, client: Option<&Arc<str>>, units: usize) {
+        if let Some(c) = client
+            && let Some(n) = self.by_client.get_mut(c)
+        {
+            *n = n.saturating_sub(units);
+            if *n == 0 {
+                self.by_client.remove(c);
+            }
+        }
     }
 
     fn push_back(&mut self, p: Pending<R, A>) {
         self.units += p.units;
+        self.charge(p.client.as_ref(), p.units);
         self.waiting.push_back(p);
     }
 
@@ -254,7 +349,7 @@ impl<J: Job> Batcher<J> {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
 
-    /// Queues `request`, taking `units` of the bound, when `admit(queue, units, max_queued)`
+    /// Queues `request` of `client`, taking `units` of the bound, when `admit(queue, ask)`
     /// (called under the queue's lock) lets it in, and starts a worker when fewer than
     /// `max_in_flight` are at work; then the [`Ticket`] waits for its answer. Refused: `Err`
     /// with what `admit` said (the units in use, for the caller's error).
@@ -262,17 +357,27 @@ impl<J: Job> Batcher<J> {
         &self,
         request: J::Request,
         units: usize,
+        client: Option<Arc<str>>,
         admit: impl FnOnce(
             &mut Queue<J::Request, J::Answer>,
-            usize,
-            usize,
+            &Ask<'_>,
         ) -> std::result::Result<(), usize>,
     ) -> std::result::Result<Ticket<J>, usize> {
         let (reply, answer) = oneshot::channel();
         let start = {
             let mut q = self.shared.lock();
-            admit(&mut q, units, self.shared.limits.max_queued)?;
-            q.push_back(Pending::new(request, units, reply));
+            let ask = Ask {
+                units,
+                client: client.as_ref(),
+                max_queued: self.shared.limits.max_queued,
+            };
+            admit(&mut q, &ask)?;
+            q.push_back(Pending {
+                request,
+                units,
+                client,
+                reply,
+            });
             let start = q.workers < self.shared.limits.max_in_flight;
             if start {
                 q.workers += 1;
@@ -330,8 +435,7 @@ impl<J: Job> Drop for WorkerGuard<J> {
             rt.spawn(work(Arc::clone(&self.shared)));
         } else {
             q.workers -= 1;
-            q.units = 0;
-            for p in q.waiting.drain(..) {
+            while let Some(p) = q.pop_front() {
                 let _ = p.reply.send(Err(lost::<J>()));
             }
         }

@@ -40,7 +40,11 @@
 //! about the address: a request whose room or hits do not fit is answered 503. Room held
 //! counts against the bound like queued hits (queued and held together stay within
 //! [`MAX_QUEUED_HITS`], a request's own hits beyond it only into an empty queue), so the
-//! bound still caps the wait of every hit, a miss's included; the price is that look-ups in
+//! bound still caps the wait of every hit, a miss's included. Past half the bound, one client's
+//! hits and room together may take at most 1/16 of it ([`super::batcher::CLIENT_SHARE`]: 64,
+//! the room of 32 look-ups), so that a few clients' look-ups holding room while the counters
+//! are slow leave room for the others' (before, 8 clients with 64 look-ups each held the whole
+//! bound). The price is that look-ups in
 //! progress hold room while they look up, not only while they wait for the counters. Room
 //! is given back when the request ends without a miss (found, refused, failed, or its
 //! client gone), or taken by its miss's hits when they are queued; a handler that waits for
@@ -55,7 +59,7 @@ use async_trait::async_trait;
 use kst_core::ratelimit::Hit;
 use kst_core::{Error, RateLimiter, Result};
 
-use super::batcher::{self, Batcher, Job, Limits, Pending};
+use super::batcher::{self, Ask, Batcher, Job, Limits, Pending};
 
 /// Most batches being counted at once (each one round trip to the counters).
 pub const MAX_IN_FLIGHT: usize = 2;
@@ -177,16 +181,24 @@ impl Coalescer {
     /// and the room held already fill the bound. The room is given back when the [`Room`]
     /// is dropped unused.
     pub fn reserve(&self, hits: usize) -> Result<Room> {
+        let client = batcher::current_client();
         let mut q = self.batcher.lock();
-        if let Err(queued) = fits(&q, hits, self.batcher.limits().max_queued) {
+        let ask = Ask {
+            units: hits,
+            client: client.as_ref(),
+            max_queued: self.batcher.limits().max_queued,
+        };
+        if let Err(queued) = fits(&q, &ask) {
             drop(q);
             super::metrics::counters_busy();
             return Err(busy(self.inner().name(), queued));
         }
-        q.hold(hits);
+        q.hold(hits, client.as_ref());
+        drop(q);
         Ok(Room {
             batcher: self.batcher.clone(),
             hits,
+            client,
         })
     }
 
@@ -202,18 +214,26 @@ impl Coalescer {
         if hits.is_empty() {
             return Ok(Vec::new());
         }
-        let admit = |q: &mut Queue, units: usize, max_queued: usize| match room {
+        // Hits counted in a room are its client's (the client of the request that held it).
+        let client = match &room {
+            Some(room) => room.client.clone(),
+            None => batcher::current_client(),
+        };
+        let admit = |q: &mut Queue, ask: &Ask<'_>| match room {
             Some(mut room) => {
                 // The room becomes queued hits; its own queue is given back under its lock.
                 if room.batcher.same(&self.batcher) {
-                    q.release(room.hits);
+                    q.release(room.hits, room.client.as_ref());
                     room.hits = 0;
                 }
                 Ok(())
             }
-            None => fits(q, units, max_queued),
+            None => fits(q, ask),
         };
-        match self.batcher.enqueue(hits.to_vec(), hits.len(), admit) {
+        match self
+            .batcher
+            .enqueue(hits.to_vec(), hits.len(), client, admit)
+        {
             Ok(ticket) => ticket.answer().await,
             Err(queued) => {
                 super::metrics::counters_busy();
@@ -223,11 +243,13 @@ impl Coalescer {
     }
 }
 
-/// Whether `n` more hits fit in `q` beside what is queued and held (`Err`: the hits queued
-/// and held). A request larger than the bound is taken only when nothing is queued or held.
-fn fits(q: &Queue, n: usize, max_queued: usize) -> std::result::Result<(), usize> {
+/// Whether the hits (or room) `ask` fit in `q` beside what is queued and held, and within
+/// their client's share ([`batcher::CLIENT_SHARE`] past half the bound) (`Err`: the hits
+/// queued and held). A request larger than the bound is taken only when nothing is queued or
+/// held.
+fn fits(q: &Queue, ask: &Ask<'_>) -> std::result::Result<(), usize> {
     let used = q.units() + q.held();
-    if used > 0 && used + n > max_queued {
+    if (used > 0 && used + ask.units > ask.max_queued) || !q.within_share(ask) {
         Err(used)
     } else {
         Ok(())
@@ -240,6 +262,8 @@ fn fits(q: &Queue, n: usize, max_queued: usize) -> std::result::Result<(), usize
 pub struct Room {
     batcher: Batcher<Counting>,
     hits: usize,
+    /// The client it is held for, whose share it takes.
+    client: Option<Arc<str>>,
 }
 
 impl Room {
@@ -252,7 +276,7 @@ impl Room {
 impl Drop for Room {
     fn drop(&mut self) {
         if self.hits > 0 {
-            self.batcher.lock().release(self.hits);
+            self.batcher.lock().release(self.hits, self.client.as_ref());
         }
     }
 }
@@ -568,5 +592,42 @@ mod tests {
         assert_eq!(sizes(next_batch(&mut q, 5)), vec![1]);
         assert!(next_batch(&mut q, 5).is_empty());
         assert_eq!(q.units(), 0, "the queue's count follows what is taken");
+    }
+
+    /// Fairness: three clients' look-ups holding room for their misses while the counters
+    /// are slow take at most half the bound and their shares; another client's look-up still
+    /// gets its room. Before, 8 clients with 64 look-ups each held the whole bound (1,024),
+    /// and here the three took all 64 units and the other client was refused.
+    #[tokio::test]
+    async fn a_few_clients_holding_room_leave_room_for_another() {
+        const BOUND: usize = 64;
+        let c = Coalescer::with_limits(Slow::new(false), 1, 8, BOUND);
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for _ in 0..20 {
+            for client in ["a", "b", "c"] {
+                match super::batcher::for_client(client, async { c.reserve(2) }).await {
+                    Ok(room) => held.push(room),
+                    Err(e) => {
+                        assert!(e.is_temporary(), "{e}");
+                        refused += 1;
+                    }
+                }
+            }
+        }
+        let share = BOUND / super::batcher::CLIENT_SHARE;
+        assert!(refused > 0, "the flood is bounded");
+        assert!(
+            c.reserved_hits() <= BOUND / 2 + 3 * share,
+            "{} held: half the bound and the three shares at most",
+            c.reserved_hits()
+        );
+        let victim = super::batcher::for_client("d", async { c.reserve(2) }).await;
+        let room = victim.expect("the other client's look-up gets its room");
+        // Its miss is counted in it, as the client's own hits.
+        let hits = [Hit::new("miss:d", 3, HOUR), Hit::new("miss:all", 100, HOUR)];
+        assert_eq!(c.hit_many_in(room, &hits).await.unwrap(), vec![true, true]);
+        drop(held);
+        assert_eq!((c.queued_hits(), c.reserved_hits()), (0, 0));
     }
 }

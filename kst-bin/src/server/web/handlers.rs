@@ -289,17 +289,24 @@ pub fn ops_routes(extra: Router, guard_with: Guard) -> Router {
 }
 
 /// Limits, measures and logs every request; counts misses (a 404, or an answer marked
-/// [`FoundNothing`]).
+/// [`FoundNothing`]). The request is handled as its client's
+/// ([`super::batcher::for_client`]): what it queues for the store and the counters counts
+/// against that client's share of their queues.
 async fn guard(
     State(state): State<Arc<Guard>>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
-    mut request: Request,
+    request: Request,
     next: Next,
 ) -> Response {
-    let started = Instant::now();
-    let endpoint = Endpoint::classify(request.uri().path(), request.uri().query());
     let client = client_ip(peer.ip(), request.headers(), &state.trusted_proxies)
         .map_or_else(|| UNKNOWN_CLIENT.to_string(), client_key);
+    super::batcher::for_client(&client, guarded(state, client.clone(), request, next)).await
+}
+
+/// [`guard`] for the request of `client`.
+async fn guarded(state: Arc<Guard>, client: String, mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let endpoint = Endpoint::classify(request.uri().path(), request.uri().query());
     let method = request.method().clone();
     let mut response = match state.limiter.admit(&client, endpoint.is_lookup()).await {
         Ok(Err(refusal)) => {
