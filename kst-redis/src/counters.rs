@@ -107,7 +107,7 @@ impl RateLimiter for RedisCounters {
             COUNTERS_COMPONENT,
             "rate limit",
             self.timeout,
-            self.inner.hit_many(hits),
+            self.inner.hit_many_soft(hits),
         )
         .await
         .map_err(relabel)
