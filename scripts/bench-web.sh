@@ -35,6 +35,13 @@
 #      share of 429 is reported), kst's peak RSS and the machine's 1-minute load average at
 #      the end of each row, and prints a markdown table on stdout.
 #
+#   Counters of their own (BENCH_WEB_COUNTERS=own): the rows with the limits at their defaults
+#   count on a second redis-server of this script's own on 127.0.0.1:BENCH_WEB_COUNTERS_PORT
+#   (6391; `appendonly no`, `save ""`: soft state, the set-up docs/OPERATIONS.md recommends),
+#   named by [web.counters] (KST_WEB__COUNTERS__BACKEND=redis), whatever the key store; it is
+#   emptied before and shut down after the measurement. Its CPU is added to the store column
+#   ("-" for fs becomes the counters' alone). Default "store": the counters in the key store.
+#
 #   Open loop (BENCH_WEB_RATE set): instead of wrk, `kst bench web` offers each endpoint a
 #   fixed rate, whatever the answers do (request i due at start + i/R; a request that finds
 #   every connection busy waits, and its latency counts from its due time: the p99 of a
@@ -63,6 +70,8 @@
 # Tokio's own TOKIO_WORKER_THREADS),
 # BENCH_WEB_PIN ("": kst and the load share every core; "1": kst on CPU 1, the load on CPU 0
 # (wrk with one thread), both with taskset; the store's server is not pinned),
+# BENCH_WEB_COUNTERS ("store": the limits' counters in the key store; "own": on a Redis of
+# their own, above), BENCH_WEB_COUNTERS_PORT (6391),
 # BENCH_WEB_STORES (/var/tmp/kst-bench-web), BENCH_WEB_REDIS_PORT (6390),
 # BENCH_PG_URL (postgres://postgres:postgres@127.0.0.1:5432), BENCH_KST and BENCH_STORE_BENCH
 # (binaries to use instead of building them in release mode).
@@ -83,6 +92,8 @@ WORKERS="${BENCH_WEB_WORKERS:-}"
 STORES="${BENCH_WEB_STORES:-/var/tmp/kst-bench-web}"
 REDIS_PORT="${BENCH_WEB_REDIS_PORT:-6390}"
 PG_BASE="${BENCH_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432}"
+COUNTERS="${BENCH_WEB_COUNTERS:-store}"
+COUNTERS_PORT="${BENCH_WEB_COUNTERS_PORT:-6391}"
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -91,6 +102,7 @@ LOG_NAME=bench-web
 . "$ROOT/scripts/lib.sh"
 
 case "$MODE" in all | fill | measure | clean) ;; *) die "unknown mode $MODE (all, fill, measure, clean)" ;; esac
+case "$COUNTERS" in store | own) ;; *) die "BENCH_WEB_COUNTERS must be store or own, not $COUNTERS" ;; esac
 [ "$CLIENTS" -ge 64 ] && [ "$CLIENTS" -le 65536 ] || die "BENCH_WEB_CLIENTS must be 64..65536"
 
 # The rates of backend $1 in BENCH_WEB_RATE, one per line ("20000,10000" for all, or
@@ -164,6 +176,33 @@ redis_up() { # fill|measure
     sleep 0.5
   done
   die "redis on 127.0.0.1:$REDIS_PORT did not come up (see $STORES/redis/redis.log)"
+}
+
+# BENCH_WEB_COUNTERS=own: the limits' counters on a redis-server of their own, soft state
+# (appendonly no, save ""), data directory $STORES/counters-redis; emptied when it starts
+# (FLUSHALL: it is this script's own, checked by its directory) and shut down on exit.
+ccli() { redis-cli -h 127.0.0.1 -p "$COUNTERS_PORT" "$@"; }
+counters_up() {
+  if [ "$(ccli ping 2>/dev/null)" = PONG ]; then
+    [ "$(ccli config get dir | sed -n 2p)" = "$STORES/counters-redis" ] ||
+      die "127.0.0.1:$COUNTERS_PORT runs a Redis that is not this script's (set BENCH_WEB_COUNTERS_PORT)"
+  else
+    mkdir -p "$STORES/counters-redis"
+    (for fd in /proc/$BASHPID/fd/*; do fd="${fd##*/}"; [ "$fd" -gt 2 ] && eval "exec $fd>&-"; done
+     cd "$STORES/counters-redis" && setsid redis-server --bind 127.0.0.1 --port "$COUNTERS_PORT" \
+      --dir "$STORES/counters-redis" --save "" --appendonly no \
+      --logfile "$STORES/counters-redis/redis.log" --daemonize yes)
+    for _ in $(seq 1 200); do [ "$(ccli ping 2>/dev/null)" = PONG ] && break; sleep 0.1; done
+    [ "$(ccli ping 2>/dev/null)" = PONG ] ||
+      die "the counters' redis on 127.0.0.1:$COUNTERS_PORT did not come up (see $STORES/counters-redis/redis.log)"
+  fi
+  [ "$(id -u)" -ne 0 ] || renice -n 0 -p "$(counters_pid)" >/dev/null
+  ccli flushall >/dev/null
+}
+counters_pid() { { ccli info server 2>/dev/null || true; } | awk -F: '/^process_id:/ { print $2 }' | tr -d '\r'; }
+cleanup_more() {
+  [ "$COUNTERS" = own ] && [ -n "$(counters_pid)" ] && ccli shutdown nosave >/dev/null 2>&1
+  return 0
 }
 
 # The KST_STORE__* settings of the store of backend $1, size $2.
@@ -282,6 +321,7 @@ for b in $BACKENDS; do for n in $SIZES; do
   [ -f "$STORES/$b-$n.filled" ] || die "the $b store of $n keys is not filled (run: scripts/bench-web.sh fill)"
 done; done
 case " $BACKENDS " in *" redis "*) redis_up measure ;; esac
+[ "$COUNTERS" = store ] || counters_up
 
 # The store's servers at the default priority: a server started by a niced command (`nice -n 19
 # scripts/bench-web.sh fill` starts this script's redis-server, and scripts/services.sh may start
@@ -344,12 +384,14 @@ cpu_ticks() {
   done
   echo "$t"
 }
-# The store server's processes of backend $1 (none for fs).
+# The store server's processes of backend $1 (none for fs), and the counters' redis-server
+# with BENCH_WEB_COUNTERS=own.
 store_pids() {
   case "$1" in
     redis) redis_pid ;;
     postgres) pgrep -u postgres -x postgres || true ;;
   esac
+  [ "$COUNTERS" = store ] || counters_pid
 }
 
 # Sum of kst_web_requests_total{status=S} on the metrics page.
@@ -381,6 +423,8 @@ for backend in $BACKENDS; do
         xff=0
       else
         lim=(KST_WEB__TRUSTED_PROXIES=127.0.0.1); xff="$CLIENTS"
+        [ "$COUNTERS" = store ] ||
+          lim+=(KST_WEB__COUNTERS__BACKEND=redis KST_WEB__COUNTERS__URL="redis://127.0.0.1:$COUNTERS_PORT")
       fi
       [ -z "$WORKERS" ] || lim+=(TOKIO_WORKER_THREADS="$WORKERS")
       started=""
@@ -427,15 +471,15 @@ for backend in $BACKENDS; do
             threads="$(awk '/^Threads/ {print $2}' "/proc/$pid/status")"
             load="$(cut -d' ' -f1 /proc/loadavg)"
             python3 -c 'import sys, json
-b,n,e,l,out,cpu,rss,threads,load=sys.argv[1:]
+b,n,e,l,out,cpu,rss,threads,load,own=sys.argv[1:]
 r=json.loads(out); t=r["latency_ms"]
 rate,lk,ref,late,busy=r["rate"],r["lookup_rate"],r["refused_percent"],r["late_percent"],r["waited_percent"]
 p50,p90,p99,p999,mx=(t[k] for k in ("p50","p90","p99","p999","max"))
 kst,store=(int(x) * 1e4 / max(r["requests"], 1) for x in cpu.split())
 tool=r.get("cpu_us_per_request", 0.0)
-cpus=f"{kst:.1f}, {tool:.1f}, " + (f"{store:.1f}" if b != "fs" else "-")
+cpus=f"{kst:.1f}, {tool:.1f}, " + (f"{store:.1f}" if b != "fs" or own == "own" else "-")
 print(f"| {b} | {n} | {e} | {l} | {rate:,} | {lk:,.0f} | {ref:.1f}% | {late:.2f}% ({busy:.2f}%) | {p50:.2f} | {p90:.2f} | {p99:.2f} | {p999:.2f} | {mx:.2f} | {cpus} | {int(rss)/1024:.0f} | {threads} | {load} |")' \
-              "$backend" "${held:-$n}" "$endpoint" "$limits" "$out" "$cpu" "$rss" "$threads" "$load"
+              "$backend" "${held:-$n}" "$endpoint" "$limits" "$out" "$cpu" "$rss" "$threads" "$load" "$COUNTERS"
             continue
           fi
           before200="$(status_count "$http" 200)"; before404="$(status_count "$http" 404)"; before429="$(status_count "$http" 429)"
@@ -468,4 +512,5 @@ fi
 pinning="kst and the load unpinned"
 [ -n "$PIN" ] && pinning="kst pinned to CPU 1, the load (wrk -t1 or kst bench web --threads 1) to CPU 0 (taskset; the store's server unpinned)"
 [ -z "$WORKERS" ] || pinning+=", kst serve with $WORKERS Tokio worker thread(s) (TOKIO_WORKER_THREADS)"
+[ "$COUNTERS" = store ] || pinning+=", the limits' counters on a Redis of their own (BENCH_WEB_COUNTERS=own: 127.0.0.1:$COUNTERS_PORT, appendonly no; its CPU in the store column)"
 echo "Machine: $(nproc) CPUs, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -r); $pinning${SERVER_NICE:+; $SERVER_NICE}; $tool, ${SECONDS_EACH}s per row, $CLIENTS clients with limits at defaults; $(date -u '+%Y-%m-%d %H:%M UTC'); load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."

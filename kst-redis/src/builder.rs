@@ -11,6 +11,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 
 use crate::conn::{Conn, LazyCluster, SentinelFollower};
+use crate::counters::RedisCounters;
 use crate::error::{COMPONENT, redis};
 use crate::guard::Guard;
 use crate::keys::{DEFAULT_PREFIX, check_prefix};
@@ -241,11 +242,15 @@ impl RedisStoreBuilder {
     }
 
     fn build(&self) -> Result<RedisStore> {
+        self.build_with(Guard::new(self.require_durable))
+    }
+
+    fn build_with(&self, guard: Guard) -> Result<RedisStore> {
         check_prefix(&self.prefix)?;
         Ok(RedisStore {
             conn: self.conn()?,
             prefix: self.prefix.clone(),
-            guard: Arc::new(Guard::new(self.require_durable)),
+            guard: Arc::new(guard),
             min_replicas: self.min_replicas,
             replica_timeout: self.replica_timeout,
             lanes: Arc::new(if self.min_replicas > 0 {
@@ -275,5 +280,20 @@ impl RedisStoreBuilder {
     pub fn connect_lazy(self) -> Result<TimeoutStore<RedisStore>> {
         let store = self.build()?;
         Ok(TimeoutStore::new(store, self.operation_timeout))
+    }
+
+    /// Rate-limit counters on this server ([`RedisCounters`]), without touching it: for a
+    /// server that holds only soft state, so **no durability guard** (`appendonly no` is the
+    /// recommended set-up) and no `min_replicas`. Each operation is bounded by the operation
+    /// timeout. Call it within a Tokio runtime.
+    pub fn counters_lazy(self) -> Result<RedisCounters> {
+        let store = Self {
+            min_replicas: 0,
+            ..self
+        };
+        Ok(RedisCounters::new(
+            store.build_with(Guard::off())?,
+            store.operation_timeout,
+        ))
     }
 }

@@ -15,6 +15,9 @@ use crate::store::RedisStore;
 pub(crate) struct Guard {
     /// `[store] require_durable`: refuse when `CONFIG GET` cannot be read.
     pub(crate) require: bool,
+    /// Whether the guard runs at all: off only for a server that holds soft state (the
+    /// counters of [`crate::RedisCounters`]), never for a key store.
+    pub(crate) enabled: bool,
     /// Whether the last check passed (publications run the check again until it does).
     passed: AtomicBool,
 }
@@ -38,7 +41,17 @@ impl Guard {
     pub(crate) fn new(require: bool) -> Guard {
         Guard {
             require,
+            enabled: true,
             passed: AtomicBool::new(false),
+        }
+    }
+
+    /// No guard: for a server that holds only soft state ([`crate::RedisCounters`]).
+    pub(crate) fn off() -> Guard {
+        Guard {
+            require: false,
+            enabled: false,
+            passed: AtomicBool::new(true),
         }
     }
 
@@ -53,6 +66,9 @@ impl Guard {
     /// Reads the settings of every primary and fails unless each is durable, or cannot be read
     /// and durability is not required.
     pub(crate) async fn check(&self, store: &RedisStore) -> Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
         let nodes = durability(&store.conn).await?;
         let mut problems = Vec::new();
         for n in &nodes {
@@ -283,7 +299,10 @@ impl RedisStore {
         out.push(("redis_min_replicas".into(), self.min_replicas.to_string()));
         out.push((
             "redis_require_durable".into(),
-            self.guard.require.to_string(),
+            match self.guard.enabled {
+                true => self.guard.require.to_string(),
+                false => "off (soft state)".into(),
+            },
         ));
         Ok(out)
     }

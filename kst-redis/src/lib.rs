@@ -5,6 +5,7 @@
 
 mod builder;
 mod conn;
+mod counters;
 mod deleted;
 #[cfg(feature = "transparency")]
 mod directory;
@@ -20,6 +21,7 @@ pub use builder::{
     DEFAULT_CONNECTION_TIMEOUT, DEFAULT_OPERATION_TIMEOUT, DEFAULT_REPLICA_TIMEOUT,
     DEFAULT_RESPONSE_TIMEOUT, RedisStoreBuilder,
 };
+pub use counters::RedisCounters;
 #[cfg(feature = "transparency")]
 pub use directory::{MAX_BLOB, MAX_VALUE_STATES, RedisDirectoryStore};
 pub use keys::DEFAULT_PREFIX;

@@ -1,5 +1,5 @@
 //! `kst config check`: prints the effective configuration, secrets masked; `--probe` also
-//! opens the store and the mailer.
+//! opens the store, the web limits' own counter store (`[web.counters]`) and the mailer.
 
 use std::path::Path;
 
@@ -97,6 +97,19 @@ async fn check(
             Err(e) => code = code.max(report::error(&e)),
         },
         Err(e) => code = code.max(report::error(&e)),
+    }
+    if cfg.web.counters.own() {
+        // The web limits' own counter store ([web.counters]): reachable, a primary (no
+        // durability guard: soft state).
+        let limiter: std::sync::Arc<dyn kst_core::RateLimiter> =
+            std::sync::Arc::new(kst_core::MemoryRateLimiter::new());
+        match stores::open_web_counters(&cfg.web.counters, limiter) {
+            Ok(counters) => match counters.check().await {
+                Some(Err(e)) => code = code.max(report::error(&e)),
+                _ => eprintln!("kst: web counters ({}) OK", counters.name()),
+            },
+            Err(e) => code = code.max(report::error(&e)),
+        }
     }
     match mailer.check().await {
         Ok(()) => eprintln!("kst: mailer ({}) OK", mailer.name()),

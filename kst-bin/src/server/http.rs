@@ -1,6 +1,7 @@
 //! The operations endpoint of `kst serve`: `/healthz`, `/readyz` and `/metrics` (axum, no TLS).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -13,6 +14,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
 use super::web::PeerAddr;
+use crate::shared::stores::WebCounterStore;
 
 /// How long `/readyz` waits for the store and the mailer to answer.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -21,6 +23,9 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 struct AppState {
     kst: Kst,
     metrics: PrometheusHandle,
+    /// The counters of `[web.limits]` when they live apart from the key store
+    /// (`[web.counters]`), checked by `/readyz` too.
+    counters: Option<WebCounterStore>,
 }
 
 /// The routes: `/healthz` (200 while the process runs), `/readyz` (200 when the store and the
@@ -28,11 +33,27 @@ struct AppState {
 /// with `?format=json` or `Accept: application/json`), `/metrics` (Prometheus text format, with
 /// the store's topology as `kst_store_info`).
 pub fn router(kst: Kst, metrics: PrometheusHandle) -> Router {
+    router_with_counters(kst, metrics, None)
+}
+
+/// [`router`], whose `/readyz` also checks the web limits' counter store when it is one of
+/// their own (`[web.counters]`), and whose `/metrics` gives its topology as
+/// `kst_store_info{store="web-counters(redis)",...}`.
+pub fn router_with_counters(
+    kst: Kst,
+    metrics: PrometheusHandle,
+    counters: Option<WebCounterStore>,
+) -> Router {
+    let counters = counters.filter(WebCounterStore::is_own);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .with_state(AppState { kst, metrics })
+        .with_state(AppState {
+            kst,
+            metrics,
+            counters,
+        })
 }
 
 /// Serves [`router`] on `listener` until `shutdown` completes.
@@ -54,9 +75,23 @@ pub async fn run_with(
     extra: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let counters = WebCounterStore::in_key_store(Arc::clone(kst.rate_limiter()));
+    run_with_counters(listener, kst, metrics, extra, counters, shutdown).await
+}
+
+/// [`run_with`], with the web limits' `counters` (`[web.counters]`): when they live apart
+/// from the key store, `/readyz` checks them too ([`router_with_counters`]).
+pub async fn run_with_counters(
+    listener: TcpListener,
+    kst: Kst,
+    metrics: PrometheusHandle,
+    extra: Router,
+    counters: WebCounterStore,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     axum::serve(
         listener,
-        router(kst, metrics)
+        router_with_counters(kst, metrics, Some(counters))
             .merge(extra)
             .into_make_service_with_connect_info::<PeerAddr>(),
     )
@@ -143,6 +178,20 @@ async fn readiness_problems(state: &AppState) -> Vec<String> {
             CHECK_TIMEOUT.as_secs()
         )),
     }
+    if let Some(counters) = &state.counters {
+        match tokio::time::timeout(CHECK_TIMEOUT, counters.check()).await {
+            Ok(None | Some(Ok(()))) => {}
+            Ok(Some(Err(e))) => problems.push(format!(
+                "{} (the [web.limits] counters; requests they count are answered 503): {e}",
+                counters.name()
+            )),
+            Err(_) => problems.push(format!(
+                "{} (the [web.limits] counters): no answer within {}s",
+                counters.name(),
+                CHECK_TIMEOUT.as_secs()
+            )),
+        }
+    }
     let mailer = state.kst.mailer();
     match tokio::time::timeout(CHECK_TIMEOUT, mailer.check()).await {
         Ok(Ok(())) => {}
@@ -158,10 +207,29 @@ async fn readiness_problems(state: &AppState) -> Vec<String> {
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
     let mut body = state.metrics.render();
-    body.push_str(&store_info(
-        state.kst.store().name(),
-        &store_topology(&state).await,
-    ));
+    let mut info = store_info(state.kst.store().name(), &store_topology(&state).await);
+    if let Some(counters) = &state.counters {
+        let facts = match tokio::time::timeout(CHECK_TIMEOUT, counters.topology()).await {
+            Ok(Some(Ok(facts))) => facts,
+            Ok(None) => Vec::new(),
+            Ok(Some(Err(e))) => vec![("error".into(), e.to_string())],
+            Err(_) => vec![(
+                "error".into(),
+                format!("no answer within {}s", CHECK_TIMEOUT.as_secs()),
+            )],
+        };
+        let more = store_info(counters.name(), &facts);
+        // One HELP/TYPE header per metric name.
+        match info.is_empty() {
+            true => info = more,
+            false => info.extend(
+                more.lines()
+                    .filter(|l| !l.starts_with('#'))
+                    .map(|l| format!("{l}\n")),
+            ),
+        }
+    }
+    body.push_str(&info);
     (
         [(
             header::CONTENT_TYPE,

@@ -16,7 +16,7 @@ use crate::exit;
 use crate::server::lmtp::{Listener, run};
 use crate::server::web::{self, StoreLookup, WebService};
 use crate::shared::config::{Config, HttpConfig, LmtpConfig, WebConfig};
-use crate::shared::stores::Reach;
+use crate::shared::stores::{self, Reach, WebCounterStore};
 use crate::shared::{logging, metrics, report, wiring};
 
 /// `kst serve --help`: what it does, and the warning about the LMTP port.
@@ -47,7 +47,8 @@ Postfix set-up:
 Config keys: [lmtp] listen, socket_group, allow, max_connections, command_timeout_secs,
 data_timeout_secs, max_recipients, shutdown_grace_secs; [limits] max_message_bytes; [http]
 listen (\"\" turns it off); [web] listen (the public WKD/VKS/HKP listener, off unless set),
-tls_cert, tls_key, trusted_proxies and [web.limits].
+tls_cert, tls_key, trusted_proxies, [web.limits] and [web.counters] (the limits' counters on a
+Redis of their own).
 See deploy/kst.toml and docs/OPERATIONS.md.";
 
 /// Runs `kst serve` with the configuration at `config` (without one: the embedded quick-start
@@ -194,12 +195,13 @@ pub async fn daemon_full(
         .map_err(|e| anyhow::anyhow!("invalid [web] section: {e}"))?;
     let signals = signal_count().context("cannot install the SIGTERM/SIGINT handlers")?;
     let metrics = metrics::init();
+    let counters = web_counters(&web_cfg, &kst).await?;
     // Without [web], the extra routes go to [http], under [web.limits] there too (the
     // loopback operations listener may be what a proxy forwards the public to).
     let ops_guard = match web_cfg.enabled() {
         true => None,
         false => Some(
-            web::guard_of(&web_cfg, Arc::clone(kst.rate_limiter()))
+            web::guard_of(&web_cfg, counters.limiter())
                 .map_err(|e| anyhow::anyhow!("invalid [web] section: {e}"))?,
         ),
     };
@@ -213,7 +215,7 @@ pub async fn daemon_full(
             .with_context(|| format!("cannot listen for WKD/VKS/HKP on {addr:?} (web.listen)"))?;
         let service = WebService {
             lookup: Arc::new(StoreLookup::new(Arc::clone(kst.store()))),
-            counters: Arc::clone(kst.rate_limiter()),
+            counters: counters.limiter(),
             domains: kst.policy().domains.clone(),
             address_policy: kst.policy().address_policy.clone(),
             config: web_cfg,
@@ -243,11 +245,12 @@ pub async fn daemon_full(
                 .await
                 .with_context(|| format!("cannot listen for HTTP on {addr:?} (http.listen)"))?;
             tracing::info!(listen = %addr, "HTTP endpoint listening (/healthz /readyz /metrics)");
-            Some(tokio::spawn(crate::server::http::run_with(
+            Some(tokio::spawn(crate::server::http::run_with_counters(
                 l,
                 kst.clone(),
                 metrics.clone(),
                 extra,
+                counters.clone(),
                 at_least(signals.clone(), 1),
             )))
         }
@@ -299,6 +302,27 @@ pub async fn daemon_full(
         }
     }
     result
+}
+
+/// The counters of `[web.limits]` (`[web.counters]`): the key store's, or a Redis of their
+/// own, checked once here (unreachable: a warning, and `kst serve` starts anyway, as with the
+/// key store; `/readyz` reports it until it answers).
+async fn web_counters(web_cfg: &WebConfig, kst: &Kst) -> anyhow::Result<WebCounterStore> {
+    let counters = stores::open_web_counters(&web_cfg.counters, Arc::clone(kst.rate_limiter()))
+        .map_err(|e| anyhow::anyhow!("invalid [web.counters] section: {e}"))?;
+    match counters.check().await {
+        None => {}
+        Some(Ok(())) => tracing::info!(
+            prefix = web_cfg.counters.prefix(),
+            "[web.limits] counted on a Redis of their own ([web.counters])"
+        ),
+        Some(Err(e)) => tracing::warn!(
+            error = %e,
+            "the [web.counters] Redis cannot be reached; starting anyway: requests that the \
+             limits count are answered 503 until it answers (after 1 s of failing counters)"
+        ),
+    }
+    Ok(counters)
 }
 
 /// Keys a second that a run of the expiry reminders in `kst serve` reads at most. A run reads

@@ -26,7 +26,7 @@ pub use self::http::HttpConfig;
 pub use self::lmtp::{AllowList, Cidr, LmtpConfig};
 pub use self::reminders::RemindersConfig;
 pub use self::transparency::TransparencyConfig;
-pub use self::web::{WebConfig, WebLimits};
+pub use self::web::{CountersBackend, WebConfig, WebCounters, WebLimits};
 pub use self::wks::{WksConfig, WksKeyConfig, check_key_file_mode, read_key_file};
 pub use crate::shared::logging::{LogConfig, LogFormat};
 
@@ -47,11 +47,13 @@ pub const ENV_LIST_KEYS: [&str; 6] = [
 /// newlines), not commas: a URL may hold commas (libpq's multi-host
 /// `postgres://db1:5432,db2:5432/kst`, a password), never unencoded whitespace.
 /// `KST_STORE__URLS="postgres://kst@db1,db2/kst postgres://kst@db3/kst"` is two entries.
-pub const ENV_URL_LIST_KEYS: [&str; 4] = [
+pub const ENV_URL_LIST_KEYS: [&str; 6] = [
     "store.urls",
     "store.read_urls",
     "store.sentinels",
     "store.cluster_nodes",
+    "web.counters.sentinels",
+    "web.counters.cluster_nodes",
 ];
 /// How secrets are shown by [`Config::masked`].
 pub const MASK: &str = "********";
@@ -844,6 +846,7 @@ impl Config {
         // PostgreSQL replication (issue 16): every host URL may hold a password.
         c.store.urls = c.store.urls.iter().map(|u| mask_url(u)).collect();
         c.store.read_urls = c.store.read_urls.iter().map(|u| mask_url(u)).collect();
+        c.web.counters.url = mask_url(&c.web.counters.url);
         toml::to_string(&c).unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
     }
 }
@@ -1184,6 +1187,40 @@ mod tests {
         ] {
             assert!(!is_host_name(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn web_counters_from_the_environment_and_masked() {
+        let env = |more: &[(&str, &str)]| {
+            let mut v = vec![("KST_KST__DOMAINS".to_string(), "example.net".to_string())];
+            v.extend(more.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            Config::load_with_env(None, v)
+        };
+        let c = env(&[
+            ("KST_WEB__COUNTERS__BACKEND", "redis"),
+            ("KST_WEB__COUNTERS__URL", "redis://:hunter2@127.0.0.1:6380"),
+            ("KST_WEB__COUNTERS__PREFIX", "pool-a:"),
+        ])
+        .unwrap();
+        assert_eq!(c.web.counters.backend, CountersBackend::Redis);
+        assert_eq!(c.web.counters.prefix(), "pool-a:");
+        assert!(!c.masked().contains("hunter2"), "{}", c.masked());
+        let c = env(&[
+            ("KST_WEB__COUNTERS__BACKEND", "redis"),
+            (
+                "KST_WEB__COUNTERS__SENTINELS",
+                "redis://10.0.0.1:26379 redis://10.0.0.2:26379",
+            ),
+            ("KST_WEB__COUNTERS__SENTINEL_MASTER", "counters"),
+        ])
+        .unwrap();
+        assert_eq!(c.web.counters.sentinels.len(), 2);
+        let e = env(&[("KST_WEB__COUNTERS__BACKEND", "redis")]).unwrap_err();
+        assert!(e.to_string().contains("web.counters.url"), "{e}");
+        assert!(
+            !env(&[]).unwrap().web.counters.own(),
+            "the key store by default"
+        );
     }
 
     #[test]

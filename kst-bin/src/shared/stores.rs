@@ -7,7 +7,7 @@ use kst_core::{Error, KeyStore, RateLimiter};
 use kst_postgres::PostgresStore;
 use kst_redis::RedisStore;
 
-use crate::shared::config::{Config, StoreBackend, StoreConfig};
+use crate::shared::config::{Config, CountersBackend, StoreBackend, StoreConfig, WebCounters};
 
 /// How to open a network store when its server cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +122,85 @@ pub(crate) fn redis_builder(cfg: &StoreConfig) -> kst_redis::RedisStoreBuilder {
         builder.cluster(cfg.cluster_nodes.clone())
     } else {
         builder
+    }
+}
+
+/// Where the counters of `[web.limits]` live: the key store's rate limiter, or the counter
+/// store `[web.counters]` names (a Redis of their own, soft state). Cheap to clone.
+#[derive(Clone)]
+pub struct WebCounterStore {
+    limiter: Arc<dyn RateLimiter>,
+    own: Option<kst_redis::RedisCounters>,
+}
+
+impl WebCounterStore {
+    /// The key store's own limiter (`[web.counters] backend = "store"`, the default).
+    pub fn in_key_store(limiter: Arc<dyn RateLimiter>) -> WebCounterStore {
+        WebCounterStore { limiter, own: None }
+    }
+
+    /// The counters, for `[web.limits]`.
+    pub fn limiter(&self) -> Arc<dyn RateLimiter> {
+        Arc::clone(&self.limiter)
+    }
+
+    /// Whether they live apart from the key store.
+    pub fn is_own(&self) -> bool {
+        self.own.is_some()
+    }
+
+    /// The counter store's name for readiness problems and logs: `web-counters(redis)`.
+    pub fn name(&self) -> &'static str {
+        "web-counters(redis)"
+    }
+
+    /// Checks a counter store of their own (`None` when the counters live in the key store,
+    /// which the store's own check covers): reachable and a primary. No durability guard.
+    pub async fn check(&self) -> Option<Result<(), Error>> {
+        Some(self.own.as_ref()?.check().await)
+    }
+
+    /// The counter store's topology facts (`None` when the counters live in the key store).
+    pub async fn topology(&self) -> Option<Result<Vec<(String, String)>, Error>> {
+        Some(self.own.as_ref()?.topology().await)
+    }
+}
+
+impl std::fmt::Debug for WebCounterStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebCounterStore")
+            .field("limiter", &self.limiter.name())
+            .field("own", &self.own)
+            .finish()
+    }
+}
+
+/// Opens where `[web.counters]` (`cfg`) keeps the web limits' counters: `key_store`'s limiter
+/// by default, or a Redis of their own (one server, Sentinel or a Cluster, under `prefix`),
+/// without the durability guard: the counters are soft state. The Redis is not touched here
+/// (a daemon must start while it is down; `/readyz` says so, and the limits answer as when the
+/// counters fail); a bad URL or prefix is [`Error::Config`].
+pub fn open_web_counters(
+    cfg: &WebCounters,
+    key_store: Arc<dyn RateLimiter>,
+) -> Result<WebCounterStore, Error> {
+    match cfg.backend {
+        CountersBackend::Store => Ok(WebCounterStore::in_key_store(key_store)),
+        CountersBackend::Redis => {
+            let builder = RedisStore::builder(cfg.url.clone()).prefix(cfg.prefix());
+            let builder = if !cfg.sentinels.is_empty() {
+                builder.sentinel(cfg.sentinels.clone(), cfg.sentinel_master.clone())
+            } else if !cfg.cluster_nodes.is_empty() {
+                builder.cluster(cfg.cluster_nodes.clone())
+            } else {
+                builder
+            };
+            let counters = builder.counters_lazy()?;
+            Ok(WebCounterStore {
+                limiter: Arc::new(counters.clone()),
+                own: Some(counters),
+            })
+        }
     }
 }
 

@@ -112,3 +112,66 @@ async fn many_hits_count_each_key_once_with_its_window() {
         assert!(ttl > 0 && ttl <= max_ttl, "{key}: ttl {ttl}");
     }
 }
+
+/// Counters on a Redis of their own (`RedisCounters`, the cheaper counting script): the shared
+/// limiter suite, mixed with the store's own limiter on the same prefix (the same counts,
+/// verdicts and windows), and a new counter gets its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn counters_of_their_own_pass_the_limiter_conformance_suite() {
+    let t = TestPrefix::new().await;
+    let counters = || {
+        RedisStore::builder(crate::support::url())
+            .prefix(t.prefix.clone())
+            .counters_lazy()
+            .expect("counters")
+    };
+    let limiters: Vec<Arc<dyn RateLimiter>> = vec![
+        Arc::new(counters()),
+        Arc::new(t.store().await),
+        Arc::new(counters()),
+    ];
+    conformance::limiter::run_all(limiters).await;
+    let c = counters();
+    c.check().await.expect("reachable, a primary");
+    assert_eq!(
+        c.hit_many(&[
+            Hit::new("web-client:192.0.2.9", 2, HOUR),
+            Hit::new("web-client:192.0.2.9", 2, HOUR),
+            Hit::new("web-client:192.0.2.9", 2, HOUR),
+        ])
+        .await
+        .unwrap(),
+        vec![true, true, false]
+    );
+    let key = format!("{}rl:web-client:192.0.2.9", t.prefix);
+    let mut raw = t.raw().await;
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 3_600_000, "ttl {ttl}");
+}
+
+/// An unreachable counter Redis is a temporary error of `ratelimit(redis-counters)`, for its
+/// hits and its check. (That a server with `appendonly no` passes the check, which the store's
+/// guard refuses, is tested with a server of its own in `tests/web_counter_store.rs`.)
+#[tokio::test]
+async fn counters_of_their_own_need_no_durability_and_name_themselves() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let c = RedisStore::builder(format!("redis://127.0.0.1:{port}"))
+        .connection_timeout(Duration::from_millis(300))
+        .operation_timeout(Duration::from_secs(2))
+        .counters_lazy()
+        .unwrap();
+    let err = c.hit("web-client:192.0.2.1", 5, HOUR).await.unwrap_err();
+    assert!(err.is_temporary(), "{err}");
+    assert!(
+        err.to_string().contains("ratelimit(redis-counters)"),
+        "{err}"
+    );
+    assert!(c.check().await.is_err());
+}

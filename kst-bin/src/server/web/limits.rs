@@ -1,6 +1,7 @@
 //! Rate limits of the web listener: requests and misses per client, misses of everyone.
 //!
-//! Counters go through [`kst_core::RateLimiter`] (the store's, so a pool shares them; the
+//! Counters go through [`kst_core::RateLimiter`] (the store's, or the Redis of their own that
+//! `[web.counters]` names: either way a pool shares them; the
 //! hits of concurrent requests together, [`super::coalesce`]) under keys that start with
 //! `web-`, which no mail-side key does (those start with a [`kst_core::LimitKind`] token). The limiter only counts hits, so a client whose misses ran
 //! out is remembered here until its window ends; every instance learns it on that client's

@@ -42,7 +42,8 @@ pub const SUBMISSION_LOCAL_PART: &str = "keys";
 pub struct WebService {
     /// The store's look-ups.
     pub lookup: Arc<dyn KeyLookup>,
-    /// Shared counters for the limits (the store's limiter in a pool).
+    /// Shared counters for the limits (the store's limiter, or the Redis of their own that
+    /// `[web.counters]` names).
     pub counters: Arc<dyn RateLimiter>,
     /// Served domains, normalized.
     pub domains: Vec<String>,

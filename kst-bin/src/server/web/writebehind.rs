@@ -2,7 +2,8 @@
 //! client in good standing is admitted at once and its hit is added to a count pending in this
 //! process; one flusher task sends every client's pending hits to the shared counters in ONE
 //! [`RateLimiter::hit_many`] at most every [`FLUSH`], so the store sees a few dozen writes a
-//! second (one log sync each on Redis with `appendfsync always`), however many clients ask,
+//! second (one log sync each on a Redis key store with `appendfsync always`, unless
+//! `[web.counters]` puts the counters on a Redis of their own), however many clients ask,
 //! instead of one write per 8 requests of each client (the reservations this replaces, which
 //! made 1 request in 8 of every client wait for a store round trip: 12.5% of all requests,
 //! more than the 1% a p99 leaves).

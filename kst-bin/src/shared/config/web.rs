@@ -46,6 +46,8 @@ pub struct WebConfig {
     pub cache_max_age_secs: u64,
     /// Request limits (see [`WebLimits`]).
     pub limits: WebLimits,
+    /// Where the limits' counters live (see [`WebCounters`]; default: the key store's).
+    pub counters: WebCounters,
 }
 
 impl Default for WebConfig {
@@ -63,6 +65,7 @@ impl Default for WebConfig {
             handshake_timeout_secs: 10,
             cache_max_age_secs: 300,
             limits: WebLimits::default(),
+            counters: WebCounters::default(),
         }
     }
 }
@@ -130,6 +133,137 @@ impl WebLimits {
     /// The window (at least one second).
     pub fn window(&self) -> Duration {
         Duration::from_secs(self.window_secs.max(1))
+    }
+}
+
+/// Where `[web.counters]` keeps the counters of `[web.limits]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CountersBackend {
+    /// The key store's own rate limiter (`[store]`), as the mail side's limits (the default).
+    #[default]
+    Store,
+    /// A Redis of their own (`url`, `sentinels` or `cluster_nodes`), which holds only soft
+    /// state: no durability guard, `appendonly no` recommended.
+    Redis,
+}
+
+/// `[web.counters]`: where the counters of `[web.limits]` live. By default in the key store
+/// (`backend = "store"`). `backend = "redis"` puts them on a Redis of their own, shared by a
+/// pool like the store: the counters are soft state (losing them resets the windows), so that
+/// Redis needs no durability (`appendonly no`, `save ""`), and its writes never wait for the
+/// key store's log sync, nor make the key store's look-ups wait for theirs (on a Redis key
+/// store with `appendfsync always`, each counter write holds every look-up queued behind it
+/// for one fsync). Any key store (fs, PostgreSQL, Redis) may use it. The mail side's limits
+/// stay in the key store.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebCounters {
+    /// `"store"` (the default) or `"redis"`.
+    pub backend: CountersBackend,
+    /// `redis`: the server's URL (`redis://[user:password@]host:port[/db]`, `rediss://` for
+    /// TLS). With `sentinels`, only the data nodes' password and database. May hold a password.
+    pub url: String,
+    /// `redis`: key prefix of the counters (default `kst-web:`; no `{` or `}`), so that several
+    /// pools can share one server.
+    pub prefix: String,
+    /// `redis`: sentinels (`redis://host:port` each) that name the primary.
+    pub sentinels: Vec<String>,
+    /// `redis`: the master name the sentinels monitor (with `sentinels`).
+    pub sentinel_master: String,
+    /// `redis`: nodes of a Redis Cluster (`redis://host:port` each, some of them), instead of
+    /// `url`.
+    pub cluster_nodes: Vec<String>,
+}
+
+/// The default key prefix of `[web.counters]` on Redis.
+pub const DEFAULT_COUNTERS_PREFIX: &str = "kst-web:";
+
+impl Default for WebCounters {
+    fn default() -> Self {
+        WebCounters {
+            backend: CountersBackend::Store,
+            url: String::new(),
+            prefix: DEFAULT_COUNTERS_PREFIX.into(),
+            sentinels: Vec::new(),
+            sentinel_master: String::new(),
+            cluster_nodes: Vec::new(),
+        }
+    }
+}
+
+impl WebCounters {
+    /// Whether the counters live apart from the key store.
+    pub fn own(&self) -> bool {
+        self.backend != CountersBackend::Store
+    }
+
+    /// The key prefix (`prefix`, or [`DEFAULT_COUNTERS_PREFIX`] when empty).
+    pub fn prefix(&self) -> &str {
+        match self.prefix.trim() {
+            "" => DEFAULT_COUNTERS_PREFIX,
+            p => p,
+        }
+    }
+
+    fn validate(&self) -> Result<(), WebConfigError> {
+        let set = !self.url.trim().is_empty()
+            || !self.sentinels.is_empty()
+            || !self.cluster_nodes.is_empty();
+        match self.backend {
+            CountersBackend::Store if set => Err(err(
+                "web.counters.backend",
+                "is \"store\" (the default: the counters live in the key store), but \
+                 web.counters names a Redis; set web.counters.backend = \"redis\" to use it, or \
+                 remove its url, sentinels and cluster_nodes",
+            )),
+            CountersBackend::Store => Ok(()),
+            CountersBackend::Redis if !set => Err(err(
+                "web.counters.url",
+                "must be set when web.counters.backend = \"redis\" (e.g. \
+                 \"redis://127.0.0.1:6380\"), or name web.counters.sentinels or \
+                 web.counters.cluster_nodes",
+            )),
+            CountersBackend::Redis
+                if !self.sentinels.is_empty() && !self.cluster_nodes.is_empty() =>
+            {
+                Err(err(
+                    "web.counters.cluster_nodes",
+                    "cannot be set together with web.counters.sentinels: a Redis Cluster fails \
+                     over by itself",
+                ))
+            }
+            CountersBackend::Redis
+                if !self.sentinels.is_empty() && self.sentinel_master.trim().is_empty() =>
+            {
+                Err(err(
+                    "web.counters.sentinel_master",
+                    "must name the master the sentinels monitor when web.counters.sentinels is set",
+                ))
+            }
+            CountersBackend::Redis if self.prefix().contains(['{', '}']) => Err(err(
+                "web.counters.prefix",
+                format!(
+                    "{:?} holds a brace ({{ or }}), which Redis Cluster reads as a hash tag; \
+                     write e.g. \"kst-web:\"",
+                    self.prefix
+                ),
+            )),
+            CountersBackend::Redis => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for WebCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebCounters")
+            .field("backend", &self.backend)
+            .field("url", &super::mask_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("sentinels", &self.sentinels)
+            .field("sentinel_master", &self.sentinel_master)
+            .field("cluster_nodes", &self.cluster_nodes)
+            .finish()
     }
 }
 
@@ -210,6 +344,7 @@ impl WebConfig {
                 return Err(err(key, "must be at least 1"));
             }
         }
+        self.counters.validate()?;
         self.trusted_proxies
             .iter()
             .map(|e| {
@@ -307,5 +442,73 @@ mod tests {
             "web.max_connections"
         );
         assert!(toml::from_str::<WebConfig>("listn = \"x\"").is_err());
+    }
+
+    #[test]
+    fn counters_default_to_the_key_store_and_a_redis_of_their_own_is_checked() {
+        let c = WebConfig::default();
+        assert!(!c.counters.own());
+        assert_eq!(c.counters.prefix(), DEFAULT_COUNTERS_PREFIX);
+        let own: WebConfig = toml::from_str(
+            r#"
+            [counters]
+            backend = "redis"
+            url = "redis://:secret@127.0.0.1:6380"
+            "#,
+        )
+        .unwrap();
+        assert!(own.counters.own());
+        own.validate().unwrap();
+        assert!(
+            !format!("{:?}", own.counters).contains("secret"),
+            "the password is masked"
+        );
+        let bad = |counters: WebCounters| {
+            WebConfig {
+                counters,
+                ..WebConfig::default()
+            }
+            .validate()
+            .unwrap_err()
+            .key
+        };
+        let redis = WebCounters {
+            backend: CountersBackend::Redis,
+            ..WebCounters::default()
+        };
+        assert_eq!(bad(redis.clone()), "web.counters.url");
+        assert_eq!(
+            bad(WebCounters {
+                url: "redis://127.0.0.1:6380".into(),
+                ..WebCounters::default()
+            }),
+            "web.counters.backend",
+            "a Redis named with backend = \"store\" is a mistake, not ignored"
+        );
+        assert_eq!(
+            bad(WebCounters {
+                sentinels: vec!["redis://127.0.0.1:26379".into()],
+                ..redis.clone()
+            }),
+            "web.counters.sentinel_master"
+        );
+        assert_eq!(
+            bad(WebCounters {
+                sentinels: vec!["redis://127.0.0.1:26379".into()],
+                sentinel_master: "m".into(),
+                cluster_nodes: vec!["redis://127.0.0.1:7000".into()],
+                ..redis.clone()
+            }),
+            "web.counters.cluster_nodes"
+        );
+        assert_eq!(
+            bad(WebCounters {
+                url: "redis://127.0.0.1:6380".into(),
+                prefix: "kst{web}:".into(),
+                ..redis
+            }),
+            "web.counters.prefix"
+        );
+        assert!(toml::from_str::<WebConfig>("[counters]\nbackend = \"memcached\"").is_err());
     }
 }

@@ -1,0 +1,507 @@
+//! `[web.counters]`: the web limits' counters on a Redis of their own (soft state, no
+//! durability guard), through real `kst serve` processes, a real key store and a second real
+//! `redis-server` that each test starts on a free loopback port (`appendonly no`, `save ""`:
+//! the recommended set-up). The counters land there and never in the key store (Redis or
+//! fs); a pool of two shares them; the counter store going down answers as failing counters
+//! do (write-behind: admitted for `STALE`, then 503), `/readyz` says so, and it recovers when
+//! the Redis is back; `kst config check` validates and probes it, and the key store's
+//! durability guard still refuses a Redis that is not durable.
+//!
+//! Needs gpg, Redis (`redis-server` and the shared test server) as the other tests.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kst_tests::serve::{ServeProcess, free_port, http_get};
+use kst_tests::{Gpg, Store, TestKst, TestPrefix, code, stderr};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long a poll waits for what must happen (a hang guard, not a speed check).
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The prefix the tests give the counters.
+const PREFIX: &str = "ctr-web:";
+
+const FOUND: &str = "/vks/v1/by-email/alice%40example.net";
+
+fn missing(tag: &str) -> String {
+    format!("/vks/v1/by-email/nobody-{tag}%40example.net")
+}
+
+/// A `redis-server` of the test's own on a free loopback port, holding only soft state
+/// (`appendonly no`, `save ""`); killed when dropped.
+struct OwnRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn start() -> OwnRedis {
+        let mut r = OwnRedis {
+            port: free_port().port(),
+            dir: tempfile::Builder::new()
+                .prefix("kst-test-counters-")
+                .tempdir()
+                .expect("temp dir"),
+            child: None,
+        };
+        r.up();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again, on the same port) and waits until it answers PING.
+    fn up(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server (is it installed?)");
+        self.child = Some(child);
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if self.connection().is_ok_and(|mut c| {
+                redis::cmd("PING")
+                    .query::<String>(&mut c)
+                    .is_ok_and(|p| p == "PONG")
+            }) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the server (its counters are gone: soft state).
+    fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn connection(&self) -> redis::RedisResult<redis::Connection> {
+        redis::Client::open(self.url().as_str())?
+            .get_connection_with_timeout(Duration::from_secs(5))
+    }
+
+    /// The count of limiter key `key` (0 when there is none).
+    fn count(&self, key: &str) -> u64 {
+        let mut c = self.connection().expect("connect to the counters' Redis");
+        redis::cmd("GET")
+            .arg(format!("{PREFIX}rl:{key}"))
+            .query::<Option<u64>>(&mut c)
+            .expect("GET a counter")
+            .unwrap_or(0)
+    }
+
+    /// Polls until `key`'s count is `want` (the counts arrive within a flush, 25 ms).
+    fn wait_for_count(&self, key: &str, want: u64) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let got = self.count(key);
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{key}: {got} counted, {want} expected"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// `GET path` from the source address `from` to `at` (Host `example.net`): the status.
+async fn get_from(from: Ipv4Addr, at: SocketAddr, path: &str) -> u16 {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(IpAddr::V4(from), 0))
+        .unwrap_or_else(|e| panic!("bind {from}: {e}"));
+    let mut s = socket
+        .connect(at)
+        .await
+        .unwrap_or_else(|e| panic!("connect from {from} to {at}: {e}"));
+    let head = format!("GET {path} HTTP/1.1\r\nHost: example.net\r\nConnection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).await.expect("send request");
+    let mut text = Vec::new();
+    s.read_to_end(&mut text).await.expect("read response");
+    let text = String::from_utf8_lossy(&text);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status from {at}: {text:?}"))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A `kst serve` of `kst` with `[web]` on `web`, `[http]` on `http`, the counters on
+/// `counters`, and the `[web.limits]` settings `limits`.
+fn serve(
+    kst: &TestKst,
+    name: &str,
+    (web, http): (SocketAddr, SocketAddr),
+    counters: &OwnRedis,
+    limits: &[(&str, &str)],
+) -> ServeProcess {
+    let url = counters.url();
+    ServeProcess::start(kst.dir.path().join(format!("{name}.log")), http, |cmd| {
+        cmd.arg("--config")
+            .arg(&kst.config)
+            .env("KST_LMTP__LISTEN", free_port().to_string())
+            .env("KST_HTTP__LISTEN", http.to_string())
+            .env("KST_WEB__LISTEN", web.to_string())
+            .env("KST_WEB__COUNTERS__BACKEND", "redis")
+            .env("KST_WEB__COUNTERS__URL", url)
+            .env("KST_WEB__COUNTERS__PREFIX", PREFIX)
+            .envs(limits.iter().copied());
+    })
+}
+
+/// The keys of every fs rate-limit shard under `keys` (hashes of limiter keys).
+fn fs_counter_keys(keys: &Path) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(keys.join("ratelimit")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        if let Ok(serde_json::Value::Object(map)) = serde_json::from_str(&text) {
+            out.extend(map.keys().cloned());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A Redis key store, the counters on a Redis of their own: the web limits' hits and misses
+/// are counted there, exactly, and nothing of them in the key store; the key store's mail-side
+/// counters stay where they were. `/readyz` is ready, and `/metrics` gives the counter store's
+/// topology (a Redis with `appendonly no`, which kst accepts for counters).
+#[test]
+fn web_counters_land_in_their_own_redis_never_in_a_redis_key_store() {
+    let t = TestPrefix::new();
+    let kst = TestKst::with_store("", &t.store());
+    let gpg = Gpg::new();
+    kst.publish_by_mail(&gpg.generate("Alice", "alice@example.net", "ed25519"));
+    let counters = OwnRedis::start();
+    let (web, http) = (free_port(), free_port());
+    let serve = serve(
+        &kst,
+        "serve",
+        (web, http),
+        &counters,
+        &[
+            ("KST_WEB__LIMITS__PER_CLIENT", "40"),
+            ("KST_WEB__LIMITS__PER_CLIENT_MISSES", "3"),
+            ("KST_WEB__LIMITS__GLOBAL_MISSES", "100"),
+        ],
+    );
+    let rt = runtime();
+    let (asker, misser) = (Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3));
+    for _ in 0..10 {
+        assert_eq!(
+            rt.block_on(get_from(asker, web, FOUND)),
+            200,
+            "{}",
+            serve.log()
+        );
+    }
+    assert_eq!(rt.block_on(get_from(misser, web, &missing("1"))), 404);
+    counters.wait_for_count(&format!("web-client:{asker}"), 10);
+    counters.wait_for_count(&format!("web-client:{misser}"), 1);
+    assert_eq!(counters.count(&format!("web-miss:{misser}")), 1);
+    assert_eq!(counters.count("web-miss-global"), 1);
+    let in_key_store: Vec<String> = t
+        .keys()
+        .expect("list the key store's keys")
+        .into_iter()
+        .filter(|k| k.contains("rl:web"))
+        .collect();
+    assert!(
+        in_key_store.is_empty(),
+        "web counters in the key store: {in_key_store:?}"
+    );
+    let (status, body) = http_get(http, "/readyz");
+    assert_eq!(status, 200, "{body}");
+    let (status, metrics) = http_get(http, "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(
+            "kst_store_info{store=\"web-counters(redis)\",name=\"redis_appendonly\",value=\"no\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kst_store_info{store=\"redis\""),
+        "{metrics}"
+    );
+    drop(rt);
+    assert_eq!(serve.stop(), 0);
+}
+
+/// Two `kst serve` on one fs key store and one counter Redis (a pool, as far as the counters
+/// go): one client flooding both from 16 connections gets its limit and at most 8 (write-
+/// behind's CAP) more per instance; the counter Redis holds every admitted request; the fs
+/// store's rate-limit shards get no web counter.
+#[test]
+fn a_pool_of_two_on_an_fs_store_shares_the_counter_redis() {
+    const LIMIT: u32 = 64;
+    const CAP: u32 = 8;
+    const CONNECTIONS: u32 = 16;
+    const EACH: u32 = 12;
+    let kst = TestKst::with_store("", &Store::Fs);
+    let gpg = Gpg::new();
+    kst.publish_by_mail(&gpg.generate("Alice", "alice@example.net", "ed25519"));
+    let keys = kst.dir.path().join("keys");
+    let shards_before = fs_counter_keys(&keys);
+    let counters = OwnRedis::start();
+    let limits = [
+        ("KST_WEB__LIMITS__PER_CLIENT", "64"),
+        ("KST_WEB__LIMITS__PER_CLIENT_MISSES", "0"),
+        ("KST_WEB__LIMITS__GLOBAL_MISSES", "0"),
+    ];
+    let pool: Vec<(SocketAddr, ServeProcess)> = (0..2)
+        .map(|i| {
+            let web = free_port();
+            let s = serve(
+                &kst,
+                &format!("serve-{i}"),
+                (web, free_port()),
+                &counters,
+                &limits,
+            );
+            (web, s)
+        })
+        .collect();
+    let at: Vec<SocketAddr> = pool.iter().map(|(a, _)| *a).collect();
+    let rt = runtime();
+    let flooder = Ipv4Addr::new(127, 0, 0, 70);
+    let statuses: Vec<u16> = rt.block_on(async {
+        let tasks: Vec<_> = (0..CONNECTIONS)
+            .map(|i| {
+                let at = at[i as usize % 2];
+                tokio::spawn(async move {
+                    let mut s = Vec::new();
+                    for _ in 0..EACH {
+                        s.push(get_from(flooder, at, FOUND).await);
+                    }
+                    s
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("flood task"));
+        }
+        all
+    });
+    let admitted = statuses.iter().filter(|s| **s == 200).count() as u32;
+    let refused = statuses.iter().filter(|s| **s == 429).count() as u32;
+    assert_eq!(
+        admitted + refused,
+        CONNECTIONS * EACH,
+        "only 200 and 429: {statuses:?}\n{}\n{}",
+        pool[0].1.log(),
+        pool[1].1.log()
+    );
+    assert!(
+        (LIMIT..=LIMIT + 2 * CAP).contains(&admitted),
+        "{admitted} admitted of a limit of {LIMIT} over a pool of two"
+    );
+    for a in &at {
+        assert_eq!(
+            rt.block_on(get_from(flooder, *a, FOUND)),
+            429,
+            "refused by both instances"
+        );
+    }
+    // A client in good standing is served by both (and counted once by each).
+    let good = Ipv4Addr::new(127, 0, 0, 71);
+    for a in &at {
+        assert_eq!(rt.block_on(get_from(good, *a, FOUND)), 200);
+    }
+    counters.wait_for_count(&format!("web-client:{good}"), 2);
+    let stored = counters.count(&format!("web-client:{flooder}"));
+    assert!(
+        (u64::from(admitted)..=u64::from(CONNECTIONS * EACH + 2)).contains(&stored),
+        "{stored} counted in the counter Redis, {admitted} admitted"
+    );
+    assert_eq!(
+        fs_counter_keys(&keys),
+        shards_before,
+        "no web counter in the fs store's shards"
+    );
+    drop(rt);
+    for (_, s) in pool {
+        assert_eq!(s.stop(), 0);
+    }
+}
+
+/// The counter Redis goes down: requests are answered as when the counters fail (a client in
+/// good standing is admitted for write-behind's `STALE` and up to `CAP` requests, then every
+/// counted request is answered 503), `/readyz` is 503 and names the counter store,
+/// `kst_web_counter_flushes_total{outcome="failed"}` counts the failed flushes. The key store's
+/// look-ups are not touched: once the Redis is back (empty: soft state), requests are 200
+/// again and `/readyz` is ready.
+#[test]
+fn the_counter_redis_down_answers_503_and_readyz_says_so_until_it_is_back() {
+    let kst = TestKst::with_store("", &Store::Fs);
+    let gpg = Gpg::new();
+    kst.publish_by_mail(&gpg.generate("Alice", "alice@example.net", "ed25519"));
+    let mut counters = OwnRedis::start();
+    let (web, http) = (free_port(), free_port());
+    // The limits at their defaults.
+    let serve = serve(&kst, "serve", (web, http), &counters, &[]);
+    let rt = runtime();
+    let client = Ipv4Addr::new(127, 0, 0, 80);
+    assert_eq!(rt.block_on(get_from(client, web, FOUND)), 200);
+    counters.wait_for_count(&format!("web-client:{client}"), 1);
+    assert_eq!(http_get(http, "/readyz").0, 200);
+
+    counters.down();
+    let deadline = Instant::now() + DEADLINE;
+    let mut answers = Vec::new();
+    loop {
+        let status = rt.block_on(get_from(client, web, FOUND));
+        answers.push(status);
+        if status == 503 {
+            break;
+        }
+        assert_eq!(status, 200, "admitted while STALE lasts: {answers:?}");
+        assert!(
+            Instant::now() < deadline,
+            "never 503 with the counters down: {answers:?}\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        answers.len() as u32 <= kst_bin::server::web::writebehind::CAP + 1,
+        "at most CAP admitted without a verdict: {answers:?}"
+    );
+    // Everyone's counted requests now wait for a flush and get its error.
+    assert_eq!(
+        rt.block_on(get_from(Ipv4Addr::new(127, 0, 0, 81), web, FOUND)),
+        503
+    );
+    let (status, body) = http_get(http, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("web-counters(redis)"), "{body}");
+    assert!(!body.contains("store(fs)"), "the key store is fine: {body}");
+    let (_, metrics) = http_get(http, "/metrics");
+    let failed = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("kst_web_counter_flushes_total") && l.contains("outcome=\"failed\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(failed >= 1.0, "failed flushes counted: {metrics}");
+
+    counters.up();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let status = rt.block_on(get_from(client, web, FOUND));
+        if status == 200 && http_get(http, "/readyz").0 == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not back after the Redis came back (last {status}):\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        counters.count(&format!("web-client:{client}")) >= 1,
+        "counted in the new Redis"
+    );
+    drop(rt);
+    assert_eq!(serve.stop(), 0);
+}
+
+/// `kst config check` says what is wrong with `[web.counters]` (exit 78) and `--probe`
+/// reaches it (exit 69 when it cannot); a counter Redis with `appendonly no` passes the probe,
+/// while the same server as the key store is still refused by the durability guard.
+#[test]
+fn config_check_validates_and_probes_the_counter_redis() {
+    let kst = TestKst::with_store("", &Store::Fs);
+    let out = kst.kst_env(
+        &["config", "check"],
+        b"",
+        &[("KST_WEB__COUNTERS__BACKEND", "redis")],
+    );
+    assert_eq!(code(&out), 78, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("web.counters.url"),
+        "{}",
+        stderr(&out)
+    );
+
+    let nowhere = format!("redis://{}", free_port());
+    let out = kst.kst_env(
+        &["config", "check", "--probe"],
+        b"",
+        &[
+            ("KST_WEB__COUNTERS__BACKEND", "redis"),
+            ("KST_WEB__COUNTERS__URL", &nowhere),
+        ],
+    );
+    assert_eq!(code(&out), 69, "{}", stderr(&out));
+    assert!(stderr(&out).contains("redis-counters"), "{}", stderr(&out));
+
+    let counters = OwnRedis::start();
+    let url = counters.url();
+    let out = kst.kst_env(
+        &["config", "check", "--probe"],
+        b"",
+        &[
+            ("KST_WEB__COUNTERS__BACKEND", "redis"),
+            ("KST_WEB__COUNTERS__URL", &url),
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("web counters"), "{}", stderr(&out));
+
+    // The key store's guard is untouched: the same server as the key store is refused.
+    let out = kst.kst_env(
+        &["config", "check", "--probe"],
+        b"",
+        &[
+            ("KST_STORE__BACKEND", "redis"),
+            ("KST_STORE__URL", &url),
+            ("KST_STORE__PREFIX", "ctr-keys:"),
+        ],
+    );
+    assert_ne!(code(&out), 0, "{}", stderr(&out));
+    assert!(stderr(&out).contains("appendonly no"), "{}", stderr(&out));
+}
