@@ -13,7 +13,8 @@
 //!   cosignatures and the append-only proof from their heads (`kst-log-answer-v2`);
 //! - `GET /.well-known/kst/log/<domain>/audit?from=A&to=B`: the signed head of every epoch
 //!   from A to B and the append-only proof between them (at most
-//!   [`MAX_AUDIT_EPOCHS`] epochs, else 400);
+//!   [`MAX_AUDIT_EPOCHS`] epochs, else 400; a proof over what a witness accepts,
+//!   `kst_core::transparency::log::MAX_PROOF_ELEMENTS`, is 422, counted before it is built);
 //! - `POST /.well-known/kst/log/<domain>/cosignature`: a witness of `[transparency]
 //!   witnesses` hands in its cosignature (the head text with one cosignature line, at most
 //!   [`MAX_HEAD_TEXT`] bytes): 204 when stored (or stored already); 403 for a witness not
@@ -21,7 +22,8 @@
 //!   older than the newest stored for that witness (a replay: an earlier epoch, or the same
 //!   epoch checked earlier); 400 when it does not verify.
 //! - with `?since=<epoch>`, a lookup also carries the append-only proof from that epoch (at
-//!   most `MAX_SINCE_EPOCHS` epochs back, else 422); with `&steps=1` instead bounded by
+//!   most `MAX_SINCE_EPOCHS` epochs back and `MAX_PROOF_ELEMENTS`, counted before it is
+//!   built, else 422); with `&steps=1` instead bounded by
 //!   bytes and changes (`HTTP_STEP_BUDGET`, counted before anything is built): the whole
 //!   proof, or its first steps up to an older signed head (`append-step`), or, when not even
 //!   the first step fits, none (`too-far`, 200: the client starts from a witness-cosigned
@@ -44,7 +46,9 @@
 //! requests (audits, look-ups with `since` or `witnessed`, histories) are served at most
 //! [`MAX_HEAVY_AT_ONCE`] at a time per process; one that waits longer than
 //! [`HEAVY_WAIT`] for its turn is answered 503. The directory's own queue is bounded too
-//! (`kst_core::transparency::log::MAX_QUEUED_READS`: 503 beyond it).
+//! (`kst_core::transparency::log::MAX_QUEUED_READS`: 503 beyond it), and a queued request
+//! whose client went away is dropped there unbuilt, so a client that closes its connections
+//! does not get past the bound on expensive requests at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -332,6 +336,10 @@ async fn audit(
     };
     match log.audit_answer(from, to).await.and_then(|a| a.to_text()) {
         Ok(body) => text(StatusCode::OK, body),
+        // A proof over what a witness accepts, refused before it was built.
+        Err(TransparencyError::Range(m)) => {
+            text(StatusCode::UNPROCESSABLE_ENTITY, format!("{m}\n"))
+        }
         Err(e) => failed(&domain, &e),
     }
 }

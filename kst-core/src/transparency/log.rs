@@ -70,6 +70,25 @@ const MAX_ATTEMPTS: u64 = 32;
 /// steps".
 pub const MAX_BATCH: usize = 512;
 
+/// The fewest bytes one element of an append-only proof takes encoded: akd's `AzksElement`
+/// in its repeated field is 42 bytes and the label's significant bytes (0 to 32: a node near
+/// the root has a short label); [`STEP_ELEMENT_BYTES`] is the most.
+pub const MIN_ELEMENT_BYTES: usize = 42;
+
+/// The most elements an append-only proof that a client or witness can accept may hold
+/// ([`wire::MAX_AUDIT_PROOF`] at [`MIN_ELEMENT_BYTES`] each): a proof built in one piece (an
+/// audit, a `?since=` answer without steps) is counted before it is built
+/// ([`Worker::reach_back`]) and refused unbuilt when it holds more. One that holds fewer is
+/// built and may still be larger than accepted (up to [`STEP_ELEMENT_BYTES`] /
+/// [`MIN_ELEMENT_BYTES`] times it): it is refused then, never served; so no answer a client
+/// accepts is refused, and no request makes the server build more than about 30 MB.
+pub const MAX_PROOF_ELEMENTS: usize = wire::MAX_AUDIT_PROOF / MIN_ELEMENT_BYTES;
+
+/// The most elements of the witnesses' part of an answer ([`DomainLog::witnessed`]): what
+/// surely fits in [`wire::MAX_AUDIT_PROOF`] ([`STEP_ELEMENT_BYTES`] each). A witness whose
+/// cosigned head is further back is left out of the part, before anything is built.
+pub const MAX_WITNESSED_ELEMENTS: usize = wire::MAX_AUDIT_PROOF / STEP_ELEMENT_BYTES;
+
 /// Reads (heads, lookups, histories, audits) that may wait for the directory's thread; one
 /// more is refused at once as a temporary failure (HTTP 503), never queued without bound.
 pub const MAX_QUEUED_READS: usize = 256;
@@ -325,6 +344,14 @@ enum Request {
         from: u64,
         to: u64,
         reply: oneshot::Sender<Result<akd::AppendOnlyProof>>,
+    },
+    /// The oldest epoch, not before `lowest`, from which an append-only proof to `to` holds
+    /// at most `max_elements` ([`Worker::reach_back`]).
+    Reach {
+        lowest: u64,
+        to: u64,
+        max_elements: usize,
+        reply: oneshot::Sender<Result<u64>>,
     },
     /// Heads for the epochs of a range that have none ([`backfill::fill`]).
     FillHeads {
@@ -953,9 +980,10 @@ impl DomainLog {
 
     /// The witnesses' part of an answer whose head is `head` ([`Witnessed`]): the newest
     /// cosignature of each of `witnesses` (keys; one listed twice counts once) at or before
-    /// `head`'s epoch and at most [`MAX_AUDIT_EPOCHS`] epochs older, and the heads and the
-    /// append-only proof from the oldest of them to `head`. `None` when none of them
-    /// cosigned such a head.
+    /// `head`'s epoch, at most [`MAX_AUDIT_EPOCHS`] epochs older and not so old that the
+    /// append-only proof from it to `head` is over [`MAX_WITNESSED_ELEMENTS`] (counted before
+    /// anything is built), and the heads and the append-only proof from the oldest of them to
+    /// `head`. `None` when none of them cosigned such a head.
     pub async fn witnessed(
         &self,
         head: &SignedHead,
@@ -974,6 +1002,22 @@ impl DomainLog {
             {
                 cosignatures.push((h.head.epoch, c));
             }
+        }
+        // Only the cosignatures from which the append-only proof to `head` fits what a client
+        // accepts: a witness that lags far behind busy epochs would otherwise make every
+        // `witnessed=1` look-up build a proof no client reads (red team round 10).
+        if let Some(lowest) = cosignatures.iter().map(|(e, _)| *e).min()
+            && lowest < to
+        {
+            let reach = self
+                .ask(|reply| Request::Reach {
+                    lowest,
+                    to,
+                    max_elements: MAX_WITNESSED_ELEMENTS,
+                    reply,
+                })
+                .await?;
+            cosignatures.retain(|(e, _)| *e >= reach);
         }
         let Some(from) = cosignatures.iter().map(|(e, _)| *e).min() else {
             return Ok(None);
@@ -1026,7 +1070,17 @@ impl DomainLog {
             )));
         }
         let proof = if from < to {
-            Some(wire::encode_audit(&self.audit(from, to).await?)?)
+            let proof = wire::encode_audit(&self.audit(from, to).await?)?;
+            // Counted within what can fit, built, and still larger than a witness accepts.
+            if proof.len() > wire::MAX_AUDIT_PROOF {
+                return Err(TransparencyError::Range(format!(
+                    "the append-only proof from epoch {from} to {to} is {} bytes, more than \
+                     the {} a witness or client accepts: ask for a shorter range",
+                    proof.len(),
+                    wire::MAX_AUDIT_PROOF
+                )));
+            }
+            Some(proof)
         } else {
             None
         };
@@ -1162,6 +1216,28 @@ impl DomainLog {
 }
 
 impl Request {
+    /// Whether this is a read whose caller went away (an HTTP client that closed its
+    /// connection: the handler's future, and the receiver of the answer, are dropped). Its
+    /// answer would be thrown away, so the thread skips it: otherwise a client that sends
+    /// expensive requests (`?since=`, audits) and closes each connection at once has the
+    /// thread build every one of them, up to [`MAX_QUEUED_READS`] queued, while the HTTP
+    /// listener's bound on expensive requests at once holds only for requests still waited
+    /// for (red team round 10). A change ([`Request::Sync`]) is recorded all the same: the
+    /// store holds it already, and the directory must say so.
+    fn abandoned(&self) -> bool {
+        match self {
+            Request::Sync(_) | Request::StartBackfill => false,
+            Request::Entries { reply, .. } => reply.is_closed(),
+            Request::Head { reply, .. } => reply.is_closed(),
+            Request::HeadAt { reply, .. } => reply.is_closed(),
+            Request::Answer { reply, .. } => reply.is_closed(),
+            Request::History { reply, .. } => reply.is_closed(),
+            Request::Audit { reply, .. } => reply.is_closed(),
+            Request::FillHeads { reply, .. } => reply.is_closed(),
+            Request::Reach { reply, .. } => reply.is_closed(),
+        }
+    }
+
     /// Answers with `e`.
     fn fail(self, e: TransparencyError) {
         // A caller that gave up is not an error.
@@ -1174,6 +1250,7 @@ impl Request {
             Request::History { reply, .. } => drop(reply.send(Err(e))),
             Request::Audit { reply, .. } => drop(reply.send(Err(e))),
             Request::FillHeads { reply, .. } => drop(reply.send(Err(e))),
+            Request::Reach { reply, .. } => drop(reply.send(Err(e))),
             Request::StartBackfill => {}
         }
     }
@@ -1292,6 +1369,9 @@ impl Worker {
     /// Answers one request (opening the directory first if needed); a caller that gave up is
     /// not an error.
     async fn handle(&mut self, request: Request) {
+        if request.abandoned() {
+            return;
+        }
         if let Err(e) = self.open().await {
             request.fail(e);
             return;
@@ -1335,11 +1415,15 @@ impl Worker {
                 let _ = reply.send(self.history(&address, before, now).await);
             }
             Request::Audit { from, to, reply } => {
-                let result = match self.dir() {
-                    Ok(d) => d.audit(from, to).await,
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(self.bounded_audit(from, to).await);
+            }
+            Request::Reach {
+                lowest,
+                to,
+                max_elements,
+                reply,
+            } => {
+                let _ = reply.send(self.reach_back(lowest, to, max_elements).await);
             }
             Request::FillHeads {
                 from,
@@ -1856,10 +1940,29 @@ impl Worker {
                         head.head.epoch
                     )));
                 }
-                let proof = self.dir()?.audit(from, head.head.epoch).await?;
+                if self.reach_back(from, latest, MAX_PROOF_ELEMENTS).await? > from {
+                    return Err(TransparencyError::Range(format!(
+                        "since={from}: the append-only proof to the latest epoch ({latest}) is \
+                         larger than {} bytes, more than a client accepts; ask with steps=1 \
+                         (kst client does), or forget the remembered head and pin the domain's \
+                         key again",
+                        wire::MAX_AUDIT_PROOF
+                    )));
+                }
+                let proof = wire::encode_audit(&self.dir()?.audit(from, latest).await?)?;
+                if proof.len() > wire::MAX_AUDIT_PROOF {
+                    return Err(TransparencyError::Range(format!(
+                        "since={from}: the append-only proof to the latest epoch ({latest}) is \
+                         {} bytes, more than the {} a client accepts; ask with steps=1 (kst \
+                         client does), or forget the remembered head and pin the domain's key \
+                         again",
+                        proof.len(),
+                        wire::MAX_AUDIT_PROOF
+                    )));
+                }
                 Some(AppendOnlyFrom {
                     from,
-                    proof: wire::encode_audit(&proof)?,
+                    proof,
                     step: None,
                 })
             }
@@ -1872,6 +1975,50 @@ impl Worker {
             append_only,
             too_far,
         })
+    }
+
+    /// akd's append-only proof from `from` to `to`, built only when it holds at most
+    /// [`MAX_PROOF_ELEMENTS`] ([`Worker::reach_back`]); a larger one is
+    /// [`TransparencyError::Range`], unbuilt.
+    async fn bounded_audit(&self, from: u64, to: u64) -> Result<akd::AppendOnlyProof> {
+        if from < to && self.reach_back(from, to, MAX_PROOF_ELEMENTS).await? > from {
+            return Err(TransparencyError::Range(format!(
+                "the append-only proof from epoch {from} to {to} is larger than {} bytes, more \
+                 than a witness or client accepts: ask for a shorter range",
+                wire::MAX_AUDIT_PROOF
+            )));
+        }
+        self.dir()?.audit(from, to).await
+    }
+
+    /// The oldest epoch `e`, not before `lowest`, from which akd's append-only proof to `to`
+    /// holds at most `max_elements` elements (`to` itself when not even the step from
+    /// `to - 1` does): each step counted before anything is built, newest first
+    /// ([`KeyDirectory::audit_step_walk`], at most `4 * max_elements` node reads in all, and
+    /// 64 more per step). The steps of old epochs are the large ones (akd builds
+    /// every step from the latest tree), so without this a request for a proof over many
+    /// busy epochs made the server build hundreds of megabytes that every client refuses
+    /// (red team round 10). The nodes read are added to [`DomainLog::step_reads`].
+    async fn reach_back(&self, lowest: u64, to: u64, max_elements: usize) -> Result<u64> {
+        let (mut reached, mut left, mut reads) = (to, max_elements, 0usize);
+        let result: Result<()> = async {
+            while reached > lowest {
+                let walk = self.dir()?.audit_step_walk(reached - 1, left).await?;
+                reads += walk.reads;
+                match walk.count {
+                    Some(c) => {
+                        left -= c.elements();
+                        reached -= 1;
+                    }
+                    None => break,
+                }
+            }
+            Ok(())
+        }
+        .await;
+        self.count_step_reads(reads);
+        result?;
+        Ok(reached)
     }
 
     /// How far from `from` (toward `latest`) one answer's append-only proof reaches within

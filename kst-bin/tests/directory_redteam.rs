@@ -1,0 +1,409 @@
+//! Red team round 10 (docs/SECURITY.md): what one outsider's request to the key directory
+//! costs the server. The directory is kst-core's, on the in-memory store of
+//! `kst-directory-bench` (filled in bulk epochs, as the benchmark does), asked through
+//! [`DomainLog`] as the HTTP routes ask it (`server::log_http`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use kst_bin::bench::directory::{self, MemoryDirectoryStore};
+use kst_core::transparency::answer::head_text;
+use kst_core::transparency::head::{Head, HeadSigner};
+use kst_core::transparency::storage::{
+    DirectoryStore, DirectoryStoreError, RecordBatch, RootAndNodes, StoredDirectory,
+};
+use kst_core::transparency::{DomainLog, KeyDirectory, LogKeys, TransparencyError, wire};
+
+const NOW: u64 = 1_800_000_000;
+
+/// The bench's addresses `from..to`, each with the directory entry of its first key.
+fn bench_entries(
+    from: u64,
+    to: u64,
+) -> Vec<(kst_core::Address, kst_core::transparency::DirectoryEntry)> {
+    (from..to)
+        .map(|i| {
+            let a = directory::address(i).unwrap();
+            let e = kst_core::transparency::DirectoryEntry::for_record(
+                &directory::record(&a, i, 1).unwrap(),
+            );
+            (a, e)
+        })
+        .collect()
+}
+
+/// Peak resident memory of this process so far, in MiB (Linux), for the figures printed.
+fn peak_rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// An append-only proof over busy epochs that is larger than any client or witness accepts
+/// (`wire::MAX_AUDIT_PROOF`, 16 MiB) was built whole before anything looked at its size: the
+/// HTTP `?since=` without `steps=1` (bounded by 4096 epochs only), `audit?from=&to=` (1024
+/// epochs) and the witnesses' part of `?witnessed=1` (from the oldest cosignature of a listed
+/// witness within 1024 epochs). On the domain's one directory thread, which publications
+/// wait behind, for any outsider who asks; the answer was then refused by every client
+/// (`LogAnswer::parse`, `AuditAnswer::parse`). Now each is counted before it is built and
+/// refused unbuilt (HTTP 422); the witnesses' part leaves out a witness whose proof does not
+/// fit. Before the fix: `answer_since(1)` and `audit(1, latest)` built the whole proof (the
+/// figures printed say how large and how long).
+#[tokio::test(flavor = "current_thread")]
+async fn rt10_an_append_only_proof_no_client_accepts_is_refused_unbuilt() {
+    use kst_core::transparency::log::{MAX_PROOF_ELEMENTS, MAX_WITNESSED_ELEMENTS};
+    let store: Arc<dyn DirectoryStore> = Arc::new(MemoryDirectoryStore::default());
+    let keys = LogKeys::generate(directory::DOMAIN);
+    let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);
+    let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
+        .await
+        .unwrap();
+    // 10 000 addresses, then 44 busy epochs of 512 (the most kst's writer records in one
+    // epoch, `log::MAX_BATCH`): a client that remembers epoch 1 is 44 busy epochs behind,
+    // and the proof from there (about 32 MB) is twice what a client accepts, because every
+    // step of an old epoch lists the subtrees the later epochs split (docs/TRANSPARENCY.md,
+    // "Catching up in steps"; at 10^6 entries a dozen such epochs do it).
+    // Each epoch's head is stored with it, as kst's writer does.
+    let vrf_public_key = keys.vrf.public_key().unwrap();
+    let started = std::time::Instant::now();
+    for k in 0..45 {
+        let (from, to) = match k {
+            0 => (0, 10_000),
+            k => (10_000 + (k - 1) * 512, 10_000 + k * 512),
+        };
+        tree.publish(&bench_entries(from, to)).await.unwrap();
+        let (epoch, root_hash) = tree.current().await.unwrap();
+        let head = keys
+            .head
+            .sign(Head {
+                domain: directory::DOMAIN.to_string(),
+                epoch,
+                root_hash,
+                vrf_public_key,
+                signed_at: NOW,
+            })
+            .unwrap();
+        store
+            .insert_head(
+                directory::DOMAIN,
+                epoch,
+                head_text(&head).unwrap().as_bytes(),
+            )
+            .await
+            .unwrap();
+    }
+    let latest = tree.current().await.unwrap().0;
+    eprintln!(
+        "fixture: {latest} epochs filled in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    // The epoch from which the proof to the latest just passes what surely fits in 16 MiB
+    // at the largest element size (80 bytes): a proof a client still accepts (elements are
+    // 42 to 75 bytes), which a bound in those units would refuse.
+    let (mut band, mut counted) = (latest, 0usize);
+    while counted <= MAX_WITNESSED_ELEMENTS {
+        band -= 1;
+        counted += tree
+            .audit_step_count(band, usize::MAX / 8)
+            .await
+            .unwrap()
+            .unwrap()
+            .elements();
+    }
+    assert!(band > 1, "the fixture: the proof from 1 is larger still");
+
+    let log = DomainLog::open(Arc::clone(&store), keys).await.unwrap();
+    let probe = directory::address(0).unwrap();
+    let head = log.head(NOW).await.unwrap();
+    assert_eq!(head.head.epoch, latest);
+
+    // `?since=1` without steps: refused unbuilt, as the client would refuse it.
+    let rss = peak_rss_mib();
+    let t = std::time::Instant::now();
+    let legacy = log.answer_since(&probe, Some(1), NOW).await;
+    let reads = log.step_reads();
+    eprintln!(
+        "since=1 without steps: {} in {:.2}s, {reads} tree nodes counted, peak RSS {rss} -> {} MiB",
+        match &legacy {
+            Ok(a) => format!(
+                "built, a proof of {} bytes",
+                a.append_only.as_ref().map_or(0, |p| p.proof.len())
+            ),
+            Err(e) => format!("refused ({e})"),
+        },
+        t.elapsed().as_secs_f64(),
+        peak_rss_mib()
+    );
+    assert!(
+        matches!(&legacy, Err(TransparencyError::Range(m)) if m.contains("steps=1")),
+        "a proof over what a client accepts is refused: {:?}",
+        legacy.as_ref().map(|_| "an answer")
+    );
+    assert!(
+        reads <= (4 * MAX_PROOF_ELEMENTS + 64 * latest as usize) as u64,
+        "the refusal read {reads} nodes"
+    );
+
+    // The audit route (witnesses, auditors): the same.
+    let t = std::time::Instant::now();
+    let audit = log.audit_answer(1, latest).await;
+    eprintln!(
+        "audit 1..{latest}: {} in {:.2}s",
+        match &audit {
+            Ok(a) => format!(
+                "built, a proof of {} bytes",
+                a.proof.as_ref().map_or(0, Vec::len)
+            ),
+            Err(e) => format!("refused ({e})"),
+        },
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        matches!(&audit, Err(TransparencyError::Range(m)) if m.contains("shorter range")),
+        "an audit over what a witness accepts is refused"
+    );
+    assert!(matches!(
+        log.audit(1, latest).await,
+        Err(TransparencyError::Range(_))
+    ));
+
+    // What a client accepts is answered as before, and verifies: the band's proof
+    // (more elements than surely fit, fewer bytes than accepted) and the newest step.
+    let t = std::time::Instant::now();
+    let remembered = log.head_at(band, NOW).await.unwrap().unwrap();
+    let answer = log.answer_since(&probe, Some(band), NOW).await.unwrap();
+    let proof = answer
+        .append_only
+        .as_ref()
+        .expect("the proof from the band");
+    eprintln!(
+        "since={band} ({counted} elements): answered, {} bytes in {:.2}s",
+        proof.proof.len(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(proof.proof.len() <= wire::MAX_AUDIT_PROOF);
+    answer.verify_extends(&remembered.head).await.unwrap();
+    let newest = log.head_at(latest - 1, NOW).await.unwrap().unwrap();
+    let one = log.audit_answer(latest - 1, latest).await.unwrap();
+    one.verify(&log.head_public_key()).await.unwrap();
+
+    // `?witnessed=1`: a witness that cosigned epoch 1 and stopped, another that cosigned
+    // the epoch before the latest. Only the second's part is built.
+    let (lagging, current) = (HeadSigner::generate(), HeadSigner::generate());
+    let first = log.head_at(1, NOW).await.unwrap().unwrap();
+    log.add_cosignature(1, &lagging.cosign(&first, NOW).unwrap())
+        .await
+        .unwrap();
+    log.add_cosignature(latest - 1, &current.cosign(&newest, NOW).unwrap())
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    let witnessed = log
+        .witnessed(&head, &[lagging.public_key(), current.public_key()])
+        .await
+        .unwrap()
+        .expect("the current witness's part");
+    eprintln!(
+        "witnessed=1 with a witness lagging at epoch 1: from epoch {}, a proof of {} bytes, in \
+         {:.2}s",
+        witnessed.audit.heads[0].head.epoch,
+        witnessed.audit.proof.as_ref().map_or(0, Vec::len),
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        witnessed
+            .cosignatures
+            .iter()
+            .map(|(e, c)| (*e, c.witness))
+            .collect::<Vec<_>>(),
+        vec![(latest - 1, current.public_key())],
+        "the lagging witness is left out"
+    );
+    assert_eq!(witnessed.audit.heads[0].head.epoch, latest - 1);
+}
+
+/// A [`MemoryDirectoryStore`] whose reads of the root (every request the directory's thread
+/// handles starts with one: `StoredDirectory::unchanged`) can be held, and are counted.
+#[derive(Default)]
+struct Held {
+    inner: MemoryDirectoryStore,
+    hold: AtomicBool,
+    released: tokio::sync::Notify,
+    /// Root reads begun.
+    roots: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl DirectoryStore for Held {
+    fn name(&self) -> &'static str {
+        "held"
+    }
+    async fn root(&self, domain: &str) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
+        self.inner.root(domain).await
+    }
+    async fn root_and_nodes(
+        &self,
+        domain: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<RootAndNodes, DirectoryStoreError> {
+        self.roots.fetch_add(1, Ordering::SeqCst);
+        while self.hold.load(Ordering::SeqCst) {
+            let released = self.released.notified();
+            if !self.hold.load(Ordering::SeqCst) {
+                break;
+            }
+            released.await;
+        }
+        self.inner.root_and_nodes(domain, keys).await
+    }
+    async fn nodes(
+        &self,
+        domain: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Vec<u8>>, DirectoryStoreError> {
+        self.inner.nodes(domain, keys).await
+    }
+    async fn value_states(
+        &self,
+        domain: &str,
+        label: &[u8],
+    ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
+        self.inner.value_states(domain, label).await
+    }
+    async fn value_states_batch(
+        &self,
+        domain: &str,
+        labels: &[Vec<u8>],
+    ) -> Result<Vec<(Vec<u8>, u64, Vec<u8>)>, DirectoryStoreError> {
+        self.inner.value_states_batch(domain, labels).await
+    }
+    async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
+        self.inner.commit(domain, batch).await
+    }
+    async fn insert_head(
+        &self,
+        domain: &str,
+        epoch: u64,
+        head: &[u8],
+    ) -> Result<Vec<u8>, DirectoryStoreError> {
+        self.inner.insert_head(domain, epoch, head).await
+    }
+    async fn heads(
+        &self,
+        domain: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
+        self.inner.heads(domain, from, to).await
+    }
+    async fn put_cosignature(
+        &self,
+        domain: &str,
+        epoch: u64,
+        witness: &[u8; 32],
+        checked_at: u64,
+        cosignature: &[u8],
+    ) -> Result<(), DirectoryStoreError> {
+        self.inner
+            .put_cosignature(domain, epoch, witness, checked_at, cosignature)
+            .await
+    }
+    async fn cosignatures(
+        &self,
+        domain: &str,
+        epoch: u64,
+    ) -> Result<Vec<([u8; 32], Vec<u8>)>, DirectoryStoreError> {
+        self.inner.cosignatures(domain, epoch).await
+    }
+    async fn latest_cosignature(
+        &self,
+        domain: &str,
+        witness: &[u8; 32],
+    ) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
+        self.inner.latest_cosignature(domain, witness).await
+    }
+}
+
+/// The HTTP routes serve at most 4 expensive requests (`?since=`, audits, histories) at once
+/// (`log_http::MAX_HEAVY_AT_ONCE`), but a request's turn ends when its client goes away,
+/// while what it asked of the directory's thread stayed queued and was built all the same: a
+/// client that sent expensive requests and closed each connection at once had the thread
+/// build every one (up to `MAX_QUEUED_READS`, 256, queued), ahead of every later look-up.
+/// Here the thread is held on one request while 200 `?since=` look-ups are asked and
+/// given up (as a dropped handler gives them up); then one more is asked and waited for.
+/// Before: the thread handled all 200 given up (200 root reads, one per request handled);
+/// now none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rt10_requests_whose_caller_went_away_are_not_built() {
+    const GIVEN_UP: u64 = 200;
+    let held = Arc::new(Held::default());
+    let store: Arc<dyn DirectoryStore> = Arc::clone(&held) as Arc<dyn DirectoryStore>;
+    let keys = LogKeys::generate(directory::DOMAIN);
+    let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);
+    let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
+        .await
+        .unwrap();
+    for (from, to) in [(0, 300), (300, 600), (600, 900)] {
+        tree.publish(&bench_entries(from, to)).await.unwrap();
+    }
+    let log = Arc::new(DomainLog::open(Arc::clone(&store), keys).await.unwrap());
+    let probe = directory::address(5).unwrap();
+    // One request answered first (the directory opened, its head signed), then one more to
+    // see how many root reads one request handled costs.
+    log.answer_since(&probe, Some(1), NOW).await.unwrap();
+    let at = held.roots.load(Ordering::SeqCst);
+    log.answer_since(&probe, Some(1), NOW).await.unwrap();
+    let per_request = held.roots.load(Ordering::SeqCst) - at;
+    assert!(per_request >= 1, "a request handled reads the root");
+
+    held.hold.store(true, Ordering::SeqCst);
+    let before = held.roots.load(Ordering::SeqCst);
+    let first = tokio::spawn({
+        let log = Arc::clone(&log);
+        let probe = probe.clone();
+        async move { log.answer_since(&probe, Some(1), NOW).await }
+    });
+    // Wait until the thread holds it (poll, generous deadline).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while held.roots.load(Ordering::SeqCst) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first request never reached the store"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Each asked (queued: the first poll sends it) and given up at once, as a handler whose
+    // client closed the connection is dropped.
+    for _ in 0..GIVEN_UP {
+        let asked = log.answer_since(&probe, Some(1), NOW);
+        assert!(
+            tokio::time::timeout(std::time::Duration::ZERO, asked)
+                .await
+                .is_err(),
+            "not answered while the thread is held"
+        );
+    }
+    let queued = held.roots.load(Ordering::SeqCst);
+    held.hold.store(false, Ordering::SeqCst);
+    held.released.notify_waiters();
+    first.await.unwrap().unwrap();
+    // One more, waited for: the reads are handled in order, so once it is answered every
+    // request given up before it was handled or skipped.
+    let last = log.answer_since(&probe, Some(1), NOW).await.unwrap();
+    assert!(last.append_only.is_some());
+    // The held request's rest and the last one: at most two requests' worth.
+    let reads = held.roots.load(Ordering::SeqCst) - queued;
+    eprintln!(
+        "{GIVEN_UP} requests given up; root reads after the hold: {reads} ({per_request} per \
+         request handled)"
+    );
+    assert!(
+        reads <= 2 * per_request,
+        "{reads} root reads after the hold: the {GIVEN_UP} requests given up were handled"
+    );
+}
