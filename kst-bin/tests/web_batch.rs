@@ -560,6 +560,85 @@ async fn postgres_a_refused_client_takes_no_place_in_the_queue() {
     admin_sql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
 }
 
+/// Fairness (red team round 9, what remained): four clients (127.0.0.11 to .14) with 150
+/// look-ups each in flight while the store is stalled (`LOCK TABLE kst_keys`): before, they
+/// filled the read batcher's queue (512 look-ups) and another client's look-up was answered
+/// 503 at once. Past half the queue a client may hold 32 look-ups in it
+/// (`batcher::CLIENT_SHARE`): the flood's surplus is refused (503) at once, and the other
+/// client's look-up waits for the store and gets its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_few_clients_flooding_a_stalled_store_leave_room_for_another() {
+    let _one_at_a_time = FLOODS.lock().await;
+    let (store, url, db) = postgres_store().await;
+    publish(&*store, &addr("alice@example.net"), "alice").await;
+    let at = serve_lookup(
+        StoreLookup::new(Arc::clone(&store)),
+        WebConfig {
+            limits: WebLimits::OFF,
+            max_connections: 4096,
+            max_connections_per_client: 4096,
+            ..WebConfig::default()
+        },
+    )
+    .await;
+    let lock = lock_keys(&url).await;
+    let flood: Vec<_> = (11..=14)
+        .flat_map(|c| (0..150).map(move |i| (c, i)))
+        .map(|(c, i)| {
+            tokio::spawn(async move {
+                let s = connect_from(&format!("127.0.0.{c}"), at).await;
+                exchange(s, &by_email(&format!("flood{c}-{i}@example.net")))
+                    .await
+                    .0
+            })
+        })
+        .collect();
+    // Until the flood has settled: its surplus answered at once, the rest waiting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut settled = (0, std::time::Instant::now());
+    loop {
+        let done = flood.iter().filter(|t| t.is_finished()).count();
+        if done != settled.0 {
+            settled = (done, std::time::Instant::now());
+        } else if done > 0 && settled.1.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flood never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let victim = tokio::spawn(async move {
+        let s = connect_from("127.0.0.2", at).await;
+        exchange(s, &by_email("alice@example.net")).await.0
+    });
+    while !victim.is_finished() && settled.1.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    unlock(lock).await;
+    assert_eq!(
+        victim.await.unwrap(),
+        200,
+        "another client's look-up waits for the store and is answered"
+    );
+    let mut statuses: HashMap<u16, usize> = HashMap::new();
+    for t in flood {
+        *statuses.entry(t.await.unwrap()).or_default() += 1;
+    }
+    eprintln!("the flood's answers: {statuses:?}");
+    assert_eq!(
+        statuses.keys().filter(|s| ![404, 503].contains(*s)).count(),
+        0,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.get(&503).copied().unwrap_or(0) >= 600 - 512,
+        "the surplus is refused: {statuses:?}"
+    );
+    admin_sql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
+}
+
 /// Red team round 9: a look-up of an address whose record cannot be read (here: its current
 /// version missing from the history) made its batch be read again one address at a time, a
 /// round trip each, holding one of the two readers meanwhile: a client asking for that
