@@ -80,9 +80,16 @@ return counts
     )
 });
 
-/// A window in milliseconds, at least 1.
+/// The longest window given to Redis, in milliseconds: 2^62 (about 146 million years).
+/// `PEXPIRE` refuses a time past 2^63 ms (now included), and the script fails after its
+/// `INCRBY`, leaving the counter it created without expiry (red team, counters and shares).
+const MAX_WINDOW_MILLIS: u64 = 1 << 62;
+
+/// A window in milliseconds, at least 1, at most [`MAX_WINDOW_MILLIS`].
 fn millis(window: Duration) -> u64 {
-    u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(window.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_WINDOW_MILLIS)
 }
 
 /// The Redis key of a limiter key: `<prefix>rl:<key>`.

@@ -225,3 +225,40 @@ async fn counters_of_their_own_heal_a_missing_expiry_once_past_the_limit() {
         .unwrap();
     assert_eq!(count, 4, "every hit counted once");
 }
+
+/// Red team (counters and shares): a window longer than Redis accepts (`PEXPIRE` refuses a
+/// time past 2^63 ms) failed every counting script after its `INCRBY`: every request the web
+/// limits counted got 503, and the counter it created stayed without expiry. A window is now
+/// capped at one Redis accepts, in the store's limiter and in the counters of their own alike.
+#[tokio::test]
+async fn a_window_longer_than_redis_accepts_is_capped_not_an_error() {
+    let t = TestPrefix::new().await;
+    let counters = RedisStore::builder(crate::support::url())
+        .prefix(t.prefix.clone())
+        .counters_lazy()
+        .expect("counters");
+    let store = t.store().await;
+    let limiters: [(&str, &dyn RateLimiter); 2] = [("counters", &counters), ("store", &store)];
+    let mut raw = t.raw().await;
+    for (name, limiter) in limiters {
+        for window in [Duration::MAX, Duration::from_secs(u64::MAX / 1000)] {
+            let key = format!("web-client:{name}:{}", window.as_secs());
+            let many = limiter
+                .hit_many(&[Hit::new(key.clone(), 5, window)])
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(many, vec![true], "{name}");
+            let one = limiter
+                .hit(&key, 5, window)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(one, "{name}");
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(format!("{}rl:{key}", t.prefix))
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            assert!(ttl > 0, "{name}: an expiry ({ttl})");
+        }
+    }
+}
