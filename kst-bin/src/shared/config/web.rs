@@ -266,9 +266,9 @@ impl std::fmt::Debug for WebCounters {
             .field("backend", &self.backend)
             .field("url", &super::mask_url(&self.url))
             .field("prefix", &self.prefix)
-            .field("sentinels", &self.sentinels)
+            .field("sentinels", &super::mask_urls(&self.sentinels))
             .field("sentinel_master", &self.sentinel_master)
-            .field("cluster_nodes", &self.cluster_nodes)
+            .field("cluster_nodes", &super::mask_urls(&self.cluster_nodes))
             .finish()
     }
 }
