@@ -87,6 +87,17 @@ impl OwnRedis {
         }
     }
 
+    /// Stops (`SIGSTOP`) or continues (`SIGCONT`) the server: a stalled Redis, whose
+    /// connections stay open and answer nothing.
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis-server running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Kills the server (its counters are gone: soft state).
     fn down(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -445,6 +456,87 @@ fn the_counter_redis_down_answers_503_and_readyz_says_so_until_it_is_back() {
         counters.count(&format!("web-client:{client}")) >= 1,
         "counted in the new Redis"
     );
+    drop(rt);
+    assert_eq!(serve.stop(), 0);
+}
+
+/// Red team (counters and shares): the counter Redis stalls (`SIGSTOP`: connections open,
+/// nothing answered), which is worse than down (refused at once). Every request is still
+/// answered, 200 while write-behind admits it or 503 once it waits for a write, within the
+/// counters' operation timeout (10 s) and a margin; `/readyz` says so; once the Redis answers
+/// again, requests are 200 and `/readyz` is ready.
+#[test]
+fn a_stalled_counter_redis_answers_503_within_its_timeout_and_recovers() {
+    let kst = TestKst::with_store("", &Store::Fs);
+    let gpg = Gpg::new();
+    kst.publish_by_mail(&gpg.generate("Alice", "alice@example.net", "ed25519"));
+    let counters = OwnRedis::start();
+    let (web, http) = (free_port(), free_port());
+    let serve = serve(&kst, "serve", (web, http), &counters, &[]);
+    let rt = runtime();
+    let first = Ipv4Addr::new(127, 0, 0, 90);
+    assert_eq!(rt.block_on(get_from(first, web, FOUND)), 200);
+    counters.wait_for_count(&format!("web-client:{first}"), 1);
+
+    counters.signal("-STOP");
+    let started = Instant::now();
+    // 4 clients, 12 look-ups each at once: 8 each are admitted without a verdict, the rest
+    // wait for a write that the stalled Redis never answers.
+    let answers: Vec<(u16, Duration)> = rt.block_on(async {
+        let tasks: Vec<_> = (0..48u8)
+            .map(|i| {
+                let from = Ipv4Addr::new(127, 0, 0, 91 + i % 4);
+                tokio::spawn(async move {
+                    let status = get_from(from, web, FOUND).await;
+                    (status, started.elapsed())
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("request task"));
+        }
+        out
+    });
+    let slowest = answers.iter().map(|a| a.1).max().unwrap_or_default();
+    let served = answers.iter().filter(|a| a.0 == 200).count();
+    let refused = answers.iter().filter(|a| a.0 == 503).count();
+    eprintln!("stalled counters: {served} x 200, {refused} x 503, slowest {slowest:?}");
+    assert_eq!(
+        served + refused,
+        answers.len(),
+        "200 or 503 only: {answers:?}"
+    );
+    assert!(
+        refused > 0,
+        "requests that wait for a write are refused: {answers:?}"
+    );
+    assert!(
+        served <= 4 * kst_bin::server::web::writebehind::CAP as usize,
+        "at most CAP admitted per client without a verdict: {answers:?}"
+    );
+    assert!(
+        slowest < Duration::from_secs(20),
+        "every request answered within the counters' timeout and a margin: {answers:?}"
+    );
+    let (status, body) = http_get(http, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("web-counters(redis)"), "{body}");
+
+    counters.signal("-CONT");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let status = rt.block_on(get_from(first, web, FOUND));
+        if status == 200 && http_get(http, "/readyz").0 == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not back after the Redis continued (last {status}):\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     drop(rt);
     assert_eq!(serve.stop(), 0);
 }

@@ -289,9 +289,9 @@ impl fmt::Debug for StoreConfig {
                     .collect::<Vec<_>>(),
             )
             .field("write_timeout_ms", &self.write_timeout_ms)
-            .field("sentinels", &self.sentinels)
+            .field("sentinels", &mask_urls(&self.sentinels))
             .field("sentinel_master", &self.sentinel_master)
-            .field("cluster_nodes", &self.cluster_nodes)
+            .field("cluster_nodes", &mask_urls(&self.cluster_nodes))
             .field("require_durable", &self.require_durable)
             .field("min_replicas", &self.min_replicas)
             .finish()
@@ -836,7 +836,7 @@ impl Config {
     }
 
     /// The effective configuration as TOML, with secrets (`mailer.password`, a password in
-    /// `store.url`) replaced by [`MASK`].
+    /// any store or counters URL) replaced by [`MASK`].
     pub fn masked(&self) -> String {
         let mut c = self.clone();
         if !c.mailer.password.is_empty() {
@@ -847,6 +847,15 @@ impl Config {
         c.store.urls = c.store.urls.iter().map(|u| mask_url(u)).collect();
         c.store.read_urls = c.store.read_urls.iter().map(|u| mask_url(u)).collect();
         c.web.counters.url = mask_url(&c.web.counters.url);
+        // A Redis Cluster's password is in its node URLs; a Sentinel may have one too.
+        for urls in [
+            &mut c.store.sentinels,
+            &mut c.store.cluster_nodes,
+            &mut c.web.counters.sentinels,
+            &mut c.web.counters.cluster_nodes,
+        ] {
+            *urls = mask_urls(urls);
+        }
         toml::to_string(&c).unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
     }
 }
@@ -898,6 +907,11 @@ fn is_host_name(h: &str) -> bool {
                 && l.bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         })
+}
+
+/// [`mask_url`] of each of `urls`.
+pub fn mask_urls(urls: &[String]) -> Vec<String> {
+    urls.iter().map(|u| mask_url(u)).collect()
 }
 
 /// `scheme://user:secret@host/...?password=secret` with the secrets replaced by [`MASK`].
@@ -1221,6 +1235,52 @@ mod tests {
             !env(&[]).unwrap().web.counters.own(),
             "the key store by default"
         );
+    }
+
+    /// Red team (counters and shares): a password-protected Redis Cluster takes its password
+    /// from the node URLs (`redis://:pw@host:port`), and a Sentinel may have one too; `kst
+    /// config check` printed `cluster_nodes` and `sentinels` (of the store and of
+    /// `[web.counters]`) as written, passwords included, and so did their `Debug`.
+    #[test]
+    fn passwords_in_cluster_and_sentinel_urls_are_masked() {
+        let env = |more: &[(&str, &str)]| {
+            let mut v = vec![("KST_KST__DOMAINS".to_string(), "example.net".to_string())];
+            v.extend(more.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            Config::load_with_env(None, v).unwrap()
+        };
+        let nodes = "redis://:hunter2@10.0.0.1:7000 redis://:hunter2@10.0.0.2:7000";
+        let sentinels = "redis://:hunter2@10.0.0.1:26379 redis://:hunter2@10.0.0.2:26379";
+        for c in [
+            env(&[
+                ("KST_STORE__BACKEND", "redis"),
+                ("KST_STORE__CLUSTER_NODES", nodes),
+                ("KST_WEB__COUNTERS__BACKEND", "redis"),
+                ("KST_WEB__COUNTERS__CLUSTER_NODES", nodes),
+            ]),
+            env(&[
+                ("KST_STORE__BACKEND", "redis"),
+                ("KST_STORE__SENTINELS", sentinels),
+                ("KST_STORE__SENTINEL_MASTER", "kst"),
+                ("KST_WEB__COUNTERS__BACKEND", "redis"),
+                ("KST_WEB__COUNTERS__SENTINELS", sentinels),
+                ("KST_WEB__COUNTERS__SENTINEL_MASTER", "counters"),
+            ]),
+        ] {
+            let shown = c.masked();
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("10.0.0.2"), "the hosts stay: {shown}");
+            for debug in [format!("{:?}", c.store), format!("{:?}", c.web.counters)] {
+                assert!(!debug.contains("hunter2"), "{debug}");
+            }
+            assert!(
+                c.store
+                    .cluster_nodes
+                    .iter()
+                    .chain(&c.store.sentinels)
+                    .all(|u| u.contains("hunter2")),
+                "the configuration itself keeps them"
+            );
+        }
     }
 
     #[test]

@@ -175,3 +175,90 @@ async fn counters_of_their_own_need_no_durability_and_name_themselves() {
     );
     assert!(c.check().await.is_err());
 }
+
+/// Red team (counters and shares): the cheaper counting script of `RedisCounters` gave an
+/// expiry only to the counter it created, so a counter found without one (a migration tool
+/// that dropped the expiries, an operator's `PERSIST`, a script that failed between its
+/// `INCRBY` and its `PEXPIRE`) never expired: once past its limit, that client (or, for
+/// `web-miss-global`, every client that missed) was refused for good. A counter past its limit
+/// is now checked and given its window; one within its limit costs nothing more.
+#[tokio::test]
+async fn counters_of_their_own_heal_a_missing_expiry_once_past_the_limit() {
+    let t = TestPrefix::new().await;
+    let c = RedisStore::builder(crate::support::url())
+        .prefix(t.prefix.clone())
+        .counters_lazy()
+        .expect("counters");
+    let key = format!("{}rl:web-miss-global", t.prefix);
+    let mut raw = t.raw().await;
+    let pttl = |raw: &mut redis::aio::MultiplexedConnection| {
+        let key = key.clone();
+        let mut raw = raw.clone();
+        async move {
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(&key)
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            ttl
+        }
+    };
+    let hit = [Hit::new("web-miss-global", 3, HOUR)];
+    assert_eq!(c.hit_many(&hit).await.unwrap(), vec![true]);
+    let _: () = redis::cmd("PERSIST")
+        .arg(&key)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(pttl(&mut raw).await, -1, "left without expiry");
+    // Within the limit: nothing checked (the script's one call per existing counter).
+    assert_eq!(c.hit_many(&hit).await.unwrap(), vec![true]);
+    assert_eq!(c.hit_many(&hit).await.unwrap(), vec![true]);
+    // Past it: refused, and the counter gets its window, so the refusal ends with it.
+    assert_eq!(c.hit_many(&hit).await.unwrap(), vec![false]);
+    let ttl = pttl(&mut raw).await;
+    assert!(ttl > 0 && ttl <= 3_600_000, "ttl {ttl}");
+    let count: u64 = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(count, 4, "every hit counted once");
+}
+
+/// Red team (counters and shares): a window longer than Redis accepts (`PEXPIRE` refuses a
+/// time past 2^63 ms) failed every counting script after its `INCRBY`: every request the web
+/// limits counted got 503, and the counter it created stayed without expiry. A window is now
+/// capped at one Redis accepts, in the store's limiter and in the counters of their own alike.
+#[tokio::test]
+async fn a_window_longer_than_redis_accepts_is_capped_not_an_error() {
+    let t = TestPrefix::new().await;
+    let counters = RedisStore::builder(crate::support::url())
+        .prefix(t.prefix.clone())
+        .counters_lazy()
+        .expect("counters");
+    let store = t.store().await;
+    let limiters: [(&str, &dyn RateLimiter); 2] = [("counters", &counters), ("store", &store)];
+    let mut raw = t.raw().await;
+    for (name, limiter) in limiters {
+        for window in [Duration::MAX, Duration::from_secs(u64::MAX / 1000)] {
+            let key = format!("web-client:{name}:{}", window.as_secs());
+            let many = limiter
+                .hit_many(&[Hit::new(key.clone(), 5, window)])
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(many, vec![true], "{name}");
+            let one = limiter
+                .hit(&key, 5, window)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(one, "{name}");
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(format!("{}rl:{key}", t.prefix))
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            assert!(ttl > 0, "{name}: an expiry ({ttl})");
+        }
+    }
+}

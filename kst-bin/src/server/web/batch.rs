@@ -673,7 +673,7 @@ mod tests {
         batcher.batcher.lock().set_workers_for_test(1);
         let get_as = |client: &'static str, local: String| {
             let b = batcher.clone();
-            tokio::spawn(batcher::for_client(client, async move {
+            tokio::spawn(batcher::for_client(client, None, async move {
                 b.get(&addr(&local)).await
             }))
         };
@@ -730,6 +730,67 @@ mod tests {
         assert_eq!(batcher.queued(), 0);
         assert_eq!(
             batcher.batcher.lock().of_client("a"),
+            0,
+            "nothing left counted"
+        );
+    }
+
+    /// Red team (counters and shares): a client is an IPv6 /64, and a /56 (a home
+    /// connection's delegation) holds 256 of them. 16 /64s of one /48, each within its share,
+    /// filled the queue while the store was slow, and another client's look-up was refused.
+    /// Past half the bound a network's clients now hold at most 1/`NETWORK_SHARE` of it
+    /// together.
+    #[tokio::test]
+    async fn many_clients_of_one_network_leave_room_for_another() {
+        const BOUND: usize = 64;
+        let batcher = ReadBatcher::with_limits(Arc::new(Reads::with(&["v"])), 1, 4, BOUND);
+        // A reader busy with its batch: nothing is taken off the queue meanwhile.
+        batcher.batcher.lock().set_workers_for_test(1);
+        let network = "2001:db8:1::/48";
+        let mut flood = Vec::new();
+        for c in 0..16 {
+            for i in 0..8 {
+                let (b, a) = (batcher.clone(), addr(&format!("n{c}-{i}")));
+                let client = format!("2001:db8:1:{c:x}::/64");
+                flood.push(tokio::spawn(async move {
+                    batcher::for_client(&client, Some(network), b.get(&a)).await
+                }));
+            }
+            // Each client's look-ups queue (or are refused) before the next client's.
+            while flood.iter().filter(|t| t.is_finished()).count() + batcher.queued() < flood.len()
+            {
+                tokio::task::yield_now().await;
+            }
+        }
+        let queued = batcher.queued();
+        assert!(
+            queued <= BOUND / 2 + BOUND / batcher::NETWORK_SHARE,
+            "{queued} of the network's 128 look-ups queued: half the bound and its share at most"
+        );
+        assert_eq!(batcher.batcher.lock().of_network(network), queued);
+        let victim = {
+            let b = batcher.clone();
+            tokio::spawn(async move {
+                batcher::for_client("198.51.100.7", None, b.get(&addr("v"))).await
+            })
+        };
+        while batcher.queued() == queued && !victim.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !victim.is_finished(),
+            "the other client's look-up is queued, not refused"
+        );
+        tokio::spawn(batcher.batcher.work_for_test());
+        assert_eq!(victim.await.unwrap().unwrap(), Some(record("v")));
+        for t in flood {
+            if let Err(e) = t.await.unwrap() {
+                assert!(e.is_temporary(), "{e}");
+            }
+        }
+        assert_eq!(batcher.queued(), 0);
+        assert_eq!(
+            batcher.batcher.lock().of_network(network),
             0,
             "nothing left counted"
         );

@@ -19,8 +19,11 @@
 //! queued and held together ([`Queue::within_share`]), so that a few clients flooding while
 //! the store or the counters are slow fill at most half the queue and their shares, and
 //! another client's request still finds room (before, 8 clients with 64 look-ups each could
-//! fill the counters' queue, and every other client was answered 503). Requests of no client
-//! (kst's own tasks) take no share.
+//! fill the counters' queue, and every other client was answered 503). The clients of one
+//! network (an IPv6 /48) may hold at most 1/[`NETWORK_SHARE`] of it together past half the
+//! bound: a client is an IPv6 /64, and anyone with a /56 (a home connection's delegation)
+//! holds 256 of them, 9 of which filled a queue within their shares (red team, counters and
+//! shares). Requests of no client (kst's own tasks) take no share.
 //!
 //! Common to both: each caller is answered through a oneshot channel, so a caller that goes
 //! away (its client closed the connection) cancels nothing of the others' batch; a worker runs
@@ -39,20 +42,43 @@ use tokio::sync::oneshot;
 /// documentation): 32 of the read batcher's 512 look-ups, 64 of the counters' 1,024 hits.
 pub const CLIENT_SHARE: usize = 16;
 
-tokio::task_local! {
-    /// The client the request being served is for ([`for_client`]).
-    static CLIENT: Arc<str>;
+/// Parts of a queue's bound the clients of one network (an IPv6 /48) may hold together once
+/// the queue is half full: 128 of the read batcher's 512 look-ups, 256 of the counters'
+/// 1,024 hits. A network that took more while the queue was less than half full adds
+/// nothing more past it.
+pub const NETWORK_SHARE: usize = 4;
+
+/// Who a request is for ([`for_client`]): its client (as the limits count it) and the network
+/// it belongs to, if its clients share a larger part of a queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Client {
+    key: Arc<str>,
+    network: Option<Arc<str>>,
 }
 
-/// Runs `fut` (one request's handling) as the request of `client`: what it queues in a
-/// [`Batcher`] counts against that client's share.
-pub(super) async fn for_client<F: Future>(client: &str, fut: F) -> F::Output {
-    CLIENT.scope(Arc::from(client), fut).await
+tokio::task_local! {
+    /// The client the request being served is for ([`for_client`]).
+    static CLIENT: Client;
+}
+
+/// Runs `fut` (one request's handling) as the request of `client` in `network` (an IPv6 /48;
+/// `None` for an IPv4 client): what it queues in a [`Batcher`] counts against that client's
+/// share and its network's.
+pub(super) async fn for_client<F: Future>(
+    client: &str,
+    network: Option<&str>,
+    fut: F,
+) -> F::Output {
+    let client = Client {
+        key: Arc::from(client),
+        network: network.map(Arc::from),
+    };
+    CLIENT.scope(client, fut).await
 }
 
 /// The client of the request being served, if any ([`for_client`]).
-pub(super) fn current_client() -> Option<Arc<str>> {
-    CLIENT.try_with(Arc::clone).ok()
+pub(super) fn current_client() -> Option<Client> {
+    CLIENT.try_with(Client::clone).ok()
 }
 
 /// One caller's request, what it takes of the queue's bound, and where its answer goes.
@@ -62,7 +88,7 @@ pub(super) struct Pending<R, A> {
     /// Its share of the bound: 1 for a look-up, its hits for the counters.
     units: usize,
     /// The client it is for (`None`: kst's own).
-    client: Option<Arc<str>>,
+    client: Option<Client>,
     reply: oneshot::Sender<Result<A>>,
 }
 
@@ -99,6 +125,8 @@ pub(super) struct Queue<R, A> {
     held: usize,
     /// Units queued and held per client (clients with none are not kept).
     by_client: HashMap<Arc<str>, usize>,
+    /// Units queued and held per network, of all its clients (likewise).
+    by_network: HashMap<Arc<str>, usize>,
     /// Worker tasks running.
     workers: usize,
 }
@@ -110,6 +138,7 @@ impl<R, A> Default for Queue<R, A> {
             units: 0,
             held: 0,
             by_client: HashMap::new(),
+            by_network: HashMap::new(),
             workers: 0,
         }
     }
@@ -120,7 +149,7 @@ pub(super) struct Ask<'a> {
     /// Its units.
     pub(super) units: usize,
     /// Its client.
-    pub(super) client: Option<&'a Arc<str>>,
+    pub(super) client: Option<&'a Client>,
     /// The bound.
     pub(super) max_queued: usize,
 }
@@ -168,13 +197,13 @@ impl<R, A> Queue<R, A> {
     }
 
     /// Holds `units` of the bound for a request of `client` to come.
-    pub(super) fn hold(&mut self, units: usize, client: Option<&Arc<str>>) {
+    pub(super) fn hold(&mut self, units: usize, client: Option<&Client>) {
         self.held += units;
         self.charge(client, units);
     }
 
     /// Gives back `units` held with [`Queue::hold`] for `client`.
-    pub(super) fn release(&mut self, units: usize, client: Option<&Arc<str>>) {
+    pub(super) fn release(&mut self, units: usize, client: Option<&Client>) {
         self.held -= units;
         self.refund(client, units);
     }
@@ -184,10 +213,16 @@ impl<R, A> Queue<R, A> {
         self.by_client.get(client).copied().unwrap_or(0)
     }
 
+    /// Units the clients of `network` have queued and held now.
+    pub(super) fn of_network(&self, network: &str) -> usize {
+        self.by_network.get(network).copied().unwrap_or(0)
+    }
+
     /// Whether the request `ask` stays within its client's share: always for a request of no
     /// client, and while the queue (queued, held and these units) is within half the bound;
     /// past it, only while the client's units and these stay within `max_queued /`
-    /// [`CLIENT_SHARE`] (at least 1).
+    /// [`CLIENT_SHARE`], and its network's within `max_queued /` [`NETWORK_SHARE`] (each at
+    /// least 1).
     pub(super) fn within_share(&self, ask: &Ask<'_>) -> bool {
         let Some(client) = ask.client else {
             return true;
@@ -196,24 +231,41 @@ impl<R, A> Queue<R, A> {
             return true;
         }
         let share = (ask.max_queued / CLIENT_SHARE).max(1);
-        self.of_client(client) + ask.units <= share
+        let network_share = (ask.max_queued / NETWORK_SHARE).max(1);
+        self.of_client(&client.key) + ask.units <= share
+            && client
+                .network
+                .as_ref()
+                .is_none_or(|n| self.of_network(n) + ask.units <= network_share)
     }
 
-    fn charge(&mut self, client: Option<&Arc<str>>, units: usize) {
+    fn charge(&mut self, client: Option<&Client>, units: usize) {
         if let Some(c) = client
             && units > 0
         {
-            *self.by_client.entry(Arc::clone(c)).or_insert(0) += units;
+            *self.by_client.entry(Arc::clone(&c.key)).or_insert(0) += units;
+            if let Some(n) = &c.network {
+                *self.by_network.entry(Arc::clone(n)).or_insert(0) += units;
+            }
         }
     }
 
-    fn refund(&mut self, client: Option<&Arc<str>>, units: usize) {
-        if let Some(c) = client
-            && let Some(n) = self.by_client.get_mut(c)
-        {
-            *n = n.saturating_sub(units);
-            if *n == 0 {
-                self.by_client.remove(c);
+    fn refund(&mut self, client: Option<&Client>, units: usize) {
+        let Some(c) = client else {
+            return;
+        };
+        let maps = [
+            (&mut self.by_client, Some(&c.key)),
+            (&mut self.by_network, c.network.as_ref()),
+        ];
+        for (map, key) in maps {
+            if let Some(key) = key
+                && let Some(n) = map.get_mut(key)
+            {
+                *n = n.saturating_sub(units);
+                if *n == 0 {
+                    map.remove(key);
+                }
             }
         }
     }
@@ -357,7 +409,7 @@ impl<J: Job> Batcher<J> {
         &self,
         request: J::Request,
         units: usize,
-        client: Option<Arc<str>>,
+        client: Option<Client>,
         admit: impl FnOnce(
             &mut Queue<J::Request, J::Answer>,
             &Ask<'_>,

@@ -20,6 +20,20 @@ pub fn client_key(ip: IpAddr) -> String {
     }
 }
 
+/// The network of the client at `ip` whose clients share a larger part of the web queues
+/// (`batcher::NETWORK_SHARE`): an IPv6 /48 written `2001:db8:1::/48` (one site, whose
+/// holder has 65,536 /64s, each a client of its own); `None` for IPv4 (each address a
+/// client, none grouped).
+pub fn client_network(ip: IpAddr) -> Option<String> {
+    match ip.to_canonical() {
+        IpAddr::V4(_) => None,
+        IpAddr::V6(v6) => {
+            let net = u128::from(v6) & !((1u128 << 80) - 1);
+            Some(format!("{}/48", Ipv6Addr::from(net)))
+        }
+    }
+}
+
 /// The client key of a request whose forwarding chain could not be read: every such client
 /// shares this one budget (no digit or colon, so no address key equals it).
 pub const UNKNOWN_CLIENT: &str = "unknown";
@@ -193,6 +207,24 @@ mod tests {
             h.append(*k, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    #[test]
+    fn ipv6_clients_share_their_48_and_ipv4_clients_nothing() {
+        assert_eq!(
+            client_network(ip("2001:db8:1:2:3:4:5:6")).as_deref(),
+            Some("2001:db8:1::/48")
+        );
+        assert_eq!(
+            client_network(ip("2001:db8:1:ffff::1")),
+            client_network(ip("2001:db8:1:2::1"))
+        );
+        assert_ne!(
+            client_network(ip("2001:db8:2::1")),
+            client_network(ip("2001:db8:1::1"))
+        );
+        assert_eq!(client_network(ip("::ffff:192.0.2.7")), None);
+        assert_eq!(client_network(ip("192.0.2.7")), None);
     }
 
     #[test]

@@ -263,7 +263,7 @@ pub struct Room {
     batcher: Batcher<Counting>,
     hits: usize,
     /// The client it is held for, whose share it takes.
-    client: Option<Arc<str>>,
+    client: Option<batcher::Client>,
 }
 
 impl Room {
@@ -606,7 +606,7 @@ mod tests {
         let mut refused = 0;
         for _ in 0..20 {
             for client in ["a", "b", "c"] {
-                match super::batcher::for_client(client, async { c.reserve(2) }).await {
+                match super::batcher::for_client(client, None, async { c.reserve(2) }).await {
                     Ok(room) => held.push(room),
                     Err(e) => {
                         assert!(e.is_temporary(), "{e}");
@@ -622,10 +622,45 @@ mod tests {
             "{} held: half the bound and the three shares at most",
             c.reserved_hits()
         );
-        let victim = super::batcher::for_client("d", async { c.reserve(2) }).await;
+        let victim = super::batcher::for_client("d", None, async { c.reserve(2) }).await;
         let room = victim.expect("the other client's look-up gets its room");
         // Its miss is counted in it, as the client's own hits.
         let hits = [Hit::new("miss:d", 3, HOUR), Hit::new("miss:all", 100, HOUR)];
+        assert_eq!(c.hit_many_in(room, &hits).await.unwrap(), vec![true, true]);
+        drop(held);
+        assert_eq!((c.queued_hits(), c.reserved_hits()), (0, 0));
+    }
+
+    /// Red team (counters and shares): 16 IPv6 /64s of one /48 (a fraction of a home
+    /// connection's /56), each within its share, held the whole bound for their look-ups'
+    /// misses while the counters were slow; another client's look-up was refused (503). Past
+    /// half the bound, the network's clients now hold at most 1/`NETWORK_SHARE` together.
+    #[tokio::test]
+    async fn many_clients_of_one_network_leave_room_for_another() {
+        const BOUND: usize = 64;
+        let c = Coalescer::with_limits(Slow::new(false), 1, 8, BOUND);
+        let network = "2001:db8:1::/48";
+        let mut held = Vec::new();
+        for n in 0..16 {
+            let client = format!("2001:db8:1:{n:x}::/64");
+            for _ in 0..8 {
+                let reserved =
+                    super::batcher::for_client(&client, Some(network), async { c.reserve(2) })
+                        .await;
+                match reserved {
+                    Ok(room) => held.push(room),
+                    Err(e) => assert!(e.is_temporary(), "{e}"),
+                }
+            }
+        }
+        assert!(
+            c.reserved_hits() <= BOUND / 2 + BOUND / super::batcher::NETWORK_SHARE,
+            "{} held by one network: half the bound and its share at most",
+            c.reserved_hits()
+        );
+        let victim = super::batcher::for_client("198.51.100.7", None, async { c.reserve(2) }).await;
+        let room = victim.expect("the other client's look-up gets its room");
+        let hits = [Hit::new("miss:v", 3, HOUR), Hit::new("miss:all", 100, HOUR)];
         assert_eq!(c.hit_many_in(room, &hits).await.unwrap(), vec![true, true]);
         drop(held);
         assert_eq!((c.queued_hits(), c.reserved_hits()), (0, 0));

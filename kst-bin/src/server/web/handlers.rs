@@ -18,7 +18,7 @@ use kst_core::certificate::{Certificate, Outline, hkp_index, merge_all};
 use kst_core::wkd::{PolicyFlags, Resource, WkdHash, WkdRequest, submission_address_text};
 use kst_core::{Address, KeyRecord};
 
-use super::client::{LogPseudonym, UNKNOWN_CLIENT, client_ip, client_key};
+use super::client::{LogPseudonym, UNKNOWN_CLIENT, client_ip, client_key, client_network};
 use super::config::TrustedProxies;
 use super::limits::{FoundNothing, Limiter};
 use super::lookup::{KeyLookup, MAX_MATCHES};
@@ -291,16 +291,18 @@ pub fn ops_routes(extra: Router, guard_with: Guard) -> Router {
 /// Limits, measures and logs every request; counts misses (a 404, or an answer marked
 /// [`FoundNothing`]). The request is handled as its client's
 /// ([`super::batcher::for_client`]): what it queues for the store and the counters counts
-/// against that client's share of their queues.
+/// against that client's share of their queues, and its network's (an IPv6 /48).
 async fn guard(
     State(state): State<Arc<Guard>>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     request: Request,
     next: Next,
 ) -> Response {
-    let client = client_ip(peer.ip(), request.headers(), &state.trusted_proxies)
-        .map_or_else(|| UNKNOWN_CLIENT.to_string(), client_key);
-    super::batcher::for_client(&client, guarded(state, client.clone(), request, next)).await
+    let ip = client_ip(peer.ip(), request.headers(), &state.trusted_proxies);
+    let client = ip.map_or_else(|| UNKNOWN_CLIENT.to_string(), client_key);
+    let network = ip.and_then(client_network);
+    let handled = guarded(state, client.clone(), request, next);
+    super::batcher::for_client(&client, network.as_deref(), handled).await
 }
 
 /// [`guard`] for the request of `client`.

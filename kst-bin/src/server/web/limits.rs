@@ -477,6 +477,28 @@ mod tests {
         );
     }
 
+    /// Red team (counters and shares): `window_secs = u64::MAX` (an operator's "forever")
+    /// made every miss panic (the window added to the clock); the window is capped
+    /// (`WebLimits::window`), so misses are counted and refused as with any window.
+    #[tokio::test]
+    async fn a_window_too_long_for_the_clock_does_not_panic() {
+        let l = limiter(WebLimits {
+            per_client: 100,
+            per_client_misses: 1,
+            global_misses: 1_000,
+            window_secs: u64::MAX,
+        });
+        for _ in 0..2 {
+            let admitted = l.admit("a", true).await.unwrap().unwrap();
+            l.miss("a", admitted).await.unwrap();
+        }
+        assert_eq!(
+            l.admit("a", true).await.unwrap().err(),
+            Some(Refusal::Misses)
+        );
+        assert_eq!(l.admit("b", true).await.unwrap().err(), None);
+    }
+
     #[tokio::test]
     async fn off_counts_nothing() {
         let counters = Arc::new(MemoryRateLimiter::new());

@@ -106,7 +106,7 @@ pub struct WebLimits {
     /// (one more miss each for clients that had none). Clients without misses, and policy
     /// files, are still served.
     pub global_misses: u32,
-    /// Window length in seconds (default 600).
+    /// Window length in seconds (default 600, at most 366 days).
     pub window_secs: u64,
 }
 
@@ -130,9 +130,15 @@ impl WebLimits {
         window_secs: 600,
     };
 
-    /// The window (at least one second).
+    /// The longest window (`window_secs`): 366 days. Longer ones are refused by
+    /// [`WebConfig::validate`] (red team, counters and shares: `window_secs = 18446744073709551615`
+    /// made every miss panic, adding the window to the clock, and every Redis counting script
+    /// fail after its `INCRBY`, leaving the counter without expiry).
+    pub const MAX_WINDOW_SECS: u64 = 366 * 86_400;
+
+    /// The window (at least one second, at most [`WebLimits::MAX_WINDOW_SECS`]).
     pub fn window(&self) -> Duration {
-        Duration::from_secs(self.window_secs.max(1))
+        Duration::from_secs(self.window_secs.clamp(1, Self::MAX_WINDOW_SECS))
     }
 }
 
@@ -260,9 +266,9 @@ impl std::fmt::Debug for WebCounters {
             .field("backend", &self.backend)
             .field("url", &super::mask_url(&self.url))
             .field("prefix", &self.prefix)
-            .field("sentinels", &self.sentinels)
+            .field("sentinels", &super::mask_urls(&self.sentinels))
             .field("sentinel_master", &self.sentinel_master)
-            .field("cluster_nodes", &self.cluster_nodes)
+            .field("cluster_nodes", &super::mask_urls(&self.cluster_nodes))
             .finish()
     }
 }
@@ -343,6 +349,16 @@ impl WebConfig {
             if value == 0 {
                 return Err(err(key, "must be at least 1"));
             }
+        }
+        if self.limits.window_secs > WebLimits::MAX_WINDOW_SECS {
+            return Err(err(
+                "web.limits.window_secs",
+                format!(
+                    "{} is longer than {} (366 days); write e.g. 600 (10 minutes)",
+                    self.limits.window_secs,
+                    WebLimits::MAX_WINDOW_SECS
+                ),
+            ));
         }
         self.counters.validate()?;
         self.trusted_proxies
@@ -442,6 +458,29 @@ mod tests {
             "web.max_connections"
         );
         assert!(toml::from_str::<WebConfig>("listn = \"x\"").is_err());
+    }
+
+    /// Red team (counters and shares): a window too long for the clock or Redis is refused
+    /// at start, and [`WebLimits::window`] caps it anyway.
+    #[test]
+    fn a_window_longer_than_a_year_is_refused_and_capped() {
+        let with = |window_secs: u64| WebConfig {
+            limits: WebLimits {
+                window_secs,
+                ..WebLimits::default()
+            },
+            ..WebConfig::default()
+        };
+        with(WebLimits::MAX_WINDOW_SECS).validate().unwrap();
+        for long in [WebLimits::MAX_WINDOW_SECS + 1, u64::MAX] {
+            let e = with(long).validate().unwrap_err();
+            assert_eq!(e.key, "web.limits.window_secs", "{e}");
+            assert_eq!(
+                with(long).limits.window(),
+                Duration::from_secs(WebLimits::MAX_WINDOW_SECS)
+            );
+        }
+        assert_eq!(with(0).limits.window(), Duration::from_secs(1));
     }
 
     #[test]
