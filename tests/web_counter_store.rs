@@ -596,4 +596,23 @@ fn config_check_validates_and_probes_the_counter_redis() {
     );
     assert_ne!(code(&out), 0, "{}", stderr(&out));
     assert!(stderr(&out).contains("appendonly no"), "{}", stderr(&out));
+
+    // Red team (counters and shares): the counters on the key store's own Redis are
+    // accepted (nothing collides), with a warning that nothing is gained.
+    let out = kst.kst_env(
+        &["config", "check"],
+        b"",
+        &[
+            ("KST_STORE__BACKEND", "redis"),
+            ("KST_STORE__URL", &url),
+            ("KST_WEB__COUNTERS__BACKEND", "redis"),
+            ("KST_WEB__COUNTERS__URL", &format!("{url}/1")),
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("warning: web.counters names a server of the Redis key store"),
+        "{}",
+        stderr(&out)
+    );
 }

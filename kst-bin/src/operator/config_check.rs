@@ -85,6 +85,13 @@ async fn check(
         }
         None => eprintln!("kst: replies are not DKIM-signed ([dkim] names no key file)"),
     }
+    if cfg.web_counters_on_the_key_store() {
+        eprintln!(
+            "kst: warning: web.counters names a server of the Redis key store: the counters then \
+             share its event loop and its log syncs, which a Redis of their own is meant to \
+             avoid; run a second redis-server for them (deploy/redis-counters.conf)"
+        );
+    }
     if !probe {
         eprintln!("kst: configuration OK");
         return exit::OK;

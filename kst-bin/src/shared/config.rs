@@ -835,6 +835,30 @@ impl Config {
         Ok(policy)
     }
 
+    /// Whether `[web.counters]` names a server of the Redis key store itself (the same
+    /// `host:port` in `url`, a sentinel in common with the same master, or a cluster node in
+    /// common): the counters then share the key store's event loop and log syncs, which a
+    /// Redis of their own is meant to avoid (red team, counters and shares: accepted
+    /// silently). Spellings of one server by other names (a host name and its address) are
+    /// not recognized.
+    pub fn web_counters_on_the_key_store(&self) -> bool {
+        let c = &self.web.counters;
+        let s = &self.store;
+        if !c.own() || s.backend != StoreBackend::Redis {
+            return false;
+        }
+        let common = |a: &[String], b: &[String]| {
+            a.iter()
+                .filter_map(|u| server_of(u))
+                .any(|x| b.iter().filter_map(|u| server_of(u)).any(|y| x == y))
+        };
+        let same_url = server_of(&c.url).is_some() && server_of(&c.url) == server_of(&s.url);
+        same_url
+            || (c.sentinel_master.trim() == s.sentinel_master.trim()
+                && common(&c.sentinels, &s.sentinels))
+            || common(&c.cluster_nodes, &s.cluster_nodes)
+    }
+
     /// The effective configuration as TOML, with secrets (`mailer.password`, a password in
     /// any store or counters URL) replaced by [`MASK`].
     pub fn masked(&self) -> String {
@@ -907,6 +931,30 @@ fn is_host_name(h: &str) -> bool {
                 && l.bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         })
+}
+
+/// The `host:port` of a Redis URL (lower case; port 6379 when none is written), `None` when
+/// it names no host.
+fn server_of(url: &str) -> Option<String> {
+    let rest = url.trim().split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host_port.is_empty() {
+        return None;
+    }
+    let host_port = host_port.to_ascii_lowercase();
+    let has_port = match host_port.rsplit_once(':') {
+        Some((host, port)) => {
+            !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':')
+        }
+        None => false,
+    };
+    // `[::1]` without a port ends in `]`.
+    Some(if has_port && !host_port.ends_with(']') {
+        host_port
+    } else {
+        format!("{host_port}:6379")
+    })
 }
 
 /// [`mask_url`] of each of `urls`.
@@ -1234,6 +1282,66 @@ mod tests {
         assert!(
             !env(&[]).unwrap().web.counters.own(),
             "the key store by default"
+        );
+    }
+
+    /// Red team (counters and shares): `[web.counters]` on the key store's own Redis was
+    /// accepted silently (nothing collides, but nothing is gained); `kst config check` warns.
+    #[test]
+    fn web_counters_on_the_key_stores_redis_are_recognized() {
+        let env = |more: &[(&str, &str)]| {
+            let mut v = vec![
+                ("KST_KST__DOMAINS".to_string(), "example.net".to_string()),
+                ("KST_STORE__BACKEND".to_string(), "redis".to_string()),
+                (
+                    "KST_WEB__COUNTERS__BACKEND".to_string(),
+                    "redis".to_string(),
+                ),
+            ];
+            v.extend(more.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            Config::load_with_env(None, v).unwrap()
+        };
+        for (store, counters, same) in [
+            (
+                "redis://:pw@Redis.internal:6379/0",
+                "redis://redis.internal/1",
+                true,
+            ),
+            ("redis://10.0.0.1:6379", "redis://:x@10.0.0.1:6379", true),
+            ("redis://10.0.0.1:6379", "redis://10.0.0.1:6380", false),
+            ("redis://[::1]:6379", "redis://[::1]", true),
+            ("redis://[::1]:6380", "redis://[::1]", false),
+        ] {
+            let c = env(&[
+                ("KST_STORE__URL", store),
+                ("KST_WEB__COUNTERS__URL", counters),
+            ]);
+            assert_eq!(
+                c.web_counters_on_the_key_store(),
+                same,
+                "{store} {counters}"
+            );
+        }
+        let c = env(&[
+            (
+                "KST_STORE__CLUSTER_NODES",
+                "redis://10.0.0.1:7000 redis://10.0.0.2:7000",
+            ),
+            ("KST_WEB__COUNTERS__CLUSTER_NODES", "redis://10.0.0.2:7000"),
+        ]);
+        assert!(c.web_counters_on_the_key_store());
+        let sentinels = |master: &str| {
+            env(&[
+                ("KST_STORE__SENTINELS", "redis://10.0.0.1:26379"),
+                ("KST_STORE__SENTINEL_MASTER", "kst"),
+                ("KST_WEB__COUNTERS__SENTINELS", "redis://10.0.0.1:26379"),
+                ("KST_WEB__COUNTERS__SENTINEL_MASTER", master),
+            ])
+        };
+        assert!(sentinels("kst").web_counters_on_the_key_store());
+        assert!(
+            !sentinels("kst-counters").web_counters_on_the_key_store(),
+            "other servers watched by the same sentinels"
         );
     }
 

@@ -180,50 +180,63 @@ async fn counters_of_their_own_need_no_durability_and_name_themselves() {
 /// expiry only to the counter it created, so a counter found without one (a migration tool
 /// that dropped the expiries, an operator's `PERSIST`, a script that failed between its
 /// `INCRBY` and its `PEXPIRE`) never expired: once past its limit, that client (or, for
-/// `web-miss-global`, every client that missed) was refused for good. A counter past its limit
-/// is now checked and given its window; one within its limit costs nothing more.
+/// `web-miss-global`, every client that missed) was refused for good. A counter is now
+/// checked when its hits cross a multiple of 64, and given its window when it has none.
 #[tokio::test]
-async fn counters_of_their_own_heal_a_missing_expiry_once_past_the_limit() {
+async fn counters_of_their_own_heal_a_missing_expiry_within_64_hits() {
     let t = TestPrefix::new().await;
     let c = RedisStore::builder(crate::support::url())
         .prefix(t.prefix.clone())
         .counters_lazy()
         .expect("counters");
-    let key = format!("{}rl:web-miss-global", t.prefix);
     let mut raw = t.raw().await;
-    let pttl = |raw: &mut redis::aio::MultiplexedConnection| {
-        let key = key.clone();
-        let mut raw = raw.clone();
-        async move {
-            let ttl: i64 = redis::cmd("PTTL")
-                .arg(&key)
-                .query_async(&mut raw)
-                .await
-                .unwrap();
-            ttl
+    for (name, per_call) in [("one-by-one", 1u32), ("many-at-once", 50)] {
+        let limiter_key = format!("web-miss:{name}");
+        let key = format!("{}rl:{limiter_key}", t.prefix);
+        let pttl = |raw: &mut redis::aio::MultiplexedConnection| {
+            let key = key.clone();
+            let mut raw = raw.clone();
+            async move {
+                let ttl: i64 = redis::cmd("PTTL")
+                    .arg(&key)
+                    .query_async(&mut raw)
+                    .await
+                    .unwrap();
+                ttl
+            }
+        };
+        let hits: Vec<Hit> = (0..per_call)
+            .map(|_| Hit::new(limiter_key.clone(), 1, HOUR))
+            .collect();
+        c.hit_many(&hits).await.unwrap();
+        let _: () = redis::cmd("PERSIST")
+            .arg(&key)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(pttl(&mut raw).await, -1, "{name}: left without expiry");
+        let mut count = u64::from(per_call);
+        // Refused (past its limit of 1) and without expiry until its hits cross 64.
+        while count + u64::from(per_call) < 64 {
+            let verdicts = c.hit_many(&hits).await.unwrap();
+            count += u64::from(per_call);
+            assert!(verdicts.iter().all(|v| !v), "{name}: refused at {count}");
+            assert_eq!(pttl(&mut raw).await, -1, "{name}: not checked at {count}");
         }
-    };
-    let hit = [Hit::new("web-miss-global", 3, HOUR)];
-    assert_eq!(c.hit_many(&hit).await.unwrap(), vec![true]);
-    let _: () = redis::cmd("PERSIST")
-        .arg(&key)
-        .query_async(&mut raw)
-        .await
-        .unwrap();
-    assert_eq!(pttl(&mut raw).await, -1, "left without expiry");
-    // Within the limit: nothing checked (the script's one call per existing counter).
-    assert_eq!(c.hit_many(&hit).await.unwrap(), vec![true]);
-    assert_eq!(c.hit_many(&hit).await.unwrap(), vec![true]);
-    // Past it: refused, and the counter gets its window, so the refusal ends with it.
-    assert_eq!(c.hit_many(&hit).await.unwrap(), vec![false]);
-    let ttl = pttl(&mut raw).await;
-    assert!(ttl > 0 && ttl <= 3_600_000, "ttl {ttl}");
-    let count: u64 = redis::cmd("GET")
-        .arg(&key)
-        .query_async(&mut raw)
-        .await
-        .unwrap();
-    assert_eq!(count, 4, "every hit counted once");
+        c.hit_many(&hits).await.unwrap();
+        count += u64::from(per_call);
+        let ttl = pttl(&mut raw).await;
+        assert!(
+            ttl > 0 && ttl <= 3_600_000,
+            "{name}: an expiry once its hits crossed 64 ({count}): {ttl}"
+        );
+        let stored: u64 = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(stored, count, "{name}: every hit counted once");
+    }
 }
 
 /// Red team (counters and shares): a window longer than Redis accepts (`PEXPIRE` refuses a

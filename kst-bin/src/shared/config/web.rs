@@ -170,8 +170,9 @@ pub struct WebCounters {
     /// `redis`: the server's URL (`redis://[user:password@]host:port[/db]`, `rediss://` for
     /// TLS). With `sentinels`, only the data nodes' password and database. May hold a password.
     pub url: String,
-    /// `redis`: key prefix of the counters (default `kst-web:`; no `{` or `}`), so that several
-    /// pools can share one server.
+    /// `redis`: key prefix of the counters (default `kst-web:`; no `{` or `}`, no control
+    /// characters, at most [`MAX_COUNTERS_PREFIX_BYTES`]), so that several pools can share one
+    /// server.
     pub prefix: String,
     /// `redis`: sentinels (`redis://host:port` each) that name the primary.
     pub sentinels: Vec<String>,
@@ -255,10 +256,29 @@ impl WebCounters {
                     self.prefix
                 ),
             )),
+            CountersBackend::Redis if self.prefix().len() > MAX_COUNTERS_PREFIX_BYTES => Err(err(
+                "web.counters.prefix",
+                format!(
+                    "is {} bytes long; at most {MAX_COUNTERS_PREFIX_BYTES} (it starts every \
+                     counter's key: a flush sends it once per client), e.g. \"kst-web:\"",
+                    self.prefix().len()
+                ),
+            )),
+            CountersBackend::Redis if self.prefix().chars().any(char::is_control) => Err(err(
+                "web.counters.prefix",
+                format!(
+                    "{:?} holds a control character (a line break, an escape: a typo, which \
+                     makes the counters' keys hard to find); write e.g. \"kst-web:\"",
+                    self.prefix
+                ),
+            )),
             CountersBackend::Redis => Ok(()),
         }
     }
 }
+
+/// The longest `[web.counters] prefix`, in bytes.
+pub const MAX_COUNTERS_PREFIX_BYTES: usize = 256;
 
 impl std::fmt::Debug for WebCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -548,6 +568,30 @@ mod tests {
             }),
             "web.counters.prefix"
         );
+        for (prefix, ok) in [
+            ("x".repeat(MAX_COUNTERS_PREFIX_BYTES), true),
+            ("x".repeat(MAX_COUNTERS_PREFIX_BYTES + 1), false),
+            ("kst\nweb:".to_string(), false),
+            ("kst\u{1b}[2Jweb:".to_string(), false),
+            ("kst-wéb-🔑:".to_string(), true),
+        ] {
+            let c = WebConfig {
+                counters: WebCounters {
+                    backend: CountersBackend::Redis,
+                    url: "redis://127.0.0.1:6380".into(),
+                    prefix: prefix.clone(),
+                    ..WebCounters::default()
+                },
+                ..WebConfig::default()
+            };
+            match c.validate() {
+                Ok(_) => assert!(ok, "{prefix:?} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{prefix:?}: {e}");
+                    assert_eq!(e.key, "web.counters.prefix");
+                }
+            }
+        }
         assert!(toml::from_str::<WebConfig>("[counters]\nbackend = \"memcached\"").is_err());
     }
 }
