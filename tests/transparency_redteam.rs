@@ -1247,3 +1247,128 @@ async fn rt9_head_and_other_spellings_of_one_address_are_misses_on_the_log() {
     );
     drop(served);
 }
+
+/// A log in front of `real` that answers 422 ("larger than a witness accepts") to every audit
+/// spanning more than one epoch, as kst answers an audit whose proof is over 16 MiB (red team
+/// round 10), and passes every other request on; the audits it refused are counted.
+fn log_refusing_long_audits(real: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = listener.local_addr().unwrap();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&refused);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let refused = Arc::clone(&counted);
+            std::thread::spawn(move || {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                let end = loop {
+                    if let Some(i) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&request[..end]).to_string();
+                let span = head
+                    .lines()
+                    .next()
+                    .and_then(|l| l.split(' ').nth(1))
+                    .and_then(|p| p.split_once("/audit?from="))
+                    .and_then(|(_, q)| q.split_once("&to="))
+                    .and_then(|(f, t)| Some((f.parse::<u64>().ok()?, t.parse::<u64>().ok()?)));
+                if span.is_some_and(|(from, to)| to > from + 1) {
+                    refused.fetch_add(1, Ordering::SeqCst);
+                    let body = "the append-only proof is larger than a witness accepts: ask for \
+                                a shorter range\n";
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 422 Unprocessable Entity\r\ncontent-type: text/plain\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    return;
+                }
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                while request.len() < end + length {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                // Passed on with `connection: close`, so the answer ends with the connection.
+                let Ok(mut upstream) = std::net::TcpStream::connect(real) else {
+                    return;
+                };
+                let mut passed = request[..end - 2].to_vec();
+                passed.extend_from_slice(b"connection: close\r\n\r\n");
+                passed.extend_from_slice(&request[end..]);
+                if upstream.write_all(&passed).is_err() {
+                    return;
+                }
+                let mut answer = Vec::new();
+                let _ = upstream.read_to_end(&mut answer);
+                let _ = conn.write_all(&answer);
+            });
+        }
+    });
+    (at, refused)
+}
+
+/// Red team round 10: an audit whose append-only proof is larger than a witness accepts is
+/// now answered 422 (counted before it is built) where it was built and served whole (and
+/// then refused by the witness, over `MAX_AUDIT_TEXT`). A witness asking in ranges of 1024
+/// epochs must then ask for shorter ranges, or it is stuck for good behind busy epochs: it
+/// now halves the range while the log answers 422. Here the log refuses every range of more
+/// than one epoch: the witness, 4 epochs behind, checks them one at a time and cosigns (was
+/// exit 75 at the first 422).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rt10_a_witness_asks_for_shorter_ranges_when_an_audit_is_too_large() {
+    let (dir, keys, writer) = with_alice().await;
+    let (key, public) = witness_keygen(dir.path());
+    let served = Served::start(dir.path(), &keys, &format!("witnesses = [\"w1:{public}\"]"));
+    let head_key = keys.head.public_key();
+    let state = dir.path().join("witness-state");
+    // First round: the head of epoch 1, taken on trust.
+    let out = witness_run(&key, &head_key, served.http, &state)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    // Four more epochs.
+    for n in 2..=5 {
+        let bob = address(&format!("bob{n}"));
+        writer
+            .sync(&bob, Some(&record(&bob, 1, n)), n)
+            .await
+            .unwrap();
+    }
+    let (proxy, refused) = log_refusing_long_audits(served.http);
+    let out = witness_run(&key, &head_key, proxy, &state)
+        .output()
+        .unwrap();
+    assert_eq!(
+        code(&out),
+        0,
+        "the witness checks the epochs in shorter ranges: {}",
+        stderr(&out)
+    );
+    assert!(
+        refused.load(Ordering::SeqCst) >= 1,
+        "the log refused the long audits"
+    );
+    let (head, cosignatures) = newest_head(served.http);
+    assert_eq!(head.head.epoch, 5);
+    assert_eq!(cosignatures.len(), 1, "the witness cosigned epoch 5");
+}

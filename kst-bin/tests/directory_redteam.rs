@@ -57,46 +57,13 @@ fn peak_rss_mib() -> u64 {
 #[tokio::test(flavor = "current_thread")]
 async fn rt10_an_append_only_proof_no_client_accepts_is_refused_unbuilt() {
     use kst_core::transparency::log::{MAX_PROOF_ELEMENTS, MAX_WITNESSED_ELEMENTS};
-    let store: Arc<dyn DirectoryStore> = Arc::new(MemoryDirectoryStore::default());
-    let keys = LogKeys::generate(directory::DOMAIN);
-    let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);
-    let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
-        .await
-        .unwrap();
-    // 10 000 addresses, then 44 busy epochs of 512 (the most kst's writer records in one
-    // epoch, `log::MAX_BATCH`): a client that remembers epoch 1 is 44 busy epochs behind,
-    // and the proof from there (about 32 MB) is twice what a client accepts, because every
-    // step of an old epoch lists the subtrees the later epochs split (docs/TRANSPARENCY.md,
-    // "Catching up in steps"; at 10^6 entries a dozen such epochs do it).
-    // Each epoch's head is stored with it, as kst's writer does.
-    let vrf_public_key = keys.vrf.public_key().unwrap();
+    // 10 000 addresses, then 44 busy epochs of 512: a client that remembers epoch 1 is 44
+    // busy epochs behind, and the proof from there (about 32 MB) is twice what a client
+    // accepts, because every step of an old epoch lists the subtrees the later epochs split
+    // (docs/TRANSPARENCY.md, "Catching up in steps"; at 10^6 entries a dozen such epochs do
+    // it).
     let started = std::time::Instant::now();
-    for k in 0..45 {
-        let (from, to) = match k {
-            0 => (0, 10_000),
-            k => (10_000 + (k - 1) * 512, 10_000 + k * 512),
-        };
-        tree.publish(&bench_entries(from, to)).await.unwrap();
-        let (epoch, root_hash) = tree.current().await.unwrap();
-        let head = keys
-            .head
-            .sign(Head {
-                domain: directory::DOMAIN.to_string(),
-                epoch,
-                root_hash,
-                vrf_public_key,
-                signed_at: NOW,
-            })
-            .unwrap();
-        store
-            .insert_head(
-                directory::DOMAIN,
-                epoch,
-                head_text(&head).unwrap().as_bytes(),
-            )
-            .await
-            .unwrap();
-    }
+    let (store, keys, tree) = busy_directory(44).await;
     let latest = tree.current().await.unwrap().0;
     eprintln!(
         "fixture: {latest} epochs filled in {:.1}s",
@@ -225,6 +192,177 @@ async fn rt10_an_append_only_proof_no_client_accepts_is_refused_unbuilt() {
         "the lagging witness is left out"
     );
     assert_eq!(witnessed.audit.heads[0].head.epoch, latest - 1);
+}
+
+/// A directory on the bench's memory store: 10,000 addresses, then `busy` epochs of 512 (the
+/// most kst's writer records in one epoch), each epoch's head stored with it as kst's writer
+/// does. The store, the keys, and the tree (written around the log, as the bench does).
+async fn busy_directory(
+    busy: u64,
+) -> (
+    Arc<dyn DirectoryStore>,
+    LogKeys,
+    KeyDirectory<StoredDirectory<dyn DirectoryStore>>,
+) {
+    let store: Arc<dyn DirectoryStore> = Arc::new(MemoryDirectoryStore::default());
+    let keys = LogKeys::generate(directory::DOMAIN);
+    let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);
+    let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
+        .await
+        .unwrap();
+    let vrf_public_key = keys.vrf.public_key().unwrap();
+    for k in 0..=busy {
+        let (from, to) = match k {
+            0 => (0, 10_000),
+            k => (10_000 + (k - 1) * 512, 10_000 + k * 512),
+        };
+        tree.publish(&bench_entries(from, to)).await.unwrap();
+        let (epoch, root_hash) = tree.current().await.unwrap();
+        let head = keys
+            .head
+            .sign(Head {
+                domain: directory::DOMAIN.to_string(),
+                epoch,
+                root_hash,
+                vrf_public_key,
+                signed_at: NOW,
+            })
+            .unwrap();
+        store
+            .insert_head(
+                directory::DOMAIN,
+                epoch,
+                head_text(&head).unwrap().as_bytes(),
+            )
+            .await
+            .unwrap();
+    }
+    (store, keys, tree)
+}
+
+/// A version 3 reply asked for the witnesses' part (`KST-Log-Witnessed`, by anyone who mails
+/// a retrieval) had it built with the HTTP bound and, when it did not fit the reply's 2 MiB,
+/// dropped whole: one listed witness that lags a few busy epochs behind (here 14, its part
+/// about 7 MB) made every such reply carry no cosignature at all, the current witness's
+/// neither, and clients requiring that witness refuse every reply. Now the part is bounded
+/// by what a reply holds, before it is built, and leaves out only the lagging witness. Over
+/// HTTP (16 MiB) both witnesses stay. Before: the reply had no witnesses' part.
+#[tokio::test(flavor = "current_thread")]
+async fn rt10_one_lagging_witness_does_not_strip_a_reply_of_every_cosignature() {
+    use kst_core::reply::LogAnswers;
+    use kst_core::transparency::TransparentStore;
+    use kst_core::transparency::answer::LogAnswer;
+
+    let (store, keys, _tree) = busy_directory(16).await;
+    let log = Arc::new(DomainLog::open(Arc::clone(&store), keys).await.unwrap());
+    let head = log.head(NOW).await.unwrap();
+    let latest = head.head.epoch;
+    let (lagging, current) = (HeadSigner::generate(), HeadSigner::generate());
+    let lagging_head = log.head_at(2, NOW).await.unwrap().unwrap();
+    log.add_cosignature(2, &lagging.cosign(&lagging_head, NOW).unwrap())
+        .await
+        .unwrap();
+    let newest = log.head_at(latest - 1, NOW).await.unwrap().unwrap();
+    log.add_cosignature(latest - 1, &current.cosign(&newest, NOW).unwrap())
+        .await
+        .unwrap();
+    let witnesses = vec![lagging.public_key(), current.public_key()];
+
+    // Over HTTP both witnesses' part fits.
+    let http = log.witnessed(&head, &witnesses).await.unwrap().unwrap();
+    let proof = http.audit.proof.as_ref().map_or(0, Vec::len);
+    eprintln!("the witnesses' part from epoch 2 to {latest}: {proof} bytes");
+    assert_eq!(http.cosignatures.len(), 2);
+    assert!(
+        proof > kst_core::protocol::MAX_LOG_ANSWER_BYTES,
+        "the fixture: the lagging witness's part does not fit a reply"
+    );
+
+    // In a version 3 reply: the current witness's part.
+    let inner = tempfile::tempdir().unwrap();
+    let keystore = kst_fs::FsStore::open(inner.path()).await.unwrap();
+    let transparent =
+        TransparentStore::new(Arc::new(keystore), vec![Arc::clone(&log)]).with_witnesses(witnesses);
+    let ask = kst_core::protocol::LogAsk {
+        since: None,
+        witnessed: true,
+    };
+    let text = transparent
+        .answer(&directory::address(3).unwrap(), ask)
+        .await
+        .unwrap();
+    let answer = LogAnswer::parse(&text).unwrap();
+    let part = answer
+        .witnessed
+        .expect("the reply carries the current witness's part");
+    assert_eq!(
+        part.cosignatures
+            .iter()
+            .map(|(e, c)| (*e, c.witness))
+            .collect::<Vec<_>>(),
+        vec![(latest - 1, current.public_key())]
+    );
+    part.audit.verify(&log.head_public_key()).await.unwrap();
+
+    // Beside an append-only part (a client that remembers a head 3 busy epochs back, as a
+    // version 3 client asks): the part is bounded by what the reply has left. A witness 4 busy
+    // epochs behind (its part, about 1 MB, alone fits a reply) is left out; one that cosigned
+    // the newest head stays. Before: the two parts together did not fit, and the reply
+    // carried no cosignature at all.
+    let (behind, newest) = (HeadSigner::generate(), HeadSigner::generate());
+    let behind_head = log.head_at(latest - 4, NOW).await.unwrap().unwrap();
+    log.add_cosignature(latest - 4, &behind.cosign(&behind_head, NOW).unwrap())
+        .await
+        .unwrap();
+    log.add_cosignature(latest, &newest.cosign(&head, NOW).unwrap())
+        .await
+        .unwrap();
+    let witnesses = vec![behind.public_key(), newest.public_key()];
+    let behind_part = log
+        .witnessed(&head, &witnesses)
+        .await
+        .unwrap()
+        .unwrap()
+        .audit
+        .proof
+        .map_or(0, |p| p.len());
+    let inner = tempfile::tempdir().unwrap();
+    let keystore = kst_fs::FsStore::open(inner.path()).await.unwrap();
+    let transparent =
+        TransparentStore::new(Arc::new(keystore), vec![Arc::clone(&log)]).with_witnesses(witnesses);
+    let ask = kst_core::protocol::LogAsk {
+        since: Some(latest - 3),
+        witnessed: true,
+    };
+    let text = transparent
+        .answer(&directory::address(3).unwrap(), ask)
+        .await
+        .unwrap();
+    let answer = LogAnswer::parse(&text).unwrap();
+    let append_only = answer.append_only.as_ref().map_or(0, |a| a.proof.len());
+    eprintln!(
+        "since {}: the append-only part {append_only} bytes; the witness 4 epochs behind's \
+         part {behind_part} bytes",
+        latest - 3
+    );
+    assert!(
+        (append_only + behind_part) * 4 / 3 > kst_core::protocol::MAX_LOG_ANSWER_BYTES,
+        "the fixture: both parts do not fit a reply together"
+    );
+    let part = answer
+        .witnessed
+        .expect("the reply carries the newest head's cosignature");
+    assert_eq!(
+        part.cosignatures
+            .iter()
+            .map(|(e, c)| (*e, c.witness))
+            .collect::<Vec<_>>(),
+        vec![(latest, newest.public_key())]
+    );
+    assert!(
+        part.audit.proof.is_none(),
+        "no proof from the answer's own head"
+    );
 }
 
 /// A [`MemoryDirectoryStore`] whose reads of the root (every request the directory's thread

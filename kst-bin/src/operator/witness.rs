@@ -4,7 +4,8 @@
 //!
 //! Both fetch the newest signed head, check its signature with the domain's pinned head key,
 //! and check the append-only proofs (`.../audit?from=A&to=B`, in ranges of at most
-//! `MAX_AUDIT_EPOCHS`) from the last head they accepted, kept durably in the state
+//! `MAX_AUDIT_EPOCHS`, halved while the log answers 422: a proof over what a witness
+//! accepts) from the last head they accepted, kept durably in the state
 //! directory (`<state>/<domain>.head`). The witness then cosigns the head and hands the
 //! cosignature to the KST (`--submit`) or prints it; the auditor only remembers it.
 //!
@@ -232,25 +233,38 @@ impl Follower {
     }
 
     async fn get(&self, rest: &str, limit: usize) -> Result<String, Failure> {
-        let path = self.path(rest);
-        let (status, text) = fetch(
+        match self.get_status(rest, limit).await? {
+            (hyper::StatusCode::OK, text) => Ok(text),
+            (status, text) => Err(self.not_ok(rest, status, &text)),
+        }
+    }
+
+    /// [`Follower::get`] with the answer's status, whatever it is.
+    async fn get_status(
+        &self,
+        rest: &str,
+        limit: usize,
+    ) -> Result<(hyper::StatusCode, String), Failure> {
+        fetch(
             &self.log_url,
             hyper::Method::GET,
-            &path,
+            &self.path(rest),
             None,
             self.args.ca_file.as_deref(),
             limit,
         )
         .await
-        .map_err(Failure::Temporary)?;
-        if status != hyper::StatusCode::OK {
-            return Err(Failure::Temporary(format!(
-                "{}{path} answered {status}: {}",
-                self.log_url,
-                text.lines().next().unwrap_or("")
-            )));
-        }
-        Ok(text)
+        .map_err(Failure::Temporary)
+    }
+
+    /// The failure of an answer to `rest` that is not 200.
+    fn not_ok(&self, rest: &str, status: hyper::StatusCode, text: &str) -> Failure {
+        Failure::Temporary(format!(
+            "{}{} answered {status}: {}",
+            self.log_url,
+            self.path(rest),
+            text.lines().next().unwrap_or("")
+        ))
     }
 
     /// The last accepted head, if any.
@@ -366,17 +380,25 @@ impl Follower {
             return Err(self.fork(new.head.epoch, &e.to_string(), old, new_text));
         }
         let mut at = old.clone();
+        // Epochs asked for in one audit: halved while the log answers that the proof is larger
+        // than a witness accepts (422), so busy epochs are checked in shorter ranges.
+        let mut span = MAX_AUDIT_EPOCHS;
         while at.head.epoch < new.head.epoch {
-            let to = new
-                .head
-                .epoch
-                .min(at.head.epoch.saturating_add(MAX_AUDIT_EPOCHS - 1));
-            let text = self
-                .get(
-                    &format!("audit?from={}&to={to}", at.head.epoch),
-                    MAX_AUDIT_TEXT,
-                )
-                .await?;
+            let to = new.head.epoch.min(
+                at.head
+                    .epoch
+                    .saturating_add(span - 1)
+                    .max(at.head.epoch + 1),
+            );
+            let path = format!("audit?from={}&to={to}", at.head.epoch);
+            let text = match self.get_status(&path, MAX_AUDIT_TEXT).await? {
+                (hyper::StatusCode::UNPROCESSABLE_ENTITY, _) if to - at.head.epoch > 1 => {
+                    span = (to - at.head.epoch).div_ceil(2).max(2);
+                    continue;
+                }
+                (hyper::StatusCode::OK, text) => text,
+                (status, text) => return Err(self.not_ok(&path, status, &text)),
+            };
             let answer = AuditAnswer::parse(&text).map_err(|e| {
                 Failure::Temporary(format!(
                     "the audit answer from {} to {to}: {e}",

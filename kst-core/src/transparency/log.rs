@@ -989,6 +989,23 @@ impl DomainLog {
         head: &SignedHead,
         witnesses: &[[u8; 32]],
     ) -> Result<Option<Witnessed>> {
+        self.witnessed_within(head, witnesses, |_| MAX_WITNESSED_ELEMENTS)
+            .await
+    }
+
+    /// [`DomainLog::witnessed`] whose append-only proof holds at most
+    /// `max_elements(epochs)` elements (counted before anything is built), `epochs` being the
+    /// most heads the part then carries (from the oldest cosigned head considered to `head`):
+    /// the witnesses whose cosigned head is further back are left out. A version 3 reply
+    /// carries less than an HTTP answer (`TransparentStore`'s answers): with the HTTP bound,
+    /// one witness far behind made the part too large for the reply, and the reply then
+    /// dropped the whole part, the current witnesses' cosignatures too (red team round 10).
+    pub async fn witnessed_within(
+        &self,
+        head: &SignedHead,
+        witnesses: &[[u8; 32]],
+        max_elements: impl FnOnce(u64) -> usize,
+    ) -> Result<Option<Witnessed>> {
         let to = head.head.epoch;
         let oldest = to.saturating_sub(MAX_AUDIT_EPOCHS - 1);
         let mut cosignatures = Vec::new();
@@ -1009,11 +1026,12 @@ impl DomainLog {
         if let Some(lowest) = cosignatures.iter().map(|(e, _)| *e).min()
             && lowest < to
         {
+            let max_elements = max_elements(to - lowest + 1);
             let reach = self
                 .ask(|reply| Request::Reach {
                     lowest,
                     to,
-                    max_elements: MAX_WITNESSED_ELEMENTS,
+                    max_elements,
                     reply,
                 })
                 .await?;

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::TransparencyError;
-use super::answer::REPLY_STEP_BUDGET;
-use super::log::{CurrentKeys, DomainLog, StoreKeys, Synced};
+use super::answer::{REPLY_STEP_BUDGET, STEP_ELEMENT_BYTES};
+use super::log::{CurrentKeys, DomainLog, MAX_WITNESSED_ELEMENTS, StoreKeys, Synced};
 use crate::error::{Component, Error, Result};
 use crate::fingerprint::{Fingerprint, KeyId};
 use crate::protocol::{LogAsk, MAX_LOG_ANSWER_BYTES};
@@ -200,6 +200,35 @@ impl TransparentStore {
     }
 }
 
+/// Bytes one `head` or `cosigned` line of the witnesses' part takes in a reply's answer
+/// block, at most: up to 244 characters (numbers of 20 digits), folded
+/// ([`crate::reply::fold_log_answer`]: 76 on the first line, 75 on each continuation, which
+/// starts with a space; CRLF line ends).
+const REPLY_PART_LINE: usize = 256;
+
+/// The most elements of the witnesses' append-only proof that fit in a version 3 reply
+/// beside an answer whose folded text (without the part) is `answer_bytes`, when the part
+/// carries at most `epochs` heads and `cosigned` cosignatures: the rest of
+/// [`MAX_LOG_ANSWER_BYTES`], less those lines, in folded base64 (78 bytes per 75 characters,
+/// 4 characters per 3 bytes) at [`STEP_ELEMENT_BYTES`] (the most an element takes).
+/// A witness whose cosigned head is further back is left out of the part (the others stay),
+/// before anything is built (red team round 10: with the HTTP bound, one witness far behind
+/// made the part too large for the reply, and the reply then dropped the whole part).
+fn reply_witnessed_elements(answer_bytes: usize, cosigned: usize, epochs: u64) -> usize {
+    let lines = (cosigned as u64)
+        .saturating_add(epochs)
+        .saturating_mul(REPLY_PART_LINE as u64);
+    let left = (MAX_LOG_ANSWER_BYTES as u64)
+        .saturating_sub(answer_bytes as u64)
+        .saturating_sub(lines)
+        // The `proof ` word, the folding of the proof line's first part, rounding.
+        .saturating_sub(256);
+    let proof_bytes = left / 78 * 75 / 4 * 3;
+    usize::try_from(proof_bytes / STEP_ELEMENT_BYTES as u64)
+        .unwrap_or(usize::MAX)
+        .min(MAX_WITNESSED_ELEMENTS)
+}
+
 /// What [`TransparentStore`]'s answer leaves out when it is too large for a reply.
 #[derive(Debug, Clone, Copy)]
 enum Omitted {
@@ -232,8 +261,15 @@ impl crate::reply::LogAnswers for TransparentStore {
             .await
             .map_err(unavailable)?;
         if ask.witnessed {
+            // Bounded by what is left of the reply beside the rest of the answer (its
+            // append-only part too): the witnesses far behind are left out, not all of them.
+            let answer_bytes =
+                crate::reply::fold_log_answer(&answer.to_text().map_err(unavailable)?).len();
+            let cosigned = self.witnesses.len();
             answer.witnessed = log
-                .witnessed(&answer.head, &self.witnesses)
+                .witnessed_within(&answer.head, &self.witnesses, |epochs| {
+                    reply_witnessed_elements(answer_bytes, cosigned, epochs)
+                })
                 .await
                 .map_err(unavailable)?;
         }
@@ -379,5 +415,45 @@ impl KeyStore for TransparentStore {
 
     async fn topology(&self) -> Result<Vec<(String, String)>> {
         self.inner.topology().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+
+    use super::*;
+
+    /// A witnesses' part at the bound, with every line at its longest, fits what the reply's
+    /// block has left: the bound is not an estimate that a large part gets past.
+    #[test]
+    fn a_witnesses_part_at_the_reply_bound_fits_the_reply() {
+        let line = format!("cosigned {} {}", u64::MAX, "f".repeat(234 - 20));
+        assert_eq!(line.len(), 244, "the longest `cosigned` line");
+        for (answer_bytes, cosigned, epochs) in [
+            (4 << 10, 2, 1),
+            (4 << 10, 32, 1024),
+            (1 << 20, 3, 12),
+            (MAX_LOG_ANSWER_BYTES / 2, 32, 300),
+        ] {
+            let elements = reply_witnessed_elements(answer_bytes, cosigned, epochs);
+            assert!(elements > 0, "room for a proof beside {answer_bytes} bytes");
+            let mut part = format!("{line}\n").repeat(cosigned + epochs as usize);
+            let proof = vec![0xa5; elements * STEP_ELEMENT_BYTES];
+            part.push_str(&format!(
+                "proof {}\n",
+                base64::engine::general_purpose::STANDARD.encode(proof)
+            ));
+            let folded = crate::reply::fold_log_answer(&part).len();
+            assert!(
+                answer_bytes + folded <= MAX_LOG_ANSWER_BYTES,
+                "{answer_bytes} + {folded} bytes: over the block ({cosigned} cosignatures, \
+                 {epochs} heads, {elements} elements)"
+            );
+        }
+        // Nothing left: no proof at all (a cosignature of the answer's own head needs none).
+        assert_eq!(reply_witnessed_elements(MAX_LOG_ANSWER_BYTES, 2, 5), 0);
+        // Plenty left: never past what an HTTP answer carries.
+        assert!(reply_witnessed_elements(0, 0, 1) <= MAX_WITNESSED_ELEMENTS);
     }
 }
