@@ -365,6 +365,126 @@ async fn rt10_one_lagging_witness_does_not_strip_a_reply_of_every_cosignature() 
     );
 }
 
+/// The status of `GET path` sent to `at` from the local address `from` (a loopback address
+/// of its own: one client as `[web.limits]` counts clients).
+async fn status_of(from: std::net::Ipv4Addr, at: std::net::SocketAddr, path: String) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    let mut conn = socket.connect(at).await.unwrap();
+    conn.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: kst\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
+}
+
+/// The HTTP routes serve at most 4 expensive requests at once (`log_http::MAX_HEAVY_AT_ONCE`),
+/// first come first served: one client holding 4 connections of `?since=` look-ups (each held
+/// as long as the directory takes, here held on purpose) kept every other client's expensive
+/// requests waiting, answered 503 after `HEAVY_WAIT` (5 s), within its request budget. Now one
+/// client holds at most 2 of the turns (`MAX_HEAVY_PER_CLIENT`, clients named as the web
+/// limits name them: here two loopback addresses): its other requests wait behind its own, and
+/// another client's request gets a turn. Before: the other client's look-up was answered 503
+/// and all 4 of the first client's were served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rt10_one_client_does_not_hold_every_expensive_turn() {
+    use kst_bin::server::log_http::{self, HEAVY_WAIT, MAX_HEAVY_AT_ONCE, MAX_HEAVY_PER_CLIENT};
+    use kst_bin::server::web::client::LogPseudonym;
+    use kst_bin::server::web::handlers::{Guard, PeerAddr, ops_routes};
+    use kst_bin::server::web::limits::Limiter;
+    use kst_bin::server::web::{WebConfig, WebLimits};
+    use std::net::Ipv4Addr;
+
+    let held = Arc::new(Held::default());
+    let store: Arc<dyn DirectoryStore> = Arc::clone(&held) as Arc<dyn DirectoryStore>;
+    let keys = LogKeys::generate(directory::DOMAIN);
+    let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);
+    let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
+        .await
+        .unwrap();
+    for (from, to) in [(0, 300), (300, 600)] {
+        tree.publish(&bench_entries(from, to)).await.unwrap();
+    }
+    let log = Arc::new(DomainLog::open(Arc::clone(&store), keys).await.unwrap());
+    let probe = directory::address(5).unwrap();
+    // The directory opened and its head signed before the hold.
+    log.answer_since(&probe, Some(1), NOW).await.unwrap();
+    let guard = Guard {
+        trusted_proxies: WebConfig::default().validate().unwrap(),
+        limiter: Limiter::new(WebLimits::OFF, Arc::new(kst_core::MemoryRateLimiter::new())),
+        pseudonym: LogPseudonym::random(),
+    };
+    let routes = ops_routes(
+        log_http::router(vec![log], kst_core::AddressPolicy::default(), Vec::new()),
+        guard,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            routes.into_make_service_with_connect_info::<PeerAddr>(),
+        )
+        .await
+    });
+    let path = format!(
+        "/.well-known/kst/log/{}/lookup/{probe}?since=1",
+        directory::DOMAIN
+    );
+    let (hog, other) = (Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3));
+
+    held.hold.store(true, Ordering::SeqCst);
+    let before = held.roots.load(Ordering::SeqCst);
+    let mut hogged = vec![tokio::spawn(status_of(hog, at, path.clone()))];
+    // Wait until the directory's thread holds the first (poll, generous deadline).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while held.roots.load(Ordering::SeqCst) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first request never reached the store"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // The rest of the turns asked for by the same client (they take a turn at once, before
+    // anything is read: a second is plenty; later would only make the other client's
+    // request find a turn free, the fix or not).
+    for _ in 1..MAX_HEAVY_AT_ONCE {
+        hogged.push(tokio::spawn(status_of(hog, at, path.clone())));
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let asked = tokio::spawn(status_of(other, at, path.clone()));
+    // Past its wait for a turn: a request without one is answered 503 by then.
+    tokio::time::sleep(HEAVY_WAIT + std::time::Duration::from_secs(1)).await;
+    held.hold.store(false, Ordering::SeqCst);
+    held.released.notify_waiters();
+    let other_status = asked.await.unwrap();
+    let mut hog_statuses = Vec::new();
+    for h in hogged {
+        hog_statuses.push(h.await.unwrap());
+    }
+    hog_statuses.sort_unstable();
+    eprintln!("the other client: {other_status}; the client holding the turns: {hog_statuses:?}");
+    assert_eq!(
+        other_status, 200,
+        "another client's expensive request got a turn while one client held its share"
+    );
+    let mut expected = vec![200; MAX_HEAVY_PER_CLIENT];
+    expected.resize(MAX_HEAVY_AT_ONCE, 503);
+    assert_eq!(
+        hog_statuses, expected,
+        "the client's requests past its share waited behind its own and timed out"
+    );
+}
+
 /// A [`MemoryDirectoryStore`] whose reads of the root (every request the directory's thread
 /// handles starts with one: `StoredDirectory::unchanged`) can be held, and are counted.
 #[derive(Default)]

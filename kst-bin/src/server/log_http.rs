@@ -44,11 +44,12 @@
 //! newest version is a deletion, counts as a miss like a WKD 404 (the response carries
 //! [`FoundNothing`]), so the log is no better a dictionary oracle than WKD. The expensive
 //! requests (audits, look-ups with `since` or `witnessed`, histories) are served at most
-//! [`MAX_HEAVY_AT_ONCE`] at a time per process; one that waits longer than
-//! [`HEAVY_WAIT`] for its turn is answered 503. The directory's own queue is bounded too
-//! (`kst_core::transparency::log::MAX_QUEUED_READS`: 503 beyond it), and a queued request
-//! whose client went away is dropped there unbuilt, so a client that closes its connections
-//! does not get past the bound on expensive requests at once.
+//! [`MAX_HEAVY_AT_ONCE`] at a time per process, at most [`MAX_HEAVY_PER_CLIENT`] of them one
+//! client's (a client as `[web.limits]` counts it: an IPv4 address or an IPv6 /64); one that
+//! waits longer than [`HEAVY_WAIT`] for its turn is answered 503. The directory's own queue
+//! is bounded too (`kst_core::transparency::log::MAX_QUEUED_READS`: 503 beyond it), and a
+//! queued request whose client went away is dropped there unbuilt, so a client that closes
+//! its connections does not get past the bound on expensive requests at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,6 +70,7 @@ use kst_core::transparency::witness::{
 use kst_core::transparency::{DomainLog, SignedHead, TransparencyError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::web::client::ClientKey;
 use super::web::handlers::WARN_EVERY;
 use super::web::limits::{FoundNothing, MissRoom};
 use crate::shared::logging::LogEvery;
@@ -82,6 +84,14 @@ static CANNOT_ANSWER: LogEvery = LogEvery::new(WARN_EVERY);
 /// per process.
 pub const MAX_HEAVY_AT_ONCE: usize = 4;
 
+/// Of the [`MAX_HEAVY_AT_ONCE`] turns, the most one client holds or waits for at once (its
+/// further expensive requests wait behind its own): one client holding every turn kept every
+/// other client's expensive requests waiting, and answered 503 after [`HEAVY_WAIT`] (red
+/// team round 10). The clients whose forwarding chain the guard cannot read share one
+/// (`web::client::UNKNOWN_CLIENT`), as they share one request budget; routes served without
+/// the guard (no client named) have no share.
+pub const MAX_HEAVY_PER_CLIENT: usize = 2;
+
 /// How long an expensive request waits for its turn before it is answered 503.
 pub const HEAVY_WAIT: Duration = Duration::from_secs(5);
 
@@ -93,6 +103,90 @@ struct LogState {
     witnesses: Arc<Vec<(String, [u8; 32])>>,
     /// Turns of the expensive requests ([`MAX_HEAVY_AT_ONCE`]).
     heavy: Arc<Semaphore>,
+    /// Each client's share of them ([`MAX_HEAVY_PER_CLIENT`]).
+    shares: Arc<Shares>,
+}
+
+/// The clients' shares of the expensive turns: a semaphore of [`MAX_HEAVY_PER_CLIENT`] per
+/// client that has an expensive request in hand (the entry goes with its last one, so the map
+/// holds at most one entry per request being served or waiting).
+#[derive(Default)]
+struct Shares(std::sync::Mutex<HashMap<Arc<str>, Arc<Semaphore>>>);
+
+impl Shares {
+    /// `client`'s share, not taken yet.
+    fn of(self: &Arc<Self>, client: &Arc<str>) -> Share {
+        let semaphore = Arc::clone(
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(Arc::clone(client))
+                .or_insert_with(|| Arc::new(Semaphore::new(MAX_HEAVY_PER_CLIENT))),
+        );
+        Share {
+            shares: Arc::clone(self),
+            client: Arc::clone(client),
+            semaphore: Some(semaphore),
+            permit: None,
+        }
+    }
+}
+
+/// One request's place in its client's share: taken (`permit`) or not yet; dropping it
+/// gives it back, and removes the client's entry when no request of it is left.
+struct Share {
+    shares: Arc<Shares>,
+    client: Arc<str>,
+    semaphore: Option<Arc<Semaphore>>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Share {
+    /// Takes the place if the share has room now; true when taken.
+    fn try_take(&mut self) -> bool {
+        if self.permit.is_none() {
+            self.permit = self
+                .semaphore
+                .as_ref()
+                .and_then(|s| Arc::clone(s).try_acquire_owned().ok());
+        }
+        self.permit.is_some()
+    }
+
+    /// Takes the place, waiting for room in the share.
+    async fn take(&mut self) -> Result<(), tokio::sync::AcquireError> {
+        if self.permit.is_none()
+            && let Some(s) = &self.semaphore
+        {
+            self.permit = Some(Arc::clone(s).acquire_owned().await?);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        drop(self.semaphore.take());
+        let mut map = self
+            .shares
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Clones are made under the lock: a count of one is the map's own, nobody else's.
+        if map
+            .get(&self.client)
+            .is_some_and(|s| Arc::strong_count(s) == 1)
+        {
+            map.remove(&self.client);
+        }
+    }
+}
+
+/// An expensive request's turn: held until the request is answered (or dropped).
+struct HeavyTurn {
+    _turn: OwnedSemaphorePermit,
+    _share: Option<Share>,
 }
 
 impl LogState {
@@ -103,22 +197,43 @@ impl LogState {
     /// limits' counters' queue back meanwhile, and holds it again once its turn comes (503
     /// when the queue has no room then): waiting requests holding that room for up to
     /// [`HEAVY_WAIT`] filled it, and every look-up of the listener was answered 503
-    /// ([`MissRoom`]).
-    async fn heavy_turn(&self, room: Option<&MissRoom>) -> Result<OwnedSemaphorePermit, Response> {
-        if let Ok(permit) = Arc::clone(&self.heavy).try_acquire_owned() {
-            return Ok(permit);
+    /// ([`MissRoom`]). With `client` (the web limits' guard names it), the turn is taken
+    /// within that client's share first ([`MAX_HEAVY_PER_CLIENT`]), so its other requests
+    /// wait behind its own, not in front of other clients'.
+    async fn heavy_turn(
+        &self,
+        room: Option<&MissRoom>,
+        client: Option<&ClientKey>,
+    ) -> Result<HeavyTurn, Response> {
+        let mut share = client.map(|c| self.shares.of(&c.0));
+        if share.as_mut().is_none_or(Share::try_take)
+            && let Ok(turn) = Arc::clone(&self.heavy).try_acquire_owned()
+        {
+            return Ok(HeavyTurn {
+                _turn: turn,
+                _share: share,
+            });
         }
         if let Some(room) = room {
             room.give_back();
         }
-        let permit =
-            match tokio::time::timeout(HEAVY_WAIT, Arc::clone(&self.heavy).acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                _ => return Err(busy()),
-            };
+        let waited = tokio::time::timeout(HEAVY_WAIT, async {
+            if let Some(share) = share.as_mut() {
+                share.take().await?;
+            }
+            Arc::clone(&self.heavy).acquire_owned().await
+        })
+        .await;
+        let turn = match waited {
+            Ok(Ok(turn)) => HeavyTurn {
+                _turn: turn,
+                _share: share,
+            },
+            _ => return Err(busy()),
+        };
         match room.map(MissRoom::hold_again) {
             Some(Err(_)) => Err(counters_busy()),
-            _ => Ok(permit),
+            _ => Ok(turn),
         }
     }
 }
@@ -161,6 +276,7 @@ pub fn router(
             address_policy,
             witnesses: Arc::new(witnesses),
             heavy: Arc::new(Semaphore::new(MAX_HEAVY_AT_ONCE)),
+            shares: Arc::default(),
         })
 }
 
@@ -303,6 +419,7 @@ async fn audit(
     State(s): State<LogState>,
     Path(domain): Path<String>,
     RawQuery(query): RawQuery,
+    client: Option<Extension<ClientKey>>,
 ) -> Response {
     let Some(log) = s.logs.get(&domain) else {
         return not_found("no key directory for this domain");
@@ -330,7 +447,7 @@ async fn audit(
     if to > latest {
         return not_found(&format!("the latest epoch is {latest}"));
     }
-    let _turn = match s.heavy_turn(None).await {
+    let _turn = match s.heavy_turn(None, client.as_ref().map(|c| &c.0)).await {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -461,6 +578,7 @@ async fn lookup(
     Path((domain, address)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     room: Option<Extension<MissRoom>>,
+    client: Option<Extension<ClientKey>>,
 ) -> Response {
     let (log, address) = match log_and_address(&s, &domain, &address) {
         Ok(found) => found,
@@ -474,7 +592,10 @@ async fn lookup(
         .as_deref()
         .is_some_and(|q| q.split('&').any(|kv| kv == "witnessed=1"));
     let _turn = if since.is_some() || witnessed {
-        match s.heavy_turn(room.as_ref().map(|r| &r.0)).await {
+        match s
+            .heavy_turn(room.as_ref().map(|r| &r.0), client.as_ref().map(|c| &c.0))
+            .await
+        {
             Ok(t) => Some(t),
             Err(r) => return r,
         }
@@ -522,12 +643,16 @@ async fn history(
     Path((domain, address)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     room: Option<Extension<MissRoom>>,
+    client: Option<Extension<ClientKey>>,
 ) -> Response {
     let (log, address) = match log_and_address(&s, &domain, &address) {
         Ok(found) => found,
         Err(r) => return r,
     };
-    let _turn = match s.heavy_turn(room.as_ref().map(|r| &r.0)).await {
+    let _turn = match s
+        .heavy_turn(room.as_ref().map(|r| &r.0), client.as_ref().map(|c| &c.0))
+        .await
+    {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -585,5 +710,48 @@ async fn history_page(
         },
         Ok(None) => not_found("the directory holds no version of this address below that one"),
         Err(e) => failed(domain, &e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client's share holds [`MAX_HEAVY_PER_CLIENT`] places, another client's is its own,
+    /// and the entry goes with the client's last request, also one that gave up waiting (the
+    /// map never grows with clients that came and went).
+    #[tokio::test]
+    async fn a_clients_share_is_bounded_and_forgotten_with_its_last_request() {
+        let shares = Arc::new(Shares::default());
+        let (one, other): (Arc<str>, Arc<str>) = ("192.0.2.1".into(), "192.0.2.2".into());
+        let mut held: Vec<Share> = (0..MAX_HEAVY_PER_CLIENT).map(|_| shares.of(&one)).collect();
+        assert!(held.iter_mut().all(Share::try_take));
+        let mut past = shares.of(&one);
+        assert!(!past.try_take(), "the share is full");
+        let mut theirs = shares.of(&other);
+        assert!(theirs.try_take(), "another client's share is its own");
+        // One that waits and gives up.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), past.take())
+                .await
+                .is_err()
+        );
+        drop(past);
+        drop(theirs);
+        assert_eq!(
+            shares.0.lock().unwrap().len(),
+            1,
+            "the other client is forgotten"
+        );
+        // A place given back is taken by the next request.
+        held.pop();
+        let mut next = shares.of(&one);
+        assert!(next.try_take());
+        drop(next);
+        drop(held);
+        assert!(
+            shares.0.lock().unwrap().is_empty(),
+            "every client is forgotten"
+        );
     }
 }

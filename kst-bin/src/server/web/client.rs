@@ -34,6 +34,12 @@ pub fn client_network(ip: IpAddr) -> Option<String> {
     }
 }
 
+/// The client of a request as [`client_key`] names it (or [`UNKNOWN_CLIENT`]), put in the
+/// request's extensions by the web limits' guard (`handlers::guard`) for the handlers that
+/// share something out per client (the key directory's expensive turns).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientKey(pub std::sync::Arc<str>);
+
 /// The client key of a request whose forwarding chain could not be read: every such client
 /// shares this one budget (no digit or colon, so no address key equals it).
 pub const UNKNOWN_CLIENT: &str = "unknown";

@@ -18,7 +18,9 @@ use kst_core::certificate::{Certificate, Outline, hkp_index, merge_all};
 use kst_core::wkd::{PolicyFlags, Resource, WkdHash, WkdRequest, submission_address_text};
 use kst_core::{Address, KeyRecord};
 
-use super::client::{LogPseudonym, UNKNOWN_CLIENT, client_ip, client_key, client_network};
+use super::client::{
+    ClientKey, LogPseudonym, UNKNOWN_CLIENT, client_ip, client_key, client_network,
+};
 use super::config::TrustedProxies;
 use super::limits::{FoundNothing, Limiter};
 use super::lookup::{KeyLookup, MAX_MATCHES};
@@ -328,6 +330,9 @@ async fn guarded(state: Arc<Guard>, client: String, mut request: Request, next: 
             if let Some(room) = admitted.miss_room() {
                 request.extensions_mut().insert(room);
             }
+            request
+                .extensions_mut()
+                .insert(ClientKey(client.as_str().into()));
             let response = next.run(request).await;
             if (response.status() == StatusCode::NOT_FOUND
                 || response.extensions().get::<FoundNothing>().is_some())
