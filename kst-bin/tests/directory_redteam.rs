@@ -63,7 +63,7 @@ async fn rt10_an_append_only_proof_no_client_accepts_is_refused_unbuilt() {
     // (docs/TRANSPARENCY.md, "Catching up in steps"; at 10^6 entries a dozen such epochs do
     // it).
     let started = std::time::Instant::now();
-    let (store, keys, tree) = busy_directory(44).await;
+    let (store, keys, tree) = busy_directory(44, true).await;
     let latest = tree.current().await.unwrap().0;
     eprintln!(
         "fixture: {latest} epochs filled in {:.1}s",
@@ -196,9 +196,11 @@ async fn rt10_an_append_only_proof_no_client_accepts_is_refused_unbuilt() {
 
 /// A directory on the bench's memory store: 10,000 addresses, then `busy` epochs of 512 (the
 /// most kst's writer records in one epoch), each epoch's head stored with it as kst's writer
-/// does. The store, the keys, and the tree (written around the log, as the bench does).
+/// does (with `heads`; without, a directory kept from before heads were stored). The store,
+/// the keys, and the tree (written around the log, as the bench does).
 async fn busy_directory(
     busy: u64,
+    heads: bool,
 ) -> (
     Arc<dyn DirectoryStore>,
     LogKeys,
@@ -217,6 +219,9 @@ async fn busy_directory(
             k => (10_000 + (k - 1) * 512, 10_000 + k * 512),
         };
         tree.publish(&bench_entries(from, to)).await.unwrap();
+        if !heads {
+            continue;
+        }
         let (epoch, root_hash) = tree.current().await.unwrap();
         let head = keys
             .head
@@ -240,6 +245,51 @@ async fn busy_directory(
     (store, keys, tree)
 }
 
+/// An audit over epochs without a stored head (a directory kept from before heads were
+/// stored) first has their heads signed late (`backfill::fill`), which builds akd's proof over
+/// them in chunks of 32 epochs with no bound of its own, and only then was the audit's proof
+/// counted and refused: anyone asking `audit?from=1&to=latest` of such a directory behind busy
+/// epochs had the directory's thread build and check the whole 33 MB proof (chunk by chunk)
+/// for an answer that was refused. Now the proof over the range is counted before anything is
+/// filled, and nothing is signed for an audit that is refused. Before: the heads of every epoch
+/// of the range were signed, and the audit refused after.
+#[tokio::test(flavor = "current_thread")]
+async fn rt10_no_head_is_signed_late_for_an_audit_that_is_refused() {
+    let (store, keys, tree) = busy_directory(44, false).await;
+    let latest = tree.current().await.unwrap().0;
+    let log = DomainLog::open(Arc::clone(&store), keys).await.unwrap();
+    let started = std::time::Instant::now();
+    let refused = log.audit_answer(1, latest).await;
+    eprintln!(
+        "audit from 1 to {latest} without heads: {:.1}s, {} tree nodes counted, peak RSS {} MiB",
+        started.elapsed().as_secs_f64(),
+        log.step_reads(),
+        peak_rss_mib()
+    );
+    assert!(
+        matches!(refused, Err(TransparencyError::Range(_))),
+        "{:?}",
+        refused.map(|a| a.heads.len())
+    );
+    let signed = store.heads(directory::DOMAIN, 1, latest - 1).await.unwrap();
+    assert!(
+        signed.is_empty(),
+        "{} heads signed late for an audit that was refused",
+        signed.len()
+    );
+    // A range whose proof fits is filled and served as before.
+    let answer = log.audit_answer(latest - 2, latest).await.unwrap();
+    assert_eq!(
+        answer
+            .heads
+            .iter()
+            .map(|h| h.head.epoch)
+            .collect::<Vec<_>>(),
+        vec![latest - 2, latest - 1, latest]
+    );
+    answer.verify(&log.head_public_key()).await.unwrap();
+}
+
 /// A version 3 reply asked for the witnesses' part (`KST-Log-Witnessed`, by anyone who mails
 /// a retrieval) had it built with the HTTP bound and, when it did not fit the reply's 2 MiB,
 /// dropped whole: one listed witness that lags a few busy epochs behind (here 14, its part
@@ -253,7 +303,7 @@ async fn rt10_one_lagging_witness_does_not_strip_a_reply_of_every_cosignature() 
     use kst_core::transparency::TransparentStore;
     use kst_core::transparency::answer::LogAnswer;
 
-    let (store, keys, _tree) = busy_directory(16).await;
+    let (store, keys, _tree) = busy_directory(16, true).await;
     let log = Arc::new(DomainLog::open(Arc::clone(&store), keys).await.unwrap());
     let head = log.head(NOW).await.unwrap();
     let latest = head.head.epoch;

@@ -1464,8 +1464,23 @@ impl Worker {
         })
     }
 
-    /// Heads for the epochs of `from..=to` that have none ([`backfill::fill`]).
+    /// Heads for the epochs of `from..=to` that have none ([`backfill::fill`]), for a request
+    /// (an audit over them). The append-only proof over the range is counted first, as the
+    /// audit's own is ([`Worker::bounded_audit`]): when it is over [`MAX_PROOF_ELEMENTS`] the
+    /// audit would be refused anyway, so nothing is filled (the fill builds akd's proof over
+    /// the missing epochs, in chunks, with no bound of its own: an audit over a long run of
+    /// busy epochs without heads made the thread build and check all of it, for anyone who
+    /// asked, before the audit was refused; red team round 10). The background backfill still
+    /// fills them, one chunk at a time while the log is idle.
     async fn fill_heads(&self, from: u64, to: u64, now: u64) -> Result<u64> {
+        let to = to.min(self.dir()?.current().await?.0);
+        if from < to && self.reach_back(from, to, MAX_PROOF_ELEMENTS).await? > from {
+            return Err(TransparencyError::Range(format!(
+                "the append-only proof from epoch {from} to {to} is larger than {} bytes, more \
+                 than a witness or client accepts: ask for a shorter range",
+                wire::MAX_AUDIT_PROOF
+            )));
+        }
         backfill::fill(&self.filler()?, from, to, now).await
     }
 
