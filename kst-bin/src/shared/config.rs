@@ -644,6 +644,18 @@ impl Config {
                 "must be at least 1 (turn a rate off with 0 on its own key, e.g. limits.per_source_ip = 0)",
             ));
         }
+        // Red team (counters and shares), as for [web.limits]: a window of u64::MAX seconds
+        // made every PostgreSQL count fail (timestamp out of range) and the in-memory one panic.
+        if l.window_secs > web::WebLimits::MAX_WINDOW_SECS {
+            return Err(ConfigError::key(
+                "limits.window_secs",
+                format!(
+                    "{} is longer than {} (366 days); write e.g. 3600 (an hour)",
+                    l.window_secs,
+                    web::WebLimits::MAX_WINDOW_SECS
+                ),
+            ));
+        }
         if self.kst.require_authentication_results && self.kst.authserv_id.trim().is_empty() {
             return Err(ConfigError::key(
                 "kst.authserv_id",
@@ -1283,6 +1295,26 @@ mod tests {
             !env(&[]).unwrap().web.counters.own(),
             "the key store by default"
         );
+    }
+
+    /// Red team (counters and shares): `limits.window_secs` has the bound of
+    /// `web.limits.window_secs` (366 days).
+    #[test]
+    fn the_mail_sides_window_is_bounded_too() {
+        let env = |window: &str| {
+            Config::load_with_env(
+                None,
+                vec![
+                    ("KST_KST__DOMAINS".to_string(), "example.net".to_string()),
+                    ("KST_LIMITS__WINDOW_SECS".to_string(), window.to_string()),
+                ],
+            )
+        };
+        env(&web::WebLimits::MAX_WINDOW_SECS.to_string()).unwrap();
+        for long in [web::WebLimits::MAX_WINDOW_SECS + 1, u64::MAX] {
+            let e = env(&long.to_string()).unwrap_err();
+            assert!(e.to_string().contains("limits.window_secs"), "{e}");
+        }
     }
 
     /// Red team (counters and shares): `[web.counters]` on the key store's own Redis was

@@ -56,6 +56,13 @@ pub(super) struct Client {
     network: Option<Arc<str>>,
 }
 
+impl Client {
+    /// The network it belongs to, if its clients share a larger part of a bound.
+    pub(super) fn network(&self) -> Option<&Arc<str>> {
+        self.network.as_ref()
+    }
+}
+
 tokio::task_local! {
     /// The client the request being served is for ([`for_client`]).
     static CLIENT: Client;

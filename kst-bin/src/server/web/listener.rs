@@ -34,7 +34,8 @@ pub struct AcceptLimits {
     /// Time a client has to finish the TLS handshake.
     pub handshake_timeout: Duration,
     /// Connections one client key (IPv4 address or IPv6 /64 of the TCP peer, unless a trusted
-    /// proxy) may hold at once.
+    /// proxy) may hold at once; the clients of one IPv6 /48 together at most a quarter of
+    /// `max_connections` (at least `max_per_client`).
     pub max_per_client: usize,
     /// Time from accepting a connection, or from the first byte of a later request, until the
     /// blank line that ends the request head; trickling bytes do not extend it.
@@ -64,6 +65,28 @@ impl ClientSlot {
             counts: Arc::clone(counts),
         })
     }
+}
+
+/// The slots a connection from `peer` (not a trusted proxy) takes: its client's (at most
+/// `max_per_client` open) and, for an IPv6 peer, its /48's (at most a quarter of
+/// `max_connections`, and never fewer than `max_per_client`: `super::batcher::NETWORK_SHARE`).
+/// `None` when either is full. Red team (counters and shares): a client is an IPv6 /64, and
+/// the 16 /64s of a /56 (which holds 256) held all 1,024 connections at once.
+fn take_slots(
+    counts: &PerClient,
+    peer: std::net::IpAddr,
+    limits: &AcceptLimits,
+) -> Option<(ClientSlot, Option<ClientSlot>)> {
+    let max_per_client = limits.max_per_client.max(1);
+    let client = ClientSlot::take(counts, super::client::client_key(peer), max_per_client)?;
+    let network = match super::client::client_network(peer) {
+        Some(network) => {
+            let max = (limits.max_connections / super::batcher::NETWORK_SHARE).max(max_per_client);
+            Some(ClientSlot::take(counts, network, max)?)
+        }
+        None => None,
+    };
+    Some((client, network))
 }
 
 impl Drop for ClientSlot {
@@ -116,15 +139,12 @@ impl WebListener {
                 let client_slot = if proxies.contains(peer.ip().to_canonical()) {
                     None
                 } else {
-                    let key = super::client::client_key(peer.ip());
-                    let Some(slot) =
-                        ClientSlot::take(&per_client, key, limits.max_per_client.max(1))
-                    else {
+                    let Some(slots) = take_slots(&per_client, peer.ip(), &limits) else {
                         super::metrics::busy();
                         drop(tcp);
                         continue;
                     };
-                    Some(slot)
+                    Some(slots)
                 };
                 let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                     super::metrics::busy();
@@ -244,7 +264,8 @@ pub struct Conn {
     head_timeout: Duration,
     head: Head,
     _permit: OwnedSemaphorePermit,
-    _client_slot: Option<ClientSlot>,
+    /// Its client's slot and its network's.
+    _client_slot: Option<(ClientSlot, Option<ClientSlot>)>,
 }
 
 impl Conn {
@@ -397,5 +418,55 @@ impl AsyncWrite for Conn {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Red team (counters and shares): the /64s of one /48 (16 of them with 64 connections
+    /// each) took every one of 1,024 connection slots; now the /48 holds at most 256, another
+    /// network and IPv4 clients still get theirs, and slots are given back when dropped.
+    #[test]
+    fn the_clients_of_one_network_hold_a_quarter_of_the_connections() {
+        let limits = AcceptLimits {
+            max_connections: 1024,
+            idle_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            max_per_client: 64,
+            head_timeout: Duration::from_secs(10),
+        };
+        let counts = PerClient::default();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for n in 0..16 {
+            for _ in 0..64 {
+                match take_slots(&counts, ip(&format!("2001:db8:1:{n:x}::1")), &limits) {
+                    Some(slots) => held.push(slots),
+                    None => refused += 1,
+                }
+            }
+        }
+        assert_eq!(held.len(), 256, "{refused} refused");
+        assert!(
+            take_slots(&counts, ip("2001:db8:1:ff::1"), &limits).is_none(),
+            "a new /64 of the same /48 is refused too"
+        );
+        assert!(take_slots(&counts, ip("2001:db8:2::1"), &limits).is_some());
+        assert!(take_slots(&counts, ip("198.51.100.7"), &limits).is_some());
+        // A client's own cap still holds within its network's.
+        let mut own = Vec::new();
+        while let Some(slots) = take_slots(&counts, ip("2001:db8:3::1"), &limits) {
+            own.push(slots);
+        }
+        assert_eq!(own.len(), 64);
+        drop((held, own));
+        assert!(
+            counts.lock().unwrap().is_empty(),
+            "every slot given back: {:?}",
+            counts.lock().unwrap()
+        );
     }
 }

@@ -45,10 +45,12 @@
 //! **Bounds on memory and writes.** At most [`MAX_CLIENTS`] clients are held (a new client
 //! beyond them, when no idle one can be forgotten, is counted exactly through the coalescer
 //! instead); at most [`MAX_OUTSTANDING`] hits are pending or in flight, at most
-//! [`MAX_OUTSTANDING_PER_CLIENT`] of them of one client (a request beyond either is refused at
-//! once, a temporary failure counted in `kst_web_counters_busy_total`: a request that goes
-//! away while it waits leaves its hit pending, so while the counters stall, a client sending
-//! requests and closing their connections would otherwise fill the bound for everyone); one
+//! [`MAX_OUTSTANDING_PER_CLIENT`] of them of one client and [`MAX_OUTSTANDING_PER_NETWORK`] of
+//! the clients of one network (an IPv6 /48, `super::batcher::for_client`) (a request beyond
+//! any is refused at once, a temporary failure counted in `kst_web_counters_busy_total`: a
+//! request that goes away while it waits leaves its hit pending, so while the counters stall,
+//! a client sending requests and closing their connections would otherwise fill the bound for
+//! everyone, and so would the 256 /64s of one /56); one
 //! flush is in flight at a time, at most one every [`FLUSH`] while no request waits and one
 //! every [`MIN_GAP`] while one does.
 
@@ -91,6 +93,11 @@ pub const MAX_OUTSTANDING: usize = 16_384;
 /// up to 120 requests waiting for a verdict (a client holds at most 64 connections by default,
 /// each with one request at a time).
 pub const MAX_OUTSTANDING_PER_CLIENT: u32 = 16 * CAP;
+
+/// Most hits of the clients of one network (an IPv6 /48) pending or in flight: a quarter of
+/// [`MAX_OUTSTANDING`] (`super::batcher::NETWORK_SHARE`). Red team (counters and shares): a
+/// client is an IPv6 /64, and the 128 /64s a /56 holds (256) filled the bound alone.
+pub const MAX_OUTSTANDING_PER_NETWORK: usize = MAX_OUTSTANDING / super::batcher::NETWORK_SHARE;
 
 /// Limits below this are counted exactly, one request at a time.
 pub const EXACT_BELOW: u32 = 4 * CAP;
@@ -139,11 +146,14 @@ struct Client {
     refused_until: Option<Instant>,
     /// Refused by the store within the window: no request admitted at once until then.
     wary_until: Option<Instant>,
+    /// The network it belongs to (`super::batcher::for_client`), if any.
+    network: Option<Arc<str>>,
 }
 
 impl Client {
-    fn new() -> Client {
+    fn new(network: Option<Arc<str>>) -> Client {
         Client {
+            network,
             pending: 0,
             pending_optimistic: 0,
             optimistic: 0,
@@ -185,6 +195,8 @@ struct Record {
     /// Of them, those of requests admitted at once.
     optimistic: u32,
     waiters: Vec<(u32, oneshot::Sender<Result<bool>>)>,
+    /// Its client's network.
+    network: Option<Arc<str>>,
 }
 
 struct State {
@@ -195,6 +207,8 @@ struct State {
     pending: usize,
     /// Hits in the flush in flight.
     in_flight: usize,
+    /// Hits pending or in flight per network (networks with none are not kept).
+    by_network: HashMap<Arc<str>, usize>,
     /// Requests waiting among the pending hits.
     waiting: usize,
     /// Whether a flusher task runs.
@@ -207,6 +221,18 @@ struct State {
     /// Flushes made, and hits sent in them (tests, metrics).
     flushes: u64,
     flushed_hits: u64,
+}
+
+/// Adds `n` (may be negative) to the hits outstanding of `network` in `by_network`.
+fn add_network(by_network: &mut HashMap<Arc<str>, usize>, network: Option<&Arc<str>>, n: isize) {
+    let Some(network) = network else {
+        return;
+    };
+    let count = by_network.entry(Arc::clone(network)).or_insert(0);
+    *count = count.saturating_add_signed(n);
+    if *count == 0 {
+        by_network.remove(network);
+    }
 }
 
 impl State {
@@ -280,6 +306,7 @@ impl WriteBehind {
                     last_start: None,
                     failing_since: None,
                     last_sweep: Instant::now(),
+                    by_network: HashMap::new(),
                     flushes: 0,
                     flushed_hits: 0,
                 }),
@@ -315,7 +342,8 @@ impl WriteBehind {
             if st.clients.len() >= MAX_CLIENTS {
                 return Step::Exact;
             }
-            st.clients.insert(key.to_string(), Client::new());
+            let network = super::batcher::current_client().and_then(|c| c.network().cloned());
+            st.clients.insert(key.to_string(), Client::new(network));
         }
         let stale = st
             .failing_since
@@ -326,6 +354,7 @@ impl WriteBehind {
             dirty,
             pending,
             waiting,
+            by_network,
             ..
         } = &mut *st;
         let Some(c) = clients.get_mut(key) else {
@@ -343,6 +372,15 @@ impl WriteBehind {
             super::metrics::counters_busy();
             return Step::Answer(Err(busy_client()));
         }
+        // The clients of one network's share (red team, counters and shares).
+        if c.network
+            .as_ref()
+            .is_some_and(|n| by_network.get(n).copied().unwrap_or(0) >= MAX_OUTSTANDING_PER_NETWORK)
+        {
+            drop(st);
+            super::metrics::counters_busy();
+            return Step::Answer(Err(busy_network()));
+        }
         if full {
             drop(st);
             super::metrics::counters_busy();
@@ -354,6 +392,7 @@ impl WriteBehind {
             dirty.push(key.to_string());
         }
         *pending += 1;
+        add_network(by_network, c.network.as_ref(), 1);
         let step = if optimistic {
             c.optimistic += 1;
             c.pending_optimistic += 1;
@@ -417,6 +456,16 @@ fn busy_client() -> Error {
         format!(
             "{MAX_OUTSTANDING_PER_CLIENT} request counts of this client are waiting for the \
              shared counters already (they are slow or failing); try again later"
+        ),
+    )
+}
+
+fn busy_network() -> Error {
+    Error::unavailable(
+        "ratelimit(write-behind)",
+        format!(
+            "{MAX_OUTSTANDING_PER_NETWORK} request counts of this client's network are waiting \
+             for the shared counters already (they are slow or failing); try again later"
         ),
     )
 }
@@ -527,6 +576,7 @@ fn take(
             n: c.pending,
             optimistic: c.pending_optimistic,
             waiters: std::mem::take(&mut c.waiters),
+            network: c.network.clone(),
             key,
         });
         c.in_flight += c.pending;
@@ -573,10 +623,12 @@ fn settle(shared: &Shared, records: Vec<Record>, result: Result<Vec<bool>>, tota
         dirty,
         pending,
         in_flight,
+        by_network,
         ..
     } = &mut *st;
     for r in records {
         *in_flight = in_flight.saturating_sub(r.n as usize);
+        add_network(by_network, r.network.as_ref(), -(r.n as isize));
         let Some(c) = clients.get_mut(&r.key) else {
             for (_, tx) in r.waiters {
                 let _ = tx.send(Err(lost()));
@@ -612,6 +664,7 @@ fn settle(shared: &Shared, records: Vec<Record>, result: Result<Vec<bool>>, tota
                     c.pending += r.optimistic;
                     c.pending_optimistic += r.optimistic;
                     *pending += r.optimistic as usize;
+                    add_network(by_network, r.network.as_ref(), r.optimistic as isize);
                 }
             }
         }
@@ -959,6 +1012,51 @@ mod tests {
         assert!(
             w.hit("b").await.unwrap(),
             "another client is admitted at once"
+        );
+    }
+
+    /// Red team (counters and shares): a client is an IPv6 /64 and a /56 holds 256 of them;
+    /// while the counters stalled, 130 /64s of one /48, each within its own bound (128),
+    /// filled [`MAX_OUTSTANDING`] and every other client was refused. The clients of one
+    /// network now hold at most [`MAX_OUTSTANDING_PER_NETWORK`] together.
+    #[tokio::test]
+    async fn many_clients_of_one_network_cannot_fill_the_bound_while_the_counters_stall() {
+        /// Counters that never answer.
+        struct Stalled;
+        #[async_trait::async_trait]
+        impl RateLimiter for Stalled {
+            fn name(&self) -> &'static str {
+                "stalled"
+            }
+            async fn hit(&self, _: &str, _: u32, _: Duration) -> Result<bool> {
+                std::future::pending().await
+            }
+        }
+        let w = behind(Arc::new(Stalled), 1_000);
+        let network = "2001:db8:1::/48";
+        let (mut admitted, mut refused) = (0, 0);
+        for n in 0..130u32 {
+            let key = format!("web-client:2001:db8:1:{n:x}::/64");
+            for _ in 0..MAX_OUTSTANDING_PER_CLIENT {
+                // Each request that waits goes away at once: its hit stays pending.
+                let step =
+                    super::super::batcher::for_client(&key, Some(network), async { w.step(&key) })
+                        .await;
+                match step {
+                    Step::Answer(Ok(_)) | Step::Wait(_) => admitted += 1,
+                    Step::Answer(Err(e)) => {
+                        assert!(e.is_temporary(), "{e}");
+                        refused += 1;
+                    }
+                    Step::Exact => panic!("{key} held"),
+                }
+            }
+        }
+        assert_eq!(admitted, MAX_OUTSTANDING_PER_NETWORK, "{refused} refused");
+        assert_eq!(w.outstanding(), MAX_OUTSTANDING_PER_NETWORK);
+        assert!(
+            w.hit("web-client:198.51.100.7").await.unwrap(),
+            "a client of another network is admitted at once"
         );
     }
 }

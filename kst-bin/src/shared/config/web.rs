@@ -32,7 +32,8 @@ pub struct WebConfig {
     /// passes through from the client.
     pub trusted_proxy_header: ProxyHeader,
     /// Connections one client (IPv4 address or IPv6 /64, as the TCP peer; trusted proxies are
-    /// exempt) may hold at once (default 64); more from it are closed at once.
+    /// exempt) may hold at once (default 64); more from it are closed at once. The clients of
+    /// one IPv6 /48 together hold at most a quarter of `max_connections` (at least this).
     pub max_connections_per_client: usize,
     /// Connections served at once (default 1024); more are closed at once.
     pub max_connections: usize,
