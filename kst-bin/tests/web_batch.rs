@@ -450,6 +450,21 @@ async fn exchange(mut s: TcpStream, request: &str) -> (u16, Vec<u8>) {
     (status, raw.get(split + 4..).unwrap_or_default().to_vec())
 }
 
+/// Unlocks the store (`lock`) and waits for the victim's look-up: answered 200 within 10 s,
+/// its body an armored key, which it returns.
+async fn served_once_unlocked(
+    lock: sqlx::PgConnection,
+    victim: tokio::task::JoinHandle<(u16, Vec<u8>)>,
+) -> Vec<u8> {
+    unlock(lock).await;
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), victim)
+        .await
+        .expect("answered once the store is back")
+        .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    kst_core::openpgp::dearmor_public_key(std::str::from_utf8(&body).unwrap(), 1 << 20).unwrap()
+}
+
 /// Red team round 9: look-ups whose client closed the connection stayed in the batcher's
 /// queue (512 places) until a batch took them. A client held at most 64 connections at once
 /// (`max_connections_per_client`), but by sending look-ups and closing the connections it
@@ -505,15 +520,7 @@ async fn postgres_look_ups_whose_client_went_away_hold_no_place_in_the_queue() {
             String::from_utf8_lossy(&body)
         );
     }
-    unlock(lock).await;
-    let (status, body) = tokio::time::timeout(Duration::from_secs(10), victim)
-        .await
-        .expect("answered once the store is back")
-        .unwrap();
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let served =
-        kst_core::openpgp::dearmor_public_key(std::str::from_utf8(&body).unwrap(), 1 << 20)
-            .unwrap();
+    let served = served_once_unlocked(lock, victim).await;
     assert!(served == key, "alice's own key");
     admin_sql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
 }
@@ -604,15 +611,7 @@ async fn postgres_many_ipv6_clients_of_one_network_leave_room_for_another() {
             String::from_utf8_lossy(&body)
         );
     }
-    unlock(lock).await;
-    let (status, body) = tokio::time::timeout(Duration::from_secs(10), victim)
-        .await
-        .expect("answered once the store is back")
-        .unwrap();
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let served =
-        kst_core::openpgp::dearmor_public_key(std::str::from_utf8(&body).unwrap(), 1 << 20)
-            .unwrap();
+    let served = served_once_unlocked(lock, victim).await;
     assert!(served == key, "alice's own key");
     let mut statuses: HashMap<u16, usize> = HashMap::new();
     for t in flood {

@@ -62,17 +62,20 @@ async fn counters_expire_with_their_window_and_heal_a_missing_expiry() {
     assert_eq!(count, 2);
 }
 
-#[tokio::test]
-async fn unreachable_redis_is_a_temporary_error() {
+/// A builder for a Redis nobody listens at (a port just freed), with short timeouts.
+fn unreachable_redis() -> kst_redis::RedisStoreBuilder {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .unwrap()
         .port();
-    let s = RedisStore::builder(format!("redis://127.0.0.1:{port}"))
+    RedisStore::builder(format!("redis://127.0.0.1:{port}"))
         .connection_timeout(Duration::from_millis(300))
         .operation_timeout(Duration::from_secs(2))
-        .connect_lazy()
-        .unwrap();
+}
+
+#[tokio::test]
+async fn unreachable_redis_is_a_temporary_error() {
+    let s = unreachable_redis().connect_lazy().unwrap();
     let err = s.hit("sender:bob@acme.net", 5, HOUR).await.unwrap_err();
     assert!(err.is_temporary(), "{err}");
 }
@@ -158,15 +161,7 @@ async fn counters_of_their_own_pass_the_limiter_conformance_suite() {
 /// guard refuses, is tested with a server of its own in `tests/web_counter_store.rs`.)
 #[tokio::test]
 async fn counters_of_their_own_need_no_durability_and_name_themselves() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    let c = RedisStore::builder(format!("redis://127.0.0.1:{port}"))
-        .connection_timeout(Duration::from_millis(300))
-        .operation_timeout(Duration::from_secs(2))
-        .counters_lazy()
-        .unwrap();
+    let c = unreachable_redis().counters_lazy().unwrap();
     let err = c.hit("web-client:192.0.2.1", 5, HOUR).await.unwrap_err();
     assert!(err.is_temporary(), "{err}");
     assert!(
