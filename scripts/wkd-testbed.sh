@@ -75,19 +75,13 @@ ensure_tools() {
   command -v openssl >/dev/null || missing+=(openssl)
   command -v update-ca-certificates >/dev/null || missing+=(ca-certificates)
   command -v unshare >/dev/null || missing+=(util-linux)
+  # Sequoia's sq (tests/wkd.rs): a client nobody here wrote, as gpg is.
+  command -v sq >/dev/null || missing+=(sq)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get -o DPkg::Lock::Timeout=600 update -qq
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
-  # Sequoia's sq is optional: installed when Debian's package installs, skipped otherwise.
-  if ! command -v sq >/dev/null && [ -z "${KST_WKD_NO_SQ:-}" ]; then
-    if apt-cache show sq >/dev/null 2>&1; then
-      log "installing sq (optional)"
-      DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-        --no-install-recommends sq >/dev/null 2>&1 || log "sq did not install; tests that use it skip"
-    fi
   fi
 }
 

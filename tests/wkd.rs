@@ -306,21 +306,22 @@ fn keyserver_clients_curl_and_sq_get_the_key_by_address_fingerprint_and_key_id()
         "keys@example.net"
     );
 
-    // Sequoia's sq (Debian 12: 0.27): WKD, and its keyserver client over hkps://.
-    if Command::new("sq").arg("--version").output().is_ok() {
-        let home = WkdHome::new();
-        for args in [
-            vec!["wkd", "get", "alice@example.net"],
-            vec!["keyserver", "--server", "hkps://example.net", "get", &fpr],
-        ] {
-            let out = view.run(home.path(), "sq", &args);
-            assert!(out.status.success(), "sq {args:?}: {}", text(&out));
-            let got = WkdHome::new();
-            got.import(&out.stdout);
-            assert_eq!(got.fingerprints(), vec![fpr.clone()], "sq {args:?}");
-        }
-    } else {
-        eprintln!("NOTE: sq is not installed; the Sequoia checks did not run");
+    // Sequoia's sq (Debian 12: 0.27): WKD, and its keyserver client over hkps://. Required,
+    // as gpg is: scripts/test.sh installs Debian's package.
+    assert!(
+        Command::new("sq").arg("--version").output().is_ok(),
+        "Sequoia's sq is not installed: `apt-get install sq` (scripts/test.sh does)"
+    );
+    let home = WkdHome::new();
+    for args in [
+        vec!["wkd", "get", "alice@example.net"],
+        vec!["keyserver", "--server", "hkps://example.net", "get", &fpr],
+    ] {
+        let out = view.run(home.path(), "sq", &args);
+        assert!(out.status.success(), "sq {args:?}: {}", text(&out));
+        let got = WkdHome::new();
+        got.import(&out.stdout);
+        assert_eq!(got.fingerprints(), vec![fpr.clone()], "sq {args:?}");
     }
 
     assert_eq!(tls.stop(), 0);
