@@ -715,3 +715,198 @@ async fn rt10_requests_whose_caller_went_away_are_not_built() {
         "{reads} root reads after the hold: the {GIVEN_UP} requests given up were handled"
     );
 }
+
+/// A directory on the bench's memory store whose epochs hold `sizes[i]` new addresses each
+/// (epoch `i + 1`; written in one `publish` each, as akd's `publish` of a larger batch than
+/// kst's writer makes would write them), with a stored head for the epochs in `heads` only
+/// (a directory kept from before heads were stored, or a store that lost some). The store,
+/// the keys, and the latest epoch.
+async fn directory_of_epochs(
+    sizes: &[u64],
+    heads: &[u64],
+) -> (Arc<dyn DirectoryStore>, LogKeys, u64) {
+    let store: Arc<dyn DirectoryStore> = Arc::new(MemoryDirectoryStore::default());
+    let keys = LogKeys::generate(directory::DOMAIN);
+    let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);
+    let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
+        .await
+        .unwrap();
+    let vrf_public_key = keys.vrf.public_key().unwrap();
+    let mut next = 0;
+    for size in sizes {
+        tree.publish(&bench_entries(next, next + size))
+            .await
+            .unwrap();
+        next += size;
+        let (epoch, root_hash) = tree.current().await.unwrap();
+        if !heads.contains(&epoch) {
+            continue;
+        }
+        let head = keys
+            .head
+            .sign(Head {
+                domain: directory::DOMAIN.to_string(),
+                epoch,
+                root_hash,
+                vrf_public_key,
+                signed_at: NOW,
+            })
+            .unwrap();
+        store
+            .insert_head(
+                directory::DOMAIN,
+                epoch,
+                head_text(&head).unwrap().as_bytes(),
+            )
+            .await
+            .unwrap();
+    }
+    let latest = tree.current().await.unwrap().0;
+    (store, keys, latest)
+}
+
+/// Serves the log routes of `log` on a listener of its own (as `kst serve` serves them,
+/// under the web limits' guard, limits off; the background backfill starts with them) and
+/// returns its address.
+async fn log_routes(log: Arc<DomainLog>) -> std::net::SocketAddr {
+    use kst_bin::server::log_http;
+    use kst_bin::server::web::client::LogPseudonym;
+    use kst_bin::server::web::handlers::{Guard, PeerAddr, ops_routes};
+    use kst_bin::server::web::limits::Limiter;
+    use kst_bin::server::web::{WebConfig, WebLimits};
+    let guard = Guard {
+        trusted_proxies: WebConfig::default().validate().unwrap(),
+        limiter: Limiter::new(WebLimits::OFF, Arc::new(kst_core::MemoryRateLimiter::new())),
+        pseudonym: LogPseudonym::random(),
+    };
+    let routes = ops_routes(
+        log_http::router(vec![log], kst_core::AddressPolicy::default(), Vec::new()),
+        guard,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            routes.into_make_service_with_connect_info::<PeerAddr>(),
+        )
+        .await
+    });
+    at
+}
+
+/// A head signed late (`/head/<epoch>` of an epoch without a stored head, `/audit` across
+/// it, the background backfill) needs akd's append-only proof around the epoch, built on the
+/// directory's one thread; it was bounded by epochs only (32 a proof), not by size, and
+/// `/head/<epoch>` was no expensive request: anyone could have the thread build the proof of
+/// an epoch as large as the directory holds (here one of 56 000 changes, about 4.5 MB of
+/// proof; an old epoch's step lists every subtree the later epochs split, so at 10⁶ entries
+/// one step is tens of MB). Now the proof is counted before it is built
+/// (`backfill::FILL_MAX_ELEMENTS`): such an epoch is refused unbuilt (HTTP 422), the
+/// background backfill leaves it and fills the rest, and a head that needs no large proof is
+/// signed as before. Before: the head of epoch 2 was signed (200), its proof built whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rt18_a_head_signed_late_is_bounded_in_size_not_only_in_epochs() {
+    use kst_core::transparency::backfill::FILL_MAX_ELEMENTS;
+    const BIG: u64 = 56_000;
+    assert!(
+        BIG as usize > FILL_MAX_ELEMENTS,
+        "the fixture: epoch 2 alone is over the bound"
+    );
+    // Epoch 1 with its head, epoch 2 large, epochs 3 to 5 small, none of 2 to 5 with a head.
+    let started = std::time::Instant::now();
+    let (store, keys, latest) = directory_of_epochs(&[300, BIG, 300, 300, 300], &[1]).await;
+    assert_eq!(latest, 5);
+    eprintln!(
+        "fixture: {latest} epochs in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let log = Arc::new(DomainLog::open(Arc::clone(&store), keys).await.unwrap());
+    let stored = |from, to| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .heads(directory::DOMAIN, from, to)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(e, _)| e)
+                .collect::<Vec<_>>()
+        }
+    };
+
+    // Asked directly: refused unbuilt, nothing signed.
+    let refused = log.head_at(2, NOW).await;
+    assert!(
+        matches!(&refused, Err(TransparencyError::Range(m)) if m.contains("epoch 2")),
+        "the head of a large epoch is refused: {:?}",
+        refused.as_ref().map(|h| h.as_ref().map(|h| h.head.epoch))
+    );
+    assert_eq!(stored(2, 2).await, Vec::<u64>::new());
+
+    // Over HTTP (the background backfill starts with the routes): 422 for epoch 2, an audit
+    // across it too; every other epoch's head is signed late and verifies.
+    let at = log_routes(Arc::clone(&log)).await;
+    let me = std::net::Ipv4Addr::new(127, 0, 0, 4);
+    let path = |rest: &str| format!("/.well-known/kst/log/{}/{rest}", directory::DOMAIN);
+    assert_eq!(status_of(me, at, path("head/2")).await, 422);
+    assert_eq!(status_of(me, at, path("audit?from=1&to=3")).await, 422);
+    // The background backfill leaves epoch 2 and fills 3 and 4 (poll, generous deadline).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while stored(3, 4).await.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the background backfill never filled epochs 3 and 4"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored(1, latest - 1).await, vec![1, 3, 4]);
+    assert_eq!(status_of(me, at, path("head/3")).await, 200);
+    let answer = log.audit_answer(3, latest).await.unwrap();
+    answer.verify(&log.head_public_key()).await.unwrap();
+    let refused = log.audit_answer(1, 3).await;
+    assert!(matches!(refused, Err(TransparencyError::Range(_))));
+}
+
+/// A run of epochs without heads is filled in chunks whose proofs fit the bound: epochs of
+/// 15 000 changes, the proof of the whole run over `FILL_MAX_ELEMENTS`, each epoch's within
+/// it: filled in several proofs, each anchored on the head the one before signed, and every
+/// head signed late names the root the epoch had (the audit over them verifies).
+#[tokio::test(flavor = "current_thread")]
+async fn rt18_a_chunk_of_heads_signed_late_shrinks_to_fit_the_bound() {
+    use kst_core::transparency::backfill::FILL_MAX_ELEMENTS;
+    let (store, keys, latest) = directory_of_epochs(&[300, 15_000, 300, 15_000, 300], &[1]).await;
+    // The fixture: the steps of epochs 1 to 5, counted as the fill counts them.
+    let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);
+    let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
+        .await
+        .unwrap();
+    let mut steps = Vec::new();
+    for epoch in 1..latest {
+        let count = tree.audit_step_count(epoch, usize::MAX / 8).await.unwrap();
+        steps.push(count.unwrap().elements());
+    }
+    eprintln!(
+        "elements of the steps from epochs 1 to {}: {steps:?}",
+        latest - 1
+    );
+    assert!(
+        steps.iter().sum::<usize>() > FILL_MAX_ELEMENTS,
+        "the fixture: the run's proof is over the bound"
+    );
+    assert!(
+        steps.windows(2).all(|w| w[0] + w[1] <= FILL_MAX_ELEMENTS),
+        "the fixture: each epoch's proof is within it"
+    );
+    let log = DomainLog::open(Arc::clone(&store), keys).await.unwrap();
+    let answer = log.audit_answer(1, latest).await.unwrap();
+    answer.verify(&log.head_public_key()).await.unwrap();
+    assert_eq!(
+        answer
+            .heads
+            .iter()
+            .map(|h| h.head.epoch)
+            .collect::<Vec<_>>(),
+        (1..=latest).collect::<Vec<_>>()
+    );
+}

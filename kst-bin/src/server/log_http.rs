@@ -6,7 +6,9 @@
 //!   and the witnesses' cosignatures of it (`kst_core::transparency::witness`);
 //! - `GET /.well-known/kst/log/<domain>/head/<epoch>`: the same for an older epoch (404 for
 //!   an epoch after the latest; an older epoch without a stored head gets one signed late,
-//!   `kst_core::transparency::backfill`, also in the background for every log served here);
+//!   `kst_core::transparency::backfill`, also in the background for every log served here:
+//!   an expensive request then, and 422 when the proof it needs is over
+//!   `backfill::FILL_MAX_ELEMENTS`, counted before it is built);
 //! - `GET /.well-known/kst/log/<domain>/lookup/<address>`: the signed head and the lookup
 //!   (or absence) proof for the address against it
 //!   (`kst_core::transparency::answer`); with `?witnessed=1` also the witnesses' newest
@@ -43,7 +45,7 @@
 //! an absence answer, and a look-up, history or history page (`?before=`) of an address whose
 //! newest version is a deletion, counts as a miss like a WKD 404 (the response carries
 //! [`FoundNothing`]), so the log is no better a dictionary oracle than WKD. The expensive
-//! requests (audits, look-ups with `since` or `witnessed`, histories) are served at most
+//! requests (audits, look-ups with `since` or `witnessed`, histories, a head signed late) are served at most
 //! [`MAX_HEAVY_AT_ONCE`] at a time per process, at most [`MAX_HEAVY_PER_CLIENT`] of them one
 //! client's (a client as `[web.limits]` counts it: an IPv4 address or an IPv6 /64); one that
 //! waits longer than [`HEAVY_WAIT`] for its turn is answered 503. The directory's own queue
@@ -384,6 +386,7 @@ async fn head(State(s): State<LogState>, Path(domain): Path<String>) -> Response
 async fn head_at(
     State(s): State<LogState>,
     Path((domain, epoch)): Path<(String, String)>,
+    client: Option<Extension<ClientKey>>,
 ) -> Response {
     let Some(log) = s.logs.get(&domain) else {
         return not_found("no key directory for this domain");
@@ -394,6 +397,17 @@ async fn head_at(
             "the epoch must be a number\n".into(),
         );
     };
+    // A stored head is read; an epoch without one may get one signed late, which builds an
+    // append-only proof on the directory's thread: an expensive request, under the turns'
+    // bound (one client asking for many such epochs holds its share, not the thread).
+    let _turn = match log.stored_heads(epoch, epoch).await {
+        Ok(stored) if !stored.is_empty() => None,
+        Ok(_) => match s.heavy_turn(None, client.as_ref().map(|c| &c.0)).await {
+            Ok(t) => Some(t),
+            Err(r) => return r,
+        },
+        Err(e) => return failed(&domain, &e),
+    };
     let result = match log.head_at(epoch, unix_now()).await {
         Ok(Some(h)) => with_cosignatures(log, &h).await.map(Some),
         Ok(None) => Ok(None),
@@ -402,6 +416,10 @@ async fn head_at(
     match result {
         Ok(Some(body)) => text(StatusCode::OK, body),
         Ok(None) => not_found("no head is stored for this epoch"),
+        // A head whose proof is over what kst builds for one, refused before it was built.
+        Err(TransparencyError::Range(m)) => {
+            text(StatusCode::UNPROCESSABLE_ENTITY, format!("{m}\n"))
+        }
         Err(e) => failed(&domain, &e),
     }
 }

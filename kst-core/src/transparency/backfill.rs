@@ -23,7 +23,13 @@
 //! at most [`FILL_CHUNK`] heads (one proof), and the log's thread runs a step only while no
 //! request waits, so a log of 10⁵ epochs starts at once and fills its gaps in the background.
 //! A request that needs a missing head ([`fill`], for an audit range or one epoch) fills just
-//! those, in chunks of [`FILL_CHUNK`].
+//! those, in chunks of [`FILL_CHUNK`]. Each chunk's proof is also bounded in size: its steps
+//! are counted before it is built ([`KeyDirectory::audit_step_walk`]) and the chunk shrinks
+//! until they hold at most [`FILL_MAX_ELEMENTS`]; an epoch whose proof alone holds more is
+//! refused unbuilt ([`TransparencyError::Range`]; the background backfill logs it and goes
+//! on past it). Before, one chunk of 32 busy epochs was one proof of many MB (about 300 KB a
+//! step at 10⁶ entries, far more for an old epoch, whose step lists every subtree the later
+//! epochs split), built on the log's one thread for an anonymous `/head/<epoch>`.
 
 use std::sync::Arc;
 
@@ -32,7 +38,7 @@ use akd::storage::StorageManager;
 use akd::storage::memory::AsyncInMemoryDatabase;
 use akd::{AppendOnlyProof, SingleAppendOnlyProof};
 
-use super::answer::head_text;
+use super::answer::{HTTP_STEP_BUDGET, STEP_ELEMENT_BYTES, head_text};
 use super::directory::KeyDirectory;
 use super::head::Head;
 use super::keys::LogKeys;
@@ -45,6 +51,12 @@ use super::{Config, Result, TransparencyError};
 pub const SCAN_WINDOW: u64 = 1024;
 /// The most heads one fill step signs (under one append-only proof).
 pub const FILL_CHUNK: u64 = 32;
+/// The most elements the append-only proof of one fill step may hold (counted before it is
+/// built): what one HTTP answer's proof may hold ([`HTTP_STEP_BUDGET`], 4 MiB at
+/// [`STEP_ELEMENT_BYTES`] an element). A step of an epoch kst's writer makes (at most
+/// [`super::log::MAX_BATCH`] changes) is about 4 000 elements at 10⁶ entries, so a chunk of
+/// such epochs shrinks to about a dozen; one epoch needs the steps on either side of it.
+pub const FILL_MAX_ELEMENTS: usize = HTTP_STEP_BUDGET.bytes / STEP_ELEMENT_BYTES;
 
 /// What a fill needs: the open directory, its store and the log's keys.
 pub(super) struct Filler<'a> {
@@ -91,11 +103,18 @@ impl Backfill {
         let (latest, _) = f.directory.current().await?;
         if let Some((from, to)) = self.gap {
             let end = to.min(from.saturating_add(FILL_CHUNK - 1));
-            let signed = match fill_range(f, from, end, now).await {
-                Ok(n) => n,
+            let (signed, end) = match fill_range(f, from, end, now).await {
+                Ok(filled) => filled,
                 Err(e @ TransparencyError::Verification(_)) => {
                     self.done = true;
                     return Err(e);
+                }
+                Err(TransparencyError::Range(what)) => {
+                    // An epoch whose proof alone is over the bound: left without a head (an
+                    // audit across it is refused), the rest of the gap filled.
+                    tracing::warn!(domain = %f.keys.domain, epoch = from, "key directory: {what}; the background backfill leaves it");
+                    self.gap = (from < to).then(|| (from + 1, to));
+                    return Ok(0);
                 }
                 Err(e) => return Err(e),
             };
@@ -137,8 +156,9 @@ impl Backfill {
 }
 
 /// Signs and stores a head for every epoch of `from..=to` that has none (the caller bounds
-/// the range; epochs after the latest are ignored), in chunks of [`FILL_CHUNK`]. Returns the
-/// number of heads signed.
+/// the range; epochs after the latest are ignored), in chunks of at most [`FILL_CHUNK`] and
+/// [`FILL_MAX_ELEMENTS`]. Returns the number of heads signed; an epoch whose proof alone is
+/// over [`FILL_MAX_ELEMENTS`] is [`TransparencyError::Range`] (the heads before it signed).
 pub(super) async fn fill(f: &Filler<'_>, from: u64, to: u64, now: u64) -> Result<u64> {
     let (latest, _) = f.directory.current().await?;
     let to = to.min(latest);
@@ -146,24 +166,30 @@ pub(super) async fn fill(f: &Filler<'_>, from: u64, to: u64, now: u64) -> Result
     let mut at = from;
     while at <= to {
         let end = to.min(at.saturating_add(FILL_CHUNK - 1));
-        signed += fill_range(f, at, end, now).await?;
+        let (n, end) = fill_range(f, at, end, now).await?;
+        signed += n;
         at = end + 1;
     }
     Ok(signed)
 }
 
-/// [`fill`] for one chunk (`to - from < FILL_CHUNK`, `to` at most the latest epoch).
-async fn fill_range(f: &Filler<'_>, from: u64, to: u64, now: u64) -> Result<u64> {
+/// [`fill`] for one chunk (`to - from < FILL_CHUNK`, `to` at most the latest epoch), shrunk
+/// from its end until its proof holds at most [`FILL_MAX_ELEMENTS`] (counted before it is
+/// built). Returns the heads signed and the last epoch the chunk covered (at least `from`);
+/// [`TransparencyError::Range`] when even the first missing epoch's proof is over the bound.
+async fn fill_range(f: &Filler<'_>, from: u64, to: u64, now: u64) -> Result<(u64, u64)> {
     let domain = &f.keys.domain;
     let (latest, latest_root) = f.directory.current().await?;
     if to > latest || from > to {
-        return Ok(0);
+        return Ok((0, to.max(from)));
     }
-    let lower = from.saturating_sub(1);
-    let upper = to.saturating_add(1).min(latest);
     let stored = f
         .store
-        .heads(domain, lower, upper)
+        .heads(
+            domain,
+            from.saturating_sub(1),
+            to.saturating_add(1).min(latest),
+        )
         .await
         .map_err(|e| TransparencyError::Directory(e.to_string()))?;
     let root_of = |epoch: u64| -> Result<Option<[u8; 32]>> {
@@ -172,18 +198,22 @@ async fn fill_range(f: &Filler<'_>, from: u64, to: u64, now: u64) -> Result<u64>
             None => Ok(None),
         }
     };
-    let missing: Vec<u64> = (from..=to)
-        .filter(|e| !stored.iter().any(|(s, _)| s == e))
-        .collect();
-    if missing.is_empty() {
-        return Ok(0);
-    }
+    // The chunk starts at its first missing epoch (the ones before it have heads).
+    let Some(from) = (from..=to).find(|e| !stored.iter().any(|(s, _)| s == e)) else {
+        return Ok((0, to));
+    };
+    let lower = from.saturating_sub(1);
     // The proof starts one epoch lower when that epoch's head is stored (its root anchors the
     // first derived root); it ends at `upper`, one epoch higher when there is one.
     let start = match root_of(lower)? {
         Some(_) if lower < from => lower,
         _ => from,
     };
+    let to = bounded_end(f, start, from, to, latest).await?;
+    let upper = to.saturating_add(1).min(latest);
+    let missing: Vec<u64> = (from..=to)
+        .filter(|e| !stored.iter().any(|(s, _)| s == e))
+        .collect();
     let mut roots: Vec<[u8; 32]> = Vec::new();
     let proof = if start < upper {
         let proof = f.directory.audit(start, upper).await?;
@@ -252,7 +282,41 @@ async fn fill_range(f: &Filler<'_>, from: u64, to: u64, now: u64) -> Result<u64>
         signed = missing.len(),
         "key directory: heads signed for epochs that had none"
     );
-    Ok(missing.len() as u64)
+    Ok((missing.len() as u64, to))
+}
+
+/// The last epoch, at most `to`, up to which a chunk from `from` can be filled with a proof
+/// starting at `start` (`start` is `from` or the epoch before it) of at most
+/// [`FILL_MAX_ELEMENTS`]: its steps (from `start` to one epoch past the chunk, or to the
+/// latest) counted one at a time, before anything is built (at most `4 *`
+/// [`FILL_MAX_ELEMENTS`] tree nodes read, and 64 more a step). [`TransparencyError::Range`]
+/// when even the chunk of `from` alone is over it.
+async fn bounded_end(f: &Filler<'_>, start: u64, from: u64, to: u64, latest: u64) -> Result<u64> {
+    let (mut counted, mut left) = (start, FILL_MAX_ELEMENTS);
+    let mut end = None;
+    'chunk: for epoch in from..=to {
+        let upper = epoch.saturating_add(1).min(latest);
+        while counted < upper {
+            match f.directory.audit_step_walk(counted, left).await?.count {
+                Some(c) => {
+                    left -= c.elements();
+                    counted += 1;
+                }
+                None => break 'chunk,
+            }
+        }
+        end = Some(epoch);
+    }
+    end.ok_or_else(|| {
+        TransparencyError::Range(format!(
+            "{}: the head of epoch {from} cannot be signed late: the append-only proof it needs \
+             (epochs {start} to {}) holds more than {FILL_MAX_ELEMENTS} elements (about {} \
+             MiB), more than kst builds for a head",
+            f.keys.domain,
+            from.saturating_add(1).min(latest),
+            HTTP_STEP_BUDGET.bytes >> 20
+        ))
+    })
 }
 
 /// [`check_stored_head`] for the fill: a stored head that fails it (not a head, another

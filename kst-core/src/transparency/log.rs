@@ -1471,7 +1471,9 @@ impl Worker {
     /// the missing epochs, in chunks, with no bound of its own: an audit over a long run of
     /// busy epochs without heads made the thread build and check all of it, for anyone who
     /// asked, before the audit was refused; red team round 10). The background backfill still
-    /// fills them, one chunk at a time while the log is idle.
+    /// fills them, one chunk at a time while the log is idle. Each chunk's proof is bounded
+    /// too ([`backfill::FILL_MAX_ELEMENTS`]): a single epoch over it is
+    /// [`TransparencyError::Range`], unbuilt (a `/head/<epoch>` of it is refused).
     async fn fill_heads(&self, from: u64, to: u64, now: u64) -> Result<u64> {
         let to = to.min(self.dir()?.current().await?.0);
         if from < to && self.reach_back(from, to, MAX_PROOF_ELEMENTS).await? > from {
