@@ -24,7 +24,7 @@
 //! request waits, so a log of 10⁵ epochs starts at once and fills its gaps in the background.
 //! A request that needs a missing head ([`fill`], for an audit range or one epoch) fills just
 //! those, in chunks of [`FILL_CHUNK`]. Each chunk's proof is also bounded in size: its steps
-//! are counted before it is built ([`KeyDirectory::audit_step_walk`]) and the chunk shrinks
+//! are counted before it is built ([`KeyDirectory::audit_step_walk_within`]) and the chunk shrinks
 //! until they hold at most [`FILL_MAX_ELEMENTS`]; an epoch whose proof alone holds more is
 //! refused unbuilt ([`TransparencyError::Range`]; the background backfill logs it and goes
 //! on past it). Before, one chunk of 32 busy epochs was one proof of many MB (about 300 KB a
@@ -39,7 +39,7 @@ use akd::storage::memory::AsyncInMemoryDatabase;
 use akd::{AppendOnlyProof, SingleAppendOnlyProof};
 
 use super::answer::{HTTP_STEP_BUDGET, STEP_ELEMENT_BYTES, head_text};
-use super::directory::KeyDirectory;
+use super::directory::{KeyDirectory, ReadBudget};
 use super::head::Head;
 use super::keys::LogKeys;
 use super::log::check_stored_head;
@@ -293,11 +293,16 @@ async fn fill_range(f: &Filler<'_>, from: u64, to: u64, now: u64) -> Result<(u64
 /// when even the chunk of `from` alone is over it.
 async fn bounded_end(f: &Filler<'_>, start: u64, from: u64, to: u64, latest: u64) -> Result<u64> {
     let (mut counted, mut left) = (start, FILL_MAX_ELEMENTS);
+    let mut budget = ReadBudget::for_elements(FILL_MAX_ELEMENTS);
     let mut end = None;
     'chunk: for epoch in from..=to {
         let upper = epoch.saturating_add(1).min(latest);
         while counted < upper {
-            match f.directory.audit_step_walk(counted, left).await?.count {
+            let walk = f
+                .directory
+                .audit_step_walk_within(counted, left, &mut budget)
+                .await?;
+            match walk.count {
                 Some(c) => {
                     left -= c.elements();
                     counted += 1;
