@@ -981,3 +981,36 @@ async fn rt18_a_far_behind_count_reads_at_most_four_nodes_an_element() {
     );
     part.audit.verify(&log.head_public_key()).await.unwrap();
 }
+
+/// With heads signed late bounded, the head of an epoch just before a large one still gets
+/// signed: its proof is anchored on the stored head below and leaves out the large step after
+/// it. So a client catching up in steps (`?since=1&steps=1`) on a directory without heads is
+/// stepped up to the epoch before the large one, and verifies the step. Without it the
+/// bound refused the step's head (the fill's proof ended one epoch past it, over the bound),
+/// and the answer with it (422).
+#[tokio::test(flavor = "current_thread")]
+async fn rt18_a_client_steps_up_to_the_epoch_before_a_large_one() {
+    use kst_core::transparency::answer::HTTP_STEP_BUDGET;
+    // Epoch 1 with its head, epoch 2 small, 3 large (over the bound), 4 small (the latest).
+    let (store, keys, latest) = directory_of_epochs(&[300, 300, 56_000, 300], &[1]).await;
+    assert_eq!(latest, 4);
+    let log = DomainLog::open(Arc::clone(&store), keys).await.unwrap();
+    let probe = directory::address(5).unwrap();
+    let remembered = log.head_at(1, NOW).await.unwrap().unwrap();
+    let answer = log
+        .answer_stepped(&probe, Some(1), Some(HTTP_STEP_BUDGET), NOW)
+        .await
+        .unwrap();
+    let (step, roots) = answer
+        .verify_step(&log.head_public_key(), &remembered.head)
+        .await
+        .unwrap()
+        .expect("a step");
+    assert_eq!(step.head.epoch, 2);
+    assert!(roots.contains(&(2, step.head.root_hash)), "{roots:?}");
+    // The large epoch itself has no head that could be signed within the bound.
+    assert!(matches!(
+        log.head_at(3, NOW).await,
+        Err(TransparencyError::Range(_))
+    ));
+}

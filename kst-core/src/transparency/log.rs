@@ -1467,8 +1467,8 @@ impl Worker {
     /// Heads for the epochs of `from..=to` that have none ([`backfill::fill`]), for a request
     /// (an audit over them). The append-only proof over the range is counted first, as the
     /// audit's own is ([`Worker::bounded_audit`]): when it is over [`MAX_PROOF_ELEMENTS`] the
-    /// audit would be refused anyway, so nothing is filled (the fill builds akd's proof over
-    /// the missing epochs, in chunks, with no bound of its own: an audit over a long run of
+    /// audit would be refused anyway, so nothing is filled (the fill built akd's proof over
+    /// the missing epochs, in chunks, with no bound of its own then: an audit over a long run of
     /// busy epochs without heads made the thread build and check all of it, for anyone who
     /// asked, before the audit was refused; red team round 10). The background backfill still
     /// fills them, one chunk at a time while the log is idle. Each chunk's proof is bounded
