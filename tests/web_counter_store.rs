@@ -189,11 +189,21 @@ fn serve(
 fn serve_lmtp(
     kst: &TestKst,
     name: &str,
-    (web, http, lmtp): (SocketAddr, SocketAddr, SocketAddr),
+    ports: (SocketAddr, SocketAddr, SocketAddr),
     counters: &OwnRedis,
     limits: &[(&str, &str)],
 ) -> ServeProcess {
-    let url = counters.url();
+    serve_lmtp_at(kst, name, ports, &counters.url(), limits)
+}
+
+/// [`serve_lmtp`] with the counters at `url`.
+fn serve_lmtp_at(
+    kst: &TestKst,
+    name: &str,
+    (web, http, lmtp): (SocketAddr, SocketAddr, SocketAddr),
+    url: &str,
+    limits: &[(&str, &str)],
+) -> ServeProcess {
     ServeProcess::start(kst.dir.path().join(format!("{name}.log")), http, |cmd| {
         cmd.arg("--config")
             .arg(&kst.config)
@@ -603,8 +613,8 @@ fn lmtp_transaction(at: SocketAddr, sender: &str, raw: &[u8]) -> String {
 /// Red team (counters and shares): the mail side does not use the web counters. With the
 /// counter Redis down, the web look-ups of the same `kst serve` get 503 and `/readyz` is 503,
 /// while a retrieval through its LMTP listener is answered (the key store's own limits
-/// count it). (What remains: an orchestrator that reads `/readyz` takes the LMTP side out of
-/// rotation too.)
+/// count it). (An orchestrator routing the LMTP side reads `/readyz/lmtp`, which stays 200:
+/// `the_lmtp_side_is_ready_while_the_counter_redis_is_down`.)
 #[test]
 fn the_mail_side_answers_while_the_counter_redis_is_down() {
     let kst = TestKst::with_store("", &Store::Fs);
@@ -635,6 +645,54 @@ fn the_mail_side_answers_while_the_counter_redis_is_down() {
         serve.log()
     );
     drop(rt);
+    assert_eq!(serve.stop(), 0);
+}
+
+/// A counter Redis that is down made `/readyz` 503, which takes the LMTP side out of a load
+/// balancer's rotation too, though mail does not use those counters. Now each side has its
+/// own readiness: with the counters' URL on a closed loopback port, `/readyz` (everything)
+/// and `/readyz/web` are 503 naming the counters, `/readyz/lmtp` is 200 (also as JSON), and
+/// a retrieval over LMTP is answered. Before: `/readyz/lmtp` was 404.
+#[test]
+fn the_lmtp_side_is_ready_while_the_counter_redis_is_down() {
+    let kst = TestKst::with_store("", &Store::Fs);
+    let gpg = Gpg::new();
+    kst.publish_by_mail(&gpg.generate("Alice", "alice@example.net", "ed25519"));
+    // A loopback port nobody listens on (bound, then closed).
+    let closed = format!("redis://{}", free_port());
+    let (web, http, lmtp) = (free_port(), free_port(), free_port());
+    let serve = serve_lmtp_at(&kst, "serve", (web, http, lmtp), &closed, &[]);
+
+    let (status, body) = http_get(http, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("web-counters(redis)"), "{body}");
+    let (status, body) = http_get(http, "/readyz/web");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("web-counters(redis)"), "{body}");
+    assert!(
+        !body.contains("mailer("),
+        "the web side sends no mail: {body}"
+    );
+    let (status, body) = http_get(http, "/readyz/lmtp");
+    assert_eq!((status, body.as_str()), (200, "ready\n"), "{}", serve.log());
+    let (status, body) = http_get(http, "/readyz/lmtp?format=json");
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["ready"], true, "{body}");
+    assert_eq!(json["store"]["name"], "fs", "{body}");
+
+    let raw = kst_tests::retrieval_from(
+        "bob@example.org",
+        "alice@example.net",
+        "192.0.2.45",
+        "mail.example.net",
+    );
+    let reply = lmtp_transaction(lmtp, "bob@example.org", &raw);
+    assert!(
+        reply.starts_with("250 ") && reply.trim_end().ends_with("decided: found"),
+        "{reply}\n{}",
+        serve.log()
+    );
     assert_eq!(serve.stop(), 0);
 }
 

@@ -910,3 +910,107 @@ async fn rt18_a_chunk_of_heads_signed_late_shrinks_to_fit_the_bound() {
         (1..=latest).collect::<Vec<_>>()
     );
 }
+
+/// Counting a far-behind proof (`Worker::reach_back`: `?since=` without steps, `/audit`, the
+/// witnesses' part) was documented as reading at most 4 tree nodes per element of its
+/// budget, and 64 more a step, but each step's walk had only its own bound (`4 * left + 64`):
+/// a step of an old epoch in a tree that grew since reads many more nodes than it holds
+/// elements (here 40 epochs of 50 addresses, then 30 000 in one: 9 to 18 reads an element),
+/// so a witness behind such a directory made the count read far more than its budget says
+/// (before: about 480 000 nodes for a budget of about 72 000 elements, 65 % over
+/// `4 * elements + 64 * 42`; the test fails at its last bound).
+/// Now the reads of all the steps come from one budget (`ReadBudget`): the count stops where
+/// it runs out, and the witnesses further back are left out, as for a proof too large.
+#[tokio::test(flavor = "current_thread")]
+async fn rt18_a_far_behind_count_reads_at_most_four_nodes_an_element() {
+    let mut sizes = vec![50u64; 40];
+    sizes.extend([30_000, 10]);
+    let heads: Vec<u64> = (1..=sizes.len() as u64).collect();
+    let (store, keys, latest) = directory_of_epochs(&sizes, &heads).await;
+    // The budget: exactly the elements of the whole proof from epoch 1.
+    let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);
+    let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
+        .await
+        .unwrap();
+    let (mut elements, mut reads_alone) = (0usize, 0usize);
+    for epoch in 1..latest {
+        let walk = tree.audit_step_walk(epoch, usize::MAX / 8).await.unwrap();
+        elements += walk.count.unwrap().elements();
+        reads_alone += walk.reads;
+    }
+    let bound = 4 * elements + 64 * latest as usize;
+    eprintln!(
+        "the proof from epoch 1: {elements} elements, {reads_alone} nodes read to count it \
+         (the bound: {bound})"
+    );
+    assert!(
+        reads_alone > bound,
+        "the fixture: counting the old steps reads more than 4 nodes an element"
+    );
+
+    let log = DomainLog::open(Arc::clone(&store), keys).await.unwrap();
+    let head = log.head(NOW).await.unwrap();
+    let (behind, current) = (HeadSigner::generate(), HeadSigner::generate());
+    let first = log.head_at(1, NOW).await.unwrap().unwrap();
+    log.add_cosignature(1, &behind.cosign(&first, NOW).unwrap())
+        .await
+        .unwrap();
+    let newest = log.head_at(latest - 1, NOW).await.unwrap().unwrap();
+    log.add_cosignature(latest - 1, &current.cosign(&newest, NOW).unwrap())
+        .await
+        .unwrap();
+    let before = log.step_reads();
+    let part = log
+        .witnessed_within(&head, &[behind.public_key(), current.public_key()], |_| {
+            elements
+        })
+        .await
+        .unwrap()
+        .expect("the current witness's part");
+    let reads = log.step_reads() - before;
+    eprintln!(
+        "the witnesses' part within {elements} elements: {reads} nodes read, from epoch {}",
+        part.audit.heads[0].head.epoch
+    );
+    assert!(reads <= bound as u64, "{reads} nodes read, over {bound}");
+    assert!(
+        part.cosignatures
+            .iter()
+            .any(|(e, c)| *e == latest - 1 && c.witness == current.public_key()),
+        "the current witness stays"
+    );
+    part.audit.verify(&log.head_public_key()).await.unwrap();
+}
+
+/// With heads signed late bounded, the head of an epoch just before a large one still gets
+/// signed: its proof is anchored on the stored head below and leaves out the large step after
+/// it. So a client catching up in steps (`?since=1&steps=1`) on a directory without heads is
+/// stepped up to the epoch before the large one, and verifies the step. Without it the
+/// bound refused the step's head (the fill's proof ended one epoch past it, over the bound),
+/// and the answer with it (422).
+#[tokio::test(flavor = "current_thread")]
+async fn rt18_a_client_steps_up_to_the_epoch_before_a_large_one() {
+    use kst_core::transparency::answer::HTTP_STEP_BUDGET;
+    // Epoch 1 with its head, epoch 2 small, 3 large (over the bound), 4 small (the latest).
+    let (store, keys, latest) = directory_of_epochs(&[300, 300, 56_000, 300], &[1]).await;
+    assert_eq!(latest, 4);
+    let log = DomainLog::open(Arc::clone(&store), keys).await.unwrap();
+    let probe = directory::address(5).unwrap();
+    let remembered = log.head_at(1, NOW).await.unwrap().unwrap();
+    let answer = log
+        .answer_stepped(&probe, Some(1), Some(HTTP_STEP_BUDGET), NOW)
+        .await
+        .unwrap();
+    let (step, roots) = answer
+        .verify_step(&log.head_public_key(), &remembered.head)
+        .await
+        .unwrap()
+        .expect("a step");
+    assert_eq!(step.head.epoch, 2);
+    assert!(roots.contains(&(2, step.head.root_hash)), "{roots:?}");
+    // The large epoch itself has no head that could be signed within the bound.
+    assert!(matches!(
+        log.head_at(3, NOW).await,
+        Err(TransparencyError::Range(_))
+    ));
+}

@@ -30,8 +30,9 @@ struct AppState {
 
 /// The routes: `/healthz` (200 while the process runs), `/readyz` (200 when the store and the
 /// mailer answer their checks, else 503 and why; as JSON with the store's topology when asked
-/// with `?format=json` or `Accept: application/json`), `/metrics` (Prometheus text format, with
-/// the store's topology as `kst_store_info`).
+/// with `?format=json` or `Accept: application/json`), `/readyz/lmtp` and `/readyz/web` (the
+/// same for one side: [`Side`]), `/metrics` (Prometheus text format, with the store's
+/// topology as `kst_store_info`).
 pub fn router(kst: Kst, metrics: PrometheusHandle) -> Router {
     router_with_counters(kst, metrics, None)
 }
@@ -47,7 +48,9 @@ pub fn router_with_counters(
     let counters = counters.filter(WebCounterStore::is_own);
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz_all))
+        .route("/readyz/lmtp", get(readyz_lmtp))
+        .route("/readyz/web", get(readyz_web))
         .route("/metrics", get(render_metrics))
         .with_state(AppState {
             kst,
@@ -103,11 +106,52 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// What one readiness check covers: an orchestrator that routes the mail side and the web
+/// side apart asks for its side only, so that a component one side does not use (the web
+/// limits' counter Redis, for the LMTP side) does not take the other side out of rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// `/readyz`: everything the process uses (the store, the web limits' counters when they
+    /// are of their own, the mailer).
+    All,
+    /// `/readyz/lmtp`: what mail needs (the store, the mailer); the web limits' counters are
+    /// not checked.
+    Lmtp,
+    /// `/readyz/web`: what the web listener needs (the store, the web limits' counters when
+    /// they are of their own); the mailer is not checked.
+    Web,
+}
+
+impl Side {
+    fn checks_counters(self) -> bool {
+        self != Side::Lmtp
+    }
+
+    fn checks_mailer(self) -> bool {
+        self != Side::Web
+    }
+}
+
+type Readiness = (StatusCode, [(header::HeaderName, &'static str); 1], String);
+
+async fn readyz_all(state: State<AppState>, uri: Uri, headers: HeaderMap) -> Readiness {
+    readyz(state, uri, headers, Side::All).await
+}
+
+async fn readyz_lmtp(state: State<AppState>, uri: Uri, headers: HeaderMap) -> Readiness {
+    readyz(state, uri, headers, Side::Lmtp).await
+}
+
+async fn readyz_web(state: State<AppState>, uri: Uri, headers: HeaderMap) -> Readiness {
+    readyz(state, uri, headers, Side::Web).await
+}
+
 async fn readyz(
     State(state): State<AppState>,
     uri: Uri,
     headers: HeaderMap,
-) -> (StatusCode, [(header::HeaderName, &'static str); 1], String) {
+    side: Side,
+) -> Readiness {
     let json = uri
         .query()
         .is_some_and(|q| q.split('&').any(|p| p == "format=json"))
@@ -115,11 +159,11 @@ async fn readyz(
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("application/json"));
-    let problems = readiness_problems(&state).await;
+    let problems = readiness_problems(&state, side).await;
     let status = if problems.is_empty() {
         StatusCode::OK
     } else {
-        tracing::warn!(problems = %problems.join("; "), "not ready");
+        tracing::warn!(problems = %problems.join("; "), ?side, "not ready");
         StatusCode::SERVICE_UNAVAILABLE
     };
     if json {
@@ -165,8 +209,8 @@ async fn store_topology(state: &AppState) -> Vec<(String, String)> {
     }
 }
 
-/// What keeps this instance from being ready (empty when it is).
-async fn readiness_problems(state: &AppState) -> Vec<String> {
+/// What keeps this instance's `side` from being ready (empty when it is).
+async fn readiness_problems(state: &AppState, side: Side) -> Vec<String> {
     let mut problems = Vec::new();
     let store = state.kst.store();
     match tokio::time::timeout(CHECK_TIMEOUT, store.check()).await {
@@ -178,7 +222,7 @@ async fn readiness_problems(state: &AppState) -> Vec<String> {
             CHECK_TIMEOUT.as_secs()
         )),
     }
-    if let Some(counters) = &state.counters {
+    if let Some(counters) = state.counters.as_ref().filter(|_| side.checks_counters()) {
         match tokio::time::timeout(CHECK_TIMEOUT, counters.check()).await {
             Ok(None | Some(Ok(()))) => {}
             Ok(Some(Err(e))) => problems.push(format!(
@@ -191,6 +235,9 @@ async fn readiness_problems(state: &AppState) -> Vec<String> {
                 CHECK_TIMEOUT.as_secs()
             )),
         }
+    }
+    if !side.checks_mailer() {
+        return problems;
     }
     let mailer = state.kst.mailer();
     match tokio::time::timeout(CHECK_TIMEOUT, mailer.check()).await {

@@ -45,7 +45,8 @@
 //! an absence answer, and a look-up, history or history page (`?before=`) of an address whose
 //! newest version is a deletion, counts as a miss like a WKD 404 (the response carries
 //! [`FoundNothing`]), so the log is no better a dictionary oracle than WKD. The expensive
-//! requests (audits, look-ups with `since` or `witnessed`, histories, a head signed late) are served at most
+//! requests (audits, look-ups with `since` or `witnessed`, histories, a head signed late)
+//! are served at most
 //! [`MAX_HEAVY_AT_ONCE`] at a time per process, at most [`MAX_HEAVY_PER_CLIENT`] of them one
 //! client's (a client as `[web.limits]` counts it: an IPv4 address or an IPv6 /64); one that
 //! waits longer than [`HEAVY_WAIT`] for its turn is answered 503. The directory's own queue

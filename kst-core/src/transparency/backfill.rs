@@ -24,7 +24,7 @@
 //! request waits, so a log of 10⁵ epochs starts at once and fills its gaps in the background.
 //! A request that needs a missing head ([`fill`], for an audit range or one epoch) fills just
 //! those, in chunks of [`FILL_CHUNK`]. Each chunk's proof is also bounded in size: its steps
-//! are counted before it is built ([`KeyDirectory::audit_step_walk`]) and the chunk shrinks
+//! are counted before it is built ([`KeyDirectory::audit_step_walk_within`]) and the chunk shrinks
 //! until they hold at most [`FILL_MAX_ELEMENTS`]; an epoch whose proof alone holds more is
 //! refused unbuilt ([`TransparencyError::Range`]; the background backfill logs it and goes
 //! on past it). Before, one chunk of 32 busy epochs was one proof of many MB (about 300 KB a
@@ -39,7 +39,7 @@ use akd::storage::memory::AsyncInMemoryDatabase;
 use akd::{AppendOnlyProof, SingleAppendOnlyProof};
 
 use super::answer::{HTTP_STEP_BUDGET, STEP_ELEMENT_BYTES, head_text};
-use super::directory::KeyDirectory;
+use super::directory::{KeyDirectory, ReadBudget};
 use super::head::Head;
 use super::keys::LogKeys;
 use super::log::check_stored_head;
@@ -204,13 +204,13 @@ async fn fill_range(f: &Filler<'_>, from: u64, to: u64, now: u64) -> Result<(u64
     };
     let lower = from.saturating_sub(1);
     // The proof starts one epoch lower when that epoch's head is stored (its root anchors the
-    // first derived root); it ends at `upper`, one epoch higher when there is one.
+    // first derived root); it ends at `upper`, one epoch higher when there is one (and it
+    // fits, [`bounded_end`]).
     let start = match root_of(lower)? {
         Some(_) if lower < from => lower,
         _ => from,
     };
-    let to = bounded_end(f, start, from, to, latest).await?;
-    let upper = to.saturating_add(1).min(latest);
+    let (to, upper) = bounded_end(f, start, from, to, latest).await?;
     let missing: Vec<u64> = (from..=to)
         .filter(|e| !stored.iter().any(|(s, _)| s == e))
         .collect();
@@ -287,25 +287,47 @@ async fn fill_range(f: &Filler<'_>, from: u64, to: u64, now: u64) -> Result<(u64
 
 /// The last epoch, at most `to`, up to which a chunk from `from` can be filled with a proof
 /// starting at `start` (`start` is `from` or the epoch before it) of at most
-/// [`FILL_MAX_ELEMENTS`]: its steps (from `start` to one epoch past the chunk, or to the
-/// latest) counted one at a time, before anything is built (at most `4 *`
-/// [`FILL_MAX_ELEMENTS`] tree nodes read, and 64 more a step). [`TransparencyError::Range`]
-/// when even the chunk of `from` alone is over it.
-async fn bounded_end(f: &Filler<'_>, start: u64, from: u64, to: u64, latest: u64) -> Result<u64> {
+/// [`FILL_MAX_ELEMENTS`], and the epoch that proof ends at: its steps counted one at a time,
+/// before anything is built (at most `4 *` [`FILL_MAX_ELEMENTS`] tree nodes read, and 64 more
+/// a step). The proof ends one epoch past the chunk (or at the latest), whose root, when
+/// known, is one more check; when `start` is below `from` (its stored head anchors the
+/// derived roots) and that last step does not fit, the proof ends at the chunk's last epoch
+/// instead (a client stepping up to an epoch just before a large one still gets its head).
+/// [`TransparencyError::Range`] when even the chunk of `from` alone is over it.
+async fn bounded_end(
+    f: &Filler<'_>,
+    start: u64,
+    from: u64,
+    to: u64,
+    latest: u64,
+) -> Result<(u64, u64)> {
     let (mut counted, mut left) = (start, FILL_MAX_ELEMENTS);
+    let mut budget = ReadBudget::for_elements(FILL_MAX_ELEMENTS);
     let mut end = None;
     'chunk: for epoch in from..=to {
+        // The proof must reach `epoch` (its root is derived from the step into it, anchored
+        // below) or, without an anchor below, the epoch after it (the root before that step).
         let upper = epoch.saturating_add(1).min(latest);
+        let needed = if start < from { epoch } else { upper };
         while counted < upper {
-            match f.directory.audit_step_walk(counted, left).await?.count {
+            let walk = f
+                .directory
+                .audit_step_walk_within(counted, left, &mut budget)
+                .await?;
+            match walk.count {
                 Some(c) => {
                     left -= c.elements();
                     counted += 1;
                 }
-                None => break 'chunk,
+                None => {
+                    if counted >= needed {
+                        end = Some((epoch, counted));
+                    }
+                    break 'chunk;
+                }
             }
         }
-        end = Some(epoch);
+        end = Some((epoch, upper));
     }
     end.ok_or_else(|| {
         TransparencyError::Range(format!(
@@ -313,7 +335,10 @@ async fn bounded_end(f: &Filler<'_>, start: u64, from: u64, to: u64, latest: u64
              (epochs {start} to {}) holds more than {FILL_MAX_ELEMENTS} elements (about {} \
              MiB), more than kst builds for a head",
             f.keys.domain,
-            from.saturating_add(1).min(latest),
+            match start < from {
+                true => from,
+                false => from.saturating_add(1).min(latest),
+            },
             HTTP_STEP_BUDGET.bytes >> 20
         ))
     })

@@ -398,6 +398,27 @@ impl<S: Database + 'static> KeyDirectory<S> {
     /// [`KeyDirectory::audit_step_count`] with the number of tree nodes the walk read (what
     /// a refusal cost: the step planner adds them up, [`StepWalk::reads`]).
     pub async fn audit_step_walk(&self, epoch: u64, cap: usize) -> Result<StepWalk> {
+        self.walk_step(epoch, cap, cap.saturating_mul(4).saturating_add(64))
+            .await
+    }
+
+    /// [`KeyDirectory::audit_step_walk`] within `budget`, the reads of a count of many
+    /// steps ([`ReadBudget`]): `count` is `None` too when the step needs more reads than
+    /// the budget has left, and the reads are taken from it.
+    pub async fn audit_step_walk_within(
+        &self,
+        epoch: u64,
+        cap: usize,
+        budget: &mut ReadBudget,
+    ) -> Result<StepWalk> {
+        let read_cap = budget.next_cap(cap);
+        let walk = self.walk_step(epoch, cap, read_cap).await?;
+        budget.spend(walk.reads);
+        Ok(walk)
+    }
+
+    /// The walk of [`KeyDirectory::audit_step_walk`], reading at most `read_cap` nodes.
+    async fn walk_step(&self, epoch: u64, cap: usize, read_cap: usize) -> Result<StepWalk> {
         use akd::tree_node::{NodeKey, TreeNodeWithPreviousValue};
         let latest = self.azks().await?.get_latest_epoch();
         if epoch >= latest {
@@ -408,7 +429,6 @@ impl<S: Database + 'static> KeyDirectory<S> {
         let mut count = StepCount::default();
         let mut level = vec![NodeKey(akd::NodeLabel::root())];
         let mut reads = 0usize;
-        let read_cap = cap.saturating_mul(4).saturating_add(64);
         while !level.is_empty() {
             if reads + level.len() > read_cap {
                 return Ok(StepWalk { count: None, reads });
@@ -466,6 +486,38 @@ impl<S: Database + 'static> KeyDirectory<S> {
             count: Some(count),
             reads,
         })
+    }
+}
+
+/// The tree nodes a count of many steps may read in all ([`KeyDirectory::audit_step_walk_within`]):
+/// four per element of the count's budget and 64 more a step, and each walk at most its own
+/// `4 * cap + 64`. Without it each walk had only its own bound: a step of an old epoch in a
+/// tree that grew since reads many more nodes than it holds elements (the subtrees wholly
+/// newer than the step are read and skipped: up to two a level of the tree for each
+/// element), so a count of many such steps could read 9 to 18 nodes an element in all
+/// (red team: `rt18_a_far_behind_count_reads_at_most_four_nodes_an_element`), not the four
+/// the bounds were set for.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadBudget {
+    left: usize,
+}
+
+impl ReadBudget {
+    /// The budget of a count of at most `max_elements` elements.
+    pub fn for_elements(max_elements: usize) -> ReadBudget {
+        ReadBudget {
+            left: max_elements.saturating_mul(4),
+        }
+    }
+
+    /// The read cap of the next walk (of at most `cap` elements): the 64 of its step added.
+    fn next_cap(&mut self, cap: usize) -> usize {
+        self.left = self.left.saturating_add(64);
+        self.left.min(cap.saturating_mul(4).saturating_add(64))
+    }
+
+    fn spend(&mut self, reads: usize) {
+        self.left = self.left.saturating_sub(reads);
     }
 }
 

@@ -44,7 +44,7 @@ use super::answer::{
     STEP_ELEMENT_BYTES, StepBudget, head_text, parse_head,
 };
 use super::backfill::{self, Backfill, Filler};
-use super::directory::{KeyDirectory, LookupAnswer};
+use super::directory::{KeyDirectory, LookupAnswer, ReadBudget};
 use super::entry::{DirectoryEntry, EntryState};
 use super::head::{Cosignature, Head, SignedHead};
 use super::history::{HistoryAnswer, HistoryPage, PageAnswer};
@@ -1467,8 +1467,8 @@ impl Worker {
     /// Heads for the epochs of `from..=to` that have none ([`backfill::fill`]), for a request
     /// (an audit over them). The append-only proof over the range is counted first, as the
     /// audit's own is ([`Worker::bounded_audit`]): when it is over [`MAX_PROOF_ELEMENTS`] the
-    /// audit would be refused anyway, so nothing is filled (the fill builds akd's proof over
-    /// the missing epochs, in chunks, with no bound of its own: an audit over a long run of
+    /// audit would be refused anyway, so nothing is filled (the fill built akd's proof over
+    /// the missing epochs, in chunks, with no bound of its own then: an audit over a long run of
     /// busy epochs without heads made the thread build and check all of it, for anyone who
     /// asked, before the audit was refused; red team round 10). The background backfill still
     /// fills them, one chunk at a time while the log is idle. Each chunk's proof is bounded
@@ -2029,16 +2029,21 @@ impl Worker {
     /// The oldest epoch `e`, not before `lowest`, from which akd's append-only proof to `to`
     /// holds at most `max_elements` elements (`to` itself when not even the step from
     /// `to - 1` does): each step counted before anything is built, newest first
-    /// ([`KeyDirectory::audit_step_walk`], at most `4 * max_elements` node reads in all, and
-    /// 64 more per step). The steps of old epochs are the large ones (akd builds
+    /// ([`KeyDirectory::audit_step_walk_within`], at most `4 * max_elements` node reads in
+    /// all, and 64 more per step: [`ReadBudget`]; a step that needs more ends the reach there,
+    /// as one over the elements does). The steps of old epochs are the large ones (akd builds
     /// every step from the latest tree), so without this a request for a proof over many
     /// busy epochs made the server build hundreds of megabytes that every client refuses
     /// (red team round 10). The nodes read are added to [`DomainLog::step_reads`].
     async fn reach_back(&self, lowest: u64, to: u64, max_elements: usize) -> Result<u64> {
         let (mut reached, mut left, mut reads) = (to, max_elements, 0usize);
+        let mut budget = ReadBudget::for_elements(max_elements);
         let result: Result<()> = async {
             while reached > lowest {
-                let walk = self.dir()?.audit_step_walk(reached - 1, left).await?;
+                let walk = self
+                    .dir()?
+                    .audit_step_walk_within(reached - 1, left, &mut budget)
+                    .await?;
                 reads += walk.reads;
                 match walk.count {
                     Some(c) => {
@@ -2091,6 +2096,8 @@ impl Worker {
         let budget = steps.budget;
         let max_elements = budget.bytes / STEP_ELEMENT_BYTES;
         let (mut elements, mut inserted, mut to, mut reads) = (0usize, 0usize, from, 0usize);
+        // The reads of all the steps' walks: 4 a budgeted element and 64 a step.
+        let mut read_budget = ReadBudget::for_elements(max_elements);
         let result: Result<()> = async {
             while to < latest && to - from < budget.epochs {
                 let left = max_elements.saturating_sub(elements);
@@ -2100,7 +2107,10 @@ impl Worker {
                     true => left.min(FIRST_STEP_MAX_ELEMENTS),
                     false => left,
                 };
-                let walk = self.dir()?.audit_step_walk(to, cap).await?;
+                let walk = self
+                    .dir()?
+                    .audit_step_walk_within(to, cap, &mut read_budget)
+                    .await?;
                 reads += walk.reads;
                 match walk.count {
                     Some(c) if inserted + c.inserted <= budget.changes => {
