@@ -193,7 +193,17 @@ fn serve_lmtp(
     counters: &OwnRedis,
     limits: &[(&str, &str)],
 ) -> ServeProcess {
-    let url = counters.url();
+    serve_url(kst, name, (web, http, lmtp), &counters.url(), limits)
+}
+
+/// [`serve_lmtp`] with the counters at `url` (and more settings in `env`).
+fn serve_url(
+    kst: &TestKst,
+    name: &str,
+    (web, http, lmtp): (SocketAddr, SocketAddr, SocketAddr),
+    url: &str,
+    env: &[(&str, &str)],
+) -> ServeProcess {
     ServeProcess::start(kst.dir.path().join(format!("{name}.log")), http, |cmd| {
         cmd.arg("--config")
             .arg(&kst.config)
@@ -203,7 +213,7 @@ fn serve_lmtp(
             .env("KST_WEB__COUNTERS__BACKEND", "redis")
             .env("KST_WEB__COUNTERS__URL", url)
             .env("KST_WEB__COUNTERS__PREFIX", PREFIX)
-            .envs(limits.iter().copied());
+            .envs(env.iter().copied());
     })
 }
 
@@ -474,7 +484,7 @@ fn the_counter_redis_down_answers_503_and_readyz_says_so_until_it_is_back() {
 /// Red team (counters and shares): the counter Redis stalls (`SIGSTOP`: connections open,
 /// nothing answered), which is worse than down (refused at once). Every request is still
 /// answered, 200 while write-behind admits it or 503 once it waits for a write, within the
-/// counters' operation timeout (10 s) and a margin; `/readyz` says so; once the Redis answers
+/// counters' bound on a call (`connect_timeout_ms + response_timeout_ms`, 5 s) and a margin; `/readyz` says so; once the Redis answers
 /// again, requests are 200 and `/readyz` is ready.
 #[test]
 fn a_stalled_counter_redis_answers_503_within_its_timeout_and_recovers() {
@@ -550,6 +560,150 @@ fn a_stalled_counter_redis_answers_503_within_its_timeout_and_recovers() {
     }
     drop(rt);
     assert_eq!(serve.stop(), 0);
+}
+
+/// What a [`MuteRedis`] says before it falls silent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mute {
+    /// Nothing: a connection's set-up (`CLIENT SETINFO`) is never answered.
+    Always,
+    /// `+OK` to the set-up's two `CLIENT SETINFO`, then nothing: the connection is up and
+    /// no command is ever answered.
+    AfterSetup,
+}
+
+/// A loopback listener that accepts TCP connections and reads what they send, but answers
+/// nothing (or only the connection's set-up): a Redis that hangs, which is worse than down
+/// (refused at once). Its threads end with the connections (or the test process).
+struct MuteRedis {
+    addr: SocketAddr,
+}
+
+impl MuteRedis {
+    fn start(mute: Mute) -> MuteRedis {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a mute Redis");
+        let addr = listener.local_addr().expect("its address");
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let (mut seen, mut answered) = (Vec::new(), 0);
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = conn.read(&mut buf) {
+                        if mute == Mute::Always || answered == 2 {
+                            continue;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        let asked = seen.windows(7).filter(|w| w == b"SETINFO").count();
+                        while answered < asked.min(2) {
+                            if conn.write_all(b"+OK\r\n").is_err() {
+                                return;
+                            }
+                            answered += 1;
+                        }
+                    }
+                });
+            }
+        });
+        MuteRedis { addr }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+}
+
+/// How long each of `n` look-ups of one client (answered one after another) took, and its
+/// status, against a `kst serve` whose counters are at `url`, with `timeouts` set and
+/// `per_client` below write-behind's `EXACT_BELOW`, so that every request waits for its own
+/// counters call.
+fn look_ups_against(
+    kst: &TestKst,
+    name: &str,
+    url: &str,
+    timeouts: &[(&str, &str)],
+    n: usize,
+) -> Vec<(u16, Duration)> {
+    let (web, http) = (free_port(), free_port());
+    let mut env = vec![
+        ("KST_WEB__LIMITS__PER_CLIENT", "10"),
+        ("KST_WEB__LIMITS__PER_CLIENT_MISSES", "0"),
+        ("KST_WEB__LIMITS__GLOBAL_MISSES", "0"),
+    ];
+    env.extend_from_slice(timeouts);
+    let serve = serve_url(kst, name, (web, http, free_port()), url, &env);
+    let rt = runtime();
+    let client = Ipv4Addr::new(127, 0, 0, 100);
+    let answers: Vec<(u16, Duration)> = (0..n)
+        .map(|_| {
+            let started = Instant::now();
+            let status = rt
+                .block_on(async {
+                    tokio::time::timeout(DEADLINE, get_from(client, web, FOUND)).await
+                })
+                .unwrap_or_else(|_| panic!("a request hung:\n{}", serve.log()));
+            (status, started.elapsed())
+        })
+        .collect();
+    assert!(
+        answers.iter().all(|a| a.0 == 503),
+        "503 while the counters cannot be reached: {answers:?}\n{}",
+        serve.log()
+    );
+    let (status, body) = http_get(http, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("web-counters(redis)"), "{body}");
+    drop(rt);
+    assert_eq!(serve.stop(), 0);
+    answers
+}
+
+/// `[web.counters] connect_timeout_ms` and `response_timeout_ms` bound what a counters Redis
+/// that accepts TCP and never answers costs a request: one that never answers a connection's
+/// set-up costs about `connect_timeout_ms` (the connection is tried twice, and a call is cut
+/// off after `connect_timeout_ms + response_timeout_ms`), one that answers the set-up and then
+/// nothing about `response_timeout_ms`. Every request is answered 503 (as when the counters
+/// are down), none hangs. The bounds asserted are below what the defaults (2 s, 3 s: 5 s a
+/// call) would cost, so they show the settings are used, with a wide margin for a busy host;
+/// they are not a speed check.
+#[test]
+fn a_counter_redis_that_never_answers_costs_a_request_about_its_timeouts() {
+    let kst = TestKst::with_store("", &Store::Fs);
+    let gpg = Gpg::new();
+    kst.publish_by_mail(&gpg.generate("Alice", "alice@example.net", "ed25519"));
+
+    let silent = MuteRedis::start(Mute::Always);
+    let answers = look_ups_against(
+        &kst,
+        "connect",
+        &silent.url(),
+        &[("KST_WEB__COUNTERS__CONNECT_TIMEOUT_MS", "250")],
+        3,
+    );
+    eprintln!("set-up never answered, connect_timeout_ms = 250: {answers:?}");
+    for (_, took) in &answers {
+        assert!(
+            *took < Duration::from_millis(2_500),
+            "about 2 x connect_timeout_ms, far below the default's 5 s: {answers:?}"
+        );
+    }
+
+    let mute = MuteRedis::start(Mute::AfterSetup);
+    let answers = look_ups_against(
+        &kst,
+        "response",
+        &mute.url(),
+        &[("KST_WEB__COUNTERS__RESPONSE_TIMEOUT_MS", "250")],
+        3,
+    );
+    eprintln!("commands never answered, response_timeout_ms = 250: {answers:?}");
+    for (_, took) in &answers {
+        assert!(
+            *took < Duration::from_millis(2_000),
+            "about response_timeout_ms, far below the default's 3 s: {answers:?}"
+        );
+    }
 }
 
 /// One LMTP transaction on a new connection to `at`: `sender`'s message `raw` for

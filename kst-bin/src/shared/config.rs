@@ -1289,6 +1289,40 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.web.counters.sentinels.len(), 2);
+        let c = env(&[
+            ("KST_WEB__COUNTERS__BACKEND", "redis"),
+            ("KST_WEB__COUNTERS__URL", "redis://127.0.0.1:6380"),
+            ("KST_WEB__COUNTERS__CONNECT_TIMEOUT_MS", "250"),
+            ("KST_WEB__COUNTERS__RESPONSE_TIMEOUT_MS", "400"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.web.counters.connect_timeout(),
+            std::time::Duration::from_millis(250)
+        );
+        assert_eq!(
+            c.web.counters.response_timeout(),
+            std::time::Duration::from_millis(400)
+        );
+        assert_eq!(
+            c.web.counters.call_timeout(),
+            std::time::Duration::from_millis(650)
+        );
+        for (var, value) in [
+            ("KST_WEB__COUNTERS__CONNECT_TIMEOUT_MS", "0"),
+            ("KST_WEB__COUNTERS__RESPONSE_TIMEOUT_MS", "60001"),
+            (
+                "KST_WEB__COUNTERS__RESPONSE_TIMEOUT_MS",
+                "18446744073709551615",
+            ),
+        ] {
+            let e = env(&[(var, value)]).unwrap_err();
+            let key = var
+                .trim_start_matches("KST_")
+                .replace("__", ".")
+                .to_lowercase();
+            assert!(e.to_string().contains(&key), "{var}={value}: {e}");
+        }
         let e = env(&[("KST_WEB__COUNTERS__BACKEND", "redis")]).unwrap_err();
         assert!(e.to_string().contains("web.counters.url"), "{e}");
         assert!(
