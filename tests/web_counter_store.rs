@@ -614,25 +614,26 @@ impl MuteRedis {
     }
 }
 
-/// How long each of `n` look-ups of one client (answered one after another) took, and its
-/// status, against a `kst serve` whose counters are at `url`, with `timeouts` set and
-/// `per_client` below write-behind's `EXACT_BELOW`, so that every request waits for its own
-/// counters call.
+/// The limits with `per_client` below write-behind's `EXACT_BELOW`: every request waits for
+/// its own counters call.
+const EXACT: [(&str, &str); 3] = [
+    ("KST_WEB__LIMITS__PER_CLIENT", "10"),
+    ("KST_WEB__LIMITS__PER_CLIENT_MISSES", "0"),
+    ("KST_WEB__LIMITS__GLOBAL_MISSES", "0"),
+];
+
+/// The status of each of `n` look-ups of one client (answered one after another) and how
+/// long it took, against a `kst serve` with `env` whose counters are at `url`, which cannot
+/// be reached: `/readyz` says so.
 fn look_ups_against(
     kst: &TestKst,
     name: &str,
     url: &str,
-    timeouts: &[(&str, &str)],
+    env: &[(&str, &str)],
     n: usize,
 ) -> Vec<(u16, Duration)> {
     let (web, http) = (free_port(), free_port());
-    let mut env = vec![
-        ("KST_WEB__LIMITS__PER_CLIENT", "10"),
-        ("KST_WEB__LIMITS__PER_CLIENT_MISSES", "0"),
-        ("KST_WEB__LIMITS__GLOBAL_MISSES", "0"),
-    ];
-    env.extend_from_slice(timeouts);
-    let serve = serve_url(kst, name, (web, http, free_port()), url, &env);
+    let serve = serve_url(kst, name, (web, http, free_port()), url, env);
     let rt = runtime();
     let client = Ipv4Addr::new(127, 0, 0, 100);
     let answers: Vec<(u16, Duration)> = (0..n)
@@ -646,11 +647,6 @@ fn look_ups_against(
             (status, started.elapsed())
         })
         .collect();
-    assert!(
-        answers.iter().all(|a| a.0 == 503),
-        "503 while the counters cannot be reached: {answers:?}\n{}",
-        serve.log()
-    );
     let (status, body) = http_get(http, "/readyz");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("web-counters(redis)"), "{body}");
@@ -663,45 +659,69 @@ fn look_ups_against(
 /// that accepts TCP and never answers costs a request: one that never answers a connection's
 /// set-up costs about `connect_timeout_ms` (the connection is tried twice, and a call is cut
 /// off after `connect_timeout_ms + response_timeout_ms`), one that answers the set-up and then
-/// nothing about `response_timeout_ms`. Every request is answered 503 (as when the counters
-/// are down), none hangs. The bounds asserted are below what the defaults (2 s, 3 s: 5 s a
-/// call) would cost, so they show the settings are used, with a wide margin for a busy host;
-/// they are not a speed check.
+/// nothing about `response_timeout_ms`. With `per_client` below 32 every request waits for its
+/// call and is answered 503 (as when the counters are down); with the default limits
+/// (write-behind) a client is served up to `CAP` requests, then waits for a write and gets 503.
+/// None hangs. The bounds asserted are below what the defaults (2 s, 3 s: 5 s a call, a
+/// mute set-up about 4 s) would cost, so they show the settings are used, with a wide margin
+/// for a busy host; they are not a speed check.
 #[test]
 fn a_counter_redis_that_never_answers_costs_a_request_about_its_timeouts() {
     let kst = TestKst::with_store("", &Store::Fs);
     let gpg = Gpg::new();
     kst.publish_by_mail(&gpg.generate("Alice", "alice@example.net", "ed25519"));
+    let connect = ("KST_WEB__COUNTERS__CONNECT_TIMEOUT_MS", "250");
 
     let silent = MuteRedis::start(Mute::Always);
     let answers = look_ups_against(
         &kst,
         "connect",
         &silent.url(),
-        &[("KST_WEB__COUNTERS__CONNECT_TIMEOUT_MS", "250")],
+        &[&EXACT[..], &[connect]].concat(),
         3,
     );
     eprintln!("set-up never answered, connect_timeout_ms = 250: {answers:?}");
-    for (_, took) in &answers {
+    for (status, took) in &answers {
+        assert_eq!(*status, 503, "the counters cannot be reached: {answers:?}");
         assert!(
             *took < Duration::from_millis(2_500),
-            "about 2 x connect_timeout_ms, far below the default's 5 s: {answers:?}"
+            "about 2 x connect_timeout_ms, far below the default's 4 s: {answers:?}"
         );
     }
 
     let mute = MuteRedis::start(Mute::AfterSetup);
+    let response = ("KST_WEB__COUNTERS__RESPONSE_TIMEOUT_MS", "250");
     let answers = look_ups_against(
         &kst,
         "response",
         &mute.url(),
-        &[("KST_WEB__COUNTERS__RESPONSE_TIMEOUT_MS", "250")],
+        &[&EXACT[..], &[response]].concat(),
         3,
     );
     eprintln!("commands never answered, response_timeout_ms = 250: {answers:?}");
-    for (_, took) in &answers {
+    for (status, took) in &answers {
+        assert_eq!(*status, 503, "the counters cannot be reached: {answers:?}");
         assert!(
             *took < Duration::from_millis(2_000),
             "about response_timeout_ms, far below the default's 3 s: {answers:?}"
+        );
+    }
+
+    // The default limits: write-behind admits a client's first requests without a verdict,
+    // then they wait for a write (the one in flight, then theirs: two calls at most).
+    let cap = kst_bin::server::web::writebehind::CAP as usize;
+    let answers = look_ups_against(&kst, "write-behind", &silent.url(), &[connect], cap + 4);
+    eprintln!("write-behind, set-up never answered, connect_timeout_ms = 250: {answers:?}");
+    let served = answers.iter().take_while(|a| a.0 == 200).count();
+    assert!(
+        served <= cap && answers[served..].iter().all(|a| a.0 == 503),
+        "at most CAP admitted, then 503: {answers:?}"
+    );
+    for (_, took) in &answers {
+        assert!(
+            *took < Duration::from_millis(3_500),
+            "about two calls of 2 x connect_timeout_ms at most, below one call at the \
+             defaults (4 s): {answers:?}"
         );
     }
 }
