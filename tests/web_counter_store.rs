@@ -193,16 +193,16 @@ fn serve_lmtp(
     counters: &OwnRedis,
     limits: &[(&str, &str)],
 ) -> ServeProcess {
-    serve_lmtp_at(kst, name, ports, &counters.url(), limits)
+    serve_url(kst, name, ports, &counters.url(), limits)
 }
 
-/// [`serve_lmtp`] with the counters at `url`.
-fn serve_lmtp_at(
+/// [`serve_lmtp`] with the counters at `url` (and more settings in `env`).
+fn serve_url(
     kst: &TestKst,
     name: &str,
     (web, http, lmtp): (SocketAddr, SocketAddr, SocketAddr),
     url: &str,
-    limits: &[(&str, &str)],
+    env: &[(&str, &str)],
 ) -> ServeProcess {
     ServeProcess::start(kst.dir.path().join(format!("{name}.log")), http, |cmd| {
         cmd.arg("--config")
@@ -213,7 +213,7 @@ fn serve_lmtp_at(
             .env("KST_WEB__COUNTERS__BACKEND", "redis")
             .env("KST_WEB__COUNTERS__URL", url)
             .env("KST_WEB__COUNTERS__PREFIX", PREFIX)
-            .envs(limits.iter().copied());
+            .envs(env.iter().copied());
     })
 }
 
@@ -484,7 +484,7 @@ fn the_counter_redis_down_answers_503_and_readyz_says_so_until_it_is_back() {
 /// Red team (counters and shares): the counter Redis stalls (`SIGSTOP`: connections open,
 /// nothing answered), which is worse than down (refused at once). Every request is still
 /// answered, 200 while write-behind admits it or 503 once it waits for a write, within the
-/// counters' operation timeout (10 s) and a margin; `/readyz` says so; once the Redis answers
+/// counters' bound on a call (`connect_timeout_ms + response_timeout_ms`, 5 s) and a margin; `/readyz` says so; once the Redis answers
 /// again, requests are 200 and `/readyz` is ready.
 #[test]
 fn a_stalled_counter_redis_answers_503_within_its_timeout_and_recovers() {
@@ -560,6 +560,170 @@ fn a_stalled_counter_redis_answers_503_within_its_timeout_and_recovers() {
     }
     drop(rt);
     assert_eq!(serve.stop(), 0);
+}
+
+/// What a [`MuteRedis`] says before it falls silent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mute {
+    /// Nothing: a connection's set-up (`CLIENT SETINFO`) is never answered.
+    Always,
+    /// `+OK` to the set-up's two `CLIENT SETINFO`, then nothing: the connection is up and
+    /// no command is ever answered.
+    AfterSetup,
+}
+
+/// A loopback listener that accepts TCP connections and reads what they send, but answers
+/// nothing (or only the connection's set-up): a Redis that hangs, which is worse than down
+/// (refused at once). Its threads end with the connections (or the test process).
+struct MuteRedis {
+    addr: SocketAddr,
+}
+
+impl MuteRedis {
+    fn start(mute: Mute) -> MuteRedis {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a mute Redis");
+        let addr = listener.local_addr().expect("its address");
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let (mut seen, mut answered) = (Vec::new(), 0);
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = conn.read(&mut buf) {
+                        if mute == Mute::Always || answered == 2 {
+                            continue;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        let asked = seen.windows(7).filter(|w| w == b"SETINFO").count();
+                        while answered < asked.min(2) {
+                            if conn.write_all(b"+OK\r\n").is_err() {
+                                return;
+                            }
+                            answered += 1;
+                        }
+                    }
+                });
+            }
+        });
+        MuteRedis { addr }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+}
+
+/// The limits with `per_client` below write-behind's `EXACT_BELOW`: every request waits for
+/// its own counters call.
+const EXACT: [(&str, &str); 3] = [
+    ("KST_WEB__LIMITS__PER_CLIENT", "10"),
+    ("KST_WEB__LIMITS__PER_CLIENT_MISSES", "0"),
+    ("KST_WEB__LIMITS__GLOBAL_MISSES", "0"),
+];
+
+/// The status of each of `n` look-ups of one client (answered one after another) and how
+/// long it took, against a `kst serve` with `env` whose counters are at `url`, which cannot
+/// be reached: `/readyz` says so.
+fn look_ups_against(
+    kst: &TestKst,
+    name: &str,
+    url: &str,
+    env: &[(&str, &str)],
+    n: usize,
+) -> Vec<(u16, Duration)> {
+    let (web, http) = (free_port(), free_port());
+    let serve = serve_url(kst, name, (web, http, free_port()), url, env);
+    let rt = runtime();
+    let client = Ipv4Addr::new(127, 0, 0, 100);
+    let answers: Vec<(u16, Duration)> = (0..n)
+        .map(|_| {
+            let started = Instant::now();
+            let status = rt
+                .block_on(async {
+                    tokio::time::timeout(DEADLINE, get_from(client, web, FOUND)).await
+                })
+                .unwrap_or_else(|_| panic!("a request hung:\n{}", serve.log()));
+            (status, started.elapsed())
+        })
+        .collect();
+    let (status, body) = http_get(http, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("web-counters(redis)"), "{body}");
+    drop(rt);
+    assert_eq!(serve.stop(), 0);
+    answers
+}
+
+/// `[web.counters] connect_timeout_ms` and `response_timeout_ms` bound what a counters Redis
+/// that accepts TCP and never answers costs a request: one that never answers a connection's
+/// set-up costs about `connect_timeout_ms` (the connection is tried twice, and a call is cut
+/// off after `connect_timeout_ms + response_timeout_ms`), one that answers the set-up and then
+/// nothing about `response_timeout_ms`. With `per_client` below 32 every request waits for its
+/// call and is answered 503 (as when the counters are down); with the default limits
+/// (write-behind) a client is served up to `CAP` requests, then waits for a write and gets 503.
+/// None hangs. The bounds asserted are below what the defaults (2 s, 3 s: 5 s a call, a
+/// mute set-up about 4 s) would cost, so they show the settings are used, with a wide margin
+/// for a busy host; they are not a speed check.
+#[test]
+fn a_counter_redis_that_never_answers_costs_a_request_about_its_timeouts() {
+    let kst = TestKst::with_store("", &Store::Fs);
+    let gpg = Gpg::new();
+    kst.publish_by_mail(&gpg.generate("Alice", "alice@example.net", "ed25519"));
+    let connect = ("KST_WEB__COUNTERS__CONNECT_TIMEOUT_MS", "250");
+
+    let silent = MuteRedis::start(Mute::Always);
+    let answers = look_ups_against(
+        &kst,
+        "connect",
+        &silent.url(),
+        &[&EXACT[..], &[connect]].concat(),
+        3,
+    );
+    eprintln!("set-up never answered, connect_timeout_ms = 250: {answers:?}");
+    for (status, took) in &answers {
+        assert_eq!(*status, 503, "the counters cannot be reached: {answers:?}");
+        assert!(
+            *took < Duration::from_millis(2_500),
+            "about 2 x connect_timeout_ms, far below the default's 4 s: {answers:?}"
+        );
+    }
+
+    let mute = MuteRedis::start(Mute::AfterSetup);
+    let response = ("KST_WEB__COUNTERS__RESPONSE_TIMEOUT_MS", "250");
+    let answers = look_ups_against(
+        &kst,
+        "response",
+        &mute.url(),
+        &[&EXACT[..], &[response]].concat(),
+        3,
+    );
+    eprintln!("commands never answered, response_timeout_ms = 250: {answers:?}");
+    for (status, took) in &answers {
+        assert_eq!(*status, 503, "the counters cannot be reached: {answers:?}");
+        assert!(
+            *took < Duration::from_millis(2_000),
+            "about response_timeout_ms, far below the default's 3 s: {answers:?}"
+        );
+    }
+
+    // The default limits: write-behind admits a client's first requests without a verdict,
+    // then they wait for a write (the one in flight, then theirs: two calls at most).
+    let cap = kst_bin::server::web::writebehind::CAP as usize;
+    let answers = look_ups_against(&kst, "write-behind", &silent.url(), &[connect], cap + 4);
+    eprintln!("write-behind, set-up never answered, connect_timeout_ms = 250: {answers:?}");
+    let served = answers.iter().take_while(|a| a.0 == 200).count();
+    assert!(
+        served <= cap && answers[served..].iter().all(|a| a.0 == 503),
+        "at most CAP admitted, then 503: {answers:?}"
+    );
+    for (_, took) in &answers {
+        assert!(
+            *took < Duration::from_millis(3_500),
+            "about two calls of 2 x connect_timeout_ms at most, below one call at the \
+             defaults (4 s): {answers:?}"
+        );
+    }
 }
 
 /// One LMTP transaction on a new connection to `at`: `sender`'s message `raw` for
@@ -661,7 +825,7 @@ fn the_lmtp_side_is_ready_while_the_counter_redis_is_down() {
     // A loopback port nobody listens on (bound, then closed).
     let closed = format!("redis://{}", free_port());
     let (web, http, lmtp) = (free_port(), free_port(), free_port());
-    let serve = serve_lmtp_at(&kst, "serve", (web, http, lmtp), &closed, &[]);
+    let serve = serve_url(&kst, "serve", (web, http, lmtp), &closed, &[]);
 
     let (status, body) = http_get(http, "/readyz");
     assert_eq!(status, 503, "{body}");

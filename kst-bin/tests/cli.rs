@@ -182,3 +182,29 @@ fn keys_on_an_empty_store_and_an_unreachable_one() {
     );
     assert_eq!(code(&o), 69, "{}", err(&o));
 }
+
+/// `kst config check` warns (and still passes) when `[web.counters]` names the Redis key
+/// store's server by another spelling (`localhost` and `127.0.0.1:6379`), and not for another
+/// port of the host.
+#[test]
+fn config_check_warns_when_the_counters_name_the_key_stores_redis_otherwise() {
+    const WARNING: &str = "warning: web.counters names a server of the Redis key store";
+    let check = |counters: &str| {
+        kst(
+            &["config", "check"],
+            &[
+                ("KST_KST__DOMAINS", "example.net"),
+                ("KST_STORE__BACKEND", "redis"),
+                ("KST_STORE__URL", "redis://:pw@localhost/0"),
+                ("KST_WEB__COUNTERS__BACKEND", "redis"),
+                ("KST_WEB__COUNTERS__URL", counters),
+            ],
+        )
+    };
+    let o = check("redis://127.0.0.1:6379/1");
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(err(&o).contains(WARNING), "{}", err(&o));
+    let o = check("redis://127.0.0.1:6380");
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(!err(&o).contains(WARNING), "{}", err(&o));
+}

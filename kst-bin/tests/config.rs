@@ -674,3 +674,64 @@ fn dkim_keys_come_from_the_file_or_the_environment() {
     let e = Config::load_with_env(Some(&path), env(&[("KST_DKIM__KEY", "/x")])).unwrap_err();
     assert!(e.to_string().contains("key"), "{e}");
 }
+
+/// Red team (counters and shares), follow-up: `kst config check` warns when `[web.counters]`
+/// names a server of the Redis key store, which was compared as written, so that
+/// `redis://localhost` and `redis://127.0.0.1:6379` were two servers. Servers are now compared
+/// by address through the system resolver (`127.1` is a spelling only `getaddrinfo` knows),
+/// loopback spellings are one host, a port left out is 6379; sentinels and cluster nodes too.
+#[test]
+fn web_counters_on_the_key_stores_redis_are_recognized_by_address() {
+    let load = |vars: &[(&str, &str)]| {
+        let mut all = vec![
+            ("KST_KST__DOMAINS", "example.net"),
+            ("KST_STORE__BACKEND", "redis"),
+            ("KST_WEB__COUNTERS__BACKEND", "redis"),
+        ];
+        all.extend_from_slice(vars);
+        Config::load_with_env(None, env(&all)).unwrap()
+    };
+    for (store, counters, same) in [
+        ("redis://localhost", "redis://127.0.0.1:6379/1", true),
+        ("redis://127.0.0.1:6379", "redis://[::1]", true),
+        ("redis://:pw@localhost:6379/0", "redis://127.1", true),
+        (
+            "redis://127.1:6379",
+            "redis://[::ffff:127.0.0.1]:6379",
+            true,
+        ),
+        ("redis://localhost:6379", "redis://127.0.0.1:6380", false),
+        ("redis://127.0.0.1", "redis://192.0.2.1", false),
+    ] {
+        let c = load(&[
+            ("KST_STORE__URL", store),
+            ("KST_WEB__COUNTERS__URL", counters),
+        ]);
+        assert_eq!(
+            c.web_counters_on_the_key_store(),
+            same,
+            "{store} {counters}"
+        );
+    }
+    let c = load(&[
+        (
+            "KST_STORE__CLUSTER_NODES",
+            "redis://localhost:7000 redis://localhost:7001",
+        ),
+        ("KST_WEB__COUNTERS__CLUSTER_NODES", "redis://127.0.0.1:7001"),
+    ]);
+    assert!(
+        c.web_counters_on_the_key_store(),
+        "a cluster node in common"
+    );
+    let sentinels = |theirs: &str| {
+        load(&[
+            ("KST_STORE__SENTINELS", "redis://localhost:26379"),
+            ("KST_STORE__SENTINEL_MASTER", "kst"),
+            ("KST_WEB__COUNTERS__SENTINELS", theirs),
+            ("KST_WEB__COUNTERS__SENTINEL_MASTER", "kst"),
+        ])
+    };
+    assert!(sentinels("redis://[::1]:26379").web_counters_on_the_key_store());
+    assert!(!sentinels("redis://[::1]:26380").web_counters_on_the_key_store());
+}

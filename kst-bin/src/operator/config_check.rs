@@ -85,7 +85,14 @@ async fn check(
         }
         None => eprintln!("kst: replies are not DKIM-signed ([dkim] names no key file)"),
     }
-    if cfg.web_counters_on_the_key_store() {
+    // The hosts are resolved (getaddrinfo blocks): off the async workers.
+    let shared = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || cfg.web_counters_on_the_key_store())
+            .await
+            .unwrap_or(false)
+    };
+    if shared {
         eprintln!(
             "kst: warning: web.counters names a server of the Redis key store: the counters then \
              share its event loop and its log syncs, which a Redis of their own is meant to \

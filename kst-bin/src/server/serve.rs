@@ -48,7 +48,7 @@ Config keys: [lmtp] listen, socket_group, allow, max_connections, command_timeou
 data_timeout_secs, max_recipients, shutdown_grace_secs; [limits] max_message_bytes; [http]
 listen (\"\" turns it off); [web] listen (the public WKD/VKS/HKP listener, off unless set),
 tls_cert, tls_key, trusted_proxies, [web.limits] and [web.counters] (the limits' counters on a
-Redis of their own).
+Redis of their own, with its connect_timeout_ms and response_timeout_ms).
 See deploy/kst.toml and docs/OPERATIONS.md.";
 
 /// Runs `kst serve` with the configuration at `config` (without one: the embedded quick-start

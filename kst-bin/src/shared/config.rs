@@ -847,24 +847,49 @@ impl Config {
         Ok(policy)
     }
 
-    /// Whether `[web.counters]` names a server of the Redis key store itself (the same
-    /// `host:port` in `url`, a sentinel in common with the same master, or a cluster node in
-    /// common): the counters then share the key store's event loop and log syncs, which a
-    /// Redis of their own is meant to avoid (red team, counters and shares: accepted
-    /// silently). Spellings of one server by other names (a host name and its address) are
-    /// not recognized.
+    /// Whether `[web.counters]` names a server of the Redis key store itself (the same server
+    /// in `url`, a sentinel in common with the same master, or a cluster node in common): the
+    /// counters then share the key store's event loop and log syncs, which a Redis of their own
+    /// is meant to avoid (red team, counters and shares: accepted silently). Servers are
+    /// compared by address: each host is resolved with the system resolver ([`system_resolve`],
+    /// which blocks: call it off the async workers), so that a host name and its address, or
+    /// two names of one host, are one server; see [`Self::web_counters_on_the_key_store_with`].
     pub fn web_counters_on_the_key_store(&self) -> bool {
+        self.web_counters_on_the_key_store_with(&system_resolve)
+    }
+
+    /// [`Self::web_counters_on_the_key_store`] with `resolve` giving the addresses of a host
+    /// name (nothing when it cannot: the name is then compared as written). Two servers are
+    /// one when their ports are equal (6379 when a URL gives none) and their hosts are the
+    /// same name (case aside) or have an address in common; every loopback address
+    /// (`127.0.0.0/8`, `::1`, their IPv4-mapped forms), the unspecified addresses (`0.0.0.0`,
+    /// `::`, which reach this host) and `localhost` (`*.localhost`) are one host. A URL's host is
+    /// only compared for one server on both sides (with `sentinels` or `cluster_nodes`, the
+    /// URL's host is not used).
+    pub fn web_counters_on_the_key_store_with(
+        &self,
+        resolve: &dyn Fn(&str, u16) -> Vec<std::net::IpAddr>,
+    ) -> bool {
         let c = &self.web.counters;
         let s = &self.store;
         if !c.own() || s.backend != StoreBackend::Redis {
             return false;
         }
-        let common = |a: &[String], b: &[String]| {
-            a.iter()
+        let servers = |urls: &[String]| -> Vec<Endpoints> {
+            urls.iter()
                 .filter_map(|u| server_of(u))
-                .any(|x| b.iter().filter_map(|u| server_of(u)).any(|y| x == y))
+                .map(|(host, port)| Endpoints::of(host, port, resolve))
+                .collect()
         };
-        let same_url = server_of(&c.url).is_some() && server_of(&c.url) == server_of(&s.url);
+        let common = |a: &[String], b: &[String]| {
+            let b = servers(b);
+            servers(a).iter().any(|x| b.iter().any(|y| x.meets(y)))
+        };
+        let single =
+            |sentinels: &[String], nodes: &[String]| sentinels.is_empty() && nodes.is_empty();
+        let same_url = single(&c.sentinels, &c.cluster_nodes)
+            && single(&s.sentinels, &s.cluster_nodes)
+            && common(std::slice::from_ref(&c.url), std::slice::from_ref(&s.url));
         same_url
             || (c.sentinel_master.trim() == s.sentinel_master.trim()
                 && common(&c.sentinels, &s.sentinels))
@@ -945,28 +970,90 @@ fn is_host_name(h: &str) -> bool {
         })
 }
 
-/// The `host:port` of a Redis URL (lower case; port 6379 when none is written), `None` when
-/// it names no host.
-fn server_of(url: &str) -> Option<String> {
+/// The host (lower case, IPv6 without its brackets) and port (6379 when none is written) of
+/// a Redis URL, `None` when it names no host (a Unix socket, a URL without `://`) or its port
+/// is not a number.
+fn server_of(url: &str) -> Option<(String, u16)> {
     let rest = url.trim().split_once("://")?.1;
     let authority = rest.split(['/', '?', '#']).next()?;
     let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    if host_port.is_empty() {
+    let host_port = host_port.to_ascii_lowercase();
+    let (host, port) = if let Some(v6) = host_port.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        match after {
+            "" => (host, None),
+            p => (host, Some(p.strip_prefix(':')?)),
+        }
+    } else {
+        match host_port.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (host_port.as_str(), None),
+        }
+    };
+    if host.is_empty() {
         return None;
     }
-    let host_port = host_port.to_ascii_lowercase();
-    let has_port = match host_port.rsplit_once(':') {
-        Some((host, port)) => {
-            !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':')
-        }
-        None => false,
+    let port = match port {
+        None | Some("") => DEFAULT_REDIS_PORT,
+        Some(p) => p.parse().ok()?,
     };
-    // `[::1]` without a port ends in `]`.
-    Some(if has_port && !host_port.ends_with(']') {
-        host_port
-    } else {
-        format!("{host_port}:6379")
-    })
+    Some((host.to_string(), port))
+}
+
+/// The port of a Redis URL that gives none.
+const DEFAULT_REDIS_PORT: u16 = 6379;
+
+/// The addresses of `host` (with `port`, which the system resolver takes along) by the system
+/// resolver (`getaddrinfo`, which blocks); nothing when it cannot be resolved.
+pub fn system_resolve(host: &str, port: u16) -> Vec<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    (host, port)
+        .to_socket_addrs()
+        .map(|addrs| addrs.map(|a| a.ip()).collect())
+        .unwrap_or_default()
+}
+
+/// One server of a Redis URL, for comparing: its port, its host as written, and the
+/// addresses it has (loopback and unspecified ones as one, [`Endpoints::LOCAL`]).
+#[derive(Debug)]
+struct Endpoints {
+    port: u16,
+    host: String,
+    addrs: Vec<std::net::IpAddr>,
+}
+
+impl Endpoints {
+    /// What stands for every address of this host (loopback, unspecified).
+    const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    fn of(
+        host: String,
+        port: u16,
+        resolve: &dyn Fn(&str, u16) -> Vec<std::net::IpAddr>,
+    ) -> Endpoints {
+        let local = |ip: std::net::IpAddr| {
+            let ip = ip.to_canonical();
+            if ip.is_loopback() || ip.is_unspecified() {
+                Endpoints::LOCAL
+            } else {
+                ip
+            }
+        };
+        let addrs = if host == "localhost" || host.ends_with(".localhost") {
+            vec![Endpoints::LOCAL]
+        } else if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            vec![local(ip)]
+        } else {
+            resolve(&host, port).into_iter().map(local).collect()
+        };
+        Endpoints { port, host, addrs }
+    }
+
+    /// Whether `self` and `other` are one server.
+    fn meets(&self, other: &Endpoints) -> bool {
+        self.port == other.port
+            && (self.host == other.host || self.addrs.iter().any(|a| other.addrs.contains(a)))
+    }
 }
 
 /// [`mask_url`] of each of `urls`.
@@ -1289,6 +1376,40 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.web.counters.sentinels.len(), 2);
+        let c = env(&[
+            ("KST_WEB__COUNTERS__BACKEND", "redis"),
+            ("KST_WEB__COUNTERS__URL", "redis://127.0.0.1:6380"),
+            ("KST_WEB__COUNTERS__CONNECT_TIMEOUT_MS", "250"),
+            ("KST_WEB__COUNTERS__RESPONSE_TIMEOUT_MS", "400"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.web.counters.connect_timeout(),
+            std::time::Duration::from_millis(250)
+        );
+        assert_eq!(
+            c.web.counters.response_timeout(),
+            std::time::Duration::from_millis(400)
+        );
+        assert_eq!(
+            c.web.counters.call_timeout(),
+            std::time::Duration::from_millis(650)
+        );
+        for (var, value) in [
+            ("KST_WEB__COUNTERS__CONNECT_TIMEOUT_MS", "0"),
+            ("KST_WEB__COUNTERS__RESPONSE_TIMEOUT_MS", "60001"),
+            (
+                "KST_WEB__COUNTERS__RESPONSE_TIMEOUT_MS",
+                "18446744073709551615",
+            ),
+        ] {
+            let e = env(&[(var, value)]).unwrap_err();
+            let key = var
+                .trim_start_matches("KST_")
+                .replace("__", ".")
+                .to_lowercase();
+            assert!(e.to_string().contains(&key), "{var}={value}: {e}");
+        }
         let e = env(&[("KST_WEB__COUNTERS__BACKEND", "redis")]).unwrap_err();
         assert!(e.to_string().contains("web.counters.url"), "{e}");
         assert!(
@@ -1333,6 +1454,16 @@ mod tests {
             v.extend(more.iter().map(|(k, v)| (k.to_string(), v.to_string())));
             Config::load_with_env(None, v).unwrap()
         };
+        // A resolver that knows two names of 10.0.0.1 and one of 10.0.0.2 (what DNS or
+        // /etc/hosts would say); every other name is unknown.
+        let resolve = |host: &str, _port: u16| -> Vec<std::net::IpAddr> {
+            match host {
+                "redis.internal" | "kst-redis.internal" => vec!["10.0.0.1".parse().unwrap()],
+                "counters.internal" => vec!["10.0.0.2".parse().unwrap()],
+                "v6.internal" => vec!["::ffff:10.0.0.1".parse().unwrap()],
+                _ => Vec::new(),
+            }
+        };
         for (store, counters, same) in [
             (
                 "redis://:pw@Redis.internal:6379/0",
@@ -1343,13 +1474,48 @@ mod tests {
             ("redis://10.0.0.1:6379", "redis://10.0.0.1:6380", false),
             ("redis://[::1]:6379", "redis://[::1]", true),
             ("redis://[::1]:6380", "redis://[::1]", false),
+            // Aliases: a name and its address, two names of one address, a mapped address.
+            ("redis://redis.internal", "redis://10.0.0.1:6379", true),
+            (
+                "redis://redis.internal",
+                "redis://kst-redis.internal:6379/2",
+                true,
+            ),
+            ("redis://redis.internal", "redis://v6.internal", true),
+            ("redis://[::ffff:10.0.0.1]:6379", "redis://10.0.0.1", true),
+            ("redis://redis.internal", "redis://counters.internal", false),
+            (
+                "redis://redis.internal",
+                "redis://kst-redis.internal:6380",
+                false,
+            ),
+            ("redis://unknown.internal", "redis://10.0.0.1", false),
+            // Loopback: every spelling of this host is one.
+            ("redis://localhost", "redis://127.0.0.1:6379", true),
+            ("redis://127.0.0.1:6379", "redis://[::1]:6379/3", true),
+            (
+                "rediss://LOCALHOST:6379",
+                "redis://[::ffff:127.0.0.1]",
+                true,
+            ),
+            ("redis://0.0.0.0", "redis://localhost", true),
+            ("redis://kst.localhost:6379", "redis://127.0.0.1", true),
+            ("redis://localhost", "redis://127.0.0.1:6380", false),
+            ("redis://localhost", "redis://10.0.0.1", false),
+            // No host, or no port that is a number: nothing to compare.
+            (
+                "redis+unix:///run/redis.sock",
+                "redis+unix:///run/redis.sock",
+                false,
+            ),
+            ("redis://localhost:http", "redis://localhost:http", false),
         ] {
             let c = env(&[
                 ("KST_STORE__URL", store),
                 ("KST_WEB__COUNTERS__URL", counters),
             ]);
             assert_eq!(
-                c.web_counters_on_the_key_store(),
+                c.web_counters_on_the_key_store_with(&resolve),
                 same,
                 "{store} {counters}"
             );
@@ -1361,20 +1527,58 @@ mod tests {
             ),
             ("KST_WEB__COUNTERS__CLUSTER_NODES", "redis://10.0.0.2:7000"),
         ]);
-        assert!(c.web_counters_on_the_key_store());
-        let sentinels = |master: &str| {
+        assert!(c.web_counters_on_the_key_store_with(&resolve));
+        let c = env(&[
+            (
+                "KST_STORE__CLUSTER_NODES",
+                "redis://redis.internal:7000 redis://localhost:7001",
+            ),
+            (
+                "KST_WEB__COUNTERS__CLUSTER_NODES",
+                "redis://10.0.0.3:7000 redis://[::1]:7001",
+            ),
+        ]);
+        assert!(
+            c.web_counters_on_the_key_store_with(&resolve),
+            "a node in common, spelt otherwise"
+        );
+        let c = env(&[
+            ("KST_STORE__CLUSTER_NODES", "redis://redis.internal:7000"),
+            (
+                "KST_WEB__COUNTERS__CLUSTER_NODES",
+                "redis://counters.internal:7000",
+            ),
+        ]);
+        assert!(!c.web_counters_on_the_key_store_with(&resolve));
+        let sentinels = |master: &str, theirs: &str| {
             env(&[
                 ("KST_STORE__SENTINELS", "redis://10.0.0.1:26379"),
                 ("KST_STORE__SENTINEL_MASTER", "kst"),
-                ("KST_WEB__COUNTERS__SENTINELS", "redis://10.0.0.1:26379"),
+                ("KST_WEB__COUNTERS__SENTINELS", theirs),
                 ("KST_WEB__COUNTERS__SENTINEL_MASTER", master),
             ])
         };
-        assert!(sentinels("kst").web_counters_on_the_key_store());
         assert!(
-            !sentinels("kst-counters").web_counters_on_the_key_store(),
+            sentinels("kst", "redis://10.0.0.1:26379").web_counters_on_the_key_store_with(&resolve)
+        );
+        assert!(
+            sentinels("kst", "redis://10.0.0.9:26379 redis://redis.internal:26379")
+                .web_counters_on_the_key_store_with(&resolve)
+        );
+        assert!(
+            !sentinels("kst-counters", "redis://10.0.0.1:26379")
+                .web_counters_on_the_key_store_with(&resolve),
             "other servers watched by the same sentinels"
         );
+        // With sentinels, a URL gives only the data nodes' password and database: its host is
+        // not a server.
+        let c = env(&[
+            ("KST_STORE__URL", "redis://:pw@localhost"),
+            ("KST_STORE__SENTINELS", "redis://10.0.0.1:26379"),
+            ("KST_STORE__SENTINEL_MASTER", "kst"),
+            ("KST_WEB__COUNTERS__URL", "redis://127.0.0.1"),
+        ]);
+        assert!(!c.web_counters_on_the_key_store_with(&resolve));
     }
 
     /// Red team (counters and shares): a password-protected Redis Cluster takes its password

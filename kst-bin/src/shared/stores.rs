@@ -177,9 +177,10 @@ impl std::fmt::Debug for WebCounterStore {
 
 /// Opens where `[web.counters]` (`cfg`) keeps the web limits' counters: `key_store`'s limiter
 /// by default, or a Redis of their own (one server, Sentinel or a Cluster, under `prefix`),
-/// without the durability guard: the counters are soft state. The Redis is not touched here
-/// (a daemon must start while it is down; `/readyz` says so, and the limits answer as when the
-/// counters fail); a bad URL or prefix is [`Error::Config`].
+/// without the durability guard: the counters are soft state. Each call is bounded by
+/// `connect_timeout_ms + response_timeout_ms` ([`WebCounters::call_timeout`]). The Redis is
+/// not touched here (a daemon must start while it is down; `/readyz` says so, and the limits
+/// answer as when the counters fail); a bad URL or prefix is [`Error::Config`].
 pub fn open_web_counters(
     cfg: &WebCounters,
     key_store: Arc<dyn RateLimiter>,
@@ -187,7 +188,11 @@ pub fn open_web_counters(
     match cfg.backend {
         CountersBackend::Store => Ok(WebCounterStore::in_key_store(key_store)),
         CountersBackend::Redis => {
-            let builder = RedisStore::builder(cfg.url.clone()).prefix(cfg.prefix());
+            let builder = RedisStore::builder(cfg.url.clone())
+                .prefix(cfg.prefix())
+                .connection_timeout(cfg.connect_timeout())
+                .response_timeout(cfg.response_timeout())
+                .operation_timeout(cfg.call_timeout());
             let builder = if !cfg.sentinels.is_empty() {
                 builder.sentinel(cfg.sentinels.clone(), cfg.sentinel_master.clone())
             } else if !cfg.cluster_nodes.is_empty() {

@@ -182,7 +182,24 @@ pub struct WebCounters {
     /// `redis`: nodes of a Redis Cluster (`redis://host:port` each, some of them), instead of
     /// `url`.
     pub cluster_nodes: Vec<String>,
+    /// `redis`: bound on opening one connection to the counters' Redis (TCP and the
+    /// connection's set-up, a sentinel's or cluster node's too), in milliseconds (default
+    /// [`DEFAULT_COUNTERS_CONNECT_TIMEOUT_MS`], 1 to [`MAX_COUNTERS_TIMEOUT_MS`]).
+    pub connect_timeout_ms: u64,
+    /// `redis`: bound on waiting for one reply of the counters' Redis, in milliseconds
+    /// (default [`DEFAULT_COUNTERS_RESPONSE_TIMEOUT_MS`], 1 to [`MAX_COUNTERS_TIMEOUT_MS`]).
+    /// One counters call (a request's hits, a write-behind flush, a check) is cut off after
+    /// `connect_timeout_ms + response_timeout_ms` (see [`WebCounters::call_timeout`]).
+    pub response_timeout_ms: u64,
 }
+
+/// The default `[web.counters] connect_timeout_ms` (as the key store's Redis: 2 s).
+pub const DEFAULT_COUNTERS_CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// The default `[web.counters] response_timeout_ms` (as the key store's Redis: 3 s).
+pub const DEFAULT_COUNTERS_RESPONSE_TIMEOUT_MS: u64 = 3_000;
+/// The longest `[web.counters] connect_timeout_ms` and `response_timeout_ms`: 60 s (a web
+/// request that the limits count may wait for a counters call).
+pub const MAX_COUNTERS_TIMEOUT_MS: u64 = 60_000;
 
 /// The default key prefix of `[web.counters]` on Redis.
 pub const DEFAULT_COUNTERS_PREFIX: &str = "kst-web:";
@@ -196,11 +213,31 @@ impl Default for WebCounters {
             sentinels: Vec::new(),
             sentinel_master: String::new(),
             cluster_nodes: Vec::new(),
+            connect_timeout_ms: DEFAULT_COUNTERS_CONNECT_TIMEOUT_MS,
+            response_timeout_ms: DEFAULT_COUNTERS_RESPONSE_TIMEOUT_MS,
         }
     }
 }
 
 impl WebCounters {
+    /// `connect_timeout_ms` as a duration (within 1 ms and [`MAX_COUNTERS_TIMEOUT_MS`]).
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms.clamp(1, MAX_COUNTERS_TIMEOUT_MS))
+    }
+
+    /// `response_timeout_ms` as a duration (within 1 ms and [`MAX_COUNTERS_TIMEOUT_MS`]).
+    pub fn response_timeout(&self) -> Duration {
+        Duration::from_millis(self.response_timeout_ms.clamp(1, MAX_COUNTERS_TIMEOUT_MS))
+    }
+
+    /// The bound on one counters call, reconnecting included: one connection's set-up and one
+    /// reply (`connect_timeout_ms + response_timeout_ms`, 5 s by default). A request that waits
+    /// for the counters waits at most this per call; the call then fails as when the counters
+    /// are down.
+    pub fn call_timeout(&self) -> Duration {
+        self.connect_timeout() + self.response_timeout()
+    }
+
     /// Whether the counters live apart from the key store.
     pub fn own(&self) -> bool {
         self.backend != CountersBackend::Store
@@ -215,6 +252,21 @@ impl WebCounters {
     }
 
     fn validate(&self) -> Result<(), WebConfigError> {
+        for (key, value) in [
+            ("web.counters.connect_timeout_ms", self.connect_timeout_ms),
+            ("web.counters.response_timeout_ms", self.response_timeout_ms),
+        ] {
+            if !(1..=MAX_COUNTERS_TIMEOUT_MS).contains(&value) {
+                return Err(err(
+                    key,
+                    format!(
+                        "{value} is not between 1 and {MAX_COUNTERS_TIMEOUT_MS} (60 s): a web \
+                         request the limits count may wait that long for the counters; write \
+                         e.g. 500"
+                    ),
+                ));
+            }
+        }
         let set = !self.url.trim().is_empty()
             || !self.sentinels.is_empty()
             || !self.cluster_nodes.is_empty();
@@ -290,6 +342,8 @@ impl std::fmt::Debug for WebCounters {
             .field("sentinels", &super::mask_urls(&self.sentinels))
             .field("sentinel_master", &self.sentinel_master)
             .field("cluster_nodes", &super::mask_urls(&self.cluster_nodes))
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("response_timeout_ms", &self.response_timeout_ms)
             .finish()
     }
 }
@@ -502,6 +556,55 @@ mod tests {
             );
         }
         assert_eq!(with(0).limits.window(), Duration::from_secs(1));
+    }
+
+    /// `[web.counters]` has timeouts of its own (they were the key store Redis's defaults,
+    /// with a 10 s bound on a call that no setting changed); a call is bounded by their sum.
+    #[test]
+    fn counters_timeouts_default_bound_a_call_and_are_checked() {
+        let c = WebCounters::default();
+        assert_eq!(c.connect_timeout(), Duration::from_secs(2));
+        assert_eq!(c.response_timeout(), Duration::from_secs(3));
+        assert_eq!(c.call_timeout(), Duration::from_secs(5));
+        let own: WebConfig = toml::from_str(
+            r#"
+            [counters]
+            backend = "redis"
+            url = "redis://127.0.0.1:6380"
+            connect_timeout_ms = 200
+            response_timeout_ms = 300
+            "#,
+        )
+        .unwrap();
+        own.validate().unwrap();
+        assert_eq!(own.counters.call_timeout(), Duration::from_millis(500));
+        for (connect, response, key) in [
+            (0, 300, Some("web.counters.connect_timeout_ms")),
+            (200, 0, Some("web.counters.response_timeout_ms")),
+            (
+                MAX_COUNTERS_TIMEOUT_MS + 1,
+                300,
+                Some("web.counters.connect_timeout_ms"),
+            ),
+            (200, u64::MAX, Some("web.counters.response_timeout_ms")),
+            (1, MAX_COUNTERS_TIMEOUT_MS, None),
+        ] {
+            let c = WebConfig {
+                counters: WebCounters {
+                    connect_timeout_ms: connect,
+                    response_timeout_ms: response,
+                    ..own.counters.clone()
+                },
+                ..WebConfig::default()
+            };
+            assert_eq!(
+                c.validate().err().map(|e| e.key),
+                key,
+                "{connect} {response}"
+            );
+            // Out of range values never overflow the bound on a call.
+            assert!(c.counters.call_timeout() <= Duration::from_secs(120));
+        }
     }
 
     #[test]
