@@ -207,6 +207,32 @@ fn config_check_warns_when_the_counters_name_the_key_stores_redis_otherwise() {
     let o = check("redis://127.0.0.1:6380");
     assert_eq!(code(&o), 0, "{}", err(&o));
     assert!(!err(&o).contains(WARNING), "{}", err(&o));
+    // One Unix socket (another database on it) is one server too; before, a socket was
+    // never compared (red team).
+    let socket = |store: &str, counters: &str| {
+        kst(
+            &["config", "check"],
+            &[
+                ("KST_KST__DOMAINS", "example.net"),
+                ("KST_STORE__BACKEND", "redis"),
+                ("KST_STORE__URL", store),
+                ("KST_WEB__COUNTERS__BACKEND", "redis"),
+                ("KST_WEB__COUNTERS__URL", counters),
+            ],
+        )
+    };
+    let o = socket(
+        "redis+unix:///run/redis/redis.sock",
+        "redis+unix:///run/redis/redis.sock?db=1",
+    );
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(err(&o).contains(WARNING), "{}", err(&o));
+    let o = socket(
+        "redis+unix:///run/redis/redis.sock",
+        "redis+unix:///run/redis/counters.sock",
+    );
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(!err(&o).contains(WARNING), "{}", err(&o));
 }
 
 /// `kst config check` on a host whose resolver never answers (the nameserver of
