@@ -207,4 +207,88 @@ fn config_check_warns_when_the_counters_name_the_key_stores_redis_otherwise() {
     let o = check("redis://127.0.0.1:6380");
     assert_eq!(code(&o), 0, "{}", err(&o));
     assert!(!err(&o).contains(WARNING), "{}", err(&o));
+    // One Unix socket (another database on it) is one server too; before, a socket was
+    // never compared (red team).
+    let socket = |store: &str, counters: &str| {
+        kst(
+            &["config", "check"],
+            &[
+                ("KST_KST__DOMAINS", "example.net"),
+                ("KST_STORE__BACKEND", "redis"),
+                ("KST_STORE__URL", store),
+                ("KST_WEB__COUNTERS__BACKEND", "redis"),
+                ("KST_WEB__COUNTERS__URL", counters),
+            ],
+        )
+    };
+    let o = socket(
+        "redis+unix:///run/redis/redis.sock",
+        "redis+unix:///run/redis/redis.sock?db=1",
+    );
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(err(&o).contains(WARNING), "{}", err(&o));
+    let o = socket(
+        "redis+unix:///run/redis/redis.sock",
+        "redis+unix:///run/redis/counters.sock",
+    );
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(!err(&o).contains(WARNING), "{}", err(&o));
+}
+
+/// `kst config check` on a host whose resolver never answers (the nameserver of
+/// `/etc/resolv.conf` takes the queries and says nothing, as one behind a dropped route does;
+/// its options make getaddrinfo wait 150 s a query) still ends, passes and says the
+/// hosts were compared as written: the comparison of `[store]`'s and `[web.counters]`'
+/// Redis hosts resolves them, and waited for the resolver without a bound (minutes with
+/// this resolver: `timeout 120` cut it, exit 124). Runs in a user, mount and network
+/// namespace of its own (`unshare -rmn`: its own `/etc/resolv.conf` bind-mounted, `socat` the
+/// mute nameserver on its loopback); where unprivileged namespaces are off, it says so and
+/// checks nothing.
+#[test]
+fn config_check_ends_when_the_resolver_never_answers() {
+    let probe = Command::new("unshare")
+        .args(["-rmn", "sh", "-c", "command -v socat && command -v ip"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !probe {
+        eprintln!("skipped: unprivileged user namespaces (unshare -rmn), socat or ip missing");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 127.0.0.1\noptions timeout:30 attempts:5\n",
+    )
+    .unwrap();
+    // The mute nameserver is bound before kst starts (127.0.0.1:53 in /proc/net/udp), so a
+    // query is never refused at once.
+    let script = r#"ip link set lo up && mount --bind "$1" /etc/resolv.conf || exit 90
+        socat -u UDP-RECV:53,bind=127.0.0.1 /dev/null </dev/null >/dev/null 2>&1 &
+        mute=$!
+        until grep -q '0100007F:0035' /proc/net/udp; do sleep 0.05; done
+        timeout 120 "$2" config check; code=$?
+        kill "$mute"
+        exit "$code""#;
+    let o = Command::new("unshare")
+        .args(["-rmn", "sh", "-c", script, "sh"])
+        .arg(&resolv)
+        .arg(env!("CARGO_BIN_EXE_kst"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs([
+            ("KST_KST__DOMAINS", "example.net"),
+            ("KST_STORE__BACKEND", "redis"),
+            ("KST_STORE__URL", "redis://redis.kst-test.example/0"),
+            ("KST_WEB__COUNTERS__BACKEND", "redis"),
+            (
+                "KST_WEB__COUNTERS__URL",
+                "redis://counters.kst-test.example",
+            ),
+        ])
+        .output()
+        .expect("run kst in a namespace");
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(err(&o).contains("were not resolved within"), "{}", err(&o));
+    assert!(err(&o).contains("configuration OK"), "{}", err(&o));
 }

@@ -404,6 +404,11 @@ impl DirectoryStore for PgDirectoryStore {
         to: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
         let name = domain.to_string();
+        // Epochs are `BIGINT`: none is stored past `i64::MAX`, so a range past it (an
+        // outsider's `/head/<epoch>` is looked up as written) holds no head, not an error.
+        if to < from || from > i64::MAX as u64 {
+            return Ok(Vec::new());
+        }
         let (from, to) = (epoch_i64(from)?, epoch_i64(to.min(i64::MAX as u64))?);
         self.read_settled(domain, move |pool| async move {
             let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(

@@ -24,6 +24,37 @@ pub enum ConfigCommand {
     },
 }
 
+/// The longest `kst config check` waits for the system resolver to compare the Redis hosts
+/// of `[store]` and `[web.counters]` ([`Config::web_counters_on_the_key_store`]).
+pub const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether `[web.counters]` names a server of the Redis key store, the hosts resolved within
+/// [`RESOLVE_TIMEOUT`] in all; past it (a resolver that does not answer: getaddrinfo waits
+/// its timeouts per name and search domain, about 20 s a name by default, and a config
+/// names up to a dozen hosts), the hosts are compared as written and a note says so. The
+/// resolving runs on a thread of its own, not the runtime's blocking pool, whose threads the
+/// exit waits for: one still waiting for the resolver is left behind.
+async fn counters_on_the_key_store(cfg: &Config) -> bool {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let resolving = cfg.clone();
+    let spawned = std::thread::Builder::new()
+        .name("kst-resolve".into())
+        .spawn(move || {
+            let _ = tx.send(resolving.web_counters_on_the_key_store());
+        });
+    if spawned.is_ok()
+        && let Ok(Ok(shared)) = tokio::time::timeout(RESOLVE_TIMEOUT, rx).await
+    {
+        return shared;
+    }
+    eprintln!(
+        "kst: note: the Redis hosts of store and web.counters were not resolved within {} s \
+         (the system resolver did not answer): compared as written",
+        RESOLVE_TIMEOUT.as_secs()
+    );
+    cfg.web_counters_on_the_key_store_with(&|_, _| Vec::new())
+}
+
 /// Runs `kst config ...` with the configuration at `path`; returns its exit code.
 pub async fn run(path: Option<&Path>, cmd: ConfigCommand) -> u8 {
     match cmd {
@@ -85,13 +116,7 @@ async fn check(
         }
         None => eprintln!("kst: replies are not DKIM-signed ([dkim] names no key file)"),
     }
-    // The hosts are resolved (getaddrinfo blocks): off the async workers.
-    let shared = {
-        let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || cfg.web_counters_on_the_key_store())
-            .await
-            .unwrap_or(false)
-    };
+    let shared = counters_on_the_key_store(&cfg).await;
     if shared {
         eprintln!(
             "kst: warning: web.counters names a server of the Redis key store: the counters then \

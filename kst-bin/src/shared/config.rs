@@ -863,7 +863,8 @@ impl Config {
     /// one when their ports are equal (6379 when a URL gives none) and their hosts are the
     /// same name (case aside) or have an address in common; every loopback address
     /// (`127.0.0.0/8`, `::1`, their IPv4-mapped forms), the unspecified addresses (`0.0.0.0`,
-    /// `::`, which reach this host) and `localhost` (`*.localhost`) are one host. A URL's host is
+    /// `::`, which reach this host) and `localhost` (`*.localhost`) are one host; two
+    /// `redis+unix://` URLs of one socket path are one server. A URL's host is
     /// only compared for one server on both sides (with `sentinels` or `cluster_nodes`, the
     /// URL's host is not used).
     pub fn web_counters_on_the_key_store_with(
@@ -887,9 +888,10 @@ impl Config {
         };
         let single =
             |sentinels: &[String], nodes: &[String]| sentinels.is_empty() && nodes.is_empty();
+        let same_socket = socket_of(&c.url).is_some() && socket_of(&c.url) == socket_of(&s.url);
         let same_url = single(&c.sentinels, &c.cluster_nodes)
             && single(&s.sentinels, &s.cluster_nodes)
-            && common(std::slice::from_ref(&c.url), std::slice::from_ref(&s.url));
+            && (same_socket || common(std::slice::from_ref(&c.url), std::slice::from_ref(&s.url)));
         same_url
             || (c.sentinel_master.trim() == s.sentinel_master.trim()
                 && common(&c.sentinels, &s.sentinels))
@@ -998,6 +1000,19 @@ fn server_of(url: &str) -> Option<(String, u16)> {
         Some(p) => p.parse().ok()?,
     };
     Some((host.to_string(), port))
+}
+
+/// The Unix socket of a `redis+unix://` or `unix://` URL (its path, with the symbolic links
+/// and `..` resolved when it exists), `None` for any other URL: two URLs with one socket name
+/// one server whatever their database (red team: the same socket was not recognized).
+fn socket_of(url: &str) -> Option<std::path::PathBuf> {
+    let (scheme, rest) = url.trim().split_once("://")?;
+    if !scheme.eq_ignore_ascii_case("redis+unix") && !scheme.eq_ignore_ascii_case("unix") {
+        return None;
+    }
+    let path = rest.split(['?', '#']).next().filter(|p| !p.is_empty())?;
+    let path = std::path::Path::new(path);
+    Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()))
 }
 
 /// The port of a Redis URL that gives none.
@@ -1502,12 +1517,24 @@ mod tests {
             ("redis://kst.localhost:6379", "redis://127.0.0.1", true),
             ("redis://localhost", "redis://127.0.0.1:6380", false),
             ("redis://localhost", "redis://10.0.0.1", false),
-            // No host, or no port that is a number: nothing to compare.
+            // One Unix socket, whatever the database; another socket.
             (
                 "redis+unix:///run/redis.sock",
+                "redis+unix:///run/redis.sock?db=2",
+                true,
+            ),
+            (
+                "unix:///run/redis.sock",
                 "redis+unix:///run/redis.sock",
+                true,
+            ),
+            (
+                "redis+unix:///run/redis.sock",
+                "redis+unix:///run/redis-counters.sock",
                 false,
             ),
+            ("redis+unix:///run/redis.sock", "redis://localhost", false),
+            // No port that is a number: nothing to compare.
             ("redis://localhost:http", "redis://localhost:http", false),
         ] {
             let c = env(&[

@@ -430,6 +430,20 @@ pub async fn heads_and_cosignatures(a: &Arc<dyn DirectoryStore>, b: &Arc<dyn Dir
         vec![(12, b"head 12".to_vec())],
         "heads: one epoch"
     );
+    // Epochs no directory reaches (`/head/<epoch>` looks them up as a client wrote them,
+    // up to `u64::MAX`) have no head: not an error (on PostgreSQL, whose epochs are
+    // `BIGINT`, they were "unavailable", a 503 with a warning for an anonymous request).
+    for (from, to) in [
+        (u64::MAX, u64::MAX),
+        (i64::MAX as u64 + 1, i64::MAX as u64 + 2),
+        (i64::MAX as u64, i64::MAX as u64 + 1),
+    ] {
+        assert_eq!(
+            a.heads(D, from, to).await.unwrap(),
+            Vec::new(),
+            "heads: none from {from} to {to}"
+        );
+    }
     assert_eq!(
         a.heads("other.example", 0, 20).await.unwrap(),
         Vec::new(),
