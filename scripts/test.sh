@@ -11,6 +11,9 @@ log() { printf '== %s\n' "$*"; }
 ensure_tools() {
   local missing=()
   command -v gpg >/dev/null || missing+=(gnupg)
+  # kst-bin/tests/cli.rs: a mute nameserver (socat) in a namespace of its own (ip, unshare).
+  command -v socat >/dev/null || missing+=(socat)
+  command -v ip >/dev/null || missing+=(iproute2)
   command -v smtp-sink >/dev/null || [ -x /usr/sbin/smtp-sink ] || missing+=(postfix)
   # tests/deploy.rs: systemd-analyze verify (works without systemd as PID 1).
   command -v systemd-analyze >/dev/null || missing+=(systemd)
