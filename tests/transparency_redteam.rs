@@ -952,8 +952,10 @@ impl kst_core::transparency::CurrentKeys for Slow {
 /// back to back. Before the fix the directory's thread answered 16 reads between two epochs
 /// however long the epoch took: under a stream of slow epochs reads got a sliver of the
 /// thread, queued up and, at a higher rate, were refused (503). Now reads between two epochs
-/// get at least 16 and as much time as the epoch took: here more than twice as many reads per
-/// epoch, none refused. Prints the figures (reads per second of the flood, the slowest read).
+/// get at least 16 and as much time as the epoch took: the thread's reads between epochs take
+/// at least half as long as its epochs ([`DomainLog::thread_shares`], time rather than a count
+/// of reads, which a loaded machine's slow reads make meaningless), none refused. Prints the
+/// figures (reads per second of the flood, the slowest read, the thread's two shares).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rt18_a_flood_of_changes_leaves_reads_their_share() {
     use kst_core::transparency::log::READS_BETWEEN_WRITES;
@@ -1040,8 +1042,19 @@ async fn rt18_a_flood_of_changes_leaves_reads_their_share() {
     assert!(epochs > 0 && changes > 0, "the changes went on");
     assert_eq!(refused, 0, "no read refused under a flood of changes");
     assert!(
-        answered as u64 >= 2 * READS_BETWEEN_WRITES as u64 * epochs,
-        "reads get about half the thread, not 16 per epoch: {answered} reads in {epochs} epochs"
+        answered as u64 >= READS_BETWEEN_WRITES as u64 * epochs,
+        "at least {READS_BETWEEN_WRITES} reads between two epochs: {answered} reads in {epochs} epochs"
+    );
+    // About half the thread: the reads served between two epochs took about as long as the
+    // epochs did. Measured in time, not in reads: on a loaded machine a read (a debug
+    // build's VRF proofs) can take 60 ms, and then the 16 reads of the floor already fill
+    // an epoch's time (CI saw 16 reads a second with the share kept). Before the fix the
+    // thread served 16 reads and went back to writing, whatever the epoch had taken.
+    let (writing, reading) = log.thread_shares();
+    eprintln!("figure: the thread wrote for {writing:?} and read between epochs for {reading:?}");
+    assert!(
+        reading * 2 >= writing,
+        "reads get about half the thread: {reading:?} of reads against {writing:?} of epochs"
     );
 }
 

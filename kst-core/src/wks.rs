@@ -102,7 +102,7 @@ pub enum SubmissionKeyError {
 
 impl SubmissionKey {
     /// Reads an ASCII-armored secret key (a `PGP PRIVATE KEY BLOCK`). The text is the caller's
-    /// to zeroize; see [`SubmissionKey::from_armored_bytes`] for file contents.
+    /// to zeroize; see [`SubmissionKey::from_file_contents`] for file contents.
     pub fn from_armored(text: &str) -> Result<Self, SubmissionKeyError> {
         if text.len() > MAX_SECRET_KEY_BYTES {
             return Err(SubmissionKeyError::TooLarge);

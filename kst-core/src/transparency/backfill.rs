@@ -10,7 +10,7 @@
 //! - one append-only proof is built across the missing epochs and one epoch on each side
 //!   where that epoch's root is known (a stored head, the latest epoch's root, or epoch 0,
 //!   whose root is the empty tree's); the derived roots must meet those known roots, and the
-//!   whole proof must verify step by step over the derived roots ([`verify_append_only`]'s
+//!   whole proof must verify step by step over the derived roots ([`verify_append_only`](super::verify::verify_append_only)'s
 //!   check, akd's `audit_verify`). Anything else is an inconsistent directory: nothing is
 //!   signed, the error names the epochs, an operator must look.
 //! - the head's `signed-at` is the moment it is signed, as for every head: it says when the

@@ -243,6 +243,16 @@ pub struct DomainLog {
     step_reads: Arc<std::sync::atomic::AtomicU64>,
     /// Epoch batches the store's fence refused ([`DomainLog::fenced`]).
     fenced: Arc<std::sync::atomic::AtomicU64>,
+    /// Where the thread's time went ([`DomainLog::thread_shares`]).
+    shares: Arc<ThreadShares>,
+}
+
+/// The time the directory's thread spent writing epochs, and answering the reads it serves
+/// between two epochs, in µs since the log was opened ([`DomainLog::thread_shares`]).
+#[derive(Debug, Default)]
+struct ThreadShares {
+    writes_us: std::sync::atomic::AtomicU64,
+    reads_between_us: std::sync::atomic::AtomicU64,
 }
 
 /// One change of an address counted in [`DomainLog::queued_per_address`] until it is
@@ -556,6 +566,8 @@ impl DomainLog {
         let worker_step_reads = Arc::clone(&step_reads);
         let fenced = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let worker_fenced = Arc::clone(&fenced);
+        let shares = Arc::new(ThreadShares::default());
+        let thread_shares = Arc::clone(&shares);
         // Counted until the thread ends, after its runtime (dropped first: declared later).
         let counted = LogThread::start();
         std::thread::Builder::new()
@@ -652,6 +664,16 @@ impl DomainLog {
                                 }
                                 served += 1;
                             }
+                            let micros = |d: std::time::Duration| {
+                                u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+                            };
+                            thread_shares
+                                .writes_us
+                                .fetch_add(micros(took), std::sync::atomic::Ordering::Relaxed);
+                            thread_shares.reads_between_us.fetch_add(
+                                micros(reads.elapsed()),
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
                         }
                     }
                 });
@@ -674,7 +696,24 @@ impl DomainLog {
             step_limit: None,
             step_reads,
             fenced,
+            shares,
         })
+    }
+
+    /// Where the directory's thread spent its time since the log was opened: writing epochs
+    /// (each batch of changes, reads and commit), and answering the reads it serves between
+    /// two epochs (at least [`READS_BETWEEN_WRITES`], and more while they took less time than
+    /// the epoch before them: under a stream of changes waiting reads get about half the
+    /// thread). For tests and operators; the count of reads says little on a slow machine,
+    /// where each read takes long.
+    pub fn thread_shares(&self) -> (std::time::Duration, std::time::Duration) {
+        let load = |a: &std::sync::atomic::AtomicU64| {
+            std::time::Duration::from_micros(a.load(std::sync::atomic::Ordering::Relaxed))
+        };
+        (
+            load(&self.shares.writes_us),
+            load(&self.shares.reads_between_us),
+        )
     }
 
     /// Tree nodes read by the step planner of stepped answers
