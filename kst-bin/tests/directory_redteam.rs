@@ -1014,3 +1014,95 @@ async fn rt18_a_client_steps_up_to_the_epoch_before_a_large_one() {
         Err(TransparencyError::Range(_))
     ));
 }
+
+/// `/head/<epoch>` of an epoch without a stored head is an expensive request (a head signed
+/// late), and so was one of an epoch after the latest: its turn was taken before the directory
+/// said 404. While the turns were held (two clients' `?since=` look-ups, each two, held at the
+/// store), a third client asking for an epoch to come waited `HEAVY_WAIT` and got 503: a
+/// few clients looping on such epochs held the turns that audits and witnessed look-ups wait
+/// for. Now an epoch after the newest head served is no expensive request: 404 once the
+/// directory answers (red team, fresh eyes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rt19_a_head_of_an_epoch_to_come_takes_no_expensive_turn() {
+    use kst_bin::server::log_http::{self, HEAVY_WAIT, MAX_HEAVY_PER_CLIENT};
+    use kst_bin::server::web::client::LogPseudonym;
+    use kst_bin::server::web::handlers::{Guard, PeerAddr, ops_routes};
+    use kst_bin::server::web::limits::Limiter;
+    use kst_bin::server::web::{WebConfig, WebLimits};
+    use std::net::Ipv4Addr;
+
+    let held = Arc::new(Held::default());
+    let store: Arc<dyn DirectoryStore> = Arc::clone(&held) as Arc<dyn DirectoryStore>;
+    let keys = LogKeys::generate(directory::DOMAIN);
+    let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);
+    let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
+        .await
+        .unwrap();
+    for (from, to) in [(0, 300), (300, 600)] {
+        tree.publish(&bench_entries(from, to)).await.unwrap();
+    }
+    let log = Arc::new(DomainLog::open(Arc::clone(&store), keys).await.unwrap());
+    let probe = directory::address(5).unwrap();
+    log.answer_since(&probe, Some(1), NOW).await.unwrap();
+    let guard = Guard {
+        trusted_proxies: WebConfig::default().validate().unwrap(),
+        limiter: Limiter::new(WebLimits::OFF, Arc::new(kst_core::MemoryRateLimiter::new())),
+        pseudonym: LogPseudonym::random(),
+    };
+    let routes = ops_routes(
+        log_http::router(vec![log], kst_core::AddressPolicy::default(), Vec::new()),
+        guard,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            routes.into_make_service_with_connect_info::<PeerAddr>(),
+        )
+        .await
+    });
+    let heavy = format!(
+        "/.well-known/kst/log/{}/lookup/{probe}?since=1",
+        directory::DOMAIN
+    );
+    // The latest head, as any client reads it first; then an epoch long after it.
+    let latest = format!("/.well-known/kst/log/{}/head", directory::DOMAIN);
+    assert_eq!(
+        status_of(Ipv4Addr::new(127, 0, 0, 4), at, latest).await,
+        200
+    );
+    let to_come = format!("/.well-known/kst/log/{}/head/1000000", directory::DOMAIN);
+
+    held.hold.store(true, Ordering::SeqCst);
+    let before = held.roots.load(Ordering::SeqCst);
+    let mut hogged = Vec::new();
+    for client in [Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3)] {
+        for _ in 0..MAX_HEAVY_PER_CLIENT {
+            hogged.push(tokio::spawn(status_of(client, at, heavy.clone())));
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while held.roots.load(Ordering::SeqCst) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first request never reached the store"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Every turn taken (they are taken at once, before anything is read).
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let asked = tokio::spawn(status_of(Ipv4Addr::new(127, 0, 0, 4), at, to_come));
+    // Past its wait for a turn: a request that needed one is answered 503 by then.
+    tokio::time::sleep(HEAVY_WAIT + std::time::Duration::from_secs(1)).await;
+    held.hold.store(false, Ordering::SeqCst);
+    held.released.notify_waiters();
+    let status = asked.await.unwrap();
+    for h in hogged {
+        h.await.unwrap();
+    }
+    assert_eq!(
+        status, 404,
+        "a head of an epoch to come waited for an expensive turn"
+    );
+}

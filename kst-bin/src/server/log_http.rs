@@ -7,7 +7,8 @@
 //! - `GET /.well-known/kst/log/<domain>/head/<epoch>`: the same for an older epoch (404 for
 //!   an epoch after the latest; an older epoch without a stored head gets one signed late,
 //!   `kst_core::transparency::backfill`, also in the background for every log served here:
-//!   an expensive request then, and 422 when the proof it needs is over
+//!   an expensive request then (not for an epoch after the newest head served, `/head`),
+//!   and 422 when the proof it needs is over
 //!   `backfill::FILL_MAX_ELEMENTS`, counted before it is built);
 //! - `GET /.well-known/kst/log/<domain>/lookup/<address>`: the signed head and the lookup
 //!   (or absence) proof for the address against it
@@ -56,6 +57,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -108,6 +110,27 @@ struct LogState {
     heavy: Arc<Semaphore>,
     /// Each client's share of them ([`MAX_HEAVY_PER_CLIENT`]).
     shares: Arc<Shares>,
+    /// Per domain, the newest epoch whose head this process served, plus one (0: none yet).
+    /// A `/head/<epoch>` after it is not an expensive request: the directory answers 404
+    /// (or, for an epoch committed since, has its head stored at the commit).
+    newest: Arc<HashMap<String, AtomicU64>>,
+}
+
+impl LogState {
+    /// Notes that the head of `epoch` of `domain` was served.
+    fn served(&self, domain: &str, epoch: u64) {
+        if let Some(n) = self.newest.get(domain) {
+            n.fetch_max(epoch.saturating_add(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `epoch` of `domain` is after the newest head served here.
+    fn after_newest(&self, domain: &str, epoch: u64) -> bool {
+        self.newest
+            .get(domain)
+            .map(|n| n.load(Ordering::Relaxed))
+            .is_some_and(|n| n > 0 && epoch >= n)
+    }
 }
 
 /// The clients' shares of the expensive turns: a semaphore of [`MAX_HEAVY_PER_CLIENT`] per
@@ -248,7 +271,7 @@ pub fn router(
     address_policy: AddressPolicy,
     witnesses: Vec<(String, [u8; 32])>,
 ) -> Router {
-    let logs = logs
+    let logs: HashMap<String, Arc<DomainLog>> = logs
         .into_iter()
         .map(|l| {
             // Epochs without a stored head (a directory kept from before heads were stored)
@@ -275,6 +298,11 @@ pub fn router(
             get(history),
         )
         .with_state(LogState {
+            newest: Arc::new(
+                logs.keys()
+                    .map(|d| (d.clone(), AtomicU64::new(0)))
+                    .collect(),
+            ),
             logs: Arc::new(logs),
             address_policy,
             witnesses: Arc::new(witnesses),
@@ -375,7 +403,10 @@ async fn head(State(s): State<LogState>, Path(domain): Path<String>) -> Response
         return not_found("no key directory for this domain");
     };
     let result = match log.head(unix_now()).await {
-        Ok(h) => with_cosignatures(log, &h).await,
+        Ok(h) => {
+            s.served(&domain, h.head.epoch);
+            with_cosignatures(log, &h).await
+        }
         Err(e) => Err(e),
     };
     match result {
@@ -400,9 +431,12 @@ async fn head_at(
     };
     // A stored head is read; an epoch without one may get one signed late, which builds an
     // append-only proof on the directory's thread: an expensive request, under the turns'
-    // bound (one client asking for many such epochs holds its share, not the thread).
+    // bound (one client asking for many such epochs holds its share, not the thread). An
+    // epoch after the newest head served here is not one: it was a turn (red team: a few
+    // clients asking for epochs to come held the turns audits wait for), now 404 at once.
     let _turn = match log.stored_heads(epoch, epoch).await {
         Ok(stored) if !stored.is_empty() => None,
+        Ok(_) if s.after_newest(&domain, epoch) => None,
         Ok(_) => match s.heavy_turn(None, client.as_ref().map(|c| &c.0)).await {
             Ok(t) => Some(t),
             Err(r) => return r,
