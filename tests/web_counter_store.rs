@@ -671,40 +671,40 @@ fn a_counter_redis_that_never_answers_costs_a_request_about_its_timeouts() {
     let gpg = Gpg::new();
     kst.publish_by_mail(&gpg.generate("Alice", "alice@example.net", "ed25519"));
     let connect = ("KST_WEB__COUNTERS__CONNECT_TIMEOUT_MS", "250");
+    let response = ("KST_WEB__COUNTERS__RESPONSE_TIMEOUT_MS", "250");
 
     let silent = MuteRedis::start(Mute::Always);
-    let answers = look_ups_against(
-        &kst,
-        "connect",
-        &silent.url(),
-        &[&EXACT[..], &[connect]].concat(),
-        3,
-    );
-    eprintln!("set-up never answered, connect_timeout_ms = 250: {answers:?}");
-    for (status, took) in &answers {
-        assert_eq!(*status, 503, "the counters cannot be reached: {answers:?}");
-        assert!(
-            *took < Duration::from_millis(2_500),
-            "about 2 x connect_timeout_ms, far below the default's 4 s: {answers:?}"
-        );
-    }
-
     let mute = MuteRedis::start(Mute::AfterSetup);
-    let response = ("KST_WEB__COUNTERS__RESPONSE_TIMEOUT_MS", "250");
-    let answers = look_ups_against(
-        &kst,
-        "response",
-        &mute.url(),
-        &[&EXACT[..], &[response]].concat(),
-        3,
-    );
-    eprintln!("commands never answered, response_timeout_ms = 250: {answers:?}");
-    for (status, took) in &answers {
-        assert_eq!(*status, 503, "the counters cannot be reached: {answers:?}");
-        assert!(
-            *took < Duration::from_millis(2_000),
-            "about response_timeout_ms, far below the default's 3 s: {answers:?}"
+    for (name, redis, setting, bound, what) in [
+        (
+            "connect",
+            &silent,
+            connect,
+            2_500,
+            "set-up never answered, connect_timeout_ms = 250: about 2 x connect_timeout_ms, \
+             far below the default's 4 s",
+        ),
+        (
+            "response",
+            &mute,
+            response,
+            2_000,
+            "commands never answered, response_timeout_ms = 250: about response_timeout_ms, \
+             far below the default's 3 s",
+        ),
+    ] {
+        let answers = look_ups_against(
+            &kst,
+            name,
+            &redis.url(),
+            &[&EXACT[..], &[setting]].concat(),
+            3,
         );
+        eprintln!("{what}: {answers:?}");
+        for (status, took) in &answers {
+            assert_eq!(*status, 503, "the counters cannot be reached: {answers:?}");
+            assert!(*took < Duration::from_millis(bound), "{what}: {answers:?}");
+        }
     }
 
     // The default limits: write-behind admits a client's first requests without a verdict,

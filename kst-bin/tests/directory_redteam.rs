@@ -447,45 +447,10 @@ async fn status_of(from: std::net::Ipv4Addr, at: std::net::SocketAddr, path: Str
 /// and all 4 of the first client's were served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rt10_one_client_does_not_hold_every_expensive_turn() {
-    use kst_bin::server::log_http::{self, HEAVY_WAIT, MAX_HEAVY_AT_ONCE, MAX_HEAVY_PER_CLIENT};
-    use kst_bin::server::web::client::LogPseudonym;
-    use kst_bin::server::web::handlers::{Guard, PeerAddr, ops_routes};
-    use kst_bin::server::web::limits::Limiter;
-    use kst_bin::server::web::{WebConfig, WebLimits};
+    use kst_bin::server::log_http::{HEAVY_WAIT, MAX_HEAVY_AT_ONCE, MAX_HEAVY_PER_CLIENT};
     use std::net::Ipv4Addr;
 
-    let held = Arc::new(Held::default());
-    let store: Arc<dyn DirectoryStore> = Arc::clone(&held) as Arc<dyn DirectoryStore>;
-    let keys = LogKeys::generate(directory::DOMAIN);
-    let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);
-    let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
-        .await
-        .unwrap();
-    for (from, to) in [(0, 300), (300, 600)] {
-        tree.publish(&bench_entries(from, to)).await.unwrap();
-    }
-    let log = Arc::new(DomainLog::open(Arc::clone(&store), keys).await.unwrap());
-    let probe = directory::address(5).unwrap();
-    // The directory opened and its head signed before the hold.
-    log.answer_since(&probe, Some(1), NOW).await.unwrap();
-    let guard = Guard {
-        trusted_proxies: WebConfig::default().validate().unwrap(),
-        limiter: Limiter::new(WebLimits::OFF, Arc::new(kst_core::MemoryRateLimiter::new())),
-        pseudonym: LogPseudonym::random(),
-    };
-    let routes = ops_routes(
-        log_http::router(vec![log], kst_core::AddressPolicy::default(), Vec::new()),
-        guard,
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let at = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            routes.into_make_service_with_connect_info::<PeerAddr>(),
-        )
-        .await
-    });
+    let (held, at, probe) = held_log_routes().await;
     let path = format!(
         "/.well-known/kst/log/{}/lookup/{probe}?since=1",
         directory::DOMAIN
@@ -533,6 +498,52 @@ async fn rt10_one_client_does_not_hold_every_expensive_turn() {
         hog_statuses, expected,
         "the client's requests past its share waited behind its own and timed out"
     );
+}
+
+/// The log's HTTP routes (`log_http::router` behind the web limits' guard, limits off) on a
+/// loopback port, over a [`Held`] store holding a directory of 600 entries in two epochs whose
+/// head is signed: the held store, the routes' address, and an address of the directory to
+/// look up.
+async fn held_log_routes() -> (Arc<Held>, std::net::SocketAddr, kst_core::Address) {
+    use kst_bin::server::log_http;
+    use kst_bin::server::web::client::LogPseudonym;
+    use kst_bin::server::web::handlers::{Guard, PeerAddr, ops_routes};
+    use kst_bin::server::web::limits::Limiter;
+    use kst_bin::server::web::{WebConfig, WebLimits};
+
+    let held = Arc::new(Held::default());
+    let store: Arc<dyn DirectoryStore> = Arc::clone(&held) as Arc<dyn DirectoryStore>;
+    let keys = LogKeys::generate(directory::DOMAIN);
+    let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);
+    let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
+        .await
+        .unwrap();
+    for (from, to) in [(0, 300), (300, 600)] {
+        tree.publish(&bench_entries(from, to)).await.unwrap();
+    }
+    let log = Arc::new(DomainLog::open(Arc::clone(&store), keys).await.unwrap());
+    let probe = directory::address(5).unwrap();
+    // The directory opened and its head signed before any hold.
+    log.answer_since(&probe, Some(1), NOW).await.unwrap();
+    let guard = Guard {
+        trusted_proxies: WebConfig::default().validate().unwrap(),
+        limiter: Limiter::new(WebLimits::OFF, Arc::new(kst_core::MemoryRateLimiter::new())),
+        pseudonym: LogPseudonym::random(),
+    };
+    let routes = ops_routes(
+        log_http::router(vec![log], kst_core::AddressPolicy::default(), Vec::new()),
+        guard,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            routes.into_make_service_with_connect_info::<PeerAddr>(),
+        )
+        .await
+    });
+    (held, at, probe)
 }
 
 /// A [`MemoryDirectoryStore`] whose reads of the root (every request the directory's thread
@@ -1024,44 +1035,10 @@ async fn rt18_a_client_steps_up_to_the_epoch_before_a_large_one() {
 /// directory answers (red team, fresh eyes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rt19_a_head_of_an_epoch_to_come_takes_no_expensive_turn() {
-    use kst_bin::server::log_http::{self, HEAVY_WAIT, MAX_HEAVY_PER_CLIENT};
-    use kst_bin::server::web::client::LogPseudonym;
-    use kst_bin::server::web::handlers::{Guard, PeerAddr, ops_routes};
-    use kst_bin::server::web::limits::Limiter;
-    use kst_bin::server::web::{WebConfig, WebLimits};
+    use kst_bin::server::log_http::{HEAVY_WAIT, MAX_HEAVY_PER_CLIENT};
     use std::net::Ipv4Addr;
 
-    let held = Arc::new(Held::default());
-    let store: Arc<dyn DirectoryStore> = Arc::clone(&held) as Arc<dyn DirectoryStore>;
-    let keys = LogKeys::generate(directory::DOMAIN);
-    let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);
-    let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
-        .await
-        .unwrap();
-    for (from, to) in [(0, 300), (300, 600)] {
-        tree.publish(&bench_entries(from, to)).await.unwrap();
-    }
-    let log = Arc::new(DomainLog::open(Arc::clone(&store), keys).await.unwrap());
-    let probe = directory::address(5).unwrap();
-    log.answer_since(&probe, Some(1), NOW).await.unwrap();
-    let guard = Guard {
-        trusted_proxies: WebConfig::default().validate().unwrap(),
-        limiter: Limiter::new(WebLimits::OFF, Arc::new(kst_core::MemoryRateLimiter::new())),
-        pseudonym: LogPseudonym::random(),
-    };
-    let routes = ops_routes(
-        log_http::router(vec![log], kst_core::AddressPolicy::default(), Vec::new()),
-        guard,
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let at = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            routes.into_make_service_with_connect_info::<PeerAddr>(),
-        )
-        .await
-    });
+    let (held, at, probe) = held_log_routes().await;
     let heavy = format!(
         "/.well-known/kst/log/{}/lookup/{probe}?since=1",
         directory::DOMAIN
