@@ -726,6 +726,23 @@ fn a_counter_redis_that_never_answers_costs_a_request_about_its_timeouts() {
     }
 }
 
+/// Bob's retrieval of alice@example.net, relayed from `relay_ip`, over LMTP at `lmtp` is
+/// answered: found (mail does not use the web counters).
+fn assert_lmtp_finds_alice(lmtp: SocketAddr, relay_ip: &str, serve: &ServeProcess) {
+    let raw = kst_tests::retrieval_from(
+        "bob@example.org",
+        "alice@example.net",
+        relay_ip,
+        "mail.example.net",
+    );
+    let reply = lmtp_transaction(lmtp, "bob@example.org", &raw);
+    assert!(
+        reply.starts_with("250 ") && reply.trim_end().ends_with("decided: found"),
+        "{reply}\n{}",
+        serve.log()
+    );
+}
+
 /// One LMTP transaction on a new connection to `at`: `sender`'s message `raw` for
 /// keys@example.net; the reply to its DATA.
 fn lmtp_transaction(at: SocketAddr, sender: &str, raw: &[u8]) -> String {
@@ -796,18 +813,7 @@ fn the_mail_side_answers_while_the_counter_redis_is_down() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(http_get(http, "/readyz").0, 503);
-    let raw = kst_tests::retrieval_from(
-        "bob@example.org",
-        "alice@example.net",
-        "192.0.2.44",
-        "mail.example.net",
-    );
-    let reply = lmtp_transaction(lmtp, "bob@example.org", &raw);
-    assert!(
-        reply.starts_with("250 ") && reply.trim_end().ends_with("decided: found"),
-        "{reply}\n{}",
-        serve.log()
-    );
+    assert_lmtp_finds_alice(lmtp, "192.0.2.44", &serve);
     drop(rt);
     assert_eq!(serve.stop(), 0);
 }
@@ -845,18 +851,7 @@ fn the_lmtp_side_is_ready_while_the_counter_redis_is_down() {
     assert_eq!(json["ready"], true, "{body}");
     assert_eq!(json["store"]["name"], "fs", "{body}");
 
-    let raw = kst_tests::retrieval_from(
-        "bob@example.org",
-        "alice@example.net",
-        "192.0.2.45",
-        "mail.example.net",
-    );
-    let reply = lmtp_transaction(lmtp, "bob@example.org", &raw);
-    assert!(
-        reply.starts_with("250 ") && reply.trim_end().ends_with("decided: found"),
-        "{reply}\n{}",
-        serve.log()
-    );
+    assert_lmtp_finds_alice(lmtp, "192.0.2.45", &serve);
     assert_eq!(serve.stop(), 0);
 }
 

@@ -212,7 +212,6 @@ async fn busy_directory(
     let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
         .await
         .unwrap();
-    let vrf_public_key = keys.vrf.public_key().unwrap();
     for k in 0..=busy {
         let (from, to) = match k {
             0 => (0, 10_000),
@@ -223,26 +222,36 @@ async fn busy_directory(
             continue;
         }
         let (epoch, root_hash) = tree.current().await.unwrap();
-        let head = keys
-            .head
-            .sign(Head {
-                domain: directory::DOMAIN.to_string(),
-                epoch,
-                root_hash,
-                vrf_public_key,
-                signed_at: NOW,
-            })
-            .unwrap();
-        store
-            .insert_head(
-                directory::DOMAIN,
-                epoch,
-                head_text(&head).unwrap().as_bytes(),
-            )
-            .await
-            .unwrap();
+        store_head(&store, &keys, epoch, root_hash).await;
     }
     (store, keys, tree)
+}
+
+/// Signs the head of `epoch` (root `root_hash`) with `keys` and stores it, as the writer does.
+async fn store_head(
+    store: &Arc<dyn DirectoryStore>,
+    keys: &LogKeys,
+    epoch: u64,
+    root_hash: [u8; 32],
+) {
+    let head = keys
+        .head
+        .sign(Head {
+            domain: directory::DOMAIN.to_string(),
+            epoch,
+            root_hash,
+            vrf_public_key: keys.vrf.public_key().unwrap(),
+            signed_at: NOW,
+        })
+        .unwrap();
+    store
+        .insert_head(
+            directory::DOMAIN,
+            epoch,
+            head_text(&head).unwrap().as_bytes(),
+        )
+        .await
+        .unwrap();
 }
 
 /// An audit over epochs without a stored head (a directory kept from before heads were
@@ -500,17 +509,10 @@ async fn rt10_one_client_does_not_hold_every_expensive_turn() {
     );
 }
 
-/// The log's HTTP routes (`log_http::router` behind the web limits' guard, limits off) on a
-/// loopback port, over a [`Held`] store holding a directory of 600 entries in two epochs whose
+/// The log's HTTP routes ([`log_routes`]) over a [`Held`] store holding a directory of 600 entries in two epochs whose
 /// head is signed: the held store, the routes' address, and an address of the directory to
 /// look up.
 async fn held_log_routes() -> (Arc<Held>, std::net::SocketAddr, kst_core::Address) {
-    use kst_bin::server::log_http;
-    use kst_bin::server::web::client::LogPseudonym;
-    use kst_bin::server::web::handlers::{Guard, PeerAddr, ops_routes};
-    use kst_bin::server::web::limits::Limiter;
-    use kst_bin::server::web::{WebConfig, WebLimits};
-
     let held = Arc::new(Held::default());
     let store: Arc<dyn DirectoryStore> = Arc::clone(&held) as Arc<dyn DirectoryStore>;
     let keys = LogKeys::generate(directory::DOMAIN);
@@ -525,24 +527,7 @@ async fn held_log_routes() -> (Arc<Held>, std::net::SocketAddr, kst_core::Addres
     let probe = directory::address(5).unwrap();
     // The directory opened and its head signed before any hold.
     log.answer_since(&probe, Some(1), NOW).await.unwrap();
-    let guard = Guard {
-        trusted_proxies: WebConfig::default().validate().unwrap(),
-        limiter: Limiter::new(WebLimits::OFF, Arc::new(kst_core::MemoryRateLimiter::new())),
-        pseudonym: LogPseudonym::random(),
-    };
-    let routes = ops_routes(
-        log_http::router(vec![log], kst_core::AddressPolicy::default(), Vec::new()),
-        guard,
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let at = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            routes.into_make_service_with_connect_info::<PeerAddr>(),
-        )
-        .await
-    });
+    let at = log_routes(log).await;
     (held, at, probe)
 }
 
@@ -742,7 +727,6 @@ async fn directory_of_epochs(
     let tree = KeyDirectory::open_cached(db, keys.vrf.clone())
         .await
         .unwrap();
-    let vrf_public_key = keys.vrf.public_key().unwrap();
     let mut next = 0;
     for size in sizes {
         tree.publish(&bench_entries(next, next + size))
@@ -753,24 +737,7 @@ async fn directory_of_epochs(
         if !heads.contains(&epoch) {
             continue;
         }
-        let head = keys
-            .head
-            .sign(Head {
-                domain: directory::DOMAIN.to_string(),
-                epoch,
-                root_hash,
-                vrf_public_key,
-                signed_at: NOW,
-            })
-            .unwrap();
-        store
-            .insert_head(
-                directory::DOMAIN,
-                epoch,
-                head_text(&head).unwrap().as_bytes(),
-            )
-            .await
-            .unwrap();
+        store_head(&store, &keys, epoch, root_hash).await;
     }
     let latest = tree.current().await.unwrap().0;
     (store, keys, latest)
