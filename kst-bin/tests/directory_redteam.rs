@@ -470,14 +470,7 @@ async fn rt10_one_client_does_not_hold_every_expensive_turn() {
     let before = held.roots.load(Ordering::SeqCst);
     let mut hogged = vec![tokio::spawn(status_of(hog, at, path.clone()))];
     // Wait until the directory's thread holds the first (poll, generous deadline).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while held.roots.load(Ordering::SeqCst) == before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the first request never reached the store"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    held.reached_since(before).await;
     // The rest of the turns asked for by the same client (they take a turn at once, before
     // anything is read: a second is plenty; later would only make the other client's
     // request find a turn free, the fix or not).
@@ -540,6 +533,21 @@ struct Held {
     released: tokio::sync::Notify,
     /// Root reads begun.
     roots: AtomicU64,
+}
+
+impl Held {
+    /// Waits until a root read began after `before` root reads (the directory's thread is
+    /// then held on it): polls, with a generous deadline.
+    async fn reached_since(&self, before: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while self.roots.load(Ordering::SeqCst) == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first request never reached the store"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -673,14 +681,7 @@ async fn rt10_requests_whose_caller_went_away_are_not_built() {
         async move { log.answer_since(&probe, Some(1), NOW).await }
     });
     // Wait until the thread holds it (poll, generous deadline).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while held.roots.load(Ordering::SeqCst) == before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the first request never reached the store"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    held.reached_since(before).await;
     // Each asked (queued: the first poll sends it) and given up at once, as a handler whose
     // client closed the connection is dropped.
     for _ in 0..GIVEN_UP {
@@ -1026,14 +1027,7 @@ async fn rt19_a_head_of_an_epoch_to_come_takes_no_expensive_turn() {
             hogged.push(tokio::spawn(status_of(client, at, heavy.clone())));
         }
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while held.roots.load(Ordering::SeqCst) == before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the first request never reached the store"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    held.reached_since(before).await;
     // Every turn taken (they are taken at once, before anything is read).
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let asked = tokio::spawn(status_of(Ipv4Addr::new(127, 0, 0, 4), at, to_come));
