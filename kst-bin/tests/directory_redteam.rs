@@ -254,6 +254,22 @@ async fn store_head(
         .unwrap();
 }
 
+/// Two witnesses, one that cosigned the head of epoch `behind` and one that cosigned the head
+/// of epoch `newest`, both cosignatures stored in `log`.
+async fn two_witnesses(log: &DomainLog, behind: u64, newest: u64) -> (HeadSigner, HeadSigner) {
+    let mut witnesses = Vec::new();
+    for epoch in [behind, newest] {
+        let witness = HeadSigner::generate();
+        let head = log.head_at(epoch, NOW).await.unwrap().unwrap();
+        log.add_cosignature(epoch, &witness.cosign(&head, NOW).unwrap())
+            .await
+            .unwrap();
+        witnesses.push(witness);
+    }
+    let current = witnesses.pop().unwrap();
+    (witnesses.pop().unwrap(), current)
+}
+
 /// An audit over epochs without a stored head (a directory kept from before heads were
 /// stored) first has their heads signed late (`backfill::fill`), which builds akd's proof over
 /// them in chunks of 32 epochs with no bound of its own, and only then was the audit's proof
@@ -316,15 +332,7 @@ async fn rt10_one_lagging_witness_does_not_strip_a_reply_of_every_cosignature() 
     let log = Arc::new(DomainLog::open(Arc::clone(&store), keys).await.unwrap());
     let head = log.head(NOW).await.unwrap();
     let latest = head.head.epoch;
-    let (lagging, current) = (HeadSigner::generate(), HeadSigner::generate());
-    let lagging_head = log.head_at(2, NOW).await.unwrap().unwrap();
-    log.add_cosignature(2, &lagging.cosign(&lagging_head, NOW).unwrap())
-        .await
-        .unwrap();
-    let newest = log.head_at(latest - 1, NOW).await.unwrap().unwrap();
-    log.add_cosignature(latest - 1, &current.cosign(&newest, NOW).unwrap())
-        .await
-        .unwrap();
+    let (lagging, current) = two_witnesses(&log, 2, latest - 1).await;
     let witnesses = vec![lagging.public_key(), current.public_key()];
 
     // Over HTTP both witnesses' part fits.
@@ -929,15 +937,7 @@ async fn rt18_a_far_behind_count_reads_at_most_four_nodes_an_element() {
 
     let log = DomainLog::open(Arc::clone(&store), keys).await.unwrap();
     let head = log.head(NOW).await.unwrap();
-    let (behind, current) = (HeadSigner::generate(), HeadSigner::generate());
-    let first = log.head_at(1, NOW).await.unwrap().unwrap();
-    log.add_cosignature(1, &behind.cosign(&first, NOW).unwrap())
-        .await
-        .unwrap();
-    let newest = log.head_at(latest - 1, NOW).await.unwrap().unwrap();
-    log.add_cosignature(latest - 1, &current.cosign(&newest, NOW).unwrap())
-        .await
-        .unwrap();
+    let (behind, current) = two_witnesses(&log, 1, latest - 1).await;
     let before = log.step_reads();
     let part = log
         .witnessed_within(&head, &[behind.public_key(), current.public_key()], |_| {
