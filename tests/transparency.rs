@@ -3358,3 +3358,230 @@ fn two_version_3_replies_read_in_reverse_order_are_no_rollback() {
     );
     assert!(provider.evidence(bob).is_empty(), "no false alarm");
 }
+
+/// Gathering an epoch (`DomainLog::with_gather`, `[transparency] gather_us`): the fs key
+/// store, whose publications of one address can be held inside their store write.
+mod gather {
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use kst_core::conformance::{address, test_key};
+    use kst_core::store::{KeyRecord, NewKey, PublishOutcome};
+    use kst_core::transparency::{DomainLog, LogKeys, TransparentStore};
+    use kst_core::wkd::WkdHash;
+    use kst_core::{Address, Error, Fingerprint, KeyId, KeyStore, Result};
+    use tokio::sync::Notify;
+
+    use super::*;
+
+    /// The fs key store; a publication of `held` waits inside its store write (after the
+    /// write) until `release`, then returns what it wrote or, with `fail`, an error.
+    struct HeldStore {
+        inner: Arc<dyn KeyStore>,
+        held: Address,
+        entered: Notify,
+        release: Notify,
+        fail: bool,
+    }
+
+    #[async_trait]
+    impl KeyStore for HeldStore {
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+        async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
+            let held = key.address == self.held;
+            let outcome = self.inner.publish(key).await?;
+            if held {
+                self.entered.notify_one();
+                self.release.notified().await;
+                if self.fail {
+                    return Err(Error::unavailable(
+                        kst_core::Component::other("held store"),
+                        "made to fail by the test",
+                    ));
+                }
+            }
+            Ok(outcome)
+        }
+        async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
+            self.inner.get(address).await
+        }
+        async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
+            self.inner.history(address).await
+        }
+        async fn delete(&self, address: &Address) -> Result<bool> {
+            self.inner.delete(address).await
+        }
+        async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
+            self.inner.list(after, limit).await
+        }
+        async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
+            self.inner.restore(history).await
+        }
+        async fn find_by_fingerprint(
+            &self,
+            f: &Fingerprint,
+            limit: usize,
+        ) -> Result<Vec<KeyRecord>> {
+            self.inner.find_by_fingerprint(f, limit).await
+        }
+        async fn find_by_key_id(&self, k: &KeyId, limit: usize) -> Result<Vec<KeyRecord>> {
+            self.inner.find_by_key_id(k, limit).await
+        }
+        async fn find_by_wkd_hash(
+            &self,
+            domain: &str,
+            hash: &WkdHash,
+        ) -> Result<Option<KeyRecord>> {
+            self.inner.find_by_wkd_hash(domain, hash).await
+        }
+        async fn check(&self) -> Result<()> {
+            self.inner.check().await
+        }
+    }
+
+    struct Bed {
+        _dir: tempfile::TempDir,
+        held: Arc<HeldStore>,
+        log: Arc<DomainLog>,
+        store: Arc<TransparentStore>,
+        alice: Address,
+        bob: Address,
+    }
+
+    /// A fresh fs store whose publications of alice are held, its directory gathering for at
+    /// most `gather`.
+    async fn bed(gather: Duration, fail: bool) -> Bed {
+        let dir = tempfile::tempdir().unwrap();
+        let alice = address("alice@gather.example");
+        let bob = address("bob@gather.example");
+        let held = Arc::new(HeldStore {
+            inner: Arc::new(FsStore::open(dir.path()).await.unwrap()),
+            held: alice.clone(),
+            entered: Notify::new(),
+            release: Notify::new(),
+            fail,
+        });
+        let log = Arc::new(
+            DomainLog::open(
+                Arc::new(FsDirectoryStore::new(dir.path())),
+                LogKeys::generate("gather.example"),
+            )
+            .await
+            .unwrap()
+            .with_gather(gather),
+        );
+        let store = Arc::new(TransparentStore::new(
+            Arc::clone(&held) as Arc<dyn KeyStore>,
+            vec![Arc::clone(&log)],
+        ));
+        Bed {
+            _dir: dir,
+            held,
+            log,
+            store,
+            alice,
+            bob,
+        }
+    }
+
+    impl Bed {
+        /// Starts alice's publication and returns once it is held inside its store write.
+        async fn alice_held(&self) -> tokio::task::JoinHandle<Result<PublishOutcome>> {
+            let store = Arc::clone(&self.store);
+            let key = test_key(&self.alice, 1, 1);
+            let task = tokio::spawn(async move { store.publish(key).await });
+            self.held.entered.notified().await;
+            task
+        }
+
+        fn publish_bob(&self) -> tokio::task::JoinHandle<Result<PublishOutcome>> {
+            let store = Arc::clone(&self.store);
+            let key = test_key(&self.bob, 2, 1);
+            tokio::spawn(async move { store.publish(key).await })
+        }
+
+        /// The epoch that recorded `who`'s only entry.
+        async fn epoch_of(&self, who: &Address) -> u64 {
+            let entries = self.log.entries(who).await.unwrap();
+            assert_eq!(entries.len(), 1, "{who}: {entries:?}");
+            entries[0].0
+        }
+    }
+
+    /// Waits at most a minute for `task` (a hung test fails instead of hanging CI).
+    async fn finished<T>(task: tokio::task::JoinHandle<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("finished within a minute")
+            .unwrap()
+    }
+
+    /// Bob's change reaches the writer while alice's is still writing the key store: the
+    /// writer waits for hers (the bound is long here), and both are recorded in one epoch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_on_its_way_shares_the_epoch_of_one_queued() {
+        let bed = bed(Duration::from_secs(10), false).await;
+        let alice = bed.alice_held().await;
+        let bob = bed.publish_bob();
+        // Bob's store write is done and his change asked for long before this; his epoch
+        // waits for alice's change, still on its way.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!bob.is_finished(), "bob's epoch waits for alice's change");
+        bed.held.release.notify_one();
+        finished(alice).await.unwrap();
+        finished(bob).await.unwrap();
+        assert_eq!(
+            bed.epoch_of(&bed.alice).await,
+            bed.epoch_of(&bed.bob).await,
+            "one epoch records both"
+        );
+        assert!(bed.log.gathering() > Duration::ZERO);
+    }
+
+    /// With the wait off (`gather_us = 0`) bob's epoch does not wait for alice's change.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_gathering_an_epoch_waits_for_nothing_on_its_way() {
+        let bed = bed(Duration::ZERO, false).await;
+        let alice = bed.alice_held().await;
+        finished(bed.publish_bob()).await.unwrap();
+        assert!(!alice.is_finished(), "alice is still held");
+        bed.held.release.notify_one();
+        finished(alice).await.unwrap();
+        assert!(bed.epoch_of(&bed.bob).await < bed.epoch_of(&bed.alice).await);
+        assert_eq!(bed.log.gathering(), Duration::ZERO);
+    }
+
+    /// The wait is bounded: a change that stays on its way (a key store write that hangs)
+    /// holds the others' epoch back by the bound, not longer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wait_for_a_change_on_its_way_is_bounded() {
+        let bed = bed(Duration::from_millis(200), false).await;
+        let alice = bed.alice_held().await;
+        finished(bed.publish_bob()).await.unwrap();
+        assert!(!alice.is_finished(), "alice is still held");
+        assert!(bed.log.gathering() >= Duration::from_millis(200));
+        bed.held.release.notify_one();
+        finished(alice).await.unwrap();
+    }
+
+    /// A change that fails in the key store leaves the count: the epoch waiting for it goes
+    /// ahead at once, not after the bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_that_fails_on_its_way_ends_the_wait() {
+        let bed = bed(kst_core::transparency::log::MAX_GATHER, true).await;
+        let alice = bed.alice_held().await;
+        let bob = bed.publish_bob();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!bob.is_finished(), "bob's epoch waits for alice's change");
+        bed.held.release.notify_one();
+        assert!(finished(alice).await.is_err(), "alice's store write failed");
+        finished(bob).await.unwrap();
+        assert!(
+            bed.log.gathering() < kst_core::transparency::log::MAX_GATHER,
+            "the wait ended when alice's change left, not at the bound"
+        );
+        assert!(bed.log.entries(&bed.alice).await.unwrap().is_empty());
+    }
+}

@@ -13,7 +13,10 @@
 //! Group commit: the requests that queue while an epoch is being written are recorded together
 //! in the next one (one epoch, one entry per address: several changes of one address need one
 //! entry, the store's current state read after they all happened). Each caller is answered once
-//! the epoch holding its address is committed.
+//! the epoch holding its address is committed. Before an epoch, the writer waits a little for
+//! the changes on their way ([`DomainLog::incoming`]: callers writing the key store, about to
+//! ask), at most [`DomainLog::with_gather`]'s bound, so that under load an epoch holds more
+//! changes and its fixed costs (the reads, the commit, the head) are paid by more of them.
 //!
 //! Heads (docs/TRANSPARENCY.md, "Signed heads, witnesses"): each epoch's head is signed once
 //! and stored: by the writer with its commit (the batch carries it,
@@ -100,6 +103,14 @@ pub const MAX_QUEUED_WRITES: usize = 2 * MAX_BATCH;
 /// Reads the thread answers at least between two batches of changes (changes go first); more
 /// while the reads took less time than the batch before them.
 pub const READS_BETWEEN_WRITES: usize = 16;
+
+/// The longest the writer waits, before an epoch, for changes on their way
+/// ([`DomainLog::with_gather`]; `[transparency] gather_us`).
+pub const DEFAULT_GATHER: std::time::Duration = std::time::Duration::from_micros(2_000);
+
+/// The largest bound [`DomainLog::with_gather`] takes (`[transparency] gather_us` allows at
+/// most 100 ms): every change of an epoch may wait this long.
+pub const MAX_GATHER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Changes of one address that may wait for (or be in) the directory's thread at once; one
 /// more is a temporary failure for that address alone. An authenticated account changes only
@@ -245,6 +256,95 @@ pub struct DomainLog {
     fenced: Arc<std::sync::atomic::AtomicU64>,
     /// Where the thread's time went ([`DomainLog::thread_shares`]).
     shares: Arc<ThreadShares>,
+    /// The changes on their way to the writer, and how long it waits for them.
+    gather: Arc<Gather>,
+}
+
+/// The changes on their way to the writer ([`DomainLog::incoming`]) and the longest it waits
+/// for them before an epoch ([`DomainLog::with_gather`]).
+#[derive(Debug)]
+struct Gather {
+    /// Callers counted by [`DomainLog::incoming`] that have not asked to be recorded yet.
+    incoming: std::sync::atomic::AtomicUsize,
+    /// The bound, µs; 0: the writer never waits.
+    limit_us: std::sync::atomic::AtomicU64,
+    /// Woken whenever a counted caller leaves the count.
+    left: tokio::sync::Notify,
+    /// The writer's time waiting for them, µs ([`DomainLog::gathering`]).
+    waited_us: std::sync::atomic::AtomicU64,
+}
+
+impl Gather {
+    fn new() -> Self {
+        Gather {
+            incoming: std::sync::atomic::AtomicUsize::new(0),
+            limit_us: std::sync::atomic::AtomicU64::new(
+                u64::try_from(DEFAULT_GATHER.as_micros()).unwrap_or(u64::MAX),
+            ),
+            left: tokio::sync::Notify::new(),
+            waited_us: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn incoming(&self) -> usize {
+        self.incoming.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Before an epoch of `syncs`: while changes are on their way ([`DomainLog::incoming`])
+    /// and the batch is not full, takes what arrives on `inbox`, for at most the bound; then
+    /// whatever queued meanwhile. Other requests met go to `others`.
+    async fn wait(
+        &self,
+        inbox: &mut mpsc::Receiver<Request>,
+        syncs: &mut Vec<SyncRequest>,
+        others: &mut Vec<Request>,
+    ) {
+        let limit = self.limit_us.load(std::sync::atomic::Ordering::Relaxed);
+        if limit == 0 || self.incoming() == 0 || syncs.len() >= MAX_BATCH {
+            return;
+        }
+        let started = tokio::time::Instant::now();
+        let deadline = started + std::time::Duration::from_micros(limit);
+        while syncs.len() < MAX_BATCH && self.incoming() > 0 {
+            tokio::select! {
+                biased;
+                request = inbox.recv() => match request {
+                    Some(Request::Sync(s)) => syncs.push(s),
+                    Some(other) => others.push(other),
+                    None => break,
+                },
+                () = self.left.notified() => {}
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        while syncs.len() < MAX_BATCH {
+            match inbox.try_recv() {
+                Ok(Request::Sync(s)) => syncs.push(s),
+                Ok(other) => others.push(other),
+                Err(_) => break,
+            }
+        }
+        self.waited_us.fetch_add(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+/// A change on its way to a log's writer ([`DomainLog::incoming`]): counted from before its
+/// caller writes the key store until it asks to be recorded ([`DomainLog::record_incoming`])
+/// or is dropped (the write failed), so the writer can wait for it before an epoch.
+pub struct IncomingChange {
+    gather: Arc<Gather>,
+}
+
+impl Drop for IncomingChange {
+    fn drop(&mut self) {
+        self.gather
+            .incoming
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.gather.left.notify_one();
+    }
 }
 
 /// The time the directory's thread spent writing epochs, and answering the reads it serves
@@ -568,6 +668,8 @@ impl DomainLog {
         let worker_fenced = Arc::clone(&fenced);
         let shares = Arc::new(ThreadShares::default());
         let thread_shares = Arc::clone(&shares);
+        let gather = Arc::new(Gather::new());
+        let thread_gather = Arc::clone(&gather);
         // Counted until the thread ends, after its runtime (dropped first: declared later).
         let counted = LogThread::start();
         std::thread::Builder::new()
@@ -642,6 +744,12 @@ impl DomainLog {
                                 Err(_) => break,
                             }
                         }
+                        // And the changes on their way, for a moment.
+                        if !syncs.is_empty() {
+                            thread_gather
+                                .wait(&mut write_inbox, &mut syncs, &mut others)
+                                .await;
+                        }
                         let batch = std::time::Instant::now();
                         let wrote = !syncs.is_empty();
                         if wrote {
@@ -697,6 +805,7 @@ impl DomainLog {
             step_reads,
             fenced,
             shares,
+            gather,
         })
     }
 
@@ -753,6 +862,15 @@ impl DomainLog {
         &self,
         request: impl FnOnce(oneshot::Sender<Result<T>>) -> Request,
     ) -> Result<T> {
+        self.ask_counted(request, None).await
+    }
+
+    /// [`DomainLog::ask`], leaving `incoming`'s count once the request is queued.
+    async fn ask_counted<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<T>>) -> Request,
+        incoming: Option<IncomingChange>,
+    ) -> Result<T> {
         let (reply, answer) = oneshot::channel();
         let request = request(reply);
         let (queue, what, bound) = match request {
@@ -766,6 +884,8 @@ impl DomainLog {
             )),
             mpsc::error::TrySendError::Closed(_) => gone(),
         })?;
+        // Asked: no longer on its way (the writer finds it queued).
+        drop(incoming);
         answer.await.map_err(|_| gone())?
     }
 
@@ -783,8 +903,58 @@ impl DomainLog {
         deleted_version: Option<u64>,
         now: u64,
     ) -> Result<Synced> {
-        self.ask_record(address, source, deleted_version, false, now)
+        self.ask_record(address, source, deleted_version, false, now, None)
             .await
+    }
+
+    /// Counts one change on its way to this log's writer, until the returned guard is given
+    /// to [`DomainLog::record_incoming`] (or dropped). A caller takes it before writing the
+    /// key store: the writer, about to build an epoch, waits for counted changes (at most
+    /// [`DomainLog::with_gather`]'s bound) so that they share it rather than wait for the
+    /// next one.
+    pub fn incoming(&self) -> IncomingChange {
+        self.gather
+            .incoming
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        IncomingChange {
+            gather: Arc::clone(&self.gather),
+        }
+    }
+
+    /// [`DomainLog::record`] of a change counted by [`DomainLog::incoming`]: the count is
+    /// left once the request is queued.
+    pub async fn record_incoming(
+        &self,
+        address: &Address,
+        source: Arc<dyn CurrentKeys>,
+        deleted_version: Option<u64>,
+        now: u64,
+        incoming: IncomingChange,
+    ) -> Result<Synced> {
+        self.ask_record(address, source, deleted_version, false, now, Some(incoming))
+            .await
+    }
+
+    /// Sets the longest the writer waits before an epoch for changes on their way
+    /// ([`DomainLog::incoming`]), bounded by [`MAX_GATHER`]; zero: it never waits (each epoch
+    /// holds what queued while the one before was written). Default [`DEFAULT_GATHER`]. The
+    /// wait ends as soon as none is on its way, so a lone change is not delayed.
+    pub fn with_gather(self, limit: std::time::Duration) -> Self {
+        let us = u64::try_from(limit.min(MAX_GATHER).as_micros()).unwrap_or(u64::MAX);
+        self.gather
+            .limit_us
+            .store(us, std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
+    /// The time the writer spent waiting for changes on their way
+    /// ([`DomainLog::with_gather`]) since the log was opened.
+    pub fn gathering(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(
+            self.gather
+                .waited_us
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// [`DomainLog::record`] for `kst migrate`: an address the directory never saw (or saw
@@ -795,7 +965,8 @@ impl DomainLog {
         source: Arc<dyn CurrentKeys>,
         now: u64,
     ) -> Result<Synced> {
-        self.ask_record(address, source, None, true, now).await
+        self.ask_record(address, source, None, true, now, None)
+            .await
     }
 
     async fn ask_record(
@@ -805,18 +976,22 @@ impl DomainLog {
         deleted_version: Option<u64>,
         current_only: bool,
         now: u64,
+        incoming: Option<IncomingChange>,
     ) -> Result<Synced> {
         let _counted = self.count_change(address)?;
-        self.ask(|reply| {
-            Request::Sync(SyncRequest {
-                address: address.clone(),
-                source,
-                deleted_version,
-                current_only,
-                now,
-                reply,
-            })
-        })
+        self.ask_counted(
+            |reply| {
+                Request::Sync(SyncRequest {
+                    address: address.clone(),
+                    source,
+                    deleted_version,
+                    current_only,
+                    now,
+                    reply,
+                })
+            },
+            incoming,
+        )
         .await
     }
 

@@ -54,7 +54,7 @@ pub use entry::{DirectoryEntry, EntryState};
 pub use head::{Cosignature, Head, HeadSigner, SignedHead};
 pub use keys::LogKeys;
 pub use label::{KstDomainLabel, directory_label};
-pub use log::{CurrentKeys, DomainLog, StoreKeys, Synced, wait_for_log_threads};
+pub use log::{CurrentKeys, DomainLog, IncomingChange, StoreKeys, Synced, wait_for_log_threads};
 pub use storage::{
     DirectoryStore, DirectoryStoreError, RecordBatch, RootAndNodes, RootWrite, SignHead,
     StoredDirectory, ValueStateBlob, check_domain, on_runtime,

@@ -24,7 +24,9 @@ use async_trait::async_trait;
 
 use super::TransparencyError;
 use super::answer::{REPLY_STEP_BUDGET, STEP_ELEMENT_BYTES};
-use super::log::{CurrentKeys, DomainLog, MAX_WITNESSED_ELEMENTS, StoreKeys, Synced};
+use super::log::{
+    CurrentKeys, DomainLog, IncomingChange, MAX_WITNESSED_ELEMENTS, StoreKeys, Synced,
+};
 use crate::error::{Component, Error, Result};
 use crate::fingerprint::{Fingerprint, KeyId};
 use crate::protocol::{LogAsk, MAX_LOG_ANSWER_BYTES};
@@ -98,20 +100,25 @@ impl TransparentStore {
     /// the store; see [`DomainLog::record`]). `deleted_version`: the version a deletion
     /// removed + 1, when known. Returns the version an epoch of this call recorded for
     /// `address`, if one did.
-    async fn record(&self, address: &Address, deleted_version: Option<u64>) -> Result<Option<u64>> {
+    async fn record(
+        &self,
+        address: &Address,
+        deleted_version: Option<u64>,
+        incoming: Option<IncomingChange>,
+    ) -> Result<Option<u64>> {
         let Some(log) = self.logs.get(address.domain()) else {
             return Ok(None);
         };
-        match log
-            .record(
-                address,
-                Arc::clone(&self.source),
-                deleted_version,
-                time::unix_now(),
-            )
-            .await
-            .map_err(|e| Error::unavailable(COMPONENT, e))?
-        {
+        let source = Arc::clone(&self.source);
+        let now = time::unix_now();
+        let recorded = match incoming {
+            Some(incoming) => {
+                log.record_incoming(address, source, deleted_version, now, incoming)
+                    .await
+            }
+            None => log.record(address, source, deleted_version, now).await,
+        };
+        match recorded.map_err(|e| Error::unavailable(COMPONENT, e))? {
             Synced::AlreadyRecorded => Ok(None),
             Synced::Recorded { epoch, entry, .. } => {
                 tracing::info!(
@@ -124,6 +131,12 @@ impl TransparentStore {
                 Ok(Some(entry.version))
             }
         }
+    }
+
+    /// `address`'s change counted on its way to its log's writer
+    /// ([`DomainLog::incoming`]); `None` for an address of a domain without a log.
+    fn incoming(&self, address: &Address) -> Option<IncomingChange> {
+        self.logs.get(address.domain()).map(|log| log.incoming())
     }
 
     /// Checks that `ours`, a record an unsynced publication wrote, is in `address`'s history
@@ -299,17 +312,18 @@ impl KeyStore for TransparentStore {
 
     async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
         let address = key.address.clone();
+        let incoming = self.incoming(&address);
         if !(self.unsynced && self.logs.contains_key(address.domain())) {
             let outcome = self.inner.publish(key).await?;
             // Also for `Unchanged`: a redelivery after a failed or interrupted directory write.
-            self.record(&address, None).await?;
+            self.record(&address, None, incoming).await?;
             return Ok(outcome);
         }
         // The key's commit need not be durable yet: the epoch that records it is a
         // synchronous commit on the same server, after it (the writer reads the key first).
         let outcome = self.inner.publish_unsynced(key).await?;
         let ours = outcome.record();
-        if self.record(&address, None).await? != Some(ours.version) {
+        if self.record(&address, None, incoming).await? != Some(ours.version) {
             // No epoch of this call recorded this key (another writer's epoch holds it, or it
             // was there already: a redelivery; or the server the writer read does not hold
             // it): one synchronous write of our own, so nothing is confirmed before a
@@ -346,9 +360,10 @@ impl KeyStore for TransparentStore {
             true => self.inner.get(address).await?.map(|r| r.version + 1),
             false => None,
         };
+        let incoming = self.incoming(address);
         let deleted = self.inner.delete(address).await?;
         // Also when nothing was there: a redelivered deletion whose directory write failed.
-        self.record(address, before).await?;
+        self.record(address, before, incoming).await?;
         Ok(deleted)
     }
 
@@ -380,7 +395,7 @@ impl KeyStore for TransparentStore {
     async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
         self.inner.restore(history).await?;
         if let Some(first) = history.first() {
-            self.record(&first.address, None).await?;
+            self.record(&first.address, None, None).await?;
         }
         Ok(())
     }

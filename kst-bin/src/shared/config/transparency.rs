@@ -15,6 +15,11 @@
 //! step_max_bytes = 0
 //! step_max_changes = 0
 //! step_max_epochs = 0
+//! # Before an epoch, the writer waits up to this long (µs) for the publications and deletions
+//! # writing the key store at that moment, so that they share the epoch (its reads, commit and
+//! # head) instead of waiting for the next one; never longer than none is on its way. 0: no
+//! # wait. At most 100000.
+//! gather_us = 2000
 //! ```
 //!
 //! Empty `key_file` (the default): no directory. Set, every served domain must have its key
@@ -32,7 +37,7 @@ use super::ConfigError;
 use super::dkim::DOMAIN_PLACEHOLDER;
 
 /// `[transparency]`: the key directory.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TransparencyConfig {
     /// The log key file of each served domain (`kst log keygen`); `{domain}` stands for the
@@ -48,6 +53,29 @@ pub struct TransparencyConfig {
     pub step_max_changes: u64,
     /// The most epochs one such answer's proof spans; 0: the built-in bound.
     pub step_max_epochs: u64,
+    /// The longest the directory's writer waits before an epoch for the changes on their way
+    /// (their key store writes under way), µs; 0: it does not wait. At most
+    /// [`MAX_GATHER_US`].
+    pub gather_us: u64,
+}
+
+/// The default of `[transparency] gather_us`.
+pub const DEFAULT_GATHER_US: u64 = 2_000;
+
+/// The largest `[transparency] gather_us`: every change of an epoch may wait this long.
+pub const MAX_GATHER_US: u64 = 100_000;
+
+impl Default for TransparencyConfig {
+    fn default() -> Self {
+        TransparencyConfig {
+            key_file: PathBuf::new(),
+            witnesses: Vec::new(),
+            step_max_bytes: 0,
+            step_max_changes: 0,
+            step_max_epochs: 0,
+            gather_us: DEFAULT_GATHER_US,
+        }
+    }
 }
 
 /// The most witnesses `[transparency] witnesses` may list.
@@ -118,6 +146,16 @@ impl TransparencyConfig {
     /// Checks what can be checked without reading the key files.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.witness_keys()?;
+        if self.gather_us > MAX_GATHER_US {
+            return Err(ConfigError::key(
+                "transparency.gather_us",
+                format!(
+                    "{} is more than {MAX_GATHER_US} µs (every change of an epoch may wait this \
+                     long); 2000 is the default, 0 turns the wait off",
+                    self.gather_us
+                ),
+            ));
+        }
         if !self.enabled() {
             return Ok(());
         }
@@ -157,5 +195,27 @@ mod tests {
         }
         let many = config(vec![format!("w:{key}"); MAX_WITNESSES + 1]);
         assert!(many.validate().is_err());
+    }
+
+    #[test]
+    fn gather_defaults_to_two_ms_and_is_bounded() {
+        let load = |v: &str| {
+            crate::shared::config::Config::load_with_env(
+                None,
+                [
+                    ("KST_KST__DOMAINS".to_string(), "example.net".to_string()),
+                    ("KST_TRANSPARENCY__GATHER_US".to_string(), v.to_string()),
+                ],
+            )
+        };
+        assert_eq!(TransparencyConfig::default().gather_us, DEFAULT_GATHER_US);
+        assert_eq!(load("0").unwrap().transparency.gather_us, 0);
+        assert_eq!(
+            load("100000").unwrap().transparency.gather_us,
+            MAX_GATHER_US
+        );
+        let err = load("100001").unwrap_err().to_string();
+        assert!(err.contains("transparency.gather_us"), "{err}");
+        assert!(load("-1").is_err());
     }
 }
