@@ -66,7 +66,7 @@ pub async fn open_logs(config: &Config) -> Result<Vec<Arc<DomainLog>>, Error> {
         let mut log = DomainLog::open(Arc::clone(&store), keys)
             .await
             .map_err(|e| Error::unavailable(COMPONENT, e))?
-            .with_gather(std::time::Duration::from_micros(t.gather_us));
+            .with_gather(t.gather_for(config.store.backend));
         if let Some(limit) = t.step_limit() {
             log = log.with_step_limit(limit);
         }

@@ -18,8 +18,9 @@
 //! # Before an epoch, the writer waits up to this long (µs) for the publications and deletions
 //! # writing the key store at that moment, so that they share the epoch (its reads, commit and
 //! # head) instead of waiting for the next one; never longer than none is on its way. 0: no
-//! # wait. At most 100000.
-//! gather_us = 2000
+//! # wait. At most 100000. Unset: 2000 on PostgreSQL and Redis, 0 on fs (whose key store
+//! # writes flush to disk themselves: waiting for them costs more than it saves).
+//! # gather_us = 2000
 //! ```
 //!
 //! Empty `key_file` (the default): no directory. Set, every served domain must have its key
@@ -55,11 +56,11 @@ pub struct TransparencyConfig {
     pub step_max_epochs: u64,
     /// The longest the directory's writer waits before an epoch for the changes on their way
     /// (their key store writes under way), µs; 0: it does not wait. At most
-    /// [`MAX_GATHER_US`].
-    pub gather_us: u64,
+    /// [`MAX_GATHER_US`]. Unset: [`TransparencyConfig::gather_for`] the store.
+    pub gather_us: Option<u64>,
 }
 
-/// The default of `[transparency] gather_us`.
+/// The default of `[transparency] gather_us` on PostgreSQL and Redis.
 pub const DEFAULT_GATHER_US: u64 = 2_000;
 
 /// The largest `[transparency] gather_us`: every change of an epoch may wait this long.
@@ -73,7 +74,7 @@ impl Default for TransparencyConfig {
             step_max_bytes: 0,
             step_max_changes: 0,
             step_max_epochs: 0,
-            gather_us: DEFAULT_GATHER_US,
+            gather_us: None,
         }
     }
 }
@@ -123,6 +124,20 @@ impl TransparencyConfig {
         }
     }
 
+    /// The writer's wait for changes on their way (`gather_us`) with the directory kept in
+    /// `backend`: the configured one, else [`DEFAULT_GATHER_US`] on PostgreSQL and Redis and
+    /// none on fs. Measured (docs/BENCHMARKS.md, "Gathering an epoch"): on Redis and
+    /// PostgreSQL epochs hold 3-4 times the changes at 8 connections and publications are as
+    /// fast or faster; on fs, whose key store writes each flush to disk, waiting for them
+    /// made publications slower.
+    pub fn gather_for(&self, backend: super::StoreBackend) -> std::time::Duration {
+        let us = self.gather_us.unwrap_or(match backend {
+            super::StoreBackend::Fs => 0,
+            super::StoreBackend::Postgres | super::StoreBackend::Redis => DEFAULT_GATHER_US,
+        });
+        std::time::Duration::from_micros(us)
+    }
+
     /// The operator's bounds on each stepped answer (`step_max_*`; 0: no bound beyond the
     /// built-in ones), or `None` when none is set.
     #[cfg(feature = "transparency")]
@@ -146,13 +161,14 @@ impl TransparencyConfig {
     /// Checks what can be checked without reading the key files.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.witness_keys()?;
-        if self.gather_us > MAX_GATHER_US {
+        if let Some(us) = self.gather_us
+            && us > MAX_GATHER_US
+        {
             return Err(ConfigError::key(
                 "transparency.gather_us",
                 format!(
-                    "{} is more than {MAX_GATHER_US} µs (every change of an epoch may wait this \
-                     long); 2000 is the default, 0 turns the wait off",
-                    self.gather_us
+                    "{us} is more than {MAX_GATHER_US} µs (every change of an epoch may wait this \
+                     long); 2000 is the default on PostgreSQL and Redis, 0 turns the wait off"
                 ),
             ));
         }
@@ -198,7 +214,7 @@ mod tests {
     }
 
     #[test]
-    fn gather_defaults_to_two_ms_and_is_bounded() {
+    fn gather_defaults_by_store_and_is_bounded() {
         let load = |v: &str| {
             crate::shared::config::Config::load_with_env(
                 None,
@@ -208,12 +224,17 @@ mod tests {
                 ],
             )
         };
-        assert_eq!(TransparencyConfig::default().gather_us, DEFAULT_GATHER_US);
-        assert_eq!(load("0").unwrap().transparency.gather_us, 0);
-        assert_eq!(
-            load("100000").unwrap().transparency.gather_us,
-            MAX_GATHER_US
-        );
+        use crate::shared::config::StoreBackend;
+        let unset = TransparencyConfig::default();
+        assert_eq!(unset.gather_us, None);
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(unset.gather_for(StoreBackend::Postgres), ms(2));
+        assert_eq!(unset.gather_for(StoreBackend::Redis), ms(2));
+        assert_eq!(unset.gather_for(StoreBackend::Fs), ms(0));
+        let off = load("0").unwrap().transparency;
+        assert_eq!(off.gather_for(StoreBackend::Redis), ms(0));
+        let most = load("100000").unwrap().transparency;
+        assert_eq!(most.gather_for(StoreBackend::Fs), ms(100));
         let err = load("100001").unwrap_err().to_string();
         assert!(err.contains("transparency.gather_us"), "{err}");
         assert!(load("-1").is_err());
