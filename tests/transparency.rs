@@ -3584,4 +3584,34 @@ mod gather {
         );
         assert!(bed.log.entries(&bed.alice).await.unwrap().is_empty());
     }
+
+    /// Reads are answered while the writer waits for a change on its way: the thread is idle
+    /// then, and a flood that keeps every epoch waiting the bound must not hold every lookup,
+    /// head and audit back by it too (nor leave reads only the time between the waits).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_are_answered_while_the_writer_waits() {
+        let bed = bed(kst_core::transparency::log::MAX_GATHER, false).await;
+        let alice = bed.alice_held().await;
+        let bob = bed.publish_bob();
+        // Bob's change is queued and his epoch waits for alice's change, still on its way.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!bob.is_finished(), "bob's epoch waits for alice's change");
+        let carol = address("carol@gather.example");
+        assert!(bed.log.entries(&carol).await.unwrap().is_empty());
+        bed.log.head(kst_core::time::unix_now()).await.unwrap();
+        assert_eq!(
+            bed.log.gathering(),
+            Duration::ZERO,
+            "the reads were answered during the wait, not after it"
+        );
+        assert!(!bob.is_finished(), "bob's epoch still waits");
+        bed.held.release.notify_one();
+        finished(alice).await.unwrap();
+        finished(bob).await.unwrap();
+        assert_eq!(
+            bed.epoch_of(&bed.alice).await,
+            bed.epoch_of(&bed.bob).await,
+            "one epoch records both"
+        );
+    }
 }

@@ -270,7 +270,8 @@ struct Gather {
     limit_us: std::sync::atomic::AtomicU64,
     /// Woken whenever a counted caller leaves the count.
     left: tokio::sync::Notify,
-    /// The writer's time waiting for them, µs ([`DomainLog::gathering`]).
+    /// The writer's time waiting for them (answering reads meanwhile), µs
+    /// ([`DomainLog::gathering`]).
     waited_us: std::sync::atomic::AtomicU64,
 }
 
@@ -292,10 +293,15 @@ impl Gather {
 
     /// Before an epoch of `syncs`: while changes are on their way ([`DomainLog::incoming`])
     /// and the batch is not full, takes what arrives on `inbox`, for at most the bound; then
-    /// whatever queued meanwhile. Other requests met go to `others`.
+    /// whatever queued meanwhile. Other requests met go to `others`. The thread is idle
+    /// meanwhile, so `worker` answers the reads queued on `reads` (changes first): a wait,
+    /// which a stream of changes can make every epoch's, holds no lookup, head or audit back.
+    /// A read begun before the bound may end after it: the epoch waits for that one read.
     async fn wait(
         &self,
         inbox: &mut mpsc::Receiver<Request>,
+        reads: &mut mpsc::Receiver<Request>,
+        worker: &mut Worker,
         syncs: &mut Vec<SyncRequest>,
         others: &mut Vec<Request>,
     ) {
@@ -315,6 +321,7 @@ impl Gather {
                 },
                 () = self.left.notified() => {}
                 () = tokio::time::sleep_until(deadline) => break,
+                Some(read) = reads.recv() => worker.handle(read).await,
             }
         }
         while syncs.len() < MAX_BATCH {
@@ -747,7 +754,13 @@ impl DomainLog {
                         // And the changes on their way, for a moment.
                         if !syncs.is_empty() {
                             thread_gather
-                                .wait(&mut write_inbox, &mut syncs, &mut others)
+                                .wait(
+                                    &mut write_inbox,
+                                    &mut read_inbox,
+                                    &mut worker,
+                                    &mut syncs,
+                                    &mut others,
+                                )
                                 .await;
                         }
                         let batch = std::time::Instant::now();
@@ -948,7 +961,8 @@ impl DomainLog {
     }
 
     /// The time the writer spent waiting for changes on their way
-    /// ([`DomainLog::with_gather`]) since the log was opened.
+    /// ([`DomainLog::with_gather`]) since the log was opened, the reads it answered
+    /// meanwhile included.
     pub fn gathering(&self) -> std::time::Duration {
         std::time::Duration::from_micros(
             self.gather
