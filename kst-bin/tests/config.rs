@@ -433,6 +433,36 @@ password = "mailer-secret"
     assert_eq!(again.limits, cfg.limits);
 }
 
+/// `kst config check` prints the effective configuration: `[transparency] gather_us` unset
+/// shows the wait the configured store gets (2000 µs on PostgreSQL and Redis, none on fs),
+/// not nothing; a set one shows as set.
+#[test]
+fn masked_output_shows_the_effective_gather_wait() {
+    let masked = |backend: &str, gather: Option<&str>| {
+        let mut vars = vec![
+            ("KST_KST__DOMAINS", "example.net"),
+            ("KST_STORE__BACKEND", backend),
+        ];
+        match backend {
+            "redis" => vars.push(("KST_STORE__URL", "redis://127.0.0.1:6379/0")),
+            "postgres" => vars.push(("KST_STORE__URL", "postgres://kst@127.0.0.1/kst")),
+            _ => {}
+        }
+        if let Some(us) = gather {
+            vars.push(("KST_TRANSPARENCY__GATHER_US", us));
+        }
+        Config::load_with_env(None, env(&vars)).unwrap().masked()
+    };
+    let redis = masked("redis", None);
+    assert!(redis.contains("gather_us = 2000"), "{redis}");
+    let postgres = masked("postgres", None);
+    assert!(postgres.contains("gather_us = 2000"), "{postgres}");
+    let fs = masked("fs", None);
+    assert!(fs.contains("gather_us = 0"), "{fs}");
+    let set = masked("fs", Some("500"));
+    assert!(set.contains("gather_us = 500"), "{set}");
+}
+
 #[test]
 fn rate_limits_and_the_gate_come_from_file_and_environment() {
     let cfg = Config::load_with_env(None, env(&[("KST_KST__DOMAINS", "example.net")])).unwrap();

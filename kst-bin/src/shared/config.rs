@@ -910,6 +910,11 @@ impl Config {
         c.store.urls = c.store.urls.iter().map(|u| mask_url(u)).collect();
         c.store.read_urls = c.store.read_urls.iter().map(|u| mask_url(u)).collect();
         c.web.counters.url = mask_url(&c.web.counters.url);
+        // The effective wait, not nothing: unset, it depends on the store.
+        c.transparency.gather_us = Some(
+            u64::try_from(c.transparency.gather_for(c.store.backend).as_micros())
+                .unwrap_or(u64::MAX),
+        );
         // A Redis Cluster's password is in its node URLs; a Sentinel may have one too.
         for urls in [
             &mut c.store.sentinels,
