@@ -3585,6 +3585,25 @@ mod gather {
         assert!(bed.log.entries(&bed.alice).await.unwrap().is_empty());
     }
 
+    /// A publication cancelled inside its key store write (its future dropped: a session
+    /// timeout, a closed connection, a store timeout) leaves the count with it: the epoch
+    /// waiting for it goes ahead at once, not after the bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_cancelled_on_its_way_ends_the_wait() {
+        let bed = bed(kst_core::transparency::log::MAX_GATHER, false).await;
+        let alice = bed.alice_held().await;
+        let bob = bed.publish_bob();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!bob.is_finished(), "bob's epoch waits for alice's change");
+        alice.abort();
+        assert!(alice.await.unwrap_err().is_cancelled());
+        finished(bob).await.unwrap();
+        assert!(
+            bed.log.gathering() < kst_core::transparency::log::MAX_GATHER,
+            "the wait ended when alice's change was dropped, not at the bound"
+        );
+    }
+
     /// Reads are answered while the writer waits for a change on its way: the thread is idle
     /// then, and a flood that keeps every epoch waiting the bound must not hold every lookup,
     /// head and audit back by it too (nor leave reads only the time between the waits).
