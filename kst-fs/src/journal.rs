@@ -9,7 +9,17 @@
 //!                                          the tree's own files; frames <= C are garbage
 //! kt/<domain>/journal/boot                 the boot id under which the frames after C were
 //!                                          written (Linux's /proc/sys/kernel/random/boot_id)
+//! kt/<domain>/journal/spare-<nn>           a frame under the checkpoint kept for reuse (nn:
+//!                                          its epoch modulo 64); never read
 //! ```
+//!
+//! A frame under the checkpoint is not removed but renamed to the spare of its slot, and the
+//! frame of an epoch of that slot is written over that spare (renamed to the frame's name,
+//! then overwritten in place): no new inode per epoch and none freed per checkpoint, which
+//! on an ext4 without a journal cost far more than the frame's write (its allocator skips
+//! every inode freed in the last minutes one by one, docs/BENCHMARKS.md). A spare renamed to
+//! a frame's name but not yet (or partly) overwritten holds an older epoch, or a bad hash: no
+//! frame (below), like a frame its writer was killed writing.
 //!
 //! A frame is the whole batch of an epoch: `KSTJ1\n` ‖ expected epoch (8) ‖ epoch (8) ‖
 //! nodes (count (4), then key length (4), key, blob length (4), blob) ‖ value states (count
@@ -28,7 +38,7 @@
 //! after the checkpoint in order, then syncs and moves the checkpoint: the files the page
 //! cache lost are written again.
 
-use std::io::{ErrorKind, Write};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use kst_core::durable::{sync_dir, write_atomic};
@@ -57,6 +67,12 @@ pub(crate) fn journal_dir(dir: &Path) -> PathBuf {
 
 pub(crate) fn frame_path(dir: &Path, epoch: u64) -> PathBuf {
     journal_dir(dir).join(format!("{epoch:020}"))
+}
+
+/// The spare of `epoch`'s slot: a frame under the checkpoint, kept to be written over by the
+/// frame of a later epoch of the same slot ([`write_frame`]).
+fn spare_path(dir: &Path, epoch: u64) -> PathBuf {
+    journal_dir(dir).join(format!("spare-{:02}", epoch % CHECKPOINT_EVERY))
 }
 
 fn checkpoint_path(dir: &Path) -> PathBuf {
@@ -239,15 +255,27 @@ pub(crate) fn read_frame(
 }
 
 /// Writes the frame of `batch` and makes it durable: the epoch is committed once this
-/// returns. A frame a dead writer left under that name is replaced.
+/// returns. A frame a dead writer left under that name is replaced. Written over the spare of
+/// its slot when there is one ([`spare_path`]: renamed to the frame's name, overwritten in
+/// place), else to a new file. Under the domain's lock.
 pub(crate) fn write_frame(dir: &Path, batch: &RecordBatch) -> Result<(), DirectoryStoreError> {
+    use std::os::unix::fs::FileExt as _;
     let epoch = batch.root.as_ref().map_or(0, |r| r.epoch);
     let journal = journal_dir(dir);
     let path = frame_path(dir, epoch);
     let bytes = encode(batch);
+    // A spare that cannot be renamed (none there, most often) is no error: a new file then.
+    let reused = std::fs::rename(spare_path(dir, epoch), &path).is_ok();
     let written = (|| {
-        let mut f = std::fs::File::create(&path)?;
-        f.write_all(&bytes)?;
+        let f = if reused {
+            std::fs::OpenOptions::new().write(true).open(&path)?
+        } else {
+            std::fs::File::create(&path)?
+        };
+        f.write_all_at(&bytes, 0)?;
+        if reused && f.metadata()?.len() != bytes.len() as u64 {
+            f.set_len(bytes.len() as u64)?;
+        }
         f.sync_data()
     })();
     written.map_err(|e| unavailable("write", &path, e))?;
@@ -329,7 +357,8 @@ pub(crate) fn set_checkpoint(dir: &Path, epoch: u64) -> Result<(), DirectoryStor
 }
 
 /// Removes the frames whose epoch `drop` accepts (not synced: the checkpoint, written first,
-/// says which frames count).
+/// says which frames count): each is renamed to the spare of its slot ([`spare_path`],
+/// replacing the one there), for a later frame to be written over.
 pub(crate) fn remove_frames(
     dir: &Path,
     drop: impl Fn(u64) -> bool,
@@ -351,7 +380,7 @@ pub(crate) fn remove_frames(
             continue;
         };
         if drop(epoch) {
-            match std::fs::remove_file(entry.path()) {
+            match std::fs::rename(entry.path(), spare_path(dir, epoch)) {
                 Err(e) if e.kind() != ErrorKind::NotFound => {
                     return Err(unavailable("remove", &entry.path(), e));
                 }
