@@ -31,11 +31,12 @@
 //! where the caller is answered. Then, on the same blocking thread and still holding the lock,
 //! the epoch's files are written without syncing (nodes and value states overwritten in
 //! place: a temporary name, a `rename` and a freed inode per file cost about 20 times the
-//! write on ext4; the head linked, then the root renamed into place last, so a writer that
-//! dies before the root leaves its frame after the root, to be rolled forward, head and all;
-//! readers wait on the lock meanwhile), and every 64 epochs a background `syncfs(2)` makes
-//! them durable and moves the journal's checkpoint, removing the frames
-//! under it. So an epoch costs one small file's flush, not a flush of every dirty page of the
+//! write on ext4; the head linked, then the root written last, in place as well (29 bytes,
+//! within a sector), so a writer that dies before the root leaves its frame after the root,
+//! to be rolled forward, head and all; readers wait on the lock meanwhile), and every 64
+//! epochs a background `syncfs(2)` makes them durable and moves the journal's checkpoint,
+//! keeping the frames under it as spares the next frames are written over (`journal.rs`):
+//! no inode is made and freed per epoch but the head's. So an epoch costs one small file's flush, not a flush of every dirty page of the
 //! file system (other programs' writes on a shared disk made that 70 ms and more). A writer
 //! that died after its frame left an epoch the next commit (or a process's first read of
 //! the domain) writes out ("rolls forward") before its own fence; after the machine crashed (another boot id) the first process to
@@ -515,7 +516,7 @@ fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
 
 /// Writes the files of an epoch whose frame is durable: nodes and value states (overwritten
 /// in place, not synced), its head (linked unless one is there), then the root, last
-/// (renamed into place). A reader at the old epoch still reads the old epoch meanwhile (a
+/// ([`write_root`]: in place). A reader at the old epoch still reads the old epoch meanwhile (a
 /// node keeps its previous value), and a writer that dies half-way leaves the frame for the
 /// next one: the frame lies after the stored root until the root is written, so whatever
 /// came before it is written again ([`roll_forward`]). The head goes before the root for
@@ -1907,7 +1908,7 @@ mod tests {
             a.commit(D, epoch(e)).await.unwrap();
         }
         let dir = tmp.path().join(KT_DIR).join(D);
-        // In the background (the checkpoint written, then the frames under it removed):
+        // In the background (the checkpoint written, then the frames under it made spares):
         // wait for it, bounded.
         let e = journal::CHECKPOINT_EVERY;
         for _ in 0..300 {
@@ -2176,6 +2177,65 @@ mod costs {
     fn median(mut xs: Vec<f64>) -> f64 {
         xs.sort_by(f64::total_cmp);
         xs[xs.len() / 2]
+    }
+
+    /// This thread's CPU time so far (user and system), from the scheduler's count.
+    fn cpu_ns() -> u64 {
+        std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// What an fs epoch's journaled files cost in CPU (this thread's, the kernel's work
+    /// included) and time, over 320 epochs of 3 changes with the checkpoint moved every 64
+    /// (without its `syncfs`) as a process does (run by hand:
+    /// `cargo test -p kst-fs --features transparency --lib -- --ignored --nocapture
+    /// epoch_file_costs`; KST_COSTS_DIR: where to write, /var/tmp by default).
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn epoch_file_costs() {
+        const D: &str = "costs.example";
+        const EPOCHS: u64 = 320;
+        let base = std::env::var("KST_COSTS_DIR").unwrap_or_else(|_| "/var/tmp".into());
+        let tmp = tempfile::tempdir_in(base).unwrap();
+        let dir = tmp.path().join(D);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut first = epoch(1, 1);
+        first.root.as_mut().unwrap().expected_epoch = None;
+        first.root.as_mut().unwrap().epoch = 0;
+        commit_now(&dir, first, None).unwrap();
+        journal::start(&dir, 0).unwrap();
+        let (mut frame_cpu, mut files_cpu, mut cp_cpu) = (0u64, 0u64, 0u64);
+        let (mut frame_wall, mut files_wall) = (0f64, 0f64);
+        for e in 1..=EPOCHS {
+            // Three changes, about 30 nodes (a tree of some thousands), as at c=8.
+            let mut batch = epoch(e, 3);
+            batch.nodes.truncate(30);
+            let (c, t) = (cpu_ns(), std::time::Instant::now());
+            journal::write_frame(&dir, &batch).unwrap();
+            frame_cpu += cpu_ns() - c;
+            frame_wall += ms(t.elapsed());
+            let (c, t) = (cpu_ns(), std::time::Instant::now());
+            materialize(&dir, &batch).unwrap();
+            files_cpu += cpu_ns() - c;
+            files_wall += ms(t.elapsed());
+            if e.is_multiple_of(journal::CHECKPOINT_EVERY) {
+                let c = cpu_ns();
+                journal::set_checkpoint(&dir, e).unwrap();
+                cp_cpu += cpu_ns() - c;
+            }
+        }
+        let per = |ns: u64| ns as f64 / EPOCHS as f64 / 1000.0;
+        eprintln!(
+            "per epoch (3 changes, 30 nodes), µs: frame CPU {:.0} (wall {:.0}), files CPU {:.0} \
+             (wall {:.0}), checkpoint's frame removal CPU {:.1}",
+            per(frame_cpu),
+            frame_wall * 1000.0 / EPOCHS as f64,
+            per(files_cpu),
+            files_wall * 1000.0 / EPOCHS as f64,
+            per(cp_cpu)
+        );
     }
 
     #[test]

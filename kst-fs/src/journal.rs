@@ -29,9 +29,10 @@
 //!
 //! The fs directory's commit (kst-fs `directory.rs`) is then: under the domain's lock, the
 //! fence; the frame written and synced (**the commit point**: the caller is answered); the
-//! epoch's files written, on the same thread under the same lock, unsynced (nodes and value states overwritten in place, the head linked, the root renamed into place last;
-//! readers wait on the lock meanwhile); every 64 epochs a background `syncfs(2)` moves the
-//! checkpoint up and removes the frames under it. A writer that died after its frame was
+//! epoch's files written, on the same thread under the same lock, unsynced (nodes and value
+//! states overwritten in place, the head linked, the root overwritten in place last; readers
+//! wait on the lock meanwhile); every 64 epochs a background `syncfs(2)` moves the
+//! checkpoint up and makes the frames under it spares. A writer that died after its frame was
 //! durable left an epoch the next writer rolls forward (writes its files) before checking
 //! its own fence, and so does a process's first read of the domain. After the machine
 //! crashed (the boot id changed), the first process to touch the domain replays every frame
@@ -349,7 +350,7 @@ pub(crate) fn start(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
 }
 
 /// Moves the checkpoint to `epoch` (durably; the caller made every epoch up to it durable)
-/// and removes the frames at or under it.
+/// and removes the frames at or under it ([`remove_frames`]: they become spares).
 pub(crate) fn set_checkpoint(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
     let path = checkpoint_path(dir);
     write_atomic(&path, &epoch.to_be_bytes()).map_err(|e| unavailable("write", &path, e))?;
