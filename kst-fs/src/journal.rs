@@ -10,7 +10,7 @@
 //! kt/<domain>/journal/boot                 the boot id under which the frames after C were
 //!                                          written (Linux's /proc/sys/kernel/random/boot_id)
 //! kt/<domain>/journal/spare-<nn>           a frame under the checkpoint kept for reuse (nn:
-//!                                          its epoch modulo 64); never read
+//!                                          its epoch modulo 64; at most 1 MiB); never read
 //! ```
 //!
 //! A frame under the checkpoint is not removed but renamed to the spare of its slot, and the
@@ -357,9 +357,14 @@ pub(crate) fn set_checkpoint(dir: &Path, epoch: u64) -> Result<(), DirectoryStor
     remove_frames(dir, |e| e <= epoch)
 }
 
+/// Frames larger than this are removed rather than kept as spares ([`remove_frames`]): the
+/// spares hold at most 64 times this much disk (the frames of a run at c=8 were 3 to 25 kB).
+pub(crate) const SPARE_MAX: u64 = 1024 * 1024;
+
 /// Removes the frames whose epoch `drop` accepts (not synced: the checkpoint, written first,
 /// says which frames count): each is renamed to the spare of its slot ([`spare_path`],
-/// replacing the one there), for a later frame to be written over.
+/// replacing the one there), for a later frame to be written over; one larger than
+/// [`SPARE_MAX`] is removed.
 pub(crate) fn remove_frames(
     dir: &Path,
     drop: impl Fn(u64) -> bool,
@@ -381,9 +386,15 @@ pub(crate) fn remove_frames(
             continue;
         };
         if drop(epoch) {
-            match std::fs::rename(entry.path(), spare_path(dir, epoch)) {
+            let path = entry.path();
+            let gone = match std::fs::metadata(&path) {
+                Ok(m) if m.len() > SPARE_MAX => std::fs::remove_file(&path),
+                Ok(_) => std::fs::rename(&path, spare_path(dir, epoch)),
+                Err(e) => Err(e),
+            };
+            match gone {
                 Err(e) if e.kind() != ErrorKind::NotFound => {
-                    return Err(unavailable("remove", &entry.path(), e));
+                    return Err(unavailable("remove", &path, e));
                 }
                 _ => {}
             }
@@ -429,6 +440,35 @@ mod tests {
             }),
             head: Some(b"head".to_vec()),
         }
+    }
+
+    /// Frames under the checkpoint become the spares of their slots, but one larger than
+    /// [`SPARE_MAX`] is removed: the spares never hold more than 64 times that.
+    #[test]
+    fn only_frames_up_to_spare_max_are_kept_as_spares() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        start(dir, 7).unwrap();
+        write_frame(dir, &batch()).unwrap();
+        let mut big = batch();
+        big.root.as_mut().unwrap().expected_epoch = Some(8);
+        big.root.as_mut().unwrap().epoch = 9;
+        big.nodes = (0..20u8)
+            .map(|i| (vec![2, 0, 0, 1, 0, i], vec![i; 60 * 1024]))
+            .collect();
+        write_frame(dir, &big).unwrap();
+        assert!(std::fs::metadata(frame_path(dir, 9)).unwrap().len() > SPARE_MAX);
+        set_checkpoint(dir, 9).unwrap();
+        assert!(!frame_path(dir, 8).exists() && !frame_path(dir, 9).exists());
+        assert!(spare_path(dir, 8).exists(), "a small frame is kept");
+        assert!(!spare_path(dir, 9).exists(), "a large one is not");
+        // The next frame of slot 8 is written over its spare, whole.
+        let mut next = batch();
+        next.root.as_mut().unwrap().expected_epoch = Some(8 + CHECKPOINT_EVERY - 1);
+        next.root.as_mut().unwrap().epoch = 8 + CHECKPOINT_EVERY;
+        write_frame(dir, &next).unwrap();
+        assert!(!spare_path(dir, 8).exists());
+        assert_eq!(read_frame(dir, 8 + CHECKPOINT_EVERY).unwrap(), Some(next));
     }
 
     #[test]
