@@ -16,7 +16,11 @@
 # (postgres://postgres:postgres@127.0.0.1:5432), BENCH_KST (a kst binary; default: a release
 # build of this checkout), BENCH_LOG (warn; `warn,kst_core::transparency::log=debug` also
 # logs each epoch's timings), BENCH_TIMINGS (a file each run's log is appended to; with the
-# debug log, a table of where the epochs' time went is printed at the end).
+# debug log, a table of where the epochs' time went is printed at the end), BENCH_FRESH_FS (a
+# size, e.g. 4G: the runs' stores and spools go on a fresh ext4 of that size made without a
+# journal, like the test machine's, and loop-mounted for this invocation; needs root. On an
+# ext4 without a journal every inode freed in the minutes before, by an earlier run's cleanup
+# or other tests, makes each file created cost ~300 µs more: docs/BENCHMARKS.md).
 set -euo pipefail
 CS="${BENCH_C:-8}"
 PUB="${BENCH_PUB:-2000}"
@@ -33,11 +37,25 @@ LOG_NAME=bench-transparency
 . "$ROOT/scripts/lib.sh"
 temp_work kst-bench-kt
 bench_kst
+FRESH_FS="${BENCH_FRESH_FS:-}"
+MOUNTED=""
+if [ -n "$FRESH_FS" ]; then
+  IMAGE="$(mktemp "/var/tmp/kst-bench-kt-fs.XXXXXX")"
+  truncate -s "$FRESH_FS" "$IMAGE"
+  mkfs.ext4 -q -F -O ^has_journal "$IMAGE" || die "BENCH_FRESH_FS: mkfs.ext4 of $IMAGE failed"
+  mount -o loop "$IMAGE" "$WORK" || die "BENCH_FRESH_FS: cannot loop-mount $IMAGE on $WORK (root needed)"
+  MOUNTED="$WORK"
+  rm -f "$IMAGE" # the mount keeps it until it is unmounted
+fi
 RESULTS="$WORK/results.jsonl"
 : >"$RESULTS"
 DBS=()
 cleanup_more() {
   local db
+  if [ -n "$MOUNTED" ]; then
+    # Unmounted before temp_work's rm -rf: the fresh file system goes whole.
+    umount "$MOUNTED" 2>/dev/null || umount -l "$MOUNTED" || true
+  fi
   for db in "${DBS[@]}"; do psql "$PG_BASE/postgres" -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true; done
 }
 
@@ -175,4 +193,4 @@ echo
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -sr); load average of each run in $RESULTS (kept below)."
 python3 -c "import json,sys; [print(f\"  {r['store']} c={r.get('c')} {r['kt']}: {r['rate']:.0f} msg/s, load {r['load']}\") for r in map(json.loads, open(sys.argv[1]))]" "$RESULTS"
 echo "uptime at the end: $(uptime)"
-echo "Command: BENCH_C=\"$CS\" BENCH_PUB=$PUB BENCH_ROUNDS=$ROUNDS BENCH_STORES=\"$STORES\" scripts/bench-transparency.sh"
+echo "Command: ${FRESH_FS:+BENCH_FRESH_FS=$FRESH_FS }BENCH_C=\"$CS\" BENCH_PUB=$PUB BENCH_ROUNDS=$ROUNDS BENCH_STORES=\"$STORES\" scripts/bench-transparency.sh"

@@ -9,7 +9,17 @@
 //!                                          the tree's own files; frames <= C are garbage
 //! kt/<domain>/journal/boot                 the boot id under which the frames after C were
 //!                                          written (Linux's /proc/sys/kernel/random/boot_id)
+//! kt/<domain>/journal/spare-<nn>           a frame under the checkpoint kept for reuse (nn:
+//!                                          its epoch modulo 64; at most 1 MiB); never read
 //! ```
+//!
+//! A frame under the checkpoint is not removed but renamed to the spare of its slot, and the
+//! frame of an epoch of that slot is written over that spare (renamed to the frame's name,
+//! then overwritten in place): no new inode per epoch and none freed per checkpoint, which
+//! on an ext4 without a journal cost far more than the frame's write (its allocator skips
+//! every inode freed in the last minutes one by one, docs/BENCHMARKS.md). A spare renamed to
+//! a frame's name but not yet (or partly) overwritten holds an older epoch, or a bad hash: no
+//! frame (below), like a frame its writer was killed writing.
 //!
 //! A frame is the whole batch of an epoch: `KSTJ1\n` ‖ expected epoch (8) ‖ epoch (8) ‖
 //! nodes (count (4), then key length (4), key, blob length (4), blob) ‖ value states (count
@@ -19,16 +29,17 @@
 //!
 //! The fs directory's commit (kst-fs `directory.rs`) is then: under the domain's lock, the
 //! fence; the frame written and synced (**the commit point**: the caller is answered); the
-//! epoch's files written, on the same thread under the same lock, unsynced (nodes and value states overwritten in place, the head linked, the root renamed into place last;
-//! readers wait on the lock meanwhile); every 64 epochs a background `syncfs(2)` moves the
-//! checkpoint up and removes the frames under it. A writer that died after its frame was
+//! epoch's files written, on the same thread under the same lock, unsynced (nodes and value
+//! states overwritten in place, the head linked, the root overwritten in place last; readers
+//! wait on the lock meanwhile); every 64 epochs a background `syncfs(2)` moves the
+//! checkpoint up and makes the frames under it spares. A writer that died after its frame was
 //! durable left an epoch the next writer rolls forward (writes its files) before checking
 //! its own fence, and so does a process's first read of the domain. After the machine
 //! crashed (the boot id changed), the first process to touch the domain replays every frame
 //! after the checkpoint in order, then syncs and moves the checkpoint: the files the page
 //! cache lost are written again.
 
-use std::io::{ErrorKind, Write};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use kst_core::durable::{sync_dir, write_atomic};
@@ -57,6 +68,12 @@ pub(crate) fn journal_dir(dir: &Path) -> PathBuf {
 
 pub(crate) fn frame_path(dir: &Path, epoch: u64) -> PathBuf {
     journal_dir(dir).join(format!("{epoch:020}"))
+}
+
+/// The spare of `epoch`'s slot: a frame under the checkpoint, kept to be written over by the
+/// frame of a later epoch of the same slot ([`write_frame`]).
+fn spare_path(dir: &Path, epoch: u64) -> PathBuf {
+    journal_dir(dir).join(format!("spare-{:02}", epoch % CHECKPOINT_EVERY))
 }
 
 fn checkpoint_path(dir: &Path) -> PathBuf {
@@ -239,15 +256,27 @@ pub(crate) fn read_frame(
 }
 
 /// Writes the frame of `batch` and makes it durable: the epoch is committed once this
-/// returns. A frame a dead writer left under that name is replaced.
+/// returns. A frame a dead writer left under that name is replaced. Written over the spare of
+/// its slot when there is one ([`spare_path`]: renamed to the frame's name, overwritten in
+/// place), else to a new file. Under the domain's lock.
 pub(crate) fn write_frame(dir: &Path, batch: &RecordBatch) -> Result<(), DirectoryStoreError> {
+    use std::os::unix::fs::FileExt as _;
     let epoch = batch.root.as_ref().map_or(0, |r| r.epoch);
     let journal = journal_dir(dir);
     let path = frame_path(dir, epoch);
     let bytes = encode(batch);
+    // A spare that cannot be renamed (none there, most often) is no error: a new file then.
+    let reused = std::fs::rename(spare_path(dir, epoch), &path).is_ok();
     let written = (|| {
-        let mut f = std::fs::File::create(&path)?;
-        f.write_all(&bytes)?;
+        let f = if reused {
+            std::fs::OpenOptions::new().write(true).open(&path)?
+        } else {
+            std::fs::File::create(&path)?
+        };
+        f.write_all_at(&bytes, 0)?;
+        if reused && f.metadata()?.len() != bytes.len() as u64 {
+            f.set_len(bytes.len() as u64)?;
+        }
         f.sync_data()
     })();
     written.map_err(|e| unavailable("write", &path, e))?;
@@ -321,15 +350,21 @@ pub(crate) fn start(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
 }
 
 /// Moves the checkpoint to `epoch` (durably; the caller made every epoch up to it durable)
-/// and removes the frames at or under it.
+/// and removes the frames at or under it ([`remove_frames`]: they become spares).
 pub(crate) fn set_checkpoint(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
     let path = checkpoint_path(dir);
     write_atomic(&path, &epoch.to_be_bytes()).map_err(|e| unavailable("write", &path, e))?;
     remove_frames(dir, |e| e <= epoch)
 }
 
+/// Frames larger than this are removed rather than kept as spares ([`remove_frames`]): the
+/// spares hold at most 64 times this much disk (the frames of a run at c=8 were 3 to 25 kB).
+pub(crate) const SPARE_MAX: u64 = 1024 * 1024;
+
 /// Removes the frames whose epoch `drop` accepts (not synced: the checkpoint, written first,
-/// says which frames count).
+/// says which frames count): each is renamed to the spare of its slot ([`spare_path`],
+/// replacing the one there), for a later frame to be written over; one larger than
+/// [`SPARE_MAX`] is removed.
 pub(crate) fn remove_frames(
     dir: &Path,
     drop: impl Fn(u64) -> bool,
@@ -351,9 +386,15 @@ pub(crate) fn remove_frames(
             continue;
         };
         if drop(epoch) {
-            match std::fs::remove_file(entry.path()) {
+            let path = entry.path();
+            let gone = match std::fs::metadata(&path) {
+                Ok(m) if m.len() > SPARE_MAX => std::fs::remove_file(&path),
+                Ok(_) => std::fs::rename(&path, spare_path(dir, epoch)),
+                Err(e) => Err(e),
+            };
+            match gone {
                 Err(e) if e.kind() != ErrorKind::NotFound => {
-                    return Err(unavailable("remove", &entry.path(), e));
+                    return Err(unavailable("remove", &path, e));
                 }
                 _ => {}
             }
@@ -399,6 +440,35 @@ mod tests {
             }),
             head: Some(b"head".to_vec()),
         }
+    }
+
+    /// Frames under the checkpoint become the spares of their slots, but one larger than
+    /// [`SPARE_MAX`] is removed: the spares never hold more than 64 times that.
+    #[test]
+    fn only_frames_up_to_spare_max_are_kept_as_spares() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        start(dir, 7).unwrap();
+        write_frame(dir, &batch()).unwrap();
+        let mut big = batch();
+        big.root.as_mut().unwrap().expected_epoch = Some(8);
+        big.root.as_mut().unwrap().epoch = 9;
+        big.nodes = (0..20u8)
+            .map(|i| (vec![2, 0, 0, 1, 0, i], vec![i; 60 * 1024]))
+            .collect();
+        write_frame(dir, &big).unwrap();
+        assert!(std::fs::metadata(frame_path(dir, 9)).unwrap().len() > SPARE_MAX);
+        set_checkpoint(dir, 9).unwrap();
+        assert!(!frame_path(dir, 8).exists() && !frame_path(dir, 9).exists());
+        assert!(spare_path(dir, 8).exists(), "a small frame is kept");
+        assert!(!spare_path(dir, 9).exists(), "a large one is not");
+        // The next frame of slot 8 is written over its spare, whole.
+        let mut next = batch();
+        next.root.as_mut().unwrap().expected_epoch = Some(8 + CHECKPOINT_EVERY - 1);
+        next.root.as_mut().unwrap().epoch = 8 + CHECKPOINT_EVERY;
+        write_frame(dir, &next).unwrap();
+        assert!(!spare_path(dir, 8).exists());
+        assert_eq!(read_frame(dir, 8 + CHECKPOINT_EVERY).unwrap(), Some(next));
     }
 
     #[test]
