@@ -3441,6 +3441,9 @@ mod gather {
         }
     }
 
+    /// A publication under way, on a task of its own.
+    type Publishing = tokio::task::JoinHandle<Result<PublishOutcome>>;
+
     struct Bed {
         _dir: tempfile::TempDir,
         held: Arc<HeldStore>,
@@ -3488,7 +3491,7 @@ mod gather {
 
     impl Bed {
         /// Starts alice's publication and returns once it is held inside its store write.
-        async fn alice_held(&self) -> tokio::task::JoinHandle<Result<PublishOutcome>> {
+        async fn alice_held(&self) -> Publishing {
             let store = Arc::clone(&self.store);
             let key = test_key(&self.alice, 1, 1);
             let task = tokio::spawn(async move { store.publish(key).await });
@@ -3496,7 +3499,18 @@ mod gather {
             task
         }
 
-        fn publish_bob(&self) -> tokio::task::JoinHandle<Result<PublishOutcome>> {
+        /// Holds alice's publication in its store write, then publishes bob's: 300 ms later
+        /// his store write is long done and his change asked for, and his epoch still waits
+        /// for alice's change, on its way (the bound is longer in every caller).
+        async fn bob_waits_for_alice(&self) -> (Publishing, Publishing) {
+            let alice = self.alice_held().await;
+            let bob = self.publish_bob();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(!bob.is_finished(), "bob's epoch waits for alice's change");
+            (alice, bob)
+        }
+
+        fn publish_bob(&self) -> Publishing {
             let store = Arc::clone(&self.store);
             let key = test_key(&self.bob, 2, 1);
             tokio::spawn(async move { store.publish(key).await })
@@ -3523,12 +3537,7 @@ mod gather {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_change_on_its_way_shares_the_epoch_of_one_queued() {
         let bed = bed(Duration::from_secs(10), false).await;
-        let alice = bed.alice_held().await;
-        let bob = bed.publish_bob();
-        // Bob's store write is done and his change asked for long before this; his epoch
-        // waits for alice's change, still on its way.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!bob.is_finished(), "bob's epoch waits for alice's change");
+        let (alice, bob) = bed.bob_waits_for_alice().await;
         bed.held.release.notify_one();
         finished(alice).await.unwrap();
         finished(bob).await.unwrap();
@@ -3571,10 +3580,7 @@ mod gather {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_change_that_fails_on_its_way_ends_the_wait() {
         let bed = bed(kst_core::transparency::log::MAX_GATHER, true).await;
-        let alice = bed.alice_held().await;
-        let bob = bed.publish_bob();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!bob.is_finished(), "bob's epoch waits for alice's change");
+        let (alice, bob) = bed.bob_waits_for_alice().await;
         bed.held.release.notify_one();
         assert!(finished(alice).await.is_err(), "alice's store write failed");
         finished(bob).await.unwrap();
@@ -3591,10 +3597,7 @@ mod gather {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_change_cancelled_on_its_way_ends_the_wait() {
         let bed = bed(kst_core::transparency::log::MAX_GATHER, false).await;
-        let alice = bed.alice_held().await;
-        let bob = bed.publish_bob();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!bob.is_finished(), "bob's epoch waits for alice's change");
+        let (alice, bob) = bed.bob_waits_for_alice().await;
         alice.abort();
         assert!(alice.await.unwrap_err().is_cancelled());
         finished(bob).await.unwrap();
@@ -3610,11 +3613,7 @@ mod gather {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reads_are_answered_while_the_writer_waits() {
         let bed = bed(kst_core::transparency::log::MAX_GATHER, false).await;
-        let alice = bed.alice_held().await;
-        let bob = bed.publish_bob();
-        // Bob's change is queued and his epoch waits for alice's change, still on its way.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!bob.is_finished(), "bob's epoch waits for alice's change");
+        let (alice, bob) = bed.bob_waits_for_alice().await;
         let carol = address("carol@gather.example");
         assert!(bed.log.entries(&carol).await.unwrap().is_empty());
         bed.log.head(kst_core::time::unix_now()).await.unwrap();

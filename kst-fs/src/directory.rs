@@ -2187,6 +2187,19 @@ mod costs {
             .unwrap_or(0)
     }
 
+    /// A directory of domain `d` in a new temporary directory under `base`, at its empty
+    /// epoch 0 (committed without the journal), for the measurements below.
+    fn costs_dir(base: &str, d: &str) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir_in(base).unwrap();
+        let dir = tmp.path().join(d);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut first = epoch(1, 1);
+        first.root.as_mut().unwrap().expected_epoch = None;
+        first.root.as_mut().unwrap().epoch = 0;
+        commit_now(&dir, first, None).unwrap();
+        (tmp, dir)
+    }
+
     /// What an fs epoch's journaled files cost in CPU (this thread's, the kernel's work
     /// included) and time, over 320 epochs of 3 changes with the checkpoint moved every 64
     /// (without its `syncfs`) as a process does (run by hand:
@@ -2198,13 +2211,7 @@ mod costs {
         const D: &str = "costs.example";
         const EPOCHS: u64 = 320;
         let base = std::env::var("KST_COSTS_DIR").unwrap_or_else(|_| "/var/tmp".into());
-        let tmp = tempfile::tempdir_in(base).unwrap();
-        let dir = tmp.path().join(D);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut first = epoch(1, 1);
-        first.root.as_mut().unwrap().expected_epoch = None;
-        first.root.as_mut().unwrap().epoch = 0;
-        commit_now(&dir, first, None).unwrap();
+        let (_tmp, dir) = costs_dir(&base, D);
         journal::start(&dir, 0).unwrap();
         let (mut frame_cpu, mut files_cpu, mut cp_cpu) = (0u64, 0u64, 0u64);
         let (mut frame_wall, mut files_wall) = (0f64, 0f64);
@@ -2243,13 +2250,7 @@ mod costs {
     fn commit_costs() {
         const D: &str = "costs.example";
         for changes in [3, 8] {
-            let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
-            let dir = tmp.path().join(D);
-            std::fs::create_dir_all(&dir).unwrap();
-            let mut first = epoch(1, 1);
-            first.root.as_mut().unwrap().expected_epoch = None;
-            first.root.as_mut().unwrap().epoch = 0;
-            commit_now(&dir, first, None).unwrap();
+            let (_tmp, dir) = costs_dir("/var/tmp", D);
             let (mut legacy, mut frame, mut files) = (Vec::new(), Vec::new(), Vec::new());
             for e in 1..=60u64 {
                 let batch = epoch(e, changes);
