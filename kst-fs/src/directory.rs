@@ -2026,6 +2026,49 @@ mod tests {
         holds(&a, 2).await;
     }
 
+    /// Red team (spares): the machine crashed while a writer wrote epoch 65's frame over the
+    /// spare of its slot (epoch 1's frame, whole): the rename reached the disk, the new bytes
+    /// none or part of them. After the restart the replay takes none of it for epoch 65 (never
+    /// confirmed), the store is at epoch 64, and the next epoch 65 is the one committed.
+    #[tokio::test]
+    async fn a_spare_renamed_before_a_crash_is_not_replayed() {
+        let e = journal::CHECKPOINT_EVERY;
+        for torn in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            let (a, dir) = at_epoch_1(tmp.path()).await;
+            for n in 2..=e {
+                a.commit(D, epoch(n)).await.unwrap();
+            }
+            holds(&a, e).await;
+            {
+                // The checkpoint at 64 (or the background one did it): frames become spares.
+                let _lock = DomainLock::acquire(&dir).unwrap();
+                if journal::checkpoint(&dir).unwrap() != Some(e) {
+                    journal::set_checkpoint(&dir, e).unwrap();
+                }
+            }
+            let spare = journal::journal_dir(&dir).join("spare-01");
+            assert_eq!(std::fs::read(&spare).unwrap(), journal::encode(&epoch(1)));
+            std::fs::rename(&spare, journal::frame_path(&dir, e + 1)).unwrap();
+            if torn {
+                let new = journal::encode(&epoch(e + 1));
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(journal::frame_path(&dir, e + 1))
+                    .unwrap();
+                std::os::unix::fs::FileExt::write_all_at(&f, &new[..new.len() - 1], 0).unwrap();
+            }
+            let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+            holds(&b, e).await;
+            assert_eq!(journal::checkpoint(&dir).unwrap(), Some(e));
+            assert!(frames(&dir).is_empty(), "{:?}", frames(&dir));
+            b.commit(D, epoch(e + 1)).await.unwrap();
+            holds(&b, e + 1).await;
+            let c = FsDirectoryStore::with_boot(tmp.path(), Some("boot-3"));
+            holds(&c, e + 1).await;
+        }
+    }
+
     /// The root file is overwritten in place when its length does not change (no inode made
     /// and freed per epoch), and replaced through a temporary file when it does.
     #[tokio::test]

@@ -471,6 +471,95 @@ mod tests {
         assert_eq!(read_frame(dir, 8 + CHECKPOINT_EVERY).unwrap(), Some(next));
     }
 
+    /// Red team (spares): every file a writer killed, or a machine crashed, anywhere in
+    /// [`write_frame`] over a spare can leave under the frame's name: the spare's old frame
+    /// (the rename alone), the new bytes written over it up to any byte (unwritten, or
+    /// written back, page by page in any order), with the cut to the new length or
+    /// without. Only the whole new frame is a frame of its epoch; the older epoch a spare
+    /// holds is never taken for it, nor is any mix, whether the spare was longer or
+    /// shorter than the frame written over it.
+    #[test]
+    fn no_state_of_a_frame_written_over_a_spare_but_the_whole_one_is_a_frame() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        start(dir, 7).unwrap();
+        let slot = 8 + CHECKPOINT_EVERY;
+        let with_nodes = |epoch: u64, n: usize, fill: u8| {
+            let mut b = batch();
+            b.root.as_mut().unwrap().expected_epoch = Some(epoch - 1);
+            b.root.as_mut().unwrap().epoch = epoch;
+            b.nodes = (0..n)
+                .map(|i| (vec![2, 0, 0, 1, 0, i as u8], vec![fill; 1500]))
+                .collect();
+            b
+        };
+        // Spare (epoch 8) longer than the new frame (epoch 72), then shorter: each spans
+        // several 4 KiB pages.
+        for (spare_nodes, new_nodes) in [(7, 3), (3, 7), (4, 4)] {
+            let old_batch = with_nodes(8, spare_nodes, 0xaa);
+            let new_batch = with_nodes(slot, new_nodes, 0xbb);
+            let old = encode(&old_batch);
+            let new = encode(&new_batch);
+            // The real write over a real spare gives the whole new frame.
+            write_frame(dir, &old_batch).unwrap();
+            set_checkpoint(dir, 8).unwrap();
+            assert!(spare_path(dir, 8).exists());
+            write_frame(dir, &new_batch).unwrap();
+            assert_eq!(read_frame(dir, slot).unwrap(), Some(new_batch.clone()));
+            assert_eq!(std::fs::read(frame_path(dir, slot)).unwrap(), new);
+            std::fs::remove_file(frame_path(dir, slot)).unwrap();
+            // Every state a kill or a crash can leave.
+            let mut states: Vec<(String, Vec<u8>)> = vec![("the spare alone".into(), old.clone())];
+            let overlay = |k: usize, cut: bool| {
+                let mut f = old.clone();
+                if f.len() < k {
+                    f.resize(k, 0);
+                }
+                f[..k].copy_from_slice(&new[..k]);
+                if cut {
+                    f.resize(new.len(), 0);
+                }
+                f
+            };
+            for k in 0..=new.len() {
+                states.push((format!("{k} bytes written, not cut"), overlay(k, false)));
+                states.push((format!("{k} bytes written, cut"), overlay(k, true)));
+            }
+            // Pages written back in any order (the cut done or not).
+            let pages = new.len().div_ceil(4096);
+            for mask in 0..(1u32 << pages) {
+                for cut in [false, true] {
+                    let mut f = old.clone();
+                    if f.len() < new.len() {
+                        f.resize(new.len(), 0);
+                    }
+                    for p in 0..pages {
+                        if mask & (1 << p) != 0 {
+                            let end = ((p + 1) * 4096).min(new.len());
+                            f[p * 4096..end].copy_from_slice(&new[p * 4096..end]);
+                        }
+                    }
+                    if cut {
+                        f.truncate(new.len());
+                    }
+                    states.push((format!("pages {mask:b} written back, cut {cut}"), f));
+                }
+            }
+            for (what, bytes) in &states {
+                std::fs::write(frame_path(dir, slot), bytes).unwrap();
+                let read = read_frame(dir, slot).unwrap();
+                if *bytes == new {
+                    assert_eq!(read.as_ref(), Some(&new_batch), "{what}");
+                } else {
+                    assert_eq!(read, None, "{what} (spare {spare_nodes}, new {new_nodes})");
+                }
+            }
+            std::fs::remove_file(frame_path(dir, slot)).unwrap();
+            // Back to a clean journal for the next pair.
+            let _ = std::fs::remove_file(spare_path(dir, 8));
+        }
+    }
+
     #[test]
     fn frames_round_trip_and_refuse_anything_else() {
         let b = batch();
