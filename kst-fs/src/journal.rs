@@ -560,6 +560,39 @@ mod tests {
         }
     }
 
+    /// Red team (issue 18 spares, frame sizes): a frame [`write_frame`] makes durable (the
+    /// commit point: the caller is answered) must be one [`read_frame`] reads back, or a
+    /// writer killed before the epoch's files, or a machine crash before the checkpoint,
+    /// loses a confirmed epoch (the roll-forward even sets it aside as torn). A record over
+    /// [`MAX_RECORD`], or an epoch that is not the one after the expected one, made a frame
+    /// that was written, synced and answered, but never read back. Such a batch is refused
+    /// before the commit point now, and nothing is left under the frame's name.
+    #[test]
+    fn a_frame_that_would_not_read_back_is_refused_before_the_commit_point() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        start(dir, 7).unwrap();
+        let mut big = batch();
+        big.nodes.push((vec![2, 0, 0, 1, 0, 9], vec![1; MAX_RECORD + 1]));
+        let mut skip = batch();
+        skip.root.as_mut().unwrap().epoch = 10;
+        for b in [big, skip] {
+            let epoch = b.root.as_ref().unwrap().epoch;
+            let written = write_frame(dir, &b);
+            assert!(
+                matches!(&written, Err(DirectoryStoreError::Corrupt(_))),
+                "epoch {epoch}: {written:?}, read back as {:?}",
+                read_frame(dir, epoch).unwrap().is_some()
+            );
+            assert!(!frame_path(dir, epoch).exists());
+        }
+        // A record of MAX_RECORD bytes is a frame, read back whole.
+        let mut at_max = batch();
+        at_max.nodes.push((vec![2, 0, 0, 1, 0, 9], vec![1; MAX_RECORD]));
+        write_frame(dir, &at_max).unwrap();
+        assert_eq!(read_frame(dir, 8).unwrap(), Some(at_max));
+    }
+
     #[test]
     fn frames_round_trip_and_refuse_anything_else() {
         let b = batch();
