@@ -258,13 +258,22 @@ pub(crate) fn read_frame(
 /// Writes the frame of `batch` and makes it durable: the epoch is committed once this
 /// returns. A frame a dead writer left under that name is replaced. Written over the spare of
 /// its slot when there is one ([`spare_path`]: renamed to the frame's name, overwritten in
-/// place), else to a new file. Under the domain's lock.
+/// place), else to a new file. Under the domain's lock. A batch whose frame [`read_frame`]
+/// would not read back ([`unreadable`]) is refused (`Corrupt`) before anything is written.
 pub(crate) fn write_frame(dir: &Path, batch: &RecordBatch) -> Result<(), DirectoryStoreError> {
     use std::os::unix::fs::FileExt as _;
     let epoch = batch.root.as_ref().map_or(0, |r| r.epoch);
     let journal = journal_dir(dir);
     let path = frame_path(dir, epoch);
     let bytes = encode(batch);
+    if let Some(why) = unreadable(batch, bytes.len()) {
+        // Past this point the caller is answered: a frame its reader refuses would be a
+        // confirmed epoch lost to a kill before its files or a crash before the checkpoint.
+        return Err(DirectoryStoreError::Corrupt(format!(
+            "the batch of epoch {epoch} would make a journal frame that cannot be read back \
+             ({why}); nothing was written: a bug of the directory's writer, report it"
+        )));
+    }
     // A spare that cannot be renamed (none there, most often) is no error: a new file then.
     let reused = std::fs::rename(spare_path(dir, epoch), &path).is_ok();
     let written = (|| {
@@ -281,6 +290,43 @@ pub(crate) fn write_frame(dir: &Path, batch: &RecordBatch) -> Result<(), Directo
     })();
     written.map_err(|e| unavailable("write", &path, e))?;
     sync_dir(&journal).map_err(|e| unavailable("sync", &journal, e))
+}
+
+/// Why the frame of `batch` (`len` bytes, [`encode`]) would be no frame to [`decode`]
+/// (a record over [`MAX_RECORD`], a frame over [`MAX_FRAME`], an epoch that is not the one
+/// after the expected one); `None` when it reads back.
+fn unreadable(batch: &RecordBatch, len: usize) -> Option<String> {
+    let Some(RootWrite {
+        expected_epoch: Some(expected),
+        epoch,
+        blob,
+    }) = &batch.root
+    else {
+        return Some("no root built on a stored epoch".into());
+    };
+    if expected.checked_add(1) != Some(*epoch) {
+        return Some(format!("epoch {epoch} built on epoch {expected}"));
+    }
+    if len as u64 > MAX_FRAME {
+        return Some(format!("{len} bytes, over {MAX_FRAME}"));
+    }
+    let records = batch
+        .nodes
+        .iter()
+        .flat_map(|(key, blob)| [key, blob])
+        .chain(
+            batch
+                .value_states
+                .iter()
+                .flat_map(|vs| [&vs.label, &vs.blob]),
+        )
+        .chain([blob])
+        .chain(batch.head.iter());
+    records
+        .map(Vec::len)
+        .max()
+        .filter(|&n| n > MAX_RECORD)
+        .map(|n| format!("a record of {n} bytes, over {MAX_RECORD}"))
 }
 
 /// Under the domain's lock, when `epoch`'s frame is no whole frame ([`read_frame`] found
@@ -573,7 +619,8 @@ mod tests {
         let dir = tmp.path();
         start(dir, 7).unwrap();
         let mut big = batch();
-        big.nodes.push((vec![2, 0, 0, 1, 0, 9], vec![1; MAX_RECORD + 1]));
+        big.nodes
+            .push((vec![2, 0, 0, 1, 0, 9], vec![1; MAX_RECORD + 1]));
         let mut skip = batch();
         skip.root.as_mut().unwrap().epoch = 10;
         for b in [big, skip] {
@@ -588,7 +635,9 @@ mod tests {
         }
         // A record of MAX_RECORD bytes is a frame, read back whole.
         let mut at_max = batch();
-        at_max.nodes.push((vec![2, 0, 0, 1, 0, 9], vec![1; MAX_RECORD]));
+        at_max
+            .nodes
+            .push((vec![2, 0, 0, 1, 0, 9], vec![1; MAX_RECORD]));
         write_frame(dir, &at_max).unwrap();
         assert_eq!(read_frame(dir, 8).unwrap(), Some(at_max));
     }
