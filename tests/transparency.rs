@@ -3516,6 +3516,19 @@ mod gather {
             tokio::spawn(async move { store.publish(key).await })
         }
 
+        /// Releases alice's publication, waits for both, and checks that one epoch
+        /// recorded them.
+        async fn both_in_one_epoch(&self, alice: Publishing, bob: Publishing) {
+            self.held.release.notify_one();
+            finished(alice).await.unwrap();
+            finished(bob).await.unwrap();
+            assert_eq!(
+                self.epoch_of(&self.alice).await,
+                self.epoch_of(&self.bob).await,
+                "one epoch records both"
+            );
+        }
+
         /// The epoch that recorded `who`'s only entry.
         async fn epoch_of(&self, who: &Address) -> u64 {
             let entries = self.log.entries(who).await.unwrap();
@@ -3538,14 +3551,7 @@ mod gather {
     async fn a_change_on_its_way_shares_the_epoch_of_one_queued() {
         let bed = bed(Duration::from_secs(10), false).await;
         let (alice, bob) = bed.bob_waits_for_alice().await;
-        bed.held.release.notify_one();
-        finished(alice).await.unwrap();
-        finished(bob).await.unwrap();
-        assert_eq!(
-            bed.epoch_of(&bed.alice).await,
-            bed.epoch_of(&bed.bob).await,
-            "one epoch records both"
-        );
+        bed.both_in_one_epoch(alice, bob).await;
         assert!(bed.log.gathering() > Duration::ZERO);
     }
 
@@ -3623,13 +3629,6 @@ mod gather {
             "the reads were answered during the wait, not after it"
         );
         assert!(!bob.is_finished(), "bob's epoch still waits");
-        bed.held.release.notify_one();
-        finished(alice).await.unwrap();
-        finished(bob).await.unwrap();
-        assert_eq!(
-            bed.epoch_of(&bed.alice).await,
-            bed.epoch_of(&bed.bob).await,
-            "one epoch records both"
-        );
+        bed.both_in_one_epoch(alice, bob).await;
     }
 }

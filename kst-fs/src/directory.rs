@@ -1499,20 +1499,20 @@ mod tests {
     /// Readers on many tasks while one writer commits epoch after epoch: every read of the
     /// root and a node every epoch rewrites is of one epoch, whole; and the committer, answered
     /// before the files are written, reads its own epoch whole at once.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_reads_see_every_epoch_whole() {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let tmp = tempfile::tempdir().unwrap();
-        let (a, _dir) = at_epoch_1(tmp.path()).await;
-        let done = Arc::new(AtomicBool::new(false));
-        let readers: Vec<_> = (0..8)
+    /// `n` tasks reading `store`'s directory until `done`, each checking that every read is
+    /// whole and no epoch goes back; each returns how many reads it made.
+    fn spawn_readers(
+        store: &FsDirectoryStore,
+        n: usize,
+        done: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Vec<tokio::task::JoinHandle<u64>> {
+        (0..n)
             .map(|_| {
-                let (a, done) = (a.clone(), done.clone());
+                let (store, done) = (store.clone(), done.clone());
                 tokio::spawn(async move {
                     let (mut reads, mut last) = (0u64, 1);
-                    while !done.load(Ordering::Relaxed) {
-                        let e = read_whole(&a).await;
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        let e = read_whole(&store).await;
                         assert!(e >= last, "epoch {e} after {last}");
                         last = e;
                         reads += 1;
@@ -1520,7 +1520,17 @@ mod tests {
                     reads
                 })
             })
-            .collect();
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reads_see_every_epoch_whole() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, _dir) = at_epoch_1(tmp.path()).await;
+        let done = Arc::new(AtomicBool::new(false));
+        let readers = spawn_readers(&a, 8, &done);
         for e in 2..=40 {
             a.commit(D, epoch(e)).await.unwrap();
             let (root, mut nodes) = a
@@ -2083,21 +2093,7 @@ mod tests {
         let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
         let r = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
         let done = Arc::new(AtomicBool::new(false));
-        let readers: Vec<_> = (0..3)
-            .map(|_| {
-                let (r, done) = (r.clone(), done.clone());
-                tokio::spawn(async move {
-                    let (mut reads, mut last) = (0u64, 1);
-                    while !done.load(Ordering::Relaxed) {
-                        let e = read_whole(&r).await;
-                        assert!(e >= last, "epoch {e} after {last}");
-                        last = e;
-                        reads += 1;
-                    }
-                    reads
-                })
-            })
-            .collect();
+        let readers = spawn_readers(&r, 3, &done);
         // Up to 98: node 99 is the shared node of `epoch`.
         let last = 98;
         for e in 2..=last {
