@@ -3366,18 +3366,17 @@ mod gather {
 
     use async_trait::async_trait;
     use kst_core::conformance::{address, test_key};
-    use kst_core::store::{KeyRecord, NewKey, PublishOutcome};
+    use kst_core::store::{NewKey, PublishOutcome};
+    use kst_core::testing::{DelegatingStore, StoreHooks};
     use kst_core::transparency::{DomainLog, LogKeys, TransparentStore};
-    use kst_core::wkd::WkdHash;
-    use kst_core::{Address, Error, Fingerprint, KeyId, KeyStore, Result};
+    use kst_core::{Address, Error, KeyStore, Result};
     use tokio::sync::Notify;
 
     use super::*;
 
-    /// The fs key store; a publication of `held` waits inside its store write (after the
-    /// write) until `release`, then returns what it wrote or, with `fail`, an error.
-    struct HeldStore {
-        inner: Arc<dyn KeyStore>,
+    /// Over the fs key store: a publication of `held` waits inside its store write (after
+    /// the write) until `release`, then returns what it wrote or, with `fail`, an error.
+    struct Held {
         held: Address,
         entered: Notify,
         release: Notify,
@@ -3385,13 +3384,10 @@ mod gather {
     }
 
     #[async_trait]
-    impl KeyStore for HeldStore {
-        fn name(&self) -> &'static str {
-            self.inner.name()
-        }
-        async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
+    impl StoreHooks for Held {
+        async fn publish(&self, inner: &dyn KeyStore, key: NewKey) -> Result<PublishOutcome> {
             let held = key.address == self.held;
-            let outcome = self.inner.publish(key).await?;
+            let outcome = inner.publish(key).await?;
             if held {
                 self.entered.notify_one();
                 self.release.notified().await;
@@ -3404,41 +3400,6 @@ mod gather {
             }
             Ok(outcome)
         }
-        async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
-            self.inner.get(address).await
-        }
-        async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
-            self.inner.history(address).await
-        }
-        async fn delete(&self, address: &Address) -> Result<bool> {
-            self.inner.delete(address).await
-        }
-        async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
-            self.inner.list(after, limit).await
-        }
-        async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
-            self.inner.restore(history).await
-        }
-        async fn find_by_fingerprint(
-            &self,
-            f: &Fingerprint,
-            limit: usize,
-        ) -> Result<Vec<KeyRecord>> {
-            self.inner.find_by_fingerprint(f, limit).await
-        }
-        async fn find_by_key_id(&self, k: &KeyId, limit: usize) -> Result<Vec<KeyRecord>> {
-            self.inner.find_by_key_id(k, limit).await
-        }
-        async fn find_by_wkd_hash(
-            &self,
-            domain: &str,
-            hash: &WkdHash,
-        ) -> Result<Option<KeyRecord>> {
-            self.inner.find_by_wkd_hash(domain, hash).await
-        }
-        async fn check(&self) -> Result<()> {
-            self.inner.check().await
-        }
     }
 
     /// A publication under way, on a task of its own.
@@ -3446,7 +3407,7 @@ mod gather {
 
     struct Bed {
         _dir: tempfile::TempDir,
-        held: Arc<HeldStore>,
+        held: Arc<DelegatingStore<Held>>,
         log: Arc<DomainLog>,
         store: Arc<TransparentStore>,
         alice: Address,
@@ -3459,13 +3420,15 @@ mod gather {
         let dir = tempfile::tempdir().unwrap();
         let alice = address("alice@gather.example");
         let bob = address("bob@gather.example");
-        let held = Arc::new(HeldStore {
-            inner: Arc::new(FsStore::open(dir.path()).await.unwrap()),
-            held: alice.clone(),
-            entered: Notify::new(),
-            release: Notify::new(),
-            fail,
-        });
+        let held = Arc::new(DelegatingStore::new(
+            Arc::new(FsStore::open(dir.path()).await.unwrap()),
+            Held {
+                held: alice.clone(),
+                entered: Notify::new(),
+                release: Notify::new(),
+                fail,
+            },
+        ));
         let log = Arc::new(
             DomainLog::open(
                 Arc::new(FsDirectoryStore::new(dir.path())),
