@@ -432,6 +432,107 @@ async fn rt10_one_lagging_witness_does_not_strip_a_reply_of_every_cosignature() 
     );
 }
 
+/// The witnesses' part of an answer (`?witnessed=1`, `KST-Log-Witnessed`) counted the
+/// append-only proof of its range twice before building it: once to leave out a witness too
+/// far behind (`DomainLog::witnessed_within`'s reach), and again in the audit it then asked
+/// for (`bounded_audit`); and an audit (`kst log witness run`, `kst log audit`) over epochs
+/// without a stored head counted it twice too: before signing their heads late
+/// (`fill_heads`) and in the audit. Now a count is kept for the directory's latest epoch
+/// (`Worker::counted_already`): the part and the audit cost the tree-node reads of one
+/// count, the same audit asked again at the same epoch none, and one asked after a new epoch
+/// is counted again (later epochs add to the steps of older ones). Before: twice as many.
+#[tokio::test(flavor = "current_thread")]
+async fn the_witnesses_part_counts_its_range_once() {
+    let (store, keys, tree) = busy_directory(4, true).await;
+    let log = DomainLog::open(Arc::clone(&store), keys).await.unwrap();
+    let head = log.head(NOW).await.unwrap();
+    let latest = head.head.epoch;
+    let (behind, current) = two_witnesses(&log, 1, latest - 1).await;
+
+    let before = log.step_reads();
+    let audit = log.audit_answer(1, latest).await.unwrap();
+    let one_count = log.step_reads() - before;
+    assert!(one_count > 0, "the audit's proof is counted");
+
+    let before = log.step_reads();
+    let witnessed = log
+        .witnessed(&head, &[behind.public_key(), current.public_key()])
+        .await
+        .unwrap()
+        .expect("both witnesses' part");
+    let reads = log.step_reads() - before;
+    eprintln!(
+        "an audit from 1 to {latest}: {one_count} nodes counted; the witnesses' part: {reads}"
+    );
+    assert_eq!(witnessed.cosignatures.len(), 2);
+    assert_eq!(
+        witnessed.audit, audit,
+        "the part's audit is the same range's"
+    );
+    witnessed
+        .audit
+        .verify(&log.head_public_key())
+        .await
+        .unwrap();
+    assert_eq!(reads, one_count, "the part's range is counted once");
+
+    // An epoch committed since (here by another writer of the store) adds to the steps of
+    // the older ones: the same audit is counted again.
+    tree.publish(&bench_entries(20_000, 20_100)).await.unwrap();
+    let before = log.step_reads();
+    log.audit_answer(1, latest).await.unwrap();
+    assert!(
+        log.step_reads() > before,
+        "a count made before the latest epoch is not trusted"
+    );
+
+    // An audit over epochs without a stored head (a directory kept from before heads were
+    // stored): its heads are signed late, and its range counted once.
+    let (store, keys, _tree) = busy_directory(4, false).await;
+    let log = DomainLog::open(Arc::clone(&store), keys).await.unwrap();
+    let latest = log.head(NOW).await.unwrap().head.epoch;
+    assert!(
+        store
+            .heads(directory::DOMAIN, 1, latest - 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let before = log.step_reads();
+    let filled = log.audit_answer(1, latest).await.unwrap();
+    let reads = log.step_reads() - before;
+    assert_eq!(
+        store
+            .heads(directory::DOMAIN, 1, latest)
+            .await
+            .unwrap()
+            .len() as u64,
+        latest,
+        "the heads were signed late"
+    );
+    filled.verify(&log.head_public_key()).await.unwrap();
+    // One count of the range: `?since=1` without steps counts it before building its proof.
+    let before = log.step_reads();
+    let probe = directory::address(0).unwrap();
+    log.answer_since(&probe, Some(1), NOW).await.unwrap();
+    let one_count = log.step_reads() - before;
+    // The same audit again (a witness asking again), no epoch since: not counted again.
+    let before = log.step_reads();
+    let again = log.audit_answer(1, latest).await.unwrap();
+    let counted_again = log.step_reads() - before;
+    eprintln!(
+        "an audit from 1 to {latest} signing its heads late: {reads} nodes counted; one count: \
+         {one_count}; the same audit again: {counted_again}"
+    );
+    assert!(one_count > 0, "the proof is counted");
+    assert_eq!(reads, one_count, "the range is counted once");
+    assert_eq!(filled, again);
+    assert_eq!(
+        counted_again, 0,
+        "a range counted at the latest epoch is not counted again"
+    );
+}
+
 /// The status of `GET path` sent to `at` from the local address `from` (a loopback address
 /// of its own: one client as `[web.limits]` counts clients).
 async fn status_of(from: std::net::Ipv4Addr, at: std::net::SocketAddr, path: String) -> u16 {

@@ -149,6 +149,18 @@ struct NewestStep {
     count: Option<super::directory::StepCount>,
 }
 
+/// The range whose append-only proof [`Worker::reach_back`] counted last: from `from` to `to`
+/// it holds at most `max_elements`, on the directory whose latest epoch and root were
+/// `latest` when the count started (a later epoch, of any process, adds to the steps of
+/// older ones: the count holds only while `latest` does).
+#[derive(Clone, Copy)]
+struct CountedRange {
+    from: u64,
+    to: u64,
+    max_elements: usize,
+    latest: (u64, [u8; 32]),
+}
+
 /// Where the writer reads what the key store holds for an address (again on every attempt).
 #[async_trait]
 pub trait CurrentKeys: Send + Sync {
@@ -509,6 +521,8 @@ struct Worker {
     fenced: Arc<std::sync::atomic::AtomicU64>,
     /// The newest epoch's own step, as last counted.
     newest_step: std::cell::Cell<Option<NewestStep>>,
+    /// The range whose append-only proof was counted last ([`Worker::counted_already`]).
+    counted: std::cell::Cell<Option<CountedRange>>,
     /// After a failed open: until when requests fail with its error ([`Worker::open`]).
     open_backoff: OpenBackoff,
 }
@@ -708,6 +722,7 @@ impl DomainLog {
                         step_reads: worker_step_reads,
                         fenced: worker_fenced,
                         newest_step: std::cell::Cell::new(None),
+                        counted: std::cell::Cell::new(None),
                         open_backoff: OpenBackoff::default(),
                     };
                     if let Err(e) = worker.open().await {
@@ -1704,7 +1719,10 @@ impl Worker {
     /// [`TransparencyError::Range`], unbuilt (a `/head/<epoch>` of it is refused).
     async fn fill_heads(&self, from: u64, to: u64, now: u64) -> Result<u64> {
         let to = to.min(self.dir()?.current().await?.0);
-        if from < to && self.reach_back(from, to, MAX_PROOF_ELEMENTS).await? > from {
+        if from < to
+            && !self.counted_already(from, to).await?
+            && self.reach_back(from, to, MAX_PROOF_ELEMENTS).await? > from
+        {
             return Err(TransparencyError::Range(format!(
                 "the append-only proof from epoch {from} to {to} is larger than {} bytes, more \
                  than a witness or client accepts: ask for a shorter range",
@@ -2244,7 +2262,10 @@ impl Worker {
     /// [`MAX_PROOF_ELEMENTS`] ([`Worker::reach_back`]); a larger one is
     /// [`TransparencyError::Range`], unbuilt.
     async fn bounded_audit(&self, from: u64, to: u64) -> Result<akd::AppendOnlyProof> {
-        if from < to && self.reach_back(from, to, MAX_PROOF_ELEMENTS).await? > from {
+        if from < to
+            && !self.counted_already(from, to).await?
+            && self.reach_back(from, to, MAX_PROOF_ELEMENTS).await? > from
+        {
             return Err(TransparencyError::Range(format!(
                 "the append-only proof from epoch {from} to {to} is larger than {} bytes, more \
                  than a witness or client accepts: ask for a shorter range",
@@ -2264,6 +2285,7 @@ impl Worker {
     /// busy epochs made the server build hundreds of megabytes that every client refuses
     /// (red team round 10). The nodes read are added to [`DomainLog::step_reads`].
     async fn reach_back(&self, lowest: u64, to: u64, max_elements: usize) -> Result<u64> {
+        let latest = self.current().await?;
         let (mut reached, mut left, mut reads) = (to, max_elements, 0usize);
         let mut budget = ReadBudget::for_elements(max_elements);
         let result: Result<()> = async {
@@ -2286,7 +2308,29 @@ impl Worker {
         .await;
         self.count_step_reads(reads);
         result?;
+        self.counted.set(Some(CountedRange {
+            from: reached,
+            to,
+            max_elements,
+            latest,
+        }));
         Ok(reached)
+    }
+
+    /// Whether the append-only proof from `from` to `to` is counted within
+    /// [`MAX_PROOF_ELEMENTS`] already, on the directory as it is now: the last count
+    /// ([`CountedRange`]) covered it and no epoch was committed since. The witnesses' part
+    /// (its reach, then its audit), and an audit over epochs without a head (the count before
+    /// they are signed late, then the audit's), counted the same range two or three times,
+    /// each count reading as many tree nodes as the proof has elements, or more.
+    async fn counted_already(&self, from: u64, to: u64) -> Result<bool> {
+        let Some(c) = self.counted.get() else {
+            return Ok(false);
+        };
+        if c.to != to || c.from > from || c.max_elements > MAX_PROOF_ELEMENTS {
+            return Ok(false);
+        }
+        Ok(self.current().await? == c.latest)
     }
 
     /// How far from `from` (toward `latest`) one answer's append-only proof reaches within
