@@ -28,6 +28,9 @@
 //!   inside the HMAC-covered reply, and the client checks it. A reply whose answer an attacker
 //!   on the reply's path stripped, or swapped for one captured from an earlier reply, is exit
 //!   5; so is the insider's key behind the directory's back, and a wrong head key.
+//! - `gather::replies`: version 3 replies through `Kst::handle` racing changes of their
+//!   address (a retrieval while a publication waits for its epoch): every reply passes the
+//!   client's check.
 //! - `rt18_a_head_refused_for_its_witnesses_is_never_remembered`: a fork no witness cosigned
 //!   is refused and not remembered, so the honest directory still passes (the other rt18
 //!   red-team tests are in tests/transparency_redteam.rs).
@@ -3375,13 +3378,35 @@ mod gather {
     use super::*;
 
     /// The fs key store; a publication of `held` waits inside its store write (after the
-    /// write) until `release`, then returns what it wrote or, with `fail`, an error.
+    /// write) until `release`, then returns what it wrote or, with `fail`, an error. While
+    /// `pass` is set, publications are not held; with `hold_deletes`, a deletion of `held`
+    /// waits the same way after its store write.
     struct HeldStore {
         inner: Arc<dyn KeyStore>,
         held: Address,
         entered: Notify,
         release: Notify,
         fail: bool,
+        pass: std::sync::atomic::AtomicBool,
+        hold_deletes: std::sync::atomic::AtomicBool,
+    }
+
+    impl HeldStore {
+        /// Waits for `release` after `address`'s store write when it is held.
+        async fn hold(&self, address: &Address, hold: bool) -> Result<()> {
+            if *address != self.held || !hold {
+                return Ok(());
+            }
+            self.entered.notify_one();
+            self.release.notified().await;
+            if self.fail {
+                return Err(Error::unavailable(
+                    kst_core::Component::other("held store"),
+                    "made to fail by the test",
+                ));
+            }
+            Ok(())
+        }
     }
 
     #[async_trait]
@@ -3390,18 +3415,10 @@ mod gather {
             self.inner.name()
         }
         async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
-            let held = key.address == self.held;
+            let address = key.address.clone();
             let outcome = self.inner.publish(key).await?;
-            if held {
-                self.entered.notify_one();
-                self.release.notified().await;
-                if self.fail {
-                    return Err(Error::unavailable(
-                        kst_core::Component::other("held store"),
-                        "made to fail by the test",
-                    ));
-                }
-            }
+            let hold = !self.pass.load(std::sync::atomic::Ordering::SeqCst);
+            self.hold(&address, hold).await?;
             Ok(outcome)
         }
         async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
@@ -3411,7 +3428,10 @@ mod gather {
             self.inner.history(address).await
         }
         async fn delete(&self, address: &Address) -> Result<bool> {
-            self.inner.delete(address).await
+            let deleted = self.inner.delete(address).await?;
+            let hold = self.hold_deletes.load(std::sync::atomic::Ordering::SeqCst);
+            self.hold(address, hold).await?;
+            Ok(deleted)
         }
         async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
             self.inner.list(after, limit).await
@@ -3465,6 +3485,8 @@ mod gather {
             entered: Notify::new(),
             release: Notify::new(),
             fail,
+            pass: false.into(),
+            hold_deletes: false.into(),
         });
         let log = Arc::new(
             DomainLog::open(
@@ -3630,5 +3652,294 @@ mod gather {
         );
         assert!(!bob.is_finished(), "bob's epoch still waits");
         bed.both_in_one_epoch(alice, bob).await;
+    }
+
+    /// Version 3 replies through kst's service (`Kst::handle`, the path `kst deliver` and
+    /// LMTP take) over a `TransparentStore` on the fs store with a real log, about an address
+    /// whose changes race the reply (docs/PROTOCOL.md, "Versions": the reply's key and its
+    /// answer agree by construction). Every reply is checked as `kst client --transparency`
+    /// checks it: the HMAC over the answer (`verify_reply_with_answer`), then the answer
+    /// against the head key and the key served (`LogAnswer::verify`).
+    mod replies {
+        use std::sync::Mutex;
+
+        use kst_core::client::{self, Pending, Verified};
+        use kst_core::ratelimit::RateLimits;
+        use kst_core::service::{Envelope, HandleError, Handled, Kst};
+        use kst_core::transparency::answer::{LogAnswer, Served};
+        use kst_core::transparency::entry::DirectoryEntry;
+        use kst_core::{Delivery, Mailer, OutgoingMail, Policy};
+
+        use super::*;
+
+        /// A gpg-made key for alice@example.net (kst-core/testdata/keys): `lifecycle-v1`,
+        /// `-v2` and `-revoked` are one primary key's versions, `alice` another primary key.
+        fn key(name: &str) -> String {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../kst-core/testdata/keys");
+            std::fs::read_to_string(dir.join(format!("{name}.pub.asc"))).expect("fixture")
+        }
+
+        /// Keeps every reply.
+        #[derive(Default)]
+        struct Outbox(Mutex<Vec<OutgoingMail>>);
+
+        #[async_trait]
+        impl Mailer for Outbox {
+            fn name(&self) -> &'static str {
+                "outbox"
+            }
+            async fn send(&self, mail: &OutgoingMail) -> Result<Delivery> {
+                self.0.lock().unwrap().push(mail.clone());
+                Ok(Delivery::Sent)
+            }
+            async fn check(&self) -> Result<()> {
+                Ok(())
+            }
+        }
+
+        impl Outbox {
+            /// The reply to `pending`, if one was sent.
+            fn reply_to(&self, pending: &Pending) -> Option<Vec<u8>> {
+                let id = pending.message_id.as_bytes();
+                self.0
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|m| m.message.windows(id.len()).any(|w| w == id))
+                    .map(|m| m.message.clone())
+            }
+        }
+
+        struct KstBed {
+            _dir: tempfile::TempDir,
+            held: Arc<HeldStore>,
+            kst: Kst,
+            outbox: Arc<Outbox>,
+            head_key: [u8; 32],
+            head_hex: String,
+            alice: Address,
+        }
+
+        /// What a checked reply said, and the directory entry its answer proves.
+        #[derive(Debug)]
+        struct Checked {
+            verified: Verified,
+            entry: Option<DirectoryEntry>,
+        }
+
+        /// kst serving example.net (no rate limits) over the fs store, whose writes of
+        /// alice's key are held as `HeldStore` says, with the directory's writer gathering
+        /// an epoch for at most `gather`.
+        async fn kst_bed(gather: Duration) -> KstBed {
+            let dir = tempfile::tempdir().unwrap();
+            let alice = address("alice@example.net");
+            let held = Arc::new(HeldStore {
+                inner: Arc::new(FsStore::open(dir.path()).await.unwrap()),
+                held: alice.clone(),
+                entered: Notify::new(),
+                release: Notify::new(),
+                fail: false,
+                pass: false.into(),
+                hold_deletes: false.into(),
+            });
+            let log = Arc::new(
+                DomainLog::open(
+                    Arc::new(FsDirectoryStore::new(dir.path())),
+                    LogKeys::generate("example.net"),
+                )
+                .await
+                .unwrap()
+                .with_gather(gather),
+            );
+            let head_key = log.head_public_key();
+            let store = Arc::new(TransparentStore::new(
+                Arc::clone(&held) as Arc<dyn KeyStore>,
+                vec![log],
+            ));
+            // Bob's key first: the directory's epoch 0 (its empty tree) gives absence proofs
+            // that akd's verifier refuses (lcp_hash != longest_prefix_hash), whatever the race.
+            store
+                .publish(test_key(&address("bob@example.net"), 2, 1))
+                .await
+                .unwrap();
+            let mut policy = Policy::new(&["example.net"], &["mail.example.net"]);
+            policy.rate_limits = RateLimits::OFF;
+            let outbox = Arc::new(Outbox::default());
+            let kst = Kst::new(policy, store.clone(), outbox.clone()).with_log_answers(store);
+            KstBed {
+                _dir: dir,
+                held,
+                kst,
+                outbox,
+                head_key,
+                head_hex: head_key.iter().map(|b| format!("{b:02x}")).collect(),
+                alice,
+            }
+        }
+
+        fn envelope(sender: &str) -> Envelope {
+            Envelope {
+                sender: Some(sender.into()),
+                recipient: "keys@example.net".into(),
+                sasl_username: None,
+            }
+        }
+
+        /// A request under way: its pending state and kst's handling of it.
+        type Handling = (
+            Pending,
+            tokio::task::JoinHandle<std::result::Result<Handled, HandleError>>,
+        );
+
+        impl KstBed {
+            /// Hands `raw` from `sender` to kst on a task of its own.
+            fn handle(&self, sender: &str, pending: Pending, raw: Vec<u8>) -> Handling {
+                let (kst, env) = (self.kst.clone(), envelope(sender));
+                (
+                    pending,
+                    tokio::spawn(async move { kst.handle(&env, &raw).await }),
+                )
+            }
+
+            /// Alice publishes the key `name` in version 3, as her provider's MTA delivers it.
+            fn publish(&self, name: &str) -> Handling {
+                let req =
+                    client::build_publication_with(&self.alice, &key(name), Some(&self.head_hex))
+                        .unwrap();
+                let mut raw =
+                    kst_tests::received_authenticated("alice@example.net", "mail.example.net")
+                        .into_bytes();
+                raw.extend_from_slice(&req.message);
+                self.handle("alice@example.net", req.pending, raw)
+            }
+
+            /// Alice's publication of `name`, started and held inside its key store write.
+            async fn publish_held(&self, name: &str) -> Handling {
+                let handling = self.publish(name);
+                self.held.entered.notified().await;
+                handling
+            }
+
+            /// Alice deletes her key in version 3.
+            fn delete(&self) -> Handling {
+                let req = client::build_deletion_with(&self.alice, Some(&self.head_hex));
+                let mut raw =
+                    kst_tests::received_authenticated("alice@example.net", "mail.example.net")
+                        .into_bytes();
+                raw.extend_from_slice(&req.message);
+                self.handle("alice@example.net", req.pending, raw)
+            }
+
+            /// Carol asks for alice's key in version 3.
+            fn retrieve(&self) -> Handling {
+                let req = client::build_retrieval_with(
+                    &address("carol@acme.net"),
+                    &self.alice,
+                    Some(&self.head_hex),
+                );
+                self.handle("carol@acme.net", req.pending, req.message)
+            }
+
+            /// The reply to `pending`, checked as the client checks it; panics on any failure
+            /// (the client's exit 5).
+            async fn check(&self, pending: &Pending) -> Checked {
+                let raw = self.outbox.reply_to(pending).expect("a reply was sent");
+                let reply = client::verify_reply_with_answer(pending, &raw)
+                    .unwrap_or_else(|e| panic!("the reply's HMAC: {e}"));
+                let text = reply.log_answer.expect("a version 3 reply carries the answer");
+                let answer = LogAnswer::parse(&text).unwrap();
+                let packets = match &reply.verified {
+                    Verified::Published { armored, .. } | Verified::Found { armored, .. } => {
+                        Some(kst_core::openpgp::dearmor_public_key(armored, 1 << 20).unwrap())
+                    }
+                    Verified::NotFound { .. } | Verified::Deleted { .. } => None,
+                    other => panic!("not an answer about the address: {other:?}"),
+                };
+                let served = packets.as_deref().map_or(Served::Nothing, Served::Key);
+                let entry = answer
+                    .verify(&self.head_key, &self.alice, served)
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("the client calls this reply an attack (exit 5): {e}")
+                    });
+                Checked {
+                    verified: reply.verified,
+                    entry,
+                }
+            }
+
+            /// Waits for `handling` and checks its reply.
+            async fn answered(&self, handling: Handling) -> Checked {
+                let (pending, task) = handling;
+                let handled = finished(task).await.unwrap();
+                assert!(handled.reply.is_some(), "{handled:?}");
+                self.check(&pending).await
+            }
+
+            /// The version of alice's current record in the key store.
+            async fn stored_version(&self) -> Option<u64> {
+                self.held.get(&self.alice).await.unwrap().map(|r| r.version)
+            }
+        }
+
+        fn fingerprint_of(checked: &Checked) -> &str {
+            match &checked.verified {
+                Verified::Published { fingerprint, .. } | Verified::Found { fingerprint, .. } => {
+                    fingerprint
+                }
+                other => panic!("no key: {other:?}"),
+            }
+        }
+
+        /// A retrieval made while a publication of the address waits between its key store
+        /// write and the epoch that records it: the store already holds the new key, the
+        /// directory proves the version before (or absence). The reply serves what the answer
+        /// proves, and the client accepts it. Before: the reply served the store's new key
+        /// with the answer about the old one, and the client reported an attack (exit 5).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_retrieval_racing_a_publication_serves_what_the_answer_proves() {
+            let bed = kst_bed(Duration::ZERO).await;
+            // Alice's first key, in the store and not yet in the directory: "not found",
+            // proven by absence.
+            let first = bed.publish_held("lifecycle-v1").await;
+            assert_eq!(bed.stored_version().await, Some(1));
+            let (pending, retrieving) = bed.retrieve();
+            let carol = bed.answered((pending.clone(), retrieving)).await;
+            assert!(
+                matches!(carol.verified, Verified::NotFound { .. }),
+                "{carol:?}"
+            );
+            assert_eq!(carol.entry, None, "absent from the directory");
+            // What kst sent before, the store's new key with that answer, is exit 5: the
+            // client's check is as strict as ever.
+            let raw = bed.outbox.reply_to(&pending).unwrap();
+            let text = client::verify_reply_with_answer(&pending, &raw)
+                .unwrap()
+                .log_answer
+                .unwrap();
+            let stored = bed.held.get(&bed.alice).await.unwrap().unwrap();
+            let refused = LogAnswer::parse(&text)
+                .unwrap()
+                .verify(&bed.head_key, &bed.alice, Served::Key(&stored.key))
+                .await;
+            assert!(refused.is_err(), "{refused:?}");
+            bed.held.release.notify_one();
+            let alice = bed.answered(first).await;
+            assert_eq!(alice.entry.as_ref().unwrap().version, 1);
+
+            // Her update, in the store and not yet in the directory: version 1 is served.
+            let update = bed.publish_held("lifecycle-v2").await;
+            assert_eq!(bed.stored_version().await, Some(2));
+            let carol = bed.answered(bed.retrieve()).await;
+            assert_eq!(carol.entry.as_ref().unwrap().version, 1, "{carol:?}");
+            assert_eq!(fingerprint_of(&carol), fingerprint_of(&alice));
+            bed.held.release.notify_one();
+            let alice = bed.answered(update).await;
+            assert_eq!(alice.entry.as_ref().unwrap().version, 2);
+            // Once recorded, version 2 is served.
+            let carol = bed.answered(bed.retrieve()).await;
+            assert_eq!(carol.entry.as_ref().unwrap().version, 2, "{carol:?}");
+        }
     }
 }
