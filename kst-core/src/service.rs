@@ -921,13 +921,16 @@ impl Kst {
         let mut record = outcome.record().clone();
         // Version 3: the directory's answer, read after the store and the directory recorded
         // the publication (TransparentStore writes both before `publish` returns), and the
-        // version it proves, which the confirmation carries: this publication's, or a newer
-        // one of the same primary key (which holds it merged, as a redelivery is confirmed).
+        // version it proves, which the confirmation carries when it has this publication's
+        // primary key (its own version, or a newer one holding it merged, as a redelivery is
+        // confirmed). The fingerprint decides, not the version number: after a deletion the
+        // store starts again at version 1, so a racing publication of another key may hold
+        // the same number.
         let mut answer = None;
         if ctx.version >= TRANSPARENCY_VERSION {
-            let (proven, read) = self.proven_record(ctx, account, record.version).await?;
+            let (proven, read) = self.proven_record(ctx, account).await?;
             match proven {
-                Some(p) if p.version == record.version || p.fingerprint == record.fingerprint => {
+                Some(p) if p.fingerprint == record.fingerprint => {
                     record = p;
                 }
                 other => {
@@ -1032,7 +1035,7 @@ impl Kst {
         // now is a publication made after this deletion.
         let mut answer = None;
         if ctx.version >= TRANSPARENCY_VERSION {
-            let (proven, read) = self.proven_record(ctx, &account, 0).await?;
+            let (proven, read) = self.proven_record(ctx, &account).await?;
             if let Some(p) = proven {
                 tracing::info!(account = %account, latest = p.version,
                     "deletion superseded by a newer publication before its confirmation: no \
@@ -1082,7 +1085,7 @@ impl Kst {
         // Version 3: the directory's answer first, then the stored version it proves (or "no
         // key"), so the key served is exactly the one the answer commits to.
         let (content_record, answer) = if ctx.version >= TRANSPARENCY_VERSION {
-            let (record, read) = self.proven_record(ctx, &address, 0).await?;
+            let (record, read) = self.proven_record(ctx, &address).await?;
             (record, Some(read.text))
         } else {
             (self.store.get(&address).await?, None)
@@ -1113,17 +1116,15 @@ impl Kst {
     /// written to the key store and not yet recorded in an epoch is not served, and a
     /// version recorded since the store was read is served from the store's history.
     ///
-    /// The answer must prove version `at_least` or a newer one (a publication's own version:
-    /// it was recorded before `publish` returned). An answer older than that, or one proving
-    /// a key the store does not hold (a deletion written to the store and not yet recorded),
-    /// is read again after a pause, [`AGREE_ATTEMPTS`] times in all; then a temporary error
+    /// An answer proving a key the store does not hold (a deletion written to the store and
+    /// not yet recorded) is read again after a pause, [`AGREE_ATTEMPTS`] times in all; then a
+    /// temporary error
     /// (the MTA delivers the request again; nothing is lost). A directory that cannot be
     /// read is a temporary error too: never a reply without proofs.
     async fn proven_record(
         &self,
         ctx: &ReplyTo<'_>,
         address: &Address,
-        at_least: u64,
     ) -> Result<(Option<KeyRecord>, DirectoryAnswer), Error> {
         let logs = match &self.log_answers {
             Some(logs) if logs.has_directory(address.domain()) => logs,
@@ -1134,24 +1135,13 @@ impl Kst {
             }
         };
         let mut pause = AGREE_PAUSE;
-        let mut last = String::new();
+        let mut problem = String::new();
         for attempt in 1..=AGREE_ATTEMPTS {
             if attempt > 1 {
                 logs.pause(pause).await;
                 pause = pause.saturating_mul(2);
             }
             let answer = logs.answer(address, ctx.log_ask).await?;
-            if answer.proven.version().unwrap_or(0) < at_least {
-                let proven = answer
-                    .proven
-                    .version()
-                    .map_or_else(|| "no version".to_string(), |v| format!("version {v}"));
-                last = format!(
-                    "the key directory proves {proven} of {address}, older than the version \
-                     {at_least} just recorded"
-                );
-                continue;
-            }
             let Proven::Key { version, .. } = answer.proven else {
                 return Ok((None, answer));
             };
@@ -1166,18 +1156,18 @@ impl Kst {
             if let Some(held) = history.into_iter().rev().find(|r| answer.proven.is(r)) {
                 return Ok((Some(held), answer));
             }
-            last = format!(
+            problem = format!(
                 "the key directory's latest entry for {address} is version {version}, which \
                  the key store does not hold (a deletion not yet recorded; or a store changed \
                  behind kst's back: `kst migrate` records the key it holds, `kst keys delete` \
                  a deletion)"
             );
         }
-        tracing::warn!(address = %address, attempts = AGREE_ATTEMPTS, problem = %last,
+        tracing::warn!(address = %address, attempts = AGREE_ATTEMPTS, problem = %problem,
             "the key directory and the key store do not agree; the request is deferred");
         Err(Error::unavailable(
             Component::other("key directory"),
-            format!("{last}; the request is deferred (delivered again later)"),
+            format!("{problem}; the request is deferred (delivered again later)"),
         ))
     }
 
