@@ -3759,12 +3759,6 @@ mod gather {
                 Arc::clone(&held) as Arc<dyn KeyStore>,
                 vec![log],
             ));
-            // Bob's key first: the directory's epoch 0 (its empty tree) gives absence proofs
-            // that akd's verifier refuses (lcp_hash != longest_prefix_hash), whatever the race.
-            store
-                .publish(test_key(&address("bob@example.net"), 2, 1))
-                .await
-                .unwrap();
             let mut policy = Policy::new(&["example.net"], &["mail.example.net"]);
             policy.rate_limits = RateLimits::OFF;
             let outbox = Arc::new(Outbox::default());
