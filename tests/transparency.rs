@@ -3716,7 +3716,9 @@ mod gather {
         struct KstBed {
             _dir: tempfile::TempDir,
             held: Arc<HeldStore>,
-            kst: Kst,
+            /// The pool's instances (the first over `held`), taking requests in turn.
+            pool: Vec<Kst>,
+            turn: AtomicUsize,
             outbox: Arc<Outbox>,
             head_key: [u8; 32],
             head_hex: String,
@@ -3734,6 +3736,13 @@ mod gather {
         /// alice's key are held as `HeldStore` says, with the directory's writer gathering
         /// an epoch for at most `gather`.
         async fn kst_bed(gather: Duration) -> KstBed {
+            kst_pool(gather, 1).await
+        }
+
+        /// [`kst_bed`] as a pool of `instances` processes' worth of kst on one fs store and
+        /// its directory (each its own key store handle, directory store, log and writer,
+        /// with the same log keys); only the first one's writes are held.
+        async fn kst_pool(gather: Duration, instances: usize) -> KstBed {
             let dir = tempfile::tempdir().unwrap();
             let alice = address("alice@example.net");
             let held = Arc::new(HeldStore {
@@ -3745,28 +3754,34 @@ mod gather {
                 pass: false.into(),
                 hold_deletes: false.into(),
             });
-            let log = Arc::new(
-                DomainLog::open(
-                    Arc::new(FsDirectoryStore::new(dir.path())),
-                    LogKeys::generate("example.net"),
-                )
-                .await
-                .unwrap()
-                .with_gather(gather),
-            );
-            let head_key = log.head_public_key();
-            let store = Arc::new(TransparentStore::new(
-                Arc::clone(&held) as Arc<dyn KeyStore>,
-                vec![log],
-            ));
-            let mut policy = Policy::new(&["example.net"], &["mail.example.net"]);
-            policy.rate_limits = RateLimits::OFF;
+            let keys = LogKeys::generate("example.net").to_file();
             let outbox = Arc::new(Outbox::default());
-            let kst = Kst::new(policy, store.clone(), outbox.clone()).with_log_answers(store);
+            let (mut pool, mut head_key) = (Vec::new(), [0; 32]);
+            for i in 0..instances {
+                let log = Arc::new(
+                    DomainLog::open(
+                        Arc::new(FsDirectoryStore::new(dir.path())),
+                        LogKeys::parse(&keys).unwrap(),
+                    )
+                    .await
+                    .unwrap()
+                    .with_gather(gather),
+                );
+                head_key = log.head_public_key();
+                let keys: Arc<dyn KeyStore> = match i {
+                    0 => Arc::clone(&held) as Arc<dyn KeyStore>,
+                    _ => Arc::new(FsStore::open(dir.path()).await.unwrap()),
+                };
+                let store = Arc::new(TransparentStore::new(keys, vec![log]));
+                let mut policy = Policy::new(&["example.net"], &["mail.example.net"]);
+                policy.rate_limits = RateLimits::OFF;
+                pool.push(Kst::new(policy, store.clone(), outbox.clone()).with_log_answers(store));
+            }
             KstBed {
                 _dir: dir,
                 held,
-                kst,
+                pool,
+                turn: AtomicUsize::new(0),
                 outbox,
                 head_key,
                 head_hex: head_key.iter().map(|b| format!("{b:02x}")).collect(),
@@ -3791,7 +3806,9 @@ mod gather {
         impl KstBed {
             /// Hands `raw` from `sender` to kst on a task of its own.
             fn handle(&self, sender: &str, pending: Pending, raw: Vec<u8>) -> Handling {
-                let (kst, env) = (self.kst.clone(), envelope(sender));
+                let turn = self.turn.fetch_add(1, Ordering::SeqCst);
+                let kst = self.pool[turn % self.pool.len()].clone();
+                let env = envelope(sender);
                 (
                     pending,
                     tokio::spawn(async move { kst.handle(&env, &raw).await }),
@@ -4017,7 +4034,20 @@ mod gather {
         /// key, never exit 5.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn rt_replies_racing_a_stream_of_changes_are_all_proven() {
-            let bed = Arc::new(kst_bed(Duration::from_millis(2)).await);
+            stream_of_changes(kst_bed(Duration::from_millis(2)).await).await;
+        }
+
+        /// The same across a pool: two instances on one fs store and directory take the
+        /// requests in turn, so a reply's answer is often read by another process's log than
+        /// the one that recorded the change, and the store by another handle.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn rt_replies_racing_a_stream_of_changes_across_a_pool_are_all_proven() {
+            stream_of_changes(kst_pool(Duration::from_millis(2), 2).await).await;
+        }
+
+        /// The red team's stream: 24 changes by two owners' clients, three readers.
+        async fn stream_of_changes(bed: KstBed) {
+            let bed = Arc::new(bed);
             bed.held.pass.store(true, Ordering::SeqCst);
             let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let counts: Arc<[AtomicUsize; 7]> = Arc::new(Default::default());
