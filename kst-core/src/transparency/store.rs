@@ -7,15 +7,17 @@
 //! 4xx, `kst deliver` exit 75) and delivers it again; the store answers the redelivery with
 //! [`PublishOutcome::Unchanged`] (same publication id) and the directory write is done then.
 //! If kst dies between the two writes, the same redelivery repairs it: until then the
-//! directory is one version behind the store, which a checking client reports as an attack
+//! directory is one version behind the store, which a client checking over HTTP
+//! (`--check-transparency`) reports as an attack, while a version 3 reply serves the version
+//! the directory proves (`Kst`'s replies read the answer first; docs/PROTOCOL.md, "Versions")
 //! (never the other way round: the directory never commits to a key the store has not
 //! accepted).
 //!
 //! `restore` (`kst import`) is recorded the same way: the directory then says what the
 //! restored history's current record says (a deletion first when the restored version is not
 //! above the directory's). Not recorded: changes made to the store behind kst's back; a
-//! checking client reports those keys (tests/transparency.rs), and `kst migrate` records
-//! them ([`TransparentStore::record_all`]).
+//! client checking over HTTP reports those keys (tests/transparency.rs), a version 3 reply
+//! does not serve them, and `kst migrate` records them ([`TransparentStore::record_all`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
