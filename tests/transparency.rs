@@ -3422,6 +3422,16 @@ mod gather {
             self.hold(&address, hold).await?;
             Ok(outcome)
         }
+        async fn publish_unsynced(&self, key: NewKey) -> Result<PublishOutcome> {
+            let address = key.address.clone();
+            let outcome = self.inner.publish_unsynced(key).await?;
+            let hold = !self.pass.load(std::sync::atomic::Ordering::SeqCst);
+            self.hold(&address, hold).await?;
+            Ok(outcome)
+        }
+        async fn sync_published(&self) -> Result<()> {
+            self.inner.sync_published().await
+        }
         async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
             self.inner.get(address).await
         }
@@ -3715,6 +3725,7 @@ mod gather {
 
         struct KstBed {
             _dir: tempfile::TempDir,
+            _db: Option<TestDb>,
             held: Arc<HeldStore>,
             /// The pool's instances (the first over `held`), taking requests in turn.
             pool: Vec<Kst>,
@@ -3736,17 +3747,31 @@ mod gather {
         /// alice's key are held as `HeldStore` says, with the directory's writer gathering
         /// an epoch for at most `gather`.
         async fn kst_bed(gather: Duration) -> KstBed {
-            kst_pool(gather, 1).await
+            kst_pool(gather, 1, None).await
         }
 
         /// [`kst_bed`] as a pool of `instances` processes' worth of kst on one fs store and
         /// its directory (each its own key store handle, directory store, log and writer,
-        /// with the same log keys); only the first one's writes are held.
-        async fn kst_pool(gather: Duration, instances: usize) -> KstBed {
+        /// with the same log keys), or on the PostgreSQL database `db` as kst-bin wires it
+        /// (each instance its pools; the keys commit unsynced, covered by the epoch's
+        /// commit); only the first one's writes are held.
+        async fn kst_pool(gather: Duration, instances: usize, db: Option<TestDb>) -> KstBed {
             let dir = tempfile::tempdir().unwrap();
             let alice = address("alice@example.net");
+            let key_store = async || -> Arc<dyn KeyStore> {
+                match &db {
+                    Some(db) => Arc::new(PostgresStore::connect(&db.url).await.unwrap()) as _,
+                    None => Arc::new(FsStore::open(dir.path()).await.unwrap()) as _,
+                }
+            };
+            let directory = async || -> Arc<dyn DirectoryStore> {
+                match &db {
+                    Some(db) => Arc::new(PgDirectoryStore::connect(&db.url, 4).await.unwrap()) as _,
+                    None => Arc::new(FsDirectoryStore::new(dir.path())) as _,
+                }
+            };
             let held = Arc::new(HeldStore {
-                inner: Arc::new(FsStore::open(dir.path()).await.unwrap()),
+                inner: key_store().await,
                 held: alice.clone(),
                 entered: Notify::new(),
                 release: Notify::new(),
@@ -3759,26 +3784,28 @@ mod gather {
             let (mut pool, mut head_key) = (Vec::new(), [0; 32]);
             for i in 0..instances {
                 let log = Arc::new(
-                    DomainLog::open(
-                        Arc::new(FsDirectoryStore::new(dir.path())),
-                        LogKeys::parse(&keys).unwrap(),
-                    )
-                    .await
-                    .unwrap()
-                    .with_gather(gather),
+                    DomainLog::open(directory().await, LogKeys::parse(&keys).unwrap())
+                        .await
+                        .unwrap()
+                        .with_gather(gather),
                 );
                 head_key = log.head_public_key();
                 let keys: Arc<dyn KeyStore> = match i {
                     0 => Arc::clone(&held) as Arc<dyn KeyStore>,
-                    _ => Arc::new(FsStore::open(dir.path()).await.unwrap()),
+                    _ => key_store().await,
                 };
-                let store = Arc::new(TransparentStore::new(keys, vec![log]));
+                let mut store = TransparentStore::new(keys, vec![log]);
+                if db.is_some() {
+                    store = store.with_unsynced_publications();
+                }
+                let store = Arc::new(store);
                 let mut policy = Policy::new(&["example.net"], &["mail.example.net"]);
                 policy.rate_limits = RateLimits::OFF;
                 pool.push(Kst::new(policy, store.clone(), outbox.clone()).with_log_answers(store));
             }
             KstBed {
                 _dir: dir,
+                _db: db,
                 held,
                 pool,
                 turn: AtomicUsize::new(0),
@@ -4042,7 +4069,15 @@ mod gather {
         /// the one that recorded the change, and the store by another handle.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn rt_replies_racing_a_stream_of_changes_across_a_pool_are_all_proven() {
-            stream_of_changes(kst_pool(Duration::from_millis(2), 2).await).await;
+            stream_of_changes(kst_pool(Duration::from_millis(2), 2, None).await).await;
+        }
+
+        /// The same across a pool on PostgreSQL (a fresh database), as kst-bin wires it: the
+        /// keys commit unsynced, covered by the epoch's commit.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn rt_replies_racing_a_stream_of_changes_on_postgres_are_all_proven() {
+            let db = TestDb::new();
+            stream_of_changes(kst_pool(Duration::from_millis(2), 2, Some(db)).await).await;
         }
 
         /// The red team's stream: 24 changes by two owners' clients, three readers.
@@ -4083,6 +4118,7 @@ mod gather {
                         counts[i].fetch_add(1, Ordering::SeqCst);
                     }
                     Err(HandleError::Temporary(e)) if e.is_temporary() => {
+                        eprintln!("temporary failure (retrieval: {read}): {e}");
                         assert!(bed.outbox.reply_to(&pending).is_none());
                         counts[if read { TEMPORARY_READ } else { TEMPORARY }]
                             .fetch_add(1, Ordering::SeqCst);
@@ -4160,3 +4196,4 @@ mod gather {
         }
     }
 }
+
