@@ -4197,3 +4197,209 @@ mod gather {
     }
 }
 
+/// A look-up racing another process's deletion of the address: a deletion's epoch overwrites
+/// the address's earlier values with akd's tombstone in place ("Deletion"), so a look-up that
+/// read the root before that commit and the value after it proves the old epoch's latest
+/// version with an empty value, which no client accepts (found by the red team on
+/// PostgreSQL, `gather::replies`, where two instances share the directory).
+mod withdrawn {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use kst_core::conformance::{address, test_key};
+    use kst_core::transparency::answer::Served;
+    use kst_core::transparency::{
+        DirectoryStoreError, DomainLog, LogKeys, RecordBatch, RootAndNodes, TransparentStore,
+    };
+    use tokio::sync::Notify;
+
+    use super::*;
+
+    /// A directory store whose `hold_at`-th value-state read from now (1: the next) waits
+    /// for `release` before it reads; 0: none waits.
+    struct HeldReads {
+        inner: Arc<dyn DirectoryStore>,
+        hold_at: AtomicUsize,
+        reads: AtomicUsize,
+        entered: Notify,
+        release: Notify,
+    }
+
+    impl HeldReads {
+        /// Counts a value-state read and holds it when it is the one.
+        async fn read(&self) {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let left = self
+                .hold_at
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .unwrap_or(0);
+            if left == 1 {
+                self.entered.notify_one();
+                self.release.notified().await;
+            }
+        }
+    }
+
+    #[async_trait]
+    impl DirectoryStore for HeldReads {
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+        async fn root(
+            &self,
+            domain: &str,
+        ) -> std::result::Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
+            self.inner.root(domain).await
+        }
+        async fn nodes(
+            &self,
+            domain: &str,
+            keys: &[Vec<u8>],
+        ) -> std::result::Result<Vec<Vec<u8>>, DirectoryStoreError> {
+            self.inner.nodes(domain, keys).await
+        }
+        async fn value_states(
+            &self,
+            domain: &str,
+            label: &[u8],
+        ) -> std::result::Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
+            self.read().await;
+            self.inner.value_states(domain, label).await
+        }
+        async fn value_states_batch(
+            &self,
+            domain: &str,
+            labels: &[Vec<u8>],
+        ) -> std::result::Result<Vec<(Vec<u8>, u64, Vec<u8>)>, DirectoryStoreError> {
+            self.read().await;
+            self.inner.value_states_batch(domain, labels).await
+        }
+        async fn root_and_nodes(
+            &self,
+            domain: &str,
+            keys: &[Vec<u8>],
+        ) -> std::result::Result<RootAndNodes, DirectoryStoreError> {
+            self.inner.root_and_nodes(domain, keys).await
+        }
+        async fn commit(
+            &self,
+            domain: &str,
+            batch: RecordBatch,
+        ) -> std::result::Result<(), DirectoryStoreError> {
+            self.inner.commit(domain, batch).await
+        }
+        async fn insert_head(
+            &self,
+            domain: &str,
+            epoch: u64,
+            head: &[u8],
+        ) -> std::result::Result<Vec<u8>, DirectoryStoreError> {
+            self.inner.insert_head(domain, epoch, head).await
+        }
+        async fn heads(
+            &self,
+            domain: &str,
+            from: u64,
+            to: u64,
+        ) -> std::result::Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
+            self.inner.heads(domain, from, to).await
+        }
+        async fn put_cosignature(
+            &self,
+            domain: &str,
+            epoch: u64,
+            witness: &[u8; 32],
+            checked_at: u64,
+            cosignature: &[u8],
+        ) -> std::result::Result<(), DirectoryStoreError> {
+            self.inner
+                .put_cosignature(domain, epoch, witness, checked_at, cosignature)
+                .await
+        }
+        async fn cosignatures(
+            &self,
+            domain: &str,
+            epoch: u64,
+        ) -> std::result::Result<Vec<([u8; 32], Vec<u8>)>, DirectoryStoreError> {
+            self.inner.cosignatures(domain, epoch).await
+        }
+        async fn latest_cosignature(
+            &self,
+            domain: &str,
+            witness: &[u8; 32],
+        ) -> std::result::Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
+            self.inner.latest_cosignature(domain, witness).await
+        }
+    }
+
+    /// Process B looks alice up; its last value-state read waits while process A deletes
+    /// her key (A's epoch withdraws her value). B's answer must prove what a client accepts:
+    /// the deletion (the look-up read again), never her old version with an empty value.
+    /// Before: the answer proved epoch 1's version with an empty value: exit 5.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_look_up_racing_another_process_deletion_proves_what_a_client_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = LogKeys::generate("example.net").to_file();
+        let log_a = Arc::new(
+            DomainLog::open(
+                Arc::new(FsDirectoryStore::new(dir.path())),
+                LogKeys::parse(&keys).unwrap(),
+            )
+            .await
+            .unwrap(),
+        );
+        let held = Arc::new(HeldReads {
+            inner: Arc::new(FsDirectoryStore::new(dir.path())),
+            hold_at: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
+            entered: Notify::new(),
+            release: Notify::new(),
+        });
+        let log_b = Arc::new(
+            DomainLog::open(Arc::clone(&held) as _, LogKeys::parse(&keys).unwrap())
+                .await
+                .unwrap(),
+        );
+        let store_a = TransparentStore::new(
+            Arc::new(FsStore::open(dir.path()).await.unwrap()),
+            vec![Arc::clone(&log_a)],
+        );
+        let alice = address("alice@example.net");
+        store_a.publish(test_key(&alice, 1, 1)).await.unwrap();
+        let now = kst_core::time::unix_now();
+        // How many value-state reads one look-up of alice at this epoch takes (once warm).
+        log_b.answer(&alice, now).await.unwrap();
+        let before = held.reads.load(Ordering::SeqCst);
+        let answer = log_b.answer(&alice, now).await.unwrap();
+        let reads = held.reads.load(Ordering::SeqCst) - before;
+        assert!(reads > 0, "a look-up reads value states");
+        answer
+            .verify(
+                &log_b.head_public_key(),
+                &alice,
+                Served::Key(&test_key(&alice, 1, 1).key),
+            )
+            .await
+            .unwrap();
+
+        // The last of them waits while A deletes alice.
+        held.hold_at.store(reads, Ordering::SeqCst);
+        let looking = tokio::spawn({
+            let (log_b, alice) = (Arc::clone(&log_b), alice.clone());
+            async move { log_b.answer(&alice, now).await }
+        });
+        held.entered.notified().await;
+        store_a.delete(&alice).await.unwrap();
+        held.release.notify_one();
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(60), looking)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        answer
+            .verify(&log_b.head_public_key(), &alice, Served::Nothing)
+            .await
+            .unwrap_or_else(|e| panic!("epoch {}: {e}", answer.head.head.epoch));
+        assert_eq!(answer.head.head.epoch, 2, "the deletion's epoch");
+    }
+}
