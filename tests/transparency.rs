@@ -3725,7 +3725,7 @@ mod gather {
 
         struct KstBed {
             _dir: tempfile::TempDir,
-            _db: Option<TestDb>,
+            _shared: Shared,
             held: Arc<HeldStore>,
             /// The pool's instances (the first over `held`), taking requests in turn.
             pool: Vec<Kst>,
@@ -3747,27 +3747,48 @@ mod gather {
         /// alice's key are held as `HeldStore` says, with the directory's writer gathering
         /// an epoch for at most `gather`.
         async fn kst_bed(gather: Duration) -> KstBed {
-            kst_pool(gather, 1, None).await
+            kst_pool(gather, 1, Shared::Fs).await
+        }
+
+        /// Where a pool's key store and directory are.
+        enum Shared {
+            /// A fresh fs store.
+            Fs,
+            /// A fresh PostgreSQL database.
+            Postgres(TestDb),
+            /// A fresh key prefix on the shared Redis.
+            Redis(TestPrefix),
         }
 
         /// [`kst_bed`] as a pool of `instances` processes' worth of kst on one fs store and
         /// its directory (each its own key store handle, directory store, log and writer,
-        /// with the same log keys), or on the PostgreSQL database `db` as kst-bin wires it
-        /// (each instance its pools; the keys commit unsynced, covered by the epoch's
-        /// commit); only the first one's writes are held.
-        async fn kst_pool(gather: Duration, instances: usize, db: Option<TestDb>) -> KstBed {
+        /// with the same log keys), or on PostgreSQL as kst-bin wires it (each instance its
+        /// pools; the keys commit unsynced, covered by the epoch's commit), or on Redis (each
+        /// instance its connection); only the first one's writes are held.
+        async fn kst_pool(gather: Duration, instances: usize, shared: Shared) -> KstBed {
             let dir = tempfile::tempdir().unwrap();
             let alice = address("alice@example.net");
+            let redis = async |p: &TestPrefix| {
+                RedisStore::connect(&p.url, &p.prefix)
+                    .await
+                    .expect("Redis store")
+            };
             let key_store = async || -> Arc<dyn KeyStore> {
-                match &db {
-                    Some(db) => Arc::new(PostgresStore::connect(&db.url).await.unwrap()) as _,
-                    None => Arc::new(FsStore::open(dir.path()).await.unwrap()) as _,
+                match &shared {
+                    Shared::Postgres(db) => {
+                        Arc::new(PostgresStore::connect(&db.url).await.unwrap()) as _
+                    }
+                    Shared::Redis(p) => Arc::new(redis(p).await) as _,
+                    Shared::Fs => Arc::new(FsStore::open(dir.path()).await.unwrap()) as _,
                 }
             };
             let directory = async || -> Arc<dyn DirectoryStore> {
-                match &db {
-                    Some(db) => Arc::new(PgDirectoryStore::connect(&db.url, 4).await.unwrap()) as _,
-                    None => Arc::new(FsDirectoryStore::new(dir.path())) as _,
+                match &shared {
+                    Shared::Postgres(db) => {
+                        Arc::new(PgDirectoryStore::connect(&db.url, 4).await.unwrap()) as _
+                    }
+                    Shared::Redis(p) => Arc::new(redis(p).await.inner().directory()) as _,
+                    Shared::Fs => Arc::new(FsDirectoryStore::new(dir.path())) as _,
                 }
             };
             let held = Arc::new(HeldStore {
@@ -3795,7 +3816,7 @@ mod gather {
                     _ => key_store().await,
                 };
                 let mut store = TransparentStore::new(keys, vec![log]);
-                if db.is_some() {
+                if matches!(shared, Shared::Postgres(_)) {
                     store = store.with_unsynced_publications();
                 }
                 let store = Arc::new(store);
@@ -3805,7 +3826,7 @@ mod gather {
             }
             KstBed {
                 _dir: dir,
-                _db: db,
+                _shared: shared,
                 held,
                 pool,
                 turn: AtomicUsize::new(0),
@@ -4069,15 +4090,22 @@ mod gather {
         /// the one that recorded the change, and the store by another handle.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn rt_replies_racing_a_stream_of_changes_across_a_pool_are_all_proven() {
-            stream_of_changes(kst_pool(Duration::from_millis(2), 2, None).await).await;
+            stream_of_changes(kst_pool(Duration::from_millis(2), 2, Shared::Fs).await).await;
         }
 
         /// The same across a pool on PostgreSQL (a fresh database), as kst-bin wires it: the
         /// keys commit unsynced, covered by the epoch's commit.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn rt_replies_racing_a_stream_of_changes_on_postgres_are_all_proven() {
-            let db = TestDb::new();
-            stream_of_changes(kst_pool(Duration::from_millis(2), 2, Some(db)).await).await;
+            let db = Shared::Postgres(TestDb::new());
+            stream_of_changes(kst_pool(Duration::from_millis(2), 2, db).await).await;
+        }
+
+        /// The same across a pool on Redis (a fresh key prefix).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn rt_replies_racing_a_stream_of_changes_on_redis_are_all_proven() {
+            let prefix = Shared::Redis(TestPrefix::new());
+            stream_of_changes(kst_pool(Duration::from_millis(2), 2, prefix).await).await;
         }
 
         /// The red team's stream: 24 changes by two owners' clients, three readers.
