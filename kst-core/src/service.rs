@@ -928,7 +928,7 @@ impl Kst {
         // the same number.
         let mut answer = None;
         if ctx.version >= TRANSPARENCY_VERSION {
-            let (proven, read) = self.proven_record(ctx, account).await?;
+            let (proven, read) = self.proven_record(ctx, account, Some(&record)).await?;
             match proven {
                 Some(p) if p.fingerprint == record.fingerprint => {
                     record = p;
@@ -1035,7 +1035,7 @@ impl Kst {
         // now is a publication made after this deletion.
         let mut answer = None;
         if ctx.version >= TRANSPARENCY_VERSION {
-            let (proven, read) = self.proven_record(ctx, &account).await?;
+            let (proven, read) = self.proven_record(ctx, &account, None).await?;
             if let Some(p) = proven {
                 tracing::info!(account = %account, latest = p.version,
                     "deletion superseded by a newer publication before its confirmation: no \
@@ -1085,7 +1085,7 @@ impl Kst {
         // Version 3: the directory's answer first, then the stored version it proves (or "no
         // key"), so the key served is exactly the one the answer commits to.
         let (content_record, answer) = if ctx.version >= TRANSPARENCY_VERSION {
-            let (record, read) = self.proven_record(ctx, &address).await?;
+            let (record, read) = self.proven_record(ctx, &address, None).await?;
             (record, Some(read.text))
         } else {
             (self.store.get(&address).await?, None)
@@ -1115,6 +1115,8 @@ impl Kst {
     /// with it by construction, whatever changes of the address race the reply: a change
     /// written to the key store and not yet recorded in an epoch is not served, and a
     /// version recorded since the store was read is served from the store's history.
+    /// `known`: a record the caller holds already (a publication's own), taken without
+    /// reading the store when it is the one proven.
     ///
     /// An answer proving a key the store does not hold (a deletion written to the store and
     /// not yet recorded) is read again after a pause, [`AGREE_ATTEMPTS`] times in all; then a
@@ -1125,6 +1127,7 @@ impl Kst {
         &self,
         ctx: &ReplyTo<'_>,
         address: &Address,
+        known: Option<&KeyRecord>,
     ) -> Result<(Option<KeyRecord>, DirectoryAnswer), Error> {
         let logs = match &self.log_answers {
             Some(logs) if logs.has_directory(address.domain()) => logs,
@@ -1145,6 +1148,9 @@ impl Kst {
             let Proven::Key { version, .. } = answer.proven else {
                 return Ok((None, answer));
             };
+            if let Some(known) = known.filter(|k| answer.proven.is(k)) {
+                return Ok((Some(known.clone()), answer));
+            }
             if let Some(current) = self.store.get(address).await?
                 && answer.proven.is(&current)
             {
