@@ -3370,20 +3370,19 @@ mod gather {
 
     use async_trait::async_trait;
     use kst_core::conformance::{address, test_key};
-    use kst_core::store::{KeyRecord, NewKey, PublishOutcome};
+    use kst_core::store::{NewKey, PublishOutcome};
+    use kst_core::testing::{DelegatingStore, StoreHooks};
     use kst_core::transparency::{DomainLog, LogKeys, TransparentStore};
-    use kst_core::wkd::WkdHash;
-    use kst_core::{Address, Error, Fingerprint, KeyId, KeyStore, Result};
+    use kst_core::{Address, Error, KeyStore, Result};
     use tokio::sync::Notify;
 
     use super::*;
 
-    /// The fs key store; a publication of `held` waits inside its store write (after the
-    /// write) until `release`, then returns what it wrote or, with `fail`, an error. While
-    /// `pass` is set, publications are not held; with `hold_deletes`, a deletion of `held`
-    /// waits the same way after its store write.
-    struct HeldStore {
-        inner: Arc<dyn KeyStore>,
+    /// Over the fs key store: a publication of `held` waits inside its store write (after
+    /// the write) until `release`, then returns what it wrote or, with `fail`, an error.
+    /// While `pass` is set, publications are not held; with `hold_deletes`, a deletion of
+    /// `held` waits the same way after its store write.
+    struct Held {
         held: Address,
         entered: Notify,
         release: Notify,
@@ -3392,7 +3391,7 @@ mod gather {
         hold_deletes: std::sync::atomic::AtomicBool,
     }
 
-    impl HeldStore {
+    impl Held {
         /// Waits for `release` after `address`'s store write when it is held.
         async fn hold(&self, address: &Address, hold: bool) -> Result<()> {
             if *address != self.held || !hold {
@@ -3411,65 +3410,46 @@ mod gather {
     }
 
     #[async_trait]
-    impl KeyStore for HeldStore {
-        fn name(&self) -> &'static str {
-            self.inner.name()
-        }
-        async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
+    impl StoreHooks for Held {
+        async fn publish(&self, inner: &dyn KeyStore, key: NewKey) -> Result<PublishOutcome> {
             let address = key.address.clone();
-            let outcome = self.inner.publish(key).await?;
+            let outcome = inner.publish(key).await?;
             let hold = !self.pass.load(std::sync::atomic::Ordering::SeqCst);
             self.hold(&address, hold).await?;
             Ok(outcome)
         }
-        async fn publish_unsynced(&self, key: NewKey) -> Result<PublishOutcome> {
+        async fn publish_unsynced(
+            &self,
+            inner: &dyn KeyStore,
+            key: NewKey,
+        ) -> Result<PublishOutcome> {
             let address = key.address.clone();
-            let outcome = self.inner.publish_unsynced(key).await?;
+            let outcome = inner.publish_unsynced(key).await?;
             let hold = !self.pass.load(std::sync::atomic::Ordering::SeqCst);
             self.hold(&address, hold).await?;
             Ok(outcome)
         }
-        async fn sync_published(&self) -> Result<()> {
-            self.inner.sync_published().await
-        }
-        async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
-            self.inner.get(address).await
-        }
-        async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
-            self.inner.history(address).await
-        }
-        async fn delete(&self, address: &Address) -> Result<bool> {
-            let deleted = self.inner.delete(address).await?;
+        async fn delete(&self, inner: &dyn KeyStore, address: &Address) -> Result<bool> {
+            let deleted = inner.delete(address).await?;
             let hold = self.hold_deletes.load(std::sync::atomic::Ordering::SeqCst);
             self.hold(address, hold).await?;
             Ok(deleted)
         }
-        async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
-            self.inner.list(after, limit).await
-        }
-        async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
-            self.inner.restore(history).await
-        }
-        async fn find_by_fingerprint(
-            &self,
-            f: &Fingerprint,
-            limit: usize,
-        ) -> Result<Vec<KeyRecord>> {
-            self.inner.find_by_fingerprint(f, limit).await
-        }
-        async fn find_by_key_id(&self, k: &KeyId, limit: usize) -> Result<Vec<KeyRecord>> {
-            self.inner.find_by_key_id(k, limit).await
-        }
-        async fn find_by_wkd_hash(
-            &self,
-            domain: &str,
-            hash: &WkdHash,
-        ) -> Result<Option<KeyRecord>> {
-            self.inner.find_by_wkd_hash(domain, hash).await
-        }
-        async fn check(&self) -> Result<()> {
-            self.inner.check().await
-        }
+    }
+
+    /// `inner` with `held`'s writes held (publications, until `pass` is set).
+    fn held_store(inner: Arc<dyn KeyStore>, held: Address, fail: bool) -> DelegatingStore<Held> {
+        DelegatingStore::new(
+            inner,
+            Held {
+                held,
+                entered: Notify::new(),
+                release: Notify::new(),
+                fail,
+                pass: false.into(),
+                hold_deletes: false.into(),
+            },
+        )
     }
 
     /// A publication under way, on a task of its own.
@@ -3477,7 +3457,7 @@ mod gather {
 
     struct Bed {
         _dir: tempfile::TempDir,
-        held: Arc<HeldStore>,
+        held: Arc<DelegatingStore<Held>>,
         log: Arc<DomainLog>,
         store: Arc<TransparentStore>,
         alice: Address,
@@ -3490,15 +3470,11 @@ mod gather {
         let dir = tempfile::tempdir().unwrap();
         let alice = address("alice@gather.example");
         let bob = address("bob@gather.example");
-        let held = Arc::new(HeldStore {
-            inner: Arc::new(FsStore::open(dir.path()).await.unwrap()),
-            held: alice.clone(),
-            entered: Notify::new(),
-            release: Notify::new(),
+        let held = Arc::new(held_store(
+            Arc::new(FsStore::open(dir.path()).await.unwrap()),
+            alice.clone(),
             fail,
-            pass: false.into(),
-            hold_deletes: false.into(),
-        });
+        ));
         let log = Arc::new(
             DomainLog::open(
                 Arc::new(FsDirectoryStore::new(dir.path())),
@@ -3726,7 +3702,7 @@ mod gather {
         struct KstBed {
             _dir: tempfile::TempDir,
             _shared: Shared,
-            held: Arc<HeldStore>,
+            held: Arc<DelegatingStore<Held>>,
             /// The pool's instances (the first over `held`), taking requests in turn.
             pool: Vec<Kst>,
             turn: AtomicUsize,
@@ -3744,7 +3720,7 @@ mod gather {
         }
 
         /// kst serving example.net (no rate limits) over the fs store, whose writes of
-        /// alice's key are held as `HeldStore` says, with the directory's writer gathering
+        /// alice's key are held as `Held` says, with the directory's writer gathering
         /// an epoch for at most `gather`.
         async fn kst_bed(gather: Duration) -> KstBed {
             kst_pool(gather, 1, Shared::Fs).await
@@ -3791,15 +3767,7 @@ mod gather {
                     Shared::Fs => Arc::new(FsDirectoryStore::new(dir.path())) as _,
                 }
             };
-            let held = Arc::new(HeldStore {
-                inner: key_store().await,
-                held: alice.clone(),
-                entered: Notify::new(),
-                release: Notify::new(),
-                fail: false,
-                pass: false.into(),
-                hold_deletes: false.into(),
-            });
+            let held = Arc::new(held_store(key_store().await, alice.clone(), false));
             let keys = LogKeys::generate("example.net").to_file();
             let outbox = Arc::new(Outbox::default());
             let (mut pool, mut head_key) = (Vec::new(), [0; 32]);

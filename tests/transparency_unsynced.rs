@@ -22,12 +22,12 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use kst_core::conformance::{address, test_key};
-use kst_core::store::{KeyRecord, NewKey, PublishOutcome};
+use kst_core::store::{NewKey, PublishOutcome};
+use kst_core::testing::{DelegatingStore, StoreHooks};
 use kst_core::transparency::{
     DirectoryStore, DirectoryStoreError, DomainLog, LogKeys, RecordBatch, TransparentStore,
 };
-use kst_core::wkd::WkdHash;
-use kst_core::{Address, Fingerprint, KeyId, KeyStore, Result};
+use kst_core::{Address, KeyStore, Result};
 use kst_postgres::{PgDirectoryStore, PostgresStore};
 use kst_tests::TestDb;
 use sqlx::PgPool;
@@ -76,9 +76,8 @@ async fn flush_lsn(pool: &PgPool) -> u64 {
     .await
 }
 
-/// The real PostgreSQL key store, with its writes logged.
-struct WatchedStore {
-    inner: Arc<dyn KeyStore>,
+/// Over the real PostgreSQL key store: its writes logged.
+struct Watched {
     pool: PgPool,
     events: Events,
     /// When set, the next unsynced publication goes to this store instead (the old primary
@@ -87,22 +86,19 @@ struct WatchedStore {
 }
 
 #[async_trait]
-impl KeyStore for WatchedStore {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
-        let outcome = self.inner.publish(key).await?;
+impl StoreHooks for Watched {
+    async fn publish(&self, inner: &dyn KeyStore, key: NewKey) -> Result<PublishOutcome> {
+        let outcome = inner.publish(key).await?;
         let at = insert_lsn(&self.pool).await;
         self.events.lock().unwrap().push(Event::Published(at));
         Ok(outcome)
     }
-    async fn publish_unsynced(&self, key: NewKey) -> Result<PublishOutcome> {
+    async fn publish_unsynced(&self, inner: &dyn KeyStore, key: NewKey) -> Result<PublishOutcome> {
         let old_primary = self.old_primary.lock().unwrap().take();
         if let Some(old_primary) = old_primary {
             return old_primary.publish_unsynced(key).await;
         }
-        let outcome = self.inner.publish_unsynced(key).await?;
+        let outcome = inner.publish_unsynced(key).await?;
         let at = insert_lsn(&self.pool).await;
         self.events
             .lock()
@@ -110,38 +106,11 @@ impl KeyStore for WatchedStore {
             .push(Event::PublishedUnsynced(at));
         Ok(outcome)
     }
-    async fn sync_published(&self) -> Result<()> {
-        self.inner.sync_published().await?;
+    async fn sync_published(&self, inner: &dyn KeyStore) -> Result<()> {
+        inner.sync_published().await?;
         let at = flush_lsn(&self.pool).await;
         self.events.lock().unwrap().push(Event::Synced(at));
         Ok(())
-    }
-    async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
-        self.inner.get(address).await
-    }
-    async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
-        self.inner.history(address).await
-    }
-    async fn delete(&self, address: &Address) -> Result<bool> {
-        self.inner.delete(address).await
-    }
-    async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
-        self.inner.list(after, limit).await
-    }
-    async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
-        self.inner.restore(history).await
-    }
-    async fn find_by_fingerprint(&self, f: &Fingerprint, limit: usize) -> Result<Vec<KeyRecord>> {
-        self.inner.find_by_fingerprint(f, limit).await
-    }
-    async fn find_by_key_id(&self, k: &KeyId, limit: usize) -> Result<Vec<KeyRecord>> {
-        self.inner.find_by_key_id(k, limit).await
-    }
-    async fn find_by_wkd_hash(&self, domain: &str, hash: &WkdHash) -> Result<Option<KeyRecord>> {
-        self.inner.find_by_wkd_hash(domain, hash).await
-    }
-    async fn check(&self) -> Result<()> {
-        self.inner.check().await
     }
 }
 
@@ -260,7 +229,7 @@ impl DirectoryStore for WatchedDirectory {
 /// watched, and the `TransparentStore` over them.
 struct Instance {
     store: Arc<TransparentStore>,
-    watched: Arc<WatchedStore>,
+    watched: Arc<DelegatingStore<Watched>>,
     log: Arc<DomainLog>,
     directory: Arc<WatchedDirectory>,
     events: Events,
@@ -272,12 +241,14 @@ impl Instance {
         let events: Events = Arc::default();
         let pg = PostgresStore::connect(&db.url).await.unwrap();
         let pool = pg.inner().pool().clone();
-        let store = Arc::new(WatchedStore {
-            inner: Arc::new(pg),
-            pool: pool.clone(),
-            events: Arc::clone(&events),
-            old_primary: Mutex::new(None),
-        });
+        let store = Arc::new(DelegatingStore::new(
+            Arc::new(pg),
+            Watched {
+                pool: pool.clone(),
+                events: Arc::clone(&events),
+                old_primary: Mutex::new(None),
+            },
+        ));
         let watched = Arc::clone(&store);
         let directory = Arc::new(WatchedDirectory {
             inner: Arc::new(PgDirectoryStore::connect(&db.url, 4).await.unwrap()),

@@ -15,10 +15,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kst_bin::server::web::{StoreLookup, WebConfig, WebLimits, WebService, serve};
-use kst_core::wkd::WkdHash;
+use kst_core::testing::{DelegatingStore, StoreHooks};
 use kst_core::{
-    Address, AddressPolicy, Fingerprint, KeyId, KeyRecord, KeyStore, MemoryRateLimiter, NewKey,
-    PublishOutcome, Result,
+    Address, AddressPolicy, Fingerprint, KeyRecord, KeyStore, MemoryRateLimiter, NewKey, Result,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -62,9 +61,9 @@ async fn publish(store: &dyn KeyStore, address: &Address, name: &str) -> KeyReco
         .clone()
 }
 
-/// The real store, with the calls that reach it counted (for the figures printed).
+/// Over the real store: the calls that reach it counted (for the figures printed).
+#[derive(Default)]
 struct Counted {
-    inner: Arc<dyn KeyStore>,
     gets: AtomicUsize,
     batches: AtomicUsize,
     batched: AtomicUsize,
@@ -72,59 +71,25 @@ struct Counted {
 
 impl Counted {
     /// `store` with its calls counted from zero.
-    fn over(store: &Arc<dyn KeyStore>) -> Arc<Counted> {
-        Arc::new(Counted {
-            inner: Arc::clone(store),
-            gets: AtomicUsize::new(0),
-            batches: AtomicUsize::new(0),
-            batched: AtomicUsize::new(0),
-        })
+    fn over(store: &Arc<dyn KeyStore>) -> Arc<DelegatingStore<Counted>> {
+        Arc::new(DelegatingStore::new(Arc::clone(store), Counted::default()))
     }
 }
 
 #[async_trait]
-impl KeyStore for Counted {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
-        self.inner.publish(key).await
-    }
-    async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
+impl StoreHooks for Counted {
+    async fn get(&self, inner: &dyn KeyStore, address: &Address) -> Result<Option<KeyRecord>> {
         self.gets.fetch_add(1, Ordering::SeqCst);
-        self.inner.get(address).await
+        inner.get(address).await
     }
-    async fn get_many(&self, addresses: &[Address]) -> Result<Vec<Option<KeyRecord>>> {
+    async fn get_many(
+        &self,
+        inner: &dyn KeyStore,
+        addresses: &[Address],
+    ) -> Result<Vec<Option<KeyRecord>>> {
         self.batches.fetch_add(1, Ordering::SeqCst);
         self.batched.fetch_add(addresses.len(), Ordering::SeqCst);
-        self.inner.get_many(addresses).await
-    }
-    fn batches_reads(&self) -> bool {
-        self.inner.batches_reads()
-    }
-    async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
-        self.inner.history(address).await
-    }
-    async fn delete(&self, address: &Address) -> Result<bool> {
-        self.inner.delete(address).await
-    }
-    async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
-        self.inner.list(after, limit).await
-    }
-    async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
-        self.inner.restore(history).await
-    }
-    async fn find_by_fingerprint(&self, f: &Fingerprint, limit: usize) -> Result<Vec<KeyRecord>> {
-        self.inner.find_by_fingerprint(f, limit).await
-    }
-    async fn find_by_key_id(&self, k: &KeyId, limit: usize) -> Result<Vec<KeyRecord>> {
-        self.inner.find_by_key_id(k, limit).await
-    }
-    async fn find_by_wkd_hash(&self, domain: &str, hash: &WkdHash) -> Result<Option<KeyRecord>> {
-        self.inner.find_by_wkd_hash(domain, hash).await
-    }
-    async fn check(&self) -> Result<()> {
-        self.inner.check().await
+        inner.get_many(addresses).await
     }
 }
 

@@ -1245,6 +1245,20 @@ mod tests {
         assert!(check_consistency(&*store).await > 10);
     }
 
+    /// The tests' wrapper [`crate::testing::DelegatingStore`], taking over no call, keeps the
+    /// contract of the store it wraps: every call reaches the inner store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delegating_store_taking_over_nothing_conforms() {
+        let inner = Arc::new(MemoryStore::default());
+        let store = Arc::new(crate::testing::DelegatingStore::new(inner.clone(), ()));
+        assert_eq!(store.name(), "memory");
+        run_all(store.clone()).await;
+        assert!(
+            check_consistency(&*inner).await > 10,
+            "the suite's keys are in the inner store"
+        );
+    }
+
     #[test]
     fn test_keys_are_checkable() {
         let a = address("x@conformance.example");

@@ -19,14 +19,12 @@ use proptest::prelude::*;
 use crate::address::{Address, AddressPolicy};
 use crate::certificate::Certificate;
 use crate::error::{Error, Result};
-use crate::fingerprint::{Fingerprint, KeyId};
 use crate::merge::{MergeError, canonical, fit_budget, is_revoked, merge};
 use crate::publication::{PUBLISH_ATTEMPTS, publish_merged};
-use crate::reminder::{ReminderClaim, ReminderSettings, send_due};
+use crate::reminder::{ReminderSettings, send_due};
 use crate::store::{Expected, KeyRecord, KeyStore, NewKey, PublishOutcome};
-use crate::testing::{MemoryMailer, MemoryStore};
+use crate::testing::{DelegatingStore, MemoryMailer, MemoryStore, StoreHooks};
 use crate::validate::{DEFAULT_MAX_PUBLISHED_BYTES, KeyPolicy, validate};
-use crate::wkd::WkdHash;
 
 const DAY: u64 = 86_400;
 const ALICE: &str = "alice@example.net";
@@ -673,51 +671,21 @@ proptest! {
 
 // --- compare-and-set -----------------------------------------------------------------------
 
-/// A store on which every compare-and-set loses (another publisher is always first).
+/// A store on which every compare-and-set loses (another publisher is always first); every
+/// other call goes to a memory store.
 #[derive(Default)]
 struct AlwaysRaced {
-    inner: MemoryStore,
     publishes: AtomicUsize,
 }
 
 #[async_trait]
-impl KeyStore for AlwaysRaced {
-    fn name(&self) -> &'static str {
+impl StoreHooks for AlwaysRaced {
+    fn name(&self, _: &dyn KeyStore) -> &'static str {
         "always-raced"
     }
-    async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
+    async fn publish(&self, _: &dyn KeyStore, key: NewKey) -> Result<PublishOutcome> {
         self.publishes.fetch_add(1, Ordering::SeqCst);
         Err(key.expected.conflict(&key.address, Some(999)))
-    }
-    async fn claim_reminder(&self, claim: &ReminderClaim) -> Result<bool> {
-        self.inner.claim_reminder(claim).await
-    }
-    async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
-        self.inner.get(address).await
-    }
-    async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
-        self.inner.history(address).await
-    }
-    async fn delete(&self, address: &Address) -> Result<bool> {
-        self.inner.delete(address).await
-    }
-    async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
-        self.inner.list(after, limit).await
-    }
-    async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
-        self.inner.restore(history).await
-    }
-    async fn find_by_fingerprint(&self, f: &Fingerprint, limit: usize) -> Result<Vec<KeyRecord>> {
-        self.inner.find_by_fingerprint(f, limit).await
-    }
-    async fn find_by_key_id(&self, k: &KeyId, limit: usize) -> Result<Vec<KeyRecord>> {
-        self.inner.find_by_key_id(k, limit).await
-    }
-    async fn find_by_wkd_hash(&self, d: &str, h: &WkdHash) -> Result<Option<KeyRecord>> {
-        self.inner.find_by_wkd_hash(d, h).await
-    }
-    async fn check(&self) -> Result<()> {
-        Ok(())
     }
 }
 
@@ -726,7 +694,7 @@ impl KeyStore for AlwaysRaced {
 /// later), never a permanent refusal and never a lost message.
 #[tokio::test]
 async fn a_publication_that_always_loses_the_race_ends_temporary_and_bounded() {
-    let store = AlwaysRaced::default();
+    let store = DelegatingStore::new(Arc::new(MemoryStore::default()), AlwaysRaced::default());
     let armored = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/keys/merge-base.pub.asc"),
     )

@@ -1,12 +1,14 @@
-//! In-memory [`KeyStore`] and [`Mailer`] for tests and fuzzing (feature `testing`).
+//! In-memory [`KeyStore`] and [`Mailer`] for tests and fuzzing (feature `testing`), and
+//! [`DelegatingStore`], a wrapper around a real store whose tests take over only the calls they
+//! hold, count or watch.
 //!
 //! One copy for every user: kst-core's unit tests, the fuzz targets, and tests in other crates
 //! that need a store or mailer without a server. Not for production: the store keeps nothing
 //! across restarts. Production builds do not enable the feature.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
@@ -15,7 +17,11 @@ use crate::error::{Error, Result};
 use crate::fingerprint::{Fingerprint, KeyId};
 use crate::key_index::IndexEntries;
 use crate::mailer::{Delivery, Mailer, OutgoingMail};
-use crate::store::{KeyRecord, KeyStore, NewKey, PublishOutcome, validate_history};
+use crate::reminder::ReminderClaim;
+use crate::store::{
+    DeletedPage, KeyRecord, KeyStore, NewKey, PublishOutcome, WalkCursor, WalkPage,
+    validate_history,
+};
 use crate::wkd::WkdHash;
 
 /// A store in a mutex; `down` makes every call fail temporarily.
@@ -228,6 +234,255 @@ impl KeyStore for MemoryStore {
     }
     async fn check(&self) -> Result<()> {
         self.up()
+    }
+}
+
+/// The calls of a [`DelegatingStore`] a test takes over: each method is one [`KeyStore`] call,
+/// given the wrapped store as `inner`; its default passes the same call on to `inner`
+/// unchanged. A test implements only the calls it holds, counts, fails or watches, and keeps
+/// its own state (counters, notifications, switches) in the implementing type.
+///
+/// The defaults are independent of each other: `publish_unsynced`'s passes the call on to
+/// `inner.publish_unsynced`, not through this trait's `publish` (a test that watches every
+/// publication takes over both), and `get_many`'s to `inner.get_many`, not through `get`.
+/// `()` takes over nothing: a pure pass-through.
+#[async_trait]
+pub trait StoreHooks: Send + Sync {
+    /// [`KeyStore::name`].
+    fn name(&self, inner: &dyn KeyStore) -> &'static str {
+        inner.name()
+    }
+    /// [`KeyStore::publish`].
+    async fn publish(&self, inner: &dyn KeyStore, key: NewKey) -> Result<PublishOutcome> {
+        inner.publish(key).await
+    }
+    /// [`KeyStore::publish_unsynced`].
+    async fn publish_unsynced(&self, inner: &dyn KeyStore, key: NewKey) -> Result<PublishOutcome> {
+        inner.publish_unsynced(key).await
+    }
+    /// [`KeyStore::sync_published`].
+    async fn sync_published(&self, inner: &dyn KeyStore) -> Result<()> {
+        inner.sync_published().await
+    }
+    /// [`KeyStore::get`].
+    async fn get(&self, inner: &dyn KeyStore, address: &Address) -> Result<Option<KeyRecord>> {
+        inner.get(address).await
+    }
+    /// [`KeyStore::get_many`].
+    async fn get_many(
+        &self,
+        inner: &dyn KeyStore,
+        addresses: &[Address],
+    ) -> Result<Vec<Option<KeyRecord>>> {
+        inner.get_many(addresses).await
+    }
+    /// [`KeyStore::batches_reads`].
+    fn batches_reads(&self, inner: &dyn KeyStore) -> bool {
+        inner.batches_reads()
+    }
+    /// [`KeyStore::history`].
+    async fn history(&self, inner: &dyn KeyStore, address: &Address) -> Result<Vec<KeyRecord>> {
+        inner.history(address).await
+    }
+    /// [`KeyStore::delete`].
+    async fn delete(&self, inner: &dyn KeyStore, address: &Address) -> Result<bool> {
+        inner.delete(address).await
+    }
+    /// [`KeyStore::list`].
+    async fn list(
+        &self,
+        inner: &dyn KeyStore,
+        after: Option<&Address>,
+        limit: usize,
+    ) -> Result<Vec<Address>> {
+        inner.list(after, limit).await
+    }
+    /// [`KeyStore::list_page`].
+    async fn list_page(
+        &self,
+        inner: &dyn KeyStore,
+        cursor: Option<&WalkCursor>,
+        limit: usize,
+    ) -> Result<WalkPage> {
+        inner.list_page(cursor, limit).await
+    }
+    /// [`KeyStore::deleted_page`].
+    async fn deleted_page(
+        &self,
+        inner: &dyn KeyStore,
+        cursor: Option<&WalkCursor>,
+        limit: usize,
+    ) -> Result<DeletedPage> {
+        inner.deleted_page(cursor, limit).await
+    }
+    /// [`KeyStore::remember_deleted`].
+    async fn remember_deleted(
+        &self,
+        inner: &dyn KeyStore,
+        address: &Address,
+        publication_ids: &[String],
+    ) -> Result<()> {
+        inner.remember_deleted(address, publication_ids).await
+    }
+    /// [`KeyStore::restore`].
+    async fn restore(&self, inner: &dyn KeyStore, history: &[KeyRecord]) -> Result<()> {
+        inner.restore(history).await
+    }
+    /// [`KeyStore::find_by_fingerprint`].
+    async fn find_by_fingerprint(
+        &self,
+        inner: &dyn KeyStore,
+        fingerprint: &Fingerprint,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>> {
+        inner.find_by_fingerprint(fingerprint, limit).await
+    }
+    /// [`KeyStore::find_by_key_id`].
+    async fn find_by_key_id(
+        &self,
+        inner: &dyn KeyStore,
+        key_id: &KeyId,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>> {
+        inner.find_by_key_id(key_id, limit).await
+    }
+    /// [`KeyStore::find_by_wkd_hash`].
+    async fn find_by_wkd_hash(
+        &self,
+        inner: &dyn KeyStore,
+        domain: &str,
+        hash: &WkdHash,
+    ) -> Result<Option<KeyRecord>> {
+        inner.find_by_wkd_hash(domain, hash).await
+    }
+    /// [`KeyStore::rebuild_index`].
+    async fn rebuild_index(&self, inner: &dyn KeyStore) -> Result<u64> {
+        inner.rebuild_index().await
+    }
+    /// [`KeyStore::claim_reminder`].
+    async fn claim_reminder(&self, inner: &dyn KeyStore, claim: &ReminderClaim) -> Result<bool> {
+        inner.claim_reminder(claim).await
+    }
+    /// [`KeyStore::check`].
+    async fn check(&self, inner: &dyn KeyStore) -> Result<()> {
+        inner.check().await
+    }
+    /// [`KeyStore::topology`].
+    async fn topology(&self, inner: &dyn KeyStore) -> Result<Vec<(String, String)>> {
+        inner.topology().await
+    }
+}
+
+/// Takes over nothing: [`DelegatingStore`] over `()` passes every call on.
+impl StoreHooks for () {}
+
+/// A [`KeyStore`] for tests that wraps a real one: every call goes to the `hooks`' method of
+/// the same name ([`StoreHooks`]), which passes it on to the wrapped store unless the test
+/// took that call over (to hold it, count it, fail it or watch it). Dereferences to the hooks,
+/// so a test reads its counters and pulls its switches on the wrapper itself.
+pub struct DelegatingStore<H> {
+    inner: Arc<dyn KeyStore>,
+    hooks: H,
+}
+
+impl<H: StoreHooks> DelegatingStore<H> {
+    /// `inner` with the calls `hooks` takes over.
+    pub fn new(inner: Arc<dyn KeyStore>, hooks: H) -> Self {
+        DelegatingStore { inner, hooks }
+    }
+
+    /// The wrapped store (its calls bypass the hooks).
+    pub fn inner(&self) -> &Arc<dyn KeyStore> {
+        &self.inner
+    }
+
+    /// The hooks (also reached through `Deref`).
+    pub fn hooks(&self) -> &H {
+        &self.hooks
+    }
+}
+
+impl<H> std::ops::Deref for DelegatingStore<H> {
+    type Target = H;
+    fn deref(&self) -> &H {
+        &self.hooks
+    }
+}
+
+#[async_trait]
+impl<H: StoreHooks> KeyStore for DelegatingStore<H> {
+    fn name(&self) -> &'static str {
+        self.hooks.name(&*self.inner)
+    }
+    async fn publish(&self, key: NewKey) -> Result<PublishOutcome> {
+        self.hooks.publish(&*self.inner, key).await
+    }
+    async fn publish_unsynced(&self, key: NewKey) -> Result<PublishOutcome> {
+        self.hooks.publish_unsynced(&*self.inner, key).await
+    }
+    async fn sync_published(&self) -> Result<()> {
+        self.hooks.sync_published(&*self.inner).await
+    }
+    async fn get(&self, address: &Address) -> Result<Option<KeyRecord>> {
+        self.hooks.get(&*self.inner, address).await
+    }
+    async fn get_many(&self, addresses: &[Address]) -> Result<Vec<Option<KeyRecord>>> {
+        self.hooks.get_many(&*self.inner, addresses).await
+    }
+    fn batches_reads(&self) -> bool {
+        self.hooks.batches_reads(&*self.inner)
+    }
+    async fn history(&self, address: &Address) -> Result<Vec<KeyRecord>> {
+        self.hooks.history(&*self.inner, address).await
+    }
+    async fn delete(&self, address: &Address) -> Result<bool> {
+        self.hooks.delete(&*self.inner, address).await
+    }
+    async fn list(&self, after: Option<&Address>, limit: usize) -> Result<Vec<Address>> {
+        self.hooks.list(&*self.inner, after, limit).await
+    }
+    async fn list_page(&self, cursor: Option<&WalkCursor>, limit: usize) -> Result<WalkPage> {
+        self.hooks.list_page(&*self.inner, cursor, limit).await
+    }
+    async fn deleted_page(&self, cursor: Option<&WalkCursor>, limit: usize) -> Result<DeletedPage> {
+        self.hooks.deleted_page(&*self.inner, cursor, limit).await
+    }
+    async fn remember_deleted(&self, address: &Address, publication_ids: &[String]) -> Result<()> {
+        self.hooks
+            .remember_deleted(&*self.inner, address, publication_ids)
+            .await
+    }
+    async fn restore(&self, history: &[KeyRecord]) -> Result<()> {
+        self.hooks.restore(&*self.inner, history).await
+    }
+    async fn find_by_fingerprint(
+        &self,
+        fingerprint: &Fingerprint,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>> {
+        self.hooks
+            .find_by_fingerprint(&*self.inner, fingerprint, limit)
+            .await
+    }
+    async fn find_by_key_id(&self, key_id: &KeyId, limit: usize) -> Result<Vec<KeyRecord>> {
+        self.hooks.find_by_key_id(&*self.inner, key_id, limit).await
+    }
+    async fn find_by_wkd_hash(&self, domain: &str, hash: &WkdHash) -> Result<Option<KeyRecord>> {
+        self.hooks
+            .find_by_wkd_hash(&*self.inner, domain, hash)
+            .await
+    }
+    async fn rebuild_index(&self) -> Result<u64> {
+        self.hooks.rebuild_index(&*self.inner).await
+    }
+    async fn claim_reminder(&self, claim: &ReminderClaim) -> Result<bool> {
+        self.hooks.claim_reminder(&*self.inner, claim).await
+    }
+    async fn check(&self) -> Result<()> {
+        self.hooks.check(&*self.inner).await
+    }
+    async fn topology(&self) -> Result<Vec<(String, String)>> {
+        self.hooks.topology(&*self.inner).await
     }
 }
 

@@ -11,6 +11,9 @@
 //!                                          written (Linux's /proc/sys/kernel/random/boot_id)
 //! kt/<domain>/journal/spare-<nn>           a frame under the checkpoint kept for reuse (nn:
 //!                                          its epoch modulo 64; at most 1 MiB); never read
+//! kt/<domain>/journal/torn-<epoch>-<random> a torn frame set aside (its writer was killed
+//!                                          writing it); never read, kept for an operator,
+//!                                          the newest 16 only (`set_aside`)
 //! ```
 //!
 //! A frame under the checkpoint is not removed but renamed to the spare of its slot, and the
@@ -329,11 +332,18 @@ fn unreadable(batch: &RecordBatch, len: usize) -> Option<String> {
         .map(|n| format!("a record of {n} bytes, over {MAX_RECORD}"))
 }
 
+/// How many torn frames [`set_aside`] keeps in `journal/` (the one it sets aside and the
+/// newest others); older ones are removed, so that a full disk, or a pool whose writers keep
+/// being killed inside their frames' writes, does not pile them up without bound.
+pub(crate) const TORN_KEPT: usize = 16;
+
 /// Under the domain's lock, when `epoch`'s frame is no whole frame ([`read_frame`] found
 /// none): moves the file there, if any, out of the journal's frames to
 /// `journal/torn-<epoch>-<random>` (kept for an operator, never read again); returns that
 /// name. Its writer was killed writing it, before its commit point (the frame's sync), so it
-/// was never confirmed.
+/// was never confirmed. Then keeps at most [`TORN_KEPT`] torn frames ([`prune_torn`]): the
+/// older ones are removed, each logged; one that cannot be removed is logged and left (the
+/// set-aside stands).
 pub(crate) fn set_aside(dir: &Path, epoch: u64) -> Result<Option<PathBuf>, DirectoryStoreError> {
     let path = frame_path(dir, epoch);
     if !path.exists() {
@@ -341,10 +351,61 @@ pub(crate) fn set_aside(dir: &Path, epoch: u64) -> Result<Option<PathBuf>, Direc
     }
     let aside = journal_dir(dir).join(format!("torn-{epoch:020}-{:016x}", rand_suffix()));
     match std::fs::rename(&path, &aside) {
-        Ok(()) => Ok(Some(aside)),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(unavailable("set aside", &path, e)),
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(unavailable("set aside", &path, e)),
     }
+    if let Err(e) = prune_torn(dir, &aside, TORN_KEPT) {
+        tracing::warn!(dir = %journal_dir(dir).display(), error = %e, "key directory: could not remove old torn journal frames; they stay until the next frame is set aside (remove old journal/torn-* files by hand if the disk is full)");
+    }
+    Ok(Some(aside))
+}
+
+/// Removes the oldest torn frames of `journal/` (`torn-<epoch>-<random>`, older: a lower
+/// epoch, then an older modification time, then the name) until at most `keep` are left,
+/// never `newest` (the one just set aside); each removal is logged. Returns the paths
+/// removed. Files whose names do not parse as a torn frame's are left alone.
+fn prune_torn(dir: &Path, newest: &Path, keep: usize) -> std::io::Result<Vec<PathBuf>> {
+    let mut torn = Vec::new();
+    for entry in std::fs::read_dir(journal_dir(dir))? {
+        let entry = entry?;
+        let path = entry.path();
+        if path == newest {
+            continue;
+        }
+        let name = entry.file_name();
+        let Some(epoch) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("torn-"))
+            .and_then(|n| n.split_once('-'))
+            .filter(|(e, _)| e.len() == 20)
+            .and_then(|(e, _)| e.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let modified = match entry.metadata().and_then(|m| m.modified()) {
+            Ok(t) => t,
+            // Removed meanwhile (by another process's pruning): nothing to count.
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        torn.push((epoch, modified, path));
+    }
+    // `newest` is one of the kept.
+    let excess = (torn.len() + 1).saturating_sub(keep.max(1));
+    torn.sort();
+    let mut removed = Vec::with_capacity(excess);
+    for (_, _, path) in torn.into_iter().take(excess) {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::info!(file = %path.display(), kept = keep, "key directory: removed an old torn journal frame (only the newest are kept)");
+                removed.push(path);
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
 }
 
 /// A suffix no other temporary name of this process or another one has.
@@ -640,6 +701,98 @@ mod tests {
             .push((vec![2, 0, 0, 1, 0, 9], vec![1; MAX_RECORD]));
         write_frame(dir, &at_max).unwrap();
         assert_eq!(read_frame(dir, 8).unwrap(), Some(at_max));
+    }
+
+    /// The names of the torn frames in `dir`'s journal, sorted.
+    fn torn_names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(journal_dir(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("torn-"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A pool whose writers keep being killed inside their frames' writes (or a full disk)
+    /// leaves a torn frame per try: the journal keeps the newest [`TORN_KEPT`] (by epoch),
+    /// the one just set aside always among them, each with its bytes.
+    #[test]
+    fn torn_frames_set_aside_are_bounded_to_the_newest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        start(dir, 0).unwrap();
+        // Writers killed at epochs 1 to 10, then ten times at epoch 11.
+        let epochs: Vec<u64> = (1..=10).chain(std::iter::repeat_n(11, 10)).collect();
+        let mut set_aside_names = Vec::new();
+        for (i, &epoch) in epochs.iter().enumerate() {
+            std::fs::write(frame_path(dir, epoch), format!("torn frame {i}")).unwrap();
+            let aside = set_aside(dir, epoch)
+                .unwrap()
+                .expect("a frame to set aside");
+            assert!(!frame_path(dir, epoch).exists());
+            let name = aside.file_name().unwrap().to_str().unwrap().to_string();
+            assert!(name.starts_with(&format!("torn-{epoch:020}-")), "{name}");
+            let names = torn_names(dir);
+            assert!(names.contains(&name), "try {i}: {name} kept, in {names:?}");
+            assert_eq!(names.len(), (i + 1).min(TORN_KEPT), "try {i}: {names:?}");
+            set_aside_names.push(name);
+        }
+        // 20 set aside, 16 kept: the oldest four epochs (1 to 4) are gone.
+        let mut want = set_aside_names[epochs.len() - TORN_KEPT..].to_vec();
+        want.sort();
+        assert_eq!(torn_names(dir), want);
+        for (i, name) in set_aside_names.iter().enumerate() {
+            let bytes = std::fs::read(journal_dir(dir).join(name));
+            if i < epochs.len() - TORN_KEPT {
+                assert!(bytes.is_err(), "{name} removed");
+            } else {
+                assert_eq!(bytes.unwrap(), format!("torn frame {i}").into_bytes());
+            }
+        }
+        // The journal's other files are untouched.
+        assert_eq!(checkpoint(dir).unwrap(), Some(0));
+    }
+
+    /// Torn frames of one epoch (a pool's writers killed again and again at the same epoch)
+    /// go oldest first by modification time, whatever their names' order; a file whose name
+    /// is no torn frame's is left alone.
+    #[test]
+    fn torn_frames_of_one_epoch_go_oldest_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        start(dir, 0).unwrap();
+        let journal = journal_dir(dir);
+        // TORN_KEPT older ones, their names in the reverse order of their times.
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for i in 0..TORN_KEPT as u64 {
+            let path = journal.join(format!("torn-{:020}-{:016x}", 3, 1000 - i));
+            std::fs::write(&path, b"old torn frame").unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(t0 + std::time::Duration::from_secs(i))
+                .unwrap();
+        }
+        std::fs::write(journal.join("torn-notes"), b"an operator's").unwrap();
+        std::fs::write(frame_path(dir, 3), b"torn again").unwrap();
+        let aside = set_aside(dir, 3).unwrap().expect("a frame to set aside");
+        let names = torn_names(dir);
+        assert_eq!(names.len(), TORN_KEPT + 1, "{names:?}");
+        // The oldest by time (the highest name) is gone; the newest by name stays.
+        let oldest = format!("torn-{:020}-{:016x}", 3, 1000);
+        assert!(!names.contains(&oldest), "{names:?}");
+        assert!(names.contains(&format!(
+            "torn-{:020}-{:016x}",
+            3,
+            1000 - (TORN_KEPT as u64 - 1)
+        )));
+        assert!(aside.exists());
+        assert_eq!(
+            std::fs::read(journal.join("torn-notes")).unwrap(),
+            b"an operator's"
+        );
     }
 
     #[test]
