@@ -27,7 +27,11 @@
 //!   --transparency --log-key HEX` offers version 3, `kst deliver` puts the directory's answer
 //!   inside the HMAC-covered reply, and the client checks it. A reply whose answer an attacker
 //!   on the reply's path stripped, or swapped for one captured from an earlier reply, is exit
-//!   5; so is the insider's key behind the directory's back, and a wrong head key.
+//!   5; so is a wrong head key. The insider's key behind the directory's back is never served
+//!   in version 3 (the version the directory proves is).
+//! - `gather::replies`: version 3 replies through `Kst::handle` racing changes of their
+//!   address (a publication held before its epoch, a newer publication recorded first, a
+//!   deletion waiting for its epoch, a red-team stream): every reply passes the client's check.
 //! - `rt18_a_head_refused_for_its_witnesses_is_never_remembered`: a fork no witness cosigned
 //!   is refused and not remembered, so the honest directory still passes (the other rt18
 //!   red-team tests are in tests/transparency_redteam.rs).
@@ -2859,8 +2863,11 @@ fn replies_carry_the_proof_in_version_3() {
         }
     }
 
-    // The insider's twin in the store behind the directory's back: the version 3 reply
-    // carries the directory's answer, which commits to alice's key, not the twin: exit 5.
+    // The insider's twin in the store behind the directory's back: a version 3 reply serves
+    // the version the directory's answer proves (alice's key, from the store's history),
+    // never the twin the directory does not hold. (Before, it served the twin with the
+    // answer about alice's key, and the client reported exit 5; the client's check is as
+    // strict as before: `gather::replies`.)
     let twin_gpg = Gpg::new();
     let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
     provider.publish("sendmail-no-log", "alice@example.net", &twin.public_armored);
@@ -2869,12 +2876,9 @@ fn replies_carry_the_proof_in_version_3() {
         "bob@example.net",
         &["retrieve", "alice@example.net"],
     );
-    expect(&out, &v, 5, "attack");
-    let error = v["error"].as_str().unwrap_or_default();
-    assert!(
-        error.contains("not the one the directory commits to"),
-        "{error}"
-    );
+    expect(&out, &v, 0, "found");
+    assert_eq!(v["fingerprint"], alice.fingerprint.as_str());
+    assert_ne!(v["fingerprint"], twin.fingerprint.as_str());
 
     // Alice republishes and then deletes in version 3; "not found" is proven by the deletion.
     let (out, v) = run("sendmail", "alice@example.net", &["publish", "--key", file]);
@@ -3376,30 +3380,76 @@ mod gather {
 
     /// Over the fs key store: a publication of `held` waits inside its store write (after
     /// the write) until `release`, then returns what it wrote or, with `fail`, an error.
+    /// While `pass` is set, publications are not held; with `hold_deletes`, a deletion of
+    /// `held` waits the same way after its store write.
     struct Held {
         held: Address,
         entered: Notify,
         release: Notify,
         fail: bool,
+        pass: std::sync::atomic::AtomicBool,
+        hold_deletes: std::sync::atomic::AtomicBool,
+    }
+
+    impl Held {
+        /// Waits for `release` after `address`'s store write when it is held.
+        async fn hold(&self, address: &Address, hold: bool) -> Result<()> {
+            if *address != self.held || !hold {
+                return Ok(());
+            }
+            self.entered.notify_one();
+            self.release.notified().await;
+            if self.fail {
+                return Err(Error::unavailable(
+                    kst_core::Component::other("held store"),
+                    "made to fail by the test",
+                ));
+            }
+            Ok(())
+        }
     }
 
     #[async_trait]
     impl StoreHooks for Held {
         async fn publish(&self, inner: &dyn KeyStore, key: NewKey) -> Result<PublishOutcome> {
-            let held = key.address == self.held;
+            let address = key.address.clone();
             let outcome = inner.publish(key).await?;
-            if held {
-                self.entered.notify_one();
-                self.release.notified().await;
-                if self.fail {
-                    return Err(Error::unavailable(
-                        kst_core::Component::other("held store"),
-                        "made to fail by the test",
-                    ));
-                }
-            }
+            let hold = !self.pass.load(std::sync::atomic::Ordering::SeqCst);
+            self.hold(&address, hold).await?;
             Ok(outcome)
         }
+        async fn publish_unsynced(
+            &self,
+            inner: &dyn KeyStore,
+            key: NewKey,
+        ) -> Result<PublishOutcome> {
+            let address = key.address.clone();
+            let outcome = inner.publish_unsynced(key).await?;
+            let hold = !self.pass.load(std::sync::atomic::Ordering::SeqCst);
+            self.hold(&address, hold).await?;
+            Ok(outcome)
+        }
+        async fn delete(&self, inner: &dyn KeyStore, address: &Address) -> Result<bool> {
+            let deleted = inner.delete(address).await?;
+            let hold = self.hold_deletes.load(std::sync::atomic::Ordering::SeqCst);
+            self.hold(address, hold).await?;
+            Ok(deleted)
+        }
+    }
+
+    /// `inner` with `held`'s writes held (publications, until `pass` is set).
+    fn held_store(inner: Arc<dyn KeyStore>, held: Address, fail: bool) -> DelegatingStore<Held> {
+        DelegatingStore::new(
+            inner,
+            Held {
+                held,
+                entered: Notify::new(),
+                release: Notify::new(),
+                fail,
+                pass: false.into(),
+                hold_deletes: false.into(),
+            },
+        )
     }
 
     /// A publication under way, on a task of its own.
@@ -3420,14 +3470,10 @@ mod gather {
         let dir = tempfile::tempdir().unwrap();
         let alice = address("alice@gather.example");
         let bob = address("bob@gather.example");
-        let held = Arc::new(DelegatingStore::new(
+        let held = Arc::new(held_store(
             Arc::new(FsStore::open(dir.path()).await.unwrap()),
-            Held {
-                held: alice.clone(),
-                entered: Notify::new(),
-                release: Notify::new(),
-                fail,
-            },
+            alice.clone(),
+            fail,
         ));
         let log = Arc::new(
             DomainLog::open(
@@ -3593,5 +3639,763 @@ mod gather {
         );
         assert!(!bob.is_finished(), "bob's epoch still waits");
         bed.both_in_one_epoch(alice, bob).await;
+    }
+
+    /// Version 3 replies through kst's service (`Kst::handle`, the path `kst deliver` and
+    /// LMTP take) over a `TransparentStore` on the fs store with a real log, about an address
+    /// whose changes race the reply (docs/PROTOCOL.md, "Versions": the reply's key and its
+    /// answer agree by construction). Every reply is checked as `kst client --transparency`
+    /// checks it: the HMAC over the answer (`verify_reply_with_answer`), then the answer
+    /// against the head key and the key served (`LogAnswer::verify`).
+    mod replies {
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use kst_core::client::{self, Pending, Verified};
+        use kst_core::ratelimit::RateLimits;
+        use kst_core::service::{Decision, Envelope, HandleError, Handled, Kst, Silence};
+        use kst_core::transparency::answer::{LogAnswer, Served};
+        use kst_core::transparency::entry::DirectoryEntry;
+        use kst_core::{Delivery, Mailer, OutgoingMail, Policy};
+
+        use super::*;
+
+        /// A gpg-made key for alice@example.net (kst-core/testdata/keys): `lifecycle-v1`,
+        /// `-v2` and `-revoked` are one primary key's versions, `alice` another primary key.
+        fn key(name: &str) -> String {
+            let dir =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../kst-core/testdata/keys");
+            std::fs::read_to_string(dir.join(format!("{name}.pub.asc"))).expect("fixture")
+        }
+
+        /// Keeps every reply.
+        #[derive(Default)]
+        struct Outbox(Mutex<Vec<OutgoingMail>>);
+
+        #[async_trait]
+        impl Mailer for Outbox {
+            fn name(&self) -> &'static str {
+                "outbox"
+            }
+            async fn send(&self, mail: &OutgoingMail) -> Result<Delivery> {
+                self.0.lock().unwrap().push(mail.clone());
+                Ok(Delivery::Sent)
+            }
+            async fn check(&self) -> Result<()> {
+                Ok(())
+            }
+        }
+
+        impl Outbox {
+            /// The reply to `pending`, if one was sent.
+            fn reply_to(&self, pending: &Pending) -> Option<Vec<u8>> {
+                let id = pending.message_id.as_bytes();
+                self.0
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|m| m.message.windows(id.len()).any(|w| w == id))
+                    .map(|m| m.message.clone())
+            }
+        }
+
+        struct KstBed {
+            _dir: tempfile::TempDir,
+            _shared: Shared,
+            held: Arc<DelegatingStore<Held>>,
+            /// The pool's instances (the first over `held`), taking requests in turn.
+            pool: Vec<Kst>,
+            turn: AtomicUsize,
+            outbox: Arc<Outbox>,
+            head_key: [u8; 32],
+            head_hex: String,
+            alice: Address,
+        }
+
+        /// What a checked reply said, and the directory entry its answer proves.
+        #[derive(Debug)]
+        struct Checked {
+            verified: Verified,
+            entry: Option<DirectoryEntry>,
+        }
+
+        /// kst serving example.net (no rate limits) over the fs store, whose writes of
+        /// alice's key are held as `Held` says, with the directory's writer gathering
+        /// an epoch for at most `gather`.
+        async fn kst_bed(gather: Duration) -> KstBed {
+            kst_pool(gather, 1, Shared::Fs).await
+        }
+
+        /// Where a pool's key store and directory are.
+        enum Shared {
+            /// A fresh fs store.
+            Fs,
+            /// A fresh PostgreSQL database.
+            Postgres(TestDb),
+            /// A fresh key prefix on the shared Redis.
+            Redis(TestPrefix),
+        }
+
+        /// [`kst_bed`] as a pool of `instances` processes' worth of kst on one fs store and
+        /// its directory (each its own key store handle, directory store, log and writer,
+        /// with the same log keys), or on PostgreSQL as kst-bin wires it (each instance its
+        /// pools; the keys commit unsynced, covered by the epoch's commit), or on Redis (each
+        /// instance its connection); only the first one's writes are held.
+        async fn kst_pool(gather: Duration, instances: usize, shared: Shared) -> KstBed {
+            let dir = tempfile::tempdir().unwrap();
+            let alice = address("alice@example.net");
+            let redis = async |p: &TestPrefix| {
+                RedisStore::connect(&p.url, &p.prefix)
+                    .await
+                    .expect("Redis store")
+            };
+            let key_store = async || -> Arc<dyn KeyStore> {
+                match &shared {
+                    Shared::Postgres(db) => {
+                        Arc::new(PostgresStore::connect(&db.url).await.unwrap()) as _
+                    }
+                    Shared::Redis(p) => Arc::new(redis(p).await) as _,
+                    Shared::Fs => Arc::new(FsStore::open(dir.path()).await.unwrap()) as _,
+                }
+            };
+            let directory = async || -> Arc<dyn DirectoryStore> {
+                match &shared {
+                    Shared::Postgres(db) => {
+                        Arc::new(PgDirectoryStore::connect(&db.url, 4).await.unwrap()) as _
+                    }
+                    Shared::Redis(p) => Arc::new(redis(p).await.inner().directory()) as _,
+                    Shared::Fs => Arc::new(FsDirectoryStore::new(dir.path())) as _,
+                }
+            };
+            let held = Arc::new(held_store(key_store().await, alice.clone(), false));
+            let keys = LogKeys::generate("example.net").to_file();
+            let outbox = Arc::new(Outbox::default());
+            let (mut pool, mut head_key) = (Vec::new(), [0; 32]);
+            for i in 0..instances {
+                let log = Arc::new(
+                    DomainLog::open(directory().await, LogKeys::parse(&keys).unwrap())
+                        .await
+                        .unwrap()
+                        .with_gather(gather),
+                );
+                head_key = log.head_public_key();
+                let keys: Arc<dyn KeyStore> = match i {
+                    0 => Arc::clone(&held) as Arc<dyn KeyStore>,
+                    _ => key_store().await,
+                };
+                let mut store = TransparentStore::new(keys, vec![log]);
+                if matches!(shared, Shared::Postgres(_)) {
+                    store = store.with_unsynced_publications();
+                }
+                let store = Arc::new(store);
+                let mut policy = Policy::new(&["example.net"], &["mail.example.net"]);
+                policy.rate_limits = RateLimits::OFF;
+                pool.push(Kst::new(policy, store.clone(), outbox.clone()).with_log_answers(store));
+            }
+            KstBed {
+                _dir: dir,
+                _shared: shared,
+                held,
+                pool,
+                turn: AtomicUsize::new(0),
+                outbox,
+                head_key,
+                head_hex: head_key.iter().map(|b| format!("{b:02x}")).collect(),
+                alice,
+            }
+        }
+
+        fn envelope(sender: &str) -> Envelope {
+            Envelope {
+                sender: Some(sender.into()),
+                recipient: "keys@example.net".into(),
+                sasl_username: None,
+            }
+        }
+
+        /// A request under way: its pending state and kst's handling of it.
+        type Handling = (
+            Pending,
+            tokio::task::JoinHandle<std::result::Result<Handled, HandleError>>,
+        );
+
+        impl KstBed {
+            /// Hands `raw` from `sender` to kst on a task of its own.
+            fn handle(&self, sender: &str, pending: Pending, raw: Vec<u8>) -> Handling {
+                let turn = self.turn.fetch_add(1, Ordering::SeqCst);
+                let kst = self.pool[turn % self.pool.len()].clone();
+                let env = envelope(sender);
+                (
+                    pending,
+                    tokio::spawn(async move { kst.handle(&env, &raw).await }),
+                )
+            }
+
+            /// Alice publishes the key `name` in version 3, as her provider's MTA delivers it.
+            fn publish(&self, name: &str) -> Handling {
+                let req =
+                    client::build_publication_with(&self.alice, &key(name), Some(&self.head_hex))
+                        .unwrap();
+                let mut raw =
+                    kst_tests::received_authenticated("alice@example.net", "mail.example.net")
+                        .into_bytes();
+                raw.extend_from_slice(&req.message);
+                self.handle("alice@example.net", req.pending, raw)
+            }
+
+            /// Alice's publication of `name`, started and held inside its key store write.
+            async fn publish_held(&self, name: &str) -> Handling {
+                let handling = self.publish(name);
+                self.held.entered.notified().await;
+                handling
+            }
+
+            /// Alice deletes her key in version 3.
+            fn delete(&self) -> Handling {
+                let req = client::build_deletion_with(&self.alice, Some(&self.head_hex));
+                let mut raw =
+                    kst_tests::received_authenticated("alice@example.net", "mail.example.net")
+                        .into_bytes();
+                raw.extend_from_slice(&req.message);
+                self.handle("alice@example.net", req.pending, raw)
+            }
+
+            /// Carol asks for alice's key in version 3.
+            fn retrieve(&self) -> Handling {
+                let req = client::build_retrieval_with(
+                    &address("carol@acme.net"),
+                    &self.alice,
+                    Some(&self.head_hex),
+                );
+                self.handle("carol@acme.net", req.pending, req.message)
+            }
+
+            /// The reply to `pending`, checked as the client checks it; panics on any failure
+            /// (the client's exit 5).
+            async fn check(&self, pending: &Pending) -> Checked {
+                let raw = self.outbox.reply_to(pending).expect("a reply was sent");
+                let reply = client::verify_reply_with_answer(pending, &raw)
+                    .unwrap_or_else(|e| panic!("the reply's HMAC: {e}"));
+                let text = reply
+                    .log_answer
+                    .expect("a version 3 reply carries the answer");
+                let answer = LogAnswer::parse(&text).unwrap();
+                let packets = match &reply.verified {
+                    Verified::Published { armored, .. } | Verified::Found { armored, .. } => {
+                        Some(kst_core::openpgp::dearmor_public_key(armored, 1 << 20).unwrap())
+                    }
+                    Verified::NotFound { .. } | Verified::Deleted { .. } => None,
+                    other => panic!("not an answer about the address: {other:?}"),
+                };
+                let served = packets.as_deref().map_or(Served::Nothing, Served::Key);
+                let entry = answer
+                    .verify(&self.head_key, &self.alice, served)
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("the client calls this reply an attack (exit 5): {e}")
+                    });
+                Checked {
+                    verified: reply.verified,
+                    entry,
+                }
+            }
+
+            /// Waits for `handling` and checks its reply.
+            async fn answered(&self, handling: Handling) -> Checked {
+                let (pending, task) = handling;
+                let handled = finished(task).await.unwrap();
+                assert!(handled.reply.is_some(), "{handled:?}");
+                self.check(&pending).await
+            }
+
+            /// The version of alice's current record in the key store.
+            async fn stored_version(&self) -> Option<u64> {
+                self.held.get(&self.alice).await.unwrap().map(|r| r.version)
+            }
+        }
+
+        fn fingerprint_of(checked: &Checked) -> &str {
+            match &checked.verified {
+                Verified::Published { fingerprint, .. } | Verified::Found { fingerprint, .. } => {
+                    fingerprint
+                }
+                other => panic!("no key: {other:?}"),
+            }
+        }
+
+        /// A retrieval made while a publication of the address waits between its key store
+        /// write and the epoch that records it: the store already holds the new key, the
+        /// directory proves the version before (or absence). The reply serves what the answer
+        /// proves, and the client accepts it. Before: the reply served the store's new key
+        /// with the answer about the old one, and the client reported an attack (exit 5).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_retrieval_racing_a_publication_serves_what_the_answer_proves() {
+            let bed = kst_bed(Duration::ZERO).await;
+            // Alice's first key, in the store and not yet in the directory: "not found",
+            // proven by absence.
+            let first = bed.publish_held("lifecycle-v1").await;
+            assert_eq!(bed.stored_version().await, Some(1));
+            let (pending, retrieving) = bed.retrieve();
+            let carol = bed.answered((pending.clone(), retrieving)).await;
+            assert!(
+                matches!(carol.verified, Verified::NotFound { .. }),
+                "{carol:?}"
+            );
+            assert_eq!(carol.entry, None, "absent from the directory");
+            // What kst sent before, the store's new key with that answer, is exit 5: the
+            // client's check is as strict as ever.
+            let raw = bed.outbox.reply_to(&pending).unwrap();
+            let text = client::verify_reply_with_answer(&pending, &raw)
+                .unwrap()
+                .log_answer
+                .unwrap();
+            let stored = bed.held.get(&bed.alice).await.unwrap().unwrap();
+            let refused = LogAnswer::parse(&text)
+                .unwrap()
+                .verify(&bed.head_key, &bed.alice, Served::Key(&stored.key))
+                .await;
+            assert!(refused.is_err(), "{refused:?}");
+            bed.held.release.notify_one();
+            let alice = bed.answered(first).await;
+            assert_eq!(alice.entry.as_ref().unwrap().version, 1);
+
+            // Her update, in the store and not yet in the directory: version 1 is served.
+            let update = bed.publish_held("lifecycle-v2").await;
+            assert_eq!(bed.stored_version().await, Some(2));
+            let carol = bed.answered(bed.retrieve()).await;
+            assert_eq!(carol.entry.as_ref().unwrap().version, 1, "{carol:?}");
+            assert_eq!(fingerprint_of(&carol), fingerprint_of(&alice));
+            bed.held.release.notify_one();
+            let alice = bed.answered(update).await;
+            assert_eq!(alice.entry.as_ref().unwrap().version, 2);
+            // Once recorded, version 2 is served.
+            let carol = bed.answered(bed.retrieve()).await;
+            assert_eq!(carol.entry.as_ref().unwrap().version, 2, "{carol:?}");
+        }
+
+        /// A publication's confirmation raced by a newer publication of the address, recorded
+        /// first: the directory proves only the newer version. Of the same primary key (it
+        /// holds the older one merged), the confirmation carries it, as a redelivery's does;
+        /// of another primary key, nothing is sent (`superseded`): no confirmation of the
+        /// older key can be proven, and the newer one's is the owner's last word. Before: the
+        /// confirmation carried the older key with the answer about the newer one: exit 5.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_confirmation_raced_by_a_newer_publication_is_proven_or_not_sent() {
+            let bed = kst_bed(Duration::ZERO).await;
+            let older = bed.publish_held("lifecycle-v1").await;
+            bed.held.pass.store(true, Ordering::SeqCst);
+            let newer = bed.answered(bed.publish("lifecycle-v2")).await;
+            assert_eq!(newer.entry.as_ref().unwrap().version, 2);
+            bed.held.release.notify_one();
+            let confirmed = bed.answered(older).await;
+            assert_eq!(
+                confirmed.entry.as_ref().unwrap().version,
+                2,
+                "{confirmed:?}"
+            );
+            assert_eq!(fingerprint_of(&confirmed), fingerprint_of(&newer));
+
+            // Another primary key published while the revocation of the first waits.
+            bed.held.pass.store(false, Ordering::SeqCst);
+            let (pending, revoking) = bed.publish_held("lifecycle-revoked").await;
+            bed.held.pass.store(true, Ordering::SeqCst);
+            let other = bed.answered(bed.publish("alice")).await;
+            assert_ne!(fingerprint_of(&other), fingerprint_of(&newer));
+            assert_eq!(other.entry.as_ref().unwrap().version, 4);
+            bed.held.release.notify_one();
+            let handled = finished(revoking).await.unwrap();
+            assert_eq!(handled.decision, Decision::Ignored(Silence::Superseded));
+            assert!(bed.outbox.reply_to(&pending).is_none(), "no reply");
+            assert_eq!(bed.stored_version().await, Some(4), "nothing undone");
+        }
+
+        /// A deletion held between its key store write and its epoch: a retrieval meanwhile
+        /// cannot serve the key the directory still proves (the store no longer has it), so it
+        /// is a temporary failure, nothing sent (the MTA delivers it again); and a publication
+        /// made before the deletion's reply leaves that reply unsent (`superseded`).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_deletion_racing_a_retrieval_and_a_publication() {
+            let bed = kst_bed(Duration::ZERO).await;
+            bed.held.pass.store(true, Ordering::SeqCst);
+            bed.answered(bed.publish("lifecycle-v1")).await;
+            bed.held.hold_deletes.store(true, Ordering::SeqCst);
+            let (pending, deleting) = bed.delete();
+            bed.held.entered.notified().await;
+            assert_eq!(bed.stored_version().await, None);
+            let (carol, retrieving) = bed.retrieve();
+            match finished(retrieving).await {
+                Err(HandleError::Temporary(e)) => {
+                    assert!(e.is_temporary(), "{e}");
+                    assert!(e.to_string().contains("does not hold"), "{e}");
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(bed.outbox.reply_to(&carol).is_none(), "no reply");
+            // A publication while the deletion waits, recorded first.
+            let again = bed.answered(bed.publish("alice")).await;
+            assert!(matches!(again.verified, Verified::Published { .. }));
+            bed.held.release.notify_one();
+            let handled = finished(deleting).await.unwrap();
+            assert_eq!(handled.decision, Decision::Ignored(Silence::Superseded));
+            assert!(bed.outbox.reply_to(&pending).is_none(), "no reply");
+            let carol = bed.answered(bed.retrieve()).await;
+            assert_eq!(fingerprint_of(&carol), fingerprint_of(&again));
+        }
+
+        /// Red team: a stream of changes of one address (two owners' clients publishing
+        /// two primary keys and their versions, and deleting, at once) while three clients
+        /// retrieve it without pause, the directory gathering epochs for 2 ms. Every reply is
+        /// one the client accepts; the rest are temporary failures (nothing sent) or
+        /// confirmations left unsent because a newer change superseded them. Never a wrong
+        /// key, never exit 5.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn rt_replies_racing_a_stream_of_changes_are_all_proven() {
+            stream_of_changes(kst_bed(Duration::from_millis(2)).await).await;
+        }
+
+        /// The same across a pool: two instances on one fs store and directory take the
+        /// requests in turn, so a reply's answer is often read by another process's log than
+        /// the one that recorded the change, and the store by another handle.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn rt_replies_racing_a_stream_of_changes_across_a_pool_are_all_proven() {
+            stream_of_changes(kst_pool(Duration::from_millis(2), 2, Shared::Fs).await).await;
+        }
+
+        /// The same across a pool on PostgreSQL (a fresh database), as kst-bin wires it: the
+        /// keys commit unsynced, covered by the epoch's commit.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn rt_replies_racing_a_stream_of_changes_on_postgres_are_all_proven() {
+            let db = Shared::Postgres(TestDb::new());
+            stream_of_changes(kst_pool(Duration::from_millis(2), 2, db).await).await;
+        }
+
+        /// The same across a pool on Redis (a fresh key prefix).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn rt_replies_racing_a_stream_of_changes_on_redis_are_all_proven() {
+            let prefix = Shared::Redis(TestPrefix::new());
+            stream_of_changes(kst_pool(Duration::from_millis(2), 2, prefix).await).await;
+        }
+
+        /// The red team's stream: 24 changes by two owners' clients, three readers.
+        async fn stream_of_changes(bed: KstBed) {
+            let bed = Arc::new(bed);
+            bed.held.pass.store(true, Ordering::SeqCst);
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let counts: Arc<[AtomicUsize; 7]> = Arc::new(Default::default());
+            const FOUND: usize = 0;
+            const NOT_FOUND: usize = 1;
+            const CONFIRMED: usize = 2;
+            const SUPERSEDED: usize = 3;
+            const TEMPORARY: usize = 4;
+            const OLDER_THAN_STORE: usize = 5;
+            const TEMPORARY_READ: usize = 6;
+            async fn tally(bed: &KstBed, counts: &[AtomicUsize; 7], handling: Handling) {
+                let (pending, task) = handling;
+                let read = matches!(pending.asked, client::Asked::Retrieval { .. });
+                match finished(task).await {
+                    Ok(h) if h.decision == Decision::Ignored(Silence::Superseded) => {
+                        assert!(bed.outbox.reply_to(&pending).is_none());
+                        counts[SUPERSEDED].fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(h) => {
+                        let stored = bed.stored_version().await;
+                        let checked = bed.check(&pending).await;
+                        let i = match (&h.decision, &checked.verified) {
+                            (Decision::Answered { .. }, Verified::Found { .. }) => FOUND,
+                            (Decision::Answered { .. }, Verified::NotFound { .. }) => NOT_FOUND,
+                            (Decision::Published { .. }, Verified::Published { .. })
+                            | (Decision::Deleted { .. }, Verified::Deleted { .. }) => CONFIRMED,
+                            other => panic!("{other:?}"),
+                        };
+                        let served = checked.entry.as_ref().map(|e| e.version);
+                        if i == FOUND && stored.is_some_and(|s| Some(s) > served) {
+                            counts[OLDER_THAN_STORE].fetch_add(1, Ordering::SeqCst);
+                        }
+                        counts[i].fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(HandleError::Temporary(e)) if e.is_temporary() => {
+                        eprintln!("temporary failure (retrieval: {read}): {e}");
+                        assert!(bed.outbox.reply_to(&pending).is_none());
+                        counts[if read { TEMPORARY_READ } else { TEMPORARY }]
+                            .fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            let mut owners = tokio::task::JoinSet::new();
+            for keys in [
+                [
+                    "lifecycle-v1",
+                    "alice",
+                    "lifecycle-v2",
+                    "-",
+                    "alice",
+                    "lifecycle-v1",
+                ],
+                [
+                    "alice",
+                    "lifecycle-v2",
+                    "lifecycle-v1",
+                    "alice",
+                    "-",
+                    "lifecycle-v2",
+                ],
+            ] {
+                let (bed, counts) = (Arc::clone(&bed), Arc::clone(&counts));
+                owners.spawn(async move {
+                    for _round in 0..2 {
+                        for name in keys {
+                            let handling = match name {
+                                "-" => bed.delete(),
+                                _ => bed.publish(name),
+                            };
+                            tally(&bed, &counts, handling).await;
+                        }
+                    }
+                });
+            }
+            let mut readers = tokio::task::JoinSet::new();
+            for _ in 0..3 {
+                let (bed, counts, done) =
+                    (Arc::clone(&bed), Arc::clone(&counts), Arc::clone(&done));
+                readers.spawn(async move {
+                    while !done.load(Ordering::SeqCst) {
+                        tally(&bed, &counts, bed.retrieve()).await;
+                    }
+                });
+            }
+            while let Some(owner) = owners.join_next().await {
+                owner.unwrap();
+            }
+            done.store(true, Ordering::SeqCst);
+            while let Some(reader) = readers.join_next().await {
+                reader.unwrap();
+            }
+            let n = |i: usize| counts[i].load(Ordering::SeqCst);
+            eprintln!(
+                "retrievals: found {}, not found {}, temporary {}; found while the store held \
+                 a newer version: {}; changes: confirmed {}, superseded {}, temporary {}",
+                n(FOUND),
+                n(NOT_FOUND),
+                n(TEMPORARY_READ),
+                n(OLDER_THAN_STORE),
+                n(CONFIRMED),
+                n(SUPERSEDED),
+                n(TEMPORARY),
+            );
+            assert_eq!(
+                n(CONFIRMED) + n(SUPERSEDED) + n(TEMPORARY),
+                24,
+                "every change decided"
+            );
+            assert!(n(FOUND) > 0 && n(CONFIRMED) > 0, "the stream was answered");
+        }
+    }
+}
+
+/// A look-up racing another process's deletion of the address: a deletion's epoch overwrites
+/// the address's earlier values with akd's tombstone in place ("Deletion"), so a look-up that
+/// read the root before that commit and the value after it proves the old epoch's latest
+/// version with an empty value, which no client accepts (found by the red team on
+/// PostgreSQL, `gather::replies`, where two instances share the directory).
+mod withdrawn {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use kst_core::conformance::{address, test_key};
+    use kst_core::transparency::answer::Served;
+    use kst_core::transparency::{
+        DirectoryStoreError, DomainLog, LogKeys, RecordBatch, RootAndNodes, TransparentStore,
+    };
+    use tokio::sync::Notify;
+
+    use super::*;
+
+    /// A directory store whose `hold_at`-th value-state read from now (1: the next) waits
+    /// for `release` before it reads; 0: none waits.
+    struct HeldReads {
+        inner: Arc<dyn DirectoryStore>,
+        hold_at: AtomicUsize,
+        reads: AtomicUsize,
+        entered: Notify,
+        release: Notify,
+    }
+
+    impl HeldReads {
+        /// Counts a value-state read and holds it when it is the one.
+        async fn read(&self) {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let left = self
+                .hold_at
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .unwrap_or(0);
+            if left == 1 {
+                self.entered.notify_one();
+                self.release.notified().await;
+            }
+        }
+    }
+
+    #[async_trait]
+    impl DirectoryStore for HeldReads {
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+        async fn root(
+            &self,
+            domain: &str,
+        ) -> std::result::Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
+            self.inner.root(domain).await
+        }
+        async fn nodes(
+            &self,
+            domain: &str,
+            keys: &[Vec<u8>],
+        ) -> std::result::Result<Vec<Vec<u8>>, DirectoryStoreError> {
+            self.inner.nodes(domain, keys).await
+        }
+        async fn value_states(
+            &self,
+            domain: &str,
+            label: &[u8],
+        ) -> std::result::Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
+            self.read().await;
+            self.inner.value_states(domain, label).await
+        }
+        async fn value_states_batch(
+            &self,
+            domain: &str,
+            labels: &[Vec<u8>],
+        ) -> std::result::Result<Vec<(Vec<u8>, u64, Vec<u8>)>, DirectoryStoreError> {
+            self.read().await;
+            self.inner.value_states_batch(domain, labels).await
+        }
+        async fn root_and_nodes(
+            &self,
+            domain: &str,
+            keys: &[Vec<u8>],
+        ) -> std::result::Result<RootAndNodes, DirectoryStoreError> {
+            self.inner.root_and_nodes(domain, keys).await
+        }
+        async fn commit(
+            &self,
+            domain: &str,
+            batch: RecordBatch,
+        ) -> std::result::Result<(), DirectoryStoreError> {
+            self.inner.commit(domain, batch).await
+        }
+        async fn insert_head(
+            &self,
+            domain: &str,
+            epoch: u64,
+            head: &[u8],
+        ) -> std::result::Result<Vec<u8>, DirectoryStoreError> {
+            self.inner.insert_head(domain, epoch, head).await
+        }
+        async fn heads(
+            &self,
+            domain: &str,
+            from: u64,
+            to: u64,
+        ) -> std::result::Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
+            self.inner.heads(domain, from, to).await
+        }
+        async fn put_cosignature(
+            &self,
+            domain: &str,
+            epoch: u64,
+            witness: &[u8; 32],
+            checked_at: u64,
+            cosignature: &[u8],
+        ) -> std::result::Result<(), DirectoryStoreError> {
+            self.inner
+                .put_cosignature(domain, epoch, witness, checked_at, cosignature)
+                .await
+        }
+        async fn cosignatures(
+            &self,
+            domain: &str,
+            epoch: u64,
+        ) -> std::result::Result<Vec<([u8; 32], Vec<u8>)>, DirectoryStoreError> {
+            self.inner.cosignatures(domain, epoch).await
+        }
+        async fn latest_cosignature(
+            &self,
+            domain: &str,
+            witness: &[u8; 32],
+        ) -> std::result::Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
+            self.inner.latest_cosignature(domain, witness).await
+        }
+    }
+
+    /// Process B looks alice up; its last value-state read waits while process A deletes
+    /// her key (A's epoch withdraws her value). B's answer must prove what a client accepts:
+    /// the deletion (the look-up read again), never her old version with an empty value.
+    /// Before: the answer proved epoch 1's version with an empty value: exit 5.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_look_up_racing_another_process_deletion_proves_what_a_client_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = LogKeys::generate("example.net").to_file();
+        let log_a = Arc::new(
+            DomainLog::open(
+                Arc::new(FsDirectoryStore::new(dir.path())),
+                LogKeys::parse(&keys).unwrap(),
+            )
+            .await
+            .unwrap(),
+        );
+        let held = Arc::new(HeldReads {
+            inner: Arc::new(FsDirectoryStore::new(dir.path())),
+            hold_at: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
+            entered: Notify::new(),
+            release: Notify::new(),
+        });
+        let log_b = Arc::new(
+            DomainLog::open(Arc::clone(&held) as _, LogKeys::parse(&keys).unwrap())
+                .await
+                .unwrap(),
+        );
+        let store_a = TransparentStore::new(
+            Arc::new(FsStore::open(dir.path()).await.unwrap()),
+            vec![Arc::clone(&log_a)],
+        );
+        let alice = address("alice@example.net");
+        store_a.publish(test_key(&alice, 1, 1)).await.unwrap();
+        let now = kst_core::time::unix_now();
+        // How many value-state reads one look-up of alice at this epoch takes (once warm).
+        log_b.answer(&alice, now).await.unwrap();
+        let before = held.reads.load(Ordering::SeqCst);
+        let answer = log_b.answer(&alice, now).await.unwrap();
+        let reads = held.reads.load(Ordering::SeqCst) - before;
+        assert!(reads > 0, "a look-up reads value states");
+        answer
+            .verify(
+                &log_b.head_public_key(),
+                &alice,
+                Served::Key(&test_key(&alice, 1, 1).key),
+            )
+            .await
+            .unwrap();
+
+        // The last of them waits while A deletes alice.
+        held.hold_at.store(reads, Ordering::SeqCst);
+        let looking = tokio::spawn({
+            let (log_b, alice) = (Arc::clone(&log_b), alice.clone());
+            async move { log_b.answer(&alice, now).await }
+        });
+        held.entered.notified().await;
+        store_a.delete(&alice).await.unwrap();
+        held.release.notify_one();
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(60), looking)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        answer
+            .verify(&log_b.head_public_key(), &alice, Served::Nothing)
+            .await
+            .unwrap_or_else(|e| panic!("epoch {}: {e}", answer.head.head.epoch));
+        assert_eq!(answer.head.head.epoch, 2, "the deletion's epoch");
     }
 }

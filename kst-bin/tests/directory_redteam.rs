@@ -357,7 +357,8 @@ async fn rt10_one_lagging_witness_does_not_strip_a_reply_of_every_cosignature() 
     let text = transparent
         .answer(&directory::address(3).unwrap(), ask)
         .await
-        .unwrap();
+        .unwrap()
+        .text;
     let answer = LogAnswer::parse(&text).unwrap();
     let part = answer
         .witnessed
@@ -404,7 +405,8 @@ async fn rt10_one_lagging_witness_does_not_strip_a_reply_of_every_cosignature() 
     let text = transparent
         .answer(&directory::address(3).unwrap(), ask)
         .await
-        .unwrap();
+        .unwrap()
+        .text;
     let answer = LogAnswer::parse(&text).unwrap();
     let append_only = answer.append_only.as_ref().map_or(0, |a| a.proof.len());
     eprintln!(

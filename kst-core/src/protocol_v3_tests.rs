@@ -11,18 +11,24 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use crate::client::{self, ReplyError, Verified};
 use crate::error::{Component, Error};
 use crate::protocol::{LOG_ANSWER_BEGIN, LOG_ANSWER_END, LOG_ANSWER_LINE, LogAsk, Reason};
-use crate::reply::{LogAnswers, fold_log_answer};
+use crate::reply::{DirectoryAnswer, LogAnswers, Proven, fold_log_answer};
 use crate::service::tests::{Fixture, addr, env, fixture, received};
 use crate::service::{Decision, HandleError};
+use crate::store::KeyStore;
+use crate::testing::MemoryStore;
 use crate::{Address, client::Pending};
 
 const ALICE: &str = include_str!("../testdata/alice.pub.asc");
 const HEAD_KEY: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// A key directory for example.net that answers a text naming the address (with a long
-/// line, as a real proof's base64 is), or fails while `down`.
+/// line, as a real proof's base64 is) and proves what `store` holds for it, as an honest
+/// directory that recorded every change does; or fails while `down`.
 #[derive(Default)]
 struct FakeLog {
+    store: Arc<MemoryStore>,
+    /// When set, what every answer proves instead (a directory behind or ahead of the store).
+    proves: std::sync::Mutex<Option<Proven>>,
     down: AtomicBool,
     asked: AtomicUsize,
     /// What each request asked of the answer (`KST-Log-*` headers).
@@ -35,7 +41,7 @@ impl LogAnswers for FakeLog {
         domain == "example.net"
     }
 
-    async fn answer(&self, address: &Address, ask: LogAsk) -> Result<String, Error> {
+    async fn answer(&self, address: &Address, ask: LogAsk) -> Result<DirectoryAnswer, Error> {
         self.asked.fetch_add(1, Ordering::SeqCst);
         self.asks.lock().unwrap().push(ask);
         if self.down.load(Ordering::SeqCst) {
@@ -44,7 +50,18 @@ impl LogAnswers for FakeLog {
                 "the test directory is down",
             ));
         }
-        Ok(answer_for(address.as_str()))
+        let proves = *self.proves.lock().unwrap();
+        Ok(DirectoryAnswer {
+            text: answer_for(address.as_str()),
+            proven: match proves {
+                Some(proven) => proven,
+                None => Proven::of_record(self.store.get(address).await?.as_ref()),
+            },
+        })
+    }
+
+    async fn pause(&self, pause: std::time::Duration) {
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -59,7 +76,10 @@ fn answer_for(address: &str) -> String {
 }
 
 fn with_log(f: Fixture) -> (Fixture, Arc<FakeLog>) {
-    let log = Arc::new(FakeLog::default());
+    let log = Arc::new(FakeLog {
+        store: f.store.clone(),
+        ..FakeLog::default()
+    });
     let kst = f.kst.clone().with_log_answers(log.clone());
     (Fixture { kst, ..f }, log)
 }
@@ -423,4 +443,88 @@ async fn log_headers_reach_the_directory_and_bad_ones_are_ignored() {
     let plain = client::build_retrieval(&addr("carol@acme.net"), &addr("alice@example.net"));
     let before = plain.message.clone();
     assert_eq!(plain.with_log_ask(ask(Some(3), true)).message, before);
+}
+
+/// The reply serves what the answer proves, not what the store holds (docs/PROTOCOL.md,
+/// "Versions"): a directory one version behind the store (a publication between its store
+/// write and its epoch) gets the older version served from the store's history, or "not
+/// found" for a first key; a proven key the store does not hold is read again and then a
+/// temporary failure, nothing sent; a confirmation whose answer proves a newer deletion is
+/// not sent (`superseded`).
+#[tokio::test]
+async fn the_reply_serves_what_the_answer_proves() {
+    let (f, log, _, _) = published().await;
+    let first = f
+        .store
+        .get(&addr("alice@example.net"))
+        .await
+        .unwrap()
+        .unwrap();
+    // Another primary key for alice, version 2, with the directory still at version 1.
+    let other = include_str!("../testdata/keys/lifecycle-v1.pub.asc");
+    let req =
+        client::build_publication_with(&addr("alice@example.net"), other, Some(HEAD_KEY)).unwrap();
+    let mut raw = received("alice@example.net", "mail.example.net", "ESMTPSA").into_bytes();
+    raw.extend_from_slice(&req.message);
+    f.kst.handle(&env("alice@example.net"), &raw).await.unwrap();
+    let second = f
+        .store
+        .get(&addr("alice@example.net"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.version, 2);
+    assert_ne!(second.fingerprint, first.fingerprint);
+    *log.proves.lock().unwrap() = Some(Proven::of_record(Some(&first)));
+    let (pending, reply) = retrieved(&f, "alice@example.net").await;
+    match client::verify_reply_with_answer(&pending, reply.as_bytes())
+        .unwrap()
+        .verified
+    {
+        Verified::Found { fingerprint, .. } => {
+            assert_eq!(fingerprint, first.fingerprint.as_str());
+        }
+        other => panic!("{other:?}"),
+    }
+    // Absent: "not found", although the store holds a key.
+    *log.proves.lock().unwrap() = Some(Proven::Absent);
+    let (pending, reply) = retrieved(&f, "alice@example.net").await;
+    assert!(matches!(
+        client::verify_reply_with_answer(&pending, reply.as_bytes())
+            .unwrap()
+            .verified,
+        Verified::NotFound { .. }
+    ));
+    // A version the store never held: read again, then a temporary failure.
+    *log.proves.lock().unwrap() = Some(Proven::Key {
+        version: 7,
+        sha256: [7; 32],
+    });
+    let (sent, asked) = (f.sent(), log.asked.load(Ordering::SeqCst));
+    let req = carol_asks("alice@example.net");
+    let result = f.kst.handle(&env("carol@acme.net"), &req.message).await;
+    match result {
+        Err(HandleError::Temporary(e)) => {
+            assert!(e.is_temporary(), "{e}");
+            assert!(e.to_string().contains("version 7"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.sent(), sent, "nothing sent");
+    assert_eq!(
+        log.asked.load(Ordering::SeqCst) - asked,
+        crate::service::AGREE_ATTEMPTS as usize
+    );
+    // A confirmation whose answer proves a deletion after it: not sent.
+    *log.proves.lock().unwrap() = Some(Proven::Deleted { version: 9 });
+    let req =
+        client::build_publication_with(&addr("alice@example.net"), ALICE, Some(HEAD_KEY)).unwrap();
+    let mut raw = received("alice@example.net", "mail.example.net", "ESMTPSA").into_bytes();
+    raw.extend_from_slice(&req.message);
+    let h = f.kst.handle(&env("alice@example.net"), &raw).await.unwrap();
+    assert_eq!(
+        h.decision,
+        Decision::Ignored(crate::service::Silence::Superseded)
+    );
+    assert_eq!(f.sent(), sent, "nothing sent");
 }

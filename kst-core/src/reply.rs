@@ -14,6 +14,7 @@ use mail_builder::MessageBuilder;
 use mail_builder::headers::address::Address as MbAddress;
 use mail_builder::headers::message_id::MessageId;
 use mail_builder::headers::raw::Raw;
+use sha2::{Digest, Sha256};
 
 use crate::address::Address;
 use crate::error::Error;
@@ -25,6 +26,7 @@ use crate::protocol::{
     LOG_ANSWER_BEGIN, LOG_ANSWER_END, LOG_ANSWER_LINE, LogAsk, MAC_HMAC_SHA256, Question, Reason,
     Status, TRANSPARENCY_VERSION,
 };
+use crate::store::KeyRecord;
 
 /// The key directories of a KST, as version 3 replies need them: which domains have one, and
 /// the directory's answer for an address (feature `transparency`:
@@ -36,9 +38,77 @@ pub trait LogAnswers: Send + Sync {
     /// The directory's answer for `address` at its latest epoch: the signed head and the
     /// lookup (or absence) proof, as text (`kst-log-answer-v1`), with what `ask` asks for
     /// when the directory can give it: the append-only proof from `ask.since`, and the
-    /// witnesses' part (`kst-log-answer-v2`) with `ask.witnessed`. A directory that cannot be
-    /// read is a temporary error: the request is deferred, never answered without proofs.
-    async fn answer(&self, address: &Address, ask: LogAsk) -> Result<String, Error>;
+    /// witnesses' part (`kst-log-answer-v2`) with `ask.witnessed`; and what the proof proves
+    /// ([`Proven`]), so that the reply serves exactly that. A directory that cannot be read is
+    /// a temporary error: the request is deferred, never answered without proofs.
+    async fn answer(&self, address: &Address, ask: LogAsk) -> Result<DirectoryAnswer, Error>;
+    /// Waits `pause` (on the directory's timer) before a reply whose key and answer could not
+    /// be made to agree reads both again (a change written to the key store whose epoch has
+    /// not come yet).
+    async fn pause(&self, pause: std::time::Duration);
+}
+
+/// A key directory's answer for one address, as a version 3 reply carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryAnswer {
+    /// The answer's text (`kst-log-answer-v1` or `-v2`).
+    pub text: String,
+    /// What its proof proves: the directory's latest entry for the address.
+    pub proven: Proven,
+}
+
+/// The directory's latest entry for an address, as an answer's proof proves it: what a reply
+/// carrying that answer must serve, or the client reports an attack (docs/PROTOCOL.md,
+/// "Versions": a reply's key and its answer agree by construction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proven {
+    /// The address was never in the directory (an absence proof): "no key".
+    Absent,
+    /// The latest version is a deletion, numbered `version`: "no key".
+    Deleted {
+        /// kst's version number of the deletion (the deleted key's + 1).
+        version: u64,
+    },
+    /// The latest version is a key: exactly the stored record of that version.
+    Key {
+        /// kst's version number ([`KeyRecord::version`]).
+        version: u64,
+        /// The SHA-256 of the key's binary packets as served ([`KeyRecord::key`]).
+        sha256: [u8; 32],
+    },
+}
+
+impl Proven {
+    /// What an honest directory proves for the store's current record of an address
+    /// (`None`: nothing stored).
+    pub fn of_record(record: Option<&KeyRecord>) -> Proven {
+        match record {
+            Some(r) => Proven::Key {
+                version: r.version,
+                sha256: Sha256::digest(&r.key).into(),
+            },
+            None => Proven::Absent,
+        }
+    }
+
+    /// True when `record` is the key this proves: the same version and the same bytes.
+    pub fn is(&self, record: &KeyRecord) -> bool {
+        match self {
+            Proven::Key { version, sha256 } => {
+                *version == record.version
+                    && *sha256 == <[u8; 32]>::from(Sha256::digest(&record.key))
+            }
+            Proven::Absent | Proven::Deleted { .. } => false,
+        }
+    }
+
+    /// The version number this proves (`None` for an address never held).
+    pub fn version(&self) -> Option<u64> {
+        match self {
+            Proven::Absent => None,
+            Proven::Deleted { version } | Proven::Key { version, .. } => Some(*version),
+        }
+    }
 }
 
 /// `text` (the key directory's answer) as it goes in a reply: lines longer than

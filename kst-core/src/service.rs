@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::address::Address;
 use crate::authres;
 use crate::body::{self, RequestBody};
-use crate::error::Error;
+use crate::error::{Component, Error};
 use crate::kauth::AuthKey;
 use crate::mailer::{Delivery, Mailer, OutgoingMail};
 use crate::policy::{AuthSource, Policy};
@@ -29,8 +29,8 @@ use crate::protocol::{
 };
 use crate::ratelimit::{self, LimitKind, MemoryRateLimiter, RateLimiter};
 use crate::received;
-use crate::reply::{self, LogAnswers, ReplyContent, ReplyTo};
-use crate::store::{KeyStore, NewKey, PublishOutcome};
+use crate::reply::{self, DirectoryAnswer, LogAnswers, Proven, ReplyContent, ReplyTo};
+use crate::store::{KeyRecord, KeyStore, NewKey, PublishOutcome};
 use crate::validate::{self, KeyPolicy};
 use crate::wks::{self, SubmissionKeys};
 
@@ -82,6 +82,13 @@ pub enum Silence {
     /// (its publication id is one of the deleted history, [`Error::DeletedSince`]): deletion
     /// wins, nothing is published and nothing is sent.
     DeletedSince,
+    /// A publication or deletion (version 3) that a newer change of the address replaced
+    /// before its confirmation was written: the key directory proves only the address's
+    /// latest version, which is a deletion or another primary key (a publication), or a key
+    /// (a deletion). No confirmation of the older change can carry a proof the client
+    /// accepts; the newer change's own reply is the owner's last word (docs/PROTOCOL.md,
+    /// "Versions"). Nothing is undone and nothing is sent.
+    Superseded,
 }
 
 impl Silence {
@@ -101,6 +108,7 @@ impl Silence {
             Silence::TooLarge => "too-large",
             Silence::AddressExtension => "address-extension",
             Silence::DeletedSince => "deleted-since",
+            Silence::Superseded => "superseded",
         }
     }
 }
@@ -250,6 +258,16 @@ pub enum HandleError {
     #[error(transparent)]
     Temporary(#[from] Error),
 }
+
+/// How many times a version 3 reply reads the key directory's answer and the key store
+/// before it gives up on making its key agree with the answer (docs/PROTOCOL.md,
+/// "Versions"): then a temporary failure.
+pub const AGREE_ATTEMPTS: u32 = 8;
+
+/// The first pause between two of those reads; each next one is twice as long (10 ms, then
+/// 20 ms, ... 640 ms: 1.27 s in all, more than an epoch takes with `gather_us` at its
+/// largest, 100 ms).
+pub const AGREE_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The Key Storage Service: policy, store and mailer.
 #[derive(Clone)]
@@ -900,10 +918,32 @@ impl Kst {
             }
         };
         let new_version = matches!(outcome, PublishOutcome::Published(_));
-        let record = outcome.record();
+        let mut record = outcome.record().clone();
         // Version 3: the directory's answer, read after the store and the directory recorded
-        // the publication (TransparentStore writes both before `publish` returns).
-        let answer = self.log_answer(ctx, account).await?;
+        // the publication (TransparentStore writes both before `publish` returns), and the
+        // version it proves, which the confirmation carries when it has this publication's
+        // primary key (its own version, or a newer one holding it merged, as a redelivery is
+        // confirmed). The fingerprint decides, not the version number: after a deletion the
+        // store starts again at version 1, so a racing publication of another key may hold
+        // the same number.
+        let mut answer = None;
+        if ctx.version >= TRANSPARENCY_VERSION {
+            let (proven, read) = self.proven_record(ctx, account, Some(&record)).await?;
+            match proven {
+                Some(p) if p.fingerprint == record.fingerprint => {
+                    record = p;
+                }
+                other => {
+                    tracing::info!(account = %account, version = record.version,
+                        latest = ?read.proven.version(), deleted = other.is_none(),
+                        "publication superseded by a newer change of the address before its \
+                         confirmation: no confirmation sent");
+                    return Ok(Decision::Ignored(Silence::Superseded));
+                }
+            }
+            answer = Some(read.text);
+        }
+        let record = &record;
         let built = reply::build_with_answer(
             ctx,
             &ReplyContent::Published {
@@ -991,7 +1031,19 @@ impl Kst {
         };
         let existed = self.store.delete(&account).await?;
         tracing::info!(account = %account, existed, "key and history deleted on the owner's request");
-        let answer = self.log_answer(ctx, &account).await?;
+        // Version 3: the answer must prove the deletion (or nothing ever held); a key proven
+        // now is a publication made after this deletion.
+        let mut answer = None;
+        if ctx.version >= TRANSPARENCY_VERSION {
+            let (proven, read) = self.proven_record(ctx, &account, None).await?;
+            if let Some(p) = proven {
+                tracing::info!(account = %account, latest = p.version,
+                    "deletion superseded by a newer publication before its confirmation: no \
+                     confirmation sent");
+                return Ok(Decision::Ignored(Silence::Superseded));
+            }
+            answer = Some(read.text);
+        }
         let built = reply::build_with_answer(
             ctx,
             &ReplyContent::Deleted { address: &account },
@@ -1030,7 +1082,14 @@ impl Kst {
                 )
                 .await;
         }
-        let content_record = self.store.get(&address).await?;
+        // Version 3: the directory's answer first, then the stored version it proves (or "no
+        // key"), so the key served is exactly the one the answer commits to.
+        let (content_record, answer) = if ctx.version >= TRANSPARENCY_VERSION {
+            let (record, read) = self.proven_record(ctx, &address, None).await?;
+            (record, Some(read.text))
+        } else {
+            (self.store.get(&address).await?, None)
+        };
         let (content, status) = match &content_record {
             Some(r) => (
                 ReplyContent::Found {
@@ -1045,31 +1104,77 @@ impl Kst {
                 Status::NotFound,
             ),
         };
-        let answer = self.log_answer(ctx, &address).await?;
         let built = reply::build_with_answer(ctx, &content, Some(&k_auth), answer.as_deref());
         self.send(ctx, built).await?;
         Ok(Decision::Answered { status, address })
     }
 
-    /// The key directory's answer for `address` when the reply is written in version 3; a
-    /// directory that cannot be read is a temporary error (the request is deferred, never
-    /// answered without proofs).
-    async fn log_answer(
+    /// The key directory's answer for `address` (for a version 3 reply) and the stored record
+    /// of the version it proves: `None` when it proves a deletion or that the address was
+    /// never held. A reply that serves that record (or "no key") with that answer agrees
+    /// with it by construction, whatever changes of the address race the reply: a change
+    /// written to the key store and not yet recorded in an epoch is not served, and a
+    /// version recorded since the store was read is served from the store's history.
+    /// `known`: a record the caller holds already (a publication's own), taken without
+    /// reading the store when it is the one proven.
+    ///
+    /// An answer proving a key the store does not hold (a deletion written to the store and
+    /// not yet recorded) is read again after a pause, [`AGREE_ATTEMPTS`] times in all; then a
+    /// temporary error
+    /// (the MTA delivers the request again; nothing is lost). A directory that cannot be
+    /// read is a temporary error too: never a reply without proofs.
+    async fn proven_record(
         &self,
         ctx: &ReplyTo<'_>,
         address: &Address,
-    ) -> Result<Option<String>, Error> {
-        if ctx.version < TRANSPARENCY_VERSION {
-            return Ok(None);
-        }
-        match &self.log_answers {
-            Some(logs) if logs.has_directory(address.domain()) => {
-                logs.answer(address, ctx.log_ask).await.map(Some)
+        known: Option<&KeyRecord>,
+    ) -> Result<(Option<KeyRecord>, DirectoryAnswer), Error> {
+        let logs = match &self.log_answers {
+            Some(logs) if logs.has_directory(address.domain()) => logs,
+            _ => {
+                return Err(Error::Config(format!(
+                    "a version 3 reply about {address} needs its domain's key directory, and there is none"
+                )));
             }
-            _ => Err(Error::Config(format!(
-                "a version 3 reply about {address} needs its domain's key directory, and there is none"
-            ))),
+        };
+        let mut pause = AGREE_PAUSE;
+        let mut problem = String::new();
+        for attempt in 1..=AGREE_ATTEMPTS {
+            if attempt > 1 {
+                logs.pause(pause).await;
+                pause = pause.saturating_mul(2);
+            }
+            let answer = logs.answer(address, ctx.log_ask).await?;
+            let Proven::Key { version, .. } = answer.proven else {
+                return Ok((None, answer));
+            };
+            if let Some(known) = known.filter(|k| answer.proven.is(k)) {
+                return Ok((Some(known.clone()), answer));
+            }
+            if let Some(current) = self.store.get(address).await?
+                && answer.proven.is(&current)
+            {
+                return Ok((Some(current), answer));
+            }
+            // A version the store replaced since (or whose epoch came after the store read):
+            // the history holds every version until a deletion.
+            let history = self.store.history(address).await?;
+            if let Some(held) = history.into_iter().rev().find(|r| answer.proven.is(r)) {
+                return Ok((Some(held), answer));
+            }
+            problem = format!(
+                "the key directory's latest entry for {address} is version {version}, which \
+                 the key store does not hold (a deletion not yet recorded; or a store changed \
+                 behind kst's back: `kst migrate` records the key it holds, `kst keys delete` \
+                 a deletion)"
+            );
         }
+        tracing::warn!(address = %address, attempts = AGREE_ATTEMPTS, problem = %problem,
+            "the key directory and the key store do not agree; the request is deferred");
+        Err(Error::unavailable(
+            Component::other("key directory"),
+            format!("{problem}; the request is deferred (delivered again later)"),
+        ))
     }
 
     async fn refuse(

@@ -44,7 +44,7 @@ use super::head::Head;
 use super::keys::LogKeys;
 use super::log::check_stored_head;
 use super::storage::{DirectoryStore, StoredDirectory};
-use super::verify::append_only_roots;
+use super::verify::{append_only_roots, empty_root};
 use super::{Config, Result, TransparencyError};
 
 /// The most stored heads one scan step reads.
@@ -399,12 +399,5 @@ async fn start_root(step: &SingleAppendOnlyProof) -> Result<[u8; 32]> {
         AzksParallelismConfig::disabled(),
     )
     .await?;
-    Ok(azks.get_root_hash::<Config, _>(&manager).await?)
-}
-
-/// The root of an empty directory: every directory's epoch 0.
-async fn empty_root() -> Result<[u8; 32]> {
-    let manager = StorageManager::new_no_cache(AsyncInMemoryDatabase::new());
-    let azks = Azks::new::<Config, _>(&manager).await?;
     Ok(azks.get_root_hash::<Config, _>(&manager).await?)
 }

@@ -2160,6 +2160,20 @@ impl Worker {
         now: u64,
     ) -> Result<LogAnswer> {
         let (head, proof) = match self.dir()?.lookup(address).await? {
+            // A deletion's epoch overwrites the address's earlier values with akd's tombstone
+            // in place ("Deletion" in docs/TRANSPARENCY.md): a look-up that read the root
+            // before another process committed one and the value after it holds the old
+            // epoch's latest version with an empty value, which no client accepts. The
+            // latest version of an epoch is never withdrawn at that epoch, so this is always
+            // such a race: built again ([`Worker::answer`]'s retries), on the new epoch.
+            LookupAnswer::Present { epoch, proof, .. } if proof.value.0 == akd::TOMBSTONE => {
+                return Err(TransparencyError::Conflict(format!(
+                    "the look-up of {address} at epoch {epoch} read a withdrawn value as its \
+                     latest version: a deletion another process committed meanwhile (if this \
+                     persists, that value was overwritten behind kst's back: the owner's \
+                     `kst client status` reports it)"
+                )));
+            }
             LookupAnswer::Present {
                 epoch,
                 root_hash,

@@ -7,15 +7,17 @@
 //! 4xx, `kst deliver` exit 75) and delivers it again; the store answers the redelivery with
 //! [`PublishOutcome::Unchanged`] (same publication id) and the directory write is done then.
 //! If kst dies between the two writes, the same redelivery repairs it: until then the
-//! directory is one version behind the store, which a checking client reports as an attack
+//! directory is one version behind the store, which a client checking over HTTP
+//! (`--check-transparency`) reports as an attack, while a version 3 reply serves the version
+//! the directory proves (`Kst`'s replies read the answer first; docs/PROTOCOL.md, "Versions")
 //! (never the other way round: the directory never commits to a key the store has not
 //! accepted).
 //!
 //! `restore` (`kst import`) is recorded the same way: the directory then says what the
 //! restored history's current record says (a deletion first when the restored version is not
 //! above the directory's). Not recorded: changes made to the store behind kst's back; a
-//! checking client reports those keys (tests/transparency.rs), and `kst migrate` records
-//! them ([`TransparentStore::record_all`]).
+//! client checking over HTTP reports those keys (tests/transparency.rs), a version 3 reply
+//! does not serve them, and `kst migrate` records them ([`TransparentStore::record_all`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,13 +25,16 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::TransparencyError;
-use super::answer::{REPLY_STEP_BUDGET, STEP_ELEMENT_BYTES};
+use super::answer::{AnswerProof, REPLY_STEP_BUDGET, STEP_ELEMENT_BYTES};
+use super::entry::{DirectoryEntry, EntryState};
 use super::log::{
     CurrentKeys, DomainLog, IncomingChange, MAX_WITNESSED_ELEMENTS, StoreKeys, Synced,
 };
+use super::wire;
 use crate::error::{Component, Error, Result};
 use crate::fingerprint::{Fingerprint, KeyId};
 use crate::protocol::{LogAsk, MAX_LOG_ANSWER_BYTES};
+use crate::reply::{DirectoryAnswer, Proven};
 use crate::store::{KeyRecord, KeyStore, NewKey, PublishOutcome};
 use crate::wkd::WkdHash;
 use crate::{Address, time};
@@ -257,7 +262,7 @@ impl crate::reply::LogAnswers for TransparentStore {
         self.logs.contains_key(domain)
     }
 
-    async fn answer(&self, address: &Address, ask: LogAsk) -> Result<String> {
+    async fn answer(&self, address: &Address, ask: LogAsk) -> Result<DirectoryAnswer> {
         let Some(log) = self.logs.get(address.domain()) else {
             return Err(Error::Config(format!(
                 "no key directory for {}: a version 3 reply about {address} cannot be made",
@@ -273,6 +278,7 @@ impl crate::reply::LogAnswers for TransparentStore {
             .answer_stepped(address, ask.since, Some(REPLY_STEP_BUDGET), now)
             .await
             .map_err(unavailable)?;
+        let proven = proven(&answer.proof).map_err(unavailable)?;
         if ask.witnessed {
             // Bounded by what is left of the reply beside the rest of the answer (its
             // append-only part too): the witnesses far behind are left out, not all of them.
@@ -300,8 +306,36 @@ impl crate::reply::LogAnswers for TransparentStore {
             tracing::warn!(address = %address, bytes = text.len(), omitted = ?omit, "the key directory's answer is too large for a reply");
             text = answer.to_text().map_err(unavailable)?;
         }
-        Ok(text)
+        Ok(DirectoryAnswer { text, proven })
     }
+
+    async fn pause(&self, pause: std::time::Duration) {
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// What `proof` (the log's own, just built) proves: the latest entry it carries, or absence.
+fn proven(proof: &AnswerProof) -> std::result::Result<Proven, TransparencyError> {
+    let bytes = match proof {
+        AnswerProof::Absent(_) => return Ok(Proven::Absent),
+        AnswerProof::Present(bytes) => bytes,
+    };
+    let entry = DirectoryEntry::from_value(&wire::decode_lookup(bytes)?.value)?;
+    Ok(match (entry.state, entry.key) {
+        (EntryState::Deleted, _) => Proven::Deleted {
+            version: entry.version,
+        },
+        (EntryState::Published | EntryState::Revoked, Some((_, sha256))) => Proven::Key {
+            version: entry.version,
+            sha256,
+        },
+        (EntryState::Published | EntryState::Revoked, None) => {
+            return Err(TransparencyError::Malformed(format!(
+                "the directory's entry version {} holds a key but names none",
+                entry.version
+            )));
+        }
+    })
 }
 
 #[async_trait]

@@ -212,6 +212,43 @@ async fn a_deletion_is_the_latest_version() {
     assert!(!now.commits_to_key(b"key"));
 }
 
+/// A fresh directory (epoch 0, akd's empty tree, before the domain's first publication)
+/// proves every address absent: a version 3 retrieval of a new KST's domain is "not found",
+/// not an attack. Before: akd's non-membership verifier refused the empty tree's proof
+/// (`lcp_hash != longest_prefix_hash`), so every such retrieval was exit 5.
+#[tokio::test]
+async fn an_empty_directory_proves_every_address_absent() {
+    let (_, signer, dir) = fresh().await;
+    let h = head(&dir, &signer).await;
+    assert_eq!(h.head.epoch, 0);
+    let carol = addr("carol@example.net");
+    let LookupAnswer::Absent(absent) = dir.lookup(&carol).await.unwrap() else {
+        panic!("nothing was ever published");
+    };
+    let absent = wire::decode_absence(&wire::encode_absence(&absent).unwrap()).unwrap();
+    verify_absence(&h.head, &carol, &absent).await.unwrap();
+    // Still carol's proof only: the VRF proof names her position.
+    assert!(
+        verify_absence(&h.head, &addr("dave@example.net"), &absent)
+            .await
+            .is_err()
+    );
+    // Against the head of epoch 1 (alice and bob published) it proves nothing.
+    publish(&dir, &alice_and_bob()).await;
+    let h1 = head(&dir, &signer).await;
+    assert!(verify_absence(&h1.head, &carol, &absent).await.is_err());
+    let mut moved = absent.clone();
+    moved.epoch = h1.head.epoch;
+    moved.root_hash = h1.head.root_hash;
+    assert!(verify_absence(&h1.head, &carol, &moved).await.is_err());
+    // An epoch-0 head naming another root (not the empty tree's) gets no pass either.
+    let mut other = h.head.clone();
+    other.root_hash = h1.head.root_hash;
+    let mut claimed = absent.clone();
+    claimed.root_hash = other.root_hash;
+    assert!(verify_absence(&other, &carol, &claimed).await.is_err());
+}
+
 #[tokio::test]
 async fn absence_proofs_verify_for_unknown_addresses_only() {
     let (_, signer, dir) = fresh().await;

@@ -2,7 +2,10 @@
 //! accepted (signature and cosignatures checked, [`super::head`]) and fails with
 //! [`TransparencyError::Verification`] on anything but the directory's committed state.
 
+use akd::append_only_zks::Azks;
 use akd::ecvrf::{Proof, VRFKeyStorage, VRFPublicKey, VrfError};
+use akd::storage::StorageManager;
+use akd::storage::memory::AsyncInMemoryDatabase;
 use akd::{AkdLabel, AppendOnlyProof, Configuration, LookupProof, VersionFreshness};
 
 use super::directory::AbsenceProof;
@@ -55,10 +58,29 @@ pub async fn verify_absence(head: &Head, address: &Address, proof: &AbsenceProof
             "the non-membership proof is for another position than the address's",
         ));
     }
+    // The empty tree (every directory's epoch 0, before its first publication) holds no
+    // address at all; akd's non-membership verifier refuses its proof (the root has no
+    // children to take a longest prefix from), so its root, computed here, is the proof.
+    if head.root_hash == empty_root().await? {
+        return Ok(());
+    }
     // akd exposes its non-membership verifier only behind `public_tests`; it is the same
     // function its lookup verification calls for the freshness proof.
     akd::verify::verify_nonmembership_for_tests_only::<Config>(head.root_hash, &proof.proof)
         .map_err(|e| rejected(head, address, &e.to_string()))
+}
+
+/// The root hash of an empty directory (akd's empty tree: every directory's epoch 0),
+/// computed once per process.
+pub(crate) async fn empty_root() -> Result<[u8; 32]> {
+    static EMPTY_ROOT: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    if let Some(root) = EMPTY_ROOT.get() {
+        return Ok(*root);
+    }
+    let manager = StorageManager::new_no_cache(AsyncInMemoryDatabase::new());
+    let azks = Azks::new::<Config, _>(&manager).await?;
+    let root = azks.get_root_hash::<Config, _>(&manager).await?;
+    Ok(*EMPTY_ROOT.get_or_init(|| root))
 }
 
 /// Verifies that the directory went from `old` to `new` only by appending: `intermediate`
