@@ -29,6 +29,40 @@ pub const MAX_BLOCKING: usize = 16;
 /// The permits: [`MAX_BLOCKING`] of them, handed out first come, first served.
 static PERMITS: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(MAX_BLOCKING)));
 
+/// Most file operations of the key directory (feature `transparency`) running on the
+/// blocking pool at once, per process, beside the key store's [`MAX_BLOCKING`].
+pub const MAX_DIRECTORY_BLOCKING: usize = 4;
+
+/// The key directory's permits: [`MAX_DIRECTORY_BLOCKING`] of them, first come, first served.
+static DIRECTORY_PERMITS: LazyLock<Arc<Semaphore>> =
+    LazyLock::new(|| Arc::new(Semaphore::new(MAX_DIRECTORY_BLOCKING)));
+
+/// Whose permits a blocking operation takes.
+///
+/// The key directory has a lane of its own: its writer is one thread per domain that builds
+/// one epoch at a time, and every publication waits for the epoch that records it. Queued
+/// behind the publications' own file work (a key written and flushed to disk holds a permit
+/// for the whole flush), each of the writer's reads and its commit waited for up to
+/// [`MAX_BLOCKING`] flushes: the epoch grew longer, and every publication waited longer
+/// for it (docs/BENCHMARKS.md, "The fs directory's lane").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// The key store's work ([`crate::FsStore`]): [`MAX_BLOCKING`] permits.
+    Store,
+    /// The key directory's work (`FsDirectoryStore`): [`MAX_DIRECTORY_BLOCKING`] permits.
+    #[cfg_attr(not(feature = "transparency"), allow(dead_code))]
+    Directory,
+}
+
+impl Lane {
+    fn permits(self) -> &'static Arc<Semaphore> {
+        match self {
+            Lane::Store => &PERMITS,
+            Lane::Directory => &DIRECTORY_PERMITS,
+        }
+    }
+}
+
 /// Operations running now, and the most there ever were (for tests and metrics).
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
@@ -68,19 +102,19 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T> + Send + 'static,
 {
-    bounded(f)
+    bounded(Lane::Store, f)
         .await
         .map_err(|why| Error::unavailable(COMPONENT, why))?
 }
 
 /// [`blocking`] for work with errors of its own (the key directory's): the work's result, or
 /// why it did not run (the queue closed, the task cancelled: temporary).
-pub(crate) async fn bounded<T, F>(f: F) -> std::result::Result<T, String>
+pub(crate) async fn bounded<T, F>(lane: Lane, f: F) -> std::result::Result<T, String>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    bounded_answering(move |answer: Answer<T>| {
+    bounded_answering(lane, move |answer: Answer<T>| {
         let _ = answer.send(f());
     })
     .await
@@ -96,13 +130,12 @@ pub(crate) type Answer<T> = tokio::sync::oneshot::Sender<T>;
 /// after the answer never needs another blocking thread or permit, so it cannot wait behind
 /// work that itself waits for it. Returns once the answer is sent; a panic before it is
 /// resumed in the caller; work that ends without sending is an error.
-pub(crate) async fn bounded_answering<T, F>(f: F) -> std::result::Result<T, String>
+pub(crate) async fn bounded_answering<T, F>(lane: Lane, f: F) -> std::result::Result<T, String>
 where
     T: Send + 'static,
     F: FnOnce(Answer<T>) + Send + 'static,
 {
-    let permit = PERMITS
-        .clone()
+    let permit = Arc::clone(lane.permits())
         .acquire_owned()
         .await
         .map_err(|e| format!("the file operation queue is closed: {e}"))?;
@@ -157,7 +190,7 @@ mod tests {
     async fn an_early_answer_returns_while_the_work_goes_on_with_its_permit() {
         let (release, wait) = std::sync::mpsc::channel::<()>();
         let (ended, mut has_ended) = tokio::sync::oneshot::channel::<()>();
-        let answer = bounded_answering(move |answer: Answer<u32>| {
+        let answer = bounded_answering(Lane::Store, move |answer: Answer<u32>| {
             answer.send(7).unwrap();
             wait.recv().unwrap();
             ended.send(()).unwrap();
@@ -176,11 +209,13 @@ mod tests {
     /// A panic before the answer reaches the caller; work that never answers is an error.
     #[tokio::test]
     async fn a_panic_before_the_answer_is_the_callers() {
-        let panicked = tokio::spawn(bounded_answering(|_: Answer<u32>| panic!("boom")))
-            .await
-            .unwrap_err();
+        let panicked = tokio::spawn(bounded_answering(Lane::Store, |_: Answer<u32>| {
+            panic!("boom")
+        }))
+        .await
+        .unwrap_err();
         assert!(panicked.is_panic());
-        let silent = bounded_answering(|answer: Answer<u32>| drop(answer)).await;
+        let silent = bounded_answering(Lane::Store, |answer: Answer<u32>| drop(answer)).await;
         assert!(silent.unwrap_err().contains("without an answer"));
     }
 }
