@@ -1,10 +1,11 @@
-//! The bound on blocking file work: at most [`MAX_BLOCKING`] operations of the store run on
-//! Tokio's blocking thread pool at once, process-wide; the others wait their turn in FIFO
-//! order (a fair semaphore), without a thread. The key store ([`crate::FsStore`]) and the
-//! key directory (`FsDirectoryStore`, feature `transparency`) share the bound: one process's
-//! file work is at most [`MAX_BLOCKING`] threads, whichever of them asks. (The directory's
-//! background checkpoint, a `syncfs` every 64 epochs, runs on a thread of its own, at most
-//! one per domain at a time.)
+//! The bound on blocking file work: at most [`MAX_BLOCKING`] operations of the key store
+//! ([`crate::FsStore`]) run on Tokio's blocking thread pool at once, process-wide; the others
+//! wait their turn in FIFO order (a fair semaphore), without a thread. The key directory
+//! (`FsDirectoryStore`, feature `transparency`) has a lane of its own beside it
+//! ([`MAX_DIRECTORY_BLOCKING`], [`Lane`]), so one process's file work is at most
+//! [`MAX_BLOCKING`] + [`MAX_DIRECTORY_BLOCKING`] threads. (The directory's background
+//! checkpoint, a `syncfs` every 64 epochs, runs on a thread of its own, at most one per
+//! domain at a time.)
 //!
 //! Without it, a flood of look-ups whose files are not in the page cache (each one a
 //! `spawn_blocking`) grows the blocking pool to hundreds of threads (Tokio's default limit is
@@ -67,8 +68,8 @@ impl Lane {
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 
-/// How many file operations of the store run on the blocking pool right now (at most
-/// [`MAX_BLOCKING`]).
+/// How many file operations of the store and its key directory run on the blocking pool
+/// right now (at most [`MAX_BLOCKING`] + [`MAX_DIRECTORY_BLOCKING`]).
 pub fn blocking_in_flight() -> usize {
     IN_FLIGHT.load(Ordering::Relaxed)
 }
