@@ -31,8 +31,11 @@ pub const MAX_BLOCKING: usize = 16;
 static PERMITS: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(MAX_BLOCKING)));
 
 /// Most file operations of the key directory (feature `transparency`) running on the
-/// blocking pool at once, per process, beside the key store's [`MAX_BLOCKING`].
-pub const MAX_DIRECTORY_BLOCKING: usize = 4;
+/// blocking pool at once, per process, beside the key store's [`MAX_BLOCKING`]. Each
+/// domain's directory thread asks for one or two operations at a time (two reads at once
+/// before an epoch; a commit may go on writing the epoch's files after answering), so this
+/// is room for several domains' writers at once.
+pub const MAX_DIRECTORY_BLOCKING: usize = 8;
 
 /// The key directory's permits: [`MAX_DIRECTORY_BLOCKING`] of them, first come, first served.
 static DIRECTORY_PERMITS: LazyLock<Arc<Semaphore>> =
