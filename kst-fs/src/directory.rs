@@ -2236,7 +2236,7 @@ mod tests {
         });
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let ran_early = read.is_finished();
-        let in_flight = crate::blocking_in_flight();
+        let in_flight = crate::directory_blocking_in_flight();
         // Released before any assertion: a failing test must not leave threads waiting.
         tokio::task::spawn_blocking(move || release.wait())
             .await
@@ -2246,15 +2246,16 @@ mod tests {
             "directory work ran while {MAX_DIRECTORY_BLOCKING} directory operations held its lane"
         );
         assert!(
-            in_flight <= MAX_BLOCKING + MAX_DIRECTORY_BLOCKING,
-            "{in_flight} in flight"
+            in_flight <= MAX_DIRECTORY_BLOCKING,
+            "{in_flight} directory operations in flight"
         );
         for h in holders {
             h.await.unwrap().unwrap();
         }
         let root = read.await.unwrap().unwrap().unwrap();
         assert_eq!(root.0, 1);
-        assert!(crate::blocking_peak() <= MAX_BLOCKING + MAX_DIRECTORY_BLOCKING);
+        assert!(crate::blocking_peak() <= MAX_BLOCKING);
+        assert!(crate::directory_blocking_peak() <= MAX_DIRECTORY_BLOCKING);
     }
 }
 

@@ -67,35 +67,70 @@ impl Lane {
     }
 }
 
-/// Operations running now, and the most there ever were (for tests and metrics).
-static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
+/// Operations of one lane running now, and the most there ever were (for tests and metrics).
+struct Count {
+    in_flight: AtomicUsize,
+    peak: AtomicUsize,
+}
 
-/// How many file operations of the store and its key directory run on the blocking pool
-/// right now (at most [`MAX_BLOCKING`] + [`MAX_DIRECTORY_BLOCKING`]).
+static STORE_COUNT: Count = Count {
+    in_flight: AtomicUsize::new(0),
+    peak: AtomicUsize::new(0),
+};
+
+static DIRECTORY_COUNT: Count = Count {
+    in_flight: AtomicUsize::new(0),
+    peak: AtomicUsize::new(0),
+};
+
+impl Lane {
+    fn count(self) -> &'static Count {
+        match self {
+            Lane::Store => &STORE_COUNT,
+            Lane::Directory => &DIRECTORY_COUNT,
+        }
+    }
+}
+
+/// How many file operations of the key store run on the blocking pool right now (at most
+/// [`MAX_BLOCKING`]).
 pub fn blocking_in_flight() -> usize {
-    IN_FLIGHT.load(Ordering::Relaxed)
+    STORE_COUNT.in_flight.load(Ordering::Relaxed)
 }
 
-/// The most file operations that ever ran on the blocking pool at once in this process.
+/// The most file operations of the key store that ever ran on the blocking pool at once in
+/// this process.
 pub fn blocking_peak() -> usize {
-    PEAK.load(Ordering::Relaxed)
+    STORE_COUNT.peak.load(Ordering::Relaxed)
 }
 
-/// Counts one running operation while it lives.
-struct Running;
+/// How many file operations of the key directory run on the blocking pool right now (at
+/// most [`MAX_DIRECTORY_BLOCKING`]).
+pub fn directory_blocking_in_flight() -> usize {
+    DIRECTORY_COUNT.in_flight.load(Ordering::Relaxed)
+}
+
+/// The most file operations of the key directory that ever ran on the blocking pool at once
+/// in this process.
+pub fn directory_blocking_peak() -> usize {
+    DIRECTORY_COUNT.peak.load(Ordering::Relaxed)
+}
+
+/// Counts one running operation of its lane while it lives.
+struct Running(&'static Count);
 
 impl Running {
-    fn start() -> Running {
-        let now = IN_FLIGHT.fetch_add(1, Ordering::Relaxed) + 1;
-        PEAK.fetch_max(now, Ordering::Relaxed);
-        Running
+    fn start(lane: Lane) -> Running {
+        let count = lane.count();
+        let now = count.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        count.peak.fetch_max(now, Ordering::Relaxed);
+        Running(count)
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -146,7 +181,7 @@ where
     let (answer, answered) = tokio::sync::oneshot::channel();
     let run = move || {
         let _permit = permit;
-        let _running = Running::start();
+        let _running = Running::start(lane);
         f(answer)
     };
     let work = tokio::task::spawn_blocking(run);
