@@ -20,7 +20,9 @@
 # size, e.g. 4G: the runs' stores and spools go on a fresh ext4 of that size made without a
 # journal, like the test machine's, and loop-mounted for this invocation; needs root. On an
 # ext4 without a journal every inode freed in the minutes before, by an earlier run's cleanup
-# or other tests, makes each file created cost ~300 µs more: docs/BENCHMARKS.md).
+# or other tests, makes each file created cost ~300 µs more: docs/BENCHMARKS.md),
+# BENCH_FRESH_FS_JOURNAL (1: that file system made with a journal, as mkfs.ext4 makes it by
+# default and distributions install it).
 set -euo pipefail
 CS="${BENCH_C:-8}"
 PUB="${BENCH_PUB:-2000}"
@@ -42,7 +44,9 @@ MOUNTED=""
 if [ -n "$FRESH_FS" ]; then
   IMAGE="$(mktemp "/var/tmp/kst-bench-kt-fs.XXXXXX")"
   truncate -s "$FRESH_FS" "$IMAGE"
-  mkfs.ext4 -q -F -O ^has_journal "$IMAGE" || die "BENCH_FRESH_FS: mkfs.ext4 of $IMAGE failed"
+  FEATURES="^has_journal"
+  [ "${BENCH_FRESH_FS_JOURNAL:-0}" = 1 ] && FEATURES="has_journal"
+  mkfs.ext4 -q -F -O "$FEATURES" "$IMAGE" || die "BENCH_FRESH_FS: mkfs.ext4 of $IMAGE failed"
   mount -o loop "$IMAGE" "$WORK" || die "BENCH_FRESH_FS: cannot loop-mount $IMAGE on $WORK (root needed)"
   MOUNTED="$WORK"
   rm -f "$IMAGE" # the mount keeps it until it is unmounted
@@ -193,4 +197,4 @@ echo
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -sr); load average of each run in $RESULTS (kept below)."
 python3 -c "import json,sys; [print(f\"  {r['store']} c={r.get('c')} {r['kt']}: {r['rate']:.0f} msg/s, load {r['load']}\") for r in map(json.loads, open(sys.argv[1]))]" "$RESULTS"
 echo "uptime at the end: $(uptime)"
-echo "Command: ${FRESH_FS:+BENCH_FRESH_FS=$FRESH_FS }BENCH_C=\"$CS\" BENCH_PUB=$PUB BENCH_ROUNDS=$ROUNDS BENCH_STORES=\"$STORES\" scripts/bench-transparency.sh"
+echo "Command: ${FRESH_FS:+BENCH_FRESH_FS=$FRESH_FS }${BENCH_FRESH_FS_JOURNAL:+BENCH_FRESH_FS_JOURNAL=$BENCH_FRESH_FS_JOURNAL }BENCH_C=\"$CS\" BENCH_PUB=$PUB BENCH_ROUNDS=$ROUNDS BENCH_STORES=\"$STORES\" scripts/bench-transparency.sh"

@@ -66,6 +66,7 @@ use kst_core::transparency::{
 use sha2::{Digest, Sha256};
 
 use crate::journal;
+use crate::pool::Lane;
 
 /// Directory of the key directories, under the store's root.
 pub(crate) const KT_DIR: &str = "kt";
@@ -1103,12 +1104,13 @@ fn list_files<K>(
     Ok(out)
 }
 
-/// Runs the directory's file work on the blocking pool under the key store's bound
-/// ([`crate::MAX_BLOCKING`] at once per process, FIFO: [`crate::pool`]).
+/// Runs the directory's file work on the blocking pool in the directory's lane
+/// ([`crate::MAX_DIRECTORY_BLOCKING`] at once per process, FIFO, beside the key store's
+/// bound: [`crate::pool`]).
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, DirectoryStoreError> + Send + 'static,
 ) -> Result<T, DirectoryStoreError> {
-    crate::pool::bounded(f)
+    crate::pool::bounded(Lane::Directory, f)
         .await
         .map_err(DirectoryStoreError::Unavailable)?
 }
@@ -1197,9 +1199,11 @@ impl DirectoryStore for FsDirectoryStore {
     /// its files are still being written under the domain's lock ([`commit`]).
     async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
-        crate::pool::bounded_answering(move |answer| commit(&dir, batch, boot.as_deref(), answer))
-            .await
-            .map_err(DirectoryStoreError::Unavailable)?
+        crate::pool::bounded_answering(Lane::Directory, move |answer| {
+            commit(&dir, batch, boot.as_deref(), answer)
+        })
+        .await
+        .map_err(DirectoryStoreError::Unavailable)?
     }
 
     async fn insert_head(
@@ -2166,60 +2170,92 @@ mod tests {
         assert_eq!(journal::checkpoint(&dir).unwrap(), Some(4));
     }
 
-    /// The directory's file work is under the key store's bound ([`crate::MAX_BLOCKING`]
-    /// per process): while that many file operations of the store run, a directory read and
-    /// a commit wait for a permit, and they finish once the operations do. (On
-    /// `spawn_blocking` of its own, the directory ran beside them: up to Tokio's 512 threads.)
+    /// The directory's file work has a lane of its own beside the key store's bound: while
+    /// [`crate::MAX_BLOCKING`] file operations of the key store run (publications flushing
+    /// their keys), a directory read and a commit still run at once, so the writer's epoch,
+    /// which every publication waits for, does not queue behind them. The directory's lane is
+    /// bounded in turn: while [`crate::MAX_DIRECTORY_BLOCKING`] directory operations run, the
+    /// next one waits, and it finishes once they do. (Before, the directory shared the key
+    /// store's permits, FIFO; on `spawn_blocking` of its own before that, it ran beside them up
+    /// to Tokio's 512 threads.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn directory_work_waits_for_the_blocking_bound() {
-        use crate::MAX_BLOCKING;
+    async fn directory_work_has_a_bounded_lane_of_its_own() {
+        use crate::{MAX_BLOCKING, MAX_DIRECTORY_BLOCKING};
         let tmp = tempfile::tempdir().unwrap();
         let store = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
         store.commit(D, first()).await.unwrap();
 
-        let (started, mut running) = tokio::sync::mpsc::unbounded_channel();
-        let release = std::sync::Arc::new(std::sync::Barrier::new(MAX_BLOCKING + 1));
-        let holders: Vec<_> = (0..MAX_BLOCKING)
-            .map(|_| {
-                let (started, release) = (started.clone(), release.clone());
-                tokio::spawn(crate::pool::blocking(move || {
-                    started.send(()).unwrap();
-                    release.wait();
-                    Ok(())
-                }))
-            })
-            .collect();
+        // `n` operations of `lane` that run until released.
+        let hold = |lane: Lane, n: usize| {
+            let (started, running) = tokio::sync::mpsc::unbounded_channel();
+            let release = std::sync::Arc::new(std::sync::Barrier::new(n + 1));
+            let holders: Vec<_> = (0..n)
+                .map(|_| {
+                    let (started, release) = (started.clone(), release.clone());
+                    tokio::spawn(crate::pool::bounded(lane, move || {
+                        started.send(()).unwrap();
+                        release.wait();
+                    }))
+                })
+                .collect();
+            (holders, running, release)
+        };
+
+        // The key store's bound taken whole: the directory reads and commits meanwhile.
+        let (holders, mut running, release) = hold(Lane::Store, MAX_BLOCKING);
         for _ in 0..MAX_BLOCKING {
+            running.recv().await.unwrap();
+        }
+        let ran = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            let root = store.root(D).await?;
+            store.commit(D, epoch(1)).await?;
+            Ok::<_, DirectoryStoreError>(root)
+        })
+        .await;
+        let released = release.clone();
+        tokio::task::spawn_blocking(move || released.wait())
+            .await
+            .unwrap();
+        for h in holders {
+            h.await.unwrap().unwrap();
+        }
+        let root = ran
+            .expect("the directory waited behind the key store's file operations")
+            .unwrap();
+        assert_eq!(root.map(|(e, _)| e), Some(0));
+        holds(&store, 1).await;
+
+        // The directory's own lane taken whole: the next directory read waits for it.
+        let (holders, mut running, release) = hold(Lane::Directory, MAX_DIRECTORY_BLOCKING);
+        for _ in 0..MAX_DIRECTORY_BLOCKING {
             running.recv().await.unwrap();
         }
         let read = tokio::spawn({
             let store = store.clone();
             async move { store.root(D).await }
         });
-        let commit = tokio::spawn({
-            let store = store.clone();
-            async move { store.commit(D, epoch(1)).await }
-        });
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        let ran_early = read.is_finished() || commit.is_finished();
-        let in_flight = crate::blocking_in_flight();
+        let ran_early = read.is_finished();
+        let in_flight = crate::directory_blocking_in_flight();
         // Released before any assertion: a failing test must not leave threads waiting.
         tokio::task::spawn_blocking(move || release.wait())
             .await
             .unwrap();
         assert!(
             !ran_early,
-            "directory work ran while {MAX_BLOCKING} file operations held the bound"
+            "directory work ran while {MAX_DIRECTORY_BLOCKING} directory operations held its lane"
         );
-        assert!(in_flight <= MAX_BLOCKING, "{in_flight} in flight");
+        assert!(
+            in_flight <= MAX_DIRECTORY_BLOCKING,
+            "{in_flight} directory operations in flight"
+        );
         for h in holders {
             h.await.unwrap().unwrap();
         }
         let root = read.await.unwrap().unwrap().unwrap();
-        assert!(root.0 <= 1, "{root:?}");
-        commit.await.unwrap().unwrap();
-        holds(&store, 1).await;
+        assert_eq!(root.0, 1);
         assert!(crate::blocking_peak() <= MAX_BLOCKING);
+        assert!(crate::directory_blocking_peak() <= MAX_DIRECTORY_BLOCKING);
     }
 }
 

@@ -20,5 +20,8 @@ mod walk;
 
 #[cfg(feature = "transparency")]
 pub use directory::FsDirectoryStore;
-pub use pool::{MAX_BLOCKING, blocking_in_flight, blocking_peak};
+pub use pool::{
+    MAX_BLOCKING, MAX_DIRECTORY_BLOCKING, blocking_in_flight, blocking_peak,
+    directory_blocking_in_flight, directory_blocking_peak,
+};
 pub use store::FsStore;

@@ -1,10 +1,11 @@
-//! The bound on blocking file work: at most [`MAX_BLOCKING`] operations of the store run on
-//! Tokio's blocking thread pool at once, process-wide; the others wait their turn in FIFO
-//! order (a fair semaphore), without a thread. The key store ([`crate::FsStore`]) and the
-//! key directory (`FsDirectoryStore`, feature `transparency`) share the bound: one process's
-//! file work is at most [`MAX_BLOCKING`] threads, whichever of them asks. (The directory's
-//! background checkpoint, a `syncfs` every 64 epochs, runs on a thread of its own, at most
-//! one per domain at a time.)
+//! The bound on blocking file work: at most [`MAX_BLOCKING`] operations of the key store
+//! ([`crate::FsStore`]) run on Tokio's blocking thread pool at once, process-wide; the others
+//! wait their turn in FIFO order (a fair semaphore), without a thread. The key directory
+//! (`FsDirectoryStore`, feature `transparency`) has a lane of its own beside it
+//! ([`MAX_DIRECTORY_BLOCKING`], [`Lane`]), so one process's file work is at most
+//! [`MAX_BLOCKING`] + [`MAX_DIRECTORY_BLOCKING`] threads. (The directory's background
+//! checkpoint, a `syncfs` every 64 epochs, runs on a thread of its own, at most one per
+//! domain at a time.)
 //!
 //! Without it, a flood of look-ups whose files are not in the page cache (each one a
 //! `spawn_blocking`) grows the blocking pool to hundreds of threads (Tokio's default limit is
@@ -29,35 +30,107 @@ pub const MAX_BLOCKING: usize = 16;
 /// The permits: [`MAX_BLOCKING`] of them, handed out first come, first served.
 static PERMITS: LazyLock<Arc<Semaphore>> = LazyLock::new(|| Arc::new(Semaphore::new(MAX_BLOCKING)));
 
-/// Operations running now, and the most there ever were (for tests and metrics).
-static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
+/// Most file operations of the key directory (feature `transparency`) running on the
+/// blocking pool at once, per process, beside the key store's [`MAX_BLOCKING`]. Each
+/// domain's directory thread asks for one or two operations at a time (two reads at once
+/// before an epoch; a commit may go on writing the epoch's files after answering), so this
+/// is room for several domains' writers at once.
+pub const MAX_DIRECTORY_BLOCKING: usize = 8;
 
-/// How many file operations of the store run on the blocking pool right now (at most
+/// The key directory's permits: [`MAX_DIRECTORY_BLOCKING`] of them, first come, first served.
+static DIRECTORY_PERMITS: LazyLock<Arc<Semaphore>> =
+    LazyLock::new(|| Arc::new(Semaphore::new(MAX_DIRECTORY_BLOCKING)));
+
+/// Whose permits a blocking operation takes.
+///
+/// The key directory has a lane of its own: its writer is one thread per domain that builds
+/// one epoch at a time, and every publication waits for the epoch that records it. Queued
+/// behind the publications' own file work (a key written and flushed to disk holds a permit
+/// for the whole flush), each of the writer's reads and its commit waited for up to
+/// [`MAX_BLOCKING`] flushes: the epoch grew longer, and every publication waited longer
+/// for it (docs/BENCHMARKS.md, "The fs directory's lane").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// The key store's work ([`crate::FsStore`]): [`MAX_BLOCKING`] permits.
+    Store,
+    /// The key directory's work (`FsDirectoryStore`): [`MAX_DIRECTORY_BLOCKING`] permits.
+    #[cfg_attr(not(feature = "transparency"), allow(dead_code))]
+    Directory,
+}
+
+impl Lane {
+    fn permits(self) -> &'static Arc<Semaphore> {
+        match self {
+            Lane::Store => &PERMITS,
+            Lane::Directory => &DIRECTORY_PERMITS,
+        }
+    }
+}
+
+/// Operations of one lane running now, and the most there ever were (for tests and metrics).
+struct Count {
+    in_flight: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+static STORE_COUNT: Count = Count {
+    in_flight: AtomicUsize::new(0),
+    peak: AtomicUsize::new(0),
+};
+
+static DIRECTORY_COUNT: Count = Count {
+    in_flight: AtomicUsize::new(0),
+    peak: AtomicUsize::new(0),
+};
+
+impl Lane {
+    fn count(self) -> &'static Count {
+        match self {
+            Lane::Store => &STORE_COUNT,
+            Lane::Directory => &DIRECTORY_COUNT,
+        }
+    }
+}
+
+/// How many file operations of the key store run on the blocking pool right now (at most
 /// [`MAX_BLOCKING`]).
 pub fn blocking_in_flight() -> usize {
-    IN_FLIGHT.load(Ordering::Relaxed)
+    STORE_COUNT.in_flight.load(Ordering::Relaxed)
 }
 
-/// The most file operations that ever ran on the blocking pool at once in this process.
+/// The most file operations of the key store that ever ran on the blocking pool at once in
+/// this process.
 pub fn blocking_peak() -> usize {
-    PEAK.load(Ordering::Relaxed)
+    STORE_COUNT.peak.load(Ordering::Relaxed)
 }
 
-/// Counts one running operation while it lives.
-struct Running;
+/// How many file operations of the key directory run on the blocking pool right now (at
+/// most [`MAX_DIRECTORY_BLOCKING`]).
+pub fn directory_blocking_in_flight() -> usize {
+    DIRECTORY_COUNT.in_flight.load(Ordering::Relaxed)
+}
+
+/// The most file operations of the key directory that ever ran on the blocking pool at once
+/// in this process.
+pub fn directory_blocking_peak() -> usize {
+    DIRECTORY_COUNT.peak.load(Ordering::Relaxed)
+}
+
+/// Counts one running operation of its lane while it lives.
+struct Running(&'static Count);
 
 impl Running {
-    fn start() -> Running {
-        let now = IN_FLIGHT.fetch_add(1, Ordering::Relaxed) + 1;
-        PEAK.fetch_max(now, Ordering::Relaxed);
-        Running
+    fn start(lane: Lane) -> Running {
+        let count = lane.count();
+        let now = count.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        count.peak.fetch_max(now, Ordering::Relaxed);
+        Running(count)
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -68,19 +141,19 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T> + Send + 'static,
 {
-    bounded(f)
+    bounded(Lane::Store, f)
         .await
         .map_err(|why| Error::unavailable(COMPONENT, why))?
 }
 
 /// [`blocking`] for work with errors of its own (the key directory's): the work's result, or
 /// why it did not run (the queue closed, the task cancelled: temporary).
-pub(crate) async fn bounded<T, F>(f: F) -> std::result::Result<T, String>
+pub(crate) async fn bounded<T, F>(lane: Lane, f: F) -> std::result::Result<T, String>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    bounded_answering(move |answer: Answer<T>| {
+    bounded_answering(lane, move |answer: Answer<T>| {
         let _ = answer.send(f());
     })
     .await
@@ -96,20 +169,19 @@ pub(crate) type Answer<T> = tokio::sync::oneshot::Sender<T>;
 /// after the answer never needs another blocking thread or permit, so it cannot wait behind
 /// work that itself waits for it. Returns once the answer is sent; a panic before it is
 /// resumed in the caller; work that ends without sending is an error.
-pub(crate) async fn bounded_answering<T, F>(f: F) -> std::result::Result<T, String>
+pub(crate) async fn bounded_answering<T, F>(lane: Lane, f: F) -> std::result::Result<T, String>
 where
     T: Send + 'static,
     F: FnOnce(Answer<T>) + Send + 'static,
 {
-    let permit = PERMITS
-        .clone()
+    let permit = Arc::clone(lane.permits())
         .acquire_owned()
         .await
         .map_err(|e| format!("the file operation queue is closed: {e}"))?;
     let (answer, answered) = tokio::sync::oneshot::channel();
     let run = move || {
         let _permit = permit;
-        let _running = Running::start();
+        let _running = Running::start(lane);
         f(answer)
     };
     let work = tokio::task::spawn_blocking(run);
@@ -157,7 +229,7 @@ mod tests {
     async fn an_early_answer_returns_while_the_work_goes_on_with_its_permit() {
         let (release, wait) = std::sync::mpsc::channel::<()>();
         let (ended, mut has_ended) = tokio::sync::oneshot::channel::<()>();
-        let answer = bounded_answering(move |answer: Answer<u32>| {
+        let answer = bounded_answering(Lane::Store, move |answer: Answer<u32>| {
             answer.send(7).unwrap();
             wait.recv().unwrap();
             ended.send(()).unwrap();
@@ -176,11 +248,13 @@ mod tests {
     /// A panic before the answer reaches the caller; work that never answers is an error.
     #[tokio::test]
     async fn a_panic_before_the_answer_is_the_callers() {
-        let panicked = tokio::spawn(bounded_answering(|_: Answer<u32>| panic!("boom")))
-            .await
-            .unwrap_err();
+        let panicked = tokio::spawn(bounded_answering(Lane::Store, |_: Answer<u32>| {
+            panic!("boom")
+        }))
+        .await
+        .unwrap_err();
         assert!(panicked.is_panic());
-        let silent = bounded_answering(|answer: Answer<u32>| drop(answer)).await;
+        let silent = bounded_answering(Lane::Store, |answer: Answer<u32>| drop(answer)).await;
         assert!(silent.unwrap_err().contains("without an answer"));
     }
 }
