@@ -2256,6 +2256,262 @@ mod tests {
         assert_eq!(root.0, 1);
         assert!(crate::blocking_peak() <= MAX_BLOCKING + MAX_DIRECTORY_BLOCKING);
     }
+
+    /// Red team (the directory's lane): 20 domains, each with a writer committing epoch
+    /// after epoch (as `kst serve`'s 20 `DomainLog` threads do), while 32 readers flood every
+    /// domain with whole reads (lookups, audits), and one domain's epoch 3 cannot have its
+    /// files written after its answer for a while (a real `EISDIR`), so its readers take the
+    /// domain's lock exclusively inside their permits to roll it forward. Every writer
+    /// finishes every epoch, no read of any domain sees an epoch half-way, only the faulty
+    /// domain's reads fail (temporarily, while the fault lasts), and at no moment do more
+    /// than [`crate::MAX_BLOCKING`] + [`crate::MAX_DIRECTORY_BLOCKING`] file operations run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_reads_over_20_domains_starves_no_writer() {
+        use crate::{MAX_BLOCKING, MAX_DIRECTORY_BLOCKING};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+        use std::time::Duration;
+        const DOMAINS: usize = 20;
+        const LAST: u64 = 6;
+        const FAULTY: usize = 0;
+        let name = |i: usize| format!("d{i}.example");
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        let obstacle =
+            values_dir(&tmp.path().join(KT_DIR).join(name(FAULTY)), b"label").join(epoch_name(3));
+        std::fs::create_dir_all(&obstacle).unwrap();
+        for i in 0..DOMAINS {
+            store.commit(&name(i), first()).await.unwrap();
+        }
+
+        let done = Arc::new(AtomicBool::new(false));
+        let most = Arc::new(AtomicUsize::new(0));
+        let sampler = tokio::task::spawn_blocking({
+            let (done, most) = (done.clone(), most.clone());
+            move || {
+                while !done.load(Ordering::Relaxed) {
+                    most.fetch_max(crate::blocking_in_flight(), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        let faulty_failures = Arc::new(AtomicU64::new(0));
+        let readers: Vec<_> = (0..32)
+            .map(|r| {
+                let (store, done, failures) =
+                    (store.clone(), done.clone(), faulty_failures.clone());
+                tokio::spawn(async move {
+                    let mut last = vec![0u64; DOMAINS];
+                    let mut i = r % DOMAINS;
+                    let mut reads = 0u64;
+                    while !done.load(Ordering::Relaxed) {
+                        match store.root_and_nodes(&name(i), &[node(99)]).await {
+                            Ok((root, nodes)) => {
+                                let (e, blob) = root.unwrap();
+                                assert_eq!(blob, format!("r{e}").into_bytes());
+                                assert_eq!(
+                                    nodes,
+                                    vec![format!("s{e}").into_bytes()],
+                                    "domain {i}: epoch {e}'s root read with another epoch's node"
+                                );
+                                assert!(e >= last[i], "domain {i}: epoch {e} after {}", last[i]);
+                                last[i] = e;
+                                reads += 1;
+                            }
+                            Err(DirectoryStoreError::Unavailable(_)) if i == FAULTY => {
+                                failures.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => panic!("domain {i}: {e:?}"),
+                        }
+                        i = (i + 1) % DOMAINS;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        let writers: Vec<_> = (0..DOMAINS)
+            .map(|i| {
+                let (store, obstacle) = (store.clone(), obstacle.clone());
+                tokio::spawn(async move {
+                    for e in 1..=LAST {
+                        store.commit(&name(i), epoch(e)).await.unwrap();
+                        if i == FAULTY && e == 3 {
+                            // Readers try (and fail) to roll epoch 3 forward meanwhile.
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            std::fs::remove_dir(&obstacle).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        let finished = tokio::time::timeout(Duration::from_secs(60), async {
+            for w in writers {
+                w.await.unwrap();
+            }
+        })
+        .await;
+        done.store(true, Ordering::Relaxed);
+        let mut reads = 0;
+        for r in readers {
+            reads += r.await.unwrap();
+        }
+        sampler.await.unwrap();
+        finished.expect("a domain's writer did not finish its epochs within 60 s of reads");
+        assert!(reads > 0);
+        let most = most.load(Ordering::Relaxed);
+        assert!(
+            most <= MAX_BLOCKING + MAX_DIRECTORY_BLOCKING,
+            "{most} file operations ran at once"
+        );
+        assert!(crate::blocking_peak() <= MAX_BLOCKING + MAX_DIRECTORY_BLOCKING);
+        for i in 0..DOMAINS {
+            assert_eq!(
+                store.root(&name(i)).await.unwrap(),
+                Some((LAST, format!("r{LAST}").into_bytes())),
+                "domain {i}"
+            );
+            let heads = store.heads(&name(i), 1, LAST).await.unwrap();
+            let want: Vec<_> = (1..=LAST)
+                .map(|e| (e, format!("h{e}").into_bytes()))
+                .collect();
+            assert_eq!(heads, want, "domain {i}'s heads");
+        }
+        eprintln!(
+            "{reads} whole reads, {} failed reads of the faulty domain, at most {most} file operations at once",
+            faulty_failures.load(Ordering::Relaxed)
+        );
+    }
+
+    /// Red team (the directory's lane): 32 readers flooding one domain with shared locks
+    /// (Linux's `flock` does not queue a writer's exclusive lock ahead of new shared ones)
+    /// while its writer commits 30 epochs: every commit still gets its permit and the
+    /// domain's lock, and every read is whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_reads_of_one_domain_starves_no_commit() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+        const LAST: u64 = 30;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, _dir) = at_epoch_1(tmp.path()).await;
+        let done = Arc::new(AtomicBool::new(false));
+        let readers = spawn_readers(&a, 32, &done);
+        let mut slowest = Duration::ZERO;
+        let committed = tokio::time::timeout(Duration::from_secs(60), async {
+            for e in 2..=LAST {
+                let started = std::time::Instant::now();
+                a.commit(D, epoch(e)).await?;
+                slowest = slowest.max(started.elapsed());
+            }
+            Ok::<_, DirectoryStoreError>(())
+        })
+        .await;
+        done.store(true, Ordering::Relaxed);
+        let mut reads = 0;
+        for r in readers {
+            reads += r.await.unwrap();
+        }
+        committed
+            .expect("the writer's commits starved behind the readers' shared locks")
+            .unwrap();
+        assert!(reads > 0);
+        holds(&a, LAST).await;
+        eprintln!("{reads} whole reads; the slowest commit took {slowest:?}");
+    }
+
+    /// Red team (the directory's lane): a commit whose caller stops waiting (a timeout)
+    /// while the commit waits for the domain's lock (another process of the pool holds it)
+    /// keeps its permit until its work ends, and commits once the lock is free: the caller's
+    /// timeout is no proof that the epoch was not committed. Its caller's retry of the same
+    /// batch is then stopped by the fence (a conflict: the writer reloads, never a second
+    /// epoch 2), and the next epoch builds on it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_whose_caller_gave_up_keeps_its_permit_and_commits_once() {
+        use crate::MAX_DIRECTORY_BLOCKING;
+        use std::time::Duration;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        // Another process of the pool, mid-commit: its own open file, the lock exclusive.
+        let other = DomainLock::acquire(&dir).unwrap();
+        let gave_up = tokio::time::timeout(Duration::from_millis(200), a.commit(D, epoch(2))).await;
+        assert!(
+            gave_up.is_err(),
+            "the commit ran while another held the lock"
+        );
+        // The commit's work still waits for the lock, on its thread, with its permit.
+        let held = crate::pool::directory_permits_available() < MAX_DIRECTORY_BLOCKING;
+        let root_meanwhile = read_root(&dir).unwrap();
+        drop(other);
+        assert!(
+            held,
+            "the cancelled commit's permit was given back while its work ran"
+        );
+        assert_eq!(root_meanwhile, Some((1, b"r1".to_vec())));
+        // Once the lock is free the abandoned commit commits epoch 2; the caller retries.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while read_root(&dir).unwrap().map(|(e, _)| e) != Some(2) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the abandoned commit never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let retry = a.commit(D, epoch(2)).await;
+        assert!(
+            matches!(retry, Err(DirectoryStoreError::Conflict(_))),
+            "{retry:?}"
+        );
+        holds(&a, 2).await;
+        a.commit(D, epoch(3)).await.unwrap();
+        holds(&a, 3).await;
+        assert_eq!(frames(&dir), vec![1, 2, 3]);
+    }
+
+    /// Red team (the directory's lane): one domain's lock held for long (another process of
+    /// the pool stalled mid-commit: frozen, or its disk slow) while lookups of that domain
+    /// keep coming. Those reads wait for the lock, but not on the lane's permits: the other
+    /// domains' reads and commits go on meanwhile, and the waiting reads finish once the lock
+    /// is free. (Reads that waited for the lock holding their permits took all
+    /// [`crate::MAX_DIRECTORY_BLOCKING`] of them, and every domain's epoch stopped behind one
+    /// domain's lock.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_waiting_for_one_domains_lock_stop_no_other_domain() {
+        use crate::MAX_DIRECTORY_BLOCKING;
+        use std::time::Duration;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        const OTHER: &str = "other.example";
+        a.commit(OTHER, first()).await.unwrap();
+        let stalled = DomainLock::acquire(&dir).unwrap();
+        let waiting: Vec<_> = (0..2 * MAX_DIRECTORY_BLOCKING)
+            .map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move { a.root_and_nodes(D, &[node(99)]).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let others = tokio::time::timeout(Duration::from_secs(5), async {
+            a.commit(OTHER, epoch(1)).await?;
+            a.root(OTHER).await
+        })
+        .await;
+        let still_waiting = waiting.iter().all(|w| !w.is_finished());
+        // Released before any assertion: a failing test must not leave reads waiting.
+        drop(stalled);
+        for w in waiting {
+            let (root, nodes) = w.await.unwrap().unwrap();
+            assert_eq!(root, Some((1, b"r1".to_vec())));
+            assert_eq!(nodes, vec![b"s1".to_vec()]);
+        }
+        assert!(
+            still_waiting,
+            "a read ran while another held the domain's lock"
+        );
+        let other_root = others
+            .expect("another domain's commit waited behind one domain's lock")
+            .unwrap();
+        assert_eq!(other_root, Some((1, b"r1".to_vec())));
+    }
 }
 
 /// What an fs epoch's commit costs, journaled and not (run by hand:

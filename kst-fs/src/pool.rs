@@ -67,6 +67,12 @@ impl Lane {
     }
 }
 
+/// How many of the key directory's permits are free now (for tests).
+#[cfg(test)]
+pub(crate) fn directory_permits_available() -> usize {
+    DIRECTORY_PERMITS.available_permits()
+}
+
 /// Operations running now, and the most there ever were (for tests and metrics).
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
