@@ -65,10 +65,33 @@ impl Lane {
             Lane::Directory => &DIRECTORY_PERMITS,
         }
     }
+
+    /// The lane's operations running now and the most there ever were.
+    fn counts(self) -> &'static [AtomicUsize; 2] {
+        static STORE: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+        static DIRECTORY: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+        match self {
+            Lane::Store => &STORE,
+            Lane::Directory => &DIRECTORY,
+        }
+    }
+
+    /// How many of this lane's operations run now (for tests: [`blocking_in_flight`] counts
+    /// both lanes, so a test of one lane cannot use it beside tests of the other).
+    #[cfg(test)]
+    pub(crate) fn in_flight(self) -> usize {
+        self.counts()[0].load(Ordering::Relaxed)
+    }
+
+    /// The most of this lane's operations that ever ran at once in this process (for tests).
+    #[cfg(test)]
+    pub(crate) fn peak(self) -> usize {
+        self.counts()[1].load(Ordering::Relaxed)
+    }
 }
 
 /// How many of the key directory's permits are free now (for tests).
-#[cfg(test)]
+#[cfg(all(test, feature = "transparency"))]
 pub(crate) fn directory_permits_available() -> usize {
     DIRECTORY_PERMITS.available_permits()
 }
@@ -88,20 +111,24 @@ pub fn blocking_peak() -> usize {
     PEAK.load(Ordering::Relaxed)
 }
 
-/// Counts one running operation while it lives.
-struct Running;
+/// Counts one running operation of its lane while it lives.
+struct Running(Lane);
 
 impl Running {
-    fn start() -> Running {
+    fn start(lane: Lane) -> Running {
         let now = IN_FLIGHT.fetch_add(1, Ordering::Relaxed) + 1;
         PEAK.fetch_max(now, Ordering::Relaxed);
-        Running
+        let [in_flight, peak] = lane.counts();
+        let now = in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        peak.fetch_max(now, Ordering::Relaxed);
+        Running(lane)
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+        self.0.counts()[0].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -152,7 +179,7 @@ where
     let (answer, answered) = tokio::sync::oneshot::channel();
     let run = move || {
         let _permit = permit;
-        let _running = Running::start();
+        let _running = Running::start(lane);
         f(answer)
     };
     let work = tokio::task::spawn_blocking(run);
@@ -175,13 +202,14 @@ mod tests {
     use super::*;
 
     /// 100 operations of 20 ms at once: never more than MAX_BLOCKING run, and the bound is
-    /// reached (they do run side by side), and each one's result comes back.
+    /// reached (they do run side by side), and each one's result comes back. (Counted in the
+    /// key store's lane: the directory's tests run beside this one.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn at_most_max_blocking_run_at_once() {
         let tasks: Vec<_> = (0..100)
             .map(|i| {
                 tokio::spawn(blocking(move || {
-                    let now = blocking_in_flight();
+                    let now = Lane::Store.in_flight();
                     assert!(now <= MAX_BLOCKING, "{now} in flight");
                     std::thread::sleep(Duration::from_millis(20));
                     Ok(i)
@@ -191,7 +219,8 @@ mod tests {
         for (i, t) in tasks.into_iter().enumerate() {
             assert_eq!(t.await.unwrap().unwrap(), i);
         }
-        assert_eq!(blocking_peak(), MAX_BLOCKING);
+        assert_eq!(Lane::Store.peak(), MAX_BLOCKING);
+        assert!(blocking_peak() <= MAX_BLOCKING + MAX_DIRECTORY_BLOCKING);
     }
 
     /// Work that answers early: its caller has the answer while the work still runs, and
