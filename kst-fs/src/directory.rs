@@ -195,18 +195,21 @@ struct DomainLock {
 }
 
 impl DomainLock {
-    /// The shared lock readers take: no read sees a commit half-way (a tree node written for
-    /// the next epoch next to one not yet written).
-    fn shared(dir: &Path) -> Result<Option<DomainLock>, DirectoryStoreError> {
+    /// The shared lock readers take, if it is free now: no read sees a commit half-way (a
+    /// tree node written for the next epoch next to one not yet written). [`Shared::Busy`]
+    /// while a writer holds the lock: the read waits for it without a permit of the
+    /// directory's lane ([`reading`]).
+    fn try_shared(dir: &Path) -> Result<Shared, DirectoryStoreError> {
         let path = dir.join("lock");
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Shared::Held(None)),
             Err(e) => return Err(unavailable("open", &path, e)),
         };
         loop {
-            match FileExt::lock_shared(&file) {
-                Ok(()) => return Ok(Some(DomainLock { _file: file })),
+            match FileExt::try_lock_shared(&file) {
+                Ok(true) => return Ok(Shared::Held(Some(DomainLock { _file: file }))),
+                Ok(false) => return Ok(Shared::Busy),
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(unavailable("lock", &path, e)),
             }
@@ -231,6 +234,14 @@ impl DomainLock {
             }
         }
     }
+}
+
+/// A read's hold on its domain's lock ([`DomainLock::try_shared`], [`read_lock`]).
+enum Shared {
+    /// The lock held shared (`None`: the domain has no lock file, nothing committed yet).
+    Held(Option<DomainLock>),
+    /// A writer (of this process or another of the pool) holds the lock now.
+    Busy,
 }
 
 /// The domains (with the boot id) this process found free of frames a machine crash left:
@@ -283,24 +294,27 @@ fn dead_writer(dir: &Path) -> Result<bool, DirectoryStoreError> {
     })
 }
 
-/// The shared lock a read of `dir` holds, after [`ensure_recovered`]. A read that waited
-/// for the lock while a commit's files failed to be written after its answer (the commit
-/// then made this process check again, [`write_files`]) finds `dir` no longer checked once it
-/// holds the lock: it lets the lock go and rolls the epoch forward first, so no read sees the
-/// root of one epoch with files of the next.
-fn read_lock(dir: &Path, boot: Option<&str>) -> Result<Option<DomainLock>, DirectoryStoreError> {
+/// The shared lock a read of `dir` holds, after [`ensure_recovered`], or [`Shared::Busy`]
+/// while a writer holds it (the read tries again later, [`reading`]). A read that finds, once
+/// it holds the lock, that a commit's files failed to be written after its answer (the commit
+/// then made this process check again, [`write_files`]) lets the lock go and rolls the epoch
+/// forward first, so no read sees the root of one epoch with files of the next.
+fn read_lock(dir: &Path, boot: Option<&str>) -> Result<Shared, DirectoryStoreError> {
     for _ in 0..3 {
         ensure_recovered(dir, boot)?;
-        let shared = DomainLock::shared(dir)?;
+        let shared = match DomainLock::try_shared(dir)? {
+            Shared::Held(Some(shared)) => shared,
+            other => return Ok(other),
+        };
         match boot {
-            Some(boot) if shared.is_some() && !is_recovered(dir, boot) => drop(shared),
+            Some(boot) if !is_recovered(dir, boot) => drop(shared),
             // Another process of the pool died (or failed) between its commit point and
             // its files: roll its epoch forward before reading.
-            Some(boot) if shared.is_some() && dead_writer(dir)? => {
+            Some(boot) if dead_writer(dir)? => {
                 drop(shared);
                 forget_recovered(dir, boot);
             }
-            _ => return Ok(shared),
+            _ => return Ok(Shared::Held(Some(shared))),
         }
     }
     Err(DirectoryStoreError::Unavailable(format!(
@@ -1115,6 +1129,40 @@ async fn blocking<T: Send + 'static>(
         .map_err(DirectoryStoreError::Unavailable)?
 }
 
+/// The first pause of a read that found its domain's lock held by a writer, doubled after
+/// each try up to [`LOCK_PAUSE_MOST`].
+const LOCK_PAUSE_FIRST: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The longest pause between a read's tries of its domain's lock.
+const LOCK_PAUSE_MOST: std::time::Duration = std::time::Duration::from_millis(16);
+
+/// A read of the domain at `dir`: `f` on the directory's lane ([`blocking`]) under the
+/// domain's shared lock ([`read_lock`]). While a writer holds the lock (a commit writing its
+/// epoch's files, or another process of the pool stalled mid-commit), the read gives its
+/// permit back and tries again after a pause, so reads piling up behind one domain's lock
+/// never hold every permit of the lane while other domains' reads and commits wait for one.
+async fn reading<T, F>(dir: PathBuf, boot: Option<String>, f: F) -> Result<T, DirectoryStoreError>
+where
+    T: Send + 'static,
+    F: Fn(&Path) -> Result<T, DirectoryStoreError> + Send + Sync + 'static,
+{
+    let f = std::sync::Arc::new(f);
+    let mut pause = LOCK_PAUSE_FIRST;
+    loop {
+        let (d, b, g) = (dir.clone(), boot.clone(), f.clone());
+        let read = blocking(move || match read_lock(&d, b.as_deref())? {
+            Shared::Held(_shared) => g(&d).map(Some),
+            Shared::Busy => Ok(None),
+        })
+        .await?;
+        if let Some(read) = read {
+            return Ok(read);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(LOCK_PAUSE_MOST);
+    }
+}
+
 #[async_trait]
 impl DirectoryStore for FsDirectoryStore {
     fn name(&self) -> &'static str {
@@ -1123,11 +1171,7 @@ impl DirectoryStore for FsDirectoryStore {
 
     async fn root(&self, domain: &str) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
-        blocking(move || {
-            let _shared = read_lock(&dir, boot.as_deref())?;
-            read_root(&dir)
-        })
-        .await
+        reading(dir, boot, read_root).await
     }
 
     async fn nodes(
@@ -1137,11 +1181,7 @@ impl DirectoryStore for FsDirectoryStore {
     ) -> Result<Vec<Vec<u8>>, DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let keys = keys.to_vec();
-        blocking(move || {
-            let _shared = read_lock(&dir, boot.as_deref())?;
-            read_nodes(&dir, &keys)
-        })
-        .await
+        reading(dir, boot, move |dir| read_nodes(dir, &keys)).await
     }
 
     async fn root_and_nodes(
@@ -1152,9 +1192,8 @@ impl DirectoryStore for FsDirectoryStore {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let keys = keys.to_vec();
         // One blocking call and one shared lock: the root and the nodes of one moment.
-        blocking(move || {
-            let _shared = read_lock(&dir, boot.as_deref())?;
-            Ok((read_root(&dir)?, read_nodes(&dir, &keys)?))
+        reading(dir, boot, move |dir| {
+            Ok((read_root(dir)?, read_nodes(dir, &keys)?))
         })
         .await
     }
@@ -1166,8 +1205,7 @@ impl DirectoryStore for FsDirectoryStore {
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
         let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let dir = values_dir(&domain_dir, label);
-        blocking(move || {
-            let _shared = read_lock(&domain_dir, boot.as_deref())?;
+        reading(domain_dir, boot, move |_| {
             list_files(&dir, |name| name.parse::<u64>().ok())
         })
         .await
@@ -1181,11 +1219,10 @@ impl DirectoryStore for FsDirectoryStore {
         let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let labels = labels.to_vec();
         // Every label in one blocking call under one shared lock.
-        blocking(move || {
-            let _shared = read_lock(&domain_dir, boot.as_deref())?;
+        reading(domain_dir, boot, move |domain_dir| {
             let mut out = Vec::new();
-            for label in labels {
-                let states = list_files(&values_dir(&domain_dir, &label), |name| {
+            for label in &labels {
+                let states = list_files(&values_dir(domain_dir, label), |name| {
                     name.parse::<u64>().ok()
                 })?;
                 out.extend(states.into_iter().map(|(e, b)| (label.clone(), e, b)));
@@ -1214,10 +1251,9 @@ impl DirectoryStore for FsDirectoryStore {
     ) -> Result<Vec<u8>, DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let head = head.to_vec();
-        blocking(move || {
+        reading(dir, boot, move |dir| {
             // After a commit whose files (its head among them) are being written.
-            let _shared = read_lock(&dir, boot.as_deref())?;
-            insert_head(&dir, epoch, &head)
+            insert_head(dir, epoch, &head)
         })
         .await
     }
@@ -1230,9 +1266,8 @@ impl DirectoryStore for FsDirectoryStore {
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
         let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let dir = heads_dir(&domain_dir);
-        blocking(move || {
+        reading(domain_dir, boot, move |_| {
             // A committed epoch's head is linked with its files, under the lock.
-            let _shared = read_lock(&domain_dir, boot.as_deref())?;
             let mut out = Vec::new();
             for epoch in from..=to {
                 if let Some(blob) = read(&dir.join(epoch_name(epoch)))? {
@@ -2301,7 +2336,7 @@ mod tests {
                 let (store, done, failures) =
                     (store.clone(), done.clone(), faulty_failures.clone());
                 tokio::spawn(async move {
-                    let mut last = vec![0u64; DOMAINS];
+                    let mut last = [0u64; DOMAINS];
                     let mut i = r % DOMAINS;
                     let mut reads = 0u64;
                     while !done.load(Ordering::Relaxed) {
