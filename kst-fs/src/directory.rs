@@ -2547,6 +2547,54 @@ mod tests {
             .unwrap();
         assert_eq!(other_root, Some((1, b"r1".to_vec())));
     }
+
+    /// [`reads_waiting_for_one_domains_lock_stop_no_other_domain`] for a process's first
+    /// reads of a domain (or reads after a failed epoch): another process of the pool stalled
+    /// after its commit point (its frame durable, its files not written, its lock held), so
+    /// this process's reads take it for a dead writer and want the lock exclusively to roll
+    /// the epoch forward. They wait for it without permits too, and roll it forward once
+    /// it is free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_waiting_to_roll_one_domain_forward_stop_no_other_domain() {
+        use crate::MAX_DIRECTORY_BLOCKING;
+        use std::time::Duration;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        const OTHER: &str = "other-roll.example";
+        a.commit(OTHER, first()).await.unwrap();
+        let stalled = DomainLock::acquire(&dir).unwrap();
+        journal::write_frame(&dir, &epoch(2)).unwrap();
+        forget_recovered(&dir, "boot-1");
+        let waiting: Vec<_> = (0..2 * MAX_DIRECTORY_BLOCKING)
+            .map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move { a.root_and_nodes(D, &[node(99)]).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let others = tokio::time::timeout(Duration::from_secs(5), async {
+            a.commit(OTHER, epoch(1)).await?;
+            a.root(OTHER).await
+        })
+        .await;
+        let still_waiting = waiting.iter().all(|w| !w.is_finished());
+        // Released before any assertion: a failing test must not leave reads waiting.
+        drop(stalled);
+        for w in waiting {
+            let (root, nodes) = w.await.unwrap().unwrap();
+            assert_eq!(root, Some((2, b"r2".to_vec())));
+            assert_eq!(nodes, vec![b"s2".to_vec()]);
+        }
+        assert!(
+            still_waiting,
+            "a read ran while another held the domain's lock"
+        );
+        let other_root = others
+            .expect("another domain's commit waited behind reads rolling one domain forward")
+            .unwrap();
+        assert_eq!(other_root, Some((1, b"r1".to_vec())));
+        holds(&a, 2).await;
+    }
 }
 
 /// What an fs epoch's commit costs, journaled and not (run by hand:
