@@ -217,6 +217,31 @@ impl DomainLock {
     }
 
     fn acquire(dir: &Path) -> Result<DomainLock, DirectoryStoreError> {
+        let (file, path) = Self::open_exclusive(dir)?;
+        loop {
+            match FileExt::lock_exclusive(&file) {
+                Ok(()) => return Ok(DomainLock { _file: file }),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(unavailable("lock", &path, e)),
+            }
+        }
+    }
+
+    /// [`DomainLock::acquire`] if the lock is free now; `None` while another holds it.
+    fn try_acquire(dir: &Path) -> Result<Option<DomainLock>, DirectoryStoreError> {
+        let (file, path) = Self::open_exclusive(dir)?;
+        loop {
+            match FileExt::try_lock_exclusive(&file) {
+                Ok(true) => return Ok(Some(DomainLock { _file: file })),
+                Ok(false) => return Ok(None),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(unavailable("lock", &path, e)),
+            }
+        }
+    }
+
+    /// The domain's lock file, made if missing, opened to be locked exclusively.
+    fn open_exclusive(dir: &Path) -> Result<(std::fs::File, PathBuf), DirectoryStoreError> {
         std::fs::create_dir_all(dir).map_err(|e| unavailable("create", dir, e))?;
         let path = dir.join("lock");
         let file = std::fs::OpenOptions::new()
@@ -226,13 +251,7 @@ impl DomainLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| unavailable("open", &path, e))?;
-        loop {
-            match FileExt::lock_exclusive(&file) {
-                Ok(()) => return Ok(DomainLock { _file: file }),
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(unavailable("lock", &path, e)),
-            }
-        }
+        Ok((file, path))
     }
 }
 
@@ -263,21 +282,35 @@ fn is_recovered(dir: &Path, boot: &str) -> bool {
 /// are replayed first ([`recover_locked`]). Nothing to do without a journal (`boot` is
 /// `None`) or once checked.
 fn ensure_recovered(dir: &Path, boot: Option<&str>) -> Result<(), DirectoryStoreError> {
-    let Some(boot) = boot else { return Ok(()) };
+    try_recover(dir, boot, true).map(drop)
+}
+
+/// [`ensure_recovered`]; without `wait`, `false` (nothing done) when the domain must be
+/// recovered or rolled forward while another holds its lock: a read then waits for the lock
+/// without a permit of the directory's lane ([`read_lock`], [`reading`]).
+fn try_recover(dir: &Path, boot: Option<&str>, wait: bool) -> Result<bool, DirectoryStoreError> {
+    let Some(boot) = boot else { return Ok(true) };
     if is_recovered(dir, boot) || !dir.join("lock").exists() {
-        return Ok(());
+        return Ok(true);
     }
     if journal::boot(dir)?.as_deref() == Some(boot) && !dead_writer(dir)? && !headless_root(dir)? {
         recovered()
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert((dir.to_path_buf(), boot.to_string()));
-        return Ok(());
+        return Ok(true);
     }
-    let _lock = DomainLock::acquire(dir)?;
+    let _lock = if wait {
+        DomainLock::acquire(dir)?
+    } else {
+        match DomainLock::try_acquire(dir)? {
+            Some(lock) => lock,
+            None => return Ok(false),
+        }
+    };
     recover_locked(dir, boot)?;
     sweep_temporaries(dir);
-    roll_forward(dir).map(drop).inspect_err(|_| {
+    roll_forward(dir).map(|_| true).inspect_err(|_| {
         // Not rolled forward: the next read tries again.
         forget_recovered(dir, boot);
     })
@@ -295,13 +328,15 @@ fn dead_writer(dir: &Path) -> Result<bool, DirectoryStoreError> {
 }
 
 /// The shared lock a read of `dir` holds, after [`ensure_recovered`], or [`Shared::Busy`]
-/// while a writer holds it (the read tries again later, [`reading`]). A read that finds, once
+/// while a writer holds it (or holds the lock a recovery or a roll-forward needs) (the read tries again later, [`reading`]). A read that finds, once
 /// it holds the lock, that a commit's files failed to be written after its answer (the commit
 /// then made this process check again, [`write_files`]) lets the lock go and rolls the epoch
 /// forward first, so no read sees the root of one epoch with files of the next.
 fn read_lock(dir: &Path, boot: Option<&str>) -> Result<Shared, DirectoryStoreError> {
     for _ in 0..3 {
-        ensure_recovered(dir, boot)?;
+        if !try_recover(dir, boot, false)? {
+            return Ok(Shared::Busy);
+        }
         let shared = match DomainLock::try_shared(dir)? {
             Shared::Held(Some(shared)) => shared,
             other => return Ok(other),
