@@ -2630,6 +2630,55 @@ mod tests {
         assert_eq!(other_root, Some((1, b"r1".to_vec())));
         holds(&a, 2).await;
     }
+
+    /// Red team (the directory's lane): another process of the pool stalled (frozen, its disk
+    /// hung) while writing the files of [`crate::MAX_DIRECTORY_BLOCKING`] domains' epochs,
+    /// their locks held: this process's commits of those domains wait for the locks, but
+    /// not on the lane's permits, so a commit of another domain goes on meanwhile; and they
+    /// commit once the locks are free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_waiting_for_stalled_locks_stop_no_other_domain() {
+        use crate::MAX_DIRECTORY_BLOCKING;
+        use std::time::Duration;
+        let name = |i: usize| format!("stalled-{i}.example");
+        let tmp = tempfile::tempdir().unwrap();
+        let a = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        for i in 0..=MAX_DIRECTORY_BLOCKING {
+            a.commit(&name(i), first()).await.unwrap();
+        }
+        let stalled: Vec<_> = (0..MAX_DIRECTORY_BLOCKING)
+            .map(|i| DomainLock::acquire(&tmp.path().join(KT_DIR).join(name(i))).unwrap())
+            .collect();
+        let waiting: Vec<_> = (0..MAX_DIRECTORY_BLOCKING)
+            .map(|i| {
+                let a = a.clone();
+                tokio::spawn(async move { a.commit(&name(i), epoch(1)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let free = name(MAX_DIRECTORY_BLOCKING);
+        let other = tokio::time::timeout(Duration::from_secs(5), a.commit(&free, epoch(1))).await;
+        let still_waiting = waiting.iter().all(|w| !w.is_finished());
+        // Released before any assertion: a failing test must not leave commits waiting.
+        drop(stalled);
+        for w in waiting {
+            w.await.unwrap().unwrap();
+        }
+        assert!(
+            still_waiting,
+            "a commit ran while another held the domain's lock"
+        );
+        other
+            .expect("another domain's commit waited behind commits of stalled domains")
+            .unwrap();
+        for i in 0..=MAX_DIRECTORY_BLOCKING {
+            assert_eq!(
+                a.root(&name(i)).await.unwrap(),
+                Some((1, b"r1".to_vec())),
+                "domain {i}"
+            );
+        }
+    }
 }
 
 /// What an fs epoch's commit costs, journaled and not (run by hand:
