@@ -90,12 +90,6 @@ impl Lane {
     }
 }
 
-/// How many of the key directory's permits are free now (for tests).
-#[cfg(all(test, feature = "transparency"))]
-pub(crate) fn directory_permits_available() -> usize {
-    DIRECTORY_PERMITS.available_permits()
-}
-
 /// Operations running now, and the most there ever were (for tests and metrics).
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
