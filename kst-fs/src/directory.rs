@@ -1178,6 +1178,24 @@ async fn blocking<T: Send + 'static>(
         .map_err(DirectoryStoreError::Unavailable)?
 }
 
+/// This process's turns at each domain's lock: reads take a turn shared, a commit takes one
+/// exclusively, first come, first served (Tokio's `RwLock` is fair), before a permit of the
+/// lane. A commit then finds the domain's `flock` held only by another process of the pool
+/// (or by a commit's files still being written): a flood of this process's reads, each
+/// trying the lock between the others' shared holds, no longer keeps the writer's commit
+/// waiting, and the reads queued behind a commit wait for it without a permit.
+fn turns(dir: &Path) -> std::sync::Arc<tokio::sync::RwLock<()>> {
+    type Turns = std::collections::HashMap<PathBuf, std::sync::Arc<tokio::sync::RwLock<()>>>;
+    static TURNS: OnceLock<Mutex<Turns>> = OnceLock::new();
+    TURNS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(dir.to_path_buf())
+        .or_default()
+        .clone()
+}
+
 /// The first pause of a read that found its domain's lock held by a writer, doubled after
 /// each try up to [`LOCK_PAUSE_MOST`].
 const LOCK_PAUSE_FIRST: std::time::Duration = std::time::Duration::from_millis(1);
@@ -1196,6 +1214,8 @@ where
     F: Fn(&Path) -> Result<T, DirectoryStoreError> + Send + Sync + 'static,
 {
     let f = std::sync::Arc::new(f);
+    let turns = turns(&dir);
+    let _turn = turns.read().await;
     let mut pause = LOCK_PAUSE_FIRST;
     loop {
         let (d, b, g) = (dir.clone(), boot.clone(), f.clone());
@@ -1286,6 +1306,8 @@ impl DirectoryStore for FsDirectoryStore {
     async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let batch = std::sync::Arc::new(batch);
+        let turns = turns(&dir);
+        let _turn = turns.write().await;
         // While another holds the domain's lock (this process's reads, or another process
         // of the pool mid-commit), the commit waits for it without a permit of the lane.
         let mut pause = LOCK_PAUSE_FIRST;
