@@ -759,7 +759,15 @@ type CommitAnswer = crate::pool::Answer<Result<bool, DirectoryStoreError>>;
 /// Without `wait`, a lock another holds now is answered `Ok(false)` at once (nothing done):
 /// the caller waits for it without a permit of the directory's lane and tries again
 /// ([`FsDirectoryStore`]'s `commit`). `Ok(true)`: committed (or dropped by the fence).
-fn commit(dir: &Path, batch: &RecordBatch, boot: Option<&str>, answer: CommitAnswer, wait: bool) {
+/// Returns whether it did its work (`false`: the lock was busy, nothing done) once the
+/// epoch's files are written and the lock let go.
+fn commit(
+    dir: &Path,
+    batch: &RecordBatch,
+    boot: Option<&str>,
+    answer: CommitAnswer,
+    wait: bool,
+) -> bool {
     let lock = if wait {
         DomainLock::acquire(dir).map(Some)
     } else {
@@ -769,11 +777,11 @@ fn commit(dir: &Path, batch: &RecordBatch, boot: Option<&str>, answer: CommitAns
         Ok(Some(lock)) => lock,
         Ok(None) => {
             let _ = answer.send(Ok(false));
-            return;
+            return false;
         }
         Err(e) => {
             let _ = answer.send(Err(e));
-            return;
+            return true;
         }
     };
     match commit_locked(dir, batch, boot) {
@@ -791,6 +799,7 @@ fn commit(dir: &Path, batch: &RecordBatch, boot: Option<&str>, answer: CommitAns
     // After the answer, still under the lock: no commit waits for the listing.
     sweep_temporaries(dir);
     drop(lock);
+    true
 }
 
 /// A test's hold on a commit between its answer and its files: [`commit`] waits in
@@ -1184,6 +1193,8 @@ async fn blocking<T: Send + 'static>(
 /// (or by a commit's files still being written): a flood of this process's reads, each
 /// trying the lock between the others' shared holds, no longer keeps the writer's commit
 /// waiting, and the reads queued behind a commit wait for it without a permit.
+/// (A commit holds its turn until its epoch's files are written, [`FsDirectoryStore`]'s
+/// `commit`.)
 fn turns(dir: &Path) -> std::sync::Arc<tokio::sync::RwLock<()>> {
     type Turns = std::collections::HashMap<PathBuf, std::sync::Arc<tokio::sync::RwLock<()>>>;
     static TURNS: OnceLock<Mutex<Turns>> = OnceLock::new();
@@ -1306,15 +1317,19 @@ impl DirectoryStore for FsDirectoryStore {
     async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let batch = std::sync::Arc::new(batch);
-        let turns = turns(&dir);
-        let _turn = turns.write().await;
-        // While another holds the domain's lock (this process's reads, or another process
-        // of the pool mid-commit), the commit waits for it without a permit of the lane.
+        // This process's turn, held until the epoch's files are written (this process's
+        // reads of the domain wait for them without a permit, woken as soon as they end).
+        let turn = std::sync::Arc::new(Mutex::new(Some(turns(&dir).write_owned().await)));
+        // While another process of the pool holds the domain's lock (mid-commit, or its
+        // reads), the commit waits for it without a permit of the lane.
         let mut pause = LOCK_PAUSE_FIRST;
         loop {
             let (dir, boot, batch) = (dir.clone(), boot.clone(), batch.clone());
+            let turn = turn.clone();
             let committed = crate::pool::bounded_answering(Lane::Directory, move |answer| {
-                commit(&dir, &batch, boot.as_deref(), answer, false)
+                if commit(&dir, &batch, boot.as_deref(), answer, false) {
+                    drop(turn.lock().unwrap_or_else(PoisonError::into_inner).take());
+                }
             })
             .await
             .map_err(DirectoryStoreError::Unavailable)??;
