@@ -51,6 +51,13 @@
 //! elsewhere. Each read takes the lock shared, so it never sees a commit half-way; the root
 //! is the commit point for readers (see `kst_core::transparency::storage` for why a crash
 //! half-way is harmless).
+//!
+//! Waiting for the lock holds no permit of the directory's lane ([`crate::pool`]): within
+//! one process, reads and commits take the domain's turn first (`turns`: shared and
+//! exclusive, first come, first served; a commit keeps it until its files are written), and
+//! a read or a commit that finds the `flock` held by another process of the pool lets its
+//! permit go and tries again after a pause (`reading`, [`FsDirectoryStore`]'s `commit`). So
+//! one domain's lock, held long by a stalled process, never stops the other domains.
 
 use std::collections::{BTreeSet, HashSet};
 use std::io::{ErrorKind, Write};
