@@ -2729,6 +2729,60 @@ mod tests {
             );
         }
     }
+
+    /// Red team (the directory's lane): another process of the pool floods the domain with
+    /// reads (8 threads, each taking the `flock` shared on a file of its own, as that
+    /// process's reads do, reading the root and a node, letting it go) while this process
+    /// commits 20 epochs, each trying the lock between pauses: the commits still get it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_processs_flood_of_reads_starves_no_commit() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::time::Duration;
+        const LAST: u64 = 21;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        let done = Arc::new(AtomicBool::new(false));
+        let reads = Arc::new(AtomicU64::new(0));
+        let readers: Vec<_> = (0..8)
+            .map(|_| {
+                let (dir, done, reads) = (dir.clone(), done.clone(), reads.clone());
+                std::thread::spawn(move || {
+                    while !done.load(Ordering::Relaxed) {
+                        let file = std::fs::File::open(dir.join("lock")).unwrap();
+                        FileExt::lock_shared(&file).unwrap();
+                        let (e, _) = read_root(&dir).unwrap().unwrap();
+                        let nodes = read_nodes(&dir, &[node(99)]).unwrap();
+                        assert_eq!(nodes, vec![format!("s{e}").into_bytes()]);
+                        drop(file);
+                        reads.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let mut slowest = Duration::ZERO;
+        let committed = tokio::time::timeout(Duration::from_secs(30), async {
+            for e in 2..=LAST {
+                let started = std::time::Instant::now();
+                a.commit(D, epoch(e)).await?;
+                slowest = slowest.max(started.elapsed());
+            }
+            Ok::<_, DirectoryStoreError>(())
+        })
+        .await;
+        done.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.join().unwrap();
+        }
+        committed
+            .expect("the commits starved behind another process's shared locks")
+            .unwrap();
+        holds(&a, LAST).await;
+        eprintln!(
+            "{} reads of the other process; the slowest commit took {slowest:?}",
+            reads.load(Ordering::Relaxed)
+        );
+    }
 }
 
 /// What an fs epoch's commit costs, journaled and not (run by hand:
