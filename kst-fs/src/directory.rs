@@ -6,6 +6,7 @@
 //! kt/<domain>/nodes/<xx>/<node key hex> one tree node (xx: the label's first byte)
 //! kt/<domain>/values/<sha256(label)>/<epoch, 20 digits>   one value state
 //! kt/<domain>/lock                      flock(2) of the writer committing a batch
+//! kt/<domain>/intent                    flock(2) a writer takes first: new readers wait
 //! kt/<domain>/heads/<epoch, 20 digits>  the signed head of an epoch (created once, by link)
 //! kt/<domain>/cosignatures/<epoch, 20 digits>/<witness hex>   a witness's cosignature
 //! kt/<domain>/cosignatures/<epoch, 20 digits>/<witness hex>.at    when it was checked
@@ -57,7 +58,10 @@
 //! exclusive, first come, first served; a commit keeps it until its files are written), and
 //! a read or a commit that finds the `flock` held by another process of the pool lets its
 //! permit go and tries again after a pause (`reading`, [`FsDirectoryStore`]'s `commit`). So
-//! one domain's lock, held long by a stalled process, never stops the other domains.
+//! one domain's lock, held long by a stalled process, never stops the other domains. A
+//! writer takes the domain's `intent` exclusively before the lock and keeps it; readers take
+//! it shared only while they take the lock, so a writer waits only for the reads under way
+//! (`flock` alone grants new shared locks to another process's flood of reads for ever).
 
 use std::collections::{BTreeSet, HashSet};
 use std::io::{ErrorKind, Write};
@@ -199,6 +203,45 @@ fn rand_suffix() -> u64 {
 /// Holds the exclusive lock of one domain's directory while it lives.
 struct DomainLock {
     _file: std::fs::File,
+    /// A writer's intent, held exclusively with the lock ([`INTENT`]); `None` for a reader.
+    _intent: Option<std::fs::File>,
+}
+
+/// The file whose `flock` a writer takes exclusively before the domain's lock, and keeps
+/// with it: readers take it shared only while they take the lock, and give up (to try again)
+/// while a writer holds it. `flock` itself grants a new shared lock while a writer waits, so
+/// without it another process's flood of reads, each holding the lock shared in turn, kept
+/// the writer's commit waiting for ever (`another_processs_flood_of_reads_starves_no_commit`).
+const INTENT: &str = "intent";
+
+/// `op` (a `flock` that does not wait) again while interrupted: whether it was granted.
+fn try_flock(
+    file: &std::fs::File,
+    path: &Path,
+    op: fn(&std::fs::File) -> std::io::Result<bool>,
+) -> Result<bool, DirectoryStoreError> {
+    loop {
+        match op(file) {
+            Ok(granted) => return Ok(granted),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(unavailable("lock", path, e)),
+        }
+    }
+}
+
+/// `op` (a `flock` that waits) again while interrupted.
+fn wait_flock(
+    file: &std::fs::File,
+    path: &Path,
+    op: fn(&std::fs::File) -> std::io::Result<()>,
+) -> Result<(), DirectoryStoreError> {
+    loop {
+        match op(file) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(unavailable("lock", path, e)),
+        }
+    }
 }
 
 impl DomainLock {
@@ -213,44 +256,63 @@ impl DomainLock {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Shared::Held(None)),
             Err(e) => return Err(unavailable("open", &path, e)),
         };
-        loop {
-            match FileExt::try_lock_shared(&file) {
-                Ok(true) => return Ok(Shared::Held(Some(DomainLock { _file: file }))),
-                Ok(false) => return Ok(Shared::Busy),
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(unavailable("lock", &path, e)),
-            }
+        // A writer's intent first (none in a store no writer of this build wrote yet):
+        // held only until the lock is, so a writer waiting for it bars new readers.
+        let intent_path = dir.join(INTENT);
+        let intent = match std::fs::File::open(&intent_path) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(unavailable("open", &intent_path, e)),
+        };
+        if let Some(intent) = &intent
+            && !try_flock(intent, &intent_path, FileExt::try_lock_shared)?
+        {
+            return Ok(Shared::Busy);
         }
+        if !try_flock(&file, &path, FileExt::try_lock_shared)? {
+            return Ok(Shared::Busy);
+        }
+        Ok(Shared::Held(Some(DomainLock {
+            _file: file,
+            _intent: None,
+        })))
     }
 
+    /// The domain's lock, exclusive, after the writer's intent ([`INTENT`]), waiting for both.
     fn acquire(dir: &Path) -> Result<DomainLock, DirectoryStoreError> {
-        let (file, path) = Self::open_exclusive(dir)?;
-        loop {
-            match FileExt::lock_exclusive(&file) {
-                Ok(()) => return Ok(DomainLock { _file: file }),
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(unavailable("lock", &path, e)),
-            }
-        }
+        let (intent, intent_path) = Self::open_exclusive(dir, INTENT)?;
+        wait_flock(&intent, &intent_path, FileExt::lock_exclusive)?;
+        let (file, path) = Self::open_exclusive(dir, "lock")?;
+        wait_flock(&file, &path, FileExt::lock_exclusive)?;
+        Ok(DomainLock {
+            _file: file,
+            _intent: Some(intent),
+        })
     }
 
-    /// [`DomainLock::acquire`] if the lock is free now; `None` while another holds it.
+    /// [`DomainLock::acquire`] if no other writer holds the intent now (`None` while one
+    /// does); then it waits only for the readers under the lock now (no new one comes in).
     fn try_acquire(dir: &Path) -> Result<Option<DomainLock>, DirectoryStoreError> {
-        let (file, path) = Self::open_exclusive(dir)?;
-        loop {
-            match FileExt::try_lock_exclusive(&file) {
-                Ok(true) => return Ok(Some(DomainLock { _file: file })),
-                Ok(false) => return Ok(None),
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(unavailable("lock", &path, e)),
-            }
+        let (intent, intent_path) = Self::open_exclusive(dir, INTENT)?;
+        if !try_flock(&intent, &intent_path, FileExt::try_lock_exclusive)? {
+            return Ok(None);
         }
+        let (file, path) = Self::open_exclusive(dir, "lock")?;
+        wait_flock(&file, &path, FileExt::lock_exclusive)?;
+        Ok(Some(DomainLock {
+            _file: file,
+            _intent: Some(intent),
+        }))
     }
 
-    /// The domain's lock file, made if missing, opened to be locked exclusively.
-    fn open_exclusive(dir: &Path) -> Result<(std::fs::File, PathBuf), DirectoryStoreError> {
+    /// The domain's file `name` (the lock, the intent), made if missing, opened to be
+    /// locked exclusively.
+    fn open_exclusive(
+        dir: &Path,
+        name: &str,
+    ) -> Result<(std::fs::File, PathBuf), DirectoryStoreError> {
         std::fs::create_dir_all(dir).map_err(|e| unavailable("create", dir, e))?;
-        let path = dir.join("lock");
+        let path = dir.join(name);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -2731,9 +2793,10 @@ mod tests {
     }
 
     /// Red team (the directory's lane): another process of the pool floods the domain with
-    /// reads (8 threads, each taking the `flock` shared on a file of its own, as that
-    /// process's reads do, reading the root and a node, letting it go) while this process
-    /// commits 20 epochs, each trying the lock between pauses: the commits still get it.
+    /// reads (8 threads, each taking the lock shared on a file of its own, as that process's
+    /// reads do, reading the root and a node, letting it go, again at once) while this
+    /// process commits 20 epochs: the commits still get the lock, since a writer's intent
+    /// ([`INTENT`]) bars new readers while it waits.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn another_processs_flood_of_reads_starves_no_commit() {
         use std::sync::Arc;
@@ -2749,12 +2812,15 @@ mod tests {
                 let (dir, done, reads) = (dir.clone(), done.clone(), reads.clone());
                 std::thread::spawn(move || {
                     while !done.load(Ordering::Relaxed) {
-                        let file = std::fs::File::open(dir.join("lock")).unwrap();
-                        FileExt::lock_shared(&file).unwrap();
+                        let Shared::Held(Some(shared)) = DomainLock::try_shared(&dir).unwrap()
+                        else {
+                            std::thread::sleep(Duration::from_micros(100));
+                            continue;
+                        };
                         let (e, _) = read_root(&dir).unwrap().unwrap();
                         let nodes = read_nodes(&dir, &[node(99)]).unwrap();
                         assert_eq!(nodes, vec![format!("s{e}").into_bytes()]);
-                        drop(file);
+                        drop(shared);
                         reads.fetch_add(1, Ordering::Relaxed);
                     }
                 })
