@@ -1184,8 +1184,8 @@ fn put_cosignature(
     witness: &[u8; 32],
     checked_at: u64,
     cosignature: &[u8],
+    _lock: DomainLock,
 ) -> Result<(), DirectoryStoreError> {
-    let _lock = DomainLock::acquire(dir)?;
     let name = hex::encode(witness);
     let path = dir.join("cosignatures").join(epoch_name(epoch)).join(&name);
     let at_path = path.with_extension("at");
@@ -1455,12 +1455,30 @@ impl DirectoryStore for FsDirectoryStore {
         cosignature: &[u8],
     ) -> Result<(), DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
-        let (witness, cosignature) = (*witness, cosignature.to_vec());
-        blocking(move || {
-            ensure_recovered(&dir, boot.as_deref())?;
-            put_cosignature(&dir, epoch, &witness, checked_at, &cosignature)
-        })
-        .await
+        let (witness, cosignature) = (*witness, std::sync::Arc::new(cosignature.to_vec()));
+        // Under the domain's lock, waited for as a commit waits: without a permit.
+        let turns = turns(&dir);
+        let _turn = turns.write().await;
+        let mut pause = LOCK_PAUSE_FIRST;
+        loop {
+            let (dir, boot, cosignature) = (dir.clone(), boot.clone(), cosignature.clone());
+            let put = blocking(move || {
+                if !try_recover(&dir, boot.as_deref(), false)? {
+                    return Ok(false);
+                }
+                let Some(lock) = DomainLock::try_acquire(&dir)? else {
+                    return Ok(false);
+                };
+                put_cosignature(&dir, epoch, &witness, checked_at, &cosignature, lock)
+                    .map(|()| true)
+            })
+            .await?;
+            if put {
+                return Ok(());
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(LOCK_PAUSE_MOST);
+        }
     }
 
     async fn cosignatures(
@@ -2848,6 +2866,50 @@ mod tests {
             "{} reads of the other process; the slowest commit took {slowest:?}",
             reads.load(Ordering::Relaxed)
         );
+    }
+
+    /// Red team (the directory's lane): witnesses' cosignatures of a domain whose lock a
+    /// stalled process of the pool holds wait for it without permits, so another domain's
+    /// commit goes on meanwhile; and they are stored once the lock is free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cosignatures_waiting_for_a_stalled_lock_stop_no_other_domain() {
+        use crate::MAX_DIRECTORY_BLOCKING;
+        use std::time::Duration;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        const OTHER: &str = "other-cosigned.example";
+        a.commit(OTHER, first()).await.unwrap();
+        let stalled = DomainLock::acquire(&dir).unwrap();
+        let waiting: Vec<_> = (0..2 * MAX_DIRECTORY_BLOCKING)
+            .map(|w| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    a.put_cosignature(D, 1, &[w as u8; 32], 10, &[w as u8; 64])
+                        .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let other = tokio::time::timeout(Duration::from_secs(5), a.commit(OTHER, epoch(1))).await;
+        let still_waiting = waiting.iter().all(|w| !w.is_finished());
+        // Released before any assertion: a failing test must not leave work waiting.
+        drop(stalled);
+        for w in waiting {
+            w.await.unwrap().unwrap();
+        }
+        assert!(
+            still_waiting,
+            "a cosignature was put while another held the lock"
+        );
+        other
+            .expect("another domain's commit waited behind cosignatures of a stalled domain")
+            .unwrap();
+        let mut stored = a.cosignatures(D, 1).await.unwrap();
+        stored.sort();
+        let want: Vec<_> = (0..2 * MAX_DIRECTORY_BLOCKING)
+            .map(|w| ([w as u8; 32], vec![w as u8; 64]))
+            .collect();
+        assert_eq!(stored, want);
     }
 }
 
