@@ -72,6 +72,21 @@ async fn fs_directory_store_conformance() {
     kst_core::conformance::directory::run_all(a, b).await;
 }
 
+/// The test wrapper `DelegatingDirectory` with no hook is a faithful directory store: the
+/// conformance suite passes through it on the fs store (both instances wrapped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delegating_directory_without_hooks_passes_the_conformance_suite() {
+    use kst_core::testing::DelegatingDirectory;
+    let dir = tempfile::tempdir().unwrap();
+    let wrapped = || -> Arc<dyn DirectoryStore> {
+        Arc::new(DelegatingDirectory::new(
+            Arc::new(FsDirectoryStore::new(dir.path())),
+            (),
+        ))
+    };
+    kst_core::conformance::directory::run_all(wrapped(), wrapped()).await;
+}
+
 #[tokio::test]
 async fn record_encoding_round_trips() {
     kst_core::conformance::directory::record_encoding_round_trips().await;
@@ -4203,18 +4218,16 @@ mod withdrawn {
 
     use async_trait::async_trait;
     use kst_core::conformance::{address, test_key};
+    use kst_core::testing::{DelegatingDirectory, DirectoryHooks};
     use kst_core::transparency::answer::Served;
-    use kst_core::transparency::{
-        DirectoryStoreError, DomainLog, LogKeys, RecordBatch, RootAndNodes, TransparentStore,
-    };
+    use kst_core::transparency::{DirectoryStoreError, DomainLog, LogKeys, TransparentStore};
     use tokio::sync::Notify;
 
     use super::*;
 
-    /// A directory store whose `hold_at`-th value-state read from now (1: the next) waits
-    /// for `release` before it reads; 0: none waits.
+    /// The hooks of a directory store whose `hold_at`-th value-state read from now (1: the
+    /// next) waits for `release` before it reads; 0: none waits.
     struct HeldReads {
-        inner: Arc<dyn DirectoryStore>,
         hold_at: AtomicUsize,
         reads: AtomicUsize,
         entered: Notify,
@@ -4237,94 +4250,24 @@ mod withdrawn {
     }
 
     #[async_trait]
-    impl DirectoryStore for HeldReads {
-        fn name(&self) -> &'static str {
-            self.inner.name()
-        }
-        async fn root(
-            &self,
-            domain: &str,
-        ) -> std::result::Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
-            self.inner.root(domain).await
-        }
-        async fn nodes(
-            &self,
-            domain: &str,
-            keys: &[Vec<u8>],
-        ) -> std::result::Result<Vec<Vec<u8>>, DirectoryStoreError> {
-            self.inner.nodes(domain, keys).await
-        }
+    impl DirectoryHooks for HeldReads {
         async fn value_states(
             &self,
+            inner: &dyn DirectoryStore,
             domain: &str,
             label: &[u8],
         ) -> std::result::Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
             self.read().await;
-            self.inner.value_states(domain, label).await
+            inner.value_states(domain, label).await
         }
         async fn value_states_batch(
             &self,
+            inner: &dyn DirectoryStore,
             domain: &str,
             labels: &[Vec<u8>],
         ) -> std::result::Result<Vec<(Vec<u8>, u64, Vec<u8>)>, DirectoryStoreError> {
             self.read().await;
-            self.inner.value_states_batch(domain, labels).await
-        }
-        async fn root_and_nodes(
-            &self,
-            domain: &str,
-            keys: &[Vec<u8>],
-        ) -> std::result::Result<RootAndNodes, DirectoryStoreError> {
-            self.inner.root_and_nodes(domain, keys).await
-        }
-        async fn commit(
-            &self,
-            domain: &str,
-            batch: RecordBatch,
-        ) -> std::result::Result<(), DirectoryStoreError> {
-            self.inner.commit(domain, batch).await
-        }
-        async fn insert_head(
-            &self,
-            domain: &str,
-            epoch: u64,
-            head: &[u8],
-        ) -> std::result::Result<Vec<u8>, DirectoryStoreError> {
-            self.inner.insert_head(domain, epoch, head).await
-        }
-        async fn heads(
-            &self,
-            domain: &str,
-            from: u64,
-            to: u64,
-        ) -> std::result::Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
-            self.inner.heads(domain, from, to).await
-        }
-        async fn put_cosignature(
-            &self,
-            domain: &str,
-            epoch: u64,
-            witness: &[u8; 32],
-            checked_at: u64,
-            cosignature: &[u8],
-        ) -> std::result::Result<(), DirectoryStoreError> {
-            self.inner
-                .put_cosignature(domain, epoch, witness, checked_at, cosignature)
-                .await
-        }
-        async fn cosignatures(
-            &self,
-            domain: &str,
-            epoch: u64,
-        ) -> std::result::Result<Vec<([u8; 32], Vec<u8>)>, DirectoryStoreError> {
-            self.inner.cosignatures(domain, epoch).await
-        }
-        async fn latest_cosignature(
-            &self,
-            domain: &str,
-            witness: &[u8; 32],
-        ) -> std::result::Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
-            self.inner.latest_cosignature(domain, witness).await
+            inner.value_states_batch(domain, labels).await
         }
     }
 
@@ -4344,13 +4287,15 @@ mod withdrawn {
             .await
             .unwrap(),
         );
-        let held = Arc::new(HeldReads {
-            inner: Arc::new(FsDirectoryStore::new(dir.path())),
-            hold_at: AtomicUsize::new(0),
-            reads: AtomicUsize::new(0),
-            entered: Notify::new(),
-            release: Notify::new(),
-        });
+        let held = Arc::new(DelegatingDirectory::new(
+            Arc::new(FsDirectoryStore::new(dir.path())),
+            HeldReads {
+                hold_at: AtomicUsize::new(0),
+                reads: AtomicUsize::new(0),
+                entered: Notify::new(),
+                release: Notify::new(),
+            },
+        ));
         let log_b = Arc::new(
             DomainLog::open(Arc::clone(&held) as _, LogKeys::parse(&keys).unwrap())
                 .await

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use kst_core::conformance::{address, test_key};
 use kst_core::store::{NewKey, PublishOutcome};
-use kst_core::testing::{DelegatingStore, StoreHooks};
+use kst_core::testing::{DelegatingDirectory, DelegatingStore, DirectoryHooks, StoreHooks};
 use kst_core::transparency::{
     DirectoryStore, DirectoryStoreError, DomainLog, LogKeys, RecordBatch, TransparentStore,
 };
@@ -114,55 +114,19 @@ impl StoreHooks for Watched {
     }
 }
 
-/// The real PostgreSQL directory backend, with its commits logged (and failed on demand).
+/// The hooks of the real PostgreSQL directory backend: its commits logged (and failed on
+/// demand).
 struct WatchedDirectory {
-    inner: Arc<dyn DirectoryStore>,
     pool: PgPool,
     events: Events,
     fail_commits: AtomicBool,
 }
 
 #[async_trait]
-impl DirectoryStore for WatchedDirectory {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    async fn root(
-        &self,
-        domain: &str,
-    ) -> std::result::Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
-        self.inner.root(domain).await
-    }
-    async fn nodes(
-        &self,
-        domain: &str,
-        keys: &[Vec<u8>],
-    ) -> std::result::Result<Vec<Vec<u8>>, DirectoryStoreError> {
-        self.inner.nodes(domain, keys).await
-    }
-    async fn value_states(
-        &self,
-        domain: &str,
-        label: &[u8],
-    ) -> std::result::Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
-        self.inner.value_states(domain, label).await
-    }
-    async fn value_states_batch(
-        &self,
-        domain: &str,
-        labels: &[Vec<u8>],
-    ) -> std::result::Result<Vec<(Vec<u8>, u64, Vec<u8>)>, DirectoryStoreError> {
-        self.inner.value_states_batch(domain, labels).await
-    }
-    async fn root_and_nodes(
-        &self,
-        domain: &str,
-        keys: &[Vec<u8>],
-    ) -> std::result::Result<kst_core::transparency::RootAndNodes, DirectoryStoreError> {
-        self.inner.root_and_nodes(domain, keys).await
-    }
+impl DirectoryHooks for WatchedDirectory {
     async fn commit(
         &self,
+        inner: &dyn DirectoryStore,
         domain: &str,
         batch: RecordBatch,
     ) -> std::result::Result<(), DirectoryStoreError> {
@@ -174,54 +138,12 @@ impl DirectoryStore for WatchedDirectory {
             ));
         }
         let epoch = batch.root.is_some();
-        self.inner.commit(domain, batch).await?;
+        inner.commit(domain, batch).await?;
         if epoch {
             let at = flush_lsn(&self.pool).await;
             self.events.lock().unwrap().push(Event::EpochCommitted(at));
         }
         Ok(())
-    }
-    async fn insert_head(
-        &self,
-        domain: &str,
-        epoch: u64,
-        head: &[u8],
-    ) -> std::result::Result<Vec<u8>, DirectoryStoreError> {
-        self.inner.insert_head(domain, epoch, head).await
-    }
-    async fn heads(
-        &self,
-        domain: &str,
-        from: u64,
-        to: u64,
-    ) -> std::result::Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
-        self.inner.heads(domain, from, to).await
-    }
-    async fn put_cosignature(
-        &self,
-        domain: &str,
-        epoch: u64,
-        witness: &[u8; 32],
-        checked_at: u64,
-        cosignature: &[u8],
-    ) -> std::result::Result<(), DirectoryStoreError> {
-        self.inner
-            .put_cosignature(domain, epoch, witness, checked_at, cosignature)
-            .await
-    }
-    async fn cosignatures(
-        &self,
-        domain: &str,
-        epoch: u64,
-    ) -> std::result::Result<Vec<([u8; 32], Vec<u8>)>, DirectoryStoreError> {
-        self.inner.cosignatures(domain, epoch).await
-    }
-    async fn latest_cosignature(
-        &self,
-        domain: &str,
-        witness: &[u8; 32],
-    ) -> std::result::Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
-        self.inner.latest_cosignature(domain, witness).await
     }
 }
 
@@ -231,7 +153,7 @@ struct Instance {
     store: Arc<TransparentStore>,
     watched: Arc<DelegatingStore<Watched>>,
     log: Arc<DomainLog>,
-    directory: Arc<WatchedDirectory>,
+    directory: Arc<DelegatingDirectory<WatchedDirectory>>,
     events: Events,
     pool: PgPool,
 }
@@ -250,12 +172,14 @@ impl Instance {
             },
         ));
         let watched = Arc::clone(&store);
-        let directory = Arc::new(WatchedDirectory {
-            inner: Arc::new(PgDirectoryStore::connect(&db.url, 4).await.unwrap()),
-            pool: pool.clone(),
-            events: Arc::clone(&events),
-            fail_commits: AtomicBool::new(false),
-        });
+        let directory = Arc::new(DelegatingDirectory::new(
+            Arc::new(PgDirectoryStore::connect(&db.url, 4).await.unwrap()),
+            WatchedDirectory {
+                pool: pool.clone(),
+                events: Arc::clone(&events),
+                fail_commits: AtomicBool::new(false),
+            },
+        ));
         let keys = LogKeys::parse(&keys.to_file()).unwrap();
         let dyn_directory: Arc<dyn DirectoryStore> = directory.clone();
         let log = Arc::new(DomainLog::open(dyn_directory, keys).await.unwrap());

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use kst_bin::bench::directory::{self, MemoryDirectoryStore};
+use kst_core::testing::{DelegatingDirectory, DirectoryHooks};
 use kst_core::transparency::answer::head_text;
 use kst_core::transparency::head::{Head, HeadSigner};
 use kst_core::transparency::storage::{
-    DirectoryStore, DirectoryStoreError, RecordBatch, RootAndNodes, StoredDirectory,
+    DirectoryStore, DirectoryStoreError, RootAndNodes, StoredDirectory,
 };
 use kst_core::transparency::{DomainLog, KeyDirectory, LogKeys, TransparencyError, wire};
 
@@ -616,8 +617,12 @@ async fn rt10_one_client_does_not_hold_every_expensive_turn() {
 /// The log's HTTP routes ([`log_routes`]) over a [`Held`] store holding a directory of 600 entries in two epochs whose
 /// head is signed: the held store, the routes' address, and an address of the directory to
 /// look up.
-async fn held_log_routes() -> (Arc<Held>, std::net::SocketAddr, kst_core::Address) {
-    let held = Arc::new(Held::default());
+async fn held_log_routes() -> (
+    Arc<DelegatingDirectory<Held>>,
+    std::net::SocketAddr,
+    kst_core::Address,
+) {
+    let held = Held::store();
     let store: Arc<dyn DirectoryStore> = Arc::clone(&held) as Arc<dyn DirectoryStore>;
     let keys = LogKeys::generate(directory::DOMAIN);
     let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);
@@ -635,11 +640,11 @@ async fn held_log_routes() -> (Arc<Held>, std::net::SocketAddr, kst_core::Addres
     (held, at, probe)
 }
 
-/// A [`MemoryDirectoryStore`] whose reads of the root (every request the directory's thread
-/// handles starts with one: `StoredDirectory::unchanged`) can be held, and are counted.
+/// The hooks of a [`MemoryDirectoryStore`] whose reads of the root (every request the
+/// directory's thread handles starts with one: `StoredDirectory::unchanged`) can be held, and
+/// are counted.
 #[derive(Default)]
 struct Held {
-    inner: MemoryDirectoryStore,
     hold: AtomicBool,
     released: tokio::sync::Notify,
     /// Root reads begun.
@@ -647,6 +652,14 @@ struct Held {
 }
 
 impl Held {
+    /// A [`MemoryDirectoryStore`] with these hooks, none held.
+    fn store() -> Arc<DelegatingDirectory<Held>> {
+        Arc::new(DelegatingDirectory::new(
+            Arc::new(MemoryDirectoryStore::default()),
+            Held::default(),
+        ))
+    }
+
     /// Waits until a root read began after `before` root reads (the directory's thread is
     /// then held on it): polls, with a generous deadline.
     async fn reached_since(&self, before: u64) {
@@ -662,15 +675,13 @@ impl Held {
 }
 
 #[async_trait::async_trait]
-impl DirectoryStore for Held {
-    fn name(&self) -> &'static str {
+impl DirectoryHooks for Held {
+    fn name(&self, _inner: &dyn DirectoryStore) -> &'static str {
         "held"
-    }
-    async fn root(&self, domain: &str) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
-        self.inner.root(domain).await
     }
     async fn root_and_nodes(
         &self,
+        inner: &dyn DirectoryStore,
         domain: &str,
         keys: &[Vec<u8>],
     ) -> Result<RootAndNodes, DirectoryStoreError> {
@@ -682,73 +693,7 @@ impl DirectoryStore for Held {
             }
             released.await;
         }
-        self.inner.root_and_nodes(domain, keys).await
-    }
-    async fn nodes(
-        &self,
-        domain: &str,
-        keys: &[Vec<u8>],
-    ) -> Result<Vec<Vec<u8>>, DirectoryStoreError> {
-        self.inner.nodes(domain, keys).await
-    }
-    async fn value_states(
-        &self,
-        domain: &str,
-        label: &[u8],
-    ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
-        self.inner.value_states(domain, label).await
-    }
-    async fn value_states_batch(
-        &self,
-        domain: &str,
-        labels: &[Vec<u8>],
-    ) -> Result<Vec<(Vec<u8>, u64, Vec<u8>)>, DirectoryStoreError> {
-        self.inner.value_states_batch(domain, labels).await
-    }
-    async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
-        self.inner.commit(domain, batch).await
-    }
-    async fn insert_head(
-        &self,
-        domain: &str,
-        epoch: u64,
-        head: &[u8],
-    ) -> Result<Vec<u8>, DirectoryStoreError> {
-        self.inner.insert_head(domain, epoch, head).await
-    }
-    async fn heads(
-        &self,
-        domain: &str,
-        from: u64,
-        to: u64,
-    ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
-        self.inner.heads(domain, from, to).await
-    }
-    async fn put_cosignature(
-        &self,
-        domain: &str,
-        epoch: u64,
-        witness: &[u8; 32],
-        checked_at: u64,
-        cosignature: &[u8],
-    ) -> Result<(), DirectoryStoreError> {
-        self.inner
-            .put_cosignature(domain, epoch, witness, checked_at, cosignature)
-            .await
-    }
-    async fn cosignatures(
-        &self,
-        domain: &str,
-        epoch: u64,
-    ) -> Result<Vec<([u8; 32], Vec<u8>)>, DirectoryStoreError> {
-        self.inner.cosignatures(domain, epoch).await
-    }
-    async fn latest_cosignature(
-        &self,
-        domain: &str,
-        witness: &[u8; 32],
-    ) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
-        self.inner.latest_cosignature(domain, witness).await
+        inner.root_and_nodes(domain, keys).await
     }
 }
 
@@ -764,7 +709,7 @@ impl DirectoryStore for Held {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rt10_requests_whose_caller_went_away_are_not_built() {
     const GIVEN_UP: u64 = 200;
-    let held = Arc::new(Held::default());
+    let held = Held::store();
     let store: Arc<dyn DirectoryStore> = Arc::clone(&held) as Arc<dyn DirectoryStore>;
     let keys = LogKeys::generate(directory::DOMAIN);
     let db = StoredDirectory::new(Arc::clone(&store), directory::DOMAIN);

@@ -1,6 +1,7 @@
 //! In-memory [`KeyStore`] and [`Mailer`] for tests and fuzzing (feature `testing`), and
 //! [`DelegatingStore`], a wrapper around a real store whose tests take over only the calls they
-//! hold, count or watch.
+//! hold, count or watch; with `transparency`, [`DelegatingDirectory`], the same for a
+//! [`DirectoryStore`](crate::transparency::DirectoryStore).
 //!
 //! One copy for every user: kst-core's unit tests, the fuzz targets, and tests in other crates
 //! that need a store or mailer without a server. Not for production: the store keeps nothing
@@ -23,6 +24,11 @@ use crate::store::{
     validate_history,
 };
 use crate::wkd::WkdHash;
+
+#[cfg(feature = "transparency")]
+mod directory;
+#[cfg(feature = "transparency")]
+pub use directory::{DelegatingDirectory, DirectoryHooks};
 
 /// A store in a mutex; `down` makes every call fail temporarily.
 #[derive(Debug, Default)]

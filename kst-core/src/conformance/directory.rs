@@ -23,6 +23,7 @@ use std::sync::Arc;
 use crate::Address;
 use crate::conformance::{address, describe, test_key};
 use crate::store::{KeyRecord, KeyStore, PublishOutcome};
+use crate::testing::{DelegatingDirectory, DirectoryHooks};
 use crate::transparency::answer::Served;
 use crate::transparency::log::{DomainLog, Synced};
 use crate::transparency::storage::{RootWrite, ValueStateBlob};
@@ -803,79 +804,24 @@ pub async fn heads_are_signed_late(a: Arc<dyn DirectoryStore>, b: Arc<dyn Direct
     );
 }
 
-/// A store that counts the reads of stored heads (the backfill's every step reads some).
+/// The hooks of a store that counts the reads of stored heads (the backfill's every step
+/// reads some).
+#[derive(Default)]
 struct CountingHeads {
-    inner: Arc<dyn DirectoryStore>,
     reads: std::sync::atomic::AtomicU64,
 }
 
 #[async_trait::async_trait]
-impl DirectoryStore for CountingHeads {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    async fn root(&self, domain: &str) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
-        self.inner.root(domain).await
-    }
-    async fn nodes(
-        &self,
-        domain: &str,
-        keys: &[Vec<u8>],
-    ) -> Result<Vec<Vec<u8>>, DirectoryStoreError> {
-        self.inner.nodes(domain, keys).await
-    }
-    async fn value_states(
-        &self,
-        domain: &str,
-        label: &[u8],
-    ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
-        self.inner.value_states(domain, label).await
-    }
-    async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
-        self.inner.commit(domain, batch).await
-    }
-    async fn insert_head(
-        &self,
-        domain: &str,
-        epoch: u64,
-        head: &[u8],
-    ) -> Result<Vec<u8>, DirectoryStoreError> {
-        self.inner.insert_head(domain, epoch, head).await
-    }
+impl DirectoryHooks for CountingHeads {
     async fn heads(
         &self,
+        inner: &dyn DirectoryStore,
         domain: &str,
         from: u64,
         to: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
         self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.heads(domain, from, to).await
-    }
-    async fn put_cosignature(
-        &self,
-        domain: &str,
-        epoch: u64,
-        witness: &[u8; 32],
-        checked_at: u64,
-        cosignature: &[u8],
-    ) -> Result<(), DirectoryStoreError> {
-        self.inner
-            .put_cosignature(domain, epoch, witness, checked_at, cosignature)
-            .await
-    }
-    async fn cosignatures(
-        &self,
-        domain: &str,
-        epoch: u64,
-    ) -> Result<Vec<([u8; 32], Vec<u8>)>, DirectoryStoreError> {
-        self.inner.cosignatures(domain, epoch).await
-    }
-    async fn latest_cosignature(
-        &self,
-        domain: &str,
-        witness: &[u8; 32],
-    ) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
-        self.inner.latest_cosignature(domain, witness).await
+        inner.heads(domain, from, to).await
     }
 }
 
@@ -891,10 +837,10 @@ pub async fn an_altered_head_stops_the_backfill(a: Arc<dyn DirectoryStore>) {
     // Epochs 1 to 4 without heads; epoch 2's head is garbage.
     publish_without_heads(&a, &keys, &["g1", "g2", "g3", "g4"], &mut roots).await;
     a.insert_head(D, 2, b"not a head").await.unwrap();
-    let counting = Arc::new(CountingHeads {
-        inner: Arc::clone(&a),
-        reads: Default::default(),
-    });
+    let counting = Arc::new(DelegatingDirectory::new(
+        Arc::clone(&a),
+        CountingHeads::default(),
+    ));
     let store: Arc<dyn DirectoryStore> = counting.clone();
     let log = DomainLog::open(store, keys).await.unwrap();
     log.start_backfill();
