@@ -2681,41 +2681,7 @@ mod tests {
     /// domain's lock.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reads_waiting_for_one_domains_lock_stop_no_other_domain() {
-        use crate::MAX_DIRECTORY_BLOCKING;
-        use std::time::Duration;
-        let tmp = tempfile::tempdir().unwrap();
-        let (a, dir) = at_epoch_1(tmp.path()).await;
-        const OTHER: &str = "other.example";
-        a.commit(OTHER, first()).await.unwrap();
-        let stalled = DomainLock::acquire(&dir).unwrap();
-        let waiting: Vec<_> = (0..2 * MAX_DIRECTORY_BLOCKING)
-            .map(|_| {
-                let a = a.clone();
-                tokio::spawn(async move { a.root_and_nodes(D, &[node(99)]).await })
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let others = tokio::time::timeout(Duration::from_secs(5), async {
-            a.commit(OTHER, epoch(1)).await?;
-            a.root(OTHER).await
-        })
-        .await;
-        let still_waiting = waiting.iter().all(|w| !w.is_finished());
-        // Released before any assertion: a failing test must not leave reads waiting.
-        drop(stalled);
-        for w in waiting {
-            let (root, nodes) = w.await.unwrap().unwrap();
-            assert_eq!(root, Some((1, b"r1".to_vec())));
-            assert_eq!(nodes, vec![b"s1".to_vec()]);
-        }
-        assert!(
-            still_waiting,
-            "a read ran while another held the domain's lock"
-        );
-        let other_root = others
-            .expect("another domain's commit waited behind one domain's lock")
-            .unwrap();
-        assert_eq!(other_root, Some((1, b"r1".to_vec())));
+        reads_behind_a_held_lock_stop_no_other_domain("other.example", false).await;
     }
 
     /// [`reads_waiting_for_one_domains_lock_stop_no_other_domain`] for a process's first
@@ -2726,15 +2692,24 @@ mod tests {
     /// it is free.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reads_waiting_to_roll_one_domain_forward_stop_no_other_domain() {
+        reads_behind_a_held_lock_stop_no_other_domain("other-roll.example", true).await;
+    }
+
+    /// Domain `D` at epoch 1 with its lock held by a stalled process (with `frame`: after
+    /// writing epoch 2's frame, so this process's reads want to roll it forward): twice the
+    /// lane's permits of reads of `D` wait, and meanwhile a commit and a read of `other` run;
+    /// once the lock is free every read of `D` answers the epoch it then holds.
+    async fn reads_behind_a_held_lock_stop_no_other_domain(other: &str, frame: bool) {
         use crate::MAX_DIRECTORY_BLOCKING;
         use std::time::Duration;
         let tmp = tempfile::tempdir().unwrap();
         let (a, dir) = at_epoch_1(tmp.path()).await;
-        const OTHER: &str = "other-roll.example";
-        a.commit(OTHER, first()).await.unwrap();
+        a.commit(other, first()).await.unwrap();
         let stalled = DomainLock::acquire(&dir).unwrap();
-        journal::write_frame(&dir, &epoch(2)).unwrap();
-        forget_recovered(&dir, "boot-1");
+        if frame {
+            journal::write_frame(&dir, &epoch(2)).unwrap();
+            forget_recovered(&dir, "boot-1");
+        }
         let waiting: Vec<_> = (0..2 * MAX_DIRECTORY_BLOCKING)
             .map(|_| {
                 let a = a.clone();
@@ -2743,27 +2718,32 @@ mod tests {
             .collect();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let others = tokio::time::timeout(Duration::from_secs(5), async {
-            a.commit(OTHER, epoch(1)).await?;
-            a.root(OTHER).await
+            a.commit(other, epoch(1)).await?;
+            a.root(other).await
         })
         .await;
         let still_waiting = waiting.iter().all(|w| !w.is_finished());
         // Released before any assertion: a failing test must not leave reads waiting.
         drop(stalled);
+        let (e, r, n) = if frame {
+            (2, b"r2", b"s2")
+        } else {
+            (1, b"r1", b"s1")
+        };
         for w in waiting {
             let (root, nodes) = w.await.unwrap().unwrap();
-            assert_eq!(root, Some((2, b"r2".to_vec())));
-            assert_eq!(nodes, vec![b"s2".to_vec()]);
+            assert_eq!(root, Some((e, r.to_vec())));
+            assert_eq!(nodes, vec![n.to_vec()]);
         }
         assert!(
             still_waiting,
             "a read ran while another held the domain's lock"
         );
         let other_root = others
-            .expect("another domain's commit waited behind reads rolling one domain forward")
+            .expect("another domain's commit waited behind reads of one domain's held lock")
             .unwrap();
         assert_eq!(other_root, Some((1, b"r1".to_vec())));
-        holds(&a, 2).await;
+        holds(&a, e).await;
     }
 
     /// Red team (the directory's lane): another process of the pool stalled (frozen, its disk
