@@ -3151,6 +3151,72 @@ fn version_3_uses_the_memory_the_pin_and_the_witnesses() {
     assert_eq!(provider.remembered_epoch(bob), Some(8), "checked over HTTP");
 }
 
+/// Versions 1 and 2 read the key by mail and the directory's answer over HTTP at two moments
+/// (issue 18, docs/PROTOCOL.md "Versions"): a reply read after its address changed (a new key,
+/// a deletion, a first publication) is a temporary failure (exit 75) saying so, nothing
+/// imported and no evidence kept, not an attack; retrieving again passes.
+#[test]
+fn a_reply_read_after_its_address_changed_is_a_temporary_failure() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    write_queue_script(&provider);
+    let bob = "bob@example.net";
+    let log = [
+        "--log-url",
+        provider.log_url.as_str(),
+        "--log-key",
+        provider.head_key.as_str(),
+    ];
+    // Bob's retrieval of `address`, answered by the KST now, its reply read after `change`.
+    let raced = |address: &str, change: &dyn Fn()| {
+        let mut flags = log.to_vec();
+        flags.push("--no-wait");
+        let (out, v) = provider.checked_as("sendmail-queue", bob, address, &flags);
+        expect(&out, &v, 75, "pending");
+        flush_queue(&provider);
+        change();
+        let (out, v) = provider.client("sendmail", bob, &["check"]);
+        assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
+        assert_eq!(v[0]["outcome"], "error", "{v}");
+        let error = v[0]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("changed while the reply was on its way")
+                && error.contains("retrieve again"),
+            "{error}"
+        );
+        assert!(provider.evidence(bob).is_empty(), "no false alarm");
+        let (out, v) = provider.client("sendmail", bob, &["pending"]);
+        assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+        assert!(!v.to_string().contains(address), "the reply was read: {v}");
+    };
+
+    // Alice publishes a new key after the KST mailed bob her first one.
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    raced("alice@example.net", &|| {
+        provider.publish("sendmail", "alice@example.net", &alice2.public_armored)
+    });
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &log);
+    expect(&out, &v, 0, "found");
+    assert_eq!(v["fingerprint"], alice2.fingerprint.as_str());
+
+    // Alice deletes her key after the KST mailed it (the directory withdraws its value).
+    raced("alice@example.net", &|| {
+        let (out, v) = provider.client("sendmail", "alice@example.net", &["delete"]);
+        expect(&out, &v, 0, "deleted");
+    });
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &log);
+    expect(&out, &v, 1, "not-found");
+
+    // Carol publishes her first key after the KST mailed "no key".
+    let carol = gpg.generate("Carol", "carol@example.net", "ed25519");
+    raced("carol@example.net", &|| {
+        provider.publish("sendmail", "carol@example.net", &carol.public_armored)
+    });
+    let (out, v) = provider.checked_as("sendmail", bob, "carol@example.net", &log);
+    expect(&out, &v, 0, "found");
+    assert_eq!(v["fingerprint"], carol.fingerprint.as_str());
+    assert!(provider.evidence(bob).is_empty(), "no false alarm");
+}
+
 /// A client far behind catches up in steps (issue 18, "Catching up in steps"): with
 /// `[transparency] step_max_epochs = 2` each answer's append-only proof spans at most two
 /// epochs. Bob remembers epoch 1, five epochs pass: the HTTP answer to `?since=1&steps=1`
