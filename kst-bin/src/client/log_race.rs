@@ -113,7 +113,7 @@ pub enum Decision {
         seen: String,
     },
     /// Another outcome (the directory cannot be read now: 75).
-    Other(Outcome),
+    Other(Box<Outcome>),
 }
 
 /// Where and against what [`decide`] reads the history.
@@ -157,7 +157,7 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
                 seen: String::new(),
             };
         }
-        Err(o) => return Decision::Other(o),
+        Err(o) => return Decision::Other(Box::new(o)),
     };
     let attack = |why: String| Decision::Attack {
         why,
@@ -202,7 +202,7 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
             return Decision::AskAgain(head.epoch);
         }
         None => {
-            return Decision::Other(Outcome::error(
+            return Decision::Other(Box::new(Outcome::error(
                 exit::TEMPFAIL,
                 format!(
                     "key directory of {domain}: the reply's key for {} differs from the \
@@ -211,7 +211,7 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
                      history; nothing was imported; retrieve again",
                     r.address, head.epoch
                 ),
-            ));
+            )));
         }
     }
     let what = match r.served {
@@ -255,7 +255,7 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
                 "{head_url}: no head of epoch {epoch}, which the history names"
             ));
         }
-        Err(o) => return Decision::Other(o),
+        Err(o) => return Decision::Other(Box::new(o)),
     };
     let seen = format!("{text}\n-- head of epoch {epoch} --\n{head_text}");
     let attack = |why: String| Decision::Attack {

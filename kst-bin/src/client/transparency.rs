@@ -1047,7 +1047,7 @@ pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome, sent_at:
                         };
                         return keep(why, &seen);
                     }
-                    super::log_race::Decision::Other(o) => return o,
+                    super::log_race::Decision::Other(o) => return *o,
                 }
             }
             Err(o) => return o.with_attack(&attack),
