@@ -3217,6 +3217,146 @@ fn a_reply_read_after_its_address_changed_is_a_temporary_failure() {
     assert!(provider.evidence(bob).is_empty(), "no false alarm");
 }
 
+/// An HTTP proxy in front of the directory at `honest` (`http://host:port`), one request per
+/// connection: a request whose path contains `route` goes to `other` instead (when given)
+/// and, with `fresh_time`, the `signed-at` lines of its answer are set to now (a forged time
+/// of the same length, so the body's length holds). Returns its URL.
+fn forging_proxy(
+    honest: &str,
+    route: &'static str,
+    other: Option<&str>,
+    fresh_time: bool,
+) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let authority = |url: &str| url.trim_start_matches("http://").to_string();
+    let honest = authority(honest);
+    let other = other.map(authority);
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match client.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&request).into_owned();
+            let Some((line, rest)) = text.split_once("\r\n") else {
+                continue;
+            };
+            let routed = line.contains(route);
+            let to = match (&other, routed) {
+                (Some(o), true) => o.clone(),
+                _ => honest.clone(),
+            };
+            let Ok(mut server) = std::net::TcpStream::connect(&to) else {
+                continue;
+            };
+            // One request per connection: the server closes after its answer.
+            let _ = write!(server, "{line}\r\nConnection: close\r\n{rest}");
+            let mut response = Vec::new();
+            let _ = server.read_to_end(&mut response);
+            if routed && fresh_time {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs()
+                    .to_string();
+                let forged: Vec<String> = String::from_utf8_lossy(&response)
+                    .split('\n')
+                    .map(|l| match l.strip_prefix("signed-at ") {
+                        Some(t) if t.len() == now.len() => format!("signed-at {now}"),
+                        _ => l.to_string(),
+                    })
+                    .collect();
+                response = forged.join("\n").into_bytes();
+            }
+            let _ = client.write_all(&response);
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Red team of the two-step check (issue 18): what a race is taken for must not let a
+/// provider pass off a key it should not serve. A stale replica serving a key the directory
+/// superseded before the request was sent: exit 5 ("a stale key"), also when the superseding
+/// epoch's head is served with a forged, recent time (its signature fails); a key put in
+/// the store behind the directory's back, never in it: exit 5; a history from a fork with
+/// the same keys where that key was superseded just now (not tied to the client's verified
+/// history): exit 5. Each keeps its evidence; the fork's heads are never remembered.
+#[test]
+fn rt18_a_two_step_check_takes_no_stale_never_recorded_or_forged_key_for_a_race() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    // A replica restored from a copy of the store as it is now (alice's first key), with
+    // the same directory keys: it serves what was current then.
+    let old_store = provider.copy_of_store("keys-old");
+    let (_old, old_url) = provider.twin_kst("old", &old_store);
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    let superseded = std::time::Instant::now();
+    let forged_time = forging_proxy(&provider.log_url, "/head/", None, true);
+    let (out, v) = provider.checked_as(
+        "sendmail",
+        bob,
+        "alice@example.net",
+        &[
+            "--log-url",
+            &provider.log_url,
+            "--log-key",
+            &provider.head_key,
+        ],
+    );
+    expect(&out, &v, 0, "found");
+    assert_eq!(provider.remembered_epoch(bob), Some(2));
+    // The change that superseded alice's first key is older than the clock slack when the
+    // request is sent.
+    let slack = std::time::Duration::from_secs(kst_bin::client::log_race::CLOCK_SLACK + 2);
+    std::thread::sleep(slack.saturating_sub(superseded.elapsed()));
+
+    let kept = |n: usize| assert_eq!(provider.evidence(bob).len(), n, "evidence kept");
+    provider.refused_as_attack("sendmail-old", bob, &provider.log_url, "a stale key");
+    kept(1);
+    provider.refused_as_attack("sendmail-old", bob, &forged_time, "/head/2");
+    kept(2);
+
+    // The insider's key in the store behind the directory's back: never in the directory.
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail-no-log", "alice@example.net", &twin.public_armored);
+    provider.refused_as_attack(
+        "sendmail",
+        bob,
+        &provider.log_url,
+        "never held the served key",
+    );
+    kept(3);
+
+    // The replica's directory forks: the twin, then a third key, so its history shows the
+    // twin superseded just now, at an epoch (3) newer than the honest directory's (2). The
+    // history comes from the fork, the answers from the honest directory.
+    provider.publish("sendmail-old", "alice@example.net", &twin.public_armored);
+    let third = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail-old", "alice@example.net", &third.public_armored);
+    let forked_history = forging_proxy(&provider.log_url, "/history/", Some(&old_url), false);
+    provider.refused_as_attack(
+        "sendmail",
+        bob,
+        &forked_history,
+        "a history from another directory",
+    );
+    kept(4);
+    assert_eq!(
+        provider.remembered_epoch(bob),
+        Some(2),
+        "the fork's head is not remembered"
+    );
+}
+
 /// A client far behind catches up in steps (issue 18, "Catching up in steps"): with
 /// `[transparency] step_max_epochs = 2` each answer's append-only proof spans at most two
 /// epochs. Bob remembers epoch 1, five epochs pass: the HTTP answer to `?since=1&steps=1`
