@@ -29,6 +29,12 @@
 //!   on the reply's path stripped, or swapped for one captured from an earlier reply, is exit
 //!   5; so is a wrong head key. The insider's key behind the directory's back is never served
 //!   in version 3 (the version the directory proves is).
+//! - `a_reply_read_after_its_address_changed_is_a_temporary_failure`,
+//!   `an_answer_a_moment_behind_the_reply_is_asked_for_again` and
+//!   `rt18_a_two_step_check_takes_no_stale_never_recorded_or_forged_key_for_a_race`: the
+//!   two-step check of versions 1 and 2 (the key by mail, the answer over HTTP) tells a change
+//!   on the reply's way (exit 75) and an answer a moment behind (asked again) from a stale,
+//!   never recorded or forged key (exit 5).
 //! - `gather::replies`: version 3 replies through `Kst::handle` racing changes of their
 //!   address (a publication held before its epoch, a newer publication recorded first, a
 //!   deletion waiting for its epoch, a red-team stream): every reply passes the client's check.
@@ -3220,6 +3226,33 @@ fn a_reply_read_after_its_address_changed_is_a_temporary_failure() {
     assert!(provider.evidence(bob).is_empty(), "no false alarm");
 }
 
+/// Reads the head of one HTTP request from `client`: its request line and the rest.
+fn read_request(client: &mut std::net::TcpStream) -> Option<(String, String)> {
+    use std::io::Read;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&request).into_owned();
+    text.split_once("\r\n")
+        .map(|(line, rest)| (line.to_string(), rest.to_string()))
+}
+
+/// Sends the request (`line`, `rest`) to `to` (`host:port`) asking the server to close
+/// after its answer (one request per connection); the whole response.
+fn forward(to: &str, line: &str, rest: &str) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut server = std::net::TcpStream::connect(to).ok()?;
+    write!(server, "{line}\r\nConnection: close\r\n{rest}").ok()?;
+    let mut response = Vec::new();
+    let _ = server.read_to_end(&mut response);
+    Some(response)
+}
+
 /// An HTTP proxy in front of the directory at `honest` (`http://host:port`), one request per
 /// connection: a request whose path contains `route` goes to `other` instead (when given)
 /// and, with `fresh_time`, the `signed-at` lines of its answer are set to now (a forged time
@@ -3230,7 +3263,7 @@ fn forging_proxy(
     other: Option<&str>,
     fresh_time: bool,
 ) -> String {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let authority = |url: &str| url.trim_start_matches("http://").to_string();
@@ -3239,16 +3272,7 @@ fn forging_proxy(
     std::thread::spawn(move || {
         for client in listener.incoming() {
             let Ok(mut client) = client else { continue };
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                match client.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => request.extend_from_slice(&buf[..n]),
-                }
-            }
-            let text = String::from_utf8_lossy(&request).into_owned();
-            let Some((line, rest)) = text.split_once("\r\n") else {
+            let Some((line, rest)) = read_request(&mut client) else {
                 continue;
             };
             let routed = line.contains(route);
@@ -3256,13 +3280,9 @@ fn forging_proxy(
                 (Some(o), true) => o.clone(),
                 _ => honest.clone(),
             };
-            let Ok(mut server) = std::net::TcpStream::connect(&to) else {
+            let Some(mut response) = forward(&to, &line, &rest) else {
                 continue;
             };
-            // One request per connection: the server closes after its answer.
-            let _ = write!(server, "{line}\r\nConnection: close\r\n{rest}");
-            let mut response = Vec::new();
-            let _ = server.read_to_end(&mut response);
             if routed && fresh_time {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -3282,6 +3302,68 @@ fn forging_proxy(
         }
     });
     format!("http://{addr}")
+}
+
+/// An HTTP proxy in front of the directory at `honest` that answers its first `times`
+/// look-ups with `behind` (a genuine answer of an older epoch: a directory a moment behind)
+/// and forwards everything else. Returns its URL.
+fn lagging_proxy(honest: &str, behind: String, times: usize) -> String {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let honest = honest.trim_start_matches("http://").to_string();
+    std::thread::spawn(move || {
+        let mut lagged = 0;
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            let Some((line, rest)) = read_request(&mut client) else {
+                continue;
+            };
+            let response = if line.contains("/lookup/") && lagged < times {
+                lagged += 1;
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{behind}",
+                    behind.len()
+                )
+                .into_bytes()
+            } else {
+                let Some(r) = forward(&honest, &line, &rest) else {
+                    continue;
+                };
+                r
+            };
+            let _ = client.write_all(&response);
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Case (a) of the two-step check (issue 18): the reply's key is published, but the
+/// directory's answer read right after the reply still shows the version before (an answer
+/// a moment behind the store: an epoch not yet recorded, a pool's instance behind). The
+/// client asks again and accepts the key once the answer proves it: exit 0, no evidence,
+/// the newer head remembered through its append-only proof.
+#[test]
+fn an_answer_a_moment_behind_the_reply_is_asked_for_again() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let (status, behind) =
+        provider.http_get("/.well-known/kst/log/example.net/lookup/alice@example.net");
+    assert_eq!(status, 200, "{behind}");
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    let lagging = lagging_proxy(&provider.log_url, behind, 2);
+    let bob = "bob@example.net";
+    let (out, v) = provider.checked_as(
+        "sendmail",
+        bob,
+        "alice@example.net",
+        &["--log-url", &lagging, "--log-key", &provider.head_key],
+    );
+    expect(&out, &v, 0, "found");
+    assert_eq!(v["fingerprint"], alice2.fingerprint.as_str());
+    assert_eq!(provider.remembered_epoch(bob), Some(2));
+    assert!(provider.evidence(bob).is_empty(), "no false alarm");
 }
 
 /// Red team of the two-step check (issue 18): what a race is taken for must not let a
