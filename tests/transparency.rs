@@ -3369,7 +3369,8 @@ fn an_answer_a_moment_behind_the_reply_is_asked_for_again() {
 /// Red team of the two-step check (issue 18): what a race is taken for must not let a
 /// provider pass off a key it should not serve. A stale replica serving a key the directory
 /// superseded before the request was sent: exit 5 ("a stale key"), also when the superseding
-/// epoch's head is served with a forged, recent time (its signature fails); a key put in
+/// epoch's head is served with a forged, recent time (its signature fails), and a forged
+/// answer at once; a key put in
 /// the store behind the directory's back, never in it: exit 5; a history from a fork with
 /// the same keys where that key was superseded just now (not tied to the client's verified
 /// history): exit 5. Each keeps its evidence; the fork's heads are never remembered.
@@ -3408,6 +3409,15 @@ fn rt18_a_two_step_check_takes_no_stale_never_recorded_or_forged_key_for_a_race(
     kept(1);
     provider.refused_as_attack("sendmail-old", bob, &forged_time, "/head/2");
     kept(2);
+    // A forged answer (its time changed) is refused at once, as before.
+    let forged_answer = forging_proxy(&provider.log_url, "/lookup/", None, true);
+    provider.refused_as_attack(
+        "sendmail-old",
+        bob,
+        &forged_answer,
+        "head signature rejected",
+    );
+    kept(3);
 
     // The insider's key in the store behind the directory's back: never in the directory.
     let twin_gpg = Gpg::new();
@@ -3419,7 +3429,7 @@ fn rt18_a_two_step_check_takes_no_stale_never_recorded_or_forged_key_for_a_race(
         &provider.log_url,
         "never held the served key",
     );
-    kept(3);
+    kept(4);
 
     // The replica's directory forks: the twin, then a third key, so its history shows the
     // twin superseded just now, at an epoch (3) newer than the honest directory's (2). The
@@ -3434,7 +3444,7 @@ fn rt18_a_two_step_check_takes_no_stale_never_recorded_or_forged_key_for_a_race(
         &forked_history,
         "a history from another directory",
     );
-    kept(4);
+    kept(5);
     assert_eq!(
         provider.remembered_epoch(bob),
         Some(2),
