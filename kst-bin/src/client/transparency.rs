@@ -1032,7 +1032,10 @@ pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome, sent_at:
                         return Outcome::error(
                             exit::TEMPFAIL,
                             format!(
-                                "key directory of {}: the reply's key for {address} differs                                  from the directory's answer, and the directory kept moving                                  while the client read its history; nothing was imported;                                  retrieve again",
+                                "key directory of {}: what the reply served for {address} \
+                                 differs from the directory's answer, and the directory kept \
+                                 moving while the client read its history; nothing was \
+                                 imported; retrieve again",
                                 address.domain()
                             ),
                         );
