@@ -151,7 +151,8 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
         Ok(None) => {
             return Decision::Attack {
                 why: format!(
-                    "{url} says the directory never held {}, whose answer proved a version",
+                    "{url} says the directory never held {}: what the reply served was never \
+                     its state there",
                     r.address
                 ),
                 seen: String::new(),
