@@ -29,6 +29,12 @@
 //!   on the reply's path stripped, or swapped for one captured from an earlier reply, is exit
 //!   5; so is a wrong head key. The insider's key behind the directory's back is never served
 //!   in version 3 (the version the directory proves is).
+//! - `a_reply_read_after_its_address_changed_is_a_temporary_failure`,
+//!   `an_answer_a_moment_behind_the_reply_is_asked_for_again` and
+//!   `rt18_a_two_step_check_takes_no_stale_never_recorded_or_forged_key_for_a_race`: the
+//!   two-step check of versions 1 and 2 (the key by mail, the answer over HTTP) tells a change
+//!   on the reply's way (exit 75) and an answer a moment behind (asked again) from a stale,
+//!   never recorded or forged key (exit 5).
 //! - `gather::replies`: version 3 replies through `Kst::handle` racing changes of their
 //!   address (a publication held before its epoch, a newer publication recorded first, a
 //!   deletion waiting for its epoch, a red-team stream): every reply passes the client's check.
@@ -3152,6 +3158,298 @@ fn version_3_uses_the_memory_the_pin_and_the_witnesses() {
     assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
     assert_eq!(v[0]["outcome"], "found", "{v}");
     assert_eq!(provider.remembered_epoch(bob), Some(8), "checked over HTTP");
+}
+
+/// Versions 1 and 2 read the key by mail and the directory's answer over HTTP at two moments
+/// (issue 18, docs/PROTOCOL.md "Versions"): a reply read after its address changed (a new key,
+/// a deletion, a first publication) is a temporary failure (exit 75) saying so, nothing
+/// imported and no evidence kept, not an attack; retrieving again passes.
+#[test]
+fn a_reply_read_after_its_address_changed_is_a_temporary_failure() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    write_queue_script(&provider);
+    let bob = "bob@example.net";
+    let log = [
+        "--log-url",
+        provider.log_url.as_str(),
+        "--log-key",
+        provider.head_key.as_str(),
+    ];
+    // Bob's retrieval of `address`, answered by the KST now, its reply read after `change`.
+    let raced = |address: &str, change: &dyn Fn()| {
+        let mut flags = log.to_vec();
+        flags.push("--no-wait");
+        let (out, v) = provider.checked_as("sendmail-queue", bob, address, &flags);
+        expect(&out, &v, 75, "pending");
+        flush_queue(&provider);
+        change();
+        let (out, v) = provider.client("sendmail", bob, &["check"]);
+        assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
+        assert_eq!(v[0]["outcome"], "error", "{v}");
+        let error = v[0]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("changed while the reply was on its way")
+                && error.contains("retrieve again"),
+            "{error}"
+        );
+        assert!(provider.evidence(bob).is_empty(), "no false alarm");
+        let (out, v) = provider.client("sendmail", bob, &["pending"]);
+        assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+        assert!(!v.to_string().contains(address), "the reply was read: {v}");
+    };
+
+    // Alice publishes a new key after the KST mailed bob her first one.
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    raced("alice@example.net", &|| {
+        provider.publish("sendmail", "alice@example.net", &alice2.public_armored)
+    });
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &log);
+    expect(&out, &v, 0, "found");
+    assert_eq!(v["fingerprint"], alice2.fingerprint.as_str());
+
+    // Alice deletes her key after the KST mailed it (the directory withdraws its value).
+    raced("alice@example.net", &|| {
+        let (out, v) = provider.client("sendmail", "alice@example.net", &["delete"]);
+        expect(&out, &v, 0, "deleted");
+    });
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &log);
+    expect(&out, &v, 1, "not-found");
+
+    // Carol publishes her first key after the KST mailed "no key".
+    let carol = gpg.generate("Carol", "carol@example.net", "ed25519");
+    raced("carol@example.net", &|| {
+        provider.publish("sendmail", "carol@example.net", &carol.public_armored)
+    });
+    let (out, v) = provider.checked_as("sendmail", bob, "carol@example.net", &log);
+    expect(&out, &v, 0, "found");
+    assert_eq!(v["fingerprint"], carol.fingerprint.as_str());
+    assert!(provider.evidence(bob).is_empty(), "no false alarm");
+}
+
+/// Reads the head of one HTTP request from `client`: its request line and the rest.
+fn read_request(client: &mut std::net::TcpStream) -> Option<(String, String)> {
+    use std::io::Read;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&request).into_owned();
+    text.split_once("\r\n")
+        .map(|(line, rest)| (line.to_string(), rest.to_string()))
+}
+
+/// Sends the request (`line`, `rest`) to `to` (`host:port`) asking the server to close
+/// after its answer (one request per connection); the whole response.
+fn forward(to: &str, line: &str, rest: &str) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut server = std::net::TcpStream::connect(to).ok()?;
+    write!(server, "{line}\r\nConnection: close\r\n{rest}").ok()?;
+    let mut response = Vec::new();
+    let _ = server.read_to_end(&mut response);
+    Some(response)
+}
+
+/// An HTTP proxy in front of the directory at `honest` (`http://host:port`), one request per
+/// connection: a request whose path contains `route` goes to `other` instead (when given)
+/// and, with `fresh_time`, the `signed-at` lines of its answer are set to now (a forged time
+/// of the same length, so the body's length holds). Returns its URL.
+fn forging_proxy(
+    honest: &str,
+    route: &'static str,
+    other: Option<&str>,
+    fresh_time: bool,
+) -> String {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let authority = |url: &str| url.trim_start_matches("http://").to_string();
+    let honest = authority(honest);
+    let other = other.map(authority);
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            let Some((line, rest)) = read_request(&mut client) else {
+                continue;
+            };
+            let routed = line.contains(route);
+            let to = match (&other, routed) {
+                (Some(o), true) => o.clone(),
+                _ => honest.clone(),
+            };
+            let Some(mut response) = forward(&to, &line, &rest) else {
+                continue;
+            };
+            if routed && fresh_time {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs()
+                    .to_string();
+                let forged: Vec<String> = String::from_utf8_lossy(&response)
+                    .split('\n')
+                    .map(|l| match l.strip_prefix("signed-at ") {
+                        Some(t) if t.len() == now.len() => format!("signed-at {now}"),
+                        _ => l.to_string(),
+                    })
+                    .collect();
+                response = forged.join("\n").into_bytes();
+            }
+            let _ = client.write_all(&response);
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// An HTTP proxy in front of the directory at `honest` that answers its first `times`
+/// look-ups with `behind` (a genuine answer of an older epoch: a directory a moment behind)
+/// and forwards everything else. Returns its URL.
+fn lagging_proxy(honest: &str, behind: String, times: usize) -> String {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let honest = honest.trim_start_matches("http://").to_string();
+    std::thread::spawn(move || {
+        let mut lagged = 0;
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            let Some((line, rest)) = read_request(&mut client) else {
+                continue;
+            };
+            let response = if line.contains("/lookup/") && lagged < times {
+                lagged += 1;
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{behind}",
+                    behind.len()
+                )
+                .into_bytes()
+            } else {
+                let Some(r) = forward(&honest, &line, &rest) else {
+                    continue;
+                };
+                r
+            };
+            let _ = client.write_all(&response);
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Case (a) of the two-step check (issue 18): the reply's key is published, but the
+/// directory's answer read right after the reply still shows the version before (an answer
+/// a moment behind the store: an epoch not yet recorded, a pool's instance behind). The
+/// client asks again and accepts the key once the answer proves it: exit 0, no evidence,
+/// the newer head remembered through its append-only proof.
+#[test]
+fn an_answer_a_moment_behind_the_reply_is_asked_for_again() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let (status, behind) =
+        provider.http_get("/.well-known/kst/log/example.net/lookup/alice@example.net");
+    assert_eq!(status, 200, "{behind}");
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    let lagging = lagging_proxy(&provider.log_url, behind, 2);
+    let bob = "bob@example.net";
+    let (out, v) = provider.checked_as(
+        "sendmail",
+        bob,
+        "alice@example.net",
+        &["--log-url", &lagging, "--log-key", &provider.head_key],
+    );
+    expect(&out, &v, 0, "found");
+    assert_eq!(v["fingerprint"], alice2.fingerprint.as_str());
+    assert_eq!(provider.remembered_epoch(bob), Some(2));
+    assert!(provider.evidence(bob).is_empty(), "no false alarm");
+}
+
+/// Red team of the two-step check (issue 18): what a race is taken for must not let a
+/// provider pass off a key it should not serve. A stale replica serving a key the directory
+/// superseded before the request was sent: exit 5 ("a stale key"), also when the superseding
+/// epoch's head is served with a forged, recent time (its signature fails), and a forged
+/// answer at once; a key put in
+/// the store behind the directory's back, never in it: exit 5; a history from a fork with
+/// the same keys where that key was superseded just now (not tied to the client's verified
+/// history): exit 5. Each keeps its evidence; the fork's heads are never remembered.
+#[test]
+fn rt18_a_two_step_check_takes_no_stale_never_recorded_or_forged_key_for_a_race() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    // A replica restored from a copy of the store as it is now (alice's first key), with
+    // the same directory keys: it serves what was current then.
+    let old_store = provider.copy_of_store("keys-old");
+    let (_old, old_url) = provider.twin_kst("old", &old_store);
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    let superseded = std::time::Instant::now();
+    let forged_time = forging_proxy(&provider.log_url, "/head/", None, true);
+    let (out, v) = provider.checked_as(
+        "sendmail",
+        bob,
+        "alice@example.net",
+        &[
+            "--log-url",
+            &provider.log_url,
+            "--log-key",
+            &provider.head_key,
+        ],
+    );
+    expect(&out, &v, 0, "found");
+    assert_eq!(provider.remembered_epoch(bob), Some(2));
+    // The change that superseded alice's first key is older than the clock slack when the
+    // request is sent.
+    let slack = std::time::Duration::from_secs(kst_bin::client::log_race::CLOCK_SLACK + 2);
+    std::thread::sleep(slack.saturating_sub(superseded.elapsed()));
+
+    let kept = |n: usize| assert_eq!(provider.evidence(bob).len(), n, "evidence kept");
+    provider.refused_as_attack("sendmail-old", bob, &provider.log_url, "a stale key");
+    kept(1);
+    provider.refused_as_attack("sendmail-old", bob, &forged_time, "/head/2");
+    kept(2);
+    // A forged answer (its time changed) is refused at once, as before.
+    let forged_answer = forging_proxy(&provider.log_url, "/lookup/", None, true);
+    provider.refused_as_attack(
+        "sendmail-old",
+        bob,
+        &forged_answer,
+        "head signature rejected",
+    );
+    kept(3);
+
+    // The insider's key in the store behind the directory's back: never in the directory.
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail-no-log", "alice@example.net", &twin.public_armored);
+    provider.refused_as_attack(
+        "sendmail",
+        bob,
+        &provider.log_url,
+        "never held the served key",
+    );
+    kept(4);
+
+    // The replica's directory forks: the twin, then a third key, so its history shows the
+    // twin superseded just now, at an epoch (3) newer than the honest directory's (2). The
+    // history comes from the fork, the answers from the honest directory.
+    provider.publish("sendmail-old", "alice@example.net", &twin.public_armored);
+    let third = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail-old", "alice@example.net", &third.public_armored);
+    let forked_history = forging_proxy(&provider.log_url, "/history/", Some(&old_url), false);
+    provider.refused_as_attack(
+        "sendmail",
+        bob,
+        &forked_history,
+        "a history from another directory",
+    );
+    kept(5);
+    assert_eq!(
+        provider.remembered_epoch(bob),
+        Some(2),
+        "the fork's head is not remembered"
+    );
 }
 
 /// A client far behind catches up in steps (issue 18, "Catching up in steps"): with

@@ -16,6 +16,8 @@ pub mod fetch;
 pub mod http_get;
 #[cfg(feature = "transparency")]
 pub mod log_memory;
+#[cfg(feature = "transparency")]
+pub mod log_race;
 pub mod matching;
 pub mod mta_sts;
 pub mod output;

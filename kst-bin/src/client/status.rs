@@ -231,10 +231,12 @@ pub async fn status(
         Err(e) => return output::finish(&[Outcome::error(exit::NOINPUT, e)], s.json, false),
     };
     let request = kst_core::client::build_retrieval(&account, &account);
+    #[cfg(feature = "transparency")]
+    let sent_at = request.pending.created_at;
     let retrieved = send_and_wait(s, &account, request, None, false, false).await;
     #[cfg(feature = "transparency")]
     let retrieved = match log {
-        Some(args) => super::transparency::check(s, args, retrieved).await,
+        Some(args) => super::transparency::check(s, args, retrieved, sent_at).await,
         None => retrieved,
     };
     let (service, served, code) = match retrieved {

@@ -313,6 +313,7 @@ pub async fn check_reply_answer(
         source: "the reply's key directory answer",
         log_base: &base,
         ca_file: s.ca_file(),
+        read_apart: false,
     };
     match verify_and_remember(&memory, &mut held, text, &checked).await {
         Ok(Accepted::Remembered) => outcome,
@@ -331,6 +332,11 @@ pub async fn check_reply_answer(
                  retrieve --check-transparency catches up over HTTP)",
                 address.domain()
             ),
+        ),
+        // Not asked for (the proof came with the reply itself).
+        Ok(Accepted::Differs { .. }) => Outcome::error(
+            exit::SOFTWARE,
+            "a version 3 answer was checked as one read apart from its reply",
         ),
         Err(o) => o.with_attack(&attack),
     }
@@ -360,6 +366,11 @@ struct Checked<'a> {
     log_base: &'a str,
     /// The extra CA file of `--ca-file`, for that request.
     ca_file: Option<&'a Path>,
+    /// Versions 1 and 2 (`--check-transparency`): the key was read by mail at another moment
+    /// than the answer, so an answer that verifies but proves another state of the address
+    /// is [`Accepted::Differs`] (the caller asks again, then decides: [`super::log_race`]),
+    /// not an attack at once.
+    read_apart: bool,
 }
 
 /// Why [`verify_and_remember`] refused an answer.
@@ -399,17 +410,32 @@ async fn verify_and_remember(
         Some(bytes) => Served::Key(bytes),
         None => Served::Nothing,
     };
+    // Versions 1 and 2: an answer that proves another state than the one served, and
+    // verifies otherwise, goes through every other check (its head is a verified head of the
+    // directory, remembered as any other) and is then reported as `Differs`.
+    let mut differs = None;
     if let Err(e) = answer.verify(c.head_key, c.address, served).await {
-        return Err(attack_kept(
-            memory,
-            held,
-            format!(
-                "{} does not confirm the reply (epoch {epoch}): {e}",
-                c.source
-            ),
-            text,
-        ));
+        let message = format!(
+            "{} does not confirm the reply (epoch {epoch}): {e}",
+            c.source
+        );
+        if c.read_apart && answer.proven(c.head_key, c.address).await.is_ok() {
+            differs = Some(message);
+        } else {
+            return Err(attack_kept(memory, held, message, text));
+        }
     }
+    let finish = |accepted: Accepted| match &differs {
+        None => accepted,
+        Some(why) => Accepted::Differs {
+            why: why.clone(),
+            epoch,
+            note: match accepted {
+                Accepted::Restarted { note } => Some(note),
+                _ => None,
+            },
+        },
+    };
     // The witnesses that cosigned a head the answer's head extends (with `--witness`).
     let mut confirmed = Vec::new();
     if let Some(policy) = c.policy {
@@ -591,7 +617,7 @@ async fn verify_and_remember(
                 .remember(&answer.head)
                 .and_then(|()| memory.save(held).map_err(|e| e.to_string()))
                 .map_err(|e| Refused::Other(Box::new(Outcome::error(exit::CONFIG, e))))?;
-            return Ok(Accepted::Remembered);
+            return Ok(finish(Accepted::Remembered));
         }
         // Nothing in the answer ties the remembered head to the witnessed history: the
         // witnesses must have cosigned the remembered head themselves (each honest witness
@@ -626,16 +652,16 @@ async fn verify_and_remember(
             .restart(&answer.head)
             .and_then(|()| memory.save(held).map_err(|e| e.to_string()))
             .map_err(|e| Refused::Other(Box::new(Outcome::error(exit::CONFIG, e))))?;
-        return Ok(Accepted::Restarted {
+        return Ok(finish(Accepted::Restarted {
             note: format!("{note} (evidence kept in {})", evidence.display()),
-        });
+        }));
     }
     // Everything verified: only now is the new head remembered (a head refused for any
     // reason is never remembered).
     check_held(memory, held, &answer, Some(text), c.asked)
         .await
         .and_then(|_| memory.save(held))
-        .map(|()| Accepted::Remembered)
+        .map(|()| finish(Accepted::Remembered))
         .map_err(refused)
 }
 
@@ -806,6 +832,14 @@ enum Accepted {
     /// The answer, its head the new start of the memory (too far behind, witnessed): what
     /// to tell the user.
     Restarted { note: String },
+    /// Versions 1 and 2 ([`Checked::read_apart`]): the answer (at `epoch`) passed every
+    /// check, its head is remembered, but it proves another state of the address than the
+    /// one served (`why`); `note`: what a new start of the memory tells the user.
+    Differs {
+        why: String,
+        epoch: u64,
+        note: Option<String>,
+    },
 }
 
 /// An attack on `held`'s domain with its evidence kept.
@@ -814,8 +848,12 @@ fn attack_kept(memory: &LogMemory, held: &Held, message: String, seen: &str) -> 
 }
 
 /// Checks a retrieval's outcome against the key directory; `Found` and `NotFound` are
-/// checked, every other outcome is returned as it is.
-pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome) -> Outcome {
+/// checked, every other outcome is returned as it is. `sent_at`: when the request was made
+/// (Unix time): an answer that proves another state than the reply served, because the
+/// address changed while the reply was on its way, is asked for again, then decided by the
+/// directory's history ([`super::log_race`]): a change recorded after `sent_at` is a
+/// temporary failure (exit 75), anything else an attack (exit 5).
+pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome, sent_at: u64) -> Outcome {
     let (address, service, message_id, served) = match &outcome {
         Outcome::Found {
             address,
@@ -872,6 +910,7 @@ pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome) -> Outco
         source: &source,
         log_base: &base,
         ca_file: s.ca_file(),
+        read_apart: true,
     };
     // A client far behind catches up in steps (`steps=1`): each answer carries the proof
     // from the remembered head, or its first steps within the server's budget; each step is
@@ -879,6 +918,12 @@ pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome) -> Outco
     let mut steps = 0;
     // A KST from before steps answers `steps=1` with 400: then without it (the whole proof).
     let mut ask_steps = true;
+    // An answer proving another state than the reply's: asked again (`ASK_AGAIN_MS`), then
+    // decided by the history, which may need a newer answer first (`MAX_NEWER_ANSWERS`).
+    let mut asked_again = 0;
+    let mut newer_answers = 0;
+    // The epoch of a history read ahead of the remembered head (`Decision::AskAgain`).
+    let mut history_ahead: Option<u64> = None;
     loop {
         let since = held.memory.remembered_epoch().filter(|e| *e > 0);
         let path = format!(
@@ -934,6 +979,80 @@ pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome) -> Outco
                     );
                 }
             }
+            Ok(Accepted::Differs {
+                why: mismatch,
+                epoch,
+                note,
+            }) => {
+                if let Some(note) = note {
+                    eprintln!("kst: {note}");
+                }
+                if let Some(ms) = super::log_race::ASK_AGAIN_MS.get(asked_again) {
+                    asked_again += 1;
+                    tracing::info!(domain = %address.domain(), epoch, "key directory: the answer proves another state than the reply served; asking again");
+                    tokio::time::sleep(Duration::from_millis(*ms)).await;
+                    continue;
+                }
+                let keep = |why: String, seen: &str| {
+                    attack(
+                        memory
+                            .attack(&held, format!("{mismatch}; {why}"), seen)
+                            .to_string(),
+                    )
+                };
+                if let Some(ahead) = history_ahead.take()
+                    && held.memory.remembered_epoch().is_none_or(|e| e < ahead)
+                {
+                    return keep(
+                        format!(
+                            "the directory's history was of epoch {ahead}, and its answer read \
+                             after it is of epoch {epoch}: a history from another directory"
+                        ),
+                        &text,
+                    );
+                }
+                let race = super::log_race::Race {
+                    log_base: &base,
+                    ca_file: s.ca_file(),
+                    head_key: &head_key,
+                    address: &address,
+                    served: served.as_deref(),
+                    sent_at,
+                    answer_epoch: epoch,
+                };
+                match super::log_race::decide(&race, &held).await {
+                    super::log_race::Decision::AskAgain(ahead)
+                        if newer_answers < super::log_race::MAX_NEWER_ANSWERS =>
+                    {
+                        newer_answers += 1;
+                        history_ahead = Some(ahead);
+                        continue;
+                    }
+                    super::log_race::Decision::AskAgain(_) => {
+                        return Outcome::error(
+                            exit::TEMPFAIL,
+                            format!(
+                                "key directory of {}: what the reply served for {address} \
+                                 differs from the directory's answer, and the directory kept \
+                                 moving while the client read its history; nothing was \
+                                 imported; retrieve again",
+                                address.domain()
+                            ),
+                        );
+                    }
+                    super::log_race::Decision::Race(message) => {
+                        return Outcome::error(exit::TEMPFAIL, message);
+                    }
+                    super::log_race::Decision::Attack { why, seen } => {
+                        let seen = match seen.is_empty() {
+                            true => text,
+                            false => format!("{text}\n-- history --\n{seen}"),
+                        };
+                        return keep(why, &seen);
+                    }
+                    super::log_race::Decision::Other(o) => return *o,
+                }
+            }
             Err(o) => return o.with_attack(&attack),
         }
     }
@@ -972,7 +1091,7 @@ async fn fetch_answer(
 }
 
 /// [`fetch_answer`], with `None` for a 404.
-async fn fetch_or_missing(
+pub(super) async fn fetch_or_missing(
     base: &str,
     path: &str,
     ca_file: Option<&Path>,
@@ -1719,7 +1838,7 @@ async fn get_history(s: &Settings, base: &str, path: &str) -> Result<Option<Stri
 }
 
 /// `s` with everything but unreserved characters, `@` and `+` percent-encoded.
-fn path_segment(s: &str) -> String {
+pub(super) fn path_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~@+".contains(&b) {
@@ -2189,6 +2308,7 @@ mod tests {
                 source: "the test's answer",
                 log_base,
                 ca_file: None,
+                read_apart: false,
             };
             let result = verify_and_remember(&memory, &mut held, text, &checked).await;
             // (The memory's lock is per open file: let go before reading it again.)

@@ -362,6 +362,57 @@ impl LogAnswer {
         address: &Address,
         served: Served<'_>,
     ) -> Result<Option<DirectoryEntry>> {
+        let proven = self.proven(head_key, address).await?;
+        let head = &self.head.head;
+        let fail = |what: String| {
+            TransparencyError::Verification(format!(
+                "{address} at {} epoch {}: {what}",
+                head.domain, head.epoch
+            ))
+        };
+        match (served, &proven) {
+            (Served::Key(key), Some(entry)) => match entry.state {
+                EntryState::Published | EntryState::Revoked if entry.commits_to_key(key) => {}
+                EntryState::Deleted => {
+                    return Err(fail(
+                        "a key was served, but the directory records its deletion".into(),
+                    ));
+                }
+                _ => {
+                    return Err(fail(format!(
+                        "the served key is not the one the directory commits to (version {}, \
+                         fingerprint {})",
+                        entry.version,
+                        entry.key.as_ref().map_or("none", |(fp, _)| fp.as_str())
+                    )));
+                }
+            },
+            (Served::Nothing, Some(entry)) if entry.state != EntryState::Deleted => {
+                return Err(fail(
+                    "\"no key\" was served, but the directory holds a key".into(),
+                ));
+            }
+            (Served::Nothing, _) => {}
+            (Served::Key(_), None) => {
+                return Err(fail(
+                    "a key was served, but the directory never held one for the address".into(),
+                ));
+            }
+        }
+        Ok(proven)
+    }
+
+    /// What the answer proves, whatever was served: the head is signed by `head_key` and
+    /// names `address`'s domain, and the proof verifies against it. Returns the directory's
+    /// latest entry for `address` (`None`: an absence proof, the address was never held). A
+    /// client that read the key at another moment than this answer (versions 1 and 2) tells
+    /// a change of the address between the two reads from a forged answer with it. Any
+    /// failure is [`TransparencyError::Verification`] or [`TransparencyError::Signature`].
+    pub async fn proven(
+        &self,
+        head_key: &[u8; 32],
+        address: &Address,
+    ) -> Result<Option<DirectoryEntry>> {
         self.head.verify(head_key)?;
         let head = &self.head.head;
         if head.domain != address.domain() {
@@ -370,49 +421,14 @@ impl LogAnswer {
                 head.domain, address
             )));
         }
-        let fail = |what: String| {
-            TransparencyError::Verification(format!(
-                "{address} at {} epoch {}: {what}",
-                head.domain, head.epoch
-            ))
-        };
         match &self.proof {
             AnswerProof::Present(bytes) => {
-                let entry = verify_lookup(head, address, wire::decode_lookup(bytes)?)?;
-                match (served, entry.state) {
-                    (Served::Key(key), EntryState::Published | EntryState::Revoked)
-                        if entry.commits_to_key(key) => {}
-                    (Served::Key(_), EntryState::Deleted) => {
-                        return Err(fail(
-                            "a key was served, but the directory records its deletion".into(),
-                        ));
-                    }
-                    (Served::Key(_), _) => {
-                        return Err(fail(format!(
-                            "the served key is not the one the directory commits to (version \
-                             {}, fingerprint {})",
-                            entry.version,
-                            entry.key.as_ref().map_or("none", |(fp, _)| fp.as_str())
-                        )));
-                    }
-                    (Served::Nothing, EntryState::Deleted) => {}
-                    (Served::Nothing, _) => {
-                        return Err(fail(
-                            "\"no key\" was served, but the directory holds a key".into(),
-                        ));
-                    }
-                }
-                Ok(Some(entry))
+                verify_lookup(head, address, wire::decode_lookup(bytes)?).map(Some)
             }
             AnswerProof::Absent(bytes) => {
                 let proof: AbsenceProof = wire::decode_absence(bytes)?;
                 verify_absence(head, address, &proof).await?;
-                match served {
-                    Served::Nothing => Ok(None),
-                    Served::Key(_) => Err(fail(
-                        "a key was served, but the directory never held one for the address".into(),
-                    )),
-                }
+                Ok(None)
             }
         }
     }

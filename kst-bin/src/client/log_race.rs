@@ -1,0 +1,385 @@
+//! A change of the address while a version 1 or 2 reply was on its way (issue 18): `kst
+//! client retrieve --check-transparency` reads the key by mail and the key directory's
+//! answer over HTTP, at two moments. When the answer verifies (the head's signature, the
+//! proof, the memory of heads) but proves another state of the address than the reply
+//! served, the client asks again a few times over about 2 s ([`ASK_AGAIN_MS`]: the reply's
+//! change may not be recorded yet), then lets the directory's own proofs decide
+//! ([`decide`]): the history of the address (`/history/<address>`, tied to a root the client
+//! verified) shows whether the served key (or "no key") was the directory's state at some
+//! epoch, and the signed head of the epoch that recorded the change superseding it says
+//! when. Superseded after the request was sent (minus [`CLOCK_SLACK`]): a race, a temporary
+//! failure (exit 75), nothing imported. Otherwise (never the directory's state, superseded
+//! before the request: a stale key) it stays an attack (exit 5, the evidence kept).
+
+use kst_core::Address;
+use kst_core::transparency::EntryState;
+use kst_core::transparency::history::{HistoryAnswer, HistoryVersion, MAX_HISTORY_ANSWER};
+use kst_core::transparency::witness::{MAX_HEAD_TEXT, parse_head_with_cosignatures};
+
+use super::exit;
+use super::log_memory::Held;
+use super::output::Outcome;
+use super::transparency::{fetch_or_missing, path_segment};
+
+/// The waits before asking the directory again when its answer proves another state than
+/// the reply served (about 2 s in all): the reply's change may be published but not yet
+/// recorded in an epoch (the directory records it milliseconds later).
+pub const ASK_AGAIN_MS: [u64; 5] = [100, 200, 400, 600, 700];
+
+/// Seconds the directory's clock (the heads' `signed-at`) may be ahead of the client's (the
+/// request's time): a change recorded up to this long before the request was sent still
+/// counts as one that raced the reply.
+pub const CLOCK_SLACK: u64 = 10;
+
+/// How often [`decide`] may ask for a newer answer (the history was read at an epoch newer
+/// than the remembered head) before the client gives up for now (exit 75). Each newer
+/// answer must reach the history's epoch: the directory's own answer, read after its
+/// history, older than that history is an attack (a history from another directory).
+pub const MAX_NEWER_ANSWERS: usize = 2;
+
+/// What the history says about the served state ([`superseded`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Superseded {
+    /// The served state is the address's newest version, recorded at this epoch.
+    Newest(u64),
+    /// The served state was the directory's state until a change recorded at this epoch
+    /// (the newest such change when it was the state more than once).
+    At(u64),
+    /// The served state is not among the versions (a key never recorded, or "no key" while
+    /// the address always held one).
+    Never,
+}
+
+/// Whether `served` (a key's packets, `None` for "no key") was the state of the address
+/// among `versions` (a verified history, any order), and what superseded it. A version whose
+/// value a deletion withdrew (no entry) may have held any key: it counts as the served key's
+/// only when the change right after it is that deletion (the state before a deletion is
+/// what a reply read just before it served). "No key" is the state of a deletion, and the
+/// state before version 1 (the address not yet held) when version 1 is in `versions`.
+pub fn superseded(versions: &[HistoryVersion], served: Option<&[u8]>) -> Superseded {
+    let by_version: std::collections::BTreeMap<u64, &HistoryVersion> =
+        versions.iter().map(|v| (v.akd_version, v)).collect();
+    let is_deletion = |v: &HistoryVersion| {
+        v.entry
+            .as_ref()
+            .is_some_and(|e| e.state == EntryState::Deleted)
+    };
+    let mut newest = None;
+    let mut at: Option<u64> = None;
+    for v in versions {
+        let next = v
+            .akd_version
+            .checked_add(1)
+            .and_then(|n| by_version.get(&n).copied());
+        let was_served = match (served, &v.entry) {
+            (Some(key), Some(e)) => e.state != EntryState::Deleted && e.commits_to_key(key),
+            (Some(_), None) => next.is_some_and(is_deletion),
+            (None, _) => is_deletion(v),
+        };
+        if !was_served {
+            continue;
+        }
+        match next {
+            Some(n) => at = Some(at.map_or(n.epoch, |a| a.max(n.epoch))),
+            None => newest = Some(v.epoch),
+        }
+    }
+    if served.is_none()
+        && let Some(first) = by_version.get(&1)
+    {
+        at = Some(at.map_or(first.epoch, |a| a.max(first.epoch)));
+    }
+    match (newest, at) {
+        (Some(epoch), _) => Superseded::Newest(epoch),
+        (None, Some(epoch)) => Superseded::At(epoch),
+        (None, None) => Superseded::Never,
+    }
+}
+
+/// What [`decide`] found.
+#[derive(Debug)]
+pub enum Decision {
+    /// The history was read at this epoch, newer than the remembered head: ask the directory
+    /// for a newer answer (its append-only proof ties that epoch to the memory), which must
+    /// reach this epoch, then decide again.
+    AskAgain(u64),
+    /// A change raced the reply: the message of the temporary failure (exit 75).
+    Race(String),
+    /// Not a race (exit 5).
+    Attack {
+        /// Why.
+        why: String,
+        /// What was read (the history, the head), kept as evidence with the answer.
+        seen: String,
+    },
+    /// Another outcome (the directory cannot be read now: 75).
+    Other(Box<Outcome>),
+}
+
+/// Where and against what [`decide`] reads the history.
+pub struct Race<'a> {
+    /// Where the domain's directory is served.
+    pub log_base: &'a str,
+    /// The extra CA file of `--ca-file`.
+    pub ca_file: Option<&'a std::path::Path>,
+    /// The domain's head key.
+    pub head_key: &'a [u8; 32],
+    /// The address.
+    pub address: &'a Address,
+    /// What the reply served: a key's packets, `None` for "no key".
+    pub served: Option<&'a [u8]>,
+    /// When the request was made (Unix time, the client's clock).
+    pub sent_at: u64,
+    /// The epoch of the last answer, which proved another state.
+    pub answer_epoch: u64,
+}
+
+/// Decides whether the served state, which the directory's answer at `r.answer_epoch` does
+/// not prove, was superseded by a change recorded after the request was sent (a race) or not
+/// (an attack), from the address's history (its newest versions) against a head whose root
+/// the client verified (`held`'s remembered history), and the signed head of the epoch of
+/// the superseding change (its root checked against the remembered one when kept).
+pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
+    let domain = r.address.domain();
+    let path = format!(
+        "/.well-known/kst/log/{domain}/history/{}",
+        path_segment(r.address.as_str())
+    );
+    let url = format!("{}{path}", r.log_base);
+    let text = match fetch_or_missing(r.log_base, &path, r.ca_file, MAX_HISTORY_ANSWER).await {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            return Decision::Attack {
+                why: format!(
+                    "{url} says the directory never held {}: what the reply served was never \
+                     its state there",
+                    r.address
+                ),
+                seen: String::new(),
+            };
+        }
+        Err(o) => return Decision::Other(Box::new(o)),
+    };
+    let attack = |why: String| Decision::Attack {
+        why,
+        seen: text.clone(),
+    };
+    let history = match HistoryAnswer::parse(&text) {
+        Ok(h) => h,
+        Err(e) => return attack(format!("{url}: {e}")),
+    };
+    let versions = match history.verify(r.head_key, r.address) {
+        Ok(v) => v,
+        Err(e) => return attack(format!("{url}: {e}")),
+    };
+    let head = &history.head.head;
+    if let Some(vrf) = &held.memory.vrf_key
+        && !vrf.eq_ignore_ascii_case(&hex::encode(head.vrf_public_key))
+    {
+        return attack(format!(
+            "{url}: the history's head (epoch {}) names the VRF key {}, not the pinned {vrf}",
+            head.epoch,
+            hex::encode(head.vrf_public_key)
+        ));
+    }
+    // The history's head tied to the verified history the client remembers: the same root
+    // at its epoch. A newer epoch is tied by a newer answer's append-only proof first.
+    match held.memory.known_root(head.epoch) {
+        Some(root) if root == head.root_hash => {}
+        Some(root) => {
+            return attack(format!(
+                "possible fork of the key directory of {domain}: the history's head of epoch \
+                 {} has the root {}, the remembered history has {}",
+                head.epoch,
+                hex::encode(head.root_hash),
+                hex::encode(root)
+            ));
+        }
+        None if held
+            .memory
+            .remembered_epoch()
+            .is_none_or(|e| head.epoch > e) =>
+        {
+            return Decision::AskAgain(head.epoch);
+        }
+        None => {
+            return Decision::Other(Box::new(Outcome::error(
+                exit::TEMPFAIL,
+                format!(
+                    "key directory of {domain}: the reply's key for {} differs from the \
+                     directory's answer, and the history read to tell a change on the way from \
+                     an attack is of epoch {}, which the client cannot tie to its remembered \
+                     history; nothing was imported; retrieve again",
+                    r.address, head.epoch
+                ),
+            )));
+        }
+    }
+    let what = match r.served {
+        Some(_) => "the served key",
+        None => "\"no key\"",
+    };
+    let epoch = match superseded(&versions, r.served) {
+        Superseded::Newest(at) if at > r.answer_epoch => {
+            return Decision::Race(format!(
+                "key directory of {domain}: {what} for {} was recorded at epoch {at}, after \
+                 the directory's answer (epoch {}) was read: it changed while the reply was on \
+                 its way; nothing was imported; retrieve again",
+                r.address, r.answer_epoch
+            ));
+        }
+        Superseded::Newest(at) => {
+            return attack(format!(
+                "the history of {} (epoch {}) names {what} as the newest version (epoch \
+                 {at}), which the answer of epoch {} does not prove",
+                r.address, head.epoch, r.answer_epoch
+            ));
+        }
+        Superseded::Never => {
+            return attack(format!(
+                "the directory's history of {} (epoch {}, the newest {} versions) never held \
+                 {what}",
+                r.address,
+                head.epoch,
+                versions.len()
+            ));
+        }
+        Superseded::At(epoch) => epoch,
+    };
+    // When the change superseding the served state was recorded: its epoch's signed head.
+    let head_path = format!("/.well-known/kst/log/{domain}/head/{epoch}");
+    let head_url = format!("{}{head_path}", r.log_base);
+    let head_text = match fetch_or_missing(r.log_base, &head_path, r.ca_file, MAX_HEAD_TEXT).await {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            return attack(format!(
+                "{head_url}: no head of epoch {epoch}, which the history names"
+            ));
+        }
+        Err(o) => return Decision::Other(Box::new(o)),
+    };
+    let seen = format!("{text}\n-- head of epoch {epoch} --\n{head_text}");
+    let attack = |why: String| Decision::Attack {
+        why,
+        seen: seen.clone(),
+    };
+    let signed = match parse_head_with_cosignatures(&head_text) {
+        Ok((h, _)) => h,
+        Err(e) => return attack(format!("{head_url}: {e}")),
+    };
+    if let Err(e) = signed.verify(r.head_key) {
+        return attack(format!("{head_url}: {e}"));
+    }
+    let h = &signed.head;
+    if h.epoch != epoch || h.domain != domain {
+        return attack(format!(
+            "{head_url}: the head of {} epoch {} answered",
+            h.domain, h.epoch
+        ));
+    }
+    if let Some(root) = held.memory.known_root(epoch)
+        && root != h.root_hash
+    {
+        return attack(format!(
+            "possible fork of the key directory of {domain}: {head_url} has the root {}, the \
+             remembered history has {}",
+            hex::encode(h.root_hash),
+            hex::encode(root)
+        ));
+    }
+    let since = r.sent_at.saturating_sub(CLOCK_SLACK);
+    if h.signed_at >= since {
+        Decision::Race(format!(
+            "key directory of {domain}: {} changed while the reply was on its way: the reply \
+             served {what}, which the directory recorded as superseded at epoch {epoch} (head \
+             signed at {}, the request was sent at {}); nothing was imported; retrieve again \
+             for the current key",
+            r.address, h.signed_at, r.sent_at
+        ))
+    } else {
+        attack(format!(
+            "the directory's history of {} shows {what} superseded at epoch {epoch}, whose \
+             head was signed at {}, {} s before the request was sent (at {}): a stale key, \
+             not a change on the way",
+            r.address,
+            h.signed_at,
+            r.sent_at - h.signed_at,
+            r.sent_at
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kst_core::Fingerprint;
+    use kst_core::transparency::DirectoryEntry;
+    use kst_core::transparency::entry::key_hash;
+
+    fn version(akd_version: u64, epoch: u64, entry: Option<DirectoryEntry>) -> HistoryVersion {
+        HistoryVersion {
+            epoch,
+            akd_version,
+            entry,
+        }
+    }
+
+    fn key(k: &[u8], version: u64) -> Option<DirectoryEntry> {
+        Some(DirectoryEntry {
+            state: EntryState::Published,
+            version,
+            changed_at: 1,
+            key: Some((Fingerprint::parse(&"AA".repeat(20)).unwrap(), key_hash(k))),
+        })
+    }
+
+    fn deleted(version: u64) -> Option<DirectoryEntry> {
+        Some(DirectoryEntry::deleted(version, 1))
+    }
+
+    #[test]
+    fn a_superseded_key_names_the_change_after_it() {
+        let h = [
+            version(3, 9, key(b"k3", 3)),
+            version(2, 5, key(b"k2", 2)),
+            version(1, 2, key(b"k1", 1)),
+        ];
+        assert_eq!(superseded(&h, Some(b"k1")), Superseded::At(5));
+        assert_eq!(superseded(&h, Some(b"k2")), Superseded::At(9));
+        assert_eq!(superseded(&h, Some(b"k3")), Superseded::Newest(9));
+        assert_eq!(superseded(&h, Some(b"never")), Superseded::Never);
+        // "No key": the state before version 1.
+        assert_eq!(superseded(&h, None), Superseded::At(2));
+        // Without version 1 in the page, and no deletion: never "no key".
+        assert_eq!(superseded(&h[..2], None), Superseded::Never);
+    }
+
+    #[test]
+    fn a_key_published_twice_names_the_newest_change() {
+        let h = [
+            version(4, 12, key(b"k2", 4)),
+            version(3, 9, key(b"k1", 3)),
+            version(2, 5, key(b"k2", 2)),
+            version(1, 2, key(b"k1", 1)),
+        ];
+        assert_eq!(superseded(&h, Some(b"k1")), Superseded::At(12));
+        assert_eq!(superseded(&h, Some(b"k2")), Superseded::Newest(12));
+    }
+
+    #[test]
+    fn withdrawn_values_count_only_right_before_their_deletion() {
+        let h = [
+            version(4, 12, key(b"k4", 4)),
+            version(3, 9, deleted(3)),
+            version(2, 5, None),
+            version(1, 2, None),
+        ];
+        // Any key may have been version 2's, right before the deletion: superseded at 9.
+        assert_eq!(superseded(&h, Some(b"any")), Superseded::At(9));
+        // "No key" (the deletion) until 12, or before version 1 (epoch 2).
+        assert_eq!(superseded(&h, None), Superseded::At(12));
+        assert_eq!(superseded(&h, Some(b"k4")), Superseded::Newest(12));
+        // A deletion that is the newest version: "no key" is the state now.
+        assert_eq!(superseded(&h[1..], None), Superseded::Newest(9));
+    }
+}
