@@ -8,9 +8,11 @@ use std::sync::Arc;
 use kst_bin::bench::directory::{self, MemoryDirectoryStore, Options, Report};
 use kst_core::transparency::DirectoryStore;
 
-const WHAT: [&str; 9] = [
+const WHAT: [&str; 11] = [
     "lookup",
     "absence",
+    "lookup-self-check",
+    "absence-self-check",
     "v3-found-block",
     "v3-not-found-block",
     "history-1",
@@ -85,6 +87,10 @@ fn check(report: &Report, opts: &Options) {
                     assert_eq!(m.verify.unwrap().n, opts.verifications, "{m:?}");
                 }
                 "history-10" => assert_eq!(m.verify.unwrap().n, opts.verifications, "{m:?}"),
+                "lookup-self-check" | "absence-self-check" => {
+                    assert!(m.generate.is_none(), "{m:?}");
+                    assert_eq!(m.verify.unwrap().n, opts.verifications, "{m:?}");
+                }
                 w if w.starts_with("audit") || w.starts_with("catch-up-") => {
                     assert!(
                         m.generate.unwrap().n >= 1 && m.verify.unwrap().n >= 1,

@@ -6,6 +6,7 @@
 //! kt/<domain>/nodes/<xx>/<node key hex> one tree node (xx: the label's first byte)
 //! kt/<domain>/values/<sha256(label)>/<epoch, 20 digits>   one value state
 //! kt/<domain>/lock                      flock(2) of the writer committing a batch
+//! kt/<domain>/intent                    flock(2) a writer takes first: new readers wait
 //! kt/<domain>/heads/<epoch, 20 digits>  the signed head of an epoch (created once, by link)
 //! kt/<domain>/cosignatures/<epoch, 20 digits>/<witness hex>   a witness's cosignature
 //! kt/<domain>/cosignatures/<epoch, 20 digits>/<witness hex>.at    when it was checked
@@ -51,6 +52,16 @@
 //! elsewhere. Each read takes the lock shared, so it never sees a commit half-way; the root
 //! is the commit point for readers (see `kst_core::transparency::storage` for why a crash
 //! half-way is harmless).
+//!
+//! Waiting for the lock holds no permit of the directory's lane ([`crate::pool`]): within
+//! one process, reads and commits take the domain's turn first (`turns`: shared and
+//! exclusive, first come, first served; a commit keeps it until its files are written), and
+//! a read or a commit that finds the `flock` held by another process of the pool lets its
+//! permit go and tries again after a pause (`reading`, [`FsDirectoryStore`]'s `commit`). So
+//! one domain's lock, held long by a stalled process, never stops the other domains. A
+//! writer takes the domain's `intent` exclusively before the lock and keeps it; readers take
+//! it shared only while they take the lock, so a writer waits only for the reads under way
+//! (`flock` alone grants new shared locks to another process's flood of reads for ever).
 
 use std::collections::{BTreeSet, HashSet};
 use std::io::{ErrorKind, Write};
@@ -192,30 +203,116 @@ fn rand_suffix() -> u64 {
 /// Holds the exclusive lock of one domain's directory while it lives.
 struct DomainLock {
     _file: std::fs::File,
+    /// A writer's intent, held exclusively with the lock ([`INTENT`]); `None` for a reader.
+    _intent: Option<std::fs::File>,
+}
+
+/// The file whose `flock` a writer takes exclusively before the domain's lock, and keeps
+/// with it: readers take it shared only while they take the lock, and give up (to try again)
+/// while a writer holds it. `flock` itself grants a new shared lock while a writer waits, so
+/// without it another process's flood of reads, each holding the lock shared in turn, kept
+/// the writer's commit waiting for ever (`another_processs_flood_of_reads_starves_no_commit`).
+const INTENT: &str = "intent";
+
+/// `op` (a `flock` that does not wait) again while interrupted: whether it was granted.
+fn try_flock(
+    file: &std::fs::File,
+    path: &Path,
+    op: fn(&std::fs::File) -> std::io::Result<bool>,
+) -> Result<bool, DirectoryStoreError> {
+    loop {
+        match op(file) {
+            Ok(granted) => return Ok(granted),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(unavailable("lock", path, e)),
+        }
+    }
+}
+
+/// `op` (a `flock` that waits) again while interrupted.
+fn wait_flock(
+    file: &std::fs::File,
+    path: &Path,
+    op: fn(&std::fs::File) -> std::io::Result<()>,
+) -> Result<(), DirectoryStoreError> {
+    loop {
+        match op(file) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(unavailable("lock", path, e)),
+        }
+    }
 }
 
 impl DomainLock {
-    /// The shared lock readers take: no read sees a commit half-way (a tree node written for
-    /// the next epoch next to one not yet written).
-    fn shared(dir: &Path) -> Result<Option<DomainLock>, DirectoryStoreError> {
+    /// The shared lock readers take, if it is free now: no read sees a commit half-way (a
+    /// tree node written for the next epoch next to one not yet written). [`Shared::Busy`]
+    /// while a writer holds the lock: the read waits for it without a permit of the
+    /// directory's lane ([`reading`]).
+    fn try_shared(dir: &Path) -> Result<Shared, DirectoryStoreError> {
         let path = dir.join("lock");
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Shared::Held(None)),
             Err(e) => return Err(unavailable("open", &path, e)),
         };
-        loop {
-            match FileExt::lock_shared(&file) {
-                Ok(()) => return Ok(Some(DomainLock { _file: file })),
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(unavailable("lock", &path, e)),
-            }
+        // A writer's intent first (none in a store no writer of this build wrote yet):
+        // held only until the lock is, so a writer waiting for it bars new readers.
+        let intent_path = dir.join(INTENT);
+        let intent = match std::fs::File::open(&intent_path) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(unavailable("open", &intent_path, e)),
+        };
+        if let Some(intent) = &intent
+            && !try_flock(intent, &intent_path, FileExt::try_lock_shared)?
+        {
+            return Ok(Shared::Busy);
         }
+        if !try_flock(&file, &path, FileExt::try_lock_shared)? {
+            return Ok(Shared::Busy);
+        }
+        Ok(Shared::Held(Some(DomainLock {
+            _file: file,
+            _intent: None,
+        })))
     }
 
+    /// The domain's lock, exclusive, after the writer's intent ([`INTENT`]), waiting for both.
     fn acquire(dir: &Path) -> Result<DomainLock, DirectoryStoreError> {
+        let (intent, intent_path) = Self::open_exclusive(dir, INTENT)?;
+        wait_flock(&intent, &intent_path, FileExt::lock_exclusive)?;
+        let (file, path) = Self::open_exclusive(dir, "lock")?;
+        wait_flock(&file, &path, FileExt::lock_exclusive)?;
+        Ok(DomainLock {
+            _file: file,
+            _intent: Some(intent),
+        })
+    }
+
+    /// [`DomainLock::acquire`] if no other writer holds the intent now (`None` while one
+    /// does); then it waits only for the readers under the lock now (no new one comes in).
+    fn try_acquire(dir: &Path) -> Result<Option<DomainLock>, DirectoryStoreError> {
+        let (intent, intent_path) = Self::open_exclusive(dir, INTENT)?;
+        if !try_flock(&intent, &intent_path, FileExt::try_lock_exclusive)? {
+            return Ok(None);
+        }
+        let (file, path) = Self::open_exclusive(dir, "lock")?;
+        wait_flock(&file, &path, FileExt::lock_exclusive)?;
+        Ok(Some(DomainLock {
+            _file: file,
+            _intent: Some(intent),
+        }))
+    }
+
+    /// The domain's file `name` (the lock, the intent), made if missing, opened to be
+    /// locked exclusively.
+    fn open_exclusive(
+        dir: &Path,
+        name: &str,
+    ) -> Result<(std::fs::File, PathBuf), DirectoryStoreError> {
         std::fs::create_dir_all(dir).map_err(|e| unavailable("create", dir, e))?;
-        let path = dir.join("lock");
+        let path = dir.join(name);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -223,14 +320,16 @@ impl DomainLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| unavailable("open", &path, e))?;
-        loop {
-            match FileExt::lock_exclusive(&file) {
-                Ok(()) => return Ok(DomainLock { _file: file }),
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(unavailable("lock", &path, e)),
-            }
-        }
+        Ok((file, path))
     }
+}
+
+/// A read's hold on its domain's lock ([`DomainLock::try_shared`], [`read_lock`]).
+enum Shared {
+    /// The lock held shared (`None`: the domain has no lock file, nothing committed yet).
+    Held(Option<DomainLock>),
+    /// A writer (of this process or another of the pool) holds the lock now.
+    Busy,
 }
 
 /// The domains (with the boot id) this process found free of frames a machine crash left:
@@ -252,21 +351,35 @@ fn is_recovered(dir: &Path, boot: &str) -> bool {
 /// are replayed first ([`recover_locked`]). Nothing to do without a journal (`boot` is
 /// `None`) or once checked.
 fn ensure_recovered(dir: &Path, boot: Option<&str>) -> Result<(), DirectoryStoreError> {
-    let Some(boot) = boot else { return Ok(()) };
+    try_recover(dir, boot, true).map(drop)
+}
+
+/// [`ensure_recovered`]; without `wait`, `false` (nothing done) when the domain must be
+/// recovered or rolled forward while another holds its lock: a read then waits for the lock
+/// without a permit of the directory's lane ([`read_lock`], [`reading`]).
+fn try_recover(dir: &Path, boot: Option<&str>, wait: bool) -> Result<bool, DirectoryStoreError> {
+    let Some(boot) = boot else { return Ok(true) };
     if is_recovered(dir, boot) || !dir.join("lock").exists() {
-        return Ok(());
+        return Ok(true);
     }
     if journal::boot(dir)?.as_deref() == Some(boot) && !dead_writer(dir)? && !headless_root(dir)? {
         recovered()
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert((dir.to_path_buf(), boot.to_string()));
-        return Ok(());
+        return Ok(true);
     }
-    let _lock = DomainLock::acquire(dir)?;
+    let _lock = if wait {
+        DomainLock::acquire(dir)?
+    } else {
+        match DomainLock::try_acquire(dir)? {
+            Some(lock) => lock,
+            None => return Ok(false),
+        }
+    };
     recover_locked(dir, boot)?;
     sweep_temporaries(dir);
-    roll_forward(dir).map(drop).inspect_err(|_| {
+    roll_forward(dir).map(|_| true).inspect_err(|_| {
         // Not rolled forward: the next read tries again.
         forget_recovered(dir, boot);
     })
@@ -283,24 +396,29 @@ fn dead_writer(dir: &Path) -> Result<bool, DirectoryStoreError> {
     })
 }
 
-/// The shared lock a read of `dir` holds, after [`ensure_recovered`]. A read that waited
-/// for the lock while a commit's files failed to be written after its answer (the commit
-/// then made this process check again, [`write_files`]) finds `dir` no longer checked once it
-/// holds the lock: it lets the lock go and rolls the epoch forward first, so no read sees the
-/// root of one epoch with files of the next.
-fn read_lock(dir: &Path, boot: Option<&str>) -> Result<Option<DomainLock>, DirectoryStoreError> {
+/// The shared lock a read of `dir` holds, after [`ensure_recovered`], or [`Shared::Busy`]
+/// while a writer holds it (or holds the lock a recovery or a roll-forward needs) (the read tries again later, [`reading`]). A read that finds, once
+/// it holds the lock, that a commit's files failed to be written after its answer (the commit
+/// then made this process check again, [`write_files`]) lets the lock go and rolls the epoch
+/// forward first, so no read sees the root of one epoch with files of the next.
+fn read_lock(dir: &Path, boot: Option<&str>) -> Result<Shared, DirectoryStoreError> {
     for _ in 0..3 {
-        ensure_recovered(dir, boot)?;
-        let shared = DomainLock::shared(dir)?;
+        if !try_recover(dir, boot, false)? {
+            return Ok(Shared::Busy);
+        }
+        let shared = match DomainLock::try_shared(dir)? {
+            Shared::Held(Some(shared)) => shared,
+            other => return Ok(other),
+        };
         match boot {
-            Some(boot) if shared.is_some() && !is_recovered(dir, boot) => drop(shared),
+            Some(boot) if !is_recovered(dir, boot) => drop(shared),
             // Another process of the pool died (or failed) between its commit point and
             // its files: roll its epoch forward before reading.
-            Some(boot) if shared.is_some() && dead_writer(dir)? => {
+            Some(boot) if dead_writer(dir)? => {
                 drop(shared);
                 forget_recovered(dir, boot);
             }
-            _ => return Ok(shared),
+            _ => return Ok(Shared::Held(Some(shared))),
         }
     }
     Err(DirectoryStoreError::Unavailable(format!(
@@ -697,7 +815,7 @@ fn maybe_checkpoint(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
 }
 
 /// Where a commit's caller is told whether the epoch is committed.
-type CommitAnswer = crate::pool::Answer<Result<(), DirectoryStoreError>>;
+type CommitAnswer = crate::pool::Answer<Result<bool, DirectoryStoreError>>;
 
 /// [`DirectoryStore::commit`], on a blocking thread: under the domain's lock, answers
 /// `answer` at the commit point and, for an epoch committed through the journal, writes the
@@ -706,29 +824,51 @@ type CommitAnswer = crate::pool::Answer<Result<(), DirectoryStoreError>>;
 /// caller goes on as soon as the frame is durable. Handing the lock to other work instead
 /// (another blocking task, queued behind reads that wait for this lock on the bounded pool)
 /// would deadlock: `reads_queued_behind_a_commit_do_not_deadlock_its_file_writes`.
-fn commit(dir: &Path, batch: RecordBatch, boot: Option<&str>, answer: CommitAnswer) {
-    let lock = match DomainLock::acquire(dir) {
-        Ok(lock) => lock,
+///
+/// Without `wait`, a lock another holds now is answered `Ok(false)` at once (nothing done):
+/// the caller waits for it without a permit of the directory's lane and tries again
+/// ([`FsDirectoryStore`]'s `commit`). `Ok(true)`: committed (or dropped by the fence).
+/// Returns whether it did its work (`false`: the lock was busy, nothing done) once the
+/// epoch's files are written and the lock let go.
+fn commit(
+    dir: &Path,
+    batch: &RecordBatch,
+    boot: Option<&str>,
+    answer: CommitAnswer,
+    wait: bool,
+) -> bool {
+    let lock = if wait {
+        DomainLock::acquire(dir).map(Some)
+    } else {
+        DomainLock::try_acquire(dir)
+    };
+    let lock = match lock {
+        Ok(Some(lock)) => lock,
+        Ok(None) => {
+            let _ = answer.send(Ok(false));
+            return false;
+        }
         Err(e) => {
             let _ = answer.send(Err(e));
-            return;
+            return true;
         }
     };
-    match commit_locked(dir, &batch, boot) {
+    match commit_locked(dir, batch, boot) {
         Ok(Some(epoch)) => {
             // The frame is durable: the epoch is committed, whatever happens to its files.
-            let _ = answer.send(Ok(()));
+            let _ = answer.send(Ok(true));
             #[cfg(test)]
             gate::wait(dir, epoch);
-            write_files(dir, &batch, epoch, boot);
+            write_files(dir, batch, epoch, boot);
         }
         done => {
-            let _ = answer.send(done.map(drop));
+            let _ = answer.send(done.map(|_| true));
         }
     }
     // After the answer, still under the lock: no commit waits for the listing.
     sweep_temporaries(dir);
     drop(lock);
+    true
 }
 
 /// A test's hold on a commit between its answer and its files: [`commit`] waits in
@@ -813,10 +953,11 @@ fn commit_now(
     boot: Option<&str>,
 ) -> Result<(), DirectoryStoreError> {
     let (answer, mut answered) = tokio::sync::oneshot::channel();
-    commit(dir, batch, boot, answer);
+    commit(dir, &batch, boot, answer, true);
     answered
         .try_recv()
         .map_err(|e| DirectoryStoreError::Unavailable(format!("no answer: {e}")))?
+        .map(drop)
 }
 
 /// After the commit point of journaled epoch `epoch` (its caller answered, the domain's lock
@@ -1043,8 +1184,8 @@ fn put_cosignature(
     witness: &[u8; 32],
     checked_at: u64,
     cosignature: &[u8],
+    _lock: DomainLock,
 ) -> Result<(), DirectoryStoreError> {
-    let _lock = DomainLock::acquire(dir)?;
     let name = hex::encode(witness);
     let path = dir.join("cosignatures").join(epoch_name(epoch)).join(&name);
     let at_path = path.with_extension("at");
@@ -1115,6 +1256,62 @@ async fn blocking<T: Send + 'static>(
         .map_err(DirectoryStoreError::Unavailable)?
 }
 
+/// This process's turns at each domain's lock: reads take a turn shared, a commit takes one
+/// exclusively, first come, first served (Tokio's `RwLock` is fair), before a permit of the
+/// lane. A commit then finds the domain's `flock` held only by another process of the pool
+/// (or by a commit's files still being written): a flood of this process's reads, each
+/// trying the lock between the others' shared holds, no longer keeps the writer's commit
+/// waiting, and the reads queued behind a commit wait for it without a permit.
+/// (A commit holds its turn until its epoch's files are written, [`FsDirectoryStore`]'s
+/// `commit`.)
+fn turns(dir: &Path) -> std::sync::Arc<tokio::sync::RwLock<()>> {
+    type Turns = std::collections::HashMap<PathBuf, std::sync::Arc<tokio::sync::RwLock<()>>>;
+    static TURNS: OnceLock<Mutex<Turns>> = OnceLock::new();
+    TURNS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(dir.to_path_buf())
+        .or_default()
+        .clone()
+}
+
+/// The first pause of a read that found its domain's lock held by a writer, doubled after
+/// each try up to [`LOCK_PAUSE_MOST`].
+const LOCK_PAUSE_FIRST: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The longest pause between a read's tries of its domain's lock.
+const LOCK_PAUSE_MOST: std::time::Duration = std::time::Duration::from_millis(16);
+
+/// A read of the domain at `dir`: `f` on the directory's lane ([`blocking`]) under the
+/// domain's shared lock ([`read_lock`]). While a writer holds the lock (a commit writing its
+/// epoch's files, or another process of the pool stalled mid-commit), the read gives its
+/// permit back and tries again after a pause, so reads piling up behind one domain's lock
+/// never hold every permit of the lane while other domains' reads and commits wait for one.
+async fn reading<T, F>(dir: PathBuf, boot: Option<String>, f: F) -> Result<T, DirectoryStoreError>
+where
+    T: Send + 'static,
+    F: Fn(&Path) -> Result<T, DirectoryStoreError> + Send + Sync + 'static,
+{
+    let f = std::sync::Arc::new(f);
+    let turns = turns(&dir);
+    let _turn = turns.read().await;
+    let mut pause = LOCK_PAUSE_FIRST;
+    loop {
+        let (d, b, g) = (dir.clone(), boot.clone(), f.clone());
+        let read = blocking(move || match read_lock(&d, b.as_deref())? {
+            Shared::Held(_shared) => g(&d).map(Some),
+            Shared::Busy => Ok(None),
+        })
+        .await?;
+        if let Some(read) = read {
+            return Ok(read);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(LOCK_PAUSE_MOST);
+    }
+}
+
 #[async_trait]
 impl DirectoryStore for FsDirectoryStore {
     fn name(&self) -> &'static str {
@@ -1123,11 +1320,7 @@ impl DirectoryStore for FsDirectoryStore {
 
     async fn root(&self, domain: &str) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
-        blocking(move || {
-            let _shared = read_lock(&dir, boot.as_deref())?;
-            read_root(&dir)
-        })
-        .await
+        reading(dir, boot, read_root).await
     }
 
     async fn nodes(
@@ -1137,11 +1330,7 @@ impl DirectoryStore for FsDirectoryStore {
     ) -> Result<Vec<Vec<u8>>, DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let keys = keys.to_vec();
-        blocking(move || {
-            let _shared = read_lock(&dir, boot.as_deref())?;
-            read_nodes(&dir, &keys)
-        })
-        .await
+        reading(dir, boot, move |dir| read_nodes(dir, &keys)).await
     }
 
     async fn root_and_nodes(
@@ -1152,9 +1341,8 @@ impl DirectoryStore for FsDirectoryStore {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let keys = keys.to_vec();
         // One blocking call and one shared lock: the root and the nodes of one moment.
-        blocking(move || {
-            let _shared = read_lock(&dir, boot.as_deref())?;
-            Ok((read_root(&dir)?, read_nodes(&dir, &keys)?))
+        reading(dir, boot, move |dir| {
+            Ok((read_root(dir)?, read_nodes(dir, &keys)?))
         })
         .await
     }
@@ -1166,8 +1354,7 @@ impl DirectoryStore for FsDirectoryStore {
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
         let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let dir = values_dir(&domain_dir, label);
-        blocking(move || {
-            let _shared = read_lock(&domain_dir, boot.as_deref())?;
+        reading(domain_dir, boot, move |_| {
             list_files(&dir, |name| name.parse::<u64>().ok())
         })
         .await
@@ -1181,11 +1368,10 @@ impl DirectoryStore for FsDirectoryStore {
         let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let labels = labels.to_vec();
         // Every label in one blocking call under one shared lock.
-        blocking(move || {
-            let _shared = read_lock(&domain_dir, boot.as_deref())?;
+        reading(domain_dir, boot, move |domain_dir| {
             let mut out = Vec::new();
-            for label in labels {
-                let states = list_files(&values_dir(&domain_dir, &label), |name| {
+            for label in &labels {
+                let states = list_files(&values_dir(domain_dir, label), |name| {
                     name.parse::<u64>().ok()
                 })?;
                 out.extend(states.into_iter().map(|(e, b)| (label.clone(), e, b)));
@@ -1199,11 +1385,29 @@ impl DirectoryStore for FsDirectoryStore {
     /// its files are still being written under the domain's lock ([`commit`]).
     async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
-        crate::pool::bounded_answering(Lane::Directory, move |answer| {
-            commit(&dir, batch, boot.as_deref(), answer)
-        })
-        .await
-        .map_err(DirectoryStoreError::Unavailable)?
+        let batch = std::sync::Arc::new(batch);
+        // This process's turn, held until the epoch's files are written (this process's
+        // reads of the domain wait for them without a permit, woken as soon as they end).
+        let turn = std::sync::Arc::new(Mutex::new(Some(turns(&dir).write_owned().await)));
+        // While another process of the pool holds the domain's lock (mid-commit, or its
+        // reads), the commit waits for it without a permit of the lane.
+        let mut pause = LOCK_PAUSE_FIRST;
+        loop {
+            let (dir, boot, batch) = (dir.clone(), boot.clone(), batch.clone());
+            let turn = turn.clone();
+            let committed = crate::pool::bounded_answering(Lane::Directory, move |answer| {
+                if commit(&dir, &batch, boot.as_deref(), answer, false) {
+                    drop(turn.lock().unwrap_or_else(PoisonError::into_inner).take());
+                }
+            })
+            .await
+            .map_err(DirectoryStoreError::Unavailable)??;
+            if committed {
+                return Ok(());
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(LOCK_PAUSE_MOST);
+        }
     }
 
     async fn insert_head(
@@ -1214,10 +1418,9 @@ impl DirectoryStore for FsDirectoryStore {
     ) -> Result<Vec<u8>, DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let head = head.to_vec();
-        blocking(move || {
+        reading(dir, boot, move |dir| {
             // After a commit whose files (its head among them) are being written.
-            let _shared = read_lock(&dir, boot.as_deref())?;
-            insert_head(&dir, epoch, &head)
+            insert_head(dir, epoch, &head)
         })
         .await
     }
@@ -1230,9 +1433,8 @@ impl DirectoryStore for FsDirectoryStore {
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
         let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
         let dir = heads_dir(&domain_dir);
-        blocking(move || {
+        reading(domain_dir, boot, move |_| {
             // A committed epoch's head is linked with its files, under the lock.
-            let _shared = read_lock(&domain_dir, boot.as_deref())?;
             let mut out = Vec::new();
             for epoch in from..=to {
                 if let Some(blob) = read(&dir.join(epoch_name(epoch)))? {
@@ -1253,12 +1455,30 @@ impl DirectoryStore for FsDirectoryStore {
         cosignature: &[u8],
     ) -> Result<(), DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
-        let (witness, cosignature) = (*witness, cosignature.to_vec());
-        blocking(move || {
-            ensure_recovered(&dir, boot.as_deref())?;
-            put_cosignature(&dir, epoch, &witness, checked_at, &cosignature)
-        })
-        .await
+        let (witness, cosignature) = (*witness, std::sync::Arc::new(cosignature.to_vec()));
+        // Under the domain's lock, waited for as a commit waits: without a permit.
+        let turns = turns(&dir);
+        let _turn = turns.write().await;
+        let mut pause = LOCK_PAUSE_FIRST;
+        loop {
+            let (dir, boot, cosignature) = (dir.clone(), boot.clone(), cosignature.clone());
+            let put = blocking(move || {
+                if !try_recover(&dir, boot.as_deref(), false)? {
+                    return Ok(false);
+                }
+                let Some(lock) = DomainLock::try_acquire(&dir)? else {
+                    return Ok(false);
+                };
+                put_cosignature(&dir, epoch, &witness, checked_at, &cosignature, lock)
+                    .map(|()| true)
+            })
+            .await?;
+            if put {
+                return Ok(());
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(LOCK_PAUSE_MOST);
+        }
     }
 
     async fn cosignatures(
@@ -2256,6 +2476,425 @@ mod tests {
         assert_eq!(root.0, 1);
         assert!(crate::blocking_peak() <= MAX_BLOCKING);
         assert!(crate::directory_blocking_peak() <= MAX_DIRECTORY_BLOCKING);
+    }
+
+    /// Red team (the directory's lane): 20 domains, each with a writer committing epoch
+    /// after epoch (as `kst serve`'s 20 `DomainLog` threads do), while 32 readers flood every
+    /// domain with whole reads (lookups, audits), and one domain's epoch 3 cannot have its
+    /// files written after its answer for a while (a real `EISDIR`), so its readers take the
+    /// domain's lock exclusively inside their permits to roll it forward. Every writer
+    /// finishes every epoch, no read of any domain sees an epoch half-way, only the faulty
+    /// domain's reads fail (temporarily, while the fault lasts), and at no moment do more
+    /// than [`crate::MAX_BLOCKING`] + [`crate::MAX_DIRECTORY_BLOCKING`] file operations run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_reads_over_20_domains_starves_no_writer() {
+        use crate::{MAX_BLOCKING, MAX_DIRECTORY_BLOCKING};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+        use std::time::Duration;
+        const DOMAINS: usize = 20;
+        const LAST: u64 = 6;
+        const FAULTY: usize = 0;
+        let name = |i: usize| format!("d{i}.example");
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        let obstacle =
+            values_dir(&tmp.path().join(KT_DIR).join(name(FAULTY)), b"label").join(epoch_name(3));
+        std::fs::create_dir_all(&obstacle).unwrap();
+        for i in 0..DOMAINS {
+            store.commit(&name(i), first()).await.unwrap();
+        }
+
+        let done = Arc::new(AtomicBool::new(false));
+        let most = Arc::new(AtomicUsize::new(0));
+        let sampler = tokio::task::spawn_blocking({
+            let (done, most) = (done.clone(), most.clone());
+            move || {
+                while !done.load(Ordering::Relaxed) {
+                    most.fetch_max(
+                        crate::blocking_in_flight() + crate::directory_blocking_in_flight(),
+                        Ordering::Relaxed,
+                    );
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        let faulty_failures = Arc::new(AtomicU64::new(0));
+        let readers: Vec<_> = (0..32)
+            .map(|r| {
+                let (store, done, failures) =
+                    (store.clone(), done.clone(), faulty_failures.clone());
+                tokio::spawn(async move {
+                    let mut last = [0u64; DOMAINS];
+                    let mut i = r % DOMAINS;
+                    let mut reads = 0u64;
+                    while !done.load(Ordering::Relaxed) {
+                        match store.root_and_nodes(&name(i), &[node(99)]).await {
+                            Ok((root, nodes)) => {
+                                let (e, blob) = root.unwrap();
+                                assert_eq!(blob, format!("r{e}").into_bytes());
+                                assert_eq!(
+                                    nodes,
+                                    vec![format!("s{e}").into_bytes()],
+                                    "domain {i}: epoch {e}'s root read with another epoch's node"
+                                );
+                                assert!(e >= last[i], "domain {i}: epoch {e} after {}", last[i]);
+                                last[i] = e;
+                                reads += 1;
+                            }
+                            Err(DirectoryStoreError::Unavailable(_)) if i == FAULTY => {
+                                failures.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => panic!("domain {i}: {e:?}"),
+                        }
+                        i = (i + 1) % DOMAINS;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        let writers: Vec<_> = (0..DOMAINS)
+            .map(|i| {
+                let (store, obstacle) = (store.clone(), obstacle.clone());
+                tokio::spawn(async move {
+                    for e in 1..=LAST {
+                        store.commit(&name(i), epoch(e)).await.unwrap();
+                        if i == FAULTY && e == 3 {
+                            // Readers try (and fail) to roll epoch 3 forward meanwhile.
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            std::fs::remove_dir(&obstacle).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        let finished = tokio::time::timeout(Duration::from_secs(60), async {
+            for w in writers {
+                w.await.unwrap();
+            }
+        })
+        .await;
+        done.store(true, Ordering::Relaxed);
+        let mut reads = 0;
+        for r in readers {
+            reads += r.await.unwrap();
+        }
+        sampler.await.unwrap();
+        finished.expect("a domain's writer did not finish its epochs within 60 s of reads");
+        assert!(reads > 0);
+        let most = most.load(Ordering::Relaxed);
+        assert!(
+            most <= MAX_BLOCKING + MAX_DIRECTORY_BLOCKING,
+            "{most} file operations ran at once"
+        );
+        assert!(crate::blocking_peak() <= MAX_BLOCKING);
+        assert!(crate::directory_blocking_peak() <= MAX_DIRECTORY_BLOCKING);
+        for i in 0..DOMAINS {
+            assert_eq!(
+                store.root(&name(i)).await.unwrap(),
+                Some((LAST, format!("r{LAST}").into_bytes())),
+                "domain {i}"
+            );
+            let heads = store.heads(&name(i), 1, LAST).await.unwrap();
+            let want: Vec<_> = (1..=LAST)
+                .map(|e| (e, format!("h{e}").into_bytes()))
+                .collect();
+            assert_eq!(heads, want, "domain {i}'s heads");
+        }
+        eprintln!(
+            "{reads} whole reads, {} failed reads of the faulty domain, at most {most} file operations at once",
+            faulty_failures.load(Ordering::Relaxed)
+        );
+    }
+
+    /// Red team (the directory's lane): 32 readers flooding one domain with shared locks
+    /// (Linux's `flock` does not queue a writer's exclusive lock ahead of new shared ones)
+    /// while its writer commits 30 epochs: every commit still gets its permit and the
+    /// domain's lock, and every read is whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_of_reads_of_one_domain_starves_no_commit() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+        const LAST: u64 = 30;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, _dir) = at_epoch_1(tmp.path()).await;
+        let done = Arc::new(AtomicBool::new(false));
+        let readers = spawn_readers(&a, 32, &done);
+        let mut slowest = Duration::ZERO;
+        let committed = tokio::time::timeout(Duration::from_secs(60), async {
+            for e in 2..=LAST {
+                let started = std::time::Instant::now();
+                a.commit(D, epoch(e)).await?;
+                slowest = slowest.max(started.elapsed());
+            }
+            Ok::<_, DirectoryStoreError>(())
+        })
+        .await;
+        done.store(true, Ordering::Relaxed);
+        let mut reads = 0;
+        for r in readers {
+            reads += r.await.unwrap();
+        }
+        committed
+            .expect("the writer's commits starved behind the readers' shared locks")
+            .unwrap();
+        assert!(reads > 0);
+        holds(&a, LAST).await;
+        eprintln!("{reads} whole reads; the slowest commit took {slowest:?}");
+    }
+
+    /// Red team (the directory's lane): a commit whose caller stops waiting (a timeout)
+    /// while the commit waits for the domain's lock (another process of the pool holds it)
+    /// waits without a permit, between tries, so the caller's timeout ends it: nothing is
+    /// committed once the lock is free, and the caller's retry commits the epoch once, the
+    /// next epoch built on it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_whose_caller_gave_up_waiting_for_the_lock_commits_nothing() {
+        use std::time::Duration;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        // Another process of the pool, mid-commit: its own open file, the lock exclusive.
+        let other = DomainLock::acquire(&dir).unwrap();
+        let gave_up = tokio::time::timeout(Duration::from_millis(200), a.commit(D, epoch(2))).await;
+        drop(other);
+        assert!(
+            gave_up.is_err(),
+            "the commit ran while another held the lock"
+        );
+        // Time for an abandoned try to run, if one were left.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(read_root(&dir).unwrap(), Some((1, b"r1".to_vec())));
+        a.commit(D, epoch(2)).await.unwrap();
+        holds(&a, 2).await;
+        a.commit(D, epoch(3)).await.unwrap();
+        holds(&a, 3).await;
+        assert_eq!(frames(&dir), vec![1, 2, 3]);
+    }
+
+    /// Red team (the directory's lane): one domain's lock held for long (another process of
+    /// the pool stalled mid-commit: frozen, or its disk slow) while lookups of that domain
+    /// keep coming. Those reads wait for the lock, but not on the lane's permits: the other
+    /// domains' reads and commits go on meanwhile, and the waiting reads finish once the lock
+    /// is free. (Reads that waited for the lock holding their permits took all
+    /// [`crate::MAX_DIRECTORY_BLOCKING`] of them, and every domain's epoch stopped behind one
+    /// domain's lock.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_waiting_for_one_domains_lock_stop_no_other_domain() {
+        reads_behind_a_held_lock_stop_no_other_domain("other.example", false).await;
+    }
+
+    /// [`reads_waiting_for_one_domains_lock_stop_no_other_domain`] for a process's first
+    /// reads of a domain (or reads after a failed epoch): another process of the pool stalled
+    /// after its commit point (its frame durable, its files not written, its lock held), so
+    /// this process's reads take it for a dead writer and want the lock exclusively to roll
+    /// the epoch forward. They wait for it without permits too, and roll it forward once
+    /// it is free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_waiting_to_roll_one_domain_forward_stop_no_other_domain() {
+        reads_behind_a_held_lock_stop_no_other_domain("other-roll.example", true).await;
+    }
+
+    /// Domain `D` at epoch 1 with its lock held by a stalled process (with `frame`: after
+    /// writing epoch 2's frame, so this process's reads want to roll it forward): twice the
+    /// lane's permits of reads of `D` wait, and meanwhile a commit and a read of `other` run;
+    /// once the lock is free every read of `D` answers the epoch it then holds.
+    async fn reads_behind_a_held_lock_stop_no_other_domain(other: &str, frame: bool) {
+        use crate::MAX_DIRECTORY_BLOCKING;
+        use std::time::Duration;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        a.commit(other, first()).await.unwrap();
+        let stalled = DomainLock::acquire(&dir).unwrap();
+        if frame {
+            journal::write_frame(&dir, &epoch(2)).unwrap();
+            forget_recovered(&dir, "boot-1");
+        }
+        let waiting: Vec<_> = (0..2 * MAX_DIRECTORY_BLOCKING)
+            .map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move { a.root_and_nodes(D, &[node(99)]).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let others = tokio::time::timeout(Duration::from_secs(5), async {
+            a.commit(other, epoch(1)).await?;
+            a.root(other).await
+        })
+        .await;
+        let still_waiting = waiting.iter().all(|w| !w.is_finished());
+        // Released before any assertion: a failing test must not leave reads waiting.
+        drop(stalled);
+        let (e, r, n) = if frame {
+            (2, b"r2", b"s2")
+        } else {
+            (1, b"r1", b"s1")
+        };
+        for w in waiting {
+            let (root, nodes) = w.await.unwrap().unwrap();
+            assert_eq!(root, Some((e, r.to_vec())));
+            assert_eq!(nodes, vec![n.to_vec()]);
+        }
+        assert!(
+            still_waiting,
+            "a read ran while another held the domain's lock"
+        );
+        let other_root = others
+            .expect("another domain's commit waited behind reads of one domain's held lock")
+            .unwrap();
+        assert_eq!(other_root, Some((1, b"r1".to_vec())));
+        holds(&a, e).await;
+    }
+
+    /// Red team (the directory's lane): another process of the pool stalled (frozen, its disk
+    /// hung) while writing the files of [`crate::MAX_DIRECTORY_BLOCKING`] domains' epochs,
+    /// their locks held: this process's commits of those domains wait for the locks, but
+    /// not on the lane's permits, so a commit of another domain goes on meanwhile; and they
+    /// commit once the locks are free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_waiting_for_stalled_locks_stop_no_other_domain() {
+        use crate::MAX_DIRECTORY_BLOCKING;
+        use std::time::Duration;
+        let name = |i: usize| format!("stalled-{i}.example");
+        let tmp = tempfile::tempdir().unwrap();
+        let a = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        for i in 0..=MAX_DIRECTORY_BLOCKING {
+            a.commit(&name(i), first()).await.unwrap();
+        }
+        let stalled: Vec<_> = (0..MAX_DIRECTORY_BLOCKING)
+            .map(|i| DomainLock::acquire(&tmp.path().join(KT_DIR).join(name(i))).unwrap())
+            .collect();
+        let waiting: Vec<_> = (0..MAX_DIRECTORY_BLOCKING)
+            .map(|i| {
+                let a = a.clone();
+                tokio::spawn(async move { a.commit(&name(i), epoch(1)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let free = name(MAX_DIRECTORY_BLOCKING);
+        let other = tokio::time::timeout(Duration::from_secs(5), a.commit(&free, epoch(1))).await;
+        let still_waiting = waiting.iter().all(|w| !w.is_finished());
+        // Released before any assertion: a failing test must not leave commits waiting.
+        drop(stalled);
+        for w in waiting {
+            w.await.unwrap().unwrap();
+        }
+        assert!(
+            still_waiting,
+            "a commit ran while another held the domain's lock"
+        );
+        other
+            .expect("another domain's commit waited behind commits of stalled domains")
+            .unwrap();
+        for i in 0..=MAX_DIRECTORY_BLOCKING {
+            assert_eq!(
+                a.root(&name(i)).await.unwrap(),
+                Some((1, b"r1".to_vec())),
+                "domain {i}"
+            );
+        }
+    }
+
+    /// Red team (the directory's lane): another process of the pool floods the domain with
+    /// reads (8 threads, each taking the lock shared on a file of its own, as that process's
+    /// reads do, reading the root and a node, letting it go, again at once) while this
+    /// process commits 20 epochs: the commits still get the lock, since a writer's intent
+    /// ([`INTENT`]) bars new readers while it waits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_processs_flood_of_reads_starves_no_commit() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::time::Duration;
+        const LAST: u64 = 21;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        let done = Arc::new(AtomicBool::new(false));
+        let reads = Arc::new(AtomicU64::new(0));
+        let readers: Vec<_> = (0..8)
+            .map(|_| {
+                let (dir, done, reads) = (dir.clone(), done.clone(), reads.clone());
+                std::thread::spawn(move || {
+                    while !done.load(Ordering::Relaxed) {
+                        let Shared::Held(Some(shared)) = DomainLock::try_shared(&dir).unwrap()
+                        else {
+                            std::thread::sleep(Duration::from_micros(100));
+                            continue;
+                        };
+                        let (e, _) = read_root(&dir).unwrap().unwrap();
+                        let nodes = read_nodes(&dir, &[node(99)]).unwrap();
+                        assert_eq!(nodes, vec![format!("s{e}").into_bytes()]);
+                        drop(shared);
+                        reads.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let mut slowest = Duration::ZERO;
+        let committed = tokio::time::timeout(Duration::from_secs(30), async {
+            for e in 2..=LAST {
+                let started = std::time::Instant::now();
+                a.commit(D, epoch(e)).await?;
+                slowest = slowest.max(started.elapsed());
+            }
+            Ok::<_, DirectoryStoreError>(())
+        })
+        .await;
+        done.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.join().unwrap();
+        }
+        committed
+            .expect("the commits starved behind another process's shared locks")
+            .unwrap();
+        holds(&a, LAST).await;
+        eprintln!(
+            "{} reads of the other process; the slowest commit took {slowest:?}",
+            reads.load(Ordering::Relaxed)
+        );
+    }
+
+    /// Red team (the directory's lane): witnesses' cosignatures of a domain whose lock a
+    /// stalled process of the pool holds wait for it without permits, so another domain's
+    /// commit goes on meanwhile; and they are stored once the lock is free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cosignatures_waiting_for_a_stalled_lock_stop_no_other_domain() {
+        use crate::MAX_DIRECTORY_BLOCKING;
+        use std::time::Duration;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        const OTHER: &str = "other-cosigned.example";
+        a.commit(OTHER, first()).await.unwrap();
+        let stalled = DomainLock::acquire(&dir).unwrap();
+        let waiting: Vec<_> = (0..2 * MAX_DIRECTORY_BLOCKING)
+            .map(|w| {
+                let a = a.clone();
+                tokio::spawn(async move {
+                    a.put_cosignature(D, 1, &[w as u8; 32], 10, &[w as u8; 64])
+                        .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let other = tokio::time::timeout(Duration::from_secs(5), a.commit(OTHER, epoch(1))).await;
+        let still_waiting = waiting.iter().all(|w| !w.is_finished());
+        // Released before any assertion: a failing test must not leave work waiting.
+        drop(stalled);
+        for w in waiting {
+            w.await.unwrap().unwrap();
+        }
+        assert!(
+            still_waiting,
+            "a cosignature was put while another held the lock"
+        );
+        other
+            .expect("another domain's commit waited behind cosignatures of a stalled domain")
+            .unwrap();
+        let mut stored = a.cosignatures(D, 1).await.unwrap();
+        stored.sort();
+        let want: Vec<_> = (0..2 * MAX_DIRECTORY_BLOCKING)
+            .map(|w| ([w as u8; 32], vec![w as u8; 64]))
+            .collect();
+        assert_eq!(stored, want);
     }
 }
 

@@ -34,6 +34,7 @@ use kst_core::transparency::answer::{
     AnswerProof, AppendOnlyFrom, HTTP_STEP_BUDGET, LogAnswer, REPLY_STEP_BUDGET, Served,
 };
 use kst_core::transparency::history::HistoryAnswer;
+use kst_core::transparency::self_check;
 use kst_core::transparency::storage::RecordBatch;
 use kst_core::transparency::verify::verify_append_only_from;
 use kst_core::transparency::{
@@ -129,8 +130,9 @@ impl Timing {
 /// One measured kind of proof (or answer) at one size.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Measure {
-    /// What: `lookup`, `absence`, `history-1`, `history-10`, `audit-1`, `audit-10`,
-    /// `audit-bulk`, `v3-found-block`, `v3-not-found-block`.
+    /// What: `lookup`, `absence`, `lookup-self-check`, `absence-self-check` (the server's
+    /// check of its own answer, timed in `verify`), `history-1`, `history-10`, `audit-1`,
+    /// `audit-10`, `audit-bulk`, `v3-found-block`, `v3-not-found-block`.
     pub what: String,
     /// Median size in bytes (of the proof, or of the whole block).
     pub bytes_p50: usize,
@@ -569,16 +571,18 @@ impl Bench<'_> {
             .iter()
             .map(|&i| Ok((address(i)?, Some(synthetic_key(i)))))
             .collect::<anyhow::Result<_>>()?;
-        let (lookup, found_block, first) =
+        let (lookup, found_block, lookup_check, first) =
             self.lookups("lookup", "v3-found-block", present).await?;
         out.push(lookup);
         let absent = (0..self.opts.samples)
             .map(|k| Ok((named(&format!("absent{k}"))?, None)))
             .collect::<anyhow::Result<_>>()?;
-        let (absence, not_found_block, _) = self
+        let (absence, not_found_block, absence_check, _) = self
             .lookups("absence", "v3-not-found-block", absent)
             .await?;
         out.push(absence);
+        out.push(lookup_check);
+        out.push(absence_check);
         out.push(found_block);
         out.push(not_found_block);
         let sample: Vec<(Address, u64)> = stored
@@ -710,14 +714,16 @@ impl Bench<'_> {
 
     /// Lookup answers of `sample`: addresses with their key (stored, version 1: a lookup
     /// proof) or without (never stored: an absence proof). Returns the proofs' measure
-    /// (`what`), the version 3 block's (`block`), and one answer (for the append-only
+    /// (`what`), the version 3 block's (`block`), the server's own check of each answer
+    /// before serving it (`what-self-check`: `self_check::check`, part of the generation
+    /// time already, timed here alone as `verify`), and one answer (for the append-only
     /// measurements).
     async fn lookups(
         &self,
         what: &str,
         block: &str,
         sample: Vec<(Address, Option<Vec<u8>>)>,
-    ) -> anyhow::Result<(Measure, Measure, LogAnswer)> {
+    ) -> anyhow::Result<(Measure, Measure, Measure, LogAnswer)> {
         self.say(|| what.to_string());
         let mut answers = Vec::new();
         let mut generate = Vec::new();
@@ -744,6 +750,15 @@ impl Bench<'_> {
             if entry.map(|e| e.version) != key.as_ref().map(|_| 1) {
                 bail!("the answer about {address} verified, but not at the version stored");
             }
+        }
+        let mut checks = Vec::new();
+        for k in 0..self.opts.verifications.max(answers.len()) {
+            let (address, _, answer, _) = &answers[k % answers.len()];
+            let started = Instant::now();
+            self_check::check(answer, address)
+                .await
+                .with_context(|| format!("the answer about {address} fails the self-check"))?;
+            checks.push(started.elapsed());
         }
         let mut sizes = Vec::new();
         let mut vrf = 0;
@@ -779,6 +794,15 @@ impl Bench<'_> {
                 answer_bytes: None,
                 generate: None,
                 verify: None,
+            },
+            Measure {
+                what: format!("{what}-self-check"),
+                bytes_p50: p50(&sizes),
+                bytes_max: max(&sizes),
+                vrf_bytes: Some(vrf),
+                answer_bytes: None,
+                generate: None,
+                verify: Some(Timing::of(checks)),
             },
             first,
         ))

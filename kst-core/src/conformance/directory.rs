@@ -47,6 +47,7 @@ pub async fn run_all(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
     a_far_behind_client_catches_up_in_steps(Arc::clone(&a), Arc::clone(&b)).await;
     a_stale_writer_is_fenced(Arc::clone(&a), Arc::clone(&b)).await;
     an_answer_read_across_two_commits_is_read_again(Arc::clone(&a), Arc::clone(&b)).await;
+    an_answer_that_does_not_verify_is_not_served(Arc::clone(&a)).await;
     two_writers_one_history(a, b).await;
 }
 
@@ -1780,6 +1781,15 @@ pub async fn an_answer_read_across_two_commits_is_read_again(
         answer.head.head.root_hash, roots[&epoch],
         "torn reads: B's head of epoch {epoch} names another root than A committed"
     );
+    assert!(
+        log_b.torn_reads() >= 1,
+        "torn reads: B's read of a node rewritten twice was refused and read again"
+    );
+    assert_eq!(
+        log_b.unverified(),
+        0,
+        "torn reads: caught before any answer was built"
+    );
     for head in log_b.stored_heads(0, 4).await.unwrap() {
         let e = head.head.epoch;
         if let Some(root) = roots.get(&e) {
@@ -1790,4 +1800,60 @@ pub async fn an_answer_read_across_two_commits_is_read_again(
             );
         }
     }
+}
+
+/// A store altered behind kst's back (every tree node's hash but the root's changed, as
+/// another process B reads them): a look-up's proof no longer verifies against its head, and
+/// B does not serve it:
+/// it builds the answer again from fresh reads a few times, then fails temporarily
+/// ([`TransparencyError::Directory`], naming the check). Once the store reads true again,
+/// the answers verify.
+///
+/// [`TransparencyError::Directory`]: crate::transparency::TransparencyError::Directory
+pub async fn an_answer_that_does_not_verify_is_not_served(a: Arc<dyn DirectoryStore>) {
+    use crate::transparency::TransparencyError;
+    use std::sync::atomic::Ordering;
+    const D: &str = "altered.example";
+    let keys = LogKeys::generate(D);
+    let head_key = keys.head.public_key();
+    // A writes; B, another process on the same store, reads through the altered calls (its
+    // node cache holds nothing it did not read there).
+    let log_a = DomainLog::open(Arc::clone(&a), LogKeys::parse(&keys.to_file()).unwrap())
+        .await
+        .expect("self-check: open A's log");
+    let held = Arc::new(DelegatingDirectory::new(a, HeldNodes::default()));
+    let log = DomainLog::open(Arc::clone(&held) as Arc<dyn DirectoryStore>, keys)
+        .await
+        .expect("self-check: open B's log");
+    let mut records = Vec::new();
+    for (n, name) in ["alice", "bob", "carol"].into_iter().enumerate() {
+        let addr = address(&format!("{name}@{D}"));
+        let rec = record(&addr, 7, n as u64, 1);
+        log_a
+            .sync(&addr, Some(&rec), 60)
+            .await
+            .expect("self-check: record");
+        records.push((addr, rec));
+    }
+    let (alice, rec) = &records[0];
+    held.tamper.store(true, Ordering::SeqCst);
+    match log.answer(alice, 61).await {
+        Err(TransparencyError::Directory(e)) => assert!(
+            e.contains("did not verify against its own head"),
+            "self-check: {e}"
+        ),
+        other => panic!("self-check: an altered store's answer was served: {other:?}"),
+    }
+    assert_eq!(
+        log.unverified(),
+        crate::transparency::self_check::ATTEMPTS,
+        "self-check: built again from fresh reads, a bounded number of times"
+    );
+    held.tamper.store(false, Ordering::SeqCst);
+    log.answer(alice, 62)
+        .await
+        .expect("self-check: the store reads true again")
+        .verify(&head_key, alice, Served::Key(&rec.key))
+        .await
+        .expect("self-check: the answer verifies again");
 }

@@ -52,6 +52,7 @@ use super::entry::{DirectoryEntry, EntryState};
 use super::head::{Cosignature, Head, SignedHead};
 use super::history::{HistoryAnswer, HistoryPage, PageAnswer};
 use super::keys::LogKeys;
+use super::self_check;
 use super::storage::{DirectoryStore, DirectoryStoreError, StoredDirectory};
 use super::witness::{AuditAnswer, MAX_AUDIT_EPOCHS, Witnessed};
 use super::{Result, TransparencyError, wire};
@@ -266,6 +267,10 @@ pub struct DomainLog {
     step_reads: Arc<std::sync::atomic::AtomicU64>,
     /// Epoch batches the store's fence refused ([`DomainLog::fenced`]).
     fenced: Arc<std::sync::atomic::AtomicU64>,
+    /// Node reads refused as torn ([`DomainLog::torn_reads`]).
+    torn: Arc<std::sync::atomic::AtomicU64>,
+    /// Answers that failed the self-check ([`DomainLog::unverified`]).
+    unverified: Arc<std::sync::atomic::AtomicU64>,
     /// Where the thread's time went ([`DomainLog::thread_shares`]).
     shares: Arc<ThreadShares>,
     /// The changes on their way to the writer, and how long it waits for them.
@@ -519,6 +524,10 @@ struct Worker {
     step_reads: Arc<std::sync::atomic::AtomicU64>,
     /// Epoch batches the store's fence refused ([`DomainLog::fenced`]).
     fenced: Arc<std::sync::atomic::AtomicU64>,
+    /// Node reads refused as torn ([`DomainLog::torn_reads`]).
+    torn: Arc<std::sync::atomic::AtomicU64>,
+    /// Answers that failed the self-check ([`DomainLog::unverified`]).
+    unverified: Arc<std::sync::atomic::AtomicU64>,
     /// The newest epoch's own step, as last counted.
     newest_step: std::cell::Cell<Option<NewestStep>>,
     /// The range whose append-only proof was counted last ([`Worker::counted_already`]).
@@ -687,6 +696,10 @@ impl DomainLog {
         let worker_step_reads = Arc::clone(&step_reads);
         let fenced = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let worker_fenced = Arc::clone(&fenced);
+        let torn = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let worker_torn = Arc::clone(&torn);
+        let unverified = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let worker_unverified = Arc::clone(&unverified);
         let shares = Arc::new(ThreadShares::default());
         let thread_shares = Arc::clone(&shares);
         let gather = Arc::new(Gather::new());
@@ -721,6 +734,8 @@ impl DomainLog {
                         ahead: std::cell::Cell::new(None),
                         step_reads: worker_step_reads,
                         fenced: worker_fenced,
+                        torn: worker_torn,
+                        unverified: worker_unverified,
                         newest_step: std::cell::Cell::new(None),
                         counted: std::cell::Cell::new(None),
                         open_backoff: OpenBackoff::default(),
@@ -832,6 +847,8 @@ impl DomainLog {
             step_limit: None,
             step_reads,
             fenced,
+            torn,
+            unverified,
             shares,
             gather,
         })
@@ -869,6 +886,19 @@ impl DomainLog {
     /// tree work, so this is where another writer's commit in between shows.
     pub fn fenced(&self) -> u64 {
         self.fenced.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Tree-node reads refused since the log was opened because the node no longer held its
+    /// version at the epoch being read (another process committed twice while one answer or
+    /// epoch was read: `StoredDirectory::torn_reads`); each was read again.
+    pub fn torn_reads(&self) -> u64 {
+        self.torn.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Answers built since the log was opened that did not verify against their own head
+    /// ([`self_check`]) and were not served (built again, or the request failed).
+    pub fn unverified(&self) -> u64 {
+        self.unverified.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The served domain.
@@ -1534,7 +1564,8 @@ impl Worker {
             return Err(e.clone());
         }
         let db = StoredDirectory::new(Arc::clone(&self.store), &self.keys.domain)
-            .counting_fenced_in(Arc::clone(&self.fenced));
+            .counting_fenced_in(Arc::clone(&self.fenced))
+            .counting_torn_in(Arc::clone(&self.torn));
         match KeyDirectory::open_cached(db.clone(), self.keys.vrf.clone()).await {
             Ok(directory) => {
                 self.open_backoff = OpenBackoff::default();
@@ -2075,7 +2106,10 @@ impl Worker {
     }
 
     /// [`Worker::answer_once`], again when another process committed meanwhile (a proof
-    /// built across a commit can fail to read the old epoch's nodes).
+    /// built across a commit can fail to read the old epoch's nodes), and checked before it
+    /// is served ([`self_check`]): an answer a client would refuse is built again from fresh
+    /// reads, at most [`self_check::ATTEMPTS`] times in all, then the request fails with
+    /// [`TransparencyError::Directory`] (temporary), logged.
     async fn answer(
         &self,
         address: &Address,
@@ -2084,11 +2118,38 @@ impl Worker {
         now: u64,
     ) -> Result<LogAnswer> {
         let mut attempt = 0;
+        let mut unverified = 0;
         loop {
             attempt += 1;
             self.refresh().await;
             let built_on = self.current().await.ok().map(|(e, _)| e);
-            match self.answer_once(address, since, steps, now).await {
+            let result = match self.answer_once(address, since, steps, now).await {
+                Ok(answer) => match self_check::check(&answer, address).await {
+                    Ok(()) => Ok(answer),
+                    Err(e) => {
+                        unverified += 1;
+                        self.unverified
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let epoch = answer.head.head.epoch;
+                        // What akd cached for it is not trusted either.
+                        self.forget().await;
+                        if unverified < self_check::ATTEMPTS {
+                            tracing::warn!(domain = %self.keys.domain, %address, epoch, attempt = unverified, error = %e, "an answer did not verify against its own head; building it again from fresh reads");
+                            back_off(unverified).await;
+                            continue;
+                        }
+                        tracing::error!(domain = %self.keys.domain, %address, epoch, error = %e, "an answer built {unverified} times did not verify against its own head; not served");
+                        return Err(TransparencyError::Directory(format!(
+                            "the answer about {address} did not verify against its own head \
+                             (epoch {epoch}) in {unverified} attempts, so it was not served: \
+                             {e}; retry later; if it persists, the directory's store was \
+                             altered or damaged and an operator must look"
+                        )));
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            match result {
                 Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
                     tracing::debug!(error = %e, "directory epoch moved during a lookup; again");
                     back_off(attempt).await;

@@ -39,6 +39,7 @@ pub mod keys;
 pub mod label;
 pub mod log;
 pub mod records;
+pub mod self_check;
 pub mod storage;
 pub mod store;
 pub mod verify;

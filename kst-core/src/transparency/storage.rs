@@ -413,6 +413,13 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
         self
     }
 
+    /// This handle counting its torn node reads ([`StoredDirectory::torn_reads`]) in
+    /// `counter` (shared with whoever reads it).
+    pub fn counting_torn_in(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.torn = counter;
+        self
+    }
+
     /// From now on (and in every clone), every epoch's batch carries its head, signed by
     /// `signer` with the root hash of the batch's root node (so the head is stored with the
     /// commit, not in a write of its own); `None`: no heads.
