@@ -332,10 +332,10 @@ fn unusable_keys_stop_kst_before_anything_is_sent() {
 
 /// The client's own DKIM check (mail-auth through the client's resolver) against the signed
 /// test DNS: `scripts/testdns.sh up` with kst's records as extra records. Needs root (BIND),
-/// as the whole suite does; one test of this file re-signs the test DNS at a time.
+/// as the whole suite does; it holds its turn at the test DNS (`kst_tests::test_dns_turn`).
 #[tokio::test]
 async fn client_check_through_the_test_dns() {
-    let _one_at_a_time = TEST_DNS.lock().await;
+    let _turn = kst_tests::test_dns_turn();
     use kst_bin::client::discovery::{Dns, DnsSettings};
     use kst_bin::client::dkim::{DkimStatus, KeyDnssec, verify};
     use kst_bin::client::dnssec::ResolverSpec;
@@ -585,9 +585,6 @@ fn stdout_of(mut cmd: Command, what: &str) -> Vec<u8> {
     out.stdout
 }
 
-/// The tests that re-sign the shared test DNS with their own records run one at a time.
-static TEST_DNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// Starts (or re-signs) the shared test DNS with `extra` (zone name -> zone-file lines);
 /// returns the main and forged instances' addresses and the trust anchor file.
 fn test_dns_up(
@@ -650,7 +647,7 @@ fn txt_line(name: &str, value: &str) -> String {
 /// `--require-dnssec`. Needs root (BIND), as the whole suite does.
 #[tokio::test]
 async fn redteam_signatures_the_client_must_not_count() {
-    let _one_at_a_time = TEST_DNS.lock().await;
+    let _turn = kst_tests::test_dns_turn();
     use kst_bin::client::discovery::{Dns, DnsSettings};
     use kst_bin::client::dkim::{DkimStatus, KeyDnssec, verify};
     use kst_bin::client::dnssec::ResolverSpec;

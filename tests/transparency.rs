@@ -2373,6 +2373,7 @@ fn test_dns_up(extra: &std::path::Path, record: &str) {
 
 #[test]
 fn the_head_key_is_found_in_dns_and_pinned() {
+    let _turn = kst_tests::test_dns_turn();
     let (provider, _gpg, _alice) = Provider::with_alice();
     let (main, forged, anchor_arg) = test_dns();
     let extra = provider.path("dns-extra");
@@ -2466,6 +2467,7 @@ fn the_head_key_is_found_in_dns_and_pinned() {
 /// passes.
 #[test]
 fn the_head_key_is_found_in_the_wkd_policy_directory_and_pinned() {
+    let _turn = kst_tests::test_dns_turn();
     let provider = Provider::start_serving(Backend::Fs, "", None, false);
     let gpg = Gpg::new();
     let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
@@ -2645,6 +2647,7 @@ fn policy_server(status: &'static str, body: String) -> String {
 /// nothing pinned.
 #[test]
 fn rt18_a_first_pin_from_unsigned_dns_is_compared_with_the_policy_directory() {
+    let _turn = kst_tests::test_dns_turn();
     let bin = kst_binary();
     let dir = tempfile::tempdir().unwrap();
     let (head, vrf) = ("ab".repeat(32), "cd".repeat(32));

@@ -475,6 +475,7 @@ impl Client<'_> {
 /// provider to the other is followed through both Postfix logs.
 async fn two_providers(mode: Mode) {
     let _only = exclusive().await;
+    let _turn = kst_tests::test_dns_turn();
     let started = Instant::now();
     let ms = MailSystem::up(Mode::Pipe);
     let store = Store::new(StoreKind::Fs, &ms);

@@ -139,14 +139,18 @@ fn extra_records(dns: &TestDns) -> Vec<(&'static str, String)> {
 }
 
 /// `scripts/testdns.sh up` (idempotent, serialized by the script) with this file's extra
-/// records, once per test process; `None` without root.
+/// records, once per test process, which keeps its turn at the test DNS
+/// (`kst_tests::test_dns_turn`) to its end, so no other test process re-signs the zones under
+/// it; `None` without root.
 pub fn testdns() -> Option<&'static TestDns> {
     if !is_root() {
         eprintln!("SKIPPED: scripts/testdns.sh needs root (it starts BIND)");
         return None;
     }
     static DNS: OnceLock<TestDns> = OnceLock::new();
+    static TURN: OnceLock<kst_tests::TestDnsTurn> = OnceLock::new();
     Some(DNS.get_or_init(|| {
+        TURN.get_or_init(kst_tests::test_dns_turn);
         // The records name the test CA and the TLSA certificate, which exist after an `up`.
         let dns = testdns_up();
         let dir = extra_dir();

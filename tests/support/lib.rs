@@ -617,3 +617,30 @@ pub fn mail_system_client(account: &str, ca: &Path, resolver: &str, state: &Path
         .env_remove("RUST_LOG");
     cmd
 }
+
+/// A turn at the machine's one signed test DNS (`scripts/testdns.sh`): an exclusive `flock` of
+/// `<KST_DNS_DIR>.turn` (`/tmp/kst-dns.turn` by default), held until it is dropped.
+///
+/// Every test that re-signs the test DNS with records of its own (`testdns.sh up` with
+/// `KST_DNS_EXTRA_DIR`) and then queries them takes a turn first and keeps it to its end, so
+/// two tests (threads of one test binary, or two test binaries run at once, as an engineer's
+/// run beside CI's) never replace each other's records in the middle. The script's own lock
+/// covers only one `up`. Blocks until the turn is free.
+pub struct TestDnsTurn {
+    _file: std::fs::File,
+}
+
+/// Takes a turn at the test DNS ([`TestDnsTurn`]), waiting for it.
+pub fn test_dns_turn() -> TestDnsTurn {
+    let dir = std::env::var("KST_DNS_DIR").unwrap_or_else(|_| "/tmp/kst-dns".into());
+    let path = format!("{}.turn", dir.trim_end_matches('/'));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("open the test DNS's turn file {path}: {e}"));
+    file.lock()
+        .unwrap_or_else(|e| panic!("flock the test DNS's turn file {path}: {e}"));
+    TestDnsTurn { _file: file }
+}

@@ -161,13 +161,15 @@ impl TransparentStore {
             address = %address,
             version = ours.version,
             "a publication's key is not on the store's server after its synchronous write \
-             (a failover between the two?): not confirmed, the sender's MTA retries"
+             (a failover between the two, or a deletion of the address that came after it): \
+             not confirmed, the sender's MTA retries (a deleted publication is then refused)"
         );
         Err(Error::unavailable(
             COMPONENT,
             format!(
                 "the key published for {address} (version {}) is not on the store's server \
-                 after its synchronous write (a failover?); deliver the message again",
+                 after its synchronous write (a failover, or a deletion since?); deliver the \
+                 message again",
                 ours.version
             ),
         ))
