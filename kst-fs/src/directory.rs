@@ -11,8 +11,9 @@
 //! kt/<domain>/cosignatures/<epoch, 20 digits>/<witness hex>   a witness's cosignature
 //! kt/<domain>/cosignatures/<epoch, 20 digits>/<witness hex>.at    when it was checked
 //! kt/<domain>/witnesses/<witness hex>   epoch (8 bytes) ‖ the witness's newest cosignature
-//! kt/<domain>/journal/                  the write-ahead journal (Linux): a frame per epoch,
-//!                                       the checkpoint and the boot id (`journal.rs`)
+//! kt/<domain>/journal/                  the write-ahead journal (Linux): 128 slot files the
+//!                                       frames are written into in place, the checkpoint
+//!                                       and the boot id (`journal.rs`)
 //! ```
 //!
 //! A head is written to a temporary file, synced, and hard-linked to its name: the link fails
@@ -27,16 +28,16 @@
 //! only old ones, as `insert_head` writes there under the shared lock).
 //!
 //! A commit takes the domain's lock and checks the fence against `root`. On Linux (the
-//! journal) it then writes the whole batch as one frame, `journal/<epoch>`, with one
-//! `fdatasync(2)` of that file and an `fsync` of the journal directory: **the commit point**,
-//! where the caller is answered. Then, on the same blocking thread and still holding the lock,
+//! journal) it then writes the whole batch as one frame in place into its slot,
+//! `journal/slot-<epoch mod 128>`, with one `fdatasync(2)` of that file (no name made or
+//! changed, so no directory to sync): **the commit point**, where the caller is answered. Then, on the same blocking thread and still holding the lock,
 //! the epoch's files are written without syncing (nodes and value states overwritten in
 //! place: a temporary name, a `rename` and a freed inode per file cost about 20 times the
 //! write on ext4; the head linked, then the root written last, in place as well (29 bytes,
 //! within a sector), so a writer that dies before the root leaves its frame after the root,
 //! to be rolled forward, head and all; readers wait on the lock meanwhile), and every 64
-//! epochs a background `syncfs(2)` makes them durable and moves the journal's checkpoint,
-//! keeping the frames under it as spares the next frames are written over (`journal.rs`):
+//! epochs a background `syncfs(2)` makes them durable and moves the journal's checkpoint
+//! (a commit whose slot still holds a frame above it moves it itself first, `journal.rs`):
 //! no inode is made and freed per epoch but the head's. So an epoch costs one small file's flush, not a flush of every dirty page of the
 //! file system (other programs' writes on a shared disk made that 70 ms and more). A writer
 //! that died after its frame left an epoch the next commit (or a process's first read of
@@ -44,7 +45,9 @@
 //! touch the domain replays the frames after the checkpoint, then syncs. A store written by
 //! a kst from before the journal is read as it is; its first journaled commit starts the
 //! journal at the stored root. (A kst from before the journal must not commit to a store a
-//! newer one wrote frames to: it ignores them.)
+//! newer one wrote frames to: it ignores them.) A journal of the version before the slots
+//! (a file per frame) is upgraded by the first process to touch the domain, and a kst of
+//! that version then fails closed on it (`journal.rs`, "Versions").
 //!
 //! Without the journal (elsewhere, and for akd's first root, written once per directory)
 //! the nodes and value states are written, made durable at once, and the root written last
@@ -391,7 +394,7 @@ fn try_recover(dir: &Path, boot: Option<&str>, wait: bool) -> Result<bool, Direc
 /// always one to roll forward.
 fn dead_writer(dir: &Path) -> Result<bool, DirectoryStoreError> {
     Ok(match read_root(dir)? {
-        Some((e, _)) => journal::frame_path(dir, e + 1).exists(),
+        Some((e, _)) => journal::holds(dir, e + 1)?,
         None => false,
     })
 }
@@ -591,17 +594,31 @@ fn roll_forward(dir: &Path) -> Result<Option<u64>, DirectoryStoreError> {
 /// have their files written again (the page cache that held them is gone), unless the stored
 /// root is past them (a commit without a frame, by a kst from before the journal, whose
 /// `syncfs` made everything before it durable); then one `syncfs`, the checkpoint moved to
-/// the stored root, every frame removed, and this boot recorded.
+/// the stored root (the frames are garbage then), and this boot recorded. A journal of
+/// version 1 (a file per frame; its boot file is not of this version, so it always comes
+/// here) is replayed the same way from its own frames, whatever the boot, and upgraded: the
+/// checkpoint of this version written (a kst of version 1 refuses the domain from then on),
+/// then its frames and spares removed.
 fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
     if is_recovered(dir, boot) {
         return Ok(());
     }
     if journal::boot(dir)?.as_deref() != Some(boot) {
-        if let Some(checkpoint) = journal::checkpoint(dir)? {
+        if let Some(found) = journal::stored_checkpoint(dir)? {
+            let (checkpoint, v1) = match found {
+                journal::Stored::V1(e) => (e, true),
+                journal::Stored::V2(e) => (e, false),
+            };
             let stored = read_root(dir)?.map(|(e, _)| e);
             let mut frames = Vec::new();
             let mut epoch = checkpoint;
-            while let Some(frame) = journal::read_frame(dir, epoch + 1)? {
+            loop {
+                let next = if v1 {
+                    journal::read_frame_v1(dir, epoch + 1)?
+                } else {
+                    journal::read_frame(dir, epoch + 1)?
+                };
+                let Some(frame) = next else { break };
                 frames.push(frame);
                 epoch += 1;
             }
@@ -612,8 +629,12 @@ fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
             }
             sync_file_system(dir)?;
             let durable = read_root(dir)?.map_or(checkpoint, |(e, _)| e);
+            // Of this version: the gate a kst of version 1 stops at.
             journal::set_checkpoint(dir, durable)?;
-            journal::remove_frames(dir, |_| true)?;
+            if v1 {
+                let removed = journal::remove_v1(dir)?;
+                tracing::info!(dir = %dir.display(), checkpoint = durable, removed, "key directory: upgraded the journal to slots (a kst older than this one refuses the domain now)");
+            }
             if !frames.is_empty() {
                 tracing::warn!(
                     dir = %dir.display(),
@@ -767,17 +788,13 @@ fn checkpointing() -> &'static Mutex<HashSet<PathBuf>> {
 
 /// After epoch `epoch` was committed through the journal: every
 /// [`journal::CHECKPOINT_EVERY`] epochs, one `syncfs` (on a thread of its own, so no commit
-/// waits for it) makes the tree's files durable and moves the checkpoint to `epoch`; the
-/// commit does it itself when [`journal::CHECKPOINT_AT_MOST`] epochs wait above the
-/// checkpoint (background ones never finished: short-lived processes).
+/// waits for it) makes the tree's files durable and moves the checkpoint to `epoch`. A
+/// commit whose slot still holds a frame above the checkpoint (background ones late, or never
+/// finished: short-lived processes) does it itself first ([`journal::room_for`], in
+/// [`commit_locked`]).
 fn maybe_checkpoint(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
     if !epoch.is_multiple_of(journal::CHECKPOINT_EVERY) {
         return Ok(());
-    }
-    let checkpoint = journal::checkpoint(dir)?.unwrap_or(0);
-    if epoch.saturating_sub(checkpoint) >= journal::CHECKPOINT_AT_MOST {
-        sync_file_system(dir)?;
-        return journal::set_checkpoint(dir, epoch);
     }
     if !checkpointing()
         .lock()
@@ -1009,6 +1026,10 @@ fn commit_locked(
     if let (Some(_), Some(expected), true) = (boot, stored, journal::journaled(batch)) {
         // The journal starts at the stored root, durable already (written the old way).
         journal::start(dir, expected)?;
+        // Every epoch up to `expected` has its files (rolled forward above).
+        if journal::room_for(dir, expected + 1, || sync_file_system(dir))? {
+            tracing::info!(dir = %dir.display(), epoch = expected + 1, "key directory: moved the journal's checkpoint before a commit (its slot held a frame above it: the background checkpoint was late)");
+        }
         journal::write_frame(dir, batch)?;
         return Ok(Some(expected + 1));
     }
@@ -1525,6 +1546,15 @@ mod tests {
         vec![2, 0, 0, 1, 0, n, n]
     }
 
+    /// The node of epoch `e` of its own ([`epoch`]): `node(e)` up to 98 (99 is the shared
+    /// one), another key from 99 on.
+    fn own(e: u64) -> Vec<u8> {
+        match u8::try_from(e) {
+            Ok(n) if n < 99 => node(n),
+            _ => vec![2, 0, 0, 1, 1, (e >> 8) as u8, e as u8],
+        }
+    }
+
     /// The epoch-0 root with one node (written the old way, synced).
     fn first() -> RecordBatch {
         RecordBatch {
@@ -1544,7 +1574,7 @@ mod tests {
     fn epoch(e: u64) -> RecordBatch {
         RecordBatch {
             nodes: vec![
-                (node(e as u8), format!("n{e}").into_bytes()),
+                (own(e), format!("n{e}").into_bytes()),
                 (node(99), format!("s{e}").into_bytes()),
             ],
             value_states: vec![kst_core::transparency::ValueStateBlob {
@@ -1582,7 +1612,7 @@ mod tests {
             Some((last, format!("r{last}").into_bytes())),
             "root"
         );
-        let keys: Vec<_> = (0..=last as u8).map(node).chain([node(99)]).collect();
+        let keys: Vec<_> = (0..=last).map(own).chain([node(99)]).collect();
         let mut nodes = store.nodes(D, &keys).await.unwrap();
         nodes.sort();
         let mut want: Vec<_> = (0..=last)
@@ -1612,14 +1642,18 @@ mod tests {
         (a, root.join(KT_DIR).join(D))
     }
 
+    /// The epochs of the whole frames the journal's slots hold above its checkpoint (the
+    /// frames that count; those under it are garbage).
     fn frames(dir: &Path) -> Vec<u64> {
-        let mut out: Vec<u64> = std::fs::read_dir(journal::journal_dir(dir))
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let checkpoint = match journal::stored_checkpoint(dir).unwrap() {
+            Some(journal::Stored::V1(e) | journal::Stored::V2(e)) => e,
+            None => 0,
+        };
+        let mut out: Vec<u64> = (0..journal::SLOTS)
+            .filter_map(|slot| std::fs::read(journal::slot_path(dir, slot)).ok())
+            .filter_map(|bytes| Some(journal::decode(&bytes)?.root?.epoch))
+            .filter(|&e| e > checkpoint)
+            .collect();
         out.sort();
         out
     }
@@ -1991,7 +2025,7 @@ mod tests {
             heads_dir(&dir).join(epoch_name(1)).exists(),
             "epoch 1's head"
         );
-        assert!(!journal::frame_path(&dir, 2).exists());
+        assert!(!journal::holds(&dir, 2).unwrap());
     }
 
     /// A writer killed while writing an epoch's files (or a head) leaves `.tmp-...` files:
@@ -2077,20 +2111,20 @@ mod tests {
         let (_a, dir) = at_epoch_1(tmp.path()).await;
         // A writer died writing epoch 2's frame: never committed, never confirmed.
         let frame = journal::encode(&epoch(2));
-        std::fs::write(journal::frame_path(&dir, 2), &frame[..frame.len() / 2]).unwrap();
+        std::fs::write(journal::slot_path(&dir, 2), &frame[..frame.len() / 2]).unwrap();
         // Not rolled forward, not replayed after a restart.
         let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
         holds(&b, 1).await;
         assert!(frames(&dir).is_empty());
         // The next writer's epoch 2 is the one; a torn frame in its way is replaced.
-        std::fs::write(journal::frame_path(&dir, 2), b"torn").unwrap();
+        std::fs::write(journal::slot_path(&dir, 2), &frame[..frame.len() - 1]).unwrap();
         b.commit(D, epoch(2)).await.unwrap();
         holds(&b, 2).await;
         assert_eq!(journal::read_frame(&dir, 2).unwrap(), Some(epoch(2)));
     }
 
     /// Red team (round 7): a writer of the pool killed (SIGKILL) inside its frame's write,
-    /// after `File::create` and before the bytes were all written, leaves a torn frame after
+    /// before the bytes were all written, leaves a torn frame after
     /// the root on this boot. It was never confirmed (the commit point is after the frame's
     /// sync), so it is no epoch; but reads took any file there for a dead writer's epoch to
     /// roll forward, found none to roll, and failed ("an epoch's files keep failing to be
@@ -2106,11 +2140,11 @@ mod tests {
             holds(&a, 1).await;
             let frame = journal::encode(&epoch(2));
             let bytes: &[u8] = match torn {
-                0 => &[],                       // killed right after `File::create`
+                0 => &frame[..64],              // only its first bytes written
                 1 => &frame[..frame.len() / 2], // half of the frame written
                 _ => &frame[..frame.len() - 1], // all but its last byte
             };
-            std::fs::write(journal::frame_path(&dir, 2), bytes).unwrap();
+            std::fs::write(journal::slot_path(&dir, 2), bytes).unwrap();
             // This process reads on, epoch 1 whole; the torn frame is set aside, not lost.
             holds(&a, 1).await;
             read_whole(&a).await;
@@ -2122,7 +2156,7 @@ mod tests {
                 .collect();
             assert_eq!(aside.len(), 1, "{aside:?}");
             // So does another process of the pool (same boot, never checked the domain).
-            std::fs::write(journal::frame_path(&dir, 2), bytes).unwrap();
+            std::fs::write(journal::slot_path(&dir, 2), bytes).unwrap();
             forget_recovered(&dir, "boot-1");
             let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
             holds(&b, 1).await;
@@ -2142,8 +2176,8 @@ mod tests {
             a.commit(D, epoch(e)).await.unwrap();
         }
         let dir = tmp.path().join(KT_DIR).join(D);
-        // In the background (the checkpoint written, then the frames under it made spares):
-        // wait for it, bounded.
+        // In the background (the tree synced, then the checkpoint written): wait for it,
+        // bounded.
         let e = journal::CHECKPOINT_EVERY;
         for _ in 0..300 {
             if journal::checkpoint(&dir).unwrap() == Some(e) && frames(&dir) == [e + 1, e + 2] {
@@ -2155,7 +2189,11 @@ mod tests {
             journal::checkpoint(&dir).unwrap(),
             Some(journal::CHECKPOINT_EVERY)
         );
-        assert_eq!(frames(&dir), vec![e + 1, e + 2], "frames under it removed");
+        assert_eq!(
+            frames(&dir),
+            vec![e + 1, e + 2],
+            "frames under it are garbage"
+        );
         let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
         assert_eq!(
             b.root(D).await.unwrap(),
@@ -2163,111 +2201,123 @@ mod tests {
         );
     }
 
-    /// The frames under a checkpoint are kept as spares (one per slot, `journal/spare-<nn>`)
-    /// and the next frames of those slots are written over them: no new file per epoch. A
-    /// spare longer than the frame written over it is cut to the frame, and the epochs read
-    /// back whole, after a restart too (replayed from the frames written over spares).
+    /// Every frame is written in place into the slot of its epoch (modulo
+    /// [`journal::SLOTS`]): after more than [`journal::SLOTS`] epochs the slots are the same
+    /// files (inodes) they were, the journal holds no other file, a slot longer than the frame
+    /// written over it keeps its length, and the epochs read back whole, after a restart too
+    /// (replayed from the frames written over older ones).
     #[tokio::test]
-    async fn frames_are_written_over_the_spares_of_their_slots() {
+    async fn frames_are_written_in_place_into_the_slots_of_their_epochs() {
         use std::os::unix::fs::MetadataExt as _;
         let tmp = tempfile::tempdir().unwrap();
         let a = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
         a.commit(D, first()).await.unwrap();
-        // A long epoch 1 (its frame becomes the spare epoch 65 is written over).
+        // A long epoch 1 (epoch 1 + SLOTS is written over it).
         let mut long = epoch(1);
         long.nodes.push((node(200), vec![7; 4000]));
         a.commit(D, long).await.unwrap();
-        for e in 2..=journal::CHECKPOINT_EVERY {
+        let dir = tmp.path().join(KT_DIR).join(D);
+        let inodes: Vec<u64> = (0..journal::SLOTS)
+            .map(|slot| {
+                std::fs::metadata(journal::slot_path(&dir, slot))
+                    .unwrap()
+                    .ino()
+            })
+            .collect();
+        let long_len = std::fs::metadata(journal::slot_path(&dir, 1))
+            .unwrap()
+            .len();
+        assert!(long_len > 4000);
+        let last = journal::SLOTS + 2;
+        for e in 2..=last {
             a.commit(D, epoch(e)).await.unwrap();
         }
-        let dir = tmp.path().join(KT_DIR).join(D);
-        let spare = |e: u64| {
-            journal::journal_dir(&dir).join(format!("spare-{:02}", e % journal::CHECKPOINT_EVERY))
-        };
-        let e = journal::CHECKPOINT_EVERY;
-        for _ in 0..300 {
-            if journal::checkpoint(&dir).unwrap() == Some(e) && frames(&dir).is_empty() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        assert_eq!(journal::checkpoint(&dir).unwrap(), Some(e));
-        assert!(
-            frames(&dir).is_empty(),
-            "frames under the checkpoint: {:?}",
-            frames(&dir)
-        );
-        for slot in 1..=e {
-            assert!(spare(slot).exists(), "the spare of epoch {slot}'s slot");
-        }
-        let long_spare = std::fs::metadata(spare(1)).unwrap();
-        assert!(long_spare.len() > 4000);
-        a.commit(D, epoch(e + 1)).await.unwrap();
-        a.commit(D, epoch(e + 2)).await.unwrap();
-        assert!(
-            !spare(e + 1).exists() && !spare(e + 2).exists(),
-            "spares taken"
-        );
-        let reused = std::fs::metadata(journal::frame_path(&dir, e + 1)).unwrap();
-        assert_eq!(
-            reused.ino(),
-            long_spare.ino(),
-            "epoch 65's frame is epoch 1's file"
-        );
-        assert_eq!(reused.len() as usize, journal::encode(&epoch(e + 1)).len());
-        assert_eq!(
-            journal::read_frame(&dir, e + 1).unwrap(),
-            Some(epoch(e + 1))
-        );
-        assert_eq!(
-            journal::read_frame(&dir, e + 2).unwrap(),
-            Some(epoch(e + 2))
-        );
-        holds(&a, e + 2).await;
-        // After a restart the frames written over spares are replayed like any other.
-        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
-        holds(&b, e + 2).await;
-        assert_eq!(journal::checkpoint(&dir).unwrap(), Some(e + 2));
-    }
-
-    /// A writer killed after it renamed a spare to its frame's name, before (or while) it
-    /// wrote the frame over it, left a file there that holds an older epoch's frame, or half
-    /// of one over it: no frame (never confirmed), set aside, and the store goes on at the
-    /// stored root; the next writer's frame of that epoch is the one.
-    #[tokio::test]
-    async fn a_spare_not_yet_written_over_is_no_frame() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (a, dir) = at_epoch_1(tmp.path()).await;
-        holds(&a, 1).await;
-        let old = journal::encode(&epoch(1));
-        let new = journal::encode(&epoch(2));
-        let mut half = old.clone();
-        half[..new.len() / 2].copy_from_slice(&new[..new.len() / 2]);
-        for left in [old, half] {
-            std::fs::write(journal::frame_path(&dir, 2), &left).unwrap();
-            assert_eq!(journal::read_frame(&dir, 2).unwrap(), None);
-            // Another process of the pool, and this one, read epoch 1 whole.
-            let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
-            holds(&b, 1).await;
-            holds(&a, 1).await;
-            assert!(
-                frames(&dir).iter().all(|&f| f < 2),
-                "set aside: {:?}",
-                frames(&dir)
+        holds(&a, last).await;
+        for slot in 0..journal::SLOTS {
+            let meta = std::fs::metadata(journal::slot_path(&dir, slot)).unwrap();
+            assert_eq!(
+                meta.ino(),
+                inodes[slot as usize],
+                "slot {slot} is the same file"
             );
         }
-        a.commit(D, epoch(2)).await.unwrap();
-        holds(&a, 2).await;
+        assert_eq!(
+            std::fs::metadata(journal::slot_path(&dir, 1))
+                .unwrap()
+                .len(),
+            long_len,
+            "a slot is not cut by a shorter frame"
+        );
+        let mut others: Vec<String> = std::fs::read_dir(journal::journal_dir(&dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with("slot-"))
+            .collect();
+        others.sort();
+        assert_eq!(others, ["boot", "checkpoint"]);
+        for e in [journal::SLOTS + 1, last] {
+            assert_eq!(journal::read_frame(&dir, e).unwrap(), Some(epoch(e)));
+        }
+        assert_eq!(journal::read_frame(&dir, 1).unwrap(), None, "written over");
+        // After a restart the frames after the checkpoint are replayed like any other.
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        holds(&b, last).await;
+        assert_eq!(journal::checkpoint(&dir).unwrap(), Some(last));
     }
 
-    /// Red team (spares): the machine crashed while a writer wrote epoch 65's frame over the
-    /// spare of its slot (epoch 1's frame, whole): the rename reached the disk, the new bytes
-    /// none or part of them. After the restart the replay takes none of it for epoch 65 (never
-    /// confirmed), the store is at epoch 64, and the next epoch 65 is the one committed.
+    /// A process that never lets a background checkpoint finish (none ran here: the
+    /// checkpoint is set back by hand, as a late one leaves it) still never writes a frame
+    /// over one above the checkpoint: the commit whose slot holds one syncs and moves the
+    /// checkpoint first, and a restart then replays every epoch.
     #[tokio::test]
-    async fn a_spare_renamed_before_a_crash_is_not_replayed() {
-        let e = journal::CHECKPOINT_EVERY;
-        for torn in [false, true] {
+    async fn a_commit_whose_slot_holds_a_frame_above_the_checkpoint_moves_it_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        let last = journal::SLOTS + 3;
+        for e in 2..=last {
+            if e.is_multiple_of(journal::CHECKPOINT_EVERY) || e == journal::SLOTS + 1 {
+                // Wait out the background checkpoint, then set it back to 0 (as if it had
+                // never finished).
+                for _ in 0..300 {
+                    if !checkpointing().lock().unwrap().contains(&dir) {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                let _lock = DomainLock::acquire(&dir).unwrap();
+                std::fs::write(
+                    journal::journal_dir(&dir).join("checkpoint"),
+                    [b"KSTJ2cp\n".as_slice(), &0u64.to_be_bytes()].concat(),
+                )
+                .unwrap();
+            }
+            a.commit(D, epoch(e)).await.unwrap();
+            if e == journal::SLOTS + 1 {
+                // Epoch 1 + SLOTS went where epoch 1 was, above checkpoint 0: the commit
+                // moved the checkpoint to the epoch before it first.
+                assert_eq!(journal::checkpoint(&dir).unwrap(), Some(journal::SLOTS));
+            }
+        }
+        holds(&a, last).await;
+        // The machine restarts having lost the files of the epochs after the checkpoint.
+        std::fs::write(
+            dir.join("root"),
+            root_bytes(&epoch(journal::SLOTS).root.unwrap()),
+        )
+        .unwrap();
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        holds(&b, last).await;
+    }
+
+    /// Red team (slots): the machine crashed while a writer wrote epoch 129's frame into the
+    /// slot of epoch 1 (under the checkpoint, whole): none, part, or all but the last byte
+    /// of the new bytes reached the disk. After the restart the replay takes none of it for
+    /// epoch 129 (never confirmed), the store is at epoch 128, and the next epoch 129 is the
+    /// one committed.
+    #[tokio::test]
+    async fn a_slot_torn_by_a_crash_is_not_replayed() {
+        let e = journal::SLOTS;
+        for torn in [0, 1, 2] {
             let tmp = tempfile::tempdir().unwrap();
             let (a, dir) = at_epoch_1(tmp.path()).await;
             for n in 2..=e {
@@ -2275,23 +2325,21 @@ mod tests {
             }
             holds(&a, e).await;
             {
-                // The checkpoint at 64 (or the background one did it): frames become spares.
                 let _lock = DomainLock::acquire(&dir).unwrap();
                 if journal::checkpoint(&dir).unwrap() != Some(e) {
                     journal::set_checkpoint(&dir, e).unwrap();
                 }
             }
-            let spare = journal::journal_dir(&dir).join("spare-01");
-            assert_eq!(std::fs::read(&spare).unwrap(), journal::encode(&epoch(1)));
-            std::fs::rename(&spare, journal::frame_path(&dir, e + 1)).unwrap();
-            if torn {
-                let new = journal::encode(&epoch(e + 1));
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(journal::frame_path(&dir, e + 1))
-                    .unwrap();
-                std::os::unix::fs::FileExt::write_all_at(&f, &new[..new.len() - 1], 0).unwrap();
-            }
+            let slot = journal::slot_path(&dir, e + 1);
+            assert_eq!(journal::read_frame(&dir, 1).unwrap(), Some(epoch(1)));
+            let new = journal::encode(&epoch(e + 1));
+            let left: &[u8] = match torn {
+                0 => &[],
+                1 => &new[..new.len() / 2],
+                _ => &new[..new.len() - 1],
+            };
+            let f = std::fs::OpenOptions::new().write(true).open(&slot).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&f, left, 0).unwrap();
             let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
             holds(&b, e).await;
             assert_eq!(journal::checkpoint(&dir).unwrap(), Some(e));
@@ -2303,11 +2351,100 @@ mod tests {
         }
     }
 
-    /// Red team (spares): two writers of the pool take turns across a checkpoint (the
-    /// frames under it become spares, the next ones are written over them) while readers of
+    /// A store whose journal a kst of version 1 wrote (a file per frame, spares, the bare
+    /// checkpoint and boot id), with epochs above its checkpoint, and one a writer of it
+    /// died after (a durable frame, no files): the first process of this version replays
+    /// them, upgrades the journal (its checkpoint and boot file of this version, the frames
+    /// and spares of version 1 gone) and goes on; a restart then replays this version's.
+    #[tokio::test]
+    async fn a_journal_of_version_1_is_upgraded() {
+        for same_boot in [true, false] {
+            let tmp = tempfile::tempdir().unwrap();
+            let old = FsDirectoryStore::with_boot(tmp.path(), None);
+            old.commit(D, first()).await.unwrap();
+            let dir = tmp.path().join(KT_DIR).join(D);
+            let journal_dir = journal::journal_dir(&dir);
+            std::fs::create_dir_all(&journal_dir).unwrap();
+            // Version 1's journal: checkpoint 0, frames 1 to 3 (their files written, not
+            // synced), frame 4 durable, its writer dead; a spare.
+            std::fs::write(journal_dir.join("checkpoint"), 0u64.to_be_bytes()).unwrap();
+            std::fs::write(journal_dir.join("boot"), b"boot-1").unwrap();
+            for e in 1..=4 {
+                std::fs::write(
+                    journal::frame_path_v1(&dir, e),
+                    journal::tests::encode_v1(&epoch(e)),
+                )
+                .unwrap();
+                if e < 4 {
+                    materialize(&dir, &epoch(e)).unwrap();
+                }
+            }
+            std::fs::write(journal_dir.join("spare-05"), b"an old frame").unwrap();
+            let boot = if same_boot { "boot-1" } else { "boot-2" };
+            let a = FsDirectoryStore::with_boot(tmp.path(), Some(boot));
+            holds(&a, 4).await;
+            assert_eq!(
+                journal::stored_checkpoint(&dir).unwrap(),
+                Some(journal::Stored::V2(4))
+            );
+            assert_eq!(journal::boot(&dir).unwrap().as_deref(), Some(boot));
+            let mut names: Vec<String> = std::fs::read_dir(&journal_dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| !n.starts_with("slot-"))
+                .collect();
+            names.sort();
+            assert_eq!(names, ["boot", "checkpoint"], "version 1's files gone");
+            // A kst of version 1 refuses it now: the boot file is another boot's to it, and
+            // then its checkpoint is not 8 bytes ("is not an epoch").
+            assert_ne!(
+                std::fs::read(journal_dir.join("boot")).unwrap(),
+                boot.as_bytes()
+            );
+            assert_ne!(
+                std::fs::read(journal_dir.join("checkpoint")).unwrap().len(),
+                8
+            );
+            a.commit(D, epoch(5)).await.unwrap();
+            holds(&a, 5).await;
+            assert_eq!(frames(&dir), vec![5]);
+            let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-9"));
+            holds(&b, 5).await;
+        }
+    }
+
+    /// A checkpoint of a form this kst does not know (a newer kst's journal) stops every
+    /// read and commit of the domain (`Corrupt`, for an operator), and nothing is written.
+    #[tokio::test]
+    async fn a_journal_of_a_newer_kst_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        holds(&a, 1).await;
+        let newer = b"KSTJ3cp\n\0\0\0\0\0\0\0\x01".to_vec();
+        std::fs::write(journal::journal_dir(&dir).join("checkpoint"), &newer).unwrap();
+        std::fs::write(journal::journal_dir(&dir).join("boot"), b"KSTJ3 boot-1").unwrap();
+        // Another process (not yet checked the domain).
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-7"));
+        assert!(matches!(
+            b.root(D).await,
+            Err(DirectoryStoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            b.commit(D, epoch(2)).await,
+            Err(DirectoryStoreError::Corrupt(_))
+        ));
+        assert_eq!(read_root(&dir).unwrap().map(|(e, _)| e), Some(1));
+        assert_eq!(
+            std::fs::read(journal::journal_dir(&dir).join("checkpoint")).unwrap(),
+            newer
+        );
+    }
+
+    /// Red team (slots): two writers of the pool take turns across checkpoints and all the
+    /// slots (the frames under a checkpoint written over by later ones) while readers of
     /// a third instance read; every read sees one epoch whole and never an older one, and
     /// the store holds every epoch, on this boot and after a restart (the frames after the
-    /// checkpoint, written over spares, replayed).
+    /// checkpoint, written over older ones, replayed).
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn writers_taking_turns_across_a_checkpoint_keep_every_epoch_whole() {
         use std::sync::Arc;
@@ -2318,8 +2455,7 @@ mod tests {
         let r = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
         let done = Arc::new(AtomicBool::new(false));
         let readers = spawn_readers(&r, 3, &done);
-        // Up to 98: node 99 is the shared node of `epoch`.
-        let last = 98;
+        let last = journal::SLOTS + 10;
         for e in 2..=last {
             let writer = if e % 2 == 0 { &a } else { &b };
             writer.commit(D, epoch(e)).await.unwrap();
@@ -2332,7 +2468,7 @@ mod tests {
         assert!(reads > 0, "the readers read nothing");
         holds(&r, last).await;
         // The checkpoint at 64 moved (in the background) or not yet: either way a restart
-        // replays what lies after it, spares or new files.
+        // replays what lies after it.
         let c = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
         holds(&c, last).await;
         assert!(frames(&dir).is_empty(), "{:?}", frames(&dir));

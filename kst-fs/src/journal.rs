@@ -1,56 +1,88 @@
-//! The write-ahead journal of the fs key directory (feature `transparency`, Linux): one
-//! file per epoch under `kt/<domain>/journal/`, made durable with one `fdatasync(2)` (and
-//! the journal directory's `fsync`), instead of a `syncfs(2)` of the whole file system per
-//! epoch (docs/TRANSPARENCY.md, "Write order, as built": the fs journal).
+//! The write-ahead journal of the fs key directory (feature `transparency`, Linux): each
+//! epoch's batch written as one frame **in place** into a slot file of `kt/<domain>/journal/`
+//! and made durable with one `fdatasync(2)` of that file, instead of a `syncfs(2)` of the whole
+//! file system per epoch (docs/TRANSPARENCY.md, "Write order, as built": the fs journal).
 //!
 //! ```text
-//! kt/<domain>/journal/<epoch, 20 digits>   one epoch's batch (a frame, below)
-//! kt/<domain>/journal/checkpoint           epoch C (8 bytes): every epoch <= C is durable in
-//!                                          the tree's own files; frames <= C are garbage
-//! kt/<domain>/journal/boot                 the boot id under which the frames after C were
-//!                                          written (Linux's /proc/sys/kernel/random/boot_id)
-//! kt/<domain>/journal/spare-<nn>           a frame under the checkpoint kept for reuse (nn:
-//!                                          its epoch modulo 64; at most 1 MiB); never read
-//! kt/<domain>/journal/torn-<epoch>-<random> a torn frame set aside (its writer was killed
-//!                                          writing it); never read, kept for an operator,
-//!                                          the newest 16 only (`set_aside`)
+//! kt/<domain>/journal/slot-<nnn>           the frame of the newest epoch e with e mod 128 = nnn
+//!                                          (below); overwritten in place, never renamed
+//! kt/<domain>/journal/checkpoint           `KSTJ2cp\n` ‖ epoch C (8): every epoch <= C is
+//!                                          durable in the tree's own files; frames <= C are
+//!                                          garbage
+//! kt/<domain>/journal/boot                 `KSTJ2 ` ‖ the boot id under which the frames after
+//!                                          C were written (Linux's
+//!                                          /proc/sys/kernel/random/boot_id)
+//! kt/<domain>/journal/torn-<epoch>-<random> a torn frame's bytes set aside (its writer was
+//!                                          killed writing it); never read, kept for an
+//!                                          operator, the newest 16 only (`set_aside`)
 //! ```
 //!
-//! A frame under the checkpoint is not removed but renamed to the spare of its slot, and the
-//! frame of an epoch of that slot is written over that spare (renamed to the frame's name,
-//! then overwritten in place): no new inode per epoch and none freed per checkpoint, which
-//! on an ext4 without a journal cost far more than the frame's write (its allocator skips
-//! every inode freed in the last minutes one by one, docs/BENCHMARKS.md). A spare renamed to
-//! a frame's name but not yet (or partly) overwritten holds an older epoch, or a bad hash: no
-//! frame (below), like a frame its writer was killed writing.
+//! **Why slots** (docs/BENCHMARKS.md, "Journal frames in slots"): the frame of an epoch goes
+//! into the slot of its epoch modulo [`SLOTS`], written over the frame there from [`SLOTS`]
+//! epochs before (under the checkpoint by then, [`room_for`]). A slot's size only changes
+//! when a frame is longer than any before it, so the commit is a write over blocks the file
+//! has and one `fdatasync`: no new name, no rename, no directory to `fsync`, no block to
+//! allocate, so on an ext4 with a journal no commit of the file system's journal per epoch
+//! (which waited for every other writer's metadata, the key store's included). Until
+//! issue 18's slots a frame was renamed from a spare and the journal's directory synced
+//! (version 1 below).
 //!
-//! A frame is the whole batch of an epoch: `KSTJ1\n` ‖ expected epoch (8) ‖ epoch (8) ‖
-//! nodes (count (4), then key length (4), key, blob length (4), blob) ‖ value states (count
-//! (4), then label length (4), label, epoch (8), blob length (4), blob) ‖ root (length (4),
-//! blob) ‖ head (0, or 1 ‖ length (4) ‖ head) ‖ SHA-256 of all of it (32). A frame that is
-//! short, long, or whose hash does not match is no frame (a writer died writing it).
+//! A frame is the whole batch of an epoch: `KSTJ2\n` ‖ the frame's length (8) ‖ expected
+//! epoch (8) ‖ epoch (8) ‖ nodes (count (4), then key length (4), key, blob length (4),
+//! blob) ‖ value states (count (4), then label length (4), label, epoch (8), blob length
+//! (4), blob) ‖ root (length (4), blob) ‖ head (0, or 1 ‖ length (4) ‖ head) ‖ SHA-256 of
+//! all of it (32). The bytes of a slot after the frame's length are an older frame's and
+//! never read. A frame that is short, whose epoch is not the one asked for (a slot holds an
+//! older epoch until it is written over), or whose hash does not match (a writer died
+//! writing it, or the machine crashed before its `fdatasync`: any mix of old and new pages)
+//! is no frame.
+//!
+//! **Versions.** Version 1 (`KSTJ1\n`, kst before the slots) kept a file per frame,
+//! `journal/<epoch, 20 digits>`, renamed from `journal/spare-<nn>`, with a checkpoint file of
+//! the bare 8-byte epoch and a boot file of the bare boot id. A store of version 1 is upgraded
+//! by the first process of this version that touches the domain (`directory.rs`'s
+//! recovery: its frames after the checkpoint written out again, one
+//! `syncfs`, then the checkpoint of version 2 written). That checkpoint (16 bytes) and boot
+//! file (prefixed) are the gate: a kst of version 1 reads the boot file as another boot's,
+//! then refuses the checkpoint ("is not an epoch": `Corrupt`), so it fails closed (no read,
+//! no commit) instead of missing the frames in slots. A checkpoint of any other form is
+//! refused here in the same way.
 //!
 //! The fs directory's commit (kst-fs `directory.rs`) is then: under the domain's lock, the
 //! fence; the frame written and synced (**the commit point**: the caller is answered); the
 //! epoch's files written, on the same thread under the same lock, unsynced (nodes and value
 //! states overwritten in place, the head linked, the root overwritten in place last; readers
 //! wait on the lock meanwhile); every 64 epochs a background `syncfs(2)` moves the
-//! checkpoint up and makes the frames under it spares. A writer that died after its frame was
-//! durable left an epoch the next writer rolls forward (writes its files) before checking
-//! its own fence, and so does a process's first read of the domain. After the machine
-//! crashed (the boot id changed), the first process to touch the domain replays every frame
-//! after the checkpoint in order, then syncs and moves the checkpoint: the files the page
-//! cache lost are written again.
+//! checkpoint up. A writer that died after its frame was durable left an epoch the next
+//! writer rolls forward (writes its files) before checking its own fence, and so does a
+//! process's first read of the domain. After the machine crashed (the boot id changed), the
+//! first process to touch the domain replays every frame after the checkpoint in order, then
+//! syncs and moves the checkpoint: the files the page cache lost are written again.
 
+use std::collections::HashSet;
 use std::io::ErrorKind;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use kst_core::durable::{sync_dir, write_atomic};
 use kst_core::transparency::{DirectoryStoreError, RecordBatch, RootWrite, ValueStateBlob};
 use sha2::{Digest, Sha256};
 
-/// The first bytes of a frame.
-const MAGIC: &[u8; 6] = b"KSTJ1\n";
+/// The first bytes of a frame (version 2: in a slot, its length after these).
+const MAGIC: &[u8; 6] = b"KSTJ2\n";
+
+/// The first bytes of a frame of version 1 (a file of its own), read only to upgrade.
+const MAGIC_V1: &[u8; 6] = b"KSTJ1\n";
+
+/// A frame's fixed start: magic, length, expected epoch, epoch.
+const HEADER: usize = 6 + 8 + 8 + 8;
+
+/// The first bytes of the checkpoint file of version 2 (the epoch follows).
+const CHECKPOINT_MAGIC: &[u8; 8] = b"KSTJ2cp\n";
+
+/// What the boot file of version 2 holds before the boot id.
+const BOOT_PREFIX: &str = "KSTJ2 ";
 
 /// Largest frame read back: a batch of 512 changes at 10^6 entries is about 6 MB.
 const MAX_FRAME: u64 = 64 * 1024 * 1024;
@@ -61,22 +93,24 @@ const MAX_RECORD: usize = 64 * 1024;
 /// Every this many epochs a commit starts a checkpoint (in the background).
 pub(crate) const CHECKPOINT_EVERY: u64 = 64;
 
-/// When this many epochs wait above the checkpoint, the commit checkpoints itself (a process
-/// that never lived long enough to finish a background one).
-pub(crate) const CHECKPOINT_AT_MOST: u64 = 1024;
+/// How many slot files a journal has: the frame of epoch e goes into slot e mod `SLOTS`, over
+/// the frame of epoch e − `SLOTS`, which must be under the checkpoint by then (a commit
+/// checkpoints itself when it is not: [`room_for`]). Twice [`CHECKPOINT_EVERY`]: a background
+/// checkpoint has 64 epochs to finish before a commit waits for one.
+pub(crate) const SLOTS: u64 = 2 * CHECKPOINT_EVERY;
 
 pub(crate) fn journal_dir(dir: &Path) -> PathBuf {
     dir.join("journal")
 }
 
-pub(crate) fn frame_path(dir: &Path, epoch: u64) -> PathBuf {
-    journal_dir(dir).join(format!("{epoch:020}"))
+/// The slot file the frame of `epoch` is written into.
+pub(crate) fn slot_path(dir: &Path, epoch: u64) -> PathBuf {
+    journal_dir(dir).join(format!("slot-{:03}", epoch % SLOTS))
 }
 
-/// The spare of `epoch`'s slot: a frame under the checkpoint, kept to be written over by the
-/// frame of a later epoch of the same slot ([`write_frame`]).
-fn spare_path(dir: &Path, epoch: u64) -> PathBuf {
-    journal_dir(dir).join(format!("spare-{:02}", epoch % CHECKPOINT_EVERY))
+/// Where version 1 kept the frame of `epoch` (read only to upgrade, [`read_frame_v1`]).
+pub(crate) fn frame_path_v1(dir: &Path, epoch: u64) -> PathBuf {
+    journal_dir(dir).join(format!("{epoch:020}"))
 }
 
 fn checkpoint_path(dir: &Path) -> PathBuf {
@@ -125,6 +159,8 @@ pub(crate) fn journaled(batch: &RecordBatch) -> bool {
 pub(crate) fn encode(batch: &RecordBatch) -> Vec<u8> {
     let root = batch.root.as_ref();
     let mut out = MAGIC.to_vec();
+    // The frame's length, filled in below.
+    out.extend_from_slice(&0u64.to_be_bytes());
     out.extend_from_slice(
         &root
             .and_then(|r| r.expected_epoch)
@@ -151,6 +187,8 @@ pub(crate) fn encode(batch: &RecordBatch) -> Vec<u8> {
         }
         None => out.push(0),
     }
+    let len = (out.len() + 32) as u64;
+    out[MAGIC.len()..MAGIC.len() + 8].copy_from_slice(&len.to_be_bytes());
     let hash = Sha256::digest(&out);
     out.extend_from_slice(&hash);
     out
@@ -192,15 +230,32 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The batch in `bytes`, `None` unless it is one whole frame.
+/// The frame's length a slot's first bytes give (version 2), `None` unless they start one
+/// of a possible length.
+fn frame_len(bytes: &[u8]) -> Option<usize> {
+    if bytes.get(..MAGIC.len())? != MAGIC {
+        return None;
+    }
+    let len = u64::from_be_bytes(bytes.get(MAGIC.len()..MAGIC.len() + 8)?.try_into().ok()?);
+    (len >= (HEADER + 32) as u64 && len <= MAX_FRAME).then_some(len as usize)
+}
+
+/// The batch of the frame `bytes` start with (version 2: bytes after its length are
+/// ignored; version 1: exactly one frame), `None` unless they hold one whole frame.
 pub(crate) fn decode(bytes: &[u8]) -> Option<RecordBatch> {
-    let (body, hash) = bytes.split_last_chunk::<32>()?;
+    let (frame, v2) = match frame_len(bytes) {
+        Some(len) => (bytes.get(..len)?, true),
+        None if bytes.starts_with(MAGIC_V1) => (bytes, false),
+        None => return None,
+    };
+    let (body, hash) = frame.split_last_chunk::<32>()?;
     if Sha256::digest(body).as_slice() != hash {
         return None;
     }
     let mut r = Reader(body);
-    if r.take(MAGIC.len())? != MAGIC {
-        return None;
+    r.take(MAGIC.len())?;
+    if v2 {
+        r.u64()?;
     }
     let expected = r.u64()?;
     let epoch = r.u64()?;
@@ -239,12 +294,82 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<RecordBatch> {
     })
 }
 
-/// The frame of `epoch`, if there is a whole one.
+/// The slot of `epoch`, open for reading; `None` when there is none.
+fn open_slot(dir: &Path, epoch: u64) -> Result<Option<std::fs::File>, DirectoryStoreError> {
+    let path = slot_path(dir, epoch);
+    match std::fs::File::open(&path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(unavailable("open", &path, e)),
+    }
+}
+
+/// Reads up to `n` bytes of `f` from `at` (fewer at its end).
+fn read_at(f: &std::fs::File, at: u64, n: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0; n];
+    let mut done = 0;
+    while done < n {
+        match f.read_at(&mut buf[done..], at + done as u64) {
+            Ok(0) => break,
+            Ok(k) => done += k,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(done);
+    Ok(buf)
+}
+
+/// The epoch the frame in the slot of `epoch` says it is of (its first bytes only, not
+/// checked against its hash), with its length; `None` when the slot starts no frame.
+fn slot_header(
+    dir: &Path,
+    f: &std::fs::File,
+    epoch: u64,
+) -> Result<Option<(u64, usize)>, DirectoryStoreError> {
+    let head = read_at(f, 0, HEADER).map_err(|e| unavailable("read", &slot_path(dir, epoch), e))?;
+    let Some(len) = frame_len(&head) else {
+        return Ok(None);
+    };
+    let said = u64::from_be_bytes(head[HEADER - 8..HEADER].try_into().unwrap_or([0; 8]));
+    Ok(Some((said, len)))
+}
+
+/// Whether the slot of `epoch` starts a frame that says it is of `epoch` (whole or torn: its
+/// hash is not checked), read from its first bytes alone: a reader's cheap check for a
+/// writer that died after (or while) writing the frame after the stored root.
+pub(crate) fn holds(dir: &Path, epoch: u64) -> Result<bool, DirectoryStoreError> {
+    let Some(f) = open_slot(dir, epoch)? else {
+        return Ok(false);
+    };
+    Ok(slot_header(dir, &f, epoch)?.is_some_and(|(said, _)| said == epoch))
+}
+
+/// The frame of `epoch`, if its slot holds a whole one.
 pub(crate) fn read_frame(
     dir: &Path,
     epoch: u64,
 ) -> Result<Option<RecordBatch>, DirectoryStoreError> {
-    let path = frame_path(dir, epoch);
+    let Some(f) = open_slot(dir, epoch)? else {
+        return Ok(None);
+    };
+    let Some((said, len)) = slot_header(dir, &f, epoch)? else {
+        return Ok(None);
+    };
+    if said != epoch {
+        return Ok(None);
+    }
+    let bytes = read_at(&f, 0, len).map_err(|e| unavailable("read", &slot_path(dir, epoch), e))?;
+    Ok(decode(&bytes).filter(|b| b.root.as_ref().map(|r| r.epoch) == Some(epoch)))
+}
+
+/// The frame of `epoch` in a journal of version 1 (a file of its own), if there is a whole
+/// one: read only to upgrade the journal.
+pub(crate) fn read_frame_v1(
+    dir: &Path,
+    epoch: u64,
+) -> Result<Option<RecordBatch>, DirectoryStoreError> {
+    let path = frame_path_v1(dir, epoch);
     let bytes = match std::fs::File::open(&path) {
         Ok(f) => {
             let mut bytes = Vec::new();
@@ -255,19 +380,58 @@ pub(crate) fn read_frame(
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(unavailable("open", &path, e)),
     };
-    Ok(decode(&bytes).filter(|b| b.root.as_ref().map(|r| r.epoch) == Some(epoch)))
+    Ok(bytes
+        .starts_with(MAGIC_V1)
+        .then(|| decode(&bytes))
+        .flatten()
+        .filter(|b| b.root.as_ref().map(|r| r.epoch) == Some(epoch)))
 }
 
-/// Writes the frame of `batch` and makes it durable: the epoch is committed once this
-/// returns. A frame a dead writer left under that name is replaced. Written over the spare of
-/// its slot when there is one ([`spare_path`]: renamed to the frame's name, overwritten in
-/// place), else to a new file. Under the domain's lock. A batch whose frame [`read_frame`]
-/// would not read back ([`unreadable`]) is refused (`Corrupt`) before anything is written.
-pub(crate) fn write_frame(dir: &Path, batch: &RecordBatch) -> Result<(), DirectoryStoreError> {
-    use std::os::unix::fs::FileExt as _;
-    let epoch = batch.root.as_ref().map_or(0, |r| r.epoch);
+/// The journals whose slot files this process made sure of ([`ensure_slots`]).
+fn slots_ready() -> &'static Mutex<HashSet<PathBuf>> {
+    static READY: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
+    READY.get_or_init(Default::default)
+}
+
+/// Once per process and journal, under the domain's lock: creates the slot files that are
+/// missing (empty) and syncs the journal's directory, so that every slot's name is durable
+/// before a frame is written into it and synced with `fdatasync` alone (which makes the
+/// file's data and size durable, not its name). A slot a writer killed before its directory
+/// sync made is made durable by the next process's first commit here.
+fn ensure_slots(dir: &Path) -> Result<(), DirectoryStoreError> {
     let journal = journal_dir(dir);
-    let path = frame_path(dir, epoch);
+    if slots_ready()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .contains(&journal)
+    {
+        return Ok(());
+    }
+    kst_core::durable::create_dir(&journal).map_err(|e| unavailable("create", &journal, e))?;
+    for slot in 0..SLOTS {
+        let path = slot_path(dir, slot);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| unavailable("create", &path, e))?;
+    }
+    sync_dir(&journal).map_err(|e| unavailable("sync", &journal, e))?;
+    slots_ready()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(journal);
+    Ok(())
+}
+
+/// Writes the frame of `batch` into its slot and makes it durable: the epoch is committed
+/// once this returns. Written in place at the slot's start, then one `fdatasync`: no name
+/// made, none changed. The caller holds the domain's lock and made room ([`room_for`]: the
+/// slot's older frame is under the checkpoint). A batch whose frame [`read_frame`] would not
+/// read back ([`unreadable`]) is refused (`Corrupt`) before anything is written.
+pub(crate) fn write_frame(dir: &Path, batch: &RecordBatch) -> Result<(), DirectoryStoreError> {
+    let epoch = batch.root.as_ref().map_or(0, |r| r.epoch);
     let bytes = encode(batch);
     if let Some(why) = unreadable(batch, bytes.len()) {
         // Past this point the caller is answered: a frame its reader refuses would be a
@@ -277,22 +441,45 @@ pub(crate) fn write_frame(dir: &Path, batch: &RecordBatch) -> Result<(), Directo
              ({why}); nothing was written: a bug of the directory's writer, report it"
         )));
     }
-    // A spare that cannot be renamed (none there, most often) is no error: a new file then.
-    let reused = std::fs::rename(spare_path(dir, epoch), &path).is_ok();
-    let written = (|| {
-        let f = if reused {
-            std::fs::OpenOptions::new().write(true).open(&path)?
-        } else {
-            std::fs::File::create(&path)?
-        };
-        f.write_all_at(&bytes, 0)?;
-        if reused && f.metadata()?.len() != bytes.len() as u64 {
-            f.set_len(bytes.len() as u64)?;
+    ensure_slots(dir)?;
+    let path = slot_path(dir, epoch);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| {
+            f.write_all_at(&bytes, 0)?;
+            f.sync_data()
+        });
+    if let Err(e) = written {
+        if e.kind() == ErrorKind::NotFound {
+            // Removed behind this process's back: made again at the next commit.
+            slots_ready()
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&journal_dir(dir));
         }
-        f.sync_data()
-    })();
-    written.map_err(|e| unavailable("write", &path, e))?;
-    sync_dir(&journal).map_err(|e| unavailable("sync", &journal, e))
+        return Err(unavailable("write", &path, e));
+    }
+    Ok(())
+}
+
+/// Before the frame of `epoch` is written, under the domain's lock, with every epoch before
+/// it written out (its files; `epoch − 1` is the stored root): when its slot's older frame,
+/// of `epoch` − [`SLOTS`], is still above the checkpoint (a background checkpoint is late or
+/// failed, or the process never lived long enough to finish one), makes the tree durable
+/// (`sync`, one `syncfs`) and moves the checkpoint to `epoch − 1` first. Whether it did.
+pub(crate) fn room_for(
+    dir: &Path,
+    epoch: u64,
+    sync: impl FnOnce() -> Result<(), DirectoryStoreError>,
+) -> Result<bool, DirectoryStoreError> {
+    let checkpoint = checkpoint(dir)?.unwrap_or(0);
+    if epoch.saturating_sub(checkpoint) <= SLOTS {
+        return Ok(false);
+    }
+    sync()?;
+    set_checkpoint(dir, epoch - 1)?;
+    Ok(true)
 }
 
 /// Why the frame of `batch` (`len` bytes, [`encode`]) would be no frame to [`decode`]
@@ -338,29 +525,39 @@ fn unreadable(batch: &RecordBatch, len: usize) -> Option<String> {
 pub(crate) const TORN_KEPT: usize = 16;
 
 /// Under the domain's lock, when `epoch`'s frame is no whole frame ([`read_frame`] found
-/// none): moves the file there, if any, out of the journal's frames to
-/// `journal/torn-<epoch>-<random>` (kept for an operator, never read again); returns that
-/// name. Its writer was killed writing it, before its commit point (the frame's sync), so it
-/// was never confirmed. Then keeps at most [`TORN_KEPT`] torn frames ([`prune_torn`]): the
-/// older ones are removed, each logged; one that cannot be removed is logged and left (the
-/// set-aside stands).
+/// none) but its slot starts one that says it is of `epoch` ([`holds`]): copies the slot's
+/// bytes (up to the length that start gives) to `journal/torn-<epoch>-<random>` (kept for
+/// an operator, never read again), then blanks the slot's first bytes, so that it no longer
+/// looks like a frame of `epoch` to readers; returns that name. Its writer was killed
+/// writing it, before its commit point (the frame's sync), so it was never confirmed. A
+/// slot that holds an older epoch's frame is left alone (a crash may need it until the
+/// checkpoint passes it). Then keeps at most [`TORN_KEPT`] torn frames ([`prune_torn`]):
+/// the older ones are removed, each logged; one that cannot be removed is logged and left
+/// (the set-aside stands).
 pub(crate) fn set_aside(dir: &Path, epoch: u64) -> Result<Option<PathBuf>, DirectoryStoreError> {
-    let path = frame_path(dir, epoch);
-    if !path.exists() {
+    let Some(f) = open_slot(dir, epoch)? else {
+        return Ok(None);
+    };
+    let Some((said, len)) = slot_header(dir, &f, epoch)? else {
+        return Ok(None);
+    };
+    if said != epoch {
         return Ok(None);
     }
+    let path = slot_path(dir, epoch);
+    let bytes = read_at(&f, 0, len).map_err(|e| unavailable("read", &path, e))?;
     let aside = journal_dir(dir).join(format!("torn-{epoch:020}-{:016x}", rand_suffix()));
-    match std::fs::rename(&path, &aside) {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(unavailable("set aside", &path, e)),
-    }
+    std::fs::write(&aside, &bytes).map_err(|e| unavailable("set aside", &aside, e))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|w| w.write_all_at(&[0; 6], 0))
+        .map_err(|e| unavailable("blank", &path, e))?;
     if let Err(e) = prune_torn(dir, &aside, TORN_KEPT) {
         tracing::warn!(dir = %journal_dir(dir).display(), error = %e, "key directory: could not remove old torn journal frames; they stay until the next frame is set aside (remove old journal/torn-* files by hand if the disk is full)");
     }
     Ok(Some(aside))
 }
-
 /// Removes the oldest torn frames of `journal/` (`torn-<epoch>-<random>`, older: a lower
 /// epoch, then an older modification time, then the name) until at most `keep` are left,
 /// never `newest` (the one just set aside); each removal is logged. Returns the paths
@@ -421,7 +618,7 @@ fn rand_suffix() -> u64 {
 /// Makes a frame another writer left (complete, maybe never synced) durable before it is
 /// rolled forward.
 pub(crate) fn sync_frame(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
-    let path = frame_path(dir, epoch);
+    let path = slot_path(dir, epoch);
     std::fs::File::open(&path)
         .and_then(|f| f.sync_data())
         .map_err(|e| unavailable("sync", &path, e))?;
@@ -429,107 +626,160 @@ pub(crate) fn sync_frame(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreErr
     sync_dir(&journal).map_err(|e| unavailable("sync", &journal, e))
 }
 
-/// The checkpoint's epoch; `None` before the journal started.
-pub(crate) fn checkpoint(dir: &Path) -> Result<Option<u64>, DirectoryStoreError> {
+/// A checkpoint file as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stored {
+    /// Version 1's (the bare epoch): the journal is to be upgraded (`directory.rs`'s recovery).
+    V1(u64),
+    /// This version's.
+    V2(u64),
+}
+
+/// The checkpoint file as stored; `None` before the journal started. One of another form (a
+/// newer kst's journal) is refused: `Corrupt`, so this kst fails closed on it.
+pub(crate) fn stored_checkpoint(dir: &Path) -> Result<Option<Stored>, DirectoryStoreError> {
     let path = checkpoint_path(dir);
-    match std::fs::read(&path) {
-        Ok(b) => match <[u8; 8]>::try_from(b.as_slice()) {
-            Ok(e) => Ok(Some(u64::from_be_bytes(e))),
-            Err(_) => Err(DirectoryStoreError::Corrupt(format!(
-                "{} is not an epoch",
-                path.display()
-            ))),
-        },
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(unavailable("read", &path, e)),
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(unavailable("read", &path, e)),
+    };
+    if let Ok(e) = <[u8; 8]>::try_from(bytes.as_slice()) {
+        return Ok(Some(Stored::V1(u64::from_be_bytes(e))));
+    }
+    match bytes.strip_prefix(CHECKPOINT_MAGIC.as_slice()) {
+        Some(e) if e.len() == 8 => Ok(Some(Stored::V2(u64::from_be_bytes(
+            e.try_into().unwrap_or([0; 8]),
+        )))),
+        _ => Err(DirectoryStoreError::Corrupt(format!(
+            "{} is not a checkpoint of this kst's journal (a newer kst's?): run the kst that \
+             wrote it, or restore the domain's directory",
+            path.display()
+        ))),
     }
 }
 
-/// Starts the journal (its directory, the checkpoint at `epoch`: every epoch up to it is
-/// durable already) unless it is started.
+/// The checkpoint's epoch; `None` before the journal started. A journal of version 1 not
+/// yet upgraded is refused (`Corrupt`): only the recovery upgrades it (`directory.rs`).
+pub(crate) fn checkpoint(dir: &Path) -> Result<Option<u64>, DirectoryStoreError> {
+    match stored_checkpoint(dir)? {
+        None => Ok(None),
+        Some(Stored::V2(e)) => Ok(Some(e)),
+        Some(Stored::V1(_)) => Err(DirectoryStoreError::Corrupt(format!(
+            "{} is the journal of an older kst, not upgraded yet (a bug: the first process \
+             to touch the domain upgrades it; report it)",
+            journal_dir(dir).display()
+        ))),
+    }
+}
+
+/// Starts the journal (its directory and slots, the checkpoint at `epoch`: every epoch up to
+/// it is durable already) unless it is started.
 pub(crate) fn start(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
     if checkpoint(dir)?.is_some() {
         return Ok(());
     }
-    let journal = journal_dir(dir);
-    kst_core::durable::create_dir(&journal).map_err(|e| unavailable("create", &journal, e))?;
     set_checkpoint(dir, epoch)
 }
 
-/// Moves the checkpoint to `epoch` (durably; the caller made every epoch up to it durable)
-/// and removes the frames at or under it ([`remove_frames`]: they become spares).
+/// Moves the checkpoint to `epoch` (durably; the caller made every epoch up to it durable),
+/// in this version's form, after the slots' names are durable ([`ensure_slots`]); then cuts
+/// the slots larger than [`SLOT_MAX`] that hold no frame above it to nothing, so that the
+/// slots keep at most 128 times that much disk between checkpoints beyond what frames above
+/// the checkpoint need.
 pub(crate) fn set_checkpoint(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
+    ensure_slots(dir)?;
     let path = checkpoint_path(dir);
-    write_atomic(&path, &epoch.to_be_bytes()).map_err(|e| unavailable("write", &path, e))?;
-    remove_frames(dir, |e| e <= epoch)
-}
-
-/// Frames larger than this are removed rather than kept as spares ([`remove_frames`]): the
-/// spares hold at most 64 times this much disk (the frames of a run at c=8 were 3 to 25 kB).
-pub(crate) const SPARE_MAX: u64 = 1024 * 1024;
-
-/// Removes the frames whose epoch `drop` accepts (not synced: the checkpoint, written first,
-/// says which frames count): each is renamed to the spare of its slot ([`spare_path`],
-/// replacing the one there), for a later frame to be written over; one larger than
-/// [`SPARE_MAX`] is removed.
-pub(crate) fn remove_frames(
-    dir: &Path,
-    drop: impl Fn(u64) -> bool,
-) -> Result<(), DirectoryStoreError> {
-    let journal = journal_dir(dir);
-    let entries = match std::fs::read_dir(&journal) {
-        Ok(e) => e,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(unavailable("list", &journal, e)),
-    };
-    for entry in entries {
-        let entry = entry.map_err(|e| unavailable("list", &journal, e))?;
-        let name = entry.file_name();
-        let Some(epoch) = name
-            .to_str()
-            .filter(|n| n.len() == 20)
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
+    let mut bytes = CHECKPOINT_MAGIC.to_vec();
+    bytes.extend_from_slice(&epoch.to_be_bytes());
+    write_atomic(&path, &bytes).map_err(|e| unavailable("write", &path, e))?;
+    for slot in 0..SLOTS {
+        let path = slot_path(dir, slot);
+        let f = match std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(unavailable("open", &path, e)),
         };
-        if drop(epoch) {
-            let path = entry.path();
-            let gone = match std::fs::metadata(&path) {
-                Ok(m) if m.len() > SPARE_MAX => std::fs::remove_file(&path),
-                Ok(_) => std::fs::rename(&path, spare_path(dir, epoch)),
-                Err(e) => Err(e),
-            };
-            match gone {
-                Err(e) if e.kind() != ErrorKind::NotFound => {
-                    return Err(unavailable("remove", &path, e));
-                }
-                _ => {}
-            }
+        let len = f
+            .metadata()
+            .map_err(|e| unavailable("stat", &path, e))?
+            .len();
+        if len <= SLOT_MAX {
+            continue;
         }
+        if slot_header(dir, &f, slot)?.is_some_and(|(said, _)| said > epoch) {
+            continue;
+        }
+        f.set_len(0).map_err(|e| unavailable("cut", &path, e))?;
     }
     Ok(())
 }
 
-/// The boot id the journal's frames were written under.
+/// Slots larger than this are cut at a checkpoint ([`set_checkpoint`]) once their frame is
+/// under it (the frames of a run at c=8 were 3 to 25 kB, at c=32 up to about 100 kB).
+pub(crate) const SLOT_MAX: u64 = 1024 * 1024;
+
+/// After a journal of version 1 was replayed and the checkpoint of this version written
+/// (the gate: no kst of version 1 reads or commits any more): removes its frames
+/// (`journal/<epoch>`) and spares (`journal/spare-<nn>`), garbage now. One that cannot be
+/// removed is logged and left (never read).
+pub(crate) fn remove_v1(dir: &Path) -> Result<usize, DirectoryStoreError> {
+    let journal = journal_dir(dir);
+    let entries = match std::fs::read_dir(&journal) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(unavailable("list", &journal, e)),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| unavailable("list", &journal, e))?;
+        let name = entry.file_name();
+        let v1 = name.to_str().is_some_and(|n| {
+            (n.len() == 20 && n.bytes().all(|b| b.is_ascii_digit())) || n.starts_with("spare-")
+        });
+        if !v1 {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %entry.path().display(), error = %e, "key directory: cannot remove a frame of the older journal (never read again); remove it by hand");
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// The boot id the journal's frames were written under; `None` when there is none, or when
+/// the boot file is not of this version (version 1's bare id: the journal is to be upgraded).
 pub(crate) fn boot(dir: &Path) -> Result<Option<String>, DirectoryStoreError> {
     let path = boot_path(dir);
     match std::fs::read(&path) {
-        Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
+        Ok(b) => Ok(String::from_utf8_lossy(&b)
+            .strip_prefix(BOOT_PREFIX)
+            .map(str::to_string)),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
         Err(e) => Err(unavailable("read", &path, e)),
     }
 }
 
-/// Records that the frames from now on are written under `boot` (durably).
+/// Records that the frames from now on are written under `boot` (durably), in this version's
+/// form (a kst of version 1 takes it for another boot's and then refuses the checkpoint).
 pub(crate) fn set_boot(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
     let journal = journal_dir(dir);
     kst_core::durable::create_dir(&journal).map_err(|e| unavailable("create", &journal, e))?;
     let path = boot_path(dir);
-    write_atomic(&path, boot.as_bytes()).map_err(|e| unavailable("write", &path, e))
+    write_atomic(&path, format!("{BOOT_PREFIX}{boot}").as_bytes())
+        .map_err(|e| unavailable("write", &path, e))
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn batch() -> RecordBatch {
@@ -549,10 +799,94 @@ mod tests {
         }
     }
 
-    /// Frames under the checkpoint become the spares of their slots, but one larger than
-    /// [`SPARE_MAX`] is removed: the spares never hold more than 64 times that.
+    /// [`batch`] at `epoch`, with `n` nodes of 1500 bytes of `fill`.
+    fn with_nodes(epoch: u64, n: usize, fill: u8) -> RecordBatch {
+        let mut b = batch();
+        b.root.as_mut().unwrap().expected_epoch = Some(epoch - 1);
+        b.root.as_mut().unwrap().epoch = epoch;
+        b.nodes = (0..n)
+            .map(|i| (vec![2, 0, 0, 1, 0, i as u8], vec![fill; 1500]))
+            .collect();
+        b
+    }
+
+    /// The frame of an epoch goes into the slot of its epoch modulo [`SLOTS`], over the frame
+    /// there, in place: the same file (inode), its name never changed; the slot's older
+    /// frame is no frame of the new epoch and the new one no frame of the older.
     #[test]
-    fn only_frames_up_to_spare_max_are_kept_as_spares() {
+    fn frames_are_written_in_place_into_their_slots() {
+        use std::os::unix::fs::MetadataExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        start(dir, 7).unwrap();
+        assert_eq!(checkpoint(dir).unwrap(), Some(7));
+        for slot in 0..SLOTS {
+            assert!(
+                slot_path(dir, slot).exists(),
+                "slot {slot} made at the start"
+            );
+        }
+        let old = with_nodes(8, 5, 0xaa);
+        write_frame(dir, &old).unwrap();
+        assert_eq!(read_frame(dir, 8).unwrap(), Some(old.clone()));
+        assert!(holds(dir, 8).unwrap() && !holds(dir, 9).unwrap());
+        let ino = std::fs::metadata(slot_path(dir, 8)).unwrap().ino();
+        set_checkpoint(dir, 8).unwrap();
+        // Epoch 8 + SLOTS, shorter, over it.
+        let new = with_nodes(8 + SLOTS, 2, 0xbb);
+        write_frame(dir, &new).unwrap();
+        let meta = std::fs::metadata(slot_path(dir, 8)).unwrap();
+        assert_eq!(meta.ino(), ino, "the same file");
+        assert_eq!(
+            meta.len() as usize,
+            encode(&old).len(),
+            "never cut by a write"
+        );
+        assert_eq!(read_frame(dir, 8 + SLOTS).unwrap(), Some(new));
+        assert_eq!(read_frame(dir, 8).unwrap(), None, "the older frame is gone");
+        assert!(!holds(dir, 8).unwrap());
+        let others: Vec<String> = std::fs::read_dir(journal_dir(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with("slot-"))
+            .collect();
+        assert_eq!(others, ["checkpoint"], "no file per frame");
+    }
+
+    /// A commit whose slot still holds a frame above the checkpoint (the background
+    /// checkpoint late) moves the checkpoint itself first, after syncing: no frame a crash
+    /// may need is ever written over.
+    #[test]
+    fn a_slot_is_reused_only_under_the_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        start(dir, 0).unwrap();
+        let synced = std::cell::Cell::new(0);
+        let sync = || {
+            synced.set(synced.get() + 1);
+            Ok(())
+        };
+        assert!(!room_for(dir, 1, sync).unwrap());
+        assert!(!room_for(dir, SLOTS, sync).unwrap());
+        assert_eq!(synced.get(), 0);
+        assert_eq!(checkpoint(dir).unwrap(), Some(0));
+        // Epoch SLOTS + 1 goes where epoch 1 is, above the checkpoint: sync, checkpoint.
+        assert!(room_for(dir, SLOTS + 1, sync).unwrap());
+        assert_eq!(synced.get(), 1);
+        assert_eq!(checkpoint(dir).unwrap(), Some(SLOTS));
+        // A failed sync moves nothing.
+        let failed = room_for(dir, 2 * SLOTS + 1, || {
+            Err(DirectoryStoreError::Unavailable("syncfs: EIO".into()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(checkpoint(dir).unwrap(), Some(SLOTS));
+    }
+
+    /// Slots larger than [`SLOT_MAX`] are cut to nothing at a checkpoint once their frame is
+    /// under it, not before: the slots never hold more than 128 times that between
+    /// checkpoints, beyond the frames above the checkpoint.
+    #[test]
+    fn only_slots_up_to_slot_max_are_kept_whole() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         start(dir, 7).unwrap();
@@ -564,106 +898,111 @@ mod tests {
             .map(|i| (vec![2, 0, 0, 1, 0, i], vec![i; 60 * 1024]))
             .collect();
         write_frame(dir, &big).unwrap();
-        assert!(std::fs::metadata(frame_path(dir, 9)).unwrap().len() > SPARE_MAX);
+        assert!(std::fs::metadata(slot_path(dir, 9)).unwrap().len() > SLOT_MAX);
+        set_checkpoint(dir, 8).unwrap();
+        assert_eq!(
+            read_frame(dir, 9).unwrap(),
+            Some(big),
+            "above the checkpoint: kept"
+        );
         set_checkpoint(dir, 9).unwrap();
-        assert!(!frame_path(dir, 8).exists() && !frame_path(dir, 9).exists());
-        assert!(spare_path(dir, 8).exists(), "a small frame is kept");
-        assert!(!spare_path(dir, 9).exists(), "a large one is not");
-        // The next frame of slot 8 is written over its spare, whole.
+        assert_eq!(std::fs::metadata(slot_path(dir, 9)).unwrap().len(), 0);
+        assert!(
+            std::fs::metadata(slot_path(dir, 8)).unwrap().len() > 0,
+            "a small one is kept"
+        );
+        // The next frame of slot 9 is written into it, whole.
         let mut next = batch();
-        next.root.as_mut().unwrap().expected_epoch = Some(8 + CHECKPOINT_EVERY - 1);
-        next.root.as_mut().unwrap().epoch = 8 + CHECKPOINT_EVERY;
+        next.root.as_mut().unwrap().expected_epoch = Some(8 + SLOTS);
+        next.root.as_mut().unwrap().epoch = 9 + SLOTS;
         write_frame(dir, &next).unwrap();
-        assert!(!spare_path(dir, 8).exists());
-        assert_eq!(read_frame(dir, 8 + CHECKPOINT_EVERY).unwrap(), Some(next));
+        assert_eq!(read_frame(dir, 9 + SLOTS).unwrap(), Some(next));
     }
 
-    /// Red team (spares): every file a writer killed, or a machine crashed, anywhere in
-    /// [`write_frame`] over a spare can leave under the frame's name: the spare's old frame
-    /// (the rename alone), the new bytes written over it up to any byte (unwritten, or
-    /// written back, page by page in any order), with the cut to the new length or
-    /// without. Only the whole new frame is a frame of its epoch; the older epoch a spare
-    /// holds is never taken for it, nor is any mix, whether the spare was longer or
-    /// shorter than the frame written over it.
+    /// Red team (slots): every state a writer killed, or a machine crashed, anywhere in
+    /// [`write_frame`] can leave in a slot: the older frame alone, the new bytes written
+    /// over it up to any byte, or pages written back in any order; a slot longer or shorter
+    /// than the new frame. Only the whole new frame is a frame of its epoch; the older
+    /// epoch is never taken for it, nor is any mix. A torn slot that says it is of the new
+    /// epoch is set aside (its bytes kept, its start blanked), one that does not is left
+    /// alone.
     #[test]
-    fn no_state_of_a_frame_written_over_a_spare_but_the_whole_one_is_a_frame() {
+    fn no_state_of_a_slot_written_over_but_the_whole_frame_is_a_frame() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         start(dir, 7).unwrap();
-        let slot = 8 + CHECKPOINT_EVERY;
-        let with_nodes = |epoch: u64, n: usize, fill: u8| {
-            let mut b = batch();
-            b.root.as_mut().unwrap().expected_epoch = Some(epoch - 1);
-            b.root.as_mut().unwrap().epoch = epoch;
-            b.nodes = (0..n)
-                .map(|i| (vec![2, 0, 0, 1, 0, i as u8], vec![fill; 1500]))
-                .collect();
-            b
-        };
-        // Spare (epoch 8) longer than the new frame (epoch 72), then shorter: each spans
-        // several 4 KiB pages.
-        for (spare_nodes, new_nodes) in [(7, 3), (3, 7), (4, 4)] {
-            let old_batch = with_nodes(8, spare_nodes, 0xaa);
+        let slot = 8 + SLOTS;
+        for (old_nodes, new_nodes) in [(7, 3), (3, 7), (4, 4)] {
+            let old_batch = with_nodes(8, old_nodes, 0xaa);
             let new_batch = with_nodes(slot, new_nodes, 0xbb);
             let old = encode(&old_batch);
             let new = encode(&new_batch);
-            // The real write over a real spare gives the whole new frame.
-            write_frame(dir, &old_batch).unwrap();
-            set_checkpoint(dir, 8).unwrap();
-            assert!(spare_path(dir, 8).exists());
+            std::fs::write(slot_path(dir, 8), &old).unwrap();
             write_frame(dir, &new_batch).unwrap();
             assert_eq!(read_frame(dir, slot).unwrap(), Some(new_batch.clone()));
-            assert_eq!(std::fs::read(frame_path(dir, slot)).unwrap(), new);
-            std::fs::remove_file(frame_path(dir, slot)).unwrap();
-            // Every state a kill or a crash can leave.
-            let mut states: Vec<(String, Vec<u8>)> = vec![("the spare alone".into(), old.clone())];
-            let overlay = |k: usize, cut: bool| {
+            // (what, the slot's bytes, whether to set it aside too: for the first bytes and
+            // every 61st prefix, and every order of pages; the rest are read only.)
+            let mut states: Vec<(String, Vec<u8>, bool)> =
+                vec![("the old frame alone".into(), old.clone(), true)];
+            let overlay = |k: usize| {
                 let mut f = old.clone();
                 if f.len() < k {
                     f.resize(k, 0);
                 }
                 f[..k].copy_from_slice(&new[..k]);
-                if cut {
-                    f.resize(new.len(), 0);
-                }
                 f
             };
             for k in 0..=new.len() {
-                states.push((format!("{k} bytes written, not cut"), overlay(k, false)));
-                states.push((format!("{k} bytes written, cut"), overlay(k, true)));
+                let aside = k <= HEADER + 1 || k.is_multiple_of(61) || k + 1 >= new.len();
+                states.push((format!("{k} bytes written"), overlay(k), aside));
             }
-            // Pages written back in any order (the cut done or not).
             let pages = new.len().div_ceil(4096);
             for mask in 0..(1u32 << pages) {
-                for cut in [false, true] {
-                    let mut f = old.clone();
-                    if f.len() < new.len() {
-                        f.resize(new.len(), 0);
-                    }
-                    for p in 0..pages {
-                        if mask & (1 << p) != 0 {
-                            let end = ((p + 1) * 4096).min(new.len());
-                            f[p * 4096..end].copy_from_slice(&new[p * 4096..end]);
-                        }
-                    }
-                    if cut {
-                        f.truncate(new.len());
-                    }
-                    states.push((format!("pages {mask:b} written back, cut {cut}"), f));
+                let mut f = old.clone();
+                if f.len() < new.len() {
+                    f.resize(new.len(), 0);
                 }
+                for p in 0..pages {
+                    if mask & (1 << p) != 0 {
+                        let end = ((p + 1) * 4096).min(new.len());
+                        f[p * 4096..end].copy_from_slice(&new[p * 4096..end]);
+                    }
+                }
+                states.push((format!("pages {mask:b} written back"), f, true));
             }
-            for (what, bytes) in &states {
-                std::fs::write(frame_path(dir, slot), bytes).unwrap();
+            for (what, bytes, check_aside) in &states {
+                // Over the file, not through a cut to nothing (ext4 writes back a file cut to
+                // nothing and written again when it is closed: slow, and not the real case).
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(slot_path(dir, slot))
+                    .unwrap();
+                f.write_all_at(bytes, 0).unwrap();
+                f.set_len(bytes.len() as u64).unwrap();
+                let whole = bytes.starts_with(&new);
                 let read = read_frame(dir, slot).unwrap();
-                if *bytes == new {
+                if whole {
                     assert_eq!(read.as_ref(), Some(&new_batch), "{what}");
-                } else {
-                    assert_eq!(read, None, "{what} (spare {spare_nodes}, new {new_nodes})");
+                    continue;
+                }
+                assert_eq!(read, None, "{what} (old {old_nodes}, new {new_nodes})");
+                assert_eq!(
+                    read_frame(dir, 8).unwrap().is_some(),
+                    bytes.starts_with(&old),
+                    "{what}"
+                );
+                if !check_aside {
+                    continue;
+                }
+                let says_new = holds(dir, slot).unwrap();
+                let aside = set_aside(dir, slot).unwrap();
+                assert_eq!(aside.is_some(), says_new, "{what}");
+                if let Some(aside) = aside {
+                    assert!(bytes.starts_with(&std::fs::read(&aside).unwrap()), "{what}");
+                    assert!(!holds(dir, slot).unwrap(), "{what}: blanked");
+                    assert_eq!(read_frame(dir, slot).unwrap(), None);
                 }
             }
-            std::fs::remove_file(frame_path(dir, slot)).unwrap();
-            // Back to a clean journal for the next pair.
-            let _ = std::fs::remove_file(spare_path(dir, 8));
         }
     }
 
@@ -673,7 +1012,7 @@ mod tests {
     /// loses a confirmed epoch (the roll-forward even sets it aside as torn). A record over
     /// [`MAX_RECORD`], or an epoch that is not the one after the expected one, made a frame
     /// that was written, synced and answered, but never read back. Such a batch is refused
-    /// before the commit point now, and nothing is left under the frame's name.
+    /// before the commit point now, and nothing is written into its slot.
     #[test]
     fn a_frame_that_would_not_read_back_is_refused_before_the_commit_point() {
         let tmp = tempfile::tempdir().unwrap();
@@ -692,7 +1031,7 @@ mod tests {
                 "epoch {epoch}: {written:?}, read back as {:?}",
                 read_frame(dir, epoch).unwrap().is_some()
             );
-            assert!(!frame_path(dir, epoch).exists());
+            assert_eq!(std::fs::metadata(slot_path(dir, epoch)).unwrap().len(), 0);
         }
         // A record of MAX_RECORD bytes is a frame, read back whole.
         let mut at_max = batch();
@@ -714,6 +1053,18 @@ mod tests {
         names
     }
 
+    /// A torn frame of `epoch` in its slot: the frame's first `n` bytes (its start says
+    /// `epoch`, its hash cannot match).
+    fn tear(dir: &Path, epoch: u64, n: usize) -> Vec<u8> {
+        let mut b = batch();
+        b.root.as_mut().unwrap().expected_epoch = Some(epoch - 1);
+        b.root.as_mut().unwrap().epoch = epoch;
+        let frame = encode(&b);
+        let torn = frame[..n.clamp(HEADER, frame.len() - 1)].to_vec();
+        std::fs::write(slot_path(dir, epoch), &torn).unwrap();
+        torn
+    }
+
     /// A pool whose writers keep being killed inside their frames' writes (or a full disk)
     /// leaves a torn frame per try: the journal keeps the newest [`TORN_KEPT`] (by epoch),
     /// the one just set aside always among them, each with its bytes.
@@ -725,12 +1076,13 @@ mod tests {
         // Writers killed at epochs 1 to 10, then ten times at epoch 11.
         let epochs: Vec<u64> = (1..=10).chain(std::iter::repeat_n(11, 10)).collect();
         let mut set_aside_names = Vec::new();
+        let mut torn_bytes = Vec::new();
         for (i, &epoch) in epochs.iter().enumerate() {
-            std::fs::write(frame_path(dir, epoch), format!("torn frame {i}")).unwrap();
+            torn_bytes.push(tear(dir, epoch, HEADER + i));
             let aside = set_aside(dir, epoch)
                 .unwrap()
                 .expect("a frame to set aside");
-            assert!(!frame_path(dir, epoch).exists());
+            assert!(!holds(dir, epoch).unwrap());
             let name = aside.file_name().unwrap().to_str().unwrap().to_string();
             assert!(name.starts_with(&format!("torn-{epoch:020}-")), "{name}");
             let names = torn_names(dir);
@@ -747,7 +1099,7 @@ mod tests {
             if i < epochs.len() - TORN_KEPT {
                 assert!(bytes.is_err(), "{name} removed");
             } else {
-                assert_eq!(bytes.unwrap(), format!("torn frame {i}").into_bytes());
+                assert_eq!(bytes.unwrap(), torn_bytes[i]);
             }
         }
         // The journal's other files are untouched.
@@ -776,7 +1128,7 @@ mod tests {
                 .unwrap();
         }
         std::fs::write(journal.join("torn-notes"), b"an operator's").unwrap();
-        std::fs::write(frame_path(dir, 3), b"torn again").unwrap();
+        tear(dir, 3, HEADER + 5);
         let aside = set_aside(dir, 3).unwrap().expect("a frame to set aside");
         let names = torn_names(dir);
         assert_eq!(names.len(), TORN_KEPT + 1, "{names:?}");
@@ -803,13 +1155,13 @@ mod tests {
         let mut no_head = b.clone();
         no_head.head = None;
         assert_eq!(decode(&encode(&no_head)), Some(no_head));
-        // Every truncation, and one byte more, is no frame.
+        // Every truncation is no frame; bytes after it (an older frame's) are not read.
         for n in 0..frame.len() {
             assert_eq!(decode(&frame[..n]), None, "truncated at {n}");
         }
         let mut longer = frame.clone();
-        longer.push(0);
-        assert_eq!(decode(&longer), None);
+        longer.extend_from_slice(&frame);
+        assert_eq!(decode(&longer), Some(b.clone()));
         // A flipped bit anywhere is no frame.
         for i in 0..frame.len() {
             let mut bad = frame.clone();
@@ -818,15 +1170,95 @@ mod tests {
         }
         // A frame whose hash matches but whose lengths lie is refused, not trusted.
         let mut lying = MAGIC.to_vec();
+        lying.extend_from_slice(&((HEADER + 4 + 32) as u64).to_be_bytes());
         lying.extend_from_slice(&7u64.to_be_bytes());
         lying.extend_from_slice(&8u64.to_be_bytes());
         lying.extend_from_slice(&u32::MAX.to_be_bytes());
         let hash = Sha256::digest(&lying);
         lying.extend_from_slice(&hash);
         assert_eq!(decode(&lying), None);
+        // A length over MAX_FRAME is refused before anything is read.
+        let mut huge = frame.clone();
+        huge[MAGIC.len()..MAGIC.len() + 8].copy_from_slice(&(MAX_FRAME + 1).to_be_bytes());
+        assert_eq!(frame_len(&huge), None);
         // An epoch that is not the one after the expected one is refused.
         let mut skip = b.clone();
         skip.root.as_mut().unwrap().epoch = 10;
         assert_eq!(decode(&encode(&skip)), None);
+    }
+
+    /// A frame of version 1 as that kst wrote it (`KSTJ1\n`, no length, a file of its own).
+    pub(crate) fn encode_v1(batch: &RecordBatch) -> Vec<u8> {
+        let v2 = encode(batch);
+        let mut out = MAGIC_V1.to_vec();
+        out.extend_from_slice(&v2[MAGIC.len() + 8..v2.len() - 32]);
+        let hash = Sha256::digest(&out);
+        out.extend_from_slice(&hash);
+        out
+    }
+
+    /// Frames of version 1 are read (by name, exact length) to upgrade the journal; a frame
+    /// of version 1 in a slot, or of version 2 under a name of version 1, is none.
+    #[test]
+    fn frames_of_version_1_are_read_to_upgrade() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::create_dir_all(journal_dir(dir)).unwrap();
+        let b = batch();
+        std::fs::write(frame_path_v1(dir, 8), encode_v1(&b)).unwrap();
+        assert_eq!(read_frame_v1(dir, 8).unwrap(), Some(b.clone()));
+        assert_eq!(read_frame_v1(dir, 9).unwrap(), None);
+        let mut longer = encode_v1(&b);
+        longer.push(0);
+        std::fs::write(frame_path_v1(dir, 8), &longer).unwrap();
+        assert_eq!(read_frame_v1(dir, 8).unwrap(), None);
+        std::fs::write(frame_path_v1(dir, 8), encode(&b)).unwrap();
+        assert_eq!(read_frame_v1(dir, 8).unwrap(), None);
+        std::fs::write(slot_path(dir, 8), encode_v1(&b)).unwrap();
+        assert_eq!(read_frame(dir, 8).unwrap(), None);
+    }
+
+    /// The gate: this version's checkpoint and boot file are of forms a kst of version 1
+    /// refuses (it read the checkpoint as exactly 8 bytes, "is not an epoch" otherwise, and
+    /// the boot file as the bare boot id); version 1's are read as such here; any other form
+    /// of checkpoint is refused (`Corrupt`), so a kst never misreads a newer journal.
+    #[test]
+    fn the_checkpoint_and_boot_gate_the_versions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        start(dir, 5).unwrap();
+        set_boot(dir, "boot-1").unwrap();
+        let cp = std::fs::read(checkpoint_path(dir)).unwrap();
+        assert_ne!(cp.len(), 8, "version 1 reads 8 bytes as an epoch");
+        assert_ne!(std::fs::read(boot_path(dir)).unwrap(), b"boot-1");
+        assert_eq!(boot(dir).unwrap().as_deref(), Some("boot-1"));
+        assert_eq!(stored_checkpoint(dir).unwrap(), Some(Stored::V2(5)));
+        // Version 1's files.
+        std::fs::write(checkpoint_path(dir), 9u64.to_be_bytes()).unwrap();
+        std::fs::write(boot_path(dir), b"boot-1").unwrap();
+        assert_eq!(stored_checkpoint(dir).unwrap(), Some(Stored::V1(9)));
+        assert!(matches!(
+            checkpoint(dir),
+            Err(DirectoryStoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            start(dir, 9),
+            Err(DirectoryStoreError::Corrupt(_))
+        ));
+        assert_eq!(
+            boot(dir).unwrap(),
+            None,
+            "not this version's: to be upgraded"
+        );
+        // A newer form.
+        std::fs::write(checkpoint_path(dir), b"KSTJ3cp\n\0\0\0\0\0\0\0\x09").unwrap();
+        assert!(matches!(
+            stored_checkpoint(dir),
+            Err(DirectoryStoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            checkpoint(dir),
+            Err(DirectoryStoreError::Corrupt(_))
+        ));
     }
 }
