@@ -1707,9 +1707,11 @@ impl DirectoryHooks for HeldNodes {
 /// E's without a word. Process B's look-up reads the root record at epoch 2, then its first
 /// tree-node read (the root node, for E's root hash) waits while A commits epochs 3 and 4.
 /// B must read again and answer on a consistent epoch: the answer verifies, and every head
-/// stored names the root A committed for its epoch. Before: B read epoch 3's root node as
-/// epoch 2's and signed a head for epoch 2 with epoch 3's root (a fork, stored for good), and
-/// its proof verified against that head.
+/// stored names the root A committed for its epoch. Before, on fs, PostgreSQL and Redis
+/// alike: B answered at epoch 2 with nodes of epoch 3 taken as epoch 2's, and the proof did
+/// not verify ("Membership proof ... did not verify", or "Hash of plaintext value did not
+/// match existence proof hash"); the same mixed read of the root node can give epoch 3's root
+/// as epoch 2's, which B would sign and store as epoch 2's head when none is stored yet.
 pub async fn an_answer_read_across_two_commits_is_read_again(
     a: Arc<dyn DirectoryStore>,
     b: Arc<dyn DirectoryStore>,
