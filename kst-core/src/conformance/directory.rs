@@ -46,6 +46,7 @@ pub async fn run_all(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
     a_head_after_the_latest_epoch_is_never_built_over(Arc::clone(&a), Arc::clone(&b)).await;
     a_far_behind_client_catches_up_in_steps(Arc::clone(&a), Arc::clone(&b)).await;
     a_stale_writer_is_fenced(Arc::clone(&a), Arc::clone(&b)).await;
+    an_answer_read_across_two_commits_is_read_again(Arc::clone(&a), Arc::clone(&b)).await;
     two_writers_one_history(a, b).await;
 }
 
@@ -1651,4 +1652,142 @@ pub async fn record_encoding_round_trips() {
         "records: unknown kind"
     );
     assert!(records::decode(b"nope").is_err(), "records: unknown layout");
+}
+
+/// The hooks of a directory store whose next tree-node read, once armed, waits for `release`
+/// (telling `entered`); with `tamper`, every non-root node it reads has its hash altered (a
+/// store changed behind kst's back).
+#[derive(Default)]
+struct HeldNodes {
+    armed: std::sync::atomic::AtomicBool,
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+    tamper: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl DirectoryHooks for HeldNodes {
+    async fn nodes(
+        &self,
+        inner: &dyn DirectoryStore,
+        domain: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Vec<u8>>, DirectoryStoreError> {
+        use std::sync::atomic::Ordering;
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.entered.notify_one();
+            self.release.notified().await;
+        }
+        let blobs = inner.nodes(domain, keys).await?;
+        if !self.tamper.load(Ordering::SeqCst) {
+            return Ok(blobs);
+        }
+        use crate::transparency::records;
+        use akd::storage::types::DbRecord;
+        Ok(blobs
+            .into_iter()
+            .map(|blob| match records::decode(&blob) {
+                Ok(DbRecord::TreeNode(mut node)) if node.label != akd::NodeLabel::root() => {
+                    node.latest_node.hash.0[0] ^= 1;
+                    if let Some(previous) = &mut node.previous_node {
+                        previous.hash.0[0] ^= 1;
+                    }
+                    records::encode(&DbRecord::TreeNode(node))
+                }
+                _ => blob,
+            })
+            .collect())
+    }
+}
+
+/// A look-up read across two commits of another process: the store keeps two generations
+/// of a tree node, so a node another process rewrote twice after the reader read the root
+/// record (epoch E) holds no version of E any more, and akd takes the newer generation as
+/// E's without a word. Process B's look-up reads the root record at epoch 2, then its first
+/// tree-node read (the root node, for E's root hash) waits while A commits epochs 3 and 4.
+/// B must read again and answer on a consistent epoch: the answer verifies, and every head
+/// stored names the root A committed for its epoch. Before: B read epoch 3's root node as
+/// epoch 2's and signed a head for epoch 2 with epoch 3's root (a fork, stored for good), and
+/// its proof verified against that head.
+pub async fn an_answer_read_across_two_commits_is_read_again(
+    a: Arc<dyn DirectoryStore>,
+    b: Arc<dyn DirectoryStore>,
+) {
+    use crate::transparency::{KeyDirectory, StoredDirectory};
+    use std::sync::atomic::Ordering;
+    const D: &str = "torn.example";
+    let keys = LogKeys::generate(D);
+    let head_key = keys.head.public_key();
+    // A: akd alone (no heads: B signs them on first read, as for epochs whose writer died
+    // between its commit and its head).
+    let writer = KeyDirectory::open(StoredDirectory::new(a, D), keys.vrf.clone())
+        .await
+        .expect("torn reads: open A's directory");
+    let held = Arc::new(DelegatingDirectory::new(b, HeldNodes::default()));
+    let log_b = Arc::new(
+        DomainLog::open(
+            Arc::clone(&held) as Arc<dyn DirectoryStore>,
+            LogKeys::parse(&keys.to_file()).unwrap(),
+        )
+        .await
+        .expect("torn reads: open B's log"),
+    );
+    let mut roots = BTreeMap::new();
+    let mut publish = async |name: &str, n: u64| {
+        let addr = address(&format!("{name}@{D}"));
+        let rec = record(&addr, 6, n, 1);
+        let (epoch, root) = writer
+            .publish(&[(addr, DirectoryEntry::for_record(&rec))])
+            .await
+            .expect("torn reads: A publishes");
+        roots.insert(epoch, root);
+        rec
+    };
+    let alice = address(&format!("alice@{D}"));
+    let rec = publish("alice", 0).await;
+    let now = 50;
+    log_b
+        .answer(&alice, now)
+        .await
+        .expect("torn reads: B's first look-up")
+        .verify(&head_key, &alice, Served::Key(&rec.key))
+        .await
+        .expect("torn reads: B's first look-up verifies");
+    // Epoch 2: B's next look-up reads the tree afresh (another process committed).
+    publish("bob", 1).await;
+    held.armed.store(true, Ordering::SeqCst);
+    let looking = tokio::spawn({
+        let (log_b, alice) = (Arc::clone(&log_b), alice.clone());
+        async move { log_b.answer(&alice, now).await }
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(30), held.entered.notified())
+        .await
+        .expect("torn reads: B reads the tree");
+    publish("carol", 2).await;
+    publish("dave", 3).await;
+    held.release.notify_one();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(60), looking)
+        .await
+        .expect("torn reads: B answers")
+        .unwrap()
+        .expect("torn reads: B's look-up across A's commits");
+    let epoch = answer.head.head.epoch;
+    answer
+        .verify(&head_key, &alice, Served::Key(&rec.key))
+        .await
+        .unwrap_or_else(|e| panic!("torn reads: B's answer at epoch {epoch}: {e}"));
+    assert_eq!(
+        answer.head.head.root_hash, roots[&epoch],
+        "torn reads: B's head of epoch {epoch} names another root than A committed"
+    );
+    for head in log_b.stored_heads(0, 4).await.unwrap() {
+        let e = head.head.epoch;
+        if let Some(root) = roots.get(&e) {
+            assert_eq!(
+                &head.head.root_hash, root,
+                "torn reads: the head stored for epoch {e} names another root than A \
+                 committed (a fork)"
+            );
+        }
+    }
 }

@@ -318,6 +318,12 @@ pub struct StoredDirectory<T: ?Sized> {
     commit_micros: Arc<AtomicU64>,
     /// Epoch batches the backend's fence refused ([`StoredDirectory::fenced`]).
     fenced: Arc<AtomicU64>,
+    /// The epoch of the root record akd read or wrote last through this handle: the newest
+    /// epoch akd's reads can be at ([`StoredDirectory::check_generation`]).
+    read_at: Arc<Mutex<Option<u64>>>,
+    /// Node reads refused because the node's version at `read_at` was gone
+    /// ([`StoredDirectory::torn_reads`]).
+    torn: Arc<AtomicU64>,
 }
 
 /// The committed value states of some labels, each list complete as of `epoch` (oldest
@@ -365,6 +371,8 @@ impl<T: ?Sized> Clone for StoredDirectory<T> {
             committed: Arc::clone(&self.committed),
             commit_micros: Arc::clone(&self.commit_micros),
             fenced: Arc::clone(&self.fenced),
+            read_at: Arc::clone(&self.read_at),
+            torn: Arc::clone(&self.torn),
         }
     }
 }
@@ -393,6 +401,8 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
             committed: Arc::new(AtomicU64::new(0)),
             commit_micros: Arc::new(AtomicU64::new(0)),
             fenced: Arc::new(AtomicU64::new(0)),
+            read_at: Arc::new(Mutex::new(None)),
+            torn: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -460,6 +470,53 @@ impl<T: DirectoryStore + ?Sized> StoredDirectory<T> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear(None);
+    }
+
+    /// How many node reads this handle (and its clones) refused as torn
+    /// ([`StoredDirectory::check_generation`]): each one was an answer or an epoch read across
+    /// two or more commits of another process, built again instead of served.
+    pub fn torn_reads(&self) -> u64 {
+        self.torn.load(Ordering::SeqCst)
+    }
+
+    /// Remembers `epoch` as the root akd reads at (it read or wrote that root record last).
+    fn reading_at(&self, epoch: u64) {
+        *self.read_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(epoch);
+    }
+
+    /// Refuses a stored node that no longer holds its version at the epoch akd reads at.
+    ///
+    /// A backend keeps two generations of a node (akd's latest and previous; a commit moves
+    /// latest to previous and writes its own as latest), and akd picks the generation of the
+    /// epoch it reads at: the latest when it is not newer, else the previous **without
+    /// checking that one's epoch**. A read at epoch E of a node another process rewrote at
+    /// E+1 and again at E+2 (two commits while one answer is read: each backend call is its
+    /// own read, no snapshot spans them) therefore gets E+1's node as if it were E's: a proof
+    /// mixing two epochs that no client accepts, or a root hash for E that is E+1's (a head
+    /// signed for it would be a fork). `read_at` is the newest root record akd read or wrote
+    /// through this handle (it caches that record; every read of an operation is at or before
+    /// it), so a node whose both generations are newer has no version any of akd's reads can
+    /// use: a conflict, and the caller builds its answer or epoch again on fresh reads (the
+    /// log's retries). A node created after `read_at` (no previous generation) is left to
+    /// akd, which treats it as absent at that epoch.
+    fn check_generation(&self, record: &DbRecord) -> Result<(), StorageError> {
+        let DbRecord::TreeNode(node) = record else {
+            return Ok(());
+        };
+        let Some(at) = *self.read_at.lock().unwrap_or_else(PoisonError::into_inner) else {
+            return Ok(());
+        };
+        match &node.previous_node {
+            Some(previous) if node.latest_node.last_epoch > at && previous.last_epoch > at => {
+                self.torn.fetch_add(1, Ordering::SeqCst);
+                Err(storage_error(DirectoryStoreError::Conflict(format!(
+                    "a tree node read at epoch {at} holds only the versions of epochs {} and \
+                     {}: another process committed twice meanwhile; read again",
+                    previous.last_epoch, node.latest_node.last_epoch
+                ))))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn pinned(&self) -> Option<u64> {
@@ -743,6 +800,11 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
                 }),
             }
         }
+        // akd cached this batch's root record before handing it over (it reads at that epoch
+        // from now on, whatever the backend answers: a failed write is followed by `forget`).
+        if let Some(root) = &batch.root {
+            self.reading_at(root.epoch);
+        }
         let withdrawn = self.withdraw_deleted(&records, &mut batch).await?;
         if let (Some(pinned), Some(root)) = (self.pinned(), &batch.root)
             && root.expected_epoch != Some(pinned)
@@ -831,6 +893,7 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
                     Some((epoch, blob)) => {
                         let record = decode(&blob)?;
                         self.see(|s| s.root = Some((epoch, blob)));
+                        self.reading_at(epoch);
                         Ok(record)
                     }
                     None => Err(not_found()),
@@ -845,6 +908,7 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
                 match found.into_iter().next() {
                     Some(blob) => {
                         let record = decode(&blob)?;
+                        self.check_generation(&record)?;
                         if is_root_node(&record) {
                             self.see(|s| s.root_node = Some(blob));
                         }
@@ -877,6 +941,7 @@ impl<T: DirectoryStore + ?Sized + 'static> Database for StoredDirectory<T> {
             let mut out = Vec::with_capacity(blobs.len());
             for blob in blobs {
                 let record = decode(&blob)?;
+                self.check_generation(&record)?;
                 if is_root_node(&record) {
                     self.see(|s| s.root_node = Some(blob));
                 }
