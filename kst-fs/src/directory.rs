@@ -735,11 +735,34 @@ fn link_head(dir: &Path, epoch: u64, head: &[u8]) -> Result<(), DirectoryStoreEr
         other => other,
     }
     .and_then(|()| match std::fs::hard_link(&temp, &path) {
-        Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
-        _ => Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => repair_head(&path, &temp, head),
+        other => other,
     });
     let _ = std::fs::remove_file(&temp);
     linked.map_err(|e| unavailable("link", &path, e))
+}
+
+/// A head file already at `path` when `link_head` links the epoch's head (from its frame):
+/// the first head of an epoch stays, unless the file holds a torn copy of this very head.
+/// The commit links its head unsynced (the frame holds it durably), and after a power loss
+/// ext4 (or xfs) can leave the linked file empty or cut short: the inode and its link were
+/// in the file system's journal, the data not yet written. The replay of the frame then
+/// finds the file there; keeping it would keep an empty head for good once the checkpoint
+/// passes the frame. A file that is empty, all zeros, or a prefix of `head` is replaced by
+/// `temp` (a rename: atomic), any other content is another head and stays.
+fn repair_head(path: &Path, temp: &Path, head: &[u8]) -> std::io::Result<()> {
+    use std::io::Read as _;
+    let mut stored = Vec::with_capacity(head.len() + 1);
+    std::fs::File::open(path)?
+        .take(head.len() as u64 + 1)
+        .read_to_end(&mut stored)?;
+    let torn =
+        stored.len() < head.len() && (head.starts_with(&stored) || stored.iter().all(|b| *b == 0));
+    if torn {
+        tracing::warn!(path = %path.display(), stored = stored.len(), "a head file torn by a crash is written again from its journal frame");
+        std::fs::rename(temp, path)?;
+    }
+    Ok(())
 }
 
 /// Overwrites `path` with `bytes` in place, unsynced (the journal's frame holds them
@@ -1873,6 +1896,45 @@ mod tests {
         b.commit(D, epoch(4)).await.unwrap();
         holds(&b, 4).await;
         assert_eq!(frames(&dir), vec![4]);
+    }
+
+    /// Crash review (issue 18): the commit links an epoch's head unsynced, and a power loss
+    /// can leave the linked file empty or cut short (its inode and link journaled, its data
+    /// not yet written). The replay of the epoch's frame must write it again: before, it
+    /// kept the torn file (the first head of an epoch stays) and the checkpoint then made it
+    /// permanent, the frame that held the head gone.
+    #[tokio::test]
+    async fn a_head_torn_by_a_power_loss_is_written_again_from_its_frame() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        a.commit(D, first()).await.unwrap();
+        for e in 1..=3 {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        let dir = tmp.path().join(KT_DIR).join(D);
+        let head = |e: u64| epoch(e).head.unwrap();
+        // The machine stops: epoch 3's head file is there but empty, epoch 2's cut short.
+        std::fs::write(heads_dir(&dir).join(epoch_name(3)), b"").unwrap();
+        std::fs::write(heads_dir(&dir).join(epoch_name(2)), &head(2)[..1]).unwrap();
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        holds(&b, 3).await;
+        for e in 1..=3 {
+            assert_eq!(
+                std::fs::read(heads_dir(&dir).join(epoch_name(e))).unwrap(),
+                head(e),
+                "the head of epoch {e} after the replay"
+            );
+        }
+        assert_eq!(journal::checkpoint(&dir).unwrap(), Some(3));
+        // Another head stored for an epoch (not a torn copy of the frame's) stays.
+        b.commit(D, epoch(4)).await.unwrap();
+        std::fs::write(heads_dir(&dir).join(epoch_name(4)), b"another head").unwrap();
+        let c = FsDirectoryStore::with_boot(tmp.path(), Some("boot-3"));
+        c.root(D).await.unwrap();
+        assert_eq!(
+            std::fs::read(heads_dir(&dir).join(epoch_name(4))).unwrap(),
+            b"another head"
+        );
     }
 
     #[tokio::test]
