@@ -345,20 +345,26 @@ pub(crate) fn holds(dir: &Path, epoch: u64) -> Result<bool, DirectoryStoreError>
     Ok(slot_header(dir, &f, epoch)?.is_some_and(|(said, _)| said == epoch))
 }
 
+/// `epoch`'s slot, open, and the length of the frame its header says is `epoch`'s; `None`
+/// when there is no slot, no header, or the header is another epoch's.
+fn slot_of(dir: &Path, epoch: u64) -> Result<Option<(std::fs::File, usize)>, DirectoryStoreError> {
+    let Some(f) = open_slot(dir, epoch)? else {
+        return Ok(None);
+    };
+    match slot_header(dir, &f, epoch)? {
+        Some((said, len)) if said == epoch => Ok(Some((f, len))),
+        _ => Ok(None),
+    }
+}
+
 /// The frame of `epoch`, if its slot holds a whole one.
 pub(crate) fn read_frame(
     dir: &Path,
     epoch: u64,
 ) -> Result<Option<RecordBatch>, DirectoryStoreError> {
-    let Some(f) = open_slot(dir, epoch)? else {
+    let Some((f, len)) = slot_of(dir, epoch)? else {
         return Ok(None);
     };
-    let Some((said, len)) = slot_header(dir, &f, epoch)? else {
-        return Ok(None);
-    };
-    if said != epoch {
-        return Ok(None);
-    }
     let bytes = read_at(&f, 0, len).map_err(|e| unavailable("read", &slot_path(dir, epoch), e))?;
     Ok(decode(&bytes).filter(|b| b.root.as_ref().map(|r| r.epoch) == Some(epoch)))
 }
@@ -535,15 +541,9 @@ pub(crate) const TORN_KEPT: usize = 16;
 /// the older ones are removed, each logged; one that cannot be removed is logged and left
 /// (the set-aside stands).
 pub(crate) fn set_aside(dir: &Path, epoch: u64) -> Result<Option<PathBuf>, DirectoryStoreError> {
-    let Some(f) = open_slot(dir, epoch)? else {
+    let Some((f, len)) = slot_of(dir, epoch)? else {
         return Ok(None);
     };
-    let Some((said, len)) = slot_header(dir, &f, epoch)? else {
-        return Ok(None);
-    };
-    if said != epoch {
-        return Ok(None);
-    }
     let path = slot_path(dir, epoch);
     let bytes = read_at(&f, 0, len).map_err(|e| unavailable("read", &path, e))?;
     let aside = journal_dir(dir).join(format!("torn-{epoch:020}-{:016x}", rand_suffix()));
