@@ -3313,6 +3313,14 @@ fn forging_proxy(
 /// look-ups with `behind` (a genuine answer of an older epoch: a directory a moment behind)
 /// and forwards everything else. Returns its URL.
 fn lagging_proxy(honest: &str, behind: String, times: usize) -> String {
+    replaying_proxy(honest, "/lookup/", behind, times)
+}
+
+/// An HTTP proxy in front of the directory at `honest`: the first `times` requests whose
+/// path contains `route` are answered with `body` (a genuine answer captured earlier), the
+/// rest forwarded. Returns its URL.
+fn replaying_proxy(honest: &str, route: &'static str, body: String, times: usize) -> String {
+    let behind = body;
     use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -3324,7 +3332,7 @@ fn lagging_proxy(honest: &str, behind: String, times: usize) -> String {
             let Some((line, rest)) = read_request(&mut client) else {
                 continue;
             };
-            let response = if line.contains("/lookup/") && lagged < times {
+            let response = if line.contains(route) && lagged < times {
                 lagged += 1;
                 format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n\
@@ -3369,6 +3377,46 @@ fn an_answer_a_moment_behind_the_reply_is_asked_for_again() {
     assert_eq!(v["fingerprint"], alice2.fingerprint.as_str());
     assert_eq!(provider.remembered_epoch(bob), Some(2));
     assert!(provider.evidence(bob).is_empty(), "no false alarm");
+}
+
+/// Review of the two-step check (issue 18): a history replayed from before the client's pin
+/// (captured by anyone, genuine, signed, of an epoch whose root the client never kept) in
+/// front of a reply whose key the directory does not prove: exit 5 with the evidence, not a
+/// temporary failure the attacker could repeat for ever.
+#[test]
+fn rt18_a_history_replayed_from_before_is_an_attack() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let (status, old_history) =
+        provider.http_get("/.well-known/kst/log/example.net/history/alice@example.net");
+    assert_eq!(status, 200, "{old_history}");
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    let bob = "bob@example.net";
+    let (out, v) = provider.checked_as(
+        "sendmail",
+        bob,
+        "alice@example.net",
+        &[
+            "--log-url",
+            &provider.log_url,
+            "--log-key",
+            &provider.head_key,
+        ],
+    );
+    expect(&out, &v, 0, "found");
+    assert_eq!(provider.remembered_epoch(bob), Some(2));
+    // A key in the store behind the directory's back (never in it), and the old history.
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail-no-log", "alice@example.net", &twin.public_armored);
+    let replaying = replaying_proxy(&provider.log_url, "/history/", old_history, usize::MAX);
+    provider.refused_as_attack(
+        "sendmail",
+        bob,
+        &replaying,
+        "a history replayed from before",
+    );
+    assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
 }
 
 /// Red team of the two-step check (issue 18): what a race is taken for must not let a

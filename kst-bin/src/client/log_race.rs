@@ -182,6 +182,16 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
             hex::encode(head.vrf_public_key)
         ));
     }
+    // The history was read after the directory's answer: an older one is not the
+    // directory's current history but one replayed from before (a history captured earlier,
+    // whose root the client may never have kept), whatever it says.
+    if head.epoch < r.answer_epoch {
+        return attack(format!(
+            "{url}: the history's head is of epoch {}, older than the directory's answer (epoch \
+             {}) read before it: a history replayed from before, not the directory's",
+            head.epoch, r.answer_epoch
+        ));
+    }
     // The history's head tied to the verified history the client remembers: the same root
     // at its epoch. A newer epoch is tied by a newer answer's append-only proof first.
     match held.memory.known_root(head.epoch) {
