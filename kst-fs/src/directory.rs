@@ -42,10 +42,12 @@
 //! file system (other programs' writes on a shared disk made that 70 ms and more). A writer
 //! that died after its frame left an epoch the next commit (or a process's first read of
 //! the domain) writes out ("rolls forward") before its own fence; after the machine crashed (another boot id) the first process to
-//! touch the domain replays the frames after the checkpoint, then syncs. A store written by
-//! a kst from before the journal is read as it is; its first journaled commit starts the
+//! touch the domain replays the frames after the checkpoint, then syncs (a process without
+//! a boot id replays them at its first touch, `journal::unknown_boot`); a stored root above
+//! the frames it replays is refused (`Corrupt`, [`above_the_journal`]). A store written by
+//! a kst from before the journal is read as it is; the first touch of this kst starts the
 //! journal at the stored root. (A kst from before the journal must not commit to a store a
-//! newer one wrote frames to: it ignores them.) A journal of the version before the slots
+//! newer one wrote frames to: it ignores them, and after a restart the domain is refused.) A journal of the version before the slots
 //! (a file per frame) is upgraded by the first process to touch the domain, and a kst of
 //! that version then fails closed on it (`journal.rs`, "Versions").
 //!
@@ -91,7 +93,8 @@ const MAX_FILE: u64 = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct FsDirectoryStore {
     root: PathBuf,
-    /// This boot's id when epochs are committed through the journal (Linux), else `None`.
+    /// This boot's id (or this process's token, where there is none) when epochs are
+    /// committed through the journal (Linux), else `None`.
     boot: Option<String>,
 }
 
@@ -99,9 +102,20 @@ impl FsDirectoryStore {
     /// The directories kept in the fs store at `store_root` (the `[store] path`); nothing is
     /// created until the first write.
     pub fn new(store_root: impl AsRef<Path>) -> Self {
+        Self::with_found_boot(store_root, journal::boot_id())
+    }
+
+    /// [`FsDirectoryStore::new`] where the machine's boot id is `found`: on Linux the
+    /// journal is used under it, or, where there is none, under a token of this process
+    /// ([`journal::unknown_boot`], one per process), so that every process replays the
+    /// frames the others left when it first touches a domain.
+    fn with_found_boot(store_root: impl AsRef<Path>, found: Option<String>) -> Self {
+        static UNKNOWN: OnceLock<String> = OnceLock::new();
         FsDirectoryStore {
             root: store_root.as_ref().join(KT_DIR),
-            boot: if SYNCFS { journal::boot_id() } else { None },
+            boot: SYNCFS.then(|| {
+                found.unwrap_or_else(|| UNKNOWN.get_or_init(journal::unknown_boot).clone())
+            }),
         }
     }
 
@@ -570,11 +584,15 @@ fn roll_forward(dir: &Path) -> Result<Option<u64>, DirectoryStoreError> {
                 tracing::info!(dir = %dir.display(), epoch = e + 1, "key directory: rolled forward an epoch whose writer died after its commit point");
                 return Ok(Some(e + 1));
             }
-            None => {
-                if let Some(aside) = journal::set_aside(dir, e + 1)? {
+            None => match journal::set_aside(dir, e + 1)? {
+                Some(journal::Aside::Kept(aside)) => {
                     tracing::warn!(dir = %dir.display(), epoch = e + 1, file = %aside.display(), "key directory: a writer died writing its epoch's journal frame (before its commit point: no epoch); the torn frame is set aside");
                 }
-            }
+                Some(journal::Aside::Lost(why)) => {
+                    tracing::warn!(dir = %dir.display(), epoch = e + 1, error = %why, "key directory: a writer died writing its epoch's journal frame (before its commit point: no epoch); the torn frame was blanked, not kept");
+                }
+                None => {}
+            },
         }
     }
     if let Some((e, blob)) = &stored
@@ -591,14 +609,16 @@ fn roll_forward(dir: &Path) -> Result<Option<u64>, DirectoryStoreError> {
 }
 
 /// [`ensure_recovered`] under the domain's lock: the frames after the checkpoint, in order,
-/// have their files written again (the page cache that held them is gone), unless the stored
-/// root is past them (a commit without a frame, by a kst from before the journal, whose
-/// `syncfs` made everything before it durable); then one `syncfs`, the checkpoint moved to
+/// have their files written again (the page cache that held them is gone); a stored root
+/// past them is refused, nothing written (`Corrupt`, [`above_the_journal`]: epochs without
+/// a durable frame, whose files may be lost); then one `syncfs`, the checkpoint moved to
 /// the stored root (the frames are garbage then), and this boot recorded. A journal of
 /// version 1 (a file per frame; its boot file is not of this version, so it always comes
 /// here) is replayed the same way from its own frames, whatever the boot, and upgraded: the
 /// checkpoint of this version written (a kst of version 1 refuses the domain from then on),
-/// then its frames and spares removed.
+/// then its frames and spares removed. A domain without a journal gets one started at its
+/// stored root (durable: written the old way), the checkpoint, this version's gate, before
+/// the boot file.
 fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
     if is_recovered(dir, boot) {
         return Ok(());
@@ -622,18 +642,22 @@ fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
                 frames.push(frame);
                 epoch += 1;
             }
-            if stored.is_none_or(|s| s <= epoch) {
-                for frame in &frames {
-                    materialize(dir, frame)?;
-                }
+            if let Some(root) = stored
+                && root > epoch
+            {
+                return Err(above_the_journal(dir, root, checkpoint, epoch));
             }
+            for frame in &frames {
+                materialize(dir, frame)?;
+            }
+            cut::step()?;
             sync_file_system(dir)?;
             let durable = read_root(dir)?.map_or(checkpoint, |(e, _)| e);
+            cut::step()?;
             // Of this version: the gate a kst of version 1 stops at.
             journal::set_checkpoint(dir, durable)?;
             if v1 {
-                let removed = journal::remove_v1(dir)?;
-                tracing::info!(dir = %dir.display(), checkpoint = durable, removed, "key directory: upgraded the journal to slots (a kst older than this one refuses the domain now)");
+                tracing::info!(dir = %dir.display(), checkpoint = durable, "key directory: upgraded the journal to slots (a kst older than this one refuses the domain now)");
             }
             if !frames.is_empty() {
                 tracing::warn!(
@@ -644,7 +668,25 @@ fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
                     "key directory: replayed the journal's epochs after a restart of the machine"
                 );
             }
+        } else {
+            // The journal starts here, its gate first (crash review F3): the checkpoint of
+            // this version before the boot file, so a kst of version 1 touching the domain
+            // from now on fails closed on it ("is not an epoch"), where with no checkpoint
+            // it took the domain over (its own journal, its bare boot id) until this
+            // version's first journaled commit. At the stored root: every epoch up to it
+            // was written the old way, synced (akd's first root; a kst from before the
+            // journal, or without it).
+            journal::start(dir, read_root(dir)?.map_or(0, |(e, _)| e))?;
         }
+        // Version 1's files are garbage once this version's checkpoint is written, and every
+        // recovery removes those left: an upgrade killed after the checkpoint (its boot file
+        // still version 1's, so the next process recovers again) is finished by the next,
+        // where before they stayed for good.
+        let removed = journal::remove_v1(dir)?;
+        if removed > 0 {
+            tracing::info!(dir = %dir.display(), removed, "key directory: removed the files of the journal of an older kst");
+        }
+        cut::step()?;
         journal::set_boot(dir, boot)?;
     }
     recovered()
@@ -652,6 +694,31 @@ fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
         .unwrap_or_else(PoisonError::into_inner)
         .insert((dir.to_path_buf(), boot.to_string()));
     Ok(())
+}
+
+/// The error of a recovery that finds the stored root, of epoch `root`, above `last`, the
+/// last epoch whose frame the journal replays from its checkpoint, `checkpoint` (crash review
+/// F2): epochs `last` + 1 to `root` have no durable frame, so their files, written unsynced,
+/// may be lost with the machine's restart, and the root is not served on them. Kst writes
+/// no such epoch (a frame whose sync failed is blanked, `journal.rs`'s `write_frame`); a kst
+/// from before that did (it rolled such a frame forward), and so does a kst from before the
+/// journal (it syncs each epoch and writes no frame: its epochs are durable, and the error
+/// says how to accept them).
+fn above_the_journal(dir: &Path, root: u64, checkpoint: u64, last: u64) -> DirectoryStoreError {
+    let checkpoint_file = journal::journal_dir(dir).join("checkpoint");
+    tracing::error!(dir = %dir.display(), root, checkpoint, last, "key directory: the stored root is above the journal's last frame after a restart of the machine; the domain is refused until an operator acts");
+    DirectoryStoreError::Corrupt(format!(
+        "{}: the stored root is of epoch {root}, but the journal's frames after its checkpoint \
+         (epoch {checkpoint}) stop at epoch {last}: epochs {} to {root} have no durable frame \
+         (a frame whose sync failed, rolled forward by an older kst, or commits of a kst from \
+         before the journal), and after the machine's restart their files may be lost, so the \
+         domain is refused. If a kst from before the journal committed them (it syncs every \
+         epoch), remove {} and the journal starts again at the stored root; otherwise restore \
+         the domain's directory from a backup",
+        dir.display(),
+        last + 1,
+        checkpoint_file.display()
+    ))
 }
 
 /// Writes the files of an epoch whose frame is durable: nodes and value states (overwritten
@@ -946,10 +1013,11 @@ mod gate {
 }
 
 /// A test's stand-in for a writer that dies part-way through an epoch's files (a one-shot
-/// `kst deliver` whose process exits while its log's thread still writes them): with
-/// [`cut::after`] set on a thread, [`materialize`] on that thread stops before its `n`th
-/// file operation. Outside tests [`cut::step`] does nothing.
-mod cut {
+/// `kst deliver` whose process exits while its log's thread still writes them) or through
+/// a recovery of the journal: with [`cut::after`] set on a thread, [`materialize`] and
+/// [`recover_locked`] (and the removal of a version 1 journal's files, `journal.rs`) on
+/// that thread stop before its `n`th step. Outside tests [`cut::step`] does nothing.
+pub(crate) mod cut {
     use kst_core::transparency::DirectoryStoreError;
 
     #[cfg(test)]
@@ -964,10 +1032,10 @@ mod cut {
         LEFT.with(|left| left.set(n));
     }
 
-    /// Before each file operation of [`super::materialize`]: the error that stops it where a
-    /// test cuts the writer short.
+    /// Before each step (a file operation of [`super::materialize`], a stage of
+    /// [`super::recover_locked`]): the error that stops it where a test cuts the writer short.
     #[inline]
-    pub(super) fn step() -> Result<(), DirectoryStoreError> {
+    pub(crate) fn step() -> Result<(), DirectoryStoreError> {
         #[cfg(test)]
         if LEFT.with(|left| match left.get() {
             Some(0) => true,
@@ -1867,6 +1935,43 @@ mod tests {
         assert_eq!(frames(&dir), vec![1, 2, 3]);
     }
 
+    /// Crash review F2 (issue 18): the `fdatasync` of a commit's frame fails (`EIO`), the
+    /// frame written, whole in the page cache. The commit fails (`Unavailable`: not
+    /// committed) and the epoch never becomes one: no read of this process or another of
+    /// the pool rolls it forward (a fresh descriptor's sync reports no error), no replay
+    /// after a restart takes it, and the caller's next try at the epoch is the one. Before,
+    /// the next read rolled the frame forward: the epoch its caller was told failed was
+    /// committed.
+    #[tokio::test]
+    async fn a_frame_whose_sync_failed_is_never_an_epoch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        holds(&a, 1).await;
+        journal::fault::inject(&dir, journal::fault::Fault::FrameSync, 1);
+        let failed = a.commit(D, epoch(2)).await;
+        assert!(
+            matches!(&failed, Err(DirectoryStoreError::Unavailable(m)) if m.contains("not committed")),
+            "{failed:?}"
+        );
+        holds(&a, 1).await;
+        // Another process of the pool, then one after a restart.
+        forget_recovered(&dir, "boot-1");
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        holds(&b, 1).await;
+        let c = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        holds(&c, 1).await;
+        assert!(frames(&dir).is_empty(), "{:?}", frames(&dir));
+        // The caller's next try, another batch of epoch 2.
+        let mut retry = epoch(2);
+        retry.nodes.push((node(50), b"retry".to_vec()));
+        c.commit(D, retry).await.unwrap();
+        holds(&c, 2).await;
+        assert_eq!(
+            c.nodes(D, &[node(50)]).await.unwrap(),
+            vec![b"retry".to_vec()]
+        );
+    }
+
     #[tokio::test]
     async fn epochs_are_replayed_after_the_machine_restarts() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1896,6 +2001,47 @@ mod tests {
         b.commit(D, epoch(4)).await.unwrap();
         holds(&b, 4).await;
         assert_eq!(frames(&dir), vec![4]);
+    }
+
+    /// Crash review (issue 18): a process that finds no boot id (no `/proc`, as in some
+    /// containers) uses the journal under a token of its own, so it replays the frames
+    /// another process left when it first touches the domain: after a crash, and on the same
+    /// boot (it cannot tell). Before, it used no journal at all: it read the root the crash
+    /// left without replaying the epochs the page cache lost (and rolled no dead writer's
+    /// epoch forward).
+    #[tokio::test]
+    async fn a_process_without_a_boot_id_replays_the_journal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        a.commit(D, first()).await.unwrap();
+        for e in 1..=3 {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        holds(&a, 3).await;
+        let dir = tmp.path().join(KT_DIR).join(D);
+        // The machine stops, the page cache lost epochs 2 and 3's files but the root's.
+        std::fs::remove_file(node_path(&dir, &node(3))).unwrap();
+        std::fs::write(node_path(&dir, &node(99)), b"s1").unwrap();
+        std::fs::remove_file(heads_dir(&dir).join(epoch_name(3))).unwrap();
+        // It comes back without a boot id.
+        let b = FsDirectoryStore::with_found_boot(tmp.path(), None);
+        assert!(b.boot.is_some(), "the journal is used");
+        holds(&b, 3).await;
+        b.commit(D, epoch(4)).await.unwrap();
+        holds(&b, 4).await;
+        assert_eq!(frames(&dir), vec![4]);
+        // Another process without a boot id, after a crash that lost epoch 4's files.
+        std::fs::write(node_path(&dir, &node(99)), b"s3").unwrap();
+        std::fs::write(dir.join("root"), root_bytes(&epoch(3).root.unwrap())).unwrap();
+        let c = FsDirectoryStore::with_boot(tmp.path(), Some(&journal::unknown_boot()));
+        holds(&c, 4).await;
+        assert!(frames(&dir).is_empty(), "{:?}", frames(&dir));
+        // A process of the machine's boot id replays what the token's left.
+        c.commit(D, epoch(5)).await.unwrap();
+        holds(&c, 5).await;
+        std::fs::remove_file(node_path(&dir, &node(5))).unwrap();
+        let d = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        holds(&d, 5).await;
     }
 
     /// Crash review (issue 18): the commit links an epoch's head unsynced, and a power loss
@@ -2418,30 +2564,49 @@ mod tests {
     /// died after (a durable frame, no files): the first process of this version replays
     /// them, upgrades the journal (its checkpoint and boot file of this version, the frames
     /// and spares of version 1 gone) and goes on; a restart then replays this version's.
+    /// A store at `root` whose journal a kst of version 1 wrote under "boot-1" (a file per
+    /// frame, a spare, the bare checkpoint and boot id): checkpoint 0, frames 1 to 3 (their
+    /// files written, not synced), frame 4 durable, its writer dead (no files); its domain's
+    /// directory.
+    async fn version_1_store(root: &Path) -> PathBuf {
+        let old = FsDirectoryStore::with_boot(root, None);
+        old.commit(D, first()).await.unwrap();
+        let dir = root.join(KT_DIR).join(D);
+        let journal_dir = journal::journal_dir(&dir);
+        std::fs::create_dir_all(&journal_dir).unwrap();
+        std::fs::write(journal_dir.join("checkpoint"), 0u64.to_be_bytes()).unwrap();
+        std::fs::write(journal_dir.join("boot"), b"boot-1").unwrap();
+        for e in 1..=4 {
+            std::fs::write(
+                journal::frame_path_v1(&dir, e),
+                journal::tests::encode_v1(&epoch(e)),
+            )
+            .unwrap();
+            if e < 4 {
+                materialize(&dir, &epoch(e)).unwrap();
+            }
+        }
+        std::fs::write(journal_dir.join("spare-05"), b"an old frame").unwrap();
+        dir
+    }
+
+    /// The names in `dir`'s journal but the slots, sorted.
+    fn journal_names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(journal::journal_dir(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with("slot-"))
+            .collect();
+        names.sort();
+        names
+    }
+
     #[tokio::test]
     async fn a_journal_of_version_1_is_upgraded() {
         for same_boot in [true, false] {
             let tmp = tempfile::tempdir().unwrap();
-            let old = FsDirectoryStore::with_boot(tmp.path(), None);
-            old.commit(D, first()).await.unwrap();
-            let dir = tmp.path().join(KT_DIR).join(D);
+            let dir = version_1_store(tmp.path()).await;
             let journal_dir = journal::journal_dir(&dir);
-            std::fs::create_dir_all(&journal_dir).unwrap();
-            // Version 1's journal: checkpoint 0, frames 1 to 3 (their files written, not
-            // synced), frame 4 durable, its writer dead; a spare.
-            std::fs::write(journal_dir.join("checkpoint"), 0u64.to_be_bytes()).unwrap();
-            std::fs::write(journal_dir.join("boot"), b"boot-1").unwrap();
-            for e in 1..=4 {
-                std::fs::write(
-                    journal::frame_path_v1(&dir, e),
-                    journal::tests::encode_v1(&epoch(e)),
-                )
-                .unwrap();
-                if e < 4 {
-                    materialize(&dir, &epoch(e)).unwrap();
-                }
-            }
-            std::fs::write(journal_dir.join("spare-05"), b"an old frame").unwrap();
             let boot = if same_boot { "boot-1" } else { "boot-2" };
             let a = FsDirectoryStore::with_boot(tmp.path(), Some(boot));
             holds(&a, 4).await;
@@ -2450,13 +2615,11 @@ mod tests {
                 Some(journal::Stored::V2(4))
             );
             assert_eq!(journal::boot(&dir).unwrap().as_deref(), Some(boot));
-            let mut names: Vec<String> = std::fs::read_dir(&journal_dir)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().into_string().unwrap())
-                .filter(|n| !n.starts_with("slot-"))
-                .collect();
-            names.sort();
-            assert_eq!(names, ["boot", "checkpoint"], "version 1's files gone");
+            assert_eq!(
+                journal_names(&dir),
+                ["boot", "checkpoint"],
+                "version 1's files gone"
+            );
             // A kst of version 1 refuses it now: the boot file is another boot's to it, and
             // then its checkpoint is not 8 bytes ("is not an epoch").
             assert_ne!(
@@ -2473,6 +2636,112 @@ mod tests {
             let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-9"));
             holds(&b, 5).await;
         }
+    }
+
+    /// What a kst of version 1 (before the slots) does when it first touches the domain of
+    /// `dir` under boot `boot`, as its recovery read the journal: its own boot id in the boot
+    /// file (bare), or no checkpoint, or a checkpoint of 8 bytes, and it goes on (`true`:
+    /// with no checkpoint it writes its bare boot id, then its own checkpoint and frames at
+    /// its first commit: it takes the domain over); any other checkpoint is "not an epoch"
+    /// (`Corrupt`): every read and commit refused (`false`).
+    fn version_1_goes_on(dir: &Path, boot: &str) -> bool {
+        let journal = journal::journal_dir(dir);
+        if std::fs::read(journal.join("boot")).is_ok_and(|b| b == boot.as_bytes()) {
+            return true;
+        }
+        match std::fs::read(journal.join("checkpoint")) {
+            Ok(bytes) => bytes.len() == 8,
+            Err(e) => e.kind() == ErrorKind::NotFound,
+        }
+    }
+
+    /// Crash review F3 (issue 18): the gate that stops a kst of version 1 (this version's
+    /// checkpoint) is written as the domain's journal starts, before its first epoch: before,
+    /// a fresh domain had this version's boot file and no checkpoint until its first
+    /// journaled commit, and a kst of version 1 touching it then went on and took it over
+    /// (its bare boot id, its own journal). So is a store from before the journal, at its
+    /// first read by this version.
+    #[tokio::test]
+    async fn a_kst_of_version_1_is_refused_from_the_first_epoch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        a.commit(D, first()).await.unwrap();
+        let dir = tmp.path().join(KT_DIR).join(D);
+        assert_eq!(
+            journal::stored_checkpoint(&dir).unwrap(),
+            Some(journal::Stored::V2(0))
+        );
+        for boot in ["boot-1", "boot-2"] {
+            assert!(!version_1_goes_on(&dir, boot), "under {boot}");
+        }
+        a.commit(D, epoch(1)).await.unwrap();
+        holds(&a, 1).await;
+        assert_eq!(journal::checkpoint(&dir).unwrap(), Some(0));
+        // A store from before the journal: gated at its first read, at its root.
+        let tmp = tempfile::tempdir().unwrap();
+        let old = FsDirectoryStore::with_boot(tmp.path(), None);
+        old.commit(D, first()).await.unwrap();
+        old.commit(D, epoch(1)).await.unwrap();
+        let dir = tmp.path().join(KT_DIR).join(D);
+        assert!(version_1_goes_on(&dir, "boot-1"), "no journal yet");
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        holds(&b, 1).await;
+        assert_eq!(
+            journal::stored_checkpoint(&dir).unwrap(),
+            Some(journal::Stored::V2(1))
+        );
+        assert!(!version_1_goes_on(&dir, "boot-1"));
+        b.commit(D, epoch(2)).await.unwrap();
+        holds(&b, 2).await;
+        assert_eq!(frames(&dir), vec![2]);
+    }
+
+    /// Crash review (issue 18): an upgrade of a journal of version 1 killed at any step (in
+    /// the replay of any frame's files, before the `syncfs`, before this version's
+    /// checkpoint, between the removals of version 1's files, before the boot file) is
+    /// finished by the next process of the same boot, and by one after a restart: every
+    /// epoch there, this version's checkpoint, no file of version 1 left. Before, an upgrade
+    /// killed after the checkpoint left version 1's frames and spares for good (the next
+    /// recovery found a journal of this version and removed nothing).
+    #[tokio::test]
+    async fn an_upgrade_killed_at_any_step_is_finished_by_the_next_process() {
+        let mut kills = 0;
+        for n in 0.. {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = version_1_store(tmp.path()).await;
+            let killed = {
+                let _lock = DomainLock::acquire(&dir).unwrap();
+                cut::after(Some(n));
+                let recovered = recover_locked(&dir, "boot-2");
+                cut::after(None);
+                recovered.is_err()
+            };
+            // The killed process's memory goes with it.
+            forget_recovered(&dir, "boot-2");
+            let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+            holds(&b, 4).await;
+            assert_eq!(
+                journal::stored_checkpoint(&dir).unwrap(),
+                Some(journal::Stored::V2(4)),
+                "killed at step {n}"
+            );
+            assert_eq!(
+                journal_names(&dir),
+                ["boot", "checkpoint"],
+                "killed at step {n}: version 1's files left"
+            );
+            assert!(!version_1_goes_on(&dir, "boot-1"), "killed at step {n}");
+            b.commit(D, epoch(5)).await.unwrap();
+            let c = FsDirectoryStore::with_boot(tmp.path(), Some("boot-3"));
+            holds(&c, 5).await;
+            if !killed {
+                break;
+            }
+            kills += 1;
+        }
+        // Four frames of five file operations each, the sync, the checkpoint, four frames
+        // and a spare of version 1 removed, the boot file.
+        assert_eq!(kills, 4 * 5 + 1 + 1 + 5 + 1);
     }
 
     /// A checkpoint of a form this kst does not know (a newer kst's journal) stops every
@@ -2581,11 +2850,60 @@ mod tests {
             "starts at the durable root"
         );
         assert_eq!(frames(&dir), vec![3]);
-        // An older kst commits epoch 4 without a frame (synced): a restart keeps it.
+        // An older kst commits epoch 4 without a frame (synced). After a restart the root
+        // is above the journal's last frame: refused (crash review F2: such an epoch may as
+        // well be one whose frame was lost, its files with it), until an operator who knows
+        // an older kst wrote it removes the checkpoint, as the error says.
         old.commit(D, epoch(4)).await.unwrap();
         let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        let refused = b.root(D).await;
+        assert!(
+            matches!(&refused, Err(DirectoryStoreError::Corrupt(m)) if m.contains("remove")),
+            "{refused:?}"
+        );
+        std::fs::remove_file(journal::journal_dir(&dir).join("checkpoint")).unwrap();
         holds(&b, 4).await;
         assert_eq!(journal::checkpoint(&dir).unwrap(), Some(4));
+        b.commit(D, epoch(5)).await.unwrap();
+        holds(&b, 5).await;
+        assert_eq!(frames(&dir), vec![5]);
+    }
+
+    /// Crash review F2 (issue 18): after a restart the stored root lies above the last frame
+    /// the journal replays from its checkpoint (here epoch 2's frame is gone: its sync had
+    /// failed, and a kst from before its blanking rolled it forward and built epoch 3 on it;
+    /// the restart lost epoch 3's node, written unsynced). The files of the epochs without
+    /// a frame may be lost, so the domain is refused (`Corrupt`, every read and commit,
+    /// saying what to do) and nothing is written, where before the replay was skipped and
+    /// the root served without its node.
+    #[tokio::test]
+    async fn a_root_above_the_journals_frames_after_a_restart_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        for e in 2..=3 {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        holds(&a, 3).await;
+        let slot = journal::slot_path(&dir, 2);
+        let len = std::fs::metadata(&slot).unwrap().len() as usize;
+        std::fs::write(&slot, vec![0; len]).unwrap();
+        std::fs::remove_file(node_path(&dir, &node(3))).unwrap();
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        for _ in 0..2 {
+            let read = b.root_and_nodes(D, &[node(3)]).await;
+            assert!(
+                matches!(&read, Err(DirectoryStoreError::Corrupt(m))
+                    if m.contains("epoch 3") && m.contains("stop at epoch 1")),
+                "{read:?}"
+            );
+        }
+        assert!(matches!(
+            b.commit(D, epoch(4)).await,
+            Err(DirectoryStoreError::Corrupt(_))
+        ));
+        assert_eq!(read_root(&dir).unwrap().map(|(e, _)| e), Some(3));
+        assert_eq!(journal::checkpoint(&dir).unwrap(), Some(0));
+        assert_eq!(journal::boot(&dir).unwrap().as_deref(), Some("boot-1"));
     }
 
     /// The directory's file work has a lane of its own beside the key store's bound: while
