@@ -665,7 +665,7 @@ fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
                     checkpoint,
                     epochs = frames.len(),
                     root = durable,
-                    "key directory: replayed the journal's epochs after a restart of the machine"
+                    "key directory: replayed the journal's epochs after a restart of the machine (or, without a boot id, at a process's first touch of the domain)"
                 );
             }
         } else {
@@ -1970,6 +1970,19 @@ mod tests {
             c.nodes(D, &[node(50)]).await.unwrap(),
             vec![b"retry".to_vec()]
         );
+        // The sync of the blanking fails too: the error says a replay after a crash may
+        // still find the frame; this boot's readers do not take it.
+        journal::fault::inject(&dir, journal::fault::Fault::FrameSync, 1);
+        journal::fault::inject(&dir, journal::fault::Fault::BlankSync, 1);
+        let failed = c.commit(D, epoch(3)).await;
+        assert!(
+            matches!(&failed, Err(DirectoryStoreError::Unavailable(m))
+                if m.contains("not committed") && m.contains("may still find")),
+            "{failed:?}"
+        );
+        forget_recovered(&dir, "boot-2");
+        holds(&c, 2).await;
+        assert!(!journal::holds(&dir, 3).unwrap());
     }
 
     #[tokio::test]

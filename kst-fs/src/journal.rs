@@ -538,7 +538,7 @@ fn poison(
     );
     let blanked = f.write_all_at(&[0; 6], 0).or_else(|_| f.set_len(0));
     let synced = match &blanked {
-        Ok(()) => f.sync_data(),
+        Ok(()) => fault::check(dir, fault::Fault::BlankSync).and_then(|()| f.sync_data()),
         Err(_) => Ok(()),
     };
     match (blanked, synced) {
@@ -931,6 +931,8 @@ pub(crate) mod fault {
         AsideCopy,
         /// [`super::write_frame`]'s `fdatasync` of the frame (`EIO`), the frame written.
         FrameSync,
+        /// The `fdatasync` of a failed frame's blanking ([`super::poison`], `EIO`).
+        BlankSync,
     }
 
     #[cfg(test)]
@@ -962,7 +964,7 @@ pub(crate) mod fault {
                 // Linux's ENOSPC (28) and EIO (5).
                 return Err(std::io::Error::from_raw_os_error(match fault {
                     Fault::AsideCopy => 28,
-                    Fault::FrameSync => 5,
+                    Fault::FrameSync | Fault::BlankSync => 5,
                 }));
             }
         }
