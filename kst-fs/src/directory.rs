@@ -379,7 +379,11 @@ fn try_recover(dir: &Path, boot: Option<&str>, wait: bool) -> Result<bool, Direc
     if is_recovered(dir, boot) || !dir.join("lock").exists() {
         return Ok(true);
     }
-    if journal::boot(dir)?.as_deref() == Some(boot) && !dead_writer(dir)? && !headless_root(dir)? {
+    if journal::boot(dir)?.as_deref() == Some(boot)
+        && journal::stored_checkpoint(dir)?.is_some()
+        && !dead_writer(dir)?
+        && !headless_root(dir)?
+    {
         recovered()
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -688,6 +692,10 @@ fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
         }
         cut::step()?;
         journal::set_boot(dir, boot)?;
+    } else if journal::stored_checkpoint(dir)?.is_none() {
+        // This boot's, without the gate: a domain a kst from before the gate was written at
+        // made (its boot file, akd's first root, no journaled commit yet).
+        journal::start(dir, read_root(dir)?.map_or(0, |(e, _)| e))?;
     }
     recovered()
         .lock()
@@ -2707,6 +2715,21 @@ mod tests {
         b.commit(D, epoch(2)).await.unwrap();
         holds(&b, 2).await;
         assert_eq!(frames(&dir), vec![2]);
+        // A domain a kst from before the gate made on this boot (its boot file, akd's first
+        // root, no checkpoint): gated by this boot's first process to touch it.
+        let tmp = tempfile::tempdir().unwrap();
+        let c = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        c.commit(D, first()).await.unwrap();
+        let dir = tmp.path().join(KT_DIR).join(D);
+        std::fs::remove_file(journal::journal_dir(&dir).join("checkpoint")).unwrap();
+        assert!(version_1_goes_on(&dir, "boot-2"));
+        forget_recovered(&dir, "boot-1");
+        assert_eq!(c.root(D).await.unwrap(), Some((0, b"r0".to_vec())));
+        assert_eq!(
+            journal::stored_checkpoint(&dir).unwrap(),
+            Some(journal::Stored::V2(0))
+        );
+        assert!(!version_1_goes_on(&dir, "boot-2"));
     }
 
     /// Crash review (issue 18): an upgrade of a journal of version 1 killed at any step (in
