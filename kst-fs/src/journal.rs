@@ -920,7 +920,7 @@ pub(crate) fn set_boot(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError
 }
 
 /// I/O errors a test injects into the journal's writes, by domain directory (a test's
-/// stand-in for a full disk or a failing one, [`fault::inject`]); outside tests none is.
+/// stand-in for a full disk or a failing one, `fault::inject`); outside tests none is.
 pub(crate) mod fault {
     use std::path::Path;
 
