@@ -37,7 +37,8 @@
 //!   never recorded or forged key (exit 5); `rt18_a_deletion_head_re_signed_later_is_no_race`:
 //!   epochs are compared, not clocks, so a deletion's head re-signed with a recent time lets
 //!   no forged key pass for a race; `rt18_a_mismatch_whose_history_cannot_be_read_is_kept_as_evidence`:
-//!   exit 75 when the history cannot be read, the mismatch kept as evidence.
+//!   exit 75 when the history cannot be read, the mismatch kept as evidence;
+//!   `a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decides`.
 //! - `gather::replies`: version 3 replies through `Kst::handle` racing changes of their
 //!   address (a publication held before its epoch, a newer publication recorded first, a
 //!   deletion waiting for its epoch, a red-team stream): every reply passes the client's check.
@@ -3604,6 +3605,60 @@ fn rt18_a_mismatch_whose_history_cannot_be_read_is_kept_as_evidence() {
         "never held the served key",
     );
     assert_eq!(provider.evidence(bob).len(), 2);
+}
+
+/// The pending-request path of the two-step check (issue 18 review): `retrieve
+/// --check-transparency --no-wait` keeps the epoch the client had verified (`verified_epoch`)
+/// with the request, and `kst client check` decides with it. A pending file written by a kst
+/// from before that field (the field removed here) still loads: the client cannot tell a
+/// change on the way from a stale key, exit 75, no evidence; the retrieval made again is
+/// compared with the epoch remembered now, and the stale replica's key is exit 5.
+#[test]
+fn a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decides() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    let old_store = provider.copy_of_store("keys-old");
+    let (_old, _old_url) = provider.twin_kst("old", &old_store);
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    let log = [
+        "--log-url",
+        provider.log_url.as_str(),
+        "--log-key",
+        provider.head_key.as_str(),
+    ];
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &log);
+    expect(&out, &v, 0, "found");
+    assert_eq!(provider.remembered_epoch(bob), Some(2));
+    // The stale replica answers a request left pending.
+    let mut flags = log.to_vec();
+    flags.push("--no-wait");
+    let (out, v) = provider.checked_as("sendmail-old", bob, "alice@example.net", &flags);
+    expect(&out, &v, 75, "pending");
+    let file = provider.path(&format!("state-{bob}/pending.json"));
+    let mut pending: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(
+        pending["requests"][0]["log"]["verified_epoch"], 2,
+        "{pending}"
+    );
+    pending["requests"][0]["log"]
+        .as_object_mut()
+        .unwrap()
+        .remove("verified_epoch");
+    std::fs::write(&file, serde_json::to_vec(&pending).unwrap()).unwrap();
+    let (out, v) = provider.client("sendmail", bob, &["check"]);
+    assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
+    let error = v[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("cannot tell") && error.contains("retrieve again"),
+        "{error}"
+    );
+    assert!(
+        provider.evidence(bob).is_empty(),
+        "no evidence without an epoch"
+    );
+    provider.refused_as_attack("sendmail-old", bob, &provider.log_url, "a stale");
+    assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
 }
 
 /// A client far behind catches up in steps (issue 18, "Catching up in steps"): with
