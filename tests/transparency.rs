@@ -34,7 +34,11 @@
 //!   `rt18_a_two_step_check_takes_no_stale_never_recorded_or_forged_key_for_a_race`: the
 //!   two-step check of versions 1 and 2 (the key by mail, the answer over HTTP) tells a change
 //!   on the reply's way (exit 75) and an answer a moment behind (asked again) from a stale,
-//!   never recorded or forged key (exit 5).
+//!   never recorded or forged key (exit 5); `rt18_a_deletion_head_re_signed_later_is_no_race`:
+//!   epochs are compared, not clocks, so a deletion's head re-signed with a recent time lets
+//!   no forged key pass for a race; `rt18_a_mismatch_whose_history_cannot_be_read_is_kept_as_evidence`:
+//!   exit 75 when the history cannot be read, the mismatch kept as evidence;
+//!   `a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decides`.
 //! - `gather::replies`: version 3 replies through `Kst::handle` racing changes of their
 //!   address (a publication held before its epoch, a newer publication recorded first, a
 //!   deletion waiting for its epoch, a red-team stream): every reply passes the client's check.
@@ -3421,8 +3425,9 @@ fn rt18_a_history_replayed_from_before_is_an_attack() {
 
 /// Red team of the two-step check (issue 18): what a race is taken for must not let a
 /// provider pass off a key it should not serve. A stale replica serving a key the directory
-/// superseded before the request was sent: exit 5 ("a stale key"), also when the superseding
-/// epoch's head is served with a forged, recent time (its signature fails), and a forged
+/// superseded at an epoch the client had verified before it sent the request: exit 5 ("a
+/// stale key"), at once (no clock compared, nothing to wait for), also when the superseding
+/// epoch's head is served with a forged, recent time (no head time is read), and a forged
 /// answer at once; a key put in
 /// the store behind the directory's back, never in it: exit 5; a history from a fork with
 /// the same keys where that key was superseded just now (not tied to the client's verified
@@ -3437,7 +3442,6 @@ fn rt18_a_two_step_check_takes_no_stale_never_recorded_or_forged_key_for_a_race(
     let (_old, old_url) = provider.twin_kst("old", &old_store);
     let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
     provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
-    let superseded = std::time::Instant::now();
     let forged_time = forging_proxy(&provider.log_url, "/head/", None, true);
     let (out, v) = provider.checked_as(
         "sendmail",
@@ -3452,15 +3456,12 @@ fn rt18_a_two_step_check_takes_no_stale_never_recorded_or_forged_key_for_a_race(
     );
     expect(&out, &v, 0, "found");
     assert_eq!(provider.remembered_epoch(bob), Some(2));
-    // The change that superseded alice's first key is older than the clock slack when the
-    // request is sent.
-    let slack = std::time::Duration::from_secs(kst_bin::client::log_race::CLOCK_SLACK + 2);
-    std::thread::sleep(slack.saturating_sub(superseded.elapsed()));
-
+    // The change that superseded alice's first key (epoch 2) is at the epoch bob verified
+    // before each request below: however recent it is by the clock, no race.
     let kept = |n: usize| assert_eq!(provider.evidence(bob).len(), n, "evidence kept");
-    provider.refused_as_attack("sendmail-old", bob, &provider.log_url, "a stale key");
+    provider.refused_as_attack("sendmail-old", bob, &provider.log_url, "a stale");
     kept(1);
-    provider.refused_as_attack("sendmail-old", bob, &forged_time, "/head/2");
+    provider.refused_as_attack("sendmail-old", bob, &forged_time, "not a change on the way");
     kept(2);
     // A forged answer (its time changed) is refused at once, as before.
     let forged_answer = forging_proxy(&provider.log_url, "/lookup/", None, true);
@@ -3503,6 +3504,161 @@ fn rt18_a_two_step_check_takes_no_stale_never_recorded_or_forged_key_for_a_race(
         Some(2),
         "the fork's head is not remembered"
     );
+}
+
+/// Review of the two-step check (issue 18, F2): a provider holding the head key re-signs
+/// the head of the epoch that recorded a deletion with `signed-at` = now. Across a deletion
+/// the history matches any served key (the deletion withdrew the values before it), so with
+/// the clocks compared any forged key got exit 75, for ever. The client compares epochs: the
+/// deletion was recorded at an epoch it had verified before it sent the request, so the
+/// forged key is no race: exit 5 with the evidence kept, whatever the head's time says.
+#[test]
+fn rt18_a_deletion_head_re_signed_later_is_no_race() {
+    let (provider, _gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    let (out, v) = provider.client("sendmail", "alice@example.net", &["delete"]);
+    expect(&out, &v, 0, "deleted");
+    let (out, v) = provider.checked_as(
+        "sendmail",
+        bob,
+        "alice@example.net",
+        &[
+            "--log-url",
+            &provider.log_url,
+            "--log-key",
+            &provider.head_key,
+        ],
+    );
+    expect(&out, &v, 1, "not-found");
+    assert_eq!(provider.remembered_epoch(bob), Some(2));
+    // The insider's key in the store behind the directory's back, and the deletion's head
+    // (epoch 2) signed again now with the head key.
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail-no-log", "alice@example.net", &twin.public_armored);
+    let keys = kst_core::transparency::LogKeys::parse(
+        &std::fs::read_to_string(provider.path("log-example.net.key")).unwrap(),
+    )
+    .unwrap();
+    let (status, text) = provider.http_get("/.well-known/kst/log/example.net/head/2");
+    assert_eq!(status, 200, "{text}");
+    let (signed, _) = kst_core::transparency::witness::parse_head_with_cosignatures(&text).unwrap();
+    let mut head = signed.head;
+    head.signed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 5;
+    let re_signed =
+        kst_core::transparency::answer::head_text(&keys.head.sign(head).unwrap()).unwrap();
+    let proxy = replaying_proxy(&provider.log_url, "/head/2 ", re_signed, usize::MAX);
+    provider.refused_as_attack("sendmail", bob, &proxy, "not a change on the way");
+    assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
+}
+
+/// Review of the two-step check (issue 18, F4): the reply's key differs from the verified
+/// answer and the history that would tell a race from an attack cannot be read (the route
+/// fails): a temporary failure (exit 75, nothing imported), but the verified mismatch is
+/// kept as evidence and the message says where; the next retrieval, with the history
+/// readable, is decided (the key never recorded: exit 5).
+#[test]
+fn rt18_a_mismatch_whose_history_cannot_be_read_is_kept_as_evidence() {
+    let (provider, _gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    let log = [
+        "--log-url",
+        provider.log_url.as_str(),
+        "--log-key",
+        provider.head_key.as_str(),
+    ];
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &log);
+    expect(&out, &v, 0, "found");
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail-no-log", "alice@example.net", &twin.public_armored);
+    // Every history request goes to a port where nothing listens.
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let no_history = forging_proxy(&provider.log_url, "/history/", Some(&closed), false);
+    let (out, v) = provider.checked_as(
+        "sendmail",
+        bob,
+        "alice@example.net",
+        &["--log-url", &no_history, "--log-key", &provider.head_key],
+    );
+    expect(&out, &v, 75, "error");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("evidence kept in") && error.contains("retrieve again"),
+        "{error}"
+    );
+    let evidence = provider.evidence(bob);
+    assert_eq!(evidence.len(), 1, "the mismatch kept");
+    let kept = std::fs::read_to_string(&evidence[0]).unwrap();
+    assert!(
+        kept.contains("kst-log-answer") && kept.contains("history"),
+        "{kept}"
+    );
+    provider.refused_as_attack(
+        "sendmail",
+        bob,
+        &provider.log_url,
+        "never held the served key",
+    );
+    assert_eq!(provider.evidence(bob).len(), 2);
+}
+
+/// The pending-request path of the two-step check (issue 18 review): `retrieve
+/// --check-transparency --no-wait` keeps the epoch the client had verified (`verified_epoch`)
+/// with the request, and `kst client check` decides with it. A pending file written by a kst
+/// from before that field (the field removed here) still loads: the client cannot tell a
+/// change on the way from a stale key, exit 75, no evidence; the retrieval made again is
+/// compared with the epoch remembered now, and the stale replica's key is exit 5.
+#[test]
+fn a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decides() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    let old_store = provider.copy_of_store("keys-old");
+    let (_old, _old_url) = provider.twin_kst("old", &old_store);
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    let log = [
+        "--log-url",
+        provider.log_url.as_str(),
+        "--log-key",
+        provider.head_key.as_str(),
+    ];
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &log);
+    expect(&out, &v, 0, "found");
+    assert_eq!(provider.remembered_epoch(bob), Some(2));
+    // The stale replica answers a request left pending.
+    let mut flags = log.to_vec();
+    flags.push("--no-wait");
+    let (out, v) = provider.checked_as("sendmail-old", bob, "alice@example.net", &flags);
+    expect(&out, &v, 75, "pending");
+    let file = provider.path(&format!("state-{bob}/pending.json"));
+    let mut pending: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(
+        pending["requests"][0]["log"]["verified_epoch"], 2,
+        "{pending}"
+    );
+    pending["requests"][0]["log"]
+        .as_object_mut()
+        .unwrap()
+        .remove("verified_epoch");
+    std::fs::write(&file, serde_json::to_vec(&pending).unwrap()).unwrap();
+    let (out, v) = provider.client("sendmail", bob, &["check"]);
+    assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
+    let error = v[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("cannot tell") && error.contains("retrieve again"),
+        "{error}"
+    );
+    assert!(
+        provider.evidence(bob).is_empty(),
+        "no evidence without an epoch"
+    );
+    provider.refused_as_attack("sendmail-old", bob, &provider.log_url, "a stale");
+    assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
 }
 
 /// A client far behind catches up in steps (issue 18, "Catching up in steps"): with

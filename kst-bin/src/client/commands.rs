@@ -968,7 +968,7 @@ async fn reply_proof(s: &Settings, e: &Entry, log_answer: Option<&str>, o: Outco
         match http {
             Some(r) => {
                 let args = super::transparency::LogCheckArgs::from_requirements(r, v3);
-                super::transparency::check(s, &args, o, e.pending.created_at).await
+                super::transparency::check(s, &args, o, r.verified_epoch).await
             }
             None => o,
         }

@@ -280,9 +280,9 @@ impl LogMemory {
         Err(self.io(&dir, "too many evidence files this second"))
     }
 
-    /// An attack about `held`'s domain: keeps the evidence (the remembered state, what was
-    /// seen, what failed) and returns the error to report.
-    pub fn attack(&self, held: &Held, message: String, seen: &str) -> MemoryError {
+    /// Keeps evidence about `held`'s domain (the remembered state, what was seen, what
+    /// failed: `message`); returns its path.
+    pub fn keep(&self, held: &Held, message: &str, seen: &str) -> Result<PathBuf, MemoryError> {
         let text = format!(
             "kst key directory evidence\ndomain {}\ntime {}\nfailure {message}\n\n\
              -- remembered --\n{}\n-- seen --\n{seen}\n",
@@ -290,7 +290,13 @@ impl LogMemory {
             kst_core::time::unix_now(),
             serde_json::to_string_pretty(&held.memory).unwrap_or_default(),
         );
-        match self.keep_evidence(&held.domain, &text) {
+        self.keep_evidence(&held.domain, &text)
+    }
+
+    /// An attack about `held`'s domain: keeps the evidence ([`LogMemory::keep`]) and returns
+    /// the error to report.
+    pub fn attack(&self, held: &Held, message: String, seen: &str) -> MemoryError {
+        match self.keep(held, &message, seen) {
             Ok(evidence) => MemoryError::Attack { message, evidence },
             Err(e) => MemoryError::Attack {
                 message: format!("{message}; and the evidence could not be kept: {e}"),

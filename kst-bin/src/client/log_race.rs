@@ -6,17 +6,17 @@
 //! change may not be recorded yet), then lets the directory's own proofs decide
 //! ([`decide`]): the history of the address (`/history/<address>`, tied to a root the client
 //! verified) shows whether the served key (or "no key") was the directory's state at some
-//! epoch, and the signed head of the epoch that recorded the change superseding it says
-//! when. Superseded after the request was sent (minus [`CLOCK_SLACK`]): a race, a temporary
-//! failure (exit 75), nothing imported. Otherwise (never the directory's state, superseded
-//! before the request: a stale key) it stays an attack (exit 5, the evidence kept).
+//! epoch, and at which epoch a change superseded it. That epoch is compared with the newest
+//! epoch the client had verified before it sent the request ([`by_epoch`]; no clock is
+//! compared): superseded at a newer epoch, a race, a temporary failure (exit 75), nothing
+//! imported. Superseded at or before it, or never the directory's state: an attack (exit 5,
+//! the evidence kept). A client that had verified no epoch before the request cannot tell
+//! (exit 75: the check remembered a head, so the next request is decided).
 
 use kst_core::Address;
 use kst_core::transparency::EntryState;
 use kst_core::transparency::history::{HistoryAnswer, HistoryVersion, MAX_HISTORY_ANSWER};
-use kst_core::transparency::witness::{MAX_HEAD_TEXT, parse_head_with_cosignatures};
 
-use super::exit;
 use super::log_memory::Held;
 use super::output::Outcome;
 use super::transparency::{fetch_or_missing, path_segment};
@@ -25,11 +25,6 @@ use super::transparency::{fetch_or_missing, path_segment};
 /// the reply served (about 2 s in all): the reply's change may be published but not yet
 /// recorded in an epoch (the directory records it milliseconds later).
 pub const ASK_AGAIN_MS: [u64; 5] = [100, 200, 400, 600, 700];
-
-/// Seconds the directory's clock (the heads' `signed-at`) may be ahead of the client's (the
-/// request's time): a change recorded up to this long before the request was sent still
-/// counts as one that raced the reply.
-pub const CLOCK_SLACK: u64 = 10;
 
 /// How often [`decide`] may ask for a newer answer (the history was read at an epoch newer
 /// than the remembered head) before the client gives up for now (exit 75). Each newer
@@ -96,6 +91,33 @@ pub fn superseded(versions: &[HistoryVersion], served: Option<&[u8]>) -> Superse
     }
 }
 
+/// What the epoch of the change that superseded the served state says ([`by_epoch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Recorded after every epoch the client had verified before the request: it may have
+    /// raced the reply (exit 75).
+    Race,
+    /// Recorded at or before an epoch the client had verified before it sent the request: the
+    /// reply served a state the directory had superseded already (exit 5).
+    Stale,
+    /// The client had verified no epoch of the directory before the request (or the request
+    /// was kept by a kst from before the epoch was): it cannot tell (exit 75; the check
+    /// remembered a head, so a new request is decided).
+    Unknown,
+}
+
+/// Whether a change recorded at `superseded_at` could have raced a request made when the
+/// newest epoch the client had verified was `verified` ([`Verdict`]). Epochs only: the head's
+/// `signed-at` is the provider's to choose (it holds the head key), the request's time is the
+/// client's clock.
+pub fn by_epoch(superseded_at: u64, verified: Option<u64>) -> Verdict {
+    match verified {
+        None => Verdict::Unknown,
+        Some(v) if superseded_at <= v => Verdict::Stale,
+        Some(_) => Verdict::Race,
+    }
+}
+
 /// What [`decide`] found.
 #[derive(Debug)]
 pub enum Decision {
@@ -109,11 +131,17 @@ pub enum Decision {
     Attack {
         /// Why.
         why: String,
-        /// What was read (the history, the head), kept as evidence with the answer.
+        /// What was read (the history), kept as evidence with the answer.
         seen: String,
     },
-    /// Another outcome (the directory cannot be read now: 75).
-    Other(Box<Outcome>),
+    /// The history cannot be read or tied to the client's verified history now: the reason
+    /// (exit 75; the caller keeps the verified mismatch and `seen` as evidence).
+    Unread {
+        /// What failed.
+        why: String,
+        /// What was read, if anything.
+        seen: String,
+    },
 }
 
 /// Where and against what [`decide`] reads the history.
@@ -128,17 +156,18 @@ pub struct Race<'a> {
     pub address: &'a Address,
     /// What the reply served: a key's packets, `None` for "no key".
     pub served: Option<&'a [u8]>,
-    /// When the request was made (Unix time, the client's clock).
-    pub sent_at: u64,
+    /// The newest epoch the client had verified when it made the request
+    /// ([`super::state::LogRequirements::verified_epoch`]).
+    pub verified_epoch: Option<u64>,
     /// The epoch of the last answer, which proved another state.
     pub answer_epoch: u64,
 }
 
 /// Decides whether the served state, which the directory's answer at `r.answer_epoch` does
-/// not prove, was superseded by a change recorded after the request was sent (a race) or not
-/// (an attack), from the address's history (its newest versions) against a head whose root
-/// the client verified (`held`'s remembered history), and the signed head of the epoch of
-/// the superseding change (its root checked against the remembered one when kept).
+/// not prove, was superseded by a change recorded after the newest epoch the client had
+/// verified when it sent the request (a race) or not (an attack), from the address's
+/// history (its newest versions, their epochs proven) against a head whose root the client
+/// verified (`held`'s remembered history).
 pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
     let domain = r.address.domain();
     let path = format!(
@@ -158,7 +187,17 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
                 seen: String::new(),
             };
         }
-        Err(o) => return Decision::Other(Box::new(o)),
+        Err(o) => {
+            return Decision::Unread {
+                why: match o {
+                    Outcome::Error { error, .. } => {
+                        format!("the history could not be read: {error}")
+                    }
+                    _ => format!("the history could not be read from {url}"),
+                },
+                seen: String::new(),
+            };
+        }
     };
     let attack = |why: String| Decision::Attack {
         why,
@@ -213,16 +252,14 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
             return Decision::AskAgain(head.epoch);
         }
         None => {
-            return Decision::Other(Box::new(Outcome::error(
-                exit::TEMPFAIL,
-                format!(
-                    "key directory of {domain}: the reply's key for {} differs from the \
-                     directory's answer, and the history read to tell a change on the way from \
-                     an attack is of epoch {}, which the client cannot tie to its remembered \
-                     history; nothing was imported; retrieve again",
-                    r.address, head.epoch
+            return Decision::Unread {
+                why: format!(
+                    "the history ({url}) is of epoch {}, which the client cannot tie to its \
+                     remembered history",
+                    head.epoch
                 ),
-            )));
+                seen: text.clone(),
+            };
         }
     }
     let what = match r.served {
@@ -256,66 +293,35 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
         }
         Superseded::At(epoch) => epoch,
     };
-    // When the change superseding the served state was recorded: its epoch's signed head.
-    let head_path = format!("/.well-known/kst/log/{domain}/head/{epoch}");
-    let head_url = format!("{}{head_path}", r.log_base);
-    let head_text = match fetch_or_missing(r.log_base, &head_path, r.ca_file, MAX_HEAD_TEXT).await {
-        Ok(Some(t)) => t,
-        Ok(None) => {
-            return attack(format!(
-                "{head_url}: no head of epoch {epoch}, which the history names"
-            ));
-        }
-        Err(o) => return Decision::Other(Box::new(o)),
+    let verified = match r.verified_epoch {
+        Some(v) => format!("epoch {v}"),
+        None => "no epoch".into(),
     };
-    let seen = format!("{text}\n-- head of epoch {epoch} --\n{head_text}");
-    let attack = |why: String| Decision::Attack {
-        why,
-        seen: seen.clone(),
-    };
-    let signed = match parse_head_with_cosignatures(&head_text) {
-        Ok((h, _)) => h,
-        Err(e) => return attack(format!("{head_url}: {e}")),
-    };
-    if let Err(e) = signed.verify(r.head_key) {
-        return attack(format!("{head_url}: {e}"));
-    }
-    let h = &signed.head;
-    if h.epoch != epoch || h.domain != domain {
-        return attack(format!(
-            "{head_url}: the head of {} epoch {} answered",
-            h.domain, h.epoch
-        ));
-    }
-    if let Some(root) = held.memory.known_root(epoch)
-        && root != h.root_hash
-    {
-        return attack(format!(
-            "possible fork of the key directory of {domain}: {head_url} has the root {}, the \
-             remembered history has {}",
-            hex::encode(h.root_hash),
-            hex::encode(root)
-        ));
-    }
-    let since = r.sent_at.saturating_sub(CLOCK_SLACK);
-    if h.signed_at >= since {
-        Decision::Race(format!(
-            "key directory of {domain}: {} changed while the reply was on its way: the reply \
-             served {what}, which the directory recorded as superseded at epoch {epoch} (head \
-             signed at {}, the request was sent at {}); nothing was imported; retrieve again \
-             for the current key",
-            r.address, h.signed_at, r.sent_at
-        ))
-    } else {
-        attack(format!(
-            "the directory's history of {} shows {what} superseded at epoch {epoch}, whose \
-             head was signed at {}, {} s before the request was sent (at {}): a stale key, \
-             not a change on the way",
+    match by_epoch(epoch, r.verified_epoch) {
+        Verdict::Race => Decision::Race(format!(
+            "key directory of {domain}: {} changed while the reply was on its way: the \
+             directory recorded {what} as superseded at epoch {epoch}, after the newest epoch \
+             the client had verified when it sent the request ({verified}); nothing was \
+             imported; retrieve again for the current key",
+            r.address
+        )),
+        Verdict::Unknown => Decision::Race(format!(
+            "key directory of {domain}: the directory recorded {what} for {} as superseded \
+             at epoch {epoch}; the client had verified no epoch of the \
+             directory when it sent the request, so it cannot tell whether the address \
+             changed while the reply was on its way or the key was stale; nothing was \
+             imported; retrieve again (the head of epoch {} is remembered now: the next \
+             request is decided)",
             r.address,
-            h.signed_at,
-            r.sent_at - h.signed_at,
-            r.sent_at
-        ))
+            held.memory.remembered_epoch().unwrap_or(r.answer_epoch)
+        )),
+        Verdict::Stale => attack(format!(
+            "the directory's history of {} (epoch {}) shows {what} superseded at epoch \
+             {epoch}, at or before the {verified} the client had verified before it sent the \
+             request: recorded before the request, not a change on the way (a stale or forged \
+             key)",
+            r.address, head.epoch
+        )),
     }
 }
 
@@ -374,6 +380,15 @@ mod tests {
         ];
         assert_eq!(superseded(&h, Some(b"k1")), Superseded::At(12));
         assert_eq!(superseded(&h, Some(b"k2")), Superseded::Newest(12));
+    }
+
+    #[test]
+    fn only_a_change_after_the_verified_epoch_is_a_race() {
+        assert_eq!(by_epoch(5, Some(4)), Verdict::Race);
+        assert_eq!(by_epoch(5, Some(5)), Verdict::Stale);
+        assert_eq!(by_epoch(5, Some(9)), Verdict::Stale);
+        assert_eq!(by_epoch(1, Some(0)), Verdict::Race);
+        assert_eq!(by_epoch(5, None), Verdict::Unknown);
     }
 
     #[test]

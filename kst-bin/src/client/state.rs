@@ -60,6 +60,13 @@ pub struct LogRequirements {
     /// the memory meanwhile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since_head: Option<String>,
+    /// The newest epoch of the domain's directory the client had verified (its remembered
+    /// head) when the request was made; `None` when it had verified none, or for a request
+    /// written by a kst from before this field. The two-step check of versions 1 and 2
+    /// (`client/log_race.rs`) takes a change recorded at or before this epoch for one made
+    /// before the request (exit 5), and with `None` cannot tell (exit 75, retrieve again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_epoch: Option<u64>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -205,11 +212,23 @@ mod tests {
         let e: Entry = serde_json::from_str(old).unwrap();
         assert_eq!(e.log, None);
         assert!(!serde_json::to_string(&e).unwrap().contains("\"log\""));
+        // Requirements kept before the verified epoch was: unknown.
+        let old_log = old.replace(
+            r#""route":"submission"}"#,
+            r#""route":"submission","log":{"http":true,"witness_max_age":86400}}"#,
+        );
+        let e: Entry = serde_json::from_str(&old_log).unwrap();
+        assert!(
+            e.log
+                .as_ref()
+                .is_some_and(|l| l.http && l.verified_epoch.is_none())
+        );
         let mut with = entry("bob@example.net");
         with.log = Some(LogRequirements {
             http: true,
             witnesses: vec!["w:00".into()],
             since_head: Some("kst-log-head-v1\n".into()),
+            verified_epoch: Some(7),
             ..LogRequirements::default()
         });
         let text = serde_json::to_string(&with).unwrap();

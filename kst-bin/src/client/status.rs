@@ -231,12 +231,20 @@ pub async fn status(
         Err(e) => return output::finish(&[Outcome::error(exit::NOINPUT, e)], s.json, false),
     };
     let request = kst_core::client::build_retrieval(&account, &account);
+    // The epoch the client had verified before the request is sent (the two-step check
+    // compares with it).
     #[cfg(feature = "transparency")]
-    let sent_at = request.pending.created_at;
+    let verified_epoch = match log {
+        Some(_) => match super::transparency::remembered_epoch(s, account.domain()) {
+            Ok(e) => e,
+            Err(o) => return output::finish(&[o], s.json, false),
+        },
+        None => None,
+    };
     let retrieved = send_and_wait(s, &account, request, None, false, false).await;
     #[cfg(feature = "transparency")]
     let retrieved = match log {
-        Some(args) => super::transparency::check(s, args, retrieved, sent_at).await,
+        Some(args) => super::transparency::check(s, args, retrieved, verified_epoch).await,
         None => retrieved,
     };
     let (service, served, code) = match retrieved {

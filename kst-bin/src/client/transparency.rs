@@ -109,7 +109,8 @@ pub struct ReplyProofArgs {
 }
 
 impl LogCheckArgs {
-    /// The requirements of these flags, kept with a pending request (`since_head` unset).
+    /// The requirements of these flags, kept with a pending request (`since_head` and
+    /// `verified_epoch` unset: [`plan`] sets them).
     pub fn requirements(&self) -> LogRequirements {
         LogRequirements {
             http: self.check_transparency,
@@ -119,6 +120,7 @@ impl LogCheckArgs {
             witness_threshold: self.reply.witness_threshold,
             witness_max_age: self.reply.witness_max_age,
             since_head: None,
+            verified_epoch: None,
         }
     }
 
@@ -195,22 +197,28 @@ impl ReplyProofArgs {
 /// reply's answer must be signed by (`--log-key`, else the pin, else DNS, pinned on first
 /// use: [`head_key`]), what the request asks of the answer (the remembered epoch, the
 /// witnesses) and what the reply's check needs later. Without `--transparency`, only the
-/// HTTP check's requirements (`retrieve --check-transparency`).
+/// HTTP check's requirements (`retrieve --check-transparency`). Both keep the epoch of the
+/// head remembered for the domain now, before the request is sent
+/// ([`LogRequirements::verified_epoch`]: the two-step check compares epochs with it).
 pub async fn plan(s: &Settings, check: &LogCheckArgs, domain: &str) -> Result<LogPlan, Outcome> {
     let args = &check.reply;
     args.validate(check.check_transparency)
         .map_err(|e| Outcome::error(exit::USAGE, e))?;
     let mut log = check.requirements();
-    if !args.transparency {
-        return Ok(LogPlan {
-            log: log.http.then_some(log),
-            ..LogPlan::default()
-        });
+    if !args.transparency && !log.http {
+        return Ok(LogPlan::default());
     }
     let memory = LogMemory::beside(s.state.path());
     let mut held = memory
         .hold(domain)
         .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
+    log.verified_epoch = held.memory.remembered_epoch();
+    if !args.transparency {
+        return Ok(LogPlan {
+            log: Some(log),
+            ..LogPlan::default()
+        });
+    }
     let key = head_key(
         s,
         args.log_key.as_deref(),
@@ -229,6 +237,15 @@ pub async fn plan(s: &Settings, check: &LogCheckArgs, domain: &str) -> Result<Lo
         },
         log: Some(log),
     })
+}
+
+/// The epoch of the head remembered for `domain` (`None`: none yet); a memory that cannot be
+/// read is a local problem (exit 78).
+pub fn remembered_epoch(s: &Settings, domain: &str) -> Result<Option<u64>, Outcome> {
+    LogMemory::beside(s.state.path())
+        .hold(domain)
+        .map(|held| held.memory.remembered_epoch())
+        .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))
 }
 
 /// Version 3: checks the key directory's answer a verified reply to `entry` carried (`answer`,
@@ -848,12 +865,19 @@ fn attack_kept(memory: &LogMemory, held: &Held, message: String, seen: &str) -> 
 }
 
 /// Checks a retrieval's outcome against the key directory; `Found` and `NotFound` are
-/// checked, every other outcome is returned as it is. `sent_at`: when the request was made
-/// (Unix time): an answer that proves another state than the reply served, because the
-/// address changed while the reply was on its way, is asked for again, then decided by the
-/// directory's history ([`super::log_race`]): a change recorded after `sent_at` is a
-/// temporary failure (exit 75), anything else an attack (exit 5).
-pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome, sent_at: u64) -> Outcome {
+/// checked, every other outcome is returned as it is. `verified_epoch`: the newest epoch of
+/// the domain's directory the client had verified when the request was made
+/// ([`LogRequirements::verified_epoch`]): an answer that proves another state than the reply
+/// served, because the address changed while the reply was on its way, is asked for again,
+/// then decided by the directory's history ([`super::log_race`]): a change recorded after
+/// `verified_epoch` is a temporary failure (exit 75), anything else an attack (exit 5); a
+/// history that cannot be read is exit 75 with the mismatch kept as evidence.
+pub async fn check(
+    s: &Settings,
+    args: &LogCheckArgs,
+    outcome: Outcome,
+    verified_epoch: Option<u64>,
+) -> Outcome {
     let (address, service, message_id, served) = match &outcome {
         Outcome::Found {
             address,
@@ -1017,7 +1041,7 @@ pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome, sent_at:
                     head_key: &head_key,
                     address: &address,
                     served: served.as_deref(),
-                    sent_at,
+                    verified_epoch,
                     answer_epoch: epoch,
                 };
                 match super::log_race::decide(&race, &held).await {
@@ -1028,17 +1052,12 @@ pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome, sent_at:
                         history_ahead = Some(ahead);
                         continue;
                     }
-                    super::log_race::Decision::AskAgain(_) => {
-                        return Outcome::error(
-                            exit::TEMPFAIL,
-                            format!(
-                                "key directory of {}: what the reply served for {address} \
-                                 differs from the directory's answer, and the directory kept \
-                                 moving while the client read its history; nothing was \
-                                 imported; retrieve again",
-                                address.domain()
-                            ),
+                    super::log_race::Decision::AskAgain(ahead) => {
+                        let why = format!(
+                            "the directory kept moving while the client read its history (of \
+                             epoch {ahead})"
                         );
+                        return undecided(&memory, &held, &mismatch, &why, &text, epoch, &address);
                     }
                     super::log_race::Decision::Race(message) => {
                         return Outcome::error(exit::TEMPFAIL, message);
@@ -1050,12 +1069,51 @@ pub async fn check(s: &Settings, args: &LogCheckArgs, outcome: Outcome, sent_at:
                         };
                         return keep(why, &seen);
                     }
-                    super::log_race::Decision::Other(o) => return *o,
+                    super::log_race::Decision::Unread { why, seen } => {
+                        let seen = match seen.is_empty() {
+                            true => text,
+                            false => format!("{text}\n-- history --\n{seen}"),
+                        };
+                        return undecided(&memory, &held, &mismatch, &why, &seen, epoch, &address);
+                    }
                 }
             }
             Err(o) => return o.with_attack(&attack),
         }
     }
+}
+
+/// A mismatch between the reply and the directory's verified answer (at `epoch`) that the
+/// address's history could not decide (`why`): a temporary failure (exit 75), nothing
+/// imported, with the mismatch and what was `seen` kept as evidence, so that a retrieval
+/// that keeps failing so leaves something to show.
+fn undecided(
+    memory: &LogMemory,
+    held: &Held,
+    mismatch: &str,
+    why: &str,
+    seen: &str,
+    epoch: u64,
+    address: &Address,
+) -> Outcome {
+    let failure = format!("{mismatch}; not decided: {why}");
+    let kept = match memory.keep(held, &failure, seen) {
+        Ok(path) => format!(
+            "the mismatch is kept as evidence (evidence kept in {})",
+            path.display()
+        ),
+        Err(e) => format!("the mismatch could not be kept as evidence: {e}"),
+    };
+    Outcome::error(
+        exit::TEMPFAIL,
+        format!(
+            "key directory of {}: what the reply served for {address} differs from the \
+             directory's verified answer (epoch {epoch}), and the address's history did not \
+             decide whether it changed on the way: {why}; nothing was imported; {kept}; \
+             retrieve again (if it keeps failing so, show the evidence)",
+            address.domain()
+        ),
+    )
 }
 
 /// The outcome of a memory failure: an attack, or a local problem (exit 78).
