@@ -8,7 +8,7 @@ use std::sync::Arc;
 use kst_bin::bench::directory::{self, MemoryDirectoryStore, Options, Report};
 use kst_core::transparency::DirectoryStore;
 
-const WHAT: [&str; 11] = [
+const WHAT: [&str; 15] = [
     "lookup",
     "absence",
     "lookup-self-check",
@@ -16,9 +16,13 @@ const WHAT: [&str; 11] = [
     "v3-found-block",
     "v3-not-found-block",
     "history-1",
+    "history-1-self-check",
     "history-10",
+    "history-10-self-check",
     "audit-1",
+    "audit-1-self-check",
     "audit-10",
+    "audit-10-self-check",
     "audit-bulk",
 ];
 
@@ -87,9 +91,15 @@ fn check(report: &Report, opts: &Options) {
                     assert_eq!(m.verify.unwrap().n, opts.verifications, "{m:?}");
                 }
                 "history-10" => assert_eq!(m.verify.unwrap().n, opts.verifications, "{m:?}"),
-                "lookup-self-check" | "absence-self-check" => {
+                "lookup-self-check"
+                | "absence-self-check"
+                | "history-1-self-check"
+                | "history-10-self-check" => {
                     assert!(m.generate.is_none(), "{m:?}");
                     assert_eq!(m.verify.unwrap().n, opts.verifications, "{m:?}");
+                }
+                "audit-1-self-check" | "audit-10-self-check" => {
+                    assert!(m.generate.is_none() && m.verify.unwrap().n >= 1, "{m:?}");
                 }
                 w if w.starts_with("audit") || w.starts_with("catch-up-") => {
                     assert!(

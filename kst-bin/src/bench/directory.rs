@@ -131,8 +131,10 @@ impl Timing {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Measure {
     /// What: `lookup`, `absence`, `lookup-self-check`, `absence-self-check` (the server's
-    /// check of its own answer, timed in `verify`), `history-1`, `history-10`, `audit-1`,
-    /// `audit-10`, `audit-bulk`, `v3-found-block`, `v3-not-found-block`.
+    /// check of its own answer, timed in `verify`), `history-1`, `history-1-self-check`,
+    /// `history-10`, `history-10-self-check`, `audit-1`, `audit-1-self-check` (the server's
+    /// check of an answer's append-only part), `audit-10`, `audit-10-self-check`,
+    /// `audit-bulk`, `v3-found-block`, `v3-not-found-block`, `catch-up-...`.
     pub what: String,
     /// Median size in bytes (of the proof, or of the whole block).
     pub bytes_p50: usize,
@@ -589,12 +591,12 @@ impl Bench<'_> {
             .iter()
             .map(|&i| Ok((address(i)?, 1)))
             .collect::<anyhow::Result<_>>()?;
-        out.push(self.histories("history-1", &sample).await?);
+        out.extend(self.histories("history-1", &sample).await?);
         let probe = vec![(probe(size)?, TAIL_EPOCHS); self.opts.samples.min(100)];
-        out.push(self.histories("history-10", &probe).await?);
+        out.extend(self.histories("history-10", &probe).await?);
         let latest = self.latest();
-        out.push(self.audit("audit-1", latest - 1, latest, &first).await?);
-        out.push(
+        out.extend(self.audit("audit-1", latest - 1, latest, &first).await?);
+        out.extend(
             self.audit("audit-10", latest - TAIL_EPOCHS, latest, &first)
                 .await?,
         );
@@ -602,7 +604,7 @@ impl Bench<'_> {
         // client checks nothing against the empty tree).
         let bulk_end = latest - TAIL_EPOCHS;
         if fill.bulk_epochs > 0 && bulk_end >= 2 {
-            out.push(
+            out.extend(
                 self.audit("audit-bulk", bulk_end - 1, bulk_end, &first)
                     .await?,
             );
@@ -808,8 +810,15 @@ impl Bench<'_> {
         ))
     }
 
-    /// History answers of `addresses`, each expected to have the given number of versions.
-    async fn histories(&self, what: &str, addresses: &[(Address, u64)]) -> anyhow::Result<Measure> {
+    /// History answers of `addresses`, each expected to have the given number of versions;
+    /// then the server's own check of each answer before serving it (`what-self-check`:
+    /// `self_check::check_history`, part of the generation time already, timed here alone as
+    /// `verify`).
+    async fn histories(
+        &self,
+        what: &str,
+        addresses: &[(Address, u64)],
+    ) -> anyhow::Result<[Measure; 2]> {
         self.say(|| what.to_string());
         let mut answers = Vec::new();
         let mut generate = Vec::new();
@@ -848,20 +857,42 @@ impl Bench<'_> {
             .chain(first.past_marker_vrf_proofs.iter().map(Vec::len))
             .chain(first.future_marker_vrf_proofs.iter().map(Vec::len))
             .sum();
+        let mut checks = Vec::new();
+        for k in 0..self.opts.verifications.max(answers.len()) {
+            let (address, _, answer, _) = &answers[k % answers.len()];
+            let started = Instant::now();
+            self_check::check_history(answer, &self.head_key, address)
+                .with_context(|| format!("the history of {address} fails the self-check"))?;
+            checks.push(started.elapsed());
+        }
         let sizes: Vec<usize> = answers.iter().map(|(_, _, a, _)| a.proof.len()).collect();
         let texts: Vec<usize> = answers.iter().map(|(.., t)| t.len()).collect();
-        Ok(Measure::timed(what, &sizes, vrf, &texts, generate, verify))
+        Ok([
+            Measure::timed(what, &sizes, vrf, &texts, generate, verify),
+            Measure {
+                what: format!("{what}-self-check"),
+                bytes_p50: p50(&sizes),
+                bytes_max: max(&sizes),
+                vrf_bytes: Some(vrf),
+                answer_bytes: None,
+                generate: None,
+                verify: Some(Timing::of(checks)),
+            },
+        ])
     }
 
     /// The append-only proof from `from` to `to` (the latest epoch): generated, then checked
-    /// as a client that remembers the head of `from` checks a lookup answer carrying it.
+    /// as a client that remembers the head of `from` checks a lookup answer carrying it; when
+    /// `to` is the latest epoch, also the server's own check of that part of the answer
+    /// before serving it (`what-self-check`: `self_check::check_append_only`, timed alone as
+    /// `verify`).
     async fn audit(
         &self,
         what: &str,
         from: u64,
         to: u64,
         answer: &LogAnswer,
-    ) -> anyhow::Result<Measure> {
+    ) -> anyhow::Result<Vec<Measure>> {
         self.say(|| what.to_string());
         let budget = Duration::from_secs_f64(self.opts.audit_seconds);
         let mut generate = Vec::new();
@@ -893,7 +924,7 @@ impl Bench<'_> {
         if proof.len() > wire::MAX_AUDIT_PROOF {
             // A client refuses it unread (and the server's `?since=` answers would carry it).
             self.say(|| format!("{what}: {} bytes, over the client's bound", proof.len()));
-            return Ok(Measure {
+            return Ok(vec![Measure {
                 what: what.into(),
                 bytes_p50: proof.len(),
                 bytes_max: proof.len(),
@@ -901,12 +932,12 @@ impl Bench<'_> {
                 answer_bytes: None,
                 generate: Some(Timing::of(generate)),
                 verify: None,
-            });
+            }]);
         }
         // When `to` is the latest epoch: the lookup answer a client that remembers `from`
         // gets, checked as it checks it (parse, `verify_extends`); else what `verify_extends`
         // does with the proof (decode, derive the roots between, check every step).
-        let text = if to == self.latest() {
+        let carrying = if to == self.latest() {
             if answer.head.head.epoch != to || answer.head.head.root_hash != new.root_hash {
                 bail!("the answer's head is not the latest epoch's");
             }
@@ -916,10 +947,11 @@ impl Bench<'_> {
                 proof: proof.clone(),
                 step: None,
             });
-            Some(carrying.to_text()?)
+            Some(carrying)
         } else {
             None
         };
+        let text = carrying.as_ref().map(LogAnswer::to_text).transpose()?;
         let mut verify = Vec::new();
         let started_all = Instant::now();
         while verify.len() < self.opts.verifications
@@ -936,7 +968,7 @@ impl Bench<'_> {
             verify.push(started.elapsed());
         }
         let answer_bytes = text.map(|t| t.len());
-        Ok(Measure {
+        let mut out = vec![Measure {
             what: what.into(),
             bytes_p50: proof.len(),
             bytes_max: proof.len(),
@@ -944,7 +976,32 @@ impl Bench<'_> {
             answer_bytes,
             generate: Some(Timing::of(generate)),
             verify: Some(Timing::of(verify)),
-        })
+        }];
+        if let Some(carrying) = carrying {
+            let mut checks = Vec::new();
+            let started_all = Instant::now();
+            while checks.len() < self.opts.verifications
+                && (checks.is_empty() || started_all.elapsed() < budget)
+            {
+                let started = Instant::now();
+                self_check::check_append_only(&carrying, &self.head_key, &remembered)
+                    .await
+                    .with_context(|| {
+                        format!("the append-only part {from} -> {to} fails the self-check")
+                    })?;
+                checks.push(started.elapsed());
+            }
+            out.push(Measure {
+                what: format!("{what}-self-check"),
+                bytes_p50: proof.len(),
+                bytes_max: proof.len(),
+                vrf_bytes: None,
+                answer_bytes: None,
+                generate: None,
+                verify: Some(Timing::of(checks)),
+            });
+        }
+        Ok(out)
     }
 }
 

@@ -44,10 +44,13 @@ pub async fn run_all(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
     heads_are_signed_late(Arc::clone(&a), Arc::clone(&b)).await;
     an_altered_head_stops_the_backfill(Arc::clone(&a)).await;
     a_head_after_the_latest_epoch_is_never_built_over(Arc::clone(&a), Arc::clone(&b)).await;
+    a_history_is_never_signed_over_another_stored_head(Arc::clone(&a)).await;
     a_far_behind_client_catches_up_in_steps(Arc::clone(&a), Arc::clone(&b)).await;
     a_stale_writer_is_fenced(Arc::clone(&a), Arc::clone(&b)).await;
     an_answer_read_across_two_commits_is_read_again(Arc::clone(&a), Arc::clone(&b)).await;
     an_answer_that_does_not_verify_is_not_served(Arc::clone(&a)).await;
+    a_history_read_across_a_deletion_is_read_again(Arc::clone(&a), Arc::clone(&b)).await;
+    an_append_only_part_that_does_not_verify_is_not_served(Arc::clone(&a)).await;
     two_writers_one_history(a, b).await;
 }
 
@@ -949,6 +952,70 @@ pub async fn a_head_after_the_latest_epoch_is_never_built_over(
     );
 }
 
+/// Review of issue 18 (F5): a history is answered on the stored head of its epoch, as a
+/// look-up is, never on a head signed for that epoch anew. A store restored from a backup
+/// under newer heads holds, for its latest epoch, a head naming another root than akd's:
+/// look-ups refused to answer on it (an operator must look), but a history, and a page of
+/// older versions, signed a second head for the epoch over akd's root (a fork made by kst
+/// itself, which every client that saw the stored head calls an attack). Now both are
+/// refused as temporary failures ([`TransparencyError::Directory`], naming the root) and the
+/// stored head stays the only one of its epoch.
+///
+/// [`TransparencyError::Directory`]: crate::transparency::TransparencyError::Directory
+pub async fn a_history_is_never_signed_over_another_stored_head(a: Arc<dyn DirectoryStore>) {
+    use crate::transparency::answer::head_text;
+    use crate::transparency::{KeyDirectory, StoredDirectory, TransparencyError};
+    const D: &str = "restored.example";
+    let keys = LogKeys::generate(D);
+    let alice = address("alice@restored.example");
+    // Two versions of alice (a page below version 2 holds version 1), without heads.
+    let dir = KeyDirectory::open(StoredDirectory::new(Arc::clone(&a), D), keys.vrf.clone())
+        .await
+        .expect("restored: open the directory");
+    for v in 1..=2 {
+        let entry = DirectoryEntry::for_record(&record(&alice, 41, v, v));
+        dir.publish(&[(alice.clone(), entry)])
+            .await
+            .expect("restored: publish");
+    }
+    let (latest, root) = dir.current().await.unwrap();
+    // The head the restored store holds for its latest epoch: this log's keys, another root.
+    let other = keys
+        .head
+        .sign(Head {
+            domain: D.into(),
+            epoch: latest,
+            root_hash: [9; 32],
+            vrf_public_key: keys.vrf.public_key().unwrap(),
+            signed_at: 20,
+        })
+        .unwrap();
+    assert_ne!(root, other.head.root_hash);
+    a.insert_head(D, latest, head_text(&other).unwrap().as_bytes())
+        .await
+        .unwrap();
+    let log = DomainLog::open(Arc::clone(&a), keys).await.unwrap();
+    let refused = |what: &str, result: Result<(), TransparencyError>| match result {
+        Err(TransparencyError::Directory(e)) => assert!(
+            e.contains("not the directory's"),
+            "restored: the {what}'s refusal names the stored head's root: {e}"
+        ),
+        other => panic!(
+            "restored: the {what} at epoch {latest} was answered over another head than the \
+             stored one (a second head for the epoch): {other:?}"
+        ),
+    };
+    refused("look-up", log.answer(&alice, 21).await.map(|_| ()));
+    refused("history", log.history(&alice, 22).await.map(|_| ()));
+    refused("page", log.history_page(&alice, 2, 23).await.map(|_| ()));
+    let stored = log.stored_heads(latest, latest).await.unwrap();
+    assert_eq!(
+        stored,
+        vec![other],
+        "restored: the stored head stays the only one of epoch {latest}"
+    );
+}
+
 fn record(address: &Address, series: u32, n: u64, version: u64) -> KeyRecord {
     test_key(address, series, n).into_record(version)
 }
@@ -1655,6 +1722,54 @@ pub async fn record_encoding_round_trips() {
     assert!(records::decode(b"nope").is_err(), "records: unknown layout");
 }
 
+/// The hooks of a directory store whose `hold_at`-th value-state read from now (1: the
+/// next; 0: none) waits for `release` (telling `entered`) before it reads; `reads` counts them.
+#[derive(Default)]
+struct HeldValues {
+    hold_at: std::sync::atomic::AtomicUsize,
+    reads: std::sync::atomic::AtomicUsize,
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl HeldValues {
+    /// Counts a value-state read and holds it when it is the one.
+    async fn read(&self) {
+        use std::sync::atomic::Ordering;
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let left = self
+            .hold_at
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .unwrap_or(0);
+        if left == 1 {
+            self.entered.notify_one();
+            self.release.notified().await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl DirectoryHooks for HeldValues {
+    async fn value_states(
+        &self,
+        inner: &dyn DirectoryStore,
+        domain: &str,
+        label: &[u8],
+    ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
+        self.read().await;
+        inner.value_states(domain, label).await
+    }
+    async fn value_states_batch(
+        &self,
+        inner: &dyn DirectoryStore,
+        domain: &str,
+        labels: &[Vec<u8>],
+    ) -> Result<Vec<(Vec<u8>, u64, Vec<u8>)>, DirectoryStoreError> {
+        self.read().await;
+        inner.value_states_batch(domain, labels).await
+    }
+}
+
 /// The hooks of a directory store whose next tree-node read, once armed, waits for `release`
 /// (telling `entered`); with `tamper`, every non-root node it reads has its hash altered (a
 /// store changed behind kst's back).
@@ -1804,6 +1919,137 @@ pub async fn an_answer_read_across_two_commits_is_read_again(
     }
 }
 
+/// Review of issue 18 (F6): a history read across another process's deletion. A deletion's
+/// epoch overwrites the address's earlier values in place ("Deletion" in
+/// docs/TRANSPARENCY.md), which the torn-read guard does not see (no tree node is read
+/// across two commits): B's history read the root at epoch E, its last value-state read
+/// waited while A committed the deletion (E+1), and B proved E's newest version withdrawn
+/// with no deletion after it, which the owner's monitor reports as a key withdrawn behind
+/// kst's back. B must read again and answer on the deletion's epoch. The same for a page
+/// of older versions (its newest version's value read after the deletion: the page showed
+/// version 1 withdrawn against a head whose newest version held a key).
+pub async fn a_history_read_across_a_deletion_is_read_again(
+    a: Arc<dyn DirectoryStore>,
+    b: Arc<dyn DirectoryStore>,
+) {
+    use crate::transparency::history::{HistoryAnswer, HistoryPage};
+    use std::sync::atomic::Ordering;
+    const D: &str = "withdrawing.example";
+    let keys = LogKeys::generate(D);
+    let head_key = keys.head.public_key();
+    let log_a = DomainLog::open(a, LogKeys::parse(&keys.to_file()).unwrap())
+        .await
+        .expect("history across a deletion: open A's log");
+    let held = Arc::new(DelegatingDirectory::new(b, HeldValues::default()));
+    let log_b = Arc::new(
+        DomainLog::open(Arc::clone(&held) as Arc<dyn DirectoryStore>, keys)
+            .await
+            .expect("history across a deletion: open B's log"),
+    );
+    let (alice, bob) = (
+        address("alice@withdrawing.example"),
+        address("bob@withdrawing.example"),
+    );
+    for (addr, n) in [(&alice, 0), (&bob, 2)] {
+        for v in 1..=2 {
+            log_a
+                .sync(addr, Some(&record(addr, 43, n + v, v)), 70)
+                .await
+                .expect("history across a deletion: record");
+        }
+    }
+    let now = 71;
+    // How many value-state reads an answer takes (once warm); the last one waits while A
+    // deletes the address, then the answer of B.
+    let race = async |address: &Address, before: Option<u64>| {
+        let ask = {
+            let log_b = Arc::clone(&log_b);
+            let address = address.clone();
+            move || {
+                let (log_b, address) = (Arc::clone(&log_b), address.clone());
+                // The head and the proof, of a history or of a page.
+                async move {
+                    match before {
+                        None => log_b
+                            .history(&address, now)
+                            .await
+                            .map(|h| h.map(|h| (h.head, h.proof))),
+                        Some(before) => log_b
+                            .history_page(&address, before, now)
+                            .await
+                            .map(|p| p.map(|p| (p.page.head, p.page.proof))),
+                    }
+                }
+            }
+        };
+        ask().await.expect("history across a deletion: warm");
+        let before_reads = held.reads.load(Ordering::SeqCst);
+        ask().await.expect("history across a deletion: count");
+        let reads = held.reads.load(Ordering::SeqCst) - before_reads;
+        assert!(
+            reads > 0,
+            "history across a deletion: a history reads value states"
+        );
+        held.hold_at.store(reads, Ordering::SeqCst);
+        let asking = tokio::spawn(ask());
+        tokio::time::timeout(std::time::Duration::from_secs(30), held.entered.notified())
+            .await
+            .expect("history across a deletion: B reads the values");
+        let deletion = match log_a.sync(address, None, 72).await {
+            Ok(Synced::Recorded { epoch, .. }) => epoch,
+            other => panic!("history across a deletion: A's deletion: {other:?}"),
+        };
+        held.release.notify_one();
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(60), asking)
+            .await
+            .expect("history across a deletion: B answers")
+            .unwrap()
+            .expect("history across a deletion: B's answer")
+            .expect("history across a deletion: the address has a history");
+        (answer, deletion)
+    };
+    let ((head, proof), deletion) = race(&alice, None).await;
+    let history = HistoryAnswer { head, proof };
+    let versions = history
+        .verify(&head_key, &alice)
+        .unwrap_or_else(|e| panic!("history across a deletion: alice's history: {e}"));
+    let shown: Vec<(u64, Option<EntryState>)> = versions
+        .iter()
+        .map(|v| (v.akd_version, v.entry.as_ref().map(|e| e.state)))
+        .collect();
+    assert_eq!(
+        (history.head.head.epoch, shown),
+        (
+            deletion,
+            vec![(3, Some(EntryState::Deleted)), (2, None), (1, None)]
+        ),
+        "history across a deletion: B's history must show the deletion after the withdrawn \
+         versions (epoch {} is the one before it: a value withdrawn with no deletion after \
+         it)",
+        deletion - 1
+    );
+    let ((head, proof), deletion) = race(&bob, Some(2)).await;
+    let page = HistoryPage {
+        head,
+        before: 2,
+        proof,
+    };
+    let versions = page
+        .verify(&head_key, &bob, 2, u64::MAX)
+        .await
+        .unwrap_or_else(|e| panic!("history across a deletion: bob's page: {e}"));
+    assert_eq!(
+        (page.head.head.epoch, versions.len()),
+        (deletion, 1),
+        "history across a deletion: bob's page, showing version 1 withdrawn, must be against \
+         the deletion's head, not the one before it (whose newest version holds a key)"
+    );
+    assert!(
+        versions[0].entry.is_none(),
+        "history across a deletion: bob's v1 is withdrawn"
+    );
+}
+
 /// A store altered behind kst's back (every tree node's hash but the root's changed, as
 /// another process B reads them): a look-up's proof no longer verifies against its head, and
 /// B does not serve it:
@@ -1837,20 +2083,34 @@ pub async fn an_answer_that_does_not_verify_is_not_served(a: Arc<dyn DirectorySt
             .expect("self-check: record");
         records.push((addr, rec));
     }
-    let (alice, rec) = &records[0];
+    // A second version of alice: her history has a page below version 2.
+    let (alice, _) = &records[0];
+    let rec = record(alice, 7, 9, 2);
+    log_a
+        .sync(alice, Some(&rec), 60)
+        .await
+        .expect("self-check: record");
+    let attempts = crate::transparency::self_check::ATTEMPTS;
+    let not_served = |what: &str, result: Result<(), TransparencyError>, n: u64| {
+        match result {
+            Err(TransparencyError::Directory(e)) => assert!(
+                e.contains("did not verify against its own head"),
+                "self-check: {what}: {e}"
+            ),
+            other => panic!("self-check: an altered store's {what} was served: {other:?}"),
+        }
+        assert_eq!(
+            log.unverified(),
+            n * attempts,
+            "self-check: the {what} was built again from fresh reads, a bounded number of times"
+        );
+    };
     held.tamper.store(true, Ordering::SeqCst);
-    match log.answer(alice, 61).await {
-        Err(TransparencyError::Directory(e)) => assert!(
-            e.contains("did not verify against its own head"),
-            "self-check: {e}"
-        ),
-        other => panic!("self-check: an altered store's answer was served: {other:?}"),
-    }
-    assert_eq!(
-        log.unverified(),
-        crate::transparency::self_check::ATTEMPTS,
-        "self-check: built again from fresh reads, a bounded number of times"
-    );
+    not_served("look-up", log.answer(alice, 61).await.map(|_| ()), 1);
+    // Review of issue 18 (F7): histories and their pages are checked too (before, an altered
+    // store's history was served, and the owner's monitor called it an attack).
+    not_served("history", log.history(alice, 61).await.map(|_| ()), 2);
+    not_served("page", log.history_page(alice, 2, 61).await.map(|_| ()), 3);
     held.tamper.store(false, Ordering::SeqCst);
     log.answer(alice, 62)
         .await
@@ -1858,4 +2118,114 @@ pub async fn an_answer_that_does_not_verify_is_not_served(a: Arc<dyn DirectorySt
         .verify(&head_key, alice, Served::Key(&rec.key))
         .await
         .expect("self-check: the answer verifies again");
+    log.history(alice, 62)
+        .await
+        .expect("self-check: the history, the store read true again")
+        .expect("self-check: alice has a history")
+        .verify(&head_key, alice)
+        .expect("self-check: the history verifies again");
+    let page = log
+        .history_page(alice, 2, 62)
+        .await
+        .expect("self-check: the page, the store read true again")
+        .expect("self-check: alice has a page below version 2")
+        .page;
+    page.verify(&head_key, alice, 2, u64::MAX)
+        .await
+        .expect("self-check: the page verifies again");
+    assert_eq!(
+        log.unverified(),
+        3 * attempts,
+        "self-check: nothing more refused"
+    );
+}
+
+/// Review of issue 18 (F7): the append-only part of an answer (`?since=`, `KST-Log-Since`)
+/// is checked before it is served, as a client that remembers the stored head of its first
+/// epoch checks it. A store whose head of epoch 1 names another root than the directory's
+/// (restored under newer heads, written behind kst's back: a head of an older epoch is
+/// checked against no root when it is read) made every answer from epoch 1 carry a proof
+/// that the client remembering that head refuses as an attack, and the answer was served:
+/// now it is built again, a bounded number of times, then a temporary failure; the whole
+/// proof and a step of a catch-up alike. From an epoch whose head is the directory's the
+/// answers are served, and verify.
+pub async fn an_append_only_part_that_does_not_verify_is_not_served(a: Arc<dyn DirectoryStore>) {
+    use crate::transparency::TransparencyError;
+    use crate::transparency::answer::{HTTP_STEP_BUDGET, StepBudget, head_text};
+    const D: &str = "since.example";
+    let keys = LogKeys::generate(D);
+    let head_key = keys.head.public_key();
+    let mut roots = BTreeMap::new();
+    publish_without_heads(&a, &keys, &["s1", "s2", "s3", "s4"], &mut roots).await;
+    // The heads: epoch 1's with another root, the others the directory's.
+    for (&epoch, &root) in &roots {
+        let head = keys
+            .head
+            .sign(Head {
+                domain: D.into(),
+                epoch,
+                root_hash: if epoch == 1 { [3; 32] } else { root },
+                vrf_public_key: keys.vrf.public_key().unwrap(),
+                signed_at: 80,
+            })
+            .unwrap();
+        a.insert_head(D, epoch, head_text(&head).unwrap().as_bytes())
+            .await
+            .unwrap();
+    }
+    let log = DomainLog::open(Arc::clone(&a), keys).await.unwrap();
+    let s1 = address("s1@since.example");
+    let step = StepBudget {
+        epochs: 1,
+        ..HTTP_STEP_BUDGET
+    };
+    let attempts = crate::transparency::self_check::ATTEMPTS;
+    for (n, (what, steps)) in [("the whole proof", None), ("a step", Some(step))]
+        .into_iter()
+        .enumerate()
+    {
+        match log.answer_stepped(&s1, Some(1), steps, 81).await {
+            Err(TransparencyError::Directory(e)) => assert!(
+                e.contains("did not verify against its own head"),
+                "since: {what}: {e}"
+            ),
+            other => panic!(
+                "since: {what} from epoch 1 was served, which a client remembering the stored \
+                 head of epoch 1 refuses: {other:?}"
+            ),
+        }
+        assert_eq!(
+            log.unverified(),
+            (n as u64 + 1) * attempts,
+            "since: {what}: built again a bounded number of times"
+        );
+    }
+    let remembered = log
+        .head_at(2, 82)
+        .await
+        .unwrap()
+        .expect("since: the head of epoch 2");
+    let whole = log
+        .answer_since(&s1, Some(2), 82)
+        .await
+        .expect("since: from epoch 2");
+    whole
+        .verify_extends(&remembered.head)
+        .await
+        .expect("since: the whole proof from epoch 2 verifies");
+    let stepped = log
+        .answer_stepped(&s1, Some(2), Some(step), 82)
+        .await
+        .expect("since: a step from epoch 2");
+    let (to, _) = stepped
+        .verify_step(&head_key, &remembered.head)
+        .await
+        .expect("since: the step from epoch 2 verifies")
+        .expect("since: a step from epoch 2");
+    assert_eq!(to.head.epoch, 3, "since: one epoch a step");
+    assert_eq!(
+        log.unverified(),
+        2 * attempts,
+        "since: nothing more refused"
+    );
 }

@@ -43,6 +43,11 @@ pub struct PageProof {
     /// the older ones); the server's limits count such a page as a miss
     /// ([`super::history::PageAnswer::finds_no_key`]).
     pub newest_finds_no_key: bool,
+    /// Whether the address's newest version at `epoch` holds akd's tombstone (a value a
+    /// deletion withdrew): never so at that epoch itself, so the values were read after
+    /// another process committed a deletion (they are overwritten in place), or were altered
+    /// behind kst's back.
+    pub newest_withdrawn: bool,
 }
 
 /// One domain's verifiable key directory over the storage `S`.
@@ -286,6 +291,10 @@ impl<S: Database + 'static> KeyDirectory<S> {
             Err(e) => return Err(TransparencyError::Directory(e.to_string())),
         };
         states.retain(|s| s.epoch <= epoch);
+        let newest_withdrawn = states
+            .iter()
+            .max_by_key(|s| s.version)
+            .is_some_and(|s| s.value.0 == akd::TOMBSTONE);
         let newest_finds_no_key = states
             .iter()
             .max_by_key(|s| s.version)
@@ -364,6 +373,7 @@ impl<S: Database + 'static> KeyDirectory<S> {
             epoch,
             root,
             newest_finds_no_key,
+            newest_withdrawn,
         }))
     }
 

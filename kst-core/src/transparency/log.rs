@@ -2107,8 +2107,9 @@ impl Worker {
 
     /// [`Worker::answer_once`], again when another process committed meanwhile (a proof
     /// built across a commit can fail to read the old epoch's nodes), and checked before it
-    /// is served ([`self_check`]): an answer a client would refuse is built again from fresh
-    /// reads, at most [`self_check::ATTEMPTS`] times in all, then the request fails with
+    /// is served ([`self_check`], its append-only part too: [`Worker::self_check`]): an
+    /// answer a client would refuse is built again from fresh reads, at most
+    /// [`self_check::ATTEMPTS`] times in all, then the request fails with
     /// [`TransparencyError::Directory`] (temporary), logged.
     async fn answer(
         &self,
@@ -2124,28 +2125,16 @@ impl Worker {
             self.refresh().await;
             let built_on = self.current().await.ok().map(|(e, _)| e);
             let result = match self.answer_once(address, since, steps, now).await {
-                Ok(answer) => match self_check::check(&answer, address).await {
-                    Ok(()) => Ok(answer),
-                    Err(e) => {
+                Ok(answer) => match self.self_check(&answer, address, now).await {
+                    Ok(Ok(())) => Ok(answer),
+                    Ok(Err(e)) => {
                         unverified += 1;
-                        self.unverified
-                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let epoch = answer.head.head.epoch;
-                        // What akd cached for it is not trusted either.
-                        self.forget().await;
-                        if unverified < self_check::ATTEMPTS {
-                            tracing::warn!(domain = %self.keys.domain, %address, epoch, attempt = unverified, error = %e, "an answer did not verify against its own head; building it again from fresh reads");
-                            back_off(unverified).await;
-                            continue;
-                        }
-                        tracing::error!(domain = %self.keys.domain, %address, epoch, error = %e, "an answer built {unverified} times did not verify against its own head; not served");
-                        return Err(TransparencyError::Directory(format!(
-                            "the answer about {address} did not verify against its own head \
-                             (epoch {epoch}) in {unverified} attempts, so it was not served: \
-                             {e}; retry later; if it persists, the directory's store was \
-                             altered or damaged and an operator must look"
-                        )));
+                        self.not_verified("answer", address, epoch, unverified, &e)
+                            .await?;
+                        continue;
                     }
+                    Err(e) => Err(e),
                 },
                 Err(e) => Err(e),
             };
@@ -2159,8 +2148,68 @@ impl Worker {
         }
     }
 
+    /// [`self_check::check`] of `answer` and, when it carries one,
+    /// [`self_check::check_append_only`] of its append-only part from the stored head of the
+    /// part's first epoch (the head a client that asked from there remembers). The outer
+    /// error: that head could not be read; the inner one: the answer does not verify.
+    async fn self_check(
+        &self,
+        answer: &LogAnswer,
+        address: &Address,
+        now: u64,
+    ) -> Result<Result<()>> {
+        if let Err(e) = self_check::check(answer, address).await {
+            return Ok(Err(e));
+        }
+        let Some(part) = &answer.append_only else {
+            return Ok(Ok(()));
+        };
+        let remembered = self.head_at(part.from, now).await?.ok_or_else(|| {
+            TransparencyError::Directory(format!(
+                "no head for epoch {}, where an append-only proof starts",
+                part.from
+            ))
+        })?;
+        Ok(
+            self_check::check_append_only(answer, &self.keys.head.public_key(), &remembered.head)
+                .await,
+        )
+    }
+
+    /// An answer (`what`) about `address` at `epoch` failed the server's check of it
+    /// ([`self_check`]) for the `failures`-th time in this request: counted
+    /// ([`DomainLog::unverified`]) and akd's cache dropped. `Ok` (after a pause): build it
+    /// again from fresh reads; after [`self_check::ATTEMPTS`] failures the request's
+    /// temporary failure ([`TransparencyError::Directory`]), logged as an error.
+    async fn not_verified(
+        &self,
+        what: &str,
+        address: &Address,
+        epoch: u64,
+        failures: u64,
+        e: &TransparencyError,
+    ) -> Result<()> {
+        self.unverified
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // What akd cached for it is not trusted either.
+        self.forget().await;
+        if failures < self_check::ATTEMPTS {
+            tracing::warn!(domain = %self.keys.domain, %address, epoch, attempt = failures, error = %e, "the {what} did not verify against its own head; building it again from fresh reads");
+            back_off(failures).await;
+            return Ok(());
+        }
+        tracing::error!(domain = %self.keys.domain, %address, epoch, error = %e, "the {what} built {failures} times did not verify against its own head; not served");
+        Err(TransparencyError::Directory(format!(
+            "the {what} about {address} did not verify against its own head (epoch {epoch}) \
+             in {failures} attempts, so it was not served: {e}; retry later; if it persists, \
+             the directory's store was altered or damaged and an operator must look"
+        )))
+    }
+
     /// The history proof of `address` (with `before`, the page below that version) with
-    /// [`Worker::answer`]'s retries.
+    /// [`Worker::answer`]'s retries, checked before it is served as the owner's monitor
+    /// checks it ([`self_check::check_history`], [`self_check::check_page`]; built again
+    /// from fresh reads as an answer is, then a temporary failure).
     async fn history(
         &self,
         address: &Address,
@@ -2168,41 +2217,38 @@ impl Worker {
         now: u64,
     ) -> Result<Option<BuiltHistory>> {
         let mut attempt = 0;
+        let mut unverified = 0;
         loop {
             attempt += 1;
             self.refresh().await;
             let built_on = self.current().await.ok().map(|(e, _)| e);
-            // (proof, epoch, root, whether the newest version finds no key): the newest page
-            // holds the newest version itself; an older page is told by the directory.
-            let proof = match before {
-                None => self
-                    .dir()?
-                    .history(address)
-                    .await
-                    .map(|found| found.map(|(proof, epoch, root)| (proof, epoch, root, None))),
-                Some(before) => self
-                    .dir()?
-                    .history_before(address, before)
-                    .await
-                    .map(|found| {
-                        found.map(|p| (p.proof, p.epoch, p.root, Some(p.newest_finds_no_key)))
-                    }),
-            };
-            let result = match proof {
-                Ok(Some((proof, epoch, root, newest))) => {
-                    wire::encode_history(&proof).and_then(|p| {
-                        let answer = HistoryAnswer {
-                            head: self.sign(epoch, root, now)?,
-                            proof: p,
-                        };
-                        Ok(Some(BuiltHistory {
-                            newest_finds_no_key: newest.unwrap_or_else(|| answer.finds_no_key()),
-                            answer,
-                        }))
-                    })
+            let result = match self.history_once(address, before, now).await {
+                Ok(Some(built)) => {
+                    let head_key = self.keys.head.public_key();
+                    let answer = &built.answer;
+                    let checked = match before {
+                        None => self_check::check_history(answer, &head_key, address),
+                        Some(before) => {
+                            let page = HistoryPage {
+                                head: answer.head.clone(),
+                                before,
+                                proof: answer.proof.clone(),
+                            };
+                            self_check::check_page(&page, &head_key, address).await
+                        }
+                    };
+                    match checked {
+                        Ok(()) => Ok(Some(built)),
+                        Err(e) => {
+                            unverified += 1;
+                            let epoch = answer.head.head.epoch;
+                            self.not_verified("history", address, epoch, unverified, &e)
+                                .await?;
+                            continue;
+                        }
+                    }
                 }
-                Ok(None) => Ok(None),
-                Err(e) => Err(e),
+                other => other,
             };
             match result {
                 Err(e) if attempt < MAX_ATTEMPTS && self.retryable(&e, built_on).await => {
@@ -2211,6 +2257,71 @@ impl Worker {
                 result => return result,
             }
         }
+    }
+
+    /// One attempt of [`Worker::history`]: akd's proof on the stored head of its epoch
+    /// ([`Worker::ensure_head`], as a look-up's): a stored head naming another root than
+    /// akd's (a store restored under newer heads, heads written behind kst's back) refuses
+    /// it, [`TransparencyError::Directory`] for an operator; a second head is never signed
+    /// for an epoch (a fork made by kst itself).
+    async fn history_once(
+        &self,
+        address: &Address,
+        before: Option<u64>,
+        now: u64,
+    ) -> Result<Option<BuiltHistory>> {
+        // (proof, epoch, root, whether the newest version finds no key, whether it is
+        // withdrawn): the newest page holds the newest version itself; an older page is told
+        // by the directory.
+        let (proof, epoch, root, newest, withdrawn) = match before {
+            None => match self.dir()?.history(address).await? {
+                Some((proof, epoch, root)) => {
+                    let withdrawn = proof
+                        .update_proofs
+                        .iter()
+                        .max_by_key(|u| u.version)
+                        .is_some_and(|u| u.value.0 == akd::TOMBSTONE);
+                    (proof, epoch, root, None, withdrawn)
+                }
+                None => return Ok(None),
+            },
+            Some(before) => match self.dir()?.history_before(address, before).await? {
+                Some(p) => (
+                    p.proof,
+                    p.epoch,
+                    p.root,
+                    Some(p.newest_finds_no_key),
+                    p.newest_withdrawn,
+                ),
+                None => return Ok(None),
+            },
+        };
+        // A deletion's epoch overwrites the address's earlier values in place ("Deletion" in
+        // docs/TRANSPARENCY.md), which the torn-read guard does not see (no tree node is
+        // involved): a history that read the root before another process committed one and
+        // the values after it shows the old epoch's newest version withdrawn with no
+        // deletion after it, which the owner's monitor reports as a key withdrawn behind
+        // kst's back. The newest version of an epoch is never withdrawn at that epoch, so
+        // when the epoch moved meanwhile this is such a race: read again (the retries of
+        // [`Worker::history`]), on the new epoch. When it did not move, the store holds that
+        // value (altered behind kst's back): served, so that the monitor reports it.
+        if withdrawn {
+            if self.epoch_moved(epoch).await {
+                return Err(TransparencyError::Conflict(format!(
+                    "the history of {address} at epoch {epoch} read a withdrawn value as its \
+                     newest version: a deletion another process committed meanwhile"
+                )));
+            }
+            tracing::warn!(domain = %self.keys.domain, %address, epoch, "the newest version of an address is withdrawn with no deletion after it: its value was altered behind kst's back (the owner's monitor, `kst client status`, reports it)");
+        }
+        let answer = HistoryAnswer {
+            head: self.ensure_head(epoch, root, now).await?,
+            proof: wire::encode_history(&proof)?,
+        };
+        Ok(Some(BuiltHistory {
+            newest_finds_no_key: newest.unwrap_or_else(|| answer.finds_no_key()),
+            answer,
+        }))
     }
 
     async fn answer_once(
@@ -2607,6 +2718,8 @@ impl Worker {
         self.check_stored(epoch, Some(root_hash), &blob)
     }
 
+    /// [`check_stored_head`] with this log's keys; a stored head that fails it is logged as
+    /// an error (an operator must look).
     fn check_stored(
         &self,
         epoch: u64,
@@ -2621,6 +2734,9 @@ impl Worker {
             root_hash,
             blob,
         )
+        .inspect_err(|e| {
+            tracing::error!(domain = %self.keys.domain, epoch, error = %e, "a stored head is not the directory's; nothing is served or signed on it");
+        })
     }
 
     fn sign(&self, epoch: u64, root_hash: [u8; 32], now: u64) -> Result<SignedHead> {

@@ -1177,9 +1177,11 @@ async fn history_pages_prove_every_older_version_and_refuse_gaps() {
         epoch,
         root,
         newest_finds_no_key,
+        newest_withdrawn,
     } = dir.history_before(&alice, 7).await.unwrap().unwrap();
     assert_eq!((epoch, root), (h.head.epoch, h.head.root_hash));
     assert!(!newest_finds_no_key, "alice's newest version holds her key");
+    assert!(!newest_withdrawn, "alice's newest version is not withdrawn");
     let page = HistoryPage {
         head: h.clone(),
         before: 7,
