@@ -3162,7 +3162,19 @@ fn version_3_uses_the_memory_the_pin_and_the_witnesses() {
         ],
     );
     expect(&out, &v, 75, "pending");
-    assert_eq!(provider.remembered_epoch(bob), Some(7));
+    // The directory's head is verified before the request is sent (docs/PROTOCOL.md, "The
+    // two-step check of versions 1 and 2", step 0), and kept with it.
+    assert_eq!(
+        provider.remembered_epoch(bob),
+        Some(8),
+        "verified before sending"
+    );
+    let file = provider.path(&format!("state-{bob}/pending.json"));
+    let pending: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(
+        pending["requests"][0]["log"]["verified_epoch"], 8,
+        "{pending}"
+    );
     let (out, v) = provider.client("sendmail", bob, &["check", "--resolver", NO_RESOLVER]);
     assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
     assert_eq!(v[0]["outcome"], "found", "{v}");
@@ -3324,7 +3336,27 @@ fn lagging_proxy(honest: &str, behind: String, times: usize) -> String {
 /// path contains `route` are answered with `body` (a genuine answer captured earlier), the
 /// rest forwarded. Returns its URL.
 fn replaying_proxy(honest: &str, route: &'static str, body: String, times: usize) -> String {
-    let behind = body;
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    answering_proxy(honest, route, response.into_bytes(), times)
+}
+
+/// An HTTP proxy in front of the directory at `honest`: the first `times` requests whose
+/// path contains `route` are answered 503 (a directory down for a moment), the rest
+/// forwarded. Returns its URL.
+fn unavailable_proxy(honest: &str, route: &'static str, times: usize) -> String {
+    let response = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+                    Content-Length: 5\r\nConnection: close\r\n\r\ndown\n";
+    answering_proxy(honest, route, response.as_bytes().to_vec(), times)
+}
+
+/// An HTTP proxy in front of the directory at `honest`: the first `times` requests whose
+/// path contains `route` are answered with the bytes of `response`, the rest forwarded.
+/// Returns its URL.
+fn answering_proxy(honest: &str, route: &'static str, response: Vec<u8>, times: usize) -> String {
     use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -3338,12 +3370,7 @@ fn replaying_proxy(honest: &str, route: &'static str, body: String, times: usize
             };
             let response = if line.contains(route) && lagged < times {
                 lagged += 1;
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n\
-                     Content-Length: {}\r\nConnection: close\r\n\r\n{behind}",
-                    behind.len()
-                )
-                .into_bytes()
+                response.clone()
             } else {
                 let Some(r) = forward(&honest, &line, &rest) else {
                     continue;
@@ -3659,6 +3686,108 @@ fn a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decide
     );
     provider.refused_as_attack("sendmail-old", bob, &provider.log_url, "a stale");
     assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
+}
+
+/// The head verified before sending (issue 18, two-step check): `retrieve
+/// --check-transparency` fetches and verifies the directory's current answer before the
+/// request is sent and keeps its epoch as `verified_epoch`. A stale replica serving alice's
+/// first key, superseded at epoch 2, to a client that never retrieved from example.net (no
+/// remembered head, first use): exit 5 "a stale" key at the first reply, evidence kept, the
+/// head of epoch 2 remembered. Before, the client could not tell (exit 75).
+#[test]
+fn presend_a_stale_key_on_first_use_is_an_attack_at_once() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    let old_store = provider.copy_of_store("keys-old");
+    let (_old, _old_url) = provider.twin_kst("old", &old_store);
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    assert!(provider.evidence(bob).is_empty());
+    provider.refused_as_attack("sendmail-old", bob, &provider.log_url, "a stale");
+    assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
+    assert_eq!(provider.remembered_epoch(bob), Some(2));
+}
+
+/// The head verified before sending: a client that remembers an old head (epoch 1, a
+/// retrieval days ago) and a key superseded after it (epoch 2), before the request is sent,
+/// served by a stale replica: exit 5 at the first reply (before: one exit 75, a change
+/// after the verified epoch, then exit 5 on the retry).
+#[test]
+fn presend_a_stale_key_superseded_after_an_old_remembered_head_is_an_attack_at_once() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    let old_store = provider.copy_of_store("keys-old");
+    let (_old, _old_url) = provider.twin_kst("old", &old_store);
+    let log = [
+        "--log-url",
+        provider.log_url.as_str(),
+        "--log-key",
+        provider.head_key.as_str(),
+    ];
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &log);
+    expect(&out, &v, 0, "found");
+    assert_eq!(provider.remembered_epoch(bob), Some(1));
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    provider.refused_as_attack("sendmail-old", bob, &provider.log_url, "a stale");
+    assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
+    assert_eq!(provider.remembered_epoch(bob), Some(2));
+}
+
+/// The head verified before sending, when the directory cannot be read then (503): the
+/// request is still sent, with the epoch remembered before (1), and the output says so; the
+/// stale replica's key superseded at epoch 2 is then decided as without the step (exit 75,
+/// a change after the verified epoch), and the retrieval made again (the directory back)
+/// is exit 5. A head fetched before sending that fails verification (a forged answer) is
+/// an attack at once, and nothing is sent.
+#[test]
+fn presend_a_head_unreachable_before_sending_still_sends_and_a_forged_one_sends_nothing() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    let old_store = provider.copy_of_store("keys-old");
+    let (_old, _old_url) = provider.twin_kst("old", &old_store);
+    let log = [
+        "--log-url",
+        provider.log_url.as_str(),
+        "--log-key",
+        provider.head_key.as_str(),
+    ];
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &log);
+    expect(&out, &v, 0, "found");
+    assert_eq!(provider.remembered_epoch(bob), Some(1));
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    // The first look-up (the one before sending) answered 503.
+    let down_once = unavailable_proxy(&provider.log_url, "/lookup/", 1);
+    let (out, v) = provider.checked_as(
+        "sendmail-old",
+        bob,
+        "alice@example.net",
+        &["--log-url", &down_once, "--log-key", &provider.head_key],
+    );
+    expect(&out, &v, 75, "error");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("changed while the reply was on its way"),
+        "{error}"
+    );
+    let told = stderr(&out);
+    assert!(
+        told.contains("could not be verified before sending")
+            && told.contains("the epoch remembered before, 1"),
+        "{told}"
+    );
+    assert_eq!(provider.remembered_epoch(bob), Some(2));
+    provider.refused_as_attack("sendmail-old", bob, &provider.log_url, "a stale");
+    assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
+
+    // A forged answer before sending: exit 5, evidence kept, no request sent.
+    let forged = forging_proxy(&provider.log_url, "/lookup/", None, true);
+    provider.refused_as_attack("sendmail", bob, &forged, "nothing was sent");
+    assert_eq!(provider.evidence(bob).len(), 2, "evidence kept");
+    let (out, v) = provider.client("sendmail", bob, &["pending"]);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert!(!v.to_string().contains("alice@example.net"), "sent: {v}");
 }
 
 /// A client far behind catches up in steps (issue 18, "Catching up in steps"): with

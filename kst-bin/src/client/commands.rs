@@ -178,14 +178,14 @@ pub struct LogPlan {
 pub(super) async fn log_plan(
     s: &Settings,
     args: &LogArgs,
-    domain: &str,
+    address: &Address,
 ) -> Result<LogPlan, Outcome> {
-    super::transparency::plan(s, args, domain).await
+    super::transparency::plan(s, args, address).await
 }
 
 /// Without the `transparency` feature a request asks nothing of a key directory.
 #[cfg(not(feature = "transparency"))]
-pub(super) async fn log_plan(_: &Settings, _: &LogArgs, _: &str) -> Result<LogPlan, Outcome> {
+pub(super) async fn log_plan(_: &Settings, _: &LogArgs, _: &Address) -> Result<LogPlan, Outcome> {
     Ok(LogPlan::default())
 }
 
@@ -423,7 +423,7 @@ async fn publish(
         Ok(a) => a.clone(),
         Err(o) => return o,
     };
-    let plan = match log_plan(s, log, account.domain()).await {
+    let plan = match log_plan(s, log, &account).await {
         Ok(p) => p,
         Err(o) => return o,
     };
@@ -485,7 +485,7 @@ async fn retrieve(
             return Outcome::error(exit::USAGE, format!("{address:?} is not an address: {e}"));
         }
     };
-    let plan = match log_plan(s, log, address.domain()).await {
+    let plan = match log_plan(s, log, &address).await {
         Ok(p) => p,
         Err(o) => return o,
     };

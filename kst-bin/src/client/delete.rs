@@ -16,7 +16,7 @@ pub async fn delete(s: &Settings, no_wait: bool, log: &LogArgs) -> Outcome {
         Ok(a) => a.clone(),
         Err(o) => return o,
     };
-    let plan = match log_plan(s, log, account.domain()).await {
+    let plan = match log_plan(s, log, &account).await {
         Ok(p) => p,
         Err(o) => return o,
     };

@@ -8,7 +8,8 @@
 //! verified) shows whether the served key (or "no key") was the directory's state at some
 //! epoch, and at which epoch a change superseded it. That epoch is compared with the newest
 //! epoch the client had verified before it sent the request ([`by_epoch`]; no clock is
-//! compared): superseded at a newer epoch, a race, a temporary failure (exit 75), nothing
+//! compared; the head is fetched and verified just before sending when the directory can be
+//! read then, [`super::transparency`]'s `presend`): superseded at a newer epoch, a race, a temporary failure (exit 75), nothing
 //! imported. Superseded at or before it, or never the directory's state: an attack (exit 5,
 //! the evidence kept). A client that had verified no epoch before the request cannot tell
 //! (exit 75: the check remembered a head, so the next request is decided).

@@ -235,10 +235,12 @@ pub async fn status(
     // compares with it).
     #[cfg(feature = "transparency")]
     let verified_epoch = match log {
-        Some(_) => match super::transparency::remembered_epoch(s, account.domain()) {
-            Ok(e) => e,
-            Err(o) => return output::finish(&[o], s.json, false),
-        },
+        Some(args) => {
+            match super::transparency::verified_epoch_before_sending(s, args, &account).await {
+                Ok(e) => e,
+                Err(o) => return output::finish(&[o], s.json, false),
+            }
+        }
         None => None,
     };
     let retrieved = send_and_wait(s, &account, request, None, false, false).await;

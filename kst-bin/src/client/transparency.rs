@@ -56,6 +56,8 @@ use super::output::Outcome;
 use super::state::{Entry, LogRequirements};
 use super::tls::Conn;
 
+mod presend;
+
 /// Limit for the whole fetch.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(20);
 /// Largest key dearmored for the check.
@@ -197,10 +199,18 @@ impl ReplyProofArgs {
 /// reply's answer must be signed by (`--log-key`, else the pin, else DNS, pinned on first
 /// use: [`head_key`]), what the request asks of the answer (the remembered epoch, the
 /// witnesses) and what the reply's check needs later. Without `--transparency`, only the
-/// HTTP check's requirements (`retrieve --check-transparency`). Both keep the epoch of the
-/// head remembered for the domain now, before the request is sent
-/// ([`LogRequirements::verified_epoch`]: the two-step check compares epochs with it).
-pub async fn plan(s: &Settings, check: &LogCheckArgs, domain: &str) -> Result<LogPlan, Outcome> {
+/// HTTP check's requirements (`retrieve --check-transparency`), for which the directory's
+/// current head is first fetched and verified ([`presend::verify_head`]; one that cannot be
+/// fetched is told on standard error, one that fails verification is an attack and nothing
+/// is sent). Both keep the epoch of the head remembered for the domain then, before the
+/// request is sent ([`LogRequirements::verified_epoch`]: the two-step check compares epochs
+/// with it).
+pub async fn plan(
+    s: &Settings,
+    check: &LogCheckArgs,
+    address: &Address,
+) -> Result<LogPlan, Outcome> {
+    let domain = address.domain();
     let args = &check.reply;
     args.validate(check.check_transparency)
         .map_err(|e| Outcome::error(exit::USAGE, e))?;
@@ -212,6 +222,9 @@ pub async fn plan(s: &Settings, check: &LogCheckArgs, domain: &str) -> Result<Lo
     let mut held = memory
         .hold(domain)
         .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
+    if log.http {
+        verify_before_sending(s, check, address, &memory, &mut held).await?;
+    }
     log.verified_epoch = held.memory.remembered_epoch();
     if !args.transparency {
         return Ok(LogPlan {
@@ -239,13 +252,36 @@ pub async fn plan(s: &Settings, check: &LogCheckArgs, domain: &str) -> Result<Lo
     })
 }
 
-/// The epoch of the head remembered for `domain` (`None`: none yet); a memory that cannot be
-/// read is a local problem (exit 78).
-pub fn remembered_epoch(s: &Settings, domain: &str) -> Result<Option<u64>, Outcome> {
-    LogMemory::beside(s.state.path())
-        .hold(domain)
-        .map(|held| held.memory.remembered_epoch())
-        .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))
+/// `status --check-transparency`: the head of `address`'s domain verified before the request
+/// is sent ([`presend::verify_head`]), and its epoch (`None`: none verified yet). A memory
+/// that cannot be read is a local problem (exit 78), a head that fails verification an
+/// attack (exit 5).
+pub async fn verified_epoch_before_sending(
+    s: &Settings,
+    check: &LogCheckArgs,
+    address: &Address,
+) -> Result<Option<u64>, Outcome> {
+    let memory = LogMemory::beside(s.state.path());
+    let mut held = memory
+        .hold(address.domain())
+        .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
+    verify_before_sending(s, check, address, &memory, &mut held).await?;
+    Ok(held.memory.remembered_epoch())
+}
+
+/// [`presend::verify_head`], its note (a head that could not be verified; the request is
+/// sent anyway) told on standard error.
+async fn verify_before_sending(
+    s: &Settings,
+    check: &LogCheckArgs,
+    address: &Address,
+    memory: &LogMemory,
+    held: &mut Held,
+) -> Result<(), Outcome> {
+    if let Some(note) = presend::verify_head(s, check, address, memory, held).await? {
+        eprintln!("kst: {note}");
+    }
+    Ok(())
 }
 
 /// Version 3: checks the key directory's answer a verified reply to `entry` carried (`answer`,
@@ -950,28 +986,7 @@ pub async fn check(
     let mut history_ahead: Option<u64> = None;
     loop {
         let since = held.memory.remembered_epoch().filter(|e| *e > 0);
-        let path = format!(
-            "/.well-known/kst/log/{}/lookup/{}",
-            address.domain(),
-            path_segment(address.as_str()),
-        );
-        let mut query: Vec<String> = since
-            .map(|e| match ask_steps {
-                true => vec![format!("since={e}"), "steps=1".into()],
-                false => vec![format!("since={e}")],
-            })
-            .unwrap_or_default();
-        let limit = if policy.is_some() {
-            query.push("witnessed=1".into());
-            MAX_WITNESSED_ANSWER + (MAX_ANSWER_WITH_AUDIT - MAX_ANSWER)
-        } else {
-            MAX_ANSWER_WITH_AUDIT
-        };
-        let path = if query.is_empty() {
-            path
-        } else {
-            format!("{path}?{}", query.join("&"))
-        };
+        let (path, limit) = lookup_path(&address, since, ask_steps, policy.is_some());
         let text = match fetch_answer(&base, &path, s.ca_file(), limit).await {
             Ok(t) => t,
             Err(Outcome::Error { error, .. })
@@ -1081,6 +1096,39 @@ pub async fn check(
             Err(o) => return o.with_attack(&attack),
         }
     }
+}
+
+/// The lookup path of `address` (from the remembered epoch `since`, in steps when
+/// `ask_steps`, with the witnesses' part when `witnessed`) and the largest answer taken.
+fn lookup_path(
+    address: &Address,
+    since: Option<u64>,
+    ask_steps: bool,
+    witnessed: bool,
+) -> (String, usize) {
+    let path = format!(
+        "/.well-known/kst/log/{}/lookup/{}",
+        address.domain(),
+        path_segment(address.as_str()),
+    );
+    let mut query: Vec<String> = since
+        .map(|e| match ask_steps {
+            true => vec![format!("since={e}"), "steps=1".into()],
+            false => vec![format!("since={e}")],
+        })
+        .unwrap_or_default();
+    let limit = if witnessed {
+        query.push("witnessed=1".into());
+        MAX_WITNESSED_ANSWER + (MAX_ANSWER_WITH_AUDIT - MAX_ANSWER)
+    } else {
+        MAX_ANSWER_WITH_AUDIT
+    };
+    let path = if query.is_empty() {
+        path
+    } else {
+        format!("{path}?{}", query.join("&"))
+    };
+    (path, limit)
 }
 
 /// A mismatch between the reply and the directory's verified answer (at `epoch`) that the
@@ -1984,6 +2032,32 @@ pub async fn fetch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The look-up the check and the head verified before sending ask for: the address
+    /// percent-encoded, `since` the remembered epoch (none for epoch 0 or no memory), `steps=1`
+    /// unless an older KST refused it, `witnessed=1` with the larger limit.
+    #[test]
+    fn the_lookup_path_names_the_remembered_epoch_steps_and_witnesses() {
+        let a = kst_core::AddressPolicy::default()
+            .normalize("a+b@example.net")
+            .unwrap();
+        let base = "/.well-known/kst/log/example.net/lookup/a+b@example.net";
+        assert_eq!(
+            lookup_path(&a, None, true, false),
+            (base.to_string(), MAX_ANSWER_WITH_AUDIT)
+        );
+        assert_eq!(
+            lookup_path(&a, Some(4), true, false).0,
+            format!("{base}?since=4&steps=1")
+        );
+        assert_eq!(
+            lookup_path(&a, Some(4), false, true),
+            (
+                format!("{base}?since=4&witnessed=1"),
+                MAX_WITNESSED_ANSWER + (MAX_ANSWER_WITH_AUDIT - MAX_ANSWER)
+            )
+        );
+    }
 
     /// `--log-key` and `--witness` need `--transparency` or `--check-transparency`; bad values
     /// are usage errors; the requirements kept with a pending request give the same flags back.
