@@ -359,7 +359,8 @@ fn read_at(f: &std::fs::File, at: u64, n: usize) -> std::io::Result<Vec<u8>> {
 }
 
 /// The epoch the frame in the slot of `epoch` says it is of (its first bytes only, not
-/// checked against its hash), with its length; `None` when the slot starts no frame.
+/// checked against its hash), with its length; `None` when the slot starts no frame (a slot
+/// cut inside its header, by a crash or a full disk, starts none).
 fn slot_header(
     dir: &Path,
     f: &std::fs::File,
@@ -369,7 +370,10 @@ fn slot_header(
     let Some(len) = frame_len(&head) else {
         return Ok(None);
     };
-    let said = u64::from_be_bytes(head[HEADER - 8..HEADER].try_into().unwrap_or([0; 8]));
+    let Some(said) = head.get(HEADER - 8..HEADER) else {
+        return Ok(None);
+    };
+    let said = u64::from_be_bytes(said.try_into().unwrap_or([0; 8]));
     Ok(Some((said, len)))
 }
 
@@ -1371,6 +1375,28 @@ pub(crate) mod tests {
         let mut b = batch();
         b.root.as_mut().unwrap().expected_epoch = Some(0);
         b.root.as_mut().unwrap().epoch = 1;
+        write_frame(dir, &b).unwrap();
+        assert_eq!(read_frame(dir, 1).unwrap(), Some(b));
+    }
+
+    /// A slot cut inside its header (after the magic and the length, before the epoch: a
+    /// crash or a full disk in the frame's first write) is no frame, and reading it panics
+    /// nowhere (it did: the header's epoch was sliced out of fewer bytes).
+    #[test]
+    fn a_slot_shorter_than_a_header_is_no_frame() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        start(dir, 0).unwrap();
+        let mut b = batch();
+        b.root.as_mut().unwrap().expected_epoch = Some(0);
+        b.root.as_mut().unwrap().epoch = 1;
+        let frame = encode(&b);
+        for n in 0..HEADER {
+            std::fs::write(slot_path(dir, 1), &frame[..n]).unwrap();
+            assert!(!holds(dir, 1).unwrap(), "cut at {n}");
+            assert_eq!(read_frame(dir, 1).unwrap(), None, "cut at {n}");
+            set_aside(dir, 1).unwrap();
+        }
         write_frame(dir, &b).unwrap();
         assert_eq!(read_frame(dir, 1).unwrap(), Some(b));
     }

@@ -279,7 +279,7 @@ async fn verify_before_sending(
     held: &mut Held,
 ) -> Result<(), Outcome> {
     if let Some(note) = presend::verify_head(s, check, address, memory, held).await? {
-        eprintln!("kst: {note}");
+        super::output::err(format!("kst: {note}"));
     }
     Ok(())
 }
@@ -371,7 +371,7 @@ pub async fn check_reply_answer(
     match verify_and_remember(&memory, &mut held, text, &checked).await {
         Ok(Accepted::Remembered) => outcome,
         Ok(Accepted::Restarted { note }) => {
-            eprintln!("kst: {note}");
+            super::output::err(format!("kst: {note}"));
             outcome
         }
         // The reply carried the first steps of the proof from the remembered head (all a
@@ -1000,7 +1000,7 @@ pub async fn check(
         match verify_and_remember(&memory, &mut held, &text, &checked).await {
             Ok(Accepted::Remembered) => return outcome,
             Ok(Accepted::Restarted { note }) => {
-                eprintln!("kst: {note}");
+                super::output::err(format!("kst: {note}"));
                 return outcome;
             }
             Ok(Accepted::Step { from, to, latest }) => {
@@ -1024,7 +1024,7 @@ pub async fn check(
                 note,
             }) => {
                 if let Some(note) = note {
-                    eprintln!("kst: {note}");
+                    super::output::err(format!("kst: {note}"));
                 }
                 if let Some(ms) = super::log_race::ASK_AGAIN_MS.get(asked_again) {
                     asked_again += 1;

@@ -273,7 +273,8 @@ impl<S: Database + 'static> KeyDirectory<S> {
     /// committed value, and of the previous version's stale marker), as akd builds them for a
     /// history proof; with that epoch and its root hash. Only the update proofs are filled
     /// (the markers that bound a history belong to the newest page,
-    /// [`KeyDirectory::history`]). `None` when the directory holds no such version.
+    /// [`KeyDirectory::history`]). `None` when the directory holds no such version, or
+    /// `before` is above the one after the address's newest version.
     pub async fn history_before(
         &self,
         address: &Address,
@@ -300,6 +301,15 @@ impl<S: Database + 'static> KeyDirectory<S> {
             .max_by_key(|s| s.version)
             .and_then(|s| DirectoryEntry::from_value(&s.value).ok())
             .is_none_or(|e| e.state == EntryState::Deleted);
+        // A page starts right below a version the address has, or below the one after its
+        // newest: above that there is no such page (a client never asks for one; built, it
+        // would hold versions that are not the ones right below `before`, which the server's
+        // own check of its answers refuses, a 503 and a false "altered" error for anyone's
+        // asking).
+        let newest_version = states.iter().map(|s| s.version).max().unwrap_or(0);
+        if before > newest_version.saturating_add(1) {
+            return Ok(None);
+        }
         states.retain(|s| s.version < before);
         states.sort_by_key(|s| std::cmp::Reverse(s.version));
         states.truncate(super::history::MAX_VERSIONS);

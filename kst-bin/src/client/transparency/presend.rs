@@ -91,7 +91,7 @@ pub(in crate::client) async fn verify_head(
                     note: Some(note), ..
                 },
             ) => {
-                eprintln!("kst: {note}");
+                super::super::output::err(format!("kst: {note}"));
                 return Ok(None);
             }
             Ok(Accepted::Step { to, latest, .. }) => {
