@@ -36,8 +36,9 @@
 //!   on the reply's way (exit 75) and an answer a moment behind (asked again) from a stale,
 //!   never recorded or forged key (exit 5); `rt18_a_deletion_head_re_signed_later_is_no_race`:
 //!   epochs are compared, not clocks, so a deletion's head re-signed with a recent time lets
-//!   no forged key pass for a race; `rt18_a_mismatch_whose_history_cannot_be_read_is_kept_as_evidence`:
-//!   exit 75 when the history cannot be read, the mismatch kept as evidence;
+//!   no forged key pass for a race; `rt18_a_mismatch_whose_history_cannot_be_read_is_decided_by_the_answer`
+//!   and `two_step_a_stale_key_is_an_attack_by_the_answers_epoch_without_the_history`: the
+//!   answer's proof of the newest version's epoch decides without the history (exit 5);
 //!   `a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decides`.
 //! - `gather::replies`: version 3 replies through `Kst::handle` racing changes of their
 //!   address (a publication held before its epoch, a newer publication recorded first, a
@@ -3441,12 +3442,9 @@ fn rt18_a_history_replayed_from_before_is_an_attack() {
     let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
     provider.publish("sendmail-no-log", "alice@example.net", &twin.public_armored);
     let replaying = replaying_proxy(&provider.log_url, "/history/", old_history, usize::MAX);
-    provider.refused_as_attack(
-        "sendmail",
-        bob,
-        &replaying,
-        "a history replayed from before",
-    );
+    // The answer's own proof decides first (review F1): alice's newest version recorded at
+    // epoch 2, which bob verified before sending; the replayed history is not read.
+    provider.refused_as_attack("sendmail", bob, &replaying, "recorded at epoch 2");
     assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
 }
 
@@ -3504,12 +3502,9 @@ fn rt18_a_two_step_check_takes_no_stale_never_recorded_or_forged_key_for_a_race(
     let twin_gpg = Gpg::new();
     let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
     provider.publish("sendmail-no-log", "alice@example.net", &twin.public_armored);
-    provider.refused_as_attack(
-        "sendmail",
-        bob,
-        &provider.log_url,
-        "never held the served key",
-    );
+    // Decided by the answer's proof (review F1): alice's newest version recorded at epoch 2,
+    // verified before sending.
+    provider.refused_as_attack("sendmail", bob, &provider.log_url, "recorded at epoch 2");
     kept(4);
 
     // The replica's directory forks: the twin, then a third key, so its history shows the
@@ -3519,12 +3514,8 @@ fn rt18_a_two_step_check_takes_no_stale_never_recorded_or_forged_key_for_a_race(
     let third = gpg.generate("Alice", "alice@example.net", "ed25519");
     provider.publish("sendmail-old", "alice@example.net", &third.public_armored);
     let forked_history = forging_proxy(&provider.log_url, "/history/", Some(&old_url), false);
-    provider.refused_as_attack(
-        "sendmail",
-        bob,
-        &forked_history,
-        "a history from another directory",
-    );
+    // Decided by the honest answer's proof before the fork's history is read (review F1).
+    provider.refused_as_attack("sendmail", bob, &forked_history, "recorded at epoch 2");
     kept(5);
     assert_eq!(
         provider.remembered_epoch(bob),
@@ -3583,13 +3574,14 @@ fn rt18_a_deletion_head_re_signed_later_is_no_race() {
     assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
 }
 
-/// Review of the two-step check (issue 18, F4): the reply's key differs from the verified
-/// answer and the history that would tell a race from an attack cannot be read (the route
-/// fails): a temporary failure (exit 75, nothing imported), but the verified mismatch is
-/// kept as evidence and the message says where; the next retrieval, with the history
-/// readable, is decided (the key never recorded: exit 5).
+/// A key written to the store behind the directory's back (the directory still records
+/// alice's version 1, at epoch 1) served while every history request fails (the route goes
+/// to a port where nothing listens): the answer's own proof shows alice's newest version
+/// recorded at epoch 1, the epoch the client verified before sending, so the history is not
+/// needed: exit 5, the answer kept as evidence (review F1; before, exit 75 on every retry
+/// while the history could not be read). With the history readable, the same.
 #[test]
-fn rt18_a_mismatch_whose_history_cannot_be_read_is_kept_as_evidence() {
+fn rt18_a_mismatch_whose_history_cannot_be_read_is_decided_by_the_answer() {
     let (provider, _gpg, _alice) = Provider::with_alice();
     let bob = "bob@example.net";
     let log = [
@@ -3606,32 +3598,53 @@ fn rt18_a_mismatch_whose_history_cannot_be_read_is_kept_as_evidence() {
     // Every history request goes to a port where nothing listens.
     let closed = format!("http://127.0.0.1:{}", free_port());
     let no_history = forging_proxy(&provider.log_url, "/history/", Some(&closed), false);
-    let (out, v) = provider.checked_as(
-        "sendmail",
-        bob,
-        "alice@example.net",
-        &["--log-url", &no_history, "--log-key", &provider.head_key],
-    );
-    expect(&out, &v, 75, "error");
-    let error = v["error"].as_str().unwrap_or_default();
-    assert!(
-        error.contains("evidence kept in") && error.contains("retrieve again"),
-        "{error}"
-    );
+    provider.refused_as_attack("sendmail", bob, &no_history, "recorded at epoch 1");
     let evidence = provider.evidence(bob);
     assert_eq!(evidence.len(), 1, "the mismatch kept");
     let kept = std::fs::read_to_string(&evidence[0]).unwrap();
-    assert!(
-        kept.contains("kst-log-answer") && kept.contains("history"),
-        "{kept}"
-    );
-    provider.refused_as_attack(
-        "sendmail",
-        bob,
-        &provider.log_url,
-        "never held the served key",
-    );
+    assert!(kept.contains("kst-log-answer"), "{kept}");
+    provider.refused_as_attack("sendmail", bob, &provider.log_url, "recorded at epoch 1");
     assert_eq!(provider.evidence(bob).len(), 2);
+}
+
+/// The two-step check on a busy domain (review F1): a stale replica serves alice's first
+/// key, superseded at epoch 2, to a client that verified epoch 2 before sending, while every
+/// history request fails (a history route overloaded, a directory committing an epoch before
+/// each `/history/`, a provider answering it 503). The answer's own proof shows alice's
+/// newest version recorded at epoch 2, at or below the request's `verified_epoch`: exit 5 at
+/// the first reply with the answer kept as evidence, without the history. Before, the
+/// history decided, so every retry was exit 75.
+#[test]
+fn two_step_a_stale_key_is_an_attack_by_the_answers_epoch_without_the_history() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    let old_store = provider.copy_of_store("keys-old");
+    let (_old, _old_url) = provider.twin_kst("old", &old_store);
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let no_history = forging_proxy(&provider.log_url, "/history/", Some(&closed), false);
+    for attempt in 1..=2 {
+        let (out, v) = provider.checked_as(
+            "sendmail-old",
+            bob,
+            "alice@example.net",
+            &["--log-url", &no_history, "--log-key", &provider.head_key],
+        );
+        expect(&out, &v, 5, "attack");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("recorded at epoch 2") && error.contains("verified"),
+            "{error}"
+        );
+        let evidence = provider.evidence(bob);
+        assert_eq!(evidence.len(), attempt, "the answer kept as evidence");
+        for file in &evidence {
+            let kept = std::fs::read_to_string(file).unwrap();
+            assert!(kept.contains("kst-log-answer"), "{kept}");
+        }
+    }
+    assert_eq!(provider.remembered_epoch(bob), Some(2));
 }
 
 /// The pending-request path of the two-step check (issue 18 review): `retrieve

@@ -3,8 +3,9 @@
 //! answer over HTTP, at two moments. When the answer verifies (the head's signature, the
 //! proof, the memory of heads) but proves another state of the address than the reply
 //! served, the client asks again a few times over about 2 s ([`ASK_AGAIN_MS`]: the reply's
-//! change may not be recorded yet), then lets the directory's own proofs decide
-//! ([`decide`]): the history of the address (`/history/<address>`, tied to a root the client
+//! change may not be recorded yet), then lets the directory's own proofs decide: first the
+//! answer's, when the epoch it proves for the address's newest version is at or before the
+//! epoch verified before sending ([`recorded_before_sending`]: exit 5), else ([`decide`]) the history of the address (`/history/<address>`, tied to a root the client
 //! verified) shows whether the served key (or "no key") was the directory's state at some
 //! epoch, and at which epoch a change superseded it. That epoch is compared with the newest
 //! epoch the client had verified before it sent the request ([`by_epoch`]; no clock is
@@ -117,6 +118,51 @@ pub fn by_epoch(superseded_at: u64, verified: Option<u64>) -> Verdict {
         Some(v) if superseded_at <= v => Verdict::Stale,
         Some(_) => Verdict::Race,
     }
+}
+
+/// Whether the directory's answer alone shows that the served state was not the directory's
+/// state when the request was sent, before any history is read: the attack's reason, or
+/// `None` (go on to the history, [`decide`]). `newest_at`: the epoch at which the directory
+/// recorded the address's newest version, as the answer's proof shows it (akd's lookup proof
+/// binds the version's value to the epoch that inserted it; `None`: the answer proves the
+/// address never held, which only the history can tie to a first publication on the way).
+///
+/// Called after the ask-again rounds ([`ASK_AGAIN_MS`]), with an answer that verified in
+/// every other way (its head remembered, tied to the memory by its append-only proof) and
+/// still proves another state than the reply served. When that newest version was recorded
+/// at or before `r.verified_epoch`:
+/// - `r.verified_epoch` was verified before the request was sent (the head verified just
+///   before sending, or the remembered one), so at sending time the directory's state of the
+///   address was that newest version: recorded at or before that epoch, and still the newest
+///   at the answer's epoch, which is no older (the answer extends the memory);
+/// - the served state differs from it, so the reply did not serve the state that was current
+///   when the request was sent;
+/// - the only honest way to serve another state is a newer one, written to the store after
+///   sending and not yet recorded (the store is written before the directory): the ask-again
+///   rounds gave it about 2 s to appear in an answer, and the history would call it "never
+///   held" (exit 5) anyway, since it holds only recorded versions.
+///
+/// So it is exit 5, with the answer as evidence, whatever the history route does (503, a
+/// timeout, an epoch committed before each read: a busy domain's history may never tie to
+/// the answer before it, which made a stale or forged key exit 75 on every retry). A newest
+/// version recorded after `r.verified_epoch` may be a change on the way: the history decides.
+/// No epoch verified before the request: the client cannot tell this way either.
+pub fn recorded_before_sending(r: &Race<'_>, newest_at: Option<u64>) -> Option<String> {
+    let (at, verified) = (newest_at?, r.verified_epoch?);
+    if at > verified {
+        return None;
+    }
+    let what = match r.served {
+        Some(_) => "the served key",
+        None => "\"no key\"",
+    };
+    Some(format!(
+        "the directory's answer (epoch {}) proves the newest version of {} recorded at epoch \
+         {at}, at or before the epoch {verified} the client had verified before it sent the \
+         request: {what} was not the directory's state when the request was sent, not a \
+         change on the way (a stale or forged key)",
+        r.answer_epoch, r.address
+    ))
 }
 
 /// What [`decide`] found.
@@ -390,6 +436,33 @@ mod tests {
         assert_eq!(by_epoch(5, Some(9)), Verdict::Stale);
         assert_eq!(by_epoch(1, Some(0)), Verdict::Race);
         assert_eq!(by_epoch(5, None), Verdict::Unknown);
+    }
+
+    #[test]
+    fn only_a_newest_version_recorded_by_the_verified_epoch_decides_without_the_history() {
+        let address = kst_core::AddressPolicy::default()
+            .normalize("alice@example.net")
+            .unwrap();
+        let race = |verified_epoch| Race {
+            log_base: "http://127.0.0.1:1",
+            ca_file: None,
+            head_key: &[0; 32],
+            address: &address,
+            served: Some(b"k1"),
+            verified_epoch,
+            answer_epoch: 9,
+        };
+        let why = recorded_before_sending(&race(Some(5)), Some(5)).unwrap();
+        assert!(
+            why.contains("recorded at epoch 5") && why.contains("epoch 5 the client had verified"),
+            "{why}"
+        );
+        assert!(recorded_before_sending(&race(Some(5)), Some(2)).is_some());
+        // Recorded after the epoch verified before sending: maybe a change on the way.
+        assert_eq!(recorded_before_sending(&race(Some(5)), Some(6)), None);
+        // An absence proof, or no epoch verified before the request: the history decides.
+        assert_eq!(recorded_before_sending(&race(Some(5)), None), None);
+        assert_eq!(recorded_before_sending(&race(None), Some(1)), None);
     }
 
     #[test]

@@ -472,17 +472,20 @@ async fn verify_and_remember(
             "{} does not confirm the reply (epoch {epoch}): {e}",
             c.source
         );
-        if c.read_apart && answer.proven(c.head_key, c.address).await.is_ok() {
-            differs = Some(message);
+        if c.read_apart
+            && let Ok(proven) = answer.proven_at(c.head_key, c.address).await
+        {
+            differs = Some((message, proven.map(|(_, at)| at)));
         } else {
             return Err(attack_kept(memory, held, message, text));
         }
     }
     let finish = |accepted: Accepted| match &differs {
         None => accepted,
-        Some(why) => Accepted::Differs {
+        Some((why, newest_at)) => Accepted::Differs {
             why: why.clone(),
             epoch,
+            newest_at: *newest_at,
             note: match accepted {
                 Accepted::Restarted { note } => Some(note),
                 _ => None,
@@ -891,6 +894,9 @@ enum Accepted {
     Differs {
         why: String,
         epoch: u64,
+        /// The epoch at which the directory recorded the address's newest version, as the
+        /// answer's proof shows it (`None`: the answer proves the address never held).
+        newest_at: Option<u64>,
         note: Option<String>,
     },
 }
@@ -1021,6 +1027,7 @@ pub async fn check(
             Ok(Accepted::Differs {
                 why: mismatch,
                 epoch,
+                newest_at,
                 note,
             }) => {
                 if let Some(note) = note {
@@ -1039,6 +1046,20 @@ pub async fn check(
                             .to_string(),
                     )
                 };
+                let race = super::log_race::Race {
+                    log_base: &base,
+                    ca_file: s.ca_file(),
+                    head_key: &head_key,
+                    address: &address,
+                    served: served.as_deref(),
+                    verified_epoch,
+                    answer_epoch: epoch,
+                };
+                // The answer's own proof decides first: a newest version recorded at or
+                // before the epoch verified before sending (no history needed).
+                if let Some(why) = super::log_race::recorded_before_sending(&race, newest_at) {
+                    return keep(why, &text);
+                }
                 if let Some(ahead) = history_ahead.take()
                     && held.memory.remembered_epoch().is_none_or(|e| e < ahead)
                 {
@@ -1050,15 +1071,6 @@ pub async fn check(
                         &text,
                     );
                 }
-                let race = super::log_race::Race {
-                    log_base: &base,
-                    ca_file: s.ca_file(),
-                    head_key: &head_key,
-                    address: &address,
-                    served: served.as_deref(),
-                    verified_epoch,
-                    answer_epoch: epoch,
-                };
                 match super::log_race::decide(&race, &held).await {
                     super::log_race::Decision::AskAgain(ahead)
                         if newer_answers < super::log_race::MAX_NEWER_ANSWERS =>

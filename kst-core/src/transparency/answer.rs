@@ -50,7 +50,8 @@ use super::directory::AbsenceProof;
 use super::entry::{DirectoryEntry, EntryState};
 use super::head::{Head, SignedHead};
 use super::verify::{
-    append_only_roots, verify_absence, verify_append_only, verify_append_only_roots, verify_lookup,
+    append_only_roots, verify_absence, verify_append_only, verify_append_only_roots,
+    verify_lookup_at,
 };
 use super::witness::Witnessed;
 use super::{Result, TransparencyError, wire};
@@ -413,6 +414,19 @@ impl LogAnswer {
         head_key: &[u8; 32],
         address: &Address,
     ) -> Result<Option<DirectoryEntry>> {
+        Ok(self
+            .proven_at(head_key, address)
+            .await?
+            .map(|(entry, _)| entry))
+    }
+
+    /// [`LogAnswer::proven`], with the epoch at which the directory recorded the address's
+    /// latest entry (under the proof, [`verify_lookup_at`]). `None`: an absence proof.
+    pub async fn proven_at(
+        &self,
+        head_key: &[u8; 32],
+        address: &Address,
+    ) -> Result<Option<(DirectoryEntry, u64)>> {
         self.head.verify(head_key)?;
         let head = &self.head.head;
         if head.domain != address.domain() {
@@ -423,7 +437,7 @@ impl LogAnswer {
         }
         match &self.proof {
             AnswerProof::Present(bytes) => {
-                verify_lookup(head, address, wire::decode_lookup(bytes)?).map(Some)
+                verify_lookup_at(head, address, wire::decode_lookup(bytes)?).map(Some)
             }
             AnswerProof::Absent(bytes) => {
                 let proof: AbsenceProof = wire::decode_absence(bytes)?;

@@ -19,6 +19,17 @@ use crate::Address;
 /// version commits to. A superseded version (an older key, a key from before its revocation)
 /// fails: its stale position is in the tree.
 pub fn verify_lookup(head: &Head, address: &Address, proof: LookupProof) -> Result<DirectoryEntry> {
+    verify_lookup_at(head, address, proof).map(|(entry, _)| entry)
+}
+
+/// [`verify_lookup`], with the epoch at which `address`'s latest version was recorded: akd's
+/// lookup proof commits to it (the leaf's value is bound to the epoch that inserted it), so
+/// it is proven as the entry is.
+pub fn verify_lookup_at(
+    head: &Head,
+    address: &Address,
+    proof: LookupProof,
+) -> Result<(DirectoryEntry, u64)> {
     let result = akd::client::lookup_verify::<Config>(
         &head.vrf_public_key,
         head.root_hash,
@@ -31,7 +42,17 @@ pub fn verify_lookup(head: &Head, address: &Address, proof: LookupProof) -> Resu
     if entry.version == 0 {
         return Err(rejected(head, address, "the entry has version 0"));
     }
-    Ok(entry)
+    if result.epoch > head.epoch {
+        return Err(rejected(
+            head,
+            address,
+            &format!(
+                "the entry is recorded at epoch {}, after the head's",
+                result.epoch
+            ),
+        ));
+    }
+    Ok((entry, result.epoch))
 }
 
 /// Verifies that `address` has no version at `head`.
