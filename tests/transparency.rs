@@ -604,6 +604,23 @@ impl Provider {
     /// Another KST with the same directory keys on the fs store at `store` (a restored
     /// backup, or a second directory: a fork), replying into the same Maildir, with its own
     /// sendmail script `sendmail-NAME` and `kst serve`; returns the serve process and its URL.
+    /// A stale replica: a second `kst serve` (with its HTTP URL) on a copy of the store as it
+    /// is now, which the provider's later changes do not reach.
+    fn stale_twin(&self) -> (ServeProcess, String) {
+        let old_store = self.copy_of_store("keys-old");
+        self.twin_kst("old", &old_store)
+    }
+
+    /// The client's `--log-url` and `--log-key` for this provider's directory.
+    fn log_args(&self) -> [&str; 4] {
+        [
+            "--log-url",
+            self.log_url.as_str(),
+            "--log-key",
+            self.head_key.as_str(),
+        ]
+    }
+
     fn twin_kst(&self, name: &str, store: &std::path::Path) -> (ServeProcess, String) {
         let p = self.dir.path();
         let http = free_port();
@@ -3191,12 +3208,7 @@ fn a_reply_read_after_its_address_changed_is_a_temporary_failure() {
     let (provider, gpg, _alice) = Provider::with_alice();
     write_queue_script(&provider);
     let bob = "bob@example.net";
-    let log = [
-        "--log-url",
-        provider.log_url.as_str(),
-        "--log-key",
-        provider.head_key.as_str(),
-    ];
+    let log = provider.log_args();
     // Bob's retrieval of `address`, answered by the KST now, its reply read after `change`.
     let raced = |address: &str, change: &dyn Fn()| {
         let mut flags = log.to_vec();
@@ -3463,8 +3475,7 @@ fn rt18_a_two_step_check_takes_no_stale_never_recorded_or_forged_key_for_a_race(
     let bob = "bob@example.net";
     // A replica restored from a copy of the store as it is now (alice's first key), with
     // the same directory keys: it serves what was current then.
-    let old_store = provider.copy_of_store("keys-old");
-    let (_old, old_url) = provider.twin_kst("old", &old_store);
+    let (_old, old_url) = provider.stale_twin();
     let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
     provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
     let forged_time = forging_proxy(&provider.log_url, "/head/", None, true);
@@ -3584,12 +3595,7 @@ fn rt18_a_deletion_head_re_signed_later_is_no_race() {
 fn rt18_a_mismatch_whose_history_cannot_be_read_is_decided_by_the_answer() {
     let (provider, _gpg, _alice) = Provider::with_alice();
     let bob = "bob@example.net";
-    let log = [
-        "--log-url",
-        provider.log_url.as_str(),
-        "--log-key",
-        provider.head_key.as_str(),
-    ];
+    let log = provider.log_args();
     let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &log);
     expect(&out, &v, 0, "found");
     let twin_gpg = Gpg::new();
@@ -3618,8 +3624,7 @@ fn rt18_a_mismatch_whose_history_cannot_be_read_is_decided_by_the_answer() {
 fn two_step_a_stale_key_is_an_attack_by_the_answers_epoch_without_the_history() {
     let (provider, gpg, _alice) = Provider::with_alice();
     let bob = "bob@example.net";
-    let old_store = provider.copy_of_store("keys-old");
-    let (_old, _old_url) = provider.twin_kst("old", &old_store);
+    let (_old, _old_url) = provider.stale_twin();
     let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
     provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
     let closed = format!("http://127.0.0.1:{}", free_port());
@@ -3657,16 +3662,10 @@ fn two_step_a_stale_key_is_an_attack_by_the_answers_epoch_without_the_history() 
 fn a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decides() {
     let (provider, gpg, _alice) = Provider::with_alice();
     let bob = "bob@example.net";
-    let old_store = provider.copy_of_store("keys-old");
-    let (_old, _old_url) = provider.twin_kst("old", &old_store);
+    let (_old, _old_url) = provider.stale_twin();
     let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
     provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
-    let log = [
-        "--log-url",
-        provider.log_url.as_str(),
-        "--log-key",
-        provider.head_key.as_str(),
-    ];
+    let log = provider.log_args();
     let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &log);
     expect(&out, &v, 0, "found");
     assert_eq!(provider.remembered_epoch(bob), Some(2));
@@ -3711,8 +3710,7 @@ fn a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decide
 fn presend_a_stale_key_on_first_use_is_an_attack_at_once() {
     let (provider, gpg, _alice) = Provider::with_alice();
     let bob = "bob@example.net";
-    let old_store = provider.copy_of_store("keys-old");
-    let (_old, _old_url) = provider.twin_kst("old", &old_store);
+    let (_old, _old_url) = provider.stale_twin();
     let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
     provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
     assert!(provider.evidence(bob).is_empty());
@@ -3729,14 +3727,8 @@ fn presend_a_stale_key_on_first_use_is_an_attack_at_once() {
 fn presend_a_stale_key_superseded_after_an_old_remembered_head_is_an_attack_at_once() {
     let (provider, gpg, _alice) = Provider::with_alice();
     let bob = "bob@example.net";
-    let old_store = provider.copy_of_store("keys-old");
-    let (_old, _old_url) = provider.twin_kst("old", &old_store);
-    let log = [
-        "--log-url",
-        provider.log_url.as_str(),
-        "--log-key",
-        provider.head_key.as_str(),
-    ];
+    let (_old, _old_url) = provider.stale_twin();
+    let log = provider.log_args();
     let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &log);
     expect(&out, &v, 0, "found");
     assert_eq!(provider.remembered_epoch(bob), Some(1));
@@ -3757,14 +3749,8 @@ fn presend_a_stale_key_superseded_after_an_old_remembered_head_is_an_attack_at_o
 fn presend_a_head_unreachable_before_sending_still_sends_and_a_forged_one_sends_nothing() {
     let (provider, gpg, _alice) = Provider::with_alice();
     let bob = "bob@example.net";
-    let old_store = provider.copy_of_store("keys-old");
-    let (_old, _old_url) = provider.twin_kst("old", &old_store);
-    let log = [
-        "--log-url",
-        provider.log_url.as_str(),
-        "--log-key",
-        provider.head_key.as_str(),
-    ];
+    let (_old, _old_url) = provider.stale_twin();
+    let log = provider.log_args();
     let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &log);
     expect(&out, &v, 0, "found");
     assert_eq!(provider.remembered_epoch(bob), Some(1));
