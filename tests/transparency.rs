@@ -40,6 +40,11 @@
 //!   and `two_step_a_stale_key_is_an_attack_by_the_answers_epoch_without_the_history`: the
 //!   answer's proof of the newest version's epoch decides without the history (exit 5);
 //!   `a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decides`.
+//! - `history_path`: the two-step check's history path, reached end to end (the address's
+//!   newest version recorded after the request's `verified_epoch`): a change on the way is
+//!   exit 75, nothing imported; a key the directory never held, a history replayed from
+//!   before, forked with the head key, or that does not verify is exit 5 with the evidence; a
+//!   history that cannot be read is exit 75 with the mismatch kept.
 //! - `gather::replies`: version 3 replies through `Kst::handle` racing changes of their
 //!   address (a publication held before its epoch, a newer publication recorded first, a
 //!   deletion waiting for its epoch, a red-team stream): every reply passes the client's check.
@@ -4980,5 +4985,406 @@ mod withdrawn {
             .await
             .unwrap_or_else(|e| panic!("epoch {}: {e}", answer.head.head.epoch));
         assert_eq!(answer.head.head.epoch, 2, "the deletion's epoch");
+    }
+}
+
+/// The two-step check's history path end to end (issue 18, docs/PROTOCOL.md "The two-step
+/// check of versions 1 and 2", steps 2 to 5), through the real binaries. The answer's own
+/// proof decides first (`log_race::recorded_before_sending`: the address's newest version
+/// recorded at or before the request's `verified_epoch`, exit 5 without the history), so
+/// the history's checks run only when that version was recorded after `verified_epoch`.
+/// Each test here makes that so the way it happens: the client verified epoch 1 (alice's
+/// first key), alice publishes a new key (epoch 2), and the request is sent with epoch 1
+/// (the directory could not be read just before sending, so the epoch remembered before is
+/// used; or the request was sent at epoch 1 and is answered after the change). Then a
+/// provider serves a stale key, or one the directory never held, and the history route is
+/// honest, replayed, forked with the head key, forged, or down.
+mod history_path {
+    use super::*;
+
+    const ALICE: &str = "alice@example.net";
+    const BOB: &str = "bob@example.net";
+    const DAVE: &str = "dave@example.net";
+
+    /// The phrase of a mismatch the answer's own proof decided (not the history).
+    const BY_THE_ANSWER: &str = "proves the newest version of";
+
+    /// A provider whose directory recorded alice's first key at epoch 1 and her second at
+    /// epoch 2, clients that verified epoch 1, and a stale replica of epoch 1.
+    struct Bed {
+        provider: Provider,
+        gpg: Gpg,
+        /// A stale replica (`sendmail-old`, its directory at `old_url`): a KST on a copy of
+        /// the store and directory at epoch 1, with the same directory keys.
+        old_url: String,
+        _old: ServeProcess,
+        /// Alice's history as the directory served it at epoch 1 (anyone may capture it).
+        history_at_1: String,
+        /// Alice's second key, recorded at epoch 2.
+        alice2: kst_tests::GpgKey,
+    }
+
+    impl Bed {
+        /// The bed; each of `accounts` retrieved alice's first key at epoch 1 and remembers
+        /// that epoch.
+        fn new(accounts: &[&str]) -> Bed {
+            use std::os::unix::fs::PermissionsExt;
+            let (provider, gpg, _alice) = Provider::with_alice();
+            let (old, old_url) = provider.stale_twin();
+            let (status, history_at_1) =
+                provider.http_get("/.well-known/kst/log/example.net/history/alice@example.net");
+            assert_eq!(status, 200, "{history_at_1}");
+            for account in accounts {
+                let (out, v) =
+                    provider.checked_as("sendmail", account, ALICE, &provider.log_args());
+                expect(&out, &v, 0, "found");
+                assert_eq!(provider.remembered_epoch(account), Some(1));
+            }
+            // The clients' gpg home (`--import`), empty.
+            let keyring = provider.path("no-gnupg");
+            std::fs::create_dir(&keyring).unwrap();
+            std::fs::set_permissions(&keyring, std::fs::Permissions::from_mode(0o700)).unwrap();
+            let alice2 = gpg.generate("Alice", ALICE, "ed25519");
+            provider.publish("sendmail", ALICE, &alice2.public_armored);
+            Bed {
+                provider,
+                gpg,
+                old_url,
+                _old: old,
+                history_at_1,
+                alice2,
+            }
+        }
+
+        /// `account`'s `retrieve alice@example.net --check-transparency --import` through
+        /// `sendmail`, the directory read at `url` behind a proxy that answers the first
+        /// look-up (the one before sending) 503: the request is sent with the epoch
+        /// remembered before, 1, and alice's change (epoch 2) is after it.
+        fn retrieve(&self, sendmail: &str, account: &str, url: &str) -> (Output, Value) {
+            let down_once = unavailable_proxy(url, "/lookup/", 1);
+            let (out, v) = self.provider.checked_as(
+                sendmail,
+                account,
+                ALICE,
+                &[
+                    "--log-url",
+                    &down_once,
+                    "--log-key",
+                    &self.provider.head_key,
+                    "--import",
+                ],
+            );
+            let told = stderr(&out);
+            assert!(
+                told.contains("could not be verified before sending")
+                    && told.contains("the epoch remembered before, 1"),
+                "{told}"
+            );
+            (out, v)
+        }
+
+        /// [`Bed::retrieve`] is exit 5, decided by the history (not by the answer's own
+        /// proof), its error saying each of `why`, nothing imported, the answer and what was
+        /// read of the history kept as `account`'s one evidence file; its text.
+        fn refused(&self, sendmail: &str, account: &str, url: &str, why: &[&str]) -> String {
+            let (out, v) = self.retrieve(sendmail, account, url);
+            expect(&out, &v, 5, "attack");
+            let error = v["error"].as_str().unwrap_or_default();
+            for w in why {
+                assert!(error.contains(w), "{w:?}: {error}");
+            }
+            assert!(!error.contains(BY_THE_ANSWER), "{error}");
+            assert!(error.contains("evidence kept in"), "{error}");
+            assert_eq!(self.imported(), "", "nothing imported");
+            let evidence = self.provider.evidence(account);
+            assert_eq!(evidence.len(), 1, "{evidence:?}");
+            let kept = std::fs::read_to_string(&evidence[0]).unwrap();
+            assert!(kept.contains("kst-log-answer"), "{kept}");
+            kept
+        }
+
+        /// The primary keys' fingerprints in the clients' gpg keyring (what `--import`
+        /// imported), one per line.
+        fn imported(&self) -> String {
+            let out = Command::new("gpg")
+                .arg("--homedir")
+                .arg(self.provider.path("no-gnupg"))
+                .args(["--batch", "--with-colons", "--list-keys"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let lines: Vec<&str> = text.lines().collect();
+            lines
+                .windows(2)
+                .filter(|w| w[0].starts_with("pub:") && w[1].starts_with("fpr:"))
+                .map(|w| format!("{}\n", w[1].trim_start_matches("fpr:").trim_matches(':')))
+                .collect()
+        }
+    }
+
+    /// The honest case the history path is for: the stale replica serves alice's first key,
+    /// which the directory superseded at epoch 2, after the epoch 1 the request was sent
+    /// with: a change on the reply's way as far as the client can tell, exit 75 naming the
+    /// epochs, nothing imported, no evidence, the answer's head remembered. Retrieved again
+    /// (the head verified before sending), the current key is imported.
+    #[test]
+    fn a_change_recorded_after_the_verified_epoch_is_a_race_and_nothing_is_imported() {
+        let bed = Bed::new(&[BOB]);
+        let provider = &bed.provider;
+        let (out, v) = bed.retrieve("sendmail-old", BOB, &provider.log_url);
+        expect(&out, &v, 75, "error");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("changed while the reply was on its way")
+                && error.contains("superseded at epoch 2")
+                && error.contains("(epoch 1)")
+                && error.contains("nothing was imported"),
+            "{error}"
+        );
+        assert!(provider.evidence(BOB).is_empty(), "no false alarm");
+        assert_eq!(bed.imported(), "", "nothing imported");
+        assert_eq!(provider.remembered_epoch(BOB), Some(2));
+
+        let mut again = provider.log_args().to_vec();
+        again.push("--import");
+        let (out, v) = provider.checked_as("sendmail", BOB, ALICE, &again);
+        expect(&out, &v, 0, "found");
+        assert_eq!(v["imported"], true, "{v}");
+        assert_eq!(bed.imported(), format!("{}\n", bed.alice2.fingerprint));
+    }
+
+    /// A key the directory never held (put in the store behind its back, served by the KST)
+    /// sent with epoch 1: the honest history (alice's two versions) never held it, exit 5
+    /// with the history kept beside the answer. A history route answering 404 (the directory
+    /// never held the address, though its answer proves two versions): exit 5.
+    #[test]
+    fn a_key_the_directory_never_held_is_an_attack_by_the_history() {
+        let bed = Bed::new(&[BOB, DAVE]);
+        let provider = &bed.provider;
+        let twin_gpg = Gpg::new();
+        let twin = twin_gpg.generate("Alice", ALICE, "ed25519");
+        provider.publish("sendmail-no-log", ALICE, &twin.public_armored);
+        let kept = bed.refused(
+            "sendmail",
+            BOB,
+            &provider.log_url,
+            &["(epoch 2, the newest 2 versions) never held the served key"],
+        );
+        assert!(
+            kept.contains("-- history --") && kept.contains("kst-log-history-v1"),
+            "{kept}"
+        );
+        assert_eq!(provider.remembered_epoch(BOB), Some(2));
+
+        let not_found = b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n\
+                          Content-Length: 10\r\nConnection: close\r\n\r\nnot found\n";
+        let no_history = answering_proxy(
+            &provider.log_url,
+            "/history/",
+            not_found.to_vec(),
+            usize::MAX,
+        );
+        bed.refused(
+            "sendmail",
+            DAVE,
+            &no_history,
+            &["says the directory never held alice@example.net"],
+        );
+    }
+
+    /// A history replayed from before (alice's as epoch 1 served it: genuine, signed with
+    /// the head key) in front of the stale replica's key, which the honest history would
+    /// call a race (exit 75, above): its head is older than the answer read before it,
+    /// exit 5 with it kept.
+    #[test]
+    fn a_history_replayed_from_before_is_an_attack_on_the_history_path() {
+        let bed = Bed::new(&[BOB]);
+        let provider = &bed.provider;
+        let replaying = replaying_proxy(
+            &provider.log_url,
+            "/history/",
+            bed.history_at_1.clone(),
+            usize::MAX,
+        );
+        let kept = bed.refused(
+            "sendmail-old",
+            BOB,
+            &replaying,
+            &[
+                "the history's head is of epoch 1, older than the directory's answer (epoch 2)",
+                "a history replayed from before",
+            ],
+        );
+        assert!(kept.contains(&bed.history_at_1), "{kept}");
+        assert_eq!(provider.remembered_epoch(BOB), Some(2));
+    }
+
+    /// A fork signed with the head key: the stale replica's directory (the same keys)
+    /// records the insider's twin for alice (its epoch 2), then a third key (its epoch 3),
+    /// so its history shows the twin superseded at epoch 3, after the epoch 1 the request
+    /// was sent with: a race, were it the directory's history. The KST serves the twin (in
+    /// its store behind the honest directory's back) and the history comes from the fork.
+    /// Ahead of the honest directory (epoch 2): the client asks for a newer answer, which
+    /// stays at epoch 2: a history from another directory, exit 5. Once the honest
+    /// directory reaches epoch 3 (carol's key): another root for the epoch the client
+    /// verified, a fork, exit 5. The fork's head and root are never remembered.
+    #[test]
+    fn a_forked_history_signed_with_the_head_key_is_an_attack() {
+        let bed = Bed::new(&[BOB, DAVE]);
+        let provider = &bed.provider;
+        let twin_gpg = Gpg::new();
+        let twin = twin_gpg.generate("Alice", ALICE, "ed25519");
+        provider.publish("sendmail-no-log", ALICE, &twin.public_armored);
+        provider.publish("sendmail-old", ALICE, &twin.public_armored);
+        let third = twin_gpg.generate("Alice", ALICE, "ed25519");
+        provider.publish("sendmail-old", ALICE, &third.public_armored);
+        let (status, forked_text) = kst_tests::serve::http_get(
+            bed.old_url.trim_start_matches("http://").parse().unwrap(),
+            "/.well-known/kst/log/example.net/history/alice@example.net",
+        );
+        assert_eq!(status, 200, "{forked_text}");
+        assert!(forked_text.contains("\nepoch 3\n"), "{forked_text}");
+        let forked = forging_proxy(&provider.log_url, "/history/", Some(&bed.old_url), false);
+
+        let kept = bed.refused(
+            "sendmail",
+            BOB,
+            &forked,
+            &[
+                "the directory's history was of epoch 3, and its answer read after it is of \
+                 epoch 2: a history from another directory",
+            ],
+        );
+        assert!(kept.contains(&forked_text), "{kept}");
+        assert_eq!(provider.remembered_epoch(BOB), Some(2));
+        assert!(
+            provider.memory(BOB)["roots"]["3"].is_null(),
+            "the fork's root"
+        );
+
+        bed.provider.publish_new(&bed.gpg, "sendmail", &["carol"]);
+        bed.refused(
+            "sendmail",
+            DAVE,
+            &forked,
+            &["possible fork of the key directory of example.net: the history's head of epoch 3"],
+        );
+        assert_eq!(provider.remembered_epoch(DAVE), Some(3));
+        let (status, honest) = provider.http_get("/.well-known/kst/log/example.net/head/3");
+        assert_eq!(status, 200, "{honest}");
+        let root = provider.memory(DAVE)["roots"]["3"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            !root.is_empty() && honest.contains(&format!("\nroot {root}\n")),
+            "remembered root of epoch 3 {root:?}, the honest head {honest}"
+        );
+    }
+
+    /// A history that does not verify, in front of the stale replica's key (a race by the
+    /// honest history): its head's time changed (the signature fails), or another address's
+    /// genuine history signed with the head key (carol's: the proof is not alice's). Exit 5
+    /// with it kept.
+    #[test]
+    fn a_history_that_does_not_verify_is_an_attack() {
+        let bed = Bed::new(&[BOB, DAVE]);
+        let provider = &bed.provider;
+        let forged_time = forging_proxy(&provider.log_url, "/history/", None, true);
+        bed.refused(
+            "sendmail-old",
+            BOB,
+            &forged_time,
+            &["/history/", "head signature rejected"],
+        );
+
+        provider.publish_new(&bed.gpg, "sendmail", &["carol"]);
+        let (status, carols) =
+            provider.http_get("/.well-known/kst/log/example.net/history/carol@example.net");
+        assert_eq!(status, 200, "{carols}");
+        let swapped = replaying_proxy(&provider.log_url, "/history/", carols.clone(), usize::MAX);
+        let kept = bed.refused(
+            "sendmail-old",
+            DAVE,
+            &swapped,
+            &["the history of alice@example.net at example.net epoch 3"],
+        );
+        assert!(kept.contains(&carols), "{kept}");
+    }
+
+    /// A history that cannot be read (every `/history/` answered 503) for a key the
+    /// directory never held, sent with epoch 1: not decided, exit 75, nothing imported, the
+    /// mismatch kept as evidence. Retrieved again, the head verified before sending (epoch
+    /// 2) lets the answer's own proof decide: exit 5 (the history path's fallback ends).
+    #[test]
+    fn a_history_that_cannot_be_read_is_a_temporary_failure_with_the_mismatch_kept() {
+        let bed = Bed::new(&[BOB]);
+        let provider = &bed.provider;
+        let twin_gpg = Gpg::new();
+        let twin = twin_gpg.generate("Alice", ALICE, "ed25519");
+        provider.publish("sendmail-no-log", ALICE, &twin.public_armored);
+        let down = unavailable_proxy(&provider.log_url, "/history/", usize::MAX);
+        let (out, v) = bed.retrieve("sendmail", BOB, &down);
+        expect(&out, &v, 75, "error");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("the address's history did not decide")
+                && error.contains("the history could not be read")
+                && error.contains("nothing was imported")
+                && error.contains("evidence kept in"),
+            "{error}"
+        );
+        assert_eq!(bed.imported(), "", "nothing imported");
+        let evidence = provider.evidence(BOB);
+        assert_eq!(evidence.len(), 1, "the mismatch kept");
+        let kept = std::fs::read_to_string(&evidence[0]).unwrap();
+        assert!(
+            kept.contains("kst-log-answer") && kept.contains("not decided"),
+            "{kept}"
+        );
+        assert_eq!(provider.remembered_epoch(BOB), Some(2));
+
+        provider.refused_as_attack("sendmail", BOB, &down, BY_THE_ANSWER);
+        assert_eq!(provider.evidence(BOB).len(), 2);
+        assert_eq!(bed.imported(), "", "nothing imported");
+    }
+
+    /// The request sent at epoch 1 (the head verified before sending) and answered after
+    /// alice's change: queued (`--no-wait`), alice publishes her second key (epoch 2), an
+    /// insider puts a twin in the store behind the directory's back, the queue is delivered
+    /// (the KST serves the twin), and `kst client check` decides with the `verified_epoch`
+    /// kept with the request: the history never held the twin, exit 5 with it kept.
+    #[test]
+    fn a_queued_request_answered_after_a_change_reaches_the_history_by_its_kept_epoch() {
+        let (provider, gpg, _alice) = Provider::with_alice();
+        write_queue_script(&provider);
+        let mut flags = provider.log_args().to_vec();
+        flags.push("--no-wait");
+        let (out, v) = provider.checked_as("sendmail-queue", BOB, ALICE, &flags);
+        expect(&out, &v, 75, "pending");
+        let file = provider.path(&format!("state-{BOB}/pending.json"));
+        let pending: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(
+            pending["requests"][0]["log"]["verified_epoch"], 1,
+            "{pending}"
+        );
+        let alice2 = gpg.generate("Alice", ALICE, "ed25519");
+        provider.publish("sendmail", ALICE, &alice2.public_armored);
+        let twin_gpg = Gpg::new();
+        let twin = twin_gpg.generate("Alice", ALICE, "ed25519");
+        provider.publish("sendmail-no-log", ALICE, &twin.public_armored);
+        flush_queue(&provider);
+        let (out, v) = provider.client("sendmail", BOB, &["check"]);
+        assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+        assert_eq!(v[0]["outcome"], "attack", "{v}");
+        let error = v[0]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("never held the served key") && !error.contains(BY_THE_ANSWER),
+            "{error}"
+        );
+        let evidence = provider.evidence(BOB);
+        assert_eq!(evidence.len(), 1, "{evidence:?}");
+        let kept = std::fs::read_to_string(&evidence[0]).unwrap();
+        assert!(kept.contains("kst-log-history-v1"), "{kept}");
     }
 }

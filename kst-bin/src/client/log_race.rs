@@ -168,10 +168,17 @@ pub fn recorded_before_sending(r: &Race<'_>, newest_at: Option<u64>) -> Option<S
 /// What [`decide`] found.
 #[derive(Debug)]
 pub enum Decision {
-    /// The history was read at this epoch, newer than the remembered head: ask the directory
+    /// The history was read at an epoch newer than the remembered head: ask the directory
     /// for a newer answer (its append-only proof ties that epoch to the memory), which must
     /// reach this epoch, then decide again.
-    AskAgain(u64),
+    AskAgain {
+        /// The history's epoch.
+        epoch: u64,
+        /// What was read (the history), kept as evidence if the newer answer does not reach
+        /// its epoch (a history from another directory, signed with the head key: a fork)
+        /// or the directory keeps moving.
+        seen: String,
+    },
     /// A change raced the reply: the message of the temporary failure (exit 75).
     Race(String),
     /// Not a race (exit 5).
@@ -296,7 +303,10 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
             .remembered_epoch()
             .is_none_or(|e| head.epoch > e) =>
         {
-            return Decision::AskAgain(head.epoch);
+            return Decision::AskAgain {
+                epoch: head.epoch,
+                seen: text.clone(),
+            };
         }
         None => {
             return Decision::Unread {

@@ -988,8 +988,9 @@ pub async fn check(
     // decided by the history, which may need a newer answer first (`MAX_NEWER_ANSWERS`).
     let mut asked_again = 0;
     let mut newer_answers = 0;
-    // The epoch of a history read ahead of the remembered head (`Decision::AskAgain`).
-    let mut history_ahead: Option<u64> = None;
+    // The epoch and text of a history read ahead of the remembered head
+    // (`Decision::AskAgain`), kept as evidence if the newer answer does not reach it.
+    let mut history_ahead: Option<(u64, String)> = None;
     loop {
         let since = held.memory.remembered_epoch().filter(|e| *e > 0);
         let (path, limit) = lookup_path(&address, since, ask_steps, policy.is_some());
@@ -1060,7 +1061,7 @@ pub async fn check(
                 if let Some(why) = super::log_race::recorded_before_sending(&race, newest_at) {
                     return keep(why, &text);
                 }
-                if let Some(ahead) = history_ahead.take()
+                if let Some((ahead, history)) = history_ahead.take()
                     && held.memory.remembered_epoch().is_none_or(|e| e < ahead)
                 {
                     return keep(
@@ -1068,45 +1069,48 @@ pub async fn check(
                             "the directory's history was of epoch {ahead}, and its answer read \
                              after it is of epoch {epoch}: a history from another directory"
                         ),
-                        &text,
+                        &with_history(text, &history),
                     );
                 }
                 match super::log_race::decide(&race, &held).await {
-                    super::log_race::Decision::AskAgain(ahead)
+                    super::log_race::Decision::AskAgain { epoch: ahead, seen }
                         if newer_answers < super::log_race::MAX_NEWER_ANSWERS =>
                     {
                         newer_answers += 1;
-                        history_ahead = Some(ahead);
+                        history_ahead = Some((ahead, seen));
                         continue;
                     }
-                    super::log_race::Decision::AskAgain(ahead) => {
+                    super::log_race::Decision::AskAgain { epoch: ahead, seen } => {
                         let why = format!(
                             "the directory kept moving while the client read its history (of \
                              epoch {ahead})"
                         );
-                        return undecided(&memory, &held, &mismatch, &why, &text, epoch, &address);
+                        let seen = with_history(text, &seen);
+                        return undecided(&memory, &held, &mismatch, &why, &seen, epoch, &address);
                     }
                     super::log_race::Decision::Race(message) => {
                         return Outcome::error(exit::TEMPFAIL, message);
                     }
                     super::log_race::Decision::Attack { why, seen } => {
-                        let seen = match seen.is_empty() {
-                            true => text,
-                            false => format!("{text}\n-- history --\n{seen}"),
-                        };
-                        return keep(why, &seen);
+                        return keep(why, &with_history(text, &seen));
                     }
                     super::log_race::Decision::Unread { why, seen } => {
-                        let seen = match seen.is_empty() {
-                            true => text,
-                            false => format!("{text}\n-- history --\n{seen}"),
-                        };
+                        let seen = with_history(text, &seen);
                         return undecided(&memory, &held, &mismatch, &why, &seen, epoch, &address);
                     }
                 }
             }
             Err(o) => return o.with_attack(&attack),
         }
+    }
+}
+
+/// The evidence of a two-step check: the directory's `answer`, and the `history` read after
+/// it when one was (empty: none).
+fn with_history(answer: String, history: &str) -> String {
+    match history.is_empty() {
+        true => answer,
+        false => format!("{answer}\n-- history --\n{history}"),
     }
 }
 
