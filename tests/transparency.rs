@@ -42,7 +42,8 @@
 //!   `a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decides`.
 //! - `history_path`: the two-step check's history path, reached end to end (the address's
 //!   newest version recorded after the request's `verified_epoch`): a change on the way is
-//!   exit 75, nothing imported; a key the directory never held, a history replayed from
+//!   exit 75, nothing imported; a key (or "no key") superseded at or before the request's
+//!   epoch (also across a deletion), a key the directory never held, a history replayed from
 //!   before, forked with the head key, or that does not verify is exit 5 with the evidence; a
 //!   history that cannot be read is exit 75 with the mismatch kept.
 //! - `gather::replies`: version 3 replies through `Kst::handle` racing changes of their
@@ -5059,8 +5060,13 @@ mod history_path {
         /// `account`'s `retrieve alice@example.net --check-transparency --import` through
         /// `sendmail`, the directory read at `url` behind a proxy that answers the first
         /// look-up (the one before sending) 503: the request is sent with the epoch
-        /// remembered before, 1, and alice's change (epoch 2) is after it.
+        /// `account` remembered before (1, or that of a later retrieval), and alice's newest
+        /// change is after it.
         fn retrieve(&self, sendmail: &str, account: &str, url: &str) -> (Output, Value) {
+            let remembered = self
+                .provider
+                .remembered_epoch(account)
+                .expect("a remembered epoch");
             let down_once = unavailable_proxy(url, "/lookup/", 1);
             let (out, v) = self.provider.checked_as(
                 sendmail,
@@ -5077,7 +5083,7 @@ mod history_path {
             let told = stderr(&out);
             assert!(
                 told.contains("could not be verified before sending")
-                    && told.contains("the epoch remembered before, 1"),
+                    && told.contains(&format!("the epoch remembered before, {remembered}")),
                 "{told}"
             );
             (out, v)
@@ -5151,6 +5157,78 @@ mod history_path {
         expect(&out, &v, 0, "found");
         assert_eq!(v["imported"], true, "{v}");
         assert_eq!(bed.imported(), format!("{}\n", bed.alice2.fingerprint));
+    }
+
+    /// Superseded at or before the epoch the request was sent with, decided by the history:
+    /// bob verified epoch 2 (alice's second key), alice publishes a third key (epoch 3), and
+    /// the stale replica serves her first key, which the change of epoch 2 superseded. The
+    /// answer proves the newest version recorded at epoch 3, after 2, so it cannot decide;
+    /// the history shows the served key superseded at epoch 2: exit 5, a stale key.
+    #[test]
+    fn a_key_superseded_by_the_verified_epoch_is_stale_by_the_history() {
+        let bed = Bed::new(&[BOB]);
+        let provider = &bed.provider;
+        let (out, v) = provider.checked_as("sendmail", BOB, ALICE, &provider.log_args());
+        expect(&out, &v, 0, "found");
+        assert_eq!(provider.remembered_epoch(BOB), Some(2));
+        let alice3 = bed.gpg.generate("Alice", ALICE, "ed25519");
+        provider.publish("sendmail", ALICE, &alice3.public_armored);
+        let kept = bed.refused(
+            "sendmail-old",
+            BOB,
+            &provider.log_url,
+            &[
+                "shows the served key superseded at epoch 2, at or before the epoch 2 the client \
+               had verified",
+            ],
+        );
+        assert!(kept.contains("kst-log-history-v1"), "{kept}");
+    }
+
+    /// "No key" for an address held since before the epoch the request was sent with (a
+    /// provider hiding alice's key: deleted on the stale replica only): the history shows
+    /// "no key" superseded by her first publication, epoch 1, at or before the epoch 1 bob
+    /// sent with: exit 5.
+    #[test]
+    fn no_key_for_an_address_held_before_the_verified_epoch_is_stale_by_the_history() {
+        let bed = Bed::new(&[BOB]);
+        let provider = &bed.provider;
+        let (out, v) = provider.client("sendmail-old", ALICE, &["delete"]);
+        expect(&out, &v, 0, "deleted");
+        bed.refused(
+            "sendmail-old",
+            BOB,
+            &provider.log_url,
+            &["shows \"no key\" superseded at epoch 1, at or before the epoch 1"],
+        );
+    }
+
+    /// A forged key across a deletion (a deletion withdraws the values before it, so the
+    /// history matches any key as the state right before it: docs/TRANSPARENCY.md,
+    /// "Deletion"): alice deletes her key (epoch 3), bob verifies that epoch, alice
+    /// publishes again (epoch 4), and the KST serves an insider's twin. Sent with epoch 3,
+    /// decided by the history: the twin could only be the state before the deletion,
+    /// superseded at epoch 3, at or before 3: exit 5.
+    #[test]
+    fn a_forged_key_across_a_deletion_before_the_verified_epoch_is_stale_by_the_history() {
+        let bed = Bed::new(&[BOB]);
+        let provider = &bed.provider;
+        let (out, v) = provider.client("sendmail", ALICE, &["delete"]);
+        expect(&out, &v, 0, "deleted");
+        let (out, v) = provider.checked_as("sendmail", BOB, ALICE, &provider.log_args());
+        expect(&out, &v, 1, "not-found");
+        assert_eq!(provider.remembered_epoch(BOB), Some(3));
+        let alice3 = bed.gpg.generate("Alice", ALICE, "ed25519");
+        provider.publish("sendmail", ALICE, &alice3.public_armored);
+        let twin_gpg = Gpg::new();
+        let twin = twin_gpg.generate("Alice", ALICE, "ed25519");
+        provider.publish("sendmail-no-log", ALICE, &twin.public_armored);
+        bed.refused(
+            "sendmail",
+            BOB,
+            &provider.log_url,
+            &["shows the served key superseded at epoch 3, at or before the epoch 3"],
+        );
     }
 
     /// A key the directory never held (put in the store behind its back, served by the KST)
