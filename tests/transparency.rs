@@ -45,7 +45,8 @@
 //!   exit 75, nothing imported; a key (or "no key") superseded at or before the request's
 //!   epoch (also across a deletion), a key the directory never held, a history replayed from
 //!   before, forked with the head key, or that does not verify is exit 5 with the evidence; a
-//!   history that cannot be read is exit 75 with the mismatch kept.
+//!   history that cannot be read, or a directory that keeps moving while it is read, is exit
+//!   75 with the mismatch kept.
 //! - `gather::replies`: version 3 replies through `Kst::handle` racing changes of their
 //!   address (a publication held before its epoch, a newer publication recorded first, a
 //!   deletion waiting for its epoch, a red-team stream): every reply passes the client's check.
@@ -5270,6 +5271,38 @@ mod history_path {
         );
     }
 
+    /// A key for an address the directory never held (an insider's, in the store behind its
+    /// back): the answer proves the address absent, which only the history can tie to a
+    /// first publication on the way (`recorded_before_sending` cannot decide without a
+    /// version), so the history is read even with the head verified before sending. The
+    /// directory has no history of the address (404): exit 5, the answer kept, nothing
+    /// imported.
+    #[test]
+    fn a_key_for_an_address_never_held_is_an_attack_by_the_history() {
+        let (provider, _gpg, _alice) = Provider::with_alice();
+        let nobody = "nobody@example.net";
+        let insider = Gpg::new();
+        let forged = insider.generate("Nobody", nobody, "ed25519");
+        provider.publish("sendmail-no-log", nobody, &forged.public_armored);
+        let mut flags = provider.log_args().to_vec();
+        flags.push("--import");
+        let (out, v) = provider.checked_as("sendmail", BOB, nobody, &flags);
+        expect(&out, &v, 5, "attack");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("/history/")
+                && error.contains("says the directory never held nobody@example.net")
+                && !error.contains(BY_THE_ANSWER),
+            "{error}"
+        );
+        let evidence = provider.evidence(BOB);
+        assert_eq!(evidence.len(), 1, "{evidence:?}");
+        let kept = std::fs::read_to_string(&evidence[0]).unwrap();
+        assert!(kept.contains("kst-log-answer"), "{kept}");
+        assert!(!provider.path("no-gnupg").exists(), "nothing imported");
+        assert_eq!(provider.remembered_epoch(BOB), Some(1));
+    }
+
     /// A history replayed from before (alice's as epoch 1 served it: genuine, signed with
     /// the head key) in front of the stale replica's key, which the honest history would
     /// call a race (exit 75, above): its head is older than the answer read before it,
@@ -5425,6 +5458,69 @@ mod history_path {
         provider.refused_as_attack("sendmail", BOB, &down, BY_THE_ANSWER);
         assert_eq!(provider.evidence(BOB).len(), 2);
         assert_eq!(bed.imported(), "", "nothing imported");
+    }
+
+    /// A busy domain: the directory records an epoch before every history read (the proxy
+    /// in front of it publishes a key for another address first), so each history is one
+    /// epoch ahead of the answer read before it. The client ties each by a newer answer, at
+    /// most twice (`log_race::MAX_NEWER_ANSWERS`), then gives up for now: exit 75 "kept
+    /// moving", nothing imported, the mismatch kept as evidence with the last history read
+    /// (before, the history was not kept).
+    #[test]
+    fn a_directory_that_keeps_moving_while_its_history_is_read_is_a_temporary_failure() {
+        use std::io::Write;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let bed = Bed::new(&[BOB]);
+        let provider = &bed.provider;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = listener.local_addr().unwrap();
+        let busy = format!("http://{at}");
+        let honest = provider.log_url.trim_start_matches("http://").to_string();
+        let (stop, histories) = (AtomicBool::new(false), AtomicUsize::new(0));
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for client in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(mut client) = client else { continue };
+                    let Some((line, rest)) = read_request(&mut client) else {
+                        continue;
+                    };
+                    if line.contains("/history/") {
+                        let n = histories.fetch_add(1, Ordering::SeqCst) + 1;
+                        provider.publish_new(&bed.gpg, "sendmail", &[&format!("busy{n}")]);
+                    }
+                    if let Some(response) = forward(&honest, &line, &rest) {
+                        let _ = client.write_all(&response);
+                    }
+                }
+            });
+            let (out, v) = bed.retrieve("sendmail-old", BOB, &busy);
+            stop.store(true, Ordering::SeqCst);
+            let _ = std::net::TcpStream::connect(at);
+            expect(&out, &v, 75, "error");
+            let error = v["error"].as_str().unwrap_or_default();
+            assert!(
+                error.contains(
+                    "the directory kept moving while the client read its history (of \
+                     epoch 5)"
+                ) && error.contains("nothing was imported"),
+                "{error}"
+            );
+        });
+        assert_eq!(histories.load(Ordering::SeqCst), 3, "three histories read");
+        assert_eq!(bed.imported(), "", "nothing imported");
+        assert_eq!(provider.remembered_epoch(BOB), Some(4));
+        let evidence = provider.evidence(BOB);
+        assert_eq!(evidence.len(), 1, "{evidence:?}");
+        let kept = std::fs::read_to_string(&evidence[0]).unwrap();
+        assert!(
+            kept.contains("kst-log-answer")
+                && kept.contains("-- history --")
+                && kept.contains("kst-log-history-v1\ndomain example.net\nepoch 5\n"),
+            "{kept}"
+        );
     }
 
     /// The request sent at epoch 1 (the head verified before sending) and answered after
