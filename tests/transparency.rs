@@ -4998,9 +4998,10 @@ mod withdrawn {
 /// Each test here makes that so the way it happens: the client verified epoch 1 (alice's
 /// first key), alice publishes a new key (epoch 2), and the request is sent with epoch 1
 /// (the directory could not be read just before sending, so the epoch remembered before is
-/// used; or the request was sent at epoch 1 and is answered after the change). Then a
-/// provider serves a stale key, or one the directory never held, and the history route is
-/// honest, replayed, forked with the head key, forged, or down.
+/// used; or the request was sent at epoch 1 and is answered after the change), or the
+/// answer proves the address absent (no version's epoch to compare). Then a provider serves
+/// a stale key, or one the directory never held, and the history route is honest, replayed,
+/// forked with the head key, forged, down, or always an epoch ahead.
 mod history_path {
     use super::*;
 
