@@ -968,7 +968,8 @@ async fn reply_proof(s: &Settings, e: &Entry, log_answer: Option<&str>, o: Outco
         match http {
             Some(r) => {
                 let args = super::transparency::LogCheckArgs::from_requirements(r, v3);
-                super::transparency::check(s, &args, o, r.verified_epoch).await
+                let verified = super::transparency::VerifiedBefore::of(r);
+                super::transparency::check(s, &args, o, &verified).await
             }
             None => o,
         }

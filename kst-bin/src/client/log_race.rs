@@ -206,6 +206,9 @@ pub struct Race<'a> {
     /// The newest epoch the client had verified when it made the request
     /// ([`super::state::LogRequirements::verified_epoch`]).
     pub verified_epoch: Option<u64>,
+    /// Without `verified_epoch`, why, the end of a sentence starting "the client ..."
+    /// ([`super::transparency::VerifiedBefore::epoch_in`]).
+    pub no_epoch: &'a str,
     /// The epoch of the last answer, which proved another state.
     pub answer_epoch: u64,
 }
@@ -354,12 +357,12 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
         )),
         Verdict::Unknown => Decision::Race(format!(
             "key directory of {domain}: the directory recorded {what} for {} as superseded \
-             at epoch {epoch}; the client had verified no epoch of the \
-             directory when it sent the request, so it cannot tell whether the address \
+             at epoch {epoch}; the client {}, so it cannot tell whether the address \
              changed while the reply was on its way or the key was stale; nothing was \
              imported; retrieve again (the head of epoch {} is remembered now: the next \
              request is decided)",
             r.address,
+            r.no_epoch,
             held.memory.remembered_epoch().unwrap_or(r.answer_epoch)
         )),
         Verdict::Stale => attack(format!(
@@ -450,6 +453,7 @@ mod tests {
             address: &address,
             served: Some(b"k1"),
             verified_epoch,
+            no_epoch: "",
             answer_epoch: 9,
         };
         let why = recorded_before_sending(&race(Some(5)), Some(5)).unwrap();

@@ -53,7 +53,7 @@ use super::exit;
 pub use super::log_memory::check_and_remember;
 use super::log_memory::{Held, LogMemory, MemoryError, check_held, check_pin, source};
 use super::output::Outcome;
-use super::state::{Entry, LogRequirements};
+use super::state::{Entry, LogRequirements, VerifiedLog};
 use super::tls::Conn;
 
 mod presend;
@@ -123,6 +123,7 @@ impl LogCheckArgs {
             witness_max_age: self.reply.witness_max_age,
             since_head: None,
             verified_epoch: None,
+            verified_log: None,
         }
     }
 
@@ -225,7 +226,9 @@ pub async fn plan(
     if log.http {
         verify_before_sending(s, check, address, &memory, &mut held).await?;
     }
-    log.verified_epoch = held.memory.remembered_epoch();
+    let verified = held.memory.verified();
+    log.verified_epoch = verified.as_ref().map(|(e, _)| *e);
+    log.verified_log = verified.map(|(_, l)| l);
     if !args.transparency {
         return Ok(LogPlan {
             log: Some(log),
@@ -253,20 +256,74 @@ pub async fn plan(
 }
 
 /// `status --check-transparency`: the head of `address`'s domain verified before the request
-/// is sent ([`presend::verify_head`]), and its epoch (`None`: none verified yet). A memory
-/// that cannot be read is a local problem (exit 78), a head that fails verification an
-/// attack (exit 5).
+/// is sent ([`presend::verify_head`]): its epoch and directory (none verified yet: no
+/// epoch). A memory that cannot be read is a local problem (exit 78), a head that fails
+/// verification an attack (exit 5).
 pub async fn verified_epoch_before_sending(
     s: &Settings,
     check: &LogCheckArgs,
     address: &Address,
-) -> Result<Option<u64>, Outcome> {
+) -> Result<VerifiedBefore, Outcome> {
     let memory = LogMemory::beside(s.state.path());
     let mut held = memory
         .hold(address.domain())
         .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
     verify_before_sending(s, check, address, &memory, &mut held).await?;
-    Ok(held.memory.remembered_epoch())
+    let verified = held.memory.verified();
+    Ok(VerifiedBefore {
+        epoch: verified.as_ref().map(|(e, _)| *e),
+        log: verified.map(|(_, l)| l),
+    })
+}
+
+/// The head the client had verified when it sent a request: its epoch
+/// ([`LogRequirements::verified_epoch`]) and the directory it is of
+/// ([`LogRequirements::verified_log`]). The two-step check compares epochs with it only
+/// while the memory still follows that directory ([`VerifiedBefore::epoch_in`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifiedBefore {
+    /// The epoch (`None`: none verified then).
+    pub epoch: Option<u64>,
+    /// The directory (`None`: not known, a request written by an older kst).
+    pub log: Option<VerifiedLog>,
+}
+
+impl VerifiedBefore {
+    /// What a pending request kept.
+    pub fn of(r: &LogRequirements) -> VerifiedBefore {
+        VerifiedBefore {
+            epoch: r.verified_epoch,
+            log: r.verified_log.clone(),
+        }
+    }
+
+    /// The epoch, when it is one of the directory `memory` follows now
+    /// ([`super::log_memory::DomainMemory::same_log`]); else why it cannot be used, the end
+    /// of a sentence starting "the client ...": epochs of another directory (one re-pinned or
+    /// started again since the request: its epochs count from the start again) say nothing
+    /// about this one's.
+    pub fn epoch_in(
+        &self,
+        memory: &super::log_memory::DomainMemory,
+    ) -> Result<u64, String> {
+        match (self.epoch, &self.log) {
+            (None, _) => {
+                Err("had verified no epoch of the directory when it sent the request".into())
+            }
+            (Some(e), None) => Err(format!(
+                "kept no record of which directory its verified epoch {e} was of (a request \
+                 written by an older kst)"
+            )),
+            (Some(e), Some(log)) if memory.same_log(e, log) => Ok(e),
+            (Some(e), Some(log)) => Err(format!(
+                "had verified epoch {e} of another directory than the one it follows now (head \
+                 key {}, root {} then: the directory was re-keyed or started again, or the \
+                 client re-pinned it, since the request was sent; or the client no longer \
+                 holds that epoch's root)",
+                log.head_key, log.root
+            )),
+        }
+    }
 }
 
 /// [`presend::verify_head`], its note (a head that could not be verified; the request is
@@ -918,7 +975,7 @@ pub async fn check(
     s: &Settings,
     args: &LogCheckArgs,
     outcome: Outcome,
-    verified_epoch: Option<u64>,
+    verified: &VerifiedBefore,
 ) -> Outcome {
     let (address, service, message_id, served) = match &outcome {
         Outcome::Found {
@@ -1046,6 +1103,12 @@ pub async fn check(
                             .to_string(),
                     )
                 };
+                // Review F8: an epoch verified before sending counts only against the same
+                // directory (not one re-keyed, restarted or re-pinned since).
+                let (verified_epoch, no_epoch) = match verified.epoch_in(&held.memory) {
+                    Ok(e) => (Some(e), String::new()),
+                    Err(why) => (None, why),
+                };
                 let race = super::log_race::Race {
                     log_base: &base,
                     ca_file: s.ca_file(),
@@ -1053,6 +1116,7 @@ pub async fn check(
                     address: &address,
                     served: served.as_deref(),
                     verified_epoch,
+                    no_epoch: &no_epoch,
                     answer_epoch: epoch,
                 };
                 // The answer's own proof decides first: a newest version recorded at or
