@@ -126,7 +126,8 @@ impl DomainMemory {
     /// witnessed new start, no longer holds it; nor does one that moved more than
     /// [`MAX_KNOWN_ROOTS`] epochs past it).
     pub fn same_log(&self, epoch: u64, log: &super::state::VerifiedLog) -> bool {
-        let same = |ours: Option<&str>, theirs: &str| ours.is_some_and(|o| o.eq_ignore_ascii_case(theirs));
+        let same =
+            |ours: Option<&str>, theirs: &str| ours.is_some_and(|o| o.eq_ignore_ascii_case(theirs));
         same(self.head_key.as_deref(), &log.head_key)
             && same(self.vrf_key.as_deref(), &log.vrf_key)
             && self

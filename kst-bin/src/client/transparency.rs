@@ -302,10 +302,7 @@ impl VerifiedBefore {
     /// of a sentence starting "the client ...": epochs of another directory (one re-pinned or
     /// started again since the request: its epochs count from the start again) say nothing
     /// about this one's.
-    pub fn epoch_in(
-        &self,
-        memory: &super::log_memory::DomainMemory,
-    ) -> Result<u64, String> {
+    pub fn epoch_in(&self, memory: &super::log_memory::DomainMemory) -> Result<u64, String> {
         match (self.epoch, &self.log) {
             (None, _) => {
                 Err("had verified no epoch of the directory when it sent the request".into())
@@ -352,27 +349,35 @@ pub async fn check_reply_answer(
     s: &Settings,
     entry: &Entry,
     answer: Option<&str>,
+    reply: &ReplyRef,
     outcome: Outcome,
 ) -> Outcome {
     let pending = &entry.pending;
     let Some(key_hex) = &pending.head_key else {
         return outcome;
     };
-    let (address, served) = match &outcome {
-        Outcome::Found { address, key, .. }
+    let (address, served, fingerprint) = match &outcome {
+        Outcome::Found {
+            address,
+            key,
+            fingerprint,
+            ..
+        }
         | Outcome::Published {
             account: address,
             key,
+            fingerprint,
             ..
         } => match dearmor_public_key(key, MAX_KEY_TEXT) {
-            Ok(bytes) => (address.clone(), Some(bytes)),
+            Ok(bytes) => (address.clone(), Some(bytes), Some(fingerprint.clone())),
             Err(e) => return Outcome::error(exit::SOFTWARE, format!("the served key: {e}")),
         },
         Outcome::NotFound { address, .. } | Outcome::Deleted { address, .. } => {
-            (address.clone(), None)
+            (address.clone(), None, None)
         }
         _ => return outcome,
     };
+    let about = reply.evidence(fingerprint.as_deref());
     let attack = |error: String| Outcome::Attack {
         service: pending.service.to_string(),
         message_id: pending.message_id.clone(),
@@ -424,6 +429,7 @@ pub async fn check_reply_answer(
         log_base: &base,
         ca_file: s.ca_file(),
         read_apart: false,
+        about: &about,
     };
     match verify_and_remember(&memory, &mut held, text, &checked).await {
         Ok(Accepted::Remembered) => outcome,
@@ -481,6 +487,42 @@ struct Checked<'a> {
     /// is [`Accepted::Differs`] (the caller asks again, then decides: [`super::log_race`]),
     /// not an attack at once.
     read_apart: bool,
+    /// What the answer is checked for ([`ReplyRef::evidence`]: the reply and the key it
+    /// served), put before it in the evidence of a failure; empty before sending.
+    about: &'a str,
+}
+
+/// What ties the evidence of a failed check to the reply it is about (review F6), so that an
+/// owner or an auditor can find that reply (by its Message-ID, or the request's, which the
+/// reply names in `In-Reply-To`) and tie the evidence to the key it served.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplyRef {
+    /// The request's Message-ID (without `<>`).
+    pub request_id: String,
+    /// The reply's own Message-ID (without `<>`; `None`: not read by this command, or not
+    /// readable).
+    pub reply_id: Option<String>,
+}
+
+impl ReplyRef {
+    /// The lines the evidence's `-- seen --` part starts with: the reply's and the request's
+    /// Message-IDs and what the reply served (`served`: the key's fingerprint, `None` for
+    /// "no key"), then `-- answer --` (the directory's answer follows).
+    pub fn evidence(&self, served: Option<&str>) -> String {
+        let reply = match &self.reply_id {
+            Some(id) => format!("<{id}>"),
+            None => "unknown (not read by this command)".into(),
+        };
+        let served = match served {
+            Some(fingerprint) => format!("key {fingerprint}"),
+            None => "no key".into(),
+        };
+        format!(
+            "-- reply --\nrequest Message-ID <{}>\nreply Message-ID {reply}\nserved {served}\n\
+             -- answer --\n",
+            self.request_id
+        )
+    }
 }
 
 /// Why [`verify_and_remember`] refused an answer.
@@ -513,8 +555,10 @@ async fn verify_and_remember(
     text: &str,
     c: &Checked<'_>,
 ) -> Result<Accepted, Refused> {
+    // The evidence of a failure: what the answer was about (the reply, review F6), then it.
+    let seen = format!("{}{text}", c.about);
     let answer = LogAnswer::parse(text)
-        .map_err(|e| attack_kept(memory, held, format!("{}: {e}", c.source), text))?;
+        .map_err(|e| attack_kept(memory, held, format!("{}: {e}", c.source), &seen))?;
     let epoch = answer.head.head.epoch;
     let served = match c.served {
         Some(bytes) => Served::Key(bytes),
@@ -534,7 +578,7 @@ async fn verify_and_remember(
         {
             differs = Some((message, proven.map(|(_, at)| at)));
         } else {
-            return Err(attack_kept(memory, held, message, text));
+            return Err(attack_kept(memory, held, message, &seen));
         }
     }
     let finish = |accepted: Accepted| match &differs {
@@ -560,7 +604,7 @@ async fn verify_and_remember(
                     "{} (epoch {epoch}) carries no witness cosignatures",
                     c.source
                 ),
-                text,
+                &seen,
             ));
         };
         match witnessed.verify(&answer.head, c.head_key, policy).await {
@@ -573,7 +617,7 @@ async fn verify_and_remember(
                         "the key directory's head (epoch {epoch}) is not witnessed as required: \
                          {e}"
                     ),
-                    text,
+                    &seen,
                 ));
             }
         }
@@ -612,7 +656,7 @@ async fn verify_and_remember(
                     "{} carries an append-only step (to epoch {to}) but no head is remembered",
                     c.source
                 ),
-                text,
+                &seen,
             ));
         };
         return match answer.verify_step(c.head_key, old).await {
@@ -639,7 +683,7 @@ async fn verify_and_remember(
                     "possible fork or rollback of the key directory of {}: {e}",
                     held.domain
                 ),
-                text,
+                &seen,
             )),
         };
     }
@@ -690,7 +734,7 @@ async fn verify_and_remember(
         // The new start is of the pinned directory: the checks of `check_held` against the
         // pin, which this path would otherwise skip (a `too-far` answer never moves the
         // client to a directory with another VRF key, whatever its witnesses cosigned).
-        check_pin(memory, held, &answer, &|| text.to_string()).map_err(refused)?;
+        check_pin(memory, held, &answer, &|| seen.clone()).map_err(refused)?;
         // The remembered head's epoch inside the witnessed heads of the answer: there the
         // witnessed history has a root for it, and that root decides. Another root is a fork
         // the client was shown (a `too-far` must not bury it); the same root proves the
@@ -716,7 +760,7 @@ async fn verify_and_remember(
                         hex::encode(old.root_hash),
                         hex::encode(there.head.root_hash)
                     ),
-                    text,
+                    &seen,
                 ));
             }
             held.memory.keep_roots(
@@ -736,7 +780,7 @@ async fn verify_and_remember(
         // witnesses must have cosigned the remembered head themselves (each honest witness
         // cosigns one linear history, so its later cosigned head extends it).
         let tied =
-            remembered_head_cosigned(memory, held, old, &answer, text, c, policy, &confirmed)
+            remembered_head_cosigned(memory, held, old, &answer, &seen, c, policy, &confirmed)
                 .await?;
         let note = format!(
             "key directory of {}: the remembered head (epoch {}) is too far behind the answer's \
@@ -771,7 +815,7 @@ async fn verify_and_remember(
     }
     // Everything verified: only now is the new head remembered (a head refused for any
     // reason is never remembered).
-    check_held(memory, held, &answer, Some(text), c.asked)
+    check_held(memory, held, &answer, Some(&seen), c.asked)
         .await
         .and_then(|_| memory.save(held))
         .map(|()| finish(Accepted::Remembered))
@@ -976,23 +1020,32 @@ pub async fn check(
     args: &LogCheckArgs,
     outcome: Outcome,
     verified: &VerifiedBefore,
+    reply: &ReplyRef,
 ) -> Outcome {
-    let (address, service, message_id, served) = match &outcome {
+    let (address, service, message_id, served, fingerprint) = match &outcome {
         Outcome::Found {
             address,
             service,
             message_id,
             key,
+            fingerprint,
             ..
         } => match dearmor_public_key(key, MAX_KEY_TEXT) {
-            Ok(bytes) => (address, service, message_id.clone(), Some(bytes)),
+            Ok(bytes) => (
+                address,
+                service,
+                message_id.clone(),
+                Some(bytes),
+                Some(fingerprint.as_str()),
+            ),
             Err(e) => return Outcome::error(exit::SOFTWARE, format!("the served key: {e}")),
         },
         Outcome::NotFound {
             address, service, ..
-        } => (address, service, String::new(), None),
+        } => (address, service, reply.request_id.clone(), None, None),
         _ => return outcome,
     };
+    let about = reply.evidence(fingerprint);
     let attack = |error: String| Outcome::Attack {
         service: service.clone(),
         message_id: message_id.clone(),
@@ -1034,6 +1087,7 @@ pub async fn check(
         log_base: &base,
         ca_file: s.ca_file(),
         read_apart: true,
+        about: &about,
     };
     // A client far behind catches up in steps (`steps=1`): each answer carries the proof
     // from the remembered head, or its first steps within the server's budget; each step is
@@ -1099,7 +1153,11 @@ pub async fn check(
                 let keep = |why: String, seen: &str| {
                     attack(
                         memory
-                            .attack(&held, format!("{mismatch}; {why}"), seen)
+                            .attack(
+                                &held,
+                                format!("{mismatch}; {why}"),
+                                &format!("{about}{seen}"),
+                            )
                             .to_string(),
                     )
                 };
@@ -1148,7 +1206,8 @@ pub async fn check(
                             "the directory kept moving while the client read its history (of \
                              epoch {ahead})"
                         );
-                        return undecided(&memory, &held, &mismatch, &why, &text, epoch, &address);
+                        let seen = format!("{about}{text}");
+                        return undecided(&memory, &held, &mismatch, &why, &seen, epoch, &address);
                     }
                     super::log_race::Decision::Race(message) => {
                         return Outcome::error(exit::TEMPFAIL, message);
@@ -1165,6 +1224,7 @@ pub async fn check(
                             true => text,
                             false => format!("{text}\n-- history --\n{seen}"),
                         };
+                        let seen = format!("{about}{seen}");
                         return undecided(&memory, &held, &mismatch, &why, &seen, epoch, &address);
                     }
                 }
@@ -2517,6 +2577,7 @@ mod tests {
                 log_base,
                 ca_file: None,
                 read_apart: false,
+                about: "",
             };
             let result = verify_and_remember(&memory, &mut held, text, &checked).await;
             // (The memory's lock is per open file: let go before reading it again.)

@@ -65,6 +65,8 @@ pub(in crate::client) async fn verify_head(
         log_base: &base,
         ca_file: s.ca_file(),
         read_apart: true,
+        // Nothing served yet: the answer alone is the evidence.
+        about: "",
     };
     let mut ask_steps = true;
     let mut steps = 0;
