@@ -1106,13 +1106,15 @@ pub async fn check(
         let (path, limit) = lookup_path(&address, since, ask_steps, policy.is_some());
         let text = match fetch_answer(&base, &path, s.ca_file(), limit).await {
             Ok(t) => t,
-            Err(Outcome::Error { error, .. })
-                if ask_steps && since.is_some() && error.contains(" answered 400 ") =>
+            Err(u)
+                if ask_steps
+                    && since.is_some()
+                    && u.status == Some(hyper::StatusCode::BAD_REQUEST) =>
             {
                 ask_steps = false;
                 continue;
             }
-            Err(o) => return o,
+            Err(u) => return u.outcome,
         };
         match verify_and_remember(&memory, &mut held, &text, &checked).await {
             Ok(Accepted::Remembered) => return outcome,
@@ -1315,47 +1317,84 @@ fn log_base(args: &LogCheckArgs, address: &Address) -> String {
         .unwrap_or_else(|| format!("https://{}", address.domain()))
 }
 
-/// [`get`] within [`FETCH_TIMEOUT`]; a failure is temporary (exit 75).
+/// A key directory request that brought no answer to use: the outcome to report, and the
+/// HTTP status the server answered when it answered one (review F5: a status is the
+/// server's, as [`fetch`] read it, never words found in an error's text, which holds the
+/// first line of the server's body).
+#[derive(Debug)]
+pub(super) struct Unfetched {
+    /// The status (not 200), `None` when no response was read (no connection, TLS, a
+    /// timeout, a body over the limit or not UTF-8).
+    pub status: Option<hyper::StatusCode>,
+    /// What to report: exit 75, or 69 for a 422.
+    pub outcome: Outcome,
+}
+
+/// [`fetch_status`], a 404 being a temporary failure too.
 async fn fetch_answer(
     base: &str,
     path: &str,
     ca_file: Option<&Path>,
     max: usize,
-) -> Result<String, Outcome> {
-    fetch_or_missing(base, path, ca_file, max)
+) -> Result<String, Unfetched> {
+    fetch_status(base, path, ca_file, max)
         .await?
-        .ok_or_else(|| {
-            Outcome::error(
+        .ok_or_else(|| Unfetched {
+            status: Some(hyper::StatusCode::NOT_FOUND),
+            outcome: Outcome::error(
                 exit::TEMPFAIL,
                 format!("key directory: {base}{path} answered 404"),
-            )
+            ),
         })
 }
 
-/// [`fetch_answer`], with `None` for a 404.
+/// [`fetch_status`] as an outcome, with `None` for a 404.
 pub(super) async fn fetch_or_missing(
     base: &str,
     path: &str,
     ca_file: Option<&Path>,
     max: usize,
 ) -> Result<Option<String>, Outcome> {
-    match tokio::time::timeout(FETCH_TIMEOUT, get(base, path, ca_file, max)).await {
-        Ok(Ok(t)) => Ok(Some(t)),
-        Ok(Err(e)) if e.contains(" answered 404 ") => Ok(None),
-        // 422: the remembered head is too far back for one proof; retrying will not help.
-        Ok(Err(e)) if e.contains(" answered 422 ") => Err(Outcome::error(
+    fetch_status(base, path, ca_file, max)
+        .await
+        .map_err(|u| u.outcome)
+}
+
+/// [`get`] within [`FETCH_TIMEOUT`]: the body of a 200, `None` for a 404; a 422 (the
+/// remembered head is too far back for one proof: retrying will not help) is exit 69,
+/// anything else temporary (exit 75). Decided by the status the server sent.
+async fn fetch_status(
+    base: &str,
+    path: &str,
+    ca_file: Option<&Path>,
+    max: usize,
+) -> Result<Option<String>, Unfetched> {
+    let e = match tokio::time::timeout(FETCH_TIMEOUT, get(base, path, ca_file, max)).await {
+        Ok(Ok(t)) => return Ok(Some(t)),
+        Ok(Err(e)) => e,
+        Err(_) => {
+            return Err(Unfetched {
+                status: None,
+                outcome: Outcome::error(
+                    exit::TEMPFAIL,
+                    format!("key directory: {base} did not answer in time"),
+                ),
+            });
+        }
+    };
+    let status = match &e {
+        GetError::Status { status, .. } => Some(*status),
+        GetError::Failed(_) => None,
+    };
+    let outcome = match status {
+        Some(hyper::StatusCode::NOT_FOUND) => return Ok(None),
+        Some(hyper::StatusCode::UNPROCESSABLE_ENTITY) => Outcome::error(
             exit::UNAVAILABLE,
             format!("key directory: {e}; kst client log-pin DOMAIN forgets the remembered head"),
-        )),
-        Ok(Err(e)) => Err(Outcome::error(
-            exit::TEMPFAIL,
-            format!("key directory: {e}"),
-        )),
-        Err(_) => Err(Outcome::error(
-            exit::TEMPFAIL,
-            format!("key directory: {base} did not answer in time"),
-        )),
-    }
+        ),
+        _ => Outcome::error(exit::TEMPFAIL, format!("key directory: {e}")),
+    };
+    Err(Unfetched { status, outcome })
 }
 
 /// The keys a `_kst-log.<domain>` TXT record publishes: `v=kstlog1; head=<hex>; vrf=<hex>`.
@@ -2092,19 +2131,50 @@ pub(super) fn path_segment(s: &str) -> String {
     out
 }
 
+/// Why [`get`] brought no answer.
+#[derive(Debug)]
+enum GetError {
+    /// The server answered with `status` (not 200); `message` names the URL, the status and
+    /// the first line of the body (the server's words: for messages only).
+    Status {
+        status: hyper::StatusCode,
+        message: String,
+    },
+    /// No response to use ([`fetch`]'s error).
+    Failed(String),
+}
+
+impl std::fmt::Display for GetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GetError::Status { message, .. } | GetError::Failed(message) => f.write_str(message),
+        }
+    }
+}
+
 /// `GET base + path` ([`fetch`]), 200 with a body of at most `limit` bytes.
 async fn get(
     base: &str,
     path: &str,
     ca_file: Option<&Path>,
     limit: usize,
-) -> Result<String, String> {
-    let (status, text) = fetch(base, hyper::Method::GET, path, None, ca_file, limit).await?;
+) -> Result<String, GetError> {
+    let (status, text) = fetch(base, hyper::Method::GET, path, None, ca_file, limit)
+        .await
+        .map_err(GetError::Failed)?;
     if status != hyper::StatusCode::OK {
-        return Err(format!(
-            "{base}{path} answered {status}: {}",
-            text.lines().next().unwrap_or("")
-        ));
+        return Err(GetError::Status {
+            status,
+            message: format!(
+                "{base}{path} answered {status}: {}",
+                text.lines()
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            ),
+        });
     }
     Ok(text)
 }
@@ -2168,6 +2238,55 @@ pub async fn fetch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A local server answering every request with `response` (one request per
+    /// connection, `times` connections); its base URL.
+    fn answering(response: &'static str, times: usize) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for conn in listener.incoming().take(times) {
+                let Ok(mut c) = conn else { continue };
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                let _ = c.write_all(response.as_bytes());
+            }
+        });
+        base
+    }
+
+    /// Review F5: the status decides, as the server sent it; a body that speaks of another
+    /// status changes nothing.
+    #[tokio::test]
+    async fn a_status_is_the_servers_never_words_in_its_body() {
+        let r503 = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 23\r\nConnection: close\r\n\r\nthe x answered 404 now\n";
+        let base = answering(r503, 2);
+        let u = fetch_status(&base, "/p", None, 1024).await.unwrap_err();
+        assert_eq!(u.status, Some(hyper::StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(u.outcome.exit_code(), exit::TEMPFAIL);
+        assert!(fetch_or_missing(&base, "/p", None, 1024).await.is_err());
+        let r404 = "HTTP/1.1 404 Not Found\r\nContent-Length: 23\r\nConnection: close\r\n\r\nthe x answered 400 now\n";
+        let base = answering(r404, 2);
+        assert_eq!(
+            fetch_or_missing(&base, "/p", None, 1024).await.ok(),
+            Some(None)
+        );
+        let u = fetch_answer(&base, "/p", None, 1024).await.unwrap_err();
+        assert_eq!(u.status, Some(hyper::StatusCode::NOT_FOUND));
+        let r422 = "HTTP/1.1 422 Unprocessable Entity\r\nContent-Length: 3\r\nConnection: close\r\n\r\nno\n";
+        let base = answering(r422, 1);
+        let u = fetch_status(&base, "/p", None, 1024).await.unwrap_err();
+        assert_eq!(u.outcome.exit_code(), exit::UNAVAILABLE);
+        // No server: no status.
+        let closed = format!("http://127.0.0.1:{}", {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        });
+        let u = fetch_status(&closed, "/p", None, 1024).await.unwrap_err();
+        assert_eq!(u.status, None);
+        assert_eq!(u.outcome.exit_code(), exit::TEMPFAIL);
+    }
 
     /// The look-up the check and the head verified before sending ask for: the address
     /// percent-encoded, `since` the remembered epoch (none for epoch 0 or no memory), `steps=1`
