@@ -43,7 +43,8 @@
 //!   review F8, F6, F5: `two_step_a_pending_request_checked_after_a_re_key_compares_no_epoch_of_the_old_directory`
 //!   (an epoch of a re-keyed directory is not compared with the new one's: exit 75, no
 //!   false alarm), `two_step_the_evidence_of_an_attack_names_the_served_key_and_the_reply`,
-//!   `two_step_a_history_answered_503_is_never_taken_for_a_404_by_its_text`.
+//!   `two_step_a_history_answered_503_is_never_taken_for_a_404_by_its_text`; review F9:
+//!   `two_step_a_key_superseded_more_than_64_versions_back_is_found_in_the_older_pages`.
 //! - `gather::replies`: version 3 replies through `Kst::handle` racing changes of their
 //!   address (a publication held before its epoch, a newer publication recorded first, a
 //!   deletion waiting for its epoch, a red-team stream): every reply passes the client's check.
@@ -3872,6 +3873,64 @@ fn two_step_a_history_answered_503_is_never_taken_for_a_404_by_its_text() {
         error.contains("the history could not be read") && error.contains("503"),
         "{error}"
     );
+}
+
+/// Review F9 of the two-step check (issue 18): the history is read in pages of 64
+/// versions. Alice's key is mailed to bob, then the address changes 69 times (an insider's
+/// key, then versions 3 to 70 restored by the operator) before bob's client reads the reply:
+/// alice's first key is version 1, below the newest page, superseded at an epoch after the
+/// one bob verified before sending. The client reads the older pages (against the same
+/// head) and finds the race: exit 75, no evidence. Before, the newest page alone said "never
+/// held" (exit 5, a false alarm).
+#[test]
+fn two_step_a_key_superseded_more_than_64_versions_back_is_found_in_the_older_pages() {
+    let (provider, _gpg, _alice) = Provider::with_alice();
+    write_queue_script(&provider);
+    let bob = "bob@example.net";
+    let mut flags = provider.log_args().to_vec();
+    flags.push("--no-wait");
+    let (out, v) = provider.checked_as("sendmail-queue", bob, "alice@example.net", &flags);
+    expect(&out, &v, 75, "pending");
+    flush_queue(&provider);
+    // Version 2: another key; versions 3 to 70: that key again, restored by the operator.
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    let file = provider.path("insider.asc");
+    std::fs::write(&file, &twin.public_armored).unwrap();
+    let (out, v) = provider.client_in(
+        "insider",
+        "sendmail",
+        "alice@example.net",
+        &["publish", "--key", file.to_str().unwrap()],
+    );
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let out = provider.kst(&["export"]);
+    assert_eq!(code(&out), 0, "kst export: {}", stderr(&out));
+    let mut line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let history = line["history"].as_array().cloned().unwrap();
+    assert_eq!(history.len(), 2, "{line}");
+    let mut records = history.clone();
+    for n in 3..=70u64 {
+        let mut r = history[1].clone();
+        r["version"] = n.into();
+        r["publication_id"] = format!("{n:032x}").into();
+        r["published_at"] = (r["published_at"].as_u64().unwrap() + n).into();
+        records.push(r);
+    }
+    line["history"] = records.into();
+    let export = provider.path("history.jsonl");
+    std::fs::write(&export, format!("{line}\n")).unwrap();
+    let out = provider.kst(&["import", export.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "kst import: {}", stderr(&out));
+
+    let (out, v) = provider.client("sendmail", bob, &["check"]);
+    assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
+    let error = v[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("changed while the reply was on its way"),
+        "{error}"
+    );
+    assert!(provider.evidence(bob).is_empty(), "no false alarm");
 }
 
 /// The head verified before sending (issue 18, two-step check): `retrieve
