@@ -39,7 +39,12 @@
 //!   no forged key pass for a race; `rt18_a_mismatch_whose_history_cannot_be_read_is_decided_by_the_answer`
 //!   and `two_step_a_stale_key_is_an_attack_by_the_answers_epoch_without_the_history`: the
 //!   answer's proof of the newest version's epoch decides without the history (exit 5);
-//!   `a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decides`.
+//!   `a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decides`;
+//!   review F8, F6, F5: `two_step_a_pending_request_checked_after_a_re_key_compares_no_epoch_of_the_old_directory`
+//!   (an epoch of a re-keyed directory is not compared with the new one's: exit 75, no
+//!   false alarm), `two_step_the_evidence_of_an_attack_names_the_served_key_and_the_reply`,
+//!   `two_step_a_history_answered_503_is_never_taken_for_a_404_by_its_text`; review F9:
+//!   `two_step_a_key_superseded_more_than_64_versions_back_is_found_in_the_older_pages`.
 //! - `history_path`: the two-step check's history path, reached end to end (the address's
 //!   newest version recorded after the request's `verified_epoch`): a change on the way is
 //!   exit 75, nothing imported; a key (or "no key") superseded at or before the request's
@@ -3705,6 +3710,234 @@ fn a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decide
     );
     provider.refused_as_attack("sendmail-old", bob, &provider.log_url, "a stale");
     assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
+}
+
+/// Review F8 of the two-step check (issue 18): a pending request's `verified_epoch` is an
+/// epoch of the directory the client had verified then. When the domain's directory is
+/// re-keyed before the reply is read (the operator's `kst log keygen --force`, a new
+/// directory starting again at epoch 1, `kst migrate` recording the stored keys in it) and
+/// the user pins the new head key (`kst client log-pin`), an honest change of the address
+/// on the reply's way (alice's new key, recorded at epoch 2 of the new directory) must not
+/// be compared with epoch 6 of the old one (2 <= 6 made it exit 5, a false alarm): the
+/// client cannot tell (exit 75, no evidence), and the retrieval made again passes.
+#[test]
+fn two_step_a_pending_request_checked_after_a_re_key_compares_no_epoch_of_the_old_directory() {
+    let (mut provider, gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    // The old directory moves on to epoch 6 (another address published again and again).
+    provider.publish_new(&gpg, "sendmail", &["xavier"; 5]);
+    let log = provider.log_args();
+    let (out, v) = provider.checked_as("sendmail", bob, "alice@example.net", &log);
+    expect(&out, &v, 0, "found");
+    assert_eq!(provider.remembered_epoch(bob), Some(6));
+    // A request left pending, the head key taken from the pin (DNS cannot be asked).
+    write_queue_script(&provider);
+    let (out, v) = provider.checked_as(
+        "sendmail-queue",
+        bob,
+        "alice@example.net",
+        &[
+            "--log-url",
+            &provider.log_url,
+            "--resolver",
+            NO_RESOLVER,
+            "--no-wait",
+        ],
+    );
+    expect(&out, &v, 75, "pending");
+    flush_queue(&provider);
+    // The re-key: a new directory (new keys, its store gone), the stored keys recorded.
+    provider.serve = None;
+    std::fs::remove_dir_all(provider.path("keys/kt")).unwrap();
+    let key_file = provider.path("log-example.net.key");
+    let out = provider.kst(&[
+        "log",
+        "keygen",
+        "example.net",
+        "--force",
+        "--output",
+        key_file.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&out), 0, "kst log keygen: {}", stderr(&out));
+    let new_key = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("head-key ").map(str::to_string))
+        .expect("the new head key");
+    let out = provider.kst(&["migrate"]);
+    assert_eq!(code(&out), 0, "kst migrate: {}", stderr(&out));
+    provider.restart_serve();
+    // Alice's new key after the KST mailed bob her first one: epoch 2 of the new directory.
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    let (out, v) = provider.client(
+        "sendmail",
+        bob,
+        &["log-pin", "example.net", "--log-key", &new_key],
+    );
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let (out, v) = provider.client("sendmail", bob, &["check", "--resolver", NO_RESOLVER]);
+    assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
+    let error = v[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("cannot tell")
+            && error.contains("another directory")
+            && error.contains("retrieve again"),
+        "{error}"
+    );
+    assert!(provider.evidence(bob).is_empty(), "no false alarm");
+    let (out, v) = provider.checked_as(
+        "sendmail",
+        bob,
+        "alice@example.net",
+        &["--log-url", &provider.log_url, "--log-key", &new_key],
+    );
+    expect(&out, &v, 0, "found");
+    assert_eq!(v["fingerprint"], alice2.fingerprint.as_str());
+    assert!(provider.evidence(bob).is_empty(), "no false alarm");
+}
+
+/// Review F6 of the two-step check (issue 18): the evidence of an exit 5 ties it to the
+/// reply it is about, so that an owner or an auditor can find that reply: a stale replica
+/// serves alice's first key after the directory superseded it; the evidence kept names the
+/// served key's fingerprint, the reply's own Message-ID and the request's (its
+/// In-Reply-To). Before, it held the directory's answer and the client's memory only.
+#[test]
+fn two_step_the_evidence_of_an_attack_names_the_served_key_and_the_reply() {
+    let (provider, gpg, alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    let (_old, _old_url) = provider.stale_twin();
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    provider.refused_as_attack("sendmail-old", bob, &provider.log_url, "a stale");
+    let evidence = provider.evidence(bob);
+    assert_eq!(evidence.len(), 1, "evidence kept");
+    let kept = std::fs::read_to_string(&evidence[0]).unwrap();
+    let reply = newest_reply(&provider);
+    let header = |name: &str| {
+        reply
+            .lines()
+            .take_while(|l| !l.is_empty() && *l != "\r")
+            .find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case(name)
+                    .then(|| v.trim().trim_matches(|c| c == '<' || c == '>').to_string())
+            })
+            .unwrap_or_else(|| panic!("the reply has no {name}: {reply}"))
+    };
+    let (reply_id, request_id) = (header("Message-ID"), header("In-Reply-To"));
+    assert!(
+        kept.contains(&format!("served key {}", alice.fingerprint))
+            && kept.contains(&format!("reply Message-ID <{reply_id}>"))
+            && kept.contains(&format!("request Message-ID <{request_id}>")),
+        "{kept}"
+    );
+}
+
+/// Review F5 of the two-step check (issue 18): an HTTP status is the status the server
+/// sent, never words found in its body. A real race (alice's new key recorded after the
+/// reply was mailed) whose history request is answered 503 with a body that says
+/// "answered 404" (a proxy's error page): the history could not be read, exit 75 with the
+/// mismatch kept, not "the directory never held the address" (exit 5, a false alarm, as
+/// when the error text was matched).
+#[test]
+fn two_step_a_history_answered_503_is_never_taken_for_a_404_by_its_text() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    write_queue_script(&provider);
+    let bob = "bob@example.net";
+    let body = "the upstream answered 404 for a moment\n";
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let proxy = answering_proxy(
+        &provider.log_url,
+        "/history/",
+        response.into_bytes(),
+        usize::MAX,
+    );
+    let (out, v) = provider.checked_as(
+        "sendmail-queue",
+        bob,
+        "alice@example.net",
+        &[
+            "--log-url",
+            &proxy,
+            "--log-key",
+            &provider.head_key,
+            "--no-wait",
+        ],
+    );
+    expect(&out, &v, 75, "pending");
+    flush_queue(&provider);
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    let (out, v) = provider.client("sendmail", bob, &["check"]);
+    assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
+    let error = v[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("the history could not be read") && error.contains("503"),
+        "{error}"
+    );
+}
+
+/// Review F9 of the two-step check (issue 18): the history is read in pages of 64
+/// versions. Alice's key is mailed to bob, then the address changes 69 times (an insider's
+/// key, then versions 3 to 70 restored by the operator) before bob's client reads the reply:
+/// alice's first key is version 1, below the newest page, superseded at an epoch after the
+/// one bob verified before sending. The client reads the older pages (against the same
+/// head) and finds the race: exit 75, no evidence. Before, the newest page alone said "never
+/// held" (exit 5, a false alarm).
+#[test]
+fn two_step_a_key_superseded_more_than_64_versions_back_is_found_in_the_older_pages() {
+    let (provider, _gpg, _alice) = Provider::with_alice();
+    write_queue_script(&provider);
+    let bob = "bob@example.net";
+    let mut flags = provider.log_args().to_vec();
+    flags.push("--no-wait");
+    let (out, v) = provider.checked_as("sendmail-queue", bob, "alice@example.net", &flags);
+    expect(&out, &v, 75, "pending");
+    flush_queue(&provider);
+    // Version 2: another key; versions 3 to 70: that key again, restored by the operator.
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    let file = provider.path("insider.asc");
+    std::fs::write(&file, &twin.public_armored).unwrap();
+    let (out, v) = provider.client_in(
+        "insider",
+        "sendmail",
+        "alice@example.net",
+        &["publish", "--key", file.to_str().unwrap()],
+    );
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let out = provider.kst(&["export"]);
+    assert_eq!(code(&out), 0, "kst export: {}", stderr(&out));
+    let mut line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let history = line["history"].as_array().cloned().unwrap();
+    assert_eq!(history.len(), 2, "{line}");
+    let mut records = history.clone();
+    for n in 3..=70u64 {
+        let mut r = history[1].clone();
+        r["version"] = n.into();
+        r["publication_id"] = format!("{n:032x}").into();
+        r["published_at"] = (r["published_at"].as_u64().unwrap() + n).into();
+        records.push(r);
+    }
+    line["history"] = records.into();
+    let export = provider.path("history.jsonl");
+    std::fs::write(&export, format!("{line}\n")).unwrap();
+    let out = provider.kst(&["import", export.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "kst import: {}", stderr(&out));
+
+    let (out, v) = provider.client("sendmail", bob, &["check"]);
+    assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
+    let error = v[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("changed while the reply was on its way"),
+        "{error}"
+    );
+    assert!(provider.evidence(bob).is_empty(), "no false alarm");
 }
 
 /// The head verified before sending (issue 18, two-step check): `retrieve

@@ -886,9 +886,13 @@ async fn wait_for(
                         } => Some(check_dkim(s, &dns, &entries[i], raw).await),
                         _ => None,
                     };
-                    let log_answer = match &m {
-                        Matched::Reply { log_answer, .. } => log_answer.clone(),
-                        Matched::Bounce { .. } => None,
+                    let (log_answer, reply_id) = match &m {
+                        Matched::Reply {
+                            log_answer,
+                            reply_id,
+                            ..
+                        } => (log_answer.clone(), reply_id.clone()),
+                        Matched::Bounce { .. } => (None, None),
                     };
                     let o = interpret(&entries[i], m);
                     let o = match dkim {
@@ -898,7 +902,14 @@ async fn wait_for(
                     // A reply whose HMAC verified but whose key directory answer does not
                     // confirm it came from the KST itself: final, no genuine reply will follow.
                     let attack_before = matches!(o, Outcome::Attack { .. });
-                    let o = reply_proof(s, &entries[i], log_answer.as_deref(), o).await;
+                    let o = reply_proof(
+                        s,
+                        &entries[i],
+                        log_answer.as_deref(),
+                        reply_id.as_deref(),
+                        o,
+                    )
+                    .await;
                     let proof_failed = !attack_before && matches!(o, Outcome::Attack { .. });
                     match o {
                         o @ Outcome::Attack { .. } if !proof_failed => {
@@ -952,8 +963,14 @@ async fn wait_for(
 /// The key directory checks the request asked for: protocol version 3's answer inside the
 /// reply ([`super::transparency::check_reply_answer`]), then `--check-transparency`'s
 /// answer over HTTP ([`super::transparency::check`]); a request without either is returned
-/// as it is.
-async fn reply_proof(s: &Settings, e: &Entry, log_answer: Option<&str>, o: Outcome) -> Outcome {
+/// as it is. `reply_id`: the reply's own Message-ID, named in the evidence of a failed check.
+async fn reply_proof(
+    s: &Settings,
+    e: &Entry,
+    log_answer: Option<&str>,
+    reply_id: Option<&str>,
+    o: Outcome,
+) -> Outcome {
     let http = e.log.as_ref().filter(|l| l.http);
     if e.pending.head_key.is_none() && http.is_none() {
         return o;
@@ -961,21 +978,26 @@ async fn reply_proof(s: &Settings, e: &Entry, log_answer: Option<&str>, o: Outco
     #[cfg(feature = "transparency")]
     {
         let v3 = e.pending.head_key.is_some();
+        let reply = super::transparency::ReplyRef {
+            request_id: e.pending.message_id.clone(),
+            reply_id: reply_id.map(str::to_string),
+        };
         let o = match v3 {
-            true => super::transparency::check_reply_answer(s, e, log_answer, o).await,
+            true => super::transparency::check_reply_answer(s, e, log_answer, &reply, o).await,
             false => o,
         };
         match http {
             Some(r) => {
                 let args = super::transparency::LogCheckArgs::from_requirements(r, v3);
-                super::transparency::check(s, &args, o, r.verified_epoch).await
+                let verified = super::transparency::VerifiedBefore::of(r);
+                super::transparency::check(s, &args, o, &verified, &reply).await
             }
             None => o,
         }
     }
     #[cfg(not(feature = "transparency"))]
     {
-        let _ = (s, log_answer, o);
+        let _ = (s, log_answer, reply_id, o);
         Outcome::error(
             exit::SOFTWARE,
             "this request asked for the key directory's proof, and this kst was built without the `transparency` feature to check it",

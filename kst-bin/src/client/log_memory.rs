@@ -105,6 +105,36 @@ impl DomainMemory {
         self.remembered_head().map(|h| h.head.epoch)
     }
 
+    /// The remembered head's epoch and what identifies the directory it is of (the pinned
+    /// head key, the head's VRF key and root), kept with a request sent now
+    /// ([`super::state::LogRequirements::verified_log`]); `None` before any verified head.
+    pub fn verified(&self) -> Option<(u64, super::state::VerifiedLog)> {
+        let head = self.remembered_head()?.head;
+        Some((
+            head.epoch,
+            super::state::VerifiedLog {
+                head_key: self.head_key.clone()?,
+                vrf_key: hex::encode(head.vrf_public_key),
+                root: hex::encode(head.root_hash),
+            },
+        ))
+    }
+
+    /// Whether `epoch`, verified with `log`, is an epoch of the directory this memory
+    /// follows now: the same pinned head key and VRF key, and the same root kept for that
+    /// epoch (a memory started again, by `kst client log-pin` or a new pin, or after a
+    /// witnessed new start, no longer holds it; nor does one that moved more than
+    /// [`MAX_KNOWN_ROOTS`] epochs past it).
+    pub fn same_log(&self, epoch: u64, log: &super::state::VerifiedLog) -> bool {
+        let same =
+            |ours: Option<&str>, theirs: &str| ours.is_some_and(|o| o.eq_ignore_ascii_case(theirs));
+        same(self.head_key.as_deref(), &log.head_key)
+            && same(self.vrf_key.as_deref(), &log.vrf_key)
+            && self
+                .known_root(epoch)
+                .is_some_and(|r| hex::encode(r).eq_ignore_ascii_case(&log.root))
+    }
+
     /// The root of `epoch` in the remembered history, if kept.
     pub fn known_root(&self, epoch: u64) -> Option<[u8; 32]> {
         self.roots
@@ -640,6 +670,42 @@ mod tests {
         .unwrap();
         let err = memory.hold("example.net").unwrap_err().to_string();
         assert!(err.contains("example.org"), "{err}");
+    }
+
+    /// Review F8: an epoch verified before a request counts only against the directory the
+    /// memory follows: the same head key, VRF key and root for that epoch.
+    #[test]
+    fn a_verified_epoch_is_of_the_same_log_only_with_its_keys_and_root() {
+        let log = crate::client::state::VerifiedLog {
+            head_key: "aa".repeat(32),
+            vrf_key: "bb".repeat(32),
+            root: "cc".repeat(32),
+        };
+        let mut memory = DomainMemory {
+            domain: "example.net".into(),
+            head_key: Some("AA".repeat(32)),
+            vrf_key: Some("bb".repeat(32)),
+            ..DomainMemory::default()
+        };
+        memory.keep_roots([(6, [0xcc; 32]), (7, [0xdd; 32])]);
+        assert!(memory.same_log(6, &log));
+        // Another root for that epoch (a directory started again), or none kept.
+        assert!(!memory.same_log(7, &log));
+        assert!(!memory.same_log(5, &log));
+        // Another head key or VRF key (re-keyed, re-pinned).
+        let other_head = crate::client::state::VerifiedLog {
+            head_key: "ab".repeat(32),
+            ..log.clone()
+        };
+        assert!(!memory.same_log(6, &other_head));
+        memory.vrf_key = Some("be".repeat(32));
+        assert!(!memory.same_log(6, &log));
+        memory.vrf_key = None;
+        assert!(!memory.same_log(6, &log));
+        // A memory started again forgets the roots.
+        memory.vrf_key = Some("bb".repeat(32));
+        memory.roots.clear();
+        assert!(!memory.same_log(6, &log));
     }
 
     #[test]

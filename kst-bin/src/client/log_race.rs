@@ -17,7 +17,9 @@
 
 use kst_core::Address;
 use kst_core::transparency::EntryState;
-use kst_core::transparency::history::{HistoryAnswer, HistoryVersion, MAX_HISTORY_ANSWER};
+use kst_core::transparency::history::{
+    HistoryAnswer, HistoryPage, HistoryVersion, MAX_HISTORY_ANSWER, MAX_PAGES,
+};
 
 use super::log_memory::Held;
 use super::output::Outcome;
@@ -165,6 +167,14 @@ pub fn recorded_before_sending(r: &Race<'_>, newest_at: Option<u64>) -> Option<S
     ))
 }
 
+/// The history read (`text`) and its older pages (`pages`, empty when none), as evidence.
+fn joined(text: &str, pages: &str) -> String {
+    match pages.is_empty() {
+        true => text.to_string(),
+        false => format!("{text}\n{pages}"),
+    }
+}
+
 /// What [`decide`] found.
 #[derive(Debug)]
 pub enum Decision {
@@ -213,6 +223,9 @@ pub struct Race<'a> {
     /// The newest epoch the client had verified when it made the request
     /// ([`super::state::LogRequirements::verified_epoch`]).
     pub verified_epoch: Option<u64>,
+    /// Without `verified_epoch`, why, the end of a sentence starting "the client ..."
+    /// ([`super::transparency::VerifiedBefore::epoch_in`]).
+    pub no_epoch: &'a str,
     /// The epoch of the last answer, which proved another state.
     pub answer_epoch: u64,
 }
@@ -261,7 +274,7 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
         Ok(h) => h,
         Err(e) => return attack(format!("{url}: {e}")),
     };
-    let versions = match history.verify(r.head_key, r.address) {
+    let mut versions = match history.verify(r.head_key, r.address) {
         Ok(v) => v,
         Err(e) => return attack(format!("{url}: {e}")),
     };
@@ -319,6 +332,94 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
             };
         }
     }
+    // Review F9: the served state may be older than the newest page (an address changed
+    // more than 64 times since): the older pages, down to version 1, against the same head.
+    let mut pages_text = String::new();
+    let mut pages = 0;
+    while superseded(&versions, r.served) == Superseded::Never
+        && let Some((before, before_epoch)) = versions
+            .iter()
+            .map(|v| (v.akd_version, v.epoch))
+            .min()
+            .filter(|(v, _)| *v > 1)
+    {
+        if pages == MAX_PAGES {
+            return Decision::Unread {
+                why: format!(
+                    "the history of {} holds {before} versions below the {} the client read, \
+                     more than it reads",
+                    r.address,
+                    versions.len()
+                ),
+                seen: joined(&text, &pages_text),
+            };
+        }
+        pages += 1;
+        let page_path = format!("{path}?before={before}");
+        let page_text =
+            match fetch_or_missing(r.log_base, &page_path, r.ca_file, MAX_HISTORY_ANSWER).await {
+                Ok(Some(t)) => t,
+                Ok(None) => {
+                    return Decision::Attack {
+                        why: format!(
+                            "{url}?before={before}: no versions below {before}, which the \
+                             newest versions proved"
+                        ),
+                        seen: joined(&text, &pages_text),
+                    };
+                }
+                Err(o) => {
+                    return Decision::Unread {
+                        why: match o {
+                            Outcome::Error { error, .. } => {
+                                format!("the history's older versions could not be read: {error}")
+                            }
+                            _ => {
+                                format!("the history's older versions could not be read from {url}")
+                            }
+                        },
+                        seen: joined(&text, &pages_text),
+                    };
+                }
+            };
+        pages_text.push_str(&format!("-- page below version {before} --\n{page_text}\n"));
+        let page = match HistoryPage::parse(&page_text) {
+            Ok(p) => p,
+            Err(e) => {
+                return Decision::Attack {
+                    why: format!("{url}?before={before}: {e}"),
+                    seen: joined(&text, &pages_text),
+                };
+            }
+        };
+        if (page.head.head.epoch, page.head.head.root_hash) != (head.epoch, head.root_hash) {
+            // A newer epoch was committed between the requests: read again later.
+            return Decision::Unread {
+                why: format!(
+                    "the directory moved from epoch {} to {} while the history was read",
+                    head.epoch, page.head.head.epoch
+                ),
+                seen: joined(&text, &pages_text),
+            };
+        }
+        match page
+            .verify(r.head_key, r.address, before, before_epoch)
+            .await
+        {
+            Ok(older) => versions.extend(older),
+            Err(e) => {
+                return Decision::Attack {
+                    why: format!("{url}?before={before}: {e}"),
+                    seen: joined(&text, &pages_text),
+                };
+            }
+        }
+    }
+    let text = joined(&text, &pages_text);
+    let attack = |why: String| Decision::Attack {
+        why,
+        seen: text.clone(),
+    };
     let what = match r.served {
         Some(_) => "the served key",
         None => "\"no key\"",
@@ -341,8 +442,8 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
         }
         Superseded::Never => {
             return attack(format!(
-                "the directory's history of {} (epoch {}, the newest {} versions) never held \
-                 {what}",
+                "the directory's history of {} (epoch {}, {} versions down to version 1) never \
+                 held {what}",
                 r.address,
                 head.epoch,
                 versions.len()
@@ -364,12 +465,12 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
         )),
         Verdict::Unknown => Decision::Race(format!(
             "key directory of {domain}: the directory recorded {what} for {} as superseded \
-             at epoch {epoch}; the client had verified no epoch of the \
-             directory when it sent the request, so it cannot tell whether the address \
+             at epoch {epoch}; the client {}, so it cannot tell whether the address \
              changed while the reply was on its way or the key was stale; nothing was \
              imported; retrieve again (the head of epoch {} is remembered now: the next \
              request is decided)",
             r.address,
+            r.no_epoch,
             held.memory.remembered_epoch().unwrap_or(r.answer_epoch)
         )),
         Verdict::Stale => attack(format!(
@@ -460,6 +561,7 @@ mod tests {
             address: &address,
             served: Some(b"k1"),
             verified_epoch,
+            no_epoch: "",
             answer_epoch: 9,
         };
         let why = recorded_before_sending(&race(Some(5)), Some(5)).unwrap();

@@ -19,6 +19,9 @@ pub enum Matched {
         log_answer: Option<String>,
         /// The reply as read (at most the mailbox's size limit), for the DKIM check.
         raw: Vec<u8>,
+        /// The reply's own Message-ID (without `<>`), when it has a readable one: named in
+        /// the evidence a failed key directory check keeps.
+        reply_id: Option<String>,
     },
     /// The request bounced: the provider runs no KST (or `keys@` does not take mail).
     Bounce {
@@ -61,6 +64,7 @@ pub fn classify<'a>(pending: impl IntoIterator<Item = &'a Pending>, raw: &[u8]) 
             result,
             log_answer,
             raw: raw.to_vec(),
+            reply_id: msg.message_id().and_then(readable_id),
         });
     }
     if !dsn {
@@ -71,6 +75,20 @@ pub fn classify<'a>(pending: impl IntoIterator<Item = &'a Pending>, raw: &[u8]) 
         .iter()
         .find(|p| text.contains(&format!("<{}>", p.message_id)))?;
     bounce(p, raw)
+}
+
+/// The longest reply Message-ID kept (RFC 5322 lines are at most 998 characters).
+const MAX_REPLY_ID: usize = 256;
+
+/// A Message-ID as kept in evidence: printable ASCII without `<>` and spaces, at most
+/// [`MAX_REPLY_ID`] characters; anything else is not kept (`None`).
+fn readable_id(id: &str) -> Option<String> {
+    (!id.is_empty()
+        && id.len() <= MAX_REPLY_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'<' && b != b'>'))
+    .then(|| id.to_string())
 }
 
 fn bounce(p: &Pending, raw: &[u8]) -> Option<Matched> {
@@ -194,10 +212,23 @@ Subject: Key request\r\n\
 
     fn reply(in_reply_to: &str, kst: bool) -> Vec<u8> {
         format!(
-            "From: keys@example.org\r\nTo: carol@acme.net\r\nIn-Reply-To: <{in_reply_to}>\r\n{}Subject: x\r\n\r\nhello\r\n",
+            "From: keys@example.org\r\nTo: carol@acme.net\r\nMessage-ID: <r1@example.org>\r\nIn-Reply-To: <{in_reply_to}>\r\n{}Subject: x\r\n\r\nhello\r\n",
             if kst { "KST-Protocol: 1\r\nKST-Status: not-found\r\nKST-Address: bob@example.org\r\n" } else { "" }
         )
         .into_bytes()
+    }
+
+    /// Review F6: only a readable Message-ID is kept for the evidence.
+    #[test]
+    fn only_a_readable_reply_id_is_kept() {
+        assert_eq!(
+            readable_id("r1@example.org").as_deref(),
+            Some("r1@example.org")
+        );
+        for bad in ["", "a b@x", "a\nb@x", "<a@x>", "a\u{e9}@x"] {
+            assert_eq!(readable_id(bad), None, "{bad:?}");
+        }
+        assert_eq!(readable_id(&"a".repeat(MAX_REPLY_ID + 1)), None);
     }
 
     #[test]
@@ -230,10 +261,14 @@ Subject: Key request\r\n\
         // Right In-Reply-To, KST headers, no valid HMAC: verified and refused as an attack.
         match classify([&p], &reply(&p.message_id, true)).unwrap() {
             Matched::Reply {
-                message_id, result, ..
+                message_id,
+                result,
+                reply_id,
+                ..
             } => {
                 assert_eq!(message_id, p.message_id);
                 assert_eq!(result.unwrap_err(), ReplyError::BadHmac);
+                assert_eq!(reply_id.as_deref(), Some("r1@example.org"));
             }
             other => panic!("{other:?}"),
         }

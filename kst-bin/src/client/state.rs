@@ -67,6 +67,26 @@ pub struct LogRequirements {
     /// before the request (exit 5), and with `None` cannot tell (exit 75, retrieve again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified_epoch: Option<u64>,
+    /// The directory `verified_epoch` is an epoch of (its head key, VRF key and the root of
+    /// that epoch): the two-step check compares epochs with `verified_epoch` only while the
+    /// client's memory holds that root for it (the same directory, not one re-pinned or
+    /// started again since: its epochs count again from the start). `None` for a request
+    /// written by a kst from before this field: then `verified_epoch` is not used (the
+    /// check cannot tell, exit 75, and the retry decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_log: Option<VerifiedLog>,
+}
+
+/// What identifies the key directory whose head the client had verified when it sent a
+/// request ([`LogRequirements::verified_log`]), all 64 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifiedLog {
+    /// The head key the head was verified with (the pin then).
+    pub head_key: String,
+    /// The VRF key the head names.
+    pub vrf_key: String,
+    /// The head's root: the directory's state at `verified_epoch`.
+    pub root: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -221,7 +241,19 @@ mod tests {
         assert!(
             e.log
                 .as_ref()
-                .is_some_and(|l| l.http && l.verified_epoch.is_none())
+                .is_some_and(|l| l.http && l.verified_epoch.is_none() && l.verified_log.is_none())
+        );
+        // A verified epoch kept before the directory it is of was (review F8): it loads,
+        // without the directory (the check then does not use the epoch).
+        let epoch_only = old.replace(
+            r#""route":"submission"}"#,
+            r#""route":"submission","log":{"http":true,"witness_max_age":86400,"verified_epoch":500}}"#,
+        );
+        let e: Entry = serde_json::from_str(&epoch_only).unwrap();
+        assert!(
+            e.log
+                .as_ref()
+                .is_some_and(|l| l.verified_epoch == Some(500) && l.verified_log.is_none())
         );
         let mut with = entry("bob@example.net");
         with.log = Some(LogRequirements {
@@ -229,6 +261,11 @@ mod tests {
             witnesses: vec!["w:00".into()],
             since_head: Some("kst-log-head-v1\n".into()),
             verified_epoch: Some(7),
+            verified_log: Some(VerifiedLog {
+                head_key: "11".repeat(32),
+                vrf_key: "22".repeat(32),
+                root: "33".repeat(32),
+            }),
             ..LogRequirements::default()
         });
         let text = serde_json::to_string(&with).unwrap();

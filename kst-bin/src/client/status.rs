@@ -241,12 +241,17 @@ pub async fn status(
                 Err(o) => return output::finish(&[o], s.json, false),
             }
         }
-        None => None,
+        None => Default::default(),
+    };
+    #[cfg(feature = "transparency")]
+    let reply = super::transparency::ReplyRef {
+        request_id: request.pending.message_id.clone(),
+        reply_id: None,
     };
     let retrieved = send_and_wait(s, &account, request, None, false, false).await;
     #[cfg(feature = "transparency")]
     let retrieved = match log {
-        Some(args) => super::transparency::check(s, args, retrieved, verified_epoch).await,
+        Some(args) => super::transparency::check(s, args, retrieved, &verified_epoch, &reply).await,
         None => retrieved,
     };
     let (service, served, code) = match retrieved {

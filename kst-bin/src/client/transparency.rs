@@ -53,7 +53,7 @@ use super::exit;
 pub use super::log_memory::check_and_remember;
 use super::log_memory::{Held, LogMemory, MemoryError, check_held, check_pin, source};
 use super::output::Outcome;
-use super::state::{Entry, LogRequirements};
+use super::state::{Entry, LogRequirements, VerifiedLog};
 use super::tls::Conn;
 
 mod presend;
@@ -123,6 +123,7 @@ impl LogCheckArgs {
             witness_max_age: self.reply.witness_max_age,
             since_head: None,
             verified_epoch: None,
+            verified_log: None,
         }
     }
 
@@ -225,7 +226,9 @@ pub async fn plan(
     if log.http {
         verify_before_sending(s, check, address, &memory, &mut held).await?;
     }
-    log.verified_epoch = held.memory.remembered_epoch();
+    let verified = held.memory.verified();
+    log.verified_epoch = verified.as_ref().map(|(e, _)| *e);
+    log.verified_log = verified.map(|(_, l)| l);
     if !args.transparency {
         return Ok(LogPlan {
             log: Some(log),
@@ -253,20 +256,71 @@ pub async fn plan(
 }
 
 /// `status --check-transparency`: the head of `address`'s domain verified before the request
-/// is sent ([`presend::verify_head`]), and its epoch (`None`: none verified yet). A memory
-/// that cannot be read is a local problem (exit 78), a head that fails verification an
-/// attack (exit 5).
+/// is sent ([`presend::verify_head`]): its epoch and directory (none verified yet: no
+/// epoch). A memory that cannot be read is a local problem (exit 78), a head that fails
+/// verification an attack (exit 5).
 pub async fn verified_epoch_before_sending(
     s: &Settings,
     check: &LogCheckArgs,
     address: &Address,
-) -> Result<Option<u64>, Outcome> {
+) -> Result<VerifiedBefore, Outcome> {
     let memory = LogMemory::beside(s.state.path());
     let mut held = memory
         .hold(address.domain())
         .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
     verify_before_sending(s, check, address, &memory, &mut held).await?;
-    Ok(held.memory.remembered_epoch())
+    let verified = held.memory.verified();
+    Ok(VerifiedBefore {
+        epoch: verified.as_ref().map(|(e, _)| *e),
+        log: verified.map(|(_, l)| l),
+    })
+}
+
+/// The head the client had verified when it sent a request: its epoch
+/// ([`LogRequirements::verified_epoch`]) and the directory it is of
+/// ([`LogRequirements::verified_log`]). The two-step check compares epochs with it only
+/// while the memory still follows that directory ([`VerifiedBefore::epoch_in`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifiedBefore {
+    /// The epoch (`None`: none verified then).
+    pub epoch: Option<u64>,
+    /// The directory (`None`: not known, a request written by an older kst).
+    pub log: Option<VerifiedLog>,
+}
+
+impl VerifiedBefore {
+    /// What a pending request kept.
+    pub fn of(r: &LogRequirements) -> VerifiedBefore {
+        VerifiedBefore {
+            epoch: r.verified_epoch,
+            log: r.verified_log.clone(),
+        }
+    }
+
+    /// The epoch, when it is one of the directory `memory` follows now
+    /// ([`super::log_memory::DomainMemory::same_log`]); else why it cannot be used, the end
+    /// of a sentence starting "the client ...": epochs of another directory (one re-pinned or
+    /// started again since the request: its epochs count from the start again) say nothing
+    /// about this one's.
+    pub fn epoch_in(&self, memory: &super::log_memory::DomainMemory) -> Result<u64, String> {
+        match (self.epoch, &self.log) {
+            (None, _) => {
+                Err("had verified no epoch of the directory when it sent the request".into())
+            }
+            (Some(e), None) => Err(format!(
+                "kept no record of which directory its verified epoch {e} was of (a request \
+                 written by an older kst)"
+            )),
+            (Some(e), Some(log)) if memory.same_log(e, log) => Ok(e),
+            (Some(e), Some(log)) => Err(format!(
+                "had verified epoch {e} of another directory than the one it follows now (head \
+                 key {}, root {} then: the directory was re-keyed or started again, or the \
+                 client re-pinned it, since the request was sent; or the client no longer \
+                 holds that epoch's root)",
+                log.head_key, log.root
+            )),
+        }
+    }
 }
 
 /// [`presend::verify_head`], its note (a head that could not be verified; the request is
@@ -295,27 +349,35 @@ pub async fn check_reply_answer(
     s: &Settings,
     entry: &Entry,
     answer: Option<&str>,
+    reply: &ReplyRef,
     outcome: Outcome,
 ) -> Outcome {
     let pending = &entry.pending;
     let Some(key_hex) = &pending.head_key else {
         return outcome;
     };
-    let (address, served) = match &outcome {
-        Outcome::Found { address, key, .. }
+    let (address, served, fingerprint) = match &outcome {
+        Outcome::Found {
+            address,
+            key,
+            fingerprint,
+            ..
+        }
         | Outcome::Published {
             account: address,
             key,
+            fingerprint,
             ..
         } => match dearmor_public_key(key, MAX_KEY_TEXT) {
-            Ok(bytes) => (address.clone(), Some(bytes)),
+            Ok(bytes) => (address.clone(), Some(bytes), Some(fingerprint.clone())),
             Err(e) => return Outcome::error(exit::SOFTWARE, format!("the served key: {e}")),
         },
         Outcome::NotFound { address, .. } | Outcome::Deleted { address, .. } => {
-            (address.clone(), None)
+            (address.clone(), None, None)
         }
         _ => return outcome,
     };
+    let about = reply.evidence(fingerprint.as_deref());
     let attack = |error: String| Outcome::Attack {
         service: pending.service.to_string(),
         message_id: pending.message_id.clone(),
@@ -367,6 +429,7 @@ pub async fn check_reply_answer(
         log_base: &base,
         ca_file: s.ca_file(),
         read_apart: false,
+        about: &about,
     };
     match verify_and_remember(&memory, &mut held, text, &checked).await {
         Ok(Accepted::Remembered) => outcome,
@@ -424,6 +487,42 @@ struct Checked<'a> {
     /// is [`Accepted::Differs`] (the caller asks again, then decides: [`super::log_race`]),
     /// not an attack at once.
     read_apart: bool,
+    /// What the answer is checked for ([`ReplyRef::evidence`]: the reply and the key it
+    /// served), put before it in the evidence of a failure; empty before sending.
+    about: &'a str,
+}
+
+/// What ties the evidence of a failed check to the reply it is about (review F6), so that an
+/// owner or an auditor can find that reply (by its Message-ID, or the request's, which the
+/// reply names in `In-Reply-To`) and tie the evidence to the key it served.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplyRef {
+    /// The request's Message-ID (without `<>`).
+    pub request_id: String,
+    /// The reply's own Message-ID (without `<>`; `None`: not read by this command, or not
+    /// readable).
+    pub reply_id: Option<String>,
+}
+
+impl ReplyRef {
+    /// The lines the evidence's `-- seen --` part starts with: the reply's and the request's
+    /// Message-IDs and what the reply served (`served`: the key's fingerprint, `None` for
+    /// "no key"), then `-- answer --` (the directory's answer follows).
+    pub fn evidence(&self, served: Option<&str>) -> String {
+        let reply = match &self.reply_id {
+            Some(id) => format!("<{id}>"),
+            None => "unknown (not read by this command)".into(),
+        };
+        let served = match served {
+            Some(fingerprint) => format!("key {fingerprint}"),
+            None => "no key".into(),
+        };
+        format!(
+            "-- reply --\nrequest Message-ID <{}>\nreply Message-ID {reply}\nserved {served}\n\
+             -- answer --\n",
+            self.request_id
+        )
+    }
 }
 
 /// Why [`verify_and_remember`] refused an answer.
@@ -456,8 +555,10 @@ async fn verify_and_remember(
     text: &str,
     c: &Checked<'_>,
 ) -> Result<Accepted, Refused> {
+    // The evidence of a failure: what the answer was about (the reply, review F6), then it.
+    let seen = format!("{}{text}", c.about);
     let answer = LogAnswer::parse(text)
-        .map_err(|e| attack_kept(memory, held, format!("{}: {e}", c.source), text))?;
+        .map_err(|e| attack_kept(memory, held, format!("{}: {e}", c.source), &seen))?;
     let epoch = answer.head.head.epoch;
     let served = match c.served {
         Some(bytes) => Served::Key(bytes),
@@ -477,7 +578,7 @@ async fn verify_and_remember(
         {
             differs = Some((message, proven.map(|(_, at)| at)));
         } else {
-            return Err(attack_kept(memory, held, message, text));
+            return Err(attack_kept(memory, held, message, &seen));
         }
     }
     let finish = |accepted: Accepted| match &differs {
@@ -503,7 +604,7 @@ async fn verify_and_remember(
                     "{} (epoch {epoch}) carries no witness cosignatures",
                     c.source
                 ),
-                text,
+                &seen,
             ));
         };
         match witnessed.verify(&answer.head, c.head_key, policy).await {
@@ -516,7 +617,7 @@ async fn verify_and_remember(
                         "the key directory's head (epoch {epoch}) is not witnessed as required: \
                          {e}"
                     ),
-                    text,
+                    &seen,
                 ));
             }
         }
@@ -555,7 +656,7 @@ async fn verify_and_remember(
                     "{} carries an append-only step (to epoch {to}) but no head is remembered",
                     c.source
                 ),
-                text,
+                &seen,
             ));
         };
         return match answer.verify_step(c.head_key, old).await {
@@ -582,7 +683,7 @@ async fn verify_and_remember(
                     "possible fork or rollback of the key directory of {}: {e}",
                     held.domain
                 ),
-                text,
+                &seen,
             )),
         };
     }
@@ -633,7 +734,7 @@ async fn verify_and_remember(
         // The new start is of the pinned directory: the checks of `check_held` against the
         // pin, which this path would otherwise skip (a `too-far` answer never moves the
         // client to a directory with another VRF key, whatever its witnesses cosigned).
-        check_pin(memory, held, &answer, &|| text.to_string()).map_err(refused)?;
+        check_pin(memory, held, &answer, &|| seen.clone()).map_err(refused)?;
         // The remembered head's epoch inside the witnessed heads of the answer: there the
         // witnessed history has a root for it, and that root decides. Another root is a fork
         // the client was shown (a `too-far` must not bury it); the same root proves the
@@ -659,7 +760,7 @@ async fn verify_and_remember(
                         hex::encode(old.root_hash),
                         hex::encode(there.head.root_hash)
                     ),
-                    text,
+                    &seen,
                 ));
             }
             held.memory.keep_roots(
@@ -679,7 +780,7 @@ async fn verify_and_remember(
         // witnesses must have cosigned the remembered head themselves (each honest witness
         // cosigns one linear history, so its later cosigned head extends it).
         let tied =
-            remembered_head_cosigned(memory, held, old, &answer, text, c, policy, &confirmed)
+            remembered_head_cosigned(memory, held, old, &answer, &seen, c, policy, &confirmed)
                 .await?;
         let note = format!(
             "key directory of {}: the remembered head (epoch {}) is too far behind the answer's \
@@ -714,7 +815,7 @@ async fn verify_and_remember(
     }
     // Everything verified: only now is the new head remembered (a head refused for any
     // reason is never remembered).
-    check_held(memory, held, &answer, Some(text), c.asked)
+    check_held(memory, held, &answer, Some(&seen), c.asked)
         .await
         .and_then(|_| memory.save(held))
         .map(|()| finish(Accepted::Remembered))
@@ -918,24 +1019,33 @@ pub async fn check(
     s: &Settings,
     args: &LogCheckArgs,
     outcome: Outcome,
-    verified_epoch: Option<u64>,
+    verified: &VerifiedBefore,
+    reply: &ReplyRef,
 ) -> Outcome {
-    let (address, service, message_id, served) = match &outcome {
+    let (address, service, message_id, served, fingerprint) = match &outcome {
         Outcome::Found {
             address,
             service,
             message_id,
             key,
+            fingerprint,
             ..
         } => match dearmor_public_key(key, MAX_KEY_TEXT) {
-            Ok(bytes) => (address, service, message_id.clone(), Some(bytes)),
+            Ok(bytes) => (
+                address,
+                service,
+                message_id.clone(),
+                Some(bytes),
+                Some(fingerprint.as_str()),
+            ),
             Err(e) => return Outcome::error(exit::SOFTWARE, format!("the served key: {e}")),
         },
         Outcome::NotFound {
             address, service, ..
-        } => (address, service, String::new(), None),
+        } => (address, service, reply.request_id.clone(), None, None),
         _ => return outcome,
     };
+    let about = reply.evidence(fingerprint);
     let attack = |error: String| Outcome::Attack {
         service: service.clone(),
         message_id: message_id.clone(),
@@ -977,6 +1087,7 @@ pub async fn check(
         log_base: &base,
         ca_file: s.ca_file(),
         read_apart: true,
+        about: &about,
     };
     // A client far behind catches up in steps (`steps=1`): each answer carries the proof
     // from the remembered head, or its first steps within the server's budget; each step is
@@ -996,13 +1107,15 @@ pub async fn check(
         let (path, limit) = lookup_path(&address, since, ask_steps, policy.is_some());
         let text = match fetch_answer(&base, &path, s.ca_file(), limit).await {
             Ok(t) => t,
-            Err(Outcome::Error { error, .. })
-                if ask_steps && since.is_some() && error.contains(" answered 400 ") =>
+            Err(u)
+                if ask_steps
+                    && since.is_some()
+                    && u.status == Some(hyper::StatusCode::BAD_REQUEST) =>
             {
                 ask_steps = false;
                 continue;
             }
-            Err(o) => return o,
+            Err(u) => return u.outcome,
         };
         match verify_and_remember(&memory, &mut held, &text, &checked).await {
             Ok(Accepted::Remembered) => return outcome,
@@ -1043,9 +1156,19 @@ pub async fn check(
                 let keep = |why: String, seen: &str| {
                     attack(
                         memory
-                            .attack(&held, format!("{mismatch}; {why}"), seen)
+                            .attack(
+                                &held,
+                                format!("{mismatch}; {why}"),
+                                &format!("{about}{seen}"),
+                            )
                             .to_string(),
                     )
+                };
+                // Review F8: an epoch verified before sending counts only against the same
+                // directory (not one re-keyed, restarted or re-pinned since).
+                let (verified_epoch, no_epoch) = match verified.epoch_in(&held.memory) {
+                    Ok(e) => (Some(e), String::new()),
+                    Err(why) => (None, why),
                 };
                 let race = super::log_race::Race {
                     log_base: &base,
@@ -1054,6 +1177,7 @@ pub async fn check(
                     address: &address,
                     served: served.as_deref(),
                     verified_epoch,
+                    no_epoch: &no_epoch,
                     answer_epoch: epoch,
                 };
                 // The answer's own proof decides first: a newest version recorded at or
@@ -1085,7 +1209,7 @@ pub async fn check(
                             "the directory kept moving while the client read its history (of \
                              epoch {ahead})"
                         );
-                        let seen = with_history(text, &seen);
+                        let seen = format!("{about}{}", with_history(text, &seen));
                         return undecided(&memory, &held, &mismatch, &why, &seen, epoch, &address);
                     }
                     super::log_race::Decision::Race(message) => {
@@ -1095,7 +1219,7 @@ pub async fn check(
                         return keep(why, &with_history(text, &seen));
                     }
                     super::log_race::Decision::Unread { why, seen } => {
-                        let seen = with_history(text, &seen);
+                        let seen = format!("{about}{}", with_history(text, &seen));
                         return undecided(&memory, &held, &mismatch, &why, &seen, epoch, &address);
                     }
                 }
@@ -1195,47 +1319,84 @@ fn log_base(args: &LogCheckArgs, address: &Address) -> String {
         .unwrap_or_else(|| format!("https://{}", address.domain()))
 }
 
-/// [`get`] within [`FETCH_TIMEOUT`]; a failure is temporary (exit 75).
+/// A key directory request that brought no answer to use: the outcome to report, and the
+/// HTTP status the server answered when it answered one (review F5: a status is the
+/// server's, as [`fetch`] read it, never words found in an error's text, which holds the
+/// first line of the server's body).
+#[derive(Debug)]
+pub(super) struct Unfetched {
+    /// The status (not 200), `None` when no response was read (no connection, TLS, a
+    /// timeout, a body over the limit or not UTF-8).
+    pub status: Option<hyper::StatusCode>,
+    /// What to report: exit 75, or 69 for a 422.
+    pub outcome: Outcome,
+}
+
+/// [`fetch_status`], a 404 being a temporary failure too.
 async fn fetch_answer(
     base: &str,
     path: &str,
     ca_file: Option<&Path>,
     max: usize,
-) -> Result<String, Outcome> {
-    fetch_or_missing(base, path, ca_file, max)
+) -> Result<String, Unfetched> {
+    fetch_status(base, path, ca_file, max)
         .await?
-        .ok_or_else(|| {
-            Outcome::error(
+        .ok_or_else(|| Unfetched {
+            status: Some(hyper::StatusCode::NOT_FOUND),
+            outcome: Outcome::error(
                 exit::TEMPFAIL,
                 format!("key directory: {base}{path} answered 404"),
-            )
+            ),
         })
 }
 
-/// [`fetch_answer`], with `None` for a 404.
+/// [`fetch_status`] as an outcome, with `None` for a 404.
 pub(super) async fn fetch_or_missing(
     base: &str,
     path: &str,
     ca_file: Option<&Path>,
     max: usize,
 ) -> Result<Option<String>, Outcome> {
-    match tokio::time::timeout(FETCH_TIMEOUT, get(base, path, ca_file, max)).await {
-        Ok(Ok(t)) => Ok(Some(t)),
-        Ok(Err(e)) if e.contains(" answered 404 ") => Ok(None),
-        // 422: the remembered head is too far back for one proof; retrying will not help.
-        Ok(Err(e)) if e.contains(" answered 422 ") => Err(Outcome::error(
+    fetch_status(base, path, ca_file, max)
+        .await
+        .map_err(|u| u.outcome)
+}
+
+/// [`get`] within [`FETCH_TIMEOUT`]: the body of a 200, `None` for a 404; a 422 (the
+/// remembered head is too far back for one proof: retrying will not help) is exit 69,
+/// anything else temporary (exit 75). Decided by the status the server sent.
+async fn fetch_status(
+    base: &str,
+    path: &str,
+    ca_file: Option<&Path>,
+    max: usize,
+) -> Result<Option<String>, Unfetched> {
+    let e = match tokio::time::timeout(FETCH_TIMEOUT, get(base, path, ca_file, max)).await {
+        Ok(Ok(t)) => return Ok(Some(t)),
+        Ok(Err(e)) => e,
+        Err(_) => {
+            return Err(Unfetched {
+                status: None,
+                outcome: Outcome::error(
+                    exit::TEMPFAIL,
+                    format!("key directory: {base} did not answer in time"),
+                ),
+            });
+        }
+    };
+    let status = match &e {
+        GetError::Status { status, .. } => Some(*status),
+        GetError::Failed(_) => None,
+    };
+    let outcome = match status {
+        Some(hyper::StatusCode::NOT_FOUND) => return Ok(None),
+        Some(hyper::StatusCode::UNPROCESSABLE_ENTITY) => Outcome::error(
             exit::UNAVAILABLE,
             format!("key directory: {e}; kst client log-pin DOMAIN forgets the remembered head"),
-        )),
-        Ok(Err(e)) => Err(Outcome::error(
-            exit::TEMPFAIL,
-            format!("key directory: {e}"),
-        )),
-        Err(_) => Err(Outcome::error(
-            exit::TEMPFAIL,
-            format!("key directory: {base} did not answer in time"),
-        )),
-    }
+        ),
+        _ => Outcome::error(exit::TEMPFAIL, format!("key directory: {e}")),
+    };
+    Err(Unfetched { status, outcome })
 }
 
 /// The keys a `_kst-log.<domain>` TXT record publishes: `v=kstlog1; head=<hex>; vrf=<hex>`.
@@ -1972,19 +2133,50 @@ pub(super) fn path_segment(s: &str) -> String {
     out
 }
 
+/// Why [`get`] brought no answer.
+#[derive(Debug)]
+enum GetError {
+    /// The server answered with `status` (not 200); `message` names the URL, the status and
+    /// the first line of the body (the server's words: for messages only).
+    Status {
+        status: hyper::StatusCode,
+        message: String,
+    },
+    /// No response to use ([`fetch`]'s error).
+    Failed(String),
+}
+
+impl std::fmt::Display for GetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GetError::Status { message, .. } | GetError::Failed(message) => f.write_str(message),
+        }
+    }
+}
+
 /// `GET base + path` ([`fetch`]), 200 with a body of at most `limit` bytes.
 async fn get(
     base: &str,
     path: &str,
     ca_file: Option<&Path>,
     limit: usize,
-) -> Result<String, String> {
-    let (status, text) = fetch(base, hyper::Method::GET, path, None, ca_file, limit).await?;
+) -> Result<String, GetError> {
+    let (status, text) = fetch(base, hyper::Method::GET, path, None, ca_file, limit)
+        .await
+        .map_err(GetError::Failed)?;
     if status != hyper::StatusCode::OK {
-        return Err(format!(
-            "{base}{path} answered {status}: {}",
-            text.lines().next().unwrap_or("")
-        ));
+        return Err(GetError::Status {
+            status,
+            message: format!(
+                "{base}{path} answered {status}: {}",
+                text.lines()
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            ),
+        });
     }
     Ok(text)
 }
@@ -2048,6 +2240,55 @@ pub async fn fetch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A local server answering every request with `response` (one request per
+    /// connection, `times` connections); its base URL.
+    fn answering(response: &'static str, times: usize) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for conn in listener.incoming().take(times) {
+                let Ok(mut c) = conn else { continue };
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                let _ = c.write_all(response.as_bytes());
+            }
+        });
+        base
+    }
+
+    /// Review F5: the status decides, as the server sent it; a body that speaks of another
+    /// status changes nothing.
+    #[tokio::test]
+    async fn a_status_is_the_servers_never_words_in_its_body() {
+        let r503 = "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 23\r\nConnection: close\r\n\r\nthe x answered 404 now\n";
+        let base = answering(r503, 2);
+        let u = fetch_status(&base, "/p", None, 1024).await.unwrap_err();
+        assert_eq!(u.status, Some(hyper::StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(u.outcome.exit_code(), exit::TEMPFAIL);
+        assert!(fetch_or_missing(&base, "/p", None, 1024).await.is_err());
+        let r404 = "HTTP/1.1 404 Not Found\r\nContent-Length: 23\r\nConnection: close\r\n\r\nthe x answered 400 now\n";
+        let base = answering(r404, 2);
+        assert_eq!(
+            fetch_or_missing(&base, "/p", None, 1024).await.ok(),
+            Some(None)
+        );
+        let u = fetch_answer(&base, "/p", None, 1024).await.unwrap_err();
+        assert_eq!(u.status, Some(hyper::StatusCode::NOT_FOUND));
+        let r422 = "HTTP/1.1 422 Unprocessable Entity\r\nContent-Length: 3\r\nConnection: close\r\n\r\nno\n";
+        let base = answering(r422, 1);
+        let u = fetch_status(&base, "/p", None, 1024).await.unwrap_err();
+        assert_eq!(u.outcome.exit_code(), exit::UNAVAILABLE);
+        // No server: no status.
+        let closed = format!("http://127.0.0.1:{}", {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        });
+        let u = fetch_status(&closed, "/p", None, 1024).await.unwrap_err();
+        assert_eq!(u.status, None);
+        assert_eq!(u.outcome.exit_code(), exit::TEMPFAIL);
+    }
 
     /// The look-up the check and the head verified before sending ask for: the address
     /// percent-encoded, `since` the remembered epoch (none for epoch 0 or no memory), `steps=1`
@@ -2457,6 +2698,7 @@ mod tests {
                 log_base,
                 ca_file: None,
                 read_apart: false,
+                about: "",
             };
             let result = verify_and_remember(&memory, &mut held, text, &checked).await;
             // (The memory's lock is per open file: let go before reading it again.)

@@ -65,6 +65,8 @@ pub(in crate::client) async fn verify_head(
         log_base: &base,
         ca_file: s.ca_file(),
         read_apart: true,
+        // Nothing served yet: the answer alone is the evidence.
+        about: "",
     };
     let mut ask_steps = true;
     let mut steps = 0;
@@ -73,13 +75,16 @@ pub(in crate::client) async fn verify_head(
         let (path, limit) = lookup_path(address, since, ask_steps, policy.is_some());
         let text = match fetch_answer(&base, &path, s.ca_file(), limit).await {
             Ok(t) => t,
-            Err(Outcome::Error { error, .. })
-                if ask_steps && since.is_some() && error.contains(" answered 400 ") =>
+            // A KST from before steps answers `steps=1` with 400: ask without it.
+            Err(u)
+                if ask_steps
+                    && since.is_some()
+                    && u.status == Some(hyper::StatusCode::BAD_REQUEST) =>
             {
                 ask_steps = false;
                 continue;
             }
-            Err(o) => return not_fetched(address, held, outcome_text(&o)),
+            Err(u) => return not_fetched(address, held, outcome_text(&u.outcome)),
         };
         match super::verify_and_remember(memory, held, &text, &checked).await {
             // Nothing was served yet: an answer that proves a key where "no key" was
