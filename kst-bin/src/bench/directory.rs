@@ -661,10 +661,20 @@ impl Bench<'_> {
         };
         for _ in 0..64 {
             let started = Instant::now();
-            let answer = self
-                .log
-                .answer_stepped(address, Some(remembered.epoch), Some(budget), now())
-                .await?;
+            // A head asked for right after the answer: it waits while the directory's thread
+            // works on the answer (`what from->to thread`: how long the answer held the thread
+            // every other request and change of the domain needs).
+            let (answer, held) = tokio::join!(
+                self.log
+                    .answer_stepped(address, Some(remembered.epoch), Some(budget), now()),
+                async {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    let asked = Instant::now();
+                    self.log.head(now()).await.map(|_| asked.elapsed())
+                }
+            );
+            let answer = answer?;
+            let held = held?;
             let text = answer.to_text()?;
             let generate = started.elapsed();
             let started = Instant::now();
@@ -705,6 +715,15 @@ impl Bench<'_> {
                 answer_bytes: Some(text.len()),
                 generate: Some(Timing::of(vec![generate])),
                 verify: Some(Timing::of(vec![started.elapsed()])),
+            });
+            out.push(Measure {
+                what: format!("{what} {}->{} thread", remembered.epoch, to.epoch),
+                bytes_p50: 0,
+                bytes_max: 0,
+                vrf_bytes: None,
+                answer_bytes: None,
+                generate: Some(Timing::of(vec![held])),
+                verify: None,
             });
             if done {
                 return Ok(out);

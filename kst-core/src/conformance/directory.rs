@@ -48,9 +48,11 @@ pub async fn run_all(a: Arc<dyn DirectoryStore>, b: Arc<dyn DirectoryStore>) {
     a_far_behind_client_catches_up_in_steps(Arc::clone(&a), Arc::clone(&b)).await;
     a_stale_writer_is_fenced(Arc::clone(&a), Arc::clone(&b)).await;
     an_answer_read_across_two_commits_is_read_again(Arc::clone(&a), Arc::clone(&b)).await;
+    an_audit_read_across_commits_is_served_whole(Arc::clone(&a), Arc::clone(&b)).await;
     an_answer_that_does_not_verify_is_not_served(Arc::clone(&a)).await;
     a_history_read_across_a_deletion_is_read_again(Arc::clone(&a), Arc::clone(&b)).await;
     an_append_only_part_that_does_not_verify_is_not_served(Arc::clone(&a)).await;
+    an_answer_from_an_epoch_without_a_head_is_served(Arc::clone(&a)).await;
     two_writers_one_history(a, b).await;
 }
 
@@ -1919,6 +1921,98 @@ pub async fn an_answer_read_across_two_commits_is_read_again(
     }
 }
 
+/// Issue 18, audits (`/audit`, served to witnesses and auditors, and the witnesses' part of an
+/// answer): an audit answer read across another process's commits. Its heads are stored heads
+/// (each written once, insert-if-absent, never rewritten), and its proof is akd's, read from
+/// the tree at the latest epoch akd read (every step of it from that one tree): a node the
+/// other process rewrote once still holds its version of that epoch (its previous
+/// generation), so a proof read across one commit is that epoch's proof, and verifies; a node
+/// rewritten twice holds none, and its read is refused as torn ([`StoredDirectory`]'s guard).
+/// B's audit reads the tree afresh, its first tree-node read waits while A commits once,
+/// then (the next audit) twice: both answers must be served and verify as a witness verifies
+/// them, with nothing refused by the self-check. Before, the read across two commits failed
+/// the request (the torn read's conflict, a 503 for the witness) instead of being read again.
+///
+/// [`StoredDirectory`]: crate::transparency::StoredDirectory
+pub async fn an_audit_read_across_commits_is_served_whole(
+    a: Arc<dyn DirectoryStore>,
+    b: Arc<dyn DirectoryStore>,
+) {
+    use std::sync::atomic::Ordering;
+    const D: &str = "torn-audit.example";
+    let keys = LogKeys::generate(D);
+    let head_key = keys.head.public_key();
+    let log_a = DomainLog::open(a, LogKeys::parse(&keys.to_file()).unwrap())
+        .await
+        .expect("torn audit: open A's log");
+    let held = Arc::new(DelegatingDirectory::new(b, HeldNodes::default()));
+    let log_b = Arc::new(
+        DomainLog::open(Arc::clone(&held) as Arc<dyn DirectoryStore>, keys)
+            .await
+            .expect("torn audit: open B's log"),
+    );
+    let mut n = 0;
+    let mut publish = async || {
+        n += 1;
+        let addr = address(&format!("p{n}@{D}"));
+        match log_a.sync(&addr, Some(&record(&addr, 44, n, 1)), 90).await {
+            Ok(Synced::Recorded { epoch, .. }) => epoch,
+            other => panic!("torn audit: A records: {other:?}"),
+        }
+    };
+    for _ in 0..3 {
+        publish().await;
+    }
+    let verified = async |what: &str, answer: crate::transparency::witness::AuditAnswer| {
+        let last = answer
+            .verify(&head_key)
+            .await
+            .unwrap_or_else(|e| panic!("torn audit: {what}: a witness refuses it: {e}"));
+        assert_eq!(
+            (answer.heads[0].head.epoch, last.head.epoch),
+            (1, 3),
+            "torn audit: {what}: the range asked for"
+        );
+    };
+    verified(
+        "before any race",
+        log_b.audit_answer(1, 3).await.expect("torn audit: warm"),
+    )
+    .await;
+    for commits in [1, 2] {
+        // Another process committed: B's next audit reads the tree afresh.
+        publish().await;
+        held.armed.store(true, Ordering::SeqCst);
+        let auditing = tokio::spawn({
+            let log_b = Arc::clone(&log_b);
+            async move { log_b.audit_answer(1, 3).await }
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(30), held.entered.notified())
+            .await
+            .expect("torn audit: B reads the tree");
+        for _ in 0..commits {
+            publish().await;
+        }
+        held.release.notify_one();
+        let what = format!("read across {commits} commit(s)");
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(60), auditing)
+            .await
+            .expect("torn audit: B answers")
+            .unwrap()
+            .unwrap_or_else(|e| panic!("torn audit: {what}: not served: {e}"));
+        verified(&what, answer).await;
+    }
+    assert!(
+        log_b.torn_reads() >= 1,
+        "torn audit: B's read of a node rewritten twice was refused and read again"
+    );
+    assert_eq!(
+        log_b.unverified(),
+        0,
+        "torn audit: every answer built verified (the guard, not the self-check, caught it)"
+    );
+}
+
 /// Review of issue 18 (F6): a history read across another process's deletion. A deletion's
 /// epoch overwrites the address's earlier values in place ("Deletion" in
 /// docs/TRANSPARENCY.md), which the torn-read guard does not see (no tree node is read
@@ -2147,8 +2241,10 @@ pub async fn an_answer_that_does_not_verify_is_not_served(a: Arc<dyn DirectorySt
 /// checked against no root when it is read) made every answer from epoch 1 carry a proof
 /// that the client remembering that head refuses as an attack, and the answer was served:
 /// now it is built again, a bounded number of times, then a temporary failure; the whole
-/// proof and a step of a catch-up alike. From an epoch whose head is the directory's the
-/// answers are served, and verify.
+/// proof and a step of a catch-up alike; so is an audit answer from epoch 1 (`/audit`, checked
+/// as a witness checks it: before, it was served, and every witness or auditor handed it
+/// reported a fork). From an epoch whose head is the directory's the answers are served, and
+/// verify.
 pub async fn an_append_only_part_that_does_not_verify_is_not_served(a: Arc<dyn DirectoryStore>) {
     use crate::transparency::TransparencyError;
     use crate::transparency::answer::{HTTP_STEP_BUDGET, StepBudget, head_text};
@@ -2227,5 +2323,107 @@ pub async fn an_append_only_part_that_does_not_verify_is_not_served(a: Arc<dyn D
         log.unverified(),
         2 * attempts,
         "since: nothing more refused"
+    );
+    // Audits (`/audit`, the witnesses' part of an answer) are checked as a witness checks
+    // them: before, the audit from epoch 1 was served, and every witness or auditor handed it
+    // reported a fork (`kst log audit`, exit 5).
+    match log.audit_answer(1, 3).await {
+        Err(TransparencyError::Directory(e)) => assert!(
+            e.contains("did not verify against its own head"),
+            "since: the audit from epoch 1: {e}"
+        ),
+        Err(e) => panic!("since: the audit from epoch 1: {e}"),
+        Ok(_) => {
+            panic!("since: the audit from epoch 1 was served, which a witness refuses as a fork")
+        }
+    }
+    assert_eq!(
+        log.unverified(),
+        3 * attempts,
+        "since: the audit was built again a bounded number of times"
+    );
+    let audit = log
+        .audit_answer(2, 4)
+        .await
+        .expect("since: the audit from epoch 2");
+    audit
+        .verify(&head_key)
+        .await
+        .expect("since: the audit from epoch 2 verifies");
+    assert_eq!(
+        log.unverified(),
+        3 * attempts,
+        "since: nothing more refused"
+    );
+}
+
+/// Issue 18 (I2): the append-only part of an answer (`?since=`, `KST-Log-Since`) is checked
+/// against the stored head of its first epoch, and an honest store can lack that head (a
+/// store that lost heads, an epoch whose writer died between its commit and its head:
+/// "Heads signed late" in docs/TRANSPARENCY.md) while a client remembers it (it was served
+/// before it was lost). Such an answer is checked from the root its proof starts at (every
+/// step leading to the next, the last to the head it ends at) and served, whole or as a
+/// step, and the client that remembers the head the log once signed for that epoch accepts
+/// it; no head is signed late for it on the way (before, the check signed one first: an
+/// append-only proof of its own over the epoch, built and verified for an anonymous request,
+/// and refused outright when that proof was over the bound of heads signed late). A stored
+/// head with another root is still refused ([`an_append_only_part_that_does_not_verify_is_not_served`]).
+pub async fn an_answer_from_an_epoch_without_a_head_is_served(a: Arc<dyn DirectoryStore>) {
+    use crate::transparency::answer::{HTTP_STEP_BUDGET, StepBudget, head_text};
+    const D: &str = "headless.example";
+    let keys = LogKeys::generate(D);
+    let head_key = keys.head.public_key();
+    let mut roots = BTreeMap::new();
+    publish_without_heads(&a, &keys, &["h1", "h2", "h3", "h4"], &mut roots).await;
+    // The head of epoch 2 the log signed (and a client remembers), lost from the store: the
+    // others stored.
+    let head = |epoch: u64| {
+        keys.head
+            .sign(Head {
+                domain: D.into(),
+                epoch,
+                root_hash: roots[&epoch],
+                vrf_public_key: keys.vrf.public_key().unwrap(),
+                signed_at: 85,
+            })
+            .unwrap()
+    };
+    for epoch in [1, 3, 4] {
+        a.insert_head(D, epoch, head_text(&head(epoch)).unwrap().as_bytes())
+            .await
+            .unwrap();
+    }
+    let remembered = head(2);
+    let log = DomainLog::open(Arc::clone(&a), LogKeys::parse(&keys.to_file()).unwrap())
+        .await
+        .unwrap();
+    let h1 = address("h1@headless.example");
+    let whole = log
+        .answer_since(&h1, Some(2), 86)
+        .await
+        .expect("headless: the whole proof from epoch 2 is served");
+    whole
+        .verify_extends(&remembered.head)
+        .await
+        .expect("headless: the client remembering epoch 2's head accepts the whole proof");
+    let step = StepBudget {
+        epochs: 1,
+        ..HTTP_STEP_BUDGET
+    };
+    let stepped = log
+        .answer_stepped(&h1, Some(2), Some(step), 86)
+        .await
+        .expect("headless: a step from epoch 2 is served");
+    let (to, _) = stepped
+        .verify_step(&head_key, &remembered.head)
+        .await
+        .expect("headless: the client remembering epoch 2's head accepts the step")
+        .expect("headless: a step from epoch 2");
+    assert_eq!(to.head.epoch, 3, "headless: one epoch a step");
+    assert_eq!(log.unverified(), 0, "headless: nothing refused");
+    assert_eq!(
+        stored_epochs(&log, 1, 4).await,
+        vec![1, 3, 4],
+        "headless: served without signing a head late for epoch 2"
     );
 }

@@ -465,6 +465,9 @@ enum Request {
         /// Steps within this budget instead of one proof ([`DomainLog::answer_stepped`]).
         steps: Option<Steps>,
         now: u64,
+        /// Built from fresh reads: akd's node cache dropped first (the answer built before
+        /// did not verify).
+        fresh: bool,
         reply: oneshot::Sender<Result<LogAnswer>>,
     },
     History {
@@ -477,6 +480,9 @@ enum Request {
     Audit {
         from: u64,
         to: u64,
+        /// Built from fresh reads: akd's node cache dropped first (the answer built before
+        /// did not verify, [`DomainLog::audit_answer`]).
+        fresh: bool,
         reply: oneshot::Sender<Result<akd::AppendOnlyProof>>,
     },
     /// The oldest epoch, not before `lowest`, from which an append-only proof to `to` holds
@@ -667,6 +673,22 @@ pub(super) fn check_stored_head(
 }
 
 /// A failure of the store's head and cosignature calls.
+/// The temporary failure of a request whose answer (`what`) about `address` at `epoch` did not
+/// verify against its own head in `failures` attempts, the last one's error `e`.
+fn not_verified_error(
+    what: &str,
+    address: &Address,
+    epoch: u64,
+    failures: u64,
+    e: &TransparencyError,
+) -> TransparencyError {
+    TransparencyError::Directory(format!(
+        "the {what} about {address} did not verify against its own head (epoch {epoch}) in \
+         {failures} attempts, so it was not served: {e}; retry later; if it persists, the \
+         directory's store was altered or damaged and an operator must look"
+    ))
+}
+
 fn store_error(e: DirectoryStoreError) -> TransparencyError {
     TransparencyError::Directory(e.to_string())
 }
@@ -1330,7 +1352,49 @@ impl DomainLog {
     /// caller bounds the range): the stored head of every epoch in it and akd's append-only
     /// proof. Epochs without a stored head get one signed late first ([`super::backfill`]);
     /// one that still has none fails ([`TransparencyError::Directory`]).
+    ///
+    /// Checked before it is served as a witness checks it ([`self_check::check_audit`], on a
+    /// blocking thread, [`self_check::off_thread`]): an answer that does not verify (a stored
+    /// head naming another root than the directory's, a store altered behind kst's back) is
+    /// built again from fresh reads, [`self_check::ATTEMPTS`] times in all, each counted in
+    /// [`DomainLog::unverified`], then the request fails temporarily
+    /// ([`TransparencyError::Directory`]), logged as an error: a witness or auditor handed it
+    /// would report a fork (`kst log audit`, exit 5) that third parties publish. A proof read
+    /// across another process's commits is read again by the directory's thread
+    /// ([`Worker::audit`]).
     pub async fn audit_answer(&self, from: u64, to: u64) -> Result<AuditAnswer> {
+        let mut failures = 0;
+        loop {
+            let answer = self.audit_answer_once(from, to, failures > 0).await?;
+            let (answer, checked) = self_check::off_thread(move |rt| {
+                let checked = rt.block_on(self_check::check_audit(&answer));
+                (answer, checked)
+            })
+            .await?;
+            let Err(e) = checked else {
+                return Ok(answer);
+            };
+            failures += 1;
+            self.unverified
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if failures >= self_check::ATTEMPTS {
+                tracing::error!(domain = %self.domain, from, to, error = %e, "the audit answer built {failures} times did not verify against its own heads; not served");
+                return Err(TransparencyError::Directory(format!(
+                    "the audit answer of {} from epoch {from} to {to} did not verify against its \
+                     own heads in {failures} attempts, so it was not served: {e}; retry later; \
+                     if it persists, the directory's store was altered or damaged and an \
+                     operator must look",
+                    self.domain
+                )));
+            }
+            tracing::warn!(domain = %self.domain, from, to, attempt = failures, error = %e, "the audit answer did not verify against its own heads; building it again from fresh reads");
+            back_off(failures).await;
+        }
+    }
+
+    /// One attempt of [`DomainLog::audit_answer`], unchecked; its proof from fresh reads when
+    /// `fresh`.
+    async fn audit_answer_once(&self, from: u64, to: u64, fresh: bool) -> Result<AuditAnswer> {
         let mut heads = self.stored_heads(from, to).await?;
         if heads.len() as u64 != to - from + 1 {
             // Epochs without a head: signed late (docs/TRANSPARENCY.md), then read again.
@@ -1361,7 +1425,7 @@ impl DomainLog {
             )));
         }
         let proof = if from < to {
-            let proof = wire::encode_audit(&self.audit(from, to).await?)?;
+            let proof = wire::encode_audit(&self.audit_built(from, to, fresh).await?)?;
             // Counted within what can fit, built, and still larger than a witness accepts.
             if proof.len() > wire::MAX_AUDIT_PROOF {
                 return Err(TransparencyError::Range(format!(
@@ -1410,6 +1474,12 @@ impl DomainLog {
     /// remembers that head and asks again). When not even the step of `since` itself fits,
     /// nothing is built and the answer says so ([`LogAnswer::too_far`]). `steps: None` is
     /// [`DomainLog::answer_since`].
+    ///
+    /// Every answer is checked before it is served as its client checks it: the look-up or
+    /// absence proof on the directory's thread ([`Worker::answer`]), the append-only part on a
+    /// blocking thread ([`DomainLog::check_append_only`]); one that does not verify is built
+    /// again from fresh reads, [`self_check::ATTEMPTS`] times in all, each counted in
+    /// [`DomainLog::unverified`], then a temporary failure.
     pub async fn answer_stepped(
         &self,
         address: &Address,
@@ -1428,12 +1498,61 @@ impl DomainLog {
             },
             newest: b,
         });
-        self.ask(|reply| Request::Answer {
-            address: address.clone(),
-            since,
-            steps,
-            now,
-            reply,
+        let mut failures = 0;
+        loop {
+            let answer = self
+                .ask(|reply| Request::Answer {
+                    address: address.clone(),
+                    since,
+                    steps,
+                    now,
+                    fresh: failures > 0,
+                    reply,
+                })
+                .await?;
+            let Some(from) = answer.append_only.as_ref().map(|a| a.from) else {
+                return Ok(answer);
+            };
+            let (answer, checked) = self.check_append_only(answer, from).await?;
+            let Err(e) = checked else {
+                return Ok(answer);
+            };
+            failures += 1;
+            self.unverified
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let epoch = answer.head.head.epoch;
+            if failures >= self_check::ATTEMPTS {
+                tracing::error!(domain = %self.domain, %address, epoch, error = %e, "the answer built {failures} times did not verify against its own head; not served");
+                return Err(not_verified_error("answer", address, epoch, failures, &e));
+            }
+            tracing::warn!(domain = %self.domain, %address, epoch, attempt = failures, error = %e, "the answer did not verify against its own head; building it again from fresh reads");
+            back_off(failures).await;
+        }
+    }
+
+    /// [`self_check::check_append_only`] of `answer`'s append-only part, which starts at
+    /// epoch `from`, on a blocking thread ([`self_check::off_thread`]: seconds of CPU for a
+    /// client far behind, which the directory's thread spent before, every other request and
+    /// change of the domain waiting), as a client that remembers the head of `from` checks
+    /// it: the stored head of `from`; when none is stored (a store that lost heads, an epoch
+    /// whose writer died before its head), the root the proof itself starts at
+    /// ([`self_check::check_append_only_unanchored`]). The outer error: the stored head could
+    /// not be read, or is not this log's; the inner one: the answer does not verify.
+    async fn check_append_only(
+        &self,
+        answer: LogAnswer,
+        from: u64,
+    ) -> Result<(LogAnswer, Result<()>)> {
+        let remembered = self.stored_heads(from, from).await?.pop();
+        let head_key = self.head_key;
+        self_check::off_thread(move |rt| {
+            let checked = rt.block_on(async {
+                match &remembered {
+                    Some(h) => self_check::check_append_only(&answer, &head_key, &h.head).await,
+                    None => self_check::check_append_only_unanchored(&answer, &head_key).await,
+                }
+            });
+            (answer, checked)
         })
         .await
     }
@@ -1502,7 +1621,18 @@ impl DomainLog {
     /// The append-only proof from epoch `from` to `to` (auditors, witnesses, clients that
     /// remember an older head).
     pub async fn audit(&self, from: u64, to: u64) -> Result<akd::AppendOnlyProof> {
-        self.ask(|reply| Request::Audit { from, to, reply }).await
+        self.audit_built(from, to, false).await
+    }
+
+    /// [`DomainLog::audit`], from fresh reads when `fresh`.
+    async fn audit_built(&self, from: u64, to: u64, fresh: bool) -> Result<akd::AppendOnlyProof> {
+        self.ask(|reply| Request::Audit {
+            from,
+            to,
+            fresh,
+            reply,
+        })
+        .await
     }
 }
 
@@ -1694,8 +1824,12 @@ impl Worker {
                 since,
                 steps,
                 now,
+                fresh,
                 reply,
             } => {
+                if fresh {
+                    self.forget().await;
+                }
                 let _ = reply.send(self.answer(&address, since, steps, now).await);
             }
             Request::History {
@@ -1706,8 +1840,16 @@ impl Worker {
             } => {
                 let _ = reply.send(self.history(&address, before, now).await);
             }
-            Request::Audit { from, to, reply } => {
-                let _ = reply.send(self.bounded_audit(from, to).await);
+            Request::Audit {
+                from,
+                to,
+                fresh,
+                reply,
+            } => {
+                if fresh {
+                    self.forget().await;
+                }
+                let _ = reply.send(self.audit(from, to).await);
             }
             Request::Reach {
                 lowest,
@@ -2107,10 +2249,10 @@ impl Worker {
 
     /// [`Worker::answer_once`], again when another process committed meanwhile (a proof
     /// built across a commit can fail to read the old epoch's nodes), and checked before it
-    /// is served ([`self_check`], its append-only part too: [`Worker::self_check`]): an
-    /// answer a client would refuse is built again from fresh reads, at most
-    /// [`self_check::ATTEMPTS`] times in all, then the request fails with
-    /// [`TransparencyError::Directory`] (temporary), logged.
+    /// is served ([`self_check::check`]: its look-up or absence proof; the append-only part
+    /// is checked off this thread, [`DomainLog::answer_stepped`]): an answer a client would
+    /// refuse is built again from fresh reads, at most [`self_check::ATTEMPTS`] times in
+    /// all, then the request fails with [`TransparencyError::Directory`] (temporary), logged.
     async fn answer(
         &self,
         address: &Address,
@@ -2125,16 +2267,15 @@ impl Worker {
             self.refresh().await;
             let built_on = self.current().await.ok().map(|(e, _)| e);
             let result = match self.answer_once(address, since, steps, now).await {
-                Ok(answer) => match self.self_check(&answer, address, now).await {
-                    Ok(Ok(())) => Ok(answer),
-                    Ok(Err(e)) => {
+                Ok(answer) => match self_check::check(&answer, address).await {
+                    Ok(()) => Ok(answer),
+                    Err(e) => {
                         unverified += 1;
                         let epoch = answer.head.head.epoch;
                         self.not_verified("answer", address, epoch, unverified, &e)
                             .await?;
                         continue;
                     }
-                    Err(e) => Err(e),
                 },
                 Err(e) => Err(e),
             };
@@ -2146,34 +2287,6 @@ impl Worker {
                 result => return result,
             }
         }
-    }
-
-    /// [`self_check::check`] of `answer` and, when it carries one,
-    /// [`self_check::check_append_only`] of its append-only part from the stored head of the
-    /// part's first epoch (the head a client that asked from there remembers). The outer
-    /// error: that head could not be read; the inner one: the answer does not verify.
-    async fn self_check(
-        &self,
-        answer: &LogAnswer,
-        address: &Address,
-        now: u64,
-    ) -> Result<Result<()>> {
-        if let Err(e) = self_check::check(answer, address).await {
-            return Ok(Err(e));
-        }
-        let Some(part) = &answer.append_only else {
-            return Ok(Ok(()));
-        };
-        let remembered = self.head_at(part.from, now).await?.ok_or_else(|| {
-            TransparencyError::Directory(format!(
-                "no head for epoch {}, where an append-only proof starts",
-                part.from
-            ))
-        })?;
-        Ok(
-            self_check::check_append_only(answer, &self.keys.head.public_key(), &remembered.head)
-                .await,
-        )
     }
 
     /// An answer (`what`) about `address` at `epoch` failed the server's check of it
@@ -2199,11 +2312,7 @@ impl Worker {
             return Ok(());
         }
         tracing::error!(domain = %self.keys.domain, %address, epoch, error = %e, "the {what} built {failures} times did not verify against its own head; not served");
-        Err(TransparencyError::Directory(format!(
-            "the {what} about {address} did not verify against its own head (epoch {epoch}) \
-             in {failures} attempts, so it was not served: {e}; retry later; if it persists, \
-             the directory's store was altered or damaged and an operator must look"
-        )))
+        Err(not_verified_error(what, address, epoch, failures, e))
     }
 
     /// The history proof of `address` (with `before`, the page below that version) with
@@ -2442,6 +2551,32 @@ impl Worker {
             append_only,
             too_far,
         })
+    }
+
+    /// [`Worker::bounded_audit`], again when another process committed meanwhile: a read of
+    /// a tree node that process rewrote twice since this one read the root record is refused
+    /// as torn ([`StoredDirectory`]'s guard; a node rewritten once still holds its version of
+    /// the epoch read, so a proof read across one commit is the proof of that epoch's tree),
+    /// and the proof is built again from fresh reads, at most [`MAX_ATTEMPTS`] times, as a
+    /// look-up is. Before, the request failed (a witness's or auditor's `/audit`, 503).
+    async fn audit(&self, from: u64, to: u64) -> Result<akd::AppendOnlyProof> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.refresh().await;
+            let built_on = self.current().await.ok().map(|(e, _)| e);
+            match self.bounded_audit(from, to).await {
+                Err(e)
+                    if attempt < MAX_ATTEMPTS
+                        && !matches!(e, TransparencyError::Range(_))
+                        && self.retryable(&e, built_on).await =>
+                {
+                    tracing::debug!(error = %e, from, to, "directory epoch moved during an audit; again");
+                    back_off(attempt).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// akd's append-only proof from `from` to `to`, built only when it holds at most

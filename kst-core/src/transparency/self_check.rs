@@ -4,15 +4,23 @@
 //! client gets; so is the append-only part such an answer carries (`?since=`,
 //! `KST-Log-Since`: from the stored head of its first epoch, the head the client remembers),
 //! and every history answer and page of older versions (`/history`, as the owner's monitor
-//! verifies them). An answer that does not verify was built from reads that do not belong to
-//! one epoch (a race the directory's reads did not detect) or from a store altered behind
-//! kst's back: the log builds it again from fresh reads, a bounded number of times, and then
-//! fails temporarily ([`super::log`]), so no client is ever handed a proof it calls an attack.
+//! verifies them), and every audit answer (`/audit`, the witnesses' part of an answer: as a
+//! witness or auditor verifies it, [`check_audit`]). An answer that does not verify was built
+//! from reads that do not belong to one epoch (a race the directory's reads did not detect)
+//! or from a store altered behind kst's back: the log builds it again from fresh reads, a
+//! bounded number of times, and then fails temporarily ([`super::log`]), so no client,
+//! witness or auditor is ever handed a proof it calls an attack.
+//!
+//! The checks of append-only proofs (audits, the append-only part of an answer) are the
+//! expensive ones (a tree built in memory twice a step, as large as the proof): they run on
+//! a blocking thread of the caller's runtime ([`off_thread`]), not on the directory's thread,
+//! which answers every other request of the domain and records its changes meanwhile.
 
 use super::answer::{AnswerProof, LogAnswer};
 use super::head::Head;
 use super::history::{HistoryAnswer, HistoryPage};
-use super::verify::{verify_absence, verify_lookup};
+use super::verify::{verify_absence, verify_append_only, verify_lookup};
+use super::witness::AuditAnswer;
 use super::{Result, TransparencyError, wire};
 use crate::Address;
 
@@ -60,6 +68,36 @@ pub async fn check_append_only(
     }
 }
 
+/// [`check_append_only`] for an answer whose first epoch has no stored head (a store that
+/// lost heads, an epoch whose writer died between its commit and its head: "Heads signed
+/// late" in docs/TRANSPARENCY.md), from the root the proof itself starts at
+/// ([`super::verify::append_only_start_root`]): every step must lead to the next and the
+/// last to the head the part ends at, so an answer built from reads across another process's
+/// commits, or ending at a stored head that names another root than the directory's, is
+/// still caught. What is not checked is that the client's remembered head of that epoch names
+/// that root; the log keeps no record of it to check against, and a client whose head names
+/// another root than the directory's tree gives that epoch is shown a real inconsistency of
+/// the log (a head it signed that its tree does not lead through), which it must report. So
+/// such an answer is served without signing a head late for it first: that needed an
+/// append-only proof of its own over the epoch, built and verified for an anonymous request,
+/// and was refused outright when that proof was over the bound of heads signed late.
+pub async fn check_append_only_unanchored(answer: &LogAnswer, head_key: &[u8; 32]) -> Result<()> {
+    let Some(part) = &answer.append_only else {
+        return Ok(());
+    };
+    let proof = wire::decode_audit(&part.proof)?;
+    let root_hash = super::verify::append_only_start_root(&proof).await?;
+    let head = &answer.head.head;
+    let start = Head {
+        domain: head.domain.clone(),
+        epoch: part.from,
+        root_hash,
+        vrf_public_key: head.vrf_public_key,
+        signed_at: 0,
+    };
+    check_append_only(answer, head_key, &start).await
+}
+
 /// Verifies a history answer of `address` as the owner's monitor does
 /// ([`HistoryAnswer::verify`]: the head's signature with `head_key`, its domain, akd's
 /// `key_history_verify` with kst's bound).
@@ -76,4 +114,60 @@ pub async fn check_page(page: &HistoryPage, head_key: &[u8; 32], address: &Addre
     page.verify(head_key, address, page.before, u64::MAX)
         .await
         .map(|_| ())
+}
+
+/// Verifies an audit answer as a witness or auditor does ([`AuditAnswer::verify`]) but for
+/// the heads' signatures (the log's own, checked when each head was stored or read): the
+/// heads are consecutive epochs, one head and no proof or several and akd's append-only
+/// proof over their roots.
+pub async fn check_audit(answer: &AuditAnswer) -> Result<()> {
+    let (Some(first), Some(last)) = (answer.heads.first(), answer.heads.last()) else {
+        return Err(TransparencyError::Verification(
+            "the audit answer holds no head".into(),
+        ));
+    };
+    for (i, h) in answer.heads.iter().enumerate() {
+        if Some(h.head.epoch) != first.head.epoch.checked_add(i as u64) {
+            return Err(TransparencyError::Verification(format!(
+                "{}: the audit answer's heads are not consecutive epochs from {}",
+                answer.domain, first.head.epoch
+            )));
+        }
+    }
+    match (&answer.proof, answer.heads.len()) {
+        (None, 1) => Ok(()),
+        (Some(bytes), n) if n > 1 => {
+            let intermediate: Vec<[u8; 32]> = answer.heads[1..n - 1]
+                .iter()
+                .map(|h| h.head.root_hash)
+                .collect();
+            verify_append_only(
+                &first.head,
+                &last.head,
+                &intermediate,
+                wire::decode_audit(bytes)?,
+            )
+            .await
+        }
+        _ => Err(TransparencyError::Verification(format!(
+            "{}: the audit answer's proof does not match its {} heads",
+            answer.domain,
+            answer.heads.len()
+        ))),
+    }
+}
+
+/// Runs `check` on a blocking thread of the current Tokio runtime and waits for it: the
+/// check of an append-only proof is seconds of CPU for a large one (docs/BENCHMARKS.md,
+/// "The server's check of its own answers"), which would otherwise hold the thread it runs
+/// on (the directory's, or one of the runtime's workers). `check` gets the runtime's handle
+/// to run akd's (non-`Send`) verification futures on (`Handle::block_on`; they need no I/O
+/// and no timer). A check that panicked or was cancelled is
+/// [`TransparencyError::Directory`].
+pub async fn off_thread<T: Send + 'static>(
+    check: impl FnOnce(&tokio::runtime::Handle) -> T + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(move || check(&tokio::runtime::Handle::current()))
+        .await
+        .map_err(|e| TransparencyError::Directory(format!("the check of an answer stopped: {e}")))
 }

@@ -260,10 +260,28 @@ impl VRFKeyStorage for PublicVrf {
 /// then checks every step against these roots, so a server need not send (and a client need
 /// not trust) the intermediate roots.
 pub async fn append_only_roots(proof: &AppendOnlyProof) -> Result<Vec<[u8; 32]>> {
-    use akd::append_only_zks::{Azks, AzksParallelismConfig, InsertMode};
-    use akd::storage::StorageManager;
-    use akd::storage::memory::AsyncInMemoryDatabase;
+    check_shape(proof)?;
+    let mut roots = Vec::with_capacity(proof.proofs.len());
+    for (epoch, step) in proof.epochs.iter().zip(&proof.proofs) {
+        roots.push(root_after(*epoch, step).await?);
+    }
+    Ok(roots)
+}
 
+/// The root an append-only proof starts at: the hash of its first step's unchanged nodes
+/// (the root of the epoch before that step), as akd's auditor computes it.
+pub async fn append_only_start_root(proof: &AppendOnlyProof) -> Result<[u8; 32]> {
+    check_shape(proof)?;
+    match proof.epochs.iter().zip(&proof.proofs).next() {
+        Some((epoch, step)) => root_before(*epoch, step).await,
+        None => Err(TransparencyError::Verification(
+            "the append-only proof has no step".into(),
+        )),
+    }
+}
+
+/// An append-only proof with as many epochs as steps.
+fn check_shape(proof: &AppendOnlyProof) -> Result<()> {
     if proof.epochs.len() != proof.proofs.len() {
         return Err(TransparencyError::Verification(format!(
             "the append-only proof has {} epochs and {} steps",
@@ -271,42 +289,58 @@ pub async fn append_only_roots(proof: &AppendOnlyProof) -> Result<Vec<[u8; 32]>>
             proof.proofs.len()
         )));
     }
-    let mut roots = Vec::with_capacity(proof.proofs.len());
-    for (epoch, step) in proof.epochs.iter().zip(&proof.proofs) {
-        let end_epoch = epoch.checked_add(1).ok_or_else(|| {
-            TransparencyError::Verification("the append-only proof's epochs overflow".into())
-        })?;
-        let manager = StorageManager::new_no_cache(
-            AsyncInMemoryDatabase::new_with_remove_child_nodes_on_insertion(),
-        );
-        let fail = |e: akd::errors::AkdError| {
-            TransparencyError::Verification(format!(
-                "the append-only step to epoch {end_epoch}: {e}"
-            ))
-        };
-        let mut azks = Azks::new::<Config, _>(&manager).await.map_err(fail)?;
-        azks.latest_epoch = *epoch;
-        let mut nodes = step.unchanged_nodes.clone();
-        nodes.extend(step.inserted.iter().map(|x| {
-            let mut y = *x;
-            y.value = akd::AzksValue(Config::hash_leaf_with_commitment(x.value, end_epoch).0);
-            y
-        }));
-        azks.batch_insert_nodes::<Config, _>(
-            &manager,
-            nodes,
-            InsertMode::Auditor,
-            AzksParallelismConfig::disabled(),
-        )
-        .await
-        .map_err(fail)?;
-        roots.push(
-            azks.get_root_hash::<Config, _>(&manager)
-                .await
-                .map_err(fail)?,
-        );
+    Ok(())
+}
+
+/// The root of the tree akd's auditor builds from `nodes` (with `latest_epoch` as its
+/// latest epoch, when given): one tree build in memory, the work of a proof's check.
+async fn root_of_nodes(
+    nodes: Vec<akd::AzksElement>,
+    latest_epoch: Option<u64>,
+) -> std::result::Result<[u8; 32], akd::errors::AkdError> {
+    use akd::append_only_zks::{AzksParallelismConfig, InsertMode};
+    let manager = StorageManager::new_no_cache(
+        AsyncInMemoryDatabase::new_with_remove_child_nodes_on_insertion(),
+    );
+    let mut azks = Azks::new::<Config, _>(&manager).await?;
+    if let Some(epoch) = latest_epoch {
+        azks.latest_epoch = epoch;
     }
-    Ok(roots)
+    azks.batch_insert_nodes::<Config, _>(
+        &manager,
+        nodes,
+        InsertMode::Auditor,
+        AzksParallelismConfig::disabled(),
+    )
+    .await?;
+    azks.get_root_hash::<Config, _>(&manager).await
+}
+
+/// The root after the step from `epoch` to `epoch + 1`: its unchanged nodes with its
+/// inserted leaves (each bound to `epoch + 1`), as akd's auditor computes it.
+async fn root_after(epoch: u64, step: &akd::SingleAppendOnlyProof) -> Result<[u8; 32]> {
+    let end_epoch = epoch.checked_add(1).ok_or_else(|| {
+        TransparencyError::Verification("the append-only proof's epochs overflow".into())
+    })?;
+    let mut nodes = step.unchanged_nodes.clone();
+    nodes.extend(step.inserted.iter().map(|x| {
+        let mut y = *x;
+        y.value = akd::AzksValue(Config::hash_leaf_with_commitment(x.value, end_epoch).0);
+        y
+    }));
+    root_of_nodes(nodes, Some(epoch)).await.map_err(|e| {
+        TransparencyError::Verification(format!("the append-only step to epoch {end_epoch}: {e}"))
+    })
+}
+
+/// The root before the step from `epoch`: the hash of its unchanged nodes alone, as akd's
+/// auditor computes it.
+async fn root_before(epoch: u64, step: &akd::SingleAppendOnlyProof) -> Result<[u8; 32]> {
+    root_of_nodes(step.unchanged_nodes.clone(), None)
+        .await
+        .map_err(|e| {
+            TransparencyError::Verification(format!("the append-only step from epoch {epoch}: {e}"))
+        })
 }
 
 /// [`verify_append_only`] with the intermediate roots taken from the proof itself
@@ -329,8 +363,48 @@ pub async fn verify_append_only_roots(
             .await
             .map(|()| Vec::new());
     }
-    let roots = append_only_roots(&proof).await?;
-    let intermediate = roots.split_last().map_or(&[][..], |(_, rest)| rest);
-    verify_append_only(old, new, intermediate, proof).await?;
-    Ok((old.epoch + 1..=new.epoch).zip(roots).collect())
+    let fail = |what: String| {
+        TransparencyError::Verification(format!(
+            "{}: epoch {} -> {}: {what}",
+            new.domain, old.epoch, new.epoch
+        ))
+    };
+    if old.domain != new.domain || old.vrf_public_key != new.vrf_public_key {
+        return Err(fail("the heads belong to different directories".into()));
+    }
+    check_shape(&proof)?;
+    let expected: Vec<u64> = (old.epoch..new.epoch).collect();
+    if proof.epochs != expected {
+        return Err(fail(format!(
+            "the proof covers epochs {:?}, not {} to {}",
+            proof.epochs, old.epoch, new.epoch
+        )));
+    }
+    // akd's `audit_verify` over the roots the proof leads through, each tree built once:
+    // every step's tree before it must be the root the step before led to (the remembered
+    // head's, for the first), and the last step must lead to `new`'s root. (Computing the
+    // roots first and then calling `audit_verify` built every "after" tree twice: 3 builds
+    // a step instead of 2.)
+    let mut roots = Vec::with_capacity(proof.proofs.len());
+    let mut before = old.root_hash;
+    for (epoch, step) in proof.epochs.iter().zip(&proof.proofs) {
+        let start = root_before(*epoch, step).await?;
+        if start != before {
+            return Err(fail(format!(
+                "the step from epoch {epoch} starts at root {}, not at {}",
+                hex::encode(start),
+                hex::encode(before)
+            )));
+        }
+        before = root_after(*epoch, step).await?;
+        roots.push((*epoch + 1, before));
+    }
+    if before != new.root_hash {
+        return Err(fail(format!(
+            "the proof leads to root {}, not to the new head's {}",
+            hex::encode(before),
+            hex::encode(new.root_hash)
+        )));
+    }
+    Ok(roots)
 }
