@@ -233,7 +233,8 @@ pub struct Race<'a> {
 /// Decides whether the served state, which the directory's answer at `r.answer_epoch` does
 /// not prove, was superseded by a change recorded after the newest epoch the client had
 /// verified when it sent the request (a race) or not (an attack), from the address's
-/// history (its newest versions, their epochs proven) against a head whose root the client
+/// history (its newest 64 versions, then older pages while the served state is not among
+/// them; their epochs proven) against a head whose root the client
 /// verified (`held`'s remembered history).
 pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
     let domain = r.address.domain();
