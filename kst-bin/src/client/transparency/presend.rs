@@ -93,6 +93,11 @@ pub(in crate::client) async fn verify_head(
             Ok(f) => f,
             Err(_) => return not_fetched(address, held, spent(steps, held)),
         };
+        // A fetch that failed with the budget spent (its own timeout may win the race with
+        // the budget's on a busy machine) is the budget's.
+        if fetched.is_err() && tokio::time::Instant::now() >= deadline {
+            return not_fetched(address, held, spent(steps, held));
+        }
         let text = match fetched {
             Ok(t) => t,
             // A KST from before steps answers `steps=1` with 400: ask without it.
