@@ -44,7 +44,8 @@
 //!   (an epoch of a re-keyed directory is not compared with the new one's: exit 75, no
 //!   false alarm), `two_step_the_evidence_of_an_attack_names_the_served_key_and_the_reply`,
 //!   `two_step_a_history_answered_503_is_never_taken_for_a_404_by_its_text`; review F9:
-//!   `two_step_a_key_superseded_more_than_64_versions_back_is_found_in_the_older_pages`.
+//!   `two_step_a_key_superseded_more_than_64_versions_back_is_found_in_the_older_pages`;
+//!   review F7: `presend_is_bounded_in_all_not_per_step`.
 //! - `history_path`: the two-step check's history path, reached end to end (the address's
 //!   newest version recorded after the request's `verified_epoch`): a change on the way is
 //!   exit 75, nothing imported; a key (or "no key") superseded at or before the request's
@@ -4027,6 +4028,82 @@ fn presend_a_head_unreachable_before_sending_still_sends_and_a_forged_one_sends_
     let (out, v) = provider.client("sendmail", bob, &["pending"]);
     assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
     assert!(!v.to_string().contains("alice@example.net"), "sent: {v}");
+}
+
+/// An HTTP proxy in front of the directory at `honest` that holds each of the first `times`
+/// requests whose path contains `route` for `delay` before forwarding it (a slow directory),
+/// and forwards everything else at once; a thread per connection, so a request its client
+/// gave up on holds up no other. Returns its URL.
+fn delaying_proxy(
+    honest: &str,
+    route: &'static str,
+    delay: std::time::Duration,
+    times: usize,
+) -> String {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let honest = honest.trim_start_matches("http://").to_string();
+    let held = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            let (honest, held) = (honest.clone(), Arc::clone(&held));
+            std::thread::spawn(move || {
+                let Some((line, rest)) = read_request(&mut client) else {
+                    return;
+                };
+                if line.contains(route) && held.fetch_add(1, Ordering::SeqCst) < times {
+                    std::thread::sleep(delay);
+                }
+                if let Some(response) = forward(&honest, &line, &rest) {
+                    let _ = client.write_all(&response);
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Review F7 of the two-step check (issue 18): the head verified before sending is bounded
+/// in all (20 s, every catch-up step included: the domain's memory is locked meanwhile and
+/// the request waits), not per fetch (up to 64 steps of 20 s each). Bob is 9 epochs behind a
+/// directory that answers in steps of one epoch, each of its first 6 look-ups held 4 s: the
+/// client stops after 20 s, keeps the steps it verified, says so on standard error and
+/// sends the request; the reply is then checked as usual (exit 0). Before, it followed every
+/// step first (more than 24 s), and said nothing.
+#[test]
+fn presend_is_bounded_in_all_not_per_step() {
+    let provider = Provider::start_with(Backend::Fs, "step_max_epochs = 1", None);
+    let gpg = Gpg::new();
+    let alice = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice.public_armored);
+    let bob = "bob@example.net";
+    let (out, v) = provider.checked_retrieve("alice@example.net", &provider.head_key);
+    expect(&out, &v, 0, "found");
+    assert_eq!(provider.remembered_epoch(bob), Some(1));
+    provider.publish_new(&gpg, "sendmail", &["u"; 9]);
+    let slow = delaying_proxy(
+        &provider.log_url,
+        "/lookup/",
+        std::time::Duration::from_secs(4),
+        6,
+    );
+    let (out, v) = provider.checked_as(
+        "sendmail",
+        bob,
+        "alice@example.net",
+        &["--log-url", &slow, "--log-key", &provider.head_key],
+    );
+    expect(&out, &v, 0, "found");
+    let told = stderr(&out);
+    assert!(
+        told.contains("could not be verified before sending") && told.contains("20 s in all"),
+        "{told}"
+    );
+    assert_eq!(provider.remembered_epoch(bob), Some(10));
+    assert!(provider.evidence(bob).is_empty());
 }
 
 /// A client far behind catches up in steps (issue 18, "Catching up in steps"): with

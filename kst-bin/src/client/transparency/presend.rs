@@ -10,8 +10,12 @@
 //! epoch becomes `verified_epoch`. A key superseded before the request was sent is then an
 //! attack at the first reply (exit 5), also on first use of a domain.
 //!
+//! The whole step is bounded: [`PRESEND_BUDGET`] in all, every catch-up step included (the
+//! domain's memory is locked meanwhile, and the request waits), at most
+//! [`MAX_CATCH_UP_STEPS`] steps.
+//!
 //! A directory that cannot be read before sending (network down, a 5xx, a timeout, too
-//! many steps) does not stop the retrieval: the request is sent with the epoch remembered
+//! many steps, the budget spent) does not stop the retrieval: the request is sent with the epoch remembered
 //! before (the behaviour without this step), and the output says so. An answer that fails
 //! verification is an attack (exit 5, evidence kept), as in the check; nothing is sent.
 
@@ -23,6 +27,11 @@ use super::{
     log_base, lookup_path,
 };
 use kst_core::Address;
+
+/// The most time the head verified before sending takes in all, every catch-up step
+/// included (review F7: before, each fetch had 20 s, up to 64 steps). The steps verified
+/// by then stay remembered; the check of the reply, or the next request, continues.
+pub const PRESEND_BUDGET: std::time::Duration = super::FETCH_TIMEOUT;
 
 /// Fetches and verifies the directory's current answer for `address` before the request is
 /// sent, remembering its head in `held` (see the module documentation). `Ok(Some(note))`:
@@ -70,10 +79,26 @@ pub(in crate::client) async fn verify_head(
     };
     let mut ask_steps = true;
     let mut steps = 0;
+    let deadline = tokio::time::Instant::now() + PRESEND_BUDGET;
     loop {
         let since = held.memory.remembered_epoch().filter(|e| *e > 0);
         let (path, limit) = lookup_path(address, since, ask_steps, policy.is_some());
-        let text = match fetch_answer(&base, &path, s.ca_file(), limit).await {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let fetched = match tokio::time::timeout(
+            left,
+            fetch_answer(&base, &path, s.ca_file(), limit),
+        )
+        .await
+        {
+            Ok(f) => f,
+            Err(_) => return not_fetched(address, held, spent(steps, held)),
+        };
+        // A fetch that failed with the budget spent (its own timeout may win the race with
+        // the budget's on a busy machine) is the budget's.
+        if fetched.is_err() && tokio::time::Instant::now() >= deadline {
+            return not_fetched(address, held, spent(steps, held));
+        }
+        let text = match fetched {
             Ok(t) => t,
             // A KST from before steps answers `steps=1` with 400: ask without it.
             Err(u)
@@ -141,6 +166,19 @@ fn not_fetched(address: &Address, held: &Held, why: String) -> Result<Option<Str
          shown an attack",
         address.domain()
     )))
+}
+
+/// Why the head was not verified before sending when [`PRESEND_BUDGET`] ran out after
+/// `steps` verified catch-up steps.
+fn spent(steps: usize, held: &Held) -> String {
+    format!(
+        "it took longer than {} s in all ({steps} catch-up steps verified, epoch {} \
+         remembered)",
+        PRESEND_BUDGET.as_secs(),
+        held.memory
+            .remembered_epoch()
+            .map_or_else(|| "none".to_string(), |e| e.to_string())
+    )
 }
 
 /// What an outcome says, for a note.
