@@ -3713,6 +3713,43 @@ fn a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decide
     assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
 }
 
+/// Review F8: a pending file written by a kst that kept `verified_epoch` but not yet the
+/// directory it is of (`verified_log` removed here) still loads; the epoch is not used (it
+/// may be of another directory): the stale replica's key is exit 75 "cannot tell", no
+/// evidence, and the retrieval made again is exit 5.
+#[test]
+fn two_step_a_pending_request_without_its_verified_log_cannot_tell_and_the_retry_decides() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    let (_old, _old_url) = provider.stale_twin();
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    let mut flags = provider.log_args().to_vec();
+    flags.push("--no-wait");
+    let (out, v) = provider.checked_as("sendmail-old", bob, "alice@example.net", &flags);
+    expect(&out, &v, 75, "pending");
+    let file = provider.path(&format!("state-{bob}/pending.json"));
+    let mut pending: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let log = &mut pending["requests"][0]["log"];
+    assert_eq!(log["verified_epoch"], 2, "{log}");
+    assert_eq!(log["verified_log"]["head_key"], provider.head_key.as_str());
+    log.as_object_mut().unwrap().remove("verified_log");
+    std::fs::write(&file, serde_json::to_vec(&pending).unwrap()).unwrap();
+    let (out, v) = provider.client("sendmail", bob, &["check"]);
+    assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
+    let error = v[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("cannot tell") && error.contains("older kst"),
+        "{error}"
+    );
+    assert!(
+        provider.evidence(bob).is_empty(),
+        "no evidence without the directory"
+    );
+    provider.refused_as_attack("sendmail-old", bob, &provider.log_url, "a stale");
+    assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
+}
+
 /// Review F8 of the two-step check (issue 18): a pending request's `verified_epoch` is an
 /// epoch of the directory the client had verified then. When the domain's directory is
 /// re-keyed before the reply is read (the operator's `kst log keygen --force`, a new
