@@ -5595,7 +5595,7 @@ mod history_path {
             "sendmail",
             BOB,
             &provider.log_url,
-            &["(epoch 2, the newest 2 versions) never held the served key"],
+            &["(epoch 2, 2 versions down to version 1) never held the served key"],
         );
         assert!(
             kept.contains("-- history --") && kept.contains("kst-log-history-v1"),
