@@ -10,8 +10,9 @@
 //! - one append-only proof is built across the missing epochs and one epoch on each side
 //!   where that epoch's root is known (a stored head, the latest epoch's root, or epoch 0,
 //!   whose root is the empty tree's); the derived roots must meet those known roots, and the
-//!   whole proof must verify step by step over the derived roots ([`verify_append_only`](super::verify::verify_append_only)'s
-//!   check, akd's `audit_verify`). Anything else is an inconsistent directory: nothing is
+//!   whole proof must verify step by step over the derived roots
+//!   ([`append_only_chain`](super::verify::append_only_chain): akd's `audit_verify` check,
+//!   each step's trees built once). Anything else is an inconsistent directory: nothing is
 //!   signed, the error names the epochs, an operator must look.
 //! - the head's `signed-at` is the moment it is signed, as for every head: it says when the
 //!   log signed the head, never when the epoch was committed, so a head signed late carries a
@@ -33,19 +34,14 @@
 
 use std::sync::Arc;
 
-use akd::append_only_zks::{Azks, AzksParallelismConfig, InsertMode};
-use akd::storage::StorageManager;
-use akd::storage::memory::AsyncInMemoryDatabase;
-use akd::{AppendOnlyProof, SingleAppendOnlyProof};
-
 use super::answer::{HTTP_STEP_BUDGET, STEP_ELEMENT_BYTES, head_text};
 use super::directory::{KeyDirectory, ReadBudget};
 use super::head::Head;
 use super::keys::LogKeys;
 use super::log::check_stored_head;
 use super::storage::{DirectoryStore, StoredDirectory};
-use super::verify::{append_only_roots, empty_root};
-use super::{Config, Result, TransparencyError};
+use super::verify::{append_only_chain, empty_root};
+use super::{Result, TransparencyError};
 
 /// The most stored heads one scan step reads.
 pub const SCAN_WINDOW: u64 = 1024;
@@ -214,19 +210,25 @@ async fn fill_range(f: &Filler<'_>, from: u64, to: u64, now: u64) -> Result<(u64
     let missing: Vec<u64> = (from..=to)
         .filter(|e| !stored.iter().any(|(s, _)| s == e))
         .collect();
-    let mut roots: Vec<[u8; 32]> = Vec::new();
-    let proof = if start < upper {
+    // The roots of every epoch of the proof, each step checked to start where the one
+    // before it ended (akd's `audit_verify` over these roots, each tree built once; before,
+    // the roots were derived and then checked again, three builds a step).
+    let roots: Vec<[u8; 32]> = if start < upper {
         let proof = f.directory.audit(start, upper).await?;
-        let first = proof.proofs.first().ok_or_else(|| {
-            inconsistent(domain, start, upper, "the append-only proof has no step")
-        })?;
-        roots.push(start_root(first).await?);
-        roots.extend(append_only_roots(&proof).await?);
-        Some(proof)
+        if !proof.epochs.iter().copied().eq(start..upper) {
+            return Err(inconsistent(
+                domain,
+                start,
+                upper,
+                "the append-only proof has not one step an epoch",
+            ));
+        }
+        append_only_chain(&proof)
+            .await
+            .map_err(|e| inconsistent(domain, start, upper, &e.to_string()))?
     } else {
         // One epoch, the latest, and nothing on either side: its root is the directory's.
-        roots.push(latest_root);
-        None
+        vec![latest_root]
     };
     // roots[i] is the root of epoch start + i; check it against every root known otherwise.
     let root_at = |epoch: u64| roots[(epoch - start) as usize];
@@ -252,11 +254,6 @@ async fn fill_range(f: &Filler<'_>, from: u64, to: u64, now: u64) -> Result<(u64
                 ),
             ));
         }
-    }
-    if let Some(proof) = proof {
-        check_steps(&roots, proof)
-            .await
-            .map_err(|e| inconsistent(domain, start, upper, &e))?;
     }
     let vrf_public_key = f.keys.vrf.public_key()?;
     for epoch in &missing {
@@ -373,31 +370,4 @@ fn inconsistent(domain: &str, from: u64, to: u64, what: &str) -> TransparencyErr
         "{domain}: the heads of epochs {from} to {to} cannot be signed late: {what}; the \
          directory is inconsistent, an operator must look"
     ))
-}
-
-/// akd's auditor check of every step over `roots` (the root of each epoch of the proof).
-async fn check_steps(
-    roots: &[[u8; 32]],
-    proof: AppendOnlyProof,
-) -> std::result::Result<(), String> {
-    akd::auditor::audit_verify::<Config>(roots.to_vec(), proof)
-        .await
-        .map_err(|e| e.to_string())
-}
-
-/// The root before an append-only step: the hash of its unchanged nodes, as akd's auditor
-/// computes it.
-async fn start_root(step: &SingleAppendOnlyProof) -> Result<[u8; 32]> {
-    let manager = StorageManager::new_no_cache(
-        AsyncInMemoryDatabase::new_with_remove_child_nodes_on_insertion(),
-    );
-    let mut azks = Azks::new::<Config, _>(&manager).await?;
-    azks.batch_insert_nodes::<Config, _>(
-        &manager,
-        step.unchanged_nodes.clone(),
-        InsertMode::Auditor,
-        AzksParallelismConfig::disabled(),
-    )
-    .await?;
-    Ok(azks.get_root_hash::<Config, _>(&manager).await?)
 }

@@ -280,6 +280,33 @@ pub async fn append_only_start_root(proof: &AppendOnlyProof) -> Result<[u8; 32]>
     }
 }
 
+/// The roots an append-only proof leads through, from the root it starts at: the root of
+/// every epoch from the first step's to the last step's end, oldest first (one more than its
+/// steps), each step checked to start where the step before it ended (akd's `audit_verify`
+/// over these roots, each tree built once: two builds a step). An error is
+/// [`TransparencyError::Verification`]: the proof does not hold together.
+pub async fn append_only_chain(proof: &AppendOnlyProof) -> Result<Vec<[u8; 32]>> {
+    check_shape(proof)?;
+    let mut roots = Vec::with_capacity(proof.proofs.len() + 1);
+    for (epoch, step) in proof.epochs.iter().zip(&proof.proofs) {
+        let start = root_before(*epoch, step).await?;
+        match roots.last() {
+            Some(end) if *end != start => {
+                return Err(TransparencyError::Verification(format!(
+                    "the append-only step from epoch {epoch} starts at root {}, not at {}, \
+                     where the step before it ended",
+                    hex::encode(start),
+                    hex::encode(end)
+                )));
+            }
+            Some(_) => {}
+            None => roots.push(start),
+        }
+        roots.push(root_after(*epoch, step).await?);
+    }
+    Ok(roots)
+}
+
 /// An append-only proof with as many epochs as steps.
 fn check_shape(proof: &AppendOnlyProof) -> Result<()> {
     if proof.epochs.len() != proof.proofs.len() {
