@@ -218,16 +218,18 @@ fn tree_value_states(
     Ok(states.into_iter().collect())
 }
 
-/// The head of `epoch`: the overlay's, else its file.
+/// The head of `epoch`: its file, else the overlay's (its frame's). The first head stored
+/// for an epoch stays: one inserted before the epoch's batch ([`insert_head`]) is in its
+/// file, and the write-out, which links the frame's, keeps it.
 fn tree_head(
     dir: &Path,
     ov: Option<&Ov>,
     epoch: u64,
 ) -> Result<Option<Vec<u8>>, DirectoryStoreError> {
-    if let Some(head) = ov.and_then(|ov| locked(ov).head(epoch).cloned()) {
+    if let Some(head) = read(&heads_dir(dir).join(epoch_name(epoch)))? {
         return Ok(Some(head));
     }
-    read(&heads_dir(dir).join(epoch_name(epoch)))
+    Ok(ov.and_then(|ov| locked(ov).head(epoch).cloned()))
 }
 
 fn node_path(dir: &Path, key: &[u8]) -> PathBuf {
@@ -246,24 +248,37 @@ fn unavailable(op: &str, path: &Path, e: impl std::fmt::Display) -> DirectorySto
     DirectoryStoreError::Unavailable(format!("{op} {}: {e}", path.display()))
 }
 
-/// Reads `path`; `None` when it does not exist.
+/// Reads `path`; `None` when it does not exist. One path lookup (the open), then the open
+/// file's length and bytes (a `stat` of the path before cost a lookup per read).
 fn read(path: &Path) -> Result<Option<Vec<u8>>, DirectoryStoreError> {
-    match std::fs::metadata(path) {
-        Ok(m) if m.len() > MAX_FILE => {
-            return Err(DirectoryStoreError::Corrupt(format!(
-                "{} is larger than {MAX_FILE} bytes",
-                path.display()
-            )));
-        }
-        Ok(_) => {}
+    use std::io::Read as _;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(unavailable("stat", path, e)),
+        Err(e) => return Err(unavailable("open", path, e)),
+    };
+    let len = file
+        .metadata()
+        .map_err(|e| unavailable("stat", path, e))?
+        .len();
+    if len > MAX_FILE {
+        return Err(DirectoryStoreError::Corrupt(format!(
+            "{} is larger than {MAX_FILE} bytes",
+            path.display()
+        )));
     }
-    match std::fs::read(path) {
-        Ok(b) => Ok(Some(b)),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(unavailable("read", path, e)),
+    // Bounded all the same: the file may grow between the stat and the read.
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| unavailable("read", path, e))?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(DirectoryStoreError::Corrupt(format!(
+            "{} is larger than {MAX_FILE} bytes",
+            path.display()
+        )));
     }
+    Ok(Some(bytes))
 }
 
 /// The stored nodes with these keys (missing ones left out).
@@ -423,15 +438,24 @@ impl DomainLock {
         dir: &Path,
         name: &str,
     ) -> Result<(std::fs::File, PathBuf), DirectoryStoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| unavailable("create", dir, e))?;
         let path = dir.join(name);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| unavailable("open", &path, e))?;
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+        };
+        // The domain's directory made only when it is missing (not probed per commit).
+        let file = match open() {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir).map_err(|e| unavailable("create", dir, e))?;
+                open()
+            }
+            other => other,
+        }
+        .map_err(|e| unavailable("open", &path, e))?;
         Ok((file, path))
     }
 }
@@ -1745,10 +1769,10 @@ impl DirectoryStore for FsDirectoryStore {
         let ov = self.overlay(&dir);
         let head = head.to_vec();
         reading(dir, boot, move |dir| {
-            // An epoch above the tree's files: its frame's head, if it carries one, is the
-            // epoch's head (the write-out links it).
+            // The first head of an epoch stays: one stored in its file, else, above the
+            // tree's files, the one its frame carries (the write-out links it).
             tree_root(dir, ov.as_ref())?;
-            if let Some(stored) = ov.as_ref().and_then(|ov| locked(ov).head(epoch).cloned()) {
+            if let Some(stored) = tree_head(dir, ov.as_ref(), epoch)? {
                 return Ok(stored);
             }
             insert_head(dir, epoch, &head)
