@@ -3242,6 +3242,66 @@ mod tests {
         assert_eq!(locked(&ov).upto(), Some(11));
     }
 
+    /// Review F1 (journal version 3): a deletion's batch rewrites value states of earlier
+    /// epochs (akd's tombstones, kst-core `withdraw_deleted`). The overlay keeps them by the
+    /// epoch of the frame that wrote them, so a tombstone for an epoch under the checkpoint,
+    /// written by a frame above it, is written out at the next checkpoint and not dropped by
+    /// a prune (a late background checkpoint's included): every process reads the tombstone,
+    /// before and after the checkpoint. Before, it was skipped and pruned, and the deleted
+    /// value came back from its file.
+    #[tokio::test]
+    async fn a_value_state_rewritten_for_an_epoch_under_the_checkpoint_is_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        let c = journal::CHECKPOINT_EVERY;
+        let wait_checkpoint = |want: u64| {
+            let dir = dir.clone();
+            async move {
+                for _ in 0..300 {
+                    if !checkpointing().lock().unwrap().contains(&dir)
+                        && journal::checkpoint(&dir).unwrap() == Some(want)
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                assert_eq!(journal::checkpoint(&dir).unwrap(), Some(want));
+            }
+        };
+        for e in 2..=c {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        wait_checkpoint(c).await;
+        // A deletion's batch: the value of epoch 2 withdrawn.
+        let mut del = epoch(c + 1);
+        del.value_states
+            .push(kst_core::transparency::ValueStateBlob {
+                label: b"label".to_vec(),
+                epoch: 2,
+                blob: b"tomb".to_vec(),
+            });
+        a.commit(D, del).await.unwrap();
+        let at2 = |s: Vec<(u64, Vec<u8>)>| s.into_iter().find(|(e, _)| *e == 2).unwrap().1;
+        assert_eq!(at2(a.value_states(D, b"label").await.unwrap()), b"tomb");
+        // What a late background checkpoint of epoch c does.
+        {
+            let _lock = DomainLock::acquire(&dir).unwrap();
+            locked(&a.overlay(&dir).unwrap()).prune(c);
+        }
+        assert_eq!(at2(a.value_states(D, b"label").await.unwrap()), b"tomb");
+        for e in c + 2..=2 * c {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        wait_checkpoint(2 * c).await;
+        assert_eq!(
+            std::fs::read(values_dir(&dir, b"label").join(epoch_name(2))).unwrap(),
+            b"tomb"
+        );
+        assert_eq!(at2(a.value_states(D, b"label").await.unwrap()), b"tomb");
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        assert_eq!(at2(b.value_states(D, b"label").await.unwrap()), b"tomb");
+    }
+
     /// Journal version 3: the machine crashes after a write-out wrote the tree's files but
     /// before its `syncfs` moved the checkpoint, and the page cache lost part of them (a
     /// node back at an older epoch, another gone, the root back): the restart replays every

@@ -33,8 +33,10 @@ pub(crate) struct Overlay {
     upto: u64,
     /// Node key → (the epoch that wrote it last, its blob).
     nodes: HashMap<Vec<u8>, (u64, Vec<u8>)>,
-    /// Label → value states by epoch.
-    values: HashMap<Vec<u8>, BTreeMap<u64, Vec<u8>>>,
+    /// Label → value states by their epoch → (the epoch of the frame that wrote it last, its
+    /// blob). Not always the same epoch: a deletion's batch rewrites the value states of
+    /// earlier epochs (akd's tombstones), so the write-out and the prune go by the frame's.
+    values: HashMap<Vec<u8>, BTreeMap<u64, (u64, Vec<u8>)>>,
     /// Epoch → its head.
     heads: BTreeMap<u64, Vec<u8>>,
 }
@@ -82,7 +84,7 @@ impl Overlay {
             self.values
                 .entry(vs.label.clone())
                 .or_default()
-                .insert(vs.epoch, vs.blob.clone());
+                .insert(vs.epoch, (epoch, vs.blob.clone()));
         }
         if let Some(head) = &batch.head {
             self.heads.entry(epoch).or_insert_with(|| head.clone());
@@ -102,7 +104,7 @@ impl Overlay {
         }
         self.nodes.retain(|_, (e, _)| *e > checkpoint);
         self.values.retain(|_, states| {
-            states.retain(|e, _| *e > checkpoint);
+            states.retain(|_, (e, _)| *e > checkpoint);
             !states.is_empty()
         });
         self.heads.retain(|e, _| *e > checkpoint);
@@ -117,7 +119,7 @@ impl Overlay {
     /// The value states of `label` the overlay's epochs wrote.
     pub(crate) fn value_states(&self, label: &[u8]) -> Vec<(u64, Vec<u8>)> {
         self.values.get(label).map_or_else(Vec::new, |states| {
-            states.iter().map(|(e, b)| (*e, b.clone())).collect()
+            states.iter().map(|(e, (_, b))| (*e, b.clone())).collect()
         })
     }
 
@@ -126,8 +128,8 @@ impl Overlay {
         self.heads.get(&epoch)
     }
 
-    /// The records of the epochs above `above` (a write-out's: those at or under the
-    /// checkpoint are in their files already).
+    /// The records the epochs above `above` wrote (a write-out's: those at or under the
+    /// checkpoint are in their files already), by the epoch of the frame that wrote them.
     pub(crate) fn records_above(&self, above: u64) -> Records {
         Records {
             nodes: self
@@ -141,8 +143,9 @@ impl Overlay {
                 .iter()
                 .flat_map(|(label, states)| {
                     states
-                        .range(above.saturating_add(1)..)
-                        .map(|(e, b)| (label.clone(), *e, b.clone()))
+                        .iter()
+                        .filter(|(_, (written, _))| *written > above)
+                        .map(|(e, (_, b))| (label.clone(), *e, b.clone()))
                 })
                 .collect(),
             heads: self
