@@ -53,8 +53,10 @@
 //! this version written. A kst of version 2 then takes the boot file for another boot's,
 //! recovers, and refuses the checkpoint (`Corrupt`): it fails closed instead of reading
 //! stale node files; one that had checked the domain before (once per process and boot)
-//! reads the files without the overlay, stale, and its commits fail at the checkpoint. So a
-//! pool is upgraded by restarting every process, as from version 1.
+//! reads the live root over the stale files (and may sign a head of a wrong root hash, which
+//! then stays: review F2), and its commits fail at the checkpoint. So this upgrade is not
+//! rolling: every process of a pool is stopped before the first of this version starts
+//! (docs/OPERATIONS.md).
 //!
 //! **Versions 1 and 2.** Version 1 (`KSTJ1\n`, kst before the slots) kept a file per frame,
 //! `journal/<epoch, 20 digits>`, renamed from `journal/spare-<nn>`, with a checkpoint file of
