@@ -1047,14 +1047,7 @@ fn maybe_checkpoint(dir: &Path, epoch: u64, ov: &Ov) -> Result<(), DirectoryStor
         .spawn(move || {
             let moved = sync_file_system(&owned).and_then(|()| {
                 let _lock = DomainLock::acquire(&owned)?;
-                if journal::checkpoint(&owned)?.unwrap_or(0) < epoch {
-                    journal::set_checkpoint(&owned, epoch)?;
-                }
-                // The files hold every epoch up to the checkpoint now, durably.
-                if let Some(checkpoint) = journal::checkpoint(&owned)? {
-                    locked(&ov).prune(checkpoint);
-                }
-                Ok(())
+                move_checkpoint(&owned, epoch, &ov)
             });
             if let Err(e) = moved {
                 tracing::warn!(dir = %owned.display(), epoch, error = %e, "key directory: the journal's checkpoint did not move; the next one tries again");
@@ -1069,6 +1062,24 @@ fn maybe_checkpoint(dir: &Path, epoch: u64, ov: &Ov) -> Result<(), DirectoryStor
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(dir);
+    }
+    Ok(())
+}
+
+/// A background checkpoint's move, under the domain's lock, after its write-out of every
+/// epoch up to `epoch` and a `syncfs`: the checkpoint moves to `epoch` unless it is there
+/// already, or the stored root is under `epoch` (review F4: a replay of the journal killed
+/// half-way since, in a process without a boot id, rewound the files to an earlier frame's,
+/// so they no longer hold every epoch up to `epoch`; the next replay starts from the
+/// checkpoint as it is). Then `ov` drops what the files hold.
+fn move_checkpoint(dir: &Path, epoch: u64, ov: &Ov) -> Result<(), DirectoryStoreError> {
+    let root = read_root(dir)?.map(|(e, _)| e);
+    if journal::checkpoint(dir)?.unwrap_or(0) < epoch && root.is_some_and(|r| r >= epoch) {
+        journal::set_checkpoint(dir, epoch)?;
+    }
+    // The files hold every epoch up to the checkpoint now, durably.
+    if let Some(checkpoint) = journal::checkpoint(dir)? {
+        locked(ov).prune(checkpoint);
     }
     Ok(())
 }
@@ -3240,6 +3251,33 @@ mod tests {
         let ov = b.overlay(&dir).unwrap();
         assert!(locked(&ov).len() > 0);
         assert_eq!(locked(&ov).upto(), Some(11));
+    }
+
+    /// Review F4: a background checkpoint whose write-out was followed by a replay killed
+    /// half-way (a process without a boot id, at its first touch: the files rewound to an
+    /// early frame's, the root with them) does not move the checkpoint over them; the next
+    /// replay starts from the old checkpoint and every epoch is there.
+    #[tokio::test]
+    async fn a_checkpoint_does_not_move_over_files_a_killed_replay_rewound() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        for e in 2..=10 {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        let ov = a.overlay(&dir).unwrap();
+        {
+            let _lock = DomainLock::acquire(&dir).unwrap();
+            assert_eq!(write_out(&dir, &ov).unwrap(), 10);
+            // Another process's replay from checkpoint 0, killed after frame 3.
+            for e in 1..=3 {
+                materialize(&dir, &epoch(e)).unwrap();
+            }
+            move_checkpoint(&dir, 10, &ov).unwrap();
+        }
+        assert_eq!(journal::checkpoint(&dir).unwrap(), Some(0), "not moved");
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        holds(&b, 10).await;
+        assert_eq!(journal::checkpoint(&dir).unwrap(), Some(10));
     }
 
     /// Review F1 (journal version 3): a deletion's batch rewrites value states of earlier

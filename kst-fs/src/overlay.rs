@@ -36,10 +36,13 @@ pub(crate) struct Overlay {
     /// Label → value states by their epoch → (the epoch of the frame that wrote it last, its
     /// blob). Not always the same epoch: a deletion's batch rewrites the value states of
     /// earlier epochs (akd's tombstones), so the write-out and the prune go by the frame's.
-    values: HashMap<Vec<u8>, BTreeMap<u64, (u64, Vec<u8>)>>,
+    values: HashMap<Vec<u8>, BTreeMap<u64, Written>>,
     /// Epoch → its head.
     heads: BTreeMap<u64, Vec<u8>>,
 }
+
+/// A record as the overlay keeps it: (the epoch of the frame that wrote it last, its blob).
+type Written = (u64, Vec<u8>);
 
 /// What a write-out writes: the records of the epochs above some epoch.
 #[derive(Debug, Default)]
