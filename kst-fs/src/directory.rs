@@ -783,11 +783,12 @@ fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
             {
                 return Err(above_the_journal(dir, root, checkpoint, epoch));
             }
+            let to_sync = open_for_sync(dir)?;
             for frame in &frames {
                 materialize(dir, frame)?;
             }
             cut::step()?;
-            sync_file_system(dir)?;
+            sync_opened(dir, &to_sync)?;
             let durable = read_root(dir)?.map_or(checkpoint, |(e, _)| e);
             cut::step()?;
             // Of this version: the gate a kst of version 1 stops at.
@@ -1027,12 +1028,18 @@ fn checkpointing() -> &'static Mutex<HashSet<PathBuf>> {
 }
 
 /// After epoch `epoch` was committed through the journal: every
-/// [`journal::CHECKPOINT_EVERY`] epochs, one `syncfs` (on a thread of its own, so no commit
-/// waits for it) makes the tree's files durable and moves the checkpoint to `epoch`. A
+/// [`journal::CHECKPOINT_EVERY`] epochs, one `syncfs` through `to_sync` (opened before the
+/// write-out, [`open_for_sync`]; on a thread of its own, so no commit waits for it) makes
+/// the tree's files durable and moves the checkpoint to `epoch` ([`move_checkpoint`]). A
 /// commit whose slot still holds a frame above the checkpoint (background ones late, or never
 /// finished: short-lived processes) does it itself first ([`journal::room_for`], in
 /// [`commit_locked`]).
-fn maybe_checkpoint(dir: &Path, epoch: u64, ov: &Ov) -> Result<(), DirectoryStoreError> {
+fn maybe_checkpoint(
+    dir: &Path,
+    epoch: u64,
+    ov: &Ov,
+    to_sync: std::fs::File,
+) -> Result<(), DirectoryStoreError> {
     if !checkpointing()
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -1045,7 +1052,7 @@ fn maybe_checkpoint(dir: &Path, epoch: u64, ov: &Ov) -> Result<(), DirectoryStor
     let spawned = std::thread::Builder::new()
         .name("kst-kt-checkpoint".into())
         .spawn(move || {
-            let moved = sync_file_system(&owned).and_then(|()| {
+            let moved = sync_opened(&owned, &to_sync).and_then(|()| {
                 let _lock = DomainLock::acquire(&owned)?;
                 move_checkpoint(&owned, epoch, &ov)
             });
@@ -1265,9 +1272,10 @@ fn write_files(dir: &Path, batch: &RecordBatch, epoch: u64, boot: Option<&str>, 
     if !epoch.is_multiple_of(journal::CHECKPOINT_EVERY) {
         return;
     }
-    match write_out(dir, ov) {
-        Ok(upto) => {
-            if let Err(e) = maybe_checkpoint(dir, upto, ov) {
+    let written = open_for_sync(dir).and_then(|to_sync| Ok((write_out(dir, ov)?, to_sync)));
+    match written {
+        Ok((upto, to_sync)) => {
+            if let Err(e) = maybe_checkpoint(dir, upto, ov, to_sync) {
                 tracing::warn!(dir = %dir.display(), epoch, error = %e, "key directory: the journal's checkpoint did not move; the next one tries again");
             }
         }
@@ -1343,6 +1351,7 @@ fn commit_locked(
         // A slot still above the checkpoint: every epoch up to `expected` written out and
         // synced first.
         let moved = journal::room_for(dir, expected + 1, || {
+            let to_sync = open_for_sync(dir)?;
             let upto = write_out(dir, ov)?;
             if upto != expected {
                 return Err(DirectoryStoreError::Unavailable(format!(
@@ -1351,7 +1360,7 @@ fn commit_locked(
                     dir.display()
                 )));
             }
-            sync_file_system(dir)
+            sync_opened(dir, &to_sync)
         })?;
         if moved {
             locked(ov).prune(expected);
@@ -1463,8 +1472,26 @@ fn root_bytes(root: &RootWrite) -> Vec<u8> {
 /// names, new directories): one `syncfs(2)`, which reports write-back errors since Linux 5.8.
 #[cfg(target_os = "linux")]
 fn sync_file_system(dir: &Path) -> Result<(), DirectoryStoreError> {
-    let d = std::fs::File::open(dir).map_err(|e| unavailable("open", dir, e))?;
-    rustix::fs::syncfs(&d).map_err(|e| unavailable("syncfs", dir, e))
+    sync_opened(dir, &open_for_sync(dir)?)
+}
+
+/// `dir`, opened for a later [`sync_opened`]: opened **before** the writes that sync is to
+/// make durable, since `syncfs(2)` reports only the write-back errors recorded after its
+/// descriptor was opened (review F7: a page of a write-out written back and lost between the
+/// write-out and an open after it went unreported, and the checkpoint moved over it).
+fn open_for_sync(dir: &Path) -> Result<std::fs::File, DirectoryStoreError> {
+    std::fs::File::open(dir).map_err(|e| unavailable("open", dir, e))
+}
+
+/// [`sync_file_system`] through `d`, opened by [`open_for_sync`] before the writes.
+#[cfg(target_os = "linux")]
+fn sync_opened(dir: &Path, d: &std::fs::File) -> Result<(), DirectoryStoreError> {
+    rustix::fs::syncfs(d).map_err(|e| unavailable("syncfs", dir, e))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn sync_opened(_: &Path, _: &std::fs::File) -> Result<(), DirectoryStoreError> {
+    Ok(())
 }
 
 #[cfg(not(target_os = "linux"))]
