@@ -590,11 +590,26 @@ impl Provider {
         ));
     }
 
+    /// With `kst serve` stopped, on fs: example.net's directory written out to the tree's
+    /// files with no journal frame above them. The fs directory (journal version 3) writes
+    /// its nodes, value states and heads at checkpoints only, reading the epochs since from
+    /// their frames: for a test that changes those files behind kst's back, `journal/boot`
+    /// is removed, so the next process to touch the domain (a `kst serve` started and
+    /// stopped here) replays the frames into the files and moves the checkpoint to the root.
+    fn write_out_fs_directory(&mut self) {
+        assert!(self.serve.is_none(), "kst serve is stopped first");
+        std::fs::remove_file(self.path("keys/kt/example.net/journal/boot")).unwrap();
+        self.restart_serve();
+        self.serve = None;
+    }
+
     /// Deletes the stored heads of `epochs` of example.net's directory, behind kst's back (a
-    /// directory kept from before heads were stored, a store that lost some).
-    fn delete_heads(&self, epochs: &[u64]) {
+    /// directory kept from before heads were stored, a store that lost some), `kst serve`
+    /// stopped.
+    fn delete_heads(&mut self, epochs: &[u64]) {
         match &self._backend {
             Backend::Fs => {
+                self.write_out_fs_directory();
                 for epoch in epochs {
                     let file = self
                         .path("keys/kt/example.net/heads")
@@ -2129,6 +2144,7 @@ fn rt18_a_withdrawn_value_planted_in_the_store_is_reported() {
     insider_publishes_a_twin_then(&provider, &alice);
     drop(insider);
     provider.serve = None;
+    provider.write_out_fs_directory();
     // The twin's value (version 2) overwritten with the tombstone, behind kst's back.
     let values = provider.path("keys/kt/example.net/values");
     let mut planted = 0;

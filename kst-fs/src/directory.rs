@@ -30,26 +30,32 @@
 //! A commit takes the domain's lock and checks the fence against `root`. On Linux (the
 //! journal) it then writes the whole batch as one frame in place into its slot,
 //! `journal/slot-<epoch mod 128>`, with one `fdatasync(2)` of that file (no name made or
-//! changed, so no directory to sync): **the commit point**, where the caller is answered. Then, on the same blocking thread and still holding the lock,
-//! the epoch's files are written without syncing (nodes and value states overwritten in
-//! place: a temporary name, a `rename` and a freed inode per file cost about 20 times the
-//! write on ext4; the head linked, then the root written last, in place as well (29 bytes,
-//! within a sector), so a writer that dies before the root leaves its frame after the root,
-//! to be rolled forward, head and all; readers wait on the lock meanwhile), and every 64
-//! epochs a background `syncfs(2)` makes them durable and moves the journal's checkpoint
-//! (a commit whose slot still holds a frame above it moves it itself first, `journal.rs`):
-//! no inode is made and freed per epoch but the head's. So an epoch costs one small file's flush, not a flush of every dirty page of the
-//! file system (other programs' writes on a shared disk made that 70 ms and more). A writer
+//! changed, so no directory to sync): **the commit point**, where the caller is answered.
+//! Then, on the same blocking thread and still holding the lock, the epoch's root is written
+//! in place (29 bytes, within a sector), unsynced, and the batch added to the store's
+//! overlay of the domain (`overlay.rs`); readers wait on the lock meanwhile. The tree's own
+//! files (nodes, value states, heads) are not written per epoch (journal version 3,
+//! `journal.rs`): every 64 epochs the commit, after its answer and under the lock, writes
+//! out the overlay's epochs above the checkpoint (nodes coalesced, the newest of each,
+//! overwritten in place; value states; heads linked), and a background `syncfs(2)` makes
+//! them durable and moves the journal's checkpoint (a commit whose slot still holds a frame
+//! above it does both itself first, `journal.rs`). Every read of the tree (nodes, value
+//! states, heads) brings its overlay to the stored root (the frames other processes of a
+//! pool committed since) and reads a record from its file only when no epoch above the
+//! checkpoint changed it: the files hold every epoch up to the checkpoint and nothing newer
+//! than the root. So an epoch costs one small file's flush and the root's write. A writer
 //! that died after its frame left an epoch the next commit (or a process's first read of
-//! the domain) writes out ("rolls forward") before its own fence; after the machine crashed (another boot id) the first process to
-//! touch the domain replays the frames after the checkpoint, then syncs (a process without
-//! a boot id replays them at its first touch, `journal::unknown_boot`); a stored root above
-//! the frames it replays is refused (`Corrupt`, [`above_the_journal`]). A store written by
-//! a kst from before the journal is read as it is; the first touch of this kst starts the
-//! journal at the stored root. (A kst from before the journal must not commit to a store a
-//! newer one wrote frames to: it ignores them, and after a restart the domain is refused.) A journal of the version before the slots
-//! (a file per frame) is upgraded by the first process to touch the domain, and a kst of
-//! that version then fails closed on it (`journal.rs`, "Versions").
+//! the domain) rolls forward (writes its root) before its own fence; after the machine
+//! crashed (another boot id) the first process to touch the domain replays the frames
+//! after the checkpoint into the tree's files, then syncs (a process without a boot id
+//! replays them at its first touch, `journal::unknown_boot`); a stored root above the
+//! frames it replays is refused (`Corrupt`, [`above_the_journal`]). A store written by a
+//! kst from before the journal is read as it is; the first touch of this kst starts the
+//! journal at the stored root. (A kst from before the journal must not touch a store a
+//! newer one wrote frames to: it reads the tree's files alone, stale above the checkpoint,
+//! and after a restart the domain is refused.) A journal of version 1 (a file per frame) or
+//! 2 (the tree's files after every frame) is upgraded by the first process to touch the
+//! domain, and a kst of that version then fails closed on it (`journal.rs`, "Versions").
 //!
 //! Without the journal (elsewhere, and for akd's first root, written once per directory)
 //! the nodes and value states are written, made durable at once, and the root written last
@@ -82,6 +88,7 @@ use kst_core::transparency::{
 use sha2::{Digest, Sha256};
 
 use crate::journal;
+use crate::overlay::{self, Overlay};
 use crate::pool::Lane;
 
 /// Directory of the key directories, under the store's root.
@@ -96,7 +103,13 @@ pub struct FsDirectoryStore {
     /// This boot's id (or this process's token, where there is none) when epochs are
     /// committed through the journal (Linux), else `None`.
     boot: Option<String>,
+    /// The overlay of each domain's epochs above the tree's files (`overlay.rs`), when
+    /// epochs are committed through the journal.
+    overlays: std::sync::Arc<Mutex<std::collections::HashMap<PathBuf, Ov>>>,
 }
+
+/// A domain's overlay (`overlay.rs`), shared by the reads and commits of one store.
+type Ov = std::sync::Arc<Mutex<Overlay>>;
 
 impl FsDirectoryStore {
     /// The directories kept in the fs store at `store_root` (the `[store] path`); nothing is
@@ -116,6 +129,7 @@ impl FsDirectoryStore {
             boot: SYNCFS.then(|| {
                 found.unwrap_or_else(|| UNKNOWN.get_or_init(journal::unknown_boot).clone())
             }),
+            overlays: Default::default(),
         }
     }
 
@@ -126,6 +140,7 @@ impl FsDirectoryStore {
         FsDirectoryStore {
             root: store_root.as_ref().join(KT_DIR),
             boot: boot.map(str::to_string),
+            overlays: Default::default(),
         }
     }
 
@@ -133,6 +148,88 @@ impl FsDirectoryStore {
         check_domain(domain)?;
         Ok(self.root.join(domain))
     }
+
+    /// The overlay of the domain at `dir` (made empty at first use); `None` without the
+    /// journal (the files hold every epoch).
+    fn overlay(&self, dir: &Path) -> Option<Ov> {
+        self.boot.as_ref()?;
+        Some(
+            self.overlays
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(dir.to_path_buf())
+                .or_default()
+                .clone(),
+        )
+    }
+}
+
+/// `ov`, locked (a panic of another holder leaves nothing half-done that matters: the
+/// overlay is rebuilt from the frames when it is behind or ahead of the root).
+fn locked(ov: &Ov) -> std::sync::MutexGuard<'_, Overlay> {
+    ov.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The stored root, with `ov` brought to it ([`overlay::sync`]), under the domain's lock.
+fn tree_root(dir: &Path, ov: Option<&Ov>) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
+    let root = read_root(dir)?;
+    if let (Some(ov), Some((epoch, _))) = (ov, &root) {
+        overlay::sync(dir, &mut locked(ov), *epoch)?;
+    }
+    Ok(root)
+}
+
+/// The nodes with these keys at the stored root (missing ones left out): from the overlay
+/// where an epoch above the files wrote them, else from their files.
+fn tree_nodes(
+    dir: &Path,
+    ov: Option<&Ov>,
+    keys: &[Vec<u8>],
+) -> Result<Vec<Vec<u8>>, DirectoryStoreError> {
+    let Some(ov) = ov else {
+        return read_nodes(dir, keys);
+    };
+    let above: Vec<Option<Vec<u8>>> = {
+        let ov = locked(ov);
+        keys.iter().map(|k| ov.node(k).cloned()).collect()
+    };
+    let mut out = Vec::with_capacity(keys.len());
+    for (key, above) in keys.iter().zip(above) {
+        match above {
+            Some(blob) => out.push(blob),
+            None => out.extend(read(&node_path(dir, key))?),
+        }
+    }
+    Ok(out)
+}
+
+/// The value states of `label` at the stored root: its files', and the overlay's over them.
+fn tree_value_states(
+    dir: &Path,
+    ov: Option<&Ov>,
+    label: &[u8],
+) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
+    let files = list_files(&values_dir(dir, label), |name| name.parse::<u64>().ok())?;
+    let Some(ov) = ov else {
+        return Ok(files);
+    };
+    let mut states: std::collections::BTreeMap<u64, Vec<u8>> = files.into_iter().collect();
+    states.extend(locked(ov).value_states(label));
+    Ok(states.into_iter().collect())
+}
+
+/// The head of `epoch`: its file, else the overlay's (its frame's). The first head stored
+/// for an epoch stays: one inserted before the epoch's batch ([`insert_head`]) is in its
+/// file, and the write-out, which links the frame's, keeps it.
+fn tree_head(
+    dir: &Path,
+    ov: Option<&Ov>,
+    epoch: u64,
+) -> Result<Option<Vec<u8>>, DirectoryStoreError> {
+    if let Some(head) = read(&heads_dir(dir).join(epoch_name(epoch)))? {
+        return Ok(Some(head));
+    }
+    Ok(ov.and_then(|ov| locked(ov).head(epoch).cloned()))
 }
 
 fn node_path(dir: &Path, key: &[u8]) -> PathBuf {
@@ -151,24 +248,37 @@ fn unavailable(op: &str, path: &Path, e: impl std::fmt::Display) -> DirectorySto
     DirectoryStoreError::Unavailable(format!("{op} {}: {e}", path.display()))
 }
 
-/// Reads `path`; `None` when it does not exist.
+/// Reads `path`; `None` when it does not exist. One path lookup (the open), then the open
+/// file's length and bytes (a `stat` of the path before cost a lookup per read).
 fn read(path: &Path) -> Result<Option<Vec<u8>>, DirectoryStoreError> {
-    match std::fs::metadata(path) {
-        Ok(m) if m.len() > MAX_FILE => {
-            return Err(DirectoryStoreError::Corrupt(format!(
-                "{} is larger than {MAX_FILE} bytes",
-                path.display()
-            )));
-        }
-        Ok(_) => {}
+    use std::io::Read as _;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(unavailable("stat", path, e)),
+        Err(e) => return Err(unavailable("open", path, e)),
+    };
+    let len = file
+        .metadata()
+        .map_err(|e| unavailable("stat", path, e))?
+        .len();
+    if len > MAX_FILE {
+        return Err(DirectoryStoreError::Corrupt(format!(
+            "{} is larger than {MAX_FILE} bytes",
+            path.display()
+        )));
     }
-    match std::fs::read(path) {
-        Ok(b) => Ok(Some(b)),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(unavailable("read", path, e)),
+    // Bounded all the same: the file may grow between the stat and the read.
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| unavailable("read", path, e))?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(DirectoryStoreError::Corrupt(format!(
+            "{} is larger than {MAX_FILE} bytes",
+            path.display()
+        )));
     }
+    Ok(Some(bytes))
 }
 
 /// The stored nodes with these keys (missing ones left out).
@@ -328,15 +438,24 @@ impl DomainLock {
         dir: &Path,
         name: &str,
     ) -> Result<(std::fs::File, PathBuf), DirectoryStoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| unavailable("create", dir, e))?;
         let path = dir.join(name);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| unavailable("open", &path, e))?;
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+        };
+        // The domain's directory made only when it is missing (not probed per commit).
+        let file = match open() {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir).map_err(|e| unavailable("create", dir, e))?;
+                open()
+            }
+            other => other,
+        }
+        .map_err(|e| unavailable("open", &path, e))?;
         Ok((file, path))
     }
 }
@@ -465,10 +584,17 @@ fn headless_root(dir: &Path) -> Result<bool, DirectoryStoreError> {
     let Some((e, _)) = read_root(dir)? else {
         return Ok(false);
     };
-    if heads_dir(dir).join(epoch_name(e)).exists() {
+    if above_the_files(dir, e)? || heads_dir(dir).join(epoch_name(e)).exists() {
         return Ok(false);
     }
     Ok(journal::read_frame(dir, e)?.is_some_and(|frame| frame.head.is_some()))
+}
+
+/// Whether epoch `epoch` is above the checkpoint of a journal of this version: its head is
+/// served from its frame (`overlay.rs`) until a write-out links it, so a missing head file
+/// is no head missing.
+fn above_the_files(dir: &Path, epoch: u64) -> Result<bool, DirectoryStoreError> {
+    Ok(matches!(journal::stored_checkpoint(dir)?, Some(journal::Stored::V3(c)) if epoch > c))
 }
 
 /// How old a head's temporary file (`heads/.tmp-...`) must be before [`sweep_temporaries`]
@@ -584,7 +710,11 @@ fn roll_forward(dir: &Path) -> Result<Option<u64>, DirectoryStoreError> {
         match journal::read_frame(dir, e + 1)? {
             Some(frame) => {
                 journal::sync_frame(dir, e + 1)?;
-                materialize(dir, &frame)?;
+                // Its root alone: the tree's files are written at checkpoints, and every
+                // overlay reads its frame (`overlay.rs`).
+                if let Some(root) = &frame.root {
+                    write_epoch_root(dir, root)?;
+                }
                 tracing::info!(dir = %dir.display(), epoch = e + 1, "key directory: rolled forward an epoch whose writer died after its commit point");
                 return Ok(Some(e + 1));
             }
@@ -600,6 +730,7 @@ fn roll_forward(dir: &Path) -> Result<Option<u64>, DirectoryStoreError> {
         }
     }
     if let Some((e, blob)) = &stored
+        && !above_the_files(dir, *e)?
         && !heads_dir(dir).join(epoch_name(*e)).exists()
         && let Some(frame) = journal::read_frame(dir, *e)?
         && let (Some(root), Some(head)) = (&frame.root, &frame.head)
@@ -629,9 +760,10 @@ fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
     }
     if journal::boot(dir)?.as_deref() != Some(boot) {
         if let Some(found) = journal::stored_checkpoint(dir)? {
-            let (checkpoint, v1) = match found {
-                journal::Stored::V1(e) => (e, true),
-                journal::Stored::V2(e) => (e, false),
+            let (checkpoint, v1, older) = match found {
+                journal::Stored::V1(e) => (e, true, true),
+                journal::Stored::V2(e) => (e, false, true),
+                journal::Stored::V3(e) => (e, false, false),
             };
             let stored = read_root(dir)?.map(|(e, _)| e);
             let mut frames = Vec::new();
@@ -651,17 +783,18 @@ fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
             {
                 return Err(above_the_journal(dir, root, checkpoint, epoch));
             }
+            let to_sync = open_for_sync(dir)?;
             for frame in &frames {
                 materialize(dir, frame)?;
             }
             cut::step()?;
-            sync_file_system(dir)?;
+            sync_opened(dir, &to_sync)?;
             let durable = read_root(dir)?.map_or(checkpoint, |(e, _)| e);
             cut::step()?;
             // Of this version: the gate a kst of version 1 stops at.
             journal::set_checkpoint(dir, durable)?;
-            if v1 {
-                tracing::info!(dir = %dir.display(), checkpoint = durable, "key directory: upgraded the journal to slots (a kst older than this one refuses the domain now)");
+            if older {
+                tracing::info!(dir = %dir.display(), checkpoint = durable, "key directory: upgraded the journal to version 3 (tree files at checkpoints; a kst older than this one refuses the domain now)");
             }
             if !frames.is_empty() {
                 tracing::warn!(
@@ -721,8 +854,9 @@ fn above_the_journal(dir: &Path, root: u64, checkpoint: u64, last: u64) -> Direc
          (a frame whose sync failed, rolled forward by an older kst, or commits of a kst from \
          before the journal), and after the machine's restart their files may be lost, so the \
          domain is refused. If a kst from before the journal committed them (it syncs every \
-         epoch), remove {} and the journal starts again at the stored root; otherwise restore \
-         the domain's directory from a backup",
+         epoch) while no frame lay above the checkpoint (it reads the tree's files alone), \
+         remove {} and the journal starts again at the stored root; otherwise restore the \
+         domain's directory from a backup",
         dir.display(),
         last + 1,
         checkpoint_file.display()
@@ -757,6 +891,15 @@ fn materialize(dir: &Path, batch: &RecordBatch) -> Result<(), DirectoryStoreErro
         link_head(dir, root.epoch, head)?;
     }
     cut::step()?;
+    write_root(dir, &root_bytes(root))
+}
+
+/// The root of an epoch whose frame is durable, written ([`write_root`]) after a commit's
+/// frame or by a roll-forward: the tree's other files wait for a checkpoint.
+fn write_epoch_root(dir: &Path, root: &RootWrite) -> Result<(), DirectoryStoreError> {
+    cut::step()?;
+    journal::fault::check(dir, journal::fault::Fault::RootWrite)
+        .map_err(|e| unavailable("write", &dir.join("root"), e))?;
     write_root(dir, &root_bytes(root))
 }
 
@@ -885,15 +1028,18 @@ fn checkpointing() -> &'static Mutex<HashSet<PathBuf>> {
 }
 
 /// After epoch `epoch` was committed through the journal: every
-/// [`journal::CHECKPOINT_EVERY`] epochs, one `syncfs` (on a thread of its own, so no commit
-/// waits for it) makes the tree's files durable and moves the checkpoint to `epoch`. A
+/// [`journal::CHECKPOINT_EVERY`] epochs, one `syncfs` through `to_sync` (opened before the
+/// write-out, [`open_for_sync`]; on a thread of its own, so no commit waits for it) makes
+/// the tree's files durable and moves the checkpoint to `epoch` ([`move_checkpoint`]). A
 /// commit whose slot still holds a frame above the checkpoint (background ones late, or never
 /// finished: short-lived processes) does it itself first ([`journal::room_for`], in
 /// [`commit_locked`]).
-fn maybe_checkpoint(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
-    if !epoch.is_multiple_of(journal::CHECKPOINT_EVERY) {
-        return Ok(());
-    }
+fn maybe_checkpoint(
+    dir: &Path,
+    epoch: u64,
+    ov: &Ov,
+    to_sync: std::fs::File,
+) -> Result<(), DirectoryStoreError> {
     if !checkpointing()
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -902,15 +1048,13 @@ fn maybe_checkpoint(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
         return Ok(());
     }
     let owned = dir.to_path_buf();
+    let ov = ov.clone();
     let spawned = std::thread::Builder::new()
         .name("kst-kt-checkpoint".into())
         .spawn(move || {
-            let moved = sync_file_system(&owned).and_then(|()| {
+            let moved = sync_opened(&owned, &to_sync).and_then(|()| {
                 let _lock = DomainLock::acquire(&owned)?;
-                if journal::checkpoint(&owned)?.unwrap_or(0) < epoch {
-                    journal::set_checkpoint(&owned, epoch)?;
-                }
-                Ok(())
+                move_checkpoint(&owned, epoch, &ov)
             });
             if let Err(e) = moved {
                 tracing::warn!(dir = %owned.display(), epoch, error = %e, "key directory: the journal's checkpoint did not move; the next one tries again");
@@ -925,6 +1069,24 @@ fn maybe_checkpoint(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreError> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(dir);
+    }
+    Ok(())
+}
+
+/// A background checkpoint's move, under the domain's lock, after its write-out of every
+/// epoch up to `epoch` and a `syncfs`: the checkpoint moves to `epoch` unless it is there
+/// already, or the stored root is under `epoch` (review F4: a replay of the journal killed
+/// half-way since, in a process without a boot id, rewound the files to an earlier frame's,
+/// so they no longer hold every epoch up to `epoch`; the next replay starts from the
+/// checkpoint as it is). Then `ov` drops what the files hold.
+fn move_checkpoint(dir: &Path, epoch: u64, ov: &Ov) -> Result<(), DirectoryStoreError> {
+    let root = read_root(dir)?.map(|(e, _)| e);
+    if journal::checkpoint(dir)?.unwrap_or(0) < epoch && root.is_some_and(|r| r >= epoch) {
+        journal::set_checkpoint(dir, epoch)?;
+    }
+    // The files hold every epoch up to the checkpoint now, durably.
+    if let Some(checkpoint) = journal::checkpoint(dir)? {
+        locked(ov).prune(checkpoint);
     }
     Ok(())
 }
@@ -949,6 +1111,7 @@ fn commit(
     dir: &Path,
     batch: &RecordBatch,
     boot: Option<&str>,
+    ov: Option<&Ov>,
     answer: CommitAnswer,
     wait: bool,
 ) -> bool {
@@ -968,13 +1131,13 @@ fn commit(
             return true;
         }
     };
-    match commit_locked(dir, batch, boot) {
+    match commit_locked(dir, batch, boot, ov) {
         Ok(Some(epoch)) => {
             // The frame is durable: the epoch is committed, whatever happens to its files.
             let _ = answer.send(Ok(true));
             #[cfg(test)]
             gate::wait(dir, epoch);
-            write_files(dir, batch, epoch, boot);
+            write_files(dir, batch, epoch, boot, ov);
         }
         done => {
             let _ = answer.send(done.map(|_| true));
@@ -1069,7 +1232,8 @@ fn commit_now(
     boot: Option<&str>,
 ) -> Result<(), DirectoryStoreError> {
     let (answer, mut answered) = tokio::sync::oneshot::channel();
-    commit(dir, &batch, boot, answer, true);
+    let ov = boot.map(|_| Ov::default());
+    commit(dir, &batch, boot, ov.as_ref(), answer, true);
     answered
         .try_recv()
         .map_err(|e| DirectoryStoreError::Unavailable(format!("no answer: {e}")))?
@@ -1077,12 +1241,20 @@ fn commit_now(
 }
 
 /// After the commit point of journaled epoch `epoch` (its caller answered, the domain's lock
-/// held): writes its files, then maybe moves the checkpoint. A failure here does not undo
-/// the epoch (its frame is durable): it is logged, the frame stays (no checkpoint moves over
-/// it), and the next commit, or this process's next read (made to check again), rolls the
-/// epoch forward before anything else.
-fn write_files(dir: &Path, batch: &RecordBatch, epoch: u64, boot: Option<&str>) {
-    if let Err(e) = materialize(dir, batch) {
+/// held): writes its root (in place, [`write_root`]) and adds its batch to the overlay `ov`
+/// (the tree's files are written at checkpoints only); every
+/// [`journal::CHECKPOINT_EVERY`] epochs writes the overlay's epochs out to the tree's files
+/// ([`write_out`]) and moves the checkpoint in the background ([`maybe_checkpoint`]). A
+/// failure of the root does not undo the epoch (its frame is durable): it is logged, and the
+/// next commit, or this process's next read (made to check again), rolls the epoch forward
+/// (writes its root) before anything else. A write-out that fails leaves the checkpoint where
+/// it is (the overlay keeps masking the files it wrote; the next one writes them all again).
+fn write_files(dir: &Path, batch: &RecordBatch, epoch: u64, boot: Option<&str>, ov: Option<&Ov>) {
+    let rooted = match &batch.root {
+        Some(root) => write_epoch_root(dir, root),
+        None => Ok(()),
+    };
+    if let Err(e) = rooted {
         if let Some(boot) = boot {
             forget_recovered(dir, boot);
         }
@@ -1090,14 +1262,61 @@ fn write_files(dir: &Path, batch: &RecordBatch, epoch: u64, boot: Option<&str>) 
             dir = %dir.display(),
             epoch,
             error = %e,
-            "key directory: the epoch is committed (its journal frame is durable) but its files \
-             were not all written; the next commit or read writes them"
+            "key directory: the epoch is committed (its journal frame is durable) but its root \
+             was not written; the next commit or read writes it"
         );
         return;
     }
-    if let Err(e) = maybe_checkpoint(dir, epoch) {
-        tracing::warn!(dir = %dir.display(), epoch, error = %e, "key directory: the journal's checkpoint did not move; the next one tries again");
+    let Some(ov) = ov else { return };
+    locked(ov).apply(batch);
+    if !epoch.is_multiple_of(journal::CHECKPOINT_EVERY) {
+        return;
     }
+    let written = open_for_sync(dir).and_then(|to_sync| Ok((write_out(dir, ov)?, to_sync)));
+    match written {
+        Ok((upto, to_sync)) => {
+            if let Err(e) = maybe_checkpoint(dir, upto, ov, to_sync) {
+                tracing::warn!(dir = %dir.display(), epoch, error = %e, "key directory: the journal's checkpoint did not move; the next one tries again");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), epoch, error = %e, "key directory: the tree's files were not all written out at a checkpoint; the checkpoint stays, the next one writes them again");
+        }
+    }
+}
+
+/// Under the domain's exclusive lock, with `ov` at the stored root: writes the records of
+/// the overlay's epochs above the checkpoint to the tree's files, unsynced (nodes, the
+/// newest of each key, and value states overwritten in place, heads linked unless one is
+/// there). Returns the last epoch written out (the overlay's): once a `syncfs` made the
+/// files durable, the checkpoint may move to it. Readers wait on the lock meanwhile, and a
+/// writer killed half-way leaves files no newer than the root, which the overlay of every
+/// process masks until the checkpoint passes them.
+fn write_out(dir: &Path, ov: &Ov) -> Result<u64, DirectoryStoreError> {
+    let checkpoint = journal::checkpoint(dir)?.unwrap_or(0);
+    let (upto, records) = {
+        let ov = locked(ov);
+        let upto = ov.upto().ok_or_else(|| {
+            DirectoryStoreError::Unavailable(format!(
+                "{}: the overlay was never brought to the root (a bug: report it)",
+                dir.display()
+            ))
+        })?;
+        (upto, ov.records_above(checkpoint))
+    };
+    for (key, blob) in &records.nodes {
+        cut::step()?;
+        write_in_place(&node_path(dir, key), blob)?;
+    }
+    for (label, epoch, blob) in &records.values {
+        cut::step()?;
+        write_in_place(&values_dir(dir, label).join(epoch_name(*epoch)), blob)?;
+    }
+    for (epoch, head) in &records.heads {
+        cut::step()?;
+        link_head(dir, *epoch, head)?;
+    }
+    Ok(upto)
 }
 
 /// [`commit`]'s work up to its commit point, under the domain's lock: `Some(epoch)` when
@@ -1108,6 +1327,7 @@ fn commit_locked(
     dir: &Path,
     batch: &RecordBatch,
     boot: Option<&str>,
+    ov: Option<&Ov>,
 ) -> Result<Option<u64>, DirectoryStoreError> {
     if let Some(boot) = boot {
         recover_locked(dir, boot)?;
@@ -1122,11 +1342,28 @@ fn commit_locked(
     if !batch.passes_fence(stored)? {
         return Ok(None);
     }
-    if let (Some(_), Some(expected), true) = (boot, stored, journal::journaled(batch)) {
+    if let (Some(_), Some(ov), Some(expected), true) = (boot, ov, stored, journal::journaled(batch))
+    {
         // The journal starts at the stored root, durable already (written the old way).
         journal::start(dir, expected)?;
-        // Every epoch up to `expected` has its files (rolled forward above).
-        if journal::room_for(dir, expected + 1, || sync_file_system(dir))? {
+        // The overlay at the stored root (the epochs other processes of the pool committed).
+        overlay::sync(dir, &mut locked(ov), expected)?;
+        // A slot still above the checkpoint: every epoch up to `expected` written out and
+        // synced first.
+        let moved = journal::room_for(dir, expected + 1, || {
+            let to_sync = open_for_sync(dir)?;
+            let upto = write_out(dir, ov)?;
+            if upto != expected {
+                return Err(DirectoryStoreError::Unavailable(format!(
+                    "{}: the overlay holds epoch {upto}, not the root's {expected} (a bug: \
+                     report it)",
+                    dir.display()
+                )));
+            }
+            sync_opened(dir, &to_sync)
+        })?;
+        if moved {
+            locked(ov).prune(expected);
             tracing::info!(dir = %dir.display(), epoch = expected + 1, "key directory: moved the journal's checkpoint before a commit (its slot held a frame above it: the background checkpoint was late)");
         }
         journal::write_frame(dir, batch)?;
@@ -1235,8 +1472,26 @@ fn root_bytes(root: &RootWrite) -> Vec<u8> {
 /// names, new directories): one `syncfs(2)`, which reports write-back errors since Linux 5.8.
 #[cfg(target_os = "linux")]
 fn sync_file_system(dir: &Path) -> Result<(), DirectoryStoreError> {
-    let d = std::fs::File::open(dir).map_err(|e| unavailable("open", dir, e))?;
-    rustix::fs::syncfs(&d).map_err(|e| unavailable("syncfs", dir, e))
+    sync_opened(dir, &open_for_sync(dir)?)
+}
+
+/// `dir`, opened for a later [`sync_opened`]: opened **before** the writes that sync is to
+/// make durable, since `syncfs(2)` reports only the write-back errors recorded after its
+/// descriptor was opened (review F7: a page of a write-out written back and lost between the
+/// write-out and an open after it went unreported, and the checkpoint moved over it).
+fn open_for_sync(dir: &Path) -> Result<std::fs::File, DirectoryStoreError> {
+    std::fs::File::open(dir).map_err(|e| unavailable("open", dir, e))
+}
+
+/// [`sync_file_system`] through `d`, opened by [`open_for_sync`] before the writes.
+#[cfg(target_os = "linux")]
+fn sync_opened(dir: &Path, d: &std::fs::File) -> Result<(), DirectoryStoreError> {
+    rustix::fs::syncfs(d).map_err(|e| unavailable("syncfs", dir, e))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn sync_opened(_: &Path, _: &std::fs::File) -> Result<(), DirectoryStoreError> {
+    Ok(())
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -1449,8 +1704,13 @@ impl DirectoryStore for FsDirectoryStore {
         keys: &[Vec<u8>],
     ) -> Result<Vec<Vec<u8>>, DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
+        let ov = self.overlay(&dir);
         let keys = keys.to_vec();
-        reading(dir, boot, move |dir| read_nodes(dir, &keys)).await
+        reading(dir, boot, move |dir| {
+            tree_root(dir, ov.as_ref())?;
+            tree_nodes(dir, ov.as_ref(), &keys)
+        })
+        .await
     }
 
     async fn root_and_nodes(
@@ -1459,10 +1719,14 @@ impl DirectoryStore for FsDirectoryStore {
         keys: &[Vec<u8>],
     ) -> Result<RootAndNodes, DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
+        let ov = self.overlay(&dir);
         let keys = keys.to_vec();
         // One blocking call and one shared lock: the root and the nodes of one moment.
         reading(dir, boot, move |dir| {
-            Ok((read_root(dir)?, read_nodes(dir, &keys)?))
+            Ok((
+                tree_root(dir, ov.as_ref())?,
+                tree_nodes(dir, ov.as_ref(), &keys)?,
+            ))
         })
         .await
     }
@@ -1473,9 +1737,11 @@ impl DirectoryStore for FsDirectoryStore {
         label: &[u8],
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
         let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
-        let dir = values_dir(&domain_dir, label);
-        reading(domain_dir, boot, move |_| {
-            list_files(&dir, |name| name.parse::<u64>().ok())
+        let ov = self.overlay(&domain_dir);
+        let label = label.to_vec();
+        reading(domain_dir, boot, move |dir| {
+            tree_root(dir, ov.as_ref())?;
+            tree_value_states(dir, ov.as_ref(), &label)
         })
         .await
     }
@@ -1486,14 +1752,14 @@ impl DirectoryStore for FsDirectoryStore {
         labels: &[Vec<u8>],
     ) -> Result<Vec<(Vec<u8>, u64, Vec<u8>)>, DirectoryStoreError> {
         let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
+        let ov = self.overlay(&domain_dir);
         let labels = labels.to_vec();
         // Every label in one blocking call under one shared lock.
-        reading(domain_dir, boot, move |domain_dir| {
+        reading(domain_dir, boot, move |dir| {
+            tree_root(dir, ov.as_ref())?;
             let mut out = Vec::new();
             for label in &labels {
-                let states = list_files(&values_dir(domain_dir, label), |name| {
-                    name.parse::<u64>().ok()
-                })?;
+                let states = tree_value_states(dir, ov.as_ref(), label)?;
                 out.extend(states.into_iter().map(|(e, b)| (label.clone(), e, b)));
             }
             Ok(out)
@@ -1505,6 +1771,7 @@ impl DirectoryStore for FsDirectoryStore {
     /// its files are still being written under the domain's lock ([`commit`]).
     async fn commit(&self, domain: &str, batch: RecordBatch) -> Result<(), DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
+        let ov = self.overlay(&dir);
         let batch = std::sync::Arc::new(batch);
         // This process's turn, held until the epoch's files are written (this process's
         // reads of the domain wait for them without a permit, woken as soon as they end).
@@ -1513,10 +1780,10 @@ impl DirectoryStore for FsDirectoryStore {
         // reads), the commit waits for it without a permit of the lane.
         let mut pause = LOCK_PAUSE_FIRST;
         loop {
-            let (dir, boot, batch) = (dir.clone(), boot.clone(), batch.clone());
+            let (dir, boot, batch, ov) = (dir.clone(), boot.clone(), batch.clone(), ov.clone());
             let turn = turn.clone();
             let committed = crate::pool::bounded_answering(Lane::Directory, move |answer| {
-                if commit(&dir, &batch, boot.as_deref(), answer, false) {
+                if commit(&dir, &batch, boot.as_deref(), ov.as_ref(), answer, false) {
                     drop(turn.lock().unwrap_or_else(PoisonError::into_inner).take());
                 }
             })
@@ -1537,9 +1804,15 @@ impl DirectoryStore for FsDirectoryStore {
         head: &[u8],
     ) -> Result<Vec<u8>, DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
+        let ov = self.overlay(&dir);
         let head = head.to_vec();
         reading(dir, boot, move |dir| {
-            // After a commit whose files (its head among them) are being written.
+            // The first head of an epoch stays: one stored in its file, else, above the
+            // tree's files, the one its frame carries (the write-out links it).
+            tree_root(dir, ov.as_ref())?;
+            if let Some(stored) = tree_head(dir, ov.as_ref(), epoch)? {
+                return Ok(stored);
+            }
             insert_head(dir, epoch, &head)
         })
         .await
@@ -1552,12 +1825,14 @@ impl DirectoryStore for FsDirectoryStore {
         to: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, DirectoryStoreError> {
         let (domain_dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
-        let dir = heads_dir(&domain_dir);
-        reading(domain_dir, boot, move |_| {
-            // A committed epoch's head is linked with its files, under the lock.
+        let ov = self.overlay(&domain_dir);
+        reading(domain_dir, boot, move |dir| {
+            // A committed epoch's head is in its frame (the overlay) until the write-out
+            // links it, under the lock.
+            tree_root(dir, ov.as_ref())?;
             let mut out = Vec::new();
             for epoch in from..=to {
-                if let Some(blob) = read(&dir.join(epoch_name(epoch)))? {
+                if let Some(blob) = tree_head(dir, ov.as_ref(), epoch)? {
                     out.push((epoch, blob));
                 }
             }
@@ -1745,7 +2020,7 @@ mod tests {
     /// frames that count; those under it are garbage).
     fn frames(dir: &Path) -> Vec<u64> {
         let checkpoint = match journal::stored_checkpoint(dir).unwrap() {
-            Some(journal::Stored::V1(e) | journal::Stored::V2(e)) => e,
+            Some(journal::Stored::V1(e) | journal::Stored::V2(e) | journal::Stored::V3(e)) => e,
             None => 0,
         };
         let mut out: Vec<u64> = (0..journal::SLOTS)
@@ -1910,18 +2185,20 @@ mod tests {
         holds(&a, 40).await;
     }
 
-    /// Files that cannot be written after the answer (a directory in the way of epoch 2's
-    /// value state: a real `EISDIR`) do not undo the committed epoch: this process's next
-    /// reads try to roll it forward (a temporary failure while the fault lasts, never epoch
-    /// 1's root with epoch 2's nodes), and once the fault is gone the epoch is whole.
+    /// A root that cannot be written after the answer (`EIO`, injected) does not undo the
+    /// committed epoch: this process's next reads try to roll it forward (a temporary
+    /// failure while the fault lasts, never epoch 1's root with epoch 2's nodes), and once
+    /// the fault is gone the epoch is whole. (Before the tree's files waited for a
+    /// checkpoint, the fault was a directory in the way of the epoch's value state.)
     #[tokio::test]
     async fn files_that_fail_after_the_answer_are_rolled_forward() {
         let tmp = tempfile::tempdir().unwrap();
         let (a, dir) = at_epoch_1(tmp.path()).await;
-        let obstacle = values_dir(&dir, b"label").join(epoch_name(2));
-        std::fs::create_dir_all(&obstacle).unwrap();
+        holds(&a, 1).await;
+        // The commit's root, two reads' roll-forwards, the next commit's roll-forward.
+        journal::fault::inject(&dir, journal::fault::Fault::RootWrite, 4);
         a.commit(D, epoch(2)).await.unwrap();
-        // The first read waits for the files (which fail): no read of epoch 1's root with
+        // The first read waits for the root (which fails): no read of epoch 1's root with
         // epoch 2's node, whether it started before or after the failure.
         for _ in 0..2 {
             let read = a.root_and_nodes(D, &[node(99)]).await;
@@ -1931,16 +2208,17 @@ mod tests {
             );
         }
         assert_eq!(read_root(&dir).unwrap(), Some((1, b"r1".to_vec())));
-        assert_eq!(std::fs::read(node_path(&dir, &node(99))).unwrap(), b"s2");
         assert!(matches!(
             a.commit(D, epoch(3)).await,
             Err(DirectoryStoreError::Unavailable(_))
         ));
-        std::fs::remove_dir(&obstacle).unwrap();
         holds(&a, 2).await;
         a.commit(D, epoch(3)).await.unwrap();
         holds(&a, 3).await;
         assert_eq!(frames(&dir), vec![1, 2, 3]);
+        // Another process of the pool reads the same epochs through its own overlay.
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        holds(&b, 3).await;
     }
 
     /// Crash review F2 (issue 18): the `fdatasync` of a commit's frame fails (`EIO`), the
@@ -2005,16 +2283,20 @@ mod tests {
         let dir = tmp.path().join(KT_DIR).join(D);
         assert_eq!(frames(&dir), vec![1, 2, 3], "one frame per epoch");
         assert_eq!(journal::checkpoint(&dir).unwrap(), Some(0));
-        // The machine stops; the page cache lost what was never synced: epoch 3's node, the
-        // shared node back at epoch 1, the root back at epoch 1, a value state, a head.
-        std::fs::remove_file(node_path(&dir, &node(3))).unwrap();
-        std::fs::write(node_path(&dir, &node(99)), b"s1").unwrap();
+        // The tree's files wait for a checkpoint: epochs 1 to 3 are in their frames only.
+        assert_eq!(std::fs::read(node_path(&dir, &node(99))).unwrap(), b"s0");
+        assert!(!node_path(&dir, &node(3)).exists());
+        assert!(!values_dir(&dir, b"label").exists());
+        assert!(!heads_dir(&dir).join(epoch_name(3)).exists());
+        // The machine stops; the page cache lost the root (written in place, unsynced):
+        // back at epoch 1.
         std::fs::write(dir.join("root"), root_bytes(&epoch(1).root.unwrap())).unwrap();
-        std::fs::remove_file(values_dir(&dir, b"label").join(format!("{:020}", 2))).unwrap();
-        std::fs::remove_file(heads_dir(&dir).join(epoch_name(3))).unwrap();
-        // After the restart the first read replays the frames after the checkpoint.
+        // After the restart the first read replays the frames after the checkpoint into the
+        // tree's files, and syncs them.
         let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
         holds(&b, 3).await;
+        assert_eq!(std::fs::read(node_path(&dir, &node(99))).unwrap(), b"s3");
+        assert!(heads_dir(&dir).join(epoch_name(3)).exists());
         assert_eq!(journal::checkpoint(&dir).unwrap(), Some(3));
         assert!(frames(&dir).is_empty(), "the frames are gone once durable");
         assert_eq!(journal::boot(&dir).unwrap().as_deref(), Some("boot-2"));
@@ -2040,10 +2322,9 @@ mod tests {
         }
         holds(&a, 3).await;
         let dir = tmp.path().join(KT_DIR).join(D);
-        // The machine stops, the page cache lost epochs 2 and 3's files but the root's.
-        std::fs::remove_file(node_path(&dir, &node(3))).unwrap();
-        std::fs::write(node_path(&dir, &node(99)), b"s1").unwrap();
-        std::fs::remove_file(heads_dir(&dir).join(epoch_name(3))).unwrap();
+        // The machine stops, the page cache lost the root (epochs 1 to 3 are in their
+        // frames only: the tree's files wait for a checkpoint).
+        std::fs::write(dir.join("root"), root_bytes(&epoch(1).root.unwrap())).unwrap();
         // It comes back without a boot id.
         let b = FsDirectoryStore::with_found_boot(tmp.path(), None);
         assert!(b.boot.is_some(), "the journal is used");
@@ -2051,8 +2332,7 @@ mod tests {
         b.commit(D, epoch(4)).await.unwrap();
         holds(&b, 4).await;
         assert_eq!(frames(&dir), vec![4]);
-        // Another process without a boot id, after a crash that lost epoch 4's files.
-        std::fs::write(node_path(&dir, &node(99)), b"s3").unwrap();
+        // Another process without a boot id, after a crash that lost epoch 4's root.
         std::fs::write(dir.join("root"), root_bytes(&epoch(3).root.unwrap())).unwrap();
         let c = FsDirectoryStore::with_boot(tmp.path(), Some(&journal::unknown_boot()));
         holds(&c, 4).await;
@@ -2060,7 +2340,7 @@ mod tests {
         // A process of the machine's boot id replays what the token's left.
         c.commit(D, epoch(5)).await.unwrap();
         holds(&c, 5).await;
-        std::fs::remove_file(node_path(&dir, &node(5))).unwrap();
+        std::fs::write(dir.join("root"), root_bytes(&epoch(4).root.unwrap())).unwrap();
         let d = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
         holds(&d, 5).await;
     }
@@ -2080,7 +2360,9 @@ mod tests {
         }
         let dir = tmp.path().join(KT_DIR).join(D);
         let head = |e: u64| epoch(e).head.unwrap();
-        // The machine stops: epoch 3's head file is there but empty, epoch 2's cut short.
+        // A write-out linked the heads (unsynced), and the machine stops before its
+        // `syncfs`: epoch 3's head file is there but empty, epoch 2's cut short.
+        std::fs::create_dir_all(heads_dir(&dir)).unwrap();
         std::fs::write(heads_dir(&dir).join(epoch_name(3)), b"").unwrap();
         std::fs::write(heads_dir(&dir).join(epoch_name(2)), &head(2)[..1]).unwrap();
         let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
@@ -2250,8 +2532,11 @@ mod tests {
             .unwrap();
         assert!(ended, "the log's thread did not end");
         assert_eq!(read_root(&dir).unwrap().map(|(e, _)| e), Some(1));
-        assert!(
-            heads_dir(&dir).join(epoch_name(1)).exists(),
+        // Epoch 1's head is in its frame (the tree's files wait for a checkpoint).
+        let other = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        assert_eq!(
+            other.heads("example.net", 1, 1).await.unwrap().len(),
+            1,
             "epoch 1's head"
         );
         assert!(!journal::holds(&dir, 2).unwrap());
@@ -2278,6 +2563,8 @@ mod tests {
             }
             path
         };
+        // `heads/` as a write-out (or `insert_head`) made it.
+        std::fs::create_dir_all(heads_dir(&dir)).unwrap();
         let stale_head = plant(heads_dir(&dir).join(".tmp-00000001deadbeef"), Some(old));
         let fresh_head = plant(heads_dir(&dir).join(".tmp-00000002deadbeef"), None);
         let root_temp = plant(dir.join(".tmp-root-00000003deadbeef"), None);
@@ -2316,6 +2603,16 @@ mod tests {
         a.commit(D, epoch(2)).await.unwrap();
         holds(&a, 2).await;
         let head = heads_dir(&dir).join(epoch_name(2));
+        // Above the checkpoint the head is the frame's, no file needed.
+        assert!(!head.exists());
+        // At or under it, the files hold the epoch, the head missing (the old build's
+        // writer died between its root and its head).
+        {
+            let _lock = DomainLock::acquire(&dir).unwrap();
+            materialize(&dir, &epoch(1)).unwrap();
+            materialize(&dir, &epoch(2)).unwrap();
+            journal::set_checkpoint(&dir, 2).unwrap();
+        }
         std::fs::remove_file(&head).unwrap();
         // A process reading the domain first.
         forget_recovered(&dir, "boot-1");
@@ -2423,6 +2720,15 @@ mod tests {
             vec![e + 1, e + 2],
             "frames under it are garbage"
         );
+        // The tree's files were written out up to the checkpoint, not after it.
+        assert_eq!(
+            std::fs::read(node_path(&dir, &node(99))).unwrap(),
+            format!("s{e}").into_bytes()
+        );
+        assert!(node_path(&dir, &own(e)).exists());
+        assert!(!node_path(&dir, &own(e + 1)).exists());
+        assert!(heads_dir(&dir).join(epoch_name(e)).exists());
+        assert!(!heads_dir(&dir).join(epoch_name(e + 1)).exists());
         let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
         assert_eq!(
             b.root(D).await.unwrap(),
@@ -2516,7 +2822,7 @@ mod tests {
                 let _lock = DomainLock::acquire(&dir).unwrap();
                 std::fs::write(
                     journal::journal_dir(&dir).join("checkpoint"),
-                    [b"KSTJ2cp\n".as_slice(), &0u64.to_be_bytes()].concat(),
+                    [b"KSTJ3cp\n".as_slice(), &0u64.to_be_bytes()].concat(),
                 )
                 .unwrap();
             }
@@ -2633,7 +2939,7 @@ mod tests {
             holds(&a, 4).await;
             assert_eq!(
                 journal::stored_checkpoint(&dir).unwrap(),
-                Some(journal::Stored::V2(4))
+                Some(journal::Stored::V3(4))
             );
             assert_eq!(journal::boot(&dir).unwrap().as_deref(), Some(boot));
             assert_eq!(
@@ -2690,7 +2996,7 @@ mod tests {
         let dir = tmp.path().join(KT_DIR).join(D);
         assert_eq!(
             journal::stored_checkpoint(&dir).unwrap(),
-            Some(journal::Stored::V2(0))
+            Some(journal::Stored::V3(0))
         );
         for boot in ["boot-1", "boot-2"] {
             assert!(!version_1_goes_on(&dir, boot), "under {boot}");
@@ -2709,7 +3015,7 @@ mod tests {
         holds(&b, 1).await;
         assert_eq!(
             journal::stored_checkpoint(&dir).unwrap(),
-            Some(journal::Stored::V2(1))
+            Some(journal::Stored::V3(1))
         );
         assert!(!version_1_goes_on(&dir, "boot-1"));
         b.commit(D, epoch(2)).await.unwrap();
@@ -2727,7 +3033,7 @@ mod tests {
         assert_eq!(c.root(D).await.unwrap(), Some((0, b"r0".to_vec())));
         assert_eq!(
             journal::stored_checkpoint(&dir).unwrap(),
-            Some(journal::Stored::V2(0))
+            Some(journal::Stored::V3(0))
         );
         assert!(!version_1_goes_on(&dir, "boot-2"));
     }
@@ -2758,7 +3064,7 @@ mod tests {
             holds(&b, 4).await;
             assert_eq!(
                 journal::stored_checkpoint(&dir).unwrap(),
-                Some(journal::Stored::V2(4)),
+                Some(journal::Stored::V3(4)),
                 "killed at step {n}"
             );
             assert_eq!(
@@ -2787,9 +3093,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (a, dir) = at_epoch_1(tmp.path()).await;
         holds(&a, 1).await;
-        let newer = b"KSTJ3cp\n\0\0\0\0\0\0\0\x01".to_vec();
+        let newer = b"KSTJ4cp\n\0\0\0\0\0\0\0\x01".to_vec();
         std::fs::write(journal::journal_dir(&dir).join("checkpoint"), &newer).unwrap();
-        std::fs::write(journal::journal_dir(&dir).join("boot"), b"KSTJ3 boot-1").unwrap();
+        std::fs::write(journal::journal_dir(&dir).join("boot"), b"KSTJ4 boot-1").unwrap();
         // Another process (not yet checked the domain).
         let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-7"));
         assert!(matches!(
@@ -2886,6 +3192,11 @@ mod tests {
             "starts at the durable root"
         );
         assert_eq!(frames(&dir), vec![3]);
+        // A restart replays epoch 3 into the tree's files (an older kst reads only those,
+        // so it must never touch a store with frames above the checkpoint).
+        let restarted = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1b"));
+        holds(&restarted, 3).await;
+        assert_eq!(journal::checkpoint(&dir).unwrap(), Some(3));
         // An older kst commits epoch 4 without a frame (synced). After a restart the root
         // is above the journal's last frame: refused (crash review F2: such an epoch may as
         // well be one whose frame was lost, its files with it), until an operator who knows
@@ -2923,7 +3234,8 @@ mod tests {
         let slot = journal::slot_path(&dir, 2);
         let len = std::fs::metadata(&slot).unwrap().len() as usize;
         std::fs::write(&slot, vec![0; len]).unwrap();
-        std::fs::remove_file(node_path(&dir, &node(3))).unwrap();
+        // Epoch 3's node was never written to its file (tree files at checkpoints only).
+        assert!(!node_path(&dir, &node(3)).exists());
         let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
         for _ in 0..2 {
             let read = b.root_and_nodes(D, &[node(3)]).await;
@@ -2940,6 +3252,268 @@ mod tests {
         assert_eq!(read_root(&dir).unwrap().map(|(e, _)| e), Some(3));
         assert_eq!(journal::checkpoint(&dir).unwrap(), Some(0));
         assert_eq!(journal::boot(&dir).unwrap().as_deref(), Some("boot-1"));
+    }
+
+    /// Journal version 3 (issue 18, fs): a process of a pool reads the epochs another
+    /// committed through its own overlay, built from their frames (the tree's files are
+    /// written at checkpoints only), and the other reads its epochs the same way; the
+    /// files hold none of them meanwhile.
+    #[tokio::test]
+    async fn a_process_of_a_pool_reads_anothers_epochs_through_its_overlay() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        holds(&b, 1).await;
+        for e in 2..=10 {
+            a.commit(D, epoch(e)).await.unwrap();
+            assert_eq!(read_whole(&b).await, e);
+        }
+        holds(&b, 10).await;
+        b.commit(D, epoch(11)).await.unwrap();
+        holds(&a, 11).await;
+        holds(&b, 11).await;
+        // None of it in the tree's files: the overlay holds it.
+        assert_eq!(std::fs::read(node_path(&dir, &node(99))).unwrap(), b"s0");
+        assert!(!heads_dir(&dir).join(epoch_name(11)).exists());
+        let ov = b.overlay(&dir).unwrap();
+        assert!(locked(&ov).len() > 0);
+        assert_eq!(locked(&ov).upto(), Some(11));
+    }
+
+    /// Review F4: a background checkpoint whose write-out was followed by a replay killed
+    /// half-way (a process without a boot id, at its first touch: the files rewound to an
+    /// early frame's, the root with them) does not move the checkpoint over them; the next
+    /// replay starts from the old checkpoint and every epoch is there.
+    #[tokio::test]
+    async fn a_checkpoint_does_not_move_over_files_a_killed_replay_rewound() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        for e in 2..=10 {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        let ov = a.overlay(&dir).unwrap();
+        {
+            let _lock = DomainLock::acquire(&dir).unwrap();
+            assert_eq!(write_out(&dir, &ov).unwrap(), 10);
+            // Another process's replay from checkpoint 0, killed after frame 3.
+            for e in 1..=3 {
+                materialize(&dir, &epoch(e)).unwrap();
+            }
+            move_checkpoint(&dir, 10, &ov).unwrap();
+        }
+        assert_eq!(journal::checkpoint(&dir).unwrap(), Some(0), "not moved");
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        holds(&b, 10).await;
+        assert_eq!(journal::checkpoint(&dir).unwrap(), Some(10));
+    }
+
+    /// Review F1 (journal version 3): a deletion's batch rewrites value states of earlier
+    /// epochs (akd's tombstones, kst-core `withdraw_deleted`). The overlay keeps them by the
+    /// epoch of the frame that wrote them, so a tombstone for an epoch under the checkpoint,
+    /// written by a frame above it, is written out at the next checkpoint and not dropped by
+    /// a prune (a late background checkpoint's included): every process reads the tombstone,
+    /// before and after the checkpoint. Before, it was skipped and pruned, and the deleted
+    /// value came back from its file.
+    #[tokio::test]
+    async fn a_value_state_rewritten_for_an_epoch_under_the_checkpoint_is_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        let c = journal::CHECKPOINT_EVERY;
+        let wait_checkpoint = |want: u64| {
+            let dir = dir.clone();
+            async move {
+                for _ in 0..300 {
+                    if !checkpointing().lock().unwrap().contains(&dir)
+                        && journal::checkpoint(&dir).unwrap() == Some(want)
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                assert_eq!(journal::checkpoint(&dir).unwrap(), Some(want));
+            }
+        };
+        for e in 2..=c {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        wait_checkpoint(c).await;
+        // A deletion's batch: the value of epoch 2 withdrawn.
+        let mut del = epoch(c + 1);
+        del.value_states
+            .push(kst_core::transparency::ValueStateBlob {
+                label: b"label".to_vec(),
+                epoch: 2,
+                blob: b"tomb".to_vec(),
+            });
+        a.commit(D, del).await.unwrap();
+        let at2 = |s: Vec<(u64, Vec<u8>)>| s.into_iter().find(|(e, _)| *e == 2).unwrap().1;
+        assert_eq!(at2(a.value_states(D, b"label").await.unwrap()), b"tomb");
+        // What a late background checkpoint of epoch c does.
+        {
+            let _lock = DomainLock::acquire(&dir).unwrap();
+            locked(&a.overlay(&dir).unwrap()).prune(c);
+        }
+        assert_eq!(at2(a.value_states(D, b"label").await.unwrap()), b"tomb");
+        for e in c + 2..=2 * c {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        wait_checkpoint(2 * c).await;
+        assert_eq!(
+            std::fs::read(values_dir(&dir, b"label").join(epoch_name(2))).unwrap(),
+            b"tomb"
+        );
+        assert_eq!(at2(a.value_states(D, b"label").await.unwrap()), b"tomb");
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        assert_eq!(at2(b.value_states(D, b"label").await.unwrap()), b"tomb");
+    }
+
+    /// Journal version 3: the machine crashes after a write-out wrote the tree's files but
+    /// before its `syncfs` moved the checkpoint, and the page cache lost part of them (a
+    /// node back at an older epoch, another gone, the root back): the restart replays every
+    /// frame after the checkpoint, and no epoch is lost.
+    #[tokio::test]
+    async fn a_crash_between_checkpoints_loses_no_epoch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        let last = 2 * journal::CHECKPOINT_EVERY + 3;
+        for e in 2..=last {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        holds(&a, last).await;
+        for _ in 0..300 {
+            if !checkpointing().lock().unwrap().contains(&dir) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        {
+            // The checkpoint as if the second write-out's syncfs never finished.
+            let _lock = DomainLock::acquire(&dir).unwrap();
+            std::fs::write(
+                journal::journal_dir(&dir).join("checkpoint"),
+                [
+                    b"KSTJ3cp\n".as_slice(),
+                    &journal::CHECKPOINT_EVERY.to_be_bytes(),
+                ]
+                .concat(),
+            )
+            .unwrap();
+        }
+        // What the crash lost of the write-out, and the root.
+        std::fs::write(node_path(&dir, &node(99)), b"s70").unwrap();
+        std::fs::remove_file(node_path(&dir, &own(100))).unwrap();
+        std::fs::remove_file(values_dir(&dir, b"label").join(epoch_name(90))).unwrap();
+        std::fs::write(heads_dir(&dir).join(epoch_name(120)), b"").unwrap();
+        std::fs::write(dir.join("root"), root_bytes(&epoch(100).root.unwrap())).unwrap();
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        holds(&b, last).await;
+        assert_eq!(journal::checkpoint(&dir).unwrap(), Some(last));
+        // And a crash before any write-out of the epochs after the checkpoint.
+        b.commit(D, epoch(last + 1)).await.unwrap();
+        std::fs::write(dir.join("root"), root_bytes(&epoch(last).root.unwrap())).unwrap();
+        let c = FsDirectoryStore::with_boot(tmp.path(), Some("boot-3"));
+        holds(&c, last + 1).await;
+    }
+
+    /// Journal version 3: a writer killed anywhere in a write-out (before any of its file
+    /// operations) leaves files no newer than the root, masked by every overlay: its own
+    /// process, another of the pool and one after a restart read every epoch whole, and
+    /// the next write-out finishes it.
+    #[tokio::test]
+    async fn a_write_out_killed_half_way_loses_nothing() {
+        let mut kills = 0;
+        for n in 0.. {
+            let tmp = tempfile::tempdir().unwrap();
+            let (a, dir) = at_epoch_1(tmp.path()).await;
+            for e in 2..=4 {
+                a.commit(D, epoch(e)).await.unwrap();
+            }
+            let ov = a.overlay(&dir).unwrap();
+            let killed = {
+                let _lock = DomainLock::acquire(&dir).unwrap();
+                cut::after(Some(n));
+                let out = write_out(&dir, &ov);
+                cut::after(None);
+                out.is_err()
+            };
+            holds(&a, 4).await;
+            let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+            holds(&b, 4).await;
+            a.commit(D, epoch(5)).await.unwrap();
+            holds(&b, 5).await;
+            let c = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+            holds(&c, 5).await;
+            assert_eq!(journal::checkpoint(&dir).unwrap(), Some(5));
+            if !killed {
+                break;
+            }
+            kills += 1;
+        }
+        // Four nodes of their own and the shared one, four value states, four heads.
+        assert_eq!(kills, 5 + 4 + 4);
+    }
+
+    /// A store at `root` a kst of journal version 2 left under "boot-1" (the tree's files
+    /// written after every frame): checkpoint 0, epochs 1 to 3 with their files, epoch 4's
+    /// frame durable and its writer dead (no files, no root); its domain's directory.
+    async fn version_2_store(root: &Path) -> PathBuf {
+        let (a, dir) = at_epoch_1(root).await;
+        for e in 2..=3 {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        holds(&a, 3).await;
+        {
+            let _lock = DomainLock::acquire(&dir).unwrap();
+            for e in 1..=3 {
+                materialize(&dir, &epoch(e)).unwrap();
+            }
+            journal::write_frame(&dir, &epoch(4)).unwrap();
+            let journal_dir = journal::journal_dir(&dir);
+            std::fs::write(
+                journal_dir.join("checkpoint"),
+                [b"KSTJ2cp\n".as_slice(), &0u64.to_be_bytes()].concat(),
+            )
+            .unwrap();
+            std::fs::write(journal_dir.join("boot"), b"KSTJ2 boot-1").unwrap();
+        }
+        // Processes of this version forget it (a kst of version 2 wrote it).
+        forget_recovered(&dir, "boot-1");
+        dir
+    }
+
+    /// Journal version 3: a store of version 2 is upgraded by the first process of this
+    /// version to touch it, on the same boot or after a restart (its frames replayed, the
+    /// dead writer's epoch with them, a `syncfs`, then the checkpoint and boot file of
+    /// version 3); a kst of version 2 that touches the domain afterwards fails closed (it
+    /// takes the boot file for another boot's, recovers, and refuses the checkpoint).
+    #[tokio::test]
+    async fn a_journal_of_version_2_is_upgraded_and_version_2_refused() {
+        for same_boot in [true, false] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = version_2_store(tmp.path()).await;
+            assert_eq!(
+                journal::tests::version_2_reads(&dir),
+                (Ok(Some(0)), Some("boot-1".into()))
+            );
+            let boot = if same_boot { "boot-1" } else { "boot-2" };
+            let a = FsDirectoryStore::with_boot(tmp.path(), Some(boot));
+            holds(&a, 4).await;
+            assert_eq!(
+                journal::stored_checkpoint(&dir).unwrap(),
+                Some(journal::Stored::V3(4))
+            );
+            assert_eq!(journal::boot(&dir).unwrap().as_deref(), Some(boot));
+            assert_eq!(journal::tests::version_2_reads(&dir), (Err(()), None));
+            a.commit(D, epoch(5)).await.unwrap();
+            holds(&a, 5).await;
+            assert_eq!(frames(&dir), vec![5]);
+            assert!(
+                !node_path(&dir, &node(5)).exists(),
+                "version 3 from epoch 5"
+            );
+            let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-9"));
+            holds(&b, 5).await;
+        }
     }
 
     /// The directory's file work has a lane of its own beside the key store's bound: while
@@ -3365,6 +3939,8 @@ mod tests {
         let readers: Vec<_> = (0..8)
             .map(|_| {
                 let (dir, done, reads) = (dir.clone(), done.clone(), reads.clone());
+                // That process's overlay of the epochs above the tree's files.
+                let ov = Ov::default();
                 std::thread::spawn(move || {
                     while !done.load(Ordering::Relaxed) {
                         let Shared::Held(Some(shared)) = DomainLock::try_shared(&dir).unwrap()
@@ -3372,8 +3948,8 @@ mod tests {
                             std::thread::sleep(Duration::from_micros(100));
                             continue;
                         };
-                        let (e, _) = read_root(&dir).unwrap().unwrap();
-                        let nodes = read_nodes(&dir, &[node(99)]).unwrap();
+                        let (e, _) = tree_root(&dir, Some(&ov)).unwrap().unwrap();
+                        let nodes = tree_nodes(&dir, Some(&ov), &[node(99)]).unwrap();
                         assert_eq!(nodes, vec![format!("s{e}").into_bytes()]);
                         drop(shared);
                         reads.fetch_add(1, Ordering::Relaxed);

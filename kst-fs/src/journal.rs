@@ -6,10 +6,10 @@
 //! ```text
 //! kt/<domain>/journal/slot-<nnn>           the frame of the newest epoch e with e mod 128 = nnn
 //!                                          (below); overwritten in place, never renamed
-//! kt/<domain>/journal/checkpoint           `KSTJ2cp\n` ‖ epoch C (8): every epoch <= C is
+//! kt/<domain>/journal/checkpoint           `KSTJ3cp\n` ‖ epoch C (8): every epoch <= C is
 //!                                          durable in the tree's own files; frames <= C are
 //!                                          garbage
-//! kt/<domain>/journal/boot                 `KSTJ2 ` ‖ the boot id under which the frames after
+//! kt/<domain>/journal/boot                 `KSTJ3 ` ‖ the boot id under which the frames after
 //!                                          C were written (Linux's
 //!                                          /proc/sys/kernel/random/boot_id; without one, a
 //!                                          token of the process, `unknown_boot`)
@@ -38,7 +38,27 @@
 //! writing it, or the machine crashed before its `fdatasync`: any mix of old and new pages)
 //! is no frame.
 //!
-//! **Versions.** Version 1 (`KSTJ1\n`, kst before the slots) kept a file per frame,
+//! **Version 3 (this one): the tree's files at checkpoints.** The frames are the only
+//! per-epoch write besides the root (29 bytes in place): the tree's own files (nodes, value
+//! states, heads) are written out every [`CHECKPOINT_EVERY`] epochs, from the overlay of the
+//! epochs since the checkpoint (`overlay.rs`: nodes coalesced, the newest of each), under the
+//! domain's exclusive lock, then made durable by a `syncfs` before the checkpoint moves.
+//! Readers read every record the epochs above the checkpoint changed from their overlay,
+//! built from those frames (issue 18: the file work per epoch was the fs directory's cost,
+//! docs/BENCHMARKS.md). The frames are of version 2's form. A store of version 2 (its
+//! checkpoint `KSTJ2cp\n` ‖ epoch, its boot file `KSTJ2 ` ‖ id: the tree's files written after
+//! every frame) is upgraded by the first process of this version that touches the domain,
+//! as version 1 is below: its frames after the checkpoint replayed into the files (a dead
+//! writer's durable frame with them), one `syncfs`, the checkpoint and then the boot file of
+//! this version written. A kst of version 2 then takes the boot file for another boot's,
+//! recovers, and refuses the checkpoint (`Corrupt`): it fails closed instead of reading
+//! stale node files; one that had checked the domain before (once per process and boot)
+//! reads the live root over the stale files (and may sign a head of a wrong root hash, which
+//! then stays: review F2), and its commits fail at the checkpoint. So this upgrade is not
+//! rolling: every process of a pool is stopped before the first of this version starts
+//! (docs/OPERATIONS.md).
+//!
+//! **Versions 1 and 2.** Version 1 (`KSTJ1\n`, kst before the slots) kept a file per frame,
 //! `journal/<epoch, 20 digits>`, renamed from `journal/spare-<nn>`, with a checkpoint file of
 //! the bare 8-byte epoch and a boot file of the bare boot id. A store of version 1 is upgraded
 //! by the first process of this version that touches the domain (`directory.rs`'s
@@ -66,14 +86,15 @@
 //!
 //! The fs directory's commit (kst-fs `directory.rs`) is then: under the domain's lock, the
 //! fence; the frame written and synced (**the commit point**: the caller is answered); the
-//! epoch's files written, on the same thread under the same lock, unsynced (nodes and value
-//! states overwritten in place, the head linked, the root overwritten in place last; readers
-//! wait on the lock meanwhile); every 64 epochs a background `syncfs(2)` moves the
-//! checkpoint up. A writer that died after its frame was durable left an epoch the next
-//! writer rolls forward (writes its files) before checking its own fence, and so does a
+//! epoch's root written, on the same thread under the same lock, unsynced (in place; readers
+//! wait on the lock meanwhile), the batch added to the process's overlay; every 64 epochs
+//! the write-out of the overlay's epochs above the checkpoint, then a background `syncfs(2)`
+//! moves the checkpoint up. A writer that died after its frame was durable left an epoch the
+//! next writer rolls forward (writes its root) before checking its own fence, and so does a
 //! process's first read of the domain. After the machine crashed (the boot id changed), the
-//! first process to touch the domain replays every frame after the checkpoint in order, then
-//! syncs and moves the checkpoint: the files the page cache lost are written again.
+//! first process to touch the domain replays every frame after the checkpoint in order into
+//! the tree's files, then syncs and moves the checkpoint: what the page cache lost is
+//! written again.
 
 use std::collections::HashSet;
 use std::io::ErrorKind;
@@ -94,11 +115,16 @@ const MAGIC_V1: &[u8; 6] = b"KSTJ1\n";
 /// A frame's fixed start: magic, length, expected epoch, epoch.
 const HEADER: usize = 6 + 8 + 8 + 8;
 
-/// The first bytes of the checkpoint file of version 2 (the epoch follows).
-const CHECKPOINT_MAGIC: &[u8; 8] = b"KSTJ2cp\n";
+/// The first bytes of the checkpoint file of version 3 (the epoch follows): the tree's files
+/// are written at checkpoints only, read through the overlay above them (`overlay.rs`).
+const CHECKPOINT_MAGIC: &[u8; 8] = b"KSTJ3cp\n";
 
-/// What the boot file of version 2 holds before the boot id.
-const BOOT_PREFIX: &str = "KSTJ2 ";
+/// The first bytes of the checkpoint file of version 2 (files written after every frame),
+/// read only to upgrade.
+const CHECKPOINT_MAGIC_V2: &[u8; 8] = b"KSTJ2cp\n";
+
+/// What the boot file of version 3 holds before the boot id (version 2's held `KSTJ2 `).
+const BOOT_PREFIX: &str = "KSTJ3 ";
 
 /// Largest frame read back: a batch of 512 changes at 10^6 entries is about 6 MB.
 const MAX_FRAME: u64 = 64 * 1024 * 1024;
@@ -569,11 +595,12 @@ fn poison(
     }
 }
 
-/// Before the frame of `epoch` is written, under the domain's lock, with every epoch before
-/// it written out (its files; `epoch − 1` is the stored root): when its slot's older frame,
-/// of `epoch` − [`SLOTS`], is still above the checkpoint (a background checkpoint is late or
-/// failed, or the process never lived long enough to finish one), makes the tree durable
-/// (`sync`, one `syncfs`) and moves the checkpoint to `epoch − 1` first. Whether it did.
+/// Before the frame of `epoch` is written, under the domain's lock (`epoch − 1` is the
+/// stored root): when its slot's older frame, of `epoch` − [`SLOTS`], is still above the
+/// checkpoint (a background checkpoint is late or failed, or the process never lived long
+/// enough to reach one), writes every epoch up to `epoch − 1` out to the tree's files and
+/// makes them durable (`sync`: the write-out, one `syncfs`) and moves the checkpoint to
+/// `epoch − 1` first. Whether it did.
 pub(crate) fn room_for(
     dir: &Path,
     epoch: u64,
@@ -774,8 +801,11 @@ pub(crate) fn sync_frame(dir: &Path, epoch: u64) -> Result<(), DirectoryStoreErr
 pub(crate) enum Stored {
     /// Version 1's (the bare epoch): the journal is to be upgraded (`directory.rs`'s recovery).
     V1(u64),
-    /// This version's.
+    /// Version 2's (`KSTJ2cp`: the tree's files written after every frame): to be upgraded
+    /// the same way.
     V2(u64),
+    /// This version's (`KSTJ3cp`: the tree's files written at checkpoints only).
+    V3(u64),
 }
 
 /// The checkpoint file as stored; `None` before the journal started. One of another form (a
@@ -790,10 +820,13 @@ pub(crate) fn stored_checkpoint(dir: &Path) -> Result<Option<Stored>, DirectoryS
     if let Ok(e) = <[u8; 8]>::try_from(bytes.as_slice()) {
         return Ok(Some(Stored::V1(u64::from_be_bytes(e))));
     }
-    match bytes.strip_prefix(CHECKPOINT_MAGIC.as_slice()) {
-        Some(e) if e.len() == 8 => Ok(Some(Stored::V2(u64::from_be_bytes(
-            e.try_into().unwrap_or([0; 8]),
-        )))),
+    let epoch = |e: &[u8]| u64::from_be_bytes(e.try_into().unwrap_or([0; 8]));
+    match (
+        bytes.strip_prefix(CHECKPOINT_MAGIC.as_slice()),
+        bytes.strip_prefix(CHECKPOINT_MAGIC_V2.as_slice()),
+    ) {
+        (Some(e), _) if e.len() == 8 => Ok(Some(Stored::V3(epoch(e)))),
+        (_, Some(e)) if e.len() == 8 => Ok(Some(Stored::V2(epoch(e)))),
         _ => Err(DirectoryStoreError::Corrupt(format!(
             "{} is not a checkpoint of this kst's journal (a newer kst's?): run the kst that \
              wrote it, or restore the domain's directory",
@@ -802,13 +835,13 @@ pub(crate) fn stored_checkpoint(dir: &Path) -> Result<Option<Stored>, DirectoryS
     }
 }
 
-/// The checkpoint's epoch; `None` before the journal started. A journal of version 1 not
-/// yet upgraded is refused (`Corrupt`): only the recovery upgrades it (`directory.rs`).
+/// The checkpoint's epoch; `None` before the journal started. A journal of version 1 or 2
+/// not yet upgraded is refused (`Corrupt`): only the recovery upgrades it (`directory.rs`).
 pub(crate) fn checkpoint(dir: &Path) -> Result<Option<u64>, DirectoryStoreError> {
     match stored_checkpoint(dir)? {
         None => Ok(None),
-        Some(Stored::V2(e)) => Ok(Some(e)),
-        Some(Stored::V1(_)) => Err(DirectoryStoreError::Corrupt(format!(
+        Some(Stored::V3(e)) => Ok(Some(e)),
+        Some(Stored::V1(_) | Stored::V2(_)) => Err(DirectoryStoreError::Corrupt(format!(
             "{} is the journal of an older kst, not upgraded yet (a bug: the first process \
              to touch the domain upgrades it; report it)",
             journal_dir(dir).display()
@@ -937,6 +970,9 @@ pub(crate) mod fault {
         FrameSync,
         /// The `fdatasync` of a failed frame's blanking ([`super::poison`], `EIO`).
         BlankSync,
+        /// The root's write after a durable frame (`directory.rs`'s `write_epoch_root`,
+        /// `EIO`).
+        RootWrite,
     }
 
     #[cfg(test)]
@@ -968,7 +1004,7 @@ pub(crate) mod fault {
                 // Linux's ENOSPC (28) and EIO (5).
                 return Err(std::io::Error::from_raw_os_error(match fault {
                     Fault::AsideCopy => 28,
-                    Fault::FrameSync | Fault::BlankSync => 5,
+                    Fault::FrameSync | Fault::BlankSync | Fault::RootWrite => 5,
                 }));
             }
         }
@@ -1476,6 +1512,27 @@ pub(crate) mod tests {
     /// refuses (it read the checkpoint as exactly 8 bytes, "is not an epoch" otherwise, and
     /// the boot file as the bare boot id); version 1's are read as such here; any other form
     /// of checkpoint is refused (`Corrupt`), so a kst never misreads a newer journal.
+    /// How kst of version 2 (before the tree's files were written at checkpoints) read the
+    /// checkpoint file: 8 bytes are version 1's epoch, `KSTJ2cp\n` ‖ 8 bytes its own, any
+    /// other form `Corrupt` (its `stored_checkpoint`); and its boot file (`KSTJ2 ` ‖ id).
+    pub(crate) fn version_2_reads(dir: &Path) -> (Result<Option<u64>, ()>, Option<String>) {
+        let cp = std::fs::read(checkpoint_path(dir)).ok().map(|bytes| {
+            if bytes.len() == 8 {
+                return Err(());
+            }
+            match bytes.strip_prefix(b"KSTJ2cp\n".as_slice()) {
+                Some(e) if e.len() == 8 => Ok(u64::from_be_bytes(e.try_into().unwrap())),
+                _ => Err(()),
+            }
+        });
+        let boot = std::fs::read(boot_path(dir)).ok().and_then(|b| {
+            String::from_utf8_lossy(&b)
+                .strip_prefix("KSTJ2 ")
+                .map(str::to_string)
+        });
+        (cp.transpose(), boot)
+    }
+
     #[test]
     fn the_checkpoint_and_boot_gate_the_versions() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1486,7 +1543,20 @@ pub(crate) mod tests {
         assert_ne!(cp.len(), 8, "version 1 reads 8 bytes as an epoch");
         assert_ne!(std::fs::read(boot_path(dir)).unwrap(), b"boot-1");
         assert_eq!(boot(dir).unwrap().as_deref(), Some("boot-1"));
-        assert_eq!(stored_checkpoint(dir).unwrap(), Some(Stored::V2(5)));
+        assert_eq!(stored_checkpoint(dir).unwrap(), Some(Stored::V3(5)));
+        // Version 2 refuses this version's checkpoint and takes its boot file for another
+        // boot's (so it recovers, and stops at the checkpoint).
+        assert_eq!(version_2_reads(dir), (Err(()), None));
+        // Version 2's files.
+        std::fs::write(checkpoint_path(dir), b"KSTJ2cp\n\0\0\0\0\0\0\0\x07").unwrap();
+        std::fs::write(boot_path(dir), b"KSTJ2 boot-1").unwrap();
+        assert_eq!(version_2_reads(dir), (Ok(Some(7)), Some("boot-1".into())));
+        assert_eq!(stored_checkpoint(dir).unwrap(), Some(Stored::V2(7)));
+        assert!(matches!(
+            checkpoint(dir),
+            Err(DirectoryStoreError::Corrupt(_))
+        ));
+        assert_eq!(boot(dir).unwrap(), None, "version 2's: to be upgraded");
         // Version 1's files.
         std::fs::write(checkpoint_path(dir), 9u64.to_be_bytes()).unwrap();
         std::fs::write(boot_path(dir), b"boot-1").unwrap();
@@ -1505,7 +1575,7 @@ pub(crate) mod tests {
             "not this version's: to be upgraded"
         );
         // A newer form.
-        std::fs::write(checkpoint_path(dir), b"KSTJ3cp\n\0\0\0\0\0\0\0\x09").unwrap();
+        std::fs::write(checkpoint_path(dir), b"KSTJ4cp\n\0\0\0\0\0\0\0\x09").unwrap();
         assert!(matches!(
             stored_checkpoint(dir),
             Err(DirectoryStoreError::Corrupt(_))

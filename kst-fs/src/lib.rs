@@ -12,6 +12,8 @@ mod journal;
 mod layout;
 mod lock;
 mod nowait;
+#[cfg(feature = "transparency")]
+mod overlay;
 mod pool;
 mod ratelimit;
 mod reminders;
