@@ -19,7 +19,7 @@
 use super::answer::{AnswerProof, LogAnswer};
 use super::head::Head;
 use super::history::{HistoryAnswer, HistoryPage};
-use super::verify::{verify_absence, verify_append_only, verify_lookup};
+use super::verify::{verify_absence, verify_append_only_roots, verify_lookup};
 use super::witness::AuditAnswer;
 use super::{Result, TransparencyError, wire};
 use crate::Address;
@@ -119,7 +119,8 @@ pub async fn check_page(page: &HistoryPage, head_key: &[u8; 32], address: &Addre
 /// Verifies an audit answer as a witness or auditor does ([`AuditAnswer::verify`]) but for
 /// the heads' signatures (the log's own, checked when each head was stored or read): the
 /// heads are consecutive epochs, one head and no proof or several and akd's append-only
-/// proof over their roots.
+/// proof over their roots (the predicate of akd's `audit_verify`, checked step by step on
+/// the calling thread: [`verify_append_only_roots`], which spawns no task).
 pub async fn check_audit(answer: &AuditAnswer) -> Result<()> {
     let (Some(first), Some(last)) = (answer.heads.first(), answer.heads.last()) else {
         return Err(TransparencyError::Verification(
@@ -137,17 +138,32 @@ pub async fn check_audit(answer: &AuditAnswer) -> Result<()> {
     match (&answer.proof, answer.heads.len()) {
         (None, 1) => Ok(()),
         (Some(bytes), n) if n > 1 => {
-            let intermediate: Vec<[u8; 32]> = answer.heads[1..n - 1]
+            // akd's `audit_verify` (what `verify_append_only` calls) builds its trees with
+            // akd's default parallelism: it spawns half of them onto the runtime, whose
+            // workers `off_thread` is there to keep free (review R3). The same predicate,
+            // each step's tree built on this thread (`verify_append_only_roots`: parallelism
+            // off), and every root the proof leads through compared with its head's.
+            let roots =
+                verify_append_only_roots(&first.head, &last.head, wire::decode_audit(bytes)?)
+                    .await?;
+            let heads = answer.heads[1..]
                 .iter()
-                .map(|h| h.head.root_hash)
-                .collect();
-            verify_append_only(
-                &first.head,
-                &last.head,
-                &intermediate,
-                wire::decode_audit(bytes)?,
-            )
-            .await
+                .map(|h| (h.head.epoch, h.head.root_hash));
+            match roots.iter().copied().zip(heads).find(|(r, h)| r != h) {
+                None if roots.len() == n - 1 => Ok(()),
+                None => Err(TransparencyError::Verification(format!(
+                    "{}: the audit answer's proof leads through {} epochs, not {}",
+                    answer.domain,
+                    roots.len(),
+                    n - 1
+                ))),
+                Some(((epoch, root), _)) => Err(TransparencyError::Verification(format!(
+                    "{}: the audit answer's proof leads to root {} at epoch {epoch}, not to \
+                     the root its head of that epoch names",
+                    answer.domain,
+                    hex::encode(root)
+                ))),
+            }
         }
         _ => Err(TransparencyError::Verification(format!(
             "{}: the audit answer's proof does not match its {} heads",
