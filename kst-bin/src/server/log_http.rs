@@ -53,7 +53,10 @@
 //! waits longer than [`HEAVY_WAIT`] for its turn is answered 503. The directory's own queue
 //! is bounded too (`kst_core::transparency::log::MAX_QUEUED_READS`: 503 beyond it), and a
 //! queued request whose client went away is dropped there unbuilt, so a client that closes
-//! its connections does not get past the bound on expensive requests at once.
+//! its connections does not get past the bound on expensive requests at once; nor past it
+//! with the checks of its answers that had started (an answer's append-only part and an
+//! audit are verified before they are served, on blocking threads that cannot be stopped):
+//! the turn is given back when the last of them ends, not when the client goes away.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -72,7 +75,7 @@ use kst_core::transparency::answer::HTTP_STEP_BUDGET;
 use kst_core::transparency::witness::{
     MAX_AUDIT_EPOCHS, MAX_HEAD_TEXT, head_with_cosignatures_text, parse_head_with_cosignatures,
 };
-use kst_core::transparency::{DomainLog, SignedHead, TransparencyError};
+use kst_core::transparency::{DomainLog, SignedHead, TransparencyError, self_check};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::web::client::ClientKey;
@@ -209,7 +212,11 @@ impl Drop for Share {
     }
 }
 
-/// An expensive request's turn: held until the request is answered (or dropped).
+/// An expensive request's turn: held until the request is answered (or dropped) and the
+/// append-only checks it started on blocking threads have ended
+/// (`kst_core::transparency::self_check::holding`): a check cannot be stopped, so a turn
+/// given back on the client's disconnect let the checks run on past [`MAX_HEAVY_AT_ONCE`]
+/// (review R2).
 struct HeavyTurn {
     _turn: OwnedSemaphorePermit,
     _share: Option<Share>,
@@ -500,11 +507,13 @@ async fn audit(
     if to > latest {
         return not_found(&format!("the latest epoch is {latest}"));
     }
-    let _turn = match s.heavy_turn(None, client.as_ref().map(|c| &c.0)).await {
+    let turn = match s.heavy_turn(None, client.as_ref().map(|c| &c.0)).await {
         Ok(t) => t,
         Err(r) => return r,
     };
-    match log.audit_answer(from, to).await.and_then(|a| a.to_text()) {
+    // The turn stays with the answer's check until it ends (`self_check::holding`).
+    let answer = self_check::holding(Arc::new(turn), log.audit_answer(from, to)).await;
+    match answer.and_then(|a| a.to_text()) {
         Ok(body) => text(StatusCode::OK, body),
         // A proof over what a witness accepts, refused before it was built.
         Err(TransparencyError::Range(m)) => {
@@ -644,35 +653,45 @@ async fn lookup(
     let witnessed = query
         .as_deref()
         .is_some_and(|q| q.split('&').any(|kv| kv == "witnessed=1"));
-    let _turn = if since.is_some() || witnessed {
+    let turn: self_check::Held = if since.is_some() || witnessed {
         match s
             .heavy_turn(room.as_ref().map(|r| &r.0), client.as_ref().map(|c| &c.0))
             .await
         {
-            Ok(t) => Some(t),
+            Ok(t) => Arc::new(t),
             Err(r) => return r,
         }
     } else {
-        None
+        Arc::new(())
     };
     let budget = steps.then_some(HTTP_STEP_BUDGET);
-    let mut answer = match log
-        .answer_stepped(&address, since, budget, unix_now())
-        .await
-    {
+    // The turn stays with the answer's append-only checks until they end
+    // (`self_check::holding`), also when the client goes away first.
+    let answered = self_check::holding(turn, async {
+        let mut answer = match log
+            .answer_stepped(&address, since, budget, unix_now())
+            .await
+        {
+            Ok(a) => a,
+            Err(TransparencyError::Range(m)) => {
+                return Err(text(StatusCode::UNPROCESSABLE_ENTITY, format!("{m}\n")));
+            }
+            Err(e) => return Err(failed(&domain, &e)),
+        };
+        if witnessed {
+            let keys: Vec<[u8; 32]> = s.witnesses.iter().map(|(_, k)| *k).collect();
+            match log.witnessed(&answer.head, &keys).await {
+                Ok(w) => answer.witnessed = w,
+                Err(e) => return Err(failed(&domain, &e)),
+            }
+        }
+        Ok(answer)
+    })
+    .await;
+    let answer = match answered {
         Ok(a) => a,
-        Err(TransparencyError::Range(m)) => {
-            return text(StatusCode::UNPROCESSABLE_ENTITY, format!("{m}\n"));
-        }
-        Err(e) => return failed(&domain, &e),
+        Err(r) => return r,
     };
-    if witnessed {
-        let keys: Vec<[u8; 32]> = s.witnesses.iter().map(|(_, k)| *k).collect();
-        match log.witnessed(&answer.head, &keys).await {
-            Ok(w) => answer.witnessed = w,
-            Err(e) => return failed(&domain, &e),
-        }
-    }
     // An absence proof, or a deletion entry: no key either way.
     let found_nothing = answer.finds_no_key();
     match answer.to_text() {

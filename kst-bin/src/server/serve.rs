@@ -112,6 +112,8 @@ async fn start(cfg: Config) -> u8 {
     #[cfg(not(feature = "transparency"))]
     let log_keys = HashMap::new();
     #[cfg(feature = "transparency")]
+    crate::shared::metrics::watch_unverified(&logs);
+    #[cfg(feature = "transparency")]
     let extra = if logs.is_empty() {
         axum::Router::new()
     } else {

@@ -36,6 +36,19 @@ pub const LMTP_REFUSED_PEERS_TOTAL: &str = "kst_lmtp_refused_peers_total";
 pub const LMTP_BUSY_TOTAL: &str = "kst_lmtp_busy_total";
 /// Sessions closed because the client was too slow.
 pub const LMTP_TIMEOUTS_TOTAL: &str = "kst_lmtp_timeouts_total";
+/// Answers of the key directory (feature `transparency`) built and refused by the server's
+/// check of its own answers (`kst_core::transparency::self_check`: look-ups, histories,
+/// append-only parts, audits), by `domain`; `DomainLog::unverified`, copied every
+/// [`WATCH_EVERY`]. Any increase is an alarm: a race the reads did not catch is retried and
+/// rare, but a request refused after every attempt (logged as an error) means the store
+/// holds a head that names another root than the directory's tree (a fork: an insider with
+/// the head key and the store, or a store restored behind kst's back). Witnesses then get
+/// 503 on `/audit`, not the evidence (docs/SECURITY.md, "the server's check of its own
+/// answers").
+pub const TRANSPARENCY_UNVERIFIED_TOTAL: &str = "kst_transparency_unverified_total";
+
+/// How often [`watch_unverified`] copies the logs' counts into the metrics.
+pub const WATCH_EVERY: Duration = Duration::from_secs(5);
 
 /// Histogram buckets of [`MESSAGE_DURATION`]: 0.5 ms to 10 s.
 const DURATION_BUCKETS: &[f64] = &[
@@ -140,6 +153,10 @@ fn register_descriptions() {
         REMINDERS_TOTAL,
         "Expiry reminders claimed by this instance, by outcome (sent, refused by the relay, rate-limited)"
     );
+    describe_counter!(
+        TRANSPARENCY_UNVERIFIED_TOTAL,
+        "Key directory answers built and refused by the server's own check (did not verify against its heads), by domain; alarm on any increase"
+    );
     describe_gauge!(LMTP_CONNECTIONS, "LMTP connections open now");
     describe_counter!(LMTP_CONNECTIONS_TOTAL, "LMTP connections accepted");
     describe_counter!(
@@ -221,4 +238,29 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         ::metrics::gauge!(LMTP_CONNECTIONS).decrement(1.0);
     }
+}
+
+/// Copies each log's count of answers refused by its own check (`DomainLog::unverified`)
+/// into [`TRANSPARENCY_UNVERIFIED_TOTAL`] every [`WATCH_EVERY`], in a task of its own, until
+/// every log is gone (it holds none of them).
+#[cfg(feature = "transparency")]
+pub fn watch_unverified(logs: &[std::sync::Arc<kst_core::transparency::DomainLog>]) {
+    let logs: Vec<_> = logs.iter().map(std::sync::Arc::downgrade).collect();
+    if logs.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        loop {
+            let mut alive = false;
+            for log in logs.iter().filter_map(std::sync::Weak::upgrade) {
+                alive = true;
+                ::metrics::counter!(TRANSPARENCY_UNVERIFIED_TOTAL, "domain" => log.domain().to_string())
+                    .absolute(log.unverified());
+            }
+            if !alive {
+                return;
+            }
+            tokio::time::sleep(WATCH_EVERY).await;
+        }
+    });
 }

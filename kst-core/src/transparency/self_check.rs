@@ -19,7 +19,7 @@
 use super::answer::{AnswerProof, LogAnswer};
 use super::head::Head;
 use super::history::{HistoryAnswer, HistoryPage};
-use super::verify::{verify_absence, verify_append_only, verify_lookup};
+use super::verify::{verify_absence, verify_append_only_roots, verify_lookup};
 use super::witness::AuditAnswer;
 use super::{Result, TransparencyError, wire};
 use crate::Address;
@@ -119,7 +119,8 @@ pub async fn check_page(page: &HistoryPage, head_key: &[u8; 32], address: &Addre
 /// Verifies an audit answer as a witness or auditor does ([`AuditAnswer::verify`]) but for
 /// the heads' signatures (the log's own, checked when each head was stored or read): the
 /// heads are consecutive epochs, one head and no proof or several and akd's append-only
-/// proof over their roots.
+/// proof over their roots (the predicate of akd's `audit_verify`, checked step by step on
+/// the calling thread: [`verify_append_only_roots`], which spawns no task).
 pub async fn check_audit(answer: &AuditAnswer) -> Result<()> {
     let (Some(first), Some(last)) = (answer.heads.first(), answer.heads.last()) else {
         return Err(TransparencyError::Verification(
@@ -137,17 +138,32 @@ pub async fn check_audit(answer: &AuditAnswer) -> Result<()> {
     match (&answer.proof, answer.heads.len()) {
         (None, 1) => Ok(()),
         (Some(bytes), n) if n > 1 => {
-            let intermediate: Vec<[u8; 32]> = answer.heads[1..n - 1]
+            // akd's `audit_verify` (what `verify_append_only` calls) builds its trees with
+            // akd's default parallelism: it spawns half of them onto the runtime, whose
+            // workers `off_thread` is there to keep free (review R3). The same predicate,
+            // each step's tree built on this thread (`verify_append_only_roots`: parallelism
+            // off), and every root the proof leads through compared with its head's.
+            let roots =
+                verify_append_only_roots(&first.head, &last.head, wire::decode_audit(bytes)?)
+                    .await?;
+            let heads = answer.heads[1..]
                 .iter()
-                .map(|h| h.head.root_hash)
-                .collect();
-            verify_append_only(
-                &first.head,
-                &last.head,
-                &intermediate,
-                wire::decode_audit(bytes)?,
-            )
-            .await
+                .map(|h| (h.head.epoch, h.head.root_hash));
+            match roots.iter().copied().zip(heads).find(|(r, h)| r != h) {
+                None if roots.len() == n - 1 => Ok(()),
+                None => Err(TransparencyError::Verification(format!(
+                    "{}: the audit answer's proof leads through {} epochs, not {}",
+                    answer.domain,
+                    roots.len(),
+                    n - 1
+                ))),
+                Some(((epoch, root), _)) => Err(TransparencyError::Verification(format!(
+                    "{}: the audit answer's proof leads to root {} at epoch {epoch}, not to \
+                     the root its head of that epoch names",
+                    answer.domain,
+                    hex::encode(root)
+                ))),
+            }
         }
         _ => Err(TransparencyError::Verification(format!(
             "{}: the audit answer's proof does not match its {} heads",
@@ -157,17 +173,82 @@ pub async fn check_audit(answer: &AuditAnswer) -> Result<()> {
     }
 }
 
+/// What a check started within [`holding`] keeps until it ends: the caller's turn among
+/// the expensive requests (kst-bin's `log_http`), or anything else to be given back only
+/// once the check's CPU is spent.
+pub type Held = std::sync::Arc<dyn std::any::Any + Send + Sync>;
+
+tokio::task_local! {
+    /// The [`Held`] of the request being served ([`holding`]).
+    static HELD: Held;
+}
+
+/// Runs `work`; every check it starts off its thread ([`off_thread`]) keeps a clone of
+/// `held` until the check ends, also when `work` is dropped first (its client went away: a
+/// blocking thread cannot be stopped, its check runs to the end). So a turn given here is
+/// given back when the last of the request and its checks ends, and a client that closes
+/// its connections does not get more checks running at once than it has turns (review R2:
+/// the turn went back on the disconnect and the checks ran on beyond the bound).
+pub async fn holding<F: std::future::Future>(held: Held, work: F) -> F::Output {
+    HELD.scope(held, work).await
+}
+
 /// Runs `check` on a blocking thread of the current Tokio runtime and waits for it: the
 /// check of an append-only proof is seconds of CPU for a large one (docs/BENCHMARKS.md,
 /// "The server's check of its own answers"), which would otherwise hold the thread it runs
 /// on (the directory's, or one of the runtime's workers). `check` gets the runtime's handle
 /// to run akd's (non-`Send`) verification futures on (`Handle::block_on`; they need no I/O
-/// and no timer). A check that panicked or was cancelled is
+/// and no timer, and spawn no task: the checks build their trees with akd's parallelism
+/// off, so the runtime's workers are left alone). Within [`holding`], the check keeps what
+/// it holds until it ends. A check that panicked or was cancelled is
 /// [`TransparencyError::Directory`].
 pub async fn off_thread<T: Send + 'static>(
     check: impl FnOnce(&tokio::runtime::Handle) -> T + Send + 'static,
 ) -> Result<T> {
-    tokio::task::spawn_blocking(move || check(&tokio::runtime::Handle::current()))
-        .await
-        .map_err(|e| TransparencyError::Directory(format!("the check of an answer stopped: {e}")))
+    let held = HELD.try_with(std::sync::Arc::clone).ok();
+    tokio::task::spawn_blocking(move || {
+        let out = check(&tokio::runtime::Handle::current());
+        drop(held);
+        out
+    })
+    .await
+    .map_err(|e| TransparencyError::Directory(format!("the check of an answer stopped: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::sync::Semaphore;
+
+    /// Review R2: a check started off the thread within [`holding`] keeps the turn it was
+    /// given after its request is dropped (the client went away), and gives it back when
+    /// it ends; without [`holding`], or on the old code, the turn went back with the
+    /// request while the check ran on.
+    #[tokio::test]
+    async fn a_check_keeps_its_turn_until_it_ends_not_until_its_request_goes() {
+        let turns = Arc::new(Semaphore::new(1));
+        let turn = Arc::clone(&turns).try_acquire_owned().unwrap();
+        let (started, has_started) = tokio::sync::oneshot::channel();
+        let (finish, may_finish) = std::sync::mpsc::channel::<()>();
+        let request = tokio::spawn(holding(Arc::new(turn), async move {
+            off_thread(move |_| {
+                let _ = started.send(());
+                let _ = may_finish.recv();
+            })
+            .await
+        }));
+        has_started.await.unwrap();
+        request.abort();
+        assert!(request.await.unwrap_err().is_cancelled());
+        assert_eq!(
+            turns.available_permits(),
+            0,
+            "the request is gone, its check runs on and keeps the turn"
+        );
+        finish.send(()).unwrap();
+        let back = tokio::time::timeout(Duration::from_secs(10), turns.acquire()).await;
+        assert!(back.is_ok(), "the turn is given back when the check ends");
+    }
 }

@@ -1438,3 +1438,47 @@ async fn append_only_steps_verify_one_after_another_and_forgeries_fail() {
     assert_eq!((far.too_far, far.append_only.is_none()), (Some(1), true));
     assert!(far.verify_extends(&h1.head).await.is_err());
 }
+
+/// Review R3: the server's check of an audit answer ([`super::self_check::check_audit`]) runs
+/// on a blocking thread (`self_check::off_thread`) so that the runtime's workers stay free;
+/// akd's `audit_verify` with its default parallelism spawned half its tree building back onto
+/// them (`tokio::spawn` inside `Handle::block_on`). Here the runtime's only thread does not
+/// run it while the check runs elsewhere (as busy workers would not): a check that leaves
+/// work on the runtime never ends. A forged middle head is still refused.
+#[test]
+fn the_audit_self_check_leaves_the_runtime_alone() {
+    use super::self_check::check_audit;
+    use super::witness::AuditAnswer;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let (good, lie) = rt.block_on(async {
+        let (dir, signer, [h1, h2, h3]) = three_epochs().await;
+        let good = AuditAnswer {
+            domain: DOMAIN.into(),
+            vrf_public_key: h1.head.vrf_public_key,
+            heads: vec![h1, h2.clone(), h3],
+            proof: Some(wire::encode_audit(&dir.audit(1, 3).await.unwrap()).unwrap()),
+        };
+        let mut lie = good.clone();
+        lie.heads[1] = signer
+            .sign(Head {
+                root_hash: [9; 32],
+                ..h2.head.clone()
+            })
+            .unwrap();
+        (good, lie)
+    });
+    for (answer, verifies) in [(good, true), (lie, false)] {
+        let handle = rt.handle().clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(handle.block_on(check_audit(&answer)).is_ok());
+        });
+        let checked = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the check waits for tasks it spawned onto the runtime");
+        assert_eq!(checked, verifies);
+    }
+}
