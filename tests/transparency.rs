@@ -3978,6 +3978,82 @@ fn two_step_a_key_superseded_more_than_64_versions_back_is_found_in_the_older_pa
     assert!(provider.evidence(bob).is_empty(), "no false alarm");
 }
 
+/// Review R4 of the two-step check (issue 18): the F9 set-up (alice's first key 69 versions
+/// back, read in the older page), with the older page answered by the provider under a head
+/// it signed again for the same epoch with another root: two signed heads for one epoch, a
+/// fork, exit 5 with both kept as evidence. Before, the page's head was compared with the
+/// history's before its signature was checked, and any difference read as "the directory
+/// moved" (exit 75, no evidence).
+#[test]
+fn two_step_an_older_page_under_a_forked_head_is_an_attack() {
+    let (provider, _gpg, _alice) = Provider::with_alice();
+    write_queue_script(&provider);
+    let bob = "bob@example.net";
+    let mut flags = provider.log_args().to_vec();
+    flags.push("--no-wait");
+    let (out, v) = provider.checked_as("sendmail-queue", bob, "alice@example.net", &flags);
+    expect(&out, &v, 75, "pending");
+    flush_queue(&provider);
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    let file = provider.path("insider.asc");
+    std::fs::write(&file, &twin.public_armored).unwrap();
+    let (out, v) = provider.client_in(
+        "insider",
+        "sendmail",
+        "alice@example.net",
+        &["publish", "--key", file.to_str().unwrap()],
+    );
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let out = provider.kst(&["export"]);
+    assert_eq!(code(&out), 0, "kst export: {}", stderr(&out));
+    let mut line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let history = line["history"].as_array().cloned().unwrap();
+    let mut records = history.clone();
+    for n in 3..=70u64 {
+        let mut r = history[1].clone();
+        r["version"] = n.into();
+        r["publication_id"] = format!("{n:032x}").into();
+        r["published_at"] = (r["published_at"].as_u64().unwrap() + n).into();
+        records.push(r);
+    }
+    line["history"] = records.into();
+    let export = provider.path("history.jsonl");
+    std::fs::write(&export, format!("{line}\n")).unwrap();
+    let out = provider.kst(&["import", export.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "kst import: {}", stderr(&out));
+
+    // The older page (versions 1 to 6) under a head of its epoch signed again with another root.
+    let (status, text) =
+        provider.http_get("/.well-known/kst/log/example.net/history/alice@example.net?before=7");
+    assert_eq!(status, 200, "{text}");
+    let mut page = kst_core::transparency::history::HistoryPage::parse(&text).unwrap();
+    let keys = kst_core::transparency::LogKeys::parse(
+        &std::fs::read_to_string(provider.path("log-example.net.key")).unwrap(),
+    )
+    .unwrap();
+    let mut head = page.head.head.clone();
+    head.root_hash = [7; 32];
+    page.head = keys.head.sign(head).unwrap();
+    let proxy = replaying_proxy(&provider.log_url, "?before=7", page.to_text().unwrap(), 1);
+    let pending = provider.path(&format!("state-{bob}/pending.json"));
+    let mut requests: Value = serde_json::from_slice(&std::fs::read(&pending).unwrap()).unwrap();
+    requests["requests"][0]["log"]["log_url"] = proxy.clone().into();
+    std::fs::write(&pending, serde_json::to_vec(&requests).unwrap()).unwrap();
+
+    let (out, v) = provider.client("sendmail", bob, &["check"]);
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+    let error = v[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("fork"), "{error}");
+    let evidence = provider.evidence(bob);
+    assert_eq!(evidence.len(), 1, "evidence kept");
+    let kept = std::fs::read_to_string(&evidence[0]).unwrap();
+    assert!(
+        kept.contains(&"07".repeat(32)),
+        "the forked head kept: {kept}"
+    );
+}
+
 /// The head verified before sending (issue 18, two-step check): `retrieve
 /// --check-transparency` fetches and verifies the directory's current answer before the
 /// request is sent and keeps its epoch as `verified_epoch`. A stale replica serving alice's
