@@ -499,7 +499,8 @@ struct Checked<'a> {
 pub struct ReplyRef {
     /// The request's Message-ID (without `<>`).
     pub request_id: String,
-    /// The reply's own Message-ID (without `<>`; `None`: not read by this command, or not
+    /// The reply's own Message-ID (without `<>`; `None`: not passed to the check, as by
+    /// `kst client status`, which reads the reply but keeps only what it served, or not
     /// readable).
     pub reply_id: Option<String>,
 }
@@ -511,7 +512,9 @@ impl ReplyRef {
     pub fn evidence(&self, served: Option<&str>) -> String {
         let reply = match &self.reply_id {
             Some(id) => format!("<{id}>"),
-            None => "unknown (not read by this command)".into(),
+            None => "unknown to this check (the reply names the request's Message-ID in \
+                     In-Reply-To)"
+                .into(),
         };
         let served = match served {
             Some(fingerprint) => format!("key {fingerprint}"),
