@@ -1167,6 +1167,24 @@ pub async fn check(
                             .to_string(),
                     )
                 };
+                // Review R1: two roots for the epoch verified before sending, both verified
+                // by this client in one history with the same keys: a fork.
+                if let (Some(e), Some(log)) = (verified.epoch, &verified.log)
+                    && let Some(root) = held.memory.fork_at(e, log)
+                {
+                    return keep(
+                        format!(
+                            "possible fork of the key directory of {}: the client had \
+                             verified the root {} for epoch {e} when it sent the request, and \
+                             holds the root {} for it now, both in one history with the same \
+                             keys",
+                            address.domain(),
+                            log.root,
+                            hex::encode(root)
+                        ),
+                        &text,
+                    );
+                }
                 // Review F8: an epoch verified before sending counts only against the same
                 // directory (not one re-keyed, restarted or re-pinned since).
                 let (verified_epoch, no_epoch) = match verified.epoch_in(&held.memory) {
