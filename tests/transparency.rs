@@ -3750,6 +3750,59 @@ fn two_step_a_pending_request_without_its_verified_log_cannot_tell_and_the_retry
     assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
 }
 
+/// Review R1 of the two-step check (issue 18): a pending request's verified epoch counts
+/// while the client's memory follows the same start of the directory's history, also when
+/// the memory no longer keeps that epoch's root (it keeps the newest 1024; a provider that
+/// commits more before the check, or answers it `too-far` with witnessed heads, evicted it):
+/// the stale replica's key is exit 5 with evidence, not exit 75 "cannot tell". And a root
+/// kept for the request's epoch that differs from the one the request had verified, in
+/// the same start with the same keys, is a fork: exit 5.
+#[test]
+fn two_step_a_pending_requests_epoch_outlives_its_cached_root_and_another_root_is_a_fork() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    let (_old, _old_url) = provider.stale_twin();
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    let mut flags = provider.log_args().to_vec();
+    flags.push("--no-wait");
+    let (out, v) = provider.checked_as("sendmail-old", bob, "alice@example.net", &flags);
+    expect(&out, &v, 75, "pending");
+    let file = provider.path(&format!("state-{bob}/pending.json"));
+    let pending: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let log = &pending["requests"][0]["log"];
+    assert_eq!(log["verified_epoch"], 2, "{log}");
+    assert!(log["verified_log"]["started_at"].is_string(), "{log}");
+    // Epoch 2's root evicted from the memory, and the directory moved on.
+    let memory_file = provider.path(&format!("state-{bob}/transparency/example.net.json"));
+    let mut memory = provider.memory(bob);
+    assert!(memory["roots"]["2"].is_string(), "{memory}");
+    memory["roots"].as_object_mut().unwrap().remove("2");
+    std::fs::write(&memory_file, serde_json::to_vec(&memory).unwrap()).unwrap();
+    provider.publish_new(&gpg, "sendmail", &["carol"]);
+    let (out, v) = provider.client("sendmail", bob, &["check"]);
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+    assert!(
+        provider.memory(bob)["roots"]["2"].is_null(),
+        "still evicted"
+    );
+    assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
+
+    // Another root for the request's epoch (3, kept) than the one it had verified.
+    let (out, v) = provider.checked_as("sendmail-old", bob, "alice@example.net", &flags);
+    expect(&out, &v, 75, "pending");
+    let mut pending: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let log = &mut pending["requests"][0]["log"];
+    assert_eq!(log["verified_epoch"], 3, "{log}");
+    log["verified_log"]["root"] = "07".repeat(32).into();
+    std::fs::write(&file, serde_json::to_vec(&pending).unwrap()).unwrap();
+    let (out, v) = provider.client("sendmail", bob, &["check"]);
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+    let error = v[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("possible fork"), "{error}");
+    assert_eq!(provider.evidence(bob).len(), 2, "evidence kept");
+}
+
 /// Review F8 of the two-step check (issue 18): a pending request's `verified_epoch` is an
 /// epoch of the directory the client had verified then. When the domain's directory is
 /// re-keyed before the reply is read (the operator's `kst log keygen --force`, a new
