@@ -316,7 +316,8 @@ impl VerifiedBefore {
                 "had verified epoch {e} of another directory than the one it follows now (head \
                  key {}, root {} then: the directory was re-keyed or started again, or the \
                  client re-pinned it, since the request was sent; or the client no longer \
-                 holds that epoch's root)",
+                 holds that epoch's root and the request, made by an older kst, did not keep \
+                 where the client's history had started)",
                 log.head_key, log.root
             )),
         }
