@@ -4040,13 +4040,64 @@ fn two_step_a_key_superseded_more_than_64_versions_back_is_found_in_the_older_pa
 #[test]
 fn two_step_an_older_page_under_a_forked_head_is_an_attack() {
     let (provider, _gpg, _alice) = Provider::with_alice();
-    write_queue_script(&provider);
     let bob = "bob@example.net";
+    older_page_under(&provider, bob, |head| head.root_hash = [7; 32]);
+    let (out, v) = provider.client("sendmail", bob, &["check"]);
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+    let error = v[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("fork"), "{error}");
+    let evidence = provider.evidence(bob);
+    assert_eq!(evidence.len(), 1, "evidence kept");
+    let kept = std::fs::read_to_string(&evidence[0]).unwrap();
+    assert!(
+        kept.contains(&"07".repeat(32)),
+        "the forked head kept: {kept}"
+    );
+}
+
+/// Review R4: the same with the older page under a head the provider signed again for an
+/// older epoch (a page replayed from before: exit 5), or naming another VRF key (the page's
+/// versions would be checked with it: exit 5).
+#[test]
+fn two_step_an_older_page_under_an_older_head_or_another_vrf_key_is_an_attack() {
+    for (n, (change, why)) in [
+        (
+            (|head: &mut kst_core::transparency::Head| head.epoch -= 1)
+                as fn(&mut kst_core::transparency::Head),
+            "replayed from before",
+        ),
+        (|head| head.vrf_public_key = [9; 32], "VRF key"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (provider, _gpg, _alice) = Provider::with_alice();
+        let bob = "bob@example.net";
+        older_page_under(&provider, bob, change);
+        let (out, v) = provider.client("sendmail", bob, &["check"]);
+        assert_eq!(code(&out), 5, "case {n}: {v}\n{}", stderr(&out));
+        let error = v[0]["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "case {n}: {error}");
+        assert_eq!(provider.evidence(bob).len(), 1, "case {n}: evidence kept");
+    }
+}
+
+/// The F9 set-up for `account`: a request for alice's first key left pending, then 69
+/// changes of alice@example.net (an insider's key, versions 3 to 70 restored by the
+/// operator), and the pending request's directory a proxy that answers the history's
+/// older page (`?before=7`) once under its head changed by `change` and signed again with
+/// the head key.
+fn older_page_under(
+    provider: &Provider,
+    account: &str,
+    change: impl FnOnce(&mut kst_core::transparency::Head),
+) {
+    write_queue_script(provider);
     let mut flags = provider.log_args().to_vec();
     flags.push("--no-wait");
-    let (out, v) = provider.checked_as("sendmail-queue", bob, "alice@example.net", &flags);
+    let (out, v) = provider.checked_as("sendmail-queue", account, "alice@example.net", &flags);
     expect(&out, &v, 75, "pending");
-    flush_queue(&provider);
+    flush_queue(provider);
     let twin_gpg = Gpg::new();
     let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
     let file = provider.path("insider.asc");
@@ -4076,7 +4127,7 @@ fn two_step_an_older_page_under_a_forked_head_is_an_attack() {
     let out = provider.kst(&["import", export.to_str().unwrap()]);
     assert_eq!(code(&out), 0, "kst import: {}", stderr(&out));
 
-    // The older page (versions 1 to 6) under a head of its epoch signed again with another root.
+    // The older page (versions 1 to 6) under the changed head, signed again.
     let (status, text) =
         provider.http_get("/.well-known/kst/log/example.net/history/alice@example.net?before=7");
     assert_eq!(status, 200, "{text}");
@@ -4086,25 +4137,13 @@ fn two_step_an_older_page_under_a_forked_head_is_an_attack() {
     )
     .unwrap();
     let mut head = page.head.head.clone();
-    head.root_hash = [7; 32];
+    change(&mut head);
     page.head = keys.head.sign(head).unwrap();
     let proxy = replaying_proxy(&provider.log_url, "?before=7", page.to_text().unwrap(), 1);
-    let pending = provider.path(&format!("state-{bob}/pending.json"));
+    let pending = provider.path(&format!("state-{account}/pending.json"));
     let mut requests: Value = serde_json::from_slice(&std::fs::read(&pending).unwrap()).unwrap();
-    requests["requests"][0]["log"]["log_url"] = proxy.clone().into();
+    requests["requests"][0]["log"]["log_url"] = proxy.into();
     std::fs::write(&pending, serde_json::to_vec(&requests).unwrap()).unwrap();
-
-    let (out, v) = provider.client("sendmail", bob, &["check"]);
-    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
-    let error = v[0]["error"].as_str().unwrap_or_default();
-    assert!(error.contains("fork"), "{error}");
-    let evidence = provider.evidence(bob);
-    assert_eq!(evidence.len(), 1, "evidence kept");
-    let kept = std::fs::read_to_string(&evidence[0]).unwrap();
-    assert!(
-        kept.contains(&"07".repeat(32)),
-        "the forked head kept: {kept}"
-    );
 }
 
 /// The head verified before sending (issue 18, two-step check): `retrieve
