@@ -3766,6 +3766,59 @@ fn two_step_a_pending_request_without_its_verified_log_cannot_tell_and_the_retry
     assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
 }
 
+/// Review R1 of the two-step check (issue 18): a pending request's verified epoch counts
+/// while the client's memory follows the same start of the directory's history, also when
+/// the memory no longer keeps that epoch's root (it keeps the newest 1024; a provider that
+/// commits more before the check, or answers it `too-far` with witnessed heads, evicted it):
+/// the stale replica's key is exit 5 with evidence, not exit 75 "cannot tell". And a root
+/// kept for the request's epoch that differs from the one the request had verified, in
+/// the same start with the same keys, is a fork: exit 5.
+#[test]
+fn two_step_a_pending_requests_epoch_outlives_its_cached_root_and_another_root_is_a_fork() {
+    let (provider, gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    let (_old, _old_url) = provider.stale_twin();
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    let mut flags = provider.log_args().to_vec();
+    flags.push("--no-wait");
+    let (out, v) = provider.checked_as("sendmail-old", bob, "alice@example.net", &flags);
+    expect(&out, &v, 75, "pending");
+    let file = provider.path(&format!("state-{bob}/pending.json"));
+    let pending: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let log = &pending["requests"][0]["log"];
+    assert_eq!(log["verified_epoch"], 2, "{log}");
+    assert!(log["verified_log"]["started_at"].is_string(), "{log}");
+    // Epoch 2's root evicted from the memory, and the directory moved on.
+    let memory_file = provider.path(&format!("state-{bob}/transparency/example.net.json"));
+    let mut memory = provider.memory(bob);
+    assert!(memory["roots"]["2"].is_string(), "{memory}");
+    memory["roots"].as_object_mut().unwrap().remove("2");
+    std::fs::write(&memory_file, serde_json::to_vec(&memory).unwrap()).unwrap();
+    provider.publish_new(&gpg, "sendmail", &["carol"]);
+    let (out, v) = provider.client("sendmail", bob, &["check"]);
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+    assert!(
+        provider.memory(bob)["roots"]["2"].is_null(),
+        "still evicted"
+    );
+    assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
+
+    // Another root for the request's epoch (3, kept) than the one it had verified.
+    let (out, v) = provider.checked_as("sendmail-old", bob, "alice@example.net", &flags);
+    expect(&out, &v, 75, "pending");
+    let mut pending: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let log = &mut pending["requests"][0]["log"];
+    assert_eq!(log["verified_epoch"], 3, "{log}");
+    log["verified_log"]["root"] = "07".repeat(32).into();
+    std::fs::write(&file, serde_json::to_vec(&pending).unwrap()).unwrap();
+    let (out, v) = provider.client("sendmail", bob, &["check"]);
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+    let error = v[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("possible fork"), "{error}");
+    assert_eq!(provider.evidence(bob).len(), 2, "evidence kept");
+}
+
 /// Review F8 of the two-step check (issue 18): a pending request's `verified_epoch` is an
 /// epoch of the directory the client had verified then. When the domain's directory is
 /// re-keyed before the reply is read (the operator's `kst log keygen --force`, a new
@@ -3992,6 +4045,121 @@ fn two_step_a_key_superseded_more_than_64_versions_back_is_found_in_the_older_pa
         "{error}"
     );
     assert!(provider.evidence(bob).is_empty(), "no false alarm");
+}
+
+/// Review R4 of the two-step check (issue 18): the F9 set-up (alice's first key 69 versions
+/// back, read in the older page), with the older page answered by the provider under a head
+/// it signed again for the same epoch with another root: two signed heads for one epoch, a
+/// fork, exit 5 with both kept as evidence. Before, the page's head was compared with the
+/// history's before its signature was checked, and any difference read as "the directory
+/// moved" (exit 75, no evidence).
+#[test]
+fn two_step_an_older_page_under_a_forked_head_is_an_attack() {
+    let (provider, _gpg, _alice) = Provider::with_alice();
+    let bob = "bob@example.net";
+    older_page_under(&provider, bob, |head| head.root_hash = [7; 32]);
+    let (out, v) = provider.client("sendmail", bob, &["check"]);
+    assert_eq!(code(&out), 5, "{v}\n{}", stderr(&out));
+    let error = v[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("fork"), "{error}");
+    let evidence = provider.evidence(bob);
+    assert_eq!(evidence.len(), 1, "evidence kept");
+    let kept = std::fs::read_to_string(&evidence[0]).unwrap();
+    assert!(
+        kept.contains(&"07".repeat(32)),
+        "the forked head kept: {kept}"
+    );
+}
+
+/// Review R4: the same with the older page under a head the provider signed again for an
+/// older epoch (a page replayed from before: exit 5), or naming another VRF key (the page's
+/// versions would be checked with it: exit 5).
+#[test]
+fn two_step_an_older_page_under_an_older_head_or_another_vrf_key_is_an_attack() {
+    for (n, (change, why)) in [
+        (
+            (|head: &mut kst_core::transparency::Head| head.epoch -= 1)
+                as fn(&mut kst_core::transparency::Head),
+            "replayed from before",
+        ),
+        (|head| head.vrf_public_key = [9; 32], "VRF key"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (provider, _gpg, _alice) = Provider::with_alice();
+        let bob = "bob@example.net";
+        older_page_under(&provider, bob, change);
+        let (out, v) = provider.client("sendmail", bob, &["check"]);
+        assert_eq!(code(&out), 5, "case {n}: {v}\n{}", stderr(&out));
+        let error = v[0]["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "case {n}: {error}");
+        assert_eq!(provider.evidence(bob).len(), 1, "case {n}: evidence kept");
+    }
+}
+
+/// The F9 set-up for `account`: a request for alice's first key left pending, then 69
+/// changes of alice@example.net (an insider's key, versions 3 to 70 restored by the
+/// operator), and the pending request's directory a proxy that answers the history's
+/// older page (`?before=7`) once under its head changed by `change` and signed again with
+/// the head key.
+fn older_page_under(
+    provider: &Provider,
+    account: &str,
+    change: impl FnOnce(&mut kst_core::transparency::Head),
+) {
+    write_queue_script(provider);
+    let mut flags = provider.log_args().to_vec();
+    flags.push("--no-wait");
+    let (out, v) = provider.checked_as("sendmail-queue", account, "alice@example.net", &flags);
+    expect(&out, &v, 75, "pending");
+    flush_queue(provider);
+    let twin_gpg = Gpg::new();
+    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
+    let file = provider.path("insider.asc");
+    std::fs::write(&file, &twin.public_armored).unwrap();
+    let (out, v) = provider.client_in(
+        "insider",
+        "sendmail",
+        "alice@example.net",
+        &["publish", "--key", file.to_str().unwrap()],
+    );
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    let out = provider.kst(&["export"]);
+    assert_eq!(code(&out), 0, "kst export: {}", stderr(&out));
+    let mut line: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let history = line["history"].as_array().cloned().unwrap();
+    let mut records = history.clone();
+    for n in 3..=70u64 {
+        let mut r = history[1].clone();
+        r["version"] = n.into();
+        r["publication_id"] = format!("{n:032x}").into();
+        r["published_at"] = (r["published_at"].as_u64().unwrap() + n).into();
+        records.push(r);
+    }
+    line["history"] = records.into();
+    let export = provider.path("history.jsonl");
+    std::fs::write(&export, format!("{line}\n")).unwrap();
+    let out = provider.kst(&["import", export.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "kst import: {}", stderr(&out));
+
+    // The older page (versions 1 to 6) under the changed head, signed again.
+    let (status, text) =
+        provider.http_get("/.well-known/kst/log/example.net/history/alice@example.net?before=7");
+    assert_eq!(status, 200, "{text}");
+    let mut page = kst_core::transparency::history::HistoryPage::parse(&text).unwrap();
+    let keys = kst_core::transparency::LogKeys::parse(
+        &std::fs::read_to_string(provider.path("log-example.net.key")).unwrap(),
+    )
+    .unwrap();
+    let mut head = page.head.head.clone();
+    change(&mut head);
+    page.head = keys.head.sign(head).unwrap();
+    let proxy = replaying_proxy(&provider.log_url, "?before=7", page.to_text().unwrap(), 1);
+    let pending = provider.path(&format!("state-{account}/pending.json"));
+    let mut requests: Value = serde_json::from_slice(&std::fs::read(&pending).unwrap()).unwrap();
+    requests["requests"][0]["log"]["log_url"] = proxy.into();
+    std::fs::write(&pending, serde_json::to_vec(&requests).unwrap()).unwrap();
 }
 
 /// The head verified before sending (issue 18, two-step check): `retrieve

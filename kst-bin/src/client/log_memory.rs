@@ -89,6 +89,14 @@ pub struct DomainMemory {
     /// same history (a reply that arrived after a newer one), not a rollback.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub roots: std::collections::BTreeMap<u64, String>,
+    /// Where the remembered history started (`<epoch>:<root>` of the first head remembered
+    /// after a fresh start: a new memory, a new pin, `kst client log-pin`; or, for a memory
+    /// written before this field, the head remembered when it was set). Kept across
+    /// verified extensions and across a new start from a head the required witnesses
+    /// cosigned (they cosigned the remembered head too): the epochs of one start are of one
+    /// history, whose roots the cache may no longer hold ([`DomainMemory::same_log`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
 }
 
 /// The most roots [`DomainMemory::roots`] keeps.
@@ -116,23 +124,48 @@ impl DomainMemory {
                 head_key: self.head_key.clone()?,
                 vrf_key: hex::encode(head.vrf_public_key),
                 root: hex::encode(head.root_hash),
+                started_at: self.started_at.clone(),
             },
         ))
     }
 
     /// Whether `epoch`, verified with `log`, is an epoch of the directory this memory
     /// follows now: the same pinned head key and VRF key, and the same root kept for that
-    /// epoch (a memory started again, by `kst client log-pin` or a new pin, or after a
-    /// witnessed new start, no longer holds it; nor does one that moved more than
-    /// [`MAX_KNOWN_ROOTS`] epochs past it).
+    /// epoch, or, when its root is no longer kept (more than [`MAX_KNOWN_ROOTS`] epochs
+    /// past it, or a witnessed new start since), the same start of the remembered history
+    /// ([`DomainMemory::started_at`]; review R1). A memory started afresh since (`kst
+    /// client log-pin`, a new pin, a deleted memory) counts epochs of its own start only:
+    /// a directory the user accepted going back, even with the same keys, may have another
+    /// history after that point.
     pub fn same_log(&self, epoch: u64, log: &super::state::VerifiedLog) -> bool {
+        if !self.same_keys(log) {
+            return false;
+        }
+        match self.known_root(epoch) {
+            Some(r) => hex::encode(r).eq_ignore_ascii_case(&log.root),
+            None => self.same_start(log) && self.remembered_epoch().is_some_and(|e| epoch <= e),
+        }
+    }
+
+    /// The root this memory keeps for `epoch` when it differs from the one `log` names,
+    /// although both are of the same start of the history with the same keys: two roots
+    /// for one epoch, each verified by this client (a fork; review R1).
+    pub fn fork_at(&self, epoch: u64, log: &super::state::VerifiedLog) -> Option<[u8; 32]> {
+        if !self.same_keys(log) || !self.same_start(log) {
+            return None;
+        }
+        self.known_root(epoch)
+            .filter(|r| !hex::encode(r).eq_ignore_ascii_case(&log.root))
+    }
+
+    fn same_keys(&self, log: &super::state::VerifiedLog) -> bool {
         let same =
             |ours: Option<&str>, theirs: &str| ours.is_some_and(|o| o.eq_ignore_ascii_case(theirs));
-        same(self.head_key.as_deref(), &log.head_key)
-            && same(self.vrf_key.as_deref(), &log.vrf_key)
-            && self
-                .known_root(epoch)
-                .is_some_and(|r| hex::encode(r).eq_ignore_ascii_case(&log.root))
+        same(self.head_key.as_deref(), &log.head_key) && same(self.vrf_key.as_deref(), &log.vrf_key)
+    }
+
+    fn same_start(&self, log: &super::state::VerifiedLog) -> bool {
+        log.started_at.is_some() && log.started_at == self.started_at
     }
 
     /// The root of `epoch` in the remembered history, if kept.
@@ -154,14 +187,23 @@ impl DomainMemory {
 
     /// Remembers `head` (verified, extending the remembered history) and its root.
     pub fn remember(&mut self, head: &SignedHead) -> Result<(), String> {
-        self.head = Some(head_text(head).map_err(|e| format!("cannot encode the head: {e}"))?);
+        let text = head_text(head).map_err(|e| format!("cannot encode the head: {e}"))?;
+        if self.head.is_none() || self.started_at.is_none() {
+            self.started_at = Some(format!(
+                "{}:{}",
+                head.head.epoch,
+                hex::encode(head.head.root_hash)
+            ));
+        }
+        self.head = Some(text);
         self.keep_roots([(head.head.epoch, head.head.root_hash)]);
         Ok(())
     }
 
     /// Starts the remembered history again at `head` (a head cosigned by the witnesses the
     /// client requires, when the remembered head is too far behind for a proof): the roots
-    /// of the old history are forgotten.
+    /// of the old history are forgotten, its start ([`DomainMemory::started_at`]) is kept
+    /// (the witnesses cosigned the remembered head too: one history).
     pub fn restart(&mut self, head: &SignedHead) -> Result<(), String> {
         self.roots.clear();
         self.remember(head)
@@ -680,6 +722,7 @@ mod tests {
             head_key: "aa".repeat(32),
             vrf_key: "bb".repeat(32),
             root: "cc".repeat(32),
+            started_at: None,
         };
         let mut memory = DomainMemory {
             domain: "example.net".into(),
@@ -706,6 +749,72 @@ mod tests {
         memory.vrf_key = Some("bb".repeat(32));
         memory.roots.clear();
         assert!(!memory.same_log(6, &log));
+    }
+
+    /// Review R1: the root cache is no identity. An epoch verified before a request stays
+    /// of the directory the memory follows while the memory was not started afresh since
+    /// (only extended by verified proofs, or started again from a head the required
+    /// witnesses cosigned), also once that epoch's root is no longer kept (more than
+    /// [`MAX_KNOWN_ROOTS`] epochs later, or after a witnessed new start); a memory started
+    /// afresh (a re-pin, `kst client log-pin`, a deleted memory) does not count it, and a
+    /// root kept for that epoch that differs is a fork.
+    #[test]
+    fn a_verified_epoch_outlives_its_cached_root_but_not_a_fresh_start() {
+        let signer = kst_core::transparency::HeadSigner::generate();
+        let head = |epoch: u64, root: u8| {
+            signer
+                .sign(kst_core::transparency::Head {
+                    domain: "example.net".into(),
+                    epoch,
+                    root_hash: [root; 32],
+                    vrf_public_key: [0xbb; 32],
+                    signed_at: 1,
+                })
+                .unwrap()
+        };
+        let fresh = || DomainMemory {
+            domain: "example.net".into(),
+            head_key: Some("aa".repeat(32)),
+            vrf_key: Some("bb".repeat(32)),
+            ..DomainMemory::default()
+        };
+        let mut memory = fresh();
+        memory.remember(&head(3, 3)).unwrap();
+        memory.remember(&head(6, 6)).unwrap();
+        let (epoch, log) = memory.verified().unwrap();
+        assert_eq!(epoch, 6);
+        assert!(memory.same_log(6, &log));
+        // The history moves on by verified proofs past the cache.
+        memory.keep_roots((7..=1031).map(|e| (e, [e as u8; 32])));
+        memory.remember(&head(1031, 1031u64 as u8)).unwrap();
+        assert_eq!(memory.known_root(6), None);
+        assert!(memory.same_log(6, &log), "evicted root, same history");
+        // A witnessed new start.
+        memory.restart(&head(5000, 9)).unwrap();
+        assert!(
+            memory.same_log(6, &log),
+            "witnessed new start, same history"
+        );
+        assert_eq!(memory.fork_at(6, &log), None);
+        // Another root kept for that epoch, in the same history: a fork.
+        memory.keep_roots([(6, [0x66; 32])]);
+        assert!(!memory.same_log(6, &log));
+        assert_eq!(memory.fork_at(6, &log), Some([0x66; 32]));
+        // A fresh start (re-pin, log-pin, memory deleted) from another head, even with the
+        // same keys: not counted without the root, and another root is no proven fork.
+        let mut again = fresh();
+        again.remember(&head(7, 7)).unwrap();
+        assert!(!again.same_log(6, &log));
+        assert_eq!(again.fork_at(6, &log), None);
+        again.keep_roots([(6, [0x66; 32])]);
+        assert_eq!(again.fork_at(6, &log), None, "another start: cannot tell");
+        // A request from a kst that kept no start: as before, by the root only.
+        let old = crate::client::state::VerifiedLog {
+            started_at: None,
+            ..log.clone()
+        };
+        assert!(!memory.same_log(7, &old));
+        assert_eq!(memory.fork_at(6, &old), None);
     }
 
     #[test]

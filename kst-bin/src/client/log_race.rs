@@ -393,15 +393,60 @@ pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
                 };
             }
         };
-        if (page.head.head.epoch, page.head.head.root_hash) != (head.epoch, head.root_hash) {
-            // A newer epoch was committed between the requests: read again later.
-            return Decision::Unread {
-                why: format!(
-                    "the directory moved from epoch {} to {} while the history was read",
-                    head.epoch, page.head.head.epoch
-                ),
-                seen: joined(&text, &pages_text),
-            };
+        // Review R4: the page's head is checked (its signature) before it is compared with
+        // the history's, and compared whole: a head signed with the head key that
+        // contradicts the history's (another VRF key, or root for the same epoch: a fork; an
+        // older epoch: a replay) is an attack, both heads kept; only a newer head is the
+        // directory moving on between the requests.
+        let page_attack = |why: String| Decision::Attack {
+            why,
+            seen: joined(&text, &pages_text),
+        };
+        if let Err(e) = page.head.verify(r.head_key) {
+            return page_attack(format!("{url}?before={before}: {e}"));
+        }
+        let at = &page.head.head;
+        if (at.domain.as_str(), at.vrf_public_key) != (head.domain.as_str(), head.vrf_public_key) {
+            return page_attack(format!(
+                "{url}?before={before}: the page's head (epoch {}) is of the directory of {} \
+                 with the VRF key {}, not of the history's ({} with {})",
+                at.epoch,
+                at.domain,
+                hex::encode(at.vrf_public_key),
+                head.domain,
+                hex::encode(head.vrf_public_key)
+            ));
+        }
+        match at.epoch.cmp(&head.epoch) {
+            std::cmp::Ordering::Less => {
+                return page_attack(format!(
+                    "{url}?before={before}: the page's head is of epoch {}, older than the \
+                     history's (epoch {}) read before it: a page replayed from before, not the \
+                     directory's",
+                    at.epoch, head.epoch
+                ));
+            }
+            std::cmp::Ordering::Equal if at.root_hash != head.root_hash => {
+                return page_attack(format!(
+                    "possible fork of the key directory of {domain}: two heads of epoch {} \
+                     signed with the head key, the history's with the root {} and the page's \
+                     ({url}?before={before}) with {}",
+                    head.epoch,
+                    hex::encode(head.root_hash),
+                    hex::encode(at.root_hash)
+                ));
+            }
+            std::cmp::Ordering::Equal => {}
+            std::cmp::Ordering::Greater => {
+                // A newer epoch was committed between the requests: read again later.
+                return Decision::Unread {
+                    why: format!(
+                        "the directory moved from epoch {} to {} while the history was read",
+                        head.epoch, at.epoch
+                    ),
+                    seen: joined(&text, &pages_text),
+                };
+            }
         }
         match page
             .verify(r.head_key, r.address, before, before_epoch)

@@ -87,6 +87,11 @@ pub struct VerifiedLog {
     pub vrf_key: String,
     /// The head's root: the directory's state at `verified_epoch`.
     pub root: String,
+    /// Where the client's remembered history then had started
+    /// ([`super::log_memory::DomainMemory::started_at`]; absent in a request of a kst from
+    /// before it, or of a memory without it: the root alone decides then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -265,6 +270,7 @@ mod tests {
                 head_key: "11".repeat(32),
                 vrf_key: "22".repeat(32),
                 root: "33".repeat(32),
+                started_at: Some("5:".to_string() + &"44".repeat(32)),
             }),
             ..LogRequirements::default()
         });

@@ -316,7 +316,8 @@ impl VerifiedBefore {
                 "had verified epoch {e} of another directory than the one it follows now (head \
                  key {}, root {} then: the directory was re-keyed or started again, or the \
                  client re-pinned it, since the request was sent; or the client no longer \
-                 holds that epoch's root)",
+                 holds that epoch's root and the request, made by an older kst, did not keep \
+                 where the client's history had started)",
                 log.head_key, log.root
             )),
         }
@@ -499,7 +500,8 @@ struct Checked<'a> {
 pub struct ReplyRef {
     /// The request's Message-ID (without `<>`).
     pub request_id: String,
-    /// The reply's own Message-ID (without `<>`; `None`: not read by this command, or not
+    /// The reply's own Message-ID (without `<>`; `None`: not passed to the check, as by
+    /// `kst client status`, which reads the reply but keeps only what it served, or not
     /// readable).
     pub reply_id: Option<String>,
 }
@@ -511,7 +513,9 @@ impl ReplyRef {
     pub fn evidence(&self, served: Option<&str>) -> String {
         let reply = match &self.reply_id {
             Some(id) => format!("<{id}>"),
-            None => "unknown (not read by this command)".into(),
+            None => "unknown to this check (the reply names the request's Message-ID in \
+                     In-Reply-To)"
+                .into(),
         };
         let served = match served {
             Some(fingerprint) => format!("key {fingerprint}"),
@@ -1164,6 +1168,24 @@ pub async fn check(
                             .to_string(),
                     )
                 };
+                // Review R1: two roots for the epoch verified before sending, both verified
+                // by this client in one history with the same keys: a fork.
+                if let (Some(e), Some(log)) = (verified.epoch, &verified.log)
+                    && let Some(root) = held.memory.fork_at(e, log)
+                {
+                    return keep(
+                        format!(
+                            "possible fork of the key directory of {}: the client had \
+                             verified the root {} for epoch {e} when it sent the request, and \
+                             holds the root {} for it now, both in one history with the same \
+                             keys",
+                            address.domain(),
+                            log.root,
+                            hex::encode(root)
+                        ),
+                        &text,
+                    );
+                }
                 // Review F8: an epoch verified before sending counts only against the same
                 // directory (not one re-keyed, restarted or re-pinned since).
                 let (verified_epoch, no_epoch) = match verified.epoch_in(&held.memory) {

@@ -1482,3 +1482,32 @@ fn the_audit_self_check_leaves_the_runtime_alone() {
         assert_eq!(checked, verifies);
     }
 }
+
+/// A head signed with an absurd epoch (a provider holds the head key; a client without a
+/// witness policy checks it only against its remembered head) is refused as a forgery, not
+/// a crash: the proof's epochs are counted against the gap before anything is built or
+/// allocated for the gap (review R5: 2^40 epochs aborted the client, 2^62 panicked).
+#[tokio::test]
+async fn a_head_far_ahead_is_refused_without_allocating_its_gap() {
+    let (_, signer, dir) = fresh().await;
+    publish(&dir, &[first("alice@example.net", b"alice")]).await;
+    let h1 = head(&dir, &signer).await;
+    publish(&dir, &[first("bob@example.net", b"bob")]).await;
+    let p12 = dir.audit(1, 2).await.unwrap();
+    for far in [u64::MAX / 2, u64::MAX, 1u64 << 40] {
+        let mut hostile = head(&dir, &signer).await.head;
+        hostile.epoch = far;
+        let err = super::verify::verify_append_only_roots(&h1.head, &hostile, p12.clone())
+            .await
+            .expect_err("a head far ahead with a one-step proof");
+        assert!(
+            matches!(err, super::TransparencyError::Verification(_)),
+            "{err}"
+        );
+        assert!(
+            verify_append_only(&h1.head, &hostile, &[], p12.clone())
+                .await
+                .is_err()
+        );
+    }
+}
