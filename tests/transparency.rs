@@ -640,6 +640,42 @@ impl Provider {
     }
 
     /// The client's `--log-url` and `--log-key` for this provider's directory.
+    /// Alice's address gets 70 versions, more than one history page of 64: an insider
+    /// publishes another key (version 2), then the operator restores versions 3 to 70 as
+    /// copies of version `copy` (1: alice's key, 2: the insider's) by `kst export` and `kst
+    /// import`. The insider's key.
+    fn seventy_versions_of_alice(&self, copy: usize) -> kst_tests::GpgKey {
+        let twin = Gpg::new().generate("Alice", "alice@example.net", "ed25519");
+        let file = self.path("insider.asc");
+        std::fs::write(&file, &twin.public_armored).unwrap();
+        let (out, v) = self.client_in(
+            "insider",
+            "sendmail",
+            "alice@example.net",
+            &["publish", "--key", file.to_str().unwrap()],
+        );
+        assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+        let out = self.kst(&["export"]);
+        assert_eq!(code(&out), 0, "kst export: {}", stderr(&out));
+        let mut line: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let history = line["history"].as_array().cloned().unwrap();
+        assert_eq!(history.len(), 2, "{line}");
+        let mut records = history.clone();
+        for n in 3..=70u64 {
+            let mut r = history[copy - 1].clone();
+            r["version"] = n.into();
+            r["publication_id"] = format!("{n:032x}").into();
+            r["published_at"] = (r["published_at"].as_u64().unwrap() + n).into();
+            records.push(r);
+        }
+        line["history"] = records.into();
+        let export = self.path("history.jsonl");
+        std::fs::write(&export, format!("{line}\n")).unwrap();
+        let out = self.kst(&["import", export.to_str().unwrap()]);
+        assert_eq!(code(&out), 0, "kst import: {}", stderr(&out));
+        twin
+    }
+
     fn log_args(&self) -> [&str; 4] {
         [
             "--log-url",
@@ -2325,37 +2361,8 @@ fn rt18_a_back_dated_deletion_is_not_the_owners() {
 #[test]
 fn the_owner_checks_more_than_64_versions() {
     let (provider, _gpg, _alice, alice_key) = Provider::with_alice_key_file();
-    let twin_gpg = Gpg::new();
-    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
-    let file = provider.path("insider.asc");
-    std::fs::write(&file, &twin.public_armored).unwrap();
-    let (out, v) = provider.client_in(
-        "insider",
-        "sendmail",
-        "alice@example.net",
-        &["publish", "--key", file.to_str().unwrap()],
-    );
-    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
-
-    // Versions 3 to 70: alice's key again, restored by the operator.
-    let out = provider.kst(&["export"]);
-    assert_eq!(code(&out), 0, "kst export: {}", stderr(&out));
-    let mut line: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let history = line["history"].as_array().cloned().unwrap();
-    assert_eq!(history.len(), 2, "{line}");
-    let mut records = history.clone();
-    for n in 3..=70u64 {
-        let mut r = history[0].clone();
-        r["version"] = n.into();
-        r["publication_id"] = format!("{n:032x}").into();
-        r["published_at"] = (r["published_at"].as_u64().unwrap() + n).into();
-        records.push(r);
-    }
-    line["history"] = records.into();
-    let export = provider.path("history.jsonl");
-    std::fs::write(&export, format!("{line}\n")).unwrap();
-    let out = provider.kst(&["import", export.to_str().unwrap()]);
-    assert_eq!(code(&out), 0, "kst import: {}", stderr(&out));
+    // Version 2: an insider's key; versions 3 to 70: alice's key again, restored by the operator.
+    let twin = provider.seventy_versions_of_alice(1);
 
     // The endpoint's pages and refusals.
     let (status, body) =
@@ -4007,35 +4014,7 @@ fn two_step_a_key_superseded_more_than_64_versions_back_is_found_in_the_older_pa
     expect(&out, &v, 75, "pending");
     flush_queue(&provider);
     // Version 2: another key; versions 3 to 70: that key again, restored by the operator.
-    let twin_gpg = Gpg::new();
-    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
-    let file = provider.path("insider.asc");
-    std::fs::write(&file, &twin.public_armored).unwrap();
-    let (out, v) = provider.client_in(
-        "insider",
-        "sendmail",
-        "alice@example.net",
-        &["publish", "--key", file.to_str().unwrap()],
-    );
-    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
-    let out = provider.kst(&["export"]);
-    assert_eq!(code(&out), 0, "kst export: {}", stderr(&out));
-    let mut line: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let history = line["history"].as_array().cloned().unwrap();
-    assert_eq!(history.len(), 2, "{line}");
-    let mut records = history.clone();
-    for n in 3..=70u64 {
-        let mut r = history[1].clone();
-        r["version"] = n.into();
-        r["publication_id"] = format!("{n:032x}").into();
-        r["published_at"] = (r["published_at"].as_u64().unwrap() + n).into();
-        records.push(r);
-    }
-    line["history"] = records.into();
-    let export = provider.path("history.jsonl");
-    std::fs::write(&export, format!("{line}\n")).unwrap();
-    let out = provider.kst(&["import", export.to_str().unwrap()]);
-    assert_eq!(code(&out), 0, "kst import: {}", stderr(&out));
+    provider.seventy_versions_of_alice(2);
 
     let (out, v) = provider.client("sendmail", bob, &["check"]);
     assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
@@ -4114,34 +4093,7 @@ fn older_page_under(
     let (out, v) = provider.checked_as("sendmail-queue", account, "alice@example.net", &flags);
     expect(&out, &v, 75, "pending");
     flush_queue(provider);
-    let twin_gpg = Gpg::new();
-    let twin = twin_gpg.generate("Alice", "alice@example.net", "ed25519");
-    let file = provider.path("insider.asc");
-    std::fs::write(&file, &twin.public_armored).unwrap();
-    let (out, v) = provider.client_in(
-        "insider",
-        "sendmail",
-        "alice@example.net",
-        &["publish", "--key", file.to_str().unwrap()],
-    );
-    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
-    let out = provider.kst(&["export"]);
-    assert_eq!(code(&out), 0, "kst export: {}", stderr(&out));
-    let mut line: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let history = line["history"].as_array().cloned().unwrap();
-    let mut records = history.clone();
-    for n in 3..=70u64 {
-        let mut r = history[1].clone();
-        r["version"] = n.into();
-        r["publication_id"] = format!("{n:032x}").into();
-        r["published_at"] = (r["published_at"].as_u64().unwrap() + n).into();
-        records.push(r);
-    }
-    line["history"] = records.into();
-    let export = provider.path("history.jsonl");
-    std::fs::write(&export, format!("{line}\n")).unwrap();
-    let out = provider.kst(&["import", export.to_str().unwrap()]);
-    assert_eq!(code(&out), 0, "kst import: {}", stderr(&out));
+    provider.seventy_versions_of_alice(2);
 
     // The older page (versions 1 to 6) under the changed head, signed again.
     let (status, text) =
