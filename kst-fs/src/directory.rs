@@ -2768,6 +2768,18 @@ mod tests {
             a.commit(D, epoch(e)).await.unwrap();
         }
         holds(&a, last).await;
+        // The background checkpoint (every CHECKPOINT_EVERY epochs) writes `checkpoint`
+        // through a temporary file: wait until it has ended, bounded, before listing.
+        for _ in 0..300 {
+            if !checkpointing()
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(&dir)
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         for slot in 0..journal::SLOTS {
             let meta = std::fs::metadata(journal::slot_path(&dir, slot)).unwrap();
             assert_eq!(
