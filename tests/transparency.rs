@@ -3708,10 +3708,7 @@ fn a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decide
     // The stale replica answers a request left pending.
     let mut flags = log.to_vec();
     flags.push("--no-wait");
-    let (out, v) = provider.checked_as("sendmail-old", bob, "alice@example.net", &flags);
-    expect(&out, &v, 75, "pending");
-    let file = provider.path(&format!("state-{bob}/pending.json"));
-    let mut pending: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let (file, mut pending) = pending_with_the_stale_replica(&provider, bob, &flags);
     assert_eq!(
         pending["requests"][0]["log"]["verified_epoch"], 2,
         "{pending}"
@@ -3721,17 +3718,45 @@ fn a_pending_request_without_its_verified_epoch_cannot_tell_and_the_retry_decide
         .unwrap()
         .remove("verified_epoch");
     std::fs::write(&file, serde_json::to_vec(&pending).unwrap()).unwrap();
+    cannot_tell_then_the_retry_decides(
+        &provider,
+        bob,
+        "retrieve again",
+        "no evidence without an epoch",
+    );
+}
+
+/// The stale replica (`sendmail-old`) answers bob's request for alice, sent with `flags`
+/// (`--no-wait`: left pending): the pending file and what it holds.
+fn pending_with_the_stale_replica(
+    provider: &Provider,
+    bob: &str,
+    flags: &[&str],
+) -> (PathBuf, Value) {
+    let (out, v) = provider.checked_as("sendmail-old", bob, "alice@example.net", flags);
+    expect(&out, &v, 75, "pending");
+    let file = provider.path(&format!("state-{bob}/pending.json"));
+    let pending: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    (file, pending)
+}
+
+/// `kst client check` of bob's pending request cannot tell (exit 75, its error saying
+/// `why`, no evidence: `no_evidence` the assertion's words); the retrieval made again of the
+/// stale replica's key is exit 5 with evidence.
+fn cannot_tell_then_the_retry_decides(
+    provider: &Provider,
+    bob: &str,
+    why: &str,
+    no_evidence: &str,
+) {
     let (out, v) = provider.client("sendmail", bob, &["check"]);
     assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
     let error = v[0]["error"].as_str().unwrap_or_default();
     assert!(
-        error.contains("cannot tell") && error.contains("retrieve again"),
+        error.contains("cannot tell") && error.contains(why),
         "{error}"
     );
-    assert!(
-        provider.evidence(bob).is_empty(),
-        "no evidence without an epoch"
-    );
+    assert!(provider.evidence(bob).is_empty(), "{no_evidence}");
     provider.refused_as_attack("sendmail-old", bob, &provider.log_url, "a stale");
     assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
 }
@@ -3749,28 +3774,18 @@ fn two_step_a_pending_request_without_its_verified_log_cannot_tell_and_the_retry
     provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
     let mut flags = provider.log_args().to_vec();
     flags.push("--no-wait");
-    let (out, v) = provider.checked_as("sendmail-old", bob, "alice@example.net", &flags);
-    expect(&out, &v, 75, "pending");
-    let file = provider.path(&format!("state-{bob}/pending.json"));
-    let mut pending: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let (file, mut pending) = pending_with_the_stale_replica(&provider, bob, &flags);
     let log = &mut pending["requests"][0]["log"];
     assert_eq!(log["verified_epoch"], 2, "{log}");
     assert_eq!(log["verified_log"]["head_key"], provider.head_key.as_str());
     log.as_object_mut().unwrap().remove("verified_log");
     std::fs::write(&file, serde_json::to_vec(&pending).unwrap()).unwrap();
-    let (out, v) = provider.client("sendmail", bob, &["check"]);
-    assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
-    let error = v[0]["error"].as_str().unwrap_or_default();
-    assert!(
-        error.contains("cannot tell") && error.contains("older kst"),
-        "{error}"
+    cannot_tell_then_the_retry_decides(
+        &provider,
+        bob,
+        "older kst",
+        "no evidence without the directory",
     );
-    assert!(
-        provider.evidence(bob).is_empty(),
-        "no evidence without the directory"
-    );
-    provider.refused_as_attack("sendmail-old", bob, &provider.log_url, "a stale");
-    assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
 }
 
 /// Review R1 of the two-step check (issue 18): a pending request's verified epoch counts
@@ -3789,10 +3804,7 @@ fn two_step_a_pending_requests_epoch_outlives_its_cached_root_and_another_root_i
     provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
     let mut flags = provider.log_args().to_vec();
     flags.push("--no-wait");
-    let (out, v) = provider.checked_as("sendmail-old", bob, "alice@example.net", &flags);
-    expect(&out, &v, 75, "pending");
-    let file = provider.path(&format!("state-{bob}/pending.json"));
-    let pending: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let (file, pending) = pending_with_the_stale_replica(&provider, bob, &flags);
     let log = &pending["requests"][0]["log"];
     assert_eq!(log["verified_epoch"], 2, "{log}");
     assert!(log["verified_log"]["started_at"].is_string(), "{log}");
@@ -3812,9 +3824,7 @@ fn two_step_a_pending_requests_epoch_outlives_its_cached_root_and_another_root_i
     assert_eq!(provider.evidence(bob).len(), 1, "evidence kept");
 
     // Another root for the request's epoch (3, kept) than the one it had verified.
-    let (out, v) = provider.checked_as("sendmail-old", bob, "alice@example.net", &flags);
-    expect(&out, &v, 75, "pending");
-    let mut pending: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let (_, mut pending) = pending_with_the_stale_replica(&provider, bob, &flags);
     let log = &mut pending["requests"][0]["log"];
     assert_eq!(log["verified_epoch"], 3, "{log}");
     log["verified_log"]["root"] = "07".repeat(32).into();
