@@ -1658,7 +1658,7 @@ fn serve_stops_at_once_and_leaves_its_fs_directory_whole() {
         "kst serve took {took:?} to exit: a key directory's thread outlived it"
     );
     let dir = provider.path("keys/kt/example.net");
-    let root = std::fs::read(dir.join("root")).unwrap();
+    let root = std::fs::read(dir.join("root.v3")).unwrap();
     let epoch = u64::from_be_bytes(root[..8].try_into().unwrap());
     assert_eq!(epoch, 4, "the stored root's epoch");
     // The slot of the epoch after the root (kst-fs `journal.rs`: `KSTJ2\n` ‖ length (8) ‖

@@ -1211,7 +1211,7 @@ async fn rt7_a_failed_read_is_not_reported_as_another_writers_commit() {
     let fs = FsDirectoryStore::new(dir.path().join("store"));
     assert_eq!(fs.root("example.net").await.unwrap().map(|r| r.0), Some(1));
     // The root cannot be read now: a directory where its file was.
-    let root = dir.path().join("store/kt/example.net/root");
+    let root = dir.path().join("store/kt/example.net/root.v3");
     std::fs::remove_file(&root).unwrap();
     std::fs::create_dir(&root).unwrap();
     let bob = address("bob");

@@ -166,7 +166,7 @@ async fn the_bench_measures_verified_proofs_on_the_fs_store() {
         dir.path()
             .join("kt")
             .join(directory::DOMAIN)
-            .join("root")
+            .join("root.v3")
             .exists(),
         "the directory is on disk"
     );

@@ -2,7 +2,10 @@
 //! [`DirectoryStore`], under `<store>/kt/<domain>/`.
 //!
 //! ```text
-//! kt/<domain>/root                      epoch (8 bytes, big-endian) ‖ the root record
+//! kt/<domain>/root.v3                   epoch (8 bytes, big-endian) ‖ the root record
+//!                                       (with the journal: Linux; `root.rs`)
+//! kt/<domain>/root                      with the journal `KSTR3\n`, a marker every older
+//!                                       kst refuses (`root.rs`); without it the root
 //! kt/<domain>/nodes/<xx>/<node key hex> one tree node (xx: the label's first byte)
 //! kt/<domain>/values/<sha256(label)>/<epoch, 20 digits>   one value state
 //! kt/<domain>/lock                      flock(2) of the writer committing a batch
@@ -51,11 +54,11 @@
 //! replays them at its first touch, `journal::unknown_boot`); a stored root above the
 //! frames it replays is refused (`Corrupt`, [`above_the_journal`]). A store written by a
 //! kst from before the journal is read as it is; the first touch of this kst starts the
-//! journal at the stored root. (A kst from before the journal must not touch a store a
-//! newer one wrote frames to: it reads the tree's files alone, stale above the checkpoint,
-//! and after a restart the domain is refused.) A journal of version 1 (a file per frame) or
-//! 2 (the tree's files after every frame) is upgraded by the first process to touch the
-//! domain, and a kst of that version then fails closed on it (`journal.rs`, "Versions").
+//! journal at the stored root, and moves the root to `root.v3` (`root.rs`): every older
+//! kst then refuses the domain at its next read of the root (it would read the tree's files
+//! alone, stale above the checkpoint). A journal of version 1 (a file per frame) or 2 (the
+//! tree's files after every frame) is upgraded by the first process to touch the domain, and
+//! a kst of that version then fails closed on it (`journal.rs`, "Versions").
 //!
 //! Without the journal (elsewhere, and for akd's first root, written once per directory)
 //! the nodes and value states are written, made durable at once, and the root written last
@@ -90,6 +93,7 @@ use sha2::{Digest, Sha256};
 use crate::journal;
 use crate::overlay::{self, Overlay};
 use crate::pool::Lane;
+use crate::root;
 
 /// Directory of the key directories, under the store's root.
 pub(crate) const KT_DIR: &str = "kt";
@@ -172,7 +176,7 @@ fn locked(ov: &Ov) -> std::sync::MutexGuard<'_, Overlay> {
 
 /// The stored root, with `ov` brought to it ([`overlay::sync`]), under the domain's lock.
 fn tree_root(dir: &Path, ov: Option<&Ov>) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
-    let root = read_root(dir)?;
+    let root = root::read_root(dir, ov.is_some())?;
     if let (Some(ov), Some((epoch, _))) = (ov, &root) {
         overlay::sync(dir, &mut locked(ov), *epoch)?;
     }
@@ -244,13 +248,13 @@ fn values_dir(dir: &Path, label: &[u8]) -> PathBuf {
     dir.join("values").join(hex::encode(Sha256::digest(label)))
 }
 
-fn unavailable(op: &str, path: &Path, e: impl std::fmt::Display) -> DirectoryStoreError {
+pub(crate) fn unavailable(op: &str, path: &Path, e: impl std::fmt::Display) -> DirectoryStoreError {
     DirectoryStoreError::Unavailable(format!("{op} {}: {e}", path.display()))
 }
 
 /// Reads `path`; `None` when it does not exist. One path lookup (the open), then the open
 /// file's length and bytes (a `stat` of the path before cost a lookup per read).
-fn read(path: &Path) -> Result<Option<Vec<u8>>, DirectoryStoreError> {
+pub(crate) fn read(path: &Path) -> Result<Option<Vec<u8>>, DirectoryStoreError> {
     use std::io::Read as _;
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -292,8 +296,9 @@ fn read_nodes(dir: &Path, keys: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, DirectorySto
     Ok(out)
 }
 
+/// The stored root with the journal (`root.rs`: `root.v3`).
 fn read_root(dir: &Path) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
-    read_epoch_blob(&dir.join("root"))
+    root::read_v3(dir)
 }
 
 /// Whether one `syncfs(2)` makes a batch durable (else each file and directory is synced).
@@ -500,6 +505,7 @@ fn try_recover(dir: &Path, boot: Option<&str>, wait: bool) -> Result<bool, Direc
     }
     if journal::boot(dir)?.as_deref() == Some(boot)
         && journal::stored_checkpoint(dir)?.is_some()
+        && root::moved(dir)?
         && !dead_writer(dir)?
         && !headless_root(dir)?
     {
@@ -758,6 +764,10 @@ fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
     if is_recovered(dir, boot) {
         return Ok(());
     }
+    // Before anything else: every older kst refuses the domain from here on (`root.rs`).
+    if root::move_to_v3(dir)? {
+        tracing::info!(dir = %dir.display(), "key directory: moved the root to root.v3 (journal version 3): a kst older than this one refuses the domain now");
+    }
     if journal::boot(dir)?.as_deref() != Some(boot) {
         if let Some(found) = journal::stored_checkpoint(dir)? {
             let (checkpoint, v1, older) = match found {
@@ -899,7 +909,7 @@ fn materialize(dir: &Path, batch: &RecordBatch) -> Result<(), DirectoryStoreErro
 fn write_epoch_root(dir: &Path, root: &RootWrite) -> Result<(), DirectoryStoreError> {
     cut::step()?;
     journal::fault::check(dir, journal::fault::Fault::RootWrite)
-        .map_err(|e| unavailable("write", &dir.join("root"), e))?;
+        .map_err(|e| unavailable("write", &root::path_v3(dir), e))?;
     write_root(dir, &root_bytes(root))
 }
 
@@ -917,7 +927,7 @@ const ROOT_IN_PLACE_MAX: u64 = 512;
 /// allocator skips every recently freed inode one by one: docs/BENCHMARKS.md).
 fn write_root(dir: &Path, bytes: &[u8]) -> Result<(), DirectoryStoreError> {
     use std::os::unix::fs::FileExt as _;
-    let path = dir.join("root");
+    let path = root::path_v3(dir);
     let len = bytes.len() as u64;
     let in_place = match std::fs::OpenOptions::new().write(true).open(&path) {
         Ok(file) => {
@@ -1337,7 +1347,7 @@ fn commit_locked(
     let stored = match boot {
         // Not rolled forward: this process's reads try again before reading.
         Some(boot) => roll_forward(dir).inspect_err(|_| forget_recovered(dir, boot))?,
-        None => read_root(dir)?.map(|(e, _)| e),
+        None => root::read_legacy(dir)?.map(|(e, _)| e),
     };
     if !batch.passes_fence(stored)? {
         return Ok(None);
@@ -1389,7 +1399,8 @@ fn commit_locked(
             }
         }
         if let Some(root) = &batch.root {
-            let path = dir.join("root");
+            // Elsewhere than Linux: no journal, the root where every kst kept it.
+            let path = root::path_legacy(dir);
             write_atomic(&path, &root_bytes(root)).map_err(|e| unavailable("write", &path, e))?;
             if let Some(head) = &batch.head {
                 insert_head(dir, root.epoch, head)?;
@@ -1433,7 +1444,12 @@ fn commit_locked(
     };
     let synced = sync_file_system(dir).and_then(|()| match &root_temp {
         Some(temp) => {
-            let path = dir.join("root");
+            // With the journal (akd's first root) in `root.v3` (the recovery moved the
+            // root, or marked a domain without one: `root.rs`).
+            let path = match boot {
+                Some(_) => root::path_v3(dir),
+                None => root::path_legacy(dir),
+            };
             std::fs::rename(temp, &path).map_err(|e| unavailable("rename into place", &path, e))
         }
         None => Ok(()),
@@ -1695,7 +1711,8 @@ impl DirectoryStore for FsDirectoryStore {
 
     async fn root(&self, domain: &str) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
         let (dir, boot) = (self.domain_dir(domain)?, self.boot.clone());
-        reading(dir, boot, read_root).await
+        let journal = boot.is_some();
+        reading(dir, boot, move |dir| root::read_root(dir, journal)).await
     }
 
     async fn nodes(
@@ -2290,7 +2307,7 @@ mod tests {
         assert!(!heads_dir(&dir).join(epoch_name(3)).exists());
         // The machine stops; the page cache lost the root (written in place, unsynced):
         // back at epoch 1.
-        std::fs::write(dir.join("root"), root_bytes(&epoch(1).root.unwrap())).unwrap();
+        std::fs::write(root::path_v3(&dir), root_bytes(&epoch(1).root.unwrap())).unwrap();
         // After the restart the first read replays the frames after the checkpoint into the
         // tree's files, and syncs them.
         let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
@@ -2324,7 +2341,7 @@ mod tests {
         let dir = tmp.path().join(KT_DIR).join(D);
         // The machine stops, the page cache lost the root (epochs 1 to 3 are in their
         // frames only: the tree's files wait for a checkpoint).
-        std::fs::write(dir.join("root"), root_bytes(&epoch(1).root.unwrap())).unwrap();
+        std::fs::write(root::path_v3(&dir), root_bytes(&epoch(1).root.unwrap())).unwrap();
         // It comes back without a boot id.
         let b = FsDirectoryStore::with_found_boot(tmp.path(), None);
         assert!(b.boot.is_some(), "the journal is used");
@@ -2333,14 +2350,14 @@ mod tests {
         holds(&b, 4).await;
         assert_eq!(frames(&dir), vec![4]);
         // Another process without a boot id, after a crash that lost epoch 4's root.
-        std::fs::write(dir.join("root"), root_bytes(&epoch(3).root.unwrap())).unwrap();
+        std::fs::write(root::path_v3(&dir), root_bytes(&epoch(3).root.unwrap())).unwrap();
         let c = FsDirectoryStore::with_boot(tmp.path(), Some(&journal::unknown_boot()));
         holds(&c, 4).await;
         assert!(frames(&dir).is_empty(), "{:?}", frames(&dir));
         // A process of the machine's boot id replays what the token's left.
         c.commit(D, epoch(5)).await.unwrap();
         holds(&c, 5).await;
-        std::fs::write(dir.join("root"), root_bytes(&epoch(4).root.unwrap())).unwrap();
+        std::fs::write(root::path_v3(&dir), root_bytes(&epoch(4).root.unwrap())).unwrap();
         let d = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
         holds(&d, 5).await;
     }
@@ -2848,7 +2865,7 @@ mod tests {
         holds(&a, last).await;
         // The machine restarts having lost the files of the epochs after the checkpoint.
         std::fs::write(
-            dir.join("root"),
+            root::path_v3(&dir),
             root_bytes(&epoch(journal::SLOTS).root.unwrap()),
         )
         .unwrap();
@@ -2926,6 +2943,7 @@ mod tests {
             }
         }
         std::fs::write(journal_dir.join("spare-05"), b"an old frame").unwrap();
+        root::tests::as_an_older_kst_left_it(&dir);
         dir
     }
 
@@ -3085,6 +3103,11 @@ mod tests {
                 "killed at step {n}: version 1's files left"
             );
             assert!(!version_1_goes_on(&dir, "boot-1"), "killed at step {n}");
+            assert_eq!(
+                root::tests::older_kst_reads_root(&dir),
+                Err(()),
+                "killed at step {n}: the root not moved"
+            );
             b.commit(D, epoch(5)).await.unwrap();
             let c = FsDirectoryStore::with_boot(tmp.path(), Some("boot-3"));
             holds(&c, 5).await;
@@ -3093,9 +3116,10 @@ mod tests {
             }
             kills += 1;
         }
-        // Four frames of five file operations each, the sync, the checkpoint, four frames
-        // and a spare of version 1 removed, the boot file.
-        assert_eq!(kills, 4 * 5 + 1 + 1 + 5 + 1);
+        // The root's move (killed between its copy and its marker), four frames of five
+        // file operations each, the sync, the checkpoint, four frames and a spare of version
+        // 1 removed, the boot file.
+        assert_eq!(kills, 1 + 4 * 5 + 1 + 1 + 5 + 1);
     }
 
     /// A checkpoint of a form this kst does not know (a newer kst's journal) stops every
@@ -3167,7 +3191,7 @@ mod tests {
         use std::os::unix::fs::MetadataExt as _;
         let tmp = tempfile::tempdir().unwrap();
         let (a, dir) = at_epoch_1(tmp.path()).await;
-        let ino = || std::fs::metadata(dir.join("root")).unwrap().ino();
+        let ino = || std::fs::metadata(root::path_v3(&dir)).unwrap().ino();
         let at_1 = ino();
         for e in 2..=9 {
             a.commit(D, epoch(e)).await.unwrap();
@@ -3209,10 +3233,23 @@ mod tests {
         let restarted = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1b"));
         holds(&restarted, 3).await;
         assert_eq!(journal::checkpoint(&dir).unwrap(), Some(3));
-        // An older kst commits epoch 4 without a frame (synced). After a restart the root
-        // is above the journal's last frame: refused (crash review F2: such an epoch may as
-        // well be one whose frame was lost, its files with it), until an operator who knows
-        // an older kst wrote it removes the checkpoint, as the error says.
+        // A kst from before the journal is refused now (the root moved, `root.rs`): it
+        // reads no root, commits nothing.
+        assert!(matches!(
+            old.root(D).await,
+            Err(DirectoryStoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            old.commit(D, epoch(4)).await,
+            Err(DirectoryStoreError::Corrupt(_))
+        ));
+        assert_eq!(root::tests::older_kst_reads_root(&dir), Err(()));
+        // Before the root moved (a store of journal version 2 or 1), an older kst could
+        // commit epoch 4 without a frame (synced). After a restart the root is above the
+        // journal's last frame: refused (crash review F2: such an epoch may as well be one
+        // whose frame was lost, its files with it), until an operator who knows an older
+        // kst wrote it removes the checkpoint, as the error says.
+        root::tests::as_an_older_kst_left_it(&dir);
         old.commit(D, epoch(4)).await.unwrap();
         let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
         let refused = b.root(D).await;
@@ -3416,13 +3453,13 @@ mod tests {
         std::fs::remove_file(node_path(&dir, &own(100))).unwrap();
         std::fs::remove_file(values_dir(&dir, b"label").join(epoch_name(90))).unwrap();
         std::fs::write(heads_dir(&dir).join(epoch_name(120)), b"").unwrap();
-        std::fs::write(dir.join("root"), root_bytes(&epoch(100).root.unwrap())).unwrap();
+        std::fs::write(root::path_v3(&dir), root_bytes(&epoch(100).root.unwrap())).unwrap();
         let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
         holds(&b, last).await;
         assert_eq!(journal::checkpoint(&dir).unwrap(), Some(last));
         // And a crash before any write-out of the epochs after the checkpoint.
         b.commit(D, epoch(last + 1)).await.unwrap();
-        std::fs::write(dir.join("root"), root_bytes(&epoch(last).root.unwrap())).unwrap();
+        std::fs::write(root::path_v3(&dir), root_bytes(&epoch(last).root.unwrap())).unwrap();
         let c = FsDirectoryStore::with_boot(tmp.path(), Some("boot-3"));
         holds(&c, last + 1).await;
     }
@@ -3487,6 +3524,7 @@ mod tests {
             )
             .unwrap();
             std::fs::write(journal_dir.join("boot"), b"KSTJ2 boot-1").unwrap();
+            root::tests::as_an_older_kst_left_it(&dir);
         }
         // Processes of this version forget it (a kst of version 2 wrote it).
         forget_recovered(&dir, "boot-1");
@@ -3526,6 +3564,133 @@ mod tests {
             let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-9"));
             holds(&b, 5).await;
         }
+    }
+
+    /// A legacy store (no journal: as a kst from before it wrote it) at `root` holding epochs
+    /// 0 to 2; its domain's directory.
+    async fn store_from_before_the_journal(root: &Path) -> PathBuf {
+        let old = FsDirectoryStore::with_boot(root, None);
+        old.commit(D, first()).await.unwrap();
+        for e in 1..=2 {
+            old.commit(D, epoch(e)).await.unwrap();
+        }
+        root.join(KT_DIR).join(D)
+    }
+
+    /// A store of journal version 3 as a kst of that version before the root moved left it
+    /// (its root in `root`, frames above the checkpoint, this boot's boot file): epochs 0 to
+    /// 5; its domain's directory.
+    async fn version_3_store_before_the_move(root: &Path) -> PathBuf {
+        let (a, dir) = at_epoch_1(root).await;
+        for e in 2..=5 {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        holds(&a, 5).await;
+        {
+            let _lock = DomainLock::acquire(&dir).unwrap();
+            root::tests::as_an_older_kst_left_it(&dir);
+        }
+        forget_recovered(&dir, "boot-1");
+        dir
+    }
+
+    /// Review F2/F3 (issue 18): once a process of this version touched a domain, every
+    /// older kst fails closed on it, a process that had read the domain before included:
+    /// its every read of the root (which each read of the tree and each commit starts with)
+    /// is refused (`Corrupt`), where before it read the live root over node files stale
+    /// since the checkpoint and could sign a head of a wrong root hash. The older kst's
+    /// reader is `root::tests::older_kst_reads_root` (the one check of every release from
+    /// the first directory to journal version 3 before the move), and a kst without the
+    /// journal (this build's legacy path, as a kst from before the journal) is run for real.
+    /// For each store an older kst left (from before the journal, journal versions 1, 2 and 3
+    /// before the move, on this boot or after a restart) and a fresh domain: the older
+    /// kst reads it before, refuses it after, across checkpoints; this version reads and
+    /// commits every epoch.
+    #[tokio::test]
+    async fn every_older_kst_fails_closed_on_a_store_this_version_touched() {
+        let refused = |dir: &Path| root::tests::older_kst_reads_root(dir) == Err(());
+        // A fresh domain: refused from its first root (an older kst would take a domain
+        // without one for empty and start a tree of its own).
+        let tmp = tempfile::tempdir().unwrap();
+        let a = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        a.commit(D, first()).await.unwrap();
+        let dir = tmp.path().join(KT_DIR).join(D);
+        assert!(refused(&dir));
+        assert_eq!(std::fs::read(dir.join("root")).unwrap(), root::MOVED);
+        let old = FsDirectoryStore::with_boot(tmp.path(), None);
+        assert!(matches!(
+            old.root(D).await,
+            Err(DirectoryStoreError::Corrupt(_))
+        ));
+        for (name, last) in [
+            ("before the journal", 2),
+            ("journal version 1", 4),
+            ("journal version 2", 4),
+            ("journal version 3 before the move, same boot", 5),
+            ("journal version 3 before the move, after a restart", 5),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = match name {
+                "before the journal" => store_from_before_the_journal(tmp.path()).await,
+                "journal version 1" => version_1_store(tmp.path()).await,
+                "journal version 2" => version_2_store(tmp.path()).await,
+                _ => version_3_store_before_the_move(tmp.path()).await,
+            };
+            let stored = root::tests::older_kst_reads_root(&dir);
+            assert!(matches!(stored, Ok(Some(_))), "{name}: {stored:?}");
+            let boot = if name.ends_with("restart") {
+                "boot-2"
+            } else {
+                "boot-1"
+            };
+            let b = FsDirectoryStore::with_boot(tmp.path(), Some(boot));
+            holds(&b, last).await;
+            assert!(refused(&dir), "{name}");
+            let old = FsDirectoryStore::with_boot(tmp.path(), None);
+            for e in last + 1..=last + journal::CHECKPOINT_EVERY + 2 {
+                b.commit(D, epoch(e)).await.unwrap();
+                assert!(refused(&dir), "{name}, epoch {e}");
+                let read = old.root_and_nodes(D, &[node(99)]).await;
+                assert!(
+                    matches!(&read, Err(DirectoryStoreError::Corrupt(m)) if m.contains("root.v3")),
+                    "{name}, epoch {e}: {read:?}"
+                );
+            }
+            let last = last + journal::CHECKPOINT_EVERY + 2;
+            assert!(matches!(
+                old.commit(D, epoch(last + 1)).await,
+                Err(DirectoryStoreError::Corrupt(_))
+            ));
+            let c = FsDirectoryStore::with_boot(tmp.path(), Some("boot-3"));
+            holds(&c, last).await;
+            holds(&b, last).await;
+        }
+    }
+
+    /// Review F2/F3: the root's move is killed between its copy to `root.v3` and the marker
+    /// (its commit point); a kst from before the journal, not refused yet, commits epoch 3
+    /// meanwhile: the next process of this version copies the root again and serves epoch
+    /// 3, not the copy's epoch 2.
+    #[tokio::test]
+    async fn a_move_of_the_root_killed_before_its_marker_is_done_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = store_from_before_the_journal(tmp.path()).await;
+        {
+            let _lock = DomainLock::acquire(&dir).unwrap();
+            cut::after(Some(0));
+            let moved = root::move_to_v3(&dir);
+            cut::after(None);
+            assert!(moved.is_err());
+        }
+        assert_eq!(read_root(&dir).unwrap().map(|r| r.0), Some(2), "copied");
+        assert_eq!(root::tests::older_kst_reads_root(&dir), Ok(Some(2)));
+        let old = FsDirectoryStore::with_boot(tmp.path(), None);
+        old.commit(D, epoch(3)).await.unwrap();
+        let a = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        holds(&a, 3).await;
+        assert_eq!(root::tests::older_kst_reads_root(&dir), Err(()));
+        a.commit(D, epoch(4)).await.unwrap();
+        holds(&a, 4).await;
     }
 
     /// The directory's file work has a lane of its own beside the key store's bound: while

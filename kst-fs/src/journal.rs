@@ -53,10 +53,11 @@
 //! this version written. A kst of version 2 then takes the boot file for another boot's,
 //! recovers, and refuses the checkpoint (`Corrupt`): it fails closed instead of reading
 //! stale node files; one that had checked the domain before (once per process and boot)
-//! reads the live root over the stale files (and may sign a head of a wrong root hash, which
-//! then stays: review F2), and its commits fail at the checkpoint. So this upgrade is not
-//! rolling: every process of a pool is stopped before the first of this version starts
-//! (docs/OPERATIONS.md).
+//! read the live root over the stale files (and could sign a head of a wrong root hash,
+//! which then stays: review F2) until the root moved: the first process of this version to
+//! touch a domain moves it to `root.v3` and leaves a marker in `root` every older kst refuses
+//! at its next read of the root (`root.rs`), so every older process fails closed, and a pool
+//! can be rolled (those not yet upgraded answer temporary failures: docs/OPERATIONS.md).
 //!
 //! **Versions 1 and 2.** Version 1 (`KSTJ1\n`, kst before the slots) kept a file per frame,
 //! `journal/<epoch, 20 digits>`, renamed from `journal/spare-<nn>`, with a checkpoint file of

@@ -17,6 +17,8 @@ mod overlay;
 mod pool;
 mod ratelimit;
 mod reminders;
+#[cfg(feature = "transparency")]
+mod root;
 mod store;
 mod walk;
 
