@@ -91,7 +91,7 @@ use kst_core::transparency::{
 use sha2::{Digest, Sha256};
 
 use crate::journal;
-use crate::overlay::{self, Overlay};
+use crate::overlay::{self, Overlay, Overlays};
 use crate::pool::Lane;
 use crate::root;
 
@@ -109,7 +109,7 @@ pub struct FsDirectoryStore {
     boot: Option<String>,
     /// The overlay of each domain's epochs above the tree's files (`overlay.rs`), when
     /// epochs are committed through the journal.
-    overlays: std::sync::Arc<Mutex<std::collections::HashMap<PathBuf, Ov>>>,
+    overlays: std::sync::Arc<Mutex<Overlays>>,
 }
 
 /// A domain's overlay (`overlay.rs`), shared by the reads and commits of one store.
@@ -153,17 +153,16 @@ impl FsDirectoryStore {
         Ok(self.root.join(domain))
     }
 
-    /// The overlay of the domain at `dir` (made empty at first use); `None` without the
-    /// journal (the files hold every epoch).
+    /// The overlay of the domain at `dir` (made empty at first use, and after it was
+    /// dropped unused, [`Overlays`]); `None` without the journal (the files hold every
+    /// epoch).
     fn overlay(&self, dir: &Path) -> Option<Ov> {
         self.boot.as_ref()?;
         Some(
             self.overlays
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .entry(dir.to_path_buf())
-                .or_default()
-                .clone(),
+                .get(dir, std::time::Instant::now()),
         )
     }
 }
@@ -3327,6 +3326,65 @@ mod tests {
         let ov = b.overlay(&dir).unwrap();
         assert!(locked(&ov).len() > 0);
         assert_eq!(locked(&ov).upto(), Some(11));
+    }
+
+    /// Review F6 (journal version 3): a process that only reads a domain another process
+    /// writes holds the epochs above the checkpoint it has seen moved, at most
+    /// `SLOTS + PRUNE_STEP` (most often about 64 to 80), where it held up to 256 epochs; and
+    /// a domain's overlay unused for `overlay::IDLE` is dropped whole (the writer's too: its
+    /// next commit builds it again from the frames, and the next write-out writes every
+    /// epoch), unless a read or commit holds it.
+    #[tokio::test]
+    async fn a_reading_process_holds_few_epochs_and_drops_an_idle_domains() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        let last = 4 * journal::CHECKPOINT_EVERY + 10;
+        let (mut most, mut records) = (0, 0);
+        for e in 2..=last {
+            a.commit(D, epoch(e)).await.unwrap();
+            assert_eq!(read_whole(&b).await, e);
+            let ov = b.overlay(&dir).unwrap();
+            let ov = locked(&ov);
+            most = most.max(ov.epochs());
+            records = records.max(ov.len());
+        }
+        eprintln!("the reading process held at most {most} epochs, {records} records");
+        assert!(
+            most <= journal::SLOTS + overlay::PRUNE_STEP,
+            "the reading process held {most} epochs ({records} records)"
+        );
+        holds(&b, last).await;
+        let held = locked(&b.overlay(&dir).unwrap()).len();
+        assert!(held > 0);
+        // As of a moment IDLE after the last use.
+        let later = || std::time::Instant::now() + overlay::IDLE;
+        // In use (a read under way holds it): kept.
+        {
+            let _in_use = b.overlay(&dir).unwrap();
+            assert_eq!(b.overlays.lock().unwrap().drop_idle(later()), 0);
+        }
+        assert_eq!(b.overlays.lock().unwrap().drop_idle(later()), 1);
+        assert_eq!(b.overlays.lock().unwrap().held(), 0, "{held} records freed");
+        holds(&b, last).await;
+        assert_eq!(b.overlays.lock().unwrap().held(), 1);
+        // The writer's, dropped between two commits (once its background checkpoint let it
+        // go): the next commits and write-out keep every epoch.
+        for _ in 0..300 {
+            if !checkpointing().lock().unwrap().contains(&dir) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(a.overlays.lock().unwrap().drop_idle(later()), 1);
+        let next = 5 * journal::CHECKPOINT_EVERY + 1;
+        for e in last + 1..=next {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        holds(&a, next).await;
+        holds(&b, next).await;
+        let c = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        holds(&c, next).await;
     }
 
     /// Review F4: a background checkpoint whose write-out was followed by a replay killed

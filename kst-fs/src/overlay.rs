@@ -15,10 +15,17 @@
 //! One overlay per domain and [`crate::FsDirectoryStore`] (one per process in kst): a
 //! commit adds its own batch without reading it back ([`Overlay::apply`]); a read first adds
 //! the frames other processes of a pool committed since ([`sync`]). Entries at or under the
-//! checkpoint are dropped when the checkpoint moves ([`Overlay::prune`]).
+//! checkpoint are dropped when the checkpoint moves ([`Overlay::prune`]): by the writer as it
+//! moves it, by a process that only reads as soon as it sees it moved (it reads the
+//! checkpoint every [`PRUNE_STEP`] epochs once it holds more than
+//! [`journal::CHECKPOINT_EVERY`]: review F6, it held up to 256 epochs). And a domain's overlay
+//! unused for [`IDLE`] is dropped whole ([`Overlays`]): a process that read many domains once
+//! kept each one's for good.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kst_core::transparency::{DirectoryStoreError, RecordBatch};
 
@@ -31,6 +38,8 @@ pub(crate) struct Overlay {
     started: bool,
     base: u64,
     upto: u64,
+    /// `upto` when [`sync`] last read the checkpoint (or the overlay was started).
+    checked: u64,
     /// Node key → (the epoch that wrote it last, its blob).
     nodes: HashMap<Vec<u8>, (u64, Vec<u8>)>,
     /// Label → value states by their epoch → (the epoch of the frame that wrote it last, its
@@ -62,6 +71,7 @@ impl Overlay {
             started: true,
             base: epoch,
             upto: epoch,
+            checked: epoch,
             ..Overlay::default()
         };
     }
@@ -164,11 +174,72 @@ impl Overlay {
     pub(crate) fn len(&self) -> usize {
         self.nodes.len() + self.values.values().map(BTreeMap::len).sum::<usize>() + self.heads.len()
     }
+
+    /// How many epochs the overlay holds (a test's measure).
+    #[cfg(test)]
+    pub(crate) fn epochs(&self) -> u64 {
+        self.upto - self.base
+    }
 }
 
-/// How many epochs an overlay spans before [`sync`] reads the checkpoint to prune it (a
-/// process that only reads never sees the checkpoint move otherwise).
-const PRUNE_SPAN: u64 = 2 * journal::SLOTS;
+/// How many epochs an overlay holding more than [`journal::CHECKPOINT_EVERY`] adds between
+/// two reads of the checkpoint by [`sync`] (a process that only reads sees the checkpoint
+/// move no other way). The checkpoint is never more than [`journal::SLOTS`] epochs under
+/// the root (a commit moves it first, `journal::room_for`), and most often within
+/// [`journal::CHECKPOINT_EVERY`] and a background `syncfs` of it: so an overlay holds at
+/// most `SLOTS + PRUNE_STEP` epochs, most often about 64 to 80, at the cost of one read of
+/// the checkpoint file per 16 epochs.
+pub(crate) const PRUNE_STEP: u64 = journal::CHECKPOINT_EVERY / 4;
+
+/// How long a domain's overlay is kept unused (no read or commit of the domain by this
+/// store) before [`Overlays`] drops it; the next use builds it again from the frames above
+/// the checkpoint (at most [`journal::SLOTS`] frames read once).
+pub(crate) const IDLE: Duration = Duration::from_secs(60);
+
+/// The overlays of one store's domains, each with when it was last handed out.
+#[derive(Debug, Default)]
+pub(crate) struct Overlays {
+    by_dir: HashMap<PathBuf, (Arc<Mutex<Overlay>>, Instant)>,
+    /// When the idle ones were last dropped.
+    swept: Option<Instant>,
+}
+
+impl Overlays {
+    /// The overlay of the domain at `dir` (a new one, not started, at its first use or after
+    /// it was dropped), used `now`; first, at most every quarter of [`IDLE`], drops those
+    /// unused for [`IDLE`] ([`Overlays::drop_idle`]).
+    pub(crate) fn get(&mut self, dir: &Path, now: Instant) -> Arc<Mutex<Overlay>> {
+        if self
+            .swept
+            .is_none_or(|at| now.saturating_duration_since(at) >= IDLE / 4)
+        {
+            self.drop_idle(now);
+        }
+        let (ov, used) = self
+            .by_dir
+            .entry(dir.to_path_buf())
+            .or_insert_with(|| (Arc::default(), now));
+        *used = now;
+        ov.clone()
+    }
+
+    /// Drops the overlays unused for [`IDLE`] as of `now` that nobody holds (a read, a commit
+    /// or a background checkpoint under way holds its domain's); returns how many.
+    pub(crate) fn drop_idle(&mut self, now: Instant) -> usize {
+        self.swept = Some(now);
+        let before = self.by_dir.len();
+        self.by_dir.retain(|_, (ov, used)| {
+            Arc::strong_count(ov) > 1 || now.saturating_duration_since(*used) < IDLE
+        });
+        before - self.by_dir.len()
+    }
+
+    /// How many domains' overlays are held (a test's measure).
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.by_dir.len()
+    }
+}
 
 /// Brings `ov` to the stored root `root` of the domain at `dir`, under the domain's lock
 /// (shared or exclusive: the root, the checkpoint and the frames up to the root do not change
@@ -204,7 +275,8 @@ pub(crate) fn sync(dir: &Path, ov: &mut Overlay, root: u64) -> Result<(), Direct
             }
         }
     }
-    if ov.upto - ov.base > PRUNE_SPAN {
+    if ov.upto - ov.base > journal::CHECKPOINT_EVERY && ov.upto - ov.checked >= PRUNE_STEP {
+        ov.checked = ov.upto;
         ov.prune(start(dir, root)?);
     }
     Ok(())
