@@ -196,6 +196,9 @@ pub(crate) const PRUNE_STEP: u64 = journal::CHECKPOINT_EVERY / 4;
 /// the checkpoint (at most [`journal::SLOTS`] frames read once).
 pub(crate) const IDLE: Duration = Duration::from_secs(60);
 
+/// An overlay [`Overlays`] took out, unused: freed when dropped.
+pub(crate) type Idle = Arc<Mutex<Overlay>>;
+
 /// The overlays of one store's domains, each with when it was last handed out.
 #[derive(Debug, Default)]
 pub(crate) struct Overlays {
@@ -206,32 +209,43 @@ pub(crate) struct Overlays {
 
 impl Overlays {
     /// The overlay of the domain at `dir` (a new one, not started, at its first use or after
-    /// it was dropped), used `now`; first, at most every quarter of [`IDLE`], drops those
-    /// unused for [`IDLE`] ([`Overlays::drop_idle`]).
-    pub(crate) fn get(&mut self, dir: &Path, now: Instant) -> Arc<Mutex<Overlay>> {
-        if self
+    /// it was dropped), used `now`; first, at most every quarter of [`IDLE`], takes out those
+    /// unused for [`IDLE`] ([`Overlays::drop_idle`]), returned for the caller to free once it
+    /// let the store's lock of its overlays go (review L5: a burst of domains freed at once
+    /// held every read and commit of the store meanwhile).
+    pub(crate) fn get(&mut self, dir: &Path, now: Instant) -> (Arc<Mutex<Overlay>>, Vec<Idle>) {
+        let idle = if self
             .swept
             .is_none_or(|at| now.saturating_duration_since(at) >= IDLE / 4)
         {
-            self.drop_idle(now);
-        }
+            self.drop_idle(now)
+        } else {
+            Vec::new()
+        };
         let (ov, used) = self
             .by_dir
             .entry(dir.to_path_buf())
             .or_insert_with(|| (Arc::default(), now));
         *used = now;
-        ov.clone()
+        (ov.clone(), idle)
     }
 
-    /// Drops the overlays unused for [`IDLE`] as of `now` that nobody holds (a read, a commit
-    /// or a background checkpoint under way holds its domain's); returns how many.
-    pub(crate) fn drop_idle(&mut self, now: Instant) -> usize {
+    /// Takes out the overlays unused for [`IDLE`] as of `now` that nobody holds (a read, a
+    /// commit or a background checkpoint under way holds its domain's), and returns them.
+    pub(crate) fn drop_idle(&mut self, now: Instant) -> Vec<Idle> {
         self.swept = Some(now);
-        let before = self.by_dir.len();
-        self.by_dir.retain(|_, (ov, used)| {
-            Arc::strong_count(ov) > 1 || now.saturating_duration_since(*used) < IDLE
-        });
-        before - self.by_dir.len()
+        let expired: Vec<PathBuf> = self
+            .by_dir
+            .iter()
+            .filter(|(_, (ov, used))| {
+                Arc::strong_count(ov) == 1 && now.saturating_duration_since(*used) >= IDLE
+            })
+            .map(|(dir, _)| dir.clone())
+            .collect();
+        expired
+            .iter()
+            .filter_map(|dir| self.by_dir.remove(dir).map(|(ov, _)| ov))
+            .collect()
     }
 
     /// How many domains' overlays are held (a test's measure).
@@ -256,6 +270,8 @@ pub(crate) fn sync(dir: &Path, ov: &mut Overlay, root: u64) -> Result<(), Direct
     if behind {
         ov.reset(start(dir, root)?);
     }
+    // Whether the overlay started (again) at the checkpoint read here.
+    let mut fresh = behind;
     while ov.upto < root {
         let epoch = ov.upto + 1;
         match journal::read_frame(dir, epoch)? {
@@ -272,8 +288,13 @@ pub(crate) fn sync(dir: &Path, ov: &mut Overlay, root: u64) -> Result<(), Direct
                     )));
                 }
                 ov.reset(checkpoint);
+                fresh = true;
             }
         }
+    }
+    if fresh {
+        // Its checkpoint was just read: not read again at once (review L7).
+        ov.checked = ov.upto;
     }
     if ov.upto - ov.base > journal::CHECKPOINT_EVERY && ov.upto - ov.checked >= PRUNE_STEP {
         ov.checked = ov.upto;
@@ -294,5 +315,38 @@ fn start(dir: &Path, root: u64) -> Result<u64, DirectoryStoreError> {
              restore the domain's directory from a backup",
             dir.display()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review L6: [`Overlays::get`] takes out the overlays unused for [`IDLE`], but sweeps at
+    /// most every quarter of it: an overlay idle past [`IDLE`] stays until the next sweep.
+    #[test]
+    fn get_takes_out_idle_overlays_at_most_every_quarter_of_idle() {
+        let mut ovs = Overlays::default();
+        let (a, b) = (Path::new("/kt/a.example"), Path::new("/kt/b.example"));
+        let t0 = Instant::now();
+        let (ov, idle) = ovs.get(a, t0);
+        assert!(idle.is_empty());
+        drop(ov);
+        // A sweep (a quarter of IDLE since the first): `a` unused for less than IDLE stays.
+        let (_b, idle) = ovs.get(b, t0 + IDLE - IDLE / 8);
+        assert!(idle.is_empty());
+        assert_eq!(ovs.held(), 2);
+        // `a` unused for longer than IDLE now, but the last sweep is less than a quarter
+        // of IDLE ago: no sweep.
+        let (_b, idle) = ovs.get(b, t0 + IDLE + IDLE / 16);
+        assert!(idle.is_empty());
+        assert_eq!(ovs.held(), 2);
+        // A quarter of IDLE after that sweep: `a` is taken out, `b` (held) stays.
+        let (_b, idle) = ovs.get(b, t0 + IDLE + IDLE / 8);
+        assert_eq!(idle.len(), 1);
+        assert_eq!(ovs.held(), 1);
+        // Taken out, `a` comes back new (not started).
+        let (ov, _) = ovs.get(a, t0 + 2 * IDLE);
+        assert_eq!(ov.lock().unwrap().upto(), None);
     }
 }

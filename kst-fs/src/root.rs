@@ -36,6 +36,7 @@ use kst_core::durable::write_atomic;
 use kst_core::transparency::DirectoryStoreError;
 
 use crate::directory::{cut, read, unavailable};
+use crate::journal;
 
 /// The root's file of every kst before this one, and without the journal (elsewhere than
 /// Linux): epoch (8 bytes) ‖ the root record. With the journal it holds [`MOVED`].
@@ -73,7 +74,9 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<(u64, Vec<u8>), DirectoryStoreErro
 
 /// The stored root with the journal: [`ROOT_V3`]; before a process of this version moved it
 /// ([`move_to_v3`], at its first touch of the domain) the older kst's [`ROOT_LEGACY`]. A
-/// domain moved before its first root has none.
+/// domain moved before its first root has none; one moved whose journal holds an epoch
+/// (its checkpoint above 0, or the frame of epoch 1) lost its root: `Corrupt` (review L1:
+/// taken for a domain without a root, akd's empty tree was committed over its nodes).
 pub(crate) fn read_v3(dir: &Path) -> Result<Option<(u64, Vec<u8>)>, DirectoryStoreError> {
     let path = path_v3(dir);
     if let Some(bytes) = read(&path)? {
@@ -82,7 +85,21 @@ pub(crate) fn read_v3(dir: &Path) -> Result<Option<(u64, Vec<u8>)>, DirectorySto
     let legacy = path_legacy(dir);
     match read(&legacy)? {
         None => Ok(None),
-        Some(bytes) if bytes == MOVED => Ok(None),
+        Some(bytes) if bytes == MOVED => {
+            let checkpoint = journal::stored_checkpoint(dir)?;
+            let empty = matches!(checkpoint, None | Some(journal::Stored::V3(0)))
+                && !journal::holds(dir, 1)?;
+            if empty {
+                return Ok(None);
+            }
+            Err(DirectoryStoreError::Corrupt(format!(
+                "{} is missing, but {} says the root moved there and the journal holds epochs \
+                 ({checkpoint:?}): the domain's root was lost; restore the domain's directory \
+                 from a backup",
+                path.display(),
+                legacy.display()
+            )))
+        }
         Some(bytes) => parse(&legacy, &bytes).map(Some),
     }
 }
