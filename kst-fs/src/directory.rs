@@ -1304,6 +1304,7 @@ fn write_files(dir: &Path, batch: &RecordBatch, epoch: u64, boot: Option<&str>, 
 /// writer killed half-way leaves files no newer than the root, which the overlay of every
 /// process masks until the checkpoint passes them.
 fn write_out(dir: &Path, ov: &Ov) -> Result<u64, DirectoryStoreError> {
+    let started = std::time::Instant::now();
     let checkpoint = journal::checkpoint(dir)?.unwrap_or(0);
     let (upto, records) = {
         let ov = locked(ov);
@@ -1327,6 +1328,17 @@ fn write_out(dir: &Path, ov: &Ov) -> Result<u64, DirectoryStoreError> {
         cut::step()?;
         link_head(dir, *epoch, head)?;
     }
+    // How long the domain's reads waited for it (review F5; docs/BENCHMARKS.md).
+    tracing::debug!(
+        dir = %dir.display(),
+        checkpoint,
+        upto,
+        nodes = records.nodes.len(),
+        value_states = records.values.len(),
+        heads = records.heads.len(),
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "key directory: wrote the epochs above the checkpoint out to the tree's files, under the domain's lock"
+    );
     Ok(upto)
 }
 
@@ -4421,6 +4433,77 @@ mod costs {
             files_wall * 1000.0 / EPOCHS as f64,
             per(cp_cpu)
         );
+    }
+
+    /// An epoch of `changes` changes spread over a tree as akd's are: per change 12 nodes
+    /// of 250 bytes of its own (two leaves and the lower parts of their paths, keys spread
+    /// over the shards as a label's hash spreads them) and 8 upper nodes every epoch writes
+    /// again (20 nodes for one change: `kst serve` at 8 connections wrote about 21 files per
+    /// epoch before journal version 3, docs/BENCHMARKS.md); one value state each; a head.
+    fn spread_epoch(e: u64, changes: usize) -> RecordBatch {
+        let key = |id: u64| {
+            let mut key = vec![2, 0, 0, 1, 0];
+            key.extend_from_slice(&Sha256::digest(id.to_be_bytes()));
+            key
+        };
+        let mut batch = epoch(e, changes);
+        batch.nodes = (0..changes as u64)
+            .flat_map(|c| {
+                let own = (0..12).map(move |j| 1_000 + (e * 64 + c) * 12 + j);
+                own.chain(c * 8..c * 8 + 8)
+                    .map(move |id| (key(id), vec![e as u8; 250]))
+            })
+            .collect();
+        batch
+    }
+
+    /// Review F5: how long a write-out of 64 epochs holds the domain's lock (every read of
+    /// the domain waits meanwhile), against one epoch's frame: four write-outs at 1, 3 and
+    /// 8 changes per epoch, each creating the files of its epochs' own nodes and value states
+    /// and overwriting the upper nodes (run by hand, release build:
+    /// `cargo test --release -p kst-fs --features transparency --lib -- --ignored
+    /// --nocapture write_out_costs`; KST_COSTS_DIR: where to write, /var/tmp by default).
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn write_out_costs() {
+        const D: &str = "costs.example";
+        let base = std::env::var("KST_COSTS_DIR").unwrap_or_else(|_| "/var/tmp".into());
+        let every = journal::CHECKPOINT_EVERY;
+        for changes in [1, 3, 8] {
+            let (_tmp, dir) = costs_dir(&base, D);
+            journal::start(&dir, 0).unwrap();
+            let ov = Ov::default();
+            locked(&ov).reset(0);
+            let mut frames = Vec::new();
+            for round in 0..4 {
+                for e in round * every + 1..=(round + 1) * every {
+                    let batch = spread_epoch(e, changes);
+                    let t = std::time::Instant::now();
+                    journal::write_frame(&dir, &batch).unwrap();
+                    frames.push(ms(t.elapsed()));
+                    write_root(&dir, &root_bytes(batch.root.as_ref().unwrap())).unwrap();
+                    locked(&ov).apply(&batch);
+                }
+                let records = locked(&ov).records_above(round * every);
+                let (c, t) = (cpu_ns(), std::time::Instant::now());
+                write_out(&dir, &ov).unwrap();
+                let (wall, cpu) = (ms(t.elapsed()), (cpu_ns() - c) as f64 / 1e6);
+                eprintln!(
+                    "{changes} changes per epoch, write-out {round} of 64 epochs ({} nodes, {} \
+                     value states, {} heads): lock held {wall:.1} ms (CPU {cpu:.1} ms)",
+                    records.nodes.len(),
+                    records.values.len(),
+                    records.heads.len()
+                );
+                sync_file_system(&dir).unwrap();
+                journal::set_checkpoint(&dir, (round + 1) * every).unwrap();
+                locked(&ov).prune((round + 1) * every);
+            }
+            eprintln!(
+                "{changes} changes per epoch: a frame's write and fdatasync, median {:.2} ms",
+                median(frames)
+            );
+        }
     }
 
     #[test]
