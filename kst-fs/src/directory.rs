@@ -560,8 +560,10 @@ fn read_lock(dir: &Path, boot: Option<&str>) -> Result<Shared, DirectoryStoreErr
         match boot {
             Some(boot) if !is_recovered(dir, boot) => drop(shared),
             // Another process of the pool died (or failed) between its commit point and
-            // its files: roll its epoch forward before reading.
-            Some(boot) if dead_writer(dir)? => {
+            // its files: roll its epoch forward before reading. Or a root was put back into
+            // `root` behind this process's back (a partial restore: older kst would read it):
+            // moved again, as at a first touch (`root.rs`; review L2).
+            Some(boot) if dead_writer(dir)? || !root::moved(dir)? => {
                 drop(shared);
                 forget_recovered(dir, boot);
             }
@@ -3786,6 +3788,26 @@ mod tests {
         ));
         assert_eq!(std::fs::read(&node_file).unwrap(), before);
         assert!(!root::path_v3(&dir).exists());
+    }
+
+    /// Review of F2/F3, L2: a root put back into `root` under a running process (a partial
+    /// restore) is moved again at that process's next read, so older kst refuse the domain
+    /// again, and the restored root is rolled forward by the journal's frames above it.
+    /// Before, the process read `root.v3` on, and older kst read the restored root.
+    #[tokio::test]
+    async fn a_root_restored_under_a_running_process_is_moved_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        for e in 2..=3 {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        holds(&a, 3).await;
+        std::fs::write(root::path_legacy(&dir), root_bytes(&epoch(2).root.unwrap())).unwrap();
+        assert_eq!(root::tests::older_kst_reads_root(&dir), Ok(Some(2)));
+        holds(&a, 3).await;
+        assert_eq!(root::tests::older_kst_reads_root(&dir), Err(()));
+        a.commit(D, epoch(4)).await.unwrap();
+        holds(&a, 4).await;
     }
 
     /// Review F2/F3: the root's move is killed between its copy to `root.v3` and the marker
