@@ -56,8 +56,9 @@
 //! read the live root over the stale files (and could sign a head of a wrong root hash,
 //! which then stays: review F2) until the root moved: the first process of this version to
 //! touch a domain moves it to `root.v3` and leaves a marker in `root` every older kst refuses
-//! at its next read of the root (`root.rs`), so every older process fails closed, and a pool
-//! can be rolled (those not yet upgraded answer temporary failures: docs/OPERATIONS.md).
+//! at its next read of the root (`root.rs`), so every older process fails closed. The pool is
+//! still stopped whole for the upgrade: an older process writes a publication to the key store
+//! before its directory commit fails (docs/OPERATIONS.md).
 //!
 //! **Versions 1 and 2.** Version 1 (`KSTJ1\n`, kst before the slots) kept a file per frame,
 //! `journal/<epoch, 20 digits>`, renamed from `journal/spare-<nn>`, with a checkpoint file of
