@@ -2943,6 +2943,10 @@ mod tests {
         let old = FsDirectoryStore::with_boot(root, None);
         old.commit(D, first()).await.unwrap();
         let dir = root.join(KT_DIR).join(D);
+        // Under the domain's lock, as a writer: the commit above sweeps the domain's
+        // temporary files after its answer, and `materialize` writes the root through one
+        // (there is no `root.v3` to overwrite in place yet).
+        let _lock = DomainLock::acquire(&dir).unwrap();
         let journal_dir = journal::journal_dir(&dir);
         std::fs::create_dir_all(&journal_dir).unwrap();
         std::fs::write(journal_dir.join("checkpoint"), 0u64.to_be_bytes()).unwrap();
