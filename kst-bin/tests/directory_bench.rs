@@ -215,22 +215,6 @@ async fn the_bench_refuses_a_store_that_holds_the_directory_already() {
 /// `4 * FIRST_STEP_MAX_ELEMENTS + 64` node reads, counted by the step planner
 /// (`DomainLog::step_reads`). Here the step from epoch 1 is larger than the cap but within
 /// the HTTP budget: before the cap it was counted whole and built (no refusal at all).
-/// The bench's addresses `from..to`, each with the directory entry of its first key.
-fn bench_entries(
-    from: u64,
-    to: u64,
-) -> Vec<(kst_core::Address, kst_core::transparency::DirectoryEntry)> {
-    (from..to)
-        .map(|i| {
-            let a = directory::address(i).unwrap();
-            let e = kst_core::transparency::DirectoryEntry::for_record(
-                &directory::record(&a, i, 1).unwrap(),
-            );
-            (a, e)
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn rt18_a_too_far_refusal_reads_a_bounded_number_of_nodes() {
     use kst_core::transparency::answer::{
@@ -248,7 +232,9 @@ async fn rt18_a_too_far_refusal_reads_a_bounded_number_of_nodes() {
     // Epoch 1: 10 000 addresses; epoch 2: 10 000 more (a step of about 20 000 elements, more
     // than the cap); epoch 3: one more (a small step).
     for (from, to) in [(0, 10_000), (10_000, 20_000), (20_000, 20_001)] {
-        tree.publish(&bench_entries(from, to)).await.unwrap();
+        tree.publish(&directory::fill_changes(from, to).unwrap())
+            .await
+            .unwrap();
     }
     assert_eq!(tree.current().await.unwrap().0, 3);
     let big = tree
@@ -319,7 +305,9 @@ async fn one_epoch_over_the_first_step_cap_still_answers_a_client_one_epoch_behi
         .unwrap();
     // Epoch 1: 10 000 addresses; epoch 2, the newest: 10 000 more, a step over the cap.
     for (from, to) in [(0, 10_000), (10_000, 20_000)] {
-        tree.publish(&bench_entries(from, to)).await.unwrap();
+        tree.publish(&directory::fill_changes(from, to).unwrap())
+            .await
+            .unwrap();
     }
     let big = tree
         .audit_step_count(1, usize::MAX / 8)
@@ -383,7 +371,9 @@ async fn one_epoch_over_the_first_step_cap_still_answers_a_client_one_epoch_behi
 
     // A later epoch: the large step is an old one now, capped again.
     drop(log);
-    tree.publish(&bench_entries(20_000, 20_001)).await.unwrap();
+    tree.publish(&directory::fill_changes(20_000, 20_001).unwrap())
+        .await
+        .unwrap();
     let log = DomainLog::open(Arc::clone(&store), keys).await.unwrap();
     let old = log
         .answer_stepped(&probe, Some(1), Some(HTTP_STEP_BUDGET), NOW)

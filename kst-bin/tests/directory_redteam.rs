@@ -17,22 +17,6 @@ use kst_core::transparency::{DomainLog, KeyDirectory, LogKeys, TransparencyError
 
 const NOW: u64 = 1_800_000_000;
 
-/// The bench's addresses `from..to`, each with the directory entry of its first key.
-fn bench_entries(
-    from: u64,
-    to: u64,
-) -> Vec<(kst_core::Address, kst_core::transparency::DirectoryEntry)> {
-    (from..to)
-        .map(|i| {
-            let a = directory::address(i).unwrap();
-            let e = kst_core::transparency::DirectoryEntry::for_record(
-                &directory::record(&a, i, 1).unwrap(),
-            );
-            (a, e)
-        })
-        .collect()
-}
-
 /// Peak resident memory of this process so far, in MiB (Linux), for the figures printed.
 fn peak_rss_mib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -218,7 +202,9 @@ async fn busy_directory(
             0 => (0, 10_000),
             k => (10_000 + (k - 1) * 512, 10_000 + k * 512),
         };
-        tree.publish(&bench_entries(from, to)).await.unwrap();
+        tree.publish(&directory::fill_changes(from, to).unwrap())
+            .await
+            .unwrap();
         if !heads {
             continue;
         }
@@ -481,7 +467,9 @@ async fn the_witnesses_part_counts_its_range_once() {
 
     // An epoch committed since (here by another writer of the store) adds to the steps of
     // the older ones: the same audit is counted again.
-    tree.publish(&bench_entries(20_000, 20_100)).await.unwrap();
+    tree.publish(&directory::fill_changes(20_000, 20_100).unwrap())
+        .await
+        .unwrap();
     let before = log.step_reads();
     log.audit_answer(1, latest).await.unwrap();
     assert!(
@@ -630,7 +618,9 @@ async fn held_log_routes() -> (
         .await
         .unwrap();
     for (from, to) in [(0, 300), (300, 600)] {
-        tree.publish(&bench_entries(from, to)).await.unwrap();
+        tree.publish(&directory::fill_changes(from, to).unwrap())
+            .await
+            .unwrap();
     }
     let log = Arc::new(DomainLog::open(Arc::clone(&store), keys).await.unwrap());
     let probe = directory::address(5).unwrap();
@@ -717,7 +707,9 @@ async fn rt10_requests_whose_caller_went_away_are_not_built() {
         .await
         .unwrap();
     for (from, to) in [(0, 300), (300, 600), (600, 900)] {
-        tree.publish(&bench_entries(from, to)).await.unwrap();
+        tree.publish(&directory::fill_changes(from, to).unwrap())
+            .await
+            .unwrap();
     }
     let log = Arc::new(DomainLog::open(Arc::clone(&store), keys).await.unwrap());
     let probe = directory::address(5).unwrap();
@@ -786,7 +778,7 @@ async fn directory_of_epochs(
         .unwrap();
     let mut next = 0;
     for size in sizes {
-        tree.publish(&bench_entries(next, next + size))
+        tree.publish(&directory::fill_changes(next, next + size).unwrap())
             .await
             .unwrap();
         next += size;
@@ -1092,3 +1084,4 @@ async fn rt19_a_head_of_an_epoch_to_come_takes_no_expensive_turn() {
         "a head of an epoch to come waited for an expensive turn"
     );
 }
+

@@ -468,6 +468,33 @@ pub async fn run_all(store: Arc<dyn KeyStore>) {
     );
 }
 
+/// The properties of a pool, on `stores`: at least four separate instances of one store
+/// (a pool's processes: their own pools, connections or handles), on which [`run_all`] ran
+/// first: revoked and unrevoked publications of one key racing on two instances,
+/// compare-and-set writers and the service's read-merge-write across all, expiry reminder
+/// claims, reminders sent by a pool of three with a test clock, [`concurrent_publishers`],
+/// [`atomic_publish_across`], [`publish_races_delete_and_restore`] on two instances, then
+/// [`check_consistency`].
+pub async fn run_across_instances(stores: Vec<Arc<dyn KeyStore>>) {
+    assert!(
+        stores.len() >= 4,
+        "run_across_instances needs four instances of one store, got {}",
+        stores.len()
+    );
+    revocation::revocation_race(stores[2..].to_vec()).await;
+    cas::compare_and_set_race(stores.clone()).await;
+    cas::merged_publications(stores.clone()).await;
+    reminders::reminder_claims(stores.clone()).await;
+    reminders::reminders_across_a_pool(stores[..3].to_vec()).await;
+    concurrent_publishers(stores.clone()).await;
+    atomic_publish_across(stores.clone()).await;
+    publish_races_delete_and_restore(stores[0].clone(), stores[1].clone()).await;
+    assert!(
+        check_consistency(&*stores[0]).await > 0,
+        "run_across_instances: the store lists no address after the pool published to many"
+    );
+}
+
 /// `check` succeeds on a healthy store.
 pub async fn check_succeeds(store: &dyn KeyStore) {
     if let Err(e) = store.check().await {

@@ -246,8 +246,9 @@ pub fn address(i: u64) -> anyhow::Result<Address> {
     named(&format!("u{i}"))
 }
 
-/// The entries of fill addresses `from..to` (version 1 each).
-fn fill_changes(from: u64, to: u64) -> anyhow::Result<Vec<(Address, DirectoryEntry)>> {
+/// The entries of fill addresses `from..to` (version 1 each): the changes of a bulk epoch
+/// (also the tests' busy epochs, kst-bin tests/directory_*.rs).
+pub fn fill_changes(from: u64, to: u64) -> anyhow::Result<Vec<(Address, DirectoryEntry)>> {
     (from..to)
         .map(|i| {
             let address = address(i)?;
