@@ -1264,19 +1264,20 @@ async fn rt9_head_and_other_spellings_of_one_address_are_misses_on_the_log() {
     drop(served);
 }
 
-/// A log in front of `real` that answers 422 ("larger than a witness accepts") to every audit
-/// spanning more than one epoch, as kst answers an audit whose proof is over 16 MiB (red team
-/// round 10), and passes every other request on; the audits it refused are counted.
-fn log_refusing_long_audits(real: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+/// A log in front of `real` that answers a request itself when `rule` gives the status line
+/// and body for its path (`/.well-known/...?...`), and passes every other request on.
+fn log_proxy(
+    real: SocketAddr,
+    rule: impl Fn(&str) -> Option<(&'static str, String)> + Send + Sync + 'static,
+) -> SocketAddr {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let at = listener.local_addr().unwrap();
-    let refused = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&refused);
+    let rule = Arc::new(rule);
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
-            let refused = Arc::clone(&counted);
+            let rule = Arc::clone(&rule);
             std::thread::spawn(move || {
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
                 let mut request = Vec::new();
@@ -1291,20 +1292,15 @@ fn log_refusing_long_audits(real: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) 
                     }
                 };
                 let head = String::from_utf8_lossy(&request[..end]).to_string();
-                let span = head
+                let path = head
                     .lines()
                     .next()
                     .and_then(|l| l.split(' ').nth(1))
-                    .and_then(|p| p.split_once("/audit?from="))
-                    .and_then(|(_, q)| q.split_once("&to="))
-                    .and_then(|(f, t)| Some((f.parse::<u64>().ok()?, t.parse::<u64>().ok()?)));
-                if span.is_some_and(|(from, to)| to > from + 1) {
-                    refused.fetch_add(1, Ordering::SeqCst);
-                    let body = "the append-only proof is larger than a witness accepts: ask for \
-                                a shorter range\n";
+                    .unwrap_or("");
+                if let Some((status, body)) = rule(path) {
                     let _ = write!(
                         conn,
-                        "HTTP/1.1 422 Unprocessable Entity\r\ncontent-type: text/plain\r\n\
+                        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\n\
                          content-length: {}\r\nconnection: close\r\n\r\n{body}",
                         body.len()
                     );
@@ -1339,6 +1335,30 @@ fn log_refusing_long_audits(real: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) 
                 let _ = conn.write_all(&answer);
             });
         }
+    });
+    at
+}
+
+/// A log in front of `real` that answers 422 ("larger than a witness accepts") to every audit
+/// spanning more than one epoch, as kst answers an audit whose proof is over 16 MiB (red team
+/// round 10), and passes every other request on; the audits it refused are counted.
+fn log_refusing_long_audits(real: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+    let refused = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&refused);
+    let at = log_proxy(real, move |path| {
+        let span = path
+            .split_once("/audit?from=")
+            .and_then(|(_, q)| q.split_once("&to="))
+            .and_then(|(f, t)| Some((f.parse::<u64>().ok()?, t.parse::<u64>().ok()?)));
+        span.is_some_and(|(from, to)| to > from + 1).then(|| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            (
+                "422 Unprocessable Entity",
+                "the append-only proof is larger than a witness accepts: ask for a shorter \
+                 range\n"
+                    .to_string(),
+            )
+        })
     });
     (at, refused)
 }
@@ -1387,4 +1407,99 @@ async fn rt10_a_witness_asks_for_shorter_ranges_when_an_audit_is_too_large() {
     let (head, cosignatures) = newest_head(served.http);
     assert_eq!(head.head.epoch, 5);
     assert_eq!(cosignatures.len(), 1, "the witness cosigned epoch 5");
+}
+
+/// Issue 18 (srv), the trade of review R8: a head of the epoch a witness accepted, forged in
+/// the log's store with the log's key (another root: an insider with the key and the store),
+/// makes the log's own check refuse every audit from that epoch (503), and `/head/<epoch>`
+/// of an older epoch serves the stored head as it is. The witness stalled on the 503s (exit
+/// 75) and nobody outside held any evidence. Now, when an audit is not served, the witness
+/// asks for the head of its accepted epoch: one signed with the log's key that names another
+/// root is a fork (exit 5, both heads kept in its state directory); the same head, or one the
+/// log's key did not sign (anyone can serve that), leaves the failure temporary (exit 75,
+/// nothing kept). The log's refusal is a proxy in front of the real one, answering as kst
+/// does (its audit check's 503 and the stored head). Before: exit 75 in all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rt18_a_forged_head_of_the_accepted_epoch_is_evidence_when_audits_are_refused() {
+    use kst_core::transparency::head::Head;
+
+    let (dir, keys, writer) = with_alice().await;
+    let (key, public) = witness_keygen(dir.path());
+    let served = Served::start(dir.path(), &keys, &format!("witnesses = [\"w1:{public}\"]"));
+    let head_key = keys.head.public_key();
+    let state = dir.path().join("witness-state");
+    // The head of epoch 1, taken on trust.
+    let out = witness_run(&key, &head_key, served.http, &state)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let bob = address("bob");
+    writer
+        .sync(&bob, Some(&record(&bob, 1, 2)), 2)
+        .await
+        .unwrap();
+    let (status, accepted) = log_get(served.http, "head/1");
+    assert_eq!(status, 200, "{accepted}");
+    let head = parse_head_with_cosignatures(&accepted).unwrap().0.head;
+    let forged_by = |signer: &HeadSigner| {
+        let forged = signer
+            .sign(Head {
+                root_hash: [7; 32],
+                ..head.clone()
+            })
+            .unwrap();
+        kst_core::transparency::answer::head_text(&forged).unwrap()
+    };
+    let evidence = || {
+        std::fs::read_dir(&state)
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                name.starts_with("fork-").then(|| state.join(name))
+            })
+            .collect::<Vec<_>>()
+    };
+    for (what, head_1, exit, kept) in [
+        ("the accepted head", accepted.clone(), 75, false),
+        (
+            "another root not signed by the log",
+            forged_by(&HeadSigner::generate()),
+            75,
+            false,
+        ),
+        (
+            "another root signed by the log",
+            forged_by(&keys.head),
+            5,
+            true,
+        ),
+    ] {
+        let proxy = log_proxy(served.http, move |path| {
+            if path.contains("/audit?") {
+                return Some((
+                    "503 Service Unavailable",
+                    "the audit answer of example.net from epoch 1 to 2 did not verify against \
+                     its own heads in 4 attempts, so it was not served\n"
+                        .to_string(),
+                ));
+            }
+            path.ends_with("/head/1")
+                .then(|| ("200 OK", head_1.clone()))
+        });
+        let out = witness_run(&key, &head_key, proxy, &state)
+            .output()
+            .unwrap();
+        assert_eq!(code(&out), exit, "{what}: {}", stderr(&out));
+        let files = evidence();
+        assert_eq!(!files.is_empty(), kept, "{what}: {files:?}");
+        if kept {
+            let text = std::fs::read_to_string(&files[0]).unwrap();
+            let root: String = head.root_hash.iter().map(|b| format!("{b:02x}")).collect();
+            assert!(
+                text.contains(&format!("root {root}"))
+                    && text.contains(&format!("root {}", "07".repeat(32))),
+                "both heads are kept: {text}"
+            );
+        }
+    }
 }

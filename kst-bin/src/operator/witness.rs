@@ -12,7 +12,10 @@
 //! A fork (two roots for one epoch, an epoch going backwards, a proof that fails, a head not
 //! signed by the pinned key) is never signed: exit 5, and the evidence (the remembered head
 //! and what the log served instead) is written to `<state>/fork-<epoch>-<time>.txt`. A log
-//! that cannot be reached is exit 75 (try again later).
+//! that cannot be reached is exit 75 (try again later). So is an audit the log does not serve
+//! (a 503 when its own check refuses it), unless the head it serves for the accepted epoch is
+//! signed with its key and names another root: two signed heads for one epoch, a fork
+//! (`Follower::accepted_head_still_served`).
 //!
 //! A round holds an exclusive lock on `<state>/<domain>.lock` from reading the remembered head
 //! to writing the new one (written atomically): two runs on one state directory (a cron job
@@ -397,7 +400,13 @@ impl Follower {
                     continue;
                 }
                 (hyper::StatusCode::OK, text) => text,
-                (status, text) => return Err(self.not_ok(&path, status, &text)),
+                (status, text) => {
+                    // Not served (a 503 when the log's own check refused the audit: a stored
+                    // head naming another root than its tree, docs/SECURITY.md R8): the head
+                    // it serves for the accepted epoch may still be evidence.
+                    self.accepted_head_still_served(&at).await?;
+                    return Err(self.not_ok(&path, status, &text));
+                }
             };
             let answer = AuditAnswer::parse(&text).map_err(|e| {
                 Failure::Temporary(format!(
@@ -449,6 +458,47 @@ impl Follower {
             ));
         }
         Ok(new.head.epoch - old.head.epoch)
+    }
+
+    /// After an audit from `at` (the head accepted last) was not served: the head the log
+    /// serves for `at`'s epoch now (`/head/<epoch>`). One signed with the log's key that names
+    /// another root (or VRF key) than `at` is a fork, whatever the log says of its audits: two
+    /// heads the log signed for one epoch, evidence that needs no proof of the log's (exit 5,
+    /// both heads kept). Anything else (the same head, no answer, a head that does not verify:
+    /// anyone can serve that) leaves the audit's failure temporary. Before, a head of the
+    /// accepted epoch forged in the log's store with its key stalled the witness with 503s and
+    /// left nobody outside any evidence (docs/SECURITY.md, R8).
+    async fn accepted_head_still_served(&self, at: &SignedHead) -> Result<(), Failure> {
+        let epoch = at.head.epoch;
+        let Ok((hyper::StatusCode::OK, text)) = self
+            .get_status(&format!("head/{epoch}"), MAX_HEAD_TEXT)
+            .await
+        else {
+            return Ok(());
+        };
+        let Ok((served, _)) = parse_head_with_cosignatures(&text) else {
+            return Ok(());
+        };
+        let signed = served.head.domain == self.args.domain
+            && served.head.epoch == epoch
+            && served.verify(&self.head_key).is_ok();
+        let other = served.head.root_hash != at.head.root_hash
+            || served.head.vrf_public_key != at.head.vrf_public_key;
+        if !(signed && other) {
+            return Ok(());
+        }
+        Err(self.fork(
+            epoch,
+            &format!(
+                "the log serves no audit from epoch {epoch}, and its head of epoch {epoch}, \
+                 signed with its key, names root {} where the head accepted for that epoch \
+                 names {}: two signed heads for one epoch",
+                hex::encode(served.head.root_hash),
+                hex::encode(at.head.root_hash)
+            ),
+            at,
+            &text,
+        ))
     }
 
     /// Runs `round` once or every `--interval` seconds until a round fails with something
