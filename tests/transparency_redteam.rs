@@ -1363,6 +1363,45 @@ fn log_refusing_long_audits(real: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) 
     (at, refused)
 }
 
+/// A log served for example.net holding alice's key (epoch 1), its writer in this process,
+/// and a witness listed in its `[transparency] witnesses` whose first round took the head of
+/// epoch 1 on trust.
+struct WitnessedLog {
+    served: Served,
+    writer: DomainLog,
+    keys: LogKeys,
+    /// The witness's key file and state directory.
+    key: PathBuf,
+    state: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl WitnessedLog {
+    async fn start() -> WitnessedLog {
+        let (dir, keys, writer) = with_alice().await;
+        let (key, public) = witness_keygen(dir.path());
+        let served = Served::start(dir.path(), &keys, &format!("witnesses = [\"w1:{public}\"]"));
+        let log = WitnessedLog {
+            served,
+            writer,
+            keys,
+            key,
+            state: dir.path().join("witness-state"),
+            _dir: dir,
+        };
+        let out = log.witness_run(log.served.http);
+        assert_eq!(code(&out), 0, "the first round: {}", stderr(&out));
+        log
+    }
+
+    /// One round of the witness against the log at `at` (the served one, or a proxy).
+    fn witness_run(&self, at: SocketAddr) -> std::process::Output {
+        witness_run(&self.key, &self.keys.head.public_key(), at, &self.state)
+            .output()
+            .unwrap()
+    }
+}
+
 /// Red team round 10: an audit whose append-only proof is larger than a witness accepts is
 /// now answered 422 (counted before it is built) where it was built and served whole (and
 /// then refused by the witness, over `MAX_AUDIT_TEXT`). A witness asking in ranges of 1024
@@ -1372,28 +1411,17 @@ fn log_refusing_long_audits(real: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) 
 /// exit 75 at the first 422).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rt10_a_witness_asks_for_shorter_ranges_when_an_audit_is_too_large() {
-    let (dir, keys, writer) = with_alice().await;
-    let (key, public) = witness_keygen(dir.path());
-    let served = Served::start(dir.path(), &keys, &format!("witnesses = [\"w1:{public}\"]"));
-    let head_key = keys.head.public_key();
-    let state = dir.path().join("witness-state");
-    // First round: the head of epoch 1, taken on trust.
-    let out = witness_run(&key, &head_key, served.http, &state)
-        .output()
-        .unwrap();
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let log = WitnessedLog::start().await;
     // Four more epochs.
     for n in 2..=5 {
         let bob = address(&format!("bob{n}"));
-        writer
+        log.writer
             .sync(&bob, Some(&record(&bob, 1, n)), n)
             .await
             .unwrap();
     }
-    let (proxy, refused) = log_refusing_long_audits(served.http);
-    let out = witness_run(&key, &head_key, proxy, &state)
-        .output()
-        .unwrap();
+    let (proxy, refused) = log_refusing_long_audits(log.served.http);
+    let out = log.witness_run(proxy);
     assert_eq!(
         code(&out),
         0,
@@ -1404,7 +1432,7 @@ async fn rt10_a_witness_asks_for_shorter_ranges_when_an_audit_is_too_large() {
         refused.load(Ordering::SeqCst) >= 1,
         "the log refused the long audits"
     );
-    let (head, cosignatures) = newest_head(served.http);
+    let (head, cosignatures) = newest_head(log.served.http);
     assert_eq!(head.head.epoch, 5);
     assert_eq!(cosignatures.len(), 1, "the witness cosigned epoch 5");
 }
@@ -1423,22 +1451,14 @@ async fn rt10_a_witness_asks_for_shorter_ranges_when_an_audit_is_too_large() {
 async fn rt18_a_forged_head_of_the_accepted_epoch_is_evidence_when_audits_are_refused() {
     use kst_core::transparency::head::Head;
 
-    let (dir, keys, writer) = with_alice().await;
-    let (key, public) = witness_keygen(dir.path());
-    let served = Served::start(dir.path(), &keys, &format!("witnesses = [\"w1:{public}\"]"));
-    let head_key = keys.head.public_key();
-    let state = dir.path().join("witness-state");
-    // The head of epoch 1, taken on trust.
-    let out = witness_run(&key, &head_key, served.http, &state)
-        .output()
-        .unwrap();
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let log = WitnessedLog::start().await;
     let bob = address("bob");
-    writer
+    log.writer
         .sync(&bob, Some(&record(&bob, 1, 2)), 2)
         .await
         .unwrap();
-    let (status, accepted) = log_get(served.http, "head/1");
+    let state = &log.state;
+    let (status, accepted) = log_get(log.served.http, "head/1");
     assert_eq!(status, 200, "{accepted}");
     let head = parse_head_with_cosignatures(&accepted).unwrap().0.head;
     let forged_by = |signer: &HeadSigner| {
@@ -1451,7 +1471,7 @@ async fn rt18_a_forged_head_of_the_accepted_epoch_is_evidence_when_audits_are_re
         kst_core::transparency::answer::head_text(&forged).unwrap()
     };
     let evidence = || {
-        std::fs::read_dir(&state)
+        std::fs::read_dir(state)
             .unwrap()
             .filter_map(|e| {
                 let name = e.unwrap().file_name().into_string().unwrap();
@@ -1469,12 +1489,12 @@ async fn rt18_a_forged_head_of_the_accepted_epoch_is_evidence_when_audits_are_re
         ),
         (
             "another root signed by the log",
-            forged_by(&keys.head),
+            forged_by(&log.keys.head),
             5,
             true,
         ),
     ] {
-        let proxy = log_proxy(served.http, move |path| {
+        let proxy = log_proxy(log.served.http, move |path| {
             if path.contains("/audit?") {
                 return Some((
                     "503 Service Unavailable",
@@ -1486,9 +1506,7 @@ async fn rt18_a_forged_head_of_the_accepted_epoch_is_evidence_when_audits_are_re
             path.ends_with("/head/1")
                 .then(|| ("200 OK", head_1.clone()))
         });
-        let out = witness_run(&key, &head_key, proxy, &state)
-            .output()
-            .unwrap();
+        let out = log.witness_run(proxy);
         assert_eq!(code(&out), exit, "{what}: {}", stderr(&out));
         let files = evidence();
         assert_eq!(!files.is_empty(), kept, "{what}: {files:?}");
