@@ -22,13 +22,21 @@
 # ext4 without a journal every inode freed in the minutes before, by an earlier run's cleanup
 # or other tests, makes each file created cost ~300 µs more: docs/BENCHMARKS.md),
 # BENCH_FRESH_FS_JOURNAL (1: that file system made with a journal, as mkfs.ext4 makes it by
-# default and distributions install it).
+# default and distributions install it), BENCH_ORDER ("off on": each round runs the directory
+# off, then on; "on off" the other way round, to see what running second costs a run: on
+# Redis the second run meets the first one's keys in its redis-server and its append-only
+# file).
 set -euo pipefail
 CS="${BENCH_C:-8}"
 PUB="${BENCH_PUB:-2000}"
 ROUNDS="${BENCH_ROUNDS:-3}"
 STORES="${BENCH_STORES:-fs postgres redis}"
 LOG_LEVEL="${BENCH_LOG:-warn}"
+ORDER="${BENCH_ORDER:-off on}"
+case "$ORDER" in
+  "off on" | "on off") ;;
+  *) echo "BENCH_ORDER must be \"off on\" or \"on off\", not \"$ORDER\"" >&2 && exit 2 ;;
+esac
 TIMINGS="${BENCH_TIMINGS:-}"
 PG_BASE="${BENCH_PG_URL:-postgres://postgres:postgres@127.0.0.1:5432}"
 
@@ -146,8 +154,7 @@ run() { # store directory(off|on) round concurrency
 for C in $CS; do
   for store in $STORES; do
     for round in $(seq 1 "$ROUNDS"); do
-      run "$store" off "$round" "$C"
-      run "$store" on "$round" "$C"
+      for kt in $ORDER; do run "$store" "$kt" "$round" "$C"; done
     done
   done
 done
@@ -197,4 +204,4 @@ echo
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -sr); load average of each run in $RESULTS (kept below)."
 python3 -c "import json,sys; [print(f\"  {r['store']} c={r.get('c')} {r['kt']}: {r['rate']:.0f} msg/s, load {r['load']}\") for r in map(json.loads, open(sys.argv[1]))]" "$RESULTS"
 echo "uptime at the end: $(uptime)"
-echo "Command: ${FRESH_FS:+BENCH_FRESH_FS=$FRESH_FS }${BENCH_FRESH_FS_JOURNAL:+BENCH_FRESH_FS_JOURNAL=$BENCH_FRESH_FS_JOURNAL }BENCH_C=\"$CS\" BENCH_PUB=$PUB BENCH_ROUNDS=$ROUNDS BENCH_STORES=\"$STORES\" scripts/bench-transparency.sh"
+echo "Command: ${FRESH_FS:+BENCH_FRESH_FS=$FRESH_FS }${BENCH_FRESH_FS_JOURNAL:+BENCH_FRESH_FS_JOURNAL=$BENCH_FRESH_FS_JOURNAL }BENCH_ORDER=\"$ORDER\" BENCH_C=\"$CS\" BENCH_PUB=$PUB BENCH_ROUNDS=$ROUNDS BENCH_STORES=\"$STORES\" scripts/bench-transparency.sh"
