@@ -3937,7 +3937,13 @@ fn two_step_the_evidence_of_an_attack_names_the_served_key_and_the_reply() {
     let evidence = provider.evidence(bob);
     assert_eq!(evidence.len(), 1, "evidence kept");
     let kept = std::fs::read_to_string(&evidence[0]).unwrap();
-    let reply = newest_reply(&provider);
+    names_the_newest_reply(&provider, &kept, &alice);
+}
+
+/// `kept` (an evidence file) names the newest reply in the mailbox by its own Message-ID and
+/// the request's (its In-Reply-To), and `served`'s fingerprint as the key it served.
+fn names_the_newest_reply(provider: &Provider, kept: &str, served: &kst_tests::GpgKey) {
+    let reply = newest_reply(provider);
     let header = |name: &str| {
         reply
             .lines()
@@ -3951,11 +3957,45 @@ fn two_step_the_evidence_of_an_attack_names_the_served_key_and_the_reply() {
     };
     let (reply_id, request_id) = (header("Message-ID"), header("In-Reply-To"));
     assert!(
-        kept.contains(&format!("served key {}", alice.fingerprint))
+        kept.contains(&format!("served key {}", served.fingerprint))
             && kept.contains(&format!("reply Message-ID <{reply_id}>"))
             && kept.contains(&format!("request Message-ID <{request_id}>")),
         "{kept}"
     );
+}
+
+/// The owner's monitor keeps the same evidence as `retrieve` (issue 18's closing note): a
+/// stale replica serves alice her first key after she published her second, and `kst client
+/// status --check-transparency` is exit 5 with evidence that names the reply by its own
+/// Message-ID too. Before, status checked the reply after the wait had dropped it, and its
+/// evidence said "unknown to this check".
+#[test]
+fn status_evidence_names_the_reply_by_its_message_id() {
+    let (provider, gpg, alice, alice_key) = Provider::with_alice_key_file();
+    let (_old, _old_url) = provider.stale_twin();
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    let (out, v) = provider.client(
+        "sendmail-old",
+        "alice@example.net",
+        &[
+            "status",
+            "--key",
+            alice_key.to_str().unwrap(),
+            "--check-transparency",
+            "--log-url",
+            &provider.log_url,
+            "--log-key",
+            &provider.head_key,
+        ],
+    );
+    expect(&out, &v, 5, "attack");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(error.contains("a stale"), "{error}");
+    let evidence = provider.evidence("alice@example.net");
+    assert_eq!(evidence.len(), 1, "evidence kept");
+    let kept = std::fs::read_to_string(&evidence[0]).unwrap();
+    names_the_newest_reply(&provider, &kept, &alice);
 }
 
 /// Review F5 of the two-step check (issue 18): an HTTP status is the status the server

@@ -500,8 +500,7 @@ struct Checked<'a> {
 pub struct ReplyRef {
     /// The request's Message-ID (without `<>`).
     pub request_id: String,
-    /// The reply's own Message-ID (without `<>`; `None`: not passed to the check, as by
-    /// `kst client status`, which reads the reply but keeps only what it served, or not
+    /// The reply's own Message-ID (without `<>`; `None`: the reply has none that is
     /// readable).
     pub reply_id: Option<String>,
 }
