@@ -185,6 +185,7 @@ async fn requirements(
     let mut r = args.requirements();
     r.verified_epoch = verified.epoch;
     r.verified_log = verified.log;
+    r.verified_state = verified.state;
     Ok(r)
 }
 
