@@ -274,19 +274,13 @@ pub async fn read(r: &Race<'_>) -> Result<Read, Decision> {
                 )));
             }
         };
+        let parsed = HistoryPage::parse(&page_text);
         read.pages.push(PageRead {
             before,
             text: page_text,
-            head: None,
+            head: parsed.as_ref().ok().map(|p| p.head.clone()),
         });
-        let page = match read.pages.last().map(|p| HistoryPage::parse(&p.text)) {
-            Some(Ok(p)) => p,
-            Some(Err(e)) => return Err(read.attack(format!("{page_url}: {e}"))),
-            None => return Err(read.unread("no page".into())),
-        };
-        if let Some(last) = read.pages.last_mut() {
-            last.head = Some(page.head.clone());
-        }
+        let page = parsed.map_err(|e| read.attack(format!("{page_url}: {e}")))?;
         check_page_head(&read, &page, &page_url, r.head_key)?;
         match page
             .verify(r.head_key, r.address, before, before_epoch)
