@@ -112,8 +112,8 @@ pub enum Withdrawn {
     /// on the way.
     Proven,
     /// The answer verified before sending proved another key as that version (the newest
-    /// then, until the deletion): the served key was not the directory's state when the
-    /// request was sent.
+    /// then, until the deletion): a forged key, or a key the store held only briefly before
+    /// the deletion, which the directory did not record (not told apart: not decided).
     Disproven {
         /// The withdrawn version.
         version: u64,

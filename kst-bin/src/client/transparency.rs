@@ -51,7 +51,9 @@ use super::discovery::{DnsError, Secured};
 use super::dnssec::DnsSecurity;
 use super::exit;
 pub use super::log_memory::check_and_remember;
-use super::log_memory::{Held, LogMemory, MemoryError, check_held, check_pin, source};
+use super::log_memory::{
+    DomainMemory, Held, LogMemory, MemoryError, check_held, check_pin, source,
+};
 use super::output::Outcome;
 use super::state::{Entry, LogRequirements, VerifiedLog, VerifiedState};
 use super::tls::Conn;
@@ -1190,30 +1192,13 @@ pub async fn check(
                 };
                 // Review R1: two roots for the epoch verified before sending, both verified
                 // by this client in one history with the same keys: a fork.
-                if let (Some(e), Some(log)) = (verified.epoch, &verified.log)
-                    && let Some(root) = held.memory.fork_at(e, log)
-                {
-                    return keep(
-                        &held,
-                        format!(
-                            "possible fork of the key directory of {}: the client had \
-                             verified the root {} for epoch {e} when it sent the request, and \
-                             holds the root {} for it now, both in one history with the same \
-                             keys",
-                            address.domain(),
-                            log.root,
-                            hex::encode(root)
-                        ),
-                        &text,
-                    );
+                if let Some(why) = fork_seen(verified, &held.memory, &address) {
+                    return keep(&held, why, &text);
                 }
                 // Review F8: an epoch verified before sending counts only against the same
                 // directory (not one re-keyed, restarted or re-pinned since).
-                let (verified_epoch, no_epoch) = match verified.epoch_in(&held.memory) {
-                    Ok(e) => (Some(e), String::new()),
-                    Err(why) => (None, why),
-                };
-                let race = super::log_race::Race {
+                let (verified_epoch, no_epoch) = verified_in(verified, &held.memory);
+                let mut race = super::log_race::Race {
                     log_base: &base,
                     ca_file: s.ca_file(),
                     head_key: &head_key,
@@ -1249,6 +1234,7 @@ pub async fn check(
                         &with_history(text, &read.evidence()),
                     );
                 }
+                let no_epoch_now;
                 let read = match history.take() {
                     Some(read) => read,
                     None => {
@@ -1260,6 +1246,20 @@ pub async fn check(
                         if let Err(o) = held_again(&memory, &mut held, &head_key, &attack) {
                             return o;
                         }
+                        // Review F-4 (of this change): what the verified epoch means, and
+                        // whether the memory now holds another root for it, are taken from
+                        // the memory as it is now (it may have started again meanwhile).
+                        if let Some(why) = fork_seen(verified, &held.memory, &address) {
+                            return keep(&held, why, &text);
+                        }
+                        let now_epoch;
+                        (now_epoch, no_epoch_now) = verified_in(verified, &held.memory);
+                        race.verified_epoch = now_epoch;
+                        race.verified_state = verified
+                            .state
+                            .as_ref()
+                            .filter(|st| now_epoch == Some(st.epoch));
+                        race.no_epoch = &no_epoch_now;
                         match read {
                             Ok(read) => read,
                             Err(decision) => {
@@ -1298,6 +1298,37 @@ pub async fn check(
             }
             Err(o) => return o.with_attack(&attack),
         }
+    }
+}
+
+/// Review R1: the root the memory keeps for the epoch verified before sending, when it is
+/// another than the one the request kept, both verified by this client in one history with
+/// the same keys (a fork): why, for the evidence.
+fn fork_seen(
+    verified: &VerifiedBefore,
+    memory: &DomainMemory,
+    address: &Address,
+) -> Option<String> {
+    let (Some(e), Some(log)) = (verified.epoch, &verified.log) else {
+        return None;
+    };
+    let root = memory.fork_at(e, log)?;
+    Some(format!(
+        "possible fork of the key directory of {}: the client had verified the root {} for \
+         epoch {e} when it sent the request, and holds the root {} for it now, both in one \
+         history with the same keys",
+        address.domain(),
+        log.root,
+        hex::encode(root)
+    ))
+}
+
+/// Review F8: the epoch verified before sending when it is of the directory `memory` follows
+/// now, else `None` and why not.
+fn verified_in(verified: &VerifiedBefore, memory: &DomainMemory) -> (Option<u64>, String) {
+    match verified.epoch_in(memory) {
+        Ok(e) => (Some(e), String::new()),
+        Err(why) => (None, why),
     }
 }
 

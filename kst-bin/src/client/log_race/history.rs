@@ -24,9 +24,9 @@ pub const READ_BUDGET: std::time::Duration = std::time::Duration::from_secs(60);
 /// How many of the older pages read are kept whole in an evidence file: the last ones read,
 /// where the served state was found or the reading failed. The others are kept as their
 /// signed heads with the size and SHA-256 of their text (review R6: up to 33 pages of 1.4 MB
-/// each were kept whole, tens of MB per retrieval). The versions of an older page are fixed
-/// once recorded, so a page not kept can be read again against any later head the client
-/// ties to these.
+/// each were kept whole, tens of MB per retrieval). An attack keeps every page whole: the
+/// epochs and commitments of an older page are fixed once recorded, but a later deletion
+/// can withdraw the values that showed it.
 pub const PAGES_KEPT_WHOLE: usize = 2;
 
 /// One older page of the history, as read.
@@ -83,9 +83,15 @@ impl Read {
     /// What was read, as evidence: the history whole, the last [`PAGES_KEPT_WHOLE`] pages
     /// whole, the others as their signed heads with their size and SHA-256.
     pub fn evidence(&self) -> String {
+        self.evidence_kept(PAGES_KEPT_WHOLE)
+    }
+
+    /// What was read, the history and the last `whole` pages whole, the others as their
+    /// signed heads with their size and SHA-256.
+    fn evidence_kept(&self, whole: usize) -> String {
         use sha2::Digest as _;
         let mut out = self.text.clone();
-        let whole_from = self.pages.len().saturating_sub(PAGES_KEPT_WHOLE);
+        let whole_from = self.pages.len().saturating_sub(whole);
         for (i, page) in self.pages.iter().enumerate() {
             if i >= whole_from {
                 out.push_str(&format!(
@@ -109,11 +115,13 @@ impl Read {
         out
     }
 
-    /// A decision that `why` is an attack, with what was read as evidence.
+    /// A decision that `why` is an attack, with everything read as evidence (every page
+    /// whole: a verdict such as "never held" rests on all of them, and a later deletion can
+    /// withdraw the values that showed it; review F-3 of this change).
     fn attack(&self, why: String) -> Decision {
         Decision::Attack {
             why,
-            seen: self.evidence(),
+            seen: self.evidence_kept(self.pages.len()),
         }
     }
 
@@ -473,19 +481,23 @@ fn decide_versions(r: &Race<'_>, read: &Read, memory: &DomainMemory) -> Decision
     {
         match withdrawn_match(&read.versions, served, verified, r.verified_state) {
             Some(Withdrawn::Proven) | None => {}
+            // Review F-1 (of this change): not exit 5. An honest KST of version 1 or 2 may
+            // have served a key the store held only briefly, which a deletion recorded next
+            // kept out of the directory (the writer records a deletion without the store's
+            // unrecorded versions): another key than the one verified before sending is then
+            // no proof. Not decided, with what was seen kept.
             Some(Withdrawn::Disproven {
                 version,
                 deleted_at,
                 verified,
             }) => {
-                return read.attack(format!(
-                    "the directory's history of {} (epoch {}) matches the served key only as \
-                     the value of version {version}, which the deletion at epoch {deleted_at} \
-                     withdrew, and the directory's answer the client verified before it sent \
-                     the request (epoch {verified}) proved another key for that version: the \
-                     served key was not the directory's state when the request was sent (a \
-                     stale or forged key across a deletion)",
-                    r.address, head.epoch
+                return read.unread(format!(
+                    "the history matches the served key only as the value of version \
+                     {version}, which the deletion at epoch {deleted_at} withdrew, and the \
+                     directory's answer the client verified before it sent the request (epoch \
+                     {verified}) proved another key for that version (a forged key hidden \
+                     behind a deletion, or a key the store held only briefly before the \
+                     deletion, which the directory did not record)"
                 ));
             }
             Some(Withdrawn::Unknown {
@@ -656,10 +668,10 @@ mod tests {
         // The same page under the history's own head: its withdrawn value is the page's
         // state at that head (judged as before: never held, with no deletion).
         let same = read_with_page(head(5, 5), true);
-        assert!(matches!(
-            judge(&race, &same, &tied),
-            Decision::Attack { .. }
-        ));
+        match judge(&race, &same, &tied) {
+            Decision::Attack { why, .. } => assert!(why.contains("never held"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// Review R6: the evidence of a history read down to its last page keeps the history
@@ -684,6 +696,13 @@ mod tests {
         for (i, page) in read.pages.iter().enumerate() {
             let whole = evidence.contains(&page.text);
             assert_eq!(whole, i + PAGES_KEPT_WHOLE >= MAX_PAGES, "page {i}");
+        }
+        // An attack keeps every page whole (it must convince someone else).
+        match read.attack("never held".into()) {
+            Decision::Attack { seen, .. } => {
+                assert!(read.pages.iter().all(|p| seen.contains(&p.text)))
+            }
+            other => panic!("{other:?}"),
         }
         use sha2::Digest as _;
         let first = &read.pages[0];
