@@ -3937,7 +3937,13 @@ fn two_step_the_evidence_of_an_attack_names_the_served_key_and_the_reply() {
     let evidence = provider.evidence(bob);
     assert_eq!(evidence.len(), 1, "evidence kept");
     let kept = std::fs::read_to_string(&evidence[0]).unwrap();
-    let reply = newest_reply(&provider);
+    names_the_newest_reply(&provider, &kept, &alice);
+}
+
+/// `kept` (an evidence file) names the newest reply in the mailbox by its own Message-ID and
+/// the request's (its In-Reply-To), and `served`'s fingerprint as the key it served.
+fn names_the_newest_reply(provider: &Provider, kept: &str, served: &kst_tests::GpgKey) {
+    let reply = newest_reply(provider);
     let header = |name: &str| {
         reply
             .lines()
@@ -3951,11 +3957,45 @@ fn two_step_the_evidence_of_an_attack_names_the_served_key_and_the_reply() {
     };
     let (reply_id, request_id) = (header("Message-ID"), header("In-Reply-To"));
     assert!(
-        kept.contains(&format!("served key {}", alice.fingerprint))
+        kept.contains(&format!("served key {}", served.fingerprint))
             && kept.contains(&format!("reply Message-ID <{reply_id}>"))
             && kept.contains(&format!("request Message-ID <{request_id}>")),
         "{kept}"
     );
+}
+
+/// The owner's monitor keeps the same evidence as `retrieve` (issue 18's closing note): a
+/// stale replica serves alice her first key after she published her second, and `kst client
+/// status --check-transparency` is exit 5 with evidence that names the reply by its own
+/// Message-ID too. Before, status checked the reply after the wait had dropped it, and its
+/// evidence said "unknown to this check".
+#[test]
+fn status_evidence_names_the_reply_by_its_message_id() {
+    let (provider, gpg, alice, alice_key) = Provider::with_alice_key_file();
+    let (_old, _old_url) = provider.stale_twin();
+    let alice2 = gpg.generate("Alice", "alice@example.net", "ed25519");
+    provider.publish("sendmail", "alice@example.net", &alice2.public_armored);
+    let (out, v) = provider.client(
+        "sendmail-old",
+        "alice@example.net",
+        &[
+            "status",
+            "--key",
+            alice_key.to_str().unwrap(),
+            "--check-transparency",
+            "--log-url",
+            &provider.log_url,
+            "--log-key",
+            &provider.head_key,
+        ],
+    );
+    expect(&out, &v, 5, "attack");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(error.contains("a stale"), "{error}");
+    let evidence = provider.evidence("alice@example.net");
+    assert_eq!(evidence.len(), 1, "evidence kept");
+    let kept = std::fs::read_to_string(&evidence[0]).unwrap();
+    names_the_newest_reply(&provider, &kept, &alice);
 }
 
 /// Review F5 of the two-step check (issue 18): an HTTP status is the status the server
@@ -5495,6 +5535,52 @@ mod withdrawn {
 /// answer proves the address absent (no version's epoch to compare). Then a provider serves
 /// a stale key, or one the directory never held, and the history route is honest, replayed,
 /// forked with the head key, forged, down, or always an epoch ahead.
+/// Runs `body` with the URL of a proxy in front of `provider`'s directory that publishes a
+/// key for a new address (`busyN@example.net`) before it forwards each request whose line
+/// holds `route`: the directory records an epoch right before each such read (a busy
+/// domain). Returns how many such requests it forwarded.
+fn while_busy(provider: &Provider, gpg: &Gpg, route: &str, body: impl FnOnce(&str)) -> usize {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = listener.local_addr().unwrap();
+    let busy = format!("http://{at}");
+    let honest = provider.log_url.trim_start_matches("http://").to_string();
+    let (stop, seen) = (AtomicBool::new(false), AtomicUsize::new(0));
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for client in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut client) = client else { continue };
+                let Some((line, rest)) = read_request(&mut client) else {
+                    continue;
+                };
+                if line.contains(route) {
+                    let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
+                    provider.publish_new(gpg, "sendmail", &[&format!("busy{n}")]);
+                }
+                if let Some(response) = forward(&honest, &line, &rest) {
+                    let _ = client.write_all(&response);
+                }
+            }
+        });
+        // The proxy stops also when `body` fails an assertion (else the scope waits for it
+        // for ever).
+        struct Stop<'a>(&'a AtomicBool, std::net::SocketAddr);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+                let _ = std::net::TcpStream::connect(self.1);
+            }
+        }
+        let _stop = Stop(&stop, at);
+        body(&busy);
+    });
+    seen.load(Ordering::SeqCst)
+}
+
 mod history_path {
     use super::*;
 
@@ -5956,21 +6042,85 @@ mod history_path {
 
     /// A busy domain: the directory records an epoch before every history read (the proxy
     /// in front of it publishes a key for another address first), so each history is one
-    /// epoch ahead of the answer read before it. The client ties each by a newer answer, at
-    /// most twice (`log_race::MAX_NEWER_ANSWERS`), then gives up for now: exit 75 "kept
-    /// moving", nothing imported, the mismatch kept as evidence with the last history read
-    /// (before, the history was not kept).
+    /// epoch ahead of the answer read before it. The client ties the history it read by one
+    /// newer answer (its append-only proof holds the root of the history's epoch) and judges
+    /// it then, without reading it again (review R6): a change on the way, exit 75, nothing
+    /// imported, no evidence. Before, the history was read again after each newer answer,
+    /// one epoch ahead again each time: exit 75 "kept moving" every time, with evidence.
     #[test]
-    fn a_directory_that_keeps_moving_while_its_history_is_read_is_a_temporary_failure() {
+    fn a_busy_directorys_history_is_tied_by_a_newer_answer_not_read_again() {
+        let bed = Bed::new(&[BOB]);
+        let provider = &bed.provider;
+        let histories = while_busy(provider, &bed.gpg, "/history/", |busy| {
+            let (out, v) = bed.retrieve("sendmail-old", BOB, busy);
+            expect(&out, &v, 75, "error");
+            let error = v["error"].as_str().unwrap_or_default();
+            assert!(
+                error.contains("changed while the reply was on its way")
+                    && error.contains("superseded at epoch 2")
+                    && error.contains("nothing was imported"),
+                "{error}"
+            );
+        });
+        assert_eq!(histories, 1, "the history read once");
+        assert_eq!(bed.imported(), "", "nothing imported");
+        assert_eq!(provider.remembered_epoch(BOB), Some(3));
+        assert!(provider.evidence(BOB).is_empty(), "no false alarm");
+    }
+
+    /// Review R6: the older pages of a busy domain. The F9 set-up (alice's first key 69
+    /// versions back, in the older page), its check's directory behind a proxy that
+    /// publishes a key for another address before each page is read: the page comes under
+    /// a head one epoch newer than the history's. The page is taken and its head tied by a
+    /// newer answer: a change on the way, exit 75, no evidence. Before, a page under a newer
+    /// head was "the directory moved" (exit 75 with the mismatch kept) on every retry.
+    #[test]
+    fn older_pages_read_under_a_newer_head_are_tied_and_decide() {
+        let (provider, gpg, _alice) = Provider::with_alice();
+        write_queue_script(&provider);
+        let mut flags = provider.log_args().to_vec();
+        flags.push("--no-wait");
+        let (out, v) = provider.checked_as("sendmail-queue", BOB, ALICE, &flags);
+        expect(&out, &v, 75, "pending");
+        flush_queue(&provider);
+        provider.seventy_versions_of_alice(2);
+        let pages = while_busy(&provider, &gpg, "?before=", |busy| {
+            let pending = provider.path(&format!("state-{BOB}/pending.json"));
+            let mut requests: Value =
+                serde_json::from_slice(&std::fs::read(&pending).unwrap()).unwrap();
+            requests["requests"][0]["log"]["log_url"] = busy.into();
+            std::fs::write(&pending, serde_json::to_vec(&requests).unwrap()).unwrap();
+            let (out, v) = provider.client("sendmail", BOB, &["check"]);
+            assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
+            let error = v[0]["error"].as_str().unwrap_or_default();
+            assert!(
+                error.contains("changed while the reply was on its way"),
+                "{error}"
+            );
+        });
+        assert_eq!(pages, 1, "one older page read");
+        assert!(provider.evidence(BOB).is_empty(), "no false alarm");
+    }
+
+    /// Review R6: the history is read without the domain's memory lock, and its heads are
+    /// tied to the memory as it is after (issue 18's `Decision::Unread` "cannot tie", end
+    /// to end). While the check reads the history (epoch 2), the user re-pins the domain
+    /// (`kst client log-pin`: the remembered head and its roots forgotten) and the directory
+    /// records epoch 3: the newer answer starts the memory again at epoch 3, which holds no
+    /// root for the history's epoch 2: not decided, exit 75, nothing imported, the mismatch
+    /// and the history kept. Before, `log-pin` waited for the check's lock until the check
+    /// ended (every kst command for the domain did, up to minutes with pages).
+    #[test]
+    fn a_history_read_while_the_domain_is_re_pinned_cannot_be_tied() {
         use std::io::Write;
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::atomic::{AtomicBool, Ordering};
         let bed = Bed::new(&[BOB]);
         let provider = &bed.provider;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let at = listener.local_addr().unwrap();
-        let busy = format!("http://{at}");
+        let proxy = format!("http://{at}");
         let honest = provider.log_url.trim_start_matches("http://").to_string();
-        let (stop, histories) = (AtomicBool::new(false), AtomicUsize::new(0));
+        let (stop, pinned) = (AtomicBool::new(false), AtomicBool::new(false));
         std::thread::scope(|scope| {
             scope.spawn(|| {
                 for client in listener.incoming() {
@@ -5981,40 +6131,123 @@ mod history_path {
                     let Some((line, rest)) = read_request(&mut client) else {
                         continue;
                     };
-                    if line.contains("/history/") {
-                        let n = histories.fetch_add(1, Ordering::SeqCst) + 1;
-                        provider.publish_new(&bed.gpg, "sendmail", &[&format!("busy{n}")]);
+                    let response = forward(&honest, &line, &rest);
+                    if line.contains("/history/") && !pinned.load(Ordering::SeqCst) {
+                        // The re-pin, while the client waits for this answer.
+                        let (done, wait) = std::sync::mpsc::channel();
+                        let head_key = provider.head_key.clone();
+                        scope.spawn(move || {
+                            let out = provider.client(
+                                "sendmail",
+                                BOB,
+                                &["log-pin", "example.net", "--log-key", &head_key],
+                            );
+                            let _ = done.send(out);
+                        });
+                        if let Ok((out, v)) = wait.recv_timeout(std::time::Duration::from_secs(15))
+                        {
+                            assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+                            pinned.store(true, Ordering::SeqCst);
+                        }
+                        provider.publish_new(&bed.gpg, "sendmail", &["busy"]);
                     }
-                    if let Some(response) = forward(&honest, &line, &rest) {
+                    if let Some(response) = response {
                         let _ = client.write_all(&response);
                     }
                 }
             });
-            let (out, v) = bed.retrieve("sendmail-old", BOB, &busy);
+            let (out, v) = bed.retrieve("sendmail-old", BOB, &proxy);
             stop.store(true, Ordering::SeqCst);
             let _ = std::net::TcpStream::connect(at);
             expect(&out, &v, 75, "error");
             let error = v["error"].as_str().unwrap_or_default();
             assert!(
-                error.contains(
-                    "the directory kept moving while the client read its history (of \
-                     epoch 5)"
-                ) && error.contains("nothing was imported"),
+                error.contains("did not decide")
+                    && error.contains("cannot tie")
+                    && error.contains("evidence kept in"),
                 "{error}"
             );
         });
-        assert_eq!(histories.load(Ordering::SeqCst), 3, "three histories read");
+        assert!(
+            pinned.load(Ordering::SeqCst),
+            "log-pin ran while the history was read"
+        );
         assert_eq!(bed.imported(), "", "nothing imported");
-        assert_eq!(provider.remembered_epoch(BOB), Some(4));
+        assert_eq!(provider.remembered_epoch(BOB), Some(3));
         let evidence = provider.evidence(BOB);
         assert_eq!(evidence.len(), 1, "{evidence:?}");
         let kept = std::fs::read_to_string(&evidence[0]).unwrap();
         assert!(
-            kept.contains("kst-log-answer")
-                && kept.contains("-- history --")
-                && kept.contains("kst-log-history-v1\ndomain example.net\nepoch 5\n"),
+            kept.contains("not decided")
+                && kept.contains("kst-log-history-v1\ndomain example.net\nepoch 2\n"),
             "{kept}"
         );
+    }
+
+    /// Review F3: a key hidden behind a deletion. Bob's request is queued at epoch 1 (the
+    /// head verified before sending proved alice's first key); a key is put in the store
+    /// behind the directory's back (an insider's twin, or, honestly, a key alice published
+    /// and deleted before the directory recorded it: the writer then records the deletion
+    /// alone) and the KST serves it; then alice's key is deleted (epoch 2, version 1's value
+    /// withdrawn) and a new one published (epoch 3). The history matches the served key
+    /// only as version 1's withdrawn value, right before the deletion: before, a race (exit
+    /// 75, no evidence) on every such check. Now exit 75 with the mismatch and the history
+    /// kept, the message naming the other key verified before sending (not exit 5: the
+    /// honest case above looks the same; review F-1 of this change); also for a pending
+    /// request without that key (a kst from before it).
+    #[test]
+    fn a_key_hidden_behind_a_later_deletion_keeps_its_evidence() {
+        let (provider, gpg, _alice) = Provider::with_alice();
+        write_queue_script(&provider);
+        let mut flags = provider.log_args().to_vec();
+        flags.push("--no-wait");
+        let twin = Gpg::new().generate("Alice", ALICE, "ed25519");
+        let pending = provider.path(&format!("state-{BOB}/pending.json"));
+        // Bob's request queued, answered with the twin, then the deletion and a new key.
+        let hidden = |strip: bool| {
+            let (out, v) = provider.checked_as("sendmail-queue", BOB, ALICE, &flags);
+            expect(&out, &v, 75, "pending");
+            let mut requests: Value =
+                serde_json::from_slice(&std::fs::read(&pending).unwrap()).unwrap();
+            let state = &mut requests["requests"][0]["log"]["verified_state"];
+            assert!(state["key_hash"].is_string(), "{requests}");
+            if strip {
+                *state = Value::Null;
+                std::fs::write(&pending, serde_json::to_vec(&requests).unwrap()).unwrap();
+            }
+            provider.publish("sendmail-no-log", ALICE, &twin.public_armored);
+            flush_queue(&provider);
+            let (out, v) = provider.client("sendmail", ALICE, &["delete"]);
+            expect(&out, &v, 0, "deleted");
+            let next = gpg.generate("Alice", ALICE, "ed25519");
+            provider.publish("sendmail", ALICE, &next.public_armored);
+            provider.client("sendmail", BOB, &["check"])
+        };
+        let (out, v) = hidden(false);
+        assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
+        let error = v[0]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("did not decide")
+                && error.contains("withdrew")
+                && error.contains("proved another key")
+                && error.contains("evidence kept in"),
+            "{error}"
+        );
+        let evidence = provider.evidence(BOB);
+        assert_eq!(evidence.len(), 1, "{evidence:?}");
+        let kept = std::fs::read_to_string(&evidence[0]).unwrap();
+        assert!(kept.contains("kst-log-history-v1"), "{kept}");
+
+        let (out, v) = hidden(true);
+        assert_eq!(code(&out), 75, "{v}\n{}", stderr(&out));
+        let error = v[0]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("did not decide")
+                && error.contains("withdrew")
+                && error.contains("evidence kept in"),
+            "{error}"
+        );
+        assert_eq!(provider.evidence(BOB).len(), 2, "the mismatch kept");
     }
 
     /// The request sent at epoch 1 (the head verified before sending) and answered after

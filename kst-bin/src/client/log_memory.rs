@@ -216,10 +216,13 @@ pub struct LogMemory {
     dir: PathBuf,
 }
 
-/// An exclusive hold on one domain's memory (released when dropped).
+/// An exclusive hold on one domain's memory (released when dropped, or for a while by
+/// [`LogMemory::release`]).
 #[derive(Debug)]
 pub struct Held {
-    _lock: File,
+    /// The lock; `None` while released ([`LogMemory::release`]): `memory` is then a copy of
+    /// what was read, which may be out of date, and is not saved.
+    lock: Option<File>,
     /// The domain.
     pub domain: String,
     /// What was read under the lock.
@@ -305,15 +308,35 @@ impl LogMemory {
             return Err(self.io(&path, format!("holds the memory of {:?}", memory.domain)));
         }
         Ok(Held {
-            _lock: lock,
+            lock: Some(lock),
             domain: domain.to_string(),
             memory,
         })
     }
 
+    /// Lets go of `held`'s lock for a while (review R6: the slow reading of a history and
+    /// its older pages must not hold every other kst command for the domain): `held.memory`
+    /// stays as read, for reading only; [`LogMemory::hold_again`] takes the lock back and
+    /// reads the memory afresh (another process may have moved it meanwhile).
+    pub fn release(&self, held: &mut Held) {
+        held.lock = None;
+    }
+
+    /// Takes `held`'s lock again after [`LogMemory::release`] and reads the memory afresh.
+    pub fn hold_again(&self, held: &mut Held) -> Result<(), MemoryError> {
+        *held = self.hold(&held.domain)?;
+        Ok(())
+    }
+
     /// Writes `held.memory` (atomically, durably; the lock is still held).
     pub fn save(&self, held: &Held) -> Result<(), MemoryError> {
         let path = self.file(&held.domain, "json")?;
+        if held.lock.is_none() {
+            return Err(self.io(
+                &path,
+                "not saved: the memory was read without its lock (a kst bug: report it)",
+            ));
+        }
         let mut body = serde_json::to_vec_pretty(&held.memory)
             .map_err(|e| self.io(&path, format!("cannot encode: {e}")))?;
         body.push(b'\n');
@@ -815,6 +838,33 @@ mod tests {
         };
         assert!(!memory.same_log(7, &old));
         assert_eq!(memory.fork_at(6, &old), None);
+    }
+
+    /// Review R6: a released hold lets another command take the domain's lock, is not
+    /// saved, and reads the memory afresh when held again.
+    #[test]
+    fn a_released_hold_frees_the_lock_and_reads_afresh_when_held_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = LogMemory::in_dir(dir.path());
+        let mut held = memory.hold("example.net").unwrap();
+        let lock = memory.dir().join("example.net.lock");
+        let other = OpenOptions::new().write(true).open(&lock).unwrap();
+        assert!(!other.try_lock_exclusive().unwrap(), "held: locked");
+        memory.release(&mut held);
+        assert!(other.try_lock_exclusive().unwrap(), "released: free");
+        FileExt::unlock(&other).unwrap();
+        // Another command moves the memory meanwhile.
+        let mut moved = memory.hold("example.net").unwrap();
+        moved.memory.head_key = Some("22".repeat(32));
+        memory.save(&moved).unwrap();
+        drop(moved);
+        let err = memory.save(&held).unwrap_err().to_string();
+        assert!(err.contains("without its lock"), "{err}");
+        assert_eq!(held.memory.head_key, None, "the copy read before");
+        memory.hold_again(&mut held).unwrap();
+        assert_eq!(held.memory.head_key, Some("22".repeat(32)), "read afresh");
+        assert!(!other.try_lock_exclusive().unwrap(), "held again: locked");
+        memory.save(&held).unwrap();
     }
 
     #[test]

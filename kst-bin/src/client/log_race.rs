@@ -5,35 +5,35 @@
 //! served, the client asks again a few times over about 2 s ([`ASK_AGAIN_MS`]: the reply's
 //! change may not be recorded yet), then lets the directory's own proofs decide: first the
 //! answer's, when the epoch it proves for the address's newest version is at or before the
-//! epoch verified before sending ([`recorded_before_sending`]: exit 5), else ([`decide`]) the history of the address (`/history/<address>`, tied to a root the client
-//! verified) shows whether the served key (or "no key") was the directory's state at some
-//! epoch, and at which epoch a change superseded it. That epoch is compared with the newest
-//! epoch the client had verified before it sent the request ([`by_epoch`]; no clock is
-//! compared; the head is fetched and verified just before sending when the directory can be
-//! read then, [`super::transparency`]'s `presend`): superseded at a newer epoch, a race, a temporary failure (exit 75), nothing
-//! imported. Superseded at or before it, or never the directory's state: an attack (exit 5,
-//! the evidence kept). A client that had verified no epoch before the request cannot tell
-//! (exit 75: the check remembered a head, so the next request is decided).
+//! epoch verified before sending ([`recorded_before_sending`]: exit 5), else the history of
+//! the address (`/history/<address>`, read by [`read`] without the domain's memory lock,
+//! then tied by [`judge`] to roots the client verified) shows whether the served key (or
+//! "no key") was the directory's state at some epoch, and at which epoch a change
+//! superseded it. That epoch is compared with the newest epoch the client had verified
+//! before it sent the request ([`by_epoch`]; no clock is compared; the head is fetched and
+//! verified just before sending when the directory can be read then,
+//! [`super::transparency`]'s `presend`): superseded at a newer epoch, a race, a temporary
+//! failure (exit 75), nothing imported. Superseded at or before it, or never the
+//! directory's state: an attack (exit 5, the evidence kept). A client that had verified no
+//! epoch before the request cannot tell (exit 75: the check remembered a head, so the next
+//! request is decided).
 
 use kst_core::Address;
 use kst_core::transparency::EntryState;
-use kst_core::transparency::history::{
-    HistoryAnswer, HistoryPage, HistoryVersion, MAX_HISTORY_ANSWER, MAX_PAGES,
-};
+use kst_core::transparency::history::HistoryVersion;
 
-use super::log_memory::Held;
-use super::output::Outcome;
-use super::transparency::{fetch_or_missing, path_segment};
+use super::state::VerifiedState;
 
 /// The waits before asking the directory again when its answer proves another state than
 /// the reply served (about 2 s in all): the reply's change may be published but not yet
 /// recorded in an epoch (the directory records it milliseconds later).
 pub const ASK_AGAIN_MS: [u64; 5] = [100, 200, 400, 600, 700];
 
-/// How often [`decide`] may ask for a newer answer (the history was read at an epoch newer
-/// than the remembered head) before the client gives up for now (exit 75). Each newer
-/// answer must reach the history's epoch: the directory's own answer, read after its
-/// history, older than that history is an attack (a history from another directory).
+/// How often [`judge`] may ask for a newer answer (a head of the history read is newer than
+/// the remembered head) before the client gives up for now (exit 75). Each newer answer
+/// must reach the newest epoch of the history read: the directory's own answer, read after
+/// its history, older than that history is an attack (a history from another directory).
+/// The history is judged again, not read again, so one newer answer ties it.
 pub const MAX_NEWER_ANSWERS: usize = 2;
 
 /// What the history says about the served state ([`superseded`]).
@@ -56,6 +56,15 @@ pub enum Superseded {
 /// what a reply read just before it served). "No key" is the state of a deletion, and the
 /// state before version 1 (the address not yet held) when version 1 is in `versions`.
 pub fn superseded(versions: &[HistoryVersion], served: Option<&[u8]>) -> Superseded {
+    superseded_with(versions, served, true)
+}
+
+/// [`superseded`], a withdrawn value counted as the served key's only when `withdrawn`.
+fn superseded_with(
+    versions: &[HistoryVersion],
+    served: Option<&[u8]>,
+    withdrawn: bool,
+) -> Superseded {
     let by_version: std::collections::BTreeMap<u64, &HistoryVersion> =
         versions.iter().map(|v| (v.akd_version, v)).collect();
     let is_deletion = |v: &HistoryVersion| {
@@ -72,7 +81,7 @@ pub fn superseded(versions: &[HistoryVersion], served: Option<&[u8]>) -> Superse
             .and_then(|n| by_version.get(&n).copied());
         let was_served = match (served, &v.entry) {
             (Some(key), Some(e)) => e.state != EntryState::Deleted && e.commits_to_key(key),
-            (Some(_), None) => next.is_some_and(is_deletion),
+            (Some(_), None) => withdrawn && next.is_some_and(is_deletion),
             (None, _) => is_deletion(v),
         };
         if !was_served {
@@ -93,6 +102,85 @@ pub fn superseded(versions: &[HistoryVersion], served: Option<&[u8]>) -> Superse
         (None, Some(epoch)) => Superseded::At(epoch),
         (None, None) => Superseded::Never,
     }
+}
+
+/// What the client knows of a withdrawn value that alone makes the served key a race
+/// ([`withdrawn_match`], review F3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Withdrawn {
+    /// The answer verified before sending proved the served key as that version: a change
+    /// on the way.
+    Proven,
+    /// The answer verified before sending proved another key as that version (the newest
+    /// then, until the deletion): a forged key, or a key the store held only briefly before
+    /// the deletion, which the directory did not record (not told apart: not decided).
+    Disproven {
+        /// The withdrawn version.
+        version: u64,
+        /// The epoch of the deletion after it.
+        deleted_at: u64,
+        /// The epoch verified before sending.
+        verified: u64,
+    },
+    /// Nothing the client verified shows which key that version held (recorded after the
+    /// epoch verified before sending, or no key proven then).
+    Unknown {
+        /// The withdrawn version.
+        version: u64,
+        /// The epoch of the deletion after it.
+        deleted_at: u64,
+    },
+}
+
+/// For a served key that the history matches, as a race, only as a value a deletion
+/// withdrew (a version right before a deletion recorded after `verified`, the epoch
+/// verified before sending): whether `state`, the key the directory's answer of that epoch
+/// proved, shows it was that value ([`Withdrawn`]); `None` when no such withdrawn version
+/// is among `versions`. A deletion drops the values of the versions before it, so the
+/// history alone would take any key for the one held right before a deletion: a provider
+/// that records a deletion (and a new key) after each request could pass any forged key
+/// off as a race.
+pub fn withdrawn_match(
+    versions: &[HistoryVersion],
+    served: &[u8],
+    verified: u64,
+    state: Option<&VerifiedState>,
+) -> Option<Withdrawn> {
+    let served_hash = hex::encode(kst_core::transparency::entry::key_hash(served));
+    let mut found = None;
+    for w in versions.iter().filter(|v| v.entry.is_none()) {
+        let Some(deletion) = versions.iter().find(|d| {
+            Some(d.akd_version) == w.akd_version.checked_add(1)
+                && d.entry
+                    .as_ref()
+                    .is_some_and(|e| e.state == EntryState::Deleted)
+        }) else {
+            continue;
+        };
+        if deletion.epoch <= verified {
+            continue;
+        }
+        let known = state.filter(|st| w.epoch <= verified && st.recorded_at == w.epoch);
+        let this = match known {
+            Some(st) if st.key_hash.eq_ignore_ascii_case(&served_hash) => {
+                return Some(Withdrawn::Proven);
+            }
+            Some(_) => Withdrawn::Disproven {
+                version: w.akd_version,
+                deleted_at: deletion.epoch,
+                verified,
+            },
+            None => Withdrawn::Unknown {
+                version: w.akd_version,
+                deleted_at: deletion.epoch,
+            },
+        };
+        // One that cannot be told outweighs one disproven: the served key may be it.
+        if !matches!(found, Some(Withdrawn::Unknown { .. })) {
+            found = Some(this);
+        }
+    }
+    found
 }
 
 /// What the epoch of the change that superseded the served state says ([`by_epoch`]).
@@ -124,10 +212,11 @@ pub fn by_epoch(superseded_at: u64, verified: Option<u64>) -> Verdict {
 
 /// Whether the directory's answer alone shows that the served state was not the directory's
 /// state when the request was sent, before any history is read: the attack's reason, or
-/// `None` (go on to the history, [`decide`]). `newest_at`: the epoch at which the directory
-/// recorded the address's newest version, as the answer's proof shows it (akd's lookup proof
-/// binds the version's value to the epoch that inserted it; `None`: the answer proves the
-/// address never held, which only the history can tie to a first publication on the way).
+/// `None` (go on to the history, [`read`] and [`judge`]). `newest_at`: the epoch at which the
+/// directory recorded the address's newest version, as the answer's proof shows it (akd's
+/// lookup proof binds the version's value to the epoch that inserted it; `None`: the answer
+/// proves the address never held, which only the history can tie to a first publication on
+/// the way).
 ///
 /// Called after the ask-again rounds ([`ASK_AGAIN_MS`]), with an answer that verified in
 /// every other way (its head remembered, tied to the memory by its append-only proof) and
@@ -167,48 +256,7 @@ pub fn recorded_before_sending(r: &Race<'_>, newest_at: Option<u64>) -> Option<S
     ))
 }
 
-/// The history read (`text`) and its older pages (`pages`, empty when none), as evidence.
-fn joined(text: &str, pages: &str) -> String {
-    match pages.is_empty() {
-        true => text.to_string(),
-        false => format!("{text}\n{pages}"),
-    }
-}
-
-/// What [`decide`] found.
-#[derive(Debug)]
-pub enum Decision {
-    /// The history was read at an epoch newer than the remembered head: ask the directory
-    /// for a newer answer (its append-only proof ties that epoch to the memory), which must
-    /// reach this epoch, then decide again.
-    AskAgain {
-        /// The history's epoch.
-        epoch: u64,
-        /// What was read (the history), kept as evidence if the newer answer does not reach
-        /// its epoch (a history from another directory, signed with the head key: a fork)
-        /// or the directory keeps moving.
-        seen: String,
-    },
-    /// A change raced the reply: the message of the temporary failure (exit 75).
-    Race(String),
-    /// Not a race (exit 5).
-    Attack {
-        /// Why.
-        why: String,
-        /// What was read (the history), kept as evidence with the answer.
-        seen: String,
-    },
-    /// The history cannot be read or tied to the client's verified history now: the reason
-    /// (exit 75; the caller keeps the verified mismatch and `seen` as evidence).
-    Unread {
-        /// What failed.
-        why: String,
-        /// What was read, if anything.
-        seen: String,
-    },
-}
-
-/// Where and against what [`decide`] reads the history.
+/// Where and against what [`read`] and [`judge`] work.
 pub struct Race<'a> {
     /// Where the domain's directory is served.
     pub log_base: &'a str,
@@ -223,6 +271,10 @@ pub struct Race<'a> {
     /// The newest epoch the client had verified when it made the request
     /// ([`super::state::LogRequirements::verified_epoch`]).
     pub verified_epoch: Option<u64>,
+    /// The key the directory's answer of `verified_epoch` proved as the address's newest
+    /// version, when the client verified it just before sending
+    /// ([`super::state::LogRequirements::verified_state`]).
+    pub verified_state: Option<&'a VerifiedState>,
     /// Without `verified_epoch`, why, the end of a sentence starting "the client ..."
     /// ([`super::transparency::VerifiedBefore::epoch_in`]).
     pub no_epoch: &'a str,
@@ -230,304 +282,9 @@ pub struct Race<'a> {
     pub answer_epoch: u64,
 }
 
-/// Decides whether the served state, which the directory's answer at `r.answer_epoch` does
-/// not prove, was superseded by a change recorded after the newest epoch the client had
-/// verified when it sent the request (a race) or not (an attack), from the address's
-/// history (its newest 64 versions, then older pages while the served state is not among
-/// them; their epochs proven) against a head whose root the client
-/// verified (`held`'s remembered history).
-pub async fn decide(r: &Race<'_>, held: &Held) -> Decision {
-    let domain = r.address.domain();
-    let path = format!(
-        "/.well-known/kst/log/{domain}/history/{}",
-        path_segment(r.address.as_str())
-    );
-    let url = format!("{}{path}", r.log_base);
-    let text = match fetch_or_missing(r.log_base, &path, r.ca_file, MAX_HISTORY_ANSWER).await {
-        Ok(Some(t)) => t,
-        Ok(None) => {
-            return Decision::Attack {
-                why: format!(
-                    "{url} says the directory never held {}: what the reply served was never \
-                     its state there",
-                    r.address
-                ),
-                seen: String::new(),
-            };
-        }
-        Err(o) => {
-            return Decision::Unread {
-                why: match o {
-                    Outcome::Error { error, .. } => {
-                        format!("the history could not be read: {error}")
-                    }
-                    _ => format!("the history could not be read from {url}"),
-                },
-                seen: String::new(),
-            };
-        }
-    };
-    let attack = |why: String| Decision::Attack {
-        why,
-        seen: text.clone(),
-    };
-    let history = match HistoryAnswer::parse(&text) {
-        Ok(h) => h,
-        Err(e) => return attack(format!("{url}: {e}")),
-    };
-    let mut versions = match history.verify(r.head_key, r.address) {
-        Ok(v) => v,
-        Err(e) => return attack(format!("{url}: {e}")),
-    };
-    let head = &history.head.head;
-    if let Some(vrf) = &held.memory.vrf_key
-        && !vrf.eq_ignore_ascii_case(&hex::encode(head.vrf_public_key))
-    {
-        return attack(format!(
-            "{url}: the history's head (epoch {}) names the VRF key {}, not the pinned {vrf}",
-            head.epoch,
-            hex::encode(head.vrf_public_key)
-        ));
-    }
-    // The history was read after the directory's answer: an older one is not the
-    // directory's current history but one replayed from before (a history captured earlier,
-    // whose root the client may never have kept), whatever it says.
-    if head.epoch < r.answer_epoch {
-        return attack(format!(
-            "{url}: the history's head is of epoch {}, older than the directory's answer (epoch \
-             {}) read before it: a history replayed from before, not the directory's",
-            head.epoch, r.answer_epoch
-        ));
-    }
-    // The history's head tied to the verified history the client remembers: the same root
-    // at its epoch. A newer epoch is tied by a newer answer's append-only proof first.
-    match held.memory.known_root(head.epoch) {
-        Some(root) if root == head.root_hash => {}
-        Some(root) => {
-            return attack(format!(
-                "possible fork of the key directory of {domain}: the history's head of epoch \
-                 {} has the root {}, the remembered history has {}",
-                head.epoch,
-                hex::encode(head.root_hash),
-                hex::encode(root)
-            ));
-        }
-        None if held
-            .memory
-            .remembered_epoch()
-            .is_none_or(|e| head.epoch > e) =>
-        {
-            return Decision::AskAgain {
-                epoch: head.epoch,
-                seen: text.clone(),
-            };
-        }
-        None => {
-            return Decision::Unread {
-                why: format!(
-                    "the history ({url}) is of epoch {}, which the client cannot tie to its \
-                     remembered history",
-                    head.epoch
-                ),
-                seen: text.clone(),
-            };
-        }
-    }
-    // Review F9: the served state may be older than the newest page (an address changed
-    // more than 64 times since): the older pages, down to version 1, against the same head.
-    let mut pages_text = String::new();
-    let mut pages = 0;
-    while superseded(&versions, r.served) == Superseded::Never
-        && let Some((before, before_epoch)) = versions
-            .iter()
-            .map(|v| (v.akd_version, v.epoch))
-            .min()
-            .filter(|(v, _)| *v > 1)
-    {
-        if pages == MAX_PAGES {
-            return Decision::Unread {
-                why: format!(
-                    "the history of {} holds {before} versions below the {} the client read, \
-                     more than it reads",
-                    r.address,
-                    versions.len()
-                ),
-                seen: joined(&text, &pages_text),
-            };
-        }
-        pages += 1;
-        let page_path = format!("{path}?before={before}");
-        let page_text =
-            match fetch_or_missing(r.log_base, &page_path, r.ca_file, MAX_HISTORY_ANSWER).await {
-                Ok(Some(t)) => t,
-                Ok(None) => {
-                    return Decision::Attack {
-                        why: format!(
-                            "{url}?before={before}: no versions below {before}, which the \
-                             newest versions proved"
-                        ),
-                        seen: joined(&text, &pages_text),
-                    };
-                }
-                Err(o) => {
-                    return Decision::Unread {
-                        why: match o {
-                            Outcome::Error { error, .. } => {
-                                format!("the history's older versions could not be read: {error}")
-                            }
-                            _ => {
-                                format!("the history's older versions could not be read from {url}")
-                            }
-                        },
-                        seen: joined(&text, &pages_text),
-                    };
-                }
-            };
-        pages_text.push_str(&format!("-- page below version {before} --\n{page_text}\n"));
-        let page = match HistoryPage::parse(&page_text) {
-            Ok(p) => p,
-            Err(e) => {
-                return Decision::Attack {
-                    why: format!("{url}?before={before}: {e}"),
-                    seen: joined(&text, &pages_text),
-                };
-            }
-        };
-        // Review R4: the page's head is checked (its signature) before it is compared with
-        // the history's, and compared whole: a head signed with the head key that
-        // contradicts the history's (another VRF key, or root for the same epoch: a fork; an
-        // older epoch: a replay) is an attack, both heads kept; only a newer head is the
-        // directory moving on between the requests.
-        let page_attack = |why: String| Decision::Attack {
-            why,
-            seen: joined(&text, &pages_text),
-        };
-        if let Err(e) = page.head.verify(r.head_key) {
-            return page_attack(format!("{url}?before={before}: {e}"));
-        }
-        let at = &page.head.head;
-        if (at.domain.as_str(), at.vrf_public_key) != (head.domain.as_str(), head.vrf_public_key) {
-            return page_attack(format!(
-                "{url}?before={before}: the page's head (epoch {}) is of the directory of {} \
-                 with the VRF key {}, not of the history's ({} with {})",
-                at.epoch,
-                at.domain,
-                hex::encode(at.vrf_public_key),
-                head.domain,
-                hex::encode(head.vrf_public_key)
-            ));
-        }
-        match at.epoch.cmp(&head.epoch) {
-            std::cmp::Ordering::Less => {
-                return page_attack(format!(
-                    "{url}?before={before}: the page's head is of epoch {}, older than the \
-                     history's (epoch {}) read before it: a page replayed from before, not the \
-                     directory's",
-                    at.epoch, head.epoch
-                ));
-            }
-            std::cmp::Ordering::Equal if at.root_hash != head.root_hash => {
-                return page_attack(format!(
-                    "possible fork of the key directory of {domain}: two heads of epoch {} \
-                     signed with the head key, the history's with the root {} and the page's \
-                     ({url}?before={before}) with {}",
-                    head.epoch,
-                    hex::encode(head.root_hash),
-                    hex::encode(at.root_hash)
-                ));
-            }
-            std::cmp::Ordering::Equal => {}
-            std::cmp::Ordering::Greater => {
-                // A newer epoch was committed between the requests: read again later.
-                return Decision::Unread {
-                    why: format!(
-                        "the directory moved from epoch {} to {} while the history was read",
-                        head.epoch, at.epoch
-                    ),
-                    seen: joined(&text, &pages_text),
-                };
-            }
-        }
-        match page
-            .verify(r.head_key, r.address, before, before_epoch)
-            .await
-        {
-            Ok(older) => versions.extend(older),
-            Err(e) => {
-                return Decision::Attack {
-                    why: format!("{url}?before={before}: {e}"),
-                    seen: joined(&text, &pages_text),
-                };
-            }
-        }
-    }
-    let text = joined(&text, &pages_text);
-    let attack = |why: String| Decision::Attack {
-        why,
-        seen: text.clone(),
-    };
-    let what = match r.served {
-        Some(_) => "the served key",
-        None => "\"no key\"",
-    };
-    let epoch = match superseded(&versions, r.served) {
-        Superseded::Newest(at) if at > r.answer_epoch => {
-            return Decision::Race(format!(
-                "key directory of {domain}: {what} for {} was recorded at epoch {at}, after \
-                 the directory's answer (epoch {}) was read: it changed while the reply was on \
-                 its way; nothing was imported; retrieve again",
-                r.address, r.answer_epoch
-            ));
-        }
-        Superseded::Newest(at) => {
-            return attack(format!(
-                "the history of {} (epoch {}) names {what} as the newest version (epoch \
-                 {at}), which the answer of epoch {} does not prove",
-                r.address, head.epoch, r.answer_epoch
-            ));
-        }
-        Superseded::Never => {
-            return attack(format!(
-                "the directory's history of {} (epoch {}, {} versions down to version 1) never \
-                 held {what}",
-                r.address,
-                head.epoch,
-                versions.len()
-            ));
-        }
-        Superseded::At(epoch) => epoch,
-    };
-    let verified = match r.verified_epoch {
-        Some(v) => format!("epoch {v}"),
-        None => "no epoch".into(),
-    };
-    match by_epoch(epoch, r.verified_epoch) {
-        Verdict::Race => Decision::Race(format!(
-            "key directory of {domain}: {} changed while the reply was on its way: the \
-             directory recorded {what} as superseded at epoch {epoch}, after the newest epoch \
-             the client had verified when it sent the request ({verified}); nothing was \
-             imported; retrieve again for the current key",
-            r.address
-        )),
-        Verdict::Unknown => Decision::Race(format!(
-            "key directory of {domain}: the directory recorded {what} for {} as superseded \
-             at epoch {epoch}; the client {}, so it cannot tell whether the address \
-             changed while the reply was on its way or the key was stale; nothing was \
-             imported; retrieve again (the head of epoch {} is remembered now: the next \
-             request is decided)",
-            r.address,
-            r.no_epoch,
-            held.memory.remembered_epoch().unwrap_or(r.answer_epoch)
-        )),
-        Verdict::Stale => attack(format!(
-            "the directory's history of {} (epoch {}) shows {what} superseded at epoch \
-             {epoch}, at or before the {verified} the client had verified before it sent the \
-             request: recorded before the request, not a change on the way (a stale or forged \
-             key)",
-            r.address, head.epoch
-        )),
-    }
-}
+/// The history's reading and judging ([`read`], [`judge`]).
+mod history;
+pub use history::{Decision, READ_BUDGET, Read, judge, read};
 
 #[cfg(test)]
 mod tests {
@@ -536,7 +293,11 @@ mod tests {
     use kst_core::transparency::DirectoryEntry;
     use kst_core::transparency::entry::key_hash;
 
-    fn version(akd_version: u64, epoch: u64, entry: Option<DirectoryEntry>) -> HistoryVersion {
+    pub(super) fn version(
+        akd_version: u64,
+        epoch: u64,
+        entry: Option<DirectoryEntry>,
+    ) -> HistoryVersion {
         HistoryVersion {
             epoch,
             akd_version,
@@ -544,7 +305,7 @@ mod tests {
         }
     }
 
-    fn key(k: &[u8], version: u64) -> Option<DirectoryEntry> {
+    pub(super) fn key(k: &[u8], version: u64) -> Option<DirectoryEntry> {
         Some(DirectoryEntry {
             state: EntryState::Published,
             version,
@@ -553,7 +314,7 @@ mod tests {
         })
     }
 
-    fn deleted(version: u64) -> Option<DirectoryEntry> {
+    pub(super) fn deleted(version: u64) -> Option<DirectoryEntry> {
         Some(DirectoryEntry::deleted(version, 1))
     }
 
@@ -607,6 +368,7 @@ mod tests {
             address: &address,
             served: Some(b"k1"),
             verified_epoch,
+            verified_state: None,
             no_epoch: "",
             answer_epoch: 9,
         };
@@ -638,5 +400,56 @@ mod tests {
         assert_eq!(superseded(&h, Some(b"k4")), Superseded::Newest(12));
         // A deletion that is the newest version: "no key" is the state now.
         assert_eq!(superseded(&h[1..], None), Superseded::Newest(9));
+    }
+
+    /// Review F3: a served key that the history matches, as a race, only as the value a
+    /// deletion recorded after the verified epoch withdrew is decided by the key the answer
+    /// verified before sending proved for that version; without it (or for a version
+    /// recorded after that epoch) it cannot be told.
+    #[test]
+    fn a_withdrawn_value_is_told_by_the_key_verified_before_sending() {
+        // Version 2 (epoch 5, its value withdrawn) until the deletion at epoch 9, then a
+        // new key at epoch 10; the client verified epoch 6 before sending.
+        let h = [
+            version(4, 10, key(b"k4", 4)),
+            version(3, 9, deleted(3)),
+            version(2, 5, None),
+            version(1, 2, None),
+        ];
+        let state = |hash_of: &[u8], recorded_at| VerifiedState {
+            epoch: 6,
+            recorded_at,
+            key_hash: hex::encode(key_hash(hash_of)),
+        };
+        let proven = state(b"k2", 5);
+        assert_eq!(
+            withdrawn_match(&h, b"k2", 6, Some(&proven)),
+            Some(Withdrawn::Proven)
+        );
+        assert_eq!(
+            withdrawn_match(&h, b"forged", 6, Some(&proven)),
+            Some(Withdrawn::Disproven {
+                version: 2,
+                deleted_at: 9,
+                verified: 6
+            })
+        );
+        let unknown = Some(Withdrawn::Unknown {
+            version: 2,
+            deleted_at: 9,
+        });
+        assert_eq!(withdrawn_match(&h, b"forged", 6, None), unknown);
+        // A state of another version (recorded at another epoch) says nothing of it.
+        assert_eq!(
+            withdrawn_match(&h, b"forged", 6, Some(&state(b"k2", 2))),
+            unknown
+        );
+        // Verified at epoch 4: version 2 was recorded after it, whatever was proven then.
+        assert_eq!(
+            withdrawn_match(&h, b"forged", 4, Some(&state(b"k2", 5))),
+            unknown
+        );
+        // A deletion at or before the verified epoch makes no race: nothing to tell.
+        assert_eq!(withdrawn_match(&h, b"forged", 9, Some(&proven)), None);
     }
 }

@@ -75,6 +75,26 @@ pub struct LogRequirements {
     /// check cannot tell, exit 75, and the retry decides).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified_log: Option<VerifiedLog>,
+    /// The key the directory's answer verified just before the request was sent proved as
+    /// the address's newest version (review F3): with it the two-step check tells a key
+    /// whose value a later deletion withdrew (the history no longer shows it) from a forged
+    /// one. `None`: no such answer (the head could not be verified before sending, the
+    /// answer proved no key, or a request of a kst from before this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_state: Option<VerifiedState>,
+}
+
+/// The key the directory proved for the address just before a request was sent
+/// ([`LogRequirements::verified_state`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifiedState {
+    /// The epoch of the answer that proved it (counted only when it is the request's
+    /// `verified_epoch`).
+    pub epoch: u64,
+    /// The epoch at which the directory recorded that version.
+    pub recorded_at: u64,
+    /// The SHA-256 of the key's binary packets (64 hex digits), as the entry commits to it.
+    pub key_hash: String,
 }
 
 /// What identifies the key directory whose head the client had verified when it sent a
@@ -271,6 +291,11 @@ mod tests {
                 vrf_key: "22".repeat(32),
                 root: "33".repeat(32),
                 started_at: Some("5:".to_string() + &"44".repeat(32)),
+            }),
+            verified_state: Some(VerifiedState {
+                epoch: 7,
+                recorded_at: 6,
+                key_hash: "55".repeat(32),
             }),
             ..LogRequirements::default()
         });

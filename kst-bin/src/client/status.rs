@@ -27,7 +27,7 @@ use kst_core::certificate::Certificate;
 use kst_core::validate::{KeyPolicy, validate};
 use serde::Serialize;
 
-use super::commands::{Settings, gpg_export, send_and_wait};
+use super::commands::{Settings, gpg_export, send_and_wait_with};
 use super::exit;
 use super::output::{self, Outcome, err, out};
 
@@ -171,6 +171,24 @@ pub type LogArgs = super::transparency::LogCheckArgs;
 #[cfg(not(feature = "transparency"))]
 pub type LogArgs = ();
 
+/// The requirements of `status --check-transparency` kept with its request: the flags', and
+/// the head verified before the request is sent (its epoch and directory: the two-step check
+/// compares with them). A memory that cannot be read is exit 78, a head that fails
+/// verification an attack (exit 5).
+#[cfg(feature = "transparency")]
+async fn requirements(
+    s: &Settings,
+    args: &LogArgs,
+    account: &Address,
+) -> Result<super::state::LogRequirements, Outcome> {
+    let verified = super::transparency::verified_epoch_before_sending(s, args, account).await?;
+    let mut r = args.requirements();
+    r.verified_epoch = verified.epoch;
+    r.verified_log = verified.log;
+    r.verified_state = verified.state;
+    Ok(r)
+}
+
 /// One version of the address in the key directory, as `status` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DirectoryVersion {
@@ -231,29 +249,21 @@ pub async fn status(
         Err(e) => return output::finish(&[Outcome::error(exit::NOINPUT, e)], s.json, false),
     };
     let request = kst_core::client::build_retrieval(&account, &account);
-    // The epoch the client had verified before the request is sent (the two-step check
-    // compares with it).
+    // The directory check's requirements, kept with the request as `retrieve
+    // --check-transparency` keeps them: the reply is checked where it is read, with its own
+    // Message-ID for the evidence, and `kst client check` checks it if the wait ends first.
     #[cfg(feature = "transparency")]
-    let verified_epoch = match log {
-        Some(args) => {
-            match super::transparency::verified_epoch_before_sending(s, args, &account).await {
-                Ok(e) => e,
-                Err(o) => return output::finish(&[o], s.json, false),
-            }
-        }
-        None => Default::default(),
+    let requirements = match log {
+        Some(args) => match requirements(s, args, &account).await {
+            Ok(r) => Some(r),
+            Err(o) => return output::finish(&[o], s.json, false),
+        },
+        None => None,
     };
-    #[cfg(feature = "transparency")]
-    let reply = super::transparency::ReplyRef {
-        request_id: request.pending.message_id.clone(),
-        reply_id: None,
-    };
-    let retrieved = send_and_wait(s, &account, request, None, false, false).await;
-    #[cfg(feature = "transparency")]
-    let retrieved = match log {
-        Some(args) => super::transparency::check(s, args, retrieved, &verified_epoch, &reply).await,
-        None => retrieved,
-    };
+    #[cfg(not(feature = "transparency"))]
+    let requirements = None;
+    let retrieved =
+        send_and_wait_with(s, &account, request, None, false, false, requirements).await;
     let (service, served, code) = match retrieved {
         Outcome::Found { key, service, .. } => match KeyFacts::of(&key, &account, now) {
             Ok(f) => (Some(service), Some(f), exit::OK),

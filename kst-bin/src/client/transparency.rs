@@ -34,7 +34,6 @@ use kst_core::Address;
 use kst_core::openpgp::dearmor_public_key;
 use kst_core::protocol::LogAsk;
 use kst_core::time::unix_now;
-use kst_core::transparency::Head;
 use kst_core::transparency::answer::{
     LogAnswer, MAX_ANSWER, MAX_ANSWER_WITH_AUDIT, MAX_SINCE_EPOCHS, MAX_WITNESSED_ANSWER, Served,
     hex32, parse_head,
@@ -45,15 +44,18 @@ use kst_core::transparency::history::{
 use kst_core::transparency::witness::{
     MAX_HEAD_TEXT, WitnessPolicy, parse_head_with_cosignatures, parse_witness,
 };
+use kst_core::transparency::{DirectoryEntry, Head};
 
 use super::commands::{LogPlan, Settings, dns_outcome};
 use super::discovery::{DnsError, Secured};
 use super::dnssec::DnsSecurity;
 use super::exit;
 pub use super::log_memory::check_and_remember;
-use super::log_memory::{Held, LogMemory, MemoryError, check_held, check_pin, source};
+use super::log_memory::{
+    DomainMemory, Held, LogMemory, MemoryError, check_held, check_pin, source,
+};
 use super::output::Outcome;
-use super::state::{Entry, LogRequirements, VerifiedLog};
+use super::state::{Entry, LogRequirements, VerifiedLog, VerifiedState};
 use super::tls::Conn;
 
 mod presend;
@@ -124,6 +126,7 @@ impl LogCheckArgs {
             since_head: None,
             verified_epoch: None,
             verified_log: None,
+            verified_state: None,
         }
     }
 
@@ -223,12 +226,14 @@ pub async fn plan(
     let mut held = memory
         .hold(domain)
         .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
+    let mut state = None;
     if log.http {
-        verify_before_sending(s, check, address, &memory, &mut held).await?;
+        state = verify_before_sending(s, check, address, &memory, &mut held).await?;
     }
     let verified = held.memory.verified();
     log.verified_epoch = verified.as_ref().map(|(e, _)| *e);
     log.verified_log = verified.map(|(_, l)| l);
+    log.verified_state = state.filter(|st| Some(st.epoch) == log.verified_epoch);
     if !args.transparency {
         return Ok(LogPlan {
             log: Some(log),
@@ -268,11 +273,13 @@ pub async fn verified_epoch_before_sending(
     let mut held = memory
         .hold(address.domain())
         .map_err(|e| Outcome::error(exit::CONFIG, e.to_string()))?;
-    verify_before_sending(s, check, address, &memory, &mut held).await?;
+    let state = verify_before_sending(s, check, address, &memory, &mut held).await?;
     let verified = held.memory.verified();
+    let epoch = verified.as_ref().map(|(e, _)| *e);
     Ok(VerifiedBefore {
-        epoch: verified.as_ref().map(|(e, _)| *e),
+        epoch,
         log: verified.map(|(_, l)| l),
+        state: state.filter(|st| Some(st.epoch) == epoch),
     })
 }
 
@@ -286,6 +293,9 @@ pub struct VerifiedBefore {
     pub epoch: Option<u64>,
     /// The directory (`None`: not known, a request written by an older kst).
     pub log: Option<VerifiedLog>,
+    /// The key the directory proved for the address then
+    /// ([`LogRequirements::verified_state`]).
+    pub state: Option<VerifiedState>,
 }
 
 impl VerifiedBefore {
@@ -294,6 +304,7 @@ impl VerifiedBefore {
         VerifiedBefore {
             epoch: r.verified_epoch,
             log: r.verified_log.clone(),
+            state: r.verified_state.clone(),
         }
     }
 
@@ -325,18 +336,21 @@ impl VerifiedBefore {
 }
 
 /// [`presend::verify_head`], its note (a head that could not be verified; the request is
-/// sent anyway) told on standard error.
+/// sent anyway) told on standard error; the key the verified answer proved, if any.
 async fn verify_before_sending(
     s: &Settings,
     check: &LogCheckArgs,
     address: &Address,
     memory: &LogMemory,
     held: &mut Held,
-) -> Result<(), Outcome> {
-    if let Some(note) = presend::verify_head(s, check, address, memory, held).await? {
-        super::output::err(format!("kst: {note}"));
+) -> Result<Option<VerifiedState>, Outcome> {
+    match presend::verify_head(s, check, address, memory, held).await? {
+        presend::Presend::Verified(state) => Ok(state),
+        presend::Presend::NotVerified(note) => {
+            super::output::err(format!("kst: {note}"));
+            Ok(None)
+        }
     }
-    Ok(())
 }
 
 /// Version 3: checks the key directory's answer a verified reply to `entry` carried (`answer`,
@@ -500,8 +514,7 @@ struct Checked<'a> {
 pub struct ReplyRef {
     /// The request's Message-ID (without `<>`).
     pub request_id: String,
-    /// The reply's own Message-ID (without `<>`; `None`: not passed to the check, as by
-    /// `kst client status`, which reads the reply but keeps only what it served, or not
+    /// The reply's own Message-ID (without `<>`; `None`: the reply has none that is
     /// readable).
     pub reply_id: Option<String>,
 }
@@ -580,17 +593,17 @@ async fn verify_and_remember(
         if c.read_apart
             && let Ok(proven) = answer.proven_at(c.head_key, c.address).await
         {
-            differs = Some((message, proven.map(|(_, at)| at)));
+            differs = Some((message, proven));
         } else {
             return Err(attack_kept(memory, held, message, &seen));
         }
     }
     let finish = |accepted: Accepted| match &differs {
         None => accepted,
-        Some((why, newest_at)) => Accepted::Differs {
+        Some((why, newest)) => Accepted::Differs {
             why: why.clone(),
             epoch,
-            newest_at: *newest_at,
+            newest: newest.clone(),
             note: match accepted {
                 Accepted::Restarted { note } => Some(note),
                 _ => None,
@@ -999,9 +1012,10 @@ enum Accepted {
     Differs {
         why: String,
         epoch: u64,
-        /// The epoch at which the directory recorded the address's newest version, as the
-        /// answer's proof shows it (`None`: the answer proves the address never held).
-        newest_at: Option<u64>,
+        /// The address's newest version and the epoch at which the directory recorded it,
+        /// as the answer's proof shows them (`None`: the answer proves the address never
+        /// held).
+        newest: Option<(DirectoryEntry, u64)>,
         note: Option<String>,
     },
 }
@@ -1103,9 +1117,11 @@ pub async fn check(
     // decided by the history, which may need a newer answer first (`MAX_NEWER_ANSWERS`).
     let mut asked_again = 0;
     let mut newer_answers = 0;
-    // The epoch and text of a history read ahead of the remembered head
-    // (`Decision::AskAgain`), kept as evidence if the newer answer does not reach it.
-    let mut history_ahead: Option<(u64, String)> = None;
+    // The history read (`log_race::read`), kept while a newer answer ties its heads
+    // (`Decision::AskAgain`): judged again, not read again (review R6: on a busy domain a
+    // history read again is one epoch ahead again), and kept as evidence if the newer answer
+    // does not reach it.
+    let mut history: Option<super::log_race::Read> = None;
     loop {
         let since = held.memory.remembered_epoch().filter(|e| *e > 0);
         let (path, limit) = lookup_path(&address, since, ask_steps, policy.is_some());
@@ -1145,23 +1161,29 @@ pub async fn check(
             Ok(Accepted::Differs {
                 why: mismatch,
                 epoch,
-                newest_at,
+                newest,
                 note,
             }) => {
+                let newest_at = newest.map(|(_, at)| at);
                 if let Some(note) = note {
                     super::output::err(format!("kst: {note}"));
                 }
                 if let Some(ms) = super::log_race::ASK_AGAIN_MS.get(asked_again) {
                     asked_again += 1;
                     tracing::info!(domain = %address.domain(), epoch, "key directory: the answer proves another state than the reply served; asking again");
+                    // The domain's memory is not locked while the client waits (review R6).
+                    memory.release(&mut held);
                     tokio::time::sleep(Duration::from_millis(*ms)).await;
+                    if let Err(o) = held_again(&memory, &mut held, &head_key, &attack) {
+                        return o;
+                    }
                     continue;
                 }
-                let keep = |why: String, seen: &str| {
+                let keep = |held: &Held, why: String, seen: &str| {
                     attack(
                         memory
                             .attack(
-                                &held,
+                                held,
                                 format!("{mismatch}; {why}"),
                                 &format!("{about}{seen}"),
                             )
@@ -1170,85 +1192,215 @@ pub async fn check(
                 };
                 // Review R1: two roots for the epoch verified before sending, both verified
                 // by this client in one history with the same keys: a fork.
-                if let (Some(e), Some(log)) = (verified.epoch, &verified.log)
-                    && let Some(root) = held.memory.fork_at(e, log)
-                {
-                    return keep(
-                        format!(
-                            "possible fork of the key directory of {}: the client had \
-                             verified the root {} for epoch {e} when it sent the request, and \
-                             holds the root {} for it now, both in one history with the same \
-                             keys",
-                            address.domain(),
-                            log.root,
-                            hex::encode(root)
-                        ),
-                        &text,
-                    );
+                if let Some(why) = fork_seen(verified, &held.memory, &address) {
+                    return keep(&held, why, &text);
                 }
                 // Review F8: an epoch verified before sending counts only against the same
                 // directory (not one re-keyed, restarted or re-pinned since).
-                let (verified_epoch, no_epoch) = match verified.epoch_in(&held.memory) {
-                    Ok(e) => (Some(e), String::new()),
-                    Err(why) => (None, why),
-                };
-                let race = super::log_race::Race {
+                let (verified_epoch, no_epoch) = verified_in(verified, &held.memory);
+                let mut race = super::log_race::Race {
                     log_base: &base,
                     ca_file: s.ca_file(),
                     head_key: &head_key,
                     address: &address,
                     served: served.as_deref(),
                     verified_epoch,
+                    // Only with the epoch it was proven at, of the directory followed now.
+                    verified_state: verified
+                        .state
+                        .as_ref()
+                        .filter(|st| verified_epoch == Some(st.epoch)),
                     no_epoch: &no_epoch,
                     answer_epoch: epoch,
                 };
                 // The answer's own proof decides first: a newest version recorded at or
                 // before the epoch verified before sending (no history needed).
                 if let Some(why) = super::log_race::recorded_before_sending(&race, newest_at) {
-                    return keep(why, &text);
+                    return keep(&held, why, &text);
                 }
-                if let Some((ahead, history)) = history_ahead.take()
-                    && held.memory.remembered_epoch().is_none_or(|e| e < ahead)
+                if let Some(read) = &history
+                    && held
+                        .memory
+                        .remembered_epoch()
+                        .is_none_or(|e| e < read.newest_epoch())
                 {
                     return keep(
+                        &held,
                         format!(
-                            "the directory's history was of epoch {ahead}, and its answer read \
-                             after it is of epoch {epoch}: a history from another directory"
+                            "the directory's history was of epoch {}, and its answer read \
+                             after it is of epoch {epoch}: a history from another directory",
+                            read.newest_epoch()
                         ),
-                        &with_history(text, &history),
+                        &with_history(text, &read.evidence()),
                     );
                 }
-                match super::log_race::decide(&race, &held).await {
-                    super::log_race::Decision::AskAgain { epoch: ahead, seen }
+                let no_epoch_now;
+                let read = match history.take() {
+                    Some(read) => read,
+                    None => {
+                        // Review R6: the history and its pages are read without the
+                        // domain's memory lock (up to `log_race::READ_BUDGET`); the memory
+                        // is read afresh after.
+                        memory.release(&mut held);
+                        let read = super::log_race::read(&race).await;
+                        if let Err(o) = held_again(&memory, &mut held, &head_key, &attack) {
+                            return o;
+                        }
+                        // Review F-4 (of this change): what the verified epoch means, and
+                        // whether the memory now holds another root for it, are taken from
+                        // the memory as it is now (it may have started again meanwhile).
+                        if let Some(why) = fork_seen(verified, &held.memory, &address) {
+                            return keep(&held, why, &text);
+                        }
+                        let now_epoch;
+                        (now_epoch, no_epoch_now) = verified_in(verified, &held.memory);
+                        race.verified_epoch = now_epoch;
+                        race.verified_state = verified
+                            .state
+                            .as_ref()
+                            .filter(|st| now_epoch == Some(st.epoch));
+                        race.no_epoch = &no_epoch_now;
+                        match read {
+                            Ok(read) => read,
+                            Err(decision) => {
+                                return decided(
+                                    &memory, &held, decision, &mismatch, &about, text, epoch,
+                                    &address, &keep,
+                                );
+                            }
+                        }
+                    }
+                };
+                match super::log_race::judge(&race, &read, &held.memory) {
+                    super::log_race::Decision::AskAgain { .. }
                         if newer_answers < super::log_race::MAX_NEWER_ANSWERS =>
                     {
                         newer_answers += 1;
-                        history_ahead = Some((ahead, seen));
+                        history = Some(read);
                         continue;
                     }
-                    super::log_race::Decision::AskAgain { epoch: ahead, seen } => {
-                        let why = format!(
-                            "the directory kept moving while the client read its history (of \
-                             epoch {ahead})"
+                    super::log_race::Decision::AskAgain { epoch: ahead } => {
+                        let kept = super::log_race::Decision::Unread {
+                            why: kept_moving(ahead),
+                            seen: read.evidence(),
+                        };
+                        return decided(
+                            &memory, &held, kept, &mismatch, &about, text, epoch, &address, &keep,
                         );
-                        let seen = format!("{about}{}", with_history(text, &seen));
-                        return undecided(&memory, &held, &mismatch, &why, &seen, epoch, &address);
                     }
-                    super::log_race::Decision::Race(message) => {
-                        return Outcome::error(exit::TEMPFAIL, message);
-                    }
-                    super::log_race::Decision::Attack { why, seen } => {
-                        return keep(why, &with_history(text, &seen));
-                    }
-                    super::log_race::Decision::Unread { why, seen } => {
-                        let seen = format!("{about}{}", with_history(text, &seen));
-                        return undecided(&memory, &held, &mismatch, &why, &seen, epoch, &address);
+                    decision => {
+                        return decided(
+                            &memory, &held, decision, &mismatch, &about, text, epoch, &address,
+                            &keep,
+                        );
                     }
                 }
             }
             Err(o) => return o.with_attack(&attack),
         }
     }
+}
+
+/// Review R1: the root the memory keeps for the epoch verified before sending, when it is
+/// another than the one the request kept, both verified by this client in one history with
+/// the same keys (a fork): why, for the evidence.
+fn fork_seen(
+    verified: &VerifiedBefore,
+    memory: &DomainMemory,
+    address: &Address,
+) -> Option<String> {
+    let (Some(e), Some(log)) = (verified.epoch, &verified.log) else {
+        return None;
+    };
+    let root = memory.fork_at(e, log)?;
+    Some(format!(
+        "possible fork of the key directory of {}: the client had verified the root {} for \
+         epoch {e} when it sent the request, and holds the root {} for it now, both in one \
+         history with the same keys",
+        address.domain(),
+        log.root,
+        hex::encode(root)
+    ))
+}
+
+/// Review F8: the epoch verified before sending when it is of the directory `memory` follows
+/// now, else `None` and why not.
+fn verified_in(verified: &VerifiedBefore, memory: &DomainMemory) -> (Option<u64>, String) {
+    match verified.epoch_in(memory) {
+        Ok(e) => (Some(e), String::new()),
+        Err(why) => (None, why),
+    }
+}
+
+/// Takes the domain's memory lock back after the check let go of it (review R6) and reads
+/// the memory afresh: it must still pin `head_key`, the key the check verifies with (a
+/// domain pinned again meanwhile, or a memory deleted, stops the check: exit 75, nothing
+/// imported; the retry uses the new pin).
+fn held_again(
+    memory: &LogMemory,
+    held: &mut Held,
+    head_key: &[u8; 32],
+    attack: &dyn Fn(String) -> Outcome,
+) -> Result<(), Outcome> {
+    memory
+        .hold_again(held)
+        .map_err(|e| memory_outcome(e, attack))?;
+    let pinned = held.memory.head_key.as_deref();
+    if pinned.is_some_and(|k| k.eq_ignore_ascii_case(&hex::encode(head_key))) {
+        return Ok(());
+    }
+    Err(Outcome::error(
+        exit::TEMPFAIL,
+        format!(
+            "key directory of {}: the domain's head key was pinned again (or its memory \
+             removed) while the check ran; nothing was imported; retrieve again",
+            held.domain
+        ),
+    ))
+}
+
+/// The outcome of a [`super::log_race`] decision other than `AskAgain` about the mismatch
+/// between the reply and the directory's answer (`answer`, at `epoch`): a race is exit 75,
+/// an attack exit 5 with its evidence kept (`keep`), a history not read or not tied exit 75
+/// with the mismatch kept ([`undecided`]).
+#[allow(clippy::too_many_arguments)]
+fn decided(
+    memory: &LogMemory,
+    held: &Held,
+    decision: super::log_race::Decision,
+    mismatch: &str,
+    about: &str,
+    answer: String,
+    epoch: u64,
+    address: &Address,
+    keep: &dyn Fn(&Held, String, &str) -> Outcome,
+) -> Outcome {
+    use super::log_race::Decision;
+    match decision {
+        Decision::Race(message) => Outcome::error(exit::TEMPFAIL, message),
+        Decision::Attack { why, seen } => keep(held, why, &with_history(answer, &seen)),
+        Decision::Unread { why, seen } => {
+            let seen = format!("{about}{}", with_history(answer, &seen));
+            undecided(memory, held, mismatch, &why, &seen, epoch, address)
+        }
+        Decision::AskAgain { epoch: ahead } => {
+            let seen = format!("{about}{answer}");
+            undecided(
+                memory,
+                held,
+                mismatch,
+                &kept_moving(ahead),
+                &seen,
+                epoch,
+                address,
+            )
+        }
+    }
+}
+
+/// Why a history of epoch `ahead` was not decided: newer answers did not tie it.
+fn kept_moving(ahead: u64) -> String {
+    format!("the directory kept moving while the client read its history (of epoch {ahead})")
 }
 
 /// The evidence of a two-step check: the directory's `answer`, and the `history` read after

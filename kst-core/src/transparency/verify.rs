@@ -113,15 +113,8 @@ pub async fn verify_append_only(
     intermediate: &[[u8; 32]],
     proof: AppendOnlyProof,
 ) -> Result<()> {
-    let fail = |what: String| {
-        TransparencyError::Verification(format!(
-            "{}: epoch {} -> {}: {what}",
-            new.domain, old.epoch, new.epoch
-        ))
-    };
-    if old.domain != new.domain || old.vrf_public_key != new.vrf_public_key {
-        return Err(fail("the heads belong to different directories".into()));
-    }
+    let fail = between(old, new);
+    same_directory(old, new)?;
     if new.epoch == old.epoch {
         return if new.root_hash == old.root_hash {
             Ok(())
@@ -310,7 +303,28 @@ pub async fn append_only_chain(proof: &AppendOnlyProof) -> Result<Vec<[u8; 32]>>
     Ok(roots)
 }
 
-/// An append-only proof with as many epochs as steps.
+/// The error of a check from `old` to `new`: what failed, named with the domain and both
+/// epochs.
+fn between<'a>(old: &'a Head, new: &'a Head) -> impl Fn(String) -> TransparencyError + 'a {
+    move |what| {
+        TransparencyError::Verification(format!(
+            "{}: epoch {} -> {}: {what}",
+            new.domain, old.epoch, new.epoch
+        ))
+    }
+}
+
+/// Whether `old` and `new` are heads of one directory (the same domain and VRF key): an
+/// append-only proof between heads of two directories proves nothing.
+fn same_directory(old: &Head, new: &Head) -> Result<()> {
+    if old.domain != new.domain || old.vrf_public_key != new.vrf_public_key {
+        return Err(between(old, new)(
+            "the heads belong to different directories".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `epochs` are exactly `from..to`, one after another; the length is compared first,
 /// so an absurd gap (a hostile head's epoch) costs nothing.
 fn covers_exactly(epochs: &[u64], from: u64, to: u64) -> bool {
@@ -318,6 +332,7 @@ fn covers_exactly(epochs: &[u64], from: u64, to: u64) -> bool {
         && epochs.iter().copied().eq(from..to)
 }
 
+/// An append-only proof with as many epochs as steps.
 fn check_shape(proof: &AppendOnlyProof) -> Result<()> {
     if proof.epochs.len() != proof.proofs.len() {
         return Err(TransparencyError::Verification(format!(
@@ -400,15 +415,8 @@ pub async fn verify_append_only_roots(
             .await
             .map(|()| Vec::new());
     }
-    let fail = |what: String| {
-        TransparencyError::Verification(format!(
-            "{}: epoch {} -> {}: {what}",
-            new.domain, old.epoch, new.epoch
-        ))
-    };
-    if old.domain != new.domain || old.vrf_public_key != new.vrf_public_key {
-        return Err(fail("the heads belong to different directories".into()));
-    }
+    let fail = between(old, new);
+    same_directory(old, new)?;
     check_shape(&proof)?;
     if !covers_exactly(&proof.epochs, old.epoch, new.epoch) {
         return Err(fail(format!(

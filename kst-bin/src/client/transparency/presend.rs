@@ -22,30 +22,39 @@
 use super::super::exit;
 use super::super::log_memory::{Held, LogMemory};
 use super::super::output::Outcome;
+use super::super::state::VerifiedState;
 use super::{
     Accepted, Checked, LogCheckArgs, MAX_CATCH_UP_STEPS, Refused, Settings, fetch_answer, head_key,
     log_base, lookup_path,
 };
 use kst_core::Address;
+use kst_core::transparency::{DirectoryEntry, EntryState};
 
 /// The most time the head verified before sending takes in all, every catch-up step
 /// included (review F7: before, each fetch had 20 s, up to 64 steps). The steps verified
 /// by then stay remembered; the check of the reply, or the next request, continues.
 pub const PRESEND_BUDGET: std::time::Duration = super::FETCH_TIMEOUT;
 
+/// What [`verify_head`] found, when nothing stops the request.
+pub(in crate::client) enum Presend {
+    /// The remembered head is the directory's current one; the key its answer proved as the
+    /// address's newest version, if it proved one (kept with the request: review F3).
+    Verified(Option<VerifiedState>),
+    /// The head could not be fetched or verified for a reason that is no attack: the caller
+    /// sends anyway with the remembered epoch and tells the user this note.
+    NotVerified(String),
+}
+
 /// Fetches and verifies the directory's current answer for `address` before the request is
-/// sent, remembering its head in `held` (see the module documentation). `Ok(Some(note))`:
-/// the head could not be fetched or verified for a reason that is no attack (the caller
-/// sends anyway with the remembered epoch and tells the user `note`); `Ok(None)`: the
-/// remembered head is the directory's current one; `Err`: an attack (exit 5, evidence kept)
-/// or a memory that cannot be written (exit 78): nothing is sent.
+/// sent, remembering its head in `held` (see the module documentation). `Err`: an attack
+/// (exit 5, evidence kept) or a memory that cannot be written (exit 78): nothing is sent.
 pub(in crate::client) async fn verify_head(
     s: &Settings,
     args: &LogCheckArgs,
     address: &Address,
     memory: &LogMemory,
     held: &mut Held,
-) -> Result<Option<String>, Outcome> {
+) -> Result<Presend, Outcome> {
     let policy = args
         .witness_policy()
         .map_err(|e| Outcome::error(exit::USAGE, e))?;
@@ -114,15 +123,21 @@ pub(in crate::client) async fn verify_head(
         match super::verify_and_remember(memory, held, &text, &checked).await {
             // Nothing was served yet: an answer that proves a key where "no key" was
             // compared verified otherwise, as one that proves "no key".
-            Ok(Accepted::Remembered | Accepted::Differs { note: None, .. }) => return Ok(None),
-            Ok(
-                Accepted::Restarted { note }
-                | Accepted::Differs {
-                    note: Some(note), ..
-                },
-            ) => {
+            Ok(Accepted::Remembered) => return Ok(Presend::Verified(None)),
+            Ok(Accepted::Restarted { note }) => {
                 super::super::output::err(format!("kst: {note}"));
-                return Ok(None);
+                return Ok(Presend::Verified(None));
+            }
+            Ok(Accepted::Differs {
+                epoch,
+                newest,
+                note,
+                ..
+            }) => {
+                if let Some(note) = note {
+                    super::super::output::err(format!("kst: {note}"));
+                }
+                return Ok(Presend::Verified(proven_key(epoch, newest)));
             }
             Ok(Accepted::Step { to, latest, .. }) => {
                 steps += 1;
@@ -152,14 +167,29 @@ pub(in crate::client) async fn verify_head(
     }
 }
 
+/// The key an answer of `epoch` proved as the address's newest version (`newest`: that
+/// version and the epoch it was recorded at), if it proved a published key.
+fn proven_key(epoch: u64, newest: Option<(DirectoryEntry, u64)>) -> Option<VerifiedState> {
+    let (entry, recorded_at) = newest?;
+    if entry.state == EntryState::Deleted {
+        return None;
+    }
+    let (_, hash) = entry.key?;
+    Some(VerifiedState {
+        epoch,
+        recorded_at,
+        key_hash: hex::encode(hash),
+    })
+}
+
 /// The note of a head that could not be verified before sending (`why`): the request is
 /// sent with the epoch remembered in `held`.
-fn not_fetched(address: &Address, held: &Held, why: String) -> Result<Option<String>, Outcome> {
+fn not_fetched(address: &Address, held: &Held, why: String) -> Result<Presend, Outcome> {
     let remembered = match held.memory.remembered_epoch() {
         Some(e) => format!("the epoch remembered before, {e}"),
         None => "no verified epoch (first use of the domain)".into(),
     };
-    Ok(Some(format!(
+    Ok(Presend::NotVerified(format!(
         "key directory of {}: the current head could not be verified before sending \
          ({why}); the request is sent with {remembered}, and a reply the directory does not \
          confirm may then be a temporary failure (exit 75) where a verified head would have \
