@@ -1084,4 +1084,3 @@ async fn rt19_a_head_of_an_epoch_to_come_takes_no_expensive_turn() {
         "a head of an epoch to come waited for an expensive turn"
     );
 }
-
