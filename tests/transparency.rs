@@ -5523,30 +5523,22 @@ mod withdrawn {
     }
 }
 
-/// The two-step check's history path end to end (issue 18, docs/PROTOCOL.md "The two-step
-/// check of versions 1 and 2", steps 2 to 5), through the real binaries. The answer's own
-/// proof decides first (`log_race::recorded_before_sending`: the address's newest version
-/// recorded at or before the request's `verified_epoch`, exit 5 without the history), so
-/// the history's checks run only when that version was recorded after `verified_epoch`.
-/// Each test here makes that so the way it happens: the client verified epoch 1 (alice's
-/// first key), alice publishes a new key (epoch 2), and the request is sent with epoch 1
-/// (the directory could not be read just before sending, so the epoch remembered before is
-/// used; or the request was sent at epoch 1 and is answered after the change), or the
-/// answer proves the address absent (no version's epoch to compare). Then a provider serves
-/// a stale key, or one the directory never held, and the history route is honest, replayed,
-/// forked with the head key, forged, down, or always an epoch ahead.
-/// Runs `body` with the URL of a proxy in front of `provider`'s directory that publishes a
-/// key for a new address (`busyN@example.net`) before it forwards each request whose line
-/// holds `route`: the directory records an epoch right before each such read (a busy
-/// domain). Returns how many such requests it forwarded.
-fn while_busy(provider: &Provider, gpg: &Gpg, route: &str, body: impl FnOnce(&str)) -> usize {
+/// Runs `body` with the URL of a proxy in front of `provider`'s directory, one request per
+/// connection: each request is answered with what `answer` returns for its request line,
+/// given a function that forwards the request to the directory and returns its response
+/// (`None`: the client gets no answer). The proxy stops when `body` returns, also when it
+/// fails an assertion.
+fn proxied(
+    provider: &Provider,
+    answer: impl Fn(&str, &dyn Fn() -> Option<Vec<u8>>) -> Option<Vec<u8>> + Sync,
+    body: impl FnOnce(&str),
+) {
     use std::io::Write;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, Ordering};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let at = listener.local_addr().unwrap();
-    let busy = format!("http://{at}");
     let honest = provider.log_url.trim_start_matches("http://").to_string();
-    let (stop, seen) = (AtomicBool::new(false), AtomicUsize::new(0));
+    let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
         scope.spawn(|| {
             for client in listener.incoming() {
@@ -5557,11 +5549,7 @@ fn while_busy(provider: &Provider, gpg: &Gpg, route: &str, body: impl FnOnce(&st
                 let Some((line, rest)) = read_request(&mut client) else {
                     continue;
                 };
-                if line.contains(route) {
-                    let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
-                    provider.publish_new(gpg, "sendmail", &[&format!("busy{n}")]);
-                }
-                if let Some(response) = forward(&honest, &line, &rest) {
+                if let Some(response) = answer(&line, &|| forward(&honest, &line, &rest)) {
                     let _ = client.write_all(&response);
                 }
             }
@@ -5576,11 +5564,43 @@ fn while_busy(provider: &Provider, gpg: &Gpg, route: &str, body: impl FnOnce(&st
             }
         }
         let _stop = Stop(&stop, at);
-        body(&busy);
+        body(&format!("http://{at}"));
     });
+}
+
+/// Runs `body` with the URL of a proxy in front of `provider`'s directory that publishes a
+/// key for a new address (`busyN@example.net`) before it forwards each request whose line
+/// holds `route`: the directory records an epoch right before each such read (a busy
+/// domain). Returns how many such requests it forwarded.
+fn while_busy(provider: &Provider, gpg: &Gpg, route: &str, body: impl FnOnce(&str)) -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let seen = AtomicUsize::new(0);
+    proxied(
+        provider,
+        |line, forward| {
+            if line.contains(route) {
+                let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
+                provider.publish_new(gpg, "sendmail", &[&format!("busy{n}")]);
+            }
+            forward()
+        },
+        body,
+    );
     seen.load(Ordering::SeqCst)
 }
 
+/// The two-step check's history path end to end (issue 18, docs/PROTOCOL.md "The two-step
+/// check of versions 1 and 2", steps 2 to 5), through the real binaries. The answer's own
+/// proof decides first (`log_race::recorded_before_sending`: the address's newest version
+/// recorded at or before the request's `verified_epoch`, exit 5 without the history), so
+/// the history's checks run only when that version was recorded after `verified_epoch`.
+/// Each test here makes that so the way it happens: the client verified epoch 1 (alice's
+/// first key), alice publishes a new key (epoch 2), and the request is sent with epoch 1
+/// (the directory could not be read just before sending, so the epoch remembered before is
+/// used; or the request was sent at epoch 1 and is answered after the change), or the
+/// answer proves the address absent (no version's epoch to compare). Then a provider serves
+/// a stale key, or one the directory never held, and the history route is honest, replayed,
+/// forked with the head key, forged, down, or always an epoch ahead.
 mod history_path {
     use super::*;
 
@@ -6112,28 +6132,17 @@ mod history_path {
     /// ended (every kst command for the domain did, up to minutes with pages).
     #[test]
     fn a_history_read_while_the_domain_is_re_pinned_cannot_be_tied() {
-        use std::io::Write;
         use std::sync::atomic::{AtomicBool, Ordering};
         let bed = Bed::new(&[BOB]);
         let provider = &bed.provider;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let at = listener.local_addr().unwrap();
-        let proxy = format!("http://{at}");
-        let honest = provider.log_url.trim_start_matches("http://").to_string();
-        let (stop, pinned) = (AtomicBool::new(false), AtomicBool::new(false));
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                for client in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Ok(mut client) = client else { continue };
-                    let Some((line, rest)) = read_request(&mut client) else {
-                        continue;
-                    };
-                    let response = forward(&honest, &line, &rest);
-                    if line.contains("/history/") && !pinned.load(Ordering::SeqCst) {
-                        // The re-pin, while the client waits for this answer.
+        let pinned = AtomicBool::new(false);
+        proxied(
+            provider,
+            |line, forward| {
+                let response = forward();
+                if line.contains("/history/") && !pinned.load(Ordering::SeqCst) {
+                    // The re-pin, while the client waits for this answer.
+                    std::thread::scope(|scope| {
                         let (done, wait) = std::sync::mpsc::channel();
                         let head_key = provider.head_key.clone();
                         scope.spawn(move || {
@@ -6149,25 +6158,23 @@ mod history_path {
                             assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
                             pinned.store(true, Ordering::SeqCst);
                         }
-                        provider.publish_new(&bed.gpg, "sendmail", &["busy"]);
-                    }
-                    if let Some(response) = response {
-                        let _ = client.write_all(&response);
-                    }
+                    });
+                    provider.publish_new(&bed.gpg, "sendmail", &["busy"]);
                 }
-            });
-            let (out, v) = bed.retrieve("sendmail-old", BOB, &proxy);
-            stop.store(true, Ordering::SeqCst);
-            let _ = std::net::TcpStream::connect(at);
-            expect(&out, &v, 75, "error");
-            let error = v["error"].as_str().unwrap_or_default();
-            assert!(
-                error.contains("did not decide")
-                    && error.contains("cannot tie")
-                    && error.contains("evidence kept in"),
-                "{error}"
-            );
-        });
+                response
+            },
+            |proxy| {
+                let (out, v) = bed.retrieve("sendmail-old", BOB, proxy);
+                expect(&out, &v, 75, "error");
+                let error = v["error"].as_str().unwrap_or_default();
+                assert!(
+                    error.contains("did not decide")
+                        && error.contains("cannot tie")
+                        && error.contains("evidence kept in"),
+                    "{error}"
+                );
+            },
+        );
         assert!(
             pinned.load(Ordering::SeqCst),
             "log-pin ran while the history was read"
