@@ -521,10 +521,15 @@ fn forged_floods_do_not_lock_the_victim_out(store_env: &[(&str, &str)]) {
         serve.log()
     );
     let replies = serve.replies();
-    assert!(matches!(
-        client::verify_reply(&pending, replies.last().expect("a reply")),
-        Ok(Verified::Published { .. })
-    ));
+    let last = replies.last().expect("a reply");
+    let verified = client::verify_reply(&pending, last);
+    assert!(
+        matches!(verified, Ok(Verified::Published { .. })),
+        "{verified:?}\n{} replies, the newest:\n{}\n{}",
+        replies.len(),
+        String::from_utf8_lossy(last),
+        serve.log()
+    );
     // Her own retrieval through authenticated submission is answered.
     let q = client::build_retrieval(&addr("alice@example.test"), &addr("bob@example.test"));
     let mut raw = received_authenticated("alice@example.test", "localhost").into_bytes();
