@@ -68,20 +68,12 @@ impl Serve {
         self.cwd.path().join("data/outbox")
     }
 
-    /// Replies in the spool, oldest first.
+    /// Replies in the spool, oldest first: by name, which the spool mailer makes sort in the
+    /// order replies were written. (By modification time, as before, two replies written
+    /// within one tick of the kernel's coarse file clock tied, and the newest could come
+    /// before an older one: CI once saw the publication's confirmation not last.)
     fn replies(&self) -> Vec<Vec<u8>> {
-        let Ok(rd) = std::fs::read_dir(self.outbox()) else {
-            return Vec::new();
-        };
-        let mut files: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "eml"))
-            .collect();
-        files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-        files
-            .iter()
-            .map(|p| std::fs::read(p).expect("reply"))
-            .collect()
+        kst_tests::spool_replies(&self.outbox())
     }
 
     fn signal(&self, sig: &str) {
