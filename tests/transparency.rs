@@ -363,6 +363,35 @@ async fn one_address_is_recorded_in_store_order_on_postgres() {
     kst_core::conformance::directory::one_address_in_store_order_as(stores, dirs, true).await;
 }
 
+/// An epoch's addresses are read from the key store in one read where it batches reads
+/// (`kst_core::conformance::directory::an_epochs_addresses_are_read_at_once`): PostgreSQL
+/// (unsynced key commits, as kst-bin wires it) and Redis in one `get_many` per epoch, fs one
+/// `get` per address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_epochs_addresses_are_read_from_the_store_at_once() {
+    use kst_core::conformance::directory::an_epochs_addresses_are_read_at_once as case;
+    let db = TestDb::new();
+    case(
+        Arc::new(PostgresStore::connect(&db.url).await.unwrap()),
+        Arc::new(PgDirectoryStore::connect(&db.url, 4).await.unwrap()),
+        true,
+    )
+    .await;
+    let prefix = TestPrefix::new();
+    let redis = RedisStore::connect(&prefix.url, &prefix.prefix)
+        .await
+        .expect("Redis store");
+    let redis_dir: Arc<dyn DirectoryStore> = Arc::new(redis.inner().directory());
+    case(Arc::new(redis), redis_dir, false).await;
+    let dir = tempfile::tempdir().unwrap();
+    case(
+        Arc::new(FsStore::open(dir.path()).await.unwrap()),
+        Arc::new(FsDirectoryStore::new(dir.path())),
+        false,
+    )
+    .await;
+}
+
 /// The key store (and the directory in it) of a [`Provider`], with what must outlive `kst
 /// serve`.
 enum Backend {

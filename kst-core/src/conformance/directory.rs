@@ -1493,6 +1493,149 @@ pub async fn one_address_in_store_order(
     one_address_in_store_order_as(stores, dirs, false).await
 }
 
+/// How many addresses [`an_epochs_addresses_are_read_at_once`] publishes at once.
+const AT_ONCE: usize = 12;
+
+/// Counts the key store calls the directory's writer makes through a [`TransparentStore`]
+/// (`get`, `get_many`), and holds the first of them until `release` is set, so that the
+/// publications made meanwhile queue for one epoch.
+#[derive(Default)]
+struct ReadCounter {
+    gets: std::sync::atomic::AtomicUsize,
+    many: std::sync::Mutex<Vec<usize>>,
+    first: std::sync::atomic::AtomicBool,
+    release: std::sync::atomic::AtomicBool,
+}
+
+impl ReadCounter {
+    /// Waits (at most 20 s) for `release` when this is the first read.
+    async fn hold_first(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.first.swap(true, SeqCst) {
+            return;
+        }
+        for _ in 0..2000 {
+            if self.release.load(SeqCst) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::testing::StoreHooks for ReadCounter {
+    async fn get(
+        &self,
+        inner: &dyn KeyStore,
+        address: &Address,
+    ) -> crate::Result<Option<KeyRecord>> {
+        self.hold_first().await;
+        self.gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        inner.get(address).await
+    }
+
+    async fn get_many(
+        &self,
+        inner: &dyn KeyStore,
+        addresses: &[Address],
+    ) -> crate::Result<Vec<Option<KeyRecord>>> {
+        self.hold_first().await;
+        self.many.lock().unwrap().push(addresses.len());
+        inner.get_many(addresses).await
+    }
+}
+
+/// The directory's writer reads the key store's current records of an epoch's addresses in
+/// one read ([`KeyStore::get_many`]) where `store` batches reads (PostgreSQL, Redis on one
+/// server: one round trip per epoch instead of one per address), and one `get` each where it
+/// does not (fs). [`AT_ONCE`] addresses are published at once through a
+/// [`TransparentStore`] (`unsynced`: as kst-bin wires PostgreSQL) while the writer's first
+/// read is held, so the others queue for the next epoch; every publication is then recorded
+/// and proven by the directory as the store holds it.
+pub async fn an_epochs_addresses_are_read_at_once(
+    store: Arc<dyn KeyStore>,
+    dir: Arc<dyn DirectoryStore>,
+    unsynced: bool,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    const D: &str = "batch.example";
+    let batches = store.batches_reads();
+    let counted = Arc::new(crate::testing::DelegatingStore::new(
+        Arc::clone(&store),
+        ReadCounter::default(),
+    ));
+    let log = Arc::new(DomainLog::open(dir, LogKeys::generate(D)).await.unwrap());
+    let wrapped = TransparentStore::new(counted.clone(), vec![Arc::clone(&log)]);
+    let wrapped = Arc::new(match unsynced {
+        true => wrapped.with_unsynced_publications(),
+        false => wrapped,
+    });
+    let addresses: Vec<Address> = (0..AT_ONCE)
+        .map(|i| address(&format!("reader{i}@{D}")))
+        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, a) in addresses.iter().enumerate() {
+        let (wrapped, key) = (Arc::clone(&wrapped), test_key(a, 60, i as u64));
+        tasks.spawn(async move { wrapped.publish(key).await });
+    }
+    // Every publication but the first epoch's has reached the directory's queue once the
+    // store holds all of them (the writer is held at its first read meanwhile).
+    for _ in 0..2000 {
+        let held = store.get_many(&addresses).await.unwrap();
+        if held.iter().all(Option::is_some) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    counted.release.store(true, SeqCst);
+    while let Some(joined) = tasks.join_next().await {
+        match joined.expect("a publication panicked") {
+            Ok(PublishOutcome::Published(r)) => assert_eq!(r.version, 1),
+            other => panic!("batched reads: a publication failed: {other:?}"),
+        }
+    }
+    let many = counted.many.lock().unwrap().clone();
+    let gets = counted.gets.load(SeqCst);
+    if batches {
+        assert_eq!(
+            gets,
+            0,
+            "{}: a store that batches reads is read with get_many only (get_many calls: {many:?})",
+            store.name()
+        );
+        assert_eq!(
+            many.iter().sum::<usize>(),
+            AT_ONCE,
+            "{}: every address read once, in epochs: {many:?}",
+            store.name()
+        );
+        assert!(
+            many.iter().any(|n| *n > 1),
+            "{}: the addresses that queued were read at once: {many:?}",
+            store.name()
+        );
+    } else {
+        assert!(
+            many.is_empty(),
+            "{}: a store that does not batch reads is read address by address: {many:?}",
+            store.name()
+        );
+        assert_eq!(gets, AT_ONCE, "{}: one get per address", store.name());
+    }
+    // Every key is recorded as the store holds it, each provably the latest.
+    for a in &addresses {
+        let stored = store.get(a).await.unwrap().expect("published");
+        let recorded = log.entries(a).await.unwrap();
+        assert_eq!(recorded.len(), 1, "{a}: one version recorded");
+        assert!(
+            recorded[0].1.commits_to_key(&stored.key),
+            "{a}: the directory commits to the stored key"
+        );
+    }
+}
+
 /// [`one_address_in_store_order`], with the publications' key commits unsynced when
 /// `unsynced` ([`TransparentStore::with_unsynced_publications`]: for a directory on the key
 /// store's own PostgreSQL server, as kst-bin wires it).

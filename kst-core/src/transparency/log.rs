@@ -168,6 +168,25 @@ pub trait CurrentKeys: Send + Sync {
     /// The current record of `address`; `None` when the store has no key for it.
     async fn current(&self, address: &Address) -> crate::Result<Option<KeyRecord>>;
 
+    /// The current records of `addresses`, in the order asked, as [`CurrentKeys::current`]
+    /// answers each: in one read where [`CurrentKeys::batches_reads`] says so (an epoch's
+    /// addresses on PostgreSQL or Redis: one round trip instead of one each). This default
+    /// reads them one after the other.
+    async fn current_many(&self, addresses: &[Address]) -> crate::Result<Vec<Option<KeyRecord>>> {
+        let mut records = Vec::with_capacity(addresses.len());
+        for address in addresses {
+            records.push(self.current(address).await?);
+        }
+        Ok(records)
+    }
+
+    /// Whether [`CurrentKeys::current_many`] reads many addresses in fewer round trips than
+    /// a `current` each ([`KeyStore::batches_reads`]). When it does not, the writer reads an
+    /// epoch's addresses one task each, concurrently.
+    fn batches_reads(&self) -> bool {
+        false
+    }
+
     /// Every version of `address` the store holds, oldest first (read only when the
     /// directory lacks versions before the current one).
     async fn history(&self, address: &Address) -> crate::Result<Vec<KeyRecord>>;
@@ -180,6 +199,14 @@ pub struct StoreKeys(pub Arc<dyn KeyStore>);
 impl CurrentKeys for StoreKeys {
     async fn current(&self, address: &Address) -> crate::Result<Option<KeyRecord>> {
         self.0.get(address).await
+    }
+
+    async fn current_many(&self, addresses: &[Address]) -> crate::Result<Vec<Option<KeyRecord>>> {
+        self.0.get_many(addresses).await
+    }
+
+    fn batches_reads(&self) -> bool {
+        self.0.batches_reads()
     }
 
     async fn history(&self, address: &Address) -> crate::Result<Vec<KeyRecord>> {
@@ -569,6 +596,48 @@ struct Pending {
     now: u64,
     replies: Vec<oneshot::Sender<Result<Synced>>>,
     recorded: Synced,
+}
+
+/// The reads of the store's current records that [`Worker::read_current`] started, each
+/// with the positions (in the pending addresses' order) of the records it answers.
+struct CurrentReads {
+    count: usize,
+    tasks: Vec<(Vec<usize>, CurrentRead)>,
+}
+
+/// The addresses of one source that batches reads, and their positions among the pending.
+type SourceBatch<'a> = (&'a Arc<dyn CurrentKeys>, Vec<usize>, Vec<Address>);
+
+/// One read of [`CurrentReads`]: the records of its addresses, in their order.
+type CurrentRead = tokio::task::JoinHandle<crate::Result<Vec<Option<KeyRecord>>>>;
+
+impl CurrentReads {
+    /// Every pending address's current record, in the pending addresses' order; the first
+    /// read that failed is the error.
+    async fn collect(self) -> Result<Vec<Option<KeyRecord>>> {
+        let mut records = vec![None; self.count];
+        for (at, task) in self.tasks {
+            let read = task
+                .await
+                .map_err(|e| {
+                    TransparencyError::Directory(format!("the key store read stopped: {e}"))
+                })?
+                .map_err(|e| {
+                    TransparencyError::Directory(format!("cannot read the key store: {e}"))
+                })?;
+            if read.len() != at.len() {
+                return Err(TransparencyError::Directory(format!(
+                    "the key store answered {} records for {} addresses",
+                    read.len(),
+                    at.len()
+                )));
+            }
+            for (i, record) in at.into_iter().zip(read) {
+                records[i] = record;
+            }
+        }
+        Ok(records)
+    }
 }
 
 /// What the writer records for one address in the next epoch.
@@ -2020,14 +2089,7 @@ impl Worker {
     ) -> Result<Vec<Address>> {
         let pinned = started.elapsed();
         // Every store read starts now, after the epoch was read and pinned.
-        let reads: Vec<_> = pending
-            .iter()
-            .map(|(address, p)| {
-                let (source, address) = (Arc::clone(&p.source), address.clone());
-                self.caller
-                    .spawn(async move { source.current(&address).await })
-            })
-            .collect();
+        let reads = self.read_current(pending);
         // Every pending address's value states in one read (kept for akd's `publish`; none
         // for the addresses this writer committed in the epoch pinned), and at the same time
         // the check that no other process committed since this writer last read or wrote the
@@ -2064,17 +2126,10 @@ impl Worker {
                 )));
             }
         }
+        let currents = reads.collect().await?;
         let mut changes = Vec::new();
         let mut done = Vec::new();
-        for ((address, p), read) in pending.iter().zip(reads) {
-            let current = read
-                .await
-                .map_err(|e| {
-                    TransparencyError::Directory(format!("the key store read stopped: {e}"))
-                })?
-                .map_err(|e| {
-                    TransparencyError::Directory(format!("cannot read the key store: {e}"))
-                })?;
+        for ((address, p), current) in pending.iter().zip(currents) {
             let latest = self.dir()?.latest(address).await?;
             let step = next_step(
                 current.as_ref(),
@@ -2209,6 +2264,47 @@ impl Worker {
             "key directory epoch timings"
         );
         Ok(done)
+    }
+
+    /// Starts reading the store's current record of every pending address on the caller's
+    /// runtime: the addresses of a source that batches reads in one read
+    /// ([`CurrentKeys::current_many`]; on PostgreSQL and Redis, one round trip per epoch
+    /// instead of one per address), the others one task each.
+    fn read_current(&self, pending: &BTreeMap<Address, Pending>) -> CurrentReads {
+        // Per source that batches reads: its addresses and their positions.
+        let mut batches: Vec<SourceBatch<'_>> = Vec::new();
+        let mut tasks = Vec::with_capacity(pending.len());
+        for (i, (address, p)) in pending.iter().enumerate() {
+            if p.source.batches_reads() {
+                match batches
+                    .iter_mut()
+                    .find(|(s, _, _)| Arc::ptr_eq(s, &p.source))
+                {
+                    Some((_, at, addresses)) => {
+                        at.push(i);
+                        addresses.push(address.clone());
+                    }
+                    None => batches.push((&p.source, vec![i], vec![address.clone()])),
+                }
+                continue;
+            }
+            let (source, address) = (Arc::clone(&p.source), address.clone());
+            let task = self
+                .caller
+                .spawn(async move { source.current(&address).await.map(|r| vec![r]) });
+            tasks.push((vec![i], task));
+        }
+        for (source, at, addresses) in batches {
+            let source = Arc::clone(source);
+            let task = self
+                .caller
+                .spawn(async move { source.current_many(&addresses).await });
+            tasks.push((at, task));
+        }
+        CurrentReads {
+            count: pending.len(),
+            tasks,
+        }
     }
 
     /// The store's history of `address`, read on the caller's runtime.
