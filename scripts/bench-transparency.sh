@@ -141,13 +141,25 @@ run() { # store directory(off|on) round concurrency
   serve_up "$dir" KST_LOG__LEVEL="$LOG_LEVEL" $NO_RATE_LIMITS "${senv[@]}"
   pid="$SERVE_PID"
   out="$dir/bench.jsonl"
+  cpu_before="$(head -1 /proc/stat)"
   "$KST" bench lmtp -q --connect "127.0.0.1:$LMTP_PORT" --metrics "127.0.0.1:$HTTP_PORT" --concurrency "$C" \
     --publications "$PUB" --retrievals 0 --json >"$out" || log "$store $kt: some messages got no decision"
+  cpu_after="$(head -1 /proc/stat)"
   kill -TERM "$pid"
   wait "$pid" || true
   if [ -n "$TIMINGS" ]; then sed "s/^/$store c=$C $kt: /" "$dir/serve.log" >>"$TIMINGS"; fi
-  python3 -c "import json,sys; r=json.loads(open(sys.argv[1]).readline()); r.update(store=sys.argv[2], kt=sys.argv[3], load=sys.argv[4], c=int(sys.argv[5])); print(json.dumps(r))" \
-    "$out" "$store" "$kt" "$(cut -d' ' -f1-3 /proc/loadavg)" "$C" >>"$RESULTS"
+  # The machine's CPU over the load run, from /proc/stat's first line (all processes: kst,
+  # the database, the load tool): busy (user, nice, system, irq, softirq) in ms per
+  # publication, and the shares of iowait, idle and steal. Busy CPU per publication does not
+  # move with the disk's or the host's pauses as msg/s does.
+  python3 -c "import json,sys,os
+r=json.loads(open(sys.argv[1]).readline()); r.update(store=sys.argv[2], kt=sys.argv[3], load=sys.argv[4], c=int(sys.argv[5]))
+a=[int(x) for x in sys.argv[6].split()[1:]]; b=[int(x) for x in sys.argv[7].split()[1:]]
+d=[y-x for x,y in zip(a,b)]; hz=os.sysconf('SC_CLK_TCK'); total=sum(d[:8]) or 1
+busy=d[0]+d[1]+d[2]+d[5]+d[6]
+r.update(cpu_ms_per_pub=busy*1000/hz/int(sys.argv[8]), iowait=d[4]/total, idle=d[3]/total, steal=d[7]/total)
+print(json.dumps(r))" \
+    "$out" "$store" "$kt" "$(cut -d' ' -f1-3 /proc/loadavg)" "$C" "$cpu_before" "$cpu_after" "$PUB" >>"$RESULTS"
   log "$store, directory $kt, c=$C, round $round: $(tail -1 "$RESULTS" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f msg/s, load %s" % (r["rate"], r["load"]))')"
 }
 
@@ -162,8 +174,8 @@ done
 python3 - "$RESULTS" <<'PY'
 import json, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print("| store | c | directory | rounds | msg/s (median) | msg/s of each round | p50 ms | p99 ms | p99 in kst ms | outcomes | cost |")
-print("|---|---:|---|---:|---:|---|---:|---:|---:|---|---:|")
+print("| store | c | directory | rounds | msg/s (median) | msg/s of each round | p50 ms | p99 ms | p99 in kst ms | outcomes | cost | CPU ms/publication (median) | CPU cost | iowait, idle, steal |")
+print("|---|---:|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---|")
 for store, c in dict.fromkeys((r["store"], r.get("c", 0)) for r in rows):
     med = {}
     for kt in ("off", "on"):
@@ -178,7 +190,13 @@ for store, c in dict.fromkeys((r["store"], r.get("c", 0)) for r in rows):
         cost = f"{100 * (1 - m / med['off']):.0f}%" if kt == "on" and "off" in med else ""
         kst99 = f"≤ {mid['server_p99_ms']:g}" if mid.get("server_p99_ms") is not None else ""
         each = ", ".join(f"{r['rate']:.0f}" for r in rs)
-        print(f"| {store} | {c} | {kt} | {len(rs)} | {m:.0f} | {each} | {mid['p50_ms']:.2f} | {mid['p99_ms']:.2f} | {kst99} | {outcomes} | {cost} |")
+        # The directory's cost in CPU: 1 - (busy CPU per publication off / on), what msg/s
+        # would lose on a machine the load keeps busy.
+        cpu = statistics.median(r.get("cpu_ms_per_pub", 0) for r in rs)
+        med[kt + "_cpu"] = cpu
+        cpu_cost = f"{100 * (1 - med['off_cpu'] / cpu):.0f}%" if kt == "on" and "off_cpu" in med and cpu else ""
+        shares = f"{100 * mid.get('iowait', 0):.0f}%, {100 * mid.get('idle', 0):.0f}%, {100 * mid.get('steal', 0):.0f}%"
+        print(f"| {store} | {c} | {kt} | {len(rs)} | {m:.0f} | {each} | {mid['p50_ms']:.2f} | {mid['p99_ms']:.2f} | {kst99} | {outcomes} | {cost} | {cpu:.2f} | {cpu_cost} | {shares} |")
 PY
 if [ -n "$TIMINGS" ] && grep -q "epoch timings" "$TIMINGS"; then
   # Where an epoch's time went (BENCH_LOG with kst_core::transparency::log=debug): means over
