@@ -390,6 +390,12 @@ async fn an_epochs_addresses_are_read_from_the_store_at_once() {
         false,
     )
     .await;
+    // Red team: a store answering another address's record for the one asked.
+    kst_core::conformance::directory::a_record_of_another_address_is_never_recorded(
+        Arc::new(FsStore::open(dir.path()).await.unwrap()),
+        Arc::new(FsDirectoryStore::new(dir.path())),
+    )
+    .await;
 }
 
 /// The key store (and the directory in it) of a [`Provider`], with what must outlive `kst

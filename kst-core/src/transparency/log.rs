@@ -2130,6 +2130,16 @@ impl Worker {
         let mut changes = Vec::new();
         let mut done = Vec::new();
         for ((address, p), current) in pending.iter().zip(currents) {
+            // A store that answered another address's record (a `get_many` out of order) would
+            // have it recorded under this one, for good: refused instead.
+            if let Some(r) = &current
+                && r.address != *address
+            {
+                return Err(TransparencyError::Directory(format!(
+                    "the key store answered a record of {} for {address}",
+                    r.address
+                )));
+            }
             let latest = self.dir()?.latest(address).await?;
             let step = next_step(
                 current.as_ref(),
