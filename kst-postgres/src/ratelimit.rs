@@ -53,6 +53,15 @@ pub const HIT_MANY: &str = "WITH async_commit AS \
        window_end = CASE WHEN r.window_end <= now() THEN EXCLUDED.window_end ELSE r.window_end END \
      RETURNING key, count";
 
+/// Takes hits back: `$1` the distinct keys (sorted, so that rows are locked in one order),
+/// `$2` how many hits each gives back. Only from a window still open, never below 0; as
+/// [`HIT`], without waiting for the WAL flush.
+pub const REFUND: &str = "WITH async_commit AS \
+       (SELECT set_config('synchronous_commit', 'off', true)) \
+     UPDATE kst_rate_limits AS r SET count = GREATEST(r.count - h.n, 0) \
+       FROM async_commit, unnest($1::text[], $2::bigint[]) AS h(key, n) \
+      WHERE r.key = h.key AND r.window_end > now()";
+
 /// Deletes a bounded batch of counters whose window has ended.
 const SWEEP: &str = "DELETE FROM kst_rate_limits WHERE key IN \
      (SELECT key FROM kst_rate_limits WHERE window_end < now() LIMIT 1000 \
@@ -155,5 +164,26 @@ impl RateLimiter for PostgresStore {
         })?;
         self.maybe_sweep().await;
         tally.verdicts(hits, &counts)
+    }
+
+    async fn refund(&self, hits: &[Hit]) -> Result<()> {
+        if hits.is_empty() {
+            return Ok(());
+        }
+        let tally = Tally::of(hits);
+        let keys: Vec<String> = tally.keys.iter().map(|k| k.0.to_string()).collect();
+        let ns: Vec<i64> = tally.keys.iter().map(|k| i64::from(k.1)).collect();
+        self.write(false, |conn| {
+            Box::pin(async move {
+                sqlx::query(REFUND)
+                    .bind(keys)
+                    .bind(ns)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            })
+        })
+        .await
     }
 }
