@@ -307,6 +307,15 @@ impl Kst {
         self
     }
 
+    /// What the bound on version 3 replies' append-only work did so far (metrics; zeros
+    /// without a key directory).
+    pub fn mail_proofs(&self) -> reply::MailProofStats {
+        self.log_answers
+            .as_ref()
+            .map(|l| l.mail_proofs())
+            .unwrap_or_default()
+    }
+
     /// True when `domain` has a key directory, so that this KST speaks version 3 for it.
     pub fn has_directory(&self, domain: &str) -> bool {
         self.log_answers
@@ -1167,6 +1176,9 @@ impl Kst {
                 )));
             }
         };
+        // Whose share of the append-only work's turns this takes: the reply's recipient,
+        // folded as its rate limit counts it (case and `+tag` variants share one).
+        let asker = ratelimit::recipient_counter(ctx.requester, &self.policy.recipient_folding);
         let mut pause = AGREE_PAUSE;
         let mut problem = String::new();
         for attempt in 1..=AGREE_ATTEMPTS {
@@ -1174,7 +1186,7 @@ impl Kst {
                 logs.pause(pause).await;
                 pause = pause.saturating_mul(2);
             }
-            let answer = logs.answer(address, ctx.log_ask).await?;
+            let answer = logs.answer(address, ctx.log_ask, &asker).await?;
             let Proven::Key { version, .. } = answer.proven else {
                 return Ok((None, answer));
             };
