@@ -53,14 +53,17 @@ pub const HIT_MANY: &str = "WITH async_commit AS \
        window_end = CASE WHEN r.window_end <= now() THEN EXCLUDED.window_end ELSE r.window_end END \
      RETURNING key, count";
 
-/// Takes hits back: `$1` the distinct keys (sorted, so that rows are locked in one order),
-/// `$2` how many hits each gives back. Only from a window still open, never below 0; as
-/// [`HIT`], without waiting for the WAL flush.
+/// Takes hits back: `$1` the distinct keys, `$2` how many hits each gives back. Only from a
+/// window still open: a counter left above 0 is lowered, one that would reach 0 is deleted
+/// (a row's count is above 0; the key's next hit opens a new window at 1). As [`HIT`],
+/// without waiting for the WAL flush.
 pub const REFUND: &str = "WITH async_commit AS \
-       (SELECT set_config('synchronous_commit', 'off', true)) \
-     UPDATE kst_rate_limits AS r SET count = GREATEST(r.count - h.n, 0) \
-       FROM async_commit, unnest($1::text[], $2::bigint[]) AS h(key, n) \
-      WHERE r.key = h.key AND r.window_end > now()";
+       (SELECT set_config('synchronous_commit', 'off', true)), \
+     h AS (SELECT key, n FROM unnest($1::text[], $2::bigint[]) AS h(key, n)), \
+     gone AS (DELETE FROM kst_rate_limits AS r USING h, async_commit \
+       WHERE r.key = h.key AND r.window_end > now() AND r.count <= h.n RETURNING r.key) \
+     UPDATE kst_rate_limits AS r SET count = r.count - h.n FROM h, async_commit \
+      WHERE r.key = h.key AND r.window_end > now() AND r.count > h.n";
 
 /// Deletes a bounded batch of counters whose window has ended.
 const SWEEP: &str = "DELETE FROM kst_rate_limits WHERE key IN \
