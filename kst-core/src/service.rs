@@ -578,14 +578,14 @@ impl Kst {
         // Algorithm agility (paper VI.B): answer in the newest version both sides speak; a
         // request naming none this KST speaks is refused (in version 1, which every client reads).
         let ctx = match crate::protocol::negotiate_among(
-            header_value(&message, crate::protocol::HEADER_PROTOCOL),
-            header_value(&message, crate::protocol::HEADER_MAC),
+            header_value(message, crate::protocol::HEADER_PROTOCOL),
+            header_value(message, crate::protocol::HEADER_MAC),
             speaks,
         ) {
             Ok(version) => ReplyTo {
                 version,
                 question,
-                log_ask: self.log_ask(&message, version, message_id.as_deref()),
+                log_ask: self.log_ask(message, version, message_id.as_deref()),
                 ..ctx
             },
             Err(mismatch) => {
@@ -624,7 +624,7 @@ impl Kst {
         };
         let decision = match body {
             RequestBody::Publication { armored, k_auth } => {
-                self.publication(&ctx, envelope, &message, &armored, k_auth.as_deref())
+                self.publication(&ctx, envelope, message, &armored, k_auth.as_deref())
                     .await?
             }
             RequestBody::SecretKey { k_auth } => {
@@ -636,10 +636,10 @@ impl Kst {
                 self.retrieval(&ctx, &query, &k_auth).await?
             }
             RequestBody::Deletion { k_auth } => {
-                self.deletion(&ctx, envelope, &message, &k_auth).await?
+                self.deletion(&ctx, envelope, message, &k_auth).await?
             }
             RequestBody::WksSubmission(submission) => {
-                self.wks_publication(&ctx, envelope, &message, raw, submission)
+                self.wks_publication(&ctx, envelope, message, raw, submission)
                     .await?
             }
             RequestBody::Unrecognized(why) => {
