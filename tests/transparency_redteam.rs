@@ -1521,3 +1521,236 @@ async fn rt18_a_forged_head_of_the_accepted_epoch_is_evidence_when_audits_are_re
         }
     }
 }
+
+/// The mail path's bound on append-only work (`kst_core::transparency::mail_bound`): version 3
+/// retrievals with `KST-Log-Since: 1` from many senders (which no per-sender rate limit
+/// stops) made kst build and check that many append-only proofs at once, each holding the
+/// directory's thread that publications need. Through kst's service (`Kst::handle`, the
+/// path `kst deliver` and LMTP take) over a `TransparentStore` on the fs store with a real
+/// log, gpg-made keys, every reply checked as `kst client --transparency` checks it.
+mod mail_bound {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use kst_core::client::{self, Pending, Verified};
+    use kst_core::protocol::LogAsk;
+    use kst_core::ratelimit::RateLimits;
+    use kst_core::service::{Decision, Envelope, Handled, Kst};
+    use kst_core::transparency::TransparentStore;
+    use kst_core::transparency::answer::Served;
+    use kst_core::{Delivery, KeyStore, Mailer, OutgoingMail, Policy, Result};
+    use kst_fs::FsStore;
+
+    use super::*;
+
+    /// Keeps every reply.
+    #[derive(Default)]
+    struct Outbox(Mutex<Vec<OutgoingMail>>);
+
+    #[async_trait]
+    impl Mailer for Outbox {
+        fn name(&self) -> &'static str {
+            "outbox"
+        }
+        async fn send(&self, mail: &OutgoingMail) -> Result<Delivery> {
+            self.0.lock().unwrap().push(mail.clone());
+            Ok(Delivery::Sent)
+        }
+        async fn check(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Bed {
+        _dir: tempfile::TempDir,
+        kst: Kst,
+        outbox: Arc<Outbox>,
+        head_key: [u8; 32],
+        head_hex: String,
+        alice: Address,
+        /// The epoch of alice's publication, the directory's latest.
+        latest: u64,
+    }
+
+    /// kst serving example.net (no rate limits: the flood comes from many senders anyway)
+    /// over the fs store and its directory, with `at_once` turns for the replies'
+    /// append-only work: 40 epochs of other addresses (written to the directory alone), then
+    /// alice's key published by mail.
+    async fn bed(at_once: usize) -> Bed {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = LogKeys::generate("example.net");
+        let log = Arc::new(open_log(dir.path(), &keys).await);
+        for epoch in 0..40u64 {
+            for i in 0..4 {
+                let who = address(&format!("u{epoch}x{i}"));
+                let n = 100 + epoch * 4 + i;
+                log.sync(&who, Some(&record(&who, 1, n)), n).await.unwrap();
+            }
+        }
+        let inner: Arc<dyn KeyStore> = Arc::new(FsStore::open(dir.path()).await.unwrap());
+        let store = Arc::new(
+            TransparentStore::new(inner, vec![Arc::clone(&log)]).with_mail_proofs_at_once(at_once),
+        );
+        let mut policy = Policy::new(&["example.net"], &["mail.example.net"]);
+        policy.rate_limits = RateLimits::OFF;
+        let outbox = Arc::new(Outbox::default());
+        let kst = Kst::new(policy, store.clone(), outbox.clone()).with_log_answers(store);
+        let alice = address("alice");
+        let armored = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../kst-core/testdata/keys/alice.pub.asc"),
+        )
+        .unwrap();
+        let head_hex = hex(&log.head_public_key());
+        let req = client::build_publication_with(&alice, &armored, Some(&head_hex)).unwrap();
+        let mut raw =
+            kst_tests::received_authenticated("alice@example.net", "mail.example.net").into_bytes();
+        raw.extend_from_slice(&req.message);
+        let handled = kst
+            .handle(&envelope("alice@example.net"), &raw)
+            .await
+            .unwrap();
+        assert!(
+            matches!(handled.decision, Decision::Published { .. }),
+            "{handled:?}"
+        );
+        let latest = log.head(1).await.unwrap().head.epoch;
+        assert!(latest > 40, "epoch {latest}");
+        Bed {
+            _dir: dir,
+            kst,
+            outbox,
+            head_key: log.head_public_key(),
+            head_hex,
+            alice,
+            latest,
+        }
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn envelope(sender: &str) -> Envelope {
+        Envelope {
+            sender: Some(sender.into()),
+            recipient: "keys@example.net".into(),
+            sasl_username: None,
+        }
+    }
+
+    impl Bed {
+        /// `sender` asks for alice's key in version 3, remembering epoch `since`.
+        fn retrieve(
+            &self,
+            sender: &str,
+            since: u64,
+        ) -> (
+            Pending,
+            tokio::task::JoinHandle<std::result::Result<Handled, kst_core::HandleError>>,
+        ) {
+            let requester = AddressPolicy::default().normalize(sender).unwrap();
+            let req = client::build_retrieval_with(&requester, &self.alice, Some(&self.head_hex))
+                .with_log_ask(LogAsk {
+                    since: Some(since),
+                    witnessed: false,
+                });
+            let (kst, env) = (self.kst.clone(), envelope(sender));
+            let raw = req.message;
+            (
+                req.pending,
+                tokio::spawn(async move { kst.handle(&env, &raw).await }),
+            )
+        }
+
+        /// The reply to `pending`, checked as the client checks it (HMAC, answer against the
+        /// head key and the key served): alice's key, and whether the answer carries the
+        /// append-only part.
+        async fn checked(&self, pending: &Pending) -> bool {
+            let id = pending.message_id.as_bytes();
+            let raw = self
+                .outbox
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|m| m.message.windows(id.len()).any(|w| w == id))
+                .map(|m| m.message.clone())
+                .expect("a reply was sent");
+            let reply = client::verify_reply_with_answer(pending, &raw).expect("the reply's HMAC");
+            let Verified::Found { armored, .. } = &reply.verified else {
+                panic!("not alice's key: {:?}", reply.verified);
+            };
+            let packets = kst_core::openpgp::dearmor_public_key(armored, 1 << 20).unwrap();
+            let answer = LogAnswer::parse(&reply.log_answer.expect("the answer")).unwrap();
+            answer
+                .verify(&self.head_key, &self.alice, Served::Key(&packets))
+                .await
+                .unwrap_or_else(|e| panic!("the client calls the answer an attack: {e}"));
+            if let Some(part) = &answer.append_only {
+                assert_eq!(part.from, 1, "the part from the epoch asked");
+            }
+            answer.append_only.is_some()
+        }
+    }
+
+    /// A flood of `KST-Log-Since: 1` retrievals from 24 senders, and an honest one among
+    /// them. Without the bound (a bound of 1000) the flood builds and checks more than 2
+    /// proofs at once (the test sees the flood overlap); with the bound of 2, never more than
+    /// 2 at once (the counter of turns held, not timing), every request is answered at once
+    /// (none deferred: a 4xx would be delivered again, and counted again), the replies
+    /// without a turn carry no append-only part (their clients catch up over HTTP), and the
+    /// honest request is answered with alice's key. Requests whose client is up to date
+    /// (`KST-Log-Since` at the latest epoch) take no turn at all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_flood_of_since_requests_holds_at_most_the_bound_and_every_one_is_answered() {
+        for at_once in [1000, 2] {
+            let bed = bed(at_once).await;
+            let mut flood: Vec<_> = (0..24)
+                .map(|i| bed.retrieve(&format!("f{i}@flood{i}.example"), 1))
+                .collect();
+            flood.push(bed.retrieve("carol@acme.net", 1));
+            for (_, task) in &mut flood {
+                let handled = task.await.unwrap().expect("answered, not deferred");
+                assert!(handled.reply.is_some(), "{handled:?}");
+            }
+            let mut with_part = 0;
+            for (pending, _) in &flood {
+                with_part += usize::from(bed.checked(pending).await);
+            }
+            let stats = bed.kst.mail_proofs();
+            assert_eq!(stats.in_flight, 0, "every turn given back: {stats:?}");
+            if at_once == 1000 {
+                assert!(
+                    stats.peak > 2,
+                    "the flood overlaps without the bound: {stats:?}"
+                );
+                assert_eq!(with_part, 25, "{stats:?}");
+                continue;
+            }
+            assert!(stats.peak <= 2, "at most the bound at once: {stats:?}");
+            assert!(
+                stats.omitted_busy > 0,
+                "the flood found the turns taken: {stats:?}"
+            );
+            assert_eq!(
+                (stats.taken, stats.omitted_busy),
+                (with_part as u64, 25 - with_part as u64),
+                "a turn for each reply with the part, none for the others"
+            );
+            // Clients up to date take no turn, and lack nothing.
+            let up_to_date: Vec<_> = (0..8)
+                .map(|i| bed.retrieve(&format!("u{i}@current.example"), bed.latest))
+                .collect();
+            for (pending, task) in up_to_date {
+                task.await.unwrap().expect("answered");
+                assert!(!bed.checked(&pending).await, "nothing to prove");
+            }
+            let after = bed.kst.mail_proofs();
+            assert_eq!(
+                (after.taken, after.omitted_busy),
+                (stats.taken, stats.omitted_busy),
+                "no turn taken, nothing omitted"
+            );
+        }
+    }
+}

@@ -342,7 +342,7 @@ async fn rt10_one_lagging_witness_does_not_strip_a_reply_of_every_cosignature() 
         witnessed: true,
     };
     let text = transparent
-        .answer(&directory::address(3).unwrap(), ask)
+        .answer(&directory::address(3).unwrap(), ask, "carol@acme.net")
         .await
         .unwrap()
         .text;
@@ -390,7 +390,7 @@ async fn rt10_one_lagging_witness_does_not_strip_a_reply_of_every_cosignature() 
         witnessed: true,
     };
     let text = transparent
-        .answer(&directory::address(3).unwrap(), ask)
+        .answer(&directory::address(3).unwrap(), ask, "carol@acme.net")
         .await
         .unwrap()
         .text;

@@ -41,7 +41,12 @@ impl LogAnswers for FakeLog {
         domain == "example.net"
     }
 
-    async fn answer(&self, address: &Address, ask: LogAsk) -> Result<DirectoryAnswer, Error> {
+    async fn answer(
+        &self,
+        address: &Address,
+        ask: LogAsk,
+        _asker: &str,
+    ) -> Result<DirectoryAnswer, Error> {
         self.asked.fetch_add(1, Ordering::SeqCst);
         self.asks.lock().unwrap().push(ask);
         if self.down.load(Ordering::SeqCst) {

@@ -63,6 +63,19 @@ pub trait RateLimiter: Send + Sync {
         }
         Ok(verdicts)
     }
+
+    /// Takes back one hit of each of `hits` (a key named n times, n hits), from the window
+    /// still open: what a message counted before it was deferred (a temporary failure: the
+    /// MTA delivers it again, and it is counted then), so that an honest sender's retries of
+    /// one message during an outage do not use up its budget (red team of the mail path's
+    /// bound, S1). Never below 0; a window that ended keeps nothing to take back, and a key
+    /// not counted is left alone. `limit` is not read. kst's limiters (memory, fs,
+    /// PostgreSQL, Redis) take hits back; the default takes nothing back (limiters of other
+    /// counts, test doubles).
+    async fn refund(&self, hits: &[Hit]) -> Result<()> {
+        let _ = hits;
+        Ok(())
+    }
 }
 
 /// One counter hit of [`RateLimiter::hit_many`]: `key` allows at most `limit` hits per
@@ -368,6 +381,30 @@ pub async fn check(
     Ok(None)
 }
 
+/// Takes back what [`check`] counted for `hits` when it let them through (every counter
+/// that is not off: [`RateLimiter::refund`]), for a request that was then deferred.
+pub async fn refund(
+    limiter: &dyn RateLimiter,
+    limits: &RateLimits,
+    hits: &[(LimitKind, &str)],
+) -> Result<()> {
+    let hits: Vec<Hit> = hits
+        .iter()
+        .filter(|(kind, _)| limits.limit(*kind) > 0)
+        .map(|(kind, value)| {
+            Hit::new(
+                limiter_key(*kind, value),
+                limits.limit(*kind),
+                limits.window(),
+            )
+        })
+        .collect();
+    if hits.is_empty() {
+        return Ok(());
+    }
+    limiter.refund(&hits).await
+}
+
 /// Most keys a [`MemoryRateLimiter`] holds before it sweeps out expired windows.
 const SWEEP_AT: usize = 10_000;
 
@@ -426,6 +463,22 @@ impl RateLimiter for MemoryRateLimiter {
                 entry.1 <= h.limit
             })
             .collect())
+    }
+
+    async fn refund(&self, hits: &[Hit]) -> Result<()> {
+        let now = Instant::now();
+        let mut windows = self
+            .windows
+            .lock()
+            .map_err(|_| Error::unavailable("ratelimit(memory)", "lock poisoned"))?;
+        for h in hits {
+            if let Some(entry) = windows.get_mut(&h.key)
+                && entry.0 > now
+            {
+                entry.1 = entry.1.saturating_sub(1);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -40,12 +40,40 @@ pub trait LogAnswers: Send + Sync {
     /// when the directory can give it: the append-only proof from `ask.since`, and the
     /// witnesses' part (`kst-log-answer-v2`) with `ask.witnessed`; and what the proof proves
     /// ([`Proven`]), so that the reply serves exactly that. A directory that cannot be read is
-    /// a temporary error: the request is deferred, never answered without proofs.
-    async fn answer(&self, address: &Address, ask: LogAsk) -> Result<DirectoryAnswer, Error>;
+    /// a temporary error: the request is deferred, never answered without proofs. `asker`:
+    /// who the reply goes to (folded, as the rate limits count it), whose share of the
+    /// append-only work's turns the request takes (`kst_core::transparency::mail_bound`): a
+    /// request that finds no turn free is answered without the append-only part, never
+    /// deferred.
+    async fn answer(
+        &self,
+        address: &Address,
+        ask: LogAsk,
+        asker: &str,
+    ) -> Result<DirectoryAnswer, Error>;
+    /// What the bound on the replies' append-only work did so far (for metrics); nothing for
+    /// answers without such a bound.
+    fn mail_proofs(&self) -> MailProofStats {
+        MailProofStats::default()
+    }
     /// Waits `pause` (on the directory's timer) before a reply whose key and answer could not
     /// be made to agree reads both again (a change written to the key store whose epoch has
     /// not come yet).
     async fn pause(&self, pause: std::time::Duration);
+}
+
+/// The bound on version 3 replies' append-only work (`KST-Log-Since`), as counted so far
+/// (`kst_core::transparency::mail_bound`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MailProofStats {
+    /// Turns held now (replies whose append-only proof is being built or checked).
+    pub in_flight: u64,
+    /// The most turns held at once since start.
+    pub peak: u64,
+    /// Turns taken since start.
+    pub taken: u64,
+    /// Replies sent without the append-only part they asked for, for want of a turn.
+    pub omitted_busy: u64,
 }
 
 /// A key directory's answer for one address, as a version 3 reply carries it.

@@ -307,6 +307,15 @@ impl Kst {
         self
     }
 
+    /// What the bound on version 3 replies' append-only work did so far (metrics; zeros
+    /// without a key directory).
+    pub fn mail_proofs(&self) -> reply::MailProofStats {
+        self.log_answers
+            .as_ref()
+            .map(|l| l.mail_proofs())
+            .unwrap_or_default()
+    }
+
     /// True when `domain` has a key directory, so that this KST speaks version 3 for it.
     pub fn has_directory(&self, domain: &str) -> bool {
         self.log_answers
@@ -451,21 +460,6 @@ impl Kst {
             Ok(a) => a,
             Err(why) => return Ok(silent(message_id, RequestKind::Other, why)),
         };
-        let references: Vec<String> = message
-            .references()
-            .as_text_list()
-            .map(|l| l.iter().map(|s| s.to_string()).collect())
-            .unwrap_or_default();
-        let ctx = ReplyTo {
-            service: &service,
-            requester: &requester,
-            in_reply_to: message_id.as_deref(),
-            references: &references,
-            version: crate::protocol::PROTOCOL_VERSION,
-            question: None,
-            log_ask: LogAsk::default(),
-            sent: std::sync::OnceLock::new(),
-        };
         let body = match self.shape_problem(&message) {
             Some(problem) => Err(problem),
             None => Ok(match wks::recognize(&message) {
@@ -498,10 +492,10 @@ impl Kst {
             );
             return Ok(silent(message_id, kind, Silence::SenderNotVouched));
         }
-        if let Some(limit) = self
-            .over_limit(&message, &requester, owner.as_ref(), &body)
-            .await?
-        {
+        let hits = self.limit_hits(&message, &requester, owner.as_ref(), &body);
+        let hits: Vec<(LimitKind, &str)> = hits.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let limits = &self.policy.rate_limits;
+        if let Some(limit) = ratelimit::check(self.limiter.as_ref(), limits, &hits).await? {
             tracing::info!(
                 message_id = message_id.as_deref().unwrap_or("-"),
                 sender = %requester,
@@ -510,6 +504,52 @@ impl Kst {
             );
             return Ok(silent(message_id, kind, Silence::RateLimited(limit)));
         }
+        let decided = self
+            .decide(
+                envelope, raw, &message, body, service, requester, message_id, kind,
+            )
+            .await;
+        // Deferred: the MTA delivers the message again and it is counted again then, so what
+        // it counted now is taken back (an honest sender's retries during an outage must not
+        // use up its budget: red team S1). No reply went out: sending it is the last
+        // fallible step of every decision.
+        if decided.is_err()
+            && let Err(e) = ratelimit::refund(self.limiter.as_ref(), limits, &hits).await
+        {
+            tracing::warn!(error = %e, "the rate limits a deferred message counted could not be taken back; its retry is counted again");
+        }
+        decided
+    }
+
+    /// [`Kst::handle`] for a message through its gate and limits: answers it (or refuses
+    /// it) in the version negotiated. An error defers it (the caller's limits are taken back).
+    #[allow(clippy::too_many_arguments)]
+    async fn decide(
+        &self,
+        envelope: &Envelope,
+        raw: &[u8],
+        message: &Message<'_>,
+        body: Result<RequestBody, String>,
+        service: Address,
+        requester: Address,
+        message_id: Option<String>,
+        kind: RequestKind,
+    ) -> Result<Handled, HandleError> {
+        let references: Vec<String> = message
+            .references()
+            .as_text_list()
+            .map(|l| l.iter().map(|s| s.to_string()).collect())
+            .unwrap_or_default();
+        let ctx = ReplyTo {
+            service: &service,
+            requester: &requester,
+            in_reply_to: message_id.as_deref(),
+            references: &references,
+            version: crate::protocol::PROTOCOL_VERSION,
+            question: None,
+            log_ask: LogAsk::default(),
+            sent: std::sync::OnceLock::new(),
+        };
         // What the request asks (version 3 binds it into every tag), and whether this KST
         // speaks version 3 for it: the service's domain, and a queried address's domain when it
         // serves that, must have a key directory.
@@ -538,14 +578,14 @@ impl Kst {
         // Algorithm agility (paper VI.B): answer in the newest version both sides speak; a
         // request naming none this KST speaks is refused (in version 1, which every client reads).
         let ctx = match crate::protocol::negotiate_among(
-            header_value(&message, crate::protocol::HEADER_PROTOCOL),
-            header_value(&message, crate::protocol::HEADER_MAC),
+            header_value(message, crate::protocol::HEADER_PROTOCOL),
+            header_value(message, crate::protocol::HEADER_MAC),
             speaks,
         ) {
             Ok(version) => ReplyTo {
                 version,
                 question,
-                log_ask: self.log_ask(&message, version, message_id.as_deref()),
+                log_ask: self.log_ask(message, version, message_id.as_deref()),
                 ..ctx
             },
             Err(mismatch) => {
@@ -584,7 +624,7 @@ impl Kst {
         };
         let decision = match body {
             RequestBody::Publication { armored, k_auth } => {
-                self.publication(&ctx, envelope, &message, &armored, k_auth.as_deref())
+                self.publication(&ctx, envelope, message, &armored, k_auth.as_deref())
                     .await?
             }
             RequestBody::SecretKey { k_auth } => {
@@ -596,10 +636,10 @@ impl Kst {
                 self.retrieval(&ctx, &query, &k_auth).await?
             }
             RequestBody::Deletion { k_auth } => {
-                self.deletion(&ctx, envelope, &message, &k_auth).await?
+                self.deletion(&ctx, envelope, message, &k_auth).await?
             }
             RequestBody::WksSubmission(submission) => {
-                self.wks_publication(&ctx, envelope, &message, raw, submission)
+                self.wks_publication(&ctx, envelope, message, raw, submission)
                     .await?
             }
             RequestBody::Unrecognized(why) => {
@@ -664,23 +704,22 @@ impl Kst {
         None
     }
 
-    /// Counts this request against the rate limits; the limit that is exhausted, if any.
+    /// The rate limits' counters this request counts on, in the order they are counted
+    /// ([`ratelimit::check`]; taken back with [`ratelimit::refund`] when it is deferred).
     ///
     /// An authenticated account's own request counts on that account only. Anything else
     /// counts on its source (IPv6 per /64), on (reply recipient, queried address) for a
     /// retrieval, and on its reply recipient, in that order, so that once a source is used up
     /// its further requests use up no victim's budget (see `ratelimit`).
-    async fn over_limit(
+    fn limit_hits(
         &self,
         msg: &Message<'_>,
         requester: &Address,
         owner: Option<&Address>,
         body: &Result<RequestBody, String>,
-    ) -> Result<Option<LimitKind>, Error> {
-        let limits = &self.policy.rate_limits;
+    ) -> Vec<(LimitKind, String)> {
         if let Some(account) = owner {
-            let hits = [(LimitKind::Account, account.as_str())];
-            return ratelimit::check(self.limiter.as_ref(), limits, &hits).await;
+            return vec![(LimitKind::Account, account.as_str().to_string())];
         }
         let source = header_value(msg, "Received")
             .and_then(|r| received::source_ip(r, &self.policy.trusted_mta_hosts))
@@ -698,15 +737,15 @@ impl Kst {
             _ => None,
         };
         let recipient = ratelimit::recipient_counter(requester, &self.policy.recipient_folding);
-        let mut hits: Vec<(LimitKind, &str)> = Vec::with_capacity(3);
-        if let Some(ip) = &source {
+        let mut hits = Vec::with_capacity(3);
+        if let Some(ip) = source {
             hits.push((LimitKind::SourceIp, ip));
         }
-        if let Some(p) = &pair {
+        if let Some(p) = pair {
             hits.push((LimitKind::SenderQuery, p));
         }
-        hits.push((LimitKind::Sender, &recipient));
-        ratelimit::check(self.limiter.as_ref(), limits, &hits).await
+        hits.push((LimitKind::Sender, recipient));
+        hits
     }
 
     /// The authenticated account, when the envelope sender (the reply recipient) is that very
@@ -1137,6 +1176,9 @@ impl Kst {
                 )));
             }
         };
+        // Whose share of the append-only work's turns this takes: the reply's recipient,
+        // folded as its rate limit counts it (case and `+tag` variants share one).
+        let asker = ratelimit::recipient_counter(ctx.requester, &self.policy.recipient_folding);
         let mut pause = AGREE_PAUSE;
         let mut problem = String::new();
         for attempt in 1..=AGREE_ATTEMPTS {
@@ -1144,7 +1186,7 @@ impl Kst {
                 logs.pause(pause).await;
                 pause = pause.saturating_mul(2);
             }
-            let answer = logs.answer(address, ctx.log_ask).await?;
+            let answer = logs.answer(address, ctx.log_ask, &asker).await?;
             let Proven::Key { version, .. } = answer.proven else {
                 return Ok((None, answer));
             };

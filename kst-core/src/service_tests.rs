@@ -1115,6 +1115,76 @@ async fn requests_the_gate_silences_use_up_no_counter() {
     ));
 }
 
+/// Red team S1 (the mail path's bound): a message deferred for a temporary failure (the store
+/// down: 451, the MTA delivers it again) is counted again on every retry; its hits were not
+/// taken back, so an outage of a few retries used up an honest sender's budget and the
+/// message, once the store was back, was silenced as rate-limited. Now a deferred message's
+/// hits are refunded: however many retries, the sender's limit is as if it came once.
+#[tokio::test]
+async fn a_deferred_messages_retries_do_not_use_up_its_senders_limits() {
+    let mut p = base_policy();
+    p.rate_limits = crate::RateLimits {
+        per_account: 2,
+        per_sender: 2,
+        per_sender_query: 2,
+        per_source_ip: 2,
+        window_secs: 3_600,
+    };
+    let f = fixture_with(p);
+    let sender = "carol@acme.net";
+    let raw = inbound_retrieval(sender, "alice@example.net", "192.0.2.7", "");
+    f.store.down.store(true, Ordering::SeqCst);
+    for retry in 0..6 {
+        assert!(
+            matches!(
+                f.kst.handle(&env(sender), &raw).await,
+                Err(HandleError::Temporary(_))
+            ),
+            "retry {retry} is deferred"
+        );
+    }
+    f.store.down.store(false, Ordering::SeqCst);
+    for _ in 0..2 {
+        let h = f.kst.handle(&env(sender), &raw).await.unwrap();
+        assert!(
+            matches!(h.decision, Decision::Answered { .. }),
+            "answered once the store is back, within the limits: {:?}",
+            h.decision
+        );
+    }
+    // The limit still holds: the third answered request is over it.
+    assert_eq!(
+        f.kst.handle(&env(sender), &raw).await.unwrap().decision,
+        Decision::Ignored(Silence::RateLimited(LimitKind::SourceIp))
+    );
+    // An authenticated account's deferred publication alike.
+    let (publication, _) = publication(
+        "alice@example.net",
+        ALICE,
+        &received("alice@example.net", "mail.example.net", "ESMTPSA"),
+    );
+    f.store.down.store(true, Ordering::SeqCst);
+    for _ in 0..4 {
+        assert!(
+            f.kst
+                .handle(&env("alice@example.net"), &publication)
+                .await
+                .is_err()
+        );
+    }
+    f.store.down.store(false, Ordering::SeqCst);
+    let h = f
+        .kst
+        .handle(&env("alice@example.net"), &publication)
+        .await
+        .unwrap();
+    assert!(
+        matches!(h.decision, Decision::Published { .. }),
+        "{:?}",
+        h.decision
+    );
+}
+
 /// A limiter whose backend is down.
 struct DownLimiter;
 

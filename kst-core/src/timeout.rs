@@ -214,6 +214,10 @@ impl<S: RateLimiter> RateLimiter for TimeoutStore<S> {
     async fn hit_many(&self, hits: &[crate::ratelimit::Hit]) -> Result<Vec<bool>> {
         self.run("rate limit", self.inner.hit_many(hits)).await
     }
+
+    async fn refund(&self, hits: &[crate::ratelimit::Hit]) -> Result<()> {
+        self.run("rate limit", self.inner.refund(hits)).await
+    }
 }
 
 #[cfg(all(test, feature = "conformance"))]

@@ -81,6 +81,47 @@ pub(crate) fn hit_many_in(dir: &Path, keys: &[(&str, u32, Duration)]) -> Result<
 /// Adds `n` hits to each `(hash of the key, n, window)` of `entries` in the shard file
 /// `<dir>/<name>.json` under its lock; returns each one's window count, in order.
 fn hit_shard(dir: &Path, name: &str, entries: &[ShardHit]) -> Result<Vec<u64>> {
+    update_shard(dir, name, |shard, now| {
+        entries
+            .iter()
+            .map(|(hash, n, window)| {
+                let window = window.as_secs().max(1);
+                let entry = shard
+                    .entry(hash.clone())
+                    .or_insert((now.saturating_add(window), 0));
+                entry.1 = entry.1.saturating_add(*n);
+                entry.1
+            })
+            .collect()
+    })
+}
+
+/// Takes back one hit of each key of `keys` (a key named n times, n hits) from its open
+/// window in the shard files under `dir`, one shard at a time; never below 0.
+pub(crate) fn refund_in(dir: &Path, keys: &[&str]) -> Result<()> {
+    let mut by_shard: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for key in keys {
+        let hash = hex::encode(Sha256::digest(key.as_bytes()));
+        by_shard
+            .entry(hash[..2].to_string())
+            .or_default()
+            .push(hash);
+    }
+    for (name, hashes) in by_shard {
+        update_shard(dir, &name, |shard, _| {
+            for hash in &hashes {
+                if let Some(entry) = shard.get_mut(hash) {
+                    entry.1 = entry.1.saturating_sub(1);
+                }
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Runs `change` on the shard file `<dir>/<name>.json` (its windows that ended dropped
+/// first; `now` in Unix seconds) under its lock, and writes it back.
+fn update_shard<T>(dir: &Path, name: &str, change: impl FnOnce(&mut Shard, u64) -> T) -> Result<T> {
     let path = dir.join(format!("{name}.json"));
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
@@ -110,20 +151,10 @@ fn hit_shard(dir: &Path, name: &str, entries: &[ShardHit]) -> Result<Vec<u64>> {
     };
     let now = now_secs();
     shard.retain(|_, (end, _)| *end > now);
-    let counts = entries
-        .iter()
-        .map(|(hash, n, window)| {
-            let window = window.as_secs().max(1);
-            let entry = shard
-                .entry(hash.clone())
-                .or_insert((now.saturating_add(window), 0));
-            entry.1 = entry.1.saturating_add(*n);
-            entry.1
-        })
-        .collect();
+    let out = change(&mut shard, now);
     let json = serde_json::to_vec(&shard).unwrap_or_default();
     write_over(&file, &json, old_len).map_err(|e| io("write", &path, e))?;
-    Ok(counts)
+    Ok(out)
 }
 
 /// Replaces the `old_len` bytes of `file` with `bytes`: written from offset 0, then cut to
@@ -175,6 +206,19 @@ impl RateLimiter for FsStore {
         })
         .await?;
         tally.verdicts(hits, &counts)
+    }
+
+    async fn refund(&self, hits: &[Hit]) -> Result<()> {
+        if hits.is_empty() {
+            return Ok(());
+        }
+        let dir = self.root().join(RATELIMIT_DIR);
+        let keys: Vec<String> = hits.iter().map(|h| h.key.clone()).collect();
+        crate::store::blocking(move || {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            refund_in(&dir, &keys)
+        })
+        .await
     }
 }
 

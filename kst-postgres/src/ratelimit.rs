@@ -53,6 +53,18 @@ pub const HIT_MANY: &str = "WITH async_commit AS \
        window_end = CASE WHEN r.window_end <= now() THEN EXCLUDED.window_end ELSE r.window_end END \
      RETURNING key, count";
 
+/// Takes hits back: `$1` the distinct keys, `$2` how many hits each gives back. Only from a
+/// window still open: a counter left above 0 is lowered, one that would reach 0 is deleted
+/// (a row's count is above 0; the key's next hit opens a new window at 1). As [`HIT`],
+/// without waiting for the WAL flush.
+pub const REFUND: &str = "WITH async_commit AS \
+       (SELECT set_config('synchronous_commit', 'off', true)), \
+     h AS (SELECT key, n FROM unnest($1::text[], $2::bigint[]) AS h(key, n)), \
+     gone AS (DELETE FROM kst_rate_limits AS r USING h, async_commit \
+       WHERE r.key = h.key AND r.window_end > now() AND r.count <= h.n RETURNING r.key) \
+     UPDATE kst_rate_limits AS r SET count = r.count - h.n FROM h, async_commit \
+      WHERE r.key = h.key AND r.window_end > now() AND r.count > h.n";
+
 /// Deletes a bounded batch of counters whose window has ended.
 const SWEEP: &str = "DELETE FROM kst_rate_limits WHERE key IN \
      (SELECT key FROM kst_rate_limits WHERE window_end < now() LIMIT 1000 \
@@ -155,5 +167,26 @@ impl RateLimiter for PostgresStore {
         })?;
         self.maybe_sweep().await;
         tally.verdicts(hits, &counts)
+    }
+
+    async fn refund(&self, hits: &[Hit]) -> Result<()> {
+        if hits.is_empty() {
+            return Ok(());
+        }
+        let tally = Tally::of(hits);
+        let keys: Vec<String> = tally.keys.iter().map(|k| k.0.to_string()).collect();
+        let ns: Vec<i64> = tally.keys.iter().map(|k| i64::from(k.1)).collect();
+        self.write(false, |conn| {
+            Box::pin(async move {
+                sqlx::query(REFUND)
+                    .bind(keys)
+                    .bind(ns)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            })
+        })
+        .await
     }
 }

@@ -112,4 +112,15 @@ impl RateLimiter for RedisCounters {
         .await
         .map_err(relabel)
     }
+
+    async fn refund(&self, hits: &[Hit]) -> Result<()> {
+        within(
+            COUNTERS_COMPONENT,
+            "rate limit",
+            self.timeout,
+            self.inner.refund(hits),
+        )
+        .await
+        .map_err(relabel)
+    }
 }

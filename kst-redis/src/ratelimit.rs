@@ -83,6 +83,22 @@ return counts
     )
 });
 
+/// Takes hits back. KEYS: the counter. ARGV: how many. Never below 0; a counter that is
+/// gone (its window ended) is left gone; `DECRBY` keeps the counter's expiry. Returns how
+/// many were taken back.
+static REFUND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local c = tonumber(redis.call('GET', KEYS[1]) or '0')
+local n = math.min(tonumber(ARGV[1]), c)
+if n > 0 then
+  redis.call('DECRBY', KEYS[1], n)
+end
+return n
+"#,
+    )
+});
+
 /// The longest window given to Redis, in milliseconds: 2^62 (about 146 million years).
 /// `PEXPIRE` refuses a time past 2^63 ms (now included), and the script fails after its
 /// `INCRBY`, leaving the counter it created without expiry (red team, counters and shares).
@@ -117,6 +133,16 @@ impl RateLimiter for RedisStore {
 
     async fn hit_many(&self, hits: &[Hit]) -> Result<Vec<bool>> {
         self.hit_many_with(&HIT_MANY, hits).await
+    }
+
+    /// One script per distinct key (any hash slot; refunds are rare: a deferred message's).
+    async fn refund(&self, hits: &[Hit]) -> Result<()> {
+        for (key, n, _) in Tally::of(hits).keys {
+            let mut invocation = REFUND.prepare_invoke();
+            invocation.key(counter_key(self.prefix(), key)).arg(n);
+            let _: u64 = self.run_script(&invocation).await?;
+        }
+        Ok(())
     }
 }
 

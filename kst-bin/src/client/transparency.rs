@@ -830,6 +830,31 @@ async fn verify_and_remember(
             note: format!("{note} (evidence kept in {})", evidence.display()),
         }));
     }
+    // Version 3: the answer lacks the append-only part the request asked for (`KST-Log-Since`)
+    // although its head is newer: the KST left it out (every turn of its append-only work
+    // was taken, or the part was too large for a reply: docs/PROTOCOL.md, "Versions"). No
+    // proof of an attack (nothing in it contradicts the remembered head) and no answer
+    // either: the new head cannot be tied to the remembered one, so nothing is remembered and
+    // the reply's key is not taken (exit 75: send again, or catch up over HTTP).
+    if answer.append_only.is_none()
+        && answer.too_far.is_none()
+        && let Some(asked) = c.asked
+        && let Some(old) = &remembered
+        && epoch > old.epoch
+        && epoch > asked.epoch
+    {
+        return Err(Refused::Other(Box::new(Outcome::error(
+            exit::TEMPFAIL,
+            format!(
+                "key directory of {}: the reply's answer (epoch {epoch}) left out the \
+                 append-only proof from epoch {}, which the request asked for (the KST was busy \
+                 with other such proofs, or the proof was too large for a reply); nothing is \
+                 remembered and the reply's key is not taken: send the request again later, or \
+                 retrieve --check-transparency catches up over HTTP",
+                held.domain, asked.epoch
+            ),
+        ))));
+    }
     // Everything verified: only now is the new head remembered (a head refused for any
     // reason is never remembered).
     check_held(memory, held, &answer, Some(&seen), c.asked)
@@ -3152,6 +3177,67 @@ mod tests {
                 other => panic!("{:?}", other.map_err(|_| "refused")),
             }
             assert_eq!(remembered, Some(4));
+        }
+
+        /// The bound on a KST's replies' append-only work (`mail_bound`): a version 3 reply
+        /// whose answer lacks the append-only part its request asked for (every turn was
+        /// taken) is exit 75, nothing remembered; it was an attack (exit 5, evidence kept).
+        /// Over HTTP (no head asked by a request) the same answer is still an attack: the
+        /// HTTP endpoint never leaves the part out (it answers 503).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_reply_without_the_asked_append_only_part_is_tempfail_not_an_attack() {
+            let tmp = tempfile::tempdir().unwrap();
+            let keys = LogKeys::generate("example.net");
+            let (head_key, vrf) = (keys.head.public_key(), keys.vrf.public_key().unwrap());
+            let (log, heads) = directory(
+                &tmp.path().join("log"),
+                &keys.to_file(),
+                &["alice", "bob", "carol"],
+            )
+            .await;
+            let witness = HeadSigner::generate();
+            log.add_cosignature(
+                heads[2].head.epoch,
+                &witness.cosign(&heads[2], NOW).unwrap(),
+            )
+            .await
+            .unwrap();
+            // The answer a busy KST sends a client that remembers epoch 1: no append-only part.
+            let mut answer = log
+                .answer_stepped(&address("nobody"), None, None, NOW)
+                .await
+                .unwrap();
+            assert!(answer.head.head.epoch > heads[0].head.epoch);
+            answer.witnessed = log
+                .witnessed(&answer.head, &[witness.public_key()])
+                .await
+                .unwrap();
+            let text = answer.to_text().unwrap();
+            let first = heads[0].head.epoch;
+            let (result, remembered) = check(
+                &tmp.path().join("mail"),
+                head_key,
+                vrf,
+                &heads[0],
+                &witness,
+                &text,
+                Some(&heads[0].head),
+            )
+            .await;
+            refused_with(&result, exit::TEMPFAIL, "left out the append-only proof");
+            assert_eq!(remembered, Some(first), "nothing remembered");
+            let (result, remembered) = check(
+                &tmp.path().join("http"),
+                head_key,
+                vrf,
+                &heads[0],
+                &witness,
+                &text,
+                None,
+            )
+            .await;
+            refused_as_attack(&result, "no append-only proof");
+            assert_eq!(remembered, Some(first));
         }
     }
 }

@@ -114,6 +114,10 @@ async fn start(cfg: Config) -> u8 {
     #[cfg(feature = "transparency")]
     crate::shared::metrics::watch_unverified(&logs);
     #[cfg(feature = "transparency")]
+    if !logs.is_empty() {
+        crate::shared::metrics::watch_mail_proofs(kst.clone());
+    }
+    #[cfg(feature = "transparency")]
     let extra = if logs.is_empty() {
         axum::Router::new()
     } else {

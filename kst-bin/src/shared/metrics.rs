@@ -47,6 +47,15 @@ pub const LMTP_TIMEOUTS_TOTAL: &str = "kst_lmtp_timeouts_total";
 /// answers").
 pub const TRANSPARENCY_UNVERIFIED_TOTAL: &str = "kst_transparency_unverified_total";
 
+/// Version 3 replies sent without the append-only part they asked for (`KST-Log-Since`)
+/// because every turn of that work was taken (`kst_core::transparency::mail_bound`: 2 at
+/// once per process, 1 per sender); copied every [`WATCH_EVERY`]. Their clients catch up
+/// over HTTP or ask again; a steady rise is a flood of such requests (or too small a bound).
+pub const TRANSPARENCY_MAIL_PROOFS_OMITTED_TOTAL: &str =
+    "kst_transparency_mail_proofs_omitted_total";
+/// Version 3 replies' append-only proofs being built or checked now (at most the bound).
+pub const TRANSPARENCY_MAIL_PROOFS_IN_FLIGHT: &str = "kst_transparency_mail_proofs_in_flight";
+
 /// How often [`watch_unverified`] copies the logs' counts into the metrics.
 pub const WATCH_EVERY: Duration = Duration::from_secs(5);
 
@@ -157,6 +166,14 @@ fn register_descriptions() {
         TRANSPARENCY_UNVERIFIED_TOTAL,
         "Key directory answers built and refused by the server's own check (did not verify against its heads), by domain; alarm on any increase"
     );
+    describe_counter!(
+        TRANSPARENCY_MAIL_PROOFS_OMITTED_TOTAL,
+        "Version 3 replies sent without the append-only part they asked for: every turn of that work was taken"
+    );
+    describe_gauge!(
+        TRANSPARENCY_MAIL_PROOFS_IN_FLIGHT,
+        "Version 3 replies' append-only proofs being built or checked now"
+    );
     describe_gauge!(LMTP_CONNECTIONS, "LMTP connections open now");
     describe_counter!(LMTP_CONNECTIONS_TOTAL, "LMTP connections accepted");
     describe_counter!(
@@ -260,6 +277,21 @@ pub fn watch_unverified(logs: &[std::sync::Arc<kst_core::transparency::DomainLog
             if !alive {
                 return;
             }
+            tokio::time::sleep(WATCH_EVERY).await;
+        }
+    });
+}
+
+/// Copies what the bound on version 3 replies' append-only work did (`Kst::mail_proofs`) into
+/// [`TRANSPARENCY_MAIL_PROOFS_OMITTED_TOTAL`] and [`TRANSPARENCY_MAIL_PROOFS_IN_FLIGHT`]
+/// every [`WATCH_EVERY`], in a task of its own, for as long as the process runs.
+pub fn watch_mail_proofs(kst: kst_core::Kst) {
+    tokio::spawn(async move {
+        loop {
+            let stats = kst.mail_proofs();
+            ::metrics::counter!(TRANSPARENCY_MAIL_PROOFS_OMITTED_TOTAL)
+                .absolute(stats.omitted_busy);
+            ::metrics::gauge!(TRANSPARENCY_MAIL_PROOFS_IN_FLIGHT).set(stats.in_flight as f64);
             tokio::time::sleep(WATCH_EVERY).await;
         }
     });

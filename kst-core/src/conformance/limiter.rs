@@ -58,7 +58,51 @@ pub async fn run_all(limiters: Vec<Arc<dyn RateLimiter>>) {
     many_hits_count_each_naming_against_its_own_limit(a).await;
     many_hits_share_counts_with_single_hits(a, b).await;
     concurrent_many_hits_count_exactly(limiters.clone()).await;
+    refunds_take_back_hits_in_the_open_window(a, b).await;
     window_ends_and_starts_again(a).await;
+}
+
+/// [`RateLimiter::refund`] takes hits back from the open window, on every instance of the
+/// backend: a key at its limit, refunded once, allows one more hit (a deferred message's
+/// retry counts no more than the message once); a key named twice is refunded twice; a
+/// count never goes below 0 (refunds of a key never counted, or more than its hits, leave
+/// the limit as it was); an empty refund does nothing.
+pub async fn refunds_take_back_hits_in_the_open_window(a: &dyn RateLimiter, b: &dyn RateLimiter) {
+    let what = "refunds_take_back_hits_in_the_open_window";
+    let refund = async |limiter: &dyn RateLimiter, hits: &[Hit]| {
+        limiter.refund(hits).await.unwrap_or_else(|e| {
+            panic!("{what}: refund on {} failed: {e}", limiter.name());
+        })
+    };
+    let key = "conformance:refund:a";
+    for _ in 0..2 {
+        assert!(hit(what, a, key, 2, HOUR).await, "{what}: within the limit");
+    }
+    assert!(!hit(what, a, key, 2, HOUR).await, "{what}: over the limit");
+    // Counted 3; two refunds (on the other instance) leave 1: one more hit is allowed.
+    let twice = [Hit::new(key, 2, HOUR), Hit::new(key, 2, HOUR)];
+    refund(b, &twice).await;
+    assert!(hit(what, a, key, 2, HOUR).await, "{what}: a refunded hit");
+    assert!(
+        !hit(what, b, key, 2, HOUR).await,
+        "{what}: not more than refunded"
+    );
+    // Never below 0: a key never counted, and more refunds than hits.
+    let fresh = "conformance:refund:b";
+    refund(a, &[Hit::new(fresh, 1, HOUR)]).await;
+    for _ in 0..3 {
+        refund(b, &[Hit::new(key, 2, HOUR)]).await;
+    }
+    refund(a, &[]).await;
+    assert!(hit(what, a, fresh, 1, HOUR).await, "{what}: a fresh key");
+    assert!(
+        !hit(what, b, fresh, 1, HOUR).await,
+        "{what}: a fresh key's limit"
+    );
+    for _ in 0..2 {
+        assert!(hit(what, b, key, 2, HOUR).await, "{what}: refunded to 0");
+    }
+    assert!(!hit(what, a, key, 2, HOUR).await, "{what}: not below 0");
 }
 
 async fn hit_many(what: &str, limiter: &dyn RateLimiter, hits: &[Hit]) -> Vec<bool> {
@@ -375,9 +419,30 @@ mod tests {
             async fn hit(&self, key: &str, limit: u32, window: Duration) -> crate::Result<bool> {
                 self.0.hit(key, limit, window).await
             }
+            async fn refund(&self, hits: &[Hit]) -> crate::Result<()> {
+                self.0.refund(hits).await
+            }
         }
         let l: Arc<dyn RateLimiter> = Arc::new(OnlyHit(MemoryRateLimiter::new()));
         run_all(vec![l.clone(), l]).await;
+    }
+
+    /// A limiter that takes nothing back (the trait's default `refund`) fails the suite.
+    #[tokio::test]
+    #[should_panic(expected = "refunds_take_back_hits_in_the_open_window: a refunded hit")]
+    async fn a_limiter_that_takes_nothing_back_fails() {
+        struct NoRefund(MemoryRateLimiter);
+        #[async_trait::async_trait]
+        impl RateLimiter for NoRefund {
+            fn name(&self) -> &'static str {
+                "no-refund"
+            }
+            async fn hit(&self, key: &str, limit: u32, window: Duration) -> crate::Result<bool> {
+                self.0.hit(key, limit, window).await
+            }
+        }
+        let l = NoRefund(MemoryRateLimiter::new());
+        refunds_take_back_hits_in_the_open_window(&l, &l).await;
     }
 
     /// A limiter that never refuses fails the suite.

@@ -38,6 +38,7 @@ pub mod history;
 pub mod keys;
 pub mod label;
 pub mod log;
+pub mod mail_bound;
 pub mod records;
 pub mod self_check;
 pub mod storage;

@@ -21,6 +21,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 
@@ -30,11 +31,13 @@ use super::entry::{DirectoryEntry, EntryState};
 use super::log::{
     CurrentKeys, DomainLog, IncomingChange, MAX_WITNESSED_ELEMENTS, StoreKeys, Synced,
 };
+use super::mail_bound::{MAIL_PROOFS_PER_SENDER, MailProofs};
+use super::self_check;
 use super::wire;
 use crate::error::{Component, Error, Result};
 use crate::fingerprint::{Fingerprint, KeyId};
 use crate::protocol::{LogAsk, MAX_LOG_ANSWER_BYTES};
-use crate::reply::{DirectoryAnswer, Proven};
+use crate::reply::{DirectoryAnswer, MailProofStats, Proven};
 use crate::store::{KeyRecord, KeyStore, NewKey, PublishOutcome};
 use crate::wkd::WkdHash;
 use crate::{Address, time};
@@ -55,6 +58,12 @@ pub struct TransparentStore {
     /// [`KeyStore::publish_unsynced`]: the directory commits to the key store's own
     /// PostgreSQL server ([`TransparentStore::with_unsynced_publications`]).
     unsynced: bool,
+    /// The turns of version 3 replies' append-only work ([`super::mail_bound`]).
+    mail_proofs: Arc<MailProofs>,
+    /// Per domain, the newest epoch this store saw recorded or answered, plus one (0: none
+    /// yet): a `KST-Log-Since` not older than it has nothing to prove but the epochs
+    /// committed since (a few), and takes no turn.
+    latest: HashMap<String, AtomicU64>,
 }
 
 /// What [`TransparentStore::record_all`] did.
@@ -72,13 +81,43 @@ impl TransparentStore {
         TransparentStore {
             source: Arc::new(StoreKeys(Arc::clone(&inner))),
             inner,
+            latest: logs
+                .iter()
+                .map(|l| (l.domain().to_string(), AtomicU64::new(0)))
+                .collect(),
             logs: logs
                 .into_iter()
                 .map(|l| (l.domain().to_string(), l))
                 .collect(),
             witnesses: Vec::new(),
             unsynced: false,
+            mail_proofs: Arc::default(),
         }
+    }
+
+    /// Builds and checks at most `at_once` version 3 replies' append-only proofs at once
+    /// (default [`super::mail_bound::MAIL_PROOFS_AT_ONCE`]), at most
+    /// [`MAIL_PROOFS_PER_SENDER`] of them for one sender; a reply that finds no turn free is
+    /// sent without the part ([`super::mail_bound`]).
+    pub fn with_mail_proofs_at_once(mut self, at_once: usize) -> Self {
+        self.mail_proofs = Arc::new(MailProofs::new(at_once, MAIL_PROOFS_PER_SENDER));
+        self
+    }
+
+    /// Notes that `domain`'s directory reached `epoch`.
+    fn saw_epoch(&self, domain: &str, epoch: u64) {
+        if let Some(latest) = self.latest.get(domain) {
+            latest.fetch_max(epoch.saturating_add(1), Ordering::SeqCst);
+        }
+    }
+
+    /// Whether a client that remembers epoch `since` of `domain` is up to date as far as
+    /// this store saw: not older than the newest epoch it saw (false when it saw none).
+    fn up_to_date(&self, domain: &str, since: u64) -> bool {
+        self.latest
+            .get(domain)
+            .map(|l| l.load(Ordering::SeqCst))
+            .is_some_and(|l| l > 0 && since >= l - 1)
     }
 
     /// Publications of a logged domain commit their key without waiting for it to be durable
@@ -126,6 +165,7 @@ impl TransparentStore {
         match recorded.map_err(|e| Error::unavailable(COMPONENT, e))? {
             Synced::AlreadyRecorded => Ok(None),
             Synced::Recorded { epoch, entry, .. } => {
+                self.saw_epoch(address.domain(), epoch);
                 tracing::info!(
                     address = %address,
                     epoch,
@@ -264,7 +304,7 @@ impl crate::reply::LogAnswers for TransparentStore {
         self.logs.contains_key(domain)
     }
 
-    async fn answer(&self, address: &Address, ask: LogAsk) -> Result<DirectoryAnswer> {
+    async fn answer(&self, address: &Address, ask: LogAsk, asker: &str) -> Result<DirectoryAnswer> {
         let Some(log) = self.logs.get(address.domain()) else {
             return Err(Error::Config(format!(
                 "no key directory for {}: a version 3 reply about {address} cannot be made",
@@ -275,11 +315,41 @@ impl crate::reply::LogAnswers for TransparentStore {
         let now = time::unix_now();
         // The append-only proof from the client's remembered epoch, or its first steps, within
         // what a reply carries; `too-far` when not even the first step fits (the client then
-        // starts from a witness-cosigned head or re-pins).
-        let mut answer = log
-            .answer_stepped(address, ask.since, Some(REPLY_STEP_BUDGET), now)
-            .await
-            .map_err(unavailable)?;
+        // starts from a witness-cosigned head or re-pins). Built and checked within one of the
+        // process's turns for this work (`mail_bound`), which a client up to date as far as
+        // this store saw does not need; without a turn free, the answer is made without the
+        // part: the answer a client up to date gets, or one that lacks the part it asked for.
+        let domain = address.domain();
+        let turn = match ask.since {
+            Some(since) if !self.up_to_date(domain, since) => {
+                Some(self.mail_proofs.try_take(asker))
+            }
+            _ => None,
+        };
+        let busy = matches!(turn, Some(None));
+        let stepped = |since| log.answer_stepped(address, since, Some(REPLY_STEP_BUDGET), now);
+        let mut answer = match turn {
+            None => stepped(ask.since).await,
+            // The turn stays with the check of the part until it ends
+            // (`self_check::holding`), also when this request is dropped first.
+            Some(Some(turn)) => self_check::holding(Arc::new(turn), stepped(ask.since)).await,
+            Some(None) => stepped(None).await,
+        }
+        .map_err(unavailable)?;
+        self.saw_epoch(domain, answer.head.head.epoch);
+        if busy && let Some(since) = ask.since.filter(|s| answer.head.head.epoch > *s) {
+            self.mail_proofs.omitted();
+            tracing::info!(
+                address = %address,
+                asker,
+                since,
+                epoch = answer.head.head.epoch,
+                at_once = self.mail_proofs.at_once(),
+                "every turn of the replies' append-only proofs is taken (or the sender's \
+                 share): the reply goes without the append-only part; its client catches up \
+                 over HTTP or asks again later"
+            );
+        }
         let proven = proven(&answer.proof).map_err(unavailable)?;
         if ask.witnessed {
             // Bounded by what is left of the reply beside the rest of the answer (its
@@ -313,6 +383,10 @@ impl crate::reply::LogAnswers for TransparentStore {
 
     async fn pause(&self, pause: std::time::Duration) {
         tokio::time::sleep(pause).await;
+    }
+
+    fn mail_proofs(&self) -> MailProofStats {
+        self.mail_proofs.stats()
     }
 }
 
