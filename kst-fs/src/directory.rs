@@ -1118,8 +1118,9 @@ type CommitAnswer = crate::pool::Answer<Result<bool, DirectoryStoreError>>;
 /// Without `wait`, a lock another holds now is answered `Ok(false)` at once (nothing done):
 /// the caller waits for it without a permit of the directory's lane and tries again
 /// ([`FsDirectoryStore`]'s `commit`). `Ok(true)`: committed (or dropped by the fence).
-/// Returns whether it did its work (`false`: the lock was busy, nothing done) once the
-/// epoch's files are written and the lock let go.
+/// A caller that stopped waiting before the commit took the lock (its `answer` closed) gets
+/// nothing done, and no answer. Returns whether it did its work (`false`: the lock was busy,
+/// or the caller gone, nothing done) once the epoch's files are written and the lock let go.
 fn commit(
     dir: &Path,
     batch: &RecordBatch,
@@ -1128,6 +1129,13 @@ fn commit(
     answer: CommitAnswer,
     wait: bool,
 ) -> bool {
+    // A caller that stopped waiting (its timeout) before this try ran, or while it waited
+    // for the lock, was told nothing was committed: nothing is (review of the lane: a try
+    // handed to the blocking pool, still queued for a thread when its caller gave up,
+    // committed the epoch behind the caller's back once the lock was free).
+    if answer.is_closed() {
+        return false;
+    }
     let lock = if wait {
         DomainLock::acquire(dir).map(Some)
     } else {
@@ -1144,6 +1152,9 @@ fn commit(
             return true;
         }
     };
+    if answer.is_closed() {
+        return false;
+    }
     match commit_locked(dir, batch, boot, ov) {
         Ok(Some(epoch)) => {
             // The frame is durable: the epoch is committed, whatever happens to its files.
@@ -4120,6 +4131,55 @@ mod tests {
         a.commit(D, epoch(3)).await.unwrap();
         holds(&a, 3).await;
         assert_eq!(frames(&dir), vec![1, 2, 3]);
+    }
+
+    /// [`a_commit_whose_caller_gave_up_waiting_for_the_lock_commits_nothing`] where the
+    /// caller gives up while its try is handed to the blocking pool but not yet run (every
+    /// thread of the pool busy: here the one thread this runtime allows): once the lock is
+    /// free and the try runs, it commits nothing, since its caller was told the commit did not
+    /// happen. Before, it committed the epoch behind the caller's back (that test failed in 2
+    /// of 3 runs of the whole lib under a build's load: its tries' threads came late).
+    #[test]
+    fn a_commit_tried_after_its_caller_gave_up_commits_nothing() {
+        use std::time::Duration;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = rt.block_on(at_epoch_1(tmp.path()));
+        // Another process of the pool holds the lock; this runtime's one blocking thread is
+        // busy until released, so the commit's try waits for it, queued.
+        let other = DomainLock::acquire(&dir).unwrap();
+        let (release, busy) = std::sync::mpsc::channel::<()>();
+        let (running, started) = std::sync::mpsc::channel::<()>();
+        let hog = rt.spawn_blocking(move || {
+            running.send(()).unwrap();
+            let _ = busy.recv();
+        });
+        started.recv().unwrap();
+        let gave_up = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(200), a.commit(D, epoch(2))).await
+        });
+        drop(other);
+        release.send(()).unwrap();
+        rt.block_on(hog).unwrap();
+        // The pool runs its queue in order on its one thread: the try has run once this has.
+        rt.block_on(async { tokio::task::spawn_blocking(|| ()).await })
+            .unwrap();
+        assert!(gave_up.is_err(), "the commit ran while its try was queued");
+        assert_eq!(
+            read_root(&dir).unwrap(),
+            Some((1, b"r1".to_vec())),
+            "a try run after its caller gave up committed the epoch"
+        );
+        assert_eq!(frames(&dir), vec![1]);
+        rt.block_on(async {
+            a.commit(D, epoch(2)).await.unwrap();
+            holds(&a, 2).await;
+        });
     }
 
     /// Red team (the directory's lane): one domain's lock held for long (another process of
