@@ -75,7 +75,8 @@
 //!   `..._from_before_the_journal`: the fs upgrade as docs/OPERATIONS.md says it (the pool
 //!   stopped, the new release's `kst migrate`, then `kst serve`) on a store an older release
 //!   left: every logged domain's root moved (the older releases' reader refuses it), the same
-//!   files after a second run and after a run killed part-way, and the same heads and answers.
+//!   files after a second run and after a run killed part-way, and the same heads and answers;
+//!   `migrate_fails_on_a_logged_domain_whose_directory_cannot_be_read`.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -2024,6 +2025,27 @@ fn migrate_moves_every_root_of_a_store_of_journal_version_3_before_the_move() {
 #[test]
 fn migrate_moves_every_root_of_a_store_from_before_the_journal() {
     migrate_moves_every_root_an_older_release_left(OlderLayout::BeforeTheJournal);
+}
+
+/// `kst migrate` fails (exit 69, naming the domain) when a logged domain's directory cannot
+/// be read, also one without an address (here example.org's root cut short). Before, only
+/// the recording of addresses read a directory: `kst migrate` said it was done while that
+/// domain's directory was neither read nor, on a store an older release left, upgraded.
+#[test]
+fn migrate_fails_on_a_logged_domain_whose_directory_cannot_be_read() {
+    let mut provider = Provider::start(Backend::Fs);
+    provider.log_example_org();
+    provider.publish_new(&Gpg::new(), "sendmail", &["alice"]);
+    let code_of_serve = provider.serve.take().expect("kst serve runs").stop();
+    assert_eq!(code_of_serve, 0, "kst serve's exit code");
+    std::fs::write(provider.kt("example.org").join("root.v3"), b"cut").unwrap();
+    let out = provider.kst(&["migrate"]);
+    let error = stderr(&out);
+    assert_eq!(code(&out), 69, "kst migrate: {error}");
+    assert!(
+        error.contains("example.org") && error.contains("cannot be read"),
+        "{error}"
+    );
 }
 
 /// A second directory with the same keys (a provider showing one party another history:
