@@ -2171,19 +2171,18 @@ mod tests {
         holds(&a, 2).await;
     }
 
-    /// Readers on many tasks while one writer commits epoch after epoch: every read of the
-    /// root and a node every epoch rewrites is of one epoch, whole; and the committer, answered
-    /// before the files are written, reads its own epoch whole at once.
     /// `n` tasks reading `store`'s directory until `done`, each checking that every read is
-    /// whole and no epoch goes back; each returns how many reads it made.
+    /// whole and no epoch goes back, counting its reads in `reading` as it goes; each returns
+    /// how many reads it made.
     fn spawn_readers(
         store: &FsDirectoryStore,
         n: usize,
         done: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+        reading: &std::sync::Arc<std::sync::atomic::AtomicU64>,
     ) -> Vec<tokio::task::JoinHandle<u64>> {
         (0..n)
             .map(|_| {
-                let (store, done) = (store.clone(), done.clone());
+                let (store, done, reading) = (store.clone(), done.clone(), reading.clone());
                 tokio::spawn(async move {
                     let (mut reads, mut last) = (0u64, 1);
                     while !done.load(std::sync::atomic::Ordering::Relaxed) {
@@ -2191,6 +2190,7 @@ mod tests {
                         assert!(e >= last, "epoch {e} after {last}");
                         last = e;
                         reads += 1;
+                        reading.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     reads
                 })
@@ -2198,6 +2198,9 @@ mod tests {
             .collect()
     }
 
+    /// Readers on many tasks while one writer commits epoch after epoch: every read of the
+    /// root and a node every epoch rewrites is of one epoch, whole; and the committer, answered
+    /// before the files are written, reads its own epoch whole at once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_reads_see_every_epoch_whole() {
         use std::sync::Arc;
@@ -2205,7 +2208,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (a, _dir) = at_epoch_1(tmp.path()).await;
         let done = Arc::new(AtomicBool::new(false));
-        let readers = spawn_readers(&a, 8, &done);
+        let readers = spawn_readers(&a, 8, &done, &Default::default());
         for e in 2..=40 {
             a.commit(D, epoch(e)).await.unwrap();
             let (root, mut nodes) = a
@@ -3193,7 +3196,7 @@ mod tests {
         let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
         let r = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
         let done = Arc::new(AtomicBool::new(false));
-        let readers = spawn_readers(&r, 3, &done);
+        let readers = spawn_readers(&r, 3, &done, &Default::default());
         let last = journal::SLOTS + 10;
         for e in 2..=last {
             let writer = if e % 2 == 0 { &a } else { &b };
@@ -4071,38 +4074,64 @@ mod tests {
     /// Red team (the directory's lane): 32 readers flooding one domain with shared locks
     /// (Linux's `flock` does not queue a writer's exclusive lock ahead of new shared ones)
     /// while its writer commits 30 epochs: every commit still gets its permit and the
-    /// domain's lock, and every read is whole.
+    /// domain's lock, and every read is whole. A commit that does not finish in time is
+    /// reported with the reads of the domain made meanwhile (reads going on: starved; none:
+    /// the whole process or machine stalled) and what each commit before it took.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flood_of_reads_of_one_domain_starves_no_commit() {
         use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         use std::time::Duration;
         const LAST: u64 = 30;
+        const WITHIN: Duration = Duration::from_secs(60);
         let tmp = tempfile::tempdir().unwrap();
         let (a, _dir) = at_epoch_1(tmp.path()).await;
         let done = Arc::new(AtomicBool::new(false));
-        let readers = spawn_readers(&a, 32, &done);
-        let mut slowest = Duration::ZERO;
-        let committed = tokio::time::timeout(Duration::from_secs(60), async {
+        let reading = Arc::new(AtomicU64::new(0));
+        let readers = spawn_readers(&a, 32, &done, &reading);
+        // (epoch, how long its commit took, the reads made meanwhile), and the pending one.
+        let mut commits: Vec<(u64, Duration, u64)> = Vec::new();
+        let mut pending = (2, std::time::Instant::now(), 0);
+        let committed = tokio::time::timeout(WITHIN, async {
             for e in 2..=LAST {
-                let started = std::time::Instant::now();
+                pending = (
+                    e,
+                    std::time::Instant::now(),
+                    reading.load(Ordering::Relaxed),
+                );
                 a.commit(D, epoch(e)).await?;
-                slowest = slowest.max(started.elapsed());
+                let meanwhile = reading.load(Ordering::Relaxed) - pending.2;
+                commits.push((e, pending.1.elapsed(), meanwhile));
             }
             Ok::<_, DirectoryStoreError>(())
         })
         .await;
+        let meanwhile = reading.load(Ordering::Relaxed) - pending.2;
         done.store(true, Ordering::Relaxed);
         let mut reads = 0;
         for r in readers {
-            reads += r.await.unwrap();
+            reads += r.await.unwrap_or_else(|e| panic!("a reader failed: {e}"));
         }
-        committed
-            .expect("the writer's commits starved behind the readers' shared locks")
-            .unwrap();
+        if committed.is_err() {
+            panic!(
+                "epoch {}'s commit did not finish within {WITHIN:?}: {meanwhile} whole reads \
+                 of the domain meanwhile ({}); the commits before it (epoch, time, reads \
+                 meanwhile): {commits:?}",
+                pending.0,
+                if meanwhile > 0 {
+                    "the reads went on: the commit starved behind them"
+                } else {
+                    "none: the whole process or machine stalled"
+                }
+            );
+        }
+        committed.unwrap().unwrap();
         assert!(reads > 0);
         holds(&a, LAST).await;
-        eprintln!("{reads} whole reads; the slowest commit took {slowest:?}");
+        let slowest = commits.iter().max_by_key(|c| c.1);
+        eprintln!(
+            "{reads} whole reads; the slowest commit (epoch, time, reads meanwhile): {slowest:?}"
+        );
     }
 
     /// Red team (the directory's lane): a commit whose caller stops waiting (a timeout)
