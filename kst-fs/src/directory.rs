@@ -93,6 +93,7 @@ use sha2::{Digest, Sha256};
 use crate::journal;
 use crate::overlay::{self, Overlay, Overlays};
 use crate::pool::Lane;
+use crate::recent::Recent;
 use crate::root;
 
 /// Directory of the key directories, under the store's root.
@@ -475,9 +476,10 @@ enum Shared {
 }
 
 /// The domains (with the boot id) this process found free of frames a machine crash left:
-/// checked once per process and domain.
-fn recovered() -> &'static Mutex<HashSet<(PathBuf, String)>> {
-    static RECOVERED: OnceLock<Mutex<HashSet<(PathBuf, String)>>> = OnceLock::new();
+/// checked once per process and domain, and again once unused for [`crate::recent::IDLE`]
+/// (`recent.rs`: a process that touched many domains kept an entry of each for good).
+fn recovered() -> &'static Mutex<Recent<(PathBuf, String)>> {
+    static RECOVERED: OnceLock<Mutex<Recent<(PathBuf, String)>>> = OnceLock::new();
     RECOVERED.get_or_init(Default::default)
 }
 
@@ -485,7 +487,21 @@ fn is_recovered(dir: &Path, boot: &str) -> bool {
     recovered()
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .contains(&(dir.to_path_buf(), boot.to_string()))
+        .contains(
+            &(dir.to_path_buf(), boot.to_string()),
+            std::time::Instant::now(),
+        )
+}
+
+/// Records that this process found `dir` recovered under `boot` ([`recovered`]).
+fn set_recovered(dir: &Path, boot: &str) {
+    recovered()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(
+            (dir.to_path_buf(), boot.to_string()),
+            std::time::Instant::now(),
+        );
 }
 
 /// Before this process first reads or writes the directory of `dir`: when its journal's
@@ -510,10 +526,7 @@ fn try_recover(dir: &Path, boot: Option<&str>, wait: bool) -> Result<bool, Direc
         && !dead_writer(dir)?
         && !headless_root(dir)?
     {
-        recovered()
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert((dir.to_path_buf(), boot.to_string()));
+        set_recovered(dir, boot);
         return Ok(true);
     }
     let _lock = if wait {
@@ -644,6 +657,9 @@ fn sweep_temporaries(dir: &Path) {
         {
             return;
         }
+        // The domains swept longer ago than SWEEP_EVERY count as never swept: dropped, so
+        // a process that touched many domains keeps no entry of each for good.
+        swept.retain(|_, at| now.saturating_duration_since(*at) < SWEEP_EVERY);
         swept.insert(dir.to_path_buf(), now);
     }
     let mut removed = 0usize;
@@ -843,10 +859,7 @@ fn recover_locked(dir: &Path, boot: &str) -> Result<(), DirectoryStoreError> {
         // made (its boot file, akd's first root, no journaled commit yet).
         journal::start(dir, read_root(dir)?.map_or(0, |(e, _)| e))?;
     }
-    recovered()
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert((dir.to_path_buf(), boot.to_string()));
+    set_recovered(dir, boot);
     Ok(())
 }
 
@@ -1681,16 +1694,48 @@ async fn blocking<T: Send + 'static>(
 /// waiting, and the reads queued behind a commit wait for it without a permit.
 /// (A commit holds its turn until its epoch's files are written, [`FsDirectoryStore`]'s
 /// `commit`.)
-fn turns(dir: &Path) -> std::sync::Arc<tokio::sync::RwLock<()>> {
-    type Turns = std::collections::HashMap<PathBuf, std::sync::Arc<tokio::sync::RwLock<()>>>;
+fn turns(dir: &Path) -> Turn {
+    turns_at(dir, std::time::Instant::now())
+}
+
+/// A domain's turns ([`turns`]).
+type Turn = std::sync::Arc<tokio::sync::RwLock<()>>;
+
+/// This process's turns of each domain, and when those nobody held were last dropped.
+#[derive(Default)]
+struct Turns {
+    of: std::collections::HashMap<PathBuf, Turn>,
+    swept: Option<std::time::Instant>,
+}
+
+fn all_turns() -> std::sync::MutexGuard<'static, Turns> {
     static TURNS: OnceLock<Mutex<Turns>> = OnceLock::new();
     TURNS
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .entry(dir.to_path_buf())
-        .or_default()
-        .clone()
+}
+
+/// [`turns`] at `now`: a domain's turns made when missing; first, at most every quarter of
+/// [`crate::recent::IDLE`], the turns nobody holds or waits for are dropped (a later one is
+/// as good: the order only counts among those waiting), so a process that touched many
+/// domains keeps no turns of each for good.
+fn turns_at(dir: &Path, now: std::time::Instant) -> Turn {
+    let mut turns = all_turns();
+    if let Some(turn) = turns.of.get(dir) {
+        return turn.clone();
+    }
+    if turns
+        .swept
+        .is_none_or(|at| now.saturating_duration_since(at) >= crate::recent::IDLE / 4)
+    {
+        turns.swept = Some(now);
+        // Under the map's lock: nobody takes a clone meanwhile.
+        turns
+            .of
+            .retain(|_, turn| std::sync::Arc::strong_count(turn) > 1);
+    }
+    turns.of.entry(dir.to_path_buf()).or_default().clone()
 }
 
 /// The first pause of a read that found its domain's lock held by a writer, doubled after
@@ -4160,6 +4205,35 @@ mod tests {
         a.commit(D, epoch(3)).await.unwrap();
         holds(&a, 3).await;
         assert_eq!(frames(&dir), vec![1, 2, 3]);
+    }
+
+    /// Per-domain maps: the turns of the domains nobody holds or waits for are dropped when
+    /// another domain's turns are made, a quarter of [`crate::recent::IDLE`] after the last
+    /// such sweep; a held one stays, and a domain whose turns went gets new ones that work.
+    /// Before, a process kept the turns of every domain it ever touched.
+    #[tokio::test]
+    async fn turns_nobody_holds_are_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let under = |root: &Path| {
+            all_turns()
+                .of
+                .keys()
+                .filter(|d| d.starts_with(root))
+                .count()
+        };
+        let held = turns(&tmp.path().join("held.example"));
+        let reading = held.clone().read_owned().await;
+        for i in 0..50 {
+            drop(turns(&tmp.path().join(format!("d{i}.example"))));
+        }
+        let later = std::time::Instant::now() + crate::recent::IDLE;
+        drop(turns_at(&tmp.path().join("new.example"), later));
+        assert_eq!(under(tmp.path()), 2, "the held domain's and the new one's");
+        drop(reading);
+        drop(held);
+        // A domain whose turns went: new ones, taken and given back as before.
+        let again = turns(&tmp.path().join("d0.example"));
+        drop(again.write().await);
     }
 
     /// [`a_commit_whose_caller_gave_up_waiting_for_the_lock_commits_nothing`] where the
