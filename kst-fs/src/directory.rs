@@ -517,7 +517,10 @@ fn ensure_recovered(dir: &Path, boot: Option<&str>) -> Result<(), DirectoryStore
 /// without a permit of the directory's lane ([`read_lock`], [`reading`]).
 fn try_recover(dir: &Path, boot: Option<&str>, wait: bool) -> Result<bool, DirectoryStoreError> {
     let Some(boot) = boot else { return Ok(true) };
-    if is_recovered(dir, boot) || !dir.join("lock").exists() {
+    // Without a lock file nothing was committed (nothing to recover), unless an older
+    // release's root is there (its `lock` left out by a restore, review L1): that one is
+    // moved like any other.
+    if is_recovered(dir, boot) || (!dir.join("lock").exists() && !root::path_legacy(dir).exists()) {
         return Ok(true);
     }
     if journal::boot(dir)?.as_deref() == Some(boot)
@@ -1131,8 +1134,11 @@ type CommitAnswer = crate::pool::Answer<Result<bool, DirectoryStoreError>>;
 /// Without `wait`, a lock another holds now is answered `Ok(false)` at once (nothing done):
 /// the caller waits for it without a permit of the directory's lane and tries again
 /// ([`FsDirectoryStore`]'s `commit`). `Ok(true)`: committed (or dropped by the fence).
-/// A caller that stopped waiting before the commit took the lock (its `answer` closed) gets
-/// nothing done, and no answer. Returns whether it did its work (`false`: the lock was busy,
+/// A caller that stopped waiting (its `answer` closed) before the commit's last step before
+/// its commit point (the frame's write, [`commit_locked`]) gets nothing committed, and no
+/// answer; one that stops waiting during the frame's write and `fdatasync` may find the
+/// epoch committed all the same (nobody can undo a durable frame), as after any timeout of
+/// a commit: its retry's fence then tells. Returns whether it did its work (`false`: the lock was busy,
 /// or the caller gone, nothing done) once the epoch's files are written and the lock let go.
 fn commit(
     dir: &Path,
@@ -1168,7 +1174,7 @@ fn commit(
     if answer.is_closed() {
         return false;
     }
-    match commit_locked(dir, batch, boot, ov) {
+    match commit_locked(dir, batch, boot, ov, &|| answer.is_closed()) {
         Ok(Some(epoch)) => {
             // The frame is durable: the epoch is committed, whatever happens to its files.
             let _ = answer.send(Ok(true));
@@ -1368,6 +1374,14 @@ fn write_out(dir: &Path, ov: &Ov) -> Result<u64, DirectoryStoreError> {
     Ok(upto)
 }
 
+/// The error of a commit whose caller stopped waiting before its commit point (nobody reads
+/// it: the caller is gone).
+fn caller_gone() -> DirectoryStoreError {
+    DirectoryStoreError::Unavailable(
+        "the caller stopped waiting before the commit point: nothing committed".into(),
+    )
+}
+
 /// [`commit`]'s work up to its commit point, under the domain's lock: `Some(epoch)` when
 /// epoch `epoch`'s journal frame is durable and its files are still to be written
 /// ([`write_files`]); `None` when the commit is whole (written without the journal, or a
@@ -1377,6 +1391,7 @@ fn commit_locked(
     batch: &RecordBatch,
     boot: Option<&str>,
     ov: Option<&Ov>,
+    gone: &dyn Fn() -> bool,
 ) -> Result<Option<u64>, DirectoryStoreError> {
     if let Some(boot) = boot {
         recover_locked(dir, boot)?;
@@ -1415,8 +1430,17 @@ fn commit_locked(
             locked(ov).prune(expected);
             tracing::info!(dir = %dir.display(), epoch = expected + 1, "key directory: moved the journal's checkpoint before a commit (its slot held a frame above it: the background checkpoint was late)");
         }
+        // The last moment a caller that gave up (a timeout, a cancel) gets nothing committed:
+        // the work above is right either way; from the frame's write on, the epoch may be
+        // committed with nobody told (review M1).
+        if gone() {
+            return Err(caller_gone());
+        }
         journal::write_frame(dir, batch)?;
         return Ok(Some(expected + 1));
+    }
+    if gone() {
+        return Err(caller_gone());
     }
     let mut dirs = BTreeSet::new();
     for (key, blob) in &batch.nodes {
@@ -3818,6 +3842,24 @@ mod tests {
         }
     }
 
+    /// Review L1 (of `kst migrate`'s read of every logged domain): an older release's domain
+    /// whose empty `lock` file is gone (a restore that left out empty files) has its root
+    /// moved by a read like any other, and reads and commits go on. Before, a domain without
+    /// a lock file counted as one with nothing to recover: the read served the older root
+    /// from `root`, nothing moved, and an older kst still read the domain.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_of_an_older_domain_without_its_lock_file_moves_its_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = store_from_before_the_journal(tmp.path()).await;
+        std::fs::remove_file(dir.join("lock")).unwrap();
+        let a = FsDirectoryStore::with_boot(tmp.path(), Some("boot-1"));
+        a.heads(D, 0, 0).await.unwrap();
+        assert_eq!(root::tests::older_kst_reads_root(&dir), Err(()), "moved");
+        holds(&a, 2).await;
+        a.commit(D, epoch(3)).await.unwrap();
+        holds(&a, 3).await;
+    }
+
     /// Review of F2/F3, L1: `root.v3` lost (a partial restore, a backup tool's exclude)
     /// while `root` holds the marker and the journal holds epochs: the domain is refused
     /// (`Corrupt`), and a first root is not committed over the real tree's nodes. Before, it
@@ -4234,6 +4276,49 @@ mod tests {
         // A domain whose turns went: new ones, taken and given back as before.
         let again = turns(&tmp.path().join("d0.example"));
         drop(again.write().await);
+    }
+
+    /// Review M1: a caller that gives up once its try holds the domain's lock (here while the
+    /// try replays the journal for a new boot, under the lock, before its frame) gets nothing
+    /// committed: the try checks its caller once more just before the frame. Before, the
+    /// caller was told nothing (cancelled) and the epoch was committed all the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_that_gives_up_after_its_try_took_the_lock_gets_nothing_committed() {
+        use std::time::Duration;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, dir) = at_epoch_1(tmp.path()).await;
+        for e in 2..=60 {
+            a.commit(D, epoch(e)).await.unwrap();
+        }
+        // Epoch 60's files written (its commit holds the lock until then).
+        drop(DomainLock::acquire(&dir).unwrap());
+        // The machine restarted: the next commit replays epochs 2..=60 under the lock.
+        let b = FsDirectoryStore::with_boot(tmp.path(), Some("boot-2"));
+        let task = {
+            let b = b.clone();
+            tokio::spawn(async move { b.commit(D, epoch(61)).await })
+        };
+        // Until the try holds the lock.
+        while let Some(lock) = DomainLock::try_acquire(&dir).unwrap() {
+            drop(lock);
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        task.abort();
+        let gave_up = task.await;
+        // The try is done once the lock is free.
+        drop(DomainLock::acquire(&dir).unwrap());
+        assert!(
+            gave_up.as_ref().is_err_and(|e| e.is_cancelled()),
+            "the commit finished before its caller gave up: {gave_up:?}"
+        );
+        assert_eq!(
+            read_root(&dir).unwrap().map(|(e, _)| e),
+            Some(60),
+            "the caller gave up (no answer), yet the try committed epoch 61"
+        );
+        assert!(!frames(&dir).contains(&61));
+        b.commit(D, epoch(61)).await.unwrap();
+        holds(&b, 61).await;
     }
 
     /// [`a_commit_whose_caller_gave_up_waiting_for_the_lock_commits_nothing`] where the

@@ -6,7 +6,9 @@
 //! touched many domains once kept an entry of each for good (the overlays were swept, these
 //! sets were not). A dropped entry costs only its check again: the next read of that domain
 //! checks its recovery without the lock (a few small files), the next commit opens its slots
-//! again.
+//! again. (A process without a boot id uses the journal under a token of its own, so at that
+//! check it finds another process's token in `journal/boot` and replays the domain's frames
+//! above the checkpoint again, as at its first touch: correct, but a cost in such a pool.)
 
 use std::collections::HashMap;
 use std::hash::Hash;
