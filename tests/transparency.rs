@@ -2030,7 +2030,8 @@ fn migrate_moves_every_root_of_a_store_from_before_the_journal() {
 /// `kst migrate` fails (exit 69, naming the domain) when a logged domain's directory cannot
 /// be read, also one without an address (here example.org's root cut short). Before, only
 /// the recording of addresses read a directory: `kst migrate` said it was done while that
-/// domain's directory was neither read nor, on a store an older release left, upgraded.
+/// domain's directory was neither read nor, on a store an older release left, upgraded. One
+/// whose head does not check against the log's keys says that, not that it cannot be read.
 #[test]
 fn migrate_fails_on_a_logged_domain_whose_directory_cannot_be_read() {
     let mut provider = Provider::start(Backend::Fs);
@@ -2038,12 +2039,36 @@ fn migrate_fails_on_a_logged_domain_whose_directory_cannot_be_read() {
     provider.publish_new(&Gpg::new(), "sendmail", &["alice"]);
     let code_of_serve = provider.serve.take().expect("kst serve runs").stop();
     assert_eq!(code_of_serve, 0, "kst serve's exit code");
-    std::fs::write(provider.kt("example.org").join("root.v3"), b"cut").unwrap();
+    let root_v3 = provider.kt("example.org").join("root.v3");
+    let root = std::fs::read(&root_v3).unwrap();
+    std::fs::write(&root_v3, b"cut").unwrap();
     let out = provider.kst(&["migrate"]);
     let error = stderr(&out);
     assert_eq!(code(&out), 69, "kst migrate: {error}");
     assert!(
-        error.contains("example.org") && error.contains("cannot be read"),
+        error.contains("example.org") && error.contains("root.v3 is truncated"),
+        "{error}"
+    );
+    // Review L2: a directory that reads but whose head is of other keys (example.org's log
+    // re-keyed, its old directory left in place) says so, not that it "cannot be read".
+    std::fs::write(&root_v3, root).unwrap();
+    let key_file = provider.path("log-example.org.key");
+    let out = provider.kst(&[
+        "log",
+        "keygen",
+        "example.org",
+        "--force",
+        "--output",
+        key_file.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&out), 0, "kst log keygen: {}", stderr(&out));
+    let out = provider.kst(&["migrate"]);
+    let error = stderr(&out);
+    assert_eq!(code(&out), 69, "kst migrate: {error}");
+    assert!(
+        error.contains("example.org")
+            && error.contains("is not signed by this log's keys")
+            && !error.contains("cannot be read"),
         "{error}"
     );
 }
