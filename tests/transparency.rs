@@ -71,6 +71,12 @@
 //! - `heads_missing_in_the_middle_are_signed_late_on_fs` and `..._on_postgres`: heads deleted
 //!   from the store, `kst serve` restarted: an audit from epoch 0 and a witness across the gap
 //!   pass, the heads signed late name the epochs' roots.
+//! - `migrate_moves_every_root_of_a_store_of_journal_version_3_before_the_move` and
+//!   `..._from_before_the_journal`: the fs upgrade as docs/OPERATIONS.md says it (the pool
+//!   stopped, the new release's `kst migrate`, then `kst serve`) on a store an older release
+//!   left: every logged domain's root moved (the older releases' reader refuses it), the same
+//!   files after a second run and after a run killed part-way, and the same heads and answers;
+//!   `migrate_fails_on_a_logged_domain_whose_directory_cannot_be_read`.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -1724,6 +1730,382 @@ fn serve_stops_at_once_and_leaves_its_fs_directory_whole() {
             provider.http_get(&format!("/.well-known/kst/log/example.net/head/{e}"));
         assert_eq!(status, 200, "head {e}: {body}");
     }
+}
+
+/// An fs store's key directory as an older release left it, for `kst migrate` to upgrade.
+#[derive(Debug, Clone, Copy)]
+enum OlderLayout {
+    /// The release before the root moved (journal version 3): the root in
+    /// `kt/<domain>/root`, no `root.v3`, the epochs above the checkpoint in the journal's
+    /// frames only.
+    V3BeforeTheMove,
+    /// A kst from before the journal: the root in `root`, the tree's files holding every
+    /// epoch, no `journal/`.
+    BeforeTheJournal,
+}
+
+/// The domains [`migrate_moves_every_root_an_older_release_left`] logs: example.net holds
+/// addresses, example.org none (its directory holds akd's first root alone).
+const MIGRATED_DOMAINS: [&str; 2] = ["example.net", "example.org"];
+
+/// How every kst before the root moved read a domain's root (the reader kst-fs keeps as
+/// `root::tests::older_kst_reads_root`: `kt/<domain>/root` as epoch (8 bytes, big-endian) ‖
+/// record; a missing file is no root, a shorter one or one over 64 KiB is refused): the
+/// epoch, or `Err` where it refuses the domain (`Corrupt`, "is truncated").
+fn older_kst_reads_root(dir: &std::path::Path) -> Result<Option<u64>, String> {
+    let bytes = match std::fs::read(dir.join("root")) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    if bytes.len() > 64 * 1024 {
+        return Err("larger than 64 KiB".into());
+    }
+    let (epoch, _) = bytes
+        .split_first_chunk::<8>()
+        .ok_or_else(|| format!("truncated: {} bytes", bytes.len()))?;
+    Ok(Some(u64::from_be_bytes(*epoch)))
+}
+
+impl Provider {
+    /// The directory of `domain` in the fs store.
+    fn kt(&self, domain: &str) -> PathBuf {
+        self.path("keys/kt").join(domain)
+    }
+
+    /// A second served domain, example.org, with its log (its keys made), and `kst serve`
+    /// restarted on it: its directory holds akd's first root.
+    fn log_example_org(&mut self) {
+        let code_of_serve = self.serve.take().expect("kst serve runs").stop();
+        assert_eq!(code_of_serve, 0, "kst serve's exit code");
+        let config = self.path("kst.toml");
+        let text = std::fs::read_to_string(&config).unwrap().replace(
+            "domains = [\"example.net\"]",
+            "domains = [\"example.net\", \"example.org\"]",
+        );
+        std::fs::write(&config, text).unwrap();
+        let key_file = self.path("log-example.org.key");
+        let out = self.kst(&[
+            "log",
+            "keygen",
+            "example.org",
+            "--output",
+            key_file.to_str().unwrap(),
+        ]);
+        assert_eq!(code(&out), 0, "kst log keygen: {}", stderr(&out));
+        self.restart_serve();
+        let (status, body) = self.http_get("/.well-known/kst/log/example.org/head");
+        assert_eq!(status, 200, "{body}");
+    }
+
+    /// With `kst serve` stopped: every logged domain's directory put back as a kst of
+    /// `layout` left it.
+    fn as_an_older_release_left_it(&mut self, layout: OlderLayout) {
+        assert!(self.serve.is_none(), "kst serve is stopped first");
+        if let OlderLayout::BeforeTheJournal = layout {
+            // Every epoch written out to the tree's files (the checkpoint at the root).
+            for domain in MIGRATED_DOMAINS {
+                let boot = self.kt(domain).join("journal/boot");
+                std::fs::remove_file(&boot).unwrap_or_else(|e| panic!("{}: {e}", boot.display()));
+            }
+            self.restart_serve();
+            let code = self.serve.take().expect("kst serve runs").stop();
+            assert_eq!(code, 0, "kst serve's exit code");
+        }
+        for domain in MIGRATED_DOMAINS {
+            let dir = self.kt(domain);
+            assert_eq!(std::fs::read(dir.join("root")).unwrap(), b"KSTR3\n");
+            std::fs::rename(dir.join("root.v3"), dir.join("root")).unwrap();
+            if let OlderLayout::BeforeTheJournal = layout {
+                let journal = dir.join("journal");
+                let checkpoint = std::fs::read(journal.join("checkpoint")).unwrap();
+                let root = std::fs::read(dir.join("root")).unwrap();
+                assert_eq!(
+                    checkpoint[checkpoint.len() - 8..],
+                    root[..8],
+                    "{domain}: the tree's files hold every epoch (the checkpoint at the root)"
+                );
+                std::fs::remove_dir_all(&journal).unwrap();
+            }
+        }
+    }
+
+    /// What `kst migrate` leaves of each logged domain's directory that matters to a reader:
+    /// `root`, `root.v3`, the journal's checkpoint and boot files, and the names of the
+    /// temporary files there (none).
+    fn migrated_state(&self) -> Vec<(String, Option<Vec<u8>>)> {
+        let mut state = Vec::new();
+        for domain in MIGRATED_DOMAINS {
+            let dir = self.kt(domain);
+            for file in ["root", "root.v3", "journal/checkpoint", "journal/boot"] {
+                state.push((
+                    format!("{domain}/{file}"),
+                    std::fs::read(dir.join(file)).ok(),
+                ));
+            }
+            for place in [dir.clone(), dir.join("journal"), dir.join("heads")] {
+                for entry in std::fs::read_dir(&place).unwrap() {
+                    let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+                    if name.starts_with(".tmp-") {
+                        state.push((format!("{} left in {}", name, place.display()), None));
+                    }
+                }
+            }
+        }
+        state
+    }
+
+    /// `kst migrate`: exit 0, and it checked `addresses` addresses and recorded none.
+    fn migrate_recording_nothing(&self, addresses: usize) {
+        let out = self.kst(&["migrate"]);
+        assert_eq!(code(&out), 0, "kst migrate: {}", stderr(&out));
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            printed.contains(&format!(
+                "key directory: {addresses} address(es) checked, 0 recorded"
+            )),
+            "{printed}\n{}",
+            stderr(&out)
+        );
+    }
+
+    /// With `kst serve` stopped: `keys/kt` replaced by a copy of `from`.
+    fn restore_kt(&self, from: &std::path::Path) {
+        let kt = self.path("keys/kt");
+        std::fs::remove_dir_all(&kt).unwrap();
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(&kt)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+/// What a client is answered about example.net and example.org: the signed heads of every
+/// epoch (epoch, root hash, signature), the newest heads, and the look-up answers of
+/// `addresses`.
+fn answers(provider: &Provider, last: u64, addresses: &[&str]) -> Vec<(String, u16, String)> {
+    let mut paths: Vec<String> = (0..=last)
+        .map(|e| format!("/.well-known/kst/log/example.net/head/{e}"))
+        .collect();
+    paths.push("/.well-known/kst/log/example.net/head".into());
+    paths.push("/.well-known/kst/log/example.org/head".into());
+    paths.push("/.well-known/kst/log/example.org/head/0".into());
+    for address in addresses {
+        paths.push(format!("/.well-known/kst/log/example.net/lookup/{address}"));
+    }
+    paths
+        .into_iter()
+        .map(|path| {
+            let (status, body) = provider.http_get(&path);
+            assert_eq!(status, 200, "{path}: {body}");
+            (path, status, body)
+        })
+        .collect()
+}
+
+/// The upgrade of an fs store an older release left (`layout`), as docs/OPERATIONS.md says
+/// to do it: the pool stopped, the new release's `kst migrate`, then `kst serve`. Two
+/// logged domains, one holding addresses, one only akd's first root. `kst migrate` moves
+/// every logged domain's root to `root.v3` (the marker in `root`: the older releases' reader
+/// refuses the domain), records nothing (nothing is missing), and leaves the same files when
+/// run again, and when run again after it was killed part-way (`SIGKILL` at points spread
+/// over its run, and a move cut between its copy and its marker with a temporary file left).
+/// `kst serve` then answers what it answered before: the same head for every epoch (epoch,
+/// root hash, signature), the same look-up answers, and a client that remembered the newest
+/// head checks its retrieval against it.
+fn migrate_moves_every_root_an_older_release_left(layout: OlderLayout) {
+    let mut provider = Provider::start(Backend::Fs);
+    provider.log_example_org();
+    let config = provider.path("kst.toml");
+    let gpg = Gpg::new();
+    let names = ["alice", "carol", "dave"];
+    provider.publish_new(&gpg, "sendmail", &names);
+    let addresses: Vec<String> = names.iter().map(|n| format!("{n}@example.net")).collect();
+    let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
+    let last = names.len() as u64;
+    let (out, v) = provider.checked_retrieve("alice@example.net", &provider.head_key);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(provider.remembered_epoch("bob@example.net"), Some(last));
+    let before = answers(&provider, last, &addresses);
+
+    let code_of_serve = provider.serve.take().expect("kst serve runs").stop();
+    assert_eq!(code_of_serve, 0, "kst serve's exit code");
+    provider.as_an_older_release_left_it(layout);
+    let older_roots: Vec<Vec<u8>> = MIGRATED_DOMAINS
+        .iter()
+        .map(|d| std::fs::read(provider.kt(d).join("root")).unwrap())
+        .collect();
+    for (domain, epoch) in MIGRATED_DOMAINS.iter().zip([last, 0]) {
+        assert_eq!(
+            older_kst_reads_root(&provider.kt(domain)),
+            Ok(Some(epoch)),
+            "{layout:?}: {domain}, as the older release left it"
+        );
+        assert!(!provider.kt(domain).join("root.v3").exists());
+    }
+    let older = provider.path("kt-older");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(provider.path("keys/kt"))
+        .arg(&older)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let started = std::time::Instant::now();
+    provider.migrate_recording_nothing(addresses.len());
+    let took = started.elapsed();
+    let migrated = provider.migrated_state();
+    for (domain, older_root) in MIGRATED_DOMAINS.iter().zip(&older_roots) {
+        let dir = provider.kt(domain);
+        assert_eq!(
+            std::fs::read(dir.join("root")).unwrap(),
+            b"KSTR3\n",
+            "{layout:?}: {domain}'s root moved"
+        );
+        assert_eq!(
+            &std::fs::read(dir.join("root.v3")).unwrap(),
+            older_root,
+            "{layout:?}: {domain}'s root.v3 is the root the older release left"
+        );
+        let refused = older_kst_reads_root(&dir);
+        assert!(refused.is_err(), "{layout:?}: {domain}: {refused:?}");
+        assert!(
+            dir.join("journal/checkpoint").is_file(),
+            "{layout:?}: {domain}"
+        );
+    }
+    assert!(
+        migrated.iter().all(|(name, _)| !name.contains(".tmp-")),
+        "{migrated:?}"
+    );
+    // Run again: nothing changes.
+    provider.migrate_recording_nothing(addresses.len());
+    assert_eq!(provider.migrated_state(), migrated, "{layout:?}: run twice");
+    // Killed part-way, then run again: the same.
+    for tenth in [1, 3, 5, 7, 9] {
+        provider.restore_kt(&older);
+        let mut child = Command::new(&provider.bin)
+            .env_clear()
+            .arg("--config")
+            .arg(&config)
+            .arg("migrate")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(took * tenth / 10);
+        let _ = child.kill();
+        child.wait().unwrap();
+        // Where the kill landed (reported, not asserted: it depends on the machine's pace).
+        let moved: Vec<bool> = MIGRATED_DOMAINS
+            .iter()
+            .map(|d| older_kst_reads_root(&provider.kt(d)).is_err())
+            .collect();
+        eprintln!("{layout:?}: killed after {tenth}/10 of {took:?}: roots moved {moved:?}");
+        provider.migrate_recording_nothing(addresses.len());
+        assert_eq!(
+            provider.migrated_state(),
+            migrated,
+            "{layout:?}: killed after {tenth}/10 of a run, then run again"
+        );
+    }
+    // A move cut between its copy to root.v3 and its marker (an older kst could still
+    // commit meanwhile: `root` is the truth until the marker), with its temporary file left
+    // in the other domain.
+    provider.restore_kt(&older);
+    let net = provider.kt("example.net");
+    let mut stale = older_roots[0].clone();
+    stale[7] = stale[7].wrapping_sub(1);
+    std::fs::write(net.join("root.v3"), &stale).unwrap();
+    std::fs::write(
+        provider.kt("example.org").join(".tmp-00000000deadbeef"),
+        &older_roots[1][..5],
+    )
+    .unwrap();
+    provider.migrate_recording_nothing(addresses.len());
+    assert_eq!(
+        provider.migrated_state(),
+        migrated,
+        "{layout:?}: a move cut before its marker, then run again"
+    );
+
+    provider.restart_serve();
+    assert_eq!(
+        answers(&provider, last, &addresses),
+        before,
+        "{layout:?}: what kst serve answers after the upgrade"
+    );
+    let (out, v) = provider.checked_retrieve("alice@example.net", &provider.head_key);
+    assert_eq!(code(&out), 0, "{v}\n{}", stderr(&out));
+    assert_eq!(v["outcome"], "found", "{v}");
+    assert_eq!(provider.remembered_epoch("bob@example.net"), Some(last));
+    for domain in MIGRATED_DOMAINS {
+        let refused = older_kst_reads_root(&provider.kt(domain));
+        assert!(
+            refused.is_err(),
+            "{layout:?}: {domain} after kst serve: {refused:?}"
+        );
+    }
+}
+
+#[test]
+fn migrate_moves_every_root_of_a_store_of_journal_version_3_before_the_move() {
+    migrate_moves_every_root_an_older_release_left(OlderLayout::V3BeforeTheMove);
+}
+
+#[test]
+fn migrate_moves_every_root_of_a_store_from_before_the_journal() {
+    migrate_moves_every_root_an_older_release_left(OlderLayout::BeforeTheJournal);
+}
+
+/// `kst migrate` fails (exit 69, naming the domain) when a logged domain's directory cannot
+/// be read, also one without an address (here example.org's root cut short). Before, only
+/// the recording of addresses read a directory: `kst migrate` said it was done while that
+/// domain's directory was neither read nor, on a store an older release left, upgraded. One
+/// whose head does not check against the log's keys says that, not that it cannot be read.
+#[test]
+fn migrate_fails_on_a_logged_domain_whose_directory_cannot_be_read() {
+    let mut provider = Provider::start(Backend::Fs);
+    provider.log_example_org();
+    provider.publish_new(&Gpg::new(), "sendmail", &["alice"]);
+    let code_of_serve = provider.serve.take().expect("kst serve runs").stop();
+    assert_eq!(code_of_serve, 0, "kst serve's exit code");
+    let root_v3 = provider.kt("example.org").join("root.v3");
+    let root = std::fs::read(&root_v3).unwrap();
+    std::fs::write(&root_v3, b"cut").unwrap();
+    let out = provider.kst(&["migrate"]);
+    let error = stderr(&out);
+    assert_eq!(code(&out), 69, "kst migrate: {error}");
+    assert!(
+        error.contains("example.org") && error.contains("root.v3 is truncated"),
+        "{error}"
+    );
+    // Review L2: a directory that reads but whose head is of other keys (example.org's log
+    // re-keyed, its old directory left in place) says so, not that it "cannot be read".
+    std::fs::write(&root_v3, root).unwrap();
+    let key_file = provider.path("log-example.org.key");
+    let out = provider.kst(&[
+        "log",
+        "keygen",
+        "example.org",
+        "--force",
+        "--output",
+        key_file.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&out), 0, "kst log keygen: {}", stderr(&out));
+    let out = provider.kst(&["migrate"]);
+    let error = stderr(&out);
+    assert_eq!(code(&out), 69, "kst migrate: {error}");
+    assert!(
+        error.contains("example.org")
+            && error.contains("is not signed by this log's keys")
+            && !error.contains("cannot be read"),
+        "{error}"
+    );
 }
 
 /// A second directory with the same keys (a provider showing one party another history:

@@ -98,7 +98,6 @@
 //! the tree's files, then syncs and moves the checkpoint: what the page cache lost is
 //! written again.
 
-use std::collections::HashSet;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
@@ -107,6 +106,8 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 use kst_core::durable::{sync_dir, write_atomic};
 use kst_core::transparency::{DirectoryStoreError, RecordBatch, RootWrite, ValueStateBlob};
 use sha2::{Digest, Sha256};
+
+use crate::recent::Recent;
 
 /// The first bytes of a frame (version 2: in a slot, its length after these).
 const MAGIC: &[u8; 6] = b"KSTJ2\n";
@@ -463,9 +464,11 @@ pub(crate) fn read_frame_v1(
         .filter(|b| b.root.as_ref().map(|r| r.epoch) == Some(epoch)))
 }
 
-/// The journals whose slot files this process made sure of ([`ensure_slots`]).
-fn slots_ready() -> &'static Mutex<HashSet<PathBuf>> {
-    static READY: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
+/// The journals whose slot files this process made sure of ([`ensure_slots`]), each for as
+/// long as it is used (`recent.rs`: one unused for long is made sure of again, at most 128
+/// opens and a directory sync, where a process kept every journal it ever wrote to).
+fn slots_ready() -> &'static Mutex<Recent<PathBuf>> {
+    static READY: OnceLock<Mutex<Recent<PathBuf>>> = OnceLock::new();
     READY.get_or_init(Default::default)
 }
 
@@ -479,7 +482,7 @@ fn ensure_slots(dir: &Path) -> Result<(), DirectoryStoreError> {
     if slots_ready()
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .contains(&journal)
+        .contains(&journal, std::time::Instant::now())
     {
         return Ok(());
     }
@@ -497,7 +500,7 @@ fn ensure_slots(dir: &Path) -> Result<(), DirectoryStoreError> {
     slots_ready()
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .insert(journal);
+        .insert(journal, std::time::Instant::now());
     Ok(())
 }
 

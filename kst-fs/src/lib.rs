@@ -16,6 +16,8 @@ mod nowait;
 mod overlay;
 mod pool;
 mod ratelimit;
+#[cfg(feature = "transparency")]
+mod recent;
 mod reminders;
 #[cfg(feature = "transparency")]
 mod root;

@@ -146,9 +146,14 @@ pub fn wrap_store_in(
     (wrapped.clone(), Some(wrapped))
 }
 
-/// `kst migrate` with `[transparency]` on: records in the directory every current key of a
-/// served domain it lacks (a directory switched on for a store that already holds keys);
-/// `None` when `[transparency]` is off. Idempotent.
+/// `kst migrate` with `[transparency]` on: reads every logged domain's directory (on fs that
+/// upgrades it: its root moves to `root.v3`, docs/OPERATIONS.md), then records in it every
+/// current key of a served domain it lacks (a directory switched on for a store that already
+/// holds keys); `None` when `[transparency]` is off. A directory that cannot be read, or
+/// whose stored head of epoch 0 does not check against the log's keys, fails the command,
+/// one without an address included (before, only the addresses' recording read
+/// a directory, and one that could not be opened went unnoticed: `kst migrate` said it was
+/// done and the root had not moved). Idempotent.
 pub async fn record_all(
     config: &Config,
     store: Arc<dyn KeyStore>,
@@ -156,6 +161,21 @@ pub async fn record_all(
     let logs = open_logs(config).await?;
     if logs.is_empty() {
         return Ok(None);
+    }
+    for log in &logs {
+        // One read of the store's directory (its head of epoch 0), past any cache.
+        // Its error says what is wrong: a store that cannot be read, or a stored head that
+        // does not check against this log's keys (review L2: not "cannot be read").
+        log.stored_heads(0, 0).await.map_err(|e| {
+            Error::unavailable(
+                COMPONENT,
+                format!(
+                    "the key directory of {} failed its check: {e}; fix it (the error says \
+                     how) and run kst migrate again",
+                    log.domain()
+                ),
+            )
+        })?;
     }
     TransparentStore::new(store, logs)
         .record_all(RECORD_ALL_AT_ONCE)
