@@ -1699,8 +1699,10 @@ mod mail_bound {
     /// 2 at once (the counter of turns held, not timing), every request is answered at once
     /// (none deferred: a 4xx would be delivered again, and counted again), the replies
     /// without a turn carry no append-only part (their clients catch up over HTTP), and the
-    /// honest request is answered with alice's key. Requests whose client is up to date
-    /// (`KST-Log-Since` at the latest epoch) take no turn at all.
+    /// honest request is answered with alice's key and a verified answer (with or without the
+    /// part, as the race falls: without it, its client takes neither the key nor the head,
+    /// exit 75, and asks again or catches up over HTTP; review F2). Requests whose client is
+    /// up to date (`KST-Log-Since` at the latest epoch) take no turn at all.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_flood_of_since_requests_holds_at_most_the_bound_and_every_one_is_answered() {
         for at_once in [1000, 2] {

@@ -510,11 +510,20 @@ impl Kst {
             )
             .await;
         // Deferred: the MTA delivers the message again and it is counted again then, so what
-        // it counted now is taken back (an honest sender's retries during an outage must not
-        // use up its budget: red team S1). No reply went out: sending it is the last
-        // fallible step of every decision.
+        // it counted on the sender's and the account's counters is taken back (an honest
+        // sender's retries during an outage must not use up its budget: red team S1). The
+        // source's counter is not: it bounds how many full decisions one host makes kst take,
+        // and a sender can make its own replies fail temporarily (a relay's 4xx to a
+        // recipient domain whose DNS it breaks), which would otherwise never be counted
+        // (review F1). No reply went out as far as kst knows: sending it is the last fallible
+        // step of every decision (a relay that lost its final answer aside).
+        let victim_facing: Vec<(LimitKind, &str)> = hits
+            .iter()
+            .copied()
+            .filter(|(kind, _)| *kind != LimitKind::SourceIp)
+            .collect();
         if decided.is_err()
-            && let Err(e) = ratelimit::refund(self.limiter.as_ref(), limits, &hits).await
+            && let Err(e) = ratelimit::refund(self.limiter.as_ref(), limits, &victim_facing).await
         {
             tracing::warn!(error = %e, "the rate limits a deferred message counted could not be taken back; its retry is counted again");
         }

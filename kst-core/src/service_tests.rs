@@ -1119,7 +1119,9 @@ async fn requests_the_gate_silences_use_up_no_counter() {
 /// down: 451, the MTA delivers it again) is counted again on every retry; its hits were not
 /// taken back, so an outage of a few retries used up an honest sender's budget and the
 /// message, once the store was back, was silenced as rate-limited. Now a deferred message's
-/// hits are refunded: however many retries, the sender's limit is as if it came once.
+/// hits on the sender's (and the account's) counters are refunded: however many retries, the
+/// sender's limits are as if it came once. (The source's counter keeps them: review F1,
+/// below.)
 #[tokio::test]
 async fn a_deferred_messages_retries_do_not_use_up_its_senders_limits() {
     let mut p = base_policy();
@@ -1127,7 +1129,7 @@ async fn a_deferred_messages_retries_do_not_use_up_its_senders_limits() {
         per_account: 2,
         per_sender: 2,
         per_sender_query: 2,
-        per_source_ip: 2,
+        per_source_ip: 1_000,
         window_secs: 3_600,
     };
     let f = fixture_with(p);
@@ -1155,7 +1157,7 @@ async fn a_deferred_messages_retries_do_not_use_up_its_senders_limits() {
     // The limit still holds: the third answered request is over it.
     assert_eq!(
         f.kst.handle(&env(sender), &raw).await.unwrap().decision,
-        Decision::Ignored(Silence::RateLimited(LimitKind::SourceIp))
+        Decision::Ignored(Silence::RateLimited(LimitKind::SenderQuery))
     );
     // An authenticated account's deferred publication alike.
     let (publication, _) = publication(
@@ -1182,6 +1184,42 @@ async fn a_deferred_messages_retries_do_not_use_up_its_senders_limits() {
         matches!(h.decision, Decision::Published { .. }),
         "{:?}",
         h.decision
+    );
+}
+
+/// Review F1 of the refunds: a host whose messages' replies fail temporarily (a relay's 4xx to
+/// a reply recipient whose domain's DNS the sender breaks; here the mailer fails every reply)
+/// had every hit refunded, so its messages, each with another sender, were decided in full
+/// without end (20 of 20 with a source limit of 2). The source's counter is not refunded: the
+/// host's third message is silenced.
+#[tokio::test]
+async fn a_source_whose_replies_fail_temporarily_is_still_rate_limited() {
+    let mut p = base_policy();
+    p.rate_limits = crate::RateLimits {
+        per_account: 2,
+        per_sender: 2,
+        per_sender_query: 2,
+        per_source_ip: 2,
+        window_secs: 3_600,
+    };
+    let f = fixture_with(p);
+    f.mailer.down.store(true, Ordering::SeqCst);
+    let mut decided_in_full = 0;
+    for i in 0..20 {
+        let sender = format!("x{i}@attacker.example");
+        let raw = inbound_retrieval(&sender, "alice@example.net", "192.0.2.66", "");
+        match f.kst.handle(&env(&sender), &raw).await {
+            Err(HandleError::Temporary(_)) => decided_in_full += 1,
+            Ok(h) => assert_eq!(
+                h.decision,
+                Decision::Ignored(Silence::RateLimited(LimitKind::SourceIp))
+            ),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(
+        decided_in_full, 2,
+        "decided in full within the source's limit only"
     );
 }
 

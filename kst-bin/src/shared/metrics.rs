@@ -53,6 +53,9 @@ pub const TRANSPARENCY_UNVERIFIED_TOTAL: &str = "kst_transparency_unverified_tot
 /// over HTTP or ask again; a steady rise is a flood of such requests (or too small a bound).
 pub const TRANSPARENCY_MAIL_PROOFS_OMITTED_TOTAL: &str =
     "kst_transparency_mail_proofs_omitted_total";
+/// Version 3 replies' append-only proofs built and checked within a turn (with
+/// [`TRANSPARENCY_MAIL_PROOFS_OMITTED_TOTAL`], the share left out).
+pub const TRANSPARENCY_MAIL_PROOFS_TAKEN_TOTAL: &str = "kst_transparency_mail_proofs_taken_total";
 /// Version 3 replies' append-only proofs being built or checked now (at most the bound).
 pub const TRANSPARENCY_MAIL_PROOFS_IN_FLIGHT: &str = "kst_transparency_mail_proofs_in_flight";
 
@@ -170,6 +173,10 @@ fn register_descriptions() {
         TRANSPARENCY_MAIL_PROOFS_OMITTED_TOTAL,
         "Version 3 replies sent without the append-only part they asked for: every turn of that work was taken"
     );
+    describe_counter!(
+        TRANSPARENCY_MAIL_PROOFS_TAKEN_TOTAL,
+        "Version 3 replies whose append-only part was built and checked within a turn"
+    );
     describe_gauge!(
         TRANSPARENCY_MAIL_PROOFS_IN_FLIGHT,
         "Version 3 replies' append-only proofs being built or checked now"
@@ -283,7 +290,8 @@ pub fn watch_unverified(logs: &[std::sync::Arc<kst_core::transparency::DomainLog
 }
 
 /// Copies what the bound on version 3 replies' append-only work did (`Kst::mail_proofs`) into
-/// [`TRANSPARENCY_MAIL_PROOFS_OMITTED_TOTAL`] and [`TRANSPARENCY_MAIL_PROOFS_IN_FLIGHT`]
+/// [`TRANSPARENCY_MAIL_PROOFS_OMITTED_TOTAL`], [`TRANSPARENCY_MAIL_PROOFS_TAKEN_TOTAL`] and
+/// [`TRANSPARENCY_MAIL_PROOFS_IN_FLIGHT`]
 /// every [`WATCH_EVERY`], in a task of its own, for as long as the process runs.
 pub fn watch_mail_proofs(kst: kst_core::Kst) {
     tokio::spawn(async move {
@@ -291,6 +299,7 @@ pub fn watch_mail_proofs(kst: kst_core::Kst) {
             let stats = kst.mail_proofs();
             ::metrics::counter!(TRANSPARENCY_MAIL_PROOFS_OMITTED_TOTAL)
                 .absolute(stats.omitted_busy);
+            ::metrics::counter!(TRANSPARENCY_MAIL_PROOFS_TAKEN_TOTAL).absolute(stats.taken);
             ::metrics::gauge!(TRANSPARENCY_MAIL_PROOFS_IN_FLIGHT).set(stats.in_flight as f64);
             tokio::time::sleep(WATCH_EVERY).await;
         }
