@@ -835,7 +835,9 @@ async fn verify_and_remember(
     // was taken, or the part was too large for a reply: docs/PROTOCOL.md, "Versions"). No
     // proof of an attack (nothing in it contradicts the remembered head) and no answer
     // either: the new head cannot be tied to the remembered one, so nothing is remembered and
-    // the reply's key is not taken (exit 75: send again, or catch up over HTTP).
+    // the reply is not taken as verified (exit 75: send again, or catch up over HTTP): a
+    // retrieved key is not imported; a publication or deletion it confirms was made all the
+    // same, only its proof is missing (review F6).
     if answer.append_only.is_none()
         && answer.too_far.is_none()
         && let Some(asked) = c.asked
@@ -849,8 +851,10 @@ async fn verify_and_remember(
                 "key directory of {}: the reply's answer (epoch {epoch}) left out the \
                  append-only proof from epoch {}, which the request asked for (the KST was busy \
                  with other such proofs, or the proof was too large for a reply); nothing is \
-                 remembered and the reply's key is not taken: send the request again later, or \
-                 retrieve --check-transparency catches up over HTTP",
+                 remembered and the reply is not taken as verified (a retrieved key is not \
+                 imported; a publication or deletion it confirms was made, only its proof is \
+                 missing): send the request again later, or retrieve --check-transparency \
+                 catches up over HTTP",
                 held.domain, asked.epoch
             ),
         ))));
