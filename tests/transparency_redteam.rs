@@ -1529,42 +1529,23 @@ async fn rt18_a_forged_head_of_the_accepted_epoch_is_evidence_when_audits_are_re
 /// path `kst deliver` and LMTP take) over a `TransparentStore` on the fs store with a real
 /// log, gpg-made keys, every reply checked as `kst client --transparency` checks it.
 mod mail_bound {
-    use std::sync::Mutex;
-
-    use async_trait::async_trait;
     use kst_core::client::{self, Pending, Verified};
     use kst_core::protocol::LogAsk;
     use kst_core::ratelimit::RateLimits;
     use kst_core::service::{Decision, Envelope, Handled, Kst};
+    use kst_core::testing::MemoryMailer;
     use kst_core::transparency::TransparentStore;
     use kst_core::transparency::answer::Served;
-    use kst_core::{Delivery, KeyStore, Mailer, OutgoingMail, Policy, Result};
+    use kst_core::{KeyStore, Policy};
     use kst_fs::FsStore;
 
     use super::*;
 
-    /// Keeps every reply.
-    #[derive(Default)]
-    struct Outbox(Mutex<Vec<OutgoingMail>>);
-
-    #[async_trait]
-    impl Mailer for Outbox {
-        fn name(&self) -> &'static str {
-            "outbox"
-        }
-        async fn send(&self, mail: &OutgoingMail) -> Result<Delivery> {
-            self.0.lock().unwrap().push(mail.clone());
-            Ok(Delivery::Sent)
-        }
-        async fn check(&self) -> Result<()> {
-            Ok(())
-        }
-    }
-
     struct Bed {
         _dir: tempfile::TempDir,
         kst: Kst,
-        outbox: Arc<Outbox>,
+        /// Every reply sent.
+        outbox: Arc<MemoryMailer>,
         head_key: [u8; 32],
         head_hex: String,
         alice: Address,
@@ -1593,7 +1574,7 @@ mod mail_bound {
         );
         let mut policy = Policy::new(&["example.net"], &["mail.example.net"]);
         policy.rate_limits = RateLimits::OFF;
-        let outbox = Arc::new(Outbox::default());
+        let outbox = Arc::new(MemoryMailer::default());
         let kst = Kst::new(policy, store.clone(), outbox.clone()).with_log_answers(store);
         let alice = address("alice");
         let armored = std::fs::read_to_string(
@@ -1669,7 +1650,7 @@ mod mail_bound {
             let id = pending.message_id.as_bytes();
             let raw = self
                 .outbox
-                .0
+                .sent
                 .lock()
                 .unwrap()
                 .iter()
