@@ -2084,6 +2084,8 @@ fn migrate_fails_on_a_logged_domain_whose_directory_cannot_be_read() {
         error.contains("example.org") && error.contains("root.v3 is truncated"),
         "{error}"
     );
+    // An operator command's error, not a delivery's (review of wt-fs, L2).
+    assert!(!error.contains("stays queued"), "{error}");
     // Review L2: a directory that reads but whose head is of other keys (example.org's log
     // re-keyed, its old directory left in place) says so, not that it "cannot be read".
     std::fs::write(&root_v3, root).unwrap();

@@ -5,9 +5,16 @@ use kst_core::Error;
 use crate::exit;
 use crate::shared::config::ConfigError;
 
-/// Prints `e` and returns the exit code for an error from a store or mailer.
+/// Prints `e` and returns the exit code for an error from a store or mailer. For a command,
+/// not a delivery: a temporary failure says to try again, not the delivery's "the message
+/// stays queued and is retried".
 pub fn error(e: &Error) -> u8 {
-    eprintln!("kst: {e}");
+    match e {
+        Error::Unavailable { component, message } => {
+            eprintln!("kst: {component} unavailable: {message} (try again once it is back)")
+        }
+        _ => eprintln!("kst: {e}"),
+    }
     match e {
         Error::Unavailable { .. } | Error::Corrupt { .. } => exit::UNAVAILABLE,
         Error::Config(_) => exit::CONFIG,
