@@ -865,6 +865,20 @@ impl Provider {
             .unwrap()
     }
 
+    /// The operator's `kst log keygen DOMAIN [--force] --output log-DOMAIN.key` (the key
+    /// file `[transparency] key_file` names); must succeed. Its output (the public record).
+    fn log_keygen(&self, domain: &str, force: bool) -> Output {
+        let key_file = self.path(&format!("log-{domain}.key"));
+        let mut args = vec!["log", "keygen", domain];
+        if force {
+            args.push("--force");
+        }
+        args.extend(["--output", key_file.to_str().unwrap()]);
+        let out = self.kst(&args);
+        assert_eq!(code(&out), 0, "kst log keygen: {}", stderr(&out));
+        out
+    }
+
     /// `kst client --account ACCOUNT --json ... ARGS`, requests handed to `sendmail`.
     fn client(&self, sendmail: &str, account: &str, args: &[&str]) -> (Output, Value) {
         self.client_in(account, sendmail, account, args)
@@ -1784,15 +1798,7 @@ impl Provider {
             "domains = [\"example.net\", \"example.org\"]",
         );
         std::fs::write(&config, text).unwrap();
-        let key_file = self.path("log-example.org.key");
-        let out = self.kst(&[
-            "log",
-            "keygen",
-            "example.org",
-            "--output",
-            key_file.to_str().unwrap(),
-        ]);
-        assert_eq!(code(&out), 0, "kst log keygen: {}", stderr(&out));
+        self.log_keygen("example.org", false);
         self.restart_serve();
         let (status, body) = self.http_get("/.well-known/kst/log/example.org/head");
         assert_eq!(status, 200, "{body}");
@@ -2089,16 +2095,7 @@ fn migrate_fails_on_a_logged_domain_whose_directory_cannot_be_read() {
     // Review L2: a directory that reads but whose head is of other keys (example.org's log
     // re-keyed, its old directory left in place) says so, not that it "cannot be read".
     std::fs::write(&root_v3, root).unwrap();
-    let key_file = provider.path("log-example.org.key");
-    let out = provider.kst(&[
-        "log",
-        "keygen",
-        "example.org",
-        "--force",
-        "--output",
-        key_file.to_str().unwrap(),
-    ]);
-    assert_eq!(code(&out), 0, "kst log keygen: {}", stderr(&out));
+    provider.log_keygen("example.org", true);
     let out = provider.kst(&["migrate"]);
     let error = stderr(&out);
     assert_eq!(code(&out), 69, "kst migrate: {error}");
@@ -4292,16 +4289,7 @@ fn two_step_a_pending_request_checked_after_a_re_key_compares_no_epoch_of_the_ol
     // The re-key: a new directory (new keys, its store gone), the stored keys recorded.
     provider.serve = None;
     std::fs::remove_dir_all(provider.path("keys/kt")).unwrap();
-    let key_file = provider.path("log-example.net.key");
-    let out = provider.kst(&[
-        "log",
-        "keygen",
-        "example.net",
-        "--force",
-        "--output",
-        key_file.to_str().unwrap(),
-    ]);
-    assert_eq!(code(&out), 0, "kst log keygen: {}", stderr(&out));
+    let out = provider.log_keygen("example.net", true);
     let new_key = String::from_utf8(out.stdout)
         .unwrap()
         .lines()

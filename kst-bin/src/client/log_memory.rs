@@ -672,6 +672,24 @@ pub async fn check_held(
     })
 }
 
+/// A signed head of example.net's directory at `epoch` with the root `[root; 32]`, by one
+/// signer per test process (the tests of the memory and of the two-step check).
+#[cfg(test)]
+pub(crate) fn test_head(epoch: u64, root: u8) -> SignedHead {
+    static SIGNER: std::sync::OnceLock<kst_core::transparency::HeadSigner> =
+        std::sync::OnceLock::new();
+    SIGNER
+        .get_or_init(kst_core::transparency::HeadSigner::generate)
+        .sign(Head {
+            domain: "example.net".into(),
+            epoch,
+            root_hash: [root; 32],
+            vrf_public_key: [0xbb; 32],
+            signed_at: 1,
+        })
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -783,18 +801,7 @@ mod tests {
     /// root kept for that epoch that differs is a fork.
     #[test]
     fn a_verified_epoch_outlives_its_cached_root_but_not_a_fresh_start() {
-        let signer = kst_core::transparency::HeadSigner::generate();
-        let head = |epoch: u64, root: u8| {
-            signer
-                .sign(kst_core::transparency::Head {
-                    domain: "example.net".into(),
-                    epoch,
-                    root_hash: [root; 32],
-                    vrf_public_key: [0xbb; 32],
-                    signed_at: 1,
-                })
-                .unwrap()
-        };
+        let head = test_head;
         let fresh = || DomainMemory {
             domain: "example.net".into(),
             head_key: Some("aa".repeat(32)),

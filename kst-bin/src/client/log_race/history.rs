@@ -550,21 +550,7 @@ mod tests {
     use super::super::tests::{key, version};
     use super::*;
 
-    /// A signed head of example.net's directory at `epoch` with `root`.
-    fn head(epoch: u64, root: u8) -> SignedHead {
-        static SIGNER: std::sync::OnceLock<kst_core::transparency::HeadSigner> =
-            std::sync::OnceLock::new();
-        SIGNER
-            .get_or_init(kst_core::transparency::HeadSigner::generate)
-            .sign(kst_core::transparency::Head {
-                domain: "example.net".into(),
-                epoch,
-                root_hash: [root; 32],
-                vrf_public_key: [0xbb; 32],
-                signed_at: 1,
-            })
-            .unwrap()
-    }
+    use crate::client::log_memory::test_head as head;
 
     /// What [`read`] would have read: the history of epoch 5 (versions 70 and 69, the
     /// served key `k1` at version 2 superseded at epoch 3) and one older page under
